@@ -1,0 +1,73 @@
+"""Model registry: create any cnnjax architecture by name (timm's `create_model`, in JAX style).
+
+Model modules register factory functions with `@register_model(...)`; importing
+`cnnjax.models` imports them all, so `create_model("resnet50", num_classes=10)` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from collections.abc import Callable
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about a model besides how to build it."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shape: tuple[int, int, int]  # native (height, width, channels), e.g. (224, 224, 3)
+    min_input_size: int  # smallest square input side the design admits
+    num_classes: int  # default number of classes
+    paper: str  # short citation
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    min_input_size: int = 32,
+    num_classes: int = 1000,
+    paper: str = "",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering `factory(**kwargs) -> nn.Module` under `name`."""
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"register_model: name={name!r} is already registered")
+        _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), min_input_size, num_classes, paper)
+        return factory
+
+    return decorator
+
+
+def _lookup(name: str) -> ModelInfo:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f"did you mean {close}?" if close else f"valid names: {sorted(_REGISTRY)}"
+        raise ValueError(f"create_model: unknown model name={name!r}; {hint}")
+    return _REGISTRY[name]
+
+
+def model_info(name: str) -> ModelInfo:
+    """Returns the registry entry for `name` (raises a ValueError listing close matches)."""
+    return _lookup(name)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Builds the registered model `name`; keyword overrides (num_classes, dtype, ...) go to its factory."""
+    info = _lookup(name)
+    overrides.setdefault("num_classes", info.num_classes)
+    return info.factory(**overrides)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted registered names matching a shell-style `pattern` (e.g. "resnet*")."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))

@@ -1,0 +1,70 @@
+"""Argument checks shared by layers, models and the engine.
+
+Every check raises a `ValueError` that names the owner (a layer, model or flag), the argument,
+the offending value and what would be valid, so a bad configuration fails in Python before
+JAX traces or compiles anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+
+def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
+    """Builds the standard error: `<owner>: <arg>=<value> is invalid; <valid>.`"""
+    return ValueError(f"{owner}: {arg}={value!r} is invalid; {valid}.")
+
+
+def check_positive_int(owner: str, arg: str, value: Any) -> int:
+    """Returns `value` if it is an int > 0, else raises."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise invalid(owner, arg, value, "expected a positive integer")
+    return value
+
+
+def check_non_negative_int(owner: str, arg: str, value: Any) -> int:
+    """Returns `value` if it is an int >= 0, else raises."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(owner, arg, value, "expected an integer >= 0")
+    return value
+
+
+def check_positive_float(owner: str, arg: str, value: Any) -> float:
+    """Returns `value` as float if it is a finite number > 0, else raises."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise invalid(owner, arg, value, "expected a positive number") from None
+    if not number > 0 or number == float("inf"):
+        raise invalid(owner, arg, value, "expected a positive finite number")
+    return number
+
+
+def check_choice(owner: str, arg: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Returns `value` if it is one of `choices`, else raises listing them."""
+    choices = list(choices)
+    if value not in choices:
+        raise invalid(owner, arg, value, f"expected one of {choices}")
+    return value
+
+
+def to_pair(owner: str, arg: str, value: int | Sequence[int], *, minimum: int = 1) -> tuple[int, int]:
+    """Normalizes an int or a pair of ints to `(h, w)`, each at least `minimum`."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        raise invalid(owner, arg, value, "expected an int or a pair of ints") from None
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise invalid(owner, arg, value, "expected an int or a pair of ints")
+    if any(v < minimum for v in pair):
+        raise invalid(owner, arg, value, f"expected every entry >= {minimum}")
+    return pair  # type: ignore[return-value]
+
+
+def check_nhwc(owner: str, x: Any) -> None:
+    """Raises unless `x` is a rank-4 NHWC array."""
+    if getattr(x, "ndim", None) != 4:
+        shape = getattr(x, "shape", None)
+        raise invalid(owner, "input.shape", shape, "expected a rank-4 NHWC array (batch, height, width, channels)")
