@@ -4,5 +4,6 @@ from cnnjax.models.registry import ModelInfo, create_model, list_models, model_i
 
 # Importing each architecture module registers its models.
 # (model modules are added below as they land)
+from cnnjax.models import resnet  # noqa: E402,F401  (ResNet-18..152)
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

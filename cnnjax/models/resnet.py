@@ -1,0 +1,276 @@
+"""ResNet-18/34/50/101/152 (He et al. 2016) and the residual blocks the CIFAR variants reuse.
+
+Layout follows the paper's Table 1 and torchvision's parameterization (so the parameter counts
+match exactly): 7x7/2 conv stem + BN + ReLU, 3x3/2 max pool, four stages of residual blocks whose
+first block halves the resolution (except stage 1) and changes the width, global average pooling
+and one linear layer named `head`. BatchNorm follows every convolution; a shortcut is the identity
+unless the shape changes, where it is a 1x1 convolution + BN ("option B" in the paper).
+
+Where the stride of a bottleneck block sits is a choice (`stride_in_1x1`):
+- `False` (default, "ResNet v1.5" as in torchvision, flax's imagenet example and most modern
+  training recipes): stride 2 on the 3x3 convolution; slightly more accurate, slightly more FLOPs.
+- `True` (the original paper / Caffe release): stride 2 on the first 1x1 convolution.
+The choice moves where resolution drops inside a block; the parameter count is the same.
+
+Blocks take injected `conv` / `norm` / `act` factories (the flax `examples/imagenet` style), so
+research code can swap BatchNorm for GroupNorm, change the activation or the initializer without
+touching the block.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.models.registry import register_model
+from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
+
+ModuleDef = Any
+Array = Any
+
+#: Shortcut options of He et al. 2016 section 3.3 plus "none" for the plain (no-shortcut) nets.
+#: "A": identity, or stride-s subsampling + zero channel padding when the shape changes (no params);
+#: "B": identity, or 1x1 conv + BN projection when the shape changes;
+#: "C": a 1x1 conv + BN projection on every block; "none": no shortcut at all (plain network).
+SHORTCUTS = ("A", "B", "C", "none")
+
+#: He (fan-out) initialization for convolutions, as torchvision's ResNet uses.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+_PAPER = "He, Zhang, Ren, Sun 2016, Deep Residual Learning for Image Recognition (CVPR)"
+
+
+def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric 'same-style' padding k//2 on both sides (the paper's / torchvision's padding)."""
+    return ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
+
+
+def _check_shortcut(owner: str, shortcut: str) -> None:
+    check_choice(owner, "shortcut", shortcut, SHORTCUTS)
+
+
+class _ResidualMixin:
+    """The shortcut path shared by the basic and bottleneck blocks."""
+
+    def shortcut_path(self, x: Array, out_features: int, strides: int, conv, norm) -> Array | None:
+        """Returns the shortcut branch for input `x`, or None for a plain (shortcut="none") block."""
+        shortcut = self.shortcut  # type: ignore[attr-defined]
+        if shortcut == "none":
+            return None
+        in_features = x.shape[-1]
+        changes_shape = strides != 1 or in_features != out_features
+        if shortcut == "C" or (shortcut == "B" and changes_shape):
+            y = conv(out_features, (1, 1), (strides, strides), padding="VALID", name="proj_conv")(x)
+            return norm(name="proj_bn")(y)
+        if not changes_shape:
+            return x
+        # Option A: parameter-free. Subsample spatially, then append zero channels.
+        if in_features > out_features:
+            raise invalid(
+                type(self).__name__, "shortcut", shortcut,
+                f"option 'A' can only widen ({in_features} -> {out_features} channels would "
+                "shrink); use 'B' or 'C'",
+            )
+        y = x[:, ::strides, ::strides, :]
+        return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, out_features - in_features)))
+
+
+class BasicBlock(_ResidualMixin, nn.Module):
+    """Two 3x3 conv-BN layers with a shortcut: y = act(F(x) + shortcut(x)) (ResNet-18/34, CIFAR).
+
+    `filters` is the output width; `strides` (on the first conv) downsamples. `zero_init_last_bn`
+    sets the second BN's gamma to zero so the block starts as act(shortcut(x)) (Goyal et al. 2017).
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable = nn.relu
+    strides: int = 1
+    shortcut: str = "B"
+    zero_init_last_bn: bool = False
+
+    def __post_init__(self) -> None:
+        _check_shortcut(type(self).__name__, self.shortcut)
+        check_positive_int(type(self).__name__, "strides", self.strides)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        s = (self.strides, self.strides)
+        y = self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
+        last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+        y = self.norm(scale_init=last_init, name="bn2")(y)
+        residual = self.shortcut_path(x, self.filters, self.strides, self.conv, self.norm)
+        return self.act(y if residual is None else y + residual)
+
+
+class BottleneckBlock(_ResidualMixin, nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x`expansion`) with a shortcut (ResNet-50/101/152).
+
+    `filters` is the bottleneck width; the block outputs `filters * expansion` channels.
+    `stride_in_1x1=False` (v1.5, default) puts the stride on the 3x3 conv, `True` (v1, paper) on
+    the first 1x1. `zero_init_last_bn` zeroes the third BN's gamma.
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable = nn.relu
+    strides: int = 1
+    stride_in_1x1: bool = False
+    shortcut: str = "B"
+    zero_init_last_bn: bool = False
+    expansion: int = 4
+
+    def __post_init__(self) -> None:
+        _check_shortcut(type(self).__name__, self.shortcut)
+        check_positive_int(type(self).__name__, "strides", self.strides)
+        check_positive_int(type(self).__name__, "expansion", self.expansion)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        s = (self.strides, self.strides)
+        s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
+        out = self.filters * self.expansion
+        y = self.conv(self.filters, (1, 1), s1, padding="VALID", name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), s3, padding=_pad(3), name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
+        last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+        y = self.norm(scale_init=last_init, name="bn3")(y)
+        residual = self.shortcut_path(x, out, self.strides, self.conv, self.norm)
+        return self.act(y if residual is None else y + residual)
+
+
+def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> ModuleDef:
+    """The BatchNorm factory every cnnjax ResNet-family model injects (PyTorch-equivalent stats).
+
+    momentum 0.9 in flax (running = 0.9 * running + 0.1 * batch) is PyTorch's momentum 0.1.
+    """
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        axis_name=axis_name,
+    )
+
+
+class ResNet(nn.Module):
+    """ImageNet ResNet: stem, `len(stage_sizes)` stages of `block_cls`, GAP, linear `head`.
+
+    Features (with `return_features=True`): `stem` (after conv-BN-ReLU, stride 2, before the max
+    pool), `stage1`..`stageN` (strides 4, 8, 16, 32) and `pre_logits` (the pooled vector).
+    Logits are returned in float32 whatever the computation `dtype`.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_classes: int = 1000
+    num_filters: int = 64
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+    stride_in_1x1: bool = False
+    zero_init_last_bn: bool = False
+    shortcut: str = "B"
+    act: Callable = nn.relu
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive_int(name, "num_classes", self.num_classes)
+        check_positive_int(name, "num_filters", self.num_filters)
+        _check_shortcut(name, self.shortcut)
+        if not self.stage_sizes or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.stage_sizes
+        ):
+            raise invalid(name, "stage_sizes", self.stage_sizes,
+                          "expected a non-empty sequence of positive block counts")
+        super().__post_init__()
+
+    def _block_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"shortcut": self.shortcut, "zero_init_last_bn": self.zero_init_last_bn}
+        if issubclass(_unwrap(self.block_cls), BottleneckBlock):
+            kwargs["stride_in_1x1"] = self.stride_in_1x1
+        return kwargs
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        check_nhwc(type(self).__name__, x)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+        norm = batch_norm(train, self.dtype, self.axis_name)
+        features: dict[str, Array] = {}
+
+        x = jnp.asarray(x, self.dtype)
+        x = conv(self.num_filters, (7, 7), (2, 2), padding=_pad(7), name="conv_init")(x)
+        x = self.act(norm(name="bn_init")(x))
+        features["stem"] = x
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+
+        kwargs = self._block_kwargs()
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = self.block_cls(
+                    self.num_filters * 2**i, conv=conv, norm=norm, act=self.act, strides=strides,
+                    name=f"stage{i + 1}_block{j + 1}", **kwargs,
+                )(x)
+            features[f"stage{i + 1}"] = x
+
+        x = jnp.mean(x, axis=(1, 2))
+        features["pre_logits"] = x
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        logits = jnp.asarray(logits, jnp.float32)
+        return (logits, features) if return_features else logits
+
+
+def _unwrap(factory: Any) -> type:
+    """The class behind a module class or a functools.partial of one."""
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return factory
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
+
+_REGISTER = functools.partial(register_model, input_shape=(224, 224, 3), min_input_size=32,
+                              num_classes=1000, paper=_PAPER)
+
+
+@_REGISTER("resnet18")
+def resnet18(**kwargs: Any) -> ResNet:
+    """ResNet-18: basic blocks (2, 2, 2, 2); 11,689,512 parameters at 1000 classes."""
+    return ResNet18(**kwargs)
+
+
+@_REGISTER("resnet34")
+def resnet34(**kwargs: Any) -> ResNet:
+    """ResNet-34: basic blocks (3, 4, 6, 3); 21,797,672 parameters at 1000 classes."""
+    return ResNet34(**kwargs)
+
+
+@_REGISTER("resnet50")
+def resnet50(**kwargs: Any) -> ResNet:
+    """ResNet-50: bottleneck blocks (3, 4, 6, 3); 25,557,032 parameters at 1000 classes."""
+    return ResNet50(**kwargs)
+
+
+@_REGISTER("resnet101")
+def resnet101(**kwargs: Any) -> ResNet:
+    """ResNet-101: bottleneck blocks (3, 4, 23, 3); 44,549,160 parameters at 1000 classes."""
+    return ResNet101(**kwargs)
+
+
+@_REGISTER("resnet152")
+def resnet152(**kwargs: Any) -> ResNet:
+    """ResNet-152: bottleneck blocks (3, 8, 36, 3); 60,192,808 parameters at 1000 classes."""
+    return ResNet152(**kwargs)
