@@ -1,0 +1,206 @@
+"""Pooling over NHWC maps: max/avg (PyTorch ceil_mode semantics), global, adaptive and SPP.
+
+All functions are pure and jit-able; their hyperparameters and the input shape are checked in
+Python before tracing. Windows are reduced with `jax.lax.reduce_window` (as `flax.linen.max_pool`
+does), so they differentiate and lower to the XLA pooling ops.
+
+Output size (per spatial dimension, input `n`, kernel `k`, stride `s`, padding `p`) follows
+PyTorch's `MaxPool2d`/`AvgPool2d`:
+
+    out = floor((n + 2p - k) / s) + 1                      (ceil_mode=False)
+    out = ceil((n + 2p - k) / s) + 1, minus 1 if the last window would start at or
+          beyond n + p, i.e. in the right padding           (ceil_mode=True)
+
+With `ceil_mode=True` the last window may run past the padded input; max pooling ignores the
+overhang and average pooling does not count it (see `avg_pool2d`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.utils.validation import check_choice, check_nhwc, invalid, to_pair
+
+IntPair = int | Sequence[int]
+
+
+def _lowest(dtype: jnp.dtype) -> jax.Array:
+    """The identity of `max` for `dtype` (-inf for floats), used as the max-pool padding."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.array(-jnp.inf, dtype)
+    return jnp.array(jnp.iinfo(dtype).min, dtype)
+
+
+def _window_geometry(
+    owner: str, x: jax.Array, kernel_size: IntPair, stride: IntPair | None, padding: IntPair,
+    ceil_mode: bool,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Validates pooling arguments; returns kernel, stride, padding, output size, right overhang."""
+    check_nhwc(owner, x)
+    kernel = to_pair(owner, "kernel_size", kernel_size)
+    strides = kernel if stride is None else to_pair(owner, "stride", stride)
+    pads = to_pair(owner, "padding", padding, minimum=0)
+    if not isinstance(ceil_mode, bool):
+        raise invalid(owner, "ceil_mode", ceil_mode, "expected a bool")
+    if any(2 * p > k for p, k in zip(pads, kernel, strict=True)):
+        raise invalid(owner, "padding", padding,
+                      f"expected at most half the kernel size {kernel} in each dimension")
+    sizes = tuple(x.shape[1:3])
+    padded = tuple(n + 2 * p for n, p in zip(sizes, pads, strict=True))
+    if any(k > n for k, n in zip(kernel, padded, strict=True)):
+        raise invalid(owner, "kernel_size", kernel_size,
+                      f"expected at most the padded input size {padded} (input {sizes}, "
+                      f"padding {pads})")
+    outs, overhang = [], []
+    for n, k, s, p in zip(sizes, kernel, strides, pads, strict=True):
+        span = n + 2 * p - k
+        out = (span + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (out - 1) * s >= n + p:
+            out -= 1
+        outs.append(out)
+        overhang.append(max((out - 1) * s + k - (n + 2 * p), 0))
+    return kernel, strides, pads, tuple(outs), tuple(overhang)  # type: ignore[return-value]
+
+
+def max_pool2d(
+    x: jax.Array, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
+    ceil_mode: bool = False,
+) -> jax.Array:
+    """Max pooling of an NHWC array; `stride` defaults to `kernel_size` (PyTorch semantics).
+
+    Padding never wins the max (it is -inf), and `padding` may be at most half the kernel so every
+    window holds at least one real element. AlexNet's overlapping pooling is
+    `max_pool2d(x, 3, 2)`; GoogLeNet's is `max_pool2d(x, 3, 2, ceil_mode=True)`.
+    """
+    kernel, strides, pads, _, extra = _window_geometry(
+        "max_pool2d", x, kernel_size, stride, padding, ceil_mode)
+    return jax.lax.reduce_window(
+        x, _lowest(x.dtype), jax.lax.max, (1, *kernel, 1), (1, *strides, 1),
+        ((0, 0), (pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]), (0, 0)))
+
+
+def _avg_counts(n: int, k: int, s: int, p: int, out: int, count_include_pad: bool) -> np.ndarray:
+    """Per-window divisors along one dimension, exactly as PyTorch's avg_pool2d computes them."""
+    start = np.arange(out) * s - p
+    end = np.minimum(start + k, n + p)
+    with_pad = end - start
+    without_pad = np.minimum(end, n) - np.maximum(start, 0)
+    return with_pad if count_include_pad else without_pad
+
+
+def avg_pool2d(
+    x: jax.Array, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
+    ceil_mode: bool = False, count_include_pad: bool = True,
+) -> jax.Array:
+    """Average pooling of an NHWC array with PyTorch's divisor rules.
+
+    `count_include_pad=True` divides by the window's overlap with the zero-padded input (the
+    overhang created by `ceil_mode` is never counted); `False` divides by the number of real
+    input elements in the window (TensorFlow's `SAME` average pooling).
+    """
+    owner = "avg_pool2d"
+    kernel, strides, pads, outs, extra = _window_geometry(
+        owner, x, kernel_size, stride, padding, ceil_mode)
+    if not isinstance(count_include_pad, bool):
+        raise invalid(owner, "count_include_pad", count_include_pad, "expected a bool")
+    summed = jax.lax.reduce_window(
+        x, jnp.array(0, x.dtype), jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
+        ((0, 0), (pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]), (0, 0)))
+    counts = [
+        _avg_counts(n, k, s, p, o, count_include_pad)
+        for n, k, s, p, o in zip(x.shape[1:3], kernel, strides, pads, outs, strict=True)
+    ]
+    divisor = np.outer(counts[0], counts[1])[None, :, :, None]
+    return summed / jnp.asarray(divisor, summed.dtype)
+
+
+def global_avg_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Mean over height and width: `[N, H, W, C] -> [N, C]` (or `[N, 1, 1, C]` with keepdims)."""
+    check_nhwc("global_avg_pool", x)
+    return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
+
+
+def global_max_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Max over height and width: `[N, H, W, C] -> [N, C]` (or `[N, 1, 1, C]` with keepdims)."""
+    check_nhwc("global_max_pool", x)
+    return jnp.max(x, axis=(1, 2), keepdims=keepdims)
+
+
+def adaptive_bins(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's adaptive bin edges: bin i is `[floor(i*size/out), ceil((i+1)*size/out))`."""
+    i = np.arange(out)
+    return (i * size) // out, -((-(i + 1) * size) // out)
+
+
+def _adaptive_axis(x: jax.Array, axis: int, out: int, mode: str) -> jax.Array:
+    """Adaptive pooling along one axis; bins are intervals, so 2-D pooling is separable."""
+    size = x.shape[axis]
+    if size % out == 0:  # Equal, non-overlapping bins: a plain pool with kernel = stride.
+        window = [1] * x.ndim
+        window[axis] = size // out
+        if mode == "max":
+            return jax.lax.reduce_window(x, _lowest(x.dtype), jax.lax.max, window, window, "VALID")
+        summed = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, window,
+                                       "VALID")
+        return summed / (size // out)
+    starts, ends = adaptive_bins(size, out)
+    longest = int(np.max(ends - starts))
+    offsets = np.arange(longest)
+    index = np.minimum(starts[:, None] + offsets, ends[:, None] - 1)  # [out, longest]
+    inside = starts[:, None] + offsets < ends[:, None]
+    gathered = jnp.take(x, jnp.asarray(index.reshape(-1)), axis=axis)
+    gathered = gathered.reshape(*x.shape[:axis], out, longest, *x.shape[axis + 1:])
+    if mode == "max":  # The clamped index repeats the bin's last element, which is harmless.
+        return jnp.max(gathered, axis=axis + 1)
+    mask = jnp.asarray(inside.reshape((out, longest) + (1,) * (x.ndim - axis - 1)))
+    counts = jnp.asarray((ends - starts).reshape((out,) + (1,) * (x.ndim - axis - 1)), x.dtype)
+    return jnp.sum(jnp.where(mask, gathered, 0), axis=axis + 1) / counts
+
+
+def _adaptive_pool2d(owner: str, x: jax.Array, output_size: IntPair, mode: str) -> jax.Array:
+    check_nhwc(owner, x)
+    out_h, out_w = to_pair(owner, "output_size", output_size)
+    return _adaptive_axis(_adaptive_axis(x, 1, out_h, mode), 2, out_w, mode)
+
+
+def adaptive_avg_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
+    """Averages over PyTorch's adaptive bins to `[N, out_h, out_w, C]` for any input size.
+
+    When the input size is divisible by the output size this is `avg_pool2d` with
+    kernel = stride = size // out (torchvision AlexNet's 6x6 pooling of a 6x6 map is the identity).
+    """
+    return _adaptive_pool2d("adaptive_avg_pool2d", x, output_size, "avg")
+
+
+def adaptive_max_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
+    """Max over PyTorch's adaptive bins to `[N, out_h, out_w, C]` for any input size."""
+    return _adaptive_pool2d("adaptive_max_pool2d", x, output_size, "max")
+
+
+def spatial_pyramid_pool(
+    x: jax.Array, levels: Sequence[int] = (1, 2, 4), mode: str = "max",
+) -> jax.Array:
+    """Spatial pyramid pooling (He et al., 2014): a fixed-length `[N, C * sum(l*l)]` vector.
+
+    Each level `l` pools the map into an `l x l` grid of adaptive bins (PyTorch's bin edges; for
+    sizes divisible by `l` they coincide with the paper's window ceil(a/l), stride floor(a/l)),
+    flattens it in (row, column, channel) order, and the levels are concatenated in the given
+    order. Any input of at least 1x1 works; a map smaller than a level repeats pixels across bins.
+    """
+    owner = "spatial_pyramid_pool"
+    check_nhwc(owner, x)
+    check_choice(owner, "mode", mode, ("max", "avg"))
+    try:
+        levels = tuple(levels)
+    except TypeError:
+        raise invalid(owner, "levels", levels, "expected a non-empty sequence of positive ints") \
+            from None
+    if not levels or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                             for v in levels):
+        raise invalid(owner, "levels", levels, "expected a non-empty sequence of positive ints")
+    parts = [_adaptive_pool2d(owner, x, level, mode).reshape(x.shape[0], -1) for level in levels]
+    return jnp.concatenate(parts, axis=1)

@@ -1,0 +1,337 @@
+"""Region-of-interest ops for detection heads: RoI max pooling, RoIAlign, box IoU and NMS.
+
+Conventions (torchvision's): `features` is NHWC `[N, H, W, C]`; `boxes` is `[K, 4]` as
+(x1, y1, x2, y2) in *image* coordinates, mapped to the feature map by `spatial_scale` (1/16 for a
+stride-16 backbone); `batch_indices` `[K]` names the image each box belongs to. Outputs are
+`[K, out_h, out_w, C]`.
+
+Arguments are checked in Python before tracing. Box *values* (x2 < x1, outside the image) and batch
+indices are checked only when they are concrete arrays; under `jit` they are traced and the ops
+trust them. "Inside the image" means `0 <= x1 <= x2 <= W / spatial_scale` and likewise for y, the
+image extent the `H x W` feature map covers; clip boxes to it first.
+
+All ops are vectorized (no Python loop over boxes) and have static output shapes, so they run
+under `jit` and `vmap`; `nms` returns a fixed number of indices plus a validity mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.utils.validation import (
+    check_nhwc,
+    check_positive_float,
+    check_positive_int,
+    invalid,
+    to_pair,
+)
+
+IntPair = int | Sequence[int]
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _concrete(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array, or None when it is a tracer (inside jit/vmap/grad)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
+    """Checks the `[K, 4]` shape and, when concrete, that x1 <= x2 and y1 <= y2."""
+    values = _concrete(boxes)
+    boxes = jnp.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise invalid(owner, "boxes.shape", tuple(boxes.shape),
+                      "expected [K, 4] boxes as (x1, y1, x2, y2)")
+    if not jnp.issubdtype(boxes.dtype, jnp.floating):
+        boxes = boxes.astype(jnp.float32)
+    if values is not None:
+        values = values.astype(np.float64)
+        bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+        if bad.size:
+            i = int(bad[0])
+            raise invalid(owner, f"boxes[{i}]", values[i].tolist(), "expected finite coordinates")
+        bad = np.flatnonzero((values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1]))
+        if bad.size:
+            i = int(bad[0])
+            raise invalid(owner, f"boxes[{i}]", values[i].tolist(),
+                          "expected x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))")
+    return boxes, values
+
+
+def _check_roi_args(
+    owner: str, features: jax.Array, boxes: Any, batch_indices: Any, output_size: IntPair,
+    spatial_scale: float,
+) -> tuple[jax.Array, jax.Array, tuple[int, int], float, np.ndarray | None]:
+    """Shared validation of roi_pool/roi_align arguments (see the module docstring)."""
+    check_nhwc(owner, features)
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        raise invalid(owner, "features.dtype", str(features.dtype),
+                      "expected a floating-point array")
+    boxes, values = _check_boxes(owner, boxes)
+    out = to_pair(owner, "output_size", output_size)
+    scale = check_positive_float(owner, "spatial_scale", spatial_scale)
+    indices = _concrete(batch_indices)
+    batch_indices = jnp.asarray(batch_indices)
+    if batch_indices.shape != (boxes.shape[0],):
+        raise invalid(owner, "batch_indices.shape", tuple(batch_indices.shape),
+                      f"expected ({boxes.shape[0]},), one batch index per box")
+    if not jnp.issubdtype(batch_indices.dtype, jnp.integer):
+        raise invalid(owner, "batch_indices.dtype", str(batch_indices.dtype),
+                      "expected an integer array")
+    n, h, w = features.shape[:3]
+    if indices is not None:
+        bad = np.flatnonzero((indices < 0) | (indices >= n))
+        if bad.size:
+            i = int(bad[0])
+            raise invalid(owner, f"batch_indices[{i}]", int(indices[i]),
+                          f"expected 0 <= index < {n} (the batch size of features)")
+    if values is not None:
+        limit_w, limit_h = w / scale, h / scale
+        slack = 1e-6 * max(limit_w, limit_h)
+        outside = ((values[:, 0] < 0) | (values[:, 1] < 0) | (values[:, 2] > limit_w + slack)
+                   | (values[:, 3] > limit_h + slack))
+        bad = np.flatnonzero(outside)
+        if bad.size:
+            i = int(bad[0])
+            raise invalid(owner, f"boxes[{i}]", values[i].tolist(),
+                          f"boxes must lie inside the image, 0 <= x <= {limit_w:g} and "
+                          f"0 <= y <= {limit_h:g} (the {h}x{w} feature map at "
+                          f"spatial_scale={scale:g}); clip them first")
+    return boxes, batch_indices.astype(jnp.int32), out, scale, values
+
+
+def _round_half_away(x: jax.Array) -> jax.Array:
+    """C's `round` (half away from zero), which torchvision's roi_pool uses; jnp.round is even."""
+    return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+@partial(jax.jit, static_argnames=("output_size",))
+def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
+    _, h, w, _ = features.shape
+    out_h, out_w = output_size
+    corners = _round_half_away(boxes.astype(jnp.float32) * spatial_scale).astype(jnp.int32)
+    x1, y1, x2, y2 = (corners[:, i] for i in range(4))
+
+    def bin_masks(start, end, pooled, size):
+        length = jnp.maximum(end - start + 1, 1).astype(jnp.float32)
+        bin_size = length / pooled
+        p = jnp.arange(pooled, dtype=jnp.float32)
+        lo = jnp.floor(p[None] * bin_size[:, None]).astype(jnp.int32) + start[:, None]
+        hi = jnp.ceil((p[None] + 1) * bin_size[:, None]).astype(jnp.int32) + start[:, None]
+        lo, hi = jnp.clip(lo, 0, size), jnp.clip(hi, 0, size)
+        pos = jnp.arange(size)
+        return (pos >= lo[..., None]) & (pos < hi[..., None]), hi <= lo  # [K,P,size], [K,P]
+
+    mask_h, empty_h = bin_masks(y1, y2, out_h, h)
+    mask_w, empty_w = bin_masks(x1, x2, out_w, w)
+    lowest = jnp.array(-jnp.inf, features.dtype)
+    per_box = features[batch_indices]  # [K, H, W, C]
+    rows = jnp.max(jnp.where(mask_h[:, :, :, None, None], per_box[:, None], lowest), axis=2)
+    pooled = jnp.max(jnp.where(mask_w[:, None, :, :, None], rows[:, :, None], lowest), axis=3)
+    empty = empty_h[:, :, None] | empty_w[:, None, :]
+    return jnp.where(empty[..., None], jnp.array(0, features.dtype), pooled)
+
+
+def roi_pool(
+    features: jax.Array, boxes: Any, batch_indices: Any, output_size: IntPair,
+    spatial_scale: float = 1.0,
+) -> jax.Array:
+    """RoI max pooling (Fast R-CNN), with torchvision's quantization.
+
+    Box corners are scaled and rounded (half away from zero) to feature cells; the box spans
+    `round(x2) - round(x1) + 1` cells (at least 1), split into `output_size` bins with edges
+    `floor(i * len / out)` .. `ceil((i + 1) * len / out)`, clipped to the map. Each bin takes the
+    max over its cells; a bin left empty by clipping outputs 0.
+    """
+    boxes, batch_indices, out, scale, _ = _check_roi_args(
+        "roi_pool", features, boxes, batch_indices, output_size, spatial_scale)
+    return _roi_pool(features, boxes, batch_indices, out, scale)
+
+
+def _bilinear_weights(coord: jax.Array, size: int) -> jax.Array:
+    """Weights over `size` pixels of torchvision's bilinear sample at `coord` (`[..., size]`).
+
+    Points beyond one pixel outside the map give zero weight; points in [-1, 0] clamp to the first
+    pixel and points past the last pixel centre to the last one, as torchvision's kernel does.
+    """
+    empty = (coord < -1.0) | (coord > size)
+    coord = jnp.maximum(coord, 0.0)
+    low = jnp.floor(coord).astype(jnp.int32)
+    at_edge = low >= size - 1
+    low = jnp.where(at_edge, size - 1, low)
+    high = jnp.where(at_edge, size - 1, low + 1)
+    frac = jnp.where(at_edge, 0.0, coord - low)
+    weights = (jax.nn.one_hot(low, size, dtype=coord.dtype) * (1 - frac)[..., None]
+               + jax.nn.one_hot(high, size, dtype=coord.dtype) * frac[..., None])
+    return jnp.where(empty[..., None], 0.0, weights)
+
+
+@partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned"))
+def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid, adaptive,
+               aligned):
+    n, h, w, _ = features.shape
+    out_h, out_w = output_size
+    compute = jnp.promote_types(features.dtype, jnp.float32)
+    offset = 0.5 if aligned else 0.0
+    scaled = boxes.astype(compute) * spatial_scale - offset
+
+    def axis_weights(start, end, pooled, size):
+        length = end - start
+        if not aligned:  # Legacy (Detectron) behaviour: force malformed RoIs to be 1x1.
+            length = jnp.maximum(length, 1.0)
+        bin_size = length / pooled
+        if adaptive:
+            count = jnp.clip(jnp.ceil(length / pooled), 0, grid)
+        else:
+            count = jnp.full_like(length, grid)
+        step = bin_size / jnp.maximum(count, 1)
+        p = jnp.arange(pooled, dtype=compute)[None, :, None]
+        g = jnp.arange(grid, dtype=compute)[None, None, :]
+        coords = (start[:, None, None] + p * bin_size[:, None, None]
+                  + (g + 0.5) * step[:, None, None])
+        weights = _bilinear_weights(coords, size)  # [K, pooled, grid, size]
+        used = (g < count[:, None, None])[..., None]
+        return jnp.sum(jnp.where(used, weights, 0.0), axis=2), count  # [K, pooled, size], [K]
+
+    weights_h, count_h = axis_weights(scaled[:, 1], scaled[:, 3], out_h, h)
+    weights_w, count_w = axis_weights(scaled[:, 0], scaled[:, 2], out_w, w)
+    # Select each box's image with a one-hot contraction instead of gathering [K, H, W, C].
+    image = jax.nn.one_hot(batch_indices, n, dtype=compute)  # [K, N]
+    weights_hn = weights_h[:, :, None, :] * image[:, None, :, None]  # [K, out_h, N, H]
+    rows = jnp.einsum("kpnh,nhwc->kpwc", weights_hn, features.astype(compute), precision=_HIGHEST)
+    out = jnp.einsum("kqw,kpwc->kpqc", weights_w, rows, precision=_HIGHEST)
+    count = jnp.maximum(count_h * count_w, 1.0)
+    return (out / count[:, None, None, None]).astype(features.dtype)
+
+
+def roi_align(
+    features: jax.Array, boxes: Any, batch_indices: Any, output_size: IntPair,
+    spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True,
+    max_sampling_ratio: int | None = None,
+) -> jax.Array:
+    """RoIAlign (He et al., Mask R-CNN) with torchvision's semantics.
+
+    Each of the `output_size` bins of a box averages `gh x gw` bilinear samples placed at the
+    centres of a regular sub-grid of the bin. `aligned=True` shifts the scaled box by -0.5 so pixel
+    centres sit at integer+0.5 (the correct Mask R-CNN mapping); `aligned=False` is the legacy one
+    that also forces a minimum box size of 1.
+
+    `sampling_ratio > 0` fixes `gh = gw = sampling_ratio`. `sampling_ratio <= 0` is torchvision's
+    adaptive count `gh = ceil(box_h / out_h)` (box size on the feature map), which is data
+    dependent; JAX needs a static sample grid, so its size is the largest count over the boxes when
+    they are concrete (exact torchvision results), or `max_sampling_ratio` when they are traced
+    under jit (boxes needing more samples use `max_sampling_ratio`). Adaptive sampling of traced
+    boxes without `max_sampling_ratio` is an error.
+    """
+    owner = "roi_align"
+    boxes, batch_indices, out, scale, values = _check_roi_args(
+        owner, features, boxes, batch_indices, output_size, spatial_scale)
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+        raise invalid(owner, "sampling_ratio", sampling_ratio,
+                      "expected an int (> 0 fixed samples per bin side, <= 0 adaptive)")
+    if not isinstance(aligned, bool):
+        raise invalid(owner, "aligned", aligned, "expected a bool")
+    if max_sampling_ratio is not None:
+        check_positive_int(owner, "max_sampling_ratio", max_sampling_ratio)
+    adaptive = sampling_ratio <= 0
+    if not adaptive:
+        grid = sampling_ratio
+    elif values is not None:
+        scaled = values.astype(np.float32) * np.float32(scale) - np.float32(0.5 if aligned else 0)
+        sizes = scaled[:, 2:] - scaled[:, :2]  # (width, height)
+        if not aligned:
+            sizes = np.maximum(sizes, 1)
+        counts = np.ceil(sizes / np.array([out[1], out[0]], np.float32))
+        grid = max(int(counts.max(initial=1)), 1)
+        if max_sampling_ratio is not None:
+            grid = min(grid, max_sampling_ratio)
+    elif max_sampling_ratio is not None:
+        grid = max_sampling_ratio
+    else:
+        raise invalid(owner, "sampling_ratio", sampling_ratio,
+                      "adaptive sampling (<= 0) needs concrete boxes to size its sample grid; "
+                      "under jit pass sampling_ratio > 0 or max_sampling_ratio")
+    return _roi_align(features, boxes, batch_indices, out, scale, grid, adaptive, aligned)
+
+
+def box_iou(boxes1: Any, boxes2: Any) -> jax.Array:
+    """Pairwise IoU `[K1, K2]` of (x1, y1, x2, y2) boxes; 0 where the union is empty."""
+    boxes1, _ = _check_boxes("box_iou", boxes1)
+    boxes2, _ = _check_boxes("box_iou", boxes2)
+    return _box_iou(boxes1, boxes2)
+
+
+def _box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
+    def area(x):
+        return jnp.maximum(x[:, 2] - x[:, 0], 0) * jnp.maximum(x[:, 3] - x[:, 1], 0)
+
+    top_left = jnp.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = jnp.minimum(a[:, None, 2:], b[None, :, 2:])
+    extent = jnp.maximum(bottom_right - top_left, 0)
+    inter = extent[..., 0] * extent[..., 1]
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    positive = union > 0
+    return jnp.where(positive, inter / jnp.where(positive, union, 1), 0.0)
+
+
+@partial(jax.jit, static_argnames=("max_output_size",))
+def _nms(boxes, scores, iou_threshold, max_output_size, score_threshold):
+    order = jnp.argsort(-scores, stable=True)
+    ious = _box_iou(boxes[order], boxes[order])
+    candidate = scores[order] > score_threshold
+
+    def visit(i, keep):
+        suppressed = jnp.any(keep & (ious[:, i] > iou_threshold))
+        return keep.at[i].set(candidate[i] & ~suppressed)
+
+    keep = jax.lax.fori_loop(0, boxes.shape[0], visit, jnp.zeros(boxes.shape[0], bool))
+    rank = jnp.cumsum(keep) - 1
+    slot = jnp.where(keep & (rank < max_output_size), rank, max_output_size)
+    indices = jnp.zeros(max_output_size, jnp.int32).at[slot].set(order.astype(jnp.int32),
+                                                                 mode="drop")
+    valid = jnp.arange(max_output_size) < jnp.sum(keep)
+    return indices, valid
+
+
+def nms(
+    boxes: Any, scores: Any, iou_threshold: float, max_output_size: int,
+    score_threshold: float = float("-inf"),
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy non-maximum suppression with static output shapes (jit-able).
+
+    Visits boxes by decreasing score (ties: lower index first), drops those with
+    `score <= score_threshold`, and keeps a box unless its IoU with an already kept box exceeds
+    `iou_threshold` (the rule of `tf.image.non_max_suppression` and torchvision's `nms`).
+    Returns `(indices[max_output_size] int32, valid_mask[max_output_size] bool)`: the kept boxes'
+    indices in decreasing-score order, padded with 0 where `valid_mask` is False. Cost O(K^2).
+    """
+    owner = "nms"
+    boxes, _ = _check_boxes(owner, boxes)
+    scores = jnp.asarray(scores)
+    if scores.shape != (boxes.shape[0],):
+        raise invalid(owner, "scores.shape", tuple(scores.shape),
+                      f"expected ({boxes.shape[0]},), one score per box")
+    try:
+        threshold = float(iou_threshold)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise invalid(owner, "iou_threshold", iou_threshold, "expected a number in [0, 1]")
+    check_positive_int(owner, "max_output_size", max_output_size)
+    try:
+        floor = float(score_threshold)
+    except (TypeError, ValueError):
+        floor = float("nan")
+    if floor != floor:
+        raise invalid(owner, "score_threshold", score_threshold, "expected a number (not NaN)")
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    return _nms(boxes, scores, threshold, max_output_size, floor)
