@@ -1,0 +1,465 @@
+"""Convolution layers (NHWC, flax.linen): shared, grouped, unshared, tiled and transposed.
+
+Per spatial dimension, with input size `n`, kernel `k`, stride `s`, dilation `d` and padding
+`(lo, hi)` (after resolving "SAME"/"VALID"), the effective kernel is `d·(k − 1) + 1` and
+
+- `Conv2D`, `LocallyConnected2D`, `TiledConv2D`: `out = floor((n + lo + hi − d·(k − 1) − 1)/s) + 1`
+  (the classic `(W − F + 2P)/S + 1`); "SAME" gives `ceil(n/s)`, "VALID" is `lo = hi = 0`.
+- `ConvTranspose2D`: `out = (n − 1)·s − lo − hi + d·(k − 1) + output_padding + 1`
+  (PyTorch's `ConvTranspose2d` convention; `lo = hi = p` for an int padding).
+
+Every hyperparameter is checked in Python at construction; checks that need the input (channels
+divisible by groups, effective kernel larger than the padded input) run at the start of
+`__call__`, from static shapes, before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+from cnnjax.layers.padding import (
+    PADDING_MODES,
+    PaddingSpec,
+    Pads,
+    normalize_padding,
+    pad_nhwc,
+    same_padding,
+)
+from cnnjax.utils.validation import (
+    check_choice,
+    check_nhwc,
+    check_positive_int,
+    invalid,
+    to_pair,
+)
+
+Array = jax.Array
+Dtype = Any
+Initializer = Any
+IntPair = int | Sequence[int]
+ConvPadding = str | PaddingSpec
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+default_kernel_init = nn.initializers.lecun_normal()
+"""Default kernel init of `Conv2D`, `ConvTranspose2D` (as `nn.Conv`): LeCun normal over fan-in."""
+
+local_kernel_init = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0, 1)
+)
+"""LeCun normal for per-position kernels `(P_h, P_w, ..., in, out)`: the two leading
+position axes are batch axes, so the fan-in is that of one position's kernel (flax's default for
+`nn.ConvLocal` would also count the output positions and shrink the scale)."""
+
+tiled_kernel_init = local_kernel_init
+"""Default kernel init of `TiledConv2D` `(t_h, t_w, k_h, k_w, in, out)`: fan-in `k_h·k_w·in`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Normalized window hyperparameters of a 2-D convolution."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: str | Pads  # "SAME", "VALID" or explicit ((top, bottom), (left, right))
+    mode: str
+
+    @property
+    def effective_kernel(self) -> tuple[int, int]:
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation, strict=True))
+
+    def resolve(self, owner: str, x: Array) -> tuple[Pads, tuple[int, int]]:
+        """Explicit pads and output `(H, W)` for input `x`; raises if the kernel does not fit."""
+        check_nhwc(owner, x)
+        size = x.shape[1:3]
+        if self.padding == "VALID":
+            pads: Pads = ((0, 0), (0, 0))
+        elif self.padding == "SAME":
+            pads = tuple(  # type: ignore[assignment]
+                same_padding(n, k, s, d)
+                for n, k, s, d in zip(size, self.kernel, self.strides, self.dilation, strict=True)
+            )
+        else:
+            pads = self.padding  # type: ignore[assignment]
+        out = []
+        for axis, n, (lo, hi), ek, s in zip(
+            ("height", "width"), size, pads, self.effective_kernel, self.strides, strict=True
+        ):
+            padded = n + lo + hi
+            if ek > padded:
+                raise invalid(
+                    owner, "kernel_size", self.kernel,
+                    f"the effective kernel {axis} {ek} (dilation·(kernel−1)+1 with "
+                    f"dilation={self.dilation}) must not exceed the padded input {axis} "
+                    f"{padded} (input {n} + padding {lo} + {hi})",
+                )
+            out.append((padded - ek) // s + 1)
+        return pads, (out[0], out[1])
+
+
+def _geometry(
+    owner: str, kernel_size: IntPair, strides: IntPair, padding: ConvPadding,
+    padding_mode: str, dilation: IntPair,
+) -> _Geometry:
+    """Validates and normalizes kernel/stride/dilation/padding/mode of a conv-like layer."""
+    kernel = to_pair(owner, "kernel_size", kernel_size, minimum=1)
+    stride_pair = to_pair(owner, "strides", strides, minimum=1)
+    dilation_pair = to_pair(owner, "dilation", dilation, minimum=1)
+    check_choice(owner, "padding_mode", padding_mode, PADDING_MODES)
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise invalid(
+                owner, "padding", padding,
+                "expected 'SAME', 'VALID', an int, a pair (pad_h, pad_w) or "
+                "((top, bottom), (left, right))",
+            )
+        pads: str | Pads = padding.upper()
+    else:
+        pads = normalize_padding(owner, padding)
+    return _Geometry(kernel, stride_pair, dilation_pair, pads, padding_mode)
+
+
+def _check_groups(owner: str, features: int, groups: int) -> None:
+    check_positive_int(owner, "features", features)
+    check_positive_int(owner, "groups", groups)
+    if features % groups:
+        raise invalid(
+            owner, "groups", groups,
+            f"the output channels (features={features}) must be divisible by groups",
+        )
+
+
+def _check_input_groups(owner: str, x: Array, groups: int) -> None:
+    channels = x.shape[-1]
+    if channels % groups:
+        raise invalid(
+            owner, "groups", groups,
+            f"the input channels ({channels}) must be divisible by groups",
+        )
+
+
+def _flax_padding(geo: _Geometry) -> str | list[tuple[int, int]]:
+    """Padding handed to the flax conv: zeros pad inside the conv; other modes pad beforehand."""
+    if geo.mode != "zeros":
+        return "VALID"
+    if isinstance(geo.padding, str):
+        return geo.padding
+    return [tuple(p) for p in geo.padding]
+
+
+class Conv2D(nn.Module):
+    """2-D convolution over `flax.linen.Conv`, adding padding modes, explicit pads and groups.
+
+    Output `(N, H_out, W_out, features)`, `H_out = floor((H + top + bottom − d·(k−1) − 1)/s) + 1`
+    ("SAME": `ceil(H/s)`). `padding` is an int, `(ph, pw)`, `((top, bottom), (left, right))`,
+    "SAME" or "VALID"; `padding_mode` is "zeros", "reflect", "replicate" (edge) or "circular".
+    Non-zero modes pad explicitly (`pad_nhwc`; "SAME" pads computed as in TF/XLA) and then run the
+    conv with VALID padding. `groups` is `feature_group_count` (AlexNet's two towers): each of the
+    `groups` blocks of `features/groups` outputs sees only its block of `C_in/groups` inputs.
+    Parameters are `nn.Conv`'s, at this module's level: `kernel (k_h, k_w, C_in/groups, features)`
+    and `bias (features,)`, i.e. `features·(C_in/groups·k_h·k_w + 1)` numbers.
+    """
+
+    features: int
+    kernel_size: IntPair
+    strides: IntPair = 1
+    padding: ConvPadding = 0
+    padding_mode: str = "zeros"
+    dilation: IntPair = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    def __post_init__(self) -> None:
+        _check_groups(type(self).__name__, self.features, self.groups)
+        _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
+                  self.padding_mode, self.dilation)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        geo = _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
+                        self.padding_mode, self.dilation)
+        self.conv = nn.Conv(
+            features=self.features, kernel_size=geo.kernel, strides=geo.strides,
+            padding=_flax_padding(geo), kernel_dilation=geo.dilation,
+            feature_group_count=self.groups, use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, precision=self.precision,
+            kernel_init=self.kernel_init, bias_init=self.bias_init,
+        )
+        nn.share_scope(self, self.conv)  # params stay `kernel`/`bias` of this module
+
+    def __call__(self, x: Array) -> Array:
+        owner = type(self).__name__
+        geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
+                        self.padding_mode, self.dilation)
+        pads, _ = geo.resolve(owner, x)
+        _check_input_groups(owner, x, self.groups)
+        if geo.mode != "zeros":
+            x = pad_nhwc(x, pads, geo.mode, owner=owner)
+        return self.conv(x)
+
+
+class LocallyConnected2D(nn.Module):
+    """Unshared convolution over `flax.linen.ConvLocal`: a separate kernel at each output position.
+
+    Same window arithmetic and padding options as `Conv2D` (output
+    `floor((H + top + bottom − d·(k−1) − 1)/s) + 1` per dimension; strides, dilation, "SAME",
+    "VALID", explicit pads, all padding modes); no groups. Parameters (shapes fixed by the first
+    input): `kernel (H_out, W_out, C_in·k_h·k_w, features)` whose third axis is ordered
+    `(C_in, k_h, k_w)` (the `lax.conv_general_dilated_patches` order), and `bias
+    (H_out, W_out, features)` — one bias per output position *and* channel, as in
+    `nn.ConvLocal` and Keras' `LocallyConnected2D`.
+    """
+
+    features: int
+    kernel_size: IntPair
+    strides: IntPair = 1
+    padding: ConvPadding = 0
+    padding_mode: str = "zeros"
+    dilation: IntPair = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = local_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    def __post_init__(self) -> None:
+        check_positive_int(type(self).__name__, "features", self.features)
+        _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
+                  self.padding_mode, self.dilation)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        geo = _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
+                        self.padding_mode, self.dilation)
+        self.conv = nn.ConvLocal(
+            features=self.features, kernel_size=geo.kernel, strides=geo.strides,
+            padding=_flax_padding(geo), kernel_dilation=geo.dilation, use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            kernel_init=self.kernel_init, bias_init=self.bias_init,
+        )
+        nn.share_scope(self, self.conv)
+
+    def __call__(self, x: Array) -> Array:
+        owner = type(self).__name__
+        geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
+                        self.padding_mode, self.dilation)
+        pads, _ = geo.resolve(owner, x)
+        if geo.mode != "zeros":
+            x = pad_nhwc(x, pads, geo.mode, owner=owner)
+        return self.conv(x)
+
+
+class TiledConv2D(nn.Module):
+    """Tiled convolution (Goodfellow et al., Deep Learning §9.5): `t_h × t_w` kernel sets cycled.
+
+    Output position `(i, j)` uses kernel set `(i mod t_h, j mod t_w)`; `tile_size=1` is an
+    ordinary convolution and `tile_size = (H_out, W_out)` is a locally connected layer. Output
+    size and padding options as `Conv2D`: `floor((H + top + bottom − d·(k−1) − 1)/s) + 1`.
+    Parameters: `kernel (t_h, t_w, k_h, k_w, C_in, features)` (`kernel[a, b]` is an ordinary HWIO
+    kernel) and `bias (t_h, t_w, features)`. Cost equals one ordinary convolution: the input
+    patches are extracted once and contracted blockwise against the kernel sets (no `t²`
+    redundant convolutions). `tile_size` may not exceed the output size (unused kernel sets).
+    """
+
+    features: int
+    kernel_size: IntPair
+    tile_size: IntPair = 2
+    strides: IntPair = 1
+    padding: ConvPadding = 0
+    padding_mode: str = "zeros"
+    dilation: IntPair = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = tiled_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "features", self.features)
+        to_pair(owner, "tile_size", self.tile_size, minimum=1)
+        _geometry(owner, self.kernel_size, self.strides, self.padding, self.padding_mode,
+                  self.dilation)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        owner = type(self).__name__
+        geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
+                        self.padding_mode, self.dilation)
+        pads, (out_h, out_w) = geo.resolve(owner, x)
+        th, tw = to_pair(owner, "tile_size", self.tile_size, minimum=1)
+        if th > out_h or tw > out_w:
+            raise invalid(
+                owner, "tile_size", self.tile_size,
+                f"expected at most the output size ({out_h}, {out_w}); larger tiles leave "
+                "kernel sets that no output position uses",
+            )
+        (kh, kw), c_in = geo.kernel, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (th, tw, kh, kw, c_in, self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (th, tw, self.features), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if geo.mode != "zeros":
+            x, pads = pad_nhwc(x, pads, geo.mode, owner=owner), ((0, 0), (0, 0))
+        # Patch extraction is an exact gather (one-hot conv), so it runs at full precision.
+        patches = lax.conv_general_dilated_patches(
+            x, geo.kernel, geo.strides, pads, rhs_dilation=geo.dilation,
+            dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST,
+        )  # (N, H_out, W_out, C_in·k_h·k_w), features ordered (C_in, k_h, k_w)
+        weights = kernel.transpose(0, 1, 4, 2, 3, 5).reshape(th, tw, -1, self.features)
+        grow_h, grow_w = -out_h % th, -out_w % tw
+        patches = jnp.pad(patches, ((0, 0), (0, grow_h), (0, grow_w), (0, 0)))
+        n = x.shape[0]
+        blocks = patches.reshape(n, (out_h + grow_h) // th, th, (out_w + grow_w) // tw, tw, -1)
+        y = jnp.einsum("nitjuf,tufo->nitjuo", blocks, weights, precision=self.precision)
+        if bias is not None:
+            y = y + bias[:, None, :, :]
+        y = y.reshape(n, out_h + grow_h, out_w + grow_w, self.features)
+        return y[:, :out_h, :out_w, :]
+
+
+class ConvTranspose2D(nn.Module):
+    """Transposed convolution ("deconvolution"), the adjoint of `Conv2D`, PyTorch conventions.
+
+    Output size per dimension: `(n − 1)·s − lo − hi + d·(k − 1) + output_padding + 1`, where
+    `padding` (int, `(ph, pw)` or `((top, bottom), (left, right))`) crops `lo`/`hi` from the full
+    transposed output and `output_padding` (< max(stride, dilation)) adds rows/columns at the
+    bottom/right, resolving which of the `s` input sizes a strided conv maps to the same size.
+    Each input pixel `x[i]` scatters `x[i]·kernel[a]` to output `i·s + a·d − lo`.
+    Parameters: `kernel (k_h, k_w, C_in/groups, features)` in that scatter orientation (PyTorch's
+    `weight (C_in, features/groups, k_h, k_w)` for groups=1 is `weight.transpose(2, 3, 0, 1)`;
+    TensorFlow's `conv2d_transpose` filter `(k_h, k_w, features, C_in)` is
+    `kernel.transpose(0, 1, 3, 2)`), and `bias (features,)`.
+
+    Computed as `lax.conv_transpose` does — a stride-1 convolution of the `s`-dilated input with
+    the spatially flipped kernel — via `lax.conv_general_dilated` directly, because
+    `lax.conv_transpose` has no `feature_group_count` for `groups`.
+    """
+
+    features: int
+    kernel_size: IntPair
+    strides: IntPair = 1
+    padding: PaddingSpec = 0
+    output_padding: IntPair = 0
+    dilation: IntPair = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    def __post_init__(self) -> None:
+        _transpose_geometry(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        owner = type(self).__name__
+        check_nhwc(owner, x)
+        geo, out_pad = _transpose_geometry(self)
+        _check_input_groups(owner, x, self.groups)
+        conv_pads, out_size = [], []
+        for n, k, s, d, (lo, hi), op in zip(x.shape[1:3], geo.kernel, geo.strides, geo.dilation,
+                                            geo.padding, out_pad, strict=True):
+            full = d * (k - 1)
+            conv_pads.append((full - lo, full - hi + op))  # negative entries crop
+            out_size.append((n - 1) * s - lo - hi + full + op + 1)
+        if min(out_size) < 1:
+            raise invalid(
+                owner, "padding", self.padding,
+                f"the output would be {out_size[0]}x{out_size[1]} for a "
+                f"{x.shape[1]}x{x.shape[2]} input; (in−1)·s − lo − hi + d·(k−1) + "
+                "output_padding + 1 must be >= 1",
+            )
+        kh, kw = geo.kernel
+        kernel = self.param("kernel", self.kernel_init,
+                            (kh, kw, x.shape[-1] // self.groups, self.features), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = lax.conv_general_dilated(
+            x, kernel[::-1, ::-1], window_strides=(1, 1), padding=conv_pads,
+            lhs_dilation=geo.strides, rhs_dilation=geo.dilation,
+            dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=self.groups,
+            precision=self.precision,
+        )
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+def _transpose_geometry(layer: ConvTranspose2D) -> tuple[_Geometry, tuple[int, int]]:
+    """Validates a `ConvTranspose2D`'s hyperparameters; returns its geometry and output padding."""
+    owner = type(layer).__name__
+    _check_groups(owner, layer.features, layer.groups)
+    if isinstance(layer.padding, str):
+        raise invalid(owner, "padding", layer.padding,
+                      "expected an int, a pair (pad_h, pad_w) or ((top, bottom), (left, right))")
+    geo = _geometry(owner, layer.kernel_size, layer.strides, layer.padding, "zeros",
+                    layer.dilation)
+    out_pad = to_pair(owner, "output_padding", layer.output_padding, minimum=0)
+    limit = tuple(max(s, d) for s, d in zip(geo.strides, geo.dilation, strict=True))
+    if any(op >= lim for op, lim in zip(out_pad, limit, strict=True)):
+        raise invalid(
+            owner, "output_padding", layer.output_padding,
+            f"expected output_padding < max(stride, dilation) = {limit} in each dimension",
+        )
+    return geo, out_pad
+
+
+def bilinear_kernel_1d(size: int) -> np.ndarray:
+    """The 1-D factor of the FCN bilinear upsampling kernel of length `size` (float64).
+
+    `f[i] = 1 − |i − c|/m` with `m = ceil(size/2)`, `c = m − 1` (odd size) or `m − 0.5` (even);
+    e.g. size 4 (stride 2) gives `[0.25, 0.75, 0.75, 0.25]`.
+    """
+    factor = (size + 1) // 2
+    center = factor - 1 if size % 2 == 1 else factor - 0.5
+    return 1.0 - np.abs(np.arange(size) - center) / factor
+
+
+def bilinear_upsample_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+    """`ConvTranspose2D` kernel initializer for bilinear upsampling (FCN, Long et al. 2015).
+
+    Use with `kernel_size = 2·s` (and `padding = s // 2` for an exact `s×` size), as in FCN's
+    Caffe `bilinear` filler. `shape = (k_h, k_w, C_in/groups, C_out)`: output channel `o` gets the
+    2-D kernel `outer(f_h, f_w)` from input channel `o mod (C_in/groups)` of its group and zeros
+    from the others — i.e. a diagonal kernel for `C_in = C_out`, groups=1, or the same kernel for
+    every channel of a depthwise (`groups = C_in`) layer. `key` is unused (deterministic).
+    """
+    del key
+    if len(shape) != 4:
+        raise invalid("bilinear_upsample_init", "shape", tuple(shape),
+                      "expected a 4-D kernel shape (k_h, k_w, C_in/groups, C_out)")
+    kh, kw, c_in, c_out = shape
+    if c_out % c_in:
+        raise invalid(
+            "bilinear_upsample_init", "shape", tuple(shape),
+            "expected C_out divisible by C_in/groups so every output channel upsamples exactly "
+            "one input channel",
+        )
+    filt = np.outer(bilinear_kernel_1d(kh), bilinear_kernel_1d(kw))
+    select = np.arange(c_out)[None, :] % c_in == np.arange(c_in)[:, None]  # (C_in, C_out)
+    kernel = filt[:, :, None, None] * select[None, None, :, :]
+    return jnp.asarray(kernel, dtype=dtype)
