@@ -1,0 +1,177 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, the learning-curve PNG and a terminal progress bar.
+
+`MetricLogger` writes one JSON object per logged train step and per eval to `metrics.jsonl`, mirrors
+the scalars to TensorBoard, and redraws `learning_curves.png` (train/val loss and accuracy against
+step) after each eval. On resume it drops records newer than the restored checkpoint so the files
+describe exactly one trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "learning_curves.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _to_float(value: Any) -> float:
+    return float(value)
+
+
+class MetricLogger:
+    """Writes train/eval scalars of one run under `workdir` (only the primary process writes)."""
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.plot_path = os.path.join(workdir, PLOT_FILE)
+        self.records: list[dict] = []
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        with open(self.path, "w") as f:  # rewrite: drop records past the checkpoint we resume from
+            for record in self.records:
+                f.write(json.dumps(record) + "\n")
+        if tensorboard:
+            try:
+                from flax.metrics import tensorboard as flax_tb
+
+                self._tb = flax_tb.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+            except ImportError as err:  # TensorFlow missing: keep the other outputs
+                logging.warning("TensorBoard output disabled: %s", err)
+
+    def _append(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_scalars(self, step: int, split: str, metrics: dict) -> None:
+        """Appends `{'step', 'split', **metrics}` to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        values = {k: _to_float(v) for k, v in metrics.items()}
+        self._append({"step": int(step), "split": split, **values})
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.scalar(f"{split}/{name}", value, int(step))
+
+    def write_learning_rate(self, step: int, lr: float) -> None:
+        """Logs the learning rate of every step to TensorBoard (metrics.jsonl gets it per log)."""
+        if self.enabled and self._tb is not None:
+            self._tb.scalar("train/learning_rate", float(lr), int(step))
+
+    def plot(self) -> str | None:
+        """Redraws the learning-curve PNG from all records; returns its path."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [r for r in self.records if r["split"] == "train"]
+        val = [r for r in self.records if r["split"] == "eval"]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        for rows, label, style in ((train, "train", "-"), (val, "val", "o-")):
+            if rows:
+                steps = [r["step"] for r in rows]
+                ax_loss.plot(steps, [r["loss"] for r in rows], style, label=label, markersize=3)
+                ax_acc.plot(steps, [r["top1"] for r in rows], style, label=label, markersize=3)
+        ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+        ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="Accuracy", ylim=(0, 1))
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        tmp = self.plot_path + ".tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+        return self.plot_path
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Parses metrics.jsonl, skipping a torn last line left by a killed process."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class ProgressBar:
+    """A one-line progress display (steps, loss, images/s, ETA) when `stream` is a terminal.
+
+    Off a terminal it logs a line through absl every `log_every` steps instead.
+    """
+
+    def __init__(self, total_steps: int, *, start_step: int = 0, stream: TextIO | None = None,
+                 enabled: bool = True, log_every: int = 100, width: int = 30):
+        self.total = total_steps
+        self.start = start_step
+        self.stream = stream or sys.stderr
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = enabled
+        self.log_every = max(1, log_every)
+        self.width = width
+        self._t0 = time.perf_counter()
+        self._last_draw = 0.0
+
+    def update(self, step: int, loss: float, images_per_sec: float) -> None:
+        """Shows progress after `step` completed steps."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        done = step - self.start
+        rate = done / max(now - self._t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        text = (f"step {step}/{self.total} | loss {loss:.4f} | {images_per_sec:,.0f} img/s | "
+                f"ETA {_format_seconds(eta)}")
+        if self.tty:
+            if now - self._last_draw < 0.1 and step < self.total:
+                return
+            self._last_draw = now
+            filled = int(self.width * step / max(self.total, 1))
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {text}\033[K")
+            self.stream.flush()
+        elif step % self.log_every == 0 or step == self.total:
+            logging.info(text)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,364 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop every cnnjax experiment runs.
+
+Sections: validate the config (before any compilation) -> build data, model, optimizer, state ->
+restore the newest checkpoint if the workdir has one (exact resume: state, step and data order) ->
+train with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
+A NaN/inf loss stops the run as "diverged"; any failure is recorded in summary.json before the
+exception propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from cnnjax.train import checks
+from cnnjax.train import config as config_lib
+from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from cnnjax.train.logging import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricLogger, ProgressBar
+from cnnjax.train.optim import build_optimizer, build_schedule
+from cnnjax.train.parallel import AXIS_NAME, DataParallel
+from cnnjax.train.state import TrainState, create_train_state
+from cnnjax.train.step import make_steps
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+DIVERGENCE_HINT = "learning rate too high or bad initialization"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; `step` is the step whose loss it was."""
+
+    def __init__(self, step: int, loss: float):
+        self.step = step
+        self.loss = loss
+        super().__init__(
+            f"Training diverged at step {step}: loss is {loss}; {DIVERGENCE_HINT}.")
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict:
+    """Trains `config.model` on `config.data` in `workdir`, resuming from its checkpoints.
+
+    Returns the summary dict also written to `<workdir>/summary.json`. Raises ValueError for bad
+    configs (before compiling), `TrainingDiverged` on a NaN/inf loss; in every failing case the
+    status and message are written to summary.json first.
+    """
+    started = time.time()
+    is_primary = jax.process_index() == 0
+    try:
+        return _Run(config, workdir, started).run()
+    except TrainingDiverged as err:
+        if is_primary:
+            _write_summary(workdir, {"status": "diverged", "step": err.step, "loss": str(err.loss),
+                                     "message": str(err), "hint": DIVERGENCE_HINT,
+                                     "wall_time_s": time.time() - started})
+        raise
+    except BaseException as err:
+        if is_primary:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            _write_summary(workdir, {"status": status, "error": type(err).__name__,
+                                     "message": str(err), "wall_time_s": time.time() - started})
+        raise
+
+
+def _write_summary(workdir: str, summary: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, SUMMARY_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def _prefetch(iterator: Iterator, transform, size: int = 2) -> Iterator:
+    """Runs `transform(next(iterator))` (host->device copy) in a background thread, `size` ahead."""
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    sentinel = object()
+    stop = threading.Event()
+
+    def producer():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                buffer.put(transform(item))
+        except BaseException as err:  # noqa: BLE001 — re-raised in the consumer
+            buffer.put(err)
+        buffer.put(sentinel)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is sentinel:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class _Throughput:
+    """Training images/s, excluding the first step (compilation) and paused time (eval, saves)."""
+
+    def __init__(self, images_per_step: int):
+        self.images_per_step = images_per_step
+        self.steps = 0
+        self.seconds = 0.0
+        self._last: float | None = None
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.steps += 1
+            self.seconds += now - self._last
+        self._last = now
+
+    @contextlib.contextmanager
+    def paused(self):
+        yield
+        if self._last is not None:
+            self._last = time.perf_counter()
+
+    def images_per_sec(self) -> float:
+        return self.images_per_step * self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Run:
+    """One invocation of the loop; sections are methods so each reads on its own."""
+
+    def __init__(self, config: Any, workdir: str, started: float):
+        self.config = config
+        self.workdir = workdir
+        self.started = started
+        self.is_primary = jax.process_index() == 0
+
+    # ------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        config = self.config
+        config_lib.validate_config(config)
+        from cnnjax.data import pipeline  # heavy (TensorFlow): import once the config is sane
+        from cnnjax.models import create_model, model_info
+
+        self.pipeline = pipeline
+        info = model_info(config.model)  # unknown model -> ValueError listing names
+        self.data_info = pipeline.get_dataset_info(config.data)
+        num_classes = config.get("num_classes")
+        if num_classes is not None and num_classes != self.data_info.num_classes:
+            raise ValueError(
+                f"config: num_classes={num_classes!r} is invalid; dataset "
+                f"{self.data_info.name!r} has {self.data_info.num_classes} classes (leave "
+                "num_classes unset to use the dataset's).")
+        self.num_classes = self.data_info.num_classes
+
+        devices = None
+        if config.num_devices:
+            available = jax.local_devices()
+            if config.num_devices > len(available):
+                raise ValueError(
+                    f"config: num_devices={config.num_devices!r} is invalid; only "
+                    f"{len(available)} local devices are available.")
+            devices = available[: config.num_devices]
+        self.parallel = DataParallel(config.parallel, devices)
+        total_devices = self.parallel.local_device_count * jax.process_count()
+        config_lib.check_batch_divisible(config, total_devices)
+        self.eval_batch_size = config.get("eval_batch_size") or config.global_batch_size
+
+        dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+        kwargs = dict(config.get("model_kwargs") or {})
+        self.model = create_model(config.model, num_classes=self.num_classes, axis_name=AXIS_NAME,
+                                  dtype=dtype, **kwargs)
+        self.image_shape = tuple(self.data_info.image_shape)
+        checks.check_input_size(self.model, config.model, self.image_shape, info.min_input_size)
+
+        self.prepare_workdir()
+        self.schedule = build_schedule(config)
+        self.tx = build_optimizer(config, self.schedule)
+
+    def prepare_workdir(self) -> None:
+        """Honours `restart`, refuses checkpoints of an incompatible config, saves the config."""
+        config, workdir = self.config, self.workdir
+        ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+        if config.restart and self.is_primary:
+            for name in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE):
+                path = os.path.join(workdir, name)
+                if os.path.exists(path):
+                    os.remove(path)
+        current = config_lib.flatten(config)
+        saved_path = os.path.join(workdir, CONFIG_FILE)
+        has_checkpoints = os.path.isdir(ckpt_dir) and any(
+            n.isdigit() for n in os.listdir(ckpt_dir))
+        if has_checkpoints and os.path.exists(saved_path):
+            with open(saved_path) as f:
+                saved = config_lib.flatten(json.load(f))
+            differ = config_lib.incompatible_fields(saved, current)
+            if differ:
+                details = ", ".join(
+                    f"{n}: {saved.get(n, '<unset>')!r} -> {current.get(n, '<unset>')!r}"
+                    for n in differ[:8])
+                raise ValueError(
+                    f"workdir: {workdir!r} holds checkpoints of an incompatible config "
+                    f"({details}); to start fresh use a new --workdir, pass "
+                    "--config.restart=True, or delete the workdir.")
+        if self.is_primary:
+            os.makedirs(workdir, exist_ok=True)
+            with open(saved_path + ".tmp", "w") as f:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True)
+                        if hasattr(config, "to_json_best_effort") else json.dumps(current))
+            os.replace(saved_path + ".tmp", saved_path)
+
+    # --------------------------------------------------------------------------------- eval
+    def evaluate(self, state: Any, p_eval) -> dict:
+        """Metrics over the whole eval split: masked sums over all batches, divided once."""
+        totals: dict[str, float] = {}
+        batches = self.pipeline.eval_batches(
+            self.config.data, global_batch_size=self.eval_batch_size,
+            num_devices=self.parallel.local_device_count,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        for batch in batches:
+            sums = self.parallel.metrics_to_host(p_eval(state, self.parallel.shard_batch(batch)))
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        count = totals.pop("count", 0.0)
+        if count <= 0:
+            raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
+        return {name: value / count for name, value in totals.items()} | {"num_examples": count}
+
+    # --------------------------------------------------------------------------------- main
+    def run(self) -> dict:
+        self.setup()
+        config, parallel = self.config, self.parallel
+        total_steps = int(config.num_train_steps)
+        rng = jax.random.PRNGKey(config.seed)
+        host_state: TrainState = jax.device_get(create_train_state(
+            self.model, self.tx, rng, (1, *self.image_shape)))
+        host_state = jax.tree.map(np.asarray, host_state)
+        checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints,
+                                    best_metric=config.best_metric, best_mode=config.best_mode,
+                                    use_async=config.async_checkpoints)
+        restored = checkpointer.restore_latest(host_state)
+        start_step = 0
+        if restored is not None:
+            host_state, start_step = restored
+            logging.info("Resuming from the checkpoint at step %d in %s", start_step,
+                         checkpointer.directory)
+        state = parallel.replicate(host_state)
+        logger = MetricLogger(self.workdir, resume_step=start_step, enabled=self.is_primary,
+                              tensorboard=config.tensorboard)
+        evals = [r for r in logger.records if r["split"] == "eval"]
+        train_step, eval_step = make_steps(self.model, self.tx, self.schedule, AXIS_NAME,
+                                           float(config.label_smoothing))
+        p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+
+        batches = self.pipeline.train_batches(
+            config.data, global_batch_size=config.global_batch_size,
+            num_devices=parallel.local_device_count, seed=config.seed, start_step=start_step,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        device_batches = _prefetch(batches, parallel.shard_batch)
+        bar = ProgressBar(total_steps, start_step=start_step,
+                          enabled=self.is_primary and config.progress_bar,
+                          log_every=config.log_every_steps)
+        images_per_step = config.global_batch_size
+        self.window: list[dict] = []
+        self.last_train: dict = {}
+        self.clock = _Throughput(images_per_step)
+        pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
+        try:
+            for step in range(start_step, total_steps):
+                state, metrics = p_train(state, next(device_batches))
+                done = step + 1
+                if pending is not None:  # host sync on the previous step keeps one step queued
+                    self.record(*pending, logger, bar)
+                pending = (done, metrics)
+                is_eval = done % config.eval_every_steps == 0 or done == total_steps
+                is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps
+                if not (is_eval or is_ckpt):
+                    continue
+                self.record(*pending, logger, bar)  # never evaluate or save a diverged state
+                pending = None
+                with self.clock.paused():
+                    metrics_eval = None
+                    if is_eval:
+                        metrics_eval = self.evaluate(state, p_eval)
+                        logger.write_scalars(done, "eval", metrics_eval)
+                        evals.append({"step": done, **metrics_eval})
+                        logger.plot()
+                        logger.flush()
+                        logging.info("eval at step %d: %s", done,
+                                     {k: round(v, 4) for k, v in metrics_eval.items()})
+                    checkpointer.save(done, parallel.unreplicate(state), metrics_eval)
+            if pending is not None:
+                self.record(*pending, logger, bar)
+        finally:
+            bar.close()
+            checkpointer.close()
+            logger.close()
+
+        summary = self.summarize(evals, self.last_train, start_step, total_steps,
+                                 self.clock.images_per_sec())
+        if self.is_primary:
+            _write_summary(self.workdir, summary)
+        return summary
+
+    def record(self, step: int, device_metrics: Any, logger: MetricLogger, bar: ProgressBar) -> None:
+        """Host side of one finished step: divergence check, lr, progress, periodic train log."""
+        host = self.parallel.metrics_to_host(device_metrics)
+        loss = float(host["loss"])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(step, loss)
+        self.clock.tick()
+        self.window.append(host)
+        logger.write_learning_rate(step, float(host["learning_rate"]))
+        bar.update(step, loss, self.clock.images_per_sec())
+        if step % self.config.log_every_steps == 0 or step == self.config.num_train_steps:
+            train = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
+            train["learning_rate"] = float(host["learning_rate"])
+            train["images_per_sec"] = self.clock.images_per_sec()
+            logger.write_scalars(step, "train", train)
+            self.last_train = train
+            self.window = []
+
+    def summarize(self, evals: list[dict], last_train: dict, start_step: int, total_steps: int,
+                  images_per_sec: float) -> dict:
+        config = self.config
+        key, sign = config.best_metric, (1 if config.best_mode == "max" else -1)
+        best = max(evals, key=lambda r: sign * r[key]) if evals else None
+        final = evals[-1] if evals else {}
+        return {
+            "status": "completed",
+            "model": config.model,
+            "dataset": self.data_info.name,
+            "step": total_steps,
+            "resumed_from_step": start_step,
+            "final_eval": {k: v for k, v in final.items() if k != "step"},
+            "final_train": last_train,
+            "best": ({"metric": key, "value": best[key], "step": best["step"]} if best else None),
+            "wall_time_s": time.time() - self.started,
+            "images_per_sec": images_per_sec,
+            "num_devices": self.parallel.local_device_count * jax.process_count(),
+            "parallel": config.parallel,
+            "outputs": {
+                "workdir": os.path.abspath(self.workdir),
+                "metrics": os.path.join(os.path.abspath(self.workdir), METRICS_FILE),
+                "plot": os.path.join(os.path.abspath(self.workdir), PLOT_FILE),
+                "checkpoints": os.path.join(os.path.abspath(self.workdir), CHECKPOINT_DIR),
+                "tensorboard": os.path.join(os.path.abspath(self.workdir), TENSORBOARD_DIR),
+            },
+        }

@@ -1,0 +1,47 @@
+"""Loss and classification metrics: softmax cross-entropy (optional label smoothing), top-1/top-5.
+
+Eval metrics are returned as masked *sums* plus an example count so that padded batches and several
+devices combine exactly: the caller divides once at the end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:
+    """Per-example softmax cross-entropy of `logits [N, C]` against integer `labels [N]` (float32)."""
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarray:
+    """1.0 where the label is among the `k` highest logits (k is capped at the class count)."""
+    k = min(k, logits.shape[-1])
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+    rank = jnp.sum(logits > label_logit, axis=-1)  # classes scoring strictly higher than the label
+    return (rank < k).astype(jnp.float32)
+
+
+def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> dict:
+    """Per-example `loss`, `top1`, `top5` (each shape [N], float32)."""
+    logits = logits.astype(jnp.float32)
+    return {
+        "loss": cross_entropy(logits, labels, label_smoothing),
+        "top1": topk_correct(logits, labels, 1),
+        "top5": topk_correct(logits, labels, 5),
+    }
+
+
+def masked_sums(per_example: dict, mask: jnp.ndarray) -> dict:
+    """Sums each per-example metric over examples where `mask` is 1, plus `count` = sum(mask)."""
+    mask = mask.astype(jnp.float32)
+    sums = {name: jnp.sum(value * mask) for name, value in per_example.items()}
+    sums["count"] = jnp.sum(mask)
+    return sums

@@ -1,0 +1,98 @@
+"""Data parallelism: run the per-device steps with `jax.pmap` or `jax.shard_map` over a 1-D mesh.
+
+`DataParallel` hides the difference between the two: both take host batches shaped
+`[devices, per_device_batch, ...]` and a state that lives on every device, and both run the same
+per-device function from `step.py` with collectives over `AXIS_NAME`. Under `pmap` the state carries
+a leading device axis; under `shard_map` it is one array replicated over the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cnnjax.utils.validation import check_choice
+
+AXIS_NAME = "data"
+MODES = ("pmap", "shard_map")
+
+
+class DataParallel:
+    """Wraps per-device train/eval functions for `mode` ('pmap' or 'shard_map') over `devices`."""
+
+    def __init__(self, mode: str = "pmap", devices: Sequence[jax.Device] | None = None):
+        self.mode = check_choice("config", "parallel", mode, MODES)
+        if devices is None:  # all devices: pmap maps this process's devices, shard_map the global mesh
+            devices = jax.local_devices() if self.mode == "pmap" else jax.devices()
+            self._pmap_devices = None  # let pmap span every process in a multi-host run
+        else:
+            self._pmap_devices = list(devices)
+        self.devices = list(devices)
+        self.num_devices = len(self.devices)
+        self.local_device_count = sum(d.process_index == jax.process_index() for d in self.devices)
+        self.mesh = Mesh(np.array(self.devices), (AXIS_NAME,))
+        self._replicated = NamedSharding(self.mesh, P())
+        self._sharded = NamedSharding(self.mesh, P(AXIS_NAME))
+
+    # ----------------------------------------------------------------------------- state layout
+    def replicate(self, tree: Any) -> Any:
+        """Places a host/single-device pytree on every device in this mode's layout."""
+        if self.mode == "pmap":
+            n = self.num_devices
+            return jax.tree.map(
+                lambda x: jax.device_put(np.stack([np.asarray(x)] * n), self._sharded), tree)
+        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), self._replicated), tree)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """Host numpy copy of a replicated pytree (device 0's copy under pmap)."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+    def shard_batch(self, batch: dict) -> dict:
+        """Moves this process's batch `[local_devices, per_device, ...]` onto its devices."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: jax.device_put(x, self._sharded), batch)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self._sharded, x), batch)
+
+    # ---------------------------------------------------------------------------- step wrappers
+    def wrap_train(self, fn: Callable) -> Callable:
+        """`fn(state, batch) -> (state, metrics)` per device -> a compiled all-device step.
+
+        The state argument is donated: its buffers are reused for the new state.
+        """
+        if self.mode == "pmap":
+            return jax.pmap(fn, axis_name=AXIS_NAME, devices=self._pmap_devices,
+                            donate_argnums=(0,))
+        mapped = jax.shard_map(
+            _squeeze_batch(fn), mesh=self.mesh, in_specs=(P(), P(AXIS_NAME)), out_specs=(P(), P()),
+            check_vma=False)
+        return jax.jit(mapped, donate_argnums=(0,))
+
+    def wrap_eval(self, fn: Callable) -> Callable:
+        """`fn(state, batch) -> metric sums` per device -> a compiled all-device eval step."""
+        if self.mode == "pmap":
+            return jax.pmap(fn, axis_name=AXIS_NAME, devices=self._pmap_devices)
+        mapped = jax.shard_map(
+            _squeeze_batch(fn), mesh=self.mesh, in_specs=(P(), P(AXIS_NAME)), out_specs=P(),
+            check_vma=False)
+        return jax.jit(mapped)
+
+    def metrics_to_host(self, metrics: Any) -> Any:
+        """Host numpy metrics (identical on all devices after the collectives)."""
+        return self.unreplicate(metrics)
+
+
+def _squeeze_batch(fn: Callable) -> Callable:
+    """Under shard_map each device sees a `[1, per_device, ...]` block; drop the leading 1."""
+
+    def wrapped(state, batch):
+        return fn(state, jax.tree.map(lambda x: x[0], batch))
+
+    return wrapped

@@ -1,0 +1,94 @@
+"""The per-device train and eval steps, written once with named-axis collectives.
+
+Both functions run on one device's shard of the batch inside `jax.pmap` or `jax.shard_map` (see
+`parallel.py`), where `axis_name` names the data-parallel axis: gradients and metrics are averaged
+with `lax.pmean`, BatchNorm statistics are synced by the model's own `axis_name`, and each device
+folds its index into the dropout key. With one device the collectives are identities.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from cnnjax.train import losses
+from cnnjax.train.state import TrainState
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+    label_smoothing: float = 0.0,
+) -> tuple[TrainState, dict]:
+    """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
+
+    Returns the new state (identical on every device) and device-averaged metrics: `loss`, `top1`,
+    `top5` over the global batch and the `learning_rate` used for this step.
+    """
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        variables = {"params": params}
+        mutable: list[str] | bool = False
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+            mutable = ["batch_stats"]
+        out = model.apply(variables, batch["image"], train=True, mutable=mutable,
+                          rngs={"dropout": dropout_rng})
+        logits, updates = out if mutable else (out, {})
+        per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
+        return jnp.mean(per_example["loss"]), (per_example, updates)
+
+    grads, (per_example, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, axis_name)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    # The loss actually optimized (with label smoothing) and the accuracies, averaged over devices.
+    metrics = lax.pmean({name: jnp.mean(value) for name, value in per_example.items()}, axis_name)
+    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+    )
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, axis_name: str) -> dict:
+    """Masked metric sums over this device's eval `batch`, summed over all devices.
+
+    `batch['mask']` is 1 for real examples and 0 for padding, so every example counts exactly once;
+    the host divides the accumulated sums by the accumulated `count`.
+    """
+    logits = model.apply(state.variables(), batch["image"], train=False)
+    per_example = losses.example_metrics(logits, batch["label"])
+    mask = batch.get("mask")
+    if mask is None:
+        mask = jnp.ones(batch["label"].shape, jnp.float32)
+    return lax.psum(losses.masked_sums(per_example, mask), axis_name)
+
+
+def make_steps(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+    label_smoothing: float = 0.0,
+) -> tuple[Callable, Callable]:
+    """Binds the model and optimizer into per-device `(train_step, eval_step)` functions."""
+    train = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                              axis_name=axis_name, label_smoothing=label_smoothing)
+    evaluate = functools.partial(eval_step, model=model, axis_name=axis_name)
+    return train, evaluate
