@@ -57,7 +57,7 @@ class _ResidualMixin:
     """The shortcut path shared by the basic and bottleneck blocks."""
 
     def shortcut_path(self, x: Array, out_features: int, strides: int, conv, norm) -> Array | None:
-        """Returns the shortcut branch for input `x`, or None for a plain (shortcut="none") block."""
+        """The shortcut branch for input `x`, or None for a plain (shortcut="none") block."""
         shortcut = self.shortcut  # type: ignore[attr-defined]
         if shortcut == "none":
             return None
@@ -71,7 +71,9 @@ class _ResidualMixin:
         # Option A: parameter-free. Subsample spatially, then append zero channels.
         if in_features > out_features:
             raise invalid(
-                type(self).__name__, "shortcut", shortcut,
+                type(self).__name__,
+                "shortcut",
+                shortcut,
                 f"option 'A' can only widen ({in_features} -> {out_features} channels would "
                 "shrink); use 'B' or 'C'",
             )
@@ -157,7 +159,11 @@ def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> ModuleDef:
     momentum 0.9 in flax (running = 0.9 * running + 0.1 * batch) is PyTorch's momentum 0.1.
     """
     return functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
         axis_name=axis_name,
     )
 
@@ -189,12 +195,19 @@ class ResNet(nn.Module):
         if not self.stage_sizes or not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.stage_sizes
         ):
-            raise invalid(name, "stage_sizes", self.stage_sizes,
-                          "expected a non-empty sequence of positive block counts")
+            raise invalid(
+                name,
+                "stage_sizes",
+                self.stage_sizes,
+                "expected a non-empty sequence of positive block counts",
+            )
         super().__post_init__()
 
     def _block_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"shortcut": self.shortcut, "zero_init_last_bn": self.zero_init_last_bn}
+        kwargs: dict[str, Any] = {
+            "shortcut": self.shortcut,
+            "zero_init_last_bn": self.zero_init_last_bn,
+        }
         if issubclass(_unwrap(self.block_cls), BottleneckBlock):
             kwargs["stride_in_1x1"] = self.stride_in_1x1
         return kwargs
@@ -202,7 +215,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
         check_nhwc(type(self).__name__, x)
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
+        )
         norm = batch_norm(train, self.dtype, self.axis_name)
         features: dict[str, Array] = {}
 
@@ -217,8 +232,13 @@ class ResNet(nn.Module):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = self.block_cls(
-                    self.num_filters * 2**i, conv=conv, norm=norm, act=self.act, strides=strides,
-                    name=f"stage{i + 1}_block{j + 1}", **kwargs,
+                    self.num_filters * 2**i,
+                    conv=conv,
+                    norm=norm,
+                    act=self.act,
+                    strides=strides,
+                    name=f"stage{i + 1}_block{j + 1}",
+                    **kwargs,
                 )(x)
             features[f"stage{i + 1}"] = x
 
@@ -242,8 +262,9 @@ ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottlen
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
 
-_REGISTER = functools.partial(register_model, input_shape=(224, 224, 3), min_input_size=32,
-                              num_classes=1000, paper=_PAPER)
+_REGISTER = functools.partial(
+    register_model, input_shape=(224, 224, 3), min_input_size=32, num_classes=1000, paper=_PAPER
+)
 
 
 @_REGISTER("resnet18")

@@ -1,0 +1,172 @@
+"""CIFAR ResNet-20/32/44/56/110 and the matching plain nets (He et al. 2016, section 4.2).
+
+The CIFAR-10 design of the paper: a 3x3 conv with 16 filters, three stages of `n` basic blocks
+at 16/32/64 filters on 32x32/16x16/8x8 maps (the first block of stages 2 and 3 has stride 2),
+global average pooling and a linear `head`: depth 6n + 2. Shortcuts default to the paper's
+option "A" (identity, or stride-2 subsampling + zero channel padding when the shape changes,
+no parameters), giving Table 6's 0.27M/0.46M/0.66M/0.85M/1.7M parameters; "B" (1x1 conv + BN
+projections when the shape changes) and "C" are selectable. The `plain*` nets are the same stack
+without any shortcut, for the paper's degradation experiment (Fig. 6).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.models.registry import register_model
+from cnnjax.models.resnet import SHORTCUTS, BasicBlock, batch_norm, conv_kernel_init
+from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
+
+Array = Any
+
+_PAPER = "He, Zhang, Ren, Sun 2016, Deep Residual Learning for Image Recognition, sec. 4.2 (CVPR)"
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs with depth 6n+2 (`depth` in 20, 32, 44, 56, 110, 1202, ...).
+
+    `shortcut="none"` gives the plain network. Features: `stem` (after the first conv-BN-ReLU),
+    `stage1`..`stage3` and `pre_logits`. Logits are float32 whatever the computation `dtype`.
+    """
+
+    depth: int = 20
+    num_classes: int = 10
+    widths: tuple[int, ...] = (16, 32, 64)
+    shortcut: str = "A"
+    zero_init_last_bn: bool = False
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+    act: Callable = nn.relu
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive_int(name, "num_classes", self.num_classes)
+        check_choice(name, "shortcut", self.shortcut, SHORTCUTS)
+        if (
+            isinstance(self.depth, bool)
+            or not isinstance(self.depth, int)
+            or self.depth < 8
+            or (self.depth - 2) % 6
+        ):
+            raise invalid(
+                name, "depth", self.depth, "expected 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...)"
+            )
+        if not self.widths or not all(isinstance(w, int) and w > 0 for w in self.widths):
+            raise invalid(
+                name, "widths", self.widths, "expected a non-empty tuple of positive ints"
+            )
+        super().__post_init__()
+
+    @property
+    def blocks_per_stage(self) -> int:
+        """n in depth = 6n + 2 (with the default three stages)."""
+        return (self.depth - 2) // (2 * len(self.widths))
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        check_nhwc(type(self).__name__, x)
+        conv = functools.partial(
+            nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
+        )
+        norm = batch_norm(train, self.dtype, self.axis_name)
+        features: dict[str, Array] = {}
+
+        x = jnp.asarray(x, self.dtype)
+        x = conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_init")(x)
+        x = self.act(norm(name="bn_init")(x))
+        features["stem"] = x
+        for i, width in enumerate(self.widths):
+            for j in range(self.blocks_per_stage):
+                x = BasicBlock(
+                    width,
+                    conv=conv,
+                    norm=norm,
+                    act=self.act,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    shortcut=self.shortcut,
+                    zero_init_last_bn=self.zero_init_last_bn,
+                    name=f"stage{i + 1}_block{j + 1}",
+                )(x)
+            features[f"stage{i + 1}"] = x
+
+        x = jnp.mean(x, axis=(1, 2))
+        features["pre_logits"] = x
+        logits = jnp.asarray(
+            nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x), jnp.float32
+        )
+        return (logits, features) if return_features else logits
+
+
+_REGISTER = functools.partial(
+    register_model, input_shape=(32, 32, 3), min_input_size=8, num_classes=10, paper=_PAPER
+)
+
+
+def _plain(depth: int, kwargs: dict[str, Any]) -> CifarResNet:
+    kwargs.setdefault("shortcut", "none")
+    return CifarResNet(depth=depth, **kwargs)
+
+
+@_REGISTER("resnet20_cifar")
+def resnet20_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR ResNet-20 (n=3), option A shortcuts unless `shortcut` is given."""
+    return CifarResNet(depth=20, **kwargs)
+
+
+@_REGISTER("resnet32_cifar")
+def resnet32_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR ResNet-32 (n=5), option A shortcuts unless `shortcut` is given."""
+    return CifarResNet(depth=32, **kwargs)
+
+
+@_REGISTER("resnet44_cifar")
+def resnet44_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR ResNet-44 (n=7), option A shortcuts unless `shortcut` is given."""
+    return CifarResNet(depth=44, **kwargs)
+
+
+@_REGISTER("resnet56_cifar")
+def resnet56_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR ResNet-56 (n=9), option A shortcuts unless `shortcut` is given."""
+    return CifarResNet(depth=56, **kwargs)
+
+
+@_REGISTER("resnet110_cifar")
+def resnet110_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR ResNet-110 (n=18), option A shortcuts unless `shortcut` is given."""
+    return CifarResNet(depth=110, **kwargs)
+
+
+@_REGISTER("plain20_cifar")
+def plain20_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR plain-20: ResNet-20 without shortcuts (the degradation experiment)."""
+    return _plain(20, kwargs)
+
+
+@_REGISTER("plain32_cifar")
+def plain32_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR plain-32: ResNet-32 without shortcuts (the degradation experiment)."""
+    return _plain(32, kwargs)
+
+
+@_REGISTER("plain44_cifar")
+def plain44_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR plain-44: ResNet-44 without shortcuts (the degradation experiment)."""
+    return _plain(44, kwargs)
+
+
+@_REGISTER("plain56_cifar")
+def plain56_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR plain-56: ResNet-56 without shortcuts (the degradation experiment)."""
+    return _plain(56, kwargs)
+
+
+@_REGISTER("plain110_cifar")
+def plain110_cifar(**kwargs: Any) -> CifarResNet:
+    """CIFAR plain-110: ResNet-110 without shortcuts (the degradation experiment)."""
+    return _plain(110, kwargs)

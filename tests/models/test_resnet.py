@@ -1,0 +1,402 @@
+"""Tests for the ImageNet ResNets, the CIFAR ResNets / plain nets and their residual blocks."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict
+
+from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models.resnet import (
+    BasicBlock,
+    BottleneckBlock,
+    ResNet,
+    batch_norm,
+    conv_kernel_init,
+)
+from cnnjax.models.resnet_cifar import CifarResNet
+
+
+def n_params(model, shape) -> int:
+    """Parameter count (BN statistics excluded) without allocating anything."""
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+def param_paths(variables) -> set[str]:
+    return {"/".join(k) for k in flatten_dict(variables["params"])}
+
+
+# torchvision's published counts (He et al. Table 1 layouts, 1000 classes).
+IMAGENET_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+}
+# He et al. 2016, Table 6 (option A shortcuts), in millions.
+CIFAR_COUNTS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_COUNTS))
+def test_imagenet_resnet_param_count_exact(name):
+    assert n_params(create_model(name), (1, 224, 224, 3)) == IMAGENET_COUNTS[name]
+
+
+@pytest.mark.parametrize("depth", sorted(CIFAR_COUNTS_M))
+def test_cifar_resnet_param_count_matches_table6(depth):
+    count = n_params(create_model(f"resnet{depth}_cifar"), (1, 32, 32, 3))
+    assert abs(count / 1e6 - CIFAR_COUNTS_M[depth]) / CIFAR_COUNTS_M[depth] < 0.03
+    # Option A shortcuts and no shortcuts both add no parameters.
+    assert n_params(create_model(f"plain{depth}_cifar"), (1, 32, 32, 3)) == count
+
+
+def test_registry_lists_all_resnets():
+    names = set(list_models("resnet*")) | set(list_models("plain*"))
+    expected = set(IMAGENET_COUNTS) | {
+        f"{k}{d}_cifar" for k in ("resnet", "plain") for d in CIFAR_COUNTS_M
+    }
+    assert expected <= names
+    assert model_info("resnet20_cifar").input_shape == (32, 32, 3)
+    assert model_info("resnet50").num_classes == 1000
+
+
+def _forward_backward(model, shape):
+    x = jax.random.normal(jax.random.key(1), shape)
+    labels = jnp.arange(shape[0]) % model.num_classes
+    variables = model.init(jax.random.key(0), x)
+
+    @jax.jit
+    def step(params, batch_stats):
+        def loss_fn(p):
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, logits, grads
+
+    loss, logits, grads = step(variables["params"], variables["batch_stats"])
+    assert logits.shape == (shape[0], model.num_classes)
+    assert np.isfinite(float(loss))
+    grad_norm = optax.global_norm(grads)
+    assert np.isfinite(float(grad_norm)) and float(grad_norm) > 0
+    # Every parameter gets a gradient of the right shape.
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+
+
+# ResNet-20 forward+backward under jit is exercised by the overfit test below.
+@pytest.mark.parametrize("name", ["resnet18"])
+def test_forward_backward_small_input(name):
+    info = model_info(name)
+    _forward_backward(
+        create_model(name, num_classes=7), (2, info.min_input_size, info.min_input_size, 3)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "plain20_cifar",
+        "resnet110_cifar",
+        "plain110_cifar",
+    ],
+)
+def test_forward_backward_deep_small_input(name):
+    info = model_info(name)
+    _forward_backward(
+        create_model(name, num_classes=7), (2, info.min_input_size, info.min_input_size, 3)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(IMAGENET_COUNTS))
+def test_imagenet_size_forward(name):
+    model = create_model(name)
+    x = jnp.zeros((1, 224, 224, 3))
+    variables = model.init(jax.random.key(0), x)
+    logits, feats = jax.jit(functools.partial(model.apply, return_features=True))(variables, x)
+    assert logits.shape == (1, 1000)
+    assert [feats[k].shape[1] for k in ("stem", "stage1", "stage2", "stage3", "stage4")] == [
+        112,
+        56,
+        28,
+        14,
+        7,
+    ]
+
+
+def test_feature_names_order_and_strides():
+    model = create_model("resnet18", num_classes=5)
+    x = jnp.ones((1, 64, 64, 3))
+    variables = model.init(jax.random.key(0), x)
+    logits, feats = model.apply(variables, x, return_features=True)
+    assert list(feats) == ["stem", "stage1", "stage2", "stage3", "stage4", "pre_logits"]
+    assert [feats[k].shape for k in list(feats)[:5]] == [
+        (1, 32, 32, 64),
+        (1, 16, 16, 64),
+        (1, 8, 8, 128),
+        (1, 4, 4, 256),
+        (1, 2, 2, 512),
+    ]
+    np.testing.assert_allclose(feats["pre_logits"], feats["stage4"].mean(axis=(1, 2)), rtol=1e-6)
+    # The head is a plain linear map of pre_logits.
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(
+        logits, feats["pre_logits"] @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_cifar_features_and_output_shapes():
+    model = create_model("resnet20_cifar")
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    logits, feats = model.apply(variables, x, return_features=True)
+    assert logits.shape == (2, 10)
+    assert list(feats) == ["stem", "stage1", "stage2", "stage3", "pre_logits"]
+    assert [feats[k].shape for k in ("stem", "stage1", "stage2", "stage3")] == [
+        (2, 32, 32, 16),
+        (2, 32, 32, 16),
+        (2, 16, 16, 32),
+        (2, 8, 8, 64),
+    ]
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = create_model("resnet20_cifar", dtype=jnp.bfloat16)
+    x = jnp.ones((2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+    logits, feats = model.apply(variables, x, return_features=True)
+    assert feats["stage1"].dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32
+
+
+# --- BatchNorm behaviour ------------------------------------------------------------------------
+
+
+def test_batchnorm_running_stats_update_in_train_mode():
+    model = create_model("resnet20_cifar")
+    x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3)) * 2.0 + 1.0
+    variables = model.init(jax.random.key(0), x)
+    _, state = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], capture_intermediates=True
+    )
+    conv_out = np.asarray(state["intermediates"]["conv_init"]["__call__"][0], np.float64)
+    new = state["batch_stats"]["bn_init"]
+    # flax momentum 0.9: running = 0.9 * running + 0.1 * batch statistic (init mean 0, var 1).
+    np.testing.assert_allclose(
+        new["mean"], 0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 + 0.1 * conv_out.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    # Eval mode does not touch the statistics.
+    _, eval_state = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    for a, b in zip(
+        jax.tree.leaves(eval_state["batch_stats"]),
+        jax.tree.leaves(variables["batch_stats"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_uses_running_averages_train_uses_batch_stats():
+    model = create_model("resnet20_cifar")
+    x = jax.random.normal(jax.random.key(4), (4, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    # Eval: each example's output is independent of the rest of the batch.
+    full = model.apply(variables, x)
+    np.testing.assert_allclose(full[:1], model.apply(variables, x[:1]), rtol=1e-5, atol=1e-6)
+    # Train: batch statistics couple the examples.
+    train_full, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    train_one, _ = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])
+    assert not np.allclose(train_full[:1], train_one[:1], atol=1e-4)
+    # Eval output changes when the running statistics change.
+    shifted = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+    assert not np.allclose(full, model.apply({**variables, "batch_stats": shifted}, x), atol=1e-4)
+
+
+# --- Blocks, shortcuts, options ------------------------------------------------------------------
+
+
+def _block_parts(train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+    return conv, batch_norm(train, jnp.float32, None)
+
+
+def test_option_a_shortcut_has_no_params_and_pads_zero_channels():
+    conv, norm = _block_parts()
+    block = BasicBlock(32, conv=conv, norm=norm, strides=2, shortcut="A", zero_init_last_bn=True)
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 16)))
+    variables = block.init(jax.random.key(1), x)
+    assert not any("proj" in p for p in param_paths(variables))
+    y = block.apply(variables, x)
+    # Zero-init last BN: the residual branch is 0, so the output is the shortcut itself.
+    expected = np.concatenate([np.asarray(x)[:, ::2, ::2, :], np.zeros((2, 4, 4, 16))], axis=-1)
+    np.testing.assert_allclose(y, expected, atol=1e-6)
+
+
+def test_option_b_and_c_shortcuts_have_projection_params():
+    conv, norm = _block_parts()
+    x = jnp.ones((1, 8, 8, 16))
+    down = BasicBlock(32, conv=conv, norm=norm, strides=2, shortcut="B")
+    same_b = BasicBlock(16, conv=conv, norm=norm, shortcut="B")
+    same_c = BasicBlock(16, conv=conv, norm=norm, shortcut="C")
+    assert {"proj_conv/kernel", "proj_bn/scale", "proj_bn/bias"} <= param_paths(
+        down.init(jax.random.key(0), x)
+    )
+    assert not any("proj" in p for p in param_paths(same_b.init(jax.random.key(0), x)))
+    assert "proj_conv/kernel" in param_paths(same_c.init(jax.random.key(0), x))
+    # ResNet-20 with option B: two projections 16->32 and 32->64 (1x1 conv + BN) more than option A.
+    a = n_params(create_model("resnet20_cifar"), (1, 32, 32, 3))
+    b = n_params(create_model("resnet20_cifar", shortcut="B"), (1, 32, 32, 3))
+    assert b - a == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+
+
+def test_plain_net_has_no_shortcut_params_and_no_skip():
+    model = create_model("plain20_cifar")
+    variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
+    assert not any("proj" in p for p in param_paths(variables))
+    conv, norm = _block_parts()
+    plain = BasicBlock(16, conv=conv, norm=norm, shortcut="none", zero_init_last_bn=True)
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (1, 8, 8, 16)))
+    v = plain.init(jax.random.key(1), x)
+    # Without a shortcut, a zero-gamma block outputs relu(beta) = 0, not x.
+    np.testing.assert_array_equal(plain.apply(v, x), np.zeros_like(x))
+
+
+def test_option_a_cannot_shrink_channels():
+    conv, norm = _block_parts()
+    block = BasicBlock(8, conv=conv, norm=norm, shortcut="A")
+    with pytest.raises(
+        ValueError, match=r"BasicBlock: shortcut='A' is invalid; option 'A' can only widen"
+    ):
+        block.init(jax.random.key(0), jnp.ones((1, 4, 4, 16)))
+
+
+@pytest.mark.parametrize("block_cls", [BasicBlock, BottleneckBlock])
+def test_zero_init_last_bn_makes_identity_blocks_identity(block_cls):
+    conv, norm = _block_parts()
+    filters = 16 if block_cls is BasicBlock else 4  # bottleneck outputs 4 * 4 = 16 channels
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 8, 8, 16)))
+    zero = block_cls(filters, conv=conv, norm=norm, zero_init_last_bn=True)
+    variables = zero.init(jax.random.key(1), x)
+    last_bn = "bn2" if block_cls is BasicBlock else "bn3"
+    np.testing.assert_array_equal(variables["params"][last_bn]["scale"], 0.0)
+    np.testing.assert_allclose(zero.apply(variables, x), x, atol=1e-6)
+    default = block_cls(filters, conv=conv, norm=norm)
+    assert not np.allclose(default.apply(default.init(jax.random.key(1), x), x), x, atol=1e-3)
+
+
+def test_zero_init_resnet18_stage1_passes_pooled_stem_through():
+    model = create_model("resnet18", num_classes=3, zero_init_last_bn=True)
+    x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
+    variables = model.init(jax.random.key(1), x)
+    _, feats = model.apply(variables, x, return_features=True)
+    pooled = nn.max_pool(feats["stem"], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_allclose(feats["stage1"], pooled, atol=1e-6)
+
+
+def test_stride_in_1x1_moves_the_stride_not_the_params():
+    x = jnp.ones((1, 64, 64, 3))
+    shapes = {}
+    for v1 in (False, True):
+        model = create_model("resnet50", num_classes=10, stride_in_1x1=v1)
+        variables = model.init(jax.random.key(0), x)
+        _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        block = state["intermediates"]["stage2_block1"]
+        shapes[v1] = (block["conv1"]["__call__"][0].shape, block["conv2"]["__call__"][0].shape)
+        shapes[(v1, "n")] = sum(p.size for p in jax.tree.leaves(variables["params"]))
+    # stage2 input is 16x16 (64 / 4): v1.5 halves at the 3x3, v1 at the first 1x1.
+    assert shapes[False] == ((1, 16, 16, 128), (1, 8, 8, 128))
+    assert shapes[True] == ((1, 8, 8, 128), (1, 8, 8, 128))
+    assert shapes[(False, "n")] == shapes[(True, "n")]
+
+
+# --- Validation ----------------------------------------------------------------------------------
+
+
+def test_invalid_arguments_raise_documented_errors():
+    with pytest.raises(
+        ValueError, match=r"ResNet: num_classes=0 is invalid; expected a positive integer\."
+    ):
+        ResNet(stage_sizes=(2, 2), block_cls=BasicBlock, num_classes=0)
+    with pytest.raises(
+        ValueError, match=r"ResNet: stage_sizes=\(\) is invalid; expected a non-empty"
+    ):
+        ResNet(stage_sizes=(), block_cls=BasicBlock)
+    with pytest.raises(ValueError, match=r"ResNet: shortcut='D' is invalid; expected one of"):
+        create_model("resnet18", shortcut="D")
+    with pytest.raises(ValueError, match=r"BottleneckBlock: strides=0 is invalid"):
+        BottleneckBlock(4, conv=nn.Conv, norm=nn.BatchNorm, strides=0)
+    with pytest.raises(ValueError, match=r"CifarResNet: depth=21 is invalid; expected 6n \+ 2"):
+        CifarResNet(depth=21)
+    with pytest.raises(ValueError, match=r"CifarResNet: widths=\(\) is invalid"):
+        CifarResNet(widths=())
+    model = create_model("resnet18")
+    with pytest.raises(
+        ValueError, match=r"ResNet: input.shape=\(32, 32, 3\) is invalid; expected a rank-4"
+    ):
+        model.init(jax.random.key(0), jnp.ones((32, 32, 3)))
+
+
+# --- Learning ------------------------------------------------------------------------------------
+
+
+def _overfit(name: str, steps: int, size: int, batch: int = 8) -> tuple[float, float]:
+    model = create_model(name, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+    y = jnp.arange(batch) % 10
+    variables = model.init(jax.random.key(1), x)
+    tx = optax.adam(3e-3)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, stats, opt_state):
+        def loss_fn(p):
+            logits, upd = model.apply(
+                {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
+                "batch_stats"
+            ]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    first = None
+    for _ in range(steps):
+        params, stats, opt_state, loss = step(params, stats, opt_state)
+        first = float(loss) if first is None else first
+    logits = model.apply(
+        {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+    )[0]
+    final = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
+    return first, final
+
+
+def test_resnet20_overfits_tiny_batch_quick():
+    first, final = _overfit("resnet20_cifar", steps=60, size=8)
+    assert first > 1.5 and final < 0.05
+
+
+@pytest.mark.slow
+def test_resnet20_overfits_tiny_batch_32px():
+    first, final = _overfit("resnet20_cifar", steps=300, size=32, batch=16)
+    assert first > 1.5 and final < 0.01
