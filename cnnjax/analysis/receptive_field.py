@@ -1,0 +1,486 @@
+"""Receptive fields of convolutional networks (Araujo, Norris & Sim, Distill 2019).
+
+Along each spatial axis a feature map is described by three numbers relative to the network
+input: the field `size` r (input pixels one output feature sees), the `jump` j (input pixels
+between neighbouring features, the effective stride) and the `start` (input coordinate of the
+centre of the first feature's field; input pixel i is centred at i). A window op with kernel k,
+stride s, left padding p and dilation d maps (r, j, start) to
+
+    r' = r + (k - 1) * d * j,   j' = j * s,   start' = start + ((k - 1) / 2 * d - p) * j.
+
+`propagate` applies these rules to every primitive of a traced jaxpr (see `summary`), so layers
+written as plain functions count as much as Flax modules. Where paths merge (residual add,
+concatenation) the field is the union of the paths' fields, i.e. the maximum when their centres
+align; misaligned merges are reported. Upsampling (input dilation, as in transposed convolutions)
+is treated as a fractional stride j / l, which makes the size an upper bound there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from cnnjax.utils.validation import check_non_negative_int, check_positive_int, invalid
+
+
+class ReceptiveField(NamedTuple):
+    """Receptive field of a feature map: per spatial axis (e.g. `(h, w)`) size, jump and start."""
+
+    size: tuple[float, ...]
+    jump: tuple[float, ...]
+    start: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisField:
+    """Field along one input spatial axis, plus where that axis lives in the current array.
+
+    `axis` is the array axis holding the input axis (None once it has been reduced away, e.g. by a
+    global pool or a dense layer), `count` the number of positions along it and `exclusive`
+    whether that array axis holds this input axis alone (False after a flatten merged it with
+    others, when window ops over it no longer act spatially).
+    """
+
+    size: float
+    jump: float
+    start: float
+    axis: int | None
+    count: int
+    exclusive: bool = True
+
+    def interval(self) -> tuple[float, float]:
+        """Input coordinates of the first and last pixel centre of the first feature's field."""
+        half = (self.size - 1) / 2
+        return self.start - half, self.start + half
+
+
+Info = tuple[AxisField, ...]  # one AxisField per input spatial axis; None for non-activations
+
+
+def input_info(ndim_spatial: int) -> Info:
+    """Fields of the network input itself: size 1, jump 1, start 0 on array axes 1..n."""
+    return tuple(AxisField(1.0, 1.0, 0.0, axis=i + 1, count=0) for i in range(ndim_spatial))
+
+
+def with_counts(info: Info, shape: Sequence[int]) -> Info:
+    """Fills in position counts from an array shape (a merged axis keeps its own count)."""
+    return tuple(
+        dataclasses.replace(f, count=shape[f.axis]) if f.axis is not None and f.exclusive else f
+        for f in info
+    )
+
+
+def windowed(
+    f: AxisField,
+    kernel: int,
+    stride: int,
+    pad_before: int,
+    dilation: int = 1,
+    input_dilation: int = 1,
+    *,
+    out_axis: int,
+    out_count: int,
+) -> AxisField:
+    """The Araujo et al. recurrence for one window op (convolution, pooling, pad, slice)."""
+    jump = f.jump / input_dilation
+    span = dilation * (kernel - 1)
+    return AxisField(
+        size=f.size + span * abs(jump),
+        jump=jump * stride,
+        start=f.start + (span / 2 - pad_before) * jump,
+        axis=out_axis,
+        count=out_count,
+        exclusive=True,
+    )
+
+
+def collapse(f: AxisField) -> AxisField:
+    """Union over all positions of an axis that is reduced away (global pool, dense layer)."""
+    if f.axis is None or f.count <= 1:
+        return dataclasses.replace(f, axis=None, count=1)
+    last = f.start + (f.count - 1) * f.jump
+    lo = min(f.start, last) - (f.size - 1) / 2
+    hi = max(f.start, last) + (f.size - 1) / 2
+    return AxisField(hi - lo + 1, f.jump, (lo + hi) / 2, axis=None, count=1, exclusive=True)
+
+
+def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
+    """Merges the fields of paths meeting at one position; returns `(field, misaligned)`.
+
+    Fields located on the same array axis must share jump and start to be aligned; fields already
+    reduced away (`axis=None`) see the whole input range they cover and are merged as intervals.
+    """
+    if len(fields) == 1:
+        return fields[0], False
+    located = [f for f in fields if f.axis is not None]
+    misaligned = False
+    if located:
+        first = located[0]
+        same_axis = all(f.axis == first.axis and f.count == first.count for f in located)
+        if not same_axis:
+            return union([collapse(f) for f in fields])[0], True
+        misaligned = any(f.jump != first.jump or f.start != first.start for f in located)
+    lo = min(f.interval()[0] for f in fields)
+    hi = max(f.interval()[1] for f in fields)
+    if not located:
+        return AxisField(hi - lo + 1, fields[0].jump, (lo + hi) / 2, None, 1), False
+    first = located[0]
+    return (
+        AxisField(
+            size=hi - lo + 1,
+            jump=max((f.jump for f in located), key=abs),
+            start=(lo + hi) / 2,
+            axis=first.axis,
+            count=first.count,
+            exclusive=all(f.exclusive for f in located),
+        ),
+        misaligned,
+    )
+
+
+def to_receptive_field(info: Info) -> ReceptiveField:
+    """Public (size, jump, start) triple of an internal per-axis description."""
+
+    def clean(v: float) -> float:
+        return int(v) if float(v).is_integer() else float(v)
+
+    return ReceptiveField(
+        tuple(clean(f.size) for f in info),
+        tuple(clean(f.jump) for f in info),
+        tuple(clean(f.start) for f in info),
+    )
+
+
+def stack_receptive_field(layers: Sequence[Sequence[int]]) -> tuple[float, float, float]:
+    """Closed-form (size, jump, start) after a chain of window layers along one axis.
+
+    Each layer is `(kernel, stride=1, padding=0, dilation=1)`. Two stacked 3x3 convolutions see a
+    5x5 field, three a 7x7 one (Simonyan & Zisserman, 2015).
+    """
+    owner = "stack_receptive_field"
+    field = AxisField(1.0, 1.0, 0.0, axis=0, count=0)
+    for i, layer in enumerate(layers):
+        layer = tuple(layer)
+        if not 1 <= len(layer) <= 4:
+            raise invalid(owner, f"layers[{i}]", layer, "expected (kernel, stride, padding, dilation)")
+        kernel, stride, padding, dilation = layer + (1, 0, 1)[len(layer) - 1 :]
+        check_positive_int(owner, f"layers[{i}].kernel", kernel)
+        check_positive_int(owner, f"layers[{i}].stride", stride)
+        check_non_negative_int(owner, f"layers[{i}].padding", padding)
+        check_positive_int(owner, f"layers[{i}].dilation", dilation)
+        field = windowed(field, kernel, stride, padding, dilation, out_axis=0, out_count=0)
+    result = to_receptive_field((field,))
+    return result.size[0], result.jump[0], result.start[0]
+
+
+def receptive_field(model: Any, input_shape: Sequence[int], **kwargs: Any) -> ReceptiveField:
+    """Final (size, jump, start) of `model`'s (first) output on its input, per spatial axis.
+
+    Equivalent to `summary(model, input_shape, **kwargs).receptive_field`.
+    """
+    from cnnjax.analysis.summary import summary  # summary depends on this module
+
+    return summary(model, input_shape, **kwargs).receptive_field
+
+
+# ----------------------------------------------------------------------------------------------
+# Propagation through jaxpr primitives.
+
+ELEMENTWISE = frozenset(
+    """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp complex conj
+    convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor
+    ge gt imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter
+    not or population_count pow real reduce_precision rem round rsqrt select_n shift_left
+    shift_right_arithmetic shift_right_logical sign sin sinh sqrt square sub tan tanh xor
+    stop_gradient""".split()
+)
+REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin".split()
+)
+WINDOW_REDUCTIONS = frozenset(
+    "reduce_window_sum reduce_window_max reduce_window_min reduce_window".split()
+)
+CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+
+
+def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
+    """Union of the activation inputs' fields, dim by dim."""
+    present = [i for i in infos if i is not None]
+    out = []
+    for d in range(len(present[0])):
+        field, misaligned = union([i[d] for i in present])
+        if misaligned:
+            starts = sorted({f.start for i in present for f in [i[d]]})
+            jumps = sorted({f.jump for i in present for f in [i[d]]})
+            notes.append(
+                f"{where}: paths merged on spatial axis {d} are misaligned "
+                f"(starts {starts}, jumps {jumps}); the union of their fields is reported"
+            )
+        out.append(field)
+    return tuple(out)
+
+
+def _globalize(infos: Sequence[Info | None]) -> Info:
+    """Every input position may influence every output: union of all fields, all collapsed."""
+    present = [i for i in infos if i is not None]
+    return tuple(
+        union([collapse(i[d]) for i in present])[0] for d in range(len(present[0]))
+    )
+
+
+def _move(info: Info, mapping: dict[int, int | None]) -> Info:
+    """Relocates fields to new array axes (None drops the location, keeping the field)."""
+    out = []
+    for f in info:
+        if f.axis is None:
+            out.append(f)
+        elif mapping.get(f.axis) is None:
+            out.append(collapse(f))
+        else:
+            out.append(dataclasses.replace(f, axis=mapping[f.axis]))
+    return tuple(out)
+
+
+def _reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Groups of input and output axes whose sizes multiply to the same number."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        ia, jb, pa, pb = [], [], 1, 1
+        if i < len(a):
+            ia.append(i)
+            pa *= a[i]
+            i += 1
+        if j < len(b):
+            jb.append(j)
+            pb *= b[j]
+            j += 1
+        while pa != pb and (i < len(a) or j < len(b)):
+            if (pa < pb and i < len(a)) or j >= len(b):
+                ia.append(i)
+                pa *= a[i]
+                i += 1
+            else:
+                jb.append(j)
+                pb *= b[j]
+                j += 1
+        groups.append((ia, jb))
+    return groups
+
+
+def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int]) -> Info:
+    """Follows spatial axes through a reshape: kept, merged (flatten) or split (then collapsed)."""
+    out = []
+    groups = _reshape_groups(in_shape, out_shape)
+    for f in info:
+        if f.axis is None:
+            out.append(f)
+            continue
+        ia, jb = next(g for g in groups if f.axis in g[0])
+        big_in = [k for k in ia if in_shape[k] > 1]
+        big_out = [k for k in jb if out_shape[k] > 1]
+        if in_shape[f.axis] <= 1:
+            out.append(collapse(f))
+        elif big_in == [f.axis] and len(big_out) == 1:
+            out.append(dataclasses.replace(f, axis=big_out[0]))
+        elif len(big_out) == 1:  # several axes merged into one: a flatten
+            out.append(dataclasses.replace(f, axis=big_out[0], exclusive=False))
+        else:  # an axis split into several: no longer a plain spatial layout
+            out.append(collapse(f))
+    return tuple(out)
+
+
+Window = tuple[int, int, int, int, int]  # kernel, stride, pad_before, dilation, input_dilation
+Rules = dict[int, tuple[int, Window | None]]  # input array axis -> (output axis, window)
+
+
+def _apply(info: Info, rules: Rules) -> Info:
+    """Moves each located field to its output axis through an optional window; axes without a
+    rule are reduced away (collapsed)."""
+    out = []
+    for f in info:
+        if f.axis is None:
+            out.append(f)
+            continue
+        rule = rules.get(f.axis)
+        if rule is None:
+            out.append(collapse(f))
+            continue
+        out_axis, window = rule
+        if window is None or window == (1, 1, 0, 1, 1):
+            out.append(dataclasses.replace(f, axis=out_axis))
+        elif f.exclusive:
+            out.append(windowed(f, *window, out_axis=out_axis, out_count=0))
+        else:
+            out.append(collapse(f))
+    return tuple(out)
+
+
+def _identity_rules(ndim: int) -> Rules:
+    return {a: (a, None) for a in range(ndim)}
+
+
+def _concatenate(
+    in_infos: Sequence[Info | None], in_shapes: Sequence[Sequence[int]], dim: int,
+    notes: list[str], where: str,
+) -> Info:
+    """Concatenation. Along channels the paths' fields are merged; along a spatial axis (how
+    jnp.pad's wrap/reflect/edge modes are built) the largest piece is the data and the others are
+    treated as padding around it."""
+    offsets, total = [], 0
+    for shape in in_shapes:
+        offsets.append(total)
+        total += shape[dim]
+    present = [k for k, info in enumerate(in_infos) if info is not None]
+    out = []
+    for d in range(len(in_infos[present[0]])):
+        located_on_dim = [k for k in present if in_infos[k][d].axis == dim]
+        if located_on_dim:
+            main = max(located_on_dim, key=lambda k: in_shapes[k][dim])
+            f = in_infos[main][d]
+            if f.exclusive:
+                out.append(windowed(f, 1, 1, offsets[main], out_axis=dim, out_count=total))
+            else:
+                out.append(collapse(f))
+            continue
+        field, misaligned = union([in_infos[k][d] for k in present])
+        if misaligned:
+            notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
+        out.append(field)
+    return tuple(out)
+
+
+def propagate(
+    prim: str,
+    params: dict[str, Any],
+    in_infos: Sequence[Info | None],
+    in_shapes: Sequence[Sequence[int]],
+    out_shapes: Sequence[Sequence[int]],
+    notes: list[str],
+    where: str,
+) -> list[Info]:
+    """Fields of the outputs of one primitive given those of its inputs (None = not activation).
+
+    Unknown primitives are treated conservatively: as elementwise when every activation input has
+    the output's shape, else as mixing all positions (a note says so).
+    """
+    n_out = len(out_shapes)
+    first_k = next(k for k, info in enumerate(in_infos) if info is not None)
+    first = in_infos[first_k]
+    ndim = len(in_shapes[first_k])
+
+    def finish(infos: Sequence[Info]) -> list[Info]:
+        return [with_counts(info, shape) for info, shape in zip(infos, out_shapes, strict=True)]
+
+    def also_global(info: Info, extra: Sequence[Info | None]) -> Info:
+        """Merges inputs whose every element reaches every output (dynamic kernels, indices)."""
+        extra = [e for e in extra if e is not None]
+        if not extra:
+            return info
+        glob = _globalize(extra)
+        return tuple(union([f, g])[0] for f, g in zip(info, glob, strict=True))
+
+    if prim in ELEMENTWISE:
+        return finish([_merge(in_infos, notes, where)] * n_out)
+    if prim == "optimization_barrier":
+        return finish([in_infos[i] or _globalize(in_infos) for i in range(n_out)])
+    if prim == "conv_general_dilated":
+        lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+        if in_infos[0] is None or params.get("batch_group_count", 1) != 1:
+            notes.append(f"{where}: convolution with a data-dependent kernel or batch groups; "
+                         "field treated as global")
+            return finish([_globalize(in_infos)])
+        rules: Rules = {lhs_spec[0]: (out_spec[0], None)}
+        for i, (a, o) in enumerate(zip(lhs_spec[2:], out_spec[2:], strict=True)):
+            lhs_dilation = params["lhs_dilation"][i]
+            if lhs_dilation > 1:
+                notes.append(f"{where}: input dilation {lhs_dilation} (transposed convolution); "
+                             "the field size is an upper bound")
+            rules[a] = (o, (in_shapes[1][rhs_spec[2 + i]], params["window_strides"][i],
+                            params["padding"][i][0], params["rhs_dilation"][i], lhs_dilation))
+        return finish([also_global(_apply(in_infos[0], rules), in_infos[1:])])
+    if prim in WINDOW_REDUCTIONS:
+        n = len(out_shapes)
+        rules = {
+            a: (a, (params["window_dimensions"][a], params["window_strides"][a],
+                    params["padding"][a][0], params["window_dilation"][a],
+                    params["base_dilation"][a]))
+            for a in range(ndim)
+        }
+        return finish([_apply(in_infos[k] or first, rules) for k in range(n)])
+    if prim == "pad":
+        rules = {a: (a, (1, 1, lo, 1, interior + 1))
+                 for a, (lo, _, interior) in enumerate(params["padding_config"])}
+        return finish([also_global(_apply(first, rules), in_infos[1:])])
+    if prim == "slice":
+        strides = params["strides"] or (1,) * ndim
+        rules = {a: (a, (1, strides[a], -params["start_indices"][a], 1, 1)) for a in range(ndim)}
+        return finish([_apply(first, rules)])
+    if prim == "split":
+        axis, outs, offset = params["axis"], [], 0
+        for shape in out_shapes:
+            rules = _identity_rules(ndim)
+            rules[axis] = (axis, (1, 1, -offset, 1, 1))
+            outs.append(_apply(first, rules))
+            offset += shape[axis]
+        return finish(outs)
+    if prim == "rev":
+        out = []
+        for f in first:
+            if f.axis in params["dimensions"] and f.count > 1:
+                out.append(dataclasses.replace(f, start=f.start + (f.count - 1) * f.jump,
+                                               jump=-f.jump))
+            else:
+                out.append(f)
+        return finish([tuple(out)])
+    if prim == "transpose":
+        perm = params["permutation"]
+        return finish([_apply(first, {perm[k]: (k, None) for k in range(len(perm))})])
+    if prim == "squeeze":
+        dims = {d % ndim for d in params["dimensions"]}
+        kept = [a for a in range(ndim) if a not in dims]
+        return finish([_apply(first, {a: (k, None) for k, a in enumerate(kept)})])
+    if prim == "broadcast_in_dim":
+        bd = params["broadcast_dimensions"]
+        rules = {a: (bd[a], None) for a in range(ndim) if in_shapes[first_k][a] == out_shapes[0][bd[a]]}
+        return finish([_apply(first, rules)])
+    if prim == "reshape":
+        return finish([_reshape(first, in_shapes[first_k], out_shapes[0])])
+    if prim == "concatenate":
+        return finish([_concatenate(in_infos, in_shapes, params["dimension"], notes, where)])
+    if prim in REDUCTIONS:
+        axes = set(params["axes"])
+        kept = [a for a in range(ndim) if a not in axes]
+        rules = {a: (k, None) for k, a in enumerate(kept)}
+        return finish([_apply(first, rules)] * n_out)
+    if prim == "dot_general":
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        nb = len(lb)
+        lfree = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
+        rfree = [a for a in range(len(in_shapes[1])) if a not in rc and a not in rb]
+        lrules = {a: (k, None) for k, a in enumerate(lb)}
+        lrules |= {a: (nb + k, None) for k, a in enumerate(lfree)}
+        rrules = {a: (k, None) for k, a in enumerate(rb)}
+        rrules |= {a: (nb + len(lfree) + k, None) for k, a in enumerate(rfree)}
+        parts = [
+            _apply(info, rules)
+            for info, rules in ((in_infos[0], lrules), (in_infos[1], rrules))
+            if info is not None
+        ]
+        return finish([_merge(parts, notes, where)])
+    if prim == "dynamic_slice":
+        sizes = params["slice_sizes"]
+        rules = {a: (a, None) for a in range(ndim) if sizes[a] == in_shapes[0][a]}
+        return finish([also_global(_apply(first, rules), in_infos[1:])])
+    if prim in CUMULATIVE or prim == "sort":
+        axis = params.get("axis", params.get("dimension"))
+        rules = {a: (a, None) for a in range(ndim) if a != axis}
+        return finish([_apply(first, rules)] * n_out)
+    same_shape = all(
+        tuple(in_shapes[k]) == tuple(out_shapes[0]) for k, i in enumerate(in_infos) if i is not None
+    ) and all(tuple(s) == tuple(out_shapes[0]) for s in out_shapes)
+    if same_shape:
+        notes.append(f"{where}: unknown primitive '{prim}' treated as elementwise")
+        return finish([_merge(in_infos, notes, where)] * n_out)
+    notes.append(f"{where}: primitive '{prim}' treated as mixing all positions (global field)")
+    return finish([_globalize(in_infos)] * n_out)

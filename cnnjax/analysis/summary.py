@@ -1,0 +1,477 @@
+"""Per-layer summary of a Flax CNN: shapes, parameters, MACs/FLOPs, memory and receptive fields.
+
+`summary(model, input_shape)` traces `model.apply` to a jaxpr (see `cnnjax.analysis.trace`), so
+it sees layers written as plain functions (`nn.max_pool`, `jnp.pad`, a reshape) as well as Flax
+modules. Rows, in execution order:
+- one per module call containing at most one convolution/dense/pooling op (a `Conv`, `Dense`,
+  `BatchNorm`, LRN, a conv+BN block...), its parameters, FLOPs and output;
+- one per structural op outside such modules: convolution, dot product, pooling, pad, flatten,
+  concatenation, reduction (global pooling), slicing, and every elementwise op that merges two
+  paths (a residual `add`);
+- elementwise ops with a single input (ReLU, dropout, scaling) are folded into the row that
+  produced their input.
+
+Columns: `params` (count of the `params` collection, each shared parameter once), `macs` and
+`flops` (conventions in `cnnjax.analysis.trace`: FLOPs follow XLA's cost analysis, MACs are the
+dense textbook count), `activation_bytes` (bytes of the row's output tensor) and the receptive
+field (size, jump, start) of the row's output on the network input (`receptive_field.py`).
+
+CLI: `python -m cnnjax.analysis.summary --model=alexnet --input_shape=224,224,3 [--csv=out.csv]`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.analysis.receptive_field import (
+    CUMULATIVE,
+    ELEMENTWISE,
+    REDUCTIONS,
+    WINDOW_REDUCTIONS,
+    Info,
+    ReceptiveField,
+    input_info,
+    propagate,
+    to_receptive_field,
+    with_counts,
+)
+from cnnjax.analysis.trace import Trace, trace_model
+from cnnjax.utils.validation import check_positive_int, invalid
+
+ANCHORS = frozenset({"conv_general_dilated", "dot_general", *WINDOW_REDUCTIONS})
+STRUCTURAL = frozenset(
+    {
+        *ANCHORS,
+        *REDUCTIONS,
+        *CUMULATIVE,
+        "pad", "concatenate", "slice", "split", "rev", "gather", "dynamic_slice",
+        "dynamic_update_slice", "scatter", "scatter-add", "scatter_add", "sort", "top_k",
+        "cond", "while", "scan",
+    }
+)
+_OP_NAMES = {
+    "conv_general_dilated": "conv",
+    "dot_general": "dot_general",
+    "reduce_window_max": "max_pool",
+    "reduce_window_min": "min_pool",
+    "reduce_window_sum": "sum_pool",
+    "reduce_window": "window_reduce",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One row of the summary table."""
+
+    name: str
+    type: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    flops: int
+    activation_bytes: int
+    field: ReceptiveField
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The first input's shape (a merge has several; see `input_shapes`)."""
+        return self.input_shapes[0] if self.input_shapes else ()
+
+
+def _fmt_num(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:.4g}"
+
+
+def _fmt_axes(values: Sequence[float]) -> str:
+    if len(set(values)) == 1:
+        return _fmt_num(values[0])
+    return "x".join(_fmt_num(v) for v in values)
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape) if shape else "scalar"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclasses.dataclass
+class Summary:
+    """Result of `summary`: `rows`, `totals`, the final `receptive_field` and analysis `notes`."""
+
+    rows: list[LayerRow]
+    input_shape: tuple[int, ...]
+    output_shapes: list[tuple[int, ...]]
+    receptive_field: ReceptiveField | None
+    total_params: int
+    notes: list[str]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Totals: `params` (all parameters of the model), `macs`, `flops`, `activation_bytes`."""
+        return {
+            "params": self.total_params,
+            "macs": sum(r.macs for r in self.rows),
+            "flops": sum(r.flops for r in self.rows),
+            "activation_bytes": sum(r.activation_bytes for r in self.rows),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (JSON-serializable)."""
+        return {
+            "input_shape": list(self.input_shape),
+            "output_shapes": [list(s) for s in self.output_shapes],
+            "rows": [_row_dict(r) for r in self.rows],
+            "totals": self.totals,
+            "receptive_field": None if self.receptive_field is None else {
+                "size": list(self.receptive_field.size),
+                "jump": list(self.receptive_field.jump),
+                "start": list(self.receptive_field.start),
+            },
+            "notes": list(self.notes),
+        }
+
+    def to_csv(self, path_or_buffer: str | os.PathLike | io.TextIOBase) -> None:
+        """Writes one CSV line per row (receptive field split per spatial axis)."""
+        rows = [_row_csv(r) for r in self.rows]
+        fields = list(rows[0]) if rows else ["name"]
+        if isinstance(path_or_buffer, str | os.PathLike):
+            with open(path_or_buffer, "w", newline="") as f:
+                _write_csv(f, fields, rows)
+        else:
+            _write_csv(path_or_buffer, fields, rows)
+
+    def __str__(self) -> str:
+        header = ["Layer", "Type", "Input", "Output", "Params", "MACs", "FLOPs", "Act. memory",
+                  "RF size", "RF jump", "RF start"]
+        lines = []
+        for r in self.rows:
+            extra = f" (+{len(r.input_shapes) - 1})" if len(r.input_shapes) > 1 else ""
+            lines.append([
+                r.name, r.type, _fmt_shape(r.input_shape) + extra, _fmt_shape(r.output_shape),
+                f"{r.params:,}", f"{r.macs:,}", f"{r.flops:,}", _fmt_bytes(r.activation_bytes),
+                _fmt_axes(r.field.size), _fmt_axes(r.field.jump), _fmt_axes(r.field.start),
+            ])
+        t = self.totals
+        total = ["Total", "", _fmt_shape(self.input_shape), "", f"{t['params']:,}",
+                 f"{t['macs']:,}", f"{t['flops']:,}", _fmt_bytes(t["activation_bytes"]), "", "", ""]
+        widths = [max(len(row[i]) for row in [header, total, *lines]) for i in range(len(header))]
+        numeric = set(range(4, 11))
+
+        def render(row: list[str]) -> str:
+            cells = [c.rjust(w) if i in numeric else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+            return "  ".join(cells).rstrip()
+
+        rule = "-" * len(render(header))
+        out = [render(header), rule, *(render(row) for row in lines), rule, render(total)]
+        out.append(
+            "MACs: dense multiply-accumulates of conv/dense layers (padding taps included). "
+            "FLOPs: XLA cost-analysis count (2 per multiply-add on real data + elementwise ops)."
+        )
+        out.append(
+            "RF: receptive field size, jump (effective stride) and start (centre of the first "
+            "field; input pixel i is centred at i), Araujo et al. 2019."
+        )
+        out.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(out)
+
+
+def _row_dict(r: LayerRow) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "type": r.type,
+        "input_shapes": [list(s) for s in r.input_shapes],
+        "output_shape": list(r.output_shape),
+        "params": r.params,
+        "macs": r.macs,
+        "flops": r.flops,
+        "activation_bytes": r.activation_bytes,
+        "rf_size": list(r.field.size),
+        "rf_jump": list(r.field.jump),
+        "rf_start": list(r.field.start),
+    }
+
+
+def _row_csv(r: LayerRow) -> dict[str, Any]:
+    out = {
+        "name": r.name,
+        "type": r.type,
+        "input_shape": _fmt_shape(r.input_shape),
+        "output_shape": _fmt_shape(r.output_shape),
+        "params": r.params,
+        "macs": r.macs,
+        "flops": r.flops,
+        "activation_bytes": r.activation_bytes,
+    }
+    axes = "hw" if len(r.field.size) == 2 else [str(i) for i in range(len(r.field.size))]
+    for key, values in (("rf_size", r.field.size), ("rf_jump", r.field.jump),
+                        ("rf_start", r.field.start)):
+        for axis, v in zip(axes, values, strict=True):
+            out[f"{key}_{axis}"] = v
+    return out
+
+
+def _write_csv(f: Any, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+@dataclasses.dataclass
+class _RowBuilder:
+    key: Any
+    name: str  # module path, or the owner's path for op rows (numbered when finished)
+    type: str
+    named: bool
+    eqns: list[int] = dataclasses.field(default_factory=list)
+    inputs: list[int] = dataclasses.field(default_factory=list)
+    output: int = -1
+    params: int = 0
+    flops: int = 0
+    macs: int = 0
+
+
+class _Grouper:
+    """Assigns the traced equations to rows and propagates receptive fields."""
+
+    def __init__(self, trace: Trace, n_spatial: int):
+        self.t = trace
+        self.notes: list[str] = []
+        self.info: dict[int, Info | None] = {
+            trace.input_id: with_counts(input_info(n_spatial), trace.avals[trace.input_id].shape)
+        }
+        self.producer: dict[int, Any] = {trace.input_id: None}
+        self.rows: dict[Any, _RowBuilder] = {}
+        self.deps: dict[int, tuple[frozenset[int], frozenset[int]]] = {
+            vid: (frozenset([vid]), frozenset()) for vid in trace.param_leaves
+        }
+        self.claimed_params: set[int] = set()
+        self.claimed_eqns: set[int] = set()
+        self.call_counts: dict[tuple[str, ...], int] = {}
+        self.call_names: dict[int, str] = {}
+        self.atomic = self._atomic_calls()
+
+    def _atomic_calls(self) -> set[int]:
+        """Module calls with at most one anchor op (and jitted functions with a structural op and
+        at most one anchor) become single rows."""
+        act = self._activation_eqns()
+        anchors: dict[int, int] = {}
+        structural: dict[int, int] = {}
+        for e in self.t.eqns:
+            if e.index not in act:
+                continue
+            for c in set(e.calls):
+                anchors[c] = anchors.get(c, 0) + (e.prim in ANCHORS)
+                structural[c] = structural.get(c, 0) + (e.prim in STRUCTURAL)
+        atomic = set()
+        for call in self.t.calls:
+            c = call.index
+            if c not in anchors or anchors[c] > 1:
+                continue
+            if call.path is None:
+                if structural[c]:
+                    atomic.add(c)
+            elif call.path != ():
+                atomic.add(c)
+        return atomic
+
+    def _activation_eqns(self) -> set[int]:
+        live = {self.t.input_id}
+        out = set()
+        for e in self.t.eqns:
+            if any(i in live for i in e.inputs):
+                out.add(e.index)
+                live.update(e.outputs)
+        return out
+
+    def _owner_path(self, calls: Sequence[int]) -> str:
+        for c in reversed(calls):
+            path = self.t.calls[c].path
+            if path is not None:
+                return "/".join(path)
+        return ""
+
+    def _new_row(self, key: Any, name: str, type_: str, *, named: bool) -> _RowBuilder:
+        row = _RowBuilder(key, name, type_, named=named)
+        self.rows[key] = row
+        return row
+
+    def _op_row(self, e: Any, op: str) -> _RowBuilder:
+        return self._new_row(("op", e.index), self._owner_path(e.calls), op, named=False)
+
+    def _call_row(self, c: int) -> _RowBuilder:
+        if ("call", c) in self.rows:
+            return self.rows[("call", c)]
+        call = self.t.calls[c]
+        if call.path is None:  # a jitted function (jnp.pad...): named like an op
+            e = next(e for e in self.t.eqns if c in e.calls)
+            owner = self._owner_path(e.calls[: e.calls.index(c)])
+            return self._new_row(("call", c), owner, call.type_name.lstrip("_") or "jit",
+                                 named=False)
+        name = "/".join(call.path)
+        n = self.call_counts.get(call.path, 0)
+        self.call_counts[call.path] = n + 1
+        if n:
+            name += f" (call {n + 1})"
+        return self._new_row(("call", c), name, call.type_name, named=True)
+
+    def _layout_changed(self, before: Info, after: Info) -> bool:
+        return any(
+            (b.axis is not None and a.axis is None) or (b.exclusive and not a.exclusive)
+            for b, a in zip(before, after, strict=True)
+        )
+
+    def run(self) -> list[LayerRow]:
+        t = self.t
+        for e in t.eqns:
+            in_infos = [self.info.get(i) for i in e.inputs]
+            if all(i is None for i in in_infos):
+                deps_p, deps_e = frozenset(), frozenset([e.index])
+                for i in e.inputs:
+                    p, q = self.deps.get(i, (frozenset(), frozenset()))
+                    deps_p, deps_e = deps_p | p, deps_e | q
+                for o in e.outputs:
+                    self.info[o] = None
+                    self.deps[o] = (deps_p, deps_e)
+                continue
+            where = self._owner_path(e.calls) + f" ({e.prim})"
+            out_infos = propagate(
+                e.prim, e.params, in_infos, [t.avals[i].shape for i in e.inputs],
+                [t.avals[o].shape for o in e.outputs], self.notes, where,
+            )
+            row = self._row_for(e, in_infos, out_infos)
+            self._add(row, e)
+            for o, info in zip(e.outputs, out_infos, strict=True):
+                self.info[o] = info
+                self.producer[o] = row.key
+        counts: dict[tuple[str, str], int] = {}
+        for r in self.rows.values():
+            if not r.named:
+                k = counts.get((r.name, r.type), 0)
+                counts[(r.name, r.type)] = k + 1
+                r.name = f"{r.name}/{r.type}_{k}" if r.name else f"{r.type}_{k}"
+        return [self._finish(r) for r in self.rows.values()]
+
+    def _row_for(self, e: Any, in_infos: list[Info | None], out_infos: list[Info]) -> _RowBuilder:
+        group = next((c for c in e.calls if c in self.atomic), None)
+        if group is not None:
+            return self._call_row(group)
+        act_inputs = [i for i, info in zip(e.inputs, in_infos, strict=True) if info is not None]
+        producers = {self.producer.get(i) for i in act_inputs}
+        structural = e.prim in STRUCTURAL or (
+            e.prim not in ELEMENTWISE
+            and e.prim not in {"reshape", "transpose", "squeeze", "broadcast_in_dim",
+                               "optimization_barrier"}
+        )
+        if e.prim == "reshape":
+            structural = self._layout_changed(in_infos[0], out_infos[0])
+        if structural:
+            return self._op_row(e, self._op_name(e, in_infos, out_infos))
+        if len(producers) > 1:
+            return self._op_row(e, e.prim)
+        producer = producers.pop()
+        if producer is None:
+            return self._op_row(e, e.prim)
+        row = self.rows[producer]
+        if row.type == "sum_pool" and e.prim in {"div", "mul"}:
+            row.type = "avg_pool"
+        if row.type == "global_sum_pool" and e.prim in {"div", "mul"}:
+            row.type = "global_avg_pool"
+        return row
+
+    def _op_name(self, e: Any, in_infos: list[Info | None], out_infos: list[Info]) -> str:
+        if e.prim == "conv_general_dilated" and any(d > 1 for d in e.params["lhs_dilation"]):
+            return "conv_transpose"
+        if e.prim == "reshape":
+            return "flatten" if any(not f.exclusive for f in out_infos[0]) else "reshape"
+        if e.prim in REDUCTIONS:
+            spatial = [f for f in in_infos[0] if f.axis is not None and f.axis in e.params["axes"]]
+            if spatial and len(spatial) == sum(f.axis is not None for f in in_infos[0]):
+                return {"reduce_max": "global_max_pool", "reduce_sum": "global_sum_pool"}.get(
+                    e.prim, e.prim)
+        return _OP_NAMES.get(e.prim, e.prim)
+
+    def _add(self, row: _RowBuilder, e: Any) -> None:
+        row.eqns.append(e.index)
+        row.flops += e.flops
+        row.macs += e.macs
+        for i in e.inputs:
+            if self.info.get(i) is not None:
+                if self.producer.get(i) != row.key and i not in row.inputs:
+                    row.inputs.append(i)
+                continue
+            params, eqns = self.deps.get(i, (frozenset(), frozenset()))
+            for p in params - self.claimed_params:
+                row.params += self.t.param_leaves[p][1]
+            for q in eqns - self.claimed_eqns:
+                row.flops += self.t.eqns[q].flops
+            self.claimed_params |= params
+            self.claimed_eqns |= eqns
+        row.output = e.outputs[0]
+
+    def _finish(self, r: _RowBuilder) -> LayerRow:
+        aval = self.t.avals[r.output]
+        return LayerRow(
+            name=r.name,
+            type=r.type,
+            input_shapes=tuple(tuple(int(s) for s in self.t.avals[i].shape) for i in r.inputs),
+            output_shape=tuple(int(s) for s in aval.shape),
+            params=r.params,
+            macs=r.macs,
+            flops=r.flops,
+            activation_bytes=int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize,
+            field=to_receptive_field(self.info[r.output]),
+        )
+
+
+def summary(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    dtype: Any = jnp.float32,
+    **call_kwargs: Any,
+) -> Summary:
+    """Per-layer table of `model` on inputs `[batch_size, *input_shape]` (e.g. `(224, 224, 3)`).
+
+    Extra keyword arguments go to `model.apply` (e.g. `train=False`). Nothing is computed: the
+    model is traced abstractly, so ImageNet-size models summarize in seconds.
+    """
+    owner = "summary"
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        raise invalid(owner, "input_shape", input_shape, "expected a sequence like (H, W, C)") from None
+    if len(shape) < 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
+        raise invalid(owner, "input_shape", input_shape,
+                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
+    check_positive_int(owner, "batch_size", batch_size)
+    shape = tuple(int(s) for s in shape)
+    trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
+    grouper = _Grouper(trace, len(shape) - 1)
+    rows = grouper.run()
+    out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None
+    return Summary(
+        rows=rows,
+        input_shape=(batch_size, *shape),
+        output_shapes=[tuple(int(s) for s in trace.avals[o].shape) for o in trace.output_ids],
+        receptive_field=None if out_info is None else to_receptive_field(out_info),
+        total_params=trace.total_params,
+        notes=list(dict.fromkeys(grouper.notes)),
+    )

@@ -1,0 +1,276 @@
+"""Traces a Flax model to a flat list of primitive equations attributed to module calls.
+
+`summary` builds its per-layer table from this: every primitive of `model.apply` (including the
+ones written as plain functions, e.g. `nn.max_pool`, `jnp.pad`, a reshape) with the chain of Flax
+module calls and jitted functions it ran under, and its cost. Module calls are marked with
+`nn.intercept_methods`, which wraps each method call in a `jax.named_scope` carrying a unique
+token; the token ends up in every equation's `source_info.name_stack`, so shared modules called
+twice stay distinguishable. Sub-jaxprs (`jit`, `custom_jvp_call`, `custom_vjp_call`, `checkpoint`,
+`closed_call`) are inlined.
+
+Cost conventions (those of XLA's HloCostAnalysis, so totals agree with
+`jax.jit(f).lower(...).compile().cost_analysis()["flops"]`):
+- `macs`: dense multiply-accumulates of convolutions and dot products, the figure papers quote:
+  `N * prod(out_spatial) * C_out * C_in/groups * prod(kernel)`, taps over padding included.
+- `flops`: 2 per multiply-add that touches real data (taps that fall on zero padding or on the
+  zeros inserted by input dilation are not counted), plus 1 per element for elementwise
+  arithmetic (bias add, ReLU, BatchNorm arithmetic), `window - 1` per pooled output and
+  `in - out` per reduction. Transcendental functions (exp, rsqrt, tanh, pow...) are excluded, as
+  XLA reports them separately; data movement (pad, reshape, concatenate, slice) costs 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.analysis.receptive_field import CUMULATIVE, ELEMENTWISE, REDUCTIONS, WINDOW_REDUCTIONS
+
+_TOKEN = "cnnjax_call"
+_TOKEN_RE = re.compile(_TOKEN + r"(\d+)")
+INLINED = frozenset(
+    "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
+    "checkpoint remat named_call".split()
+)
+FUNCTION_CALLS = frozenset({"jit", "pjit"})  # inlined calls that may form a row of their own
+TRANSCENDENTAL = frozenset(
+    """exp exp2 expm1 log log1p tanh sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh
+    sqrt rsqrt cbrt pow erf erfc erf_inv lgamma digamma""".split()
+)
+FREE = frozenset(
+    "convert_element_type copy copy_p reduce_precision real imag stop_gradient".split()
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One Flax module method call (or a jitted function) seen during the trace."""
+
+    index: int
+    path: tuple[str, ...] | None  # module path; None for a jitted function
+    type_name: str  # module class name or function name
+    method: str
+
+
+@dataclasses.dataclass
+class FlatEqn:
+    """A primitive equation with inlined operands, its call chain and its cost."""
+
+    index: int
+    prim: str
+    params: dict[str, Any]
+    inputs: list[int]
+    outputs: list[int]
+    calls: tuple[int, ...]  # outermost first
+    flops: int
+    macs: int
+
+
+@dataclasses.dataclass
+class Trace:
+    """Everything `summary` needs to know about one forward pass."""
+
+    eqns: list[FlatEqn]
+    avals: dict[int, Any]  # value id -> ShapedArray
+    input_id: int
+    output_ids: list[int]
+    param_leaves: dict[int, tuple[str, int]]  # value id -> (param path, size)
+    calls: list[Call]
+    total_params: int
+
+
+def _size(shape: Sequence[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _valid_taps(n: int, k: int, s: int, lo: int, d: int, l: int, m: int) -> int:
+    """Pairs (output, tap) along one axis whose tap lands on a real input element."""
+    o = np.arange(m)[:, None]
+    t = np.arange(k)[None, :]
+    p = o * s + t * d - lo
+    return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * l) & (p % l == 0)))
+
+
+def _integer_pow_muls(y: int) -> int:
+    y = abs(y)
+    if y <= 1:
+        return 0
+    return y.bit_length() - 1 + bin(y).count("1") - 1
+
+
+def eqn_cost(prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any]) -> tuple[int, int]:
+    """(flops, macs) of one primitive under the conventions in the module docstring."""
+    out_size = _size(out_avals[0].shape) if out_avals else 0
+    if prim == "conv_general_dilated":
+        lhs, rhs, out = (tuple(a.shape) for a in (in_avals[0], in_avals[1], out_avals[0]))
+        lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+        groups = params["feature_group_count"] * params["batch_group_count"]
+        per_tap = out[out_spec[1]] * lhs[lhs_spec[1]] // params["feature_group_count"]
+        batch = out[out_spec[0]]
+        kernel = [rhs[a] for a in rhs_spec[2:]]
+        macs = batch * per_tap * _size(kernel) * _size([out[a] for a in out_spec[2:]])
+        taps = 1
+        for i, k in enumerate(kernel):
+            taps *= _valid_taps(
+                lhs[lhs_spec[2 + i]], k, params["window_strides"][i], params["padding"][i][0],
+                params["rhs_dilation"][i], params["lhs_dilation"][i], out[out_spec[2 + i]],
+            )
+        del groups
+        return 2 * batch * per_tap * taps, macs
+    if prim == "dot_general":
+        (lc, _), _ = params["dimension_numbers"]
+        contract = _size([in_avals[0].shape[a] for a in lc])
+        return 2 * out_size * contract, out_size * contract
+    if prim in FREE:
+        return 0, 0
+    if prim == "integer_pow":
+        return out_size * (_integer_pow_muls(params["y"]) + (params["y"] < 0)), 0
+    if prim == "logistic":
+        return 3 * out_size, 0
+    if prim in TRANSCENDENTAL:
+        return 0, 0
+    if prim in ELEMENTWISE:
+        return out_size, 0
+    if prim in WINDOW_REDUCTIONS:
+        return out_size * (_size(params["window_dimensions"]) - 1), 0
+    if prim in REDUCTIONS:
+        return _size(in_avals[0].shape) - out_size, 0
+    if prim in CUMULATIVE:
+        return out_size, 0
+    return 0, 0
+
+
+def _call_ids(eqn: Any) -> tuple[int, ...]:
+    return tuple(int(m) for m in _TOKEN_RE.findall(str(eqn.source_info.name_stack)))
+
+
+def _is_literal(v: Any) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+class _Flattener:
+    """Inlines sub-jaxprs into one list of equations over integer value ids."""
+
+    def __init__(self, calls: list[Call]):
+        self.eqns: list[FlatEqn] = []
+        self.avals: dict[int, Any] = {}
+        self.calls = calls
+
+    def new(self, aval: Any) -> int:
+        i = len(self.avals)
+        self.avals[i] = aval
+        return i
+
+    def walk(self, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int], path: tuple[int, ...]) -> list[int]:
+        env: dict[Any, int] = {}
+        for v in jaxpr.constvars:
+            env[v] = self.new(v.aval)
+        del consts
+        for v, i in zip(jaxpr.invars, in_ids, strict=True):
+            env[v] = i
+
+        def read(v: Any) -> int:
+            return self.new(v.aval) if _is_literal(v) else env[v]
+
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            epath = path + _call_ids(eqn)
+            sub = self._sub_jaxpr(eqn)
+            if sub is not None:
+                inner, inner_consts = sub
+                if eqn.primitive.name in FUNCTION_CALLS:
+                    idx = len(self.calls)
+                    self.calls.append(Call(idx, None, str(eqn.params.get("name", "jit")), "jit"))
+                    epath = epath + (idx,)
+                outs = self.walk(inner, inner_consts, ins, epath)
+            else:
+                outs = [self.new(v.aval) for v in eqn.outvars]
+                in_avals = [self.avals[i] for i in ins]
+                out_avals = [v.aval for v in eqn.outvars]
+                flops, macs = eqn_cost(eqn.primitive.name, eqn.params, in_avals, out_avals)
+                self.eqns.append(
+                    FlatEqn(len(self.eqns), eqn.primitive.name, dict(eqn.params), ins, outs, epath,
+                            int(flops), int(macs))
+                )
+            for v, o in zip(eqn.outvars, outs, strict=True):
+                env[v] = o
+        return [read(v) for v in jaxpr.outvars]
+
+    @staticmethod
+    def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
+        if eqn.primitive.name not in INLINED:
+            return None
+        for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+            j = eqn.params.get(key)
+            if j is None:
+                continue
+            inner = getattr(j, "jaxpr", j)
+            if (
+                hasattr(inner, "eqns")
+                and len(inner.invars) == len(eqn.invars)
+                and len(inner.outvars) == len(eqn.outvars)
+            ):
+                return inner, getattr(j, "consts", ())
+        return None
+
+
+def trace_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    batch_size: int = 1,
+    dtype: Any = jnp.float32,
+    **call_kwargs: Any,
+) -> Trace:
+    """Traces `model.apply` on an abstract `[batch_size, *input_shape]` input (nothing is computed;
+    parameters are only shape-evaluated)."""
+    x = jax.ShapeDtypeStruct((batch_size, *input_shape), dtype)
+    user_rngs = call_kwargs.pop("rngs", None) or {}
+    streams = {"params", "dropout", *user_rngs}
+
+    def rngs() -> dict[str, Any]:
+        key = jax.random.key(0)
+        return {name: key for name in streams}
+
+    variables = jax.eval_shape(lambda x: model.init(rngs(), x, **call_kwargs), x)
+    mutable = [c for c in variables if c != "params"]
+    calls: list[Call] = []
+
+    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        if context.method_name == "setup":
+            return next_fun(*args, **kwargs)
+        module = context.module
+        path = tuple(module.scope.path) if module.scope is not None else ()
+        idx = len(calls)
+        calls.append(Call(idx, path, type(module).__name__, context.method_name))
+        with jax.named_scope(f"{_TOKEN}{idx}"):
+            return next_fun(*args, **kwargs)
+
+    def forward(variables: Any, x: Any) -> Any:
+        with nn.intercept_methods(interceptor):
+            out = model.apply(
+                variables, x, rngs={k: v for k, v in rngs().items() if k != "params"},
+                mutable=mutable or False, **call_kwargs,
+            )
+        return out[0] if mutable else out
+
+    closed = jax.make_jaxpr(forward)(variables, x)
+    flat = _Flattener(calls)
+    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    in_ids = [flat.new(v.aval) for v in closed.jaxpr.invars]
+    param_leaves, total = {}, 0
+    for vid, (keypath, leaf) in zip(in_ids, leaves, strict=False):
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath]
+        if keys and keys[0] == "params":
+            param_leaves[vid] = ("/".join(keys[1:]), _size(leaf.shape))
+            total += _size(leaf.shape)
+    outputs = flat.walk(closed.jaxpr, closed.consts, in_ids, ())
+    return Trace(flat.eqns, flat.avals, in_ids[-1], outputs, param_leaves, calls, total)
