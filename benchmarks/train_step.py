@@ -1,0 +1,319 @@
+r"""Train-step throughput: cnnjax's compiled step vs. the same network and step in PyTorch eager.
+
+Times the engine's real per-device train step (`cnnjax.train.step`, wrapped by `DataParallel`
+with pmap or shard_map) on a synthetic in-memory batch: compile time, then the median step time
+over `--steps` steps after `--warmup`. With `--torch` it also builds the same architecture in
+torch.nn (same layer shapes, checked by parameter count) and times SGD+momentum steps in eager
+mode, interleaving JAX and PyTorch rounds in this one process so both see the same machine load.
+
+  python -m benchmarks.train_step --model=resnet18 --batch_size=128 --image_size=32 --torch
+
+PyTorch is optional: `pip install .[bench]` (a CPU-only wheel is enough). Figures measured with
+this script are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+from cnnjax.platform import configure_cpu_defaults
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "resnet18", "Registry name (see cnnjax.models.list_models()).")
+flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier head.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the devices).")
+flags.DEFINE_integer("image_size", 32, "Square input side; inputs have 3 channels.")
+flags.DEFINE_integer("num_devices", 1, "Data-parallel devices; on CPU extra host devices are "
+                     "created with --xla_force_host_platform_device_count. 0: all devices.")
+flags.DEFINE_integer("steps", 10, "Timed steps per round.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation (and per PyTorch round).")
+flags.DEFINE_integer("rounds", 3, "Rounds of (JAX steps, PyTorch steps), interleaved.")
+flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype "
+                  "(parameters stay float32; PyTorch uses CPU autocast for bfloat16).")
+flags.DEFINE_bool("torch", False, "Also time the same network and step in PyTorch eager.")
+flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
+flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults() "
+                  "(flags you set in XLA_FLAGS always win).")
+flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+
+
+# ------------------------------------------------------------------------------------------ JAX
+def build_jax_step(model_name: str, num_classes: int, batch_size: int, image_size: int,
+                   num_devices: int, parallel: str, dtype: str) -> dict[str, Any]:
+    """The engine's compiled train step, its initial state and a device-resident batch."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from cnnjax.models import create_model
+    from cnnjax.train.config import default_config
+    from cnnjax.train.optim import build_optimizer, build_schedule
+    from cnnjax.train.parallel import AXIS_NAME, DataParallel
+    from cnnjax.train.state import create_train_state
+    from cnnjax.train.step import make_steps
+
+    devices = jax.devices()
+    n = len(devices) if num_devices == 0 else num_devices
+    if n > len(devices):
+        raise ValueError(f"train_step: num_devices={n} is invalid; only {len(devices)} devices "
+                         "exist.")
+    if batch_size % n:
+        raise ValueError(f"train_step: batch_size={batch_size} is invalid; expected a multiple of "
+                         f"num_devices={n}.")
+    config = default_config()
+    config.num_train_steps = 1000
+    config.optimizer = ml_collections.ConfigDict(
+        {"name": "sgd", "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "nesterov": False})
+    config.schedule = ml_collections.ConfigDict({"name": "constant"})
+    schedule = build_schedule(config)
+    tx = build_optimizer(config, schedule)
+    model = create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype),
+                         axis_name=AXIS_NAME)
+    dp = DataParallel(parallel, devices[:n])
+    train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME)
+    step = dp.wrap_train(train_fn)
+    per_device = batch_size // n
+    state = create_train_state(model, tx, jax.random.PRNGKey(0),
+                               (per_device, image_size, image_size, 3))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    state = dp.replicate(state)
+    rng = np.random.default_rng(0)
+    batch = dp.shard_batch({
+        "image": rng.standard_normal((n, per_device, image_size, image_size, 3), np.float32),
+        "label": rng.integers(0, num_classes, (n, per_device)).astype(np.int32),
+    })
+    return {"step": step, "state": state, "batch": batch, "num_devices": n,
+            "num_params": num_params, "platform": devices[0].platform}
+
+
+def compile_jax_step(bench: dict[str, Any]) -> float:
+    """Compiles the step ahead of time; returns seconds and stores the executable in `bench`."""
+    start = time.perf_counter()
+    bench["compiled"] = bench["step"].lower(bench["state"], bench["batch"]).compile()
+    return time.perf_counter() - start
+
+
+def run_jax_steps(bench: dict[str, Any], steps: int) -> list[float]:
+    """Runs `steps` compiled steps, returning each one's wall time (waiting for its results)."""
+    import jax
+
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        bench["state"], metrics = bench["compiled"](bench["state"], bench["batch"])
+        jax.block_until_ready((bench["state"], metrics))
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# -------------------------------------------------------------------------------------- PyTorch
+TORCH_RESNETS = {  # registry name -> (block kind, blocks per stage), as in cnnjax/models/resnet.py
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+
+
+def build_torch_resnet(model_name: str, num_classes: int):
+    """The cnnjax ImageNet ResNet (v1.5, projection shortcuts) written with torch.nn."""
+    import torch
+    from torch import nn
+
+    if model_name not in TORCH_RESNETS:
+        raise ValueError(f"train_step: model={model_name!r} is invalid with --torch; expected one "
+                         f"of {sorted(TORCH_RESNETS)}.")
+    kind, stages = TORCH_RESNETS[model_name]
+
+    def conv_bn(cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, width: int, stride: int):
+            super().__init__()
+            if kind == "basic":
+                cout = width
+                layers = [*conv_bn(cin, width, 3, stride), nn.ReLU(), *conv_bn(width, width, 3, 1)]
+            else:  # bottleneck, stride on the 3x3 (v1.5)
+                cout = width * 4
+                layers = [*conv_bn(cin, width, 1, 1), nn.ReLU(), *conv_bn(width, width, 3, stride),
+                          nn.ReLU(), *conv_bn(width, cout, 1, 1)]
+            self.body = nn.Sequential(*layers)
+            self.shortcut = (nn.Sequential(*conv_bn(cin, cout, 1, stride))
+                             if stride != 1 or cin != cout else nn.Identity())
+            self.out_channels = cout
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + self.shortcut(x))
+
+    blocks: list[nn.Module] = []
+    channels = 64
+    for i, count in enumerate(stages):
+        for j in range(count):
+            block = Block(channels, 64 * 2**i, 2 if i > 0 and j == 0 else 1)
+            blocks.append(block)
+            channels = block.out_channels
+    return nn.Sequential(
+        *conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1), *blocks,
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes),
+    )
+
+
+def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_size: int,
+                     dtype: str, channels_last: bool) -> dict[str, Any]:
+    """A PyTorch eager SGD+momentum step on the same network and a synthetic batch."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build_torch_resnet(model_name, num_classes).train()
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch_size,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    autocast = dtype == "bfloat16"
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+
+    num_params = sum(p.numel() for p in model.parameters())
+    return {"step": step, "num_params": num_params, "threads": torch.get_num_threads(),
+            "version": torch.__version__}
+
+
+def run_torch_steps(bench: dict[str, Any], steps: int) -> list[float]:
+    """Runs `steps` eager steps, returning each one's wall time."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        bench["step"]()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ------------------------------------------------------------------------------------ reporting
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Machine and library versions for the report."""
+    import jax
+
+    return {"python": platform.python_version(), "jax_version": jax.__version__,
+            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def summarize(times: list[float], batch_size: int) -> dict[str, float]:
+    """Median step time and images/s over `times`."""
+    median = statistics.median(times)
+    return {"median_step_s": median, "images_per_s": batch_size / median,
+            "min_step_s": min(times), "max_step_s": max(times)}
+
+
+def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, Callable]):
+    """Runs each runner's `steps` in turn, `rounds` times; returns {name: [times per round]}."""
+    results: dict[str, list[list[float]]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            if warmup:
+                run(warmup)
+            results[name].append(run(steps))
+    return results
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    changed = configure_cpu_defaults() if FLAGS.xla_defaults else {}
+    if FLAGS.num_devices > 1:  # host devices must be requested before the backend starts
+        configure_cpu_defaults({"xla_force_host_platform_device_count": str(FLAGS.num_devices)})
+    load_start = loadavg()
+    bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size, FLAGS.image_size,
+                           FLAGS.num_devices, FLAGS.parallel, FLAGS.dtype)
+    compile_s = compile_jax_step(bench)
+    runners: dict[str, Callable] = {"jax": lambda k: run_jax_steps(bench, k)}
+    torch_bench = None
+    if FLAGS.torch:
+        torch_bench = build_torch_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+                                       FLAGS.image_size, FLAGS.dtype, FLAGS.torch_channels_last)
+        if torch_bench["num_params"] != bench["num_params"]:
+            raise RuntimeError(f"PyTorch network has {torch_bench['num_params']} parameters, the "
+                               f"cnnjax one {bench['num_params']}: not the same architecture.")
+        runners["torch"] = lambda k: run_torch_steps(torch_bench, k)
+    rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners)
+
+    result: dict[str, Any] = {
+        "model": FLAGS.model, "batch_size": FLAGS.batch_size, "image_size": FLAGS.image_size,
+        "num_devices": bench["num_devices"], "parallel": FLAGS.parallel, "dtype": FLAGS.dtype,
+        "platform": bench["platform"], "num_params": bench["num_params"],
+        "xla_defaults_added": changed, **environment(), "compile_s": compile_s,
+        "jax": summarize(sum(rounds["jax"], []), FLAGS.batch_size),
+        "jax_rounds_images_per_s": [FLAGS.batch_size / statistics.median(r) for r in rounds["jax"]],
+    }
+    lines = [
+        f"model={FLAGS.model} params={bench['num_params']:,} batch={FLAGS.batch_size} "
+        f"image={FLAGS.image_size} devices={bench['num_devices']} ({bench['platform']}, "
+        f"{FLAGS.parallel}) dtype={FLAGS.dtype}",
+        f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r} "
+        f"(added by cnnjax: {sorted(changed) or 'none'})",
+        f"compile: {compile_s:.1f} s",
+        f"jax:   {result['jax']['images_per_s']:8.1f} img/s (median step "
+        f"{result['jax']['median_step_s'] * 1e3:.0f} ms; per round "
+        f"{', '.join(f'{v:.1f}' for v in result['jax_rounds_images_per_s'])})",
+    ]
+    if torch_bench is not None:
+        result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
+        result["torch_rounds_images_per_s"] = [FLAGS.batch_size / statistics.median(r)
+                                               for r in rounds["torch"]]
+        result["torch_version"] = torch_bench["version"]
+        result["torch_threads"] = torch_bench["threads"]
+        result["torch_channels_last"] = FLAGS.torch_channels_last
+        result["ratio"] = result["jax"]["images_per_s"] / result["torch"]["images_per_s"]
+        result["round_ratios"] = [j / t for j, t in zip(result["jax_rounds_images_per_s"],
+                                                        result["torch_rounds_images_per_s"],
+                                                        strict=True)]
+        lines += [
+            f"torch: {result['torch']['images_per_s']:8.1f} img/s (median step "
+            f"{result['torch']['median_step_s'] * 1e3:.0f} ms; per round "
+            f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}; torch "
+            f"{torch_bench['version']}, {torch_bench['threads']} threads)",
+            f"ratio jax/torch: {result['ratio']:.2f}x (per round "
+            f"{', '.join(f'{r:.2f}' for r in result['round_ratios'])})",
+        ]
+    result["loadavg_start"], result["loadavg_end"] = load_start, loadavg()
+    lines.append(f"load average (1 min): {load_start} -> {result['loadavg_end']}")
+    print("\n".join(lines))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    app.run(main)
