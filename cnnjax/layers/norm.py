@@ -27,6 +27,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnjax.utils.validation import check_nhwc, check_positive_float, check_positive_int, invalid
 
@@ -82,7 +83,7 @@ class LocalResponseNorm(nn.Module):
         a = x.astype(compute)
         below, above = self.size // 2, (self.size - 1) // 2
         window_sum = jax.lax.reduce_window(
-            a * a, jnp.array(0, compute), jax.lax.add, (1, 1, 1, self.size), (1, 1, 1, 1),
+            a * a, np.array(0, compute), jax.lax.add, (1, 1, 1, self.size), (1, 1, 1, 1),
             ((0, 0), (0, 0), (0, 0), (below, above)))
         scale = (self.k + self.effective_alpha * window_sum) ** (-self.beta)
         return (a * scale).astype(out_dtype)

@@ -28,11 +28,19 @@ from cnnjax.utils.validation import check_choice, check_nhwc, invalid, to_pair
 IntPair = int | Sequence[int]
 
 
-def _lowest(dtype: jnp.dtype) -> jax.Array:
-    """The identity of `max` for `dtype` (-inf for floats), used as the max-pool padding."""
+def _lowest(dtype: jnp.dtype) -> np.ndarray:
+    """The identity of `max` for `dtype` (-inf for floats), used as the max-pool padding.
+
+    Init values are NumPy constants so `reduce_window` recognises the max/sum monoids even under
+    jit, which keeps them differentiable to any order.
+    """
     if jnp.issubdtype(dtype, jnp.floating):
-        return jnp.array(-jnp.inf, dtype)
-    return jnp.array(jnp.iinfo(dtype).min, dtype)
+        return np.array(-np.inf, dtype)
+    return np.array(jnp.iinfo(dtype).min, dtype)
+
+
+def _zero(dtype: jnp.dtype) -> np.ndarray:
+    return np.array(0, dtype)
 
 
 def _window_geometry(
@@ -108,7 +116,7 @@ def avg_pool2d(
     if not isinstance(count_include_pad, bool):
         raise invalid(owner, "count_include_pad", count_include_pad, "expected a bool")
     summed = jax.lax.reduce_window(
-        x, jnp.array(0, x.dtype), jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
+        x, _zero(x.dtype), jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
         ((0, 0), (pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]), (0, 0)))
     counts = [
         _avg_counts(n, k, s, p, o, count_include_pad)
@@ -144,7 +152,7 @@ def _adaptive_axis(x: jax.Array, axis: int, out: int, mode: str) -> jax.Array:
         window[axis] = size // out
         if mode == "max":
             return jax.lax.reduce_window(x, _lowest(x.dtype), jax.lax.max, window, window, "VALID")
-        summed = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, window,
+        summed = jax.lax.reduce_window(x, _zero(x.dtype), jax.lax.add, window, window,
                                        "VALID")
         return summed / (size // out)
     starts, ends = adaptive_bins(size, out)

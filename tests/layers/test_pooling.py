@@ -1,0 +1,296 @@
+"""Pooling checked against TensorFlow's pooling ops and float64 NumPy loop references."""
+
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from jax.test_util import check_grads
+
+from cnnjax.layers.pooling import (
+    adaptive_avg_pool2d,
+    adaptive_max_pool2d,
+    avg_pool2d,
+    global_avg_pool,
+    global_max_pool,
+    max_pool2d,
+    spatial_pyramid_pool,
+)
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _random(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------- float64 NumPy references
+
+
+def _windows_1d(n, k, s, p, ceil_mode):
+    """Window starts (unpadded coordinates) by PyTorch's rule, written as a walk over windows.
+
+    Full windows step from -p while they fit in the padded input; ceil mode adds one partial
+    window if input is left uncovered, unless that window would start in the right padding.
+    """
+    starts, start = [], -p
+    while start + k <= n + p:
+        starts.append(start)
+        start += s
+    if ceil_mode and starts[-1] + k < n + p and start < n:
+        starts.append(start)
+    return starts
+
+
+def _pool_reference(x, kernel, stride, padding, ceil_mode, mode, count_include_pad=True):
+    x = x.astype(np.float64)
+    n, h, w, c = x.shape
+    rows = _windows_1d(h, kernel[0], stride[0], padding[0], ceil_mode)
+    cols = _windows_1d(w, kernel[1], stride[1], padding[1], ceil_mode)
+    out = np.zeros((n, len(rows), len(cols), c))
+    for i, r in enumerate(rows):
+        for j, q in enumerate(cols):
+            r0, r1 = max(r, 0), min(r + kernel[0], h)
+            q0, q1 = max(q, 0), min(q + kernel[1], w)
+            window = x[:, r0:r1, q0:q1]
+            if mode == "max":
+                out[:, i, j] = window.max(axis=(1, 2))
+            else:
+                if count_include_pad:  # Overlap with the padded input [-p, n + p).
+                    dh = min(r + kernel[0], h + padding[0]) - r
+                    dw = min(q + kernel[1], w + padding[1]) - q
+                else:
+                    dh, dw = r1 - r0, q1 - q0
+                out[:, i, j] = window.sum(axis=(1, 2)) / (dh * dw)
+    return out
+
+
+def _adaptive_reference(x, out_size, mode):
+    x = x.astype(np.float64)
+    n, h, w, c = x.shape
+    oh, ow = out_size
+    out = np.zeros((n, oh, ow, c))
+    for i in range(oh):
+        r0, r1 = math.floor(i * h / oh), math.ceil((i + 1) * h / oh)
+        for j in range(ow):
+            q0, q1 = math.floor(j * w / ow), math.ceil((j + 1) * w / ow)
+            window = x[:, r0:r1, q0:q1]
+            out[:, i, j] = window.max(axis=(1, 2)) if mode == "max" else window.mean(axis=(1, 2))
+    return out
+
+
+# ---------------------------------------------------------------- TensorFlow comparisons
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (3, 1), ((3, 2), (2, 1)), (5, 3)])
+def test_valid_pooling_matches_tensorflow(kernel, stride):
+    x = _random((2, 13, 11, 3))
+    k = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    s = stride if isinstance(stride, tuple) else (stride, stride)
+    expected_max = tf.nn.max_pool2d(x, k, s, "VALID").numpy()
+    expected_avg = tf.nn.avg_pool2d(x, k, s, "VALID").numpy()
+    np.testing.assert_allclose(max_pool2d(x, kernel, stride), expected_max, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(avg_pool2d(x, kernel, stride), expected_avg, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (9, 3, 2), (11, 5, 2), (13, 3, 3)])
+def test_same_pooling_matches_tensorflow_when_padding_is_symmetric(size, kernel, stride):
+    # TF's SAME pads total = max((out - 1) * s + k - n, 0), out = ceil(n / s), the extra pixel at
+    # the bottom/right; with symmetric padding k // 2 the two coincide exactly when that total is
+    # 2 * (k // 2). TF's SAME average excludes the padding: count_include_pad=False.
+    out = -(-size // stride)
+    assert max((out - 1) * stride + kernel - size, 0) == 2 * (kernel // 2)
+    x = _random((2, size, size, 3), seed=1)
+    pad = kernel // 2
+    np.testing.assert_allclose(max_pool2d(x, kernel, stride, pad),
+                               tf.nn.max_pool2d(x, kernel, stride, "SAME").numpy(),
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(avg_pool2d(x, kernel, stride, pad, count_include_pad=False),
+                               tf.nn.avg_pool2d(x, kernel, stride, "SAME").numpy(),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_global_pooling_matches_tensorflow():
+    x = _random((2, 7, 9, 5), seed=2)
+    np.testing.assert_allclose(global_avg_pool(x), tf.reduce_mean(x, axis=(1, 2)).numpy(),
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(global_max_pool(x), tf.reduce_max(x, axis=(1, 2)).numpy(),
+                               rtol=RTOL, atol=ATOL)
+    assert global_avg_pool(x, keepdims=True).shape == (2, 1, 1, 5)
+    assert global_max_pool(x, keepdims=True).shape == (2, 1, 1, 5)
+
+
+# ---------------------------------------------------------------- ceil_mode / count_include_pad
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding",
+    [(9, 3, 2, 0), (8, 3, 2, 0), (10, 3, 2, 1), (5, 2, 2, 1), (11, 3, 3, 1), (7, 4, 3, 2),
+     ((9, 12), (3, 2), (2, 3), (1, 0))],
+)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_pooling_matches_numpy_reference(size, kernel, stride, padding, ceil_mode):
+    hw = size if isinstance(size, tuple) else (size, size)
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)
+    x = _random((2, *hw, 3), seed=3)
+    args = (pair(kernel), pair(stride), pair(padding), ceil_mode)
+    got = max_pool2d(x, kernel, stride, padding, ceil_mode)
+    np.testing.assert_allclose(got, _pool_reference(x, *args, "max"), rtol=RTOL, atol=ATOL)
+    for include in (True, False):
+        got = avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad=include)
+        expected = _pool_reference(x, *args, "avg", count_include_pad=include)
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding,floor_out,ceil_out",
+    [
+        (112, 3, 2, 0, 55, 56),  # GoogLeNet's overlapping 3x3/s2 pooling rounds up.
+        (8, 3, 2, 0, 3, 4),
+        (5, 2, 2, 1, 3, 3),  # The ceil window would start in the right padding: dropped.
+        (55, 3, 2, 0, 27, 27),  # AlexNet's pool1: exact, both modes agree.
+    ],
+)
+def test_output_sizes_by_hand(size, kernel, stride, padding, floor_out, ceil_out):
+    x = jnp.zeros((1, size, size, 1))
+    assert max_pool2d(x, kernel, stride, padding).shape[1] == floor_out
+    assert max_pool2d(x, kernel, stride, padding, ceil_mode=True).shape[1] == ceil_out
+
+
+def test_count_include_pad_by_hand():
+    # 3x3 ones, k=2 s=2 p=1: each corner window holds one real pixel and three padded zeros.
+    x = jnp.ones((1, 3, 3, 1))
+    np.testing.assert_allclose(avg_pool2d(x, 2, 2, 1)[0, :, :, 0], [[0.25, 0.5], [0.5, 1.0]])
+    np.testing.assert_allclose(avg_pool2d(x, 2, 2, 1, count_include_pad=False),
+                               np.ones((1, 2, 2, 1)))
+
+
+def test_max_pool_is_invariant_to_shifts_within_its_window():
+    # A single activation peak anywhere inside one 3x3/s3 window gives the same pooled output.
+    base = np.zeros((1, 9, 9, 1), np.float32)
+    outputs = []
+    for dy in range(3):
+        for dx in range(3):
+            x = base.copy()
+            x[0, 3 + dy, 6 + dx, 0] = 1.0
+            outputs.append(np.asarray(max_pool2d(x, 3)))
+    for out in outputs:
+        np.testing.assert_array_equal(out, outputs[0])
+    # ...while a shift that crosses into the next window moves the output.
+    x = base.copy()
+    x[0, 6, 6, 0] = 1.0
+    assert not np.array_equal(np.asarray(max_pool2d(x, 3)), outputs[0])
+
+
+# ---------------------------------------------------------------- adaptive pooling and SPP
+
+
+@pytest.mark.parametrize("hw,out", [((9, 11), (4, 3)), ((7, 7), (7, 7)), ((13, 13), (6, 6)),
+                                    ((5, 3), (7, 2)), ((12, 9), (4, 3))])
+def test_adaptive_pooling_matches_numpy_reference(hw, out):
+    x = _random((2, *hw, 3), seed=4)
+    np.testing.assert_allclose(adaptive_avg_pool2d(x, out), _adaptive_reference(x, out, "avg"),
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(adaptive_max_pool2d(x, out), _adaptive_reference(x, out, "max"),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_adaptive_pooling_reduces_to_plain_pooling_when_divisible():
+    x = _random((2, 12, 18, 3), seed=5)
+    np.testing.assert_allclose(adaptive_avg_pool2d(x, (4, 6)), avg_pool2d(x, 3),
+                               rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(adaptive_max_pool2d(x, (4, 3)), max_pool2d(x, (3, 6)))
+    # torchvision AlexNet: AdaptiveAvgPool2d((6, 6)) of its 6x6 map at 224 is the identity.
+    six = _random((1, 6, 6, 4), seed=6)
+    np.testing.assert_allclose(adaptive_avg_pool2d(six, 6), six, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("hw", [(9, 11), (13, 13), (5, 7)])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_spatial_pyramid_pool_fixed_length_and_values(hw, mode):
+    channels, levels = 3, (1, 2, 4)
+    x = _random((2, *hw, channels), seed=7)
+    got = spatial_pyramid_pool(x, levels, mode)
+    assert got.shape == (2, channels * (1 + 4 + 16))
+    expected = np.concatenate(
+        [_adaptive_reference(x, (lv, lv), mode).reshape(2, -1) for lv in levels], axis=1)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_spatial_pyramid_pool_matches_paper_windows_when_divisible():
+    # He et al.: level n on an a x a map uses window ceil(a/n) and stride floor(a/n).
+    x = _random((1, 12, 12, 2), seed=8)
+    got = spatial_pyramid_pool(x, levels=(3,), mode="max")
+    np.testing.assert_array_equal(got, np.asarray(max_pool2d(x, 4, 4)).reshape(1, -1))
+
+
+def test_spatial_pyramid_pool_gradients():
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(9).normal(size=(1, 7, 5, 2)))
+        check_grads(jax.jit(lambda v: spatial_pyramid_pool(v, (1, 2, 3), "avg")), (x,),
+                    order=1, modes=("fwd", "rev"))
+
+
+def test_pooling_jits():
+    x = _random((1, 9, 9, 2), seed=10)
+    fn = jax.jit(lambda v: avg_pool2d(v, 3, 2, 1, ceil_mode=True, count_include_pad=False))
+    expected = _pool_reference(x, (3, 3), (2, 2), (1, 1), True, "avg", False)
+    np.testing.assert_allclose(fn(x), expected, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------- errors
+
+X = jnp.zeros((1, 5, 5, 2))
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: max_pool2d(jnp.zeros((5, 5, 2)), 2),
+         "max_pool2d: input.shape=(5, 5, 2) is invalid; expected a rank-4 NHWC array"),
+        (lambda: max_pool2d(X, 0),
+         "max_pool2d: kernel_size=0 is invalid; expected every entry >= 1"),
+        (lambda: max_pool2d(X, 2, stride=0),
+         "max_pool2d: stride=0 is invalid; expected every entry >= 1"),
+        (lambda: max_pool2d(X, (2, 2, 2)),
+         "max_pool2d: kernel_size=(2, 2, 2) is invalid; expected an int or a pair of ints"),
+        (lambda: max_pool2d(X, 3, padding=2),
+         "max_pool2d: padding=2 is invalid; expected at most half the kernel size (3, 3)"),
+        (lambda: avg_pool2d(X, 2, padding=-1),
+         "avg_pool2d: padding=-1 is invalid; expected every entry >= 0"),
+        (lambda: max_pool2d(X, 6),
+         "max_pool2d: kernel_size=6 is invalid; expected at most the padded input size (5, 5)"),
+        (lambda: avg_pool2d(X, (2, 8), padding=1),
+         "avg_pool2d: kernel_size=(2, 8) is invalid; expected at most the padded input size "
+         "(7, 7)"),
+        (lambda: max_pool2d(X, 2, ceil_mode="yes"),
+         "max_pool2d: ceil_mode='yes' is invalid; expected a bool"),
+        (lambda: avg_pool2d(X, 2, count_include_pad=1),
+         "avg_pool2d: count_include_pad=1 is invalid; expected a bool"),
+        (lambda: global_avg_pool(jnp.zeros((2, 3))),
+         "global_avg_pool: input.shape=(2, 3) is invalid"),
+        (lambda: global_max_pool(jnp.zeros((2, 3))),
+         "global_max_pool: input.shape=(2, 3) is invalid"),
+        (lambda: adaptive_avg_pool2d(X, 0),
+         "adaptive_avg_pool2d: output_size=0 is invalid; expected every entry >= 1"),
+        (lambda: adaptive_max_pool2d(X, (2, -1)),
+         "adaptive_max_pool2d: output_size=(2, -1) is invalid; expected every entry >= 1"),
+        (lambda: spatial_pyramid_pool(X, mode="sum"),
+         "spatial_pyramid_pool: mode='sum' is invalid; expected one of ['max', 'avg']"),
+        (lambda: spatial_pyramid_pool(X, levels=()),
+         "spatial_pyramid_pool: levels=() is invalid; expected a non-empty sequence of positive"),
+        (lambda: spatial_pyramid_pool(X, levels=(1, 0)),
+         "spatial_pyramid_pool: levels=(1, 0) is invalid; expected a non-empty sequence"),
+        (lambda: spatial_pyramid_pool(X, levels=3),
+         "spatial_pyramid_pool: levels=3 is invalid; expected a non-empty sequence"),
+    ],
+)
+def test_errors(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value).startswith(message), str(info.value)
