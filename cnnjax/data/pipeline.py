@@ -1,0 +1,619 @@
+"""tf.data input pipelines: the batches the training engine consumes.
+
+`train_batches` is an infinite, exactly resumable stream: batch `k` depends only on the data
+config, `seed` and `k` (and the process layout). Epoch `e = k // steps_per_epoch` shuffles the
+split with a seed derived from `(seed, e)`, and every random augmentation draws from a stateless
+seed derived from `(seed, e, process_index, position in the epoch)`, so `start_step=k` replays
+the same batches an uninterrupted run would see. Each epoch has
+`steps_per_epoch = num_train // global_batch_size` steps; the remainder is dropped.
+
+`eval_batches` is one pass over the eval split; the last batch is padded and carries a `mask`.
+
+Multi-host: each process reads its own contiguous shard of the split (`tfds.even_splits`) and
+yields its `global_batch_size / process_count` examples per step, reshaped to
+`[num_devices, per_device, ...]` for its local devices.
+
+TensorFlow is only the input pipeline: `hide_gpus_from_tensorflow()` runs before any pipeline is
+built (not at import, so importing cnnjax does not change TensorFlow's state for user code) so
+that TF never allocates GPU memory that JAX needs.
+
+Files are always read in their stored order (tfds writes examples pre-shuffled by hashed key) and
+shuffled with a buffer of `shuffle_buffer` examples. So `cache` (decode once and keep the split
+in memory) only changes speed, never the batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from ml_collections import config_dict
+
+from cnnjax.data import presets
+from cnnjax.data.builders import digits as _digits  # noqa: F401  (registers the `digits` builder)
+from cnnjax.utils.validation import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    invalid,
+)
+
+Batch = dict[str, np.ndarray]
+_OWNER = "data"
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the engine needs to know about a dataset before building a model.
+
+    `image_shape` is the shape of one image as the pipeline yields it (after `image_size`);
+    `num_train` / `num_eval` count the whole train / eval split (all processes together).
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_eval: int
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A catalogue dataset is not in the tfds data dir, and cnnjax never downloads data."""
+
+
+# ------------------------------------------------------------------------------------ config
+def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
+    """Returns a data config with every field the pipeline reads, set to `name`'s defaults.
+
+    Fields: `name`; `data_dir` (None: tfds's default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets);
+    `tfds_name` (None: the preset's, e.g. `imagenette/320px-v2`); `image_size` (None: native size,
+    224 for ImageNet-like data); `augment`; `train_split` / `eval_split` (None: the preset's, any
+    tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; and `fake_*`, the
+    shape, classes and sizes of the `fake` dataset (random in-memory images for benchmarks).
+    """
+    preset = presets.get_preset(name)
+    fake = presets.get_preset("fake")
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            "data_dir": config_dict.placeholder(str),
+            "tfds_name": config_dict.placeholder(str),
+            "image_size": config_dict.placeholder(int),
+            "augment": True,
+            "train_split": config_dict.placeholder(str),
+            "eval_split": config_dict.placeholder(str),
+            "cache": preset.cache,
+            "shuffle_buffer": preset.shuffle_buffer,
+            "fake_image_shape": fake.image_shape,
+            "fake_num_classes": fake.num_classes,
+            "fake_num_train": 1024,
+            "fake_num_eval": 256,
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """A data config resolved against its preset and validated (no I/O yet)."""
+
+    preset: presets.DatasetPreset
+    tfds_name: str | None
+    data_dir: str | None
+    size: tuple[int, int] | None  # output (height, width); None: native (fixed-size data only)
+    augment: bool
+    train_split: str
+    eval_split: str
+    cache: bool
+    shuffle_buffer: int
+    fake_image_shape: tuple[int, int, int]
+    fake_num_classes: int
+    fake_num_train: int
+    fake_num_eval: int
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _optional_str(arg: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise invalid(_OWNER, arg, value, "expected a non-empty string or None")
+    return value
+
+
+def _check_bool(arg: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise invalid(_OWNER, arg, value, "expected True or False")
+    return bool(value)
+
+
+def _resolve(data_config: Any) -> _Spec:
+    """Fills missing fields from `default_data_config(name)` and validates every field."""
+    fields = dict(data_config.items()) if hasattr(data_config, "items") else None
+    if fields is None:
+        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    name = fields.get("name")
+    check_choice(_OWNER, "name", name, presets.list_datasets())
+    preset = presets.get_preset(name)
+    defaults = dict(default_data_config(name).items())
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise invalid(_OWNER, "fields", unknown, f"expected only {sorted(defaults)}")
+    cfg = {key: fields.get(key, default) for key, default in defaults.items()}
+
+    image_size = cfg["image_size"]
+    if image_size is not None:
+        if not _is_int(image_size) or image_size <= 0:
+            raise invalid(_OWNER, "image_size", image_size,
+                          "expected a positive integer, or None for the native size")
+        size: tuple[int, int] | None = (int(image_size), int(image_size))
+    elif preset.default_image_size is not None:
+        size = (preset.default_image_size, preset.default_image_size)
+    else:
+        size = None
+
+    fake_shape = cfg["fake_image_shape"]
+    if (not isinstance(fake_shape, tuple | list) or len(fake_shape) != 3
+            or not all(_is_int(v) and v > 0 for v in fake_shape)):
+        raise invalid(_OWNER, "fake_image_shape", fake_shape,
+                      "expected three positive integers (height, width, channels)")
+    for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
+        if not _is_int(cfg[arg]) or cfg[arg] <= 0:
+            raise invalid(_OWNER, arg, cfg[arg], "expected a positive integer")
+
+    tfds_name = _optional_str("tfds_name", cfg["tfds_name"]) or preset.tfds_name
+    if name == "fake":
+        tfds_name = None
+    return _Spec(
+        preset=preset,
+        tfds_name=tfds_name,
+        data_dir=_optional_str("data_dir", cfg["data_dir"]),
+        size=size,
+        augment=_check_bool("augment", cfg["augment"]),
+        train_split=_optional_str("train_split", cfg["train_split"]) or preset.train_split,
+        eval_split=_optional_str("eval_split", cfg["eval_split"]) or preset.eval_split,
+        cache=_check_bool("cache", cfg["cache"]),
+        shuffle_buffer=int(cfg["shuffle_buffer"]),
+        fake_image_shape=tuple(int(v) for v in fake_shape),  # type: ignore[arg-type]
+        fake_num_classes=int(cfg["fake_num_classes"]),
+        fake_num_train=int(cfg["fake_num_train"]),
+        fake_num_eval=int(cfg["fake_num_eval"]),
+    )
+
+
+def _check_layout(global_batch_size: Any, num_devices: Any, process_index: Any,
+                  process_count: Any) -> int:
+    """Validates the batch/device/process layout; returns the per-process batch size."""
+    check_positive_int(_OWNER, "global_batch_size", global_batch_size)
+    check_positive_int(_OWNER, "num_devices", num_devices)
+    check_positive_int(_OWNER, "process_count", process_count)
+    check_non_negative_int(_OWNER, "process_index", process_index)
+    if process_index >= process_count:
+        raise invalid(_OWNER, "process_index", process_index,
+                      f"expected 0 <= process_index < process_count={process_count}")
+    total = num_devices * process_count
+    if global_batch_size % total:
+        raise invalid(_OWNER, "global_batch_size", global_batch_size,
+                      f"expected a multiple of num_devices * process_count = {num_devices} * "
+                      f"{process_count} = {total}")
+    return global_batch_size // process_count
+
+
+# ----------------------------------------------------------------------------------- sources
+def hide_gpus_from_tensorflow() -> None:
+    """Makes GPUs invisible to TensorFlow so it never reserves accelerator memory JAX needs.
+
+    Called by every pipeline entry point before TensorFlow builds anything. If TensorFlow was
+    already initialized with GPUs visible (user code ran TF ops first), it logs a warning.
+    """
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF runtime already initialized: visibility can no longer change.
+        if tf.config.get_visible_devices("GPU"):
+            logging.warning("cnnjax.data: TensorFlow was initialized with GPUs visible before "
+                            "the input pipeline; it may hold GPU memory that JAX needs.")
+
+
+class _Source:
+    """Raw examples of one dataset: `{'image': encoded bytes or uint8 HWC, 'label': int}`."""
+
+    name: str
+    num_classes: int
+    native_shape: tuple[int | None, int | None, int]
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        raise NotImplementedError
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        """Turns a stored image into a uint8 `[H, W, C]` tensor."""
+        return image
+
+
+class _TfdsSource(_Source):
+    """A prepared tfds dataset; images stay encoded until `decode` (cheap shuffles and skips)."""
+
+    def __init__(self, spec: _Spec):
+        preset = spec.preset
+        try:
+            builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          f"tfds does not know this dataset ({e})") from None
+        if not builder.is_prepared():
+            if not preset.local_builder:
+                raise DatasetNotPreparedError(_missing_dataset_message(spec, builder))
+            logging.info("cnnjax.data: generating %r into %s (offline, first use)",
+                         spec.tfds_name, builder.data_dir)
+            builder.download_and_prepare()
+        self.builder = builder
+        self.name = preset.name
+        features = builder.info.features
+        self._image_feature = features["image"]
+        self.num_classes = int(features["label"].num_classes)
+        self.native_shape = tuple(self._image_feature.shape)  # type: ignore[assignment]
+
+    def _shard_split(self, split: str, shard: tuple[int, int]) -> Any:
+        index, count = shard
+        return split if count == 1 else tfds.even_splits(split, n=count)[index]
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        try:
+            return int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise invalid(_OWNER, "split", split,
+                          f"{self.builder.name!r} has splits {list(self.builder.info.splits)} "
+                          f"(slices like 'train[:90%]' also work) [{e}]") from None
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        ds = self.builder.as_dataset(
+            split=self._shard_split(split, shard),
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+        )
+        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        return self._image_feature.decode_example(image)
+
+
+def _missing_dataset_message(spec: _Spec, builder: Any) -> str:
+    version_dir = str(builder.data_dir)
+    root = version_dir
+    for _ in builder.info.full_name.split("/"):
+        root = os.path.dirname(root)
+    message = (
+        f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r}) is not prepared in the "
+        f"tfds data_dir {root!r}; its files would be in {version_dir!r}. cnnjax never downloads "
+        f"data. Prepare it on a machine with internet access: `tfds build {spec.tfds_name} "
+        f"--data_dir=<dir>` (or `tfds.builder({spec.tfds_name!r}, data_dir=<dir>)"
+        f".download_and_prepare()`), then copy <dir>/{spec.tfds_name.split('/')[0]} into "
+        f"{root!r}, or set data.data_dir to the directory holding it."
+    )
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        message += (f" This dataset needs a manual download first: put its archives in "
+                    f"{os.path.join(root, 'downloads', 'manual')!r} (see the tfds catalogue).")
+    return message
+
+
+class _FakeSource(_Source):
+    """Random uint8 images and labels held in memory (seeded, identical on every call)."""
+
+    def __init__(self, spec: _Spec):
+        self.name = "fake"
+        self.num_classes = spec.fake_num_classes
+        self.native_shape = spec.fake_image_shape
+        self._sizes = {spec.train_split: spec.fake_num_train, spec.eval_split: spec.fake_num_eval}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _bounds(self, split: str, shard: tuple[int, int]) -> tuple[int, int]:
+        if split not in self._sizes:
+            raise invalid(_OWNER, "split", split, f"'fake' has splits {list(self._sizes)}")
+        n, (index, count) = self._sizes[split], shard
+        return index * n // count, (index + 1) * n // count
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        start, stop = self._bounds(split, shard)
+        return stop - start
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        start, stop = self._bounds(split, shard)
+        if split not in self._arrays:
+            rng = np.random.default_rng([0, list(self._sizes).index(split)])
+            n = self._sizes[split]
+            images = rng.integers(0, 256, (n, *self.native_shape), dtype=np.uint8)
+            labels = rng.integers(0, self.num_classes, n, dtype=np.int64)
+            self._arrays[split] = (images, labels)
+        images, labels = self._arrays[split]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images[start:stop], "label": labels[start:stop]})
+
+
+def _open_source(spec: _Spec) -> _Source:
+    hide_gpus_from_tensorflow()
+    return _FakeSource(spec) if spec.preset.name == "fake" else _TfdsSource(spec)
+
+
+# ------------------------------------------------------------------------------ preprocessing
+@dataclasses.dataclass(frozen=True)
+class _Transforms:
+    """TF graph functions from a decoded uint8 image to a normalized float32 image."""
+
+    out_shape: tuple[int, int, int]
+    native_hw: tuple[int | None, int | None]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_augmentation: str
+    eval_transform: str
+    crop_padding: int
+    crop_fraction: float
+
+    def _finish(self, image: tf.Tensor) -> tf.Tensor:
+        image = (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+        image.set_shape(self.out_shape)
+        return image
+
+    def _resize(self, image: tf.Tensor) -> tf.Tensor:
+        hw = self.out_shape[:2]
+        if tuple(self.native_hw) == hw:
+            return image
+        # Antialiasing only matters when shrinking, and costs ~2x when enlarging.
+        native = self.native_hw
+        shrinks = None in native or any(o < n for o, n in zip(hw, native, strict=True))
+        return tf.image.resize(image, hw, method="bilinear", antialias=shrinks)
+
+    def eval(self, image: tf.Tensor) -> tf.Tensor:
+        image = tf.cast(image, tf.float32) / 255.0
+        if self.eval_transform == "resize_center_crop":
+            image = _resize_shorter_center_crop(image, self.out_shape[0], self.crop_fraction)
+        else:
+            image = self._resize(image)
+        return self._finish(image)
+
+    def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Augments with stateless ops seeded by `seed` (int64 `[2]`), so it is replayable."""
+        if self.train_augmentation == "none":
+            return self.eval(image)
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = tf.cast(image, tf.float32) / 255.0
+        if self.train_augmentation == "pad_crop_flip":
+            image = self._resize(image)
+            p = self.crop_padding
+            image = tf.pad(image, [[p, p], [p, p], [0, 0]])
+            image = tf.image.stateless_random_crop(image, self.out_shape, seed=crop_seed)
+        else:  # random_resized_crop_flip
+            image = _random_resized_crop(image, self.out_shape[:2], crop_seed)
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+        return self._finish(image)
+
+
+def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+    """Resizes the shorter side to `round(size / crop_fraction)`, then center-crops `size`."""
+    resize_to = int(round(size / crop_fraction))
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = resize_to / tf.reduce_min(hw)
+    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), size)
+    image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    return image[top:top + size, left:left + size, :]
+
+
+def _random_resized_crop(image: tf.Tensor, hw: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+    """Inception crop: 8%-100% of the area, aspect ratio 3/4-4/3, resized to `hw`."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, crop_size)
+    return tf.image.resize(image, hw, method="bilinear", antialias=True)
+
+
+def _transforms(spec: _Spec, source: _Source) -> _Transforms:
+    native_h, native_w, channels = source.native_shape
+    if spec.size is not None:
+        out_hw = spec.size
+    elif native_h is not None and native_w is not None:
+        out_hw = (native_h, native_w)
+    else:  # Only a tfds_name override can lead here: presets of variable-size data have a size.
+        raise invalid(_OWNER, "image_size", None,
+                      f"{spec.tfds_name!r} has images of varying size; set data.image_size")
+    preset = spec.preset
+    mean, std = preset.mean, preset.std
+    if len(mean) != channels:  # `fake` with a custom channel count: centre 0..1 on 0.
+        mean, std = (0.5,) * channels, (0.5,) * channels
+    return _Transforms(
+        out_shape=(*out_hw, channels),
+        native_hw=(native_h, native_w),
+        mean=mean,
+        std=std,
+        train_augmentation=preset.train_augmentation if spec.augment else "none",
+        eval_transform=preset.eval_transform,
+        crop_padding=preset.crop_padding,
+        crop_fraction=preset.crop_fraction,
+    )
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+# ----------------------------------------------------------------------------------- public
+def get_dataset_info(data_config: Any) -> DatasetInfo:
+    """Resolves `data_config` and returns the dataset's classes, output shape and split sizes.
+
+    Generates cnnjax's own offline datasets (e.g. `digits`) into the data dir on first use;
+    raises `DatasetNotPreparedError` for a catalogue dataset that is not there.
+    """
+    spec = _resolve(data_config)
+    source = _open_source(spec)
+    return DatasetInfo(
+        name=spec.preset.name,
+        num_classes=source.num_classes,
+        image_shape=_transforms(spec, source).out_shape,
+        num_train=source.num_examples(spec.train_split),
+        num_eval=source.num_examples(spec.eval_split),
+    )
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+    """Training steps in one epoch of `train_batches` (the remainder of each epoch is dropped)."""
+    return num_train // global_batch_size
+
+
+def _device_reshape(batch: Batch, num_devices: int) -> Batch:
+    return {k: v.reshape(num_devices, v.shape[0] // num_devices, *v.shape[1:])
+            for k, v in batch.items()}
+
+
+def train_batches(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Infinite training batches `{'image': f32 [D, B, H, W, C], 'label': i32 [D, B]}`.
+
+    `D = num_devices` (local devices), `B = global_batch_size / (num_devices * process_count)`.
+    Batch `k` is a deterministic function of `(data_config, seed, k)` and the process layout;
+    `start_step=k` starts at exactly that batch. All arguments are validated before anything is
+    read.
+    """
+    spec = _resolve(data_config)
+    process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
+    check_non_negative_int(_OWNER, "seed", seed)
+    check_non_negative_int(_OWNER, "start_step", start_step)
+    source = _open_source(spec)
+    num_train = source.num_examples(spec.train_split)
+    steps = steps_per_epoch(num_train, global_batch_size)
+    if steps == 0:
+        raise invalid(_OWNER, "global_batch_size", global_batch_size,
+                      f"expected at most the {num_train} examples of {spec.preset.name!r} "
+                      f"split {spec.train_split!r} (an epoch would have no step)")
+    transforms = _transforms(spec, source)
+    ds = _train_dataset(spec, source, transforms, process_batch, seed, start_step, steps,
+                        (process_index, process_count))
+    return (_device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
+
+
+def _train_dataset(spec: _Spec, source: _Source, transforms: _Transforms, process_batch: int,
+                   seed: int, start_step: int, steps: int,
+                   shard: tuple[int, int]) -> tf.data.Dataset:
+    """All epochs from `start_step` on, as one dataset (traced once; no stall between epochs).
+
+    Epoch `e` shuffles with a seed drawn from the stateless key `(seed, e)`; example `i` of the
+    epoch on process `p` augments with the key `fold_in(fold_in((seed, e), p), i)`.
+    """
+    base = source.read(spec.train_split, shard)
+    decoded = spec.cache
+    if decoded:
+        base = base.map(lambda ex: {"image": source.decode(ex["image"]), "label": ex["label"]},
+                        num_parallel_calls=_AUTOTUNE).cache()
+        # Fill the cache in full now: epochs stop early (dropped remainder, resumed skips,
+        # shuffle buffers smaller than the split) and a partially read cache is thrown away.
+        base.reduce(np.int64(0), lambda count, _: count + 1)
+    first_epoch, first_skip = divmod(start_step, steps)
+    seed = int(seed) & (2**63 - 1)
+    fold_in = tf.random.experimental.stateless_fold_in
+
+    def epoch_dataset(epoch: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([tf.constant(seed, tf.int64), epoch])
+        shuffle_seed = tf.random.stateless_uniform(
+            [], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
+        process_key = fold_in(key, shard[0])
+        ds = base.shuffle(spec.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        ds = ds.take(steps * process_batch).enumerate()
+        skip = tf.constant(first_skip * process_batch, tf.int64)
+        ds = ds.skip(tf.where(epoch == first_epoch, skip, tf.zeros_like(skip)))
+
+        def preprocess(position: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            image = ex["image"] if decoded else source.decode(ex["image"])
+            return {"image": transforms.train(image, fold_in(process_key, position)),
+                    "label": tf.cast(ex["label"], tf.int32)}
+
+        ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
+        return ds.batch(process_batch, drop_remainder=True)
+
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_dataset)
+    return ds.prefetch(_AUTOTUNE).with_options(_options())
+
+
+def eval_batches(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """One pass over the eval split: `image`, `label` and `mask` (f32 `[D, B]`, 0 on padding).
+
+    The last batch is padded with zero images (mask 0). Every process yields the same number of
+    batches (the largest shard's), so collectives line up across hosts.
+    """
+    spec = _resolve(data_config)
+    process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
+    source = _open_source(spec)
+    transforms = _transforms(spec, source)
+    shard = (process_index, process_count)
+    largest_shard = max(source.num_examples(spec.eval_split, (i, process_count))
+                        for i in range(process_count))
+    num_batches = math.ceil(largest_shard / process_batch)
+    return _eval_iterator(spec, source, transforms, shard, process_batch, num_devices,
+                          num_batches)
+
+
+def _eval_iterator(spec: _Spec, source: _Source, transforms: _Transforms,
+                   shard: tuple[int, int], process_batch: int, num_devices: int,
+                   num_batches: int) -> Iterator[Batch]:
+    def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"image": transforms.eval(source.decode(ex["image"])),
+                "label": tf.cast(ex["label"], tf.int32),
+                "mask": tf.constant(1.0, tf.float32)}
+
+    ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(_options())
+    empty = {
+        "image": np.zeros((0, *transforms.out_shape), np.float32),
+        "label": np.zeros((0,), np.int32),
+        "mask": np.zeros((0,), np.float32),
+    }
+    count = 0
+    for batch in ds.as_numpy_iterator():
+        yield _device_reshape(_pad(batch, process_batch), num_devices)
+        count += 1
+    for _ in range(count, num_batches):  # Shorter shard than another process's: all padding.
+        yield _device_reshape(_pad(empty, process_batch), num_devices)
+
+
+def _pad(batch: Batch, size: int) -> Batch:
+    """Zero-pads every array of `batch` along axis 0 to `size` rows."""
+    missing = size - len(batch["mask"])
+    if missing == 0:
+        return batch
+    return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
+

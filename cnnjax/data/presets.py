@@ -1,0 +1,139 @@
+"""Per-dataset defaults: tfds name, classes, native shape, splits, normalization and transforms.
+
+A preset tells the pipeline what a dataset is and how it is usually fed to a CNN, so a config only
+names the dataset. Normalization statistics are per channel on the [0, 1] pixel scale:
+MNIST/Fashion-MNIST/CIFAR values are the usual published training-set statistics, ImageNet's are
+the torchvision/Caffe values, and `digits`' are computed from its train split (see the test).
+
+Transforms:
+- train augmentation `"none"`: resize to `image_size` when it differs from the native size.
+- `"pad_crop_flip"` (CIFAR): zero-pad `crop_padding` pixels per side, random crop back to the image
+  size, random horizontal flip.
+- `"random_resized_crop_flip"` (ImageNet-like): Inception-style crop covering 8%-100% of the image
+  area with aspect ratio 3/4-4/3, resized to `image_size`, random horizontal flip.
+- eval `"resize"`: resize to `image_size` when it differs from the native size.
+- `"resize_center_crop"`: resize the shorter side to `round(image_size / crop_fraction)` (256 for
+  224 with the usual 0.875), then center-crop `image_size` x `image_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cnnjax.utils.validation import invalid
+
+TRAIN_AUGMENTATIONS = ("none", "pad_crop_flip", "random_resized_crop_flip")
+EVAL_TRANSFORMS = ("resize", "resize_center_crop")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetPreset:
+    """How one dataset is read and preprocessed by default.
+
+    `image_shape` is the stored `(height, width, channels)`; height/width are `None` for datasets
+    of variable-size images, which then need `default_image_size`. `local_builder` marks cnnjax's
+    own offline builders, generated on first use; catalogue datasets must already be prepared.
+    `tfds_name` is `None` only for `fake` (in-memory random images, no tfds).
+    """
+
+    name: str
+    tfds_name: str | None
+    num_classes: int
+    image_shape: tuple[int | None, int | None, int]
+    train_split: str
+    eval_split: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_augmentation: str = "none"
+    eval_transform: str = "resize"
+    default_image_size: int | None = None
+    crop_padding: int = 4
+    crop_fraction: float = 0.875
+    cache: bool = True
+    shuffle_buffer: int = 10_000
+    local_builder: bool = False
+
+    def __post_init__(self) -> None:
+        owner = f"DatasetPreset({self.name!r})"
+        if self.train_augmentation not in TRAIN_AUGMENTATIONS:
+            raise invalid(owner, "train_augmentation", self.train_augmentation,
+                          f"expected one of {list(TRAIN_AUGMENTATIONS)}")
+        if self.eval_transform not in EVAL_TRANSFORMS:
+            raise invalid(owner, "eval_transform", self.eval_transform,
+                          f"expected one of {list(EVAL_TRANSFORMS)}")
+        channels = self.image_shape[2]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise invalid(owner, "mean/std", (self.mean, self.std),
+                          f"expected {channels} values each (one per channel)")
+        if None in self.image_shape[:2] and self.default_image_size is None:
+            raise invalid(owner, "default_image_size", None,
+                          "variable-size datasets need a default image size")
+
+
+PRESETS: dict[str, DatasetPreset] = {
+    p.name: p
+    for p in (
+        DatasetPreset(
+            name="digits", tfds_name="digits", num_classes=10, image_shape=(8, 8, 1),
+            train_split="train", eval_split="test", mean=(0.3058,), std=(0.3764,),
+            shuffle_buffer=2048, local_builder=True,
+        ),
+        DatasetPreset(
+            name="mnist", tfds_name="mnist", num_classes=10, image_shape=(28, 28, 1),
+            train_split="train", eval_split="test", mean=(0.1307,), std=(0.3081,),
+            shuffle_buffer=60_000,
+        ),
+        DatasetPreset(
+            name="fashion_mnist", tfds_name="fashion_mnist", num_classes=10,
+            image_shape=(28, 28, 1), train_split="train", eval_split="test",
+            mean=(0.2860,), std=(0.3530,), shuffle_buffer=60_000,
+        ),
+        DatasetPreset(
+            name="cifar10", tfds_name="cifar10", num_classes=10, image_shape=(32, 32, 3),
+            train_split="train", eval_split="test",
+            mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+            train_augmentation="pad_crop_flip", shuffle_buffer=50_000,
+        ),
+        DatasetPreset(
+            name="cifar100", tfds_name="cifar100", num_classes=100, image_shape=(32, 32, 3),
+            train_split="train", eval_split="test",
+            mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+            train_augmentation="pad_crop_flip", shuffle_buffer=50_000,
+        ),
+        DatasetPreset(
+            name="imagenette", tfds_name="imagenette/320px-v2", num_classes=10,
+            image_shape=(None, None, 3), train_split="train", eval_split="validation",
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            train_augmentation="random_resized_crop_flip", eval_transform="resize_center_crop",
+            default_image_size=224, shuffle_buffer=10_000,
+        ),
+        DatasetPreset(
+            name="imagenet2012", tfds_name="imagenet2012", num_classes=1000,
+            image_shape=(None, None, 3), train_split="train", eval_split="validation",
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            train_augmentation="random_resized_crop_flip", eval_transform="resize_center_crop",
+            default_image_size=224, cache=False, shuffle_buffer=10_000,
+        ),
+        # Random in-memory images for benchmarks; shape and classes come from the `fake_*`
+        # config fields, these values are only the defaults.
+        DatasetPreset(
+            name="fake", tfds_name=None, num_classes=10, image_shape=(32, 32, 3),
+            train_split="train", eval_split="test", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        ),
+    )
+}
+
+
+def list_datasets() -> list[str]:
+    """Returns the dataset names cnnjax has presets for, sorted."""
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> DatasetPreset:
+    """Returns the preset for `name`; raises a ValueError listing valid names if unknown."""
+    if name not in PRESETS:
+        raise invalid("data", "name", name, f"expected one of {list_datasets()}")
+    return PRESETS[name]
