@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from cnnjax.utils.validation import invalid
 
 
-class _TooSmall(Exception):
+class _TooSmallError(Exception):
     def __init__(self, layer: str, detail: str):
         super().__init__(layer, detail)
         self.layer = layer
@@ -40,13 +40,13 @@ def _interceptor(next_fun, args, kwargs, context):
     name = f"{_layer_name(context.module)} ({type(context.module).__name__})"
     try:
         out = next_fun(*args, **kwargs)
-    except _TooSmall:
+    except _TooSmallError:
         raise
     except Exception as err:  # noqa: BLE001 — a shape error inside this layer
-        raise _TooSmall(name, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+        raise _TooSmallError(name, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
     shape = _empty_spatial(out)
     if shape is not None:
-        raise _TooSmall(name, f"its output shape would be {shape}")
+        raise _TooSmallError(name, f"its output shape would be {shape}")
     return out
 
 
@@ -66,7 +66,7 @@ def check_input_size(model: nn.Module, model_name: str, input_shape: tuple[int, 
     try:
         with nn.intercept_methods(_interceptor):
             jax.eval_shape(lambda x: model.init(rngs, x, train=False), dummy)
-    except _TooSmall as err:
+    except _TooSmallError as err:
         raise invalid(model_name, "input resolution", f"{height}x{width}",
                       f"too small: layer {err.layer} fails ({err.detail}); use a larger "
                       "data.image_size or a model meant for small images") from None

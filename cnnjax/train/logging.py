@@ -46,9 +46,7 @@ class MetricLogger:
                 f.write(json.dumps(record) + "\n")
         if tensorboard:
             try:
-                from flax.metrics import tensorboard as flax_tb
-
-                self._tb = flax_tb.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+                self._tb = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
             except ImportError as err:  # TensorFlow missing: keep the other outputs
                 logging.warning("TensorBoard output disabled: %s", err)
 
@@ -109,6 +107,42 @@ class MetricLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class EventFileWriter:
+    """Writes TensorBoard scalar event files with TensorFlow's record writer and protos.
+
+    `tf.summary.scalar` needs the separate `tensorboard` package; the event file format is just
+    TFRecords of `Event` protos, which TensorFlow core writes, so no extra dependency is needed.
+    """
+
+    def __init__(self, logdir: str):
+        import socket
+
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+        from tensorflow.core.util import event_pb2
+
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
+        self.path = os.path.join(logdir, name)
+        self._writer = tf.io.TFRecordWriter(self.path)
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event: Any) -> None:
+        self._writer.write(event.SerializeToString())
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        summary = self._summary_pb2.Summary(
+            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+        self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -39,7 +39,7 @@ CONFIG_FILE = "config.json"
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; `step` is the step whose loss it was."""
 
     def __init__(self, step: int, loss: float):
@@ -53,14 +53,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     """Trains `config.model` on `config.data` in `workdir`, resuming from its checkpoints.
 
     Returns the summary dict also written to `<workdir>/summary.json`. Raises ValueError for bad
-    configs (before compiling), `TrainingDiverged` on a NaN/inf loss; in every failing case the
+    configs (before compiling), `TrainingDivergedError` on a NaN/inf loss; in every failing case the
     status and message are written to summary.json first.
     """
     started = time.time()
     is_primary = jax.process_index() == 0
     try:
         return _Run(config, workdir, started).run()
-    except TrainingDiverged as err:
+    except TrainingDivergedError as err:
         if is_primary:
             _write_summary(workdir, {"status": "diverged", "step": err.step, "loss": str(err.loss),
                                      "message": str(err), "hint": DIVERGENCE_HINT,
@@ -322,7 +322,7 @@ class _Run:
         host = self.parallel.metrics_to_host(device_metrics)
         loss = float(host["loss"])
         if not math.isfinite(loss):
-            raise TrainingDiverged(step, loss)
+            raise TrainingDivergedError(step, loss)
         self.clock.tick()
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))
