@@ -5,6 +5,7 @@ from cnnjax.models.registry import ModelInfo, create_model, list_models, model_i
 # Importing each architecture module registers its models.
 # (model modules are added below as they land)
 from cnnjax.models import alexnet  # noqa: E402,F401  (AlexNet, ZFNet)
+from cnnjax.models import densenet  # noqa: E402,F401  (DenseNet-121/169/201)
 from cnnjax.models import googlenet  # noqa: E402,F401  (GoogLeNet / Inception v1)
 from cnnjax.models import lenet  # noqa: E402,F401  (LeNet-5)
 from cnnjax.models import nin  # noqa: E402,F401  (Network in Network)

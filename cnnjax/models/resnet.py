@@ -173,7 +173,9 @@ class ResNet(nn.Module):
 
     Features (with `return_features=True`): `stem` (after conv-BN-ReLU, stride 2, before the max
     pool), `stage1`..`stageN` (strides 4, 8, 16, 32) and `pre_logits` (the pooled vector).
-    Logits are returned in float32 whatever the computation `dtype`.
+    Logits are returned in float32 whatever the computation `dtype`. `features_only=True` makes
+    the module a backbone (timm's option of that name): no pooling or `head` parameters, and
+    `__call__` returns just the dict `{stem, stage1, ..., stageN}` (used by FCN).
     """
 
     stage_sizes: Sequence[int]
@@ -186,6 +188,7 @@ class ResNet(nn.Module):
     zero_init_last_bn: bool = False
     shortcut: str = "B"
     act: Callable = nn.relu
+    features_only: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -241,6 +244,8 @@ class ResNet(nn.Module):
                     **kwargs,
                 )(x)
             features[f"stage{i + 1}"] = x
+        if self.features_only:
+            return features
 
         x = jnp.mean(x, axis=(1, 2))
         features["pre_logits"] = x
