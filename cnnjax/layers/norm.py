@@ -29,7 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_nhwc, check_positive_float, check_positive_int, invalid
+from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+
+
+def _check_number(owner: str, arg: str, value: Any, positive: bool) -> None:
+    """Raises unless `value` is a real number, finite and > 0 (`positive`) or >= 0."""
+    is_number = isinstance(value, int | float | np.integer | np.floating) \
+        and not isinstance(value, bool)
+    if positive and not (is_number and 0 < value < float("inf")):
+        raise invalid(owner, arg, value, "expected a positive finite number")
+    if not positive and not (is_number and 0 <= value < float("inf")):
+        raise invalid(owner, arg, value, "expected a finite number >= 0")
 
 
 class LocalResponseNorm(nn.Module):
@@ -57,11 +67,9 @@ class LocalResponseNorm(nn.Module):
     def __post_init__(self) -> None:
         owner = "LocalResponseNorm"
         check_positive_int(owner, "size", self.size)
-        check_positive_float(owner, "k", self.k)
-        check_positive_float(owner, "beta", self.beta)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) \
-                or not 0 <= self.alpha < float("inf"):
-            raise invalid(owner, "alpha", self.alpha, "expected a finite number >= 0")
+        _check_number(owner, "k", self.k, positive=True)
+        _check_number(owner, "alpha", self.alpha, positive=False)
+        _check_number(owner, "beta", self.beta, positive=True)
         if not isinstance(self.divide_alpha_by_size, bool):
             raise invalid(owner, "divide_alpha_by_size", self.divide_alpha_by_size,
                           "expected a bool")
