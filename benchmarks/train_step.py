@@ -28,32 +28,33 @@ from absl import app, flags
 from cnnjax.platform import configure_cpu_defaults
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "resnet18", "Registry name (see cnnjax.models.list_models()).")
-flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier head.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the devices).")
-flags.DEFINE_integer("image_size", 32, "Square input side; inputs have 3 channels.")
-flags.DEFINE_integer("num_devices", 1, "Data-parallel devices; on CPU extra host devices are "
-                     "created with --xla_force_host_platform_device_count. 0: all devices.")
-flags.DEFINE_integer("steps", 10, "Timed steps per round.")
-flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation (and per PyTorch round).")
-flags.DEFINE_integer("rounds", 3, "Rounds of (JAX steps, PyTorch steps), interleaved.")
-flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype "
-                  "(parameters stay float32; PyTorch uses CPU autocast for bfloat16).")
-flags.DEFINE_bool("torch", False, "Also time the same network and step in PyTorch eager.")
-flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
-flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults() "
-                  "(flags you set in XLA_FLAGS always win).")
-flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
 
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
 
 
 # ------------------------------------------------------------------------------------------ JAX
-def build_jax_step(model_name: str, num_classes: int, batch_size: int, image_size: int,
-                   num_devices: int, parallel: str, dtype: str) -> dict[str, Any]:
-    """The engine's compiled train step, its initial state and a device-resident batch."""
+def prepare_platform(xla_defaults: bool, num_devices: int) -> dict[str, str]:
+    """Sets XLA flags before JAX starts; returns the cnnjax CPU defaults it added.
+
+    Adds cnnjax's CPU defaults if `xla_defaults`, and for `num_devices > 1` asks for that many host
+    devices (CPU only; ignored by accelerators). Flags already in XLA_FLAGS always win.
+    """
+    changed = configure_cpu_defaults() if xla_defaults else {}
+    if num_devices > 1:
+        configure_cpu_defaults({"xla_force_host_platform_device_count": str(num_devices)})
+    return changed
+
+
+def build_jax_step(model_name: str, num_classes: int, batch_size: int,
+                   image_shape: tuple[int, int, int], num_devices: int, parallel: str,
+                   dtype: str) -> dict[str, Any]:
+    """The engine's train step (not yet compiled), its initial state and a synthetic batch.
+
+    Returns a dict with `step` (the `DataParallel`-wrapped step), `state`, `batch` (random
+    images and labels already on the devices), `parallel` (the `DataParallel`), `num_devices`,
+    `num_params` and `platform`.
+    """
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -87,16 +88,15 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int, image_siz
     train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME)
     step = dp.wrap_train(train_fn)
     per_device = batch_size // n
-    state = create_train_state(model, tx, jax.random.PRNGKey(0),
-                               (per_device, image_size, image_size, 3))
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (per_device, *image_shape))
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     state = dp.replicate(state)
     rng = np.random.default_rng(0)
     batch = dp.shard_batch({
-        "image": rng.standard_normal((n, per_device, image_size, image_size, 3), np.float32),
+        "image": rng.standard_normal((n, per_device, *image_shape), np.float32),
         "label": rng.integers(0, num_classes, (n, per_device)).astype(np.int32),
     })
-    return {"step": step, "state": state, "batch": batch, "num_devices": n,
+    return {"step": step, "state": state, "batch": batch, "parallel": dp, "num_devices": n,
             "num_params": num_params, "platform": devices[0].platform}
 
 
@@ -107,14 +107,20 @@ def compile_jax_step(bench: dict[str, Any]) -> float:
     return time.perf_counter() - start
 
 
-def run_jax_steps(bench: dict[str, Any], steps: int) -> list[float]:
-    """Runs `steps` compiled steps, returning each one's wall time (waiting for its results)."""
+def run_jax_steps(bench: dict[str, Any], steps: int,
+                  next_batch: Callable[[], Any] | None = None) -> list[float]:
+    """Runs `steps` compiled steps, returning each one's wall time (waiting for its results).
+
+    Every step reuses the in-memory `bench["batch"]`, unless `next_batch()` supplies a fresh
+    device batch per step (its time counts as part of the step).
+    """
     import jax
 
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        bench["state"], metrics = bench["compiled"](bench["state"], bench["batch"])
+        batch = bench["batch"] if next_batch is None else next_batch()
+        bench["state"], metrics = bench["compiled"](bench["state"], batch)
         jax.block_until_ready((bench["state"], metrics))
         times.append(time.perf_counter() - start)
     return times
@@ -247,15 +253,36 @@ def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, 
     return results
 
 
+
+def define_flags() -> None:
+    """Defines this script's command-line flags (only when run as a script)."""
+    flags.DEFINE_string("model", "resnet18", "Registry name (see cnnjax.models.list_models()).")
+    flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier head.")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the devices).")
+    flags.DEFINE_integer("image_size", 32, "Square input side; inputs have 3 channels.")
+    flags.DEFINE_integer("num_devices", 1, "Data-parallel devices; on CPU extra host devices are "
+                         "created with --xla_force_host_platform_device_count. 0: all devices.")
+    flags.DEFINE_integer("steps", 10, "Timed steps per round.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation (and per PyTorch round).")
+    flags.DEFINE_integer("rounds", 3, "Rounds of (JAX steps, PyTorch steps), interleaved.")
+    flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype "
+                      "(parameters stay float32; PyTorch uses CPU autocast for bfloat16).")
+    flags.DEFINE_bool("torch", False, "Also time the same network and step in PyTorch eager.")
+    flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
+    flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults() "
+                      "(flags you set in XLA_FLAGS always win).")
+    flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    changed = configure_cpu_defaults() if FLAGS.xla_defaults else {}
-    if FLAGS.num_devices > 1:  # host devices must be requested before the backend starts
-        configure_cpu_defaults({"xla_force_host_platform_device_count": str(FLAGS.num_devices)})
+    changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     load_start = loadavg()
-    bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size, FLAGS.image_size,
-                           FLAGS.num_devices, FLAGS.parallel, FLAGS.dtype)
+    bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+                           (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices,
+                           FLAGS.parallel, FLAGS.dtype)
     compile_s = compile_jax_step(bench)
     runners: dict[str, Callable] = {"jax": lambda k: run_jax_steps(bench, k)}
     torch_bench = None
@@ -316,4 +343,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,0 +1,166 @@
+r"""Is the input pipeline the bottleneck? Step time with real tf.data batches vs. an in-memory one.
+
+Three figures for one dataset, model and batch size:
+1. raw pipeline throughput: images/s of `cnnjax.data.pipeline.train_batches` alone (host numpy
+   batches, no model);
+2. train step on a synthetic batch already on the device (reused every step);
+3. train step fed by the pipeline: each step takes the next batch, copies it to the devices and
+   runs, all on the main thread (the engine's loop additionally overlaps the copy with the step
+   in a background thread, so this is an upper bound on the input cost it sees).
+Rounds of 2 and 3 are interleaved so both see the same machine load. If 3 matches 2, and 1 is
+well above both, input is not what limits training speed.
+
+  python -m benchmarks.input_pipeline --dataset=fake --model=resnet18 --batch_size=128
+  python -m benchmarks.input_pipeline --dataset=digits --image_size=32 --model=lenet5
+
+`--mock_examples=N` runs a catalogue dataset (e.g. cifar10) under `tfds.testing.mock_data`, so its
+decode and augmentation path is timed without the data. Figures are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from absl import app, flags
+
+from benchmarks.train_step import (
+    build_jax_step,
+    compile_jax_step,
+    environment,
+    interleaved_rounds,
+    loadavg,
+    prepare_platform,
+    run_jax_steps,
+    summarize,
+)
+
+FLAGS = flags.FLAGS
+
+
+def data_config(dataset: str, image_size: int | None, fake_num_train: int):
+    """The pipeline's data config for `dataset`, with the benchmark's overrides."""
+    from cnnjax.data import pipeline
+
+    config = pipeline.default_data_config(dataset)
+    config.image_size = image_size
+    config.fake_num_train = fake_num_train
+    return config
+
+
+def time_pipeline(batches: Iterator[dict], warmup: int, count: int) -> dict[str, float]:
+    """Images/s of pulling `count` batches (after `warmup`) from a host batch iterator."""
+    for _ in range(warmup):
+        next(batches)
+    images = 0
+    start = time.perf_counter()
+    for _ in range(count):
+        images += next(batches)["label"].size
+    seconds = time.perf_counter() - start
+    return {"images_per_s": images / seconds, "batch_ms": 1e3 * seconds / count}
+
+
+
+def define_flags() -> None:
+    """Defines this script's command-line flags (only when run as a script)."""
+    flags.DEFINE_string("dataset", "fake", "Dataset name (cnnjax.data.presets.list_datasets()).")
+    flags.DEFINE_integer("image_size", None, "Output image side (None: the dataset's native size).")
+    flags.DEFINE_integer("fake_num_train", 4096, "Training examples of the `fake` dataset.")
+    flags.DEFINE_integer("mock_examples", 0, "If > 0, read the dataset through "
+                         "tfds.testing.mock_data with this many examples per split.")
+    flags.DEFINE_string("model", "resnet18", "Registry name of the model.")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+    flags.DEFINE_integer("num_devices", 1, "Data-parallel devices (0: all).")
+    flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
+    flags.DEFINE_integer("steps", 10, "Timed train steps per round and feeding mode.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps (or batches) before each timed run.")
+    flags.DEFINE_integer("rounds", 3, "Interleaved rounds of (synthetic, pipeline) steps.")
+    flags.DEFINE_integer("pipeline_batches", 50, "Batches timed for the raw pipeline throughput.")
+    flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults().")
+    flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
+    import jax
+    import tensorflow_datasets as tfds
+
+    from cnnjax.data import pipeline
+
+    mock = (tfds.testing.mock_data(num_examples=FLAGS.mock_examples)
+            if FLAGS.mock_examples > 0 else contextlib.nullcontext())
+    config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train)
+    load_start = loadavg()
+    with mock:
+        info = pipeline.get_dataset_info(config)
+        bench = build_jax_step(FLAGS.model, info.num_classes, FLAGS.batch_size, info.image_shape,
+                               FLAGS.num_devices, FLAGS.parallel, FLAGS.dtype)
+        n, dp = bench["num_devices"], bench["parallel"]
+
+        def batches(seed: int) -> Iterator[dict]:
+            return pipeline.train_batches(config, global_batch_size=FLAGS.batch_size,
+                                          num_devices=n, seed=seed)
+
+        raw = time_pipeline(batches(0), FLAGS.warmup, FLAGS.pipeline_batches)
+        feed = batches(1)
+        # The synthetic batch is a real one, kept on the devices: same shapes, dtypes, values.
+        bench["batch"] = dp.shard_batch(next(feed))
+        compile_s = compile_jax_step(bench)
+        waits: list[float] = []
+        copies: list[float] = []
+
+        def next_device_batch() -> Any:
+            start = time.perf_counter()
+            host = next(feed)
+            waits.append(time.perf_counter() - start)
+            device = jax.block_until_ready(dp.shard_batch(host))
+            copies.append(time.perf_counter() - start - waits[-1])
+            return device
+
+        rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, {
+            "synthetic": lambda k: run_jax_steps(bench, k),
+            "pipeline": lambda k: run_jax_steps(bench, k, next_device_batch),
+        })
+
+    synthetic = summarize(sum(rounds["synthetic"], []), FLAGS.batch_size)
+    fed = summarize(sum(rounds["pipeline"], []), FLAGS.batch_size)
+    result: dict[str, Any] = {
+        "dataset": info.name, "image_shape": info.image_shape, "model": FLAGS.model,
+        "batch_size": FLAGS.batch_size, "num_devices": n, "parallel": FLAGS.parallel,
+        "dtype": FLAGS.dtype, "mock_examples": FLAGS.mock_examples,
+        "xla_defaults_added": changed, **environment(), "compile_s": compile_s,
+        "pipeline_only": raw, "synthetic": synthetic, "with_pipeline": fed,
+        "median_wait_for_batch_ms": 1e3 * statistics.median(waits),
+        "median_copy_to_device_ms": 1e3 * statistics.median(copies),
+        "slowdown": synthetic["images_per_s"] / fed["images_per_s"],
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
+    }
+    print("\n".join([
+        f"dataset={info.name} image={info.image_shape} model={FLAGS.model} "
+        f"batch={FLAGS.batch_size} devices={n} ({FLAGS.parallel}) dtype={FLAGS.dtype}",
+        f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r}",
+        f"pipeline alone:        {raw['images_per_s']:9.1f} img/s ({raw['batch_ms']:.1f} ms/batch)",
+        f"step, synthetic batch: {synthetic['images_per_s']:9.1f} img/s "
+        f"(median {synthetic['median_step_s'] * 1e3:.0f} ms)",
+        f"step, pipeline batch:  {fed['images_per_s']:9.1f} img/s "
+        f"(median {fed['median_step_s'] * 1e3:.0f} ms, of which waiting for the next batch "
+        f"{result['median_wait_for_batch_ms']:.1f} ms, copying it to the devices "
+        f"{result['median_copy_to_device_ms']:.1f} ms)",
+        f"synthetic / pipeline:  {result['slowdown']:.2f}x   compile {compile_s:.1f} s",
+        f"load average (1 min): {load_start} -> {result['loadavg_end']}",
+    ]))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
