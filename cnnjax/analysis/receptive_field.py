@@ -163,7 +163,8 @@ def stack_receptive_field(layers: Sequence[Sequence[int]]) -> tuple[float, float
     for i, layer in enumerate(layers):
         layer = tuple(layer)
         if not 1 <= len(layer) <= 4:
-            raise invalid(owner, f"layers[{i}]", layer, "expected (kernel, stride, padding, dilation)")
+            raise invalid(owner, f"layers[{i}]", layer,
+                          "expected (kernel, stride, padding, dilation)")
         kernel, stride, padding, dilation = layer + (1, 0, 1)[len(layer) - 1 :]
         check_positive_int(owner, f"layers[{i}].kernel", kernel)
         check_positive_int(owner, f"layers[{i}].stride", stride)
@@ -188,20 +189,27 @@ def receptive_field(model: Any, input_shape: Sequence[int], **kwargs: Any) -> Re
 # Propagation through jaxpr primitives.
 
 ELEMENTWISE = frozenset(
-    """abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp complex conj
-    convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp exp2 expm1 floor
-    ge gt imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter
-    not or population_count pow real reduce_precision rem round rsqrt select_n shift_left
-    shift_right_arithmetic shift_right_logical sign sin sinh sqrt square sub tan tanh xor
-    stop_gradient""".split()
+    [
+        "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh",
+        "cbrt", "ceil", "clamp", "complex", "conj", "convert_element_type", "copy", "copy_p", "cos",
+        "cosh", "digamma", "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor",
+        "ge", "gt", "imag", "integer_pow", "is_finite", "le", "lgamma", "log", "log1p", "logistic",
+        "lt", "max", "min", "mul", "ne", "neg", "nextafter", "not", "or", "population_count", "pow",
+        "real", "reduce_precision", "rem", "round", "rsqrt", "select_n", "shift_left",
+        "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square",
+        "sub", "tan", "tanh", "xor", "stop_gradient"
+    ]
 )
 REDUCTIONS = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax argmin".split()
+    [
+        "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+        "reduce_xor", "argmax", "argmin"
+    ]
 )
 WINDOW_REDUCTIONS = frozenset(
-    "reduce_window_sum reduce_window_max reduce_window_min reduce_window".split()
+    ["reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"]
 )
-CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"])
 
 
 def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
@@ -442,7 +450,8 @@ def propagate(
         return finish([_apply(first, {a: (k, None) for k, a in enumerate(kept)})])
     if prim == "broadcast_in_dim":
         bd = params["broadcast_dimensions"]
-        rules = {a: (bd[a], None) for a in range(ndim) if in_shapes[first_k][a] == out_shapes[0][bd[a]]}
+        rules = {a: (bd[a], None) for a in range(ndim)
+                 if in_shapes[first_k][a] == out_shapes[0][bd[a]]}
         return finish([_apply(first, rules)])
     if prim == "reshape":
         return finish([_reshape(first, in_shapes[first_k], out_shapes[0])])

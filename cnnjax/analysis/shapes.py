@@ -117,9 +117,11 @@ def _check_groups(owner: str, in_channels: int, out_channels: int, groups: int) 
     check_positive_int(owner, "out_channels", out_channels)
     check_positive_int(owner, "groups", groups)
     if in_channels % groups:
-        raise invalid(owner, "groups", groups, f"in_channels={in_channels} must be divisible by it")
+        raise invalid(owner, "groups", groups,
+                      f"in_channels={in_channels} must be divisible by it")
     if out_channels % groups:
-        raise invalid(owner, "groups", groups, f"out_channels={out_channels} must be divisible by it")
+        raise invalid(owner, "groups", groups,
+                      f"out_channels={out_channels} must be divisible by it")
 
 
 def conv_params(
@@ -148,9 +150,10 @@ def conv_macs(
     groups: int = 1,
     batch_size: int = 1,
 ) -> int:
-    """Multiply-accumulates of a 2D convolution, dense count: `N * H_out * W_out * out * in/groups * k_h * k_w`.
+    """Multiply-accumulates of a 2D convolution (dense count).
 
-    This is the figure papers quote (taps over zero padding included); FLOPs are about 2x MACs.
+    `N * H_out * W_out * out * in/groups * k_h * k_w`. This is the figure papers quote (taps over
+    zero padding included); FLOPs are about 2x MACs.
     """
     owner = "conv_macs"
     kh, kw = _kernel_pair(owner, kernel)

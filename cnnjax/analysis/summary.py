@@ -457,7 +457,8 @@ def summary(
     try:
         shape = tuple(input_shape)
     except TypeError:
-        raise invalid(owner, "input_shape", input_shape, "expected a sequence like (H, W, C)") from None
+        raise invalid(owner, "input_shape", input_shape,
+                      "expected a sequence like (H, W, C)") from None
     if len(shape) < 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
         raise invalid(owner, "input_shape", input_shape,
                       "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
@@ -475,3 +476,77 @@ def summary(
         total_params=trace.total_params,
         notes=list(dict.fromkeys(grouper.notes)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m cnnjax.analysis.summary --model=resnet18 --input_shape=224,224,3
+
+_EXAMPLES_PREFIX = "examples."
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise invalid("summary CLI", "--input_shape", text, "expected comma-separated ints, "
+                      "e.g. 224,224,3") from None
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise invalid("summary CLI", "--input_shape", text, "expected positive ints H,W,C")
+    return shape
+
+
+def load_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """Builds a zoo model (`cnnjax.models.create_model`) or, for `examples.<name>`, a reference
+    network from `tests/examples.py` (importable from the repository root); returns it with its
+    native input shape."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name.startswith(_EXAMPLES_PREFIX):
+        try:
+            from tests.examples import EXAMPLES, create_example
+        except ImportError:
+            raise invalid("summary CLI", "--model", name, "examples.* networks live in "
+                          "tests/examples.py; run from the repository root") from None
+        key = name[len(_EXAMPLES_PREFIX):]
+        model = create_example(key, **kwargs)
+        return model, EXAMPLES[key][1]
+    from cnnjax.models import create_model, model_info
+
+    info = model_info(name)
+    return create_model(name, **kwargs), tuple(info.input_shape)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "Zoo model name (see cnnjax.models.list_models()) or "
+                        "examples.<name> for a network in tests/examples.py.", required=True)
+    flags.DEFINE_string("input_shape", None, "H,W,C (default: the model's native shape).")
+    flags.DEFINE_integer("num_classes", None, "Number of classes (default: the model's).")
+    flags.DEFINE_integer("batch_size", 1, "Batch size of the traced input.")
+    flags.DEFINE_string("csv", None, "Also write the rows to this CSV file.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Prints the summary table of `--model` (and writes `--csv`)."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    model, native = load_model(f.model, f.num_classes)
+    shape = _parse_shape(f.input_shape) if f.input_shape else native
+    result = summary(model, shape, batch_size=f.batch_size)
+    print(f"{f.model} on input {result.input_shape}")
+    print(result)
+    if result.receptive_field is not None:
+        print(f"receptive field of the output: {result.receptive_field}")
+    if f.csv:
+        result.to_csv(f.csv)
+        print(f"wrote {f.csv}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -37,16 +37,21 @@ from cnnjax.analysis.receptive_field import CUMULATIVE, ELEMENTWISE, REDUCTIONS,
 _TOKEN = "cnnjax_call"
 _TOKEN_RE = re.compile(_TOKEN + r"(\d+)")
 INLINED = frozenset(
-    "jit pjit closed_call core_call custom_jvp_call custom_vjp_call custom_vjp_call_jaxpr "
-    "checkpoint remat named_call".split()
+    [
+        "jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+        "custom_vjp_call_jaxpr", "checkpoint", "remat", "named_call"
+    ]
 )
 FUNCTION_CALLS = frozenset({"jit", "pjit"})  # inlined calls that may form a row of their own
 TRANSCENDENTAL = frozenset(
-    """exp exp2 expm1 log log1p tanh sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh
-    sqrt rsqrt cbrt pow erf erfc erf_inv lgamma digamma""".split()
+    [
+        "exp", "exp2", "expm1", "log", "log1p", "tanh", "sin", "cos", "tan", "asin", "acos", "atan",
+        "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "pow", "erf",
+        "erfc", "erf_inv", "lgamma", "digamma"
+    ]
 )
 FREE = frozenset(
-    "convert_element_type copy copy_p reduce_precision real imag stop_gradient".split()
+    ["convert_element_type", "copy", "copy_p", "reduce_precision", "real", "imag", "stop_gradient"]
 )
 
 
@@ -91,12 +96,13 @@ def _size(shape: Sequence[int]) -> int:
     return math.prod(int(s) for s in shape)
 
 
-def _valid_taps(n: int, k: int, s: int, lo: int, d: int, l: int, m: int) -> int:
-    """Pairs (output, tap) along one axis whose tap lands on a real input element."""
+def _valid_taps(n: int, k: int, s: int, lo: int, d: int, lhs_d: int, m: int) -> int:
+    """Pairs (output, tap) along one axis whose tap lands on a real input element: input size n,
+    kernel k, stride s, left padding lo, kernel dilation d, input dilation lhs_d, output size m."""
     o = np.arange(m)[:, None]
     t = np.arange(k)[None, :]
     p = o * s + t * d - lo
-    return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * l) & (p % l == 0)))
+    return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * lhs_d) & (p % lhs_d == 0)))
 
 
 def _integer_pow_muls(y: int) -> int:
@@ -106,7 +112,9 @@ def _integer_pow_muls(y: int) -> int:
     return y.bit_length() - 1 + bin(y).count("1") - 1
 
 
-def eqn_cost(prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any]) -> tuple[int, int]:
+def eqn_cost(
+    prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any]
+) -> tuple[int, int]:
     """(flops, macs) of one primitive under the conventions in the module docstring."""
     out_size = _size(out_avals[0].shape) if out_avals else 0
     if prim == "conv_general_dilated":
@@ -169,7 +177,9 @@ class _Flattener:
         self.avals[i] = aval
         return i
 
-    def walk(self, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int], path: tuple[int, ...]) -> list[int]:
+    def walk(
+        self, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int], path: tuple[int, ...]
+    ) -> list[int]:
         env: dict[Any, int] = {}
         for v in jaxpr.constvars:
             env[v] = self.new(v.aval)

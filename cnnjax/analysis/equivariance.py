@@ -1,0 +1,159 @@
+"""Translation equivariance and invariance probes.
+
+A map f is shift-equivariant when shifting its input shifts its output, f(T_s x) = T_{s/r} f(x)
+for a network of output stride r, and shift-invariant when f(T_s x) = f(x). Convolutions are
+equivariant away from the borders (exactly, everywhere, with circular padding); pooling buys
+invariance only to shifts that keep each maximum inside its window (Goodfellow et al., Deep
+Learning §9.3-9.4). These probes measure both on concrete inputs, in float64.
+
+Shifts act on the spatial axes `1 .. x.ndim - 2` of a channels-last batch (NHWC for images).
+`mode="circular"` rolls the image around (the exact symmetry of circular convolution);
+`mode="zeros"` translates it and fills the vacated border with zeros (the comparison then skips
+the output positions the translation left undefined).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cnnjax.utils.validation import check_choice, invalid
+
+MODES = ("circular", "zeros")
+
+
+class ShiftError(NamedTuple):
+    """`max_abs`: largest absolute deviation; `relative`: `max_abs / max|reference|` (0 if 0)."""
+
+    max_abs: float
+    relative: float
+
+
+def _per_axis(owner: str, arg: str, value: Any, n: int, minimum: int) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int | np.integer) else value
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise invalid(owner, arg, value, f"expected an int or {n} ints") from None
+    if len(values) != n or not all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values
+    ):
+        raise invalid(owner, arg, value, f"expected an int or {n} ints (one per spatial axis)")
+    if any(v < minimum for v in values):
+        raise invalid(owner, arg, value, f"expected every entry >= {minimum}")
+    return tuple(int(v) for v in values)
+
+
+def _check_input(owner: str, x: Any) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim < 3:
+        raise invalid(owner, "x.shape", arr.shape,
+                      "expected a batch with spatial axes and channels, e.g. (N, H, W, C)")
+    return arr
+
+
+def _shift_vector(owner: str, shift: Any, n: int) -> tuple[int, ...]:
+    if isinstance(shift, int | np.integer):
+        raise invalid(owner, "shift", shift, f"expected {n} ints, one per spatial axis")
+    return _per_axis(owner, "shift", shift, n, minimum=-(2**62))
+
+
+def shift_image(x: Any, shift: Sequence[int], mode: str = "circular") -> np.ndarray:
+    """Translates `x` by `shift` pixels along its spatial axes (positive = down/right)."""
+    owner = "shift_image"
+    arr = _check_input(owner, x)
+    check_choice(owner, "mode", mode, MODES)
+    shift = _shift_vector(owner, shift, arr.ndim - 2)
+    return _translate(arr, shift, mode)
+
+
+def _translate(arr: np.ndarray, shift: Sequence[int], mode: str) -> np.ndarray:
+    axes = tuple(range(1, arr.ndim - 1))
+    if mode == "circular":
+        return np.roll(arr, shift, axis=axes)
+    out = np.zeros_like(arr)
+    src = [slice(None)] * arr.ndim
+    dst = [slice(None)] * arr.ndim
+    for axis, s in zip(axes, shift, strict=True):
+        n = arr.shape[axis]
+        if abs(s) >= n:
+            return out
+        src[axis] = slice(max(0, -s), n - max(0, s))
+        dst[axis] = slice(max(0, s), n - max(0, -s))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def _error(a: np.ndarray, ref: np.ndarray) -> ShiftError:
+    if a.size == 0:
+        return ShiftError(0.0, 0.0)
+    max_abs = float(np.max(np.abs(a - ref)))
+    scale = float(np.max(np.abs(ref)))
+    return ShiftError(max_abs, max_abs / scale if scale > 0 else 0.0)
+
+
+def equivariance_error(
+    fn: Callable[[Any], Any],
+    x: Any,
+    shift: Sequence[int],
+    *,
+    border: int | Sequence[int] = 0,
+    mode: str = "circular",
+    stride: int | Sequence[int] | None = None,
+) -> ShiftError:
+    """Deviation of `fn(shift(x))` from `shift(fn(x))`, ignoring `border` output pixels per side.
+
+    The output is shifted by `shift / stride`, where `stride` (the network's output stride, per
+    axis) defaults to `input_size / output_size`; `shift` must be a multiple of it. In "zeros"
+    mode the output positions the translation leaves undefined are skipped as well.
+    """
+    owner = "equivariance_error"
+    arr = _check_input(owner, x)
+    check_choice(owner, "mode", mode, MODES)
+    n = arr.ndim - 2
+    shift = _shift_vector(owner, shift, n)
+    border = _per_axis(owner, "border", border, n, minimum=0)
+    y = np.asarray(fn(arr), dtype=np.float64)
+    y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
+    if y.ndim != arr.ndim:
+        raise invalid(owner, "fn(x).shape", y.shape,
+                      f"expected a rank-{arr.ndim} output with the input's spatial axes")
+    in_sizes, out_sizes = arr.shape[1:-1], y.shape[1:-1]
+    if stride is None:
+        if any(o == 0 or i % o for i, o in zip(in_sizes, out_sizes, strict=True)):
+            raise invalid(owner, "stride", None,
+                          f"input size {in_sizes} is not a multiple of output size {out_sizes}; "
+                          "pass the network's output stride explicitly")
+        stride = tuple(i // o for i, o in zip(in_sizes, out_sizes, strict=True))
+    stride = _per_axis(owner, "stride", stride, n, minimum=1)
+    if any(s % r for s, r in zip(shift, stride, strict=True)):
+        raise invalid(owner, "shift", shift,
+                      f"expected multiples of the output stride {stride} so the output shifts "
+                      "by whole pixels")
+    out_shift = tuple(s // r for s, r in zip(shift, stride, strict=True))
+    reference = _translate(y, out_shift, mode)
+    region = [slice(None)]
+    for m, s, b in zip(out_sizes, out_shift, border, strict=True):
+        lo, hi = (0, m) if mode == "circular" else (max(0, s), m + min(0, s))
+        lo, hi = lo + b, hi - b
+        if hi <= lo:
+            raise invalid(owner, "border", border,
+                          f"no output positions are left to compare along an axis of size {m}")
+        region.append(slice(lo, hi))
+    region.append(slice(None))
+    return _error(y_shifted[tuple(region)], reference[tuple(region)])
+
+
+def invariance_error(
+    fn: Callable[[Any], Any], x: Any, shift: Sequence[int], *, mode: str = "circular"
+) -> ShiftError:
+    """Deviation of `fn(shift(x))` from `fn(x)` (e.g. a pooled feature or a classifier's logits)."""
+    owner = "invariance_error"
+    arr = _check_input(owner, x)
+    check_choice(owner, "mode", mode, MODES)
+    shift = _shift_vector(owner, shift, arr.ndim - 2)
+    y = np.asarray(fn(arr), dtype=np.float64)
+    y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
+    return _error(y_shifted, y)
