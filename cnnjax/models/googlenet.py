@@ -1,0 +1,211 @@
+"""GoogLeNet / Inception v1 (Szegedy et al. 2015), faithful to the paper's Table 1.
+
+Stem: conv 64@7x7/2 (padding 3), max pool 3x3/2, LRN, conv 64@1x1, conv 192@3x3 (padding 1), LRN,
+max pool 3x3/2; inception 3a, 3b, max pool; 4a .. 4e, max pool; 5a, 5b; global average pooling
+(the paper's 7x7/1 average pool at 224x224); dropout 0.4; the linear `head`. Every convolution,
+including those inside the inception modules, is followed by a ReLU; none has BatchNorm (that is
+Inception v2). Max pools use ceil mode as in the reference Caffe model (112 -> 56 -> 28 -> 14 -> 7
+at 224x224). The paper does not give LRN constants; those of the reference Caffe model are used
+(size 5, alpha 1e-4 divided by the size, beta 0.75, k 1). With biases, 1000 classes and no
+auxiliary heads the model has 6,998,552 parameters (Table 1's column is rounded and lower;
+torchvision's 6,624,904 is a BatchNorm variant with 3x3 kernels in the "5x5" branch).
+
+Auxiliary classifiers (`aux_logits=True`, Section 5): on the outputs of 4a and 4d, average pool
+5x5/3 (4x4 maps at 224x224), conv 128@1x1 + ReLU, fc 1024 + ReLU, dropout 0.7, linear (named
+`head` inside `aux1`/`aux2`). They exist to add gradient to the middle of the net in training
+(the paper weights their losses by 0.3, `AUX_LOSS_WEIGHT`) and are discarded at inference.
+
+Return type: as every cnnjax model (`logits`, or `(logits, features)` with `return_features`),
+except that with `aux_logits=True` and `train=True` the `logits` slot holds a
+`GoogLeNetOutputs(logits, aux1, aux2)` named tuple. The auxiliary heads are computed (and so
+initialized) whenever `aux_logits=True`, also when `train=False`, so one `init` serves both
+modes; under `jax.jit` the unused auxiliary branch is dead code and costs nothing in eval.
+
+Features (`return_features=True`): `stem` (28x28x192 at 224, stride 8, after the stem's last
+pool), `inception3` (output of 3b, stride 8), `inception4` (4e, stride 16), `inception5` (5b,
+stride 32) and `pre_logits` (the pooled 1024-vector before dropout).
+
+Initialization: He-normal (fan-out) convolution kernels, LeCun-normal dense kernels, zero
+biases (the paper's Caffe model used Xavier and constant 0.2 biases).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.norm import LocalResponseNorm
+from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d
+from cnnjax.models.registry import register_model
+from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
+from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+
+Array = Any
+
+_PAPER = "Szegedy et al. 2015, Going Deeper with Convolutions (CVPR)"
+
+#: Weight of each auxiliary classifier's loss in the total training loss (paper, Section 5).
+AUX_LOSS_WEIGHT = 0.3
+
+#: Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) of every inception module.
+INCEPTION_V1: dict[str, tuple[int, int, int, int, int, int]] = {
+    "3a": (64, 96, 128, 16, 32, 32),
+    "3b": (128, 128, 192, 32, 96, 64),
+    "4a": (192, 96, 208, 16, 48, 64),
+    "4b": (160, 112, 224, 24, 64, 64),
+    "4c": (128, 128, 256, 24, 64, 64),
+    "4d": (112, 144, 288, 32, 64, 64),
+    "4e": (256, 160, 320, 32, 128, 128),
+    "5a": (256, 160, 320, 32, 128, 128),
+    "5b": (384, 192, 384, 48, 128, 128),
+}
+
+
+class GoogLeNetOutputs(NamedTuple):
+    """Training-mode output of a GoogLeNet with auxiliary classifiers."""
+
+    logits: Array
+    aux1: Array  # auxiliary classifier on inception 4a
+    aux2: Array  # auxiliary classifier on inception 4d
+
+
+class Inception(nn.Module):
+    """Inception module (Figure 2b): four parallel branches concatenated along channels.
+
+    Branches: 1x1 conv (`features_1x1`); 1x1 reduce (`reduce_3x3`) then 3x3 conv (`features_3x3`);
+    1x1 reduce (`reduce_5x5`) then 5x5 conv (`features_5x5`); 3x3/s1 max pool then 1x1 projection
+    (`pool_proj`). Each conv has a ReLU; spatial size is preserved. Output channels:
+    `features_1x1 + features_3x3 + features_5x5 + pool_proj`.
+    """
+
+    features_1x1: int
+    reduce_3x3: int
+    features_3x3: int
+    reduce_5x5: int
+    features_5x5: int
+    pool_proj: int
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        for field in ("features_1x1", "reduce_3x3", "features_3x3", "reduce_5x5",
+                      "features_5x5", "pool_proj"):
+            check_positive_int(type(self).__name__, field, getattr(self, field))
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
+        b1 = nn.relu(conv(self.features_1x1, 1, name="branch1x1")(x))
+        b3 = nn.relu(conv(self.reduce_3x3, 1, name="branch3x3_reduce")(x))
+        b3 = nn.relu(conv(self.features_3x3, 3, padding=1, name="branch3x3")(b3))
+        b5 = nn.relu(conv(self.reduce_5x5, 1, name="branch5x5_reduce")(x))
+        b5 = nn.relu(conv(self.features_5x5, 5, padding=2, name="branch5x5")(b5))
+        bp = max_pool2d(x, 3, 1, padding=1)
+        bp = nn.relu(conv(self.pool_proj, 1, name="pool_proj")(bp))
+        return jnp.concatenate([b1, b3, b5, bp], axis=-1)
+
+
+class InceptionAux(nn.Module):
+    """GoogLeNet's auxiliary classifier (Section 5): avg pool 5x5/3, conv 128@1x1, fc 1024,
+    dropout 0.7, linear `head`. Needs an input of at least 5x5."""
+
+    num_classes: int
+    dropout_rate: float = 0.7
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if x.shape[1] < 5 or x.shape[2] < 5:
+            raise invalid(type(self).__name__, "input.shape", tuple(x.shape),
+                          "expected a map of at least 5x5 for the 5x5/3 average pool; use a "
+                          "larger input (GoogLeNet: at least 79x79) or aux_logits=False")
+        x = avg_pool2d(x, 5, 3)
+        x = nn.relu(Conv2D(128, 1, dtype=self.dtype, kernel_init=conv_kernel_init,
+                           name="conv")(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc")(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
+                           jnp.float32)
+
+
+class GoogLeNet(nn.Module):
+    """GoogLeNet (Inception v1); see the module docstring for layout and return types.
+
+    Attributes:
+      num_classes: outputs of `head` (and of the auxiliary heads).
+      aux_logits: build the two auxiliary classifiers, returned only when `train=True`.
+      dropout_rate: dropout before `head` (0.4).
+      aux_dropout_rate: dropout inside the auxiliary classifiers (0.7).
+      dtype: computation dtype (parameters stay float32); logits are returned in float32.
+      axis_name: unused (no BatchNorm); kept so every cnnjax model has the same fields.
+    """
+
+    num_classes: int = 1000
+    aux_logits: bool = False
+    dropout_rate: float = 0.4
+    aux_dropout_rate: float = 0.7
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_classes", self.num_classes)
+        check_dropout_rate(owner, self.dropout_rate)
+        if isinstance(self.aux_dropout_rate, bool) or not isinstance(
+                self.aux_dropout_rate, int | float) or not 0 <= self.aux_dropout_rate < 1:
+            raise invalid(owner, "aux_dropout_rate", self.aux_dropout_rate,
+                          "expected a number in [0, 1)")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        check_nhwc(type(self).__name__, x)
+        x = jnp.asarray(x, self.dtype)
+        conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
+        pool = functools.partial(max_pool2d, kernel_size=3, stride=2, ceil_mode=True)
+        lrn = functools.partial(LocalResponseNorm, size=5, k=1.0, alpha=1e-4, beta=0.75,
+                                divide_alpha_by_size=True, dtype=self.dtype)
+        inception = {name: functools.partial(Inception, *widths, dtype=self.dtype,
+                                             name=f"inception{name}")
+                     for name, widths in INCEPTION_V1.items()}
+        aux = functools.partial(InceptionAux, self.num_classes, self.aux_dropout_rate,
+                                dtype=self.dtype)
+        features: dict[str, Array] = {}
+
+        x = pool(nn.relu(conv(64, 7, strides=2, padding=3, name="conv1")(x)))
+        x = lrn()(x)
+        x = nn.relu(conv(64, 1, name="conv2_reduce")(x))
+        x = nn.relu(conv(192, 3, padding=1, name="conv2")(x))
+        features["stem"] = x = pool(lrn()(x))
+
+        x = inception["3b"]()(inception["3a"]()(x))
+        features["inception3"] = x
+        x = inception["4a"]()(pool(x))
+        aux1 = aux(name="aux1")(x, train) if self.aux_logits else None
+        x = inception["4d"]()(inception["4c"]()(inception["4b"]()(x)))
+        aux2 = aux(name="aux2")(x, train) if self.aux_logits else None
+        x = inception["4e"]()(x)
+        features["inception4"] = x
+        x = inception["5b"]()(inception["5a"]()(pool(x)))
+        features["inception5"] = x
+
+        x = global_avg_pool(x)
+        features["pre_logits"] = x
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        logits = jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
+                             jnp.float32)
+        if self.aux_logits and train:
+            logits = GoogLeNetOutputs(logits, aux1, aux2)
+        return (logits, features) if return_features else logits
+
+
+@register_model("googlenet", input_shape=(224, 224, 3), min_input_size=47, num_classes=1000,
+                paper=_PAPER)
+def googlenet(**kwargs: Any) -> GoogLeNet:
+    """GoogLeNet (Inception v1); 6,998,552 parameters at 1000 classes without auxiliary heads."""
+    return GoogLeNet(**kwargs)

@@ -1,0 +1,227 @@
+"""VGG-11/13/16/19 (Simonyan & Zisserman 2015, configurations A/B/D/E), with and without BatchNorm.
+
+Layout and parameterization follow torchvision, so the parameter counts match exactly
+(vgg11 132,863,336; vgg13 133,047,848; vgg16 138,357,544; vgg19 143,667,240; vgg16_bn
+138,365,992 at 1000 classes): five blocks of 3x3/s1/p1 convolutions + ReLU, each block closed by a
+2x2/s2 max pool, channels 64-128-256-512-512; then an adaptive average pool to 7x7 (the identity at
+the native 224x224, and what lets any input of at least 32x32 through), fc6 4096 + ReLU + dropout,
+fc7 4096 + ReLU + dropout, and the linear `head`. The `_bn` variants put a BatchNorm between each
+convolution and its ReLU and keep the convolution bias (as torchvision does); BatchNorm running
+statistics are state (`batch_stats`), not parameters.
+
+Parameter names (stable: FCN and weight converters rely on them):
+
+- `features/conv{b}_{i}`: the i-th 3x3 convolution of block b (Caffe's names, conv1_1 .. conv5_3);
+  `features/bn{b}_{i}` its BatchNorm in the `_bn` variants.
+- `fc6`: Dense 7*7*512 -> 4096. Its kernel rows index the flattened NHWC map in (h, w, c) order,
+  so `params["fc6"]["kernel"].reshape(7, 7, 512, 4096)` is the equivalent 7x7 convolution kernel
+  (the "convolutionalized" fc6 of FCN, Long et al. 2015).
+- `fc7`: Dense 4096 -> 4096; `kernel.reshape(1, 1, 4096, 4096)` is the equivalent 1x1 convolution.
+- `head`: Dense 4096 -> num_classes.
+
+Features (`return_features=True`): `block1` .. `block5`, the output of each block's max pool
+(strides 2, 4, 8, 16, 32; FCN's pool3/pool4/pool5 are `block3`/`block4`/`block5`), and
+`pre_logits` (fc7's output after ReLU and dropout, the head's input). The convolutional trunk is
+the public `VGGFeatures` module, usable alone as a backbone.
+
+Initialization follows torchvision: He-normal (fan-out) convolution kernels, N(0, 0.01) dense
+kernels, zero biases. (The paper instead trained the shallow configuration A first and used it to
+initialize the deeper ones; He initialization makes that unnecessary.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
+from cnnjax.models.registry import register_model
+from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+
+Array = Any
+
+_PAPER = ("Simonyan & Zisserman 2015, Very Deep Convolutional Networks for Large-Scale Image "
+          "Recognition (ICLR)")
+
+#: Output channels of every 3x3 convolution, block by block (paper Table 1, configurations A/B/D/E).
+VGG_CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
+    11: ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    13: ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    19: ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
+}
+
+#: torchvision's initializers: He-normal (fan-out) for convolutions, N(0, 0.01) for dense layers.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def check_dropout_rate(owner: str, rate: Any) -> float:
+    """Returns `rate` if it is a number in [0, 1), else raises the standard ValueError."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+        raise invalid(owner, "dropout_rate", rate, "expected a number in [0, 1)")
+    return float(rate)
+
+
+def _check_stages(owner: str, stages: Any) -> None:
+    try:
+        ok = len(stages) > 0 and all(
+            len(block) > 0 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                   for c in block)
+            for block in stages)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise invalid(owner, "stages", stages,
+                      "expected a non-empty sequence of non-empty sequences of positive ints")
+
+
+class VGGFeatures(nn.Module):
+    """VGG's convolutional trunk: blocks of 3x3 conv (+ BN) + ReLU, each closed by a 2x2/s2 pool.
+
+    Returns `{"block1": ..., "blockN": ...}`, the output of each block's pool (NHWC, `dtype`).
+    Every block halves the resolution, so N blocks need an input of at least 2**N pixels a side.
+    """
+
+    stages: Sequence[Sequence[int]]
+    batch_norm: bool = False
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_stages(type(self).__name__, self.stages)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+        check_nhwc(type(self).__name__, x)
+        x = jnp.asarray(x, self.dtype)
+        outputs: dict[str, Array] = {}
+        for b, block in enumerate(self.stages, start=1):
+            for i, features in enumerate(block, start=1):
+                x = Conv2D(features, 3, padding=1, dtype=self.dtype,
+                           kernel_init=conv_kernel_init, name=f"conv{b}_{i}")(x)
+                if self.batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                     dtype=self.dtype, axis_name=self.axis_name,
+                                     name=f"bn{b}_{i}")(x)
+                x = nn.relu(x)
+            x = max_pool2d(x, 2, 2)
+            outputs[f"block{b}"] = x
+        return outputs
+
+
+class VGG(nn.Module):
+    """VGG classifier: `VGGFeatures` trunk, adaptive 7x7 average pool, fc6, fc7, `head`.
+
+    Attributes:
+      stages: conv widths per block (`VGG_CONFIGS[depth]`).
+      num_classes: outputs of `head`.
+      batch_norm: BatchNorm after every convolution (the `_bn` variants).
+      dropout_rate: dropout after the ReLUs of fc6 and fc7 (paper: 0.5), active only in training.
+      hidden_features: width of fc6 and fc7 (4096).
+      pool_size: side of the adaptive average pool before fc6 (torchvision: 7); None flattens the
+        trunk's output as it is (the paper's layout, which fixes the input at 224x224 for the
+        parameter count to match).
+      dtype: computation dtype (parameters stay float32); logits are returned in float32.
+      axis_name: passed to every BatchNorm for cross-device statistics.
+    """
+
+    stages: Sequence[Sequence[int]]
+    num_classes: int = 1000
+    batch_norm: bool = False
+    dropout_rate: float = 0.5
+    hidden_features: int = 4096
+    pool_size: int | None = 7
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _check_stages(owner, self.stages)
+        check_positive_int(owner, "num_classes", self.num_classes)
+        check_positive_int(owner, "hidden_features", self.hidden_features)
+        check_dropout_rate(owner, self.dropout_rate)
+        if self.pool_size is not None:
+            check_positive_int(owner, "pool_size", self.pool_size)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        check_nhwc(type(self).__name__, x)
+        features = VGGFeatures(stages=self.stages, batch_norm=self.batch_norm, dtype=self.dtype,
+                               axis_name=self.axis_name, name="features")(x, train)
+        x = features[f"block{len(self.stages)}"]
+        if self.pool_size is not None:
+            x = adaptive_avg_pool2d(x, self.pool_size)
+        x = x.reshape(x.shape[0], -1)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_kernel_init)
+        for name in ("fc6", "fc7"):
+            x = nn.relu(dense(self.hidden_features, name=name)(x))
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        features["pre_logits"] = x
+        logits = jnp.asarray(dense(self.num_classes, name="head")(x), jnp.float32)
+        return (logits, features) if return_features else logits
+
+
+def _vgg(depth: int, batch_norm: bool, **kwargs: Any) -> VGG:
+    kwargs.setdefault("stages", VGG_CONFIGS[depth])
+    kwargs.setdefault("batch_norm", batch_norm)
+    return VGG(**kwargs)
+
+
+_REGISTER = functools.partial(register_model, input_shape=(224, 224, 3), min_input_size=32,
+                              num_classes=1000, paper=_PAPER)
+
+
+@_REGISTER("vgg11")
+def vgg11(**kwargs: Any) -> VGG:
+    """VGG-11 (configuration A); 132,863,336 parameters at 1000 classes."""
+    return _vgg(11, False, **kwargs)
+
+
+@_REGISTER("vgg11_bn")
+def vgg11_bn(**kwargs: Any) -> VGG:
+    """VGG-11 with BatchNorm; 132,868,840 parameters at 1000 classes."""
+    return _vgg(11, True, **kwargs)
+
+
+@_REGISTER("vgg13")
+def vgg13(**kwargs: Any) -> VGG:
+    """VGG-13 (configuration B); 133,047,848 parameters at 1000 classes."""
+    return _vgg(13, False, **kwargs)
+
+
+@_REGISTER("vgg13_bn")
+def vgg13_bn(**kwargs: Any) -> VGG:
+    """VGG-13 with BatchNorm; 133,053,736 parameters at 1000 classes."""
+    return _vgg(13, True, **kwargs)
+
+
+@_REGISTER("vgg16")
+def vgg16(**kwargs: Any) -> VGG:
+    """VGG-16 (configuration D); 138,357,544 parameters at 1000 classes."""
+    return _vgg(16, False, **kwargs)
+
+
+@_REGISTER("vgg16_bn")
+def vgg16_bn(**kwargs: Any) -> VGG:
+    """VGG-16 with BatchNorm; 138,365,992 parameters at 1000 classes."""
+    return _vgg(16, True, **kwargs)
+
+
+@_REGISTER("vgg19")
+def vgg19(**kwargs: Any) -> VGG:
+    """VGG-19 (configuration E); 143,667,240 parameters at 1000 classes."""
+    return _vgg(19, False, **kwargs)
+
+
+@_REGISTER("vgg19_bn")
+def vgg19_bn(**kwargs: Any) -> VGG:
+    """VGG-19 with BatchNorm; 143,678,248 parameters at 1000 classes."""
+    return _vgg(19, True, **kwargs)
