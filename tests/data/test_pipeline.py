@@ -1,0 +1,234 @@
+"""tf.data pipeline on the offline `digits` data: shapes, determinism, exact resume, sharding."""
+
+from __future__ import annotations
+
+import itertools
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cnnjax.data import pipeline
+from cnnjax.data.pipeline import eval_batches, get_dataset_info, train_batches
+
+# digits: 1,438 train examples; a global batch of 128 gives 11 steps per epoch.
+STEPS_PER_EPOCH = 11
+
+
+def _take(iterator, n):
+    return list(itertools.islice(iterator, n))
+
+
+def _keys(images: np.ndarray) -> list[bytes]:
+    """Identifies native-size, un-augmented digits by their pixels (all 1,797 scans differ).
+
+    Undoes the normalization and rounds back to the stored uint8 pixels.
+    """
+    preset = pipeline.presets.get_preset("digits")
+    pixels = np.rint((images.astype(np.float64) * preset.std[0] + preset.mean[0]) * 255.0)
+    return [image.tobytes() for image in pixels.astype(np.uint8).reshape(-1, 8, 8, 1)]
+
+
+def _split_keys(digits_dir: str, split: str) -> set[bytes]:
+    """Keys of a split's stored images, read straight from tfds."""
+    builder = tfds.builder("digits", data_dir=digits_dir)
+    raw = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))["image"]
+    return {image.tobytes() for image in raw}
+
+
+def test_dataset_info(digits_config):
+    info = get_dataset_info(digits_config(image_size=32))
+    assert info == pipeline.DatasetInfo("digits", 10, (32, 32, 1), 1438, 359)
+    assert get_dataset_info(digits_config()).image_shape == (8, 8, 1)
+    assert pipeline.steps_per_epoch(info.num_train, 128) == STEPS_PER_EPOCH
+
+
+def test_train_batch_shapes_and_dtypes(digits_config):
+    batch = next(train_batches(digits_config(image_size=32), global_batch_size=16, num_devices=2,
+                               seed=0))
+    assert batch["image"].shape == (2, 8, 32, 32, 1) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (2, 8) and batch["label"].dtype == np.int32
+    assert set(batch) == {"image", "label"}
+    assert batch["label"].min() >= 0 and batch["label"].max() < 10
+
+
+def test_missing_fields_take_preset_defaults(digits_dir):
+    config = ml_collections.ConfigDict({"name": "digits", "data_dir": digits_dir})
+    batch = next(train_batches(config, global_batch_size=8, num_devices=1, seed=0))
+    assert batch["image"].shape == (1, 8, 8, 8, 1)
+
+
+def test_same_seed_same_batches_other_seed_different(digits_config):
+    config = digits_config()
+    a = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=3), 13)
+    b = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=3), 13)
+    c = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=4), 1)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert not np.array_equal(a[0]["label"], c[0]["label"])
+
+
+@pytest.mark.parametrize("start_step", [5, STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH,
+                                        2 * STEPS_PER_EPOCH + 3])
+def test_start_step_resumes_exactly(digits_config, start_step):
+    config = digits_config(image_size=16)
+    fresh = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=7),
+                  start_step + 2)
+    resumed = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=7,
+                                  start_step=start_step), 2)
+    for k in range(2):
+        np.testing.assert_array_equal(resumed[k]["image"], fresh[start_step + k]["image"])
+        np.testing.assert_array_equal(resumed[k]["label"], fresh[start_step + k]["label"])
+
+
+def test_epochs_hold_distinct_examples_and_are_shuffled_differently(digits_config, digits_dir):
+    config = digits_config()
+    batches = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=0),
+                    2 * STEPS_PER_EPOCH)
+    train_keys = _split_keys(digits_dir, "train")
+    epochs = []
+    for e in range(2):
+        keys = _keys(np.concatenate([b["image"] for b in batches[e * 11:(e + 1) * 11]], axis=1))
+        assert len(keys) == len(set(keys)) == 11 * 128  # no repeats; remainder (30) dropped
+        assert set(keys) <= train_keys
+        epochs.append(keys)
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    assert set(epochs[0]) != set(epochs[1])  # and a different dropped remainder
+
+
+def test_cache_does_not_change_batches(digits_config):
+    cached = _take(train_batches(digits_config(cache=True), global_batch_size=64, num_devices=1,
+                                 seed=1, start_step=20), 3)
+    streamed = _take(train_batches(digits_config(cache=False), global_batch_size=64,
+                                   num_devices=1, seed=1, start_step=20), 3)
+    for x, y in zip(cached, streamed, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_device_axis_is_a_reshape_of_the_global_batch(digits_config):
+    config = digits_config()
+    one = next(train_batches(config, global_batch_size=32, num_devices=1, seed=2))
+    four = next(train_batches(config, global_batch_size=32, num_devices=4, seed=2))
+    assert four["image"].shape == (4, 8, 8, 8, 1)
+    np.testing.assert_array_equal(four["image"].reshape(one["image"].shape), one["image"])
+    np.testing.assert_array_equal(four["label"].reshape(1, 32), one["label"])
+
+
+def test_eval_covers_every_example_once_with_padding(digits_config, digits_dir):
+    config = digits_config()
+    batches = list(eval_batches(config, global_batch_size=100, num_devices=2))
+    assert len(batches) == 4  # ceil(359 / 100)
+    assert all(b["image"].shape == (2, 50, 8, 8, 1) for b in batches)
+    mask = np.concatenate([b["mask"].reshape(-1) for b in batches])
+    assert mask.dtype == np.float32 and mask.sum() == 359
+    np.testing.assert_array_equal(mask, np.r_[np.ones(359), np.zeros(41)])
+    images = np.concatenate([b["image"].reshape(-1, 8, 8, 1) for b in batches])
+    labels = np.concatenate([b["label"].reshape(-1) for b in batches])
+    keys = _keys(images[:359])
+    assert len(set(keys)) == 359 and set(keys) == _split_keys(digits_dir, "test")
+    assert not images[359:].any() and not labels[359:].any()  # padding is zeros
+
+
+def test_train_process_shards_are_disjoint(digits_config):
+    config = digits_config()
+    per_process = []
+    for p in range(2):
+        batches = _take(train_batches(config, global_batch_size=128, num_devices=2, seed=5,
+                                      process_index=p, process_count=2), STEPS_PER_EPOCH)
+        assert batches[0]["image"].shape == (2, 32, 8, 8, 1)  # 128 / 2 processes / 2 devices
+        keys = _keys(np.concatenate([b["image"] for b in batches], axis=1))
+        assert len(set(keys)) == STEPS_PER_EPOCH * 64
+        per_process.append(set(keys))
+    assert not per_process[0] & per_process[1]
+
+
+def test_eval_process_shards_partition_the_split(digits_config):
+    config = digits_config(eval_split="test[:10]")  # shards of 4, 3, 3 examples
+    keys, counts = [], []
+    for p in range(3):
+        batches = list(eval_batches(config, global_batch_size=9, num_devices=1, process_index=p,
+                                    process_count=3))
+        counts.append(len(batches))
+        for b in batches:
+            keep = b["mask"].reshape(-1) > 0
+            keys += _keys(b["image"].reshape(-1, 8, 8, 1)[keep])
+    assert counts == [2, 2, 2]  # every process runs the same number of eval steps
+    assert len(keys) == len(set(keys)) == 10
+
+
+def test_fake_dataset(tmp_path):
+    config = pipeline.default_data_config("fake")
+    config.fake_image_shape = (12, 10, 3)
+    config.fake_num_classes = 7
+    config.fake_num_train = 40
+    config.fake_num_eval = 9
+    info = get_dataset_info(config)
+    assert info == pipeline.DatasetInfo("fake", 7, (12, 10, 3), 40, 9)
+    a = _take(train_batches(config, global_batch_size=8, num_devices=2, seed=0), 6)
+    b = _take(train_batches(config, global_batch_size=8, num_devices=2, seed=0, start_step=5), 1)
+    assert a[0]["image"].shape == (2, 4, 12, 10, 3)
+    np.testing.assert_array_equal(a[5]["image"], b[0]["image"])
+    labels = np.concatenate([x["label"].reshape(-1) for x in a])
+    assert labels.max() < 7
+    evals = list(eval_batches(config, global_batch_size=4, num_devices=1))
+    assert [e["mask"].sum() for e in evals] == [4, 4, 1]
+
+
+# ------------------------------------------------------------------------------------ errors
+def _expect(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match):
+        fn(*args, **kwargs)
+
+
+def test_unknown_dataset_lists_valid_names(digits_config):
+    config = digits_config()
+    config.name = "svhn"
+    _expect(r"data: name='svhn' is invalid; expected one of \['cifar10', 'cifar100', "
+            r"'digits', 'fake', 'fashion_mnist', 'imagenet2012', 'imagenette', 'mnist'\]",
+            get_dataset_info, config)
+
+
+def test_config_field_errors(digits_config):
+    _expect(r"data: image_size=0 is invalid; expected a positive integer, or None",
+            get_dataset_info, digits_config(image_size=0))
+    _expect(r"data: image_size=-3 is invalid", get_dataset_info, digits_config(image_size=-3))
+    _expect(r"data: shuffle_buffer=0 is invalid; expected a positive integer",
+            get_dataset_info, digits_config(shuffle_buffer=0))
+    config = ml_collections.ConfigDict({"name": "digits", "augment": 1})
+    _expect(r"data: augment=1 is invalid; expected True or False", get_dataset_info, config)
+    config = digits_config()
+    config.fake_image_shape = (8, 8)
+    _expect(r"data: fake_image_shape=\(8, 8\) is invalid; expected three positive integers",
+            get_dataset_info, config)
+    config = digits_config()
+    config.imag_size = 32
+    _expect(r"data: fields=\['imag_size'\] is invalid; expected only \['augment', 'cache'",
+            get_dataset_info, config)
+    _expect(r"data: split='validation' is invalid; 'digits' has splits \['train', 'test'\]",
+            get_dataset_info, digits_config(eval_split="validation"))
+
+
+def test_layout_errors(digits_config):
+    config = digits_config()
+    _expect(r"data: global_batch_size=10 is invalid; expected a multiple of num_devices \* "
+            r"process_count = 4 \* 1 = 4", train_batches, config, global_batch_size=10,
+            num_devices=4, seed=0)
+    _expect(r"data: global_batch_size=12 is invalid; expected a multiple of num_devices \* "
+            r"process_count = 1 \* 8 = 8", eval_batches, config, global_batch_size=12,
+            num_devices=1, process_count=8)
+    _expect(r"data: global_batch_size=0 is invalid; expected a positive integer",
+            train_batches, config, global_batch_size=0, num_devices=1, seed=0)
+    _expect(r"data: num_devices=0 is invalid", train_batches, config, global_batch_size=8,
+            num_devices=0, seed=0)
+    _expect(r"data: process_index=2 is invalid; expected 0 <= process_index < "
+            r"process_count=2", train_batches, config, global_batch_size=8, num_devices=1,
+            seed=0, process_index=2, process_count=2)
+    _expect(r"data: seed=-1 is invalid; expected an integer >= 0", train_batches, config,
+            global_batch_size=8, num_devices=1, seed=-1)
+    _expect(r"data: start_step=-5 is invalid", train_batches, config, global_batch_size=8,
+            num_devices=1, seed=0, start_step=-5)
+    _expect(r"data: global_batch_size=2048 is invalid; expected at most the 1438 examples of "
+            r"'digits' split 'train' \(an epoch would have no step\)", train_batches, config,
+            global_batch_size=2048, num_devices=1, seed=0)
