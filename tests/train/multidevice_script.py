@@ -1,0 +1,67 @@
+"""Run by test_parallel.py in a subprocess with 4 fake CPU devices; prints one JSON line of diffs.
+
+Trains the tiny BatchNorm model for a few steps on the same global batches with: 1 device (pmap),
+4 devices (pmap), 4 devices (shard_map), 1 device (shard_map); and with dropout, 4-device pmap vs
+4-device shard_map. Reports the max absolute parameter/batch-stat differences.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, sys.argv[1])
+from cnnjax.train.parallel import DataParallel  # noqa: E402
+from cnnjax.train.state import create_train_state  # noqa: E402
+from cnnjax.train.step import make_steps  # noqa: E402
+from tests.train import helpers  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 16, 3
+
+
+def train(mode: str, num_devices: int, dropout: float = 0.0):
+    model = helpers.TinyNet(axis_name="data", dropout_rate=dropout)
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    train_step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data")
+    parallel = DataParallel(mode, jax.devices()[:num_devices])
+    step = parallel.wrap_train(train_step)
+    state = parallel.replicate(jax.device_get(state))
+    batches = helpers.train_batches(None, global_batch_size=GLOBAL_BATCH, num_devices=num_devices,
+                                    seed=0)
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, parallel.shard_batch(next(batches)))
+        losses.append(float(parallel.metrics_to_host(metrics)["loss"]))
+    host = parallel.unreplicate(state)
+    return {"params": host.params, "batch_stats": host.batch_stats}, losses
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                            strict=True))
+
+
+def main():
+    assert jax.device_count() == 4, jax.devices()
+    one, one_losses = train("pmap", 1)
+    four_pmap, four_losses = train("pmap", 4)
+    four_shard, _ = train("shard_map", 4)
+    one_shard, _ = train("shard_map", 1)
+    drop_pmap, _ = train("pmap", 4, dropout=0.5)
+    drop_shard, _ = train("shard_map", 4, dropout=0.5)
+    print(json.dumps({
+        "pmap4_vs_1": max_diff(one, four_pmap),
+        "shard4_vs_1": max_diff(one, four_shard),
+        "shard1_vs_pmap1": max_diff(one, one_shard),
+        "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
+        "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
+        "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
+        "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
+    }))
+
+
+if __name__ == "__main__":
+    main()

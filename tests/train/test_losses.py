@@ -1,0 +1,72 @@
+"""Loss and metrics against float64 NumPy, and the padded/masked eval step against unpadded NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnjax.train import losses
+from cnnjax.train.parallel import DataParallel
+from cnnjax.train.state import create_train_state
+from cnnjax.train.step import make_steps
+from tests.train import helpers
+
+
+def _np_cross_entropy(logits, labels, smoothing):
+    logits = logits.astype(np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    n = logits.shape[-1]
+    targets = np.eye(n)[labels] * (1 - smoothing) + smoothing / n
+    return -(targets * log_p).sum(-1)
+
+
+def _np_topk(logits, labels, k):
+    top = np.argsort(-logits, axis=-1)[:, :k]
+    return (top == labels[:, None]).any(-1).astype(np.float64)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_numpy(smoothing):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (32, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 32)
+    got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing)
+    np.testing.assert_allclose(got, _np_cross_entropy(logits, labels, smoothing), rtol=1e-5)
+
+
+def test_topk_matches_numpy_and_caps_k():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(64, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 64)
+    for k in (1, 5):
+        got = losses.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
+        np.testing.assert_array_equal(got, _np_topk(logits, labels, k))
+    three = losses.topk_correct(jnp.asarray(logits[:, :3]), jnp.asarray(labels % 3), 5)
+    np.testing.assert_array_equal(three, np.ones(64))  # k capped at 3 classes: always correct
+
+
+def test_masked_eval_step_exact_vs_numpy():
+    """27 examples in batches of 8 (last padded with 5 zeros) give the unpadded NumPy metrics."""
+    model = helpers.TinyNet(axis_name="data")
+    state = create_train_state(model, optax.sgd(0.1), jax.random.PRNGKey(3), (1, 8, 8, 1))
+    _, eval_step = make_steps(model, optax.sgd(0.1), optax.constant_schedule(0.1), "data")
+    parallel = DataParallel("pmap")
+    p_eval = parallel.wrap_eval(eval_step)
+    replicated = parallel.replicate(jax.device_get(state))
+    totals = {}
+    for batch in helpers.eval_batches(None, global_batch_size=8, num_devices=1):
+        sums = parallel.metrics_to_host(p_eval(replicated, parallel.shard_batch(batch)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    assert totals["count"] == helpers.NUM_EVAL
+
+    images, labels = helpers._examples("eval", helpers.NUM_EVAL)
+    logits = np.asarray(model.apply(state.variables(), images, train=False), np.float64)
+    np.testing.assert_allclose(totals["loss"] / totals["count"],
+                               _np_cross_entropy(logits, labels, 0.0).mean(), rtol=1e-5)
+    np.testing.assert_allclose(totals["top1"] / totals["count"],
+                               _np_topk(logits, labels, 1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(totals["top5"] / totals["count"],
+                               _np_topk(logits, labels, 5).mean(), rtol=1e-12)

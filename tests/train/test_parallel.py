@@ -1,0 +1,38 @@
+"""Data parallelism on 4 fake CPU devices (subprocess): 4 devices == 1 device; pmap == shard_map."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def diffs():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    script = os.path.join(ROOT, "tests", "train", "multidevice_script.py")
+    result = subprocess.run([sys.executable, script, ROOT], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices_match_one_device_with_batchnorm(diffs):
+    # Same global batch: pmean'd gradients and cross-device BatchNorm statistics make the update
+    # identical up to float32 summation order.
+    assert diffs["pmap4_vs_1"] < 1e-5
+    assert diffs["shard4_vs_1"] < 1e-5
+    assert diffs["loss_diff"] < 1e-5
+
+
+def test_pmap_and_shard_map_agree(diffs):
+    assert diffs["shard1_vs_pmap1"] < 1e-6
+    assert diffs["pmap4_vs_shard4"] < 1e-6
+    # Same per-device dropout keys (folded from step and device index) in both wrappers.
+    assert diffs["dropout_pmap4_vs_shard4"] < 1e-6
+    assert diffs["dropout_vs_no_dropout"] > 1e-4  # dropout really is active in training
