@@ -122,11 +122,12 @@ def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
     x1, y1, x2, y2 = (corners[:, i] for i in range(4))
 
     def bin_masks(start, end, pooled, size):
-        length = jnp.maximum(end - start + 1, 1).astype(jnp.float32)
-        bin_size = length / pooled
-        p = jnp.arange(pooled, dtype=jnp.float32)
-        lo = jnp.floor(p[None] * bin_size[:, None]).astype(jnp.int32) + start[:, None]
-        hi = jnp.ceil((p[None] + 1) * bin_size[:, None]).astype(jnp.int32) + start[:, None]
+        # Bin edges floor(p * len / pooled) and ceil((p + 1) * len / pooled) in exact integer
+        # arithmetic (torchvision uses floats, which agree except for rounding at exact edges).
+        length = jnp.maximum(end - start + 1, 1)[:, None]
+        p = jnp.arange(pooled, dtype=jnp.int32)[None]
+        lo = (p * length) // pooled + start[:, None]
+        hi = -((-(p + 1) * length) // pooled) + start[:, None]
         lo, hi = jnp.clip(lo, 0, size), jnp.clip(hi, 0, size)
         pos = jnp.arange(size)
         return (pos >= lo[..., None]) & (pos < hi[..., None]), hi <= lo  # [K,P,size], [K,P]
@@ -149,7 +150,8 @@ def roi_pool(
 
     Box corners are scaled and rounded (half away from zero) to feature cells; the box spans
     `round(x2) - round(x1) + 1` cells (at least 1), split into `output_size` bins with edges
-    `floor(i * len / out)` .. `ceil((i + 1) * len / out)`, clipped to the map. Each bin takes the
+    `floor(i * len / out)` .. `ceil((i + 1) * len / out)` (exact integer arithmetic), clipped to
+    the map. Each bin takes the
     max over its cells; a bin left empty by clipping outputs 0.
     """
     boxes, batch_indices, out, scale, _ = _check_roi_args(
@@ -267,7 +269,7 @@ def box_iou(boxes1: Any, boxes2: Any) -> jax.Array:
     """Pairwise IoU `[K1, K2]` of (x1, y1, x2, y2) boxes; 0 where the union is empty."""
     boxes1, _ = _check_boxes("box_iou", boxes1)
     boxes2, _ = _check_boxes("box_iou", boxes2)
-    return _box_iou(boxes1, boxes2)
+    return jax.jit(_box_iou)(boxes1, boxes2)
 
 
 def _box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -285,6 +287,8 @@ def _box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("max_output_size",))
 def _nms(boxes, scores, iou_threshold, max_output_size, score_threshold):
+    if boxes.shape[0] == 0:
+        return jnp.zeros(max_output_size, jnp.int32), jnp.zeros(max_output_size, bool)
     order = jnp.argsort(-scores, stable=True)
     ious = _box_iou(boxes[order], boxes[order])
     candidate = scores[order] > score_threshold

@@ -1,0 +1,314 @@
+"""RoI ops checked against tf.image.crop_and_resize / non_max_suppression and float64 NumPy
+re-implementations of torchvision's roi_align and roi_pool kernels."""
+
+import math
+import os
+from fractions import Fraction
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from jax.test_util import check_grads
+
+from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _features(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _random_boxes(rng, count, width, height, low=0.0):
+    """Random (x1, y1, x2, y2) boxes inside [low, width - low] x [low, height - low]."""
+    xs = np.sort(rng.uniform(low, width - low, size=(count, 2)), axis=1)
+    ys = np.sort(rng.uniform(low, height - low, size=(count, 2)), axis=1)
+    return np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def _bilinear_ref(image, y, x):
+    """torchvision's bilinear_interpolate (roi_align_kernel.cpp), one point, float64."""
+    height, width = image.shape[:2]
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return np.zeros(image.shape[2])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_low, x_low = int(y), int(x)
+    if y_low >= height - 1:
+        y_high = y_low = height - 1
+        y = float(y_low)
+    else:
+        y_high = y_low + 1
+    if x_low >= width - 1:
+        x_high = x_low = width - 1
+        x = float(x_low)
+    else:
+        x_high = x_low + 1
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (hy * hx * image[y_low, x_low] + hy * lx * image[y_low, x_high]
+            + ly * hx * image[y_high, x_low] + ly * lx * image[y_high, x_high])
+
+
+def _roi_align_ref(features, boxes, batch_indices, output_size, scale, sampling_ratio, aligned):
+    features, boxes = features.astype(np.float64), boxes.astype(np.float64)
+    out_h, out_w = output_size
+    out = np.zeros((len(boxes), out_h, out_w, features.shape[3]))
+    offset = 0.5 if aligned else 0.0
+    for k, (box, b) in enumerate(zip(boxes, batch_indices, strict=True)):
+        x1, y1, x2, y2 = box * scale - offset
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / out_h, roi_w / out_w
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+        count = max(grid_h * grid_w, 1)
+        for ph in range(out_h):
+            for pw in range(out_w):
+                total = np.zeros(features.shape[3])
+                for iy in range(grid_h):
+                    y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        total += _bilinear_ref(features[b], y, x)
+                out[k, ph, pw] = total / count
+    return out
+
+
+def _roi_pool_ref(features, boxes, batch_indices, output_size, scale):
+    """torchvision's roi_pool_kernel.cpp in float64 (C `round` is half away from zero)."""
+    features, boxes = features.astype(np.float64), boxes.astype(np.float64)
+    height, width = features.shape[1:3]
+    out_h, out_w = output_size
+    out = np.zeros((len(boxes), out_h, out_w, features.shape[3]))
+    for k, (box, b) in enumerate(zip(boxes, batch_indices, strict=True)):
+        x1, y1, x2, y2 = (int(math.floor(v * scale + 0.5)) for v in box)
+        roi_h, roi_w = max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1)
+        bin_h, bin_w = Fraction(roi_h, out_h), Fraction(roi_w, out_w)  # Exact bin edges.
+        for ph in range(out_h):
+            h0 = min(max(math.floor(ph * bin_h) + y1, 0), height)
+            h1 = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
+            for pw in range(out_w):
+                w0 = min(max(math.floor(pw * bin_w) + x1, 0), width)
+                w1 = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
+                if h1 > h0 and w1 > w0:
+                    out[k, ph, pw] = features[b, h0:h1, w0:w1].max(axis=(0, 1))
+    return out
+
+
+# ---------------------------------------------------------------- roi_align
+
+
+def test_roi_align_matches_crop_and_resize_at_bin_centres():
+    # aligned=True, sampling_ratio=1 samples one point per bin, at the bin centre:
+    #   y_i = y1*s - 0.5 + (i + 0.5) * (y2 - y1)*s / out_h,  i = 0 .. out_h - 1.
+    # crop_and_resize samples y_i = y1n*(H-1) + i * (y2n - y1n)*(H-1) / (out_h - 1), so the two
+    # agree for normalized corners y1n = y_0 / (H-1) and y2n = y_{out_h-1} / (H-1) (same for x).
+    # Boxes keep every sample inside [0, H-1], where both ops use plain bilinear interpolation.
+    height, width, scale, (out_h, out_w) = 13, 11, 0.5, (3, 4)
+    feats = _features((2, height, width, 5), seed=1)
+    rng = np.random.default_rng(2)
+    boxes = _random_boxes(rng, 6, width / scale, height / scale, low=2.0)
+    batch = np.array([0, 1, 1, 0, 1, 0], np.int32)
+    got = roi_align(feats, boxes, batch, (out_h, out_w), scale, sampling_ratio=1, aligned=True)
+
+    s = boxes.astype(np.float64) * scale - 0.5
+    bin_h, bin_w = (s[:, 3] - s[:, 1]) / out_h, (s[:, 2] - s[:, 0]) / out_w
+    normalized = np.stack([
+        (s[:, 1] + 0.5 * bin_h) / (height - 1), (s[:, 0] + 0.5 * bin_w) / (width - 1),
+        (s[:, 1] + (out_h - 0.5) * bin_h) / (height - 1),
+        (s[:, 0] + (out_w - 0.5) * bin_w) / (width - 1),
+    ], axis=1)
+    assert normalized.min() >= 0 and normalized.max() <= 1
+    expected = tf.image.crop_and_resize(feats, normalized.astype(np.float32), batch,
+                                        (out_h, out_w), method="bilinear").numpy()
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_roi_align_matches_torchvision_reference(aligned, sampling_ratio):
+    height, width, scale = 9, 11, 0.25
+    feats = _features((2, height, width, 3), seed=3)
+    rng = np.random.default_rng(4)
+    boxes = _random_boxes(rng, 7, width / scale, height / scale)
+    boxes[0] = [0.0, 0.0, width / scale, height / scale]  # Whole image: samples reach the borders.
+    boxes[1] = [8.0, 8.0, 8.0, 10.0]  # Zero width: aligned=False forces it to one cell.
+    batch = rng.integers(0, 2, size=7).astype(np.int32)
+    got = roi_align(feats, boxes, batch, (3, 2), scale, sampling_ratio, aligned)
+    expected = _roi_align_ref(feats, boxes, batch, (3, 2), scale, sampling_ratio, aligned)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_roi_align_under_jit():
+    feats = _features((2, 9, 9, 2), seed=5)
+    boxes = _random_boxes(np.random.default_rng(6), 4, 9.0, 9.0)
+    batch = np.array([1, 0, 1, 1], np.int32)
+    fixed = jax.jit(lambda f, b, i: roi_align(f, b, i, 2, sampling_ratio=2))
+    np.testing.assert_allclose(fixed(feats, boxes, batch),
+                               _roi_align_ref(feats, boxes, batch, (2, 2), 1.0, 2, True),
+                               rtol=RTOL, atol=ATOL)
+    # Adaptive sampling needs a static grid under jit: max_sampling_ratio large enough is exact.
+    adaptive = jax.jit(lambda f, b, i: roi_align(f, b, i, 2, sampling_ratio=0,
+                                                 max_sampling_ratio=8))
+    np.testing.assert_allclose(adaptive(feats, boxes, batch),
+                               _roi_align_ref(feats, boxes, batch, (2, 2), 1.0, 0, True),
+                               rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=r"^roi_align: sampling_ratio=-1 is invalid; adaptive "
+                                         r"sampling \(<= 0\) needs concrete boxes"):
+        jax.jit(lambda b: roi_align(feats, b, batch, 2))(boxes)
+
+
+def test_roi_align_gradients():
+    with jax.enable_x64(True):
+        feats = jnp.asarray(np.random.default_rng(7).normal(size=(2, 5, 6, 2)))
+        boxes = np.array([[0.5, 1.0, 5.0, 4.5], [1.0, 0.0, 6.0, 3.0]])
+        batch = np.array([1, 0], np.int32)
+        fn = jax.jit(lambda f: roi_align(f, boxes, batch, (2, 3), sampling_ratio=2))
+        check_grads(fn, (feats,), order=1, modes=("fwd", "rev"))
+
+
+# ---------------------------------------------------------------- roi_pool
+
+
+@pytest.mark.parametrize("scale,output_size", [(1.0, (2, 2)), (0.5, (3, 2)), (0.25, (4, 3))])
+def test_roi_pool_matches_torchvision_reference(scale, output_size):
+    height, width = 11, 9
+    feats = _features((2, height, width, 3), seed=8)
+    rng = np.random.default_rng(9)
+    boxes = _random_boxes(rng, 8, width / scale, height / scale)
+    boxes[0] = [0.0, 0.0, width / scale, height / scale]
+    boxes[1] = [1.0, 1.0, 1.0, 1.0]  # A point: one cell, several bins share it.
+    batch = rng.integers(0, 2, size=8).astype(np.int32)
+    got = roi_pool(feats, boxes, batch, output_size, scale)
+    np.testing.assert_allclose(got, _roi_pool_ref(feats, boxes, batch, output_size, scale),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_roi_pool_rounds_half_away_from_zero():
+    # x1 = 5 at scale 0.5 is 2.5: C's round gives column 3 (banker's rounding would give 2).
+    feats = np.zeros((1, 4, 8, 1), np.float32)
+    feats[0, :, 2, 0] = 10.0
+    feats[0, 1, 4, 0] = 3.0
+    out = roi_pool(feats, np.array([[5.0, 0.0, 9.0, 6.0]]), np.array([0]), 1, 0.5)
+    assert float(out[0, 0, 0, 0]) == 3.0
+
+
+# ---------------------------------------------------------------- box_iou and nms
+
+
+def test_box_iou_by_hand():
+    a = np.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
+    b = np.array([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0]])
+    expected = [[1 / 7, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    np.testing.assert_allclose(box_iou(a, b), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("iou_threshold,max_output_size,score_threshold",
+                         [(0.5, 10, float("-inf")), (0.3, 60, float("-inf")), (0.7, 25, 0.4),
+                          (0.0, 40, float("-inf")), (1.0, 7, 0.9)])
+def test_nms_matches_tensorflow(iou_threshold, max_output_size, score_threshold):
+    rng = np.random.default_rng(int(iou_threshold * 10) + max_output_size)
+    boxes = _random_boxes(rng, 50, 32.0, 32.0)
+    scores = rng.uniform(size=50).astype(np.float32)
+    indices, valid = nms(boxes, scores, iou_threshold, max_output_size, score_threshold)
+    assert indices.shape == valid.shape == (max_output_size,)
+    # TF takes (y1, x1, y2, x2); IoU does not care which axis comes first.
+    expected = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores, max_output_size,
+                                            iou_threshold, score_threshold).numpy()
+    valid = np.asarray(valid)
+    assert valid.sum() == len(expected) and valid[:len(expected)].all()
+    np.testing.assert_array_equal(np.asarray(indices)[valid], expected)
+    assert np.all(np.asarray(indices)[~valid] == 0)
+
+
+def test_nms_under_jit_and_by_hand():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]], np.float32)
+    scores = np.array([0.6, 0.9, 0.5, 0.8], np.float32)
+    fn = jax.jit(lambda b, s: nms(b, s, 0.5, 3))
+    indices, valid = fn(boxes, scores)
+    # Box 1 (0.9) suppresses 0 (IoU 81/119) and 3 (IoU 80/120 ~ 0.67 > 0.5); box 2 is disjoint.
+    np.testing.assert_array_equal(indices, [1, 2, 0])
+    np.testing.assert_array_equal(valid, [True, True, False])
+    empty_indices, empty_valid = nms(np.zeros((0, 4), np.float32), np.zeros(0), 0.5, 2)
+    assert empty_indices.shape == (2,) and not np.asarray(empty_valid).any()
+
+
+# ---------------------------------------------------------------- errors
+
+F = np.zeros((2, 8, 8, 3), np.float32)
+B = np.array([[0.0, 0.0, 4.0, 4.0]], np.float32)
+IDX = np.array([0], np.int32)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: roi_align(F[0], B, IDX, 2),
+         "roi_align: input.shape=(8, 8, 3) is invalid; expected a rank-4 NHWC array"),
+        (lambda: roi_pool(F.astype(np.int32), B, IDX, 2),
+         "roi_pool: features.dtype='int32' is invalid; expected a floating-point array."),
+        (lambda: roi_align(F, B[0], IDX, 2),
+         "roi_align: boxes.shape=(4,) is invalid; expected [K, 4] boxes as (x1, y1, x2, y2)."),
+        (lambda: roi_pool(F, np.array([[4.0, 0.0, 2.0, 4.0]]), IDX, 2),
+         "roi_pool: boxes[0]=[4.0, 0.0, 2.0, 4.0] is invalid; expected x1 <= x2 and y1 <= y2"),
+        (lambda: roi_align(F, np.array([[0.0, 0.0, 4.0, 4.0], [0.0, 5.0, 4.0, 3.0]]), [0, 1], 2),
+         "roi_align: boxes[1]=[0.0, 5.0, 4.0, 3.0] is invalid; expected x1 <= x2 and y1 <= y2"),
+        (lambda: roi_align(F, np.array([[0.0, 0.0, np.nan, 4.0]]), IDX, 2),
+         "roi_align: boxes[0]=[0.0, 0.0, nan, 4.0] is invalid; expected finite coordinates."),
+        (lambda: roi_align(F, np.array([[0.0, 0.0, 17.0, 4.0]]), IDX, 2, spatial_scale=0.5),
+         "roi_align: boxes[0]=[0.0, 0.0, 17.0, 4.0] is invalid; boxes must lie inside the image, "
+         "0 <= x <= 16 and 0 <= y <= 16 (the 8x8 feature map at spatial_scale=0.5); clip them"),
+        (lambda: roi_pool(F, np.array([[-1.0, 0.0, 4.0, 4.0]]), IDX, 2),
+         "roi_pool: boxes[0]=[-1.0, 0.0, 4.0, 4.0] is invalid; boxes must lie inside the image"),
+        (lambda: roi_align(F, B, np.array([2]), 2),
+         "roi_align: batch_indices[0]=2 is invalid; expected 0 <= index < 2 (the batch size"),
+        (lambda: roi_pool(F, B, np.array([-1]), 2),
+         "roi_pool: batch_indices[0]=-1 is invalid; expected 0 <= index < 2"),
+        (lambda: roi_align(F, B, np.array([0, 1]), 2),
+         "roi_align: batch_indices.shape=(2,) is invalid; expected (1,), one batch index per box."),
+        (lambda: roi_align(F, B, np.array([0.0]), 2),
+         "roi_align: batch_indices.dtype='float32' is invalid; expected an integer array."),
+        (lambda: roi_align(F, B, IDX, 0),
+         "roi_align: output_size=0 is invalid; expected every entry >= 1."),
+        (lambda: roi_pool(F, B, IDX, (2, -3)),
+         "roi_pool: output_size=(2, -3) is invalid; expected every entry >= 1."),
+        (lambda: roi_align(F, B, IDX, 2, spatial_scale=0.0),
+         "roi_align: spatial_scale=0.0 is invalid; expected a positive finite number."),
+        (lambda: roi_align(F, B, IDX, 2, sampling_ratio=1.5),
+         "roi_align: sampling_ratio=1.5 is invalid; expected an int"),
+        (lambda: roi_align(F, B, IDX, 2, aligned=1),
+         "roi_align: aligned=1 is invalid; expected a bool."),
+        (lambda: roi_align(F, B, IDX, 2, max_sampling_ratio=0),
+         "roi_align: max_sampling_ratio=0 is invalid; expected a positive integer."),
+        (lambda: nms(B[0], np.ones(1), 0.5, 3),
+         "nms: boxes.shape=(4,) is invalid; expected [K, 4] boxes"),
+        (lambda: nms(np.array([[0.0, 3.0, 1.0, 2.0]]), np.ones(1), 0.5, 3),
+         "nms: boxes[0]=[0.0, 3.0, 1.0, 2.0] is invalid; expected x1 <= x2 and y1 <= y2"),
+        (lambda: nms(B, np.ones(2), 0.5, 3),
+         "nms: scores.shape=(2,) is invalid; expected (1,), one score per box."),
+        (lambda: nms(B, np.ones(1), 1.5, 3),
+         "nms: iou_threshold=1.5 is invalid; expected a number in [0, 1]."),
+        (lambda: nms(B, np.ones(1), -0.1, 3),
+         "nms: iou_threshold=-0.1 is invalid; expected a number in [0, 1]."),
+        (lambda: nms(B, np.ones(1), "high", 3),
+         "nms: iou_threshold='high' is invalid; expected a number in [0, 1]."),
+        (lambda: nms(B, np.ones(1), 0.5, 0),
+         "nms: max_output_size=0 is invalid; expected a positive integer."),
+        (lambda: nms(B, np.ones(1), 0.5, 2, score_threshold=float("nan")),
+         "nms: score_threshold=nan is invalid; expected a number (not NaN)."),
+        (lambda: box_iou(B, np.ones((2, 3))),
+         "box_iou: boxes.shape=(2, 3) is invalid; expected [K, 4] boxes"),
+    ],
+)
+def test_errors(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value).startswith(message), str(info.value)
