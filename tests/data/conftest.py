@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import pytest
-import tensorflow_datasets as tfds
 
-import cnnjax.data  # noqa: F401  (registers the `digits` builder)
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.pipeline import default_data_config, get_dataset_info
 
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tfds data dir holding a freshly generated `digits` dataset."""
+    """A tfds data dir where the pipeline generated `digits` on first use."""
     root = str(tmp_path_factory.mktemp("tfds_digits"))
-    tfds.builder("digits", data_dir=root).download_and_prepare()
+    config = default_data_config("digits")
+    config.data_dir = root
+    get_dataset_info(config)
     return root
 
 

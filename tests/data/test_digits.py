@@ -29,6 +29,13 @@ def test_registered_under_its_name_without_catalogue_clash():
     assert str(Digits.VERSION) == "1.0.0"
 
 
+def test_generated_offline_on_first_use(digits_dir):
+    # `digits_dir` is an empty data dir in which the pipeline's `get_dataset_info` ran once.
+    version_dir = os.path.join(digits_dir, "digits", "1.0.0")
+    assert {"dataset_info.json", "features.json"} <= set(os.listdir(version_dir))
+    assert tfds.builder("digits", data_dir=digits_dir).is_prepared()
+
+
 def test_sizes_classes_and_features(digits_dir):
     builder = tfds.builder("digits", data_dir=digits_dir)
     info = builder.info

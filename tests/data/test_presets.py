@@ -1,0 +1,288 @@
+"""Dataset presets and the catalogue-dataset path, offline with `tfds.testing.mock_data`.
+
+Catalogue datasets cannot be downloaded here, so each test writes the dataset's tfds metadata
+(`dataset_info.json` with split sizes) into a temporary data dir and mocks the records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cnnjax.data import pipeline
+from cnnjax.data.pipeline import (
+    DatasetNotPreparedError,
+    default_data_config,
+    eval_batches,
+    get_dataset_info,
+    train_batches,
+)
+from cnnjax.data.presets import DatasetPreset, get_preset, list_datasets
+
+
+def _write_metadata(root: str, tfds_name: str, sizes: dict[str, int]) -> None:
+    """Makes `root` look like a data dir where `tfds_name` was prepared with `sizes` examples."""
+    builder = tfds.builder(tfds_name, data_dir=root)
+    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(
+            name=split, shard_lengths=[n], num_bytes=0,
+            filename_template=tfds.core.ShardedFileTemplate(
+                data_dir=builder.data_path, template=template, dataset_name=builder.name,
+                split=split, filetype_suffix="tfrecord"))
+        for split, n in sizes.items()
+    ]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+def _mock(root: str, num_examples: int, **kwargs):
+    return tfds.testing.mock_data(num_examples=num_examples, data_dir=root,
+                                  policy=tfds.testing.MockPolicy.USE_FILES, **kwargs)
+
+
+def _raw(name: str, split: str, root: str) -> dict[str, np.ndarray]:
+    """The mocked records as tfds returns them (mock data is identical on every read)."""
+    return tfds.as_numpy(tfds.load(name, split=split, data_dir=root, batch_size=-1))
+
+
+def _config(name: str, root: str, **overrides):
+    config = default_data_config(name)
+    config.data_dir = root
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _denormalize(images: np.ndarray, name: str) -> np.ndarray:
+    preset = get_preset(name)
+    return (images.astype(np.float64) * np.array(preset.std) + np.array(preset.mean)) * 255.0
+
+
+# ------------------------------------------------------------------------------ preset table
+def test_every_issue_dataset_has_a_preset():
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "fake", "fashion_mnist",
+                               "imagenet2012", "imagenette", "mnist"]
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(ValueError, match=r"data: name='svhn' is invalid; expected one of "
+                                         r"\['cifar10', 'cifar100', 'digits', 'fake'"):
+        get_preset("svhn")
+
+
+def test_preset_choices():
+    cifar, imagenet = get_preset("cifar10"), get_preset("imagenet2012")
+    assert (cifar.train_augmentation, cifar.crop_padding, cifar.eval_transform) == (
+        "pad_crop_flip", 4, "resize")
+    assert get_preset("cifar100").num_classes == 100
+    assert (imagenet.train_augmentation, imagenet.eval_transform) == (
+        "random_resized_crop_flip", "resize_center_crop")
+    assert (imagenet.default_image_size, imagenet.crop_fraction, imagenet.num_classes) == (
+        224, 0.875, 1000)
+    assert get_preset("imagenette").eval_split == "validation"
+    for name in ("digits", "mnist", "fashion_mnist"):
+        assert get_preset(name).train_augmentation == "none"
+        assert get_preset(name).image_shape[2] == 1
+    assert get_preset("digits").local_builder and not get_preset("mnist").local_builder
+
+
+def test_preset_validation_errors():
+    base = dict(name="x", tfds_name="x", num_classes=2, image_shape=(8, 8, 1),
+                train_split="train", eval_split="test", mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match=r"DatasetPreset\('x'\): train_augmentation='mixup' is "
+                                         r"invalid; expected one of \['none', 'pad_crop_flip'"):
+        DatasetPreset(**base | {"train_augmentation": "mixup"})
+    with pytest.raises(ValueError, match=r"eval_transform='crop' is invalid; expected one of"):
+        DatasetPreset(**base | {"eval_transform": "crop"})
+    with pytest.raises(ValueError, match=r"mean/std=.* is invalid; expected 3 values each"):
+        DatasetPreset(**base | {"image_shape": (8, 8, 3)})
+    with pytest.raises(ValueError, match=r"default_image_size=None is invalid; variable-size "
+                                         r"datasets need a default image size"):
+        DatasetPreset(**base | {"image_shape": (None, None, 1)})
+
+
+def test_digits_statistics_match_its_train_split(digits_dir):
+    builder = tfds.builder("digits", data_dir=digits_dir)
+    train = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1))["image"]
+    pixels = train.astype(np.float64) / 255.0
+    preset = get_preset("digits")
+    assert abs(pixels.mean() - preset.mean[0]) < 1e-4
+    assert abs(pixels.std() - preset.std[0]) < 1e-4
+
+
+# --------------------------------------------------------------------------- catalogue, mocked
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("tfds_cifar10"))
+    _write_metadata(root, "cifar10", {"train": 24, "test": 12})
+    return root
+
+
+def test_cifar10_info_and_split_slices(cifar_dir):
+    with _mock(cifar_dir, 12):
+        info = get_dataset_info(_config("cifar10", cifar_dir))
+        assert info == pipeline.DatasetInfo("cifar10", 10, (32, 32, 3), 24, 12)
+        assert get_dataset_info(_config("cifar10", cifar_dir, train_split="train[:50%]",
+                                         eval_split="train[50%:]")).num_train == 12
+        with pytest.raises(ValueError, match=r"data: split='valid' is invalid; 'cifar10' has "
+                                             r"splits \['train', 'test'\]"):
+            get_dataset_info(_config("cifar10", cifar_dir, eval_split="valid"))
+
+
+def test_cifar10_eval_is_normalized_raw_images(cifar_dir):
+    with _mock(cifar_dir, 12):
+        raw = _raw("cifar10", "test", cifar_dir)
+        batch = next(eval_batches(_config("cifar10", cifar_dir), global_batch_size=12,
+                                  num_devices=2))
+    assert batch["image"].shape == (2, 6, 32, 32, 3)
+    preset = get_preset("cifar10")
+    expected = (raw["image"].astype(np.float64) / 255.0 - preset.mean) / preset.std
+    np.testing.assert_allclose(batch["image"].reshape(12, 32, 32, 3), expected, atol=1e-5)
+    np.testing.assert_array_equal(batch["label"].reshape(-1), raw["label"])
+    np.testing.assert_array_equal(batch["mask"], np.ones((2, 6)))
+
+
+def test_cifar10_train_augmentation_is_padded_crop_and_flip(cifar_dir):
+    config = _config("cifar10", cifar_dir, shuffle_buffer=1)  # keeps the stored order
+    with _mock(cifar_dir, 24):
+        raw = _raw("cifar10", "train", cifar_dir)["image"].astype(np.float64)
+        batch = next(train_batches(config, global_batch_size=24, num_devices=1, seed=0))
+    images = _denormalize(batch["image"][0], "cifar10")
+    padded = np.pad(raw, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    found = set()
+    for i, image in enumerate(images):
+        matches = [(dy, dx, flip)
+                   for dy, dx, flip in itertools.product(range(9), range(9), (False, True))
+                   if np.allclose(image, (lambda c: c[:, ::-1] if flip else c)(
+                       padded[i, dy:dy + 32, dx:dx + 32]), atol=1e-3)]
+        assert matches, f"example {i} is not a flipped/unflipped crop of its padded image"
+        found.add(matches[0])
+    assert len(found) > 5  # offsets and flips vary across examples
+    assert {flip for _, _, flip in found} == {False, True}
+    with _mock(cifar_dir, 24):
+        unaugmented = next(train_batches(_config("cifar10", cifar_dir, shuffle_buffer=1,
+                                                 augment=False), global_batch_size=24,
+                                         num_devices=1, seed=0))
+    np.testing.assert_allclose(_denormalize(unaugmented["image"][0], "cifar10"), raw, atol=1e-3)
+
+
+def test_mnist_has_no_augmentation_and_resizes(tmp_path):
+    root = str(tmp_path)
+    _write_metadata(root, "mnist", {"train": 16, "test": 16})
+    with _mock(root, 16):
+        raw = _raw("mnist", "train", root)["image"].astype(np.float64)
+        batch = next(train_batches(_config("mnist", root, shuffle_buffer=1), global_batch_size=16,
+                                   num_devices=1, seed=0))
+        np.testing.assert_allclose(_denormalize(batch["image"][0], "mnist"), raw, atol=1e-3)
+        info = get_dataset_info(_config("mnist", root, image_size=32))
+        big = next(train_batches(_config("mnist", root, image_size=32), global_batch_size=16,
+                                 num_devices=1, seed=0))
+    assert info.image_shape == (32, 32, 1) and info.num_classes == 10
+    assert big["image"].shape == (1, 16, 32, 32, 1)
+
+
+def _linear_images(sizes):
+    """uint8 images whose channels are linear in (y, x): c0 = x + y, c1 = 2y, c2 = 255 - x."""
+    images = []
+    for h, w in sizes:
+        y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+        images.append(np.stack([x + y, 2 * y, 255 - x], axis=-1))
+    return images
+
+
+def _as_dataset_fn(images):
+    """A mock `_as_dataset` that serves `images` (PNG-encoded, as tfds stores them)."""
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        del self, split, read_config, shuffle_files
+        encoded = [tf.io.encode_png(image.astype(np.uint8)).numpy() for image in images]
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"image": encoded, "label": np.arange(len(images)) % 10})
+        if not decoders:
+            ds = ds.map(lambda ex: {"image": tf.io.decode_png(ex["image"]), "label": ex["label"]})
+        return ds
+
+    return as_dataset
+
+
+def test_imagenette_eval_resizes_shorter_side_then_center_crops(tmp_path):
+    root = str(tmp_path)
+    sizes = [(100, 150), (150, 100), (80, 80)]
+    _write_metadata(root, "imagenette/320px-v2", {"train": 3, "validation": 3})
+    with _mock(root, 3, as_dataset_fn=_as_dataset_fn(_linear_images(sizes))):
+        info = get_dataset_info(_config("imagenette", root, image_size=64))
+        batch = next(eval_batches(_config("imagenette", root, image_size=64),
+                                  global_batch_size=3, num_devices=1))
+    assert info.image_shape == (64, 64, 3) and info.num_eval == 3
+    images = _denormalize(batch["image"][0], "imagenette")
+    resize_to = round(64 / 0.875)  # 73
+    for image, (h, w) in zip(images, sizes, strict=True):
+        new_h, new_w = (round(h * resize_to / min(h, w)), round(w * resize_to / min(h, w)))
+        top, left = (new_h - 64) // 2, (new_w - 64) // 2
+        i, j = np.mgrid[0:64, 0:64].astype(np.float64)
+        y = (i + top + 0.5) * h / new_h - 0.5  # source coordinates (half-pixel centers)
+        x = (j + left + 0.5) * w / new_w - 0.5
+        expected = np.stack([x + y, 2 * y, 255 - x], axis=-1)
+        # The antialiasing (triangle) filter averages discrete taps, so it reproduces a linear
+        # ramp to ~0.1 grey level; a crop or resize off by half a pixel would be off by >= 0.7.
+        np.testing.assert_allclose(image, expected, atol=0.15)
+
+
+def test_imagenette_train_random_resized_crop(tmp_path):
+    root = str(tmp_path)
+    _write_metadata(root, "imagenette/320px-v2", {"train": 8, "validation": 8})
+    images = _linear_images([(120, 160)] * 8)
+    config = _config("imagenette", root, image_size=48, shuffle_buffer=1)
+    with _mock(root, 8, as_dataset_fn=_as_dataset_fn(images)):
+        batch = next(train_batches(config, global_batch_size=8, num_devices=1, seed=0))
+    out = _denormalize(batch["image"][0], "imagenette")
+    assert out.shape == (8, 48, 48, 3)
+    # A crop of a linear image, resized, stays (nearly: the antialiasing filter's discrete taps
+    # bend it by < 0.6 grey levels) linear on interior pixels; its slopes measure the crop's
+    # height and width in source pixels per output pixel, and a flip negates the x slope.
+    i, j = np.mgrid[2:46, 2:46].astype(np.float64)
+    design = np.stack([i.ravel(), j.ravel(), np.ones(i.size)], axis=1)
+    y_slopes, x_slopes = [], []
+    for image in out[:, 2:46, 2:46]:
+        coef_y, *_ = np.linalg.lstsq(design, image[..., 1].ravel() / 2, rcond=None)  # c1 = 2y
+        coef_x, *_ = np.linalg.lstsq(design, 255 - image[..., 2].ravel(), rcond=None)  # 255 - x
+        for coef, channel in ((coef_y, image[..., 1] / 2), (coef_x, 255 - image[..., 2])):
+            assert np.abs(design @ coef - channel.ravel()).max() < 0.6
+        assert abs(coef_y[1]) < 1e-2 and abs(coef_x[0]) < 1e-2  # no rotation or shear
+        y_slopes.append(coef_y[0])
+        x_slopes.append(coef_x[1])
+    y_slopes, x_slopes = np.array(y_slopes), np.array(x_slopes)
+    assert len(np.unique(np.round(np.abs(x_slopes), 2))) > 4  # distinct crops
+    assert np.all(np.abs(x_slopes) <= 160 / 48 + 1e-2) and np.all(y_slopes <= 120 / 48 + 1e-2)
+    area = np.abs(x_slopes) * 48 * y_slopes * 48 / (120 * 160)
+    assert np.all(area > 0.08 - 0.02) and np.all(area <= 1.0 + 1e-3)
+    ratio = np.abs(x_slopes) / y_slopes
+    assert np.all(ratio > 3 / 4 - 0.05) and np.all(ratio < 4 / 3 + 0.05)
+    assert (x_slopes < 0).any() and (x_slopes > 0).any()  # some crops were flipped
+
+
+# ---------------------------------------------------------------------------- missing datasets
+def test_missing_catalogue_dataset_says_how_to_prepare_it(tmp_path):
+    root = str(tmp_path / "empty")
+    expected_dir = os.path.join(root, "cifar10", "3.0.2")
+    with pytest.raises(DatasetNotPreparedError) as error:
+        get_dataset_info(_config("cifar10", root))
+    message = str(error.value)
+    assert f"data: dataset 'cifar10' (tfds 'cifar10') is not prepared in the tfds data_dir " \
+           f"{root!r}; its files would be in {expected_dir!r}" in message
+    assert "cnnjax never downloads data" in message
+    assert "`tfds build cifar10 --data_dir=<dir>`" in message
+    assert not os.path.exists(expected_dir)  # nothing was downloaded or generated
+
+
+def test_missing_imagenet_mentions_manual_download(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(DatasetNotPreparedError, match=r"needs a manual download first: put its "
+                                                      r"archives in '.*downloads/manual'"):
+        train_batches(_config("imagenet2012", root), global_batch_size=8, num_devices=1, seed=0)
