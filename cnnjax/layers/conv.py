@@ -442,11 +442,13 @@ def bilinear_kernel_1d(size: int) -> np.ndarray:
 def bilinear_upsample_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
     """`ConvTranspose2D` kernel initializer for bilinear upsampling (FCN, Long et al. 2015).
 
-    Use with `kernel_size = 2·s` (and `padding = s // 2` for an exact `s×` size), as in FCN's
-    Caffe `bilinear` filler. `shape = (k_h, k_w, C_in/groups, C_out)`: output channel `o` gets the
-    2-D kernel `outer(f_h, f_w)` from input channel `o mod (C_in/groups)` of its group and zeros
-    from the others — i.e. a diagonal kernel for `C_in = C_out`, groups=1, or the same kernel for
-    every channel of a depthwise (`groups = C_in`) layer. `key` is unused (deterministic).
+    As FCN's Caffe `bilinear` filler; use `kernel_size = 2s − s mod 2`, `strides = s` and
+    `padding = ceil((s − 1)/2)` (s=2: k=4, p=1; s=3: k=5, p=1) for an `s·n` output that equals
+    half-pixel-centred bilinear resizing away from the border (the input is zero outside).
+    `shape = (k_h, k_w, C_in/groups, C_out)`: output channel `o` gets the 2-D kernel
+    `outer(f_h, f_w)` from input channel `o mod (C_in/groups)` of its group and zeros from the
+    others — a diagonal kernel for `C_in = C_out`, groups=1, or the same kernel for every channel
+    of a depthwise (`groups = C_in`) layer. `key` is unused (deterministic).
     """
     del key
     if len(shape) != 4:

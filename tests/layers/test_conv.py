@@ -1,0 +1,553 @@
+"""Convolution layers checked against TensorFlow ops and float64 NumPy loop references.
+
+Tolerance (float32): |got − want| <= 1e-4·|want| + 1e-5·max|want| (see `assert_close`).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from jax.test_util import check_grads
+
+from cnnjax.layers.conv import (
+    Conv2D,
+    ConvTranspose2D,
+    LocallyConnected2D,
+    TiledConv2D,
+    bilinear_kernel_1d,
+    bilinear_upsample_init,
+)
+
+NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _random(shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def assert_close(got, want):
+    want = np.asarray(want, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
+def _init_params(module, x, seed=0):
+    """Random normal params of the shapes `module.init` would make (random biases too, so bias
+    layouts are tested); shapes come from `jax.eval_shape`, so nothing is compiled here."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+    leaves, tree = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(seed + 100)
+    leaves = [jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype) for leaf in leaves]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _apply(module, x, seed=0):
+    x = jnp.asarray(x)
+    params = _init_params(module, x, seed)
+    return params, np.asarray(jax.jit(module.apply)({"params": params}, x))
+
+
+def _tf_conv(x, kernel, strides, padding, dilations=1):
+    """tf.nn.conv2d with `padding` "SAME"/"VALID" or explicit ((t, b), (l, r))."""
+    if not isinstance(padding, str):
+        padding = [[0, 0], list(padding[0]), list(padding[1]), [0, 0]]
+    return tf.nn.conv2d(x, np.asarray(kernel), strides=strides, padding=padding,
+                        dilations=dilations).numpy()
+
+
+# ---------------------------------------------------------------- float64 NumPy references
+
+
+def _np_windows(x, kernel_hw, strides, dilation, pads, mode):
+    """Float64 input windows: yields (i, j, window[N, k_h, k_w, C]) for every output position."""
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)),
+                mode=NP_MODES[mode])
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, strides, dilation
+    out_h = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    for i in range(out_h):
+        for j in range(out_w):
+            yield i, j, xp[:, i * sh: i * sh + dh * (kh - 1) + 1: dh,
+                           j * sw: j * sw + dw * (kw - 1) + 1: dw, :]
+
+
+def _np_local(x, kernel, bias, strides, dilation, pads, mode):
+    """Locally connected: kernel (OH, OW, C·kh·kw, F) ordered (C, kh, kw), bias (OH, OW, F)."""
+    out_h, out_w, _, f = kernel.shape
+    c = x.shape[-1]
+    kh = kw = round(math.sqrt(kernel.shape[2] // c))
+    k = np.asarray(kernel, np.float64).reshape(out_h, out_w, c, kh, kw, f)
+    y = np.zeros((x.shape[0], out_h, out_w, f))
+    for i, j, win in _np_windows(x, (kh, kw), strides, dilation, pads, mode):
+        y[:, i, j] = np.einsum("nabc,cabf->nf", win, k[i, j]) + bias[i, j]
+    return y
+
+
+def _np_tiled(x, kernel, bias, strides, dilation, pads, mode):
+    """Tiled: kernel (th, tw, kh, kw, C, F); output (i, j) uses set (i mod th, j mod tw)."""
+    th, tw, kh, kw = kernel.shape[:4]
+    k = np.asarray(kernel, np.float64)
+    ys = {}
+    for i, j, win in _np_windows(x, (kh, kw), strides, dilation, pads, mode):
+        ys[i, j] = np.einsum("nabc,abcf->nf", win, k[i % th, j % tw]) + bias[i % th, j % tw]
+    out_h, out_w = max(i for i, _ in ys) + 1, max(j for _, j in ys) + 1
+    return np.stack([np.stack([ys[i, j] for j in range(out_w)], 1) for i in range(out_h)], 1)
+
+
+def _np_conv_transpose(x, kernel, bias, strides, dilation, pads, output_padding, groups):
+    """Scatter definition: x[i, j] adds x·kernel[a, b] at (i·s + a·d, j·s + b·d), then crop."""
+    x = np.asarray(x, np.float64)
+    kernel = np.asarray(kernel, np.float64)
+    n, h, w, c_in = x.shape
+    kh, kw, c_in_g, f = kernel.shape
+    f_g = f // groups
+    (sh, sw), (dh, dw), (oph, opw) = strides, dilation, output_padding
+    full = np.zeros((n, (h - 1) * sh + dh * (kh - 1) + 1 + oph,
+                     (w - 1) * sw + dw * (kw - 1) + 1 + opw, f))
+    for i in range(h):
+        for j in range(w):
+            for a in range(kh):
+                for b in range(kw):
+                    for g in range(groups):
+                        xin = x[:, i, j, g * c_in_g:(g + 1) * c_in_g]
+                        full[:, i * sh + a * dh, j * sw + b * dw, g * f_g:(g + 1) * f_g] += (
+                            xin @ kernel[a, b, :, g * f_g:(g + 1) * f_g])
+    (top, bottom), (left, right) = pads
+    out = full[:, top: full.shape[1] - bottom, left: full.shape[2] - right]
+    return out + bias
+
+
+# ---------------------------------------------------------------- Conv2D
+
+
+@pytest.mark.parametrize("x_shape,kwargs,tf_args", [
+    ((2, 9, 11, 3), dict(kernel_size=3), dict(strides=1, padding="VALID")),
+    ((2, 9, 11, 3), dict(kernel_size=3, padding="SAME"), dict(strides=1, padding="SAME")),
+    ((1, 13, 10, 4), dict(kernel_size=5, strides=2, padding="SAME"),
+     dict(strides=2, padding="SAME")),
+    ((1, 13, 10, 4), dict(kernel_size=(3, 5), strides=(3, 2), padding="VALID"),
+     dict(strides=(3, 2), padding="VALID")),
+    ((2, 11, 9, 2), dict(kernel_size=3, dilation=2, padding="SAME"),
+     dict(strides=1, padding="SAME", dilations=2)),
+    ((2, 11, 9, 2), dict(kernel_size=(3, 2), dilation=(2, 3)),
+     dict(strides=1, padding="VALID", dilations=(2, 3))),
+    ((1, 7, 9, 3), dict(kernel_size=3, strides=2, padding=1),
+     dict(strides=2, padding=((1, 1), (1, 1)))),
+    ((1, 7, 9, 3), dict(kernel_size=(4, 3), padding=(2, 0)),
+     dict(strides=1, padding=((2, 2), (0, 0)))),
+    ((1, 7, 9, 3), dict(kernel_size=3, strides=2, padding=((0, 2), (3, 1))),
+     dict(strides=2, padding=((0, 2), (3, 1)))),
+])
+def test_conv2d_matches_tf(x_shape, kwargs, tf_args):
+    x = _random(x_shape)
+    layer = Conv2D(features=5, **kwargs)
+    params, got = _apply(layer, x)
+    want = _tf_conv(x, params["kernel"], **tf_args) + np.asarray(params["bias"])
+    assert_close(got, want)
+
+
+def test_conv2d_grouped_matches_per_group_tf_convs():
+    groups, c_in, f = 3, 6, 9
+    x = _random((2, 7, 9, c_in), 1)
+    params, got = _apply(Conv2D(f, 3, strides=2, padding=1, groups=groups), x)
+    kernel = np.asarray(params["kernel"])
+    assert kernel.shape == (3, 3, c_in // groups, f)
+    cg, fg = c_in // groups, f // groups
+    parts = [_tf_conv(x[..., g * cg:(g + 1) * cg], kernel[..., g * fg:(g + 1) * fg], 2,
+                      ((1, 1), (1, 1))) for g in range(groups)]
+    assert_close(got, np.concatenate(parts, -1) + np.asarray(params["bias"]))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_conv2d_padding_modes_match_pad_then_tf_conv(mode):
+    x = _random((2, 7, 9, 3), 2)
+    pads = ((2, 1), (1, 2))
+    params, got = _apply(Conv2D(4, (3, 4), strides=(2, 1), padding=pads, padding_mode=mode), x)
+    if mode == "reflect":
+        padded = tf.pad(x, [[0, 0], [2, 1], [1, 2], [0, 0]], mode="REFLECT").numpy()
+    else:
+        padded = np.pad(x, ((0, 0), (2, 1), (1, 2), (0, 0)), mode=NP_MODES[mode])
+    want = _tf_conv(padded, params["kernel"], (2, 1), "VALID") + np.asarray(params["bias"])
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_conv2d_same_with_padding_mode(mode):
+    """SAME + a non-zero mode pads as TF's SAME would (by hand: n=8,k=4,s=2 -> 1 | 1... )."""
+    x = _random((1, 8, 7, 2), 3)
+    params, got = _apply(Conv2D(3, 4, strides=2, padding="SAME", padding_mode=mode), x)
+    # H: out 4, total (4-1)*2+4-8 = 2 -> (1, 1); W: out 4, total 6+4-7 = 3 -> (1, 2).
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 2), (0, 0)), mode=NP_MODES[mode])
+    want = _tf_conv(padded, params["kernel"], 2, "VALID") + np.asarray(params["bias"])
+    assert got.shape == (1, 4, 4, 3)
+    assert_close(got, want)
+    zeros = _tf_conv(x, params["kernel"], 2, "SAME") + np.asarray(params["bias"])
+    assert not np.allclose(got, zeros)  # the mode really changed the border
+
+
+def test_conv2d_circular_is_exactly_shift_equivariant():
+    x = _random((1, 9, 8, 2), 4)
+    layer = Conv2D(3, 3, padding=1, padding_mode="circular")
+    params = _init_params(layer, jnp.asarray(x))
+    y = layer.apply({"params": params}, x)
+    y_shifted = layer.apply({"params": params}, np.roll(x, (2, -3), axis=(1, 2)))
+    np.testing.assert_allclose(np.roll(y, (2, -3), axis=(1, 2)), y_shifted, atol=1e-5)
+
+
+def test_conv2d_no_bias_and_dtype():
+    x = _random((1, 5, 5, 2))
+    layer = Conv2D(4, 3, use_bias=False, dtype=jnp.bfloat16)
+    params = layer.init(jax.random.key(0), x)["params"]
+    assert set(params) == {"kernel"} and params["kernel"].dtype == jnp.float32
+    assert layer.apply({"params": params}, x).dtype == jnp.bfloat16
+
+
+def test_parameter_counts_worked_examples():
+    """3 -> 12 channels, 5x5: 36 kernels (12 filters of depth 3), 900 weights + 12 biases."""
+    params = jax.eval_shape(Conv2D(12, 5).init, jax.random.key(0), jnp.zeros((1, 9, 9, 3)))
+    params = params["params"]
+    assert params["kernel"].shape == (5, 5, 3, 12)  # 3·12 = 36 5x5 kernels
+    assert params["kernel"].size == 900 and params["bias"].size == 12
+    # AlexNet conv2, 96 -> 256 with 5x5 kernels: two towers halve the weights.
+    x = jnp.zeros((1, 9, 9, 96))
+    dense = jax.eval_shape(Conv2D(256, 5, padding=2).init, jax.random.key(0), x)["params"]
+    grouped = jax.eval_shape(Conv2D(256, 5, padding=2, groups=2).init, jax.random.key(0), x)
+    assert dense["kernel"].size == 614_400
+    assert grouped["params"]["kernel"].size == 307_200 == dense["kernel"].size // 2
+    assert grouped["params"]["bias"].size == 256
+
+
+# ---------------------------------------------------------------- LocallyConnected2D
+
+
+@pytest.mark.parametrize("kwargs,pads", [
+    (dict(kernel_size=3), ((0, 0), (0, 0))),
+    (dict(kernel_size=3, strides=2, padding=1), ((1, 1), (1, 1))),
+    (dict(kernel_size=3, dilation=2, padding=((1, 2), (0, 1)), padding_mode="reflect"),
+     ((1, 2), (0, 1))),
+    (dict(kernel_size=3, strides=(1, 2), padding="SAME", padding_mode="replicate"),
+     ((1, 1), (0, 1))),  # W: out ceil(6/2) = 3, total (3−1)·2 + 3 − 6 = 1 -> (0, 1)
+    (dict(kernel_size=2, padding=(1, 0), padding_mode="circular"), ((1, 1), (0, 0))),
+])
+def test_locally_connected_matches_numpy(kwargs, pads):
+    x = _random((2, 7, 6, 3), 5)
+    layer = LocallyConnected2D(4, **kwargs)
+    params, got = _apply(layer, x)
+    k = layer.kernel_size
+    strides = (1, 1) if "strides" not in kwargs else (
+        (kwargs["strides"],) * 2 if isinstance(kwargs["strides"], int) else kwargs["strides"])
+    dilation = (kwargs.get("dilation", 1),) * 2
+    mode = kwargs.get("padding_mode", "zeros")
+    kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
+    assert kernel.shape[2:] == (3 * k * k, 4) and bias.shape == got.shape[1:]
+    assert_close(got, _np_local(x, kernel, bias, strides, dilation, pads, mode))
+
+
+def test_locally_connected_default_init_scale():
+    """Fan-in is one position's kernel (k·k·C), so the init std is ~1/sqrt(k·k·C)."""
+    x = jnp.zeros((1, 20, 20, 8))
+    kernel = jax.jit(LocallyConnected2D(8, 3).init)(jax.random.key(0), x)["params"]["kernel"]
+    assert kernel.shape == (18, 18, 72, 8)
+    np.testing.assert_allclose(float(jnp.std(kernel)), 1 / math.sqrt(72), rtol=0.05)
+
+
+# ---------------------------------------------------------------- TiledConv2D
+
+
+@pytest.mark.parametrize("kwargs,pads", [
+    (dict(kernel_size=3, tile_size=2), ((0, 0), (0, 0))),
+    (dict(kernel_size=(3, 2), tile_size=(3, 2), strides=2, padding=1), ((1, 1), (1, 1))),
+    (dict(kernel_size=3, tile_size=(2, 3), dilation=2, padding=2, padding_mode="reflect"),
+     ((2, 2), (2, 2))),
+])
+def test_tiled_matches_numpy(kwargs, pads):
+    x = _random((2, 9, 8, 3), 6)
+    layer = TiledConv2D(5, **kwargs)
+    params, got = _apply(layer, x)
+    s = kwargs.get("strides", 1)
+    d = kwargs.get("dilation", 1)
+    want = _np_tiled(x, np.asarray(params["kernel"]), np.asarray(params["bias"]), (s, s), (d, d),
+                     pads, kwargs.get("padding_mode", "zeros"))
+    assert_close(got, want)
+
+
+def test_tiled_with_tile_1_is_ordinary_convolution():
+    x = _random((2, 9, 7, 3), 7)
+    tiled = TiledConv2D(4, 3, tile_size=1, strides=2, padding=1, padding_mode="replicate")
+    params, got = _apply(tiled, x)
+    conv = Conv2D(4, 3, strides=2, padding=1, padding_mode="replicate")
+    conv_params = {"kernel": params["kernel"][0, 0], "bias": params["bias"][0, 0]}
+    assert_close(got, conv.apply({"params": conv_params}, x))
+
+
+def test_tiled_with_tile_equal_output_is_locally_connected():
+    x = _random((2, 7, 8, 3), 8)
+    local = LocallyConnected2D(4, 3, strides=(2, 1), padding=1)
+    params, got = _apply(local, x)
+    out_h, out_w = got.shape[1:3]
+    assert (out_h, out_w) == (4, 8)
+    tiled = TiledConv2D(4, 3, tile_size=(out_h, out_w), strides=(2, 1), padding=1)
+    # Local kernel axis 2 is ordered (C, kh, kw); the tiled kernel is (th, tw, kh, kw, C, F).
+    kernel = np.asarray(params["kernel"]).reshape(out_h, out_w, 3, 3, 3, 4)
+    tiled_params = {"kernel": kernel.transpose(0, 1, 3, 4, 2, 5), "bias": params["bias"]}
+    assert_close(tiled.apply({"params": tiled_params}, x), got)
+
+
+# ---------------------------------------------------------------- ConvTranspose2D
+
+
+@pytest.mark.parametrize("in_hw,k,s,p,op", [
+    ((5, 7), 3, 1, 0, 0),
+    ((5, 7), 3, 2, 1, 1),
+    ((5, 7), 4, 2, 1, 0),
+    ((4, 5), 3, 3, 0, 2),
+    ((3, 5), 5, 3, 2, 1),
+    ((5, 5), (3, 4), (2, 3), (1, 2), (1, 0)),
+])
+def test_conv_transpose_matches_tf(in_hw, k, s, p, op):
+    x = _random((2, *in_hw, 3), 9)
+    layer = ConvTranspose2D(4, k, strides=s, padding=p, output_padding=op)
+    params, got = _apply(layer, x)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pair(k), pair(s), pair(p), pair(op)
+    out = ((in_hw[0] - 1) * sh - 2 * ph + (kh - 1) + oh + 1,
+           (in_hw[1] - 1) * sw - 2 * pw + (kw - 1) + ow + 1)
+    assert got.shape == (2, *out, 4)  # (in−1)·s − 2p + d·(k−1) + output_padding + 1
+    tf_filter = np.asarray(params["kernel"]).transpose(0, 1, 3, 2)  # (kh, kw, out, in)
+    want = tf.nn.conv2d_transpose(x, tf_filter, output_shape=[2, *out, 4], strides=[sh, sw],
+                                  padding=[[0, 0], [ph, ph], [pw, pw], [0, 0]]).numpy()
+    assert_close(got, want + np.asarray(params["bias"]))
+
+
+def test_conv_transpose_matches_tf_same_upsampling():
+    """k=4, s=2, p=1 is TF's SAME transposed conv: output exactly 2x."""
+    x = _random((1, 5, 7, 2), 10)
+    params, got = _apply(ConvTranspose2D(3, 4, strides=2, padding=1), x)
+    tf_filter = np.asarray(params["kernel"]).transpose(0, 1, 3, 2)
+    want = tf.nn.conv2d_transpose(x, tf_filter, [1, 10, 14, 3], 2, "SAME").numpy()
+    assert_close(got, want + np.asarray(params["bias"]))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=3, strides=2, dilation=2, padding=1, output_padding=1),
+    dict(kernel_size=3, strides=2, padding=((0, 2), (1, 0)), groups=2),
+    dict(kernel_size=(2, 3), strides=(1, 3), dilation=(3, 1), output_padding=(2, 1), groups=2),
+    dict(kernel_size=5, strides=1, padding=((1, 2), (0, 5))),  # hi > d·(k−1): conv pad < 0
+])
+def test_conv_transpose_dilation_groups_match_numpy_scatter(kwargs):
+    x = _random((2, 4, 5, 4), 11)
+    layer = ConvTranspose2D(6, **kwargs)
+    params, got = _apply(layer, x)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    p = kwargs.get("padding", 0)
+    pads = (pair(p), pair(p)) if isinstance(p, int) else p
+    want = _np_conv_transpose(x, params["kernel"], np.asarray(params["bias"]),
+                              pair(kwargs["strides"]), pair(kwargs.get("dilation", 1)), pads,
+                              pair(kwargs.get("output_padding", 0)), kwargs.get("groups", 1))
+    assert_close(got, want)
+
+
+def test_conv_transpose_is_adjoint_of_conv2d():
+    """<conv(x), y> == <x, conv_transpose(y)> with the same kernel (and no bias)."""
+    x = _random((1, 9, 8, 4), 12)
+    conv = Conv2D(6, 3, strides=2, padding=1, use_bias=False)
+    params = _init_params(conv, jnp.asarray(x))
+    y = _random((1, 5, 4, 6), 13)
+    # Conv kernel (kh, kw, C_in, F) is the transpose's (kh, kw, F -> C_in) scatter kernel.
+    # W: (4−1)·2 − 2 + 2 + 1 = 7, so output_padding=1 recovers the 8 columns the conv read.
+    tconv = ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=(0, 1), use_bias=False)
+    t_params = {"kernel": jnp.transpose(params["kernel"], (0, 1, 3, 2))}
+    lhs = float(jnp.vdot(conv.apply({"params": params}, x), y))
+    ty = tconv.apply({"params": t_params}, y)
+    assert ty.shape == x.shape
+    rhs = float(jnp.vdot(x, ty))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_bilinear_kernel_values():
+    np.testing.assert_allclose(bilinear_kernel_1d(4), [0.25, 0.75, 0.75, 0.25])
+    np.testing.assert_allclose(bilinear_kernel_1d(5), [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
+    np.testing.assert_allclose(bilinear_kernel_1d(3), [0.5, 1, 0.5])
+    kernel = np.asarray(bilinear_upsample_init(None, (4, 4, 3, 3)))
+    np.testing.assert_allclose(kernel[:, :, 1, 1], np.outer([.25, .75, .75, .25], [.25, .75, .75, .25]))
+    assert np.count_nonzero(kernel[:, :, 0, 1:]) == 0  # diagonal: channel o from channel o
+    depthwise = np.asarray(bilinear_upsample_init(None, (4, 4, 1, 5)))
+    np.testing.assert_array_equal(depthwise[:, :, 0, 4], kernel[:, :, 1, 1])
+
+
+@pytest.mark.parametrize("s,k,p", [(2, 4, 1), (3, 5, 1), (4, 8, 2)])
+def test_bilinear_init_upsamples_like_tf_resize(s, k, p):
+    x = _random((1, 5, 6, 2), 14)
+    for groups in (1, 2):
+        layer = ConvTranspose2D(2, k, strides=s, padding=p, groups=groups, use_bias=False,
+                                kernel_init=bilinear_upsample_init)
+        variables = jax.jit(layer.init)(jax.random.key(0), x)
+        got = np.asarray(jax.jit(layer.apply)(variables, x))
+        assert got.shape == (1, 5 * s, 6 * s, 2)
+        want = tf.image.resize(x, (5 * s, 6 * s), method="bilinear").numpy()  # half-pixel
+        b = s  # the first/last s output rows interpolate against the zero outside
+        assert_close(got[:, b:-b, b:-b], want[:, b:-b, b:-b])
+
+
+# ---------------------------------------------------------------- gradients (float64)
+
+
+def _check_module_grads(layer, x_shape, seed=0):
+    with jax.enable_x64(True):
+        x = jnp.asarray(_random(x_shape, seed, np.float64))
+        params = _init_params(layer, x, seed)
+        f = jax.jit(lambda p, v: layer.apply({"params": p}, v))
+        check_grads(f, (params, x), order=1, modes=("rev",))
+
+
+def test_gradients_locally_connected():
+    _check_module_grads(LocallyConnected2D(2, 3, strides=2, padding=1, padding_mode="reflect",
+                                           dtype=jnp.float64, param_dtype=jnp.float64),
+                        (1, 5, 6, 2))
+
+
+def test_gradients_tiled():
+    _check_module_grads(TiledConv2D(2, 3, tile_size=(2, 3), padding=1, padding_mode="circular",
+                                    dtype=jnp.float64, param_dtype=jnp.float64), (1, 5, 6, 2))
+
+
+def test_gradients_conv_transpose():
+    _check_module_grads(ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1, groups=2,
+                                        dtype=jnp.float64, param_dtype=jnp.float64),
+                        (1, 3, 4, 2))
+
+
+# ---------------------------------------------------------------- errors (before tracing)
+
+X = jnp.zeros((1, 7, 7, 4))
+
+
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D])
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kernel_size=0), r"kernel_size=0 is invalid; expected every entry >= 1"),
+    (dict(kernel_size=(3, -1)), r"kernel_size=\(3, -1\) is invalid; expected every entry >= 1"),
+    (dict(kernel_size=3, strides=0), r"strides=0 is invalid; expected every entry >= 1"),
+    (dict(kernel_size=3, strides=(1, -2)), r"strides=\(1, -2\) is invalid"),
+    (dict(kernel_size=3, dilation=0), r"dilation=0 is invalid; expected every entry >= 1"),
+    (dict(kernel_size=3, padding_mode="symmetric"),
+     r"padding_mode='symmetric' is invalid; expected one of \['zeros', 'reflect', "
+     r"'replicate', 'circular'\]"),
+    (dict(kernel_size=3, padding="FULL"),
+     r"padding='FULL' is invalid; expected 'SAME', 'VALID', an int"),
+    (dict(kernel_size=3, padding=-1), r"padding=-1 is invalid; expected every padding entry >= 0"),
+    (dict(kernel_size=3, padding=(1, 2, 3)), r"padding=\(1, 2, 3\) is invalid; expected a "
+                                             r"non-negative int"),
+])
+def test_construction_errors(cls, kwargs, message):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
+        cls(features=4, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
+def test_features_must_be_positive(cls):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: features=0 is invalid; expected a "
+                                         r"positive integer"):
+        cls(features=0, kernel_size=3)
+
+
+@pytest.mark.parametrize("cls", [Conv2D, ConvTranspose2D])
+def test_group_errors(cls):
+    name = cls.__name__
+    with pytest.raises(ValueError, match=rf"{name}: groups=0 is invalid; expected a positive"):
+        cls(4, 3, groups=0)
+    with pytest.raises(ValueError, match=rf"{name}: groups=3 is invalid; the output channels "
+                                         r"\(features=4\) must be divisible by groups"):
+        cls(4, 3, groups=3)
+    layer = cls(6, 3, groups=3)
+    with pytest.raises(ValueError, match=rf"{name}: groups=3 is invalid; the input channels "
+                                         r"\(4\) must be divisible by groups"):
+        layer.init(jax.random.key(0), X)
+
+
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D])
+def test_kernel_larger_than_padded_input(cls):
+    kw = dict(tile_size=1) if cls is TiledConv2D else {}
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: kernel_size=\(9, 9\) is invalid; the "
+                                         r"effective kernel height 9 .* must not exceed the padded "
+                                         r"input height 8 \(input 7 \+ padding 1 \+ 0\)"):
+        cls(4, 9, padding=((1, 0), (1, 1)), **kw).init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"kernel_size=\(3, 3\) is invalid; the effective kernel "
+                                         r"width 9 \(dilation·\(kernel−1\)\+1 with "
+                                         r"dilation=\(1, 4\)\) must not exceed the padded input "
+                                         r"width 7"):
+        cls(4, 3, dilation=(1, 4), **kw).init(jax.random.key(0), X)
+    # SAME never fails, VALID with an exactly fitting kernel is fine.
+    assert jax.eval_shape(cls(4, 9, padding="SAME", **kw).init, jax.random.key(0), X)
+    assert jax.eval_shape(cls(4, 7, padding="VALID", **kw).init, jax.random.key(0), X)
+
+
+def test_errors_raise_in_python_before_tracing():
+    """Call-time checks come from static shapes, so they fire under jit as plain ValueErrors."""
+    layer = Conv2D(4, 9)
+    params = {"params": _init_params(layer, jnp.zeros((1, 9, 9, 4)))}
+    with pytest.raises(ValueError, match=r"Conv2D: kernel_size=\(9, 9\) is invalid"):
+        jax.jit(layer.apply)(params, X)
+
+
+def test_conv2d_reflect_padding_too_large_names_the_layer():
+    with pytest.raises(ValueError, match=r"Conv2D: padding=\(\(7, 7\), \(7, 7\)\) is invalid; "
+                                         r"reflect padding must be smaller than the input height "
+                                         r"7 on each side"):
+        Conv2D(4, 3, padding=7, padding_mode="reflect").init(jax.random.key(0), X)
+
+
+def test_conv2d_input_rank():
+    with pytest.raises(ValueError, match=r"Conv2D: input.shape=\(7, 7, 4\) is invalid; expected "
+                                         r"a rank-4 NHWC array"):
+        Conv2D(4, 3).init(jax.random.key(0), X[0])
+
+
+def test_tiled_errors():
+    with pytest.raises(ValueError, match=r"TiledConv2D: tile_size=0 is invalid; expected every "
+                                         r"entry >= 1"):
+        TiledConv2D(4, 3, tile_size=0)
+    with pytest.raises(ValueError, match=r"TiledConv2D: tile_size=\(2, 6\) is invalid; expected "
+                                         r"at most the output size \(5, 5\)"):
+        TiledConv2D(4, 3, tile_size=(2, 6)).init(jax.random.key(0), X)
+
+
+def test_conv_transpose_errors():
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: output_padding=2 is invalid; expected "
+                                         r"output_padding < max\(stride, dilation\) = \(2, 2\)"):
+        ConvTranspose2D(4, 3, strides=2, output_padding=2)
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: output_padding=\(0, 1\) is invalid; "
+                                         r"expected output_padding < max\(stride, dilation\) = "
+                                         r"\(1, 1\)"):
+        ConvTranspose2D(4, 3, output_padding=(0, 1))
+    assert jax.eval_shape(ConvTranspose2D(4, 3, dilation=2, output_padding=1).init,
+                          jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: output_padding=-1 is invalid; "
+                                         r"expected every entry >= 0"):
+        ConvTranspose2D(4, 3, output_padding=-1)
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: padding='SAME' is invalid; expected "
+                                         r"an int, a pair"):
+        ConvTranspose2D(4, 3, padding="SAME")
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: strides=0 is invalid"):
+        ConvTranspose2D(4, 3, strides=0)
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: padding=5 is invalid; the output would "
+                                         r"be -1x-1 for a 7x7 input"):
+        ConvTranspose2D(4, 3, padding=5).init(jax.random.key(0), X)  # 6 − 10 + 2 + 1 = −1
+    with pytest.raises(ValueError, match=r"ConvTranspose2D: input.shape=\(7, 7, 4\) is invalid"):
+        ConvTranspose2D(4, 3).init(jax.random.key(0), X[0])
+
+
+def test_bilinear_init_errors():
+    with pytest.raises(ValueError, match=r"bilinear_upsample_init: shape=\(4, 4, 3\) is invalid; "
+                                         r"expected a 4-D kernel shape"):
+        bilinear_upsample_init(None, (4, 4, 3))
+    with pytest.raises(ValueError, match=r"bilinear_upsample_init: shape=\(4, 4, 3, 4\) is "
+                                         r"invalid; expected C_out divisible by C_in/groups"):
+        bilinear_upsample_init(None, (4, 4, 3, 4))
