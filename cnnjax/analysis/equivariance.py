@@ -114,7 +114,7 @@ def equivariance_error(
     check_choice(owner, "mode", mode, MODES)
     n = arr.ndim - 2
     shift = _shift_vector(owner, shift, n)
-    border = _per_axis(owner, "border", border, n, minimum=0)
+    border_arg, border = border, _per_axis(owner, "border", border, n, minimum=0)
     y = np.asarray(fn(arr), dtype=np.float64)
     y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
     if y.ndim != arr.ndim:
@@ -139,7 +139,7 @@ def equivariance_error(
         lo, hi = (0, m) if mode == "circular" else (max(0, s), m + min(0, s))
         lo, hi = lo + b, hi - b
         if hi <= lo:
-            raise invalid(owner, "border", border,
+            raise invalid(owner, "border", border_arg,
                           f"no output positions are left to compare along an axis of size {m}")
         region.append(slice(lo, hi))
     region.append(slice(None))

@@ -1,0 +1,131 @@
+"""Shift equivariance of convolutions (exact with circular padding, broken at zero-padded borders)
+and shift invariance of max pooling (only within a pooling window)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.analysis.equivariance import equivariance_error, invariance_error, shift_image
+from cnnjax.layers.conv import Conv2D
+
+RNG = np.random.default_rng(0)
+
+
+def _conv_fn(**kwargs):
+    layer = Conv2D(features=4, kernel_size=3, **kwargs)
+    x = jnp.zeros((1, 16, 16, 3))
+    variables = layer.init(jax.random.key(1), x)
+    return jax.jit(lambda x: layer.apply(variables, x))
+
+
+X = RNG.normal(size=(2, 16, 16, 3)).astype(np.float32)
+
+
+def test_shift_image_reference():
+    x = np.arange(16.0).reshape(1, 4, 4, 1)
+    rolled = shift_image(x, (1, -1))
+    assert rolled[0, 1, 0, 0] == x[0, 0, 1, 0] and rolled[0, 0, 3, 0] == x[0, 3, 0, 0]
+    moved = shift_image(x, (1, -1), mode="zeros")
+    assert moved[0, 1, 0, 0] == x[0, 0, 1, 0]
+    assert np.all(moved[0, 0] == 0) and np.all(moved[0, :, 3] == 0)
+
+
+def test_circular_conv_is_exactly_equivariant():
+    fn = _conv_fn(padding=1, padding_mode="circular")
+    for shift in [(3, -2), (0, 5), (-7, 16)]:
+        err = equivariance_error(fn, X, shift)
+        assert err.max_abs < 1e-5, shift
+
+
+def test_strided_circular_conv_equivariant_to_multiples_of_its_stride():
+    fn = _conv_fn(padding=1, padding_mode="circular", strides=2)
+    assert equivariance_error(fn, X, (2, -4)).max_abs < 1e-5  # output shifts by (1, -2)
+    with pytest.raises(ValueError, match=r"equivariance_error: shift=\(1, 0\) is invalid; "
+                                         r"expected multiples of the output stride \(2, 2\)"):
+        equivariance_error(fn, X, (1, 0))
+
+
+def test_zero_padding_breaks_equivariance_at_the_borders():
+    fn = _conv_fn(padding=1, padding_mode="zeros")
+    # Circular shift: the wrapped rows meet zero padding in one version only -> large error.
+    assert equivariance_error(fn, X, (3, 2)).relative > 0.05
+    # Translation: outputs within k//2 = 1 pixel of the border read padding in one version and
+    # real pixels in the other; everywhere else the conv is exactly equivariant.
+    assert equivariance_error(fn, X, (3, 2), mode="zeros").relative > 0.05
+    assert equivariance_error(fn, X, (3, 2), mode="zeros", border=1).max_abs < 1e-5
+    # A "VALID" conv never reads padding: equivariant under translation with no border.
+    fn_valid = _conv_fn(padding="VALID")
+    assert equivariance_error(fn_valid, X, (2, -3), mode="zeros", stride=1).max_abs < 1e-5
+
+
+def _pool(x):
+    return nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2))
+
+
+def _peaks(column):
+    """One positive peak per 2x2 window, in the window's given column (0 = left, 1 = right)."""
+    x = np.zeros((1, 8, 8, 2), np.float32)
+    x[0, ::2, column::2, :] = RNG.uniform(1, 2, size=(4, 4, 2))
+    return x
+
+
+def test_max_pool_invariant_to_shifts_within_its_window():
+    # A peak in the left column moves right by one pixel but stays in the same 2x2 window.
+    x = _peaks(0)
+    assert invariance_error(_pool, x, (0, 1)).max_abs == 0.0
+    assert invariance_error(_pool, x, (1, 1), mode="zeros").max_abs == 0.0
+
+
+def test_max_pool_not_invariant_across_window_boundaries():
+    # A peak in the right column moves into the next window: that window's maximum changes.
+    x = _peaks(1)
+    err = invariance_error(_pool, x, (0, 1))
+    # Rolled right, window (i, j) now holds the peak of window (i, j - 1) instead of its own.
+    peaks = x[0, ::2, 1::2, :]
+    expected = np.abs(np.roll(peaks, 1, axis=1) - peaks).max()
+    assert err.max_abs == pytest.approx(expected) and expected > 0.1
+    # Translated (zero fill), the left column of windows loses its peak entirely.
+    assert invariance_error(_pool, x, (0, 1), mode="zeros").max_abs >= 1.0
+    # The pooled map then shifts by half a cell: equivariant only for even shifts.
+    assert equivariance_error(_pool, x, (2, 4)).max_abs == 0.0
+
+
+def test_global_pool_invariant_to_circular_shift():
+    fn = lambda x: jnp.mean(x, axis=(1, 2))
+    assert invariance_error(fn, X, (5, 3)).max_abs < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: equivariance_error(_pool, np.zeros((4, 4)), (0, 0)),
+         r"equivariance_error: x.shape=\(4, 4\) is invalid; expected a batch with spatial axes"),
+        (lambda: equivariance_error(_pool, X, 1),
+         r"equivariance_error: shift=1 is invalid; expected 2 ints"),
+        (lambda: equivariance_error(_pool, X, (1, 2, 3)),
+         r"equivariance_error: shift=\(1, 2, 3\) is invalid; expected an int or 2 ints"),
+        (lambda: equivariance_error(_pool, X, (2, 2), mode="reflect"),
+         r"equivariance_error: mode='reflect' is invalid; expected one of \['circular', 'zeros'\]"),
+        (lambda: equivariance_error(_pool, X, (2, 2), border=-1),
+         r"equivariance_error: border=-1 is invalid; expected every entry >= 0"),
+        (lambda: equivariance_error(_pool, X, (2, 2), border=4),
+         r"equivariance_error: border=4 is invalid; no output positions are left to compare"),
+        (lambda: equivariance_error(_pool, X, (2, 2), stride=0),
+         r"equivariance_error: stride=0 is invalid; expected every entry >= 1"),
+        (lambda: equivariance_error(lambda x: x[:, 1:, 1:], X, (1, 1)),
+         r"equivariance_error: stride=None is invalid; input size \(16, 16\) is not a multiple "
+         r"of output size \(15, 15\)"),
+        (lambda: equivariance_error(lambda x: x.sum((1, 2)), X, (1, 1)),
+         r"equivariance_error: fn\(x\).shape=\(2, 3\) is invalid; expected a rank-4 output"),
+        (lambda: invariance_error(_pool, X, (1,)),
+         r"invariance_error: shift=\(1,\) is invalid"),
+        (lambda: invariance_error(_pool, X, (1, 1), mode="wrap"),
+         r"invariance_error: mode='wrap' is invalid"),
+        (lambda: shift_image(X, (1, 1), mode="edge"), r"shift_image: mode='edge' is invalid"),
+    ],
+)
+def test_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,0 +1,144 @@
+"""Receptive fields: closed-form recurrences, published values, and the gradient support of real
+networks (the set of input pixels a feature depends on) as an independent reference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.analysis.receptive_field import (
+    AxisField,
+    collapse,
+    receptive_field,
+    stack_receptive_field,
+    union,
+)
+from cnnjax.analysis.summary import summary
+from tests.examples import AlexNetLike, VGGLike
+
+ONES = nn.initializers.ones
+
+
+def test_two_stacked_3x3_see_5x5_and_three_see_7x7():
+    assert stack_receptive_field([(3, 1, 1), (3, 1, 1)]) == (5, 1, 0)
+    assert stack_receptive_field([(3, 1, 1)] * 3) == (7, 1, 0)
+    assert stack_receptive_field([(5, 1, 2)]) == (5, 1, 0)
+
+
+def test_published_values():
+    """Araujo et al. (2019), Table 1: AlexNet r = 195, VGG-16 r = 212 (up to the last pool)."""
+    alexnet = [(11, 4, 0), (3, 2), (5, 1, 2), (3, 2), (3, 1, 1), (3, 1, 1), (3, 1, 1), (3, 2)]
+    size, jump, _ = stack_receptive_field(alexnet)
+    assert (size, jump) == (195, 32)
+    conv, pool = (3, 1, 1), (2, 2)
+    vgg16 = [conv] * 2 + [pool] + [conv] * 2 + [pool] + ([conv] * 3 + [pool]) * 3
+    size, jump, start = stack_receptive_field(vgg16)
+    assert (size, jump) == (212, 32)
+    # Each 2x2/2 pool moves the first centre by half the current jump: 0.5 + 1 + 2 + 4 + 8.
+    assert start == 15.5
+
+
+def test_dilation_and_start():
+    # k=3, d=2: effective kernel 5; padding 1 moves the first centre to (5-1)/2 - 1 = 1.
+    assert stack_receptive_field([(3, 1, 1, 2)]) == (5, 1, 1)
+    # 2x2 stride-2 VALID: r=2, j=2, centre at 0.5.
+    assert stack_receptive_field([(2, 2)]) == (2, 2, 0.5)
+
+
+def test_union_and_collapse():
+    a = AxisField(3.0, 1.0, 1.0, axis=1, count=9)
+    b = AxisField(3.0, 1.0, -1.0, axis=1, count=9)
+    merged, misaligned = union([a, b])
+    assert misaligned and (merged.size, merged.start) == (5.0, 0.0)  # [0,2] U [-2,0] = [-2,2]
+    merged, misaligned = union([a, AxisField(1.0, 1.0, 1.0, axis=1, count=9)])
+    assert not misaligned and (merged.size, merged.start) == (3.0, 1.0)  # max when centred
+    # A global pool over 9 positions with jump 1: [0, 2] ... [8, 10] -> 11 pixels centred at 5.
+    full = collapse(a)
+    assert (full.size, full.start, full.axis) == (11.0, 5.0, None)
+
+
+def _support(fn, x, index):
+    """Rows and columns of input pixels with a non-zero gradient for output `index`."""
+    grad = jax.grad(lambda x: fn(x)[index].sum())(x)
+    nz = np.nonzero(np.abs(np.asarray(grad[0])).sum(-1))
+    return (nz[0].min(), nz[0].max()), (nz[1].min(), nz[1].max())
+
+
+class _GradNet(nn.Module):
+    """Convs with all-ones kernels on positive inputs: no cancellation, so the gradient support
+    is exactly the receptive field (clipped to the image). Average (not max) pooling."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(1, (3, 3), padding=1, use_bias=False, kernel_init=ONES)(x)
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = nn.Conv(1, (3, 3), padding=2, kernel_dilation=2, use_bias=False, kernel_init=ONES)(x)
+        return nn.Conv(1, (5, 3), strides=(2, 1), padding=((2, 2), (0, 0)), use_bias=False,
+                       kernel_init=ONES)(x)
+
+
+def test_field_equals_gradient_support():
+    model, shape = _GradNet(), (40, 40, 1)
+    # By hand, rows:  conv3 p1: r=3 j=1 s=0; pool2/2: r=4 j=2 s=0.5; conv3 d2 p2: r=4+4*2=12,
+    # s=0.5+(2-2)*2=0.5; conv5 s2 p2: r=12+4*2=20, j=4, s=0.5.
+    # Columns: ... conv3 d2 p2 as rows (r=12, j=2, s=0.5); conv3 s1 VALID: r=16, j=2, s=2.5.
+    field = receptive_field(model, shape)
+    assert field.size == (20, 16) and field.jump == (4, 2) and field.start == (0.5, 2.5)
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    fn = lambda x: model.apply(variables, x)
+    for i, j in [(4, 5), (6, 8), (0, 0)]:
+        rows, cols = _support(fn, x, (0, i, j, 0))
+        for (lo, hi), pos, size, jump, start, n in zip(
+            (rows, cols), (i, j), field.size, field.jump, field.start, shape[:2], strict=True
+        ):
+            centre = start + pos * jump
+            expected = (max(0, centre - (size - 1) / 2), min(n - 1, centre + (size - 1) / 2))
+            assert (lo, hi) == expected, (i, j, size)
+
+
+class _TwoPaths(nn.Module):
+    """Adds a 3x3 VALID conv and a 3x3 average pool of the input shifted by 2 pixels."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = nn.Conv(1, (3, 3), padding="VALID", use_bias=False, kernel_init=ONES)(x)
+        shifted = jnp.pad(x, ((0, 0), (2, 0), (2, 0), (0, 0)))[:, : x.shape[1], : x.shape[2]]
+        return a + nn.avg_pool(shifted, (3, 3), (1, 1))
+
+
+def test_misaligned_paths_union_matches_gradient():
+    model, shape = _TwoPaths(), (15, 15, 1)
+    result = summary(model, shape)
+    # Path a covers [i, i+2], path b [i-2, i]: the union [i-2, i+2] is 5 wide, centred on i.
+    assert result.receptive_field.size == (5, 5) and result.receptive_field.start == (0, 0)
+    assert any("misaligned" in n for n in result.notes)
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    rows, cols = _support(lambda x: model.apply(variables, x), x, (0, 6, 6, 0))
+    assert rows == cols == (4, 8)
+
+
+def test_alexnet_like_final_field():
+    # pool5 (r=195, j=32, start=33) then a dense layer over the 2x2 map: 195 + 32 = 227,
+    # centred between the two positions: 33 + 16 = 49.
+    assert receptive_field(AlexNetLike(), (99, 99, 3)) == ((227, 227), (32, 32), (49, 49))
+    size, jump, start = receptive_field(VGGLike(), (32, 32, 3))
+    assert (size, jump, start) == ((68, 68), (8, 8), (15.5, 15.5))
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ([()], r"stack_receptive_field: layers\[0\]=\(\) is invalid; expected \(kernel, stride"),
+        ([(3, 1, 1, 1, 1)], r"layers\[0\]=\(3, 1, 1, 1, 1\) is invalid"),
+        ([(3, 0)], r"stack_receptive_field: layers\[0\].stride=0 is invalid"),
+        ([(3, 1), (0,)], r"stack_receptive_field: layers\[1\].kernel=0 is invalid"),
+        ([(3, 1, -1)], r"stack_receptive_field: layers\[0\].padding=-1 is invalid"),
+        ([(3, 1, 0, 0)], r"stack_receptive_field: layers\[0\].dilation=0 is invalid"),
+    ],
+)
+def test_errors(layers, message):
+    with pytest.raises(ValueError, match=message):
+        stack_receptive_field(layers)

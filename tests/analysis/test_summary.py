@@ -1,0 +1,300 @@
+"""summary(): per-layer rows checked against values derived by hand, totals against XLA's cost
+analysis and Flax's parameter tree, multi-path fields, plain-function layers, formats, CLI."""
+
+import csv
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.analysis.summary import summary
+from tests.examples import (
+    EXAMPLES,
+    AlexNetLike,
+    FunctionalNet,
+    InceptionNet,
+    ResidualNet,
+    VGGLike,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+F32 = 4
+
+
+def valid_pairs(n: int, k: int, s: int, p: int) -> int:
+    """(output, tap) pairs along one axis whose tap falls inside the image, not on padding."""
+    m = (n + 2 * p - k) // s + 1
+    return sum(1 for o in range(m) for t in range(k) if 0 <= o * s - p + t < n)
+
+
+def conv_relu(n, cin, cout, k, s=1, p=0, g=1):
+    """Hand figures of a square conv + bias + ReLU on an n x n input, batch 1.
+
+    params = out*(in/g*k*k + 1); MACs = m*m*out*(in/g)*k*k (dense, padding taps included);
+    FLOPs = 2*out*(in/g)*taps_h*taps_w (real-data multiply-adds) + m*m*out (bias) + m*m*out (ReLU).
+    """
+    m = (n + 2 * p - k) // s + 1
+    taps = valid_pairs(n, k, s, p) ** 2
+    return {
+        "out": (1, m, m, cout),
+        "params": cout * (cin // g * k * k + 1),
+        "macs": m * m * cout * (cin // g) * k * k,
+        "flops": 2 * cout * (cin // g) * taps + 2 * m * m * cout,
+    }
+
+
+def dense(cin, cout, relu=True):
+    return {"out": (1, cout), "params": cout * (cin + 1), "macs": cin * cout,
+            "flops": 2 * cin * cout + cout * (2 if relu else 1)}
+
+
+def pool(n, c, k, s):
+    m = (n - k) // s + 1
+    return {"out": (1, m, m, c), "params": 0, "macs": 0, "flops": m * m * c * (k * k - 1)}
+
+
+def check_rows(result, expected):
+    assert [r.name for r in result.rows] == [e[0] for e in expected]
+    for row, (name, type_, figures, field) in zip(result.rows, expected, strict=True):
+        assert row.type == type_, name
+        assert row.output_shape == figures["out"], name
+        assert row.activation_bytes == int(np.prod(figures["out"])) * F32, name
+        for key in ("params", "macs", "flops"):
+            if key in figures:
+                assert getattr(row, key) == figures[key], (name, key)
+        size, jump, start = field
+        assert row.field == ((size, size), (jump, jump), (start, start)), name
+
+
+def test_alexnet_like_rows():
+    result = summary(AlexNetLike(), (99, 99, 3))
+    # Sizes: 99 -11/4-> 23 -3/2-> 11 -5p2-> 11 -3/2-> 5 -3p1-> 5 -> 5 -> 5 -3/2-> 2 -> 2*2*32=128.
+    # Fields (Araujo): r' = r + (k-1) j, j' = j s, start' = start + ((k-1)/2 - p) j.
+    lrn = lambda n, c: {"out": (1, n, n, c), "params": 0, "macs": 0,
+                        # x*x, 4 adds per 5-channel window, alpha*, k+, x*scale; pow is
+                        # transcendental (not a FLOP)
+                        "flops": n * n * c * 8}
+    expected = [
+        ("conv1", "Conv", conv_relu(99, 3, 16, 11, s=4), (11, 4, 5)),  # start 0 + 5*1
+        ("lrn1", "LocalResponseNorm", lrn(23, 16), (11, 4, 5)),
+        ("max_pool_0", "max_pool", pool(23, 16, 3, 2), (19, 8, 9)),  # 11+2*4, 5+1*4
+        ("conv2", "Conv", conv_relu(11, 16, 32, 5, p=2, g=2), (51, 8, 9)),  # 19+4*8
+        ("lrn2", "LocalResponseNorm", lrn(11, 32), (51, 8, 9)),
+        ("max_pool_1", "max_pool", pool(11, 32, 3, 2), (67, 16, 17)),
+        ("conv3", "Conv", conv_relu(5, 32, 48, 3, p=1), (99, 16, 17)),
+        ("conv4", "Conv", conv_relu(5, 48, 48, 3, p=1, g=2), (131, 16, 17)),
+        ("conv5", "Conv", conv_relu(5, 48, 32, 3, p=1, g=2), (163, 16, 17)),
+        ("max_pool_2", "max_pool", pool(5, 32, 3, 2), (195, 32, 33)),
+        ("flatten_0", "flatten", {"out": (1, 128), "params": 0, "flops": 0}, (195, 32, 33)),
+        ("fc6", "Dense", dense(128, 64), (227, 32, 49)),  # 195 + (2-1)*32, 33 + 32/2
+        ("fc7", "Dense", dense(64, 64), (227, 32, 49)),
+        ("head", "Dense", dense(64, 10, relu=False), (227, 32, 49)),
+    ]
+    check_rows(result, expected)
+    assert result.rows[0].input_shape == (1, 99, 99, 3)
+    assert result.rows[3].params == 32 * (8 * 25 + 1)  # two towers: 8 of the 16 inputs each
+
+
+def test_vgg_like_rows():
+    result = summary(VGGLike(), (32, 32, 3))
+    expected, n, cin, r, j, start = [], 32, 3, 1, 1, 0.0
+    for s, widths in enumerate(((16, 16), (32, 32), (64, 64, 64)), start=1):
+        for i, c in enumerate(widths, start=1):
+            r += 2 * j  # 3x3, padding 1: start unchanged
+            expected.append((f"conv{s}_{i}", "Conv", conv_relu(n, cin, c, 3, p=1), (r, j, start)))
+            cin = c
+        r, start, j = r + j, start + 0.5 * j, 2 * j
+        expected.append((f"max_pool_{s - 1}", "max_pool", pool(n, cin, 2, 2), (r, j, start)))
+        n //= 2
+    expected.append(("flatten_0", "flatten", {"out": (1, 4 * 4 * 64)}, (44, 8, 3.5)))
+    # Dense over 4 positions per axis: 44 + 3*8 = 68, centred at 3.5 + 1.5*8 = 15.5.
+    expected.append(("fc", "Dense", dense(1024, 64), (68, 8, 15.5)))
+    expected.append(("head", "Dense", dense(64, 10, relu=False), (68, 8, 15.5)))
+    check_rows(result, expected)
+    assert [e[3][0] for e in expected[:3]] == [3, 5, 6]  # two 3x3 = 5x5, then the pool
+
+
+def _xla_flops(model, shape):
+    x = jnp.zeros((1, *shape))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"], variables
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_totals_against_xla_and_flax(name):
+    """FLOPs total within 1% of XLA's own count of the compiled forward pass (the residue is
+    XLA's algebraic rewrites, e.g. of LRN's power); params equal Flax's parameter tree.
+
+    functional_net gets 2%: XLA folds its explicit `jnp.pad` into the next convolution's padding
+    and then skips those taps (3,712 FLOPs of 221k), while the jaxpr count treats the padded
+    zeros as data."""
+    factory, shape = EXAMPLES[name]
+    model = factory()
+    result = summary(model, shape)
+    xla, variables = _xla_flops(model, shape)
+    tolerance = 0.02 if name == "functional_net" else 0.01
+    assert result.totals["flops"] == pytest.approx(xla, rel=tolerance)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+    assert result.totals["params"] == n_params == sum(r.params for r in result.rows)
+    assert result.totals["macs"] == sum(r.macs for r in result.rows)
+
+
+def test_residual_field_is_max_over_aligned_paths():
+    result = summary(ResidualNet(), (16, 16, 3))
+    rows = {r.name: r for r in result.rows}
+    sizes = {name: r.field.size[0] for name, r in rows.items()}
+    # stem 3; block1: conv_a 5, conv_b 7, identity shortcut 3 -> add = max = 7.
+    assert (sizes["stem"], sizes["block1/conv_a"], sizes["block1/conv_b"]) == (3, 5, 7)
+    assert sizes["block1/add_0"] == 7
+    # block2: conv_a 3x3/2: 7 + 2 = 9 (j=2); conv_b 9 + 2*2 = 13; shortcut 1x1/2: 7 -> add 13.
+    assert (sizes["block2/conv_a"], sizes["block2/conv_b"], sizes["block2/shortcut"]) == (9, 13, 7)
+    assert rows["block2/add_0"].field == ((13, 13), (2, 2), (0, 0))
+    assert len(rows["block2/add_0"].input_shapes) == 2
+    # Global average pool over 8 positions, jump 2: 13 + 7*2 = 27 centred at 7.
+    assert rows["global_avg_pool_0"].field == ((27, 27), (2, 2), (7, 7))
+    assert not result.notes  # all merges aligned
+
+
+def test_inception_concat_takes_largest_branch():
+    result = summary(InceptionNet(), (12, 12, 3))
+    sizes = {r.name: r.field.size[0] for r in result.rows}
+    # After the 3x3 stem (3): 1x1 -> 3, 1x1+3x3 -> 5, 1x1+5x5 -> 7, pool 3x3 -> 5 (+1x1 -> 5).
+    branch = {k: sizes[f"inception/{k}"] for k in ("b1", "b3", "b5", "max_pool_0", "pool_proj")}
+    assert branch == {"b1": 3, "b3": 5, "b5": 7, "max_pool_0": 5, "pool_proj": 5}
+    concat = next(r for r in result.rows if r.type == "concatenate")
+    assert concat.field.size == (7, 7) and concat.output_shape == (1, 12, 12, 24)
+    assert len(concat.input_shapes) == 4
+    assert result.receptive_field == ((18, 18), (1, 1), (5.5, 5.5))  # 7 + 11, centre 5.5
+
+
+def test_plain_function_layers_are_rows():
+    result = summary(FunctionalNet(), (20, 20, 3))
+    assert [r.type for r in result.rows] == [
+        "pad", "conv", "max_pool", "pad", "conv", "conv_transpose", "avg_pool", "flatten", "Dense"]
+    rows = result.rows
+    assert [r.params for r in rows] == [0, 3 * 3 * 3 * 8, 0, 0, 3 * 3 * 8 * 8, 2 * 2 * 8 * 8,
+                                        0, 0, 200 * 10 + 10]
+    assert rows[0].output_shape == (1, 22, 22, 3) and rows[0].field.start == (-1, -1)
+    # reflect pad 1 then 3x3 VALID: size 3 centred back on pixel 0; pool 2/2: 4, j 2, start .5;
+    # zero pad 1: start .5 - 2 = -1.5; 3x3/2 VALID: 4 + 2*2 = 8, j 4, start -1.5 + 1*2 = .5.
+    assert [r.field.size[0] for r in rows[1:5]] == [3, 4, 4, 8]
+    assert rows[4].field == ((8, 8), (4, 4), (0.5, 0.5))
+    assert any("transposed" in n for n in result.notes)
+
+
+def test_shared_module_counted_once():
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.Conv(3, (3, 3), padding=1, name="conv")
+            return conv(nn.relu(conv(x)))
+
+    result = summary(Shared(), (8, 8, 3))
+    assert [r.name for r in result.rows] == ["conv", "conv (call 2)"]
+    assert [r.params for r in result.rows] == [3 * (27 + 1), 0]
+    assert [r.field.size[0] for r in result.rows] == [3, 5]
+
+
+def test_batchnorm_in_training_mode_and_anisotropic_kernel():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Conv(4, (3, 5), padding="VALID", use_bias=False)(x)
+            return nn.BatchNorm(use_running_average=not train)(x)
+
+    result = summary(Net(), (9, 11, 2), batch_size=2)
+    assert [r.type for r in result.rows] == ["Conv", "BatchNorm"]
+    assert result.rows[0].output_shape == (2, 7, 7, 4)
+    assert result.rows[1].params == 8  # scale + bias; running statistics are not parameters
+    assert result.receptive_field == ((3, 5), (1, 1), (1, 2))
+    assert "3x5" in str(result).splitlines()[2]
+    # In training mode the batch statistics mix every position: each output depends on the
+    # whole 9x11 image (7 positions of the 3x5 field, jump 1: 3 + 6 = 9 and 5 + 6 = 11).
+    trained = summary(Net(), (9, 11, 2), train=True, batch_size=2)
+    assert trained.rows[1].params == 8
+    assert trained.receptive_field.size == (9, 11)
+
+
+def test_text_dict_and_csv(tmp_path):
+    result = summary(ResidualNet(), (16, 16, 3))
+    text = str(result).splitlines()
+    header, body = text[0], text[2 : 2 + len(result.rows)]
+    assert header.split()[:4] == ["Layer", "Type", "Input", "Output"]
+    # Numeric columns are right-aligned: every row ends the Params column where the header does.
+    end = header.index("Params") + len("Params")
+    assert all(line[end - 1] != " " and line[end] == " " for line in body)
+    assert text[3 + len(result.rows)].startswith("Total") and "5,194" in text[3 + len(result.rows)]
+
+    as_dict = result.to_dict()
+    json.dumps(as_dict)
+    assert as_dict["totals"]["params"] == 5194
+    assert as_dict["rows"][0]["rf_size"] == [3, 3]
+
+    path = tmp_path / "rows.csv"
+    result.to_csv(path)
+    buffer = io.StringIO()
+    result.to_csv(buffer)
+    assert path.read_text().splitlines() == buffer.getvalue().splitlines()
+    records = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    assert len(records) == len(result.rows)
+    assert records[1]["name"] == "block1/conv_a" and records[1]["rf_size_h"] == "5"
+    assert int(records[1]["params"]) == 8 * (8 * 9 + 1)
+
+
+def test_cli_prints_table_and_writes_csv(tmp_path):
+    out = tmp_path / "vgg.csv"
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnjax.analysis.summary", "--model=examples.vgg_like",
+         "--input_shape=64,64,3", "--num_classes=7", f"--csv={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "conv3_3" in proc.stdout and "1x64x64x3" in proc.stdout
+    assert "receptive field of the output" in proc.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert rows[-1]["name"] == "head" and rows[-1]["output_shape"] == "1x7"
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "cnnjax.analysis.summary", "--model=examples.vgg_like",
+         "--input_shape=64,x,3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode != 0
+    assert "summary CLI: --input_shape='64,x,3' is invalid; expected comma-separated" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"input_shape": 32}, r"summary: input_shape=32 is invalid; expected a sequence"),
+        ({"input_shape": (32,)}, r"summary: input_shape=\(32,\) is invalid; expected positive"),
+        ({"input_shape": (0, 32, 3)}, r"summary: input_shape=\(0, 32, 3\) is invalid"),
+        ({"input_shape": (32, 32, 3), "batch_size": 0}, r"summary: batch_size=0 is invalid"),
+    ],
+)
+def test_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        summary(VGGLike(), **kwargs)
+
+
+def test_cli_model_loading_errors():
+    from cnnjax.analysis.summary import _parse_shape, load_model
+
+    with pytest.raises(ValueError, match=r"create_example: name='nope' is invalid; expected one"):
+        load_model("examples.nope")
+    with pytest.raises(ValueError, match=r"summary CLI: --input_shape='0,4,3' is invalid; "
+                                         r"expected positive ints"):
+        _parse_shape("0,4,3")
+    model, shape = load_model("examples.residual_net", num_classes=3)
+    assert shape == (16, 16, 3) and model.num_classes == 3
