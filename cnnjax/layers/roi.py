@@ -135,9 +135,25 @@ def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
     mask_h, empty_h = bin_masks(y1, y2, out_h, h)
     mask_w, empty_w = bin_masks(x1, x2, out_w, w)
     lowest = jnp.array(-jnp.inf, features.dtype)
-    per_box = features[batch_indices]  # [K, H, W, C]
-    rows = jnp.max(jnp.where(mask_h[:, :, :, None, None], per_box[:, None], lowest), axis=2)
-    pooled = jnp.max(jnp.where(mask_w[:, None, :, :, None], rows[:, :, None], lowest), axis=3)
+    num_boxes, channels = boxes.shape[0], features.shape[3]
+    # Separable max over each bin's rows, then its columns, one feature row/column per loop step,
+    # so memory stays O(K * out_h * W * C) instead of O(K * out_h * H * W * C) (2 GB for 128 boxes
+    # on a 38x50x256 map).
+
+    def max_over_rows(i, rows):  # rows: [K, out_h, W, C]
+        line = features[batch_indices, i]  # [K, W, C]
+        return jnp.maximum(rows, jnp.where(mask_h[:, :, i, None, None], line[:, None], lowest))
+
+    rows = jax.lax.fori_loop(0, h, max_over_rows,
+                             jnp.full((num_boxes, out_h, w, channels), lowest))
+
+    def max_over_columns(j, pooled):  # pooled: [K, out_h, out_w, C]
+        column = rows[:, :, j]  # [K, out_h, C]
+        return jnp.maximum(pooled, jnp.where(mask_w[:, None, :, j, None], column[:, :, None],
+                                             lowest))
+
+    pooled = jax.lax.fori_loop(0, w, max_over_columns,
+                               jnp.full((num_boxes, out_h, out_w, channels), lowest))
     empty = empty_h[:, :, None] | empty_w[:, None, :]
     return jnp.where(empty[..., None], jnp.array(0, features.dtype), pooled)
 

@@ -201,6 +201,18 @@ def test_roi_pool_rounds_half_away_from_zero():
     assert float(out[0, 0, 0, 0]) == 3.0
 
 
+def test_roi_pool_under_jit_and_empty_box_sets():
+    feats = _features((2, 7, 9, 2), seed=10)
+    boxes = _random_boxes(np.random.default_rng(11), 3, 9.0, 7.0)
+    batch = np.array([1, 0, 1], np.int32)
+    fn = jax.jit(lambda f, b, i: roi_pool(f, b, i, (2, 3)))
+    expected = _roi_pool_ref(feats, boxes, batch, (2, 3), 1.0)
+    np.testing.assert_allclose(fn(feats, boxes, batch), expected, rtol=RTOL, atol=ATOL)
+    none, no_index = np.zeros((0, 4), np.float32), np.zeros(0, np.int32)
+    assert roi_pool(feats, none, no_index, (2, 3)).shape == (0, 2, 3, 2)
+    assert roi_align(feats, none, no_index, (2, 3)).shape == (0, 2, 3, 2)
+
+
 # ---------------------------------------------------------------- box_iou and nms
 
 
