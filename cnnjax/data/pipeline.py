@@ -11,7 +11,9 @@ the same batches an uninterrupted run would see. Each epoch has
 
 Multi-host: each process reads its own contiguous shard of the split (`tfds.even_splits`) and
 yields its `global_batch_size / process_count` examples per step, reshaped to
-`[num_devices, per_device, ...]` for its local devices.
+`[num_devices, per_device, ...]` for its local devices. cnnjax's offline datasets are generated
+on first use; on a shared file system generate them once before a multi-host launch
+(`get_dataset_info(config)` on one process) so that processes do not build them concurrently.
 
 TensorFlow is only the input pipeline: `hide_gpus_from_tensorflow()` runs before any pipeline is
 built (not at import, so importing cnnjax does not change TensorFlow's state for user code) so
@@ -19,7 +21,8 @@ that TF never allocates GPU memory that JAX needs.
 
 Files are always read in their stored order (tfds writes examples pre-shuffled by hashed key) and
 shuffled with a buffer of `shuffle_buffer` examples. So `cache` (decode once and keep the split
-in memory) only changes speed, never the batches.
+in memory) only changes speed, never the batches. Orders are reproducible for a given TensorFlow
+version; TF's global seed (`tf.random.set_seed`, never set by cnnjax) also enters the shuffle.
 """
 
 from __future__ import annotations

@@ -44,6 +44,15 @@ def test_dataset_info(digits_config):
     assert pipeline.steps_per_epoch(info.num_train, 128) == STEPS_PER_EPOCH
 
 
+def test_tensorflow_gpus_are_hidden_before_a_pipeline_is_built(digits_config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline.tf.config, "set_visible_devices",
+                        lambda devices, kind: calls.append((list(devices), kind)))
+    get_dataset_info(digits_config())
+    eval_batches(digits_config(), global_batch_size=8, num_devices=1)
+    assert calls == [([], "GPU"), ([], "GPU")]
+
+
 def test_train_batch_shapes_and_dtypes(digits_config):
     batch = next(train_batches(digits_config(image_size=32), global_batch_size=16, num_devices=2,
                                seed=0))
