@@ -181,7 +181,7 @@ def test_conv2d_padding_modes_match_pad_then_tf_conv(mode):
 
 @pytest.mark.parametrize("mode", ["reflect", "circular"])
 def test_conv2d_same_with_padding_mode(mode):
-    """SAME + a non-zero mode pads as TF's SAME would (by hand: n=8,k=4,s=2 -> 1 | 1... )."""
+    """SAME with a non-zero mode pads by TF's SAME split, with the mode's values."""
     x = _random((1, 8, 7, 2), 3)
     params, got = _apply(Conv2D(3, 4, strides=2, padding="SAME", padding_mode=mode), x)
     # H: out 4, total (4-1)*2+4-8 = 2 -> (1, 1); W: out 4, total 6+4-7 = 3 -> (1, 2).
@@ -197,17 +197,19 @@ def test_conv2d_circular_is_exactly_shift_equivariant():
     x = _random((1, 9, 8, 2), 4)
     layer = Conv2D(3, 3, padding=1, padding_mode="circular")
     params = _init_params(layer, jnp.asarray(x))
-    y = layer.apply({"params": params}, x)
-    y_shifted = layer.apply({"params": params}, np.roll(x, (2, -3), axis=(1, 2)))
+    apply = jax.jit(layer.apply)
+    y = apply({"params": params}, x)
+    y_shifted = apply({"params": params}, np.roll(x, (2, -3), axis=(1, 2)))
     np.testing.assert_allclose(np.roll(y, (2, -3), axis=(1, 2)), y_shifted, atol=1e-5)
 
 
-def test_conv2d_no_bias_and_dtype():
-    x = _random((1, 5, 5, 2))
-    layer = Conv2D(4, 3, use_bias=False, dtype=jnp.bfloat16)
-    params = layer.init(jax.random.key(0), x)["params"]
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
+def test_no_bias_and_computation_dtype(cls):
+    x = jnp.asarray(_random((1, 5, 5, 2)))
+    layer = cls(4, 3, use_bias=False, dtype=jnp.bfloat16)
+    params = _init_params(layer, x)
     assert set(params) == {"kernel"} and params["kernel"].dtype == jnp.float32
-    assert layer.apply({"params": params}, x).dtype == jnp.bfloat16
+    assert jax.jit(layer.apply)({"params": params}, x).dtype == jnp.bfloat16
 
 
 def test_parameter_counts_worked_examples():
@@ -253,9 +255,9 @@ def test_locally_connected_matches_numpy(kwargs, pads):
 
 def test_locally_connected_default_init_scale():
     """Fan-in is one position's kernel (k·k·C), so the init std is ~1/sqrt(k·k·C)."""
-    x = jnp.zeros((1, 20, 20, 8))
+    x = jnp.zeros((1, 6, 6, 8))
     kernel = jax.jit(LocallyConnected2D(8, 3).init)(jax.random.key(0), x)["params"]["kernel"]
-    assert kernel.shape == (18, 18, 72, 8)
+    assert kernel.shape == (4, 4, 72, 8)
     np.testing.assert_allclose(float(jnp.std(kernel)), 1 / math.sqrt(72), rtol=0.05)
 
 
@@ -285,7 +287,7 @@ def test_tiled_with_tile_1_is_ordinary_convolution():
     params, got = _apply(tiled, x)
     conv = Conv2D(4, 3, strides=2, padding=1, padding_mode="replicate")
     conv_params = {"kernel": params["kernel"][0, 0], "bias": params["bias"][0, 0]}
-    assert_close(got, conv.apply({"params": conv_params}, x))
+    assert_close(got, jax.jit(conv.apply)({"params": conv_params}, x))
 
 
 def test_tiled_with_tile_equal_output_is_locally_connected():
@@ -298,7 +300,7 @@ def test_tiled_with_tile_equal_output_is_locally_connected():
     # Local kernel axis 2 is ordered (C, kh, kw); the tiled kernel is (th, tw, kh, kw, C, F).
     kernel = np.asarray(params["kernel"]).reshape(out_h, out_w, 3, 3, 3, 4)
     tiled_params = {"kernel": kernel.transpose(0, 1, 3, 4, 2, 5), "bias": params["bias"]}
-    assert_close(tiled.apply({"params": tiled_params}, x), got)
+    assert_close(jax.jit(tiled.apply)({"params": tiled_params}, x), got)
 
 
 # ---------------------------------------------------------------- ConvTranspose2D
@@ -365,8 +367,8 @@ def test_conv_transpose_is_adjoint_of_conv2d():
     # W: (4−1)·2 − 2 + 2 + 1 = 7, so output_padding=1 recovers the 8 columns the conv read.
     tconv = ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=(0, 1), use_bias=False)
     t_params = {"kernel": jnp.transpose(params["kernel"], (0, 1, 3, 2))}
-    lhs = float(jnp.vdot(conv.apply({"params": params}, x), y))
-    ty = tconv.apply({"params": t_params}, y)
+    lhs = float(jnp.vdot(jax.jit(conv.apply)({"params": params}, x), y))
+    ty = jax.jit(tconv.apply)({"params": t_params}, y)
     assert ty.shape == x.shape
     rhs = float(jnp.vdot(x, ty))
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
@@ -377,7 +379,8 @@ def test_bilinear_kernel_values():
     np.testing.assert_allclose(bilinear_kernel_1d(5), [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
     np.testing.assert_allclose(bilinear_kernel_1d(3), [0.5, 1, 0.5])
     kernel = np.asarray(bilinear_upsample_init(None, (4, 4, 3, 3)))
-    np.testing.assert_allclose(kernel[:, :, 1, 1], np.outer([.25, .75, .75, .25], [.25, .75, .75, .25]))
+    quarter = [0.25, 0.75, 0.75, 0.25]
+    np.testing.assert_allclose(kernel[:, :, 1, 1], np.outer(quarter, quarter))
     assert np.count_nonzero(kernel[:, :, 0, 1:]) == 0  # diagonal: channel o from channel o
     depthwise = np.asarray(bilinear_upsample_init(None, (4, 4, 1, 5)))
     np.testing.assert_array_equal(depthwise[:, :, 0, 4], kernel[:, :, 1, 1])
@@ -434,6 +437,9 @@ X = jnp.zeros((1, 7, 7, 4))
 @pytest.mark.parametrize("kwargs,message", [
     (dict(kernel_size=0), r"kernel_size=0 is invalid; expected every entry >= 1"),
     (dict(kernel_size=(3, -1)), r"kernel_size=\(3, -1\) is invalid; expected every entry >= 1"),
+    (dict(kernel_size=2.5), r"kernel_size=2.5 is invalid; expected an int or a pair of ints"),
+    (dict(kernel_size=(3, 3, 3)), r"kernel_size=\(3, 3, 3\) is invalid; expected an int or a "
+                                  r"pair of ints"),
     (dict(kernel_size=3, strides=0), r"strides=0 is invalid; expected every entry >= 1"),
     (dict(kernel_size=3, strides=(1, -2)), r"strides=\(1, -2\) is invalid"),
     (dict(kernel_size=3, dilation=0), r"dilation=0 is invalid; expected every entry >= 1"),

@@ -102,8 +102,9 @@ def test_reflect_padding_not_smaller_than_input():
 
 @pytest.mark.parametrize("bad", ["2", (1, 2, 3), ((1, 2), 3), (1.5, 1), True, ((1, 2, 3), (0, 0))])
 def test_bad_padding_form(bad):
-    with pytest.raises(ValueError, match=r"pad_nhwc: padding=.* is invalid; expected a non-negative "
-                                         r"int, a pair \(pad_h, pad_w\) or a pair of pairs"):
+    with pytest.raises(ValueError, match=r"pad_nhwc: padding=.* is invalid; expected a "
+                                         r"non-negative int, a pair \(pad_h, pad_w\) or a pair "
+                                         r"of pairs"):
         pad_nhwc(jnp.zeros((1, 4, 4, 1)), bad)
 
 
