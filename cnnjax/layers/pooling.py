@@ -8,8 +8,8 @@ Output size (per spatial dimension, input `n`, kernel `k`, stride `s`, padding `
 PyTorch's `MaxPool2d`/`AvgPool2d`:
 
     out = floor((n + 2p - k) / s) + 1                      (ceil_mode=False)
-    out = ceil((n + 2p - k) / s) + 1, minus 1 if the last window would start at or
-          beyond n + p, i.e. in the right padding           (ceil_mode=True)
+    out = ceil((n + 2p - k) / s) + 1, minus 1 if the last window would start in the
+          right padding, i.e. at padded index >= n + p     (ceil_mode=True)
 
 With `ceil_mode=True` the last window may run past the padded input; max pooling ignores the
 overhang and average pooling does not count it (see `avg_pool2d`).
@@ -40,6 +40,7 @@ def _lowest(dtype: jnp.dtype) -> np.ndarray:
 
 
 def _zero(dtype: jnp.dtype) -> np.ndarray:
+    """The identity of `add` for `dtype`, a NumPy constant for the same reason as `_lowest`."""
     return np.array(0, dtype)
 
 

@@ -167,8 +167,7 @@ def roi_pool(
     Box corners are scaled and rounded (half away from zero) to feature cells; the box spans
     `round(x2) - round(x1) + 1` cells (at least 1), split into `output_size` bins with edges
     `floor(i * len / out)` .. `ceil((i + 1) * len / out)` (exact integer arithmetic), clipped to
-    the map. Each bin takes the
-    max over its cells; a bin left empty by clipping outputs 0.
+    the map. Each bin takes the max over its cells; a bin left empty by clipping outputs 0.
     """
     boxes, batch_indices, out, scale, _ = _check_roi_args(
         "roi_pool", features, boxes, batch_indices, output_size, spatial_scale)
