@@ -9,9 +9,12 @@ skipped with a warning and the one before it is used.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 import warnings
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
@@ -72,17 +75,38 @@ class Checkpointer:
         load is reported with a warning and the previous one is tried.
         """
         target = serialization.to_state_dict(template)
+        corrupt: list[int] = []
+        result = None
         for step in reversed(self.all_steps()):
             try:
                 restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-                return serialization.from_state_dict(template, restored), step
+                result = serialization.from_state_dict(template, restored), step
+                break
             except Exception as err:  # noqa: BLE001 — any read failure means "corrupt", fall back
+                corrupt.append(step)
                 message = (f"Checkpoint at step {step} in {self.directory} could not be restored "
                            f"({type(err).__name__}: {str(err)[:200]}); falling back to the previous "
-                           "checkpoint.")
+                           f"checkpoint (the unreadable one is moved to {self.quarantine}).")
                 logging.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return None
+        if corrupt:
+            self._quarantine(corrupt)
+        return result
+
+    @property
+    def quarantine(self) -> str:
+        """Where unreadable checkpoints are moved, so training can save those steps again."""
+        return self.directory + "_corrupt"
+
+    def _quarantine(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            os.makedirs(self.quarantine, exist_ok=True)
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                if os.path.isdir(source):
+                    target = os.path.join(self.quarantine, f"{step}.{int(time.time())}")
+                    shutil.move(source, target)
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
