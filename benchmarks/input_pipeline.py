@@ -148,9 +148,11 @@ def main(argv: list[str]) -> None:
         f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r}",
         f"pipeline alone:        {raw['images_per_s']:9.1f} img/s ({raw['batch_ms']:.1f} ms/batch)",
         f"step, synthetic batch: {synthetic['images_per_s']:9.1f} img/s "
-        f"(median {synthetic['median_step_s'] * 1e3:.0f} ms)",
+        f"(median {synthetic['median_step_s'] * 1e3:.0f} ms, CPU "
+        f"{synthetic['median_cpu_s_per_step']:.2f} s/step)",
         f"step, pipeline batch:  {fed['images_per_s']:9.1f} img/s "
-        f"(median {fed['median_step_s'] * 1e3:.0f} ms, of which waiting for the next batch "
+        f"(median {fed['median_step_s'] * 1e3:.0f} ms, CPU {fed['median_cpu_s_per_step']:.2f} "
+        f"s/step; waiting for the next batch "
         f"{result['median_wait_for_batch_ms']:.1f} ms, copying it to the devices "
         f"{result['median_copy_to_device_ms']:.1f} ms)",
         f"synthetic / pipeline:  {result['slowdown']:.2f}x   compile {compile_s:.1f} s",

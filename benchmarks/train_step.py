@@ -29,6 +29,8 @@ from cnnjax.platform import configure_cpu_defaults
 
 FLAGS = flags.FLAGS
 
+StepTime = tuple[float, float]  # (wall seconds, process CPU seconds) of one step
+
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
 
@@ -108,8 +110,8 @@ def compile_jax_step(bench: dict[str, Any]) -> float:
 
 
 def run_jax_steps(bench: dict[str, Any], steps: int,
-                  next_batch: Callable[[], Any] | None = None) -> list[float]:
-    """Runs `steps` compiled steps, returning each one's wall time (waiting for its results).
+                  next_batch: Callable[[], Any] | None = None) -> list[StepTime]:
+    """Runs `steps` compiled steps; returns each one's (wall, process CPU) seconds, results ready.
 
     Every step reuses the in-memory `bench["batch"]`, unless `next_batch()` supplies a fresh
     device batch per step (its time counts as part of the step).
@@ -118,11 +120,11 @@ def run_jax_steps(bench: dict[str, Any], steps: int,
 
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batch = bench["batch"] if next_batch is None else next_batch()
         bench["state"], metrics = bench["compiled"](bench["state"], batch)
         jax.block_until_ready((bench["state"], metrics))
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     return times
 
 
@@ -207,13 +209,13 @@ def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_s
             "version": torch.__version__}
 
 
-def run_torch_steps(bench: dict[str, Any], steps: int) -> list[float]:
-    """Runs `steps` eager steps, returning each one's wall time."""
+def run_torch_steps(bench: dict[str, Any], steps: int) -> list[StepTime]:
+    """Runs `steps` eager steps; returns each one's (wall, process CPU) seconds."""
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         bench["step"]()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu_start))
     return times
 
 
@@ -235,11 +237,23 @@ def environment() -> dict[str, Any]:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def summarize(times: list[float], batch_size: int) -> dict[str, float]:
-    """Median step time and images/s over `times`."""
-    median = statistics.median(times)
+def summarize(times: list[StepTime], batch_size: int) -> dict[str, float]:
+    """Median wall step time, images/s and median process CPU seconds per step over `times`.
+
+    CPU seconds (all threads of this process) are less sensitive to other processes' load than
+    wall time, so they help compare XLA options on a busy machine; they are not comparable
+    across frameworks (idle worker threads may spin).
+    """
+    walls = [wall for wall, _ in times]
+    median = statistics.median(walls)
     return {"median_step_s": median, "images_per_s": batch_size / median,
-            "min_step_s": min(times), "max_step_s": max(times)}
+            "min_step_s": min(walls), "max_step_s": max(walls),
+            "median_cpu_s_per_step": statistics.median(cpu for _, cpu in times)}
+
+
+def round_images_per_s(rounds: list[list[StepTime]], batch_size: int) -> list[float]:
+    """Images/s of each round (from its median wall step time)."""
+    return [batch_size / statistics.median(wall for wall, _ in r) for r in rounds]
 
 
 def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, Callable]):
@@ -301,7 +315,7 @@ def main(argv: list[str]) -> None:
         "platform": bench["platform"], "num_params": bench["num_params"],
         "xla_defaults_added": changed, **environment(), "compile_s": compile_s,
         "jax": summarize(sum(rounds["jax"], []), FLAGS.batch_size),
-        "jax_rounds_images_per_s": [FLAGS.batch_size / statistics.median(r) for r in rounds["jax"]],
+        "jax_rounds_images_per_s": round_images_per_s(rounds["jax"], FLAGS.batch_size),
     }
     lines = [
         f"model={FLAGS.model} params={bench['num_params']:,} batch={FLAGS.batch_size} "
@@ -311,13 +325,14 @@ def main(argv: list[str]) -> None:
         f"(added by cnnjax: {sorted(changed) or 'none'})",
         f"compile: {compile_s:.1f} s",
         f"jax:   {result['jax']['images_per_s']:8.1f} img/s (median step "
-        f"{result['jax']['median_step_s'] * 1e3:.0f} ms; per round "
+        f"{result['jax']['median_step_s'] * 1e3:.0f} ms, CPU "
+        f"{result['jax']['median_cpu_s_per_step']:.2f} s/step; per round "
         f"{', '.join(f'{v:.1f}' for v in result['jax_rounds_images_per_s'])})",
     ]
     if torch_bench is not None:
         result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
-        result["torch_rounds_images_per_s"] = [FLAGS.batch_size / statistics.median(r)
-                                               for r in rounds["torch"]]
+        result["torch_rounds_images_per_s"] = round_images_per_s(rounds["torch"],
+                                                                 FLAGS.batch_size)
         result["torch_version"] = torch_bench["version"]
         result["torch_threads"] = torch_bench["threads"]
         result["torch_channels_last"] = FLAGS.torch_channels_last
@@ -327,7 +342,8 @@ def main(argv: list[str]) -> None:
                                                         strict=True)]
         lines += [
             f"torch: {result['torch']['images_per_s']:8.1f} img/s (median step "
-            f"{result['torch']['median_step_s'] * 1e3:.0f} ms; per round "
+            f"{result['torch']['median_step_s'] * 1e3:.0f} ms, CPU "
+            f"{result['torch']['median_cpu_s_per_step']:.2f} s/step; per round "
             f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}; torch "
             f"{torch_bench['version']}, {torch_bench['threads']} threads)",
             f"ratio jax/torch: {result['ratio']:.2f}x (per round "
