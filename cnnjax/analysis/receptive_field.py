@@ -219,8 +219,8 @@ def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
     for d in range(len(present[0])):
         field, misaligned = union([i[d] for i in present])
         if misaligned:
-            starts = sorted({f.start for i in present for f in [i[d]]})
-            jumps = sorted({f.jump for i in present for f in [i[d]]})
+            starts = sorted({float(i[d].start) for i in present})
+            jumps = sorted({float(i[d].jump) for i in present})
             notes.append(
                 f"{where}: paths merged on spatial axis {d} are misaligned "
                 f"(starts {starts}, jumps {jumps}); the union of their fields is reported"
@@ -485,6 +485,9 @@ def propagate(
         axis = params.get("axis", params.get("dimension"))
         rules = {a: (a, None) for a in range(ndim) if a != axis}
         return finish([_apply(first, rules)] * n_out)
+    if prim in {"scan", "while", "cond"}:  # opaque control flow: assume every position mixes
+        notes.append(f"{where}: control flow '{prim}' treated as mixing all positions")
+        return finish([_globalize(in_infos)] * n_out)
     same_shape = all(
         tuple(in_shapes[k]) == tuple(out_shapes[0]) for k, i in enumerate(in_infos) if i is not None
     ) and all(tuple(s) == tuple(out_shapes[0]) for s in out_shapes)

@@ -350,7 +350,7 @@ class _Grouper:
                     self.info[o] = None
                     self.deps[o] = (deps_p, deps_e)
                 continue
-            where = self._owner_path(e.calls) + f" ({e.prim})"
+            where = f"{self._owner_path(e.calls) or 'top level'} ({e.prim})"
             out_infos = propagate(
                 e.prim, e.params, in_infos, [t.avals[i].shape for i in e.inputs],
                 [t.avals[o].shape for o in e.outputs], self.notes, where,

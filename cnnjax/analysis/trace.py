@@ -39,7 +39,7 @@ _TOKEN_RE = re.compile(_TOKEN + r"(\d+)")
 INLINED = frozenset(
     [
         "jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-        "custom_vjp_call_jaxpr", "checkpoint", "remat", "named_call"
+        "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "named_call",
     ]
 )
 FUNCTION_CALLS = frozenset({"jit", "pjit"})  # inlined calls that may form a row of their own
@@ -50,6 +50,7 @@ TRANSCENDENTAL = frozenset(
         "erfc", "erf_inv", "lgamma", "digamma"
     ]
 )
+CONTROL_FLOW = frozenset({"scan", "cond", "while"})
 FREE = frozenset(
     ["convert_element_type", "copy", "copy_p", "reduce_precision", "real", "imag", "stop_gradient"]
 )
@@ -120,7 +121,6 @@ def eqn_cost(
     if prim == "conv_general_dilated":
         lhs, rhs, out = (tuple(a.shape) for a in (in_avals[0], in_avals[1], out_avals[0]))
         lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-        groups = params["feature_group_count"] * params["batch_group_count"]
         per_tap = out[out_spec[1]] * lhs[lhs_spec[1]] // params["feature_group_count"]
         batch = out[out_spec[0]]
         kernel = [rhs[a] for a in rhs_spec[2:]]
@@ -131,7 +131,6 @@ def eqn_cost(
                 lhs[lhs_spec[2 + i]], k, params["window_strides"][i], params["padding"][i][0],
                 params["rhs_dilation"][i], params["lhs_dilation"][i], out[out_spec[2 + i]],
             )
-        del groups
         return 2 * batch * per_tap * taps, macs
     if prim == "dot_general":
         (lc, _), _ = params["dimension_numbers"]
@@ -153,7 +152,37 @@ def eqn_cost(
         return _size(in_avals[0].shape) - out_size, 0
     if prim in CUMULATIVE:
         return out_size, 0
+    if prim in CONTROL_FLOW:
+        return _control_flow_cost(prim, params)
     return 0, 0
+
+
+def _jaxpr_cost(jaxpr: Any) -> tuple[int, int]:
+    """Total (flops, macs) of a (closed) jaxpr, recursing into calls."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    flops = macs = 0
+    for eqn in jaxpr.eqns:
+        sub = _Flattener._sub_jaxpr(eqn)
+        if sub is not None:
+            f, m = _jaxpr_cost(sub[0])
+        else:
+            f, m = eqn_cost(eqn.primitive.name, eqn.params, [v.aval for v in eqn.invars],
+                            [v.aval for v in eqn.outvars])
+        flops, macs = flops + f, macs + m
+    return flops, macs
+
+
+def _control_flow_cost(prim: str, params: dict[str, Any]) -> tuple[int, int]:
+    """`scan`: body x length; `cond`: the costliest branch; `while`: one body iteration (the trip
+    count is not static)."""
+    if prim == "scan":
+        f, m = _jaxpr_cost(params["jaxpr"])
+        return f * params["length"], m * params["length"]
+    if prim == "cond":
+        return max((_jaxpr_cost(b) for b in params["branches"]), default=(0, 0))
+    f, m = _jaxpr_cost(params["body_jaxpr"])
+    c, _ = _jaxpr_cost(params["cond_jaxpr"])
+    return f + c, m
 
 
 def _call_ids(eqn: Any) -> tuple[int, ...]:
@@ -181,7 +210,7 @@ class _Flattener:
         self, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int], path: tuple[int, ...]
     ) -> list[int]:
         env: dict[Any, int] = {}
-        for v in jaxpr.constvars:
+        for v in jaxpr.constvars:  # constants are never activations: only their shapes matter
             env[v] = self.new(v.aval)
         del consts
         for v, i in zip(jaxpr.invars, in_ids, strict=True):

@@ -298,3 +298,34 @@ def test_cli_model_loading_errors():
         _parse_shape("0,4,3")
     model, shape = load_model("examples.residual_net", num_classes=3)
     assert shape == (16, 16, 3) and model.num_classes == 3
+
+
+@jax.custom_vjp
+def _relu_straight_through(x):
+    return jnp.maximum(x, 0.0)
+
+
+_relu_straight_through.defvjp(lambda x: (jnp.maximum(x, 0.0), None), lambda _, g: (g,))
+
+
+def test_sees_through_remat_custom_vjp_checkpoint_and_scan():
+    class Tricky(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.remat(nn.Conv)(4, (3, 3), padding=1, name="conv")(x)
+            x = _relu_straight_through(x)  # custom_vjp: folded into the conv row
+            x, _ = jax.lax.scan(lambda c, _: (c * 0.5 + 1.0, None), x, None, length=3)
+            return jax.checkpoint(lambda y: nn.max_pool(y, (2, 2), (2, 2)))(x)
+
+    result = summary(Tricky(), (8, 8, 2))
+    assert [r.type for r in result.rows][1:] == ["scan", "max_pool"]
+    conv, scan, pool = result.rows
+    assert conv.name == "conv" and conv.params == 4 * (2 * 9 + 1)
+    # conv: 2*4*2*taps (taps = 22*22 real-data pairs for 8 px, k3, p1) + bias + ReLU.
+    assert conv.flops == 2 * 4 * 2 * 22 * 22 + 2 * 8 * 8 * 4
+    assert conv.field.size == (3, 3)
+    assert scan.flops == 3 * 2 * 8 * 8 * 4  # 3 iterations of a multiply and an add
+    assert pool.output_shape == (1, 4, 4, 4) and pool.flops == 4 * 4 * 4 * 3
+    # A scan is opaque to the field analysis: treated (conservatively) as mixing all 8 positions
+    # of the conv's 3-wide fields: 3 + (8 - 1) * 1 = 10, with a note.
+    assert scan.field.size == (10, 10) and any("'scan'" in n for n in result.notes)
