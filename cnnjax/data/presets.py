@@ -3,7 +3,8 @@
 A preset tells the pipeline what a dataset is and how it is usually fed to a CNN, so a config only
 names the dataset. Normalization statistics are per channel on the [0, 1] pixel scale:
 MNIST/Fashion-MNIST/CIFAR values are the usual published training-set statistics, ImageNet's are
-the torchvision/Caffe values, and `digits`' are computed from its train split (see the test).
+the torchvision/Caffe values; those of cnnjax's offline `digits` and `shapes` are computed from
+their train splits (the tests recompute them).
 
 Transforms:
 - train augmentation `"none"`: resize to `image_size` when it differs from the native size.
@@ -80,6 +81,12 @@ PRESETS: dict[str, DatasetPreset] = {
             name="digits", tfds_name="digits", num_classes=10, image_shape=(8, 8, 1),
             train_split="train", eval_split="test", mean=(0.3058,), std=(0.3764,),
             shuffle_buffer=2048, local_builder=True,
+        ),
+        DatasetPreset(
+            name="shapes", tfds_name="shapes", num_classes=4, image_shape=(32, 32, 3),
+            train_split="train", eval_split="test",
+            mean=(0.5091, 0.5090, 0.5003), std=(0.2855, 0.2891, 0.2870),
+            train_augmentation="pad_crop_flip", shuffle_buffer=2048, local_builder=True,
         ),
         DatasetPreset(
             name="mnist", tfds_name="mnist", num_classes=10, image_shape=(28, 28, 1),

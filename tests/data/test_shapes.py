@@ -1,0 +1,86 @@
+"""The offline synthetic `shapes` builder: sizes, balance, fidelity, geometry, pipeline use."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cnnjax.data.builders import Shapes
+from cnnjax.data.builders import shapes as shapes_lib
+from cnnjax.data.pipeline import default_data_config, get_dataset_info, train_batches
+from cnnjax.data.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def shapes_config(tmp_path_factory):
+    config = default_data_config("shapes")
+    config.data_dir = str(tmp_path_factory.mktemp("tfds_shapes"))
+    return config
+
+
+@pytest.fixture(scope="module")
+def splits(shapes_config):
+    get_dataset_info(shapes_config)  # generated on first use
+    builder = tfds.builder("shapes", data_dir=shapes_config.data_dir)
+    return {split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+            for split in ("train", "test")}
+
+
+def test_registered_and_described(shapes_config, splits):
+    assert tfds.builder_cls("shapes") is Shapes
+    info = get_dataset_info(shapes_config)
+    assert (info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
+        4, (32, 32, 3), 2000, 400)
+
+
+def test_balanced_classes_and_one_box_per_image(splits):
+    for split, per_class in (("train", 500), ("test", 100)):
+        np.testing.assert_array_equal(np.bincount(splits[split]["label"]), [per_class] * 4)
+        boxes = splits[split]["objects"]["bbox"]
+        assert boxes.shape == (4 * per_class, 1, 4)
+        np.testing.assert_array_equal(splits[split]["objects"]["label"][:, 0],
+                                      splits[split]["label"])
+
+
+def test_stored_images_are_the_generated_ones(splits):
+    generated = {e["image"].tobytes(): e["label"] for _, e in shapes_lib.generate("test")}
+    stored = splits["test"]
+    assert len(generated) == 400
+    for image, label in zip(stored["image"], stored["label"], strict=True):
+        assert generated[image.tobytes()] == label
+    again = [e["image"] for _, e in shapes_lib.generate("test")]  # reproducible generation
+    assert {a.tobytes() for a in again} == set(generated)
+
+
+def test_shape_geometry_matches_box_and_class_area(splits):
+    # Independent check: classify pixels by their nearest colour (shape vs background), then
+    # compare the shape's pixel area with the analytic area of the class for the stored box.
+    area_per_box = {0: np.pi / 4, 1: 1.0, 2: 0.5, 3: 5 / 9}  # circle, square, triangle, cross
+    test = splits["test"]
+    for image, label, box in zip(test["image"], test["label"], test["objects"]["bbox"][:, 0],
+                                 strict=True):
+        pixels = image.astype(np.float64)
+        ymin, xmin, ymax, xmax = box * 32
+        cy, cx = int((ymin + ymax) / 2), int((xmin + xmax) / 2)
+        foreground = pixels[cy, cx]
+        yy, xx = np.mgrid[0:32, 0:32] + 0.5
+        outside = (yy < ymin - 1) | (yy > ymax + 1) | (xx < xmin - 1) | (xx > xmax + 1)
+        background = np.median(pixels[outside], axis=0)
+        is_shape = (np.abs(pixels - foreground).sum(-1) < np.abs(pixels - background).sum(-1))
+        assert not is_shape[outside].any()  # nothing drawn outside the box
+        expected = area_per_box[int(label)] * (ymax - ymin) * (xmax - xmin)
+        assert abs(is_shape.sum() - expected) <= 0.2 * expected + 4
+
+
+def test_preset_statistics_match_train_split(splits):
+    pixels = splits["train"]["image"].astype(np.float64) / 255.0
+    preset = get_preset("shapes")
+    np.testing.assert_allclose(pixels.mean(axis=(0, 1, 2)), preset.mean, atol=1e-4)
+    np.testing.assert_allclose(pixels.std(axis=(0, 1, 2)), preset.std, atol=1e-4)
+
+
+def test_pipeline_batches(shapes_config, splits):
+    batch = next(train_batches(shapes_config, global_batch_size=16, num_devices=2, seed=0))
+    assert batch["image"].shape == (2, 8, 32, 32, 3)
+    assert batch["label"].max() < 4
