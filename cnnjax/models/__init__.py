@@ -12,5 +12,9 @@ from cnnjax.models import nin  # noqa: E402,F401  (Network in Network)
 from cnnjax.models import resnet  # noqa: E402,F401  (ResNet-18..152)
 from cnnjax.models import resnet_cifar  # noqa: E402,F401  (CIFAR ResNets, plain nets)
 from cnnjax.models import vgg  # noqa: E402,F401  (VGG-11..19, _bn)
+from cnnjax.models import fcn  # noqa: E402,F401  (FCN-32s/16s/8s)
+from cnnjax.models.heads import replace_head  # noqa: E402
 
-__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]
+__all__ = [
+    "ModelInfo", "create_model", "list_models", "model_info", "register_model", "replace_head",
+]

@@ -1,0 +1,242 @@
+"""Fully convolutional networks FCN-32s/16s/8s (Long, Shelhamer, Darrell 2015).
+
+A classification backbone is "convolutionalized" and scores every position; transposed
+convolutions upsample the coarse scores back to the input resolution, fusing (8s, 16s) the finer
+scores of earlier pooling stages on the way.
+
+- VGG-16 backbone: the `VGGFeatures` trunk of `cnnjax.models.vgg` (same parameter names), then
+  `fc6` as a 7x7 convolution with 4096 filters and `fc7` as a 1x1 convolution with 4096 filters
+  (ReLU + dropout after each), then the class-scoring 1x1 convolution `head` (Caffe's
+  `score_fr`). Their kernels have exactly the shapes of VGG-16's dense `fc6`/`fc7` kernels
+  reshaped, so ImageNet VGG-16 weights load with `fcn_params_from_vgg16`.
+- ResNet backbones: `ResNet(features_only=True)` (same parameter names as the classifier, under
+  `backbone`); the global-average-pool + linear classifier convolutionalized is a 1x1 `head` on
+  stage4 (no fc6/fc7). pool3/pool4/pool5 are stage2/stage3/stage4 (strides 8/16/32).
+- Skips: `score_pool4` / `score_pool3` 1x1 convolutions (zero-initialized, as in the paper, so
+  training starts from the coarser net's prediction); `upscore2`, `upscore_pool4` are learned 2x
+  `ConvTranspose2D`s initialized to bilinear interpolation; the final 32x/16x/8x upsampling is
+  fixed bilinear interpolation as in the paper (`learn_final_upsample=True` makes it learned).
+
+Input sizes. The original pads the input by 100 pixels and crops the upsampled scores with
+per-layer offsets, so that fc6's 7x7 VALID convolution fits any image. This module instead pads
+the input at the bottom/right with zeros to the next multiple of the output stride (32), runs
+fc6 with SAME padding (3), so every stride-s map is exactly `H_pad/s` and each 2x/8x/16x/32x
+transposed convolution (kernel 2s, padding s/2) produces exactly `s` times its input, aligned
+pixel-for-pixel with the finer skip maps; the final scores are cropped back to `H x W`. Any input
+of at least one pixel works, the output is `[N, H, W, num_classes]` (float32). With inputs
+normalized to zero mean, zero padding is padding with the mean colour.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cnnjax.layers.conv import Conv2D, ConvTranspose2D, bilinear_kernel_1d, bilinear_upsample_init
+from cnnjax.models.registry import register_model
+from cnnjax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
+from cnnjax.models.vgg import VGG_CONFIGS, VGGFeatures, check_dropout_rate
+from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int
+
+Array = Any
+
+_PAPER = (
+    "Long, Shelhamer, Darrell 2015, Fully Convolutional Networks for Semantic Segmentation (CVPR)"
+)
+
+#: ResNet backbones by name; each gives {stem, stage1..stage4} at strides 2, 4, 8, 16, 32.
+RESNET_BACKBONES = {
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "resnet101": ResNet101,
+    "resnet152": ResNet152,
+}
+BACKBONES = ("vgg16", *RESNET_BACKBONES)
+OUTPUT_STRIDE = 32
+
+
+def _upsample_geometry(factor: int) -> tuple[int, int]:
+    """Kernel size and padding of an exact `factor`x bilinear transposed convolution."""
+    return 2 * factor - factor % 2, math.ceil((factor - 1) / 2)
+
+
+def bilinear_upsample(x: Array, factor: int) -> Array:
+    """Fixed (parameter-free) bilinear upsampling by an integer `factor`, each channel alone.
+
+    The transposed convolution FCN uses, with the bilinear kernel of
+    `cnnjax.layers.conv.bilinear_upsample_init`: output `factor * n`, half-pixel aligned.
+    """
+    k, p = _upsample_geometry(factor)
+    channels = x.shape[-1]
+    filt = np.outer(bilinear_kernel_1d(k), bilinear_kernel_1d(k))
+    kernel = jnp.asarray(np.broadcast_to(filt[:, :, None, None], (k, k, 1, channels)), x.dtype)
+    return lax.conv_general_dilated(
+        x,
+        kernel[::-1, ::-1],
+        window_strides=(1, 1),
+        padding=[(k - 1 - p, k - 1 - p)] * 2,
+        lhs_dilation=(factor, factor),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+    )
+
+
+class FCN(nn.Module):
+    """FCN-`variant`s (32, 16 or 8) on a `backbone` (`"vgg16"` or `"resnet18"`..`"resnet152"`).
+
+    `__call__(x, train=False, return_features=False)` returns scores `[N, H, W, num_classes]`
+    (float32) for an NHWC input of any size, or `(scores, features)` where `features` holds the
+    backbone's maps (VGG: `block1`..`block5`, `fc7`; ResNet: `stem`, `stage1`..`stage4`) and the
+    coarse `score` map (stride 32).
+    """
+
+    num_classes: int = 21
+    variant: int = 8
+    backbone: str = "vgg16"
+    dropout_rate: float = 0.5
+    learn_final_upsample: bool = False
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_classes", self.num_classes)
+        check_choice(owner, "variant", self.variant, (32, 16, 8))
+        check_choice(owner, "backbone", self.backbone, BACKBONES)
+        check_dropout_rate(owner, self.dropout_rate)
+        super().__post_init__()
+
+    def _backbone(self, x: Array, train: bool) -> tuple[dict[str, Array], tuple[Array, ...]]:
+        """Backbone maps and the (pool3, pool4, stride-32 map) triple the FCN head consumes."""
+        if self.backbone == "vgg16":
+            feats = VGGFeatures(
+                stages=VGG_CONFIGS[16], dtype=self.dtype, axis_name=self.axis_name, name="features"
+            )(x, train)
+            y = feats["block5"]
+            for name, kernel in (("fc6", 7), ("fc7", 1)):
+                y = Conv2D(4096, kernel, padding=kernel // 2, dtype=self.dtype, name=name)(y)
+                y = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(y))
+            feats["fc7"] = y
+            return feats, (feats["block3"], feats["block4"], y)
+        feats = RESNET_BACKBONES[self.backbone](
+            num_classes=1,
+            features_only=True,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
+            name="backbone",
+        )(x, train)
+        return feats, (feats["stage2"], feats["stage3"], feats["stage4"])
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        check_nhwc(type(self).__name__, x)
+        _, h, w, _ = x.shape
+        pad_h, pad_w = (-h) % OUTPUT_STRIDE, (-w) % OUTPUT_STRIDE
+        x = jnp.pad(jnp.asarray(x, self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        feats, (pool3, pool4, top) = self._backbone(x, train)
+
+        score_conv = functools.partial(
+            Conv2D, self.num_classes, 1, dtype=self.dtype, kernel_init=nn.initializers.zeros
+        )
+        up2 = functools.partial(
+            ConvTranspose2D,
+            self.num_classes,
+            4,
+            strides=2,
+            padding=1,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=bilinear_upsample_init,
+        )
+        score = score_conv(name="head")(top)
+        feats["score"] = score
+        if self.variant <= 16:
+            score = up2(name="upscore2")(score) + score_conv(name="score_pool4")(pool4)
+        if self.variant == 8:
+            score = up2(name="upscore_pool4")(score) + score_conv(name="score_pool3")(pool3)
+
+        factor = self.variant
+        if self.learn_final_upsample:
+            k, p = _upsample_geometry(factor)
+            score = ConvTranspose2D(
+                self.num_classes,
+                k,
+                strides=factor,
+                padding=p,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=bilinear_upsample_init,
+                name="upscore_final",
+            )(score)
+        else:
+            score = bilinear_upsample(score, factor)
+        out = jnp.asarray(score[:, :h, :w, :], jnp.float32)
+        return (out, feats) if return_features else out
+
+
+def fcn_params_from_vgg16(vgg_params: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps a VGG-16 classifier's params (`cnnjax.models.vgg.vgg16`) to an FCN-VGG16's backbone.
+
+    Returns `{"features", "fc6", "fc7"}` with fc6's dense kernel (25088, 4096) reshaped to the
+    7x7x512x4096 convolution kernel (the dense kernel's rows index the pool5 map in (h, w, c)
+    order) and fc7's to 1x1x4096x4096; merge it into an initialized FCN's params, keeping the
+    freshly initialized score and upsampling layers.
+    """
+    fc6, fc7 = vgg_params["fc6"], vgg_params["fc7"]
+    return {
+        "features": vgg_params["features"],
+        "fc6": {"kernel": jnp.reshape(fc6["kernel"], (7, 7, 512, -1)), "bias": fc6["bias"]},
+        "fc7": {
+            "kernel": jnp.reshape(fc7["kernel"], (1, 1, *fc7["kernel"].shape)),
+            "bias": fc7["bias"],
+        },
+    }
+
+
+_REGISTER = functools.partial(
+    register_model, input_shape=(224, 224, 3), min_input_size=32, num_classes=21, paper=_PAPER
+)
+
+
+@_REGISTER("fcn32s_vgg16")
+def fcn32s_vgg16(**kwargs: Any) -> FCN:
+    """FCN-32s on VGG-16: scores at stride 32, upsampled 32x (21 classes: PASCAL VOC)."""
+    return FCN(variant=32, backbone="vgg16", **kwargs)
+
+
+@_REGISTER("fcn16s_vgg16")
+def fcn16s_vgg16(**kwargs: Any) -> FCN:
+    """FCN-16s on VGG-16: stride-32 scores fused with pool4's, upsampled 16x."""
+    return FCN(variant=16, backbone="vgg16", **kwargs)
+
+
+@_REGISTER("fcn8s_vgg16")
+def fcn8s_vgg16(**kwargs: Any) -> FCN:
+    """FCN-8s on VGG-16: fused with pool4's and pool3's scores, upsampled 8x."""
+    return FCN(variant=8, backbone="vgg16", **kwargs)
+
+
+@_REGISTER("fcn32s_resnet18")
+def fcn32s_resnet18(**kwargs: Any) -> FCN:
+    """FCN-32s on ResNet-18 (a small FCN for quick experiments)."""
+    return FCN(variant=32, backbone="resnet18", **kwargs)
+
+
+@_REGISTER("fcn8s_resnet18")
+def fcn8s_resnet18(**kwargs: Any) -> FCN:
+    """FCN-8s on ResNet-18 (skips from stage2 and stage3)."""
+    return FCN(variant=8, backbone="resnet18", **kwargs)
+
+
+@_REGISTER("fcn8s_resnet50")
+def fcn8s_resnet50(**kwargs: Any) -> FCN:
+    """FCN-8s on ResNet-50 (skips from stage2 and stage3)."""
+    return FCN(variant=8, backbone="resnet50", **kwargs)

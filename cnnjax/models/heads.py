@@ -1,0 +1,151 @@
+"""Transfer learning: swap a model's classifier for a new number of classes, freeze the rest.
+
+Every cnnjax classification model names its final classifier `head` and has a `num_classes`
+field, so `replace_head` works for all of them: it clones the model with the new `num_classes`,
+re-initializes `head` with the model's own initializer, and copies every other parameter and all
+BatchNorm statistics unchanged. Layers whose shapes depend on `num_classes` outside `head` (FCN's
+skip-score and upsampling layers) are re-initialized too. `trainable_mask` / `freeze_backbone`
+then restrict training to the new head (linear probing) or leave everything trainable
+(fine-tuning).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.core import unfreeze
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from cnnjax.models.registry import list_models, model_info
+from cnnjax.utils.validation import check_positive_int, invalid
+
+Array = Any
+
+#: Top-level parameter names that belong to the task head: the classifier `head` of every model
+#: and FCN's class-dependent skip-score and upsampling layers.
+HEAD_MODULES = ("head", "score_pool4", "score_pool3", "upscore2", "upscore_pool4", "upscore_final")
+
+
+def _native_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """The registered native input (H, W, C) of the first registry entry building `type(model)`."""
+    for info in map(model_info, list_models()):
+        try:
+            built = info.factory(num_classes=info.num_classes)
+        except (TypeError, ValueError):  # a factory that cannot be built this way: skip it
+            continue
+        if type(built) is type(model):
+            return info.input_shape
+    raise invalid(
+        "replace_head",
+        "model",
+        type(model).__name__,
+        "no registered model builds this class; pass sample_input",
+    )
+
+
+def _shapes(tree: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flatten_dict(unfreeze(tree)).items()}
+
+
+def replace_head(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    num_classes: int,
+    rng: Array,
+    sample_input: Array | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Returns `(new_model, new_variables)` for `num_classes` outputs.
+
+    `new_model` is `model.clone(num_classes=num_classes)`. In `new_variables` the `head` submodule
+    (and any other leaf whose shape depends on `num_classes`) is freshly initialized from `rng`
+    with the model's own initializers; every other leaf of every collection is the same array as
+    in `variables`. `sample_input` is an input the model accepts (only its shape matters); by
+    default a single zero image at the model's registered native input shape.
+
+    Raises ValueError if `num_classes` is not a positive int, if `variables` has no `head`, or
+    if `variables` does not fit `model` at the sample input's shape.
+    """
+    check_positive_int("replace_head", "num_classes", num_classes)
+    if not hasattr(model, "num_classes"):
+        raise invalid("replace_head", "model", type(model).__name__, "expected a num_classes field")
+    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+    if "head" not in params:
+        raise invalid(
+            "replace_head",
+            "variables",
+            f"params keys {sorted(params)}",
+            "expected a 'head' submodule (the final classifier) in variables['params']",
+        )
+    if sample_input is None:
+        sample_input = jnp.zeros((1, *_native_input_shape(model)), jnp.float32)
+
+    new_model = model.clone(num_classes=num_classes)
+    old_shapes = _shapes(variables)
+    same_shapes = _shapes(jax.eval_shape(model.init, rng, sample_input))
+    if same_shapes != old_shapes:
+        raise invalid(
+            "replace_head",
+            "variables",
+            type(model).__name__,
+            f"they do not match the model at input shape {tuple(sample_input.shape)}; pass the "
+            "sample_input the model was initialized with",
+        )
+    new_shapes = _shapes(jax.eval_shape(new_model.init, rng, sample_input))
+    fresh_keys = sorted(
+        k
+        for k, shape in new_shapes.items()
+        if (k[0] == "params" and k[1] == "head") or shape != old_shapes[k]
+    )
+
+    # Only the fresh leaves are outputs, so XLA prunes the initialization of everything else.
+    def init_fresh(key: Array) -> list[Array]:
+        flat = flatten_dict(unfreeze(new_model.init(key, sample_input)))
+        return [flat[k] for k in fresh_keys]
+
+    fresh = dict(zip(fresh_keys, jax.jit(init_fresh)(rng), strict=True))
+    flat_old = flatten_dict(unfreeze(variables))
+    new_flat = {k: fresh.get(k, flat_old[k]) for k in new_shapes}
+    return new_model, unflatten_dict(new_flat)
+
+
+def trainable_mask(
+    params: Mapping[str, Any],
+    train_backbone: bool = False,
+    head_names: Sequence[str] = HEAD_MODULES,
+) -> Any:
+    """A pytree of bools like `params`: True for leaves to train.
+
+    With `train_backbone=False` only the top-level submodules named in `head_names` (the
+    classifier `head`; FCN's score/upsampling layers) are trainable; with True every leaf is.
+    Use it as an optax mask (`optax.masked`) or through `freeze_backbone`.
+    """
+    if not train_backbone and not any(name in params for name in head_names):
+        raise invalid(
+            "trainable_mask",
+            "params",
+            f"top-level keys {sorted(params)}",
+            f"expected at least one head submodule among {list(head_names)}",
+        )
+    flat = flatten_dict(unfreeze(params))
+    mask = {k: bool(train_backbone or k[0] in head_names) for k in flat}
+    return unflatten_dict(mask)
+
+
+def freeze_backbone(
+    tx: optax.GradientTransformation,
+    params: Mapping[str, Any],
+    head_names: Sequence[str] = HEAD_MODULES,
+) -> optax.GradientTransformation:
+    """Wraps `tx` so only the head is updated; backbone updates are exactly zero.
+
+    (Backbone BatchNorm statistics still update in `train=True` mode; evaluate the backbone with
+    `train=False` or keep the old `batch_stats` to freeze those too.)
+    """
+    mask = trainable_mask(params, train_backbone=False, head_names=head_names)
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
