@@ -11,8 +11,12 @@ stride s, left padding p and dilation d maps (r, j, start) to
 `propagate` applies these rules to every primitive of a traced jaxpr (see `summary`), so layers
 written as plain functions count as much as Flax modules. Where paths merge (residual add,
 concatenation) the field is the union of the paths' fields, i.e. the maximum when their centres
-align; misaligned merges are reported. Upsampling (input dilation, as in transposed convolutions)
-is treated as a fractional stride j / l, which makes the size an upper bound there.
+align; misaligned merges are reported.
+
+Upsampling (input dilation l, as in transposed convolutions) puts l - 1 zeros between inputs, so
+different outputs see different numbers of real inputs. The size is then the exact maximum over
+output phases, the jump the fractional j * s / l and the start the phase-averaged centre; the grid
+is no longer uniform, so the sizes of later layers are upper bounds (a note says so).
 """
 
 from __future__ import annotations
@@ -85,14 +89,31 @@ def windowed(
     """The Araujo et al. recurrence for one window op (convolution, pooling, pad, slice)."""
     jump = f.jump / input_dilation
     span = dilation * (kernel - 1)
+    if input_dilation > 1:
+        size = f.size + _dilated_span(kernel, stride, pad_before, dilation, input_dilation) * abs(
+            f.jump)
+    else:
+        size = f.size + span * abs(jump)
     return AxisField(
-        size=f.size + span * abs(jump),
+        size=size,
         jump=jump * stride,
         start=f.start + (span / 2 - pad_before) * jump,
         axis=out_axis,
         count=out_count,
         exclusive=True,
     )
+
+
+def _dilated_span(kernel: int, stride: int, pad_before: int, dilation: int, lhs: int) -> int:
+    """Largest distance, in input positions, between real inputs one output sees when the input
+    is dilated by `lhs` (maximum over the `lhs` output phases; image borders ignored)."""
+    best = 0
+    for o in range(lhs):
+        taps = (o * stride + t * dilation - pad_before for t in range(kernel))
+        real = [q // lhs for q in taps if q % lhs == 0]
+        if real:
+            best = max(best, max(real) - min(real))
+    return best
 
 
 def collapse(f: AxisField) -> AxisField:
@@ -402,8 +423,8 @@ def propagate(
         for i, (a, o) in enumerate(zip(lhs_spec[2:], out_spec[2:], strict=True)):
             lhs_dilation = params["lhs_dilation"][i]
             if lhs_dilation > 1:
-                notes.append(f"{where}: input dilation {lhs_dilation} (transposed convolution); "
-                             "the field size is an upper bound")
+                notes.append(f"{where}: input dilation {lhs_dilation} (transposed convolution) "
+                             "makes the grid non-uniform; later field sizes are upper bounds")
             rules[a] = (o, (in_shapes[1][rhs_spec[2 + i]], params["window_strides"][i],
                             params["padding"][i][0], params["rhs_dilation"][i], lhs_dilation))
         return finish([also_global(_apply(in_infos[0], rules), in_infos[1:])])

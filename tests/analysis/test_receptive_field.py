@@ -120,6 +120,28 @@ def test_misaligned_paths_union_matches_gradient():
     assert rows == cols == (4, 8)
 
 
+@pytest.mark.parametrize(("kernel", "stride", "expected"),
+                         [(2, 2, 1), (3, 2, 2), (4, 2, 2), (5, 2, 3), (3, 3, 1), (4, 1, 4)])
+def test_transposed_conv_field_is_max_over_output_phases(kernel, stride, expected):
+    """A k-tap transposed conv with stride s spreads each input over k outputs, so an output sees
+    ceil(k/s) or floor(k/s) inputs depending on its phase: the field is the larger count."""
+    model = nn.ConvTranspose(1, (kernel, kernel), strides=(stride, stride), padding="VALID",
+                             use_bias=False, kernel_init=ONES)
+    shape = (9, 9, 1)
+    result = summary(model, shape)
+    assert result.receptive_field.size == (expected, expected)
+    assert result.receptive_field.jump == (1 / stride,) * 2
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    fn = lambda x: model.apply(variables, x)
+    jac = np.asarray(jax.jacrev(fn)(x))[0, :, :, 0, 0, :, :, 0]  # (out_h, out_w, in_h, in_w)
+    widths = []
+    for o in range(kernel, jac.shape[0] - kernel):  # interior outputs, all phases
+        rows = np.nonzero(jac[o, o].sum(axis=1))[0]
+        widths.append(rows.max() - rows.min() + 1)
+    assert max(widths) == expected
+
+
 def test_alexnet_like_final_field():
     # pool5 (r=195, j=32, start=33) then a dense layer over the 2x2 map: 195 + 32 = 227,
     # centred between the two positions: 33 + 16 = 49.

@@ -188,6 +188,9 @@ def test_plain_function_layers_are_rows():
     # zero pad 1: start .5 - 2 = -1.5; 3x3/2 VALID: 4 + 2*2 = 8, j 4, start -1.5 + 1*2 = .5.
     assert [r.field.size[0] for r in rows[1:5]] == [3, 4, 4, 8]
     assert rows[4].field == ((8, 8), (4, 4), (0.5, 0.5))
+    # 2x2 stride-2 transposed conv: every output sees exactly one input -> size stays 8; the
+    # jump halves to 2 and the phase-averaged centre moves by (0.5 - 1) * 2 = -1.
+    assert rows[5].field == ((8, 8), (2, 2), (-0.5, -0.5))
     assert any("transposed" in n for n in result.notes)
 
 
