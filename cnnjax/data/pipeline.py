@@ -318,7 +318,9 @@ class _FakeSource(_Source):
         self.name = "fake"
         self.num_classes = spec.fake_num_classes
         self.native_shape = spec.fake_image_shape
-        self._sizes = {spec.train_split: spec.fake_num_train, spec.eval_split: spec.fake_num_eval}
+        preset = spec.preset
+        self._sizes = {preset.train_split: spec.fake_num_train,
+                       preset.eval_split: spec.fake_num_eval}
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _bounds(self, split: str, shard: tuple[int, int]) -> tuple[int, int]:

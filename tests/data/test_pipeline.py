@@ -220,6 +220,24 @@ def test_config_field_errors(digits_config):
             get_dataset_info, digits_config(eval_split="validation"))
 
 
+def test_config_type_and_name_errors(digits_dir):
+    _expect(r"data: config='digits' is invalid; expected an ml_collections ConfigDict",
+            get_dataset_info, "digits")
+    _expect(r"data: data_dir=5 is invalid; expected a non-empty string or None",
+            get_dataset_info, ml_collections.ConfigDict({"name": "digits", "data_dir": 5}))
+    _expect(r"data: tfds_name='no_such_dataset' is invalid; tfds does not know this dataset",
+            get_dataset_info, ml_collections.ConfigDict(
+                {"name": "digits", "data_dir": digits_dir, "tfds_name": "no_such_dataset"}))
+    fake = pipeline.default_data_config("fake")
+    fake.eval_split = "validation"
+    _expect(r"data: split='validation' is invalid; 'fake' has splits \['train', 'test'\]",
+            get_dataset_info, fake)
+    fake = pipeline.default_data_config("fake")
+    fake.fake_num_train = 0
+    _expect(r"data: fake_num_train=0 is invalid; expected a positive integer",
+            get_dataset_info, fake)
+
+
 def test_layout_errors(digits_config):
     config = digits_config()
     _expect(r"data: global_batch_size=10 is invalid; expected a multiple of num_devices \* "
@@ -232,6 +250,8 @@ def test_layout_errors(digits_config):
             train_batches, config, global_batch_size=0, num_devices=1, seed=0)
     _expect(r"data: num_devices=0 is invalid", train_batches, config, global_batch_size=8,
             num_devices=0, seed=0)
+    _expect(r"data: process_count=0 is invalid; expected a positive integer", eval_batches,
+            config, global_batch_size=8, num_devices=1, process_count=0)
     _expect(r"data: process_index=2 is invalid; expected 0 <= process_index < "
             r"process_count=2", train_batches, config, global_batch_size=8, num_devices=1,
             seed=0, process_index=2, process_count=2)

@@ -234,6 +234,16 @@ def test_imagenette_eval_resizes_shorter_side_then_center_crops(tmp_path):
         np.testing.assert_allclose(image, expected, atol=0.15)
 
 
+def test_variable_size_images_need_an_image_size(tmp_path):
+    root = str(tmp_path)
+    _write_metadata(root, "imagenette/320px-v2", {"train": 3, "validation": 3})
+    config = _config("cifar10", root, tfds_name="imagenette/320px-v2", eval_split="validation")
+    with _mock(root, 3), pytest.raises(
+            ValueError, match=r"data: image_size=None is invalid; 'imagenette/320px-v2' has "
+                              r"images of varying size; set data.image_size"):
+        get_dataset_info(config)
+
+
 def test_imagenette_train_random_resized_crop(tmp_path):
     root = str(tmp_path)
     _write_metadata(root, "imagenette/320px-v2", {"train": 8, "validation": 8})
