@@ -1,10 +1,11 @@
 """cnnjax.data: tfds datasets (catalogue and offline builders), presets and tf.data pipelines.
 
-Importing it registers cnnjax's offline tfds builders (`digits`). It imports TensorFlow but does
-not configure it; the pipeline functions hide GPUs from TensorFlow when they first build one.
+Importing it registers cnnjax's offline tfds builders (`digits`, `shapes`). It imports
+TensorFlow but does not configure it; the pipeline functions hide GPUs from TensorFlow when they
+first build one.
 """
 
-from cnnjax.data.builders import Digits
+from cnnjax.data.builders import Digits, Shapes
 from cnnjax.data.pipeline import (
     DatasetInfo,
     DatasetNotPreparedError,
@@ -22,6 +23,7 @@ __all__ = [
     "DatasetNotPreparedError",
     "DatasetPreset",
     "Digits",
+    "Shapes",
     "default_data_config",
     "eval_batches",
     "get_dataset_info",
