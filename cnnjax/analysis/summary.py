@@ -121,9 +121,17 @@ class Summary:
     total_params: int
     notes: list[str]
 
+    def row(self, name: str) -> LayerRow:
+        """The row called `name` (e.g. "block1/conv_a")."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise invalid("Summary.row", "name", name, f"expected one of {[r.name for r in self.rows]}")
+
     @property
     def totals(self) -> dict[str, int]:
-        """Totals: `params` (all parameters of the model), `macs`, `flops`, `activation_bytes`."""
+        """Totals: `params` (all parameters of the model), `macs`, `flops` and `activation_bytes`
+        (sum of the rows' output tensors, the "forward pass size"; not the peak memory)."""
         return {
             "params": self.total_params,
             "macs": sum(r.macs for r in self.rows),

@@ -162,6 +162,9 @@ def test_residual_field_is_max_over_aligned_paths():
     # Global average pool over 8 positions, jump 2: 13 + 7*2 = 27 centred at 7.
     assert rows["global_avg_pool_0"].field == ((27, 27), (2, 2), (7, 7))
     assert not result.notes  # all merges aligned
+    assert result.row("block2/shortcut").params == 16 * (8 + 1)
+    with pytest.raises(ValueError, match=r"Summary.row: name='nope' is invalid; expected one of"):
+        result.row("nope")
 
 
 def test_inception_concat_takes_largest_branch():
