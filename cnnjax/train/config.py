@@ -22,7 +22,7 @@ EVAL_METRICS = ("loss", "top1", "top5")
 RUNTIME_FIELDS = frozenset({
     "restart", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "progress_bar", "parallel", "num_devices", "async_checkpoints", "tensorboard",
-    "eval_batch_size", "data.data_dir", "data.cache", "distributed",
+    "eval_batch_size", "data.data_dir", "data.cache", "distributed", "max_loss",
 })
 
 
@@ -38,6 +38,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: global batch
     c.num_train_steps = 1000
     c.label_smoothing = 0.0
+    # Divergence: a NaN/inf training loss, or one above max_loss (cross-entropy starts near
+    # ln(num_classes) <= 7; 1000 nats means the run has blown up even if tanh/saturation keeps it
+    # finite). None: only NaN/inf count.
+    c.max_loss = ml_collections.FieldReference(1000.0, field_type=float)
     c.compute_dtype = "float32"  # 'bfloat16': mixed precision (params/optimizer stay float32)
     c.parallel = "pmap"  # or 'shard_map'
     c.num_devices = 0  # 0: every local device
@@ -94,6 +98,8 @@ def validate_config(config: Any) -> None:
             config.num_devices < 0):
         raise invalid("config", "num_devices", config.num_devices,
                       "expected 0 (all local devices) or a positive device count")
+    if config.get("max_loss") is not None:
+        check_positive_float("config", "max_loss", config.max_loss)
     if config.get("num_classes") is not None:
         check_positive_int("config", "num_classes", config.num_classes)
 

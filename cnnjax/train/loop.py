@@ -3,7 +3,7 @@
 Sections: validate the config (before any compilation) -> build data, model, optimizer, state ->
 restore the newest checkpoint if the workdir has one (exact resume: state, step and data order) ->
 train with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
-A NaN/inf loss stops the run as "diverged"; any failure is recorded in summary.json before the
+A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; any failure is recorded in summary.json before the
 exception propagates.
 """
 
@@ -42,11 +42,12 @@ DIVERGENCE_HINT = "learning rate too high or bad initialization"
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; `step` is the step whose loss it was."""
 
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, max_loss: float | None = None):
         self.step = step
         self.loss = loss
-        super().__init__(
-            f"Training diverged at step {step}: loss is {loss}; {DIVERGENCE_HINT}.")
+        what = f"loss is {loss}" if not math.isfinite(loss) else (
+            f"loss is {loss:.6g}, above max_loss={max_loss:g}")
+        super().__init__(f"Training diverged at step {step}: {what}; {DIVERGENCE_HINT}.")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
@@ -321,8 +322,9 @@ class _Run:
         """Host side of one finished step: divergence check, lr, progress, periodic train log."""
         host = self.parallel.metrics_to_host(device_metrics)
         loss = float(host["loss"])
-        if not math.isfinite(loss):
-            raise TrainingDivergedError(step, loss)
+        max_loss = self.config.get("max_loss")
+        if not math.isfinite(loss) or (max_loss is not None and loss > max_loss):
+            raise TrainingDivergedError(step, loss, max_loss)
         self.clock.tick()
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))
