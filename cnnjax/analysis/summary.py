@@ -272,7 +272,6 @@ class _Grouper:
         self.claimed_params: set[int] = set()
         self.claimed_eqns: set[int] = set()
         self.call_counts: dict[tuple[str, ...], int] = {}
-        self.call_names: dict[int, str] = {}
         self.atomic = self._atomic_calls()
 
     def _atomic_calls(self) -> set[int]:
