@@ -79,17 +79,19 @@ def test_same_seed_same_batches_other_seed_different(digits_config):
     assert not np.array_equal(a[0]["label"], c[0]["label"])
 
 
-@pytest.mark.parametrize("start_step", [5, STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH,
-                                        2 * STEPS_PER_EPOCH + 3])
-def test_start_step_resumes_exactly(digits_config, start_step):
+def test_start_step_resumes_exactly(digits_config):
+    # Mid-epoch, last step of an epoch (next batch crosses the boundary), first step of an
+    # epoch, and a later epoch.
     config = digits_config(image_size=16)
+    starts = [5, STEPS_PER_EPOCH - 1, STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH + 3]
     fresh = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=7),
-                  start_step + 2)
-    resumed = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=7,
-                                  start_step=start_step), 2)
-    for k in range(2):
-        np.testing.assert_array_equal(resumed[k]["image"], fresh[start_step + k]["image"])
-        np.testing.assert_array_equal(resumed[k]["label"], fresh[start_step + k]["label"])
+                  max(starts) + 2)
+    for start_step in starts:
+        resumed = _take(train_batches(config, global_batch_size=128, num_devices=1, seed=7,
+                                      start_step=start_step), 2)
+        for k in range(2):
+            np.testing.assert_array_equal(resumed[k]["image"], fresh[start_step + k]["image"])
+            np.testing.assert_array_equal(resumed[k]["label"], fresh[start_step + k]["label"])
 
 
 def test_epochs_hold_distinct_examples_and_are_shuffled_differently(digits_config, digits_dir):
