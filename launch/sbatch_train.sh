@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Multi-host data-parallel training under SLURM: one process per node, each driving its local GPUs.
+#
+#   sbatch launch/sbatch_train.sh experiments/configs/resnet50_imagenet.py workdirs/resnet50 \
+#       --config.data.data_dir=/datasets/tfds
+#
+# experiments.train calls jax.distributed.initialize() itself when SLURM_NTASKS > 1 (JAX reads the
+# coordinator address, process count and index from the SLURM environment). Every process reads
+# its own shard of the data; only process 0 writes metrics, plots and summary.json; orbax writes
+# the checkpoints collectively into the shared workdir. Resubmitting the same job resumes.
+#SBATCH --job-name=cnnjax-train
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --requeue
+set -euo pipefail
+
+CONFIG=${1:?usage: sbatch launch/sbatch_train.sh CONFIG WORKDIR [--config.field=value ...]}
+WORKDIR=${2:?usage: sbatch launch/sbatch_train.sh CONFIG WORKDIR [--config.field=value ...]}
+shift 2
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+PYTHON=${PYTHON:-.venv/bin/python}
+
+srun --kill-on-bad-exit=1 "$PYTHON" -m experiments.train \
+  --config="$CONFIG" --workdir="$WORKDIR" "$@"
