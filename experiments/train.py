@@ -26,12 +26,17 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/lenet5_digits.py", "Path to an ml_collections config file.",
-    lock_config=True)
+    "config",
+    "experiments/configs/lenet5_digits.py",
+    "Path to an ml_collections config file.",
+    lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False,
-    "Call jax.distributed.initialize() (multi-host). Automatic under SLURM with >1 task.")
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() (multi-host). Automatic under SLURM with >1 task.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -56,8 +61,12 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
 
-    logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
-                 jax.process_count())
+    logging.info(
+        "JAX devices: %s (process %d of %d)",
+        jax.devices(),
+        jax.process_index(),
+        jax.process_count(),
+    )
     workdir = _WORKDIR.value
     try:
         summary = train_and_evaluate(_CONFIG.value, workdir)

@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: periodic async saves, keep the last k plus the best, resume with fallback.
+"""Checkpoints with orbax: periodic async saves, keep the last k plus the best, resume w/ fallback.
 
 `Checkpointer` owns `<workdir>/checkpoints`. Saves are asynchronous and atomic (orbax writes into a
 temporary directory and renames it when complete), so a process killed mid-save leaves the previous
@@ -35,18 +35,27 @@ class Checkpointer:
       use_async: write in a background thread (training continues meanwhile).
     """
 
-    def __init__(self, workdir: str, *, keep: int = 3, best_metric: str | None = "top1",
-                 best_mode: str = "max", use_async: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        best_metric: str | None = "top1",
+        best_mode: str = "max",
+        use_async: bool = True,
+    ):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         self.best_metric = best_metric
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
-            policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda m: float(m[best_metric]),
-                reverse=best_mode == "min",
-                n=1,
-                keep_checkpoints_without_metrics=False,
-            ))
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: float(m[best_metric]),
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=use_async,
@@ -84,9 +93,11 @@ class Checkpointer:
                 break
             except Exception as err:  # noqa: BLE001 — any read failure means "corrupt", fall back
                 corrupt.append(step)
-                message = (f"Checkpoint at step {step} in {self.directory} could not be restored "
-                           f"({type(err).__name__}: {str(err)[:200]}); falling back to the previous "
-                           f"checkpoint (the unreadable one is moved to {self.quarantine}).")
+                message = (
+                    f"Checkpoint at step {step} in {self.directory} could not be restored "
+                    f"({type(err).__name__}: {str(err)[:200]}); falling back to the previous "
+                    f"checkpoint (the unreadable one is moved to {self.quarantine})."
+                )
                 logging.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         if corrupt:

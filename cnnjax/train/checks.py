@@ -43,15 +43,21 @@ def _interceptor(next_fun, args, kwargs, context):
     except _TooSmallError:
         raise
     except Exception as err:  # noqa: BLE001 — a shape error inside this layer
-        raise _TooSmallError(name, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+        raise _TooSmallError(
+            name, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        ) from err
     shape = _empty_spatial(out)
     if shape is not None:
         raise _TooSmallError(name, f"its output shape would be {shape}")
     return out
 
 
-def check_input_size(model: nn.Module, model_name: str, input_shape: tuple[int, int, int],
-                     min_input_size: int | None = None) -> None:
+def check_input_size(
+    model: nn.Module,
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    min_input_size: int | None = None,
+) -> None:
     """Raises a ValueError naming the layer if `model` cannot run on `input_shape` (H, W, C).
 
     `min_input_size` (from the model registry) is checked first; then the abstract trace finds the
@@ -59,14 +65,22 @@ def check_input_size(model: nn.Module, model_name: str, input_shape: tuple[int, 
     """
     height, width = input_shape[0], input_shape[1]
     if min_input_size is not None and min(height, width) < min_input_size:
-        raise invalid(model_name, "input resolution", f"{height}x{width}",
-                      f"the model needs inputs of at least {min_input_size}x{min_input_size}")
+        raise invalid(
+            model_name,
+            "input resolution",
+            f"{height}x{width}",
+            f"the model needs inputs of at least {min_input_size}x{min_input_size}",
+        )
     dummy = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     try:
         with nn.intercept_methods(_interceptor):
             jax.eval_shape(lambda x: model.init(rngs, x, train=False), dummy)
     except _TooSmallError as err:
-        raise invalid(model_name, "input resolution", f"{height}x{width}",
-                      f"too small: layer {err.layer} fails ({err.detail}); use a larger "
-                      "data.image_size or a model meant for small images") from None
+        raise invalid(
+            model_name,
+            "input resolution",
+            f"{height}x{width}",
+            f"too small: layer {err.layer} fails ({err.detail}); use a larger "
+            "data.image_size or a model meant for small images",
+        ) from None

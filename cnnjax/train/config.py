@@ -19,11 +19,25 @@ PARALLEL_MODES = ("pmap", "shard_map")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_METRICS = ("loss", "top1", "top5")
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
-RUNTIME_FIELDS = frozenset({
-    "restart", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "progress_bar", "parallel", "num_devices", "async_checkpoints", "tensorboard",
-    "eval_batch_size", "data.data_dir", "data.cache", "distributed", "max_loss",
-})
+RUNTIME_FIELDS = frozenset(
+    {
+        "restart",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "progress_bar",
+        "parallel",
+        "num_devices",
+        "async_checkpoints",
+        "tensorboard",
+        "eval_batch_size",
+        "data.data_dir",
+        "data.cache",
+        "distributed",
+        "max_loss",
+    }
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -45,17 +59,37 @@ def default_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"  # 'bfloat16': mixed precision (params/optimizer stay float32)
     c.parallel = "pmap"  # or 'shard_map'
     c.num_devices = 0  # 0: every local device
-    c.optimizer = ml_collections.ConfigDict({
-        "name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "decay": 0.9,
-        "grad_clip_norm": ml_collections.FieldReference(None, field_type=float),
-    })
-    c.schedule = ml_collections.ConfigDict({
-        "name": "cosine", "boundaries": (), "decay_factor": 0.1, "transition_steps": 1000,
-        "decay_rate": 0.1, "staircase": False, "alpha": 0.0, "warmup_steps": 0,
-        "init_value": 0.0, "end_value": 0.0, "pct_start": 0.3, "div_factor": 25.0,
-        "final_div_factor": 1e4,
-    })
+    c.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "learning_rate": 0.1,
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "decay": 0.9,
+            "grad_clip_norm": ml_collections.FieldReference(None, field_type=float),
+        }
+    )
+    c.schedule = ml_collections.ConfigDict(
+        {
+            "name": "cosine",
+            "boundaries": (),
+            "decay_factor": 0.1,
+            "transition_steps": 1000,
+            "decay_rate": 0.1,
+            "staircase": False,
+            "alpha": 0.0,
+            "warmup_steps": 0,
+            "init_value": 0.0,
+            "end_value": 0.0,
+            "pct_start": 0.3,
+            "div_factor": 25.0,
+            "final_div_factor": 1e4,
+        }
+    )
     c.log_every_steps = 10
     c.eval_every_steps = 100
     c.checkpoint_every_steps = 100
@@ -77,7 +111,9 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
 def validate_config(config: Any) -> None:
     """Raises a ValueError for any invalid engine field (names, rates, sizes, intervals)."""
     if not isinstance(_field(config, "model"), str) or not config.model:
-        raise invalid("config", "model", _field(config, "model"), "expected a registered model name")
+        raise invalid(
+            "config", "model", _field(config, "model"), "expected a registered model name"
+        )
     check_choice("optimizer", "name", config.optimizer.name, OPTIMIZERS)
     check_choice("schedule", "name", config.schedule.name, SCHEDULES)
     check_positive_float("optimizer", "learning_rate", config.optimizer.learning_rate)
@@ -85,7 +121,12 @@ def validate_config(config: Any) -> None:
     if config.get("eval_batch_size") is not None:
         check_positive_int("config", "eval_batch_size", config.eval_batch_size)
     check_positive_int("config", "num_train_steps", config.num_train_steps)
-    for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    for name in (
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
         check_positive_int("config", name, config[name])
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
@@ -93,11 +134,20 @@ def validate_config(config: Any) -> None:
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
     smoothing = float(config.label_smoothing)
     if not 0.0 <= smoothing < 1.0:
-        raise invalid("config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1")
-    if isinstance(config.num_devices, bool) or not isinstance(config.num_devices, int) or (
-            config.num_devices < 0):
-        raise invalid("config", "num_devices", config.num_devices,
-                      "expected 0 (all local devices) or a positive device count")
+        raise invalid(
+            "config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1"
+        )
+    if (
+        isinstance(config.num_devices, bool)
+        or not isinstance(config.num_devices, int)
+        or (config.num_devices < 0)
+    ):
+        raise invalid(
+            "config",
+            "num_devices",
+            config.num_devices,
+            "expected 0 (all local devices) or a positive device count",
+        )
     if config.get("max_loss") is not None:
         check_positive_float("config", "max_loss", config.max_loss)
     if config.get("num_classes") is not None:
@@ -109,9 +159,13 @@ def check_batch_divisible(config: Any, num_devices: int) -> None:
     for name in ("global_batch_size", "eval_batch_size"):
         value = config.get(name)
         if value is not None and value % num_devices:
-            raise invalid("config", name, value,
-                          f"expected a multiple of the device count {num_devices} "
-                          f"(per-device batch = {name} / {num_devices})")
+            raise invalid(
+                "config",
+                name,
+                value,
+                f"expected a multiple of the device count {num_devices} "
+                f"(per-device batch = {name} / {num_devices})",
+            )
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -130,5 +184,8 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
     """Dotted names of trajectory-defining fields that differ between two flattened configs."""
     names = sorted(set(saved) | set(current))
-    return [n for n in names
-            if n not in RUNTIME_FIELDS and saved.get(n, "<unset>") != current.get(n, "<unset>")]
+    return [
+        n
+        for n in names
+        if n not in RUNTIME_FIELDS and saved.get(n, "<unset>") != current.get(n, "<unset>")
+    ]

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, the learning-curve PNG and a terminal progress bar.
+"""Run outputs: metrics.jsonl, TensorBoard events, the learning-curve PNG, a terminal progress bar.
 
 `MetricLogger` writes one JSON object per logged train step and per eval to `metrics.jsonl`, mirrors
 the scalars to TensorBoard, and redraws `learning_curves.png` (train/val loss and accuracy against
@@ -29,8 +29,9 @@ def _to_float(value: Any) -> float:
 class MetricLogger:
     """Writes train/eval scalars of one run under `workdir` (only the primary process writes)."""
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True):
+    def __init__(
+        self, workdir: str, *, resume_step: int = 0, enabled: bool = True, tensorboard: bool = True
+    ):
         self.workdir = workdir
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS_FILE)
@@ -135,7 +136,8 @@ class EventFileWriter:
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         summary = self._summary_pb2.Summary(
-            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))])
+            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]
+        )
         self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def flush(self) -> None:
@@ -165,8 +167,16 @@ class ProgressBar:
     Off a terminal it logs a line through absl every `log_every` steps instead.
     """
 
-    def __init__(self, total_steps: int, *, start_step: int = 0, stream: TextIO | None = None,
-                 enabled: bool = True, log_every: int = 100, width: int = 30):
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        start_step: int = 0,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        log_every: int = 100,
+        width: int = 30,
+    ):
         self.total = total_steps
         self.start = start_step
         self.stream = stream or sys.stderr
@@ -185,8 +195,10 @@ class ProgressBar:
         done = step - self.start
         rate = done / max(now - self._t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else math.inf
-        text = (f"step {step}/{self.total} | loss {loss:.4f} | {images_per_sec:,.0f} img/s | "
-                f"ETA {_format_seconds(eta)}")
+        text = (
+            f"step {step}/{self.total} | loss {loss:.4f} | {images_per_sec:,.0f} img/s | "
+            f"ETA {_format_seconds(eta)}"
+        )
         if self.tty:
             if now - self._last_draw < 0.1 and step < self.total:
                 return

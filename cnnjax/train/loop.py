@@ -3,8 +3,8 @@
 Sections: validate the config (before any compilation) -> build data, model, optimizer, state ->
 restore the newest checkpoint if the workdir has one (exact resume: state, step and data order) ->
 train with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
-A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; any failure is recorded in summary.json before the
-exception propagates.
+A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; any failure is
+recorded in summary.json before the exception propagates.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ class TrainingDivergedError(RuntimeError):
     def __init__(self, step: int, loss: float, max_loss: float | None = None):
         self.step = step
         self.loss = loss
-        what = f"loss is {loss}" if not math.isfinite(loss) else (
-            f"loss is {loss:.6g}, above max_loss={max_loss:g}")
+        what = (
+            f"loss is {loss}"
+            if not math.isfinite(loss)
+            else (f"loss is {loss:.6g}, above max_loss={max_loss:g}")
+        )
         super().__init__(f"Training diverged at step {step}: {what}; {DIVERGENCE_HINT}.")
 
 
@@ -63,15 +66,30 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         return _Run(config, workdir, started).run()
     except TrainingDivergedError as err:
         if is_primary:
-            _write_summary(workdir, {"status": "diverged", "step": err.step, "loss": str(err.loss),
-                                     "message": str(err), "hint": DIVERGENCE_HINT,
-                                     "wall_time_s": time.time() - started})
+            _write_summary(
+                workdir,
+                {
+                    "status": "diverged",
+                    "step": err.step,
+                    "loss": str(err.loss),
+                    "message": str(err),
+                    "hint": DIVERGENCE_HINT,
+                    "wall_time_s": time.time() - started,
+                },
+            )
         raise
     except BaseException as err:
         if is_primary:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            _write_summary(workdir, {"status": status, "error": type(err).__name__,
-                                     "message": str(err), "wall_time_s": time.time() - started})
+            _write_summary(
+                workdir,
+                {
+                    "status": status,
+                    "error": type(err).__name__,
+                    "message": str(err),
+                    "wall_time_s": time.time() - started,
+                },
+            )
         raise
 
 
@@ -164,7 +182,8 @@ class _Run:
             raise ValueError(
                 f"config: num_classes={num_classes!r} is invalid; dataset "
                 f"{self.data_info.name!r} has {self.data_info.num_classes} classes (leave "
-                "num_classes unset to use the dataset's).")
+                "num_classes unset to use the dataset's)."
+            )
         self.num_classes = self.data_info.num_classes
 
         devices = None
@@ -173,7 +192,8 @@ class _Run:
             if config.num_devices > len(available):
                 raise ValueError(
                     f"config: num_devices={config.num_devices!r} is invalid; only "
-                    f"{len(available)} local devices are available.")
+                    f"{len(available)} local devices are available."
+                )
             devices = available[: config.num_devices]
         self.parallel = DataParallel(config.parallel, devices)
         total_devices = self.parallel.local_device_count * jax.process_count()
@@ -182,8 +202,9 @@ class _Run:
 
         dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
         kwargs = dict(config.get("model_kwargs") or {})
-        self.model = create_model(config.model, num_classes=self.num_classes, axis_name=AXIS_NAME,
-                                  dtype=dtype, **kwargs)
+        self.model = create_model(
+            config.model, num_classes=self.num_classes, axis_name=AXIS_NAME, dtype=dtype, **kwargs
+        )
         self.image_shape = tuple(self.data_info.image_shape)
         checks.check_input_size(self.model, config.model, self.image_shape, info.min_input_size)
 
@@ -204,8 +225,7 @@ class _Run:
                     os.remove(path)
         current = config_lib.flatten(config)
         saved_path = os.path.join(workdir, CONFIG_FILE)
-        has_checkpoints = os.path.isdir(ckpt_dir) and any(
-            n.isdigit() for n in os.listdir(ckpt_dir))
+        has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
         if has_checkpoints and os.path.exists(saved_path):
             with open(saved_path) as f:
                 saved = config_lib.flatten(json.load(f))
@@ -213,16 +233,21 @@ class _Run:
             if differ:
                 details = ", ".join(
                     f"{n}: {saved.get(n, '<unset>')!r} -> {current.get(n, '<unset>')!r}"
-                    for n in differ[:8])
+                    for n in differ[:8]
+                )
                 raise ValueError(
                     f"workdir: {workdir!r} holds checkpoints of an incompatible config "
                     f"({details}); to start fresh use a new --workdir, pass "
-                    "--config.restart=True, or delete the workdir.")
+                    "--config.restart=True, or delete the workdir."
+                )
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
             with open(saved_path + ".tmp", "w") as f:
-                f.write(config.to_json_best_effort(indent=2, sort_keys=True)
-                        if hasattr(config, "to_json_best_effort") else json.dumps(current))
+                f.write(
+                    config.to_json_best_effort(indent=2, sort_keys=True)
+                    if hasattr(config, "to_json_best_effort")
+                    else json.dumps(current)
+                )
             os.replace(saved_path + ".tmp", saved_path)
 
     # --------------------------------------------------------------------------------- eval
@@ -230,9 +255,12 @@ class _Run:
         """Metrics over the whole eval split: masked sums over all batches, divided once."""
         totals: dict[str, float] = {}
         batches = self.pipeline.eval_batches(
-            self.config.data, global_batch_size=self.eval_batch_size,
+            self.config.data,
+            global_batch_size=self.eval_batch_size,
             num_devices=self.parallel.local_device_count,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         for batch in batches:
             sums = self.parallel.metrics_to_host(p_eval(state, self.parallel.shard_batch(batch)))
             for name, value in sums.items():
@@ -248,34 +276,53 @@ class _Run:
         config, parallel = self.config, self.parallel
         total_steps = int(config.num_train_steps)
         rng = jax.random.PRNGKey(config.seed)
-        host_state: TrainState = jax.device_get(create_train_state(
-            self.model, self.tx, rng, (1, *self.image_shape)))
+        host_state: TrainState = jax.device_get(
+            create_train_state(self.model, self.tx, rng, (1, *self.image_shape))
+        )
         host_state = jax.tree.map(np.asarray, host_state)
-        checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints,
-                                    best_metric=config.best_metric, best_mode=config.best_mode,
-                                    use_async=config.async_checkpoints)
+        checkpointer = Checkpointer(
+            self.workdir,
+            keep=config.keep_checkpoints,
+            best_metric=config.best_metric,
+            best_mode=config.best_mode,
+            use_async=config.async_checkpoints,
+        )
         restored = checkpointer.restore_latest(host_state)
         start_step = 0
         if restored is not None:
             host_state, start_step = restored
-            logging.info("Resuming from the checkpoint at step %d in %s", start_step,
-                         checkpointer.directory)
+            logging.info(
+                "Resuming from the checkpoint at step %d in %s", start_step, checkpointer.directory
+            )
         state = parallel.replicate(host_state)
-        logger = MetricLogger(self.workdir, resume_step=start_step, enabled=self.is_primary,
-                              tensorboard=config.tensorboard)
+        logger = MetricLogger(
+            self.workdir,
+            resume_step=start_step,
+            enabled=self.is_primary,
+            tensorboard=config.tensorboard,
+        )
         evals = [r for r in logger.records if r["split"] == "eval"]
-        train_step, eval_step = make_steps(self.model, self.tx, self.schedule, AXIS_NAME,
-                                           float(config.label_smoothing))
+        train_step, eval_step = make_steps(
+            self.model, self.tx, self.schedule, AXIS_NAME, float(config.label_smoothing)
+        )
         p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
 
         batches = self.pipeline.train_batches(
-            config.data, global_batch_size=config.global_batch_size,
-            num_devices=parallel.local_device_count, seed=config.seed, start_step=start_step,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            config.data,
+            global_batch_size=config.global_batch_size,
+            num_devices=parallel.local_device_count,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         device_batches = _prefetch(batches, parallel.shard_batch)
-        bar = ProgressBar(total_steps, start_step=start_step,
-                          enabled=self.is_primary and config.progress_bar,
-                          log_every=config.log_every_steps)
+        bar = ProgressBar(
+            total_steps,
+            start_step=start_step,
+            enabled=self.is_primary and config.progress_bar,
+            log_every=config.log_every_steps,
+        )
         images_per_step = config.global_batch_size
         self.window: list[dict] = []
         self.last_train: dict = {}
@@ -302,8 +349,11 @@ class _Run:
                         evals.append({"step": done, **metrics_eval})
                         logger.plot()
                         logger.flush()
-                        logging.info("eval at step %d: %s", done,
-                                     {k: round(v, 4) for k, v in metrics_eval.items()})
+                        logging.info(
+                            "eval at step %d: %s",
+                            done,
+                            {k: round(v, 4) for k, v in metrics_eval.items()},
+                        )
                     checkpointer.save(done, parallel.unreplicate(state), metrics_eval)
             if pending is not None:
                 self.record(*pending, logger, bar)
@@ -312,13 +362,16 @@ class _Run:
             checkpointer.close()
             logger.close()
 
-        summary = self.summarize(evals, self.last_train, start_step, total_steps,
-                                 self.clock.images_per_sec())
+        summary = self.summarize(
+            evals, self.last_train, start_step, total_steps, self.clock.images_per_sec()
+        )
         if self.is_primary:
             _write_summary(self.workdir, summary)
         return summary
 
-    def record(self, step: int, device_metrics: Any, logger: MetricLogger, bar: ProgressBar) -> None:
+    def record(
+        self, step: int, device_metrics: Any, logger: MetricLogger, bar: ProgressBar
+    ) -> None:
         """Host side of one finished step: divergence check, lr, progress, periodic train log."""
         host = self.parallel.metrics_to_host(device_metrics)
         loss = float(host["loss"])
@@ -337,8 +390,14 @@ class _Run:
             self.last_train = train
             self.window = []
 
-    def summarize(self, evals: list[dict], last_train: dict, start_step: int, total_steps: int,
-                  images_per_sec: float) -> dict:
+    def summarize(
+        self,
+        evals: list[dict],
+        last_train: dict,
+        start_step: int,
+        total_steps: int,
+        images_per_sec: float,
+    ) -> dict:
         config = self.config
         key, sign = config.best_metric, (1 if config.best_mode == "max" else -1)
         best = max(evals, key=lambda r: sign * r[key]) if evals else None

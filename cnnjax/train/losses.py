@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import optax
 
 
-def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:
-    """Per-example softmax cross-entropy of `logits [N, C]` against integer `labels [N]` (float32)."""
+def cross_entropy(
+    logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
+) -> jnp.ndarray:
+    """Per-example softmax cross-entropy (float32) of `logits [N, C]` against int `labels [N]`."""
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)

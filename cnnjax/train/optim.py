@@ -57,24 +57,37 @@ def build_schedule(config: Any) -> optax.Schedule:
         boundaries = [int(b) for b in _get(sched, "boundaries", ())]
         factor = float(_get(sched, "decay_factor", 0.1))
         if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
-            raise invalid("schedule", "boundaries", tuple(boundaries),
-                          "expected increasing positive step numbers")
+            raise invalid(
+                "schedule",
+                "boundaries",
+                tuple(boundaries),
+                "expected increasing positive step numbers",
+            )
         return optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
     if name == "exponential":
         return optax.exponential_decay(
             lr,
             transition_steps=check_positive_int(
-                "schedule", "transition_steps", int(_get(sched, "transition_steps", total))),
-            decay_rate=check_positive_float("schedule", "decay_rate", _get(sched, "decay_rate", 0.1)),
+                "schedule", "transition_steps", int(_get(sched, "transition_steps", total))
+            ),
+            decay_rate=check_positive_float(
+                "schedule", "decay_rate", _get(sched, "decay_rate", 0.1)
+            ),
             staircase=bool(_get(sched, "staircase", False)),
         )
     if name == "cosine":
-        return optax.cosine_decay_schedule(lr, decay_steps=total, alpha=float(_get(sched, "alpha", 0.0)))
+        return optax.cosine_decay_schedule(
+            lr, decay_steps=total, alpha=float(_get(sched, "alpha", 0.0))
+        )
     if name == "warmup_cosine":
         warmup = int(_get(sched, "warmup_steps", 0))
         if not 0 <= warmup < total:
-            raise invalid("schedule", "warmup_steps", warmup,
-                          f"expected 0 <= warmup_steps < num_train_steps={total}")
+            raise invalid(
+                "schedule",
+                "warmup_steps",
+                warmup,
+                f"expected 0 <= warmup_steps < num_train_steps={total}",
+            )
         return optax.warmup_cosine_decay_schedule(
             init_value=float(_get(sched, "init_value", 0.0)),
             peak_value=lr,
@@ -83,7 +96,9 @@ def build_schedule(config: Any) -> optax.Schedule:
             end_value=float(_get(sched, "end_value", 0.0)),
         )
     if name == "linear":
-        return optax.linear_schedule(lr, float(_get(sched, "end_value", 0.0)), transition_steps=total)
+        return optax.linear_schedule(
+            lr, float(_get(sched, "end_value", 0.0)), transition_steps=total
+        )
     # one_cycle
     return optax.cosine_onecycle_schedule(
         transition_steps=total,
@@ -98,7 +113,7 @@ def weight_decay_mask(params: Any) -> Any:
     """A pytree of bools, True where weight decay applies: kernels, not biases or norm parameters.
 
     A leaf is excluded when its name is `bias` or `scale` (Dense/Conv biases, BatchNorm/LayerNorm
-    affine parameters) or when it is a vector (any rank <= 1 parameter is a bias or a norm parameter).
+    affine parameters) or when it is a vector (a rank <= 1 parameter is a bias or norm parameter).
     """
 
     def decays(path: tuple, leaf: Any) -> bool:
@@ -109,7 +124,9 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def build_optimizer(config: Any, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+def build_optimizer(
+    config: Any, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
     """Returns the optax transformation for `config.optimizer` driven by `schedule`.
 
     Order: clip by global norm (if `grad_clip_norm`), then the optimizer. For `adamw` the decoupled
@@ -128,30 +145,43 @@ def build_optimizer(config: Any, schedule: optax.Schedule | None = None) -> opta
     parts: list[optax.GradientTransformation] = []
     clip = _get(opt, "grad_clip_norm", None)
     if clip is not None:
-        parts.append(optax.clip_by_global_norm(check_positive_float("optimizer", "grad_clip_norm", clip)))
+        parts.append(
+            optax.clip_by_global_norm(check_positive_float("optimizer", "grad_clip_norm", clip))
+        )
     if name == "adamw":
-        parts.append(optax.adamw(
-            schedule,
-            b1=float(_get(opt, "b1", 0.9)),
-            b2=float(_get(opt, "b2", 0.999)),
-            eps=float(_get(opt, "eps", 1e-8)),
-            weight_decay=wd,
-            mask=weight_decay_mask,
-        ))
+        parts.append(
+            optax.adamw(
+                schedule,
+                b1=float(_get(opt, "b1", 0.9)),
+                b2=float(_get(opt, "b2", 0.999)),
+                eps=float(_get(opt, "eps", 1e-8)),
+                weight_decay=wd,
+                mask=weight_decay_mask,
+            )
+        )
         return optax.chain(*parts)
     if wd > 0:
         parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
     rule: Callable[..., optax.GradientTransformation]
     if name == "sgd":
         momentum = float(_get(opt, "momentum", 0.0))
-        rule = optax.sgd(schedule, momentum=momentum or None, nesterov=bool(_get(opt, "nesterov", False)))
+        rule = optax.sgd(
+            schedule, momentum=momentum or None, nesterov=bool(_get(opt, "nesterov", False))
+        )
     elif name == "adam":
-        rule = optax.adam(schedule, b1=float(_get(opt, "b1", 0.9)), b2=float(_get(opt, "b2", 0.999)),
-                          eps=float(_get(opt, "eps", 1e-8)))
+        rule = optax.adam(
+            schedule,
+            b1=float(_get(opt, "b1", 0.9)),
+            b2=float(_get(opt, "b2", 0.999)),
+            eps=float(_get(opt, "eps", 1e-8)),
+        )
     else:  # rmsprop
-        rule = optax.rmsprop(schedule, decay=float(_get(opt, "decay", 0.9)),
-                             eps=float(_get(opt, "eps", 1e-8)),
-                             momentum=float(_get(opt, "momentum", 0.0)) or None,
-                             nesterov=bool(_get(opt, "nesterov", False)))
+        rule = optax.rmsprop(
+            schedule,
+            decay=float(_get(opt, "decay", 0.9)),
+            eps=float(_get(opt, "eps", 1e-8)),
+            momentum=float(_get(opt, "momentum", 0.0)) or None,
+            nesterov=bool(_get(opt, "nesterov", False)),
+        )
     parts.append(rule)
     return optax.chain(*parts)

@@ -27,7 +27,9 @@ class DataParallel:
 
     def __init__(self, mode: str = "pmap", devices: Sequence[jax.Device] | None = None):
         self.mode = check_choice("config", "parallel", mode, MODES)
-        if devices is None:  # all devices: pmap maps this process's devices, shard_map the global mesh
+        if (
+            devices is None
+        ):  # all devices: pmap maps this process's devices, shard_map the global mesh
             devices = jax.local_devices() if self.mode == "pmap" else jax.devices()
             self._pmap_devices = None  # let pmap span every process in a multi-host run
         else:
@@ -45,7 +47,8 @@ class DataParallel:
         if self.mode == "pmap":
             n = self.num_devices
             return jax.tree.map(
-                lambda x: jax.device_put(np.stack([np.asarray(x)] * n), self._sharded), tree)
+                lambda x: jax.device_put(np.stack([np.asarray(x)] * n), self._sharded), tree
+            )
         return jax.tree.map(lambda x: jax.device_put(np.asarray(x), self._replicated), tree)
 
     def unreplicate(self, tree: Any) -> Any:
@@ -59,7 +62,8 @@ class DataParallel:
         if self.mode == "pmap":
             return jax.tree.map(lambda x: jax.device_put(x, self._sharded), batch)
         return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self._sharded, x), batch)
+            lambda x: jax.make_array_from_process_local_data(self._sharded, x), batch
+        )
 
     # ---------------------------------------------------------------------------- step wrappers
     def wrap_train(self, fn: Callable) -> Callable:
@@ -68,11 +72,16 @@ class DataParallel:
         The state argument is donated: its buffers are reused for the new state.
         """
         if self.mode == "pmap":
-            return jax.pmap(fn, axis_name=AXIS_NAME, devices=self._pmap_devices,
-                            donate_argnums=(0,))
+            return jax.pmap(
+                fn, axis_name=AXIS_NAME, devices=self._pmap_devices, donate_argnums=(0,)
+            )
         mapped = jax.shard_map(
-            _squeeze_batch(fn), mesh=self.mesh, in_specs=(P(), P(AXIS_NAME)), out_specs=(P(), P()),
-            check_vma=False)
+            _squeeze_batch(fn),
+            mesh=self.mesh,
+            in_specs=(P(), P(AXIS_NAME)),
+            out_specs=(P(), P()),
+            check_vma=False,
+        )
         return jax.jit(mapped, donate_argnums=(0,))
 
     def wrap_eval(self, fn: Callable) -> Callable:
@@ -80,8 +89,12 @@ class DataParallel:
         if self.mode == "pmap":
             return jax.pmap(fn, axis_name=AXIS_NAME, devices=self._pmap_devices)
         mapped = jax.shard_map(
-            _squeeze_batch(fn), mesh=self.mesh, in_specs=(P(), P(AXIS_NAME)), out_specs=P(),
-            check_vma=False)
+            _squeeze_batch(fn),
+            mesh=self.mesh,
+            in_specs=(P(), P(AXIS_NAME)),
+            out_specs=P(),
+            check_vma=False,
+        )
         return jax.jit(mapped)
 
     def metrics_to_host(self, metrics: Any) -> Any:

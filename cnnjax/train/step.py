@@ -36,7 +36,9 @@ def train_step(
     Returns the new state (identical on every device) and device-averaged metrics: `loss`, `top1`,
     `top5` over the global batch and the `learning_rate` used for this step.
     """
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
+    dropout_rng = jax.random.fold_in(
+        jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name)
+    )
 
     def loss_fn(params):
         variables = {"params": params}
@@ -44,8 +46,9 @@ def train_step(
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
             mutable = ["batch_stats"]
-        out = model.apply(variables, batch["image"], train=True, mutable=mutable,
-                          rngs={"dropout": dropout_rng})
+        out = model.apply(
+            variables, batch["image"], train=True, mutable=mutable, rngs={"dropout": dropout_rng}
+        )
         logits, updates = out if mutable else (out, {})
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
         return jnp.mean(per_example["loss"]), (per_example, updates)
@@ -88,7 +91,13 @@ def make_steps(
     label_smoothing: float = 0.0,
 ) -> tuple[Callable, Callable]:
     """Binds the model and optimizer into per-device `(train_step, eval_step)` functions."""
-    train = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                              axis_name=axis_name, label_smoothing=label_smoothing)
+    train = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        axis_name=axis_name,
+        label_smoothing=label_smoothing,
+    )
     evaluate = functools.partial(eval_step, model=model, axis_name=axis_name)
     return train, evaluate

@@ -24,8 +24,13 @@ def _load(path):
 
 def test_expected_configs_exist():
     names = {os.path.basename(c) for c in CONFIGS}
-    assert {"lenet5_digits.py", "resnet20_cifar10.py", "resnet50_imagenet.py",
-            "alexnet_imagenette.py", "fake_data_benchmark.py"} <= names
+    assert {
+        "lenet5_digits.py",
+        "resnet20_cifar10.py",
+        "resnet50_imagenet.py",
+        "alexnet_imagenette.py",
+        "fake_data_benchmark.py",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -15,14 +16,25 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
 # A short run of the default experiment: 120 steps, a checkpoint every 20.
-TINY = ["--config.num_train_steps=120", "--config.global_batch_size=32",
-        "--config.checkpoint_every_steps=20", "--config.eval_every_steps=60",
-        "--config.schedule.warmup_steps=10"]
+TINY = [
+    "--config.num_train_steps=120",
+    "--config.global_batch_size=32",
+    "--config.checkpoint_every_steps=20",
+    "--config.eval_every_steps=60",
+    "--config.schedule.warmup_steps=10",
+]
 
 
 def _command(workdir, *extra):
-    return [sys.executable, "-m", "experiments.train", f"--config={CONFIG}",
-            f"--workdir={workdir}", *TINY, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        *TINY,
+        *extra,
+    ]
 
 
 def _env():
@@ -51,10 +63,16 @@ def _leaves(tree, prefix=""):
 def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     # The uninterrupted run and the run to kill go side by side to save wall time.
-    ref_proc = subprocess.Popen(_command(reference), cwd=ROOT, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    proc = subprocess.Popen(_command(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    ref_proc = subprocess.Popen(
+        _command(reference),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proc = subprocess.Popen(
+        _command(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = killed / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -67,38 +85,55 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
     assert steps_at_kill and max(steps_at_kill) < 120
     assert ref_proc.wait(timeout=300) == 0
 
-    rerun = subprocess.run(_command(killed), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        _command(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.load(open(killed / "summary.json"))
+    summary = json.loads(Path(killed / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert 20 <= summary["resumed_from_step"] < 120
     ref_step, ref_params, ref_opt = _final_params(reference)
     step, params, opt = _final_params(killed)
     assert ref_step == step == 120
-    for (name, a), (name_b, b) in zip(_leaves({"p": ref_params, "o": ref_opt}),
-                                      _leaves({"p": params, "o": opt}), strict=True):
+    for (name, a), (name_b, b) in zip(
+        _leaves({"p": ref_params, "o": ref_opt}), _leaves({"p": params, "o": opt}), strict=True
+    ):
         assert name == name_b
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_divergence_exits_nonzero_with_message(tmp_path):
     result = subprocess.run(
-        _command(tmp_path, "--config.optimizer.learning_rate=1000", "--config.num_train_steps=40",
-                 "--config.schedule.name=constant"),
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        _command(
+            tmp_path,
+            "--config.optimizer.learning_rate=1000",
+            "--config.num_train_steps=40",
+            "--config.schedule.name=constant",
+        ),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "error: Training diverged at step" in result.stderr
     assert "learning rate too high or bad initialization" in result.stderr
     assert "Traceback" not in result.stderr
-    summary = json.load(open(tmp_path / "summary.json"))
+    summary = json.loads(Path(tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["step"] >= 1
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
-    result = subprocess.run(_command(tmp_path, "--config.optimizer.name=lamb"), cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _command(tmp_path, "--config.optimizer.name=lamb"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "error: optimizer: name='lamb' is invalid; expected one of" in result.stderr
     assert "Traceback" not in result.stderr
-    assert json.load(open(tmp_path / "summary.json"))["status"] == "failed"
+    assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"

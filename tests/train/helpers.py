@@ -24,11 +24,12 @@ NUM_TRAIN = 64
 NUM_EVAL = 27  # not a multiple of any batch size used: exercises padding + mask
 
 DatasetInfo = collections.namedtuple(
-    "DatasetInfo", "name num_classes image_shape num_train num_eval")
+    "DatasetInfo", "name num_classes image_shape num_train num_eval"
+)
 
 
 class TinyNet(nn.Module):
-    """conv -> BatchNorm -> relu -> dropout -> dense `head`; has every kind of state the engine syncs."""
+    """conv -> BatchNorm -> relu -> dropout -> dense `head`: all the state the engine syncs."""
 
     num_classes: int = NUM_CLASSES
     dtype: object = jnp.float32
@@ -38,8 +39,13 @@ class TinyNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = nn.Conv(4, (3, 3), padding="VALID", dtype=self.dtype, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.axis_name,
-                         dtype=self.dtype, name="bn")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            name="bn",
+        )(x)
         x = nn.relu(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
@@ -47,8 +53,9 @@ class TinyNet(nn.Module):
 
 
 if TINY_MODEL not in registry._REGISTRY:
-    registry.register_model(TINY_MODEL, input_shape=IMAGE_SHAPE, min_input_size=3,
-                            num_classes=NUM_CLASSES)(lambda **kw: TinyNet(**kw))
+    registry.register_model(
+        TINY_MODEL, input_shape=IMAGE_SHAPE, min_input_size=3, num_classes=NUM_CLASSES
+    )(lambda **kw: TinyNet(**kw))
 
 
 def _examples(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,26 +64,37 @@ def _examples(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     images = rng.normal(0, 0.3, (n, *IMAGE_SHAPE)).astype(np.float32)
     for i, label in enumerate(labels):
         r, c = divmod(int(label), 2)
-        images[i, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.0
+        images[i, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 1.0
     return images, labels
 
 
 def get_dataset_info(data_config):
     if data_config.name != "synthetic":
-        raise ValueError(f"data: name={data_config.name!r} is invalid; expected one of "
-                         "['synthetic']")
+        raise ValueError(
+            f"data: name={data_config.name!r} is invalid; expected one of ['synthetic']"
+        )
     return DatasetInfo("synthetic", NUM_CLASSES, IMAGE_SHAPE, NUM_TRAIN, NUM_EVAL)
 
 
-def train_batches(data_config, *, global_batch_size, num_devices, seed, start_step=0,
-                  process_index=0, process_count=1):
+def train_batches(
+    data_config,
+    *,
+    global_batch_size,
+    num_devices,
+    seed,
+    start_step=0,
+    process_index=0,
+    process_count=1,
+):
     images, labels = _examples("train", NUM_TRAIN)
     per_device = global_batch_size // num_devices
     step = start_step
     while True:
         idx = np.random.default_rng([seed, step]).choice(NUM_TRAIN, global_batch_size)
-        yield {"image": images[idx].reshape(num_devices, per_device, *IMAGE_SHAPE),
-               "label": labels[idx].reshape(num_devices, per_device)}
+        yield {
+            "image": images[idx].reshape(num_devices, per_device, *IMAGE_SHAPE),
+            "label": labels[idx].reshape(num_devices, per_device),
+        }
         step += 1
 
 
@@ -84,14 +102,19 @@ def eval_batches(data_config, *, global_batch_size, num_devices, process_index=0
     images, labels = _examples("eval", NUM_EVAL)
     per_device = global_batch_size // num_devices
     for start in range(0, NUM_EVAL, global_batch_size):
-        img, lab = images[start:start + global_batch_size], labels[start:start + global_batch_size]
+        img, lab = (
+            images[start : start + global_batch_size],
+            labels[start : start + global_batch_size],
+        )
         pad = global_batch_size - len(lab)
         mask = np.concatenate([np.ones(len(lab), np.float32), np.zeros(pad, np.float32)])
         img = np.concatenate([img, np.zeros((pad, *IMAGE_SHAPE), np.float32)])
         lab = np.concatenate([lab, np.zeros(pad, np.int32)])
-        yield {"image": img.reshape(num_devices, per_device, *IMAGE_SHAPE),
-               "label": lab.reshape(num_devices, per_device),
-               "mask": mask.reshape(num_devices, per_device)}
+        yield {
+            "image": img.reshape(num_devices, per_device, *IMAGE_SHAPE),
+            "label": lab.reshape(num_devices, per_device),
+            "mask": mask.reshape(num_devices, per_device),
+        }
 
 
 def fake_pipeline_module() -> types.ModuleType:

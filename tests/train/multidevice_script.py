@@ -29,8 +29,9 @@ def train(mode: str, num_devices: int, dropout: float = 0.0):
     parallel = DataParallel(mode, jax.devices()[:num_devices])
     step = parallel.wrap_train(train_step)
     state = parallel.replicate(jax.device_get(state))
-    batches = helpers.train_batches(None, global_batch_size=GLOBAL_BATCH, num_devices=num_devices,
-                                    seed=0)
+    batches = helpers.train_batches(
+        None, global_batch_size=GLOBAL_BATCH, num_devices=num_devices, seed=0
+    )
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, parallel.shard_batch(next(batches)))
@@ -40,8 +41,10 @@ def train(mode: str, num_devices: int, dropout: float = 0.0):
 
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
-                                                            strict=True))
+    return max(
+        float(np.max(np.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def main():
@@ -52,15 +55,19 @@ def main():
     one_shard, _ = train("shard_map", 1)
     drop_pmap, _ = train("pmap", 4, dropout=0.5)
     drop_shard, _ = train("shard_map", 4, dropout=0.5)
-    print(json.dumps({
-        "pmap4_vs_1": max_diff(one, four_pmap),
-        "shard4_vs_1": max_diff(one, four_shard),
-        "shard1_vs_pmap1": max_diff(one, one_shard),
-        "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
-        "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
-        "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
-        "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
-    }))
+    print(
+        json.dumps(
+            {
+                "pmap4_vs_1": max_diff(one, four_pmap),
+                "shard4_vs_1": max_diff(one, four_shard),
+                "shard1_vs_pmap1": max_diff(one, one_shard),
+                "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
+                "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
+                "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
+                "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,27 +21,52 @@ def _raises(config, tmp_path, message):
     return str(err.value)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("model", "resnet9000", "create_model: unknown model name='resnet9000'"),
-    ("optimizer.name", "lbfgs", "optimizer: name='lbfgs' is invalid; expected one of ['sgd', "
-                                "'adam', 'adamw', 'rmsprop']"),
-    ("schedule.name", "cyclic", "schedule: name='cyclic' is invalid; expected one of "
-                                "['constant', 'piecewise', 'exponential', 'cosine', "
-                                "'warmup_cosine', 'linear', 'one_cycle']"),
-    ("optimizer.learning_rate", 0.0, "optimizer: learning_rate=0.0 is invalid; expected a "
-                                     "positive"),
-    ("optimizer.learning_rate", -0.1, "optimizer: learning_rate=-0.1 is invalid"),
-    ("global_batch_size", 0, "config: global_batch_size=0 is invalid; expected a positive integer"),
-    ("global_batch_size", -8, "config: global_batch_size=-8 is invalid"),
-    ("num_train_steps", 0, "config: num_train_steps=0 is invalid"),
-    ("parallel", "pjit", "config: parallel='pjit' is invalid; expected one of ['pmap', "
-                         "'shard_map']"),
-    ("compute_dtype", "float16", "config: compute_dtype='float16' is invalid"),
-    ("label_smoothing", 1.0, "config: label_smoothing=1.0 is invalid"),
-    ("best_metric", "f1", "config: best_metric='f1' is invalid; expected one of ['loss', 'top1'"),
-    ("num_classes", 7, "config: num_classes=7 is invalid; dataset 'synthetic' has 4 classes"),
-    ("num_devices", 64, "config: num_devices=64 is invalid; only"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model", "resnet9000", "create_model: unknown model name='resnet9000'"),
+        (
+            "optimizer.name",
+            "lbfgs",
+            "optimizer: name='lbfgs' is invalid; expected one of ['sgd', "
+            "'adam', 'adamw', 'rmsprop']",
+        ),
+        (
+            "schedule.name",
+            "cyclic",
+            "schedule: name='cyclic' is invalid; expected one of "
+            "['constant', 'piecewise', 'exponential', 'cosine', "
+            "'warmup_cosine', 'linear', 'one_cycle']",
+        ),
+        (
+            "optimizer.learning_rate",
+            0.0,
+            "optimizer: learning_rate=0.0 is invalid; expected a positive",
+        ),
+        ("optimizer.learning_rate", -0.1, "optimizer: learning_rate=-0.1 is invalid"),
+        (
+            "global_batch_size",
+            0,
+            "config: global_batch_size=0 is invalid; expected a positive integer",
+        ),
+        ("global_batch_size", -8, "config: global_batch_size=-8 is invalid"),
+        ("num_train_steps", 0, "config: num_train_steps=0 is invalid"),
+        (
+            "parallel",
+            "pjit",
+            "config: parallel='pjit' is invalid; expected one of ['pmap', 'shard_map']",
+        ),
+        ("compute_dtype", "float16", "config: compute_dtype='float16' is invalid"),
+        ("label_smoothing", 1.0, "config: label_smoothing=1.0 is invalid"),
+        (
+            "best_metric",
+            "f1",
+            "config: best_metric='f1' is invalid; expected one of ['loss', 'top1'",
+        ),
+        ("num_classes", 7, "config: num_classes=7 is invalid; dataset 'synthetic' has 4 classes"),
+        ("num_devices", 64, "config: num_devices=64 is invalid; only"),
+    ],
+)
 def test_bad_config_messages(tmp_path, field, value, message):
     config = helpers.tiny_config(**{field: value})
     _raises(config, tmp_path, message)
@@ -69,10 +94,14 @@ def test_batch_not_divisible_by_devices():
     config.global_batch_size = 10
     with pytest.raises(ValueError) as err:
         check_batch_divisible(config, 4)
-    assert str(err.value) == ("config: global_batch_size=10 is invalid; expected a multiple of the "
-                              "device count 4 (per-device batch = global_batch_size / 4).")
+    assert str(err.value) == (
+        "config: global_batch_size=10 is invalid; expected a multiple of the "
+        "device count 4 (per-device batch = global_batch_size / 4)."
+    )
     config.global_batch_size, config.eval_batch_size = 8, 6
-    with pytest.raises(ValueError, match="config: eval_batch_size=6 is invalid; expected a multiple"):
+    with pytest.raises(
+        ValueError, match="config: eval_batch_size=6 is invalid; expected a multiple"
+    ):
         check_batch_divisible(config, 4)
     check_batch_divisible(default_config(), 4)  # 128 splits evenly
 
@@ -99,12 +128,16 @@ def test_input_too_small_names_the_layer():
     with pytest.raises(ValueError) as err:
         checks.check_input_size(_ValidConvNet(), "validnet", (12, 12, 1))  # 12 -> 8 -> 4 -> 0
     assert str(err.value).startswith(
-        "validnet: input resolution='12x12' is invalid; too small: layer conv2 (Conv) fails")
+        "validnet: input resolution='12x12' is invalid; too small: layer conv2 (Conv) fails"
+    )
     with pytest.raises(ValueError, match="layer conv1 \\(Conv\\) fails"):
         checks.check_input_size(_ValidConvNet(), "validnet", (4, 4, 1))
 
 
 def test_input_below_registry_minimum(tmp_path):
     config = helpers.tiny_config(model="lenet5")
-    _raises(config, tmp_path, "lenet5: input resolution='8x8' is invalid; the model needs inputs "
-                              "of at least 32x32")
+    _raises(
+        config,
+        tmp_path,
+        "lenet5: input resolution='8x8' is invalid; the model needs inputs of at least 32x32",
+    )

@@ -1,7 +1,9 @@
-"""`train_and_evaluate` end to end on synthetic data: outputs, exact resume, divergence, bad input."""
+"""`train_and_evaluate` end to end on synthetic data: outputs, exact resume, divergence, workdir."""
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,8 +26,11 @@ def _final_params(workdir, config):
     from cnnjax.train.state import create_train_state
 
     model = create_model(config.model, num_classes=helpers.NUM_CLASSES, axis_name="data")
-    template = jax.device_get(create_train_state(model, build_optimizer(config),
-                                                 jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE)))
+    template = jax.device_get(
+        create_train_state(
+            model, build_optimizer(config), jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE)
+        )
+    )
     checkpointer = Checkpointer(workdir, use_async=False)
     state, step = checkpointer.restore_latest(jax.tree.map(np.asarray, template))
     checkpointer.close()
@@ -38,14 +43,14 @@ def test_run_writes_every_output(tmp_path):
     assert summary["status"] == "completed" and summary["step"] == 12
     assert summary["final_eval"]["num_examples"] == helpers.NUM_EVAL
     assert summary["images_per_sec"] > 0 and summary["wall_time_s"] > 0
-    assert json.load(open(tmp_path / "summary.json"))["status"] == "completed"
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "completed"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
     assert all("learning_rate" in r for r in records if r["split"] == "train")
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
-    assert json.load(open(tmp_path / "config.json"))["model"] == helpers.TINY_MODEL
+    assert json.loads(Path(tmp_path / "config.json").read_text())["model"] == helpers.TINY_MODEL
     # keep_checkpoints=3 of the saves at 4, 6 (eval), 8, 12 (eval+final); best top1 kept too.
     assert 12 in Checkpointer(str(tmp_path), use_async=False).all_steps()
 
@@ -56,7 +61,7 @@ def test_learns_the_synthetic_task(tmp_path):
     assert summary["final_eval"]["top1"] > 0.9
 
 
-class _Crash(Exception):
+class _CrashError(Exception):
     pass
 
 
@@ -71,17 +76,14 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     def crashing(*args, start_step=0, **kwargs):
         for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
             if start_step + i == 9:
-                raise _Crash("simulated kill")
+                raise _CrashError("simulated kill")
             yield batch
-
-    monkeypatch.setattr(helpers.fake_pipeline_module, "__defaults__", None, raising=False)
-    import sys
 
     monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", crashing)
     resumed = tmp_path / "resumed"
-    with pytest.raises(_Crash):
+    with pytest.raises(_CrashError):
         loop.train_and_evaluate(config, str(resumed))
-    assert json.load(open(resumed / "summary.json"))["status"] == "failed"
+    assert json.loads(Path(resumed / "summary.json").read_text())["status"] == "failed"
     monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", original)
     summary = loop.train_and_evaluate(config, str(resumed))
     assert summary["resumed_from_step"] == 8
@@ -89,21 +91,40 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     b, _ = _final_params(str(resumed), config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     # metrics.jsonl describes one trajectory: no duplicated steps after the resume.
-    steps = [(r["split"], r["step"]) for r in map(json.loads, open(resumed / "metrics.jsonl"))]
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    steps = [(r["split"], r["step"]) for r in map(json.loads, lines)]
     assert len(steps) == len(set(steps))
 
 
 def test_divergence_is_reported(tmp_path):
     config = helpers.tiny_config(**{"optimizer.learning_rate": 1e3, "optimizer.momentum": 0.9})
     config.num_train_steps = 30
-    with pytest.raises(loop.TrainingDivergedError,
-                       match="learning rate too high or bad initialization"):
+    with pytest.raises(
+        loop.TrainingDivergedError, match="learning rate too high or bad initialization"
+    ):
         loop.train_and_evaluate(config, str(tmp_path))
-    summary = json.load(open(tmp_path / "summary.json"))
+    summary = json.loads(Path(tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged"
     assert summary["hint"] == "learning rate too high or bad initialization"
     assert 1 <= summary["step"] <= 30
     assert f"Training diverged at step {summary['step']}" in summary["message"]
+
+
+def test_nan_loss_is_divergence(tmp_path, monkeypatch):
+    """A NaN input at step 3 makes the loss NaN: the run stops there, nothing NaN is saved."""
+    original = helpers.train_batches
+
+    def poisoned(*args, start_step=0, **kwargs):
+        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
+            if start_step + i == 2:
+                batch = dict(batch, image=batch["image"] * np.nan)
+            yield batch
+
+    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", poisoned)
+    with pytest.raises(loop.TrainingDivergedError, match="diverged at step 3: loss is nan"):
+        loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert not (tmp_path / "checkpoints" / "4").exists()
 
 
 def test_mixed_precision_keeps_float32_params(tmp_path):
@@ -125,7 +146,9 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
     with pytest.raises(ValueError) as err:
         loop.train_and_evaluate(changed, str(tmp_path))
     message = str(err.value)
-    assert "holds checkpoints of an incompatible config (optimizer.name: 'sgd' -> 'adam')" in message
+    assert (
+        "holds checkpoints of an incompatible config (optimizer.name: 'sgd' -> 'adam')" in message
+    )
     assert "use a new --workdir, pass --config.restart=True, or delete the workdir" in message
     # runtime-only fields may change on resume
     again = helpers.tiny_config(num_train_steps=4, log_every_steps=1)

@@ -1,4 +1,4 @@
-"""Loss and metrics against float64 NumPy, and the padded/masked eval step against unpadded NumPy."""
+"""Loss and metrics against float64 NumPy; the padded/masked eval step against unpadded NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +64,12 @@ def test_masked_eval_step_exact_vs_numpy():
 
     images, labels = helpers._examples("eval", helpers.NUM_EVAL)
     logits = np.asarray(model.apply(state.variables(), images, train=False), np.float64)
-    np.testing.assert_allclose(totals["loss"] / totals["count"],
-                               _np_cross_entropy(logits, labels, 0.0).mean(), rtol=1e-5)
-    np.testing.assert_allclose(totals["top1"] / totals["count"],
-                               _np_topk(logits, labels, 1).mean(), rtol=1e-12)
-    np.testing.assert_allclose(totals["top5"] / totals["count"],
-                               _np_topk(logits, labels, 5).mean(), rtol=1e-12)
+    np.testing.assert_allclose(
+        totals["loss"] / totals["count"], _np_cross_entropy(logits, labels, 0.0).mean(), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        totals["top1"] / totals["count"], _np_topk(logits, labels, 1).mean(), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        totals["top5"] / totals["count"], _np_topk(logits, labels, 5).mean(), rtol=1e-12
+    )

@@ -25,19 +25,34 @@ def _config(schedule="constant", optimizer="sgd", **fields):
     return config
 
 
-@pytest.mark.parametrize("name,fields,reference", [
-    ("constant", {}, optax.constant_schedule(0.1)),
-    ("piecewise", {"schedule__boundaries": (30, 60), "schedule__decay_factor": 0.2},
-     optax.piecewise_constant_schedule(0.1, {30: 0.2, 60: 0.2})),
-    ("exponential", {"schedule__transition_steps": 10, "schedule__decay_rate": 0.5,
-                     "schedule__staircase": True},
-     optax.exponential_decay(0.1, 10, 0.5, staircase=True)),
-    ("cosine", {"schedule__alpha": 0.01}, optax.cosine_decay_schedule(0.1, 100, alpha=0.01)),
-    ("warmup_cosine", {"schedule__warmup_steps": 10, "schedule__end_value": 1e-3},
-     optax.warmup_cosine_decay_schedule(0.0, 0.1, 10, 100, 1e-3)),
-    ("linear", {"schedule__end_value": 0.01}, optax.linear_schedule(0.1, 0.01, 100)),
-    ("one_cycle", {}, optax.cosine_onecycle_schedule(100, 0.1, 0.3, 25.0, 1e4)),
-])
+@pytest.mark.parametrize(
+    "name,fields,reference",
+    [
+        ("constant", {}, optax.constant_schedule(0.1)),
+        (
+            "piecewise",
+            {"schedule__boundaries": (30, 60), "schedule__decay_factor": 0.2},
+            optax.piecewise_constant_schedule(0.1, {30: 0.2, 60: 0.2}),
+        ),
+        (
+            "exponential",
+            {
+                "schedule__transition_steps": 10,
+                "schedule__decay_rate": 0.5,
+                "schedule__staircase": True,
+            },
+            optax.exponential_decay(0.1, 10, 0.5, staircase=True),
+        ),
+        ("cosine", {"schedule__alpha": 0.01}, optax.cosine_decay_schedule(0.1, 100, alpha=0.01)),
+        (
+            "warmup_cosine",
+            {"schedule__warmup_steps": 10, "schedule__end_value": 1e-3},
+            optax.warmup_cosine_decay_schedule(0.0, 0.1, 10, 100, 1e-3),
+        ),
+        ("linear", {"schedule__end_value": 0.01}, optax.linear_schedule(0.1, 0.01, 100)),
+        ("one_cycle", {}, optax.cosine_onecycle_schedule(100, 0.1, 0.3, 25.0, 1e4)),
+    ],
+)
 def test_schedule_matches_optax(name, fields, reference):
     schedule = build_schedule(_config(name, **fields))
     for step in STEPS:
@@ -46,15 +61,20 @@ def test_schedule_matches_optax(name, fields, reference):
 
 def test_piecewise_values_by_hand():
     schedule = build_schedule(_config("piecewise", schedule__boundaries=(30, 60)))
-    np.testing.assert_allclose([schedule(s) for s in (0, 29, 30, 59, 60, 99)],
-                               [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    np.testing.assert_allclose(
+        [schedule(s) for s in (0, 29, 30, 59, 60, 99)],
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
+        rtol=1e-6,
+    )
 
 
 def _params():
     k = jax.random.split(jax.random.PRNGKey(0), 4)
-    return {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4)), "bias": jnp.ones(4)},
-            "bn": {"scale": jnp.full(4, 2.0), "bias": jnp.full(4, 0.5)},
-            "head": {"kernel": jax.random.normal(k[1], (4, 3)), "bias": jnp.ones(3)}}
+    return {
+        "conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4)), "bias": jnp.ones(4)},
+        "bn": {"scale": jnp.full(4, 2.0), "bias": jnp.full(4, 0.5)},
+        "head": {"kernel": jax.random.normal(k[1], (4, 3)), "bias": jnp.ones(3)},
+    }
 
 
 def _grads(i):
@@ -70,19 +90,39 @@ def _run(tx, steps=4):
     return params
 
 
-@pytest.mark.parametrize("name,fields,reference", [
-    ("sgd", {"optimizer__momentum": 0.9, "optimizer__nesterov": True,
-             "optimizer__weight_decay": 1e-2},
-     lambda lr: optax.chain(optax.add_decayed_weights(1e-2, weight_decay_mask),
-                            optax.sgd(lr, 0.9, nesterov=True))),
-    ("adam", {"optimizer__b1": 0.8}, lambda lr: optax.adam(lr, b1=0.8)),
-    ("adamw", {"optimizer__weight_decay": 0.05},
-     lambda lr: optax.adamw(lr, weight_decay=0.05, mask=weight_decay_mask)),
-    ("rmsprop", {"optimizer__decay": 0.95, "optimizer__momentum": 0.5},
-     lambda lr: optax.rmsprop(lr, decay=0.95, momentum=0.5)),
-    ("sgd", {"optimizer__momentum": 0.0, "optimizer__grad_clip_norm": 0.5},
-     lambda lr: optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(lr))),
-])
+@pytest.mark.parametrize(
+    "name,fields,reference",
+    [
+        (
+            "sgd",
+            {
+                "optimizer__momentum": 0.9,
+                "optimizer__nesterov": True,
+                "optimizer__weight_decay": 1e-2,
+            },
+            lambda lr: optax.chain(
+                optax.add_decayed_weights(1e-2, weight_decay_mask),
+                optax.sgd(lr, 0.9, nesterov=True),
+            ),
+        ),
+        ("adam", {"optimizer__b1": 0.8}, lambda lr: optax.adam(lr, b1=0.8)),
+        (
+            "adamw",
+            {"optimizer__weight_decay": 0.05},
+            lambda lr: optax.adamw(lr, weight_decay=0.05, mask=weight_decay_mask),
+        ),
+        (
+            "rmsprop",
+            {"optimizer__decay": 0.95, "optimizer__momentum": 0.5},
+            lambda lr: optax.rmsprop(lr, decay=0.95, momentum=0.5),
+        ),
+        (
+            "sgd",
+            {"optimizer__momentum": 0.0, "optimizer__grad_clip_norm": 0.5},
+            lambda lr: optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(lr)),
+        ),
+    ],
+)
 def test_optimizer_matches_optax(name, fields, reference):
     config = _config("cosine", name, **fields)
     schedule = build_schedule(config)
@@ -107,8 +147,11 @@ def test_sgd_momentum_weight_decay_matches_numpy_float64():
 
 def test_weight_decay_mask_excludes_biases_and_norm_params():
     mask = weight_decay_mask(_params())
-    assert mask == {"conv": {"kernel": True, "bias": False}, "bn": {"scale": False, "bias": False},
-                    "head": {"kernel": True, "bias": False}}
+    assert mask == {
+        "conv": {"kernel": True, "bias": False},
+        "bn": {"scale": False, "bias": False},
+        "head": {"kernel": True, "bias": False},
+    }
 
 
 def test_weight_decay_leaves_biases_and_norm_untouched():
@@ -121,22 +164,35 @@ def test_weight_decay_leaves_biases_and_norm_untouched():
     new = optax.apply_updates(params, updates)
     np.testing.assert_array_equal(new["bn"]["scale"], params["bn"]["scale"])
     np.testing.assert_array_equal(new["conv"]["bias"], params["conv"]["bias"])
-    np.testing.assert_allclose(new["head"]["kernel"], params["head"]["kernel"] * (1 - 0.1 * 0.5),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        new["head"]["kernel"], params["head"]["kernel"] * (1 - 0.1 * 0.5), rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize("group,field,value,message", [
-    ("optimizer", "name", "lamb", "optimizer: name='lamb' is invalid; expected one of ['sgd', "
-                                  "'adam', 'adamw', 'rmsprop']"),
-    ("schedule", "name", "cyclic", "schedule: name='cyclic' is invalid; expected one of "
-                                   "['constant', 'piecewise'"),
-    ("optimizer", "learning_rate", 0.0, "optimizer: learning_rate=0.0 is invalid"),
-    ("optimizer", "learning_rate", -1.0, "optimizer: learning_rate=-1.0 is invalid"),
-    ("optimizer", "weight_decay", -0.1, "optimizer: weight_decay=-0.1 is invalid"),
-    ("optimizer", "grad_clip_norm", -1.0, "optimizer: grad_clip_norm=-1.0 is invalid"),
-    ("schedule", "boundaries", (60, 30), "schedule: boundaries=(60, 30) is invalid"),
-    ("schedule", "warmup_steps", 100, "schedule: warmup_steps=100 is invalid"),
-])
+@pytest.mark.parametrize(
+    "group,field,value,message",
+    [
+        (
+            "optimizer",
+            "name",
+            "lamb",
+            "optimizer: name='lamb' is invalid; expected one of ['sgd', "
+            "'adam', 'adamw', 'rmsprop']",
+        ),
+        (
+            "schedule",
+            "name",
+            "cyclic",
+            "schedule: name='cyclic' is invalid; expected one of ['constant', 'piecewise'",
+        ),
+        ("optimizer", "learning_rate", 0.0, "optimizer: learning_rate=0.0 is invalid"),
+        ("optimizer", "learning_rate", -1.0, "optimizer: learning_rate=-1.0 is invalid"),
+        ("optimizer", "weight_decay", -0.1, "optimizer: weight_decay=-0.1 is invalid"),
+        ("optimizer", "grad_clip_norm", -1.0, "optimizer: grad_clip_norm=-1.0 is invalid"),
+        ("schedule", "boundaries", (60, 30), "schedule: boundaries=(60, 30) is invalid"),
+        ("schedule", "warmup_steps", 100, "schedule: warmup_steps=100 is invalid"),
+    ],
+)
 def test_bad_optimizer_or_schedule_messages(group, field, value, message):
     config = _config("warmup_cosine" if field == "warmup_steps" else "piecewise")
     config[group][field] = value
@@ -146,7 +202,11 @@ def test_bad_optimizer_or_schedule_messages(group, field, value, message):
 
 
 def test_plain_dict_config_is_accepted():
-    config = ml_collections.ConfigDict({
-        "num_train_steps": 10, "optimizer": {"name": "adam", "learning_rate": 1e-3},
-        "schedule": {"name": "linear"}})
+    config = ml_collections.ConfigDict(
+        {
+            "num_train_steps": 10,
+            "optimizer": {"name": "adam", "learning_rate": 1e-3},
+            "schedule": {"name": "linear"},
+        }
+    )
     np.testing.assert_allclose(build_schedule(config)(5), 5e-4, rtol=1e-6)
