@@ -31,21 +31,17 @@ Array = Any
 HEAD_MODULES = ("head", "score_pool4", "score_pool3", "upscore2", "upscore_pool4", "upscore_final")
 
 
-def _native_input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """The registered native input (H, W, C) of the first registry entry building `type(model)`."""
+def _native_input_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
+    """Distinct native inputs (H, W, C) of the registry entries that build `type(model)`."""
+    shapes: list[tuple[int, int, int]] = []
     for info in map(model_info, list_models()):
         try:
             built = info.factory(num_classes=info.num_classes)
         except (TypeError, ValueError):  # a factory that cannot be built this way: skip it
             continue
-        if type(built) is type(model):
-            return info.input_shape
-    raise invalid(
-        "replace_head",
-        "model",
-        type(model).__name__,
-        "no registered model builds this class; pass sample_input",
-    )
+        if type(built) is type(model) and info.input_shape not in shapes:
+            shapes.append(info.input_shape)
+    return shapes
 
 
 def _shapes(tree: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -65,7 +61,7 @@ def replace_head(
     (and any other leaf whose shape depends on `num_classes`) is freshly initialized from `rng`
     with the model's own initializers; every other leaf of every collection is the same array as
     in `variables`. `sample_input` is an input the model accepts (only its shape matters); by
-    default a single zero image at the model's registered native input shape.
+    default the registered native input shapes of the model's class are tried in turn.
 
     Raises ValueError if `num_classes` is not a positive int, if `variables` has no `head`, or
     if `variables` does not fit `model` at the sample input's shape.
@@ -81,20 +77,26 @@ def replace_head(
             f"params keys {sorted(params)}",
             "expected a 'head' submodule (the final classifier) in variables['params']",
         )
-    if sample_input is None:
-        sample_input = jnp.zeros((1, *_native_input_shape(model)), jnp.float32)
-
-    new_model = model.clone(num_classes=num_classes)
     old_shapes = _shapes(variables)
-    same_shapes = _shapes(jax.eval_shape(model.init, rng, sample_input))
-    if same_shapes != old_shapes:
+    if sample_input is None:
+        candidates = [jnp.zeros((1, *shape), jnp.float32) for shape in _native_input_shapes(model)]
+    else:
+        candidates = [sample_input]
+    for x in candidates:  # the input the variables were initialized for
+        if _shapes(jax.eval_shape(model.init, rng, x)) == old_shapes:
+            sample_input = x
+            break
+    else:
+        tried = [tuple(x.shape) for x in candidates]
         raise invalid(
             "replace_head",
             "variables",
             type(model).__name__,
-            f"they do not match the model at input shape {tuple(sample_input.shape)}; pass the "
-            "sample_input the model was initialized with",
+            f"they do not match the model at input shapes {tried}; pass the sample_input the "
+            "model was initialized with",
         )
+
+    new_model = model.clone(num_classes=num_classes)
     new_shapes = _shapes(jax.eval_shape(new_model.init, rng, sample_input))
     fresh_keys = sorted(
         k

@@ -1,0 +1,166 @@
+"""Tests for replace_head, trainable_mask and freeze_backbone (transfer learning)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict
+
+from cnnjax.models import create_model, list_models, model_info, replace_head
+from cnnjax.models.heads import HEAD_MODULES, freeze_backbone, trainable_mask
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = create_model("resnet20_cifar")
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    # Non-trivial BN statistics, so copying them is checked too.
+    _, state = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x * 3.0 + 1.0
+    )
+    return model, x, {**variables, "batch_stats": state["batch_stats"]}
+
+
+def test_replace_head_keeps_backbone_bitwise_and_reinitializes_head(resnet20):
+    model, x, variables = resnet20
+    new_model, new_vars = replace_head(model, variables, 5, jax.random.key(7), sample_input=x)
+    assert new_model.num_classes == 5 and model.num_classes == 10
+    assert new_vars["params"]["head"]["kernel"].shape == (64, 5)
+    assert new_vars["params"]["head"]["bias"].shape == (5,)
+    old, new = flatten_dict(variables), flatten_dict(new_vars)
+    assert set(old) == set(new)
+    for key, value in old.items():
+        if key[:2] != ("params", "head"):
+            np.testing.assert_array_equal(np.asarray(new[key]), np.asarray(value), err_msg=str(key))
+    # The backbone computes exactly the same features; the new head maps them to 5 classes.
+    logits, feats = new_model.apply(new_vars, x, return_features=True)
+    _, old_feats = model.apply(variables, x, return_features=True)
+    assert logits.shape == (2, 5)
+    np.testing.assert_array_equal(feats["pre_logits"], old_feats["pre_logits"])
+
+
+def test_replace_head_same_classes_still_draws_a_fresh_head(resnet20):
+    model, x, variables = resnet20
+    _, new_vars = replace_head(model, variables, 10, jax.random.key(3), sample_input=x)
+    assert new_vars["params"]["head"]["kernel"].shape == (64, 10)
+    assert not np.array_equal(
+        new_vars["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
+    )
+    # Fresh values come from the model's own head initializer (flax Dense default: LeCun normal).
+    std = float(jnp.std(new_vars["params"]["head"]["kernel"]))
+    assert 0.5 / np.sqrt(64) < std < 1.5 / np.sqrt(64)
+    # Deterministic in the rng.
+    _, again = replace_head(model, variables, 10, jax.random.key(3), sample_input=x)
+    np.testing.assert_array_equal(
+        again["params"]["head"]["kernel"], new_vars["params"]["head"]["kernel"]
+    )
+
+
+CLASSIFIERS = [n for n in list_models() if not n.startswith("fcn")]
+# One model per architecture class in the default suite; every classifier in the slow one.
+QUICK = {
+    "lenet5",
+    "alexnet_2tower",
+    "vgg11",
+    "nin",
+    "googlenet",
+    "resnet18",
+    "resnet20_cifar",
+    "densenet121",
+}
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in CLASSIFIERS]
+)
+def test_replace_head_works_for_every_classifier(name):
+    model = create_model(name)
+    x = jnp.zeros((1, *model_info(name).input_shape))
+    # Shapes only for the backbone (no memory); the new head is materialized.
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    new_model, new_vars = replace_head(model, variables, 7, jax.random.key(1))
+    head = new_vars["params"]["head"]
+    assert isinstance(head["kernel"], jax.Array) and head["kernel"].shape[-1] == 7
+    old, new = flatten_dict(variables), flatten_dict(new_vars)
+    assert {k for k in old if old[k] is not new[k]} == {
+        k for k in old if k[:2] == ("params", "head")
+    }
+    out = jax.eval_shape(lambda v: new_model.apply(v, x), new_vars)
+    assert out.shape == (1, 7)
+
+
+def test_replace_head_on_fcn_reinitializes_all_class_dependent_layers():
+    model = create_model("fcn8s_resnet18", num_classes=21)
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    new_model, new_vars = replace_head(model, variables, 3, jax.random.key(1), sample_input=x)
+    fresh = {k for k, v in flatten_dict(new_vars).items() if isinstance(v, jax.Array)}
+    assert {k[1] for k in fresh} == {
+        "head",
+        "score_pool4",
+        "score_pool3",
+        "upscore2",
+        "upscore_pool4",
+    }
+    assert new_vars["params"]["upscore2"]["kernel"].shape == (4, 4, 3, 3)
+    assert jax.eval_shape(lambda v: new_model.apply(v, x), new_vars).shape == (1, 64, 64, 3)
+
+
+def test_replace_head_errors(resnet20):
+    model, x, variables = resnet20
+    with pytest.raises(
+        ValueError, match=r"replace_head: num_classes=0 is invalid; expected a positive"
+    ):
+        replace_head(model, variables, 0, jax.random.key(0), sample_input=x)
+    no_head = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
+    with pytest.raises(
+        ValueError, match=r"replace_head: variables=.* is invalid; expected a 'head'"
+    ):
+        replace_head(model, no_head, 3, jax.random.key(0), sample_input=x)
+    deeper = create_model("resnet32_cifar")
+    with pytest.raises(
+        ValueError, match=r"replace_head: variables='CifarResNet' is invalid; they do not"
+    ):
+        replace_head(deeper, variables, 3, jax.random.key(0), sample_input=x)
+    with pytest.raises(
+        ValueError, match=r"replace_head: model='Dense' is invalid; expected a num_classes"
+    ):
+        import flax.linen as nn
+
+        replace_head(nn.Dense(3), variables, 3, jax.random.key(0), sample_input=x)
+
+
+def test_trainable_mask(resnet20):
+    _, _, variables = resnet20
+    params = variables["params"]
+    mask = flatten_dict(trainable_mask(params))
+    assert all(v == (k[0] == "head") for k, v in mask.items())
+    assert sum(mask.values()) == 2  # head kernel and bias
+    assert all(flatten_dict(trainable_mask(params, train_backbone=True)).values())
+    assert "head" in HEAD_MODULES
+    with pytest.raises(
+        ValueError, match=r"trainable_mask: params=.* is invalid; expected at least one head"
+    ):
+        trainable_mask({"conv": {"kernel": jnp.zeros(3)}})
+
+
+def test_freeze_backbone_updates_only_the_head(resnet20):
+    model, x, variables = resnet20
+    params = variables["params"]
+    tx = freeze_backbone(optax.sgd(0.1), params)
+    opt_state = tx.init(params)
+
+    def loss(p):
+        logits, _ = model.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([1, 2])).mean()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    updates, _ = tx.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    for key, value in flatten_dict(params).items():
+        changed = not np.array_equal(flatten_dict(new)[key], value)
+        assert changed == (key[0] == "head"), key
