@@ -1,5 +1,7 @@
 """Every bad-input path of the engine raises a ValueError with a clear message before compiling."""
 
+import json
+
 import flax.linen as nn
 import pytest
 
@@ -141,3 +143,19 @@ def test_input_below_registry_minimum(tmp_path):
         tmp_path,
         "lenet5: input resolution='8x8' is invalid; the model needs inputs of at least 32x32",
     )
+
+
+def test_missing_dataset_is_recorded_in_summary(tmp_path, monkeypatch):
+    """A catalogue dataset that is not prepared: FileNotFoundError, status 'failed' on disk."""
+    monkeypatch.undo()  # the real pipeline
+    from cnnjax.data.pipeline import default_data_config
+
+    config = helpers.tiny_config()
+    config.data = default_data_config("cifar10")
+    config.data.data_dir = str(tmp_path / "no_tfds_here")
+    workdir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError) as err:
+        loop.train_and_evaluate(config, str(workdir))
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["message"] == str(err.value) and "cifar10" in summary["message"]

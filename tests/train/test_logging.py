@@ -1,0 +1,63 @@
+"""Run outputs: metrics.jsonl rewriting on resume, TensorBoard events, the progress bar."""
+
+import io
+import json
+
+import tensorflow as tf
+
+from cnnjax.train.logging import MetricLogger, ProgressBar, read_metrics
+
+
+def test_resume_drops_records_after_checkpoint_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) for s in (10, 20, 30)]
+    path.write_text("\n".join(lines) + '\n{"step": 40, "spl')  # killed mid-write
+    assert [r["step"] for r in read_metrics(str(path))] == [10, 20, 30]
+    logger = MetricLogger(str(tmp_path), resume_step=20, tensorboard=False)
+    logger.write_scalars(30, "train", {"loss": 0.5, "top1": 0.9})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [
+        (10, 0.1), (20, 0.05), (30, 0.5)]
+
+
+def test_tensorboard_event_file_is_readable(tmp_path):
+    logger = MetricLogger(str(tmp_path))
+    logger.write_scalars(5, "eval", {"top1": 0.75})
+    logger.write_learning_rate(5, 0.5)
+    logger.close()
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    values = {(v.tag, e.step): v.simple_value
+              for e in tf.compat.v1.train.summary_iterator(str(event_file))
+              for v in e.summary.value}
+    assert values == {("eval/top1", 5): 0.75, ("train/learning_rate", 5): 0.5}
+
+
+def test_plot_is_written(tmp_path):
+    logger = MetricLogger(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3):
+        logger.write_scalars(step, "train", {"loss": 1.0 / step, "top1": 0.3 * step})
+    logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
+    path = logger.plot()
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_shows_steps_loss_rate_eta():
+    stream = _Terminal()
+    bar = ProgressBar(100, stream=stream)
+    bar.update(100, 0.1234, 2500.0)
+    bar.close()
+    text = stream.getvalue()
+    assert text.startswith("\r[" + "#" * 30 + "]")
+    assert "step 100/100 | loss 0.1234 | 2,500 img/s | ETA 0:00:00" in text
+
+
+def test_progress_bar_is_silent_off_a_terminal():
+    stream = io.StringIO()
+    bar = ProgressBar(10, stream=stream, log_every=5)
+    bar.update(5, 1.0, 10.0)
+    bar.close()
+    assert stream.getvalue() == ""
