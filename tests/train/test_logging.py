@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -37,7 +38,7 @@ def test_plot_is_written(tmp_path):
         logger.write_scalars(step, "train", {"loss": 1.0 / step, "top1": 0.3 * step})
     logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
     path = logger.plot()
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class _Terminal(io.StringIO):
