@@ -81,7 +81,9 @@ class Checkpointer:
         """Restores the newest readable checkpoint into the structure of `template`.
 
         Returns `(state, step)`, or None when there is no checkpoint. A checkpoint that fails to
-        load is reported with a warning and the previous one is tried.
+        load is reported with a warning and the previous one is tried; once an older one loads,
+        the unreadable ones are moved to `<workdir>/checkpoints_corrupt`. If none loads, raises
+        a ValueError (and moves nothing).
         """
         target = serialization.to_state_dict(template)
         corrupt: list[int] = []
@@ -100,7 +102,15 @@ class Checkpointer:
                 )
                 logging.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
-        if corrupt:
+        if corrupt and result is None:
+            # Nothing restores: more likely a template/code mismatch than corruption of every
+            # checkpoint, so leave the files alone and stop.
+            raise ValueError(
+                f"checkpoint: no checkpoint in {self.directory} (steps {sorted(corrupt)}) could "
+                "be restored into the current state structure; to start fresh use a new "
+                "--workdir, pass --config.restart=True, or delete the checkpoints."
+            )
+        if corrupt:  # an older one restored, so the newer ones really are unreadable
             self._quarantine(corrupt)
         return result
 

@@ -217,7 +217,7 @@ class _Run:
         config, workdir = self.config, self.workdir
         ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
         if config.restart and self.is_primary:
-            for name in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+            for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR):
                 shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
             for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE):
                 path = os.path.join(workdir, name)

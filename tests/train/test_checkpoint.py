@@ -1,0 +1,61 @@
+"""Orbax checkpointing: keep the last k plus the best by an eval metric; exact round trip."""
+
+import numpy as np
+import pytest
+
+from cnnjax.train.checkpoint import Checkpointer
+
+
+def _state(value):
+    return {"params": {"w": np.full((2, 3), value, np.float32)}, "step": np.array(value, np.int32)}
+
+
+@pytest.mark.parametrize(
+    "mode,metric,values,best",
+    [
+        ("max", "top1", {10: 0.5, 20: 0.9, 30: 0.6, 40: 0.7, 50: 0.65}, 20),
+        ("min", "loss", {10: 2.0, 20: 0.3, 30: 0.8, 40: 0.9, 50: 0.7}, 20),
+    ],
+)
+def test_keeps_last_k_and_best(tmp_path, mode, metric, values, best):
+    checkpointer = Checkpointer(
+        str(tmp_path), keep=2, best_metric=metric, best_mode=mode, use_async=True
+    )
+    for step, value in values.items():
+        checkpointer.save(step, _state(step), {metric: value, "other": 0.0})
+        checkpointer.save(step + 5, _state(step + 5))  # a periodic save without eval metrics
+    checkpointer.wait()
+    assert checkpointer.all_steps() == sorted({best, 50, 55})
+    checkpointer.close()
+
+
+def test_round_trip_is_exact_and_restores_newest(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    rng = np.random.default_rng(0)
+    state = {
+        "params": {"w": rng.normal(size=(4, 4)).astype(np.float32)},
+        "step": np.array(7, np.int32),
+    }
+    checkpointer.save(3, _state(3))
+    checkpointer.save(7, state)
+    restored, step = checkpointer.restore_latest(_state(0))
+    assert step == 7
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    assert restored["params"]["w"].dtype == np.float32
+    checkpointer.close()
+    assert Checkpointer(str(tmp_path / "empty")).restore_latest(_state(0)) is None
+
+
+def test_nothing_restorable_raises_and_keeps_files(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(5, _state(5))
+    wrong = {
+        "params": {"w": np.zeros((2, 3), np.float32), "extra": np.zeros(2)},
+        "step": np.array(0, np.int32),
+    }
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
+        checkpointer.restore_latest(wrong)
+    assert "could be restored into the current state structure" in str(err.value)
+    assert "--config.restart=True" in str(err.value)
+    assert checkpointer.all_steps() == [5]
+    checkpointer.close()
