@@ -4,8 +4,10 @@ Command (what `make train` runs):
     python -m experiments.train --config=experiments/configs/lenet5_digits.py \\
         --workdir=workdirs/lenet5_digits
 
-Expected: ~97.5-99% test top-1 (held-out stratified test split) after 600 steps of batch 64;
-about 40-60 s wall time including compilation on 2 shared CPU cores (Intel Xeon VM, JAX 0.10.2).
+Expected (measured with `make train`, 2 CPU cores shared with other jobs, load average ~8,
+JAX 0.10.2): 98.05% test top-1 (359 held-out scans; 97.8% already at step 100), final test loss
+0.086; 51 s wall for the whole command (38 s inside the training loop, compilation included;
+~2,500 train images/s). The first ever run also builds `digits` into the tfds data dir.
 """
 
 from cnnjax.data.pipeline import default_data_config
