@@ -27,9 +27,8 @@ class DataParallel:
 
     def __init__(self, mode: str = "pmap", devices: Sequence[jax.Device] | None = None):
         self.mode = check_choice("config", "parallel", mode, MODES)
-        if (
-            devices is None
-        ):  # all devices: pmap maps this process's devices, shard_map the global mesh
+        if devices is None:
+            # All devices: pmap maps this process's devices, shard_map spans the global mesh.
             devices = jax.local_devices() if self.mode == "pmap" else jax.devices()
             self._pmap_devices = None  # let pmap span every process in a multi-host run
         else:
