@@ -42,7 +42,9 @@ def register_model(
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"register_model: name={name!r} is already registered")
-        _REGISTRY[name] = ModelInfo(name, factory, tuple(input_shape), min_input_size, num_classes, paper)
+        _REGISTRY[name] = ModelInfo(
+            name, factory, tuple(input_shape), min_input_size, num_classes, paper
+        )
         return factory
 
     return decorator
@@ -62,7 +64,7 @@ def model_info(name: str) -> ModelInfo:
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Builds the registered model `name`; keyword overrides (num_classes, dtype, ...) go to its factory."""
+    """Builds the registered model `name`; overrides (num_classes, dtype, ...) go to its factory."""
     info = _lookup(name)
     overrides.setdefault("num_classes", info.num_classes)
     return info.factory(**overrides)

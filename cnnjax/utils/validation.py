@@ -49,7 +49,9 @@ def check_choice(owner: str, arg: str, value: Any, choices: Iterable[Any]) -> An
     return value
 
 
-def to_pair(owner: str, arg: str, value: int | Sequence[int], *, minimum: int = 1) -> tuple[int, int]:
+def to_pair(
+    owner: str, arg: str, value: int | Sequence[int], *, minimum: int = 1
+) -> tuple[int, int]:
     """Normalizes an int or a pair of ints to `(h, w)`, each at least `minimum`."""
     pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
     try:
@@ -67,4 +69,7 @@ def check_nhwc(owner: str, x: Any) -> None:
     """Raises unless `x` is a rank-4 NHWC array."""
     if getattr(x, "ndim", None) != 4:
         shape = getattr(x, "shape", None)
-        raise invalid(owner, "input.shape", shape, "expected a rank-4 NHWC array (batch, height, width, channels)")
+        raise invalid(
+            owner, "input.shape", shape,
+            "expected a rank-4 NHWC array (batch, height, width, channels)",
+        )
