@@ -24,7 +24,10 @@ fc6 with SAME padding (3), so every stride-s map is exactly `H_pad/s` and each 2
 transposed convolution (kernel 2s, padding s/2) produces exactly `s` times its input, aligned
 pixel-for-pixel with the finer skip maps; the final scores are cropped back to `H x W`. Any input
 of at least one pixel works, the output is `[N, H, W, num_classes]` (float32). With inputs
-normalized to zero mean, zero padding is padding with the mean colour.
+normalized to zero mean, zero padding is padding with the mean colour. (On VGG the 2x2 pools
+make every coarse pixel the exact centre of its 2x2 fine block, so skips align exactly; ResNet's
+padded stride-2 convolutions centre coarse pixel i on fine pixel 2i instead, a shift of at most
+half a fine pixel per level that the learned layers absorb.)
 """
 
 from __future__ import annotations
