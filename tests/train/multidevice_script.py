@@ -6,7 +6,9 @@ Trains the tiny BatchNorm model for a few steps on the same global batches with:
 """
 
 import json
+import os
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -47,8 +49,24 @@ def max_diff(a, b):
     )
 
 
+def run_loop(tmp: str, **overrides) -> dict:
+    """Whole `train_and_evaluate` runs (padded eval batches, checkpoints) on the synthetic data."""
+    import cnnjax.data
+    from cnnjax.train.loop import train_and_evaluate
+
+    module = helpers.fake_pipeline_module()
+    sys.modules["cnnjax.data.pipeline"] = module
+    cnnjax.data.pipeline = module
+    name = "_".join(f"{k}{v}" for k, v in overrides.items())
+    return train_and_evaluate(helpers.tiny_config(**overrides), os.path.join(tmp, name))
+
+
 def main():
     assert jax.device_count() == 4, jax.devices()
+    with tempfile.TemporaryDirectory() as tmp:
+        loop_one = run_loop(tmp, num_devices=1)
+        loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
+        loop_four_pmap = run_loop(tmp, num_devices=4)
     one, one_losses = train("pmap", 1)
     four_pmap, four_losses = train("pmap", 4)
     four_shard, _ = train("shard_map", 4)
@@ -64,6 +82,19 @@ def main():
                 "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
                 "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
                 "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
+                "loop_eval_loss_4_vs_1": abs(
+                    loop_four["final_eval"]["loss"] - loop_one["final_eval"]["loss"]
+                ),
+                "loop_eval_top1": [
+                    loop_one["final_eval"]["top1"],
+                    loop_four["final_eval"]["top1"],
+                    loop_four_pmap["final_eval"]["top1"],
+                ],
+                "loop_eval_count": [
+                    loop_one["final_eval"]["num_examples"],
+                    loop_four["final_eval"]["num_examples"],
+                ],
+                "loop_num_devices": [loop_one["num_devices"], loop_four["num_devices"]],
                 "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
             }
         )

@@ -17,7 +17,10 @@ def test_resume_drops_records_after_checkpoint_and_torn_lines(tmp_path):
     logger = MetricLogger(str(tmp_path), resume_step=20, tensorboard=False)
     logger.write_scalars(30, "train", {"loss": 0.5, "top1": 0.9})
     assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [
-        (10, 0.1), (20, 0.05), (30, 0.5)]
+        (10, 0.1),
+        (20, 0.05),
+        (30, 0.5),
+    ]
 
 
 def test_tensorboard_event_file_is_readable(tmp_path):
@@ -26,9 +29,11 @@ def test_tensorboard_event_file_is_readable(tmp_path):
     logger.write_learning_rate(5, 0.5)
     logger.close()
     (event_file,) = (tmp_path / "tensorboard").iterdir()
-    values = {(v.tag, e.step): v.simple_value
-              for e in tf.compat.v1.train.summary_iterator(str(event_file))
-              for v in e.summary.value}
+    values = {
+        (v.tag, e.step): v.simple_value
+        for e in tf.compat.v1.train.summary_iterator(str(event_file))
+        for v in e.summary.value
+    }
     assert values == {("eval/top1", 5): 0.75, ("train/learning_rate", 5): 0.5}
 
 

@@ -44,3 +44,11 @@ def test_pmap_and_shard_map_agree(diffs):
     # Same per-device dropout keys (folded from step and device index) in both wrappers.
     assert diffs["dropout_pmap4_vs_shard4"] < 1e-6
     assert diffs["dropout_vs_no_dropout"] > 1e-4  # dropout really is active in training
+
+
+def test_whole_run_on_four_devices_matches_one(diffs):
+    """train_and_evaluate end to end: padded eval over 4 devices counts every example once."""
+    assert diffs["loop_num_devices"] == [1, 4]
+    assert diffs["loop_eval_count"] == [27, 27]
+    assert diffs["loop_eval_loss_4_vs_1"] < 1e-4
+    assert len(set(diffs["loop_eval_top1"])) == 1
