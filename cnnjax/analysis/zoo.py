@@ -187,6 +187,10 @@ def _rf(row: dict[str, Any]) -> str:
     return text
 
 
+def _offset(row: dict[str, Any]) -> str:
+    return _axes(row["rf_start"]) + (" †" if row["rf_misaligned"] else "")
+
+
 def _group(row: dict[str, Any]) -> str:
     if len(row["output_shape"]) == 4:
         return "Dense prediction (segmentation)"
@@ -219,9 +223,13 @@ def _paper_key(paper: str) -> str:
     return paper.split(";")[0].strip()
 
 
-def _model_table(rows: Sequence[dict[str, Any]], refs: dict[str, int]) -> list[str]:
-    out = ["| Model | Input | Classes | Params | MACs | FLOPs | Activations | RF | Paper |",
-           "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+def _model_table(
+    rows: Sequence[dict[str, Any]], refs: dict[str, int], *, offset: bool = False
+) -> list[str]:
+    """One markdown table; `offset` adds the output field's centre offset (dense prediction)."""
+    extra = " Offset |" if offset else ""
+    out = [f"| Model | Input | Classes | Params | MACs | FLOPs | Activations | RF |{extra} Paper |",
+           "|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if offset else "") + "---|"]
     for r in rows:
         paper = _paper_key(r["paper"])
         cite = f"[{refs[paper]}]" if paper else ""
@@ -231,7 +239,8 @@ def _model_table(rows: Sequence[dict[str, Any]], refs: dict[str, int]) -> list[s
         out.append(
             f"| `{r['name']}` | {_shape(r['input_shape'])} | {r['num_classes']:,} | "
             f"{r['params']:,} | {_si(r['macs'])} | {_si(r['flops'])} | "
-            f"{_mib(r['activation_bytes'])} | {_rf(r)} | {cite} |"
+            f"{_mib(r['activation_bytes'])} | {_rf(r)} |"
+            + (f" {_offset(r)} |" if offset else "") + f" {cite} |"
         )
     return out
 
@@ -266,6 +275,10 @@ Columns:
   2019): the theoretical field, which counts padding and can therefore exceed the input. "≤" marks
   an upper bound (after a transposed convolution the sampling grid is no longer uniform), "†" a
   merge of misaligned paths; both are explained under *Receptive-field notes*.
+- **Offset** (dense prediction only): input coordinate on which output pixel 0's field is
+  centred; output pixel i is centred on input pixel i + offset, so 0 means the score map is
+  aligned with the image and -15.5 that it is shifted by 15.5 pixels up and left. With "†" the
+  fused paths are centred differently and the value is the centre of their union.
 """
 
 
@@ -446,7 +459,8 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     refs = _references([r for title in ordered for r in groups[title]])
     lines = _INTRO.format(command=COMMAND, n_models=len(rows)).splitlines()
     for title in ordered:
-        lines += ["", f"## {title}", "", *_model_table(groups[title], refs)]
+        dense = title == _GROUP_ORDER[2]
+        lines += ["", f"## {title}", "", *_model_table(groups[title], refs, offset=dense)]
     by_name = {r["name"]: r for r in rows}
     if all(n in by_name for n in LECTURE_MODELS):
         lines += ["", *_comparison(by_name, groups["ImageNet classifiers"])]

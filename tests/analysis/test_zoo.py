@@ -115,6 +115,9 @@ def test_zoo_table_fcn_flags_transposed_convolutions(small_rows):
     r = small_rows["fcn32s_vgg16"]
     assert r["output_shape"] == (1, 224, 224, 21)
     assert r["rf_upper_bound"] and not r["rf_misaligned"]
+    # Output pixel i is centred on input pixel i: VGG's 2x2 pools put stride-32 pixel i at
+    # 32 i + 15.5, and the half-pixel 32x bilinear upsampling maps output u to (u + 0.5) / 32 - 0.5.
+    assert r["rf_start"] == (0, 0) and r["rf_jump"] == (1, 1)
     assert any("transposed convolution" in n for n in r["notes"])
     # The fixed 32x bilinear upsampling: depthwise 64x64 kernel over the 32-dilated 7x7 scores.
     assert r["transposed_macs"] == 224 * 224 * 21 * 64 * 64
@@ -134,7 +137,7 @@ def test_render_markdown_tables_and_sections(small_rows):
     alexnet = next(ln for ln in lines if ln.startswith("| `alexnet` |"))
     assert "| 61,100,840 | 714.2 M |" in alexnet and "| 355 |" in alexnet
     fcn = next(ln for ln in lines if ln.startswith("| `fcn32s_vgg16` |"))
-    assert "| ≤ 436 |" in fcn
+    assert "| ≤ 436 | 0 |" in fcn  # RF upper bound; output aligned with the input (offset 0)
     # Groups in a fixed order, each table under its heading.
     heads = [ln for ln in lines if ln.startswith("## ")]
     assert heads[:3] == ["## ImageNet classifiers", "## Small-image classifiers",
@@ -153,6 +156,15 @@ def test_render_markdown_sorts_models_naturally():
     lines = render_markdown(rows).splitlines()
     order = [ln.split("`")[1] for ln in lines if ln.startswith("| `")]
     assert order == ["resnet18", "resnet101"]
+
+
+def test_render_markdown_marks_bounds_and_misaligned_merges():
+    row = {**_fake("seg"), "output_shape": (1, 32, 32, 10), "rf_size": (91, 91),
+           "rf_start": (-15.5, -15.5), "rf_upper_bound": True, "rf_misaligned": True,
+           "notes": ("add: paths merged on spatial axis 0 are misaligned",)}
+    text = render_markdown([row])
+    assert "| `seg` | 32×32×3 | 10 | 1,000 | 1 M | 2 M | 4.0 KiB | ≤ 91 † | -15.5 † | [1] |" in text
+    assert "`seg`:\n\n- add: paths merged on spatial axis 0 are misaligned" in text
 
 
 def _fake(name: str) -> dict:
