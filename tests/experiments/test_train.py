@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.train.conftest import CACHE_ENV
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
 # A short run of the default experiment: 120 steps, a checkpoint every 20.
@@ -41,6 +43,7 @@ def _env():
     env = dict(os.environ)
     env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     env["JAX_PLATFORMS"] = "cpu"
+    env.update(CACHE_ENV)
     return env
 
 
