@@ -88,7 +88,10 @@ def _print_summary(summary: dict) -> None:
     lines = [
         f"Finished {summary['model']} on {summary['dataset']}: {summary['step']} steps in "
         f"{summary['wall_time_s']:.1f} s ({summary['images_per_sec']:,.0f} train images/s).",
-        "Final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k != "num_examples"),
+        "Final eval: "
+        + ", ".join(
+            f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float) and k != "num_examples"
+        ),
     ]
     if summary.get("best"):
         best = summary["best"]

@@ -301,7 +301,12 @@ class _Run:
             enabled=self.is_primary,
             tensorboard=config.tensorboard,
         )
-        evals = [r for r in logger.records if r["split"] == "eval"]
+        # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
+        evals = [
+            {k: v for k, v in r.items() if k != "split"}
+            for r in logger.records
+            if r["split"] == "eval"
+        ]
         train_step, eval_step = make_steps(
             self.model, self.tx, self.schedule, AXIS_NAME, float(config.label_smoothing)
         )

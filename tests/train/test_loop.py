@@ -152,7 +152,9 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
     assert "use a new --workdir, pass --config.restart=True, or delete the workdir" in message
     # runtime-only fields may change on resume
     again = helpers.tiny_config(num_train_steps=4, log_every_steps=1)
-    assert loop.train_and_evaluate(again, str(tmp_path))["resumed_from_step"] == 4
+    rerun = loop.train_and_evaluate(again, str(tmp_path))  # already complete: nothing to train
+    assert rerun["resumed_from_step"] == 4 and rerun["status"] == "completed"
+    assert set(rerun["final_eval"]) == {"loss", "top1", "top5", "num_examples"}
     changed.restart = True
     summary = loop.train_and_evaluate(changed, str(tmp_path))
     assert summary["resumed_from_step"] == 0 and summary["status"] == "completed"
