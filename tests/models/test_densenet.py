@@ -86,11 +86,9 @@ def test_features_and_channel_counts_densenet121():
 
 
 def test_forward_backward_jit_small():
-    model = DenseNet(
-        block_sizes=(2, 2), num_classes=3, growth_rate=8, num_init_features=16, drop_rate=0.2
-    )
-    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    variables = model.init(jax.random.key(1), x)
+    model = DenseNet(block_sizes=(2, 2), num_classes=3, growth_rate=8, num_init_features=16)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
 
     @jax.jit
     def loss_and_grad(params):
@@ -100,7 +98,6 @@ def test_forward_backward_jit_small():
                 x,
                 train=True,
                 mutable=["batch_stats"],
-                rngs={"dropout": jax.random.key(2)},
             )
             return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 2])).mean()
 
@@ -108,8 +105,24 @@ def test_forward_backward_jit_small():
 
     value, grads = loss_and_grad(variables["params"])
     assert np.isfinite(float(value)) and float(optax.global_norm(grads)) > 0
-    # Dropout only in training: eval is deterministic and needs no RNG.
-    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_dense_layer_dropout_only_in_training():
+    conv, norm = _parts()
+    layer = DenseLayer(6, conv=conv, norm=norm, drop_rate=0.5)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 5))
+    variables = layer.init(jax.random.key(1), x)
+    evaluated = layer.apply(variables, x)  # no 'dropout' RNG needed (flax would raise)
+    a = layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=True)[0]
+    b = layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)}, mutable=True)[0]
+    assert not np.array_equal(a, b)
+    dropped = np.asarray(a) == 0
+    assert 0.3 < dropped.mean() < 0.7  # rate 0.5 over 192 values
+    # Kept values are the dropout-free output scaled by 1 / (1 - rate).
+    plain = DenseLayer(6, conv=conv, norm=norm)
+    ref = np.asarray(plain.apply(variables, x, train=True, mutable=True)[0])
+    np.testing.assert_allclose(np.asarray(a)[~dropped], 2 * ref[~dropped], rtol=1e-5, atol=1e-6)
+    assert evaluated.shape == (2, 4, 4, 6)
 
 
 @pytest.mark.slow

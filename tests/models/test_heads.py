@@ -11,11 +11,12 @@ from flax.traverse_util import flatten_dict
 
 from cnnjax.models import create_model, list_models, model_info, replace_head
 from cnnjax.models.heads import HEAD_MODULES, freeze_backbone, trainable_mask
+from cnnjax.models.resnet_cifar import CifarResNet
 
 
 @pytest.fixture(scope="module")
 def resnet20():
-    model = create_model("resnet20_cifar")
+    model = CifarResNet(depth=8)  # the smallest CIFAR ResNet (n=1) keeps compilation short
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     variables = jax.jit(model.init)(jax.random.key(1), x)
     # Non-trivial BN statistics, so copying them is checked too.
