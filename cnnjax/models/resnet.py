@@ -176,6 +176,15 @@ class ResNet(nn.Module):
     Logits are returned in float32 whatever the computation `dtype`. `features_only=True` makes
     the module a backbone (timm's option of that name): no pooling or `head` parameters, and
     `__call__` returns just the dict `{stem, stage1, ..., stageN}` (used by FCN).
+
+    Attributes:
+      stage_sizes: blocks per stage ((2, 2, 2, 2) for ResNet-18); stage i has 64 * 2**i filters.
+      block_cls: `BasicBlock` or `BottleneckBlock` (or a compatible module / partial).
+      stride_in_1x1: bottleneck stride on the first 1x1 (v1, paper) instead of the 3x3 (v1.5,
+        default False).
+      zero_init_last_bn: zero gamma in each block's last BN (the block starts as the identity).
+      shortcut: "B" (default, the paper's ImageNet choice), "A", "C" or "none" (see SHORTCUTS).
+      dtype / axis_name: computation dtype (params float32) / BatchNorm cross-device axis.
     """
 
     stage_sizes: Sequence[int]
@@ -211,7 +220,8 @@ class ResNet(nn.Module):
             "shortcut": self.shortcut,
             "zero_init_last_bn": self.zero_init_last_bn,
         }
-        if issubclass(_unwrap(self.block_cls), BottleneckBlock):
+        block = _unwrap(self.block_cls)
+        if isinstance(block, type) and issubclass(block, BottleneckBlock):
             kwargs["stride_in_1x1"] = self.stride_in_1x1
         return kwargs
 
@@ -254,7 +264,7 @@ class ResNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
-def _unwrap(factory: Any) -> type:
+def _unwrap(factory: Any) -> Any:
     """The class behind a module class or a functools.partial of one."""
     while isinstance(factory, functools.partial):
         factory = factory.func
