@@ -82,7 +82,8 @@ class TrainableSubsampling(nn.Module):
         coef = self.param("coef", nn.initializers.constant(0.25), (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         x = jnp.asarray(x, self.dtype)
-        summed = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add,
+        # A NumPy init value keeps reduce_window's sum monoid (and so its gradient) under jit.
+        summed = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add,
                                        (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
         return summed * coef.astype(self.dtype) + bias.astype(self.dtype)
 

@@ -172,7 +172,7 @@ def nin(**kwargs: Any) -> NiN:
     return NiN(**kwargs)
 
 
-@register_model("nin_cifar", input_shape=(32, 32, 3), min_input_size=8, num_classes=10,
+@register_model("nin_cifar", input_shape=(32, 32, 3), min_input_size=6, num_classes=10,
                 paper=_PAPER + "; CIFAR-10 model, Section 4.2")
 def nin_cifar(**kwargs: Any) -> NiN:
     """The paper's CIFAR-10 NiN (three mlpconv blocks); 966,986 parameters at 10 classes."""

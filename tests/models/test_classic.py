@@ -1,0 +1,907 @@
+"""Tests for the classic CNNs: LeNet-5, AlexNet (two layouts), ZFNet, VGG, NiN and GoogLeNet.
+
+Parameter counts and feature-map sizes are checked with `jax.eval_shape` (nothing is allocated or
+compiled) against published figures or against closed-form counts written out layer by layer
+below; every registered model also initializes and runs forward + backward under `jax.jit` at
+the smallest input its registry entry admits.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models.alexnet import AlexNet, ZFNet
+from cnnjax.models.googlenet import (
+    INCEPTION_V1,
+    GoogLeNet,
+    GoogLeNetOutputs,
+    Inception,
+)
+from cnnjax.models.lenet import C3_CONNECTIONS, ConnectionTableConv, LeNet5, scaled_tanh
+from cnnjax.models.nin import MLPConv, NiN, NiNStage
+from cnnjax.models.vgg import VGG, VGG_CONFIGS, VGGFeatures
+
+CLASSIC = [
+    "lenet5",
+    "alexnet",
+    "alexnet_2tower",
+    "zfnet",
+    "vgg11",
+    "vgg11_bn",
+    "vgg13",
+    "vgg13_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vgg19",
+    "vgg19_bn",
+    "nin",
+    "nin_cifar",
+    "googlenet",
+]
+BN_MODELS = [n for n in CLASSIC if n.endswith("_bn")]
+
+
+def key(seed: int) -> jax.Array:
+    """A PRNG key of the "rbg" implementation: XLA's RngBitGenerator compiles several times
+    faster on CPU than the default threefry, and init compile time dominates these tests."""
+    return jax.random.key(seed, impl="rbg")
+
+
+RNGS = {"params": key(0), "dropout": key(1)}
+
+
+# ---------------------------------------------------------------- closed-form parameter counts
+def conv(cin: int, cout: int, k: int, groups: int = 1) -> int:
+    """Weights + biases of a k x k convolution."""
+    return cout * (cin // groups * k * k + 1)
+
+
+def dense(cin: int, cout: int) -> int:
+    return cout * (cin + 1)
+
+
+def vgg_count(depth: int, bn: bool, classes: int = 1000) -> int:
+    widths = {
+        11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+        13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+        16: [
+            64,
+            64,
+            "M",
+            128,
+            128,
+            "M",
+            256,
+            256,
+            256,
+            "M",
+            512,
+            512,
+            512,
+            "M",
+            512,
+            512,
+            512,
+            "M",
+        ],
+        19: [
+            64,
+            64,
+            "M",
+            128,
+            128,
+            "M",
+            256,
+            256,
+            256,
+            256,
+            "M",
+            512,
+            512,
+            512,
+            512,
+            "M",
+            512,
+            512,
+            512,
+            512,
+            "M",
+        ],
+    }[depth]
+    total, cin = 0, 3
+    for w in widths:
+        if w != "M":
+            total += conv(cin, w, 3) + (2 * w if bn else 0)  # BN: scale and bias only
+            cin = w
+    return total + dense(7 * 7 * 512, 4096) + dense(4096, 4096) + dense(4096, classes)
+
+
+def inception_count(cin: int, widths: tuple[int, ...]) -> int:
+    n1, r3, n3, r5, n5, pp = widths
+    return (
+        conv(cin, n1, 1)
+        + conv(cin, r3, 1)
+        + conv(r3, n3, 3)
+        + conv(cin, r5, 1)
+        + conv(r5, n5, 5)
+        + conv(cin, pp, 1)
+    )
+
+
+def googlenet_count(classes: int = 1000, aux: bool = False) -> int:
+    total = conv(3, 64, 7) + conv(64, 64, 1) + conv(64, 192, 3)
+    cin = 192
+    for widths in INCEPTION_V1.values():
+        total += inception_count(cin, widths)
+        cin = widths[0] + widths[2] + widths[4] + widths[5]
+    total += dense(1024, classes)
+    if aux:  # on 4a (512 channels) and 4d (528 channels), 4x4 maps after the 5x5/3 pool
+        for channels in (512, 528):
+            total += conv(channels, 128, 1) + dense(4 * 4 * 128, 1024) + dense(1024, classes)
+    return total
+
+
+CLOSED_FORM = {
+    # LeNet-5, full C3 table, linear output layer (10 classes).
+    "lenet5": conv(1, 6, 5) + conv(6, 16, 5) + conv(16, 120, 5) + dense(120, 84) + dense(84, 10),
+    "alexnet_2tower": (
+        conv(3, 96, 11)
+        + conv(96, 256, 5, 2)
+        + conv(256, 384, 3)
+        + conv(384, 384, 3, 2)
+        + conv(384, 256, 3, 2)
+        + dense(6 * 6 * 256, 4096)
+        + dense(4096, 4096)
+        + dense(4096, 1000)
+    ),
+    "zfnet": (
+        conv(3, 96, 7)
+        + conv(96, 256, 5)
+        + conv(256, 512, 3)
+        + conv(512, 1024, 3)
+        + conv(1024, 512, 3)
+        + dense(6 * 6 * 512, 4096)
+        + dense(4096, 4096)
+        + dense(4096, 1000)
+    ),
+    "nin": (
+        conv(3, 96, 11)
+        + 2 * conv(96, 96, 1)
+        + conv(96, 256, 5)
+        + 2 * conv(256, 256, 1)
+        + conv(256, 384, 3)
+        + 2 * conv(384, 384, 1)
+        + conv(384, 1024, 3)
+        + conv(1024, 1024, 1)
+        + conv(1024, 1000, 1)
+    ),
+    "nin_cifar": (
+        conv(3, 192, 5)
+        + conv(192, 160, 1)
+        + conv(160, 96, 1)
+        + conv(96, 192, 5)
+        + 2 * conv(192, 192, 1)
+        + conv(192, 192, 3)
+        + conv(192, 192, 1)
+        + conv(192, 10, 1)
+    ),
+    **{f"vgg{d}{s}": vgg_count(d, bool(s)) for d in (11, 13, 16, 19) for s in ("", "_bn")},
+    "googlenet": googlenet_count(),
+}
+
+# Published figures (torchvision's model docs; Caffe's grouped AlexNet; issue 3 for GoogLeNet;
+# LeNet-5's widely quoted count for the full-table, linear-output variant).
+PUBLISHED = {
+    "lenet5": 61_706,
+    "alexnet": 61_100_840,
+    "alexnet_2tower": 60_965_224,
+    "vgg11": 132_863_336,
+    "vgg13": 133_047_848,
+    "vgg16": 138_357_544,
+    "vgg19": 143_667_240,
+    "vgg11_bn": 132_868_840,
+    "vgg13_bn": 133_053_736,
+    "vgg16_bn": 138_365_992,
+    "vgg19_bn": 143_678_248,
+    "googlenet": 6_998_552,
+}
+
+
+def init_shapes(model: nn.Module, shape, **kwargs):
+    """Abstract variables of `model.init` (shapes and dtypes only)."""
+    return jax.eval_shape(lambda: model.init(RNGS, jnp.zeros(shape, jnp.float32), **kwargs))
+
+
+def jinit(model: nn.Module, x, **kwargs):
+    """`model.init` under jit (op-by-op eager execution compiles every primitive: slow on CPU)."""
+    return jax.jit(functools.partial(model.init, **kwargs))(RNGS, x)
+
+
+def japply(model: nn.Module, variables, x, **kwargs):
+    """`model.apply` under jit."""
+    return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+
+
+def jrun(model: nn.Module, x, **kwargs):
+    """`(variables, model.apply(variables, x, **kwargs))` with fresh variables, in one jit."""
+
+    def run(x):
+        variables = model.init(RNGS, x)
+        return variables, model.apply(variables, x, **kwargs)
+
+    return jax.jit(run)(x)
+
+
+def n_params(variables) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+def native_shape(name: str, batch: int = 1) -> tuple[int, int, int, int]:
+    return (batch, *model_info(name).input_shape)
+
+
+def min_shape(name: str, batch: int = 2) -> tuple[int, int, int, int]:
+    info = model_info(name)
+    return (batch, info.min_input_size, info.min_input_size, info.input_shape[2])
+
+
+def test_registry_lists_every_classic_model():
+    assert set(CLASSIC) <= set(list_models())
+    assert list_models("vgg1?_bn") == ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
+    assert model_info("alexnet_2tower").input_shape == (227, 227, 3)
+    assert model_info("lenet5").input_shape == (32, 32, 1)
+    assert model_info("lenet5").num_classes == 10
+    assert model_info("nin_cifar").num_classes == 10
+
+
+@pytest.mark.parametrize("name", CLASSIC)
+def test_param_count_exact(name):
+    variables = init_shapes(create_model(name), native_shape(name))
+    count = n_params(variables)
+    assert count == CLOSED_FORM.get(name, count)
+    assert count == PUBLISHED.get(name, count)
+    assert name in CLOSED_FORM or name in PUBLISHED
+    assert "head" in variables["params"]  # the classifier every model names `head`
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
+
+
+def test_bn_running_statistics_are_not_params():
+    variables = init_shapes(create_model("vgg16_bn"), (1, 224, 224, 3))
+    stats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["batch_stats"]))
+    assert stats == 2 * (2 * 64 + 2 * 128 + 3 * 256 + 6 * 512)  # mean + var per BN channel
+    assert n_params(variables) == 138_365_992
+
+
+def test_googlenet_aux_heads_param_count():
+    model = create_model("googlenet", aux_logits=True)
+    variables = init_shapes(model, (1, 224, 224, 3))
+    assert n_params(variables) == googlenet_count(aux=True) == 6_998_552 + 6_379_728
+    assert {"aux1", "aux2"} <= set(variables["params"])
+
+
+def test_num_classes_override_changes_only_the_head():
+    a = init_shapes(create_model("vgg11"), (1, 32, 32, 3))
+    b = init_shapes(create_model("vgg11", num_classes=10), (1, 32, 32, 3))
+    assert n_params(a) - n_params(b) == dense(4096, 1000) - dense(4096, 10)
+    assert b["params"]["head"]["kernel"].shape == (4096, 10)
+
+
+# --------------------------------------------------------------- feature maps at native sizes
+def _feature_shapes(model, shape, **kwargs):
+    """Logits shape and `{name: shape}` of the features, in the order the model returns them.
+
+    (Traced outputs come back as pytrees with sorted dict keys, so the order is recorded while
+    tracing.)
+    """
+    variables = init_shapes(model, shape)
+    order: list[str] = []
+
+    def run(v):
+        logits, features = model.apply(v, jnp.zeros(shape), return_features=True, **kwargs)
+        order.extend(features)
+        return logits, features
+
+    logits, features = jax.eval_shape(run, variables)
+    return logits.shape, {k: tuple(features[k].shape) for k in order}
+
+
+# Map sizes from the papers: AlexNet Figure 2 (55 -> 27 -> 13 -> 6), ZFNet Figure 3
+# (110 -> 55 -> 26 -> 13 -> 6), GoogLeNet Table 1 (28, 14, 7), VGG (halving to 7), NiN (Caffe:
+# 54 -> 27 -> 13 -> 6; CIFAR 32 -> 16 -> 8), LeNet-5 Figure 2.
+NATIVE_FEATURES = {
+    "lenet5": {
+        "c1": (28, 28, 6),
+        "s2": (14, 14, 6),
+        "c3": (10, 10, 16),
+        "s4": (5, 5, 16),
+        "c5": (1, 1, 120),
+        "pre_logits": (84,),
+    },
+    "alexnet_2tower": {
+        "layer1": (27, 27, 96),
+        "layer2": (13, 13, 256),
+        "layer3": (13, 13, 384),
+        "layer4": (13, 13, 384),
+        "layer5": (6, 6, 256),
+        "pre_logits": (4096,),
+    },
+    "alexnet": {
+        "layer1": (27, 27, 64),
+        "layer2": (13, 13, 192),
+        "layer3": (13, 13, 384),
+        "layer4": (13, 13, 256),
+        "layer5": (6, 6, 256),
+        "pre_logits": (4096,),
+    },
+    "zfnet": {
+        "layer1": (55, 55, 96),
+        "layer2": (13, 13, 256),
+        "layer3": (13, 13, 512),
+        "layer4": (13, 13, 1024),
+        "layer5": (6, 6, 512),
+        "pre_logits": (4096,),
+    },
+    "vgg16": {
+        "block1": (112, 112, 64),
+        "block2": (56, 56, 128),
+        "block3": (28, 28, 256),
+        "block4": (14, 14, 512),
+        "block5": (7, 7, 512),
+        "pre_logits": (4096,),
+    },
+    "nin": {
+        "block1": (27, 27, 96),
+        "block2": (13, 13, 256),
+        "block3": (6, 6, 384),
+        "block4": (6, 6, 1024),
+        "pre_logits": (6, 6, 1024),
+    },
+    "nin_cifar": {
+        "block1": (16, 16, 96),
+        "block2": (8, 8, 192),
+        "block3": (8, 8, 192),
+        "pre_logits": (8, 8, 192),
+    },
+    "googlenet": {
+        "stem": (28, 28, 192),
+        "inception3": (28, 28, 480),
+        "inception4": (14, 14, 832),
+        "inception5": (7, 7, 1024),
+        "pre_logits": (1024,),
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_FEATURES))
+def test_feature_maps_match_paper_sizes(name):
+    model = create_model(name)
+    logits, features = _feature_shapes(model, native_shape(name, batch=2))
+    assert logits == (2, model.num_classes)
+    expected = NATIVE_FEATURES[name]
+    assert list(features) == list(expected)  # names, in network order
+    assert features == {k: (2, *v) for k, v in expected.items()}
+
+
+def test_alexnet_at_224_shows_the_paper_size_inconsistency():
+    # (224 - 11) / 4 + 1 = 54.25: the paper's 224 input gives 54 -> 26 -> 12 -> 5, not 6x6 pool5.
+    _, features = _feature_shapes(AlexNet(pool_size=None), (1, 224, 224, 3))
+    assert features["layer5"] == (1, 5, 5, 256)
+    # torchvision's layout pads conv1 by 2 and pools adaptively, so 224 works.
+    _, features = _feature_shapes(create_model("alexnet"), (1, 224, 224, 3))
+    assert features["layer5"] == (1, 6, 6, 256)
+
+
+def test_alexnet_two_towers_are_grouped_convolutions():
+    params = init_shapes(create_model("alexnet_2tower"), (1, 227, 227, 3))["params"]
+    kernels = {k: params[k]["kernel"].shape for k in ("conv1", "conv2", "conv3", "conv4", "conv5")}
+    # Each tower's kernels see only that tower's half of the input maps (except conv3).
+    assert kernels == {
+        "conv1": (11, 11, 3, 96),
+        "conv2": (5, 5, 48, 256),
+        "conv3": (3, 3, 256, 384),
+        "conv4": (3, 3, 192, 384),
+        "conv5": (3, 3, 192, 256),
+    }
+
+
+def test_vgg_parameter_names_for_fcn():
+    params = init_shapes(create_model("vgg16"), (1, 224, 224, 3))["params"]
+    assert set(params) == {"features", "fc6", "fc7", "head"}
+    convs = sorted(params["features"])
+    assert convs == sorted(
+        f"conv{b}_{i}"
+        for b, n in zip(range(1, 6), (2, 2, 3, 3, 3), strict=True)
+        for i in range(1, n + 1)
+    )
+    assert params["fc6"]["kernel"].shape == (7 * 7 * 512, 4096)
+
+
+def test_vgg_fc6_flatten_order_is_hwc():
+    """fc6's kernel reshaped to 7x7x512x4096 is the equivalent convolution (FCN relies on it)."""
+    model = VGG(stages=((4,), (8,)), hidden_features=5, pool_size=3, num_classes=3)
+    x = jax.random.normal(jax.random.key(2), (2, 12, 12, 3))
+    variables, ((_, features), state) = jrun(
+        model,
+        x,
+        return_features=True,
+        capture_intermediates=lambda m, _: m.name == "fc6",
+        mutable=["intermediates"],
+    )
+    pooled = np.asarray(features["block2"])  # 3x3x8, the adaptive pool is the identity here
+    fc6 = variables["params"]["fc6"]
+    kernel = np.asarray(fc6["kernel"]).reshape(3, 3, 8, 5)
+    as_conv = np.einsum("nhwc,hwco->no", pooled.astype(np.float64), kernel) + np.asarray(
+        fc6["bias"]
+    )
+    got = state["intermediates"]["fc6"]["__call__"][0]
+    np.testing.assert_allclose(np.asarray(got), as_conv, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- forward + backward at the minimum size
+def _train_apply(model, variables, x, key):
+    """Train-mode logits, grads of a cross-entropy loss and updated state, all under jit."""
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss_fn(p):
+        logits, new_state = model.apply(
+            {"params": p, **state}, x, train=True, rngs={"dropout": key}, mutable=list(state)
+        )
+        labels = jnp.arange(x.shape[0]) % model.num_classes
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits, new_state)
+
+    (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, logits, grads, new_state
+
+
+@pytest.mark.parametrize("name", CLASSIC)
+def test_forward_backward_traces_for_every_model(name):
+    """Abstract init + train-mode forward + gradient (jax.eval_shape): shapes, dtypes and
+    differentiability of every registered model at its minimum input, without compiling."""
+    model = create_model(name)
+    shape = min_shape(name)
+    variables = init_shapes(model, shape)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    loss, logits, grads, new_state = jax.eval_shape(
+        functools.partial(_train_apply, model), variables, x, key(10)
+    )
+    assert loss.shape == () and logits.shape == (shape[0], model.num_classes)
+    assert jax.tree.map(lambda g: (g.shape, g.dtype), grads) == jax.tree.map(
+        lambda p: (p.shape, p.dtype), variables["params"]
+    )
+    assert set(new_state) == ({"batch_stats"} if name in BN_MODELS else set())
+
+
+# Concretely under jit in the default suite: every model but the VGGs (100M+ parameters, ~10 s
+# each to draw and differentiate on 2 CPU cores; their code runs in the default suite through
+# the reduced-width VGG tests below) and GoogLeNet (~60 convolutions: XLA's CPU compile of its
+# init and gradient takes ~30 s). Those run with `-m slow`.
+_SLOW_AT_MIN_SIZE = {n for n in CLASSIC if n.startswith("vgg")} | {"googlenet"}
+MIN_SIZE_CASES = [
+    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_AT_MIN_SIZE else n for n in CLASSIC
+]
+
+
+def _check_forward_backward(model, shape, has_dropout: bool, has_bn: bool) -> None:
+    """Init + train step under jit: shapes, finite non-zero grads, dropout RNG use, BN updates."""
+    x = jax.random.normal(jax.random.key(3), shape)
+    variables = jax.jit(model.init)({"params": key(0)}, x)
+    train = jax.jit(functools.partial(_train_apply, model))
+    loss, logits, grads, new_state = train(variables, x, key(10))
+
+    assert logits.shape == (shape[0], model.num_classes) and logits.dtype == jnp.float32
+    assert np.isfinite(float(loss))
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(optax.global_norm(grads)) > 0
+
+    # Eval mode needs no dropout RNG (tracing would fail if a Dropout were active); train mode
+    # draws its dropout masks from the "dropout" stream: same key, same output; new key, new one.
+    eval_logits = jax.eval_shape(lambda v: model.apply(v, x), variables)
+    assert eval_logits.shape == logits.shape
+    _, logits_same, _, _ = train(variables, x, key(10))
+    _, logits_other, _, _ = train(variables, x, key(11))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(logits_same))
+    assert has_dropout == (not np.array_equal(np.asarray(logits), np.asarray(logits_other)))
+
+    if has_bn:  # train mode returns updated running statistics
+        old = jax.tree.leaves(variables["batch_stats"])
+        new = jax.tree.leaves(new_state["batch_stats"])
+        assert len(old) == len(new) > 0
+        assert all(not np.allclose(o, n) for o, n in zip(old, new, strict=True))
+    else:
+        assert "batch_stats" not in variables
+
+
+@pytest.mark.parametrize("name", MIN_SIZE_CASES)
+def test_forward_backward_jit_at_min_input_size(name):
+    model = create_model(name)
+    _check_forward_backward(model, min_shape(name), name != "lenet5", name in BN_MODELS)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_forward_backward_jit_reduced_width_vgg11(batch_norm):
+    """VGG-11's layout with 1/16 of the conv widths and 64-wide fc6/fc7, at CIFAR size."""
+    stages = tuple(tuple(c // 16 for c in block) for block in VGG_CONFIGS[11])
+    model = VGG(stages=stages, batch_norm=batch_norm, hidden_features=64, num_classes=10)
+    _check_forward_backward(model, (2, 32, 32, 3), has_dropout=True, has_bn=batch_norm)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CLASSIC)
+def test_forward_backward_jit_at_native_size(name):
+    model = create_model(name)
+    shape = native_shape(name, batch=2)
+    x = jax.random.normal(jax.random.key(3), shape)
+    variables = jax.jit(model.init)({"params": key(0)}, x)
+    loss, logits, grads, _ = jax.jit(functools.partial(_train_apply, model))(variables, x, key(10))
+    assert logits.shape == (2, model.num_classes)
+    assert np.isfinite(float(loss))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_batchnorm_uses_axis_name_for_cross_device_statistics():
+    model = VGG(
+        stages=((4,),),
+        batch_norm=True,
+        hidden_features=8,
+        num_classes=3,
+        axis_name="devices",
+        pool_size=None,
+        dropout_rate=0.0,
+    )
+    scale = jnp.array([1.0, 5.0]).reshape(2, 1, 1, 1, 1)  # the two "devices" see different data
+    x = jax.random.normal(jax.random.key(6), (2, 3, 4, 4, 3)) * scale
+    variables = jinit(model, x[0])
+
+    def step(xs):
+        _, state = model.apply(variables, xs, train=True, mutable=["batch_stats"])
+        return state["batch_stats"]
+
+    stats = jax.jit(jax.vmap(step, axis_name="devices"))(x)
+    mean = stats["features"]["bn1_1"]["mean"]  # [devices, channels]
+    np.testing.assert_allclose(np.asarray(mean[0]), np.asarray(mean[1]), rtol=1e-6)
+    # Without the axis name each "device" keeps its own (different) statistics.
+    local = VGG(
+        stages=((4,),),
+        batch_norm=True,
+        hidden_features=8,
+        num_classes=3,
+        pool_size=None,
+        dropout_rate=0.0,
+    )
+    stats = jax.jit(
+        jax.vmap(
+            lambda xs: local.apply(variables, xs, train=True, mutable=["batch_stats"])[1][
+                "batch_stats"
+            ]
+        )
+    )(x)
+    assert not np.allclose(
+        np.asarray(stats["features"]["bn1_1"]["mean"][0]),
+        np.asarray(stats["features"]["bn1_1"]["mean"][1]),
+    )
+
+
+# ------------------------------------------------------------------------------------- dtype
+@pytest.mark.parametrize("name", CLASSIC)
+def test_bfloat16_activations_float32_params(name):
+    model = create_model(name, dtype=jnp.bfloat16)
+    shape = min_shape(name, batch=1)
+    variables = init_shapes(model, shape)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+    logits, features = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros(shape), return_features=True), variables
+    )
+    assert logits.dtype == jnp.float32  # logits are returned in float32 for the loss
+    assert {k: v.dtype for k, v in features.items()} == {k: jnp.bfloat16 for k in features}
+
+
+# ------------------------------------------------------------------------------------ LeNet-5
+def test_lenet5_overfits_a_tiny_batch():
+    model = create_model("lenet5")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 32, 32, 1)), jnp.float32)
+    y = jnp.arange(16) % 10
+    params = jax.jit(model.init)(key(0), x)["params"]
+    tx = optax.adam(3e-3)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    first = None
+    for _ in range(300):
+        params, opt_state, loss = step(params, opt_state)
+        first = float(loss) if first is None else first
+    assert first > 2.0  # chance level is ln(10) = 2.3
+    assert float(loss) < 0.05
+    predictions = np.argmax(np.asarray(japply(model, {"params": params}, x)), -1)
+    np.testing.assert_array_equal(predictions, np.asarray(y))
+
+
+# Table I of LeCun et al. 1998, rows = S2 maps 0-5, columns = C3 maps 0-15 ("X" = connected).
+TABLE_I = """
+X...XXX..XXXX.XX
+XX...XXX..XXXX.X
+XXX...XXX..X.XXX
+.XXX..XXXX..X.XX
+..XXX..XXXX.XX.X
+...XXX..XXXX.XXX
+"""
+
+
+def test_lenet5_c3_connection_table_matches_paper():
+    table = np.array([[c == "X" for c in row] for row in TABLE_I.split()], dtype=bool)
+    derived = np.zeros((6, 16), bool)
+    for j, inputs in enumerate(C3_CONNECTIONS):
+        derived[list(inputs), j] = True
+    np.testing.assert_array_equal(derived, table)
+    assert derived.sum() == 60
+
+    model = LeNet5(c3_table="paper", subsampling="trainable")
+    x = jax.random.normal(jax.random.key(7), (2, 32, 32, 1))
+    variables = jinit(model, x)
+    params = variables["params"]
+    # Paper II.B: S2 has 12 trainable parameters, C3 1,516 (60 connections x 25 + 16 biases),
+    # S4 32. The C3 kernel is stored in full (6 x 16 x 25) but the 900 masked entries are inert.
+    assert int(table.sum()) * 25 + params["c3"]["bias"].size == 1516
+    assert params["c3"]["kernel"].shape == (5, 5, 6, 16)
+    assert params["s2"]["coef"].size + params["s2"]["bias"].size == 12
+    assert params["s4"]["coef"].size + params["s4"]["bias"].size == 32
+
+    # Masked entries get zero gradient; connected ones do not.
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, x) ** 2)
+
+    grad = np.asarray(jax.jit(jax.grad(loss))(params)["c3"]["kernel"])  # [5, 5, 6, 16]
+    touched = np.abs(grad).sum(axis=(0, 1)) > 0
+    np.testing.assert_array_equal(touched, table)
+
+
+def test_connection_table_conv_ignores_unconnected_inputs():
+    layer = ConnectionTableConv(C3_CONNECTIONS, 5)
+    x = np.asarray(jax.random.normal(jax.random.key(8), (2, 14, 14, 6)))
+    bumped = x.copy()
+    bumped[..., 0] += 10.0  # S2 map 0 feeds C3 maps 0, 4, 5, 6, 9-12, 14, 15 only
+    variables, out = jrun(layer, x)
+    out2 = japply(layer, variables, bumped)
+    assert out.shape == (2, 10, 10, 16)
+    changed = np.abs(np.asarray(out2 - out)).max(axis=(0, 1, 2)) > 1e-6
+    np.testing.assert_array_equal(changed, [c == "X" for c in TABLE_I.split()[0]])
+
+
+def test_lenet5_trainable_subsampling_matches_numpy():
+    model = LeNet5(subsampling="trainable", activation="relu")
+    x = jax.random.normal(jax.random.key(9), (2, 32, 32, 1))
+    variables = jinit(model, x)
+    params = jax.tree.map(np.asarray, variables["params"])
+    params["s2"]["coef"] = np.linspace(-1.0, 1.0, 6).astype(np.float32)
+    params["s2"]["bias"] = np.linspace(0.5, -0.5, 6).astype(np.float32)
+    _, feats = japply(model, {"params": params}, x, return_features=True)
+    c1 = np.asarray(feats["c1"], np.float64)  # [2, 28, 28, 6]
+    sums = c1.reshape(2, 14, 2, 14, 2, 6).sum(axis=(2, 4))
+    expected = np.maximum(sums * params["s2"]["coef"] + params["s2"]["bias"], 0.0)
+    np.testing.assert_allclose(np.asarray(feats["s2"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lenet5_activations():
+    a = np.linspace(-6.0, 6.0, 101)
+    np.testing.assert_allclose(
+        np.asarray(scaled_tanh(jnp.asarray(a, jnp.float32))),
+        1.7159 * np.tanh(2.0 / 3.0 * a),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    x = jax.random.normal(jax.random.key(10), (1, 32, 32, 1)) * 3
+    _, (_, feats) = jrun(LeNet5(activation="scaled_tanh"), x, return_features=True)
+    assert 1.0 < float(jnp.max(jnp.abs(feats["c1"]))) <= 1.7159  # beyond tanh's range
+    _, (_, feats) = jrun(LeNet5(activation="relu"), x, return_features=True)
+    assert float(jnp.min(feats["c1"])) == 0.0 and float(jnp.max(feats["c1"])) > 0.0
+
+
+# ---------------------------------------------------------------------------------- GoogLeNet
+def test_inception_module_concatenates_its_branches():
+    module = Inception(*INCEPTION_V1["3a"])
+    variables = init_shapes(module, (1, 28, 28, 192))
+    out = jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, 28, 28, 192))), variables)
+    assert out.shape == (1, 28, 28, 64 + 128 + 32 + 32)
+    assert n_params(variables) == inception_count(192, INCEPTION_V1["3a"])
+    assert set(variables["params"]) == {
+        "branch1x1",
+        "branch3x3_reduce",
+        "branch3x3",
+        "branch5x5_reduce",
+        "branch5x5",
+        "pool_proj",
+    }
+
+
+def test_googlenet_aux_outputs_only_in_training():
+    model = create_model("googlenet", aux_logits=True, num_classes=5)
+    shape = (2, 224, 224, 3)
+    variables = init_shapes(model, shape)
+    x = jnp.zeros(shape)
+    out = jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, rngs={"dropout": key(0)}), variables
+    )
+    assert isinstance(out, GoogLeNetOutputs)
+    assert [o.shape for o in out] == [(2, 5)] * 3
+    out, features = jax.eval_shape(
+        lambda v: model.apply(v, x, train=True, return_features=True, rngs={"dropout": key(0)}),
+        variables,
+    )
+    assert isinstance(out, GoogLeNetOutputs) and "pre_logits" in features
+    out = jax.eval_shape(lambda v: model.apply(v, x), variables)
+    assert out.shape == (2, 5)  # eval: main logits only
+    # Without aux heads, training returns a plain array.
+    plain = create_model("googlenet", num_classes=5)
+    out = jax.eval_shape(
+        lambda v: plain.apply(v, x, train=True, rngs={"dropout": key(0)}),
+        init_shapes(plain, shape),
+    )
+    assert out.shape == (2, 5)
+
+
+def test_googlenet_aux_heads_need_79_pixels():
+    model = create_model("googlenet", aux_logits=True)
+    assert init_shapes(model, (1, 79, 79, 3))["params"]["aux1"]["fc"]["kernel"].shape == (128, 1024)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "InceptionAux: input.shape=(1, 4, 4, 512) is invalid; expected a map of at least 5x5"
+        ),
+    ):
+        init_shapes(model, (1, 78, 78, 3))
+
+
+# ---------------------------------------------------------------------------------------- NiN
+def test_mlpconv_block_layers():
+    block = MLPConv((96, 80, 64), kernel_size=5, padding=2)
+    variables = init_shapes(block, (1, 16, 16, 3))
+    assert jax.tree.map(lambda x: x.shape, variables["params"]) == {
+        "conv": {"kernel": (5, 5, 3, 96), "bias": (96,)},
+        "cccp1": {"kernel": (1, 1, 96, 80), "bias": (80,)},
+        "cccp2": {"kernel": (1, 1, 80, 64), "bias": (64,)},
+    }
+    out = jax.eval_shape(lambda v: block.apply(v, jnp.zeros((1, 16, 16, 3))), variables)
+    assert out.shape == (1, 16, 16, 64)
+
+
+def test_nin_logits_are_global_average_of_class_maps():
+    for relu_logits in (True, False):
+        model = NiN(
+            stages=(NiNStage((8, 8), 3, padding=1),), num_classes=4, relu_logits=relu_logits
+        )
+        x = jax.random.normal(jax.random.key(12), (2, 6, 6, 3))
+        variables, (logits, inter) = jrun(
+            model, x, capture_intermediates=True, mutable=["intermediates"]
+        )
+        maps = np.asarray(inter["intermediates"]["head"]["__call__"][0], np.float64)
+        maps = np.maximum(maps, 0) if relu_logits else maps
+        np.testing.assert_allclose(np.asarray(logits), maps.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+        assert variables["params"]["head"]["kernel"].shape == (1, 1, 8, 4)
+
+
+# -------------------------------------------------------------------------- errors and inputs
+def test_create_model_unknown_name_lists_close_matches():
+    with pytest.raises(
+        ValueError, match=re.escape("create_model: unknown model name='vgg61'; did you mean [")
+    ) as err:
+        create_model("vgg61")
+    assert "'vgg16'" in str(err.value)
+    with pytest.raises(ValueError, match="did you mean") as err:
+        create_model("alexnet_2towers")
+    assert "'alexnet_2tower'" in str(err.value)
+
+
+STAGES = ((64,), (128,))
+INVALID = [
+    (lambda: VGG(stages=()), "VGG: stages=() is invalid; expected a non-empty sequence"),
+    (lambda: VGG(stages=((64, 0),)), "VGG: stages=((64, 0),) is invalid"),
+    (lambda: VGGFeatures(stages=(64,)), "VGGFeatures: stages=(64,) is invalid"),
+    (
+        lambda: VGG(stages=STAGES, num_classes=0),
+        "VGG: num_classes=0 is invalid; expected a positive integer",
+    ),
+    (
+        lambda: VGG(stages=STAGES, dropout_rate=1.0),
+        "VGG: dropout_rate=1.0 is invalid; expected a number in [0, 1)",
+    ),
+    (lambda: VGG(stages=STAGES, hidden_features=-1), "VGG: hidden_features=-1 is invalid"),
+    (lambda: VGG(stages=STAGES, pool_size=0), "VGG: pool_size=0 is invalid"),
+    (lambda: create_model("vgg16", num_classes=2.5), "VGG: num_classes=2.5 is invalid"),
+    (
+        lambda: AlexNet(widths=(96, 256, 384, 384)),
+        "AlexNet: widths=(96, 256, 384, 384) is invalid; expected five positive ints",
+    ),
+    (lambda: AlexNet(groups=(1, 2, 1, 2, 0)), "AlexNet: groups=(1, 2, 1, 2, 0) is invalid"),
+    (lambda: AlexNet(widths=5), "AlexNet: widths=5 is invalid"),
+    (lambda: AlexNet(num_classes=-3), "AlexNet: num_classes=-3 is invalid"),
+    (lambda: AlexNet(dropout_rate=-0.1), "AlexNet: dropout_rate=-0.1 is invalid"),
+    (lambda: AlexNet(hidden_features=0), "AlexNet: hidden_features=0 is invalid"),
+    (lambda: AlexNet(pool_size=0), "AlexNet: pool_size=0 is invalid"),
+    (lambda: ZFNet(widths=(96, 256)), "ZFNet: widths=(96, 256) is invalid"),
+    (lambda: ZFNet(num_classes=0), "ZFNet: num_classes=0 is invalid"),
+    (lambda: ZFNet(dropout_rate=2), "ZFNet: dropout_rate=2 is invalid"),
+    (lambda: ZFNet(hidden_features=0), "ZFNet: hidden_features=0 is invalid"),
+    (
+        lambda: LeNet5(activation="sigmoid"),
+        "LeNet5: activation='sigmoid' is invalid; expected one of ['tanh', 'scaled_tanh', 'relu']",
+    ),
+    (
+        lambda: LeNet5(subsampling="max"),
+        "LeNet5: subsampling='max' is invalid; expected one of ['avg', 'trainable']",
+    ),
+    (
+        lambda: LeNet5(c3_table="partial"),
+        "LeNet5: c3_table='partial' is invalid; expected one of ['full', 'paper']",
+    ),
+    (lambda: LeNet5(num_classes=0), "LeNet5: num_classes=0 is invalid"),
+    (
+        lambda: MLPConv(features=(), kernel_size=3),
+        "MLPConv: features=() is invalid; expected a non-empty sequence of positive ints",
+    ),
+    (lambda: MLPConv(features=(8, -1), kernel_size=3), "MLPConv: features=(8, -1) is invalid"),
+    (lambda: NiN(stages=()), "NiN: stages=() is invalid; expected at least one NiNStage"),
+    (
+        lambda: NiN(stages=(NiNStage((8,), 3, pool="median"),)),
+        "NiN: pool='median' is invalid; expected one of ['max', 'avg', 'none']",
+    ),
+    (lambda: NiN(num_classes=0), "NiN: num_classes=0 is invalid"),
+    (lambda: NiN(dropout_rate=1.5), "NiN: dropout_rate=1.5 is invalid"),
+    (lambda: GoogLeNet(num_classes=0), "GoogLeNet: num_classes=0 is invalid"),
+    (lambda: GoogLeNet(dropout_rate=1), "GoogLeNet: dropout_rate=1 is invalid"),
+    (
+        lambda: GoogLeNet(aux_dropout_rate=True),
+        "GoogLeNet: aux_dropout_rate=True is invalid; expected a number in [0, 1)",
+    ),
+    (
+        lambda: Inception(64, 96, 128, 16, 32, 0),
+        "Inception: pool_proj=0 is invalid; expected a positive integer",
+    ),
+]
+
+
+@pytest.mark.parametrize("build, message", INVALID, ids=[m.split(" is")[0] for _, m in INVALID])
+def test_invalid_hyperparameters_raise_before_tracing(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+@pytest.mark.parametrize("name", CLASSIC)
+def test_non_nhwc_input_is_rejected(name):
+    model = create_model(name)
+    owner = type(model).__name__
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{owner}: input.shape=(32, 32, 3) is invalid; expected a rank-4 NHWC array"
+        ),
+    ):
+        init_shapes(model, (32, 32, 3))
+
+
+def test_input_below_min_size_fails_in_python():
+    for name in CLASSIC:
+        info = model_info(name)
+        small = info.min_input_size - 1
+        with pytest.raises(ValueError, match="is invalid"):
+            init_shapes(create_model(name), (1, small, small, info.input_shape[2]))
