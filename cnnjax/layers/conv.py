@@ -444,7 +444,10 @@ def bilinear_upsample_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.
 
     As FCN's Caffe `bilinear` filler; use `kernel_size = 2s − s mod 2`, `strides = s` and
     `padding = ceil((s − 1)/2)` (s=2: k=4, p=1; s=3: k=5, p=1) for an `s·n` output that equals
-    half-pixel-centred bilinear resizing away from the border (the input is zero outside).
+    half-pixel-centred bilinear resizing away from the border (the input is zero outside). An
+    odd `kernel_size = 2s − 1` with `padding = s − 1`, `output_padding = s − 1` is corner-aligned
+    instead: input pixel i lands on output `s·i` (as `align_corners=True` resizing), for inputs
+    whose pixel i is centred at `s·i` of the finer grid (e.g. after padded stride-s convolutions).
     `shape = (k_h, k_w, C_in/groups, C_out)`: output channel `o` gets the 2-D kernel
     `outer(f_h, f_w)` from input channel `o mod (C_in/groups)` of its group and zeros from the
     others — a diagonal kernel for `C_in = C_out`, groups=1, or the same kernel for every channel

@@ -19,15 +19,27 @@ scores of earlier pooling stages on the way.
 
 Input sizes. The original pads the input by 100 pixels and crops the upsampled scores with
 per-layer offsets, so that fc6's 7x7 VALID convolution fits any image. This module instead pads
-the input at the bottom/right with zeros to the next multiple of the output stride (32), runs
-fc6 with SAME padding (3), so every stride-s map is exactly `H_pad/s` and each 2x/8x/16x/32x
-transposed convolution (kernel 2s, padding s/2) produces exactly `s` times its input, aligned
-pixel-for-pixel with the finer skip maps; the final scores are cropped back to `H x W`. Any input
-of at least one pixel works, the output is `[N, H, W, num_classes]` (float32). With inputs
-normalized to zero mean, zero padding is padding with the mean colour. (On VGG the 2x2 pools
-make every coarse pixel the exact centre of its 2x2 fine block, so skips align exactly; ResNet's
-padded stride-2 convolutions centre coarse pixel i on fine pixel 2i instead, a shift of at most
-half a fine pixel per level that the learned layers absorb.)
+the input at the bottom/right with zeros to the next multiple of the output stride (32) and runs
+fc6 with SAME padding (3), so every stride-s map is exactly `H_pad/s`, each 2x/8x/16x/32x
+transposed convolution produces exactly `s` times its input, and the final scores are cropped
+back to `H x W`. Any input of at least one pixel works, the output is `[N, H, W, num_classes]`
+(float32). With inputs normalized to zero mean, zero padding is padding with the mean colour.
+
+Alignment. Every upsampling must put coarse pixel i where the backbone centred it on the finer
+grid, or the skips add scores of different places and the output map is shifted off the input.
+The two backbones place coarse pixels differently, so they get different (exact) geometries:
+- VGG-16: 2x2 stride-2 pools centre coarse pixel i on the fine *half-pixel* `s·i + (s−1)/2` (the
+  centre of its s x s block). Upsampling is the paper's half-pixel bilinear (even kernel
+  `2s − s mod 2`, padding `ceil((s−1)/2)`), which puts coarse pixel i exactly there.
+- ResNet: the padded stride-2 convolutions and 3x3 max pool (symmetric padding k//2) centre
+  coarse pixel i on fine pixel `s·i` exactly. Upsampling is corner-aligned bilinear: odd kernel
+  `2s − 1` (the triangle `1 − |t|/s`, centred), padding `s − 1`, output_padding `s − 1`, so
+  output pixel `s·i` is coarse pixel i and the pixels between interpolate linearly (the last
+  `s − 1` rows/columns fall towards the zero beyond the map). Half-pixel upsampling here would
+  shift the FCN-32s output by 15.5 pixels and misalign the FCN-8s skips by 8 and 12 pixels, which
+  no learned layer can undo in FCN-32s (1x1 score layer, fixed final upsampling).
+With either, the centre of each output pixel's receptive field is that pixel
+(`cnnjax.analysis.summary` reports start 0 and no misaligned merge).
 """
 
 from __future__ import annotations
@@ -66,18 +78,26 @@ BACKBONES = ("vgg16", *RESNET_BACKBONES)
 OUTPUT_STRIDE = 32
 
 
-def _upsample_geometry(factor: int) -> tuple[int, int]:
-    """Kernel size and padding of an exact `factor`x bilinear transposed convolution."""
-    return 2 * factor - factor % 2, math.ceil((factor - 1) / 2)
+def _upsample_geometry(factor: int, corner_aligned: bool = False) -> tuple[int, int, int]:
+    """(kernel, padding, output_padding) of an exact `factor`x bilinear transposed convolution.
+
+    Half-pixel (VGG: coarse pixel i at fine `s·i + (s−1)/2`) or corner-aligned (ResNet: at `s·i`);
+    see the module docstring. Both give exactly `factor · n` outputs for `n` inputs.
+    """
+    if corner_aligned:
+        return 2 * factor - 1, factor - 1, factor - 1
+    return 2 * factor - factor % 2, math.ceil((factor - 1) / 2), 0
 
 
-def bilinear_upsample(x: Array, factor: int) -> Array:
+def bilinear_upsample(x: Array, factor: int, corner_aligned: bool = False) -> Array:
     """Fixed (parameter-free) bilinear upsampling by an integer `factor`, each channel alone.
 
     The transposed convolution FCN uses, with the bilinear kernel of
-    `cnnjax.layers.conv.bilinear_upsample_init`: output `factor * n`, half-pixel aligned.
+    `cnnjax.layers.conv.bilinear_upsample_init`: output `factor * n`, half-pixel aligned (input
+    pixel i centred at output `s·i + (s−1)/2`) or, with `corner_aligned`, input pixel i at output
+    `s·i` (outputs beyond the last input pixel interpolate towards zero).
     """
-    k, p = _upsample_geometry(factor)
+    k, p, op = _upsample_geometry(factor, corner_aligned)
     channels = x.shape[-1]
     filt = np.outer(bilinear_kernel_1d(k), bilinear_kernel_1d(k))
     kernel = jnp.asarray(np.broadcast_to(filt[:, :, None, None], (k, k, 1, channels)), x.dtype)
@@ -85,7 +105,7 @@ def bilinear_upsample(x: Array, factor: int) -> Array:
         x,
         kernel[::-1, ::-1],
         window_strides=(1, 1),
-        padding=[(k - 1 - p, k - 1 - p)] * 2,
+        padding=[(k - 1 - p, k - 1 - p + op)] * 2,
         lhs_dilation=(factor, factor),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=channels,
@@ -149,12 +169,15 @@ class FCN(nn.Module):
         score_conv = functools.partial(
             Conv2D, self.num_classes, 1, dtype=self.dtype, kernel_init=nn.initializers.zeros
         )
+        corner = self.backbone != "vgg16"  # see "Alignment" in the module docstring
+        k2, p2, op2 = _upsample_geometry(2, corner)
         up2 = functools.partial(
             ConvTranspose2D,
             self.num_classes,
-            4,
+            k2,
             strides=2,
-            padding=1,
+            padding=p2,
+            output_padding=op2,
             use_bias=False,
             dtype=self.dtype,
             kernel_init=bilinear_upsample_init,
@@ -168,19 +191,20 @@ class FCN(nn.Module):
 
         factor = self.variant
         if self.learn_final_upsample:
-            k, p = _upsample_geometry(factor)
+            k, p, op = _upsample_geometry(factor, corner)
             score = ConvTranspose2D(
                 self.num_classes,
                 k,
                 strides=factor,
                 padding=p,
+                output_padding=op,
                 use_bias=False,
                 dtype=self.dtype,
                 kernel_init=bilinear_upsample_init,
                 name="upscore_final",
             )(score)
         else:
-            score = bilinear_upsample(score, factor)
+            score = bilinear_upsample(score, factor, corner)
         out = jnp.asarray(score[:, :h, :w, :], jnp.float32)
         return (out, feats) if return_features else out
 

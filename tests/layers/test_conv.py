@@ -400,6 +400,24 @@ def test_bilinear_init_upsamples_like_tf_resize(s, k, p):
         assert_close(got[:, b:-b, b:-b], want[:, b:-b, b:-b])
 
 
+@pytest.mark.parametrize("s", [2, 3, 8])
+def test_bilinear_init_odd_kernel_is_corner_aligned_resize(s):
+    # Odd kernel 2s - 1, padding s - 1, output_padding s - 1: input pixel i lands on output s*i,
+    # so the first s*(n - 1) + 1 outputs are TF's align_corners=True resize to that size, exactly
+    # (no border band); the last s - 1 rows/columns interpolate towards the zero outside.
+    x = _random((1, 5, 6, 2), 15)
+    layer = ConvTranspose2D(2, 2 * s - 1, strides=s, padding=s - 1, output_padding=s - 1,
+                            use_bias=False, kernel_init=bilinear_upsample_init)
+    got = np.asarray(layer.apply(layer.init(jax.random.key(0), x), x))
+    assert got.shape == (1, 5 * s, 6 * s, 2)
+    size = (4 * s + 1, 5 * s + 1)
+    want = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True).numpy()
+    assert_close(got[:, : size[0], : size[1]], want)
+    assert_close(got[:, ::s, ::s], x)  # input pixel i is output s*i
+    weights = 1 - np.arange(1, s) / s  # below the last input row: (1 - t/s) * that row
+    assert_close(got[:, 4 * s + 1:, ::s], weights[None, :, None, None] * x[:, -1:])
+
+
 # ---------------------------------------------------------------- gradients (float64)
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import tensorflow as tf
 
-from cnnjax.layers.conv import Conv2D, ConvTranspose2D, bilinear_upsample_init
+from cnnjax.analysis.summary import summary
+from cnnjax.layers.conv import ConvTranspose2D, bilinear_upsample_init
 from cnnjax.models import create_model, list_models
-from cnnjax.models.fcn import FCN, bilinear_upsample, fcn_params_from_vgg16
+from cnnjax.models import vgg as vgg_module
+from cnnjax.models.fcn import bilinear_upsample
 
 FCN_NAMES = [
     "fcn32s_vgg16",
@@ -98,12 +100,14 @@ def test_fcn8s_constant_scores_stay_constant_in_the_interior(fcn8s_small):
         assert not np.any(variables["params"][name]["kernel"])
     np.testing.assert_array_equal(apply(variables, x), 0.0)
     # Constant coarse scores pass upscore2, upscore_pool4 (learned, bilinear at init) and the fixed
-    # 8x bilinear: border effects reach (1 + 2) * 8 + 4 = 28 pixels, the centre stays constant.
+    # 8x bilinear, all corner-aligned on ResNet: the scores stay constant between the first and
+    # the last stride-32 centre (pixels 0..32 x 0..64 of the 64x96 input) and fall towards the
+    # zero outside the map beyond them (bottom/right only).
     out = apply(_with_bias(variables, "head", [1.5, -2.0]), x)
     np.testing.assert_allclose(
-        out[0, 30:34, 30:66], np.broadcast_to([1.5, -2.0], (4, 36, 2)), rtol=1e-5
+        out[0, :33, :65], np.broadcast_to([1.5, -2.0], (33, 65, 2)), rtol=1e-5
     )
-    assert not np.allclose(out[0, 0, 0], [1.5, -2.0])  # (the border does see the zero padding)
+    assert not np.allclose(out[0, 63, 95], [1.5, -2.0])  # (the border does see the zero padding)
 
 
 @pytest.mark.parametrize("name", ["score_pool3", "score_pool4", "head"])
@@ -129,105 +133,101 @@ def test_odd_input_is_zero_padded_then_cropped(fcn8s_small):
 
 
 def test_learned_final_upsampling_starts_as_the_fixed_bilinear():
-    model = create_model("fcn32s_resnet18", num_classes=2, learn_final_upsample=True)
-    variables, out = _shapes(model, jnp.zeros((1, 45, 33, 3)))
-    assert variables["params"]["upscore_final"]["kernel"].shape == (64, 64, 2, 2)
-    assert out.shape == (1, 45, 33, 2)
-    layer = ConvTranspose2D(
-        3, 16, strides=8, padding=4, use_bias=False, kernel_init=bilinear_upsample_init
-    )
+    # ResNet: corner-aligned odd kernel 2s - 1; VGG: the paper's half-pixel kernel 2s.
+    for name, k in (("fcn32s_resnet18", 63), ("fcn32s_vgg16", 64)):
+        model = create_model(name, num_classes=2, learn_final_upsample=True)
+        variables, out = _shapes(model, jnp.zeros((1, 45, 33, 3)))
+        assert variables["params"]["upscore_final"]["kernel"].shape == (k, k, 2, 2)
+        assert out.shape == (1, 45, 33, 2)
     x = jax.random.normal(jax.random.key(0), (1, 3, 4, 3))
-    y = layer.apply(layer.init(jax.random.key(1), x), x)
-    np.testing.assert_allclose(y, bilinear_upsample(x, 8), rtol=1e-5, atol=1e-6)
+    for corner, (k, p, op) in ((False, (16, 4, 0)), (True, (15, 7, 7))):
+        layer = ConvTranspose2D(
+            3,
+            k,
+            strides=8,
+            padding=p,
+            output_padding=op,
+            use_bias=False,
+            kernel_init=bilinear_upsample_init,
+        )
+        y = layer.apply(layer.init(jax.random.key(1), x), x)
+        np.testing.assert_allclose(y, bilinear_upsample(x, 8, corner), rtol=1e-5, atol=1e-6)
 
 
-def test_forward_backward_fcn8s_resnet18_jit(fcn8s_small):
-    model, x, variables, _ = fcn8s_small
-    labels = jax.random.randint(jax.random.key(1), x.shape[:3], 0, 2)
+def test_corner_aligned_bilinear_upsample_matches_tf_align_corners():
+    x = np.random.default_rng(1).normal(size=(1, 4, 5, 2)).astype(np.float32)
+    for factor in (2, 8, 32):
+        y = np.asarray(bilinear_upsample(jnp.asarray(x), factor, corner_aligned=True))
+        assert y.shape == (1, 4 * factor, 5 * factor, 2)
+        size = (3 * factor + 1, 4 * factor + 1)  # input pixel i at output factor * i
+        ref = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True).numpy()
+        np.testing.assert_allclose(y[:, : size[0], : size[1]], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FCN_NAMES)
+def test_summary_shows_aligned_skips_and_centred_output(name):
+    # The receptive-field analysis tracks where each map's pixel 0 is centred on the input: every
+    # skip `add` must merge maps on the same grid and output pixel 0 must be centred on input 0.
+    result = summary(create_model(name, num_classes=3), (64, 64, 3))
+    assert not [n for n in result.notes if "misaligned" in n], result.notes
+    assert tuple(result.receptive_field.start) == (0, 0)
+    assert tuple(result.receptive_field.jump) == (1, 1)
+
+
+def _centre_tap_params(params):
+    """Every conv kernel reduced to its centre tap (1/fan_in), biases zero, upsampling untouched.
+
+    The backbone then only subsamples: a map pixel reads exactly the input pixel its convolutions
+    are centred on (plus the max pools' argmax), so where the FCN looks is where its geometry puts
+    it, free of the border truncation a wide effective receptive field would add.
+    """
+
+    def fill(path, leaf):
+        keys = [str(getattr(k, "key", "")) for k in path]
+        if any(k.startswith("upscore") for k in keys):
+            return leaf
+        if keys[-1] == "kernel":
+            kh, kw = leaf.shape[:2]
+            tap = np.zeros(leaf.shape, np.float32)
+            tap[kh // 2, kw // 2] = 1.0 / leaf.shape[2]
+            return jnp.asarray(tap)
+        return jnp.zeros_like(leaf) if keys[-1] == "bias" else leaf
+
+    return jax.tree_util.tree_map_with_path(fill, params)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["fcn32s_resnet18", "fcn8s_resnet18", pytest.param("fcn8s_vgg16", marks=pytest.mark.slow)],
+)
+def test_input_gradient_centroid_of_each_output_pixel_is_that_pixel(name, monkeypatch):
+    # Independent of the receptive-field analysis. Centre-tap kernels, and the max pools replaced
+    # by average pools over the same windows (same geometry, no data-dependent argmax), make the
+    # scores exactly linear in a positive input with every ReLU active, so the centroid of output
+    # pixel v's input-gradient, sum_u u * d out[v] / d x[u] / sum_u d out[v] / d x[u], is for all
+    # v at once the ratio of two forward-mode derivatives: along the coordinate map and along ones.
+    # It must be v; ResNet with the half-pixel upsampling put it 15.5 px up/left.
+    monkeypatch.setattr(
+        vgg_module, "max_pool2d", lambda x, k, s: flax.linen.avg_pool(x, (k, k), (s, s))
+    )
+    monkeypatch.setattr(flax.linen, "max_pool", flax.linen.avg_pool)
+    model = create_model(name, num_classes=1)
+    n = 96
+    x = jnp.ones((1, n, n, 3))
+    variables = {**jax.jit(model.init)(jax.random.key(1), x)}
+    variables["params"] = _centre_tap_params(variables["params"])
+    rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, :, None, None], x.shape)
+    cols = jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, None, :, None], x.shape)
 
     @jax.jit
-    def grads(params):
-        def loss(p):
-            out, _ = model.apply(
-                {"params": p, "batch_stats": variables["batch_stats"]},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out), labels[..., None], -1))
+    def directional(t):
+        return jax.jvp(lambda inp: model.apply(variables, inp), (x,), (t,))[1][0, ..., 0]
 
-        return jax.grad(loss)(params)
-
-    g = grads(variables["params"])
-    assert jax.tree.structure(g) == jax.tree.structure(variables["params"])
-    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g))
-    # The score layers start at zero, so at the first step only they receive gradient; the
-    # backbone and the upsampling kernels (whose inputs are all-zero scores) get exactly zero.
-    for name in ("head", "score_pool4", "score_pool3"):
-        assert float(jnp.abs(g[name]["kernel"]).sum()) > 0, name
-    for name in ("backbone", "upscore2", "upscore_pool4"):
-        assert float(optax.global_norm(g[name])) == 0.0, name
-
-
-@pytest.mark.slow
-def test_forward_backward_fcn8s_vgg16_jit():
-    model = create_model("fcn8s_vgg16", num_classes=3)
-    x = jnp.ones((1, 64, 64, 3))
-    variables = jax.jit(model.init)(jax.random.key(0), x)
-    g = jax.jit(
-        jax.grad(
-            lambda p: model.apply(
-                {"params": p}, x, train=True, rngs={"dropout": jax.random.key(1)}
-            ).sum()
-        )
-    )(variables["params"])
-    assert jax.tree.structure(g) == jax.tree.structure(variables["params"])
-
-
-def test_fc6_convolutionalized_equals_vgg_dense_fc6():
-    rng = np.random.default_rng(0)
-    pool5 = rng.normal(size=(1, 7, 7, 512)).astype(np.float32)
-    dense_k = rng.normal(size=(7 * 7 * 512, 8)).astype(np.float32) * 0.01
-    bias = rng.normal(size=(8,)).astype(np.float32)
-    vgg_like = {
-        "features": {},
-        "fc6": {"kernel": dense_k, "bias": bias},
-        "fc7": {"kernel": rng.normal(size=(8, 8)).astype(np.float32), "bias": bias},
-    }
-    mapped = fcn_params_from_vgg16(vgg_like)
-    conv = Conv2D(8, 7, padding=3)
-    y = conv.apply({"params": mapped["fc6"]}, pool5)
-    dense = (
-        pool5.reshape(1, -1).astype(np.float64) @ dense_k + bias
-    )  # VGG flattens NHWC as (h, w, c)
-    np.testing.assert_allclose(y[0, 3, 3], dense[0], rtol=1e-4, atol=1e-4)
-    assert mapped["fc7"]["kernel"].shape == (1, 1, 8, 8)
-
-
-def test_fcn_params_from_vgg16_fit_the_fcn_tree():
-    vgg = jax.eval_shape(
-        lambda: create_model("vgg16").init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-    )
-    fcn, _ = _shapes(create_model("fcn8s_vgg16"), jnp.zeros((1, 64, 64, 3)))
-    mapped = jax.eval_shape(fcn_params_from_vgg16, vgg["params"])
-    for key in ("features", "fc6", "fc7"):
-        assert jax.tree.map(lambda a: a.shape, mapped[key]) == jax.tree.map(
-            lambda a: a.shape, fcn["params"][key]
-        )
-
-
-def test_invalid_arguments():
-    with pytest.raises(
-        ValueError, match=r"FCN: variant=4 is invalid; expected one of \[32, 16, 8\]"
-    ):
-        FCN(variant=4)
-    with pytest.raises(ValueError, match=r"FCN: backbone='alexnet' is invalid; expected one of"):
-        FCN(backbone="alexnet")
-    with pytest.raises(ValueError, match=r"FCN: num_classes=0 is invalid"):
-        FCN(num_classes=0)
-    with pytest.raises(ValueError, match=r"FCN: dropout_rate=1.5 is invalid"):
-        FCN(dropout_rate=1.5)
-    with pytest.raises(
-        ValueError, match=r"FCN: input.shape=\(8, 8\) is invalid; expected a rank-4"
-    ):
-        FCN().init(jax.random.key(0), jnp.zeros((8, 8)))
+    mass = np.asarray(directional(jnp.ones_like(x)), np.float64)
+    inner = slice(32, n - 32)  # away from the zero outside the map that the borders blend in
+    assert np.all(mass[inner, inner] > 0)
+    v = np.arange(n, dtype=np.float64)[inner]
+    for axis, t in ((0, rows), (1, cols)):
+        centroid = np.asarray(directional(t), np.float64)[inner, inner] / mass[inner, inner]
+        want = v[:, None] if axis == 0 else v[None, :]
+        np.testing.assert_allclose(centroid, np.broadcast_to(want, centroid.shape), atol=0.5)
