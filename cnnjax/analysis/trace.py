@@ -12,11 +12,18 @@ Cost conventions (those of XLA's HloCostAnalysis, so totals agree with
 `jax.jit(f).lower(...).compile().cost_analysis()["flops"]`):
 - `macs`: dense multiply-accumulates of convolutions and dot products, the figure papers quote:
   `N * prod(out_spatial) * C_out * C_in/groups * prod(kernel)`, taps over padding included.
+  Along an axis with input dilation > 1 (a transposed convolution) only the taps on real input
+  elements count, not those on the inserted zeros: each input element meets every kernel tap
+  once, `N * prod(in_spatial) * prod(kernel) * C_in/groups * C_out` for a stride-1 window, the
+  standard count and exactly the MACs of the forward convolution it transposes. (Counting the
+  dilated input densely would charge a 32x bilinear upsampling 32*32 times too much.)
 - `flops`: 2 per multiply-add that touches real data (taps that fall on zero padding or on the
   zeros inserted by input dilation are not counted), plus 1 per element for elementwise
   arithmetic (bias add, ReLU, BatchNorm arithmetic), `window - 1` per pooled output and
   `in - out` per reduction. Transcendental functions (exp, rsqrt, tanh, pow...) are excluded, as
   XLA reports them separately; data movement (pad, reshape, concatenate, slice) costs 0.
+  So `flops` and `2 * macs` differ by the taps on padding (and, for transposed convolutions,
+  the taps scattered outside the cropped output), beside the non-MAC arithmetic.
 """
 
 from __future__ import annotations
@@ -106,6 +113,17 @@ def _valid_taps(n: int, k: int, s: int, lo: int, d: int, lhs_d: int, m: int) -> 
     return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * lhs_d) & (p % lhs_d == 0)))
 
 
+def _macs_taps(n: int, k: int, s: int, lo: int, d: int, lhs_d: int, m: int) -> int:
+    """MAC-counted (output, tap) pairs along one axis (arguments as `_valid_taps`): all `m * k`
+    without input dilation; with it, each real input element `i` times the taps `t` that reach it
+    from some output position, `(i * lhs_d + lo - t * d) % s == 0` (all `k` for stride 1), so the
+    inserted zeros are skipped but padding taps count, as for a dense convolution."""
+    if lhs_d == 1:
+        return m * k
+    q = np.arange(n)[:, None] * lhs_d + lo - np.arange(k)[None, :] * d
+    return int(np.count_nonzero(q % s == 0))
+
+
 def _integer_pow_muls(y: int) -> int:
     y = abs(y)
     if y <= 1:
@@ -124,14 +142,15 @@ def eqn_cost(
         per_tap = out[out_spec[1]] * lhs[lhs_spec[1]] // params["feature_group_count"]
         batch = out[out_spec[0]]
         kernel = [rhs[a] for a in rhs_spec[2:]]
-        macs = batch * per_tap * _size(kernel) * _size([out[a] for a in out_spec[2:]])
-        taps = 1
+        taps = mac_taps = 1
         for i, k in enumerate(kernel):
-            taps *= _valid_taps(
+            axis = (
                 lhs[lhs_spec[2 + i]], k, params["window_strides"][i], params["padding"][i][0],
                 params["rhs_dilation"][i], params["lhs_dilation"][i], out[out_spec[2 + i]],
             )
-        return 2 * batch * per_tap * taps, macs
+            taps *= _valid_taps(*axis)
+            mac_taps *= _macs_taps(*axis)
+        return 2 * batch * per_tap * taps, batch * per_tap * mac_taps
     if prim == "dot_general":
         (lc, _), _ = params["dimension_numbers"]
         contract = _size([in_avals[0].shape[a] for a in lc])

@@ -262,12 +262,13 @@ Columns:
   parameters).
 - **MACs**: multiply-accumulates of the convolutions and fully connected layers, counted densely
   (taps that fall on zero padding included), i.e. the number papers and torchvision quote as
-  "FLOPs"/"GFLOPS". For transposed convolutions the dense count includes the zeros inserted
-  between inputs.
+  "FLOPs"/"GFLOPS". A transposed convolution counts each input element times the whole kernel
+  (the MACs of the forward convolution it transposes), not the zeros inserted between inputs.
 - **FLOPs**: floating-point operations as XLA's cost analysis counts them: 2 per multiply-add
   that touches real data, plus 1 per element for bias adds, activations, BatchNorm arithmetic and
   pooling comparisons; transcendental functions (exp, rsqrt, tanh) are not counted. So FLOPs are
-  about 2 × MACs for plain convolutional networks.
+  about 2 × MACs for plain convolutional networks (for a transposed convolution, 2 × MACs less
+  the taps scattered outside the cropped output).
 - **Activations**: bytes of all layer outputs of one forward pass (float32), i.e. the
   "forward-pass size": the sum over the rows of the summary, not the peak memory of a compiled
   program (XLA fuses and frees buffers), and without the weights (4 bytes per parameter).
@@ -464,17 +465,18 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     by_name = {r["name"]: r for r in rows}
     if all(n in by_name for n in LECTURE_MODELS):
         lines += ["", *_comparison(by_name, groups["ImageNet classifiers"])]
-    transposed = [r for r in rows if r["transposed_macs"] > r["transposed_flops"]]
+    transposed = [r for r in rows if r["transposed_macs"] > 0]
     if transposed:
         lines += ["", "## Transposed convolutions", ""]
         lines.append(
-            "The MACs column counts a transposed convolution densely, over the zero-dilated "
-            "input; only the FLOPs count the real multiply-adds. The upsampling layers' share:"
+            "MACs count each input element of a transposed convolution times the whole kernel "
+            "(not the zeros inserted between inputs); FLOPs count XLA's multiply-adds that land "
+            "inside the cropped output. The upsampling layers' share:"
         )
         lines.append("")
         for r in transposed:
             lines.append(
-                f"- `{r['name']}`: {_si(r['transposed_macs'])} dense MACs of {_si(r['macs'])}, "
+                f"- `{r['name']}`: {_si(r['transposed_macs'])} MACs of {_si(r['macs'])}, "
                 f"{_si(r['transposed_flops'])} FLOPs of {_si(r['flops'])}."
             )
     noted = [r for r in rows if r["notes"]]

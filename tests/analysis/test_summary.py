@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from cnnjax.analysis.summary import summary
+from cnnjax.layers.conv import Conv2D, ConvTranspose2D
+from cnnjax.models.fcn import bilinear_upsample
 from tests.examples import (
     EXAMPLES,
     AlexNetLike,
@@ -195,6 +197,39 @@ def test_plain_function_layers_are_rows():
     # jump halves to 2 and the phase-averaged centre moves by (0.5 - 1) * 2 = -1.
     assert rows[5].field == ((8, 8), (2, 2), (-0.5, -0.5))
     assert any("transposed" in n for n in result.notes)
+
+
+class _Upsample(nn.Module):
+    """Parameter-free depthwise bilinear upsampling (FCN's fixed final layer)."""
+
+    factor: int
+    corner_aligned: bool
+
+    def __call__(self, x):
+        return bilinear_upsample(x, self.factor, self.corner_aligned)
+
+
+def test_transposed_conv_macs_count_real_input_elements_only():
+    # Hand count: each of the 5*6 input elements meets every one of the 3*3 taps once, for
+    # C_in/groups * C_out = 3 * 4 channel pairs -> 5*6*9*3*4 = 3240, the MACs of the forward
+    # 3x3 stride-2 conv it transposes (10x12x4 -> 5x6x3: 5*6 outputs * 9 * 4 * 3). Counting the
+    # 2x-dilated input densely would give 10*12*9*3*4 = 12960.
+    up = summary(ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1), (5, 6, 3))
+    assert up.rows[0].output_shape == (1, 10, 12, 4)
+    forward = summary(Conv2D(3, 3, 2, 1), (10, 12, 4))
+    assert up.totals["macs"] == 5 * 6 * 9 * 3 * 4 == forward.totals["macs"]
+    # A 32x depthwise bilinear upsampling of a 2x3x5 map: 2*3 inputs * 63*63 taps * 1 * 5
+    # (corner-aligned kernel 63), or 64*64 taps (half-pixel kernel 64); not 64*96*63*63*5.
+    for corner, k in ((True, 63), (False, 64)):
+        result = summary(_Upsample(32, corner), (2, 3, 5))
+        assert result.rows[-1].output_shape == (1, 64, 96, 5)
+        assert result.totals["macs"] == 2 * 3 * k * k * 5
+        if corner:
+            corner_flops = result.totals["flops"]
+    # FLOPs stay XLA's (2 per multiply-add on real data inside the cropped output): with the
+    # corner-aligned kernel input 0 reaches outputs -31..31, 32 of them kept, and inputs 1, 2
+    # all 63 (outputs 1..63, 33..95): (32 + 63) rows * (32 + 63 + 63) columns * 5 channels.
+    assert corner_flops == 2 * (32 + 63) * (32 + 63 + 63) * 5
 
 
 def test_shared_module_counted_once():
