@@ -1,1 +1,45 @@
-"""cnnjax.layers."""
+"""CNN building blocks in NHWC: convolutions, pooling, RoI ops and local response normalization."""
+
+from cnnjax.layers.conv import (
+    Conv2D,
+    ConvTranspose2D,
+    LocallyConnected2D,
+    TiledConv2D,
+    bilinear_kernel_1d,
+    bilinear_upsample_init,
+)
+from cnnjax.layers.norm import LocalResponseNorm
+from cnnjax.layers.padding import PADDING_MODES, pad_nhwc
+from cnnjax.layers.pooling import (
+    adaptive_avg_pool2d,
+    adaptive_max_pool2d,
+    avg_pool2d,
+    global_avg_pool,
+    global_max_pool,
+    max_pool2d,
+    spatial_pyramid_pool,
+)
+from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool
+
+__all__ = [
+    "PADDING_MODES",
+    "Conv2D",
+    "ConvTranspose2D",
+    "LocalResponseNorm",
+    "LocallyConnected2D",
+    "TiledConv2D",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "avg_pool2d",
+    "bilinear_kernel_1d",
+    "bilinear_upsample_init",
+    "box_iou",
+    "global_avg_pool",
+    "global_max_pool",
+    "max_pool2d",
+    "nms",
+    "pad_nhwc",
+    "roi_align",
+    "roi_pool",
+    "spatial_pyramid_pool",
+]
