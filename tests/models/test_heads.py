@@ -107,7 +107,8 @@ def test_replace_head_on_fcn_reinitializes_all_class_dependent_layers():
         "upscore2",
         "upscore_pool4",
     }
-    assert new_vars["params"]["upscore2"]["kernel"].shape == (4, 4, 3, 3)
+    # (ResNet FCNs upsample 2x with the corner-aligned 3x3 kernel, see cnnjax.models.fcn)
+    assert new_vars["params"]["upscore2"]["kernel"].shape == (3, 3, 3, 3)
     assert jax.eval_shape(lambda v: new_model.apply(v, x), new_vars).shape == (1, 64, 64, 3)
 
 
