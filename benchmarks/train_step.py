@@ -292,6 +292,9 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.torch and FLAGS.model not in TORCH_RESNETS:  # fail before compiling anything
+        raise app.UsageError(f"--torch supports --model in {sorted(TORCH_RESNETS)}, not "
+                             f"{FLAGS.model!r}.")
     changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     load_start = loadavg()
     bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
