@@ -77,7 +77,9 @@ def configure_cpu_defaults(
     flags it added, `{name: value}` (empty when there was nothing to add, the user opted out with
     `CNNJAX_CPU_DEFAULTS=0`, or it was too late). If JAX's backend is already initialized the
     flags could no longer take effect, so it warns (`RuntimeWarning`) and changes nothing.
-    Calling it twice adds nothing the second time. `environ` (default `os.environ`) is for tests.
+    Calling it twice adds nothing the second time. `environ` (default `os.environ`) is for tests
+    and for building a subprocess environment; an explicit mapping is edited whatever the state
+    of this process's backend.
     """
     env = os.environ if environ is None else environ
     wanted = dict(CPU_DEFAULT_FLAGS if flags is None else flags)
@@ -88,7 +90,7 @@ def configure_cpu_defaults(
     added = {name: value for name, value in wanted.items() if name not in already}
     if not added:
         return {}
-    if jax_backend_initialized():
+    if environ is None and jax_backend_initialized():  # an explicit mapping is not XLA's
         warnings.warn(
             "cnnjax.platform.configure_cpu_defaults: the JAX backend is already initialized, so "
             f"XLA_FLAGS can no longer change; not adding {sorted(added)}. Call it before the first "

@@ -93,10 +93,19 @@ def test_opt_out_env_var(value):
 
 def test_too_late_warns_and_changes_nothing(monkeypatch):
     monkeypatch.setattr(platform, "jax_backend_initialized", lambda: True)
-    env = {"XLA_FLAGS": "--x=1"}
+    monkeypatch.setenv("XLA_FLAGS", "--x=1")
+    monkeypatch.delenv(platform.OPT_OUT_ENV, raising=False)
     with pytest.warns(RuntimeWarning, match="backend is already initialized"):
-        assert platform.configure_cpu_defaults(environ=env) == {}
-    assert env == {"XLA_FLAGS": "--x=1"}
+        assert platform.configure_cpu_defaults() == {}
+    assert os.environ["XLA_FLAGS"] == "--x=1"
+
+
+def test_explicit_environ_is_edited_even_after_the_backend_started(monkeypatch):
+    """A mapping passed in (a subprocess's environment) is not this process's XLA state."""
+    monkeypatch.setattr(platform, "jax_backend_initialized", lambda: True)
+    env = {"XLA_FLAGS": "--x=1"}
+    assert platform.configure_cpu_defaults(environ=env) == platform.CPU_DEFAULT_FLAGS
+    assert env["XLA_FLAGS"].startswith("--x=1 --xla_cpu_experimental_ynn_fusion_type=")
 
 
 def test_importing_cnnjax_changes_no_global_state():
