@@ -15,12 +15,9 @@ import sys
 import traceback
 
 # CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
-try:
-    from cnnjax.platform import configure_cpu_defaults
-except ImportError:  # older checkout without the platform module
-    configure_cpu_defaults = None
-if configure_cpu_defaults is not None:
-    configure_cpu_defaults()
+from cnnjax.platform import configure_cpu_defaults
+
+configure_cpu_defaults()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
