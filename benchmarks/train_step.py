@@ -50,7 +50,7 @@ def prepare_platform(xla_defaults: bool, num_devices: int) -> dict[str, str]:
 
 def build_jax_step(model_name: str, num_classes: int, batch_size: int,
                    image_shape: tuple[int, int, int], num_devices: int, parallel: str,
-                   dtype: str) -> dict[str, Any]:
+                   dtype: str, **model_overrides: Any) -> dict[str, Any]:
     """The engine's train step (not yet compiled), its initial state and a synthetic batch.
 
     Returns a dict with `step` (the `DataParallel`-wrapped step), `state`, `batch` (random
@@ -85,7 +85,7 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     schedule = build_schedule(config)
     tx = build_optimizer(config, schedule)
     model = create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype),
-                         axis_name=AXIS_NAME)
+                         axis_name=AXIS_NAME, **model_overrides)
     dp = DataParallel(parallel, devices[:n])
     train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME)
     step = dp.wrap_train(train_fn)
@@ -102,10 +102,17 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
             "num_params": num_params, "platform": devices[0].platform}
 
 
-def compile_jax_step(bench: dict[str, Any]) -> float:
-    """Compiles the step ahead of time; returns seconds and stores the executable in `bench`."""
+def compile_jax_step(bench: dict[str, Any], conv_impl: str = "xla") -> float:
+    """Compiles the step ahead of time; returns seconds and stores the executable in `bench`.
+
+    `conv_impl` ("xla", "matmul", "auto"; see `cnnjax.layers.conv_impl`) picks how the model's
+    `nn.Conv` layers are lowered; the choice is baked into the executable.
+    """
+    from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
+
     start = time.perf_counter()
-    bench["compiled"] = bench["step"].lower(bench["state"], bench["batch"]).compile()
+    with conv_impl_context(conv_impl):
+        bench["compiled"] = bench["step"].lower(bench["state"], bench["batch"]).compile()
     return time.perf_counter() - start
 
 
@@ -138,8 +145,8 @@ TORCH_RESNETS = {  # registry name -> (block kind, blocks per stage), as in cnnj
 }
 
 
-def build_torch_resnet(model_name: str, num_classes: int):
-    """The cnnjax ImageNet ResNet (v1.5, projection shortcuts) written with torch.nn."""
+def build_torch_resnet(model_name: str, num_classes: int, stem: str = "imagenet"):
+    """The cnnjax ResNet (v1.5, projection shortcuts; `stem` as `ResNet.stem`) in torch.nn."""
     import torch
     from torch import nn
 
@@ -176,19 +183,21 @@ def build_torch_resnet(model_name: str, num_classes: int):
             block = Block(channels, 64 * 2**i, 2 if i > 0 and j == 0 else 1)
             blocks.append(block)
             channels = block.out_channels
+    stem_layers = ([*conv_bn(3, 64, 3, 1), nn.ReLU()] if stem == "cifar" else
+                   [*conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)])
     return nn.Sequential(
-        *conv_bn(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1), *blocks,
+        *stem_layers, *blocks,
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes),
     )
 
 
 def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_size: int,
-                     dtype: str, channels_last: bool) -> dict[str, Any]:
+                     dtype: str, channels_last: bool, stem: str = "imagenet") -> dict[str, Any]:
     """A PyTorch eager SGD+momentum step on the same network and a synthetic batch."""
     import torch
 
     torch.manual_seed(0)
-    model = build_torch_resnet(model_name, num_classes).train()
+    model = build_torch_resnet(model_name, num_classes, stem).train()
     images = torch.randn(batch_size, 3, image_size, image_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -286,6 +295,11 @@ def define_flags() -> None:
     flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
     flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults() "
                       "(flags you set in XLA_FLAGS always win).")
+    flags.DEFINE_multi_enum("conv_impl", ["xla"], ["xla", "matmul", "auto"],
+                            "How nn.Conv layers are lowered (cnnjax.layers.conv_impl); repeat "
+                            "the flag to time several in interleaved rounds.")
+    flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
+                      "conv, no max pool); default: the model's own.")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
 
 
@@ -297,15 +311,22 @@ def main(argv: list[str]) -> None:
                              f"{FLAGS.model!r}.")
     changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     load_start = loadavg()
-    bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
-                           (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices,
-                           FLAGS.parallel, FLAGS.dtype)
-    compile_s = compile_jax_step(bench)
-    runners: dict[str, Callable] = {"jax": lambda k: run_jax_steps(bench, k)}
+    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
+    impls = list(dict.fromkeys(FLAGS.conv_impl))
+    benches, compile_s = {}, {}
+    runners: dict[str, Callable] = {}
+    for impl in impls:
+        bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+                               (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices,
+                               FLAGS.parallel, FLAGS.dtype, **overrides)
+        compile_s[impl] = compile_jax_step(bench, impl)
+        benches[impl] = bench
+        runners[f"jax_{impl}"] = lambda k, b=bench: run_jax_steps(b, k)
     torch_bench = None
     if FLAGS.torch:
         torch_bench = build_torch_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
-                                       FLAGS.image_size, FLAGS.dtype, FLAGS.torch_channels_last)
+                                       FLAGS.image_size, FLAGS.dtype, FLAGS.torch_channels_last,
+                                       FLAGS.stem or "imagenet")
         if torch_bench["num_params"] != bench["num_params"]:
             raise RuntimeError(f"PyTorch network has {torch_bench['num_params']} parameters, the "
                                f"cnnjax one {bench['num_params']}: not the same architecture.")
@@ -313,25 +334,30 @@ def main(argv: list[str]) -> None:
     rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners)
 
     result: dict[str, Any] = {
-        "model": FLAGS.model, "batch_size": FLAGS.batch_size, "image_size": FLAGS.image_size,
-        "num_devices": bench["num_devices"], "parallel": FLAGS.parallel, "dtype": FLAGS.dtype,
-        "platform": bench["platform"], "num_params": bench["num_params"],
-        "xla_defaults_added": changed, **environment(), "compile_s": compile_s,
-        "jax": summarize(sum(rounds["jax"], []), FLAGS.batch_size),
-        "jax_rounds_images_per_s": round_images_per_s(rounds["jax"], FLAGS.batch_size),
+        "model": FLAGS.model, "stem": FLAGS.stem, "batch_size": FLAGS.batch_size,
+        "image_size": FLAGS.image_size, "num_devices": bench["num_devices"],
+        "parallel": FLAGS.parallel, "dtype": FLAGS.dtype, "platform": bench["platform"],
+        "num_params": bench["num_params"], "xla_defaults_added": changed, **environment(),
+        "compile_s": compile_s, "conv_impls": impls,
     }
     lines = [
-        f"model={FLAGS.model} params={bench['num_params']:,} batch={FLAGS.batch_size} "
-        f"image={FLAGS.image_size} devices={bench['num_devices']} ({bench['platform']}, "
-        f"{FLAGS.parallel}) dtype={FLAGS.dtype}",
+        f"model={FLAGS.model} stem={FLAGS.stem or 'default'} params={bench['num_params']:,} "
+        f"batch={FLAGS.batch_size} image={FLAGS.image_size} devices={bench['num_devices']} "
+        f"({bench['platform']}, {FLAGS.parallel}) dtype={FLAGS.dtype}",
         f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r} "
         f"(added by cnnjax: {sorted(changed) or 'none'})",
-        f"compile: {compile_s:.1f} s",
-        f"jax:   {result['jax']['images_per_s']:8.1f} img/s (median step "
-        f"{result['jax']['median_step_s'] * 1e3:.0f} ms, CPU "
-        f"{result['jax']['median_cpu_s_per_step']:.2f} s/step; per round "
-        f"{', '.join(f'{v:.1f}' for v in result['jax_rounds_images_per_s'])})",
+        "compile: " + ", ".join(f"{impl} {s:.1f} s" for impl, s in compile_s.items()),
     ]
+    for impl in impls:
+        name = f"jax_{impl}"
+        result[name] = summarize(sum(rounds[name], []), FLAGS.batch_size)
+        result[f"{name}_rounds_images_per_s"] = round_images_per_s(rounds[name], FLAGS.batch_size)
+        lines.append(
+            f"jax ({impl:6s}): {result[name]['images_per_s']:8.1f} img/s (median step "
+            f"{result[name]['median_step_s'] * 1e3:.0f} ms, CPU "
+            f"{result[name]['median_cpu_s_per_step']:.2f} s/step; per round "
+            f"{', '.join(f'{v:.1f}' for v in result[f'{name}_rounds_images_per_s'])})")
+    result["jax"] = result[f"jax_{impls[0]}"]  # the first impl, for older readers of the JSON
     if torch_bench is not None:
         result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
         result["torch_rounds_images_per_s"] = round_images_per_s(rounds["torch"],
@@ -339,19 +365,21 @@ def main(argv: list[str]) -> None:
         result["torch_version"] = torch_bench["version"]
         result["torch_threads"] = torch_bench["threads"]
         result["torch_channels_last"] = FLAGS.torch_channels_last
-        result["ratio"] = result["jax"]["images_per_s"] / result["torch"]["images_per_s"]
-        result["round_ratios"] = [j / t for j, t in zip(result["jax_rounds_images_per_s"],
-                                                        result["torch_rounds_images_per_s"],
-                                                        strict=True)]
-        lines += [
-            f"torch: {result['torch']['images_per_s']:8.1f} img/s (median step "
+        lines.append(
+            f"torch:        {result['torch']['images_per_s']:8.1f} img/s (median step "
             f"{result['torch']['median_step_s'] * 1e3:.0f} ms, CPU "
             f"{result['torch']['median_cpu_s_per_step']:.2f} s/step; per round "
             f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}; torch "
-            f"{torch_bench['version']}, {torch_bench['threads']} threads)",
-            f"ratio jax/torch: {result['ratio']:.2f}x (per round "
-            f"{', '.join(f'{r:.2f}' for r in result['round_ratios'])})",
-        ]
+            f"{torch_bench['version']}, {torch_bench['threads']} threads)")
+        for impl in impls:
+            name = f"jax_{impl}"
+            ratio = result[name]["images_per_s"] / result["torch"]["images_per_s"]
+            round_ratios = [j / t for j, t in zip(result[f"{name}_rounds_images_per_s"],
+                                                  result["torch_rounds_images_per_s"], strict=True)]
+            result[f"ratio_{impl}"], result[f"round_ratios_{impl}"] = ratio, round_ratios
+            lines.append(f"ratio jax ({impl}) / torch: {ratio:.2f}x (per round "
+                         f"{', '.join(f'{r:.2f}' for r in round_ratios)})")
+        result["ratio"] = result[f"ratio_{impls[0]}"]
     result["loadavg_start"], result["loadavg_end"] = load_start, loadavg()
     lines.append(f"load average (1 min): {load_start} -> {result['loadavg_end']}")
     print("\n".join(lines))

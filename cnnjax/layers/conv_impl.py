@@ -1,0 +1,181 @@
+"""Convolution as patches + matmul, and a context manager routing `nn.Conv` through it.
+
+XLA:CPU (jaxlib 0.10) runs 2-D convolutions on small spatial maps (outputs of 1x1 or 2x2, as
+in ResNet-18's last stages at 32x32 input) 10-25x slower than the same arithmetic as one matrix
+multiply (docs/performance.md). `conv_general_dilated_matmul` is a drop-in for
+`lax.conv_general_dilated` that gathers the k_h*k_w shifted (strided, dilated) views of the
+zero-padded input, concatenates them along channels and multiplies by the reshaped kernel: the
+same sums, so forward and gradients match `lax` to float rounding. `conv_impl(...)` applies it
+to every `flax.linen.Conv` called inside the `with` block, so existing models run unchanged
+(same parameter tree, same numerics). Opt-in only; nothing here changes global state outside
+the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+from cnnjax.utils.validation import invalid
+
+Array = Any
+
+#: `conv_impl` modes: "xla" (lax convolution everywhere, i.e. no change), "matmul" (every
+#: supported conv as patches + matmul) and "auto" (matmul only where the output map is small).
+CONV_IMPLS = ("xla", "matmul", "auto")
+
+#: "auto" uses the matmul form when the output has at most this many positions (H_out * W_out).
+#: Measured on 2 AVX2 cores: matmul is 10-25x faster at 1x1 and 2x2 outputs, about even at 4x4
+#: and slower (the patch copies cost more than XLA's direct conv saves) at 8x8 and up.
+AUTO_MAX_OUTPUT_POSITIONS = 4
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_nhwc_2d(dimension_numbers: Any, ndim: int) -> bool:
+    """True when `dimension_numbers` describe flax's 2-D layout (NHWC input, HWIO kernel)."""
+    if ndim != 4:
+        return False
+    expected = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+    if dimension_numbers is None:
+        return False
+    given = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), dimension_numbers)
+    return given == expected
+
+
+def matmul_supported(lhs: Array, rhs: Array, lhs_dilation: Sequence[int] | None,
+                     dimension_numbers: Any, feature_group_count: int,
+                     batch_group_count: int) -> bool:
+    """Whether `conv_general_dilated_matmul` computes this convolution itself (else delegates).
+
+    Supported: 2-D, NHWC input with HWIO kernel (flax's layout), no input (transposed-conv)
+    dilation, one feature group and one batch group. Any stride, kernel dilation and padding.
+    """
+    return (_is_nhwc_2d(dimension_numbers, jnp.ndim(lhs)) and jnp.ndim(rhs) == 4
+            and all(d == 1 for d in (lhs_dilation or (1, 1)))
+            and feature_group_count == 1 and batch_group_count == 1)
+
+
+def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
+                        pads: Sequence[tuple[int, int]], dilation: Sequence[int],
+                        precision: Any = None, preferred_element_type: Any = None) -> Array:
+    """NHWC x HWIO convolution (zero padding `pads`) as one [N*Ho*Wo, kh*kw*C] @ [kh*kw*C, F].
+
+    The patch matrix's columns are ordered (kh, kw, C), the row-major order of the HWIO kernel,
+    so the kernel is only reshaped. A 1x1 kernel skips the concatenation (strided slice only).
+    """
+    kh, kw, cin, features = kernel.shape
+    n, h, w, c = x.shape
+    if c != cin:
+        raise ValueError(f"patches_matmul_conv: input channels {c} != kernel input channels {cin}")
+    (st_h, st_w), (d_h, d_w) = strides, dilation
+    (top, bottom), (left, right) = pads
+    h_out = (h + top + bottom - d_h * (kh - 1) - 1) // st_h + 1
+    w_out = (w + left + right - d_w * (kw - 1) - 1) // st_w + 1
+    if h_out <= 0 or w_out <= 0:
+        raise ValueError(f"patches_matmul_conv: empty output {h_out}x{w_out} for input {h}x{w}")
+    # lax.pad also handles negative pads (cropping), as lax.conv_general_dilated does.
+    x = lax.pad(x, jnp.zeros((), x.dtype),
+                ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    views = [
+        lax.slice(x, (0, i * d_h, j * d_w, 0),
+                  (n, i * d_h + (h_out - 1) * st_h + 1, j * d_w + (w_out - 1) * st_w + 1, c),
+                  (1, st_h, st_w, 1))
+        for i in range(kh) for j in range(kw)
+    ]
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    y = lax.dot_general(patches.reshape(n * h_out * w_out, kh * kw * c),
+                        kernel.reshape(kh * kw * c, features), (((1,), (0,)), ((), ())),
+                        precision=precision, preferred_element_type=preferred_element_type)
+    return y.reshape(n, h_out, w_out, features)
+
+
+def conv_general_dilated_matmul(
+    lhs: Array, rhs: Array, window_strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+    precision: Any = None, preferred_element_type: Any = None,
+    max_output_positions: int | None = None,
+) -> Array:
+    """`lax.conv_general_dilated` with the same signature, computed as patches + matmul.
+
+    Cases `matmul_supported` rejects (grouped, transposed, non-NHWC/3-D) and, when
+    `max_output_positions` is given, outputs with more than that many spatial positions are
+    passed to `lax.conv_general_dilated` unchanged.
+    """
+    def delegate() -> Array:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            precision=precision, preferred_element_type=preferred_element_type)
+
+    if not matmul_supported(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count,
+                            batch_group_count):
+        return delegate()
+    dilation = tuple(rhs_dilation or (1, 1))
+    strides = tuple(window_strides)
+    if isinstance(padding, str):
+        window = tuple(d * (k - 1) + 1 for d, k in zip(dilation, rhs.shape[:2], strict=True))
+        pads = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
+    else:
+        pads = tuple(tuple(p) for p in padding)
+    if max_output_positions is not None:
+        h_out, w_out = (
+            (size + lo + hi - d * (k - 1) - 1) // s + 1
+            for size, (lo, hi), d, k, s in zip(lhs.shape[1:3], pads, dilation, rhs.shape[:2],
+                                               strides, strict=True))
+        if h_out * w_out > max_output_positions:
+            return delegate()
+    return patches_matmul_conv(lhs, rhs, strides, pads, dilation, precision,
+                               preferred_element_type)
+
+
+def _auto_conv(*args: Any, **kwargs: Any) -> Array:
+    return conv_general_dilated_matmul(*args, max_output_positions=AUTO_MAX_OUTPUT_POSITIONS,
+                                       **kwargs)
+
+
+def conv_function(impl: str) -> Callable[..., Array] | None:
+    """The `conv_general_dilated` replacement for `impl` (None for "xla": no replacement)."""
+    if impl not in CONV_IMPLS:
+        raise invalid("conv_impl", "impl", impl, f"expected one of {list(CONV_IMPLS)}")
+    return {"xla": None, "matmul": conv_general_dilated_matmul, "auto": _auto_conv}[impl]
+
+
+@contextlib.contextmanager
+def conv_impl(impl: str = "matmul") -> Iterator[None]:
+    """Within the block, every `nn.Conv` (exactly that class, shared weights, no custom
+    `conv_general_dilated`) computes its convolution with `impl`'s function.
+
+    Works on modules built outside the block and under `jit` tracing (the choice is made when
+    the function is traced, so wrap the tracing, e.g. `.lower()` or the first call, in the
+    block). Parameters, their names and initialization are untouched: the interceptor only
+    swaps the convolution primitive for the duration of each call.
+    """
+    function = conv_function(impl)
+    if function is None:
+        yield
+        return
+
+    def interceptor(next_fun: Callable, args: tuple, kwargs: dict,
+                    context: nn.module.InterceptorContext) -> Any:
+        module = context.module
+        if (context.method_name != "__call__" or type(module) is not nn.Conv
+                or module.conv_general_dilated is not None
+                or module.conv_general_dilated_cls is not None):
+            return next_fun(*args, **kwargs)
+        # Modules are frozen dataclasses; set the field for this one call and restore it.
+        object.__setattr__(module, "conv_general_dilated", function)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "conv_general_dilated", None)
+
+    with nn.intercept_methods(interceptor):
+        yield
