@@ -52,6 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: global batch
     c.num_train_steps = 1000
     c.label_smoothing = 0.0
+    c.aux_loss_weight = 0.3  # weight of auxiliary classifiers' loss (GoogLeNet aux_logits=True)
     # Divergence: a NaN/inf training loss, or one above max_loss (cross-entropy starts near
     # ln(num_classes) <= 7; 1000 nats means the run has blown up even if tanh/saturation keeps it
     # finite). None: only NaN/inf count.
@@ -137,6 +138,9 @@ def validate_config(config: Any) -> None:
         raise invalid(
             "config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1"
         )
+    aux_weight = _field(config, "aux_loss_weight", 0.3)
+    if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or aux_weight < 0:
+        raise invalid("config", "aux_loss_weight", aux_weight, "expected a number >= 0")
     if (
         isinstance(config.num_devices, bool)
         or not isinstance(config.num_devices, int)

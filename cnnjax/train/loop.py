@@ -308,7 +308,12 @@ class _Run:
             if r["split"] == "eval"
         ]
         train_step, eval_step = make_steps(
-            self.model, self.tx, self.schedule, AXIS_NAME, float(config.label_smoothing)
+            self.model,
+            self.tx,
+            self.schedule,
+            AXIS_NAME,
+            float(config.label_smoothing),
+            float(config.aux_loss_weight),
         )
         p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
 

@@ -6,6 +6,8 @@ devices combine exactly: the caller divides once at the end.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +41,18 @@ def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: f
         "top1": topk_correct(logits, labels, 1),
         "top5": topk_correct(logits, labels, 5),
     }
+
+
+def split_auxiliary(outputs: Any) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+    """`(main logits, auxiliary logits)` of a model's training output.
+
+    A plain array has no auxiliary heads. A named tuple with a `logits` field (GoogLeNet's
+    `GoogLeNetOutputs(logits, aux1, aux2)`) has its other fields as auxiliary classifiers.
+    """
+    fields = getattr(outputs, "_fields", ())
+    if "logits" in fields:
+        return outputs.logits, tuple(getattr(outputs, f) for f in fields if f != "logits")
+    return outputs, ()
 
 
 def masked_sums(per_example: dict, mask: jnp.ndarray) -> dict:

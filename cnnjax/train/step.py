@@ -30,11 +30,15 @@ def train_step(
     schedule: optax.Schedule,
     axis_name: str,
     label_smoothing: float = 0.0,
+    aux_loss_weight: float = 0.3,
 ) -> tuple[TrainState, dict]:
     """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
 
     Returns the new state (identical on every device) and device-averaged metrics: `loss`, `top1`,
-    `top5` over the global batch and the `learning_rate` used for this step.
+    `top5` of the main head over the global batch and the `learning_rate` used for this step.
+    A model with auxiliary classifiers (GoogLeNet with `aux_logits=True`) adds
+    `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
+    their mean loss is reported as `aux_loss`.
     """
     dropout_rng = jax.random.fold_in(
         jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name)
@@ -49,15 +53,22 @@ def train_step(
         out = model.apply(
             variables, batch["image"], train=True, mutable=mutable, rngs={"dropout": dropout_rng}
         )
-        logits, updates = out if mutable else (out, {})
+        outputs, updates = out if mutable else (out, {})
+        logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
-        return jnp.mean(per_example["loss"]), (per_example, updates)
+        loss = jnp.mean(per_example["loss"])
+        if aux_logits:
+            per_example["aux_loss"] = sum(
+                losses.cross_entropy(aux, batch["label"], label_smoothing) for aux in aux_logits
+            )
+            loss = loss + aux_loss_weight * jnp.mean(per_example["aux_loss"])
+        return loss, (per_example, updates)
 
     grads, (per_example, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
     grads = lax.pmean(grads, axis_name)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
-    # The loss actually optimized (with label smoothing) and the accuracies, averaged over devices.
+    # The main head's loss (with label smoothing) and accuracies, averaged over devices.
     metrics = lax.pmean({name: jnp.mean(value) for name, value in per_example.items()}, axis_name)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(
@@ -89,6 +100,7 @@ def make_steps(
     schedule: optax.Schedule,
     axis_name: str,
     label_smoothing: float = 0.0,
+    aux_loss_weight: float = 0.3,
 ) -> tuple[Callable, Callable]:
     """Binds the model and optimizer into per-device `(train_step, eval_step)` functions."""
     train = functools.partial(
@@ -98,6 +110,7 @@ def make_steps(
         schedule=schedule,
         axis_name=axis_name,
         label_smoothing=label_smoothing,
+        aux_loss_weight=aux_loss_weight,
     )
     evaluate = functools.partial(eval_step, model=model, axis_name=axis_name)
     return train, evaluate

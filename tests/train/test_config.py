@@ -60,6 +60,7 @@ def _raises(config, tmp_path, message):
         ),
         ("compute_dtype", "float16", "config: compute_dtype='float16' is invalid"),
         ("label_smoothing", 1.0, "config: label_smoothing=1.0 is invalid"),
+        ("aux_loss_weight", -0.3, "config: aux_loss_weight=-0.3 is invalid; expected a number"),
         (
             "best_metric",
             "f1",

@@ -1,5 +1,6 @@
 """Loss and metrics against float64 NumPy; the padded/masked eval step against unpadded NumPy."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +74,79 @@ def test_masked_eval_step_exact_vs_numpy():
     np.testing.assert_allclose(
         totals["top5"] / totals["count"], _np_topk(logits, labels, 5).mean(), rtol=1e-12
     )
+
+
+class _AuxOutputs(tuple):
+    """Stands in for GoogLeNetOutputs: a named tuple whose `logits` field is the main head."""
+
+    _fields = ("logits", "aux1")
+
+    @property
+    def logits(self):
+        return self[0]
+
+    @property
+    def aux1(self):
+        return self[1]
+
+
+class _AuxNet(nn.Module):
+    """Two linear heads on the flattened image; the second is an auxiliary head in training."""
+
+    num_classes: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        logits = nn.Dense(self.num_classes, name="head")(x)
+        aux = nn.Dense(self.num_classes, name="aux")(x)  # built in eval too, as GoogLeNet does
+        return _AuxOutputs((logits, aux)) if train else logits
+
+
+def test_split_auxiliary_of_googlenet_outputs_and_plain_arrays():
+    from cnnjax.models.googlenet import GoogLeNetOutputs
+
+    a, b, c = jnp.zeros((2, 3)), jnp.ones((2, 3)), 2 * jnp.ones((2, 3))
+    main, aux = losses.split_auxiliary(GoogLeNetOutputs(a, b, c))
+    assert main is a and aux == (b, c)
+    assert losses.split_auxiliary(a) == (a, ())
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_auxiliary_loss_is_weighted_into_the_gradient(weight):
+    """One SGD step equals a float64 NumPy step on CE(main) + weight * CE(aux)."""
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(6, 2, 2, 1)).astype(np.float32)
+    labels = rng.integers(0, 4, 6).astype(np.int32)
+    model, lr = _AuxNet(), 0.5
+    tx, schedule = optax.sgd(lr), optax.constant_schedule(lr)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, 2, 2, 1))
+    parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
+    train_step, _ = make_steps(model, tx, schedule, "data", aux_loss_weight=weight)
+    params = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(state.params))
+    batch = parallel.shard_batch({"image": images[None], "label": labels[None]})
+    new_state, metrics = parallel.wrap_train(train_step)(parallel.replicate(state), batch)
+    metrics = parallel.metrics_to_host(metrics)
+
+    x = images.reshape(6, -1).astype(np.float64)
+    onehot = np.eye(4)[labels]
+
+    def ce_grads(p):
+        z = x @ p["kernel"] + p["bias"]
+        prob = np.exp(z - z.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        dz = (prob - onehot) / len(x)
+        return _np_cross_entropy(z, labels, 0.0), {"kernel": x.T @ dz, "bias": dz.sum(0)}
+
+    main_loss, g_main = ce_grads(params["head"])
+    aux_loss, g_aux = ce_grads(params["aux"])
+    expected = {
+        "head": {k: params["head"][k] - lr * g_main[k] for k in g_main},
+        "aux": {k: params["aux"][k] - lr * weight * g_aux[k] for k in g_aux},
+    }
+    got = parallel.unreplicate(new_state.params)
+    for name in expected:
+        for k in expected[name]:
+            np.testing.assert_allclose(got[name][k], expected[name][k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], main_loss.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["aux_loss"], aux_loss.mean(), rtol=1e-5)
