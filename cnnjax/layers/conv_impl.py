@@ -153,9 +153,10 @@ def conv_impl(impl: str = "matmul") -> Iterator[None]:
     """Within the block, every `nn.Conv` (exactly that class, shared weights, no custom
     `conv_general_dilated`) computes its convolution with `impl`'s function.
 
-    Works on modules built outside the block and under `jit` tracing (the choice is made when
-    the function is traced, so wrap the tracing, e.g. `.lower()` or the first call, in the
-    block). Parameters, their names and initialization are untouched: the interceptor only
+    Works on modules built outside the block and under `jit` tracing. The choice is made when
+    a function is traced, so wrap the tracing (e.g. `.lower()` or the first call) in the block;
+    JAX caches traces per function object, so a function already traced (or `make_jaxpr`-ed)
+    on one side of the block replays that trace on the other. Parameters, their names and initialization are untouched: the interceptor only
     swaps the convolution primitive for the duration of each call.
     """
     function = conv_function(impl)

@@ -1,0 +1,218 @@
+"""Tests for cnnjax.layers.conv_impl: patches + matmul convolution and the nn.Conv interceptor.
+
+References: `lax.conv_general_dilated` (XLA's direct convolution, forward and autodiff grads)
+and, for the forward, a float64 NumPy loop over kernel taps.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.conv_impl import (
+    AUTO_MAX_OUTPUT_POSITIONS,
+    conv_general_dilated_matmul,
+    conv_impl,
+)
+from cnnjax.models import create_model
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """Elementwise rtol, plus an absolute floor of rtol * max|expected| (float32 sums)."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=rtol,
+                               atol=rtol * float(np.max(np.abs(expected))))
+
+
+def random_pair(rng, n, h, w, c, kh, kw, f):
+    x = jnp.asarray(rng.standard_normal((n, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kh, kw, c, f)) / np.sqrt(kh * kw * c), jnp.float32)
+    return x, k
+
+
+def primitives(fun, *args) -> Counter[str]:
+    """How often each primitive occurs in `fun`'s jaxpr, nested jaxprs included."""
+    names: Counter[str] = Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names[eqn.primitive.name] += 1
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fun)(*args).jaxpr)
+    return names
+
+
+# (input hw, kernel hw, strides, padding, dilation): ResNet-18@32 shapes and edge cases.
+CASES = [
+    ((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # stage4 3x3 on a 1x1 map
+    ((4, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # strided 3x3 into a 2x2 map
+    ((4, 4), (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1)),  # 1x1 projection shortcut
+    ((9, 9), (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # ImageNet stem, odd size
+    ((7, 6), (3, 3), (1, 1), "SAME", (2, 2)),  # dilated, "SAME" resolved like lax
+    ((6, 7), (3, 1), (2, 1), ((0, 1), (2, 0)), (1, 1)),  # non-square kernel, asymmetric pads
+    ((5, 5), (2, 2), (1, 2), "VALID", (1, 2)),
+]
+
+
+@pytest.mark.parametrize("hw,kernel,strides,padding,dilation", CASES)
+def test_forward_and_grads_match_lax(hw, kernel, strides, padding, dilation):
+    x, k = random_pair(np.random.default_rng(0), 3, *hw, 5, *kernel, 4)
+
+    def run(conv):
+        def loss(x, k):
+            y = conv(x, k, strides, padding, rhs_dilation=dilation, dimension_numbers=NHWC)
+            return jnp.sum(jnp.sin(y)), y  # a non-linear loss so cotangents vary
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, k)
+        return y, grads
+
+    y, (gx, gk) = run(conv_general_dilated_matmul)
+    y_ref, (gx_ref, gk_ref) = run(lax.conv_general_dilated)
+    assert y.shape == y_ref.shape
+    assert_close(y, y_ref)
+    assert_close(gx, gx_ref)
+    assert_close(gk, gk_ref)
+    assert "conv_general_dilated" not in primitives(
+        lambda x, k: conv_general_dilated_matmul(x, k, strides, padding, rhs_dilation=dilation,
+                                                 dimension_numbers=NHWC), x, k)
+
+
+def test_forward_matches_float64_numpy_loop():
+    x, k = random_pair(np.random.default_rng(1), 2, 5, 6, 3, 3, 3, 4)
+    y = conv_general_dilated_matmul(x, k, (2, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kp = np.asarray(k, np.float64)
+    expected = np.zeros((2, 3, 6, 4))
+    for i in range(3):
+        for j in range(3):
+            expected += np.einsum("nhwc,cf->nhwf", xp[:, i:i + 5:2, j:j + 6, :], kp[i, j])
+    assert_close(y, expected)
+
+
+def test_unsupported_cases_are_delegated_to_lax():
+    """Grouped and transposed (input-dilated) convolutions go to lax unchanged."""
+    x, k = random_pair(np.random.default_rng(2), 2, 5, 5, 4, 3, 3, 6)
+    grouped = conv_general_dilated_matmul(x, k[:, :, :2], (1, 1), "SAME", dimension_numbers=NHWC,
+                                          feature_group_count=2)
+    ref = lax.conv_general_dilated(x, k[:, :, :2], (1, 1), "SAME", dimension_numbers=NHWC,
+                                   feature_group_count=2)
+    np.testing.assert_array_equal(grouped, ref)
+    pads = ((1, 1), (2, 0))
+    dilated = conv_general_dilated_matmul(x, k, (1, 1), pads, lhs_dilation=(2, 2),
+                                          dimension_numbers=NHWC)
+    ref = lax.conv_general_dilated(x, k, (1, 1), pads, lhs_dilation=(2, 2),
+                                   dimension_numbers=NHWC)
+    np.testing.assert_array_equal(dilated, ref)
+
+
+def test_max_output_positions_picks_matmul_only_for_small_outputs():
+    x, k = random_pair(np.random.default_rng(3), 2, 4, 4, 3, 3, 3, 2)
+
+    def conv(x, k, strides):
+        return conv_general_dilated_matmul(x, k, strides, "SAME", dimension_numbers=NHWC,
+                                           max_output_positions=AUTO_MAX_OUTPUT_POSITIONS)
+
+    # 4x4 output (16 positions) > 4: lax; 2x2 output (4 positions): matmul.
+    assert "conv_general_dilated" in primitives(lambda x, k: conv(x, k, (1, 1)), x, k)
+    assert "conv_general_dilated" not in primitives(lambda x, k: conv(x, k, (2, 2)), x, k)
+
+
+class TwoConvs(nn.Module):
+    """A cnnjax Conv2D, a plain nn.Conv, and a ConvTranspose (not an nn.Conv: untouched)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(Conv2D(6, 3, strides=2, padding=1, name="a")(x))
+        x = nn.Conv(5, (1, 1), name="b")(x)
+        return nn.ConvTranspose(2, (2, 2), name="t")(x)
+
+
+@pytest.mark.parametrize("impl", ["matmul", "auto"])
+def test_context_manager_keeps_params_and_matches_lax(impl):
+    model = TwoConvs()
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 4, 4, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    with conv_impl(impl):
+        inside = model.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, inside, variables)  # same tree, same values
+
+    def loss(params):
+        return jnp.sum(jnp.sin(model.apply({"params": params}, x)))
+
+    ref_value, ref_grads = jax.value_and_grad(loss)(variables["params"])
+    with conv_impl(impl):
+        value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+        prims = primitives(loss, variables["params"])
+    assert_close(value, ref_value)
+    jax.tree.map(assert_close, grads, ref_grads)
+    # Only the transposed conv (lhs-dilated in lax) is left as a convolution.
+    assert prims["conv_general_dilated"] == 1
+    # Leaving the block restores XLA convolutions (a new function: JAX caches traces per
+    # function, so `loss` itself would replay the trace made inside the block).
+    assert primitives(lambda p: loss(p), variables["params"])["conv_general_dilated"] == 3
+
+
+def test_context_manager_on_resnet18_grads():
+    """The whole registry ResNet-18 at 32x32 (stages down to 1x1) gives the same gradients.
+
+    Eval-mode BatchNorm (an affine map): train-mode BN over 2 images at 1x1 maps divides by
+    near-zero variances and magnifies float32 rounding by orders of magnitude in either
+    implementation, which would test conditioning rather than the convolution.
+    """
+    model = create_model("resnet18", num_classes=3)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+        return jnp.sum(logits * jnp.arange(3.0))
+
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    with conv_impl("matmul"):
+        value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    # 20 convolutions deep: each gradient tensor to 1e-4 of its own scale (single
+    # convolutions above are checked at 1e-5).
+    assert_close(value, ref_value, rtol=1e-4)
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4), grads, ref_grads)
+
+
+def test_custom_conv_function_is_left_alone():
+    calls = []
+
+    def custom(*args, **kwargs):
+        calls.append(1)
+        return lax.conv_general_dilated(*args, **kwargs)
+
+    layer = nn.Conv(2, (3, 3), conv_general_dilated=custom)
+    x = jnp.ones((1, 3, 3, 1))
+    with conv_impl("matmul"):
+        variables = layer.init(jax.random.key(0), x)
+        layer.apply(variables, x)
+    assert len(calls) == 2
+
+
+def test_xla_impl_changes_nothing():
+    layer = nn.Conv(2, (3, 3))
+    x = jnp.ones((1, 2, 2, 1))
+    variables = layer.init(jax.random.key(0), x)
+    with conv_impl("xla"):
+        assert "conv_general_dilated" in primitives(lambda v: layer.apply(v, x), variables)
+
+
+def test_invalid_impl_raises_documented_error():
+    with pytest.raises(
+        ValueError,
+        match=r"conv_impl: impl='fast' is invalid; expected one of \['xla', 'matmul', 'auto'\]\.",
+    ), conv_impl("fast"):
+        pass
