@@ -168,6 +168,10 @@ def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> ModuleDef:
     )
 
 
+#: `ResNet.stem` choices: the paper's ImageNet stem, or the 3x3/1 no-pool stem used for CIFAR.
+STEMS = ("imagenet", "cifar")
+
+
 class ResNet(nn.Module):
     """ImageNet ResNet: stem, `len(stage_sizes)` stages of `block_cls`, GAP, linear `head`.
 
@@ -185,6 +189,9 @@ class ResNet(nn.Module):
       zero_init_last_bn: zero gamma in each block's last BN (the block starts as the identity).
       shortcut: "B" (default, the paper's ImageNet choice), "A", "C" or "none" (see SHORTCUTS).
       dtype / axis_name: computation dtype (params float32) / BatchNorm cross-device axis.
+      stem: "imagenet" (default: 7x7/2 conv + 3x3/2 max pool) or "cifar" (3x3/1 conv, no max
+        pool: the usual "ResNet-18 for CIFAR" layout, stages at strides 1, 2, 4, 8). Parameters
+        differ only in `conv_init`'s kernel size.
     """
 
     stage_sizes: Sequence[int]
@@ -198,9 +205,12 @@ class ResNet(nn.Module):
     shortcut: str = "B"
     act: Callable = nn.relu
     features_only: bool = False
+    stem: str = "imagenet"
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        if self.stem not in STEMS:
+            raise invalid(name, "stem", self.stem, f"expected one of {list(STEMS)}")
         check_positive_int(name, "num_classes", self.num_classes)
         check_positive_int(name, "num_filters", self.num_filters)
         _check_shortcut(name, self.shortcut)
@@ -235,10 +245,14 @@ class ResNet(nn.Module):
         features: dict[str, Array] = {}
 
         x = jnp.asarray(x, self.dtype)
-        x = conv(self.num_filters, (7, 7), (2, 2), padding=_pad(7), name="conv_init")(x)
+        if self.stem == "cifar":
+            x = conv(self.num_filters, (3, 3), padding=_pad(3), name="conv_init")(x)
+        else:
+            x = conv(self.num_filters, (7, 7), (2, 2), padding=_pad(7), name="conv_init")(x)
         x = self.act(norm(name="bn_init")(x))
         features["stem"] = x
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
         kwargs = self._block_kwargs()
         for i, num_blocks in enumerate(self.stage_sizes):

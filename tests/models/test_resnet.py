@@ -404,3 +404,36 @@ def test_resnet20_overfits_tiny_batch_quick():
 def test_resnet20_overfits_tiny_batch_32px():
     first, final = _overfit("resnet20_cifar", steps=300, size=32, batch=16)
     assert first > 1.5 and final < 0.01
+
+
+def test_cifar_stem_keeps_resolution_and_differs_only_in_stem_kernel():
+    """stem="cifar": 3x3/1 stem conv, no max pool (stages at strides 1, 2, 4, 8)."""
+    x = jnp.ones((1, 16, 16, 3))
+    imagenet = create_model("resnet18", num_classes=5)
+    cifar = create_model("resnet18", num_classes=5, stem="cifar")
+    shapes = {k: v.shape for k, v in flatten_dict(jax.eval_shape(
+        lambda: imagenet.init(jax.random.key(0), x))["params"]).items()}
+    cifar_vars = cifar.init(jax.random.key(0), x)
+    cifar_shapes = {k: v.shape for k, v in flatten_dict(cifar_vars["params"]).items()}
+    assert set(shapes) == set(cifar_shapes)
+    assert {k for k in shapes if shapes[k] != cifar_shapes[k]} == {("conv_init", "kernel")}
+    assert cifar_shapes[("conv_init", "kernel")] == (3, 3, 3, 64)
+    assert n_params(cifar, x.shape) == IMAGENET_COUNTS["resnet18"] - 1000 * 513 + 5 * 513 - (
+        49 - 9) * 3 * 64
+    _, feats = cifar.apply(cifar_vars, x, return_features=True)
+    assert [feats[k].shape[1] for k in ("stem", "stage1", "stage2", "stage3", "stage4")] == [
+        16, 16, 8, 4, 2]
+    # The stem is exactly conv(3x3, pad 1) -> BN (eval: running stats 0/1) -> ReLU.
+    kernel = cifar_vars["params"]["conv_init"]["kernel"]
+    bn = cifar_vars["params"]["bn_init"]
+    conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    expected = jax.nn.relu(conv / np.sqrt(1 + 1e-5) * bn["scale"] + bn["bias"])
+    np.testing.assert_allclose(feats["stem"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_invalid_stem_raises_documented_error():
+    with pytest.raises(
+        ValueError, match=r"ResNet: stem='tiny' is invalid; expected one of \['imagenet', 'cifar'\]"
+    ):
+        create_model("resnet18", stem="tiny")
