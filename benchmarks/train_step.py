@@ -8,6 +8,10 @@ mode, interleaving JAX and PyTorch rounds in this one process so both see the sa
 
   python -m benchmarks.train_step --model=resnet18 --batch_size=128 --image_size=32 --torch
 
+`--conv_impl=xla --conv_impl=auto` (repeatable) times the step once per convolution lowering
+(`cnnjax.layers.conv_impl`), interleaved; `--stem=cifar` swaps a ResNet's stem for the 3x3/1,
+no-max-pool CIFAR layout (in PyTorch too).
+
 PyTorch is optional: `pip install .[bench]` (a CPU-only wheel is enough). Figures measured with
 this script are in docs/performance.md.
 """

@@ -149,15 +149,16 @@ def conv_function(impl: str) -> Callable[..., Array] | None:
 
 
 @contextlib.contextmanager
-def conv_impl(impl: str = "matmul") -> Iterator[None]:
+def conv_impl(impl: str = "auto") -> Iterator[None]:
     """Within the block, every `nn.Conv` (exactly that class, shared weights, no custom
     `conv_general_dilated`) computes its convolution with `impl`'s function.
 
     Works on modules built outside the block and under `jit` tracing. The choice is made when
     a function is traced, so wrap the tracing (e.g. `.lower()` or the first call) in the block;
     JAX caches traces per function object, so a function already traced (or `make_jaxpr`-ed)
-    on one side of the block replays that trace on the other. Parameters, their names and initialization are untouched: the interceptor only
-    swaps the convolution primitive for the duration of each call.
+    on one side of the block replays that trace on the other. Parameters, their names and
+    initialization are untouched: the interceptor only swaps the convolution primitive for the
+    duration of each call. Default "auto": the fastest measured on CPU (docs/performance.md).
     """
     function = conv_function(impl)
     if function is None:
