@@ -148,6 +148,16 @@ def conv_function(impl: str) -> Callable[..., Array] | None:
     return {"xla": None, "matmul": conv_general_dilated_matmul, "auto": _auto_conv}[impl]
 
 
+def resolve_conv_impl(impl: str, backend: str) -> str:
+    """The implementation `impl` means on `backend`: "auto" is "xla" off CPU.
+
+    The matmul form wins only against XLA:CPU's convolutions on small maps; GPU/TPU convolution
+    libraries handle those well, so accelerators keep XLA's own lowering.
+    """
+    conv_function(impl)  # validates the name
+    return impl if impl != "auto" or backend == "cpu" else "xla"
+
+
 @contextlib.contextmanager
 def conv_impl(impl: str = "auto") -> Iterator[None]:
     """Within the block, every `nn.Conv` (exactly that class, shared weights, no custom

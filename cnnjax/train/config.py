@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from cnnjax.layers.conv_impl import CONV_IMPLS
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES
 from cnnjax.utils.validation import check_choice, check_positive_float, check_positive_int, invalid
 
@@ -59,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_loss = ml_collections.FieldReference(1000.0, field_type=float)
     c.compute_dtype = "float32"  # 'bfloat16': mixed precision (params/optimizer stay float32)
     c.parallel = "pmap"  # or 'shard_map'
+    # How nn.Conv layers are lowered (cnnjax.layers.conv_impl): 'auto' = patches+matmul for
+    # convolutions with tiny output maps on CPU (4x faster ResNet-18 at 32x32), XLA elsewhere.
+    c.conv_impl = "auto"
     c.num_devices = 0  # 0: every local device
     c.optimizer = ml_collections.ConfigDict(
         {
@@ -131,6 +135,7 @@ def validate_config(config: Any) -> None:
         check_positive_int("config", name, config[name])
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
+    check_choice("config", "conv_impl", _field(config, "conv_impl", "auto"), CONV_IMPLS)
     check_choice("config", "best_metric", config.best_metric, EVAL_METRICS)
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
     smoothing = float(config.label_smoothing)

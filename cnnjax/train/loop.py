@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import checks
 from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
@@ -314,6 +315,7 @@ class _Run:
             AXIS_NAME,
             float(config.label_smoothing),
             float(config.aux_loss_weight),
+            resolve_conv_impl(config.conv_impl, jax.default_backend()),
         )
         p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
 

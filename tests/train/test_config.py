@@ -59,6 +59,11 @@ def _raises(config, tmp_path, message):
             "config: parallel='pjit' is invalid; expected one of ['pmap', 'shard_map']",
         ),
         ("compute_dtype", "float16", "config: compute_dtype='float16' is invalid"),
+        (
+            "conv_impl",
+            "cudnn",
+            "config: conv_impl='cudnn' is invalid; expected one of ['xla', 'matmul', 'auto']",
+        ),
         ("label_smoothing", 1.0, "config: label_smoothing=1.0 is invalid"),
         ("aux_loss_weight", -0.3, "config: aux_loss_weight=-0.3 is invalid; expected a number"),
         (

@@ -1,0 +1,51 @@
+"""The train/eval steps honour `conv_impl`: the lowering changes, the numbers do not."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from cnnjax.layers.conv_impl import resolve_conv_impl
+from cnnjax.train.parallel import DataParallel
+from cnnjax.train.state import create_train_state
+from cnnjax.train.step import make_steps
+from tests.train import helpers
+
+
+def _one_step(conv_impl):
+    model = helpers.TinyNet(axis_name="data")
+    tx, schedule = optax.sgd(0.1, momentum=0.9), optax.constant_schedule(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    train_step, eval_step = make_steps(model, tx, schedule, "data", conv_impl=conv_impl)
+    parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
+    batch = parallel.shard_batch(next(helpers.train_batches(
+        None, global_batch_size=16, num_devices=1, seed=0)))
+    p_train = parallel.wrap_train(train_step)
+    hlo = p_train.lower(parallel.replicate(state), batch).as_text()
+    new_state, metrics = p_train(parallel.replicate(state), batch)
+    sums = parallel.wrap_eval(eval_step)(new_state, batch | {"mask": np.ones((1, 16), "f4")})
+    return hlo, parallel.unreplicate(new_state.params), parallel.metrics_to_host(sums)
+
+
+def test_matmul_lowering_reaches_the_traced_step_and_matches_xla():
+    hlo_xla, params_xla, sums_xla = _one_step("xla")
+    hlo_mm, params_mm, sums_mm = _one_step("matmul")
+    assert "convolution" in hlo_xla
+    assert "convolution" not in hlo_mm  # every conv (fwd and grads) became patches + dot
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params_xla, params_mm)
+    for key in sums_xla:
+        np.testing.assert_allclose(sums_mm[key], sums_xla[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("impl", "backend", "expected"), [
+    ("auto", "cpu", "auto"), ("auto", "gpu", "xla"), ("matmul", "gpu", "matmul"),
+    ("xla", "cpu", "xla"),
+])
+def test_auto_means_xla_off_cpu(impl, backend, expected):
+    assert resolve_conv_impl(impl, backend) == expected
+
+
+def test_unknown_conv_impl_is_refused():
+    with pytest.raises(ValueError, match=r"conv_impl: impl='fft' is invalid; expected one of"):
+        resolve_conv_impl("fft", "cpu")
