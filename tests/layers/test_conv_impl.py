@@ -39,6 +39,16 @@ def random_pair(rng, n, h, w, c, kh, kw, f):
     return x, k
 
 
+def _sub_jaxprs(params):
+    """Jaxprs nested in an equation's params (pjit, custom_jvp, cond branches ...)."""
+    for value in params.values():
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                yield item.jaxpr
+
+
 def primitives(fun, *args) -> Counter[str]:
     """How often each primitive occurs in `fun`'s jaxpr, nested jaxprs included."""
     names: Counter[str] = Counter()
@@ -46,7 +56,7 @@ def primitives(fun, *args) -> Counter[str]:
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
             names[eqn.primitive.name] += 1
-            for sub in jax.core.jaxprs_in_params(eqn.params):
+            for sub in _sub_jaxprs(eqn.params):
                 walk(sub)
 
     walk(jax.make_jaxpr(fun)(*args).jaxpr)
