@@ -135,7 +135,7 @@ def validate_config(config: Any) -> None:
         check_positive_int("config", name, config[name])
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
-    check_choice("config", "conv_impl", _field(config, "conv_impl", "auto"), CONV_IMPLS)
+    check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
     check_choice("config", "best_metric", config.best_metric, EVAL_METRICS)
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
     smoothing = float(config.label_smoothing)
@@ -143,7 +143,7 @@ def validate_config(config: Any) -> None:
         raise invalid(
             "config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1"
         )
-    aux_weight = _field(config, "aux_loss_weight", 0.3)
+    aux_weight = config.aux_loss_weight
     if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or aux_weight < 0:
         raise invalid("config", "aux_loss_weight", aux_weight, "expected a number >= 0")
     if (
