@@ -53,6 +53,23 @@ def test_tensorflow_gpus_are_hidden_before_a_pipeline_is_built(digits_config, mo
     assert calls == [([], "GPU"), ([], "GPU")]
 
 
+def test_late_gpu_hiding_warns_when_tensorflow_already_holds_gpus(monkeypatch, caplog):
+    """TF initialized with GPUs visible before the pipeline: visibility is frozen, so warn."""
+
+    def frozen(devices, kind):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(pipeline.tf.config, "set_visible_devices", frozen)
+    monkeypatch.setattr(pipeline.tf.config, "get_visible_devices", lambda kind: ["GPU:0"])
+    with caplog.at_level("WARNING"):
+        pipeline.hide_gpus_from_tensorflow()
+    assert "TensorFlow was initialized with GPUs visible" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(pipeline.tf.config, "get_visible_devices", lambda kind: [])
+    pipeline.hide_gpus_from_tensorflow()  # frozen but no GPU visible (CPU-only TF): nothing to say
+    assert "GPUs visible" not in caplog.text
+
+
 def test_train_batch_shapes_and_dtypes(digits_config):
     batch = next(train_batches(digits_config(image_size=32), global_batch_size=16, num_devices=2,
                                seed=0))

@@ -61,9 +61,25 @@ def test_progress_bar_on_a_terminal_shows_steps_loss_rate_eta():
     assert "step 100/100 | loss 0.1234 | 2,500 img/s | ETA 0:00:00" in text
 
 
-def test_progress_bar_is_silent_off_a_terminal():
+def test_progress_bar_logs_through_absl_off_a_terminal(caplog):
+    """Not a TTY (a log file, a batch job): no bar on the stream, an absl line every log_every."""
     stream = io.StringIO()
     bar = ProgressBar(10, stream=stream, log_every=5)
-    bar.update(5, 1.0, 10.0)
+    with caplog.at_level("INFO", logger="absl"):
+        for step in range(1, 11):
+            bar.update(step, 1.0 / step, 10.0)
     bar.close()
     assert stream.getvalue() == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
+    assert len(lines) == 2  # steps 5 and 10 only
+    assert lines[0].startswith("step 5/10 | loss 0.2000 | 10 img/s | ETA ")
+    assert lines[1].startswith("step 10/10 | loss 0.1000 | 10 img/s | ETA 0:00:00")
+
+
+def test_disabled_progress_bar_neither_draws_nor_logs(caplog):
+    stream = _Terminal()
+    bar = ProgressBar(10, stream=stream, enabled=False, log_every=1)
+    with caplog.at_level("INFO", logger="absl"):
+        bar.update(10, 1.0, 10.0)
+    bar.close()
+    assert stream.getvalue() == "" and not caplog.records
