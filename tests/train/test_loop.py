@@ -37,18 +37,64 @@ def _final_params(workdir, config):
     return state, step
 
 
-def test_run_writes_every_output(tmp_path):
+def _tensorboard_scalars(logdir):
+    import tensorflow as tf
+
+    (event_file,) = Path(logdir).iterdir()
+    return {
+        (v.tag, e.step): v.simple_value
+        for e in tf.compat.v1.train.summary_iterator(str(event_file))
+        for v in e.summary.value
+    }
+
+
+def test_run_writes_every_output(tmp_path, monkeypatch):
+    plotted_after_eval = []  # the newest eval step each time the PNG is redrawn
+    original_plot = loop.MetricLogger.plot
+
+    def spy_plot(self):
+        path = original_plot(self)
+        evals = [r["step"] for r in self.records if r["split"] == "eval"]
+        plotted_after_eval.append((evals[-1], Path(path).stat().st_size > 1000))
+        return path
+
+    monkeypatch.setattr(loop.MetricLogger, "plot", spy_plot)
     config = helpers.tiny_config(tensorboard=True)
     summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["status"] == "completed" and summary["step"] == 12
     assert summary["final_eval"]["num_examples"] == helpers.NUM_EVAL
     assert summary["images_per_sec"] > 0 and summary["wall_time_s"] > 0
-    assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert json.loads(Path(tmp_path / "summary.json").read_text()) == json.loads(
+        json.dumps(summary)
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "eval"] == [6, 12]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
+    for r in records:
+        assert {"loss", "top1", "top5"} <= set(r)
+        assert r["top1"] <= r["top5"] <= 1.0
     assert all("learning_rate" in r for r in records if r["split"] == "train")
+    # The PNG is redrawn after every eval (not only at the end), each time a real image.
+    assert plotted_after_eval == [(6, True), (12, True)]
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    # summary.json: best by top1 over the evals, final eval = the last one, final train metrics.
+    best = max(evals, key=lambda r: r["top1"])
+    assert summary["best"] == {"metric": "top1", "value": best["top1"], "step": best["step"]}
+    assert summary["final_eval"] == {k: v for k, v in evals[-1].items() if k not in ("step",
+                                                                                  "split")}
+    assert set(summary["final_train"]) == {"loss", "top1", "top5", "learning_rate",
+                                           "images_per_sec"}
+    assert summary["outputs"]["plot"] == str(tmp_path / "learning_curves.png")
+    # The learning rate of every step (1..12) reaches TensorBoard: step s used schedule(s - 1),
+    # here cosine decay from 0.05 over 12 steps (float64 reference).
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    lr = {step: v for (tag, step), v in scalars.items() if tag == "train/learning_rate"}
+    assert sorted(lr) == list(range(1, 13))
+    for step, value in lr.items():
+        expected = 0.05 * 0.5 * (1 + np.cos(np.pi * (step - 1) / 12))
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-9)
+    assert scalars[("eval/top1", 12)] == pytest.approx(evals[-1]["top1"])
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
     assert json.loads(Path(tmp_path / "config.json").read_text())["model"] == helpers.TINY_MODEL
     # keep_checkpoints=3 of the saves at 4, 6 (eval), 8, 12 (eval+final); best top1 kept too.
@@ -127,12 +173,37 @@ def test_nan_loss_is_divergence(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints" / "4").exists()
 
 
-def test_mixed_precision_keeps_float32_params(tmp_path):
-    config = helpers.tiny_config(compute_dtype="bfloat16", num_train_steps=4, eval_every_steps=4)
-    summary = loop.train_and_evaluate(config, str(tmp_path))
+def _stored_state(workdir):
+    """The newest checkpoint exactly as stored (no template, so no dtype conversion on restore)."""
+    import orbax.checkpoint as ocp
+
+    ckpt = os.path.join(workdir, "checkpoints")
+    step = max(int(n) for n in os.listdir(ckpt) if n.isdigit())
+    return ocp.PyTreeCheckpointer().restore(os.path.join(ckpt, str(step), "default"))
+
+
+def test_mixed_precision_keeps_float32_params_and_optimizer_state(tmp_path):
+    """bfloat16 compute changes the trajectory slightly; everything stored stays float32."""
+    overrides = {"num_train_steps": 4, "eval_every_steps": 4, "optimizer.momentum": 0.9}
+    summary = loop.train_and_evaluate(
+        helpers.tiny_config(compute_dtype="bfloat16", **overrides), str(tmp_path / "bf16")
+    )
     assert np.isfinite(summary["final_eval"]["loss"])
-    state, _ = _final_params(str(tmp_path), helpers.tiny_config())
-    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    loop.train_and_evaluate(helpers.tiny_config(**overrides), str(tmp_path / "f32"))
+    bf16, f32 = _stored_state(str(tmp_path / "bf16")), _stored_state(str(tmp_path / "f32"))
+    for part in ("params", "opt_state", "batch_stats"):
+        leaves = [np.asarray(x) for x in jax.tree.leaves(bf16[part])]
+        floats = {x.dtype for x in leaves if np.issubdtype(x.dtype, np.floating)}
+        assert floats == {np.dtype("float32")}, (part, floats)
+    assert jax.tree.leaves(bf16["opt_state"])  # momentum buffers exist and were checked
+    diffs = [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(bf16["params"]), jax.tree.leaves(f32["params"]),
+                        strict=True)
+    ]
+    # The compute really ran in bfloat16 (8-bit mantissa): same start, visibly different result,
+    # but still the same training run.
+    assert 1e-5 < max(diffs) < 0.05, diffs
 
 
 def test_shard_map_run(tmp_path):

@@ -112,9 +112,10 @@ def test_split_auxiliary_of_googlenet_outputs_and_plain_arrays():
     assert losses.split_auxiliary(a) == (a, ())
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.3])
-def test_auxiliary_loss_is_weighted_into_the_gradient(weight):
-    """One SGD step equals a float64 NumPy step on CE(main) + weight * CE(aux)."""
+@pytest.mark.parametrize("weight,smoothing", [(0.0, 0.0), (0.3, 0.0), (0.3, 0.1)])
+def test_auxiliary_loss_and_label_smoothing_in_the_gradient(weight, smoothing):
+    """One SGD step equals a float64 NumPy step on CE(main) + weight * CE(aux), both with
+    `smoothing`-smoothed targets; the reported losses are the smoothed ones."""
     rng = np.random.default_rng(3)
     images = rng.normal(size=(6, 2, 2, 1)).astype(np.float32)
     labels = rng.integers(0, 4, 6).astype(np.int32)
@@ -122,21 +123,23 @@ def test_auxiliary_loss_is_weighted_into_the_gradient(weight):
     tx, schedule = optax.sgd(lr), optax.constant_schedule(lr)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, 2, 2, 1))
     parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
-    train_step, _ = make_steps(model, tx, schedule, "data", aux_loss_weight=weight)
+    train_step, _ = make_steps(
+        model, tx, schedule, "data", label_smoothing=smoothing, aux_loss_weight=weight
+    )
     params = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(state.params))
     batch = parallel.shard_batch({"image": images[None], "label": labels[None]})
     new_state, metrics = parallel.wrap_train(train_step)(parallel.replicate(state), batch)
     metrics = parallel.metrics_to_host(metrics)
 
     x = images.reshape(6, -1).astype(np.float64)
-    onehot = np.eye(4)[labels]
+    targets = np.eye(4)[labels] * (1 - smoothing) + smoothing / 4
 
     def ce_grads(p):
         z = x @ p["kernel"] + p["bias"]
         prob = np.exp(z - z.max(-1, keepdims=True))
         prob /= prob.sum(-1, keepdims=True)
-        dz = (prob - onehot) / len(x)
-        return _np_cross_entropy(z, labels, 0.0), {"kernel": x.T @ dz, "bias": dz.sum(0)}
+        dz = (prob - targets) / len(x)
+        return _np_cross_entropy(z, labels, smoothing), {"kernel": x.T @ dz, "bias": dz.sum(0)}
 
     main_loss, g_main = ce_grads(params["head"])
     aux_loss, g_aux = ce_grads(params["aux"])

@@ -154,19 +154,59 @@ def test_weight_decay_mask_excludes_biases_and_norm_params():
     }
 
 
-def test_weight_decay_leaves_biases_and_norm_untouched():
+@pytest.mark.parametrize(
+    "name,expected_kernel",
+    [
+        # decoupled (adamw) and L2 (sgd) decay both give p * (1 - lr * wd) on a zero gradient
+        ("adamw", lambda p: p * (1 - 0.1 * 0.5)),
+        ("sgd", lambda p: p * (1 - 0.1 * 0.5)),
+        # adam normalizes the L2 gradient wd * p: the first step moves by lr * sign(p)
+        ("adam", lambda p: p - 0.1 * np.sign(p)),
+    ],
+)
+def test_weight_decay_leaves_biases_and_norm_untouched(name, expected_kernel):
     """With zero gradients only decay moves params: kernels shrink, biases/scales stay put."""
-    config = _config("constant", "adamw", optimizer__weight_decay=0.5)
+    config = _config("constant", name, optimizer__weight_decay=0.5, optimizer__momentum=0.0)
     tx = build_optimizer(config)
     params = _params()
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    np.testing.assert_array_equal(new["bn"]["scale"], params["bn"]["scale"])
-    np.testing.assert_array_equal(new["conv"]["bias"], params["conv"]["bias"])
-    np.testing.assert_allclose(
-        new["head"]["kernel"], params["head"]["kernel"] * (1 - 0.1 * 0.5), rtol=1e-6
+    for module, leaf in (("bn", "scale"), ("bn", "bias"), ("conv", "bias"), ("head", "bias")):
+        np.testing.assert_array_equal(new[module][leaf], params[module][leaf])
+    for module in ("conv", "head"):
+        np.testing.assert_allclose(
+            new[module]["kernel"], expected_kernel(np.asarray(params[module]["kernel"])),
+            rtol=1e-5, atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("model_name", ["resnet20_cifar", "vgg11_bn", "densenet121"])
+def test_weight_decay_mask_on_zoo_models(model_name):
+    """On real models: every parameter of a normalization layer (a module that also keeps
+    batch_stats) and every bias is excluded; every conv/dense kernel decays."""
+    from cnnjax.models import create_model
+
+    model = create_model(model_name, num_classes=10)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
     )
+    norm_modules = {
+        tuple(str(k.key) for k in path[:-1])
+        for path, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])
+    }
+    mask = weight_decay_mask(variables["params"])
+    counts = {"norm": 0, "bias": 0, "kernel": 0}
+    for path, decays in jax.tree_util.tree_leaves_with_path(mask):
+        keys = tuple(str(k.key) for k in path)
+        if keys[:-1] in norm_modules:
+            kind = "norm"
+        else:
+            kind = keys[-1]
+            assert kind in ("bias", "kernel"), keys
+        counts[kind] += 1
+        assert decays == (kind == "kernel"), keys
+    assert counts["norm"] >= 2 * 3 and counts["kernel"] >= 8  # scale+bias of several BNs
 
 
 @pytest.mark.parametrize(
