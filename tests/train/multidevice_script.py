@@ -42,6 +42,31 @@ def train(mode: str, num_devices: int, dropout: float = 0.0):
     return {"params": host.params, "batch_stats": host.batch_stats}, losses
 
 
+def train_same_data_per_device(num_devices: int, dropout: float):
+    """Every device gets the same 4 examples: only per-device dropout keys can make the devices'
+    gradients differ (BatchNorm statistics are identical on every device)."""
+    model = helpers.TinyNet(axis_name="data", dropout_rate=dropout)
+    tx = optax.sgd(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    train_step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data")
+    parallel = DataParallel("pmap", jax.devices()[:num_devices])
+    batch = next(helpers.train_batches(None, global_batch_size=4, num_devices=1, seed=0))
+    batch = {k: np.repeat(v, num_devices, axis=0) for k, v in batch.items()}
+    state, _ = parallel.wrap_train(train_step)(
+        parallel.replicate(jax.device_get(state)), parallel.shard_batch(batch)
+    )
+    return parallel.unreplicate(state).params
+
+
+def loop_error(tmp: str, **overrides) -> str:
+    """The ValueError message of a `train_and_evaluate` run expected to be refused."""
+    try:
+        run_loop(tmp, **overrides)
+    except ValueError as err:
+        return str(err)
+    return "<no error>"
+
+
 def max_diff(a, b):
     return max(
         float(np.max(np.abs(x - y)))
@@ -67,12 +92,18 @@ def main():
         loop_one = run_loop(tmp, num_devices=1)
         loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
         loop_four_pmap = run_loop(tmp, num_devices=4)
+        batch_error = loop_error(tmp, global_batch_size=18)
+        eval_batch_error = loop_error(tmp, eval_batch_size=10)
     one, one_losses = train("pmap", 1)
     four_pmap, four_losses = train("pmap", 4)
     four_shard, _ = train("shard_map", 4)
     one_shard, _ = train("shard_map", 1)
     drop_pmap, _ = train("pmap", 4, dropout=0.5)
     drop_shard, _ = train("shard_map", 4, dropout=0.5)
+    same_data_one = train_same_data_per_device(1, dropout=0.5)
+    same_data_four = train_same_data_per_device(4, dropout=0.5)
+    same_data_four_no_dropout = train_same_data_per_device(4, dropout=0.0)
+    same_data_one_no_dropout = train_same_data_per_device(1, dropout=0.0)
     print(
         json.dumps(
             {
@@ -82,6 +113,12 @@ def main():
                 "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
                 "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
                 "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
+                "dropout_same_data_4_vs_1": max_diff(same_data_one, same_data_four),
+                "no_dropout_same_data_4_vs_1": max_diff(
+                    same_data_one_no_dropout, same_data_four_no_dropout
+                ),
+                "batch_error": batch_error,
+                "eval_batch_error": eval_batch_error,
                 "loop_eval_loss_4_vs_1": abs(
                     loop_four["final_eval"]["loss"] - loop_one["final_eval"]["loss"]
                 ),

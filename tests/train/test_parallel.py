@@ -55,3 +55,20 @@ def test_whole_run_on_four_devices_matches_one(diffs):
     assert diffs["loop_eval_count"] == [27, 27]
     assert diffs["loop_eval_loss_4_vs_1"] < 1e-4
     assert len(set(diffs["loop_eval_top1"])) == 1
+
+
+def test_dropout_keys_differ_per_device(diffs):
+    """Same examples on all 4 devices: with per-device dropout keys the averaged gradient differs
+    from device 0's alone (the 1-device run); without dropout the runs agree."""
+    assert diffs["no_dropout_same_data_4_vs_1"] < 1e-6
+    assert diffs["dropout_same_data_4_vs_1"] > 1e-4
+
+
+def test_batch_not_divisible_by_the_device_count_is_refused(diffs):
+    """Through train_and_evaluate on 4 devices, before anything is compiled."""
+    assert diffs["batch_error"].startswith(
+        "config: global_batch_size=18 is invalid; expected a multiple of the device count 4"
+    )
+    assert diffs["eval_batch_error"].startswith(
+        "config: eval_batch_size=10 is invalid; expected a multiple of the device count 4"
+    )

@@ -49,3 +49,48 @@ def test_auto_means_xla_off_cpu(impl, backend, expected):
 def test_unknown_conv_impl_is_refused():
     with pytest.raises(ValueError, match=r"conv_impl: impl='fft' is invalid; expected one of"):
         resolve_conv_impl("fft", "cpu")
+
+
+def _dropout_step(mode, dropout_rate, step):
+    """One SGD step of TinyNet from a state whose counter is `step`; returns the new params."""
+    model = helpers.TinyNet(axis_name="data", dropout_rate=dropout_rate)
+    tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    state = state.replace(step=np.int32(step))
+    train_step, _ = make_steps(model, tx, schedule, "data")
+    parallel = DataParallel(mode, devices=jax.local_devices()[:1])
+    batch = parallel.shard_batch(next(helpers.train_batches(
+        None, global_batch_size=16, num_devices=1, seed=0)))
+    new_state, _ = parallel.wrap_train(train_step)(parallel.replicate(state), batch)
+    return parallel.unreplicate(new_state.params)
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(x - y)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_dropout_key_changes_with_the_step(mode):
+    """Same params and batch, step counter 0 vs 1: new dropout masks, so a different update;
+    without dropout the counter changes nothing (constant learning rate)."""
+    assert _max_diff(_dropout_step(mode, 0.5, 0), _dropout_step(mode, 0.5, 1)) > 1e-4
+    assert _max_diff(_dropout_step(mode, 0.0, 0), _dropout_step(mode, 0.0, 1)) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_train_step_donates_the_state(mode):
+    """The input state's buffers are handed to XLA for the new state (no second copy)."""
+    model = helpers.TinyNet(axis_name="data")
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    train_step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data")
+    parallel = DataParallel(mode, devices=jax.local_devices()[:1])
+    batch = parallel.shard_batch(next(helpers.train_batches(
+        None, global_batch_size=16, num_devices=1, seed=0)))
+    before = parallel.replicate(jax.device_get(state))
+    after, _ = parallel.wrap_train(train_step)(before, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(before.params))
+    assert all(x.is_deleted() for x in jax.tree.leaves(before.opt_state))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(after))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(batch))  # the batch is not donated
