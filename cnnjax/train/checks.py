@@ -2,7 +2,10 @@
 
 `check_input_size` traces `model.init` abstractly (`jax.eval_shape`: shapes only, no compilation,
 no FLOPs) while watching every submodule call; the first layer whose output has an empty spatial
-dimension, or that fails on the shape it receives, is named in the error.
+dimension, or that fails on the shape it receives, is named in the error. The layers' own checks
+(window arithmetic as in `cnnjax.analysis.conv_output_size`) supply the detail; when the failing
+op is a function inside a module (e.g. `max_pool2d` in a model's `__call__`), the layer whose
+output it received is named too.
 """
 
 from __future__ import annotations
@@ -36,20 +39,39 @@ def _empty_spatial(tree: Any) -> tuple | None:
     return None
 
 
-def _interceptor(next_fun, args, kwargs, context):
-    name = f"{_layer_name(context.module)} ({type(context.module).__name__})"
-    try:
-        out = next_fun(*args, **kwargs)
-    except _TooSmallError:
-        raise
-    except Exception as err:  # noqa: BLE001 — a shape error inside this layer
-        raise _TooSmallError(
-            name, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        ) from err
-    shape = _empty_spatial(out)
-    if shape is not None:
-        raise _TooSmallError(name, f"its output shape would be {shape}")
-    return out
+class _Watcher:
+    """Flax method interceptor: names the layer where the input gets too small.
+
+    Errors raised inside a submodule are attributed to the innermost module. When the failing code
+    is not a submodule (a pooling function such as `max_pool2d` called inside a model's own
+    `__call__`), the message also names the last layer that completed and its output shape, i.e.
+    what the failing operation received.
+    """
+
+    def __init__(self):
+        self.last: tuple[str, tuple] | None = None  # (layer, output shape) of the newest call
+
+    def __call__(self, next_fun, args, kwargs, context):
+        kind = type(context.module).__name__
+        if context.method_name != "__call__":  # a helper method, e.g. a model's pooling stage
+            kind += f".{context.method_name}"
+        name = f"{_layer_name(context.module)} ({kind})"
+        try:
+            out = next_fun(*args, **kwargs)
+        except _TooSmallError:
+            raise
+        except Exception as err:  # noqa: BLE001 — a shape error inside this layer
+            detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            if self.last is not None and self.last[0] != name:
+                detail += f"; the input it got came from layer {self.last[0]}, shape {self.last[1]}"
+            raise _TooSmallError(name, detail) from err
+        shape = _empty_spatial(out)
+        if shape is not None:
+            raise _TooSmallError(name, f"its output shape would be {shape}")
+        leaves = [x for x in jax.tree.leaves(out) if getattr(x, "ndim", 0) >= 3]
+        if leaves:
+            self.last = (name, tuple(leaves[0].shape))
+        return out
 
 
 def check_input_size(
@@ -74,7 +96,7 @@ def check_input_size(
     dummy = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     try:
-        with nn.intercept_methods(_interceptor):
+        with nn.intercept_methods(_Watcher()):
             jax.eval_shape(lambda x: model.init(rngs, x, train=False), dummy)
     except _TooSmallError as err:
         raise invalid(

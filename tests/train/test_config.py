@@ -5,6 +5,7 @@ import json
 import flax.linen as nn
 import pytest
 
+from cnnjax.models import registry
 from cnnjax.train import checks, loop
 from cnnjax.train.config import check_batch_divisible, default_config, validate_config
 from tests.train import helpers
@@ -140,6 +141,34 @@ def test_input_too_small_names_the_layer():
     )
     with pytest.raises(ValueError, match="layer conv1 \\(Conv\\) fails"):
         checks.check_input_size(_ValidConvNet(), "validnet", (4, 4, 1))
+
+
+def test_input_too_small_for_a_pooling_function_names_what_fed_it():
+    """Pooling written as a function (not a submodule) fails inside the model's own __call__:
+    the message names that model, the op and the layer whose output it received."""
+    from cnnjax.models import create_model
+
+    with pytest.raises(ValueError) as err:  # registry minimum (63) skipped: the trace decides
+        checks.check_input_size(create_model("alexnet", num_classes=10), "alexnet", (40, 40, 3))
+    message = str(err.value)
+    assert message.startswith("alexnet: input resolution='40x40' is invalid; too small: layer "
+                              "AlexNet (AlexNet) fails (ValueError: max_pool2d: kernel_size=3")
+    assert "the input it got came from layer conv5 (Conv2D), shape (1, 1, 1, 256)" in message
+
+
+_COLLAPSING = "test_collapsing_convnet"
+if _COLLAPSING not in registry._REGISTRY:
+    registry.register_model(_COLLAPSING, input_shape=(16, 16, 1), min_input_size=1,
+                            num_classes=4)(lambda **kw: _ValidConvNet(**kw))
+
+
+def test_input_too_small_is_refused_by_the_loop_before_compiling(tmp_path):
+    """Registry minimum 1 passes; the abstract trace finds the layer (8 -> 4 -> 2 -> conv2)."""
+    _raises(
+        helpers.tiny_config(model=_COLLAPSING),
+        tmp_path,
+        f"{_COLLAPSING}: input resolution='8x8' is invalid; too small: layer conv2 (Conv) fails",
+    )
 
 
 def test_input_below_registry_minimum(tmp_path):
