@@ -1,0 +1,169 @@
+r"""Where a train step's time goes: the engine's step under `jax.profiler`, grouped by HLO op kind.
+
+Builds and compiles the same step as `benchmarks/train_step.py`, records `--steps` steps with
+`jax.profiler.trace` and reads the Perfetto trace it writes: every executed HLO op (thunk) with
+its start and, for ops XLA:CPU runs asynchronously (convolutions, large fusions), the matching
+"end: <op>" event. Prints each op kind's busy time per step and its share of all ops' busy time,
+then the most expensive single ops.
+
+  python -m benchmarks.profile_step --model=resnet18 --stem=cifar --batch_size=128
+
+Ops run concurrently (XLA:CPU executes independent ops on two threads while convolutions use its
+intra-op pool), so the busy times add up to more than the step's wall time; compare shares, not
+sums. Figures measured with this script are in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from absl import app, flags
+
+from benchmarks.train_step import build_jax_step, compile_jax_step, prepare_platform, run_jax_steps
+
+FLAGS = flags.FLAGS
+
+_END_PREFIX = "end: "
+#: (category, pattern on the op name without its ".N" suffix), first match wins.
+CATEGORIES = (
+    ("convolution", re.compile(r"^(conv|convolution)")),
+    ("matmul (dot)", re.compile(r"^(dot|.*_dot_fusion|dot_)")),
+    ("collective", re.compile(r"^(all-reduce|psum|all-gather|reduce-scatter|collective)")),
+    ("reduction", re.compile(r"reduce")),
+    ("transpose / copy", re.compile(r"(transpose|^copy)")),
+    ("elementwise fusion", re.compile(r"fusion|^wrapped_")),
+)
+
+
+def categorize(op_name: str) -> str:
+    """The category of an HLO op named like "transpose_copy_fusion.41" (else "other")."""
+    base = re.sub(r"\.\d+$", "", op_name)
+    for category, pattern in CATEGORIES:
+        if pattern.search(base):
+            return category
+    return "other"
+
+
+def op_busy_times(events: Iterable[Mapping[str, Any]],
+                  skip_threads: Iterable[str] = ("python",)) -> dict[str, float]:
+    """Microseconds each HLO op was in flight, summed over its executions.
+
+    `events` are Chrome/Perfetto trace events: thread-name metadata ("ph": "M") and complete
+    events ("ph": "X", with "ts" and "dur"). An op runs from the start of its event to the end of
+    the first later "end: <op>" event when XLA finished it asynchronously, else to the end of its
+    own event. Python-side events and the executor's bookkeeping spans are skipped.
+    """
+    events = list(events)
+    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
+               for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    skip = set(skip_threads)
+    starts: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
+    ends: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") != "X" or threads.get((e.get("pid"), e.get("tid"))) in skip:
+            continue
+        name = e["name"]
+        if name.startswith("ThunkExecutor") or name.startswith("$"):
+            continue
+        if name.startswith(_END_PREFIX):
+            ends[name[len(_END_PREFIX):]].append(e)
+        else:
+            starts[name].append(e)
+    busy: dict[str, float] = collections.defaultdict(float)
+    for name, runs in starts.items():
+        finishes = sorted(ends.get(name, ()), key=lambda e: e["ts"])
+        for run in sorted(runs, key=lambda e: e["ts"]):
+            end = run["ts"] + run["dur"]
+            later = next((f for f in finishes if f["ts"] >= run["ts"]), None)
+            if later is not None:
+                end = max(end, later["ts"] + later["dur"])
+                finishes.remove(later)
+            busy[name] += end - run["ts"]
+    return dict(busy)
+
+
+def by_category(busy: Mapping[str, float]) -> dict[str, float]:
+    """Sums `op_busy_times` per `categorize` category, largest first."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    for name, micros in busy.items():
+        totals[categorize(name)] += micros
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def load_trace_events(trace_dir: str) -> list[dict[str, Any]]:
+    """The events of the newest Perfetto trace `jax.profiler.trace` wrote under `trace_dir`."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*",
+                                          "perfetto_trace.json.gz")))
+    if not paths:
+        raise FileNotFoundError(f"profile_step: no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        trace = json.load(f)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def report(busy: Mapping[str, float], steps: int, wall_s_per_step: float, top: int) -> str:
+    """The printed table: per-category and top-`top` single-op busy seconds per step."""
+    total = sum(busy.values()) or 1.0
+    lines = [f"wall time per step: {wall_s_per_step:.3f} s; op busy time per step: "
+             f"{total / 1e6 / steps:.3f} s (ops overlap)", "",
+             f"{'category':22s} {'s/step':>8s} {'share':>7s}"]
+    for category, micros in by_category(busy).items():
+        lines.append(f"{category:22s} {micros / 1e6 / steps:8.3f} {100 * micros / total:6.1f}%")
+    lines += ["", f"top {top} ops:"]
+    for name, micros in sorted(busy.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {micros / 1e6 / steps:8.3f} s/step  {categorize(name):20s} {name}")
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model", "resnet18", "Registered model name.")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+    flags.DEFINE_integer("image_size", 32, "Square input resolution (3 channels).")
+    flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
+    flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override.")
+    flags.DEFINE_enum("conv_impl", "auto", ["xla", "matmul", "auto"], "Convolution lowering.")
+    flags.DEFINE_integer("steps", 2, "Profiled steps (after one untimed step).")
+    flags.DEFINE_integer("top", 15, "How many single ops to list.")
+    flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard/Perfetto can open "
+                        "it); default: a temporary directory, deleted afterwards.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.steps < 1 or FLAGS.top < 1:
+        raise app.UsageError("--steps and --top must be positive.")
+    import jax
+
+    prepare_platform(True, 1)
+    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
+    bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+                           (FLAGS.image_size, FLAGS.image_size, 3), 1, "pmap", "float32",
+                           **overrides)
+    compile_s = compile_jax_step(bench, FLAGS.conv_impl)
+    run_jax_steps(bench, 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        trace_dir = FLAGS.trace_dir or scratch
+        start = time.perf_counter()
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            run_jax_steps(bench, FLAGS.steps)
+        wall = (time.perf_counter() - start) / FLAGS.steps
+        busy = op_busy_times(load_trace_events(trace_dir))
+    print(f"model={FLAGS.model} stem={FLAGS.stem or 'default'} batch={FLAGS.batch_size} "
+          f"image={FLAGS.image_size} conv_impl={FLAGS.conv_impl} ({bench['platform']}, jax "
+          f"{jax.__version__}); compile {compile_s:.1f} s")
+    print(report(busy, FLAGS.steps, wall, FLAGS.top))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,72 @@
+"""benchmarks/profile_step.py: op busy times from a profiler trace, and their categories."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import profile_step
+
+
+def _meta(tid: int, name: str) -> dict:
+    return {"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}}
+
+
+def _event(tid: int, name: str, ts: float, dur: float) -> dict:
+    return {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+
+@pytest.mark.parametrize("name, category", [
+    ("conv_general_dilated.59", "convolution"),
+    ("convolution-base-dilated.3", "convolution"),
+    ("convolution.8", "convolution"),
+    ("transpose_copy_fusion.41", "transpose / copy"),
+    ("copy.12", "transpose / copy"),
+    ("wrapped_reduce-window.7", "reduction"),
+    ("wrapped_reduce", "reduction"),
+    ("all-reduce.1", "collective"),
+    ("psum.525", "collective"),
+    ("add_maximum_fusion.9", "elementwise fusion"),
+    ("wrapped_multiply.3", "elementwise fusion"),
+    ("dot.4", "matmul (dot)"),
+    ("rng-bit-generator", "other"),
+])
+def test_categorize(name, category):
+    assert profile_step.categorize(name) == category
+
+
+def test_op_busy_times_extends_async_ops_to_their_end_event():
+    events = [
+        _meta(1, "python"), _meta(2, "tf_XLAPjRtCpuClient/1"), _meta(3, "tf_XLAEigen/2"),
+        _event(1, "block_until_ready", 0, 1000),          # Python thread: ignored
+        _event(2, "ThunkExecutor::Execute", 0, 900),       # executor bookkeeping: ignored
+        _event(2, "convolution.1", 10, 5),                 # dispatched at 10 ...
+        _event(3, "end: convolution.1", 300, 20),          # ... finished at 320
+        _event(2, "convolution.1", 400, 5),                # second run: 400 -> 470
+        _event(3, "end: convolution.1", 460, 10),
+        _event(2, "add_fusion.2", 330, 40),                # synchronous: its own duration
+    ]
+    busy = profile_step.op_busy_times(events)
+    assert busy == {"convolution.1": (320 - 10) + (470 - 400), "add_fusion.2": 40}
+    assert profile_step.by_category(busy) == {"convolution": 380, "elementwise fusion": 40}
+    text = profile_step.report(busy, steps=2, wall_s_per_step=0.5, top=1)
+    assert "convolution" in text and "90.5%" in text  # 380 of 420 us
+    assert "convolution.1" in text and "add_fusion.2" not in text  # top=1: one op listed
+
+
+def test_load_trace_events_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no perfetto_trace.json.gz"):
+        profile_step.load_trace_events(str(tmp_path))
+
+
+def test_real_trace_attributes_a_convolution(tmp_path):
+    """Against the trace this jax version really writes (its format is not a stable API)."""
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    x = jnp.asarray(np.ones((8, 32, 32, 16), np.float32))
+    w = jnp.asarray(np.ones((3, 3, 16, 16), np.float32))
+    conv(x, w).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        conv(x, w).block_until_ready()
+    busy = profile_step.op_busy_times(profile_step.load_trace_events(str(tmp_path)))
+    assert profile_step.by_category(busy).get("convolution", 0) > 0, busy
