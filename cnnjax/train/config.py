@@ -7,10 +7,13 @@ and what is valid — in Python, before anything is traced or compiled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from cnnjax.layers.conv_impl import CONV_IMPLS
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES
@@ -45,7 +48,10 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field the engine reads, with defaults (a data config is filled in by experiments)."""
     c = ml_collections.ConfigDict()
     c.model = "lenet5"
-    c.model_kwargs = ml_collections.ConfigDict()  # extra keyword arguments for the model factory
+    # Keyword arguments for the model factory; None entries mean "the model's default" and are not
+    # passed. Config files declare the model's fields with `model_kwargs_config(config.model)` so
+    # that `--config.model_kwargs.<field>=<value>` works on the command line.
+    c.model_kwargs = ml_collections.ConfigDict()
     c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: the dataset's
     c.data = ml_collections.ConfigDict({"name": "digits"})
     c.seed = 0
@@ -107,6 +113,57 @@ def default_config() -> ml_collections.ConfigDict:
     c.restart = False
     c.distributed = False
     return c
+
+
+# Model fields the engine sets itself (or flax's own), never declared in `model_kwargs`.
+ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
+_FIELD_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "tuple": tuple}
+
+
+def _field_type(value: Any, annotation: Any) -> type | None:
+    """The command-line type of a model field: its default's type, else its annotation's."""
+    if type(value) in _FIELD_TYPES.values():
+        return type(value)
+    if value is None:  # e.g. `pool_size: int | None = None`
+        match = re.match(r"\s*(bool|int|float|str|tuple)\b", str(annotation))
+        return _FIELD_TYPES[match.group(1)] if match else None
+    return None  # callables, classes, dtypes: settable only from Python
+
+
+def model_kwargs_config(model: str) -> ml_collections.ConfigDict:
+    """Declares `model`'s hyperparameters for `config.model_kwargs`, each `None` (= its default).
+
+    `python -m experiments.train` locks the config (typos in `--config.x=y` fail), so
+    `--config.model_kwargs.<field>=<value>` needs the field to exist. This returns a placeholder
+    for every constructor field the model's factory accepts whose type the command line can
+    express (bool, int, float, str, tuple), e.g. `activation` for lenet5 or `widths`/`shortcut`
+    for resnet20_cifar (not `depth`, which that factory fixes). Fields the engine sets
+    (`num_classes`, `dtype`, `axis_name`) are left out.
+    """
+    from cnnjax.models import model_info  # deferred: imports every architecture
+
+    factory = model_info(model).factory
+    module = factory()
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(module):
+        if field.name in ENGINE_MODEL_FIELDS:
+            continue
+        value = getattr(module, field.name)
+        kind = _field_type(value, field.type)
+        if kind is None:
+            continue
+        try:
+            factory(**{field.name: value})
+        except TypeError:  # the factory sets this field itself (e.g. depth=20)
+            continue
+        fields[field.name] = config_dict.placeholder(kind)
+    return ml_collections.ConfigDict(fields)
+
+
+def model_kwargs(config: Any) -> dict[str, Any]:
+    """The keyword arguments `config.model_kwargs` passes to the model factory (None dropped)."""
+    declared = config.get("model_kwargs") or {}
+    return {key: value for key, value in declared.items() if value is not None}
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:

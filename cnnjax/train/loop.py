@@ -202,10 +202,18 @@ class _Run:
         self.eval_batch_size = config.get("eval_batch_size") or config.global_batch_size
 
         dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-        kwargs = dict(config.get("model_kwargs") or {})
-        self.model = create_model(
-            config.model, num_classes=self.num_classes, axis_name=AXIS_NAME, dtype=dtype, **kwargs
-        )
+        kwargs = config_lib.model_kwargs(config)
+        try:
+            self.model = create_model(
+                config.model, num_classes=self.num_classes, axis_name=AXIS_NAME, dtype=dtype,
+                **kwargs,
+            )
+        except TypeError as err:  # a keyword the model does not have
+            raise ValueError(
+                f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
+                f"accept them ({err}); its settable fields are "
+                f"{sorted(config_lib.model_kwargs_config(config.model))}."
+            ) from None
         self.image_shape = tuple(self.data_info.image_shape)
         checks.check_input_size(self.model, config.model, self.image_shape, info.min_input_size)
 

@@ -3,6 +3,8 @@
 Command (imagenette/320px-v2 must be prepared in the tfds data dir; cnnjax never downloads):
     python -m experiments.train --config=experiments/configs/alexnet_imagenette.py \\
         --workdir=workdirs/alexnet_imagenette --config.data.data_dir=$TFDS_DATA_DIR
+Model hyperparameters: e.g. `--config.model_kwargs.dropout_rate=0.3` or `lrn=True`
+(unset = the model's default).
 
 Recipe: SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.01 with one-cycle (cosine) over
 ~60 epochs, random-resized-crop 224 + flip, dropout 0.5 in fc6/fc7 (the model's default).
@@ -11,7 +13,7 @@ no data offline). Runtime estimate ~30 min on one NVIDIA A100; many hours on 2 C
 """
 
 from cnnjax.data.pipeline import default_data_config
-from cnnjax.train.config import default_config
+from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAIN_IMAGES = 9_469
 
@@ -19,6 +21,7 @@ TRAIN_IMAGES = 9_469
 def get_config():
     config = default_config()
     config.model = "alexnet"
+    config.model_kwargs = model_kwargs_config(config.model)  # --config.model_kwargs.<field>=...
     config.data = default_data_config("imagenette")
     config.data.image_size = 224
     config.global_batch_size = 128

@@ -16,12 +16,13 @@ load average ~2, JAX 0.10.2 with YNN fusions off): 430 train images/s with the d
 """
 
 from cnnjax.data.pipeline import default_data_config
-from cnnjax.train.config import default_config
+from cnnjax.train.config import default_config, model_kwargs_config
 
 
 def get_config():
     config = default_config()
     config.model = "resnet18"
+    config.model_kwargs = model_kwargs_config(config.model)  # --config.model_kwargs.<field>=...
     config.data = default_data_config("fake")
     config.data.fake_image_shape = (32, 32, 3)
     config.data.fake_num_classes = 10

@@ -3,6 +3,8 @@
 Command (imagenet2012 must be prepared in the tfds data dir by hand; cnnjax never downloads):
     python -m experiments.train --config=experiments/configs/resnet50_imagenet.py \\
         --workdir=workdirs/resnet50_imagenet --config.data.data_dir=$TFDS_DATA_DIR
+Model hyperparameters: e.g. `--config.model_kwargs.zero_init_last_bn=True` (Goyal et al.'s
+zero-gamma trick) or `stride_in_1x1=True` (unset = the model's default).
 Multi-host (SLURM): see launch/sbatch_train.sh.
 
 Recipe: batch 1024 (lr = 0.1 x batch/256 = 0.4), SGD nesterov momentum 0.9, weight decay 1e-4
@@ -13,7 +15,7 @@ Expected: ~76-77% top-1 (Goyal et al. report 76.3% with step decay). Runtime not
 """
 
 from cnnjax.data.pipeline import default_data_config
-from cnnjax.train.config import default_config
+from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAIN_IMAGES = 1_281_167
 
@@ -21,6 +23,7 @@ TRAIN_IMAGES = 1_281_167
 def get_config():
     config = default_config()
     config.model = "resnet50"
+    config.model_kwargs = model_kwargs_config(config.model)  # --config.model_kwargs.<field>=...
     config.data = default_data_config("imagenet2012")
     config.data.image_size = 224
     config.global_batch_size = 1024

@@ -48,3 +48,41 @@ def test_default_and_benchmark_datasets_resolve_offline():
         config = _load(os.path.join(ROOT, "experiments", "configs", name)).get_config()
         info = get_dataset_info(config.data)
         assert info.num_classes == 10
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_declares_its_model_fields(path):
+    """So that `--config.model_kwargs.<field>=<value>` works on the locked command-line config."""
+    from cnnjax.train.config import model_kwargs_config
+
+    config = _load(path).get_config()
+    declared = config.model_kwargs
+    assert set(declared) == set(model_kwargs_config(config.model)) and len(declared) > 0
+    assert all(value is None for value in declared.values())  # unset: the model's defaults
+
+
+def _parse(*overrides):
+    """Parses `--config=<benchmark config> <overrides>` as experiments.train does (locked)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    path = os.path.join(ROOT, "experiments", "configs", "fake_data_benchmark.py")
+    argv = ["train", f"--config={path}", *overrides]
+    holder = config_flags.DEFINE_config_file("config", path, flag_values=flag_values,
+                                             lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return holder.value
+
+
+def test_model_kwargs_from_the_command_line_reach_the_model(tmp_path):
+    from cnnjax.train import loop
+
+    config = _parse("--config.model_kwargs.zero_init_last_bn=True",
+                    "--config.model_kwargs.num_filters=16")
+    run = loop._Run(config, str(tmp_path), 0.0)
+    run.setup()  # builds data info, model and optimizer; compiles nothing
+    assert run.model.zero_init_last_bn is True and run.model.num_filters == 16
+    assert run.model.shortcut == "B"  # unset: resnet18's default
+    with pytest.raises(AttributeError):  # locked: a field the model does not have is refused
+        _parse("--config.model_kwargs.widht=8")

@@ -194,3 +194,44 @@ def test_missing_dataset_is_recorded_in_summary(tmp_path, monkeypatch):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert summary["message"] == str(err.value) and "cifar10" in summary["message"]
+
+
+# ------------------------------------------------------------------------------ model_kwargs
+def test_model_kwargs_config_declares_settable_fields_unset():
+    from cnnjax.train.config import model_kwargs_config
+
+    lenet = model_kwargs_config("lenet5")
+    assert dict(lenet.items()) == {"activation": None, "subsampling": None, "c3_table": None}
+    assert lenet.get_type("activation") is str
+    cifar = model_kwargs_config("resnet20_cifar")
+    # depth is fixed by the factory (the model name), act holds a function, num_classes/dtype/
+    # axis_name are the engine's.
+    assert set(cifar) == {"widths", "shortcut", "zero_init_last_bn"}
+    assert cifar.get_type("widths") is tuple and cifar.get_type("zero_init_last_bn") is bool
+    two_tower = model_kwargs_config("alexnet_2tower")
+    assert two_tower.get_type("pool_size") is int  # default None: type from `int | None`
+    assert two_tower.get_type("dropout_rate") is float
+
+
+def test_model_kwargs_reach_the_model_and_unset_ones_are_not_passed(tmp_path):
+    from cnnjax.train.config import model_kwargs_config
+
+    config = helpers.tiny_config()
+    config.model_kwargs = model_kwargs_config(helpers.TINY_MODEL)
+    assert dict(config.model_kwargs.items()) == {"dropout_rate": None}
+    run = loop._Run(config, str(tmp_path / "default"), 0.0)
+    run.setup()
+    assert run.model.dropout_rate == 0.0  # TinyNet's default
+    config.model_kwargs.dropout_rate = 0.25
+    run = loop._Run(config, str(tmp_path / "set"), 0.0)
+    run.setup()
+    assert run.model.dropout_rate == 0.25
+
+
+def test_unknown_model_kwarg_is_refused_listing_the_fields(tmp_path):
+    config = helpers.tiny_config(**{"model_kwargs.dropout_rate": 0.1})
+    config.model_kwargs.widht = 8
+    message = _raises(config, tmp_path, "config: model_kwargs={'dropout_rate': 0.1, 'widht': 8} "
+                                        f"is invalid; model {helpers.TINY_MODEL!r} does not "
+                                        "accept them (")
+    assert "'widht'" in message and "its settable fields are ['dropout_rate']" in message
