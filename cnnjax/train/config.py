@@ -248,10 +248,10 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
-    """Dotted names of trajectory-defining fields that differ between two flattened configs."""
+    """Dotted names of trajectory-defining fields that differ between two flattened configs.
+
+    A field missing on one side equals an unset (None) one, so declaring new optional fields
+    (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs.
+    """
     names = sorted(set(saved) | set(current))
-    return [
-        n
-        for n in names
-        if n not in RUNTIME_FIELDS and saved.get(n, "<unset>") != current.get(n, "<unset>")
-    ]
+    return [n for n in names if n not in RUNTIME_FIELDS and saved.get(n) != current.get(n)]

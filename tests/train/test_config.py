@@ -235,3 +235,15 @@ def test_unknown_model_kwarg_is_refused_listing_the_fields(tmp_path):
                                         f"is invalid; model {helpers.TINY_MODEL!r} does not "
                                         "accept them (")
     assert "'widht'" in message and "its settable fields are ['dropout_rate']" in message
+
+
+def test_unset_and_missing_fields_are_compatible():
+    """A workdir saved before a config declared `model_kwargs` placeholders still resumes."""
+    from cnnjax.train.config import incompatible_fields
+
+    saved = {"model": "lenet5", "optimizer.name": "sgd", "log_every_steps": 10}
+    current = dict(saved, **{"model_kwargs.activation": None, "log_every_steps": 1})
+    assert incompatible_fields(saved, current) == []  # log_every_steps is a runtime field
+    current["model_kwargs.activation"] = "relu"
+    assert incompatible_fields(saved, current) == ["model_kwargs.activation"]
+    assert incompatible_fields(current, saved) == ["model_kwargs.activation"]
