@@ -140,3 +140,27 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     assert "error: optimizer: name='lamb' is invalid; expected one of" in result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_make_train_default_reaches_97_percent_and_says_where_outputs_are(tmp_path):
+    """`make train`'s command (LeNet-5 on digits, default config) with a fresh tfds data dir:
+    >= 97% test top-1 within 2 minutes, final metrics and output paths printed."""
+    workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+    command = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}",
+               f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == 600
+    assert summary["final_eval"]["num_examples"] == 359  # the whole digits test split
+    assert summary["final_eval"]["top1"] >= 0.97
+    assert summary["wall_time_s"] < 120
+    out = result.stdout
+    assert f"Final eval: loss={summary['final_eval']['loss']:.4f}, " in out
+    assert f"top1={summary['final_eval']['top1']:.4f}" in out
+    for label, path in (("Learning curves:", "learning_curves.png"),
+                        ("Checkpoints:", "checkpoints"), ("Metrics:", "metrics.jsonl")):
+        line = next(x for x in out.splitlines() if x.startswith(label))
+        assert str(workdir / path) in line and (workdir / path).exists()
