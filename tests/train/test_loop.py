@@ -243,3 +243,34 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     with pytest.warns(RuntimeWarning, match="Checkpoint at step 8 .* could not be restored"):
         summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["resumed_from_step"] == 4 and summary["status"] == "completed"
+
+
+def test_eval_with_the_real_pipeline_counts_every_example_once(tmp_path, monkeypatch):
+    """27 eval examples in batches of 8 (last one padded by 5): the run's final eval equals a
+    float64 NumPy evaluation of the final params on the 27 examples, unpadded."""
+    monkeypatch.undo()  # the real cnnjax.data.pipeline, on its in-memory `fake` dataset
+    from cnnjax.data.pipeline import default_data_config, eval_batches
+    from cnnjax.models import create_model
+
+    config = helpers.tiny_config(num_train_steps=4, eval_every_steps=4, eval_batch_size=8)
+    config.data = default_data_config("fake")
+    config.data.fake_image_shape = helpers.IMAGE_SHAPE
+    config.data.fake_num_classes = helpers.NUM_CLASSES
+    config.data.fake_num_train, config.data.fake_num_eval = 64, 27
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["final_eval"]["num_examples"] == 27
+
+    (whole,) = eval_batches(config.data, global_batch_size=27, num_devices=1)  # no padding
+    assert whole["mask"].sum() == 27
+    state, step = _final_params(str(tmp_path), config)
+    assert step == 4
+    model = create_model(helpers.TINY_MODEL, num_classes=helpers.NUM_CLASSES)
+    logits = np.asarray(model.apply(state.variables(), whole["image"][0]), np.float64)
+    labels = whole["label"][0]
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    rank = (logits > logits[np.arange(27), labels][:, None]).sum(-1)
+    final = summary["final_eval"]
+    np.testing.assert_allclose(final["loss"], -log_p[np.arange(27), labels].mean(), rtol=1e-5)
+    np.testing.assert_allclose(final["top1"], (rank < 1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(final["top5"], (rank < 5).mean(), rtol=1e-12)
