@@ -74,6 +74,17 @@ def _raises(config, tmp_path, message):
         ),
         ("num_classes", 7, "config: num_classes=7 is invalid; dataset 'synthetic' has 4 classes"),
         ("num_devices", 64, "config: num_devices=64 is invalid; only"),
+        ("num_devices", -1, "config: num_devices=-1 is invalid; expected 0 (all local devices)"),
+        ("eval_batch_size", 0, "config: eval_batch_size=0 is invalid; expected a positive"),
+        ("log_every_steps", 0, "config: log_every_steps=0 is invalid; expected a positive"),
+        ("eval_every_steps", -5, "config: eval_every_steps=-5 is invalid"),
+        ("checkpoint_every_steps", 0, "config: checkpoint_every_steps=0 is invalid"),
+        ("keep_checkpoints", 0, "config: keep_checkpoints=0 is invalid"),
+        ("best_mode", "lowest", "config: best_mode='lowest' is invalid; expected one of "
+                                "['max', 'min']"),
+        ("max_loss", -1.0, "config: max_loss=-1.0 is invalid; expected a positive finite number"),
+        ("num_classes", 0, "config: num_classes=0 is invalid; expected a positive integer"),
+        ("model", "", "config: model='' is invalid; expected a registered model name"),
     ],
 )
 def test_bad_config_messages(tmp_path, field, value, message):
@@ -247,3 +258,16 @@ def test_unset_and_missing_fields_are_compatible():
     current["model_kwargs.activation"] = "relu"
     assert incompatible_fields(saved, current) == ["model_kwargs.activation"]
     assert incompatible_fields(current, saved) == ["model_kwargs.activation"]
+
+
+def test_empty_eval_split_is_reported(tmp_path, monkeypatch):
+    """An eval split with no examples (e.g. a slice like `test[90%:90%]`) cannot be averaged."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "eval_batches",
+                        lambda *args, **kwargs: iter(()))
+    config = helpers.tiny_config(num_train_steps=2, eval_every_steps=2)
+    with pytest.raises(ValueError, match="data: eval split of 'synthetic' yielded no examples"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "yielded no examples" in summary["message"]

@@ -241,6 +241,21 @@ def test_bad_optimizer_or_schedule_messages(group, field, value, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("transition_steps", 0, "schedule: transition_steps=0 is invalid; expected a positive"),
+        ("decay_rate", 0.0, "schedule: decay_rate=0.0 is invalid; expected a positive finite"),
+    ],
+)
+def test_bad_exponential_schedule_messages(field, value, message):
+    config = _config("exponential")
+    config.schedule[field] = value
+    with pytest.raises(ValueError) as err:
+        build_schedule(config)
+    assert message in str(err.value)
+
+
 def test_plain_dict_config_is_accepted():
     config = ml_collections.ConfigDict(
         {
