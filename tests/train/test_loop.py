@@ -249,16 +249,29 @@ def test_eval_with_the_real_pipeline_counts_every_example_once(tmp_path, monkeyp
     """27 eval examples in batches of 8 (last one padded by 5): the run's final eval equals a
     float64 NumPy evaluation of the final params on the 27 examples, unpadded."""
     monkeypatch.undo()  # the real cnnjax.data.pipeline, on its in-memory `fake` dataset
+    from cnnjax.data import pipeline
     from cnnjax.data.pipeline import default_data_config, eval_batches
     from cnnjax.models import create_model
+    from cnnjax.train import logging as logging_lib
 
-    config = helpers.tiny_config(num_train_steps=4, eval_every_steps=4, eval_batch_size=8)
+    # TensorFlow (input pipeline, TensorBoard writer) must have GPUs hidden before its first use.
+    order = []
+    hide = pipeline.hide_gpus_from_tensorflow
+    monkeypatch.setattr(pipeline, "hide_gpus_from_tensorflow",
+                        lambda: (order.append("hide"), hide())[1])
+    writer_init = logging_lib.EventFileWriter.__init__
+    monkeypatch.setattr(logging_lib.EventFileWriter, "__init__",
+                        lambda self, logdir: (order.append("tensorboard"),
+                                              writer_init(self, logdir))[1])
+    config = helpers.tiny_config(num_train_steps=4, eval_every_steps=4, eval_batch_size=8,
+                                 tensorboard=True)
     config.data = default_data_config("fake")
     config.data.fake_image_shape = helpers.IMAGE_SHAPE
     config.data.fake_num_classes = helpers.NUM_CLASSES
     config.data.fake_num_train, config.data.fake_num_eval = 64, 27
     summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["final_eval"]["num_examples"] == 27
+    assert order[0] == "hide" and "tensorboard" in order
 
     (whole,) = eval_batches(config.data, global_batch_size=27, num_devices=1)  # no padding
     assert whole["mask"].sum() == 27
