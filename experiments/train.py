@@ -34,11 +34,13 @@ _DISTRIBUTED = flags.DEFINE_bool(
     False,
     "Call jax.distributed.initialize() (multi-host). Automatic under SLURM with >1 task.",
 )
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout",
+    300.0,
+    "Seconds the processes of a multi-host job wait for each other at start-up; past that the "
+    "process exits with a message saying which process or coordinator was missing.",
+)
 flags.mark_flags_as_required(["workdir"])
-
-
-def _should_initialize_distributed() -> bool:
-    return _DISTRIBUTED.value or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 class _QuietLibraries:
@@ -54,8 +56,13 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
-    if _should_initialize_distributed():
-        jax.distributed.initialize()
+    from cnnjax.train import distributed
+
+    try:
+        if distributed.should_initialize(_DISTRIBUTED.value):
+            distributed.initialize(_DISTRIBUTED_TIMEOUT.value)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
 
     logging.info(

@@ -1,0 +1,328 @@
+"""Multi-host training for real: 2 `experiments.train` processes on localhost form one JAX job.
+
+Each process gets 2 CPU devices and the environment `srun` gives a task of a 2-task SLURM step
+(SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID), so this is the
+launch path of launch/sbatch_train.sh without SLURM: JAX derives the coordinator address from the
+node list and the job id; cross-process collectives run over gloo. The job is compared with ONE
+process on 4 devices fed the same global batches (tests/train/multiprocess_reference.py), and a
+job killed mid-run (both processes, SIGKILL) and started again must finish with the uninterrupted
+job's params.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnjax.train import distributed
+from tests.experiments.test_train import CONFIG, ROOT, _final_params, _leaves
+
+NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
+STEPS, CKPT_EVERY, EVAL_EVERY, LOG_EVERY = 24, 8, 12, 4
+# The default experiment (LeNet-5 on digits), shortened: an eval and checkpoints mid-run.
+FLAGS = [
+    f"--config={CONFIG}",
+    f"--config.num_train_steps={STEPS}",
+    "--config.global_batch_size=32",
+    f"--config.checkpoint_every_steps={CKPT_EVERY}",
+    f"--config.eval_every_steps={EVAL_EVERY}",
+    f"--config.log_every_steps={LOG_EVERY}",
+    "--config.schedule.warmup_steps=4",
+    "--config.progress_bar=False",
+]
+JOB_TIMEOUT_S = 300
+# SlurmCluster's coordinator port: SLURM_JOB_ID % 4096 + 61440.
+_SLURM_PORT_BASE, _SLURM_PORT_SPAN = 65535 - 2**12 + 1, 2**12
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORD"))}
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_cpu_experimental_ynn_fusion_type="
+    )
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _port_is_free(port: int) -> bool:
+    """JAX's coordinator binds `[::]:port`; fall back to IPv4 where IPv6 is off."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, port))
+            return True
+        except OSError as err:
+            if family == socket.AF_INET6 and err.errno == errno.EAFNOSUPPORT:
+                continue
+            return False
+    return False
+
+
+def free_slurm_job_id(seed: int | None = None) -> str:
+    """A SLURM job id whose derived coordinator port is free on this machine now."""
+    rng = np.random.default_rng(seed)
+    for offset in rng.permutation(_SLURM_PORT_SPAN):
+        if _port_is_free(_SLURM_PORT_BASE + int(offset)):
+            return str(1_000_000 * _SLURM_PORT_SPAN + int(offset))
+    raise RuntimeError("no free port in the SLURM coordinator range 61440-65535")
+
+
+def _slurm_env(job_id: str, rank: int, ntasks: int = NUM_PROCESSES) -> dict[str, str]:
+    return _env(DEVICES_PER_PROCESS) | {
+        "SLURM_JOB_ID": job_id,
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+    }
+
+
+class Job:
+    """The processes of one job; logs go to `<log_dir>/<name>.<rank>.log`."""
+
+    def __init__(self, commands_envs: list[tuple[list[str], dict]], log_dir: Path, name: str):
+        self.logs = [log_dir / f"{name}.{rank}.log" for rank in range(len(commands_envs))]
+        self.procs: list[subprocess.Popen] = []
+        for (command, env), log in zip(commands_envs, self.logs, strict=True):
+            with open(log, "w") as out:
+                proc = subprocess.Popen(
+                    command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+            self.procs.append(proc)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait()
+
+    def tails(self, chars: int = 2500) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text()[-chars:]}" for log in self.logs)
+
+    def wait(self, timeout_s: float = JOB_TIMEOUT_S) -> list[int]:
+        """Exit statuses; kills every process and fails if the job runs past `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in self.procs):
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"job still running after {timeout_s} s; killed.\n{self.tails()}")
+            time.sleep(0.05)
+        return [p.returncode for p in self.procs]
+
+
+def _train_command(workdir: Path) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *FLAGS]
+
+
+def launch_two_processes(workdir: Path, job_id: str, log_dir: Path, name: str) -> Job:
+    return Job(
+        [(_train_command(workdir), _slurm_env(job_id, r)) for r in range(NUM_PROCESSES)],
+        log_dir,
+        name,
+    )
+
+
+def _state(workdir: Path) -> tuple[int, dict]:
+    step, params, opt_state = _final_params(str(workdir))
+    return step, dict(_leaves({"params": params, "opt_state": opt_state}))
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]), initial=0.0)) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The one-process reference, the 2-process job, and a 2-process job killed and rerun."""
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    out = {"tmp": tmp, "wall": {}}
+    jobs: list[Job] = []
+    try:
+        # Reference first: it also builds `digits` if this machine never has, so that the two
+        # processes of the jobs below do not build it concurrently.
+        start = time.monotonic()
+        reference = Job(
+            [(
+                [sys.executable, "-m", "tests.train.multiprocess_reference",
+                 f"--workdir={tmp / 'reference'}", *FLAGS],
+                _env(NUM_PROCESSES * DEVICES_PER_PROCESS),
+            )],
+            tmp,
+            "reference",
+        )
+        jobs.append(reference)
+        assert reference.wait() == [0], reference.tails()
+        out["wall"]["reference"] = time.monotonic() - start
+
+        start = time.monotonic()
+        job = launch_two_processes(tmp / "job", free_slurm_job_id(), tmp, "job")
+        jobs.append(job)
+        out["job_status"] = job.wait()
+        out["job_logs"] = [log.read_text() for log in job.logs]
+        out["wall"]["job"] = time.monotonic() - start
+
+        # Killed mid-run: SIGKILL both processes once a mid-run checkpoint is on disk, then rerun
+        # the same command with the same job id (as a requeued SLURM job would).
+        start = time.monotonic()
+        job_id = free_slurm_job_id()
+        killed = launch_two_processes(tmp / "killed", job_id, tmp, "killed")
+        jobs.append(killed)
+        ckpt = tmp / "killed" / "checkpoints"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and all(p.poll() is None for p in killed.procs):
+            if ckpt.is_dir() and any(n.isdigit() for n in os.listdir(ckpt)):
+                break
+            time.sleep(0.02)
+        killed.kill()
+        out["killed_status"] = [p.returncode for p in killed.procs]
+        out["steps_at_kill"] = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
+        rerun = launch_two_processes(tmp / "killed", job_id, tmp, "rerun")
+        jobs.append(rerun)
+        out["rerun_status"] = rerun.wait()
+        out["rerun_logs"] = [log.read_text() for log in rerun.logs]
+        out["wall"]["killed_and_rerun"] = time.monotonic() - start
+        yield out
+    finally:
+        for job in jobs:
+            job.kill()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_four_devices(runs):
+    assert runs["job_status"] == [0, 0], runs["job_logs"]
+    ref_step, reference = _state(runs["tmp"] / "reference")
+    step, params = _state(runs["tmp"] / "job")
+    assert ref_step == step == STEPS
+    diff = _max_abs_diff(reference, params)
+    print(f"max |params/opt_state 2 processes - 1 process| = {diff:.3g}; wall {runs['wall']}")
+    # The same per-device batches and the same program; only the all-reduce differs (gloo across
+    # processes vs. XLA's in-process CPU reduction), i.e. float32 summation order: after 24 SGD
+    # steps that stays within the 1e-5 the 1-vs-4-device test allows.
+    assert diff < 1e-5
+    ref_summary = json.loads((runs["tmp"] / "reference" / "summary.json").read_text())
+    summary = json.loads((runs["tmp"] / "job" / "summary.json").read_text())
+    assert summary["num_devices"] == ref_summary["num_devices"] == 4
+    assert summary["final_eval"]["num_examples"] == ref_summary["final_eval"]["num_examples"] == 359
+    assert abs(summary["final_eval"]["loss"] - ref_summary["final_eval"]["loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_complete_set_of_outputs(runs):
+    assert runs["job_status"] == [0, 0], runs["job_logs"]
+    workdir = runs["tmp"] / "job"
+    assert sorted(os.listdir(workdir)) == sorted(
+        ["checkpoints", "config.json", "learning_curves.png", "metrics.jsonl", "summary.json",
+         "tensorboard"]
+    )
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["step"] == STEPS
+    assert summary["resumed_from_step"] == 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # Exactly one record per logged step and eval: a second writer would duplicate lines.
+    assert [(r["step"], r["split"]) for r in records] == sorted(
+        [(s, "train") for s in range(LOG_EVERY, STEPS + 1, LOG_EVERY)]
+        + [(s, "eval") for s in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)],
+        key=lambda r: (r[0], r[1] == "eval"),
+    )
+    assert all(r["num_examples"] == 359 for r in records if r["split"] == "eval")
+    assert len(os.listdir(workdir / "tensorboard")) == 1
+    ckpt = workdir / "checkpoints"
+    # Saves at every checkpoint step and every eval; keep_checkpoints=3 plus the best by top1
+    # (evals are at 12 and 24, both among the last 3).
+    saved = {*range(CKPT_EVERY, STEPS + 1, CKPT_EVERY), *range(EVAL_EVERY, STEPS + 1, EVAL_EVERY)}
+    kept = sorted(saved)[-3:]
+    assert sorted(int(n) for n in os.listdir(ckpt)) == kept
+    for step in os.listdir(ckpt):
+        assert (ckpt / step / "_CHECKPOINT_METADATA").is_file()
+        assert (ckpt / step / "default" / "commit_success.txt").is_file()
+    # Process 0 prints the summary; process 1 trains silently.
+    assert "Finished lenet5 on digits" in runs["job_logs"][0]
+    assert "Finished lenet5 on digits" not in runs["job_logs"][1]
+    assert "(process 1 of 2)" in runs["job_logs"][1]
+
+
+@pytest.mark.slow
+def test_killed_two_process_job_resumes_exactly(runs):
+    assert runs["killed_status"] == [-signal.SIGKILL] * 2, "the job finished before the kill"
+    assert runs["steps_at_kill"] and max(runs["steps_at_kill"]) < STEPS
+    assert runs["rerun_status"] == [0, 0], runs["rerun_logs"]
+    summary = json.loads((runs["tmp"] / "killed" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["resumed_from_step"] == max(runs["steps_at_kill"])
+    step, resumed = _state(runs["tmp"] / "killed")
+    job_step, uninterrupted = _state(runs["tmp"] / "job")
+    assert step == job_step == STEPS
+    for name in uninterrupted:  # same process layout, same reductions: bitwise on CPU
+        np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
+
+
+# ------------------------------------------------------------------------- fast (default suite)
+def test_should_initialize_from_flag_or_slurm_tasks():
+    assert not distributed.should_initialize(False, {})
+    assert not distributed.should_initialize(False, {"SLURM_NTASKS": "1"})
+    assert distributed.should_initialize(False, {"SLURM_NTASKS": "2"})
+    assert distributed.should_initialize(True, {})
+    with pytest.raises(ValueError, match=r"distributed: SLURM_NTASKS='two' is invalid; expected"):
+        distributed.should_initialize(False, {"SLURM_NTASKS": "two"})
+
+
+def test_explicit_params_from_jax_env_variables():
+    assert distributed.explicit_params({}) == {}
+    env = {"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed.explicit_params(env) == {"num_processes": 4, "process_id": 3}
+    with pytest.raises(ValueError, match=r"JAX_PROCESS_ID=4 is invalid; expected 0 <= JAX_PROC"):
+        distributed.explicit_params({"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "4"})
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES=0 is invalid; expected a positive"):
+        distributed.explicit_params({"JAX_NUM_PROCESSES": "0"})
+    with pytest.raises(ValueError, match=r"JAX_PROCESS_ID='x' is invalid; expected an integer"):
+        distributed.explicit_params({"JAX_PROCESS_ID": "x"})
+
+
+def test_initialize_rejects_non_positive_timeout():
+    with pytest.raises(ValueError, match=r"distributed: timeout_s=0 is invalid; expected a posit"):
+        distributed.initialize(0)
+
+
+def test_missing_coordinator_is_a_clear_error_not_a_hang(tmp_path):
+    """Process 1 of 2 started alone: no coordinator ever listens. It must exit 1, in time."""
+    job_id = free_slurm_job_id()
+    started = time.monotonic()
+    job = Job(
+        [(_train_command(tmp_path / "w") + ["--distributed_timeout=2"], _slurm_env(job_id, 1))],
+        tmp_path,
+        "orphan",
+    )
+    try:
+        assert job.wait(timeout_s=120) == [distributed.EXIT_STATUS], job.tails()
+    finally:
+        job.kill()
+    log = job.logs[0].read_text()
+    port = _SLURM_PORT_BASE + int(job_id) % _SLURM_PORT_SPAN
+    assert (
+        f"error: distributed: process 1 of 2 could not reach the JAX coordinator at "
+        f"localhost:{port} within 2 s. Process 0 starts the coordinator"
+    ) in log, log[-3000:]
+    assert "Terminating process" not in log  # XLA's own abort message never came
+    assert time.monotonic() - started < 60
+
+
+def test_timeout_message_when_processes_are_missing():
+    message = distributed.timeout_message(5, 0, 3, "node1:6000", coordinator_reachable=True)
+    assert message == (
+        "distributed: process 0 of 3 started the coordinator at node1:6000, but not all 3 "
+        "processes joined within 5 s. Check that every process was started (SLURM_NTASKS / "
+        "JAX_NUM_PROCESSES) and that each can reach the coordinator."
+    )
