@@ -53,13 +53,14 @@ def register_model(
 def _lookup(name: str) -> ModelInfo:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
-        hint = f"did you mean {close}?" if close else f"valid names: {sorted(_REGISTRY)}"
-        raise ValueError(f"create_model: unknown model name={name!r}; {hint}")
+        hint = f"did you mean {close}? " if close else ""
+        raise ValueError(f"create_model: unknown model name={name!r}; {hint}"
+                         f"valid names: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
 def model_info(name: str) -> ModelInfo:
-    """Returns the registry entry for `name` (raises a ValueError listing close matches)."""
+    """Returns the registry entry for `name` (a ValueError lists close matches and all names)."""
     return _lookup(name)
 
 

@@ -810,6 +810,10 @@ def test_create_model_unknown_name_lists_close_matches():
     with pytest.raises(ValueError, match="did you mean") as err:
         create_model("alexnet_2towers")
     assert "'alexnet_2tower'" in str(err.value)
+    # Every valid name is listed too, close matches or not.
+    assert f"valid names: {sorted(list_models())}" in str(err.value)
+    with pytest.raises(ValueError, match=re.escape("name='zzz'; valid names: [")):
+        create_model("zzz")
 
 
 STAGES = ((64,), (128,))
