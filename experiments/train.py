@@ -72,18 +72,35 @@ def main(argv: list[str]) -> None:
         jax.process_count(),
     )
     workdir = _WORKDIR.value
+    index = jax.process_index()
     try:
         summary = train_and_evaluate(_CONFIG.value, workdir)
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}\n(details in {os.path.join(workdir, 'summary.json')})")
+        written_by = ", written by process 0" if index else ""
+        _fail(f"error: {err}\n(details in {os.path.join(workdir, 'summary.json')}{written_by})")
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
-        log = os.path.join(workdir, "error.log")
+        log = os.path.join(workdir, "error.log" if index == 0 else f"error.process{index}.log")
         os.makedirs(workdir, exist_ok=True)
         with open(log, "w") as f:
             f.write(traceback.format_exc())
-        sys.exit(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
-    if jax.process_index() == 0:
+        _fail(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
+    if index == 0:
         _print_summary(summary)
+
+
+def _fail(message: str) -> None:
+    """Exits with status 1 and `message`. In a multi-process job it skips JAX's graceful
+    distributed shutdown: that would wait for processes that may be blocked in a collective
+    forever; exiting abruptly lets the coordinator stop them (missed heartbeats, ~100 s)."""
+    import jax
+
+    if jax.process_count() == 1:
+        sys.exit(message)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _print_summary(summary: dict) -> None:

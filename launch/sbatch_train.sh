@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Multi-host data-parallel training under SLURM: one process per node, each driving its local GPUs.
+# Multi-host data-parallel training under SLURM: one process per GPU (8 per node here).
 #
 #   sbatch launch/sbatch_train.sh experiments/configs/resnet50_imagenet.py workdirs/resnet50 \
 #       --config.data.data_dir=/datasets/tfds
 #
 # experiments.train calls jax.distributed.initialize() itself when SLURM_NTASKS > 1 (JAX reads the
-# coordinator address, process count and index from the SLURM environment). Every process reads
-# its own shard of the data; only process 0 writes metrics, plots and summary.json; orbax writes
-# the checkpoints collectively into the shared workdir. Resubmitting the same job resumes.
+# coordinator address, process count and index from the SLURM environment). Under SLURM JAX gives
+# each process only GPU number SLURM_LOCALID, so run one task per GPU (a single task per node would
+# use one GPU of eight); don't bind GPUs to tasks (--gpus-per-task) as JAX selects them itself.
+# Every process reads its own shard of the data; only process 0 writes metrics, plots, summary.json
+# and the checkpoints, into the shared workdir. Resubmitting the same job resumes. Tested without
+# SLURM on one machine: tests/train/test_multiprocess.py (see launch/README.md).
 #SBATCH --job-name=cnnjax-train
 #SBATCH --nodes=2
-#SBATCH --ntasks-per-node=1
+#SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=32
+#SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --requeue

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import checks
@@ -101,6 +102,31 @@ def _write_summary(workdir: str, summary: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2, default=float)
     os.replace(tmp, path)
+
+
+def _sync_processes(name: str) -> None:
+    """Barrier over all processes of a multi-host job; nothing to do for a single process."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_same_checkpoints(steps: list[int], directory: str) -> None:
+    """Multi-host: all processes must see the same newest checkpoint before restoring (restores
+    are collective), else they would hang or train from different states; e.g. a workdir on
+    node-local disks, where only process 0's node has the checkpoints."""
+    if jax.process_count() == 1:
+        return
+    newest = np.int32(max(steps, default=-1))
+    seen = np.asarray(multihost_utils.process_allgather(newest)).reshape(-1).tolist()
+    if len(set(seen)) > 1:
+        found = ", ".join(
+            f"process {i}: {'none' if s < 0 else s}" for i, s in enumerate(seen)
+        )
+        raise ValueError(
+            f"workdir: the processes see different newest checkpoints in {directory!r} "
+            f"({found}); the workdir must be on a file system shared by all processes "
+            "(process 0 writes every checkpoint)."
+        )
 
 
 def _prefetch(iterator: Iterator, transform, size: int = 2) -> Iterator:
@@ -218,6 +244,8 @@ class _Run:
         checks.check_input_size(self.model, config.model, self.image_shape, info.min_input_size)
 
         self.prepare_workdir()
+        # Multi-host: no process looks for checkpoints before process 0 has applied `restart`.
+        _sync_processes("cnnjax:workdir_prepared")
         self.schedule = build_schedule(config)
         self.tx = build_optimizer(config, self.schedule)
 
@@ -235,7 +263,8 @@ class _Run:
         current = config_lib.flatten(config)
         saved_path = os.path.join(workdir, CONFIG_FILE)
         has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
-        if has_checkpoints and os.path.exists(saved_path):
+        # With `restart` process 0 deletes the checkpoints: others must not judge them meanwhile.
+        if has_checkpoints and not config.restart and os.path.exists(saved_path):
             with open(saved_path) as f:
                 saved = config_lib.flatten(json.load(f))
             differ = config_lib.incompatible_fields(saved, current)
@@ -296,6 +325,7 @@ class _Run:
             best_mode=config.best_mode,
             use_async=config.async_checkpoints,
         )
+        _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
         restored = checkpointer.restore_latest(host_state)
         start_step = 0
         if restored is not None:

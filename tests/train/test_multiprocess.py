@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,9 +127,10 @@ def _train_command(workdir: Path) -> list[str]:
     return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *FLAGS]
 
 
-def launch_two_processes(workdir: Path, job_id: str, log_dir: Path, name: str) -> Job:
+def launch_two_processes(workdir: Path, job_id: str, log_dir: Path, name: str, *extra) -> Job:
     return Job(
-        [(_train_command(workdir), _slurm_env(job_id, r)) for r in range(NUM_PROCESSES)],
+        [(_train_command(workdir) + list(extra), _slurm_env(job_id, r))
+         for r in range(NUM_PROCESSES)],
         log_dir,
         name,
     )
@@ -146,7 +148,7 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The one-process reference, the 2-process job, and a 2-process job killed and rerun."""
+    """The one-process reference; 2-process jobs: pmap, shard_map, and pmap killed and rerun."""
     tmp = tmp_path_factory.mktemp("multiprocess")
     out = {"tmp": tmp, "wall": {}}
     jobs: list[Job] = []
@@ -173,6 +175,16 @@ def runs(tmp_path_factory):
         out["job_status"] = job.wait()
         out["job_logs"] = [log.read_text() for log in job.logs]
         out["wall"]["job"] = time.monotonic() - start
+
+        # The same job with shard_map over the global 4-device mesh instead of pmap.
+        start = time.monotonic()
+        shard = launch_two_processes(
+            tmp / "shard_map", free_slurm_job_id(), tmp, "shard_map", "--config.parallel=shard_map"
+        )
+        jobs.append(shard)
+        out["shard_map_status"] = shard.wait()
+        out["shard_map_logs"] = [log.read_text() for log in shard.logs]
+        out["wall"]["shard_map_job"] = time.monotonic() - start
 
         # Killed mid-run: SIGKILL both processes once a mid-run checkpoint is on disk, then rerun
         # the same command with the same job id (as a requeued SLURM job would).
@@ -217,6 +229,24 @@ def test_two_processes_match_one_process_on_four_devices(runs):
     assert summary["num_devices"] == ref_summary["num_devices"] == 4
     assert summary["final_eval"]["num_examples"] == ref_summary["final_eval"]["num_examples"] == 359
     assert abs(summary["final_eval"]["loss"] - ref_summary["final_eval"]["loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_with_shard_map_match_one_process(runs):
+    """shard_map over a mesh spanning both processes: same update as pmap, up to reduce order."""
+    assert runs["shard_map_status"] == [0, 0], runs["shard_map_logs"]
+    _, reference = _state(runs["tmp"] / "reference")
+    step, params = _state(runs["tmp"] / "shard_map")
+    _, pmap_params = _state(runs["tmp"] / "job")
+    assert step == STEPS
+    print(
+        f"shard_map job: max diff vs 1 process {_max_abs_diff(reference, params):.3g}, "
+        f"vs pmap job {_max_abs_diff(pmap_params, params):.3g}"
+    )
+    assert _max_abs_diff(reference, params) < 1e-5
+    assert _max_abs_diff(pmap_params, params) < 1e-5
+    summary = json.loads((runs["tmp"] / "shard_map" / "summary.json").read_text())
+    assert summary["parallel"] == "shard_map" and summary["num_devices"] == 4
 
 
 @pytest.mark.slow
@@ -267,6 +297,29 @@ def test_killed_two_process_job_resumes_exactly(runs):
     assert step == job_step == STEPS
     for name in uninterrupted:  # same process layout, same reductions: bitwise on CPU
         np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_workdir_not_shared_between_processes_is_refused(runs, tmp_path):
+    """Node-local workdirs: process 0 finds the finished job's checkpoints, process 1 none. Both
+    must stop with a clear error instead of training from different states."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    shutil.copytree(runs["tmp"] / "job", node0)
+    job_id = free_slurm_job_id()
+    job = Job(
+        [(_train_command(node), _slurm_env(job_id, r)) for r, node in enumerate([node0, node1])],
+        tmp_path,
+        "nodelocal",
+    )
+    try:
+        statuses = job.wait()
+    finally:
+        job.kill()
+    assert statuses == [1, 1], job.tails()
+    for log in job.logs:
+        text = log.read_text()
+        assert "error: workdir: the processes see different newest checkpoints" in text, text
+        assert f"(process 0: {STEPS}, process 1: none); the workdir must be on a file" in text
 
 
 # ------------------------------------------------------------------------- fast (default suite)
