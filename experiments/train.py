@@ -4,7 +4,8 @@
         --config.optimizer.learning_rate=0.05 --workdir=workdirs/lenet5
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. Under SLURM with more
-than one task (or with --distributed) `jax.distributed.initialize()` connects the processes first.
+than one task (or with --distributed) `jax.distributed.initialize()` connects the processes first;
+a process that cannot reach the others within --distributed_timeout seconds exits with a message.
 Errors end the process with a one-line message (also written to <workdir>/summary.json).
 """
 
@@ -76,8 +77,12 @@ def main(argv: list[str]) -> None:
     try:
         summary = train_and_evaluate(_CONFIG.value, workdir)
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
-        written_by = ", written by process 0" if index else ""
-        _fail(f"error: {err}\n(details in {os.path.join(workdir, 'summary.json')}{written_by})")
+        where = (
+            f"details in {os.path.join(workdir, 'summary.json')}"
+            if index == 0
+            else f"process {index} of {jax.process_count()}; process 0 writes summary.json"
+        )
+        _fail(f"error: {err}\n({where})")
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
         log = os.path.join(workdir, "error.log" if index == 0 else f"error.process{index}.log")
         os.makedirs(workdir, exist_ok=True)

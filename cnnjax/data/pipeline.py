@@ -12,8 +12,8 @@ the same batches an uninterrupted run would see. Each epoch has
 Multi-host: each process reads its own contiguous shard of the split (`tfds.even_splits`) and
 yields its `global_batch_size / process_count` examples per step, reshaped to
 `[num_devices, per_device, ...]` for its local devices. cnnjax's offline datasets are generated
-on first use; on a shared file system generate them once before a multi-host launch
-(`get_dataset_info(config)` on one process) so that processes do not build them concurrently.
+on first use; processes that build one concurrently into the same data dir all use the copy
+that was finished first.
 
 TensorFlow is only the input pipeline: `hide_gpus_from_tensorflow()` runs before any pipeline is
 built (not at import, so importing cnnjax does not change TensorFlow's state for user code) so
@@ -259,7 +259,16 @@ class _TfdsSource(_Source):
                 raise DatasetNotPreparedError(_missing_dataset_message(spec, builder))
             logging.info("cnnjax.data: generating %r into %s (offline, first use)",
                          spec.tfds_name, builder.data_dir)
-            builder.download_and_prepare()
+            try:
+                builder.download_and_prepare()
+            except FileExistsError:
+                # Another process of a multi-host job built it into the same data dir first
+                # (tfds renames a finished build into place; the later rename fails).
+                builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
+                if not builder.is_prepared():
+                    raise
+                logging.info("cnnjax.data: another process finished building %r first; "
+                             "using its copy", spec.tfds_name)
         self.builder = builder
         self.name = preset.name
         features = builder.info.features
