@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from cnnjax.utils.validation import check_positive_float, check_positive_int, invalid
@@ -109,8 +109,7 @@ def timeout_message(timeout_s: float, process_id: Any, num_processes: Any,
 
 
 def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
-               environ: Mapping[str, str] | None = None,
-               _exit: Callable[[int], Any] = os._exit) -> None:
+               environ: Mapping[str, str] | None = None) -> None:
     """Calls `jax.distributed.initialize()`; ends the process if the job has not formed in time.
 
     Must run before anything starts a JAX backend. If the processes have not all connected after
@@ -132,7 +131,7 @@ def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
         message = timeout_message(timeout_s, pid, num, coordinator, _reachable(coordinator))
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
-        _exit(EXIT_STATUS)
+        os._exit(EXIT_STATUS)
 
     threading.Thread(target=watchdog, name="cnnjax-distributed-watchdog", daemon=True).start()
     try:

@@ -376,6 +376,26 @@ def test_missing_coordinator_is_a_clear_error_not_a_hang(tmp_path):
     assert time.monotonic() - started < 60
 
 
+def test_distributed_without_a_described_job_is_a_clear_error():
+    """`initialize` outside any cluster and without JAX_* variables: ValueError saying what to set
+    (in a subprocess: the test process's JAX backend is already running)."""
+    code = (
+        "from cnnjax.train import distributed\n"
+        "try:\n    distributed.initialize(30)\n"
+        "except ValueError as err:\n    print(err)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(1), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == (
+        "distributed: could not set up the multi-process JAX job (coordinator_address should be "
+        "defined.). Launch under SLURM (srun) or set JAX_COORDINATOR_ADDRESS=host:port, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID in every process."
+    )
+
+
 def test_timeout_message_when_processes_are_missing():
     message = distributed.timeout_message(5, 0, 3, "node1:6000", coordinator_reachable=True)
     assert message == (
