@@ -116,7 +116,9 @@ def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
     `timeout_s` seconds, writes `error: <what was missing>` to stderr and exits with status
     `EXIT_STATUS` (JAX would otherwise abort later with an unrelated-sounding message). Raises
     ValueError when the job cannot be described (e.g. `--distributed` outside a cluster without
-    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). `environ` (default
+    `os.environ`) is where `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` are read; JAX reads the rest
+    (SLURM_*, `JAX_COORDINATOR_ADDRESS`, `JAX_COORDINATOR_PORT`) from `os.environ` itself.
     """
     import jax
 
