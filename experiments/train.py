@@ -59,10 +59,15 @@ def main(argv: list[str]) -> None:
 
     from cnnjax.train import distributed
 
+    workdir = _WORKDIR.value
     try:
         if distributed.should_initialize(_DISTRIBUTED.value):
-            distributed.initialize(_DISTRIBUTED_TIMEOUT.value)
+            distributed.initialize(
+                _DISTRIBUTED_TIMEOUT.value,
+                on_timeout=lambda message, pid: _write_startup_error(workdir, message, pid),
+            )
     except ValueError as err:
+        _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
 
@@ -72,7 +77,6 @@ def main(argv: list[str]) -> None:
         jax.process_index(),
         jax.process_count(),
     )
-    workdir = _WORKDIR.value
     index = jax.process_index()
     try:
         summary = train_and_evaluate(_CONFIG.value, workdir)
@@ -91,6 +95,15 @@ def main(argv: list[str]) -> None:
         _fail(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
     if index == 0:
         _print_summary(summary)
+
+
+def _write_startup_error(workdir: str, message: str, process_id: object) -> None:
+    """Records why the multi-process job could not start in `<workdir>/error.startup[.N].log`
+    (the process has no JAX job, hence no summary.json, yet)."""
+    suffix = "" if process_id in (None, 0, "?") else f".process{process_id}"
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, f"error.startup{suffix}.log"), "w") as f:
+        f.write(f"error: {message}\n")
 
 
 def _fail(message: str) -> None:

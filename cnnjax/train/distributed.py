@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from cnnjax.utils.validation import check_positive_float, check_positive_int, invalid
@@ -109,7 +109,8 @@ def timeout_message(timeout_s: float, process_id: Any, num_processes: Any,
 
 
 def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
-               environ: Mapping[str, str] | None = None) -> None:
+               environ: Mapping[str, str] | None = None,
+               on_timeout: Callable[[str, Any], None] | None = None) -> None:
     """Calls `jax.distributed.initialize()`; ends the process if the job has not formed in time.
 
     Must run before anything starts a JAX backend. If the processes have not all connected after
@@ -119,6 +120,8 @@ def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
     `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`). `environ` (default
     `os.environ`) is where `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` are read; JAX reads the rest
     (SLURM_*, `JAX_COORDINATOR_ADDRESS`, `JAX_COORDINATOR_PORT`) from `os.environ` itself.
+    `on_timeout(message, process_id)`, if given, runs before the exit (e.g. to write the message
+    into the work directory); its own failure is reported and does not stop the exit.
     """
     import jax
 
@@ -132,6 +135,11 @@ def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
         pid, num, coordinator = _job_state()
         message = timeout_message(timeout_s, pid, num, coordinator, _reachable(coordinator))
         sys.stderr.write(f"error: {message}\n")
+        if on_timeout is not None:
+            try:
+                on_timeout(message, pid)
+            except Exception as err:  # noqa: BLE001 - the exit must happen regardless
+                sys.stderr.write(f"error: could not record the failure: {err!r}\n")
         sys.stderr.flush()
         os._exit(EXIT_STATUS)
 

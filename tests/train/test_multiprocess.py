@@ -374,6 +374,9 @@ def test_missing_coordinator_is_a_clear_error_not_a_hang(tmp_path):
     ) in log, log[-3000:]
     assert "Terminating process" not in log  # XLA's own abort message never came
     assert time.monotonic() - started < 60
+    # The reason is also in the work directory (there is no summary.json without a job).
+    recorded = (tmp_path / "w" / "error.startup.process1.log").read_text()
+    assert recorded.startswith("error: distributed: process 1 of 2 could not reach"), recorded
 
 
 def test_distributed_without_a_described_job_is_a_clear_error():
@@ -394,6 +397,21 @@ def test_distributed_without_a_described_job_is_a_clear_error():
         "defined.). Launch under SLURM (srun) or set JAX_COORDINATOR_ADDRESS=host:port, "
         "JAX_NUM_PROCESSES and JAX_PROCESS_ID in every process."
     )
+
+
+def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(tmp_path):
+    """`experiments.train --distributed` with no cluster: exit 1, the reason on stderr and in
+    `<workdir>/error.startup.log`, before any config is loaded or anything compiled."""
+    workdir = tmp_path / "w"
+    result = subprocess.run(
+        _train_command(workdir) + ["--distributed"], cwd=ROOT, env=_env(1),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: distributed: could not set up the multi-process JAX job" in result.stderr
+    recorded = (workdir / "error.startup.log").read_text()
+    assert recorded.startswith("error: distributed: could not set up the multi-process JAX job")
+    assert "JAX_COORDINATOR_ADDRESS=host:port" in recorded
 
 
 def test_timeout_message_when_processes_are_missing():
