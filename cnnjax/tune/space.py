@@ -1,0 +1,357 @@
+"""Hyperparameter search spaces over config fields named by dotted paths.
+
+A `Param` says which field to vary (`optimizer.learning_rate`, `model_kwargs.activation`,
+`global_batch_size`) and how: `choice` (listed values), `uniform`, `log_uniform` or `int_uniform`
+(both ends included). `grid(params)` is the cartesian product of choices in a fixed order (the
+first parameter varies slowest); `random(params, num_trials, seed)` draws distinct points from a
+seeded NumPy generator, so the same seed always gives the same trials. Each `Trial` carries its
+overrides (an ordered dict) and an id hashed from them, so rerunning a sweep maps every trial to
+the same work directory. Nothing here imports JAX: spaces are checked before anything trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cnnjax.utils.validation import check_choice, invalid
+
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+KINDS = ("grid", "random")
+_OWNER = "sweep"
+# How many draws `random` may spend per requested trial looking for distinct points.
+_MAX_DRAWS_PER_TRIAL = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One swept field: `field` (dotted config path) and its distribution.
+
+    `values` is used by `choice`; `low`/`high` by the others (`int_uniform` includes `high`).
+    """
+
+    field: str
+    distribution: str
+    values: tuple = ()
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.field, str) or not self.field or " " in self.field:
+            raise invalid(_OWNER, "parameter field", self.field,
+                          "expected a dotted config path such as 'optimizer.learning_rate'")
+        name = f"parameters[{self.field!r}]"
+        check_choice(_OWNER, f"{name}.distribution", self.distribution, DISTRIBUTIONS)
+        if self.distribution == "choice":
+            values = self.values
+            if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+                raise invalid(_OWNER, f"{name}.values", values,
+                              "expected a list or tuple of values to choose from")
+            values = tuple(values)
+            if not values:
+                raise invalid(_OWNER, f"{name}.values", values,
+                              "expected at least one value to choose from")
+            for value in values:
+                try:
+                    _canonical(value)
+                except TypeError:
+                    raise invalid(_OWNER, f"{name}.values", value,
+                                  "expected bool, int, float, str, None or tuples of them "
+                                  "(values a command line and JSON can hold)") from None
+            object.__setattr__(self, "values", values)
+            return
+        for arg in ("low", "high"):
+            value = getattr(self, arg)
+            integral = self.distribution == "int_uniform"
+            ok = (isinstance(value, int) if integral else isinstance(value, int | float))
+            if isinstance(value, bool) or not ok or not math.isfinite(value):
+                raise invalid(_OWNER, f"{name}.{arg}", value,
+                              f"expected a finite {'integer' if integral else 'number'}")
+        if self.low >= self.high:
+            raise invalid(_OWNER, f"{name}.low", self.low,
+                          f"expected low < high (high={self.high!r})")
+        if self.distribution == "log_uniform" and self.low <= 0:
+            raise invalid(_OWNER, f"{name}.low", self.low,
+                          "expected low > 0: log_uniform samples exp(uniform(log low, log high))")
+
+    @property
+    def numeric(self) -> bool:
+        """True when every value the parameter can take is a (non-bool) number."""
+        if self.distribution != "choice":
+            return True
+        return all(isinstance(v, int | float) and not isinstance(v, bool) for v in self.values)
+
+    @property
+    def log_scale(self) -> bool:
+        """Plot on a log axis: log_uniform, or positive numeric choices spanning > 1 decade."""
+        if self.distribution == "log_uniform":
+            return True
+        if self.distribution == "choice" and self.numeric and len(self.values) > 1:
+            low, high = min(self.values), max(self.values)
+            return low > 0 and high / low > 10
+        return False
+
+    def num_points(self) -> float:
+        """How many distinct values the parameter can take (inf for continuous ones)."""
+        if self.distribution == "choice":
+            return len(self.values)
+        if self.distribution == "int_uniform":
+            return self.high - self.low + 1
+        return math.inf
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        """One draw; Python scalars (not NumPy ones) so configs and JSON take them as they are."""
+        if self.distribution == "choice":
+            return self.values[int(rng.integers(len(self.values)))]
+        if self.distribution == "uniform":
+            return float(rng.uniform(self.low, self.high))
+        if self.distribution == "log_uniform":
+            return float(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+        return int(rng.integers(self.low, self.high + 1))
+
+    def describe(self) -> dict:
+        """The parameter as JSON-ready data (what sweep.json stores)."""
+        out: dict[str, Any] = {"field": self.field, "distribution": self.distribution}
+        if self.distribution == "choice":
+            out["values"] = _canonical(list(self.values))
+        else:
+            out["low"], out["high"] = self.low, self.high
+        return out
+
+
+def choice(field: str, values: Sequence[Any]) -> Param:
+    """`field` takes one of `values` (every one of them in a grid)."""
+    return Param(field, "choice", values=values)
+
+
+def uniform(field: str, low: float, high: float) -> Param:
+    """`field` drawn uniformly from [low, high)."""
+    return Param(field, "uniform", low=low, high=high)
+
+
+def log_uniform(field: str, low: float, high: float) -> Param:
+    """`field` drawn so that its logarithm is uniform: each decade equally likely (0 < low)."""
+    return Param(field, "log_uniform", low=low, high=high)
+
+
+def int_uniform(field: str, low: int, high: int) -> Param:
+    """`field` an integer drawn uniformly from low..high, both included."""
+    return Param(field, "int_uniform", low=low, high=high)
+
+
+def parse_param(spec: Any) -> Param:
+    """A `Param` from itself or a mapping `{'field', 'distribution', 'values' | 'low', 'high'}`."""
+    if isinstance(spec, Param):
+        return spec
+    if not isinstance(spec, Mapping) and not hasattr(spec, "items"):
+        raise invalid(_OWNER, "parameter", spec,
+                      "expected a Param (choice(...), log_uniform(...), ...) or a mapping with "
+                      "'field' and 'distribution'")
+    spec = dict(spec.items())
+    unknown = sorted(set(spec) - {"field", "distribution", "values", "low", "high"})
+    if unknown or "field" not in spec or "distribution" not in spec:
+        raise invalid(_OWNER, "parameter", spec,
+                      "expected keys 'field', 'distribution' and 'values' (choice) or "
+                      "'low'/'high' (uniform, log_uniform, int_uniform)")
+    return Param(**spec)
+
+
+def trial_id(overrides: Mapping[str, Any]) -> str:
+    """A 10-hex-digit id hashed from the overrides (field order does not matter).
+
+    The same overrides give the same id in every process and on every rerun, so a trial always
+    finds its own work directory again.
+    """
+    text = json.dumps(_canonical(dict(overrides)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One point of a space: its position, its id and the config overrides it applies."""
+
+    index: int
+    trial_id: str
+    overrides: OrderedDict
+
+    def describe(self) -> dict:
+        return {"index": self.index, "trial_id": self.trial_id,
+                "overrides": _canonical(dict(self.overrides))}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A grid or random space and its trials (computed once, in a fixed order)."""
+
+    kind: str
+    params: tuple[Param, ...]
+    trials: tuple[Trial, ...]
+    seed: int | None = None
+    num_trials: int | None = None
+
+    @property
+    def fields(self) -> list[str]:
+        return [p.field for p in self.params]
+
+    def describe(self) -> dict:
+        """JSON-ready description: kind, seed, num_trials and each parameter."""
+        return {"kind": self.kind, "seed": self.seed, "num_trials": self.num_trials,
+                "parameters": [p.describe() for p in self.params]}
+
+
+def _params(params: Any) -> tuple[Param, ...]:
+    """Accepts a sequence of Params/specs, or a mapping `{field: values | Param}`."""
+    if isinstance(params, Mapping):
+        items = [
+            p if isinstance(p, Param) else choice(f, p) for f, p in params.items()
+        ]
+    elif isinstance(params, str) or not isinstance(params, Iterable):
+        raise invalid(_OWNER, "parameters", params,
+                      "expected a list of parameters (choice(...), log_uniform(...), ...) or a "
+                      "mapping {field: values}")
+    else:
+        items = [parse_param(p) for p in params]
+    if not items:
+        raise invalid(_OWNER, "parameters", params, "expected at least one parameter to sweep")
+    fields = [p.field for p in items]
+    repeated = sorted({f for f in fields if fields.count(f) > 1})
+    if repeated:
+        raise invalid(_OWNER, "parameters", repeated, "expected each field swept only once")
+    return tuple(items)
+
+
+def _trial(index: int, params: Sequence[Param], values: Sequence[Any]) -> Trial:
+    overrides = OrderedDict((p.field, v) for p, v in zip(params, values, strict=True))
+    return Trial(index, trial_id(overrides), overrides)
+
+
+def grid(params: Any) -> SearchSpace:
+    """Every combination of the choices, the first parameter varying slowest (itertools order).
+
+    Every parameter must be a `choice` (a grid over a continuous range has no natural points:
+    list them, or use `random`).
+    """
+    params = _params(params)
+    for p in params:
+        if p.distribution != "choice":
+            raise invalid(_OWNER, f"parameters[{p.field!r}].distribution", p.distribution,
+                          "expected 'choice' in a grid (list the values, or use kind='random' "
+                          "for uniform/log_uniform/int_uniform)")
+    combos = itertools.product(*(p.values for p in params))
+    trials = tuple(_trial(i, params, combo) for i, combo in enumerate(combos))
+    return SearchSpace("grid", params, trials)
+
+
+def random(params: Any, num_trials: int, seed: int = 0) -> SearchSpace:
+    """`num_trials` distinct points drawn with `np.random.default_rng(seed)`, parameter by
+    parameter in the given order; the same seed and parameters always give the same trials."""
+    params = _params(params)
+    if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials <= 0:
+        raise invalid(_OWNER, "num_trials", num_trials, "expected a positive integer")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise invalid(_OWNER, "seed", seed, "expected an integer >= 0")
+    size = math.prod(p.num_points() for p in params)
+    if num_trials > size:
+        raise invalid(_OWNER, "num_trials", num_trials,
+                      f"expected at most {size}, the number of distinct points in the space "
+                      "(or use kind='grid' to run them all)")
+    rng = np.random.default_rng(seed)
+    trials: list[Trial] = []
+    seen: set[str] = set()
+    for _ in range(num_trials * _MAX_DRAWS_PER_TRIAL):
+        if len(trials) == num_trials:
+            break
+        trial = _trial(len(trials), params, [p.sample(rng) for p in params])
+        if trial.trial_id not in seen:  # a repeated point would be a repeated run
+            seen.add(trial.trial_id)
+            trials.append(trial)
+    if len(trials) < num_trials:  # pragma: no cover - only near-exhausted finite spaces
+        raise invalid(_OWNER, "num_trials", num_trials,
+                      f"found only {len(trials)} distinct points in "
+                      f"{num_trials * _MAX_DRAWS_PER_TRIAL} draws; ask for fewer trials")
+    return SearchSpace("random", params, tuple(trials), seed=seed, num_trials=num_trials)
+
+
+def from_config(sweep_config: Any) -> SearchSpace:
+    """The space a sweep config describes: `kind`, `parameters`, and for random `num_trials`,
+    `seed` (an ml_collections ConfigDict or a mapping)."""
+    get = sweep_config.get
+    kind = check_choice(_OWNER, "kind", get("kind"), KINDS)
+    params = get("parameters")
+    if kind == "grid":
+        return grid(params)
+    return random(params, get("num_trials"), get("seed", 0))
+
+
+def _leaf_paths(config: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a.b": value}` for each leaf of a nested config (sub-configs are not leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out.update(_leaf_paths(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_fields(base_config: Any, space: SearchSpace) -> None:
+    """Raises unless every swept field is an existing leaf of `base_config` (close matches named).
+
+    Runs before any training, so a misspelt `optimizer.learnig_rate` costs nothing.
+    """
+    leaves = _leaf_paths(base_config)
+    for param in space.params:
+        if param.field in leaves:
+            continue
+        close = difflib.get_close_matches(param.field, list(leaves), n=5, cutoff=0.6)
+        hint = f"close matches: {close}" if close else "no close match"
+        group = param.field.rsplit(".", 1)[0] + "." if "." in param.field else ""
+        siblings = sorted(n for n in leaves if group and n.startswith(group))
+        if siblings and not close:
+            hint = f"fields under {group[:-1]!r}: {siblings}"
+        raise invalid(_OWNER, f"parameters[{param.field!r}].field", param.field,
+                      f"the base config has no such field ({hint})")
+
+
+def apply_overrides(base_config: Any, overrides: Mapping[str, Any]) -> Any:
+    """A deep copy of `base_config` with each dotted field set (types checked by ConfigDict)."""
+    config = copy.deepcopy(base_config)
+    for field, value in overrides.items():
+        *parents, leaf = field.split(".")
+        target = config
+        for name in parents:
+            target = target[name]
+        try:
+            target[leaf] = value
+        except (TypeError, KeyError, AttributeError) as err:
+            raise invalid(_OWNER, f"parameters[{field!r}] value", value,
+                          f"the base config refuses it ({err})") from None
+    return config
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-ready copy (tuples as lists); TypeError for values JSON cannot hold faithfully."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"non-finite float {value!r}")
+        return value
+    if isinstance(value, np.generic):
+        return _canonical(value.item())
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in JSON")

@@ -1,0 +1,420 @@
+"""`run_sweep`: every trial of a search space is one `train_and_evaluate` run in its own workdir.
+
+Layout of a sweep directory:
+    sweep.json            the space, its trials and the base config (refuses a different sweep)
+    trials/<trial_id>/    the engine's workdir for that trial (checkpoints, metrics.jsonl,
+                          summary.json) plus trial.json (status, reason, wall time)
+    results.csv/.json     one row per trial, best first; rewritten atomically after every trial
+    sweep.png             the metric against each swept hyperparameter
+
+Trials run one after another in this process, or one alone (`trial_index`, e.g. a cluster array
+task). Resume is per trial: a trial whose summary.json says completed (or trial.json diverged) is
+not run again, an interrupted one continues from its own checkpoint (the engine resumes exactly),
+a failed one is retried. Results are always rebuilt from the trial directories, so concurrent
+array tasks and reruns agree on one table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+import traceback
+from typing import Any
+
+from cnnjax.train import config as config_lib
+from cnnjax.train.logging import METRICS_FILE, read_metrics
+from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
+from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
+from cnnjax.utils.validation import check_choice, invalid
+
+SWEEP_FILE = "sweep.json"
+TRIALS_DIR = "trials"
+TRIAL_FILE = "trial.json"
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+PLOT_FILE = "sweep.png"
+#: Row statuses: `incomplete` = started but not finished (running elsewhere, or killed).
+STATUSES = ("completed", "diverged", "failed", "interrupted", "incomplete", "pending")
+_OWNER = "sweep"
+
+
+def default_mode(metric: str) -> str:
+    """'min' for loss, 'max' for accuracies."""
+    return "min" if metric == "loss" else "max"
+
+
+def trial_workdir(sweep_dir: str, trial: Trial) -> str:
+    return os.path.join(sweep_dir, TRIALS_DIR, trial.trial_id)
+
+
+def run_sweep(
+    base_config: Any,
+    space: SearchSpace,
+    sweep_dir: str,
+    metric: str = "top1",
+    mode: str | None = None,
+    *,
+    trial_index: int | None = None,
+    max_trials: int | None = None,
+    verbose: bool = True,
+) -> list[dict]:
+    """Runs the trials of `space` not yet finished in `sweep_dir`; returns the result rows.
+
+    `metric` (an eval metric: loss, top1, top5) and `mode` ('max'/'min'; default by metric) rank
+    the trials by their best eval value. `trial_index` runs only that trial (array jobs);
+    `max_trials` caps how many trials this call starts (0: only rewrite results and plot).
+    Every field, value and trial config is checked before anything trains.
+    """
+    check_choice(_OWNER, "metric", metric, config_lib.EVAL_METRICS)
+    mode = default_mode(metric) if mode is None else mode
+    check_choice(_OWNER, "mode", mode, ("max", "min"))
+    if trial_index is not None and (
+        isinstance(trial_index, bool)
+        or not isinstance(trial_index, int)
+        or not 0 <= trial_index < len(space.trials)
+    ):
+        raise invalid(_OWNER, "trial_index", trial_index,
+                      f"expected an integer in [0, {len(space.trials) - 1}] (the space has "
+                      f"{len(space.trials)} trials)")
+    if max_trials is not None and (
+        isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 0
+    ):
+        raise invalid(_OWNER, "max_trials", max_trials, "expected an integer >= 0 or None")
+    check_fields(base_config, space)
+    configs = {}
+    for trial in space.trials:
+        config = apply_overrides(base_config, trial.overrides)
+        try:
+            config_lib.validate_config(config)
+        except ValueError as err:
+            raise ValueError(
+                f"sweep: trial {trial.index} ({trial.trial_id}, {dict(trial.overrides)}) has an "
+                f"invalid config: {err}"
+            ) from None
+        configs[trial.trial_id] = config
+    _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
+
+    selected = space.trials if trial_index is None else (space.trials[trial_index],)
+    started = 0
+    for trial in selected:
+        workdir = trial_workdir(sweep_dir, trial)
+        finished = _finished_status(workdir, configs[trial.trial_id])
+        if finished:
+            _say(verbose, f"Trial {trial.index} {trial.trial_id} {_fmt(trial.overrides)}: "
+                          f"already {finished}, skipped.")
+            continue
+        if max_trials is not None and started >= max_trials:
+            break
+        started += 1
+        _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                      f"{_fmt(trial.overrides)} -> {workdir}")
+        try:
+            record = _run_trial(trial, configs[trial.trial_id], workdir)
+        finally:  # KeyboardInterrupt included: the table shows what has finished so far
+            rows = write_results(sweep_dir, space, metric, mode)
+        _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
+                      + (f" ({record['reason']})" if record["reason"] else ""))
+    rows = write_results(sweep_dir, space, metric, mode)
+    if verbose:
+        print(format_table(rows, space, metric), flush=True)
+        print(f"Results: {os.path.join(sweep_dir, RESULTS_CSV)}", flush=True)
+        if os.path.exists(os.path.join(sweep_dir, PLOT_FILE)):
+            print(f"Plot:    {os.path.join(sweep_dir, PLOT_FILE)}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ sweep.json
+def _sweep_description(space: SearchSpace, base_config: Any, metric: str, mode: str) -> dict:
+    swept = set(space.fields)
+    base = {k: v for k, v in config_lib.flatten(base_config).items() if k not in swept}
+    description = {
+        "space": space.describe(),
+        "trials": [t.describe() for t in space.trials],
+        "base_config": base,
+        "metric": metric,
+        "mode": mode,
+    }
+    return json.loads(json.dumps(description))  # tuples -> lists, as they read back
+
+
+def _prepare_sweep_dir(
+    sweep_dir: str, space: SearchSpace, base_config: Any, metric: str, mode: str
+) -> None:
+    """Creates sweep.json, or checks that the existing one describes the same sweep.
+
+    The metric and mode may change between runs (they only re-rank); the space, the trials and
+    every trajectory-defining base-config field (the engine's RUNTIME_FIELDS excepted) may not.
+    """
+    current = _sweep_description(space, base_config, metric, mode)
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    fresh = (
+        "to start fresh use a new --sweep_dir or delete this one; to rerun with this sweep "
+        "restore the original sweep/base config"
+    )
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("space") != current["space"] or saved.get("trials") != current["trials"]:
+            raise ValueError(
+                f"sweep: sweep_dir={sweep_dir!r} holds a different search space "
+                f"(saved: {json.dumps(saved.get('space'))}; now: {json.dumps(current['space'])}); "
+                f"{fresh}."
+            )
+        differ = config_lib.incompatible_fields(saved.get("base_config", {}),
+                                                current["base_config"])
+        if differ:
+            details = ", ".join(
+                f"{n}: {saved['base_config'].get(n, '<unset>')!r} -> "
+                f"{current['base_config'].get(n, '<unset>')!r}"
+                for n in differ[:8]
+            )
+            raise ValueError(
+                f"sweep: sweep_dir={sweep_dir!r} was created with a different base config "
+                f"({details}); {fresh}."
+            )
+    os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
+    _atomic_write(path, json.dumps(current, indent=2))
+
+
+# --------------------------------------------------------------------------------- trials
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # missing, or cut short by a kill: as if absent
+        return None
+
+
+def _finished_status(workdir: str, config: Any) -> str | None:
+    """'completed' or 'diverged' when the trial need not run again, else None (run/resume).
+
+    A divergence is deterministic (same config, same data order), so rerunning it would only
+    diverge again; a failure may be transient (memory, a missing dataset) and is retried.
+    """
+    summary = _read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
+    record = _read_json(os.path.join(workdir, TRIAL_FILE)) or {}
+    if summary.get("status") == "completed" and summary.get("step") == config.num_train_steps:
+        return "completed"
+    if summary.get("status") == "diverged" and record.get("status") == "diverged":
+        return "diverged"
+    return None
+
+
+def _run_trial(trial: Trial, config: Any, workdir: str) -> dict:
+    """One `train_and_evaluate` call; records its outcome in trial.json and returns it."""
+    path = os.path.join(workdir, TRIAL_FILE)
+    previous = _read_json(path) or {}
+    record = {
+        **trial.describe(),
+        "status": "incomplete",
+        "reason": "",
+        "wall_time_s": float(previous.get("wall_time_s", 0.0)),
+        "invocations": int(previous.get("invocations", 0)) + 1,
+    }
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_write(path, json.dumps(record, indent=2))
+    started = time.time()
+    try:
+        train_and_evaluate(config, workdir)
+        record["status"] = "completed"
+    except TrainingDivergedError as err:
+        record.update(status="diverged", reason=str(err))
+    except KeyboardInterrupt:
+        record.update(status="interrupted", reason="KeyboardInterrupt")
+        raise
+    except Exception as err:  # noqa: BLE001 — one failing trial must not end the sweep
+        record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        with open(os.path.join(workdir, "error.log"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        record["wall_time_s"] += time.time() - started
+        _atomic_write(path, json.dumps(record, indent=2))
+    return record
+
+
+# -------------------------------------------------------------------------------- results
+def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
+    """One result row, read from the trial's summary.json, trial.json and metrics.jsonl."""
+    workdir = trial_workdir(sweep_dir, trial)
+    summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
+    record = _read_json(os.path.join(workdir, TRIAL_FILE))
+    evals = [
+        r for r in read_metrics(os.path.join(workdir, METRICS_FILE))
+        if r.get("split") == "eval" and isinstance(r.get(metric), int | float)
+    ]
+    summary_status = (summary or {}).get("status")
+    if summary_status == "completed":
+        status = "completed"
+    elif record is not None:
+        status = record["status"]
+        if status == "incomplete" and summary_status in ("diverged", "failed", "interrupted"):
+            status = summary_status  # the process died after the engine wrote its summary
+    elif summary is not None:
+        status = summary_status if summary_status in STATUSES else "incomplete"
+    else:
+        status = "pending"
+    sign = 1 if mode == "max" else -1
+    best = max(evals, key=lambda r: (sign * r[metric], -r["step"])) if evals else None
+    final = (summary.get("final_eval") or {}).get(metric) if status == "completed" else None
+    if status in ("completed", "diverged") and summary and "step" in summary:
+        steps = int(summary["step"])
+    else:
+        steps = max((int(r["step"]) for r in read_metrics(os.path.join(workdir, METRICS_FILE))),
+                    default=0)
+    reason = (record or {}).get("reason") or ""
+    if not reason and status != "completed" and summary:
+        reason = summary.get("message", "")
+    wall = (record or {}).get("wall_time_s", (summary or {}).get("wall_time_s"))
+    return {
+        "rank": None,
+        "index": trial.index,
+        "trial_id": trial.trial_id,
+        "overrides": dict(trial.overrides),
+        "status": status,
+        "best": best[metric] if best else None,
+        "best_step": best["step"] if best else None,
+        "final": final,
+        "steps": steps,
+        "wall_time_s": wall,
+        "reason": reason,
+        "workdir": workdir,
+    }
+
+
+def rank_results(rows: list[dict], mode: str) -> list[dict]:
+    """Completed trials first, best metric first (ties: lower index); others after, by index."""
+    sign = -1 if mode == "max" else 1
+    done = sorted(
+        (r for r in rows if r["status"] == "completed" and r["best"] is not None),
+        key=lambda r: (sign * r["best"], r["index"]),
+    )
+    ranked = {r["trial_id"] for r in done}
+    rest = sorted((r for r in rows if r["trial_id"] not in ranked), key=lambda r: r["index"])
+    for rank, row in enumerate(done, start=1):
+        row["rank"] = rank
+    return done + rest
+
+
+def write_results(sweep_dir: str, space: SearchSpace, metric: str, mode: str) -> list[dict]:
+    """Rebuilds results.csv, results.json and sweep.png from the trial directories (atomic)."""
+    rows = rank_results([trial_result(sweep_dir, t, metric, mode) for t in space.trials], mode)
+    _atomic_write(
+        os.path.join(sweep_dir, RESULTS_JSON),
+        json.dumps({"metric": metric, "mode": mode, "fields": space.fields, "trials": rows},
+                   indent=2),
+    )
+    _atomic_write(os.path.join(sweep_dir, RESULTS_CSV), _csv(rows, space, metric))
+    if any(r["status"] == "completed" for r in rows):
+        plot_results(rows, space, metric, os.path.join(sweep_dir, PLOT_FILE))
+    return rows
+
+
+def _csv(rows: list[dict], space: SearchSpace, metric: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["rank", "trial_id", "index", *space.fields, "status", f"best_{metric}",
+                     "best_step", f"final_{metric}", "steps", "wall_time_s", "reason"])
+    for r in rows:
+        writer.writerow([
+            "" if r["rank"] is None else r["rank"], r["trial_id"], r["index"],
+            *(json.dumps(r["overrides"][f]) if isinstance(r["overrides"][f], list | tuple)
+              else r["overrides"][f] for f in space.fields),
+            r["status"], _blank(r["best"]), _blank(r["best_step"]), _blank(r["final"]),
+            r["steps"], "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}",
+            r["reason"],
+        ])
+    return buffer.getvalue()
+
+
+def format_table(rows: list[dict], space: SearchSpace, metric: str) -> str:
+    """The ranked results as an aligned text table (best first)."""
+    header = ["rank", "trial", *space.fields, "status", f"best {metric}", "final", "steps",
+              "wall s"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            "-" if r["rank"] is None else str(r["rank"]), r["trial_id"],
+            *(_short(r["overrides"][f]) for f in space.fields), r["status"],
+            "-" if r["best"] is None else f"{r['best']:.4f}",
+            "-" if r["final"] is None else f"{r['final']:.4f}", str(r["steps"]),
+            "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def plot_results(rows: list[dict], space: SearchSpace, metric: str, path: str) -> str:
+    """One panel per swept field: best eval metric of completed trials against the value (log x
+    for log-uniform or decade-spanning values); diverged/failed values as red dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = space.params
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.4), squeeze=False)
+    done = [r for r in rows if r["status"] == "completed" and r["best"] is not None]
+    bad = [r for r in rows if r["status"] in ("diverged", "failed")]
+    for ax, param in zip(axes[0], params, strict=True):
+        if param.numeric:
+            position = float
+            if param.log_scale:
+                ax.set_xscale("log")
+        else:  # categorical: the choices in their listed order
+            labels = [_short(v) for v in param.values]
+            position = lambda v, labels=labels: labels.index(_short(v))  # noqa: E731
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        xs = [position(r["overrides"][param.field]) for r in done]
+        ax.scatter(xs, [r["best"] for r in done], color="tab:blue", zorder=3,
+                   label="completed")
+        for i, r in enumerate(bad):
+            ax.axvline(position(r["overrides"][param.field]), color="tab:red", linestyle=":",
+                       label=r["status"] if i == 0 else None)
+        ax.set_xlabel(param.field)
+        ax.set_ylabel(f"best eval {metric}")
+        ax.grid(True, alpha=0.3)
+        if bad:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{len(done)} of {len(rows)} trials completed")
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# -------------------------------------------------------------------------------- helpers
+def _atomic_write(path: str, text: str) -> None:
+    """Writes `text` to a temp file next to `path`, then renames it over `path` (readers never
+    see a half-written file; concurrent writers each leave a complete one)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _fmt(overrides: dict) -> str:
+    return "{" + ", ".join(f"{k}={_short(v)}" for k, v in overrides.items()) + "}"
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, flush=True)

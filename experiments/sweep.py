@@ -1,0 +1,86 @@
+"""Grid or random hyperparameter search: each trial is one `train_and_evaluate` run.
+
+    python -m experiments.sweep --config=experiments/configs/lenet5_digits.py \\
+        --sweep=experiments/sweeps/lenet5_digits_lr.py --sweep_dir=sweeps/lenet5_lr \\
+        [--config.<field>=<value> ...] [--sweep.<field>=<value> ...]
+
+`--config` is the base experiment (any experiment config, with the usual overrides); `--sweep` is
+a file whose `get_config()` describes the space (kind grid|random, seed, num_trials, metric, mode,
+parameters: see experiments/sweeps/). Trials run one after another in
+<sweep_dir>/trials/<trial_id>/; results.csv/results.json and sweep.png are rewritten after each.
+Rerunning the same command skips finished trials and resumes an interrupted one from its
+checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job);
+`--max_trials=0` only rebuilds the results table and plot from the trial directories.
+Exit status 1 if a trial failed (diverged trials are results, not failures).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
+from cnnjax.platform import configure_cpu_defaults
+
+configure_cpu_defaults()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base experiment config file (ml_collections).", lock_config=True
+)
+_SWEEP = config_flags.DEFINE_config_file(
+    "sweep", None, "Sweep config file: get_config() describes the search space.",
+    lock_config=True,
+)
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory for trials and results.")
+_TRIAL_INDEX = flags.DEFINE_integer(
+    "trial_index", None, "Run only this trial (0-based), e.g. $SLURM_ARRAY_TASK_ID."
+)
+_MAX_TRIALS = flags.DEFINE_integer(
+    "max_trials", None, "Start at most this many unfinished trials in this invocation."
+)
+flags.mark_flags_as_required(["config", "sweep", "sweep_dir"])
+
+
+class _QuietLibraries:
+    """absl log filter: drops INFO chatter from orbax (one line per file it touches)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from cnnjax.tune import space as space_lib
+    from cnnjax.tune import sweep as sweep_lib
+
+    sweep_config = _SWEEP.value
+    try:
+        space = space_lib.from_config(sweep_config)
+        rows = sweep_lib.run_sweep(
+            _CONFIG.value,
+            space,
+            _SWEEP_DIR.value,
+            metric=sweep_config.get("metric", "top1"),
+            mode=sweep_config.get("mode"),
+            trial_index=_TRIAL_INDEX.value,
+            max_trials=_MAX_TRIALS.value,
+        )
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    if _TRIAL_INDEX.value is not None:  # an array task answers for its own trial only
+        rows = [r for r in rows if r["index"] == _TRIAL_INDEX.value]
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        sys.exit(
+            f"error: {len(failed)} trial(s) failed: "
+            + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in failed[:3])
+            + " (tracebacks in <trial workdir>/error.log; rerun the command to retry them)"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
