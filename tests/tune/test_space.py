@@ -1,0 +1,264 @@
+"""Search spaces: grid order and size, seeded random draws within their bounds, stable trial
+ids, dotted-field checks against a base config, and every ValueError message."""
+
+import hashlib
+import math
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from cnnjax.tune import space as sp
+
+
+def _base():
+    """A small stand-in for an engine config (same nesting, typed placeholders)."""
+    config = ml_collections.ConfigDict()
+    config.global_batch_size = 64
+    config.optimizer = ml_collections.ConfigDict(
+        {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}
+    )
+    config.model_kwargs = ml_collections.ConfigDict({"activation": config_dict.placeholder(str)})
+    config.lock()
+    return config
+
+
+def _raises(message, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------- grid
+def test_grid_is_the_cartesian_product_first_parameter_slowest():
+    space = sp.grid(
+        [
+            sp.choice("optimizer.learning_rate", (0.01, 0.1, 1.0)),
+            sp.choice("model_kwargs.activation", ("tanh", "relu")),
+        ]
+    )
+    assert space.kind == "grid" and len(space.trials) == 6
+    got = [tuple(t.overrides.values()) for t in space.trials]
+    assert got == [
+        (0.01, "tanh"), (0.01, "relu"), (0.1, "tanh"), (0.1, "relu"), (1.0, "tanh"), (1.0, "relu"),
+    ]
+    assert [t.index for t in space.trials] == list(range(6))
+    assert all(list(t.overrides) == space.fields for t in space.trials)
+    assert len({t.trial_id for t in space.trials}) == 6
+
+
+def test_grid_mapping_shorthand_equals_choices():
+    a = sp.grid({"optimizer.learning_rate": [0.1, 0.3], "global_batch_size": (32, 64)})
+    b = sp.grid([sp.choice("optimizer.learning_rate", [0.1, 0.3]),
+                 sp.choice("global_batch_size", (32, 64))])
+    assert a.trials == b.trials
+    assert a.describe()["parameters"][0] == {
+        "field": "optimizer.learning_rate", "distribution": "choice", "values": [0.1, 0.3]
+    }
+
+
+# --------------------------------------------------------------------------------- random
+def _params():
+    return [
+        sp.log_uniform("optimizer.learning_rate", 1e-4, 1.0),
+        sp.uniform("optimizer.momentum", 0.5, 0.99),
+        sp.int_uniform("global_batch_size", 16, 20),
+        sp.choice("model_kwargs.activation", ("tanh", "relu", "sigmoid")),
+    ]
+
+
+def test_random_is_reproducible_from_the_seed():
+    a, b = sp.random(_params(), 20, seed=3), sp.random(_params(), 20, seed=3)
+    assert a.trials == b.trials and len(a.trials) == 20
+    c = sp.random(_params(), 20, seed=4)
+    assert [t.overrides for t in a.trials] != [t.overrides for t in c.trials]
+    # The documented recipe: np.random.default_rng(seed), one draw per parameter in order.
+    rng = np.random.default_rng(3)
+    first = a.trials[0].overrides
+    assert first["optimizer.learning_rate"] == pytest.approx(
+        math.exp(rng.uniform(math.log(1e-4), math.log(1.0))), rel=1e-15)
+    assert first["optimizer.momentum"] == pytest.approx(rng.uniform(0.5, 0.99), rel=1e-15)
+    assert first["global_batch_size"] == int(rng.integers(16, 21))
+    assert first["model_kwargs.activation"] == ("tanh", "relu", "sigmoid")[int(rng.integers(3))]
+    assert a.describe() == {
+        "kind": "random", "seed": 3, "num_trials": 20,
+        "parameters": [p.describe() for p in _params()],
+    }
+
+
+def test_random_samples_stay_in_bounds_and_are_python_scalars():
+    trials = sp.random(_params(), 300, seed=0).trials
+    lrs = [t.overrides["optimizer.learning_rate"] for t in trials]
+    momenta = [t.overrides["optimizer.momentum"] for t in trials]
+    sizes = [t.overrides["global_batch_size"] for t in trials]
+    assert all(1e-4 <= v <= 1.0 and type(v) is float for v in lrs)
+    assert all(0.5 <= v < 0.99 and type(v) is float for v in momenta)
+    assert all(type(v) is int for v in sizes) and set(sizes) == {16, 17, 18, 19, 20}
+    assert {t.overrides["model_kwargs.activation"] for t in trials} == {"tanh", "relu", "sigmoid"}
+    assert len({t.trial_id for t in trials}) == 300  # distinct points
+
+
+def test_log_uniform_spreads_over_decades():
+    """Each of the 4 decades of [1e-4, 1] gets ~1/4 of the draws (a uniform draw would put
+    90% into the top decade)."""
+    trials = sp.random([sp.log_uniform("optimizer.learning_rate", 1e-4, 1.0)], 400, seed=1).trials
+    decades = np.floor(np.log10([t.overrides["optimizer.learning_rate"] for t in trials]))
+    counts = [int(np.sum(decades == d)) for d in (-4, -3, -2, -1)]
+    assert sum(counts) == 400
+    assert all(60 <= c <= 140 for c in counts), counts
+
+
+def test_random_over_a_finite_space_draws_distinct_points():
+    space = sp.random([sp.choice("model_kwargs.activation", ("tanh", "relu")),
+                       sp.int_uniform("global_batch_size", 1, 2)], 4, seed=0)
+    assert sorted(tuple(t.overrides.values()) for t in space.trials) == [
+        ("relu", 1), ("relu", 2), ("tanh", 1), ("tanh", 2)]
+
+
+# ------------------------------------------------------------------------------ trial ids
+def test_trial_ids_are_stable_short_hashes_of_the_overrides():
+    overrides = {"optimizer.learning_rate": 0.1}
+    # Pinned: a changed scheme would orphan every existing sweep directory.
+    assert sp.trial_id(overrides) == "d29b39e156"
+    expected = hashlib.sha256(b'{"optimizer.learning_rate":0.1}').hexdigest()[:10]
+    assert sp.trial_id(overrides) == expected
+    two = {"optimizer.learning_rate": 0.1, "model_kwargs.activation": "relu"}
+    assert sp.trial_id(two) == sp.trial_id(dict(reversed(list(two.items())))) == "2959832a1a"
+    assert sp.trial_id({"optimizer.learning_rate": 0.3}) != sp.trial_id(overrides)
+    # The same point gets the same id whichever space or position it comes from.
+    grid = sp.grid({"optimizer.learning_rate": [0.3, 0.1]})
+    assert grid.trials[1].trial_id == "d29b39e156" and grid.trials[1].index == 1
+    assert sp.grid({"optimizer.learning_rate": [0.3, 0.1]}).trials == grid.trials
+
+
+# ------------------------------------------------------------------ fields and overrides
+def test_check_fields_accepts_existing_leaves():
+    space = sp.grid({"optimizer.learning_rate": [0.1], "model_kwargs.activation": ["relu"],
+                     "global_batch_size": [32]})
+    sp.check_fields(_base(), space)  # no error
+
+
+def test_misspelt_field_lists_close_matches():
+    space = sp.grid({"optimizer.learnig_rate": [0.1]})
+    _raises(
+        "sweep: parameters['optimizer.learnig_rate'].field='optimizer.learnig_rate' is invalid; "
+        "the base config has no such field (close matches: ['optimizer.learning_rate']).",
+        sp.check_fields, _base(), space,
+    )
+
+
+def test_field_without_its_group_finds_the_full_path():
+    _raises("the base config has no such field (close matches: ['optimizer.learning_rate']).",
+            sp.check_fields, _base(), sp.grid({"learning_rate": [0.1]}))
+
+
+def test_unknown_field_without_close_match_lists_its_group():
+    _raises(
+        "sweep: parameters['optimizer.zz'].field='optimizer.zz' is invalid; the base config has "
+        "no such field (fields under 'optimizer': ['optimizer.learning_rate', "
+        "'optimizer.momentum', 'optimizer.name']).",
+        sp.check_fields, _base(), sp.grid({"optimizer.zz": [1]}),
+    )
+    _raises("the base config has no such field (no close match)",
+            sp.check_fields, _base(), sp.grid({"qqq": [1]}))
+
+
+def test_a_sub_config_is_not_a_field():
+    _raises("sweep: parameters['optimizer'].field='optimizer' is invalid",
+            sp.check_fields, _base(), sp.grid({"optimizer": ["adam"]}))
+
+
+def test_apply_overrides_copies_and_sets_typed_fields():
+    base = _base()
+    config = sp.apply_overrides(
+        base, {"optimizer.learning_rate": 1, "model_kwargs.activation": "relu"}
+    )
+    assert config.optimizer.learning_rate == 1.0 and type(config.optimizer.learning_rate) is float
+    assert config.model_kwargs.activation == "relu"
+    assert base.optimizer.learning_rate == 0.1 and base.model_kwargs.activation is None
+
+
+def test_apply_overrides_refuses_a_wrongly_typed_value():
+    _raises("sweep: parameters['global_batch_size'] value='big' is invalid; the base config "
+            "refuses it (", sp.apply_overrides, _base(), {"global_batch_size": "big"})
+
+
+def test_from_config_reads_a_sweep_config():
+    config = ml_collections.ConfigDict(
+        {"kind": "random", "seed": 2, "num_trials": 3,
+         "parameters": (sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0),)})
+    assert sp.from_config(config).trials == sp.random(
+        [sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0)], 3, seed=2).trials
+    config.kind = "grid"
+    config.parameters = ({"field": "global_batch_size", "distribution": "choice",
+                          "values": (16, 32)},)
+    assert [t.overrides["global_batch_size"] for t in sp.from_config(config).trials] == [16, 32]
+
+
+# ------------------------------------------------------------------------- error messages
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: sp.Param("optimizer.learning_rate", "gaussian"),
+         "sweep: parameters['optimizer.learning_rate'].distribution='gaussian' is invalid; "
+         "expected one of ['choice', 'uniform', 'log_uniform', 'int_uniform']."),
+        (lambda: sp.choice("model_kwargs.activation", []),
+         "sweep: parameters['model_kwargs.activation'].values=() is invalid; expected at least "
+         "one value to choose from."),
+        (lambda: sp.choice("model_kwargs.activation", "relu"),
+         "sweep: parameters['model_kwargs.activation'].values='relu' is invalid; expected a list "
+         "or tuple of values to choose from."),
+        (lambda: sp.choice("model_kwargs.act", [object]),
+         "sweep: parameters['model_kwargs.act'].values=<class 'object'> is invalid; expected "
+         "bool, int, float, str, None or tuples of them"),
+        (lambda: sp.uniform("optimizer.momentum", 0.9, 0.9),
+         "sweep: parameters['optimizer.momentum'].low=0.9 is invalid; expected low < high "
+         "(high=0.9)."),
+        (lambda: sp.int_uniform("global_batch_size", 64, 16),
+         "sweep: parameters['global_batch_size'].low=64 is invalid; expected low < high "
+         "(high=16)."),
+        (lambda: sp.log_uniform("optimizer.learning_rate", 0.0, 1.0),
+         "sweep: parameters['optimizer.learning_rate'].low=0.0 is invalid; expected low > 0: "
+         "log_uniform samples exp(uniform(log low, log high))."),
+        (lambda: sp.log_uniform("optimizer.learning_rate", -1.0, 1.0),
+         "sweep: parameters['optimizer.learning_rate'].low=-1.0 is invalid; expected low > 0"),
+        (lambda: sp.uniform("optimizer.momentum", "a", 1.0),
+         "sweep: parameters['optimizer.momentum'].low='a' is invalid; expected a finite number."),
+        (lambda: sp.uniform("optimizer.momentum", 0.0, math.inf),
+         "sweep: parameters['optimizer.momentum'].high=inf is invalid; expected a finite number."),
+        (lambda: sp.int_uniform("global_batch_size", 16, 64.0),
+         "sweep: parameters['global_batch_size'].high=64.0 is invalid; expected a finite "
+         "integer."),
+        (lambda: sp.choice("", [1]),
+         "sweep: parameter field='' is invalid; expected a dotted config path"),
+        (lambda: sp.random([sp.uniform("optimizer.momentum", 0.0, 1.0)], 0),
+         "sweep: num_trials=0 is invalid; expected a positive integer."),
+        (lambda: sp.random([sp.uniform("optimizer.momentum", 0.0, 1.0)], -3),
+         "sweep: num_trials=-3 is invalid; expected a positive integer."),
+        (lambda: sp.random([sp.uniform("optimizer.momentum", 0.0, 1.0)], 2, seed=-1),
+         "sweep: seed=-1 is invalid; expected an integer >= 0."),
+        (lambda: sp.random([sp.choice("model_kwargs.activation", ("tanh", "relu"))], 3),
+         "sweep: num_trials=3 is invalid; expected at most 2, the number of distinct points in "
+         "the space (or use kind='grid' to run them all)."),
+        (lambda: sp.grid([sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0)]),
+         "sweep: parameters['optimizer.learning_rate'].distribution='log_uniform' is invalid; "
+         "expected 'choice' in a grid (list the values, or use kind='random' for "
+         "uniform/log_uniform/int_uniform)."),
+        (lambda: sp.grid([]),
+         "sweep: parameters=[] is invalid; expected at least one parameter to sweep."),
+        (lambda: sp.grid([sp.choice("a", [1]), sp.choice("a", [2])]),
+         "sweep: parameters=['a'] is invalid; expected each field swept only once."),
+        (lambda: sp.grid("optimizer.learning_rate"),
+         "sweep: parameters='optimizer.learning_rate' is invalid; expected a list of parameters"),
+        (lambda: sp.grid([{"field": "a", "distribution": "choice", "vals": [1]}]),
+         "sweep: parameter={'field': 'a', 'distribution': 'choice', 'vals': [1]} is invalid; "
+         "expected keys 'field', 'distribution' and 'values' (choice)"),
+        (lambda: sp.grid([3]),
+         "sweep: parameter=3 is invalid; expected a Param"),
+        (lambda: sp.from_config(ml_collections.ConfigDict({"kind": "bayes", "parameters": ()})),
+         "sweep: kind='bayes' is invalid; expected one of ['grid', 'random']."),
+    ],
+)
+def test_error_messages(make, message):
+    _raises(message, make)

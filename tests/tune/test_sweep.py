@@ -1,0 +1,269 @@
+"""run_sweep with the real engine: ranking, divergence and failures recorded, per-trial resume,
+one trial alone (array task), and refusal of a sweep_dir made by a different sweep."""
+
+import csv
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
+from cnnjax.train.logging import read_metrics
+from cnnjax.tune import space as sp
+from cnnjax.tune import sweep as sw
+from tests.train import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _lenet_digits(**overrides):
+    """experiments/configs/lenet5_digits.py cut to 12 steps (evals at 6 and 12)."""
+    path = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
+    spec = importlib.util.spec_from_file_location("lenet5_digits", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.num_train_steps = 12
+    config.global_batch_size = 32
+    config.log_every_steps = 6
+    config.eval_every_steps = 6
+    config.checkpoint_every_steps = 6
+    config.schedule.name = "constant"
+    config.progress_bar = False
+    config.tensorboard = False
+    config.async_checkpoints = False
+    for key, value in overrides.items():
+        config[key] = value
+    config.lock()
+    return config
+
+
+def _tiny_base():
+    """The engine's own test model and synthetic data: a trial takes about a second."""
+    config = helpers.tiny_config()
+    config.lock()
+    return config
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _csv_rows(sweep_dir):
+    with open(os.path.join(sweep_dir, sw.RESULTS_CSV)) as f:
+        return list(csv.DictReader(f))
+
+
+def _best_from_metrics(workdir, metric="top1"):
+    evals = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+             if r["split"] == "eval"]
+    return max(r[metric] for r in evals)
+
+
+def _files_state(workdir):
+    """(mtime_ns, bytes) of a finished trial's outputs: unchanged unless something reran it."""
+    state = {}
+    for name in ("summary.json", "metrics.jsonl", "trial.json", "config.json"):
+        path = os.path.join(workdir, name)
+        with open(path, "rb") as f:
+            state[name] = (os.stat(path).st_mtime_ns, f.read())
+    state["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    return state
+
+
+def test_lenet_digits_sweep_ranks_trials_and_records_divergence(tmp_path, capsys):
+    """Three real LeNet-5/digits trials: a good lr, a far too small one, and lr=1000 which
+    diverges; the diverged trial is recorded and the sweep goes on to the next one."""
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.0005, 1000.0, 0.2]})
+    rows = sw.run_sweep(_lenet_digits(), space, sweep_dir, metric="top1", mode="max")
+
+    by_lr = {r["overrides"]["optimizer.learning_rate"]: r for r in rows}
+    diverged = by_lr[1000.0]
+    assert diverged["status"] == "diverged" and diverged["rank"] is None
+    assert "Training diverged at step" in diverged["reason"]
+    assert "learning rate too high" in diverged["reason"]
+    assert by_lr[0.2]["status"] == by_lr[0.0005]["status"] == "completed"  # ran after it
+    # Ranking: best top-1 first, each value the max over the trial's own metrics.jsonl evals.
+    assert [r["overrides"]["optimizer.learning_rate"] for r in rows] == [0.2, 0.0005, 1000.0]
+    assert [r["rank"] for r in rows] == [1, 2, None]
+    for lr in (0.2, 0.0005):
+        workdir = os.path.join(sweep_dir, "trials", sp.trial_id({"optimizer.learning_rate": lr}))
+        summary = _json(os.path.join(workdir, "summary.json"))
+        assert summary["status"] == "completed" and summary["step"] == 12
+        assert by_lr[lr]["best"] == _best_from_metrics(workdir)
+        assert by_lr[lr]["final"] == summary["final_eval"]["top1"]
+        assert by_lr[lr]["steps"] == 12 and by_lr[lr]["wall_time_s"] > 0
+    assert by_lr[0.2]["best"] > by_lr[0.0005]["best"] + 0.2  # 12 steps at 0.2 learn; 5e-4 not
+
+    table = _csv_rows(sweep_dir)
+    assert [row["optimizer.learning_rate"] for row in table] == ["0.2", "0.0005", "1000.0"]
+    assert [row["status"] for row in table] == ["completed", "completed", "diverged"]
+    assert [row["rank"] for row in table] == ["1", "2", ""]
+    assert float(table[0]["best_top1"]) == by_lr[0.2]["best"]
+    assert _json(os.path.join(sweep_dir, sw.RESULTS_JSON))["trials"] == rows
+    saved = _json(os.path.join(sweep_dir, sw.SWEEP_FILE))
+    assert saved["space"] == space.describe() | {"parameters": [
+        {"field": "optimizer.learning_rate", "distribution": "choice",
+         "values": [0.0005, 1000.0, 0.2]}]}
+    assert [t["trial_id"] for t in saved["trials"]] == [t.trial_id for t in space.trials]
+    assert os.path.getsize(os.path.join(sweep_dir, sw.PLOT_FILE)) > 1000
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
+    assert re.match(r"1\s+\w{10}\s+0\.2\s+completed", lines[header + 2])
+    assert re.match(r"-\s+\w{10}\s+1000\s+diverged", lines[header + 4])
+
+
+def test_rerun_skips_finished_trials_and_runs_the_rest(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01, 0.2]})
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=1, verbose=False)
+    assert [r["status"] for r in sorted(rows, key=lambda r: r["index"])] == [
+        "completed", "pending", "pending"]
+    first = sw.trial_workdir(sweep_dir, space.trials[0])
+    before = _files_state(first)
+    assert [row["status"] for row in _csv_rows(sweep_dir)] == ["completed", "pending", "pending"]
+
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert all(r["status"] == "completed" for r in rows)
+    assert _files_state(first) == before  # not rerun, not even touched
+    for trial in space.trials[1:]:
+        summary = _json(os.path.join(sw.trial_workdir(sweep_dir, trial), "summary.json"))
+        assert summary["status"] == "completed" and summary["resumed_from_step"] == 0
+    # A third run trains nothing; max_trials=0 only rebuilds the table.
+    states = [_files_state(sw.trial_workdir(sweep_dir, t)) for t in space.trials]
+    assert sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False) == rows
+    sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert [_files_state(sw.trial_workdir(sweep_dir, t)) for t in space.trials] == states
+
+
+def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C after the step-4 checkpoint of trial 1: the table says interrupted; the rerun
+    skips trial 0 and continues trial 1 from step 4 (the engine's exact resume)."""
+    helpers.install_fake_pipeline(monkeypatch)
+    from cnnjax.train import loop
+
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.02]})
+    save = loop.Checkpointer.save
+    calls = []
+
+    def save_then_interrupt(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        calls.append(step)
+        if calls.count(4) == 2:  # trial 0 saves at 4, 6, 8, 12; trial 1 stops after step 4
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Checkpointer, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    monkeypatch.setattr(loop.Checkpointer, "save", save)
+    assert [row["status"] for row in _csv_rows(sweep_dir)] == ["completed", "interrupted"]
+    assert _csv_rows(sweep_dir)[1]["steps"] == "4"
+    before = _files_state(sw.trial_workdir(sweep_dir, space.trials[0]))
+
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert all(r["status"] == "completed" for r in rows)
+    assert _files_state(sw.trial_workdir(sweep_dir, space.trials[0])) == before
+    resumed = sw.trial_workdir(sweep_dir, space.trials[1])
+    summary = _json(os.path.join(resumed, "summary.json"))
+    assert summary["resumed_from_step"] == 4 and summary["step"] == 12
+    record = _json(os.path.join(resumed, "trial.json"))
+    assert record["invocations"] == 2 and record["status"] == "completed"
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"data.name": ["no_such_data", "synthetic"]})
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    failed, done = sorted(rows, key=lambda r: r["index"])
+    assert failed["status"] == "failed" and done["status"] == "completed"
+    assert failed["reason"].startswith("ValueError: data: name='no_such_data' is invalid")
+    with open(os.path.join(failed["workdir"], "error.log")) as f:
+        assert "Traceback" in f.read()
+    assert [r["rank"] for r in rows] == [1, None]
+
+
+def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, trial_index=1, verbose=False)
+    assert {r["index"]: r["status"] for r in rows} == {0: "pending", 1: "completed"}
+    assert not os.path.exists(sw.trial_workdir(sweep_dir, space.trials[0]))
+
+
+def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path):
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False)  # sweep.json only
+    assert os.path.exists(os.path.join(sweep_dir, sw.SWEEP_FILE))
+    other = sp.grid({"optimizer.learning_rate": [0.05, 0.3]})
+    with pytest.raises(ValueError, match=re.escape(
+            f"sweep: sweep_dir={sweep_dir!r} holds a different search space (saved: ")) as err:
+        sw.run_sweep(_tiny_base(), other, sweep_dir, verbose=False)
+    assert "to start fresh use a new --sweep_dir or delete this one" in str(err.value)
+    base = _tiny_base().unlock()
+    base.num_train_steps = 20
+    with pytest.raises(ValueError, match=re.escape(
+            f"sweep: sweep_dir={sweep_dir!r} was created with a different base config "
+            "(num_train_steps: 12 -> 20); to start fresh use a new --sweep_dir")):
+        sw.run_sweep(base, space, sweep_dir, verbose=False)
+    # Runtime-only fields and the swept field's base value may change; so may the metric.
+    base = _tiny_base().unlock()
+    base.progress_bar, base.optimizer.learning_rate = True, 0.7
+    sw.run_sweep(base, space, sweep_dir, metric="loss", max_trials=0, verbose=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metric": "accuracy"},
+         "sweep: metric='accuracy' is invalid; expected one of ['loss', 'top1', 'top5']."),
+        ({"mode": "best"}, "sweep: mode='best' is invalid; expected one of ['max', 'min']."),
+        ({"trial_index": 2},
+         "sweep: trial_index=2 is invalid; expected an integer in [0, 1] (the space has 2 "
+         "trials)."),
+        ({"max_trials": -1}, "sweep: max_trials=-1 is invalid; expected an integer >= 0 or None."),
+    ],
+)
+def test_bad_arguments_fail_before_anything_is_written(tmp_path, kwargs, message):
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sw.run_sweep(_tiny_base(), space, str(tmp_path / "sweep"), verbose=False, **kwargs)
+    assert not os.path.exists(tmp_path / "sweep")
+
+
+def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path):
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.0]})
+    with pytest.raises(ValueError, match=re.escape(
+            f"sweep: trial 1 ({space.trials[1].trial_id}, {{'optimizer.learning_rate': 0.0}}) "
+            "has an invalid config: optimizer: learning_rate=0.0 is invalid; expected a positive")):
+        sw.run_sweep(_tiny_base(), space, str(tmp_path / "sweep"), verbose=False)
+    with pytest.raises(ValueError, match=re.escape(
+            "sweep: parameters['optimizer.lr'].field='optimizer.lr' is invalid; the base config "
+            "has no such field")):
+        sw.run_sweep(_tiny_base(), sp.grid({"optimizer.lr": [0.1]}), str(tmp_path / "sweep"))
+    assert not os.path.exists(tmp_path / "sweep")
+
+
+def test_default_mode_follows_the_metric():
+    assert sw.default_mode("loss") == "min" and sw.default_mode("top1") == "max"
+
+
+def test_loss_sweep_ranks_lowest_first():
+    rows = [
+        {"index": 0, "trial_id": "a", "status": "completed", "best": 0.5},
+        {"index": 1, "trial_id": "b", "status": "failed", "best": None},
+        {"index": 2, "trial_id": "c", "status": "completed", "best": 0.2},
+        {"index": 3, "trial_id": "d", "status": "completed", "best": 0.2},
+    ]
+    ranked = sw.rank_results([dict(r, rank=None) for r in rows], "min")
+    assert [(r["trial_id"], r["rank"]) for r in ranked] == [
+        ("c", 1), ("d", 2), ("a", 3), ("b", None)]
