@@ -112,8 +112,10 @@ def run_sweep(
         started += 1
         _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
                       f"{_fmt(trial.overrides)} -> {workdir}")
+        record = _start_trial(trial, workdir)
+        write_results(sweep_dir, space, metric, mode)  # the table shows it as incomplete
         try:
-            record = _run_trial(trial, configs[trial.trial_id], workdir)
+            record = _run_trial(configs[trial.trial_id], workdir, record)
         finally:  # KeyboardInterrupt included: the table shows what has finished so far
             rows = write_results(sweep_dir, space, metric, mode)
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
@@ -204,8 +206,8 @@ def _finished_status(workdir: str, config: Any) -> str | None:
     return None
 
 
-def _run_trial(trial: Trial, config: Any, workdir: str) -> dict:
-    """One `train_and_evaluate` call; records its outcome in trial.json and returns it."""
+def _start_trial(trial: Trial, workdir: str) -> dict:
+    """Marks the trial started (status incomplete) in trial.json, keeping its past wall time."""
     path = os.path.join(workdir, TRIAL_FILE)
     previous = _read_json(path) or {}
     record = {
@@ -217,6 +219,12 @@ def _run_trial(trial: Trial, config: Any, workdir: str) -> dict:
     }
     os.makedirs(workdir, exist_ok=True)
     _atomic_write(path, json.dumps(record, indent=2))
+    return record
+
+
+def _run_trial(config: Any, workdir: str, record: dict) -> dict:
+    """One `train_and_evaluate` call; records its outcome in trial.json and returns it."""
+    path = os.path.join(workdir, TRIAL_FILE)
     started = time.time()
     try:
         train_and_evaluate(config, workdir)

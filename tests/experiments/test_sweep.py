@@ -1,0 +1,121 @@
+"""The `experiments.sweep` script as a user runs it: sweep configs are valid, errors are one-line
+messages, and a sweep killed (SIGKILL) inside a trial resumes that trial when rerun."""
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cnnjax.tune import space as sp
+from cnnjax.tune.sweep import trial_workdir
+from tests.experiments.test_train import _env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
+SWEEPS = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "experiments", "sweeps", "*.py"))
+    if not p.endswith("__init__.py")
+)
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sweep_file(tmp_path, parameters: str) -> str:
+    path = tmp_path / "sweep_config.py"
+    path.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\n"
+        "def get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.num_trials, c.metric, c.mode = 'grid', 0, 1, 'top1', 'max'\n"
+        f"    c.parameters = {parameters}\n"
+        "    return c\n"
+    )
+    return str(path)
+
+
+def _command(sweep, sweep_dir, *extra):
+    return [sys.executable, "-m", "experiments.sweep", f"--config={CONFIG}", f"--sweep={sweep}",
+            f"--sweep_dir={sweep_dir}", "--config.progress_bar=False", *extra]
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=os.path.basename)
+def test_sweep_configs_document_their_command_and_fit_their_base(path):
+    from cnnjax.train.config import validate_config
+
+    module = _load(path)
+    assert "python -m experiments.sweep" in module.__doc__
+    assert "Expected" in module.__doc__ or "Measured" in module.__doc__
+    sweep_config = module.get_config()
+    space = sp.from_config(sweep_config)
+    base = _load(CONFIG).get_config()
+    sp.check_fields(base, space)
+    for trial in space.trials:
+        validate_config(sp.apply_overrides(base, trial.overrides))
+    assert sweep_config.metric in ("loss", "top1", "top5")
+
+
+def test_misspelt_field_is_a_one_line_error_before_training(tmp_path):
+    sweep = _sweep_file(tmp_path, "(choice('optimizer.learnig_rate', (0.1, 0.2)),)")
+    result = subprocess.run(_command(sweep, tmp_path / "sweep"), cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert (
+        "error: sweep: parameters['optimizer.learnig_rate'].field='optimizer.learnig_rate' is "
+        "invalid; the base config has no such field (close matches: "
+        "['optimizer.learning_rate'])." in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_trial_then_rerun_resumes_it(tmp_path):
+    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.05, 0.1)),)")
+    sweep_dir = tmp_path / "sweep"
+    tiny = ["--config.num_train_steps=120", "--config.global_batch_size=32",
+            "--config.checkpoint_every_steps=20", "--config.eval_every_steps=60",
+            "--config.schedule.warmup_steps=10"]
+    space = sp.grid({"optimizer.learning_rate": (0.05, 0.1)})
+    first, second = (trial_workdir(str(sweep_dir), t) for t in space.trials)
+    proc = subprocess.Popen(_command(sweep, sweep_dir, *tiny), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(second, "checkpoints")
+    deadline = time.time() + 280
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt) and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the sweep finished before it could be killed"
+    with open(os.path.join(first, "summary.json")) as f:
+        assert json.load(f)["status"] == "completed"
+    first_mtimes = {n: os.stat(os.path.join(first, n)).st_mtime_ns
+                    for n in ("summary.json", "metrics.jsonl", "trial.json")}
+    with open(sweep_dir / "results.csv") as f:
+        assert f.read().count(",incomplete,") == 1  # the killed trial, as the table last saw it
+
+    rerun = subprocess.run(_command(sweep, sweep_dir, *tiny), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Trial 0 {space.trials[0].trial_id} " in rerun.stdout
+    assert "already completed, skipped." in rerun.stdout
+    assert {n: os.stat(os.path.join(first, n)).st_mtime_ns for n in first_mtimes} == first_mtimes
+    with open(os.path.join(second, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "completed" and summary["step"] == 120
+    assert 20 <= summary["resumed_from_step"] < 120
+    with open(sweep_dir / "results.json") as f:
+        results = json.load(f)
+    assert [r["status"] for r in results["trials"]] == ["completed", "completed"]
+    assert [r["rank"] for r in results["trials"]] == [1, 2]
