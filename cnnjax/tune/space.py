@@ -314,7 +314,10 @@ def check_fields(base_config: Any, space: SearchSpace) -> None:
     for param in space.params:
         if param.field in leaves:
             continue
-        close = difflib.get_close_matches(param.field, list(leaves), n=5, cutoff=0.6)
+        last = param.field.rsplit(".", 1)[-1]  # `learning_rate` -> `optimizer.learning_rate`
+        same_name = [n for n in leaves if n.rsplit(".", 1)[-1] == last]
+        similar = difflib.get_close_matches(param.field, list(leaves), n=5, cutoff=0.8)
+        close = list(dict.fromkeys(similar + same_name))
         hint = f"close matches: {close}" if close else "no close match"
         group = param.field.rsplit(".", 1)[0] + "." if "." in param.field else ""
         siblings = sorted(n for n in leaves if group and n.startswith(group))
