@@ -358,8 +358,21 @@ def format_table(rows: list[dict], space: SearchSpace, metric: str) -> str:
 
 
 def plot_results(rows: list[dict], space: SearchSpace, metric: str, path: str) -> str:
+    """Writes `results_figure` to `path` (PNG, atomically) and returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(rows, space, metric)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def results_figure(rows: list[dict], space: SearchSpace, metric: str):
     """One panel per swept field: best eval metric of completed trials against the value (log x
-    for log-uniform or decade-spanning values); diverged/failed values as red dotted lines."""
+    for log-uniform or decade-spanning values, categories in listed order for non-numeric ones);
+    values of diverged/failed trials as red dotted lines. Uses the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,11 +405,7 @@ def plot_results(rows: list[dict], space: SearchSpace, metric: str, path: str) -
             ax.legend(fontsize=8)
     fig.suptitle(f"{len(done)} of {len(rows)} trials completed")
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
 
 
 # -------------------------------------------------------------------------------- helpers

@@ -9,8 +9,9 @@ Expected (measured with this command, 2 shared CPU cores, JAX 0.10.2): 62 s wall
 sweep (13-15 s per trial, compilation included); test top-1 after 200 steps, ranked:
     lr=0.3: 0.9805   lr=0.03: 0.9749   lr=0.003: 0.9192   lr=3.0: 0.1003 (stuck at chance)
 Rerunning the command skips the 4 finished trials (~7 s, just the table); results.csv and
-sweep.png (top-1 against the learning rate, log x) are in --sweep_dir. A random search instead:
-`--sweep.kind=random` with `parameters = (log_uniform("optimizer.learning_rate", 1e-3, 1.0),)`.
+sweep.png (top-1 against the learning rate, log x) are in --sweep_dir. For a random search set
+`kind = "random"`, `num_trials`, `seed` and, e.g.,
+`parameters = (log_uniform("optimizer.learning_rate", 1e-3, 1.0),)` (cnnjax.tune.space).
 """
 
 import ml_collections

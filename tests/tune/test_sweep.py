@@ -188,6 +188,11 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     with open(os.path.join(failed["workdir"], "error.log")) as f:
         assert "Traceback" in f.read()
     assert [r["rank"] for r in rows] == [1, None]
+    # A rerun retries the failed trial (failures may be transient) and leaves the other alone.
+    before = _files_state(done["workdir"])
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert _json(os.path.join(failed["workdir"], "trial.json"))["invocations"] == 2
+    assert _files_state(done["workdir"]) == before
 
 
 def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
@@ -267,3 +272,24 @@ def test_loss_sweep_ranks_lowest_first():
     ranked = sw.rank_results([dict(r, rank=None) for r in rows], "min")
     assert [(r["trial_id"], r["rank"]) for r in ranked] == [
         ("c", 1), ("d", 2), ("a", 3), ("b", None)]
+
+
+def test_figure_has_a_panel_per_field_log_x_where_values_span_decades():
+    space = sp.grid({"optimizer.learning_rate": [0.001, 0.1, 10.0],
+                     "model_kwargs.activation": ["tanh", "relu"],
+                     "global_batch_size": [32, 64]})
+    rows = []
+    for i, trial in enumerate(space.trials):
+        status = "diverged" if trial.overrides["optimizer.learning_rate"] == 10.0 else "completed"
+        rows.append({"index": i, "trial_id": trial.trial_id, "overrides": trial.overrides,
+                     "status": status, "best": None if status == "diverged" else 0.1 * i})
+    fig = sw.results_figure(rows, space, "top1")
+    lr, act, batch = fig.axes
+    assert [ax.get_xlabel() for ax in fig.axes] == space.fields
+    assert (lr.get_xscale(), act.get_xscale(), batch.get_xscale()) == ("log", "linear", "linear")
+    assert [t.get_text() for t in act.get_xticklabels()] == ["tanh", "relu"]
+    assert len(lr.collections[0].get_offsets()) == 8  # the 8 completed trials
+    assert sorted(line.get_xdata()[0] for line in lr.lines) == [10.0] * 4  # diverged values
+    assert lr.get_ylabel() == "best eval top1"
+    log_space = sp.random([sp.log_uniform("optimizer.learning_rate", 1e-3, 1e-2)], 2)
+    assert sw.results_figure(rows[:0], log_space, "loss").axes[0].get_xscale() == "log"
