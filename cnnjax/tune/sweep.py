@@ -104,8 +104,8 @@ def run_sweep(
         workdir = trial_workdir(sweep_dir, trial)
         finished = _finished_status(workdir, configs[trial.trial_id])
         if finished:
-            _say(verbose, f"Trial {trial.index} {trial.trial_id} {_fmt(trial.overrides)}: "
-                          f"already {finished}, skipped.")
+            _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                          f"{_fmt(trial.overrides)}: already {finished}, skipped.")
             continue
         if max_trials is not None and started >= max_trials:
             break
@@ -117,7 +117,7 @@ def run_sweep(
         try:
             record = _run_trial(configs[trial.trial_id], workdir, record)
         finally:  # KeyboardInterrupt included: the table shows what has finished so far
-            rows = write_results(sweep_dir, space, metric, mode)
+            write_results(sweep_dir, space, metric, mode)
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
                       + (f" ({record['reason']})" if record["reason"] else ""))
     rows = write_results(sweep_dir, space, metric, mode)

@@ -108,8 +108,8 @@ def test_sigkill_inside_a_trial_then_rerun_resumes_it(tmp_path):
     rerun = subprocess.run(_command(sweep, sweep_dir, *tiny), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"Trial 0 {space.trials[0].trial_id} " in rerun.stdout
-    assert "already completed, skipped." in rerun.stdout
+    assert (f"Trial 1/2 {space.trials[0].trial_id} {{optimizer.learning_rate=0.05}}: already "
+            "completed, skipped." in rerun.stdout)
     assert {n: os.stat(os.path.join(first, n)).st_mtime_ns for n in first_mtimes} == first_mtimes
     with open(os.path.join(second, "summary.json")) as f:
         summary = json.load(f)
