@@ -5,8 +5,8 @@ Command:
         --sweep=experiments/sweeps/lenet5_digits_lr.py --sweep_dir=sweeps/lenet5_digits_lr \\
         --config.num_train_steps=200 --config.eval_every_steps=100
 
-Expected (measured with this command, 2 shared CPU cores, JAX 0.10.2): 62 s wall for the whole
-sweep (13-15 s per trial, compilation included); test top-1 after 200 steps, ranked:
+Expected (measured with this command, 2 shared CPU cores, JAX 0.10.2): 62-69 s wall for the whole
+sweep (13-16 s per trial, compilation included); test top-1 after 200 steps, ranked:
     lr=0.3: 0.9805   lr=0.03: 0.9749   lr=0.003: 0.9192   lr=3.0: 0.1003 (stuck at chance)
 Rerunning the command skips the 4 finished trials (~7 s, just the table); results.csv and
 sweep.png (top-1 against the learning rate, log x) are in --sweep_dir. For a random search set
