@@ -1,7 +1,7 @@
 """Grid or random hyperparameter search: each trial is one `train_and_evaluate` run.
 
     python -m experiments.sweep --config=experiments/configs/lenet5_digits.py \\
-        --sweep=experiments/sweeps/lenet5_digits_lr.py --sweep_dir=sweeps/lenet5_lr \\
+        --sweep=experiments/sweeps/lenet5_digits_lr.py --sweep_dir=workdirs/sweeps/lenet5_lr \\
         [--config.<field>=<value> ...] [--sweep.<field>=<value> ...]
 
 `--config` is the base experiment (any experiment config, with the usual overrides); `--sweep` is

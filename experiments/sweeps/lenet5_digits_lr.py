@@ -2,7 +2,8 @@
 
 Command:
     python -m experiments.sweep --config=experiments/configs/lenet5_digits.py \\
-        --sweep=experiments/sweeps/lenet5_digits_lr.py --sweep_dir=sweeps/lenet5_digits_lr \\
+        --sweep=experiments/sweeps/lenet5_digits_lr.py \\
+        --sweep_dir=workdirs/sweeps/lenet5_digits_lr \\
         --config.num_train_steps=200 --config.eval_every_steps=100
 
 Expected (measured with this command, 2 shared CPU cores, JAX 0.10.2): 62-69 s wall for the whole
