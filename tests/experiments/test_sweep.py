@@ -119,3 +119,46 @@ def test_sigkill_inside_a_trial_then_rerun_resumes_it(tmp_path):
         results = json.load(f)
     assert [r["status"] for r in results["trials"]] == ["completed", "completed"]
     assert [r["rank"] for r in results["trials"]] == [1, 2]
+
+
+def _fake_srun(tmp_path) -> dict:
+    """An environment whose `srun` just runs its arguments (what srun does for one task)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/usr/bin/env bash\nexec "$@"\n')
+    srun.chmod(0o755)
+    env = _env()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["SLURM_SUBMIT_DIR"] = ROOT
+    env["PYTHON"] = sys.executable
+    return env
+
+
+def test_sbatch_sweep_array_task_runs_its_trial(tmp_path):
+    """launch/sbatch_sweep.sh as array task 1: only trial 1 runs, in its own folder."""
+    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.05, 0.1)),)")
+    sweep_dir = tmp_path / "sweep"
+    env = _fake_srun(tmp_path) | {"SLURM_ARRAY_TASK_ID": "1"}
+    script = os.path.join(ROOT, "launch", "sbatch_sweep.sh")
+    result = subprocess.run(
+        ["bash", script, CONFIG, sweep, str(sweep_dir), "--config.num_train_steps=4",
+         "--config.eval_every_steps=4", "--config.global_batch_size=16",
+         "--config.progress_bar=False", "--config.schedule.warmup_steps=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (trial_workdir(str(sweep_dir), t)
+                     for t in sp.grid({"optimizer.learning_rate": (0.05, 0.1)}).trials)
+    assert not os.path.exists(os.path.join(first, "summary.json"))
+    with open(os.path.join(second, "summary.json")) as f:
+        assert json.load(f)["status"] == "completed"
+
+
+def test_sbatch_sweep_outside_an_array_job_says_how_to_submit(tmp_path):
+    env = _fake_srun(tmp_path)
+    env.pop("SLURM_ARRAY_TASK_ID", None)
+    result = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "sbatch_sweep.sh"), CONFIG, "s.py", "d"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "run with sbatch --array=0-N (one task per trial)" in result.stderr
