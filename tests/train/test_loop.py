@@ -87,13 +87,14 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
                                            "images_per_sec"}
     assert summary["outputs"]["plot"] == str(tmp_path / "learning_curves.png")
     # The learning rate of every step (1..12) reaches TensorBoard: step s used schedule(s - 1),
-    # here cosine decay from 0.05 over 12 steps (float64 reference).
+    # here cosine decay from 0.05 over 12 steps (float64 reference). optax computes it in float32,
+    # so the error is a few ulps of the peak (0.05 * 1.2e-7 = 6e-9), not of each small value.
     scalars = _tensorboard_scalars(tmp_path / "tensorboard")
     lr = {step: v for (tag, step), v in scalars.items() if tag == "train/learning_rate"}
     assert sorted(lr) == list(range(1, 13))
     for step, value in lr.items():
         expected = 0.05 * 0.5 * (1 + np.cos(np.pi * (step - 1) / 12))
-        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=2e-8)
     assert scalars[("eval/top1", 12)] == pytest.approx(evals[-1]["top1"])
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tensorboard"))
     assert json.loads(Path(tmp_path / "config.json").read_text())["model"] == helpers.TINY_MODEL
