@@ -20,6 +20,8 @@ from absl import logging
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers
 
+from cnnjax.train.logging import METRICS_FILE, read_metrics
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -136,4 +138,99 @@ class Checkpointer:
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
         self._manager.wait_until_finished()
+        self._manager.close()
+
+
+# ------------------------------------------------------------------ another run's checkpoints
+class SourceCheckpoints:
+    """Read-only view of another run's `<workdir>/checkpoints` (for `config.init_from`).
+
+    Opens orbax in read-only mode (no temporary-directory cleanup, no deletions), so warm-starting
+    from a run that is still training cannot disturb it. Raises a ValueError naming where it
+    looked if `workdir` has no complete checkpoint.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        if not os.path.isdir(self.directory):
+            what = "does not exist" if not os.path.exists(self.workdir) else "has no checkpoints"
+            raise ValueError(
+                f"init_from: workdir={workdir!r} is invalid; it {what} (looked for checkpoints "
+                f"in {self.directory!r}); expected the --workdir of a run that saved checkpoints."
+            )
+        options = ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_handlers=ocp.PyTreeCheckpointHandler(), options=options
+        )
+        self.steps = sorted(self._manager.all_steps())
+        if not self.steps:
+            self.close()
+            raise ValueError(
+                f"init_from: workdir={workdir!r} is invalid; it has no complete checkpoint "
+                f"(looked in {self.directory!r}); expected the --workdir of a run that saved "
+                "checkpoints."
+            )
+
+    def check_step(self, step: int) -> int:
+        """Returns `step` if a checkpoint exists there, else raises listing the available ones."""
+        if step not in self.steps:
+            raise ValueError(
+                f"init_from: step={step!r} is invalid; {self.directory!r} has checkpoints at "
+                f"steps {self.steps}."
+            )
+        return step
+
+    def choose_step(
+        self, requested: int | None, best_metric: str | None, best_mode: str = "max"
+    ) -> tuple[int, str]:
+        """`(step, how)`: `requested` if given ('requested'); else the best kept checkpoint by
+        `best_metric` among those evaluated at their step in the run's metrics.jsonl ('best');
+        else the newest ('latest', e.g. no kept checkpoint was evaluated)."""
+        if requested is not None:
+            return self.check_step(requested), "requested"
+        if best_metric:
+            evals = {
+                r["step"]: r[best_metric]
+                for r in read_metrics(os.path.join(self.workdir, METRICS_FILE))
+                if r.get("split") == "eval" and r.get("step") in self.steps and best_metric in r
+            }
+            if evals:
+                sign = -1.0 if best_mode == "min" else 1.0
+                # Ties go to the later checkpoint (more training).
+                return max(evals, key=lambda s: (sign * float(evals[s]), s)), "best"
+        return self.steps[-1], "latest"
+
+    def shapes(self, step: int, collections: tuple[str, ...]) -> dict[str, Any]:
+        """`{collection: nested dict of jax.ShapeDtypeStruct}` of the checkpoint at `step`,
+        read from its metadata (no array is loaded); an absent or empty collection is `{}`."""
+        tree = self._manager.item_metadata(step)
+        tree = getattr(tree, "tree", tree) or {}
+        return {
+            name: jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree.get(name) or {}
+            )
+            for name in collections
+        }
+
+    def restore(self, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
+        """Loads only the leaves named in `shapes` (as from `shapes`, possibly pruned) as NumPy
+        arrays; the optimizer state and everything else in the checkpoint is never read."""
+        import numpy as np
+
+        shapes = {k: v for k, v in shapes.items() if jax.tree.leaves(v)}
+        if not shapes:
+            return {}
+        item = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+        return self._manager.restore(
+            step,
+            args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True
+            ),
+        )
+
+    def close(self) -> None:
         self._manager.close()

@@ -20,6 +20,7 @@ from cnnjax.train.optim import OPTIMIZERS, SCHEDULES
 from cnnjax.utils.validation import check_choice, check_positive_float, check_positive_int, invalid
 
 PARALLEL_MODES = ("pmap", "shard_map")
+FREEZE_MODES = (None, "backbone")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_METRICS = ("loss", "top1", "top5")
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
@@ -112,6 +113,30 @@ def default_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     c.restart = False
     c.distributed = False
+    # Warm start / fine-tuning: a NEW run whose parameters and BatchNorm statistics come from
+    # another run's checkpoint (optimizer state and step do not: they start fresh). Ignored when
+    # this run's own workdir already has a checkpoint: resuming always wins, so a killed
+    # fine-tune rerun with the same command continues exactly.
+    c.init_from = ml_collections.ConfigDict(
+        {
+            # The source run's --workdir (its checkpoints/ and config.json); None: no warm start.
+            "workdir": ml_collections.FieldReference(None, field_type=str),
+            # Which of its checkpoints; None: its best one by the source run's best_metric among
+            # the kept checkpoints that were evaluated (metrics.jsonl), else its latest.
+            "step": ml_collections.FieldReference(None, field_type=int),
+            # Top-level param/batch_stats subtree names NOT loaded (kept freshly initialized):
+            # the classifier `head` by default, so a different num_classes works.
+            "exclude": ("head",),
+        }
+    )
+    # None: train every parameter. 'backbone': train only the head (the top-level modules in
+    # cnnjax.models.heads.HEAD_MODULES, i.e. `head`; FCN's score/upsampling layers), i.e. a
+    # linear probe: every other parameter, BatchNorm scale/bias included, gets an exactly zero
+    # update (optax.set_to_zero via heads.freeze_backbone). Backbone BatchNorm *running
+    # statistics* are not frozen: the train step runs the model in train mode, so BatchNorm
+    # normalizes with batch statistics and keeps updating its running averages (as PyTorch does
+    # with requires_grad=False but model.train()); eval uses those running averages.
+    c.freeze = ml_collections.FieldReference(None, field_type=str)
     return c
 
 
@@ -218,6 +243,40 @@ def validate_config(config: Any) -> None:
         check_positive_float("config", "max_loss", config.max_loss)
     if config.get("num_classes") is not None:
         check_positive_int("config", "num_classes", config.num_classes)
+    _validate_init_from(config)
+
+
+def _validate_init_from(config: Any) -> None:
+    """`init_from.*` and `freeze` (types only; the source run is checked by the loop)."""
+    freeze = config.get("freeze")
+    if freeze not in FREEZE_MODES:
+        raise invalid(
+            "config",
+            "freeze",
+            freeze,
+            "expected None (train every parameter) or 'backbone' (train only the head)",
+        )
+    init_from = config.get("init_from")
+    if init_from is None:
+        return
+    workdir, step = init_from.get("workdir"), init_from.get("step")
+    if workdir is not None and (not isinstance(workdir, str) or not workdir):
+        raise invalid("init_from", "workdir", workdir, "expected the source run's --workdir")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise invalid("init_from", "step", step, "expected a checkpoint step >= 0 or None")
+        if workdir is None:
+            raise invalid("init_from", "step", step, "it needs init_from.workdir to be set")
+    exclude = init_from.get("exclude")
+    if not isinstance(exclude, tuple | list) or not all(
+        isinstance(name, str) and name for name in exclude
+    ):
+        raise invalid(
+            "init_from",
+            "exclude",
+            exclude,
+            "expected a tuple of top-level parameter names, e.g. ('head',)",
+        )
 
 
 def check_batch_divisible(config: Any, num_devices: int) -> None:
@@ -251,7 +310,16 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     """Dotted names of trajectory-defining fields that differ between two flattened configs.
 
     A field missing on one side equals an unset (None) one, so declaring new optional fields
-    (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs.
+    (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs. The other
+    `init_from.*` fields only matter when `init_from.workdir` is set on either side (workdirs
+    saved before `init_from` existed lack its `exclude` default).
     """
     names = sorted(set(saved) | set(current))
-    return [n for n in names if n not in RUNTIME_FIELDS and saved.get(n) != current.get(n)]
+    warm = any(side.get("init_from.workdir") is not None for side in (saved, current))
+    return [
+        n
+        for n in names
+        if n not in RUNTIME_FIELDS
+        and saved.get(n) != current.get(n)
+        and (warm or not n.startswith("init_from."))
+    ]

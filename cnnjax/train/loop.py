@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every cnnjax experiment runs.
 
 Sections: validate the config (before any compilation) -> build data, model, optimizer, state ->
-restore the newest checkpoint if the workdir has one (exact resume: state, step and data order) ->
-train with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
+restore the newest checkpoint if the workdir has one (exact resume: state, step and data order),
+else warm-start the params and BatchNorm statistics from `config.init_from` if set -> train
+with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
 A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; any failure is
 recorded in summary.json before the exception propagates.
 """
@@ -24,20 +25,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import checks
 from cnnjax.train import config as config_lib
-from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, SourceCheckpoints
 from cnnjax.train.logging import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricLogger, ProgressBar
 from cnnjax.train.optim import build_optimizer, build_schedule
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
-from cnnjax.train.state import TrainState, create_train_state
+from cnnjax.train.state import (
+    WARM_START_COLLECTIONS,
+    TrainState,
+    create_train_state,
+    freeze_optimizer,
+    init_variables,
+    select_pretrained,
+    warm_start,
+)
 from cnnjax.train.step import make_steps
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
 
 
@@ -102,6 +113,23 @@ def _write_summary(workdir: str, summary: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2, default=float)
     os.replace(tmp, path)
+
+
+def _write_json(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
+
+
+def _init_from_workdir(config: Any) -> str | None:
+    """`config.init_from.workdir`, or None when unset (or the config has no `init_from`)."""
+    init_from = config.get("init_from") if hasattr(config, "get") else None
+    return init_from.get("workdir") if init_from is not None else None
+
+
+def flax_paths(tree: Any) -> list[tuple[str, ...]]:
+    """Key paths of the leaves of a nested dict of variables (empty for None / {})."""
+    return list(flatten_dict(dict(tree))) if tree else []
 
 
 def _sync_processes(name: str) -> None:
@@ -248,6 +276,14 @@ class _Run:
         _sync_processes("cnnjax:workdir_prepared")
         self.schedule = build_schedule(config)
         self.tx = build_optimizer(config, self.schedule)
+        self.variable_shapes = None  # traced (not compiled) only for init_from / freeze
+        if _init_from_workdir(config) is not None or config.get("freeze") is not None:
+            input_shape = (1, *self.image_shape)
+            self.variable_shapes = jax.eval_shape(
+                lambda r: init_variables(self.model, r, input_shape), jax.random.PRNGKey(0)
+            )
+        if config.get("freeze") is not None:
+            self.tx = freeze_optimizer(self.tx, self.variable_shapes["params"], config.freeze)
 
     def prepare_workdir(self) -> None:
         """Honours `restart`, refuses checkpoints of an incompatible config, saves the config."""
@@ -256,7 +292,7 @@ class _Run:
         if config.restart and self.is_primary:
             for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR):
                 shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-            for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE):
+            for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE):
                 path = os.path.join(workdir, name)
                 if os.path.exists(path):
                     os.remove(path)
@@ -288,6 +324,67 @@ class _Run:
                 )
             os.replace(saved_path + ".tmp", saved_path)
 
+    # ---------------------------------------------------------------------------- warm start
+    def load_init_from(self) -> tuple[dict, dict]:
+        """Reads `config.init_from`'s checkpoint: `(variables to load, record for summary.json)`.
+
+        Every check (source exists and has checkpoints, step, architecture, shapes) runs before
+        anything is compiled; only params and batch_stats are read, never the optimizer state.
+        """
+        init_from = self.config.init_from
+        source = SourceCheckpoints(init_from.workdir)
+        try:
+            source_config: dict = {}
+            config_path = os.path.join(source.workdir, CONFIG_FILE)
+            if os.path.exists(config_path):
+                with open(config_path) as f:
+                    source_config = json.load(f)
+            step, how = source.choose_step(
+                init_from.get("step"),
+                source_config.get("best_metric", "top1"),
+                source_config.get("best_mode", "max"),
+            )
+            selected = select_pretrained(
+                self.variable_shapes,
+                source.shapes(step, WARM_START_COLLECTIONS),
+                tuple(init_from.exclude),
+                source_workdir=source.workdir,
+                source_step=step,
+                model=self.config.model,
+                source_model=source_config.get("model"),
+            )
+            loaded = source.restore(step, selected)
+        finally:
+            source.close()
+        fresh = sorted(
+            {
+                path[0]
+                for collection in WARM_START_COLLECTIONS
+                for path in flax_paths(self.variable_shapes.get(collection))
+            }
+            - {
+                path[0]
+                for collection in WARM_START_COLLECTIONS
+                for path in flax_paths(loaded.get(collection))
+            }
+        )
+        record = {
+            "workdir": source.workdir,
+            "step": step,
+            "checkpoint": how,
+            "model": source_config.get("model"),
+            "exclude": list(init_from.exclude),
+            "loaded_leaves": sum(len(flax_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
+            "fresh_modules": fresh,
+            "freeze": self.config.get("freeze"),
+        }
+        logging.info(
+            "Warm start (init_from): params and batch_stats of the %s checkpoint (step %d) of %s "
+            "(model %r); freshly initialized: %s; optimizer state and step start fresh.",
+            how, step, source.workdir, record["model"], fresh or "nothing",
+        )
+        return loaded, record
+
     # --------------------------------------------------------------------------------- eval
     def evaluate(self, state: Any, p_eval) -> dict:
         """Metrics over the whole eval split: masked sums over all batches, divided once."""
@@ -314,10 +411,6 @@ class _Run:
         config, parallel = self.config, self.parallel
         total_steps = int(config.num_train_steps)
         rng = jax.random.PRNGKey(config.seed)
-        host_state: TrainState = jax.device_get(
-            create_train_state(self.model, self.tx, rng, (1, *self.image_shape))
-        )
-        host_state = jax.tree.map(np.asarray, host_state)
         checkpointer = Checkpointer(
             self.workdir,
             keep=config.keep_checkpoints,
@@ -326,13 +419,33 @@ class _Run:
             use_async=config.async_checkpoints,
         )
         _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
+        pretrained = None
+        if _init_from_workdir(config) is not None and not checkpointer.all_steps():
+            try:  # own checkpoints win: then init_from is ignored (exact resume)
+                pretrained = self.load_init_from()
+            except BaseException:
+                checkpointer.close()
+                raise
+        host_state: TrainState = jax.device_get(
+            create_train_state(self.model, self.tx, rng, (1, *self.image_shape))
+        )
+        host_state = jax.tree.map(np.asarray, host_state)
         restored = checkpointer.restore_latest(host_state)
         start_step = 0
         if restored is not None:
             host_state, start_step = restored
             logging.info(
-                "Resuming from the checkpoint at step %d in %s", start_step, checkpointer.directory
+                "Resuming from the checkpoint at step %d in %s%s",
+                start_step,
+                checkpointer.directory,
+                " (init_from is ignored: the run's own checkpoint wins)"
+                if _init_from_workdir(config) is not None
+                else "",
             )
+        elif pretrained is not None:
+            host_state = warm_start(host_state, pretrained[0])
+            if self.is_primary:
+                _write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
         state = parallel.replicate(host_state)
         logger = MetricLogger(
             self.workdir,
@@ -415,6 +528,11 @@ class _Run:
         summary = self.summarize(
             evals, self.last_train, start_step, total_steps, self.clock.images_per_sec()
         )
+        if _init_from_workdir(config) is not None:  # also after a resume: read back from the file
+            record_path = os.path.join(self.workdir, INIT_FROM_FILE)
+            if os.path.exists(record_path):
+                with open(record_path) as f:
+                    summary["init_from"] = json.load(f)
         if self.is_primary:
             _write_summary(self.workdir, summary)
         return summary

@@ -2,18 +2,28 @@
 
 Holding `step`, `params`, `batch_stats`, `opt_state` and the base `rng` together makes a checkpoint
 one object and resuming exact: the step's dropout key is derived from `(rng, step, device)`, never
-carried as mutable host state.
+carried as mutable host state. Warm starts (`config.init_from`) replace the fresh variables with
+another run's (`select_pretrained` checks, `warm_start` substitutes); `freeze_optimizer` restricts
+training to the head.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from cnnjax.utils.validation import invalid
+
+#: The variable collections a warm start loads (never the optimizer state or the step).
+WARM_START_COLLECTIONS = ("params", "batch_stats")
 
 
 class TrainState(struct.PyTreeNode):
@@ -58,3 +68,113 @@ def create_train_state(
         opt_state=tx.init(params),
         rng=train_rng,
     )
+
+
+def select_pretrained(
+    new_shapes: Mapping[str, Any],
+    source_shapes: Mapping[str, Any],
+    exclude: Sequence[str],
+    *,
+    source_workdir: str,
+    source_step: int,
+    model: str,
+    source_model: str | None,
+) -> dict[str, Any]:
+    """Which source leaves a warm start loads: `{collection: nested dict of source shapes}`.
+
+    `new_shapes` / `source_shapes` map each of `WARM_START_COLLECTIONS` to a nested dict of
+    shaped leaves (the new model's `jax.eval_shape` of init; the checkpoint's metadata). Every
+    leaf of the new model whose top-level module name is not in `exclude` must exist in the
+    source with the same shape; leaves under `exclude` are not loaded (they stay freshly
+    initialized) and source leaves the new model lacks are ignored. Raises a ValueError naming
+    the first missing or mis-shaped leaf; if `source_model` differs from `model`, the error says
+    the architectures differ instead.
+    """
+    excluded = tuple(exclude)
+    source = f"the checkpoint at step {source_step} of {source_workdir!r}"
+    selected: dict[str, Any] = {}
+    problem: tuple[str, str] | None = None  # (what is wrong, the top-level name to exclude)
+    for collection in WARM_START_COLLECTIONS:
+        new_flat = flatten_dict(dict(new_shapes.get(collection) or {}))
+        src_flat = flatten_dict(dict(source_shapes.get(collection) or {}))
+        chosen = {}
+        for path, leaf in new_flat.items():
+            if path[0] in excluded:
+                continue
+            name = "/".join((collection, *path))
+            if path not in src_flat:
+                problem = problem or (
+                    f"the new model needs {name} but {source} (model {source_model!r}) has no "
+                    "such variable",
+                    path[0],
+                )
+            elif tuple(src_flat[path].shape) != tuple(leaf.shape):
+                problem = problem or (
+                    f"{name} has shape {tuple(src_flat[path].shape)} in {source} but "
+                    f"{tuple(leaf.shape)} in the new model {model!r}",
+                    path[0],
+                )
+            else:
+                chosen[path] = src_flat[path]
+        selected[collection] = unflatten_dict(chosen) if chosen else {}
+    if problem is not None:
+        what, top = problem
+        if source_model is not None and source_model != model:
+            raise invalid(
+                "init_from",
+                "workdir",
+                source_workdir,
+                f"it holds a {source_model!r} run but config.model={model!r}, and their variables "
+                f"do not match ({what}); different architectures cannot be warm-started",
+            )
+        raise invalid(
+            "init_from",
+            "exclude",
+            excluded,
+            f"{what}; add {top!r} to init_from.exclude to keep it freshly initialized",
+        )
+    return selected
+
+
+def warm_start(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:
+    """`state` with the leaves of `loaded` (`{collection: nested dict}`, a subset of the paths
+    of `state.params` / `state.batch_stats`) substituted, cast to the state's dtypes; every
+    other field (step, optimizer state, rng) and every leaf not in `loaded` is kept."""
+    updated = {}
+    for collection in WARM_START_COLLECTIONS:
+        current = flatten_dict(dict(getattr(state, collection) or {}))
+        new = flatten_dict(dict(loaded.get(collection) or {}))
+        if not current:
+            updated[collection] = getattr(state, collection)
+            continue
+        merged = {
+            path: np.asarray(new[path], dtype=np.asarray(leaf).dtype) if path in new else leaf
+            for path, leaf in current.items()
+        }
+        updated[collection] = unflatten_dict(merged)
+    return state.replace(**updated)
+
+
+def freeze_optimizer(
+    tx: optax.GradientTransformation, params: Any, freeze: str | None
+) -> optax.GradientTransformation:
+    """`tx` for `config.freeze`: None returns it unchanged; 'backbone' trains only the head.
+
+    'backbone' wraps `tx` with `cnnjax.models.heads.freeze_backbone`: the top-level modules in
+    `heads.HEAD_MODULES` (`head`; FCN's score/upsampling layers) get `tx`'s updates, every other
+    parameter (BatchNorm scale/bias included) an exactly zero update, so it stays bitwise equal
+    to its initial (e.g. warm-started) value. Frozen BatchNorm *statistics*: not frozen — the
+    train step runs the model in train mode, so backbone BatchNorm layers normalize with batch
+    statistics and keep updating their running averages, which eval then uses (PyTorch's
+    `requires_grad=False` with `model.train()`). `params` may hold `jax.ShapeDtypeStruct` leaves.
+    """
+    if freeze is None:
+        return tx
+    if freeze != "backbone":
+        raise invalid(
+            "config", "freeze", freeze,
+            "expected None (train every parameter) or 'backbone' (train only the head)",
+        )
+    from cnnjax.models.heads import freeze_backbone  # deferred: imports the model registry
+
+    return freeze_backbone(tx, params)

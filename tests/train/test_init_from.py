@@ -1,0 +1,428 @@
+"""`config.init_from` (warm start / fine-tuning) and `config.freeze`, on synthetic data.
+
+A 4-class source run is fine-tuned on a 2-class variant of the same images (class = top or
+bottom half), so the head must be re-initialized while everything else is loaded.
+"""
+
+import json
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax.traverse_util import flatten_dict
+
+from cnnjax.train import loop
+from cnnjax.train.checkpoint import Checkpointer, SourceCheckpoints
+from cnnjax.train.config import default_config, incompatible_fields, validate_config
+from cnnjax.train.parallel import DataParallel
+from cnnjax.train.state import freeze_optimizer
+from tests.train import helpers
+
+TWO_CLASSES = "synthetic2"  # the helpers' images, labels 0/1 = bright quadrant on top/bottom
+
+
+def _pipeline() -> types.ModuleType:
+    """The helpers' synthetic source plus a 2-class variant of it."""
+
+    def info(data_config):
+        if data_config.name == TWO_CLASSES:
+            return helpers.DatasetInfo(TWO_CLASSES, 2, helpers.IMAGE_SHAPE, 64, 27)
+        return helpers.get_dataset_info(data_config)
+
+    def relabel(batches, data_config):
+        for batch in batches:
+            if data_config.name == TWO_CLASSES:
+                batch = dict(batch, label=batch["label"] // 2)
+            yield batch
+
+    module = types.ModuleType("cnnjax.data.pipeline")
+    module.get_dataset_info = info
+    module.train_batches = lambda data, **kw: relabel(helpers.train_batches(data, **kw), data)
+    module.eval_batches = lambda data, **kw: relabel(helpers.eval_batches(data, **kw), data)
+    return module
+
+
+def _install(monkeypatch):
+    import cnnjax.data
+
+    module = _pipeline()
+    monkeypatch.setitem(sys.modules, "cnnjax.data.pipeline", module)
+    monkeypatch.setattr(cnnjax.data, "pipeline", module, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    _install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A finished 12-step 4-class run: checkpoints kept at 6, 8, 12 (evals at 6 and 12)."""
+    workdir = str(tmp_path_factory.mktemp("source"))
+    with pytest.MonkeyPatch.context() as mp:
+        _install(mp)
+        loop.train_and_evaluate(helpers.tiny_config(), workdir)
+    return workdir
+
+
+def _fine_tune_config(source_dir, **overrides):
+    config = helpers.tiny_config(**overrides)
+    config.data.name = TWO_CLASSES
+    config.init_from.workdir = source_dir
+    config.optimizer.learning_rate = 0.01  # a different learning rate than the source's 0.05
+    return config
+
+
+def _stored(workdir, step=None):
+    """A checkpoint exactly as stored (default: the newest), read without the engine."""
+    ckpt = os.path.join(workdir, "checkpoints")
+    step = step or max(int(n) for n in os.listdir(ckpt) if n.isdigit())
+    return ocp.PyTreeCheckpointer().restore(os.path.join(ckpt, str(step), "default"))
+
+
+def _flat(tree):
+    return {"/".join(k): np.asarray(v) for k, v in flatten_dict(dict(tree)).items()}
+
+
+@pytest.fixture
+def initial_states(monkeypatch):
+    """Records the host state each run hands to the devices (its state at step 0 / resume)."""
+    seen = []
+    original = DataParallel.replicate
+
+    def spy(self, tree):
+        seen.append(jax.tree.map(np.array, tree))
+        return original(self, tree)
+
+    monkeypatch.setattr(DataParallel, "replicate", spy)
+    return seen
+
+
+def _no_compilation(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the train state was built (compiled) before the error")
+
+    monkeypatch.setattr(loop, "create_train_state", fail)
+
+
+# ------------------------------------------------------------------------------ warm start
+def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_states):
+    from cnnjax.models import create_model
+    from cnnjax.train.optim import build_optimizer
+    from cnnjax.train.state import create_train_state
+
+    config = _fine_tune_config(source, num_train_steps=4, eval_every_steps=4)
+    config.init_from.step = 12
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    (start,) = initial_states
+    src = _stored(source, 12)
+    params, src_params = _flat(start.params), _flat(src["params"])
+    assert start.params["head"]["kernel"].shape == (144, 2)
+    backbone = [name for name in params if not name.startswith("head/")]
+    assert sorted(backbone) == ["bn/bias", "bn/scale", "conv/bias", "conv/kernel"]
+    for name in backbone:
+        np.testing.assert_array_equal(params[name], src_params[name], err_msg=name)
+    for name, value in _flat(src["batch_stats"]).items():
+        np.testing.assert_array_equal(_flat(start.batch_stats)[name], value, err_msg=name)
+    # The head is this run's own fresh initialization (seed 0) for 2 classes, not the source's.
+    model = create_model(helpers.TINY_MODEL, num_classes=2, axis_name="batch")
+    fresh = create_train_state(
+        model, build_optimizer(config), jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE)
+    )
+    for name in ("head/kernel", "head/bias"):
+        np.testing.assert_array_equal(params[name], _flat(fresh.params)[name], err_msg=name)
+    # A fresh run: step 0, momentum buffers zero (the source's optimizer state is not loaded).
+    assert int(start.step) == 0 and summary["resumed_from_step"] == 0
+    assert all(not np.any(x) for x in jax.tree.leaves(start.opt_state))
+    np.testing.assert_array_equal(start.rng, fresh.rng)
+    # summary.json (and init_from.json) say where the run started from.
+    expected = {
+        "workdir": os.path.abspath(source),
+        "step": 12,
+        "checkpoint": "requested",
+        "model": helpers.TINY_MODEL,
+        "exclude": ["head"],
+        "loaded_leaves": 6,  # conv kernel/bias, bn scale/bias, bn mean/var
+        "fresh_modules": ["head"],
+        "freeze": None,
+    }
+    assert summary["status"] == "completed" and summary["init_from"] == expected
+    assert json.loads((tmp_path / "summary.json").read_text())["init_from"] == expected
+    assert json.loads((tmp_path / "init_from.json").read_text()) == expected
+
+
+def test_default_step_is_the_best_kept_checkpoint(source, tmp_path):
+    config = _fine_tune_config(source, num_train_steps=2, eval_every_steps=2)
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    evals = {
+        r["step"]: r["top1"]
+        for r in map(json.loads, Path(source, "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "eval"
+    }
+    assert sorted(evals) == [6, 12]  # both kept (keep_checkpoints=3 of 4, 6, 8, 12)
+    best = 12 if evals[12] >= evals[6] else 6
+    assert summary["init_from"]["checkpoint"] == "best"
+    assert summary["init_from"]["step"] == best
+
+
+def _checkpoints(workdir, steps):
+    checkpointer = Checkpointer(str(workdir), use_async=False)
+    for step in steps:
+        checkpointer.save(step, {"params": {"w": np.full(2, step, np.float32)}})
+    checkpointer.close()
+
+
+def test_choose_step_best_latest_requested(tmp_path):
+    _checkpoints(tmp_path, [4, 8, 12])
+    records = [
+        {"split": "eval", "step": 2, "top1": 0.99, "loss": 0.01},  # not kept: ignored
+        {"split": "train", "step": 4, "top1": 1.0, "loss": 0.0},  # train records: ignored
+        {"split": "eval", "step": 4, "top1": 0.9, "loss": 0.5},
+        {"split": "eval", "step": 8, "top1": 0.5, "loss": 0.2},
+        {"split": "eval", "step": 12, "top1": 0.7, "loss": 0.9},
+    ]
+    source = SourceCheckpoints(str(tmp_path))
+    assert source.choose_step(None, "top1") == (12, "latest")  # no metrics.jsonl yet
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert source.choose_step(None, "top1", "max") == (4, "best")
+    assert source.choose_step(None, "loss", "min") == (8, "best")
+    assert source.choose_step(8, "top1") == (8, "requested")
+    assert source.choose_step(None, None) == (12, "latest")
+    assert source.restore(8, source.shapes(8, ("params",)))["params"]["w"].tolist() == [8, 8]
+    source.close()
+
+
+def test_freeze_backbone_trains_only_the_head(source, tmp_path, initial_states):
+    config = _fine_tune_config(
+        source, num_train_steps=6, eval_every_steps=6, freeze="backbone",
+        **{"optimizer.weight_decay": 1e-3},  # frozen leaves get no decay either
+    )
+    config.init_from.step = 12
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["init_from"]["freeze"] == "backbone"
+    start, final, src = initial_states[0], _stored(str(tmp_path)), _stored(source, 12)
+    params, src_params = _flat(final["params"]), _flat(src["params"])
+    for name in ("conv/kernel", "conv/bias", "bn/scale", "bn/bias"):
+        np.testing.assert_array_equal(params[name], src_params[name], err_msg=name)
+    for name in ("head/kernel", "head/bias"):
+        assert np.abs(params[name] - _flat(start.params)[name]).max() > 1e-4, name
+    # As documented: backbone BatchNorm running statistics keep updating in train mode.
+    assert np.abs(_flat(final["batch_stats"])["bn/mean"] - _flat(src["batch_stats"])["bn/mean"]
+                  ).max() > 1e-4
+
+
+def test_freeze_without_init_from_trains_only_the_head(tmp_path, initial_states):
+    config = helpers.tiny_config(num_train_steps=4, eval_every_steps=4, freeze="backbone")
+    loop.train_and_evaluate(config, str(tmp_path))
+    start, final = _flat(initial_states[0].params), _flat(_stored(str(tmp_path))["params"])
+    for name in start:
+        changed = bool(np.any(start[name] != final[name]))
+        assert changed == name.startswith("head/"), name
+
+
+class _CrashError(Exception):
+    pass
+
+
+def test_resume_beats_init_from(source, tmp_path, monkeypatch):
+    """A fine-tune killed at step 9 and rerun resumes from its own step-8 checkpoint: the source
+    is never read again (here it is gone) and the result equals an uninterrupted fine-tune."""
+    own_source = str(tmp_path / "source")
+    shutil.copytree(source, own_source)
+    config = _fine_tune_config(own_source, **{"model_kwargs.dropout_rate": 0.3})
+    reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
+
+    module = sys.modules["cnnjax.data.pipeline"]
+    original = module.train_batches
+
+    def crashing(data, *, start_step=0, **kwargs):
+        for i, batch in enumerate(original(data, start_step=start_step, **kwargs)):
+            if start_step + i == 9:
+                raise _CrashError("simulated kill")
+            yield batch
+
+    monkeypatch.setattr(module, "train_batches", crashing)
+    killed = tmp_path / "killed"
+    with pytest.raises(_CrashError):
+        loop.train_and_evaluate(config, str(killed))
+    monkeypatch.setattr(module, "train_batches", original)
+    shutil.rmtree(own_source)
+    summary = loop.train_and_evaluate(config, str(killed))
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 8
+    assert summary["init_from"] == reference["init_from"]  # recorded by the first attempt
+    a, b = _stored(str(tmp_path / "reference")), _stored(str(killed))
+    for part in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, a[part], b[part])
+
+
+def test_architecture_name_may_differ_when_every_shape_matches(source, tmp_path):
+    renamed = tmp_path / "renamed"
+    shutil.copytree(source, renamed)
+    saved = json.loads((renamed / "config.json").read_text())
+    (renamed / "config.json").write_text(json.dumps(dict(saved, model="tiny_v0")))
+    config = _fine_tune_config(str(renamed), num_train_steps=2, eval_every_steps=2)
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["init_from"]["model"] == "tiny_v0" and summary["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------- errors
+def _raises(config, workdir, monkeypatch, message):
+    _no_compilation(monkeypatch)
+    with pytest.raises(ValueError) as err:
+        loop.train_and_evaluate(config, str(workdir))
+    assert message in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_missing_source_workdir(tmp_path, monkeypatch):
+    missing = str(tmp_path / "nope")
+    _raises(
+        _fine_tune_config(missing), tmp_path / "run", monkeypatch,
+        f"init_from: workdir={missing!r} is invalid; it does not exist (looked for checkpoints "
+        f"in {os.path.join(missing, 'checkpoints')!r}); expected the --workdir of a run that "
+        "saved checkpoints.",
+    )
+
+
+def test_source_workdir_without_checkpoints(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _raises(
+        _fine_tune_config(str(empty)), tmp_path / "run", monkeypatch,
+        f"init_from: workdir={str(empty)!r} is invalid; it has no checkpoints (looked for "
+        f"checkpoints in {str(empty / 'checkpoints')!r})",
+    )
+    (empty / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a torn save
+    _raises(
+        _fine_tune_config(str(empty)), tmp_path / "run", monkeypatch,
+        f"init_from: workdir={str(empty)!r} is invalid; it has no complete checkpoint (looked "
+        f"in {str(empty / 'checkpoints')!r})",
+    )
+
+
+def test_requested_step_not_present_lists_the_steps(source, tmp_path, monkeypatch):
+    config = _fine_tune_config(source)
+    config.init_from.step = 5
+    _raises(
+        config, tmp_path, monkeypatch,
+        f"init_from: step=5 is invalid; {os.path.join(source, 'checkpoints')!r} has checkpoints "
+        "at steps [6, 8, 12].",
+    )
+
+
+def test_shape_mismatch_names_the_path_and_suggests_exclude(source, tmp_path, monkeypatch):
+    config = _fine_tune_config(source)
+    config.init_from.step = 12
+    config.init_from.exclude = ()
+    _raises(
+        config, tmp_path, monkeypatch,
+        f"init_from: exclude=() is invalid; params/head/bias has shape (4,) in the "
+        f"checkpoint at step 12 of {source!r} but (2,) in the new model "
+        f"'{helpers.TINY_MODEL}'; add 'head' to init_from.exclude to keep it freshly "
+        "initialized.",
+    )
+
+
+def _handmade_source(workdir, model, params, batch_stats):
+    """A checkpoint holding only the variables (what a warm start reads) plus config.json."""
+    checkpointer = Checkpointer(str(workdir), use_async=False)
+    checkpointer.save(3, {"params": params, "batch_stats": batch_stats, "step": np.int32(3)})
+    checkpointer.close()
+    (workdir / "config.json").write_text(json.dumps({"model": model}))
+
+
+def _tiny_variables(**drop):
+    conv = {"kernel": np.zeros((3, 3, 1, 4), np.float32), "bias": np.zeros(4, np.float32)}
+    bn = {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}
+    params = {"conv": conv, "bn": bn}
+    for module, leaf in drop.items():
+        del params[module][leaf]
+    stats = {"bn": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}}
+    return params, stats
+
+
+def test_missing_variable_is_named(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    _handmade_source(source, helpers.TINY_MODEL, *_tiny_variables(conv="bias"))
+    _raises(
+        _fine_tune_config(str(source)), tmp_path / "run", monkeypatch,
+        f"init_from: exclude=('head',) is invalid; the new model needs params/conv/bias but the "
+        f"checkpoint at step 3 of {str(source)!r} (model '{helpers.TINY_MODEL}') has no such "
+        "variable; add 'conv' to init_from.exclude to keep it freshly initialized.",
+    )
+
+
+def test_different_architecture_is_refused(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    params, stats = _tiny_variables()
+    params["conv"]["kernel"] = np.zeros((5, 5, 1, 6), np.float32)
+    _handmade_source(source, "lenet5", params, stats)
+    _raises(
+        _fine_tune_config(str(source)), tmp_path / "run", monkeypatch,
+        f"init_from: workdir={str(source)!r} is invalid; it holds a 'lenet5' run but "
+        f"config.model='{helpers.TINY_MODEL}', and their variables do not match "
+        "(params/conv/kernel has shape (5, 5, 1, 6) in the checkpoint at step 3 of "
+        f"{str(source)!r} but (3, 3, 1, 4) in the new model '{helpers.TINY_MODEL}'); different "
+        "architectures cannot be warm-started.",
+    )
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "freeze",
+            "all",
+            "config: freeze='all' is invalid; expected None (train every parameter) or "
+            "'backbone' (train only the head).",
+        ),
+        (
+            "init_from.step",
+            4,
+            "init_from: step=4 is invalid; it needs init_from.workdir to be set.",
+        ),
+        (
+            "init_from.exclude",
+            ("head", ""),
+            "init_from: exclude=('head', '') is invalid; expected a tuple of top-level parameter "
+            "names, e.g. ('head',).",
+        ),
+        ("init_from.workdir", "", "init_from: workdir='' is invalid; expected the source run's"),
+    ],
+)
+def test_bad_fields(tmp_path, monkeypatch, field, value, message):
+    config = helpers.tiny_config(**{field: value})
+    _raises(config, tmp_path, monkeypatch, message)
+    assert not (tmp_path / "checkpoints").exists()  # refused by validate_config, up front
+
+
+def test_negative_step_is_refused():
+    config = default_config()
+    config.init_from.workdir = "/somewhere"
+    config.init_from.step = -1
+    with pytest.raises(ValueError, match=r"init_from: step=-1 is invalid; expected a checkpoint"):
+        validate_config(config)
+
+
+def test_freeze_optimizer_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="config: freeze='head' is invalid"):
+        freeze_optimizer(None, {}, "head")
+
+
+# --------------------------------------------------------------------- workdir compatibility
+def test_workdirs_from_before_init_from_still_resume():
+    """config.json files written before init_from/freeze existed stay compatible with the
+    defaults; with a warm start set on either side, its fields are compared."""
+    current = {"model": "lenet5", "init_from.workdir": None, "init_from.step": None,
+               "init_from.exclude": ["head"], "freeze": None}
+    saved = {"model": "lenet5"}
+    assert incompatible_fields(saved, current) == []
+    warm = dict(current, **{"init_from.workdir": "/src"})
+    assert incompatible_fields(saved, warm) == ["init_from.exclude", "init_from.workdir"]
+    assert incompatible_fields(current, dict(current, freeze="backbone")) == ["freeze"]
