@@ -426,3 +426,52 @@ def test_workdirs_from_before_init_from_still_resume():
     warm = dict(current, **{"init_from.workdir": "/src"})
     assert incompatible_fields(saved, warm) == ["init_from.exclude", "init_from.workdir"]
     assert incompatible_fields(current, dict(current, freeze="backbone")) == ["freeze"]
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_fine_tune_through_the_experiment_script(tmp_path):
+    """LeNet-5 on digits for 40 steps, then `--config.init_from.workdir=` that run with another
+    learning rate: the fine-tune starts from the source's best checkpoint and says so."""
+    import subprocess
+
+    from tests.train.conftest import CACHE_ENV
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **CACHE_ENV)
+    env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    common = [
+        sys.executable, "-m", "experiments.train",
+        f"--config={os.path.join(root, 'experiments', 'configs', 'lenet5_digits.py')}",
+        "--config.global_batch_size=32", "--config.schedule.warmup_steps=5",
+        "--config.progress_bar=False", "--config.tensorboard=False",
+    ]
+    source, fine_tune = tmp_path / "source", tmp_path / "fine_tune"
+    first = subprocess.run(
+        [*common, f"--workdir={source}", "--config.num_train_steps=40",
+         "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(
+        [*common, f"--workdir={fine_tune}", "--config.num_train_steps=20",
+         "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20",
+         "--config.optimizer.learning_rate=0.01", f"--config.init_from.workdir={source}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    summary = json.loads((fine_tune / "summary.json").read_text())
+    evals = {
+        r["step"]: r["top1"]
+        for r in map(json.loads, (source / "metrics.jsonl").read_text().splitlines())
+        if r["split"] == "eval"
+    }
+    best = max(evals, key=lambda s: (evals[s], s))
+    assert summary["init_from"]["workdir"] == str(source)
+    assert summary["init_from"]["checkpoint"] == "best"
+    assert summary["init_from"]["step"] == best
+    assert summary["init_from"]["fresh_modules"] == ["head"]
+    assert f"of the best checkpoint (step {best}) of {source}" in second.stderr
+    assert summary["status"] == "completed" and summary["final_eval"]["top1"] > 0.5
+    config = json.loads((fine_tune / "config.json").read_text())
+    assert config["optimizer"]["learning_rate"] == 0.01
