@@ -356,18 +356,18 @@ class _Run:
             loaded = source.restore(step, selected)
         finally:
             source.close()
-        fresh = sorted(
-            {
-                path[0]
-                for collection in WARM_START_COLLECTIONS
-                for path in flax_paths(self.variable_shapes.get(collection))
-            }
-            - {
-                path[0]
-                for collection in WARM_START_COLLECTIONS
-                for path in flax_paths(loaded.get(collection))
-            }
-        )
+        def top_level(tree: dict) -> set[str]:
+            return {p[0] for c in WARM_START_COLLECTIONS for p in flax_paths(tree.get(c))}
+
+        model_modules = top_level(self.variable_shapes)
+        fresh = sorted(model_modules - top_level(loaded))
+        unmatched = set(init_from.exclude) - model_modules
+        if unmatched:
+            logging.warning(
+                "init_from.exclude names %s, which model %r does not have (its top-level "
+                "modules: %s).",
+                sorted(unmatched), self.config.model, sorted(model_modules),
+            )
         record = {
             "workdir": source.workdir,
             "step": step,

@@ -157,9 +157,14 @@ def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_state
     assert json.loads((tmp_path / "init_from.json").read_text()) == expected
 
 
-def test_default_step_is_the_best_kept_checkpoint(source, tmp_path):
+def test_default_step_is_the_best_kept_checkpoint(source, tmp_path, caplog):
     config = _fine_tune_config(source, num_train_steps=2, eval_every_steps=2)
+    config.init_from.exclude = ("head", "stem")  # 'stem' is not a module of this model: warned
     summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert (
+        f"init_from.exclude names ['stem'], which model '{helpers.TINY_MODEL}' does not have "
+        "(its top-level modules: ['bn', 'conv', 'head'])"
+    ) in caplog.text
     evals = {
         r["step"]: r["top1"]
         for r in map(json.loads, Path(source, "metrics.jsonl").read_text().splitlines())
