@@ -3,7 +3,8 @@
 `Checkpointer` owns `<workdir>/checkpoints`. Saves are asynchronous and atomic (orbax writes into a
 temporary directory and renames it when complete), so a process killed mid-save leaves the previous
 checkpoints intact. Restoring walks back from the newest step: an unreadable (corrupt) checkpoint is
-skipped with a warning and the one before it is used.
+skipped with a warning and the one before it is used. `SourceCheckpoints` reads another run's
+checkpoints read-only (which steps, their shapes, params/batch_stats only) for warm starts.
 """
 
 from __future__ import annotations
