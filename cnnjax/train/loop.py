@@ -127,7 +127,7 @@ def _init_from_workdir(config: Any) -> str | None:
     return init_from.get("workdir") if init_from is not None else None
 
 
-def flax_paths(tree: Any) -> list[tuple[str, ...]]:
+def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
     """Key paths of the leaves of a nested dict of variables (empty for None / {})."""
     return list(flatten_dict(dict(tree))) if tree else []
 
@@ -356,8 +356,9 @@ class _Run:
             loaded = source.restore(step, selected)
         finally:
             source.close()
+
         def top_level(tree: dict) -> set[str]:
-            return {p[0] for c in WARM_START_COLLECTIONS for p in flax_paths(tree.get(c))}
+            return {p[0] for c in WARM_START_COLLECTIONS for p in _leaf_paths(tree.get(c))}
 
         model_modules = top_level(self.variable_shapes)
         fresh = sorted(model_modules - top_level(loaded))
@@ -374,7 +375,7 @@ class _Run:
             "checkpoint": how,
             "model": source_config.get("model"),
             "exclude": list(init_from.exclude),
-            "loaded_leaves": sum(len(flax_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
+            "loaded_leaves": sum(len(_leaf_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
             "fresh_modules": fresh,
             "freeze": self.config.get("freeze"),
         }
