@@ -3,27 +3,52 @@
 `Checkpointer` owns `<workdir>/checkpoints`. Saves are asynchronous and atomic (orbax writes into a
 temporary directory and renames it when complete), so a process killed mid-save leaves the previous
 checkpoints intact. Restoring walks back from the newest step: an unreadable (corrupt) checkpoint is
-skipped with a warning and the one before it is used. `SourceCheckpoints` reads another run's
+skipped with a warning and the one before it is used. Each checkpoint's eval metrics are stored
+with it (orbax `best_fn`), so "keep the best" still holds after a resume. `SourceCheckpoints` reads another run's
 checkpoints read-only (which steps, their shapes, params/batch_stats only) for warm starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging as std_logging
 import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class _DropMissingMetricsWarning(std_logging.Filter):
+    """Drops orbax's "Requested `tracked_metric`; did not provide metrics." warning."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_missing_metrics_warning() -> Iterator[None]:
+    """Silences that one orbax warning during a save: a checkpoint without eval metrics is
+    expected (periodic saves), and it is simply not a candidate for "best"."""
+    logger, log_filter = std_logging.getLogger("absl"), _DropMissingMetricsWarning()
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
 
 
 class Checkpointer:
@@ -59,13 +84,46 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False,
                 )
             )
+        # `best_fn` makes orbax write each checkpoint's metrics next to it, so a resumed run
+        # (a new manager) still knows which older checkpoint is the best one to keep.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
+            best_mode=best_mode,
             enable_async_checkpointing=use_async,
             cleanup_tmp_directories=True,
             create=True,
         )
+        self._quarantine_unreadable_metrics()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _quarantine_unreadable_metrics(self) -> None:
+        """Moves away checkpoints whose metrics file is not valid JSON, with a warning.
+
+        Orbax reads every checkpoint's metrics when the manager starts and fails on a corrupt
+        one, so such a checkpoint is treated like any other unreadable checkpoint before that.
+        """
+        broken = []
+        if os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                path = os.path.join(self.directory, name, "metrics", "metrics")
+                if not (name.isdigit() and os.path.isfile(path)):
+                    continue
+                try:
+                    with open(path) as f:
+                        json.load(f)
+                except (OSError, ValueError):
+                    broken.append(int(name))
+        for step in sorted(broken):
+            message = (f"Checkpoint at step {step} in {self.directory} could not be restored (its "
+                       "metrics file is unreadable); falling back to the previous checkpoint (the "
+                       f"unreadable one is moved to {self.quarantine}).")
+            logging.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if broken:
+            self._move_to_quarantine(broken)
+            if jax.process_count() > 1:  # every process saw the same files; wait for the move
+                multihost_utils.sync_global_devices("cnnjax_checkpoint_quarantine")
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
@@ -78,7 +136,9 @@ class Checkpointer:
             metrics = {k: float(v) for k, v in metrics.items()}
         else:
             metrics = None
-        self._manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics, force=True)
+        with _without_missing_metrics_warning():  # periodic saves have no eval metrics
+            self._manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics,
+                               force=True)
 
     def restore_latest(self, template: Any) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into the structure of `template`.
@@ -123,6 +183,10 @@ class Checkpointer:
         return self.directory + "_corrupt"
 
     def _quarantine(self, steps: list[int]) -> None:
+        self._move_to_quarantine(steps)
+        self._manager.reload()
+
+    def _move_to_quarantine(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
             os.makedirs(self.quarantine, exist_ok=True)
             for step in steps:
@@ -130,7 +194,6 @@ class Checkpointer:
                 if os.path.isdir(source):
                     target = os.path.join(self.quarantine, f"{step}.{int(time.time())}")
                     shutil.move(source, target)
-        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""

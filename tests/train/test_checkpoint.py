@@ -29,6 +29,30 @@ def test_keeps_last_k_and_best(tmp_path, mode, metric, values, best):
     checkpointer.close()
 
 
+@pytest.mark.parametrize("mode, first, later", [("max", 0.9, 0.5), ("min", 0.5, 0.9)])
+def test_best_survives_a_resume(tmp_path, mode, first, later):
+    """The best checkpoint of an earlier process is still kept after a resume (a new
+    Checkpointer on the same workdir): the ranking metrics are on disk, not only in memory."""
+    before = Checkpointer(str(tmp_path), keep=1, best_metric="top1", best_mode=mode)
+    before.save(2, _state(2), {"top1": first})  # the best, in this mode
+    before.save(4, _state(4))
+    before.close()
+    resumed = Checkpointer(str(tmp_path), keep=1, best_metric="top1", best_mode=mode)
+    resumed.save(6, _state(6), {"top1": later})
+    resumed.save(8, _state(8))
+    resumed.wait()
+    assert resumed.all_steps() == [2, 8]  # best (from before the resume) + the latest
+    resumed.close()
+
+
+def test_saves_without_metrics_do_not_warn(tmp_path, caplog):
+    checkpointer = Checkpointer(str(tmp_path), keep=2, best_metric="top1", use_async=False)
+    with caplog.at_level("WARNING"):
+        checkpointer.save(1, _state(1))
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
+    checkpointer.close()
+
+
 def test_round_trip_is_exact_and_restores_newest(tmp_path):
     checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
     rng = np.random.default_rng(0)
@@ -59,3 +83,19 @@ def test_nothing_restorable_raises_and_keeps_files(tmp_path):
     assert "--config.restart=True" in str(err.value)
     assert checkpointer.all_steps() == [5]
     checkpointer.close()
+
+
+def test_unreadable_metrics_file_quarantines_that_checkpoint(tmp_path):
+    """Orbax reads every checkpoint's metrics when it starts: a corrupt metrics file must not
+    stop a resume; that checkpoint is set aside like any unreadable one."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2), {"top1": 0.5})
+    checkpointer.save(4, _state(4), {"top1": 0.7})
+    checkpointer.close()
+    (tmp_path / "checkpoints" / "4" / "metrics" / "metrics").write_text("{not json")
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* \(its metrics file is unreadable\)"):
+        resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    restored, step = resumed.restore_latest(_state(0))
+    assert step == 2 and resumed.all_steps() == [2]
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
+    resumed.close()
