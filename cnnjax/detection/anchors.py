@@ -9,6 +9,7 @@ is `x2 - x1`. The reference py-faster-rcnn code uses *inclusive* pixel indices i
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -94,7 +95,8 @@ def anchor_grid(
 
 
 @partial(jax.jit, static_argnames=("height", "width", "stride"))
-def _grid(base_anchors, height, width, stride):
+def _grid(base_anchors: jax.Array, height: int, width: int, stride: int) -> jax.Array:
+    """`anchor_grid` after validation (static sizes, so one compilation per map size)."""
     dtype = base_anchors.dtype
     shift_x = jnp.arange(width, dtype=dtype) * stride
     shift_y = jnp.arange(height, dtype=dtype) * stride
@@ -116,7 +118,7 @@ def image_size_pair(owner: str, image_size: Any) -> tuple[Any, Any]:
     except TypeError:
         pair = ()
     if len(pair) != 2 or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < float("inf")
             for v in pair):
         raise invalid(owner, "image_size", image_size,
                       "expected (height, width), two positive numbers")
@@ -146,6 +148,7 @@ def anchors_inside(boxes: Any, image_size: Any, border: float = 0.0) -> jax.Arra
 
 
 @jax.jit
-def _inside(boxes, height, width, border):
+def _inside(boxes: jax.Array, height: Any, width: Any, border: float) -> jax.Array:
+    """`anchors_inside` after validation."""
     return ((boxes[:, 0] >= -border) & (boxes[:, 1] >= -border)
             & (boxes[:, 2] <= width + border) & (boxes[:, 3] <= height + border))

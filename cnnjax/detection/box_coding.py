@@ -28,6 +28,7 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
 def _weights(owner: str, weights: Sequence[float]) -> tuple[float, float, float, float]:
+    """`weights` as four positive floats `(wx, wy, ww, wh)`, else raises."""
     try:
         values = tuple(float(w) for w in weights)
     except (TypeError, ValueError):
@@ -48,6 +49,7 @@ def _boxes(owner: str, arg: str, boxes: Any) -> jax.Array:
 
 
 def _broadcast(owner: str, a: jax.Array, b: jax.Array, names: tuple[str, str]) -> None:
+    """Raises unless the shapes of `a` and `b` broadcast together."""
     try:
         jnp.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -57,6 +59,7 @@ def _broadcast(owner: str, a: jax.Array, b: jax.Array, names: tuple[str, str]) -
 
 
 def _centres(boxes: jax.Array) -> tuple[jax.Array, ...]:
+    """`(centre x, centre y, width, height)` of `[..., 4]` boxes."""
     widths = boxes[..., 2] - boxes[..., 0]
     heights = boxes[..., 3] - boxes[..., 1]
     return boxes[..., 0] + 0.5 * widths, boxes[..., 1] + 0.5 * heights, widths, heights
@@ -79,7 +82,8 @@ def encode_boxes(
 
 
 @jax.jit
-def _encode(boxes, anchors, weights):
+def _encode(boxes: jax.Array, anchors: jax.Array, weights: tuple[float, ...]) -> jax.Array:
+    """`encode_boxes` after validation."""
     wx, wy, ww, wh = weights
     ax, ay, aw, ah = _centres(anchors)
     bx, by, bw, bh = _centres(boxes)
@@ -115,7 +119,10 @@ def decode_boxes(
 
 
 @jax.jit
-def _decode(deltas, anchors, weights, clamp):
+def _decode(
+    deltas: jax.Array, anchors: jax.Array, weights: tuple[float, ...], clamp: float,
+) -> jax.Array:
+    """`decode_boxes` after validation."""
     wx, wy, ww, wh = weights
     ax, ay, aw, ah = _centres(anchors)
     x = deltas[..., 0] / wx * aw + ax
@@ -138,7 +145,8 @@ def clip_boxes(boxes: Any, image_size: Any) -> jax.Array:
 
 
 @jax.jit
-def _clip(boxes, height, width):
+def _clip(boxes: jax.Array, height: Any, width: Any) -> jax.Array:
+    """`clip_boxes` after validation."""
     upper = jnp.stack([jnp.asarray(v, boxes.dtype) for v in (width, height, width, height)])
     return jnp.clip(boxes, 0, upper)
 
@@ -158,5 +166,6 @@ def min_size_mask(boxes: Any, min_size: float) -> jax.Array:
 
 
 @jax.jit
-def _large_enough(boxes, size):
+def _large_enough(boxes: jax.Array, size: float) -> jax.Array:
+    """`min_size_mask` after validation."""
     return ((boxes[..., 2] - boxes[..., 0]) >= size) & ((boxes[..., 3] - boxes[..., 1]) >= size)

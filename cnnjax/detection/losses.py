@@ -40,7 +40,8 @@ def smooth_l1(pred: Any, target: Any, beta: float = 1.0) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("beta",))
-def _smooth_l1(pred, target, beta):
+def _smooth_l1(pred: jax.Array, target: jax.Array, beta: float) -> jax.Array:
+    """`smooth_l1` after validation (`beta` static: 0 selects plain L1)."""
     dtype = jnp.promote_types(jnp.result_type(pred, target), jnp.float32)
     x = jnp.abs(pred.astype(dtype) - target.astype(dtype))
     if beta == 0.0:
@@ -73,7 +74,8 @@ def masked_mean(values: Any, mask: Any) -> jax.Array:
 
 
 @jax.jit
-def _masked_mean(values, mask):
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """`masked_mean` after validation."""
     expanded = mask.reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
     total = jnp.sum(jnp.where(expanded, values, 0))
     return total / jnp.maximum(jnp.sum(mask), 1).astype(total.dtype)

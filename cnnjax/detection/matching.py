@@ -30,6 +30,7 @@ class AnchorLabels(NamedTuple):
 
 
 def _unit(owner: str, arg: str, value: Any) -> float:
+    """`value` as a float in [0, 1], else raises."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -45,6 +46,7 @@ def _dtype(x: Any) -> np.dtype:
 
 
 def _mask(owner: str, arg: str, mask: Any, length: int) -> jax.Array:
+    """`mask` as a bool array of shape `[length]`, else raises."""
     dtype = _dtype(mask)
     mask = jnp.asarray(mask)
     if mask.shape != (length,):
@@ -97,7 +99,11 @@ def label_anchors(
 
 
 @partial(jax.jit, static_argnames=("force_best",))
-def _label(iou, gt_valid, anchor_valid, fg, bg, force_best):
+def _label(
+    iou: jax.Array, gt_valid: jax.Array, anchor_valid: jax.Array, fg: float, bg: float,
+    force_best: bool,
+) -> AnchorLabels:
+    """`label_anchors` from the `[A, G]` IoU matrix."""
     iou = jnp.where(gt_valid[None, :] & anchor_valid[:, None], iou, -1.0)
     if iou.shape[1] == 0:
         iou = jnp.full((iou.shape[0], 1), -1.0, iou.dtype)
@@ -146,7 +152,10 @@ def sample_balanced(
 
 
 @partial(jax.jit, static_argnames=("num_samples", "max_positive"))
-def _sample(key, labels, num_samples, max_positive):
+def _sample(
+    key: jax.Array, labels: jax.Array, num_samples: int, max_positive: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`sample_balanced` after validation."""
     pos_key, neg_key = jax.random.split(key)
     positive = _first_k(pos_key, labels == POSITIVE, max_positive)
     negative = _first_k(neg_key, labels == NEGATIVE, num_samples - jnp.sum(positive))

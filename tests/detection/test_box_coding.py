@@ -117,6 +117,8 @@ def test_clip_boxes():
     boxes = np.array([[-5.0, 3.0, 40.0, 25.0], [10.0, -2.0, 12.0, 50.0]])
     np.testing.assert_array_equal(np.asarray(clip_boxes(boxes, (20, 30))),
                                   [[0, 3, 30, 20], [10, 0, 12, 20]])
+    np.testing.assert_array_equal(np.asarray(clip_boxes(boxes, (np.int64(20), np.float32(30)))),
+                                  [[0, 3, 30, 20], [10, 0, 12, 20]])
     sizes = np.array([[20.0, 30.0], [100.0, 11.0]], np.float32)
     per_image = jax.jit(jax.vmap(clip_boxes, in_axes=(None, 0)))(boxes.astype(np.float32), sizes)
     np.testing.assert_array_equal(np.asarray(per_image[1]), [[0, 3, 11, 25], [10, 0, 11, 50]])
