@@ -67,7 +67,8 @@ def _check(got, ref_boxes, ref_logits, post):
     np.testing.assert_allclose(np.asarray(got.boxes)[:count], ref_boxes, rtol=0, atol=1e-3)
     np.testing.assert_allclose(np.asarray(got.scores)[:count], 1 / (1 + np.exp(-ref_logits)),
                                rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(got.boxes)[count:] == 0) and np.all(np.asarray(got.scores)[count:] == 0)
+    assert np.all(np.asarray(got.boxes)[count:] == 0)
+    assert np.all(np.asarray(got.scores)[count:] == 0)
 
 
 @pytest.mark.parametrize("seed, pre, post, thresh, min_size", [
@@ -83,7 +84,7 @@ def test_matches_float64_reference(seed, pre, post, thresh, min_size):
         pre, post, thresh, min_size)
     # float32 decisions equal float64 ones: no IoU or side within rounding of a threshold.
     assert iou_margin > 1e-4 and (min_size == 0 or size_margin > 1e-3)
-    assert 0 < len(ref_boxes)
+    assert len(ref_boxes) > 0
     got = rpn_proposals(logits, deltas, anchors, size, pre_nms_top_n=pre, post_nms_top_n=post,
                         nms_thresh=thresh, min_size=min_size)
     assert got.boxes.shape == (post, 4) and got.scores.shape == (post,)
