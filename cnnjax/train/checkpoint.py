@@ -4,8 +4,9 @@
 temporary directory and renames it when complete), so a process killed mid-save leaves the previous
 checkpoints intact. Restoring walks back from the newest step: an unreadable (corrupt) checkpoint is
 skipped with a warning and the one before it is used. Each checkpoint's eval metrics are stored
-with it (orbax `best_fn`), so "keep the best" still holds after a resume. `SourceCheckpoints` reads another run's
-checkpoints read-only (which steps, their shapes, params/batch_stats only) for warm starts.
+with it (orbax `best_fn`), so "keep the best" still holds after a resume. `SourceCheckpoints`
+reads another run's checkpoints read-only (which steps, their shapes, params/batch_stats only)
+for warm starts.
 """
 
 from __future__ import annotations

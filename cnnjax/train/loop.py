@@ -569,7 +569,8 @@ class _Run:
     ) -> dict:
         config = self.config
         key, sign = config.best_metric, (1 if config.best_mode == "max" else -1)
-        best = max(evals, key=lambda r: sign * r[key]) if evals else None
+        # Ties go to the later eval: the checkpoint orbax keeps as "best" (and init_from picks).
+        best = max(evals, key=lambda r: (sign * r[key], r["step"])) if evals else None
         final = evals[-1] if evals else {}
         return {
             "status": "completed",

@@ -79,8 +79,9 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
     assert plotted_after_eval == [(6, True), (12, True)]
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
     # summary.json: best by top1 over the evals, final eval = the last one, final train metrics.
-    best = max(evals, key=lambda r: r["top1"])
+    best = max(evals, key=lambda r: (r["top1"], r["step"]))  # ties: the later eval
     assert summary["best"] == {"metric": "top1", "value": best["top1"], "step": best["step"]}
+    assert str(best["step"]) in os.listdir(tmp_path / "checkpoints")  # the best is kept on disk
     assert summary["final_eval"] == {k: v for k, v in evals[-1].items() if k not in ("step",
                                                                                   "split")}
     assert set(summary["final_train"]) == {"loss", "top1", "top5", "learning_rate",
