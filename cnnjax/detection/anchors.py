@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_positive_int, invalid, to_pair
+from cnnjax.utils.validation import check_number, check_positive_int, invalid, to_pair
 
 
 def _positive_numbers(owner: str, arg: str, values: Any) -> np.ndarray:
@@ -138,12 +138,8 @@ def anchors_inside(boxes: Any, image_size: Any, border: float = 0.0) -> jax.Arra
         raise invalid(owner, "boxes.shape", tuple(boxes.shape),
                       "expected [K, 4] boxes as (x1, y1, x2, y2)")
     height, width = image_size_pair(owner, image_size)
-    try:
-        margin = float(border)
-    except (TypeError, ValueError):
-        margin = float("nan")
-    if isinstance(border, bool) or not 0.0 <= margin < float("inf"):
-        raise invalid(owner, "border", border, "expected a finite number >= 0")
+    margin = check_number(owner, "border", border, "expected a finite number >= 0", low=0.0,
+                          high_open=True)
     return _inside(boxes, height, width, margin)
 
 

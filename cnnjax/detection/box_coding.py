@@ -21,22 +21,30 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.detection.anchors import image_size_pair
-from cnnjax.utils.validation import invalid
+from cnnjax.utils.validation import check_number, invalid
 
 # torchvision's `bbox_xform_clip`: decoded sizes grow at most 1000/16 = 62.5x their anchor's.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
-def _weights(owner: str, weights: Sequence[float]) -> tuple[float, float, float, float]:
-    """`weights` as four positive floats `(wx, wy, ww, wh)`, else raises."""
+def check_box_weights(owner: str, arg: str,
+                      weights: Sequence[float]) -> tuple[float, float, float, float]:
+    """`weights` as four positive finite floats `(wx, wy, ww, wh)`, else raises."""
     try:
         values = tuple(float(w) for w in weights)
     except (TypeError, ValueError):
         values = ()
     if len(values) != 4 or not all(0 < w < float("inf") for w in values):
-        raise invalid(owner, "weights", weights,
+        raise invalid(owner, arg, weights,
                       "expected four positive numbers (wx, wy, ww, wh)")
     return values  # type: ignore[return-value]
+
+
+def check_scale_clamp(owner: str, scale_clamp: Any) -> float:
+    """`scale_clamp` as a positive float (inf: no clamp), else raises."""
+    return check_number(owner, "scale_clamp", scale_clamp,
+                        "expected a positive number (or inf for no clamp)", low=0.0,
+                        low_open=True)
 
 
 def _boxes(owner: str, arg: str, boxes: Any) -> jax.Array:
@@ -77,7 +85,7 @@ def encode_boxes(
     boxes = _boxes(owner, "boxes", boxes)
     anchors = _boxes(owner, "anchors", anchors)
     _broadcast(owner, boxes, anchors, ("boxes", "anchors"))
-    wx, wy, ww, wh = _weights(owner, weights)
+    wx, wy, ww, wh = check_box_weights(owner, "weights", weights)
     return _encode(boxes, anchors, (wx, wy, ww, wh))
 
 
@@ -107,14 +115,8 @@ def decode_boxes(
     deltas = _boxes(owner, "deltas", deltas)
     anchors = _boxes(owner, "anchors", anchors)
     _broadcast(owner, deltas, anchors, ("deltas", "anchors"))
-    weights = _weights(owner, weights)
-    try:
-        clamp = float(scale_clamp)
-    except (TypeError, ValueError):
-        clamp = float("nan")
-    if isinstance(scale_clamp, bool) or not clamp > 0:
-        raise invalid(owner, "scale_clamp", scale_clamp,
-                      "expected a positive number (or inf for no clamp)")
+    weights = check_box_weights(owner, "weights", weights)
+    clamp = check_scale_clamp(owner, scale_clamp)
     return _decode(deltas, anchors, weights, clamp)
 
 
@@ -156,12 +158,8 @@ def min_size_mask(boxes: Any, min_size: float) -> jax.Array:
     `remove_small_boxes` as a fixed-shape mask: combine it with the other validity masks)."""
     owner = "min_size_mask"
     boxes = _boxes(owner, "boxes", boxes)
-    try:
-        size = float(min_size)
-    except (TypeError, ValueError):
-        size = float("nan")
-    if isinstance(min_size, bool) or not 0.0 <= size < float("inf"):
-        raise invalid(owner, "min_size", min_size, "expected a finite number >= 0")
+    size = check_number(owner, "min_size", min_size, "expected a finite number >= 0", low=0.0,
+                        high_open=True)
     return _large_enough(boxes, size)
 
 

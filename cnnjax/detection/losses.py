@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import invalid
+from cnnjax.utils.validation import check_number, invalid
 
 
 def smooth_l1(pred: Any, target: Any, beta: float = 1.0) -> jax.Array:
@@ -30,12 +30,8 @@ def smooth_l1(pred: Any, target: Any, beta: float = 1.0) -> jax.Array:
         raise invalid(owner, "target.shape", tuple(target.shape),
                       f"expected a shape that broadcasts with pred.shape={tuple(pred.shape)}") \
             from None
-    try:
-        width = float(beta)
-    except (TypeError, ValueError):
-        width = float("nan")
-    if isinstance(beta, bool) or not 0.0 <= width < float("inf"):
-        raise invalid(owner, "beta", beta, "expected a finite number >= 0")
+    width = check_number(owner, "beta", beta, "expected a finite number >= 0", low=0.0,
+                         high_open=True)
     return _smooth_l1(pred, target, width)
 
 

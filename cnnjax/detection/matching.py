@@ -16,9 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.layers.roi import box_iou
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, given_dtype, invalid
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
+
+
+_UNIT = "expected a number in [0, 1]"
 
 
 class AnchorLabels(NamedTuple):
@@ -29,25 +32,13 @@ class AnchorLabels(NamedTuple):
     max_iou: jax.Array  # that IoU (0 where there is no valid gt box or the anchor is invalid)
 
 
-def _unit(owner: str, arg: str, value: Any) -> float:
-    """`value` as a float in [0, 1], else raises."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
-        raise invalid(owner, arg, value, "expected a number in [0, 1]")
-    return number
 
 
-def _dtype(x: Any) -> np.dtype:
-    """The dtype `x` was given with (before `jnp.asarray` narrows float64 to float32)."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _mask(owner: str, arg: str, mask: Any, length: int) -> jax.Array:
     """`mask` as a bool array of shape `[length]`, else raises."""
-    dtype = _dtype(mask)
+    dtype = given_dtype(mask)
     mask = jnp.asarray(mask)
     if mask.shape != (length,):
         raise invalid(owner, f"{arg}.shape", tuple(mask.shape), f"expected ({length},)")
@@ -85,8 +76,8 @@ def label_anchors(
     if anchor_valid is None:
         anchor_valid = jnp.ones(anchors.shape[0], bool)
     anchor_valid = _mask(owner, "anchor_valid", anchor_valid, anchors.shape[0])
-    fg = _unit(owner, "fg_thresh", fg_thresh)
-    bg = _unit(owner, "bg_thresh", bg_thresh)
+    fg = check_number(owner, "fg_thresh", fg_thresh, _UNIT, low=0.0, high=1.0)
+    bg = check_number(owner, "bg_thresh", bg_thresh, _UNIT, low=0.0, high=1.0)
     if fg < bg:
         raise invalid(owner, "fg_thresh", fg_thresh,
                       f"expected fg_thresh >= bg_thresh={bg_thresh!r}")
@@ -139,7 +130,7 @@ def sample_balanced(
     picked when there are not enough; ignored anchors (`-1`) never are. Same key, same masks.
     """
     owner = "sample_balanced"
-    dtype = _dtype(labels)
+    dtype = given_dtype(labels)
     labels = jnp.asarray(labels)
     if labels.ndim != 1:
         raise invalid(owner, "labels.shape", tuple(labels.shape), "expected [A]")
@@ -147,7 +138,7 @@ def sample_balanced(
         raise invalid(owner, "labels.dtype", str(dtype),
                       "expected an integer array of 1 / 0 / -1")
     check_positive_int(owner, "num_samples", num_samples)
-    fraction = _unit(owner, "positive_fraction", positive_fraction)
+    fraction = check_number(owner, "positive_fraction", positive_fraction, _UNIT, low=0.0, high=1.0)
     return _sample(key, labels, num_samples, int(num_samples * fraction))
 
 

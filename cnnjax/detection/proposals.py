@@ -20,12 +20,14 @@ import jax.numpy as jnp
 from cnnjax.detection.anchors import image_size_pair
 from cnnjax.detection.box_coding import (
     DEFAULT_SCALE_CLAMP,
+    check_box_weights,
+    check_scale_clamp,
     clip_boxes,
     decode_boxes,
     min_size_mask,
 )
 from cnnjax.layers.roi import nms
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 
 class Proposals(NamedTuple):
@@ -36,15 +38,6 @@ class Proposals(NamedTuple):
     valid: jax.Array  # [K] bool: a real proposal (False: padding)
 
 
-def _number(owner: str, arg: str, value: Any, low: float, high: float, valid: str) -> float:
-    """`value` as a float in `[low, high]`, else raises with `valid`."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if isinstance(value, bool) or not low <= number <= high:
-        raise invalid(owner, arg, value, valid)
-    return number
 
 
 def rpn_proposals(
@@ -90,22 +83,12 @@ def rpn_proposals(
     height, width = image_size_pair(owner, image_size)
     pre = check_positive_int(owner, "pre_nms_top_n", pre_nms_top_n)
     post = check_positive_int(owner, "post_nms_top_n", post_nms_top_n)
-    thresh = _number(owner, "nms_thresh", nms_thresh, 0.0, 1.0, "expected a number in [0, 1]")
-    size = _number(owner, "min_size", min_size, 0.0, float("inf"),
-                   "expected a finite number >= 0")
-    if size == float("inf"):
-        raise invalid(owner, "min_size", min_size, "expected a finite number >= 0")
-    try:
-        coder = tuple(float(w) for w in weights)
-    except (TypeError, ValueError):
-        coder = ()
-    if len(coder) != 4 or not all(0 < w < float("inf") for w in coder):
-        raise invalid(owner, "weights", weights, "expected four positive numbers (wx, wy, ww, wh)")
-    clamp = _number(owner, "scale_clamp", scale_clamp, 0.0, float("inf"),
-                    "expected a positive number (or inf for no clamp)")
-    if clamp == 0.0:
-        raise invalid(owner, "scale_clamp", scale_clamp,
-                      "expected a positive number (or inf for no clamp)")
+    thresh = check_number(owner, "nms_thresh", nms_thresh, "expected a number in [0, 1]",
+                          low=0.0, high=1.0)
+    size = check_number(owner, "min_size", min_size, "expected a finite number >= 0", low=0.0,
+                        high_open=True)
+    coder = check_box_weights(owner, "weights", weights)
+    clamp = check_scale_clamp(owner, scale_clamp)
     dtype = jnp.promote_types(jnp.result_type(objectness, deltas, anchors), jnp.float32)
     size_hw = jnp.stack([jnp.asarray(height, dtype), jnp.asarray(width, dtype)])
     return _proposals(objectness.astype(dtype), deltas.astype(dtype), anchors.astype(dtype),

@@ -19,11 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.detection.box_coding import encode_boxes
+from cnnjax.detection.box_coding import check_box_weights, encode_boxes
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import NEGATIVE, POSITIVE, sample_balanced
 from cnnjax.layers.roi import box_iou
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_number,
+    check_positive_int,
+    concrete_value,
+    given_dtype,
+    invalid,
+)
 
 BACKGROUND = 0
 
@@ -44,30 +50,10 @@ class FastRcnnLosses(NamedTuple):
     box: jax.Array  # smooth L1 of the true class's deltas, fg only, summed / number of valid RoIs
 
 
-def _dtype(x: Any) -> np.dtype:
-    """The dtype `x` was given with (before `jnp.asarray` narrows 64-bit types)."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-    """`x` as a NumPy array, or None when it is traced (inside jit/vmap/grad)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
-def _number(owner: str, arg: str, value: Any, low: float, high: float, valid: str,
-            open_low: bool = False) -> float:
-    """`value` as a float in `[low, high]` (`(low, high]` with `open_low`), else raises."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    inside = (low < number if open_low else low <= number) and number <= high
-    if isinstance(value, bool) or not inside:
-        raise invalid(owner, arg, value, valid)
-    return number
 
 
 def _boxes(owner: str, arg: str, boxes: Any) -> jax.Array:
@@ -81,7 +67,7 @@ def _boxes(owner: str, arg: str, boxes: Any) -> jax.Array:
 
 def _vector(owner: str, arg: str, x: Any, length: int, kind: str) -> jax.Array:
     """`x` as a `[length]` array of `kind` ("bool" or "integer"), else raises."""
-    dtype = _dtype(x)
+    dtype = given_dtype(x)
     x = jnp.asarray(x)
     if x.shape != (length,):
         raise invalid(owner, f"{arg}.shape", tuple(x.shape), f"expected ({length},)")
@@ -95,7 +81,7 @@ def _vector(owner: str, arg: str, x: Any, length: int, kind: str) -> jax.Array:
 def _check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any) -> None:
     """When concrete, raises on a valid box that is not finite or has x2 < x1 or y2 < y1
     (padded rows may hold anything)."""
-    values, mask = _concrete(boxes), _concrete(valid)
+    values, mask = concrete_value(boxes), concrete_value(valid)
     if values is None or mask is None:
         return
     values = values.astype(np.float64)
@@ -158,11 +144,11 @@ def sample_rois(
     gt_valid = _vector(owner, "gt_valid", gt_valid, count, "bool")
     samples = check_positive_int(owner, "num_samples", num_samples)
     unit = "expected a number in [0, 1]"
-    fraction = _number(owner, "fg_fraction", fg_fraction, 0.0, 1.0, unit)
-    fg = _number(owner, "fg_thresh", fg_thresh, 0.0, 1.0, "expected a number in (0, 1]",
-                 open_low=True)
-    hi = _number(owner, "bg_thresh_hi", bg_thresh_hi, 0.0, 1.0, unit)
-    lo = _number(owner, "bg_thresh_lo", bg_thresh_lo, 0.0, 1.0, unit)
+    fraction = check_number(owner, "fg_fraction", fg_fraction, unit, low=0.0, high=1.0)
+    fg = check_number(owner, "fg_thresh", fg_thresh, "expected a number in (0, 1]", low=0.0,
+                      high=1.0, low_open=True)
+    hi = check_number(owner, "bg_thresh_hi", bg_thresh_hi, unit, low=0.0, high=1.0)
+    lo = check_number(owner, "bg_thresh_lo", bg_thresh_lo, unit, low=0.0, high=1.0)
     if hi > fg:
         raise invalid(owner, "bg_thresh_hi", bg_thresh_hi,
                       f"expected bg_thresh_hi <= fg_thresh={fg_thresh!r}")
@@ -171,16 +157,10 @@ def sample_rois(
                       f"expected bg_thresh_lo <= bg_thresh_hi={bg_thresh_hi!r}")
     if not isinstance(append_gt, bool):
         raise invalid(owner, "append_gt", append_gt, "expected a bool")
-    try:
-        weights = tuple(float(w) for w in box_weights)
-    except (TypeError, ValueError):
-        weights = ()
-    if len(weights) != 4 or not all(0 < w < float("inf") for w in weights):
-        raise invalid(owner, "box_weights", box_weights,
-                      "expected four positive numbers (wx, wy, ww, wh)")
+    weights = check_box_weights(owner, "box_weights", box_weights)
     _check_valid_boxes(owner, "proposals", proposals, proposals_valid)
     _check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid_in)
-    labels, valid = _concrete(gt_labels_in), _concrete(gt_valid_in)
+    labels, valid = concrete_value(gt_labels_in), concrete_value(gt_valid_in)
     if labels is not None and valid is not None:
         bad = np.flatnonzero(valid & (labels < 1))
         if bad.size:
@@ -288,13 +268,9 @@ def fast_rcnn_loss(
     if box_deltas.shape != (rows, classes, 4):
         raise invalid(owner, "box_deltas.shape", tuple(box_deltas.shape),
                       f"expected ({rows}, {classes}, 4) or ({rows}, {4 * classes})")
-    try:
-        width = float(beta)
-    except (TypeError, ValueError):
-        width = float("nan")
-    if isinstance(beta, bool) or not 0.0 <= width < float("inf"):
-        raise invalid(owner, "beta", beta, "expected a finite number >= 0")
-    concrete = _concrete(labels_in)
+    width = check_number(owner, "beta", beta, "expected a finite number >= 0", low=0.0,
+                         high_open=True)
+    concrete = concrete_value(labels_in)
     if concrete is not None:
         bad = np.flatnonzero((concrete < 0) | (concrete >= classes))
         if bad.size:

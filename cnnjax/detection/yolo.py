@@ -27,22 +27,20 @@ import numpy as np
 
 from cnnjax.detection.anchors import image_size_pair
 from cnnjax.layers.roi import box_iou
-from cnnjax.utils.validation import check_choice, check_positive_int, invalid, to_pair
+from cnnjax.utils.validation import (
+    check_choice,
+    check_positive_int,
+    concrete_value,
+    given_dtype,
+    invalid,
+    to_pair,
+)
 
 CONFIDENCE_TARGETS = ("iou", "one")
 
 
-def _dtype(x: Any) -> np.dtype:
-    """The dtype `x` was given with (before `jnp.asarray` narrows 64-bit types)."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-    """`x` as a NumPy array, or None when it is traced (inside jit/vmap/grad)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def yolo_v1_targets(
@@ -66,13 +64,13 @@ def yolo_v1_targets(
         raise invalid(owner, "gt_boxes.shape", tuple(gt_boxes.shape),
                       "expected [G, 4] boxes as (x1, y1, x2, y2)")
     count = gt_boxes.shape[0]
-    label_dtype = _dtype(gt_labels)
+    label_dtype = given_dtype(gt_labels)
     gt_labels = jnp.asarray(gt_labels)
     if gt_labels.shape != (count,):
         raise invalid(owner, "gt_labels.shape", tuple(gt_labels.shape), f"expected ({count},)")
     if not np.issubdtype(label_dtype, np.integer):
         raise invalid(owner, "gt_labels.dtype", str(label_dtype), "expected an integer array")
-    valid_dtype = _dtype(gt_valid)
+    valid_dtype = given_dtype(gt_valid)
     gt_valid = jnp.asarray(gt_valid)
     if gt_valid.shape != (count,):
         raise invalid(owner, "gt_valid.shape", tuple(gt_valid.shape), f"expected ({count},)")
@@ -81,7 +79,7 @@ def yolo_v1_targets(
     height, width = image_size_pair(owner, image_size)
     grid = to_pair(owner, "grid_size", grid_size)
     classes = check_positive_int(owner, "num_classes", num_classes)
-    labels, valid = _concrete(gt_labels), _concrete(gt_valid)
+    labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)
     if labels is not None and valid is not None:
         bad = np.flatnonzero(valid & ((labels < 0) | (labels >= classes)))
         if bad.size:

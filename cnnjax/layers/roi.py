@@ -28,6 +28,7 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_positive_float,
     check_positive_int,
+    concrete_value,
     invalid,
     to_pair,
 )
@@ -36,17 +37,11 @@ IntPair = int | Sequence[int]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _concrete(x: Any) -> np.ndarray | None:
-    """`x` as a NumPy array, or None when it is a tracer (inside jit/vmap/grad)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
     """Checks the `[K, 4]` shape and, when concrete, that x1 <= x2 and y1 <= y2."""
-    values = _concrete(boxes)
+    values = concrete_value(boxes)
     boxes = jnp.asarray(boxes)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise invalid(owner, "boxes.shape", tuple(boxes.shape),
@@ -79,7 +74,7 @@ def _check_roi_args(
     boxes, values = _check_boxes(owner, boxes)
     out = to_pair(owner, "output_size", output_size)
     scale = check_positive_float(owner, "spatial_scale", spatial_scale)
-    indices = _concrete(batch_indices)
+    indices = concrete_value(batch_indices)
     batch_indices = jnp.asarray(batch_indices)
     if batch_indices.shape != (boxes.shape[0],):
         raise invalid(owner, "batch_indices.shape", tuple(batch_indices.shape),

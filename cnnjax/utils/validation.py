@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 
 def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
     """Builds the standard error: `<owner>: <arg>=<value> is invalid; <valid>.`"""
@@ -39,6 +41,37 @@ def check_positive_float(owner: str, arg: str, value: Any) -> float:
     if not number > 0 or number == float("inf"):
         raise invalid(owner, arg, value, "expected a positive finite number")
     return number
+
+
+def check_number(owner: str, arg: str, value: Any, valid: str, *, low: float = -np.inf,
+                 high: float = np.inf, low_open: bool = False, high_open: bool = False) -> float:
+    """Returns `value` as a float if it is a number (not a bool, not NaN) within `low`..`high`
+    (each end closed unless `low_open` / `high_open`), else raises with `valid`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    above = low < number if low_open else low <= number
+    below = number < high if high_open else number <= high
+    if isinstance(value, bool) or not (above and below):
+        raise invalid(owner, arg, value, valid)
+    return number
+
+
+def concrete_value(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array, or None when it is a tracer (inside jit/vmap/grad), so value
+    checks run on concrete inputs and are skipped under tracing."""
+    import jax  # deferred: this module is also imported by code that never needs JAX
+
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def given_dtype(x: Any) -> np.dtype:
+    """The dtype `x` was given with (before `jnp.asarray` narrows 64-bit types)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def check_choice(owner: str, arg: str, value: Any, choices: Iterable[Any]) -> Any:
