@@ -23,7 +23,7 @@ from cnnjax.platform import configure_cpu_defaults
 
 configure_cpu_defaults()
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,17 +43,12 @@ _MAX_TRIALS = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "sweep", "sweep_dir"])
 
 
-class _QuietLibraries:
-    """absl log filter: drops INFO chatter from orbax (one line per file it touches)."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from cnnjax.train.logging import quiet_library_logs
+
+    quiet_library_logs()
     from cnnjax.tune import space as space_lib
     from cnnjax.tune import sweep as sweep_lib
 

@@ -44,17 +44,12 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
 flags.mark_flags_as_required(["workdir"])
 
 
-class _QuietLibraries:
-    """absl log filter: drops INFO chatter from orbax (one line per file it touches)."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from cnnjax.train.logging import quiet_library_logs
+
+    quiet_library_logs()
     import jax
 
     from cnnjax.train import distributed

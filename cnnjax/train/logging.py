@@ -22,6 +22,18 @@ PLOT_FILE = "learning_curves.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
+class QuietLibraries:
+    """absl log filter: drops INFO chatter from orbax (one line per file it touches)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Installs `QuietLibraries` on absl's handler (entry points call it once in `main`)."""
+    logging.get_absl_handler().addFilter(QuietLibraries())
+
+
 def _to_float(value: Any) -> float:
     return float(value)
 
