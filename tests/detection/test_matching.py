@@ -14,14 +14,7 @@ from cnnjax.detection.matching import (
     label_anchors,
     sample_balanced,
 )
-
-
-def _iou_ref(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from tests.detection.reference import iou_ref
 
 
 def _label_ref(anchors, gt, gt_valid, fg, bg, force_best=True, anchor_valid=None):
@@ -33,7 +26,7 @@ def _label_ref(anchors, gt, gt_valid, fg, bg, force_best=True, anchor_valid=None
     labels = np.full(num_a, -1)
     matched = np.zeros(num_a, int)
     max_iou = np.zeros(num_a)
-    iou = {(a, g): _iou_ref(anchors[a], gt[g]) for a in range(num_a) for g in gts}
+    iou = {(a, g): iou_ref(anchors[a], gt[g]) for a in range(num_a) for g in gts}
     for a in range(num_a):
         if not anchor_valid[a]:
             continue

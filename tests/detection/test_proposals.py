@@ -9,16 +9,9 @@ import pytest
 
 from cnnjax.detection.anchors import anchor_grid, generate_anchors
 from cnnjax.detection.proposals import rpn_proposals
+from tests.detection.reference import iou_ref
 
 CLAMP = math.log(1000.0 / 16)
-
-
-def _iou_ref(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _proposals_ref(logits, deltas, anchors, image_size, pre, post, thresh, min_size):
@@ -40,7 +33,7 @@ def _proposals_ref(logits, deltas, anchors, image_size, pre, post, thresh, min_s
     survivors = survivors[:pre]
     kept, iou_margin = [], 1.0
     for i in survivors:
-        ious = [_iou_ref(boxes[i], boxes[k]) for k in kept]
+        ious = [iou_ref(boxes[i], boxes[k]) for k in kept]
         iou_margin = min([iou_margin] + [abs(v - thresh) for v in ious])
         if all(v <= thresh for v in ious):
             kept.append(i)

@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 
 from cnnjax.detection.roi_targets import RoiTargets, fast_rcnn_loss, sample_rois
+from tests.detection.reference import iou_ref
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-
-
-def _iou_ref(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _encode_ref(box, roi, weights=WEIGHTS):
@@ -45,7 +38,7 @@ def _candidates_ref(proposals, p_valid, gt, labels, g_valid, fg=0.5, hi=0.5, lo=
     for box in boxes:
         best, best_g = 0.0, None
         for g in gts:
-            v = _iou_ref(box, gt[g])
+            v = iou_ref(box, gt[g])
             if best_g is None or v > best:
                 best, best_g = v, g
         margin = min(margin, abs(best - fg), abs(best - hi), abs(best - lo) if lo > 0 else 1.0)

@@ -10,14 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 from cnnjax.detection.yolo import yolo_v1_loss, yolo_v1_loss_terms, yolo_v1_targets
-
-
-def _iou_ref(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from tests.detection.reference import iou_ref
 
 
 def _targets_ref(boxes, labels, valid, image_size, s, c):
@@ -54,7 +47,7 @@ def _loss_ref(pred, targ, b, lambda_coord=5.0, lambda_noobj=0.5, rescore=True):
                 for j in range(b):
                     x, y, rw, rh = cell[5 * j: 5 * j + 4]
                     px, py, pw, ph = (col + x) / s, (row + y) / s, rw * rw, rh * rh
-                    iou = _iou_ref([px - pw / 2, py - ph / 2, px + pw / 2, py + ph / 2], truth)
+                    iou = iou_ref([px - pw / 2, py - ph / 2, px + pw / 2, py + ph / 2], truth)
                     rmse = math.sqrt((px - gx) ** 2 + (py - gy) ** 2 + (pw - t[2]) ** 2
                                      + (ph - t[3]) ** 2)
                     if best_iou > 0 or iou > 0:
