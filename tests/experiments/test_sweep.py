@@ -2,7 +2,6 @@
 messages, and a sweep killed (SIGKILL) inside a trial resumes that trial when rerun."""
 
 import glob
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import pytest
 
 from cnnjax.tune import space as sp
 from cnnjax.tune.sweep import trial_workdir
+from tests.experiments.test_configs import _load
 from tests.experiments.test_train import _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,13 +22,6 @@ SWEEPS = sorted(
     p for p in glob.glob(os.path.join(ROOT, "experiments", "sweeps", "*.py"))
     if not p.endswith("__init__.py")
 )
-
-
-def _load(path):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sweep_file(tmp_path, parameters: str) -> str:
