@@ -128,6 +128,19 @@ def _train_command(workdir: Path, flags: list[str] = FLAGS) -> list[str]:
     return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
 
 
+def launch_reference(workdir: Path, log_dir: Path, name: str, flags: list[str] = FLAGS) -> Job:
+    """The one-process run on NUM_PROCESSES * DEVICES_PER_PROCESS devices fed the same batches."""
+    return Job(
+        [(
+            [sys.executable, "-m", "tests.train.multiprocess_reference", f"--workdir={workdir}",
+             *flags],
+            _env(NUM_PROCESSES * DEVICES_PER_PROCESS),
+        )],
+        log_dir,
+        name,
+    )
+
+
 def launch_two_processes(
     workdir: Path,
     job_id: str,
@@ -163,15 +176,7 @@ def runs(tmp_path_factory):
     jobs: list[Job] = []
     try:
         start = time.monotonic()
-        reference = Job(
-            [(
-                [sys.executable, "-m", "tests.train.multiprocess_reference",
-                 f"--workdir={tmp / 'reference'}", *FLAGS],
-                _env(NUM_PROCESSES * DEVICES_PER_PROCESS),
-            )],
-            tmp,
-            "reference",
-        )
+        reference = launch_reference(tmp / "reference", tmp, "reference")
         jobs.append(reference)
         assert reference.wait() == [0], reference.tails()
         out["wall"]["reference"] = time.monotonic() - start
@@ -373,15 +378,8 @@ def test_batchnorm_statistics_are_synced_across_processes(tmp_path):
     jobs: list[Job] = []
     try:
         start = time.monotonic()
-        reference = Job(
-            [(
-                [sys.executable, "-m", "tests.train.multiprocess_reference",
-                 f"--workdir={tmp_path / 'reference'}", *BN_FLAGS],
-                _env(NUM_PROCESSES * DEVICES_PER_PROCESS),
-            )],
-            tmp_path,
-            "bn_reference",
-        )
+        reference = launch_reference(tmp_path / "reference", tmp_path, "bn_reference",
+                                     BN_FLAGS)
         jobs.append(reference)
         assert reference.wait() == [0], reference.tails()
         reference_wall = time.monotonic() - start
