@@ -9,6 +9,12 @@ the same batches an uninterrupted run would see. Each epoch has
 
 `eval_batches` is one pass over the eval split; the last batch is padded and carries a `mask`.
 
+Class subsets (transfer learning): `classes=(5, 6, 7, 8, 9)` keeps only those labels, remapped to
+0..k-1 in the given order, in both splits; `train_examples_per_class=n` keeps the first `n`
+examples of each kept class of the train split in its stored order (a fixed, balanced label
+budget). Both are filters over the stored order, so batches stay a function of `(config, seed,
+k)`; the split sizes they leave are counted with one pass over the split's labels (then cached).
+
 Multi-host: each process reads its own contiguous shard of the split (`tfds.even_splits`) and
 yields its `global_batch_size / process_count` examples per step, reshaped to
 `[num_devices, per_device, ...]` for its local devices. cnnjax's offline datasets are generated
@@ -80,8 +86,11 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     Fields: `name`; `data_dir` (None: tfds's default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets);
     `tfds_name` (None: the preset's, e.g. `imagenette/320px-v2`); `image_size` (None: native size,
     224 for ImageNet-like data); `augment`; `train_split` / `eval_split` (None: the preset's, any
-    tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; and `fake_*`, the
-    shape, classes and sizes of the `fake` dataset (random in-memory images for benchmarks).
+    tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; `classes` (None:
+    every class; else the labels to keep, remapped to 0..k-1 in the given order);
+    `train_examples_per_class` (None: all; else the first n train examples of each kept class);
+    and `fake_*`, the shape, classes and sizes of the `fake` dataset (random in-memory images for
+    benchmarks).
     """
     preset = presets.get_preset(name)
     fake = presets.get_preset("fake")
@@ -96,6 +105,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "eval_split": config_dict.placeholder(str),
             "cache": preset.cache,
             "shuffle_buffer": preset.shuffle_buffer,
+            "classes": config_dict.placeholder(tuple),
+            "train_examples_per_class": config_dict.placeholder(int),
             "fake_image_shape": fake.image_shape,
             "fake_num_classes": fake.num_classes,
             "fake_num_train": 1024,
@@ -117,6 +128,8 @@ class _Spec:
     eval_split: str
     cache: bool
     shuffle_buffer: int
+    classes: tuple[int, ...] | None  # labels kept, in their new order; None: every class
+    train_examples_per_class: int | None
     fake_image_shape: tuple[int, int, int]
     fake_num_classes: int
     fake_num_train: int
@@ -137,6 +150,19 @@ def _check_bool(arg: str, value: Any) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise invalid(_OWNER, arg, value, "expected True or False")
     return bool(value)
+
+
+def _check_classes(value: Any) -> tuple[int, ...] | None:
+    """`data.classes`: None, or a non-empty sequence of distinct labels >= 0 (range checked once
+    the dataset's class count is known, in `_SubsetSource`)."""
+    if value is None:
+        return None
+    if (isinstance(value, str | bytes) or not isinstance(value, tuple | list) or not value
+            or not all(_is_int(v) and v >= 0 for v in value) or len(set(value)) != len(value)):
+        raise invalid(_OWNER, "classes", value,
+                      "expected None (every class) or a non-empty list of distinct labels >= 0, "
+                      "e.g. (5, 6, 7, 8, 9) (kept in that order, relabelled 0..k-1)")
+    return tuple(int(v) for v in value)
 
 
 def _resolve(data_config: Any) -> _Spec:
@@ -172,6 +198,11 @@ def _resolve(data_config: Any) -> _Spec:
     for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
         if not _is_int(cfg[arg]) or cfg[arg] <= 0:
             raise invalid(_OWNER, arg, cfg[arg], "expected a positive integer")
+    per_class = cfg["train_examples_per_class"]
+    if per_class is not None and (not _is_int(per_class) or per_class <= 0):
+        raise invalid(_OWNER, "train_examples_per_class", per_class,
+                      "expected a positive integer (examples kept per class in the train split), "
+                      "or None for all of them")
 
     tfds_name = _optional_str("tfds_name", cfg["tfds_name"]) or preset.tfds_name
     if name == "fake":
@@ -186,6 +217,8 @@ def _resolve(data_config: Any) -> _Spec:
         eval_split=_optional_str("eval_split", cfg["eval_split"]) or preset.eval_split,
         cache=_check_bool("cache", cfg["cache"]),
         shuffle_buffer=int(cfg["shuffle_buffer"]),
+        classes=_check_classes(cfg["classes"]),
+        train_examples_per_class=None if per_class is None else int(per_class),
         fake_image_shape=tuple(int(v) for v in fake_shape),  # type: ignore[arg-type]
         fake_num_classes=int(cfg["fake_num_classes"]),
         fake_num_train=int(cfg["fake_num_train"]),
@@ -355,9 +388,89 @@ class _FakeSource(_Source):
             {"image": images[start:stop], "label": labels[start:stop]})
 
 
+class _SubsetSource(_Source):
+    """`inner` restricted to `spec.classes` (relabelled 0..k-1 in their order) and, in the train
+    split, to the first `spec.train_examples_per_class` examples of each class (stored order).
+
+    Both are deterministic filters over the stored order. A shard `(i, n)` of the filtered split
+    is its every n-th example from the i-th (`Dataset.shard`), so shard sizes differ by at most
+    one, as with `tfds.even_splits`; every process reads (but does not decode) the whole split.
+    """
+
+    def __init__(self, inner: _Source, spec: _Spec):
+        self.inner, self.spec = inner, spec
+        self.name = inner.name
+        self.native_shape = inner.native_shape
+        classes = spec.classes if spec.classes is not None else tuple(range(inner.num_classes))
+        if max(classes) >= inner.num_classes:
+            raise invalid(_OWNER, "classes", spec.classes,
+                          f"expected labels in [0, {inner.num_classes - 1}]: {inner.name!r} has "
+                          f"{inner.num_classes} classes")
+        self.classes = classes
+        self.num_classes = len(classes)
+        new_label = np.full(inner.num_classes, -1, np.int64)
+        new_label[list(classes)] = np.arange(len(classes))
+        self._new_label = new_label
+
+    def _limit(self, split: str) -> int | None:
+        return self.spec.train_examples_per_class if split == self.spec.train_split else None
+
+    def class_counts(self, split: str) -> np.ndarray:
+        """Examples of each original label in the whole `split` (one pass, cached)."""
+        self.inner.num_examples(split)  # a clear error for an unknown split
+        key = (self.spec, split)
+        if key not in _LABEL_COUNTS:
+            labels = self.inner.read(split, (0, 1)).map(lambda ex: ex["label"])
+            counts = np.zeros(self.inner.num_classes, np.int64)
+            for batch in labels.batch(8192).as_numpy_iterator():
+                counts += np.bincount(batch, minlength=self.inner.num_classes)
+            _LABEL_COUNTS[key] = counts
+        return _LABEL_COUNTS[key]
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        counts = self.class_counts(split)[list(self.classes)]
+        limit = self._limit(split)
+        if limit is not None:
+            short = [c for c, n in zip(self.classes, counts, strict=True) if n < limit]
+            if short:
+                logging.warning("cnnjax.data: train_examples_per_class=%d but classes %s of "
+                                "split %r have fewer examples; all of theirs are used.",
+                                limit, short, split)
+            counts = np.minimum(counts, limit)
+        index, count = shard
+        return len(range(index, int(counts.sum()), count))
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        new_label = tf.constant(self._new_label)
+        ds = self.inner.read(split, (0, 1)).map(
+            lambda ex: {"image": ex["image"], "label": tf.gather(new_label, ex["label"])})
+        ds = ds.filter(lambda ex: ex["label"] >= 0)
+        limit = self._limit(split)
+        if limit is not None:
+            def within_limit(seen: tf.Tensor, ex: dict) -> tuple[tf.Tensor, dict]:
+                seen_now = seen + tf.one_hot(ex["label"], self.num_classes, dtype=tf.int64)
+                return seen_now, {**ex, "keep": seen[ex["label"]] < limit}
+
+            ds = ds.scan(tf.zeros([self.num_classes], tf.int64), within_limit)
+            ds = ds.filter(lambda ex: ex["keep"])
+            ds = ds.map(lambda kept: {"image": kept["image"], "label": kept["label"]})
+        index, shard_count = shard
+        return ds if shard_count == 1 else ds.shard(shard_count, index)
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        return self.inner.decode(image)
+
+
+# (resolved spec, split) -> examples per original label; counting reads the whole split once.
+_LABEL_COUNTS: dict[tuple[_Spec, str], np.ndarray] = {}
+
+
 def _open_source(spec: _Spec) -> _Source:
     hide_gpus_from_tensorflow()
-    return _FakeSource(spec) if spec.preset.name == "fake" else _TfdsSource(spec)
+    source = _FakeSource(spec) if spec.preset.name == "fake" else _TfdsSource(spec)
+    if spec.classes is None and spec.train_examples_per_class is None:
+        return source
+    return _SubsetSource(source, spec)
 
 
 # ------------------------------------------------------------------------------ preprocessing
