@@ -26,6 +26,7 @@ import numpy as np
 
 from cnnjax.utils.validation import (
     check_nhwc,
+    check_number,
     check_positive_float,
     check_positive_int,
     concrete_value,
@@ -334,18 +335,9 @@ def nms(
     if scores.shape != (boxes.shape[0],):
         raise invalid(owner, "scores.shape", tuple(scores.shape),
                       f"expected ({boxes.shape[0]},), one score per box")
-    try:
-        threshold = float(iou_threshold)
-    except (TypeError, ValueError):
-        threshold = float("nan")
-    if not 0.0 <= threshold <= 1.0:
-        raise invalid(owner, "iou_threshold", iou_threshold, "expected a number in [0, 1]")
+    threshold = check_number(owner, "iou_threshold", iou_threshold,
+                             "expected a number in [0, 1]", low=0.0, high=1.0)
     check_positive_int(owner, "max_output_size", max_output_size)
-    try:
-        floor = float(score_threshold)
-    except (TypeError, ValueError):
-        floor = float("nan")
-    if floor != floor:
-        raise invalid(owner, "score_threshold", score_threshold, "expected a number (not NaN)")
+    floor = check_number(owner, "score_threshold", score_threshold, "expected a number (not NaN)")
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     return _nms(boxes, scores, threshold, max_output_size, floor)

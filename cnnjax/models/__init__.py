@@ -13,9 +13,11 @@ from cnnjax.models import (  # noqa: F401  (imported to register their models)
     resnet,  # ResNet-18/34/50/101/152
     resnet_cifar,  # CIFAR ResNet-20..110 and plain nets
     vgg,  # VGG-11/13/16/19 with and without BatchNorm
+    yolo,  # YOLO v1 (paper network and a small variant)
 )
 from cnnjax.models.heads import freeze_backbone, replace_head, trainable_mask
 from cnnjax.models.registry import (
+    TASKS,
     ModelInfo,
     create_model,
     list_models,
@@ -24,6 +26,7 @@ from cnnjax.models.registry import (
 )
 
 __all__ = [
+    "TASKS",
     "ModelInfo",
     "create_model",
     "freeze_backbone",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
+from cnnjax.utils.validation import check_choice
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
@@ -24,6 +26,12 @@ class ModelInfo:
     min_input_size: int  # smallest square input side the design admits
     num_classes: int  # default number of classes
     paper: str  # short citation
+    task: str = "classification"  # or "detection": what the model's outputs are
+
+
+#: What a registered model does: classifiers return logits; detectors return raw detection outputs
+#: and have `loss(images, gt_boxes, gt_labels, gt_valid)` and `detect(images)` methods.
+TASKS = ("classification", "detection")
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -36,14 +44,16 @@ def register_model(
     min_input_size: int = 32,
     num_classes: int = 1000,
     paper: str = "",
+    task: str = "classification",
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering `factory(**kwargs) -> nn.Module` under `name`."""
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"register_model: name={name!r} is already registered")
+        check_choice("register_model", "task", task, TASKS)
         _REGISTRY[name] = ModelInfo(
-            name, factory, tuple(input_shape), min_input_size, num_classes, paper
+            name, factory, tuple(input_shape), min_input_size, num_classes, paper, task
         )
         return factory
 
@@ -71,6 +81,13 @@ def create_model(name: str, **overrides) -> nn.Module:
     return info.factory(**overrides)
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted registered names matching a shell-style `pattern` (e.g. "resnet*")."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+def list_models(pattern: str = "*", task: str | None = "classification") -> list[str]:
+    """Sorted registered names matching a shell-style `pattern` (e.g. "resnet*") of one `task`.
+
+    The default lists the classifiers (the zoo table and the classifier tests iterate over them);
+    `task="detection"` lists the detectors, `task=None` every model.
+    """
+    if task is not None:
+        check_choice("list_models", "task", task, TASKS)
+    return sorted(n for n, info in _REGISTRY.items()
+                  if fnmatch.fnmatch(n, pattern) and (task is None or info.task == task))

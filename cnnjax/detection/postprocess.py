@@ -1,0 +1,74 @@
+"""Detector outputs with fixed shapes: class-aware NMS to at most `K` detections per image.
+
+Every detector in `cnnjax.models` returns a `Detections` of `[N, K, ...]` arrays padded with a
+validity mask, so inference runs under `jit`/`pmap` and the evaluation (`evaluation.py`) gathers
+the same shapes from every batch. Boxes are `(x1, y1, x2, y2)` pixels of the network input.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cnnjax.layers.roi import nms
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
+
+
+class Detections(NamedTuple):
+    """`K` detections per image, in decreasing-score order; padding rows are 0 and not `valid`."""
+
+    boxes: jax.Array  # [..., K, 4] (x1, y1, x2, y2) pixels
+    scores: jax.Array  # [..., K]
+    classes: jax.Array  # [..., K] int32 in [0, C)
+    valid: jax.Array  # [..., K] bool
+
+
+def batched_nms(
+    boxes: Any, scores: Any, classes: Any, iou_threshold: float, max_detections: int,
+    score_threshold: float = 0.0,
+) -> Detections:
+    """Per-class greedy NMS of one image's candidates, the best `max_detections` kept.
+
+    `boxes` `[M, 4]`, `scores` `[M]`, `classes` `[M]` int. Boxes of different classes never
+    suppress each other (torchvision's `batched_nms`: each class is shifted by its own offset
+    larger than every box, then one `cnnjax.layers.roi.nms` runs); candidates with
+    `score <= score_threshold` are dropped. Returns a `Detections` of `[max_detections]` rows.
+    """
+    owner = "batched_nms"
+    boxes = jnp.asarray(boxes)
+    scores = jnp.asarray(scores)
+    classes = jnp.asarray(classes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise invalid(owner, "boxes.shape", tuple(boxes.shape), "expected [M, 4]")
+    count = boxes.shape[0]
+    for arg, value in (("scores", scores), ("classes", classes)):
+        if value.shape != (count,):
+            raise invalid(owner, f"{arg}.shape", tuple(value.shape), f"expected ({count},)")
+    thresh = check_number(owner, "iou_threshold", iou_threshold, "expected a number in [0, 1]",
+                          low=0.0, high=1.0)
+    check_positive_int(owner, "max_detections", max_detections)
+    floor = check_number(owner, "score_threshold", score_threshold, "expected a finite number",
+                         high_open=True, low_open=True)
+    return _batched_nms(boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32)),
+                        scores.astype(jnp.float32), classes.astype(jnp.int32), thresh,
+                        max_detections, floor)
+
+
+@partial(jax.jit, static_argnames=("iou_threshold", "max_detections", "score_threshold"))
+def _batched_nms(
+    boxes: jax.Array, scores: jax.Array, classes: jax.Array, iou_threshold: float,
+    max_detections: int, score_threshold: float,
+) -> Detections:
+    """`batched_nms` after validation."""
+    span = jnp.max(jnp.abs(boxes)) + 1.0
+    shifted = boxes + (classes.astype(boxes.dtype) * 2.0 * span)[:, None]
+    indices, valid = nms(shifted, scores, iou_threshold, max_detections, score_threshold)
+    return Detections(
+        boxes=jnp.where(valid[:, None], boxes[indices], 0.0),
+        scores=jnp.where(valid, scores[indices], 0.0),
+        classes=jnp.where(valid, classes[indices], 0),
+        valid=valid,
+    )

@@ -1,0 +1,124 @@
+"""YOLO v1 model: the paper's layer table and parameter count, the output layout the loss reads,
+decoding against a float64 loop, and the registry's detection tag."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.detection.yolo import yolo_v1_loss, yolo_v1_targets
+from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models.yolo import YOLO_V1_LAYERS, YOLOv1, decode_yolo_v1
+from tests.detection.test_postprocess import batched_nms_ref
+
+
+def _count_params(variables):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+
+
+def test_paper_network_layers_and_params():
+    convs = [layer for layer in YOLO_V1_LAYERS if layer != "M"]
+    assert len(convs) == 24 and YOLO_V1_LAYERS.count("M") == 4  # Fig. 3: 24 conv + 4 pools
+    model = create_model("yolo_v1")
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 448, 448, 3)))
+    out, features = jax.eval_shape(
+        lambda v, x: model.apply(v, x, return_features=True), variables,
+        jnp.zeros((1, 448, 448, 3)))
+    assert features["trunk"].shape == (1, 7, 7, 1024)  # the paper's 7x7x1024 before the fcs
+    assert out.shape == (1, 7, 7, 30)  # S=7, B=2, C=20: 7x7x30
+    # Independent count: k*k*cin*cout + cout per conv, then 7*7*1024 -> 4096 -> 7*7*30.
+    expected, cin = 0, 3
+    for cout, k, _ in convs:
+        expected += k * k * cin * cout + cout
+        cin = cout
+    expected += (7 * 7 * 1024 + 1) * 4096 + (4096 + 1) * 7 * 7 * 30
+    assert _count_params(variables) == expected == 271_703_550
+
+
+def test_registry_tags_detectors():
+    assert list_models("yolo*", task="detection") == ["yolo_v1", "yolo_v1_small"]
+    assert "yolo_v1" not in list_models()  # classifier listings (zoo, head tests) skip it
+    assert "yolo_v1" in list_models(task=None)
+    assert model_info("yolo_v1_small").task == "detection"
+    assert model_info("lenet5").task == "classification"
+    with pytest.raises(ValueError, match=r"list_models: task='segment' is invalid; expected one "
+                                         r"of \['classification', 'detection'\]\."):
+        list_models(task="segment")
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = create_model("yolo_v1_small", num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    return model, jax.jit(model.init)(jax.random.key(1), x), x
+
+
+def test_loss_is_the_batch_mean_of_eq3(small):
+    model, variables, x = small
+    boxes = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [9, 9, 9, 9]]])
+    labels = jnp.array([[1, 2], [0, 7]])  # the padded row's label is never read
+    valid = jnp.array([[True, True], [True, False]])
+    (loss, metrics), _ = model.apply(variables, x, boxes, labels, valid, train=True,
+                                     method="loss", mutable=["batch_stats"])
+    outputs, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    per_image = [yolo_v1_loss(outputs[i], yolo_v1_targets(
+        boxes[i][valid[i]], labels[i][valid[i]], jnp.ones(int(valid[i].sum()), bool), (64, 64),
+        8, 3)) for i in range(2)]
+    np.testing.assert_allclose(float(loss), np.mean(per_image), rtol=1e-5)
+    assert float(metrics["loss"]) == float(loss)
+
+
+def _decode_ref(out, size, b, score_threshold, iou, k):
+    """Float64 loop over cells and predictors (paper sec. 2: class score = conf * P(c))."""
+    s = out.shape[0]
+    h, w = size
+    boxes, scores, classes = [], [], []
+    for row in range(s):
+        for col in range(s):
+            for j in range(b):
+                x, y, sw, sh, conf = out[row, col, 5 * j:5 * j + 5]
+                cx, cy, bw, bh = (col + x) / s * w, (row + y) / s * h, sw * sw * w, sh * sh * h
+                corners = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+                box = [min(max(v, 0), lim) for v, lim in zip(corners, [w, h, w, h], strict=True)]
+                probs = conf * out[row, col, 5 * b:]
+                boxes.append(box)
+                scores.append(probs.max())
+                classes.append(int(probs.argmax()))
+    boxes, scores, classes = np.array(boxes), np.array(scores), np.array(classes)
+    keep = batched_nms_ref(boxes, scores, classes, iou, k, score_threshold)
+    return boxes[keep], scores[keep], classes[keep]
+
+
+def test_decode_matches_float64_loop():
+    rng = np.random.default_rng(0)
+    out = rng.uniform(0, 1, (4, 4, 2 * 5 + 3)).astype(np.float32)
+    got = decode_yolo_v1(jnp.asarray(out), (48, 64), 2, 0.1, 0.5, 20)
+    boxes, scores, classes = _decode_ref(out.astype(np.float64), (48, 64), 2, 0.1, 0.5, 20)
+    n = len(scores)
+    assert 0 < n <= 20 and int(got.valid.sum()) == n
+    np.testing.assert_allclose(np.asarray(got.boxes[:n]), boxes, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got.scores[:n]), scores, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.classes[:n]), classes)
+
+
+def test_detect_shapes_under_jit(small):
+    model, variables, x = small
+    det = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
+    assert det.boxes.shape == (2, 100, 4) and det.scores.shape == (2, 100)
+    assert det.classes.dtype == jnp.int32 and det.valid.dtype == jnp.bool_
+    assert np.all(np.asarray(det.boxes) >= 0) and np.all(np.asarray(det.boxes) <= 64)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"layers": ()}, "YOLOv1: layers=() is invalid; expected a non-empty sequence"),
+    ({"layers": ((8, 3, 0),)}, "YOLOv1: layers=((8, 3, 0),) is invalid"),
+    ({"grid_size": 0}, "YOLOv1: grid_size=0 is invalid; expected a positive integer."),
+    ({"nms_iou": True}, "YOLOv1: nms_iou=True is invalid; expected a number in [0, 1]."),
+    ({"score_threshold": 1.0},
+     "YOLOv1: score_threshold=1.0 is invalid; expected a number in [0, 1)."),
+    ({"dropout_rate": 1.0}, "YOLOv1: dropout_rate=1.0 is invalid; expected a number in [0, 1)."),
+])
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        YOLOv1(**kwargs)
+    assert str(err.value).startswith(message)
