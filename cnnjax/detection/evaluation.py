@@ -1,0 +1,193 @@
+"""Mean average precision of detections on the host (NumPy, float64): PASCAL VOC and COCO rules.
+
+`DetectionEvaluator` collects a whole eval split batch by batch (fixed-size `Detections` with
+validity masks and padded ground truth, padded examples masked out) and computes:
+
+- `map50`: PASCAL VOC AP at IoU 0.5 with all-point interpolation (the VOC2010+ devkit's
+  `voc_ap(use_07_metric=False)`: area under the precision envelope). A detection matches the
+  ground-truth box it overlaps most (IoU `> 0.5`, strictly, as the devkit); if that box is already
+  taken the detection is a false positive.
+- `map`: COCO AP averaged over IoU 0.50:0.05:0.95 with 101-point interpolated precision
+  (pycocotools' `COCOeval` bbox, area "all", `maxDets` per image): a detection matches the
+  highest-IoU still unmatched box with IoU `>= t`. `coco_map50` / `coco_map75` are its
+  single-threshold values (`COCOeval.stats[1]` / `stats[2]`).
+
+Both average over the classes that have at least one ground-truth box (a class without any is
+undefined, COCO's -1) and score 0 for a class with boxes but no detections. IoU is computed on
+continuous `(x1, y1, x2, y2)` boxes (areas `w * h`, as pycocotools; the VOC devkit's `+1` pixel
+convention is not used). There are no "difficult" or crowd boxes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cnnjax.utils.validation import check_positive_int, invalid
+
+VOC_IOU = 0.5
+COCO_IOUS = np.linspace(0.5, 0.95, 10)  # pycocotools' iouThrs
+COCO_RECALLS = np.linspace(0.0, 1.0, 101)  # pycocotools' recThrs
+
+
+def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU `[len(a), len(b)]` of float64 `(x1, y1, x2, y2)` boxes; 0 for empty unions."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0],
+                                                                       b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1],
+                                                                       b[None, :, 1]), 0, None)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """All-point interpolated AP (VOC2010+): area under the monotone precision envelope."""
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def coco_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """101-point interpolated AP (pycocotools' `accumulate`): the envelope's precision at the
+    first point reaching each recall in 0, 0.01, ..., 1 (0 where never reached), averaged."""
+    if recall.size == 0:
+        return 0.0
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    index = np.searchsorted(recall, COCO_RECALLS, side="left")
+    reached = index < recall.size
+    return float(np.mean(np.where(reached, envelope[np.minimum(index, recall.size - 1)], 0.0)))
+
+
+def _voc_matches(iou: np.ndarray) -> np.ndarray:
+    """True positives `[D]` of score-sorted detections against one image's boxes of a class."""
+    taken = np.zeros(iou.shape[1], bool)
+    hits = np.zeros(iou.shape[0], bool)
+    if iou.shape[1] == 0:
+        return hits
+    for d in range(iou.shape[0]):
+        best = int(np.argmax(iou[d]))
+        if iou[d, best] > VOC_IOU and not taken[best]:
+            taken[best] = hits[d] = True
+    return hits
+
+
+def _coco_matches(iou: np.ndarray) -> np.ndarray:
+    """True positives `[T, D]` per COCO threshold (pycocotools' `evaluateImg` greedy rule)."""
+    hits = np.zeros((len(COCO_IOUS), iou.shape[0]), bool)
+    for t, threshold in enumerate(COCO_IOUS):
+        taken = np.zeros(iou.shape[1], bool)
+        for d in range(iou.shape[0]):
+            best, match = min(threshold, 1 - 1e-10), -1
+            for g in range(iou.shape[1]):
+                if not taken[g] and iou[d, g] >= best:
+                    best, match = iou[d, g], g
+            if match >= 0:
+                taken[match] = hits[t, d] = True
+    return hits
+
+
+class DetectionEvaluator:
+    """Accumulates detections and ground truth over batches; `compute()` gives the mAPs.
+
+    Per image and class, detections are sorted by decreasing score (stable) and the first
+    `max_detections` kept (COCO's `maxDets`, applied per image and class as pycocotools does).
+    """
+
+    def __init__(self, num_classes: int, max_detections: int = 100):
+        self.num_classes = check_positive_int("DetectionEvaluator", "num_classes", num_classes)
+        self.max_detections = check_positive_int("DetectionEvaluator", "max_detections",
+                                                 max_detections)
+        # Per class: lists of per-image score arrays and match arrays, and the gt count.
+        self._scores: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self._voc: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self._coco: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+        self._num_gt = np.zeros(num_classes, np.int64)
+        self.num_images = 0
+
+    def add(self, detections: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
+            mask: Any = None) -> None:
+        """Adds a batch: `detections` with `boxes [N, K, 4]`, `scores`, `classes`, `valid`
+        `[N, K]` (a `Detections`, any leading axes flattened into N); padded ground truth
+        `gt_boxes [N, G, 4]`, `gt_labels [N, G]` in `[0, C)`, `gt_valid [N, G]`; `mask [N]`
+        (nonzero: a real example; None: all are)."""
+        owner = "DetectionEvaluator.add"
+        boxes = np.asarray(detections.boxes, np.float64)
+        k = boxes.shape[-2] if boxes.ndim >= 2 else 0
+        boxes = boxes.reshape(-1, k, 4)
+        n = boxes.shape[0]
+        scores = np.asarray(detections.scores, np.float64).reshape(n, k)
+        classes = np.asarray(detections.classes).reshape(n, k)
+        valid = np.asarray(detections.valid, bool).reshape(n, k)
+        gt_boxes = np.asarray(gt_boxes, np.float64)
+        g = gt_boxes.shape[-2] if gt_boxes.ndim >= 2 else 0
+        gt_boxes = gt_boxes.reshape(-1, g, 4)
+        if gt_boxes.shape[0] != n:
+            raise invalid(owner, "gt_boxes.shape", gt_boxes.shape,
+                          f"expected {n} images, as many as the detections")
+        gt_labels = np.asarray(gt_labels).reshape(n, g)
+        gt_valid = np.asarray(gt_valid, bool).reshape(n, g)
+        mask = np.ones(n, bool) if mask is None else np.asarray(mask).reshape(n) != 0
+        for arg, labels, ok in (("gt_labels", gt_labels, gt_valid),
+                                ("detections.classes", classes, valid)):
+            bad = ok & ((labels < 0) | (labels >= self.num_classes))
+            if bad.any():
+                raise invalid(owner, arg, int(labels[bad][0]),
+                              f"expected a class in [0, {self.num_classes})")
+        for i in np.flatnonzero(mask):
+            self.num_images += 1
+            for c in range(self.num_classes):
+                truth = gt_boxes[i][gt_valid[i] & (gt_labels[i] == c)]
+                self._num_gt[c] += len(truth)
+                mine = valid[i] & (classes[i] == c)
+                if not mine.any():
+                    continue
+                order = np.argsort(-scores[i][mine], kind="stable")[:self.max_detections]
+                iou = box_iou_np(boxes[i][mine][order], truth)
+                self._scores[c].append(scores[i][mine][order])
+                self._voc[c].append(_voc_matches(iou))
+                self._coco[c].append(_coco_matches(iou))
+
+    def compute(self) -> dict[str, float]:
+        """`map50` (VOC), `map` (COCO 0.50:0.95), `coco_map50`, `coco_map75`, per-class VOC APs
+        as `ap50/<class>`; classes without ground truth are left out of every mean."""
+        voc, coco = {}, {}
+        for c in range(self.num_classes):
+            if self._num_gt[c] == 0:
+                continue
+            if self._scores[c]:
+                scores = np.concatenate(self._scores[c])
+                order = np.argsort(-scores, kind="mergesort")  # pycocotools' sort
+                voc_hits = np.concatenate(self._voc[c])[order]
+                coco_hits = np.concatenate(self._coco[c], axis=1)[:, order]
+            else:
+                voc_hits = np.zeros(0, bool)
+                coco_hits = np.zeros((len(COCO_IOUS), 0), bool)
+            voc[c] = voc_ap(*self._curve(voc_hits, self._num_gt[c]))
+            coco[c] = [coco_ap(*self._curve(h, self._num_gt[c])) for h in coco_hits]
+        if not voc:
+            raise invalid("DetectionEvaluator.compute", "ground truth", "none",
+                          "expected at least one valid ground-truth box in the added images")
+        per_threshold = np.mean(np.array(list(coco.values())), axis=0)  # [T]
+        result = {
+            "map50": float(np.mean(list(voc.values()))),
+            "map": float(np.mean(per_threshold)),
+            "coco_map50": float(per_threshold[0]),
+            "coco_map75": float(per_threshold[5]),
+        }
+        result.update({f"ap50/{c}": value for c, value in voc.items()})
+        return result
+
+    @staticmethod
+    def _curve(hits: np.ndarray, num_gt: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(recall, precision)` after each detection of a score-sorted hit list."""
+        tp = np.cumsum(hits, dtype=np.float64)
+        fp = np.cumsum(~hits, dtype=np.float64)
+        return tp / num_gt, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)

@@ -1,0 +1,158 @@
+"""mAP against pycocotools' COCOeval (random detections) and hand-computed VOC/COCO cases."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from cnnjax.detection.evaluation import DetectionEvaluator, coco_ap, voc_ap
+from cnnjax.detection.postprocess import Detections
+
+pycocotools = pytest.importorskip("pycocotools")
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+
+def _detections(boxes, scores, classes, valid=None):
+    boxes = np.asarray(boxes, np.float64).reshape(1, -1, 4)
+    scores = np.asarray(scores, np.float64).reshape(1, -1)
+    if valid is None:
+        valid = np.ones(scores.shape, bool)
+    return Detections(boxes, scores, np.asarray(classes).reshape(1, -1), np.asarray(valid))
+
+
+def _evaluate(dets, gt_boxes, gt_labels):
+    ev = DetectionEvaluator(num_classes=2)
+    gt = np.asarray(gt_boxes, np.float64).reshape(1, -1, 4)
+    ev.add(dets, gt, np.asarray(gt_labels).reshape(1, -1), np.ones(gt.shape[:2], bool))
+    return ev.compute()
+
+
+def test_hand_computed_tp_fp_tp():
+    # Two objects; scores .9 (hit), .8 (miss), .7 (hit): recall .5 .5 1, precision 1 .5 2/3.
+    gt = [[0, 0, 10, 10], [20, 20, 30, 30]]
+    dets = _detections([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]], [0.9, 0.8, 0.7],
+                       [0, 0, 0])
+    out = _evaluate(dets, gt, [0, 0])
+    assert out["map50"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3, abs=1e-12)
+    # 101 recall points: 51 of them (0 .. 0.5) at precision 1, 50 at 2/3.
+    assert out["coco_map50"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-12)
+    assert out["map"] == pytest.approx(out["coco_map50"], abs=1e-12)  # exact boxes: all IoU 1
+
+
+def test_voc_and_coco_differ_on_a_taken_best_box():
+    # The second detection overlaps A most (0.905) but A is taken; B overlaps it 0.739.
+    gt = [[0, 0, 10, 10], [2, 0, 12, 10]]
+    dets = _detections([[0, 0, 10, 10], [0.5, 0, 10.5, 10]], [0.9, 0.8], [1, 1])
+    out = _evaluate(dets, gt, [1, 1])
+    assert out["map50"] == pytest.approx(0.5)  # VOC: a duplicate of A, false positive
+    assert out["coco_map50"] == pytest.approx(1.0)  # COCO: matched to the free box B
+    # 0.739 passes 0.5 .. 0.70 (5 thresholds), fails 0.75 .. 0.95 (AP 51 / 101 each).
+    assert out["map"] == pytest.approx((5 * 1.0 + 5 * 51 / 101) / 10)
+    assert out["ap50/1"] == out["map50"] and "ap50/0" not in out  # class 0 has no gt: left out
+
+
+def test_iou_of_exactly_half():
+    # IoU 0.5 exactly: VOC needs > 0.5 (devkit), COCO >= 0.5.
+    out = _evaluate(_detections([[0, 0, 10, 10]], [0.9], [0]), [[0, 0, 20, 10]], [0])
+    assert out["map50"] == 0.0 and out["coco_map50"] == 1.0
+
+
+def test_missing_detections_score_zero_and_masked_images_are_skipped():
+    ev = DetectionEvaluator(num_classes=2)
+    dets = Detections(np.array([[[0, 0, 5, 5]], [[0, 0, 5, 5]]], float), np.array([[0.9], [0.9]]),
+                      np.array([[0], [0]]), np.array([[True], [True]]))
+    gt = np.array([[[0, 0, 5, 5], [1, 1, 4, 4]], [[7, 7, 9, 9], [0, 0, 1, 1]]], float)
+    # Image 0: class 0 hit, class 1 never detected; image 1 is padding (mask 0).
+    ev.add(dets, gt, np.array([[0, 1], [0, 1]]), np.array([[True, True], [True, True]]),
+           mask=np.array([1.0, 0.0]))
+    out = ev.compute()
+    assert ev.num_images == 1
+    assert out["ap50/0"] == 1.0 and out["ap50/1"] == 0.0 and out["map50"] == 0.5
+
+
+def test_ap_helpers_on_textbook_curve():
+    recall = np.array([0.2, 0.4, 0.4, 0.6])
+    precision = np.array([1.0, 1.0, 0.67, 0.75])
+    assert voc_ap(recall, precision) == pytest.approx(0.4 * 1.0 + 0.2 * 0.75)
+    assert coco_ap(recall, precision) == pytest.approx((41 + 20 * 0.75) / 101)
+
+
+def _random_set(seed, num_images=12, num_classes=3):
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(num_images):
+        g = rng.integers(0, 5)
+        xy = rng.uniform(0, 50, (g, 2))
+        gt = np.concatenate([xy, xy + rng.uniform(5, 25, (g, 2))], 1)
+        gl = rng.integers(0, num_classes, g)
+        # Detections: jittered copies of the gt (some misclassified) plus random boxes.
+        jitter = gt + rng.normal(0, 1.5, gt.shape)
+        jitter[:, 2:] = np.maximum(jitter[:, 2:], jitter[:, :2] + 1)
+        d = rng.integers(0, 6)
+        xy = rng.uniform(0, 50, (d, 2))
+        noise = np.concatenate([xy, xy + rng.uniform(5, 25, (d, 2))], 1)
+        boxes = np.concatenate([jitter, noise])
+        classes = np.concatenate([np.where(rng.uniform(size=g) < 0.8, gl, (gl + 1) % 3),
+                                  rng.integers(0, num_classes, d)])
+        scores = rng.uniform(0.01, 1, len(boxes))
+        images.append((gt, gl, boxes, scores, classes))
+    return images
+
+
+def _pycocotools_stats(images, num_classes):
+    gt_json = {"images": [{"id": i + 1} for i in range(len(images))],
+               "categories": [{"id": c + 1} for c in range(num_classes)], "annotations": []}
+    results = []
+    for i, (gt, gl, boxes, scores, classes) in enumerate(images):
+        for b, c in zip(gt, gl, strict=True):
+            w, h = b[2] - b[0], b[3] - b[1]
+            gt_json["annotations"].append({
+                "id": len(gt_json["annotations"]) + 1, "image_id": i + 1, "category_id": int(c) + 1,
+                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
+        for b, s, c in zip(boxes, scores, classes, strict=True):
+            results.append({"image_id": i + 1, "category_id": int(c) + 1, "score": float(s),
+                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt_json
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(results), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coco_map_matches_pycocotools(seed):
+    images = _random_set(seed)
+    k, g = 12, 5
+    ev = DetectionEvaluator(num_classes=3)
+    for gt, gl, boxes, scores, classes in images:  # one image per batch, padded to K and G
+        pad_d = np.zeros((1, k, 4))
+        pad_d[0, :len(boxes)] = boxes
+        dets = Detections(pad_d, np.pad(scores, (0, k - len(scores)))[None],
+                          np.pad(classes, (0, k - len(classes)))[None],
+                          (np.arange(k) < len(boxes))[None])
+        pad_g = np.zeros((1, g, 4))
+        pad_g[0, :len(gt)] = gt
+        ev.add(dets, pad_g, np.pad(gl, (0, g - len(gl)))[None], (np.arange(g) < len(gt))[None])
+    out = ev.compute()
+    stats = _pycocotools_stats(images, 3)
+    assert 0.05 < stats[0] < 0.95  # a non-degenerate case
+    np.testing.assert_allclose(out["map"], stats[0], atol=1e-12)
+    np.testing.assert_allclose(out["coco_map50"], stats[1], atol=1e-12)
+    np.testing.assert_allclose(out["coco_map75"], stats[2], atol=1e-12)
+
+
+def test_bad_input():
+    ev = DetectionEvaluator(num_classes=2)
+    with pytest.raises(ValueError, match=r"gt_labels=2 is invalid; expected a class in \[0, 2\)"):
+        ev.add(_detections([[0, 0, 1, 1]], [1.0], [0]), np.zeros((1, 1, 4)), np.array([[2]]),
+               np.array([[True]]))
+    with pytest.raises(ValueError, match="expected at least one valid ground-truth box"):
+        ev.compute()
+    with pytest.raises(ValueError, match="DetectionEvaluator: num_classes=0 is invalid"):
+        DetectionEvaluator(num_classes=0)
