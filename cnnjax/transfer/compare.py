@@ -1,0 +1,509 @@
+"""`run_transfer`: how much does pretraining help, and how should one fine-tune?
+
+One source run is pretrained once; then, for every label budget of the target task, three arms
+train on the target, each one ordinary `train_and_evaluate` run:
+    scratch        the target config as it is (random initialization)
+    finetune       every layer trained, starting from the source's final checkpoint (head excluded)
+    linear_probe   the same start, only the new head trained (`freeze='backbone'`)
+
+Layout of a transfer directory:
+    transfer.json                   the source/target configs, budget field, arm overrides
+                                    (a directory made with different ones is refused)
+    trials/source/                  the source pretraining run (plus trial.json)
+    trials/<budget>-<arm>-s<seed>/  one target run per budget, arm and seed (plus trial.json)
+    results.csv/.json               one row per target run; results.json adds the mean/std table
+    transfer.png                    final target metric against training examples, one line per arm
+    report.md                       the table, each arm's gain over scratch, the best arm per budget
+
+Runs go one after another; rerunning the same command skips finished runs and resumes an
+interrupted one from its own checkpoint (the sweep's per-trial bookkeeping, cnnjax.tune.sweep).
+A failed or diverged run is recorded and the others go on; if the source run does not complete,
+the arms that need it are recorded as failed. Budgets, arms and seeds may grow between reruns
+(each run has its own directory); the configs may not change. The final eval (at the last step)
+is what is compared: the best-over-evals value is reported too, but it selects on the eval split.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import statistics
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cnnjax.train import config as config_lib
+from cnnjax.tune import space as space_lib
+from cnnjax.tune.sweep import (
+    TRIAL_FILE,
+    _atomic_write,
+    _finished_status,
+    _read_json,
+    _run_trial,
+    _start_trial,
+    default_mode,
+    trial_result,
+    trial_workdir,
+)
+from cnnjax.utils.validation import check_choice, invalid
+
+ARMS = ("scratch", "finetune", "linear_probe")
+ARM_LABELS = {"scratch": "from scratch", "finetune": "fine-tune all layers",
+              "linear_probe": "linear probe (frozen backbone)"}
+SOURCE_ID = "source"
+TRANSFER_FILE = "transfer.json"
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+PLOT_FILE = "transfer.png"
+REPORT_FILE = "report.md"
+# Fields each arm sets itself; the target config and arm_overrides may not.
+_ARM_FIELDS = ("init_from.workdir", "freeze")
+_OWNER = "transfer"
+
+
+def _source_trial() -> space_lib.Trial:
+    return space_lib.Trial(0, SOURCE_ID, OrderedDict())
+
+
+def budget_slug(value: Any) -> str:
+    """A directory-name form of a budget value: `10` -> '10', `'train[:10%]'` -> 'train_10pct'."""
+    text = str(value).replace("%", "pct")
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "default"
+
+
+def arm_overrides(arm: str, source_workdir: str, source_steps: int) -> OrderedDict:
+    """The config fields an arm sets: none for scratch; the source's final checkpoint for the
+    others (its last step, not its best-evaluated one: no selection on the source's eval split),
+    plus `freeze='backbone'` for the linear probe."""
+    if arm == "scratch":
+        return OrderedDict()
+    fields = OrderedDict([("init_from.workdir", os.path.abspath(source_workdir)),
+                          ("init_from.step", int(source_steps))])
+    if arm == "linear_probe":
+        fields["freeze"] = "backbone"
+    return fields
+
+
+class _Plan:
+    """Every run of a comparison and its config, checked before anything trains."""
+
+    def __init__(self, source: Any, target: Any, transfer_dir: str, budget_field: str,
+                 budgets: Sequence[Any], arms: Sequence[str], seeds: Sequence[int],
+                 overrides: Mapping[str, Mapping[str, Any]], metric: str):
+        self.metric = check_choice(_OWNER, "metric", metric, config_lib.EVAL_METRICS)
+        self.mode = default_mode(metric)
+        self.arms = _check_arms(arms)
+        self.seeds = _check_seeds(seeds)
+        self.budget_field = budget_field
+        if not _is_list(budgets) or not budgets:
+            raise invalid(_OWNER, "budgets", budgets,
+                          f"expected a non-empty list of values for {budget_field!r}")
+        try:
+            space_lib.check_fields(target, space_lib.grid({budget_field: list(budgets)}))
+        except ValueError as err:
+            raise ValueError(f"transfer: budget_field={budget_field!r} / budgets={budgets!r} "
+                             f"do not fit the target config: {err}") from None
+        self.budgets = list(budgets)
+        slugs = [budget_slug(b) for b in self.budgets]
+        if len(set(slugs)) != len(slugs):
+            raise invalid(_OWNER, "budgets", self.budgets,
+                          f"expected distinct values (their directory names are {slugs})")
+        self.slugs = dict(zip(slugs, self.budgets, strict=True))
+        self.overrides = _check_overrides(overrides, self.arms, target, budget_field)
+        _check_configs(source, target)
+        self.source, self.target = source, target
+        self.source_dir = trial_workdir(transfer_dir, _source_trial())
+        self.runs: list[dict] = []  # {trial, budget, slug, arm, seed, config}
+        for slug, budget in self.slugs.items():
+            for arm in self.arms:
+                for seed in self.seeds:
+                    fields = OrderedDict([(budget_field, budget), ("seed", seed)])
+                    fields.update(arm_overrides(arm, self.source_dir, source.num_train_steps))
+                    fields.update(self.overrides.get(arm, {}))
+                    run_id = f"{slug}-{arm}-s{seed}"
+                    config = space_lib.apply_overrides(target, fields)
+                    try:
+                        config_lib.validate_config(config)
+                    except ValueError as err:
+                        raise ValueError(f"transfer: run {run_id} has an invalid config: "
+                                         f"{err}") from None
+                    trial = space_lib.Trial(len(self.runs) + 1, run_id, fields)
+                    self.runs.append({"trial": trial, "budget": budget, "slug": slug,
+                                      "arm": arm, "seed": seed, "config": config})
+
+    def check_data(self) -> dict[str, int]:
+        """Training examples of the source and of each budget (`{slug: n}`); raises if a split is
+        smaller than the global batch (an epoch would have no step). Reads labels, trains
+        nothing."""
+        from cnnjax.data import pipeline  # deferred: TensorFlow starts here
+
+        sizes = {}
+        for slug, config in [(SOURCE_ID, self.source)] + [
+                (slug, space_lib.apply_overrides(self.target, {self.budget_field: budget}))
+                for slug, budget in self.slugs.items()]:
+            num_train = pipeline.get_dataset_info(config.data).num_train
+            if num_train < config.global_batch_size:
+                what = "the source" if slug == SOURCE_ID else (
+                    f"budget {self.slugs[slug]!r} ({self.budget_field})")
+                raise invalid(_OWNER, "global_batch_size", config.global_batch_size,
+                              f"{what} leaves {num_train} training examples; expected a global "
+                              "batch of at most that many (lower it or raise the budget)")
+            sizes[slug] = num_train
+        return sizes
+
+    def describe(self) -> dict:
+        """What must not change between reruns of one transfer directory."""
+        return json.loads(json.dumps({
+            "source": config_lib.flatten(self.source),
+            "target": {k: v for k, v in config_lib.flatten(self.target).items()
+                       if k not in (self.budget_field, "seed")},
+            "budget_field": self.budget_field,
+            "arm_overrides": {arm: dict(f) for arm, f in self.overrides.items()},
+        }, default=str))
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list | tuple)
+
+
+def _check_arms(arms: Any) -> tuple[str, ...]:
+    if (not _is_list(arms) or not arms or len(set(arms)) != len(arms)
+            or not all(a in ARMS for a in arms)):
+        raise invalid(_OWNER, "arms", arms,
+                      f"expected a non-empty list of distinct arms from {list(ARMS)}")
+    return tuple(arms)
+
+
+def _check_seeds(seeds: Any) -> tuple[int, ...]:
+    if (not _is_list(seeds) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                       for s in seeds)):
+        raise invalid(_OWNER, "seeds", seeds,
+                      "expected a non-empty list of distinct integers >= 0 (each arm runs once "
+                      "per seed)")
+    return tuple(seeds)
+
+
+def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
+                     budget_field: str) -> dict[str, OrderedDict]:
+    """`{arm: {dotted field: value}}`, e.g. a lower learning rate for `finetune`."""
+    if overrides is None:
+        return {}
+    if not hasattr(overrides, "items"):
+        raise invalid(_OWNER, "arm_overrides", overrides,
+                      "expected a mapping {arm: {dotted config field: value}}")
+    checked = {}
+    for arm, fields in overrides.items():
+        if arm not in arms:
+            raise invalid(_OWNER, "arm_overrides", arm, f"expected an arm of {list(arms)}")
+        if not hasattr(fields, "items"):
+            raise invalid(_OWNER, f"arm_overrides[{arm!r}]", fields,
+                          "expected a mapping {dotted config field: value}")
+        fields = OrderedDict(fields.items())
+        for name in fields:
+            if name in (*_ARM_FIELDS, budget_field, "seed"):
+                raise invalid(_OWNER, f"arm_overrides[{arm!r}]", name,
+                              f"the comparison sets {name!r} itself; expected another field")
+        if fields:
+            space_lib.check_fields(target, space_lib.grid({k: [v] for k, v in fields.items()}))
+        checked[arm] = fields
+    return checked
+
+
+def _check_configs(source: Any, target: Any) -> None:
+    for role, config in (("source", source), ("target", target)):
+        try:
+            config_lib.validate_config(config)
+        except ValueError as err:
+            raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
+    for name in _ARM_FIELDS:
+        *parents, leaf = name.split(".")
+        node = target
+        for parent in parents:
+            node = node.get(parent) or {}
+        if node.get(leaf) is not None:
+            raise invalid(_OWNER, f"target.{name}", node.get(leaf),
+                          "expected None: each arm sets it (scratch: unset)")
+    if source.model != target.model:
+        raise invalid(_OWNER, "target.model", target.model,
+                      f"expected the source's model {source.model!r}: the pretrained weights "
+                      "must fit the target network")
+
+
+def _prepare_dir(transfer_dir: str, plan: _Plan) -> None:
+    """Creates transfer.json, or checks the existing one describes the same comparison."""
+    current = plan.describe()
+    path = os.path.join(transfer_dir, TRANSFER_FILE)
+    saved = _read_json(path)
+    if saved is not None:
+        fresh = "use a new --transfer_dir or restore the original configs"
+        for role in ("source", "target"):
+            differ = config_lib.incompatible_fields(saved.get(role, {}), current[role])
+            if differ:
+                details = ", ".join(f"{n}: {saved[role].get(n, '<unset>')!r} -> "
+                                    f"{current[role].get(n, '<unset>')!r}" for n in differ[:8])
+                raise ValueError(f"transfer: transfer_dir={transfer_dir!r} was made with a "
+                                 f"different {role} config ({details}); {fresh}.")
+        for key in ("budget_field", "arm_overrides"):
+            if saved.get(key) != current[key]:
+                raise ValueError(f"transfer: transfer_dir={transfer_dir!r} was made with "
+                                 f"{key}={saved.get(key)!r}, now {current[key]!r}; {fresh}.")
+    os.makedirs(os.path.join(transfer_dir, "trials"), exist_ok=True)
+    _atomic_write(path, json.dumps(current, indent=2))
+
+
+# ------------------------------------------------------------------------------------- run
+def run_transfer(
+    source_config: Any,
+    target_config: Any,
+    transfer_dir: str,
+    *,
+    budget_field: str = "data.train_examples_per_class",
+    budgets: Sequence[Any],
+    arms: Sequence[str] = ARMS,
+    seeds: Sequence[int] = (0,),
+    arm_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    metric: str = "top1",
+    verbose: bool = True,
+) -> list[dict]:
+    """Pretrains `source_config` once, then trains each arm at each budget (and seed) on
+    `target_config` with `budget_field` set to the budget; returns one row per target run.
+
+    Everything (arms, seeds, budgets, arm overrides, every run's config, the data sizes and the
+    transfer directory) is checked before anything trains.
+    """
+    plan = _Plan(source_config, target_config, transfer_dir, budget_field, budgets, arms, seeds,
+                 arm_overrides, metric)
+    sizes = plan.check_data()
+    _prepare_dir(transfer_dir, plan)
+
+    source_status = _run_once(plan.source, plan.source_dir, _source_trial(), "source",
+                              verbose)
+    rows = write_results(transfer_dir, plan, sizes)
+    for i, run in enumerate(plan.runs, start=1):
+        trial, workdir = run["trial"], trial_workdir(transfer_dir, run["trial"])
+        label = f"Run {i}/{len(plan.runs)} {trial.trial_id}"
+        if run["arm"] != "scratch" and source_status != "completed":
+            if not _finished_status(workdir, run["config"]):
+                _record_not_run(trial, workdir, f"not run: the source run {source_status}")
+                _say(verbose, f"{label}: not run (the source run {source_status}).")
+            continue
+        try:
+            _run_once(run["config"], workdir, trial, label, verbose)
+        finally:  # KeyboardInterrupt included: the table shows what has finished so far
+            rows = write_results(transfer_dir, plan, sizes)
+    rows = write_results(transfer_dir, plan, sizes)
+    if verbose:
+        print(format_table(summarize(rows, plan.metric)), flush=True)
+        print(f"Results: {os.path.join(transfer_dir, RESULTS_CSV)}, "
+              f"{os.path.join(transfer_dir, REPORT_FILE)}", flush=True)
+    return rows
+
+
+def _run_once(config: Any, workdir: str, trial: space_lib.Trial, label: str,
+              verbose: bool) -> str:
+    """Runs (or resumes) one trial unless it already finished; returns its status."""
+    finished = _finished_status(workdir, config)
+    if finished:
+        _say(verbose, f"{label}: already {finished}, skipped.")
+        return finished
+    _say(verbose, f"{label} -> {workdir}")
+    record = _run_trial(config, workdir, _start_trial(trial, workdir))
+    _say(verbose, f"{label}: {record['status']}"
+                  + (f" ({record['reason']})" if record["reason"] else ""))
+    return record["status"]
+
+
+def _record_not_run(trial: space_lib.Trial, workdir: str, reason: str) -> None:
+    """A trial.json saying why a run that needs the source was not started (retried on rerun)."""
+    os.makedirs(workdir, exist_ok=True)
+    record = {**trial.describe(), "status": "failed", "reason": reason, "wall_time_s": 0.0,
+              "invocations": 0}
+    _atomic_write(os.path.join(workdir, TRIAL_FILE), json.dumps(record, indent=2))
+
+
+# --------------------------------------------------------------------------------- results
+def write_results(transfer_dir: str, plan: _Plan, sizes: Mapping[str, int]) -> list[dict]:
+    """Rebuilds results.csv/.json, transfer.png and report.md from the run directories."""
+    source = trial_result(transfer_dir, _source_trial(), plan.metric, plan.mode)
+    source["num_train"] = sizes.get(SOURCE_ID)
+    rows = []
+    for run in plan.runs:
+        row = trial_result(transfer_dir, run["trial"], plan.metric, plan.mode)
+        rows.append({"budget": run["budget"], "num_train": sizes.get(run["slug"]),
+                     "arm": run["arm"], "seed": run["seed"],
+                     **{k: row[k] for k in ("trial_id", "status", "final", "best", "best_step",
+                                            "steps", "wall_time_s", "reason", "workdir")}})
+    table = summarize(rows, plan.metric)
+    _atomic_write(os.path.join(transfer_dir, RESULTS_JSON), json.dumps(
+        {"metric": plan.metric, "budget_field": plan.budget_field, "source": source,
+         "runs": rows, "summary": table}, indent=2))
+    _atomic_write(os.path.join(transfer_dir, RESULTS_CSV), _csv(rows, plan.metric))
+    _atomic_write(os.path.join(transfer_dir, REPORT_FILE),
+                  report_markdown(table, source, plan.metric, plan.budget_field))
+    if any(r["final"] is not None for r in rows):
+        plot_results(table, source, plan.metric, os.path.join(transfer_dir, PLOT_FILE))
+    return rows
+
+
+def summarize(rows: list[dict], metric: str) -> list[dict]:
+    """One entry per (budget, arm), in run order: mean and sample std of the final metric over
+    the completed seeds, how many completed, and the gain over scratch at that budget."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((json.dumps(row["budget"]), row["arm"]), []).append(row)
+    table = []
+    for group in groups.values():
+        finals = [r["final"] for r in group
+                  if r["status"] == "completed" and r["final"] is not None]
+        mean = statistics.fmean(finals) if finals else None
+        std = statistics.stdev(finals) if len(finals) > 1 else None
+        table.append({"budget": group[0]["budget"], "num_train": group[0]["num_train"],
+                      "arm": group[0]["arm"], "metric": metric, "mean": mean, "std": std,
+                      "completed": len(finals), "runs": len(group),
+                      "statuses": sorted({r["status"] for r in group})})
+    scratch = {json.dumps(e["budget"]): e["mean"] for e in table if e["arm"] == "scratch"}
+    for entry in table:
+        base = scratch.get(json.dumps(entry["budget"]))
+        entry["gain_over_scratch"] = (
+            entry["mean"] - base if entry["arm"] != "scratch" and None not in (base, entry["mean"])
+            else None)
+    return table
+
+
+def _csv(rows: list[dict], metric: str) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["budget", "num_train", "arm", "seed", "trial_id", "status",
+                     f"final_{metric}", f"best_{metric}", "best_step", "steps", "wall_time_s",
+                     "reason"])
+    for r in rows:
+        writer.writerow([r["budget"], _blank(r["num_train"]), r["arm"], r["seed"], r["trial_id"],
+                         r["status"], _blank(r["final"]), _blank(r["best"]),
+                         _blank(r["best_step"]), r["steps"],
+                         "" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}",
+                         r["reason"]])
+    return buffer.getvalue()
+
+
+def _mean_std(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "/".join(entry["statuses"])
+    text = f"{entry['mean']:.4f}"
+    if entry["std"] is not None:
+        text += f" ± {entry['std']:.4f}"
+    if entry["completed"] < entry["runs"]:
+        text += f" ({entry['completed']}/{entry['runs']} runs)"
+    return text
+
+
+def _pivot(table: list[dict]) -> tuple[list[dict], list[str]]:
+    """Budgets in run order, each `{'budget', 'num_train', arm: entry}`; and the arms."""
+    budgets: dict[str, dict] = {}
+    arms: list[str] = []
+    for entry in table:
+        line = budgets.setdefault(json.dumps(entry["budget"]), {
+            "budget": entry["budget"], "num_train": entry["num_train"]})
+        line[entry["arm"]] = entry
+        if entry["arm"] not in arms:
+            arms.append(entry["arm"])
+    return list(budgets.values()), arms
+
+
+def format_table(table: list[dict]) -> str:
+    """The mean final metric per budget (rows) and arm (columns), as aligned text."""
+    lines, arms = _pivot(table)
+    header = ["budget", "examples", *arms]
+    cells = [header] + [[str(line["budget"]), _blank(line["num_train"], "-"),
+                         *(_mean_std(line[a]) for a in arms)] for line in lines]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
+    text = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells]
+    return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
+
+
+def report_markdown(table: list[dict], source: dict, metric: str, budget_field: str) -> str:
+    """A short markdown report: the source run, the table with gains, the best arm per budget."""
+    lines, arms = _pivot(table)
+    source_value = "-" if source.get("final") is None else f"{source['final']:.4f}"
+    out = [
+        "# Transfer learning: from scratch vs fine-tuning vs linear probe", "",
+        f"Source run: {source['status']}, final eval {metric} {source_value} after "
+        f"{source['steps']} steps on {_blank(source.get('num_train'), '?')} training examples.",
+        f"Target: final eval {metric} (at the last step) per label budget (`{budget_field}`); "
+        "mean ± sample std over seeds.", "",
+        "| budget | examples | " + " | ".join(ARM_LABELS[a] for a in arms) + " |",
+        "|---|---|" + "---|" * len(arms),
+    ]
+    for line in lines:
+        cells = []
+        for arm in arms:
+            entry = line[arm]
+            cell = _mean_std(entry)
+            if entry["gain_over_scratch"] is not None:
+                cell += f" ({entry['gain_over_scratch']:+.4f})"
+            cells.append(cell)
+        out.append(f"| {line['budget']} | {_blank(line['num_train'], '?')} | "
+                   + " | ".join(cells) + " |")
+    out += ["", "In parentheses: the gain over training from scratch at the same budget.", ""]
+    for line in lines:
+        done = [(line[a]["mean"], a) for a in arms if line[a]["mean"] is not None]
+        if done:
+            best_value, best_arm = max(done) if default_mode(metric) == "max" else min(done)
+            out.append(f"- budget {line['budget']} ({_blank(line['num_train'], '?')} examples): "
+                       f"best arm {ARM_LABELS[best_arm]} ({best_value:.4f})")
+    return "\n".join(out) + "\n"
+
+
+def plot_results(table: list[dict], source: dict, metric: str, path: str) -> str:
+    """Writes `results_figure` to `path` (PNG, atomically) and returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(table, source, metric)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def results_figure(table: list[dict], source: dict, metric: str):
+    """Final eval metric against training examples (log x), one line per arm, error bars = the
+    std over seeds. Uses the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines, arms = _pivot(table)
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for arm in arms:
+        points = sorted((line["num_train"], line[arm]["mean"], line[arm]["std"] or 0.0)
+                        for line in lines
+                        if line[arm]["mean"] is not None and line["num_train"] is not None)
+        if points:
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=ARM_LABELS[arm])
+    ax.set_xscale("log")
+    ax.set_xlabel("target training examples")
+    ax.set_ylabel(f"final eval {metric}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    source_value = "-" if source.get("final") is None else f"{source['final']:.3f}"
+    ax.set_title(f"pretrained source: {metric} {source_value} ({source['status']})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------- helpers
+def _blank(value: Any, empty: str = "") -> Any:
+    return empty if value is None else value
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, flush=True)
+

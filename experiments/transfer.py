@@ -1,0 +1,70 @@
+"""From scratch vs fine-tuning vs linear probe at several label budgets of a target task.
+
+    python -m experiments.transfer --transfer=experiments/transfers/<name>.py \\
+        --transfer_dir=workdirs/transfers/<name> [--transfer.<field>=<value> ...]
+
+`--transfer` is a file whose `get_config()` holds `source` and `target` (ordinary experiment
+configs), `budget_field` (a dotted target field, e.g. `data.train_examples_per_class`), `budgets`,
+`arms`, `seeds`, `arm_overrides` and `metric`; any of it can be overridden, e.g.
+`--transfer.target.num_train_steps=100` or `--transfer.budgets='(5, 50)'`. The source is
+pretrained once in <transfer_dir>/trials/source/, then every arm x budget x seed is one
+`train_and_evaluate` run in <transfer_dir>/trials/<budget>-<arm>-s<seed>/; results.csv,
+results.json, transfer.png and report.md are rewritten after each. Rerunning the same command
+skips finished runs and resumes an interrupted one from its checkpoint.
+Exit status 1 if a run failed (diverged runs are results, not failures).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
+from cnnjax.platform import configure_cpu_defaults
+
+configure_cpu_defaults()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_TRANSFER = config_flags.DEFINE_config_file(
+    "transfer", None, "Transfer config file: source, target, budgets, arms, seeds.",
+    lock_config=True,
+)
+_TRANSFER_DIR = flags.DEFINE_string("transfer_dir", None, "Directory for runs and results.")
+flags.mark_flags_as_required(["transfer", "transfer_dir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from cnnjax.train.logging import quiet_library_logs
+
+    quiet_library_logs()
+    from cnnjax.transfer import compare
+
+    config = _TRANSFER.value
+    try:
+        rows = compare.run_transfer(
+            config.source,
+            config.target,
+            _TRANSFER_DIR.value,
+            budget_field=config.budget_field,
+            budgets=config.budgets,
+            arms=config.arms,
+            seeds=config.seeds,
+            arm_overrides=config.get("arm_overrides"),
+            metric=config.get("metric", "top1"),
+        )
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        sys.exit(
+            f"error: {len(failed)} run(s) failed: "
+            + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in failed[:3])
+            + " (tracebacks in <run workdir>/error.log; rerun the command to retry them)"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
