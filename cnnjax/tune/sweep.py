@@ -28,6 +28,7 @@ from typing import Any
 from cnnjax.train import config as config_lib
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
+from cnnjax.train.optim import build_schedule
 from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
 from cnnjax.utils.validation import check_choice, invalid
 
@@ -84,18 +85,7 @@ def run_sweep(
         isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 0
     ):
         raise invalid(_OWNER, "max_trials", max_trials, "expected an integer >= 0 or None")
-    check_fields(base_config, space)
-    configs = {}
-    for trial in space.trials:
-        config = apply_overrides(base_config, trial.overrides)
-        try:
-            config_lib.validate_config(config)
-        except ValueError as err:
-            raise ValueError(
-                f"sweep: trial {trial.index} ({trial.trial_id}, {dict(trial.overrides)}) has an "
-                f"invalid config: {err}"
-            ) from None
-        configs[trial.trial_id] = config
+    configs = trial_configs(base_config, space)
     _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
 
     selected = space.trials if trial_index is None else (space.trials[trial_index],)
@@ -127,6 +117,25 @@ def run_sweep(
         if os.path.exists(os.path.join(sweep_dir, PLOT_FILE)):
             print(f"Plot:    {os.path.join(sweep_dir, PLOT_FILE)}", flush=True)
     return rows
+
+
+def trial_configs(base_config: Any, space: SearchSpace) -> dict[str, Any]:
+    """`{trial_id: base + overrides}`, each checked like the engine checks it (fields, values,
+    schedule), so a bad trial is refused before any trial trains."""
+    check_fields(base_config, space)
+    configs = {}
+    for trial in space.trials:
+        config = apply_overrides(base_config, trial.overrides)
+        try:
+            config_lib.validate_config(config)
+            build_schedule(config)  # schedule fields (e.g. warmup_steps < num_train_steps)
+        except ValueError as err:
+            raise ValueError(
+                f"sweep: trial {trial.index} ({trial.trial_id}, {dict(trial.overrides)}) has an "
+                f"invalid config: {err}"
+            ) from None
+        configs[trial.trial_id] = config
+    return configs
 
 
 # ------------------------------------------------------------------------------ sweep.json

@@ -1,0 +1,518 @@
+"""Learning-curve diagnosis of one run, read from its `metrics.jsonl` and `summary.json`.
+
+`diagnose(curves)` returns a `Diagnosis`: the findings that hold, most urgent first, each a
+verdict with the numbers behind it and the config changes it recommends. Verdicts (`VERDICTS`):
+
+    diverged          NaN/inf loss (the engine stopped the run) or a loss explosion: a logged
+                      train loss above `explosion_factor` x the first one. Step given.
+    unstable          repeated train-loss spikes above a windowed median of the preceding logs.
+    too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
+                      value over the whole run: the learning rate is too low.
+    overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
+                      given), or the train-eval top-1 gap is large and growing.
+    underfitting      train top-1 below `underfit_train_top1` and within `overfit_gap` of eval.
+    still_improving   the eval metric improved by more than its noise over the last quarter.
+    converged         none of the above: the eval metric is flat at the end.
+    insufficient_data fewer logs/evals than a diagnosis needs (log or evaluate more often).
+
+Noisy curves are smoothed explicitly: the train loss with a bias-corrected exponential moving
+average (`ema`, TensorBoard's smoothing) for trends and with a trailing windowed median for
+spikes; eval accuracy changes are compared with its binomial standard error on the eval set.
+Thresholds live in `Thresholds` (defaults with their reasons), so a caller can tune them.
+
+    python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cnnjax.train.logging import METRICS_FILE, read_metrics
+from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
+from cnnjax.utils.validation import check_choice, invalid
+
+#: Every verdict, most urgent first (`Diagnosis.primary` is the first that holds).
+VERDICTS = (
+    "diverged",
+    "unstable",
+    "too_slow",
+    "overfitting",
+    "underfitting",
+    "still_improving",
+    "converged",
+    "insufficient_data",
+)
+ACCURACY_METRICS = ("top1", "top5")
+# Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
+WARMUP_FRACTION = 0.05
+_OWNER = "diagnose"
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The numbers the verdicts compare against; defaults suit classifiers trained with
+    cross-entropy for a few hundred to a few thousand steps, logged every ~1-5% of the run."""
+
+    # Smoothing weight of the train-loss EMA (TensorBoard's default slider value): ~2.5 logs.
+    ema_weight: float = 0.6
+    # A loss above 2x the first logged one (near ln(classes) at init) has blown up.
+    explosion_factor: float = 2.0
+    # Spikes are measured against the median of this many preceding train logs.
+    spike_window: int = 5
+    # A logged loss 1.5x that median is a spike: window means of >= 10 steps rarely jump 50%.
+    spike_factor: float = 1.5
+    # ... and rises by at least 5% of the first loss (ignores jitter once the loss is ~0).
+    spike_min_rise: float = 0.05
+    # Two spikes are a pattern; a single one may be one bad batch.
+    min_spikes: int = 2
+    # Learning has barely started if the smoothed loss fell by < 30% of its first value.
+    slow_min_drop: float = 0.3
+    # The last quarter of the run is where "still improving" vs "plateau" is judged.
+    tail_fraction: float = 0.25
+    # Accuracy changes smaller than 2 binomial standard errors of the eval set are noise.
+    noise_std_errors: float = 2.0
+    # ... and never smaller than 0.2 points (huge eval sets still have run-to-run noise).
+    min_accuracy_delta: float = 0.002
+    # Loss-metric changes below 2% (relative) are noise.
+    min_loss_delta: float = 0.02
+    # Eval loss 10% above its minimum, at least 2 evals after it, is overfitting.
+    eval_loss_rise: float = 0.1
+    # A train-eval top-1 gap over 5 points is large ...
+    overfit_gap: float = 0.05
+    # ... and growing if it widened by 2 points since the middle of the run.
+    gap_growth: float = 0.02
+    # Below 90% train top-1 the model does not fit its training set (CNNs on the classic
+    # benchmarks reach >95%); lower it for ImageNet-scale data.
+    underfit_train_top1: float = 0.9
+    # Fewest train logs / evals a trend can be read from.
+    min_train_logs: int = 5
+    min_evals: int = 3
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            integral = field.name in ("spike_window", "min_spikes", "min_train_logs", "min_evals")
+            ok = isinstance(value, int) if integral else isinstance(value, int | float)
+            if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+                raise invalid(_OWNER, f"thresholds.{field.name}", value,
+                              f"expected a positive {'integer' if integral else 'number'}")
+        for name in ("ema_weight", "slow_min_drop", "tail_fraction"):
+            if getattr(self, name) >= 1:
+                raise invalid(_OWNER, f"thresholds.{name}", getattr(self, name),
+                              "expected a number in (0, 1)")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> Thresholds:
+        """Defaults with `values` replacing some (unknown names are refused, listing the rest)."""
+        values = dict(values.items()) if values else {}
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in values:
+            check_choice(_OWNER, "thresholds field", name, known)
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendation:
+    """Change config `field`: `multiply` it by `value`, or `set` it to `value`."""
+
+    field: str
+    change: str
+    value: Any
+    reason: str
+
+    def describe(self) -> str:
+        what = f"x{self.value:g}" if self.change == "multiply" else f"= {self.value!r}"
+        return f"{self.field} {what} ({self.reason})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One verdict, a one-line explanation with numbers, the numbers, and what to change."""
+
+    verdict: str
+    message: str
+    evidence: dict
+    recommendations: tuple[Recommendation, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "message": self.message, "evidence": self.evidence,
+                "recommendations": [dataclasses.asdict(r) for r in self.recommendations]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """All findings of one run, most urgent first (`VERDICTS` order)."""
+
+    findings: tuple[Finding, ...]
+    status: str
+
+    @property
+    def verdicts(self) -> list[str]:
+        return [f.verdict for f in self.findings]
+
+    @property
+    def primary(self) -> str:
+        return self.findings[0].verdict
+
+    def finding(self, verdict: str) -> Finding | None:
+        return next((f for f in self.findings if f.verdict == verdict), None)
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "primary": self.primary,
+                "findings": [f.to_dict() for f in self.findings]}
+
+    def format(self) -> str:
+        """Human-readable: one block per finding with its recommendations."""
+        lines = [f"run status: {self.status}; verdicts: {', '.join(self.verdicts)}"]
+        for f in self.findings:
+            lines.append(f"- {f.verdict}: {f.message}")
+            lines.extend(f"    -> {r.describe()}" for r in f.recommendations)
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curves:
+    """A run's logged curves as arrays (train logs and evals, each sorted by step)."""
+
+    train_steps: np.ndarray
+    train_loss: np.ndarray
+    train_top1: np.ndarray | None
+    eval_steps: np.ndarray
+    eval_metrics: dict[str, np.ndarray]
+    eval_examples: float | None = None  # eval-set size, for the accuracy noise level
+    status: str = "completed"
+    diverged_step: int | None = None
+    num_train_steps: int | None = None
+
+    @classmethod
+    def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
+                     num_train_steps: int | None = None) -> Curves:
+        """From metrics.jsonl records (`{'step', 'split', 'loss', 'top1', ...}`) and summary."""
+        summary = summary or {}
+        train = sorted((r for r in records if r.get("split") == "train" and "loss" in r),
+                       key=lambda r: r["step"])
+        evals = sorted((r for r in records if r.get("split") == "eval"), key=lambda r: r["step"])
+        eval_names = sorted({k for r in evals for k in r} - {"step", "split", "num_examples"})
+        status = summary.get("status", "incomplete")
+        return cls(
+            train_steps=np.array([r["step"] for r in train], dtype=np.int64),
+            train_loss=np.array([_float(r["loss"]) for r in train], dtype=np.float64),
+            train_top1=(np.array([_float(r["top1"]) for r in train], dtype=np.float64)
+                        if train and all("top1" in r for r in train) else None),
+            eval_steps=np.array([r["step"] for r in evals], dtype=np.int64),
+            eval_metrics={n: np.array([_float(r.get(n)) for r in evals], dtype=np.float64)
+                          for n in eval_names},
+            eval_examples=(float(evals[-1]["num_examples"])
+                           if evals and "num_examples" in evals[-1] else None),
+            status=status,
+            diverged_step=int(summary["step"]) if status == "diverged" else None,
+            num_train_steps=num_train_steps,
+        )
+
+
+def load_curves(workdir: str) -> Curves:
+    """The curves of the run in `workdir` (metrics.jsonl, summary.json, config.json)."""
+    if not os.path.isdir(workdir):
+        raise invalid(_OWNER, "workdir", workdir, "expected the work directory of a run")
+    records = read_metrics(os.path.join(workdir, METRICS_FILE))
+    summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
+    config = _read_json(os.path.join(workdir, CONFIG_FILE)) or {}
+    return Curves.from_records(records, summary, config.get("num_train_steps"))
+
+
+def diagnose_workdir(workdir: str, metric: str = "top1",
+                     thresholds: Thresholds | None = None) -> Diagnosis:
+    """`diagnose(load_curves(workdir), ...)`."""
+    return diagnose(load_curves(workdir), metric, thresholds)
+
+
+# ------------------------------------------------------------------------------ smoothing
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """Bias-corrected exponential moving average: s_t = w s_{t-1} + (1-w) x_t, divided by
+    (1 - w^t) so the first points are not pulled towards zero (TensorBoard's smoothing)."""
+    out = np.empty(len(values), dtype=np.float64)
+    acc, norm = 0.0, 0.0
+    for i, x in enumerate(values):
+        acc = weight * acc + (1 - weight) * x
+        norm = weight * norm + (1 - weight)
+        out[i] = acc / norm
+    return out
+
+
+def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
+    """Median of the `window` values before each point (NaN where there are fewer than 2)."""
+    out = np.full(len(values), np.nan)
+    for i in range(2, len(values)):
+        out[i] = np.median(values[max(0, i - window):i])
+    return out
+
+
+# ------------------------------------------------------------------------------- verdicts
+def diagnose(curves: Curves, metric: str = "top1",
+             thresholds: Thresholds | None = None) -> Diagnosis:
+    """Every verdict that holds for `curves`, most urgent first; `metric` is the eval metric
+    judged for improvement (top1, top5 or loss)."""
+    t = thresholds or Thresholds()
+    if metric not in (*ACCURACY_METRICS, "loss"):
+        raise invalid(_OWNER, "metric", metric, "expected one of ['loss', 'top1', 'top5']")
+    findings: list[Finding] = []
+    diverged = _diverged(curves, t)
+    if diverged:
+        return Diagnosis((diverged,), curves.status)
+    if len(curves.train_steps) < t.min_train_logs:
+        return Diagnosis((_insufficient(curves, t, "train logs", len(curves.train_steps),
+                                        t.min_train_logs),), curves.status)
+    smooth = ema(curves.train_loss, t.ema_weight)
+    for check in (_unstable(curves, t), _too_slow(curves, smooth, t)):
+        if check:
+            findings.append(check)
+    if len(curves.eval_steps) < t.min_evals or metric not in curves.eval_metrics:
+        findings.append(_insufficient(curves, t, "evals", len(curves.eval_steps), t.min_evals))
+        return Diagnosis(tuple(findings), curves.status)
+    for check in (_overfitting(curves, t), _underfitting(curves, t)):
+        if check:
+            findings.append(check)
+    findings.append(_tail(curves, smooth, metric, t))  # still_improving or converged
+    if any(f.verdict not in ("still_improving", "converged") for f in findings):
+        findings = [f for f in findings if f.verdict != "converged"]  # not converged: a problem
+    findings.sort(key=lambda f: VERDICTS.index(f.verdict))
+    return Diagnosis(tuple(findings), curves.status)
+
+
+def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
+    loss = curves.train_loss
+    bad = np.flatnonzero(~np.isfinite(loss))
+    first = loss[0] if len(loss) and math.isfinite(loss[0]) else None
+    exploded = (np.flatnonzero(loss > t.explosion_factor * first) if first is not None
+                else np.array([], dtype=np.int64))
+    if curves.status == "diverged":
+        step, why = curves.diverged_step, "the engine stopped the run: NaN/inf or max_loss"
+    elif len(bad):
+        step, why = int(curves.train_steps[bad[0]]), f"a non-finite train loss ({loss[bad[0]]})"
+    elif len(exploded):
+        i = int(exploded[0])
+        step = int(curves.train_steps[i])
+        why = (f"train loss {loss[i]:.4g} > {t.explosion_factor:g} x the first logged loss "
+               f"{first:.4g}")
+    else:
+        return None
+    return Finding(
+        "diverged", f"diverged at step {step}: {why}.",
+        {"step": step, "first_loss": _num(first),
+         "max_finite_loss": _num(np.max(loss[np.isfinite(loss)]) if np.isfinite(loss).any()
+                                 else None)},
+        (Recommendation("optimizer.learning_rate", "multiply", 0.3,
+                        "the step size blew the loss up"),
+         Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+                        "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
+         Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap the update size")),
+    )
+
+
+def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
+    loss, first = curves.train_loss, curves.train_loss[0]
+    median = trailing_median(loss, t.spike_window)
+    with np.errstate(invalid="ignore"):
+        spikes = np.flatnonzero((loss > t.spike_factor * median)
+                                & (loss - median > t.spike_min_rise * first))
+    if len(spikes) < t.min_spikes:
+        return None
+    worst = spikes[np.argmax(loss[spikes] / median[spikes])]
+    return Finding(
+        "unstable",
+        f"{len(spikes)} train-loss spikes (> {t.spike_factor:g} x the median of the "
+        f"{t.spike_window} logs before), worst at step {curves.train_steps[worst]}: "
+        f"{loss[worst]:.4g} vs {median[worst]:.4g}.",
+        {"num_spikes": len(spikes), "spike_steps": curves.train_steps[spikes].tolist(),
+         "worst_step": int(curves.train_steps[worst]), "worst_loss": float(loss[worst]),
+         "median_before": float(median[worst])},
+        (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
+         Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap rare huge updates"),
+         Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+                        "a warmup over 5% of the run calms the early steps")),
+    )
+
+
+def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
+    first, last = smooth[0], smooth[-1]
+    drop = (first - last) / first if first > 0 else 0.0
+    if drop >= t.slow_min_drop:
+        return None
+    return Finding(
+        "too_slow",
+        f"smoothed train loss fell only {100 * drop:.1f}% ({first:.4g} -> {last:.4g}) over "
+        f"{curves.train_steps[-1]} steps (< {100 * t.slow_min_drop:.0f}%).",
+        {"first_loss": float(first), "last_loss": float(last), "relative_drop": float(drop)},
+        (Recommendation("optimizer.learning_rate", "multiply", 3.0,
+                        "the loss barely moves: the rate is too low"),
+         Recommendation("num_train_steps", "multiply", 2.0, "if a larger rate does worse")),
+    )
+
+
+def _aligned_train_top1(curves: Curves, t: Thresholds) -> np.ndarray | None:
+    """Smoothed train top-1 at each eval step (linear interpolation between train logs)."""
+    if curves.train_top1 is None:
+        return None
+    smooth = ema(curves.train_top1, t.ema_weight)
+    return np.interp(curves.eval_steps, curves.train_steps, smooth)
+
+
+def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
+    evidence: dict[str, Any] = {}
+    reasons = []
+    eval_loss = curves.eval_metrics.get("loss")
+    if eval_loss is not None and np.isfinite(eval_loss).all():
+        i_min = int(np.argmin(eval_loss))
+        rise = eval_loss[-1] / eval_loss[i_min] - 1 if eval_loss[i_min] > 0 else 0.0
+        evidence.update(eval_loss_min=float(eval_loss[i_min]),
+                        eval_loss_min_step=int(curves.eval_steps[i_min]),
+                        eval_loss_final=float(eval_loss[-1]), eval_loss_rise=float(rise))
+        if rise > t.eval_loss_rise and len(eval_loss) - 1 - i_min >= 2:
+            reasons.append(f"eval loss rose {100 * rise:.0f}% after its minimum "
+                           f"{eval_loss[i_min]:.4g} at step {curves.eval_steps[i_min]}")
+    train_top1, eval_top1 = _aligned_train_top1(curves, t), curves.eval_metrics.get("top1")
+    if train_top1 is not None and eval_top1 is not None:
+        gap = train_top1 - eval_top1
+        middle = len(gap) // 2
+        growth = gap[-1] - gap[middle]
+        evidence.update(final_gap=float(gap[-1]), mid_gap=float(gap[middle]),
+                        gap_growth=float(growth))
+        if gap[-1] > t.overfit_gap and growth > t.gap_growth:
+            reasons.append(f"train-eval top-1 gap {100 * gap[-1]:.1f} points, up "
+                           f"{100 * growth:.1f} since step {curves.eval_steps[middle]}")
+    if not reasons:
+        return None
+    return Finding(
+        "overfitting", "; ".join(reasons) + ".", evidence,
+        (Recommendation("optimizer.weight_decay", "multiply", 3.0, "stronger L2 penalty"),
+         Recommendation("label_smoothing", "set", 0.1, "softer targets"),
+         Recommendation("data.augment", "set", True, "more varied training images"),
+         Recommendation("num_train_steps", "multiply", 0.5,
+                        "or stop earlier (the best checkpoint is kept)")),
+    )
+
+
+def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
+    train_top1, eval_top1 = _aligned_train_top1(curves, t), curves.eval_metrics.get("top1")
+    if train_top1 is None or eval_top1 is None:
+        return None
+    gap = train_top1[-1] - eval_top1[-1]
+    if train_top1[-1] >= t.underfit_train_top1 or gap > t.overfit_gap:
+        return None
+    return Finding(
+        "underfitting",
+        f"train top-1 {100 * train_top1[-1]:.1f}% (< {100 * t.underfit_train_top1:.0f}%) and "
+        f"within {100 * abs(gap):.1f} points of eval top-1 {100 * eval_top1[-1]:.1f}%.",
+        {"train_top1": float(train_top1[-1]), "eval_top1": float(eval_top1[-1]),
+         "gap": float(gap)},
+        (Recommendation("num_train_steps", "multiply", 2.0, "more training"),
+         Recommendation("optimizer.learning_rate", "multiply", 2.0,
+                        "if the loss flattened only because the schedule decayed the rate"),
+         Recommendation("optimizer.weight_decay", "multiply", 0.3, "less regularization"),
+         Recommendation("model", "set", "a larger model", "more capacity")),
+    )
+
+
+def noise_level(curves: Curves, metric: str, t: Thresholds, value: float) -> float:
+    """The smallest change of eval `metric` (near `value`) that is not noise."""
+    if metric in ACCURACY_METRICS:
+        n = curves.eval_examples
+        se = math.sqrt(max(value * (1 - value), 0.0) / n) if n else 0.0
+        return max(t.noise_std_errors * se, t.min_accuracy_delta)
+    return t.min_loss_delta * abs(value)
+
+
+def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Finding:
+    """still_improving or converged, from the eval metric over the last `tail_fraction`."""
+    steps, values = curves.eval_steps, curves.eval_metrics[metric]
+    sign = -1.0 if metric == "loss" else 1.0
+    end = int(curves.num_train_steps or steps[-1])
+    start = end - t.tail_fraction * end
+    before = values[steps <= start]
+    if len(before) == 0:  # the tail covers every eval: compare with the first one
+        before = values[:1]
+    best_before = float(np.max(sign * before) * sign)
+    best_tail = float(np.max(sign * values[steps > start]) * sign) if (steps > start).any() \
+        else float(values[-1])
+    gain = sign * (best_tail - best_before)
+    noise = noise_level(curves, metric, t, best_before)
+    train_start = float(np.interp(start, curves.train_steps, smooth))
+    train_drop = (train_start - smooth[-1]) / train_start if train_start > 0 else 0.0
+    evidence = {"metric": metric, "tail_start_step": int(round(start)),
+                "best_before_tail": best_before, "best_in_tail": best_tail, "gain": gain,
+                "noise_level": noise, "train_loss_tail_drop": float(train_drop),
+                "final": float(values[-1])}
+    if gain > noise:
+        return Finding(
+            "still_improving",
+            f"eval {metric} improved {gain:.4g} (> noise {noise:.3g}) in the last "
+            f"{100 * t.tail_fraction:.0f}% of the run ({best_before:.4g} -> {best_tail:.4g}).",
+            evidence,
+            (Recommendation("num_train_steps", "multiply", 2.0, "it has not plateaued"),),
+        )
+    return Finding(
+        "converged",
+        f"eval {metric} changed {gain:+.4g} (within noise {noise:.3g}) in the last "
+        f"{100 * t.tail_fraction:.0f}% of the run; final {values[-1]:.4g}.",
+        evidence,
+    )
+
+
+def _insufficient(curves: Curves, t: Thresholds, what: str, have: int, need: int) -> Finding:
+    return Finding(
+        "insufficient_data",
+        f"{have} {what} logged; at least {need} are needed to read a trend.",
+        {"have": have, "need": need, "what": what},
+        (Recommendation("log_every_steps" if what == "train logs" else "eval_every_steps",
+                        "multiply", 0.25, "log/evaluate more often"),),
+    )
+
+
+# -------------------------------------------------------------------------------- helpers
+def _warmup(curves: Curves) -> int:
+    """5% of the run's steps (the planned ones if known), at least 1."""
+    total = curves.num_train_steps or (int(curves.train_steps[-1]) if len(curves.train_steps)
+                                       else 0)
+    return max(1, round(WARMUP_FRACTION * total))
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: Sequence[str]) -> None:  # pragma: no cover - thin CLI
+    from absl import flags
+
+    del argv
+    print(diagnose_workdir(flags.FLAGS.workdir, flags.FLAGS.metric).format())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A run's --workdir (metrics.jsonl, summary.json).")
+    flags.DEFINE_string("metric", "top1", "Eval metric judged for improvement.")
+    flags.mark_flag_as_required("workdir")
+    app.run(main)

@@ -1,0 +1,720 @@
+"""An automated tuning recipe: rounds of sweeps, each steered by the learning-curve diagnosis.
+
+In the spirit of the Deep Learning Tuning Playbook (Godbole et al., 2023) and Smith's learning-
+rate range test (Smith, 2017): round 1 is a coarse log-spaced learning-rate grid at a short step
+budget. After every round the incumbent (the best trial so far by `recipe.metric`) is diagnosed
+(`cnnjax.tune.diagnose`) and `decide` plans the next round, in this order:
+
+    diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping (and a 5% warmup if the
+                          schedule has one)
+    best lr at an edge    the grid continues past that edge (same spacing; never above an lr
+                          that diverged)
+    converged             stop
+    too_slow              lr x(2, 4); if both ran already, train longer
+    overfitting           weight decay x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label
+                          smoothing (0.1, 0.2, 0.05), then data.augment=True: the first knob not
+                          swept yet
+    underfitting          train longer with lr x(1, 2, 0.5); at max_steps weight decay x(0.3, 0.1)
+    still_improving       train longer (2x steps, at most max_steps) with lr x(1, 0.5, 2)
+
+A round holds at most `trials_per_round` new trials (configs already run are skipped) and the
+recipe at most `max_trials` in all and `max_rounds` rounds. Every round is a `run_sweep` in
+`<tune_dir>/round_<k>/`, so rerunning the same command skips finished rounds and trials and
+resumes an interrupted trial; decisions are recomputed from the results on disk (deterministic)
+and recorded in recipe.json. Layout of a tune directory:
+
+    tune.json     the base config and the recipe (a different one is refused; only
+                  max_rounds may change, e.g. to continue a finished tune)
+    round_<k>/    one sweep directory per round (sweep.json, trials/, results.csv, sweep.png)
+    recipe.json   rounds, trials, diagnoses, decisions, the best trial and its config overrides
+    report.md     the same for people; tune.png: metric vs lr and the learning curves of all rounds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from cnnjax.train import config as config_lib
+from cnnjax.train.logging import METRICS_FILE, read_metrics
+from cnnjax.tune import space as space_lib
+from cnnjax.tune.diagnose import (
+    WARMUP_FRACTION,
+    Diagnosis,
+    Thresholds,
+    diagnose_workdir,
+    ema,
+)
+from cnnjax.tune.sweep import _atomic_write, _read_json, default_mode, run_sweep, trial_configs
+from cnnjax.utils.validation import check_choice, invalid
+
+TUNE_FILE = "tune.json"
+RECIPE_FILE = "recipe.json"
+REPORT_FILE = "report.md"
+PLOT_FILE = "tune.png"
+LR = "optimizer.learning_rate"
+STEPS = "num_train_steps"
+WEIGHT_DECAY = "optimizer.weight_decay"
+LABEL_SMOOTHING = "label_smoothing"
+AUGMENT = "data.augment"
+CLIP = "optimizer.grad_clip_norm"
+WARMUP = "schedule.warmup_steps"
+#: Fields the recipe sets or sweeps; each must exist in the base config.
+TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP, "log_every_steps",
+                "eval_every_steps", "checkpoint_every_steps")
+#: How a tune ended (`recipe.json` "status"); "running" while rounds remain.
+STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "failed",
+            "interrupted")
+# Clipping threshold for an unstable run: the global-norm clip most CNN recipes use.
+CLIP_NORM = 1.0
+# Significant digits kept in proposed values: 0.178 rather than 0.17782794100389226.
+_DIGITS = 3
+_OWNER = "recipe"
+
+
+# --------------------------------------------------------------------------------- recipe
+def default_recipe() -> ml_collections.ConfigDict:
+    """Every recipe field with its default (recipe files start from this)."""
+    c = ml_collections.ConfigDict()
+    c.metric = "top1"  # eval metric that ranks trials: loss, top1, top5
+    c.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
+    c.lr_min = 1e-3  # round 1: num_lrs log-spaced learning rates in [lr_min, lr_max]
+    c.lr_max = 1.0
+    c.num_lrs = 5
+    c.round1_steps = 200  # num_train_steps of round 1 (the short budget)
+    c.max_steps = 800  # "train longer" never goes beyond this
+    c.max_rounds = 3
+    c.max_trials = 12  # trials over all rounds
+    c.trials_per_round = 3  # new trials per round after the first
+    c.evals_per_trial = 8  # eval_every_steps = num_train_steps // evals_per_trial
+    c.logs_per_trial = 40  # log_every_steps = num_train_steps // logs_per_trial
+    c.thresholds = ml_collections.ConfigDict(dataclasses.asdict(Thresholds()))
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A validated recipe config (see `default_recipe` for the fields)."""
+
+    metric: str = "top1"
+    mode: str | None = None
+    lr_min: float = 1e-3
+    lr_max: float = 1.0
+    num_lrs: int = 5
+    round1_steps: int = 200
+    max_steps: int = 800
+    max_rounds: int = 3
+    max_trials: int = 12
+    trials_per_round: int = 3
+    evals_per_trial: int = 8
+    logs_per_trial: int = 40
+    thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
+
+    def __post_init__(self):
+        check_choice(_OWNER, "metric", self.metric, config_lib.EVAL_METRICS)
+        mode = default_mode(self.metric) if self.mode is None else self.mode
+        check_choice(_OWNER, "mode", mode, ("max", "min"))
+        object.__setattr__(self, "mode", mode)
+        for name in ("lr_min", "lr_max"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value <= 0):
+                raise invalid(_OWNER, name, value, "expected a positive finite learning rate")
+        if self.lr_min >= self.lr_max:
+            raise invalid(_OWNER, "lr_min", self.lr_min,
+                          f"expected lr_min < lr_max (lr_max={self.lr_max!r})")
+        minimum = {"num_lrs": 2, "round1_steps": 1, "max_steps": 1, "max_rounds": 1,
+                   "max_trials": 1, "trials_per_round": 1, "evals_per_trial": 3,
+                   "logs_per_trial": 5}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise invalid(_OWNER, name, value, f"expected an integer >= {low}")
+        if self.max_steps < self.round1_steps:
+            raise invalid(_OWNER, "max_steps", self.max_steps,
+                          f"expected max_steps >= round1_steps={self.round1_steps}")
+        if self.max_trials < self.num_lrs:
+            raise invalid(_OWNER, "max_trials", self.max_trials,
+                          f"expected at least num_lrs={self.num_lrs} (round 1's trials)")
+        if self.thresholds.min_evals > self.evals_per_trial:
+            raise invalid(_OWNER, "evals_per_trial", self.evals_per_trial,
+                          f"expected >= thresholds.min_evals={self.thresholds.min_evals}")
+        if self.thresholds.min_train_logs > self.logs_per_trial:
+            raise invalid(_OWNER, "logs_per_trial", self.logs_per_trial,
+                          f"expected >= thresholds.min_train_logs="
+                          f"{self.thresholds.min_train_logs}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> Recipe:
+        """From a recipe ConfigDict or mapping; unknown fields are refused with the valid ones."""
+        values = dict(config.items()) if hasattr(config, "items") else None
+        if values is None:
+            raise invalid(_OWNER, "config", config, "expected a ConfigDict or mapping")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for name in values:
+            check_choice(_OWNER, "field", name, known)
+        thresholds = values.pop("thresholds", None)
+        if not isinstance(thresholds, Thresholds):
+            thresholds = Thresholds.from_mapping(thresholds)
+        return cls(**values, thresholds=thresholds)
+
+    def describe(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def lr_grid(self) -> tuple[float, ...]:
+        """Round 1's learning rates: `num_lrs` log-spaced points from lr_min to lr_max."""
+        return tuple(_round(v) for v in np.geomspace(self.lr_min, self.lr_max, self.num_lrs))
+
+
+# ----------------------------------------------------------------------------- the rounds
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """One round: `field` swept over `values`, every trial with the `fixed` overrides."""
+
+    index: int  # 1-based
+    action: str
+    reason: str
+    fixed: dict
+    field: str
+    values: tuple
+
+    @property
+    def dirname(self) -> str:
+        return f"round_{self.index}"
+
+    def space(self) -> space_lib.SearchSpace:
+        return space_lib.grid([space_lib.choice(self.field, self.values)])
+
+    def base_config(self, base: Any) -> Any:
+        return space_lib.apply_overrides(base, self.fixed)
+
+    def describe(self) -> dict:
+        return json.loads(json.dumps({
+            "index": self.index, "dir": self.dirname, "action": self.action,
+            "reason": self.reason, "field": self.field, "values": list(self.values),
+            "fixed": self.fixed}))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """A finished round: its plan and `run_sweep`'s result rows."""
+
+    plan: RoundPlan
+    rows: list[dict]
+
+    def overrides(self, row: dict) -> dict:
+        """Everything the trial changed from the base config: the fixed and swept fields."""
+        return {**self.plan.fixed, **row["overrides"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What `decide` concluded after a round: the next round, or why the tune stops."""
+
+    after_round: int
+    action: str
+    reason: str
+    incumbent: dict | None
+    diagnosis: Diagnosis | None
+    next_round: RoundPlan | None = None
+    status: str = "running"
+
+    def describe(self) -> dict:
+        return {"after_round": self.after_round, "action": self.action, "reason": self.reason,
+                "status": self.status,
+                "incumbent": self.incumbent,
+                "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
+                "next_round": self.next_round.describe() if self.next_round else None}
+
+
+DiagnoseFn = Callable[[str, str, Thresholds], Diagnosis]
+
+
+def logging_overrides(steps: int, recipe: Recipe) -> dict:
+    """num_train_steps and the log/eval/checkpoint intervals that give the diagnosis its points."""
+    every_eval = max(1, steps // recipe.evals_per_trial)
+    return {STEPS: steps, "log_every_steps": max(1, steps // recipe.logs_per_trial),
+            "eval_every_steps": every_eval, "checkpoint_every_steps": every_eval}
+
+
+def first_round(recipe: Recipe) -> RoundPlan:
+    """Round 1: the coarse log-spaced learning-rate grid at `round1_steps`."""
+    grid = recipe.lr_grid()
+    return RoundPlan(1, "lr_search",
+                     f"coarse learning-rate search: {len(grid)} log-spaced rates "
+                     f"{_short(grid[0])}..{_short(grid[-1])} at {recipe.round1_steps} steps",
+                     logging_overrides(recipe.round1_steps, recipe), LR, grid)
+
+
+def incumbent(history: Sequence[RoundResult], mode: str) -> tuple[RoundResult, dict] | None:
+    """The best completed trial of all rounds (ties: the later round, then the lower index)."""
+    sign = 1 if mode == "max" else -1
+    best = None
+    for result in history:
+        for row in result.rows:
+            if row["status"] != "completed" or row["best"] is None:
+                continue
+            key = (sign * row["best"], result.plan.index, -row["index"])
+            if best is None or key > best[0]:
+                best = (key, result, row)
+    return None if best is None else (best[1], best[2])
+
+
+def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
+           diagnose_fn: DiagnoseFn = diagnose_workdir) -> Decision:
+    """The decision after the last round of `history`: the next round's plan, or a stop.
+
+    Pure given the rows (and what `diagnose_fn` reads from the incumbent's workdir), so a rerun
+    recomputes the same decisions from the results on disk.
+    """
+    last = history[-1].plan.index
+    found = incumbent(history, recipe.mode)
+    if found is None:
+        return Decision(last, "stop", "no trial has completed (every one diverged or failed): "
+                        "lower recipe.lr_min / recipe.lr_max", None, None, status="no_result")
+    result, row = found
+    overrides = result.overrides(row)
+    diagnosis = diagnose_fn(row["workdir"], recipe.metric, recipe.thresholds)
+    best = {"round": result.plan.index, "trial_id": row["trial_id"], "value": row["best"],
+            "step": row["best_step"], "workdir": row["workdir"],
+            "overrides": _tuned(overrides)}
+    proposal = _propose(history, recipe, base, result, row, diagnosis)
+    action, reason = proposal[0], proposal[1]
+    if proposal[2] is None:
+        return Decision(last, action, reason, best, diagnosis, status=proposal[3])
+    fixed, field, candidates = proposal[2]
+    if last >= recipe.max_rounds:
+        return Decision(last, "stop", f"max_rounds={recipe.max_rounds} reached (the next round "
+                        f"would be: {reason})", best, diagnosis, status="budget_spent")
+    used = sum(len(r.rows) for r in history)
+    room = min(recipe.trials_per_round, recipe.max_trials - used)
+    if room <= 0:
+        return Decision(last, "stop", f"max_trials={recipe.max_trials} trials run (the next "
+                        f"round would be: {reason})", best, diagnosis, status="budget_spent")
+    seen = {_config_key({**r.overrides(x)}) for r in history for x in r.rows}
+    values: list = []
+    for value in candidates:
+        if _config_key({**fixed, field: value}) not in seen and value not in values:
+            values.append(value)
+    if not values:
+        return Decision(last, "stop", f"every trial of the next round ({reason}) has already "
+                        "run", best, diagnosis, status="exhausted")
+    values = values[:room]
+    fixed = {k: v for k, v in fixed.items() if k != field}  # the swept field is not fixed
+    plan = RoundPlan(last + 1, action, reason, fixed, field, tuple(_sorted(values)))
+    return Decision(last, action, reason, best, diagnosis, next_round=plan)
+
+
+def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: RoundResult,
+             row: dict, diagnosis: Diagnosis) -> tuple:
+    """(action, reason, (fixed, field, candidates in priority order) | None, stop status)."""
+    overrides = result.overrides(row)
+    value = lambda field: overrides.get(field, _get(base, field))  # noqa: E731
+    lr, steps = value(LR), value(STEPS)
+    verdict = diagnosis.primary
+    fixed = dict(overrides)
+    evidence = diagnosis.findings[0].message
+    diverged = [r.overrides(x)[LR] for r in history for x in r.rows
+                if x["status"] == "diverged" and LR in r.overrides(x)]
+    lr_cap = min(diverged) if diverged else math.inf
+
+    def lrs(*factors: float) -> list[float]:
+        return [_round(lr * f) for f in factors if lr * f < lr_cap]
+
+    def longer(why: str, lr_factors: tuple[float, ...]):
+        if steps >= recipe.max_steps:
+            return None
+        new_steps = min(2 * steps, recipe.max_steps)
+        new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
+        if _get(base, "schedule.name") == "warmup_cosine" and WARMUP in overrides:
+            new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
+        return ("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around {_short(lr)}",
+                (new_fixed, LR, lrs(*lr_factors)), None)
+
+    if verdict in ("diverged", "unstable"):
+        stable = {**fixed, CLIP: CLIP_NORM}
+        if _get(base, "schedule.name") == "warmup_cosine":
+            stable[WARMUP] = max(value(WARMUP), round(WARMUP_FRACTION * steps))
+        return ("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, clip "
+                f"gradients at {CLIP_NORM:g}", (stable, LR, lrs(0.5, 1.0, 0.25)), None)
+    edge, ratio = _lr_edge(history, overrides)
+    if edge:
+        factors = (ratio, ratio**2) if edge == "high" else (1 / ratio, 1 / ratio**2)
+        candidates = lrs(*factors)
+        if any(_config_key({**fixed, LR: v}) not in _seen(history) for v in candidates):
+            return ("lr_search", f"the best lr {_short(lr)} is the {edge}est rate tried with "
+                    "these settings: extend the grid past it", (fixed, LR, candidates), None)
+    if verdict == "converged":
+        return ("stop", f"the best trial has converged ({evidence})", None, "converged")
+    if verdict == "too_slow":
+        proposal = ("lr_search", f"the best trial learns too slowly ({evidence}): raise lr",
+                    (fixed, LR, lrs(2.0, 4.0)), None)
+        if all(_config_key({**fixed, LR: v}) in _seen(history) for v in lrs(2.0, 4.0)):
+            proposal = longer("too slow even at the best lr", (1.0, 2.0)) or proposal
+        return proposal
+    if verdict == "overfitting":
+        swept = {r.plan.field for r in history}
+        wd, smoothing = value(WEIGHT_DECAY), value(LABEL_SMOOTHING)
+        knobs = [
+            (WEIGHT_DECAY, [_round(wd * f) for f in (3, 10, 30)] if wd > 0 else [1e-4, 1e-3, 1e-2]),
+            (LABEL_SMOOTHING, [v for v in (0.1, 0.2, 0.05) if v != smoothing]),
+        ]
+        if _has(base, AUGMENT) and not value(AUGMENT):
+            knobs.append((AUGMENT, [True]))
+        for field, candidates in knobs:
+            if field not in swept:
+                return ("regularize", f"the best trial overfits ({evidence}): sweep {field}",
+                        (fixed, field, candidates), None)
+        return ("stop", f"the best trial overfits ({evidence}) and every regularization knob "
+                "has been swept", None, "exhausted")
+    if verdict == "underfitting":
+        proposal = longer(f"the best trial underfits ({evidence})", (1.0, 2.0, 0.5))
+        if proposal:
+            return proposal
+        wd = value(WEIGHT_DECAY)
+        if wd > 0:
+            return ("less_regularization", f"the best trial underfits at max_steps ({evidence}):"
+                    " lower the weight decay", (fixed, WEIGHT_DECAY,
+                                                [_round(wd * f) for f in (0.3, 0.1)]), None)
+        return ("stop", f"the best trial underfits at max_steps with no weight decay "
+                f"({evidence}): a larger model is needed", None, "exhausted")
+    if verdict == "still_improving":
+        proposal = longer(f"the best trial is still improving ({evidence})", (1.0, 0.5, 2.0))
+        if proposal:
+            return proposal
+        return ("stop", f"still improving at max_steps={recipe.max_steps} ({evidence}): raise "
+                "recipe.max_steps to continue", None, "budget_spent")
+    return ("stop", f"cannot judge the best trial ({evidence})", None, "exhausted")
+
+
+def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> tuple:
+    """('low' | 'high' | None, grid spacing): whether the incumbent's lr is the lowest/highest
+    of the rates tried (diverged ones included) with otherwise the same settings."""
+    same = _config_key({k: v for k, v in overrides.items() if k != LR})
+    rates = sorted({r.overrides(x)[LR] for r in history for x in r.rows
+                    if LR in r.overrides(x)
+                    and _config_key({k: v for k, v in r.overrides(x).items() if k != LR}) == same})
+    if LR not in overrides or len(rates) < 2:
+        return None, 0.0
+    lr = overrides[LR]
+    edge = "low" if lr == rates[0] else "high" if lr == rates[-1] else None
+    return edge, _spacing(rates)
+
+
+def _spacing(values: Sequence[float]) -> float:
+    """The grid's geometric spacing (ratio of neighbours, averaged in log space; >= 2)."""
+    low, high = min(values), max(values)
+    ratio = (high / low) ** (1 / (len(values) - 1)) if len(values) > 1 else 2.0
+    return max(ratio, 2.0)
+
+
+def _seen(history: Sequence[RoundResult]) -> set[str]:
+    return {_config_key(r.overrides(x)) for r in history for x in r.rows}
+
+
+# --------------------------------------------------------------------------------- driver
+def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: bool = True,
+             diagnose_fn: DiagnoseFn = diagnose_workdir) -> dict:
+    """Runs (or resumes) the recipe in `tune_dir`; returns the recipe.json record.
+
+    Everything is checked before any training: the recipe, the base config, the fields the
+    recipe tunes and every round-1 trial config; a `tune_dir` made with another base config or
+    recipe is refused. Each later round's trial configs are checked before that round trains.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+    config_lib.validate_config(base_config)
+    space_lib.check_fields(base_config, space_lib.grid(
+        [space_lib.choice(f, (None,)) for f in TUNED_FIELDS]))
+    plan: RoundPlan | None = first_round(recipe)
+    _check_round(base_config, plan)
+    _prepare_tune_dir(tune_dir, base_config, recipe)
+    started = time.time()
+    history: list[RoundResult] = []
+    decisions: list[Decision] = []
+    status, reason = "running", ""
+    try:
+        while plan is not None:
+            _check_round(base_config, plan)
+            _say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
+            rows = run_sweep(plan.base_config(base_config), plan.space(),
+                             os.path.join(tune_dir, plan.dirname), recipe.metric, recipe.mode,
+                             verbose=verbose)
+            history.append(RoundResult(plan, sorted(rows, key=lambda r: r["index"])))
+            failed = [r for r in rows if r["status"] not in ("completed", "diverged")]
+            if failed:
+                status = "failed"
+                reason = (f"round {plan.index}: {len(failed)} trial(s) did not finish ("
+                          + "; ".join(f"{r['trial_id']}: {r['status']} {r['reason']}"
+                                      for r in failed[:3])
+                          + "); rerun the command to retry them")
+                break
+            decision = decide(history, recipe, base_config, diagnose_fn)
+            decisions.append(decision)
+            _say(verbose, f"=== After round {plan.index}: {decision.action}: {decision.reason}")
+            status, reason, plan = decision.status, decision.reason, decision.next_round
+            _write_outputs(tune_dir, recipe, history, decisions, "running" if plan else status,
+                           reason, time.time() - started, diagnose_fn)
+    except KeyboardInterrupt:
+        _write_outputs(tune_dir, recipe, history, decisions, "interrupted",
+                       "interrupted (KeyboardInterrupt); rerun the command to continue",
+                       time.time() - started, diagnose_fn)
+        raise
+    record = _write_outputs(tune_dir, recipe, history, decisions, status, reason,
+                            time.time() - started, diagnose_fn)
+    if verbose:
+        print(format_summary(record), flush=True)
+    return record
+
+
+def _check_round(base: Any, plan: RoundPlan) -> None:
+    """Every trial config of the round passes the engine's checks (schedule included)."""
+    try:
+        trial_configs(plan.base_config(base), plan.space())
+    except ValueError as err:
+        raise ValueError(f"recipe: round {plan.index} ({plan.action}): {err}") from None
+
+
+def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
+    """Creates tune.json, or refuses a tune_dir made with another base config or recipe."""
+    current = {"base_config": config_lib.flatten(base), "recipe": recipe.describe()}
+    path = os.path.join(tune_dir, TUNE_FILE)
+    fresh = ("to start fresh use a new --tune_dir or delete this one; to continue it restore the "
+             "original")
+    saved = _read_json(path)
+    if saved is not None:
+        old, new = saved.get("recipe", {}), current["recipe"]
+        changed = sorted(k for k in set(old) | set(new)
+                         if k != "max_rounds" and old.get(k) != new.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different "
+                             f"recipe ({details}); {fresh} recipe (only max_rounds may change).")
+        differ = config_lib.incompatible_fields(saved.get("base_config", {}),
+                                                current["base_config"])
+        if differ:
+            details = ", ".join(f"{n}: {saved['base_config'].get(n, '<unset>')!r} -> "
+                                f"{current['base_config'].get(n, '<unset>')!r}"
+                                for n in differ[:8])
+            raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different base "
+                             f"config ({details}); {fresh} base config.")
+    os.makedirs(tune_dir, exist_ok=True)
+    _atomic_write(path, json.dumps(current, indent=2))
+
+
+# -------------------------------------------------------------------------------- outputs
+def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult],
+                   decisions: Sequence[Decision], status: str, reason: str, wall: float,
+                   diagnose_fn: DiagnoseFn) -> dict:
+    """Writes recipe.json, report.md and tune.png (atomically) and returns the record."""
+    rounds = []
+    for i, result in enumerate(history):
+        found = incumbent([result], recipe.mode)
+        best = None
+        if found:
+            row = found[1]
+            best = {"trial_id": row["trial_id"], "value": row["best"], "step": row["best_step"],
+                    "overrides": _tuned(result.overrides(row)), "workdir": row["workdir"],
+                    "diagnosis": diagnose_fn(row["workdir"], recipe.metric,
+                                             recipe.thresholds).to_dict()}
+        rounds.append({
+            **result.plan.describe(),
+            "trials": [{k: r[k] for k in ("index", "trial_id", "status", "best", "best_step",
+                                          "final", "steps", "wall_time_s", "reason", "workdir")}
+                       | {"value": r["overrides"][result.plan.field]} for r in result.rows],
+            "best": best,
+            "decision": decisions[i].describe() if i < len(decisions) else None,
+        })
+    final = decisions[-1].incumbent if decisions else None
+    record = json.loads(json.dumps({
+        "status": status, "reason": reason, "metric": recipe.metric, "mode": recipe.mode,
+        "recipe": recipe.describe(), "num_rounds": len(history),
+        "num_trials": sum(len(r.rows) for r in history),
+        "trial_wall_time_s": sum(t["wall_time_s"] or 0.0 for r in history for t in r.rows),
+        "wall_time_s": wall, "best": final,
+        "diagnosis": decisions[-1].diagnosis.to_dict() if decisions and final else None,
+        "rounds": rounds,
+    }))
+    _atomic_write(os.path.join(tune_dir, RECIPE_FILE), json.dumps(record, indent=2))
+    _atomic_write(os.path.join(tune_dir, REPORT_FILE), format_report(record))
+    if any(t["status"] == "completed" for r in rounds for t in r["trials"]):
+        plot_tune(record, os.path.join(tune_dir, PLOT_FILE), recipe.thresholds.ema_weight)
+    return record
+
+
+def format_summary(record: dict) -> str:
+    """A few lines for the terminal: status, best trial, its overrides."""
+    lines = [f"Tune {record['status']} after {record['num_rounds']} round(s), "
+             f"{record['num_trials']} trials: {record['reason']}"]
+    best = record.get("best")
+    if best:
+        lines.append(f"Best {record['metric']} {best['value']:.4f} (round {best['round']}, "
+                     f"trial {best['trial_id']}, step {best['step']}): "
+                     + " ".join(f"--config.{k}={_cli(v)}" for k, v in best["overrides"].items()))
+    return "\n".join(lines)
+
+
+def format_report(record: dict) -> str:
+    """report.md: the outcome, then every round's trials, diagnosis and decision."""
+    metric = record["metric"]
+    out = ["# Tuning report", "",
+           f"**Status:** {record['status']} — {record['reason']}", "",
+           f"{record['num_rounds']} round(s), {record['num_trials']} trials, "
+           f"{record['trial_wall_time_s']:.0f} s of training; ranked by best eval {metric} "
+           f"({record['mode']}).", ""]
+    best = record.get("best")
+    if best:
+        out += ["## Best trial", "",
+                f"Eval {metric} {best['value']:.4f} at step {best['step']} (round "
+                f"{best['round']}, trial `{best['trial_id']}`, `{best['workdir']}`). "
+                "Config overrides:", "", "```",
+                " ".join(f"--config.{k}={_cli(v)}" for k, v in best["overrides"].items()),
+                "```", ""]
+        if record.get("diagnosis"):
+            out += ["Diagnosis:", "", *_diagnosis_lines(record["diagnosis"]), ""]
+    out += [f"![learning curves and {metric} against the learning rate]({PLOT_FILE})", ""]
+    for r in record["rounds"]:
+        out += [f"## Round {r['index']}: {r['action']}", "", r["reason"], "",
+                "Fixed: " + ", ".join(f"`{k}={_cli(v)}`" for k, v in r["fixed"].items()), "",
+                f"| {r['field']} | status | best {metric} | at step | final | steps | wall s |",
+                "|---|---|---|---|---|---|---|"]
+        for t in r["trials"]:
+            out.append(f"| {_cli(t['value'])} | {t['status']} | {_num(t['best'])} | "
+                       f"{t['best_step'] if t['best_step'] is not None else '-'} | "
+                       f"{_num(t['final'])} | {t['steps']} | {_num(t['wall_time_s'], 1)} |")
+        out.append("")
+        if r["best"]:
+            value = _cli(r["best"]["overrides"].get(r["field"]))
+            out += [f"Best of the round: {r['field']}={value} ({metric} "
+                    f"{r['best']['value']:.4f}).", "",
+                    *_diagnosis_lines(r["best"]["diagnosis"]), ""]
+        if r["decision"]:
+            d = r["decision"]
+            out += [f"**Decision:** {d['action']} — {d['reason']}", ""]
+    return "\n".join(out)
+
+
+def _diagnosis_lines(diagnosis: dict) -> list[str]:
+    lines = []
+    for f in diagnosis["findings"]:
+        lines.append(f"- **{f['verdict']}**: {f['message']}")
+        lines.extend(f"  - recommend `{r['field']}` "
+                     + (f"x{r['value']:g}" if r["change"] == "multiply" else f"= {r['value']!r}")
+                     + f" ({r['reason']})" for r in f["recommendations"])
+    return lines
+
+
+def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
+    """tune.png: best eval metric against the learning rate (all rounds; diverged trials as red
+    crosses at the bottom), the eval-metric curves and the smoothed train-loss curves of every
+    completed trial, coloured by round, the best trial in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = record["metric"]
+    fig, (ax_lr, ax_eval, ax_loss) = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(1, len(record["rounds"]))))
+    best = record.get("best") or {}
+    done = [t for r in record["rounds"] for t in r["trials"] if t["status"] == "completed"]
+    low = min((t["best"] for t in done if t["best"] is not None), default=0.0)
+    for r, color in zip(record["rounds"], colors, strict=True):
+        label = f"round {r['index']} ({r['action']})"
+        for t in r["trials"]:
+            lr = {**r["fixed"], r["field"]: t["value"]}.get(LR)
+            is_best = t["workdir"] == best.get("workdir")
+            if lr is not None and t["status"] == "completed" and t["best"] is not None:
+                ax_lr.scatter([lr], [t["best"]], color="black" if is_best else color, zorder=3,
+                              label=label, s=50 if is_best else 25)
+                label = None
+            elif lr is not None and t["status"] == "diverged":
+                ax_lr.scatter([lr], [low], color="tab:red", marker="x", zorder=3)
+            records = read_metrics(os.path.join(t["workdir"], METRICS_FILE))
+            evals = [x for x in records if x.get("split") == "eval" and metric in x]
+            train = [x for x in records if x.get("split") == "train" and "loss" in x]
+            style = {"color": "black" if is_best else color, "lw": 2.0 if is_best else 0.8,
+                     "alpha": 1.0 if is_best else 0.7}
+            if evals:
+                ax_eval.plot([x["step"] for x in evals], [x[metric] for x in evals], **style)
+            finite = [x for x in train if math.isfinite(x["loss"])]
+            if finite:
+                ax_loss.plot([x["step"] for x in finite],
+                             ema(np.array([x["loss"] for x in finite]), ema_weight), **style)
+    ax_lr.set(xscale="log", xlabel="optimizer.learning_rate", ylabel=f"best eval {metric}",
+              title="metric vs learning rate (x: diverged)")
+    ax_eval.set(xlabel="step", ylabel=f"eval {metric}", title="eval curves (black: best)")
+    ax_loss.set(xlabel="step", ylabel="train loss (EMA)", yscale="log",
+                title="train loss curves")
+    for ax in (ax_lr, ax_eval, ax_loss):
+        ax.grid(True, alpha=0.3)
+    if ax_lr.get_legend_handles_labels()[0]:
+        ax_lr.legend(fontsize=7)
+    fig.suptitle(f"tuning: {record['num_trials']} trials in {record['num_rounds']} round(s), "
+                 f"{record['status']}")
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# -------------------------------------------------------------------------------- helpers
+def _get(config: Any, field: str) -> Any:
+    target = config
+    for name in field.split("."):
+        target = target[name]
+    return target
+
+
+def _has(config: Any, field: str) -> bool:
+    try:
+        _get(config, field)
+    except (KeyError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def _tuned(overrides: Mapping[str, Any]) -> dict:
+    """The overrides without the engine's runtime fields (intervals): the config that matters."""
+    return {k: v for k, v in overrides.items() if k not in config_lib.RUNTIME_FIELDS}
+
+
+def _config_key(overrides: Mapping[str, Any]) -> str:
+    return json.dumps(_tuned(overrides), sort_keys=True, default=str)
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.{_DIGITS}g}")
+
+
+def _sorted(values: Sequence[Any]) -> list:
+    try:
+        return sorted(values)
+    except TypeError:
+        return list(values)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _cli(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, list) else str(value)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, flush=True)
