@@ -86,7 +86,7 @@ class Thresholds:
     eval_loss_rise: float = 0.1
     # A train-eval top-1 gap over 5 points is large ...
     overfit_gap: float = 0.05
-    # ... and growing if it widened by 2 points since the middle of the run.
+    # ... and growing if it widened by 2 points (or more than the eval noise) since mid-run.
     gap_growth: float = 0.02
     # Below 90% train top-1 the model does not fit its training set (CNNs on the classic
     # benchmarks reach >95%); lower it for ImageNet-scale data.
@@ -382,9 +382,11 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
         gap = train_top1 - eval_top1
         middle = len(gap) // 2
         growth = gap[-1] - gap[middle]
+        # Both gaps carry the eval noise: their difference's is sqrt(2) x one accuracy's.
+        needed = max(t.gap_growth, math.sqrt(2) * noise_level(curves, "top1", t, eval_top1[-1]))
         evidence.update(final_gap=float(gap[-1]), mid_gap=float(gap[middle]),
-                        gap_growth=float(growth))
-        if gap[-1] > t.overfit_gap and growth > t.gap_growth:
+                        gap_growth=float(growth), gap_growth_needed=float(needed))
+        if gap[-1] > t.overfit_gap and growth > needed:
             reasons.append(f"train-eval top-1 gap {100 * gap[-1]:.1f} points, up "
                            f"{100 * growth:.1f} since step {curves.eval_steps[middle]}")
     if not reasons:

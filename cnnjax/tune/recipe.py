@@ -7,8 +7,8 @@ budget. After every round the incumbent (the best trial so far by `recipe.metric
 
     diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping (and a 5% warmup if the
                           schedule has one)
-    best lr at an edge    the grid continues past that edge (same spacing; never above an lr
-                          that diverged)
+    best lr at an edge    two rates past that edge, half and one grid step (never at or above
+                          an lr that diverged)
     converged             stop
     too_slow              lr x(2, 4); if both ran already, train longer
     overfitting           weight decay x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label
@@ -347,7 +347,8 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
                 f"gradients at {CLIP_NORM:g}", (stable, LR, lrs(0.5, 1.0, 0.25)), None)
     edge, ratio = _lr_edge(history, overrides)
     if edge:
-        factors = (ratio, ratio**2) if edge == "high" else (1 / ratio, 1 / ratio**2)
+        # Half a grid step and a full one past the edge: the optimum may lie in either.
+        factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)
         candidates = lrs(*factors)
         if any(_config_key({**fixed, LR: v}) not in _seen(history) for v in candidates):
             return ("lr_search", f"the best lr {_short(lr)} is the {edge}est rate tried with "

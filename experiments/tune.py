@@ -1,0 +1,58 @@
+"""Automated tuning: rounds of sweeps steered by the learning-curve diagnosis (cnnjax.tune.recipe).
+
+    python -m experiments.tune --config=experiments/configs/lenet5_digits.py \\
+        --recipe=experiments/recipes/lenet5_digits.py --tune_dir=workdirs/tune/lenet5_digits \\
+        [--config.<field>=<value> ...] [--recipe.<field>=<value> ...]
+
+`--config` is the base experiment (any experiment config, with the usual overrides); `--recipe`
+is a file whose `get_config()` starts from `cnnjax.tune.recipe.default_recipe()` (metric, lr
+range, round-1 steps, max_steps, max_rounds, max_trials, trials_per_round, diagnosis
+thresholds). Round k is a sweep in <tune_dir>/round_<k>/; recipe.json, report.md and tune.png in
+<tune_dir> are rewritten after every round. Rerunning the same command skips finished rounds and
+trials and resumes an interrupted trial; a tune_dir made with another base config or recipe is
+refused (only --recipe.max_rounds may change, e.g. to continue a finished tune).
+Exit status 1 if a trial failed (rerun to retry it); diverged trials are results.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
+from cnnjax.platform import configure_cpu_defaults
+
+configure_cpu_defaults()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Base experiment config file (ml_collections).", lock_config=True
+)
+_RECIPE = config_flags.DEFINE_config_file(
+    "recipe", None, "Recipe config file: get_config() sets the tuning budget and ranges.",
+    lock_config=True,
+)
+_TUNE_DIR = flags.DEFINE_string("tune_dir", None, "Directory for rounds and reports.")
+flags.mark_flags_as_required(["config", "recipe", "tune_dir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from cnnjax.train.logging import quiet_library_logs
+
+    quiet_library_logs()
+    from cnnjax.tune import recipe as recipe_lib
+
+    try:
+        record = recipe_lib.run_tune(_CONFIG.value, _RECIPE.value, _TUNE_DIR.value)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    print(f"Report: {_TUNE_DIR.value}/{recipe_lib.REPORT_FILE}", flush=True)
+    if record["status"] == "failed":
+        sys.exit(f"error: {record['reason']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,262 @@
+"""Learning-curve diagnosis: each verdict on synthetic curves built to be that case, curves just
+either side of a threshold, noise that must not flip a verdict, and real LeNet-5 runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnnjax.tune import diagnose as dg
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 400
+
+
+def _records(train_loss, train_top1, eval_loss, eval_top1, *, steps=STEPS, log_every=10,
+             eval_every=50, eval_examples=1000):
+    """metrics.jsonl records of a run whose curves are the given functions of the step."""
+    records = []
+    for step in range(log_every, steps + 1, log_every):
+        records.append({"step": step, "split": "train", "loss": train_loss(step),
+                        "top1": train_top1(step), "learning_rate": 0.1})
+        if step % eval_every == 0:
+            records.append({"step": step, "split": "eval", "loss": eval_loss(step),
+                            "top1": eval_top1(step), "top5": 1.0,
+                            "num_examples": float(eval_examples)})
+    return records
+
+
+def _curves(*, status="completed", steps=STEPS, **kw):
+    summary = {"status": status, "step": steps}
+    return dg.Curves.from_records(_records(steps=steps, **kw), summary, steps)
+
+
+def _decay(start, end, rate):
+    """start -> end, exponentially with `rate` per step."""
+    return lambda s: end + (start - end) * math.exp(-rate * s)
+
+
+def _converged(**kw):
+    """Loss 2.3 -> 0.05 by step ~150, then flat; train 99%, eval 97%: a finished run."""
+    curves = dict(train_loss=_decay(2.3, 0.05, 0.03), train_top1=_decay(0.1, 0.99, 0.03),
+                  eval_loss=_decay(2.3, 0.1, 0.03), eval_top1=_decay(0.1, 0.97, 0.03))
+    return curves | kw
+
+
+def test_converged_run():
+    d = dg.diagnose(_curves(**_converged()))
+    assert d.verdicts == ["converged"]
+    evidence = d.findings[0].evidence
+    assert evidence["tail_start_step"] == 300
+    assert abs(evidence["gain"]) < evidence["noise_level"]
+    # 2 binomial standard errors of 97% on 1000 examples.
+    p = evidence["best_before_tail"]
+    assert p == pytest.approx(0.97, abs=1e-3)
+    assert evidence["noise_level"] == pytest.approx(2 * math.sqrt(p * (1 - p) / 1000), rel=1e-9)
+    assert d.findings[0].recommendations == ()
+
+
+def test_still_improving_run_recommends_more_steps():
+    linear = lambda low, high: (lambda s: low + (high - low) * s / STEPS)  # noqa: E731
+    d = dg.diagnose(_curves(train_loss=_decay(2.3, 0.2, 0.01), train_top1=linear(0.5, 0.95),
+                            eval_loss=_decay(2.3, 0.3, 0.01), eval_top1=linear(0.5, 0.92)))
+    assert d.primary == "still_improving"
+    f = d.finding("still_improving")
+    # Best eval top-1 up to step 300 vs best after it: 0.5 + 0.42 * (300 / 400) -> 0.92.
+    assert f.evidence["best_before_tail"] == pytest.approx(0.815)
+    assert f.evidence["best_in_tail"] == pytest.approx(0.92)
+    assert [(r.field, r.change, r.value) for r in f.recommendations] == [
+        ("num_train_steps", "multiply", 2.0)]
+
+
+def test_engine_stopped_divergence_gives_its_step():
+    records = _records(**_converged(), steps=120)
+    d = dg.diagnose(dg.Curves.from_records(records, {"status": "diverged", "step": 137}, 400))
+    assert d.verdicts == ["diverged"]
+    assert d.findings[0].evidence["step"] == 137
+    fields = {r.field: r for r in d.findings[0].recommendations}
+    assert fields["optimizer.learning_rate"].value == 0.3
+    assert fields["schedule.warmup_steps"].value == 20  # 5% of the planned 400 steps
+    assert fields["optimizer.grad_clip_norm"].value == 1.0
+
+
+def test_nan_loss_in_metrics_is_divergence_at_that_step():
+    loss = _decay(2.3, 0.05, 0.03)
+    d = dg.diagnose(_curves(**_converged(train_loss=lambda s: math.nan if s >= 150 else loss(s)),
+                            status="failed"))
+    assert d.verdicts == ["diverged"] and d.findings[0].evidence["step"] == 150
+
+
+@pytest.mark.parametrize("factor, exploded", [(1.9, False), (2.1, True)])
+def test_loss_explosion_threshold(factor, exploded):
+    """A logged loss above 2x the first one (2.3 at step 10) is an explosion; 1.9x is not."""
+    first = _decay(2.3, 0.05, 0.03)(10)
+    base = _decay(2.3, 0.05, 0.03)
+    d = dg.diagnose(_curves(**_converged(
+        train_loss=lambda s: factor * first if s == 200 else base(s))))
+    assert ("diverged" in d.verdicts) is exploded
+    if exploded:
+        assert d.findings[0].evidence["step"] == 200
+
+
+def test_repeated_spikes_are_unstable():
+    base = _decay(2.3, 0.3, 0.02)
+    d = dg.diagnose(_curves(**_converged(
+        train_loss=lambda s: base(s) * (3.0 if s in (150, 250) else 1.0))))
+    assert d.primary == "unstable"
+    evidence = d.findings[0].evidence
+    assert evidence["spike_steps"] == [150, 250]
+    assert evidence["worst_step"] == 250  # the higher ratio: 3x a smaller median
+    assert evidence["median_before"] == pytest.approx(np.median([base(s) for s in range(200, 250,
+                                                                                          10)]))
+
+
+def test_a_single_spike_is_not_instability():
+    base = _decay(2.3, 0.3, 0.02)
+    d = dg.diagnose(_curves(**_converged(
+        train_loss=lambda s: base(s) * (3.0 if s == 150 else 1.0))))
+    assert "unstable" not in d.verdicts
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_ordinary_minibatch_noise_is_not_instability(seed):
+    """10% multiplicative noise on every logged loss: no spikes, the verdict stays converged."""
+    rng = np.random.default_rng(seed)
+    base = _decay(2.3, 0.05, 0.03)
+    noise = {s: float(rng.normal(1.0, 0.1)) for s in range(0, STEPS + 1, 10)}
+    d = dg.diagnose(_curves(**_converged(train_loss=lambda s: base(s) * noise[s])))
+    assert d.verdicts == ["converged"]
+
+
+@pytest.mark.parametrize("end, slow", [(1.66, True), (1.56, False)])
+def test_too_slow_threshold(end, slow):
+    """A linear loss from 2.3 that ends 28% (1.66) vs 32% (1.56) lower: only the first is slow
+    (threshold 30%, on the EMA-smoothed curve)."""
+    d = dg.diagnose(_curves(**_converged(train_loss=lambda s: 2.3 - (2.3 - end) * s / STEPS)))
+    assert ("too_slow" in d.verdicts) is slow
+    if slow:
+        f = d.finding("too_slow")
+        assert f.recommendations[0].field == "optimizer.learning_rate"
+        assert f.recommendations[0].value == 3.0
+
+
+def test_ema_matches_the_weighted_average_definition():
+    """Bias-corrected EMA = sum_i w^i x_{t-i} / sum_i w^i (float64 loop reference)."""
+    x = np.random.default_rng(0).normal(size=30)
+    w = 0.6
+    reference = [sum(w**i * x[t - i] for i in range(t + 1)) / sum(w**i for i in range(t + 1))
+                 for t in range(len(x))]
+    np.testing.assert_allclose(dg.ema(x, w), reference, rtol=1e-12)
+    assert dg.trailing_median(np.arange(8.0), 3)[5] == 3.0  # median of x[2:5]
+
+
+def _overfit(rise):
+    """Train -> 100%; eval loss falls to 0.4 at step 150, then rises by `rise` (linearly)."""
+    def eval_loss(s):
+        return 0.4 + (2.3 - 0.4) * (150 - s) / 150 if s <= 150 else 0.4 * (1 + rise * (s - 150)
+                                                                            / 250)
+    return _converged(train_top1=_decay(0.1, 1.0, 0.02), eval_loss=eval_loss,
+                      eval_top1=_decay(0.1, 0.9, 0.03))
+
+
+@pytest.mark.parametrize("rise, overfit", [(0.08, False), (0.12, True)])
+def test_overfitting_by_rising_eval_loss_threshold(rise, overfit):
+    d = dg.diagnose(_curves(**_overfit(rise)))
+    assert ("overfitting" in d.verdicts) is overfit
+    if overfit:
+        f = d.finding("overfitting")
+        assert f.evidence["eval_loss_min_step"] == 150
+        assert f.evidence["eval_loss_rise"] == pytest.approx(rise)
+        assert "at step 150" in f.message
+        assert f.recommendations[0].field == "optimizer.weight_decay"
+        assert d.primary == "overfitting" and "converged" not in d.verdicts
+
+
+def test_overfitting_by_a_growing_train_eval_gap():
+    d = dg.diagnose(_curves(**_converged(train_top1=_decay(0.1, 1.0, 0.02),
+                                         eval_top1=lambda s: min(0.9, 0.1 + s / 200) - (
+                                             0.0004 * max(0, s - 200)))))
+    f = d.finding("overfitting")
+    assert f is not None and f.evidence["final_gap"] > 0.05 and f.evidence["gap_growth"] > 0.02
+
+
+def test_underfitting_run():
+    d = dg.diagnose(_curves(**_converged(train_loss=_decay(2.3, 1.0, 0.03),
+                                         train_top1=_decay(0.1, 0.7, 0.03),
+                                         eval_top1=_decay(0.1, 0.69, 0.03))))
+    assert d.verdicts == ["underfitting"]
+    f = d.findings[0]
+    assert f.evidence["train_top1"] == pytest.approx(0.7, abs=1e-3)
+    assert f.recommendations[0].field == "num_train_steps"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_eval_noise_within_two_standard_errors_does_not_make_a_plateau_improve(seed):
+    """A flat 90% eval top-1 on 400 examples, jittered by +-1 standard error: converged."""
+    rng = np.random.default_rng(seed)
+    se = math.sqrt(0.9 * 0.1 / 400)
+    jitter = {s: float(rng.uniform(-se, se)) for s in range(50, STEPS + 1, 50)}
+    d = dg.diagnose(_curves(**_converged(eval_top1=lambda s: 0.9 + jitter[s]),
+                            eval_examples=400))
+    assert d.verdicts == ["converged"]
+
+
+@pytest.mark.parametrize("gain, improving", [(0.025, False), (0.035, True)])
+def test_still_improving_threshold_is_two_standard_errors(gain, improving):
+    """Eval top-1 flat at 0.9 on 400 examples (2 SE = 0.03), then a final step up by `gain`."""
+    d = dg.diagnose(_curves(**_converged(eval_top1=lambda s: 0.9 + (gain if s == STEPS else 0)),
+                            eval_examples=400))
+    assert d.primary == ("still_improving" if improving else "converged")
+
+
+def test_too_few_evals_is_insufficient_data():
+    d = dg.diagnose(_curves(**_converged(), eval_every=200))
+    assert d.verdicts == ["insufficient_data"]
+    assert d.findings[0].recommendations[0].field == "eval_every_steps"
+
+
+def test_real_lenet_run_at_its_learning_rate_has_converged():
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_lr0.05"))
+    assert d.verdicts == ["converged"]
+    evidence = d.findings[0].evidence
+    with open(os.path.join(DATA, "lenet5_digits_lr0.05", "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+    assert evidence["final"] == evals[-1]["top1"]
+    assert evidence["best_in_tail"] == max(r["top1"] for r in evals if r["step"] > 225)
+
+
+def test_real_lenet_run_at_a_hundredth_of_its_rate_underfits():
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_lr0.0005"))
+    assert d.primary == "underfitting"
+    assert d.findings[0].evidence["train_top1"] < 0.85
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match=r"diagnose: workdir='.*nowhere' is invalid; expected "
+                                         r"the work directory of a run\."):
+        dg.load_curves(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"diagnose: metric='acc' is invalid"):
+        dg.diagnose(_curves(**_converged()), metric="acc")
+    with pytest.raises(ValueError, match=r"diagnose: thresholds.spike_factor=-1 is invalid; "
+                                         r"expected a positive number\."):
+        dg.Thresholds(spike_factor=-1)
+    with pytest.raises(ValueError, match=r"diagnose: thresholds field='spike' is invalid"):
+        dg.Thresholds.from_mapping({"spike": 2})
+    with pytest.raises(ValueError, match=r"thresholds.ema_weight=1.0 is invalid; expected a "
+                                         r"number in \(0, 1\)"):
+        dg.Thresholds(ema_weight=1.0)
+
+
+def test_command_line_prints_the_diagnosis():
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnjax.tune.diagnose",
+         f"--workdir={os.path.join(DATA, 'lenet5_digits_lr0.0005')}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "verdicts: underfitting" in result.stdout
+    assert "-> num_train_steps x2" in result.stdout

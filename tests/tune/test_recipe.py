@@ -1,0 +1,410 @@
+"""The tuning recipe: decisions on synthetic results (no training), the round loop with a
+stand-in trainer (resume after an interruption, refusal of a changed config or recipe, bad
+inputs), and one small real run of the engine."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
+from cnnjax.train.logging import read_metrics
+from cnnjax.train.loop import TrainingDivergedError
+from cnnjax.tune import diagnose as dg
+from cnnjax.tune import recipe as rc
+from cnnjax.tune import sweep as sw
+from tests.train import helpers
+
+LR, STEPS, WD = rc.LR, rc.STEPS, rc.WEIGHT_DECAY
+
+
+def _base(**overrides):
+    config = helpers.tiny_config(**overrides)
+    config.lock()
+    return config
+
+
+def _recipe(**overrides):
+    values = dict(lr_min=0.01, lr_max=1.0, num_lrs=3, round1_steps=100, max_steps=400,
+                  max_rounds=4, max_trials=12, trials_per_round=3, evals_per_trial=5,
+                  logs_per_trial=10)
+    return rc.Recipe(**(values | overrides))
+
+
+def _diagnosis(verdict):
+    return dg.Diagnosis((dg.Finding(verdict, f"synthetic {verdict}", {}),), "completed")
+
+
+def _row(index, value, best, *, field=LR, status="completed", workdir=None):
+    return {"index": index, "trial_id": f"t{index}{value}", "overrides": {field: value},
+            "status": status, "best": best if status == "completed" else None,
+            "best_step": 100, "final": best, "steps": 100, "wall_time_s": 1.0, "reason": "",
+            "workdir": workdir or f"w_{field}_{value}"}
+
+
+def _round1(recipe, bests, statuses=None):
+    plan = rc.first_round(recipe)
+    statuses = statuses or ["completed"] * len(bests)
+    rows = [_row(i, v, b, status=s)
+            for i, (v, b, s) in enumerate(zip(plan.values, bests, statuses, strict=True))]
+    return rc.RoundResult(plan, rows)
+
+
+def _decide(history, recipe, verdict, base=None):
+    return rc.decide(history, recipe, base or _base(), lambda *a: _diagnosis(verdict))
+
+
+# ---------------------------------------------------------------------- decisions (pure)
+def test_first_round_is_a_log_spaced_lr_grid_at_the_short_budget():
+    plan = rc.first_round(_recipe(lr_min=1e-3, lr_max=1.0, num_lrs=5, round1_steps=200))
+    assert plan.field == LR and plan.values == (0.001, 0.00562, 0.0316, 0.178, 1.0)
+    np.testing.assert_allclose(plan.values, np.geomspace(1e-3, 1.0, 5), rtol=2e-3)
+    assert plan.fixed == {STEPS: 200, "log_every_steps": 20, "eval_every_steps": 40,
+                          "checkpoint_every_steps": 40}  # 10 logs and 5 evals per trial
+
+
+def test_converged_incumbent_inside_the_grid_stops():
+    recipe = _recipe()
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "converged")
+    assert d.status == "converged" and d.next_round is None
+    assert d.incumbent["overrides"] == {STEPS: 100, LR: 0.1} and d.incumbent["value"] == 0.9
+
+
+def test_best_lr_at_the_high_edge_extends_the_grid_upwards_below_a_diverged_rate():
+    recipe = _recipe()
+    d = _decide([_round1(recipe, [0.3, 0.5, 0.9])], recipe, "converged")
+    assert d.action == "lr_search" and d.next_round.values == (3.16, 10.0)  # grid spacing 10x
+    assert d.next_round.fixed[STEPS] == 100 and LR not in d.next_round.fixed
+    # With 10.0 diverged in round 1 of another recipe, nothing at or above it is proposed.
+    recipe = _recipe(lr_min=0.1, lr_max=10.0)
+    d = _decide([_round1(recipe, [0.5, 0.9, None], ["completed", "completed", "diverged"])],
+                recipe, "converged")
+    assert d.status == "converged"  # 1.0 is not an edge: 10.0 was tried (and diverged)
+
+
+def test_best_lr_at_the_low_edge_extends_downwards():
+    recipe = _recipe()
+    d = _decide([_round1(recipe, [0.9, 0.5, 0.3])], recipe, "still_improving")
+    assert d.action == "lr_search" and d.next_round.values == (0.001, 0.00316)
+
+
+def test_still_improving_trains_longer_around_the_best_lr():
+    recipe = _recipe()
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
+    plan = d.next_round
+    assert d.action == "train_longer" and plan.index == 2 and plan.field == LR
+    assert plan.values == (0.05, 0.1, 0.2)
+    assert plan.fixed == {STEPS: 200, "log_every_steps": 20, "eval_every_steps": 40,
+                          "checkpoint_every_steps": 40}
+
+
+def test_still_improving_at_max_steps_stops_with_the_budget_spent():
+    recipe = _recipe(round1_steps=400)
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
+    assert d.status == "budget_spent" and "raise recipe.max_steps" in d.reason
+
+
+@pytest.mark.parametrize("verdict", ["unstable", "diverged"])
+def test_unstable_incumbent_is_stabilized(verdict):
+    recipe = _recipe()
+    base = _base(**{"schedule.name": "warmup_cosine", "schedule.warmup_steps": 2})
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, verdict, base)
+    plan = d.next_round
+    assert d.action == "stabilize" and plan.values == (0.025, 0.05, 0.1)
+    assert plan.fixed[rc.CLIP] == 1.0 and plan.fixed[rc.WARMUP] == 5  # 5% of 100 steps
+
+
+def test_too_slow_raises_the_rate():
+    recipe = _recipe()
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "too_slow")
+    assert d.action == "lr_search" and d.next_round.values == (0.2, 0.4)
+
+
+def test_overfitting_sweeps_weight_decay_then_label_smoothing():
+    recipe = _recipe()
+    first = _round1(recipe, [0.5, 0.9, 0.3])
+    d = _decide([first], recipe, "overfitting")
+    assert d.action == "regularize" and d.next_round.field == WD
+    assert d.next_round.values == (0.0001, 0.001, 0.01)  # from zero weight decay
+    assert d.next_round.fixed[LR] == 0.1
+    second = rc.RoundResult(d.next_round, [_row(i, v, 0.85, field=WD)
+                                           for i, v in enumerate(d.next_round.values)])
+    d = _decide([first, second], recipe, "overfitting")  # incumbent still round 1's
+    assert d.next_round.field == rc.LABEL_SMOOTHING and d.next_round.values == (0.05, 0.1, 0.2)
+    base = _base(**{WD: 5e-4})
+    d = rc.decide([first], recipe, base, lambda *a: _diagnosis("overfitting"))
+    assert d.next_round.values == (0.0015, 0.005, 0.015)
+
+
+def test_underfitting_at_max_steps_lowers_weight_decay():
+    recipe = _recipe(round1_steps=400)
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "underfitting", _base(**{WD: 1e-3}))
+    assert d.action == "less_regularization" and d.next_round.values == (0.0001, 0.0003)
+
+
+def test_nothing_completed_stops_with_no_result():
+    recipe = _recipe()
+    d = _decide([_round1(recipe, [None] * 3, ["diverged"] * 3)], recipe, "converged")
+    assert d.status == "no_result" and d.incumbent is None and "lr_min" in d.reason
+
+
+def test_budgets_trim_and_stop():
+    recipe = _recipe(max_trials=4)
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
+    assert d.next_round.values == (0.1,)  # 1 trial left: the incumbent's lr comes first
+    recipe = _recipe(max_trials=3)
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
+    assert d.status == "budget_spent" and "max_trials=3" in d.reason
+    recipe = _recipe(max_rounds=1)
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
+    assert d.status == "budget_spent" and "max_rounds=1" in d.reason
+
+
+def test_a_round_of_configs_already_run_is_not_proposed_again():
+    recipe = _recipe()
+    first = _round1(recipe, [0.5, 0.9, 0.3])
+    d = _decide([first], recipe, "too_slow")
+    second = rc.RoundResult(d.next_round, [_row(i, v, 0.1)
+                                           for i, v in enumerate(d.next_round.values)])
+    d = _decide([first, second], recipe, "too_slow")  # lr 0.2, 0.4 ran: train longer instead
+    assert d.action == "train_longer" and d.next_round.fixed[STEPS] == 200
+
+
+def test_incumbent_ties_go_to_the_later_round():
+    recipe = _recipe()
+    first = _round1(recipe, [0.5, 0.9, 0.3])
+    plan = rc.RoundPlan(2, "train_longer", "", {STEPS: 200}, LR, (0.1,))
+    second = rc.RoundResult(plan, [_row(0, 0.1, 0.9, workdir="later")])
+    assert rc.incumbent([first, second], "max")[1]["workdir"] == "later"
+    assert rc.incumbent([first, second], "min")[1]["best"] == 0.3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr_min": 0.0}, "recipe: lr_min=0.0 is invalid; expected a positive finite learning rate."),
+    ({"lr_min": 1.0, "lr_max": 0.1}, "recipe: lr_min=1.0 is invalid; expected lr_min < lr_max "
+                                     "(lr_max=0.1)."),
+    ({"num_lrs": 1}, "recipe: num_lrs=1 is invalid; expected an integer >= 2."),
+    ({"max_trials": 2}, "recipe: max_trials=2 is invalid; expected at least num_lrs=3"),
+    ({"metric": "acc"}, "recipe: metric='acc' is invalid; expected one of ['loss', 'top1', "
+                        "'top5']."),
+    ({"mode": "up"}, "recipe: mode='up' is invalid; expected one of ['max', 'min']."),
+    ({"max_steps": 50}, "recipe: max_steps=50 is invalid; expected max_steps >= "
+                        "round1_steps=100."),
+    ({"evals_per_trial": 2}, "recipe: evals_per_trial=2 is invalid; expected an integer >= 3."),
+    ({"round1_steps": 1.5}, "recipe: round1_steps=1.5 is invalid; expected an integer >= 1."),
+])
+def test_bad_recipe_values(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        _recipe(**kwargs)
+    assert message in str(err.value)
+
+
+def test_recipe_config_fields_are_checked():
+    config = rc.default_recipe()
+    assert rc.Recipe.from_config(config) == rc.Recipe()
+    with pytest.raises(ValueError, match=r"recipe: field='lr' is invalid; expected one of"):
+        rc.Recipe.from_config({"lr": 0.1})
+    with pytest.raises(ValueError, match=r"diagnose: thresholds field='gap' is invalid"):
+        rc.Recipe.from_config({"thresholds": {"gap": 0.1}})
+    assert rc.Recipe.from_config({"thresholds": {"overfit_gap": 0.1}}).thresholds.overfit_gap \
+        == 0.1
+
+
+# ------------------------------------------------------------ the round loop, stand-in trainer
+class FakeTrainer:
+    """Writes what the engine writes (config.json, metrics.jsonl, summary.json) for a made-up
+    response: top-1 peaks at lr 0.1, grows with steps, +0.01 with weight decay >= 1e-3; lr >= 3
+    diverges. `interrupt_at` raises KeyboardInterrupt on that call (1-based), as Ctrl-C would."""
+
+    def __init__(self, interrupt_at=None):
+        self.calls = []
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, config, workdir):
+        self.calls.append(workdir)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort())
+        lr, steps = config.optimizer.learning_rate, config.num_train_steps
+        if lr >= 3:
+            _dump(os.path.join(workdir, "summary.json"), {"status": "diverged", "step": 3})
+            raise TrainingDivergedError(3, math.nan)
+        quality = math.exp(-math.log10(lr / 0.1) ** 2)
+        final = 0.5 + 0.3 * quality + 0.02 * math.log2(steps / 100)
+        final += 0.01 * (config.optimizer.weight_decay >= 1e-3)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            for step in range(config.eval_every_steps, steps + 1, config.eval_every_steps):
+                f.write(json.dumps({"step": step, "split": "train",
+                                    "loss": 2.3 * math.exp(-3 * step / steps)}) + "\n")
+                f.write(json.dumps({"step": step, "split": "eval", "loss": 1 - final,
+                                    "top1": round(final * step / steps, 6)}) + "\n")
+        _dump(os.path.join(workdir, "summary.json"),
+              {"status": "completed", "step": steps, "final_eval": {"top1": final}})
+        return {}
+
+
+def _dump(path, record):
+    with open(path, "w") as f:
+        json.dump(record, f)
+
+
+def _scripted_diagnosis(workdir, metric, thresholds):
+    """Short runs are still improving; 200+ steps overfit unless weight decay >= 1e-3."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    if config["num_train_steps"] < 200:
+        return _diagnosis("still_improving")
+    return _diagnosis("overfitting" if config["optimizer"]["weight_decay"] < 1e-3
+                      else "converged")
+
+
+def _tune(tmp_path, monkeypatch, trainer, name="tune", base=None, plots=False, **recipe):
+    monkeypatch.setattr(sw, "train_and_evaluate", trainer)
+    monkeypatch.setattr(sw, "plot_results", lambda *a, **k: None)  # slower than the trainer
+    if not plots:
+        monkeypatch.setattr(rc, "plot_tune", lambda *a, **k: None)
+    return rc.run_tune(base or _base(), _recipe(**recipe), str(tmp_path / name), verbose=False,
+                       diagnose_fn=_scripted_diagnosis)
+
+
+def _without_times(record):
+    text = json.dumps(record)
+    record = json.loads(text)
+    record.pop("wall_time_s")
+    record.pop("trial_wall_time_s")
+    for r in record["rounds"]:
+        for t in r["trials"]:
+            t.pop("wall_time_s")
+    return record
+
+
+def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
+    trainer = FakeTrainer()
+    record = _tune(tmp_path, monkeypatch, trainer, plots=True)
+    rounds = record["rounds"]
+    assert [r["action"] for r in rounds] == ["lr_search", "train_longer", "regularize"]
+    assert [r["values"] for r in rounds] == [[0.01, 0.1, 1.0], [0.05, 0.1, 0.2],
+                                             [0.0001, 0.001, 0.01]]
+    assert rounds[1]["fixed"][STEPS] == 200 and rounds[2]["fixed"][LR] == 0.1
+    assert [r["decision"]["action"] for r in rounds] == ["train_longer", "regularize", "stop"]
+    assert record["status"] == "converged" and record["num_trials"] == 9
+    best = record["best"]
+    # 0.5 + 0.3 + 0.02 * log2(2) + 0.01: lr 0.1, 200 steps, wd 1e-3 (tie with 1e-2: lower index).
+    assert best["value"] == pytest.approx(0.83) and best["round"] == 3
+    assert best["overrides"] == {STEPS: 200, LR: 0.1, WD: 0.001}
+    assert record["diagnosis"]["primary"] == "converged"
+    tune_dir = tmp_path / "tune"
+    assert json.loads((tune_dir / "recipe.json").read_text()) == record
+    report = (tune_dir / "report.md").read_text()
+    assert "**Status:** converged" in report and "## Round 3: regularize" in report
+    assert "--config.num_train_steps=200 --config.optimizer.learning_rate=0.1 " \
+           "--config.optimizer.weight_decay=0.001" in report
+    assert os.path.getsize(tune_dir / "tune.png") > 1000
+    for k in (1, 2, 3):  # every round is an ordinary sweep directory
+        assert (tune_dir / f"round_{k}" / "results.csv").exists()
+    assert len(trainer.calls) == 9
+
+
+def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch):
+    reference = _tune(tmp_path, monkeypatch, FakeTrainer(), name="reference")
+    trainer = FakeTrainer(interrupt_at=5)  # round 2's second trial
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tmp_path, monkeypatch, trainer)
+    saved = json.loads((tmp_path / "tune" / "recipe.json").read_text())
+    assert saved["status"] == "interrupted" and saved["num_rounds"] == 1
+    done = trainer.calls[:4]
+    trainer = FakeTrainer()
+    record = _tune(tmp_path, monkeypatch, trainer)
+    assert not set(trainer.calls) & set(done)  # finished trials were not run again
+    assert len(trainer.calls) == 5  # the interrupted one, round 2's last and round 3's three
+    strip = lambda r: json.loads(json.dumps(_without_times(r)).replace("/reference/", "/tune/"))  # noqa: E731
+    assert strip(record) == strip(reference)
+    trainer = FakeTrainer()
+    assert strip(_tune(tmp_path, monkeypatch, trainer)) == strip(reference)
+    assert trainer.calls == []  # a finished tune trains nothing
+
+
+def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
+    _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
+    trainer = FakeTrainer()
+    with pytest.raises(ValueError) as err:
+        _tune(tmp_path, monkeypatch, trainer, base=_base(global_batch_size=32), max_rounds=2)
+    assert (f"recipe: tune_dir={str(tmp_path / 'tune')!r} was created with a different base "
+            "config (global_batch_size: 16 -> 32); to start fresh use a new --tune_dir") \
+        in str(err.value)
+    with pytest.raises(ValueError, match=r"different recipe \(lr_max: 1.0 -> 3.0\)"):
+        _tune(tmp_path, monkeypatch, trainer, lr_max=3.0, max_rounds=2)
+    assert trainer.calls == []
+    # Only max_rounds may change: a larger one continues the finished tune.
+    record = _tune(tmp_path, monkeypatch, trainer, max_rounds=4)
+    assert record["status"] == "converged" and record["num_rounds"] == 3
+    assert len(trainer.calls) == 3
+
+
+def test_bad_inputs_fail_before_anything_is_written(tmp_path, monkeypatch):
+    trainer = FakeTrainer()
+    base = _base(**{"schedule.name": "warmup_cosine", "schedule.warmup_steps": 150})
+    with pytest.raises(ValueError, match=r"recipe: round 1 \(lr_search\): sweep: trial 0 .* "
+                                         r"schedule: warmup_steps=150 is invalid; expected 0 <= "
+                                         r"warmup_steps < num_train_steps=100"):
+        _tune(tmp_path, monkeypatch, trainer, base=base)
+    with pytest.raises(ValueError, match=r"optimizer: learning_rate=-1.0 is invalid"):
+        _tune(tmp_path, monkeypatch, trainer, base=_base(**{LR: -1.0}))
+    with pytest.raises(ValueError, match=r"recipe: num_lrs=0 is invalid"):
+        rc.run_tune(_base(), {"num_lrs": 0}, str(tmp_path / "tune"))
+    assert trainer.calls == [] and not (tmp_path / "tune").exists()
+
+
+def test_diverged_and_failed_trials(tmp_path, monkeypatch):
+    """lr 10 diverges (a result: the tune goes on); a crashing trial stops the tune as failed
+    and the rerun retries it."""
+    record = _tune(tmp_path, monkeypatch, FakeTrainer(), lr_min=0.1, lr_max=10.0, max_rounds=1)
+    assert [t["status"] for t in record["rounds"][0]["trials"]] == ["completed", "completed",
+                                                                     "diverged"]
+    assert record["status"] == "budget_spent"
+
+    def crash(config, workdir):
+        raise RuntimeError("out of memory")
+
+    record = _tune(tmp_path, monkeypatch, crash, name="crash")
+    assert record["status"] == "failed" and "out of memory" in record["reason"]
+    assert "rerun the command to retry" in record["reason"]
+    record = _tune(tmp_path, monkeypatch, FakeTrainer(), name="crash")
+    assert record["status"] == "converged"
+
+
+# --------------------------------------------------------------------- one real small run
+def test_real_engine_tune_on_the_tiny_model(tmp_path, monkeypatch):
+    """Two rounds on the engine's test model and synthetic data (~1 s per trial): the record
+    agrees with each trial's own metrics.jsonl and a rerun trains nothing."""
+    helpers.install_fake_pipeline(monkeypatch)
+    monkeypatch.setattr(sw, "plot_results", lambda *a, **k: None)  # tune.png is drawn
+    recipe = rc.Recipe(lr_min=0.01, lr_max=0.3, num_lrs=2, round1_steps=12, max_steps=24,
+                       max_rounds=2, max_trials=3, trials_per_round=1, evals_per_trial=3,
+                       logs_per_trial=6)
+    tune_dir = str(tmp_path / "tune")
+    record = rc.run_tune(_base(), recipe, tune_dir, verbose=False)
+    assert record["num_trials"] <= 3 and record["rounds"][0]["values"] == [0.01, 0.3]
+    bests = []
+    for r in record["rounds"]:
+        for t in r["trials"]:
+            assert t["status"] == "completed"
+            evals = [x for x in read_metrics(os.path.join(t["workdir"], "metrics.jsonl"))
+                     if x["split"] == "eval"]
+            assert t["best"] == max(x["top1"] for x in evals)
+            bests.append(t["best"])
+    assert record["best"]["value"] == max(bests)
+    first = record["rounds"][0]
+    assert first["best"]["diagnosis"]["primary"] in dg.VERDICTS
+    assert record["rounds"][0]["decision"]["diagnosis"] is not None
+    summaries = {t["workdir"]: os.stat(os.path.join(t["workdir"], "summary.json")).st_mtime_ns
+                 for r in record["rounds"] for t in r["trials"]}
+    again = rc.run_tune(_base(), recipe, tune_dir, verbose=False)
+    assert _without_times(again) == _without_times(record)
+    assert os.path.getsize(os.path.join(tune_dir, "tune.png")) > 1000
+    assert {w: os.stat(os.path.join(w, "summary.json")).st_mtime_ns for w in summaries} \
+        == summaries
