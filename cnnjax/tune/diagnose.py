@@ -11,7 +11,8 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
                       given), or the train-eval top-1 gap is large and growing.
     underfitting      train top-1 below `underfit_train_top1` and within `overfit_gap` of eval.
-    still_improving   the eval metric improved by more than its noise over the last quarter.
+    still_improving   over the last quarter, the eval metric improved by more than its noise
+                      or the eval loss fell by more than `tail_loss_drop`.
     converged         none of the above: the eval metric is flat at the end.
     insufficient_data fewer logs/evals than a diagnosis needs (log or evaluate more often).
 
@@ -82,6 +83,9 @@ class Thresholds:
     min_accuracy_delta: float = 0.002
     # Loss-metric changes below 2% (relative) are noise.
     min_loss_delta: float = 0.02
+    # An eval loss still falling > 20% within the last quarter is far from a plateau, even when
+    # top-1 on a small eval set moves less than its noise.
+    tail_loss_drop: float = 0.2
     # Eval loss 10% above its minimum, at least 2 evals after it, is overfitting.
     eval_loss_rise: float = 0.1
     # A train-eval top-1 gap over 5 points is large ...
@@ -451,11 +455,22 @@ def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Fin
                 "best_before_tail": best_before, "best_in_tail": best_tail, "gain": gain,
                 "noise_level": noise, "train_loss_tail_drop": float(train_drop),
                 "final": float(values[-1])}
+    reasons = []
     if gain > noise:
+        reasons.append(f"eval {metric} improved {gain:.4g} (> noise {noise:.3g}) "
+                       f"({best_before:.4g} -> {best_tail:.4g})")
+    loss = curves.eval_metrics.get("loss")
+    if metric != "loss" and loss is not None and (steps > start).any() and (steps <= start).any():
+        before_loss, tail_loss = np.min(loss[steps <= start]), np.min(loss[steps > start])
+        drop = (before_loss - tail_loss) / before_loss if before_loss > 0 else 0.0
+        evidence["eval_loss_tail_drop"] = float(drop)
+        if drop > t.tail_loss_drop:
+            reasons.append(f"eval loss fell {100 * drop:.0f}% ({before_loss:.4g} -> "
+                           f"{tail_loss:.4g})")
+    if reasons:
         return Finding(
             "still_improving",
-            f"eval {metric} improved {gain:.4g} (> noise {noise:.3g}) in the last "
-            f"{100 * t.tail_fraction:.0f}% of the run ({best_before:.4g} -> {best_tail:.4g}).",
+            " and ".join(reasons) + f" in the last {100 * t.tail_fraction:.0f}% of the run.",
             evidence,
             (Recommendation("num_train_steps", "multiply", 2.0, "it has not plateaued"),),
         )

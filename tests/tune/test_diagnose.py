@@ -214,6 +214,17 @@ def test_still_improving_threshold_is_two_standard_errors(gain, improving):
     assert d.primary == ("still_improving" if improving else "converged")
 
 
+@pytest.mark.parametrize("drop, improving", [(0.18, False), (0.22, True)])
+def test_eval_loss_still_falling_in_the_last_quarter_is_still_improving(drop, improving):
+    """Top-1 flat (within noise); eval loss flat at 0.5, then `drop` lower after step 300."""
+    d = dg.diagnose(_curves(**_converged(eval_loss=lambda s: 0.5 * (1 - drop * (s > 300)))))
+    assert d.verdicts == (["still_improving"] if improving else ["converged"])
+    assert d.findings[0].evidence["eval_loss_tail_drop"] == pytest.approx(drop)
+    if improving:
+        assert f"eval loss fell {100 * drop:.0f}% (0.5 -> {0.5 * (1 - drop):.4g})" \
+            in d.findings[0].message
+
+
 def test_too_few_evals_is_insufficient_data():
     d = dg.diagnose(_curves(**_converged(), eval_every=200))
     assert d.verdicts == ["insufficient_data"]

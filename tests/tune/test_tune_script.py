@@ -1,0 +1,82 @@
+"""The `experiments.tune` script and `launch/sbatch_tune.sh` as a user runs them: recipe files
+are valid for their base config, bad values are one-line errors before anything is written, and
+the SLURM script runs (and resumes) a tune."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax.tune import recipe as rc
+from cnnjax.tune.sweep import trial_configs
+from tests.experiments.test_configs import _load
+from tests.experiments.test_sweep import _fake_srun
+from tests.experiments.test_train import _env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
+RECIPES = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "recipes", "*.py"))
+                 if not p.endswith("__init__.py"))
+# A LeNet-5 tune small enough for a test: 2 trials of 6 steps, one round.
+TINY = ["--recipe.num_lrs=2", "--recipe.round1_steps=6", "--recipe.max_rounds=1",
+        "--recipe.max_trials=2", "--recipe.evals_per_trial=3", "--recipe.logs_per_trial=6",
+        "--config.schedule.warmup_steps=1", "--config.global_batch_size=16",
+        "--config.progress_bar=False", "--config.tensorboard=False"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipe_files_document_their_command_and_fit_their_base(path):
+    module = _load(path)
+    assert "python -m experiments.tune" in module.__doc__
+    assert "Measured" in module.__doc__ or "Expected" in module.__doc__
+    recipe = rc.Recipe.from_config(module.get_config())
+    plan = rc.first_round(recipe)
+    assert len(trial_configs(plan.base_config(_load(CONFIG).get_config()), plan.space())) \
+        == recipe.num_lrs
+
+
+def _command(tune_dir, *extra):
+    return [sys.executable, "-m", "experiments.tune", f"--config={CONFIG}",
+            f"--recipe={RECIPES[0]}", f"--tune_dir={tune_dir}", *extra]
+
+
+def test_bad_recipe_value_is_a_one_line_error_before_anything_is_written(tmp_path):
+    result = subprocess.run(_command(tmp_path / "tune", "--recipe.lr_min=2.0"), cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: recipe: lr_min=2.0 is invalid; expected lr_min < lr_max (lr_max=1.0)." \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.slow
+def test_sbatch_tune_runs_the_recipe_and_a_resubmission_trains_nothing(tmp_path):
+    tune_dir = tmp_path / "tune"
+    command = ["bash", os.path.join(ROOT, "launch", "sbatch_tune.sh"), CONFIG, RECIPES[0],
+               str(tune_dir), *TINY]
+    result = subprocess.run(command, cwd=tmp_path, env=_fake_srun(tmp_path),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tune_dir / "recipe.json").read_text())
+    assert record["status"] == "budget_spent" and record["num_trials"] == 2
+    assert [t["status"] for t in record["rounds"][0]["trials"]] == ["completed"] * 2
+    assert "Tune budget_spent after 1 round(s), 2 trials" in result.stdout
+    summaries = sorted(glob.glob(str(tune_dir / "round_1" / "trials" / "*" / "summary.json")))
+    mtimes = [os.stat(p).st_mtime_ns for p in summaries]
+    result = subprocess.run(command, cwd=tmp_path, env=_fake_srun(tmp_path / "again"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already completed, skipped." in result.stdout
+    assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
+
+
+def test_sbatch_tune_without_arguments_prints_its_usage(tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch", "sbatch_tune.sh")],
+                            cwd=tmp_path, env=_fake_srun(tmp_path), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "usage: sbatch launch/sbatch_tune.sh CONFIG RECIPE TUNE_DIR" in result.stderr
