@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.optim import build_schedule
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
@@ -87,7 +88,7 @@ def arm_overrides(arm: str, source_workdir: str, source_steps: int) -> OrderedDi
     return fields
 
 
-class _Plan:
+class TransferPlan:
     """Every run of a comparison and its config, checked before anything trains."""
 
     def __init__(self, source: Any, target: Any, transfer_dir: str, budget_field: str,
@@ -126,7 +127,7 @@ class _Plan:
                     run_id = f"{slug}-{arm}-s{seed}"
                     config = space_lib.apply_overrides(target, fields)
                     try:
-                        config_lib.validate_config(config)
+                        check_engine_config(config)
                     except ValueError as err:
                         raise ValueError(f"transfer: run {run_id} has an invalid config: "
                                          f"{err}") from None
@@ -213,10 +214,17 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
     return checked
 
 
+def check_engine_config(config: Any) -> None:
+    """The engine's checks that need no data: `validate_config`, and the learning-rate schedule
+    (e.g. warmup_steps < num_train_steps, which `train_and_evaluate` only checks at start-up)."""
+    config_lib.validate_config(config)
+    build_schedule(config)
+
+
 def _check_configs(source: Any, target: Any) -> None:
     for role, config in (("source", source), ("target", target)):
         try:
-            config_lib.validate_config(config)
+            check_engine_config(config)
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
     for name in _ARM_FIELDS:
@@ -233,7 +241,7 @@ def _check_configs(source: Any, target: Any) -> None:
                       "must fit the target network")
 
 
-def _prepare_dir(transfer_dir: str, plan: _Plan) -> None:
+def _prepare_dir(transfer_dir: str, plan: TransferPlan) -> None:
     """Creates transfer.json, or checks the existing one describes the same comparison."""
     current = plan.describe()
     path = os.path.join(transfer_dir, TRANSFER_FILE)
@@ -275,8 +283,8 @@ def run_transfer(
     Everything (arms, seeds, budgets, arm overrides, every run's config, the data sizes and the
     transfer directory) is checked before anything trains.
     """
-    plan = _Plan(source_config, target_config, transfer_dir, budget_field, budgets, arms, seeds,
-                 arm_overrides, metric)
+    plan = TransferPlan(source_config, target_config, transfer_dir, budget_field, budgets, arms,
+                        seeds, arm_overrides, metric)
     sizes = plan.check_data()
     _prepare_dir(transfer_dir, plan)
 
@@ -326,7 +334,7 @@ def _record_not_run(trial: space_lib.Trial, workdir: str, reason: str) -> None:
 
 
 # --------------------------------------------------------------------------------- results
-def write_results(transfer_dir: str, plan: _Plan, sizes: Mapping[str, int]) -> list[dict]:
+def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int]) -> list[dict]:
     """Rebuilds results.csv/.json, transfer.png and report.md from the run directories."""
     source = trial_result(transfer_dir, _source_trial(), plan.metric, plan.mode)
     source["num_train"] = sizes.get(SOURCE_ID)

@@ -1,0 +1,343 @@
+"""run_transfer with the real engine on the engine tests' synthetic data and tiny BatchNorm CNN:
+which weights each arm starts from, the results it writes, resume after an interrupted or failed
+run, and refusal of bad arguments before anything trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
+from cnnjax.train.parallel import DataParallel
+from cnnjax.transfer import compare
+from cnnjax.tune import sweep
+from tests.train import helpers
+from tests.train.test_init_from import TWO_CLASSES, _flat, _install, _stored
+
+BACKBONE = ["bn/bias", "bn/scale", "conv/bias", "conv/kernel"]
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    """The engine tests' synthetic pipeline: `synthetic` (4 classes), `synthetic2` (2)."""
+    _install(monkeypatch)
+
+
+def _source():
+    return helpers.tiny_config()  # 12 steps, checkpoints at 4, 8, 12
+
+
+def _target(**overrides):
+    config = helpers.tiny_config(**overrides)
+    config.data.name = TWO_CLASSES
+    # The fake pipeline ignores it; the real one keeps that many examples per class.
+    config.data.train_examples_per_class = config_dict.placeholder(int)
+    return config
+
+
+def _run(tmp_path, **kwargs):
+    kwargs = {"budgets": (8,), "verbose": False, **kwargs}
+    return compare.run_transfer(_source(), kwargs.pop("target", None) or _target(),
+                                str(tmp_path / "transfer"), **kwargs)
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _files_state(workdir):
+    """(mtime_ns, bytes) of a finished run's outputs: unchanged unless something reran it."""
+    state = {}
+    for name in ("summary.json", "metrics.jsonl", "trial.json", "config.json"):
+        path = os.path.join(workdir, name)
+        with open(path, "rb") as f:
+            state[name] = (os.stat(path).st_mtime_ns, f.read())
+    state["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    return state
+
+
+@pytest.fixture
+def initial_states(monkeypatch):
+    """Records the host state each run hands to the devices (its state at step 0 / resume)."""
+    seen = []
+    original = DataParallel.replicate
+
+    def spy(self, tree):
+        seen.append(jax.tree.map(np.array, tree))
+        return original(self, tree)
+
+    monkeypatch.setattr(DataParallel, "replicate", spy)
+    return seen
+
+
+def test_pretrained_arms_start_from_the_source_weights_and_scratch_does_not(
+        tmp_path, initial_states):
+    rows = _run(tmp_path)
+    assert [(r["arm"], r["status"]) for r in rows] == [
+        ("scratch", "completed"), ("finetune", "completed"), ("linear_probe", "completed")]
+    source_dir = os.path.join(tmp_path, "transfer", "trials", "source")
+    source_state, scratch, finetune, probe = initial_states  # runs in this order
+    stored = _stored(source_dir, 12)  # the source's final checkpoint, read without the engine
+    src_params, src_stats = _flat(stored["params"]), _flat(stored["batch_stats"])
+    for start in (finetune, probe):
+        params = _flat(start.params)
+        assert params["head/kernel"].shape == (144, 2)  # the target's own 2-class head
+        for name in BACKBONE:
+            np.testing.assert_array_equal(params[name], src_params[name], err_msg=name)
+        for name, value in src_stats.items():
+            np.testing.assert_array_equal(_flat(start.batch_stats)[name], value, err_msg=name)
+    # Scratch starts from the same fresh initialization the source started from (same seed),
+    # not from what the source learnt.
+    for name in BACKBONE:
+        np.testing.assert_array_equal(_flat(scratch.params)[name],
+                                      _flat(source_state.params)[name], err_msg=name)
+        assert not np.array_equal(_flat(scratch.params)[name], src_params[name]), name
+    for row in rows:
+        summary = _json(os.path.join(row["workdir"], "summary.json"))
+        if row["arm"] == "scratch":
+            assert "init_from" not in summary
+            assert not os.path.exists(os.path.join(row["workdir"], "init_from.json"))
+        else:
+            assert summary["init_from"]["workdir"] == os.path.abspath(source_dir)
+            assert summary["init_from"]["step"] == 12
+            assert summary["init_from"]["freeze"] == (
+                "backbone" if row["arm"] == "linear_probe" else None)
+    # The linear probe trained its head only: its final backbone params are the source's.
+    probe_final = _flat(_stored(rows[2]["workdir"], 12)["params"])
+    finetune_final = _flat(_stored(rows[1]["workdir"], 12)["params"])
+    for name in BACKBONE:
+        np.testing.assert_array_equal(probe_final[name], src_params[name], err_msg=name)
+    assert not np.array_equal(finetune_final["conv/kernel"], src_params["conv/kernel"])
+
+
+def test_results_table_plot_and_report(tmp_path, capsys):
+    target = _target()
+    rows = compare.run_transfer(_source(), target, str(tmp_path / "t"), budgets=(4, None),
+                                arms=("scratch", "linear_probe"), seeds=(0, 1))
+    assert [(r["budget"], r["arm"], r["seed"]) for r in rows] == [
+        (4, "scratch", 0), (4, "scratch", 1), (4, "linear_probe", 0), (4, "linear_probe", 1),
+        (None, "scratch", 0), (None, "scratch", 1), (None, "linear_probe", 0),
+        (None, "linear_probe", 1)]
+    assert {r["trial_id"] for r in rows} >= {"4-scratch-s1", "None-linear_probe-s0"}
+    for r in rows:
+        summary = _json(os.path.join(r["workdir"], "summary.json"))
+        config = _json(os.path.join(r["workdir"], "config.json"))
+        assert r["status"] == "completed" and r["num_train"] == helpers.NUM_TRAIN
+        assert r["final"] == summary["final_eval"]["top1"]
+        assert (config["seed"], config["data"]["train_examples_per_class"]) == (
+            r["seed"], r["budget"])
+    out = os.path.join(tmp_path, "t")
+    with open(os.path.join(out, compare.RESULTS_CSV)) as f:
+        table = list(csv.DictReader(f))
+    assert [float(t["final_top1"]) for t in table] == [r["final"] for r in rows]
+    results = _json(os.path.join(out, compare.RESULTS_JSON))
+    assert results["runs"] == rows and results["source"]["status"] == "completed"
+    summary = results["summary"]
+    assert [(s["budget"], s["arm"], s["completed"]) for s in summary] == [
+        (4, "scratch", 2), (4, "linear_probe", 2), (None, "scratch", 2),
+        (None, "linear_probe", 2)]
+    for entry in summary:
+        finals = [r["final"] for r in rows
+                  if (r["budget"], r["arm"]) == (entry["budget"], entry["arm"])]
+        assert entry["mean"] == pytest.approx(np.mean(finals), abs=1e-12)
+        assert entry["std"] == pytest.approx(np.std(finals, ddof=1), abs=1e-12)
+    assert summary[1]["gain_over_scratch"] == pytest.approx(
+        summary[1]["mean"] - summary[0]["mean"], abs=1e-12)
+    assert summary[0]["gain_over_scratch"] is None
+    assert os.path.getsize(os.path.join(out, compare.PLOT_FILE)) > 1000
+    with open(os.path.join(out, compare.REPORT_FILE)) as f:
+        report = f.read()
+    assert "| budget | examples | from scratch | linear probe (frozen backbone) |" in report
+    assert f"{summary[1]['mean']:.4f} ± {summary[1]['std']:.4f} " \
+           f"({summary[1]['gain_over_scratch']:+.4f})" in report
+    assert re.search(r"^- budget 4 \(64 examples\): best arm ", report, re.M)
+    printed = capsys.readouterr().out
+    assert re.search(r"^budget\s+examples\s+scratch\s+linear_probe$", printed, re.M)
+
+
+def test_results_figure_has_one_line_per_arm_against_examples():
+    table = compare.summarize([
+        {"budget": b, "num_train": n, "arm": a, "seed": 0, "status": "completed", "final": f}
+        for b, n in ((5, 25), (50, 250)) for a, f in (("scratch", 0.5), ("finetune", 0.9))
+    ], "top1")
+    fig = compare.results_figure(table, {"final": 0.99, "status": "completed"}, "top1")
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "target training examples"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["from scratch", "fine-tune all layers"]
+    bars = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: (data line, caps, bars)
+    assert list(bars["from scratch"].get_xdata()) == [25, 250]
+    assert list(bars["fine-tune all layers"].get_ydata()) == [0.9, 0.9]
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C after the step-4 checkpoint of the fine-tune run: the rerun leaves the source and
+    scratch runs alone and continues fine-tuning from step 4 (init_from is then ignored)."""
+    from cnnjax.train import loop
+
+    save, calls = loop.Checkpointer.save, []
+
+    def save_then_interrupt(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        calls.append(step)
+        if calls.count(4) == 3:  # the source, scratch, then the fine-tune run save at step 4
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Checkpointer, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    monkeypatch.setattr(loop.Checkpointer, "save", save)
+    out = os.path.join(tmp_path, "transfer")
+    with open(os.path.join(out, compare.RESULTS_CSV)) as f:
+        table = list(csv.DictReader(f))
+    assert [(t["arm"], t["status"], t["steps"]) for t in table] == [
+        ("scratch", "completed", "12"), ("finetune", "interrupted", "4"),
+        ("linear_probe", "pending", "0")]
+    finished = {name: _files_state(os.path.join(out, "trials", name))
+                for name in ("source", "8-scratch-s0")}
+
+    rows = _run(tmp_path)
+    assert all(r["status"] == "completed" for r in rows)
+    assert {n: _files_state(os.path.join(out, "trials", n)) for n in finished} == finished
+    resumed = _json(os.path.join(out, "trials", "8-finetune-s0", "summary.json"))
+    assert resumed["resumed_from_step"] == 4 and resumed["step"] == 12
+    assert _json(os.path.join(out, "trials", "8-finetune-s0", "trial.json"))["invocations"] == 2
+
+
+def test_failed_run_is_recorded_the_rest_continue_and_a_rerun_retries_it(tmp_path, monkeypatch):
+    real, failed_once = sweep.train_and_evaluate, []
+
+    def fails_once(config, workdir):
+        if workdir.endswith("linear_probe-s0") and not failed_once:
+            failed_once.append(workdir)
+            raise RuntimeError("out of memory (stand-in)")
+        return real(config, workdir)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", fails_once)
+    rows = _run(tmp_path, budgets=(4, 8))
+    assert [(r["trial_id"], r["status"]) for r in rows] == [
+        ("4-scratch-s0", "completed"), ("4-finetune-s0", "completed"),
+        ("4-linear_probe-s0", "failed"), ("8-scratch-s0", "completed"),
+        ("8-finetune-s0", "completed"), ("8-linear_probe-s0", "completed")]
+    assert rows[2]["reason"] == "RuntimeError: out of memory (stand-in)"
+    with open(os.path.join(rows[2]["workdir"], "error.log")) as f:
+        assert "Traceback" in f.read()
+    before = _files_state(rows[1]["workdir"])
+    rows = _run(tmp_path, budgets=(4, 8))
+    assert all(r["status"] == "completed" for r in rows)
+    assert _json(os.path.join(rows[2]["workdir"], "trial.json"))["invocations"] == 2
+    assert _files_state(rows[1]["workdir"]) == before
+
+
+def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):
+    real = sweep.train_and_evaluate
+
+    def source_fails(config, workdir):
+        if workdir.endswith(os.sep + "source"):
+            raise RuntimeError("disk full (stand-in)")
+        return real(config, workdir)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", source_fails)
+    rows = _run(tmp_path)
+    assert [(r["arm"], r["status"]) for r in rows] == [
+        ("scratch", "completed"), ("finetune", "failed"), ("linear_probe", "failed")]
+    assert rows[1]["reason"] == "not run: the source run failed"
+    results = _json(os.path.join(tmp_path, "transfer", compare.RESULTS_JSON))
+    assert results["source"]["status"] == "failed"
+    assert results["source"]["reason"] == "RuntimeError: disk full (stand-in)"
+    monkeypatch.setattr(sweep, "train_and_evaluate", real)
+    rows = _run(tmp_path)  # the source is retried, then the arms that need it run
+    assert all(r["status"] == "completed" for r in rows)
+
+
+def _bad(**changes):
+    target = changes.pop("target", None) or _target()
+    kwargs = {"budgets": (8,), **changes}
+    return target, kwargs
+
+
+@pytest.mark.parametrize(
+    ("target_changes", "kwargs", "message"),
+    [
+        ({}, {"arms": ("scratch", "probe")},
+         "transfer: arms=('scratch', 'probe') is invalid; expected a non-empty list of distinct "
+         "arms from ['scratch', 'finetune', 'linear_probe']."),
+        ({}, {"arms": ()}, "transfer: arms=() is invalid"),
+        ({}, {"seeds": (0, 0)}, "transfer: seeds=(0, 0) is invalid; expected a non-empty list "
+                                "of distinct integers >= 0"),
+        ({}, {"budgets": ()}, "transfer: budgets=() is invalid; expected a non-empty list of "
+                              "values for 'data.train_examples_per_class'."),
+        ({}, {"budgets": (4, 4)}, "transfer: budgets=[4, 4] is invalid; expected distinct values"),
+        ({}, {"budget_field": "data.examples_per_class"},
+         "transfer: budget_field='data.examples_per_class' / budgets=(8,) do not fit the target "
+         "config: sweep: parameters['data.examples_per_class'].field="),
+        ({}, {"metric": "acc"}, "transfer: metric='acc' is invalid; expected one of ['loss', "
+                                "'top1', 'top5']."),
+        ({}, {"arm_overrides": {"finetune": {"freeze": "backbone"}}},
+         "transfer: arm_overrides['finetune']='freeze' is invalid; the comparison sets 'freeze' "
+         "itself"),
+        ({}, {"arm_overrides": {"probe": {}}},
+         "transfer: arm_overrides='probe' is invalid; expected an arm of ['scratch', "
+         "'finetune', 'linear_probe']."),
+        ({}, {"arm_overrides": {"finetune": {"optimizer.learning_rate": 0.0}}},
+         "transfer: run 8-finetune-s0 has an invalid config: optimizer: learning_rate=0.0 is "
+         "invalid"),
+        ({"freeze": "backbone"}, {}, "transfer: target.freeze='backbone' is invalid; expected "
+                                     "None: each arm sets it"),
+        ({"model": "lenet5"}, {}, "transfer: target.model='lenet5' is invalid; expected the "
+                                  f"source's model '{helpers.TINY_MODEL}'"),
+        ({"global_batch_size": 128}, {},
+         "transfer: global_batch_size=128 is invalid; budget 8 (data.train_examples_per_class) "
+         "leaves 64 training examples; expected a global batch of at most that many"),
+        ({"num_train_steps": 5, "schedule.name": "warmup_cosine", "schedule.warmup_steps": 5},
+         {}, "transfer: the target config is invalid: schedule: warmup_steps=5 is invalid; "
+             "expected 0 <= warmup_steps < num_train_steps=5."),
+        ({"schedule.name": "warmup_cosine"},
+         {"arm_overrides": {"linear_probe": {"schedule.warmup_steps": 12}}},
+         "transfer: run 8-linear_probe-s0 has an invalid config: schedule: warmup_steps=12 is "
+         "invalid; expected 0 <= warmup_steps < num_train_steps=12."),
+        ({"optimizer.learning_rate": -1.0}, {},
+         "transfer: the target config is invalid: optimizer: learning_rate=-1.0 is invalid"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_is_written(tmp_path, target_changes, kwargs,
+                                                       message, monkeypatch):
+    monkeypatch.setattr(sweep, "train_and_evaluate", pytest.fail)  # nothing may train
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(tmp_path, target=_target(**target_changes), **kwargs)
+    assert not os.path.exists(tmp_path / "transfer")
+
+
+def test_transfer_dir_of_different_configs_is_refused(tmp_path, monkeypatch):
+    def engine_down(config, workdir):
+        raise RuntimeError("stand-in: nothing trains")
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", engine_down)
+    rows = _run(tmp_path)  # every run failed or was not run; transfer.json is written
+    assert [r["status"] for r in rows] == ["failed"] * 3
+    out = str(tmp_path / "transfer")
+    with pytest.raises(ValueError, match=re.escape(
+            f"transfer: transfer_dir={out!r} was made with a different target config "
+            "(num_train_steps: 12 -> 20); use a new --transfer_dir")):
+        _run(tmp_path, target=_target(num_train_steps=20))
+    with pytest.raises(ValueError, match=re.escape(
+            f"transfer: transfer_dir={out!r} was made with arm_overrides={{}}, now "
+            "{'finetune': {'optimizer.learning_rate': 0.01}}")):
+        _run(tmp_path, arm_overrides={"finetune": {"optimizer.learning_rate": 0.01}})
+    # More budgets, seeds or arms, and runtime-only fields, may change between reruns.
+    _run(tmp_path, budgets=(8, 16), seeds=(0, 1), target=_target(progress_bar=True))
+
+
+def test_budget_slugs_name_directories():
+    assert compare.budget_slug(10) == "10"
+    assert compare.budget_slug("train[:10%]") == "train_10pct"
+    assert compare.budget_slug(None) == "None"
+    assert compare.budget_slug(0.5) == "0.5"

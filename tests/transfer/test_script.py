@@ -1,0 +1,89 @@
+"""The `experiments.transfer` script as a user runs it: transfer configs are documented and
+valid, a real (tiny) digits 0-4 -> 5-9 comparison runs end to end, and a rerun trains nothing."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax.transfer import compare
+from tests.experiments.test_configs import _load
+from tests.experiments.test_train import _env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRANSFERS = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "experiments", "transfers", "*.py"))
+    if not p.endswith("__init__.py")
+)
+DIGITS = os.path.join(ROOT, "experiments", "transfers", "digits_0to4_to_5to9.py")
+
+
+@pytest.mark.parametrize("path", TRANSFERS, ids=os.path.basename)
+def test_transfer_configs_document_their_command_and_are_valid(path, tmp_path):
+    module = _load(path)
+    assert "python -m experiments.transfer" in module.__doc__
+    assert "Expected" in module.__doc__ or "Measured" in module.__doc__
+    c = module.get_config()
+    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, c.budgets,
+                                c.arms, c.seeds, c.arm_overrides, c.metric)
+    assert len(plan.runs) == len(c.budgets) * len(c.arms) * len(c.seeds)
+
+
+def test_digits_transfer_tasks_are_disjoint_halves():
+    c = _load(DIGITS).get_config()
+    assert set(c.source.data.classes) | set(c.target.data.classes) == set(range(10))
+    assert not set(c.source.data.classes) & set(c.target.data.classes)
+
+
+@pytest.mark.slow
+def test_tiny_digits_transfer_end_to_end_and_rerun(tmp_path):
+    out = tmp_path / "transfer"
+    command = [sys.executable, "-m", "experiments.transfer", f"--transfer={DIGITS}",
+               f"--transfer_dir={out}", "--transfer.source.num_train_steps=20",
+               "--transfer.source.eval_every_steps=20", "--transfer.source.schedule.warmup_steps=2",
+               "--transfer.target.num_train_steps=10", "--transfer.target.eval_every_steps=10",
+               "--transfer.target.schedule.warmup_steps=2", "--transfer.budgets=(1, 3)",
+               "--transfer.seeds=(0,)"]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / compare.RESULTS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["budget"], r["num_train"], r["arm"], r["status"]) for r in rows] == [
+        (b, n, a, "completed") for b, n in (("1", "5"), ("3", "15"))
+        for a in ("scratch", "finetune", "linear_probe")]
+    results = json.loads((out / compare.RESULTS_JSON).read_text())
+    assert results["source"]["num_train"] == 721  # digits 0-4 of the 1,438 train scans
+    for row in rows:
+        workdir = out / "trials" / row["trial_id"]
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert summary["final_eval"]["num_examples"] == 179  # digits 5-9 of the 359 test scans
+        assert ("init_from" in summary) == (row["arm"] != "scratch")
+        if row["arm"] != "scratch":
+            assert summary["init_from"]["step"] == 20
+    assert (out / compare.PLOT_FILE).stat().st_size > 1000
+    assert "| 3 | 15 |" in (out / compare.REPORT_FILE).read_text()
+
+    rerun = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("already completed, skipped") == 7  # the source and 6 runs
+
+
+@pytest.mark.slow  # starts Python, JAX and TensorFlow in a subprocess
+def test_bad_override_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.transfer", f"--transfer={DIGITS}",
+         f"--transfer_dir={tmp_path / 't'}", "--transfer.arms=('scratch', 'probe')"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: transfer: arms=('scratch', 'probe') is invalid; expected a non-empty list of "
+        "distinct arms from ['scratch', 'finetune', 'linear_probe'].")
+    assert not os.path.exists(tmp_path / "t")
