@@ -1,6 +1,8 @@
 """cnnjax.tune: hyperparameter sweeps over the one training engine.
 
-Submodules: `space` (grid and random search spaces over dotted config fields, trial ids) and
+Submodules: `space` (grid and random search spaces over dotted config fields, trial ids),
 `sweep` (`run_sweep`: each trial is one `train_and_evaluate` run in its own workdir; resumable
-results table and plot).
+results table and plot), `diagnose` (learning-curve verdicts with evidence and recommended config
+changes) and `recipe` (`run_tune`: rounds of sweeps, each planned from the diagnosis of the best
+trial so far; resumable, with recipe.json, report.md and tune.png).
 """

@@ -216,7 +216,8 @@ class Curves:
             eval_examples=(float(evals[-1]["num_examples"])
                            if evals and "num_examples" in evals[-1] else None),
             status=status,
-            diverged_step=int(summary["step"]) if status == "diverged" else None,
+            diverged_step=(int(summary["step"]) if status == "diverged" and "step" in summary
+                           else None),
             num_train_steps=num_train_steps,
         )
 

@@ -238,6 +238,23 @@ class Decision:
 DiagnoseFn = Callable[[str, str, Thresholds], Diagnosis]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Proposal:
+    """What the diagnosis asks for: sweep `field` over `candidates` (priority order) with
+    `fixed`, or stop (`field` None) with `status`."""
+
+    action: str
+    reason: str
+    fixed: dict | None = None
+    field: str | None = None
+    candidates: tuple = ()
+    status: str = "running"
+
+
+def _stop(reason: str, status: str) -> _Proposal:
+    return _Proposal("stop", reason, status=status)
+
+
 def logging_overrides(steps: int, recipe: Recipe) -> dict:
     """num_train_steps and the log/eval/checkpoint intervals that give the diagnosis its points."""
     every_eval = max(1, steps // recipe.evals_per_trial)
@@ -287,10 +304,10 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
             "step": row["best_step"], "workdir": row["workdir"],
             "overrides": _tuned(overrides)}
     proposal = _propose(history, recipe, base, result, row, diagnosis)
-    action, reason = proposal[0], proposal[1]
-    if proposal[2] is None:
-        return Decision(last, action, reason, best, diagnosis, status=proposal[3])
-    fixed, field, candidates = proposal[2]
+    action, reason, fixed, field = (proposal.action, proposal.reason, proposal.fixed,
+                                    proposal.field)
+    if field is None:
+        return Decision(last, action, reason, best, diagnosis, status=proposal.status)
     if last >= recipe.max_rounds:
         return Decision(last, "stop", f"max_rounds={recipe.max_rounds} reached (the next round "
                         f"would be: {reason})", best, diagnosis, status="budget_spent")
@@ -301,7 +318,7 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
                         f"round would be: {reason})", best, diagnosis, status="budget_spent")
     seen = {_config_key({**r.overrides(x)}) for r in history for x in r.rows}
     values: list = []
-    for value in candidates:
+    for value in proposal.candidates:
         if _config_key({**fixed, field: value}) not in seen and value not in values:
             values.append(value)
     if not values:
@@ -314,8 +331,8 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
 
 
 def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: RoundResult,
-             row: dict, diagnosis: Diagnosis) -> tuple:
-    """(action, reason, (fixed, field, candidates in priority order) | None, stop status)."""
+             row: dict, diagnosis: Diagnosis) -> _Proposal:
+    """The next round the incumbent's diagnosis asks for (see the module docstring)."""
     overrides = result.overrides(row)
     value = lambda field: overrides.get(field, _get(base, field))  # noqa: E731
     lr, steps = value(LR), value(STEPS)
@@ -326,38 +343,39 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
                 if x["status"] == "diverged" and LR in r.overrides(x)]
     lr_cap = min(diverged) if diverged else math.inf
 
-    def lrs(*factors: float) -> list[float]:
-        return [_round(lr * f) for f in factors if lr * f < lr_cap]
+    def lrs(*factors: float) -> tuple[float, ...]:
+        return tuple(_round(lr * f) for f in factors if lr * f < lr_cap)
 
-    def longer(why: str, lr_factors: tuple[float, ...]):
+    def longer(why: str, lr_factors: tuple[float, ...]) -> _Proposal | None:
         if steps >= recipe.max_steps:
             return None
         new_steps = min(2 * steps, recipe.max_steps)
         new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
         if _get(base, "schedule.name") == "warmup_cosine" and WARMUP in overrides:
             new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
-        return ("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around {_short(lr)}",
-                (new_fixed, LR, lrs(*lr_factors)), None)
+        return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
+                         f"{_short(lr)}", new_fixed, LR, lrs(*lr_factors))
 
     if verdict in ("diverged", "unstable"):
         stable = {**fixed, CLIP: CLIP_NORM}
         if _get(base, "schedule.name") == "warmup_cosine":
             stable[WARMUP] = max(value(WARMUP), round(WARMUP_FRACTION * steps))
-        return ("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, clip "
-                f"gradients at {CLIP_NORM:g}", (stable, LR, lrs(0.5, 1.0, 0.25)), None)
+        return _Proposal("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, "
+                         f"clip gradients at {CLIP_NORM:g}", stable, LR, lrs(0.5, 1.0, 0.25))
     edge, ratio = _lr_edge(history, overrides)
     if edge:
         # Half a grid step and a full one past the edge: the optimum may lie in either.
         factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)
         candidates = lrs(*factors)
         if any(_config_key({**fixed, LR: v}) not in _seen(history) for v in candidates):
-            return ("lr_search", f"the best lr {_short(lr)} is the {edge}est rate tried with "
-                    "these settings: extend the grid past it", (fixed, LR, candidates), None)
+            return _Proposal("lr_search", f"the best lr {_short(lr)} is the {edge}est rate "
+                             "tried with these settings: extend the grid past it", fixed, LR,
+                             candidates)
     if verdict == "converged":
-        return ("stop", f"the best trial has converged ({evidence})", None, "converged")
+        return _stop(f"the best trial has converged ({evidence})", "converged")
     if verdict == "too_slow":
-        proposal = ("lr_search", f"the best trial learns too slowly ({evidence}): raise lr",
-                    (fixed, LR, lrs(2.0, 4.0)), None)
+        proposal = _Proposal("lr_search", f"the best trial learns too slowly ({evidence}): "
+                             "raise lr", fixed, LR, lrs(2.0, 4.0))
         if all(_config_key({**fixed, LR: v}) in _seen(history) for v in lrs(2.0, 4.0)):
             proposal = longer("too slow even at the best lr", (1.0, 2.0)) or proposal
         return proposal
@@ -372,28 +390,28 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
             knobs.append((AUGMENT, [True]))
         for field, candidates in knobs:
             if field not in swept:
-                return ("regularize", f"the best trial overfits ({evidence}): sweep {field}",
-                        (fixed, field, candidates), None)
-        return ("stop", f"the best trial overfits ({evidence}) and every regularization knob "
-                "has been swept", None, "exhausted")
+                return _Proposal("regularize", f"the best trial overfits ({evidence}): sweep "
+                                 f"{field}", fixed, field, tuple(candidates))
+        return _stop(f"the best trial overfits ({evidence}) and every regularization knob has "
+                     "been swept", "exhausted")
     if verdict == "underfitting":
         proposal = longer(f"the best trial underfits ({evidence})", (1.0, 2.0, 0.5))
         if proposal:
             return proposal
         wd = value(WEIGHT_DECAY)
         if wd > 0:
-            return ("less_regularization", f"the best trial underfits at max_steps ({evidence}):"
-                    " lower the weight decay", (fixed, WEIGHT_DECAY,
-                                                [_round(wd * f) for f in (0.3, 0.1)]), None)
-        return ("stop", f"the best trial underfits at max_steps with no weight decay "
-                f"({evidence}): a larger model is needed", None, "exhausted")
+            return _Proposal("less_regularization", f"the best trial underfits at max_steps "
+                             f"({evidence}): lower the weight decay", fixed, WEIGHT_DECAY,
+                             (_round(wd * 0.3), _round(wd * 0.1)))
+        return _stop(f"the best trial underfits at max_steps with no weight decay ({evidence}): "
+                     "a larger model is needed", "exhausted")
     if verdict == "still_improving":
         proposal = longer(f"the best trial is still improving ({evidence})", (1.0, 0.5, 2.0))
         if proposal:
             return proposal
-        return ("stop", f"still improving at max_steps={recipe.max_steps} ({evidence}): raise "
-                "recipe.max_steps to continue", None, "budget_spent")
-    return ("stop", f"cannot judge the best trial ({evidence})", None, "exhausted")
+        return _stop(f"still improving at max_steps={recipe.max_steps} ({evidence}): raise "
+                     "recipe.max_steps to continue", "budget_spent")
+    return _stop(f"cannot judge the best trial ({evidence})", "exhausted")
 
 
 def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> tuple:
@@ -613,9 +631,21 @@ def _diagnosis_lines(diagnosis: dict) -> list[str]:
 
 
 def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
-    """tune.png: best eval metric against the learning rate (all rounds; diverged trials as red
-    crosses at the bottom), the eval-metric curves and the smoothed train-loss curves of every
-    completed trial, coloured by round, the best trial in black."""
+    """Writes `tune_figure(record)` to `path` (PNG, atomically) and returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = tune_figure(record, ema_weight)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def tune_figure(record: dict, ema_weight: float = 0.6):
+    """Three panels: best eval metric against the learning rate (all rounds; diverged trials as
+    red crosses at the bottom), then the eval-metric curves and the EMA-smoothed train-loss
+    curves of every trial, coloured by round, the best trial in black. Uses the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -661,11 +691,7 @@ def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
     fig.suptitle(f"tuning: {record['num_trials']} trials in {record['num_rounds']} round(s), "
                  f"{record['status']}")
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
 
 
 # -------------------------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""Tuning recipe for LeNet-5 on `digits`: an lr search at 50 steps, then up to 2 diagnosed rounds.
+"""Tuning recipe for LeNet-5 on `digits`: an lr search at 100 steps, then up to 2 diagnosed rounds.
 
 Command:
     python -m experiments.tune --config=experiments/configs/lenet5_digits.py \\
@@ -17,7 +17,7 @@ def get_config():
     config.lr_min = 1e-3  # round 1: 5 log-spaced rates 0.001, 0.00562, 0.0316, 0.178, 1.0
     config.lr_max = 1.0
     config.num_lrs = 5
-    config.round1_steps = 50
+    config.round1_steps = 100
     config.max_steps = 400
     config.max_rounds = 3
     config.max_trials = 11

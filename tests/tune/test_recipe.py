@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from matplotlib.colors import same_color
 
 import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
 from cnnjax.train.logging import read_metrics
@@ -307,6 +308,16 @@ def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
     for k in (1, 2, 3):  # every round is an ordinary sweep directory
         assert (tune_dir / f"round_{k}" / "results.csv").exists()
     assert len(trainer.calls) == 9
+    fig = rc.tune_figure(record)
+    ax_lr, ax_eval, ax_loss = fig.axes
+    assert ax_lr.get_xscale() == "log" and ax_loss.get_yscale() == "log"
+    points = np.concatenate([c.get_offsets() for c in ax_lr.collections])
+    assert sorted(map(tuple, points.tolist())) == sorted(
+        ({**r["fixed"], r["field"]: t["value"]}[LR], t["best"])
+        for r in rounds for t in r["trials"])
+    assert len(ax_eval.lines) == len(ax_loss.lines) == 9
+    black = [line for line in ax_eval.lines if same_color(line.get_color(), "black")]
+    assert len(black) == 1 and black[0].get_ydata()[-1] == pytest.approx(0.83)
 
 
 def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch):
@@ -366,6 +377,10 @@ def test_diverged_and_failed_trials(tmp_path, monkeypatch):
     assert [t["status"] for t in record["rounds"][0]["trials"]] == ["completed", "completed",
                                                                      "diverged"]
     assert record["status"] == "budget_spent"
+    ax_lr = rc.tune_figure(record).axes[0]
+    crosses = [c for c in ax_lr.collections if same_color(c.get_facecolor()[0], "tab:red")]
+    lowest = min(t["best"] for t in record["rounds"][0]["trials"] if t["best"] is not None)
+    assert [tuple(c.get_offsets()[0]) for c in crosses] == [(10.0, lowest)]  # at the bottom
 
     def crash(config, workdir):
         raise RuntimeError("out of memory")
