@@ -265,8 +265,7 @@ def diagnose(curves: Curves, metric: str = "top1",
     """Every verdict that holds for `curves`, most urgent first; `metric` is the eval metric
     judged for improvement (top1, top5 or loss)."""
     t = thresholds or Thresholds()
-    if metric not in (*ACCURACY_METRICS, "loss"):
-        raise invalid(_OWNER, "metric", metric, "expected one of ['loss', 'top1', 'top5']")
+    check_choice(_OWNER, "metric", metric, ("loss", *ACCURACY_METRICS))
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
     if diverged:
@@ -415,7 +414,7 @@ def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
         return None
     return Finding(
         "underfitting",
-        f"train top-1 {100 * train_top1[-1]:.1f}% (< {100 * t.underfit_train_top1:.0f}%) and "
+        f"train top-1 {100 * train_top1[-1]:.2f}% (< {100 * t.underfit_train_top1:.0f}%) and "
         f"within {100 * abs(gap):.1f} points of eval top-1 {100 * eval_top1[-1]:.1f}%.",
         {"train_top1": float(train_top1[-1]), "eval_top1": float(eval_top1[-1]),
          "gap": float(gap)},

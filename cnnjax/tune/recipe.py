@@ -481,10 +481,15 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
             status, reason, plan = decision.status, decision.reason, decision.next_round
             _write_outputs(tune_dir, recipe, history, decisions, "running" if plan else status,
                            reason, time.time() - started, diagnose_fn)
-    except KeyboardInterrupt:
-        _write_outputs(tune_dir, recipe, history, decisions, "interrupted",
-                       "interrupted (KeyboardInterrupt); rerun the command to continue",
-                       time.time() - started, diagnose_fn)
+    except BaseException as err:  # why it stopped goes to recipe.json, then the error goes on
+        stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        why = f"{stopped} ({type(err).__name__}: {err}); rerun the command to continue"
+        try:
+            _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
+                           time.time() - started, diagnose_fn)
+        except Exception:  # noqa: BLE001 — e.g. the diagnosis itself failed: record without it
+            _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
+                           time.time() - started, None)
         raise
     record = _write_outputs(tune_dir, recipe, history, decisions, status, reason,
                             time.time() - started, diagnose_fn)
@@ -531,8 +536,9 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
 # -------------------------------------------------------------------------------- outputs
 def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult],
                    decisions: Sequence[Decision], status: str, reason: str, wall: float,
-                   diagnose_fn: DiagnoseFn) -> dict:
-    """Writes recipe.json, report.md and tune.png (atomically) and returns the record."""
+                   diagnose_fn: DiagnoseFn | None) -> dict:
+    """Writes recipe.json, report.md and tune.png (atomically) and returns the record; each
+    round's best trial is diagnosed with `diagnose_fn` (None: left out)."""
     rounds = []
     for i, result in enumerate(history):
         found = incumbent([result], recipe.mode)
@@ -542,7 +548,8 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
             best = {"trial_id": row["trial_id"], "value": row["best"], "step": row["best_step"],
                     "overrides": _tuned(result.overrides(row)), "workdir": row["workdir"],
                     "diagnosis": diagnose_fn(row["workdir"], recipe.metric,
-                                             recipe.thresholds).to_dict()}
+                                             recipe.thresholds).to_dict()
+                    if diagnose_fn else None}
         rounds.append({
             **result.plan.describe(),
             "trials": [{k: r[k] for k in ("index", "trial_id", "status", "best", "best_step",
@@ -613,7 +620,7 @@ def format_report(record: dict) -> str:
             value = _cli(r["best"]["overrides"].get(r["field"]))
             out += [f"Best of the round: {r['field']}={value} ({metric} "
                     f"{r['best']['value']:.4f}).", "",
-                    *_diagnosis_lines(r["best"]["diagnosis"]), ""]
+                    *_diagnosis_lines(r["best"]["diagnosis"] or {"findings": []}), ""]
         if r["decision"]:
             d = r["decision"]
             out += [f"**Decision:** {d['action']} — {d['reason']}", ""]

@@ -423,3 +423,18 @@ def test_real_engine_tune_on_the_tiny_model(tmp_path, monkeypatch):
     assert os.path.getsize(os.path.join(tune_dir, "tune.png")) > 1000
     assert {w: os.stat(os.path.join(w, "summary.json")).st_mtime_ns for w in summaries} \
         == summaries
+
+
+def test_an_error_between_rounds_is_recorded_before_it_propagates(tmp_path, monkeypatch):
+    def broken(workdir, metric, thresholds):
+        raise OSError("metrics.jsonl unreadable")
+
+    monkeypatch.setattr(sw, "train_and_evaluate", FakeTrainer())
+    monkeypatch.setattr(sw, "plot_results", lambda *a, **k: None)
+    with pytest.raises(OSError, match="unreadable"):
+        rc.run_tune(_base(), _recipe(), str(tmp_path / "tune"), verbose=False,
+                    diagnose_fn=broken)
+    saved = json.loads((tmp_path / "tune" / "recipe.json").read_text())
+    assert saved["status"] == "failed" and saved["num_rounds"] == 1
+    assert saved["reason"] == ("failed (OSError: metrics.jsonl unreadable); rerun the command to "
+                               "continue")
