@@ -98,6 +98,10 @@ class TransferPlan:
         self.mode = default_mode(metric)
         self.arms = _check_arms(arms)
         self.seeds = _check_seeds(seeds)
+        if budget_field in (*_ARM_FIELDS, "init_from.step", "seed"):
+            raise invalid(_OWNER, "budget_field", budget_field,
+                          "the comparison sets it itself; expected a target field such as "
+                          "'data.train_examples_per_class' or 'data.train_split'")
         self.budget_field = budget_field
         if not _is_list(budgets) or not budgets:
             raise invalid(_OWNER, "budgets", budgets,
@@ -190,7 +194,8 @@ def _check_seeds(seeds: Any) -> tuple[int, ...]:
 
 def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
                      budget_field: str) -> dict[str, OrderedDict]:
-    """`{arm: {dotted field: value}}`, e.g. a lower learning rate for `finetune`."""
+    """`{arm: {dotted field: value}}`, e.g. a lower learning rate for `finetune`; nested mappings
+    (a config file's `arm_overrides.finetune.optimizer.learning_rate = 0.005`) are flattened."""
     if overrides is None:
         return {}
     if not hasattr(overrides, "items"):
@@ -203,9 +208,9 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
         if not hasattr(fields, "items"):
             raise invalid(_OWNER, f"arm_overrides[{arm!r}]", fields,
                           "expected a mapping {dotted config field: value}")
-        fields = OrderedDict(fields.items())
+        fields = OrderedDict(config_lib.flatten(fields))
         for name in fields:
-            if name in (*_ARM_FIELDS, budget_field, "seed"):
+            if name in (*_ARM_FIELDS, "init_from.step", budget_field, "seed"):
                 raise invalid(_OWNER, f"arm_overrides[{arm!r}]", name,
                               f"the comparison sets {name!r} itself; expected another field")
         if fields:

@@ -4,7 +4,22 @@ Command:
     python -m experiments.transfer --transfer=experiments/transfers/digits_0to4_to_5to9.py \\
         --transfer_dir=workdirs/transfers/digits_0to4_to_5to9
 
-Expected: (filled in below once measured)
+Does pretraining on the other five digits help with few labels? Here, no. Measured with this
+command (2 shared CPU cores, load ~3, JAX 0.10.2): 4 min 47 s wall (source 600 steps 22 s, then
+18 target runs of 300 steps, 9-20 s each); a rerun skips everything (17 s, just the tables).
+Source: 99.4% top-1 on the 180 test scans of 0-4 (721 training scans). Target: final top-1 on
+the 179 test scans of 5-9, mean ± std over seeds 0 and 1 (one budget subset: the first n scans
+of each class in stored order):
+    labels/class (images)   scratch        fine-tune      linear probe
+    1  (5)                  63.1 ± 1.6%    55.6 ± 8.3%    55.9 ± 3.2%
+    5  (25)                 89.7 ± 0.4%    90.2 ± 0.4%    78.5 ± 2.0%
+    50 (250)                97.2 ± 0.0%    96.4 ± 2.0%    94.1 ± 0.4%
+LeNet-5 learns 8x8 digits so quickly from scratch that 0-4 features add nothing measurable
+(differences within ~2 seed stds; one test scan = 0.56%), and frozen 0-4 features are clearly
+worse than learning 5-9 features (-5 to -11 points below 50 labels/class). A 10x lower fine-tune
+learning rate does not change that (digits_0to4_to_5to9_finetune_lr.py). results.csv,
+results.json, report.md and transfer.png (top-1 against images, one line per arm) are in
+--transfer_dir.
 """
 
 import ml_collections
@@ -36,7 +51,8 @@ def get_config():
     config.budgets = (1, 5, 50)
     config.arms = ("scratch", "finetune", "linear_probe")
     config.seeds = (0, 1)
-    # Per-arm changes to the target config, e.g. {"finetune": {"optimizer.learning_rate": 0.01}};
+    # Per-arm changes to the target config, e.g. `config.arm_overrides.finetune =
+    # ConfigDict({"optimizer": {"learning_rate": 0.005}})` (see digits_0to4_to_5to9_finetune_lr.py);
     # none here: every arm uses the same recipe, only the initialization / frozen layers differ.
     config.arm_overrides = ml_collections.ConfigDict()
     config.metric = "top1"

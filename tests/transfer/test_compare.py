@@ -279,6 +279,9 @@ def _bad(**changes):
         ({}, {"budget_field": "data.examples_per_class"},
          "transfer: budget_field='data.examples_per_class' / budgets=(8,) do not fit the target "
          "config: sweep: parameters['data.examples_per_class'].field="),
+        ({}, {"budget_field": "freeze"},
+         "transfer: budget_field='freeze' is invalid; the comparison sets it itself; expected "
+         "a target field such as 'data.train_examples_per_class' or 'data.train_split'."),
         ({}, {"metric": "acc"}, "transfer: metric='acc' is invalid; expected one of ['loss', "
                                 "'top1', 'top5']."),
         ({}, {"arm_overrides": {"finetune": {"freeze": "backbone"}}},
@@ -341,3 +344,22 @@ def test_budget_slugs_name_directories():
     assert compare.budget_slug("train[:10%]") == "train_10pct"
     assert compare.budget_slug(None) == "None"
     assert compare.budget_slug(0.5) == "0.5"
+
+
+def test_arm_overrides_apply_to_their_arm_only_and_may_be_nested(tmp_path):
+    nested = config_dict.ConfigDict({"finetune": {"optimizer": {"learning_rate": 0.005}},
+                                     "linear_probe": {"num_train_steps": 6}})
+    for overrides in (nested, {"finetune": {"optimizer.learning_rate": 0.005},
+                               "linear_probe": {"num_train_steps": 6}}):
+        plan = compare.TransferPlan(_source(), _target(), str(tmp_path),
+                                    "data.train_examples_per_class", (3,),
+                                    compare.ARMS, (0,), overrides, "top1")
+        assert plan.overrides == {"finetune": {"optimizer.learning_rate": 0.005},
+                                  "linear_probe": {"num_train_steps": 6}}
+        configs = {run["arm"]: run["config"] for run in plan.runs}
+        assert [configs[a].optimizer.learning_rate for a in compare.ARMS] == [0.05, 0.005, 0.05]
+        assert [configs[a].num_train_steps for a in compare.ARMS] == [12, 12, 6]
+        assert [configs[a].freeze for a in compare.ARMS] == [None, None, "backbone"]
+        assert configs["scratch"].init_from.workdir is None
+        assert configs["finetune"].init_from.workdir == os.path.join(
+            os.path.abspath(tmp_path), "trials", "source")
