@@ -479,8 +479,9 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
             decisions.append(decision)
             _say(verbose, f"=== After round {plan.index}: {decision.action}: {decision.reason}")
             status, reason, plan = decision.status, decision.reason, decision.next_round
-            _write_outputs(tune_dir, recipe, history, decisions, "running" if plan else status,
-                           reason, time.time() - started, diagnose_fn)
+            if plan is not None:  # the last round's outputs are written once, below
+                _write_outputs(tune_dir, recipe, history, decisions, "running", reason,
+                               time.time() - started, diagnose_fn)
     except BaseException as err:  # why it stopped goes to recipe.json, then the error goes on
         stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         why = f"{stopped} ({type(err).__name__}: {err}); rerun the command to continue"
