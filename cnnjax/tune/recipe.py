@@ -450,8 +450,8 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
     config_lib.validate_config(base_config)
-    space_lib.check_fields(base_config, space_lib.grid(
-        [space_lib.choice(f, (None,)) for f in TUNED_FIELDS]))
+    # The fields later rounds may set must exist now, not after hours of round 1.
+    space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
     plan: RoundPlan | None = first_round(recipe)
     _check_round(base_config, plan)
     _prepare_tune_dir(tune_dir, base_config, recipe)
@@ -671,9 +671,11 @@ def tune_figure(record: dict, ema_weight: float = 0.6):
             lr = {**r["fixed"], r["field"]: t["value"]}.get(LR)
             is_best = t["workdir"] == best.get("workdir")
             if lr is not None and t["status"] == "completed" and t["best"] is not None:
-                ax_lr.scatter([lr], [t["best"]], color="black" if is_best else color, zorder=3,
-                              label=label, s=50 if is_best else 25)
+                ax_lr.scatter([lr], [t["best"]], color=color, zorder=3, label=label, s=25)
                 label = None
+                if is_best:  # a black ring around the best trial
+                    ax_lr.scatter([lr], [t["best"]], facecolors="none", edgecolors="black",
+                                  s=120, zorder=4, label="best")
             elif lr is not None and t["status"] == "diverged":
                 ax_lr.scatter([lr], [low], color="tab:red", marker="x", zorder=3)
             records = read_metrics(os.path.join(t["workdir"], METRICS_FILE))

@@ -311,7 +311,9 @@ def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
     fig = rc.tune_figure(record)
     ax_lr, ax_eval, ax_loss = fig.axes
     assert ax_lr.get_xscale() == "log" and ax_loss.get_yscale() == "log"
-    points = np.concatenate([c.get_offsets() for c in ax_lr.collections])
+    rings = [c for c in ax_lr.collections if c.get_label() == "best"]
+    assert [tuple(c.get_offsets()[0]) for c in rings] == [(0.1, pytest.approx(0.83))]
+    points = np.concatenate([c.get_offsets() for c in ax_lr.collections if c not in rings])
     assert sorted(map(tuple, points.tolist())) == sorted(
         ({**r["fixed"], r["field"]: t["value"]}[LR], t["best"])
         for r in rounds for t in r["trials"])
@@ -378,7 +380,8 @@ def test_diverged_and_failed_trials(tmp_path, monkeypatch):
                                                                      "diverged"]
     assert record["status"] == "budget_spent"
     ax_lr = rc.tune_figure(record).axes[0]
-    crosses = [c for c in ax_lr.collections if same_color(c.get_facecolor()[0], "tab:red")]
+    crosses = [c for c in ax_lr.collections
+               if len(c.get_facecolor()) and same_color(c.get_facecolor()[0], "tab:red")]
     lowest = min(t["best"] for t in record["rounds"][0]["trials"] if t["best"] is not None)
     assert [tuple(c.get_offsets()[0]) for c in crosses] == [(10.0, lowest)]  # at the bottom
 
