@@ -515,11 +515,13 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
              "original")
     saved = _read_json(path)
     if saved is not None:
-        old, new = saved.get("recipe", {}), current["recipe"]
+        old = config_lib.flatten(saved.get("recipe", {}))
+        new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)
                          if k != "max_rounds" and old.get(k) != new.get(k))
         if changed:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            details = ", ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+                                for k in changed)
             raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different "
                              f"recipe ({details}); {fresh} recipe (only max_rounds may change).")
         differ = config_lib.incompatible_fields(saved.get("base_config", {}),

@@ -351,6 +351,10 @@ def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
         in str(err.value)
     with pytest.raises(ValueError, match=r"different recipe \(lr_max: 1.0 -> 3.0\)"):
         _tune(tmp_path, monkeypatch, trainer, lr_max=3.0, max_rounds=2)
+    with pytest.raises(ValueError, match=r"different recipe \(thresholds.overfit_gap: 0.05 -> "
+                                         r"0.1\); to start fresh"):
+        _tune(tmp_path, monkeypatch, trainer, max_rounds=2,
+              thresholds=dg.Thresholds(overfit_gap=0.1))
     assert trainer.calls == []
     # Only max_rounds may change: a larger one continues the finished tune.
     record = _tune(tmp_path, monkeypatch, trainer, max_rounds=4)
