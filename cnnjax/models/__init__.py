@@ -6,6 +6,7 @@ Importing this package imports every architecture module, which registers its mo
 from cnnjax.models import (  # noqa: F401  (imported to register their models)
     alexnet,  # AlexNet (torchvision layout, two-tower paper version), ZFNet
     densenet,  # DenseNet-121/169/201
+    faster_rcnn,  # Faster R-CNN (RPN + RoIAlign box head) on a VGG-style backbone
     fcn,  # FCN-32s/16s/8s on VGG-16 and ResNet backbones
     googlenet,  # GoogLeNet / Inception v1
     lenet,  # LeNet-5

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.detection.postprocess import Detections, batched_nms
-from cnnjax.detection.yolo import yolo_v1_loss, yolo_v1_targets
+from cnnjax.detection.yolo import yolo_v1_loss_terms, yolo_v1_targets
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import register_model
@@ -53,10 +53,10 @@ YOLO_V1_LAYERS: tuple[Any, ...] = (
     (1024, 3, 1), (1024, 3, 1),
 )
 
-#: The small variant for 64x64 inputs: 64 -> 4x4x128 before the fcs.
+#: The small variant for 64x64 inputs: 64 -> 8x8x128 before the fcs.
 YOLO_V1_SMALL_LAYERS: tuple[Any, ...] = (
     (16, 3, 1), MAX_POOL, (32, 3, 1), MAX_POOL, (64, 3, 1), MAX_POOL,
-    (64, 1, 1), (128, 3, 1), MAX_POOL, (128, 3, 1), (128, 3, 1),
+    (128, 3, 1), (64, 1, 1), (128, 3, 1),
 )
 
 
@@ -164,7 +164,8 @@ class YOLOv1(nn.Module):
 
     def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
              train: bool = True) -> tuple[Array, dict[str, Array]]:
-        """Eq. 3 per image (`yolo_v1_loss`), averaged over the batch: `(loss, {"loss": ...})`.
+        """Eq. 3 per image, averaged over the batch: `(loss, terms)`, `terms` holding `loss` and
+        the five sums of `yolo_v1_loss_terms` (`coord_xy`, `coord_wh`, `object`, ...).
 
         `gt_boxes` `[N, G, 4]` `(x1, y1, x2, y2)` pixels of `images`, `gt_labels` `[N, G]` in
         `[0, C)`, `gt_valid` `[N, G]` bool.
@@ -175,12 +176,13 @@ class YOLOv1(nn.Module):
         def one(pred, boxes, labels, valid):
             targets = yolo_v1_targets(boxes, labels, valid, size, self.grid_size,
                                       self.num_classes)
-            return yolo_v1_loss(pred, targets, self.lambda_coord, self.lambda_noobj,
-                                self.confidence_target)
+            return yolo_v1_loss_terms(pred, targets, self.lambda_coord, self.lambda_noobj,
+                                      self.confidence_target)
 
         per_image = jax.vmap(one)(outputs, gt_boxes, gt_labels.astype(jnp.int32), gt_valid)
-        loss = jnp.mean(per_image)
-        return loss, {"loss": loss}
+        terms = {name: jnp.mean(value) for name, value in per_image._asdict().items()}
+        loss = sum(terms.values())
+        return loss, {"loss": loss, **terms}
 
     def detect(self, images: Array) -> Detections:
         """Boxes, scores, classes and validity `[N, max_detections, ...]` (eval mode)."""
@@ -218,17 +220,17 @@ def decode_yolo_v1(
                        max_detections, score_threshold)
 
 
-@register_model("yolo_v1", input_shape=(448, 448, 3), min_input_size=448, num_classes=20,
+@register_model("yolo_v1", input_shape=(448, 448, 3), min_input_size=64, num_classes=20,
                 paper=_PAPER, task="detection")
 def yolo_v1(**kwargs: Any) -> YOLOv1:
     """The paper's network: 24 convolutions + 2 fcs, 448x448 input, S=7, B=2, 20 VOC classes."""
     return YOLOv1(**kwargs)
 
 
-@register_model("yolo_v1_small", input_shape=(64, 64, 3), min_input_size=64, num_classes=4,
+@register_model("yolo_v1_small", input_shape=(64, 64, 3), min_input_size=16, num_classes=4,
                 paper=_PAPER, task="detection")
 def yolo_v1_small(**kwargs: Any) -> YOLOv1:
     """A 6-convolution YOLO v1 with BatchNorm for 64x64 `shapes_multi` images (8x8 grid)."""
-    kwargs = {"layers": YOLO_V1_SMALL_LAYERS, "grid_size": 8, "hidden_features": 256,
+    kwargs = {"layers": YOLO_V1_SMALL_LAYERS, "grid_size": 8, "hidden_features": 512,
               "dropout_rate": 0.0, "batch_norm": True, **kwargs}
     return YOLOv1(**kwargs)

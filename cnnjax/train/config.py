@@ -22,7 +22,14 @@ from cnnjax.utils.validation import check_choice, check_positive_float, check_po
 PARALLEL_MODES = ("pmap", "shard_map")
 FREEZE_MODES = (None, "backbone")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+TASKS = ("classification", "detection")
+# What `best_metric` may name, per task (the eval metrics the loop reports).
 EVAL_METRICS = ("loss", "top1", "top5")
+DETECTION_METRICS = ("map50", "map", "coco_map50", "coco_map75")
+TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS}
+# Fields added to the schema after workdirs were written: the value an older config.json (which
+# lacks the field) implicitly had, so those workdirs still resume.
+LEGACY_DEFAULTS = {"task": "classification"}
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
 RUNTIME_FIELDS = frozenset(
     {
@@ -48,6 +55,9 @@ RUNTIME_FIELDS = frozenset(
 def default_config() -> ml_collections.ConfigDict:
     """Every field the engine reads, with defaults (a data config is filled in by experiments)."""
     c = ml_collections.ConfigDict()
+    # "classification" (logits, cross-entropy, top-1/top-5) or "detection" (the model's own
+    # `loss` and `detect` methods on `cnnjax.data.detection` batches, mAP; best_metric "map50").
+    c.task = "classification"
     c.model = "lenet5"
     # Keyword arguments for the model factory; None entries mean "the model's default" and are not
     # passed. Config files declare the model's fields with `model_kwargs_config(config.model)` so
@@ -197,6 +207,8 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
 
 def validate_config(config: Any) -> None:
     """Raises a ValueError for any invalid engine field (names, rates, sizes, intervals)."""
+    task = _field(config, "task", "classification")
+    check_choice("config", "task", task, TASKS)
     if not isinstance(_field(config, "model"), str) or not config.model:
         raise invalid(
             "config", "model", _field(config, "model"), "expected a registered model name"
@@ -218,7 +230,7 @@ def validate_config(config: Any) -> None:
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
-    check_choice("config", "best_metric", config.best_metric, EVAL_METRICS)
+    check_choice("config", "best_metric", config.best_metric, TASK_METRICS[task])
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
     smoothing = float(config.label_smoothing)
     if not 0.0 <= smoothing < 1.0:
@@ -312,9 +324,12 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     A field missing on one side equals an unset (None) one, so declaring new optional fields
     (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs. The other
     `init_from.*` fields only matter when `init_from.workdir` is set on either side (workdirs
-    saved before `init_from` existed lack its `exclude` default).
+    saved before `init_from` existed lack its `exclude` default). Fields in `LEGACY_DEFAULTS`
+    (`task`) missing on one side take the value older workdirs implicitly had.
     """
     names = sorted(set(saved) | set(current))
+    saved = {**LEGACY_DEFAULTS, **saved}
+    current = {**LEGACY_DEFAULTS, **current}
     warm = any(side.get("init_from.workdir") is not None for side in (saved, current))
     return [
         n

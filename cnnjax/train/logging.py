@@ -39,12 +39,18 @@ def _to_float(value: Any) -> float:
 
 
 class MetricLogger:
-    """Writes train/eval scalars of one run under `workdir` (only the primary process writes)."""
+    """Writes train/eval scalars of one run under `workdir` (only the primary process writes).
+
+    The learning-curve PNG shows the loss and `score_metric` (top-1 accuracy for classifiers,
+    `map50` for detectors), each for the splits that report it.
+    """
 
     def __init__(
-        self, workdir: str, *, resume_step: int = 0, enabled: bool = True, tensorboard: bool = True
+        self, workdir: str, *, resume_step: int = 0, enabled: bool = True, tensorboard: bool = True,
+        score_metric: str = "top1",
     ):
         self.workdir = workdir
+        self.score_metric = score_metric
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS_FILE)
         self.plot_path = os.path.join(workdir, PLOT_FILE)
@@ -95,16 +101,21 @@ class MetricLogger:
         train = [r for r in self.records if r["split"] == "train"]
         val = [r for r in self.records if r["split"] == "eval"]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        score = self.score_metric
         for rows, label, style in ((train, "train", "-"), (val, "val", "o-")):
-            if rows:
-                steps = [r["step"] for r in rows]
-                ax_loss.plot(steps, [r["loss"] for r in rows], style, label=label, markersize=3)
-                ax_acc.plot(steps, [r["top1"] for r in rows], style, label=label, markersize=3)
+            for ax, key in ((ax_loss, "loss"), (ax_acc, score)):
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)
         ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
-        ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="Accuracy", ylim=(0, 1))
+        if score == "top1":
+            ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="Accuracy", ylim=(0, 1))
+        else:
+            ax_acc.set(xlabel="step", ylabel=score, title=f"Eval {score}", ylim=(0, 1))
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_lines():
+                ax.legend()
         fig.tight_layout()
         tmp = self.plot_path + ".tmp.png"
         fig.savefig(tmp, dpi=100)

@@ -1,5 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every cnnjax experiment runs.
 
+`config.task` picks what is trained: "classification" (cross-entropy, top-1/top-5) or
+"detection" (`cnnjax.data.detection` batches, the detector's own `loss`, mAP over the eval split);
+everything else (state, optimizer, checkpoints, resume, logging, divergence) is shared.
+
 Sections: validate the config (before any compilation) -> build data, model, optimizer, state ->
 restore the newest checkpoint if the workdir has one (exact resume: state, step and data order),
 else warm-start the params and BatchNorm statistics from `config.init_from` if set -> train
@@ -44,7 +48,7 @@ from cnnjax.train.state import (
     select_pretrained,
     warm_start,
 )
-from cnnjax.train.step import make_steps
+from cnnjax.train.step import make_detection_steps, make_steps
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -226,11 +230,22 @@ class _Run:
     def setup(self) -> None:
         config = self.config
         config_lib.validate_config(config)
-        from cnnjax.data import pipeline  # heavy (TensorFlow): import once the config is sane
-        from cnnjax.models import create_model, model_info
+        from cnnjax.models import create_model, list_models, model_info
 
+        # Heavy (TensorFlow): imported once the config is sane. Both modules have the same API.
+        self.task = config.get("task", "classification")
+        if self.task == "detection":
+            from cnnjax.data import detection as pipeline
+        else:
+            from cnnjax.data import pipeline
         self.pipeline = pipeline
         info = model_info(config.model)  # unknown model -> ValueError listing names
+        if info.task != self.task:
+            raise ValueError(
+                f"config: model={config.model!r} is invalid; it is a {info.task} model and "
+                f"config.task={self.task!r} (set config.task={info.task!r}, or pick one of "
+                f"{list_models(task=self.task)})."
+            )
         self.data_info = pipeline.get_dataset_info(config.data)
         num_classes = config.get("num_classes")
         if num_classes is not None and num_classes != self.data_info.num_classes:
@@ -389,6 +404,8 @@ class _Run:
     # --------------------------------------------------------------------------------- eval
     def evaluate(self, state: Any, p_eval) -> dict:
         """Metrics over the whole eval split: masked sums over all batches, divided once."""
+        if self.task == "detection":
+            return self.evaluate_detection(state, p_eval)
         totals: dict[str, float] = {}
         batches = self.pipeline.eval_batches(
             self.config.data,
@@ -405,6 +422,31 @@ class _Run:
         if count <= 0:
             raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
         return {name: value / count for name, value in totals.items()} | {"num_examples": count}
+
+    def evaluate_detection(self, state: Any, p_predict) -> dict:
+        """mAP over the whole eval split: every device's detections and the ground truth go to
+        the host (all processes' in a multi-host run); padded examples are masked out."""
+        from cnnjax.detection.evaluation import DetectionEvaluator
+
+        evaluator = DetectionEvaluator(self.num_classes)
+        batches = self.pipeline.eval_batches(
+            self.config.data,
+            global_batch_size=self.eval_batch_size,
+            num_devices=self.parallel.local_device_count,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        for batch in batches:
+            images = self.parallel.shard_batch({"image": batch["image"]})
+            detections = self.parallel.outputs_to_host(p_predict(state, images))
+            truth = {k: batch[k] for k in ("boxes", "labels", "box_valid", "mask")}
+            if jax.process_count() > 1:
+                detections, truth = multihost_utils.process_allgather((detections, truth))
+            evaluator.add(detections, truth["boxes"], truth["labels"], truth["box_valid"],
+                          truth["mask"])
+        if evaluator.num_images == 0:
+            raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
+        return evaluator.compute() | {"num_examples": float(evaluator.num_images)}
 
     # --------------------------------------------------------------------------------- main
     def run(self) -> dict:
@@ -453,6 +495,7 @@ class _Run:
             resume_step=start_step,
             enabled=self.is_primary,
             tensorboard=config.tensorboard,
+            score_metric="map50" if self.task == "detection" else "top1",
         )
         # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
         evals = [
@@ -460,16 +503,23 @@ class _Run:
             for r in logger.records
             if r["split"] == "eval"
         ]
-        train_step, eval_step = make_steps(
-            self.model,
-            self.tx,
-            self.schedule,
-            AXIS_NAME,
-            float(config.label_smoothing),
-            float(config.aux_loss_weight),
-            resolve_conv_impl(config.conv_impl, jax.default_backend()),
-        )
-        p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+        conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
+        if self.task == "detection":
+            train_step, predict_step = make_detection_steps(
+                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
+            )
+            p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
+        else:
+            train_step, eval_step = make_steps(
+                self.model,
+                self.tx,
+                self.schedule,
+                AXIS_NAME,
+                float(config.label_smoothing),
+                float(config.aux_loss_weight),
+                conv_impl,
+            )
+            p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
 
         batches = self.pipeline.train_batches(
             config.data,

@@ -96,6 +96,36 @@ class DataParallel:
         )
         return jax.jit(mapped)
 
+    def wrap_predict(self, fn: Callable) -> Callable:
+        """`fn(state, batch) -> per-example outputs` per device -> a compiled all-device step
+        whose outputs keep the `[devices, per_device, ...]` layout (see `outputs_to_host`)."""
+        if self.mode == "pmap":
+            return jax.pmap(fn, axis_name=AXIS_NAME, devices=self._pmap_devices)
+
+        def add_device_axis(state, batch):
+            return jax.tree.map(lambda x: x[None], fn(state, batch))
+
+        mapped = jax.shard_map(
+            _squeeze_batch(add_device_axis),
+            mesh=self.mesh,
+            in_specs=(P(), P(AXIS_NAME)),
+            out_specs=P(AXIS_NAME),
+            check_vma=False,
+        )
+        return jax.jit(mapped)
+
+    def outputs_to_host(self, outputs: Any) -> Any:
+        """Host numpy `[local_devices, per_device, ...]` of `wrap_predict`'s outputs: this
+        process's devices, in the order of its batch."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), outputs)
+
+        def local(x):
+            shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+            return np.concatenate([np.asarray(s.data) for s in shards])
+
+        return jax.tree.map(local, outputs)
+
     def metrics_to_host(self, metrics: Any) -> Any:
         """Host numpy metrics (identical on all devices after the collectives)."""
         return self.unreplicate(metrics)

@@ -1,5 +1,8 @@
 """The per-device train and eval steps, written once with named-axis collectives.
 
+Classification steps compute cross-entropy and accuracy here; detection steps call the
+detector's own `loss` and `detect` methods (`config.task = "detection"`).
+
 Both functions run on one device's shard of the batch inside `jax.pmap` or `jax.shard_map` (see
 `parallel.py`), where `axis_name` names the data-parallel axis: gradients and metrics are averaged
 with `lax.pmean`, BatchNorm statistics are synced by the model's own `axis_name`, and each device
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,9 +47,7 @@ def train_step(
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
     lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU).
     """
-    dropout_rng = jax.random.fold_in(
-        jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name)
-    )
+    dropout_rng = _step_rng(state, axis_name)
 
     def loss_fn(params):
         variables = {"params": params}
@@ -73,11 +75,26 @@ def train_step(
         return loss, (per_example, updates)
 
     grads, (per_example, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    # The main head's loss (with label smoothing) and accuracies, averaged over devices.
+    metrics = {name: jnp.mean(value) for name, value in per_example.items()}
+    return _apply_gradients(state, grads, updates, metrics, tx, schedule, axis_name)
+
+
+def _apply_gradients(
+    state: TrainState,
+    grads: dict,
+    updates: dict,
+    metrics: dict,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+) -> tuple[TrainState, dict]:
+    """The optimizer update with device-averaged gradients; device-averaged `metrics` plus the
+    step's `learning_rate`. `updates` holds the new BatchNorm statistics, if any."""
     grads = lax.pmean(grads, axis_name)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
-    # The main head's loss (with label smoothing) and accuracies, averaged over devices.
-    metrics = lax.pmean({name: jnp.mean(value) for name, value in per_example.items()}, axis_name)
+    metrics = lax.pmean(metrics, axis_name)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     new_state = state.replace(
         step=state.step + 1,
@@ -86,6 +103,67 @@ def train_step(
         opt_state=opt_state,
     )
     return new_state, metrics
+
+
+def _step_rng(state: TrainState, axis_name: str) -> jax.Array:
+    """This step's and this device's key: `(rng, step, device)`, never carried host state."""
+    return jax.random.fold_in(
+        jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name)
+    )
+
+
+def detection_train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+    conv_impl: str = "xla",
+) -> tuple[TrainState, dict]:
+    """One step of a detector on `batch` {'image', 'boxes', 'labels', 'box_valid'}
+    (`cnnjax.data.detection`): the model's own `loss` method, which returns `(loss, terms)`.
+
+    Metrics are the device-averaged `terms` (which hold `loss`) and the `learning_rate`. The
+    model may draw from the `dropout` and `sample` (e.g. RoI sampling) RNG streams, both derived
+    from `(rng, step, device)`.
+    """
+    rng = _step_rng(state, axis_name)
+
+    def loss_fn(params):
+        variables = {"params": params}
+        mutable: list[str] | bool = False
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+            mutable = ["batch_stats"]
+        with conv_impl_context(conv_impl):
+            out = model.apply(
+                variables,
+                batch["image"],
+                batch["boxes"],
+                batch["labels"],
+                batch["box_valid"],
+                train=True,
+                method="loss",
+                mutable=mutable,
+                rngs={"dropout": rng, "sample": jax.random.fold_in(rng, 1)},
+            )
+        (loss, terms), updates = out if mutable else (out, {})
+        return loss, (terms, updates)
+
+    grads, (terms, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in terms.items()}
+    return _apply_gradients(state, grads, updates, metrics, tx, schedule, axis_name)
+
+
+def detection_predict_step(
+    state: TrainState, batch: dict, *, model: nn.Module, conv_impl: str = "xla"
+) -> Any:
+    """This device's fixed-size detections of `batch['image']` (the model's `detect` method);
+    the host gathers them from every device and computes mAP (`detection.evaluation`)."""
+    with conv_impl_context(conv_impl):
+        return model.apply(state.variables(), batch["image"], method="detect")
 
 
 def eval_step(
@@ -129,3 +207,19 @@ def make_steps(
         eval_step, model=model, axis_name=axis_name, conv_impl=conv_impl
     )
     return train, evaluate
+
+
+def make_detection_steps(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+    conv_impl: str = "xla",
+) -> tuple[Callable, Callable]:
+    """Binds a detector and optimizer into per-device `(train_step, predict_step)` functions."""
+    train = functools.partial(
+        detection_train_step, model=model, tx=tx, schedule=schedule, axis_name=axis_name,
+        conv_impl=conv_impl,
+    )
+    predict = functools.partial(detection_predict_step, model=model, conv_impl=conv_impl)
+    return train, predict

@@ -11,6 +11,9 @@ supersampling (soft edges) plus Gaussian noise (sigma 8 grey levels). Every exam
 
 Splits: `train` 2,000 examples (500 per class, split seed 1), `test` 400 (100 per class, seed 2).
 `objects/bbox` is the shape's box `[ymin, xmin, ymax, xmax]` normalized to [0, 1].
+
+`shapes_multi` (`ShapesMulti`, same shapes and rendering) is the detection set: 64x64 scenes of
+1-4 shapes with disjoint boxes, `train` 4,000 (split seed 11), `test` 500 (seed 12).
 """
 
 from __future__ import annotations
@@ -44,17 +47,28 @@ def render(label: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarr
     r = rng.uniform(MIN_RADIUS, MAX_RADIUS)
     cx, cy = rng.uniform(r, IMAGE_SIZE - r, size=2)
     background = rng.randint(0, 256, size=3)
-    foreground = rng.randint(0, 256, size=3)
-    while np.abs(foreground - background).sum() < MIN_COLOR_DISTANCE:
-        foreground = rng.randint(0, 256, size=3)
-    n = IMAGE_SIZE * SUPERSAMPLING
-    grid = (np.arange(n) + 0.5) / SUPERSAMPLING  # sub-pixel centres in pixel units
-    mask = _INSIDE[CLASS_NAMES[label]](grid[None, :] - cx, grid[:, None] - cy, r)
-    coverage = mask.reshape(IMAGE_SIZE, SUPERSAMPLING, IMAGE_SIZE, SUPERSAMPLING).mean((1, 3))
+    foreground = _colour_apart(background, rng)
+    coverage = _coverage(label, cx, cy, r, IMAGE_SIZE)
     image = background * (1 - coverage[..., None]) + foreground * coverage[..., None]
     image = image + rng.normal(0.0, NOISE_STD, size=image.shape)
     bbox = np.clip(np.array([cy - r, cx - r, cy + r, cx + r]) / IMAGE_SIZE, 0.0, 1.0)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), bbox.astype(np.float32)
+
+
+def _coverage(label: int, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Fraction `[size, size]` of each pixel the shape covers (4x4 supersampling)."""
+    n = size * SUPERSAMPLING
+    grid = (np.arange(n) + 0.5) / SUPERSAMPLING  # sub-pixel centres in pixel units
+    mask = _INSIDE[CLASS_NAMES[label]](grid[None, :] - cx, grid[:, None] - cy, r)
+    return mask.reshape(size, SUPERSAMPLING, size, SUPERSAMPLING).mean((1, 3))
+
+
+def _colour_apart(background: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """A random RGB colour at least `MIN_COLOR_DISTANCE` (L1) from `background`."""
+    colour = rng.randint(0, 256, size=3)
+    while np.abs(colour - background).sum() < MIN_COLOR_DISTANCE:
+        colour = rng.randint(0, 256, size=3)
+    return colour
 
 
 def generate(split: str):
@@ -99,3 +113,93 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str):
         yield from generate(split)
+
+
+# ------------------------------------------------------------------------------ shapes_multi
+MULTI_IMAGE_SIZE = 64
+MULTI_MAX_OBJECTS = 4
+MULTI_SPLITS = {"train": (4000, 11), "test": (500, 12)}  # name: (examples, split seed)
+_PLACEMENT_TRIES = 100
+
+
+def render_multi(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draws one `shapes_multi` scene: `(image uint8 [64, 64, 3], bboxes float32 [n, 4]
+    normalized [ymin, xmin, ymax, xmax], labels int64 [n])`, 1 <= n <= 4.
+
+    The scene wants `n ~ U{1..4}` shapes of random class, half-size in [5, 12] px, each in its
+    own colour (at least 150 L1 from the background) and with a box disjoint from the others'
+    (a shape that finds no free place in 100 tries is left out, so every box is fully visible).
+    """
+    wanted = rng.randint(1, MULTI_MAX_OBJECTS + 1)
+    background = rng.randint(0, 256, size=3)
+    image = np.broadcast_to(background.astype(np.float64), (MULTI_IMAGE_SIZE,) * 2 + (3,))
+    boxes: list[np.ndarray] = []
+    labels: list[int] = []
+    for _ in range(wanted):
+        label = rng.randint(len(CLASS_NAMES))
+        r = rng.uniform(MIN_RADIUS, MAX_RADIUS)
+        colour = _colour_apart(background, rng)
+        for _ in range(_PLACEMENT_TRIES):
+            cx, cy = rng.uniform(r, MULTI_IMAGE_SIZE - r, size=2)
+            box = np.array([cy - r, cx - r, cy + r, cx + r])
+            if all(box[0] >= b[2] or b[0] >= box[2] or box[1] >= b[3] or b[1] >= box[3]
+                   for b in boxes):
+                break
+        else:
+            continue
+        coverage = _coverage(label, cx, cy, r, MULTI_IMAGE_SIZE)[..., None]
+        image = image * (1 - coverage) + colour * coverage
+        boxes.append(box)
+        labels.append(label)
+    image = image + rng.normal(0.0, NOISE_STD, size=image.shape)
+    bboxes = np.clip(np.array(boxes) / MULTI_IMAGE_SIZE, 0.0, 1.0).astype(np.float32)
+    return (np.clip(np.rint(image), 0, 255).astype(np.uint8), bboxes,
+            np.array(labels, np.int64))
+
+
+def generate_multi(split: str):
+    """Yields `(key, example)` for every `shapes_multi` example of `split`, in order."""
+    num_examples, split_seed = MULTI_SPLITS[split]
+    for i in range(num_examples):
+        image, bboxes, labels = render_multi(np.random.RandomState([split_seed, i]))
+        sides = (bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])
+        yield i, {"image": image, "label": int(labels[np.argmax(sides)]),
+                  "objects": {"bbox": bboxes, "label": labels}}
+
+
+class ShapesMulti(tfds.core.GeneratorBasedBuilder):
+    """tfds builder for 64x64 scenes of 1-4 shapes (registered as `shapes_multi`).
+
+    `objects` holds every shape's box and class (detection); the image-level `label` is the class
+    of the largest shape (the first on ties), so the set also reads as a classification set.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: 4,000 train / 500 test scenes of 1-4 shapes."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=render_multi.__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(MULTI_IMAGE_SIZE, MULTI_IMAGE_SIZE, 3),
+                                                 dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                    "objects": tfds.features.Sequence(
+                        {
+                            "bbox": tfds.features.BBoxFeature(),
+                            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                        }
+                    ),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # Generated locally: nothing to download.
+        return {split: self._generate_examples(split) for split in MULTI_SPLITS}
+
+    def _generate_examples(self, split: str):
+        yield from generate_multi(split)

@@ -1,0 +1,250 @@
+"""Faster R-CNN (Ren et al., NeurIPS 2015): a Region Proposal Network and a Fast R-CNN box head
+sharing one convolutional feature map, trained jointly (approximate joint training).
+
+Pipeline, all fixed shapes (padding + validity masks), built from `cnnjax.detection`:
+
+- backbone: `VGGFeatures` (the paper's VGG trunk design, here with BatchNorm and a few blocks),
+  the last block's map at stride `2**len(backbone_stages)`;
+- RPN (sec. 3.1): 3x3 conv + ReLU, then per anchor an objectness logit and `(tx, ty, tw, th)`
+  deltas (1x1 convs; one logit per anchor with a sigmoid, as torchvision, instead of the
+  paper's 2-way softmax); anchors from `generate_anchors(stride, anchor_ratios, anchor_scales)`
+  on the feature grid;
+- proposals: `rpn_proposals` (decode, clip, min size, top-n, NMS at 0.7, top-n), no gradient;
+- box head (Fast R-CNN): `roi_align` of each RoI to `roi_size x roi_size`, two fcs + ReLU,
+  then `C + 1` class logits (0 = background) and class-specific deltas `4 (C + 1)`.
+
+Training (`loss`): the RPN loss (anchors labelled by `label_anchors` at IoU 0.7 / 0.3 with
+forced best anchors, 256 sampled half positive by `sample_balanced`; sigmoid cross-entropy plus
+smooth L1 (beta 1/9) summed over positives, both averaged over the sampled anchors) plus the
+Fast R-CNN loss (`sample_rois`: 25% foreground at IoU 0.5, gt boxes appended; `fast_rcnn_loss`).
+Inference (`detect`): class probabilities times class-specific decoded boxes of every proposal,
+clipped, per-class NMS at 0.5 to `max_detections`.
+
+`num_classes` counts object classes (as YOLO's; `gt_labels` in `[0, C)`), the head adds the
+background class. Random sampling draws from the `sample` RNG stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnjax.detection.anchors import anchor_grid, anchors_inside, generate_anchors
+from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
+from cnnjax.detection.losses import masked_mean, smooth_l1
+from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
+from cnnjax.detection.postprocess import Detections, batched_nms
+from cnnjax.detection.proposals import rpn_proposals
+from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
+from cnnjax.layers.roi import roi_align
+from cnnjax.models.registry import register_model
+from cnnjax.models.vgg import VGGFeatures
+from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
+
+Array = Any
+
+_PAPER = ("Ren et al. 2015, Faster R-CNN: Towards Real-Time Object Detection with Region "
+          "Proposal Networks (NeurIPS)")
+
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box head's target scaling (Detectron, torchvision)
+
+
+class RpnOutputs(NamedTuple):
+    """The RPN's raw outputs for a batch, anchors in the order of the rows."""
+
+    features: jax.Array  # [N, h, w, C] the backbone map
+    objectness: jax.Array  # [N, h * w * A] logits
+    deltas: jax.Array  # [N, h * w * A, 4]
+    anchors: jax.Array  # [h * w * A, 4]
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN with a `VGGFeatures` backbone (see the module docstring).
+
+    Attributes:
+      num_classes: object classes `C` (the box head has `C + 1` outputs).
+      backbone_stages: `VGGFeatures` stages; each halves the resolution.
+      anchor_scales, anchor_ratios: `generate_anchors(base_size=stride, ratios, scales)`; anchor
+        sides are about `stride * scale` pixels (paper: stride 16, scales 8/16/32 = 128-512 px).
+      rpn_channels: width of the RPN's 3x3 conv (paper: 512 for VGG-16).
+      rpn_pre_nms_train, rpn_post_nms_train, rpn_pre_nms_test, rpn_post_nms_test: proposal
+        counts before/after NMS (paper: 12000/2000 training, 6000/300 test).
+      rpn_batch_size: anchors sampled per image (256), half positive at most.
+      rpn_min_size: proposals narrower or lower than this are dropped (pixels).
+      roi_samples: RoIs sampled per image for the box head (paper: 128), 25% foreground.
+      roi_size: `roi_align` output side (paper: 7 for VGG-16's 7x7 pool5).
+      head_features: width of the two fcs of the box head (paper: 4096).
+      score_threshold, nms_iou, max_detections: `detect`'s filtering.
+      dtype: computation dtype (params float32); axis_name: BatchNorm's cross-device axis.
+    """
+
+    num_classes: int = 20
+    backbone_stages: Sequence[Sequence[int]] = ((32,), (64,), (128, 128))
+    anchor_scales: Sequence[float] = (1.5, 3.0)
+    anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0)
+    rpn_channels: int = 128
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 64
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 64
+    rpn_batch_size: int = 256
+    rpn_min_size: float = 2.0
+    roi_samples: int = 64
+    roi_size: int = 4
+    head_features: int = 256
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for arg in ("num_classes", "rpn_channels", "rpn_pre_nms_train", "rpn_post_nms_train",
+                    "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_size", "roi_samples",
+                    "roi_size", "head_features", "max_detections"):
+            check_positive_int(owner, arg, getattr(self, arg))
+        try:
+            ok = len(self.backbone_stages) > 0
+        except TypeError:
+            ok = False
+        if not ok:
+            raise invalid(owner, "backbone_stages", self.backbone_stages,
+                          "expected a non-empty sequence of stages (each a sequence of widths)")
+        check_number(owner, "nms_iou", self.nms_iou, "expected a number in [0, 1]", low=0.0,
+                      high=1.0)
+        check_number(owner, "score_threshold", self.score_threshold,
+                     "expected a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+        check_number(owner, "rpn_min_size", self.rpn_min_size, "expected a finite number >= 0",
+                     low=0.0, high_open=True)
+        generate_anchors(self.stride, self.anchor_ratios, self.anchor_scales)  # checks both
+        super().__post_init__()
+
+    @property
+    def stride(self) -> int:
+        """The backbone's output stride."""
+        return 2 ** len(self.backbone_stages)
+
+    def setup(self) -> None:
+        self.backbone = VGGFeatures(stages=self.backbone_stages, batch_norm=True,
+                                    dtype=self.dtype, axis_name=self.axis_name)
+        anchors_per_cell = len(self.anchor_scales) * len(self.anchor_ratios)
+        head_init = nn.initializers.normal(0.01)  # the paper's N(0, 0.01) for new layers
+        self.rpn_conv = nn.Conv(self.rpn_channels, (3, 3), padding="SAME", dtype=self.dtype,
+                                kernel_init=head_init)
+        self.rpn_objectness = nn.Conv(anchors_per_cell, (1, 1), dtype=self.dtype,
+                                      kernel_init=head_init)
+        self.rpn_deltas = nn.Conv(4 * anchors_per_cell, (1, 1), dtype=self.dtype,
+                                  kernel_init=head_init)
+        self.fc6 = nn.Dense(self.head_features, dtype=self.dtype)
+        self.fc7 = nn.Dense(self.head_features, dtype=self.dtype)
+        self.class_logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
+                                     kernel_init=head_init)
+        self.box_deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype,
+                                   kernel_init=nn.initializers.normal(0.001))
+
+    # ------------------------------------------------------------------------------ stages
+    def rpn(self, images: Array, train: bool) -> RpnOutputs:
+        """Backbone and RPN head on a batch."""
+        check_nhwc(type(self).__name__, images)
+        x = jnp.asarray(images, self.dtype)
+        features = self.backbone(x, train)[f"block{len(self.backbone_stages)}"]
+        n, h, w, _ = features.shape
+        hidden = nn.relu(self.rpn_conv(features))
+        objectness = self.rpn_objectness(hidden).reshape(n, -1).astype(jnp.float32)
+        deltas = self.rpn_deltas(hidden).reshape(n, -1, 4).astype(jnp.float32)
+        base = generate_anchors(self.stride, self.anchor_ratios, self.anchor_scales)
+        return RpnOutputs(features, objectness, deltas, anchor_grid((h, w), self.stride, base))
+
+    def proposals(self, rpn: RpnOutputs, image_size: tuple[int, int], train: bool) -> Any:
+        """`rpn_proposals` of every image (no gradient), train or test counts."""
+        pre = self.rpn_pre_nms_train if train else self.rpn_pre_nms_test
+        post = self.rpn_post_nms_train if train else self.rpn_post_nms_test
+        return jax.vmap(lambda o, d: rpn_proposals(
+            o, d, rpn.anchors, image_size, pre_nms_top_n=pre, post_nms_top_n=post,
+            nms_thresh=0.7, min_size=self.rpn_min_size))(
+                jax.lax.stop_gradient(rpn.objectness), jax.lax.stop_gradient(rpn.deltas))
+
+    def box_head(self, features: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+        """Class logits `[N, R, C + 1]` and deltas `[N, R, C + 1, 4]` of RoIs `[N, R, 4]`."""
+        del train  # no dropout or BatchNorm in the head
+        n, r = rois.shape[:2]
+        batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+        pooled = roi_align(features, rois.reshape(n * r, 4), batch_indices, self.roi_size,
+                           spatial_scale=1.0 / self.stride, sampling_ratio=2)
+        x = pooled.reshape(n * r, -1)
+        x = nn.relu(self.fc7(nn.relu(self.fc6(x))))
+        logits = self.class_logits(x).astype(jnp.float32).reshape(n, r, -1)
+        deltas = self.box_deltas(x).astype(jnp.float32).reshape(n, r, -1, 4)
+        return logits, deltas
+
+    # ----------------------------------------------------------------------------- methods
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
+        """Raw outputs: `(class_logits [N, R, C + 1], box_deltas [N, R, C + 1, 4], proposals)`
+        on the test-time proposals (`return_features` adds `{"backbone": map}`)."""
+        rpn = self.rpn(x, train)
+        proposals = self.proposals(rpn, tuple(x.shape[1:3]), train=False)
+        logits, deltas = self.box_head(rpn.features, proposals.boxes, train)
+        out = (logits, deltas, proposals)
+        return (out, {"backbone": rpn.features}) if return_features else out
+
+    def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
+             train: bool = True) -> tuple[Array, dict[str, Array]]:
+        """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`."""
+        image_size = tuple(images.shape[1:3])
+        rpn = self.rpn(images, train)
+        key = self.make_rng("sample")
+        rpn_keys, roi_keys = jax.random.split(key, (2, images.shape[0]))
+        inside = anchors_inside(rpn.anchors, image_size)
+
+        def rpn_loss(key, objectness, deltas, boxes, valid):
+            labels = label_anchors(rpn.anchors, boxes, valid, 0.7, 0.3, anchor_valid=inside)
+            positive, negative = sample_balanced(key, labels.labels, self.rpn_batch_size, 0.5)
+            sampled = positive | negative
+            target = (labels.labels == POSITIVE).astype(jnp.float32)
+            bce = (jnp.maximum(objectness, 0) - objectness * target
+                   + jnp.log1p(jnp.exp(-jnp.abs(objectness))))
+            matched = jnp.where(positive[:, None], boxes[labels.matched_gt], rpn.anchors)
+            regression = smooth_l1(deltas, encode_boxes(matched, rpn.anchors), beta=1.0 / 9)
+            box = jnp.where(positive[:, None], regression, 0.0)
+            return masked_mean(bce, sampled), masked_mean(box, sampled)
+
+        rpn_cls, rpn_box = jax.vmap(rpn_loss)(rpn_keys, rpn.objectness, rpn.deltas, gt_boxes,
+                                              gt_valid)
+        proposals = self.proposals(rpn, image_size, train=True)
+        targets = jax.vmap(lambda k, p, v, b, c, g: sample_rois(
+            k, p, v, b, c, g, num_samples=self.roi_samples, fg_fraction=0.25,
+            box_weights=BOX_WEIGHTS))(roi_keys, proposals.boxes, proposals.valid, gt_boxes,
+                                      gt_labels.astype(jnp.int32) + 1, gt_valid)
+        logits, deltas = self.box_head(rpn.features, targets.rois, train)
+        head = jax.vmap(fast_rcnn_loss)(logits, deltas, targets)
+        terms = {"rpn_objectness": jnp.mean(rpn_cls), "rpn_box": jnp.mean(rpn_box),
+                 "classification": jnp.mean(head.classification), "box": jnp.mean(head.box)}
+        loss = sum(terms.values())
+        return loss, {"loss": loss, **terms}
+
+    def detect(self, images: Array) -> Detections:
+        """Boxes, scores, classes and validity `[N, max_detections, ...]` (eval mode)."""
+        image_size = tuple(images.shape[1:3])
+        logits, deltas, proposals = self(images, train=False)
+        classes = self.num_classes
+        probs = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [N, P, C]
+        boxes = decode_boxes(deltas[:, :, 1:], proposals.boxes[:, :, None, :], BOX_WEIGHTS)
+        boxes = clip_boxes(boxes, image_size)  # [N, P, C, 4]
+        scores = jnp.where(proposals.valid[..., None], probs, 0.0)
+        labels = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), scores.shape)
+        return jax.vmap(lambda b, s, c: batched_nms(
+            b.reshape(-1, 4), s.reshape(-1), c.reshape(-1), self.nms_iou, self.max_detections,
+            self.score_threshold))(boxes, scores, labels)
+
+
+@register_model("faster_rcnn_small", input_shape=(64, 64, 3), min_input_size=16, num_classes=4,
+                paper=_PAPER, task="detection")
+def faster_rcnn_small(**kwargs: Any) -> FasterRCNN:
+    """Faster R-CNN for 64x64 `shapes_multi`: 4-conv VGG-style BatchNorm backbone at stride 8,
+    6 anchors per cell (about 12 and 24 px, ratios 1:2, 1:1, 2:1), RoIAlign 4x4, fcs 256."""
+    return FasterRCNN(**kwargs)

@@ -1,0 +1,129 @@
+"""`shapes_multi` and the detection input pipeline: boxes in pixels, padding, flips that move
+image and boxes together, exact resume, eval padding, bad configs.
+
+Building `shapes_multi` (4,500 scenes) takes 10-30 s on 2 cores, so the tests that read it are
+`slow`; the config checks run in the default suite."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cnnjax.data import detection
+from cnnjax.data.builders import shapes as shapes_lib
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tfds_shapes_multi"))
+    detection.get_dataset_info(_config(root))  # generated on first use (~10 s)
+    return root
+
+
+def _config(root, **overrides):
+    config = detection.default_data_config("shapes")
+    config.tfds_name = "shapes_multi"
+    config.data_dir = root
+    config.max_boxes = 4
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def stored_test(data_dir):
+    builder = tfds.builder("shapes_multi", data_dir=data_dir)
+    return list(tfds.as_numpy(builder.as_dataset(split="test")))
+
+
+@pytest.mark.slow
+def test_shapes_multi_scenes(data_dir, stored_test):
+    info = detection.get_dataset_info(_config(data_dir))
+    assert (info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
+        4, (64, 64, 3), 4000, 500)
+    counts = np.bincount([len(e["objects"]["label"]) for e in stored_test], minlength=5)
+    assert counts[0] == 0 and counts[1:].min() > 80  # 1-4 shapes, each count common
+    for example in stored_test:
+        boxes = example["objects"]["bbox"]
+        for a, b in itertools.combinations(boxes, 2):  # disjoint boxes
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+        sides = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        assert example["label"] == example["objects"]["label"][np.argmax(sides)]
+    again = [e["image"].tobytes() for _, e in itertools.islice(
+        shapes_lib.generate_multi("test"), 50)]  # reproducible generation
+    assert set(again) <= {e["image"].tobytes() for e in stored_test}
+
+
+@pytest.mark.slow
+def test_eval_batches_are_the_stored_boxes_in_pixels(data_dir, stored_test):
+    batches = list(detection.eval_batches(_config(data_dir), global_batch_size=64,
+                                          num_devices=2))
+    assert len(batches) == 8  # ceil(500 / 64)
+    assert batches[0]["image"].shape == (2, 32, 64, 64, 3)
+    assert batches[0]["boxes"].shape == (2, 32, 4, 4)
+    flat = {k: np.concatenate([b[k].reshape(-1, *b[k].shape[2:]) for b in batches])
+            for k in batches[0]}
+    assert flat["mask"].sum() == 500 and not flat["mask"][500:].any()
+    assert not flat["box_valid"][500:].any()
+    for i, example in enumerate(stored_test):
+        n = len(example["objects"]["label"])
+        ymin, xmin, ymax, xmax = example["objects"]["bbox"].T * 64
+        np.testing.assert_allclose(flat["boxes"][i, :n], np.stack([xmin, ymin, xmax, ymax], 1),
+                                   rtol=1e-6)
+        np.testing.assert_array_equal(flat["labels"][i, :n], example["objects"]["label"])
+        assert flat["box_valid"][i].tolist() == [True] * n + [False] * (4 - n)
+        assert not flat["boxes"][i, n:].any()
+
+
+@pytest.mark.slow
+def test_flip_moves_image_and_boxes_together(data_dir):
+    kwargs = {"global_batch_size": 32, "num_devices": 1, "seed": 3}
+    plain = next(detection.train_batches(_config(data_dir, augment=False), **kwargs))
+    flipped = next(detection.train_batches(_config(data_dir, augment=True), **kwargs))
+    mirrored = 0
+    for i in range(32):
+        if np.array_equal(plain["image"][0, i], flipped["image"][0, i]):
+            np.testing.assert_array_equal(plain["boxes"][0, i], flipped["boxes"][0, i])
+            continue
+        mirrored += 1
+        np.testing.assert_array_equal(plain["image"][0, i, :, ::-1], flipped["image"][0, i])
+        valid = plain["box_valid"][0, i]
+        x1, y1, x2, y2 = plain["boxes"][0, i][valid].T
+        np.testing.assert_allclose(flipped["boxes"][0, i][valid],
+                                   np.stack([64 - x2, y1, 64 - x1, y2], 1), atol=1e-5)
+    assert 5 < mirrored < 27  # about half
+
+
+@pytest.mark.slow
+def test_resume_replays_the_same_batches(data_dir):
+    kwargs = {"global_batch_size": 16, "num_devices": 2, "seed": 5}
+    config = _config(data_dir, augment=True)
+    stream = detection.train_batches(config, **kwargs)
+    batches = [next(stream) for _ in range(3)]
+    resumed = next(detection.train_batches(config, start_step=2, **kwargs))
+    for key in batches[2]:
+        np.testing.assert_array_equal(batches[2][key], resumed[key])
+    assert batches[0]["labels"].dtype == np.int32 and batches[0]["box_valid"].dtype == bool
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"max_boxes": 0}, "data: max_boxes=0 is invalid; expected a positive integer."),
+    ({"name": "fake", "tfds_name": None},
+     "data: name='fake' is invalid; detection needs a tfds dataset with `objects` boxes"),
+])
+def test_bad_configs(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as err:  # refused before any dataset is opened
+        next(detection.train_batches(_config(str(tmp_path), **overrides), global_batch_size=8,
+                                     num_devices=1, seed=0))
+    assert str(err.value).startswith(message)
+
+
+def test_dataset_without_boxes_is_refused(digits_dir):
+    config = detection.default_data_config("digits")
+    config.data_dir = digits_dir
+    with pytest.raises(ValueError, match=r"data: tfds_name='digits' is invalid; expected a "
+                                         r"dataset with `objects/bbox`"):
+        next(detection.eval_batches(config, global_batch_size=8, num_devices=1))

@@ -1,0 +1,102 @@
+"""Faster R-CNN: output shapes, the loss as the sum of its terms with sane untrained values,
+gradients reaching every layer, detections recomposed from the raw outputs in float64.
+
+Compiling the whole detector takes 10-30 s on 2 cores: those tests are `slow`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.detection.postprocess import batched_nms
+from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models.faster_rcnn import FasterRCNN
+
+BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
+LABELS = jnp.array([[1, 2], [3, 0]])
+VALID = jnp.array([[True, True], [True, False]])
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+    model = create_model("faster_rcnn_small", num_classes=4, rpn_post_nms_train=16,
+                         rpn_post_nms_test=16, rpn_pre_nms_train=200, rpn_pre_nms_test=200,
+                         roi_samples=16, max_detections=10)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    return model, jax.jit(model.init)(jax.random.key(1), x), x
+
+
+def test_registered_as_detector():
+    assert "faster_rcnn_small" in list_models(task="detection")
+    assert "faster_rcnn_small" not in list_models()
+    assert model_info("faster_rcnn_small").input_shape == (64, 64, 3)
+
+
+@pytest.mark.slow
+def test_call_shapes(model_and_variables):
+    model, variables, x = model_and_variables
+    logits, deltas, proposals = model.apply(variables, x)
+    assert logits.shape == (2, 16, 5) and deltas.shape == (2, 16, 5, 4)
+    assert proposals.boxes.shape == (2, 16, 4) and proposals.valid.dtype == jnp.bool_
+    rpn = model.apply(variables, x, False, method="rpn")
+    assert rpn.features.shape == (2, 8, 8, 128)  # stride 8
+    assert rpn.anchors.shape == (8 * 8 * 6, 4) and rpn.objectness.shape == (2, 384)
+
+
+@pytest.mark.slow
+def test_loss_terms_and_gradients(model_and_variables):
+    model, variables, x = model_and_variables
+
+    def loss(params):
+        (value, terms), _ = model.apply(
+            {**variables, "params": params}, x, BOXES, LABELS, VALID, train=True, method="loss",
+            mutable=["batch_stats"], rngs={"sample": jax.random.key(2)})
+        return value, terms
+
+    (value, terms), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    parts = ("rpn_objectness", "rpn_box", "classification", "box")
+    np.testing.assert_allclose(float(value), sum(float(terms[k]) for k in parts), rtol=1e-6)
+    # Untrained: objectness near log 2 (logits ~0), classification near log(C + 1).
+    assert abs(float(terms["rpn_objectness"]) - np.log(2)) < 0.05
+    assert abs(float(terms["classification"]) - np.log(5)) < 0.3
+    assert float(terms["rpn_box"]) > 0 and float(terms["box"]) >= 0
+    for name in ("rpn_conv", "rpn_objectness", "rpn_deltas", "fc6", "fc7", "class_logits",
+                 "box_deltas", "backbone"):
+        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
+        assert np.isfinite(norm) and norm > 0, name
+
+
+@pytest.mark.slow
+def test_detect_is_per_class_nms_of_decoded_proposals(model_and_variables):
+    model, variables, x = model_and_variables
+    det = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
+    assert det.boxes.shape == (2, 10, 4) and det.classes.dtype == jnp.int32
+    # Independent recomposition: softmax * decoded boxes from the raw outputs, then batched_nms.
+    logits, deltas, proposals = model.apply(variables, x)
+    probs = np.asarray(jax.nn.softmax(logits, -1))[..., 1:]
+    d = np.asarray(deltas, np.float64)[:, :, 1:] / np.array([10, 10, 5, 5])
+    p = np.asarray(proposals.boxes, np.float64)[:, :, None]
+    w, h = p[..., 2] - p[..., 0], p[..., 3] - p[..., 1]
+    cx, cy = p[..., 0] + w / 2 + d[..., 0] * w, p[..., 1] + h / 2 + d[..., 1] * h
+    bw, bh = np.exp(d[..., 2]) * w, np.exp(d[..., 3]) * h
+    boxes = np.clip(np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1), 0, 64)
+    for i in range(2):
+        scores = np.where(np.asarray(proposals.valid[i])[:, None], probs[i], 0)
+        classes = np.broadcast_to(np.arange(4), scores.shape)
+        want = batched_nms(boxes[i].reshape(-1, 4).astype(np.float32), scores.reshape(-1),
+                           classes.reshape(-1), 0.5, 10, 0.05)
+        np.testing.assert_array_equal(np.asarray(det.valid[i]), np.asarray(want.valid))
+        np.testing.assert_allclose(np.asarray(det.scores[i]), np.asarray(want.scores), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(det.boxes[i]), np.asarray(want.boxes), atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_classes": 0}, "FasterRCNN: num_classes=0 is invalid; expected a positive integer."),
+    ({"backbone_stages": ()}, "FasterRCNN: backbone_stages=() is invalid"),
+    ({"anchor_scales": (0.0,)}, "generate_anchors: scales=(0.0,) is invalid"),
+    ({"nms_iou": 2.0}, "FasterRCNN: nms_iou=2.0 is invalid; expected a number in [0, 1]."),
+])
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        FasterRCNN(**kwargs)
+    assert str(err.value).startswith(message)
