@@ -140,23 +140,24 @@ class TransferPlan:
                                       "arm": arm, "seed": seed, "config": config})
 
     def check_data(self) -> dict[str, int]:
-        """Training examples of the source and of each budget (`{slug: n}`); raises if a split is
-        smaller than the global batch (an epoch would have no step). Reads labels, trains
-        nothing."""
+        """Training examples of the source and of every run (`{trial_id: n}`); raises if one is
+        smaller than that run's global batch (an epoch would have no step). Reads labels,
+        trains nothing."""
         from cnnjax.data import pipeline  # deferred: TensorFlow starts here
 
+        known: dict[str, int] = {}  # data config (JSON) -> examples: one count per budget
         sizes = {}
-        for slug, config in [(SOURCE_ID, self.source)] + [
-                (slug, space_lib.apply_overrides(self.target, {self.budget_field: budget}))
-                for slug, budget in self.slugs.items()]:
-            num_train = pipeline.get_dataset_info(config.data).num_train
+        for run_id, config in [(SOURCE_ID, self.source)] + [
+                (run["trial"].trial_id, run["config"]) for run in self.runs]:
+            key = json.dumps(config_lib.flatten(config.data), sort_keys=True)
+            if key not in known:
+                known[key] = pipeline.get_dataset_info(config.data).num_train
+            num_train = sizes[run_id] = known[key]
             if num_train < config.global_batch_size:
-                what = "the source" if slug == SOURCE_ID else (
-                    f"budget {self.slugs[slug]!r} ({self.budget_field})")
+                what = "the source run" if run_id == SOURCE_ID else f"run {run_id}"
                 raise invalid(_OWNER, "global_batch_size", config.global_batch_size,
-                              f"{what} leaves {num_train} training examples; expected a global "
+                              f"{what} has {num_train} training examples; expected a global "
                               "batch of at most that many (lower it or raise the budget)")
-            sizes[slug] = num_train
         return sizes
 
     def describe(self) -> dict:
@@ -346,7 +347,7 @@ def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int
     rows = []
     for run in plan.runs:
         row = trial_result(transfer_dir, run["trial"], plan.metric, plan.mode)
-        rows.append({"budget": run["budget"], "num_train": sizes.get(run["slug"]),
+        rows.append({"budget": run["budget"], "num_train": sizes.get(run["trial"].trial_id),
                      "arm": run["arm"], "seed": run["seed"],
                      **{k: row[k] for k in ("trial_id", "status", "final", "best", "best_step",
                                             "steps", "wall_time_s", "reason", "workdir")}})

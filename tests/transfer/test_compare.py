@@ -118,6 +118,7 @@ def test_pretrained_arms_start_from_the_source_weights_and_scratch_does_not(
     assert not np.array_equal(finetune_final["conv/kernel"], src_params["conv/kernel"])
 
 
+@pytest.mark.slow  # 8+ tiny training runs
 def test_results_table_plot_and_report(tmp_path, capsys):
     target = _target()
     rows = compare.run_transfer(_source(), target, str(tmp_path / "t"), budgets=(4, None),
@@ -212,6 +213,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert _json(os.path.join(out, "trials", "8-finetune-s0", "trial.json"))["invocations"] == 2
 
 
+@pytest.mark.slow  # 8+ tiny training runs
 def test_failed_run_is_recorded_the_rest_continue_and_a_rerun_retries_it(tmp_path, monkeypatch):
     real, failed_once = sweep.train_and_evaluate, []
 
@@ -298,8 +300,12 @@ def _bad(**changes):
         ({"model": "lenet5"}, {}, "transfer: target.model='lenet5' is invalid; expected the "
                                   f"source's model '{helpers.TINY_MODEL}'"),
         ({"global_batch_size": 128}, {},
-         "transfer: global_batch_size=128 is invalid; budget 8 (data.train_examples_per_class) "
-         "leaves 64 training examples; expected a global batch of at most that many"),
+         "transfer: global_batch_size=128 is invalid; run 8-scratch-s0 has 64 training "
+         "examples; expected a global batch of at most that many (lower it or raise the "
+         "budget)."),
+        ({}, {"arm_overrides": {"linear_probe": {"global_batch_size": 96}}},
+         "transfer: global_batch_size=96 is invalid; run 8-linear_probe-s0 has 64 training "
+         "examples"),
         ({"num_train_steps": 5, "schedule.name": "warmup_cosine", "schedule.warmup_steps": 5},
          {}, "transfer: the target config is invalid: schedule: warmup_steps=5 is invalid; "
              "expected 0 <= warmup_steps < num_train_steps=5."),
