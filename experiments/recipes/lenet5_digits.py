@@ -5,7 +5,19 @@ Command:
         --recipe=experiments/recipes/lenet5_digits.py --tune_dir=workdirs/tune/lenet5_digits \\
         --config.progress_bar=False
 
-Expected: MEASURED_PLACEHOLDER
+Expected (measured with this command, 2 CPU cores shared with other jobs, JAX 0.10.2): 77 s wall
+(5 trials of 100 steps, 11-19 s each, compilation included). Round 1 ranks test top-1:
+    lr=0.178: 0.9805   lr=0.0316: 0.9582   lr=1.0: 0.9248   lr=0.00562: 0.9109   lr=0.001: 0.7772
+The best (0.178) is inside the grid and diagnosed `converged` (eval top-1 +0.3 points over the
+last 25 steps, below the 1.6-point noise of 359 test images; eval loss -17%), so the tune stops
+after one round: 98.05% in 100 steps, what the hand-set config reaches in 600 (`make train`).
+Rerunning the command trains nothing (~6 s). Outputs in --tune_dir: recipe.json, report.md,
+tune.png, round_1/ (an ordinary sweep directory).
+
+A range that misses the optimum, `--recipe.lr_min=1e-4 --recipe.lr_max=0.03 --recipe.num_lrs=4`:
+round 1's best, 0.03 (0.9526), is its highest rate, so round 2 tries 0.0776 and 0.201 (half and
+one grid step past it): 0.9805 and 0.9777; 0.0776 is inside the grid and converged, stop after 6
+trials (161 s wall).
 """
 
 from cnnjax.tune.recipe import default_recipe
