@@ -58,8 +58,9 @@ def test_sbatch_tune_runs_the_recipe_and_a_resubmission_trains_nothing(tmp_path)
     tune_dir = tmp_path / "tune"
     command = ["bash", os.path.join(ROOT, "launch", "sbatch_tune.sh"), CONFIG, RECIPES[0],
                str(tune_dir), *TINY]
-    result = subprocess.run(command, cwd=tmp_path, env=_fake_srun(tmp_path),
-                            capture_output=True, text=True, timeout=600)
+    env = _fake_srun(tmp_path)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tune_dir / "recipe.json").read_text())
     assert record["status"] == "budget_spent" and record["num_trials"] == 2
@@ -67,8 +68,8 @@ def test_sbatch_tune_runs_the_recipe_and_a_resubmission_trains_nothing(tmp_path)
     assert "Tune budget_spent after 1 round(s), 2 trials" in result.stdout
     summaries = sorted(glob.glob(str(tune_dir / "round_1" / "trials" / "*" / "summary.json")))
     mtimes = [os.stat(p).st_mtime_ns for p in summaries]
-    result = subprocess.run(command, cwd=tmp_path, env=_fake_srun(tmp_path / "again"),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already completed, skipped." in result.stdout
     assert [os.stat(p).st_mtime_ns for p in summaries] == mtimes
