@@ -1,0 +1,100 @@
+"""Checks that load the job's config files the way its entry point will, before it is queued.
+
+`count_trials` reads only the sweep file (cheap, no JAX) with its `--sweep.*` overrides and counts
+the trials with `cnnjax.tune.space`, so a sweep's array covers it exactly. `check_configs` loads
+every config file with all overrides through `ml_collections.config_flags` (as the entry point
+does at start-up): a misspelt field or a wrong type fails here rather than after hours in the
+queue; it also checks that the batch splits evenly over the job's GPUs. Loading an experiment
+config imports TensorFlow (the data pipeline), ~5 s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+from cnnjax.launch.spec import JobSpec, validate_spec
+from cnnjax.utils.validation import invalid
+
+_OWNER = "launch"
+
+
+def load_files(paths: dict[str, str], overrides: Sequence[str],
+               extra_flags: Sequence[str] = ()) -> dict[str, Any]:
+    """`{flag: ConfigDict}` of each config file with `overrides` applied (locked, as the entry
+    points load them). Raises ValueError naming the override that does not apply."""
+    values = flags.FlagValues()
+    argv = ["launch", *(f"--{flag}={path}" for flag, path in paths.items()), *overrides]
+    for flag in paths:
+        config_flags.DEFINE_config_file(flag, None, f"{flag} file", flag_values=values,
+                                        lock_config=True, sys_argv=argv)
+    for flag in extra_flags:  # plain flags the entry point also accepts (type checked loosely)
+        flags.DEFINE_string(flag, None, flag, flag_values=values)
+    try:
+        values(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
+        culprit = next((o for o in overrides if _names(o, err)), list(overrides))
+        raise invalid(_OWNER, "overrides", culprit,
+                      f"loading {', '.join(paths.values())} with it failed: {_message(err)}"
+                      ) from None
+    return {flag: values[flag].value for flag in paths}
+
+
+def _names(override: str, err: Exception) -> bool:
+    """True when `err`'s message names the field `override` sets."""
+    name = override[2:].split("=", 1)[0]
+    message = _message(err)
+    return any(part in message for part in (name, name.split(".", 1)[-1], name.rsplit(".")[-1]))
+
+
+def _message(err: Exception) -> str:
+    """`err`'s text, unwrapped from the KeyErrors ml_collections nests (one line)."""
+    while isinstance(err, KeyError | AttributeError) and err.args \
+            and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split())
+
+
+def count_trials(spec: JobSpec) -> int:
+    """The number of trials of a sweep spec's sweep file (with its `--sweep.*` overrides)."""
+    from cnnjax.tune import space as space_lib
+
+    if spec.sweep is None:
+        raise invalid(_OWNER, "sweep", None, "a sweep job needs --sweep=<file>")
+    try:
+        sweep = load_files({"sweep": spec.sweep}, spec.overrides_for("sweep"))["sweep"]
+    except FileNotFoundError:
+        raise invalid(_OWNER, "sweep", spec.sweep, "no such file") from None
+    return len(space_lib.from_config(sweep).trials)
+
+
+def _batch_fields(config: Any) -> dict[str, int]:
+    return {name: config[name] for name in ("global_batch_size", "eval_batch_size")
+            if name in config and isinstance(config[name], int)}
+
+
+def check_configs(spec: JobSpec) -> None:
+    """Loads the (validated) spec's config files with its overrides; raises ValueError for an
+    override the file refuses, a sweep field the base config lacks, or a batch size that does not
+    split evenly over the job's devices (every GPU of every task, one device on CPU)."""
+    spec = validate_spec(spec, count_trials(spec) if spec.entry == "sweep" else None)
+    entry = spec.entry_point
+    loaded = load_files(spec.files, spec.overrides, entry.extra_flags)
+    if spec.entry == "sweep":
+        from cnnjax.tune import space as space_lib
+
+        space_lib.check_fields(loaded["config"], space_lib.from_config(loaded["sweep"]))
+    experiments = ([loaded["transfer"].source, loaded["transfer"].target]
+                   if spec.entry == "transfer" else [loaded["config"]])
+    devices = max(1, spec.gpus_per_node) * spec.nodes
+    for config in experiments:
+        for name, size in _batch_fields(config).items():
+            if size % devices:
+                raise invalid(_OWNER, f"config.{name}", size,
+                              f"expected a multiple of the job's {devices} devices ({spec.nodes} "
+                              f"node(s) x {spec.gpus_per_node} GPU(s)): the batch is split evenly "
+                              "over every device")

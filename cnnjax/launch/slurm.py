@@ -1,0 +1,186 @@
+"""Render a complete, preemption-safe sbatch script for a validated `JobSpec`.
+
+The script runs the entry point with `srun` (one task per GPU for train, one task otherwise; a
+sweep is an array job, task i runs trial i), logs to `<workdir>/slurm/`, and survives preemption
+and time limits: `--signal=B:USR1@<s>` makes SLURM warn the batch shell `s` seconds ahead, the
+shell stops the job step (SIGTERM, SIGKILL after a grace period) and runs
+`scontrol requeue $SLURM_JOB_ID` unless the job was already requeued `max_requeues` times. The
+requeued job reruns the same command, which resumes from the newest checkpoint. A plain SIGTERM
+(scancel) stops the step without requeueing. Every start, signal and stop is appended to
+`<workdir>/slurm/events.log`. Pure functions: nothing is written or submitted here.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from cnnjax.launch.spec import JobSpec
+
+SLURM_DIR = "slurm"  # under the work directory: script, launch record, logs, events
+EVENTS_FILE = "events.log"
+#: Environment every job gets before `spec.env` (which wins): unbuffered logs, quiet TF (only the
+#: input pipeline uses it), JAX's persistent compilation cache so a requeued job skips compiling.
+DEFAULT_ENV = (("PYTHONUNBUFFERED", "1"), ("TF_CPP_MIN_LOG_LEVEL", "2"))
+CACHE_DIR = "jax_cache"
+
+
+def slurm_dir(spec: JobSpec) -> str:
+    return os.path.join(spec.workdir, SLURM_DIR)
+
+
+def log_pattern(spec: JobSpec) -> str:
+    """Where SLURM writes the job's output: `%x` job name, `%A`/`%a` array job/task, `%j` job."""
+    name = "%x-%A_%a.out" if spec.entry == "sweep" else "%x-%j.out"
+    return os.path.join(slurm_dir(spec), name)
+
+
+def array_directive(spec: JobSpec, num_trials: int) -> str:
+    """`--array` value: the chosen trials (default all, `0-(N-1)`), `%max_parallel` if set."""
+    indices = spec.array if spec.array is not None else f"0-{num_trials - 1}"
+    return indices + (f"%{spec.max_parallel}" if spec.max_parallel else "")
+
+
+def directives(spec: JobSpec, num_trials: int | None = None) -> list[str]:
+    """The `#SBATCH` options (without the prefix), in a fixed order."""
+    out = [
+        f"--job-name={spec.job_name}",
+        f"--chdir={spec.submit_dir}",
+        f"--output={log_pattern(spec)}",
+        "--open-mode=append",  # a requeued run appends to the same log
+        f"--nodes={spec.nodes}",
+        f"--ntasks-per-node={spec.tasks_per_node}",
+    ]
+    if spec.gpus_per_node:
+        out.append(f"--gpus-per-node={spec.gpus_per_node}")
+    out.append(f"--cpus-per-task={spec.cpus_per_task}")
+    if spec.mem is not None:
+        out.append(f"--mem={spec.mem}")
+    out.append(f"--time={spec.time}")
+    for name in ("partition", "account", "qos", "constraint"):
+        if getattr(spec, name) is not None:
+            out.append(f"--{name}={getattr(spec, name)}")
+    if spec.entry == "sweep":
+        if num_trials is None:
+            raise ValueError("launch: num_trials is needed to render a sweep's --array")
+        out.append(f"--array={array_directive(spec, num_trials)}")
+    out += ["--requeue", f"--signal=B:USR1@{spec.signal_seconds}"]
+    return out
+
+
+def command(spec: JobSpec) -> list[str]:
+    """The entry point's command line (each element one argument, unquoted)."""
+    entry = spec.entry_point
+    args = [spec.python, "-m", entry.module]
+    args += [f"--{flag}={path}" for flag, path in spec.files.items()]
+    args.append(f"--{entry.dir_flag}={spec.workdir}")
+    args += list(spec.overrides)
+    return args
+
+
+def _shell_command(spec: JobSpec) -> str:
+    """`srun ... <command>` quoted for bash; a sweep task adds its `--trial_index`."""
+    srun = ["srun", "--kill-on-bad-exit=1"] if spec.num_tasks > 1 else ["srun"]
+    args = command(spec)
+    head = " ".join(shlex.quote(w) for w in srun + args[:3])  # srun python -m <module>
+    words = [head] + [shlex.quote(w) for w in args[3:]]
+    if spec.entry == "sweep":
+        words.append('--trial_index="$SLURM_ARRAY_TASK_ID"')
+    return " \\\n    ".join(words)
+
+
+def environment(spec: JobSpec) -> list[tuple[str, str]]:
+    """(name, shell expression) pairs exported before the run, defaults first."""
+    cache = shlex.quote(os.path.join(spec.workdir, CACHE_DIR))
+    pairs = [(k, shlex.quote(v)) for k, v in DEFAULT_ENV]
+    pairs.append(("JAX_COMPILATION_CACHE_DIR", f"${{JAX_COMPILATION_CACHE_DIR:-{cache}}}"))
+    pairs += [(k, shlex.quote(v)) for k, v in spec.env]
+    return pairs
+
+
+_PREEMPTION = r"""
+# Preemption and time limits: SLURM sends USR1 to this shell SIGNAL_SECONDS s before the end.
+# Stop the job step, then requeue this job (same id, same command) unless it was requeued
+# MAX_REQUEUES times already; the rerun resumes from the newest checkpoint in the work directory.
+# TERM alone (scancel) stops the step without requeueing.
+event() {
+  local task=${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID}
+  printf '%s job %s%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${SLURM_JOB_ID:-?}" "$task" "$1" \
+    | tee -a "$EVENTS" >&2
+}
+stop_step() {
+  [[ -n "${STEP_PID:-}" ]] || return 0
+  kill -TERM "$STEP_PID" 2>/dev/null || return 0
+  local waited=0
+  while kill -0 "$STEP_PID" 2>/dev/null && ((waited < STOP_GRACE_SECONDS)); do
+    sleep 1
+    waited=$((waited + 1))
+  done
+  kill -KILL "$STEP_PID" 2>/dev/null
+  wait "$STEP_PID" 2>/dev/null
+  return 0
+}
+on_usr1() {
+  event "USR1: time limit or preemption ahead; stopping the job step"
+  stop_step
+  if ((RESTARTS >= MAX_REQUEUES)); then
+    event "not requeued: already requeued $RESTARTS time(s) (max_requeues=$MAX_REQUEUES); \
+resubmit the same job to continue from the newest checkpoint"
+    exit 1
+  fi
+  if scontrol requeue "${SLURM_JOB_ID:?}"; then
+    event "requeued (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES); the rerun resumes"
+    exit 0
+  fi
+  event "scontrol requeue $SLURM_JOB_ID failed; resubmit the same job to resume"
+  exit 1
+}
+on_term() {
+  event "TERM (scancel or preemption without requeue): stopping the job step; not requeued"
+  stop_step
+  exit 143
+}
+trap on_usr1 USR1
+trap on_term TERM
+"""
+
+
+def render(spec: JobSpec, num_trials: int | None = None) -> str:
+    """The sbatch script for a validated spec (`validate_spec`); `num_trials` for a sweep."""
+    q = shlex.quote
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# cnnjax {spec.entry} job, written by `python -m launch.submit` (record: "
+        f"{os.path.join(slurm_dir(spec), 'launch.json')}).",
+        "# Resubmitting it (or a requeue) reruns the same command, which resumes from the work",
+        "# directory; see launch/README.md.",
+    ]
+    lines += [f"#SBATCH {d}" for d in directives(spec, num_trials)]
+    lines += ["set -uo pipefail", "", f"cd {q(spec.submit_dir)}"]
+    lines += list(spec.setup)
+    if spec.venv is not None:
+        lines.append(f"source {q(os.path.join(spec.venv, 'bin', 'activate'))}")
+    lines += [f"export {k}={v}" for k, v in environment(spec)]
+    stop_grace = max(1, min(60, spec.signal_seconds // 2))
+    lines += [
+        "",
+        f"EVENTS={q(os.path.join(slurm_dir(spec), EVENTS_FILE))}",
+        f"MAX_REQUEUES={spec.max_requeues}",
+        f"STOP_GRACE_SECONDS={stop_grace}",
+        "RESTARTS=${SLURM_RESTART_COUNT:-0}",
+        'mkdir -p "$(dirname "$EVENTS")"',
+    ]
+    lines += _PREEMPTION.replace("SIGNAL_SECONDS", str(spec.signal_seconds)).splitlines()
+    lines += [
+        "",
+        'event "started on $(hostname) (restart $RESTARTS)"',
+        "# In the background so the traps run while it works; `wait` returns when a signal comes.",
+        _shell_command(spec) + " &",
+        "STEP_PID=$!",
+        'wait "$STEP_PID"',
+        "STATUS=$?",
+        'event "finished with exit status $STATUS"',
+        'exit "$STATUS"',
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""What a cluster job runs and on what: `JobSpec`, and its checks before anything is written.
+
+A spec names one entry point (`ENTRY_POINTS`: train, sweep, tune, transfer), its config files, the
+directory it works in and `--<file>.<field>=<value>` overrides passed through verbatim, plus the
+SLURM resources and the preemption settings. `validate_spec` checks every field without touching
+the cluster (a `ValueError` naming the field, the value and what is valid) and returns the spec
+with absolute paths, so the same job described from another directory compares equal. Nothing here
+imports JAX or loads an experiment config; `cnnjax.launch.checks` does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from cnnjax.utils.validation import check_choice, check_positive_int, invalid
+
+_OWNER = "launch"
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryPoint:
+    """How to run one `experiments.<name>` script: its module, the flags that take a config file
+    (in command-line order), the flag that takes the work directory, and the plain flags a user may
+    pass through. `multi_process`: the script joins several processes into one JAX job."""
+
+    module: str
+    file_flags: tuple[str, ...]
+    dir_flag: str
+    extra_flags: tuple[str, ...] = ()
+    multi_process: bool = False
+
+
+ENTRY_POINTS: dict[str, EntryPoint] = {
+    "train": EntryPoint("experiments.train", ("config",), "workdir",
+                        extra_flags=("distributed_timeout",), multi_process=True),
+    "sweep": EntryPoint("experiments.sweep", ("config", "sweep"), "sweep_dir"),
+    "tune": EntryPoint("experiments.tune", ("config", "recipe"), "tune_dir"),
+    "transfer": EntryPoint("experiments.transfer", ("transfer",), "transfer_dir"),
+}
+FILE_FLAGS = ("config", "sweep", "recipe", "transfer")
+
+# SLURM time limits: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_MEM = re.compile(r"^[1-9]\d*[KMGT]?$")
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)$",
+                       re.DOTALL)
+_ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
+#: `--signal`'s largest lead time (SLURM stores it in 16 bits).
+MAX_SIGNAL_SECONDS = 65535
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """One SLURM job of a cnnjax entry point (defaults: one node, one GPU, 4 hours)."""
+
+    entry: str
+    workdir: str
+    config: str | None = None
+    sweep: str | None = None
+    recipe: str | None = None
+    transfer: str | None = None
+    overrides: tuple[str, ...] = ()
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int | None = None  # None: one per GPU (train), else 1
+    cpus_per_task: int = 8
+    mem: str | None = None  # per node, SLURM units (e.g. 64G); None: the partition's default
+    time: str = "04:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str | None = None  # None: cnnjax-<entry>-<workdir name>
+    array: str | None = None  # sweep: trial indices to run ("0-7", "3,5"); None: every trial
+    max_parallel: int | None = None  # sweep: at most this many array tasks at once
+    signal_seconds: int = 300  # USR1 this long before the time limit: stop, requeue
+    max_requeues: int = 3
+    venv: str | None = ".venv"  # activated before running; None: `python` from PATH
+    python: str = "python"
+    env: tuple[tuple[str, str], ...] = ()  # exported after the defaults (yours win)
+    setup: tuple[str, ...] = ()  # shell lines run first, e.g. "module load cuda/12.4"
+    submit_dir: str = "."  # the repository root the job runs in (relative paths start here)
+
+    @property
+    def entry_point(self) -> EntryPoint:
+        return ENTRY_POINTS[self.entry]
+
+    @property
+    def files(self) -> dict[str, str]:
+        """`{flag: path}` of the entry point's config files, in command-line order."""
+        return {flag: getattr(self, flag) for flag in self.entry_point.file_flags}
+
+    @property
+    def num_tasks(self) -> int:
+        return self.nodes * self.tasks_per_node  # type: ignore[operator]
+
+    def overrides_for(self, flag: str) -> tuple[str, ...]:
+        """The overrides of one config-file flag (`--sweep.num_trials=8` for "sweep")."""
+        return tuple(o for o in self.overrides if o.startswith(f"--{flag}."))
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec as JSON-able data (tuples become lists); `from_json` reads it back."""
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise invalid(_OWNER, "spec", unknown, f"unknown fields; known: {sorted(known)}")
+        values = dict(data)
+        for name in ("overrides", "setup"):
+            values[name] = tuple(values.get(name, ()))
+        values["env"] = tuple(tuple(pair) for pair in values.get("env", ()))
+        return cls(**values)
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with tuples turned into lists, recursively (what a JSON round trip gives)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def time_limit_seconds(value: Any) -> int:
+    """Seconds in a SLURM time limit (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`)."""
+    valid = ("expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+             "D-HH:MM:SS (minutes and seconds < 60 after the first field), more than 0")
+    match = _TIME.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise invalid(_OWNER, "time", value, valid)
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in g:
+        d, h, m, s = g["days"], g["dh"], g.get("dm", 0), g.get("ds", 0)
+        if h >= 24 or m >= 60 or s >= 60:
+            raise invalid(_OWNER, "time", value, valid)
+    elif "c" in g:
+        d, h, m, s = 0, g["a"], g["b"], g["c"]
+        if m >= 60 or s >= 60:
+            raise invalid(_OWNER, "time", value, valid)
+    else:
+        d, h, m, s = 0, 0, g["a"], g.get("b", 0)
+        if "b" in g and s >= 60:
+            raise invalid(_OWNER, "time", value, valid)
+    seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    if seconds <= 0:
+        raise invalid(_OWNER, "time", value, valid)
+    return seconds
+
+
+def array_indices(value: str, num_trials: int) -> list[int]:
+    """The trial indices an array spec (`0-7`, `0,3,5-6`) selects; each must be < num_trials."""
+    valid = (f"expected comma-separated indices or ranges a-b (a <= b) of the sweep's "
+             f"{num_trials} trials, 0-{num_trials - 1}, e.g. '0-{num_trials - 1}' or '0,3'")
+    indices: list[int] = []
+    for item in value.split(",") if isinstance(value, str) else [None]:
+        match = _ARRAY_ITEM.match(item) if item is not None else None
+        if match is None:
+            raise invalid(_OWNER, "array", value, valid)
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if low > high or high >= num_trials:
+            raise invalid(_OWNER, "array", value, valid)
+        indices.extend(range(low, high + 1))
+    if len(set(indices)) != len(indices):
+        raise invalid(_OWNER, "array", value, f"{valid}; an index is listed twice")
+    return indices
+
+
+def _check_word(field: str, value: Any, pattern: re.Pattern | None = None,
+                what: str = "a SLURM name") -> None:
+    """Raises unless `value` is None or a non-empty string a `#SBATCH` line can carry."""
+    if value is None:
+        return
+    ok = isinstance(value, str) and value != "" and not re.search(r"[\s'\"#\\]", value)
+    if ok and pattern is not None:
+        ok = pattern.match(value) is not None
+    if not ok:
+        raise invalid(_OWNER, field, value,
+                      f"expected {what} without spaces, quotes, '#' or backslashes")
+
+
+def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) -> str:
+    """`value` made absolute against `base`; it may not hold whitespace or '%' (SLURM reads
+    `%` in log paths as a pattern) and must exist as `must_exist` ("file"/"dir") if given."""
+    if not isinstance(value, str) or not value:
+        raise invalid(_OWNER, field, value, "expected a path")
+    if re.search(r"[\s%'\"\\]", value):
+        raise invalid(_OWNER, field, value,
+                      "expected a path without whitespace, quotes, backslashes or '%' (SLURM "
+                      "directives cannot carry them)")
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+    if must_exist == "file" and not os.path.isfile(path):
+        raise invalid(_OWNER, field, value, f"no such file ({path})")
+    if must_exist == "dir" and not os.path.isdir(path):
+        raise invalid(_OWNER, field, value, f"no such directory ({path})")
+    return path
+
+
+def check_override(spec_entry: str, override: Any) -> str:
+    """Raises unless `override` is `--<file flag>.<field>=<value>` for one of the entry point's
+    config files, or `--<extra flag>=<value>` for one it accepts (e.g. train's
+    `--distributed_timeout`). Values are kept verbatim (quoted when the script is written)."""
+    entry = ENTRY_POINTS[spec_entry]
+    forms = [f"--{f}.<field>=<value>" for f in entry.file_flags]
+    forms += [f"--{f}=<value>" for f in entry.extra_flags]
+    valid = f"{spec_entry} accepts {', '.join(forms)} (note the '=')"
+    match = _OVERRIDE.match(override) if isinstance(override, str) else None
+    if match is None or "\0" in override:
+        raise invalid(_OWNER, "overrides", override, valid)
+    flag, field = match.group("flag"), match.group("field")
+    if flag in entry.file_flags and field:
+        return override
+    if flag in entry.extra_flags and not field:
+        return override
+    if flag == entry.dir_flag or flag in entry.file_flags or flag == "trial_index":
+        valid = (f"--{flag} is set by the launcher (from --workdir, --{flag} or the array "
+                 f"task); {valid}")
+    raise invalid(_OWNER, "overrides", override, valid)
+
+
+def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
+    """Checks every field of `spec`; returns it with absolute paths and defaults filled in.
+
+    `num_trials` (the sweep's size, `cnnjax.launch.checks.count_trials`) is required for a sweep:
+    the array may not name a trial past the last one. Config files must exist; whether the work
+    directory is on a filesystem every node shares cannot be checked from here.
+    """
+    entry_name = check_choice(_OWNER, "entry", spec.entry, ENTRY_POINTS)
+    entry = ENTRY_POINTS[entry_name]
+    submit_dir = _check_path("submit_dir", spec.submit_dir, os.getcwd(), must_exist="dir")
+    files = {}
+    for flag in FILE_FLAGS:
+        value = getattr(spec, flag)
+        if flag not in entry.file_flags:
+            if value is not None:
+                raise invalid(_OWNER, flag, value,
+                              f"{entry_name} takes no --{flag}; it takes "
+                              + ", ".join(f"--{f}" for f in entry.file_flags))
+            continue
+        if value is None:
+            raise invalid(_OWNER, flag, value, f"{entry_name} needs --{flag}=<file>")
+        files[flag] = _check_path(flag, value, submit_dir, must_exist="file")
+    workdir = _check_path("workdir", spec.workdir, submit_dir, must_exist=None)
+    if os.path.isfile(workdir):
+        raise invalid(_OWNER, "workdir", spec.workdir, "expected a directory, found a file")
+    if not isinstance(spec.overrides, tuple):
+        raise invalid(_OWNER, "overrides", spec.overrides, "expected a tuple of strings")
+    for override in spec.overrides:
+        check_override(entry_name, override)
+
+    for name in ("nodes", "cpus_per_task"):
+        check_positive_int(_OWNER, name, getattr(spec, name))
+    if isinstance(spec.max_requeues, bool) or not isinstance(spec.max_requeues, int) \
+            or spec.max_requeues < 0:
+        raise invalid(_OWNER, "max_requeues", spec.max_requeues, "expected an integer >= 0")
+    gpus = spec.gpus_per_node
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise invalid(_OWNER, "gpus_per_node", gpus, "expected an integer >= 0 (0: CPU only)")
+    tasks = spec.tasks_per_node
+    if tasks is None:
+        tasks = gpus if entry.multi_process and gpus > 0 else 1
+    check_positive_int(_OWNER, "tasks_per_node", tasks)
+    if entry.multi_process:
+        if gpus > 0 and tasks != gpus:
+            raise invalid(_OWNER, "tasks_per_node", tasks,
+                          f"expected one task per GPU, {gpus} (gpus_per_node): under SLURM each "
+                          "JAX process uses the GPU numbered by its SLURM_LOCALID")
+    else:
+        if spec.nodes != 1:
+            raise invalid(_OWNER, "nodes", spec.nodes,
+                          f"expected 1: {entry_name} runs one process (it uses every GPU of its "
+                          "node); spread a sweep's trials over an array job instead")
+        if tasks != 1:
+            raise invalid(_OWNER, "tasks_per_node", tasks,
+                          f"expected 1: {entry_name} runs one process using all gpus_per_node")
+
+    limit = time_limit_seconds(spec.time)
+    signal_s = spec.signal_seconds
+    check_positive_int(_OWNER, "signal_seconds", signal_s)
+    if signal_s > MAX_SIGNAL_SECONDS or signal_s >= limit:
+        raise invalid(_OWNER, "signal_seconds", signal_s,
+                      f"expected 1..{min(MAX_SIGNAL_SECONDS, limit - 1)}: seconds before the time "
+                      f"limit ({spec.time} = {limit} s) at which the job stops and requeues")
+    _check_word("mem", spec.mem, _MEM, "a size in MB or with a K/M/G/T suffix (e.g. 64G),")
+    for name in ("partition", "account", "qos", "constraint"):
+        _check_word(name, getattr(spec, name))
+    job_name = spec.job_name
+    if job_name is None:
+        job_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"cnnjax-{entry_name}-"
+                          f"{os.path.basename(workdir)}")
+    _check_word("job_name", job_name, _JOB_NAME, "letters, digits, '.', '_', '-'")
+
+    if entry_name == "sweep":
+        num_trials = check_positive_int(_OWNER, "num_trials (of the sweep)", num_trials)
+        if spec.array is not None:
+            array_indices(spec.array, num_trials)
+        if spec.max_parallel is not None:
+            check_positive_int(_OWNER, "max_parallel", spec.max_parallel)
+    else:
+        for name in ("array", "max_parallel"):
+            if getattr(spec, name) is not None:
+                raise invalid(_OWNER, name, getattr(spec, name),
+                              f"only a sweep is an array job; {entry_name} takes no {name}")
+
+    venv = spec.venv
+    if venv is not None:
+        venv = _check_path("venv", venv, submit_dir, must_exist="dir")
+        if not os.path.isfile(os.path.join(venv, "bin", "activate")):
+            raise invalid(_OWNER, "venv", spec.venv,
+                          f"expected a virtual environment ({venv}/bin/activate is missing)")
+    if not isinstance(spec.python, str) or not spec.python or re.search(r"\s", spec.python):
+        raise invalid(_OWNER, "python", spec.python, "expected a command without whitespace")
+    if not isinstance(spec.env, tuple):
+        raise invalid(_OWNER, "env", spec.env, "expected a tuple of (NAME, value) pairs")
+    for pair in spec.env:
+        if (not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str)
+                or not _ENV_NAME.match(pair[0]) or not isinstance(pair[1], str)
+                or "\0" in pair[1]):
+            raise invalid(_OWNER, "env", pair,
+                          "expected NAME=value with NAME of letters, digits and '_'")
+    if not isinstance(spec.setup, tuple):
+        raise invalid(_OWNER, "setup", spec.setup, "expected a tuple of shell lines")
+    for line in spec.setup:
+        if not isinstance(line, str) or not line.strip() or "\n" in line or "\0" in line:
+            raise invalid(_OWNER, "setup", line, "expected one non-empty shell line")
+
+    return dataclasses.replace(spec, submit_dir=submit_dir, workdir=workdir, venv=venv,
+                               tasks_per_node=tasks, job_name=job_name, **files)

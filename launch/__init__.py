@@ -1,0 +1,1 @@
+"""Cluster launch tooling: `python -m launch.submit` (see launch/README.md)."""

@@ -1,0 +1,204 @@
+"""Submit a cnnjax entry point to SLURM: write `<workdir>/slurm/job.sbatch`, then `sbatch` it.
+
+    python -m launch.submit --entry=train --config=experiments/configs/resnet20_cifar10.py \\
+        --workdir=/shared/workdirs/resnet20 --nodes=2 --gpus_per_node=4 --time=04:00:00 \\
+        --partition=gpu [--dry_run] -- --config.optimizer.learning_rate=0.05
+
+Everything after `--` goes to the entry point verbatim (`--config.x=y`, `--sweep.x=y`,
+`--recipe.x=y`, `--transfer.x=y`). A sweep becomes an array job with one task per trial (the
+sweep file decides how many). Every field is checked first, and the config files are loaded with
+the overrides (`--nocheck_configs` skips that, ~5 s); nothing is written when a check fails.
+`<workdir>/slurm/launch.json` records the spec and every job id. Submitting the same spec again
+is safe (the job resumes from the work directory); a different spec for a work directory that
+already has one is refused unless `--force`. `--dry_run` prints the script and submits nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from cnnjax.launch import checks, slurm
+from cnnjax.launch.spec import ENTRY_POINTS, JobSpec, json_ready, validate_spec
+from cnnjax.utils.validation import invalid
+
+SCRIPT_FILE = "job.sbatch"
+RECORD_FILE = "launch.json"
+_OWNER = "launch"
+
+_ENTRY = flags.DEFINE_enum("entry", None, list(ENTRY_POINTS), "Entry point to run.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "The job's directory (passed as --workdir, --sweep_dir, --tune_dir or "
+    "--transfer_dir); must be on a filesystem every node shares.")
+_CONFIG = flags.DEFINE_string("config", None, "Experiment config file (train, sweep, tune).")
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file (sweep).")
+_RECIPE = flags.DEFINE_string("recipe", None, "Recipe file (tune).")
+_TRANSFER = flags.DEFINE_string("transfer", None, "Transfer file (transfer).")
+_NODES = flags.DEFINE_integer("nodes", 1, "Nodes (train only may use more than 1).")
+_GPUS = flags.DEFINE_integer("gpus_per_node", 1, "GPUs per node (0: CPU only).")
+_TASKS = flags.DEFINE_integer(
+    "tasks_per_node", None, "Tasks per node; default one per GPU for train, else 1.")
+_CPUS = flags.DEFINE_integer("cpus_per_task", 8, "CPUs per task (input pipeline threads).")
+_MEM = flags.DEFINE_string("mem", None, "Memory per node, e.g. 64G (default: partition's).")
+_TIME = flags.DEFINE_string("time", "04:00:00", "Time limit (HH:MM:SS, D-HH:MM:SS, minutes).")
+_PARTITION = flags.DEFINE_string("partition", None, "SLURM partition.")
+_ACCOUNT = flags.DEFINE_string("account", None, "SLURM account.")
+_QOS = flags.DEFINE_string("qos", None, "SLURM quality of service.")
+_CONSTRAINT = flags.DEFINE_string("constraint", None, "SLURM node features, e.g. a100.")
+_JOB_NAME = flags.DEFINE_string("job_name", None, "Job name (default cnnjax-<entry>-<dir>).")
+_ARRAY = flags.DEFINE_string(
+    "array", None, "Sweep: trial indices to run, e.g. 0-7 or 3,5 (default: every trial).")
+_MAX_PARALLEL = flags.DEFINE_integer(
+    "max_parallel", None, "Sweep: at most this many trials at once (--array=...%N).")
+_SIGNAL_SECONDS = flags.DEFINE_integer(
+    "signal_seconds", 300, "Stop and requeue this many seconds before the time limit.")
+_MAX_REQUEUES = flags.DEFINE_integer(
+    "max_requeues", 3, "Requeue at most this many times (then resubmit by hand).")
+_VENV = flags.DEFINE_string("venv", ".venv", "Virtual environment to activate ('' for none).")
+_PYTHON = flags.DEFINE_string("python", "python", "Python command (after the venv).")
+_ENV = flags.DEFINE_multi_string("env", [], "NAME=value exported in the job (repeatable).")
+_SETUP = flags.DEFINE_multi_string(
+    "setup", [], "A shell line run first, e.g. 'module load cuda/12.4' (repeatable).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the script; write and submit nothing.")
+_FORCE = flags.DEFINE_bool("force", False, "Replace a different spec recorded in the workdir.")
+_CHECK_CONFIGS = flags.DEFINE_bool(
+    "check_configs", True, "Load the config files with the overrides before submitting.")
+flags.mark_flags_as_required(["entry", "workdir"])
+
+
+def _env_pairs(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise invalid(_OWNER, "env", item, "expected NAME=value")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
+    """The JobSpec the command line describes (not yet validated)."""
+    return JobSpec(
+        entry=_ENTRY.value, workdir=_WORKDIR.value, config=_CONFIG.value, sweep=_SWEEP.value,
+        recipe=_RECIPE.value, transfer=_TRANSFER.value, overrides=tuple(overrides),
+        nodes=_NODES.value, gpus_per_node=_GPUS.value, tasks_per_node=_TASKS.value,
+        cpus_per_task=_CPUS.value, mem=_MEM.value, time=_TIME.value,
+        partition=_PARTITION.value, account=_ACCOUNT.value, qos=_QOS.value,
+        constraint=_CONSTRAINT.value, job_name=_JOB_NAME.value, array=_ARRAY.value,
+        max_parallel=_MAX_PARALLEL.value, signal_seconds=_SIGNAL_SECONDS.value,
+        max_requeues=_MAX_REQUEUES.value, venv=_VENV.value or None, python=_PYTHON.value,
+        env=_env_pairs(_ENV.value), setup=tuple(_SETUP.value), submit_dir=os.getcwd(),
+    )
+
+
+def prepare(spec: JobSpec, *, check_configs: bool = True) -> tuple[JobSpec, int | None, str]:
+    """Validates `spec` (and loads its configs if `check_configs`); returns the normalized spec,
+    the sweep's trial count (None for other entry points) and the sbatch script."""
+    num_trials = checks.count_trials(spec) if spec.entry == "sweep" else None
+    spec = validate_spec(spec, num_trials)
+    if check_configs:
+        checks.check_configs(spec)
+    return spec, num_trials, slurm.render(spec, num_trials)
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
+              force: bool = False) -> tuple[str, dict[str, Any]]:
+    """Writes `<workdir>/slurm/job.sbatch` and the launch record; returns (script path, record).
+
+    Refuses (ValueError, nothing written) when the record holds a different spec, unless
+    `force`: then the old spec is kept in the record's `replaced` list.
+    """
+    directory = slurm.slurm_dir(spec)
+    record_path = os.path.join(directory, RECORD_FILE)
+    record = _read_record(record_path)
+    new = spec.to_json()
+    if record is not None and record["spec"] != new:
+        changes = _differences(record["spec"], new)
+        if not force:
+            raise invalid(
+                _OWNER, "workdir", spec.workdir,
+                f"it holds a job with a different spec ({'; '.join(changes)}); resubmit the "
+                f"recorded spec to resume it, choose a new --workdir, or pass --force to replace "
+                f"it (train also needs --config.restart=True to drop checkpoints of another "
+                f"config)")
+        record = {**record, "replaced": [*record.get("replaced", []),
+                                         {"spec": record["spec"], "until": _now()}]}
+    if record is None:
+        record = {"spec": new, "jobs": []}
+    record.update(spec=new, num_trials=num_trials, script=SCRIPT_FILE)
+    os.makedirs(directory, exist_ok=True)
+    script_path = os.path.join(directory, SCRIPT_FILE)
+    with open(script_path, "w") as f:
+        f.write(script)
+    os.chmod(script_path, 0o755)
+    _write_json(record_path, record)
+    return script_path, record
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(json_ready(data), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def sbatch(script_path: str, spec: JobSpec, record: dict[str, Any]) -> str:
+    """Runs `sbatch --parsable <script>`; records and returns the job id."""
+    try:
+        result = subprocess.run(["sbatch", "--parsable", script_path], capture_output=True,
+                                text=True, check=False)
+    except FileNotFoundError:
+        raise RuntimeError("sbatch not found on PATH: submit from a SLURM login node (or use "
+                           f"--dry_run); the script is in {script_path}") from None
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch failed (exit {result.returncode}): "
+                           f"{result.stderr.strip() or result.stdout.strip()}")
+    job_id = result.stdout.strip().split(";")[0]
+    record["jobs"].append({"job_id": job_id, "submitted": _now()})
+    _write_json(os.path.join(slurm.slurm_dir(spec), RECORD_FILE), record)
+    return job_id
+
+
+def main(argv: list[str]) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # loading a config imports TensorFlow
+    try:
+        spec, num_trials, script = prepare(spec_from_flags(argv[1:]),
+                                           check_configs=_CHECK_CONFIGS.value)
+        if _DRY_RUN.value:
+            print(script, end="")
+            return
+        script_path, record = write_job(spec, num_trials, script, force=_FORCE.value)
+        job_id = sbatch(script_path, spec, record)
+    except (ValueError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    trials = f" ({num_trials} trials)" if num_trials else ""
+    print(f"Submitted {spec.entry} job {job_id}{trials}: {script_path}\n"
+          f"Logs and events: {slurm.slurm_dir(spec)}/", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
