@@ -9,7 +9,7 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
                       value over the whole run: the learning rate is too low.
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
-                      given), or the train-eval top-1 gap is large and growing.
+                      given), or the train-eval top-1 gap is large and growing, or very large.
     underfitting      train top-1 below `underfit_train_top1` and within `overfit_gap` of eval.
     still_improving   over the last quarter, the eval metric improved by more than its noise
                       or the eval loss fell by more than `tail_loss_drop`.
@@ -92,6 +92,8 @@ class Thresholds:
     overfit_gap: float = 0.05
     # ... and growing if it widened by 2 points (or more than the eval noise) since mid-run.
     gap_growth: float = 0.02
+    # A gap over 10 points is overfitting even when it no longer grows (memorized train set).
+    large_gap: float = 0.1
     # Below 90% train top-1 the model does not fit its training set (CNNs on the classic
     # benchmarks reach >95%); lower it for ImageNet-scale data.
     underfit_train_top1: float = 0.9
@@ -393,6 +395,9 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
         if gap[-1] > t.overfit_gap and growth > needed:
             reasons.append(f"train-eval top-1 gap {100 * gap[-1]:.1f} points, up "
                            f"{100 * growth:.1f} since step {curves.eval_steps[middle]}")
+        elif gap[-1] > t.large_gap:
+            reasons.append(f"train-eval top-1 gap {100 * gap[-1]:.1f} points (train "
+                           f"{100 * train_top1[-1]:.1f}%, eval {100 * eval_top1[-1]:.1f}%)")
     if not reasons:
         return None
     return Finding(

@@ -185,6 +185,24 @@ def test_overfitting_by_a_growing_train_eval_gap():
     assert f is not None and f.evidence["final_gap"] > 0.05 and f.evidence["gap_growth"] > 0.02
 
 
+@pytest.mark.parametrize("eval_top1, overfit", [(0.91, False), (0.88, True)])
+def test_a_very_large_stable_gap_is_overfitting(eval_top1, overfit):
+    """Train 100%, eval flat: a 9-point gap that does not grow is fine, 12 points is not."""
+    d = dg.diagnose(_curves(**_converged(train_top1=_decay(0.1, 1.0, 0.05),
+                                         eval_top1=_decay(0.1, eval_top1, 0.05))))
+    assert ("overfitting" in d.verdicts) is overfit
+    assert d.finding("overfitting" if overfit else "converged").evidence  # numbers given
+
+
+def test_real_lenet_run_on_4_percent_of_the_training_set_overfits():
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_4pct"))
+    assert d.primary == "overfitting"
+    f = d.findings[0]
+    assert f.evidence["final_gap"] > 0.15  # train 100%, test 84%
+    assert [r.field for r in f.recommendations][:3] == [
+        "optimizer.weight_decay", "label_smoothing", "data.augment"]
+
+
 def test_underfitting_run():
     d = dg.diagnose(_curves(**_converged(train_loss=_decay(2.3, 1.0, 0.03),
                                          train_top1=_decay(0.1, 0.7, 0.03),
@@ -197,11 +215,11 @@ def test_underfitting_run():
 
 @pytest.mark.parametrize("seed", range(10))
 def test_eval_noise_within_two_standard_errors_does_not_make_a_plateau_improve(seed):
-    """A flat 90% eval top-1 on 400 examples, jittered by +-1 standard error: converged."""
+    """A flat 94% eval top-1 on 400 examples, jittered by +-1 standard error: converged."""
     rng = np.random.default_rng(seed)
-    se = math.sqrt(0.9 * 0.1 / 400)
+    se = math.sqrt(0.94 * 0.06 / 400)
     jitter = {s: float(rng.uniform(-se, se)) for s in range(50, STEPS + 1, 50)}
-    d = dg.diagnose(_curves(**_converged(eval_top1=lambda s: 0.9 + jitter[s]),
+    d = dg.diagnose(_curves(**_converged(eval_top1=lambda s: 0.94 + jitter[s]),
                             eval_examples=400))
     assert d.verdicts == ["converged"]
 
@@ -223,6 +241,17 @@ def test_eval_loss_still_falling_in_the_last_quarter_is_still_improving(drop, im
     if improving:
         assert f"eval loss fell {100 * drop:.0f}% (0.5 -> {0.5 * (1 - drop):.4g})" \
             in d.findings[0].message
+
+
+@pytest.mark.parametrize("drop, improving", [(0.015, False), (0.025, True)])
+def test_loss_as_the_judged_metric_uses_a_relative_threshold(drop, improving):
+    """metric='loss': a 2.5% lower eval loss in the last quarter is an improvement, 1.5% noise."""
+    d = dg.diagnose(_curves(**_converged(eval_loss=lambda s: 0.5 * (1 - drop * (s > 300)))),
+                    metric="loss")
+    assert d.primary == ("still_improving" if improving else "converged")
+    evidence = d.findings[0].evidence
+    assert evidence["gain"] == pytest.approx(0.5 * drop)
+    assert evidence["noise_level"] == pytest.approx(0.02 * 0.5)
 
 
 def test_too_few_evals_is_insufficient_data():
