@@ -62,6 +62,66 @@ class RpnOutputs(NamedTuple):
     anchors: jax.Array  # [h * w * A, 4]
 
 
+class BoxHead(nn.Module):
+    """Fast R-CNN's head on pooled RoIs `[R, h, w, C]`: fc6, fc7 (+ ReLU), then class logits
+    `[R, C + 1]` (0 = background) and class-specific deltas `[R, C + 1, 4]` (float32)."""
+
+    num_classes: int
+    features: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled: Array) -> tuple[Array, Array]:
+        x = pooled.reshape(pooled.shape[0], -1)
+        x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc6")(x))
+        x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc7")(x))
+        logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
+                          kernel_init=nn.initializers.normal(0.01), name="class_logits")(x)
+        deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype,
+                          kernel_init=nn.initializers.normal(0.001), name="box_deltas")(x)
+        return logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(x.shape[0], -1, 4)
+
+
+def pool_rois(features: Array, rois: Array, output_size: int, spatial_scale: float) -> Array:
+    """`roi_align` (2x2 samples per bin) of RoIs `[N, R, 4]` on their images: `[N * R, ...]`."""
+    n, r = rois.shape[:2]
+    batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+    return roi_align(features, rois.reshape(n * r, 4), batch_indices, output_size,
+                     spatial_scale=spatial_scale, sampling_ratio=2)
+
+
+def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, gt_boxes: Array,
+                         gt_labels: Array, gt_valid: Array, num_samples: int) -> Any:
+    """`sample_rois` of every image (25% foreground, gt appended), gt classes shifted to `1..C`."""
+    keys = jax.random.split(key, gt_boxes.shape[0])
+    return jax.vmap(lambda k, p, v, b, c, g: sample_rois(
+        k, p, v, b, c, g, num_samples=num_samples, fg_fraction=0.25, box_weights=BOX_WEIGHTS))(
+            keys, proposals, proposals_valid, gt_boxes, gt_labels.astype(jnp.int32) + 1, gt_valid)
+
+
+def head_loss(logits: Array, deltas: Array, targets: Any) -> dict[str, Array]:
+    """`fast_rcnn_loss` per image `[N, S, ...]`, averaged: `{"classification", "box"}`."""
+    losses = jax.vmap(fast_rcnn_loss)(logits, deltas, targets)
+    return {"classification": jnp.mean(losses.classification), "box": jnp.mean(losses.box)}
+
+
+def detect_from_head(
+    logits: Array, deltas: Array, proposals: Array, valid: Array, image_size: tuple[int, int],
+    score_threshold: float, nms_iou: float, max_detections: int,
+) -> Detections:
+    """Class probability times class-specific decoded box of each proposal `[N, P, 4]` (valid
+    `[N, P]`), clipped, per-class NMS to `max_detections` per image (R-CNN family inference)."""
+    classes = logits.shape[-1] - 1
+    probs = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [N, P, C]
+    boxes = decode_boxes(deltas[:, :, 1:], proposals[:, :, None, :], BOX_WEIGHTS)
+    boxes = clip_boxes(boxes, image_size)  # [N, P, C, 4]
+    scores = jnp.where(valid[..., None], probs, 0.0)
+    labels = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), scores.shape)
+    return jax.vmap(lambda b, s, c: batched_nms(
+        b.reshape(-1, 4), s.reshape(-1), c.reshape(-1), nms_iou, max_detections,
+        score_threshold))(boxes, scores, labels)
+
+
 class FasterRCNN(nn.Module):
     """Faster R-CNN with a `VGGFeatures` backbone (see the module docstring).
 
@@ -140,12 +200,7 @@ class FasterRCNN(nn.Module):
                                       kernel_init=head_init)
         self.rpn_deltas = nn.Conv(4 * anchors_per_cell, (1, 1), dtype=self.dtype,
                                   kernel_init=head_init)
-        self.fc6 = nn.Dense(self.head_features, dtype=self.dtype)
-        self.fc7 = nn.Dense(self.head_features, dtype=self.dtype)
-        self.class_logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
-                                     kernel_init=head_init)
-        self.box_deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype,
-                                   kernel_init=nn.initializers.normal(0.001))
+        self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
 
     # ------------------------------------------------------------------------------ stages
     def rpn(self, images: Array, train: bool) -> RpnOutputs:
@@ -169,18 +224,11 @@ class FasterRCNN(nn.Module):
             nms_thresh=0.7, min_size=self.rpn_min_size))(
                 jax.lax.stop_gradient(rpn.objectness), jax.lax.stop_gradient(rpn.deltas))
 
-    def box_head(self, features: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+    def box_head(self, features: Array, rois: Array) -> tuple[Array, Array]:
         """Class logits `[N, R, C + 1]` and deltas `[N, R, C + 1, 4]` of RoIs `[N, R, 4]`."""
-        del train  # no dropout or BatchNorm in the head
         n, r = rois.shape[:2]
-        batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
-        pooled = roi_align(features, rois.reshape(n * r, 4), batch_indices, self.roi_size,
-                           spatial_scale=1.0 / self.stride, sampling_ratio=2)
-        x = pooled.reshape(n * r, -1)
-        x = nn.relu(self.fc7(nn.relu(self.fc6(x))))
-        logits = self.class_logits(x).astype(jnp.float32).reshape(n, r, -1)
-        deltas = self.box_deltas(x).astype(jnp.float32).reshape(n, r, -1, 4)
-        return logits, deltas
+        logits, deltas = self.head(pool_rois(features, rois, self.roi_size, 1.0 / self.stride))
+        return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
 
     # ----------------------------------------------------------------------------- methods
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
@@ -188,7 +236,7 @@ class FasterRCNN(nn.Module):
         on the test-time proposals (`return_features` adds `{"backbone": map}`)."""
         rpn = self.rpn(x, train)
         proposals = self.proposals(rpn, tuple(x.shape[1:3]), train=False)
-        logits, deltas = self.box_head(rpn.features, proposals.boxes, train)
+        logits, deltas = self.box_head(rpn.features, proposals.boxes)
         out = (logits, deltas, proposals)
         return (out, {"backbone": rpn.features}) if return_features else out
 
@@ -197,8 +245,8 @@ class FasterRCNN(nn.Module):
         """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`."""
         image_size = tuple(images.shape[1:3])
         rpn = self.rpn(images, train)
-        key = self.make_rng("sample")
-        rpn_keys, roi_keys = jax.random.split(key, (2, images.shape[0]))
+        rpn_key, roi_key = jax.random.split(self.make_rng("sample"))
+        rpn_keys = jax.random.split(rpn_key, images.shape[0])
         inside = anchors_inside(rpn.anchors, image_size)
 
         def rpn_loss(key, objectness, deltas, boxes, valid):
@@ -216,30 +264,20 @@ class FasterRCNN(nn.Module):
         rpn_cls, rpn_box = jax.vmap(rpn_loss)(rpn_keys, rpn.objectness, rpn.deltas, gt_boxes,
                                               gt_valid)
         proposals = self.proposals(rpn, image_size, train=True)
-        targets = jax.vmap(lambda k, p, v, b, c, g: sample_rois(
-            k, p, v, b, c, g, num_samples=self.roi_samples, fg_fraction=0.25,
-            box_weights=BOX_WEIGHTS))(roi_keys, proposals.boxes, proposals.valid, gt_boxes,
-                                      gt_labels.astype(jnp.int32) + 1, gt_valid)
-        logits, deltas = self.box_head(rpn.features, targets.rois, train)
-        head = jax.vmap(fast_rcnn_loss)(logits, deltas, targets)
+        targets = sample_training_rois(roi_key, proposals.boxes, proposals.valid, gt_boxes,
+                                       gt_labels, gt_valid, self.roi_samples)
+        logits, deltas = self.box_head(rpn.features, targets.rois)
         terms = {"rpn_objectness": jnp.mean(rpn_cls), "rpn_box": jnp.mean(rpn_box),
-                 "classification": jnp.mean(head.classification), "box": jnp.mean(head.box)}
+                 **head_loss(logits, deltas, targets)}
         loss = sum(terms.values())
         return loss, {"loss": loss, **terms}
 
     def detect(self, images: Array) -> Detections:
         """Boxes, scores, classes and validity `[N, max_detections, ...]` (eval mode)."""
-        image_size = tuple(images.shape[1:3])
         logits, deltas, proposals = self(images, train=False)
-        classes = self.num_classes
-        probs = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [N, P, C]
-        boxes = decode_boxes(deltas[:, :, 1:], proposals.boxes[:, :, None, :], BOX_WEIGHTS)
-        boxes = clip_boxes(boxes, image_size)  # [N, P, C, 4]
-        scores = jnp.where(proposals.valid[..., None], probs, 0.0)
-        labels = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), scores.shape)
-        return jax.vmap(lambda b, s, c: batched_nms(
-            b.reshape(-1, 4), s.reshape(-1), c.reshape(-1), self.nms_iou, self.max_detections,
-            self.score_threshold))(boxes, scores, labels)
+        return detect_from_head(logits, deltas, proposals.boxes, proposals.valid,
+                                tuple(images.shape[1:3]), self.score_threshold, self.nms_iou,
+                                self.max_detections)
 
 
 @register_model("faster_rcnn_small", input_shape=(64, 64, 3), min_input_size=16, num_classes=4,

@@ -60,9 +60,13 @@ def test_loss_terms_and_gradients(model_and_variables):
     assert abs(float(terms["rpn_objectness"]) - np.log(2)) < 0.05
     assert abs(float(terms["classification"]) - np.log(5)) < 0.3
     assert float(terms["rpn_box"]) > 0 and float(terms["box"]) >= 0
-    for name in ("rpn_conv", "rpn_objectness", "rpn_deltas", "fc6", "fc7", "class_logits",
-                 "box_deltas", "backbone"):
-        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
+    for path in ("rpn_conv", "rpn_objectness", "rpn_deltas", "head/fc6", "head/fc7",
+                 "head/class_logits", "head/box_deltas", "backbone"):
+        tree = grads
+        for key in path.split("/"):
+            tree = tree[key]
+        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(tree))
+        name = path
         assert np.isfinite(norm) and norm > 0, name
 
 

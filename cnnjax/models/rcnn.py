@@ -1,0 +1,211 @@
+"""R-CNN (Girshick et al., CVPR 2014) and Fast R-CNN (Girshick, ICCV 2015) on external proposals.
+
+Both classify and refine a fixed set of region proposals given from outside the network. The
+papers used ~2,000 selective-search regions per image; cnnjax has no selective search, so the
+external proposals here are dense multi-scale square windows (`window_proposals`: every
+`proposal_sizes` side at a stride of `proposal_stride` pixels), the same for every image.
+
+- `FastRCNN`: one conv pass over the image (`VGGFeatures`), `roi_align` of every RoI on the
+  shared map, `faster_rcnn.BoxHead` (fc6/fc7, `C + 1` class logits, class-specific deltas):
+  Faster R-CNN's second stage without the RPN.
+- `RCNN`: every region is cropped from the *image* and warped to `warp_size x warp_size`
+  (`roi_align` on the image, bilinear, as the paper's affine warp; no context padding), and a
+  separate small CNN classifies each warp: one forward pass per region, the cost Fast R-CNN
+  removed. The paper trained per-class SVMs and a separate box regressor on pool5 features; here
+  the classifier is trained end to end with Fast R-CNN's softmax + smooth-L1 loss (a documented
+  simplification).
+
+Training samples `roi_samples` RoIs per image from the windows plus the ground truth
+(`sample_rois`: 25% foreground at IoU 0.5) and minimizes `fast_rcnn_loss`; inference scores every
+window and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.detection.postprocess import Detections
+from cnnjax.layers.roi import roi_align
+from cnnjax.models.faster_rcnn import (
+    BoxHead,
+    detect_from_head,
+    head_loss,
+    pool_rois,
+    sample_training_rois,
+)
+from cnnjax.models.registry import register_model
+from cnnjax.models.vgg import VGGFeatures
+from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
+
+Array = Any
+
+_RCNN_PAPER = ("Girshick et al. 2014, Rich feature hierarchies for accurate object detection and "
+               "semantic segmentation (CVPR)")
+_FAST_PAPER = "Girshick 2015, Fast R-CNN (ICCV)"
+
+
+def window_proposals(image_size: tuple[int, int], sizes: Sequence[int], stride: int) -> np.ndarray:
+    """Square windows `[P, 4]` `(x1, y1, x2, y2)` of every side in `sizes`, placed every `stride`
+    pixels inside a `(height, width)` image (the last position flush with the far edge)."""
+    owner = "window_proposals"
+    height, width = image_size
+    stride = check_positive_int(owner, "stride", stride)
+    windows = []
+    for size in sizes:
+        check_positive_int(owner, "sizes[i]", size)
+        if size > min(height, width):
+            raise invalid(owner, "sizes", tuple(sizes),
+                          f"expected sides <= {min(height, width)} (the image is {height}x{width})")
+        ys = np.unique(np.append(np.arange(0, height - size + 1, stride), height - size))
+        xs = np.unique(np.append(np.arange(0, width - size + 1, stride), width - size))
+        y, x = np.meshgrid(ys, xs, indexing="ij")
+        corners = np.stack([x, y, x + size, y + size], axis=-1).reshape(-1, 4)
+        windows.append(corners)
+    return np.concatenate(windows).astype(np.float32)
+
+
+class _ProposalDetector(nn.Module):
+    """What R-CNN and Fast R-CNN share: external windows, RoI sampling, loss and inference.
+
+    Subclasses implement `score(images, rois [N, R, 4], train) -> (logits, deltas)`.
+    """
+
+    num_classes: int = 20
+    proposal_sizes: Sequence[int] = (12, 18, 26)
+    proposal_stride: int = 4
+    roi_samples: int = 64
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections: int = 100
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def _check(self) -> None:
+        owner = type(self).__name__
+        for arg in ("num_classes", "proposal_stride", "roi_samples", "max_detections"):
+            check_positive_int(owner, arg, getattr(self, arg))
+        try:
+            ok = len(self.proposal_sizes) > 0 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0
+                for v in self.proposal_sizes)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise invalid(owner, "proposal_sizes", self.proposal_sizes,
+                          "expected a non-empty sequence of positive ints (window sides, px)")
+        check_number(owner, "nms_iou", self.nms_iou, "expected a number in [0, 1]", low=0.0,
+                     high=1.0)
+        check_number(owner, "score_threshold", self.score_threshold,
+                     "expected a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+
+    def windows(self, images: Array) -> Array:
+        """The external proposals of a batch, `[N, P, 4]` (the same windows for every image)."""
+        check_nhwc(type(self).__name__, images)
+        windows = window_proposals(tuple(images.shape[1:3]), self.proposal_sizes,
+                                   self.proposal_stride)
+        return jnp.broadcast_to(jnp.asarray(windows), (images.shape[0], *windows.shape))
+
+    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
+        """`(class_logits [N, P, C + 1], box_deltas [N, P, C + 1, 4], windows [N, P, 4])`."""
+        windows = self.windows(x)
+        logits, deltas = self.score(x, windows, train)
+        out = (logits, deltas, windows)
+        return (out, {}) if return_features else out
+
+    def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
+             train: bool = True) -> tuple[Array, dict[str, Array]]:
+        """Fast R-CNN's loss on `roi_samples` RoIs per image: `(loss, terms)`."""
+        windows = self.windows(images)
+        targets = sample_training_rois(self.make_rng("sample"), windows,
+                                       jnp.ones(windows.shape[:2], bool), gt_boxes, gt_labels,
+                                       gt_valid, self.roi_samples)
+        logits, deltas = self.score(images, targets.rois, train)
+        terms = head_loss(logits, deltas, targets)
+        loss = terms["classification"] + terms["box"]
+        return loss, {"loss": loss, **terms}
+
+    def detect(self, images: Array) -> Detections:
+        """Every window scored and refined, per-class NMS to `max_detections` per image."""
+        logits, deltas, windows = self(images, train=False)
+        return detect_from_head(logits, deltas, windows, jnp.ones(windows.shape[:2], bool),
+                                tuple(images.shape[1:3]), self.score_threshold, self.nms_iou,
+                                self.max_detections)
+
+
+class FastRCNN(_ProposalDetector):
+    """Fast R-CNN: shared conv map (`VGGFeatures(backbone_stages)`), RoIAlign, `BoxHead`."""
+
+    backbone_stages: Sequence[Sequence[int]] = ((32,), (64,), (128, 128))
+    roi_size: int = 4
+    head_features: int = 256
+
+    def __post_init__(self) -> None:
+        self._check()
+        check_positive_int(type(self).__name__, "roi_size", self.roi_size)
+        check_positive_int(type(self).__name__, "head_features", self.head_features)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        self.backbone = VGGFeatures(stages=self.backbone_stages, batch_norm=True,
+                                    dtype=self.dtype, axis_name=self.axis_name)
+        self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
+
+    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+        features = self.backbone(jnp.asarray(images, self.dtype), train)[
+            f"block{len(self.backbone_stages)}"]
+        n, r = rois.shape[:2]
+        stride = 2 ** len(self.backbone_stages)
+        logits, deltas = self.head(pool_rois(features, rois, self.roi_size, 1.0 / stride))
+        return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+
+
+class RCNN(_ProposalDetector):
+    """R-CNN: each region warped from the image to `warp_size` and classified by its own CNN
+    pass (`VGGFeatures(cnn_stages)` then `BoxHead`)."""
+
+    proposal_stride: int = 8
+    warp_size: int = 24
+    cnn_stages: Sequence[Sequence[int]] = ((16,), (32,), (64,))
+    head_features: int = 256
+
+    def __post_init__(self) -> None:
+        self._check()
+        check_positive_int(type(self).__name__, "warp_size", self.warp_size)
+        check_positive_int(type(self).__name__, "head_features", self.head_features)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        self.cnn = VGGFeatures(stages=self.cnn_stages, batch_norm=True, dtype=self.dtype,
+                               axis_name=self.axis_name)
+        self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
+
+    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+        n, r = rois.shape[:2]
+        batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+        warped = roi_align(jnp.asarray(images, jnp.float32), rois.reshape(n * r, 4),
+                           batch_indices, self.warp_size, spatial_scale=1.0, sampling_ratio=2)
+        features = self.cnn(warped.astype(self.dtype), train)[f"block{len(self.cnn_stages)}"]
+        logits, deltas = self.head(features)
+        return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+
+
+@register_model("fast_rcnn_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,
+                paper=_FAST_PAPER, task="detection")
+def fast_rcnn_small(**kwargs: Any) -> FastRCNN:
+    """Fast R-CNN on 12/18/26-px windows every 4 px (486 per 64x64 image), stride-8 backbone."""
+    return FastRCNN(**kwargs)
+
+
+@register_model("rcnn_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,
+                paper=_RCNN_PAPER, task="detection")
+def rcnn_small(**kwargs: Any) -> RCNN:
+    """R-CNN on 12/18/26-px windows every 8 px (149 per 64x64 image), 24x24 warps, 3-block CNN."""
+    return RCNN(**kwargs)

@@ -1,0 +1,102 @@
+"""R-CNN and Fast R-CNN on window proposals: the windows, the shared RoI loss, gradients, and
+R-CNN's warps being the image regions resampled (compiling a detector is `slow`)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.models import create_model, list_models
+from cnnjax.models.rcnn import RCNN, FastRCNN, window_proposals
+
+BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
+LABELS = jnp.array([[1, 2], [3, 0]])
+VALID = jnp.array([[True, True], [True, False]])
+
+
+def test_window_proposals_by_hand():
+    got = window_proposals((10, 12), (4, 10), 4)
+    # Side 4: x in {0, 4, 8}, y in {0, 4, 6} (6 = flush with the bottom edge); side 10: x in
+    # {0, 2}, y in {0}.
+    want = [[x, y, x + 4, y + 4] for y in (0, 4, 6) for x in (0, 4, 8)]
+    want += [[0, 0, 10, 10], [2, 0, 12, 10]]
+    np.testing.assert_array_equal(got, np.array(want, np.float32))
+    with pytest.raises(ValueError, match=r"window_proposals: sizes=\(11,\) is invalid; expected "
+                                         r"sides <= 10"):
+        window_proposals((10, 12), (11,), 4)
+
+
+def test_registered():
+    assert {"fast_rcnn_small", "rcnn_small"} <= set(list_models(task="detection"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"proposal_sizes": ()}, "FastRCNN: proposal_sizes=() is invalid"),
+    ({"roi_size": 0}, "FastRCNN: roi_size=0 is invalid; expected a positive integer."),
+    ({"nms_iou": -1}, "FastRCNN: nms_iou=-1 is invalid; expected a number in [0, 1]."),
+])
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        FastRCNN(**kwargs)
+    assert str(err.value).startswith(message)
+    with pytest.raises(ValueError, match="RCNN: warp_size=0 is invalid"):
+        RCNN(warp_size=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,trunk", [("fast_rcnn_small", "backbone"), ("rcnn_small", "cnn")])
+def test_loss_gradients_and_detections(name, trunk):
+    model = create_model(name, roi_samples=16, max_detections=10)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    logits, deltas, windows = model.apply(variables, x)
+    p = len(window_proposals((64, 64), model.proposal_sizes, model.proposal_stride))
+    assert logits.shape == (2, p, 5) and deltas.shape == (2, p, 5, 4) and windows.shape == (2, p, 4)
+
+    def loss(params):
+        (value, terms), _ = model.apply(
+            {**variables, "params": params}, x, BOXES, LABELS, VALID, train=True, method="loss",
+            mutable=["batch_stats"], rngs={"sample": jax.random.key(2)})
+        return value, terms
+
+    (value, terms), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    np.testing.assert_allclose(float(value), float(terms["classification"] + terms["box"]),
+                               rtol=1e-6)
+    assert abs(float(terms["classification"]) - np.log(5)) < 0.3  # untrained: ~uniform
+    for part in (trunk, "head"):
+        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[part]))
+        assert np.isfinite(norm) and norm > 0
+    det = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
+    assert det.boxes.shape == (2, 10, 4) and det.valid.all()  # low threshold: 10 survive
+
+
+@pytest.mark.slow
+def test_rcnn_warps_are_the_image_regions():
+    # An image that is linear in x and y: RoIAlign's warp of a region samples the same plane,
+    # so the warp of window (x1, y1, x2, y2) at bin centres is known in closed form.
+    model = RCNN(num_classes=2, warp_size=8)
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    image = np.stack([xx, yy, xx + yy], -1)[None].astype(np.float32)
+    captured = {}
+
+    def spy(next_fun, args, kwargs, context):
+        if context.module.name == "cnn":
+            captured["warps"] = args[0]
+        return next_fun(*args, **kwargs)
+
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.asarray(image))
+    with nn.intercept_methods(spy):
+        model.apply(variables, jnp.asarray(image))
+    windows = window_proposals((64, 64), model.proposal_sizes, model.proposal_stride)
+    warps = np.asarray(captured["warps"])
+    interior = np.flatnonzero((windows[:, :2] >= 1).all(1) & (windows[:, 2:] <= 63).all(1))
+    assert len(interior) > 50  # (at the border, bilinear samples clamp to the edge pixel)
+    for k in interior:
+        x1, y1, x2, y2 = windows[k]
+        cx = x1 + (np.arange(8) + 0.5) * (x2 - x1) / 8  # bin centres, aligned=True
+        cy = y1 + (np.arange(8) + 0.5) * (y2 - y1) / 8
+        np.testing.assert_allclose(warps[k, :, :, 0], np.broadcast_to(cx[None], (8, 8)),
+                                   atol=1e-4)
+        np.testing.assert_allclose(warps[k, :, :, 1], np.broadcast_to(cy[:, None], (8, 8)),
+                                   atol=1e-4)
