@@ -222,9 +222,10 @@ def check_override(spec_entry: str, override: Any) -> str:
         return override
     if flag in entry.extra_flags and not field:
         return override
-    if flag == entry.dir_flag or flag in entry.file_flags or flag == "trial_index":
-        valid = (f"--{flag} is set by the launcher (from --workdir, --{flag} or the array "
-                 f"task); {valid}")
+    source = {entry.dir_flag: "--workdir", "trial_index": "the array task",
+              **{f: f"its own --{f}" for f in entry.file_flags}}.get(flag)
+    if source is not None and not field:
+        valid = f"--{flag} is set by the launcher (from {source}); {valid}"
     raise invalid(_OWNER, "overrides", override, valid)
 
 

@@ -1,0 +1,236 @@
+"""`cnnjax.launch.slurm.render`: the exact directives and command per entry point, bash-valid
+scripts, arguments that reach the program byte for byte, and the preemption handling (USR1 ->
+stop the step, `scontrol requeue`, at most max_requeues times; TERM -> stop, no requeue), run with
+stand-in `srun`/`scontrol` and a stand-in program instead of Python."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cnnjax.launch.slurm import command, render
+from cnnjax.launch.spec import JobSpec, validate_spec
+from tests.launch.conftest import (
+    CONFIG,
+    RECIPE,
+    ROOT,
+    SWEEP,
+    TRANSFER,
+    path_with,
+    stand_in_slurm,
+    write_executable,
+)
+
+AWKWARD = (
+    "--config.data.train_split=train[:10%]",
+    "--config.name=two words",
+    "--config.note=it's \"quoted\" $HOME `date` \\ back;slash && echo pwned",
+    "--config.schedule.boundaries=(100, 200)",
+    "--config.empty=",
+    "--config.glob=*",
+)
+
+
+def _directives(script: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_train_directives_and_command(tmp_path):
+    spec = validate_spec(JobSpec(
+        entry="train", config=CONFIG, workdir=str(tmp_path / "run"), nodes=2, gpus_per_node=4,
+        cpus_per_task=6, mem="64G", time="1-00:00:00", partition="gpu", account="proj",
+        qos="high", constraint="a100&ib", signal_seconds=600, max_requeues=2,
+        overrides=("--config.optimizer.learning_rate=0.05", "--distributed_timeout=600"),
+        submit_dir=str(ROOT)))
+    script = render(spec)
+    wd = tmp_path / "run"
+    assert _directives(script) == [
+        "--job-name=cnnjax-train-run", f"--chdir={ROOT}", f"--output={wd}/slurm/%x-%j.out",
+        "--open-mode=append", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
+        "--cpus-per-task=6", "--mem=64G", "--time=1-00:00:00", "--partition=gpu",
+        "--account=proj", "--qos=high", "--constraint=a100&ib", "--requeue",
+        "--signal=B:USR1@600",
+    ]
+    assert (f"srun --kill-on-bad-exit=1 python -m experiments.train \\\n    --config={CONFIG} "
+            f"\\\n    --workdir={wd} \\\n    --config.optimizer.learning_rate=0.05 \\\n"
+            "    --distributed_timeout=600 &\n") in script
+    assert f"source {ROOT}/.venv/bin/activate\n" in script
+    assert "MAX_REQUEUES=2\n" in script
+    assert f"export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{wd}/jax_cache}}" \
+        in script
+    assert "--array" not in script
+
+
+def test_sweep_is_an_array_job_with_one_trial_per_task(tmp_path):
+    wd = tmp_path / "sweep"
+    spec = validate_spec(JobSpec(entry="sweep", config=CONFIG, sweep=SWEEP, workdir=str(wd),
+                                 gpus_per_node=1, max_parallel=2, submit_dir=str(ROOT)),
+                         num_trials=4)
+    script = render(spec, num_trials=4)
+    assert _directives(script) == [
+        "--job-name=cnnjax-sweep-sweep", f"--chdir={ROOT}", f"--output={wd}/slurm/%x-%A_%a.out",
+        "--open-mode=append", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
+        "--cpus-per-task=8", "--time=04:00:00", "--array=0-3%2", "--requeue",
+        "--signal=B:USR1@300",
+    ]
+    assert (f"srun python -m experiments.sweep \\\n    --config={CONFIG} \\\n    --sweep={SWEEP}"
+            f' \\\n    --sweep_dir={wd} \\\n    --trial_index="$SLURM_ARRAY_TASK_ID" &\n') in script
+    subset = dataclasses.replace(spec, array="1,3", max_parallel=None)
+    assert "#SBATCH --array=1,3\n" in render(subset, num_trials=4)
+    with pytest.raises(ValueError, match="num_trials is needed"):
+        render(spec)
+
+
+@pytest.mark.parametrize("entry,files,module,dir_flag", [
+    ("tune", {"config": CONFIG, "recipe": RECIPE}, "experiments.tune", "tune_dir"),
+    ("transfer", {"transfer": TRANSFER}, "experiments.transfer", "transfer_dir"),
+])
+def test_tune_and_transfer_run_one_process(tmp_path, entry, files, module, dir_flag):
+    wd = tmp_path / entry
+    spec = validate_spec(JobSpec(entry=entry, workdir=str(wd), gpus_per_node=2, venv=None,
+                                 time="90", submit_dir=str(ROOT), **files))
+    script = render(spec)
+    assert _directives(script) == [
+        f"--job-name=cnnjax-{entry}-{entry}", f"--chdir={ROOT}", f"--output={wd}/slurm/%x-%j.out",
+        "--open-mode=append", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=2",
+        "--cpus-per-task=8", "--time=90", "--requeue", "--signal=B:USR1@300",
+    ]
+    flags = " \\\n    ".join(f"--{k}={v}" for k, v in files.items())
+    assert f"srun python -m {module} \\\n    {flags} \\\n    --{dir_flag}={wd} &\n" in script
+    assert "activate" not in script
+
+
+def test_cpu_only_job_asks_for_no_gpus(tmp_path):
+    spec = validate_spec(JobSpec(entry="train", config=CONFIG, workdir=str(tmp_path),
+                                 gpus_per_node=0, nodes=2, submit_dir=str(ROOT)))
+    directives = _directives(render(spec))
+    assert "--ntasks-per-node=1" in directives
+    assert not any(d.startswith("--gpus") for d in directives)
+
+
+def test_environment_and_setup_lines(tmp_path):
+    spec = validate_spec(JobSpec(
+        entry="train", config=CONFIG, workdir=str(tmp_path), submit_dir=str(ROOT),
+        env=(("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true"),
+             ("NOTE", "a b'c")), setup=("module load cuda/12.4",)))
+    script = render(spec)
+    lines = script.splitlines()
+    assert lines.index("module load cuda/12.4") < lines.index(f"source {ROOT}/.venv/bin/activate")
+    assert "export XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in lines
+    assert "export NOTE='a b'\"'\"'c'" in lines
+    assert lines.index("export PYTHONUNBUFFERED=1") < lines.index("export NOTE='a b'\"'\"'c'")
+
+
+def _stand_in_program(tmp_path):
+    """A 'python' that records its arguments (NUL-separated), then works until TERM."""
+    return write_executable(tmp_path / "fake_python", (
+        "#!/usr/bin/env bash\n"
+        f'printf "%s\\0" "$@" > {tmp_path}/args\n'
+        f"trap 'echo TERM >> {tmp_path}/program.log; exit 143' TERM\n"
+        f"echo started >> {tmp_path}/program.log\n"
+        'if [ -n "${FAKE_WORK:-}" ]; then for _ in $(seq 600); do sleep 0.05; done; fi\n'))
+
+
+def _job(tmp_path, entry="train", **kw):
+    files = {"train": {"config": CONFIG}, "sweep": {"config": CONFIG, "sweep": SWEEP}}[entry]
+    spec = validate_spec(JobSpec(entry=entry, workdir=str(tmp_path / "wd"), venv=None,
+                                 python=str(_stand_in_program(tmp_path)), submit_dir=str(ROOT),
+                                 **files, **kw), num_trials=4 if entry == "sweep" else None)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(spec, num_trials=4 if entry == "sweep" else None))
+    return spec, script
+
+
+def test_generated_scripts_are_valid_bash(tmp_path):
+    for entry in ("train", "sweep"):
+        _, script = _job(tmp_path, entry, overrides=AWKWARD)
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_awkward_overrides_reach_the_program_verbatim(tmp_path):
+    spec, script = _job(tmp_path, "sweep", overrides=AWKWARD)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    env = path_with(bin_dir) | {"SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2"}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "args").read_bytes().decode().split("\0")[:-1]
+    assert args == command(spec)[1:] + ["--trial_index=2"]
+    assert args[-7:-1] == list(AWKWARD)
+    events = (tmp_path / "wd" / "slurm" / "events.log").read_text().splitlines()
+    assert events[0].endswith("job 7 task 2: started on " + os.uname().nodename + " (restart 0)")
+    assert events[1].endswith("job 7 task 2: finished with exit status 0")
+
+
+def _start(script, env, tmp_path):
+    proc = subprocess.Popen(["bash", str(script)], env=env | {"FAKE_WORK": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "program.log"
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "started" in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("restarts,requeued", [(0, True), (2, True), (3, False)])
+def test_usr1_stops_the_step_and_requeues_at_most_max_requeues_times(tmp_path, restarts,
+                                                                     requeued):
+    _, script = _job(tmp_path, max_requeues=3)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    env = path_with(bin_dir) | {"SLURM_JOB_ID": "99", "SLURM_RESTART_COUNT": str(restarts)}
+    proc = _start(script, env, tmp_path)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    assert (tmp_path / "program.log").read_text() == "started\nTERM\n"  # the step was stopped
+    calls = bin_dir / "scontrol.calls"
+    events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
+    assert "USR1: time limit or preemption ahead; stopping the job step" in events
+    if requeued:
+        assert proc.returncode == 0, stderr
+        assert calls.read_text() == "requeue 99\n"
+        assert f"requeued (restart {restarts + 1} of at most 3); the rerun resumes" in events
+    else:
+        assert proc.returncode == 1
+        assert not calls.exists()
+        assert ("not requeued: already requeued 3 time(s) (max_requeues=3); resubmit the same "
+                "job to continue from the newest checkpoint") in events
+    assert "finished with exit status" not in events
+
+
+def test_term_stops_the_step_without_requeueing(tmp_path):
+    _, script = _job(tmp_path)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "5"}, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert (tmp_path / "program.log").read_text() == "started\nTERM\n"
+    assert not (bin_dir / "scontrol.calls").exists()
+    assert "TERM (scancel or preemption without requeue)" in \
+        (tmp_path / "wd" / "slurm" / "events.log").read_text()
+
+
+def test_failed_requeue_is_reported(tmp_path):
+    _, script = _job(tmp_path)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    write_executable(bin_dir / "scontrol", "#!/usr/bin/env bash\nexit 1\n")
+    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "5"}, tmp_path)
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "scontrol requeue 5 failed; resubmit the same job to resume" in \
+        (tmp_path / "wd" / "slurm" / "events.log").read_text()
+
+
+def test_program_exit_status_is_the_job_status(tmp_path):
+    _, script = _job(tmp_path)
+    write_executable(tmp_path / "fake_python", "#!/usr/bin/env bash\nexit 3\n")
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                            env=path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "1"})
+    assert result.returncode == 3
+    assert "finished with exit status 3" in (tmp_path / "wd" / "slurm" / "events.log").read_text()

@@ -1,0 +1,189 @@
+"""`cnnjax.launch.spec`: every field of a job spec is checked, with a message naming the field, the
+value and what is valid; good specs come back normalized (absolute paths, defaults filled in)."""
+
+import dataclasses
+import os
+
+import pytest
+
+from cnnjax.launch.checks import count_trials
+from cnnjax.launch.spec import JobSpec, array_indices, time_limit_seconds, validate_spec
+from tests.launch.conftest import CONFIG, RECIPE, ROOT, SWEEP, TRANSFER
+
+
+def _train(**kw):
+    return JobSpec(**{"entry": "train", "workdir": "workdirs/t", "config": CONFIG,
+                      "submit_dir": str(ROOT), **kw})
+
+
+def _sweep(**kw):
+    return JobSpec(**{"entry": "sweep", "workdir": "workdirs/s", "config": CONFIG,
+                      "sweep": SWEEP, "submit_dir": str(ROOT), **kw})
+
+
+def test_a_good_train_spec_is_normalized():
+    spec = validate_spec(_train(config="experiments/configs/lenet5_digits.py", nodes=2,
+                                gpus_per_node=4))
+    assert spec.workdir == str(ROOT / "workdirs" / "t")
+    assert spec.config == CONFIG
+    assert spec.venv == str(ROOT / ".venv")
+    assert spec.tasks_per_node == 4  # one process per GPU
+    assert spec.num_tasks == 8
+    assert spec.job_name == "cnnjax-train-t"
+    assert validate_spec(spec) == spec  # idempotent
+
+
+@pytest.mark.parametrize("entry,files,tasks", [
+    ("sweep", {"config": CONFIG, "sweep": SWEEP}, 1),
+    ("tune", {"config": CONFIG, "recipe": RECIPE}, 1),
+    ("transfer", {"transfer": TRANSFER}, 1),
+])
+def test_single_process_entry_points_get_one_task(entry, files, tasks):
+    spec = validate_spec(JobSpec(entry=entry, workdir="w", gpus_per_node=4, submit_dir=str(ROOT),
+                                 **files), num_trials=4 if entry == "sweep" else None)
+    assert spec.tasks_per_node == tasks
+
+
+def test_cpu_only_train_runs_one_task_per_node():
+    assert validate_spec(_train(gpus_per_node=0, nodes=2)).tasks_per_node == 1
+
+
+@pytest.mark.parametrize("value,seconds", [
+    ("30", 1800), ("30:15", 1815), ("04:00:00", 14400), ("1-00", 86400), ("2-12:30", 217800),
+    ("1-02:03:04", 93784), ("100:00:00", 360000),
+])
+def test_slurm_time_formats(value, seconds):
+    assert time_limit_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "0", "00:00:00", "4h", "1:60:00", "1:00:60", "1-24",
+                                   "UNLIMITED", "-1", "1:2:3:4", 30])
+def test_bad_time_limits_are_refused(value):
+    with pytest.raises(ValueError, match=r"launch: time=.* is invalid; expected a SLURM time"):
+        time_limit_seconds(value)
+
+
+def test_array_indices():
+    assert array_indices("0-3", 4) == [0, 1, 2, 3]
+    assert array_indices("0,2-3", 4) == [0, 2, 3]
+    for bad in ("0-4", "4", "3-1", "a", "0,,1", "-1", "1,1"):
+        with pytest.raises(ValueError, match="launch: array="):
+            array_indices(bad, 4)
+
+
+def test_the_sweep_file_decides_the_array_size():
+    assert count_trials(_sweep()) == 4
+    with pytest.raises(ValueError, match=r"launch: array='0-4' is invalid; .*4 trials, 0-3"):
+        validate_spec(_sweep(array="0-4"), num_trials=count_trials(_sweep()))
+
+
+def test_sweep_overrides_change_the_count(tmp_path):
+    sweep = tmp_path / "random.py"
+    sweep.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import log_uniform\n\n\n"
+        "def get_config():\n    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.num_trials, c.metric, c.mode = 'random', 0, 5, 'top1', 'max'\n"
+        "    c.parameters = (log_uniform('optimizer.learning_rate', 1e-3, 1.0),)\n"
+        "    return c\n")
+    assert count_trials(_sweep(sweep=str(sweep))) == 5
+    assert count_trials(_sweep(sweep=str(sweep), overrides=("--sweep.num_trials=9",))) == 9
+    with pytest.raises(ValueError, match=r"overrides='--sweep.num_trial=9' .*num_trials"):
+        count_trials(_sweep(sweep=str(sweep), overrides=("--sweep.num_trial=9",)))
+
+
+BAD = [
+    (dict(entry="predict"), r"entry='predict' is invalid; expected one of \['train', 'sweep'"),
+    (dict(config=None), r"config=None is invalid; train needs --config=<file>"),
+    (dict(config="experiments/configs/nope.py"), r"config='experiments/configs/nope.py' .*no "
+                                                 "such file"),
+    (dict(sweep=SWEEP), r"sweep=.* is invalid; train takes no --sweep; it takes --config"),
+    (dict(workdir="work dir"), r"workdir='work dir' is invalid; expected a path without white"),
+    (dict(workdir="runs/%j"), r"workdir='runs/%j' is invalid; .*'%'"),
+    (dict(workdir=CONFIG), r"workdir=.* is invalid; expected a directory, found a file"),
+    (dict(nodes=0), r"nodes=0 is invalid; expected a positive integer"),
+    (dict(nodes=1.5), r"nodes=1.5 is invalid; expected a positive integer"),
+    (dict(gpus_per_node=-1), r"gpus_per_node=-1 is invalid; expected an integer >= 0"),
+    (dict(gpus_per_node=4, tasks_per_node=1), r"tasks_per_node=1 is invalid; expected one task "
+                                              r"per GPU, 4 \(gpus_per_node\)"),
+    (dict(tasks_per_node=0, gpus_per_node=0), r"tasks_per_node=0 is invalid; expected a positive"),
+    (dict(cpus_per_task=0), r"cpus_per_task=0 is invalid; expected a positive integer"),
+    (dict(mem="64 GB"), r"mem='64 GB' is invalid; expected a size in MB or with a K/M/G/T"),
+    (dict(mem="64X"), r"mem='64X' is invalid"),
+    (dict(time="4h"), r"time='4h' is invalid; expected a SLURM time limit"),
+    (dict(signal_seconds=0), r"signal_seconds=0 is invalid; expected a positive integer"),
+    (dict(time="5", signal_seconds=300), r"signal_seconds=300 is invalid; expected 1..299: "
+                                         r"seconds before the time limit \(5 = 300 s\)"),
+    (dict(signal_seconds=70000, time="2-00"), r"signal_seconds=70000 is invalid; expected "
+                                              r"1..65535"),
+    (dict(max_requeues=-1), r"max_requeues=-1 is invalid; expected an integer >= 0"),
+    (dict(partition="gpu a100"), r"partition='gpu a100' is invalid; expected a SLURM name "
+                                 "without spaces"),
+    (dict(account=""), r"account='' is invalid"),
+    (dict(qos="high#1"), r"qos='high#1' is invalid"),
+    (dict(constraint="a100'"), r"constraint=\"a100'\" is invalid"),
+    (dict(job_name="my job"), r"job_name='my job' is invalid"),
+    (dict(array="0-3"), r"array='0-3' is invalid; only a sweep is an array job"),
+    (dict(max_parallel=2), r"max_parallel=2 is invalid; only a sweep is an array job"),
+    (dict(venv="no_such_venv"), r"venv='no_such_venv' is invalid; no such directory"),
+    (dict(venv="experiments"), r"venv='experiments' is invalid; expected a virtual environment"),
+    (dict(python="my python"), r"python='my python' is invalid; expected a command without"),
+    (dict(env=(("1X", "a"),)), r"env=\('1X', 'a'\) is invalid; expected NAME=value"),
+    (dict(setup=("module load a\nrm -rf x",)), r"setup=.* is invalid; expected one non-empty "
+                                               "shell line"),
+    (dict(overrides=["--config.a=1"]), r"overrides=\['--config.a=1'\] is invalid; expected a "
+                                       "tuple"),
+    (dict(overrides=("--config.optimizer.learning_rate 0.1",)),
+     r"overrides=.* is invalid; train accepts --config.<field>=<value>, "
+     r"--distributed_timeout=<value> \(note the '='\)"),
+    (dict(overrides=("config.x=1",)), r"overrides='config.x=1' is invalid"),
+    (dict(overrides=("--sweep.num_trials=2",)), r"overrides='--sweep.num_trials=2' is invalid"),
+    (dict(overrides=("--workdir=/elsewhere",)),
+     r".*--workdir is set by the launcher \(from --workdir\)"),
+    (dict(overrides=("--config=other.py",)),
+     r".*--config is set by the launcher \(from its own --config\)"),
+    (dict(overrides=("--distributed_timeout.x=1",)), r"overrides='--distributed_timeout.x=1'"),
+    (dict(submit_dir="/no/such/dir"), r"submit_dir='/no/such/dir' is invalid; no such dir"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD, ids=[str(c) for c, _ in BAD])
+def test_bad_train_specs_are_refused(changes, message):
+    with pytest.raises(ValueError, match=r"^launch: " + message):
+        validate_spec(_train(**changes))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(nodes=2), r"nodes=2 is invalid; expected 1: sweep runs one process"),
+    (dict(tasks_per_node=2, gpus_per_node=2), r"tasks_per_node=2 is invalid; expected 1"),
+    (dict(max_parallel=0), r"max_parallel=0 is invalid; expected a positive integer"),
+    (dict(overrides=("--trial_index=3",)),
+     r".*--trial_index is set by the launcher \(from the array task\)"),
+    (dict(overrides=("--recipe.max_rounds=3",)), r"overrides='--recipe.max_rounds=3'"),
+    (dict(sweep=None), r"sweep=None is invalid; sweep needs --sweep=<file>"),
+])
+def test_bad_sweep_specs_are_refused(changes, message):
+    with pytest.raises(ValueError, match=r"^launch: " + message):
+        validate_spec(_sweep(**changes), num_trials=4)
+
+
+def test_a_sweep_needs_its_trial_count():
+    with pytest.raises(ValueError, match=r"num_trials \(of the sweep\)=None is invalid"):
+        validate_spec(_sweep())
+
+
+def test_spec_json_round_trip():
+    spec = validate_spec(_train(env=(("A", "1"),), setup=("module load x",),
+                                overrides=("--config.seed=1",)))
+    assert JobSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match=r"launch: spec=\['colour'\] is invalid; unknown fields"):
+        JobSpec.from_json({**spec.to_json(), "colour": "red"})
+
+
+def test_relative_paths_start_at_the_submit_dir(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "cfg").mkdir(parents=True)
+    (repo / "cfg" / "c.py").write_text("")
+    spec = validate_spec(dataclasses.replace(_train(), config="cfg/c.py", workdir="w",
+                                             venv=None, submit_dir=str(repo)))
+    assert (spec.config, spec.workdir) == (str(repo / "cfg" / "c.py"), str(repo / "w"))
+    assert os.getcwd() != str(repo)
