@@ -32,6 +32,8 @@ from cnnjax.utils.validation import invalid
 SCRIPT_FILE = "job.sbatch"
 RECORD_FILE = "launch.json"
 _OWNER = "launch"
+#: Where jobs run (`python -m experiments.<entry>` needs the repository on the path).
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ENTRY = flags.DEFINE_enum("entry", None, list(ENTRY_POINTS), "Entry point to run.")
 _WORKDIR = flags.DEFINE_string(
@@ -61,7 +63,8 @@ _SIGNAL_SECONDS = flags.DEFINE_integer(
     "signal_seconds", 300, "Stop and requeue this many seconds before the time limit.")
 _MAX_REQUEUES = flags.DEFINE_integer(
     "max_requeues", 3, "Requeue at most this many times (then resubmit by hand).")
-_VENV = flags.DEFINE_string("venv", ".venv", "Virtual environment to activate ('' for none).")
+_VENV = flags.DEFINE_string(
+    "venv", os.path.join(REPOSITORY, ".venv"), "Virtual environment to activate ('' for none).")
 _PYTHON = flags.DEFINE_string("python", "python", "Python command (after the venv).")
 _ENV = flags.DEFINE_multi_string("env", [], "NAME=value exported in the job (repeatable).")
 _SETUP = flags.DEFINE_multi_string(
@@ -83,18 +86,25 @@ def _env_pairs(values: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _absolute(path: str | None) -> str | None:
+    """`path` against the current directory (the job itself runs in the repository root)."""
+    return None if path is None or path == "" else os.path.abspath(os.path.expanduser(path))
+
+
 def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
-    """The JobSpec the command line describes (not yet validated)."""
+    """The JobSpec the command line describes (not yet validated): relative paths are taken
+    from the current directory; the job runs in the repository holding this script."""
     return JobSpec(
-        entry=_ENTRY.value, workdir=_WORKDIR.value, config=_CONFIG.value, sweep=_SWEEP.value,
-        recipe=_RECIPE.value, transfer=_TRANSFER.value, overrides=tuple(overrides),
+        entry=_ENTRY.value, workdir=_absolute(_WORKDIR.value), config=_absolute(_CONFIG.value),
+        sweep=_absolute(_SWEEP.value), recipe=_absolute(_RECIPE.value),
+        transfer=_absolute(_TRANSFER.value), overrides=tuple(overrides),
         nodes=_NODES.value, gpus_per_node=_GPUS.value, tasks_per_node=_TASKS.value,
         cpus_per_task=_CPUS.value, mem=_MEM.value, time=_TIME.value,
         partition=_PARTITION.value, account=_ACCOUNT.value, qos=_QOS.value,
         constraint=_CONSTRAINT.value, job_name=_JOB_NAME.value, array=_ARRAY.value,
         max_parallel=_MAX_PARALLEL.value, signal_seconds=_SIGNAL_SECONDS.value,
-        max_requeues=_MAX_REQUEUES.value, venv=_VENV.value or None, python=_PYTHON.value,
-        env=_env_pairs(_ENV.value), setup=tuple(_SETUP.value), submit_dir=os.getcwd(),
+        max_requeues=_MAX_REQUEUES.value, venv=_absolute(_VENV.value), python=_PYTHON.value,
+        env=_env_pairs(_ENV.value), setup=tuple(_SETUP.value), submit_dir=REPOSITORY,
     )
 
 

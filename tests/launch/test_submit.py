@@ -1,0 +1,164 @@
+"""`python -m launch.submit` as a user runs it, with a stand-in `sbatch`: what it writes and
+submits, dry runs, safe resubmission, refusal of a changed spec (and --force), bad input before
+anything is written, and `check_configs` (overrides loaded against the config files)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax.launch.checks import check_configs
+from cnnjax.launch.spec import JobSpec
+from tests.launch.conftest import CONFIG, ROOT, SWEEP, path_with, stand_in_slurm
+
+
+def _submit(tmp_path, *args, cwd=None):
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    return subprocess.run([sys.executable, "-m", "launch.submit", *args],
+                          cwd=cwd or ROOT, env=path_with(bin_dir) | {"PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+
+
+def _train_args(workdir, *extra):
+    return ["--entry=train", f"--config={CONFIG}", f"--workdir={workdir}", "--nodes=2",
+            "--gpus_per_node=4", "--time=04:00:00", "--partition=gpu", "--nocheck_configs",
+            *extra]
+
+
+def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
+    result = _submit(tmp_path, *_train_args(tmp_path / "run", "--dry_run", "--",
+                                            "--config.data.train_split=train[:10%]"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("#!/usr/bin/env bash\n")
+    assert "#SBATCH --ntasks-per-node=4\n" in result.stdout
+    assert "    '--config.data.train_split=train[:10%]' &\n" in result.stdout
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "bin" / "sbatch.calls").exists()
+
+
+def test_submit_writes_the_script_and_record_and_resubmits_safely(tmp_path):
+    workdir = tmp_path / "run"
+    result = _submit(tmp_path, *_train_args(workdir, "--", "--config.seed=1"))
+    assert result.returncode == 0, result.stderr
+    script = workdir / "slurm" / "job.sbatch"
+    assert f"Submitted train job 4242: {script}" in result.stdout
+    assert (tmp_path / "bin" / "sbatch.calls").read_text() == f"--parsable {script}\n"
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert record["spec"]["overrides"] == ["--config.seed=1"]
+    assert record["spec"]["submit_dir"] == str(ROOT)
+    assert record["spec"]["venv"] == str(ROOT / ".venv")
+    assert [job["job_id"] for job in record["jobs"]] == ["4242"]
+    first = script.read_text()
+
+    # the same job again, from another directory with relative paths: resumes, both recorded
+    again = _submit(tmp_path, "--entry=train", f"--config={CONFIG}", "--workdir=run",
+                    "--nodes=2", "--gpus_per_node=4", "--partition=gpu", "--nocheck_configs",
+                    "--", "--config.seed=1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert [job["job_id"] for job in record["jobs"]] == ["4242", "4242"]
+    assert script.read_text() == first
+
+
+def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
+    workdir = tmp_path / "run"
+    assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
+    before = (workdir / "slurm" / "job.sbatch").read_text()
+    changed = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--",
+                                             "--config.seed=2"))
+    assert changed.returncode == 1
+    assert (f"error: launch: workdir='{workdir}' is invalid; it holds a job with a different "
+            "spec (overrides: [] -> ['--config.seed=2']; time: '04:00:00' -> '08:00:00'); "
+            "resubmit the recorded spec to resume it") in changed.stderr
+    assert (workdir / "slurm" / "job.sbatch").read_text() == before
+    forced = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--force", "--",
+                                            "--config.seed=2"))
+    assert forced.returncode == 0, forced.stderr
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert record["spec"]["time"] == "08:00:00"
+    assert record["replaced"][0]["spec"]["time"] == "04:00:00"
+    assert len(record["jobs"]) == 2
+    assert "#SBATCH --time=08:00:00\n" in (workdir / "slurm" / "job.sbatch").read_text()
+
+
+def test_a_sweep_is_submitted_as_an_array_over_its_trials(tmp_path):
+    workdir = tmp_path / "sweep"
+    result = _submit(tmp_path, "--entry=sweep", f"--config={CONFIG}", f"--sweep={SWEEP}",
+                     f"--workdir={workdir}", "--max_parallel=2", "--nocheck_configs")
+    assert result.returncode == 0, result.stderr
+    assert "Submitted sweep job 4242 (4 trials)" in result.stdout
+    assert "#SBATCH --array=0-3%2\n" in (workdir / "slurm" / "job.sbatch").read_text()
+    assert json.loads((workdir / "slurm" / "launch.json").read_text())["num_trials"] == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nodes=0"], "error: launch: nodes=0 is invalid; expected a positive integer"),
+    (["--tasks_per_node=1"], "error: launch: tasks_per_node=1 is invalid; expected one task"),
+    (["--env=NOEQUALS"], "error: launch: env='NOEQUALS' is invalid; expected NAME=value"),
+    (["--", "--config.seed", "1"], "error: launch: overrides='--config.seed' is invalid"),
+])
+def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
+    result = _submit(tmp_path, *_train_args(tmp_path / "run", *args))
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sbatch_failure_is_reported_and_no_job_is_recorded(tmp_path):
+    stand_in_slurm(tmp_path / "bin")
+    (tmp_path / "bin" / "sbatch.fail").touch()
+    result = _submit(tmp_path, *_train_args(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "error: sbatch failed (exit 1): sbatch: error: invalid partition" in result.stderr
+    assert json.loads((tmp_path / "run" / "slurm" / "launch.json").read_text())["jobs"] == []
+
+
+def test_without_sbatch_on_path_the_script_is_still_written(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-m", "launch.submit",
+                             *_train_args(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={"PATH": str(tmp_path / "empty")})
+    assert result.returncode == 1
+    assert "sbatch not found on PATH: submit from a SLURM login node" in result.stderr
+    assert (tmp_path / "run" / "slurm" / "job.sbatch").exists()
+
+
+def _light_config(tmp_path, batch=36):
+    """An experiment-like config file that loads without TensorFlow."""
+    path = tmp_path / "light.py"
+    path.write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        f"    return ml_collections.ConfigDict({{'global_batch_size': {batch}, "
+        "'optimizer': {'learning_rate': 0.1}})\n")
+    return str(path)
+
+
+def test_check_configs_loads_the_overrides_like_the_entry_point(tmp_path):
+    spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
+                   nodes=2, gpus_per_node=4, submit_dir=str(ROOT))
+    check_configs(spec)
+    with pytest.raises(ValueError, match=r"^launch: overrides='--config.optimizer.learnin_rate="
+                                         r"0.5' is invalid; loading .*light.py with it failed: "
+                                         r".*Did you mean \"learning_rate\""):
+        check_configs(JobSpec(**{**spec.__dict__,
+                                 "overrides": ("--config.optimizer.learnin_rate=0.5",)}))
+    with pytest.raises(ValueError, match=r"overrides='--config.global_batch_size=abc' is invalid"):
+        check_configs(JobSpec(**{**spec.__dict__,
+                                 "overrides": ("--config.global_batch_size=abc",)}))
+    with pytest.raises(ValueError, match=r"^launch: config.global_batch_size=36 is invalid; "
+                                         r"expected a multiple of the job's 8 devices"):
+        check_configs(JobSpec(**{**spec.__dict__,
+                                 "overrides": ("--config.global_batch_size=36",)}))
+    check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.global_batch_size=36",),
+                             "gpus_per_node": 0, "nodes": 1, "tasks_per_node": None}))
+
+
+def test_check_configs_refuses_a_sweep_field_the_base_config_lacks(tmp_path):
+    spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 32), sweep=SWEEP,
+                   workdir=str(tmp_path / "w"), submit_dir=str(ROOT))
+    check_configs(spec)  # the sweep varies optimizer.learning_rate, which the config has
+    with pytest.raises(ValueError, match=r"sweep: parameters\['model.width'\].field"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": (
+            "--sweep.parameters=({'field': 'model.width', 'distribution': 'choice', "
+            "'values': (1, 2)},)",)}))
