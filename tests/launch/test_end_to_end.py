@@ -1,0 +1,96 @@
+"""The whole path on one machine: `launch.submit` writes the job (stand-in `sbatch`), the
+generated script runs real LeNet-5/digits training through a stand-in `srun`, and a simulated
+preemption (USR1 to the batch shell, as `--signal=B:USR1@...` sends it) stops the run, requeues
+it through a stand-in `scontrol`, and the requeued run resumes from the checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.launch.conftest import CONFIG, ROOT, path_with, stand_in_slurm
+
+TINY = ["--config.global_batch_size=16", "--config.progress_bar=False",
+        "--config.schedule.warmup_steps=1"]
+
+
+def _env(bin_dir, **slurm):
+    from tests.train.conftest import CACHE_ENV  # shared compilation cache of the engine tests
+
+    env = path_with(bin_dir) | CACHE_ENV | {"JAX_PLATFORMS": "cpu"}
+    env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    return env | {k: str(v) for k, v in slurm.items()}
+
+
+def _submit(tmp_path, workdir, *overrides):
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--entry=train", f"--config={CONFIG}",
+         f"--workdir={workdir}", "--gpus_per_node=0", "--time=30", "--signal_seconds=60",
+         "--", *TINY, *overrides],
+        cwd=ROOT, env=_env(bin_dir), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return bin_dir, workdir / "slurm" / "job.sbatch"
+
+
+def _summary(workdir):
+    with open(workdir / "summary.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_submitted_script_trains_lenet_for_three_steps(tmp_path):
+    workdir = tmp_path / "lenet"
+    bin_dir, script = _submit(tmp_path, workdir, "--config.num_train_steps=3",
+                              "--config.eval_every_steps=3", "--config.checkpoint_every_steps=3")
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                            env=_env(bin_dir, SLURM_JOB_ID=4242), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _summary(workdir)
+    assert (summary["status"], summary["step"]) == ("completed", 3)
+    events = (workdir / "slurm" / "events.log").read_text().splitlines()
+    assert [e.split(": ", 1)[1] for e in events] == [
+        f"started on {os.uname().nodename} (restart 0)", "finished with exit status 0"]
+    assert not (bin_dir / "scontrol.calls").exists()
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_itself_and_the_rerun_resumes(tmp_path):
+    workdir = tmp_path / "preempted"
+    bin_dir, script = _submit(tmp_path, workdir, "--config.num_train_steps=400",
+                              "--config.checkpoint_every_steps=10",
+                              "--config.eval_every_steps=400")
+    job = subprocess.Popen(["bash", str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=_env(bin_dir, SLURM_JOB_ID=77))
+    checkpoints = workdir / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints.is_dir() and any(n.isdigit() for n in os.listdir(checkpoints))):
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what SLURM sends the batch shell before the time limit
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 0, stderr[-3000:]
+    assert (bin_dir / "scontrol.calls").read_text() == "requeue 77\n"
+    assert not (workdir / "summary.json").exists() or _summary(workdir)["status"] != "completed"
+
+    # SLURM reruns the same script in the requeued job, with SLURM_RESTART_COUNT=1
+    rerun = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                           env=_env(bin_dir, SLURM_JOB_ID=77, SLURM_RESTART_COUNT=1), timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = _summary(workdir)
+    assert (summary["status"], summary["step"]) == ("completed", 400)
+    assert 10 <= summary["resumed_from_step"] < 400
+    events = [e.split(": ", 1)[1] for e in
+              (workdir / "slurm" / "events.log").read_text().splitlines()]
+    assert events == [
+        f"started on {os.uname().nodename} (restart 0)",
+        "USR1: time limit or preemption ahead; stopping the job step",
+        "requeued (restart 1 of at most 3); the rerun resumes",
+        f"started on {os.uname().nodename} (restart 1)",
+        "finished with exit status 0",
+    ]
