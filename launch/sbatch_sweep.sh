@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # A hyperparameter sweep as a SLURM array job: array task i runs trial i of the sweep on one GPU.
+# A hand-written example without preemption handling or input checks: prefer
+# `python -m launch.submit` (launch/README.md), which writes a checked, requeueing script.
 #
 #   sbatch --array=0-3 launch/sbatch_sweep.sh experiments/configs/lenet5_digits.py \
 #       experiments/sweeps/lenet5_digits_lr.py workdirs/sweeps/lenet5_digits_lr \

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Multi-host data-parallel training under SLURM: one process per GPU (8 per node here).
+# A hand-written example without preemption handling or input checks: prefer
+# `python -m launch.submit` (launch/README.md), which writes a checked, requeueing script.
 #
 #   sbatch launch/sbatch_train.sh experiments/configs/resnet50_imagenet.py workdirs/resnet50 \
 #       --config.data.data_dir=/datasets/tfds
