@@ -40,12 +40,13 @@ from cnnjax.train.optim import build_schedule
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
-    _atomic_write,
-    _finished_status,
-    _read_json,
-    _run_trial,
-    _start_trial,
+    atomic_write,
+    config_changes,
     default_mode,
+    finished_status,
+    read_json,
+    run_trial,
+    start_trial,
     trial_result,
     trial_workdir,
 )
@@ -251,14 +252,12 @@ def _prepare_dir(transfer_dir: str, plan: TransferPlan) -> None:
     """Creates transfer.json, or checks the existing one describes the same comparison."""
     current = plan.describe()
     path = os.path.join(transfer_dir, TRANSFER_FILE)
-    saved = _read_json(path)
+    saved = read_json(path)
     if saved is not None:
         fresh = "use a new --transfer_dir or restore the original configs"
         for role in ("source", "target"):
-            differ = config_lib.incompatible_fields(saved.get(role, {}), current[role])
-            if differ:
-                details = ", ".join(f"{n}: {saved[role].get(n, '<unset>')!r} -> "
-                                    f"{current[role].get(n, '<unset>')!r}" for n in differ[:8])
+            details = config_changes(saved.get(role, {}), current[role])
+            if details:
                 raise ValueError(f"transfer: transfer_dir={transfer_dir!r} was made with a "
                                  f"different {role} config ({details}); {fresh}.")
         for key in ("budget_field", "arm_overrides"):
@@ -266,7 +265,7 @@ def _prepare_dir(transfer_dir: str, plan: TransferPlan) -> None:
                 raise ValueError(f"transfer: transfer_dir={transfer_dir!r} was made with "
                                  f"{key}={saved.get(key)!r}, now {current[key]!r}; {fresh}.")
     os.makedirs(os.path.join(transfer_dir, "trials"), exist_ok=True)
-    _atomic_write(path, json.dumps(current, indent=2))
+    atomic_write(path, json.dumps(current, indent=2))
 
 
 # ------------------------------------------------------------------------------------- run
@@ -301,7 +300,7 @@ def run_transfer(
         trial, workdir = run["trial"], trial_workdir(transfer_dir, run["trial"])
         label = f"Run {i}/{len(plan.runs)} {trial.trial_id}"
         if run["arm"] != "scratch" and source_status != "completed":
-            if not _finished_status(workdir, run["config"]):
+            if not finished_status(workdir, run["config"]):
                 _record_not_run(trial, workdir, f"not run: the source run {source_status}")
                 _say(verbose, f"{label}: not run (the source run {source_status}).")
             continue
@@ -320,12 +319,12 @@ def run_transfer(
 def _run_once(config: Any, workdir: str, trial: space_lib.Trial, label: str,
               verbose: bool) -> str:
     """Runs (or resumes) one trial unless it already finished; returns its status."""
-    finished = _finished_status(workdir, config)
+    finished = finished_status(workdir, config)
     if finished:
         _say(verbose, f"{label}: already {finished}, skipped.")
         return finished
     _say(verbose, f"{label} -> {workdir}")
-    record = _run_trial(config, workdir, _start_trial(trial, workdir))
+    record = run_trial(config, workdir, start_trial(trial, workdir))
     _say(verbose, f"{label}: {record['status']}"
                   + (f" ({record['reason']})" if record["reason"] else ""))
     return record["status"]
@@ -336,7 +335,7 @@ def _record_not_run(trial: space_lib.Trial, workdir: str, reason: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     record = {**trial.describe(), "status": "failed", "reason": reason, "wall_time_s": 0.0,
               "invocations": 0}
-    _atomic_write(os.path.join(workdir, TRIAL_FILE), json.dumps(record, indent=2))
+    atomic_write(os.path.join(workdir, TRIAL_FILE), json.dumps(record, indent=2))
 
 
 # --------------------------------------------------------------------------------- results
@@ -352,11 +351,11 @@ def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int
                      **{k: row[k] for k in ("trial_id", "status", "final", "best", "best_step",
                                             "steps", "wall_time_s", "reason", "workdir")}})
     table = summarize(rows, plan.metric)
-    _atomic_write(os.path.join(transfer_dir, RESULTS_JSON), json.dumps(
+    atomic_write(os.path.join(transfer_dir, RESULTS_JSON), json.dumps(
         {"metric": plan.metric, "budget_field": plan.budget_field, "source": source,
          "runs": rows, "summary": table}, indent=2))
-    _atomic_write(os.path.join(transfer_dir, RESULTS_CSV), _csv(rows, plan.metric))
-    _atomic_write(os.path.join(transfer_dir, REPORT_FILE),
+    atomic_write(os.path.join(transfer_dir, RESULTS_CSV), _csv(rows, plan.metric))
+    atomic_write(os.path.join(transfer_dir, REPORT_FILE),
                   report_markdown(table, source, plan.metric, plan.budget_field))
     if any(r["final"] is not None for r in rows):
         plot_results(table, source, plan.metric, os.path.join(transfer_dir, PLOT_FILE))

@@ -27,7 +27,6 @@ Thresholds live in `Thresholds` (defaults with their reasons), so a caller can t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -37,6 +36,7 @@ import numpy as np
 
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
+from cnnjax.tune.sweep import read_json
 from cnnjax.utils.validation import check_choice, invalid
 
 #: Every verdict, most urgent first (`Diagnosis.primary` is the first that holds).
@@ -229,8 +229,8 @@ def load_curves(workdir: str) -> Curves:
     if not os.path.isdir(workdir):
         raise invalid(_OWNER, "workdir", workdir, "expected the work directory of a run")
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
-    summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
-    config = _read_json(os.path.join(workdir, CONFIG_FILE)) or {}
+    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     return Curves.from_records(records, summary, config.get("num_train_steps"))
 
 
@@ -514,14 +514,6 @@ def _float(value: Any) -> float:
 
 def _num(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def main(argv: Sequence[str]) -> None:  # pragma: no cover - thin CLI

@@ -53,7 +53,14 @@ from cnnjax.tune.diagnose import (
     diagnose_workdir,
     ema,
 )
-from cnnjax.tune.sweep import _atomic_write, _read_json, default_mode, run_sweep, trial_configs
+from cnnjax.tune.sweep import (
+    atomic_write,
+    config_changes,
+    default_mode,
+    read_json,
+    run_sweep,
+    trial_configs,
+)
 from cnnjax.utils.validation import check_choice, invalid
 
 TUNE_FILE = "tune.json"
@@ -513,7 +520,7 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
     path = os.path.join(tune_dir, TUNE_FILE)
     fresh = ("to start fresh use a new --tune_dir or delete this one; to continue it restore the "
              "original")
-    saved = _read_json(path)
+    saved = read_json(path)
     if saved is not None:
         old = config_lib.flatten(saved.get("recipe", {}))
         new = config_lib.flatten(current["recipe"])
@@ -524,16 +531,12 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
                                 for k in changed)
             raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different "
                              f"recipe ({details}); {fresh} recipe (only max_rounds may change).")
-        differ = config_lib.incompatible_fields(saved.get("base_config", {}),
-                                                current["base_config"])
-        if differ:
-            details = ", ".join(f"{n}: {saved['base_config'].get(n, '<unset>')!r} -> "
-                                f"{current['base_config'].get(n, '<unset>')!r}"
-                                for n in differ[:8])
+        details = config_changes(saved.get("base_config", {}), current["base_config"])
+        if details:
             raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different base "
                              f"config ({details}); {fresh} base config.")
     os.makedirs(tune_dir, exist_ok=True)
-    _atomic_write(path, json.dumps(current, indent=2))
+    atomic_write(path, json.dumps(current, indent=2))
 
 
 # -------------------------------------------------------------------------------- outputs
@@ -571,8 +574,8 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
         "diagnosis": decisions[-1].diagnosis.to_dict() if decisions and final else None,
         "rounds": rounds,
     }))
-    _atomic_write(os.path.join(tune_dir, RECIPE_FILE), json.dumps(record, indent=2))
-    _atomic_write(os.path.join(tune_dir, REPORT_FILE), format_report(record))
+    atomic_write(os.path.join(tune_dir, RECIPE_FILE), json.dumps(record, indent=2))
+    atomic_write(os.path.join(tune_dir, REPORT_FILE), format_report(record))
     if any(t["status"] == "completed" for r in rounds for t in r["trials"]):
         plot_tune(record, os.path.join(tune_dir, PLOT_FILE), recipe.thresholds.ema_weight)
     return record

@@ -92,7 +92,7 @@ def run_sweep(
     started = 0
     for trial in selected:
         workdir = trial_workdir(sweep_dir, trial)
-        finished = _finished_status(workdir, configs[trial.trial_id])
+        finished = finished_status(workdir, configs[trial.trial_id])
         if finished:
             _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
                           f"{_fmt(trial.overrides)}: already {finished}, skipped.")
@@ -102,10 +102,10 @@ def run_sweep(
         started += 1
         _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
                       f"{_fmt(trial.overrides)} -> {workdir}")
-        record = _start_trial(trial, workdir)
+        record = start_trial(trial, workdir)
         write_results(sweep_dir, space, metric, mode)  # the table shows it as incomplete
         try:
-            record = _run_trial(configs[trial.trial_id], workdir, record)
+            record = run_trial(configs[trial.trial_id], workdir, record)
         finally:  # KeyboardInterrupt included: the table shows what has finished so far
             write_results(sweep_dir, space, metric, mode)
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
@@ -175,24 +175,27 @@ def _prepare_sweep_dir(
                 f"(saved: {json.dumps(saved.get('space'))}; now: {json.dumps(current['space'])}); "
                 f"{fresh}."
             )
-        differ = config_lib.incompatible_fields(saved.get("base_config", {}),
-                                                current["base_config"])
-        if differ:
-            details = ", ".join(
-                f"{n}: {saved['base_config'].get(n, '<unset>')!r} -> "
-                f"{current['base_config'].get(n, '<unset>')!r}"
-                for n in differ[:8]
-            )
+        details = config_changes(saved.get("base_config", {}), current["base_config"])
+        if details:
             raise ValueError(
                 f"sweep: sweep_dir={sweep_dir!r} was created with a different base config "
                 f"({details}); {fresh}."
             )
     os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
-    _atomic_write(path, json.dumps(current, indent=2))
+    atomic_write(path, json.dumps(current, indent=2))
+
+
+def config_changes(saved: dict, current: dict, limit: int = 8) -> str:
+    """The trajectory-defining fields that differ between two flat configs, as "name: old -> new"
+    (up to `limit`), or "" when a run made with `saved` may resume under `current`."""
+    differ = config_lib.incompatible_fields(saved, current)
+    return ", ".join(f"{n}: {saved.get(n, '<unset>')!r} -> {current.get(n, '<unset>')!r}"
+                     for n in differ[:limit])
 
 
 # --------------------------------------------------------------------------------- trials
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
+    """The JSON object in `path`, or None if it is missing or unreadable (cut short by a kill)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -200,14 +203,14 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _finished_status(workdir: str, config: Any) -> str | None:
+def finished_status(workdir: str, config: Any) -> str | None:
     """'completed' or 'diverged' when the trial need not run again, else None (run/resume).
 
     A divergence is deterministic (same config, same data order), so rerunning it would only
     diverge again; a failure may be transient (memory, a missing dataset) and is retried.
     """
-    summary = _read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
-    record = _read_json(os.path.join(workdir, TRIAL_FILE)) or {}
+    summary = read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
+    record = read_json(os.path.join(workdir, TRIAL_FILE)) or {}
     if summary.get("status") == "completed" and summary.get("step") == config.num_train_steps:
         return "completed"
     if summary.get("status") == "diverged" and record.get("status") == "diverged":
@@ -215,10 +218,10 @@ def _finished_status(workdir: str, config: Any) -> str | None:
     return None
 
 
-def _start_trial(trial: Trial, workdir: str) -> dict:
+def start_trial(trial: Trial, workdir: str) -> dict:
     """Marks the trial started (status incomplete) in trial.json, keeping its past wall time."""
     path = os.path.join(workdir, TRIAL_FILE)
-    previous = _read_json(path) or {}
+    previous = read_json(path) or {}
     record = {
         **trial.describe(),
         "status": "incomplete",
@@ -227,11 +230,11 @@ def _start_trial(trial: Trial, workdir: str) -> dict:
         "invocations": int(previous.get("invocations", 0)) + 1,
     }
     os.makedirs(workdir, exist_ok=True)
-    _atomic_write(path, json.dumps(record, indent=2))
+    atomic_write(path, json.dumps(record, indent=2))
     return record
 
 
-def _run_trial(config: Any, workdir: str, record: dict) -> dict:
+def run_trial(config: Any, workdir: str, record: dict) -> dict:
     """One `train_and_evaluate` call; records its outcome in trial.json and returns it."""
     path = os.path.join(workdir, TRIAL_FILE)
     started = time.time()
@@ -249,7 +252,7 @@ def _run_trial(config: Any, workdir: str, record: dict) -> dict:
             f.write(traceback.format_exc())
     finally:
         record["wall_time_s"] += time.time() - started
-        _atomic_write(path, json.dumps(record, indent=2))
+        atomic_write(path, json.dumps(record, indent=2))
     return record
 
 
@@ -257,8 +260,8 @@ def _run_trial(config: Any, workdir: str, record: dict) -> dict:
 def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     """One result row, read from the trial's summary.json, trial.json and metrics.jsonl."""
     workdir = trial_workdir(sweep_dir, trial)
-    summary = _read_json(os.path.join(workdir, SUMMARY_FILE))
-    record = _read_json(os.path.join(workdir, TRIAL_FILE))
+    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    record = read_json(os.path.join(workdir, TRIAL_FILE))
     evals = [
         r for r in read_metrics(os.path.join(workdir, METRICS_FILE))
         if r.get("split") == "eval" and isinstance(r.get(metric), int | float)
@@ -276,7 +279,7 @@ def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
         status = "pending"
     sign = 1 if mode == "max" else -1
     best = max(evals, key=lambda r: (sign * r[metric], -r["step"])) if evals else None
-    final = (summary.get("final_eval") or {}).get(metric) if status == "completed" else None
+    final = ((summary or {}).get("final_eval") or {}).get(metric) if status == "completed" else None
     if status in ("completed", "diverged") and summary and "step" in summary:
         steps = int(summary["step"])
     else:
@@ -319,12 +322,12 @@ def rank_results(rows: list[dict], mode: str) -> list[dict]:
 def write_results(sweep_dir: str, space: SearchSpace, metric: str, mode: str) -> list[dict]:
     """Rebuilds results.csv, results.json and sweep.png from the trial directories (atomic)."""
     rows = rank_results([trial_result(sweep_dir, t, metric, mode) for t in space.trials], mode)
-    _atomic_write(
+    atomic_write(
         os.path.join(sweep_dir, RESULTS_JSON),
         json.dumps({"metric": metric, "mode": mode, "fields": space.fields, "trials": rows},
                    indent=2),
     )
-    _atomic_write(os.path.join(sweep_dir, RESULTS_CSV), _csv(rows, space, metric))
+    atomic_write(os.path.join(sweep_dir, RESULTS_CSV), _csv(rows, space, metric))
     if any(r["status"] == "completed" for r in rows):
         plot_results(rows, space, metric, os.path.join(sweep_dir, PLOT_FILE))
     return rows
@@ -418,7 +421,7 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
 
 
 # -------------------------------------------------------------------------------- helpers
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
     """Writes `text` to a temp file next to `path`, then renames it over `path` (readers never
     see a half-written file; concurrent writers each leave a complete one)."""
     tmp = f"{path}.{os.getpid()}.tmp"

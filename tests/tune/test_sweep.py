@@ -293,3 +293,21 @@ def test_figure_has_a_panel_per_field_log_x_where_values_span_decades():
     assert lr.get_ylabel() == "best eval top1"
     log_space = sp.random([sp.log_uniform("optimizer.learning_rate", 1e-3, 1e-2)], 2)
     assert sw.results_figure(rows[:0], log_space, "loss").axes[0].get_xscale() == "log"
+
+
+def test_trial_recorded_completed_without_a_summary_reads_as_completed(tmp_path):
+    # A process killed between trial.json and summary.json (or a stand-in engine) leaves this.
+    trial = sp.Trial(0, "t0", {"optimizer.learning_rate": 0.1})
+    workdir = sw.trial_workdir(str(tmp_path), trial)
+    os.makedirs(workdir)
+    sw.atomic_write(os.path.join(workdir, sw.TRIAL_FILE),
+                    json.dumps({**trial.describe(), "status": "completed", "wall_time_s": 1.0}))
+    row = sw.trial_result(str(tmp_path), trial, "top1", "max")
+    assert (row["status"], row["final"], row["best"], row["steps"]) == ("completed", None, None, 0)
+
+
+def test_config_changes_names_each_trajectory_field_and_ignores_runtime_ones():
+    saved = {"optimizer.learning_rate": 0.1, "seed": 0, "progress_bar": True}
+    current = {"optimizer.learning_rate": 0.2, "seed": 0, "progress_bar": False}
+    assert sw.config_changes(saved, current) == "optimizer.learning_rate: 0.1 -> 0.2"
+    assert sw.config_changes(saved, dict(saved, progress_bar=False)) == ""
