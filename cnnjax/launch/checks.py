@@ -10,6 +10,7 @@ config imports TensorFlow (the data pipeline), ~5 s.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,10 +66,10 @@ def count_trials(spec: JobSpec) -> int:
 
     if spec.sweep is None:
         raise invalid(_OWNER, "sweep", None, "a sweep job needs --sweep=<file>")
-    try:
-        sweep = load_files({"sweep": spec.sweep}, spec.overrides_for("sweep"))["sweep"]
-    except FileNotFoundError:
-        raise invalid(_OWNER, "sweep", spec.sweep, "no such file") from None
+    path = os.path.join(spec.submit_dir, spec.sweep)
+    if not os.path.isfile(path):
+        raise invalid(_OWNER, "sweep", spec.sweep, f"no such file ({os.path.normpath(path)})")
+    sweep = load_files({"sweep": path}, spec.overrides_for("sweep"))["sweep"]
     return len(space_lib.from_config(sweep).trials)
 
 

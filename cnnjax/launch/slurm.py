@@ -108,21 +108,30 @@ event() {
   printf '%s job %s%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${SLURM_JOB_ID:-?}" "$task" "$1" \
     | tee -a "$EVENTS" >&2
 }
-stop_step() {
+stop_step() {  # TERM, then KILL after STOP_GRACE_SECONDS; STOPPED=0 if it had ended by itself
+  STOPPED=1
   [[ -n "${STEP_PID:-}" ]] || return 0
-  kill -TERM "$STEP_PID" 2>/dev/null || return 0
-  local waited=0
-  while kill -0 "$STEP_PID" 2>/dev/null && ((waited < STOP_GRACE_SECONDS)); do
-    sleep 1
-    waited=$((waited + 1))
-  done
-  kill -KILL "$STEP_PID" 2>/dev/null
+  if kill -TERM "$STEP_PID" 2>/dev/null; then
+    local waited=0
+    while kill -0 "$STEP_PID" 2>/dev/null && ((waited < STOP_GRACE_SECONDS)); do
+      sleep 1
+      waited=$((waited + 1))
+    done
+    kill -KILL "$STEP_PID" 2>/dev/null
+  else
+    STOPPED=0
+  fi
   wait "$STEP_PID" 2>/dev/null
+  STEP_STATUS=$?
   return 0
 }
 on_usr1() {
   event "USR1: time limit or preemption ahead; stopping the job step"
   stop_step
+  if ((STOPPED == 0)); then
+    event "the job step had already ended (exit status $STEP_STATUS); not requeued"
+    exit "$STEP_STATUS"
+  fi
   if ((RESTARTS >= MAX_REQUEUES)); then
     event "not requeued: already requeued $RESTARTS time(s) (max_requeues=$MAX_REQUEUES); \
 resubmit the same job to continue from the newest checkpoint"

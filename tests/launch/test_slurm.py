@@ -234,3 +234,22 @@ def test_program_exit_status_is_the_job_status(tmp_path):
                             env=path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "1"})
     assert result.returncode == 3
     assert "finished with exit status 3" in (tmp_path / "wd" / "slurm" / "events.log").read_text()
+
+
+def test_a_step_that_ignores_term_is_killed_after_the_grace_period(tmp_path):
+    """A process stuck (e.g. in a collective) must not hold up the requeue past the time limit:
+    with signal_seconds=2 the grace is 1 s, then SIGKILL, then the requeue."""
+    _, script = _job(tmp_path, signal_seconds=2, time="1")
+    write_executable(tmp_path / "fake_python", (
+        "#!/usr/bin/env bash\n"
+        f"trap 'echo TERM ignored >> {tmp_path}/program.log' TERM\n"
+        f"echo started >> {tmp_path}/program.log\n"
+        "for _ in $(seq 600); do sleep 0.05; done\n"))
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "8"}, tmp_path)
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert (tmp_path / "program.log").read_text() == "started\nTERM ignored\n"
+    assert (bin_dir / "scontrol.calls").read_text() == "requeue 8\n"
+    assert "STOP_GRACE_SECONDS=1\n" in script.read_text()

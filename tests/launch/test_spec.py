@@ -77,6 +77,12 @@ def test_the_sweep_file_decides_the_array_size():
         validate_spec(_sweep(array="0-4"), num_trials=count_trials(_sweep()))
 
 
+def test_a_missing_sweep_file_is_named():
+    with pytest.raises(ValueError, match=r"^launch: sweep='nope.py' is invalid; no such file "
+                                         r"\(.*/nope.py\)"):
+        count_trials(_sweep(sweep="nope.py"))
+
+
 def test_sweep_overrides_change_the_count(tmp_path):
     sweep = tmp_path / "random.py"
     sweep.write_text(
