@@ -16,7 +16,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from cnnjax.utils.validation import check_choice, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    invalid,
+)
 
 _OWNER = "launch"
 
@@ -237,20 +242,8 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
     directory is on a filesystem every node shares cannot be checked from here.
     """
     entry_name = check_choice(_OWNER, "entry", spec.entry, ENTRY_POINTS)
-    entry = ENTRY_POINTS[entry_name]
     submit_dir = _check_path("submit_dir", spec.submit_dir, os.getcwd(), must_exist="dir")
-    files = {}
-    for flag in FILE_FLAGS:
-        value = getattr(spec, flag)
-        if flag not in entry.file_flags:
-            if value is not None:
-                raise invalid(_OWNER, flag, value,
-                              f"{entry_name} takes no --{flag}; it takes "
-                              + ", ".join(f"--{f}" for f in entry.file_flags))
-            continue
-        if value is None:
-            raise invalid(_OWNER, flag, value, f"{entry_name} needs --{flag}=<file>")
-        files[flag] = _check_path(flag, value, submit_dir, must_exist="file")
+    files = _check_files(spec, submit_dir)
     workdir = _check_path("workdir", spec.workdir, submit_dir, must_exist=None)
     if os.path.isfile(workdir):
         raise invalid(_OWNER, "workdir", spec.workdir, "expected a directory, found a file")
@@ -258,12 +251,43 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
         raise invalid(_OWNER, "overrides", spec.overrides, "expected a tuple of strings")
     for override in spec.overrides:
         check_override(entry_name, override)
+    tasks = _tasks_per_node(spec)
+    _check_schedule(spec)
+    _check_array(spec, num_trials)
+    job_name = spec.job_name
+    if job_name is None:
+        job_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"cnnjax-{entry_name}-"
+                          f"{os.path.basename(workdir)}")
+    _check_word("job_name", job_name, _JOB_NAME, "letters, digits, '.', '_', '-'")
+    venv = _check_environment(spec, submit_dir)
+    return dataclasses.replace(spec, submit_dir=submit_dir, workdir=workdir, venv=venv,
+                               tasks_per_node=tasks, job_name=job_name, **files)
 
+
+def _check_files(spec: JobSpec, submit_dir: str) -> dict[str, str]:
+    """`{flag: absolute path}` of the entry point's config files; others must be unset."""
+    entry = ENTRY_POINTS[spec.entry]
+    files = {}
+    for flag in FILE_FLAGS:
+        value = getattr(spec, flag)
+        if flag not in entry.file_flags:
+            if value is not None:
+                raise invalid(_OWNER, flag, value,
+                              f"{spec.entry} takes no --{flag}; it takes "
+                              + ", ".join(f"--{f}" for f in entry.file_flags))
+            continue
+        if value is None:
+            raise invalid(_OWNER, flag, value, f"{spec.entry} needs --{flag}=<file>")
+        files[flag] = _check_path(flag, value, submit_dir, must_exist="file")
+    return files
+
+
+def _tasks_per_node(spec: JobSpec) -> int:
+    """Checks nodes, GPUs and tasks; returns tasks per node (default: one per GPU for a
+    multi-process entry point, else 1)."""
+    entry = ENTRY_POINTS[spec.entry]
     for name in ("nodes", "cpus_per_task"):
         check_positive_int(_OWNER, name, getattr(spec, name))
-    if isinstance(spec.max_requeues, bool) or not isinstance(spec.max_requeues, int) \
-            or spec.max_requeues < 0:
-        raise invalid(_OWNER, "max_requeues", spec.max_requeues, "expected an integer >= 0")
     gpus = spec.gpus_per_node
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
         raise invalid(_OWNER, "gpus_per_node", gpus, "expected an integer >= 0 (0: CPU only)")
@@ -276,43 +300,48 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
             raise invalid(_OWNER, "tasks_per_node", tasks,
                           f"expected one task per GPU, {gpus} (gpus_per_node): under SLURM each "
                           "JAX process uses the GPU numbered by its SLURM_LOCALID")
-    else:
-        if spec.nodes != 1:
-            raise invalid(_OWNER, "nodes", spec.nodes,
-                          f"expected 1: {entry_name} runs one process (it uses every GPU of its "
-                          "node); spread a sweep's trials over an array job instead")
-        if tasks != 1:
-            raise invalid(_OWNER, "tasks_per_node", tasks,
-                          f"expected 1: {entry_name} runs one process using all gpus_per_node")
+        return tasks
+    if spec.nodes != 1:
+        raise invalid(_OWNER, "nodes", spec.nodes,
+                      f"expected 1: {spec.entry} runs one process (it uses every GPU of its "
+                      "node); spread a sweep's trials over an array job instead")
+    if tasks != 1:
+        raise invalid(_OWNER, "tasks_per_node", tasks,
+                      f"expected 1: {spec.entry} runs one process using all gpus_per_node")
+    return tasks
 
+
+def _check_schedule(spec: JobSpec) -> None:
+    """Time limit, requeue signal and count, memory, and the scheduler's names."""
     limit = time_limit_seconds(spec.time)
-    signal_s = spec.signal_seconds
-    check_positive_int(_OWNER, "signal_seconds", signal_s)
+    signal_s = check_positive_int(_OWNER, "signal_seconds", spec.signal_seconds)
     if signal_s > MAX_SIGNAL_SECONDS or signal_s >= limit:
         raise invalid(_OWNER, "signal_seconds", signal_s,
                       f"expected 1..{min(MAX_SIGNAL_SECONDS, limit - 1)}: seconds before the time "
                       f"limit ({spec.time} = {limit} s) at which the job stops and requeues")
+    check_non_negative_int(_OWNER, "max_requeues", spec.max_requeues)
     _check_word("mem", spec.mem, _MEM, "a size in MB or with a K/M/G/T suffix (e.g. 64G),")
     for name in ("partition", "account", "qos", "constraint"):
         _check_word(name, getattr(spec, name))
-    job_name = spec.job_name
-    if job_name is None:
-        job_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"cnnjax-{entry_name}-"
-                          f"{os.path.basename(workdir)}")
-    _check_word("job_name", job_name, _JOB_NAME, "letters, digits, '.', '_', '-'")
 
-    if entry_name == "sweep":
-        num_trials = check_positive_int(_OWNER, "num_trials (of the sweep)", num_trials)
-        if spec.array is not None:
-            array_indices(spec.array, num_trials)
-        if spec.max_parallel is not None:
-            check_positive_int(_OWNER, "max_parallel", spec.max_parallel)
-    else:
+
+def _check_array(spec: JobSpec, num_trials: int | None) -> None:
+    """A sweep's array must lie within its `num_trials`; other entry points take none."""
+    if spec.entry != "sweep":
         for name in ("array", "max_parallel"):
             if getattr(spec, name) is not None:
                 raise invalid(_OWNER, name, getattr(spec, name),
-                              f"only a sweep is an array job; {entry_name} takes no {name}")
+                              f"only a sweep is an array job; {spec.entry} takes no {name}")
+        return
+    num_trials = check_positive_int(_OWNER, "num_trials (of the sweep)", num_trials)
+    if spec.array is not None:
+        array_indices(spec.array, num_trials)
+    if spec.max_parallel is not None:
+        check_positive_int(_OWNER, "max_parallel", spec.max_parallel)
 
+
+def _check_environment(spec: JobSpec, submit_dir: str) -> str | None:
+    """Checks venv, python, env and setup; returns the venv's absolute path (or None)."""
     venv = spec.venv
     if venv is not None:
         venv = _check_path("venv", venv, submit_dir, must_exist="dir")
@@ -334,6 +363,4 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
     for line in spec.setup:
         if not isinstance(line, str) or not line.strip() or "\n" in line or "\0" in line:
             raise invalid(_OWNER, "setup", line, "expected one non-empty shell line")
-
-    return dataclasses.replace(spec, submit_dir=submit_dir, workdir=workdir, venv=venv,
-                               tasks_per_node=tasks, job_name=job_name, **files)
+    return venv
