@@ -68,13 +68,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     if _TRIAL_INDEX.value is not None:  # an array task answers for its own trial only
         rows = [r for r in rows if r["index"] == _TRIAL_INDEX.value]
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        sys.exit(
-            f"error: {len(failed)} trial(s) failed: "
-            + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in failed[:3])
-            + " (tracebacks in <trial workdir>/error.log; rerun the command to retry them)"
-        )
+    message = sweep_lib.failure_message(rows)
+    if message:
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

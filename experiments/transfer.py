@@ -41,6 +41,7 @@ def main(argv: list[str]) -> None:
 
     quiet_library_logs()
     from cnnjax.transfer import compare
+    from cnnjax.tune.sweep import failure_message
 
     config = _TRANSFER.value
     try:
@@ -57,13 +58,9 @@ def main(argv: list[str]) -> None:
         )
     except ValueError as err:
         sys.exit(f"error: {err}")
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        sys.exit(
-            f"error: {len(failed)} run(s) failed: "
-            + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in failed[:3])
-            + " (tracebacks in <run workdir>/error.log; rerun the command to retry them)"
-        )
+    message = failure_message(rows, "run")
+    if message:
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -257,6 +257,16 @@ def run_trial(config: Any, workdir: str, record: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------- results
+def failure_message(rows: list[dict], what: str = "trial") -> str | None:
+    """A one-line error naming the failed rows (up to 3), or None if none failed."""
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not failed:
+        return None
+    return (f"{len(failed)} {what}(s) failed: "
+            + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in failed[:3])
+            + f" (tracebacks in <{what} workdir>/error.log; rerun the command to retry them)")
+
+
 def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     """One result row, read from the trial's summary.json, trial.json and metrics.jsonl."""
     workdir = trial_workdir(sweep_dir, trial)
