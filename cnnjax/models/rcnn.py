@@ -69,6 +69,27 @@ def window_proposals(image_size: tuple[int, int], sizes: Sequence[int], stride: 
     return np.concatenate(windows).astype(np.float32)
 
 
+def _check_common(module: Any) -> None:
+    """The hyperparameter checks R-CNN and Fast R-CNN share (a function: flax wraps methods,
+    and these run in `__post_init__`, before the module is bound)."""
+    owner = type(module).__name__
+    for arg in ("num_classes", "proposal_stride", "roi_samples", "max_detections"):
+        check_positive_int(owner, arg, getattr(module, arg))
+    try:
+        ok = len(module.proposal_sizes) > 0 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for v in module.proposal_sizes)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise invalid(owner, "proposal_sizes", module.proposal_sizes,
+                      "expected a non-empty sequence of positive ints (window sides, px)")
+    check_number(owner, "nms_iou", module.nms_iou, "expected a number in [0, 1]", low=0.0,
+                 high=1.0)
+    check_number(owner, "score_threshold", module.score_threshold,
+                 "expected a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+
+
 class _ProposalDetector(nn.Module):
     """What R-CNN and Fast R-CNN share: external windows, RoI sampling, loss and inference.
 
@@ -84,24 +105,6 @@ class _ProposalDetector(nn.Module):
     max_detections: int = 100
     dtype: Any = jnp.float32
     axis_name: str | None = None
-
-    def _check(self) -> None:
-        owner = type(self).__name__
-        for arg in ("num_classes", "proposal_stride", "roi_samples", "max_detections"):
-            check_positive_int(owner, arg, getattr(self, arg))
-        try:
-            ok = len(self.proposal_sizes) > 0 and all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0
-                for v in self.proposal_sizes)
-        except TypeError:
-            ok = False
-        if not ok:
-            raise invalid(owner, "proposal_sizes", self.proposal_sizes,
-                          "expected a non-empty sequence of positive ints (window sides, px)")
-        check_number(owner, "nms_iou", self.nms_iou, "expected a number in [0, 1]", low=0.0,
-                     high=1.0)
-        check_number(owner, "score_threshold", self.score_threshold,
-                     "expected a number in [0, 1)", low=0.0, high=1.0, high_open=True)
 
     def windows(self, images: Array) -> Array:
         """The external proposals of a batch, `[N, P, 4]` (the same windows for every image)."""
@@ -148,7 +151,7 @@ class FastRCNN(_ProposalDetector):
     head_features: int = 256
 
     def __post_init__(self) -> None:
-        self._check()
+        _check_common(self)
         check_positive_int(type(self).__name__, "roi_size", self.roi_size)
         check_positive_int(type(self).__name__, "head_features", self.head_features)
         super().__post_init__()
@@ -177,7 +180,7 @@ class RCNN(_ProposalDetector):
     head_features: int = 256
 
     def __post_init__(self) -> None:
-        self._check()
+        _check_common(self)
         check_positive_int(type(self).__name__, "warp_size", self.warp_size)
         check_positive_int(type(self).__name__, "head_features", self.head_features)
         super().__post_init__()

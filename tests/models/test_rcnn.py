@@ -100,3 +100,15 @@ def test_rcnn_warps_are_the_image_regions():
                                    atol=1e-4)
         np.testing.assert_allclose(warps[k, :, :, 1], np.broadcast_to(cy[:, None], (8, 8)),
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list_models(task="detection"))
+def test_every_detector_passes_the_engine_input_check(name):
+    """The engine traces `init` under a method interceptor before compiling (train/checks.py):
+    hyperparameter checks must not be module methods that run before binding."""
+    from cnnjax.models import model_info
+    from cnnjax.train import checks
+
+    info = model_info(name)
+    checks.check_input_size(create_model(name, axis_name="data"), name, info.input_shape,
+                            info.min_input_size)
