@@ -27,6 +27,7 @@ from absl import app, flags
 
 from cnnjax.launch import checks, slurm
 from cnnjax.launch.spec import ENTRY_POINTS, JobSpec, json_ready, validate_spec
+from cnnjax.utils.files import atomic_write
 from cnnjax.utils.validation import invalid
 
 SCRIPT_FILE = "job.sbatch"
@@ -169,11 +170,7 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(json_ready(data), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(json_ready(data), indent=2) + "\n")
 
 
 def sbatch(script_path: str, spec: JobSpec, record: dict[str, Any]) -> str:

@@ -40,16 +40,15 @@ from cnnjax.train.optim import build_schedule
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
-    atomic_write,
     config_changes,
     default_mode,
     finished_status,
-    read_json,
     run_trial,
     start_trial,
     trial_result,
     trial_workdir,
 )
+from cnnjax.utils.files import atomic_write, read_json, save_figure
 from cnnjax.utils.validation import check_choice, invalid
 
 ARMS = ("scratch", "finetune", "linear_probe")
@@ -473,14 +472,7 @@ def report_markdown(table: list[dict], source: dict, metric: str, budget_field: 
 
 def plot_results(table: list[dict], source: dict, metric: str, path: str) -> str:
     """Writes `results_figure` to `path` (PNG, atomically) and returns `path`."""
-    import matplotlib.pyplot as plt
-
-    fig = results_figure(table, source, metric)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(results_figure(table, source, metric), path)
 
 
 def results_figure(table: list[dict], source: dict, metric: str):

@@ -36,7 +36,7 @@ import numpy as np
 
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
-from cnnjax.tune.sweep import read_json
+from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import check_choice, invalid
 
 #: Every verdict, most urgent first (`Diagnosis.primary` is the first that holds).

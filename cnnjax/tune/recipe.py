@@ -54,13 +54,12 @@ from cnnjax.tune.diagnose import (
     ema,
 )
 from cnnjax.tune.sweep import (
-    atomic_write,
     config_changes,
     default_mode,
-    read_json,
     run_sweep,
     trial_configs,
 )
+from cnnjax.utils.files import atomic_write, read_json, save_figure
 from cnnjax.utils.validation import check_choice, invalid
 
 TUNE_FILE = "tune.json"
@@ -645,14 +644,7 @@ def _diagnosis_lines(diagnosis: dict) -> list[str]:
 
 def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
     """Writes `tune_figure(record)` to `path` (PNG, atomically) and returns `path`."""
-    import matplotlib.pyplot as plt
-
-    fig = tune_figure(record, ema_weight)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(tune_figure(record, ema_weight), path)
 
 
 def tune_figure(record: dict, ema_weight: float = 0.6):

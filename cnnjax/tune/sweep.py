@@ -30,6 +30,7 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
 from cnnjax.train.optim import build_schedule
 from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
+from cnnjax.utils.files import atomic_write, read_json, save_figure
 from cnnjax.utils.validation import check_choice, invalid
 
 SWEEP_FILE = "sweep.json"
@@ -194,15 +195,6 @@ def config_changes(saved: dict, current: dict, limit: int = 8) -> str:
 
 
 # --------------------------------------------------------------------------------- trials
-def read_json(path: str) -> dict | None:
-    """The JSON object in `path`, or None if it is missing or unreadable (cut short by a kill)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):  # missing, or cut short by a kill: as if absent
-        return None
-
-
 def finished_status(workdir: str, config: Any) -> str | None:
     """'completed' or 'diverged' when the trial need not run again, else None (run/resume).
 
@@ -381,14 +373,7 @@ def format_table(rows: list[dict], space: SearchSpace, metric: str) -> str:
 
 def plot_results(rows: list[dict], space: SearchSpace, metric: str, path: str) -> str:
     """Writes `results_figure` to `path` (PNG, atomically) and returns `path`."""
-    import matplotlib.pyplot as plt
-
-    fig = results_figure(rows, space, metric)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(results_figure(rows, space, metric), path)
 
 
 def results_figure(rows: list[dict], space: SearchSpace, metric: str):
@@ -431,15 +416,6 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
 
 
 # -------------------------------------------------------------------------------- helpers
-def atomic_write(path: str, text: str) -> None:
-    """Writes `text` to a temp file next to `path`, then renames it over `path` (readers never
-    see a half-written file; concurrent writers each leave a complete one)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _blank(value: Any) -> Any:
     return "" if value is None else value
 

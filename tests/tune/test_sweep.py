@@ -13,6 +13,7 @@ import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilat
 from cnnjax.train.logging import read_metrics
 from cnnjax.tune import space as sp
 from cnnjax.tune import sweep as sw
+from cnnjax.utils import files
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -300,8 +301,8 @@ def test_trial_recorded_completed_without_a_summary_reads_as_completed(tmp_path)
     trial = sp.Trial(0, "t0", {"optimizer.learning_rate": 0.1})
     workdir = sw.trial_workdir(str(tmp_path), trial)
     os.makedirs(workdir)
-    sw.atomic_write(os.path.join(workdir, sw.TRIAL_FILE),
-                    json.dumps({**trial.describe(), "status": "completed", "wall_time_s": 1.0}))
+    files.atomic_write(os.path.join(workdir, sw.TRIAL_FILE),
+                       json.dumps({**trial.describe(), "status": "completed", "wall_time_s": 1.0}))
     row = sw.trial_result(str(tmp_path), trial, "top1", "max")
     assert (row["status"], row["final"], row["best"], row["steps"]) == ("completed", None, None, 0)
 

@@ -1,0 +1,45 @@
+"""Crash-safe file writes and tolerant reads for run records (JSON, text, figures).
+
+Every record a run, sweep or launcher leaves behind is written to a temporary file next to its
+target and renamed over it, so a reader (or a rerun after a kill) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Writes `text` to a temp file next to `path`, then renames it over `path` (readers never
+    see a half-written file; concurrent writers each leave a complete one)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, record: Any) -> None:
+    """`atomic_write` of `record` as indented JSON (NumPy/JAX scalars written as floats)."""
+    atomic_write(path, json.dumps(record, indent=2, default=float))
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in `path`, or None if it is missing or unreadable (cut short by a kill)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def save_figure(fig: Any, path: str, dpi: int = 100) -> str:
+    """Saves a matplotlib figure to `path` atomically, closes it and returns `path`."""
+    import matplotlib.pyplot as plt
+
+    tmp = f"{path}.{os.getpid()}.tmp{os.path.splitext(path)[1]}"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,43 @@
+"""cnnjax.utils.files: atomic writes leave whole files only; tolerant reads."""
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cnnjax.utils import files  # noqa: E402
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "a.txt")
+    files.atomic_write(path, "one")
+    files.atomic_write(path, "two")
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_write_json_round_trips_and_numpy_scalars_become_floats(tmp_path):
+    import numpy as np
+
+    path = str(tmp_path / "r.json")
+    files.write_json(path, {"x": np.float32(0.5), "y": [1, "b"]})
+    assert files.read_json(path) == {"x": 0.5, "y": [1, "b"]}
+
+
+def test_read_json_of_a_missing_or_truncated_file_is_none(tmp_path):
+    assert files.read_json(str(tmp_path / "missing.json")) is None
+    cut = tmp_path / "cut.json"
+    cut.write_text(json.dumps({"a": 1})[:-2])
+    assert files.read_json(str(cut)) is None
+
+
+def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert files.save_figure(fig, str(tmp_path / "f.png")) == str(tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
+    assert os.listdir(tmp_path) == ["f.png"]
