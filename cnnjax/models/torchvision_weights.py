@@ -1,0 +1,481 @@
+"""torchvision ImageNet checkpoints as cnnjax variables and warm-start workdirs (transfer learning).
+
+cnnjax never downloads weights, but a torchvision checkpoint on disk (`resnet50-0676ba61.pth`, a
+`state_dict`) can be converted: `convert_state_dict(model_name, state_dict)` maps every tensor by
+an explicit per-architecture name table onto the cnnjax model of the same layout and returns its
+`{"params", "batch_stats"}`; `write_warm_start_workdir` stores them as a step-0 orbax checkpoint
+with the engine's own `Checkpointer`, so `--config.init_from.workdir=<that dir>` fine-tunes from
+them in any experiment (head excluded by default). The command line does both:
+
+    python -m cnnjax.models.torchvision_weights --model=resnet50 \\
+        --weights=/path/resnet50-0676ba61.pth --workdir=workdirs/pretrained/resnet50
+
+Layouts: conv weights OIHW -> HWIO; linear (out, in) -> (in, out); BatchNorm weight / bias /
+running_mean / running_var -> params scale / bias, batch_stats mean / var (`num_batches_tracked`
+is ignored: flax BatchNorm uses a fixed momentum). VGG's fc6 and AlexNet's fc6 read a flattened
+map, in (c, h, w) order in torch and (h, w, c) in cnnjax, so their rows are permuted too. Both
+sides use BatchNorm epsilon 1e-5 and the same momentum (flax 0.9 = torch 0.1).
+
+Preprocessing: torchvision's weights expect RGB in [0, 1] normalized by the ImageNet mean
+(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); cnnjax's `imagenet2012` / `imagenette`
+presets use exactly these (`cnnjax.data.presets.IMAGENET_MEAN/STD`, RGB from tfds), with TF's
+antialiased bilinear resize instead of PIL's (a small pixel-level difference). Other presets
+normalize with their own dataset's statistics (e.g. CIFAR-10's), not ImageNet's.
+
+Supported (the cnnjax and torchvision builders share the name): `SUPPORTED_MODELS`. Not
+convertible: `UNSUPPORTED_MODELS` says why for each cnnjax model that resembles a torchvision one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from cnnjax.models.registry import create_model, model_info
+from cnnjax.utils.validation import invalid
+
+#: Torch keys ending in these are read and dropped, with the reason.
+IGNORED_SUFFIXES: dict[str, str] = {
+    "num_batches_tracked": "BatchNorm's update counter; flax BatchNorm uses a fixed momentum "
+    "(torch's momentum=None cumulative average has no counterpart)",
+}
+
+#: cnnjax models that resemble a torchvision model but whose layout differs, and why.
+UNSUPPORTED_MODELS: dict[str, str] = {
+    "googlenet": "torchvision's googlenet is a BatchNorm variant (conv without bias + BatchNorm "
+    "eps 1e-3 everywhere, 3x3 kernels in the '5x5' branch, no LRN, transform_input), cnnjax's "
+    "is the paper's network (conv with bias, 5x5 branch, LRN, no BatchNorm)",
+    "alexnet_2tower": "torchvision only has the single-tower alexnet (use model 'alexnet')",
+    "zfnet": "torchvision has no ZFNet",
+    "densenet161": "cnnjax registers no DenseNet-161 (growth 48, 96 initial features, blocks "
+    "(6, 12, 36, 24)); the DenseNet mapping here would convert it once it is registered",
+}
+
+
+# ------------------------------------------------------------------------------- leaf layouts
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one torch tensor becomes one cnnjax leaf, and the torch shape a cnnjax shape needs."""
+
+    name: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    ndim: int
+
+
+def _flatten_chw_dense(channels: int) -> _Layout:
+    """A linear layer on a flattened (c, h, w) map: rows permuted to cnnjax's (h, w, c) order."""
+
+    def to_flax(w: np.ndarray) -> np.ndarray:
+        out, fan_in = w.shape  # shape already checked: channels * side * side inputs
+        side = math.isqrt(fan_in // channels)
+        chw = w.reshape(out, channels, side, side)
+        return chw.transpose(2, 3, 1, 0).reshape(fan_in, out)
+
+    return _Layout(f"linear on a flattened ({channels}, h, w) map", to_flax,
+                   lambda s: (s[1], s[0]), 2)
+
+
+_CONV = _Layout("conv OIHW -> HWIO", lambda w: w.transpose(2, 3, 1, 0),
+                lambda s: (s[3], s[2], s[0], s[1]), 4)
+_DENSE = _Layout("linear (out, in) -> (in, out)", lambda w: w.T, lambda s: (s[1], s[0]), 2)
+_VECTOR = _Layout("vector", lambda w: w, lambda s: s, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One torch tensor -> one cnnjax leaf (`collection`, `path`)."""
+
+    torch_key: str
+    collection: str
+    path: tuple[str, ...]
+    layout: _Layout
+
+    @property
+    def target(self) -> str:
+        return "/".join((self.collection, *self.path))
+
+
+def _conv(torch_name: str, path: str, bias: bool) -> list[_Leaf]:
+    leaves = [_Leaf(f"{torch_name}.weight", "params", (*path.split("/"), "kernel"), _CONV)]
+    if bias:
+        leaves.append(_Leaf(f"{torch_name}.bias", "params", (*path.split("/"), "bias"), _VECTOR))
+    return leaves
+
+
+def _dense(torch_name: str, path: str, layout: _Layout = _DENSE) -> list[_Leaf]:
+    return [_Leaf(f"{torch_name}.weight", "params", (path, "kernel"), layout),
+            _Leaf(f"{torch_name}.bias", "params", (path, "bias"), _VECTOR)]
+
+
+def _bn(torch_name: str, path: str) -> list[_Leaf]:
+    p = tuple(path.split("/"))
+    return [_Leaf(f"{torch_name}.weight", "params", (*p, "scale"), _VECTOR),
+            _Leaf(f"{torch_name}.bias", "params", (*p, "bias"), _VECTOR),
+            _Leaf(f"{torch_name}.running_mean", "batch_stats", (*p, "mean"), _VECTOR),
+            _Leaf(f"{torch_name}.running_var", "batch_stats", (*p, "var"), _VECTOR)]
+
+
+# ------------------------------------------------------------------ per-architecture tables
+def _resnet_leaves(model: nn.Module) -> list[_Leaf]:
+    """torchvision `resnet*` (v1.5, downsample = 1x1 conv + BN) -> `cnnjax.models.resnet`."""
+    from cnnjax.models.resnet import BottleneckBlock
+
+    bottleneck = issubclass(model.block_cls, BottleneckBlock)
+    leaves = _conv("conv1", "conv_init", bias=False) + _bn("bn1", "bn_init")
+    for i, num_blocks in enumerate(model.stage_sizes):
+        for j in range(num_blocks):
+            t, c = f"layer{i + 1}.{j}", f"stage{i + 1}_block{j + 1}"
+            for k in range(1, 4 if bottleneck else 3):
+                leaves += _conv(f"{t}.conv{k}", f"{c}/conv{k}", bias=False)
+                leaves += _bn(f"{t}.bn{k}", f"{c}/bn{k}")
+            if j == 0 and (i > 0 or bottleneck):  # the block changes the shape: projection
+                leaves += _conv(f"{t}.downsample.0", f"{c}/proj_conv", bias=False)
+                leaves += _bn(f"{t}.downsample.1", f"{c}/proj_bn")
+    return leaves + _dense("fc", "head")
+
+
+def _vgg_leaves(model: nn.Module) -> list[_Leaf]:
+    """torchvision `vgg*` / `vgg*_bn` (`features.<i>` Sequential, `classifier.0/3/6`)."""
+    leaves: list[_Leaf] = []
+    index = 0
+    for b, block in enumerate(model.stages, start=1):
+        for i in range(1, len(block) + 1):
+            leaves += _conv(f"features.{index}", f"features/conv{b}_{i}", bias=True)
+            if model.batch_norm:
+                leaves += _bn(f"features.{index + 1}", f"features/bn{b}_{i}")
+            index += 3 if model.batch_norm else 2  # conv (, bn), relu
+        index += 1  # the block's max pool
+    leaves += _dense("classifier.0", "fc6", _flatten_chw_dense(model.stages[-1][-1]))
+    return leaves + _dense("classifier.3", "fc7") + _dense("classifier.6", "head")
+
+
+def _alexnet_leaves(model: nn.Module) -> list[_Leaf]:
+    """torchvision `alexnet` (`features.0/3/6/8/10`, `classifier.1/4/6`)."""
+    leaves: list[_Leaf] = []
+    for n, index in enumerate((0, 3, 6, 8, 10), start=1):
+        leaves += _conv(f"features.{index}", f"conv{n}", bias=True)
+    leaves += _dense("classifier.1", "fc6", _flatten_chw_dense(model.widths[-1]))
+    return leaves + _dense("classifier.4", "fc7") + _dense("classifier.6", "head")
+
+
+def _densenet_leaves(model: nn.Module) -> list[_Leaf]:
+    """torchvision `densenet*` (`features.conv0/norm0/denseblock<i>/transition<i>/norm5`)."""
+    leaves = _conv("features.conv0", "conv_init", bias=False) + _bn("features.norm0", "bn_init")
+    for i, num_layers in enumerate(model.block_sizes, start=1):
+        for j in range(1, num_layers + 1):
+            t, c = f"features.denseblock{i}.denselayer{j}", f"block{i}/layer{j}"
+            for k in (1, 2):
+                leaves += _bn(f"{t}.norm{k}", f"{c}/bn{k}")
+                leaves += _conv(f"{t}.conv{k}", f"{c}/conv{k}", bias=False)
+        if i < len(model.block_sizes):
+            leaves += _bn(f"features.transition{i}.norm", f"transition{i}/bn")
+            leaves += _conv(f"features.transition{i}.conv", f"transition{i}/conv", bias=False)
+    return leaves + _bn("features.norm5", "bn_final") + _dense("classifier", "head")
+
+
+# torchvision's own fix-up for its published DenseNet files ("norm.1" -> "norm1", ...).
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _rename_old_densenet_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Renames the keys of torchvision's published DenseNet checkpoints (`...norm.1.weight`,
+    saved before PyTorch 0.4) to the module names (`...norm1.weight`), as torchvision does."""
+    renamed = {}
+    for key, value in state_dict.items():
+        match = _OLD_DENSENET_KEY.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    leaves: Callable[[nn.Module], list[_Leaf]]
+    head: str  # torch module of the classifier (its weight gives num_classes)
+    rename: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict
+
+
+_RESNET = _Architecture(_resnet_leaves, "fc")
+_VGG = _Architecture(_vgg_leaves, "classifier.6")
+_DENSENET = _Architecture(_densenet_leaves, "classifier", _rename_old_densenet_keys)
+
+_ARCHITECTURES: dict[str, _Architecture] = {
+    **{f"resnet{d}": _RESNET for d in (18, 34, 50, 101, 152)},
+    **{f"vgg{d}{bn}": _VGG for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    "alexnet": _Architecture(_alexnet_leaves, "classifier.6"),
+    **{f"densenet{d}": _DENSENET for d in (121, 169, 201)},
+}
+
+#: cnnjax models that torchvision checkpoints convert to (torchvision's builder has the same name).
+SUPPORTED_MODELS: tuple[str, ...] = tuple(sorted(_ARCHITECTURES))
+
+
+# --------------------------------------------------------------------------------- conversion
+def _architecture(model_name: Any) -> _Architecture:
+    owner = "torchvision_weights"
+    if model_name in _ARCHITECTURES:
+        return _ARCHITECTURES[model_name]
+    if model_name in UNSUPPORTED_MODELS:
+        raise invalid(owner, "model", model_name,
+                      f"it cannot take torchvision weights: {UNSUPPORTED_MODELS[model_name]}; "
+                      f"supported models: {list(SUPPORTED_MODELS)}")
+    raise invalid(owner, "model", model_name, f"expected one of {list(SUPPORTED_MODELS)}")
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in np.shape(value))
+
+
+def _list(keys: Sequence[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(repr(k) for k in keys[:limit]) + more
+
+
+def expected_variable_shapes(model_name: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """`{"params/.../kernel": shape, ...}` of the cnnjax model as the engine initializes it."""
+    from cnnjax.train.state import init_variables  # the engine's own init (same leaves)
+
+    model = create_model(model_name, num_classes=num_classes)
+    input_shape = (1, *model_info(model_name).input_shape)
+    tree = jax.eval_shape(lambda r: init_variables(model, r, input_shape), jax.random.key(0))
+    return {"/".join(k): tuple(v.shape) for k, v in flatten_dict(dict(tree)).items()}
+
+
+def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """torchvision `state_dict` (name -> array, NumPy or CPU tensor) -> cnnjax `{"params",
+    "batch_stats"}` (float32 NumPy) for the registered model `model_name`.
+
+    `num_classes` is the classifier's output count in `state_dict`. Strict: every leaf of the
+    cnnjax model is filled exactly once with the right shape and every torch key is used
+    (`IGNORED_SUFFIXES` excepted); otherwise a ValueError names the model, the key or leaf, the
+    shapes and what was expected. `batch_stats` is `{}` for models without BatchNorm.
+    """
+    arch = _architecture(model_name)
+    owner = f"torchvision_weights({model_name!r})"
+    if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+        raise invalid(owner, "state_dict", type(state_dict).__name__,
+                      "expected a mapping of parameter names to arrays (a torch state_dict)")
+    tensors = dict(arch.rename(state_dict))
+    head_key = f"{arch.head}.weight"
+    if head_key not in tensors or len(_shape(tensors[head_key])) != 2:
+        found = _shape(tensors[head_key]) if head_key in tensors else "missing"
+        raise invalid(owner, "state_dict", f"{head_key}: {found}",
+                      f"expected the classifier weight {head_key!r} of shape "
+                      "(num_classes, features); is this a torchvision "
+                      f"{model_name} checkpoint?")
+    num_classes = _shape(tensors[head_key])[0]
+    model = create_model(model_name, num_classes=num_classes)
+    expected = expected_variable_shapes(model_name, num_classes)
+    leaves = arch.leaves(model)
+
+    targets = [leaf.target for leaf in leaves]
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    unmapped = sorted(set(expected) - set(targets))
+    if twice or unmapped or set(targets) - set(expected):
+        raise ValueError(f"{owner}: the mapping table does not fill each cnnjax leaf exactly once "
+                         f"(unmapped: {_list(unmapped)}; mapped twice: {_list(twice)}; not in "
+                         f"the model: {_list(set(targets) - set(expected))}); the model's "
+                         "parameter names changed, update cnnjax/models/torchvision_weights.py.")
+    missing = [leaf for leaf in leaves if leaf.torch_key not in tensors]
+    if missing:
+        details = ", ".join(
+            f"{leaf.torch_key!r} (torch shape {leaf.layout.torch_shape(expected[leaf.target])} "
+            f"for {leaf.target})" for leaf in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise invalid(owner, "state_dict", f"{len(tensors)} keys",
+                      f"it lacks {details}{more}; expected every key of torchvision's "
+                      f"{model_name}(num_classes={num_classes})")
+    used = {leaf.torch_key for leaf in leaves}
+    extra = [k for k in tensors if k not in used and k.rsplit(".", 1)[-1] not in IGNORED_SUFFIXES]
+    if extra:
+        details = ", ".join(f"{k!r} {_shape(tensors[k])}" for k in sorted(extra)[:8])
+        more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
+        raise invalid(owner, "state_dict", f"{len(tensors)} keys",
+                      f"it has keys torchvision's {model_name} does not: {details}{more}; "
+                      "is this the right model name?")
+
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for leaf in leaves:
+        value = tensors[leaf.torch_key]
+        want = expected[leaf.target]
+        torch_want = leaf.layout.torch_shape(want)
+        if _shape(value) != torch_want:
+            raise invalid(owner, leaf.torch_key, f"array of shape {_shape(value)}",
+                          f"cnnjax's {leaf.target} needs shape {want} ({leaf.layout.name}), "
+                          f"i.e. a torch tensor of shape {torch_want}")
+        array = np.asarray(leaf.layout.to_flax(np.asarray(value, np.float32)))
+        flat[(leaf.collection, *leaf.path)] = np.ascontiguousarray(array)
+    variables = unflatten_dict(flat)
+    return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
+
+
+# ----------------------------------------------------------------------------- torch files
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a torchvision `.pth` state_dict (`torch.load(weights_only=True)`) as NumPy arrays.
+
+    torch is optional: without it an ImportError says how to install it.
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            "torchvision_weights: reading .pth files needs PyTorch, which cnnjax does not "
+            "install by default; install it with `pip install torch` (CPU is enough) or "
+            "`pip install -e '.[torchvision]'`, or pass a NumPy state_dict to "
+            "convert_state_dict."
+        ) from err
+    if not os.path.isfile(path):
+        raise invalid("torchvision_weights", "weights", path, "expected an existing .pth file")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(loaded, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        keys = sorted(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise invalid("torchvision_weights", "weights", path,
+                      f"expected a state_dict (parameter name -> tensor), found {keys}; for a "
+                      "training checkpoint save its model's state_dict() first")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in loaded.items()}
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file (torchvision's file names carry its first 8 digits)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------ warm-start workdir
+SUMMARY_STATUS = "converted"
+
+
+def _write_json(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def write_warm_start_workdir(
+    workdir: str,
+    model_name: str,
+    variables: Mapping[str, Any],
+    source: Mapping[str, Any],
+    overwrite: bool = False,
+) -> bool:
+    """Stores `variables` as a step-0 checkpoint in `<workdir>/checkpoints` (the engine's
+    `Checkpointer`), `config.json` (the model, read by `init_from`) and `summary.json`.
+
+    `source` (e.g. the weights file and its SHA-256) is recorded in both JSON files. Returns
+    False and writes nothing when the workdir already holds this conversion (same model and
+    source); a workdir holding other checkpoints is refused unless `overwrite`. summary.json is
+    written last, so an interrupted conversion is recognizable and redone with `overwrite`.
+    """
+    from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+    from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
+
+    _architecture(model_name)
+    record = {"model": model_name, "source": dict(source)}
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            previous = json.load(f)
+        if previous.get("status") == SUMMARY_STATUS and all(
+                previous.get(k) == v for k, v in record.items()):
+            return False
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        if not overwrite:
+            raise invalid("torchvision_weights", "workdir", workdir,
+                          f"it already holds checkpoints that are not this conversion of "
+                          f"{model_name} (see its summary.json, if any); use a new --workdir or "
+                          "pass --overwrite to replace them")
+        shutil.rmtree(ckpt_dir)
+        for name in (SUMMARY_FILE, CONFIG_FILE):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
+
+    params, batch_stats = variables["params"], variables.get("batch_stats") or {}
+    num_classes = int(params["head"]["bias"].shape[0])
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(workdir, keep=1, best_metric=None, use_async=False)
+    try:
+        checkpointer.save(0, {"params": params, "batch_stats": batch_stats})
+    finally:
+        checkpointer.close()
+    # init_from reads `model` (architecture check) and `best_metric` (None: take the latest).
+    config = {**record, "num_classes": num_classes, "best_metric": None, "best_mode": "max"}
+    _write_json(os.path.join(workdir, CONFIG_FILE), config)
+    count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
+    _write_json(summary_path, {
+        **record, "status": SUMMARY_STATUS, "num_classes": num_classes, "step": 0,
+        "num_params": count(params), "num_batch_stats": count(batch_stats),
+        "message": "torchvision weights converted for --config.init_from.workdir; not a "
+                   "training run (resuming into this workdir is refused)",
+    })
+    return True
+
+
+def convert_file(model_name: str, weights: str, workdir: str, overwrite: bool = False) -> dict:
+    """Converts the torchvision file `weights` for `model_name` into the warm-start `workdir`.
+
+    Returns the workdir's summary record (with `"written": False` if it was already there).
+    """
+    from cnnjax.train.loop import SUMMARY_FILE
+
+    _architecture(model_name)  # a bad name fails before torch reads hundreds of megabytes
+    source = {"weights": os.path.abspath(weights), "sha256": file_sha256(weights)}
+    variables = convert_state_dict(model_name, load_torch_state_dict(weights))
+    written = write_warm_start_workdir(workdir, model_name, variables, source, overwrite)
+    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+        return {**json.load(f), "written": written}
+
+
+# ---------------------------------------------------------------------------------- command
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_enum("model", None, list(SUPPORTED_MODELS), "cnnjax model to convert to.",
+                      required=True)
+    flags.DEFINE_string("weights", None, "torchvision state_dict (.pth).", required=True)
+    flags.DEFINE_string("workdir", None, "Warm-start directory to write.", required=True)
+    flags.DEFINE_bool("overwrite", False, "Replace checkpoints already in --workdir.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Writes the warm-start workdir and prints how to fine-tune from it."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    result = convert_file(f.model, f.weights, f.workdir, f.overwrite)
+    state = "wrote" if result["written"] else "already converted (nothing written):"
+    print(f"{state} {f.workdir}: {f.model}, {result['num_classes']} classes, "
+          f"{result['num_params']:,} parameters, {result['num_batch_stats']:,} BatchNorm "
+          f"statistics, from {result['source']['weights']} (sha256 "
+          f"{result['source']['sha256'][:12]}...)")
+    print(f"fine-tune with: --config.model={f.model} "
+          f"--config.init_from.workdir={f.workdir}  (the head is re-initialized by default)")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
