@@ -1,0 +1,214 @@
+"""torchvision weight conversion without torch: bad inputs, layouts against NumPy, the workdir.
+
+State dicts here are NumPy dicts written out by hand in torchvision's naming (ResNet-18), so
+these tests run in the default suite, which has no torch; the logit comparisons against
+torchvision itself are in test_torchvision_weights.py.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from cnnjax.models import create_model
+from cnnjax.models import torchvision_weights as tvw
+from cnnjax.train.checkpoint import SourceCheckpoints
+from cnnjax.train.state import WARM_START_COLLECTIONS, init_variables, select_pretrained
+
+
+def _bn(prefix, n, rng):
+    return {f"{prefix}.weight": rng.uniform(0.5, 1.5, n), f"{prefix}.bias": rng.normal(0, 0.1, n),
+            f"{prefix}.running_mean": rng.normal(0, 0.1, n),
+            f"{prefix}.running_var": rng.uniform(0.5, 1.5, n),
+            f"{prefix}.num_batches_tracked": np.array(7, np.int64)}
+
+
+def resnet18_state_dict(num_classes=1000, seed=0):
+    """torchvision's resnet18 state_dict (its names and shapes, 0.29) holding random numbers."""
+    rng = np.random.default_rng(seed)
+    sd = {"conv1.weight": rng.normal(0, 0.1, (64, 3, 7, 7)), **_bn("bn1", 64, rng)}
+    width_in = 64
+    for i, width in enumerate((64, 128, 256, 512), start=1):
+        for j in range(2):
+            p = f"layer{i}.{j}"
+            cin = width_in if j == 0 else width
+            sd[f"{p}.conv1.weight"] = rng.normal(0, 0.1, (width, cin, 3, 3))
+            sd[f"{p}.conv2.weight"] = rng.normal(0, 0.1, (width, width, 3, 3))
+            sd.update(_bn(f"{p}.bn1", width, rng) | _bn(f"{p}.bn2", width, rng))
+            if j == 0 and i > 1:
+                sd[f"{p}.downsample.0.weight"] = rng.normal(0, 0.1, (width, cin, 1, 1))
+                sd.update(_bn(f"{p}.downsample.1", width, rng))
+        width_in = width
+    sd["fc.weight"] = rng.normal(0, 0.1, (num_classes, 512))
+    sd["fc.bias"] = rng.normal(0, 0.1, num_classes)
+    return {k: np.asarray(v, np.float32) if v.dtype == np.float64 else v for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def resnet18_sd():
+    return resnet18_state_dict(num_classes=7)
+
+
+@pytest.fixture(scope="module")
+def resnet18_vars(resnet18_sd):
+    return tvw.convert_state_dict("resnet18", resnet18_sd)
+
+
+# ------------------------------------------------------------------------------- conversion
+def test_resnet18_every_leaf_filled_with_the_model_shapes(resnet18_sd, resnet18_vars):
+    expected = tvw.expected_variable_shapes("resnet18", 7)
+    got = {"/".join(k): v.shape for k, v in flatten_dict(resnet18_vars).items()}
+    assert got == expected  # 7 classes read from fc.weight; num_batches_tracked dropped
+    assert all(v.dtype == np.float32 for v in jax.tree.leaves(resnet18_vars))
+    p, s = resnet18_vars["params"], resnet18_vars["batch_stats"]
+    np.testing.assert_array_equal(p["head"]["kernel"], resnet18_sd["fc.weight"].T)
+    np.testing.assert_array_equal(p["stage2_block1"]["proj_bn"]["scale"],
+                                  resnet18_sd["layer2.0.downsample.1.weight"])
+    np.testing.assert_array_equal(s["stage4_block2"]["bn2"]["var"],
+                                  resnet18_sd["layer4.1.bn2.running_var"])
+    np.testing.assert_array_equal(s["bn_init"]["mean"], resnet18_sd["bn1.running_mean"])
+
+
+def _torch_conv2d_f64(x_nchw, w_oihw, stride, pad):
+    """Cross-correlation in torch's convention, float64 NumPy (the independent reference)."""
+    x = np.pad(x_nchw.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    o, _, kh, kw = w_oihw.shape
+    h = (x.shape[2] - kh) // stride + 1
+    w = (x.shape[3] - kw) // stride + 1
+    out = np.zeros((x.shape[0], o, h, w))
+    for dy in range(kh):
+        for dx in range(kw):
+            patch = x[:, :, dy:dy + stride * h:stride, dx:dx + stride * w:stride]
+            out += np.einsum("nihw,oi->nohw", patch, w_oihw[:, :, dy, dx].astype(np.float64))
+    return out
+
+
+def test_converted_conv_kernel_computes_the_torch_convolution(resnet18_sd, resnet18_vars):
+    """conv1 (7x7/2, pad 3): the HWIO kernel in lax (NHWC) equals torch's OIHW conv (NCHW)."""
+    x = np.random.default_rng(1).normal(size=(2, 3, 20, 18)).astype(np.float32)
+    got = jax.lax.conv_general_dilated(
+        x.transpose(0, 2, 3, 1), resnet18_vars["params"]["conv_init"]["kernel"], (2, 2),
+        ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+    want = _torch_conv2d_f64(x, resnet18_sd["conv1.weight"], 2, 3).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_map_dense_matches_torch_flatten_order():
+    """VGG/AlexNet fc6: torch flattens (c, h, w), cnnjax (h, w, c); same outputs either way."""
+    rng = np.random.default_rng(0)
+    c, side, out = 3, 4, 5
+    w = rng.normal(size=(out, c * side * side))
+    x_chw = rng.normal(size=(c, side, side))
+    kernel = tvw._flatten_chw_dense(c).to_flax(w)
+    np.testing.assert_allclose(x_chw.transpose(1, 2, 0).reshape(-1) @ kernel,
+                               w @ x_chw.reshape(-1), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name, match", [
+    ("resnet19", r"model='resnet19' is invalid; expected one of \['alexnet', 'densenet121'"),
+    ("googlenet", r"model='googlenet' is invalid; it cannot take torchvision weights: "
+                  r"torchvision's googlenet is a BatchNorm variant"),
+    ("alexnet_2tower", "only has the single-tower alexnet"),
+])
+def test_unsupported_model_names(resnet18_sd, name, match):
+    with pytest.raises(ValueError, match=match):
+        tvw.convert_state_dict(name, resnet18_sd)
+
+
+def test_missing_key_names_it_and_its_torch_shape(resnet18_sd):
+    sd = {k: v for k, v in resnet18_sd.items() if k != "layer3.1.conv2.weight"}
+    with pytest.raises(ValueError, match=(
+            r"torchvision_weights\('resnet18'\): state_dict='121 keys' is invalid; it lacks "
+            r"'layer3.1.conv2.weight' \(torch shape \(256, 256, 3, 3\) for "
+            r"params/stage3_block2/conv2/kernel\)")):
+        tvw.convert_state_dict("resnet18", sd)
+
+
+def test_missing_classifier_is_named(resnet18_sd):
+    sd = {k: v for k, v in resnet18_sd.items() if not k.startswith("fc.")}
+    with pytest.raises(ValueError, match=r"fc.weight: missing.*expected the classifier weight "
+                                         r"'fc.weight' of shape \(num_classes, features\)"):
+        tvw.convert_state_dict("resnet18", sd)
+
+
+def test_extra_key_is_named(resnet18_sd):
+    sd = dict(resnet18_sd, **{"layer1.0.se.fc.weight": np.zeros((4, 64), np.float32)})
+    with pytest.raises(ValueError, match=r"it has keys torchvision's resnet18 does not: "
+                                         r"'layer1.0.se.fc.weight' \(4, 64\)"):
+        tvw.convert_state_dict("resnet18", sd)
+
+
+def test_a_resnet50_checkpoint_is_not_a_resnet18(resnet18_sd):
+    sd = dict(resnet18_sd, **{"fc.weight": np.zeros((7, 2048), np.float32)})
+    with pytest.raises(ValueError, match=(
+            r"fc.weight=.array of shape \(7, 2048\). is invalid; cnnjax's params/head/kernel "
+            r"needs shape \(512, 7\) \(linear \(out, in\) -> \(in, out\)\), i.e. a torch tensor "
+            r"of shape \(7, 512\)")):
+        tvw.convert_state_dict("resnet18", sd)
+
+
+def test_wrong_conv_shape_is_named(resnet18_sd):
+    sd = dict(resnet18_sd, **{"conv1.weight": np.zeros((64, 3, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match=(
+            r"conv1.weight=.array of shape \(64, 3, 3, 3\). is invalid; cnnjax's "
+            r"params/conv_init/kernel needs shape \(7, 7, 3, 64\) \(conv OIHW -> HWIO\), i.e. a "
+            r"torch tensor of shape \(64, 3, 7, 7\)")):
+        tvw.convert_state_dict("resnet18", sd)
+
+
+def test_not_a_mapping():
+    with pytest.raises(ValueError, match=r"state_dict='list' is invalid; expected a mapping"):
+        tvw.convert_state_dict("resnet18", [("fc.weight", np.zeros((2, 2)))])
+
+
+def test_without_torch_reading_a_pth_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError, match="reading .pth files needs PyTorch"):
+        tvw.load_torch_state_dict(str(tmp_path / "resnet18.pth"))
+
+
+# ----------------------------------------------------------------------- warm-start workdir
+def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
+    workdir = str(tmp_path / "pretrained")
+    source = {"weights": "/data/resnet18-f37072fd.pth", "sha256": "ab" * 32}
+    assert tvw.write_warm_start_workdir(workdir, "resnet18", resnet18_vars, source)
+    config = json.loads((tmp_path / "pretrained" / "config.json").read_text())
+    assert config["model"] == "resnet18" and config["best_metric"] is None
+    summary = json.loads((tmp_path / "pretrained" / "summary.json").read_text())
+    assert summary["status"] == "converted" and summary["num_params"] == 11_180_103
+
+    # What loop.Experiment.load_init_from does, for a 10-class fine-tune of resnet18.
+    checkpoints = SourceCheckpoints(workdir)
+    try:
+        step, how = checkpoints.choose_step(None, config["best_metric"], config["best_mode"])
+        assert (step, how) == (0, "latest")
+        model = create_model("resnet18", num_classes=10)
+        new_shapes = jax.eval_shape(
+            lambda r: init_variables(model, r, (1, 32, 32, 3)), jax.random.key(0))
+        selected = select_pretrained(
+            new_shapes, checkpoints.shapes(step, WARM_START_COLLECTIONS), ("head",),
+            source_workdir=workdir, source_step=step, model="resnet18",
+            source_model=config["model"])
+        loaded = checkpoints.restore(step, selected)
+    finally:
+        checkpoints.close()
+    want = {k: v for k, v in flatten_dict(resnet18_vars).items() if k[1] != "head"}
+    got = flatten_dict(loaded)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg="/".join(key))
+
+    # A rerun is a no-op; other weights into the same workdir need --overwrite.
+    assert not tvw.write_warm_start_workdir(workdir, "resnet18", resnet18_vars, source)
+    other = dict(source, sha256="cd" * 32)
+    with pytest.raises(ValueError, match=r"workdir='.*pretrained' is invalid; it already holds "
+                                         r"checkpoints that are not this conversion"):
+        tvw.write_warm_start_workdir(workdir, "resnet18", resnet18_vars, other)
+    assert tvw.write_warm_start_workdir(workdir, "resnet18", resnet18_vars, other, overwrite=True)
+    assert json.loads((tmp_path / "pretrained" / "summary.json").read_text())["source"] == other
+
