@@ -175,6 +175,7 @@ class RCNN(_ProposalDetector):
     pass (`VGGFeatures(cnn_stages)` then `BoxHead`)."""
 
     proposal_stride: int = 8
+    roi_samples: int = 32  # each RoI costs a whole CNN pass
     warp_size: int = 24
     cnn_stages: Sequence[Sequence[int]] = ((16,), (32,), (64,))
     head_features: int = 256
