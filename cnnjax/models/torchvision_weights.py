@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -410,8 +411,14 @@ def write_warm_start_workdir(
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
 
-    params, batch_stats = variables["params"], variables.get("batch_stats") or {}
-    num_classes = int(params["head"]["bias"].shape[0])
+    params, batch_stats = variables.get("params") or {}, variables.get("batch_stats") or {}
+    got = {"/".join(k): _shape(v)
+           for k, v in flatten_dict({"params": params, "batch_stats": batch_stats}).items()}
+    num_classes = (got.get("params/head/bias") or (0,))[0]
+    if not num_classes or got != expected_variable_shapes(model_name, num_classes):
+        raise invalid("torchvision_weights", "variables", f"{len(got)} leaves",
+                      f"expected exactly the variables of cnnjax's {model_name} (as "
+                      "convert_state_dict returns them)")
     os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(workdir, keep=1, best_metric=None, use_async=False)
     try:
@@ -450,8 +457,8 @@ def convert_file(model_name: str, weights: str, workdir: str, overwrite: bool = 
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_enum("model", None, list(SUPPORTED_MODELS), "cnnjax model to convert to.",
-                      required=True)
+    flags.DEFINE_string("model", None, "cnnjax model to convert to: "
+                        f"{', '.join(SUPPORTED_MODELS)}.", required=True)
     flags.DEFINE_string("weights", None, "torchvision state_dict (.pth).", required=True)
     flags.DEFINE_string("workdir", None, "Warm-start directory to write.", required=True)
     flags.DEFINE_bool("overwrite", False, "Replace checkpoints already in --workdir.")
@@ -464,7 +471,10 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    result = convert_file(f.model, f.weights, f.workdir, f.overwrite)
+    try:
+        result = convert_file(f.model, f.weights, f.workdir, f.overwrite)
+    except (ImportError, ValueError) as err:  # messages name the flag, the value and the fix
+        sys.exit(f"error: {err}")
     state = "wrote" if result["written"] else "already converted (nothing written):"
     print(f"{state} {f.workdir}: {f.model}, {result['num_classes']} classes, "
           f"{result['num_params']:,} parameters, {result['num_batch_stats']:,} BatchNorm "

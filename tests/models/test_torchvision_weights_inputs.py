@@ -212,3 +212,10 @@ def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
     assert tvw.write_warm_start_workdir(workdir, "resnet18", resnet18_vars, other, overwrite=True)
     assert json.loads((tmp_path / "pretrained" / "summary.json").read_text())["source"] == other
 
+
+
+def test_workdir_refuses_variables_of_another_model(tmp_path, resnet18_vars):
+    with pytest.raises(ValueError, match=r"variables='102 leaves' is invalid; expected exactly "
+                                         r"the variables of cnnjax's resnet34"):
+        tvw.write_warm_start_workdir(str(tmp_path), "resnet34", resnet18_vars, {})
+    assert not (tmp_path / "checkpoints").exists()
