@@ -1,5 +1,7 @@
 """Run by test_parallel.py in a subprocess with 4 fake CPU devices; prints one JSON line of diffs.
 
+Also runs the detection task (YOLO on in-memory boxes) on 1 and 4 devices (pmap, shard_map).
+
 Trains the tiny BatchNorm model for a few steps on the same global batches with: 1 device (pmap),
 4 devices (pmap), 4 devices (shard_map), 1 device (shard_map); and with dropout, 4-device pmap vs
 4-device shard_map. Reports the max absolute parameter/batch-stat differences.
@@ -86,9 +88,33 @@ def run_loop(tmp: str, **overrides) -> dict:
     return train_and_evaluate(helpers.tiny_config(**overrides), os.path.join(tmp, name))
 
 
+def run_detection_loop(tmp: str, **overrides) -> dict:
+    """A whole detection run (YOLO, in-memory boxes, padded eval split, mAP on the host)."""
+    import types
+
+    import cnnjax.data
+    from cnnjax.train.loop import train_and_evaluate
+    from tests.train import test_detection_loop as boxes
+
+    module = types.ModuleType("cnnjax.data.detection")
+    module.get_dataset_info = boxes._info
+    module.train_batches = boxes._train_batches
+    module.eval_batches = boxes._eval_batches
+    sys.modules["cnnjax.data.detection"] = module
+    cnnjax.data.detection = module
+    name = "det_" + "_".join(f"{k}{v}" for k, v in overrides.items())
+    config = boxes._config(num_train_steps=150, eval_every_steps=150, global_batch_size=16,
+                           **{"model_kwargs.hidden_features": 128, "model_kwargs.grid_size": 2},
+                           **overrides)
+    return train_and_evaluate(config, os.path.join(tmp, name))
+
+
 def main():
     assert jax.device_count() == 4, jax.devices()
     with tempfile.TemporaryDirectory() as tmp:
+        detection = [run_detection_loop(tmp, num_devices=1),
+                     run_detection_loop(tmp, num_devices=4),
+                     run_detection_loop(tmp, num_devices=4, parallel="shard_map")]
         loop_one = run_loop(tmp, num_devices=1)
         loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
         loop_four_pmap = run_loop(tmp, num_devices=4)
@@ -133,6 +159,11 @@ def main():
                 ],
                 "loop_num_devices": [loop_one["num_devices"], loop_four["num_devices"]],
                 "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
+                "detection_eval": [
+                    [r["final_eval"][k] for k in ("map50", "map", "num_examples")]
+                    for r in detection
+                ],
+                "detection_train_loss": [r["final_train"]["loss"] for r in detection],
             }
         )
     )
