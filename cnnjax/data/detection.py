@@ -21,6 +21,7 @@ as it would cut boxes. Use `tfds_name` for a detection set, e.g. `shapes_multi` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -91,8 +92,12 @@ def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
 
 
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
-    """`pipeline.get_dataset_info` of the config without its detection fields."""
-    return pipeline.get_dataset_info(_split(data_config)[0])
+    """`pipeline.get_dataset_info` of the config without its detection fields, named after the
+    tfds dataset when `tfds_name` overrides the preset's (e.g. `shapes_multi`)."""
+    config = _split(data_config)[0]
+    info = pipeline.get_dataset_info(config)
+    tfds_name = config.get("tfds_name")
+    return dataclasses.replace(info, name=tfds_name) if tfds_name else info
 
 
 def _targets(bbox: tf.Tensor, classes: tf.Tensor, hw: tuple[int, int], max_boxes: int,

@@ -42,8 +42,8 @@ def stored_test(data_dir):
 @pytest.mark.slow
 def test_shapes_multi_scenes(data_dir, stored_test):
     info = detection.get_dataset_info(_config(data_dir))
-    assert (info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
-        4, (64, 64, 3), 4000, 500)
+    assert (info.name, info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
+        "shapes_multi", 4, (64, 64, 3), 4000, 500)
     counts = np.bincount([len(e["objects"]["label"]) for e in stored_test], minlength=5)
     assert counts[0] == 0 and counts[1:].min() > 80  # 1-4 shapes, each count common
     for example in stored_test:
