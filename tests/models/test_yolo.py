@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnnjax.detection.yolo import yolo_v1_loss, yolo_v1_targets
-from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models import create_model, list_models, model_info, register_model
 from cnnjax.models.yolo import YOLO_V1_LAYERS, YOLOv1, decode_yolo_v1
 from tests.detection.test_postprocess import batched_nms_ref
 
@@ -44,6 +44,9 @@ def test_registry_tags_detectors():
     with pytest.raises(ValueError, match=r"list_models: task='segment' is invalid; expected one "
                                          r"of \['classification', 'detection'\]\."):
         list_models(task="segment")
+    with pytest.raises(ValueError, match=r"register_model: task='segment' is invalid"):
+        register_model("never_registered", task="segment")
+    assert "never_registered" not in list_models(task=None)
 
 
 @pytest.fixture(scope="module")
