@@ -48,10 +48,11 @@ def register_model(
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering `factory(**kwargs) -> nn.Module` under `name`."""
 
+    check_choice("register_model", "task", task, TASKS)
+
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"register_model: name={name!r} is already registered")
-        check_choice("register_model", "task", task, TASKS)
         _REGISTRY[name] = ModelInfo(
             name, factory, tuple(input_shape), min_input_size, num_classes, paper, task
         )
