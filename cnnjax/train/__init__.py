@@ -1,7 +1,8 @@
 """cnnjax.train: the training engine (`train_and_evaluate`) and its parts.
 
 Submodules: `state` (TrainState), `optim` (optax optimizers/schedules from config), `losses`,
-`step` (per-device train/eval steps), `parallel` (pmap / shard_map), `checkpoint` (orbax),
+`step` (per-device train/eval steps; classification, or a detector's own `loss`/`detect` when
+`config.task="detection"`), `parallel` (pmap / shard_map), `checkpoint` (orbax),
 `logging` (metrics.jsonl, TensorBoard, plots, progress), `config` (schema and validation),
 `checks` (input-size check), `loop` (train_and_evaluate).
 """
