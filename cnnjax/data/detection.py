@@ -56,6 +56,10 @@ def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int]:
     if fields.get("name") == "fake":
         raise invalid(_OWNER, "name", "fake",
                       "detection needs a tfds dataset with `objects` boxes, e.g. shapes")
+    for arg in ("classes", "train_examples_per_class"):  # class subsets: classification only
+        if fields.get(arg) is not None:
+            raise invalid(_OWNER, arg, fields[arg],
+                          "expected None: class subsets are not supported for detection")
     return ml_collections.ConfigDict(fields), max_boxes
 
 

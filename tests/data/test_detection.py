@@ -113,6 +113,8 @@ def test_resume_replays_the_same_batches(data_dir):
     ({"max_boxes": 0}, "data: max_boxes=0 is invalid; expected a positive integer."),
     ({"name": "fake", "tfds_name": None},
      "data: name='fake' is invalid; detection needs a tfds dataset with `objects` boxes"),
+    ({"classes": (0, 1)}, "data: classes=(0, 1) is invalid; expected None: class subsets are "
+                          "not supported for detection."),
 ])
 def test_bad_configs(tmp_path, overrides, message):
     with pytest.raises(ValueError) as err:  # refused before any dataset is opened
