@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from cnnjax.detection.anchors import anchor_grid, anchors_inside, generate_anchors
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
@@ -97,6 +98,30 @@ def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, g
     return jax.vmap(lambda k, p, v, b, c, g: sample_rois(
         k, p, v, b, c, g, num_samples=num_samples, fg_fraction=0.25, box_weights=BOX_WEIGHTS))(
             keys, proposals, proposals_valid, gt_boxes, gt_labels.astype(jnp.int32) + 1, gt_valid)
+
+
+def rpn_loss(
+    key: Array, objectness: Array, deltas: Array, anchors: Array, gt_boxes: Array,
+    gt_valid: Array, anchor_valid: Array, batch_size: int = 256,
+) -> tuple[Array, Array]:
+    """The RPN loss of one image: `(objectness, box)` terms.
+
+    Anchors are labelled by `label_anchors` (IoU >= 0.7 positive, < 0.3 negative, each gt's best
+    anchors forced positive, `anchor_valid` ones only) and `batch_size` of them sampled, at most
+    half positive (`sample_balanced` with `key`). Objectness: sigmoid cross-entropy averaged over
+    the sampled anchors. Box: smooth L1 (beta 1/9, py-faster-rcnn's sigma 3) of the positives'
+    deltas against `encode_boxes(matched gt, anchor)`, summed over coordinates and positives and
+    divided by the number sampled (torchvision's normalization).
+    """
+    labels = label_anchors(anchors, gt_boxes, gt_valid, 0.7, 0.3, anchor_valid=anchor_valid)
+    positive, negative = sample_balanced(key, labels.labels, batch_size, 0.5)
+    sampled = positive | negative
+    target = (labels.labels == POSITIVE).astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(objectness, target)
+    matched = jnp.where(positive[:, None], gt_boxes[labels.matched_gt], anchors)
+    regression = smooth_l1(deltas, encode_boxes(matched, anchors), beta=1.0 / 9)
+    box = jnp.where(positive[:, None], regression, 0.0)
+    return masked_mean(bce, sampled), masked_mean(box, sampled)
 
 
 def head_loss(logits: Array, deltas: Array, targets: Any) -> dict[str, Array]:
@@ -249,20 +274,9 @@ class FasterRCNN(nn.Module):
         rpn_keys = jax.random.split(rpn_key, images.shape[0])
         inside = anchors_inside(rpn.anchors, image_size)
 
-        def rpn_loss(key, objectness, deltas, boxes, valid):
-            labels = label_anchors(rpn.anchors, boxes, valid, 0.7, 0.3, anchor_valid=inside)
-            positive, negative = sample_balanced(key, labels.labels, self.rpn_batch_size, 0.5)
-            sampled = positive | negative
-            target = (labels.labels == POSITIVE).astype(jnp.float32)
-            bce = (jnp.maximum(objectness, 0) - objectness * target
-                   + jnp.log1p(jnp.exp(-jnp.abs(objectness))))
-            matched = jnp.where(positive[:, None], boxes[labels.matched_gt], rpn.anchors)
-            regression = smooth_l1(deltas, encode_boxes(matched, rpn.anchors), beta=1.0 / 9)
-            box = jnp.where(positive[:, None], regression, 0.0)
-            return masked_mean(bce, sampled), masked_mean(box, sampled)
-
-        rpn_cls, rpn_box = jax.vmap(rpn_loss)(rpn_keys, rpn.objectness, rpn.deltas, gt_boxes,
-                                              gt_valid)
+        rpn_cls, rpn_box = jax.vmap(lambda k, o, d, b, v: rpn_loss(
+            k, o, d, rpn.anchors, b, v, inside, self.rpn_batch_size))(
+                rpn_keys, rpn.objectness, rpn.deltas, gt_boxes, gt_valid)
         proposals = self.proposals(rpn, image_size, train=True)
         targets = sample_training_rois(roi_key, proposals.boxes, proposals.valid, gt_boxes,
                                        gt_labels, gt_valid, self.roi_samples)

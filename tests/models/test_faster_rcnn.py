@@ -104,3 +104,44 @@ def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError) as err:
         FasterRCNN(**kwargs)
     assert str(err.value).startswith(message)
+
+
+def test_rpn_loss_against_float64_reference():
+    """Labels recomputed with a float64 IoU loop (0.7 / 0.3, forced best anchor); the sampled
+    anchors are the ones `sample_balanced` draws with the same key; BCE and smooth L1 in NumPy."""
+    from cnnjax.detection.anchors import anchor_grid, generate_anchors
+    from cnnjax.detection.matching import sample_balanced
+    from cnnjax.models.faster_rcnn import rpn_loss
+    from tests.detection.reference import iou_ref
+
+    rng = np.random.default_rng(0)
+    anchors = np.asarray(anchor_grid((6, 6), 8, generate_anchors(8, (0.5, 1.0, 2.0), (1.5, 3.0))))
+    gt = np.array([[6.0, 5, 20, 21], [25, 30, 47, 44], [0, 0, 0, 0]])
+    valid = np.array([True, True, False])
+    logits = rng.normal(0, 1, len(anchors)).astype(np.float32)
+    deltas = rng.normal(0, 0.3, (len(anchors), 4)).astype(np.float32)
+    inside = np.ones(len(anchors), bool)
+    key = jax.random.key(3)
+    got_cls, got_box = rpn_loss(key, logits, deltas, anchors, gt, valid, inside, 32)
+
+    iou = np.array([[iou_ref(a, g) for g in gt[:2]] for a in anchors.astype(np.float64)])
+    labels = np.where(iou.max(1) < 0.3, 0, -1)
+    labels[(iou == iou.max(0)).any(1)] = 1
+    labels[iou.max(1) >= 0.7] = 1
+    pos, neg = (np.asarray(m) for m in sample_balanced(key, jnp.asarray(labels, jnp.int32), 32))
+    sampled = pos | neg
+    x = logits.astype(np.float64)
+    bce = np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0) - x * (labels == 1)
+    assert pos.sum() > 0 and sampled.sum() == 32
+    np.testing.assert_allclose(float(got_cls), bce[sampled].mean(), rtol=1e-5)
+    a = anchors.astype(np.float64)
+    g = gt[iou.argmax(1)]
+    aw, ah = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+    targets = np.stack([(g[:, 0] + gw / 2 - a[:, 0] - aw / 2) / aw,
+                        (g[:, 1] + gh / 2 - a[:, 1] - ah / 2) / ah,
+                        np.log(gw / aw), np.log(gh / ah)], 1)
+    diff = np.abs(deltas - targets)
+    beta = 1 / 9
+    huber = np.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta)
+    np.testing.assert_allclose(float(got_box), huber[pos].sum() / sampled.sum(), rtol=1e-5)
