@@ -1,7 +1,9 @@
 """tf.data input for detection: images with padded ground-truth boxes (`config.task="detection"`).
 
 The same datasets, presets, sharding and determinism as `pipeline.py` (its config resolution,
-sources, image transforms, batch layout and eval padding are imported), with each example's
+sources, image transforms, batch layout and eval padding are imported; its per-epoch shuffle and
+stateless-key scheme is mirrored in `train_batches`, as `pipeline._train_dataset` is written for
+`{image, label}` examples), with each example's
 tfds `objects` (`bbox` `[ymin, xmin, ymax, xmax]` normalized, `label`) turned into
 `max_boxes` rows of `(x1, y1, x2, y2)` pixels of the output image, class labels and a validity
 mask (objects beyond `max_boxes` are dropped, in stored order). Batches:
