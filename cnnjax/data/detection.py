@@ -1,9 +1,8 @@
 """tf.data input for detection: images with padded ground-truth boxes (`config.task="detection"`).
 
 The same datasets, presets, sharding and determinism as `pipeline.py` (its config resolution,
-sources, image transforms, batch layout and eval padding are imported; its per-epoch shuffle and
-stateless-key scheme is mirrored in `train_batches`, as `pipeline._train_dataset` is written for
-`{image, label}` examples), with each example's
+sources, image transforms, batch layout, eval padding and epoch scheme, `pipeline.epoch_dataset`,
+are reused; only the per-example `preprocess` differs), with each example's
 tfds `objects` (`bbox` `[ymin, xmin, ymax, xmax]` normalized, `label`) turned into
 `max_boxes` rows of `(x1, y1, x2, y2)` pixels of the output image, class labels and a validity
 mask (objects beyond `max_boxes` are dropped, in stored order). Batches:
@@ -34,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline
-from cnnjax.utils.validation import check_non_negative_int, check_positive_int, invalid
+from cnnjax.utils.validation import check_positive_int, invalid
 
 _OWNER = "data"
 DEFAULT_MAX_BOXES = 16
@@ -136,54 +135,25 @@ def train_batches(
     """Infinite detection batches (layout in the module docstring), exactly resumable.
 
     Batch `k` is a deterministic function of `(data_config, seed, k)` and the process layout,
-    with `pipeline.train_batches`' epoch shuffles and stateless per-example keys.
+    through `pipeline.epoch_dataset`: the epoch shuffles and stateless per-example keys of
+    `pipeline.train_batches`.
     """
     spec, source, transforms, max_boxes = _open(data_config)
-    process_batch = pipeline._check_layout(global_batch_size, num_devices, process_index,
-                                           process_count)
-    check_non_negative_int(_OWNER, "seed", seed)
-    check_non_negative_int(_OWNER, "start_step", start_step)
-    num_train = source.num_examples(spec.train_split)
-    steps = pipeline.steps_per_epoch(num_train, global_batch_size)
-    if steps == 0:
-        raise invalid(_OWNER, "global_batch_size", global_batch_size,
-                      f"expected at most the {num_train} examples of {spec.preset.name!r} "
-                      f"split {spec.train_split!r} (an epoch would have no step)")
-    shard = (process_index, process_count)
-    base = source.read(spec.train_split, shard)
-    if spec.cache:
-        base = base.map(lambda ex: {**ex, "image": source.decode(ex["image"])},
-                        num_parallel_calls=_AUTOTUNE).cache()
-        base.reduce(np.int64(0), lambda count, _: count + 1)  # fill the cache now (pipeline.py)
+    pipeline.check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
+                                process_count)
     hw = transforms.out_shape[:2]
-    first_epoch, first_skip = divmod(start_step, steps)
-    seed = int(seed) & (2**63 - 1)
-    fold_in = tf.random.experimental.stateless_fold_in
 
-    def epoch_dataset(epoch: tf.Tensor) -> tf.data.Dataset:
-        key = tf.stack([tf.constant(seed, tf.int64), epoch])
-        shuffle_seed = tf.random.stateless_uniform(
-            [], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
-        process_key = fold_in(key, shard[0])
-        ds = base.shuffle(spec.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-        ds = ds.take(steps * process_batch).enumerate()
-        skip = tf.constant(first_skip * process_batch, tf.int64)
-        ds = ds.skip(tf.where(epoch == first_epoch, skip, tf.zeros_like(skip)))
+    def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = transforms.eval(ex["image"])
+        flip = tf.constant(False)
+        if spec.augment:
+            flip = tf.random.stateless_uniform([], seed=key) < 0.5
+            image = tf.where(flip, tf.reverse(image, axis=[1]), image)
+        return {"image": image, **_targets(ex["bbox"], ex["classes"], hw, max_boxes, flip)}
 
-        def preprocess(position: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            image = transforms.eval(ex["image"] if spec.cache else source.decode(ex["image"]))
-            flip = tf.constant(False)
-            if spec.augment:
-                draw = tf.random.stateless_uniform([], seed=fold_in(process_key, position))
-                flip = draw < 0.5
-                image = tf.where(flip, tf.reverse(image, axis=[1]), image)
-            return {"image": image, **_targets(ex["bbox"], ex["classes"], hw, max_boxes, flip)}
-
-        ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
-        return ds.batch(process_batch, drop_remainder=True)
-
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_dataset)
-    ds = ds.prefetch(_AUTOTUNE).with_options(pipeline._options())
+    ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
+                                seed=seed, start_step=start_step,
+                                shard=(process_index, process_count))
     return (pipeline._device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
 
 

@@ -37,7 +37,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -630,34 +630,52 @@ def train_batches(
     read.
     """
     spec = _resolve(data_config)
-    process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
+    check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
+                       process_count)
+    source = _open_source(spec)
+    transforms = _transforms(spec, source)
+
+    def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"image": transforms.train(ex["image"], key),
+                "label": tf.cast(ex["label"], tf.int32)}
+
+    ds = epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
+                       seed=seed, start_step=start_step, shard=(process_index, process_count))
+    return (_device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
+
+
+def check_train_layout(global_batch_size: Any, num_devices: Any, seed: Any, start_step: Any,
+                       process_index: Any, process_count: Any) -> None:
+    """Validates the batch layout, `seed` and `start_step` of a `train_batches` call."""
+    _check_layout(global_batch_size, num_devices, process_index, process_count)
     check_non_negative_int(_OWNER, "seed", seed)
     check_non_negative_int(_OWNER, "start_step", start_step)
-    source = _open_source(spec)
+
+
+def epoch_dataset(spec: _Spec, source: _Source,
+                  preprocess: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]],
+                  *, global_batch_size: int, seed: int, start_step: int,
+                  shard: tuple[int, int]) -> tf.data.Dataset:
+    """The epoch scheme of every training pipeline: `source`'s train split from `start_step` on,
+    as one batched dataset of this process's `global_batch_size / shard[1]` examples per step.
+
+    Epoch `e` shuffles with a seed drawn from the stateless key `(seed, e)` and keeps
+    `steps_per_epoch` full batches; example `i` of the epoch on process `p` becomes
+    `preprocess(example with its image decoded, key)` with the stateless key
+    `fold_in(fold_in((seed, e), p), i)`, so random augmentations replay exactly on resume.
+    Traced once for all epochs (no stall between them).
+    """
+    process_batch = global_batch_size // shard[1]
     num_train = source.num_examples(spec.train_split)
     steps = steps_per_epoch(num_train, global_batch_size)
     if steps == 0:
         raise invalid(_OWNER, "global_batch_size", global_batch_size,
                       f"expected at most the {num_train} examples of {spec.preset.name!r} "
                       f"split {spec.train_split!r} (an epoch would have no step)")
-    transforms = _transforms(spec, source)
-    ds = _train_dataset(spec, source, transforms, process_batch, seed, start_step, steps,
-                        (process_index, process_count))
-    return (_device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
-
-
-def _train_dataset(spec: _Spec, source: _Source, transforms: _Transforms, process_batch: int,
-                   seed: int, start_step: int, steps: int,
-                   shard: tuple[int, int]) -> tf.data.Dataset:
-    """All epochs from `start_step` on, as one dataset (traced once; no stall between epochs).
-
-    Epoch `e` shuffles with a seed drawn from the stateless key `(seed, e)`; example `i` of the
-    epoch on process `p` augments with the key `fold_in(fold_in((seed, e), p), i)`.
-    """
     base = source.read(spec.train_split, shard)
     decoded = spec.cache
     if decoded:
-        base = base.map(lambda ex: {"image": source.decode(ex["image"]), "label": ex["label"]},
+        base = base.map(lambda ex: {**ex, "image": source.decode(ex["image"])},
                         num_parallel_calls=_AUTOTUNE).cache()
         # Fill the cache in full now: epochs stop early (dropped remainder, resumed skips,
         # shuffle buffers smaller than the split) and a partially read cache is thrown away.
@@ -666,7 +684,7 @@ def _train_dataset(spec: _Spec, source: _Source, transforms: _Transforms, proces
     seed = int(seed) & (2**63 - 1)
     fold_in = tf.random.experimental.stateless_fold_in
 
-    def epoch_dataset(epoch: tf.Tensor) -> tf.data.Dataset:
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         key = tf.stack([tf.constant(seed, tf.int64), epoch])
         shuffle_seed = tf.random.stateless_uniform(
             [], seed=key, minval=0, maxval=2**62, dtype=tf.int64)
@@ -676,15 +694,15 @@ def _train_dataset(spec: _Spec, source: _Source, transforms: _Transforms, proces
         skip = tf.constant(first_skip * process_batch, tf.int64)
         ds = ds.skip(tf.where(epoch == first_epoch, skip, tf.zeros_like(skip)))
 
-        def preprocess(position: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-            image = ex["image"] if decoded else source.decode(ex["image"])
-            return {"image": transforms.train(image, fold_in(process_key, position)),
-                    "label": tf.cast(ex["label"], tf.int32)}
+        def example(position: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            if not decoded:
+                ex = {**ex, "image": source.decode(ex["image"])}
+            return preprocess(ex, fold_in(process_key, position))
 
-        ds = ds.map(preprocess, num_parallel_calls=_AUTOTUNE)
+        ds = ds.map(example, num_parallel_calls=_AUTOTUNE)
         return ds.batch(process_batch, drop_remainder=True)
 
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_dataset)
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(one_epoch)
     return ds.prefetch(_AUTOTUNE).with_options(_options())
 
 

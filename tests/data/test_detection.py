@@ -129,3 +129,19 @@ def test_dataset_without_boxes_is_refused(digits_dir):
     with pytest.raises(ValueError, match=r"data: tfds_name='digits' is invalid; expected a "
                                          r"dataset with `objects/bbox`"):
         next(detection.eval_batches(config, global_batch_size=8, num_devices=1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augment,cache,recorded", [
+    (True, True, "f261fcf7aa009db4cc1309cd9a8cd1d8749f368a5f72680ae5b0388fd4d117bc"),
+    (True, False, "f261fcf7aa009db4cc1309cd9a8cd1d8749f368a5f72680ae5b0388fd4d117bc"),
+    (False, True, "c3fa92f4efa85cee0237caf33415b018dd60bdf63897e0b9463fc812716f2081"),
+])
+def test_batches_match_the_recorded_ones(data_dir, augment, cache, recorded):
+    """Recorded before detection's copy of the epoch scheme became `pipeline.epoch_dataset`
+    (start_step 249 crosses from epoch 0 into epoch 1 of 250 steps)."""
+    from tests.data.test_pipeline import _digest
+
+    stream = detection.train_batches(_config(data_dir, augment=augment, cache=cache),
+                                     global_batch_size=16, num_devices=2, seed=5, start_step=249)
+    assert _digest([next(stream) for _ in range(3)]) == recorded

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline
@@ -281,3 +283,96 @@ def test_layout_errors(digits_config):
     _expect(r"data: global_batch_size=2048 is invalid; expected at most the 1438 examples of "
             r"'digits' split 'train' \(an epoch would have no step\)", train_batches, config,
             global_batch_size=2048, num_devices=1, seed=0)
+
+
+# ------------------------------------------------------------------ recorded batches (golden)
+def _digest(batches) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, batch by batch."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            digest.update(f"{key}{value.dtype}{value.shape}".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+# Recorded before `epoch_dataset` replaced the classification-only `_train_dataset` (TensorFlow
+# 2.x as pinned by the venv; TF documents its shuffle order as version-dependent). A change to
+# the epoch shuffle, the per-example keys, the skip on resume or the cache changes these.
+RECORDED = {
+    "digits": "d45c5d172e7ca80dd00b9fc5d70380c5aa91321009027540813bfe918d5b009f",
+    "digits_subset": "5e801e1257fa9cbec7e2c7043637cfff0b5f2eb4063e2b0c22dfdfb600ea8d19",
+    "fake": "dc681b979181d1ed31de409bc0004c9294d1ccaf8c96b9a3b74e4c0d3269ee59",
+}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_batches_match_the_recorded_ones(digits_config, cache):
+    digits = _take(train_batches(digits_config(cache=cache), global_batch_size=32,
+                                 num_devices=2, seed=11, start_step=5), 3)
+    assert _digest(digits) == RECORDED["digits"]
+    subset = digits_config(cache=cache, classes=(5, 6, 7), train_examples_per_class=20)
+    assert _digest(_take(train_batches(subset, global_batch_size=16, num_devices=1, seed=2,
+                                       process_index=1, process_count=2), 5)) == (
+        RECORDED["digits_subset"])
+
+
+def test_fake_batches_match_the_recorded_ones():
+    config = pipeline.default_data_config("fake")
+    assert _digest(_take(train_batches(config, global_batch_size=32, num_devices=1, seed=4,
+                                       start_step=31), 3)) == RECORDED["fake"]
+
+
+def test_epoch_dataset_hands_preprocess_the_documented_keys(digits_config):
+    """Any per-example `preprocess` (detection's too) gets the decoded example and the stateless
+    key `fold_in(fold_in((seed, epoch), process), position)`; resuming skips within the epoch."""
+    spec = pipeline._resolve(digits_config(cache=False))
+    source = pipeline._open_source(spec)
+
+    def preprocess(ex, key):
+        return {"key": key, "label": ex["label"], "pixels": tf.reduce_sum(tf.cast(
+            ex["image"], tf.int32))}  # decoded uint8 pixels, not encoded bytes
+
+    def batches(start_step):
+        ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=128, seed=9,
+                                    start_step=start_step, shard=(1, 2))
+        return _take(ds.as_numpy_iterator(), 2)
+
+    fold_in = tf.random.experimental.stateless_fold_in
+    start = STEPS_PER_EPOCH - 1  # last step of epoch 0, then the first of epoch 1
+    for (epoch, first), batch in zip([(0, 64 * (STEPS_PER_EPOCH - 1)), (1, 0)], batches(start),
+                                     strict=True):
+        process_key = fold_in(tf.constant([9, epoch], tf.int64), 1)
+        expected = [fold_in(process_key, tf.constant(first + i, tf.int64)).numpy()
+                    for i in range(64)]
+        np.testing.assert_array_equal(batch["key"], np.stack(expected))
+        assert batch["pixels"].min() > 0
+    fresh = _take(pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=128,
+                                         seed=9, start_step=0, shard=(1, 2)).as_numpy_iterator(),
+                  start + 1)
+    np.testing.assert_array_equal(fresh[start]["label"], batches(start)[0]["label"])
+
+
+def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
+    """One epoch scheme: detection's `train_batches` hands its own `preprocess` to
+    `pipeline.epoch_dataset` instead of repeating the shuffle-and-seed logic."""
+    from cnnjax.data import detection
+
+    seen = []
+
+    def spy(spec, source, preprocess, **kwargs):
+        seen.append((spec.tfds_name, kwargs))
+        raise StopIteration
+
+    monkeypatch.setattr(pipeline, "epoch_dataset", spy)
+    monkeypatch.setattr(detection, "_open", lambda config: (
+        pipeline._resolve(detection._split(config)[0]), None,
+        pipeline._Transforms((8, 8, 3), (8, 8), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0),
+        4))
+    config = detection.default_data_config("shapes")
+    config.data_dir = str(tmp_path)
+    with pytest.raises(StopIteration):
+        detection.train_batches(config, global_batch_size=8, num_devices=1, seed=3, start_step=2)
+    assert seen == [("shapes", {"global_batch_size": 8, "seed": 3, "start_step": 2,
+                                "shard": (0, 1)})]

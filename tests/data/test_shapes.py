@@ -84,3 +84,14 @@ def test_pipeline_batches(shapes_config, splits):
     batch = next(train_batches(shapes_config, global_batch_size=16, num_devices=2, seed=0))
     assert batch["image"].shape == (2, 8, 32, 32, 3)
     assert batch["label"].max() < 4
+
+
+def test_augmented_batches_match_the_recorded_ones(shapes_config, splits):
+    """`pad_crop_flip` draws from the per-example stateless keys of `pipeline.epoch_dataset`;
+    these batches were recorded before it replaced the classification-only `_train_dataset`."""
+    from tests.data.test_pipeline import _digest
+
+    batches = train_batches(shapes_config, global_batch_size=32, num_devices=2, seed=11,
+                            start_step=5)
+    assert _digest([next(batches) for _ in range(3)]) == (
+        "17c4c86917b66d3a97c27e22449fadb37a2896fe569643da04141d72e4c734af")
