@@ -8,8 +8,10 @@ Sections: validate the config (before any compilation) -> build data, model, opt
 restore the newest checkpoint if the workdir has one (exact resume: state, step and data order),
 else warm-start the params and BatchNorm statistics from `config.init_from` if set -> train
 with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
-A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; any failure is
-recorded in summary.json before the exception propagates.
+A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; SIGTERM (preemption,
+scancel) stops it between steps as "interrupted" after checkpointing the current step
+(`cnnjax.train.preemption`); any failure is recorded in summary.json before the exception
+propagates.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, SourceCheckpoi
 from cnnjax.train.logging import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricLogger, ProgressBar
 from cnnjax.train.optim import build_optimizer, build_schedule
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
+from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
 from cnnjax.train.state import (
     WARM_START_COLLECTIONS,
     TrainState,
@@ -49,6 +52,7 @@ from cnnjax.train.state import (
     warm_start,
 )
 from cnnjax.train.step import make_detection_steps, make_steps
+from cnnjax.utils.files import atomic_write, write_json
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -74,13 +78,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     """Trains `config.model` on `config.data` in `workdir`, resuming from its checkpoints.
 
     Returns the summary dict also written to `<workdir>/summary.json`. Raises ValueError for bad
-    configs (before compiling), `TrainingDivergedError` on a NaN/inf loss; in every failing case the
-    status and message are written to summary.json first.
+    configs (before compiling), `TrainingDivergedError` on a NaN/inf loss, and
+    `TrainingInterrupted` (exit code 143 if uncaught) after a SIGTERM, once the step it stopped at
+    is checkpointed; in every failing case the status and message are written to summary.json
+    first. While it runs, SIGTERM only sets a flag (handler installed from the main thread only,
+    the previous one restored afterwards); SIGINT raises KeyboardInterrupt as usual.
     """
     started = time.time()
     is_primary = jax.process_index() == 0
     try:
-        return _Run(config, workdir, started).run()
+        with StopRequest() as stop:
+            return _Run(config, workdir, started, stop).run()
+    except TrainingInterrupted:
+        raise  # summary.json ("interrupted", with the checkpointed step) is already written
     except TrainingDivergedError as err:
         if is_primary:
             _write_summary(
@@ -111,18 +121,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
 
 def _write_summary(workdir: str, summary: dict) -> None:
+    """Atomically (re)writes `<workdir>/summary.json`, creating the workdir if needed."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, SUMMARY_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, default=float)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, record: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2, default=float)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(workdir, SUMMARY_FILE), summary)
 
 
 def _init_from_workdir(config: Any) -> str | None:
@@ -220,10 +221,13 @@ class _Throughput:
 class _Run:
     """One invocation of the loop; sections are methods so each reads on its own."""
 
-    def __init__(self, config: Any, workdir: str, started: float):
+    def __init__(
+        self, config: Any, workdir: str, started: float, stop: StopRequest | None = None
+    ):
         self.config = config
         self.workdir = workdir
         self.started = started
+        self.stop = stop if stop is not None else StopRequest()  # not entered: never set
         self.is_primary = jax.process_index() == 0
 
     # ------------------------------------------------------------------------------- setup
@@ -331,13 +335,12 @@ class _Run:
                 )
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
-            with open(saved_path + ".tmp", "w") as f:
-                f.write(
-                    config.to_json_best_effort(indent=2, sort_keys=True)
-                    if hasattr(config, "to_json_best_effort")
-                    else json.dumps(current)
-                )
-            os.replace(saved_path + ".tmp", saved_path)
+            atomic_write(
+                saved_path,
+                config.to_json_best_effort(indent=2, sort_keys=True)
+                if hasattr(config, "to_json_best_effort")
+                else json.dumps(current),
+            )
 
     # ---------------------------------------------------------------------------- warm start
     def load_init_from(self) -> tuple[dict, dict]:
@@ -488,7 +491,7 @@ class _Run:
         elif pretrained is not None:
             host_state = warm_start(host_state, pretrained[0])
             if self.is_primary:
-                _write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
+                write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
         state = parallel.replicate(host_state)
         logger = MetricLogger(
             self.workdir,
@@ -542,6 +545,7 @@ class _Run:
         self.last_train: dict = {}
         self.clock = _Throughput(images_per_step)
         pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
+        stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop
         try:
             for step in range(start_step, total_steps):
                 state, metrics = p_train(state, next(device_batches))
@@ -551,7 +555,15 @@ class _Run:
                 pending = (done, metrics)
                 is_eval = done % config.eval_every_steps == 0 or done == total_steps
                 is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps
-                if not (is_eval or is_ckpt):
+                # Every process polls at every step (multi-process: a collective at log steps).
+                signal_name = (
+                    self.stop.should_stop(done, config.log_every_steps)
+                    if done < total_steps
+                    else None
+                )
+                if signal_name is not None:
+                    stopped = (done, signal_name)
+                if not (is_eval or is_ckpt or stopped):
                     continue
                 self.record(*pending, logger, bar)  # never evaluate or save a diverged state
                 pending = None
@@ -569,12 +581,17 @@ class _Run:
                             {k: round(v, 4) for k, v in metrics_eval.items()},
                         )
                     checkpointer.save(done, parallel.unreplicate(state), metrics_eval)
+                if stopped:
+                    break
             if pending is not None:
                 self.record(*pending, logger, bar)
         finally:
             bar.close()
-            checkpointer.close()
+            checkpointer.close()  # waits for the pending (e.g. the stop step's) save
             logger.close()
+
+        if stopped is not None:
+            self.interrupted(*stopped, evals, start_step)
 
         summary = self.summarize(
             evals, self.last_train, start_step, total_steps, self.clock.images_per_sec()
@@ -587,6 +604,25 @@ class _Run:
         if self.is_primary:
             _write_summary(self.workdir, summary)
         return summary
+
+    def interrupted(self, step: int, signal_name: str, evals: list[dict], start_step: int):
+        """Writes summary.json for a run stopped by `signal_name` after checkpointing `step`, and
+        raises `TrainingInterrupted`."""
+        err = TrainingInterrupted(step, signal_name)
+        logging.warning("%s", err)
+        if self.is_primary:
+            summary = self.summarize(
+                evals, self.last_train, start_step, step, self.clock.images_per_sec()
+            )
+            summary.update(
+                status="interrupted",
+                signal=signal_name,
+                checkpoint_step=step,
+                exit_code=EXIT_CODE,
+                message=str(err),
+            )
+            _write_summary(self.workdir, summary)
+        raise err
 
     def record(
         self, step: int, device_metrics: Any, logger: MetricLogger, bar: ProgressBar

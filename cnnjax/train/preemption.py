@@ -1,0 +1,79 @@
+"""Preemption-safe stops: SIGTERM asks the loop to checkpoint the current step and exit cleanly.
+
+SLURM preemption, `scancel` and the USR1 -> TERM of `cnnjax.launch`'s sbatch scripts send SIGTERM.
+`StopRequest` installs a handler that only sets a flag (main thread only; the previous handler is
+restored on exit, so the engine stays usable as a library); the loop polls `should_stop(step)`
+between steps, saves a checkpoint of that step, writes summary.json with status "interrupted"
+and raises `TrainingInterrupted`. Multi-process: the flags are combined with one tiny allgather
+every `sync_every` steps, so every process stops at the same step (latency <= sync_every steps).
+SIGINT (Ctrl-C) keeps Python's KeyboardInterrupt: an immediate stop without a final checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+#: Exit status of a process stopped by SIGTERM after saving its checkpoint (128 + SIGTERM).
+EXIT_CODE = 128 + signal.SIGTERM
+
+
+class TrainingInterrupted(KeyboardInterrupt, SystemExit):
+    """The run stopped at `step` on `signal_name` after checkpointing that step.
+
+    A KeyboardInterrupt, so callers that already stop on Ctrl-C (sweeps, the tuning recipe,
+    transfer comparisons) record "interrupted" and stop too; and a SystemExit with code
+    `EXIT_CODE`, so when nothing catches it the process exits with the conventional 143.
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+        SystemExit.__init__(self, EXIT_CODE)
+        self.step = step
+        self.signal_name = signal_name
+
+    def __str__(self) -> str:
+        return (f"Training stopped by {self.signal_name} at step {self.step} after saving a "
+                "checkpoint of that step; rerun the same command to resume.")
+
+
+class StopRequest:
+    """Context manager: while active, SIGTERM sets `requested` instead of killing the process."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.requested: str | None = None  # name of the signal received on this process
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        # signal.signal only works in the main thread; elsewhere the default behaviour stays.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def should_stop(self, step: int, sync_every: int) -> str | None:
+        """The signal name if every process must stop after `step`, else None.
+
+        One process: as soon as its flag is set. Several: only at multiples of `sync_every`,
+        where all processes allgather their flags (every process calls this at every step, so
+        they reach the collective together); any process's flag stops them all.
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        if step % sync_every:
+            return None
+        flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+        return (self.requested or "SIGTERM") if np.any(np.asarray(flags)) else None

@@ -1,0 +1,152 @@
+"""SIGTERM (preemption, scancel): the loop checkpoints the step it stops at, writes summary.json
+with status "interrupted" and exits with 143; the rerun resumes bitwise. In-process on the
+synthetic data, and as `python -m experiments.train` on LeNet-5/digits (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax.train import loop, preemption
+from tests.train import helpers
+from tests.train.test_loop import _final_params
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+
+
+def _sigterm_when_batch(monkeypatch, index: int) -> None:
+    """Makes the data source send this process SIGTERM when it produces batch `index` (from the
+    prefetch thread, as an external `kill` would arrive: asynchronously to the loop)."""
+    original = helpers.train_batches
+
+    def terminating(*args, start_step=0, **kwargs):
+        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
+            if start_step + i == index:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", terminating)
+
+
+def test_sigterm_checkpoints_the_stop_step_and_the_rerun_is_bitwise(tmp_path, monkeypatch):
+    # No periodic checkpoint before the end: the only one a stop leaves is the stop step's.
+    config = helpers.tiny_config(checkpoint_every_steps=100, **{"model_kwargs.dropout_rate": 0.3})
+    reference = tmp_path / "reference"
+    loop.train_and_evaluate(config, str(reference))
+
+    _sigterm_when_batch(monkeypatch, 5)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(preemption.TrainingInterrupted) as info:
+        loop.train_and_evaluate(config, str(stopped))
+    assert signal.getsignal(signal.SIGTERM) is before  # handler restored
+    assert isinstance(info.value, KeyboardInterrupt) and info.value.code == 143
+    step = info.value.step
+    assert 1 <= step < 12
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert summary["step"] == summary["checkpoint_step"] == step
+    assert summary["exit_code"] == 143
+    assert sorted(int(n) for n in os.listdir(stopped / "checkpoints") if n.isdigit()) == [step]
+
+    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches",
+                        helpers.train_batches)
+    resumed = loop.train_and_evaluate(config, str(stopped))
+    assert resumed["status"] == "completed" and resumed["resumed_from_step"] == step
+    a, _ = _final_params(str(reference), config)
+    b, _ = _final_params(str(stopped), config)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_handler_is_installed_only_from_the_main_thread():
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def worker():
+        with preemption.StopRequest():
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["handler"] is before
+    with preemption.StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the Python-level handler runs at the next bytecode
+        assert stop.should_stop(3, sync_every=10) == "SIGTERM"  # one process: at once
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_processes_agree_only_at_sync_steps(monkeypatch):
+    """Two processes, only the other one signalled: no collective off sync steps, and at a sync
+    step the other's flag stops this one too."""
+    from jax.experimental import multihost_utils
+
+    gathered = []
+
+    def allgather(flag):
+        gathered.append(int(flag))
+        return np.array([int(flag), 1], np.int32)  # process 1 has its flag set
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    stop = preemption.StopRequest()
+    assert [stop.should_stop(s, sync_every=4) for s in (1, 2, 3)] == [None] * 3
+    assert gathered == []
+    assert stop.should_stop(4, sync_every=4) == "SIGTERM"
+    assert gathered == [0]
+
+
+@pytest.mark.slow
+def test_sigterm_to_experiments_train_then_rerun_is_bitwise(tmp_path):
+    """The real entry point on LeNet-5/digits: SIGTERM mid-run -> exit 143, summary "interrupted",
+    a checkpoint at the stop step (periodic ones are off); rerun == an uninterrupted run."""
+    from tests.experiments.test_train import ROOT, _command, _env, _final_params, _leaves
+
+    extra = ("--config.checkpoint_every_steps=1000", "--config.log_every_steps=10")
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    ref_proc = subprocess.Popen(_command(reference, *extra), cwd=ROOT, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(stopped, *extra), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"train"' in metrics.read_text():
+            break  # training has started (first train log at step 10)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    step = summary["checkpoint_step"]
+    assert 10 <= step < 120, "the run finished before it could be stopped"
+    assert sorted(int(n) for n in os.listdir(stopped / "checkpoints") if n.isdigit()) == [step]
+    assert ref_proc.wait(timeout=300) == 0
+
+    rerun = subprocess.run(_command(stopped, *extra), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(Path(stopped / "summary.json").read_text())["resumed_from_step"] == step
+    ref_step, ref_params, ref_opt = _final_params(reference)
+    final_step, params, opt = _final_params(stopped)
+    assert ref_step == final_step == 120
+    for (name, a), (name_b, b) in zip(
+        _leaves({"p": ref_params, "o": ref_opt}), _leaves({"p": params, "o": opt}), strict=True
+    ):
+        assert name == name_b
+        np.testing.assert_array_equal(a, b, err_msg=name)
