@@ -17,6 +17,8 @@ from typing import Any, TextIO
 
 from absl import logging
 
+from cnnjax.utils.files import atomic_write, save_figure
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "learning_curves.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -60,9 +62,8 @@ class MetricLogger:
             return
         os.makedirs(workdir, exist_ok=True)
         self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        with open(self.path, "w") as f:  # rewrite: drop records past the checkpoint we resume from
-            for record in self.records:
-                f.write(json.dumps(record) + "\n")
+        # Rewrite (atomically): drop records past the checkpoint we resume from.
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         if tensorboard:
             try:
                 self._tb = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
@@ -117,11 +118,7 @@ class MetricLogger:
             if ax.get_lines():
                 ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)
-        return self.plot_path
+        return save_figure(fig, self.plot_path, dpi=100)
 
     def flush(self) -> None:
         if self._tb is not None:

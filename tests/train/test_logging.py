@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import tensorflow as tf
@@ -83,3 +84,25 @@ def test_disabled_progress_bar_neither_draws_nor_logs(caplog):
         bar.update(10, 1.0, 10.0)
     bar.close()
     assert stream.getvalue() == "" and not caplog.records
+
+
+def test_run_records_are_written_through_utils_files(tmp_path, monkeypatch):
+    """summary.json, config.json, metrics.jsonl (rewritten on resume) and the learning-curve PNG
+    are all renamed into place by `cnnjax.utils.files`, not by private copies of it."""
+    import sys
+
+    from cnnjax.train import loop
+    from tests.train import helpers
+
+    helpers.install_fake_pipeline(monkeypatch)
+    real_replace, by_files = os.replace, []
+
+    def replace(src, dst):
+        if sys._getframe(1).f_globals["__name__"] == "cnnjax.utils.files":
+            by_files.append(os.path.basename(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+    assert {"summary.json", "config.json", "metrics.jsonl", "learning_curves.png"} <= set(by_files)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
