@@ -305,6 +305,101 @@ def check_batch_divisible(config: Any, num_devices: int) -> None:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedConfig:
+    """What `check_config` built to check a config; `train_and_evaluate` trains with the same."""
+
+    task: str
+    pipeline: Any  # cnnjax.data.pipeline, or cnnjax.data.detection for detection
+    data_info: Any  # the pipeline's DatasetInfo (classes, output image shape, split sizes)
+    devices: list | None  # config.num_devices local devices; None: all of them
+    model: Any  # the flax module, built with the engine's axis name and compute dtype
+    schedule: Any  # optax schedule
+    tx: Any  # optax optimizer, frozen backbone applied when config.freeze is set
+    variable_shapes: Any  # jax.eval_shape of the variables; only for init_from / freeze
+
+
+def check_config(config: Any) -> CheckedConfig:
+    """Runs every check `train_and_evaluate` runs before compiling; raises the same ValueErrors.
+
+    Fields and values (`validate_config`), model name and task, dataset and `num_classes`,
+    `num_devices` and batch divisibility over this host's devices, `model_kwargs`, the input
+    resolution (an abstract trace, no compilation), the learning-rate schedule and optimizer, and
+    `freeze`. Reads the dataset's metadata (cnnjax's offline datasets are generated on first
+    use, as the run would) but builds no input pipeline, initializes no parameter and touches no
+    workdir. Not checked: `init_from.workdir`'s checkpoints (the source run may not exist yet).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.models import create_model, list_models, model_info
+    from cnnjax.train import checks
+    from cnnjax.train.optim import build_optimizer, build_schedule
+    from cnnjax.train.parallel import AXIS_NAME
+    from cnnjax.train.state import freeze_optimizer, init_variables
+
+    validate_config(config)
+    task = config.get("task", "classification")
+    # Heavy (TensorFlow): imported once the config is sane. Both modules have the same API.
+    if task == "detection":
+        from cnnjax.data import detection as pipeline
+    else:
+        from cnnjax.data import pipeline
+    info = model_info(config.model)  # unknown model -> ValueError listing names
+    if info.task != task:
+        raise ValueError(
+            f"config: model={config.model!r} is invalid; it is a {info.task} model and "
+            f"config.task={task!r} (set config.task={info.task!r}, or pick one of "
+            f"{list_models(task=task)})."
+        )
+    data_info = pipeline.get_dataset_info(config.data)
+    num_classes = config.get("num_classes")
+    if num_classes is not None and num_classes != data_info.num_classes:
+        raise ValueError(
+            f"config: num_classes={num_classes!r} is invalid; dataset {data_info.name!r} has "
+            f"{data_info.num_classes} classes (leave num_classes unset to use the dataset's)."
+        )
+
+    devices = None
+    available = jax.local_devices()
+    if config.num_devices:
+        if config.num_devices > len(available):
+            raise ValueError(
+                f"config: num_devices={config.num_devices!r} is invalid; only "
+                f"{len(available)} local devices are available."
+            )
+        devices = available[: config.num_devices]
+    check_batch_divisible(config, len(devices or available) * jax.process_count())
+
+    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+    kwargs = model_kwargs(config)
+    try:
+        model = create_model(
+            config.model, num_classes=data_info.num_classes, axis_name=AXIS_NAME, dtype=dtype,
+            **kwargs,
+        )
+    except TypeError as err:  # a keyword the model does not have
+        raise ValueError(
+            f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
+            f"accept them ({err}); its settable fields are "
+            f"{sorted(model_kwargs_config(config.model))}."
+        ) from None
+    image_shape = tuple(data_info.image_shape)
+    checks.check_input_size(model, config.model, image_shape, info.min_input_size)
+
+    schedule = build_schedule(config)
+    tx = build_optimizer(config, schedule)
+    variable_shapes = None  # traced (not compiled) only for init_from / freeze
+    init_from = config.get("init_from")
+    if (init_from is not None and init_from.get("workdir") is not None) or config.get("freeze"):
+        variable_shapes = jax.eval_shape(
+            lambda r: init_variables(model, r, (1, *image_shape)), jax.random.PRNGKey(0)
+        )
+    if config.get("freeze") is not None:
+        tx = freeze_optimizer(tx, variable_shapes["params"], config.freeze)
+    return CheckedConfig(task, pipeline, data_info, devices, model, schedule, tx, variable_shapes)
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """`{'a.b': value}` view of a nested config/dict, with tuples as lists (JSON-comparable)."""
     items = config.items() if hasattr(config, "items") else []

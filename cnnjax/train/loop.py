@@ -28,26 +28,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
 from cnnjax.layers.conv_impl import resolve_conv_impl
-from cnnjax.train import checks
 from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, SourceCheckpoints
 from cnnjax.train.logging import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricLogger, ProgressBar
-from cnnjax.train.optim import build_optimizer, build_schedule
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
 from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
 from cnnjax.train.state import (
     WARM_START_COLLECTIONS,
     TrainState,
     create_train_state,
-    freeze_optimizer,
-    init_variables,
     select_pretrained,
     warm_start,
 )
@@ -232,77 +227,19 @@ class _Run:
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        config = self.config
-        config_lib.validate_config(config)
-        from cnnjax.models import create_model, list_models, model_info
-
-        # Heavy (TensorFlow): imported once the config is sane. Both modules have the same API.
-        self.task = config.get("task", "classification")
-        if self.task == "detection":
-            from cnnjax.data import detection as pipeline
-        else:
-            from cnnjax.data import pipeline
-        self.pipeline = pipeline
-        info = model_info(config.model)  # unknown model -> ValueError listing names
-        if info.task != self.task:
-            raise ValueError(
-                f"config: model={config.model!r} is invalid; it is a {info.task} model and "
-                f"config.task={self.task!r} (set config.task={info.task!r}, or pick one of "
-                f"{list_models(task=self.task)})."
-            )
-        self.data_info = pipeline.get_dataset_info(config.data)
-        num_classes = config.get("num_classes")
-        if num_classes is not None and num_classes != self.data_info.num_classes:
-            raise ValueError(
-                f"config: num_classes={num_classes!r} is invalid; dataset "
-                f"{self.data_info.name!r} has {self.data_info.num_classes} classes (leave "
-                "num_classes unset to use the dataset's)."
-            )
+        """Every pre-compilation check (`config.check_config`), then the workdir."""
+        checked = config_lib.check_config(self.config)
+        self.task, self.pipeline = checked.task, checked.pipeline
+        self.data_info = checked.data_info
         self.num_classes = self.data_info.num_classes
-
-        devices = None
-        if config.num_devices:
-            available = jax.local_devices()
-            if config.num_devices > len(available):
-                raise ValueError(
-                    f"config: num_devices={config.num_devices!r} is invalid; only "
-                    f"{len(available)} local devices are available."
-                )
-            devices = available[: config.num_devices]
-        self.parallel = DataParallel(config.parallel, devices)
-        total_devices = self.parallel.local_device_count * jax.process_count()
-        config_lib.check_batch_divisible(config, total_devices)
-        self.eval_batch_size = config.get("eval_batch_size") or config.global_batch_size
-
-        dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-        kwargs = config_lib.model_kwargs(config)
-        try:
-            self.model = create_model(
-                config.model, num_classes=self.num_classes, axis_name=AXIS_NAME, dtype=dtype,
-                **kwargs,
-            )
-        except TypeError as err:  # a keyword the model does not have
-            raise ValueError(
-                f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
-                f"accept them ({err}); its settable fields are "
-                f"{sorted(config_lib.model_kwargs_config(config.model))}."
-            ) from None
         self.image_shape = tuple(self.data_info.image_shape)
-        checks.check_input_size(self.model, config.model, self.image_shape, info.min_input_size)
-
+        self.model, self.schedule, self.tx = checked.model, checked.schedule, checked.tx
+        self.variable_shapes = checked.variable_shapes
+        self.parallel = DataParallel(self.config.parallel, checked.devices)
+        self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
         self.prepare_workdir()
         # Multi-host: no process looks for checkpoints before process 0 has applied `restart`.
         _sync_processes("cnnjax:workdir_prepared")
-        self.schedule = build_schedule(config)
-        self.tx = build_optimizer(config, self.schedule)
-        self.variable_shapes = None  # traced (not compiled) only for init_from / freeze
-        if _init_from_workdir(config) is not None or config.get("freeze") is not None:
-            input_shape = (1, *self.image_shape)
-            self.variable_shapes = jax.eval_shape(
-                lambda r: init_variables(self.model, r, input_shape), jax.random.PRNGKey(0)
-            )
-        if config.get("freeze") is not None:
-            self.tx = freeze_optimizer(self.tx, self.variable_shapes["params"], config.freeze)
 
     def prepare_workdir(self) -> None:
         """Honours `restart`, refuses checkpoints of an incompatible config, saves the config."""

@@ -3,6 +3,7 @@
 import json
 
 import flax.linen as nn
+import numpy as np
 import pytest
 
 from cnnjax.models import registry
@@ -271,3 +272,54 @@ def test_empty_eval_split_is_reported(tmp_path, monkeypatch):
         loop.train_and_evaluate(config, str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "yielded no examples" in summary["message"]
+
+
+def _bad_schedule():
+    return helpers.tiny_config(**{"schedule.name": "warmup_cosine", "schedule.warmup_steps": 12})
+
+
+def _unknown_kwarg():
+    config = helpers.tiny_config(**{"model_kwargs.dropout_rate": 0.1})
+    config.model_kwargs.widht = 8
+    return config
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (_bad_schedule, "schedule: warmup_steps=12 is invalid; expected 0 <= warmup_steps < "
+                        "num_train_steps=12"),
+        (lambda: helpers.tiny_config(num_classes=7), "config: num_classes=7 is invalid"),
+        (lambda: helpers.tiny_config(num_devices=64), "config: num_devices=64 is invalid"),
+        (lambda: helpers.tiny_config(**{"data.name": "nope"}), "data: name='nope' is invalid"),
+        (lambda: helpers.tiny_config(model=_COLLAPSING), "too small: layer conv2 (Conv) fails"),
+        (lambda: helpers.tiny_config(model="yolo_v1"), "it is a detection model"),
+        (_unknown_kwarg, "does not accept them"),
+    ],
+)
+def test_check_config_refuses_what_the_loop_refuses_with_the_same_message(tmp_path, make,
+                                                                         message):
+    """`check_config` is the loop's own pre-compilation check: same errors, no workdir output
+    (the schedule is checked before config.json is written, not when training starts)."""
+    from cnnjax.train.config import check_config
+
+    with pytest.raises(ValueError) as checked:
+        check_config(make())
+    assert message in str(checked.value)
+    with pytest.raises(ValueError) as trained:
+        loop.train_and_evaluate(make(), str(tmp_path))
+    assert str(trained.value) == str(checked.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_check_config_returns_what_the_loop_trains_with(tmp_path, monkeypatch):
+    from cnnjax.train.config import check_config
+
+    monkeypatch.chdir(tmp_path)
+    checked = check_config(helpers.tiny_config(freeze="backbone",
+                                               **{"model_kwargs.dropout_rate": 0.25}))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert checked.task == "classification" and checked.data_info.num_classes == 4
+    assert checked.model.dropout_rate == 0.25 and checked.model.num_classes == 4
+    assert float(checked.schedule(0)) == float(np.float32(0.05))  # cosine from the peak
+    assert set(checked.variable_shapes["params"]) == {"conv", "bn", "head"}
