@@ -36,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cnnjax.train import config as config_lib
-from cnnjax.train.optim import build_schedule
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
@@ -221,10 +220,8 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
 
 
 def check_engine_config(config: Any) -> None:
-    """The engine's checks that need no data: `validate_config`, and the learning-rate schedule
-    (e.g. warmup_steps < num_train_steps, which `train_and_evaluate` only checks at start-up)."""
-    config_lib.validate_config(config)
-    build_schedule(config)
+    """The engine's pre-compilation checks (`cnnjax.train.config.check_config`)."""
+    config_lib.check_config(config)
 
 
 def _check_configs(source: Any, target: Any) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 from cnnjax.train import config as config_lib
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
-from cnnjax.train.optim import build_schedule
 from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
 from cnnjax.utils.files import atomic_write, read_json, save_figure
 from cnnjax.utils.validation import check_choice, invalid
@@ -121,15 +120,14 @@ def run_sweep(
 
 
 def trial_configs(base_config: Any, space: SearchSpace) -> dict[str, Any]:
-    """`{trial_id: base + overrides}`, each checked like the engine checks it (fields, values,
-    schedule), so a bad trial is refused before any trial trains."""
+    """`{trial_id: base + overrides}`, each checked by the engine's `check_config` (fields,
+    values, model, dataset, schedule ...), so a bad trial is refused before any trial trains."""
     check_fields(base_config, space)
     configs = {}
     for trial in space.trials:
         config = apply_overrides(base_config, trial.overrides)
         try:
-            config_lib.validate_config(config)
-            build_schedule(config)  # schedule fields (e.g. warmup_steps < num_train_steps)
+            config_lib.check_config(config)  # the engine's own pre-compilation checks
         except ValueError as err:
             raise ValueError(
                 f"sweep: trial {trial.index} ({trial.trial_id}, {dict(trial.overrides)}) has an "
