@@ -39,6 +39,7 @@ from cnnjax.train import config as config_lib
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
+    check_metric,
     config_changes,
     default_mode,
     finished_status,
@@ -48,7 +49,7 @@ from cnnjax.tune.sweep import (
     trial_workdir,
 )
 from cnnjax.utils.files import atomic_write, read_json, save_figure
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.utils.validation import invalid
 
 ARMS = ("scratch", "finetune", "linear_probe")
 ARM_LABELS = {"scratch": "from scratch", "finetune": "fine-tune all layers",
@@ -93,7 +94,7 @@ class TransferPlan:
     def __init__(self, source: Any, target: Any, transfer_dir: str, budget_field: str,
                  budgets: Sequence[Any], arms: Sequence[str], seeds: Sequence[int],
                  overrides: Mapping[str, Mapping[str, Any]], metric: str):
-        self.metric = check_choice(_OWNER, "metric", metric, config_lib.EVAL_METRICS)
+        self.metric = check_metric(_OWNER, metric, target)
         self.mode = default_mode(metric)
         self.arms = _check_arms(arms)
         self.seeds = _check_seeds(seeds)

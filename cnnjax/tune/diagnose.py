@@ -16,6 +16,14 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
     converged         none of the above: the eval metric is flat at the end.
     insufficient_data fewer logs/evals than a diagnosis needs (log or evaluate more often).
 
+Detection runs (`config.task="detection"`) are diagnosed on `map50`, `map`, `coco_map50` or
+`coco_map75`: diverged, unstable and too_slow read the train loss (the detector's summed loss)
+and still_improving / converged the mAP, whose noise level is approximated like an accuracy's
+(binomial standard error over the eval images; mAP is not a proportion, but it is a [0, 1]
+score of the same per-image evidence). Detectors log no eval loss and no top-1, so overfitting
+and underfitting are never found for them (a train/eval mAP gap would need an eval pass over
+the train split, which the engine does not run); read the learning curves for those.
+
 Noisy curves are smoothed explicitly: the train loss with a bias-corrected exponential moving
 average (`ema`, TensorBoard's smoothing) for trends and with a trailing windowed median for
 spikes; eval accuracy changes are compared with its binomial standard error on the eval set.
@@ -34,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnjax.train import config as config_lib
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.utils.files import read_json
@@ -51,6 +60,8 @@ VERDICTS = (
     "insufficient_data",
 )
 ACCURACY_METRICS = ("top1", "top5")
+# Eval metrics in [0, 1] whose gains are judged against a binomial noise level (higher: better).
+FRACTION_METRICS = (*ACCURACY_METRICS, *config_lib.DETECTION_METRICS)
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 _OWNER = "diagnose"
@@ -265,9 +276,9 @@ def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
 def diagnose(curves: Curves, metric: str = "top1",
              thresholds: Thresholds | None = None) -> Diagnosis:
     """Every verdict that holds for `curves`, most urgent first; `metric` is the eval metric
-    judged for improvement (top1, top5 or loss)."""
+    judged for improvement (loss, top1, top5; map50, map, coco_map50, coco_map75 for detection)."""
     t = thresholds or Thresholds()
-    check_choice(_OWNER, "metric", metric, ("loss", *ACCURACY_METRICS))
+    check_choice(_OWNER, "metric", metric, ("loss", *FRACTION_METRICS))
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
     if diverged:
@@ -433,7 +444,7 @@ def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
 
 def noise_level(curves: Curves, metric: str, t: Thresholds, value: float) -> float:
     """The smallest change of eval `metric` (near `value`) that is not noise."""
-    if metric in ACCURACY_METRICS:
+    if metric in FRACTION_METRICS:
         n = curves.eval_examples
         se = math.sqrt(max(value * (1 - value), 0.0) / n) if n else 0.0
         return max(t.noise_std_errors * se, t.min_accuracy_delta)

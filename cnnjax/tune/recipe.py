@@ -17,6 +17,10 @@ budget. After every round the incumbent (the best trial so far by `recipe.metric
     underfitting          train longer with lr x(1, 2, 0.5); at max_steps weight decay x(0.3, 0.1)
     still_improving       train longer (2x steps, at most max_steps) with lr x(1, 0.5, 2)
 
+`recipe.metric` must be an eval metric of the base config's task (`config_lib.TASK_METRICS`):
+loss, top1 or top5 for classification, map50, map, coco_map50 or coco_map75 for detection (whose
+diagnosis judges the mAP's progress and the train loss; see `cnnjax.tune.diagnose`).
+
 A round holds at most `trials_per_round` new trials (configs already run are skipped) and the
 recipe at most `max_trials` in all and `max_rounds` rounds. Every round is a `run_sweep` in
 `<tune_dir>/round_<k>/`, so rerunning the same command skips finished rounds and trials and
@@ -54,6 +58,7 @@ from cnnjax.tune.diagnose import (
     ema,
 )
 from cnnjax.tune.sweep import (
+    check_metric,
     config_changes,
     default_mode,
     run_sweep,
@@ -90,7 +95,7 @@ _OWNER = "recipe"
 def default_recipe() -> ml_collections.ConfigDict:
     """Every recipe field with its default (recipe files start from this)."""
     c = ml_collections.ConfigDict()
-    c.metric = "top1"  # eval metric that ranks trials: loss, top1, top5
+    c.metric = "top1"  # eval metric that ranks trials: loss, top1, top5; map50, map (detection)
     c.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
     c.lr_min = 1e-3  # round 1: num_lrs log-spaced learning rates in [lr_min, lr_max]
     c.lr_max = 1.0
@@ -125,7 +130,11 @@ class Recipe:
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
 
     def __post_init__(self):
-        check_choice(_OWNER, "metric", self.metric, config_lib.EVAL_METRICS)
+        # Any task's metric here; run_tune checks it against its base config's task.
+        metrics = list(dict.fromkeys(m for ms in config_lib.TASK_METRICS.values() for m in ms))
+        if self.metric not in metrics:
+            raise invalid(_OWNER, "metric", self.metric,
+                          f"expected an eval metric of one of the tasks: {metrics}")
         mode = default_mode(self.metric) if self.mode is None else self.mode
         check_choice(_OWNER, "mode", mode, ("max", "min"))
         object.__setattr__(self, "mode", mode)
@@ -455,6 +464,7 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     recipe is refused. Each later round's trial configs are checked before that round trains.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+    check_metric(_OWNER, recipe.metric, base_config)
     config_lib.validate_config(base_config)
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))

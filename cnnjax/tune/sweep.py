@@ -44,8 +44,32 @@ _OWNER = "sweep"
 
 
 def default_mode(metric: str) -> str:
-    """'min' for loss, 'max' for accuracies."""
+    """'min' for loss, 'max' for every other eval metric (top-k accuracies, mAPs)."""
     return "min" if metric == "loss" else "max"
+
+
+def config_task(config: Any) -> str:
+    """`config.task`, checked; a config without one is classification, as for the engine."""
+    default = config_lib.LEGACY_DEFAULTS["task"]
+    task = config.get("task", default) if hasattr(config, "get") else getattr(config, "task",
+                                                                             default)
+    return check_choice("config", "task", task, config_lib.TASKS)
+
+
+def task_metrics(config: Any) -> tuple[str, ...]:
+    """The eval metrics runs of `config` report: `config_lib.TASK_METRICS` of its task."""
+    return tuple(config_lib.TASK_METRICS[config_task(config)])
+
+
+def check_metric(owner: str, metric: Any, config: Any) -> str:
+    """`metric` if runs of `config` report it (`task_metrics`), else a ValueError naming the
+    task's metrics."""
+    task = config_task(config)
+    choices = list(task_metrics(config))
+    if metric not in choices:
+        raise invalid(owner, "metric", metric,
+                      f"expected one of {choices} (the eval metrics of config.task={task!r})")
+    return metric
 
 
 def trial_workdir(sweep_dir: str, trial: Trial) -> str:
@@ -65,12 +89,13 @@ def run_sweep(
 ) -> list[dict]:
     """Runs the trials of `space` not yet finished in `sweep_dir`; returns the result rows.
 
-    `metric` (an eval metric: loss, top1, top5) and `mode` ('max'/'min'; default by metric) rank
-    the trials by their best eval value. `trial_index` runs only that trial (array jobs);
-    `max_trials` caps how many trials this call starts (0: only rewrite results and plot).
+    `metric` (an eval metric of the base config's task: loss, top1, top5 for classification;
+    map50, map, coco_map50, coco_map75 for detection) and `mode` ('max'/'min'; default by
+    metric) rank the trials by their best eval value. `trial_index` runs only that trial (array
+    jobs); `max_trials` caps how many trials this call starts (0: only rewrite results and plot).
     Every field, value and trial config is checked before anything trains.
     """
-    check_choice(_OWNER, "metric", metric, config_lib.EVAL_METRICS)
+    check_metric(_OWNER, metric, base_config)
     mode = default_mode(metric) if mode is None else mode
     check_choice(_OWNER, "mode", mode, ("max", "min"))
     if trial_index is not None and (

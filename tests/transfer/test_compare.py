@@ -285,7 +285,11 @@ def _bad(**changes):
          "transfer: budget_field='freeze' is invalid; the comparison sets it itself; expected "
          "a target field such as 'data.train_examples_per_class' or 'data.train_split'."),
         ({}, {"metric": "acc"}, "transfer: metric='acc' is invalid; expected one of ['loss', "
-                                "'top1', 'top5']."),
+                                "'top1', 'top5'] (the eval metrics of "
+                                "config.task='classification')."),
+        ({}, {"metric": "map50"}, "transfer: metric='map50' is invalid; expected one of ['loss', "
+                                  "'top1', 'top5'] (the eval metrics of "
+                                  "config.task='classification')."),
         ({}, {"arm_overrides": {"finetune": {"freeze": "backbone"}}},
          "transfer: arm_overrides['finetune']='freeze' is invalid; the comparison sets 'freeze' "
          "itself"),
@@ -297,8 +301,8 @@ def _bad(**changes):
          "invalid"),
         ({"freeze": "backbone"}, {}, "transfer: target.freeze='backbone' is invalid; expected "
                                      "None: each arm sets it"),
-        ({"model": "lenet5"}, {}, "transfer: target.model='lenet5' is invalid; expected the "
-                                  f"source's model '{helpers.TINY_MODEL}'"),
+        ({"model": "resnet20_cifar"}, {}, "transfer: target.model='resnet20_cifar' is invalid; "
+                                          f"expected the source's model '{helpers.TINY_MODEL}'"),
         ({"global_batch_size": 128}, {},
          "transfer: global_batch_size=128 is invalid; run 8-scratch-s0 has 64 training "
          "examples; expected a global batch of at most that many (lower it or raise the "

@@ -300,3 +300,37 @@ def test_command_line_prints_the_diagnosis():
     assert result.returncode == 0, result.stderr
     assert "verdicts: underfitting" in result.stdout
     assert "-> num_train_steps x2" in result.stdout
+
+
+def _detection_records(map50, *, loss=None, eval_examples=500):
+    """A detector's metrics.jsonl: train `loss` only (no top-1), eval mAPs (no eval loss)."""
+    loss = loss or _decay(14.0, 2.0, 0.02)
+    records = []
+    for step in range(10, STEPS + 1, 10):
+        records.append({"step": step, "split": "train", "loss": loss(step), "no_object": 0.3,
+                        "learning_rate": 1e-3})
+        if step % 50 == 0:
+            records.append({"step": step, "split": "eval", "map50": map50(step),
+                            "map": map50(step) / 3, "coco_map50": map50(step),
+                            "coco_map75": map50(step) / 5, "ap50/0": map50(step),
+                            "num_examples": float(eval_examples)})
+    return records
+
+
+@pytest.mark.parametrize("gain, improving", [(0.04, False), (0.05, True)])
+def test_detection_map_gains_are_judged_against_two_binomial_standard_errors(gain, improving):
+    """mAP@0.5 flat at 0.4 on 500 images (2 SE = 2 sqrt(0.4 x 0.6 / 500) = 0.0438), then up by
+    `gain` at the last eval; a detector logs neither top-1 nor eval loss, so no over/underfit."""
+    records = _detection_records(lambda s: 0.4 + (gain if s == STEPS else 0.0))
+    curves = dg.Curves.from_records(records, {"status": "completed", "step": STEPS}, STEPS)
+    d = dg.diagnose(curves, metric="map50")
+    assert d.verdicts == (["still_improving"] if improving else ["converged"])
+    assert d.findings[0].evidence["noise_level"] == pytest.approx(
+        2 * math.sqrt(0.4 * 0.6 / 500))
+    assert d.findings[0].evidence["metric"] == "map50"
+
+
+def test_detection_loss_explosion_is_divergence():
+    records = _detection_records(lambda s: 0.4, loss=lambda s: 14.0 if s < 200 else 40.0)
+    curves = dg.Curves.from_records(records, {"status": "completed", "step": STEPS}, STEPS)
+    assert dg.diagnose(curves, metric="map").primary == "diverged"

@@ -188,8 +188,9 @@ def test_incumbent_ties_go_to_the_later_round():
                                      "(lr_max=0.1)."),
     ({"num_lrs": 1}, "recipe: num_lrs=1 is invalid; expected an integer >= 2."),
     ({"max_trials": 2}, "recipe: max_trials=2 is invalid; expected at least num_lrs=3"),
-    ({"metric": "acc"}, "recipe: metric='acc' is invalid; expected one of ['loss', 'top1', "
-                        "'top5']."),
+    ({"metric": "acc"}, "recipe: metric='acc' is invalid; expected an eval metric of one of the "
+                        "tasks: ['loss', 'top1', 'top5', 'map50', 'map', 'coco_map50', "
+                        "'coco_map75']."),
     ({"mode": "up"}, "recipe: mode='up' is invalid; expected one of ['max', 'min']."),
     ({"max_steps": 50}, "recipe: max_steps=50 is invalid; expected max_steps >= "
                         "round1_steps=100."),
@@ -264,6 +265,7 @@ def _scripted_diagnosis(workdir, metric, thresholds):
 
 
 def _tune(tmp_path, monkeypatch, trainer, name="tune", base=None, plots=False, **recipe):
+    helpers.install_fake_pipeline(monkeypatch)  # check_config reads the (synthetic) dataset
     monkeypatch.setattr(sw, "train_and_evaluate", trainer)
     monkeypatch.setattr(sw, "plot_results", lambda *a, **k: None)  # slower than the trainer
     if not plots:
@@ -438,6 +440,7 @@ def test_an_error_between_rounds_is_recorded_before_it_propagates(tmp_path, monk
     def broken(workdir, metric, thresholds):
         raise OSError("metrics.jsonl unreadable")
 
+    helpers.install_fake_pipeline(monkeypatch)
     monkeypatch.setattr(sw, "train_and_evaluate", FakeTrainer())
     monkeypatch.setattr(sw, "plot_results", lambda *a, **k: None)
     with pytest.raises(OSError, match="unreadable"):

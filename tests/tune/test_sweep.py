@@ -7,9 +7,11 @@ import json
 import os
 import re
 
+import ml_collections
 import pytest
 
 import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
+from cnnjax.train import config as config_lib
 from cnnjax.train.logging import read_metrics
 from cnnjax.tune import space as sp
 from cnnjax.tune import sweep as sw
@@ -180,12 +182,20 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch
 
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
+    engine = sw.train_and_evaluate
+
+    def data_lost_in_trial_0(config, workdir):  # passes check_config, fails once it runs
+        if config.optimizer.learning_rate == 0.05:
+            raise OSError("stand-in: the data disappeared mid-run")
+        return engine(config, workdir)
+
+    monkeypatch.setattr(sw, "train_and_evaluate", data_lost_in_trial_0)
     sweep_dir = str(tmp_path / "sweep")
-    space = sp.grid({"data.name": ["no_such_data", "synthetic"]})
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     failed, done = sorted(rows, key=lambda r: r["index"])
     assert failed["status"] == "failed" and done["status"] == "completed"
-    assert failed["reason"].startswith("ValueError: data: name='no_such_data' is invalid")
+    assert failed["reason"].startswith("OSError: stand-in: the data disappeared mid-run")
     with open(os.path.join(failed["workdir"], "error.log")) as f:
         assert "Traceback" in f.read()
     assert [r["rank"] for r in rows] == [1, None]
@@ -205,7 +215,8 @@ def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
     assert not os.path.exists(sw.trial_workdir(sweep_dir, space.trials[0]))
 
 
-def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path):
+def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
     sweep_dir = str(tmp_path / "sweep")
     space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
     sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False)  # sweep.json only
@@ -231,7 +242,11 @@ def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path):
     ("kwargs", "message"),
     [
         ({"metric": "accuracy"},
-         "sweep: metric='accuracy' is invalid; expected one of ['loss', 'top1', 'top5']."),
+         "sweep: metric='accuracy' is invalid; expected one of ['loss', 'top1', 'top5'] (the "
+         "eval metrics of config.task='classification')."),
+        ({"metric": "map50"},
+         "sweep: metric='map50' is invalid; expected one of ['loss', 'top1', 'top5'] (the "
+         "eval metrics of config.task='classification')."),
         ({"mode": "best"}, "sweep: mode='best' is invalid; expected one of ['max', 'min']."),
         ({"trial_index": 2},
          "sweep: trial_index=2 is invalid; expected an integer in [0, 1] (the space has 2 "
@@ -246,7 +261,8 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, kwargs, message
     assert not os.path.exists(tmp_path / "sweep")
 
 
-def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path):
+def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
     space = sp.grid({"optimizer.learning_rate": [0.05, 0.0]})
     with pytest.raises(ValueError, match=re.escape(
             f"sweep: trial 1 ({space.trials[1].trial_id}, {{'optimizer.learning_rate': 0.0}}) "
@@ -260,7 +276,27 @@ def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path):
 
 
 def test_default_mode_follows_the_metric():
-    assert sw.default_mode("loss") == "min" and sw.default_mode("top1") == "max"
+    modes = {m: sw.default_mode(m) for ms in config_lib.TASK_METRICS.values() for m in ms}
+    assert modes == {"loss": "min", "top1": "max", "top5": "max", "map50": "max", "map": "max",
+                     "coco_map50": "max", "coco_map75": "max"}
+
+
+def test_metrics_are_the_tasks():
+    detection = config_lib.default_config()
+    detection.task = "detection"
+    for metric in ("map50", "map", "coco_map50", "coco_map75"):
+        assert sw.check_metric("sweep", metric, detection) == metric
+    with pytest.raises(ValueError, match=re.escape(
+            "sweep: metric='top1' is invalid; expected one of ['map50', 'map', 'coco_map50', "
+            "'coco_map75'] (the eval metrics of config.task='detection').")):
+        sw.check_metric("sweep", "top1", detection)
+    legacy = ml_collections.ConfigDict({"model": "lenet5"})  # no `task`: classification
+    assert sw.task_metrics(legacy) == ("loss", "top1", "top5")
+    detection.task = "segmentation"
+    with pytest.raises(ValueError, match=re.escape(
+            "config: task='segmentation' is invalid; expected one of ['classification', "
+            "'detection'].")):
+        sw.check_metric("sweep", "map50", detection)
 
 
 def test_loss_sweep_ranks_lowest_first():
