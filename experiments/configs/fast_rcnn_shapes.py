@@ -13,28 +13,8 @@ Faster R-CNN's learned proposals (`faster_rcnn_shapes.py`) reach 0.997 / 0.860.
 The first ever run also builds `shapes_multi` (~12 s). Rerunning the command resumes.
 """
 
-from cnnjax.data.detection import default_data_config
-from cnnjax.train.config import default_config, model_kwargs_config
+from experiments.configs._detection import shapes_detection_config
 
 
 def get_config():
-    config = default_config()
-    config.task = "detection"
-    config.model = "fast_rcnn_small"
-    config.model_kwargs = model_kwargs_config(config.model)  # --config.model_kwargs.<field>=...
-    config.data = default_data_config("shapes")  # the shapes preset's normalization
-    config.data.tfds_name = "shapes_multi"  # 4,000 train / 500 test scenes
-    config.data.max_boxes = 4
-    config.global_batch_size = 16
-    config.num_train_steps = 800
-    config.optimizer.name = "adamw"
-    config.optimizer.learning_rate = 1e-3
-    config.optimizer.weight_decay = 1e-4
-    config.optimizer.grad_clip_norm = 10.0
-    config.schedule.name = "warmup_cosine"
-    config.schedule.warmup_steps = 50
-    config.log_every_steps = 50
-    config.eval_every_steps = 400
-    config.checkpoint_every_steps = 400
-    config.best_metric = "map50"
-    return config
+    return shapes_detection_config("fast_rcnn_small", global_batch_size=16)

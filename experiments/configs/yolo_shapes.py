@@ -12,29 +12,11 @@ longer training still helps (YOLO v1's fully connected head learns its per-cell 
 also builds `shapes_multi` into the tfds data dir (~12 s). Rerunning the command resumes.
 """
 
-from cnnjax.data.detection import default_data_config
-from cnnjax.train.config import default_config, model_kwargs_config
+from experiments.configs._detection import shapes_detection_config
 
 
 def get_config():
-    config = default_config()
-    config.task = "detection"
-    config.model = "yolo_v1_small"
-    config.model_kwargs = model_kwargs_config(config.model)  # --config.model_kwargs.<field>=...
-    config.data = default_data_config("shapes")  # the shapes preset's normalization
-    config.data.tfds_name = "shapes_multi"  # 4,000 train / 500 test scenes
-    config.data.max_boxes = 4
-    config.global_batch_size = 32
-    config.num_train_steps = 1200
-    config.optimizer.name = "adamw"
-    config.optimizer.learning_rate = 2e-3
-    config.optimizer.weight_decay = 5e-4
-    config.optimizer.grad_clip_norm = 10.0
-    config.schedule.name = "warmup_cosine"
-    config.schedule.warmup_steps = 100
+    config = shapes_detection_config("yolo_v1_small", global_batch_size=32, num_train_steps=1200,
+                                     learning_rate=2e-3, weight_decay=5e-4, warmup_steps=100)
     config.max_loss = 1e4  # eq. 3 is a sum over the grid, not a mean: early values are large
-    config.log_every_steps = 50
-    config.eval_every_steps = 400
-    config.checkpoint_every_steps = 400
-    config.best_metric = "map50"
     return config

@@ -12,7 +12,8 @@ from cnnjax.train.config import validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
-CONFIGS = [c for c in CONFIGS if not c.endswith("__init__.py")]
+# `_*.py` (e.g. `_detection.py`) hold defaults that configs share; they are not configs.
+CONFIGS = [c for c in CONFIGS if not os.path.basename(c).startswith("_")]
 
 
 def _load(path):
@@ -86,3 +87,41 @@ def test_model_kwargs_from_the_command_line_reach_the_model(tmp_path):
     assert run.model.shortcut == "B"  # unset: resnet18's default
     with pytest.raises(AttributeError):  # locked: a field the model does not have is refused
         _parse("--config.model_kwargs.widht=8")
+
+
+# What each shapes_multi detection config sets beyond `default_config()` with
+# `detection.default_data_config("shapes")` and its model's declared kwargs, recorded before the
+# shared part moved to `experiments/configs/_detection.py`.
+_DETECTION_SHARED = {
+    "task": "detection", "data.tfds_name": "shapes_multi", "data.max_boxes": 4,
+    "optimizer.name": "adamw", "optimizer.grad_clip_norm": 10.0, "schedule.name": "warmup_cosine",
+    "log_every_steps": 50, "eval_every_steps": 400, "checkpoint_every_steps": 400,
+    "best_metric": "map50", "num_train_steps": 800, "optimizer.learning_rate": 1e-3,
+    "optimizer.weight_decay": 1e-4, "schedule.warmup_steps": 50,
+}
+DETECTION_CONFIGS = {
+    "rcnn_shapes.py": {**_DETECTION_SHARED, "model": "rcnn_small", "global_batch_size": 8},
+    "fast_rcnn_shapes.py": {**_DETECTION_SHARED, "model": "fast_rcnn_small",
+                            "global_batch_size": 16},
+    "faster_rcnn_shapes.py": {**_DETECTION_SHARED, "model": "faster_rcnn_small",
+                              "global_batch_size": 16},
+    "yolo_shapes.py": {**_DETECTION_SHARED, "model": "yolo_v1_small", "global_batch_size": 32,
+                       "num_train_steps": 1200, "optimizer.learning_rate": 2e-3,
+                       "optimizer.weight_decay": 5e-4, "schedule.warmup_steps": 100,
+                       "max_loss": 1e4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(DETECTION_CONFIGS))
+def test_detection_configs_resolve_to_their_recorded_values(name):
+    """Every field equals the default except the recorded ones, which equal their values."""
+    from cnnjax.data import detection
+    from cnnjax.train.config import default_config, flatten, model_kwargs_config
+
+    config = _load(os.path.join(ROOT, "experiments", "configs", name)).get_config()
+    reference = default_config()
+    reference.data = detection.default_data_config("shapes")
+    reference.model_kwargs = model_kwargs_config(config.model)
+    flat, defaults = flatten(config), flatten(reference)
+    assert set(flat) == set(defaults)
+    assert {k: v for k, v in flat.items() if v != defaults[k]} == DETECTION_CONFIGS[name]
