@@ -6,10 +6,11 @@ Model modules register factory functions with `@register_model(...)`; importing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 
@@ -59,6 +60,26 @@ def register_model(
         return factory
 
     return decorator
+
+
+def unregister_model(name: str) -> ModelInfo:
+    """Removes `name` from the registry and returns its entry (a ValueError if unknown)."""
+    info = _lookup(name)
+    del _REGISTRY[name]
+    return info
+
+
+@contextlib.contextmanager
+def registered_model(
+    name: str, factory: Callable[..., nn.Module], **info
+) -> Iterator[ModelInfo]:
+    """Registers `factory` under `name` (keywords as for `register_model`) for the `with` block
+    only, e.g. a test-only model that must not stay in `list_models()` for later tests."""
+    register_model(name, **info)(factory)
+    try:
+        yield _REGISTRY[name]
+    finally:
+        _REGISTRY.pop(name, None)
 
 
 def _lookup(name: str) -> ModelInfo:

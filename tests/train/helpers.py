@@ -52,10 +52,24 @@ class TinyNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
-if TINY_MODEL not in registry._REGISTRY:
-    registry.register_model(
-        TINY_MODEL, input_shape=IMAGE_SHAPE, min_input_size=3, num_classes=NUM_CLASSES
-    )(lambda **kw: TinyNet(**kw))
+def _tiny_factory(**kwargs) -> TinyNet:
+    return TinyNet(**kwargs)
+
+
+#: Registry entry of the test-only model: registered per test (`install_fake_pipeline`,
+#: `tiny_model_registered`), never at import, so it cannot leak into `list_models()` (the zoo).
+TINY_MODEL_INFO = {"input_shape": IMAGE_SHAPE, "min_input_size": 3, "num_classes": NUM_CLASSES}
+
+
+def tiny_model_registered():
+    """A `with` block in which `TINY_MODEL` is registered (e.g. a subprocess script)."""
+    return registry.registered_model(TINY_MODEL, _tiny_factory, **TINY_MODEL_INFO)
+
+
+def register_tiny_model(monkeypatch) -> None:
+    """Registers `TINY_MODEL` until the test ends (undone with the test's `monkeypatch`)."""
+    info = registry.ModelInfo(TINY_MODEL, _tiny_factory, IMAGE_SHAPE, 3, NUM_CLASSES, "test-only")
+    monkeypatch.setitem(registry._REGISTRY, TINY_MODEL, info)
 
 
 def _examples(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +140,11 @@ def fake_pipeline_module() -> types.ModuleType:
 
 
 def install_fake_pipeline(monkeypatch) -> None:
-    """Routes `from cnnjax.data import pipeline` to the synthetic source for this test."""
+    """Routes `from cnnjax.data import pipeline` to the synthetic source and registers
+    `TINY_MODEL`, both for this test only."""
     import cnnjax.data
 
+    register_tiny_model(monkeypatch)
     module = fake_pipeline_module()
     monkeypatch.setitem(sys.modules, "cnnjax.data.pipeline", module)
     monkeypatch.setattr(cnnjax.data, "pipeline", module, raising=False)

@@ -170,4 +170,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with helpers.tiny_model_registered():
+        main()

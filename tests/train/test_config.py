@@ -101,6 +101,7 @@ def test_unknown_model_lists_names(tmp_path):
 def test_unknown_dataset_message(tmp_path, monkeypatch):
     """With the real data pipeline: an unknown dataset name is refused, listing the valid ones."""
     monkeypatch.undo()  # drop the synthetic pipeline
+    helpers.register_tiny_model(monkeypatch)  # undo() unregistered it too
     import cnnjax.data.pipeline as pipeline
 
     assert loop is not None and pipeline.get_dataset_info  # the real module, not the fake
@@ -169,12 +170,39 @@ def test_input_too_small_for_a_pooling_function_names_what_fed_it():
 
 
 _COLLAPSING = "test_collapsing_convnet"
-if _COLLAPSING not in registry._REGISTRY:
-    registry.register_model(_COLLAPSING, input_shape=(16, 16, 1), min_input_size=1,
-                            num_classes=4)(lambda **kw: _ValidConvNet(**kw))
 
 
-def test_input_too_small_is_refused_by_the_loop_before_compiling(tmp_path):
+@pytest.fixture
+def collapsing_model():
+    """Registers the test-only `_COLLAPSING` model for one test: it must never reach the zoo
+    list (`list_models()`) of tests that run later in the same session."""
+    with registry.registered_model(_COLLAPSING, lambda **kw: _ValidConvNet(**kw),
+                                   input_shape=(16, 16, 1), min_input_size=1, num_classes=4):
+        yield _COLLAPSING
+
+
+def test_test_models_are_registered_only_during_their_tests(collapsing_model):
+    assert {collapsing_model, helpers.TINY_MODEL} <= set(registry.list_models())
+
+
+def test_test_models_are_gone_after_their_tests():
+    """Runs after the test above (file order): what it registered is gone; TINY_MODEL is
+    registered by this module's autouse fixture and goes with its monkeypatch."""
+    assert _COLLAPSING not in registry.list_models()
+
+
+def test_registered_model_unregisters_even_when_the_block_fails():
+    with pytest.raises(RuntimeError), registry.registered_model(
+        "test_temporary", lambda **kw: _ValidConvNet(**kw), input_shape=(8, 8, 1)
+    ) as info:
+        assert registry.model_info("test_temporary") is info
+        raise RuntimeError("boom")
+    assert "test_temporary" not in registry.list_models()
+    with pytest.raises(ValueError, match="unknown model name='test_temporary'"):
+        registry.unregister_model("test_temporary")
+
+
+def test_input_too_small_is_refused_by_the_loop_before_compiling(tmp_path, collapsing_model):
     """Registry minimum 1 passes; the abstract trace finds the layer (8 -> 4 -> 2 -> conv2)."""
     _raises(
         helpers.tiny_config(model=_COLLAPSING),
@@ -195,6 +223,7 @@ def test_input_below_registry_minimum(tmp_path):
 def test_missing_dataset_is_recorded_in_summary(tmp_path, monkeypatch):
     """A catalogue dataset that is not prepared: FileNotFoundError, status 'failed' on disk."""
     monkeypatch.undo()  # the real pipeline
+    helpers.register_tiny_model(monkeypatch)  # undo() unregistered it too
     from cnnjax.data.pipeline import default_data_config
 
     config = helpers.tiny_config()
@@ -297,8 +326,9 @@ def _unknown_kwarg():
         (_unknown_kwarg, "does not accept them"),
     ],
 )
-def test_check_config_refuses_what_the_loop_refuses_with_the_same_message(tmp_path, make,
-                                                                         message):
+def test_check_config_refuses_what_the_loop_refuses_with_the_same_message(
+    tmp_path, make, message, collapsing_model
+):
     """`check_config` is the loop's own pre-compilation check: same errors, no workdir output
     (the schedule is checked before config.json is written, not when training starts)."""
     from cnnjax.train.config import check_config

@@ -51,6 +51,7 @@ def _pipeline() -> types.ModuleType:
 def _install(monkeypatch):
     import cnnjax.data
 
+    helpers.register_tiny_model(monkeypatch)
     module = _pipeline()
     monkeypatch.setitem(sys.modules, "cnnjax.data.pipeline", module)
     monkeypatch.setattr(cnnjax.data, "pipeline", module, raising=False)

@@ -251,6 +251,7 @@ def test_eval_with_the_real_pipeline_counts_every_example_once(tmp_path, monkeyp
     """27 eval examples in batches of 8 (last one padded by 5): the run's final eval equals a
     float64 NumPy evaluation of the final params on the 27 examples, unpadded."""
     monkeypatch.undo()  # the real cnnjax.data.pipeline, on its in-memory `fake` dataset
+    helpers.register_tiny_model(monkeypatch)  # undo() unregistered it too
     from cnnjax.data import pipeline
     from cnnjax.data.pipeline import default_data_config, eval_batches
     from cnnjax.models import create_model
