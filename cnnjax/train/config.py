@@ -134,13 +134,15 @@ def default_config() -> ml_collections.ConfigDict:
             # Which of its checkpoints; None: its best one by the source run's best_metric among
             # the kept checkpoints that were evaluated (metrics.jsonl), else its latest.
             "step": ml_collections.FieldReference(None, field_type=int),
-            # Top-level param/batch_stats subtree names NOT loaded (kept freshly initialized):
-            # the classifier `head` by default, so a different num_classes works.
+            # Module names (top-level or nested) whose params/batch_stats are NOT loaded (kept
+            # freshly initialized): the classifier `head` by default, so a different num_classes
+            # works; nested `head`s included (GoogLeNet's aux1/head, aux2/head).
             "exclude": ("head",),
         }
     )
     # None: train every parameter. 'backbone': train only the head (the top-level modules in
-    # cnnjax.models.heads.HEAD_MODULES, i.e. `head`; FCN's score/upsampling layers), i.e. a
+    # cnnjax.models.heads.HEAD_MODULES, i.e. `head`; FCN's score/upsampling layers; and nested
+    # `head`s: GoogLeNet's auxiliary classifiers' aux1/head, aux2/head), i.e. a
     # linear probe: every other parameter, BatchNorm scale/bias included, gets an exactly zero
     # update (optax.set_to_zero via heads.freeze_backbone). Backbone BatchNorm *running
     # statistics* are not frozen: the train step runs the model in train mode, so BatchNorm

@@ -312,17 +312,26 @@ class _Run:
         finally:
             source.close()
 
-        def top_level(tree: dict) -> set[str]:
-            return {p[0] for c in WARM_START_COLLECTIONS for p in _leaf_paths(tree.get(c))}
+        def modules(tree: dict) -> set[tuple[str, ...]]:
+            """Paths of every module (top-level and nested) holding a leaf of `tree`."""
+            return {
+                p[:i]
+                for c in WARM_START_COLLECTIONS
+                for p in _leaf_paths(tree.get(c))
+                for i in range(1, len(p))
+            }
 
-        model_modules = top_level(self.variable_shapes)
-        fresh = sorted(model_modules - top_level(loaded))
-        unmatched = set(init_from.exclude) - model_modules
+        model_modules = modules(self.variable_shapes)
+        unloaded = model_modules - modules(loaded)
+        # The outermost modules nothing was loaded into, e.g. ['aux1/head', 'aux2/head', 'head'].
+        fresh = sorted("/".join(m) for m in unloaded if m[:-1] not in unloaded)
+        unmatched = set(init_from.exclude) - {m[-1] for m in model_modules}
         if unmatched:
             logging.warning(
                 "init_from.exclude names %s, which model %r does not have (its top-level "
                 "modules: %s).",
-                sorted(unmatched), self.config.model, sorted(model_modules),
+                sorted(unmatched), self.config.model,
+                sorted(m[0] for m in model_modules if len(m) == 1),
             )
         record = {
             "workdir": source.workdir,

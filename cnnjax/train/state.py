@@ -83,10 +83,12 @@ def select_pretrained(
     """Which source leaves a warm start loads: `{collection: nested dict of source shapes}`.
 
     `new_shapes` / `source_shapes` map each of `WARM_START_COLLECTIONS` to a nested dict of
-    shaped leaves (the new model's `jax.eval_shape` of init; the checkpoint's metadata). Every
-    leaf of the new model whose top-level module name is not in `exclude` must exist in the
-    source with the same shape; leaves under `exclude` are not loaded (they stay freshly
-    initialized) and source leaves the new model lacks are ignored. Raises a ValueError naming
+    shaped leaves (the new model's `jax.eval_shape` of init; the checkpoint's metadata). Leaves
+    inside a module named in `exclude`, at the top level or nested, are not loaded (they stay
+    freshly initialized): the default ('head',) also covers GoogLeNet's auxiliary classifiers'
+    own heads `aux1/head`, `aux2/head`, whose shapes depend on num_classes like `head`'s. Every
+    other leaf of the new model must exist in the source with the same shape; source leaves the
+    new model lacks are ignored. Raises a ValueError naming
     the first missing or mis-shaped leaf; if `source_model` differs from `model`, the error says
     the architectures differ instead.
     """
@@ -99,7 +101,7 @@ def select_pretrained(
         src_flat = flatten_dict(dict(source_shapes.get(collection) or {}))
         chosen = {}
         for path, leaf in new_flat.items():
-            if path[0] in excluded:
+            if any(module in excluded for module in path[:-1]):  # top-level or nested module
                 continue
             name = "/".join((collection, *path))
             if path not in src_flat:
@@ -160,8 +162,9 @@ def freeze_optimizer(
 ) -> optax.GradientTransformation:
     """`tx` for `config.freeze`: None returns it unchanged; 'backbone' trains only the head.
 
-    'backbone' wraps `tx` with `cnnjax.models.heads.freeze_backbone`: the top-level modules in
-    `heads.HEAD_MODULES` (`head`; FCN's score/upsampling layers) get `tx`'s updates, every other
+    'backbone' gives `tx`'s updates to the leaves of `trainable_heads` (the top-level modules in
+    `heads.HEAD_MODULES`: `head`, FCN's score/upsampling layers; and nested `head` modules:
+    GoogLeNet's auxiliary classifiers' `aux1/head`, `aux2/head`), every other
     parameter (BatchNorm scale/bias included) an exactly zero update, so it stays bitwise equal
     to its initial (e.g. warm-started) value. Frozen BatchNorm *statistics*: not frozen — the
     train step runs the model in train mode, so backbone BatchNorm layers normalize with batch
@@ -175,6 +178,24 @@ def freeze_optimizer(
             "config", "freeze", freeze,
             "expected None (train every parameter) or 'backbone' (train only the head)",
         )
-    from cnnjax.models.heads import freeze_backbone  # deferred: imports the model registry
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_heads(params))
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
-    return freeze_backbone(tx, params)
+
+def trainable_heads(params: Any) -> Any:
+    """The `freeze='backbone'` mask (a pytree of bools like `params`): True for the head modules
+    (`heads.trainable_mask`: `head`, FCN's score/upsampling layers) and for every nested module
+    named `head`, i.e. GoogLeNet's auxiliary classifiers' final layers `aux1/head`, `aux2/head`.
+
+    Those are classifier heads too: their shape follows num_classes, a warm start leaves them
+    freshly initialized (`init_from.exclude` ('head',)), so frozen they would stay random and
+    their `aux_loss_weight`-weighted losses would be noise. Trained (as PyTorch's Inception
+    fine-tuning recipe does with `AuxLogits.fc`), they are fitted on the frozen features; the
+    rest of each auxiliary branch (conv, fc) is backbone and frozen. The main head's updates are
+    the same either way (separate parameters; backbone gradients are zeroed).
+    """
+    from cnnjax.models.heads import trainable_mask  # deferred: imports the model registry
+
+    top_level = flatten_dict(dict(trainable_mask(params)))
+    return unflatten_dict({path: bool(top or "head" in path[1:-1])
+                           for path, top in top_level.items()})

@@ -481,3 +481,34 @@ def test_fine_tune_through_the_experiment_script(tmp_path):
     assert summary["status"] == "completed" and summary["final_eval"]["top1"] > 0.5
     config = json.loads((fine_tune / "config.json").read_text())
     assert config["optimizer"]["learning_rate"] == 0.01
+
+
+def test_googlenet_auxiliary_heads_are_heads_for_warm_start_and_freeze():
+    """GoogLeNet with aux_logits=True, 10 -> 5 classes: the default exclude ('head',) also
+    leaves aux1/head and aux2/head (shape (1024, classes)) fresh instead of refusing the warm
+    start, and freeze='backbone' trains them with the main head; everything else in the
+    auxiliary branches (conv, fc) is loaded and frozen."""
+    import optax
+
+    from cnnjax.models import create_model
+    from cnnjax.train.state import init_variables, select_pretrained
+
+    def shapes(num_classes):
+        model = create_model("googlenet", num_classes=num_classes, aux_logits=True)
+        return jax.eval_shape(lambda r: init_variables(model, r, (1, 96, 96, 3)),
+                              jax.random.PRNGKey(0))
+
+    new = shapes(5)
+    selected = select_pretrained(new, shapes(10), ("head",), source_workdir="source",
+                                 source_step=1, model="googlenet", source_model="googlenet")
+    all_params = set(flatten_dict(new["params"]))
+    heads = {p for p in all_params if "head" in p[:-1]}
+    assert {p[:-1] for p in heads} == {("head",), ("aux1", "head"), ("aux2", "head")}
+    assert set(flatten_dict(selected["params"])) == all_params - heads
+    assert ("aux1", "fc", "kernel") in all_params - heads  # the branch itself is loaded
+
+    params = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), new["params"])
+    tx = freeze_optimizer(optax.sgd(1.0), params, "backbone")
+    updates, _ = tx.update(params, tx.init(params), params)
+    trained = {p for p, u in flatten_dict(updates).items() if np.any(np.asarray(u) != 0)}
+    assert trained == heads
