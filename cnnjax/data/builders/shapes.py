@@ -81,6 +81,22 @@ def generate(split: str):
                   "objects": {"bbox": bbox[None], "label": np.array([label])}}
 
 
+def _features(image_size: int) -> tfds.features.FeaturesDict:
+    """Both builders' features: an RGB image, its label and every shape's box and class."""
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(image_size, image_size, 3), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+            "objects": tfds.features.Sequence(
+                {
+                    "bbox": tfds.features.BBoxFeature(),
+                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                }
+            ),
+        }
+    )
+
+
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """tfds builder for synthetic one-shape images (registered as `shapes`)."""
 
@@ -91,19 +107,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
-                                                 dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                    "objects": tfds.features.Sequence(
-                        {
-                            "bbox": tfds.features.BBoxFeature(),
-                            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                        }
-                    ),
-                }
-            ),
+            features=_features(IMAGE_SIZE),
             supervised_keys=("image", "label"),
         )
 
@@ -181,19 +185,7 @@ class ShapesMulti(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=render_multi.__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(MULTI_IMAGE_SIZE, MULTI_IMAGE_SIZE, 3),
-                                                 dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                    "objects": tfds.features.Sequence(
-                        {
-                            "bbox": tfds.features.BBoxFeature(),
-                            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                        }
-                    ),
-                }
-            ),
+            features=_features(MULTI_IMAGE_SIZE),
             supervised_keys=("image", "label"),
         )
 
