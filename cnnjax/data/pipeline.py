@@ -5,7 +5,9 @@ config, `seed` and `k` (and the process layout). Epoch `e = k // steps_per_epoch
 split with a seed derived from `(seed, e)`, and every random augmentation draws from a stateless
 seed derived from `(seed, e, process_index, position in the epoch)`, so `start_step=k` replays
 the same batches an uninterrupted run would see. Each epoch has
-`steps_per_epoch = num_train // global_batch_size` steps; the remainder is dropped.
+`steps_per_epoch = num_train // global_batch_size` steps; the remainder is dropped. This scheme
+is `epoch_dataset`, which takes the per-example `preprocess` (classification: augment + label;
+`detection.py`: flip + boxes), so every training pipeline shuffles, seeds and resumes alike.
 
 `eval_batches` is one pass over the eval split; the last batch is padded and carries a `mask`.
 
