@@ -513,3 +513,42 @@ def test_timeout_message_when_processes_are_missing():
         "processes joined within 5 s. Check that every process was started (SLURM_NTASKS / "
         "JAX_NUM_PROCESSES) and that each can reach the coordinator."
     )
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_checkpointed_step(tmp_path):
+    """Only process 1 gets SIGTERM (as when one node is preempted first): the flags are agreed
+    at the next log step, so neither hangs in a collective; both save that step and exit 143,
+    and the rerun resumes from it."""
+    steps = 400
+    flags = [f for f in FLAGS if not f.startswith(("--config.num_train_steps",
+                                                   "--config.checkpoint_every_steps"))]
+    flags += [f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=1000"]
+    workdir, job_id = tmp_path / "job", free_slurm_job_id()
+    job = launch_two_processes(workdir, job_id, tmp_path, "term", flags=flags)
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and all(p.poll() is None for p in job.procs):
+            if metrics.exists() and '"train"' in metrics.read_text():
+                break
+            time.sleep(0.02)
+        job.procs[1].send_signal(signal.SIGTERM)
+        assert job.wait() == [143, 143], job.tails()
+    finally:
+        job.kill()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    step = summary["checkpoint_step"]
+    assert step % LOG_EVERY == 0 and step < steps, "the job finished before it was stopped"
+    assert sorted(int(n) for n in os.listdir(workdir / "checkpoints")) == [step]
+    assert all(f"Training stopped by SIGTERM at step {step}" in log.read_text()
+               for log in job.logs)
+
+    rerun = launch_two_processes(workdir, job_id, tmp_path, "term_rerun", flags=flags)
+    try:
+        assert rerun.wait() == [0, 0], rerun.tails()
+    finally:
+        rerun.kill()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == step
