@@ -402,16 +402,25 @@ def test_batchnorm_statistics_are_synced_across_processes(tmp_path):
     stats_diff = _max_abs_diff({k: ref_state[k] for k in stats}, {k: state[k] for k in stats})
     params = sorted(k for k in state if k.startswith("/params/"))
     params_diff = _max_abs_diff({k: ref_state[k] for k in params}, {k: state[k] for k in params})
-    diff = _max_abs_diff(ref_state, state)
+    opt = [k for k in state if k.startswith("/opt_state/") and np.size(state[k])]
+    opt_rel_diff = max(
+        float(np.max(np.abs(ref_state[k] - state[k]))) / max(float(np.max(np.abs(ref_state[k]))),
+                                                           1e-30)
+        for k in opt
+    )
     print(
         f"BatchNorm job: max diff vs 1 process: batch_stats {stats_diff:.3g}, params "
-        f"{params_diff:.3g}, all incl. opt_state {diff:.3g}; wall reference "
-        f"{reference_wall:.1f} s, job {job_wall:.1f} s"
+        f"{params_diff:.3g}, opt_state (relative to each leaf's max) {opt_rel_diff:.3g}; wall "
+        f"reference {reference_wall:.1f} s, job {job_wall:.1f} s"
     )
-    # Summation order only, as for LeNet-5 above (measured: 4.8e-7, 1.5e-8, 3.9e-6).
+    # Summation order only, as for LeNet-5 above. Measured on an AVX2 machine: 4.8e-7, 1.5e-8
+    # and 3.9e-6 absolute for opt_state; on an AVX-512 one 8.3e-7, 3.0e-8 and 2.7e-4 absolute
+    # (3.6e-4 relative: the momentum of conv kernels sums gradients over 16x32x32 positions
+    # whose order differs between 4 local devices and 2 processes x 2). Statistics synced only
+    # within each process differ by 0.049, far above these bounds.
     assert stats_diff < 1e-5
     assert params_diff < 1e-5
-    assert diff < 1e-5
+    assert opt_rel_diff < 2e-3
     ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["num_devices"] == ref_summary["num_devices"] == 4
