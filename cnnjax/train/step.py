@@ -50,20 +50,9 @@ def train_step(
     dropout_rng = _step_rng(state, axis_name)
 
     def loss_fn(params):
-        variables = {"params": params}
-        mutable: list[str] | bool = False
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-            mutable = ["batch_stats"]
-        with conv_impl_context(conv_impl):
-            out = model.apply(
-                variables,
-                batch["image"],
-                train=True,
-                mutable=mutable,
-                rngs={"dropout": dropout_rng},
-            )
-        outputs, updates = out if mutable else (out, {})
+        outputs, updates = _apply_training(
+            model, state, params, (batch["image"],), {"dropout": dropout_rng}, conv_impl
+        )
         logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
         loss = jnp.mean(per_example["loss"])
@@ -105,6 +94,28 @@ def _apply_gradients(
     return new_state, metrics
 
 
+def _apply_training(
+    model: nn.Module,
+    state: TrainState,
+    params: Any,
+    args: tuple,
+    rngs: dict,
+    conv_impl: str,
+    method: str | None = None,
+) -> tuple[Any, dict]:
+    """`model.apply(..., train=True)` with `params`; returns `(outputs, updates)`, where `updates`
+    holds the new BatchNorm statistics (empty for a model without any)."""
+    variables = {"params": params}
+    mutable: list[str] | bool = False
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+        mutable = ["batch_stats"]
+    kwargs = {} if method is None else {"method": method}
+    with conv_impl_context(conv_impl):
+        out = model.apply(variables, *args, train=True, mutable=mutable, rngs=rngs, **kwargs)
+    return out if mutable else (out, {})
+
+
 def _step_rng(state: TrainState, axis_name: str) -> jax.Array:
     """This step's and this device's key: `(rng, step, device)`, never carried host state."""
     return jax.random.fold_in(
@@ -132,24 +143,15 @@ def detection_train_step(
     rng = _step_rng(state, axis_name)
 
     def loss_fn(params):
-        variables = {"params": params}
-        mutable: list[str] | bool = False
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-            mutable = ["batch_stats"]
-        with conv_impl_context(conv_impl):
-            out = model.apply(
-                variables,
-                batch["image"],
-                batch["boxes"],
-                batch["labels"],
-                batch["box_valid"],
-                train=True,
-                method="loss",
-                mutable=mutable,
-                rngs={"dropout": rng, "sample": jax.random.fold_in(rng, 1)},
-            )
-        (loss, terms), updates = out if mutable else (out, {})
+        (loss, terms), updates = _apply_training(
+            model,
+            state,
+            params,
+            (batch["image"], batch["boxes"], batch["labels"], batch["box_valid"]),
+            {"dropout": rng, "sample": jax.random.fold_in(rng, 1)},
+            conv_impl,
+            method="loss",
+        )
         return loss, (terms, updates)
 
     grads, (terms, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
