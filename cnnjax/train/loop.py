@@ -351,19 +351,22 @@ class _Run:
         return loaded, record
 
     # --------------------------------------------------------------------------------- eval
-    def evaluate(self, state: Any, p_eval) -> dict:
-        """Metrics over the whole eval split: masked sums over all batches, divided once."""
-        if self.task == "detection":
-            return self.evaluate_detection(state, p_eval)
-        totals: dict[str, float] = {}
-        batches = self.pipeline.eval_batches(
+    def eval_batches(self) -> Iterator[dict]:
+        """One pass over this process's share of the eval split, padded batches masked."""
+        return self.pipeline.eval_batches(
             self.config.data,
             global_batch_size=self.eval_batch_size,
             num_devices=self.parallel.local_device_count,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        for batch in batches:
+
+    def evaluate(self, state: Any, p_eval) -> dict:
+        """Metrics over the whole eval split: masked sums over all batches, divided once."""
+        if self.task == "detection":
+            return self.evaluate_detection(state, p_eval)
+        totals: dict[str, float] = {}
+        for batch in self.eval_batches():
             sums = self.parallel.metrics_to_host(p_eval(state, self.parallel.shard_batch(batch)))
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
@@ -378,14 +381,7 @@ class _Run:
         from cnnjax.detection.evaluation import DetectionEvaluator
 
         evaluator = DetectionEvaluator(self.num_classes)
-        batches = self.pipeline.eval_batches(
-            self.config.data,
-            global_batch_size=self.eval_batch_size,
-            num_devices=self.parallel.local_device_count,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        for batch in batches:
+        for batch in self.eval_batches():
             images = self.parallel.shard_batch({"image": batch["image"]})
             detections = self.parallel.outputs_to_host(p_predict(state, images))
             truth = {k: batch[k] for k in ("boxes", "labels", "box_valid", "mask")}
