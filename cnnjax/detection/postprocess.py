@@ -26,6 +26,16 @@ class Detections(NamedTuple):
     valid: jax.Array  # [..., K] bool
 
 
+def check_detection_settings(owner: str, module: Any) -> None:
+    """Checks a detector's inference fields: `nms_iou` in [0, 1], `score_threshold` in [0, 1)
+    and a positive int `max_detections` (every detector in `cnnjax.models` has all three)."""
+    check_positive_int(owner, "max_detections", module.max_detections)
+    check_number(owner, "nms_iou", module.nms_iou, "expected a number in [0, 1]", low=0.0,
+                 high=1.0)
+    check_number(owner, "score_threshold", module.score_threshold, "expected a number in [0, 1)",
+                 low=0.0, high=1.0, high_open=True)
+
+
 def batched_nms(
     boxes: Any, scores: Any, classes: Any, iou_threshold: float, max_detections: int,
     score_threshold: float = 0.0,

@@ -38,7 +38,7 @@ from cnnjax.detection.anchors import anchor_grid, anchors_inside, generate_ancho
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
-from cnnjax.detection.postprocess import Detections, batched_nms
+from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.proposals import rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.roi import roi_align
@@ -191,7 +191,7 @@ class FasterRCNN(nn.Module):
         owner = type(self).__name__
         for arg in ("num_classes", "rpn_channels", "rpn_pre_nms_train", "rpn_post_nms_train",
                     "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_size", "roi_samples",
-                    "roi_size", "head_features", "max_detections"):
+                    "roi_size", "head_features"):
             check_positive_int(owner, arg, getattr(self, arg))
         try:
             ok = len(self.backbone_stages) > 0
@@ -200,10 +200,7 @@ class FasterRCNN(nn.Module):
         if not ok:
             raise invalid(owner, "backbone_stages", self.backbone_stages,
                           "expected a non-empty sequence of stages (each a sequence of widths)")
-        check_number(owner, "nms_iou", self.nms_iou, "expected a number in [0, 1]", low=0.0,
-                      high=1.0)
-        check_number(owner, "score_threshold", self.score_threshold,
-                     "expected a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+        check_detection_settings(owner, self)
         check_number(owner, "rpn_min_size", self.rpn_min_size, "expected a finite number >= 0",
                      low=0.0, high_open=True)
         generate_anchors(self.stride, self.anchor_ratios, self.anchor_scales)  # checks both

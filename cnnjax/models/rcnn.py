@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.detection.postprocess import Detections
+from cnnjax.detection.postprocess import Detections, check_detection_settings
 from cnnjax.layers.roi import roi_align
 from cnnjax.models.faster_rcnn import (
     BoxHead,
@@ -40,7 +40,7 @@ from cnnjax.models.faster_rcnn import (
 )
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import VGGFeatures
-from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
+from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
 
 Array = Any
 
@@ -73,7 +73,7 @@ def _check_common(module: Any) -> None:
     """The hyperparameter checks R-CNN and Fast R-CNN share (a function: flax wraps methods,
     and these run in `__post_init__`, before the module is bound)."""
     owner = type(module).__name__
-    for arg in ("num_classes", "proposal_stride", "roi_samples", "max_detections"):
+    for arg in ("num_classes", "proposal_stride", "roi_samples"):
         check_positive_int(owner, arg, getattr(module, arg))
     try:
         ok = len(module.proposal_sizes) > 0 and all(
@@ -84,10 +84,7 @@ def _check_common(module: Any) -> None:
     if not ok:
         raise invalid(owner, "proposal_sizes", module.proposal_sizes,
                       "expected a non-empty sequence of positive ints (window sides, px)")
-    check_number(owner, "nms_iou", module.nms_iou, "expected a number in [0, 1]", low=0.0,
-                 high=1.0)
-    check_number(owner, "score_threshold", module.score_threshold,
-                 "expected a number in [0, 1)", low=0.0, high=1.0, high_open=True)
+    check_detection_settings(owner, module)
 
 
 class _ProposalDetector(nn.Module):

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.detection.postprocess import Detections, batched_nms
+from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.yolo import yolo_v1_loss_terms, yolo_v1_targets
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
@@ -114,16 +114,12 @@ class YOLOv1(nn.Module):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         _check_layers(owner, self.layers)
-        for arg in ("num_classes", "grid_size", "boxes_per_cell", "hidden_features",
-                    "max_detections"):
+        for arg in ("num_classes", "grid_size", "boxes_per_cell", "hidden_features"):
             check_positive_int(owner, arg, getattr(self, arg))
         check_dropout_rate(owner, self.dropout_rate)
         check_number(owner, "negative_slope", self.negative_slope, "expected a number in [0, 1]",
                      low=0.0, high=1.0)
-        check_number(owner, "nms_iou", self.nms_iou, "expected a number in [0, 1]", low=0.0,
-                     high=1.0)
-        check_number(owner, "score_threshold", self.score_threshold, "expected a number in [0, 1)",
-                     low=0.0, high=1.0, high_open=True)
+        check_detection_settings(owner, self)
         if not isinstance(self.batch_norm, bool):
             raise invalid(owner, "batch_norm", self.batch_norm, "expected a bool")
         super().__post_init__()
