@@ -123,8 +123,10 @@ def trainable_mask(
     """A pytree of bools like `params`: True for leaves to train.
 
     With `train_backbone=False` only the top-level submodules named in `head_names` (the
-    classifier `head`; FCN's score/upsampling layers) are trainable; with True every leaf is.
-    Use it as an optax mask (`optax.masked`) or through `freeze_backbone`.
+    classifier `head`; FCN's score/upsampling layers) and every nested module named `head` (the
+    final layers of GoogLeNet's auxiliary classifiers, `aux1/head` and `aux2/head`, whose shapes
+    follow num_classes too) are trainable; with True every leaf is. Use it as an optax mask
+    (`optax.masked`) or through `freeze_backbone`.
     """
     if not train_backbone and not any(name in params for name in head_names):
         raise invalid(
@@ -134,7 +136,7 @@ def trainable_mask(
             f"expected at least one head submodule among {list(head_names)}",
         )
     flat = flatten_dict(unfreeze(params))
-    mask = {k: bool(train_backbone or k[0] in head_names) for k in flat}
+    mask = {k: bool(train_backbone or k[0] in head_names or "head" in k[1:-1]) for k in flat}
     return unflatten_dict(mask)
 
 

@@ -183,8 +183,8 @@ def freeze_optimizer(
 
 
 def trainable_heads(params: Any) -> Any:
-    """The `freeze='backbone'` mask (a pytree of bools like `params`): True for the head modules
-    (`heads.trainable_mask`: `head`, FCN's score/upsampling layers) and for every nested module
+    """The `freeze='backbone'` mask (a pytree of bools like `params`), `heads.trainable_mask`:
+    True for the head modules (`head`, FCN's score/upsampling layers) and for every nested module
     named `head`, i.e. GoogLeNet's auxiliary classifiers' final layers `aux1/head`, `aux2/head`.
 
     Those are classifier heads too: their shape follows num_classes, a warm start leaves them
@@ -196,6 +196,4 @@ def trainable_heads(params: Any) -> Any:
     """
     from cnnjax.models.heads import trainable_mask  # deferred: imports the model registry
 
-    top_level = flatten_dict(dict(trainable_mask(params)))
-    return unflatten_dict({path: bool(top or "head" in path[1:-1])
-                           for path, top in top_level.items()})
+    return trainable_mask(params)

@@ -166,3 +166,13 @@ def test_freeze_backbone_updates_only_the_head(resnet20):
     for key, value in flatten_dict(params).items():
         changed = not np.array_equal(flatten_dict(new)[key], value)
         assert changed == (key[0] == "head"), key
+
+
+def test_trainable_mask_counts_nested_heads_as_heads():
+    # GoogLeNet's auxiliary classifiers end in `aux1/head`, `aux2/head` (shapes follow num_classes).
+    params = {"head": {"kernel": 0}, "conv": {"kernel": 0},
+              "aux1": {"fc": {"kernel": 0}, "head": {"kernel": 0, "bias": 0}}}
+    mask = flatten_dict(trainable_mask(params))
+    assert mask == {("head", "kernel"): True, ("conv", "kernel"): False,
+                    ("aux1", "fc", "kernel"): False, ("aux1", "head", "kernel"): True,
+                    ("aux1", "head", "bias"): True}
