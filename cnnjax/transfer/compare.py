@@ -232,12 +232,9 @@ def _check_configs(source: Any, target: Any) -> None:
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
     for name in _ARM_FIELDS:
-        *parents, leaf = name.split(".")
-        node = target
-        for parent in parents:
-            node = node.get(parent) or {}
-        if node.get(leaf) is not None:
-            raise invalid(_OWNER, f"target.{name}", node.get(leaf),
+        value = space_lib.get_field(target, name)
+        if value is not None:
+            raise invalid(_OWNER, f"target.{name}", value,
                           "expected None: each arm sets it (scratch: unset)")
     if source.model != target.model:
         raise invalid(_OWNER, "target.model", target.model,

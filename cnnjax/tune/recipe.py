@@ -349,7 +349,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
              row: dict, diagnosis: Diagnosis) -> _Proposal:
     """The next round the incumbent's diagnosis asks for (see the module docstring)."""
     overrides = result.overrides(row)
-    value = lambda field: overrides.get(field, _get(base, field))  # noqa: E731
+    value = lambda field: overrides.get(field, space_lib.get_field(base, field))  # noqa: E731
     lr, steps = value(LR), value(STEPS)
     verdict = diagnosis.primary
     fixed = dict(overrides)
@@ -366,14 +366,14 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
             return None
         new_steps = min(2 * steps, recipe.max_steps)
         new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
-        if _get(base, "schedule.name") == "warmup_cosine" and WARMUP in overrides:
+        if space_lib.get_field(base, "schedule.name") == "warmup_cosine" and WARMUP in overrides:
             new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
         return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
                          f"{_short(lr)}", new_fixed, LR, lrs(*lr_factors))
 
     if verdict in ("diverged", "unstable"):
         stable = {**fixed, CLIP: CLIP_NORM}
-        if _get(base, "schedule.name") == "warmup_cosine":
+        if space_lib.get_field(base, "schedule.name") == "warmup_cosine":
             stable[WARMUP] = max(value(WARMUP), round(WARMUP_FRACTION * steps))
         return _Proposal("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, "
                          f"clip gradients at {CLIP_NORM:g}", stable, LR, lrs(0.5, 1.0, 0.25))
@@ -401,7 +401,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
             (WEIGHT_DECAY, [_round(wd * f) for f in (3, 10, 30)] if wd > 0 else [1e-4, 1e-3, 1e-2]),
             (LABEL_SMOOTHING, [v for v in (0.1, 0.2, 0.05) if v != smoothing]),
         ]
-        if _has(base, AUGMENT) and not value(AUGMENT):
+        if space_lib.get_field(base, AUGMENT) is not None and not value(AUGMENT):
             knobs.append((AUGMENT, [True]))
         for field, candidates in knobs:
             if field not in swept:
@@ -712,21 +712,6 @@ def tune_figure(record: dict, ema_weight: float = 0.6):
 
 
 # -------------------------------------------------------------------------------- helpers
-def _get(config: Any, field: str) -> Any:
-    target = config
-    for name in field.split("."):
-        target = target[name]
-    return target
-
-
-def _has(config: Any, field: str) -> bool:
-    try:
-        _get(config, field)
-    except (KeyError, AttributeError, TypeError):
-        return False
-    return True
-
-
 def _tuned(overrides: Mapping[str, Any]) -> dict:
     """The overrides without the engine's runtime fields (intervals): the config that matters."""
     return {k: v for k, v in overrides.items() if k not in config_lib.RUNTIME_FIELDS}

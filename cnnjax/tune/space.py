@@ -327,6 +327,18 @@ def check_fields(base_config: Any, space: SearchSpace) -> None:
                       f"the base config has no such field ({hint})")
 
 
+def get_field(config: Any, field: str, default: Any = None) -> Any:
+    """The value at dotted `field` (`optimizer.learning_rate`) of a nested config, or `default`
+    where a part of the path is missing or not a mapping."""
+    target = config
+    for name in field.split("."):
+        try:
+            target = target[name]
+        except (KeyError, AttributeError, TypeError):
+            return default
+    return target
+
+
 def apply_overrides(base_config: Any, overrides: Mapping[str, Any]) -> Any:
     """A deep copy of `base_config` with each dotted field set (types checked by ConfigDict)."""
     config = copy.deepcopy(base_config)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.models import registry
+from cnnjax.tune.space import apply_overrides
 
 TINY_MODEL = "test_tiny_bn_cnn"
 IMAGE_SHAPE = (8, 8, 1)
@@ -168,10 +169,4 @@ def tiny_config(**overrides):
     config.progress_bar = False
     config.tensorboard = False
     config.async_checkpoints = False
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return apply_overrides(config, overrides)

@@ -14,6 +14,7 @@ import pytest
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer
 from cnnjax.train.config import default_config, model_kwargs_config
+from cnnjax.tune.space import apply_overrides
 from tests.train import helpers
 
 SIZE, CLASSES, MAX_BOXES = 16, 3, 2
@@ -101,13 +102,7 @@ def _config(**overrides):
     config.progress_bar = False
     config.tensorboard = False
     config.async_checkpoints = False
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return apply_overrides(config, overrides)
 
 
 def test_detection_run_reports_map(tmp_path):
