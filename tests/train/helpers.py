@@ -8,14 +8,17 @@ tested independently of tfds; batch k is a pure function of (seed, k), like the 
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import types
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.models import registry
+from cnnjax.train.parallel import DataParallel
 from cnnjax.tune.space import apply_overrides
 
 TINY_MODEL = "test_tiny_bn_cnn"
@@ -170,3 +173,29 @@ def tiny_config(**overrides):
     config.tensorboard = False
     config.async_checkpoints = False
     return apply_overrides(config, overrides)
+
+
+def record_initial_states(monkeypatch) -> list:
+    """Patches `DataParallel.replicate` to record (as NumPy) the host state each run hands to the
+    devices, i.e. its state at step 0 or at resume; returns the list it appends to."""
+    seen: list = []
+    original = DataParallel.replicate
+
+    def spy(self, tree):
+        seen.append(jax.tree.map(np.array, tree))
+        return original(self, tree)
+
+    monkeypatch.setattr(DataParallel, "replicate", spy)
+    return seen
+
+
+def finished_run_files(workdir: str) -> dict:
+    """(mtime_ns, bytes) of a finished run's outputs and its checkpoint steps: unchanged unless
+    something reran or touched it."""
+    state = {}
+    for name in ("summary.json", "metrics.jsonl", "trial.json", "config.json"):
+        path = os.path.join(workdir, name)
+        with open(path, "rb") as f:
+            state[name] = (os.stat(path).st_mtime_ns, f.read())
+    state["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    return state

@@ -20,7 +20,6 @@ from flax.traverse_util import flatten_dict
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer, SourceCheckpoints
 from cnnjax.train.config import default_config, incompatible_fields, validate_config
-from cnnjax.train.parallel import DataParallel
 from cnnjax.train.state import freeze_optimizer
 from tests.train import helpers
 
@@ -94,15 +93,7 @@ def _flat(tree):
 @pytest.fixture
 def initial_states(monkeypatch):
     """Records the host state each run hands to the devices (its state at step 0 / resume)."""
-    seen = []
-    original = DataParallel.replicate
-
-    def spy(self, tree):
-        seen.append(jax.tree.map(np.array, tree))
-        return original(self, tree)
-
-    monkeypatch.setattr(DataParallel, "replicate", spy)
-    return seen
+    return helpers.record_initial_states(monkeypatch)
 
 
 def _no_compilation(monkeypatch):

@@ -9,13 +9,11 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 from ml_collections import config_dict
 
 import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
-from cnnjax.train.parallel import DataParallel
 from cnnjax.transfer import compare
 from cnnjax.tune import sweep
 from tests.train import helpers
@@ -53,29 +51,10 @@ def _json(path):
         return json.load(f)
 
 
-def _files_state(workdir):
-    """(mtime_ns, bytes) of a finished run's outputs: unchanged unless something reran it."""
-    state = {}
-    for name in ("summary.json", "metrics.jsonl", "trial.json", "config.json"):
-        path = os.path.join(workdir, name)
-        with open(path, "rb") as f:
-            state[name] = (os.stat(path).st_mtime_ns, f.read())
-    state["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    return state
-
-
 @pytest.fixture
 def initial_states(monkeypatch):
     """Records the host state each run hands to the devices (its state at step 0 / resume)."""
-    seen = []
-    original = DataParallel.replicate
-
-    def spy(self, tree):
-        seen.append(jax.tree.map(np.array, tree))
-        return original(self, tree)
-
-    monkeypatch.setattr(DataParallel, "replicate", spy)
-    return seen
+    return helpers.record_initial_states(monkeypatch)
 
 
 def test_pretrained_arms_start_from_the_source_weights_and_scratch_does_not(
@@ -202,12 +181,13 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert [(t["arm"], t["status"], t["steps"]) for t in table] == [
         ("scratch", "completed", "12"), ("finetune", "interrupted", "4"),
         ("linear_probe", "pending", "0")]
-    finished = {name: _files_state(os.path.join(out, "trials", name))
+    finished = {name: helpers.finished_run_files(os.path.join(out, "trials", name))
                 for name in ("source", "8-scratch-s0")}
 
     rows = _run(tmp_path)
     assert all(r["status"] == "completed" for r in rows)
-    assert {n: _files_state(os.path.join(out, "trials", n)) for n in finished} == finished
+    files = helpers.finished_run_files
+    assert {n: files(os.path.join(out, "trials", n)) for n in finished} == finished
     resumed = _json(os.path.join(out, "trials", "8-finetune-s0", "summary.json"))
     assert resumed["resumed_from_step"] == 4 and resumed["step"] == 12
     assert _json(os.path.join(out, "trials", "8-finetune-s0", "trial.json"))["invocations"] == 2
@@ -232,11 +212,11 @@ def test_failed_run_is_recorded_the_rest_continue_and_a_rerun_retries_it(tmp_pat
     assert rows[2]["reason"] == "RuntimeError: out of memory (stand-in)"
     with open(os.path.join(rows[2]["workdir"], "error.log")) as f:
         assert "Traceback" in f.read()
-    before = _files_state(rows[1]["workdir"])
+    before = helpers.finished_run_files(rows[1]["workdir"])
     rows = _run(tmp_path, budgets=(4, 8))
     assert all(r["status"] == "completed" for r in rows)
     assert _json(os.path.join(rows[2]["workdir"], "trial.json"))["invocations"] == 2
-    assert _files_state(rows[1]["workdir"]) == before
+    assert helpers.finished_run_files(rows[1]["workdir"]) == before
 
 
 def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):

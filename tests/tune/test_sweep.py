@@ -66,17 +66,6 @@ def _best_from_metrics(workdir, metric="top1"):
     return max(r[metric] for r in evals)
 
 
-def _files_state(workdir):
-    """(mtime_ns, bytes) of a finished trial's outputs: unchanged unless something reran it."""
-    state = {}
-    for name in ("summary.json", "metrics.jsonl", "trial.json", "config.json"):
-        path = os.path.join(workdir, name)
-        with open(path, "rb") as f:
-            state[name] = (os.stat(path).st_mtime_ns, f.read())
-    state["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    return state
-
-
 def test_lenet_digits_sweep_ranks_trials_and_records_divergence(tmp_path, capsys):
     """Three real LeNet-5/digits trials: a good lr, a far too small one, and lr=1000 which
     diverges; the diverged trial is recorded and the sweep goes on to the next one."""
@@ -129,20 +118,21 @@ def test_rerun_skips_finished_trials_and_runs_the_rest(tmp_path, monkeypatch):
     assert [r["status"] for r in sorted(rows, key=lambda r: r["index"])] == [
         "completed", "pending", "pending"]
     first = sw.trial_workdir(sweep_dir, space.trials[0])
-    before = _files_state(first)
+    before = helpers.finished_run_files(first)
     assert [row["status"] for row in _csv_rows(sweep_dir)] == ["completed", "pending", "pending"]
 
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     assert all(r["status"] == "completed" for r in rows)
-    assert _files_state(first) == before  # not rerun, not even touched
+    assert helpers.finished_run_files(first) == before  # not rerun, not even touched
     for trial in space.trials[1:]:
         summary = _json(os.path.join(sw.trial_workdir(sweep_dir, trial), "summary.json"))
         assert summary["status"] == "completed" and summary["resumed_from_step"] == 0
     # A third run trains nothing; max_trials=0 only rebuilds the table.
-    states = [_files_state(sw.trial_workdir(sweep_dir, t)) for t in space.trials]
+    states = [helpers.finished_run_files(sw.trial_workdir(sweep_dir, t)) for t in space.trials]
     assert sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False) == rows
     sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
-    assert [_files_state(sw.trial_workdir(sweep_dir, t)) for t in space.trials] == states
+    files = helpers.finished_run_files
+    assert [files(sw.trial_workdir(sweep_dir, t)) for t in space.trials] == states
 
 
 def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch):
@@ -168,11 +158,11 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(loop.Checkpointer, "save", save)
     assert [row["status"] for row in _csv_rows(sweep_dir)] == ["completed", "interrupted"]
     assert _csv_rows(sweep_dir)[1]["steps"] == "4"
-    before = _files_state(sw.trial_workdir(sweep_dir, space.trials[0]))
+    before = helpers.finished_run_files(sw.trial_workdir(sweep_dir, space.trials[0]))
 
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     assert all(r["status"] == "completed" for r in rows)
-    assert _files_state(sw.trial_workdir(sweep_dir, space.trials[0])) == before
+    assert helpers.finished_run_files(sw.trial_workdir(sweep_dir, space.trials[0])) == before
     resumed = sw.trial_workdir(sweep_dir, space.trials[1])
     summary = _json(os.path.join(resumed, "summary.json"))
     assert summary["resumed_from_step"] == 4 and summary["step"] == 12
@@ -200,10 +190,10 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
         assert "Traceback" in f.read()
     assert [r["rank"] for r in rows] == [1, None]
     # A rerun retries the failed trial (failures may be transient) and leaves the other alone.
-    before = _files_state(done["workdir"])
+    before = helpers.finished_run_files(done["workdir"])
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     assert _json(os.path.join(failed["workdir"], "trial.json"))["invocations"] == 2
-    assert _files_state(done["workdir"]) == before
+    assert helpers.finished_run_files(done["workdir"]) == before
 
 
 def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
