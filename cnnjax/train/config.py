@@ -207,10 +207,21 @@ def _field(config: Any, name: str, default: Any = None) -> Any:
     return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
 
 
+def config_task(config: Any) -> str:
+    """`config.task`, checked against `TASKS`; a config without one (written before the field
+    existed) is a classification config."""
+    return check_choice("config", "task", _field(config, "task", LEGACY_DEFAULTS["task"]), TASKS)
+
+
+def init_from_workdir(config: Any) -> str | None:
+    """`config.init_from.workdir`, or None when unset (or the config has no `init_from`)."""
+    init_from = _field(config, "init_from")
+    return init_from.get("workdir") if init_from is not None else None
+
+
 def validate_config(config: Any) -> None:
     """Raises a ValueError for any invalid engine field (names, rates, sizes, intervals)."""
-    task = _field(config, "task", "classification")
-    check_choice("config", "task", task, TASKS)
+    task = config_task(config)
     if not isinstance(_field(config, "model"), str) or not config.model:
         raise invalid(
             "config", "model", _field(config, "model"), "expected a registered model name"
@@ -341,7 +352,7 @@ def check_config(config: Any) -> CheckedConfig:
     from cnnjax.train.state import freeze_optimizer, init_variables
 
     validate_config(config)
-    task = config.get("task", "classification")
+    task = config_task(config)
     # Heavy (TensorFlow): imported once the config is sane. Both modules have the same API.
     if task == "detection":
         from cnnjax.data import detection as pipeline
@@ -392,8 +403,7 @@ def check_config(config: Any) -> CheckedConfig:
     schedule = build_schedule(config)
     tx = build_optimizer(config, schedule)
     variable_shapes = None  # traced (not compiled) only for init_from / freeze
-    init_from = config.get("init_from")
-    if (init_from is not None and init_from.get("workdir") is not None) or config.get("freeze"):
+    if init_from_workdir(config) is not None or config.get("freeze") is not None:
         variable_shapes = jax.eval_shape(
             lambda r: init_variables(model, r, (1, *image_shape)), jax.random.PRNGKey(0)
         )

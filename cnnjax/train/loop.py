@@ -121,12 +121,6 @@ def _write_summary(workdir: str, summary: dict) -> None:
     write_json(os.path.join(workdir, SUMMARY_FILE), summary)
 
 
-def _init_from_workdir(config: Any) -> str | None:
-    """`config.init_from.workdir`, or None when unset (or the config has no `init_from`)."""
-    init_from = config.get("init_from") if hasattr(config, "get") else None
-    return init_from.get("workdir") if init_from is not None else None
-
-
 def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
     """Key paths of the leaves of a nested dict of variables (empty for None / {})."""
     return list(flatten_dict(dict(tree))) if tree else []
@@ -408,7 +402,7 @@ class _Run:
         )
         _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
         pretrained = None
-        if _init_from_workdir(config) is not None and not checkpointer.all_steps():
+        if config_lib.init_from_workdir(config) is not None and not checkpointer.all_steps():
             try:  # own checkpoints win: then init_from is ignored (exact resume)
                 pretrained = self.load_init_from()
             except BaseException:
@@ -427,7 +421,7 @@ class _Run:
                 start_step,
                 checkpointer.directory,
                 " (init_from is ignored: the run's own checkpoint wins)"
-                if _init_from_workdir(config) is not None
+                if config_lib.init_from_workdir(config) is not None
                 else "",
             )
         elif pretrained is not None:
@@ -538,7 +532,8 @@ class _Run:
         summary = self.summarize(
             evals, self.last_train, start_step, total_steps, self.clock.images_per_sec()
         )
-        if _init_from_workdir(config) is not None:  # also after a resume: read back from the file
+        # Also after a resume: the warm-start record is read back from its file.
+        if config_lib.init_from_workdir(config) is not None:
             record_path = os.path.join(self.workdir, INIT_FROM_FILE)
             if os.path.exists(record_path):
                 with open(record_path) as f:

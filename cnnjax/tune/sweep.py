@@ -48,23 +48,15 @@ def default_mode(metric: str) -> str:
     return "min" if metric == "loss" else "max"
 
 
-def config_task(config: Any) -> str:
-    """`config.task`, checked; a config without one is classification, as for the engine."""
-    default = config_lib.LEGACY_DEFAULTS["task"]
-    task = config.get("task", default) if hasattr(config, "get") else getattr(config, "task",
-                                                                             default)
-    return check_choice("config", "task", task, config_lib.TASKS)
-
-
 def task_metrics(config: Any) -> tuple[str, ...]:
     """The eval metrics runs of `config` report: `config_lib.TASK_METRICS` of its task."""
-    return tuple(config_lib.TASK_METRICS[config_task(config)])
+    return tuple(config_lib.TASK_METRICS[config_lib.config_task(config)])
 
 
 def check_metric(owner: str, metric: Any, config: Any) -> str:
     """`metric` if runs of `config` report it (`task_metrics`), else a ValueError naming the
     task's metrics."""
-    task = config_task(config)
+    task = config_lib.config_task(config)
     choices = list(task_metrics(config))
     if metric not in choices:
         raise invalid(owner, "metric", metric,
