@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
         _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
+    from cnnjax.utils.lock import DirectoryInUseError
 
     logging.info(
         "JAX devices: %s (process %d of %d)",
@@ -75,6 +76,8 @@ def main(argv: list[str]) -> None:
     index = jax.process_index()
     try:
         summary = train_and_evaluate(_CONFIG.value, workdir)
+    except DirectoryInUseError as err:  # the run holding the workdir keeps its summary.json
+        _fail(f"error: {err}")
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
         where = (
             f"details in {os.path.join(workdir, 'summary.json')}"

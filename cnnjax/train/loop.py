@@ -11,7 +11,7 @@ with periodic logging, eval and async checkpoints -> final eval, checkpoint, sum
 A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; SIGTERM (preemption,
 scancel) stops it between steps as "interrupted" after checkpointing the current step
 (`cnnjax.train.preemption`); any failure is recorded in summary.json before the exception
-propagates.
+propagates. Process 0 holds `<workdir>/run.lock` for the whole run (`cnnjax.utils.lock`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from cnnjax.train.state import (
 )
 from cnnjax.train.step import make_detection_steps, make_steps
 from cnnjax.utils.files import atomic_write, write_json
+from cnnjax.utils.lock import directory_lock
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -76,11 +77,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     configs (before compiling), `TrainingDivergedError` on a NaN/inf loss, and
     `TrainingInterrupted` (exit code 143 if uncaught) after a SIGTERM, once the step it stopped at
     is checkpointed; in every failing case the status and message are written to summary.json
-    first. While it runs, SIGTERM only sets a flag (handler installed from the main thread only,
-    the previous one restored afterwards); SIGINT raises KeyboardInterrupt as usual.
+    first. A workdir another process is training in raises `DirectoryInUseError` (a
+    ValueError) and writes nothing there. While it runs, SIGTERM only sets a flag (handler
+    installed from the main thread only, the previous one restored afterwards); SIGINT raises
+    KeyboardInterrupt as usual.
     """
     started = time.time()
     is_primary = jax.process_index() == 0
+    # Process 0 owns the workdir; a busy one is refused before anything (summary.json included)
+    # is written, so the run holding it is left alone.
+    with directory_lock(workdir) if is_primary else contextlib.nullcontext():
+        return _train_and_evaluate(config, workdir, started, is_primary)
+
+
+def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: bool) -> dict:
+    """`train_and_evaluate` once the workdir is held: runs, and records any failure."""
     try:
         with StopRequest() as stop:
             return _Run(config, workdir, started, stop).run()

@@ -49,6 +49,7 @@ from cnnjax.tune.sweep import (
     trial_workdir,
 )
 from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import invalid
 
 ARMS = ("scratch", "finetune", "linear_probe")
@@ -285,6 +286,13 @@ def run_transfer(
     plan = TransferPlan(source_config, target_config, transfer_dir, budget_field, budgets, arms,
                         seeds, arm_overrides, metric)
     sizes = plan.check_data()
+    with directory_lock(transfer_dir, "transfer_dir"):  # one driver per transfer_dir
+        return _run_plan(plan, transfer_dir, sizes, verbose)
+
+
+def _run_plan(plan: TransferPlan, transfer_dir: str, sizes: dict[str, int],
+              verbose: bool) -> list[dict]:
+    """`run_transfer` once `transfer_dir` is held: the source run, then every target run."""
     _prepare_dir(transfer_dir, plan)
 
     source_status = _run_once(plan.source, plan.source_dir, _source_trial(), "source",

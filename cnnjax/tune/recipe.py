@@ -65,6 +65,7 @@ from cnnjax.tune.sweep import (
     trial_configs,
 )
 from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 
 TUNE_FILE = "tune.json"
@@ -470,6 +471,13 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
     plan: RoundPlan | None = first_round(recipe)
     _check_round(base_config, plan)
+    with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
+        return _run_rounds(base_config, recipe, tune_dir, plan, verbose, diagnose_fn)
+
+
+def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan | None,
+                verbose: bool, diagnose_fn: DiagnoseFn) -> dict:
+    """`run_tune` once `tune_dir` is held: each round a sweep, planned from the rounds before."""
     _prepare_tune_dir(tune_dir, base_config, recipe)
     started = time.time()
     history: list[RoundResult] = []

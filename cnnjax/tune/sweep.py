@@ -10,7 +10,8 @@ Layout of a sweep directory:
 Trials run one after another in this process, or one alone (`trial_index`, e.g. a cluster array
 task). Resume is per trial: a trial whose summary.json says completed (or trial.json diverged) is
 not run again, an interrupted one continues from its own checkpoint (the engine resumes exactly),
-a failed one is retried. Results are always rebuilt from the trial directories, so concurrent
+a failed one is retried. A trial whose workdir another process holds (`cnnjax.utils.lock`) is
+skipped, not run twice. Results are always rebuilt from the trial directories, so concurrent
 array tasks and reruns agree on one table.
 """
 
@@ -30,6 +31,7 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
 from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
 from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.lock import DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 
 SWEEP_FILE = "sweep.json"
@@ -116,15 +118,20 @@ def run_sweep(
             continue
         if max_trials is not None and started >= max_trials:
             break
-        started += 1
-        _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
-                      f"{_fmt(trial.overrides)} -> {workdir}")
-        record = start_trial(trial, workdir)
-        write_results(sweep_dir, space, metric, mode)  # the table shows it as incomplete
         try:
-            record = run_trial(configs[trial.trial_id], workdir, record)
-        finally:  # KeyboardInterrupt included: the table shows what has finished so far
-            write_results(sweep_dir, space, metric, mode)
+            with directory_lock(workdir):  # the engine takes it again (re-entrant)
+                started += 1
+                _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                              f"{_fmt(trial.overrides)} -> {workdir}")
+                record = start_trial(trial, workdir)
+                write_results(sweep_dir, space, metric, mode)  # the table shows it incomplete
+                try:
+                    record = run_trial(configs[trial.trial_id], workdir, record)
+                finally:  # KeyboardInterrupt included: the table shows what has finished so far
+                    write_results(sweep_dir, space, metric, mode)
+        except DirectoryInUseError as err:  # another array task or driver is running it
+            _say(verbose, f"Trial {trial.trial_id}: skipped, {err}")
+            continue
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
                       + (f" ({record['reason']})" if record["reason"] else ""))
     rows = write_results(sweep_dir, space, metric, mode)

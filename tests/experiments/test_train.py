@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.train import helpers
 from tests.train.conftest import CACHE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -140,6 +141,17 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     assert "error: optimizer: name='lamb' is invalid; expected one of" in result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_workdir_in_use_is_a_one_line_error_and_left_untouched(tmp_path):
+    with helpers.locked_by_another_process(tmp_path) as holder:
+        result = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), capture_output=True,
+                                text=True, timeout=300)
+    assert result.returncode == 1
+    assert (f"error: workdir: {str(tmp_path)!r} is in use by another run (pid {holder.pid} "
+            in result.stderr)
+    assert "summary.json" not in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == ["run.lock"]
 
 
 @pytest.mark.slow

@@ -8,9 +8,12 @@ tested independently of tfds; batch k is a pure function of (seed, k), like the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import subprocess
 import sys
 import types
+from collections.abc import Iterator
 
 import flax.linen as nn
 import jax
@@ -199,3 +202,24 @@ def finished_run_files(workdir: str) -> dict:
             state[name] = (os.stat(path).st_mtime_ns, f.read())
     state["checkpoints"] = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
     return state
+
+
+_HOLDER = """import sys
+from cnnjax.utils.lock import directory_lock
+with directory_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def locked_by_another_process(path: str) -> Iterator[subprocess.Popen]:
+    """A second Python process holding `directory_lock(path)` for the block (killed after)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

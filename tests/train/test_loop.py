@@ -11,6 +11,7 @@ import pytest
 
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer
+from cnnjax.utils.lock import DirectoryInUseError
 from tests.train import helpers
 
 
@@ -231,6 +232,20 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
     changed.restart = True
     summary = loop.train_and_evaluate(changed, str(tmp_path))
     assert summary["resumed_from_step"] == 0 and summary["status"] == "completed"
+
+
+def test_a_workdir_another_process_trains_in_is_refused_and_left_untouched(tmp_path):
+    running = '{"status": "running"}'  # what the holder's summary might say
+    (tmp_path / "summary.json").write_text(running)
+    with (helpers.locked_by_another_process(tmp_path),
+          pytest.raises(DirectoryInUseError, match="is in use by another run") as err):
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    assert "pass a different --workdir" in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["run.lock", "summary.json"]
+    assert (tmp_path / "summary.json").read_text() == running
+    # Once the holder is gone the same command runs.
+    summary = loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    assert summary["status"] == "completed"
 
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):

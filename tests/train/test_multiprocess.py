@@ -270,8 +270,8 @@ def test_two_processes_write_one_complete_set_of_outputs(runs):
     assert runs["job_status"] == [0, 0], runs["job_logs"]
     workdir = runs["tmp"] / "job"
     assert sorted(os.listdir(workdir)) == sorted(
-        ["checkpoints", "config.json", "learning_curves.png", "metrics.jsonl", "summary.json",
-         "tensorboard"]
+        ["checkpoints", "config.json", "learning_curves.png", "metrics.jsonl", "run.lock",
+         "summary.json", "tensorboard"]
     )
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == STEPS

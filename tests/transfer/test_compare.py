@@ -309,6 +309,15 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, target_changes,
     assert not os.path.exists(tmp_path / "transfer")
 
 
+def test_a_transfer_dir_another_driver_holds_is_refused_untouched(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "train_and_evaluate", pytest.fail)  # nothing may train
+    with (helpers.locked_by_another_process(tmp_path / "transfer"),
+          pytest.raises(ValueError, match=r"^transfer_dir: .* is in use by another run .*"
+                                          r"pass a different --transfer_dir\.$")):
+        _run(tmp_path)
+    assert os.listdir(tmp_path / "transfer") == ["run.lock"]
+
+
 def test_transfer_dir_of_different_configs_is_refused(tmp_path, monkeypatch):
     def engine_down(config, workdir):
         raise RuntimeError("stand-in: nothing trains")

@@ -378,6 +378,15 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, monkeypatch):
     assert trainer.calls == [] and not (tmp_path / "tune").exists()
 
 
+def test_a_tune_dir_another_driver_holds_is_refused_untouched(tmp_path, monkeypatch):
+    trainer = FakeTrainer()
+    with (helpers.locked_by_another_process(tmp_path / "tune"),
+          pytest.raises(ValueError, match=r"^tune_dir: .* is in use by another run .*"
+                                          r"pass a different --tune_dir\.$")):
+        _tune(tmp_path, monkeypatch, trainer)
+    assert trainer.calls == [] and os.listdir(tmp_path / "tune") == ["run.lock"]
+
+
 def test_diverged_and_failed_trials(tmp_path, monkeypatch):
     """lr 10 diverges (a result: the tune goes on); a crashing trial stops the tune as failed
     and the rerun retries it."""

@@ -196,6 +196,23 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert helpers.finished_run_files(done["workdir"]) == before
 
 
+def test_a_trial_another_process_is_running_is_skipped_not_run_twice(tmp_path, monkeypatch,
+                                                                     capsys):
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    busy = sw.trial_workdir(sweep_dir, space.trials[0])
+    with helpers.locked_by_another_process(busy):
+        rows = sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=1)
+    # Not recorded as failed and not counted against max_trials: trial 1 ran instead.
+    assert {r["index"]: r["status"] for r in rows} == {0: "pending", 1: "completed"}
+    assert sorted(os.listdir(busy)) == ["run.lock"]
+    assert re.search(r"Trial \S+: skipped, workdir: .* is in use by another run",
+                     capsys.readouterr().out)
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)  # the holder is gone
+    assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
+
+
 def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     sweep_dir = str(tmp_path / "sweep")

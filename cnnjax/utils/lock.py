@@ -1,0 +1,104 @@
+"""One writer per directory: an exclusive advisory lock that a run holds on its workdir.
+
+Two processes training into the same workdir (a SLURM requeue while the old job still runs, a
+command started twice, two sweep drivers on one trial) would interleave checkpoints, metrics and
+summary.json. `directory_lock(path)` takes `flock(LOCK_EX | LOCK_NB)` on `<path>/run.lock` and
+writes who holds it there; a second process is refused at once with a `DirectoryInUseError`
+naming that holder. The kernel drops the lock when the holder exits, however it dies (SIGKILL
+included), so there are no stale locks to clean up; the file itself stays and means nothing when
+unlocked. Nested `directory_lock`s of one path in one process share one lock (re-entrant), so a
+sweep can hold a trial's workdir around the engine, which locks it again.
+
+On a file system without `flock` (e.g. Lustre mounted without `-o flock`) the lock is skipped
+with a warning: concurrent runs are then not detected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+from absl import logging
+
+LOCK_FILE = "run.lock"
+
+_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_held: dict[str, list] = {}  # real path -> [file object, depth]
+_held_guard = threading.Lock()
+
+
+class DirectoryInUseError(ValueError):
+    """Another process holds the directory's lock (a ValueError: the --workdir given is busy)."""
+
+
+def _holder(lock_path: str) -> str:
+    """`pid P on host H since T: command`, read from the lock file (what the holder wrote)."""
+    try:
+        with open(lock_path) as f:
+            info = json.load(f)
+        return (f"pid {info['pid']} on host {info['host']} since {info['since']}: "
+                f"{info['command']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown: it has not written its details yet"
+
+
+@contextlib.contextmanager
+def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
+    """Holds the exclusive lock on `<path>/run.lock` (creating `path`) for the block.
+
+    Raises `DirectoryInUseError` (naming `flag`, the path and the holder) if another process
+    holds it. Re-entrant within a process.
+    """
+    os.makedirs(path, exist_ok=True)
+    key = os.path.realpath(path)
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+            acquired = None
+        else:
+            acquired = _acquire(os.path.join(path, LOCK_FILE), flag, path)
+            _held[key] = [acquired, 1]
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held[key][1] -= 1
+            if _held[key][1] == 0:
+                lock_file = _held.pop(key)[0]
+                if lock_file is not None:
+                    lock_file.close()  # closing the descriptor releases the flock
+
+
+def _acquire(lock_path: str, flag: str, path: str):
+    """The open, locked lock file with this process's details in it; None if unsupported."""
+    lock_file = open(lock_path, "a+")  # noqa: SIM115 — held open for the lock's lifetime
+    try:
+        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise DirectoryInUseError(
+            f"{flag}: {path!r} is in use by another run ({_holder(lock_path)}); wait for it to "
+            f"finish, stop it, or pass a different --{flag}."
+        ) from None
+    except OSError as err:
+        lock_file.close()
+        if err.errno not in _UNSUPPORTED:
+            raise
+        logging.warning("%s: the file system of %r does not support flock (%s); concurrent runs "
+                        "on this directory will not be detected.", flag, path, err.strerror)
+        return None
+    since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lock_file.seek(0)
+    lock_file.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": since,
+               "command": " ".join(sys.argv)}, lock_file)
+    lock_file.flush()
+    return lock_file
