@@ -45,6 +45,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnnjax.models.registry import create_model, model_info
+from cnnjax.utils.files import write_json
 from cnnjax.utils.validation import invalid
 
 #: Torch keys ending in these are read and dropped, with the reason.
@@ -52,6 +53,9 @@ IGNORED_SUFFIXES: dict[str, str] = {
     "num_batches_tracked": "BatchNorm's update counter; flax BatchNorm uses a fixed momentum "
     "(torch's momentum=None cumulative average has no counterpart)",
 }
+
+#: The key prefix of a state_dict saved from a DataParallel / DistributedDataParallel wrapper.
+WRAPPER_PREFIX = "module."
 
 #: cnnjax models that resemble a torchvision model but whose layout differs, and why.
 UNSUPPORTED_MODELS: dict[str, str] = {
@@ -226,6 +230,14 @@ SUPPORTED_MODELS: tuple[str, ...] = tuple(sorted(_ARCHITECTURES))
 
 
 # --------------------------------------------------------------------------------- conversion
+def _without_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drops `WRAPPER_PREFIX` when every key has it (a model saved inside `nn.DataParallel` or
+    `DistributedDataParallel`), as torch's `consume_prefix_in_state_dict_if_present` does."""
+    if not state_dict or not all(k.startswith(WRAPPER_PREFIX) for k in state_dict):
+        return state_dict
+    return {k[len(WRAPPER_PREFIX):]: v for k, v in state_dict.items()}
+
+
 def _architecture(model_name: Any) -> _Architecture:
     owner = "torchvision_weights"
     if model_name in _ARCHITECTURES:
@@ -264,14 +276,15 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
     `num_classes` is the classifier's output count in `state_dict`. Strict: every leaf of the
     cnnjax model is filled exactly once with the right shape and every torch key is used
     (`IGNORED_SUFFIXES` excepted); otherwise a ValueError names the model, the key or leaf, the
-    shapes and what was expected. `batch_stats` is `{}` for models without BatchNorm.
+    shapes and what was expected. `batch_stats` is `{}` for models without BatchNorm. Keys of a
+    model saved inside `nn.DataParallel` / DDP (all prefixed `module.`) are accepted too.
     """
     arch = _architecture(model_name)
     owner = f"torchvision_weights({model_name!r})"
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise invalid(owner, "state_dict", type(state_dict).__name__,
                       "expected a mapping of parameter names to arrays (a torch state_dict)")
-    tensors = dict(arch.rename(state_dict))
+    tensors = dict(arch.rename(_without_wrapper_prefix(state_dict)))
     head_key = f"{arch.head}.weight"
     if head_key not in tensors or len(_shape(tensors[head_key])) != 2:
         found = _shape(tensors[head_key]) if head_key in tensors else "missing"
@@ -366,12 +379,6 @@ def file_sha256(path: str) -> str:
 SUMMARY_STATUS = "converted"
 
 
-def _write_json(path: str, record: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
 def write_warm_start_workdir(
     workdir: str,
     model_name: str,
@@ -427,9 +434,9 @@ def write_warm_start_workdir(
         checkpointer.close()
     # init_from reads `model` (architecture check) and `best_metric` (None: take the latest).
     config = {**record, "num_classes": num_classes, "best_metric": None, "best_mode": "max"}
-    _write_json(os.path.join(workdir, CONFIG_FILE), config)
+    write_json(os.path.join(workdir, CONFIG_FILE), config)
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
-    _write_json(summary_path, {
+    write_json(summary_path, {
         **record, "status": SUMMARY_STATUS, "num_classes": num_classes, "step": 0,
         "num_params": count(params), "num_batch_stats": count(batch_stats),
         "message": "torchvision weights converted for --config.init_from.workdir; not a "

@@ -108,6 +108,15 @@ def test_numpy_resnet18_fixture_has_torchvisions_keys_and_shapes():
     assert {k: v.shape for k, v in resnet18_state_dict(num_classes=7).items()} == want
 
 
+def test_a_data_parallel_wrapped_models_state_dict_converts_the_same():
+    model = _torchvision_model("resnet18")
+    wrapped = _numpy_state_dict(torch.nn.DataParallel(model))
+    assert all(k.startswith("module.") for k in wrapped)
+    want = flatten_dict(tvw.convert_state_dict("resnet18", _numpy_state_dict(model)))
+    got = flatten_dict(tvw.convert_state_dict("resnet18", wrapped))
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_published_densenet_key_names_convert_the_same():
     """torchvision's published DenseNet files name layers `norm.1` (pre-0.4 PyTorch)."""
     sd = _numpy_state_dict(_torchvision_model("densenet121"))

@@ -143,6 +143,20 @@ def test_extra_key_is_named(resnet18_sd):
         tvw.convert_state_dict("resnet18", sd)
 
 
+def test_a_data_parallel_checkpoint_converts_the_same(resnet18_sd, resnet18_vars):
+    """`nn.DataParallel` / DDP save every key as `module.<key>`."""
+    wrapped = {f"module.{k}": v for k, v in resnet18_sd.items()}
+    got = flatten_dict(tvw.convert_state_dict("resnet18", wrapped))
+    want = flatten_dict(resnet18_vars)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_a_prefix_on_only_some_keys_is_not_stripped(resnet18_sd):
+    mixed = {("module." + k if k.startswith("layer1.") else k): v for k, v in resnet18_sd.items()}
+    with pytest.raises(ValueError, match=r"it lacks 'layer1\.0\.conv1\.weight'"):
+        tvw.convert_state_dict("resnet18", mixed)
+
+
 def test_a_resnet50_checkpoint_is_not_a_resnet18(resnet18_sd):
     sd = dict(resnet18_sd, **{"fc.weight": np.zeros((7, 2048), np.float32)})
     with pytest.raises(ValueError, match=(
