@@ -11,9 +11,11 @@ external proposals here are dense multi-scale square windows (`window_proposals`
 - `RCNN`: every region is cropped from the *image* and warped to `warp_size x warp_size`
   (`roi_align` on the image, bilinear, as the paper's affine warp; no context padding), and a
   separate small CNN classifies each warp: one forward pass per region, the cost Fast R-CNN
-  removed. The paper trained per-class SVMs and a separate box regressor on pool5 features; here
-  the classifier is trained end to end with Fast R-CNN's softmax + smooth-L1 loss (a documented
-  simplification).
+  removed. The engine fine-tunes it end to end with Fast R-CNN's softmax + smooth-L1 loss (the
+  paper's step 1). The paper's second stage, per-class linear SVMs on fc7 features with
+  hard-negative mining and a ridge box regressor on pool5 features, is trained afterwards on a
+  finished run by `cnnjax.detection.rcnn_svm` (`python -m experiments.rcnn_svm`), which reads
+  both feature sets from `RCNN.region_features`.
 
 Training samples `roi_samples` RoIs per image from the windows plus the ground truth
 (`sample_rois`: 25% foreground at IoU 0.5) and minimizes `fast_rcnn_loss`; inference scores every
@@ -23,7 +25,7 @@ window and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -85,6 +87,15 @@ def _check_common(module: Any) -> None:
         raise invalid(owner, "proposal_sizes", module.proposal_sizes,
                       "expected a non-empty sequence of positive ints (window sides, px)")
     check_detection_settings(owner, module)
+
+
+class RegionFeatures(NamedTuple):
+    """`RCNN.region_features` of `R` regions in each of `N` images (float32)."""
+
+    pool5: Array  # [N, R, h * w * C] the CNN's last block, flattened
+    fc7: Array  # [N, R, F] the head's second fc after ReLU
+    logits: Array  # [N, R, C + 1] as `score`
+    deltas: Array  # [N, R, C + 1, 4] as `score`
 
 
 class _ProposalDetector(nn.Module):
@@ -188,14 +199,41 @@ class RCNN(_ProposalDetector):
                                axis_name=self.axis_name)
         self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
 
-    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+    def warped_features(self, images: Array, rois: Array, train: bool) -> Array:
+        """The CNN's last block (the paper's pool5) of every RoI `[N, R, 4]` warped from its
+        image: `[N * R, h, w, C]`."""
         n, r = rois.shape[:2]
         batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
         warped = roi_align(jnp.asarray(images, jnp.float32), rois.reshape(n * r, 4),
                            batch_indices, self.warp_size, spatial_scale=1.0, sampling_ratio=2)
-        features = self.cnn(warped.astype(self.dtype), train)[f"block{len(self.cnn_stages)}"]
-        logits, deltas = self.head(features)
+        return self.cnn(warped.astype(self.dtype), train)[f"block{len(self.cnn_stages)}"]
+
+    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+        n, r = rois.shape[:2]
+        logits, deltas = self.head(self.warped_features(images, rois, train))
         return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+
+    def region_features(self, images: Array, rois: Array) -> RegionFeatures:
+        """Eval-mode features and head outputs of every RoI `[N, R, 4]` (one CNN pass each):
+        flattened pool5, fc7 after its ReLU (the paper's SVM features), and the same logits and
+        deltas `score` gives. fc7 is read off `BoxHead`'s `fc7` layer as it runs
+        (`nn.intercept_methods`), so the head's code and parameters are the engine's."""
+        n, r = rois.shape[:2]
+        pool5 = self.warped_features(images, rois, train=False)
+        fc7 = []
+
+        def keep_fc7(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
+            out = call(*args, **kwargs)
+            if context.module.name == "fc7" and context.method_name == "__call__":
+                fc7.append(out)
+            return out
+
+        with nn.intercept_methods(keep_fc7):
+            logits, deltas = self.head(pool5)
+        return RegionFeatures(
+            pool5=pool5.reshape(n, r, -1).astype(jnp.float32),
+            fc7=nn.relu(fc7[0]).reshape(n, r, -1).astype(jnp.float32),
+            logits=logits.reshape(n, r, -1), deltas=deltas.reshape(n, r, -1, 4))
 
 
 @register_model("fast_rcnn_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,

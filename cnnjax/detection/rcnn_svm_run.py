@@ -1,0 +1,462 @@
+"""`run_rcnn_svm`: R-CNN's SVM + ridge stage (`rcnn_svm`) on a finished `rcnn_small` run.
+
+Loads the run's best checkpoint read-only, the way `init_from` does (`SourceCheckpoints`; the
+model and data from its `config.json` through `config.check_config`), extracts fc7 and pool5
+features of the external windows and ground-truth boxes of the first `train_images` train
+scenes (`RCNN.region_features`), trains the per-class SVMs with hard-negative mining and the
+ridge box regressors, and evaluates on the whole eval split, with the same windows and the
+same NMS / mAP code (`DetectionEvaluator`):
+
+    softmax        the engine's detector: softmax probabilities, the head's box deltas
+    svm            SVM scores, the windows unmoved
+    svm_head_box   SVM scores, the head's box deltas
+    svm_ridge_box  SVM scores, the ridge regressors' boxes (the paper's R-CNN BB)
+
+Memory: every one of the 149 windows of a train scene is kept (fc7 only; pool5 only for the
+regression pairs), ~0.15 GB of features per 1,000 scenes, and mining scans all of them.
+
+Output directory (the workdir itself is never written):
+    features_train.npz  features_test.npz  models.npz   cached artifacts, each holding the
+                        settings it was made with; reused when they match, else remade (logged)
+    results.json  report.md   the metrics of every arm, mining history, timings
+    status.json               the stage it is at, or why it stopped
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from cnnjax.detection import rcnn_svm
+from cnnjax.utils.files import atomic_write, read_json, write_json
+from cnnjax.utils.lock import directory_lock
+from cnnjax.utils.validation import check_number, check_positive_float, check_positive_int, invalid
+
+OWNER = "rcnn_svm"
+OUTPUT_SUBDIR = "rcnn_svm"
+FEATURE_VERSION = 1  # bump when what extract_features stores changes
+ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
+ARM_LABELS = {
+    "softmax": "softmax head (the engine's detector)",
+    "svm": "SVM scores, windows unmoved",
+    "svm_head_box": "SVM scores, the head's box deltas",
+    "svm_ridge_box": "SVM scores, ridge box regression (paper's R-CNN BB)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the stage is trained with (the experiment's flags, same names)."""
+
+    train_images: int = 1000  # the first N train scenes (features of every window kept)
+    svm_c: float = 1e-3  # liblinear C, on features scaled to mean norm `feature_norm`
+    positive_weight: float = 2.0  # class weight of the positives (rcnn's pos_loss_weight)
+    initial_negatives: int = 5000  # random negatives the mining starts from, per class
+    mining_rounds: int = 10  # at most this many mining passes per class
+    ridge_lambda: float = 1000.0
+    feature_norm: float = rcnn_svm.PAPER_FEATURE_NORM
+    batch_size: int = 16  # images per feature-extraction call
+    step: int | None = None  # checkpoint step; None: the run's best (else latest)
+    seed: int = 0
+
+    def check(self) -> Settings:
+        """Raises a ValueError naming the flag for any invalid value; returns self."""
+        for name in ("train_images", "initial_negatives", "mining_rounds", "batch_size"):
+            check_positive_int(OWNER, name, getattr(self, name))
+        for name in ("svm_c", "positive_weight", "ridge_lambda", "feature_norm"):
+            check_positive_float(OWNER, name, getattr(self, name))
+        if self.step is not None:
+            check_number(OWNER, "step", self.step, "expected a checkpoint step >= 0 or None",
+                         low=0.0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise invalid(OWNER, "seed", self.seed, "expected an integer")
+        return self
+
+    def model_settings(self) -> dict[str, Any]:
+        """The fields the SVMs and regressors depend on (besides the train features)."""
+        return {k: getattr(self, k) for k in ("svm_c", "positive_weight", "initial_negatives",
+                                              "mining_rounds", "ridge_lambda", "feature_norm",
+                                              "seed")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedDetector:
+    """A finished run's detector: model, checkpoint variables, where they came from."""
+
+    workdir: str
+    config: Any  # the run's config (ml_collections), as saved in config.json
+    model: Any  # the flax module, built as the engine builds it
+    variables: dict  # {'params', 'batch_stats'} of the checkpoint
+    step: int
+    how: str  # 'best', 'latest' or 'requested' (`SourceCheckpoints.choose_step`)
+    data_info: Any
+    conv_impl: str
+
+
+# ----------------------------------------------------------------------------- the model
+def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
+    """The R-CNN of a finished run in `workdir`: its config.json checked and its model built by
+    `config.check_config` (as the engine does), its best (or `step`'s) checkpoint's params and
+    batch_stats read read-only by `SourceCheckpoints` (as `init_from` does)."""
+    import jax
+    import ml_collections
+
+    from cnnjax.layers.conv_impl import resolve_conv_impl
+    from cnnjax.train import config as config_lib
+    from cnnjax.train.checkpoint import SourceCheckpoints
+    from cnnjax.train.loop import CONFIG_FILE
+    from cnnjax.train.state import WARM_START_COLLECTIONS
+
+    saved = read_json(os.path.join(workdir, CONFIG_FILE))
+    if not isinstance(saved, dict):
+        raise invalid(OWNER, "workdir", workdir,
+                      f"expected the --workdir of a finished training run (no readable "
+                      f"{CONFIG_FILE} in it)")
+    config = ml_collections.ConfigDict(saved)
+    checked = config_lib.check_config(config)
+    if not hasattr(checked.model, "region_features"):
+        raise invalid(OWNER, "workdir", workdir,
+                      f"expected a run of an R-CNN (rcnn_small); it trained {config.model!r}")
+    source = SourceCheckpoints(workdir)
+    try:
+        chosen, how = source.choose_step(step, config.get("best_metric"),
+                                         config.get("best_mode", "max"))
+        variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
+    finally:
+        source.close()
+    return TrainedDetector(os.path.abspath(workdir), config, checked.model, variables, chosen, how,
+                           checked.data_info, resolve_conv_impl(config.conv_impl,
+                                                                jax.default_backend()))
+
+
+def _split_data_config(detector: TrainedDetector, split: str | None) -> Any:
+    """The run's data config reading `split` in stored order (None: its eval split)."""
+    import ml_collections
+
+    data = ml_collections.ConfigDict(detector.config.data.to_dict())
+    if split is not None:
+        data.eval_split = split
+    return data
+
+
+def train_split(detector: TrainedDetector, num_images: int) -> str:
+    """The tfds split string of the run's first `num_images` train scenes."""
+    from cnnjax.data import presets
+
+    data = detector.config.data
+    name = data.get("train_split") or presets.get_preset(data.name).train_split
+    return f"{name}[:{num_images}]"
+
+
+def _region_batches(detector: TrainedDetector, split: str | None, batch_size: int):
+    """`(images' batch dict without padding, RegionFeatures of windows + gt boxes, windows)` of
+    each batch of `split` (stored order, no augmentation)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.data import detection as data_lib
+    from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
+
+    model, variables = detector.model, detector.variables
+
+    @jax.jit
+    def features(images, gt_boxes):
+        with conv_impl_context(detector.conv_impl):
+            windows = model.apply(variables, images, method="windows")
+            rois = jnp.concatenate([windows, gt_boxes], axis=1)
+            return model.apply(variables, images, rois, method="region_features"), windows[0]
+
+    for batch in data_lib.eval_batches(_split_data_config(detector, split),
+                                       global_batch_size=batch_size, num_devices=1):
+        batch = {k: v[0] for k, v in batch.items()}  # one device
+        regions, windows = jax.device_get(features(batch["image"], batch["boxes"]))
+        keep = batch["mask"] > 0
+        yield ({k: v[keep] for k, v in batch.items()},
+               type(regions)(*(np.asarray(a)[keep] for a in regions)), np.asarray(windows))
+
+
+def extract_train_features(detector: TrainedDetector, split: str, batch_size: int,
+                           ) -> dict[str, np.ndarray]:
+    """SVM and ridge training data of `split`: every window and valid gt box of every scene
+    (`fc7`, `overlaps` [M, C] by `class_overlaps`, `gt_class` (-1: a window), `image`), and the
+    regression pairs among the windows (`reg_pool5`, `reg_classes`, `reg_targets`)."""
+    num_classes = detector.data_info.num_classes
+    out: dict[str, list] = {k: [] for k in ("fc7", "overlaps", "gt_class", "image", "reg_pool5",
+                                            "reg_classes", "reg_targets")}
+    count = 0
+    for batch, regions, windows in _region_batches(detector, split, batch_size):
+        p = len(windows)
+        for i in range(len(batch["image"])):
+            valid = batch["box_valid"][i]
+            gt, labels = batch["boxes"][i][valid], batch["labels"][i][valid]
+            rows = np.concatenate([np.arange(p), p + np.flatnonzero(valid)])
+            boxes = np.concatenate([windows, gt])
+            out["fc7"].append(regions.fc7[i][rows])
+            out["overlaps"].append(rcnn_svm.class_overlaps(
+                boxes, gt, labels, np.ones(len(gt), bool), num_classes).astype(np.float32))
+            out["gt_class"].append(np.concatenate([np.full(p, -1), labels]).astype(np.int8))
+            out["image"].append(np.full(len(rows), count, np.int32))
+            selected, classes, targets = rcnn_svm.regression_targets(
+                windows, gt, labels, np.ones(len(gt), bool))
+            out["reg_pool5"].append(regions.pool5[i][:p][selected])
+            out["reg_classes"].append(classes[selected].astype(np.int8))
+            out["reg_targets"].append(targets[selected].astype(np.float32))
+            count += 1
+    if count == 0:
+        raise invalid(OWNER, "split", split, "expected a split with at least one scene")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def extract_test_features(detector: TrainedDetector, batch_size: int) -> dict[str, np.ndarray]:
+    """Everything the four arms need on the run's eval split: per scene and window `fc7`,
+    `pool5`, the head's `logits` and `deltas`; the `windows`; the padded ground truth."""
+    out: dict[str, list] = {k: [] for k in ("fc7", "pool5", "logits", "deltas", "boxes",
+                                            "labels", "box_valid")}
+    windows = None
+    for batch, regions, windows in _region_batches(detector, None, batch_size):
+        p = len(windows)
+        for name in ("fc7", "pool5", "logits", "deltas"):
+            out[name].append(getattr(regions, name)[:, :p])
+        for name in ("boxes", "labels", "box_valid"):
+            out[name].append(batch[name])
+    if windows is None:
+        raise invalid(OWNER, "eval split", "empty", "expected at least one scene")
+    return {"windows": windows, **{k: np.concatenate(v) for k, v in out.items()}}
+
+
+# ------------------------------------------------------------------------- training/eval
+def train_models(train: dict[str, np.ndarray], num_classes: int, settings: Settings,
+                 ) -> dict[str, Any]:
+    """The SVMs (fc7) and ridge regressors (pool5), with their feature scales and records."""
+    fc7_scale = rcnn_svm.feature_scale(train["fc7"], settings.feature_norm)
+    svms, histories = rcnn_svm.train_class_svms(
+        train["fc7"] * np.float32(fc7_scale), train["overlaps"], train["gt_class"],
+        c=settings.svm_c, positive_weight=settings.positive_weight,
+        initial_negatives=settings.initial_negatives, max_rounds=settings.mining_rounds,
+        seed=settings.seed)
+    pool5_scale = rcnn_svm.feature_scale(train["reg_pool5"], settings.feature_norm)
+    regressors, pairs = rcnn_svm.train_box_regressors(
+        train["reg_pool5"] * np.float32(pool5_scale), train["reg_classes"],
+        train["reg_targets"], num_classes, settings.ridge_lambda)
+    return {"svm_weights": svms.weights, "svm_bias": svms.bias, "fc7_scale": fc7_scale,
+            "ridge_weights": regressors.weights, "ridge_bias": regressors.bias,
+            "pool5_scale": pool5_scale, "mining": histories, "regression_pairs": pairs}
+
+
+def evaluate_arms(test: dict[str, np.ndarray], models: dict[str, Any], detector: TrainedDetector,
+                  chunk: int = 100) -> dict[str, dict[str, float]]:
+    """mAP (`DetectionEvaluator`) of every arm in `ARMS` on the extracted eval split."""
+    import jax.numpy as jnp
+
+    from cnnjax.detection.box_coding import decode_boxes
+    from cnnjax.detection.evaluation import DetectionEvaluator
+    from cnnjax.models.faster_rcnn import BOX_WEIGHTS, detect_from_head
+
+    model = detector.model
+    image_size = tuple(detector.data_info.image_shape[:2])
+    svms = rcnn_svm.LinearModels(models["svm_weights"], models["svm_bias"])
+    ridge = rcnn_svm.LinearModels(models["ridge_weights"], models["ridge_bias"])
+    evaluators = {arm: DetectionEvaluator(detector.data_info.num_classes) for arm in ARMS}
+    for start in range(0, len(test["fc7"]), chunk):
+        part = {k: v[start:start + chunk] for k, v in test.items() if k != "windows"}
+        n = len(part["fc7"])
+        windows = np.broadcast_to(test["windows"], (n, *test["windows"].shape))
+        detections = {"softmax": detect_from_head(
+            part["logits"], part["deltas"], windows, jnp.ones(windows.shape[:2], bool),
+            image_size, model.score_threshold, model.nms_iou, model.max_detections)}
+        scores = rcnn_svm.svm_scores(part["fc7"] * models["fc7_scale"], svms)
+        candidates = {
+            "svm": np.broadcast_to(windows[:, :, None], scores.shape + (4,)),
+            "svm_head_box": decode_boxes(part["deltas"][:, :, 1:], windows[:, :, None],
+                                         BOX_WEIGHTS),
+            "svm_ridge_box": rcnn_svm.regressed_boxes(rcnn_svm.regressed_deltas(
+                part["pool5"] * models["pool5_scale"], ridge), windows),
+        }
+        for arm, boxes in candidates.items():
+            detections[arm] = rcnn_svm.detect_with_scores(scores, boxes, image_size,
+                                                          model.nms_iou, model.max_detections)
+        for arm, found in detections.items():
+            evaluators[arm].add(found, part["boxes"], part["labels"], part["box_valid"])
+    return {arm: evaluators[arm].compute() | {"num_examples": float(evaluators[arm].num_images)}
+            for arm in ARMS}
+
+
+# ------------------------------------------------------------------------------- caching
+def save_npz(path: str, arrays: dict[str, Any], meta: dict) -> None:
+    """Writes `arrays` and the JSON `meta` (the settings they were made with) to a temp file
+    next to `path` and renames it over `path` (`files.atomic_write` for .npz)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.asarray(json.dumps(meta, default=float)), **arrays)
+    os.replace(tmp, path)
+
+
+def load_npz(path: str, key: dict) -> tuple[dict[str, np.ndarray], dict] | None:
+    """`(arrays, meta)` of `path` if it was made with `key` (meta["key"]), else None with a log
+    line saying what changed (a missing or unreadable file is simply remade)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("key") != key:
+                changed = sorted(n for n in set(key) | set(meta.get("key", {}))
+                                 if key.get(n) != meta.get("key", {}).get(n))
+                print(f"{path} was made with other settings (" + ", ".join(
+                    f"{n}: {meta.get('key', {}).get(n)!r} -> {key.get(n)!r}" for n in changed)
+                    + "); recomputing it.", flush=True)
+                return None
+            return {k: data[k] for k in data.files if k != "meta"}, meta
+    except (OSError, ValueError, KeyError) as err:
+        logging.warning("%s is unreadable (%s); remaking it.", path, err)
+        return None
+
+
+def _cached(path: str, key: dict, make, stage: str, status_path: str):
+    """`(arrays, meta, reused)`: the cache at `path` if its key matches, else `make()` saved."""
+    found = load_npz(path, key)
+    if found is not None:
+        print(f"{stage}: reusing {path}", flush=True)
+        return (*found, True)
+    write_json(status_path, {"status": "running", "stage": stage})
+    started = time.time()
+    arrays, extra = make()
+    meta = {"key": key, "seconds": time.time() - started, **extra}
+    save_npz(path, arrays, meta)
+    print(f"{stage}: {meta['seconds']:.1f} s -> {path}", flush=True)
+    return arrays, meta, False
+
+
+# ---------------------------------------------------------------------------------- run
+def run_rcnn_svm(workdir: str, output_dir: str | None = None,
+                 settings: Settings = Settings()) -> dict:
+    """Trains and evaluates the SVM + ridge stage on the run in `workdir`; returns (and writes
+    to `<output_dir>/results.json`, default `<workdir>/rcnn_svm`) the results. Every input
+    check runs before anything is compiled or extracted."""
+    settings.check()
+    if not isinstance(workdir, str) or not os.path.isdir(workdir):
+        raise invalid(OWNER, "workdir", workdir, "expected the --workdir of a finished R-CNN run")
+    output_dir = output_dir or os.path.join(workdir, OUTPUT_SUBDIR)
+    detector = restore_detector(workdir, settings.step)
+    if settings.train_images > detector.data_info.num_train:
+        raise invalid(OWNER, "train_images", settings.train_images,
+                      f"expected at most the {detector.data_info.num_train} train scenes of "
+                      f"{detector.data_info.name!r}")
+    status_path = os.path.join(output_dir, "status.json")
+    with directory_lock(output_dir, "output_dir"):
+        try:
+            results = _run(detector, output_dir, settings, status_path)
+        except BaseException as err:
+            write_json(status_path, {"status": "failed", "error": type(err).__name__,
+                                     "message": str(err)})
+            raise
+        write_json(status_path, {"status": "completed"})
+    return results
+
+
+def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
+         status_path: str) -> dict:
+    started = time.time()
+    source = {"workdir": detector.workdir, "step": detector.step, "model": detector.config.model,
+              "version": FEATURE_VERSION}
+    split = train_split(detector, settings.train_images)
+    train_key = {**source, "split": split}
+    test_key = {**source, "split": "eval"}
+    train, train_meta, train_reused = _cached(
+        os.path.join(output_dir, "features_train.npz"), train_key,
+        lambda: (extract_train_features(detector, split, settings.batch_size), {}),
+        f"train features ({split})", status_path)
+    test, test_meta, test_reused = _cached(
+        os.path.join(output_dir, "features_test.npz"), test_key,
+        lambda: (extract_test_features(detector, settings.batch_size), {}),
+        "test features", status_path)
+
+    def make_models():
+        models = train_models(train, detector.data_info.num_classes, settings)
+        records = {k: models.pop(k) for k in ("mining", "regression_pairs")}
+        return models, records
+
+    models, models_meta, models_reused = _cached(
+        os.path.join(output_dir, "models.npz"), {**train_key, **settings.model_settings()},
+        make_models, "SVMs + ridge regressors", status_path)
+    write_json(status_path, {"status": "running", "stage": "evaluation"})
+    eval_started = time.time()
+    metrics = evaluate_arms(test, {k: np.asarray(v) for k, v in models.items()}, detector)
+    classes = range(detector.data_info.num_classes)
+    results = {
+        "status": "completed",
+        "workdir": detector.workdir,
+        "output_dir": os.path.abspath(output_dir),
+        "checkpoint": {"step": detector.step, "how": detector.how},
+        "model": detector.config.model,
+        "dataset": detector.data_info.name,
+        "settings": dataclasses.asdict(settings),
+        "train": {
+            "split": split,
+            "regions": int(len(train["fc7"])),
+            "positives": [int(np.sum(train["gt_class"] == c)) for c in classes],
+            "negatives": [int(np.sum(train["overlaps"][:, c] < rcnn_svm.NEGATIVE_IOU))
+                          for c in classes],
+            "regression_pairs": models_meta["regression_pairs"],
+            "fc7_scale": float(models["fc7_scale"]),
+            "pool5_scale": float(models["pool5_scale"]),
+        },
+        "mining": models_meta["mining"],
+        "test": metrics,
+        "seconds": {
+            "train_features": train_meta["seconds"], "test_features": test_meta["seconds"],
+            "svm_ridge_training": models_meta["seconds"],
+            "evaluation": time.time() - eval_started, "this_run": time.time() - started,
+        },
+        "reused": {"train_features": train_reused, "test_features": test_reused,
+                   "models": models_reused},
+    }
+    write_json(os.path.join(output_dir, "results.json"), results)
+    atomic_write(os.path.join(output_dir, "report.md"), report(results))
+    return results
+
+
+def report(results: dict) -> str:
+    """A short Markdown report: the arms' mAPs, the data, the mining, the timings."""
+    test, train, s = results["test"], results["train"], results["settings"]
+    softmax = test["softmax"]
+    lines = [
+        f"# R-CNN SVM + ridge stage on {results['workdir']}",
+        "",
+        f"Checkpoint step {results['checkpoint']['step']} ({results['checkpoint']['how']}) of "
+        f"`{results['model']}`; evaluated on {int(softmax['num_examples'])} "
+        f"`{results['dataset']}` eval scenes, the same windows and NMS for every arm.",
+        "",
+        "| arm | mAP@0.5 (VOC) | COCO mAP | AP50 | AP75 | per-class AP50 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        m = test[arm]
+        per_class = " ".join(f"{m[k]:.3f}" for k in sorted(m) if k.startswith("ap50/"))
+        lines.append(f"| {ARM_LABELS[arm]} | {m['map50']:.3f} | {m['map']:.3f} | "
+                     f"{m['coco_map50']:.3f} | {m['coco_map75']:.3f} | {per_class} |")
+    rounds = [len(h) for h in results["mining"]]
+    lines += [
+        "",
+        f"Training: {train['split']}: {train['regions']:,} regions (every window and gt box); "
+        f"positives (gt boxes) per class {train['positives']}, negatives (IoU < "
+        f"{rcnn_svm.NEGATIVE_IOU}) per class {train['negatives']}; ridge pairs (IoU >= "
+        f"{rcnn_svm.REGRESSION_IOU}) per class {train['regression_pairs']}.",
+        f"SVM: C={s['svm_c']:g}, positive weight {s['positive_weight']:g}, features scaled to "
+        f"mean norm {s['feature_norm']:g}; hard-negative mining from {s['initial_negatives']} "
+        f"negatives, fits per class {rounds}, final cache per class "
+        f"{[h[-1]['cache'] for h in results['mining']]}, converged (no new margin violator) "
+        f"{[h[-1].get('added') == 0 for h in results['mining']]}.",
+        f"Ridge: lambda={s['ridge_lambda']:g} on pool5.",
+        "",
+        "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items())
+        + f" (reused: {', '.join(k for k, v in results['reused'].items() if v) or 'nothing'}).",
+        "",
+    ]
+    return "\n".join(lines)
