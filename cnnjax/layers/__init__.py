@@ -19,7 +19,7 @@ from cnnjax.layers.pooling import (
     max_pool2d,
     spatial_pyramid_pool,
 )
-from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool
+from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool, roi_spatial_pyramid_pool
 
 __all__ = [
     "PADDING_MODES",
@@ -41,5 +41,6 @@ __all__ = [
     "pad_nhwc",
     "roi_align",
     "roi_pool",
+    "roi_spatial_pyramid_pool",
     "spatial_pyramid_pool",
 ]

@@ -18,6 +18,7 @@ overhang and average pooling does not count it (see `avg_pool2d`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +204,13 @@ def spatial_pyramid_pool(
     owner = "spatial_pyramid_pool"
     check_nhwc(owner, x)
     check_choice(owner, "mode", mode, ("max", "avg"))
+    levels = check_pyramid_levels(owner, levels)
+    parts = [_adaptive_pool2d(owner, x, level, mode).reshape(x.shape[0], -1) for level in levels]
+    return jnp.concatenate(parts, axis=1)
+
+
+def check_pyramid_levels(owner: str, levels: Any) -> tuple[int, ...]:
+    """`levels` as a tuple if it is a non-empty sequence of positive ints, else a ValueError."""
     try:
         levels = tuple(levels)
     except TypeError:
@@ -211,5 +219,4 @@ def spatial_pyramid_pool(
     if not levels or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                              for v in levels):
         raise invalid(owner, "levels", levels, "expected a non-empty sequence of positive ints")
-    parts = [_adaptive_pool2d(owner, x, level, mode).reshape(x.shape[0], -1) for level in levels]
-    return jnp.concatenate(parts, axis=1)
+    return levels

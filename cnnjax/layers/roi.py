@@ -1,4 +1,5 @@
-"""Region-of-interest ops for detection heads: RoI max pooling, RoIAlign, box IoU and NMS.
+"""Region-of-interest ops for detection heads: RoI max pooling (one level, or SPP-net's
+pyramid), RoIAlign, box IoU and NMS.
 
 Conventions (torchvision's): `features` is NHWC `[N, H, W, C]`; `boxes` is `[K, 4]` as
 (x1, y1, x2, y2) in *image* coordinates, mapped to the feature map by `spatial_scale` (1/16 for a
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.layers.pooling import check_pyramid_levels
 from cnnjax.utils.validation import (
     check_nhwc,
     check_number,
@@ -168,6 +170,26 @@ def roi_pool(
     boxes, batch_indices, out, scale, _ = _check_roi_args(
         "roi_pool", features, boxes, batch_indices, output_size, spatial_scale)
     return _roi_pool(features, boxes, batch_indices, out, scale)
+
+
+def roi_spatial_pyramid_pool(
+    features: jax.Array, boxes: Any, batch_indices: Any, levels: Sequence[int] = (1, 2, 4),
+    spatial_scale: float = 1.0,
+) -> jax.Array:
+    """SPP-net's pooling of each box (He et al., 2014, detection): `[K, C * sum(l * l)]`.
+
+    Level `l` is `roi_pool` of the box into `l x l` bins; each level is flattened in (row,
+    column, channel) order and the levels are concatenated, the layout of
+    `pooling.spatial_pyramid_pool` (which equals this for a box covering the whole map). Fast
+    R-CNN's RoI pooling is the one-level case.
+    """
+    owner = "roi_spatial_pyramid_pool"
+    levels = check_pyramid_levels(owner, levels)
+    boxes, batch_indices, _, scale, _ = _check_roi_args(
+        owner, features, boxes, batch_indices, levels[0], spatial_scale)
+    parts = [_roi_pool(features, boxes, batch_indices, (level, level), scale)
+             .reshape(boxes.shape[0], -1) for level in levels]
+    return jnp.concatenate(parts, axis=1)
 
 
 def _bilinear_weights(coord: jax.Array, size: int) -> jax.Array:

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 from jax.test_util import check_grads
 
-from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool
+from cnnjax.layers.pooling import spatial_pyramid_pool
+from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool, roi_spatial_pyramid_pool
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -211,6 +212,45 @@ def test_roi_pool_under_jit_and_empty_box_sets():
     none, no_index = np.zeros((0, 4), np.float32), np.zeros(0, np.int32)
     assert roi_pool(feats, none, no_index, (2, 3)).shape == (0, 2, 3, 2)
     assert roi_align(feats, none, no_index, (2, 3)).shape == (0, 2, 3, 2)
+
+
+# ---------------------------------------------------------------- roi_spatial_pyramid_pool
+
+
+def test_roi_spp_is_each_levels_float64_roi_pool_flattened_and_concatenated():
+    height, width, levels, scale = 11, 9, (1, 2, 3, 6), 0.5
+    feats = _features((2, height, width, 4), seed=12)
+    rng = np.random.default_rng(13)
+    boxes = _random_boxes(rng, 6, width / scale, height / scale)
+    batch = rng.integers(0, 2, size=6).astype(np.int32)
+    got = roi_spatial_pyramid_pool(feats, boxes, batch, levels, scale)
+    want = np.concatenate([_roi_pool_ref(feats, boxes, batch, (lv, lv), scale).reshape(6, -1)
+                           for lv in levels], axis=1)
+    assert got.shape == (6, 4 * (1 + 4 + 9 + 36))
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_roi_spp_of_the_whole_map_is_the_image_level_spatial_pyramid_pool():
+    """He et al.'s image-level SPP is the whole-image window's (bins floor/ceil on 11x9 maps)."""
+    feats = _features((2, 11, 9, 3), seed=14)
+    whole = np.array([[0.0, 0.0, 8.0, 10.0]] * 2, np.float32)  # last cell (8, 10) included
+    got = roi_spatial_pyramid_pool(feats, whole, np.array([0, 1]), (1, 2, 3, 6))
+    np.testing.assert_array_equal(got, spatial_pyramid_pool(feats, (1, 2, 3, 6)))
+
+
+def test_roi_spp_under_jit_and_its_errors():
+    feats = _features((1, 6, 6, 2), seed=15)
+    boxes = np.array([[0.0, 0.0, 3.0, 5.0]], np.float32)
+    fn = jax.jit(lambda f, b: roi_spatial_pyramid_pool(f, b, jnp.zeros(1, jnp.int32), (1, 2)))
+    np.testing.assert_array_equal(fn(feats, boxes),
+                                  roi_spatial_pyramid_pool(feats, boxes, [0], (1, 2)))
+    with pytest.raises(ValueError, match=r"^roi_spatial_pyramid_pool: levels=\(\) is invalid; "
+                                         r"expected a non-empty sequence of positive ints"):
+        roi_spatial_pyramid_pool(feats, boxes, [0], ())
+    with pytest.raises(ValueError, match=r"^roi_spatial_pyramid_pool: levels=\(1, 0\) is"):
+        roi_spatial_pyramid_pool(feats, boxes, [0], (1, 0))
+    with pytest.raises(ValueError, match=r"^roi_spatial_pyramid_pool: boxes\[0\]="):
+        roi_spatial_pyramid_pool(feats, np.array([[0.0, 0.0, 9.0, 5.0]]), [0], (1, 2))
 
 
 # ---------------------------------------------------------------- box_iou and nms
