@@ -43,6 +43,10 @@ _SVM_C = flags.DEFINE_float(
     "svm_c", _DEFAULTS.svm_c, "liblinear C (on features scaled to mean norm 20, as the paper).")
 _POSITIVE_WEIGHT = flags.DEFINE_float(
     "positive_weight", _DEFAULTS.positive_weight, "SVM class weight of the positives.")
+_POSITIVE_IOU = flags.DEFINE_float(
+    "positive_iou", _DEFAULTS.positive_iou,
+    "Also train the SVMs on regions at this IoU or more as positives (not the paper's rule, "
+    "which is gt boxes only; unset: the paper's).")
 _INITIAL_NEGATIVES = flags.DEFINE_integer(
     "initial_negatives", _DEFAULTS.initial_negatives,
     "Random negatives per class the hard-negative mining starts from.")
@@ -62,6 +66,7 @@ def main(argv: list[str]) -> None:
     quiet_library_logs()
     settings = Settings(train_images=_TRAIN_IMAGES.value, svm_c=_SVM_C.value,
                         positive_weight=_POSITIVE_WEIGHT.value,
+                        positive_iou=_POSITIVE_IOU.value,
                         initial_negatives=_INITIAL_NEGATIVES.value,
                         mining_rounds=_MINING_ROUNDS.value, ridge_lambda=_RIDGE_LAMBDA.value,
                         step=_STEP.value)

@@ -109,11 +109,14 @@ def class_overlaps(boxes: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
 
 
 def svm_labels(overlaps: Any, gt_class: Any, class_id: int,
-               negative_iou: float = NEGATIVE_IOU) -> np.ndarray:
+               negative_iou: float = NEGATIVE_IOU, positive_iou: float | None = None,
+               ) -> np.ndarray:
     """Training labels `[M]` int8 of class `class_id`'s SVM: +1 for the ground-truth boxes of
     the class (`gt_class == class_id`; -1 marks a region that is not a gt box), -1 for any box
     (region or another class's gt box) with `overlaps[:, class_id] < negative_iou`, 0 (ignored)
-    otherwise: regions that overlap the class's gt boxes more are neither."""
+    otherwise: regions that overlap the class's gt boxes more are neither. `positive_iou` (not
+    the paper's rule; None: off) also makes regions with at least that overlap positives, as
+    the softmax fine-tuning's IoU >= 0.5 foreground."""
     owner = "svm_labels"
     overlaps = _matrix(owner, "overlaps", overlaps, allow_empty=True)
     gt_class = np.asarray(gt_class).reshape(-1)
@@ -126,6 +129,11 @@ def svm_labels(overlaps: Any, gt_class: Any, class_id: int,
     threshold = _iou(owner, "negative_iou", negative_iou)
     labels = np.zeros(overlaps.shape[0], np.int8)
     labels[overlaps[:, class_id] < threshold] = -1
+    if positive_iou is not None:
+        check_number(owner, "positive_iou", positive_iou,
+                     f"expected None or an IoU in [negative_iou={threshold}, 1]",
+                     low=threshold, high=1.0)
+        labels[overlaps[:, class_id] >= positive_iou] = 1
     labels[gt_class == class_id] = 1
     return labels
 
@@ -249,7 +257,8 @@ def train_svm_with_hard_negatives(
     return w, b, history
 
 
-def train_class_svms(features: Any, overlaps: Any, gt_class: Any, **mining: Any,
+def train_class_svms(features: Any, overlaps: Any, gt_class: Any,
+                     positive_iou: float | None = None, **mining: Any,
                      ) -> tuple[LinearModels, list[list[dict]]]:
     """Every class's SVM (`train_svm_with_hard_negatives` on `svm_labels`): `(LinearModels with
     weights [C, D] and bias [C], per-class mining histories)`. `features [M, D]` are already
@@ -262,7 +271,7 @@ def train_class_svms(features: Any, overlaps: Any, gt_class: Any, **mining: Any,
                       f"expected ({features.shape[0]}, C), one row per feature row")
     weights, biases, histories = [], [], []
     for c in range(overlaps.shape[1]):
-        labels = svm_labels(overlaps, gt_class, c)
+        labels = svm_labels(overlaps, gt_class, c, positive_iou=positive_iou)
         if not (labels == 1).any() or not (labels == -1).any():
             raise invalid(owner, "gt_class", f"class {c}",
                           "expected every class to have ground-truth boxes and negatives")

@@ -36,7 +36,13 @@ from absl import logging
 from cnnjax.detection import rcnn_svm
 from cnnjax.utils.files import atomic_write, read_json, write_json
 from cnnjax.utils.lock import directory_lock
-from cnnjax.utils.validation import check_number, check_positive_float, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_non_negative_int,
+    check_number,
+    check_positive_float,
+    check_positive_int,
+    invalid,
+)
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
@@ -57,6 +63,7 @@ class Settings:
     train_images: int = 1000  # the first N train scenes (features of every window kept)
     svm_c: float = 1e-3  # liblinear C, on features scaled to mean norm `feature_norm`
     positive_weight: float = 2.0  # class weight of the positives (rcnn's pos_loss_weight)
+    positive_iou: float | None = None  # None: positives are gt boxes only (the paper)
     initial_negatives: int = 5000  # random negatives the mining starts from, per class
     mining_rounds: int = 10  # at most this many mining passes per class
     ridge_lambda: float = 1000.0
@@ -71,18 +78,21 @@ class Settings:
             check_positive_int(OWNER, name, getattr(self, name))
         for name in ("svm_c", "positive_weight", "ridge_lambda", "feature_norm"):
             check_positive_float(OWNER, name, getattr(self, name))
+        if self.positive_iou is not None:
+            check_number(OWNER, "positive_iou", self.positive_iou,
+                         f"expected None or an IoU in [{rcnn_svm.NEGATIVE_IOU}, 1]",
+                         low=rcnn_svm.NEGATIVE_IOU, high=1.0)
         if self.step is not None:
-            check_number(OWNER, "step", self.step, "expected a checkpoint step >= 0 or None",
-                         low=0.0)
+            check_non_negative_int(OWNER, "step", self.step)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise invalid(OWNER, "seed", self.seed, "expected an integer")
         return self
 
     def model_settings(self) -> dict[str, Any]:
         """The fields the SVMs and regressors depend on (besides the train features)."""
-        return {k: getattr(self, k) for k in ("svm_c", "positive_weight", "initial_negatives",
-                                              "mining_rounds", "ridge_lambda", "feature_norm",
-                                              "seed")}
+        return {k: getattr(self, k) for k in ("svm_c", "positive_weight", "positive_iou",
+                                              "initial_negatives", "mining_rounds",
+                                              "ridge_lambda", "feature_norm", "seed")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +145,16 @@ def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
                                                                 jax.default_backend()))
 
 
+def params_checksum(variables: Any) -> str:
+    """A short fingerprint of the checkpoint's values (the sum of |x| over every leaf), so
+    cached features of a run that was retrained in the same workdir are not reused."""
+    import jax
+
+    total = sum(float(np.sum(np.abs(np.asarray(leaf, np.float64))))
+                for leaf in jax.tree.leaves(variables))
+    return f"{total:.10e}"
+
+
 def _split_data_config(detector: TrainedDetector, split: str | None) -> Any:
     """The run's data config reading `split` in stored order (None: its eval split)."""
     import ml_collections
@@ -163,10 +183,10 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
     from cnnjax.data import detection as data_lib
     from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
 
-    model, variables = detector.model, detector.variables
+    model = detector.model
 
     @jax.jit
-    def features(images, gt_boxes):
+    def features(variables, images, gt_boxes):
         with conv_impl_context(detector.conv_impl):
             windows = model.apply(variables, images, method="windows")
             rois = jnp.concatenate([windows, gt_boxes], axis=1)
@@ -175,7 +195,8 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
     for batch in data_lib.eval_batches(_split_data_config(detector, split),
                                        global_batch_size=batch_size, num_devices=1):
         batch = {k: v[0] for k, v in batch.items()}  # one device
-        regions, windows = jax.device_get(features(batch["image"], batch["boxes"]))
+        regions, windows = jax.device_get(
+            features(detector.variables, batch["image"], batch["boxes"]))
         keep = batch["mask"] > 0
         yield ({k: v[keep] for k, v in batch.items()},
                type(regions)(*(np.asarray(a)[keep] for a in regions)), np.asarray(windows))
@@ -237,7 +258,8 @@ def train_models(train: dict[str, np.ndarray], num_classes: int, settings: Setti
     fc7_scale = rcnn_svm.feature_scale(train["fc7"], settings.feature_norm)
     svms, histories = rcnn_svm.train_class_svms(
         train["fc7"] * np.float32(fc7_scale), train["overlaps"], train["gt_class"],
-        c=settings.svm_c, positive_weight=settings.positive_weight,
+        positive_iou=settings.positive_iou, c=settings.svm_c,
+        positive_weight=settings.positive_weight,
         initial_negatives=settings.initial_negatives, max_rounds=settings.mining_rounds,
         seed=settings.seed)
     pool5_scale = rcnn_svm.feature_scale(train["reg_pool5"], settings.feature_norm)
@@ -353,7 +375,8 @@ def run_rcnn_svm(workdir: str, output_dir: str | None = None,
         try:
             results = _run(detector, output_dir, settings, status_path)
         except BaseException as err:
-            write_json(status_path, {"status": "failed", "error": type(err).__name__,
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            write_json(status_path, {"status": status, "error": type(err).__name__,
                                      "message": str(err)})
             raise
         write_json(status_path, {"status": "completed"})
@@ -364,6 +387,7 @@ def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
          status_path: str) -> dict:
     started = time.time()
     source = {"workdir": detector.workdir, "step": detector.step, "model": detector.config.model,
+              "params_checksum": params_checksum(detector.variables),
               "version": FEATURE_VERSION}
     split = train_split(detector, settings.train_images)
     train_key = {**source, "split": split}
@@ -400,7 +424,9 @@ def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
         "train": {
             "split": split,
             "regions": int(len(train["fc7"])),
-            "positives": [int(np.sum(train["gt_class"] == c)) for c in classes],
+            "positives": [int(np.sum(rcnn_svm.svm_labels(train["overlaps"], train["gt_class"], c,
+                                                         positive_iou=settings.positive_iou) == 1))
+                          for c in classes],
             "negatives": [int(np.sum(train["overlaps"][:, c] < rcnn_svm.NEGATIVE_IOU))
                           for c in classes],
             "regression_pairs": models_meta["regression_pairs"],
@@ -442,10 +468,12 @@ def report(results: dict) -> str:
         lines.append(f"| {ARM_LABELS[arm]} | {m['map50']:.3f} | {m['map']:.3f} | "
                      f"{m['coco_map50']:.3f} | {m['coco_map75']:.3f} | {per_class} |")
     rounds = [len(h) for h in results["mining"]]
+    positives = ("gt boxes, the paper's rule" if s.get("positive_iou") is None
+                 else f"gt boxes and regions at IoU >= {s['positive_iou']:g}, not the paper's")
     lines += [
         "",
         f"Training: {train['split']}: {train['regions']:,} regions (every window and gt box); "
-        f"positives (gt boxes) per class {train['positives']}, negatives (IoU < "
+        f"positives ({positives}) per class {train['positives']}, negatives (IoU < "
         f"{rcnn_svm.NEGATIVE_IOU}) per class {train['negatives']}; ridge pairs (IoU >= "
         f"{rcnn_svm.REGRESSION_IOU}) per class {train['regression_pairs']}.",
         f"SVM: C={s['svm_c']:g}, positive weight {s['positive_weight']:g}, features scaled to "

@@ -180,7 +180,8 @@ class FastRCNN(_ProposalDetector):
 
 class RCNN(_ProposalDetector):
     """R-CNN: each region warped from the image to `warp_size` and classified by its own CNN
-    pass (`VGGFeatures(cnn_stages)` then `BoxHead`)."""
+    pass (`VGGFeatures(cnn_stages)` then `BoxHead`). `region_features` exposes pool5 and fc7 for
+    the paper's SVM + ridge stage (`cnnjax.detection.rcnn_svm`)."""
 
     proposal_stride: int = 8
     roi_samples: int = 32  # each RoI costs a whole CNN pass

@@ -93,6 +93,11 @@ def test_svm_labels_positives_are_gt_only_negatives_below_0_3():
     # negative of class 1.
     np.testing.assert_array_equal(rcnn_svm.svm_labels(overlaps, gt_class, 1),
                                   [-1, -1, -1, 0, 0, -1, 1])
+    # Not the paper's rule: regions at IoU >= positive_iou are positives too (0.3 still ignored).
+    np.testing.assert_array_equal(rcnn_svm.svm_labels(overlaps, gt_class, 0, positive_iou=0.5),
+                                  [1, 0, -1, -1, -1, 1, -1])
+    np.testing.assert_array_equal(rcnn_svm.svm_labels(overlaps, gt_class, 1, positive_iou=0.5),
+                                  [-1, -1, -1, 1, 1, -1, 1])
 
 
 def test_regression_targets_select_iou_0_6_and_encode_the_best_gt():
@@ -146,6 +151,10 @@ def test_feature_scale_gives_mean_norm_20():
      r"fit_ridge: y.shape=\(2, 4\) is invalid; expected finite targets with 3 rows"),
     (lambda: rcnn_svm.svm_labels(np.zeros((2, 3)), [-1, -1], 3),
      r"svm_labels: class_id=3 is invalid; expected a class in \[0, 3\)"),
+    (lambda: rcnn_svm.svm_labels(np.zeros((2, 3)), [-1, -1], 0, positive_iou=0.2),
+     r"svm_labels: positive_iou=0.2 is invalid; expected None or an IoU in \[negative_iou=0.3"),
+    (lambda: run_lib.Settings(positive_iou=1.5).check(),
+     r"rcnn_svm: positive_iou=1.5 is invalid; expected None or an IoU in \[0.3, 1\]"),
     (lambda: rcnn_svm.class_overlaps(np.zeros((2, 4)), [A], [5], [True], 2),
      r"class_overlaps: gt_labels=\[5\] is invalid; expected classes in \[0, 2\)"),
     (lambda: rcnn_svm.regression_targets(np.zeros((2, 3)), [A], [0], [True]),
