@@ -96,6 +96,11 @@ def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     return spec, source, pipeline._transforms(spec, source), max_boxes
 
 
+def eval_split_name(data_config: Any) -> str:
+    """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
+    return pipeline.eval_split_name(_split(data_config)[0])
+
+
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
     """`pipeline.get_dataset_info` of the config without its detection fields, named after the
     tfds dataset when `tfds_name` overrides the preset's (e.g. `shapes_multi`)."""

@@ -587,6 +587,11 @@ def _options() -> tf.data.Options:
 
 
 # ----------------------------------------------------------------------------------- public
+def eval_split_name(data_config: Any) -> str:
+    """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
+    return _resolve(data_config).eval_split
+
+
 def get_dataset_info(data_config: Any) -> DatasetInfo:
     """Resolves `data_config` and returns the dataset's classes, output shape and split sizes.
 

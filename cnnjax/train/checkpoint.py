@@ -208,20 +208,22 @@ class Checkpointer:
 
 # ------------------------------------------------------------------ another run's checkpoints
 class SourceCheckpoints:
-    """Read-only view of another run's `<workdir>/checkpoints` (for `config.init_from`).
+    """Read-only view of another run's `<workdir>/checkpoints` (for `config.init_from` and
+    `cnnjax.train.trained`).
 
     Opens orbax in read-only mode (no temporary-directory cleanup, no deletions), so warm-starting
     from a run that is still training cannot disturb it. Raises a ValueError naming where it
     looked if `workdir` has no complete checkpoint.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, owner: str = "init_from"):
+        self.owner = owner  # names the caller in errors
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         if not os.path.isdir(self.directory):
             what = "does not exist" if not os.path.exists(self.workdir) else "has no checkpoints"
             raise ValueError(
-                f"init_from: workdir={workdir!r} is invalid; it {what} (looked for checkpoints "
+                f"{owner}: workdir={workdir!r} is invalid; it {what} (looked for checkpoints "
                 f"in {self.directory!r}); expected the --workdir of a run that saved checkpoints."
             )
         options = ocp.CheckpointManagerOptions(
@@ -234,7 +236,7 @@ class SourceCheckpoints:
         if not self.steps:
             self.close()
             raise ValueError(
-                f"init_from: workdir={workdir!r} is invalid; it has no complete checkpoint "
+                f"{owner}: workdir={workdir!r} is invalid; it has no complete checkpoint "
                 f"(looked in {self.directory!r}); expected the --workdir of a run that saved "
                 "checkpoints."
             )
@@ -243,7 +245,7 @@ class SourceCheckpoints:
         """Returns `step` if a checkpoint exists there, else raises listing the available ones."""
         if step not in self.steps:
             raise ValueError(
-                f"init_from: step={step!r} is invalid; {self.directory!r} has checkpoints at "
+                f"{self.owner}: step={step!r} is invalid; {self.directory!r} has checkpoints at "
                 f"steps {self.steps}."
             )
         return step

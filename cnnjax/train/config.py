@@ -332,6 +332,18 @@ class CheckedConfig:
     variable_shapes: Any  # jax.eval_shape of the variables; only for init_from / freeze
 
 
+def data_pipeline(config: Any) -> Any:
+    """The input module of `config`'s task: `cnnjax.data.pipeline`, or `cnnjax.data.detection`
+    (the same API: get_dataset_info, train_batches, eval_batches, eval_split_name)."""
+    if config_task(config) == "detection":
+        from cnnjax.data import detection
+
+        return detection
+    from cnnjax.data import pipeline
+
+    return pipeline
+
+
 def check_config(config: Any) -> CheckedConfig:
     """Runs every check `train_and_evaluate` runs before compiling; raises the same ValueErrors.
 
@@ -353,11 +365,7 @@ def check_config(config: Any) -> CheckedConfig:
 
     validate_config(config)
     task = config_task(config)
-    # Heavy (TensorFlow): imported once the config is sane. Both modules have the same API.
-    if task == "detection":
-        from cnnjax.data import detection as pipeline
-    else:
-        from cnnjax.data import pipeline
+    pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
     info = model_info(config.model)  # unknown model -> ValueError listing names
     if info.task != task:
         raise ValueError(

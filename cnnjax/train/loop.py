@@ -126,6 +126,16 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
         raise
 
 
+def evaluate_variables(config: Any, variables: dict) -> dict:
+    """The engine's evaluation of a model: `config`'s model with `variables` (`{'params',
+    'batch_stats'}`) over `config.data`'s whole eval split, on all devices, padded batches
+    masked; classification loss/top1/top5 or detection map50/map. Checks the config first;
+    writes nothing."""
+    run = _Run(config, workdir="", started=time.time())
+    run.setup(prepare_workdir=False)
+    return run.evaluate_variables(variables)
+
+
 def _write_summary(workdir: str, summary: dict) -> None:
     """Atomically (re)writes `<workdir>/summary.json`, creating the workdir if needed."""
     os.makedirs(workdir, exist_ok=True)
@@ -231,8 +241,9 @@ class _Run:
         self.is_primary = jax.process_index() == 0
 
     # ------------------------------------------------------------------------------- setup
-    def setup(self) -> None:
-        """Every pre-compilation check (`config.check_config`), then the workdir."""
+    def setup(self, prepare_workdir: bool = True) -> None:
+        """Every pre-compilation check (`config.check_config`), then the workdir (unless
+        `prepare_workdir` is False: evaluating a finished run writes nothing there)."""
         checked = config_lib.check_config(self.config)
         self.task, self.pipeline = checked.task, checked.pipeline
         self.data_info = checked.data_info
@@ -242,9 +253,10 @@ class _Run:
         self.variable_shapes = checked.variable_shapes
         self.parallel = DataParallel(self.config.parallel, checked.devices)
         self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
-        self.prepare_workdir()
-        # Multi-host: no process looks for checkpoints before process 0 has applied `restart`.
-        _sync_processes("cnnjax:workdir_prepared")
+        if prepare_workdir:
+            self.prepare_workdir()
+            # Multi-host: no process looks for checkpoints before process 0 applied `restart`.
+            _sync_processes("cnnjax:workdir_prepared")
 
     def prepare_workdir(self) -> None:
         """Honours `restart`, refuses checkpoints of an incompatible config, saves the config."""
@@ -355,6 +367,28 @@ class _Run:
         )
         return loaded, record
 
+    # --------------------------------------------------------------------------------- steps
+    def steps(self) -> tuple[Any, Any]:
+        """`(p_train, p_eval)`: the per-device steps wrapped for all devices (compiled lazily,
+        at their first call); for detection `p_eval` returns the detections."""
+        config, parallel = self.config, self.parallel
+        conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
+        if self.task == "detection":
+            train_step, predict_step = make_detection_steps(
+                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
+            )
+            return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
+        train_step, eval_step = make_steps(
+            self.model,
+            self.tx,
+            self.schedule,
+            AXIS_NAME,
+            float(config.label_smoothing),
+            float(config.aux_loss_weight),
+            conv_impl,
+        )
+        return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+
     # --------------------------------------------------------------------------------- eval
     def eval_batches(self) -> Iterator[dict]:
         """One pass over this process's share of the eval split, padded batches masked."""
@@ -397,6 +431,13 @@ class _Run:
         if evaluator.num_images == 0:
             raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
         return evaluator.compute() | {"num_examples": float(evaluator.num_images)}
+
+    def evaluate_variables(self, variables: dict) -> dict:
+        """`evaluate` of the model with `variables` (`{'params', 'batch_stats'}`)."""
+        host_state = jax.device_get(create_train_state(
+            self.model, self.tx, jax.random.PRNGKey(self.config.seed), (1, *self.image_shape)))
+        host_state = warm_start(jax.tree.map(np.asarray, host_state), variables)
+        return self.evaluate(self.parallel.replicate(host_state), self.steps()[1])
 
     # --------------------------------------------------------------------------------- main
     def run(self) -> dict:
@@ -453,24 +494,7 @@ class _Run:
             for r in logger.records
             if r["split"] == "eval"
         ]
-        conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
-        if self.task == "detection":
-            train_step, predict_step = make_detection_steps(
-                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
-            )
-            p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
-        else:
-            train_step, eval_step = make_steps(
-                self.model,
-                self.tx,
-                self.schedule,
-                AXIS_NAME,
-                float(config.label_smoothing),
-                float(config.aux_loss_weight),
-                conv_impl,
-            )
-            p_train, p_eval = parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
-
+        p_train, p_eval = self.steps()
         batches = self.pipeline.train_batches(
             config.data,
             global_batch_size=config.global_batch_size,

@@ -143,6 +143,7 @@ def fake_pipeline_module() -> types.ModuleType:
     module.get_dataset_info = get_dataset_info
     module.train_batches = train_batches
     module.eval_batches = eval_batches
+    module.eval_split_name = lambda data_config: "eval"
     return module
 
 

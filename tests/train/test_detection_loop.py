@@ -75,6 +75,7 @@ def fake_detection_data(monkeypatch):
     module.get_dataset_info = _info
     module.train_batches = _train_batches
     module.eval_batches = _eval_batches
+    module.eval_split_name = lambda data_config: "eval"
     monkeypatch.setitem(sys.modules, "cnnjax.data.detection", module)
     monkeypatch.setattr(cnnjax.data, "detection", module, raising=False)
     helpers.install_fake_pipeline(monkeypatch)  # classification configs: the synthetic set
@@ -120,6 +121,22 @@ def test_detection_run_reports_map(tmp_path):
     assert summary["best"] == {"metric": "map50", "value": best["map50"], "step": best["step"]}
     assert str(best["step"]) in [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+
+
+def test_a_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path):
+    from cnnjax.train.trained import evaluate_trained, load_trained
+
+    summary = loop.train_and_evaluate(_config(), str(tmp_path))
+    result = evaluate_trained(str(tmp_path))
+    assert (result["step"], result["checkpoint"]) == (summary["best"]["step"], "best")
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (at_best,) = [r for r in logged if r["split"] == "eval" and r["step"] == result["step"]]
+    for name in ("map50", "map", "coco_map75", "num_examples"):
+        np.testing.assert_allclose(result[name], at_best[name], rtol=1e-6, err_msg=name)
+    run = load_trained(str(tmp_path))
+    images = np.asarray(_examples("eval", 3)["image"])
+    detections = run.apply(images, method="detect")
+    assert detections.boxes.shape == (3, 8, 4)  # max_detections=8 per image
 
 
 @pytest.mark.slow

@@ -1,0 +1,98 @@
+"""A training run's workdir as a model to use: `load_trained(workdir)`, `evaluate_trained(...)`.
+
+`load_trained` reads the run's `config.json`, builds its model as the engine did
+(`config.check_config`) and loads the params and BatchNorm statistics of its best checkpoint (by
+the run's `best_metric`; else the newest; or a requested step) through the read-only
+`SourceCheckpoints` that `init_from` uses, so a run that is still training is not disturbed.
+`evaluate_trained` runs the engine's own evaluation of it (all devices, padded batches masked;
+top-1/top-5 or mAP) on the run's eval split or any other split of its dataset.
+
+    run = load_trained("workdirs/lenet5_digits")
+    logits = run.apply(images)                        # classification: [N, num_classes]
+    detections = run.apply(images, method="detect")   # a detector's fixed-size Detections
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from cnnjax.train import config as config_lib
+from cnnjax.train.checkpoint import SourceCheckpoints
+from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE, evaluate_variables
+from cnnjax.train.state import WARM_START_COLLECTIONS
+from cnnjax.utils.files import read_json
+from cnnjax.utils.validation import check_positive_int, invalid
+
+_OWNER = "load_trained"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A run's model and the variables of one of its checkpoints."""
+
+    workdir: str
+    config: ml_collections.ConfigDict  # as saved in config.json
+    model: Any  # the flax module, built as the engine builds it
+    variables: dict  # {'params', 'batch_stats'} (NumPy)
+    step: int
+    how: str  # 'best', 'latest' or 'requested'
+
+    def apply(self, images: Any, method: str | None = None, **kwargs: Any) -> Any:
+        """Inference: `model(images, train=False)` (BatchNorm running statistics, no dropout),
+        or the inference method `method` of the model, e.g. a detector's 'detect'."""
+        if method is None:
+            return self.model.apply(self.variables, images, train=False, **kwargs)
+        return self.model.apply(self.variables, images, method=method, **kwargs)
+
+
+def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
+    """The model of the run in `workdir` with its best checkpoint's variables (or `step`'s).
+
+    Raises a ValueError naming the problem if `workdir` is not a training run's, its config no
+    longer checks, or it has no (such) checkpoint.
+    """
+    if step is not None:
+        step = check_positive_int(_OWNER, "step", step)
+    saved = read_json(os.path.join(workdir, CONFIG_FILE))
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"expected the --workdir of a training run (no readable {CONFIG_FILE} with "
+                      "a model in it)")
+    if (read_json(os.path.join(workdir, SUMMARY_FILE)) or {}).get("status") == "converted":
+        raise invalid(_OWNER, "workdir", workdir,
+                      "it holds converted torchvision weights, not a training run: pass it as "
+                      "--config.init_from.workdir of a run instead")
+    config = ml_collections.ConfigDict({**config_lib.LEGACY_DEFAULTS, **saved})
+    checked = config_lib.check_config(config)
+    source = SourceCheckpoints(workdir, owner=_OWNER)
+    try:
+        chosen, how = source.choose_step(step, config.get("best_metric"),
+                                         config.get("best_mode", "max"))
+        variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
+    finally:
+        source.close()
+    variables = {name: variables.get(name, {}) for name in WARM_START_COLLECTIONS}
+    return TrainedRun(os.path.abspath(workdir), config, checked.model, variables, chosen, how)
+
+
+def evaluate_trained(workdir: str, step: int | None = None, split: str | None = None,
+                     eval_batch_size: int | None = None) -> dict:
+    """The engine's eval metrics of `load_trained(workdir, step)` on `split` of the run's
+    dataset (None: the run's own eval split), plus which checkpoint and split they are of."""
+    run = load_trained(workdir, step)
+    config = ml_collections.ConfigDict(run.config.to_dict())
+    if split is not None:
+        if not isinstance(split, str) or not split:
+            raise invalid("evaluate", "split", split, "expected a tfds split such as 'test'")
+        config.data.eval_split = split
+    if eval_batch_size is not None:
+        config.eval_batch_size = check_positive_int("evaluate", "eval_batch_size",
+                                                    eval_batch_size)
+    metrics = evaluate_variables(config, run.variables)  # checks the split exists first
+    split = config_lib.data_pipeline(config).eval_split_name(config.data)
+    return {"workdir": run.workdir, "model": config.model, "dataset": config.data.name,
+            "split": split, "step": run.step, "checkpoint": run.how, **metrics}

@@ -1,0 +1,52 @@
+"""Evaluate a training run's checkpoint on a split of its dataset (no training).
+
+    python -m experiments.evaluate --workdir=workdirs/lenet5_digits [--split=test] [--step=N]
+
+Loads the run's best checkpoint (by its config's best_metric; else its newest; or --step), runs
+the engine's own evaluation on --split (default: the run's eval split) and prints the metrics.
+They are also written to <workdir>/eval/<split>_step<N>.json (--output overrides the path); the
+run's own files are only read, so a run still training can be evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from cnnjax.platform import configure_cpu_defaults
+
+configure_cpu_defaults()
+
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
+_SPLIT = flags.DEFINE_string("split", None, "tfds split, e.g. 'test' (default: the run's).")
+_BATCH = flags.DEFINE_integer("eval_batch_size", None, "Default: the run's eval batch size.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: <workdir>/eval/...json).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from cnnjax.train.logging import quiet_library_logs
+    from cnnjax.train.trained import evaluate_trained
+    from cnnjax.utils.files import write_json
+
+    quiet_library_logs()
+    try:
+        result = evaluate_trained(_WORKDIR.value, _STEP.value, _SPLIT.value, _BATCH.value)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
+                                           f"{result['split']}_step{result['step']}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    write_json(output, result)
+    print(json.dumps(result, indent=2, default=float))
+    print(f"Written to {output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,95 @@
+"""`cnnjax.train.trained`: a run's workdir loaded as a model, and evaluated by the engine's eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.train import loop
+from cnnjax.train.checkpoint import SourceCheckpoints
+from cnnjax.train.trained import evaluate_trained, load_trained
+from tests.train import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished 12-step run (evals at 6 and 12, checkpoints at 4, 6, 8, 12: last 3 + best)."""
+    loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+    return tmp_path
+
+
+def _evals(workdir):
+    return {r["step"]: r for r in map(json.loads, (workdir / "metrics.jsonl").read_text()
+                                          .splitlines()) if r["split"] == "eval"}
+
+
+def _listing(directory):
+    return sorted((str(p.relative_to(directory)), p.stat().st_mtime_ns)
+                  for p in directory.rglob("*"))
+
+
+def test_the_best_checkpoint_evaluates_to_the_eval_the_run_logged_at_its_step(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run = load_trained(str(run_dir))
+    assert (run.step, run.how) == (summary["best"]["step"], "best")
+    before = _listing(run_dir)
+    result = evaluate_trained(str(run_dir))
+    assert _listing(run_dir) == before  # read only: nothing written, moved or deleted
+    logged = _evals(run_dir)[run.step]
+    assert (result["step"], result["checkpoint"], result["split"]) == (run.step, "best", "eval")
+    for name in ("loss", "top1", "top5", "num_examples"):
+        np.testing.assert_allclose(result[name], logged[name], rtol=1e-6, err_msg=name)
+
+
+def test_a_requested_step_and_apply(run_dir):
+    steps = SourceCheckpoints(str(run_dir)).steps
+    assert 6 in steps  # an eval step: the logged eval is the reference
+    result = evaluate_trained(str(run_dir), step=6)
+    assert (result["step"], result["checkpoint"]) == (6, "requested")
+    np.testing.assert_allclose(result["top1"], _evals(run_dir)[6]["top1"], rtol=1e-6)
+    run = load_trained(str(run_dir), step=6)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(5, *helpers.IMAGE_SHAPE)),
+                         jnp.float32)
+    logits = run.apply(images)
+    assert logits.shape == (5, helpers.NUM_CLASSES) and bool(jnp.isfinite(logits).all())
+    np.testing.assert_array_equal(run.apply(images), logits)  # inference mode: deterministic
+
+
+def test_bad_workdirs_and_steps_are_named(run_dir, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(ValueError, match=r"^load_trained: workdir=.* is invalid; expected the "
+                                         r"--workdir of a training run \(no readable config"):
+        load_trained(str(empty))
+    with pytest.raises(ValueError, match=r"^load_trained: step=5 is invalid; .* has checkpoints "
+                                         r"at steps \[.*\]"):
+        load_trained(str(run_dir), step=5)
+    with pytest.raises(ValueError, match=r"^load_trained: step=0 is invalid"):
+        load_trained(str(run_dir), step=0)
+    with pytest.raises(ValueError, match=r"^evaluate: split='' is invalid"):
+        evaluate_trained(str(run_dir), split="")
+    converted = tmp_path_factory.mktemp("converted")
+    (converted / "config.json").write_text(json.dumps({"model": "resnet18"}))
+    (converted / "summary.json").write_text(json.dumps({"status": "converted"}))
+    with pytest.raises(ValueError, match=r"it holds converted torchvision weights, not a "
+                                         r"training run: pass it as --config.init_from.workdir"):
+        load_trained(str(converted))
+
+
+def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.evaluate",
+                             f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
