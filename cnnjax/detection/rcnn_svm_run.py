@@ -15,9 +15,10 @@ same NMS / mAP code (`DetectionEvaluator`):
 Memory: every one of the 149 windows of a train scene is kept (fc7 only; pool5 only for the
 regression pairs), ~0.15 GB of features per 1,000 scenes, and mining scans all of them.
 
-Output directory (the workdir itself is never written):
+Output directory (nothing else in the run's workdir is written; checkpoints are read-only):
     features_train.npz  features_test.npz  models.npz   cached artifacts, each holding the
-                        settings it was made with; reused when they match, else remade (logged)
+                        settings it was made with; reused when they match, else remade
+                        with a printed line naming the changed settings
     results.json  report.md   the metrics of every arm, mining history, timings
     status.json               the stage it is at, or why it stopped
 """
@@ -46,7 +47,7 @@ from cnnjax.utils.validation import (
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
-FEATURE_VERSION = 1  # bump when what extract_features stores changes
+FEATURE_VERSION = 1  # bump when what extract_*_features store changes
 ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
 ARM_LABELS = {
     "softmax": "softmax head (the engine's detector)",
@@ -133,8 +134,15 @@ def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
     if not hasattr(checked.model, "region_features"):
         raise invalid(OWNER, "workdir", workdir,
                       f"expected a run of an R-CNN (rcnn_small); it trained {config.model!r}")
-    source = SourceCheckpoints(workdir)
     try:
+        source = SourceCheckpoints(workdir)
+    except ValueError as err:  # its message names init_from, the engine's flag
+        raise invalid(OWNER, "workdir", workdir,
+                      f"expected a run that saved checkpoints ({err})") from None
+    try:
+        if step is not None and step not in source.steps:
+            raise invalid(OWNER, "step", step,
+                          f"expected one of the run's checkpoint steps {source.steps}")
         chosen, how = source.choose_step(step, config.get("best_metric"),
                                          config.get("best_mode", "max"))
         variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
