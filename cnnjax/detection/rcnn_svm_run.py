@@ -1,7 +1,7 @@
 """`run_rcnn_svm`: R-CNN's SVM + ridge stage (`rcnn_svm`) on a finished `rcnn_small` run.
 
-Loads the run's best checkpoint read-only, the way `init_from` does (`SourceCheckpoints`; the
-model and data from its `config.json` through `config.check_config`), extracts fc7 and pool5
+Loads the run's model and best checkpoint read-only (`cnnjax.train.trained.load_trained`),
+extracts fc7 and pool5
 features of the external windows and ground-truth boxes of the first `train_images` train
 scenes (`RCNN.region_features`), trains the per-class SVMs with hard-negative mining and the
 ridge box regressors, and evaluates on the whole eval split, with the same windows and the
@@ -35,10 +35,9 @@ import numpy as np
 from absl import logging
 
 from cnnjax.detection import rcnn_svm
-from cnnjax.utils.files import atomic_write, read_json, write_json
+from cnnjax.utils.files import atomic_write, write_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import (
-    check_non_negative_int,
     check_number,
     check_positive_float,
     check_positive_int,
@@ -70,7 +69,7 @@ class Settings:
     ridge_lambda: float = 1000.0
     feature_norm: float = rcnn_svm.PAPER_FEATURE_NORM
     batch_size: int = 16  # images per feature-extraction call
-    step: int | None = None  # checkpoint step; None: the run's best (else latest)
+    step: int | None = None  # checkpoint step (`load_trained`); None: the run's best
     seed: int = 0
 
     def check(self) -> Settings:
@@ -84,7 +83,7 @@ class Settings:
                          f"expected None or an IoU in [{rcnn_svm.NEGATIVE_IOU}, 1]",
                          low=rcnn_svm.NEGATIVE_IOU, high=1.0)
         if self.step is not None:
-            check_non_negative_int(OWNER, "step", self.step)
+            check_positive_int(OWNER, "step", self.step)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise invalid(OWNER, "seed", self.seed, "expected an integer")
         return self
@@ -112,45 +111,23 @@ class TrainedDetector:
 
 # ----------------------------------------------------------------------------- the model
 def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
-    """The R-CNN of a finished run in `workdir`: its config.json checked and its model built by
-    `config.check_config` (as the engine does), its best (or `step`'s) checkpoint's params and
-    batch_stats read read-only by `SourceCheckpoints` (as `init_from` does)."""
+    """The R-CNN of a finished run in `workdir`, from `cnnjax.train.trained.load_trained` (its
+    config.json's model built as the engine does, the best or `step`'s checkpoint read
+    read-only), plus its dataset's info and the engine's conv lowering."""
     import jax
-    import ml_collections
 
     from cnnjax.layers.conv_impl import resolve_conv_impl
     from cnnjax.train import config as config_lib
-    from cnnjax.train.checkpoint import SourceCheckpoints
-    from cnnjax.train.loop import CONFIG_FILE
-    from cnnjax.train.state import WARM_START_COLLECTIONS
+    from cnnjax.train.trained import load_trained
 
-    saved = read_json(os.path.join(workdir, CONFIG_FILE))
-    if not isinstance(saved, dict):
+    run = load_trained(workdir, step)
+    if not hasattr(run.model, "region_features"):
         raise invalid(OWNER, "workdir", workdir,
-                      f"expected the --workdir of a finished training run (no readable "
-                      f"{CONFIG_FILE} in it)")
-    config = ml_collections.ConfigDict(saved)
-    checked = config_lib.check_config(config)
-    if not hasattr(checked.model, "region_features"):
-        raise invalid(OWNER, "workdir", workdir,
-                      f"expected a run of an R-CNN (rcnn_small); it trained {config.model!r}")
-    try:
-        source = SourceCheckpoints(workdir)
-    except ValueError as err:  # its message names init_from, the engine's flag
-        raise invalid(OWNER, "workdir", workdir,
-                      f"expected a run that saved checkpoints ({err})") from None
-    try:
-        if step is not None and step not in source.steps:
-            raise invalid(OWNER, "step", step,
-                          f"expected one of the run's checkpoint steps {source.steps}")
-        chosen, how = source.choose_step(step, config.get("best_metric"),
-                                         config.get("best_mode", "max"))
-        variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
-    finally:
-        source.close()
-    return TrainedDetector(os.path.abspath(workdir), config, checked.model, variables, chosen, how,
-                           checked.data_info, resolve_conv_impl(config.conv_impl,
-                                                                jax.default_backend()))
+                      f"expected a run of an R-CNN (rcnn_small); it trained {run.config.model!r}")
+    data_info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
+    return TrainedDetector(run.workdir, run.config, run.model, run.variables, run.step, run.how,
+                           data_info, resolve_conv_impl(run.config.conv_impl,
+                                                        jax.default_backend()))
 
 
 def params_checksum(variables: Any) -> str:

@@ -310,12 +310,12 @@ def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, cap
     with pytest.raises(ValueError, match=r"rcnn_svm: train_images=13 is invalid; expected at "
                                          r"most the 12 train scenes of 'boxes'"):
         run_lib.run_rcnn_svm(str(tiny_workdir), None, run_lib.Settings(train_images=13))
-    with pytest.raises(ValueError, match=r"rcnn_svm: step=7 is invalid; expected one of the "
-                                         r"run's checkpoint steps \[3\]"):
+    with pytest.raises(ValueError, match=r"load_trained: step=7 is invalid; .* has checkpoints "
+                                         r"at steps \[3\]"):
         run_lib.run_rcnn_svm(str(tiny_workdir), None, run_lib.Settings(step=7))
     empty = tmp_path / "no_checkpoints"
     empty.mkdir()
     (empty / "config.json").write_text((tiny_workdir / "config.json").read_text())
-    with pytest.raises(ValueError, match=r"rcnn_svm: workdir='.*no_checkpoints' is invalid; "
-                                         r"expected a run that saved checkpoints"):
+    with pytest.raises(ValueError, match=r"load_trained: workdir='.*no_checkpoints' is invalid; "
+                                         r"it has no checkpoints"):
         run_lib.run_rcnn_svm(str(empty))
