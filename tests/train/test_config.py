@@ -339,7 +339,7 @@ def test_check_config_refuses_what_the_loop_refuses_with_the_same_message(
     with pytest.raises(ValueError) as trained:
         loop.train_and_evaluate(make(), str(tmp_path))
     assert str(trained.value) == str(checked.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.lock", "summary.json"]
 
 
 def test_check_config_returns_what_the_loop_trains_with(tmp_path, monkeypatch):
