@@ -65,14 +65,15 @@ class RpnOutputs(NamedTuple):
 
 class BoxHead(nn.Module):
     """Fast R-CNN's head on pooled RoIs `[R, h, w, C]`: fc6, fc7 (+ ReLU), then class logits
-    `[R, C + 1]` (0 = background) and class-specific deltas `[R, C + 1, 4]` (float32)."""
+    `[R, C + 1]` (0 = background) and class-specific deltas `[R, C + 1, 4]` (float32); with
+    `return_fc7` also the fc7 activations `[R, features]` (R-CNN's SVM features)."""
 
     num_classes: int
     features: int = 256
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, pooled: Array) -> tuple[Array, Array]:
+    def __call__(self, pooled: Array, return_fc7: bool = False) -> tuple[Array, ...]:
         x = pooled.reshape(pooled.shape[0], -1)
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc6")(x))
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc7")(x))
@@ -80,7 +81,8 @@ class BoxHead(nn.Module):
                           kernel_init=nn.initializers.normal(0.01), name="class_logits")(x)
         deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.001), name="box_deltas")(x)
-        return logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(x.shape[0], -1, 4)
+        out = (logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(x.shape[0], -1, 4))
+        return (*out, x.astype(jnp.float32)) if return_fc7 else out
 
 
 def pool_rois(features: Array, rois: Array, output_size: int, spatial_scale: float) -> Array:

@@ -217,23 +217,12 @@ class RCNN(_ProposalDetector):
     def region_features(self, images: Array, rois: Array) -> RegionFeatures:
         """Eval-mode features and head outputs of every RoI `[N, R, 4]` (one CNN pass each):
         flattened pool5, fc7 after its ReLU (the paper's SVM features), and the same logits and
-        deltas `score` gives. fc7 is read off `BoxHead`'s `fc7` layer as it runs
-        (`nn.intercept_methods`), so the head's code and parameters are the engine's."""
+        deltas `score` gives."""
         n, r = rois.shape[:2]
         pool5 = self.warped_features(images, rois, train=False)
-        fc7 = []
-
-        def keep_fc7(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
-            out = call(*args, **kwargs)
-            if context.module.name == "fc7" and context.method_name == "__call__":
-                fc7.append(out)
-            return out
-
-        with nn.intercept_methods(keep_fc7):
-            logits, deltas = self.head(pool5)
+        logits, deltas, fc7 = self.head(pool5, return_fc7=True)
         return RegionFeatures(
-            pool5=pool5.reshape(n, r, -1).astype(jnp.float32),
-            fc7=nn.relu(fc7[0]).reshape(n, r, -1).astype(jnp.float32),
+            pool5=pool5.reshape(n, r, -1).astype(jnp.float32), fc7=fc7.reshape(n, r, -1),
             logits=logits.reshape(n, r, -1), deltas=deltas.reshape(n, r, -1, 4))
 
 
