@@ -41,3 +41,16 @@ def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(fig.number)
     assert os.listdir(tmp_path) == ["f.png"]
+
+
+def test_atomic_file_leaves_the_old_file_and_no_temporary_when_the_writer_fails(tmp_path):
+    import pytest
+
+    path = str(tmp_path / "a.bin")
+    with files.atomic_file(path, "wb") as f:
+        f.write(b"old")
+    with pytest.raises(RuntimeError), files.atomic_file(path, "wb") as f:
+        f.write(b"half of the new")
+        raise RuntimeError("killed mid-write")
+    assert (tmp_path / "a.bin").read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["a.bin"]

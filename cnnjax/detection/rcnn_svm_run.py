@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from cnnjax.detection import rcnn_svm
-from cnnjax.utils.files import atomic_write, write_json
+from cnnjax.utils.files import atomic_file, atomic_write, write_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import (
     check_number,
@@ -296,12 +296,10 @@ def evaluate_arms(test: dict[str, np.ndarray], models: dict[str, Any], detector:
 
 # ------------------------------------------------------------------------------- caching
 def save_npz(path: str, arrays: dict[str, Any], meta: dict) -> None:
-    """Writes `arrays` and the JSON `meta` (the settings they were made with) to a temp file
-    next to `path` and renames it over `path` (`files.atomic_write` for .npz)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    """Writes `arrays` and the JSON `meta` (the settings they were made with) to `path`
+    atomically."""
+    with atomic_file(path, "wb") as f:
         np.savez(f, meta=np.asarray(json.dumps(meta, default=float)), **arrays)
-    os.replace(tmp, path)
 
 
 def load_npz(path: str, key: dict) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -6,18 +6,32 @@ target and renamed over it, so a reader (or a rerun after a kill) never sees hal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
+    """A temp file next to `path`, open for the block and renamed over `path` when it ends
+    without an error (removed if it raises): readers never see a half-written file, and
+    concurrent writers each leave a complete one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_write(path: str, text: str) -> None:
-    """Writes `text` to a temp file next to `path`, then renames it over `path` (readers never
-    see a half-written file; concurrent writers each leave a complete one)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    """Writes `text` to `path` through `atomic_file`."""
+    with atomic_file(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: str, record: Any) -> None:
