@@ -97,14 +97,10 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainedDetector:
-    """A finished run's detector: model, checkpoint variables, where they came from."""
+    """A finished R-CNN run (`cnnjax.train.trained.TrainedRun`: model, checkpoint variables,
+    where they came from) with its dataset's info and the engine's conv lowering."""
 
-    workdir: str
-    config: Any  # the run's config (ml_collections), as saved in config.json
-    model: Any  # the flax module, built as the engine builds it
-    variables: dict  # {'params', 'batch_stats'} of the checkpoint
-    step: int
-    how: str  # 'best', 'latest' or 'requested' (`SourceCheckpoints.choose_step`)
+    run: Any  # TrainedRun
     data_info: Any
     conv_impl: str
 
@@ -125,9 +121,8 @@ def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
         raise invalid(OWNER, "workdir", workdir,
                       f"expected a run of an R-CNN (rcnn_small); it trained {run.config.model!r}")
     data_info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
-    return TrainedDetector(run.workdir, run.config, run.model, run.variables, run.step, run.how,
-                           data_info, resolve_conv_impl(run.config.conv_impl,
-                                                        jax.default_backend()))
+    return TrainedDetector(run, data_info,
+                           resolve_conv_impl(run.config.conv_impl, jax.default_backend()))
 
 
 def params_checksum(variables: Any) -> str:
@@ -144,7 +139,7 @@ def _split_data_config(detector: TrainedDetector, split: str | None) -> Any:
     """The run's data config reading `split` in stored order (None: its eval split)."""
     import ml_collections
 
-    data = ml_collections.ConfigDict(detector.config.data.to_dict())
+    data = ml_collections.ConfigDict(detector.run.config.data.to_dict())
     if split is not None:
         data.eval_split = split
     return data
@@ -154,7 +149,7 @@ def train_split(detector: TrainedDetector, num_images: int) -> str:
     """The tfds split string of the run's first `num_images` train scenes."""
     from cnnjax.data import presets
 
-    data = detector.config.data
+    data = detector.run.config.data
     name = data.get("train_split") or presets.get_preset(data.name).train_split
     return f"{name}[:{num_images}]"
 
@@ -168,7 +163,7 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
     from cnnjax.data import detection as data_lib
     from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
 
-    model = detector.model
+    model = detector.run.model
 
     @jax.jit
     def features(variables, images, gt_boxes):
@@ -181,7 +176,7 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
                                        global_batch_size=batch_size, num_devices=1):
         batch = {k: v[0] for k, v in batch.items()}  # one device
         regions, windows = jax.device_get(
-            features(detector.variables, batch["image"], batch["boxes"]))
+            features(detector.run.variables, batch["image"], batch["boxes"]))
         keep = batch["mask"] > 0
         yield ({k: v[keep] for k, v in batch.items()},
                type(regions)(*(np.asarray(a)[keep] for a in regions)), np.asarray(windows))
@@ -265,7 +260,7 @@ def evaluate_arms(test: dict[str, np.ndarray], models: dict[str, Any], detector:
     from cnnjax.detection.evaluation import DetectionEvaluator
     from cnnjax.models.faster_rcnn import BOX_WEIGHTS, detect_from_head
 
-    model = detector.model
+    model = detector.run.model
     image_size = tuple(detector.data_info.image_shape[:2])
     svms = rcnn_svm.LinearModels(models["svm_weights"], models["svm_bias"])
     ridge = rcnn_svm.LinearModels(models["ridge_weights"], models["ridge_bias"])
@@ -369,9 +364,9 @@ def run_rcnn_svm(workdir: str, output_dir: str | None = None,
 def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
          status_path: str) -> dict:
     started = time.time()
-    source = {"workdir": detector.workdir, "step": detector.step, "model": detector.config.model,
-              "params_checksum": params_checksum(detector.variables),
-              "version": FEATURE_VERSION}
+    run = detector.run
+    source = {"workdir": run.workdir, "step": run.step, "model": run.config.model,
+              "params_checksum": params_checksum(run.variables), "version": FEATURE_VERSION}
     split = train_split(detector, settings.train_images)
     train_key = {**source, "split": split}
     test_key = {**source, "split": "eval"}
@@ -398,10 +393,10 @@ def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
     classes = range(detector.data_info.num_classes)
     results = {
         "status": "completed",
-        "workdir": detector.workdir,
+        "workdir": run.workdir,
         "output_dir": os.path.abspath(output_dir),
-        "checkpoint": {"step": detector.step, "how": detector.how},
-        "model": detector.config.model,
+        "checkpoint": {"step": run.step, "how": run.how},
+        "model": run.config.model,
         "dataset": detector.data_info.name,
         "settings": dataclasses.asdict(settings),
         "train": {
