@@ -1,6 +1,7 @@
-"""R-CNN (Girshick et al., CVPR 2014) and Fast R-CNN (Girshick, ICCV 2015) on external proposals.
+"""R-CNN (Girshick et al., CVPR 2014), SPP-net (He et al., ECCV 2014) and Fast R-CNN (Girshick,
+ICCV 2015) on external proposals.
 
-Both classify and refine a fixed set of region proposals given from outside the network. The
+All three classify and refine a fixed set of region proposals given from outside the network. The
 papers used ~2,000 selective-search regions per image; cnnjax has no selective search, so the
 external proposals here are dense multi-scale square windows (`window_proposals`: every
 `proposal_sizes` side at a stride of `proposal_stride` pixels), the same for every image.
@@ -8,6 +9,9 @@ external proposals here are dense multi-scale square windows (`window_proposals`
 - `FastRCNN`: one conv pass over the image (`VGGFeatures`), `roi_align` of every RoI on the
   shared map, `faster_rcnn.BoxHead` (fc6/fc7, `C + 1` class logits, class-specific deltas):
   Faster R-CNN's second stage without the RPN.
+- `SPPNet`: the same shared map, but each RoI is max-pooled by a spatial pyramid
+  (`roi_spatial_pyramid_pool`, levels `pyramid_levels`) instead of one RoI grid: the step between
+  R-CNN and Fast R-CNN (whose RoI pooling is the one-level pyramid).
 - `RCNN`: every region is cropped from the *image* and warped to `warp_size x warp_size`
   (`roi_align` on the image, bilinear, as the paper's affine warp; no context padding), and a
   separate small CNN classifies each warp: one forward pass per region, the cost Fast R-CNN
@@ -32,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.detection.postprocess import Detections, check_detection_settings
-from cnnjax.layers.roi import roi_align
+from cnnjax.layers.pooling import check_pyramid_levels
+from cnnjax.layers.roi import roi_align, roi_spatial_pyramid_pool
 from cnnjax.models.faster_rcnn import (
     BoxHead,
     detect_from_head,
@@ -49,6 +54,8 @@ Array = Any
 _RCNN_PAPER = ("Girshick et al. 2014, Rich feature hierarchies for accurate object detection and "
                "semantic segmentation (CVPR)")
 _FAST_PAPER = "Girshick 2015, Fast R-CNN (ICCV)"
+_SPP_PAPER = ("He et al. 2014, Spatial Pyramid Pooling in Deep Convolutional Networks for Visual "
+              "Recognition (ECCV)")
 
 
 def window_proposals(image_size: tuple[int, int], sizes: Sequence[int], stride: int) -> np.ndarray:
@@ -151,16 +158,15 @@ class _ProposalDetector(nn.Module):
                                 self.max_detections)
 
 
-class FastRCNN(_ProposalDetector):
-    """Fast R-CNN: shared conv map (`VGGFeatures(backbone_stages)`), RoIAlign, `BoxHead`."""
+class _SharedMapDetector(_ProposalDetector):
+    """One conv pass per image (`VGGFeatures(backbone_stages)`), each RoI pooled from the shared
+    map to a fixed size by `pool`, then `BoxHead`: what Fast R-CNN and SPP-net share."""
 
     backbone_stages: Sequence[Sequence[int]] = ((32,), (64,), (128, 128))
-    roi_size: int = 4
     head_features: int = 256
 
     def __post_init__(self) -> None:
         _check_common(self)
-        check_positive_int(type(self).__name__, "roi_size", self.roi_size)
         check_positive_int(type(self).__name__, "head_features", self.head_features)
         super().__post_init__()
 
@@ -169,13 +175,51 @@ class FastRCNN(_ProposalDetector):
                                     dtype=self.dtype, axis_name=self.axis_name)
         self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
 
+    def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:
+        """Fixed-size features `[N * R, ...]` of RoIs `[N, R, 4]` on the shared map."""
+        raise NotImplementedError
+
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
         features = self.backbone(jnp.asarray(images, self.dtype), train)[
             f"block{len(self.backbone_stages)}"]
         n, r = rois.shape[:2]
         stride = 2 ** len(self.backbone_stages)
-        logits, deltas = self.head(pool_rois(features, rois, self.roi_size, 1.0 / stride))
+        logits, deltas = self.head(self.pool(features, rois, 1.0 / stride))
         return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+
+
+class FastRCNN(_SharedMapDetector):
+    """Fast R-CNN: the shared map, RoIAlign of each RoI to `roi_size x roi_size`, `BoxHead`."""
+
+    roi_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_positive_int(type(self).__name__, "roi_size", self.roi_size)
+        super().__post_init__()
+
+    def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:
+        return pool_rois(features, rois, self.roi_size, spatial_scale)
+
+
+class SPPNet(_SharedMapDetector):
+    """SPP-net detection (He et al., ECCV 2014): the shared map, each window max-pooled by a
+    spatial pyramid (`roi_spatial_pyramid_pool`: `l x l` bins for every `l` in
+    `pyramid_levels`) into one fixed-length vector, `BoxHead`. The paper pooled conv5 at levels
+    (1, 2, 3, 6), fine-tuned only the fc layers and classified with SVMs; here the pyramid fits
+    the 8x8 map of a 64x64 image and the whole network trains end to end with Fast R-CNN's loss.
+    """
+
+    pyramid_levels: Sequence[int] = (1, 2, 4)
+
+    def __post_init__(self) -> None:
+        check_pyramid_levels(type(self).__name__, self.pyramid_levels)
+        super().__post_init__()
+
+    def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:
+        n, r = rois.shape[:2]
+        batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
+        return roi_spatial_pyramid_pool(features, rois.reshape(n * r, 4), batch_indices,
+                                        tuple(self.pyramid_levels), spatial_scale)
 
 
 class RCNN(_ProposalDetector):
@@ -231,6 +275,13 @@ class RCNN(_ProposalDetector):
 def fast_rcnn_small(**kwargs: Any) -> FastRCNN:
     """Fast R-CNN on 12/18/26-px windows every 4 px (486 per 64x64 image), stride-8 backbone."""
     return FastRCNN(**kwargs)
+
+
+@register_model("sppnet_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,
+                paper=_SPP_PAPER, task="detection")
+def sppnet_small(**kwargs: Any) -> SPPNet:
+    """SPP-net on Fast R-CNN's 486 windows and stride-8 backbone, 1+4+16-bin pyramid pooling."""
+    return SPPNet(**kwargs)
 
 
 @register_model("rcnn_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,

@@ -103,6 +103,7 @@ DETECTION_CONFIGS = {
     "rcnn_shapes.py": {**_DETECTION_SHARED, "model": "rcnn_small", "global_batch_size": 8},
     "fast_rcnn_shapes.py": {**_DETECTION_SHARED, "model": "fast_rcnn_small",
                             "global_batch_size": 16},
+    "sppnet_shapes.py": {**_DETECTION_SHARED, "model": "sppnet_small", "global_batch_size": 16},
     "faster_rcnn_shapes.py": {**_DETECTION_SHARED, "model": "faster_rcnn_small",
                               "global_batch_size": 16},
     # Since re-tuned (was 32 x 1,200 steps, evals every 400): 16 x 2,400, evals every 800.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnnjax.models import create_model, list_models
-from cnnjax.models.rcnn import RCNN, FastRCNN, window_proposals
+from cnnjax.models.rcnn import RCNN, FastRCNN, SPPNet, window_proposals
 
 BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
 LABELS = jnp.array([[1, 2], [3, 0]])
@@ -28,7 +28,7 @@ def test_window_proposals_by_hand():
 
 
 def test_registered():
-    assert {"fast_rcnn_small", "rcnn_small"} <= set(list_models(task="detection"))
+    assert {"fast_rcnn_small", "rcnn_small", "sppnet_small"} <= set(list_models(task="detection"))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -42,10 +42,44 @@ def test_bad_hyperparameters(kwargs, message):
     assert str(err.value).startswith(message)
     with pytest.raises(ValueError, match="RCNN: warp_size=0 is invalid"):
         RCNN(warp_size=0)
+    with pytest.raises(ValueError, match=r"SPPNet: levels=\(2, 0\) is invalid; expected a "
+                                         r"non-empty sequence of positive ints"):
+        SPPNet(pyramid_levels=(2, 0))
+    with pytest.raises(ValueError, match="SPPNet: head_features=0 is invalid"):
+        SPPNet(head_features=0)
+
+
+def test_sppnet_head_reads_each_windows_pyramid_of_the_shared_map():
+    """The head's input is `roi_spatial_pyramid_pool` of the backbone's map at stride 8."""
+    from cnnjax.layers.roi import roi_spatial_pyramid_pool
+
+    model = SPPNet(num_classes=2, backbone_stages=((4,), (4,), (8,)), head_features=16,
+                   pyramid_levels=(1, 2))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    captured = {}
+
+    def spy(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.module.name == "backbone":
+            captured["map"] = out["block3"]
+        if context.module.name == "head":
+            captured["pooled"] = args[0]
+        return out
+
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    with nn.intercept_methods(spy):
+        logits, deltas, windows = model.apply(variables, images)
+    n, r = windows.shape[:2]
+    assert logits.shape == (2, r, 3) and deltas.shape == (2, r, 3, 4)
+    want = roi_spatial_pyramid_pool(captured["map"], windows.reshape(n * r, 4),
+                                    jnp.repeat(jnp.arange(n), r), (1, 2), 1 / 8)
+    assert captured["pooled"].shape == (n * r, 8 * (1 + 4))
+    np.testing.assert_array_equal(captured["pooled"], want)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,trunk", [("fast_rcnn_small", "backbone"), ("rcnn_small", "cnn")])
+@pytest.mark.parametrize("name,trunk", [("fast_rcnn_small", "backbone"), ("rcnn_small", "cnn"),
+                                        ("sppnet_small", "backbone")])
 def test_loss_gradients_and_detections(name, trunk):
     model = create_model(name, roi_samples=16, max_detections=10)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
