@@ -4,8 +4,10 @@
 
 Loads the run's best checkpoint (by its config's best_metric; else its newest; or --step), runs
 the engine's own evaluation on --split (default: the run's eval split) and prints the metrics.
-They are also written to <workdir>/eval/<split>_step<N>.json (--output overrides the path); the
-run's own files are only read, so a run still training can be evaluated.
+They are also written to <workdir>/eval/<split>_step<N>.json (--output overrides the path), with
+a PNG beside it: the confusion matrix (and per-class top-1 in the JSON) of a classifier, or a
+detector's boxes on the first images. The run's own files are only read, so a run still
+training can be evaluated.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, 
 _SPLIT = flags.DEFINE_string("split", None, "tfds split, e.g. 'test' (default: the run's).")
 _BATCH = flags.DEFINE_integer("eval_batch_size", None, "Default: the run's eval batch size.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: <workdir>/eval/...json).")
+_PLOT = flags.DEFINE_bool("plot", True, "Also write a PNG next to the JSON: the confusion matrix "
+                          "(classification) or detections on the first --plot_images images.")
+_PLOT_IMAGES = flags.DEFINE_integer("plot_images", 16, "Images drawn for a detector.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -32,7 +37,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from cnnjax.train.logging import quiet_library_logs
-    from cnnjax.train.trained import evaluate_trained
+    from cnnjax.train.trained import evaluate_trained, load_trained, plot_predictions
     from cnnjax.utils.files import write_json
 
     quiet_library_logs()
@@ -43,8 +48,13 @@ def main(argv: list[str]) -> None:
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
                                            f"{result['split']}_step{result['step']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if _PLOT.value:
+        run = load_trained(_WORKDIR.value, result["step"])
+        result |= plot_predictions(run, os.path.splitext(output)[0] + ".png", result["split"],
+                                   _PLOT_IMAGES.value)
     write_json(output, result)
-    print(json.dumps(result, indent=2, default=float))
+    shown = {k: v for k, v in result.items() if k != "confusion_matrix"}  # in the file
+    print(json.dumps(shown, indent=2, default=float))
     print(f"Written to {output}")
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import SourceCheckpoints
@@ -79,16 +81,50 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
     return TrainedRun(os.path.abspath(workdir), config, checked.model, variables, chosen, how)
 
 
+def _with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
+    """A copy of `config` whose eval split is `split` (None: unchanged)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if split is not None:
+        if not isinstance(split, str) or not split:
+            raise invalid("evaluate", "split", split, "expected a tfds split such as 'test'")
+        config.data.eval_split = split
+    return config
+
+
+def predictions(run: TrainedRun, split: str | None = None,
+                batch_size: int = 64) -> Iterator[tuple[dict, Any]]:
+    """`(batch, output)` over `split` of the run's dataset (None: its eval split) in stored
+    order, padding removed: the eval pipeline's batch (NumPy, one device) and the model's
+    output on it as NumPy, logits for a classifier, `Detections` for a detector."""
+    import jax
+
+    from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
+
+    config = _with_split(run.config, split)
+    batch_size = check_positive_int("predictions", "batch_size", batch_size)
+    lowering = resolve_conv_impl(config.conv_impl, jax.default_backend())
+    method = "detect" if config_lib.config_task(config) == "detection" else None
+
+    @jax.jit
+    def infer(variables: dict, images: Any) -> Any:
+        with conv_impl(lowering):
+            return dataclasses.replace(run, variables=variables).apply(images, method=method)
+
+    pipeline = config_lib.data_pipeline(config)
+    for batch in pipeline.eval_batches(config.data, global_batch_size=batch_size, num_devices=1):
+        batch = {k: v[0] for k, v in batch.items()}  # one device
+        output = jax.device_get(infer(run.variables, batch["image"]))  # padded: one shape
+        keep = batch["mask"] > 0
+        yield ({k: v[keep] for k, v in batch.items()},
+               jax.tree.map(lambda x, keep=keep: x[keep], output))
+
+
 def evaluate_trained(workdir: str, step: int | None = None, split: str | None = None,
                      eval_batch_size: int | None = None) -> dict:
     """The engine's eval metrics of `load_trained(workdir, step)` on `split` of the run's
     dataset (None: the run's own eval split), plus which checkpoint and split they are of."""
     run = load_trained(workdir, step)
-    config = ml_collections.ConfigDict(run.config.to_dict())
-    if split is not None:
-        if not isinstance(split, str) or not split:
-            raise invalid("evaluate", "split", split, "expected a tfds split such as 'test'")
-        config.data.eval_split = split
+    config = _with_split(run.config, split)
     if eval_batch_size is not None:
         config.eval_batch_size = check_positive_int("evaluate", "eval_batch_size",
                                                     eval_batch_size)
@@ -96,3 +132,33 @@ def evaluate_trained(workdir: str, step: int | None = None, split: str | None = 
     split = config_lib.data_pipeline(config).eval_split_name(config.data)
     return {"workdir": run.workdir, "model": config.model, "dataset": config.data.name,
             "split": split, "step": run.step, "checkpoint": run.how, **metrics}
+
+
+def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
+                     max_images: int = 16) -> dict:
+    """The run's predictions on `split` as a PNG at `path`: a classifier's confusion matrix over
+    every example (also returned as `per_class_top1`), or a detector's boxes on the first
+    `max_images` images. Returns `{"plot": path, ...}`."""
+    if config_lib.config_task(run.config) == "detection":
+        from cnnjax.detection.visualize import plot_detections
+
+        batch, found = next(predictions(run, split, batch_size=max_images))
+        plot_detections(batch["image"], found, batch["boxes"], batch["labels"],
+                        batch["box_valid"], path, max_images=max_images,
+                        title=f"{run.config.model} step {run.step}")
+        return {"plot": path}
+    from cnnjax.analysis.confusion import (
+        confusion_matrix,
+        per_class_accuracy,
+        plot_confusion_matrix,
+    )
+
+    labels, predicted = [], []
+    for batch, logits in predictions(run, split):
+        labels.append(batch["label"])
+        predicted.append(np.argmax(logits, axis=-1))
+    num_classes = int(logits.shape[-1])
+    matrix = confusion_matrix(np.concatenate(labels), np.concatenate(predicted), num_classes)
+    plot_confusion_matrix(matrix, path, title=f"{run.config.model} step {run.step}")
+    return {"plot": path, "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
+            "confusion_matrix": matrix.tolist()}

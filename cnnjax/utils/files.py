@@ -52,8 +52,7 @@ def save_figure(fig: Any, path: str, dpi: int = 100) -> str:
     """Saves a matplotlib figure to `path` atomically, closes it and returns `path`."""
     import matplotlib.pyplot as plt
 
-    tmp = f"{path}.{os.getpid()}.tmp{os.path.splitext(path)[1]}"
-    fig.savefig(tmp, dpi=dpi)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

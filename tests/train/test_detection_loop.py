@@ -137,6 +137,11 @@ def test_a_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path):
     images = np.asarray(_examples("eval", 3)["image"])
     detections = run.apply(images, method="detect")
     assert detections.boxes.shape == (3, 8, 4)  # max_detections=8 per image
+    from cnnjax.train.trained import plot_predictions
+
+    assert plot_predictions(run, str(tmp_path / "d.png"), max_images=4) == {
+        "plot": str(tmp_path / "d.png")}
+    assert (tmp_path / "d.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

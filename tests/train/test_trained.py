@@ -11,7 +11,7 @@ import pytest
 
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import SourceCheckpoints
-from cnnjax.train.trained import evaluate_trained, load_trained
+from cnnjax.train.trained import evaluate_trained, load_trained, plot_predictions, predictions
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,6 +64,20 @@ def test_a_requested_step_and_apply(run_dir):
     logits = run.apply(images)
     assert logits.shape == (5, helpers.NUM_CLASSES) and bool(jnp.isfinite(logits).all())
     np.testing.assert_array_equal(run.apply(images), logits)  # inference mode: deterministic
+
+
+def test_predictions_cover_the_split_once_and_agree_with_the_engines_top1(run_dir, tmp_path):
+    run = load_trained(str(run_dir))
+    seen = list(predictions(run, batch_size=10))  # 27 eval examples: the last batch is padded
+    assert [len(b["label"]) for b, _ in seen] == [10, 10, 7]
+    assert all(logits.shape == (len(b["label"]), helpers.NUM_CLASSES) for b, logits in seen)
+    result = evaluate_trained(str(run_dir))
+    plotted = plot_predictions(run, str(tmp_path / "c.png"))
+    matrix = np.array(plotted["confusion_matrix"])
+    assert matrix.sum() == helpers.NUM_EVAL
+    np.testing.assert_allclose(np.trace(matrix) / matrix.sum(), result["top1"], rtol=1e-6)
+    assert len(plotted["per_class_top1"]) == helpers.NUM_CLASSES
+    assert (tmp_path / "c.png").stat().st_size > 1000
 
 
 def test_bad_workdirs_and_steps_are_named(run_dir, tmp_path_factory):

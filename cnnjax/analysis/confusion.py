@@ -1,0 +1,65 @@
+"""Where a classifier's errors go: the confusion matrix, per-class accuracy, and its plot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cnnjax.utils.files import save_figure
+from cnnjax.utils.validation import check_positive_int, invalid
+
+
+def confusion_matrix(labels: Any, predictions: Any, num_classes: int) -> np.ndarray:
+    """`[C, C]` counts: row = true class, column = predicted class."""
+    num_classes = check_positive_int("confusion_matrix", "num_classes", num_classes)
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.shape != predictions.shape or labels.ndim != 1:
+        raise invalid("confusion_matrix", "predictions.shape", predictions.shape,
+                      f"expected the labels' shape {labels.shape}, one prediction per label")
+    for name, values in (("labels", labels), ("predictions", predictions)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise invalid("confusion_matrix", name, f"values in [{values.min()}, {values.max()}]",
+                          f"expected class indices in [0, {num_classes})")
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+    return matrix
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """Recall of each class (diagonal over row sums); NaN for a class with no example."""
+    totals = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(matrix) / totals, np.nan)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str:
+    """Row-normalized heat map (each true class sums to 1) with the counts written in cells of
+    matrices up to 20 classes; saved to `path` (PNG). Returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_classes = matrix.shape[0]
+    rows = matrix.sum(axis=1, keepdims=True)
+    normalized = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    size = min(12.0, 2.0 + 0.45 * num_classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    if num_classes <= 20:
+        ticks = np.arange(num_classes)
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        for i in range(num_classes):
+            for j in range(num_classes):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if normalized[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    accuracy = np.trace(matrix) / max(matrix.sum(), 1)
+    ax.set_title(f"{title} (accuracy {accuracy:.4f}, {matrix.sum()} examples)".strip())
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,65 @@
+"""A grid of images with a detector's boxes (coloured by class, with scores) over the truth."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from cnnjax.utils.files import save_figure
+from cnnjax.utils.validation import check_number, check_positive_int
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+    """A normalized image rescaled to [0, 1] per image for display (grey if single-channel)."""
+    image = np.asarray(image, np.float64)
+    low, high = image.min(), image.max()
+    image = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
+                    path: str, score_threshold: float = 0.5, max_images: int = 16,
+                    title: str = "") -> str:
+    """Draws up to `max_images` images with the ground-truth boxes (dashed white) and the
+    valid detections scoring at least `score_threshold` (solid, one colour per class, labelled
+    `class:score`); saves the grid to `path` (PNG) and returns it. Inputs are NumPy batches:
+    images `[N, H, W, C]`, `Detections` fields `[N, K, ...]`, ground truth `[N, M, ...]`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    score_threshold = check_number("plot_detections", "score_threshold", score_threshold,
+                                   "expected a number in [0, 1]", low=0.0, high=1.0)
+    count = min(check_positive_int("plot_detections", "max_images", max_images), len(images))
+    columns = min(4, count)
+    rows = max(1, math.ceil(count / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for index, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if index >= count:
+            continue
+        ax.imshow(_displayable(images[index]), cmap="gray")
+        for box, valid in zip(gt_boxes[index], gt_valid[index], strict=True):
+            if valid:
+                x1, y1, x2, y2 = box
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white",
+                                       ls="--", lw=1.0))
+        for box, score, cls, valid in zip(detections.boxes[index], detections.scores[index],
+                                          detections.classes[index], detections.valid[index],
+                                          strict=True):
+            if valid and score >= score_threshold:
+                x1, y1, x2, y2 = box
+                colour = colours(int(cls) % 10)
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour,
+                                       lw=1.5))
+                ax.text(x1, y1, f"{int(cls)}:{score:.2f}", color=colour, fontsize=7,
+                        va="bottom")
+    fig.suptitle(f"{title} (dashed: ground truth; solid: detections, score >= "
+                 f"{score_threshold:g})".strip(), fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

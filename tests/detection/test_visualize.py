@@ -1,0 +1,44 @@
+"""plot_detections draws exactly the ground truth and the detections above the threshold."""
+
+import numpy as np
+import pytest
+from matplotlib.patches import Rectangle
+
+from cnnjax.detection import visualize
+from cnnjax.detection.postprocess import Detections
+
+
+def test_draws_valid_gt_and_confident_detections_only(tmp_path, monkeypatch):
+    figures = []
+    save = visualize.save_figure
+    monkeypatch.setattr(visualize, "save_figure",
+                        lambda fig, path: figures.append(fig) or save(fig, path))
+    images = np.random.default_rng(0).normal(size=(3, 16, 16, 3))
+    detections = Detections(
+        boxes=np.tile(np.array([[1.0, 2, 8, 9], [3, 3, 12, 12], [0, 0, 4, 4]]), (3, 1, 1)),
+        scores=np.array([[0.9, 0.6, 0.4]] * 3),
+        classes=np.array([[0, 1, 2]] * 3),
+        valid=np.array([[True, True, True], [True, False, True], [False, False, False]]))
+    gt_boxes = np.tile(np.array([[1.0, 1, 9, 9], [0, 0, 0, 0]]), (3, 1, 1))
+    gt_valid = np.array([[True, False]] * 3)
+    path = visualize.plot_detections(images, detections, gt_boxes, np.zeros((3, 2), int),
+                                     gt_valid, str(tmp_path / "d.png"), score_threshold=0.5)
+    assert (tmp_path / "d.png").stat().st_size > 1000 and path.endswith("d.png")
+    (fig,) = figures
+    axes = [ax for ax in fig.axes if ax.images]
+    drawn = [[p for p in ax.patches if isinstance(p, Rectangle)] for ax in axes]
+    # Image 0: gt + 2 detections >= 0.5; image 1: gt + 1 (the 0.6 one is not valid); image 2: gt.
+    assert [len(d) for d in drawn] == [3, 2, 1]
+    assert drawn[0][1].get_xy() == (1.0, 2.0) and drawn[0][1].get_width() == 7.0
+    assert [t.get_text() for t in axes[0].texts] == ["0:0.90", "1:0.60"]
+
+
+def test_bad_arguments_are_named(tmp_path):
+    empty = Detections(*(np.zeros((1, 1, 4)), np.zeros((1, 1)), np.zeros((1, 1), int),
+                         np.zeros((1, 1), bool)))
+    args = (np.zeros((1, 8, 8, 1)), empty, np.zeros((1, 1, 4)), np.zeros((1, 1), int),
+            np.zeros((1, 1), bool), str(tmp_path / "x.png"))
+    with pytest.raises(ValueError, match=r"^plot_detections: score_threshold=1.5 is invalid"):
+        visualize.plot_detections(*args, score_threshold=1.5)
+    with pytest.raises(ValueError, match=r"^plot_detections: max_images=0 is invalid"):
+        visualize.plot_detections(*args, max_images=0)
