@@ -37,19 +37,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from cnnjax.train.logging import quiet_library_logs
-    from cnnjax.train.trained import evaluate_trained, load_trained, plot_predictions
+    from cnnjax.train.trained import evaluate_run, load_trained, plot_predictions
     from cnnjax.utils.files import write_json
 
     quiet_library_logs()
     try:
-        result = evaluate_trained(_WORKDIR.value, _STEP.value, _SPLIT.value, _BATCH.value)
+        run = load_trained(_WORKDIR.value, _STEP.value)
+        result = evaluate_run(run, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
                                            f"{result['split']}_step{result['step']}.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if _PLOT.value:
-        run = load_trained(_WORKDIR.value, result["step"])
         result |= plot_predictions(run, os.path.splitext(output)[0] + ".png", result["split"],
                                    _PLOT_IMAGES.value)
     write_json(output, result)

@@ -5,7 +5,8 @@
 the run's `best_metric`; else the newest; or a requested step) through the read-only
 `SourceCheckpoints` that `init_from` uses, so a run that is still training is not disturbed.
 `evaluate_trained` runs the engine's own evaluation of it (all devices, padded batches masked;
-top-1/top-5 or mAP) on the run's eval split or any other split of its dataset.
+top-1/top-5 or mAP) on the run's eval split or any other split of its dataset;
+`plot_predictions` draws its confusion matrix or its detections.
 
     run = load_trained("workdirs/lenet5_digits")
     logits = run.apply(images)                        # classification: [N, num_classes]
@@ -121,9 +122,14 @@ def predictions(run: TrainedRun, split: str | None = None,
 
 def evaluate_trained(workdir: str, step: int | None = None, split: str | None = None,
                      eval_batch_size: int | None = None) -> dict:
-    """The engine's eval metrics of `load_trained(workdir, step)` on `split` of the run's
-    dataset (None: the run's own eval split), plus which checkpoint and split they are of."""
-    run = load_trained(workdir, step)
+    """`evaluate_run(load_trained(workdir, step), split, eval_batch_size)`."""
+    return evaluate_run(load_trained(workdir, step), split, eval_batch_size)
+
+
+def evaluate_run(run: TrainedRun, split: str | None = None,
+                 eval_batch_size: int | None = None) -> dict:
+    """The engine's eval metrics of `run` on `split` of its dataset (None: the run's own eval
+    split), plus which checkpoint and split they are of."""
     config = _with_split(run.config, split)
     if eval_batch_size is not None:
         config.eval_batch_size = check_positive_int("evaluate", "eval_batch_size",
