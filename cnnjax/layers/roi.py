@@ -38,6 +38,9 @@ from cnnjax.utils.validation import (
 
 IntPair = int | Sequence[int]
 _HIGHEST = jax.lax.Precision.HIGHEST
+# `roi_pool` reduces all of a bin's cells at once up to this many masked values (256 MB in
+# float32), and loops over the map's rows and columns above it.
+_VECTORIZED_ROI_POOL_ELEMENTS = 2**26
 
 
 
@@ -134,24 +137,32 @@ def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
     mask_w, empty_w = bin_masks(x1, x2, out_w, w)
     lowest = jnp.array(-jnp.inf, features.dtype)
     num_boxes, channels = boxes.shape[0], features.shape[3]
-    # Separable max over each bin's rows, then its columns, one feature row/column per loop step,
-    # so memory stays O(K * out_h * W * C) instead of O(K * out_h * H * W * C) (2 GB for 128 boxes
-    # on a 38x50x256 map).
+    # Separable max over each bin's rows, then its columns.
+    if num_boxes * out_h * h * w * channels <= _VECTORIZED_ROI_POOL_ELEMENTS:
+        # Small maps: each reduction at once ([K, out_h, H, W, C] masked values; their backward
+        # holds as many), 6x faster than the loops below for 1,024 boxes on an 8x8x128 map.
+        per_box = features[batch_indices]  # [K, H, W, C]
+        rows = jnp.max(jnp.where(mask_h[:, :, :, None, None], per_box[:, None], lowest), axis=2)
+        pooled = jnp.max(jnp.where(mask_w[:, None, :, :, None], rows[:, :, None], lowest),
+                         axis=3)
+    else:
+        # One feature row/column per loop step: memory O(K * out_h * W * C) instead of
+        # O(K * out_h * H * W * C) (2 GB for 128 boxes on a 38x50x256 map).
+        def max_over_rows(i, rows):  # rows: [K, out_h, W, C]
+            line = features[batch_indices, i]  # [K, W, C]
+            return jnp.maximum(rows, jnp.where(mask_h[:, :, i, None, None], line[:, None],
+                                               lowest))
 
-    def max_over_rows(i, rows):  # rows: [K, out_h, W, C]
-        line = features[batch_indices, i]  # [K, W, C]
-        return jnp.maximum(rows, jnp.where(mask_h[:, :, i, None, None], line[:, None], lowest))
+        rows = jax.lax.fori_loop(0, h, max_over_rows,
+                                 jnp.full((num_boxes, out_h, w, channels), lowest))
 
-    rows = jax.lax.fori_loop(0, h, max_over_rows,
-                             jnp.full((num_boxes, out_h, w, channels), lowest))
+        def max_over_columns(j, pooled):  # pooled: [K, out_h, out_w, C]
+            column = rows[:, :, j]  # [K, out_h, C]
+            return jnp.maximum(pooled, jnp.where(mask_w[:, None, :, j, None],
+                                                 column[:, :, None], lowest))
 
-    def max_over_columns(j, pooled):  # pooled: [K, out_h, out_w, C]
-        column = rows[:, :, j]  # [K, out_h, C]
-        return jnp.maximum(pooled, jnp.where(mask_w[:, None, :, j, None], column[:, :, None],
-                                             lowest))
-
-    pooled = jax.lax.fori_loop(0, w, max_over_columns,
-                               jnp.full((num_boxes, out_h, out_w, channels), lowest))
+        pooled = jax.lax.fori_loop(0, w, max_over_columns,
+                                   jnp.full((num_boxes, out_h, out_w, channels), lowest))
     empty = empty_h[:, :, None] | empty_w[:, None, :]
     return jnp.where(empty[..., None], jnp.array(0, features.dtype), pooled)
 

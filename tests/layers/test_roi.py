@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from jax.test_util import check_grads
 
+from cnnjax.layers import roi as roi_module
 from cnnjax.layers.pooling import spatial_pyramid_pool
 from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool, roi_spatial_pyramid_pool
 
@@ -179,8 +180,18 @@ def test_roi_align_gradients():
 # ---------------------------------------------------------------- roi_pool
 
 
+@pytest.fixture(params=["vectorized", "loop"])
+def roi_pool_path(request, monkeypatch):
+    """Runs a test with each of `roi_pool`'s two reductions (chosen by size, at trace time)."""
+    if request.param == "loop":
+        monkeypatch.setattr(roi_module, "_VECTORIZED_ROI_POOL_ELEMENTS", 0)
+    roi_module._roi_pool.clear_cache()
+    yield request.param
+    roi_module._roi_pool.clear_cache()
+
+
 @pytest.mark.parametrize("scale,output_size", [(1.0, (2, 2)), (0.5, (3, 2)), (0.25, (4, 3))])
-def test_roi_pool_matches_torchvision_reference(scale, output_size):
+def test_roi_pool_matches_torchvision_reference(scale, output_size, roi_pool_path):
     height, width = 11, 9
     feats = _features((2, height, width, 3), seed=8)
     rng = np.random.default_rng(9)
@@ -200,6 +211,32 @@ def test_roi_pool_rounds_half_away_from_zero():
     feats[0, 1, 4, 0] = 3.0
     out = roi_pool(feats, np.array([[5.0, 0.0, 9.0, 6.0]]), np.array([0]), 1, 0.5)
     assert float(out[0, 0, 0, 0]) == 3.0
+
+
+def test_roi_pool_gradients_of_both_paths_agree(monkeypatch):
+    """The gradient goes to each bin's max cell (summed over the bins and boxes sharing it)."""
+    feats = _features((2, 9, 7, 3), seed=16)
+    boxes = _random_boxes(np.random.default_rng(17), 12, 14.0, 18.0)
+    batch = np.random.default_rng(18).integers(0, 2, 12).astype(np.int32)
+
+    def grad():
+        roi_module._roi_pool.clear_cache()
+        return jax.grad(lambda f: jnp.sum(roi_pool(f, boxes, batch, (3, 2), 0.5) ** 2))(
+            jnp.asarray(feats))
+
+    vectorized = grad()
+    monkeypatch.setattr(roi_module, "_VECTORIZED_ROI_POOL_ELEMENTS", 0)
+    looped = grad()
+    roi_module._roi_pool.clear_cache()
+    np.testing.assert_allclose(vectorized, looped, rtol=1e-6, atol=1e-6)
+    # Reference: 2 * value at each bin's argmax (no ties in normal samples), accumulated.
+    pooled = _roi_pool_ref(feats, boxes, batch, (3, 2), 0.5)
+    want = np.zeros(feats.shape)
+    for k in range(12):
+        for value in pooled[k].reshape(-1):
+            if value != 0.0:
+                want[batch[k]][np.isclose(feats[batch[k]], value, rtol=0, atol=0)] += 2 * value
+    np.testing.assert_allclose(vectorized, want, rtol=1e-5, atol=1e-5)
 
 
 def test_roi_pool_under_jit_and_empty_box_sets():
