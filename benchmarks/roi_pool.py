@@ -1,0 +1,70 @@
+r"""RoI max pooling (`cnnjax.layers.roi.roi_pool`, as SPP-net and Fast R-CNN use it): forward +
+backward time of its two reductions, the one-shot masked max (small maps) and the row/column
+loop (large maps), on the same boxes, with the pyramid levels summed like SPP-net's.
+
+  python -m benchmarks.roi_pool --boxes=1024 --map=8 --channels=128 --levels=1,2,4
+
+Prints the median wall and CPU time per call of each path and which one `roi_pool` picks at this
+size (`_VECTORIZED_ROI_POOL_ELEMENTS`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+from cnnjax.platform import configure_cpu_defaults
+
+_BOXES = flags.DEFINE_integer("boxes", 1024, "RoIs (e.g. 16 images x 64 sampled RoIs).")
+_MAP = flags.DEFINE_integer("map", 8, "Side of the square feature map.")
+_CHANNELS = flags.DEFINE_integer("channels", 128, "Feature channels.")
+_STRIDE = flags.DEFINE_integer("stride", 8, "Image pixels per feature cell.")
+_LEVELS = flags.DEFINE_list("levels", ["1", "2", "4"], "Output sizes (pyramid levels).")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per path.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cnnjax.layers import roi
+
+    levels = [int(v) for v in _LEVELS.value]
+    images, side = 16, _MAP.value * _STRIDE.value
+    rng = np.random.default_rng(0)
+    features = jnp.asarray(rng.normal(size=(images, _MAP.value, _MAP.value, _CHANNELS.value)),
+                           jnp.float32)
+    xs, ys = np.sort(rng.uniform(0, side, (2, _BOXES.value, 2)), axis=2)
+    boxes = jnp.asarray(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1), jnp.float32)
+    batch = jnp.asarray(rng.integers(0, images, _BOXES.value), jnp.int32)
+
+    def loss(f):
+        return sum(jnp.sum(roi.roi_pool(f, boxes, batch, level, 1.0 / _STRIDE.value) ** 2)
+                   for level in levels)
+
+    budget = roi._VECTORIZED_ROI_POOL_ELEMENTS
+    largest = _BOXES.value * max(levels) * _MAP.value ** 2 * _CHANNELS.value
+    print(f"{_BOXES.value} boxes on {images}x{_MAP.value}x{_MAP.value}x{_CHANNELS.value}, levels "
+          f"{levels}: roi_pool uses the {'vectorized' if largest <= budget else 'loop'} path "
+          f"({largest:,} masked values at the largest level, limit {budget:,})")
+    for name, limit in (("vectorized", 2**62), ("loop", 0)):
+        roi._VECTORIZED_ROI_POOL_ELEMENTS = limit
+        roi._roi_pool.clear_cache()
+        step = jax.jit(jax.value_and_grad(loss))
+        jax.block_until_ready(step(features))
+        times = []
+        for _ in range(_REPEATS.value):
+            wall, cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(step(features))
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+        wall, cpu = sorted(times)[len(times) // 2]
+        print(f"{name:>10}: forward+backward {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU")
+    roi._VECTORIZED_ROI_POOL_ELEMENTS = budget
+
+
+if __name__ == "__main__":
+    configure_cpu_defaults()
+    app.run(main)
