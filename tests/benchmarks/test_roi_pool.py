@@ -14,5 +14,5 @@ def test_prints_both_paths_and_the_choice():
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("8 boxes on 16x4x4x2, levels [1, 2]: roi_pool uses the vectorized "
-                               "path (256 masked values at the largest level")
+                               "path (512 masked values at the largest level")
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["vectorized", "loop"]
