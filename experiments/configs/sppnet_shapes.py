@@ -9,9 +9,9 @@ Expected (measured with that command, 2 CPU cores, JAX 0.10.2): on the 500 test 
 0.693 and COCO mAP@[.5:.95] 0.344 after 800 steps (0.527 / 0.233 at step 400); 203 s wall
 (83 train images/s). `--config.model_kwargs.pyramid_levels="(4,)"`, i.e. the original Fast
 R-CNN's single 4x4 RoI max pool, reaches 0.703 / 0.365 (145 s); `fast_rcnn_shapes.py`, the same
-network with 4x4 RoIAlign, 0.994 / 0.840. The quantization, not the pyramid, is what costs: these 12-26 px windows span
-1.5-3 cells of the stride-8 map, and RoI max pooling snaps them to whole cells (the loss of
-localization RoIAlign, He et al. 2017, was made to remove).
+network with 4x4 RoIAlign, 0.994 / 0.840. The quantization, not the pyramid, is what costs:
+these 12-26 px windows span 1.5-3 cells of the stride-8 map, and RoI max pooling snaps them to
+whole cells (the loss of localization RoIAlign, He et al. 2017, was made to remove).
 The first ever run also builds `shapes_multi` (~12 s). Rerunning the command resumes.
 """
 
