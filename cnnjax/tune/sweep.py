@@ -11,8 +11,9 @@ Trials run one after another in this process, or one alone (`trial_index`, e.g. 
 task). Resume is per trial: a trial whose summary.json says completed (or trial.json diverged) is
 not run again, an interrupted one continues from its own checkpoint (the engine resumes exactly),
 a failed one is retried. A trial whose workdir another process holds (`cnnjax.utils.lock`) is
-skipped, not run twice. Results are always rebuilt from the trial directories, so concurrent
-array tasks and reruns agree on one table.
+skipped, not run twice (with `trial_index`, that trial alone, it is an error instead). Results
+are always rebuilt from the trial directories, so concurrent array tasks and reruns agree on one
+table.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def run_sweep(
                 finally:  # KeyboardInterrupt included: the table shows what has finished so far
                     write_results(sweep_dir, space, metric, mode)
         except DirectoryInUseError as err:  # another array task or driver is running it
+            if trial_index is not None:  # asked for this trial alone: say it was not run
+                raise
             _say(verbose, f"Trial {trial.trial_id}: skipped, {err}")
             continue
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"

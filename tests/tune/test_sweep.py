@@ -209,6 +209,9 @@ def test_a_trial_another_process_is_running_is_skipped_not_run_twice(tmp_path, m
     assert sorted(os.listdir(busy)) == ["run.lock"]
     assert re.search(r"Trial \S+: skipped, workdir: .* is in use by another run",
                      capsys.readouterr().out)
+    with (helpers.locked_by_another_process(busy),  # an array task asked for it alone: error
+          pytest.raises(ValueError, match=r"^workdir: .* is in use by another run")):
+        sw.run_sweep(_tiny_base(), space, sweep_dir, trial_index=0, verbose=False)
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)  # the holder is gone
     assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
 
