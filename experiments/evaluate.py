@@ -26,6 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _SPLIT = flags.DEFINE_string("split", None, "tfds split, e.g. 'test' (default: the run's).")
 _BATCH = flags.DEFINE_integer("eval_batch_size", None, "Default: the run's eval batch size.")
+_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to evaluate on (0: all; default: "
+                                "the run's config.num_devices).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: <workdir>/eval/...json).")
 _PLOT = flags.DEFINE_bool("plot", True, "Also write a PNG next to the JSON: the confusion matrix "
                           "(classification) or detections on the first --plot_images images.")
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> None:
 
     quiet_library_logs()
     try:
-        run = load_trained(_WORKDIR.value, _STEP.value)
+        run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

@@ -52,9 +52,12 @@ class TrainedRun:
         return self.model.apply(self.variables, images, method=method, **kwargs)
 
 
-def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
+def load_trained(workdir: str, step: int | None = None,
+                 num_devices: int | None = None) -> TrainedRun:
     """The model of the run in `workdir` with its best checkpoint's variables (or `step`'s).
 
+    The run's config is checked on this machine as the engine would; `num_devices` (0: all)
+    replaces the run's own, e.g. when its batch does not divide this machine's device count.
     Raises a ValueError naming the problem if `workdir` is not a training run's, its config no
     longer checks, or it has no (such) checkpoint.
     """
@@ -70,6 +73,8 @@ def load_trained(workdir: str, step: int | None = None) -> TrainedRun:
                       "it holds converted torchvision weights, not a training run: pass it as "
                       "--config.init_from.workdir of a run instead")
     config = ml_collections.ConfigDict({**config_lib.LEGACY_DEFAULTS, **saved})
+    if num_devices is not None:
+        config.num_devices = num_devices  # checked with the rest by check_config
     checked = config_lib.check_config(config)
     source = SourceCheckpoints(workdir, owner=_OWNER)
     try:

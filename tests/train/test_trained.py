@@ -58,7 +58,8 @@ def test_a_requested_step_and_apply(run_dir):
     result = evaluate_trained(str(run_dir), step=6)
     assert (result["step"], result["checkpoint"]) == (6, "requested")
     np.testing.assert_allclose(result["top1"], _evals(run_dir)[6]["top1"], rtol=1e-6)
-    run = load_trained(str(run_dir), step=6)
+    run = load_trained(str(run_dir), step=6, num_devices=1)
+    assert run.config.num_devices == 1
     images = jnp.asarray(np.random.default_rng(0).normal(size=(5, *helpers.IMAGE_SHAPE)),
                          jnp.float32)
     logits = run.apply(images)
@@ -90,6 +91,8 @@ def test_bad_workdirs_and_steps_are_named(run_dir, tmp_path_factory):
         load_trained(str(run_dir), step=5)
     with pytest.raises(ValueError, match=r"^load_trained: step=0 is invalid"):
         load_trained(str(run_dir), step=0)
+    with pytest.raises(ValueError, match=r"num_devices=-1 is invalid"):
+        load_trained(str(run_dir), num_devices=-1)
     with pytest.raises(ValueError, match=r"^evaluate: split='' is invalid"):
         evaluate_trained(str(run_dir), split="")
     converted = tmp_path_factory.mktemp("converted")
