@@ -98,21 +98,17 @@ class Settings:
 @dataclasses.dataclass(frozen=True)
 class TrainedDetector:
     """A finished R-CNN run (`cnnjax.train.trained.TrainedRun`: model, checkpoint variables,
-    where they came from) with its dataset's info and the engine's conv lowering."""
+    where they came from) with its dataset's info."""
 
     run: Any  # TrainedRun
     data_info: Any
-    conv_impl: str
 
 
 # ----------------------------------------------------------------------------- the model
 def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
     """The R-CNN of a finished run in `workdir`, from `cnnjax.train.trained.load_trained` (its
     config.json's model built as the engine does, the best or `step`'s checkpoint read
-    read-only), plus its dataset's info and the engine's conv lowering."""
-    import jax
-
-    from cnnjax.layers.conv_impl import resolve_conv_impl
+    read-only), plus its dataset's info."""
     from cnnjax.train import config as config_lib
     from cnnjax.train.trained import load_trained
 
@@ -121,8 +117,7 @@ def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
         raise invalid(OWNER, "workdir", workdir,
                       f"expected a run of an R-CNN (rcnn_small); it trained {run.config.model!r}")
     data_info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
-    return TrainedDetector(run, data_info,
-                           resolve_conv_impl(run.config.conv_impl, jax.default_backend()))
+    return TrainedDetector(run, data_info)
 
 
 def params_checksum(variables: Any) -> str:
@@ -133,16 +128,6 @@ def params_checksum(variables: Any) -> str:
     total = sum(float(np.sum(np.abs(np.asarray(leaf, np.float64))))
                 for leaf in jax.tree.leaves(variables))
     return f"{total:.10e}"
-
-
-def _split_data_config(detector: TrainedDetector, split: str | None) -> Any:
-    """The run's data config reading `split` in stored order (None: its eval split)."""
-    import ml_collections
-
-    data = ml_collections.ConfigDict(detector.run.config.data.to_dict())
-    if split is not None:
-        data.eval_split = split
-    return data
 
 
 def train_split(detector: TrainedDetector, num_images: int) -> str:
@@ -156,30 +141,19 @@ def train_split(detector: TrainedDetector, num_images: int) -> str:
 
 def _region_batches(detector: TrainedDetector, split: str | None, batch_size: int):
     """`(images' batch dict without padding, RegionFeatures of windows + gt boxes, windows)` of
-    each batch of `split` (stored order, no augmentation)."""
-    import jax
+    each batch of `split` (stored order, no augmentation; `trained.predictions`)."""
     import jax.numpy as jnp
 
-    from cnnjax.data import detection as data_lib
-    from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
+    from cnnjax.train.trained import predictions
 
-    model = detector.run.model
+    def features(run, batch):
+        windows = run.model.apply(run.variables, batch["image"], method="windows")
+        rois = jnp.concatenate([windows, batch["boxes"]], axis=1)
+        return (run.model.apply(run.variables, batch["image"], rois, method="region_features"),
+                windows)
 
-    @jax.jit
-    def features(variables, images, gt_boxes):
-        with conv_impl_context(detector.conv_impl):
-            windows = model.apply(variables, images, method="windows")
-            rois = jnp.concatenate([windows, gt_boxes], axis=1)
-            return model.apply(variables, images, rois, method="region_features"), windows[0]
-
-    for batch in data_lib.eval_batches(_split_data_config(detector, split),
-                                       global_batch_size=batch_size, num_devices=1):
-        batch = {k: v[0] for k, v in batch.items()}  # one device
-        regions, windows = jax.device_get(
-            features(detector.run.variables, batch["image"], batch["boxes"]))
-        keep = batch["mask"] > 0
-        yield ({k: v[keep] for k, v in batch.items()},
-               type(regions)(*(np.asarray(a)[keep] for a in regions)), np.asarray(windows))
+    for batch, (regions, windows) in predictions(detector.run, split, batch_size, features):
+        yield batch, regions, np.asarray(windows[0])
 
 
 def extract_train_features(detector: TrainedDetector, split: str, batch_size: int,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ml_collections
@@ -97,11 +97,13 @@ def _with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
     return config
 
 
-def predictions(run: TrainedRun, split: str | None = None,
-                batch_size: int = 64) -> Iterator[tuple[dict, Any]]:
+def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
+                outputs: Callable[[TrainedRun, dict], Any] | None = None,
+                ) -> Iterator[tuple[dict, Any]]:
     """`(batch, output)` over `split` of the run's dataset (None: its eval split) in stored
-    order, padding removed: the eval pipeline's batch (NumPy, one device) and the model's
-    output on it as NumPy, logits for a classifier, `Detections` for a detector."""
+    order, padding removed: the eval pipeline's batch (NumPy, one device) and, as NumPy,
+    `outputs(run, batch)` (jitted, under the run's conv lowering; every leaf has the batch
+    axis first); by default logits for a classifier, `Detections` for a detector."""
     import jax
 
     from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
@@ -110,16 +112,18 @@ def predictions(run: TrainedRun, split: str | None = None,
     batch_size = check_positive_int("predictions", "batch_size", batch_size)
     lowering = resolve_conv_impl(config.conv_impl, jax.default_backend())
     method = "detect" if config_lib.config_task(config) == "detection" else None
+    if outputs is None:
+        outputs = lambda run, batch: run.apply(batch["image"], method=method)  # noqa: E731
 
     @jax.jit
-    def infer(variables: dict, images: Any) -> Any:
+    def infer(variables: dict, batch: dict) -> Any:
         with conv_impl(lowering):
-            return dataclasses.replace(run, variables=variables).apply(images, method=method)
+            return outputs(dataclasses.replace(run, variables=variables), batch)
 
     pipeline = config_lib.data_pipeline(config)
     for batch in pipeline.eval_batches(config.data, global_batch_size=batch_size, num_devices=1):
         batch = {k: v[0] for k, v in batch.items()}  # one device
-        output = jax.device_get(infer(run.variables, batch["image"]))  # padded: one shape
+        output = jax.device_get(infer(run.variables, batch))  # padded: one shape
         keep = batch["mask"] > 0
         yield ({k: v[keep] for k, v in batch.items()},
                jax.tree.map(lambda x, keep=keep: x[keep], output))
