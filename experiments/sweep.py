@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
             _CONFIG.value,
             space,
             _SWEEP_DIR.value,
-            metric=sweep_config.get("metric", "top1"),
+            metric=sweep_config.get("metric"),
             mode=sweep_config.get("mode"),
             trial_index=_TRIAL_INDEX.value,
             max_trials=_MAX_TRIALS.value,

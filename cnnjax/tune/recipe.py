@@ -19,7 +19,8 @@ budget. After every round the incumbent (the best trial so far by `recipe.metric
 
 `recipe.metric` must be an eval metric of the base config's task (`config_lib.TASK_METRICS`):
 loss, top1 or top5 for classification, map50, map, coco_map50 or coco_map75 for detection (whose
-diagnosis judges the mAP's progress and the train loss; see `cnnjax.tune.diagnose`).
+diagnosis judges the mAP's progress and the train loss; see `cnnjax.tune.diagnose`). Unset
+(None), it is the base config's `best_metric`: top1, or map50 in the detection configs.
 
 A round holds at most `trials_per_round` new trials (configs already run are skipped) and the
 recipe at most `max_trials` in all and `max_rounds` rounds. Every round is a `run_sweep` in
@@ -96,7 +97,9 @@ _OWNER = "recipe"
 def default_recipe() -> ml_collections.ConfigDict:
     """Every recipe field with its default (recipe files start from this)."""
     c = ml_collections.ConfigDict()
-    c.metric = "top1"  # eval metric that ranks trials: loss, top1, top5; map50, map (detection)
+    # Eval metric that ranks trials: loss, top1, top5; map50, map (detection). None: the base
+    # config's best_metric.
+    c.metric = ml_collections.FieldReference(None, field_type=str)
     c.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
     c.lr_min = 1e-3  # round 1: num_lrs log-spaced learning rates in [lr_min, lr_max]
     c.lr_max = 1.0
@@ -116,7 +119,7 @@ def default_recipe() -> ml_collections.ConfigDict:
 class Recipe:
     """A validated recipe config (see `default_recipe` for the fields)."""
 
-    metric: str = "top1"
+    metric: str | None = None  # None until `for_config` reads the base config's best_metric
     mode: str | None = None
     lr_min: float = 1e-3
     lr_max: float = 1.0
@@ -133,11 +136,15 @@ class Recipe:
     def __post_init__(self):
         # Any task's metric here; run_tune checks it against its base config's task.
         metrics = list(dict.fromkeys(m for ms in config_lib.TASK_METRICS.values() for m in ms))
-        if self.metric not in metrics:
+        if self.metric is not None and self.metric not in metrics:
             raise invalid(_OWNER, "metric", self.metric,
-                          f"expected an eval metric of one of the tasks: {metrics}")
-        mode = default_mode(self.metric) if self.mode is None else self.mode
-        check_choice(_OWNER, "mode", mode, ("max", "min"))
+                          f"expected an eval metric of one of the tasks: {metrics} or None (the "
+                          "base config's best_metric)")
+        mode = self.mode
+        if mode is None and self.metric is not None:
+            mode = default_mode(self.metric)
+        if mode is not None:
+            check_choice(_OWNER, "mode", mode, ("max", "min"))
         object.__setattr__(self, "mode", mode)
         for name in ("lr_min", "lr_max"):
             value = getattr(self, name)
@@ -182,6 +189,11 @@ class Recipe:
             thresholds = Thresholds.from_mapping(thresholds)
         return cls(**values, thresholds=thresholds)
 
+    def for_config(self, base_config: Any) -> Recipe:
+        """This recipe with `metric` checked against `base_config`'s task (None: its
+        best_metric) and `mode` resolved."""
+        return dataclasses.replace(self, metric=check_metric(_OWNER, self.metric, base_config))
+
     def describe(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -211,6 +223,11 @@ class RoundPlan:
 
     def base_config(self, base: Any) -> Any:
         return space_lib.apply_overrides(base, self.fixed)
+
+    def for_config(self, base_config: Any) -> Recipe:
+        """This recipe with `metric` checked against `base_config`'s task (None: its
+        best_metric) and `mode` resolved."""
+        return dataclasses.replace(self, metric=check_metric(_OWNER, self.metric, base_config))
 
     def describe(self) -> dict:
         return json.loads(json.dumps({
@@ -242,6 +259,11 @@ class Decision:
     diagnosis: Diagnosis | None
     next_round: RoundPlan | None = None
     status: str = "running"
+
+    def for_config(self, base_config: Any) -> Recipe:
+        """This recipe with `metric` checked against `base_config`'s task (None: its
+        best_metric) and `mode` resolved."""
+        return dataclasses.replace(self, metric=check_metric(_OWNER, self.metric, base_config))
 
     def describe(self) -> dict:
         return {"after_round": self.after_round, "action": self.action, "reason": self.reason,
@@ -308,6 +330,7 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
     Pure given the rows (and what `diagnose_fn` reads from the incumbent's workdir), so a rerun
     recomputes the same decisions from the results on disk.
     """
+    recipe = recipe.for_config(base)  # an unset metric is the base config's best_metric
     last = history[-1].plan.index
     found = incumbent(history, recipe.mode)
     if found is None:
@@ -465,7 +488,7 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     recipe is refused. Each later round's trial configs are checked before that round trains.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
-    check_metric(_OWNER, recipe.metric, base_config)
+    recipe = recipe.for_config(base_config)
     config_lib.validate_config(base_config)
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))

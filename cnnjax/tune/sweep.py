@@ -58,8 +58,11 @@ def task_metrics(config: Any) -> tuple[str, ...]:
 
 def check_metric(owner: str, metric: Any, config: Any) -> str:
     """`metric` if runs of `config` report it (`task_metrics`), else a ValueError naming the
-    task's metrics."""
+    task's metrics. None means `config.best_metric`, the metric the runs keep their best
+    checkpoint by (top1 for classification, map50 in the detection configs)."""
     task = config_lib.config_task(config)
+    if metric is None:
+        metric = config.best_metric
     choices = list(task_metrics(config))
     if metric not in choices:
         raise invalid(owner, "metric", metric,
@@ -75,7 +78,7 @@ def run_sweep(
     base_config: Any,
     space: SearchSpace,
     sweep_dir: str,
-    metric: str = "top1",
+    metric: str | None = None,
     mode: str | None = None,
     *,
     trial_index: int | None = None,
@@ -85,12 +88,13 @@ def run_sweep(
     """Runs the trials of `space` not yet finished in `sweep_dir`; returns the result rows.
 
     `metric` (an eval metric of the base config's task: loss, top1, top5 for classification;
-    map50, map, coco_map50, coco_map75 for detection) and `mode` ('max'/'min'; default by
+    map50, map, coco_map50, coco_map75 for detection; None: the base config's `best_metric`) and
+    `mode` ('max'/'min'; default by
     metric) rank the trials by their best eval value. `trial_index` runs only that trial (array
     jobs); `max_trials` caps how many trials this call starts (0: only rewrite results and plot).
     Every field, value and trial config is checked before anything trains.
     """
-    check_metric(_OWNER, metric, base_config)
+    metric = check_metric(_OWNER, metric, base_config)
     mode = default_mode(metric) if mode is None else mode
     check_choice(_OWNER, "mode", mode, ("max", "min"))
     if trial_index is not None and (

@@ -25,7 +25,7 @@ from cnnjax.tune.recipe import default_recipe
 
 def get_config():
     config = default_recipe()
-    config.metric = "top1"  # an eval metric: loss, top1, top5
+    config.metric = "top1"  # an eval metric: loss, top1, top5 (unset: the best_metric, top1)
     config.lr_min = 1e-3  # round 1: 5 log-spaced rates 0.001, 0.00562, 0.0316, 0.178, 1.0
     config.lr_max = 1.0
     config.num_lrs = 5

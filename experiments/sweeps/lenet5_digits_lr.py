@@ -25,7 +25,7 @@ def get_config():
     config.kind = "grid"  # or "random" (then num_trials and seed pick the points)
     config.seed = 0
     config.num_trials = 4
-    config.metric = "top1"  # an eval metric: loss, top1, top5
+    config.metric = "top1"  # an eval metric: loss, top1, top5 (unset: the best_metric, top1)
     config.mode = "max"
     config.parameters = (choice("optimizer.learning_rate", (0.003, 0.03, 0.3, 3.0)),)
     return config

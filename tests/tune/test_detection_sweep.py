@@ -3,6 +3,7 @@
 The runs use the engine's own detection test data (1-2 coloured squares per 16x16 image, in
 memory) and its tiny YOLO, so a trial is a few seconds of the real `train_and_evaluate`."""
 
+import dataclasses
 import os
 
 import pytest
@@ -22,7 +23,7 @@ def test_detection_sweep_ranks_trials_by_map50_and_diagnoses_on_it(tmp_path):
     base.lock()
     space = sp.grid({"optimizer.learning_rate": [1e3, 3e-3]})
     sweep_dir = str(tmp_path / "sweep")
-    rows = sw.run_sweep(base, space, sweep_dir, metric="map50", verbose=False)
+    rows = sw.run_sweep(base, space, sweep_dir, verbose=False)  # metric: its best_metric map50
     assert [(r["status"], r["rank"]) for r in rows] == [("completed", 1), ("diverged", None)]
     evals = [r for r in read_metrics(os.path.join(rows[0]["workdir"], "metrics.jsonl"))
              if r["split"] == "eval"]
@@ -48,3 +49,8 @@ def test_tuning_recipe_ranks_detection_by_its_metrics(tmp_path):
         rc.run_tune(base, recipe, str(tmp_path / "tune"), verbose=False)
     assert not os.path.exists(tmp_path / "tune")
     assert rc.Recipe(metric="map").mode == "max"
+    unset = rc.Recipe(mode="min")  # metric unset: the base config's best_metric, mode kept
+    assert (unset.metric, unset.mode) == (None, "min")
+    assert rc.Recipe().for_config(base) == dataclasses.replace(rc.Recipe(), metric="map50",
+                                                               mode="max")
+    assert unset.for_config(base).mode == "min"

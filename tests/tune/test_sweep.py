@@ -300,6 +300,9 @@ def test_metrics_are_the_tasks():
             "sweep: metric='top1' is invalid; expected one of ['map50', 'map', 'coco_map50', "
             "'coco_map75'] (the eval metrics of config.task='detection').")):
         sw.check_metric("sweep", "top1", detection)
+    detection.best_metric = "coco_map75"
+    assert sw.check_metric("sweep", None, detection) == "coco_map75"  # unset: the best_metric
+    assert sw.check_metric("sweep", None, config_lib.default_config()) == "top1"
     legacy = ml_collections.ConfigDict({"model": "lenet5"})  # no `task`: classification
     assert sw.task_metrics(legacy) == ("loss", "top1", "top5")
     detection.task = "segmentation"
