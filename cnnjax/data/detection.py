@@ -10,7 +10,11 @@ mask (objects beyond `max_boxes` are dropped, in stored order). Batches:
     image f32 [D, B, H, W, C]   boxes f32 [D, B, G, 4]   labels i32 [D, B, G]
     box_valid bool [D, B, G]
 
-plus `mask` f32 [D, B] from `eval_batches` (0 on the padding of the last batch).
+plus `mask` f32 [D, B] from `eval_batches` (0 on the padding of the last batch), and with
+`data.proposals.method` set (`cnnjax.data.proposals`, e.g. selective search) each image's external
+region proposals in the same pixel frame, flipped with it:
+
+    proposals f32 [D, B, P, 4]   proposal_valid bool [D, B, P]
 
 The data config is `pipeline.default_data_config(name)` plus `max_boxes`
 (`default_data_config` here). `augment=True` means a random horizontal flip of image and boxes
@@ -33,6 +37,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline
+from cnnjax.data import proposals as proposals_lib
+from cnnjax.data.proposals import ProposalSpec
 from cnnjax.utils.validation import check_positive_int, invalid
 
 _OWNER = "data"
@@ -41,19 +47,22 @@ _AUTOTUNE = tf.data.AUTOTUNE
 
 
 def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
-    """`pipeline.default_data_config(name)` plus `max_boxes` (ground-truth rows per image)."""
+    """`pipeline.default_data_config(name)` plus `max_boxes` (ground-truth rows per image) and
+    `proposals` (external region proposals, `cnnjax.data.proposals`; unset by default)."""
     config = pipeline.default_data_config(name)
     config.max_boxes = DEFAULT_MAX_BOXES
+    config.proposals = proposals_lib.default_proposals_config()
     return config
 
 
-def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int]:
-    """`(the classification data config, max_boxes)`; validates `max_boxes`."""
+def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int, ProposalSpec | None]:
+    """`(the classification data config, max_boxes, proposals)`; validates the last two."""
     if not hasattr(data_config, "items"):
         raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
     fields = dict(data_config.items())
     max_boxes = check_positive_int(_OWNER, "max_boxes", fields.pop("max_boxes",
                                                                    DEFAULT_MAX_BOXES))
+    proposals = proposals_lib.proposal_spec(fields.pop("proposals", None))
     if fields.get("name") == "fake":
         raise invalid(_OWNER, "name", "fake",
                       "detection needs a tfds dataset with `objects` boxes, e.g. shapes")
@@ -61,38 +70,53 @@ def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int]:
         if fields.get(arg) is not None:
             raise invalid(_OWNER, arg, fields[arg],
                           "expected None: class subsets are not supported for detection")
-    return ml_collections.ConfigDict(fields), max_boxes
+    return ml_collections.ConfigDict(fields), max_boxes, proposals
+
 
 
 class _DetectionSource(pipeline._TfdsSource):
-    """A tfds dataset read with its `objects` (boxes and classes) next to image and label."""
+    """A tfds dataset read with its `objects` (boxes and classes) next to image and label, and
+    with each image's cached external proposals (`proposals`, `proposal_count`) if asked for."""
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, proposals: ProposalSpec | None):
         super().__init__(spec)
         features = self.builder.info.features
         if "objects" not in features or "bbox" not in features["objects"].feature:
             raise invalid(_OWNER, "tfds_name", spec.tfds_name,
                           "expected a dataset with `objects/bbox` and `objects/label` features")
+        self.proposals = proposals
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
         ds = self.builder.as_dataset(
             split=self._shard_split(split, shard),
             shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+            read_config=tfds.ReadConfig(try_autocache=False,
+                                        add_tfds_id=self.proposals is not None),
         )
-        return ds.map(lambda ex: {"image": ex["image"], "bbox": ex["objects"]["bbox"],
-                                  "classes": ex["objects"]["label"]})
+        lookup = None
+        if self.proposals is not None:  # the whole split's table: every shard's ids are in it
+            lookup = proposals_lib.ProposalLookup(
+                proposals_lib.load_table(self.builder, split, self.proposals))
+
+        def fields(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            out = {"image": ex["image"], "bbox": ex["objects"]["bbox"],
+                   "classes": ex["objects"]["label"]}
+            if lookup is not None:
+                out["proposals"], out["proposal_count"] = lookup(ex["tfds_id"])
+            return out
+
+        return ds.map(fields)
 
 
 def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     """`(spec, source, transforms, max_boxes)` of a detection data config."""
-    config, max_boxes = _split(data_config)
+    config, max_boxes, proposals = _split(data_config)
     spec = pipeline._resolve(config)
     if spec.preset.tfds_name is None:
         raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
     pipeline.hide_gpus_from_tensorflow()
-    source = _DetectionSource(spec)
+    source = _DetectionSource(spec, proposals)
     return spec, source, pipeline._transforms(spec, source), max_boxes
 
 
@@ -110,21 +134,36 @@ def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
     return dataclasses.replace(info, name=tfds_name) if tfds_name else info
 
 
-def _targets(bbox: tf.Tensor, classes: tf.Tensor, hw: tuple[int, int], max_boxes: int,
-             flip: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example."""
-    count = tf.minimum(tf.shape(classes)[0], max_boxes)
+def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: int,
+                 flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The first `count` normalized `[ymin, xmin, ymax, xmax]` rows of `bbox` as `(x1, y1, x2,
+    y2)` pixels of the `hw` output image (mirrored with `flip`), zero-padded to `rows`, and
+    their validity `[rows]`."""
     bbox = tf.cast(bbox[:count], tf.float32)
     height, width = float(hw[0]), float(hw[1])
     x1, x2 = bbox[:, 1] * width, bbox[:, 3] * width
     x1, x2 = tf.where(flip, width - x2, x1), tf.where(flip, width - x1, x2)
     boxes = tf.stack([x1, bbox[:, 0] * height, x2, bbox[:, 2] * height], axis=1)
-    missing = max_boxes - count
-    boxes = tf.pad(boxes, [[0, missing], [0, 0]])
-    boxes.set_shape((max_boxes, 4))
-    labels = tf.pad(tf.cast(classes[:count], tf.int32), [[0, missing]])
+    boxes = tf.pad(boxes, [[0, rows - count], [0, 0]])
+    boxes.set_shape((rows, 4))
+    return boxes, tf.range(rows) < count
+
+
+def _targets(ex: dict[str, tf.Tensor], hw: tuple[int, int], max_boxes: int,
+             flip: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example, and its
+    external proposals (`proposals`, `proposal_valid`) when the source reads them."""
+    classes = ex["classes"]
+    count = tf.minimum(tf.shape(classes)[0], max_boxes)
+    boxes, valid = _pixel_boxes(ex["bbox"], count, hw, max_boxes, flip)
+    labels = tf.pad(tf.cast(classes[:count], tf.int32), [[0, max_boxes - count]])
     labels.set_shape((max_boxes,))
-    return {"boxes": boxes, "labels": labels, "box_valid": tf.range(max_boxes) < count}
+    out = {"boxes": boxes, "labels": labels, "box_valid": valid}
+    if "proposals" in ex:
+        rows = ex["proposals"].shape[0]
+        out["proposals"], out["proposal_valid"] = _pixel_boxes(
+            ex["proposals"], ex["proposal_count"], hw, rows, flip)
+    return out
 
 
 def train_batches(
@@ -154,7 +193,7 @@ def train_batches(
         if spec.augment:
             flip = tf.random.stateless_uniform([], seed=key) < 0.5
             image = tf.where(flip, tf.reverse(image, axis=[1]), image)
-        return {"image": image, **_targets(ex["bbox"], ex["classes"], hw, max_boxes, flip)}
+        return {"image": image, **_targets(ex, hw, max_boxes, flip)}
 
     ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
                                 seed=seed, start_step=start_step,
@@ -185,7 +224,7 @@ def eval_batches(
 
     def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": transforms.eval(source.decode(ex["image"])),
-                **_targets(ex["bbox"], ex["classes"], hw, max_boxes, tf.constant(False)),
+                **_targets(ex, hw, max_boxes, tf.constant(False)),
                 "mask": tf.constant(1.0, tf.float32)}
 
     ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
@@ -197,6 +236,10 @@ def eval_batches(
         "box_valid": np.zeros((0, max_boxes), bool),
         "mask": np.zeros((0,), np.float32),
     }
+    if source.proposals is not None:
+        rows = source.proposals.max_proposals
+        empty |= {"proposals": np.zeros((0, rows, 4), np.float32),
+                  "proposal_valid": np.zeros((0, rows), bool)}
     count = 0
     for batch in ds.as_numpy_iterator():
         yield pipeline._device_reshape(pipeline._pad(batch, process_batch), num_devices)

@@ -116,6 +116,13 @@ def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
     if not hasattr(run.model, "region_features"):
         raise invalid(OWNER, "workdir", workdir,
                       f"expected a run of an R-CNN (rcnn_small); it trained {run.config.model!r}")
+    from cnnjax.data.proposals import proposal_spec
+
+    if proposal_spec(run.config.data.get("proposals")) is not None:  # one window set per run
+        raise invalid(OWNER, "workdir", workdir,
+                      "expected a run on dense windows: the SVM stage keeps one window set for "
+                      "every image, and this run used data.proposals.method="
+                      f"{run.config.data.proposals.method!r}")
     data_info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
     return TrainedDetector(run, data_info)
 
@@ -147,7 +154,7 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
     from cnnjax.train.trained import predictions
 
     def features(run, batch):
-        windows = run.model.apply(run.variables, batch["image"], method="windows")
+        windows, _ = run.model.apply(run.variables, batch["image"], method="windows")
         rois = jnp.concatenate([windows, batch["boxes"]], axis=1)
         return (run.model.apply(run.variables, batch["image"], rois, method="region_features"),
                 windows)

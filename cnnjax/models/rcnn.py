@@ -1,10 +1,12 @@
 """R-CNN (Girshick et al., CVPR 2014), SPP-net (He et al., ECCV 2014) and Fast R-CNN (Girshick,
 ICCV 2015) on external proposals.
 
-All three classify and refine a fixed set of region proposals given from outside the network. The
-papers used ~2,000 selective-search regions per image; cnnjax has no selective search, so the
-external proposals here are dense multi-scale square windows (`window_proposals`: every
-`proposal_sizes` side at a stride of `proposal_stride` pixels), the same for every image.
+All three classify and refine region proposals given from outside the network. The papers used
+~2,000 selective-search regions per image: set `data.proposals.method="selective_search"` and the
+input pipeline delivers each image's (`cnnjax.data.proposals`, passed as `proposals` /
+`proposal_valid` to `loss` and `detect`). Without them the external proposals are dense
+multi-scale square windows (`window_proposals`: every `proposal_sizes` side at a stride of
+`proposal_stride` pixels), the same for every image.
 
 - `FastRCNN`: one conv pass over the image (`VGGFeatures`), `roi_align` of every RoI on the
   shared map, `faster_rcnn.BoxHead` (fc6/fc7, `C + 1` class logits, class-specific deltas):
@@ -29,7 +31,7 @@ window and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -106,10 +108,12 @@ class RegionFeatures(NamedTuple):
 
 
 class _ProposalDetector(nn.Module):
-    """What R-CNN and Fast R-CNN share: external windows, RoI sampling, loss and inference.
+    """What R-CNN and Fast R-CNN share: external proposals, RoI sampling, loss and inference.
 
     Subclasses implement `score(images, rois [N, R, 4], train) -> (logits, deltas)`.
     """
+
+    accepts_proposals: ClassVar[bool] = True  # `loss`/`detect` take the batch's proposals
 
     num_classes: int = 20
     proposal_sizes: Sequence[int] = (12, 18, 26)
@@ -121,41 +125,60 @@ class _ProposalDetector(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
 
-    def windows(self, images: Array) -> Array:
-        """The external proposals of a batch, `[N, P, 4]` (the same windows for every image)."""
-        check_nhwc(type(self).__name__, images)
-        windows = window_proposals(tuple(images.shape[1:3]), self.proposal_sizes,
-                                   self.proposal_stride)
-        return jnp.broadcast_to(jnp.asarray(windows), (images.shape[0], *windows.shape))
+    def windows(self, images: Array, proposals: Array | None = None,
+                proposal_valid: Array | None = None) -> tuple[Array, Array]:
+        """The regions to classify, `(rois [N, P, 4], valid [N, P])`: the external `proposals`
+        of each image when given (e.g. selective search from the input pipeline,
+        `cnnjax.data.proposals`), else the dense windows, the same for every image."""
+        owner = type(self).__name__
+        check_nhwc(owner, images)
+        if proposals is None:
+            windows = window_proposals(tuple(images.shape[1:3]), self.proposal_sizes,
+                                       self.proposal_stride)
+            rois = jnp.broadcast_to(jnp.asarray(windows), (images.shape[0], *windows.shape))
+            return rois, jnp.ones(rois.shape[:2], bool)
+        if proposals.ndim != 3 or proposals.shape[0] != images.shape[0] or proposals.shape[2] != 4:
+            raise invalid(owner, "proposals", f"array of shape {tuple(proposals.shape)}",
+                          f"expected [{images.shape[0]}, P, 4] (x1, y1, x2, y2 per image)")
+        if proposal_valid is None:
+            proposal_valid = jnp.ones(proposals.shape[:2], bool)
+        if tuple(proposal_valid.shape) != tuple(proposals.shape[:2]):
+            raise invalid(owner, "proposal_valid", f"array of shape {tuple(proposal_valid.shape)}",
+                          f"expected {tuple(proposals.shape[:2])}, one flag per proposal")
+        return jnp.asarray(proposals, jnp.float32), jnp.asarray(proposal_valid, bool)
 
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
         raise NotImplementedError
 
-    def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
-        """`(class_logits [N, P, C + 1], box_deltas [N, P, C + 1, 4], windows [N, P, 4])`."""
-        windows = self.windows(x)
-        logits, deltas = self.score(x, windows, train)
-        out = (logits, deltas, windows)
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False,
+                 proposals: Array | None = None, proposal_valid: Array | None = None) -> Any:
+        """`(class_logits [N, P, C + 1], box_deltas [N, P, C + 1, 4], rois [N, P, 4])` of the
+        external `proposals` (`windows`)."""
+        rois, _ = self.windows(x, proposals, proposal_valid)
+        logits, deltas = self.score(x, rois, train)
+        out = (logits, deltas, rois)
         return (out, {}) if return_features else out
 
     def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
-             train: bool = True) -> tuple[Array, dict[str, Array]]:
+             train: bool = True, proposals: Array | None = None,
+             proposal_valid: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """Fast R-CNN's loss on `roi_samples` RoIs per image: `(loss, terms)`."""
-        windows = self.windows(images)
-        targets = sample_training_rois(self.make_rng("sample"), windows,
-                                       jnp.ones(windows.shape[:2], bool), gt_boxes, gt_labels,
+        rois, valid = self.windows(images, proposals, proposal_valid)
+        targets = sample_training_rois(self.make_rng("sample"), rois, valid, gt_boxes, gt_labels,
                                        gt_valid, self.roi_samples)
         logits, deltas = self.score(images, targets.rois, train)
         terms = head_loss(logits, deltas, targets)
         loss = terms["classification"] + terms["box"]
         return loss, {"loss": loss, **terms}
 
-    def detect(self, images: Array) -> Detections:
-        """Every window scored and refined, per-class NMS to `max_detections` per image."""
-        logits, deltas, windows = self(images, train=False)
-        return detect_from_head(logits, deltas, windows, jnp.ones(windows.shape[:2], bool),
-                                tuple(images.shape[1:3]), self.score_threshold, self.nms_iou,
-                                self.max_detections)
+    def detect(self, images: Array, proposals: Array | None = None,
+               proposal_valid: Array | None = None) -> Detections:
+        """Every valid proposal scored and refined, per-class NMS to `max_detections` per
+        image."""
+        rois, valid = self.windows(images, proposals, proposal_valid)
+        logits, deltas = self.score(images, rois, train=False)
+        return detect_from_head(logits, deltas, rois, valid, tuple(images.shape[1:3]),
+                                self.score_threshold, self.nms_iou, self.max_detections)
 
 
 class _SharedMapDetector(_ProposalDetector):

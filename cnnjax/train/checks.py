@@ -106,3 +106,13 @@ def check_input_size(
             f"too small: layer {err.layer} fails ({err.detail}); use a larger "
             "data.image_size or a model meant for small images",
         ) from None
+
+
+def check_external_proposals(model: nn.Module, model_name: str, proposals: Any) -> None:
+    """A ValueError if the data config asks for external proposals (`data.proposals`, a
+    `cnnjax.data.proposals.ProposalSpec`) and the detector makes its own (an RPN, YOLO's grid),
+    so they would be computed and silently ignored."""
+    if proposals is not None and not getattr(model, "accepts_proposals", False):
+        raise invalid("config", "data.proposals.method", proposals.method,
+                      f"expected None for model {model_name!r}, which makes its own proposals "
+                      "(external proposals feed the R-CNN, SPP-net and Fast R-CNN models)")

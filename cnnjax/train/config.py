@@ -407,6 +407,11 @@ def check_config(config: Any) -> CheckedConfig:
         ) from None
     image_shape = tuple(data_info.image_shape)
     checks.check_input_size(model, config.model, image_shape, info.min_input_size)
+    if task == "detection":
+        from cnnjax.data.proposals import proposal_spec
+
+        checks.check_external_proposals(model, config.model,
+                                        proposal_spec(config.data.get("proposals")))
 
     schedule = build_schedule(config)
     tx = build_optimizer(config, schedule)

@@ -102,6 +102,7 @@ def _apply_training(
     rngs: dict,
     conv_impl: str,
     method: str | None = None,
+    **kwargs: Any,
 ) -> tuple[Any, dict]:
     """`model.apply(..., train=True)` with `params`; returns `(outputs, updates)`, where `updates`
     holds the new BatchNorm statistics (empty for a model without any)."""
@@ -110,7 +111,8 @@ def _apply_training(
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
         mutable = ["batch_stats"]
-    kwargs = {} if method is None else {"method": method}
+    if method is not None:
+        kwargs["method"] = method
     with conv_impl_context(conv_impl):
         out = model.apply(variables, *args, train=True, mutable=mutable, rngs=rngs, **kwargs)
     return out if mutable else (out, {})
@@ -123,6 +125,15 @@ def _step_rng(state: TrainState, axis_name: str) -> jax.Array:
     )
 
 
+PROPOSAL_KEYS = ("proposals", "proposal_valid")
+
+
+def proposal_kwargs(batch: dict) -> dict:
+    """A detection batch's external region proposals (`cnnjax.data.proposals`) as the keyword
+    arguments of the detector's `loss` and `detect`; {} when the batch has none."""
+    return {key: batch[key] for key in PROPOSAL_KEYS if key in batch}
+
+
 def detection_train_step(
     state: TrainState,
     batch: dict,
@@ -133,8 +144,9 @@ def detection_train_step(
     axis_name: str,
     conv_impl: str = "xla",
 ) -> tuple[TrainState, dict]:
-    """One step of a detector on `batch` {'image', 'boxes', 'labels', 'box_valid'}
-    (`cnnjax.data.detection`): the model's own `loss` method, which returns `(loss, terms)`.
+    """One step of a detector on `batch` {'image', 'boxes', 'labels', 'box_valid'} and maybe
+    {'proposals', 'proposal_valid'} (`cnnjax.data.detection`): the model's own `loss` method,
+    which returns `(loss, terms)`.
 
     Metrics are the device-averaged `terms` (which hold `loss`) and the `learning_rate`. The
     model may draw from the `dropout` and `sample` (e.g. RoI sampling) RNG streams, both derived
@@ -151,6 +163,7 @@ def detection_train_step(
             {"dropout": rng, "sample": jax.random.fold_in(rng, 1)},
             conv_impl,
             method="loss",
+            **proposal_kwargs(batch),
         )
         return loss, (terms, updates)
 
@@ -162,10 +175,12 @@ def detection_train_step(
 def detection_predict_step(
     state: TrainState, batch: dict, *, model: nn.Module, conv_impl: str = "xla"
 ) -> Any:
-    """This device's fixed-size detections of `batch['image']` (the model's `detect` method);
-    the host gathers them from every device and computes mAP (`detection.evaluation`)."""
+    """This device's fixed-size detections of `batch['image']` (the model's `detect` method, on
+    the batch's proposals if it has any); the host gathers them from every device and computes
+    mAP (`detection.evaluation`)."""
     with conv_impl_context(conv_impl):
-        return model.apply(state.variables(), batch["image"], method="detect")
+        return model.apply(state.variables(), batch["image"], method="detect",
+                           **proposal_kwargs(batch))
 
 
 def eval_step(

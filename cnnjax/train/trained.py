@@ -27,6 +27,7 @@ from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import SourceCheckpoints
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE, evaluate_variables
 from cnnjax.train.state import WARM_START_COLLECTIONS
+from cnnjax.train.step import proposal_kwargs
 from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import check_positive_int, invalid
 
@@ -97,6 +98,15 @@ def _with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
     return config
 
 
+def default_outputs(config: Any) -> Callable[[TrainedRun, dict], Any]:
+    """What `predictions` computes by default: a classifier's logits, or a detector's
+    `Detections` (on the batch's external proposals if it has any)."""
+    if config_lib.config_task(config) == "detection":
+        return lambda run, batch: run.apply(batch["image"], method="detect",
+                                            **proposal_kwargs(batch))
+    return lambda run, batch: run.apply(batch["image"])
+
+
 def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
                 outputs: Callable[[TrainedRun, dict], Any] | None = None,
                 ) -> Iterator[tuple[dict, Any]]:
@@ -111,9 +121,8 @@ def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
     config = _with_split(run.config, split)
     batch_size = check_positive_int("predictions", "batch_size", batch_size)
     lowering = resolve_conv_impl(config.conv_impl, jax.default_backend())
-    method = "detect" if config_lib.config_task(config) == "detection" else None
     if outputs is None:
-        outputs = lambda run, batch: run.apply(batch["image"], method=method)  # noqa: E731
+        outputs = default_outputs(config)
 
     @jax.jit
     def infer(variables: dict, batch: dict) -> Any:

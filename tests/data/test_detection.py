@@ -145,3 +145,58 @@ def test_batches_match_the_recorded_ones(data_dir, augment, cache, recorded):
     stream = detection.train_batches(_config(data_dir, augment=augment, cache=cache),
                                      global_batch_size=16, num_devices=2, seed=5, start_step=249)
     assert _digest([next(stream) for _ in range(3)]) == recorded
+
+
+def _with_proposals(root, **overrides):
+    config = _config(root, train_split="train[:48]", eval_split="test[:40]", **overrides)
+    config.proposals.method = "selective_search"
+    config.proposals.scale = 2.0
+    config.proposals.max_proposals = 96
+    return config
+
+
+def _expected_proposals(image, rows):
+    """The image's selective-search boxes in pixels, padded to `rows` (the batch's layout)."""
+    from cnnjax.detection.selective_search import selective_search
+
+    boxes = selective_search(image, scale=2.0, max_boxes=rows)
+    padded = np.zeros((rows, 4), np.float32)
+    padded[: len(boxes)] = boxes
+    return padded, np.arange(rows) < len(boxes)
+
+
+@pytest.mark.slow
+def test_eval_batches_carry_each_images_selective_search_boxes(data_dir, stored_test):
+    batches = list(detection.eval_batches(_with_proposals(data_dir), global_batch_size=16,
+                                          num_devices=1))
+    flat = {k: np.concatenate([b[k][0] for b in batches]) for k in batches[0]}
+    assert flat["proposals"].shape == (48, 96, 4) and flat["proposal_valid"].dtype == bool
+    assert not flat["proposal_valid"][40:].any()  # the last batch's padding
+    for i, example in enumerate(stored_test[:40]):
+        boxes, valid = _expected_proposals(example["image"], 96)
+        np.testing.assert_allclose(flat["proposals"][i], boxes, atol=1e-4)  # via [0, 1] coords
+        np.testing.assert_array_equal(flat["proposal_valid"][i], valid)
+
+
+@pytest.mark.slow
+def test_train_proposals_flip_with_the_image_and_resume(data_dir):
+    kwargs = {"global_batch_size": 16, "num_devices": 2, "seed": 3}
+    plain = next(detection.train_batches(_with_proposals(data_dir, augment=False), **kwargs))
+    config = _with_proposals(data_dir, augment=True)
+    stream = detection.train_batches(config, **kwargs)
+    flipped = [next(stream) for _ in range(3)]
+    mirrored = 0
+    for d, i in itertools.product(range(2), range(8)):
+        valid = plain["proposal_valid"][d, i]
+        np.testing.assert_array_equal(flipped[0]["proposal_valid"][d, i], valid)
+        x1, y1, x2, y2 = plain["proposals"][d, i][valid].T
+        if np.array_equal(plain["image"][d, i], flipped[0]["image"][d, i]):
+            np.testing.assert_array_equal(plain["proposals"][d, i], flipped[0]["proposals"][d, i])
+            continue
+        mirrored += 1
+        np.testing.assert_allclose(flipped[0]["proposals"][d, i][valid],
+                                   np.stack([64 - x2, y1, 64 - x1, y2], 1), atol=1e-5)
+    assert 0 < mirrored < 16
+    resumed = next(detection.train_batches(config, start_step=2, **kwargs))
+    for key in ("image", "proposals", "proposal_valid"):
+        np.testing.assert_array_equal(flipped[2][key], resumed[key])

@@ -1,6 +1,8 @@
 """R-CNN and Fast R-CNN on window proposals: the windows, the shared RoI loss, gradients, and
 R-CNN's warps being the image regions resampled (compiling a detector is `slow`)."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -146,3 +148,55 @@ def test_every_detector_passes_the_engine_input_check(name):
     info = model_info(name)
     checks.check_input_size(create_model(name, axis_name="data"), name, info.input_shape,
                             info.min_input_size)
+
+
+def test_external_proposals_replace_the_windows():
+    model = create_model("fast_rcnn_small")
+    images = jnp.zeros((2, 64, 64, 3))
+    rois, valid = model.apply({}, images, method="windows")
+    p = len(window_proposals((64, 64), model.proposal_sizes, model.proposal_stride))
+    assert rois.shape == (2, p, 4) and bool(valid.all())
+    given = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)
+    flags = jnp.array([[True, False, True], [False, False, False]])
+    rois, valid = model.apply({}, images, given, flags, method="windows")
+    np.testing.assert_array_equal(rois, given)
+    np.testing.assert_array_equal(valid, flags)
+    _, valid = model.apply({}, images, given, method="windows")  # no flags: all valid
+    assert valid.shape == (2, 3) and bool(valid.all())
+    with pytest.raises(ValueError, match=re.escape(
+            "FastRCNN: proposals='array of shape (3, 3, 4)' is invalid; expected [2, P, 4]")):
+        model.apply({}, images, jnp.zeros((3, 3, 4)), method="windows")
+    with pytest.raises(ValueError, match=re.escape(
+            "FastRCNN: proposal_valid='array of shape (2, 4)' is invalid; expected (2, 3), one "
+            "flag per proposal.")):
+        model.apply({}, images, given, jnp.ones((2, 4), bool), method="windows")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fast_rcnn_small", "rcnn_small", "sppnet_small"])
+def test_loss_and_detections_use_only_the_valid_external_proposals(name):
+    model = create_model(name, roi_samples=8, max_detections=6, score_threshold=0.0)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    proposals = jnp.array([[[2.0, 2, 22, 22], [30, 28, 52, 62], [0, 0, 64, 64]],
+                           [[1, 1, 9, 12], [40, 40, 60, 60], [0, 0, 0, 0]]])
+    valid = jnp.array([[True, True, False], [True, True, False]])
+    det = jax.jit(lambda v, x, p, m: model.apply(v, x, p, m, method="detect"))(
+        variables, x, proposals, valid)
+    # Every detection is a valid proposal moved by its class's deltas: score it on the valid
+    # proposals alone and the same detections come back.
+    alone = jax.jit(lambda v, x, p: model.apply(v, x, p, method="detect"))(
+        variables, x, proposals[:, :2])
+    for field in ("boxes", "scores", "classes", "valid"):
+        np.testing.assert_allclose(getattr(det, field), getattr(alone, field), atol=1e-5)
+    assert det.valid.any()
+
+    def loss(params, p, m):
+        (value, terms), _ = model.apply(
+            {**variables, "params": params}, x, BOXES, LABELS, VALID, True, p, m,
+            method="loss", mutable=["batch_stats"], rngs={"sample": jax.random.key(2)})
+        return value
+
+    value = jax.jit(loss)(variables["params"], proposals, valid)
+    dense = jax.jit(lambda params: loss(params, None, None))(variables["params"])
+    assert np.isfinite(float(value)) and float(value) != float(dense)

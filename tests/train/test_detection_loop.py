@@ -2,6 +2,7 @@
 whole eval split, exact resume, and the task checks."""
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -11,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cnnjax.data.proposals import default_proposals_config
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer
 from cnnjax.train.config import default_config, model_kwargs_config
@@ -215,6 +217,18 @@ def test_task_and_model_must_agree(tmp_path):
                                          r"of \['classification', 'detection'\]"):
         loop.train_and_evaluate(_config(task="segmentation"), str(tmp_path / "c"))
     assert not Path(tmp_path / "a" / "checkpoints").exists()
+
+
+def test_external_proposals_need_a_model_that_reads_them(tmp_path):
+    config = _config()
+    config.data.proposals = default_proposals_config()
+    config.data.proposals.method = "selective_search"
+    with pytest.raises(ValueError, match=re.escape(
+            "config: data.proposals.method='selective_search' is invalid; expected None for "
+            "model 'yolo_v1_small', which makes its own proposals (external proposals feed the "
+            "R-CNN, SPP-net and Fast R-CNN models).")):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert not Path(tmp_path / "checkpoints").exists()
 
 
 def test_workdirs_from_before_the_task_field_still_resume(tmp_path):

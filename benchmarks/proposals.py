@@ -1,0 +1,80 @@
+r"""External region proposals on a detection set: selective search (each strategy and upsampling
+scale) against the dense windows of `fast_rcnn_small` / `rcnn_small`. Per setting: time per
+image, proposals per image, and recall (share of ground-truth boxes with a proposal of IoU >= 0.5
+and >= 0.7), the numbers that decide `data.proposals`.
+
+  python -m benchmarks.proposals --num_images=500 --strategies=fast,quality --scales=1,2
+
+Reads `shapes_multi` (generated offline on first use) or any tfds set with `objects/bbox`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+_DATASET = flags.DEFINE_string("dataset", "shapes_multi", "tfds dataset with objects/bbox.")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to read.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir (None: tfds' default).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 500, "Images read from the split's start.")
+_STRATEGIES = flags.DEFINE_list("strategies", ["fast", "quality"], "Selective search modes.")
+_SCALES = flags.DEFINE_list("scales", ["1", "2"], "Upsampling before segmenting.")
+
+
+def _recall(proposals: list, truth: list, threshold: float) -> float:
+    from cnnjax.detection.evaluation import box_iou_np
+
+    hits = total = 0
+    for boxes, gt in zip(proposals, truth, strict=True):
+        total += len(gt)
+        if len(boxes) and len(gt):
+            hits += int((box_iou_np(gt, boxes).max(axis=1) >= threshold).sum())
+    return hits / max(total, 1)
+
+
+def _report(name: str, proposals: list, truth: list, seconds: float) -> None:
+    import numpy as np
+
+    counts = np.array([len(p) for p in proposals])
+    print(f"{name:<28} {1e3 * seconds / len(proposals):8.1f} ms/img   proposals/img median "
+          f"{np.median(counts):5.0f} mean {counts.mean():6.1f} max {counts.max():5d}   "
+          f"recall@0.5 {_recall(proposals, truth, 0.5):.3f}  @0.7 "
+          f"{_recall(proposals, truth, 0.7):.3f}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    import cnnjax.data.builders  # noqa: F401  (registers the offline datasets)
+    from cnnjax.detection.selective_search import selective_search
+    from cnnjax.models import create_model
+    from cnnjax.models.rcnn import window_proposals
+
+    split = f"{_SPLIT.value}[:{_NUM_IMAGES.value}]"
+    dataset = tfds.load(_DATASET.value, split=split, data_dir=_DATA_DIR.value)
+    images, truth = [], []
+    for example in tfds.as_numpy(dataset):
+        height, width = example["image"].shape[:2]
+        images.append(example["image"])
+        ymin, xmin, ymax, xmax = example["objects"]["bbox"].T
+        truth.append(np.stack([xmin * width, ymin * height, xmax * width, ymax * height], 1))
+    print(f"{_DATASET.value}[{split}]: {len(images)} images, {sum(map(len, truth))} objects, "
+          f"image {images[0].shape}")
+    for name in ("fast_rcnn_small", "rcnn_small"):
+        model = create_model(name)
+        windows = [window_proposals(im.shape[:2], model.proposal_sizes, model.proposal_stride)
+                   for im in images]
+        _report(f"dense windows ({name})", windows, truth, 0.0)
+    for strategy in _STRATEGIES.value:
+        for scale in (float(s) for s in _SCALES.value):
+            started = time.perf_counter()
+            boxes = [selective_search(im, strategy=strategy, scale=scale) for im in images]
+            _report(f"selective search {strategy} x{scale:g}", boxes, truth,
+                    time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,175 @@
+"""Per-image external region proposals for the detection input (`data.proposals`).
+
+R-CNN, SPP-net and Fast R-CNN classify regions proposed outside the network. With
+`data.proposals.method = "selective_search"` every image of a split gets its selective-search
+boxes (`cnnjax.detection.selective_search`), computed once per split and setting and cached
+beside the prepared dataset:
+
+    <tfds data_dir>/<name>/<version>/proposals/<split>-<method>-<strategy>-x<scale>-max<P>.npz
+
+holding each example's `tfds_id`, its boxes normalized like tfds' `bbox` (`[ymin, xmin, ymax,
+xmax]` in [0, 1], so resizing and flipping treat them as the ground truth) padded to `P` rows,
+and their count. `cnnjax.data.detection` joins them to the examples by `tfds_id`. The cache is
+written atomically; concurrent processes each compute it and the last rename wins (same content).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import re
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from cnnjax.detection.selective_search import check_settings, selective_search
+from cnnjax.utils.files import atomic_file
+from cnnjax.utils.validation import check_choice, check_positive_int, invalid
+
+_OWNER = "data.proposals"
+METHODS = ("selective_search",)
+DEFAULT_MAX_PROPOSALS = 256
+FIELDS = ("method", "strategy", "scale", "max_proposals")
+
+
+def default_proposals_config() -> ml_collections.ConfigDict:
+    """`data.proposals`: unset (`method=None`) means the model's own proposals (a detector with
+    an RPN, YOLO) or its dense windows (R-CNN, SPP-net, Fast R-CNN)."""
+    return ml_collections.ConfigDict({
+        "method": ml_collections.FieldReference(None, field_type=str),  # selective_search
+        "strategy": ml_collections.FieldReference(None, field_type=str),  # fast | quality
+        "scale": ml_collections.FieldReference(None, field_type=float),  # upsampling, 1.0
+        "max_proposals": ml_collections.FieldReference(None, field_type=int),  # P, 256
+    })
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalSpec:
+    """A checked `data.proposals` with its defaults filled in."""
+
+    method: str
+    strategy: str
+    scale: float
+    max_proposals: int
+
+    def cache_path(self, builder: Any, split: str) -> str:
+        split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
+        name = (f"{split_name}-{self.method}-{self.strategy}-x{self.scale:g}"
+                f"-max{self.max_proposals}.npz")
+        return os.path.join(builder.data_dir, "proposals", name)
+
+
+def proposal_spec(config: Any) -> ProposalSpec | None:
+    """The `ProposalSpec` of a `data.proposals` config (a ConfigDict or mapping), None when
+    `method` is unset; a ValueError naming the field otherwise."""
+    if config is None:
+        return None
+    fields = dict(config.items()) if hasattr(config, "items") else None
+    if fields is None:
+        raise invalid(_OWNER, "config", config,
+                      "expected a ConfigDict with method, strategy, scale, max_proposals")
+    for name in fields:
+        check_choice(_OWNER, "field", name, list(FIELDS))
+    if fields.get("method") is None:
+        return None
+    check_choice(_OWNER, "method", fields["method"], METHODS)
+    strategy = fields.get("strategy") or "fast"
+    scale = 1.0 if fields.get("scale") is None else fields["scale"]
+    check_settings(_OWNER, strategy, scale)
+    max_proposals = check_positive_int(_OWNER, "max_proposals",
+                                       fields.get("max_proposals") or DEFAULT_MAX_PROPOSALS)
+    return ProposalSpec(fields["method"], strategy, float(scale), max_proposals)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalTable:
+    """Every example's proposals of one split: `keys [N]` (tfds ids), `boxes [N, P, 4]`
+    normalized `[ymin, xmin, ymax, xmax]` (zero rows past `counts [N]`)."""
+
+    keys: np.ndarray
+    boxes: np.ndarray
+    counts: np.ndarray
+
+
+def _normalized(boxes: np.ndarray, height: int, width: int, rows: int) -> np.ndarray:
+    """Pixel `(x1, y1, x2, y2)` boxes as tfds' normalized `[ymin, xmin, ymax, xmax]`, padded."""
+    out = np.zeros((rows, 4), np.float32)
+    scaled = boxes[:, [1, 0, 3, 2]] / np.array([height, width, height, width], np.float32)
+    out[: len(boxes)] = scaled
+    return out
+
+
+def compute_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
+    """Selective search on every image of `split`, streamed in chunks over all cores (OpenCV
+    releases the GIL), with progress logged every ~10%."""
+    dataset = builder.as_dataset(split=split, shuffle_files=False,
+                                 read_config=tfds.ReadConfig(add_tfds_id=True,
+                                                             try_autocache=False))
+    total = len(dataset)
+    started = time.time()
+    logging.info("cnnjax.data: selective search (%s, x%g) on %d images of %s[%s]...",
+                 spec.strategy, spec.scale, total, builder.name, split)
+
+    def one(image: np.ndarray) -> tuple[np.ndarray, int]:
+        boxes = selective_search(image, strategy=spec.strategy, scale=spec.scale,
+                                 max_boxes=spec.max_proposals)
+        return _normalized(boxes, image.shape[0], image.shape[1], spec.max_proposals), len(boxes)
+
+    keys, results = [], []
+    every = max(1, total // 10)
+    examples = iter(tfds.as_numpy(dataset))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        # In chunks, so a large split's images are never all in memory (sizes may differ).
+        while chunk := list(itertools.islice(examples, every)):
+            keys.extend(ex["tfds_id"] for ex in chunk)
+            results.extend(pool.map(one, [ex["image"] for ex in chunk]))
+            if len(results) < total:
+                elapsed = time.time() - started
+                logging.info("cnnjax.data: selective search %d/%d images, %.0f s, ETA %.0f s",
+                             len(results), total, elapsed,
+                             elapsed * (total - len(results)) / len(results))
+    logging.info("cnnjax.data: selective search done in %.1f s (%.1f boxes per image)",
+                 time.time() - started, np.mean([r[1] for r in results]) if results else 0.0)
+    return ProposalTable(
+        keys=np.asarray(keys, dtype=object).astype(bytes),
+        boxes=np.stack([r[0] for r in results]) if results else
+        np.zeros((0, spec.max_proposals, 4), np.float32),
+        counts=np.asarray([r[1] for r in results], np.int32))
+
+
+def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
+    """The cached table of `split`, computed and cached first if missing."""
+    path = spec.cache_path(builder, split)
+    if not os.path.exists(path):
+        table = compute_table(builder, split, spec)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            np.savez(f, keys=table.keys, boxes=table.boxes, counts=table.counts)
+        return table
+    with np.load(path) as cached:
+        return ProposalTable(cached["keys"], cached["boxes"], cached["counts"])
+
+
+class ProposalLookup:
+    """A tf.data-side join: `(boxes [P, 4], count)` of an example from its `tfds_id`."""
+
+    def __init__(self, table: ProposalTable):
+        self._rows = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(table.keys, tf.string),
+                tf.range(len(table.keys), dtype=tf.int64)),
+            default_value=-1)
+        self._boxes = tf.constant(table.boxes, tf.float32)
+        self._counts = tf.constant(table.counts, tf.int32)
+
+    def __call__(self, tfds_id: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        row = self._rows.lookup(tfds_id)
+        tf.debugging.assert_non_negative(row, message="an example without cached proposals")
+        return tf.gather(self._boxes, row), tf.gather(self._counts, row)

@@ -1,0 +1,100 @@
+"""`data.proposals`: the config's checks and defaults, the on-disk cache, the tf.data join by
+tfds id. (The proposals in real batches are checked in test_detection.py, on shapes_multi.)"""
+
+import os
+import re
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cnnjax.data import proposals as pl
+from cnnjax.data.detection import default_data_config
+
+
+def _config(**fields):
+    config = pl.default_proposals_config()
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def test_unset_means_no_proposals_and_defaults_fill_in():
+    assert pl.proposal_spec(_config()) is None
+    assert pl.proposal_spec(None) is None
+    assert pl.proposal_spec(default_data_config("shapes").proposals) is None  # detection data
+    assert pl.proposal_spec(_config(method="selective_search")) == pl.ProposalSpec(
+        "selective_search", "fast", 1.0, pl.DEFAULT_MAX_PROPOSALS)
+    spec = pl.proposal_spec(_config(method="selective_search", strategy="quality", scale=2.0,
+                                    max_proposals=64))
+    assert spec == pl.ProposalSpec("selective_search", "quality", 2.0, 64)
+    builder = types.SimpleNamespace(data_dir="/data/shapes_multi/1.0.0")
+    assert spec.cache_path(builder, "train[:10%]") == (
+        "/data/shapes_multi/1.0.0/proposals/train_10_-selective_search-quality-x2-max64.npz")
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"method": "edge_boxes"}, "data.proposals: method='edge_boxes' is invalid; expected one of "
+                               "['selective_search']."),
+    ({"method": "selective_search", "strategy": "best"},
+     "data.proposals: strategy='best' is invalid; expected one of ['fast', 'quality']."),
+    ({"method": "selective_search", "scale": 20.0},
+     "data.proposals: scale=20.0 is invalid; expected a number in [0.25, 8]"),
+    ({"method": "selective_search", "max_proposals": -1},
+     "data.proposals: max_proposals=-1 is invalid; expected a positive integer."),
+])
+def test_bad_settings(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pl.proposal_spec(_config(**fields))
+
+
+def test_unknown_fields_are_refused():
+    with pytest.raises(ValueError, match=re.escape(
+            "data.proposals: field='top_k' is invalid; expected one of ['method', 'strategy', "
+            "'scale', 'max_proposals'].")):
+        pl.proposal_spec({"method": "selective_search", "top_k": 5})
+    with pytest.raises(ValueError, match=r"data.proposals: config='selective_search' is invalid"):
+        pl.proposal_spec("selective_search")
+
+
+def _table(rows: int = 3) -> pl.ProposalTable:
+    boxes = np.zeros((2, rows, 4), np.float32)
+    boxes[0, :2] = [[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0]]
+    boxes[1, :1] = [[0.25, 0.5, 0.75, 1.0]]
+    return pl.ProposalTable(np.array([b"set-train__0", b"set-train__1"]), boxes,
+                            np.array([2, 1], np.int32))
+
+
+def test_the_cache_is_computed_once(tmp_path, monkeypatch):
+    calls = []
+
+    def compute(builder, split, spec):
+        calls.append(split)
+        return _table(spec.max_proposals)
+
+    monkeypatch.setattr(pl, "compute_table", compute)
+    builder = types.SimpleNamespace(data_dir=str(tmp_path))
+    spec = pl.ProposalSpec("selective_search", "fast", 1.0, 3)
+    first = pl.load_table(builder, "train", spec)
+    again = pl.load_table(builder, "train", spec)
+    assert calls == ["train"]  # the second call read the file
+    for field in ("keys", "boxes", "counts"):
+        np.testing.assert_array_equal(getattr(first, field), getattr(again, field))
+    assert os.listdir(tmp_path / "proposals") == [os.path.basename(
+        spec.cache_path(builder, "train"))]  # no temp file left behind
+    pl.load_table(builder, "test", spec)
+    assert calls == ["train", "test"]  # one cache per split
+
+
+def test_lookup_joins_by_tfds_id():
+    lookup = pl.ProposalLookup(_table())
+    boxes, count = lookup(tf.constant("set-train__1"))
+    np.testing.assert_array_equal(boxes.numpy(), _table().boxes[1])
+    assert int(count) == 1
+    ds = tf.data.Dataset.from_tensor_slices(["set-train__1", "set-train__0"]).map(lookup)
+    got = list(ds.as_numpy_iterator())
+    assert [int(c) for _, c in got] == [1, 2]
+    np.testing.assert_array_equal(got[1][0], _table().boxes[0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="without cached proposals"):
+        lookup(tf.constant("set-test__0"))

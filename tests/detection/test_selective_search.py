@@ -1,0 +1,78 @@
+"""Selective search (OpenCV's implementation): it finds flat-coloured objects, its output is a
+reproducible set in the input's pixels, and bad settings are refused."""
+
+import re
+
+import numpy as np
+import pytest
+
+from cnnjax.detection.selective_search import selective_search
+
+# Three flat-coloured rectangles (x1, y1, x2, y2) on a dark, slightly textured background.
+OBJECTS = np.array([[4, 6, 24, 30], [34, 8, 58, 22], [20, 38, 50, 60]], np.float64)
+COLOURS = ((230, 40, 40), (40, 200, 60), (50, 80, 240))
+
+
+def _scene() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    image = rng.integers(10, 30, size=(64, 64, 3)).astype(np.uint8)
+    for (x1, y1, x2, y2), colour in zip(OBJECTS.astype(int), COLOURS, strict=True):
+        image[y1:y2, x1:x2] = colour
+    return image
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU, float64 (the reference for the recall check)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
+    area = lambda z: np.prod(z[:, 2:] - z[:, :2], axis=-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+@pytest.mark.parametrize("strategy,scale", [("fast", 1.0), ("fast", 2.0), ("quality", 1.0)])
+def test_every_object_gets_a_tight_proposal(strategy, scale):
+    boxes = selective_search(_scene(), strategy=strategy, scale=scale)
+    assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 4
+    assert 3 <= len(boxes) < 500
+    # Each rectangle is one segment: some proposal is that rectangle (up to the upsampling's
+    # half-pixel rounding).
+    assert (_iou(OBJECTS, boxes).max(axis=1) >= 0.9).all()
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+    assert (boxes[:, 2:] > boxes[:, :2]).all()
+
+
+def test_a_reproducible_sorted_set():
+    boxes = selective_search(_scene(), scale=2.0)
+    np.testing.assert_array_equal(boxes, selective_search(_scene(), scale=2.0))
+    np.testing.assert_array_equal(boxes, np.unique(boxes, axis=0))  # sorted, no duplicates
+    few = selective_search(_scene(), scale=2.0, max_boxes=5)
+    assert len(few) == 5 and {tuple(b) for b in few} <= {tuple(b) for b in boxes}
+    np.testing.assert_array_equal(few, selective_search(_scene(), scale=2.0, max_boxes=5))
+    np.testing.assert_array_equal(selective_search(_scene(), max_boxes=10_000),
+                                  selective_search(_scene()))
+
+
+def test_grey_images_are_searched_as_rgb():
+    grey = _scene()[..., 0]
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(selective_search(grey), selective_search(rgb))
+    np.testing.assert_array_equal(selective_search(grey[..., None]), selective_search(rgb))
+    np.testing.assert_array_equal(selective_search(rgb.astype(np.float32)),
+                                  selective_search(rgb))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"strategy": "slow"}, "selective_search: strategy='slow' is invalid; expected one of "
+                           "['fast', 'quality']."),
+    ({"scale": 0}, "selective_search: scale=0 is invalid; expected a number in [0.25, 8]"),
+    ({"scale": True}, "selective_search: scale=True is invalid"),
+    ({"max_boxes": 0}, "selective_search: max_boxes=0 is invalid; expected a positive integer."),
+    ({"image": np.zeros((8, 8, 2))}, "selective_search: image='array of shape (8, 8, 2)' is "
+                                     "invalid; expected [H, W, 3], [H, W, 1] or [H, W]"),
+])
+def test_bad_settings(kwargs, message):
+    image = kwargs.pop("image", _scene())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        selective_search(image, **kwargs)
