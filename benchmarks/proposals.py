@@ -37,7 +37,7 @@ def _report(name: str, proposals: list, truth: list, seconds: float) -> None:
     import numpy as np
 
     counts = np.array([len(p) for p in proposals])
-    print(f"{name:<28} {1e3 * seconds / len(proposals):8.1f} ms/img   proposals/img median "
+    print(f"{name:<32} {1e3 * seconds / len(proposals):8.1f} ms/img   proposals/img median "
           f"{np.median(counts):5.0f} mean {counts.mean():6.1f} max {counts.max():5d}   "
           f"recall@0.5 {_recall(proposals, truth, 0.5):.3f}  @0.7 "
           f"{_recall(proposals, truth, 0.7):.3f}")

@@ -1,19 +1,20 @@
 """`run_rcnn_svm`: R-CNN's SVM + ridge stage (`rcnn_svm`) on a finished `rcnn_small` run.
 
 Loads the run's model and best checkpoint read-only (`cnnjax.train.trained.load_trained`),
-extracts fc7 and pool5
-features of the external windows and ground-truth boxes of the first `train_images` train
-scenes (`RCNN.region_features`), trains the per-class SVMs with hard-negative mining and the
-ridge box regressors, and evaluates on the whole eval split, with the same windows and the
-same NMS / mAP code (`DetectionEvaluator`):
+extracts fc7 and pool5 features of the run's external proposals (its dense windows, or each
+scene's selective-search boxes when it trained with `data.proposals`) and ground-truth boxes of
+the first `train_images` train scenes (`RCNN.region_features`), trains the per-class SVMs with
+hard-negative mining and the ridge box regressors, and evaluates on the whole eval split, with
+the same windows and the same NMS / mAP code (`DetectionEvaluator`):
 
     softmax        the engine's detector: softmax probabilities, the head's box deltas
     svm            SVM scores, the windows unmoved
     svm_head_box   SVM scores, the head's box deltas
     svm_ridge_box  SVM scores, the ridge regressors' boxes (the paper's R-CNN BB)
 
-Memory: every one of the 149 windows of a train scene is kept (fc7 only; pool5 only for the
-regression pairs), ~0.15 GB of features per 1,000 scenes, and mining scans all of them.
+Memory: every one of the 149 windows (or ~40 selective-search boxes) of a train scene is kept
+(fc7 only; pool5 only for the regression pairs), ~0.15 GB of features per 1,000 scenes, and
+mining scans all of them.
 
 Output directory (nothing else in the run's workdir is written; checkpoints are read-only):
     features_train.npz  features_test.npz  models.npz   cached artifacts, each holding the
@@ -46,7 +47,7 @@ from cnnjax.utils.validation import (
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
-FEATURE_VERSION = 1  # bump when what extract_*_features store changes
+FEATURE_VERSION = 2  # bump when what extract_*_features store changes
 ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
 ARM_LABELS = {
     "softmax": "softmax head (the engine's detector)",
@@ -116,13 +117,6 @@ def restore_detector(workdir: str, step: int | None = None) -> TrainedDetector:
     if not hasattr(run.model, "region_features"):
         raise invalid(OWNER, "workdir", workdir,
                       f"expected a run of an R-CNN (rcnn_small); it trained {run.config.model!r}")
-    from cnnjax.data.proposals import proposal_spec
-
-    if proposal_spec(run.config.data.get("proposals")) is not None:  # one window set per run
-        raise invalid(OWNER, "workdir", workdir,
-                      "expected a run on dense windows: the SVM stage keeps one window set for "
-                      "every image, and this run used data.proposals.method="
-                      f"{run.config.data.proposals.method!r}")
     data_info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
     return TrainedDetector(run, data_info)
 
@@ -147,46 +141,52 @@ def train_split(detector: TrainedDetector, num_images: int) -> str:
 
 
 def _region_batches(detector: TrainedDetector, split: str | None, batch_size: int):
-    """`(images' batch dict without padding, RegionFeatures of windows + gt boxes, windows)` of
-    each batch of `split` (stored order, no augmentation; `trained.predictions`)."""
+    """`(images' batch dict without padding, RegionFeatures of windows + gt boxes, windows
+    [n, P, 4], window validity [n, P])` of each batch of `split` (stored order, no augmentation;
+    `trained.predictions`). The windows are the run's: its dense windows, or each image's
+    external proposals (`data.proposals`, e.g. selective search) with their validity."""
     import jax.numpy as jnp
 
+    from cnnjax.train.step import proposal_kwargs
     from cnnjax.train.trained import predictions
 
     def features(run, batch):
-        windows, _ = run.model.apply(run.variables, batch["image"], method="windows")
+        windows, valid = run.model.apply(run.variables, batch["image"], method="windows",
+                                         **proposal_kwargs(batch))
         rois = jnp.concatenate([windows, batch["boxes"]], axis=1)
         return (run.model.apply(run.variables, batch["image"], rois, method="region_features"),
-                windows)
+                windows, valid)
 
-    for batch, (regions, windows) in predictions(detector.run, split, batch_size, features):
-        yield batch, regions, np.asarray(windows[0])
+    for batch, (regions, windows, valid) in predictions(detector.run, split, batch_size,
+                                                        features):
+        yield batch, regions, np.asarray(windows), np.asarray(valid)
 
 
 def extract_train_features(detector: TrainedDetector, split: str, batch_size: int,
                            ) -> dict[str, np.ndarray]:
-    """SVM and ridge training data of `split`: every window and valid gt box of every scene
-    (`fc7`, `overlaps` [M, C] by `class_overlaps`, `gt_class` (-1: a window), `image`), and the
-    regression pairs among the windows (`reg_pool5`, `reg_classes`, `reg_targets`)."""
+    """SVM and ridge training data of `split`: every valid window and valid gt box of every
+    scene (`fc7`, `overlaps` [M, C] by `class_overlaps`, `gt_class` (-1: a window), `image`), and
+    the regression pairs among the windows (`reg_pool5`, `reg_classes`, `reg_targets`)."""
     num_classes = detector.data_info.num_classes
     out: dict[str, list] = {k: [] for k in ("fc7", "overlaps", "gt_class", "image", "reg_pool5",
                                             "reg_classes", "reg_targets")}
     count = 0
-    for batch, regions, windows in _region_batches(detector, split, batch_size):
-        p = len(windows)
+    for batch, regions, windows, window_valid in _region_batches(detector, split, batch_size):
+        p = windows.shape[1]
         for i in range(len(batch["image"])):
             valid = batch["box_valid"][i]
             gt, labels = batch["boxes"][i][valid], batch["labels"][i][valid]
-            rows = np.concatenate([np.arange(p), p + np.flatnonzero(valid)])
-            boxes = np.concatenate([windows, gt])
+            kept = np.flatnonzero(window_valid[i])
+            rows = np.concatenate([kept, p + np.flatnonzero(valid)])
+            boxes = np.concatenate([windows[i][kept], gt])
             out["fc7"].append(regions.fc7[i][rows])
             out["overlaps"].append(rcnn_svm.class_overlaps(
                 boxes, gt, labels, np.ones(len(gt), bool), num_classes).astype(np.float32))
-            out["gt_class"].append(np.concatenate([np.full(p, -1), labels]).astype(np.int8))
+            out["gt_class"].append(np.concatenate([np.full(len(kept), -1), labels]).astype(np.int8))
             out["image"].append(np.full(len(rows), count, np.int32))
             selected, classes, targets = rcnn_svm.regression_targets(
-                windows, gt, labels, np.ones(len(gt), bool))
-            out["reg_pool5"].append(regions.pool5[i][:p][selected])
+                windows[i][kept], gt, labels, np.ones(len(gt), bool))
+            out["reg_pool5"].append(regions.pool5[i][kept][selected])
             out["reg_classes"].append(classes[selected].astype(np.int8))
             out["reg_targets"].append(targets[selected].astype(np.float32))
             count += 1
@@ -197,19 +197,21 @@ def extract_train_features(detector: TrainedDetector, split: str, batch_size: in
 
 def extract_test_features(detector: TrainedDetector, batch_size: int) -> dict[str, np.ndarray]:
     """Everything the four arms need on the run's eval split: per scene and window `fc7`,
-    `pool5`, the head's `logits` and `deltas`; the `windows`; the padded ground truth."""
-    out: dict[str, list] = {k: [] for k in ("fc7", "pool5", "logits", "deltas", "boxes",
-                                            "labels", "box_valid")}
-    windows = None
-    for batch, regions, windows in _region_batches(detector, None, batch_size):
-        p = len(windows)
+    `pool5`, the head's `logits` and `deltas`, the `windows` and their `window_valid`; the
+    padded ground truth."""
+    out: dict[str, list] = {k: [] for k in ("fc7", "pool5", "logits", "deltas", "windows",
+                                            "window_valid", "boxes", "labels", "box_valid")}
+    for batch, regions, windows, window_valid in _region_batches(detector, None, batch_size):
+        p = windows.shape[1]
         for name in ("fc7", "pool5", "logits", "deltas"):
             out[name].append(getattr(regions, name)[:, :p])
+        out["windows"].append(windows)
+        out["window_valid"].append(window_valid)
         for name in ("boxes", "labels", "box_valid"):
             out[name].append(batch[name])
-    if windows is None:
+    if not out["windows"]:
         raise invalid(OWNER, "eval split", "empty", "expected at least one scene")
-    return {"windows": windows, **{k: np.concatenate(v) for k, v in out.items()}}
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------- training/eval
@@ -247,13 +249,13 @@ def evaluate_arms(test: dict[str, np.ndarray], models: dict[str, Any], detector:
     ridge = rcnn_svm.LinearModels(models["ridge_weights"], models["ridge_bias"])
     evaluators = {arm: DetectionEvaluator(detector.data_info.num_classes) for arm in ARMS}
     for start in range(0, len(test["fc7"]), chunk):
-        part = {k: v[start:start + chunk] for k, v in test.items() if k != "windows"}
-        n = len(part["fc7"])
-        windows = np.broadcast_to(test["windows"], (n, *test["windows"].shape))
+        part = {k: v[start:start + chunk] for k, v in test.items()}
+        windows, valid = part["windows"], part["window_valid"]
         detections = {"softmax": detect_from_head(
-            part["logits"], part["deltas"], windows, jnp.ones(windows.shape[:2], bool),
-            image_size, model.score_threshold, model.nms_iou, model.max_detections)}
+            part["logits"], part["deltas"], windows, jnp.asarray(valid), image_size,
+            model.score_threshold, model.nms_iou, model.max_detections)}
         scores = rcnn_svm.svm_scores(part["fc7"] * models["fc7_scale"], svms)
+        scores = np.where(valid[..., None], scores, -np.inf)  # padding proposals: never kept
         candidates = {
             "svm": np.broadcast_to(windows[:, :, None], scores.shape + (4,)),
             "svm_head_box": decode_boxes(part["deltas"][:, :, 1:], windows[:, :, None],

@@ -15,7 +15,9 @@ multi-scale square windows (`window_proposals`: every `proposal_sizes` side at a
   (`roi_spatial_pyramid_pool`, levels `pyramid_levels`) instead of one RoI grid: the step between
   R-CNN and Fast R-CNN (whose RoI pooling is the one-level pyramid).
 - `RCNN`: every region is cropped from the *image* and warped to `warp_size x warp_size`
-  (`roi_align` on the image, bilinear, as the paper's affine warp; no context padding), and a
+  (`roi_align` on the image, bilinear, as the paper's affine warp; with `context_padding` p the
+  box is first dilated so that p warped pixels of context surround it, the paper's p = 16 of
+  227, zeros (the normalized mean) beyond the image as the paper's mean padding), and a
   separate small CNN classifies each warp: one forward pass per region, the cost Fast R-CNN
   removed. The engine fine-tunes it end to end with Fast R-CNN's softmax + smooth-L1 loss (the
   paper's step 1). The paper's second stage, per-class linear SVMs on fc7 features with
@@ -30,6 +32,7 @@ window and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -253,12 +256,19 @@ class RCNN(_ProposalDetector):
     proposal_stride: int = 8
     roi_samples: int = 32  # each RoI costs a whole CNN pass
     warp_size: int = 24
+    context_padding: int = 0  # warped pixels of context on each side (the paper: 16 of 227)
     cnn_stages: Sequence[Sequence[int]] = ((16,), (32,), (64,))
     head_features: int = 256
 
     def __post_init__(self) -> None:
         _check_common(self)
         check_positive_int(type(self).__name__, "warp_size", self.warp_size)
+        padding = self.context_padding
+        if (isinstance(padding, bool) or not isinstance(padding, int)
+                or not 0 <= 2 * padding < self.warp_size):
+            raise invalid(type(self).__name__, "context_padding", padding,
+                          f"expected an integer in [0, {(self.warp_size - 1) // 2}] (warped "
+                          f"pixels per side, less than half of warp_size={self.warp_size})")
         check_positive_int(type(self).__name__, "head_features", self.head_features)
         super().__post_init__()
 
@@ -267,13 +277,28 @@ class RCNN(_ProposalDetector):
                                axis_name=self.axis_name)
         self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
 
+    def context_boxes(self, images: Array, rois: Array) -> tuple[Array, Array]:
+        """`(images, rois)` with R-CNN's context: each box `[..., 4]` dilated about its centre
+        by `warp / (warp - 2 p)`, so that after warping `p = context_padding` pixels of context
+        surround it, and the images zero-padded (the normalized mean, as the paper's mean
+        padding) far enough for any dilated in-image box, the boxes shifted to match."""
+        if self.context_padding == 0:
+            return images, rois
+        scale = self.warp_size / (self.warp_size - 2 * self.context_padding)
+        centre = (rois[..., :2] + rois[..., 2:]) / 2
+        half = (rois[..., 2:] - rois[..., :2]) * (scale / 2)
+        pad = math.ceil(max(images.shape[1:3]) * (scale - 1) / 2)
+        images = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        return images, jnp.concatenate([centre - half, centre + half], axis=-1) + pad
+
     def warped_features(self, images: Array, rois: Array, train: bool) -> Array:
         """The CNN's last block (the paper's pool5) of every RoI `[N, R, 4]` warped from its
-        image: `[N * R, h, w, C]`."""
+        image (with `context_padding`): `[N * R, h, w, C]`."""
         n, r = rois.shape[:2]
         batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
-        warped = roi_align(jnp.asarray(images, jnp.float32), rois.reshape(n * r, 4),
-                           batch_indices, self.warp_size, spatial_scale=1.0, sampling_ratio=2)
+        images, boxes = self.context_boxes(jnp.asarray(images, jnp.float32), rois)
+        warped = roi_align(images, boxes.reshape(n * r, 4), batch_indices, self.warp_size,
+                           spatial_scale=1.0, sampling_ratio=2)
         return self.cnn(warped.astype(self.dtype), train)[f"block{len(self.cnn_stages)}"]
 
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:

@@ -224,6 +224,14 @@ def _eval_batches(data_config, *, global_batch_size, num_devices, process_index=
     n = int(split.split(":")[1].rstrip("]")) if split.startswith("train[") else NUM_EVAL
     data = _scenes(split, n)
     data["mask"] = np.ones(n, np.float32)
+    if data_config.get("proposals") is not None:  # each scene's gt boxes, shifted, and 2 more
+        rows = MAX_BOXES + 3
+        data["proposals"] = np.zeros((n, rows, 4), np.float32)
+        data["proposals"][:, :MAX_BOXES] = data["boxes"] + 1.0
+        data["proposals"][:, MAX_BOXES:MAX_BOXES + 2] = [[0, 0, 16, 16], [8, 4, 30, 28]]
+        data["proposal_valid"] = np.zeros((n, rows), bool)
+        data["proposal_valid"][:, :MAX_BOXES] = data["box_valid"]
+        data["proposal_valid"][:, MAX_BOXES:MAX_BOXES + 2] = True
     for start in range(0, n, global_batch_size):
         batch = {k: v[start:start + global_batch_size] for k, v in data.items()}
         pad = global_batch_size - len(batch["mask"])
@@ -231,10 +239,11 @@ def _eval_batches(data_config, *, global_batch_size, num_devices, process_index=
                for k, v in batch.items()}
 
 
-@pytest.fixture
-def tiny_workdir(tmp_path, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["windows", "proposals"])
+def tiny_workdir(tmp_path, monkeypatch, request):
     """A randomly initialised rcnn_small saved as a finished run (config.json + checkpoint),
-    with the detection data module replaced by in-memory scenes."""
+    with the detection data module replaced by in-memory scenes, on its dense windows or on
+    per-scene external proposals (`data.proposals`)."""
     import cnnjax.data
     from cnnjax.train.checkpoint import Checkpointer
     from cnnjax.train.config import default_config, model_kwargs_config
@@ -255,6 +264,8 @@ def tiny_workdir(tmp_path, monkeypatch):
         config.model_kwargs[key] = value
     config.data = ml_collections.ConfigDict({"name": "boxes", "train_split": "train",
                                              "eval_split": None})
+    if request.param:
+        config.data.proposals = {"method": "selective_search"}
     workdir = tmp_path / "run"
     model = create_model("rcnn_small", num_classes=CLASSES, **TINY)
     variables = init_variables(model, jax.random.key(0), (1, SIZE, SIZE, 3))
@@ -276,12 +287,23 @@ def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, cap
         assert metrics["num_examples"] == NUM_EVAL
         assert 0.0 <= metrics["map"] <= 1.0 and 0.0 <= metrics["map50"] <= 1.0
     train = np.load(out / "features_train.npz")
-    p = 16 + 16  # 8-px windows at 0, 8, 16, 24 and 12-px ones at 0, 8, 16, 20, squared
-    assert train["fc7"].shape == (8 * p + 12, 16)  # 8 scenes' windows + their 12 gt boxes
-    assert train["overlaps"].shape == (8 * p + 12, CLASSES)
-    assert train["reg_pool5"].shape[1] == 2 * 2 * 8
     test = np.load(out / "features_test.npz")
-    assert test["fc7"].shape == (NUM_EVAL, p, 16) and test["windows"].shape == (p, 4)
+    data_config = json.loads((tiny_workdir / "config.json").read_text())["data"]
+    if data_config.get("proposals"):  # 2 per scene + its gt boxes shifted by 1 px
+        p, per_train = MAX_BOXES + 3, 8 * 2 + 12
+        valid = test["window_valid"]
+        assert valid[:, :2].tolist() == [[True, i % 2 == 1] for i in range(NUM_EVAL)]
+        assert valid[:, MAX_BOXES:].tolist() == [[True, True, False]] * NUM_EVAL
+        np.testing.assert_array_equal(test["windows"][:, 0], test["boxes"][:, 0] + 1.0)
+        assert len(train["reg_pool5"]) == 12  # the shifted gt boxes (IoU 49/79 = 0.62 >= 0.6)
+    else:
+        p = 16 + 16  # 8-px windows at 0, 8, 16, 24 and 12-px ones at 0, 8, 16, 20, squared
+        per_train = 8 * p
+        assert test["window_valid"].all()
+    assert train["fc7"].shape == (per_train + 12, 16)  # 8 scenes' windows + their 12 gt boxes
+    assert train["overlaps"].shape == (per_train + 12, CLASSES)
+    assert train["reg_pool5"].shape[1] == 2 * 2 * 8
+    assert test["fc7"].shape == (NUM_EVAL, p, 16) and test["windows"].shape == (NUM_EVAL, p, 4)
     models = np.load(out / "models.npz")
     assert models["svm_weights"].shape == (CLASSES, 16)
     assert models["ridge_weights"].shape == (CLASSES, 2 * 2 * 8, 4)
