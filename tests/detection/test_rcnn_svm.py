@@ -254,6 +254,7 @@ def tiny_workdir(tmp_path, monkeypatch, request):
     module.get_dataset_info = lambda data_config: helpers.DatasetInfo(
         "boxes", CLASSES, (SIZE, SIZE, 3), NUM_TRAIN, NUM_EVAL)
     module.eval_batches = _eval_batches
+    module.eval_split_name = lambda data_config: data_config.get("eval_split") or "test"
     monkeypatch.setitem(sys.modules, "cnnjax.data.detection", module)
     monkeypatch.setattr(cnnjax.data, "detection", module, raising=False)
 
@@ -342,3 +343,17 @@ def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, cap
     with pytest.raises(ValueError, match=r"load_trained: workdir='.*no_checkpoints' is invalid; "
                                          r"it has no checkpoints"):
         run_lib.run_rcnn_svm(str(empty))
+
+
+def test_softmax_arm_is_the_engines_eval(tiny_workdir):
+    """The stage's softmax arm (its own feature pass, `detect_from_head` on the cached windows)
+    reproduces the engine's eval of the run, on dense windows and on per-scene proposals (which
+    the engine's eval must pass to `detect`)."""
+    from cnnjax.train.trained import evaluate_trained
+
+    settings = run_lib.Settings(train_images=4, initial_negatives=20, batch_size=4)
+    arm = run_lib.run_rcnn_svm(str(tiny_workdir), None, settings)["test"]["softmax"]
+    engine = evaluate_trained(str(tiny_workdir))
+    assert engine["num_examples"] == arm["num_examples"] == NUM_EVAL
+    for metric in ("map50", "map"):
+        assert engine[metric] == pytest.approx(arm[metric], abs=1e-6)
