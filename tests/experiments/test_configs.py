@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -34,6 +35,26 @@ def test_expected_configs_exist():
     } <= names
 
 
+@pytest.mark.parametrize("name", ["rcnn_shapes.py", "sppnet_shapes.py", "fast_rcnn_shapes.py"])
+def test_proposal_argument_of_the_rcnn_family_configs(name):
+    """`--config=<file>.py:selective_search` sets data.proposals and nothing else;
+    `:windows` is the plain config."""
+    from cnnjax.train.config import flatten
+
+    module = _load(os.path.join(ROOT, "experiments", "configs", name))
+    plain, windows = flatten(module.get_config()), flatten(module.get_config("windows"))
+    searched = flatten(module.get_config("selective_search"))
+    assert windows == plain
+    assert {k: v for k, v in searched.items() if v != plain[k]} == {
+        "data.proposals.method": "selective_search", "data.proposals.scale": 2.0,
+        "data.proposals.max_proposals": 160}
+    validate_config(module.get_config("selective_search"))
+    with pytest.raises(ValueError, match=re.escape(
+            "config: argument='edge_boxes' is invalid; expected one of ['windows', "
+            "'selective_search'].")):
+        module.get_config("edge_boxes")
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_is_valid_and_documents_its_command(path):
     module = _load(path)
@@ -59,7 +80,9 @@ def test_config_declares_its_model_fields(path):
     config = _load(path).get_config()
     declared = config.model_kwargs
     assert set(declared) == set(model_kwargs_config(config.model)) and len(declared) > 0
-    assert all(value is None for value in declared.values())  # unset: the model's defaults
+    recorded = DETECTION_CONFIGS.get(os.path.basename(path), {})
+    assert all(value is None for name, value in declared.items()  # unset: the model's defaults
+               if f"model_kwargs.{name}" not in recorded)
 
 
 def _parse(*overrides):
@@ -100,7 +123,8 @@ _DETECTION_SHARED = {
     "optimizer.weight_decay": 1e-4, "schedule.warmup_steps": 50,
 }
 DETECTION_CONFIGS = {
-    "rcnn_shapes.py": {**_DETECTION_SHARED, "model": "rcnn_small", "global_batch_size": 8},
+    "rcnn_shapes.py": {**_DETECTION_SHARED, "model": "rcnn_small", "global_batch_size": 8,
+                       "model_kwargs.context_padding": 2},
     "fast_rcnn_shapes.py": {**_DETECTION_SHARED, "model": "fast_rcnn_small",
                             "global_batch_size": 16},
     "sppnet_shapes.py": {**_DETECTION_SHARED, "model": "sppnet_small", "global_batch_size": 16},
