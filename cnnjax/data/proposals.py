@@ -80,11 +80,11 @@ def proposal_spec(config: Any) -> ProposalSpec | None:
     if fields.get("method") is None:
         return None
     check_choice(_OWNER, "method", fields["method"], METHODS)
-    strategy = fields.get("strategy") or "fast"
-    scale = 1.0 if fields.get("scale") is None else fields["scale"]
+    unset = {"strategy": "fast", "scale": 1.0, "max_proposals": DEFAULT_MAX_PROPOSALS}
+    strategy, scale, max_proposals = (
+        unset[name] if fields.get(name) is None else fields[name] for name in unset)
     check_settings(_OWNER, strategy, scale)
-    max_proposals = check_positive_int(_OWNER, "max_proposals",
-                                       fields.get("max_proposals") or DEFAULT_MAX_PROPOSALS)
+    check_positive_int(_OWNER, "max_proposals", max_proposals)
     return ProposalSpec(fields["method"], strategy, float(scale), max_proposals)
 
 

@@ -43,6 +43,10 @@ def test_unset_means_no_proposals_and_defaults_fill_in():
      "data.proposals: scale=20.0 is invalid; expected a number in [0.25, 8]"),
     ({"method": "selective_search", "max_proposals": -1},
      "data.proposals: max_proposals=-1 is invalid; expected a positive integer."),
+    ({"method": "selective_search", "max_proposals": 0},
+     "data.proposals: max_proposals=0 is invalid; expected a positive integer."),
+    ({"method": "selective_search", "strategy": ""},
+     "data.proposals: strategy='' is invalid; expected one of ['fast', 'quality']."),
 ])
 def test_bad_settings(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
