@@ -120,6 +120,22 @@ def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     return spec, source, pipeline._transforms(spec, source), max_boxes
 
 
+def prepare_proposals(data_config: Any) -> dict[str, str]:
+    """Computes (or finds) the cached external proposals of the config's train and eval splits
+    ahead of training, e.g. as a cluster job of its own (`python -m experiments.proposals`);
+    returns `{split: cache file}`. A ValueError if `data.proposals` is unset."""
+    if _split(data_config)[2] is None:
+        raise invalid(_OWNER, "proposals.method", None,
+                      f"expected one of {list(proposals_lib.METHODS)} (nothing to prepare)")
+    spec, source, _, _ = _open(data_config)
+    paths = {}
+    for split in dict.fromkeys((spec.train_split, spec.eval_split)):
+        source.num_examples(split)  # an unknown split: the usual ValueError, before any work
+        proposals_lib.load_table(source.builder, split, source.proposals)
+        paths[split] = source.proposals.cache_path(source.builder, split)
+    return paths
+
+
 def eval_split_name(data_config: Any) -> str:
     """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
     return pipeline.eval_split_name(_split(data_config)[0])

@@ -179,6 +179,19 @@ def test_eval_batches_carry_each_images_selective_search_boxes(data_dir, stored_
 
 
 @pytest.mark.slow
+def test_prepare_proposals_caches_both_splits(data_dir, monkeypatch):
+    from cnnjax.data import proposals
+
+    paths = detection.prepare_proposals(_with_proposals(data_dir))
+    assert list(paths) == ["train[:48]", "test[:40]"]
+    for split, path in paths.items():
+        with np.load(path) as table:
+            assert table["boxes"].shape == (int(split[-3:-1]), 96, 4)
+    monkeypatch.setattr(proposals, "compute_table", None)  # a rerun computes nothing
+    assert detection.prepare_proposals(_with_proposals(data_dir)) == paths
+
+
+@pytest.mark.slow
 def test_train_proposals_flip_with_the_image_and_resume(data_dir):
     kwargs = {"global_batch_size": 16, "num_devices": 2, "seed": 3}
     plain = next(detection.train_batches(_with_proposals(data_dir, augment=False), **kwargs))

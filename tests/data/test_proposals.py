@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from cnnjax.data import proposals as pl
-from cnnjax.data.detection import default_data_config
+from cnnjax.data.detection import default_data_config, prepare_proposals
 
 
 def _config(**fields):
@@ -51,6 +51,16 @@ def test_unset_means_no_proposals_and_defaults_fill_in():
 def test_bad_settings(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         pl.proposal_spec(_config(**fields))
+
+
+def test_nothing_to_prepare_without_a_method(tmp_path):
+    config = default_data_config("shapes")
+    config.data_dir = str(tmp_path)  # refused before any dataset is opened or built
+    with pytest.raises(ValueError, match=re.escape(
+            "data: proposals.method=None is invalid; expected one of ['selective_search'] "
+            "(nothing to prepare).")):
+        prepare_proposals(config)
+    assert not os.listdir(tmp_path)
 
 
 def test_unknown_fields_are_refused():

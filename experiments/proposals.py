@@ -1,0 +1,44 @@
+"""Compute an experiment's external region proposals ahead of training (no training).
+
+    python -m experiments.proposals --config=experiments/configs/rcnn_shapes.py:selective_search
+
+Runs selective search (`data.proposals`) on the config's train and eval splits and caches each
+beside the dataset (`cnnjax.data.proposals`), where the training command then finds them. Worth
+running as a CPU job of its own before a GPU or multi-host job: without the cache every process
+of that job would compute them before its first step. Rerunning finds the cache and does nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a detection config with data.proposals set).",
+    lock_config=True)
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from cnnjax.data import detection
+    from cnnjax.train.logging import quiet_library_logs
+
+    quiet_library_logs()
+    logging.set_verbosity(logging.INFO)
+    started = time.time()
+    try:
+        paths = detection.prepare_proposals(_CONFIG.value.data)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    print(f"Done in {time.time() - started:.1f} s.")
+
+
+if __name__ == "__main__":
+    app.run(main)
