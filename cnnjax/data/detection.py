@@ -73,7 +73,6 @@ def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int, ProposalSp
     return ml_collections.ConfigDict(fields), max_boxes, proposals
 
 
-
 class _DetectionSource(pipeline._TfdsSource):
     """A tfds dataset read with its `objects` (boxes and classes) next to image and label, and
     with each image's cached external proposals (`proposals`, `proposal_count`) if asked for."""

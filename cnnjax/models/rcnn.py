@@ -25,9 +25,9 @@ multi-scale square windows (`window_proposals`: every `proposal_sizes` side at a
   finished run by `cnnjax.detection.rcnn_svm` (`python -m experiments.rcnn_svm`), which reads
   both feature sets from `RCNN.region_features`.
 
-Training samples `roi_samples` RoIs per image from the windows plus the ground truth
+Training samples `roi_samples` RoIs per image from the valid proposals plus the ground truth
 (`sample_rois`: 25% foreground at IoU 0.5) and minimizes `fast_rcnn_loss`; inference scores every
-window and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
+valid proposal and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from cnnjax.train.state import (
     select_pretrained,
     warm_start,
 )
-from cnnjax.train.step import PROPOSAL_KEYS, make_detection_steps, make_steps
+from cnnjax.train.step import make_detection_steps, make_steps, proposal_kwargs
 from cnnjax.utils.files import atomic_write, write_json
 from cnnjax.utils.lock import directory_lock
 
@@ -421,8 +421,8 @@ class _Run:
 
         evaluator = DetectionEvaluator(self.num_classes)
         for batch in self.eval_batches():
-            inputs = self.parallel.shard_batch(
-                {k: batch[k] for k in ("image", *PROPOSAL_KEYS) if k in batch})
+            inputs = self.parallel.shard_batch({"image": batch["image"],
+                                                **proposal_kwargs(batch)})
             detections = self.parallel.outputs_to_host(p_predict(state, inputs))
             truth = {k: batch[k] for k in ("boxes", "labels", "box_valid", "mask")}
             if jax.process_count() > 1:
