@@ -15,7 +15,13 @@ validity masks and padded ground truth, padded examples masked out) and computes
 Both average over the classes that have at least one ground-truth box (a class without any is
 undefined, COCO's -1) and score 0 for a class with boxes but no detections. IoU is computed on
 continuous `(x1, y1, x2, y2)` boxes (areas `w * h`, as pycocotools; the VOC devkit's `+1` pixel
-convention is not used). There are no "difficult" or crowd boxes.
+convention is not used).
+
+"Difficult" ground truth (PASCAL VOC's `is_difficult`, `gt_difficult` in `add`) neither counts as
+an object to find nor punishes a detection of it: VOC ignores a detection whose best-overlapping
+box (IoU > 0.5) is difficult (the devkit's rule, before the already-taken check); COCO treats
+difficult boxes as its ignore regions (pycocotools' `iscrowd` handling: matched only when no
+regular box matches, any number of times, the detection then ignored), with the usual IoU.
 """
 
 from __future__ import annotations
@@ -66,31 +72,46 @@ def coco_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.mean(np.where(reached, envelope[np.minimum(index, recall.size - 1)], 0.0)))
 
 
-def _voc_matches(iou: np.ndarray) -> np.ndarray:
-    """True positives `[D]` of score-sorted detections against one image's boxes of a class."""
+# A detection's outcome: a true positive, a false positive, or ignored (it found a difficult box).
+TP, FP, IGNORED = 1, 0, -1
+
+
+def _voc_matches(iou: np.ndarray, difficult: np.ndarray) -> np.ndarray:
+    """Outcomes `[D]` (TP/FP/IGNORED) of score-sorted detections against one image's boxes of a
+    class, `difficult [G]` (the VOC devkit's rule)."""
     taken = np.zeros(iou.shape[1], bool)
-    hits = np.zeros(iou.shape[0], bool)
+    hits = np.full(iou.shape[0], FP, np.int8)
     if iou.shape[1] == 0:
         return hits
     for d in range(iou.shape[0]):
         best = int(np.argmax(iou[d]))
-        if iou[d, best] > VOC_IOU and not taken[best]:
-            taken[best] = hits[d] = True
+        if iou[d, best] > VOC_IOU:
+            if difficult[best]:
+                hits[d] = IGNORED
+            elif not taken[best]:
+                taken[best], hits[d] = True, TP
     return hits
 
 
-def _coco_matches(iou: np.ndarray) -> np.ndarray:
-    """True positives `[T, D]` per COCO threshold (pycocotools' `evaluateImg` greedy rule)."""
-    hits = np.zeros((len(COCO_IOUS), iou.shape[0]), bool)
+def _coco_matches(iou: np.ndarray, ignore: np.ndarray) -> np.ndarray:
+    """Outcomes `[T, D]` per COCO threshold (pycocotools' `evaluateImg` greedy rule, `ignore`
+    boxes `[G]` as its crowd regions: tried after the regular ones, never used up)."""
+    hits = np.full((len(COCO_IOUS), iou.shape[0]), FP, np.int8)
+    order = np.argsort(ignore, kind="stable")  # regular boxes first, as pycocotools sorts
     for t, threshold in enumerate(COCO_IOUS):
         taken = np.zeros(iou.shape[1], bool)
         for d in range(iou.shape[0]):
             best, match = min(threshold, 1 - 1e-10), -1
-            for g in range(iou.shape[1]):
-                if not taken[g] and iou[d, g] >= best:
+            for g in order:
+                if taken[g] and not ignore[g]:
+                    continue
+                if match > -1 and not ignore[match] and ignore[g]:
+                    break  # a regular match beats any ignore region
+                if iou[d, g] >= best:
                     best, match = iou[d, g], g
             if match >= 0:
-                taken[match] = hits[t, d] = True
+                taken[match] = True
+                hits[t, d] = IGNORED if ignore[match] else TP
     return hits
 
 
@@ -113,11 +134,11 @@ class DetectionEvaluator:
         self.num_images = 0
 
     def add(self, detections: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
-            mask: Any = None) -> None:
+            mask: Any = None, gt_difficult: Any = None) -> None:
         """Adds a batch: `detections` with `boxes [N, K, 4]`, `scores`, `classes`, `valid`
         `[N, K]` (a `Detections`, any leading axes flattened into N); padded ground truth
         `gt_boxes [N, G, 4]`, `gt_labels [N, G]` in `[0, C)`, `gt_valid [N, G]`; `mask [N]`
-        (nonzero: a real example; None: all are)."""
+        (nonzero: a real example; None: all are); `gt_difficult [N, G]` (None: none is)."""
         owner = "DetectionEvaluator.add"
         boxes = np.asarray(detections.boxes, np.float64)
         k = boxes.shape[-2] if boxes.ndim >= 2 else 0
@@ -134,6 +155,8 @@ class DetectionEvaluator:
                           f"expected {n} images, as many as the detections")
         gt_labels = np.asarray(gt_labels).reshape(n, g)
         gt_valid = np.asarray(gt_valid, bool).reshape(n, g)
+        difficult = (np.zeros((n, g), bool) if gt_difficult is None
+                     else np.asarray(gt_difficult, bool).reshape(n, g))
         mask = np.ones(n, bool) if mask is None else np.asarray(mask).reshape(n) != 0
         for arg, labels, ok in (("gt_labels", gt_labels, gt_valid),
                                 ("detections.classes", classes, valid)):
@@ -144,16 +167,17 @@ class DetectionEvaluator:
         for i in np.flatnonzero(mask):
             self.num_images += 1
             for c in range(self.num_classes):
-                truth = gt_boxes[i][gt_valid[i] & (gt_labels[i] == c)]
-                self._num_gt[c] += len(truth)
+                of_class = gt_valid[i] & (gt_labels[i] == c)
+                truth, hard = gt_boxes[i][of_class], difficult[i][of_class]
+                self._num_gt[c] += int(np.sum(~hard))
                 mine = valid[i] & (classes[i] == c)
                 if not mine.any():
                     continue
                 order = np.argsort(-scores[i][mine], kind="stable")[:self.max_detections]
                 iou = box_iou_np(boxes[i][mine][order], truth)
                 self._scores[c].append(scores[i][mine][order])
-                self._voc[c].append(_voc_matches(iou))
-                self._coco[c].append(_coco_matches(iou))
+                self._voc[c].append(_voc_matches(iou, hard))
+                self._coco[c].append(_coco_matches(iou, hard))
 
     def compute(self) -> dict[str, float]:
         """`map50` (VOC), `map` (COCO 0.50:0.95), `coco_map50`, `coco_map75`, per-class VOC APs
@@ -168,8 +192,8 @@ class DetectionEvaluator:
                 voc_hits = np.concatenate(self._voc[c])[order]
                 coco_hits = np.concatenate(self._coco[c], axis=1)[:, order]
             else:
-                voc_hits = np.zeros(0, bool)
-                coco_hits = np.zeros((len(COCO_IOUS), 0), bool)
+                voc_hits = np.zeros(0, np.int8)
+                coco_hits = np.zeros((len(COCO_IOUS), 0), np.int8)
             voc[c] = voc_ap(*self._curve(voc_hits, self._num_gt[c]))
             coco[c] = [coco_ap(*self._curve(h, self._num_gt[c])) for h in coco_hits]
         if not voc:
@@ -187,7 +211,9 @@ class DetectionEvaluator:
 
     @staticmethod
     def _curve(hits: np.ndarray, num_gt: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(recall, precision)` after each detection of a score-sorted hit list."""
-        tp = np.cumsum(hits, dtype=np.float64)
-        fp = np.cumsum(~hits, dtype=np.float64)
+        """`(recall, precision)` after each counted detection of a score-sorted outcome list
+        (ignored detections are left out)."""
+        hits = hits[hits != IGNORED]
+        tp = np.cumsum(hits == TP, dtype=np.float64)
+        fp = np.cumsum(hits == FP, dtype=np.float64)
         return tp / num_gt, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)

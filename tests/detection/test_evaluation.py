@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from cnnjax.detection.evaluation import DetectionEvaluator, coco_ap, voc_ap
+from cnnjax.detection.evaluation import DetectionEvaluator, box_iou_np, coco_ap, voc_ap
 from cnnjax.detection.postprocess import Detections
 
 pycocotools = pytest.importorskip("pycocotools")
@@ -101,16 +101,17 @@ def _random_set(seed, num_images=12, num_classes=3):
     return images
 
 
-def _pycocotools_stats(images, num_classes):
+def _pycocotools_stats(images, num_classes, difficult=None):
     gt_json = {"images": [{"id": i + 1} for i in range(len(images))],
                "categories": [{"id": c + 1} for c in range(num_classes)], "annotations": []}
     results = []
     for i, (gt, gl, boxes, scores, classes) in enumerate(images):
-        for b, c in zip(gt, gl, strict=True):
+        hard = np.zeros(len(gt), bool) if difficult is None else difficult[i]
+        for b, c, crowd in zip(gt, gl, hard, strict=True):
             w, h = b[2] - b[0], b[3] - b[1]
             gt_json["annotations"].append({
                 "id": len(gt_json["annotations"]) + 1, "image_id": i + 1, "category_id": int(c) + 1,
-                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
+                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": int(crowd)})
         for b, s, c in zip(boxes, scores, classes, strict=True):
             results.append({"image_id": i + 1, "category_id": int(c) + 1, "score": float(s),
                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
@@ -125,23 +126,86 @@ def _pycocotools_stats(images, num_classes):
     return ev.stats
 
 
+def _padded(gt, gl, boxes, scores, classes, k, g):
+    """One image's detections and ground truth padded to `k` and `g` rows: `add`'s arguments."""
+    pad_d = np.zeros((1, k, 4))
+    pad_d[0, :len(boxes)] = boxes
+    dets = Detections(pad_d, np.pad(scores, (0, k - len(scores)))[None],
+                      np.pad(classes, (0, k - len(classes)))[None],
+                      (np.arange(k) < len(boxes))[None])
+    pad_g = np.zeros((1, g, 4))
+    pad_g[0, :len(gt)] = gt
+    return dets, pad_g, np.pad(gl, (0, g - len(gl)))[None], (np.arange(g) < len(gt))[None]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_coco_map_matches_pycocotools(seed):
     images = _random_set(seed)
-    k, g = 12, 5
     ev = DetectionEvaluator(num_classes=3)
     for gt, gl, boxes, scores, classes in images:  # one image per batch, padded to K and G
-        pad_d = np.zeros((1, k, 4))
-        pad_d[0, :len(boxes)] = boxes
-        dets = Detections(pad_d, np.pad(scores, (0, k - len(scores)))[None],
-                          np.pad(classes, (0, k - len(classes)))[None],
-                          (np.arange(k) < len(boxes))[None])
-        pad_g = np.zeros((1, g, 4))
-        pad_g[0, :len(gt)] = gt
-        ev.add(dets, pad_g, np.pad(gl, (0, g - len(gl)))[None], (np.arange(g) < len(gt))[None])
+        ev.add(*_padded(gt, gl, boxes, scores, classes, k=12, g=5))
     out = ev.compute()
     stats = _pycocotools_stats(images, 3)
     assert 0.05 < stats[0] < 0.95  # a non-degenerate case
+    np.testing.assert_allclose(out["map"], stats[0], atol=1e-12)
+    np.testing.assert_allclose(out["coco_map50"], stats[1], atol=1e-12)
+    np.testing.assert_allclose(out["coco_map75"], stats[2], atol=1e-12)
+
+
+def test_difficult_boxes_are_neither_missed_nor_false_positives():
+    # Class 0: A regular, B difficult. Detections: B (.9), a miss (.8), A (.7), B again (.6).
+    gt = [[0, 0, 10, 10], [20, 20, 30, 30]]
+    dets = _detections([[20, 20, 30, 30], [50, 50, 60, 60], [0, 0, 10, 10], [21, 20, 30, 30]],
+                       [0.9, 0.8, 0.7, 0.6], [0, 0, 0, 0])
+
+    def evaluate(difficult):
+        ev = DetectionEvaluator(num_classes=1)
+        ev.add(dets, np.asarray(gt, float)[None], np.zeros((1, 2), int), np.ones((1, 2), bool),
+               gt_difficult=np.asarray(difficult)[None])
+        return ev.compute()
+
+    # Both detections of B ignored (the devkit checks difficulty before "already taken"):
+    # counted FP (the miss), TP (A) -> recall 0, 1; precision 0, 1/2.
+    hard = evaluate([False, True])
+    assert hard["map50"] == pytest.approx(0.5, abs=1e-12)
+    # Without the flag B is an object: TP, FP, TP, FP -> 0.5 * 1 + 0.5 * 2/3.
+    plain = evaluate([False, False])
+    assert plain["map50"] == pytest.approx(0.5 + 0.5 * 2 / 3, abs=1e-12)
+    # COCO: B is an ignore region matched by both (never used up); the same counted list, whose
+    # precision envelope is 1/2 at every recall point.
+    assert hard["coco_map50"] == pytest.approx(0.5, abs=1e-12)
+    # A class whose only box is difficult is left out of the means, like one without boxes.
+    ev = DetectionEvaluator(num_classes=2)
+    ev.add(dets, np.asarray(gt, float)[None], np.array([[0, 1]]), np.ones((1, 2), bool),
+           gt_difficult=np.array([[False, True]]))
+    assert "ap50/1" not in ev.compute()
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_coco_map_with_difficult_boxes_matches_pycocotools_crowd(seed):
+    """Difficult boxes against pycocotools' crowd regions; every detection touching one is an
+    exact copy of it, so the crowd IoU (intersection over the detection) equals the usual IoU."""
+    rng = np.random.default_rng(seed)
+    images, difficult = [], []
+    for gt, gl, boxes, scores, classes in _random_set(seed):
+        hard = np.zeros(len(gt), bool)
+        if len(gt) > 1:
+            hard[rng.integers(len(gt))] = True
+            copies = np.repeat(gt[hard], 2, axis=0)  # two detections on it: both ignored
+            touching = box_iou_np(boxes, gt[hard])[:, 0] > 0
+            keep = ~touching
+            boxes = np.concatenate([boxes[keep], copies])
+            scores = np.concatenate([scores[keep], rng.uniform(0.01, 1, 2)])
+            classes = np.concatenate([classes[keep], np.repeat(gl[hard], 2)])
+        images.append((gt, gl, boxes, scores, classes))
+        difficult.append(hard)
+    ev = DetectionEvaluator(num_classes=3)
+    for (gt, gl, boxes, scores, classes), hard in zip(images, difficult, strict=True):
+        ev.add(*_padded(gt, gl, boxes, scores, classes, k=14, g=5),
+               gt_difficult=np.pad(hard, (0, 5 - len(hard)))[None])
+    out = ev.compute()
+    stats = _pycocotools_stats(images, 3, difficult)
+    assert any(h.any() for h in difficult) and 0.05 < stats[0] < 0.95
     np.testing.assert_allclose(out["map"], stats[0], atol=1e-12)
     np.testing.assert_allclose(out["coco_map50"], stats[1], atol=1e-12)
     np.testing.assert_allclose(out["coco_map75"], stats[2], atol=1e-12)
