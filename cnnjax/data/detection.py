@@ -26,7 +26,6 @@ as it would cut boxes. Use `tfds_name` for a detection set, e.g. `shapes_multi` 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -79,11 +78,18 @@ class _DetectionSource(pipeline._TfdsSource):
 
     def __init__(self, spec: Any, proposals: ProposalSpec | None):
         super().__init__(spec)
-        features = self.builder.info.features
-        if "objects" not in features or "bbox" not in features["objects"].feature:
+        self.proposals = proposals
+        # PASCAL VOC marks hard objects; they are dropped from training targets (py-faster-rcnn's
+        # use_diff=False) and ignored by the eval (`box_difficult`, DetectionEvaluator).
+        self.has_difficult = "is_difficult" in self.builder.info.features["objects"].feature
+
+    def _num_classes(self, spec: Any, features: Any) -> int:
+        """The classes of `objects/label` (a ValueError for a set without boxes)."""
+        objects = features["objects"].feature if "objects" in features else {}
+        if "bbox" not in objects or "label" not in objects:
             raise invalid(_OWNER, "tfds_name", spec.tfds_name,
                           "expected a dataset with `objects/bbox` and `objects/label` features")
-        self.proposals = proposals
+        return int(objects["label"].num_classes)
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
         ds = self.builder.as_dataset(
@@ -101,6 +107,8 @@ class _DetectionSource(pipeline._TfdsSource):
         def fields(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             out = {"image": ex["image"], "bbox": ex["objects"]["bbox"],
                    "classes": ex["objects"]["label"]}
+            if self.has_difficult:
+                out["difficult"] = ex["objects"]["is_difficult"]
             if lookup is not None:
                 out["proposals"], out["proposal_count"] = lookup(ex["tfds_id"])
             return out
@@ -116,7 +124,13 @@ def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
         raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
     pipeline.hide_gpus_from_tensorflow()
     source = _DetectionSource(spec, proposals)
-    return spec, source, pipeline._transforms(spec, source), max_boxes
+    transforms = pipeline._transforms(spec, source)
+    if transforms.eval_transform != "resize":
+        raise invalid(_OWNER, "name", spec.preset.name,
+                      f"expected a dataset whose eval transform resizes the whole image (this "
+                      f"preset's {transforms.eval_transform!r} would crop boxes away), e.g. "
+                      "shapes, voc2007, voc2012")
+    return spec, source, transforms, max_boxes
 
 
 def prepare_proposals(data_config: Any) -> dict[str, str]:
@@ -141,12 +155,16 @@ def eval_split_name(data_config: Any) -> str:
 
 
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
-    """`pipeline.get_dataset_info` of the config without its detection fields, named after the
-    tfds dataset when `tfds_name` overrides the preset's (e.g. `shapes_multi`)."""
-    config = _split(data_config)[0]
-    info = pipeline.get_dataset_info(config)
-    tfds_name = config.get("tfds_name")
-    return dataclasses.replace(info, name=tfds_name) if tfds_name else info
+    """Classes (of `objects/label`), output image shape and split sizes, named after the tfds
+    dataset when `tfds_name` overrides the preset's (e.g. `shapes_multi`)."""
+    spec, source, transforms, _ = _open(data_config)
+    return pipeline.DatasetInfo(
+        name=_split(data_config)[0].get("tfds_name") or spec.preset.name,
+        num_classes=source.num_classes,
+        image_shape=transforms.out_shape,
+        num_train=source.num_examples(spec.train_split),
+        num_eval=source.num_examples(spec.eval_split),
+    )
 
 
 def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: int,
@@ -165,15 +183,24 @@ def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: i
 
 
 def _targets(ex: dict[str, tf.Tensor], hw: tuple[int, int], max_boxes: int,
-             flip: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example, and its
-    external proposals (`proposals`, `proposal_valid`) when the source reads them."""
+             flip: tf.Tensor, training: bool) -> dict[str, tf.Tensor]:
+    """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example; for a set that
+    marks difficult objects, their flags (`box_difficult`, eval) or their removal from the
+    targets (training); its external proposals (`proposals`, `proposal_valid`) when the source
+    reads them."""
     classes = ex["classes"]
     count = tf.minimum(tf.shape(classes)[0], max_boxes)
     boxes, valid = _pixel_boxes(ex["bbox"], count, hw, max_boxes, flip)
     labels = tf.pad(tf.cast(classes[:count], tf.int32), [[0, max_boxes - count]])
     labels.set_shape((max_boxes,))
     out = {"boxes": boxes, "labels": labels, "box_valid": valid}
+    if "difficult" in ex:
+        difficult = tf.pad(tf.cast(ex["difficult"][:count], tf.bool), [[0, max_boxes - count]])
+        difficult.set_shape((max_boxes,))
+        if training:
+            out["box_valid"] = valid & ~difficult
+        else:
+            out["box_difficult"] = difficult
     if "proposals" in ex:
         rows = ex["proposals"].shape[0]
         out["proposals"], out["proposal_valid"] = _pixel_boxes(
@@ -208,7 +235,7 @@ def train_batches(
         if spec.augment:
             flip = tf.random.stateless_uniform([], seed=key) < 0.5
             image = tf.where(flip, tf.reverse(image, axis=[1]), image)
-        return {"image": image, **_targets(ex, hw, max_boxes, flip)}
+        return {"image": image, **_targets(ex, hw, max_boxes, flip, training=True)}
 
     ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
                                 seed=seed, start_step=start_step,
@@ -239,7 +266,7 @@ def eval_batches(
 
     def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": transforms.eval(source.decode(ex["image"])),
-                **_targets(ex, hw, max_boxes, tf.constant(False)),
+                **_targets(ex, hw, max_boxes, tf.constant(False), training=False),
                 "mask": tf.constant(1.0, tf.float32)}
 
     ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
@@ -251,6 +278,8 @@ def eval_batches(
         "box_valid": np.zeros((0, max_boxes), bool),
         "mask": np.zeros((0,), np.float32),
     }
+    if source.has_difficult:
+        empty["box_difficult"] = np.zeros((0, max_boxes), bool)
     if source.proposals is not None:
         rows = source.proposals.max_proposals
         empty |= {"proposals": np.zeros((0, rows, 4), np.float32),

@@ -308,8 +308,17 @@ class _TfdsSource(_Source):
         self.name = preset.name
         features = builder.info.features
         self._image_feature = features["image"]
-        self.num_classes = int(features["label"].num_classes)
+        self.num_classes = self._num_classes(spec, features)
         self.native_shape = tuple(self._image_feature.shape)  # type: ignore[assignment]
+
+    def _num_classes(self, spec: _Spec, features: Any) -> int:
+        """The classes of the image-level `label` (a ValueError for a set without one)."""
+        if "label" not in features:
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          "expected a dataset with an image-level `label` (it has "
+                          f"{sorted(features)}; a detection set such as voc/2007 needs "
+                          "config.task='detection')")
+        return int(features["label"].num_classes)
 
     def _shard_split(self, split: str, shard: tuple[int, int]) -> Any:
         index, count = shard

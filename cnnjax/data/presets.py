@@ -124,6 +124,19 @@ PRESETS: dict[str, DatasetPreset] = {
             train_augmentation="random_resized_crop_flip", eval_transform="resize_center_crop",
             default_image_size=224, cache=False, shuffle_buffer=10_000,
         ),
+        # PASCAL VOC detection (config.task="detection": `objects` boxes of 20 classes, difficult
+        # objects flagged). Whole images resized to a square, YOLO v1's 448 by default; the
+        # 2012 test set has no labels, so its eval split is the validation set.
+        DatasetPreset(
+            name="voc2007", tfds_name="voc/2007", num_classes=20, image_shape=(None, None, 3),
+            train_split="train+validation", eval_split="test", mean=IMAGENET_MEAN,
+            std=IMAGENET_STD, default_image_size=448, cache=False, shuffle_buffer=5_011,
+        ),
+        DatasetPreset(
+            name="voc2012", tfds_name="voc/2012", num_classes=20, image_shape=(None, None, 3),
+            train_split="train", eval_split="validation", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            default_image_size=448, cache=False, shuffle_buffer=5_717,
+        ),
         # Random in-memory images for benchmarks; shape and classes come from the `fake_*`
         # config fields, these values are only the defaults.
         DatasetPreset(

@@ -47,7 +47,7 @@ from cnnjax.utils.validation import (
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
-FEATURE_VERSION = 2  # bump when what extract_*_features store changes
+FEATURE_VERSION = 3  # bump when what extract_*_features store changes
 ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
 ARM_LABELS = {
     "softmax": "softmax head (the engine's detector)",
@@ -198,9 +198,10 @@ def extract_train_features(detector: TrainedDetector, split: str, batch_size: in
 def extract_test_features(detector: TrainedDetector, batch_size: int) -> dict[str, np.ndarray]:
     """Everything the four arms need on the run's eval split: per scene and window `fc7`,
     `pool5`, the head's `logits` and `deltas`, the `windows` and their `window_valid`; the
-    padded ground truth."""
+    padded ground truth with its difficult flags (all False for a set without them)."""
     out: dict[str, list] = {k: [] for k in ("fc7", "pool5", "logits", "deltas", "windows",
-                                            "window_valid", "boxes", "labels", "box_valid")}
+                                            "window_valid", "boxes", "labels", "box_valid",
+                                            "box_difficult")}
     for batch, regions, windows, window_valid in _region_batches(detector, None, batch_size):
         p = windows.shape[1]
         for name in ("fc7", "pool5", "logits", "deltas"):
@@ -209,6 +210,8 @@ def extract_test_features(detector: TrainedDetector, batch_size: int) -> dict[st
         out["window_valid"].append(window_valid)
         for name in ("boxes", "labels", "box_valid"):
             out[name].append(batch[name])
+        out["box_difficult"].append(batch.get("box_difficult",
+                                              np.zeros(batch["box_valid"].shape, bool)))
     if not out["windows"]:
         raise invalid(OWNER, "eval split", "empty", "expected at least one scene")
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -267,7 +270,8 @@ def evaluate_arms(test: dict[str, np.ndarray], models: dict[str, Any], detector:
             detections[arm] = rcnn_svm.detect_with_scores(scores, boxes, image_size,
                                                           model.nms_iou, model.max_detections)
         for arm, found in detections.items():
-            evaluators[arm].add(found, part["boxes"], part["labels"], part["box_valid"])
+            evaluators[arm].add(found, part["boxes"], part["labels"], part["box_valid"],
+                                gt_difficult=part["box_difficult"])
     return {arm: evaluators[arm].compute() | {"num_examples": float(evaluators[arm].num_images)}
             for arm in ARMS}
 

@@ -424,11 +424,12 @@ class _Run:
             inputs = self.parallel.shard_batch({"image": batch["image"],
                                                 **proposal_kwargs(batch)})
             detections = self.parallel.outputs_to_host(p_predict(state, inputs))
-            truth = {k: batch[k] for k in ("boxes", "labels", "box_valid", "mask")}
+            truth = {k: batch[k] for k in ("boxes", "labels", "box_valid", "mask",
+                                           "box_difficult") if k in batch}
             if jax.process_count() > 1:
                 detections, truth = multihost_utils.process_allgather((detections, truth))
             evaluator.add(detections, truth["boxes"], truth["labels"], truth["box_valid"],
-                          truth["mask"])
+                          truth["mask"], gt_difficult=truth.get("box_difficult"))
         if evaluator.num_images == 0:
             raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
         return evaluator.compute() | {"num_examples": float(evaluator.num_images)}

@@ -10,6 +10,7 @@ import itertools
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import detection
@@ -213,3 +214,110 @@ def test_train_proposals_flip_with_the_image_and_resume(data_dir):
     resumed = next(detection.train_batches(config, start_step=2, **kwargs))
     for key in ("image", "proposals", "proposal_valid"):
         np.testing.assert_array_equal(flipped[2][key], resumed[key])
+
+
+# ------------------------------------------------------------ catalogue detection set, mocked
+@pytest.fixture(scope="module")
+def voc_dir(tmp_path_factory):
+    from tests.data.test_presets import _write_metadata
+
+    root = str(tmp_path_factory.mktemp("tfds_voc"))
+    _write_metadata(root, "voc/2007", {"train": 5, "validation": 3, "test": 6})
+    return root
+
+
+def _voc_config(root, **overrides):
+    config = detection.default_data_config("voc2007")
+    config.data_dir, config.image_size, config.max_boxes = root, 48, 6
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def _voc_examples(split):
+    """Deterministic VOC-like records of `split` (tfds' own mock cannot make `objects`
+    sequences): varying image sizes, 1-8 objects each, every third one difficult."""
+    rng = np.random.default_rng(0 if "test" in split else 1)
+    for _ in range(6 if "test" in split else 8):
+        h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        n = int(rng.integers(1, 9))
+        corners = np.sort(rng.uniform(0, 1, (n, 2, 2)), axis=1)  # [n, (lo, hi), (y, x)]
+        yield {"image": rng.integers(0, 256, (h, w, 3)).astype(np.uint8),
+               "objects": {"bbox": corners.reshape(n, 4).astype(np.float32),
+                           "label": rng.integers(0, 20, n),
+                           "is_difficult": np.arange(n) % 3 == 2}}
+
+
+def _voc_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+    """A mock `_as_dataset` serving `_voc_examples` (images PNG-encoded unless decoded)."""
+    del self, read_config, shuffle_files
+    examples = list(_voc_examples(str(split)))
+
+    def generate():
+        for ex in examples:
+            image = ex["image"] if not decoders else tf.io.encode_png(ex["image"]).numpy()
+            yield {"image": image, "objects": ex["objects"]}
+
+    image_spec = (tf.TensorSpec((None, None, 3), tf.uint8) if not decoders
+                  else tf.TensorSpec((), tf.string))
+    return tf.data.Dataset.from_generator(generate, output_signature={
+        "image": image_spec,
+        "objects": {"bbox": tf.TensorSpec((None, 4), tf.float32),
+                    "label": tf.TensorSpec((None,), tf.int64),
+                    "is_difficult": tf.TensorSpec((None,), tf.bool)}})
+
+
+def test_voc2007_boxes_classes_and_difficult_flags(voc_dir):
+    """The catalogue path (`tfds.testing.mock_data`): 20 classes from `objects/label`, whole
+    images resized (boxes scaled with them), difficult objects flagged for the eval and removed
+    from the training targets."""
+    from tests.data.test_presets import _mock
+
+    test, train = list(_voc_examples("test")), list(_voc_examples("train+validation"))
+    with _mock(voc_dir, 6, as_dataset_fn=_voc_as_dataset):
+        info = detection.get_dataset_info(_voc_config(voc_dir))
+        batch = next(detection.eval_batches(_voc_config(voc_dir), global_batch_size=6,
+                                            num_devices=1))
+        trained = next(detection.train_batches(
+            _voc_config(voc_dir, augment=False, shuffle_buffer=1), global_batch_size=8,
+            num_devices=1, seed=0))
+    assert (info.name, info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
+        "voc2007", 20, (48, 48, 3), 8, 6)
+    assert batch["image"].shape == (1, 6, 48, 48, 3)
+    flagged = 0
+    for i, example in enumerate(test):
+        objects = example["objects"]
+        n = min(len(objects["label"]), 6)  # ([ymin, xmin, ymax, xmax] normalized, as tfds')
+        ymin, xmin, ymax, xmax = objects["bbox"][:n].T * 48
+        np.testing.assert_allclose(batch["boxes"][0, i, :n], np.stack([xmin, ymin, xmax, ymax], 1),
+                                   rtol=1e-6, atol=1e-5)
+        np.testing.assert_array_equal(batch["labels"][0, i, :n], objects["label"][:n])
+        assert batch["box_valid"][0, i].tolist() == [True] * n + [False] * (6 - n)
+        np.testing.assert_array_equal(batch["box_difficult"][0, i, :n], objects["is_difficult"][:n])
+        flagged += int(objects["is_difficult"][:n].sum())
+    assert flagged > 0  # the mock marks some objects difficult
+    assert not batch["box_difficult"][0][~batch["box_valid"][0]].any()
+    removed = 0
+    for i, example in enumerate(train):  # shuffle_buffer=1: the stored order
+        hard = example["objects"]["is_difficult"][:6]
+        expected = np.zeros(6, bool)
+        expected[:len(hard)] = ~hard
+        np.testing.assert_array_equal(trained["box_valid"][0, i], expected)
+        removed += int(hard.sum())
+    assert removed > 0 and "box_difficult" not in trained
+
+
+def test_classification_on_a_detection_set_and_cropping_presets_are_refused(voc_dir, tmp_path):
+    from cnnjax.data import pipeline
+
+    config = pipeline.default_data_config("voc2007")
+    config.data_dir = voc_dir
+    with pytest.raises(ValueError, match=r"data: tfds_name='voc/2007' is invalid; expected a "
+                                         r"dataset with an image-level `label` .* needs "
+                                         r"config.task='detection'\)"):
+        pipeline.get_dataset_info(config)
+    imagenette = detection.default_data_config("imagenette")
+    imagenette.tfds_name, imagenette.data_dir = "voc/2007", voc_dir
+    with pytest.raises(ValueError, match=r"data: name='imagenette' is invalid; expected a "
+                                         r"dataset whose eval transform resizes the whole image"):
+        detection.get_dataset_info(imagenette)

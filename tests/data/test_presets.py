@@ -67,7 +67,8 @@ def _denormalize(images: np.ndarray, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ preset table
 def test_every_issue_dataset_has_a_preset():
     assert list_datasets() == ["cifar10", "cifar100", "digits", "fake", "fashion_mnist",
-                               "imagenet2012", "imagenette", "mnist", "shapes"]
+                               "imagenet2012", "imagenette", "mnist", "shapes", "voc2007",
+                               "voc2012"]
 
 
 def test_unknown_dataset_lists_valid_names():
