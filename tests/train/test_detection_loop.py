@@ -146,6 +146,37 @@ def test_a_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 1000
 
 
+def test_the_eval_ignores_difficult_objects(tmp_path, monkeypatch):
+    """Eval batches with `box_difficult` (PASCAL VOC's flag): the run's logged mAP is the one
+    `DetectionEvaluator` gives with those flags, not the one that counts them as objects."""
+    from cnnjax.detection.evaluation import DetectionEvaluator
+    from cnnjax.train.trained import load_trained, predictions
+
+    module = sys.modules["cnnjax.data.detection"]
+
+    def with_difficult(*args, **kwargs):
+        for batch in _eval_batches(*args, **kwargs):
+            difficult = np.zeros(batch["box_valid"].shape, bool)
+            every_other = np.arange(difficult.shape[-2]) % 2 == 0
+            difficult[..., 0] = batch["box_valid"][..., 0] & every_other
+            yield {**batch, "box_difficult": difficult}
+
+    monkeypatch.setattr(module, "eval_batches", with_difficult)
+    config = _config(num_train_steps=150, eval_every_steps=150, checkpoint_every_steps=150,
+                     log_every_steps=50, global_batch_size=16,
+                     **{"model_kwargs.hidden_features": 128, "model_kwargs.grid_size": 2})
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    run = load_trained(str(tmp_path), step=150)
+    flagged, plain = DetectionEvaluator(CLASSES, 8), DetectionEvaluator(CLASSES, 8)
+    for batch, found in predictions(run, batch_size=8):
+        truth = (batch["boxes"], batch["labels"], batch["box_valid"])
+        flagged.add(found, *truth, gt_difficult=batch["box_difficult"])
+        plain.add(found, *truth)
+    logged = summary["final_eval"]["map50"]
+    assert 0 < logged == pytest.approx(flagged.compute()["map50"], abs=1e-6)
+    assert logged != pytest.approx(plain.compute()["map50"], abs=1e-3)
+
+
 @pytest.mark.slow
 def test_detection_learns(tmp_path):
     config = _config(num_train_steps=300, eval_every_steps=300, checkpoint_every_steps=300,
