@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -95,3 +97,30 @@ def test_augmented_batches_match_the_recorded_ones(shapes_config, splits):
                             start_step=5)
     assert _digest([next(batches) for _ in range(3)]) == (
         "17c4c86917b66d3a97c27e22449fadb37a2896fe569643da04141d72e4c734af")
+
+
+def test_segmentation_class_maps_agree_with_boxes_and_labels():
+    """`shapes_segmentation`: every shape's pixels carry `1 + label` inside its box, background is
+    0 outside every box, and a shape's mask covers about its rendered area; the scene renderer
+    behind it still draws `shapes_multi`'s scenes unchanged."""
+    for _, ex in itertools.islice(shapes_lib.generate_segmentation("test"), 60):
+        class_map = ex["segmentation_mask"][..., 0]
+        assert class_map.shape == (64, 64) and class_map.dtype == np.uint8
+        outside = np.ones((64, 64), bool)
+        for (ymin, xmin, ymax, xmax), label in zip(ex["objects"]["bbox"] * 64,
+                                                   ex["objects"]["label"], strict=True):
+            box = (slice(int(np.floor(ymin)), int(np.ceil(ymax))),
+                   slice(int(np.floor(xmin)), int(np.ceil(xmax))))
+            outside[box] = False
+            values = set(np.unique(class_map[box]).tolist())
+            assert values <= {0, int(label) + 1} and int(label) + 1 in values
+            side = (ymax - ymin) / 2  # the half-size r: a square covers (2r)^2, a circle pi r^2
+            area = int(np.sum(class_map[box] == label + 1))
+            lower = {0: np.pi, 1: 4.0, 2: 2.0, 3: 20 / 9}[int(label)] * side**2
+            assert abs(area - lower) <= 0.25 * lower + 2 * side * 4  # edge pixels
+        assert not class_map[outside].any()
+    scene = shapes_lib.render_scene(np.random.RandomState([11, 0]))
+    multi = shapes_lib.render_multi(np.random.RandomState([11, 0]))
+    for a, b in zip(scene[:3], multi, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert tuple(shapes_lib.SEGMENTATION_CLASSES) == ("background", *shapes_lib.CLASS_NAMES)

@@ -1,10 +1,11 @@
 """cnnjax's own tfds builders: datasets generated offline from data that ships with a package.
 
 Importing this package registers them with tfds (`tfds.builder('digits')` then works):
-`digits` (scikit-learn's real 8x8 scans) and `shapes` (synthetic 32x32 RGB shapes).
+`digits` (scikit-learn's real 8x8 scans), `shapes` (synthetic 32x32 RGB shapes), `shapes_multi`
+(64x64 scenes with boxes) and `shapes_segmentation` (the same scenes with per-pixel classes).
 """
 
 from cnnjax.data.builders.digits import Digits
-from cnnjax.data.builders.shapes import Shapes
+from cnnjax.data.builders.shapes import Shapes, ShapesMulti, ShapesSegmentation
 
-__all__ = ["Digits", "Shapes"]
+__all__ = ["Digits", "Shapes", "ShapesMulti", "ShapesSegmentation"]

@@ -128,7 +128,15 @@ _PLACEMENT_TRIES = 100
 
 def render_multi(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draws one `shapes_multi` scene: `(image uint8 [64, 64, 3], bboxes float32 [n, 4]
-    normalized [ymin, xmin, ymax, xmax], labels int64 [n])`, 1 <= n <= 4.
+    normalized [ymin, xmin, ymax, xmax], labels int64 [n])`, 1 <= n <= 4 (`render_scene`)."""
+    return render_scene(rng)[:3]
+
+
+def render_scene(rng: np.random.RandomState,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draws one scene: `(image uint8 [64, 64, 3], bboxes float32 [n, 4] normalized [ymin, xmin,
+    ymax, xmax], labels int64 [n], class_map uint8 [64, 64])`, 1 <= n <= 4; `class_map` is 0
+    for background and `label + 1` where a shape covers at least half the pixel.
 
     The scene wants `n ~ U{1..4}` shapes of random class, half-size in [5, 12] px, each in its
     own colour (at least 150 L1 from the background) and with a box disjoint from the others'
@@ -137,6 +145,7 @@ def render_multi(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray, np
     wanted = rng.randint(1, MULTI_MAX_OBJECTS + 1)
     background = rng.randint(0, 256, size=3)
     image = np.broadcast_to(background.astype(np.float64), (MULTI_IMAGE_SIZE,) * 2 + (3,))
+    class_map = np.zeros((MULTI_IMAGE_SIZE, MULTI_IMAGE_SIZE), np.uint8)
     boxes: list[np.ndarray] = []
     labels: list[int] = []
     for _ in range(wanted):
@@ -153,12 +162,13 @@ def render_multi(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray, np
             continue
         coverage = _coverage(label, cx, cy, r, MULTI_IMAGE_SIZE)[..., None]
         image = image * (1 - coverage) + colour * coverage
+        class_map[coverage[..., 0] >= 0.5] = label + 1
         boxes.append(box)
         labels.append(label)
     image = image + rng.normal(0.0, NOISE_STD, size=image.shape)
     bboxes = np.clip(np.array(boxes) / MULTI_IMAGE_SIZE, 0.0, 1.0).astype(np.float32)
     return (np.clip(np.rint(image), 0, 255).astype(np.uint8), bboxes,
-            np.array(labels, np.int64))
+            np.array(labels, np.int64), class_map)
 
 
 def generate_multi(split: str):
@@ -195,3 +205,49 @@ class ShapesMulti(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str):
         yield from generate_multi(split)
+
+
+# ----------------------------------------------------------------------- shapes_segmentation
+SEGMENTATION_CLASSES = ("background", *CLASS_NAMES)  # class_map value i is class i
+SEGMENTATION_SPLITS = {"train": (2000, 21), "test": (500, 22)}  # name: (examples, split seed)
+
+
+def generate_segmentation(split: str):
+    """Yields `(key, example)` for every `shapes_segmentation` example of `split`, in order:
+    `shapes_multi`-style scenes (other seeds) with their per-pixel class map."""
+    num_examples, split_seed = SEGMENTATION_SPLITS[split]
+    for i in range(num_examples):
+        image, bboxes, labels, class_map = render_scene(np.random.RandomState([split_seed, i]))
+        sides = (bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])
+        yield i, {"image": image, "label": int(labels[np.argmax(sides)]),
+                  "objects": {"bbox": bboxes, "label": labels},
+                  "segmentation_mask": class_map[..., None]}
+
+
+class ShapesSegmentation(tfds.core.GeneratorBasedBuilder):
+    """tfds builder for 64x64 scenes of 1-4 shapes with a per-pixel class map (registered as
+    `shapes_segmentation`): `segmentation_mask` uint8 `[64, 64, 1]`, 0 background and
+    `1 + label` on each shape (classes in `metadata['segmentation_classes']`), plus the same
+    `objects` and image `label` as `shapes_multi`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: 2,000 train / 500 test scenes, 5 classes."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = dict(_features(MULTI_IMAGE_SIZE))
+        features["segmentation_mask"] = tfds.features.Image(
+            shape=(MULTI_IMAGE_SIZE, MULTI_IMAGE_SIZE, 1), dtype=np.uint8)
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict(features),
+            supervised_keys=("image", "segmentation_mask"),
+            metadata=tfds.core.MetadataDict(segmentation_classes=list(SEGMENTATION_CLASSES)),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # Generated locally: nothing to download.
+        return {split: self._generate_examples(split) for split in SEGMENTATION_SPLITS}
+
+    def _generate_examples(self, split: str):
+        yield from generate_segmentation(split)
