@@ -33,6 +33,25 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
         return np.where(totals > 0, np.diag(matrix) / totals, np.nan)
 
 
+def intersection_over_union(matrix: Any) -> dict[str, float]:
+    """Segmentation scores of a pixel confusion matrix (rows: true class, columns: predicted):
+    `miou`, the mean over classes present in the truth or the predictions of
+    `TP / (TP + FP + FN)` (PASCAL VOC's and Cityscapes' mean IoU), and `iou/<c>` per such class."""
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise invalid("intersection_over_union", "matrix.shape", matrix.shape,
+                      "expected a square [C, C] confusion matrix")
+    hits = np.diag(matrix)
+    union = matrix.sum(axis=0) + matrix.sum(axis=1) - hits
+    present = np.flatnonzero(union > 0)
+    if present.size == 0:
+        raise invalid("intersection_over_union", "matrix", "all zeros",
+                      "expected at least one counted pixel")
+    iou = hits[present] / union[present]
+    return {"miou": float(np.mean(iou)),
+            **{f"iou/{c}": float(v) for c, v in zip(present, iou, strict=True)}}
+
+
 def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str:
     """Row-normalized heat map (each true class sums to 1) with the counts written in cells of
     matrices up to 20 classes; saved to `path` (PNG). Returns `path`."""

@@ -129,8 +129,8 @@ def zoo_table(
     """
     from cnnjax.models import list_models
 
-    if names is None:
-        names = list_models()
+    if names is None:  # the classifiers and the dense predictors (FCN); not the detectors
+        names = list_models() + list_models(task="segmentation")
     elif isinstance(names, str):
         raise invalid("zoo_table", "names", names, "expected a list of model names, "
                       f"e.g. [{names!r}]")

@@ -1,8 +1,9 @@
 """The model zoo: classic CNN architectures as Flax modules, created by name through the registry.
 
 Importing this package imports every architecture module, which registers its models. Detectors
-(YOLO v1, R-CNN, Fast R-CNN, Faster R-CNN) are tagged `task="detection"`: `list_models()` lists
-the classifiers, `list_models(task="detection")` the detectors.
+(YOLO v1, R-CNN, Fast R-CNN, Faster R-CNN) are tagged `task="detection"` and the FCNs
+`task="segmentation"`: `list_models()` lists the classifiers, `list_models(task="detection")`
+the detectors, `list_models(task="segmentation")` the dense predictors.
 """
 
 from cnnjax.models import (  # noqa: F401  (imported to register their models)

@@ -34,7 +34,7 @@ HEAD_MODULES = ("head", "score_pool4", "score_pool3", "upscore2", "upscore_pool4
 def _native_input_shapes(model: nn.Module) -> list[tuple[int, int, int]]:
     """Distinct native inputs (H, W, C) of the registry entries that build `type(model)`."""
     shapes: list[tuple[int, int, int]] = []
-    for info in map(model_info, list_models()):
+    for info in map(model_info, list_models() + list_models(task="segmentation")):
         try:
             built = info.factory(num_classes=info.num_classes)
         except (TypeError, ValueError):  # a factory that cannot be built this way: skip it

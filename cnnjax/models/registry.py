@@ -32,7 +32,7 @@ class ModelInfo:
 
 #: What a registered model does: classifiers return logits; detectors return raw detection outputs
 #: and have `loss(images, gt_boxes, gt_labels, gt_valid)` and `detect(images)` methods.
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -106,8 +106,9 @@ def create_model(name: str, **overrides) -> nn.Module:
 def list_models(pattern: str = "*", task: str | None = "classification") -> list[str]:
     """Sorted registered names matching a shell-style `pattern` (e.g. "resnet*") of one `task`.
 
-    The default lists the classifiers (the zoo table and the classifier tests iterate over them);
-    `task="detection"` lists the detectors, `task=None` every model.
+    The default lists the classifiers (the classifier tests iterate over them);
+    `task="detection"` lists the detectors, `task="segmentation"` the FCNs, `task=None` every
+    model.
     """
     if task is not None:
         check_choice("list_models", "task", task, TASKS)

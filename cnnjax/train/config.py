@@ -22,11 +22,13 @@ from cnnjax.utils.validation import check_choice, check_positive_float, check_po
 PARALLEL_MODES = ("pmap", "shard_map")
 FREEZE_MODES = (None, "backbone")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-TASKS = ("classification", "detection")
+TASKS = ("classification", "detection", "segmentation")
 # What `best_metric` may name, per task (the eval metrics the loop reports).
 EVAL_METRICS = ("loss", "top1", "top5")
 DETECTION_METRICS = ("map50", "map", "coco_map50", "coco_map75")
-TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS}
+SEGMENTATION_METRICS = ("loss", "pixel_accuracy", "miou")
+TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS,
+                "segmentation": SEGMENTATION_METRICS}
 # Fields added to the schema after workdirs were written: the value an older config.json (which
 # lacks the field) implicitly had, so those workdirs still resume.
 LEGACY_DEFAULTS = {"task": "classification"}
@@ -55,8 +57,10 @@ RUNTIME_FIELDS = frozenset(
 def default_config() -> ml_collections.ConfigDict:
     """Every field the engine reads, with defaults (a data config is filled in by experiments)."""
     c = ml_collections.ConfigDict()
-    # "classification" (logits, cross-entropy, top-1/top-5) or "detection" (the model's own
-    # `loss` and `detect` methods on `cnnjax.data.detection` batches, mAP; best_metric "map50").
+    # "classification" (logits, cross-entropy, top-1/top-5), "detection" (the model's own
+    # `loss` and `detect` methods on `cnnjax.data.detection` batches, mAP; best_metric "map50")
+    # or "segmentation" (per-pixel logits, cross-entropy, pixel accuracy and mean IoU on
+    # `cnnjax.data.segmentation` batches; best_metric "miou").
     c.task = "classification"
     c.model = "lenet5"
     # Keyword arguments for the model factory; None entries mean "the model's default" and are not
@@ -333,8 +337,13 @@ class CheckedConfig:
 
 
 def data_pipeline(config: Any) -> Any:
-    """The input module of `config`'s task: `cnnjax.data.pipeline`, or `cnnjax.data.detection`
-    (the same API: get_dataset_info, train_batches, eval_batches, eval_split_name)."""
+    """The input module of `config`'s task: `cnnjax.data.pipeline`, `cnnjax.data.detection` or
+    `cnnjax.data.segmentation` (the same API: get_dataset_info, train_batches, eval_batches,
+    eval_split_name)."""
+    if config_task(config) == "segmentation":
+        from cnnjax.data import segmentation
+
+        return segmentation
     if config_task(config) == "detection":
         from cnnjax.data import detection
 

@@ -33,6 +33,7 @@ from absl import logging
 from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
+from cnnjax.analysis.confusion import intersection_over_union
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, SourceCheckpoints
@@ -46,7 +47,12 @@ from cnnjax.train.state import (
     select_pretrained,
     warm_start,
 )
-from cnnjax.train.step import make_detection_steps, make_steps, proposal_kwargs
+from cnnjax.train.step import (
+    make_detection_steps,
+    make_segmentation_steps,
+    make_steps,
+    proposal_kwargs,
+)
 from cnnjax.utils.files import atomic_write, write_json
 from cnnjax.utils.lock import directory_lock
 
@@ -378,6 +384,11 @@ class _Run:
                 self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
             )
             return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
+        if self.task == "segmentation":
+            train_step, eval_step = make_segmentation_steps(
+                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
+            )
+            return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
         train_step, eval_step = make_steps(
             self.model,
             self.tx,
@@ -405,14 +416,21 @@ class _Run:
         if self.task == "detection":
             return self.evaluate_detection(state, p_eval)
         totals: dict[str, float] = {}
+        confusion = None  # segmentation: the pixel confusion matrix, summed
         for batch in self.eval_batches():
             sums = self.parallel.metrics_to_host(p_eval(state, self.parallel.shard_batch(batch)))
+            if "confusion" in sums:
+                matrix = np.asarray(sums.pop("confusion"), np.float64)
+                confusion = matrix if confusion is None else confusion + matrix
             for name, value in sums.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         count = totals.pop("count", 0.0)
         if count <= 0:
             raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
-        return {name: value / count for name, value in totals.items()} | {"num_examples": count}
+        metrics = {name: value / count for name, value in totals.items()}
+        if confusion is not None:
+            metrics |= intersection_over_union(confusion)
+        return metrics | {"num_examples": count}
 
     def evaluate_detection(self, state: Any, p_predict) -> dict:
         """mAP over the whole eval split: every device's detections and the ground truth go to
@@ -488,7 +506,7 @@ class _Run:
             resume_step=start_step,
             enabled=self.is_primary,
             tensorboard=config.tensorboard,
-            score_metric="map50" if self.task == "detection" else "top1",
+            score_metric={"detection": "map50", "segmentation": "miou"}.get(self.task, "top1"),
         )
         # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
         evals = [

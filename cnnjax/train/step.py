@@ -125,6 +125,79 @@ def _step_rng(state: TrainState, axis_name: str) -> jax.Array:
     )
 
 
+def _pixel_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per image `[B]`: mean per-pixel cross-entropy and pixel accuracy of `logits [B, H, W, C]`
+    against class maps `labels [B, H, W]`."""
+    logits = logits.astype(jnp.float32)
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return {"loss": jnp.mean(per_pixel, axis=(1, 2)),
+            "pixel_accuracy": jnp.mean(correct, axis=(1, 2))}
+
+
+def segmentation_train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+    conv_impl: str = "xla",
+) -> tuple[TrainState, dict]:
+    """One step of a dense predictor (an FCN) on `batch` {'image' [B, H, W, C], 'labels'
+    [B, H, W]} (`cnnjax.data.segmentation`): the mean per-pixel cross-entropy; metrics `loss`,
+    `pixel_accuracy` (device-averaged) and the `learning_rate`."""
+    rng = _step_rng(state, axis_name)
+
+    def loss_fn(params):
+        logits, updates = _apply_training(model, state, params, (batch["image"],),
+                                          {"dropout": rng}, conv_impl)
+        per_image = _pixel_metrics(logits, batch["labels"])
+        return jnp.mean(per_image["loss"]), (per_image, updates)
+
+    grads, (per_image, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    metrics = {name: jnp.mean(value) for name, value in per_image.items()}
+    return _apply_gradients(state, grads, updates, metrics, tx, schedule, axis_name)
+
+
+def segmentation_eval_step(
+    state: TrainState, batch: dict, *, model: nn.Module, axis_name: str, conv_impl: str = "xla"
+) -> dict:
+    """Masked sums over this device's eval `batch`, summed over all devices: `count` (images),
+    `loss` and `pixel_accuracy` (per-image means, summed) and the `confusion` matrix `[C, C]`
+    (rows: true class, columns: predicted; pixels of padded images count 0), from which the host
+    computes the mean IoU."""
+    with conv_impl_context(conv_impl):
+        logits = model.apply(state.variables(), batch["image"], train=False)
+    labels = batch["labels"]
+    mask = batch.get("mask")
+    if mask is None:
+        mask = jnp.ones(labels.shape[:1], jnp.float32)
+    sums = losses.masked_sums(_pixel_metrics(logits, labels), mask)
+    num_classes = logits.shape[-1]
+    weights = jnp.broadcast_to(mask[:, None, None], labels.shape).ravel()
+    pairs = labels.ravel() * num_classes + jnp.argmax(logits, axis=-1).ravel()
+    confusion = jnp.zeros(num_classes * num_classes, jnp.float32).at[pairs].add(weights)
+    sums["confusion"] = confusion.reshape(num_classes, num_classes)
+    return lax.psum(sums, axis_name)
+
+
+def make_segmentation_steps(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    axis_name: str,
+    conv_impl: str = "xla",
+) -> tuple[Callable, Callable]:
+    """Binds a dense predictor and optimizer into per-device `(train_step, eval_step)`."""
+    train = functools.partial(segmentation_train_step, model=model, tx=tx, schedule=schedule,
+                              axis_name=axis_name, conv_impl=conv_impl)
+    evaluate = functools.partial(segmentation_eval_step, model=model, axis_name=axis_name,
+                                 conv_impl=conv_impl)
+    return train, evaluate
+
+
 PROPOSAL_KEYS = ("proposals", "proposal_valid")
 
 

@@ -35,3 +35,23 @@ def test_plot_writes_a_png(tmp_path):
     matrix = confusion_matrix([0, 1, 1, 2], [0, 1, 2, 2], 3)
     path = plot_confusion_matrix(matrix, str(tmp_path / "c.png"), title="t")
     assert path.endswith("c.png") and (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_intersection_over_union_equals_sklearns_jaccard():
+    from sklearn.metrics import jaccard_score
+
+    from cnnjax.analysis.confusion import intersection_over_union
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 4000)  # class 5 is never true, class 6 never anything
+    predictions = np.where(rng.random(4000) < 0.6, labels, rng.integers(0, 6, 4000))
+    scores = intersection_over_union(confusion_matrix(labels, predictions, 7))
+    present = [0, 1, 2, 3, 4, 5]  # class 5 is predicted, so its IoU is 0 and it counts
+    per_class = jaccard_score(labels, predictions, labels=present, average=None)
+    assert scores["miou"] == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert [scores[f"iou/{c}"] for c in present] == pytest.approx(list(per_class), abs=1e-12)
+    assert "iou/6" not in scores and scores["iou/5"] == 0.0
+    with pytest.raises(ValueError, match=r"intersection_over_union: matrix.shape=\(2, 3\)"):
+        intersection_over_union(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="expected at least one counted pixel"):
+        intersection_over_union(np.zeros((3, 3)))

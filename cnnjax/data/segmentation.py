@@ -1,0 +1,169 @@
+"""tf.data input for semantic segmentation: images with per-pixel class maps
+(`config.task="segmentation"`).
+
+The same datasets, presets, sharding and determinism as `pipeline.py` (its config resolution,
+sources, image transforms, batch layout, eval padding and epoch scheme `pipeline.epoch_dataset`
+are reused; only the per-example `preprocess` differs). A dataset needs a `segmentation_mask`
+image feature whose values are class indices and the class names in its metadata
+(`segmentation_classes`), as cnnjax's offline `shapes_segmentation` (64x64 scenes of 1-4 shapes,
+5 classes with background; use it with `name="shapes"` for its normalization). Batches:
+
+    image f32 [D, B, H, W, C]   labels i32 [D, B, H, W]
+
+plus `mask` f32 [D, B] from `eval_batches` (0 on the padding of the last batch). Class maps are
+resized with the image by nearest neighbour; `augment=True` is a random horizontal flip of both
+(the preset's crops are not used), drawn statelessly as in the other pipelines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cnnjax.data import pipeline
+from cnnjax.utils.validation import invalid
+
+_OWNER = "data"
+_AUTOTUNE = tf.data.AUTOTUNE
+default_data_config = pipeline.default_data_config
+
+
+class _SegmentationSource(pipeline._TfdsSource):
+    """A tfds dataset read with its `segmentation_mask` next to the image."""
+
+    def _num_classes(self, spec: Any, features: Any) -> int:
+        """The classes named in the metadata (a ValueError for a set without class maps)."""
+        classes = (self.builder.info.metadata or {}).get("segmentation_classes")
+        if "segmentation_mask" not in features or not classes:
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          "expected a dataset with a `segmentation_mask` feature and "
+                          "`segmentation_classes` in its metadata, e.g. shapes_segmentation")
+        return len(classes)
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        ds = self.builder.as_dataset(
+            split=self._shard_split(split, shard),
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+        )
+        return ds.map(lambda ex: {"image": ex["image"], "labels": ex["segmentation_mask"]})
+
+
+def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any]:
+    """`(spec, source, transforms)` of a segmentation data config."""
+    if not hasattr(data_config, "items"):
+        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    spec = pipeline._resolve(data_config)
+    if spec.preset.tfds_name is None:
+        raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
+    pipeline.hide_gpus_from_tensorflow()
+    source = _SegmentationSource(spec)
+    transforms = pipeline._transforms(spec, source)
+    if transforms.eval_transform != "resize":
+        raise invalid(_OWNER, "name", spec.preset.name,
+                      f"expected a dataset whose eval transform resizes the whole image (this "
+                      f"preset's {transforms.eval_transform!r} crops), e.g. shapes")
+    return spec, source, transforms
+
+
+def eval_split_name(data_config: Any) -> str:
+    """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
+    return pipeline.eval_split_name(data_config)
+
+
+def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
+    """Classes (background included), output image shape and split sizes, named after the tfds
+    dataset when `tfds_name` overrides the preset's."""
+    spec, source, transforms = _open(data_config)
+    return pipeline.DatasetInfo(
+        name=data_config.get("tfds_name") or spec.preset.name,
+        num_classes=source.num_classes,
+        image_shape=transforms.out_shape,
+        num_train=source.num_examples(spec.train_split),
+        num_eval=source.num_examples(spec.eval_split),
+    )
+
+
+def _class_map(labels: tf.Tensor, hw: tuple[int, int], flip: tf.Tensor) -> tf.Tensor:
+    """A stored `[h, w, 1]` class map as int32 `[H, W]` of the output size (nearest neighbour),
+    mirrored with `flip`."""
+    resized = tf.image.resize(labels, hw, method="nearest")
+    resized = tf.where(flip, tf.reverse(resized, axis=[1]), resized)
+    out = tf.cast(resized[..., 0], tf.int32)
+    out.set_shape(hw)
+    return out
+
+
+def train_batches(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[pipeline.Batch]:
+    """Infinite segmentation batches (layout in the module docstring), exactly resumable:
+    batch `k` is a deterministic function of `(data_config, seed, k)` and the process layout."""
+    spec, source, transforms = _open(data_config)
+    pipeline.check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
+                                process_count)
+    hw = transforms.out_shape[:2]
+
+    def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = transforms.eval(ex["image"])
+        flip = tf.constant(False)
+        if spec.augment:
+            flip = tf.random.stateless_uniform([], seed=key) < 0.5
+            image = tf.where(flip, tf.reverse(image, axis=[1]), image)
+        return {"image": image, "labels": _class_map(ex["labels"], hw, flip)}
+
+    ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
+                                seed=seed, start_step=start_step,
+                                shard=(process_index, process_count))
+    return (pipeline._device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
+
+
+def eval_batches(
+    data_config: Any,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[pipeline.Batch]:
+    """One pass over the eval split in stored order, the last batch zero-padded (`mask` 0).
+
+    Every process yields the same number of batches (the largest shard's), as in `pipeline.py`.
+    """
+    spec, source, transforms = _open(data_config)
+    process_batch = pipeline._check_layout(global_batch_size, num_devices, process_index,
+                                           process_count)
+    shard = (process_index, process_count)
+    largest = max(source.num_examples(spec.eval_split, (i, process_count))
+                  for i in range(process_count))
+    num_batches = math.ceil(largest / process_batch)
+    hw = transforms.out_shape[:2]
+
+    def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"image": transforms.eval(source.decode(ex["image"])),
+                "labels": _class_map(ex["labels"], hw, tf.constant(False)),
+                "mask": tf.constant(1.0, tf.float32)}
+
+    ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(pipeline._options())
+    empty = {"image": np.zeros((0, *transforms.out_shape), np.float32),
+             "labels": np.zeros((0, *hw), np.int32), "mask": np.zeros((0,), np.float32)}
+    count = 0
+    for batch in ds.as_numpy_iterator():
+        yield pipeline._device_reshape(pipeline._pad(batch, process_batch), num_devices)
+        count += 1
+    for _ in range(count, num_batches):  # a shorter shard than another process's: all padding
+        yield pipeline._device_reshape(pipeline._pad(empty, process_batch), num_devices)
