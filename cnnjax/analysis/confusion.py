@@ -82,3 +82,35 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str
     ax.set_title(f"{title} (accuracy {accuracy:.4f}, {matrix.sum()} examples)".strip())
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_segmentation(images: Any, labels: Any, predictions: Any, path: str, num_classes: int,
+                      max_images: int = 8, title: str = "") -> str:
+    """Rows of (image, true class map, predicted class map) for the first `max_images` images
+    (`images [N, H, W, C]` as fed to the model, rescaled per image for display; class maps
+    `[N, H, W]` drawn with one fixed colour per class); saved to `path` (PNG). Returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.asarray(images, np.float64)[:max_images]
+    n = check_positive_int("plot_segmentation", "images", len(images))
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for i in range(n):
+        image = images[i]
+        image = (image - image.min()) / max(float(np.ptp(image)), 1e-12)
+        panels = (image[..., 0] if image.shape[-1] == 1 else image, labels[i], predictions[i])
+        for ax, panel, name in zip(axes[i], panels, ("image", "truth", "prediction"),
+                                   strict=True):
+            kwargs = {} if name == "image" else {"cmap": "tab10", "vmin": 0,
+                                                 "vmax": max(num_classes - 1, 9),
+                                                 "interpolation": "nearest"}
+            ax.imshow(np.asarray(panel), **kwargs)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / n) if title else None)
+    return save_figure(fig, path)

@@ -161,15 +161,22 @@ def evaluate_run(run: TrainedRun, split: str | None = None,
 def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
                      max_images: int = 16) -> dict:
     """The run's predictions on `split` as a PNG at `path`: a classifier's confusion matrix over
-    every example (also returned as `per_class_top1`), or a detector's boxes on the first
-    `max_images` images. Returns `{"plot": path, ...}`."""
+    every example (also returned as `per_class_top1`), a detector's boxes or a dense predictor's
+    class maps on the first `max_images` images. Returns `{"plot": path, ...}`."""
+    title = f"{run.config.model} step {run.step}"
+    if config_lib.config_task(run.config) == "segmentation":
+        from cnnjax.analysis.confusion import plot_segmentation
+
+        batch, logits = next(predictions(run, split, batch_size=max_images))
+        plot_segmentation(batch["image"], batch["labels"], np.argmax(logits, axis=-1), path,
+                          num_classes=int(logits.shape[-1]), max_images=max_images, title=title)
+        return {"plot": path}
     if config_lib.config_task(run.config) == "detection":
         from cnnjax.detection.visualize import plot_detections
 
         batch, found = next(predictions(run, split, batch_size=max_images))
         plot_detections(batch["image"], found, batch["boxes"], batch["labels"],
-                        batch["box_valid"], path, max_images=max_images,
-                        title=f"{run.config.model} step {run.step}")
+                        batch["box_valid"], path, max_images=max_images, title=title)
         return {"plot": path}
     from cnnjax.analysis.confusion import (
         confusion_matrix,
@@ -183,6 +190,6 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
         predicted.append(np.argmax(logits, axis=-1))
     num_classes = int(logits.shape[-1])
     matrix = confusion_matrix(np.concatenate(labels), np.concatenate(predicted), num_classes)
-    plot_confusion_matrix(matrix, path, title=f"{run.config.model} step {run.step}")
+    plot_confusion_matrix(matrix, path, title=title)
     return {"plot": path, "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
             "confusion_matrix": matrix.tolist()}

@@ -55,3 +55,15 @@ def test_intersection_over_union_equals_sklearns_jaccard():
         intersection_over_union(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="expected at least one counted pixel"):
         intersection_over_union(np.zeros((3, 3)))
+
+
+def test_plot_segmentation_writes_a_png(tmp_path):
+    from cnnjax.analysis.confusion import plot_segmentation
+
+    rng = np.random.default_rng(0)
+    maps = rng.integers(0, 5, (3, 16, 16))
+    path = plot_segmentation(rng.normal(size=(3, 16, 16, 3)), maps, maps[::-1],
+                             str(tmp_path / "s.png"), num_classes=5, title="fcn")
+    assert path == str(tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="plot_segmentation: images=0 is invalid"):
+        plot_segmentation(np.zeros((0, 4, 4, 3)), maps, maps, str(tmp_path / "t.png"), 5)

@@ -1,6 +1,7 @@
-"""The segmentation train and eval steps on a small FCN (slow: compiling a ResNet-18 FCN): the eval step's masked sums and pixel
-confusion matrix against a NumPy / scikit-learn computation from the same model's predictions,
-and the train step lowering the per-pixel cross-entropy of a fixed batch."""
+"""The segmentation train and eval steps on a small FCN (slow: compiling a ResNet-18 FCN): the
+eval step's masked sums and pixel confusion matrix against a NumPy / scikit-learn computation
+from the same model's predictions, and the train step lowering the per-pixel cross-entropy of a
+fixed batch."""
 
 import jax
 import jax.numpy as jnp
