@@ -23,6 +23,8 @@ and still_improving / converged the mAP, whose noise level is approximated like 
 score of the same per-image evidence). Detectors log no eval loss and no top-1, so overfitting
 and underfitting are never found for them (a train/eval mAP gap would need an eval pass over
 the train split, which the engine does not run); read the learning curves for those.
+Segmentation runs are diagnosed the same way on `miou` or `pixel_accuracy` (noise level as for
+an accuracy over the eval images).
 
 Noisy curves are smoothed explicitly: the train loss with a bias-corrected exponential moving
 average (`ema`, TensorBoard's smoothing) for trends and with a trailing windowed median for
@@ -61,7 +63,7 @@ VERDICTS = (
 )
 ACCURACY_METRICS = ("top1", "top5")
 # Eval metrics in [0, 1] whose gains are judged against a binomial noise level (higher: better).
-FRACTION_METRICS = (*ACCURACY_METRICS, *config_lib.DETECTION_METRICS)
+FRACTION_METRICS = (*ACCURACY_METRICS, *config_lib.DETECTION_METRICS, "pixel_accuracy", "miou")
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 _OWNER = "diagnose"

@@ -334,3 +334,22 @@ def test_detection_loss_explosion_is_divergence():
     records = _detection_records(lambda s: 0.4, loss=lambda s: 14.0 if s < 200 else 40.0)
     curves = dg.Curves.from_records(records, {"status": "completed", "step": STEPS}, STEPS)
     assert dg.diagnose(curves, metric="map").primary == "diverged"
+
+
+@pytest.mark.parametrize("gain, improving", [(0.04, False), (0.05, True)])
+def test_segmentation_miou_gains_are_judged_like_a_fraction(gain, improving):
+    """A segmentation run's eval logs loss, pixel_accuracy and miou: mIoU flat at 0.4 on 500
+    images, then up by `gain` at the last eval, against the same two standard errors."""
+    loss, records = _decay(1.6, 0.2, 0.02), []
+    for step in range(10, STEPS + 1, 10):
+        records.append({"step": step, "split": "train", "loss": loss(step),
+                        "pixel_accuracy": 0.9, "learning_rate": 1e-3})
+        if step % 50 == 0:
+            miou = 0.4 + (gain if step == STEPS else 0.0)
+            records.append({"step": step, "split": "eval", "loss": 0.35, "pixel_accuracy": 0.9,
+                            "miou": miou, "iou/0": 0.9, "num_examples": 500.0})
+    curves = dg.Curves.from_records(records, {"status": "completed", "step": STEPS}, STEPS)
+    d = dg.diagnose(curves, metric="miou")
+    assert d.verdicts == (["still_improving"] if improving else ["converged"])
+    assert d.findings[0].evidence["noise_level"] == pytest.approx(
+        2 * math.sqrt(0.4 * 0.6 / 500))
