@@ -30,7 +30,12 @@ from cnnjax.utils.validation import invalid
 
 _OWNER = "data"
 _AUTOTUNE = tf.data.AUTOTUNE
-default_data_config = pipeline.default_data_config
+
+
+def default_data_config(name: str = "shapes") -> Any:
+    """`pipeline.default_data_config(name)`: a segmentation set needs no further fields (use
+    `tfds_name`, e.g. `shapes_segmentation`, beside a preset's normalization)."""
+    return pipeline.default_data_config(name)
 
 
 class _SegmentationSource(pipeline._TfdsSource):

@@ -42,7 +42,7 @@ def test_registry_tags_detectors():
     assert model_info("yolo_v1_small").task == "detection"
     assert model_info("lenet5").task == "classification"
     with pytest.raises(ValueError, match=r"list_models: task='segment' is invalid; expected one "
-                                         r"of \['classification', 'detection'\]\."):
+                                         r"of \['classification', 'detection', 'segmentation'\]"):
         list_models(task="segment")
     with pytest.raises(ValueError, match=r"register_model: task='segment' is invalid"):
         register_model("never_registered", task="segment")

@@ -244,9 +244,13 @@ def test_task_and_model_must_agree(tmp_path):
     with pytest.raises(ValueError, match=r"config: best_metric='top1' is invalid; expected one of "
                                          r"\['map50', 'map', 'coco_map50', 'coco_map75'\]"):
         loop.train_and_evaluate(_config(best_metric="top1"), str(tmp_path / "b"))
-    with pytest.raises(ValueError, match=r"config: task='segmentation' is invalid; expected one "
-                                         r"of \['classification', 'detection'\]"):
-        loop.train_and_evaluate(_config(task="segmentation"), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"config: task='keypoints' is invalid; expected one "
+                                         r"of \['classification', 'detection', 'segmentation'\]"):
+        loop.train_and_evaluate(_config(task="keypoints"), str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"config: model='yolo_v1_small' is invalid; it is a "
+                                         r"detection model and config.task='segmentation'"):
+        loop.train_and_evaluate(_config(task="segmentation", best_metric="miou"),
+                                str(tmp_path / "d"))
     assert not Path(tmp_path / "a" / "checkpoints").exists()
 
 

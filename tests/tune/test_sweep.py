@@ -288,7 +288,8 @@ def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path, monkeyp
 def test_default_mode_follows_the_metric():
     modes = {m: sw.default_mode(m) for ms in config_lib.TASK_METRICS.values() for m in ms}
     assert modes == {"loss": "min", "top1": "max", "top5": "max", "map50": "max", "map": "max",
-                     "coco_map50": "max", "coco_map75": "max"}
+                     "coco_map50": "max", "coco_map75": "max", "pixel_accuracy": "max",
+                     "miou": "max"}
 
 
 def test_metrics_are_the_tasks():
@@ -306,9 +307,11 @@ def test_metrics_are_the_tasks():
     legacy = ml_collections.ConfigDict({"model": "lenet5"})  # no `task`: classification
     assert sw.task_metrics(legacy) == ("loss", "top1", "top5")
     detection.task = "segmentation"
+    assert sw.check_metric("sweep", "miou", detection) == "miou"
+    detection.task = "keypoints"
     with pytest.raises(ValueError, match=re.escape(
-            "config: task='segmentation' is invalid; expected one of ['classification', "
-            "'detection'].")):
+            "config: task='keypoints' is invalid; expected one of ['classification', "
+            "'detection', 'segmentation'].")):
         sw.check_metric("sweep", "map50", detection)
 
 
