@@ -26,7 +26,6 @@ as it would cut boxes. Use `tfds_name` for a detection set, e.g. `shapes_multi` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -256,27 +255,17 @@ def eval_batches(
     Every process yields the same number of batches (the largest shard's), as in `pipeline.py`.
     """
     spec, source, transforms, max_boxes = _open(data_config)
-    process_batch = pipeline._check_layout(global_batch_size, num_devices, process_index,
-                                           process_count)
-    shard = (process_index, process_count)
-    largest = max(source.num_examples(spec.eval_split, (i, process_count))
-                  for i in range(process_count))
-    num_batches = math.ceil(largest / process_batch)
     hw = transforms.out_shape[:2]
 
     def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": transforms.eval(source.decode(ex["image"])),
-                **_targets(ex, hw, max_boxes, tf.constant(False), training=False),
-                "mask": tf.constant(1.0, tf.float32)}
+                **_targets(ex, hw, max_boxes, tf.constant(False), training=False)}
 
-    ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
-    ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(pipeline._options())
     empty = {
         "image": np.zeros((0, *transforms.out_shape), np.float32),
         "boxes": np.zeros((0, max_boxes, 4), np.float32),
         "labels": np.zeros((0, max_boxes), np.int32),
         "box_valid": np.zeros((0, max_boxes), bool),
-        "mask": np.zeros((0,), np.float32),
     }
     if source.has_difficult:
         empty["box_difficult"] = np.zeros((0, max_boxes), bool)
@@ -284,9 +273,6 @@ def eval_batches(
         rows = source.proposals.max_proposals
         empty |= {"proposals": np.zeros((0, rows, 4), np.float32),
                   "proposal_valid": np.zeros((0, rows), bool)}
-    count = 0
-    for batch in ds.as_numpy_iterator():
-        yield pipeline._device_reshape(pipeline._pad(batch, process_batch), num_devices)
-        count += 1
-    for _ in range(count, num_batches):  # a shorter shard than another process's: all padding
-        yield pipeline._device_reshape(pipeline._pad(empty, process_batch), num_devices)
+    return pipeline.padded_eval_batches(
+        spec, source, preprocess, empty, global_batch_size=global_batch_size,
+        num_devices=num_devices, process_index=process_index, process_count=process_count)

@@ -736,32 +736,42 @@ def eval_batches(
     batches (the largest shard's), so collectives line up across hosts.
     """
     spec = _resolve(data_config)
-    process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
+    _check_layout(global_batch_size, num_devices, process_index, process_count)
     source = _open_source(spec)
     transforms = _transforms(spec, source)
+
+    def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"image": transforms.eval(source.decode(ex["image"])),
+                "label": tf.cast(ex["label"], tf.int32)}
+
+    empty = {"image": np.zeros((0, *transforms.out_shape), np.float32),
+             "label": np.zeros((0,), np.int32)}
+    return padded_eval_batches(spec, source, preprocess, empty,
+                               global_batch_size=global_batch_size, num_devices=num_devices,
+                               process_index=process_index, process_count=process_count)
+
+
+def padded_eval_batches(spec: _Spec, source: _Source,
+                        preprocess: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]],
+                        empty: Batch, *, global_batch_size: int, num_devices: int,
+                        process_index: int, process_count: int) -> Iterator[Batch]:
+    """The eval scheme of every pipeline: one pass over this process's shard of the eval split
+    in stored order, `preprocess(example)` plus `mask` 1, batched and the last batch zero-padded
+    (`mask` 0). Every process yields as many batches as the largest shard has (all padding,
+    built from `empty`, the batch's arrays with 0 rows, once a shorter shard is done), so
+    collectives line up across hosts."""
+    process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
     shard = (process_index, process_count)
     largest_shard = max(source.num_examples(spec.eval_split, (i, process_count))
                         for i in range(process_count))
     num_batches = math.ceil(largest_shard / process_batch)
-    return _eval_iterator(spec, source, transforms, shard, process_batch, num_devices,
-                          num_batches)
 
+    def with_mask(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {**preprocess(ex), "mask": tf.constant(1.0, tf.float32)}
 
-def _eval_iterator(spec: _Spec, source: _Source, transforms: _Transforms,
-                   shard: tuple[int, int], process_batch: int, num_devices: int,
-                   num_batches: int) -> Iterator[Batch]:
-    def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {"image": transforms.eval(source.decode(ex["image"])),
-                "label": tf.cast(ex["label"], tf.int32),
-                "mask": tf.constant(1.0, tf.float32)}
-
-    ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
+    ds = source.read(spec.eval_split, shard).map(with_mask, num_parallel_calls=_AUTOTUNE)
     ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(_options())
-    empty = {
-        "image": np.zeros((0, *transforms.out_shape), np.float32),
-        "label": np.zeros((0,), np.int32),
-        "mask": np.zeros((0,), np.float32),
-    }
+    empty = {**empty, "mask": np.zeros((0,), np.float32)}
     count = 0
     for batch in ds.as_numpy_iterator():
         yield _device_reshape(_pad(batch, process_batch), num_devices)

@@ -17,7 +17,6 @@ resized with the image by nearest neighbour; `augment=True` is a random horizont
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,26 +148,14 @@ def eval_batches(
     Every process yields the same number of batches (the largest shard's), as in `pipeline.py`.
     """
     spec, source, transforms = _open(data_config)
-    process_batch = pipeline._check_layout(global_batch_size, num_devices, process_index,
-                                           process_count)
-    shard = (process_index, process_count)
-    largest = max(source.num_examples(spec.eval_split, (i, process_count))
-                  for i in range(process_count))
-    num_batches = math.ceil(largest / process_batch)
     hw = transforms.out_shape[:2]
 
     def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": transforms.eval(source.decode(ex["image"])),
-                "labels": _class_map(ex["labels"], hw, tf.constant(False)),
-                "mask": tf.constant(1.0, tf.float32)}
+                "labels": _class_map(ex["labels"], hw, tf.constant(False))}
 
-    ds = source.read(spec.eval_split, shard).map(preprocess, num_parallel_calls=_AUTOTUNE)
-    ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(pipeline._options())
     empty = {"image": np.zeros((0, *transforms.out_shape), np.float32),
-             "labels": np.zeros((0, *hw), np.int32), "mask": np.zeros((0,), np.float32)}
-    count = 0
-    for batch in ds.as_numpy_iterator():
-        yield pipeline._device_reshape(pipeline._pad(batch, process_batch), num_devices)
-        count += 1
-    for _ in range(count, num_batches):  # a shorter shard than another process's: all padding
-        yield pipeline._device_reshape(pipeline._pad(empty, process_batch), num_devices)
+             "labels": np.zeros((0, *hw), np.int32)}
+    return pipeline.padded_eval_batches(
+        spec, source, preprocess, empty, global_batch_size=global_batch_size,
+        num_devices=num_devices, process_index=process_index, process_count=process_count)
