@@ -229,17 +229,13 @@ def train_batches(
     hw = transforms.out_shape[:2]
 
     def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
-        image = transforms.eval(ex["image"])
-        flip = tf.constant(False)
-        if spec.augment:
-            flip = tf.random.stateless_uniform([], seed=key) < 0.5
-            image = tf.where(flip, tf.reverse(image, axis=[1]), image)
+        image, flip = pipeline.flipped_whole_image(spec, transforms, ex["image"], key)
         return {"image": image, **_targets(ex, hw, max_boxes, flip, training=True)}
 
     ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
                                 seed=seed, start_step=start_step,
                                 shard=(process_index, process_count))
-    return (pipeline._device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
+    return pipeline.device_batches(ds, num_devices)
 
 
 def eval_batches(

@@ -657,6 +657,25 @@ def train_batches(
 
     ds = epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
                        seed=seed, start_step=start_step, shard=(process_index, process_count))
+    return device_batches(ds, num_devices)
+
+
+def flipped_whole_image(spec: _Spec, transforms: _Transforms, image: tf.Tensor,
+                        key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The training augmentation of the dense-target pipelines (detection, segmentation): the
+    eval transform (the whole image resized; no crop that would cut boxes or class maps),
+    mirrored with probability 1/2 when `spec.augment`, drawn statelessly from `key`. Returns
+    `(image, flip)`; apply `flip` to the targets."""
+    image = transforms.eval(image)
+    flip = tf.constant(False)
+    if spec.augment:
+        flip = tf.random.stateless_uniform([], seed=key) < 0.5
+        image = tf.where(flip, tf.reverse(image, axis=[1]), image)
+    return image, flip
+
+
+def device_batches(ds: tf.data.Dataset, num_devices: int) -> Iterator[Batch]:
+    """`ds`'s batches as NumPy, each array split into `[num_devices, per_device, ...]`."""
     return (_device_reshape(batch, num_devices) for batch in ds.as_numpy_iterator())
 
 
