@@ -119,16 +119,8 @@ def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     """`(spec, source, transforms, max_boxes)` of a detection data config."""
     config, max_boxes, proposals = _split(data_config)
     spec = pipeline._resolve(config)
-    if spec.preset.tfds_name is None:
-        raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
-    pipeline.hide_gpus_from_tensorflow()
-    source = _DetectionSource(spec, proposals)
-    transforms = pipeline._transforms(spec, source)
-    if transforms.eval_transform != "resize":
-        raise invalid(_OWNER, "name", spec.preset.name,
-                      f"expected a dataset whose eval transform resizes the whole image (this "
-                      f"preset's {transforms.eval_transform!r} would crop boxes away), e.g. "
-                      "shapes, voc2007, voc2012")
+    source, transforms = pipeline.open_whole_image_source(
+        spec, lambda spec: _DetectionSource(spec, proposals))
     return spec, source, transforms, max_boxes
 
 
@@ -157,13 +149,8 @@ def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
     """Classes (of `objects/label`), output image shape and split sizes, named after the tfds
     dataset when `tfds_name` overrides the preset's (e.g. `shapes_multi`)."""
     spec, source, transforms, _ = _open(data_config)
-    return pipeline.DatasetInfo(
-        name=_split(data_config)[0].get("tfds_name") or spec.preset.name,
-        num_classes=source.num_classes,
-        image_shape=transforms.out_shape,
-        num_train=source.num_examples(spec.train_split),
-        num_eval=source.num_examples(spec.eval_split),
-    )
+    return pipeline.dataset_info(spec, source, transforms,
+                                 data_config.get("tfds_name") or spec.preset.name)
 
 
 def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: int,

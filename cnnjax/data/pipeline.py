@@ -609,13 +609,38 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
     """
     spec = _resolve(data_config)
     source = _open_source(spec)
+    return dataset_info(spec, source, _transforms(spec, source), spec.preset.name)
+
+
+def dataset_info(spec: _Spec, source: _Source, transforms: _Transforms,
+                 name: str) -> DatasetInfo:
+    """The `DatasetInfo` every input module reports: `source`'s classes and split sizes and the
+    output image shape of `transforms`, under `name`."""
     return DatasetInfo(
-        name=spec.preset.name,
+        name=name,
         num_classes=source.num_classes,
-        image_shape=_transforms(spec, source).out_shape,
+        image_shape=transforms.out_shape,
         num_train=source.num_examples(spec.train_split),
         num_eval=source.num_examples(spec.eval_split),
     )
+
+
+def open_whole_image_source(spec: _Spec, make_source: Callable[[_Spec], _Source],
+                            ) -> tuple[_Source, _Transforms]:
+    """`(source, transforms)` for a task whose targets are positions in the image (boxes,
+    class maps): a tfds dataset whose eval transform resizes the whole image, since a centre
+    crop would cut targets away (training then flips, `flipped_whole_image`)."""
+    if spec.preset.tfds_name is None:
+        raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
+    hide_gpus_from_tensorflow()
+    source = make_source(spec)
+    transforms = _transforms(spec, source)
+    if transforms.eval_transform != "resize":
+        raise invalid(_OWNER, "name", spec.preset.name,
+                      f"expected a dataset whose eval transform resizes the whole image (this "
+                      f"preset's {transforms.eval_transform!r} would crop targets away), e.g. "
+                      "shapes, voc2007, voc2012")
+    return source, transforms
 
 
 def steps_per_epoch(num_train: int, global_batch_size: int) -> int:

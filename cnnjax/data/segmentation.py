@@ -60,19 +60,9 @@ class _SegmentationSource(pipeline._TfdsSource):
 
 
 def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any]:
-    """`(spec, source, transforms)` of a segmentation data config."""
-    if not hasattr(data_config, "items"):
-        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    """`(spec, source, transforms)` of a segmentation data config (`_resolve` checks it)."""
     spec = pipeline._resolve(data_config)
-    if spec.preset.tfds_name is None:
-        raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
-    pipeline.hide_gpus_from_tensorflow()
-    source = _SegmentationSource(spec)
-    transforms = pipeline._transforms(spec, source)
-    if transforms.eval_transform != "resize":
-        raise invalid(_OWNER, "name", spec.preset.name,
-                      f"expected a dataset whose eval transform resizes the whole image (this "
-                      f"preset's {transforms.eval_transform!r} crops), e.g. shapes")
+    source, transforms = pipeline.open_whole_image_source(spec, _SegmentationSource)
     return spec, source, transforms
 
 
@@ -85,13 +75,8 @@ def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
     """Classes (background included), output image shape and split sizes, named after the tfds
     dataset when `tfds_name` overrides the preset's."""
     spec, source, transforms = _open(data_config)
-    return pipeline.DatasetInfo(
-        name=data_config.get("tfds_name") or spec.preset.name,
-        num_classes=source.num_classes,
-        image_shape=transforms.out_shape,
-        num_train=source.num_examples(spec.train_split),
-        num_eval=source.num_examples(spec.eval_split),
-    )
+    return pipeline.dataset_info(spec, source, transforms,
+                                 data_config.get("tfds_name") or spec.preset.name)
 
 
 def _class_map(labels: tf.Tensor, hw: tuple[int, int], flip: tf.Tensor) -> tf.Tensor:

@@ -171,9 +171,7 @@ def segmentation_eval_step(
     with conv_impl_context(conv_impl):
         logits = model.apply(state.variables(), batch["image"], train=False)
     labels = batch["labels"]
-    mask = batch.get("mask")
-    if mask is None:
-        mask = jnp.ones(labels.shape[:1], jnp.float32)
+    mask = _example_mask(batch, labels.shape[0])
     sums = losses.masked_sums(_pixel_metrics(logits, labels), mask)
     num_classes = logits.shape[-1]
     weights = jnp.broadcast_to(mask[:, None, None], labels.shape).ravel()
@@ -267,10 +265,14 @@ def eval_step(
     with conv_impl_context(conv_impl):
         logits = model.apply(state.variables(), batch["image"], train=False)
     per_example = losses.example_metrics(logits, batch["label"])
-    mask = batch.get("mask")
-    if mask is None:
-        mask = jnp.ones(batch["label"].shape, jnp.float32)
+    mask = _example_mask(batch, batch["label"].shape[0])
     return lax.psum(losses.masked_sums(per_example, mask), axis_name)
+
+
+def _example_mask(batch: dict, size: int) -> jax.Array:
+    """The eval batch's `mask` (1: a real example, 0: padding); all ones when it has none."""
+    mask = batch.get("mask")
+    return jnp.ones((size,), jnp.float32) if mask is None else mask
 
 
 def make_steps(
