@@ -29,6 +29,8 @@ DETECTION_METRICS = ("map50", "map", "coco_map50", "coco_map75")
 SEGMENTATION_METRICS = ("loss", "pixel_accuracy", "miou")
 TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS,
                 "segmentation": SEGMENTATION_METRICS}
+# The score each task's learning-curve plot shows beside the loss.
+TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentation": "miou"}
 # Fields added to the schema after workdirs were written: the value an older config.json (which
 # lacks the field) implicitly had, so those workdirs still resume.
 LEGACY_DEFAULTS = {"task": "classification"}

@@ -43,8 +43,9 @@ def _to_float(value: Any) -> float:
 class MetricLogger:
     """Writes train/eval scalars of one run under `workdir` (only the primary process writes).
 
-    The learning-curve PNG shows the loss and `score_metric` (top-1 accuracy for classifiers,
-    `map50` for detectors), each for the splits that report it.
+    The learning-curve PNG shows the loss and `score_metric` (per task,
+    `config.TASK_PLOT_METRIC`: top-1 accuracy, `map50`, `miou`), each for the splits that
+    report it.
     """
 
     def __init__(

@@ -135,7 +135,7 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
 def evaluate_variables(config: Any, variables: dict) -> dict:
     """The engine's evaluation of a model: `config`'s model with `variables` (`{'params',
     'batch_stats'}`) over `config.data`'s whole eval split, on all devices, padded batches
-    masked; classification loss/top1/top5 or detection map50/map. Checks the config first;
+    masked; the metrics of its task (`config_lib.TASK_METRICS`). Checks the config first;
     writes nothing."""
     run = _Run(config, workdir="", started=time.time())
     run.setup(prepare_workdir=False)
@@ -506,7 +506,7 @@ class _Run:
             resume_step=start_step,
             enabled=self.is_primary,
             tensorboard=config.tensorboard,
-            score_metric={"detection": "map50", "segmentation": "miou"}.get(self.task, "top1"),
+            score_metric=config_lib.TASK_PLOT_METRIC[self.task],
         )
         # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
         evals = [

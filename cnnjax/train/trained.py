@@ -99,8 +99,9 @@ def _with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
 
 
 def default_outputs(config: Any) -> Callable[[TrainedRun, dict], Any]:
-    """What `predictions` computes by default: a classifier's logits, or a detector's
-    `Detections` (on the batch's external proposals if it has any)."""
+    """What `predictions` computes by default: the logits of a classifier (`[N, C]`) or a dense
+    predictor (`[N, H, W, C]`), or a detector's `Detections` (on the batch's external proposals
+    if it has any)."""
     if config_lib.config_task(config) == "detection":
         return lambda run, batch: run.apply(batch["image"], method="detect",
                                             **proposal_kwargs(batch))
@@ -113,7 +114,7 @@ def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
     """`(batch, output)` over `split` of the run's dataset (None: its eval split) in stored
     order, padding removed: the eval pipeline's batch (NumPy, one device) and, as NumPy,
     `outputs(run, batch)` (jitted, under the run's conv lowering; every leaf has the batch
-    axis first); by default logits for a classifier, `Detections` for a detector."""
+    axis first); by default `default_outputs`."""
     import jax
 
     from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
