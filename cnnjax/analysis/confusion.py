@@ -88,7 +88,8 @@ def plot_segmentation(images: Any, labels: Any, predictions: Any, path: str, num
                       max_images: int = 8, title: str = "") -> str:
     """Rows of (image, true class map, predicted class map) for the first `max_images` images
     (`images [N, H, W, C]` as fed to the model, rescaled per image for display; class maps
-    `[N, H, W]` drawn with one fixed colour per class); saved to `path` (PNG). Returns `path`."""
+    `[N, H, W]` drawn with one fixed colour per class, white where the label is no class, e.g.
+    an ignored border); saved to `path` (PNG). Returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,16 +98,19 @@ def plot_segmentation(images: Any, labels: Any, predictions: Any, path: str, num
     images = np.asarray(images, np.float64)[:max_images]
     n = check_positive_int("plot_segmentation", "images", len(images))
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    palette = "tab10" if num_classes <= 10 else "tab20"
+    cmap = plt.get_cmap(palette).with_extremes(bad="white")
+    class_maps = {"cmap": cmap, "vmin": 0, "vmax": max(num_classes - 1, cmap.N - 1),
+                  "interpolation": "nearest"}
     for i in range(n):
         image = images[i]
         image = (image - image.min()) / max(float(np.ptp(image)), 1e-12)
-        panels = (image[..., 0] if image.shape[-1] == 1 else image, labels[i], predictions[i])
+        panels = (image[..., 0] if image.shape[-1] == 1 else image,
+                  *(np.ma.masked_outside(np.asarray(m[i]), 0, num_classes - 1)
+                    for m in (labels, predictions)))
         for ax, panel, name in zip(axes[i], panels, ("image", "truth", "prediction"),
                                    strict=True):
-            kwargs = {} if name == "image" else {"cmap": "tab10", "vmin": 0,
-                                                 "vmax": max(num_classes - 1, 9),
-                                                 "interpolation": "nearest"}
-            ax.imshow(np.asarray(panel), **kwargs)
+            ax.imshow(panel, **({} if name == "image" else class_maps))
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(name, fontsize=9)

@@ -628,19 +628,14 @@ def dataset_info(spec: _Spec, source: _Source, transforms: _Transforms,
 def open_whole_image_source(spec: _Spec, make_source: Callable[[_Spec], _Source],
                             ) -> tuple[_Source, _Transforms]:
     """`(source, transforms)` for a task whose targets are positions in the image (boxes,
-    class maps): a tfds dataset whose eval transform resizes the whole image, since a centre
-    crop would cut targets away (training then flips, `flipped_whole_image`)."""
+    class maps): a tfds dataset, its eval transform the whole image resized to the output size
+    whatever the preset uses for classification (a centre crop would cut targets away; training
+    then flips, `flipped_whole_image`)."""
     if spec.preset.tfds_name is None:
         raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
     hide_gpus_from_tensorflow()
     source = make_source(spec)
-    transforms = _transforms(spec, source)
-    if transforms.eval_transform != "resize":
-        raise invalid(_OWNER, "name", spec.preset.name,
-                      f"expected a dataset whose eval transform resizes the whole image (this "
-                      f"preset's {transforms.eval_transform!r} would crop targets away), e.g. "
-                      "shapes, voc2007, voc2012")
-    return source, transforms
+    return source, dataclasses.replace(_transforms(spec, source), eval_transform="resize")
 
 
 def steps_per_epoch(num_train: int, global_batch_size: int) -> int:

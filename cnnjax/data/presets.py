@@ -124,6 +124,16 @@ PRESETS: dict[str, DatasetPreset] = {
             train_augmentation="random_resized_crop_flip", eval_transform="resize_center_crop",
             default_image_size=224, cache=False, shuffle_buffer=10_000,
         ),
+        # Oxford-IIIT Pet: 37 breeds (classification, ImageNet-style crops) and trimaps
+        # (config.task="segmentation": background / pet, the outline band ignored; the whole
+        # image resized, `data.segmentation`).
+        DatasetPreset(
+            name="oxford_iiit_pet", tfds_name="oxford_iiit_pet", num_classes=37,
+            image_shape=(None, None, 3), train_split="train", eval_split="test",
+            mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            train_augmentation="random_resized_crop_flip", eval_transform="resize_center_crop",
+            default_image_size=224, shuffle_buffer=3_680,
+        ),
         # PASCAL VOC detection (config.task="detection": `objects` boxes of 20 classes, difficult
         # objects flagged). Whole images resized to a square, YOLO v1's 448 by default; the
         # 2012 test set has no labels, so its eval split is the validation set.

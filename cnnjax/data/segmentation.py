@@ -4,9 +4,12 @@
 The same datasets, presets, sharding and determinism as `pipeline.py` (its config resolution,
 sources, image transforms, batch layout, eval padding and epoch scheme `pipeline.epoch_dataset`
 are reused; only the per-example `preprocess` differs). A dataset needs a `segmentation_mask`
-image feature whose values are class indices and the class names in its metadata
-(`segmentation_classes`), as cnnjax's offline `shapes_segmentation` (64x64 scenes of 1-4 shapes,
-5 classes with background; use it with `name="shapes"` for its normalization). Batches:
+image feature and a `ClassMapLabels` saying what its stored values mean: either class indices
+named in its metadata (`segmentation_classes`), as cnnjax's offline `shapes_segmentation`
+(64x64 scenes of 1-4 shapes, 5 classes with background; use it with `name="shapes"` for its
+normalization), or a known catalogue set (`CATALOGUE_LABELS`: Oxford-IIIT Pet's trimaps).
+Stored values that are no class become `IGNORE_LABEL`, which neither the loss nor the metrics
+count. Batches:
 
     image f32 [D, B, H, W, C]   labels i32 [D, B, H, W]
 
@@ -17,6 +20,7 @@ resized with the image by nearest neighbour; `augment=True` is a random horizont
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,17 +41,53 @@ def default_data_config(name: str = "shapes") -> Any:
     return pipeline.default_data_config(name)
 
 
+IGNORE_LABEL = 255
+"""The label of pixels no class is scored on (object borders, unlabelled regions): PASCAL VOC's
+and Cityscapes' convention."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMapLabels:
+    """What the values of a stored uint8 class map mean: `classes[i]` is class `i`, and stored
+    value `v` is class `classes.index(names[v])`, or `IGNORE_LABEL` where `names[v]` is None or
+    `v >= len(names)`."""
+
+    classes: tuple[str, ...]
+    names: tuple[str | None, ...]
+
+    def lookup(self) -> np.ndarray:
+        """The int32 `[256]` table from stored value to class index or `IGNORE_LABEL`."""
+        table = np.full(256, IGNORE_LABEL, np.int32)
+        for value, name in enumerate(self.names):
+            if name is not None:
+                table[value] = self.classes.index(name)
+        return table
+
+
+CATALOGUE_LABELS: dict[str, ClassMapLabels] = {
+    # Oxford-IIIT Pet trimaps (Parkhi et al. 2012): 1 pet, 2 background, 3 the unclassified band
+    # along the pet's outline, which the dataset's authors leave unscored.
+    "oxford_iiit_pet": ClassMapLabels(classes=("background", "pet"),
+                                      names=(None, "pet", "background", None)),
+}
+
+
 class _SegmentationSource(pipeline._TfdsSource):
     """A tfds dataset read with its `segmentation_mask` next to the image."""
 
+    labels: ClassMapLabels
+
     def _num_classes(self, spec: Any, features: Any) -> int:
-        """The classes named in the metadata (a ValueError for a set without class maps)."""
+        """The classes of the dataset's `ClassMapLabels` (a ValueError for a set without)."""
         classes = (self.builder.info.metadata or {}).get("segmentation_classes")
-        if "segmentation_mask" not in features or not classes:
+        known = CATALOGUE_LABELS.get(self.builder.name)
+        if "segmentation_mask" not in features or not (classes or known):
             raise invalid(_OWNER, "tfds_name", spec.tfds_name,
                           "expected a dataset with a `segmentation_mask` feature and "
-                          "`segmentation_classes` in its metadata, e.g. shapes_segmentation")
-        return len(classes)
+                          "`segmentation_classes` in its metadata, e.g. shapes_segmentation, or "
+                          f"one of {sorted(CATALOGUE_LABELS)}")
+        self.labels = known or ClassMapLabels(classes=tuple(classes), names=tuple(classes))
+        return len(self.labels.classes)
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
         ds = self.builder.as_dataset(
@@ -56,7 +96,10 @@ class _SegmentationSource(pipeline._TfdsSource):
             decoders={"image": tfds.decode.SkipDecoding()},
             read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
         )
-        return ds.map(lambda ex: {"image": ex["image"], "labels": ex["segmentation_mask"]})
+        table = tf.constant(self.labels.lookup())
+        return ds.map(lambda ex: {"image": ex["image"],
+                                  "labels": tf.gather(table, tf.cast(ex["segmentation_mask"],
+                                                                     tf.int32))})
 
 
 def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any]:

@@ -127,12 +127,17 @@ def _step_rng(state: TrainState, axis_name: str) -> jax.Array:
 
 def _pixel_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
     """Per image `[B]`: mean per-pixel cross-entropy and pixel accuracy of `logits [B, H, W, C]`
-    against class maps `labels [B, H, W]`."""
+    against class maps `labels [B, H, W]`, over the pixels whose label is a class (`0 <= label
+    < C`; others, `data.segmentation.IGNORE_LABEL`, count nowhere; an image without any scores
+    0)."""
     logits = logits.astype(jnp.float32)
-    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return {"loss": jnp.mean(per_pixel, axis=(1, 2)),
-            "pixel_accuracy": jnp.mean(correct, axis=(1, 2))}
+    scored = (labels >= 0) & (labels < logits.shape[-1])
+    safe = jnp.where(scored, labels, 0)
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    count = jnp.maximum(jnp.sum(scored, axis=(1, 2)), 1).astype(jnp.float32)
+    return {"loss": jnp.sum(jnp.where(scored, per_pixel, 0.0), axis=(1, 2)) / count,
+            "pixel_accuracy": jnp.sum(correct & scored, axis=(1, 2)) / count}
 
 
 def segmentation_train_step(
@@ -166,16 +171,17 @@ def segmentation_eval_step(
 ) -> dict:
     """Masked sums over this device's eval `batch`, summed over all devices: `count` (images),
     `loss` and `pixel_accuracy` (per-image means, summed) and the `confusion` matrix `[C, C]`
-    (rows: true class, columns: predicted; pixels of padded images count 0), from which the host
-    computes the mean IoU."""
+    (rows: true class, columns: predicted; pixels of padded images and ignored pixels count 0),
+    from which the host computes the mean IoU."""
     with conv_impl_context(conv_impl):
         logits = model.apply(state.variables(), batch["image"], train=False)
     labels = batch["labels"]
     mask = _example_mask(batch, labels.shape[0])
     sums = losses.masked_sums(_pixel_metrics(logits, labels), mask)
     num_classes = logits.shape[-1]
-    weights = jnp.broadcast_to(mask[:, None, None], labels.shape).ravel()
-    pairs = labels.ravel() * num_classes + jnp.argmax(logits, axis=-1).ravel()
+    scored = (labels >= 0) & (labels < num_classes)
+    weights = jnp.where(scored, mask[:, None, None], 0.0).ravel()
+    pairs = jnp.where(scored, labels, 0).ravel() * num_classes + jnp.argmax(logits, -1).ravel()
     confusion = jnp.zeros(num_classes * num_classes, jnp.float32).at[pairs].add(weights)
     sums["confusion"] = confusion.reshape(num_classes, num_classes)
     return lax.psum(sums, axis_name)

@@ -65,5 +65,9 @@ def test_plot_segmentation_writes_a_png(tmp_path):
     path = plot_segmentation(rng.normal(size=(3, 16, 16, 3)), maps, maps[::-1],
                              str(tmp_path / "s.png"), num_classes=5, title="fcn")
     assert path == str(tmp_path / "s.png") and (tmp_path / "s.png").stat().st_size > 1000
+    ignored = np.where(maps == 0, 255, maps)  # unscored pixels (IGNORE_LABEL), 12 classes
+    plot_segmentation(rng.normal(size=(3, 16, 16, 3)), ignored, maps, str(tmp_path / "i.png"),
+                      num_classes=12)
+    assert (tmp_path / "i.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="plot_segmentation: images=0 is invalid"):
         plot_segmentation(np.zeros((0, 4, 4, 3)), maps, maps, str(tmp_path / "t.png"), 5)

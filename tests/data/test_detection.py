@@ -307,7 +307,7 @@ def test_voc2007_boxes_classes_and_difficult_flags(voc_dir):
     assert removed > 0 and "box_difficult" not in trained
 
 
-def test_classification_on_a_detection_set_and_cropping_presets_are_refused(voc_dir, tmp_path):
+def test_classification_on_a_detection_set_is_refused(voc_dir):
     from cnnjax.data import pipeline
 
     config = pipeline.default_data_config("voc2007")
@@ -316,8 +316,20 @@ def test_classification_on_a_detection_set_and_cropping_presets_are_refused(voc_
                                          r"dataset with an image-level `label` .* needs "
                                          r"config.task='detection'\)"):
         pipeline.get_dataset_info(config)
-    imagenette = detection.default_data_config("imagenette")
-    imagenette.tfds_name, imagenette.data_dir = "voc/2007", voc_dir
-    with pytest.raises(ValueError, match=r"data: name='imagenette' is invalid; expected a "
-                                         r"dataset whose eval transform resizes the whole image"):
-        detection.get_dataset_info(imagenette)
+
+
+def test_a_cropping_preset_still_resizes_whole_images(voc_dir):
+    """imagenette's centre crop is for classification; boxes need the whole image (same
+    normalization as voc2007, so the batches must be equal)."""
+    from tests.data.test_presets import _mock
+
+    imagenette = _voc_config(voc_dir)
+    imagenette.name = "imagenette"
+    imagenette.tfds_name, imagenette.eval_split = "voc/2007", "test"
+    with _mock(voc_dir, 6, as_dataset_fn=_voc_as_dataset):
+        cropped_preset, voc = (
+            next(detection.eval_batches(c, global_batch_size=6, num_devices=1))
+            for c in (imagenette, _voc_config(voc_dir)))
+    assert cropped_preset.keys() == voc.keys()
+    for key in voc:
+        np.testing.assert_array_equal(cropped_preset[key], voc[key], err_msg=key)

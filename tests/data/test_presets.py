@@ -67,8 +67,8 @@ def _denormalize(images: np.ndarray, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------ preset table
 def test_every_issue_dataset_has_a_preset():
     assert list_datasets() == ["cifar10", "cifar100", "digits", "fake", "fashion_mnist",
-                               "imagenet2012", "imagenette", "mnist", "shapes", "voc2007",
-                               "voc2012"]
+                               "imagenet2012", "imagenette", "mnist", "oxford_iiit_pet", "shapes",
+                               "voc2007", "voc2012"]
 
 
 def test_unknown_dataset_lists_valid_names():
@@ -233,6 +233,18 @@ def test_imagenette_eval_resizes_shorter_side_then_center_crops(tmp_path):
         # The antialiasing (triangle) filter averages discrete taps, so it reproduces a linear
         # ramp to ~0.1 grey level; a crop or resize off by half a pixel would be off by >= 0.7.
         np.testing.assert_allclose(image, expected, atol=0.15)
+
+
+def test_oxford_pet_classifies_37_breeds_with_imagenet_crops(tmp_path):
+    root = str(tmp_path)
+    _write_metadata(root, "oxford_iiit_pet", {"train": 4, "test": 3})
+    images = _linear_images([(100, 150), (150, 100), (80, 80)])
+    with _mock(root, 3, as_dataset_fn=_as_dataset_fn(images)):
+        info = get_dataset_info(_config("oxford_iiit_pet", root))
+        batch = next(eval_batches(_config("oxford_iiit_pet", root), global_batch_size=3,
+                                  num_devices=1))
+    assert (info.num_classes, info.image_shape, info.num_train) == (37, (224, 224, 3), 4)
+    assert batch["image"].shape == (1, 3, 224, 224, 3) and batch["label"].tolist() == [[0, 1, 2]]
 
 
 def test_variable_size_images_need_an_image_size(tmp_path):

@@ -1,14 +1,16 @@
 """`shapes_segmentation` through the segmentation input pipeline: class maps aligned with their
-images, nearest-neighbour resizing, joint flips, exact resume, eval padding, bad datasets.
-Building the dataset (2,500 scenes) takes a few seconds, so the tests that read it are `slow`."""
+images, nearest-neighbour resizing, joint flips, exact resume, eval padding, bad datasets; and
+Oxford-IIIT Pet's trimaps (mocked) with their ignored outline. Building shapes_segmentation
+(2,500 scenes) takes a few seconds, so the tests that read it are `slow`."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import segmentation
+from cnnjax.data import presets, segmentation
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,75 @@ def test_a_dataset_without_class_maps_is_refused(digits_dir):
     with pytest.raises(ValueError, match=r"data: tfds_name='digits' is invalid; expected a "
                                          r"dataset with a `segmentation_mask` feature"):
         segmentation.get_dataset_info(config)
+
+
+# ------------------------------------------------------ catalogue segmentation set, mocked
+@pytest.fixture(scope="module")
+def pets_dir(tmp_path_factory):
+    from tests.data.test_presets import _write_metadata
+
+    root = str(tmp_path_factory.mktemp("tfds_pets"))
+    _write_metadata(root, "oxford_iiit_pet", {"train": 8, "test": 5})
+    return root
+
+
+def _pet_examples(split):
+    """Deterministic Oxford-IIIT Pet-like records of `split` (varying sizes; trimaps of 1 pet,
+    2 background, 3 outline)."""
+    rng = np.random.default_rng(0 if "test" in split else 1)
+    for _ in range(5 if "test" in split else 8):
+        h, w = int(rng.integers(30, 70)), int(rng.integers(30, 70))
+        yield {"image": rng.integers(0, 256, (h, w, 3)).astype(np.uint8),
+               "segmentation_mask": rng.integers(1, 4, (h, w, 1)).astype(np.uint8),
+               "label": int(rng.integers(0, 37))}
+
+
+def _pets_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+    """A mock `_as_dataset` serving `_pet_examples` (images PNG-encoded when `decoders` skips
+    decoding)."""
+    del self, read_config, shuffle_files
+    examples = list(_pet_examples(str(split)))
+    encoded = bool(decoders)
+
+    def generate():
+        for ex in examples:
+            yield {**ex, "image": tf.io.encode_png(ex["image"]).numpy() if encoded
+                   else ex["image"]}
+
+    return tf.data.Dataset.from_generator(generate, output_signature={
+        "image": (tf.TensorSpec((), tf.string) if encoded
+                  else tf.TensorSpec((None, None, 3), tf.uint8)),
+        "segmentation_mask": tf.TensorSpec((None, None, 1), tf.uint8),
+        "label": tf.TensorSpec((), tf.int64)})
+
+
+def test_oxford_pet_trimaps_become_background_pet_and_ignored_outline(pets_dir):
+    """The catalogue path: 2 classes (background, pet), the outline band `IGNORE_LABEL`,
+    whole images resized (the preset's classification centre crop is not used)."""
+    config = segmentation.default_data_config("oxford_iiit_pet")
+    config.data_dir, config.image_size = pets_dir, 40
+    with tfds.testing.mock_data(data_dir=pets_dir, as_dataset_fn=_pets_as_dataset,
+                                policy=tfds.testing.MockPolicy.USE_FILES):
+        info = segmentation.get_dataset_info(config)
+        batch = next(segmentation.eval_batches(config, global_batch_size=6, num_devices=1))
+    assert (info.num_classes, info.image_shape, info.num_train, info.num_eval) == (
+        2, (40, 40, 3), 8, 5)
+    assert segmentation.CATALOGUE_LABELS["oxford_iiit_pet"].classes == ("background", "pet")
+    for i, ex in enumerate(_pet_examples("test")):
+        trimap = tf.image.resize(ex["segmentation_mask"], (40, 40), method="nearest")
+        expected = np.select([trimap[..., 0] == 1, trimap[..., 0] == 2], [1, 0],
+                             segmentation.IGNORE_LABEL)
+        np.testing.assert_array_equal(batch["labels"][0, i], expected)
+        image = tf.image.resize(ex["image"].astype(np.float32) / 255.0, (40, 40),
+                                antialias=True).numpy()
+        preset = presets.get_preset("oxford_iiit_pet")
+        np.testing.assert_allclose(batch["image"][0, i] * preset.std + preset.mean, image,
+                                   atol=1e-5)
+    assert batch["mask"].tolist() == [[1, 1, 1, 1, 1, 0]]
+
+
+def test_class_map_labels_lookup():
+    labels = segmentation.ClassMapLabels(classes=("a", "b"), names=("b", None, "a"))
+    table = labels.lookup()
+    assert table.shape == (256,) and table[:3].tolist() == [1, 255, 0]
+    assert (table[3:] == segmentation.IGNORE_LABEL).all()

@@ -1,7 +1,7 @@
-"""The segmentation train and eval steps on a small FCN (slow: compiling a ResNet-18 FCN): the
-eval step's masked sums and pixel confusion matrix against a NumPy / scikit-learn computation
-from the same model's predictions, and the train step lowering the per-pixel cross-entropy of a
-fixed batch."""
+"""The segmentation train and eval steps: the per-pixel metrics with ignored pixels against
+NumPy; on a small FCN (slow: compiling a ResNet-18 FCN) the eval step's masked sums and pixel
+confusion matrix against a NumPy / scikit-learn computation from the same model's predictions,
+and the train step lowering the per-pixel cross-entropy of a fixed batch."""
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +11,10 @@ import pytest
 from sklearn.metrics import confusion_matrix
 
 from cnnjax.analysis.confusion import intersection_over_union
+from cnnjax.data.segmentation import IGNORE_LABEL
 from cnnjax.models import create_model
 from cnnjax.train.state import create_train_state
-from cnnjax.train.step import segmentation_eval_step, segmentation_train_step
+from cnnjax.train.step import _pixel_metrics, segmentation_eval_step, segmentation_train_step
 
 CLASSES, SIZE = 3, 32
 
@@ -29,7 +30,31 @@ def _setup():
         c, y, x = 1 + i % 2, *rng.integers(0, SIZE - 12, 2)
         images[i, y:y + 12, x:x + 12] += 2.0
         labels[i, y:y + 12, x:x + 12] = c
+    labels[:2, :, :5] = IGNORE_LABEL  # an unscored band, as VOC's object borders
     return model, tx, state, images, labels
+
+
+def _log_softmax(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_pixel_metrics_skip_ignored_pixels():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 5, 6, 4))
+    labels = rng.integers(0, 4, (3, 5, 6))
+    labels[0, :2] = IGNORE_LABEL
+    labels[2] = IGNORE_LABEL  # nothing scored: 0, not NaN
+    got = jax.tree.map(np.asarray, _pixel_metrics(jnp.asarray(logits, jnp.float32),
+                                                  jnp.asarray(labels, jnp.int32)))
+    for i in range(2):
+        scored = labels[i] != IGNORE_LABEL
+        safe = np.where(scored, labels[i], 0)[..., None]
+        picked = np.take_along_axis(_log_softmax(logits[i]), safe, -1)[..., 0]
+        np.testing.assert_allclose(got["loss"][i], -picked[scored].mean(), rtol=1e-5)
+        np.testing.assert_allclose(got["pixel_accuracy"][i],
+                                   (logits[i].argmax(-1) == labels[i])[scored].mean(), rtol=1e-6)
+    assert got["loss"][2] == 0.0 and got["pixel_accuracy"][2] == 0.0
 
 
 def _on_one_device(fn, *args):
@@ -46,14 +71,15 @@ def test_eval_sums_and_confusion_match_numpy():
     sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), sums)
     logits = np.asarray(model.apply(state.variables(), images, train=False), np.float64)
     predictions = logits.argmax(-1)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    picked = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    scored = labels != IGNORE_LABEL
+    picked = np.take_along_axis(_log_softmax(logits), np.where(scored, labels, 0)[..., None],
+                                -1)[..., 0]
     assert sums["count"] == 3
-    np.testing.assert_allclose(sums["loss"], -picked[:3].mean(axis=(1, 2)).sum(), rtol=1e-5)
-    np.testing.assert_allclose(sums["pixel_accuracy"],
-                               (predictions[:3] == labels[:3]).mean(axis=(1, 2)).sum(), rtol=1e-6)
-    expected = confusion_matrix(labels[:3].ravel(), predictions[:3].ravel(),
+    loss = [-picked[i][scored[i]].mean() for i in range(3)]
+    accuracy = [(predictions[i] == labels[i])[scored[i]].mean() for i in range(3)]
+    np.testing.assert_allclose(sums["loss"], np.sum(loss), rtol=1e-5)
+    np.testing.assert_allclose(sums["pixel_accuracy"], np.sum(accuracy), rtol=1e-6)
+    expected = confusion_matrix(labels[:3][scored[:3]], predictions[:3][scored[:3]],
                                 labels=range(CLASSES))
     np.testing.assert_array_equal(sums["confusion"], expected)
     assert 0.0 <= intersection_over_union(sums["confusion"])["miou"] <= 1.0
