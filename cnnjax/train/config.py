@@ -144,6 +144,12 @@ def default_config() -> ml_collections.ConfigDict:
             # freshly initialized): the classifier `head` by default, so a different num_classes
             # works; nested `head`s included (GoogLeNet's aux1/head, aux2/head).
             "exclude": ("head",),
+            # None: the source's variables at the same paths. A top-level module name, e.g.
+            # 'backbone': the source's variables go into that module of the new model (an FCN's
+            # ResNet trunk from a resnet18 classifier run or converted torchvision weights;
+            # the source's own head is ignored and every other module starts fresh). Unused
+            # without a workdir, so a config can set it and still train from scratch.
+            "submodule": ml_collections.FieldReference(None, field_type=str),
         }
     )
     # None: train every parameter. 'backbone': train only the head (the top-level modules in
@@ -298,6 +304,11 @@ def _validate_init_from(config: Any) -> None:
             raise invalid("init_from", "step", step, "expected a checkpoint step >= 0 or None")
         if workdir is None:
             raise invalid("init_from", "step", step, "it needs init_from.workdir to be set")
+    submodule = init_from.get("submodule")
+    if submodule is not None and (not isinstance(submodule, str) or not submodule
+                                  or "/" in submodule):
+        raise invalid("init_from", "submodule", submodule,
+                      "expected None or a top-level module name of the model, e.g. 'backbone'")
     exclude = init_from.get("exclude")
     if not isinstance(exclude, tuple | list) or not all(
         isinstance(name, str) and name for name in exclude

@@ -45,6 +45,7 @@ from cnnjax.train.state import (
     TrainState,
     create_train_state,
     select_pretrained,
+    under_submodule,
     warm_start,
 )
 from cnnjax.train.step import (
@@ -330,8 +331,9 @@ class _Run:
                 source_step=step,
                 model=self.config.model,
                 source_model=source_config.get("model"),
+                submodule=init_from.get("submodule"),
             )
-            loaded = source.restore(step, selected)
+            loaded = under_submodule(source.restore(step, selected), init_from.get("submodule"))
         finally:
             source.close()
 
@@ -362,6 +364,7 @@ class _Run:
             "checkpoint": how,
             "model": source_config.get("model"),
             "exclude": list(init_from.exclude),
+            "submodule": init_from.get("submodule"),
             "loaded_leaves": sum(len(_leaf_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
             "fresh_modules": fresh,
             "freeze": self.config.get("freeze"),

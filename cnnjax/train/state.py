@@ -79,6 +79,7 @@ def select_pretrained(
     source_step: int,
     model: str,
     source_model: str | None,
+    submodule: str | None = None,
 ) -> dict[str, Any]:
     """Which source leaves a warm start loads: `{collection: nested dict of source shapes}`.
 
@@ -91,7 +92,19 @@ def select_pretrained(
     new model lacks are ignored. Raises a ValueError naming
     the first missing or mis-shaped leaf; if `source_model` differs from `model`, the error says
     the architectures differ instead.
+
+    With `submodule` (a top-level module of the new model) only that module's leaves are
+    matched, source path `p` against `submodule/p` (the rest of the new model stays fresh); the
+    result keeps the source's paths (what `SourceCheckpoints.restore` reads): nest it under
+    `submodule` with `under_submodule` before `warm_start`.
     """
+    prefix: tuple[str, ...] = ()
+    if submodule is not None:
+        if submodule not in (new_shapes.get("params") or {}):
+            raise invalid("init_from", "submodule", submodule,
+                          f"model {model!r} has no such top-level module; it has "
+                          f"{sorted(new_shapes.get('params') or {})}")
+        prefix, source_model = (submodule,), None  # the architectures differ on purpose
     excluded = tuple(exclude)
     source = f"the checkpoint at step {source_step} of {source_workdir!r}"
     selected: dict[str, Any] = {}
@@ -101,23 +114,24 @@ def select_pretrained(
         src_flat = flatten_dict(dict(source_shapes.get(collection) or {}))
         chosen = {}
         for path, leaf in new_flat.items():
-            if any(module in excluded for module in path[:-1]):  # top-level or nested module
-                continue
+            if path[:len(prefix)] != prefix or any(module in excluded for module in path[:-1]):
+                continue  # outside `submodule`, or in an excluded (top-level or nested) module
             name = "/".join((collection, *path))
-            if path not in src_flat:
+            src_path = path[len(prefix):]
+            if src_path not in src_flat:
                 problem = problem or (
                     f"the new model needs {name} but {source} (model {source_model!r}) has no "
-                    "such variable",
-                    path[0],
+                    f"such variable{' as ' + '/'.join(src_path) if prefix else ''}",
+                    path[len(prefix)],
                 )
-            elif tuple(src_flat[path].shape) != tuple(leaf.shape):
+            elif tuple(src_flat[src_path].shape) != tuple(leaf.shape):
                 problem = problem or (
-                    f"{name} has shape {tuple(src_flat[path].shape)} in {source} but "
+                    f"{name} has shape {tuple(src_flat[src_path].shape)} in {source} but "
                     f"{tuple(leaf.shape)} in the new model {model!r}",
-                    path[0],
+                    path[len(prefix)],
                 )
             else:
-                chosen[path] = src_flat[path]
+                chosen[src_path] = src_flat[src_path]
         selected[collection] = unflatten_dict(chosen) if chosen else {}
     if problem is not None:
         what, top = problem
@@ -136,6 +150,14 @@ def select_pretrained(
             f"{what}; add {top!r} to init_from.exclude to keep it freshly initialized",
         )
     return selected
+
+
+def under_submodule(loaded: Mapping[str, Any], submodule: str | None) -> dict[str, Any]:
+    """`loaded` (`{collection: nested dict}`) nested under the top-level module `submodule`
+    (unchanged when None): where `select_pretrained(..., submodule=...)` leaves load."""
+    if submodule is None:
+        return dict(loaded)
+    return {c: {submodule: tree} if tree else {} for c, tree in loaded.items()}
 
 
 def warm_start(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:

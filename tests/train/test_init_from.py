@@ -140,6 +140,7 @@ def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_state
         "checkpoint": "requested",
         "model": helpers.TINY_MODEL,
         "exclude": ["head"],
+        "submodule": None,
         "loaded_leaves": 6,  # conv kernel/bias, bn scale/bias, bn mean/var
         "fresh_modules": ["head"],
         "freeze": None,
@@ -391,6 +392,12 @@ def test_different_architecture_is_refused(tmp_path, monkeypatch):
             "names, e.g. ('head',).",
         ),
         ("init_from.workdir", "", "init_from: workdir='' is invalid; expected the source run's"),
+        (
+            "init_from.submodule",
+            "backbone/stem",
+            "init_from: submodule='backbone/stem' is invalid; expected None or a top-level "
+            "module name of the model, e.g. 'backbone'.",
+        ),
     ],
 )
 def test_bad_fields(tmp_path, monkeypatch, field, value, message):
@@ -503,3 +510,37 @@ def test_googlenet_auxiliary_heads_are_heads_for_warm_start_and_freeze():
     updates, _ = tx.update(params, tx.init(params), params)
     trained = {p for p, u in flatten_dict(updates).items() if np.any(np.asarray(u) != 0)}
     assert trained == heads
+
+
+def test_submodule_loads_a_classifier_into_an_fcn_backbone():
+    """`init_from.submodule='backbone'`: a resnet18 classifier's variables (its `head` ignored)
+    fill exactly FCN-8s-ResNet-18's `backbone`; score and upsampling layers stay fresh."""
+    from cnnjax.models import create_model
+    from cnnjax.train.state import select_pretrained, under_submodule
+
+    def shapes(name, num_classes):
+        model = create_model(name, num_classes=num_classes)
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 64, 64, 3)),
+                                                 train=False))
+
+    fcn, classifier = shapes("fcn8s_resnet18", 2), shapes("resnet18", 1000)
+    kwargs = {"source_workdir": "src", "source_step": 0, "model": "fcn8s_resnet18",
+              "source_model": "resnet18"}
+    selected = select_pretrained(fcn, classifier, ("head",), submodule="backbone", **kwargs)
+    nested = under_submodule(selected, "backbone")
+    for collection in ("params", "batch_stats"):
+        assert "head" not in selected[collection]  # the classifier's head is not read
+        assert set(nested[collection]) == {"backbone"}
+        assert (jax.tree.map(np.shape, nested[collection]["backbone"])
+                == jax.tree.map(np.shape, fcn[collection]["backbone"]))
+    assert set(fcn["params"]) - {"backbone"} >= {"head", "score_pool3", "score_pool4"}
+    with pytest.raises(ValueError, match=r"init_from: submodule='trunk' is invalid; model "
+                                         r"'fcn8s_resnet18' has no such top-level module; it "
+                                         r"has \['backbone', 'head'"):
+        select_pretrained(fcn, classifier, ("head",), submodule="trunk", **kwargs)
+    resnet50 = shapes("resnet50", 1000)
+    with pytest.raises(ValueError, match=r"exclude=\('head',\) is invalid; params/backbone/"
+                                         r"stage1_block1/conv1/kernel has shape \(1, 1, 64, 64\) "
+                                         r"in the checkpoint .* but \(3, 3, 64, 64\) in the new "
+                                         r"model 'fcn8s_resnet18'; add 'stage1_block1' to"):
+        select_pretrained(fcn, resnet50, ("head",), submodule="backbone", **kwargs)
