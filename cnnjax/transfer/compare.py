@@ -96,7 +96,7 @@ class TransferPlan:
                  budgets: Sequence[Any], arms: Sequence[str], seeds: Sequence[int],
                  overrides: Mapping[str, Mapping[str, Any]], metric: str):
         self.metric = check_metric(_OWNER, metric, target)
-        self.mode = default_mode(metric)
+        self.mode = default_mode(self.metric)
         self.arms = _check_arms(arms)
         self.seeds = _check_seeds(seeds)
         if budget_field in (*_ARM_FIELDS, "init_from.step", "seed"):
@@ -215,6 +215,11 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
             if name in (*_ARM_FIELDS, "init_from.step", budget_field, "seed"):
                 raise invalid(_OWNER, f"arm_overrides[{arm!r}]", name,
                               f"the comparison sets {name!r} itself; expected another field")
+            if name == "data" or name.startswith("data."):
+                raise invalid(_OWNER, f"arm_overrides[{arm!r}]", name,
+                              "every arm trains and is evaluated on the same data (set data "
+                              "fields on the target config); expected a training field such "
+                              "as 'optimizer.learning_rate'")
         if fields:
             space_lib.check_fields(target, space_lib.grid({k: [v] for k, v in fields.items()}))
         checked[arm] = fields
@@ -366,26 +371,32 @@ def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int
 
 def summarize(rows: list[dict], metric: str) -> list[dict]:
     """One entry per (budget, arm), in run order: mean and sample std of the final metric over
-    the completed seeds, how many completed, and the gain over scratch at that budget."""
+    the completed seeds, how many completed, and the gain over scratch at that budget: the mean
+    of the per-seed differences over the seeds both arms completed (`paired_seeds`), so a
+    failed run of either arm drops its seed from the comparison instead of biasing a mean."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((json.dumps(row["budget"]), row["arm"]), []).append(row)
-    table = []
-    for group in groups.values():
-        finals = [r["final"] for r in group
-                  if r["status"] == "completed" and r["final"] is not None]
-        mean = statistics.fmean(finals) if finals else None
-        std = statistics.stdev(finals) if len(finals) > 1 else None
+    table, finals_by_seed = [], {}
+    for key, group in groups.items():
+        finals = {r["seed"]: r["final"] for r in group
+                  if r["status"] == "completed" and r["final"] is not None}
+        finals_by_seed[key] = finals
+        values = list(finals.values())
         table.append({"budget": group[0]["budget"], "num_train": group[0]["num_train"],
-                      "arm": group[0]["arm"], "metric": metric, "mean": mean, "std": std,
-                      "completed": len(finals), "runs": len(group),
+                      "arm": group[0]["arm"], "metric": metric,
+                      "mean": statistics.fmean(values) if values else None,
+                      "std": statistics.stdev(values) if len(values) > 1 else None,
+                      "completed": len(values), "runs": len(group),
                       "statuses": sorted({r["status"] for r in group})})
-    scratch = {json.dumps(e["budget"]): e["mean"] for e in table if e["arm"] == "scratch"}
     for entry in table:
-        base = scratch.get(json.dumps(entry["budget"]))
+        budget = json.dumps(entry["budget"])
+        scratch = finals_by_seed.get((budget, "scratch"), {})
+        mine = finals_by_seed[(budget, entry["arm"])]
+        paired = [s for s in mine if s in scratch] if entry["arm"] != "scratch" else []
+        entry["paired_seeds"] = len(paired)
         entry["gain_over_scratch"] = (
-            entry["mean"] - base if entry["arm"] != "scratch" and None not in (base, entry["mean"])
-            else None)
+            statistics.fmean(mine[s] - scratch[s] for s in paired) if paired else None)
     return table
 
 

@@ -247,9 +247,13 @@ def load_curves(workdir: str) -> Curves:
     return Curves.from_records(records, summary, config.get("num_train_steps"))
 
 
-def diagnose_workdir(workdir: str, metric: str = "top1",
+def diagnose_workdir(workdir: str, metric: str | None = None,
                      thresholds: Thresholds | None = None) -> Diagnosis:
-    """`diagnose(load_curves(workdir), ...)`."""
+    """`diagnose(load_curves(workdir), ...)`; `metric` None: the run's own `best_metric`
+    (config.json; top1 for runs that do not record one)."""
+    if metric is None:
+        config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
+        metric = config.get("best_metric") or "top1"
     return diagnose(load_curves(workdir), metric, thresholds)
 
 
@@ -292,7 +296,10 @@ def diagnose(curves: Curves, metric: str = "top1",
     for check in (_unstable(curves, t), _too_slow(curves, smooth, t)):
         if check:
             findings.append(check)
-    if len(curves.eval_steps) < t.min_evals or metric not in curves.eval_metrics:
+    if curves.eval_metrics and metric not in curves.eval_metrics:
+        raise invalid(_OWNER, "metric", metric,
+                      f"the run's evals report {sorted(curves.eval_metrics)}")
+    if len(curves.eval_steps) < t.min_evals:
         findings.append(_insufficient(curves, t, "evals", len(curves.eval_steps), t.min_evals))
         return Diagnosis(tuple(findings), curves.status)
     for check in (_overfitting(curves, t), _underfitting(curves, t)):
@@ -540,6 +547,7 @@ if __name__ == "__main__":  # pragma: no cover
     from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "A run's --workdir (metrics.jsonl, summary.json).")
-    flags.DEFINE_string("metric", "top1", "Eval metric judged for improvement.")
+    flags.DEFINE_string("metric", None, "Eval metric judged for improvement (default: the "
+                        "run's config.best_metric, e.g. top1, map50 or miou).")
     flags.mark_flag_as_required("workdir")
     app.run(main)

@@ -224,11 +224,6 @@ class RoundPlan:
     def base_config(self, base: Any) -> Any:
         return space_lib.apply_overrides(base, self.fixed)
 
-    def for_config(self, base_config: Any) -> Recipe:
-        """This recipe with `metric` checked against `base_config`'s task (None: its
-        best_metric) and `mode` resolved."""
-        return dataclasses.replace(self, metric=check_metric(_OWNER, self.metric, base_config))
-
     def describe(self) -> dict:
         return json.loads(json.dumps({
             "index": self.index, "dir": self.dirname, "action": self.action,
@@ -259,11 +254,6 @@ class Decision:
     diagnosis: Diagnosis | None
     next_round: RoundPlan | None = None
     status: str = "running"
-
-    def for_config(self, base_config: Any) -> Recipe:
-        """This recipe with `metric` checked against `base_config`'s task (None: its
-        best_metric) and `mode` resolved."""
-        return dataclasses.replace(self, metric=check_metric(_OWNER, self.metric, base_config))
 
     def describe(self) -> dict:
         return {"after_round": self.after_round, "action": self.action, "reason": self.reason,

@@ -309,7 +309,8 @@ def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     else:
         status = "pending"
     sign = 1 if mode == "max" else -1
-    best = max(evals, key=lambda r: (sign * r[metric], -r["step"])) if evals else None
+    # Ties go to the later eval, as in the engine's summary.json (the checkpoint kept as best).
+    best = max(evals, key=lambda r: (sign * r[metric], r["step"])) if evals else None
     final = ((summary or {}).get("final_eval") or {}).get(metric) if status == "completed" else None
     if status in ("completed", "diverged") and summary and "step" in summary:
         steps = int(summary["step"])

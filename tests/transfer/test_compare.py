@@ -273,6 +273,9 @@ def _bad(**changes):
         ({}, {"arm_overrides": {"finetune": {"freeze": "backbone"}}},
          "transfer: arm_overrides['finetune']='freeze' is invalid; the comparison sets 'freeze' "
          "itself"),
+        ({}, {"arm_overrides": {"finetune": {"data.classes": (0, 1)}}},
+         "transfer: arm_overrides['finetune']='data.classes' is invalid; every arm trains and "
+         "is evaluated on the same data"),
         ({}, {"arm_overrides": {"probe": {}}},
          "transfer: arm_overrides='probe' is invalid; expected an arm of ['scratch', "
          "'finetune', 'linear_probe']."),
@@ -362,3 +365,24 @@ def test_arm_overrides_apply_to_their_arm_only_and_may_be_nested(tmp_path):
         assert configs["scratch"].init_from.workdir is None
         assert configs["finetune"].init_from.workdir == os.path.join(
             os.path.abspath(tmp_path), "trials", "source")
+
+
+def test_gain_over_scratch_pairs_seeds():
+    """A failed scratch seed drops that seed from the gain; the means stay per arm."""
+    rows = [{"budget": 5, "num_train": 25, "arm": arm, "seed": seed, "status": status,
+             "final": final}
+            for arm, seed, status, final in (
+                ("scratch", 0, "completed", 0.9), ("scratch", 1, "diverged", None),
+                ("finetune", 0, "completed", 0.9), ("finetune", 1, "completed", 0.7))]
+    scratch, finetune = compare.summarize(rows, "top1")
+    assert finetune["mean"] == pytest.approx(0.8) and scratch["mean"] == pytest.approx(0.9)
+    assert finetune["paired_seeds"] == 1 and finetune["gain_over_scratch"] == pytest.approx(0.0)
+    assert scratch["gain_over_scratch"] is None
+
+
+def test_an_unset_metric_takes_the_targets_best_metric_and_its_mode(tmp_path):
+    target = _target()
+    target.best_metric = "loss"
+    plan = compare.TransferPlan(_source(), target, str(tmp_path), "data.train_examples_per_class",
+                                [8], ["scratch"], [0], {}, None)
+    assert (plan.metric, plan.mode) == ("loss", "min")

@@ -353,3 +353,19 @@ def test_segmentation_miou_gains_are_judged_like_a_fraction(gain, improving):
     assert d.verdicts == (["still_improving"] if improving else ["converged"])
     assert d.findings[0].evidence["noise_level"] == pytest.approx(
         2 * math.sqrt(0.4 * 0.6 / 500))
+
+
+def test_a_workdir_is_judged_by_its_own_best_metric_and_a_missing_metric_is_named(tmp_path):
+    """`diagnose_workdir(metric=None)` (the CLI's default) reads config.json's best_metric: a
+    detector is judged on map50, not on a top1 it never logs."""
+    records = _detection_records(lambda s: 0.4)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "step": STEPS}))
+    (tmp_path / "config.json").write_text(json.dumps({"best_metric": "map50",
+                                                      "num_train_steps": STEPS}))
+    d = dg.diagnose_workdir(str(tmp_path))
+    assert d.verdicts == ["converged"] and d.findings[0].evidence["metric"] == "map50"
+    with pytest.raises(ValueError, match=r"diagnose: metric='top1' is invalid; the run's evals "
+                                         r"report \['ap50/0', 'coco_map50', 'coco_map75', "
+                                         r"'map', 'map50'\]"):
+        dg.diagnose_workdir(str(tmp_path), metric="top1")
