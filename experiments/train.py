@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
 
     workdir = _WORKDIR.value
     try:
-        if distributed.should_initialize(_DISTRIBUTED.value):
+        if distributed.should_initialize(_DISTRIBUTED.value or bool(_CONFIG.value.distributed)):
             distributed.initialize(
                 _DISTRIBUTED_TIMEOUT.value,
                 on_timeout=lambda message, pid: _write_startup_error(workdir, message, pid),

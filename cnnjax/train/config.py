@@ -127,7 +127,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_mode = "max"
     c.progress_bar = True
     c.tensorboard = True
+    # True: a workdir holding checkpoints of an incompatible config is emptied and the run
+    # starts fresh (instead of being refused). A run of this same config always resumes, so a
+    # requeued job keeps its progress; delete the workdir to repeat a run from scratch.
     c.restart = False
+    # True: jax.distributed.initialize() before anything else (as experiments.train's
+    # --distributed flag; automatic under SLURM with more than one task).
     c.distributed = False
     # Warm start / fine-tuning: a NEW run whose parameters and BatchNorm statistics come from
     # another run's checkpoint (optimizer state and step do not: they start fresh). Ignored when
@@ -406,6 +411,12 @@ def check_config(config: Any) -> CheckedConfig:
     devices = None
     available = jax.local_devices()
     if config.num_devices:
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"config: num_devices={config.num_devices!r} is invalid; a multi-process job "
+                "trains on every local device of every process (leave num_devices=0), else "
+                "the processes would train separate models."
+            )
         if config.num_devices > len(available):
             raise ValueError(
                 f"config: num_devices={config.num_devices!r} is invalid; only "

@@ -54,7 +54,7 @@ from cnnjax.train.step import (
     make_steps,
     proposal_kwargs,
 )
-from cnnjax.utils.files import atomic_write, write_json
+from cnnjax.utils.files import atomic_write, read_json, write_json
 from cnnjax.utils.lock import directory_lock
 
 SUMMARY_FILE = "summary.json"
@@ -66,13 +66,14 @@ DIVERGENCE_HINT = "learning rate too high or bad initialization"
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; `step` is the step whose loss it was."""
 
-    def __init__(self, step: int, loss: float, max_loss: float | None = None):
+    def __init__(self, step: int, loss: float, max_loss: float | None = None,
+                 which: str = "loss"):
         self.step = step
         self.loss = loss
         what = (
-            f"loss is {loss}"
+            f"{which} is {loss}"
             if not math.isfinite(loss)
-            else (f"loss is {loss:.6g}, above max_loss={max_loss:g}")
+            else (f"{which} is {loss:.6g}, above max_loss={max_loss:g}")
         )
         super().__init__(f"Training diverged at step {step}: {what}; {DIVERGENCE_HINT}.")
 
@@ -119,7 +120,7 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
             )
         raise
     except BaseException as err:
-        if is_primary:
+        if is_primary and not _refused_after_completion(workdir, err):
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             _write_summary(
                 workdir,
@@ -141,6 +142,18 @@ def evaluate_variables(config: Any, variables: dict) -> dict:
     run = _Run(config, workdir="", started=time.time())
     run.setup(prepare_workdir=False)
     return run.evaluate_variables(variables)
+
+
+def _completed_summary(workdir: str) -> dict | None:
+    """The workdir's summary.json if it records a completed run, else None."""
+    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
+
+
+def _refused_after_completion(workdir: str, err: BaseException) -> bool:
+    """A bad config (a ValueError, e.g. an incompatible rerun) aimed at a completed run: its
+    summary.json stays as it is (sweeps read it); the error still reaches the caller."""
+    return isinstance(err, ValueError) and _completed_summary(workdir) is not None
 
 
 def _write_summary(workdir: str, summary: dict) -> None:
@@ -185,17 +198,26 @@ def _prefetch(iterator: Iterator, transform, size: int = 2) -> Iterator:
     sentinel = object()
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        """Queues `item` unless the consumer stopped first (then False: the producer ends)."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def producer():
         try:
             for item in iterator:
-                if stop.is_set():
+                if not put(transform(item)):
                     return
-                buffer.put(transform(item))
         except BaseException as err:  # noqa: BLE001 — re-raised in the consumer
-            buffer.put(err)
-        buffer.put(sentinel)
+            put(err)
+        put(sentinel)
 
-    thread = threading.Thread(target=producer, daemon=True)
+    thread = threading.Thread(target=producer, name="cnnjax-prefetch", daemon=True)
     thread.start()
     try:
         while True:
@@ -206,7 +228,8 @@ def _prefetch(iterator: Iterator, transform, size: int = 2) -> Iterator:
                 raise item
             yield item
     finally:
-        stop.set()
+        stop.set()  # a producer blocked on the full queue sees it within 0.1 s
+        thread.join(timeout=5.0)
 
 
 class _Throughput:
@@ -266,34 +289,44 @@ class _Run:
             _sync_processes("cnnjax:workdir_prepared")
 
     def prepare_workdir(self) -> None:
-        """Honours `restart`, refuses checkpoints of an incompatible config, saves the config."""
+        """Refuses checkpoints of an incompatible config (with `restart`: deletes that run and
+        starts fresh), saves the config.
+
+        `restart` never discards a run of this same config: a preempted job requeued with the
+        same command line (`--config.restart=True` included) resumes instead of starting over;
+        delete the workdir to repeat a run from scratch."""
         config, workdir = self.config, self.workdir
         ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-        if config.restart and self.is_primary:
-            for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR):
-                shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-            for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE):
-                path = os.path.join(workdir, name)
-                if os.path.exists(path):
-                    os.remove(path)
         current = config_lib.flatten(config)
         saved_path = os.path.join(workdir, CONFIG_FILE)
         has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
-        # With `restart` process 0 deletes the checkpoints: others must not judge them meanwhile.
-        if has_checkpoints and not config.restart and os.path.exists(saved_path):
+        differ: list[str] = []
+        if has_checkpoints and os.path.exists(saved_path):
             with open(saved_path) as f:
                 saved = config_lib.flatten(json.load(f))
             differ = config_lib.incompatible_fields(saved, current)
-            if differ:
-                details = ", ".join(
-                    f"{n}: {saved.get(n, '<unset>')!r} -> {current.get(n, '<unset>')!r}"
-                    for n in differ[:8]
-                )
-                raise ValueError(
-                    f"workdir: {workdir!r} holds checkpoints of an incompatible config "
-                    f"({details}); to start fresh use a new --workdir, pass "
-                    "--config.restart=True, or delete the workdir."
-                )
+        resumable = has_checkpoints and os.path.exists(saved_path) and not differ
+        if config.restart and resumable:
+            logging.info("restart=True: %s holds a run of this same config, which resumes "
+                         "(delete the workdir to start it over).", workdir)
+        elif config.restart:
+            if self.is_primary:
+                for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR):
+                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+                for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE):
+                    path = os.path.join(workdir, name)
+                    if os.path.exists(path):
+                        os.remove(path)
+        elif differ:
+            details = ", ".join(
+                f"{n}: {saved.get(n, '<unset>')!r} -> {current.get(n, '<unset>')!r}"
+                for n in differ[:8]
+            )
+            raise ValueError(
+                f"workdir: {workdir!r} holds checkpoints of an incompatible config "
+                f"({details}); to start fresh use a new --workdir, pass "
+                "--config.restart=True, or delete the workdir."
+            )
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
             atomic_write(
@@ -503,6 +536,12 @@ class _Run:
             host_state = warm_start(host_state, pretrained[0])
             if self.is_primary:
                 write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
+        finished = _completed_summary(self.workdir) if start_step >= total_steps else None
+        if finished is not None and finished.get("step") == total_steps:
+            checkpointer.close()
+            logging.info("%s already completed all %d steps; nothing to do (its summary.json is "
+                         "left as it is).", self.workdir, total_steps)
+            return finished
         state = parallel.replicate(host_state)
         logger = MetricLogger(
             self.workdir,
@@ -565,6 +604,10 @@ class _Run:
                     metrics_eval = None
                     if is_eval:
                         metrics_eval = self.evaluate(state, p_eval)
+                        eval_loss = metrics_eval.get("loss", 0.0)
+                        if not math.isfinite(eval_loss):  # this step's update broke the model:
+                            # neither log nor save it (it must never become the "best").
+                            raise TrainingDivergedError(done, eval_loss, which="eval loss")
                         logger.write_scalars(done, "eval", metrics_eval)
                         evals.append({"step": done, **metrics_eval})
                         logger.plot()
@@ -580,6 +623,7 @@ class _Run:
             if pending is not None:
                 self.record(*pending, logger, bar)
         finally:
+            device_batches.close()  # stops the prefetch thread
             bar.close()
             checkpointer.close()  # waits for the pending (e.g. the stop step's) save
             logger.close()

@@ -26,11 +26,18 @@ def cross_entropy(
 
 
 def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarray:
-    """1.0 where the label is among the `k` highest logits (k is capped at the class count)."""
+    """1.0 where the label is among the `k` highest logits (k is capped at the class count).
+
+    Ties rank the lower class index first, as `argmax` and `lax.top_k` do, so constant logits
+    are not "correct" for every label; an example with a NaN logit is never correct (a
+    diverged model must not score 100%)."""
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
-    rank = jnp.sum(logits > label_logit, axis=-1)  # classes scoring strictly higher than the label
-    return (rank < k).astype(jnp.float32)
+    index = jnp.arange(logits.shape[-1])
+    ahead = (logits > label_logit) | ((logits == label_logit) & (index < labels[..., None]))
+    rank = jnp.sum(ahead, axis=-1)  # classes ranked above the label
+    finite = jnp.all(~jnp.isnan(logits), axis=-1)
+    return ((rank < k) & finite).astype(jnp.float32)
 
 
 def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> dict:
@@ -58,6 +65,8 @@ def split_auxiliary(outputs: Any) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]
 def masked_sums(per_example: dict, mask: jnp.ndarray) -> dict:
     """Sums each per-example metric over examples where `mask` is 1, plus `count` = sum(mask)."""
     mask = mask.astype(jnp.float32)
-    sums = {name: jnp.sum(value * mask) for name, value in per_example.items()}
+    # `where`, not `value * mask`: a NaN on a padded example must not poison the sum.
+    sums = {name: jnp.sum(jnp.where(mask > 0, value * mask, 0.0))
+            for name, value in per_example.items()}
     sums["count"] = jnp.sum(mask)
     return sums

@@ -353,3 +353,14 @@ def test_check_config_returns_what_the_loop_trains_with(tmp_path, monkeypatch):
     assert checked.model.dropout_rate == 0.25 and checked.model.num_classes == 4
     assert float(checked.schedule(0)) == float(np.float32(0.05))  # cosine from the peak
     assert set(checked.variable_shapes["params"]) == {"conv", "bn", "head"}
+
+
+def test_num_devices_in_a_multi_process_job_is_refused(tmp_path, monkeypatch):
+    """Each process would build its data-parallel axis from its own devices only: separate
+    models that never exchange gradients."""
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    _raises(helpers.tiny_config(num_devices=1), tmp_path,
+            "config: num_devices=1 is invalid; a multi-process job trains on every local device "
+            "of every process (leave num_devices=0)")

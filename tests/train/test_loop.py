@@ -176,6 +176,36 @@ def test_nan_loss_is_divergence(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints" / "4").exists()
 
 
+def test_an_update_that_breaks_the_model_is_divergence_not_a_best_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    """The step-3 update makes the parameters NaN: its train loss was still finite, but the
+    eval right after it must stop the run, before logging or saving a NaN model as "best"."""
+    from cnnjax.train import step as step_lib
+
+    original = step_lib._apply_gradients
+
+    def poisoned(state, grads, *args, **kwargs):
+        grads = jax.tree.map(lambda g: jax.numpy.where(state.step == 2, jax.numpy.nan, g), grads)
+        return original(state, grads, *args, **kwargs)
+
+    monkeypatch.setattr(step_lib, "_apply_gradients", poisoned)
+    config = helpers.tiny_config(eval_every_steps=3, checkpoint_every_steps=3, max_loss=None)
+    with pytest.raises(loop.TrainingDivergedError, match="diverged at step 3: eval loss is nan"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert not (tmp_path / "checkpoints" / "3").exists()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["split"] == "eval"]
+
+
+def test_no_prefetch_thread_outlives_its_run(tmp_path):
+    import threading
+
+    for i in range(2):
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path / str(i)))
+    assert not [t for t in threading.enumerate() if "prefetch" in t.name or "producer" in t.name]
+
+
 def _stored_state(workdir):
     """The newest checkpoint exactly as stored (no template, so no dtype conversion on restore)."""
     import orbax.checkpoint as ocp
@@ -215,7 +245,8 @@ def test_shard_map_run(tmp_path):
 
 
 def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
-    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    first = loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    recorded = (tmp_path / "summary.json").read_bytes()
     changed = helpers.tiny_config(num_train_steps=4, **{"optimizer.name": "adam"})
     with pytest.raises(ValueError) as err:
         loop.train_and_evaluate(changed, str(tmp_path))
@@ -224,14 +255,29 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
         "holds checkpoints of an incompatible config (optimizer.name: 'sgd' -> 'adam')" in message
     )
     assert "use a new --workdir, pass --config.restart=True, or delete the workdir" in message
-    # runtime-only fields may change on resume
+    assert (tmp_path / "summary.json").read_bytes() == recorded  # the finished run's record
+    # runtime-only fields may change on resume; a finished run is left as it is
     again = helpers.tiny_config(num_train_steps=4, log_every_steps=1)
     rerun = loop.train_and_evaluate(again, str(tmp_path))  # already complete: nothing to train
-    assert rerun["resumed_from_step"] == 4 and rerun["status"] == "completed"
-    assert set(rerun["final_eval"]) == {"loss", "top1", "top5", "num_examples"}
+    assert rerun == first and (tmp_path / "summary.json").read_bytes() == recorded
     changed.restart = True
     summary = loop.train_and_evaluate(changed, str(tmp_path))
     assert summary["resumed_from_step"] == 0 and summary["status"] == "completed"
+
+
+def test_restart_never_discards_a_run_of_the_same_config(tmp_path, monkeypatch):
+    """A job requeued with `--config.restart=True` still on its command line resumes."""
+    from cnnjax.train.preemption import StopRequest, TrainingInterrupted
+
+    config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=4, restart=True)
+    monkeypatch.setattr(StopRequest, "should_stop",
+                        lambda self, step, every: "SIGTERM" if step == 4 else None)
+    with pytest.raises(TrainingInterrupted):
+        loop.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.undo()
+    helpers.install_fake_pipeline(monkeypatch)
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["resumed_from_step"] == 4 and summary["status"] == "completed"
 
 
 def test_a_workdir_another_process_trains_in_is_refused_and_left_untouched(tmp_path):

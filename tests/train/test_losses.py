@@ -48,6 +48,22 @@ def test_topk_matches_numpy_and_caps_k():
     np.testing.assert_array_equal(three, np.ones(64))  # k capped at 3 classes: always correct
 
 
+def test_topk_ties_rank_the_lower_class_first_and_nan_is_never_correct():
+    """As argmax and lax.top_k on ties: constant logits are right only for class 0;
+    a model with NaN logits scores 0, not 100%."""
+    labels = jnp.asarray([0, 1, 3, 2])
+    np.testing.assert_array_equal(losses.topk_correct(jnp.zeros((4, 10)), labels, 1),
+                                  [1, 0, 0, 0])
+    np.testing.assert_array_equal(losses.topk_correct(jnp.zeros((4, 10)), labels, 3),
+                                  [1, 1, 0, 1])  # ranks 0, 1, 3, 2
+    tied = jnp.asarray([[1.0, 2.0, 2.0, 0.0]] * 2)
+    np.testing.assert_array_equal(losses.topk_correct(tied, jnp.asarray([1, 2]), 1), [1, 0])
+    nan = jnp.full((2, 10), jnp.nan).at[1, :].set(jnp.arange(10.0)).at[1, 0].set(jnp.nan)
+    np.testing.assert_array_equal(losses.topk_correct(nan, jnp.asarray([0, 9]), 5), [0, 0])
+    sums = losses.masked_sums({"loss": jnp.asarray([1.0, jnp.nan])}, jnp.asarray([1.0, 0.0]))
+    assert float(sums["loss"]) == 1.0 and float(sums["count"]) == 1.0  # NaN padding ignored
+
+
 def test_masked_eval_step_exact_vs_numpy():
     """27 examples in batches of 8 (last padded with 5 zeros) give the unpadded NumPy metrics."""
     model = helpers.TinyNet(axis_name="data")
