@@ -2,8 +2,10 @@
 
 `MetricLogger` writes one JSON object per logged train step and per eval to `metrics.jsonl`, mirrors
 the scalars to TensorBoard, and redraws `learning_curves.png` (train/val loss and accuracy against
-step) after each eval. On resume it drops records newer than the restored checkpoint so the files
-describe exactly one trajectory.
+step) after each eval. On resume it drops records newer than the restored checkpoint, and marks
+the TensorBoard restart so TensorBoard drops them too: the files describe exactly one trajectory
+(a train line logged right after a resume from a step between two logs averages only the steps
+since the resume).
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class MetricLogger:
                 self._tb = EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
             except ImportError as err:  # TensorFlow missing: keep the other outputs
                 logging.warning("TensorBoard output disabled: %s", err)
+            else:  # TensorBoard drops the older files' events past the restored step
+                self._tb.session_start(resume_step + 1)
 
     def _append(self, record: dict) -> None:
         self.records.append(record)
@@ -160,6 +164,13 @@ class EventFileWriter:
             value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]
         )
         self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def session_start(self, step: int) -> None:
+        """Marks a (re)start at `step`: TensorBoard purges events of step >= `step` read before
+        this one (its `purge_orphaned_data`, the only purge rule for `brain.Event:2` files), so
+        a resumed run shows one trajectory, as metrics.jsonl does."""
+        log = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
+        self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=log))
 
     def flush(self) -> None:
         self._writer.flush()

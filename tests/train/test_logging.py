@@ -38,6 +38,30 @@ def test_tensorboard_event_file_is_readable(tmp_path):
     assert values == {("eval/top1", 5): 0.75, ("train/learning_rate", 5): 0.5}
 
 
+def test_a_resumed_run_marks_its_restart_for_tensorboard(tmp_path):
+    """Steps 10-30 logged, then a resume from the step-20 checkpoint logs 30 again: the new
+    file opens with SessionLog.START at step 21, so TensorBoard's orphan purge (events of step
+    >= 21 read before it are dropped) leaves one value per step, as metrics.jsonl has."""
+    import time
+
+    first = MetricLogger(str(tmp_path))
+    for step in (10, 20, 30):
+        first.write_scalars(step, "train", {"loss": 1.0})
+    first.close()
+    time.sleep(0.01)  # a later file name: TensorBoard reads files in name order
+    resumed = MetricLogger(str(tmp_path), resume_step=20)
+    resumed.write_scalars(30, "train", {"loss": 0.5})
+    resumed.close()
+    seen: list = []  # (tag, step, value) as TensorBoard keeps them, duplicates included
+    for event_file in sorted((tmp_path / "tensorboard").iterdir()):
+        for e in tf.compat.v1.train.summary_iterator(str(event_file)):
+            if e.session_log.status == e.session_log.START:
+                assert e.step in (1, 21)  # each logger marks its start
+                seen = [x for x in seen if x[1] < e.step]
+            seen += [(v.tag, e.step, v.simple_value) for v in e.summary.value]
+    assert seen == [("train/loss", 10, 1.0), ("train/loss", 20, 1.0), ("train/loss", 30, 0.5)]
+
+
 def test_plot_is_written(tmp_path):
     logger = MetricLogger(str(tmp_path), tensorboard=False)
     for step in (1, 2, 3):
