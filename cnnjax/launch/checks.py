@@ -3,9 +3,10 @@
 `count_trials` reads only the sweep file (cheap, no JAX) with its `--sweep.*` overrides and counts
 the trials with `cnnjax.tune.space`, so a sweep's array covers it exactly. `check_configs` loads
 every config file with all overrides through `ml_collections.config_flags` (as the entry point
-does at start-up): a misspelt field or a wrong type fails here rather than after hours in the
-queue; it also checks that the batch splits evenly over the job's GPUs. Loading an experiment
-config imports TensorFlow (the data pipeline), ~5 s.
+does at start-up) and runs the engine's value checks (`validate_config`) on every config the
+job will train, each trial of a sweep included: a misspelt field, a wrong type or a bad value
+fails here rather than after hours in the queue; it also checks that the batch splits evenly
+over the job's GPUs. Loading an experiment config imports TensorFlow (the data pipeline), ~5 s.
 """
 
 from __future__ import annotations
@@ -80,22 +81,42 @@ def _batch_fields(config: Any) -> dict[str, int]:
 
 def check_configs(spec: JobSpec) -> None:
     """Loads the (validated) spec's config files with its overrides; raises ValueError for an
-    override the file refuses, a sweep field the base config lacks, or a batch size that does not
-    split evenly over the job's devices (every GPU of every task, one device on CPU)."""
+    override the file refuses, a sweep field the base config lacks, a value the engine's
+    `validate_config` refuses, or a batch size that does not split evenly over the job's
+    devices (every GPU of every task, one device on CPU). A sweep's checks run on every trial's
+    config, since a trial may set the batch size or any other field itself."""
+    from cnnjax.train.config import validate_config
+
     spec = validate_spec(spec, count_trials(spec) if spec.entry == "sweep" else None)
     entry = spec.entry_point
     loaded = load_files(spec.files, spec.overrides, entry.extra_flags)
     if spec.entry == "sweep":
-        from cnnjax.tune import space as space_lib
-
-        space_lib.check_fields(loaded["config"], space_lib.from_config(loaded["sweep"]))
-    experiments = ([loaded["transfer"].source, loaded["transfer"].target]
-                   if spec.entry == "transfer" else [loaded["config"]])
+        experiments = _trial_configs(loaded["config"], loaded["sweep"])
+    elif spec.entry == "transfer":
+        experiments = {"the transfer's source config": loaded["transfer"].source,
+                       "the transfer's target config": loaded["transfer"].target}
+    else:
+        experiments = {"": loaded["config"]}
     devices = max(1, spec.gpus_per_node) * spec.nodes
-    for config in experiments:
+    for which, config in experiments.items():
+        where = f" (in {which})" if which else ""
+        try:
+            validate_config(config)
+        except ValueError as err:
+            raise ValueError(f"launch: the job would fail at start{where}: {err}") from None
         for name, size in _batch_fields(config).items():
             if size % devices:
                 raise invalid(_OWNER, f"config.{name}", size,
                               f"expected a multiple of the job's {devices} devices ({spec.nodes} "
-                              f"node(s) x {spec.gpus_per_node} GPU(s)): the batch is split evenly "
-                              "over every device")
+                              f"node(s) x {spec.gpus_per_node} GPU(s)){where}: the batch is "
+                              "split evenly over every device")
+
+
+def _trial_configs(base: Any, sweep: Any) -> dict[str, Any]:
+    """`{"trial <i> (<overrides>)": config}` of every trial of a sweep file over `base`."""
+    from cnnjax.tune import space as space_lib
+
+    space = space_lib.from_config(sweep)
+    space_lib.check_fields(base, space)
+    return {f"trial {t.index} {dict(t.overrides)}": space_lib.apply_overrides(base, t.overrides)
+            for t in space.trials}

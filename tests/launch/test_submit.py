@@ -125,12 +125,14 @@ def test_without_sbatch_on_path_the_script_is_still_written(tmp_path):
 
 
 def _light_config(tmp_path, batch=36):
-    """An experiment-like config file that loads without TensorFlow."""
+    """An engine config file that loads without TensorFlow (no data pipeline import)."""
     path = tmp_path / "light.py"
     path.write_text(
-        "import ml_collections\n\n\ndef get_config():\n"
-        f"    return ml_collections.ConfigDict({{'global_batch_size': {batch}, "
-        "'optimizer': {'learning_rate': 0.1}})\n")
+        "from cnnjax.train.config import default_config\n\n\ndef get_config():\n"
+        "    config = default_config()\n"
+        "    config.model = 'lenet5'\n"
+        f"    config.global_batch_size = {batch}\n"
+        "    return config\n")
     return str(path)
 
 
@@ -152,6 +154,23 @@ def test_check_configs_loads_the_overrides_like_the_entry_point(tmp_path):
                                  "overrides": ("--config.global_batch_size=36",)}))
     check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.global_batch_size=36",),
                              "gpus_per_node": 0, "nodes": 1, "tasks_per_node": None}))
+
+
+def test_check_configs_runs_the_engine_value_checks_on_every_trial(tmp_path):
+    """A bad value, or a batch one trial sets that the job's GPUs cannot split, is refused at
+    submission instead of failing every array task at start."""
+    spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 32), sweep=SWEEP,
+                   workdir=str(tmp_path / "w"), nodes=1, gpus_per_node=4, submit_dir=str(ROOT))
+    check_configs(spec)
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start \(in trial 0 "
+                                         r".*\): optimizer: name='sgdd' is invalid"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.optimizer.name=sgdd",)}))
+    batches = ("--sweep.parameters=({'field': 'global_batch_size', 'distribution': 'choice', "
+               "'values': (64, 30)},)")
+    with pytest.raises(ValueError, match=r"^launch: config.global_batch_size=30 is invalid; "
+                                         r"expected a multiple of the job's 4 devices .* \(in "
+                                         r"trial 1 \{'global_batch_size': 30\}\)"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": (batches,)}))
 
 
 def test_check_configs_refuses_a_sweep_field_the_base_config_lacks(tmp_path):
