@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -16,7 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cnnjax.layers.conv_impl import CONV_IMPLS
-from cnnjax.train.optim import OPTIMIZERS, SCHEDULES
+from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
 from cnnjax.utils.validation import check_choice, check_positive_float, check_positive_int, invalid
 
 PARALLEL_MODES = ("pmap", "shard_map")
@@ -268,8 +269,9 @@ def validate_config(config: Any) -> None:
             "config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1"
         )
     aux_weight = config.aux_loss_weight
-    if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or aux_weight < 0:
-        raise invalid("config", "aux_loss_weight", aux_weight, "expected a number >= 0")
+    if (isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float)
+            or not 0 <= aux_weight < math.inf):
+        raise invalid("config", "aux_loss_weight", aux_weight, "expected a finite number >= 0")
     if (
         isinstance(config.num_devices, bool)
         or not isinstance(config.num_devices, int)
@@ -286,6 +288,7 @@ def validate_config(config: Any) -> None:
     if config.get("num_classes") is not None:
         check_positive_int("config", "num_classes", config.num_classes)
     _validate_init_from(config)
+    check_optimization(config)  # every optimizer and schedule field (ranges, NaN, boundaries)
 
 
 def _validate_init_from(config: Any) -> None:

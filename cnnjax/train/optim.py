@@ -3,18 +3,28 @@
 `build_schedule(config)` maps `config.schedule` to an optax schedule and `build_optimizer(config)`
 maps `config.optimizer` to an `optax.GradientTransformation` (gradient clipping, weight decay masked
 off biases and normalization parameters, then the update rule). No update math is written here, so
-every optimizer matches optax's own.
+every optimizer matches optax's own. Every field a builder reads is checked first (type, NaN/inf,
+range) and refused with a named ValueError; `check_optimization(config)` runs both builders for
+those checks alone (pure Python, nothing is traced or compiled).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
-from cnnjax.utils.validation import check_positive_float, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_choice,
+    check_number,
+    check_positive_float,
+    check_positive_int,
+    invalid,
+)
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = (
@@ -39,74 +49,165 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _integer(owner: str, arg: str, value: Any, valid: str) -> int:
+    """`value` as an int if it is an integer (not a bool), else raises with `valid`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise invalid(owner, arg, value, valid)
+    return int(value)
+
+
+def _flag(owner: str, arg: str, value: Any) -> bool:
+    """`value` if it is a bool (so a stray 0/1 or string never means True silently)."""
+    if not isinstance(value, bool):
+        raise invalid(owner, arg, value, "expected True or False")
+    return value
+
+
+def _non_negative(owner: str, arg: str, value: Any) -> float:
+    """`value` as a float if it is a finite number >= 0 (NaN and inf refused), else raises."""
+    return check_number(owner, arg, value, "expected a finite number >= 0", low=0.0,
+                        high=math.inf, high_open=True)
+
+
+def _unit_interval(owner: str, arg: str, value: Any, *, low_open: bool = False,
+                   high_open: bool = False) -> float:
+    """`value` as a float within 0..1 (each end closed unless `*_open`), else raises."""
+    low, high = ("<" if low_open else "<="), ("<" if high_open else "<=")
+    return check_number(owner, arg, value, f"expected 0 {low} {arg} {high} 1", low=0.0,
+                        high=1.0, low_open=low_open, high_open=high_open)
+
+
+def _warmup_steps(sched: Any, name: str, total: int) -> int:
+    """`schedule.warmup_steps`, checked: 0 for one_cycle (it warms up by itself), else in
+    0..num_train_steps-1 (a warmup as long as the run never reaches the peak rate)."""
+    value = _get(sched, "warmup_steps", 0)
+    valid = f"expected 0 <= warmup_steps < num_train_steps={total}"
+    warmup = _integer("schedule", "warmup_steps", value, valid)
+    if name == "one_cycle" and warmup:
+        raise invalid("schedule", "warmup_steps", value,
+                      "expected 0 with schedule 'one_cycle', which warms up by itself over its "
+                      "first pct_start of the run")
+    if not 0 <= warmup < total:
+        raise invalid("schedule", "warmup_steps", value, valid)
+    return warmup
+
+
+def _piecewise(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
+    """`lr` times `decay_factor` at each boundary: absolute step numbers, strictly increasing,
+    after the warmup and before `num_train_steps` (so each one decays the rate exactly once)."""
+    value = _get(sched, "boundaries", ())
+    try:
+        boundaries = [_integer("schedule", "boundaries", b, "") for b in value]
+    except (TypeError, ValueError):
+        raise invalid("schedule", "boundaries", value,
+                      "expected a sequence of integer step numbers") from None
+    first = f"warmup_steps={warmup}" if warmup else "0"
+    if any(b <= a for a, b in zip([warmup, *boundaries], boundaries, strict=False)):
+        raise invalid("schedule", "boundaries", value,
+                      f"expected strictly increasing step numbers > {first} (each boundary "
+                      "decays the rate once)")
+    if boundaries and boundaries[-1] >= total:
+        raise invalid("schedule", "boundaries", value,
+                      f"expected every boundary < num_train_steps={total} (a boundary at or "
+                      "after the last step never decays the rate)")
+    factor = check_number("schedule", "decay_factor", _get(sched, "decay_factor", 0.1),
+                          "expected 0 < decay_factor <= 1 (the rate is multiplied by it at "
+                          "each boundary)", low=0.0, high=1.0, low_open=True)
+    return optax.piecewise_constant_schedule(lr, {b - warmup: factor for b in boundaries})
+
+
+def _exponential(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
+    """`lr * decay_rate ** (step / transition_steps)` (floored with `staircase`), counted from
+    the end of the warmup; its period is `transition_steps`, whatever `num_train_steps` is."""
+    steps = _get(sched, "transition_steps", total)
+    check_positive_int("schedule", "transition_steps", steps)
+    rate = check_number("schedule", "decay_rate", _get(sched, "decay_rate", 0.1),
+                        "expected 0 < decay_rate <= 1 (above 1 the rate would grow "
+                        "exponentially)", low=0.0, high=1.0, low_open=True)
+    staircase = _flag("schedule", "staircase", _get(sched, "staircase", False))
+    return optax.exponential_decay(lr, transition_steps=int(steps), decay_rate=rate,
+                                   staircase=staircase)
+
+
+def _cosine(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
+    """Cosine from `lr` down to `alpha * lr` over the steps after the warmup."""
+    alpha = _unit_interval("schedule", "alpha", _get(sched, "alpha", 0.0))
+    return optax.cosine_decay_schedule(lr, decay_steps=total - warmup, alpha=alpha)
+
+
+def _linear(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
+    """Straight line from `lr` to `end_value` over the steps after the warmup."""
+    end = _non_negative("schedule", "end_value", _get(sched, "end_value", 0.0))
+    return optax.linear_schedule(lr, end, transition_steps=total - warmup)
+
+
+def _constant(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
+    """`lr` at every step after the warmup."""
+    return optax.constant_schedule(lr)
+
+
+# Schedules a linear warmup can precede: each is built over the steps after the warmup.
+_AFTER_WARMUP: dict[str, Callable[[Any, float, int, int], optax.Schedule]] = {
+    "constant": _constant,
+    "piecewise": _piecewise,
+    "exponential": _exponential,
+    "cosine": _cosine,
+    "linear": _linear,
+}
+
+
+def _one_cycle(sched: Any, lr: float, total: int) -> optax.Schedule:
+    """optax's cosine one-cycle: up from `lr / div_factor` over the first `pct_start` of the run,
+    then down to `lr / (div_factor * final_div_factor)`."""
+    pct = _unit_interval("schedule", "pct_start", _get(sched, "pct_start", 0.3), low_open=True,
+                         high_open=True)
+    div = check_positive_float("schedule", "div_factor", _get(sched, "div_factor", 25.0))
+    final = check_positive_float("schedule", "final_div_factor",
+                                 _get(sched, "final_div_factor", 1e4))
+    return optax.cosine_onecycle_schedule(transition_steps=total, peak_value=lr, pct_start=pct,
+                                          div_factor=div, final_div_factor=final)
+
+
+def _warmup_cosine(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
+    """optax's own: linear from `init_value` to `lr` over `warmup` steps, then cosine down to
+    `end_value` at `num_train_steps` (its decay_steps count the warmup)."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=_non_negative("schedule", "init_value", _get(sched, "init_value", 0.0)),
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=total,
+        end_value=_non_negative("schedule", "end_value", _get(sched, "end_value", 0.0)),
+    )
+
+
 def build_schedule(config: Any) -> optax.Schedule:
     """Returns the optax schedule `step -> learning rate` described by `config.schedule`.
 
-    The peak rate is `config.optimizer.learning_rate`; `config.num_train_steps` sets the length of
-    decaying schedules.
+    The peak rate is `config.optimizer.learning_rate`. `config.num_train_steps` sets the length
+    of `cosine`, `linear`, `warmup_cosine` and `one_cycle` and bounds `piecewise`'s boundaries
+    (absolute step numbers, each < num_train_steps). `exponential` does not depend on it: it
+    multiplies the rate by `decay_rate` every `schedule.transition_steps` steps (1000 in
+    `default_config`; num_train_steps only for a config without that field).
+    Warmup: with `schedule.warmup_steps = W > 0` the rate rises linearly from `init_value` to the
+    peak over the first W steps. `warmup_cosine` is optax's own; `constant`, `piecewise`,
+    `exponential`, `cosine` and `linear` are joined after the warmup (`optax.join_schedules`) and
+    run over the remaining `num_train_steps - W` steps (piecewise boundaries stay absolute, so
+    they must lie after W); `one_cycle` refuses W > 0, as it warms up over `pct_start` itself.
     """
     sched = config.schedule
-    name = _get(sched, "name", "constant")
-    if name not in SCHEDULES:
-        raise invalid("schedule", "name", name, f"expected one of {list(SCHEDULES)}")
+    name = check_choice("schedule", "name", _get(sched, "name", "constant"), SCHEDULES)
     lr = check_positive_float("optimizer", "learning_rate", config.optimizer.learning_rate)
     total = check_positive_int("config", "num_train_steps", config.num_train_steps)
-    if name == "constant":
-        return optax.constant_schedule(lr)
-    if name == "piecewise":
-        boundaries = [int(b) for b in _get(sched, "boundaries", ())]
-        factor = float(_get(sched, "decay_factor", 0.1))
-        if any(b <= 0 for b in boundaries) or boundaries != sorted(boundaries):
-            raise invalid(
-                "schedule",
-                "boundaries",
-                tuple(boundaries),
-                "expected increasing positive step numbers",
-            )
-        return optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
-    if name == "exponential":
-        return optax.exponential_decay(
-            lr,
-            transition_steps=check_positive_int(
-                "schedule", "transition_steps", int(_get(sched, "transition_steps", total))
-            ),
-            decay_rate=check_positive_float(
-                "schedule", "decay_rate", _get(sched, "decay_rate", 0.1)
-            ),
-            staircase=bool(_get(sched, "staircase", False)),
-        )
-    if name == "cosine":
-        return optax.cosine_decay_schedule(
-            lr, decay_steps=total, alpha=float(_get(sched, "alpha", 0.0))
-        )
+    warmup = _warmup_steps(sched, name, total)
+    if name == "one_cycle":
+        return _one_cycle(sched, lr, total)
     if name == "warmup_cosine":
-        warmup = int(_get(sched, "warmup_steps", 0))
-        if not 0 <= warmup < total:
-            raise invalid(
-                "schedule",
-                "warmup_steps",
-                warmup,
-                f"expected 0 <= warmup_steps < num_train_steps={total}",
-            )
-        return optax.warmup_cosine_decay_schedule(
-            init_value=float(_get(sched, "init_value", 0.0)),
-            peak_value=lr,
-            warmup_steps=warmup,
-            decay_steps=total,
-            end_value=float(_get(sched, "end_value", 0.0)),
-        )
-    if name == "linear":
-        return optax.linear_schedule(
-            lr, float(_get(sched, "end_value", 0.0)), transition_steps=total
-        )
-    # one_cycle
-    return optax.cosine_onecycle_schedule(
-        transition_steps=total,
-        peak_value=lr,
-        pct_start=float(_get(sched, "pct_start", 0.3)),
-        div_factor=float(_get(sched, "div_factor", 25.0)),
-        final_div_factor=float(_get(sched, "final_div_factor", 1e4)),
-    )
+        return _warmup_cosine(sched, lr, total, warmup)
+    after = _AFTER_WARMUP[name](sched, lr, total, warmup)
+    if not warmup:
+        return after
+    init = _non_negative("schedule", "init_value", _get(sched, "init_value", 0.0))
+    return optax.join_schedules([optax.linear_schedule(init, lr, warmup), after], [warmup])
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -124,6 +225,53 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _momentum(opt: Any) -> tuple[float | None, bool]:
+    """`(momentum or None, nesterov)` for sgd/rmsprop: momentum in [0, 1); Nesterov needs some."""
+    momentum = _unit_interval("optimizer", "momentum", _get(opt, "momentum", 0.0),
+                              high_open=True)
+    nesterov = _flag("optimizer", "nesterov", _get(opt, "nesterov", False))
+    if nesterov and not momentum:
+        raise invalid("optimizer", "nesterov", nesterov,
+                      f"Nesterov momentum needs momentum > 0 (momentum={momentum!r})")
+    return momentum or None, nesterov
+
+
+def _adam_moments(opt: Any) -> dict[str, float]:
+    """adam/adamw's `b1`, `b2` (each in [0, 1)) and `eps` (> 0: it keeps the division finite)."""
+    return {
+        "b1": _unit_interval("optimizer", "b1", _get(opt, "b1", 0.9), high_open=True),
+        "b2": _unit_interval("optimizer", "b2", _get(opt, "b2", 0.999), high_open=True),
+        "eps": check_positive_float("optimizer", "eps", _get(opt, "eps", 1e-8)),
+    }
+
+
+def _sgd(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """optax.sgd with the config's momentum (0: none) and Nesterov flag."""
+    momentum, nesterov = _momentum(opt)
+    return optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
+
+
+def _adam(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """optax.adam with the config's moments."""
+    return optax.adam(schedule, **_adam_moments(opt))
+
+
+def _rmsprop(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """optax.rmsprop: `decay` in [0, 1) (at 1 the squared-gradient average never moves off its
+    initial 0 and every update is grad / eps), `eps` > 0, momentum as for sgd."""
+    decay = _unit_interval("optimizer", "decay", _get(opt, "decay", 0.9), high_open=True)
+    eps = check_positive_float("optimizer", "eps", _get(opt, "eps", 1e-8))
+    momentum, nesterov = _momentum(opt)
+    return optax.rmsprop(schedule, decay=decay, eps=eps, momentum=momentum, nesterov=nesterov)
+
+
+_RULES: dict[str, Callable[[Any, optax.Schedule], optax.GradientTransformation]] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "rmsprop": _rmsprop,
+}
+
+
 def build_optimizer(
     config: Any, schedule: optax.Schedule | None = None
 ) -> optax.GradientTransformation:
@@ -132,16 +280,13 @@ def build_optimizer(
     Order: clip by global norm (if `grad_clip_norm`), then the optimizer. For `adamw` the decoupled
     decay is optax's own (`optax.adamw(..., mask=...)`); for sgd/adam/rmsprop weight decay is the
     classic L2 term `optax.add_decayed_weights` applied to the gradient before the update rule.
+    Every field the chosen optimizer reads is checked (NaN, inf, range) before anything is built.
     """
     opt = config.optimizer
-    name = _get(opt, "name", "sgd")
-    if name not in OPTIMIZERS:
-        raise invalid("optimizer", "name", name, f"expected one of {list(OPTIMIZERS)}")
+    name = check_choice("optimizer", "name", _get(opt, "name", "sgd"), OPTIMIZERS)
     if schedule is None:
         schedule = build_schedule(config)
-    wd = float(_get(opt, "weight_decay", 0.0))
-    if wd < 0:
-        raise invalid("optimizer", "weight_decay", wd, "expected a number >= 0")
+    wd = _non_negative("optimizer", "weight_decay", _get(opt, "weight_decay", 0.0))
     parts: list[optax.GradientTransformation] = []
     clip = _get(opt, "grad_clip_norm", None)
     if clip is not None:
@@ -149,39 +294,17 @@ def build_optimizer(
             optax.clip_by_global_norm(check_positive_float("optimizer", "grad_clip_norm", clip))
         )
     if name == "adamw":
-        parts.append(
-            optax.adamw(
-                schedule,
-                b1=float(_get(opt, "b1", 0.9)),
-                b2=float(_get(opt, "b2", 0.999)),
-                eps=float(_get(opt, "eps", 1e-8)),
-                weight_decay=wd,
-                mask=weight_decay_mask,
-            )
-        )
+        moments = _adam_moments(opt)
+        parts.append(optax.adamw(schedule, **moments, weight_decay=wd, mask=weight_decay_mask))
         return optax.chain(*parts)
+    rule = _RULES[name](opt, schedule)
     if wd > 0:
         parts.append(optax.add_decayed_weights(wd, mask=weight_decay_mask))
-    rule: Callable[..., optax.GradientTransformation]
-    if name == "sgd":
-        momentum = float(_get(opt, "momentum", 0.0))
-        rule = optax.sgd(
-            schedule, momentum=momentum or None, nesterov=bool(_get(opt, "nesterov", False))
-        )
-    elif name == "adam":
-        rule = optax.adam(
-            schedule,
-            b1=float(_get(opt, "b1", 0.9)),
-            b2=float(_get(opt, "b2", 0.999)),
-            eps=float(_get(opt, "eps", 1e-8)),
-        )
-    else:  # rmsprop
-        rule = optax.rmsprop(
-            schedule,
-            decay=float(_get(opt, "decay", 0.9)),
-            eps=float(_get(opt, "eps", 1e-8)),
-            momentum=float(_get(opt, "momentum", 0.0)) or None,
-            nesterov=bool(_get(opt, "nesterov", False)),
-        )
     parts.append(rule)
     return optax.chain(*parts)
+
+
+def check_optimization(config: Any) -> None:
+    """Raises the ValueError `build_optimizer(config)` would (schedule included): builds both,
+    which is pure Python (no tracing, no compilation), so config validation can call it."""
+    build_optimizer(config)

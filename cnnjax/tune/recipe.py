@@ -5,8 +5,8 @@ rate range test (Smith, 2017): round 1 is a coarse log-spaced learning-rate grid
 budget. After every round the incumbent (the best trial so far by `recipe.metric`) is diagnosed
 (`cnnjax.tune.diagnose`) and `decide` plans the next round, in this order:
 
-    diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping (and a 5% warmup if the
-                          schedule has one)
+    diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping and a 5% warmup (any
+                          schedule but one_cycle, which warms up by itself)
     best lr at an edge    two rates past that edge, half and one grid step (never at or above
                           an lr that diverged)
     converged             stop
@@ -359,6 +359,12 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
     return Decision(last, action, reason, best, diagnosis, next_round=plan)
 
 
+def _warms_up(base: Any) -> bool:
+    """Whether `schedule.warmup_steps` shapes this base config's schedule (every schedule but
+    one_cycle, which warms up over its pct_start)."""
+    return space_lib.get_field(base, "schedule.name") != "one_cycle"
+
+
 def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: RoundResult,
              row: dict, diagnosis: Diagnosis) -> _Proposal:
     """The next round the incumbent's diagnosis asks for (see the module docstring)."""
@@ -380,14 +386,14 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
             return None
         new_steps = min(2 * steps, recipe.max_steps)
         new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
-        if space_lib.get_field(base, "schedule.name") == "warmup_cosine" and WARMUP in overrides:
+        if _warms_up(base) and WARMUP in overrides:
             new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
         return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
                          f"{_short(lr)}", new_fixed, LR, lrs(*lr_factors))
 
     if verdict in ("diverged", "unstable"):
         stable = {**fixed, CLIP: CLIP_NORM}
-        if space_lib.get_field(base, "schedule.name") == "warmup_cosine":
+        if _warms_up(base):
             stable[WARMUP] = max(value(WARMUP), round(WARMUP_FRACTION * steps))
         return _Proposal("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, "
                          f"clip gradients at {CLIP_NORM:g}", stable, LR, lrs(0.5, 1.0, 0.25))
@@ -479,10 +485,11 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
     recipe = recipe.for_config(base_config)
-    config_lib.validate_config(base_config)
+    plan: RoundPlan | None = first_round(recipe)
+    # The base as the rounds train it (their step counts: warmup and boundaries must fit).
+    config_lib.validate_config(space_lib.apply_overrides(base_config, plan.fixed))
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
-    plan: RoundPlan | None = first_round(recipe)
     _check_round(base_config, plan)
     with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
         return _run_rounds(base_config, recipe, tune_dir, plan, verbose, diagnose_fn)

@@ -67,7 +67,10 @@ def _raises(config, tmp_path, message):
             "config: conv_impl='cudnn' is invalid; expected one of ['xla', 'matmul', 'auto']",
         ),
         ("label_smoothing", 1.0, "config: label_smoothing=1.0 is invalid"),
-        ("aux_loss_weight", -0.3, "config: aux_loss_weight=-0.3 is invalid; expected a number"),
+        ("aux_loss_weight", -0.3,
+         "config: aux_loss_weight=-0.3 is invalid; expected a finite number >= 0"),
+        ("aux_loss_weight", float("nan"),
+         "config: aux_loss_weight=nan is invalid; expected a finite number >= 0"),
         (
             "best_metric",
             "f1",

@@ -245,7 +245,7 @@ def test_bad_optimizer_or_schedule_messages(group, field, value, message):
     "field,value,message",
     [
         ("transition_steps", 0, "schedule: transition_steps=0 is invalid; expected a positive"),
-        ("decay_rate", 0.0, "schedule: decay_rate=0.0 is invalid; expected a positive finite"),
+        ("decay_rate", 0.0, "schedule: decay_rate=0.0 is invalid; expected 0 < decay_rate <= 1"),
     ],
 )
 def test_bad_exponential_schedule_messages(field, value, message):

@@ -34,6 +34,7 @@ def _lenet_digits(**overrides):
     config.eval_every_steps = 6
     config.checkpoint_every_steps = 6
     config.schedule.name = "constant"
+    config.schedule.warmup_steps = 0
     config.progress_bar = False
     config.tensorboard = False
     config.async_checkpoints = False
