@@ -164,6 +164,12 @@ class Recipe:
         if self.max_steps < self.round1_steps:
             raise invalid(_OWNER, "max_steps", self.max_steps,
                           f"expected max_steps >= round1_steps={self.round1_steps}")
+        grid = self.lr_grid()
+        if len(set(grid)) < len(grid):
+            raise invalid(_OWNER, "num_lrs", self.num_lrs,
+                          f"lr_min={self.lr_min!r}..lr_max={self.lr_max!r} holds fewer distinct "
+                          f"rates at 3 significant digits ({grid}); widen the range or lower "
+                          "num_lrs")
         if self.max_trials < self.num_lrs:
             raise invalid(_OWNER, "max_trials", self.max_trials,
                           f"expected at least num_lrs={self.num_lrs} (round 1's trials)")

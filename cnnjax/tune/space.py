@@ -68,6 +68,11 @@ class Param:
                     raise invalid(_OWNER, f"{name}.values", value,
                                   "expected bool, int, float, str, None or tuples of them "
                                   "(values a command line and JSON can hold)") from None
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise invalid(_OWNER, f"{name}.values", values,
+                              f"expected distinct values ({repeated[0]!r} repeats an equal value: "
+                              "both would be the same trial)")
             object.__setattr__(self, "values", values)
             return
         for arg in ("low", "high"):

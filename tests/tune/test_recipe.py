@@ -197,6 +197,9 @@ def test_incumbent_ties_go_to_the_later_round():
                         "round1_steps=100."),
     ({"evals_per_trial": 2}, "recipe: evals_per_trial=2 is invalid; expected an integer >= 3."),
     ({"round1_steps": 1.5}, "recipe: round1_steps=1.5 is invalid; expected an integer >= 1."),
+    ({"lr_min": 0.1, "lr_max": 0.1004}, "recipe: num_lrs=3 is invalid; lr_min=0.1..lr_max=0.1004 "
+                                        "holds fewer distinct rates at 3 significant digits "
+                                        "((0.1, 0.1, 0.1))"),
 ])
 def test_bad_recipe_values(kwargs, message):
     with pytest.raises(ValueError) as err:

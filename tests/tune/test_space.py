@@ -212,6 +212,12 @@ def test_from_config_reads_a_sweep_config():
         (lambda: sp.choice("model_kwargs.act", [object]),
          "sweep: parameters['model_kwargs.act'].values=<class 'object'> is invalid; expected "
          "bool, int, float, str, None or tuples of them"),
+        (lambda: sp.choice("optimizer.learning_rate", [0.1, 0.05, 0.1]),
+         "sweep: parameters['optimizer.learning_rate'].values=(0.1, 0.05, 0.1) is invalid; "
+         "expected distinct values (0.1 repeats an equal value: both would be the same trial)."),
+        (lambda: sp.choice("optimizer.learning_rate", [1, 1.0]),
+         "sweep: parameters['optimizer.learning_rate'].values=(1, 1.0) is invalid; expected "
+         "distinct values (1.0 repeats"),
         (lambda: sp.uniform("optimizer.momentum", 0.9, 0.9),
          "sweep: parameters['optimizer.momentum'].low=0.9 is invalid; expected low < high "
          "(high=0.9)."),
