@@ -15,18 +15,22 @@ count. Batches:
 
 plus `mask` f32 [D, B] from `eval_batches` (0 on the padding of the last batch). Class maps are
 resized with the image by nearest neighbour; `augment=True` is a random horizontal flip of both
-(the preset's crops are not used), drawn statelessly as in the other pipelines.
+(the preset's crops are not used), drawn statelessly as in the other pipelines, and with
+`scale_range=(low, high)` also DeepLab's random scale and crop (`_random_scale_crop`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import Any
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from ml_collections import config_dict
 
 from cnnjax.data import pipeline
 from cnnjax.utils.validation import invalid
@@ -36,9 +40,34 @@ _AUTOTUNE = tf.data.AUTOTUNE
 
 
 def default_data_config(name: str = "shapes") -> Any:
-    """`pipeline.default_data_config(name)`: a segmentation set needs no further fields (use
-    `tfds_name`, e.g. `shapes_segmentation`, beside a preset's normalization)."""
-    return pipeline.default_data_config(name)
+    """`pipeline.default_data_config(name)` (use `tfds_name`, e.g. `shapes_segmentation`, beside
+    a preset's normalization) plus `scale_range`: None, or `(low, high)` for the FCN/DeepLab
+    training augmentation (see `_random_scale_crop`), e.g. (0.5, 2.0)."""
+    config = pipeline.default_data_config(name)
+    config.scale_range = config_dict.placeholder(tuple)
+    return config
+
+
+def _split(data_config: Any) -> tuple[Any, tuple[float, float] | None]:
+    """`(the pipeline's data config, scale_range)`; validates the segmentation-only fields."""
+    if not hasattr(data_config, "items"):
+        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    fields = dict(data_config.items())
+    scale_range = fields.pop("scale_range", None)
+    if scale_range is not None:
+        ok = (isinstance(scale_range, tuple | list) and len(scale_range) == 2
+              and all(isinstance(v, int | float) and not isinstance(v, bool)
+                      and 0 < v < math.inf for v in scale_range)
+              and scale_range[0] <= scale_range[1])
+        if not ok:
+            raise invalid(_OWNER, "scale_range", scale_range,
+                          "expected None or (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
+        scale_range = (float(scale_range[0]), float(scale_range[1]))
+    for arg in ("classes", "train_examples_per_class"):  # class subsets: classification only
+        if fields.get(arg) is not None:
+            raise invalid(_OWNER, arg, fields[arg],
+                          "expected None: class subsets are not supported for segmentation")
+    return ml_collections.ConfigDict(fields), scale_range
 
 
 IGNORE_LABEL = 255
@@ -104,14 +133,14 @@ class _SegmentationSource(pipeline._TfdsSource):
 
 def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any]:
     """`(spec, source, transforms)` of a segmentation data config (`_resolve` checks it)."""
-    spec = pipeline._resolve(data_config)
+    spec = pipeline._resolve(_split(data_config)[0])
     source, transforms = pipeline.open_whole_image_source(spec, _SegmentationSource)
     return spec, source, transforms
 
 
 def eval_split_name(data_config: Any) -> str:
     """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
-    return pipeline.eval_split_name(data_config)
+    return pipeline.eval_split_name(_split(data_config)[0])
 
 
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
@@ -132,6 +161,32 @@ def _class_map(labels: tf.Tensor, hw: tuple[int, int], flip: tf.Tensor) -> tf.Te
     return out
 
 
+def _random_scale_crop(image: tf.Tensor, labels: tf.Tensor, scale_range: tuple[float, float],
+                       key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The FCN/DeepLab training augmentation on an (already resized, flipped) example: both
+    scaled by one factor drawn uniformly from `scale_range` (image bilinear, class map nearest),
+    padded at the bottom/right to at least the output size (image with 0, the normalized mean
+    colour; class map with IGNORE_LABEL, so padding is never scored), then cropped back to the
+    output size at one random offset. Stateless in `key`, hence replayable on resume."""
+    hw = tuple(int(n) for n in image.shape[:2])
+    scale_key, crop_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    scale = tf.random.stateless_uniform([], seed=scale_key, minval=scale_range[0],
+                                        maxval=scale_range[1])
+    size = tf.maximum(tf.cast(tf.round(tf.constant(hw, tf.float32) * scale), tf.int32), 1)
+    image = tf.image.resize(image, size, method="bilinear")
+    labels = tf.image.resize(labels[..., None], size, method="nearest")[..., 0]
+    pad = tf.maximum(tf.constant(hw) - size, 0)
+    image = tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]])
+    labels = tf.pad(labels, [[0, pad[0]], [0, pad[1]]], constant_values=IGNORE_LABEL)
+    room = tf.shape(labels) - tf.constant(hw) + 1
+    top_left = tf.random.stateless_uniform([2], seed=crop_key, maxval=2**30, dtype=tf.int32) % room
+    image = tf.slice(image, [top_left[0], top_left[1], 0], [*hw, -1])
+    labels = tf.slice(labels, top_left, hw)
+    image.set_shape((*hw, image.shape[-1]))
+    labels.set_shape(hw)
+    return image, labels
+
+
 def train_batches(
     data_config: Any,
     *,
@@ -149,9 +204,15 @@ def train_batches(
                                 process_count)
     hw = transforms.out_shape[:2]
 
+    scale_range = _split(data_config)[1] if spec.augment else None
+
     def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
         image, flip = pipeline.flipped_whole_image(spec, transforms, ex["image"], key)
-        return {"image": image, "labels": _class_map(ex["labels"], hw, flip)}
+        labels = _class_map(ex["labels"], hw, flip)
+        if scale_range is not None:
+            image, labels = _random_scale_crop(image, labels, scale_range,
+                                               tf.random.experimental.stateless_fold_in(key, 1))
+        return {"image": image, "labels": labels}
 
     ds = pipeline.epoch_dataset(spec, source, preprocess, global_batch_size=global_batch_size,
                                 seed=seed, start_step=start_step,

@@ -147,3 +147,61 @@ def test_class_map_labels_lookup():
     table = labels.lookup()
     assert table.shape == (256,) and table[:3].tolist() == [1, 255, 0]
     assert (table[3:] == segmentation.IGNORE_LABEL).all()
+
+
+def _scaled(root, scale_range, **overrides):
+    return _config(root, augment=True, scale_range=scale_range, shuffle_buffer=1, **overrides)
+
+
+@pytest.mark.slow
+def test_random_scale_crop_moves_image_and_class_map_together(data_dir):
+    """scale 0.5: the whole scene shrunk into the top-left quarter, the rest padding (image 0,
+    the mean colour; labels IGNORE_LABEL); scale 2: one crop of the doubled scene, at the same
+    offset for image (bilinear) and class map (nearest); both replay on resume."""
+    kwargs = {"global_batch_size": 8, "num_devices": 1, "seed": 5}
+    plain = next(segmentation.train_batches(_config(data_dir, augment=True, shuffle_buffer=1),
+                                            **kwargs))
+    half = next(segmentation.train_batches(_scaled(data_dir, (0.5, 0.5)), **kwargs))
+    for i in range(8):
+        labels, image = half["labels"][0, i], half["image"][0, i]
+        np.testing.assert_array_equal(
+            labels[:32, :32],
+            tf.image.resize(plain["labels"][0, i][..., None], (32, 32), "nearest")[..., 0])
+        np.testing.assert_allclose(image[:32, :32],
+                                   tf.image.resize(plain["image"][0, i], (32, 32)), atol=1e-5)
+        assert (labels[32:] == segmentation.IGNORE_LABEL).all() and not image[32:].any()
+        assert (labels[:, 32:] == segmentation.IGNORE_LABEL).all() and not image[:, 32:].any()
+    stream = segmentation.train_batches(_scaled(data_dir, (2.0, 2.0)), **kwargs)
+    double = [next(stream) for _ in range(2)]
+    offsets = set()
+    for i in range(8):
+        big_labels = tf.image.resize(plain["labels"][0, i][..., None], (128, 128),
+                                     "nearest")[..., 0].numpy()
+        big_image = tf.image.resize(plain["image"][0, i], (128, 128)).numpy()
+        labels, image = double[0]["labels"][0, i], double[0]["image"][0, i]
+        matches = [(y, x) for y in range(65) for x in range(65)
+                   if np.allclose(big_image[y:y + 64, x:x + 64], image, atol=1e-5)]
+        assert len(matches) == 1, matches
+        y, x = matches[0]
+        np.testing.assert_array_equal(big_labels[y:y + 64, x:x + 64], labels)
+        offsets.add((y, x))
+    assert len(offsets) > 1  # drawn per example
+    resumed = next(segmentation.train_batches(_scaled(data_dir, (2.0, 2.0)), start_step=1,
+                                              **kwargs))
+    for key in ("image", "labels"):
+        np.testing.assert_array_equal(double[1][key], resumed[key])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("scale_range", (2.0, 0.5), "data: scale_range=(2.0, 0.5) is invalid; expected None or "
+                                "(low, high) with 0 < low <= high, e.g. (0.5, 2.0)."),
+    ("scale_range", (0.0, 1.0), "data: scale_range=(0.0, 1.0) is invalid"),
+    ("classes", (1, 2), "data: classes=(1, 2) is invalid; expected None: class subsets are not "
+                        "supported for segmentation."),
+])
+def test_bad_segmentation_fields(digits_dir, field, value, message):
+    config = segmentation.default_data_config("digits")
+    config.data_dir, config[field] = digits_dir, value
+    with pytest.raises(ValueError) as err:
+        segmentation.get_dataset_info(config)
+    assert message in str(err.value)
