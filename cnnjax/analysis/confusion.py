@@ -14,16 +14,34 @@ def confusion_matrix(labels: Any, predictions: Any, num_classes: int) -> np.ndar
     """`[C, C]` counts: row = true class, column = predicted class."""
     num_classes = check_positive_int("confusion_matrix", "num_classes", num_classes)
     labels, predictions = np.asarray(labels), np.asarray(predictions)
-    if labels.shape != predictions.shape or labels.ndim != 1:
+    if labels.ndim != 1:
+        raise invalid("confusion_matrix", "labels.shape", labels.shape,
+                      "expected a 1-D array of class indices (flatten per-pixel labels first)")
+    if predictions.shape != labels.shape:
         raise invalid("confusion_matrix", "predictions.shape", predictions.shape,
                       f"expected the labels' shape {labels.shape}, one prediction per label")
     for name, values in (("labels", labels), ("predictions", predictions)):
+        _check_class_indices(name, values)
         if values.size and (values.min() < 0 or values.max() >= num_classes):
             raise invalid("confusion_matrix", name, f"values in [{values.min()}, {values.max()}]",
                           f"expected class indices in [0, {num_classes})")
     matrix = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
     return matrix
+
+
+def _check_class_indices(name: str, values: np.ndarray) -> None:
+    """Class indices must be integers (integer dtype, or floats with integral values): anything
+    else is refused, never truncated (0.7 would silently count as class 0)."""
+    if values.dtype.kind in "iu":
+        return
+    if values.dtype.kind != "f":
+        raise invalid("confusion_matrix", f"{name}.dtype", str(values.dtype),
+                      "expected integer class indices")
+    bad = values[~(np.isfinite(values) & (values == np.round(values)))]
+    if bad.size:
+        raise invalid("confusion_matrix", name, f"values like {bad[:3].tolist()}",
+                      "expected integer class indices (argmax the scores first)")
 
 
 def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:

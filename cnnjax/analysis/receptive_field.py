@@ -297,11 +297,13 @@ def _reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int],
     return groups
 
 
-def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int]) -> Info:
-    """Follows spatial axes through a reshape: kept, merged (flatten) or split (then collapsed)."""
+def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int], notes: list[str],
+             where: str) -> Info:
+    """Follows spatial axes through a reshape: kept, merged (flatten) or split (then collapsed,
+    an upper bound that a note reports: positions no longer lie on one axis)."""
     out = []
     groups = _reshape_groups(in_shape, out_shape)
-    for f in info:
+    for d, f in enumerate(info):
         if f.axis is None:
             out.append(f)
             continue
@@ -315,6 +317,9 @@ def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int]) -> I
         elif len(big_out) == 1:  # several axes merged into one: a flatten
             out.append(dataclasses.replace(f, axis=big_out[0], exclusive=False))
         else:  # an axis split into several: no longer a plain spatial layout
+            if 0 not in in_shape:  # an empty array has no field to lose
+                notes.append(f"{where}: spatial axis {d} is split across array axes {big_out}; "
+                             "its field is taken as the whole axis (an upper bound)")
             out.append(collapse(f))
     return tuple(out)
 
@@ -323,11 +328,12 @@ Window = tuple[int, int, int, int, int]  # kernel, stride, pad_before, dilation,
 Rules = dict[int, tuple[int, Window | None]]  # input array axis -> (output axis, window)
 
 
-def _apply(info: Info, rules: Rules) -> Info:
+def _apply(info: Info, rules: Rules, notes: list[str] | None = None, where: str = "") -> Info:
     """Moves each located field to its output axis through an optional window; axes without a
-    rule are reduced away (collapsed)."""
+    rule are reduced away (collapsed). A window over an axis that a flatten merged with others
+    is not a spatial window: that field is collapsed (an upper bound) and noted in `notes`."""
     out = []
-    for f in info:
+    for d, f in enumerate(info):
         if f.axis is None:
             out.append(f)
             continue
@@ -341,6 +347,9 @@ def _apply(info: Info, rules: Rules) -> Info:
         elif f.exclusive:
             out.append(windowed(f, *window, out_axis=out_axis, out_count=0))
         else:
+            if notes is not None:
+                notes.append(f"{where}: window over array axis {f.axis}, which holds spatial "
+                             f"axis {d} merged with others; its field is taken as the whole axis")
             out.append(collapse(f))
     return tuple(out)
 
@@ -355,12 +364,14 @@ def _concatenate(
 ) -> Info:
     """Concatenation. Along channels the paths' fields are merged; along a spatial axis (how
     jnp.pad's wrap/reflect/edge modes are built) the largest piece is the data and the others are
-    treated as padding around it."""
+    treated as padding around it. Empty pieces are ignored."""
     offsets, total = [], 0
     for shape in in_shapes:
         offsets.append(total)
         total += shape[dim]
     present = [k for k, info in enumerate(in_infos) if info is not None]
+    filled = [k for k in present if 0 not in in_shapes[k]]
+    present = filled or present  # empty pieces (jnp.pad's edge mode makes some) hold no data
     out = []
     for d in range(len(in_infos[present[0]])):
         located_on_dim = [k for k in present if in_infos[k][d].axis == dim]
@@ -427,7 +438,7 @@ def propagate(
                              "makes the grid non-uniform; later field sizes are upper bounds")
             rules[a] = (o, (in_shapes[1][rhs_spec[2 + i]], params["window_strides"][i],
                             params["padding"][i][0], params["rhs_dilation"][i], lhs_dilation))
-        return finish([also_global(_apply(in_infos[0], rules), in_infos[1:])])
+        return finish([also_global(_apply(in_infos[0], rules, notes, where), in_infos[1:])])
     if prim in WINDOW_REDUCTIONS:
         n = len(out_shapes)
         rules = {
@@ -436,21 +447,21 @@ def propagate(
                     params["base_dilation"][a]))
             for a in range(ndim)
         }
-        return finish([_apply(in_infos[k] or first, rules) for k in range(n)])
+        return finish([_apply(in_infos[k] or first, rules, notes, where) for k in range(n)])
     if prim == "pad":
         rules = {a: (a, (1, 1, lo, 1, interior + 1))
                  for a, (lo, _, interior) in enumerate(params["padding_config"])}
-        return finish([also_global(_apply(first, rules), in_infos[1:])])
+        return finish([also_global(_apply(first, rules, notes, where), in_infos[1:])])
     if prim == "slice":
         strides = params["strides"] or (1,) * ndim
         rules = {a: (a, (1, strides[a], -params["start_indices"][a], 1, 1)) for a in range(ndim)}
-        return finish([_apply(first, rules)])
+        return finish([_apply(first, rules, notes, where)])
     if prim == "split":
         axis, outs, offset = params["axis"], [], 0
         for shape in out_shapes:
             rules = _identity_rules(ndim)
             rules[axis] = (axis, (1, 1, -offset, 1, 1))
-            outs.append(_apply(first, rules))
+            outs.append(_apply(first, rules, notes, where))
             offset += shape[axis]
         return finish(outs)
     if prim == "rev":
@@ -475,7 +486,7 @@ def propagate(
                  if in_shapes[first_k][a] == out_shapes[0][bd[a]]}
         return finish([_apply(first, rules)])
     if prim == "reshape":
-        return finish([_reshape(first, in_shapes[first_k], out_shapes[0])])
+        return finish([_reshape(first, in_shapes[first_k], out_shapes[0], notes, where)])
     if prim == "concatenate":
         return finish([_concatenate(in_infos, in_shapes, params["dimension"], notes, where)])
     if prim in REDUCTIONS:

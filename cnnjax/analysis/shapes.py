@@ -166,7 +166,16 @@ def conv_macs(
 def pool_output_size(
     size: int, kernel: int, stride: int | None = None, padding: int = 0, ceil_mode: bool = False
 ) -> int:
-    """Output size of a pooling window (stride defaults to the kernel, as in PyTorch/Keras)."""
+    """Output size of a pooling window (stride defaults to the kernel, as in PyTorch/Keras).
+
+    `padding` may be at most half the kernel, the rule of `max_pool2d` and PyTorch (a window
+    lying wholly in the padding would hold no real element).
+    """
+    owner = "pool_output_size"
+    check_positive_int(owner, "kernel", kernel)
+    if 2 * max(_padding_pair(owner, padding)) > kernel:
+        raise invalid(owner, "padding", padding,
+                      f"expected at most half the kernel size {kernel}, as max_pool2d")
     return conv_output_size(
         size, kernel, kernel if stride is None else stride, padding, 1, ceil_mode=ceil_mode
     )

@@ -4,7 +4,9 @@
 it sees layers written as plain functions (`nn.max_pool`, `jnp.pad`, a reshape) as well as Flax
 modules. Rows, in execution order:
 - one per module call containing at most one convolution/dense/pooling op (a `Conv`, `Dense`,
-  `BatchNorm`, LRN, a conv+BN block...), its parameters, FLOPs and output;
+  `BatchNorm`, LRN, a conv+BN block...) or calling no other module (a layer written in lax,
+  e.g. `TiledConv2D`), with its parameters, FLOPs and output (a patch extraction,
+  `lax.conv_general_dilated_patches`, is a gather and no convolution here);
 - one per structural op outside such modules: convolution, dot product, pooling, pad, flatten,
   concatenation, reduction (global pooling), slicing, and every elementwise op that merges two
   paths (a residual `add`);
@@ -275,8 +277,9 @@ class _Grouper:
         self.atomic = self._atomic_calls()
 
     def _atomic_calls(self) -> set[int]:
-        """Module calls with at most one anchor op (and jitted functions with a structural op and
-        at most one anchor) become single rows."""
+        """Module calls with at most one anchor op, or with several but no submodule calls (a
+        layer written in lax, e.g. `TiledConv2D`), and jitted functions with a structural op and
+        at most one anchor, become single rows."""
         act = self._activation_eqns()
         anchors: dict[int, int] = {}
         structural: dict[int, int] = {}
@@ -284,19 +287,30 @@ class _Grouper:
             if e.index not in act:
                 continue
             for c in set(e.calls):
-                anchors[c] = anchors.get(c, 0) + (e.prim in ANCHORS)
+                anchors[c] = anchors.get(c, 0) + (e.prim in ANCHORS and not e.patches)
                 structural[c] = structural.get(c, 0) + (e.prim in STRUCTURAL)
+        parents = self._calls_with_submodules()
         atomic = set()
         for call in self.t.calls:
             c = call.index
-            if c not in anchors or anchors[c] > 1:
+            if c not in anchors:
                 continue
             if call.path is None:
-                if structural[c]:
+                if structural[c] and anchors[c] <= 1:
                     atomic.add(c)
-            elif call.path != ():
+            elif call.path != () and (anchors[c] <= 1 or c not in parents):
                 atomic.add(c)
         return atomic
+
+    def _calls_with_submodules(self) -> set[int]:
+        """Module calls inside which another module (a different path) is called."""
+        parents = set()
+        for e in self.t.eqns:
+            for k, c in enumerate(e.calls):
+                path = self.t.calls[c].path
+                if any(self.t.calls[d].path not in (None, path) for d in e.calls[k + 1:]):
+                    parents.add(c)
+        return parents
 
     def _activation_eqns(self) -> set[int]:
         live = {self.t.input_id}
@@ -403,6 +417,8 @@ class _Grouper:
         return row
 
     def _op_name(self, e: Any, in_infos: list[Info | None], out_infos: list[Info]) -> str:
+        if e.patches:
+            return "patches"
         if e.prim == "conv_general_dilated" and any(d > 1 for d in e.params["lhs_dilation"]):
             return "conv_transpose"
         if e.prim == "reshape":

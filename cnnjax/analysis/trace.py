@@ -17,6 +17,9 @@ Cost conventions (those of XLA's HloCostAnalysis, so totals agree with
   once, `N * prod(in_spatial) * prod(kernel) * C_in/groups * C_out` for a stride-1 window, the
   standard count and exactly the MACs of the forward convolution it transposes. (Counting the
   dilated input densely would charge a 32x bilinear upsampling 32*32 times too much.)
+  Patch extraction (`lax.conv_general_dilated_patches`, as in `LocallyConnected2D` and
+  `TiledConv2D`) is an exact gather written as a convolution with a constant one-hot kernel: it
+  has 0 MACs (see `is_patch_extraction`); its FLOPs stay, as XLA counts them.
 - `flops`: 2 per multiply-add that touches real data (taps that fall on zero padding or on the
   zeros inserted by input dilation are not counted), plus 1 per element for elementwise
   arithmetic (bias add, ReLU, BatchNorm arithmetic), `window - 1` per pooled output and
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.analysis.receptive_field import CUMULATIVE, ELEMENTWISE, REDUCTIONS, WINDOW_REDUCTIONS
+from cnnjax.layers.conv_impl import xla_convolutions
 
 _TOKEN = "cnnjax_call"
 _TOKEN_RE = re.compile(_TOKEN + r"(\d+)")
@@ -85,6 +89,7 @@ class FlatEqn:
     calls: tuple[int, ...]  # outermost first
     flops: int
     macs: int
+    patches: bool = False  # a patch-extraction convolution (a gather; see is_patch_extraction)
 
 
 @dataclasses.dataclass
@@ -131,10 +136,28 @@ def _integer_pow_muls(y: int) -> int:
     return y.bit_length() - 1 + bin(y).count("1") - 1
 
 
+def is_patch_extraction(
+    prim: str, params: dict[str, Any], in_avals: list[Any], static_kernel: bool
+) -> bool:
+    """Whether a convolution is `lax.conv_general_dilated_patches`' gather: its kernel is a
+    constant (computed from no parameter or activation) and it maps each of the C_in input
+    channels, as its own group, to prod(kernel) outputs, one per window tap."""
+    if prim != "conv_general_dilated" or not static_kernel:
+        return False
+    lhs, rhs = (tuple(a.shape) for a in in_avals[:2])
+    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+    channels = lhs[lhs_spec[1]]
+    taps = _size([rhs[a] for a in rhs_spec[2:]])
+    return (params["batch_group_count"] == 1 and params["feature_group_count"] == channels
+            and rhs[rhs_spec[1]] == 1 and rhs[rhs_spec[0]] == channels * taps)
+
+
 def eqn_cost(
-    prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any]
+    prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any],
+    *, static_kernel: bool = False,
 ) -> tuple[int, int]:
-    """(flops, macs) of one primitive under the conventions in the module docstring."""
+    """(flops, macs) of one primitive under the conventions in the module docstring;
+    `static_kernel`: the second operand is a constant (for `is_patch_extraction`)."""
     out_size = _size(out_avals[0].shape) if out_avals else 0
     if prim == "conv_general_dilated":
         lhs, rhs, out = (tuple(a.shape) for a in (in_avals[0], in_avals[1], out_avals[0]))
@@ -150,7 +173,8 @@ def eqn_cost(
             )
             taps *= _valid_taps(*axis)
             mac_taps *= _macs_taps(*axis)
-        return 2 * batch * per_tap * taps, batch * per_tap * mac_taps
+        gather = is_patch_extraction(prim, params, in_avals, static_kernel)
+        return 2 * batch * per_tap * taps, 0 if gather else batch * per_tap * mac_taps
     if prim == "dot_general":
         (lc, _), _ = params["dimension_numbers"]
         contract = _size([in_avals[0].shape[a] for a in lc])
@@ -180,13 +204,18 @@ def _jaxpr_cost(jaxpr: Any) -> tuple[int, int]:
     """Total (flops, macs) of a (closed) jaxpr, recursing into calls."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     flops = macs = 0
+    static = set(jaxpr.constvars)
     for eqn in jaxpr.eqns:
         sub = _Flattener._sub_jaxpr(eqn)
         if sub is not None:
             f, m = _jaxpr_cost(sub[0])
         else:
+            kernel = eqn.invars[1] if len(eqn.invars) > 1 else None
             f, m = eqn_cost(eqn.primitive.name, eqn.params, [v.aval for v in eqn.invars],
-                            [v.aval for v in eqn.outvars])
+                            [v.aval for v in eqn.outvars],
+                            static_kernel=kernel is not None and _is_static(kernel, static))
+        if all(_is_static(v, static) for v in eqn.invars):
+            static.update(eqn.outvars)
         flops, macs = flops + f, macs + m
     return flops, macs
 
@@ -212,6 +241,11 @@ def _is_literal(v: Any) -> bool:
     return type(v).__name__ == "Literal"
 
 
+def _is_static(v: Any, static: set[Any]) -> bool:
+    """A literal or a value computed from constants only (never an activation or parameter)."""
+    return _is_literal(v) or v in static
+
+
 class _Flattener:
     """Inlines sub-jaxprs into one list of equations over integer value ids."""
 
@@ -219,6 +253,7 @@ class _Flattener:
         self.eqns: list[FlatEqn] = []
         self.avals: dict[int, Any] = {}
         self.calls = calls
+        self.static: set[int] = set()  # ids computed from constants only (see _is_static)
 
     def new(self, aval: Any) -> int:
         i = len(self.avals)
@@ -231,12 +266,17 @@ class _Flattener:
         env: dict[Any, int] = {}
         for v in jaxpr.constvars:  # constants are never activations: only their shapes matter
             env[v] = self.new(v.aval)
+            self.static.add(env[v])
         del consts
         for v, i in zip(jaxpr.invars, in_ids, strict=True):
             env[v] = i
 
         def read(v: Any) -> int:
-            return self.new(v.aval) if _is_literal(v) else env[v]
+            if not _is_literal(v):
+                return env[v]
+            i = self.new(v.aval)
+            self.static.add(i)
+            return i
 
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
@@ -251,16 +291,22 @@ class _Flattener:
                 outs = self.walk(inner, inner_consts, ins, epath)
             else:
                 outs = [self.new(v.aval) for v in eqn.outvars]
-                in_avals = [self.avals[i] for i in ins]
-                out_avals = [v.aval for v in eqn.outvars]
-                flops, macs = eqn_cost(eqn.primitive.name, eqn.params, in_avals, out_avals)
-                self.eqns.append(
-                    FlatEqn(len(self.eqns), eqn.primitive.name, dict(eqn.params), ins, outs, epath,
-                            int(flops), int(macs))
-                )
+                if all(i in self.static for i in ins):
+                    self.static.update(outs)
+                self.eqns.append(self._flat_eqn(eqn, ins, outs, epath))
             for v, o in zip(eqn.outvars, outs, strict=True):
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
+
+    def _flat_eqn(self, eqn: Any, ins: list[int], outs: list[int],
+                  path: tuple[int, ...]) -> FlatEqn:
+        """The flat record of one primitive equation, with its cost."""
+        prim, in_avals = eqn.primitive.name, [self.avals[i] for i in ins]
+        static_kernel = len(ins) > 1 and ins[1] in self.static
+        flops, macs = eqn_cost(prim, eqn.params, in_avals, [v.aval for v in eqn.outvars],
+                               static_kernel=static_kernel)
+        return FlatEqn(len(self.eqns), prim, dict(eqn.params), ins, outs, path, int(flops),
+                       int(macs), is_patch_extraction(prim, eqn.params, in_avals, static_kernel))
 
     @staticmethod
     def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
@@ -289,7 +335,8 @@ def trace_model(
     **call_kwargs: Any,
 ) -> Trace:
     """Traces `model.apply` on an abstract `[batch_size, *input_shape]` input (nothing is computed;
-    parameters are only shape-evaluated)."""
+    parameters are only shape-evaluated). An enclosing `conv_impl` block is suspended
+    (`xla_convolutions`): the trace describes the network's convolutions, not their lowering."""
     x = jax.ShapeDtypeStruct((batch_size, *input_shape), dtype)
     user_rngs = call_kwargs.pop("rngs", None) or {}
     streams = {"params", "dropout", *user_rngs}
@@ -320,7 +367,8 @@ def trace_model(
             )
         return out[0] if mutable else out
 
-    closed = jax.make_jaxpr(forward)(variables, x)
+    with xla_convolutions():
+        closed = jax.make_jaxpr(forward)(variables, x)
     flat = _Flattener(calls)
     leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
     in_ids = [flat.new(v.aval) for v in closed.jaxpr.invars]

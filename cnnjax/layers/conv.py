@@ -272,9 +272,16 @@ class TiledConv2D(nn.Module):
     ordinary convolution and `tile_size = (H_out, W_out)` is a locally connected layer. Output
     size and padding options as `Conv2D`: `floor((H + top + bottom − d·(k−1) − 1)/s) + 1`.
     Parameters: `kernel (t_h, t_w, k_h, k_w, C_in, features)` (`kernel[a, b]` is an ordinary HWIO
-    kernel) and `bias (t_h, t_w, features)`. Cost equals one ordinary convolution: the input
-    patches are extracted once and contracted blockwise against the kernel sets (no `t²`
-    redundant convolutions). `tile_size` may not exceed the output size (unused kernel sets).
+    kernel) and `bias (t_h, t_w, features)`. `tile_size` may not exceed the output size (unused
+    kernel sets).
+
+    Cost: the multiply-accumulates of one ordinary convolution, `N·H_out·W_out·C_in·k_h·k_w·
+    features` (no `t²` redundant convolutions). The input patches are gathered once; kernel set
+    `(a, b)` contracts only its positions `(a::t_h, b::t_w)` (a strided slice), and the `t_h·t_w`
+    results are interleaved by zero-dilating pads and `t_h + t_w − 2` output-sized adds.
+    The arrangement keeps every op a plain window op, so `cnnjax.analysis` traces the exact
+    receptive field; for tiles near the output size prefer `LocallyConnected2D` (one contraction
+    instead of `t_h·t_w`).
     """
 
     features: int
@@ -326,15 +333,34 @@ class TiledConv2D(nn.Module):
             dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST,
         )  # (N, H_out, W_out, C_in·k_h·k_w), features ordered (C_in, k_h, k_w)
         weights = kernel.transpose(0, 1, 4, 2, 3, 5).reshape(th, tw, -1, self.features)
-        grow_h, grow_w = -out_h % th, -out_w % tw
-        patches = jnp.pad(patches, ((0, 0), (0, grow_h), (0, grow_w), (0, 0)))
-        n = x.shape[0]
-        blocks = patches.reshape(n, (out_h + grow_h) // th, th, (out_w + grow_w) // tw, tw, -1)
-        y = jnp.einsum("nitjuf,tufo->nitjuo", blocks, weights, precision=self.precision)
-        if bias is not None:
-            y = y + bias[:, None, :, :]
-        y = y.reshape(n, out_h + grow_h, out_w + grow_w, self.features)
-        return y[:, :out_h, :out_w, :]
+        rows = []
+        for a in range(th):
+            columns = [_tile_phase(patches, weights, bias, (a, b), (th, tw), self.precision)
+                       for b in range(tw)]
+            rows.append(_interleave(columns, axis=2, size=out_w))
+        return _interleave(rows, axis=1, size=out_h)
+
+
+def _tile_phase(patches: Array, weights: Array, bias: Array | None, phase: tuple[int, int],
+                tile: tuple[int, int], precision: Any) -> Array:
+    """Outputs `(a::t_h, b::t_w)` of a tiled convolution: those patches times kernel set (a, b)."""
+    (a, b), (th, tw) = phase, tile
+    n, h, w, f = patches.shape
+    part = lax.slice(patches, (0, a, b, 0), (n, h, w, f), (1, th, tw, 1))
+    y = lax.dot_general(part, weights[a, b], (((3,), (0,)), ((), ())), precision=precision)
+    return y if bias is None else y + bias[a, b]
+
+
+def _interleave(parts: Sequence[Array], axis: int, size: int) -> Array:
+    """Interleaves `parts[p]` (positions p, p + T, p + 2T ... of `axis`, T = len(parts)) into
+    `size` positions: each part is zero-dilated and shifted by one `lax.pad`, then summed."""
+    stride, out = len(parts), None
+    for p, part in enumerate(parts):
+        config = [(0, 0, 0)] * part.ndim
+        config[axis] = (p, size - p - (part.shape[axis] - 1) * stride - 1, stride - 1)
+        padded = lax.pad(part, jnp.zeros((), part.dtype), config)
+        out = padded if out is None else out + padded
+    return out
 
 
 class ConvTranspose2D(nn.Module):

@@ -14,6 +14,7 @@ the block.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -35,6 +36,9 @@ CONV_IMPLS = ("xla", "matmul", "auto")
 AUTO_MAX_OUTPUT_POSITIONS = 4
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("conv_impl_suspended",
+                                                                  default=False)
 
 
 def _is_nhwc_2d(dimension_numbers: Any, ndim: int) -> bool:
@@ -77,8 +81,9 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
     (top, bottom), (left, right) = pads
     h_out = (h + top + bottom - d_h * (kh - 1) - 1) // st_h + 1
     w_out = (w + left + right - d_w * (kw - 1) - 1) // st_w + 1
-    if h_out <= 0 or w_out <= 0:
-        raise ValueError(f"patches_matmul_conv: empty output {h_out}x{w_out} for input {h}x{w}")
+    if h_out <= 0 or w_out <= 0:  # the window exceeds the padded input: lax's empty output
+        return jnp.zeros((n, max(h_out, 0), max(w_out, 0), features),
+                         preferred_element_type or jnp.result_type(x, kernel))
     # lax.pad also handles negative pads (cropping), as lax.conv_general_dilated does.
     x = lax.pad(x, jnp.zeros((), x.dtype),
                 ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
@@ -106,7 +111,8 @@ def conv_general_dilated_matmul(
 
     Cases `matmul_supported` rejects (grouped, transposed, non-NHWC/3-D) and, when
     `max_output_positions` is given, outputs with more than that many spatial positions are
-    passed to `lax.conv_general_dilated` unchanged.
+    passed to `lax.conv_general_dilated` unchanged. An empty output (a window larger than the
+    padded input, or a zero-size dimension) is an empty array of that shape, as in `lax`.
     """
     def delegate() -> Array:
         return lax.conv_general_dilated(
@@ -163,12 +169,14 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
     """Within the block, every `nn.Conv` (exactly that class, shared weights, no custom
     `conv_general_dilated`) computes its convolution with `impl`'s function.
 
-    Works on modules built outside the block and under `jit` tracing. The choice is made when
-    a function is traced, so wrap the tracing (e.g. `.lower()` or the first call) in the block;
-    JAX caches traces per function object, so a function already traced (or `make_jaxpr`-ed)
-    on one side of the block replays that trace on the other. Parameters, their names and
-    initialization are untouched: the interceptor only swaps the convolution primitive for the
-    duration of each call. Default "auto": the fastest measured on CPU (docs/performance.md).
+    Works on modules built outside the block and under `jit` tracing; `xla_convolutions()`
+    suspends it (`cnnjax.analysis` traces the network, not its CPU lowering). The choice is made
+    when a function is traced, so wrap the tracing (e.g. `.lower()` or the first call) in the
+    block; JAX caches traces per function object, so a function already traced (or
+    `make_jaxpr`-ed) on one side of the block replays that trace on the other. Parameters,
+    their names and initialization are untouched: the interceptor only swaps the convolution
+    primitive for the duration of each call. Default "auto": the fastest measured on CPU
+    (docs/performance.md).
     """
     function = conv_function(impl)
     if function is None:
@@ -178,7 +186,7 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict,
                     context: nn.module.InterceptorContext) -> Any:
         module = context.module
-        if (context.method_name != "__call__" or type(module) is not nn.Conv
+        if (_SUSPENDED.get() or context.method_name != "__call__" or type(module) is not nn.Conv
                 or module.conv_general_dilated is not None
                 or module.conv_general_dilated_cls is not None):
             return next_fun(*args, **kwargs)
@@ -191,3 +199,15 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within the block, every enclosing `conv_impl` is suspended: `nn.Conv` runs XLA's own
+    convolution. `cnnjax.analysis` traces under it, so a summary describes the network's
+    convolutions (exact receptive fields and MACs), not their patches + matmul lowering."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)

@@ -191,8 +191,11 @@ def roi_spatial_pyramid_pool(
 
     Level `l` is `roi_pool` of the box into `l x l` bins; each level is flattened in (row,
     column, channel) order and the levels are concatenated, the layout of
-    `pooling.spatial_pyramid_pool` (which equals this for a box covering the whole map). Fast
-    R-CNN's RoI pooling is the one-level case.
+    `pooling.spatial_pyramid_pool`. On an `H x W` map this equals `spatial_pyramid_pool(features,
+    levels, "max")` for the box `(0, 0, (W - 1)/spatial_scale, (H - 1)/spatial_scale)`, whose
+    corners round to the first and the last cell; the image-size box `(0, 0, W/spatial_scale,
+    H/spatial_scale)` spans one more (clipped) cell per axis, so its bins differ. Fast R-CNN's
+    RoI pooling is the one-level case.
     """
     owner = "roi_spatial_pyramid_pool"
     levels = check_pyramid_levels(owner, levels)

@@ -31,6 +31,24 @@ def test_bad_inputs_are_named():
         confusion_matrix([0], [0], 0)
 
 
+def test_non_integer_and_multi_dimensional_inputs_are_refused_not_truncated():
+    # 0.7 and 1.9 used to count silently as classes 0 and 1.
+    with pytest.raises(ValueError, match=r"^confusion_matrix: predictions='values like \[0.7, "
+                                         r"1.9\]' is invalid; expected integer class indices"):
+        confusion_matrix([0, 1], np.array([0.7, 1.9]), 3)
+    with pytest.raises(ValueError, match=r"^confusion_matrix: labels='values like \[nan\]'"):
+        confusion_matrix([np.nan, 1.0], [0, 1], 3)
+    with pytest.raises(ValueError, match=r"^confusion_matrix: labels.dtype='bool' is invalid; "
+                                         r"expected integer class indices"):
+        confusion_matrix(np.array([True, False]), [0, 1], 3)
+    with pytest.raises(ValueError, match=r"^confusion_matrix: labels.shape=\(2, 2\) is invalid; "
+                                         r"expected a 1-D array of class indices"):
+        confusion_matrix(np.zeros((2, 2), int), np.zeros((2, 2), int), 3)
+    # Integral floats are class indices: the same matrix as their integer form.
+    np.testing.assert_array_equal(confusion_matrix([0.0, 2.0], [2.0, 2.0], 3),
+                                  confusion_matrix([0, 2], [2, 2], 3))
+
+
 def test_plot_writes_a_png(tmp_path):
     matrix = confusion_matrix([0, 1, 1, 2], [0, 1, 2, 2], 3)
     path = plot_confusion_matrix(matrix, str(tmp_path / "c.png"), title="t")

@@ -15,6 +15,8 @@ from cnnjax.analysis.receptive_field import (
     union,
 )
 from cnnjax.analysis.summary import summary
+from cnnjax.layers import ConvTranspose2D, LocallyConnected2D, TiledConv2D
+from cnnjax.layers.conv_impl import conv_impl
 from tests.examples import AlexNetLike, VGGLike
 
 ONES = nn.initializers.ones
@@ -164,3 +166,110 @@ def test_alexnet_like_final_field():
 def test_errors(layers, message):
     with pytest.raises(ValueError, match=message):
         stack_receptive_field(layers)
+
+
+def _assert_support_is_field(model, shape, positions):
+    """Every output in `positions` depends on exactly the input rows/columns of its field
+    (all-ones kernels on positive inputs: no cancellation), and the trace adds no note."""
+    result = summary(model, shape)
+    field = result.receptive_field
+    assert result.notes == []
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    fn = lambda x: model.apply(variables, x)
+    for i, j in positions:
+        spans = _support(fn, x, (0, i, j, 0))
+        for (lo, hi), pos, size, jump, start, n in zip(
+            spans, (i, j), field.size, field.jump, field.start, shape[:2], strict=True
+        ):
+            centre = start + pos * jump
+            expected = (max(0, centre - (size - 1) / 2), min(n - 1, centre + (size - 1) / 2))
+            assert (lo, hi) == expected, (i, j, field)
+    return field
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "expected"),
+    [
+        # One 3x3 kernel set per output position: the field is the 3x3 window (the reshape to
+        # (blocks, tile) used to make it the whole 12x12 input).
+        (TiledConv2D(1, 3, tile_size=2, kernel_init=ONES), (12, 12, 1), ((3, 3), (1, 1), (1, 1))),
+        (TiledConv2D(1, (3, 2), tile_size=(3, 2), strides=2, padding=1, kernel_init=ONES),
+         (13, 12, 1), ((3, 2), (2, 2), (0, -0.5))),
+        (TiledConv2D(1, 3, tile_size=(2, 3), dilation=2, padding=2, padding_mode="reflect",
+                     kernel_init=ONES), (11, 11, 1), ((5, 5), (1, 1), (0, 0))),
+        (LocallyConnected2D(1, 3, kernel_init=ONES), (10, 10, 1), ((3, 3), (1, 1), (1, 1))),
+        (LocallyConnected2D(1, (5, 3), strides=(2, 1), padding=1, padding_mode="replicate",
+                            kernel_init=ONES), (12, 9, 1), ((5, 3), (2, 1), (1, 0))),
+    ],
+)
+def test_tiled_and_locally_connected_fields_equal_gradient_support(layer, shape, expected):
+    border = [(0, 0), (1, 3)] if layer.padding_mode == "zeros" else []  # else padding repeats
+    field = _assert_support_is_field(layer, shape, [(2, 3), (3, 2), (4, 4), *border])
+    assert tuple(field) == expected
+
+
+@pytest.mark.parametrize(
+    ("layer", "expected"),
+    [
+        (ConvTranspose2D(1, 3, strides=2, kernel_init=ONES), 2),
+        (ConvTranspose2D(1, 4, strides=2, padding=1, kernel_init=ONES), 2),
+        (ConvTranspose2D(1, 3, strides=2, padding=1, output_padding=1, kernel_init=ONES), 2),
+        (ConvTranspose2D(1, 5, strides=3, padding=2, kernel_init=ONES), 2),
+        # Taps 0, 2, 4 at stride 2: even outputs see 3 inputs, odd ones none.
+        (ConvTranspose2D(1, 3, strides=2, dilation=2, kernel_init=ONES), 3),
+        (ConvTranspose2D(1, 3, kernel_init=ONES), 3),
+    ],
+)
+def test_cnnjax_transposed_conv_field_is_max_gradient_support(layer, expected):
+    """`ConvTranspose2D` (cnnjax's, over an input-dilated conv): the size is the widest gradient
+    support over interior outputs of every phase, the jump 1/stride."""
+    shape = (9, 9, 1)
+    field = receptive_field(layer, shape)
+    stride = layer.strides
+    assert field.size == (expected, expected) and field.jump == (1 / stride,) * 2
+    x = jnp.ones((1, *shape))
+    variables = layer.init(jax.random.key(0), x)
+    jac = np.asarray(jax.jacrev(lambda x: layer.apply(variables, x))(x))[0, :, :, 0, 0, :, :, 0]
+    widths = [0]
+    for o in range(5, jac.shape[0] - 5):  # interior outputs, every phase
+        rows = np.nonzero(jac[o, o].sum(axis=1))[0]
+        widths.append(rows.max() - rows.min() + 1 if rows.size else 0)
+    assert max(widths) == expected
+
+
+def test_splitting_a_spatial_axis_is_noted_not_silent():
+    """A space-to-depth reshape is no window op: the field becomes the whole axis, with a note."""
+
+    def space_to_depth(x):
+        n, h, w, c = x.shape
+        y = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+        return y.reshape(n, h // 2, w // 2, 4 * c)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(2, (1, 1))(space_to_depth(x))
+
+    result = summary(Net(), (8, 8, 1))
+    assert result.receptive_field.size == (8, 8)
+    assert any("split across array axes" in n for n in result.notes)
+
+
+class _ConvStride2(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(4, (3, 3), padding="VALID")(x)
+        return nn.Conv(4, (3, 3), strides=2, padding="VALID")(x)
+
+
+@pytest.mark.parametrize("impl", ["matmul", "auto"])
+def test_analysis_traces_xla_convolutions_inside_conv_impl(impl):
+    """`conv_impl` changes the CPU lowering, not the network: the same field (3x3 then 3x3/2:
+    size 5, jump 2, start 2), MACs and rows, without notes."""
+    plain = summary(_ConvStride2(), (8, 8, 3))
+    with conv_impl(impl):
+        rerouted = summary(_ConvStride2(), (8, 8, 3))
+        assert receptive_field(_ConvStride2(), (8, 8, 3)) == ((5, 5), (2, 2), (2, 2))
+    assert rerouted.receptive_field == plain.receptive_field == ((5, 5), (2, 2), (2, 2))
+    assert rerouted.rows == plain.rows and rerouted.notes == []

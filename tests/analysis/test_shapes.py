@@ -15,6 +15,7 @@ from cnnjax.analysis.shapes import (
     pool_output_size,
     same_padding,
 )
+from cnnjax.layers.pooling import max_pool2d
 
 
 def test_same_size_3x3():
@@ -76,6 +77,24 @@ def test_ceil_mode_follows_pytorch():
     assert conv_output_size(5, 2, 2, padding=1, ceil_mode=True) == 3
     assert conv_output_size(6, 3, 2, ceil_mode=True) == 3
     assert pool_output_size(6, 2) == 3
+
+
+def test_pool_padding_is_at_most_half_the_kernel_as_max_pool2d():
+    """pool_output_size refuses exactly the paddings max_pool2d refuses, and agrees elsewhere."""
+    with pytest.raises(ValueError, match=r"^pool_output_size: padding=3 is invalid; expected at "
+                                         r"most half the kernel size 2, as max_pool2d\.$"):
+        pool_output_size(5, 2, 2, 3)
+    for size, kernel, stride, padding, ceil in itertools.product(
+            (5, 8), (1, 2, 3), (1, 2, 3), (0, 1, 2), (False, True)):
+        x = jnp.zeros((1, size, size, 1))
+        if 2 * padding > kernel:
+            with pytest.raises(ValueError, match="padding"):
+                max_pool2d(x, kernel, stride, padding)
+            with pytest.raises(ValueError, match=r"^pool_output_size: padding="):
+                pool_output_size(size, kernel, stride, padding, ceil)
+        else:
+            out = max_pool2d(x, kernel, stride, padding, ceil).shape[1]
+            assert pool_output_size(size, kernel, stride, padding, ceil) == out
 
 
 def test_transpose_size_formula_and_xla():

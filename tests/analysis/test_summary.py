@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cnnjax.analysis.summary import summary
-from cnnjax.layers.conv import Conv2D, ConvTranspose2D
+from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
 from cnnjax.models.fcn import bilinear_upsample
 from tests.examples import (
     EXAMPLES,
@@ -230,6 +230,42 @@ def test_transposed_conv_macs_count_real_input_elements_only():
     # corner-aligned kernel input 0 reaches outputs -31..31, 32 of them kept, and inputs 1, 2
     # all 63 (outputs 1..63, 33..95): (32 + 63) rows * (32 + 63 + 63) columns * 5 channels.
     assert corner_flops == 2 * (32 + 63) * (32 + 63 + 63) * 5
+
+
+class _LocalAndTiled(nn.Module):
+    """LocallyConnected2D then TiledConv2D: layers that gather patches, then contract them."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = LocallyConnected2D(5, 3, name="local")(x)
+        return TiledConv2D(6, 3, tile_size=(2, 3), strides=2, padding=1, name="tiled")(x)
+
+
+def test_patch_gather_layers_count_only_their_dense_macs():
+    """MACs are the dense multiply-accumulates: the patch extraction (a one-hot convolution, an
+    exact gather) adds none, and a tiled conv is not charged for padding to a tile multiple."""
+    # 10x10x4, k=3, F=5: 8*8 positions * 36 taps * 5 = 11,520 (the gather conv is 20,736 more).
+    assert summary(LocallyConnected2D(5, 3), (10, 10, 4)).totals["macs"] == 8 * 8 * 36 * 5
+    # tile 3 on an 8x8 output (not a multiple of 3): still 8*8*36*5, as one ordinary conv.
+    tiled = summary(TiledConv2D(5, 3, tile_size=3), (10, 10, 4)).totals["macs"]
+    assert tiled == 8 * 8 * 36 * 5 == summary(Conv2D(5, 3), (10, 10, 4)).totals["macs"]
+    # Each layer is one row: 8x8x5 -> 3x3 stride-2 pad-1 conv -> 4x4 positions * 45 taps * 6.
+    result = summary(_LocalAndTiled(), (10, 10, 4))
+    assert [(r.name, r.macs) for r in result.rows] == [("local", 11_520),
+                                                       ("tiled", 4 * 4 * 45 * 6)]
+    assert [r.params for r in result.rows] == [8 * 8 * (36 * 5 + 5), 2 * 3 * (45 * 6 + 6)]
+    assert result.notes == []
+    # FLOPs stay XLA's count, which includes the gathers' one-hot products.
+    xla, _ = _xla_flops(_LocalAndTiled(), (10, 10, 4))
+    assert result.totals["flops"] == pytest.approx(xla, rel=0.01)
+
+
+def test_grouped_padded_transposed_conv_macs_by_hand():
+    # Each of the 5x5 input elements meets all 3x3 taps, C_in/groups * C_out = 1 * 4 pairs.
+    result = summary(ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1, groups=2),
+                     (5, 5, 2))
+    assert result.rows[0].output_shape == (1, 10, 10, 4)
+    assert result.totals["macs"] == 5 * 5 * 9 * 1 * 4
 
 
 def test_shared_module_counted_once():

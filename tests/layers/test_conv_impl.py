@@ -20,6 +20,7 @@ from cnnjax.layers.conv_impl import (
     AUTO_MAX_OUTPUT_POSITIONS,
     conv_general_dilated_matmul,
     conv_impl,
+    xla_convolutions,
 )
 from cnnjax.models.resnet import BasicBlock, ResNet
 
@@ -124,6 +125,38 @@ def test_unsupported_cases_are_delegated_to_lax():
     ref = lax.conv_general_dilated(x, k, (1, 1), pads, lhs_dilation=(2, 2),
                                    dimension_numbers=NHWC)
     np.testing.assert_array_equal(dilated, ref)
+
+
+@pytest.mark.parametrize(
+    ("hw", "kernel", "strides", "padding", "dilation"),
+    [
+        ((2, 2), (3, 3), (1, 1), "VALID", (1, 1)),  # window larger than the input: 0x0
+        ((4, 5), (3, 3), (2, 2), ((-1, 0), (0, 0)), (2, 1)),  # cropped then dilated: 0 rows
+        ((3, 3), (2, 2), (1, 1), ((0, 0), (0, 0)), (1, 3)),  # dilated window too wide: 0 cols
+    ],
+)
+def test_empty_outputs_are_empty_arrays_as_in_lax(hw, kernel, strides, padding, dilation):
+    """Where lax returns an empty array, so does the drop-in (same shape and dtype), also jitted."""
+    x, k = random_pair(np.random.default_rng(5), 2, *hw, 3, *kernel, 4)
+    kwargs = dict(rhs_dilation=dilation, dimension_numbers=NHWC)
+    ref = lax.conv_general_dilated(x, k, strides, padding, **kwargs)
+    assert 0 in ref.shape
+    got = conv_general_dilated_matmul(x, k, strides, padding, **kwargs)
+    assert (got.shape, got.dtype) == (ref.shape, ref.dtype)
+    jitted = jax.jit(lambda x, k: conv_general_dilated_matmul(x, k, strides, padding, **kwargs))
+    assert jitted(x, k).shape == ref.shape
+
+
+def test_xla_convolutions_suspends_an_enclosing_conv_impl():
+    layer = nn.Conv(2, (3, 3))
+    x = jnp.ones((1, 2, 2, 1))
+    variables = layer.init(jax.random.key(0), x)
+    convs = lambda: primitives(lambda v: layer.apply(v, x), variables)["conv_general_dilated"]
+    with conv_impl("matmul"):
+        assert convs() == 0
+        with xla_convolutions():
+            assert convs() == 1
+        assert convs() == 0
 
 
 def test_max_output_positions_picks_matmul_only_for_small_outputs():

@@ -148,6 +148,30 @@ def test_pooling_matches_numpy_reference(size, kernel, stride, padding, ceil_mod
 
 
 @pytest.mark.parametrize(
+    "size,kernel,stride,padding",
+    [(9, 2, 3, 0), (10, 2, 3, 1), (11, 3, 5, 1), (7, 1, 2, 0), (12, 2, 4, 1),
+     ((9, 13), (2, 3), (3, 4), (1, 1))],
+)
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_stride_larger_than_kernel_matches_torch(size, kernel, stride, padding, ceil_mode):
+    """Windows that skip pixels (stride > kernel) against torch.nn.functional's pooling."""
+    torch = pytest.importorskip("torch")
+    hw = size if isinstance(size, tuple) else (size, size)
+    x = _random((2, *hw, 3), seed=5)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    to_nhwc = lambda y: y.numpy().transpose(0, 2, 3, 1)
+    want = to_nhwc(torch.nn.functional.max_pool2d(xt, kernel, stride, padding,
+                                                  ceil_mode=ceil_mode))
+    got = max_pool2d(x, kernel, stride, padding, ceil_mode)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    for include in (True, False):
+        want = to_nhwc(torch.nn.functional.avg_pool2d(xt, kernel, stride, padding, ceil_mode,
+                                                      count_include_pad=include))
+        got = avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad=include)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
     "size,kernel,stride,padding,floor_out,ceil_out",
     [
         (112, 3, 2, 0, 55, 56),  # GoogLeNet's overlapping 3x3/s2 pooling rounds up.

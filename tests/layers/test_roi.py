@@ -273,6 +273,13 @@ def test_roi_spp_of_the_whole_map_is_the_image_level_spatial_pyramid_pool():
     whole = np.array([[0.0, 0.0, 8.0, 10.0]] * 2, np.float32)  # last cell (8, 10) included
     got = roi_spatial_pyramid_pool(feats, whole, np.array([0, 1]), (1, 2, 3, 6))
     np.testing.assert_array_equal(got, spatial_pyramid_pool(feats, (1, 2, 3, 6)))
+    # The same box at spatial_scale 1/4 is (0, 0, (W - 1) * 4, (H - 1) * 4): equal again.
+    got = roi_spatial_pyramid_pool(feats, whole * 4, np.array([0, 1]), (1, 2, 3, 6), 0.25)
+    np.testing.assert_array_equal(got, spatial_pyramid_pool(feats, (1, 2, 3, 6)))
+    # The image-size box (0, 0, W, H) spans 10x12 cells (the last one clipped): other bins.
+    image = np.array([[0.0, 0.0, 9.0, 11.0]] * 2, np.float32)
+    got = roi_spatial_pyramid_pool(feats, image, np.array([0, 1]), (2,))
+    assert not np.array_equal(got, spatial_pyramid_pool(feats, (2,)))
 
 
 def test_roi_spp_under_jit_and_its_errors():
