@@ -107,16 +107,16 @@ class TransferPlan:
         if not _is_list(budgets) or not budgets:
             raise invalid(_OWNER, "budgets", budgets,
                           f"expected a non-empty list of values for {budget_field!r}")
-        try:
-            space_lib.check_fields(target, space_lib.grid({budget_field: list(budgets)}))
-        except ValueError as err:
-            raise ValueError(f"transfer: budget_field={budget_field!r} / budgets={budgets!r} "
-                             f"do not fit the target config: {err}") from None
         self.budgets = list(budgets)
         slugs = [budget_slug(b) for b in self.budgets]
         if len(set(slugs)) != len(slugs):
             raise invalid(_OWNER, "budgets", self.budgets,
                           f"expected distinct values (their directory names are {slugs})")
+        try:
+            space_lib.check_fields(target, space_lib.grid({budget_field: list(budgets)}))
+        except ValueError as err:
+            raise ValueError(f"transfer: budget_field={budget_field!r} / budgets={budgets!r} "
+                             f"do not fit the target config: {err}") from None
         self.slugs = dict(zip(slugs, self.budgets, strict=True))
         self.overrides = _check_overrides(overrides, self.arms, target, budget_field)
         _check_configs(source, target)

@@ -217,7 +217,7 @@ def test_unknown_dataset_lists_valid_names(digits_config):
     config.name = "svhn"
     _expect(r"data: name='svhn' is invalid; expected one of \['cifar10', 'cifar100', "
             r"'digits', 'fake', 'fashion_mnist', 'imagenet2012', 'imagenette', 'mnist', "
-            r"'shapes', 'voc2007', 'voc2012'\]",
+            r"'oxford_iiit_pet', 'shapes', 'voc2007', 'voc2012'\]",
             get_dataset_info, config)
 
 

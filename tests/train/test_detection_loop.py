@@ -273,7 +273,7 @@ def test_workdirs_from_before_the_task_field_still_resume(tmp_path):
     del saved["task"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     summary = loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
-    assert summary["status"] == "completed" and summary["resumed_from_step"] == 12
+    assert summary["status"] == "completed" and summary["step"] == 12  # finished: left as is
     saved["task"] = "detection"  # a real difference is still refused
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"incompatible config \(task: 'detection' -> "
