@@ -261,6 +261,12 @@ def hide_gpus_from_tensorflow() -> None:
                             "the input pipeline; it may hold GPU memory that JAX needs.")
 
 
+def _split_field(spec: _Spec, split: str) -> str:
+    """The config field a split string came from, to name it in errors."""
+    return ("train_split" if split == spec.train_split
+            else "eval_split" if split == spec.eval_split else "split")
+
+
 class _Source:
     """Raw examples of one dataset: `{'image': encoded bytes or uint8 HWC, 'label': int}`."""
 
@@ -306,6 +312,7 @@ class _TfdsSource(_Source):
                              "using its copy", spec.tfds_name)
         self.builder = builder
         self.name = preset.name
+        self._spec = spec
         features = builder.info.features
         self._image_feature = features["image"]
         self.num_classes = self._num_classes(spec, features)
@@ -328,7 +335,7 @@ class _TfdsSource(_Source):
         try:
             return int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
         except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise invalid(_OWNER, "split", split,
+            raise invalid(_OWNER, _split_field(self._spec, split), split,
                           f"{self.builder.name!r} has splits {list(self.builder.info.splits)} "
                           f"(slices like 'train[:90%]' also work) [{e}]") from None
 
@@ -369,6 +376,7 @@ class _FakeSource(_Source):
 
     def __init__(self, spec: _Spec):
         self.name = "fake"
+        self._spec = spec
         self.num_classes = spec.fake_num_classes
         self.native_shape = spec.fake_image_shape
         preset = spec.preset
@@ -378,7 +386,8 @@ class _FakeSource(_Source):
 
     def _bounds(self, split: str, shard: tuple[int, int]) -> tuple[int, int]:
         if split not in self._sizes:
-            raise invalid(_OWNER, "split", split, f"'fake' has splits {list(self._sizes)}")
+            raise invalid(_OWNER, _split_field(self._spec, split), split,
+                          f"'fake' has splits {list(self._sizes)}")
         n, (index, count) = self._sizes[split], shard
         return index * n // count, (index + 1) * n // count
 
@@ -704,6 +713,8 @@ def check_train_layout(global_batch_size: Any, num_devices: Any, seed: Any, star
     """Validates the batch layout, `seed` and `start_step` of a `train_batches` call."""
     _check_layout(global_batch_size, num_devices, process_index, process_count)
     check_non_negative_int(_OWNER, "seed", seed)
+    if seed >= 2**63:  # the shuffle seeds are int64: larger seeds would alias smaller ones
+        raise invalid(_OWNER, "seed", seed, "expected 0 <= seed < 2**63")
     check_non_negative_int(_OWNER, "start_step", start_step)
 
 
@@ -808,13 +819,14 @@ def padded_eval_batches(spec: _Spec, source: _Source,
     def with_mask(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {**preprocess(ex), "mask": tf.constant(1.0, tf.float32)}
 
-    ds = source.read(spec.eval_split, shard).map(with_mask, num_parallel_calls=_AUTOTUNE)
-    ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(_options())
     empty = {**empty, "mask": np.zeros((0,), np.float32)}
     count = 0
-    for batch in ds.as_numpy_iterator():
-        yield _device_reshape(_pad(batch, process_batch), num_devices)
-        count += 1
+    if source.num_examples(spec.eval_split, shard):  # more processes than examples: none here
+        ds = source.read(spec.eval_split, shard).map(with_mask, num_parallel_calls=_AUTOTUNE)
+        ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(_options())
+        for batch in ds.as_numpy_iterator():
+            yield _device_reshape(_pad(batch, process_batch), num_devices)
+            count += 1
     for _ in range(count, num_batches):  # Shorter shard than another process's: all padding.
         yield _device_reshape(_pad(empty, process_batch), num_devices)
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import itertools
 import os
 import re
 import time
+import zipfile
 from typing import Any
 
 import ml_collections
@@ -36,6 +38,7 @@ from cnnjax.utils.validation import check_choice, check_positive_int, invalid
 _OWNER = "data.proposals"
 METHODS = ("selective_search",)
 DEFAULT_MAX_PROPOSALS = 256
+MAX_PROPOSALS_LIMIT = 10_000
 FIELDS = ("method", "strategy", "scale", "max_proposals")
 
 
@@ -60,8 +63,13 @@ class ProposalSpec:
     max_proposals: int
 
     def cache_path(self, builder: Any, split: str) -> str:
+        """`<data dir>/proposals/<split>-<settings>.npz`; a split string with characters a file
+        name cannot hold (a slice such as `train[:90%]`) gets a hash of its exact text, so
+        `train[:90%]` and `train[90%:]` never share a file."""
         split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
-        name = (f"{split_name}-{self.method}-{self.strategy}-x{self.scale:g}"
+        if split_name != split:
+            split_name += "-" + hashlib.sha1(split.encode()).hexdigest()[:8]
+        name = (f"{split_name}-{self.method}-{self.strategy}-x{self.scale:.10g}"
                 f"-max{self.max_proposals}.npz")
         return os.path.join(builder.data_dir, "proposals", name)
 
@@ -85,6 +93,10 @@ def proposal_spec(config: Any) -> ProposalSpec | None:
         unset[name] if fields.get(name) is None else fields[name] for name in unset)
     check_settings(_OWNER, strategy, scale)
     check_positive_int(_OWNER, "max_proposals", max_proposals)
+    if max_proposals > MAX_PROPOSALS_LIMIT:
+        raise invalid(_OWNER, "max_proposals", max_proposals,
+                      f"expected at most {MAX_PROPOSALS_LIMIT:,} (R-CNN uses ~2,000; the cache "
+                      "holds max_proposals boxes per image)")
     return ProposalSpec(fields["method"], strategy, float(scale), max_proposals)
 
 
@@ -144,17 +156,32 @@ def compute_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable
         counts=np.asarray([r[1] for r in results], np.int32))
 
 
+def _read_cache(path: str, split: str) -> ProposalTable | None:
+    """The table cached at `path` for `split`; None (with a warning) for a file that is
+    unreadable (a partial copy) or was written for another split."""
+    try:
+        with np.load(path) as cached:
+            if "split" in cached and str(cached["split"]) != split:
+                raise ValueError(f"it holds the proposals of split {str(cached['split'])!r}")
+            return ProposalTable(cached["keys"], cached["boxes"], cached["counts"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        logging.warning("cnnjax.data: ignoring the proposals cache %s (%s: %s); recomputing it.",
+                        path, type(err).__name__, err)
+        return None
+
+
 def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
-    """The cached table of `split`, computed and cached first if missing."""
+    """The cached table of `split`, computed and cached (atomically) first if missing or
+    unusable."""
     path = spec.cache_path(builder, split)
-    if not os.path.exists(path):
-        table = compute_table(builder, split, spec)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_file(path, "wb") as f:
-            np.savez(f, keys=table.keys, boxes=table.boxes, counts=table.counts)
+    if os.path.exists(path) and (table := _read_cache(path, split)) is not None:
         return table
-    with np.load(path) as cached:
-        return ProposalTable(cached["keys"], cached["boxes"], cached["counts"])
+    table = compute_table(builder, split, spec)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_file(path, "wb") as f:
+        np.savez(f, keys=table.keys, boxes=table.boxes, counts=table.counts,
+                 split=np.asarray(split))
+    return table
 
 
 class ProposalLookup:

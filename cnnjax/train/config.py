@@ -251,6 +251,9 @@ def validate_config(config: Any) -> None:
     if config.get("eval_batch_size") is not None:
         check_positive_int("config", "eval_batch_size", config.eval_batch_size)
     check_positive_int("config", "num_train_steps", config.num_train_steps)
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise invalid("config", "seed", seed, "expected an integer 0 <= seed < 2**63")
     for name in (
         "log_every_steps",
         "eval_every_steps",

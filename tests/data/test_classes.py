@@ -144,7 +144,7 @@ def test_wrongly_typed_values_are_refused():
 
 def test_unknown_split_is_named_with_a_subset(digits_config):
     with pytest.raises(ValueError, match=re.escape(
-            "data: split='validation' is invalid; 'digits' has splits ['train', 'test']")):
+            "data: eval_split='validation' is invalid; 'digits' has splits ['train', 'test']")):
         get_dataset_info(digits_config(classes=TARGET, eval_split="validation"))
 
 

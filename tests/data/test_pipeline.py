@@ -188,6 +188,15 @@ def test_eval_process_shards_partition_the_split(digits_config):
     assert len(keys) == len(set(keys)) == 10
 
 
+def test_more_processes_than_eval_examples_pad_the_empty_shards(digits_config):
+    config = digits_config(eval_split="test[:2]")
+    shards = [list(eval_batches(config, global_batch_size=4, num_devices=1, process_index=p,
+                                process_count=4)) for p in range(4)]
+    assert [len(s) for s in shards] == [1, 1, 1, 1]
+    assert [float(s[0]["mask"].sum()) for s in shards] == [1.0, 1.0, 0.0, 0.0]
+    assert not shards[3][0]["image"].any()
+
+
 def test_fake_dataset(tmp_path):
     config = pipeline.default_data_config("fake")
     config.fake_image_shape = (12, 10, 3)
@@ -237,7 +246,7 @@ def test_config_field_errors(digits_config):
     config.imag_size = 32
     _expect(r"data: fields=\['imag_size'\] is invalid; expected only \['augment', 'cache'",
             get_dataset_info, config)
-    _expect(r"data: split='validation' is invalid; 'digits' has splits \['train', 'test'\]",
+    _expect(r"data: eval_split='validation' is invalid; 'digits' has splits \['train', 'test'\]",
             get_dataset_info, digits_config(eval_split="validation"))
 
 
@@ -251,7 +260,7 @@ def test_config_type_and_name_errors(digits_dir):
                 {"name": "digits", "data_dir": digits_dir, "tfds_name": "no_such_dataset"}))
     fake = pipeline.default_data_config("fake")
     fake.eval_split = "validation"
-    _expect(r"data: split='validation' is invalid; 'fake' has splits \['train', 'test'\]",
+    _expect(r"data: eval_split='validation' is invalid; 'fake' has splits \['train', 'test'\]",
             get_dataset_info, fake)
     fake = pipeline.default_data_config("fake")
     fake.fake_num_train = 0

@@ -131,7 +131,7 @@ def test_cifar10_info_and_split_slices(cifar_dir):
         assert info == pipeline.DatasetInfo("cifar10", 10, (32, 32, 3), 24, 12)
         assert get_dataset_info(_config("cifar10", cifar_dir, train_split="train[:50%]",
                                          eval_split="train[50%:]")).num_train == 12
-        with pytest.raises(ValueError, match=r"data: split='valid' is invalid; 'cifar10' has "
+        with pytest.raises(ValueError, match=r"data: eval_split='valid' is invalid; 'cifar10' has "
                                              r"splits \['train', 'test'\]"):
             get_dataset_info(_config("cifar10", cifar_dir, eval_split="valid"))
 

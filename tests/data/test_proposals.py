@@ -30,8 +30,11 @@ def test_unset_means_no_proposals_and_defaults_fill_in():
                                     max_proposals=64))
     assert spec == pl.ProposalSpec("selective_search", "quality", 2.0, 64)
     builder = types.SimpleNamespace(data_dir="/data/shapes_multi/1.0.0")
-    assert spec.cache_path(builder, "train[:10%]") == (
-        "/data/shapes_multi/1.0.0/proposals/train_10_-selective_search-quality-x2-max64.npz")
+    assert spec.cache_path(builder, "train") == (
+        "/data/shapes_multi/1.0.0/proposals/train-selective_search-quality-x2-max64.npz")
+    sliced = {spec.cache_path(builder, s) for s in ("train[:90%]", "train[90%:]", "train[:90]")}
+    assert len(sliced) == 3  # one file name would serve the wrong examples
+    assert all(os.path.basename(p).startswith("train_90_-") for p in sliced)
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -45,6 +48,8 @@ def test_unset_means_no_proposals_and_defaults_fill_in():
      "data.proposals: max_proposals=-1 is invalid; expected a positive integer."),
     ({"method": "selective_search", "max_proposals": 0},
      "data.proposals: max_proposals=0 is invalid; expected a positive integer."),
+    ({"method": "selective_search", "max_proposals": 10**9},
+     "data.proposals: max_proposals=1000000000 is invalid; expected at most 10,000"),
     ({"method": "selective_search", "strategy": ""},
      "data.proposals: strategy='' is invalid; expected one of ['fast', 'quality']."),
 ])
@@ -99,6 +104,30 @@ def test_the_cache_is_computed_once(tmp_path, monkeypatch):
         spec.cache_path(builder, "train"))]  # no temp file left behind
     pl.load_table(builder, "test", spec)
     assert calls == ["train", "test"]  # one cache per split
+
+
+def test_an_unreadable_or_foreign_cache_is_recomputed(tmp_path, monkeypatch, caplog):
+    calls = []
+
+    def compute(builder, split, spec):
+        calls.append(split)
+        return _table(spec.max_proposals)
+
+    monkeypatch.setattr(pl, "compute_table", compute)
+    builder = types.SimpleNamespace(data_dir=str(tmp_path))
+    spec = pl.ProposalSpec("selective_search", "fast", 1.0, 3)
+    path = spec.cache_path(builder, "train")
+    pl.load_table(builder, "train", spec)
+    with open(path, "r+b") as f:  # a partial copy
+        f.truncate(300)
+    table = pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train"] and "recomputing it" in caplog.text
+    np.testing.assert_array_equal(table.boxes, _table(3).boxes)
+    other = pl.load_table(builder, "test", spec)  # written for "test" ...
+    os.replace(spec.cache_path(builder, "test"), path)  # ... then found under "train"'s name
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train", "test", "train"] and other.keys.size == 2
+    assert "it holds the proposals of split 'test'" in caplog.text
 
 
 def test_lookup_joins_by_tfds_id():

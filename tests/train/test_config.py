@@ -78,6 +78,8 @@ def _raises(config, tmp_path, message):
         ),
         ("num_classes", 7, "config: num_classes=7 is invalid; dataset 'synthetic' has 4 classes"),
         ("num_devices", 64, "config: num_devices=64 is invalid; only"),
+        ("seed", -1, "config: seed=-1 is invalid; expected an integer 0 <= seed < 2**63."),
+        ("seed", 2**63, "config: seed=9223372036854775808 is invalid; expected an integer"),
         ("num_devices", -1, "config: num_devices=-1 is invalid; expected 0 (all local devices)"),
         ("eval_batch_size", 0, "config: eval_batch_size=0 is invalid; expected a positive"),
         ("log_every_steps", 0, "config: log_every_steps=0 is invalid; expected a positive"),

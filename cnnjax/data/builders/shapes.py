@@ -185,7 +185,9 @@ class ShapesMulti(tfds.core.GeneratorBasedBuilder):
     """tfds builder for 64x64 scenes of 1-4 shapes (registered as `shapes_multi`).
 
     `objects` holds every shape's box and class (detection); the image-level `label` is the class
-    of the largest shape (the first on ties), so the set also reads as a classification set.
+    of the shape with the largest bounding box (the first on ties; not the largest painted area,
+    which favours squares over crosses and triangles of the same box), so the set also reads as
+    a classification set.
     """
 
     VERSION = tfds.core.Version("1.0.0")
