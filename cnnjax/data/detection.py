@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from cnnjax.data import pipeline
 from cnnjax.data import proposals as proposals_lib
@@ -242,9 +243,11 @@ def eval_batches(
 
     def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": transforms.eval(source.decode(ex["image"])),
-                **_targets(ex, hw, max_boxes, tf.constant(False), training=False)}
+                **_targets(ex, hw, max_boxes, tf.constant(False), training=False),
+                _NUM_OBJECTS: tf.shape(ex["classes"])[0]}
 
     empty = {
+        _NUM_OBJECTS: np.zeros((0,), np.int32),
         "image": np.zeros((0, *transforms.out_shape), np.float32),
         "boxes": np.zeros((0, max_boxes, 4), np.float32),
         "labels": np.zeros((0, max_boxes), np.int32),
@@ -256,6 +259,28 @@ def eval_batches(
         rows = source.proposals.max_proposals
         empty |= {"proposals": np.zeros((0, rows, 4), np.float32),
                   "proposal_valid": np.zeros((0, rows), bool)}
-    return pipeline.padded_eval_batches(
+    batches = pipeline.padded_eval_batches(
         spec, source, preprocess, empty, global_batch_size=global_batch_size,
         num_devices=num_devices, process_index=process_index, process_count=process_count)
+    return _warn_beyond_max_boxes(batches, max_boxes, spec.eval_split)
+
+
+_NUM_OBJECTS = "num_objects"  # eval only: objects per image before truncation to max_boxes
+
+
+def _warn_beyond_max_boxes(batches: Iterator[pipeline.Batch], max_boxes: int,
+                           split: str) -> Iterator[pipeline.Batch]:
+    """`batches` without their `num_objects`, warning after the pass when an image had more
+    objects than `max_boxes`: those are not scored, so mAP is against incomplete ground truth."""
+    most = dropped = images = 0
+    for batch in batches:
+        counts = batch.pop(_NUM_OBJECTS)
+        most = max(most, int(counts.max(initial=0)))
+        dropped += int(np.maximum(counts - max_boxes, 0).sum())
+        images += int((counts > max_boxes).sum())
+        yield batch
+    if dropped:
+        logging.warning(
+            "cnnjax.data: %d objects in %d images of eval split %r lie beyond data.max_boxes=%d "
+            "and are not scored (mAP against incomplete ground truth); set data.max_boxes >= %d.",
+            dropped, images, split, max_boxes, most)

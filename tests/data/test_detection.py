@@ -59,6 +59,22 @@ def test_shapes_multi_scenes(data_dir, stored_test):
 
 
 @pytest.mark.slow
+def test_objects_beyond_max_boxes_in_eval_are_reported(data_dir, stored_test, caplog):
+    """The eval scores only max_boxes objects per image: say how many were left out."""
+    batches = list(detection.eval_batches(_config(data_dir, max_boxes=2), global_batch_size=100,
+                                          num_devices=1))
+    assert set(batches[0]) == {"image", "boxes", "labels", "box_valid", "mask"}
+    counts = np.array([len(e["objects"]["label"]) for e in stored_test])
+    beyond = np.maximum(counts - 2, 0)
+    assert (f"{beyond.sum()} objects in {(beyond > 0).sum()} images of eval split 'test' lie "
+            "beyond data.max_boxes=2") in caplog.text
+    assert "set data.max_boxes >= 4" in caplog.text
+    caplog.clear()
+    list(detection.eval_batches(_config(data_dir), global_batch_size=100, num_devices=1))
+    assert "beyond data.max_boxes" not in caplog.text
+
+
+@pytest.mark.slow
 def test_eval_batches_are_the_stored_boxes_in_pixels(data_dir, stored_test):
     batches = list(detection.eval_batches(_config(data_dir), global_batch_size=64,
                                           num_devices=2))
