@@ -23,7 +23,8 @@ parameters), dropout before fc6 and fc7; 61,100,840 parameters at 1000 classes.
 `zfnet` is Zeiler & Fergus's network (Figure 3): conv1 96@7x7/2 (padding 1), 3x3/s2 max pool,
 contrast normalization, conv2 256@5x5/2, 3x3/s2 max pool, contrast normalization, conv3-5 3x3/p1,
 3x3/s2 max pool, fc6 4096, fc7 4096 (dropout 0.5), `head`. The default widths of conv3/4/5 are
-512/1024/512, the larger model of their Table 2 (14.8% top-5 as a single net); Figure 3's own
+512/1024/512, the larger model of their Table 2 (16.0% validation / 16.1% test top-5 as a single
+net; their 14.8% is a 6-net ensemble); Figure 3's own
 384/384/256 is `zfnet(widths=(96, 256, 384, 384, 256))`. Pooling uses ceil mode (Caffe's
 semantics), which reproduces Figure 3's map sizes 110-55-26-13-13-13-6 at 224x224. The paper
 normalizes "across feature maps" without constants; AlexNet's LRN constants are used, after the

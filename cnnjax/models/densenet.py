@@ -189,7 +189,7 @@ DenseNet169 = functools.partial(DenseNet, block_sizes=(6, 12, 32, 32))
 DenseNet201 = functools.partial(DenseNet, block_sizes=(6, 12, 48, 32))
 
 _REGISTER = functools.partial(
-    register_model, input_shape=(224, 224, 3), min_input_size=32, num_classes=1000, paper=_PAPER
+    register_model, input_shape=(224, 224, 3), min_input_size=29, num_classes=1000, paper=_PAPER
 )
 
 

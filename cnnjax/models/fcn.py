@@ -229,7 +229,7 @@ def fcn_params_from_vgg16(vgg_params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _REGISTER = functools.partial(
-    register_model, input_shape=(224, 224, 3), min_input_size=32, num_classes=21, paper=_PAPER,
+    register_model, input_shape=(224, 224, 3), min_input_size=1, num_classes=21, paper=_PAPER,
     task="segmentation",
 )
 

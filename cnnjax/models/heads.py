@@ -2,9 +2,9 @@
 
 Every cnnjax classification model names its final classifier `head` and has a `num_classes`
 field, so `replace_head` works for all of them: it clones the model with the new `num_classes`,
-re-initializes `head` with the model's own initializer, and copies every other parameter and all
-BatchNorm statistics unchanged. Layers whose shapes depend on `num_classes` outside `head` (FCN's
-skip-score and upsampling layers) are re-initialized too. `trainable_mask` / `freeze_backbone`
+re-initializes the head (`head`; FCN's skip-score and upsampling layers; GoogLeNet's auxiliary
+heads) with the model's own initializers, and copies every other parameter and all BatchNorm
+statistics unchanged. `trainable_mask` / `freeze_backbone`
 then restrict training to the new head (linear probing) or leave everything trainable
 (fine-tuning).
 """
@@ -57,9 +57,11 @@ def replace_head(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Returns `(new_model, new_variables)` for `num_classes` outputs.
 
-    `new_model` is `model.clone(num_classes=num_classes)`. In `new_variables` the `head` submodule
-    (and any other leaf whose shape depends on `num_classes`) is freshly initialized from `rng`
-    with the model's own initializers; every other leaf of every collection is the same array as
+    `new_model` is `model.clone(num_classes=num_classes)`. In `new_variables` the head (the
+    modules `trainable_mask` trains in a linear probe: `head`, FCN's score and upsampling
+    layers, GoogLeNet's `aux1/head` and `aux2/head`) and any other leaf whose shape depends on
+    `num_classes` are freshly initialized from `rng` with the model's own initializers, also
+    when `num_classes` is unchanged; every other leaf of every collection is the same array as
     in `variables`. `sample_input` is an input the model accepts (only its shape matters); by
     default the registered native input shapes of the model's class are tried in turn.
 
@@ -101,7 +103,7 @@ def replace_head(
     fresh_keys = sorted(
         k
         for k, shape in new_shapes.items()
-        if (k[0] == "params" and k[1] == "head") or shape != old_shapes[k]
+        if (k[0] == "params" and _in_head(k[1:], HEAD_MODULES)) or shape != old_shapes[k]
     )
 
     # Only the fresh leaves are outputs, so XLA prunes the initialization of everything else.
@@ -136,8 +138,14 @@ def trainable_mask(
             f"expected at least one head submodule among {list(head_names)}",
         )
     flat = flatten_dict(unfreeze(params))
-    mask = {k: bool(train_backbone or k[0] in head_names or "head" in k[1:-1]) for k in flat}
+    mask = {k: bool(train_backbone or _in_head(k, head_names)) for k in flat}
     return unflatten_dict(mask)
+
+
+def _in_head(path: tuple[str, ...], head_names: Sequence[str]) -> bool:
+    """Whether the parameter at `path` belongs to the head: a top-level module in `head_names`
+    or any nested module named `head` (GoogLeNet's `aux1/head`, `aux2/head`)."""
+    return path[0] in head_names or "head" in path[1:-1]
 
 
 def freeze_backbone(

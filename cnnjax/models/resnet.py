@@ -292,7 +292,7 @@ ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottl
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
 
 _REGISTER = functools.partial(
-    register_model, input_shape=(224, 224, 3), min_input_size=32, num_classes=1000, paper=_PAPER
+    register_model, input_shape=(224, 224, 3), min_input_size=1, num_classes=1000, paper=_PAPER
 )
 
 

@@ -47,24 +47,30 @@ class CifarResNet(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "num_classes", self.num_classes)
         check_choice(name, "shortcut", self.shortcut, SHORTCUTS)
+        if not self.widths or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths
+        ):
+            raise invalid(
+                name, "widths", self.widths, "expected a non-empty tuple of positive ints"
+            )
+        per_block = 2 * len(self.widths)  # two 3x3 convolutions per block, in every stage
         if (
             isinstance(self.depth, bool)
             or not isinstance(self.depth, int)
-            or self.depth < 8
-            or (self.depth - 2) % 6
+            or self.depth < per_block + 2
+            or (self.depth - 2) % per_block
         ):
+            examples = ", ".join(str(per_block * n + 2) for n in (3, 5, 7, 9))
             raise invalid(
-                name, "depth", self.depth, "expected 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...)"
-            )
-        if not self.widths or not all(isinstance(w, int) and w > 0 for w in self.widths):
-            raise invalid(
-                name, "widths", self.widths, "expected a non-empty tuple of positive ints"
+                name, "depth", self.depth,
+                f"expected {per_block}n + 2 with n >= 1 for {len(self.widths)} stages of widths "
+                f"{tuple(self.widths)} ({examples}, ...)",
             )
         super().__post_init__()
 
     @property
     def blocks_per_stage(self) -> int:
-        """n in depth = 6n + 2 (with the default three stages)."""
+        """n in depth = 2·stages·n + 2 (6n + 2 with the default three stages)."""
         return (self.depth - 2) // (2 * len(self.widths))
 
     @nn.compact
@@ -103,7 +109,7 @@ class CifarResNet(nn.Module):
 
 
 _REGISTER = functools.partial(
-    register_model, input_shape=(32, 32, 3), min_input_size=8, num_classes=10, paper=_PAPER
+    register_model, input_shape=(32, 32, 3), min_input_size=1, num_classes=10, paper=_PAPER
 )
 
 

@@ -209,7 +209,7 @@ def model_kwargs_config(model: str) -> ml_collections.ConfigDict:
             continue
         try:
             factory(**{field.name: value})
-        except TypeError:  # the factory sets this field itself (e.g. depth=20)
+        except (TypeError, KeyError):  # the factory sets this field itself (e.g. depth=20)
             continue
         fields[field.name] = config_dict.placeholder(kind)
     return ml_collections.ConfigDict(fields)
@@ -439,11 +439,16 @@ def check_config(config: Any) -> CheckedConfig:
             **kwargs,
         )
     except TypeError as err:  # a keyword the model does not have
+        problem = str(err)
+    else:
+        problem = None
+    if problem is not None:  # outside the `except`: there CPython 3.11 turns the probes'
+        # duplicate-keyword TypeErrors into KeyErrors
         raise ValueError(
             f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
-            f"accept them ({err}); its settable fields are "
+            f"accept them ({problem}); its settable fields are "
             f"{sorted(model_kwargs_config(config.model))}."
-        ) from None
+        )
     image_shape = tuple(data_info.image_shape)
     checks.check_input_size(model, config.model, image_shape, info.min_input_size)
     if task == "detection":

@@ -903,6 +903,24 @@ def test_non_nhwc_input_is_rejected(name):
         init_shapes(model, (32, 32, 3))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in list_models(task=None)
+                                  if model_info(n).task != "detection"])
+def test_registered_min_input_size_is_exact(name):
+    """The engine refuses inputs below `min_input_size` (`check_input_size`, which names the
+    layer whose output would vanish): every model must work at it and fail one pixel below, so
+    e.g. resnet18 on 28x28 MNIST is not refused."""
+    from cnnjax.train.checks import check_input_size
+
+    info = model_info(name)
+    size, channels = info.min_input_size, info.input_shape[2]
+    model = create_model(name)
+    check_input_size(model, name, (size, size, channels), 1)
+    if size > 1:
+        with pytest.raises(ValueError, match="is invalid"):
+            check_input_size(model, name, (size - 1, size - 1, channels), 1)
+
+
 def test_input_below_min_size_fails_in_python():
     for name in CLASSIC:
         info = model_info(name)

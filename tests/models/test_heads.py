@@ -112,6 +112,26 @@ def test_replace_head_on_fcn_reinitializes_all_class_dependent_layers():
     assert jax.eval_shape(lambda v: new_model.apply(v, x), new_vars).shape == (1, 64, 64, 3)
 
 
+@pytest.mark.parametrize("name, head_modules", [
+    ("fcn8s_resnet18", {"head", "score_pool4", "score_pool3", "upscore2", "upscore_pool4"}),
+    ("googlenet", {"head", "aux1", "aux2"}),
+])
+def test_replace_head_with_the_same_classes_refreshes_every_head_module(name, head_modules):
+    """Same num_classes: no shape changes, yet FCN's score layers and GoogLeNet's auxiliary
+    heads are head modules (what a linear probe trains) and start fresh too."""
+    kwargs = {"aux_logits": True} if name == "googlenet" else {}
+    model = create_model(name, num_classes=7, **kwargs)
+    x = jnp.zeros((1, *model_info(name).input_shape))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    _, new_vars = replace_head(model, variables, 7, jax.random.key(1), sample_input=x)
+    fresh = {k[1] for k, v in flatten_dict(new_vars).items() if isinstance(v, jax.Array)}
+    assert fresh == head_modules
+    if name == "googlenet":  # only the auxiliary classifiers' own `head`s, not their convs
+        fresh_aux = {k[2] for k, v in flatten_dict(new_vars).items()
+                     if isinstance(v, jax.Array) and k[1] == "aux1"}
+        assert fresh_aux == {"head"}
+
+
 def test_replace_head_errors(resnet20):
     model, x, variables = resnet20
     with pytest.raises(

@@ -351,6 +351,12 @@ def test_invalid_arguments_raise_documented_errors():
         CifarResNet(depth=21)
     with pytest.raises(ValueError, match=r"CifarResNet: widths=\(\) is invalid"):
         CifarResNet(widths=())
+    with pytest.raises(ValueError, match=r"CifarResNet: depth=20 is invalid; expected 4n \+ 2 "
+                                         r"with n >= 1 for 2 stages of widths \(16, 32\)"):
+        CifarResNet(depth=20, widths=(16, 32))  # would silently build 18 weight layers
+    with pytest.raises(ValueError, match=r"CifarResNet: widths=\(True, 2, 3\) is invalid"):
+        CifarResNet(widths=(True, 2, 3))
+    assert CifarResNet(depth=18, widths=(16, 32)).blocks_per_stage == 4
     model = create_model("resnet18")
     with pytest.raises(
         ValueError, match=r"ResNet: input.shape=\(32, 32, 3\) is invalid; expected a rank-4"

@@ -369,3 +369,16 @@ def test_num_devices_in_a_multi_process_job_is_refused(tmp_path, monkeypatch):
     _raises(helpers.tiny_config(num_devices=1), tmp_path,
             "config: num_devices=1 is invalid; a multi-process job trains on every local device "
             "of every process (leave num_devices=0)")
+
+
+def test_an_unaccepted_model_kwarg_lists_the_fields_of_a_model_that_pins_some(tmp_path):
+    """resnet20_cifar pins `depth`: probing it must not turn into a bare KeyError."""
+    import ml_collections
+
+    config = helpers.tiny_config(model="resnet20_cifar")
+    config.model_kwargs = ml_collections.ConfigDict({"activation": "relu"})
+    _raises(config, tmp_path,
+            "config: model_kwargs={'activation': 'relu'} is invalid; model 'resnet20_cifar' does "
+            "not accept them")
+    message = _raises(config, tmp_path, "its settable fields are")
+    assert "['shortcut', 'widths', 'zero_init_last_bn']" in message
