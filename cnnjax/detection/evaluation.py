@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnjax.detection.box_coding import check_valid_boxes
 from cnnjax.utils.validation import check_positive_int, invalid
 
 VOC_IOU = 0.5
@@ -115,6 +116,22 @@ def _coco_matches(iou: np.ndarray, ignore: np.ndarray) -> np.ndarray:
     return hits
 
 
+def _boxes(owner: str, arg: str, boxes: Any) -> np.ndarray:
+    """`boxes` as a float64 array `[..., K, 4]` (K may be 0), else raises."""
+    boxes = np.asarray(boxes, np.float64)
+    if boxes.ndim < 2 or boxes.shape[-1] != 4:
+        raise invalid(owner, f"{arg}.shape", boxes.shape, "expected [N, K, 4] (x1, y1, x2, y2)")
+    return boxes
+
+
+def _matching(owner: str, arg: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` as an array of exactly `shape` (one entry per box or per image), else raises."""
+    values = np.asarray(values)
+    if values.shape != tuple(shape):
+        raise invalid(owner, f"{arg}.shape", values.shape, f"expected {tuple(shape)}")
+    return values
+
+
 class DetectionEvaluator:
     """Accumulates detections and ground truth over batches; `compute()` gives the mAPs.
 
@@ -138,26 +155,41 @@ class DetectionEvaluator:
         """Adds a batch: `detections` with `boxes [N, K, 4]`, `scores`, `classes`, `valid`
         `[N, K]` (a `Detections`, any leading axes flattened into N); padded ground truth
         `gt_boxes [N, G, 4]`, `gt_labels [N, G]` in `[0, C)`, `gt_valid [N, G]`; `mask [N]`
-        (nonzero: a real example; None: all are); `gt_difficult [N, G]` (None: none is)."""
+        (nonzero: a real example; None: all are); `gt_difficult [N, G]` (None: none is).
+        `K` or `G` may be 0 (images without detections or ground truth). Valid boxes must be
+        finite with x1 <= x2 and y1 <= y2 and valid scores not NaN; padded rows may hold
+        anything."""
         owner = "DetectionEvaluator.add"
-        boxes = np.asarray(detections.boxes, np.float64)
-        k = boxes.shape[-2] if boxes.ndim >= 2 else 0
-        boxes = boxes.reshape(-1, k, 4)
-        n = boxes.shape[0]
-        scores = np.asarray(detections.scores, np.float64).reshape(n, k)
-        classes = np.asarray(detections.classes).reshape(n, k)
-        valid = np.asarray(detections.valid, bool).reshape(n, k)
-        gt_boxes = np.asarray(gt_boxes, np.float64)
-        g = gt_boxes.shape[-2] if gt_boxes.ndim >= 2 else 0
-        gt_boxes = gt_boxes.reshape(-1, g, 4)
-        if gt_boxes.shape[0] != n:
+        boxes = _boxes(owner, "detections.boxes", detections.boxes)
+        lead, k = boxes.shape[:-2], boxes.shape[-2]
+        scores = _matching(owner, "detections.scores", detections.scores, boxes.shape[:-1])
+        classes = _matching(owner, "detections.classes", detections.classes, boxes.shape[:-1])
+        valid = _matching(owner, "detections.valid", detections.valid, boxes.shape[:-1])
+        n = int(np.prod(lead))
+        gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
+        if int(np.prod(gt_boxes.shape[:-2])) != n:
             raise invalid(owner, "gt_boxes.shape", gt_boxes.shape,
                           f"expected {n} images, as many as the detections")
-        gt_labels = np.asarray(gt_labels).reshape(n, g)
-        gt_valid = np.asarray(gt_valid, bool).reshape(n, g)
-        difficult = (np.zeros((n, g), bool) if gt_difficult is None
-                     else np.asarray(gt_difficult, bool).reshape(n, g))
-        mask = np.ones(n, bool) if mask is None else np.asarray(mask).reshape(n) != 0
+        g = gt_boxes.shape[-2]
+        gt_labels = _matching(owner, "gt_labels", gt_labels, gt_boxes.shape[:-1])
+        gt_valid = _matching(owner, "gt_valid", gt_valid, gt_boxes.shape[:-1]).astype(bool)
+        difficult = (np.zeros(gt_valid.shape, bool) if gt_difficult is None else
+                     _matching(owner, "gt_difficult", gt_difficult, gt_boxes.shape[:-1]))
+        mask = (np.ones(n, bool) if mask is None
+                else _matching(owner, "mask", mask, gt_boxes.shape[:-2]))
+        valid = valid.astype(bool)
+        check_valid_boxes(owner, "detections.boxes", boxes, valid)
+        check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
+        bad = valid & np.isnan(scores.astype(np.float64))
+        if bad.any():
+            index = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise invalid(owner, f"detections.scores[{', '.join(map(str, index))}]",
+                          float(scores[index]), "expected a number (not NaN) for a valid detection")
+        boxes, gt_boxes = boxes.reshape(n, k, 4), gt_boxes.reshape(n, g, 4)
+        scores = scores.astype(np.float64).reshape(n, k)
+        classes, valid = classes.reshape(n, k), valid.reshape(n, k)
+        gt_labels, gt_valid = gt_labels.reshape(n, g), gt_valid.reshape(n, g)
+        difficult, mask = difficult.astype(bool).reshape(n, g), mask.reshape(n) != 0
         for arg, labels, ok in (("gt_labels", gt_labels, gt_valid),
                                 ("detections.classes", classes, valid)):
             bad = ok & ((labels < 0) | (labels >= self.num_classes))

@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cnnjax.detection.box_coding import check_valid_boxes
 from cnnjax.layers.roi import nms
-from cnnjax.utils.validation import check_number, check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, concrete_value, invalid
 
 
 class Detections(NamedTuple):
@@ -44,8 +46,12 @@ def batched_nms(
 
     `boxes` `[M, 4]`, `scores` `[M]`, `classes` `[M]` int. Boxes of different classes never
     suppress each other (torchvision's `batched_nms`: each class is shifted by its own offset
-    larger than every box, then one `cnnjax.layers.roi.nms` runs); candidates with
-    `score <= score_threshold` are dropped. Returns a `Detections` of `[max_detections]` rows.
+    larger than every candidate box, then one `cnnjax.layers.roi.nms` runs). Candidates are the
+    rows with `score > score_threshold` (a NaN score is none): the others are dropped and may
+    hold anything (padding, even inf/NaN boxes), which never changes the result. Concrete
+    candidate boxes must be finite with x1 <= x2 and y1 <= y2, as `nms` checks; under tracing a
+    non-finite candidate box is dropped instead. Returns a `Detections` of `[max_detections]`
+    rows.
     """
     owner = "batched_nms"
     boxes = jnp.asarray(boxes)
@@ -62,6 +68,11 @@ def batched_nms(
     check_positive_int(owner, "max_detections", max_detections)
     floor = check_number(owner, "score_threshold", score_threshold, "expected a finite number",
                          high_open=True, low_open=True)
+    values = concrete_value(scores)
+    if values is not None:  # in float32, as `_batched_nms` compares
+        with np.errstate(over="ignore"):
+            candidate = np.asarray(values, np.float32) > np.float32(floor)
+        check_valid_boxes(owner, "boxes", boxes, candidate)
     return _batched_nms(boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32)),
                         scores.astype(jnp.float32), classes.astype(jnp.int32), thresh,
                         max_detections, floor)
@@ -73,9 +84,15 @@ def _batched_nms(
     max_detections: int, score_threshold: float,
 ) -> Detections:
     """`batched_nms` after validation."""
-    span = jnp.max(jnp.abs(boxes)) + 1.0
+    candidate = (scores > score_threshold) & jnp.all(jnp.isfinite(boxes), axis=1)
+    # Only candidates enter the offsets: one NaN or huge padded row must not move (or poison
+    # with NaN) every shifted box. Non-candidates become zero boxes that nms never keeps.
+    boxes = jnp.where(candidate[:, None], boxes, 0.0)
+    classes = jnp.where(candidate, classes, 0)
+    span = jnp.max(jnp.abs(boxes), initial=0.0) + 1.0
     shifted = boxes + (classes.astype(boxes.dtype) * 2.0 * span)[:, None]
-    indices, valid = nms(shifted, scores, iou_threshold, max_detections, score_threshold)
+    ranking = jnp.where(candidate, scores, -jnp.inf)
+    indices, valid = nms(shifted, ranking, iou_threshold, max_detections, float("-inf"))
     return Detections(
         boxes=jnp.where(valid[:, None], boxes[indices], 0.0),
         scores=jnp.where(valid, scores[indices], 0.0),

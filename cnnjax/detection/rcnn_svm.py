@@ -161,8 +161,9 @@ def regression_targets(
     selected = iou[np.arange(len(best)), best] >= threshold
     matched = gt_boxes[valid][best]
     classes = np.where(selected, labels[valid][best], -1)
-    encoded = np.asarray(encode_boxes(matched, boxes, REGRESSION_WEIGHTS), np.float64)
-    targets = np.where(selected[:, None], encoded, 0.0)
+    if selected.any():  # only selected boxes are encoded: a degenerate other one has no target
+        targets[selected] = np.asarray(
+            encode_boxes(matched[selected], boxes[selected], REGRESSION_WEIGHTS), np.float64)
     return selected, classes, targets
 
 

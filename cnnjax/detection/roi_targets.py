@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.detection.box_coding import check_box_weights, encode_boxes
+from cnnjax.detection.box_coding import check_box_weights, check_valid_boxes, encode_boxes
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import NEGATIVE, POSITIVE, sample_balanced
 from cnnjax.layers.roi import box_iou
@@ -78,25 +78,6 @@ def _vector(owner: str, arg: str, x: Any, length: int, kind: str) -> jax.Array:
     return x
 
 
-def _check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any) -> None:
-    """When concrete, raises on a valid box that is not finite or has x2 < x1 or y2 < y1
-    (padded rows may hold anything)."""
-    values, mask = concrete_value(boxes), concrete_value(valid)
-    if values is None or mask is None:
-        return
-    values = values.astype(np.float64)
-    finite = np.all(np.isfinite(values), axis=1)
-    bad = np.flatnonzero(mask & ~finite)
-    if bad.size:
-        i = int(bad[0])
-        raise invalid(owner, f"{arg}[{i}]", values[i].tolist(), "expected finite coordinates")
-    bad = np.flatnonzero(mask & ((values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1])))
-    if bad.size:
-        i = int(bad[0])
-        raise invalid(owner, f"{arg}[{i}]", values[i].tolist(),
-                      "expected x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))")
-
-
 def sample_rois(
     key: jax.Array, proposals: Any, proposals_valid: Any, gt_boxes: Any, gt_labels: Any,
     gt_valid: Any, *, num_samples: int = 128, fg_fraction: float = 0.25, fg_thresh: float = 0.5,
@@ -128,9 +109,11 @@ def sample_rois(
 
     Defaults: 128 RoIs per image, 25% foreground, IoU 0.5 (py-faster-rcnn's Faster R-CNN
     end-to-end setting, one image per batch; the Fast R-CNN paper takes 64 from each of 2 images,
-    torchvision 512 per image). The paper's background range is `[0.1, 0.5)`, "a heuristic for
-    hard example mining"; `bg_thresh_lo=0.0` (the default) is Faster R-CNN's end-to-end setting
-    and torchvision's. Proposals carry no gradient (apply `jax.lax.stop_gradient` upstream).
+    torchvision 512 per image). The Fast R-CNN paper's background range is `[0.1, 0.5)` (its
+    code's `BG_THRESH_LO = 0.1`), "a heuristic for hard example mining"; `bg_thresh_lo=0.0` (the
+    default, which every detector in `cnnjax.models` uses, Fast R-CNN and SPP-net included) is
+    py-faster-rcnn's end-to-end Faster R-CNN setting and torchvision's. Proposals carry no
+    gradient (apply `jax.lax.stop_gradient` upstream).
     """
     owner = "sample_rois"
     proposals = _boxes(owner, "proposals", proposals)
@@ -158,8 +141,8 @@ def sample_rois(
     if not isinstance(append_gt, bool):
         raise invalid(owner, "append_gt", append_gt, "expected a bool")
     weights = check_box_weights(owner, "box_weights", box_weights)
-    _check_valid_boxes(owner, "proposals", proposals, proposals_valid)
-    _check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid_in)
+    check_valid_boxes(owner, "proposals", proposals, proposals_valid)
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid_in)
     labels, valid = concrete_value(gt_labels_in), concrete_value(gt_valid_in)
     if labels is not None and valid is not None:
         bad = np.flatnonzero(valid & (labels < 1))

@@ -25,7 +25,8 @@ def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
     """Draws up to `max_images` images with the ground-truth boxes (dashed white) and the
     valid detections scoring at least `score_threshold` (solid, one colour per class, labelled
     `class:score`); saves the grid to `path` (PNG) and returns it. Inputs are NumPy batches:
-    images `[N, H, W, C]`, `Detections` fields `[N, K, ...]`, ground truth `[N, M, ...]`."""
+    images `[N, H, W, C]`, `Detections` fields `[N, K, ...]`, ground truth `[N, M, ...]`.
+    Boxes are continuous `(x1, y1, x2, y2)` pixels: pixel `i` spans `[i, i + 1]` on the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,7 +44,10 @@ def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
         ax.axis("off")
         if index >= count:
             continue
-        ax.imshow(_displayable(images[index]), cmap="gray")
+        image = _displayable(images[index])
+        # Boxes are continuous pixels (pixel i covers [i, i + 1]); imshow's default extent
+        # centres pixel i on i, which would draw every box half a pixel off.
+        ax.imshow(image, cmap="gray", extent=(0, image.shape[1], image.shape[0], 0))
         for box, valid in zip(gt_boxes[index], gt_valid[index], strict=True):
             if valid:
                 x1, y1, x2, y2 = box

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.detection.anchors import image_size_pair
+from cnnjax.detection.box_coding import check_valid_boxes
 from cnnjax.layers.roi import box_iou
 from cnnjax.utils.validation import (
     check_choice,
@@ -52,7 +53,8 @@ def yolo_v1_targets(
     `gt_boxes` `[G, 4]` are `(x1, y1, x2, y2)` pixels of an image of `image_size`
     `(height, width)` (numbers, or a `[2]` array under `vmap`); `gt_labels` `[G]` integer classes
     in `[0, num_classes)`; `gt_valid` `[G]` bool marks real boxes (padding is ignored whatever its
-    values). The cell containing a box's centre is responsible for it (a centre on the far image
+    values; concrete valid boxes must be finite with x1 <= x2 and y1 <= y2, else the loss would
+    be NaN). The cell containing a box's centre is responsible for it (a centre on the far image
     edge belongs to the last cell; a centre outside the image to the nearest border cell, its
     offset then outside `[0, 1]`). A cell holds one object: when several centres fall into it the
     valid box with the lowest index wins, deterministically (darknet keeps the first box of a
@@ -79,6 +81,7 @@ def yolo_v1_targets(
     height, width = image_size_pair(owner, image_size)
     grid = to_pair(owner, "grid_size", grid_size)
     classes = check_positive_int(owner, "num_classes", num_classes)
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
     labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)
     if labels is not None and valid is not None:
         bad = np.flatnonzero(valid & ((labels < 0) | (labels >= classes)))
@@ -99,6 +102,7 @@ def _targets(
     """`yolo_v1_targets` after validation."""
     rows, cols = grid
     height, width = size_hw[0], size_hw[1]
+    boxes = jnp.where(valid[:, None], boxes, 0)  # padding may hold anything (even inf/NaN)
     cx = (boxes[:, 0] + boxes[:, 2]) / (2 * width) * cols  # centre in cell units
     cy = (boxes[:, 1] + boxes[:, 3]) / (2 * height) * rows
     col = jnp.clip(jnp.floor(cx), 0, cols - 1)

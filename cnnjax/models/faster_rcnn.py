@@ -16,7 +16,8 @@ Pipeline, all fixed shapes (padding + validity masks), built from `cnnjax.detect
 Training (`loss`): the RPN loss (anchors labelled by `label_anchors` at IoU 0.7 / 0.3 with
 forced best anchors, 256 sampled half positive by `sample_balanced`; sigmoid cross-entropy plus
 smooth L1 (beta 1/9) summed over positives, both averaged over the sampled anchors) plus the
-Fast R-CNN loss (`sample_rois`: 25% foreground at IoU 0.5, gt boxes appended; `fast_rcnn_loss`).
+Fast R-CNN loss (`sample_rois`: 25% foreground at IoU >= 0.5, background at IoU in [0, 0.5)
+as py-faster-rcnn's end-to-end setting and torchvision, gt boxes appended; `fast_rcnn_loss`).
 Inference (`detect`): class probabilities times class-specific decoded boxes of every proposal,
 clipped, per-class NMS at 0.5 to `max_detections`.
 
@@ -95,7 +96,9 @@ def pool_rois(features: Array, rois: Array, output_size: int, spatial_scale: flo
 
 def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, gt_boxes: Array,
                          gt_labels: Array, gt_valid: Array, num_samples: int) -> Any:
-    """`sample_rois` of every image (25% foreground, gt appended), gt classes shifted to `1..C`."""
+    """`sample_rois` of every image (25% foreground at IoU >= 0.5, background at IoU in
+    `[0, 0.5)`: `bg_thresh_lo=0.0`, not the Fast R-CNN paper's 0.1; gt appended), gt classes
+    shifted to `1..C`."""
     keys = jax.random.split(key, gt_boxes.shape[0])
     return jax.vmap(lambda k, p, v, b, c, g: sample_rois(
         k, p, v, b, c, g, num_samples=num_samples, fg_fraction=0.25, box_weights=BOX_WEIGHTS))(
@@ -137,11 +140,14 @@ def detect_from_head(
     score_threshold: float, nms_iou: float, max_detections: int,
 ) -> Detections:
     """Class probability times class-specific decoded box of each proposal `[N, P, 4]` (valid
-    `[N, P]`), clipped, per-class NMS to `max_detections` per image (R-CNN family inference)."""
+    `[N, P]`), clipped, per-class NMS to `max_detections` per image (R-CNN family inference).
+    Rows not `valid` (and their logits and deltas) may hold anything, even inf/NaN: they score 0
+    with a zero box, so they never change the detections."""
     classes = logits.shape[-1] - 1
     probs = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [N, P, C]
+    proposals = jnp.where(valid[..., None], proposals, 0.0)
     boxes = decode_boxes(deltas[:, :, 1:], proposals[:, :, None, :], BOX_WEIGHTS)
-    boxes = clip_boxes(boxes, image_size)  # [N, P, C, 4]
+    boxes = jnp.where(valid[..., None, None], clip_boxes(boxes, image_size), 0.0)  # [N, P, C, 4]
     scores = jnp.where(valid[..., None], probs, 0.0)
     labels = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), scores.shape)
     return jax.vmap(lambda b, s, c: batched_nms(

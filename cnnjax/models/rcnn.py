@@ -26,8 +26,15 @@ multi-scale square windows (`window_proposals`: every `proposal_sizes` side at a
   both feature sets from `RCNN.region_features`.
 
 Training samples `roi_samples` RoIs per image from the valid proposals plus the ground truth
-(`sample_rois`: 25% foreground at IoU 0.5) and minimizes `fast_rcnn_loss`; inference scores every
-valid proposal and runs `faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
+(`sample_rois` via `faster_rcnn.sample_training_rois`: 25% foreground at IoU >= 0.5) and
+minimizes `fast_rcnn_loss`; inference scores every valid proposal and runs
+`faster_rcnn.detect_from_head` (decode, clip, per-class NMS).
+
+Background RoIs are drawn from IoU `[0, 0.5)` for all three models (`bg_thresh_lo=0.0`: the
+setting of py-faster-rcnn's end-to-end Faster R-CNN config and of torchvision), whereas the Fast
+R-CNN paper (sec. 2.3) and its code (`BG_THRESH_LO = 0.1`) use `[0.1, 0.5)`, "a heuristic for
+hard example mining"; SPP-net here shares Fast R-CNN's sampling. The default stays 0.0 so that
+trained runs reproduce; `sample_rois(..., bg_thresh_lo=0.1)` is the paper's rule.
 """
 
 from __future__ import annotations
@@ -132,7 +139,8 @@ class _ProposalDetector(nn.Module):
                 proposal_valid: Array | None = None) -> tuple[Array, Array]:
         """The regions to classify, `(rois [N, P, 4], valid [N, P])`: the external `proposals`
         of each image when given (e.g. selective search from the input pipeline,
-        `cnnjax.data.proposals`), else the dense windows, the same for every image."""
+        `cnnjax.data.proposals`; rows not `proposal_valid` become zero boxes, whatever they
+        held), else the dense windows, the same for every image."""
         owner = type(self).__name__
         check_nhwc(owner, images)
         if proposals is None:
@@ -148,7 +156,9 @@ class _ProposalDetector(nn.Module):
         if tuple(proposal_valid.shape) != tuple(proposals.shape[:2]):
             raise invalid(owner, "proposal_valid", f"array of shape {tuple(proposal_valid.shape)}",
                           f"expected {tuple(proposals.shape[:2])}, one flag per proposal")
-        return jnp.asarray(proposals, jnp.float32), jnp.asarray(proposal_valid, bool)
+        valid = jnp.asarray(proposal_valid, bool)
+        # Padded proposals may hold anything (even inf/NaN): zero them before any pooling.
+        return jnp.where(valid[..., None], jnp.asarray(proposals, jnp.float32), 0.0), valid
 
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
         raise NotImplementedError

@@ -158,3 +158,21 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("anchors,message", [
+    (np.array([0.0, 0, 0, 5]), "encode_boxes: anchors=[0.0, 0.0, 0.0, 5.0] is invalid; expected "
+                               "a positive finite width and height (x1 < x2, y1 < y2)."),
+    (np.array([[[0.0, 0, 4, 4], [0, 0, 4, 4]], [[0, 0, 4, 4], [2, 3, 6, 3]]]),
+     "encode_boxes: anchors[1, 1]=[2.0, 3.0, 6.0, 3.0] is invalid"),
+    (np.array([[1.0, 1, np.nan, 4]]), "encode_boxes: anchors[0]=[1.0, 1.0, nan, 4.0] is invalid"),
+    (np.array([[5.0, 0, 1, 4]]), "encode_boxes: anchors[0]=[5.0, 0.0, 1.0, 4.0] is invalid"),
+])
+def test_encode_refuses_concrete_anchors_without_positive_size(anchors, message):
+    """The docstring's contract: a zero-size anchor gave infinite targets (tx = dx / 0)."""
+    with pytest.raises(ValueError) as err:
+        encode_boxes(np.array([0.0, 0, 5, 5]), anchors)
+    assert str(err.value).startswith(message)
+    # Traced anchors cannot be checked; the masked callers (padding) still compile.
+    out = jax.jit(encode_boxes)(np.array([0.0, 0, 5, 5]), np.array([0.0, 0, 0, 5]))
+    assert out.shape == (4,)

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import re
 
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def _random_set(seed, num_images=12, num_classes=3):
     return images
 
 
-def _pycocotools_stats(images, num_classes, difficult=None):
+def _pycocotools_stats(images, num_classes, difficult=None, max_dets=100):
     gt_json = {"images": [{"id": i + 1} for i in range(len(images))],
                "categories": [{"id": c + 1} for c in range(num_classes)], "annotations": []}
     results = []
@@ -120,10 +121,15 @@ def _pycocotools_stats(images, num_classes, difficult=None):
         coco.dataset = gt_json
         coco.createIndex()
         ev = COCOeval(coco, coco.loadRes(results), "bbox")
+        ev.params.maxDets = [1, min(10, max_dets), max_dets]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return ev.stats
+    if max_dets == 100:
+        return ev.stats
+    # summarize() reads its AP at maxDets=100 only: its stats[0:3] from the last maxDets setting.
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area "all"
+    return np.array([np.mean(p[p > -1]) for p in (precision, precision[0], precision[5])])
 
 
 def _padded(gt, gl, boxes, scores, classes, k, g):
@@ -220,3 +226,133 @@ def test_bad_input():
         ev.compute()
     with pytest.raises(ValueError, match="DetectionEvaluator: num_classes=0 is invalid"):
         DetectionEvaluator(num_classes=0)
+
+
+def _add_unpadded(ev, gt, gl, boxes, scores, classes):
+    """One image as its own batch with exactly its rows: `K = 0` or `G = 0` when it has none."""
+    ev.add(Detections(np.asarray(boxes, float).reshape(1, -1, 4), np.asarray(scores)[None],
+                      np.asarray(classes, int)[None], np.ones((1, len(scores)), bool)),
+           np.asarray(gt, float).reshape(1, -1, 4), np.asarray(gl, int)[None],
+           np.ones((1, len(gl)), bool))
+
+
+def test_images_without_detections_or_ground_truth_by_hand():
+    # A: one object, found (.9). B: no object (G = 0), a detection (.8): a false positive.
+    # C: one object, no detection (K = 0): a miss. Recall .5 at precision 1, then an FP.
+    ev = DetectionEvaluator(num_classes=1)
+    _add_unpadded(ev, [[0, 0, 10, 10]], [0], [[0, 0, 10, 10]], [0.9], [0])
+    _add_unpadded(ev, np.zeros((0, 4)), [], [[0, 0, 10, 10]], [0.8], [0])
+    _add_unpadded(ev, [[5, 5, 9, 9]], [0], np.zeros((0, 4)), [], [])
+    ev.add(Detections(np.zeros((2, 0, 4)), np.zeros((2, 0)), np.zeros((2, 0), int),
+                      np.zeros((2, 0), bool)), np.zeros((2, 0, 4)), np.zeros((2, 0), int),
+           np.zeros((2, 0), bool))  # two empty images: nothing to find, nothing found
+    out = ev.compute()
+    assert ev.num_images == 5
+    assert out["map50"] == pytest.approx(0.5, abs=1e-12)  # VOC: 0.5 * 1 + 0.5 * 0
+    assert out["coco_map50"] == pytest.approx(51 / 101, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_unpadded_empty_images_match_pycocotools(seed):
+    """Images with no ground truth or no detections, added as `G = 0` / `K = 0` arrays."""
+    images = _random_set(seed, num_images=14)
+    images[0] = (np.zeros((0, 4)), np.zeros(0, int), *images[0][2:])  # no objects
+    images[1] = (*images[1][:2], np.zeros((0, 4)), np.zeros(0), np.zeros(0, int))  # none found
+    ev = DetectionEvaluator(num_classes=3)
+    for image in images:
+        _add_unpadded(ev, *image)
+    out = ev.compute()
+    stats = _pycocotools_stats(images, 3)
+    assert any(len(i[0]) == 0 for i in images) and any(len(i[2]) == 0 for i in images)
+    np.testing.assert_allclose(out["map"], stats[0], atol=1e-12)
+    np.testing.assert_allclose(out["coco_map50"], stats[1], atol=1e-12)
+    np.testing.assert_allclose(out["coco_map75"], stats[2], atol=1e-12)
+
+
+def test_max_detections_truncation_matches_pycocotools():
+    """More detections per image and class than `max_detections` (COCO's maxDets): only the
+    best-scoring ones of each image and class count, as pycocotools' `evaluateImg` keeps."""
+    rng = np.random.default_rng(7)
+    images = []
+    for gt, gl, boxes, scores, classes in _random_set(7, num_images=8, num_classes=2):
+        gl = gl % 2
+        extra = np.repeat(gt, 4, axis=0) + rng.normal(0, 2.5, (4 * len(gt), 4))
+        extra[:, 2:] = np.maximum(extra[:, 2:], extra[:, :2] + 1)
+        boxes = np.concatenate([boxes, extra])
+        scores = np.concatenate([scores, rng.uniform(0.01, 1, len(extra))])
+        classes = np.concatenate([classes % 2, np.repeat(gl, 4)])
+        images.append((gt, gl, boxes, scores, classes))
+    most = max(np.bincount(c, minlength=2).max() for *_, c in images)
+    assert most > 5  # truncation happens
+    outs = {}
+    for max_dets in (5, 100):
+        ev = DetectionEvaluator(num_classes=2, max_detections=max_dets)
+        for gt, gl, boxes, scores, classes in images:
+            ev.add(*_padded(gt, gl, boxes, scores, classes, k=40, g=5))
+        outs[max_dets] = out = ev.compute()
+        stats = _pycocotools_stats(images, 2, max_dets=max_dets)
+        np.testing.assert_allclose(out["map"], stats[0], atol=1e-12)
+        np.testing.assert_allclose(out["coco_map50"], stats[1], atol=1e-12)
+        np.testing.assert_allclose(out["coco_map75"], stats[2], atol=1e-12)
+    assert outs[5]["map"] != outs[100]["map"]
+
+
+def test_padding_rows_may_hold_anything():
+    gt = np.array([[[0, 0, 10, 10], [np.nan, np.inf, -1, -np.inf]]])
+    dets = Detections(np.array([[[0, 0, 10, 10], [np.nan, 0, -5, 0]]]), np.array([[0.9, np.nan]]),
+                      np.array([[0, 99]]), np.array([[True, False]]))
+    ev = DetectionEvaluator(num_classes=1)
+    ev.add(dets, gt, np.array([[0, -4]]), np.array([[True, False]]))
+    assert ev.compute()["map50"] == 1.0
+
+
+def _one(ev, box=(0, 0, 10, 10), score=0.9, gt_box=(0, 0, 10, 10), gt_labels=((0,),),
+         mask=None):
+    ev.add(Detections(np.array([[box]], float), np.array([[score]]), np.array([[0]]),
+                      np.array([[True]])), np.array([[gt_box]], float), np.array(gt_labels),
+           np.array([[True]]), mask=mask)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"gt_box": (np.nan, 0, 10, 10)},
+     "DetectionEvaluator.add: gt_boxes[0, 0]=[nan, 0.0, 10.0, 10.0] is invalid; expected finite "
+     "coordinates."),
+    ({"gt_box": (10, 10, 0, 0)},
+     "DetectionEvaluator.add: gt_boxes[0, 0]=[10.0, 10.0, 0.0, 0.0] is invalid; expected "
+     "x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))."),
+    ({"box": (0, 0, 10, np.inf)},
+     "DetectionEvaluator.add: detections.boxes[0, 0]=[0.0, 0.0, 10.0, inf] is invalid; expected "
+     "finite coordinates."),
+    ({"score": np.nan},
+     "DetectionEvaluator.add: detections.scores[0, 0]=nan is invalid; expected a number (not "
+     "NaN) for a valid detection."),
+    ({"gt_labels": ((0, 1),)},
+     "DetectionEvaluator.add: gt_labels.shape=(1, 2) is invalid; expected (1, 1)."),
+    ({"mask": np.ones(3)}, "DetectionEvaluator.add: mask.shape=(3,) is invalid; expected (1,)."),
+])
+def test_bad_boxes_scores_and_shapes_are_named(kwargs, message):
+    """These were scored silently (a NaN or inverted gt box: map50 0; a NaN score: 1) or failed
+    in a NumPy reshape."""
+    ev = DetectionEvaluator(num_classes=2)
+    with pytest.raises(ValueError) as err:
+        _one(ev, **kwargs)
+    assert str(err.value) == message
+    assert ev.num_images == 0
+
+
+def test_bad_detection_shapes_are_named():
+    ev = DetectionEvaluator(num_classes=2)
+    boxes = np.zeros((1, 3, 4))
+    with pytest.raises(ValueError, match=re.escape(
+            "DetectionEvaluator.add: detections.scores.shape=(1, 2) is invalid; expected (1, 3).")):
+        ev.add(Detections(boxes, np.zeros((1, 2)), np.zeros((1, 3), int), np.zeros((1, 3), bool)),
+               np.zeros((1, 1, 4)), np.zeros((1, 1), int), np.zeros((1, 1), bool))
+    with pytest.raises(ValueError, match=re.escape(
+            "DetectionEvaluator.add: gt_boxes.shape=(2, 1, 4) is invalid; expected 1 images")):
+        ev.add(Detections(boxes, np.zeros((1, 3)), np.zeros((1, 3), int), np.zeros((1, 3), bool)),
+               np.zeros((2, 1, 4)), np.zeros((2, 1), int), np.zeros((2, 1), bool))
+    with pytest.raises(ValueError, match=re.escape(
+            "DetectionEvaluator.add: detections.boxes.shape=(1, 3) is invalid; expected "
+            "[N, K, 4]")):
+        ev.add(Detections(np.zeros((1, 3)), np.zeros(1), np.zeros(1, int), np.zeros(1, bool)),
+               np.zeros((1, 1, 4)), np.zeros((1, 1), int), np.zeros((1, 1), bool))

@@ -1,5 +1,6 @@
 """Class-aware NMS with fixed shapes against a float64 greedy loop per class."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -66,3 +67,77 @@ def test_bad_arguments(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert str(err.value) == message
+
+
+def _candidates(seed, m=20):
+    """`2 m` boxes: `m` random ones and a jittered copy of each (same class), distinct scores."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 40, (m, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 20, (m, 2))], axis=1)
+    boxes = np.concatenate([boxes, boxes + rng.normal(0, 0.5, boxes.shape)]).astype(np.float32)
+    classes = np.tile(rng.integers(0, 3, m), 2)
+    return boxes, (rng.permutation(2 * m).astype(np.float32) + 1) / (2 * m), classes
+
+
+@pytest.mark.parametrize("garbage", [np.nan, np.inf, 1e30])
+def test_dropped_rows_may_hold_anything(garbage):
+    """Rows at or below `score_threshold` (padding) never change the result, whatever they hold:
+    one NaN or huge row used to enter the class offsets and stop every suppression."""
+    boxes, scores, classes = _candidates(0)
+    pad = np.array([[garbage, -garbage, garbage, garbage], [0, 0, garbage, garbage]], np.float32)
+    all_boxes = np.concatenate([boxes, pad])
+    all_scores = np.concatenate([scores, np.array([0.05, np.nan], np.float32)])
+    all_classes = np.concatenate([classes, [7, -3]])
+    want = batched_nms_ref(boxes.astype(np.float64), scores, classes, 0.4, 64, 0.05)
+    n = len(want)
+    assert n < len(boxes) - 10  # NMS suppresses many (no cap: max_detections > M)
+    for call in (batched_nms, jax.jit(batched_nms, static_argnums=(3, 4, 5))):
+        got = call(all_boxes, all_scores, all_classes, 0.4, 64, 0.05)
+        assert int(got.valid.sum()) == n
+        np.testing.assert_array_equal(np.asarray(got.boxes[:n]), boxes[want])
+        np.testing.assert_array_equal(np.asarray(got.classes[:n]), classes[want])
+
+
+def test_torchvision_agrees_when_padding_is_garbage():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    boxes, scores, classes = _candidates(1)
+    keep = torchvision.ops.batched_nms(torch.tensor(boxes), torch.tensor(scores),
+                                       torch.tensor(classes), 0.4).numpy()
+    padded = np.concatenate([boxes, np.full((3, 4), np.nan, np.float32)])
+    got = jax.jit(batched_nms, static_argnums=(3, 4, 5))(
+        padded, np.concatenate([scores, np.zeros(3, np.float32)]),
+        np.concatenate([classes, [0, 1, 2]]), 0.4, 64, 0.0)
+    assert int(got.valid.sum()) == len(keep)
+    np.testing.assert_array_equal(np.asarray(got.boxes[:len(keep)]), boxes[keep])
+
+
+def test_non_finite_candidates_are_dropped_under_jit():
+    boxes, scores, classes = _candidates(2)
+    bad = boxes.copy()
+    bad[0] = [np.nan, 0, 1, 1]
+    got = jax.jit(batched_nms, static_argnums=(3, 4, 5))(bad, scores, classes, 0.4, 40, 0.0)
+    want = batched_nms_ref(boxes[1:].astype(np.float64), scores[1:], classes[1:], 0.4, 40, 0.0)
+    assert int(got.valid.sum()) == len(want)
+    np.testing.assert_array_equal(np.asarray(got.boxes[:len(want)]), boxes[1:][want])
+
+
+@pytest.mark.parametrize("box,score,message", [
+    ([10, 10, 0, 0], 0.9, "batched_nms: boxes[0]=[10.0, 10.0, 0.0, 0.0] is invalid; expected "
+                          "x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))."),
+    ([np.nan, 0, 1, 1], 0.9, "batched_nms: boxes[0]=[nan, 0.0, 1.0, 1.0] is invalid; expected "
+                             "finite coordinates."),
+    ([10, 10, 0, 0], 0.0, None),  # not a candidate (score <= 0.0): padding, not checked
+])
+def test_concrete_candidate_boxes_are_checked_as_nms_does(box, score, message):
+    boxes = np.array([box, [0, 0, 5, 5]], np.float32)
+    call = lambda: batched_nms(boxes, np.array([score, 0.8]), np.array([0, 0]), 0.5, 2)
+    if message is None:
+        np.testing.assert_array_equal(np.asarray(call().valid), [True, False])
+        return
+    with pytest.raises(ValueError) as err:
+        call()
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        nms(boxes, np.array([score, 0.8]), 0.5, 2)
+    assert str(err.value) == message.replace("batched_nms", "nms")

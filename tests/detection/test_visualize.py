@@ -42,3 +42,25 @@ def test_bad_arguments_are_named(tmp_path):
         visualize.plot_detections(*args, score_threshold=1.5)
     with pytest.raises(ValueError, match=r"^plot_detections: max_images=0 is invalid"):
         visualize.plot_detections(*args, max_images=0)
+
+
+def test_boxes_and_pixels_share_continuous_coordinates(tmp_path, monkeypatch):
+    """Pixel i spans [i, i + 1] on the axes, as a box's (x1, y1, x2, y2): an object filling
+    pixels 4..7 is the box (4, 4, 8, 8) and is drawn on the pixel edges (imshow's default extent
+    centred pixel i on i, half a pixel off every box)."""
+    figures = []
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: figures.append(fig) or path)
+    image = np.zeros((1, 16, 12, 1))
+    image[0, 4:8, 4:8] = 1.0
+    box = np.array([[[4.0, 4, 8, 8]]])
+    visualize.plot_detections(image, Detections(box, np.array([[0.9]]), np.array([[0]]),
+                                                np.array([[True]])),
+                              box, np.zeros((1, 1), int), np.array([[True]]),
+                              str(tmp_path / "d.png"))
+    (ax,) = [ax for ax in figures[0].axes if ax.images]
+    left, right, bottom, top = ax.images[0].get_extent()
+    assert (left, right, bottom, top) == (0, 12, 16, 0)
+    # Data x of pixel column 4's left edge: left + 4 * (right - left) / width.
+    assert left + 4 * (right - left) / 12 == 4.0 and top + 8 * (bottom - top) / 16 == 8.0
+    rect = [p for p in ax.patches if isinstance(p, Rectangle)][1]
+    assert rect.get_xy() == (4.0, 4.0) and rect.get_width() == 4.0

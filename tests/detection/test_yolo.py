@@ -239,3 +239,24 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("box,message", [
+    ([30, 10, 10, 40], "yolo_v1_targets: gt_boxes[1]=[30.0, 10.0, 10.0, 40.0] is invalid; "
+                       "expected x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))."),
+    ([np.nan, 10, 20, 40], "yolo_v1_targets: gt_boxes[1]=[nan, 10.0, 20.0, 40.0] is invalid; "
+                           "expected finite coordinates."),
+    ([0, 0, np.inf, 40], "yolo_v1_targets: gt_boxes[1]=[0.0, 0.0, inf, 40.0] is invalid; "
+                         "expected finite coordinates."),
+])
+def test_targets_refuse_bad_valid_boxes_but_not_padding(box, message):
+    """A valid inverted or non-finite box made the loss NaN; as padding it is ignored."""
+    boxes = np.array([[10, 10, 30, 40], box], np.float32)
+    labels = np.array([0, 1], np.int32)
+    with pytest.raises(ValueError) as err:
+        yolo_v1_targets(boxes, labels, np.array([True, True]), (64, 64), 4, 3)
+    assert str(err.value) == message
+    padded = yolo_v1_targets(boxes, labels, np.array([True, False]), (64, 64), 4, 3)
+    alone = yolo_v1_targets(boxes[:1], labels[:1], np.array([True]), (64, 64), 4, 3)
+    np.testing.assert_array_equal(np.asarray(padded), np.asarray(alone))
+    assert np.isfinite(float(yolo_v1_loss(np.zeros((4, 4, 13), np.float32), padded)))

@@ -10,7 +10,7 @@ import pytest
 
 from cnnjax.detection.postprocess import batched_nms
 from cnnjax.models import create_model, list_models, model_info
-from cnnjax.models.faster_rcnn import FasterRCNN
+from cnnjax.models.faster_rcnn import FasterRCNN, detect_from_head
 
 BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
 LABELS = jnp.array([[1, 2], [3, 0]])
@@ -145,3 +145,30 @@ def test_rpn_loss_against_float64_reference():
     beta = 1 / 9
     huber = np.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta)
     np.testing.assert_allclose(float(got_box), huber[pos].sum() / sampled.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("garbage", [np.nan, np.inf, 1e30])
+def test_detect_from_head_ignores_whatever_invalid_rows_hold(garbage):
+    """Rows not `valid` (padded proposals, their logits and deltas) never change the detections:
+    the same as those rows zeroed, and as the valid rows alone."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 40, (20, 2))
+    props = np.concatenate([xy, xy + rng.uniform(5, 20, (20, 2))], 1).astype(np.float32)
+    props = np.concatenate([props, props + rng.normal(0, 1, props.shape).astype(np.float32)])
+    props = np.concatenate([props, np.zeros((2, 4), np.float32)])[None]  # 2 padded rows
+    logits = rng.normal(0, 2, (1, 42, 4)).astype(np.float32)
+    deltas = rng.normal(0, 0.1, (1, 42, 4, 4)).astype(np.float32)
+    valid = np.arange(42)[None] < 40
+    run = jax.jit(lambda lg, d, p: detect_from_head(lg, d, p, valid, (64, 64), 0.05, 0.5, 100))
+    clean = run(logits, deltas, props)
+    alone = detect_from_head(logits[:, :40], deltas[:, :40], props[:, :40], valid[:, :40],
+                             (64, 64), 0.05, 0.5, 100)
+    dirty_props, dirty_logits, dirty_deltas = props.copy(), logits.copy(), deltas.copy()
+    dirty_props[0, 40] = [garbage, -garbage, garbage, garbage]
+    dirty_props[0, 41] = [0, 0, garbage, garbage]
+    dirty_logits[0, 40:], dirty_deltas[0, 40:] = garbage, garbage
+    dirty = run(dirty_logits, dirty_deltas, dirty_props)
+    assert 10 < int(clean.valid.sum()) < 100
+    for field in ("boxes", "scores", "classes", "valid"):
+        np.testing.assert_array_equal(getattr(dirty, field), getattr(clean, field))
+        np.testing.assert_allclose(getattr(alone, field), getattr(clean, field), atol=1e-5)

@@ -125,3 +125,18 @@ def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError) as err:
         YOLOv1(**kwargs)
     assert str(err.value).startswith(message)
+
+
+def test_decode_ignores_whatever_unscored_cells_hold():
+    """Predictors scoring below the threshold never change the detections, even with NaN boxes
+    (a NaN there used to enter batched_nms' class offsets and stop every suppression)."""
+    rng = np.random.default_rng(1)
+    out = rng.uniform(0, 1, (4, 4, 2 * 5 + 3)).astype(np.float32)
+    out[0, :, [4, 9]] = 0.0  # row 0: both predictors' confidence 0, score 0 <= 0.1
+    clean = decode_yolo_v1(jnp.asarray(out), (48, 64), 2, 0.1, 0.5, 40)
+    dirty = out.copy()
+    dirty[0, :, [0, 1, 2, 3, 5, 6, 7, 8]] = np.nan
+    got = decode_yolo_v1(jnp.asarray(dirty), (48, 64), 2, 0.1, 0.5, 40)
+    assert 0 < int(clean.valid.sum()) < 32
+    for field in ("boxes", "scores", "classes", "valid"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(clean, field))
