@@ -53,8 +53,9 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
 
 def intersection_over_union(matrix: Any) -> dict[str, float]:
     """Segmentation scores of a pixel confusion matrix (rows: true class, columns: predicted):
-    `miou`, the mean over classes present in the truth or the predictions of
-    `TP / (TP + FP + FN)` (PASCAL VOC's and Cityscapes' mean IoU), and `iou/<c>` per such class."""
+    `pixel_accuracy`, correct pixels over all counted pixels (FCN's "pixel accuracy"); `miou`,
+    the mean over classes present in the truth or the predictions of `TP / (TP + FP + FN)`
+    (PASCAL VOC's and Cityscapes' mean IoU), and `iou/<c>` per such class."""
     matrix = np.asarray(matrix, np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise invalid("intersection_over_union", "matrix.shape", matrix.shape,
@@ -66,7 +67,7 @@ def intersection_over_union(matrix: Any) -> dict[str, float]:
         raise invalid("intersection_over_union", "matrix", "all zeros",
                       "expected at least one counted pixel")
     iou = hits[present] / union[present]
-    return {"miou": float(np.mean(iou)),
+    return {"pixel_accuracy": float(hits.sum() / matrix.sum()), "miou": float(np.mean(iou)),
             **{f"iou/{c}": float(v) for c, v in zip(present, iou, strict=True)}}
 
 

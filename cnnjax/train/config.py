@@ -398,7 +398,6 @@ def check_config(config: Any) -> CheckedConfig:
 
     validate_config(config)
     task = config_task(config)
-    pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
     info = model_info(config.model)  # unknown model -> ValueError listing names
     if info.task != task:
         raise ValueError(
@@ -406,6 +405,7 @@ def check_config(config: Any) -> CheckedConfig:
             f"config.task={task!r} (set config.task={info.task!r}, or pick one of "
             f"{list_models(task=task)})."
         )
+    pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
     data_info = pipeline.get_dataset_info(config.data)
     num_classes = config.get("num_classes")
     if num_classes is not None and num_classes != data_info.num_classes:

@@ -100,9 +100,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
 
 def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: bool) -> dict:
     """`train_and_evaluate` once the workdir is held: runs, and records any failure."""
+    run: _Run | None = None
     try:
         with StopRequest() as stop:
-            return _Run(config, workdir, started, stop).run()
+            run = _Run(config, workdir, started, stop)
+            return run.run()
     except TrainingInterrupted:
         raise  # summary.json ("interrupted", with the checkpointed step) is already written
     except TrainingDivergedError as err:
@@ -120,7 +122,8 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
             )
         raise
     except BaseException as err:
-        if is_primary and not _refused_after_completion(workdir, err):
+        trained = run is not None and run.training_started
+        if is_primary and (trained or _completed_summary(workdir) is None):
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             _write_summary(
                 workdir,
@@ -148,12 +151,6 @@ def _completed_summary(workdir: str) -> dict | None:
     """The workdir's summary.json if it records a completed run, else None."""
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
-
-
-def _refused_after_completion(workdir: str, err: BaseException) -> bool:
-    """A bad config (a ValueError, e.g. an incompatible rerun) aimed at a completed run: its
-    summary.json stays as it is (sweeps read it); the error still reaches the caller."""
-    return isinstance(err, ValueError) and _completed_summary(workdir) is not None
 
 
 def _write_summary(workdir: str, summary: dict) -> None:
@@ -269,6 +266,10 @@ class _Run:
         self.started = started
         self.stop = stop if stop is not None else StopRequest()  # not entered: never set
         self.is_primary = jax.process_index() == 0
+        # False until the first step runs: a failure before it (a bad rerun, a missing dataset,
+        # Ctrl-C in setup) leaves a completed run's summary.json as it is; the error still
+        # reaches the caller.
+        self.training_started = False
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, prepare_workdir: bool = True) -> None:
@@ -520,7 +521,14 @@ class _Run:
             create_train_state(self.model, self.tx, rng, (1, *self.image_shape))
         )
         host_state = jax.tree.map(np.asarray, host_state)
-        restored = checkpointer.restore_latest(host_state)
+        try:
+            restored = checkpointer.restore_latest(host_state)
+        except ValueError as err:
+            checkpointer.close()
+            if not config.restart:
+                raise
+            raise ValueError(f"{err} (restart=True only empties a workdir whose run has another "
+                             "config; delete its checkpoints to start this one over)") from None
         start_step = 0
         if restored is not None:
             host_state, start_step = restored
@@ -542,6 +550,7 @@ class _Run:
             logging.info("%s already completed all %d steps; nothing to do (its summary.json is "
                          "left as it is).", self.workdir, total_steps)
             return finished
+        self.training_started = True
         state = parallel.replicate(host_state)
         logger = MetricLogger(
             self.workdir,

@@ -170,14 +170,15 @@ def segmentation_eval_step(
     state: TrainState, batch: dict, *, model: nn.Module, axis_name: str, conv_impl: str = "xla"
 ) -> dict:
     """Masked sums over this device's eval `batch`, summed over all devices: `count` (images),
-    `loss` and `pixel_accuracy` (per-image means, summed) and the `confusion` matrix `[C, C]`
-    (rows: true class, columns: predicted; pixels of padded images and ignored pixels count 0),
-    from which the host computes the mean IoU."""
+    `loss` (per-image means, summed) and the `confusion` matrix `[C, C]` (rows: true class,
+    columns: predicted; pixels of padded images and ignored pixels count 0), from which the host
+    computes pixel accuracy and mean IoU over all scored pixels
+    (`analysis.confusion.intersection_over_union`)."""
     with conv_impl_context(conv_impl):
         logits = model.apply(state.variables(), batch["image"], train=False)
     labels = batch["labels"]
     mask = _example_mask(batch, labels.shape[0])
-    sums = losses.masked_sums(_pixel_metrics(logits, labels), mask)
+    sums = losses.masked_sums({"loss": _pixel_metrics(logits, labels)["loss"]}, mask)
     num_classes = logits.shape[-1]
     scored = (labels >= 0) & (labels < num_classes)
     weights = jnp.where(scored, mask[:, None, None], 0.0).ravel()

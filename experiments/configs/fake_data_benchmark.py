@@ -1,8 +1,9 @@
 """Throughput benchmark: ResNet-18 on random in-memory 32x32 images (the `fake` dataset).
 
 Command:
-    python -m experiments.train --config=experiments/configs/fake_data_benchmark.py \\
-        --workdir=/tmp/cnnjax_bench --config.restart=True
+    rm -rf /tmp/cnnjax_bench && python -m experiments.train \\
+        --config=experiments/configs/fake_data_benchmark.py --workdir=/tmp/cnnjax_bench
+(a fresh workdir each time: rerunning a finished run only returns its summary)
 Useful overrides: --config.model=resnet50 --config.data.fake_image_shape='(224, 224, 3)'
 --config.global_batch_size=256 --config.compute_dtype=bfloat16 --config.parallel=shard_map.
 

@@ -69,6 +69,10 @@ def test_intersection_over_union_equals_sklearns_jaccard():
     assert scores["miou"] == pytest.approx(np.mean(per_class), abs=1e-12)
     assert [scores[f"iou/{c}"] for c in present] == pytest.approx(list(per_class), abs=1e-12)
     assert "iou/6" not in scores and scores["iou/5"] == 0.0
+    from sklearn.metrics import accuracy_score
+
+    assert scores["pixel_accuracy"] == pytest.approx(accuracy_score(labels, predictions),
+                                                     abs=1e-12)
     with pytest.raises(ValueError, match=r"intersection_over_union: matrix.shape=\(2, 3\)"):
         intersection_over_union(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="expected at least one counted pixel"):

@@ -308,6 +308,35 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     assert summary["resumed_from_step"] == 4 and summary["status"] == "completed"
 
 
+def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monkeypatch):
+    """A rerun that dies in setup (here a dataset gone missing) still raises, but the finished
+    run's record stays: sweeps and people read it."""
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    recorded = (tmp_path / "summary.json").read_bytes()
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("dataset 'synthetic' is not prepared")
+
+    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "get_dataset_info", missing)
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    assert (tmp_path / "summary.json").read_bytes() == recorded
+
+
+def test_restart_with_checkpoints_that_no_longer_restore_says_to_delete_them(tmp_path):
+    config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=4, eval_every_steps=8)
+    loop.train_and_evaluate(config, str(tmp_path))
+    for root, _, files in os.walk(tmp_path / "checkpoints"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    config.restart = True
+    with pytest.raises(ValueError, match=r"could be restored .* \(restart=True only empties a "
+                                         r"workdir whose run has another config; delete its "
+                                         r"checkpoints to start this one over\)"):
+        loop.train_and_evaluate(config, str(tmp_path))
+
+
 def test_eval_with_the_real_pipeline_counts_every_example_once(tmp_path, monkeypatch):
     """27 eval examples in batches of 8 (last one padded by 5): the run's final eval equals a
     float64 NumPy evaluation of the final params on the 27 examples, unpadded."""
