@@ -103,6 +103,21 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str
     return save_figure(fig, path)
 
 
+def _class_colours(num_classes: int) -> Any:
+    """One distinct colour per class (tab10, else tab20 + tab20b + tab20c for up to 60, else
+    evenly spaced hues), white for pixels that are no class (ignored)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    if num_classes <= 10:
+        colours = list(colormaps["tab10"].colors)
+    elif num_classes <= 60:
+        colours = [c for name in ("tab20", "tab20b", "tab20c") for c in colormaps[name].colors]
+    else:
+        colours = list(colormaps["hsv"](np.linspace(0, 1, num_classes, endpoint=False)))
+    return ListedColormap(colours[:num_classes]).with_extremes(bad="white")
+
+
 def plot_segmentation(images: Any, labels: Any, predictions: Any, path: str, num_classes: int,
                       max_images: int = 8, title: str = "") -> str:
     """Rows of (image, true class map, predicted class map) for the first `max_images` images
@@ -117,9 +132,7 @@ def plot_segmentation(images: Any, labels: Any, predictions: Any, path: str, num
     images = np.asarray(images, np.float64)[:max_images]
     n = check_positive_int("plot_segmentation", "images", len(images))
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
-    palette = "tab10" if num_classes <= 10 else "tab20"
-    cmap = plt.get_cmap(palette).with_extremes(bad="white")
-    class_maps = {"cmap": cmap, "vmin": 0, "vmax": max(num_classes - 1, cmap.N - 1),
+    class_maps = {"cmap": _class_colours(num_classes), "vmin": -0.5, "vmax": num_classes - 0.5,
                   "interpolation": "nearest"}
     for i in range(n):
         image = images[i]

@@ -68,7 +68,10 @@ class Param:
                     raise invalid(_OWNER, f"{name}.values", value,
                                   "expected bool, int, float, str, None or tuples of them "
                                   "(values a command line and JSON can hold)") from None
-            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            # Equal values, or values the trial id cannot tell apart ((1, 2) and [1, 2]).
+            keys = [json.dumps(_canonical(v), sort_keys=True) for v in values]
+            repeated = [v for i, v in enumerate(values)
+                        if v in values[:i] or keys[i] in keys[:i]]
             if repeated:
                 raise invalid(_OWNER, f"{name}.values", values,
                               f"expected distinct values ({repeated[0]!r} repeats an equal value: "

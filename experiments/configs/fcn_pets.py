@@ -11,8 +11,8 @@ cnnjax never downloads). Convert the backbone's weights once, then train from th
         --config.init_from.workdir=workdirs/pretrained/resnet18
 `init_from.submodule='backbone'` (set here) loads the classifier's variables into the FCN's
 ResNet trunk and ignores its 1000-class head; the score and upsampling layers start as the paper
-initializes them. Without `init_from.workdir` the same recipe trains from scratch (the other arm
-of a transfer comparison).
+initializes them. Without `init_from.workdir` the same recipe trains from scratch (a baseline;
+`experiments.transfer` compares arms of one architecture only, so run it as its own job).
 
 Recipe: whole images resized to 224x224 (the preset's ImageNet mean/std) with horizontal flips,
 batch 32, 30 epochs of the 3,680 training images, AdamW 1e-3 with warmup + cosine, weight decay

@@ -93,3 +93,13 @@ def test_plot_segmentation_writes_a_png(tmp_path):
     assert (tmp_path / "i.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="plot_segmentation: images=0 is invalid"):
         plot_segmentation(np.zeros((0, 4, 4, 3)), maps, maps, str(tmp_path / "t.png"), 5)
+
+
+@pytest.mark.parametrize("num_classes", [5, 21, 70])
+def test_segmentation_colours_are_distinct_per_class(num_classes):
+    """21 classes (PASCAL VOC) must not share colours, as tab20's last one would."""
+    from cnnjax.analysis.confusion import _class_colours
+
+    cmap = _class_colours(num_classes)
+    colours = {tuple(np.round(cmap(c / max(cmap.N - 1, 1)), 6)) for c in range(num_classes)}
+    assert len(colours) == num_classes == cmap.N

@@ -215,6 +215,9 @@ def test_from_config_reads_a_sweep_config():
         (lambda: sp.choice("optimizer.learning_rate", [0.1, 0.05, 0.1]),
          "sweep: parameters['optimizer.learning_rate'].values=(0.1, 0.05, 0.1) is invalid; "
          "expected distinct values (0.1 repeats an equal value: both would be the same trial)."),
+        (lambda: sp.choice("model_kwargs.widths", [(1, 2), [1, 2]]),
+         "sweep: parameters['model_kwargs.widths'].values=((1, 2), [1, 2]) is invalid; expected "
+         "distinct values ([1, 2] repeats"),
         (lambda: sp.choice("optimizer.learning_rate", [1, 1.0]),
          "sweep: parameters['optimizer.learning_rate'].values=(1, 1.0) is invalid; expected "
          "distinct values (1.0 repeats"),
