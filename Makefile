@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 WORKDIR ?= workdirs/lenet5_digits
 PYTEST_WORKERS ?= 2
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-all lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

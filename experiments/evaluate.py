@@ -43,14 +43,25 @@ def main(argv: list[str]) -> None:
     from cnnjax.utils.files import write_json
 
     quiet_library_logs()
+    if _PLOT.value and _PLOT_IMAGES.value < 1:
+        sys.exit(f"error: --plot_images={_PLOT_IMAGES.value} is invalid; expected at least 1 "
+                 "(or --noplot)")
+    if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
+        sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path, "
+                 "not a directory")
     try:
         run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        hint = (" (pass --num_devices=N for this machine's devices)"
+                if "num_devices=" in str(err) and _DEVICES.value is None else "")
+        sys.exit(f"error: {err}{hint}")
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
                                            f"{result['split']}_step{result['step']}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        sys.exit(f"error: --output={output!r} is invalid; a file is in the way of its folder")
     if _PLOT.value:
         result |= plot_predictions(run, os.path.splitext(output)[0] + ".png", result["split"],
                                    _PLOT_IMAGES.value)

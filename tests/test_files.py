@@ -4,6 +4,7 @@ import json
 import os
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,3 +55,14 @@ def test_atomic_file_leaves_the_old_file_and_no_temporary_when_the_writer_fails(
         raise RuntimeError("killed mid-write")
     assert (tmp_path / "a.bin").read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_a_directory_of_another_command_is_refused(tmp_path):
+    from cnnjax.utils.files import check_directory_kind
+
+    (tmp_path / "config.json").write_text("{}")  # a training run's workdir
+    check_directory_kind(str(tmp_path), "training run", "workdir")  # its own kind: fine
+    check_directory_kind(str(tmp_path / "new"), "sweep", "sweep_dir")  # nothing there yet
+    with pytest.raises(ValueError, match=r"^sweep_dir='.*' is invalid; it holds a training run "
+                                         r"\(config.json\), not a sweep: use a new directory\.$"):
+        check_directory_kind(str(tmp_path), "sweep", "sweep_dir")

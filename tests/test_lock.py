@@ -89,3 +89,13 @@ def test_other_lock_errors_propagate(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="I/O error"), directory_lock(str(tmp_path)):
         pass
     assert lock._held == {}
+
+
+def test_a_file_in_the_way_is_a_clear_error_naming_the_flag(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for path in (tmp_path / "f", tmp_path / "f" / "run"):
+        with (pytest.raises(ValueError, match=r"^sweep_dir='.*' is invalid; expected a "
+                                              r"directory or a path to create, but a file is in "
+                                              r"the way\.$"),
+              directory_lock(str(path), "sweep_dir")):
+            pass

@@ -266,6 +266,11 @@ def validate_config(config: Any) -> None:
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
     check_choice("config", "best_metric", config.best_metric, TASK_METRICS[task])
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
+    expected_mode = "min" if config.best_metric == "loss" else "max"
+    if config.best_mode != expected_mode:  # else "best" would be the worst checkpoint
+        raise invalid("config", "best_mode", config.best_mode,
+                      f"expected {expected_mode!r} for best_metric={config.best_metric!r} (lower "
+                      f"is better only for a loss); set --config.best_mode={expected_mode}")
     smoothing = float(config.label_smoothing)
     if not 0.0 <= smoothing < 1.0:
         raise invalid(

@@ -54,7 +54,7 @@ from cnnjax.train.step import (
     make_steps,
     proposal_kwargs,
 )
-from cnnjax.utils.files import atomic_write, read_json, write_json
+from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, write_json
 from cnnjax.utils.lock import directory_lock
 
 SUMMARY_FILE = "summary.json"
@@ -94,6 +94,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     is_primary = jax.process_index() == 0
     # Process 0 owns the workdir; a busy one is refused before anything (summary.json included)
     # is written, so the run holding it is left alone.
+    check_directory_kind(workdir, "training run", "workdir")
     with directory_lock(workdir) if is_primary else contextlib.nullcontext():
         return _train_and_evaluate(config, workdir, started, is_primary)
 

@@ -47,9 +47,17 @@ class TrainedRun:
 
     def apply(self, images: Any, method: str | None = None, **kwargs: Any) -> Any:
         """Inference: `model(images, train=False)` (BatchNorm running statistics, no dropout),
-        or the inference method `method` of the model, e.g. a detector's 'detect'."""
+        or the inference method `method` of the model, e.g. a detector's 'detect'. A detector
+        trained on external proposals (`data.proposals`) needs them here too (`proposals`,
+        `proposal_valid`, e.g. from `cnnjax.detection.selective_search`): without them it would
+        silently score its dense windows instead."""
         if method is None:
             return self.model.apply(self.variables, images, train=False, **kwargs)
+        proposals = (self.config.data.get("proposals") or {}).get("method")
+        if method == "detect" and proposals and "proposals" not in kwargs:
+            raise invalid("TrainedRun.apply", "proposals", None,
+                          f"this detector was trained on {proposals} proposals (data.proposals);"
+                          " pass proposals= [N, P, 4] pixel boxes and proposal_valid= [N, P]")
         return self.model.apply(self.variables, images, method=method, **kwargs)
 
 
@@ -155,7 +163,8 @@ def evaluate_run(run: TrainedRun, split: str | None = None,
                                                     eval_batch_size)
     metrics = evaluate_variables(config, run.variables)  # checks the split exists first
     split = config_lib.data_pipeline(config).eval_split_name(config.data)
-    return {"workdir": run.workdir, "model": config.model, "dataset": config.data.name,
+    dataset = config_lib.data_pipeline(config).get_dataset_info(config.data).name  # summary's
+    return {"workdir": run.workdir, "model": config.model, "dataset": dataset,
             "split": split, "step": run.step, "checkpoint": run.how, **metrics}
 
 

@@ -48,7 +48,7 @@ from cnnjax.tune.sweep import (
     trial_result,
     trial_workdir,
 )
-from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import invalid
 
@@ -291,6 +291,7 @@ def run_transfer(
     plan = TransferPlan(source_config, target_config, transfer_dir, budget_field, budgets, arms,
                         seeds, arm_overrides, metric)
     sizes = plan.check_data()
+    check_directory_kind(transfer_dir, "transfer comparison", "transfer_dir")
     with directory_lock(transfer_dir, "transfer_dir"):  # one driver per transfer_dir
         return _run_plan(plan, transfer_dir, sizes, verbose)
 

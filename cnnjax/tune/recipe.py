@@ -65,7 +65,7 @@ from cnnjax.tune.sweep import (
     run_sweep,
     trial_configs,
 )
-from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 
@@ -497,6 +497,7 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
     _check_round(base_config, plan)
+    check_directory_kind(tune_dir, "tune", "tune_dir")
     with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
         return _run_rounds(base_config, recipe, tune_dir, plan, verbose, diagnose_fn)
 

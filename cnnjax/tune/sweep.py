@@ -31,7 +31,7 @@ from cnnjax.train import config as config_lib
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
 from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
-from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 
@@ -110,6 +110,7 @@ def run_sweep(
     ):
         raise invalid(_OWNER, "max_trials", max_trials, "expected an integer >= 0 or None")
     configs = trial_configs(base_config, space)
+    check_directory_kind(sweep_dir, "sweep", "sweep_dir")
     _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
 
     selected = space.trials if trial_index is None else (space.trials[trial_index],)

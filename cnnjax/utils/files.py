@@ -56,3 +56,18 @@ def save_figure(fig: Any, path: str, dpi: int = 100) -> str:
         fig.savefig(f, dpi=dpi, format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+# The record file each command leaves at the top of its directory (loop.CONFIG_FILE,
+# sweep.SWEEP_FILE, recipe.TUNE_FILE, compare.TRANSFER_FILE).
+DIRECTORY_MARKERS = {"training run": "config.json", "sweep": "sweep.json", "tune": "tune.json",
+                     "transfer comparison": "transfer.json"}
+
+
+def check_directory_kind(path: str, kind: str, flag: str) -> None:
+    """Refuses `path` (a ValueError naming `flag`) when it holds another command's outputs, e.g.
+    a sweep aimed at a training run's workdir: their results and trials would mix."""
+    for other, marker in DIRECTORY_MARKERS.items():
+        if other != kind and os.path.exists(os.path.join(path, marker)):
+            raise ValueError(f"{flag}={path!r} is invalid; it holds a {other} ({marker}), not a "
+                             f"{kind}: use a new directory.")

@@ -57,7 +57,11 @@ def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
     Raises `DirectoryInUseError` (naming `flag`, the path and the holder) if another process
     holds it. Re-entrant within a process.
     """
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{flag}={path!r} is invalid; expected a directory or a path to create, "
+                         "but a file is in the way.") from None
     key = os.path.realpath(path)
     with _held_guard:
         if key in _held:

@@ -79,6 +79,11 @@ def _raises(config, tmp_path, message):
         ("num_classes", 7, "config: num_classes=7 is invalid; dataset 'synthetic' has 4 classes"),
         ("num_devices", 64, "config: num_devices=64 is invalid; only"),
         ("seed", -1, "config: seed=-1 is invalid; expected an integer 0 <= seed < 2**63."),
+        ("best_metric", "loss", "config: best_mode='max' is invalid; expected 'min' for "
+                                "best_metric='loss' (lower is better only for a loss); set "
+                                "--config.best_mode=min."),
+        ("best_mode", "min", "config: best_mode='min' is invalid; expected 'max' for "
+                             "best_metric='top1'"),
         ("seed", 2**63, "config: seed=9223372036854775808 is invalid; expected an integer"),
         ("num_devices", -1, "config: num_devices=-1 is invalid; expected 0 (all local devices)"),
         ("eval_batch_size", 0, "config: eval_batch_size=0 is invalid; expected a positive"),

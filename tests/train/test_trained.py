@@ -110,3 +110,17 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
+
+
+def test_a_proposal_trained_detector_refuses_detect_without_proposals():
+    """Without its proposals such a detector would silently score dense windows instead."""
+    import ml_collections
+
+    from cnnjax.train.trained import TrainedRun
+
+    config = ml_collections.ConfigDict(
+        {"data": {"proposals": {"method": "selective_search"}}})
+    run = TrainedRun("w", config, model=None, variables={}, step=1, how="best")
+    with pytest.raises(ValueError, match=r"TrainedRun.apply: proposals=None is invalid; this "
+                                         r"detector was trained on selective_search proposals"):
+        run.apply(np.zeros((1, 64, 64, 3)), method="detect")
