@@ -85,7 +85,9 @@ def _table(rows: int = 3) -> pl.ProposalTable:
                             np.array([2, 1], np.int32))
 
 
-def test_the_cache_is_computed_once(tmp_path, monkeypatch):
+@pytest.fixture
+def counted(tmp_path, monkeypatch):
+    """`(calls, builder, spec)` with `compute_table` replaced by a stub that records its splits."""
     calls = []
 
     def compute(builder, split, spec):
@@ -94,7 +96,11 @@ def test_the_cache_is_computed_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pl, "compute_table", compute)
     builder = types.SimpleNamespace(data_dir=str(tmp_path))
-    spec = pl.ProposalSpec("selective_search", "fast", 1.0, 3)
+    return calls, builder, pl.ProposalSpec("selective_search", "fast", 1.0, 3)
+
+
+def test_the_cache_is_computed_once(tmp_path, counted):
+    calls, builder, spec = counted
     first = pl.load_table(builder, "train", spec)
     again = pl.load_table(builder, "train", spec)
     assert calls == ["train"]  # the second call read the file
@@ -106,16 +112,8 @@ def test_the_cache_is_computed_once(tmp_path, monkeypatch):
     assert calls == ["train", "test"]  # one cache per split
 
 
-def test_an_unreadable_or_foreign_cache_is_recomputed(tmp_path, monkeypatch, caplog):
-    calls = []
-
-    def compute(builder, split, spec):
-        calls.append(split)
-        return _table(spec.max_proposals)
-
-    monkeypatch.setattr(pl, "compute_table", compute)
-    builder = types.SimpleNamespace(data_dir=str(tmp_path))
-    spec = pl.ProposalSpec("selective_search", "fast", 1.0, 3)
+def test_an_unreadable_or_foreign_cache_is_recomputed(counted, caplog):
+    calls, builder, spec = counted
     path = spec.cache_path(builder, "train")
     pl.load_table(builder, "train", spec)
     with open(path, "r+b") as f:  # a partial copy

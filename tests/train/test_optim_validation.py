@@ -12,24 +12,12 @@ import pytest
 
 from cnnjax.train.config import default_config
 from cnnjax.train.optim import build_optimizer, build_schedule, check_optimization
+from tests.train.test_optim import _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = [c for c in sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py")))
            if not os.path.basename(c).startswith("_")]
 NAN, INF = math.nan, math.inf
-
-
-def _config(schedule="constant", optimizer="sgd", **fields):
-    """default_config with 100 steps at lr 0.1; `group__field=value` overrides."""
-    config = default_config()
-    config.num_train_steps = 100
-    config.optimizer.learning_rate = 0.1
-    config.schedule.name = schedule
-    config.optimizer.name = optimizer
-    for key, value in fields.items():
-        group, name = key.split("__")
-        config[group][name] = value
-    return config
 
 
 def _load(path):
