@@ -85,13 +85,22 @@ def load_trained(workdir: str, step: int | None = None,
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
     checked = config_lib.check_config(config)
-    source = SourceCheckpoints(workdir, owner=_OWNER)
+    source, chosen, how = None, step, "requested" if step else "best"
     try:
+        source = SourceCheckpoints(workdir, owner=_OWNER)
         chosen, how = source.choose_step(step, config.get("best_metric"),
                                          config.get("best_mode", "max"))
         variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
+    except Exception as err:  # orbax/tensorstore raise many kinds for a damaged checkpoint
+        if isinstance(err, ValueError) and str(err).startswith(f"{_OWNER}: "):
+            raise  # e.g. a step that does not exist: it already says which ones do
+        raise invalid(_OWNER, "step", chosen,
+                      f"the {how} checkpoint of {workdir!r} could not be read "
+                      f"({type(err).__name__}: {str(err)[:200]}); pass another kept step "
+                      "(--step=N) or check the files") from None
     finally:
-        source.close()
+        if source is not None:
+            source.close()
     variables = {name: variables.get(name, {}) for name in WARM_START_COLLECTIONS}
     return TrainedRun(os.path.abspath(workdir), config, checked.model, variables, chosen, how)
 

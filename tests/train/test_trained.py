@@ -124,3 +124,18 @@ def test_a_proposal_trained_detector_refuses_detect_without_proposals():
     with pytest.raises(ValueError, match=r"TrainedRun.apply: proposals=None is invalid; this "
                                          r"detector was trained on selective_search proposals"):
         run.apply(np.zeros((1, 64, 64, 3)), method="detect")
+
+
+def test_an_unreadable_checkpoint_names_its_step(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    best = load_trained(str(copy)).step
+    for root, _, files in os.walk(copy / "checkpoints" / str(best)):
+        for name in files:
+            (copy / root / name).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"^load_trained: step=.* is invalid; the .* "
+                                         r"checkpoint of .* could not be read \(.*\); pass "
+                                         r"another kept step \(--step=N\)"):
+        load_trained(str(copy))

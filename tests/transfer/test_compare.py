@@ -382,7 +382,7 @@ def test_gain_over_scratch_pairs_seeds():
 
 def test_an_unset_metric_takes_the_targets_best_metric_and_its_mode(tmp_path):
     target = _target()
-    target.best_metric = "loss"
+    target.best_metric, target.best_mode = "loss", "min"
     plan = compare.TransferPlan(_source(), target, str(tmp_path), "data.train_examples_per_class",
                                 [8], ["scratch"], [0], {}, None)
     assert (plan.metric, plan.mode) == ("loss", "min")
