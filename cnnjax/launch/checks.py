@@ -97,7 +97,8 @@ def check_configs(spec: JobSpec) -> None:
                        "the transfer's target config": loaded["transfer"].target}
     else:
         experiments = {"": loaded["config"]}
-    devices = max(1, spec.gpus_per_node) * spec.nodes
+    # Every GPU of every node; on CPU one device per task (each task is a JAX process).
+    devices = spec.gpus_per_node * spec.nodes if spec.gpus_per_node else spec.num_tasks
     for which, config in experiments.items():
         where = f" (in {which})" if which else ""
         try:
@@ -108,8 +109,9 @@ def check_configs(spec: JobSpec) -> None:
             if size % devices:
                 raise invalid(_OWNER, f"config.{name}", size,
                               f"expected a multiple of the job's {devices} devices ({spec.nodes} "
-                              f"node(s) x {spec.gpus_per_node} GPU(s)){where}: the batch is "
-                              "split evenly over every device")
+                              f"node(s) x {spec.gpus_per_node or spec.tasks_per_node} "
+                              f"{'GPU(s)' if spec.gpus_per_node else 'CPU task(s)'}){where}: "
+                              "the batch is split evenly over every device")
 
 
 def _trial_configs(base: Any, sweep: Any) -> dict[str, Any]:

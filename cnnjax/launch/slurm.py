@@ -80,7 +80,10 @@ def command(spec: JobSpec) -> list[str]:
 
 def _shell_command(spec: JobSpec) -> str:
     """`srun ... <command>` quoted for bash; a sweep task adds its `--trial_index`."""
-    srun = ["srun", "--kill-on-bad-exit=1"] if spec.num_tasks > 1 else ["srun"]
+    # --cpus-per-task again: srun of SLURM 22.05-23.02 does not inherit sbatch's.
+    srun = ["srun", f"--cpus-per-task={spec.cpus_per_task}"]
+    if spec.num_tasks > 1:
+        srun.append("--kill-on-bad-exit=1")
     args = command(spec)
     head = " ".join(shlex.quote(w) for w in srun + args[:3])  # srun python -m <module>
     words = [head] + [shlex.quote(w) for w in args[3:]]
@@ -102,16 +105,19 @@ _PREEMPTION = r"""
 # Preemption and time limits: SLURM sends USR1 to this shell SIGNAL_SECONDS s before the end.
 # Stop the job step, then requeue this job (same id, same command) unless it was requeued
 # MAX_REQUEUES times already; the rerun resumes from the newest checkpoint in the work directory.
-# TERM alone (scancel) stops the step without requeueing.
+# TERM alone (scancel) stops the step without requeueing. The step's tasks get their TERM through
+# `scancel --signal=TERM` (every step of the job, not this shell): srun itself answers a TERM by
+# SIGKILLing its tasks ("forcing job termination"), which would lose the step in progress.
 event() {
   local task=${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID}
   printf '%s job %s%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${SLURM_JOB_ID:-?}" "$task" "$1" \
     | tee -a "$EVENTS" >&2
 }
-stop_step() {  # TERM, then KILL after STOP_GRACE_SECONDS; STOPPED=0 if it had ended by itself
+stop_step() {  # TERM to the tasks, KILL after STOP_GRACE_SECONDS; STOPPED=0 if it had ended
   STOPPED=1
   [[ -n "${STEP_PID:-}" ]] || return 0
-  if kill -TERM "$STEP_PID" 2>/dev/null; then
+  if kill -0 "$STEP_PID" 2>/dev/null; then
+    scancel --signal=TERM "${SLURM_JOB_ID:?}" || kill -TERM "$STEP_PID" 2>/dev/null
     local waited=0
     while kill -0 "$STEP_PID" 2>/dev/null && ((waited < STOP_GRACE_SECONDS)); do
       sleep 1
@@ -170,7 +176,9 @@ def render(spec: JobSpec, num_trials: int | None = None) -> str:
     if spec.venv is not None:
         lines.append(f"source {q(os.path.join(spec.venv, 'bin', 'activate'))}")
     lines += [f"export {k}={v}" for k, v in environment(spec)]
-    stop_grace = max(1, min(60, spec.signal_seconds // 2))
+    # Most of the warning for the stop (a multi-process run stops at its next log step, then
+    # checkpoints), keeping 30 s (or half of a short warning) for the requeue.
+    stop_grace = max(1, spec.signal_seconds - min(30, spec.signal_seconds // 2))
     lines += [
         "",
         f"EVENTS={q(os.path.join(slurm_dir(spec), EVENTS_FILE))}",

@@ -18,12 +18,33 @@ def write_executable(path: Path, text: str) -> Path:
 
 
 def stand_in_slurm(bin_dir: Path) -> Path:
-    """`srun` runs its command in place; `scontrol` and `sbatch` append their arguments to
-    <bin_dir>/<name>.calls; `sbatch --parsable` answers job id 4242 (or fails if
-    <bin_dir>/sbatch.fail exists)."""
+    """Stand-in SLURM commands. `srun` runs its command as a child, recorded in
+    <bin_dir>/srun.tasks, answers TERM as real srun does (SIGKILL to its tasks: "forcing job
+    termination"), and its tasks die with it. `scancel --signal=S` sends S to those tasks (real
+    scancel signals every step of the job, not the batch shell). `scontrol`, `scancel` and
+    `sbatch` append their arguments to <bin_dir>/<name>.calls; `sbatch --parsable` answers job
+    id 4242 (or fails if <bin_dir>/sbatch.fail exists)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
-    write_executable(bin_dir / "srun", '#!/usr/bin/env bash\nexec "$@"\n')
     here = str(bin_dir)
+    write_executable(bin_dir / "srun", (
+        "#!/usr/bin/env bash\n"
+        'while [[ "${1:-}" == --* ]]; do shift; done  # srun options\n'
+        '"$@" &\n'
+        "child=$!\n"
+        f'echo "$child" >> {here}/srun.tasks\n'
+        # the step dies with its srun (slurmstepd's cleanup when srun is gone, even by KILL)
+        '(while kill -0 $$ 2>/dev/null; do sleep 0.1; done; kill -KILL "$child" 2>/dev/null) &\n'
+        "trap 'echo \"srun: forcing job termination\" >&2; kill -KILL \"$child\"' TERM\n"
+        'wait "$child"; status=$?\n'
+        'while kill -0 "$child" 2>/dev/null; do wait "$child"; status=$?; done\n'
+        'exit "$status"\n'))
+    write_executable(bin_dir / "scancel", (
+        "#!/usr/bin/env bash\n"
+        f'echo "$@" >> {here}/scancel.calls\n'
+        "sig=TERM\n"
+        'for arg in "$@"; do case $arg in --signal=*) sig=${arg#--signal=};; esac; done\n'
+        f'[ -e {here}/srun.tasks ] || exit 0\n'
+        f'while read -r pid; do kill -"$sig" "$pid" 2>/dev/null; done < {here}/srun.tasks\n'))
     write_executable(bin_dir / "scontrol",
                      f'#!/usr/bin/env bash\necho "$@" >> {here}/scontrol.calls\n')
     write_executable(bin_dir / "sbatch", (

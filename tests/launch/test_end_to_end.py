@@ -76,7 +76,11 @@ def test_preempted_job_requeues_itself_and_the_rerun_resumes(tmp_path):
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 0, stderr[-3000:]
     assert (bin_dir / "scontrol.calls").read_text() == "requeue 77\n"
-    assert not (workdir / "summary.json").exists() or _summary(workdir)["status"] != "completed"
+    assert (bin_dir / "scancel.calls").read_text() == "--signal=TERM 77\n"
+    # The tasks got the TERM (not srun's SIGKILL): the stop step is checkpointed and recorded.
+    stopped = _summary(workdir)
+    assert stopped["status"] == "interrupted", stopped
+    assert str(stopped["step"]) in os.listdir(checkpoints)
 
     # SLURM reruns the same script in the requeued job, with SLURM_RESTART_COUNT=1
     rerun = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
@@ -84,7 +88,7 @@ def test_preempted_job_requeues_itself_and_the_rerun_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = _summary(workdir)
     assert (summary["status"], summary["step"]) == ("completed", 400)
-    assert 10 <= summary["resumed_from_step"] < 400
+    assert summary["resumed_from_step"] == stopped["step"]  # nothing lost
     events = [e.split(": ", 1)[1] for e in
               (workdir / "slurm" / "events.log").read_text().splitlines()]
     assert events == [

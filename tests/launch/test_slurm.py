@@ -54,7 +54,8 @@ def test_train_directives_and_command(tmp_path):
         "--account=proj", "--qos=high", "--constraint=a100&ib", "--requeue",
         "--signal=B:USR1@600",
     ]
-    assert (f"srun --kill-on-bad-exit=1 python -m experiments.train \\\n    --config={CONFIG} "
+    assert (f"srun --cpus-per-task=6 --kill-on-bad-exit=1 python -m experiments.train \\\n"
+            f"    --config={CONFIG} "
             f"\\\n    --workdir={wd} \\\n    --config.optimizer.learning_rate=0.05 \\\n"
             "    --distributed_timeout=600 &\n") in script
     assert f"source {ROOT}/.venv/bin/activate\n" in script
@@ -76,7 +77,8 @@ def test_sweep_is_an_array_job_with_one_trial_per_task(tmp_path):
         "--cpus-per-task=8", "--time=04:00:00", "--array=0-3%2", "--requeue",
         "--signal=B:USR1@300",
     ]
-    assert (f"srun python -m experiments.sweep \\\n    --config={CONFIG} \\\n    --sweep={SWEEP}"
+    assert (f"srun --cpus-per-task=8 python -m experiments.sweep \\\n    --config={CONFIG} \\\n"
+            f"    --sweep={SWEEP}"
             f' \\\n    --sweep_dir={wd} \\\n    --trial_index="$SLURM_ARRAY_TASK_ID" &\n') in script
     subset = dataclasses.replace(spec, array="1,3", max_parallel=None)
     assert "#SBATCH --array=1,3\n" in render(subset, num_trials=4)
@@ -99,7 +101,8 @@ def test_tune_and_transfer_run_one_process(tmp_path, entry, files, module, dir_f
         "--cpus-per-task=8", "--time=90", "--requeue", "--signal=B:USR1@300",
     ]
     flags = " \\\n    ".join(f"--{k}={v}" for k, v in files.items())
-    assert f"srun python -m {module} \\\n    {flags} \\\n    --{dir_flag}={wd} &\n" in script
+    assert (f"srun --cpus-per-task=8 python -m {module} \\\n    {flags} \\\n"
+            f"    --{dir_flag}={wd} &\n") in script
     assert "activate" not in script
 
 

@@ -154,6 +154,11 @@ def test_check_configs_loads_the_overrides_like_the_entry_point(tmp_path):
                                  "overrides": ("--config.global_batch_size=36",)}))
     check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.global_batch_size=36",),
                              "gpus_per_node": 0, "nodes": 1, "tasks_per_node": None}))
+    with pytest.raises(ValueError, match=r"^launch: config.global_batch_size=32 is invalid; "
+                                         r"expected a multiple of the job's 3 devices "
+                                         r"\(1 node\(s\) x 3 CPU task\(s\)\)"):  # a process each
+        check_configs(JobSpec(**{**spec.__dict__, "gpus_per_node": 0, "nodes": 1,
+                                 "tasks_per_node": 3}))
 
 
 def test_check_configs_runs_the_engine_value_checks_on_every_trial(tmp_path):
