@@ -115,6 +115,9 @@ class Checkpointer:
                         json.load(f)
                 except (OSError, ValueError):
                     broken.append(int(name))
+        multi = jax.process_count() > 1
+        if multi:  # every process has scanned before any file moves: they agree on `broken`
+            multihost_utils.sync_global_devices("cnnjax_checkpoint_scan")
         for step in sorted(broken):
             message = (f"Checkpoint at step {step} in {self.directory} could not be restored (its "
                        "metrics file is unreadable); falling back to the previous checkpoint (the "
@@ -123,8 +126,8 @@ class Checkpointer:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         if broken:
             self._move_to_quarantine(broken)
-            if jax.process_count() > 1:  # every process saw the same files; wait for the move
-                multihost_utils.sync_global_devices("cnnjax_checkpoint_quarantine")
+        if multi:  # all processes, whatever they found: nobody starts orbax before the move
+            multihost_utils.sync_global_devices("cnnjax_checkpoint_quarantine")
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
