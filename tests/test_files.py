@@ -50,7 +50,8 @@ def test_atomic_file_leaves_the_old_file_and_no_temporary_when_the_writer_fails(
     path = str(tmp_path / "a.bin")
     with files.atomic_file(path, "wb") as f:
         f.write(b"old")
-    with pytest.raises(RuntimeError), files.atomic_file(path, "wb") as f:
+    with (pytest.raises(RuntimeError, match="^killed mid-write$"),
+          files.atomic_file(path, "wb") as f):
         f.write(b"half of the new")
         raise RuntimeError("killed mid-write")
     assert (tmp_path / "a.bin").read_bytes() == b"old"

@@ -285,6 +285,9 @@ def test_imagenette_train_random_resized_crop(tmp_path):
     assert np.all(np.abs(x_slopes) <= 160 / 48 + 1e-2) and np.all(y_slopes <= 120 / 48 + 1e-2)
     area = np.abs(x_slopes) * 48 * y_slopes * 48 / (120 * 160)
     assert np.all(area > 0.08 - 0.02) and np.all(area <= 1.0 + 1e-3)
+    # Small crops do happen (areas are drawn from 8%-100%): half of these eight are below 30%,
+    # which a narrowed range such as 50%-100% could not give.
+    assert np.sum(area < 0.3) >= 4
     ratio = np.abs(x_slopes) / y_slopes
     assert np.all(ratio > 3 / 4 - 0.05) and np.all(ratio < 4 / 3 + 0.05)
     assert (x_slopes < 0).any() and (x_slopes > 0).any()  # some crops were flipped

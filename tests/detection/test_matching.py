@@ -150,6 +150,15 @@ def test_sampler_is_uniform_under_vmap():
     # 0.02 over 400 draws; 5 std tolerance); ignored anchors never.
     np.testing.assert_allclose(pos.mean(0)[labels == 1], 0.2, atol=0.1)
     np.testing.assert_allclose(neg.mean(0)[labels == 0], 0.2, atol=0.1)
+    # Jointly: a chi-square test of equal pick counts across the anchors of each kind (a mild
+    # bias, e.g. 0.25 for the first anchors and 0.15 for the last, fails it; p = 1e-3).
+    from scipy.stats import chi2
+
+    for picks in (pos[:, labels == 1], neg[:, labels == 0]):
+        counts = picks.sum(0)
+        expected = counts.mean()
+        stat = float(((counts - expected) ** 2 / expected).sum())
+        assert stat < chi2.ppf(0.999, df=len(counts) - 1), (stat, counts)
     assert not pos[:, labels != 1].any() and not neg[:, labels != 0].any()
 
 

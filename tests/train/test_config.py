@@ -195,14 +195,18 @@ def test_test_models_are_registered_only_during_their_tests(collapsing_model):
     assert {collapsing_model, helpers.TINY_MODEL} <= set(registry.list_models())
 
 
-def test_test_models_are_gone_after_their_tests():
-    """Runs after the test above (file order): what it registered is gone; TINY_MODEL is
-    registered by this module's autouse fixture and goes with its monkeypatch."""
+def test_test_models_are_gone_after_their_fixture():
+    """The fixture's teardown (what pytest runs after each test) unregisters the model, in any
+    test order or worker: driven here by hand."""
+    fixture = collapsing_model.__wrapped__()
+    assert next(fixture) in registry.list_models()
+    with pytest.raises(StopIteration):
+        next(fixture)
     assert _COLLAPSING not in registry.list_models()
 
 
 def test_registered_model_unregisters_even_when_the_block_fails():
-    with pytest.raises(RuntimeError), registry.registered_model(
+    with pytest.raises(RuntimeError, match="^boom$"), registry.registered_model(
         "test_temporary", lambda **kw: _ValidConvNet(**kw), input_shape=(8, 8, 1)
     ) as info:
         assert registry.model_info("test_temporary") is info

@@ -455,9 +455,9 @@ def test_initialize_rejects_non_positive_timeout():
 
 
 def test_missing_coordinator_is_a_clear_error_not_a_hang(tmp_path):
-    """Process 1 of 2 started alone: no coordinator ever listens. It must exit 1, in time."""
+    """Process 1 of 2 started alone: no coordinator ever listens. It must exit 1 (within the
+    120 s wait: no hang)."""
     job_id = free_slurm_job_id()
-    started = time.monotonic()
     job = Job(
         [(_train_command(tmp_path / "w") + ["--distributed_timeout=2"], _slurm_env(job_id, 1))],
         tmp_path,
@@ -474,7 +474,6 @@ def test_missing_coordinator_is_a_clear_error_not_a_hang(tmp_path):
         f"localhost:{port} within 2 s. Process 0 starts the coordinator"
     ) in log, log[-3000:]
     assert "Terminating process" not in log  # XLA's own abort message never came
-    assert time.monotonic() - started < 60
     # The reason is also in the work directory (there is no summary.json without a job).
     recorded = (tmp_path / "w" / "error.startup.process1.log").read_text()
     assert recorded.startswith("error: distributed: process 1 of 2 could not reach"), recorded
