@@ -96,10 +96,15 @@ def _forward_backward(model, shape):
 # ResNet-20 forward+backward under jit is exercised by the overfit test below.
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_forward_backward_small_input(name):
-    info = model_info(name)
-    _forward_backward(
-        create_model(name, num_classes=7), (2, info.min_input_size, info.min_input_size, 3)
-    )
+    _forward_backward(create_model(name, num_classes=7), (2, *_small_input(name)))
+
+
+def _small_input(name: str) -> tuple[int, int, int]:
+    """A small input a ResNet trains on: 32x32 (stage4 at 1x1; CIFAR size). The registry's
+    minimum is 1 (no map ever collapses), but training BatchNorm on a batch of 1x1 images is
+    numerically degenerate (ResNet-50 and deeper give inf there)."""
+    size = max(model_info(name).min_input_size, 32)
+    return size, size, 3
 
 
 @pytest.mark.slow
@@ -116,10 +121,7 @@ def test_forward_backward_small_input(name):
     ],
 )
 def test_forward_backward_deep_small_input(name):
-    info = model_info(name)
-    _forward_backward(
-        create_model(name, num_classes=7), (2, info.min_input_size, info.min_input_size, 3)
-    )
+    _forward_backward(create_model(name, num_classes=7), (2, *_small_input(name)))
 
 
 @pytest.mark.slow
