@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.detection.anchors import image_size_pair
+from cnnjax.layers.roi import indexed
 from cnnjax.utils.validation import check_number, concrete_value, invalid
 
 # torchvision's `bbox_xform_clip`: decoded sizes grow at most 1000/16 = 62.5x their anchor's.
@@ -67,31 +68,6 @@ def _broadcast(owner: str, a: jax.Array, b: jax.Array, names: tuple[str, str]) -
                       f"{tuple(b.shape)}") from None
 
 
-def _where(arg: str, index: tuple[int, ...]) -> str:
-    """`arg[i]` or `arg[i, j]` (`arg` for a single box): one box's name in an error message."""
-    return f"{arg}[{', '.join(str(int(i)) for i in index)}]" if index else arg
-
-
-def check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any = None) -> None:
-    """When `boxes` `[..., 4]` (and `valid` `[...]` bool, None: every row) are concrete, raises
-    on the first valid box that is not finite or has x2 < x1 or y2 < y1. Rows not `valid` may
-    hold anything (padding); traced inputs are not checked (nothing can raise under jit)."""
-    values = concrete_value(boxes)
-    mask = None if valid is None else concrete_value(valid)
-    if values is None or (valid is not None and mask is None):
-        return
-    values = np.asarray(values, np.float64)
-    mask = np.ones(values.shape[:-1], bool) if mask is None else np.asarray(mask, bool)
-    finite = np.all(np.isfinite(values), axis=-1)
-    inverted = (values[..., 2] < values[..., 0]) | (values[..., 3] < values[..., 1])
-    for bad, valid_text in ((mask & ~finite, "expected finite coordinates"),
-                            (mask & inverted, "expected x1 <= x2 and y1 <= y2 (boxes are "
-                                              "(x1, y1, x2, y2))")):
-        if bad.any():
-            index = tuple(np.argwhere(bad)[0])
-            raise invalid(owner, _where(arg, index), values[index].tolist(), valid_text)
-
-
 def _check_anchor_sizes(owner: str, anchors: Any) -> None:
     """When `anchors` `[..., 4]` are concrete, raises on the first one without a positive
     finite width and height (it would give infinite or NaN targets)."""
@@ -103,7 +79,7 @@ def _check_anchor_sizes(owner: str, anchors: Any) -> None:
     bad = ~np.all((sizes > 0) & np.isfinite(sizes), axis=-1)
     if bad.any():
         index = tuple(np.argwhere(bad)[0])
-        raise invalid(owner, _where("anchors", index), values[index].tolist(),
+        raise invalid(owner, indexed("anchors", index), values[index].tolist(),
                       "expected a positive finite width and height (x1 < x2, y1 < y2)")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.detection.box_coding import check_valid_boxes
+from cnnjax.layers.roi import check_valid_boxes
 from cnnjax.utils.validation import check_positive_int, invalid
 
 VOC_IOU = 0.5

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.detection.box_coding import check_valid_boxes
-from cnnjax.layers.roi import nms
+from cnnjax.layers.roi import check_valid_boxes, nms
 from cnnjax.utils.validation import check_number, check_positive_int, concrete_value, invalid
 
 

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.detection.box_coding import check_box_weights, check_valid_boxes, encode_boxes
+from cnnjax.detection.box_coding import check_box_weights, encode_boxes
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import NEGATIVE, POSITIVE, sample_balanced
-from cnnjax.layers.roi import box_iou
+from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import (
     check_number,
     check_positive_int,

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.detection.anchors import image_size_pair
-from cnnjax.detection.box_coding import check_valid_boxes
-from cnnjax.layers.roi import box_iou
+from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import (
     check_choice,
     check_positive_int,

@@ -56,16 +56,33 @@ def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
         boxes = boxes.astype(jnp.float32)
     if values is not None:
         values = values.astype(np.float64)
-        bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
-        if bad.size:
-            i = int(bad[0])
-            raise invalid(owner, f"boxes[{i}]", values[i].tolist(), "expected finite coordinates")
-        bad = np.flatnonzero((values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1]))
-        if bad.size:
-            i = int(bad[0])
-            raise invalid(owner, f"boxes[{i}]", values[i].tolist(),
-                          "expected x1 <= x2 and y1 <= y2 (boxes are (x1, y1, x2, y2))")
+        check_valid_boxes(owner, "boxes", values)
     return boxes, values
+
+
+def indexed(arg: str, index: tuple[int, ...]) -> str:
+    """`arg[i]` or `arg[i, j]` (`arg` for a single box): one box's name in an error message."""
+    return f"{arg}[{', '.join(str(int(i)) for i in index)}]" if index else arg
+
+
+def check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any = None) -> None:
+    """When `boxes` `[..., 4]` (and `valid` `[...]` bool, None: every row) are concrete, raises
+    on the first valid box that is not finite or has x2 < x1 or y2 < y1. Rows not `valid` may
+    hold anything (padding); traced inputs are not checked (nothing can raise under jit)."""
+    values = concrete_value(boxes)
+    mask = None if valid is None else concrete_value(valid)
+    if values is None or (valid is not None and mask is None):
+        return
+    values = np.asarray(values, np.float64)
+    mask = np.ones(values.shape[:-1], bool) if mask is None else np.asarray(mask, bool)
+    finite = np.all(np.isfinite(values), axis=-1)
+    inverted = (values[..., 2] < values[..., 0]) | (values[..., 3] < values[..., 1])
+    for bad, valid_text in ((mask & ~finite, "expected finite coordinates"),
+                            (mask & inverted, "expected x1 <= x2 and y1 <= y2 (boxes are "
+                                              "(x1, y1, x2, y2))")):
+        if bad.any():
+            index = tuple(np.argwhere(bad)[0])
+            raise invalid(owner, indexed(arg, index), values[index].tolist(), valid_text)
 
 
 def _check_roi_args(
