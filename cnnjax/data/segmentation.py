@@ -131,11 +131,13 @@ class _SegmentationSource(pipeline._TfdsSource):
                                                                      tf.int32))})
 
 
-def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any]:
-    """`(spec, source, transforms)` of a segmentation data config (`_resolve` checks it)."""
-    spec = pipeline._resolve(_split(data_config)[0])
+def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any, tuple[float, float] | None]:
+    """`(spec, source, transforms, scale_range)` of a segmentation data config (`_resolve` and
+    `_split` check it)."""
+    config, scale_range = _split(data_config)
+    spec = pipeline._resolve(config)
     source, transforms = pipeline.open_whole_image_source(spec, _SegmentationSource)
-    return spec, source, transforms
+    return spec, source, transforms, scale_range
 
 
 def eval_split_name(data_config: Any) -> str:
@@ -146,7 +148,7 @@ def eval_split_name(data_config: Any) -> str:
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
     """Classes (background included), output image shape and split sizes, named after the tfds
     dataset when `tfds_name` overrides the preset's."""
-    spec, source, transforms = _open(data_config)
+    spec, source, transforms, _ = _open(data_config)
     return pipeline.dataset_info(spec, source, transforms,
                                  data_config.get("tfds_name") or spec.preset.name)
 
@@ -199,12 +201,12 @@ def train_batches(
 ) -> Iterator[pipeline.Batch]:
     """Infinite segmentation batches (layout in the module docstring), exactly resumable:
     batch `k` is a deterministic function of `(data_config, seed, k)` and the process layout."""
-    spec, source, transforms = _open(data_config)
+    spec, source, transforms, scale_range = _open(data_config)
     pipeline.check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
                                 process_count)
     hw = transforms.out_shape[:2]
-
-    scale_range = _split(data_config)[1] if spec.augment else None
+    if not spec.augment:
+        scale_range = None
 
     def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
         image, flip = pipeline.flipped_whole_image(spec, transforms, ex["image"], key)
@@ -232,7 +234,7 @@ def eval_batches(
 
     Every process yields the same number of batches (the largest shard's), as in `pipeline.py`.
     """
-    spec, source, transforms = _open(data_config)
+    spec, source, transforms, _ = _open(data_config)
     hw = transforms.out_shape[:2]
 
     def preprocess(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
