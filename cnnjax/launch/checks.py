@@ -118,7 +118,5 @@ def _trial_configs(base: Any, sweep: Any) -> dict[str, Any]:
     """`{"trial <i> (<overrides>)": config}` of every trial of a sweep file over `base`."""
     from cnnjax.tune import space as space_lib
 
-    space = space_lib.from_config(sweep)
-    space_lib.check_fields(base, space)
-    return {f"trial {t.index} {dict(t.overrides)}": space_lib.apply_overrides(base, t.overrides)
-            for t in space.trials}
+    return {f"trial {t.index} {dict(t.overrides)}": config
+            for t, config in space_lib.trial_configs(base, space_lib.from_config(sweep))}

@@ -363,6 +363,13 @@ def apply_overrides(base_config: Any, overrides: Mapping[str, Any]) -> Any:
     return config
 
 
+def trial_configs(base_config: Any, space: SearchSpace) -> list[tuple[Trial, Any]]:
+    """`(trial, base_config with its overrides)` for every trial, once `check_fields` passed
+    (value checks are the caller's: the engine's, with or without the dataset)."""
+    check_fields(base_config, space)
+    return [(trial, apply_overrides(base_config, trial.overrides)) for trial in space.trials]
+
+
 def _canonical(value: Any) -> Any:
     """JSON-ready copy (tuples as lists); TypeError for values JSON cannot hold faithfully."""
     if value is None or isinstance(value, bool | int | str):

@@ -30,7 +30,8 @@ from typing import Any
 from cnnjax.train import config as config_lib
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
-from cnnjax.tune.space import SearchSpace, Trial, apply_overrides, check_fields
+from cnnjax.tune.space import SearchSpace, Trial
+from cnnjax.tune.space import trial_configs as space_trial_configs
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
@@ -154,10 +155,8 @@ def run_sweep(
 def trial_configs(base_config: Any, space: SearchSpace) -> dict[str, Any]:
     """`{trial_id: base + overrides}`, each checked by the engine's `check_config` (fields,
     values, model, dataset, schedule ...), so a bad trial is refused before any trial trains."""
-    check_fields(base_config, space)
     configs = {}
-    for trial in space.trials:
-        config = apply_overrides(base_config, trial.overrides)
+    for trial, config in space_trial_configs(base_config, space):
         try:
             config_lib.check_config(config)  # the engine's own pre-compilation checks
         except ValueError as err:
