@@ -104,11 +104,13 @@ def select_pretrained(
             raise invalid("init_from", "submodule", submodule,
                           f"model {model!r} has no such top-level module; it has "
                           f"{sorted(new_shapes.get('params') or {})}")
-        prefix, source_model = (submodule,), None  # the architectures differ on purpose
+        prefix = (submodule,)  # the architectures differ on purpose
     excluded = tuple(exclude)
     source = f"the checkpoint at step {source_step} of {source_workdir!r}"
     selected: dict[str, Any] = {}
-    problem: tuple[str, str] | None = None  # (what is wrong, the top-level name to exclude)
+    # (what is wrong, the outermost module below `prefix` holding the leaf: the name to exclude,
+    # or None for a leaf directly in the model / the submodule, which no exclusion can skip)
+    problem: tuple[str, str | None] | None = None
     for collection in WARM_START_COLLECTIONS:
         new_flat = flatten_dict(dict(new_shapes.get(collection) or {}))
         src_flat = flatten_dict(dict(source_shapes.get(collection) or {}))
@@ -122,27 +124,34 @@ def select_pretrained(
                 problem = problem or (
                     f"the new model needs {name} but {source} (model {source_model!r}) has no "
                     f"such variable{' as ' + '/'.join(src_path) if prefix else ''}",
-                    path[len(prefix)],
+                    src_path[0] if len(src_path) > 1 else None,
                 )
             elif tuple(src_flat[src_path].shape) != tuple(leaf.shape):
                 problem = problem or (
                     f"{name} has shape {tuple(src_flat[src_path].shape)} in {source} but "
                     f"{tuple(leaf.shape)} in the new model {model!r}",
-                    path[len(prefix)],
+                    src_path[0] if len(src_path) > 1 else None,
                 )
             else:
                 chosen[src_path] = src_flat[src_path]
         selected[collection] = unflatten_dict(chosen) if chosen else {}
     if problem is not None:
         what, top = problem
-        if source_model is not None and source_model != model:
+        if submodule is None and source_model is not None and source_model != model:
             raise invalid(
                 "init_from",
                 "workdir",
                 source_workdir,
                 f"it holds a {source_model!r} run but config.model={model!r}, and their variables "
-                f"do not match ({what}); different architectures cannot be warm-started",
+                f"do not match ({what}); different architectures cannot be warm-started whole (set "
+                f"init_from.submodule to load the source into one module of the new model)",
             )
+        if top is None and submodule is not None:  # a leaf of the submodule itself
+            raise invalid("init_from", "submodule", submodule,
+                          f"{what}; expected the top-level module the source's variables fill")
+        if top is None:  # a top-level leaf: init_from.exclude names modules only
+            raise invalid("init_from", "workdir", source_workdir,
+                          f"{what}, a top-level variable no init_from.exclude can skip")
         raise invalid(
             "init_from",
             "exclude",

@@ -5,6 +5,9 @@ train on the target, each one ordinary `train_and_evaluate` run:
     scratch        the target config as it is (random initialization)
     finetune       every layer trained, starting from the source's final checkpoint (head excluded)
     linear_probe   the same start, only the new head trained (`freeze='backbone'`)
+Source and target share one architecture, or the target's `init_from.submodule` names the module
+of the target the source's weights fill (e.g. a ResNet classifier's weights in an FCN's
+`backbone`); either way the fit is checked on abstract shapes before the source trains.
 
 Layout of a transfer directory:
     transfer.json                   the source/target configs, budget field, arm overrides
@@ -119,10 +122,11 @@ class TransferPlan:
                              f"do not fit the target config: {err}") from None
         self.slugs = dict(zip(slugs, self.budgets, strict=True))
         self.overrides = _check_overrides(overrides, self.arms, target, budget_field)
-        _check_configs(source, target)
+        checked_source = _check_configs(source, target)
         self.source, self.target = source, target
         self.source_dir = trial_workdir(transfer_dir, _source_trial())
         self.runs: list[dict] = []  # {trial, budget, slug, arm, seed, config}
+        fit_checked = False
         for slug, budget in self.slugs.items():
             for arm in self.arms:
                 for seed in self.seeds:
@@ -132,10 +136,13 @@ class TransferPlan:
                     run_id = f"{slug}-{arm}-s{seed}"
                     config = space_lib.apply_overrides(target, fields)
                     try:
-                        check_engine_config(config)
+                        checked = config_lib.check_config(config)
                     except ValueError as err:
                         raise ValueError(f"transfer: run {run_id} has an invalid config: "
                                          f"{err}") from None
+                    if arm != "scratch" and not fit_checked:  # one warm start speaks for all
+                        _check_source_fits(source, checked_source, config, checked, run_id)
+                        fit_checked = True
                     trial = space_lib.Trial(len(self.runs) + 1, run_id, fields)
                     self.runs.append({"trial": trial, "budget": budget, "slug": slug,
                                       "arm": arm, "seed": seed, "config": config})
@@ -144,14 +151,14 @@ class TransferPlan:
         """Training examples of the source and of every run (`{trial_id: n}`); raises if one is
         smaller than that run's global batch (an epoch would have no step). Reads labels,
         trains nothing."""
-        from cnnjax.data import pipeline  # deferred: TensorFlow starts here
-
-        known: dict[str, int] = {}  # data config (JSON) -> examples: one count per budget
+        known: dict[str, int] = {}  # task + data config (JSON) -> examples: one per budget
         sizes = {}
         for run_id, config in [(SOURCE_ID, self.source)] + [
                 (run["trial"].trial_id, run["config"]) for run in self.runs]:
-            key = json.dumps(config_lib.flatten(config.data), sort_keys=True)
-            if key not in known:
+            key = json.dumps([config_lib.config_task(config), config_lib.flatten(config.data)],
+                             sort_keys=True)
+            if key not in known:  # the task's own input module (TensorFlow starts here)
+                pipeline = config_lib.data_pipeline(config)
                 known[key] = pipeline.get_dataset_info(config.data).num_train
             num_train = sizes[run_id] = known[key]
             if num_train < config.global_batch_size:
@@ -226,15 +233,14 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
     return checked
 
 
-def check_engine_config(config: Any) -> None:
-    """The engine's pre-compilation checks (`cnnjax.train.config.check_config`)."""
-    config_lib.check_config(config)
-
-
-def _check_configs(source: Any, target: Any) -> None:
+def _check_configs(source: Any, target: Any) -> Any:
+    """The engine's pre-compilation checks on both configs, the fields the arms own unset, and
+    source and target of one architecture unless `target.init_from.submodule` names the target
+    module the source's weights fill. Returns the source's `CheckedConfig`."""
+    checked = {}
     for role, config in (("source", source), ("target", target)):
         try:
-            check_engine_config(config)
+            checked[role] = config_lib.check_config(config)
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
     for name in _ARM_FIELDS:
@@ -242,10 +248,38 @@ def _check_configs(source: Any, target: Any) -> None:
         if value is not None:
             raise invalid(_OWNER, f"target.{name}", value,
                           "expected None: each arm sets it (scratch: unset)")
-    if source.model != target.model:
+    if source.model != target.model and space_lib.get_field(target,
+                                                            "init_from.submodule") is None:
         raise invalid(_OWNER, "target.model", target.model,
-                      f"expected the source's model {source.model!r}: the pretrained weights "
-                      "must fit the target network")
+                      f"expected the source's model {source.model!r} (so that the pretrained "
+                      "weights fit the target network), or target.init_from.submodule naming "
+                      "the target module they fill (e.g. 'backbone': an FCN's ResNet trunk "
+                      "from a ResNet classifier)")
+    return checked["source"]
+
+
+def _check_source_fits(source: Any, checked_source: Any, config: Any, checked: Any,
+                       run_id: str) -> None:
+    """Before the source trains: its variables (abstract shapes of a fresh init, as its final
+    checkpoint will hold them) fill the warm-started target run `config` as the engine will
+    require when that run starts (`select_pretrained`: same names and shapes, `init_from.exclude`
+    and `init_from.submodule` applied)."""
+    import jax
+
+    from cnnjax.train.state import init_variables, select_pretrained
+
+    input_shape = (1, *checked_source.data_info.image_shape)
+    source_shapes = jax.eval_shape(
+        lambda rng: init_variables(checked_source.model, rng, input_shape), jax.random.key(0))
+    init_from = config.init_from
+    try:
+        select_pretrained(checked.variable_shapes, source_shapes, tuple(init_from.exclude),
+                          source_workdir=init_from.workdir, source_step=init_from.step,
+                          model=config.model, source_model=source.model,
+                          submodule=init_from.get("submodule"))
+    except ValueError as err:
+        raise ValueError(f"transfer: the source run's weights cannot warm-start run {run_id}: "
+                         f"{err}") from None
 
 
 def _prepare_dir(transfer_dir: str, plan: TransferPlan) -> None:

@@ -6,6 +6,7 @@ bottom half), so the head must be re-initialized while everything else is loaded
 
 import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -20,7 +21,7 @@ from flax.traverse_util import flatten_dict
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer, SourceCheckpoints
 from cnnjax.train.config import default_config, incompatible_fields, validate_config
-from cnnjax.train.state import freeze_optimizer
+from cnnjax.train.state import freeze_optimizer, select_pretrained
 from tests.train import helpers
 
 TWO_CLASSES = "synthetic2"  # the helpers' images, labels 0/1 = bright quadrant on top/bottom
@@ -367,8 +368,29 @@ def test_different_architecture_is_refused(tmp_path, monkeypatch):
         f"config.model='{helpers.TINY_MODEL}', and their variables do not match "
         "(params/conv/kernel has shape (5, 5, 1, 6) in the checkpoint at step 3 of "
         f"{str(source)!r} but (3, 3, 1, 4) in the new model '{helpers.TINY_MODEL}'); different "
-        "architectures cannot be warm-started.",
+        "architectures cannot be warm-started whole (set init_from.submodule to load the source "
+        "into one module of the new model).",
     )
+
+
+def test_leaves_no_module_exclusion_can_skip_get_their_own_hint():
+    """A mismatch in a leaf directly inside `submodule` (or at the model's top level) cannot be
+    fixed with `init_from.exclude` (which names modules), so that hint is not given."""
+    new = {"params": {"backbone": {"scale": jax.ShapeDtypeStruct((4,), np.float32)}}}
+    source = {"params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 1, 4), np.float32)}}}
+    kwargs = {"source_workdir": "src", "source_step": 3, "model": "new", "source_model": "old"}
+    with pytest.raises(ValueError, match=re.escape(
+            "init_from: submodule='backbone' is invalid; the new model needs "
+            "params/backbone/scale but the checkpoint at step 3 of 'src' (model 'old') has no "
+            "such variable as scale; expected the top-level module the source's variables "
+            "fill.")):
+        select_pretrained(new, source, ("head",), submodule="backbone", **kwargs)
+    with pytest.raises(ValueError, match=re.escape(
+            "init_from: workdir='src' is invalid; the new model needs params/scale but the "
+            "checkpoint at step 3 of 'src' (model 'new') has no such variable, a top-level "
+            "variable no init_from.exclude can skip.")):
+        select_pretrained({"params": new["params"]["backbone"]}, source, ("head",),
+                          **{**kwargs, "source_model": "new"})
 
 
 @pytest.mark.parametrize(
@@ -516,7 +538,7 @@ def test_submodule_loads_a_classifier_into_an_fcn_backbone():
     """`init_from.submodule='backbone'`: a resnet18 classifier's variables (its `head` ignored)
     fill exactly FCN-8s-ResNet-18's `backbone`; score and upsampling layers stay fresh."""
     from cnnjax.models import create_model
-    from cnnjax.train.state import select_pretrained, under_submodule
+    from cnnjax.train.state import under_submodule
 
     def shapes(name, num_classes):
         model = create_model(name, num_classes=num_classes)

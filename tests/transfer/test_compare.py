@@ -9,11 +9,13 @@ import json
 import os
 import re
 
+import flax.linen as nn
 import numpy as np
 import pytest
 from ml_collections import config_dict
 
 import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
+from cnnjax.models import registry
 from cnnjax.transfer import compare
 from cnnjax.tune import sweep
 from tests.train import helpers
@@ -95,6 +97,98 @@ def test_pretrained_arms_start_from_the_source_weights_and_scratch_does_not(
     for name in BACKBONE:
         np.testing.assert_array_equal(probe_final[name], src_params[name], err_msg=name)
     assert not np.array_equal(finetune_final["conv/kernel"], src_params["conv/kernel"])
+
+
+WRAPPED_MODEL = "test_tiny_wrapped_cnn"
+
+
+class _Trunk(nn.Module):
+    """The tiny model's conv -> BatchNorm -> relu, as one module (`features` conv channels)."""
+
+    features: int
+    axis_name: str | None
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(self.features, (3, 3), padding="VALID", name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                         axis_name=self.axis_name, name="bn")(x)
+        return nn.relu(x)
+
+
+class _WrappedNet(nn.Module):
+    """Another architecture around the tiny model's layers: they sit in `backbone`, and a `neck`
+    the tiny model lacks comes between them and the `head`."""
+
+    num_classes: int = helpers.NUM_CLASSES
+    dtype: object = None
+    axis_name: str | None = None
+    features: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, return_features: bool = False):
+        x = _Trunk(self.features, self.axis_name, name="backbone")(x, train)
+        x = nn.relu(nn.Conv(3, (1, 1), name="neck")(x)).reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+@pytest.fixture
+def wrapped_model(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, WRAPPED_MODEL, registry.ModelInfo(
+        WRAPPED_MODEL, _WrappedNet, helpers.IMAGE_SHAPE, 3, helpers.NUM_CLASSES, "test-only"))
+
+
+def _wrapped_target(**overrides):
+    return _target(**{"model": WRAPPED_MODEL, "init_from.submodule": "backbone", **overrides})
+
+
+def test_across_architectures_the_source_fills_the_named_submodule(
+        tmp_path, initial_states, wrapped_model):
+    rows = _run(tmp_path, target=_wrapped_target(), arms=("scratch", "finetune", "linear_probe"))
+    assert [r["status"] for r in rows] == ["completed"] * 3
+    _, scratch, finetune, probe = initial_states
+    stored = _stored(os.path.join(tmp_path, "transfer", "trials", "source"), 12)
+    src_params, src_stats = _flat(stored["params"]), _flat(stored["batch_stats"])
+    for start in (finetune, probe):
+        params, stats = _flat(start.params), _flat(start.batch_stats)
+        for name in BACKBONE:
+            np.testing.assert_array_equal(params[f"backbone/{name}"], src_params[name])
+        for name, value in src_stats.items():
+            np.testing.assert_array_equal(stats[f"backbone/{name}"], value)
+        # The modules the source lacks start as the scratch arm's do (same seed, fresh).
+        for name in ("neck/kernel", "head/kernel"):
+            np.testing.assert_array_equal(params[name], _flat(scratch.params)[name])
+    assert not np.array_equal(_flat(scratch.params)["backbone/conv/kernel"],
+                              src_params["conv/kernel"])
+    probe_summary = _json(os.path.join(rows[2]["workdir"], "summary.json"))
+    assert probe_summary["init_from"]["submodule"] == "backbone"
+    assert probe_summary["init_from"]["fresh_modules"] == ["head", "neck"]
+
+
+@pytest.mark.parametrize(
+    ("target_changes", "message"),
+    [
+        ({"init_from.submodule": None},
+         f"transfer: target.model='{WRAPPED_MODEL}' is invalid; expected the source's model "
+         f"'{helpers.TINY_MODEL}' (so that the pretrained weights fit the target network), or "
+         "target.init_from.submodule naming the target module they fill"),
+        ({"init_from.submodule": "neck"},
+         "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
+         "submodule='neck' is invalid; the new model needs params/neck/bias but the checkpoint "
+         "at step 12 of"),
+        ({"model_kwargs.features": 6},
+         "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
+         "exclude=('head',) is invalid; params/backbone/bn/bias has shape (4,) in the "
+         "checkpoint at step 12 of"),
+    ],
+)
+def test_a_source_that_cannot_fill_the_target_is_refused_before_it_trains(
+        tmp_path, monkeypatch, wrapped_model, target_changes, message):
+    monkeypatch.setattr(sweep, "train_and_evaluate", pytest.fail)  # nothing may train
+    target = _wrapped_target(**target_changes)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(tmp_path, target=target, arms=("scratch", "finetune"))
+    assert not os.path.exists(tmp_path / "transfer")
 
 
 @pytest.mark.slow  # 8+ tiny training runs
@@ -285,7 +379,9 @@ def _bad(**changes):
         ({"freeze": "backbone"}, {}, "transfer: target.freeze='backbone' is invalid; expected "
                                      "None: each arm sets it"),
         ({"model": "resnet20_cifar"}, {}, "transfer: target.model='resnet20_cifar' is invalid; "
-                                          f"expected the source's model '{helpers.TINY_MODEL}'"),
+                                          f"expected the source's model '{helpers.TINY_MODEL}' "
+                                          "(so that the pretrained weights fit the target "
+                                          "network), or target.init_from.submodule"),
         ({"global_batch_size": 128}, {},
          "transfer: global_batch_size=128 is invalid; run 8-scratch-s0 has 64 training "
          "examples; expected a global batch of at most that many (lower it or raise the "
