@@ -126,7 +126,7 @@ class TransferPlan:
         self.source, self.target = source, target
         self.source_dir = trial_workdir(transfer_dir, _source_trial())
         self.runs: list[dict] = []  # {trial, budget, slug, arm, seed, config}
-        fit_checked = False
+        source_shapes = None  # the source's variable shapes, traced for the first warm start
         for slug, budget in self.slugs.items():
             for arm in self.arms:
                 for seed in self.seeds:
@@ -140,9 +140,9 @@ class TransferPlan:
                     except ValueError as err:
                         raise ValueError(f"transfer: run {run_id} has an invalid config: "
                                          f"{err}") from None
-                    if arm != "scratch" and not fit_checked:  # one warm start speaks for all
-                        _check_source_fits(source, checked_source, config, checked, run_id)
-                        fit_checked = True
+                    if arm != "scratch":  # arm_overrides may change the model's shapes
+                        source_shapes = source_shapes or _variable_shapes(checked_source)
+                        _check_source_fits(source.model, source_shapes, config, checked, run_id)
                     trial = space_lib.Trial(len(self.runs) + 1, run_id, fields)
                     self.runs.append({"trial": trial, "budget": budget, "slug": slug,
                                       "arm": arm, "seed": seed, "config": config})
@@ -258,24 +258,29 @@ def _check_configs(source: Any, target: Any) -> Any:
     return checked["source"]
 
 
-def _check_source_fits(source: Any, checked_source: Any, config: Any, checked: Any,
-                       run_id: str) -> None:
-    """Before the source trains: its variables (abstract shapes of a fresh init, as its final
-    checkpoint will hold them) fill the warm-started target run `config` as the engine will
-    require when that run starts (`select_pretrained`: same names and shapes, `init_from.exclude`
-    and `init_from.submodule` applied)."""
+def _variable_shapes(checked: Any) -> Any:
+    """Abstract shapes of a fresh init of `checked`'s model: the leaves its checkpoints hold."""
     import jax
 
-    from cnnjax.train.state import init_variables, select_pretrained
+    from cnnjax.train.state import init_variables
 
-    input_shape = (1, *checked_source.data_info.image_shape)
-    source_shapes = jax.eval_shape(
-        lambda rng: init_variables(checked_source.model, rng, input_shape), jax.random.key(0))
+    input_shape = (1, *checked.data_info.image_shape)
+    return jax.eval_shape(lambda rng: init_variables(checked.model, rng, input_shape),
+                          jax.random.key(0))
+
+
+def _check_source_fits(source_model: str, source_shapes: Any, config: Any, checked: Any,
+                       run_id: str) -> None:
+    """Before the source trains: its variables fill the warm-started run `config` as the engine
+    will require when that run starts (`select_pretrained`: same names and shapes,
+    `init_from.exclude` and `init_from.submodule` applied)."""
+    from cnnjax.train.state import select_pretrained
+
     init_from = config.init_from
     try:
         select_pretrained(checked.variable_shapes, source_shapes, tuple(init_from.exclude),
                           source_workdir=init_from.workdir, source_step=init_from.step,
-                          model=config.model, source_model=source.model,
+                          model=config.model, source_model=source_model,
                           submodule=init_from.get("submodule"))
     except ValueError as err:
         raise ValueError(f"transfer: the source run's weights cannot warm-start run {run_id}: "

@@ -191,6 +191,16 @@ def test_a_source_that_cannot_fill_the_target_is_refused_before_it_trains(
     assert not os.path.exists(tmp_path / "transfer")
 
 
+def test_an_arm_override_that_changes_the_model_is_checked_too(tmp_path, monkeypatch,
+                                                               wrapped_model):
+    monkeypatch.setattr(sweep, "train_and_evaluate", pytest.fail)
+    with pytest.raises(ValueError, match=re.escape(
+            "transfer: the source run's weights cannot warm-start run 8-linear_probe-s0: "
+            "init_from: exclude=('head',) is invalid; params/backbone/bn/bias has shape (4,)")):
+        _run(tmp_path, target=_wrapped_target(**{"model_kwargs.features": 4}),
+             arm_overrides={"linear_probe": {"model_kwargs.features": 6}})
+
+
 @pytest.mark.slow  # 8+ tiny training runs
 def test_results_table_plot_and_report(tmp_path, capsys):
     target = _target()
