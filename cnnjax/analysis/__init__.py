@@ -5,6 +5,7 @@ is not ambiguous between function and module):
 
     from cnnjax.analysis.summary import summary                   # per-layer table, CLI
     from cnnjax.analysis.receptive_field import receptive_field   # final (size, jump, start)
+    from cnnjax.analysis.effective_receptive_field import effective_receptive_field  # Luo 2016
 """
 
 from typing import Any
@@ -25,19 +26,32 @@ from cnnjax.analysis.shapes import (
     same_padding,
 )
 
-_LAZY = {"Summary", "LayerRow"}  # imported on first use: keeps `python -m ...summary` clean
+# Imported on first use: keeps `import cnnjax.analysis` free of JAX and `python -m` of these
+# submodules clean.
+_LAZY = {
+    "Summary": "summary",
+    "LayerRow": "summary",
+    "EffectiveReceptiveField": "effective_receptive_field",
+    "MapStatistics": "effective_receptive_field",
+    "feature_receptive_field": "effective_receptive_field",
+    "map_statistics": "effective_receptive_field",
+    "plot_effective_receptive_field": "effective_receptive_field",
+    "theoretical_bounds": "effective_receptive_field",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from cnnjax.analysis import summary as _summary_module
+        import importlib
 
-        return getattr(_summary_module, name)
+        return getattr(importlib.import_module(f"cnnjax.analysis.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'cnnjax.analysis' has no attribute {name!r}")
 
 
 __all__ = [
+    "EffectiveReceptiveField",
     "LayerRow",
+    "MapStatistics",
     "ReceptiveField",
     "ShiftError",
     "Summary",
@@ -46,9 +60,13 @@ __all__ = [
     "conv_params",
     "conv_transpose_output_size",
     "equivariance_error",
+    "feature_receptive_field",
     "invariance_error",
+    "map_statistics",
+    "plot_effective_receptive_field",
     "pool_output_size",
     "same_padding",
     "shift_image",
     "stack_receptive_field",
+    "theoretical_bounds",
 ]

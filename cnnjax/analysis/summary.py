@@ -507,14 +507,15 @@ def summary(
 _EXAMPLES_PREFIX = "examples."
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str, owner: str = "summary CLI") -> tuple[int, ...]:
+    """An `--input_shape` flag's "H,W,C" as ints; `owner` (the CLI) names it in errors."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise invalid("summary CLI", "--input_shape", text, "expected comma-separated ints, "
+        raise invalid(owner, "--input_shape", text, "expected comma-separated ints, "
                       "e.g. 224,224,3") from None
     if len(shape) < 2 or any(s <= 0 for s in shape):
-        raise invalid("summary CLI", "--input_shape", text, "expected positive ints H,W,C")
+        raise invalid(owner, "--input_shape", text, "expected positive ints H,W,C")
     return shape
 
 
@@ -557,7 +558,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     model, native = load_model(f.model, f.num_classes)
-    shape = _parse_shape(f.input_shape) if f.input_shape else native
+    shape = parse_shape(f.input_shape) if f.input_shape else native
     result = summary(model, shape, batch_size=f.batch_size)
     print(f"{f.model} on input {result.input_shape}")
     print(result)

@@ -366,13 +366,13 @@ def test_errors(kwargs, message):
 
 
 def test_cli_model_loading_errors():
-    from cnnjax.analysis.summary import _parse_shape, load_model
+    from cnnjax.analysis.summary import load_model, parse_shape
 
     with pytest.raises(ValueError, match=r"create_example: name='nope' is invalid; expected one"):
         load_model("examples.nope")
     with pytest.raises(ValueError, match=r"summary CLI: --input_shape='0,4,3' is invalid; "
                                          r"expected positive ints"):
-        _parse_shape("0,4,3")
+        parse_shape("0,4,3")
     model, shape = load_model("examples.residual_net", num_classes=3)
     assert shape == (16, 16, 3) and model.num_classes == 3
 

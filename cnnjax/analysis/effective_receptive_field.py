@@ -1,0 +1,558 @@
+"""Effective receptive fields (Luo, Li, Urtasun & Zemel 2016, "Understanding the Effective
+Receptive Field in Deep Convolutional Neural Networks", NeurIPS).
+
+The theoretical receptive field (`receptive_field.py`) says which input pixels *can* influence a
+unit; the effective one measures how much each does: the magnitude of the gradient of one output
+unit (by default the centre of a feature map, its channels summed) with respect to the input,
+averaged over random inputs. Luo et al. show it is roughly Gaussian and occupies a fraction of the
+theoretical field: for n stacked linear convolutions it is the n-fold convolution of the kernel
+(a Gaussian by the central limit theorem, standard deviation growing as sqrt(n)), while the
+theoretical size grows as n.
+
+`effective_receptive_field(model, input_shape, feature="stage2")` returns the map (float64,
+normalised to sum 1) with its centre of mass, per-axis standard deviation and the effective size
+(the extent holding `fraction` of the mass, in input pixels, comparable with the theoretical
+`size`); `plot_effective_receptive_field` draws it with the theoretical field outlined.
+
+CLI (random weights, the paper's "random init" case, or a training run's, "after training"):
+
+    python -m cnnjax.analysis.effective_receptive_field --model=resnet18 --input_shape=224,224,3 \
+        --feature=stage2 --out=erf.png
+    python -m cnnjax.analysis.effective_receptive_field --workdir=workdirs/lenet5_digits
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.analysis.receptive_field import ReceptiveField
+from cnnjax.utils.files import save_figure
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
+
+_OWNER = "effective_receptive_field"
+#: Slack on the mass fraction, so float rounding of a map that sums to 1 never pushes the
+#: threshold past the last pixel that carries mass.
+_MASS_TOLERANCE = 1e-9
+
+
+class MapStatistics(NamedTuple):
+    """Summary of a normalised map (see `EffectiveReceptiveField`)."""
+
+    centre: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, ...]
+    square: int
+    square_start: tuple[int, ...]
+
+
+class EffectiveReceptiveField(NamedTuple):
+    """The effective receptive field of one unit, in input pixel coordinates (pixel i at i).
+
+    `map`: mean |d unit / d input| over the samples, summed over input channels, normalised to
+    sum 1 (float64, the input's spatial shape). `centre` and `std`: centre of mass and standard
+    deviation of each axis's marginal. `size`: per axis, the width in pixels of the shortest
+    window holding `fraction` of that marginal's mass: the effective size, to compare with the
+    theoretical `ReceptiveField.size`. `square`: the side of the smallest square (cube in 3-D)
+    holding `fraction` of the mass, the heaviest such starting at pixel `square_start`. (Windows
+    are not forced onto `centre`: for the symmetric fields of Luo et al. they are centred, and a
+    fractional centre of mass cannot inflate them.) `mass`: the mean total |gradient| before
+    normalisation. `feature`, `position`, `channel`: which unit (None: the model's output /
+    channels summed).
+    """
+
+    map: np.ndarray
+    centre: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, ...]
+    square: int
+    square_start: tuple[int, ...]
+    fraction: float
+    mass: float
+    feature: str | None
+    position: tuple[int, ...]
+    channel: int | None
+    num_samples: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics of a map (plain NumPy, used on the gradient map and testable on their own).
+
+
+def _box_sums(p: np.ndarray, sides: Sequence[int]) -> np.ndarray:
+    """Sums of `p` over every box of `sides` lying inside it (separable running sums)."""
+    for axis, side in enumerate(sides):
+        c = np.cumsum(p, axis=axis)
+        zero = np.zeros_like(np.take(c, [0], axis=axis))
+        c = np.concatenate([zero, c], axis=axis)
+        n = c.shape[axis]
+        p = np.take(c, range(side, n), axis=axis) - np.take(c, range(0, n - side), axis=axis)
+    return p
+
+
+def _smallest_box(p: np.ndarray, fraction: float) -> tuple[int, tuple[int, ...]]:
+    """Smallest side s such that an s-sided box (clipped to the map's shape) holds `fraction` of
+    `p`, and the first corner of the heaviest such box. The heaviest box's mass grows with s,
+    so s is found by bisection."""
+    target = fraction - _MASS_TOLERANCE
+
+    def best(side: int) -> tuple[float, tuple[int, ...]]:
+        sums = _box_sums(p, [min(side, n) for n in p.shape])
+        k = int(np.argmax(sums))
+        return float(sums.flat[k]), tuple(int(i) for i in np.unravel_index(k, sums.shape))
+
+    lo, hi = 1, max(p.shape)  # the answer lies in [lo, hi]; the whole map always qualifies
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if best(mid)[0] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo, best(lo)[1]
+
+
+def map_statistics(erf_map: np.ndarray, fraction: float = 0.95) -> MapStatistics:
+    """Centre of mass, per-axis std, effective size per axis and smallest square holding
+    `fraction` of a non-negative map normalised to sum 1 (see `EffectiveReceptiveField`)."""
+    fraction = check_number("map_statistics", "fraction", fraction, "expected a number in (0, 1]",
+                            low=0.0, high=1.0, low_open=True)
+    p = np.asarray(erf_map, np.float64)
+    if p.ndim < 1 or p.size == 0 or np.any(p < 0) or not np.isclose(p.sum(), 1.0, atol=1e-6):
+        raise invalid("map_statistics", "erf_map", f"array of shape {p.shape}",
+                      "expected a non-empty non-negative map summing to 1")
+    centre, std, size = [], [], []
+    for axis in range(p.ndim):
+        marginal = p.sum(axis=tuple(a for a in range(p.ndim) if a != axis))
+        coords = np.arange(p.shape[axis], dtype=np.float64)
+        mu = float(np.dot(marginal, coords))
+        centre.append(mu)
+        std.append(math.sqrt(max(float(np.dot(marginal, (coords - mu) ** 2)), 0.0)))
+        size.append(_smallest_box(marginal, fraction)[0])
+    square, square_start = _smallest_box(p, fraction)
+    return MapStatistics(tuple(centre), tuple(std), tuple(size), square, square_start)
+
+
+def theoretical_bounds(
+    field: ReceptiveField, position: Sequence[int]
+) -> tuple[tuple[float, float], ...]:
+    """Input coordinates `(first, last)` of the pixel centres in the theoretical field of the
+    unit at feature-map `position`, per axis (they may lie outside the input)."""
+    out = []
+    for size, jump, start, p in zip(field.size, field.jump, field.start, position, strict=True):
+        centre = start + p * jump
+        out.append((centre - (size - 1) / 2, centre + (size - 1) / 2))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gradient map.
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether `model.__call__` takes the keyword `name` (or any keyword)."""
+    try:
+        params = inspect.signature(model.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _split_output(out: Any, with_features: bool) -> tuple[Any, Mapping[str, Any]]:
+    """`(output, features)` of a model call: `(logits, dict)` with `return_features=True`, or a
+    backbone's plain dict (`features_only=True`)."""
+    if isinstance(out, Mapping):
+        return None, out
+    if with_features and isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+        return out
+    return out, {}
+
+
+def _is_spatial(x: Any, rank: int) -> bool:
+    return hasattr(x, "shape") and len(x.shape) == rank
+
+
+class _Target:
+    """Which map of the model the unit is taken from, and how to call the model for it."""
+
+    def __init__(self, model: nn.Module, feature: str | None, with_features: bool):
+        self.model, self.feature, self.with_features = model, feature, with_features
+        self.kwargs: dict[str, Any] = {}
+        if _accepts(model, "train"):
+            self.kwargs["train"] = False
+        if with_features:
+            self.kwargs["return_features"] = True
+
+    def select(self, out: Any) -> Any:
+        output, features = _split_output(out, self.with_features)
+        return output if self.feature is None else features[self.feature]
+
+    def apply(self, variables: Any, x: Any) -> Any:
+        return self.select(self.model.apply(variables, x, **self.kwargs))
+
+
+def _choose_target(model: nn.Module, feature: str | None, variables: Any,
+                   shape: tuple[int, ...]) -> tuple[_Target, tuple[int, ...]]:
+    """Resolves `feature` on an abstract evaluation of the model (nothing is compiled); returns
+    the target and the chosen map's shape. Unknown or non-spatial names raise, listing the
+    spatial maps the model exposes."""
+    rank = len(shape) + 1
+    with_features = _accepts(model, "return_features")
+    probe = _Target(model, None, with_features)
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    order: list[str] = []  # the features' order: eval_shape returns their dict sorted by name
+
+    def forward(v: Any, x: Any) -> Any:
+        if v is None:
+            out = model.init_with_output(jax.random.key(0), x, **probe.kwargs)[0]
+        else:
+            out = model.apply(v, x, **probe.kwargs)
+        order.extend(_split_output(out, with_features)[1])
+        return out
+
+    try:
+        out = jax.eval_shape(forward, variables, x)
+    except (TypeError, ValueError) as err:
+        raise invalid(_OWNER, "input_shape", shape,
+                      f"the model does not run on a {shape} input ({type(err).__name__}: "
+                      f"{str(err)[:300].rstrip('.')})") from None
+    output, features = _split_output(out, with_features)
+    spatial = [k for k in order if _is_spatial(features[k], rank)]
+    if feature is None:
+        if _is_spatial(output, rank):
+            chosen = output
+        elif spatial:
+            feature, chosen = spatial[-1], features[spatial[-1]]
+        else:
+            raise invalid(_OWNER, "feature", None,
+                          f"the model's output {getattr(output, 'shape', None)} has no spatial "
+                          "axes and it exposes no spatial feature maps (return_features=True)")
+    elif feature not in spatial:
+        why = "is not a spatial map" if feature in features else "is not a feature of the model"
+        raise invalid(_OWNER, "feature", feature,
+                      f"it {why}; expected one of {spatial}" if spatial else
+                      f"it {why}; the model exposes no spatial feature maps "
+                      "(return_features=True); pass feature=None for its output")
+    else:
+        chosen = features[feature]
+    map_shape = tuple(int(s) for s in chosen.shape)
+    if any(s == 0 for s in map_shape[1:-1]):
+        raise invalid(_OWNER, "input_shape", shape,
+                      f"too small: the {'output' if feature is None else repr(feature)} map "
+                      f"has shape {map_shape}, no spatial positions")
+    return _Target(model, feature, with_features and feature is not None), map_shape
+
+
+def _check_rng(rng: Any) -> jax.Array:
+    if isinstance(rng, int | np.integer) and not isinstance(rng, bool):
+        return jax.random.key(int(rng))
+    if isinstance(rng, jax.Array) and (
+        jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        or (rng.dtype == jnp.uint32 and rng.shape == (2,))
+    ):
+        return rng
+    raise invalid(_OWNER, "rng", rng, "expected an int seed or a JAX PRNG key")
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        raise invalid(_OWNER, "input_shape", input_shape,
+                      "expected a sequence like (H, W, C)") from None
+    if len(shape) < 2 or not all(
+        isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape
+    ):
+        raise invalid(_OWNER, "input_shape", input_shape,
+                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
+    return tuple(int(s) for s in shape)
+
+
+def _check_position(position: Any, map_shape: tuple[int, ...]) -> tuple[int, ...]:
+    spatial = map_shape[1:-1]
+    if position is None:
+        return tuple((s - 1) // 2 for s in spatial)
+    try:
+        pos = tuple(position)
+    except TypeError:
+        pos = ()
+    if len(pos) != len(spatial) or not all(
+        isinstance(p, int | np.integer) and not isinstance(p, bool) and 0 <= p < s
+        for p, s in zip(pos, spatial, strict=False)
+    ):
+        raise invalid(_OWNER, "position", position,
+                      f"expected {len(spatial)} indices into the map's spatial shape {spatial}")
+    return tuple(int(p) for p in pos)
+
+
+def _build_gradient_fn(target: _Target, input_shape: tuple[int, ...], batch_size: int,
+                       position: tuple[int, ...], channel: int | None) -> Any:
+    """The jitted `(variables, key, valid) -> sum over the first `valid` of `batch_size` random
+    normal inputs of |d unit / d input|, summed over input channels` (float32, spatial shape)."""
+    index = (slice(None), *position)
+
+    def unit(variables: Any, x: jax.Array) -> jax.Array:
+        values = target.apply(variables, x)[index].astype(jnp.float32)  # [B, C]
+        return values.sum(axis=-1) if channel is None else values[:, channel]
+
+    def gradient_sum(variables: Any, key: jax.Array, valid: jax.Array) -> jax.Array:
+        x = jax.random.normal(key, (batch_size, *input_shape), jnp.float32)
+        # Samples are independent in eval mode, so the gradient of the batch's sum of units is
+        # each sample's own gradient.
+        g = jax.grad(lambda x: unit(variables, x).sum())(x)
+        g = jnp.abs(g).sum(axis=-1)
+        keep = (jnp.arange(batch_size) < valid).reshape((batch_size,) + (1,) * (g.ndim - 1))
+        return jnp.where(keep, g, 0.0).sum(axis=0)
+
+    return jax.jit(gradient_sum)
+
+
+def effective_receptive_field(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    variables: Any = None,
+    feature: str | None = None,
+    position: Sequence[int] | None = None,
+    channel: int | None = None,
+    num_samples: int = 32,
+    batch_size: int = 8,
+    fraction: float = 0.95,
+    rng: int | jax.Array = 0,
+) -> EffectiveReceptiveField:
+    """Effective receptive field of one unit of `model` on `[H, W, C]` inputs (`input_shape`).
+
+    The unit is at `position` (default: the centre, `(size - 1) // 2` per axis) of the feature
+    map `feature` (a name of the model's `return_features=True` dict; default: the model's
+    output if it is a spatial map, else its last spatial feature), summed over channels or
+    `channel` only. Its input gradient is averaged in magnitude over `num_samples` standard
+    normal inputs, evaluated `batch_size` at a time in eval mode (`train=False`) with
+    `variables`, or with a random initialisation from `rng` (the paper's "random weights").
+    Arguments are checked, and `feature` resolved on an abstract trace, before anything compiles.
+    """
+    shape = _check_input_shape(input_shape)
+    num_samples = check_positive_int(_OWNER, "num_samples", num_samples)
+    batch_size = check_positive_int(_OWNER, "batch_size", batch_size)
+    fraction = check_number(_OWNER, "fraction", fraction, "expected a number in (0, 1]",
+                            low=0.0, high=1.0, low_open=True)
+    key = _check_rng(rng)
+    if not isinstance(model, nn.Module):
+        raise invalid(_OWNER, "model", type(model).__name__, "expected a flax.linen Module")
+    if feature is not None and not isinstance(feature, str):
+        raise invalid(_OWNER, "feature", feature, "expected a feature name or None")
+    target, map_shape = _choose_target(model, feature, variables, shape)
+    pos = _check_position(position, map_shape)
+    if channel is not None and (
+        isinstance(channel, bool) or not isinstance(channel, int | np.integer)
+        or not 0 <= channel < map_shape[-1]
+    ):
+        raise invalid(_OWNER, "channel", channel,
+                      f"expected None (all channels summed) or an index below {map_shape[-1]}")
+    batch_size = min(batch_size, num_samples)
+
+    init_key, key = jax.random.split(key)
+    if variables is None:
+        kwargs = {k: v for k, v in target.kwargs.items() if k != "return_features"}
+        variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), **kwargs))(init_key)
+    gradient_sum = _build_gradient_fn(target, shape, batch_size, pos, channel)
+    total = np.zeros(shape[:-1], np.float64)
+    for start in range(0, num_samples, batch_size):
+        key, sub = jax.random.split(key)
+        valid = jnp.asarray(min(batch_size, num_samples - start), jnp.int32)
+        total += np.asarray(gradient_sum(variables, sub, valid), np.float64)
+    mass = float(total.sum())
+    if not mass > 0 or not math.isfinite(mass):
+        raise invalid(_OWNER, "model", type(model).__name__,
+                      f"the unit's input gradient is {mass} over all samples (dead or diverged "
+                      "units); try another feature, channel or variables")
+    erf_map = total / mass
+    stats = map_statistics(erf_map, fraction)
+    return EffectiveReceptiveField(
+        map=erf_map, **stats._asdict(), fraction=fraction,
+        mass=mass / num_samples, feature=target.feature, position=pos,
+        channel=None if channel is None else int(channel), num_samples=num_samples,
+    )
+
+
+class _FeatureOf(nn.Module):
+    """`model`'s feature map `feature` (None: its output) as a module's output, for `summary`."""
+
+    model: nn.Module
+    feature: str | None
+    with_features: bool
+
+    def __call__(self, x: Any) -> Any:
+        target = _Target(self.model, self.feature, self.with_features)
+        return target.select(self.model(x, **target.kwargs))
+
+
+def feature_receptive_field(model: nn.Module, input_shape: Sequence[int],
+                            feature: str | None = None) -> ReceptiveField:
+    """Theoretical receptive field (`receptive_field`) of `model`'s feature map `feature` (a
+    `return_features=True` name; None: as in `effective_receptive_field`, the output if it is
+    spatial, else the last spatial feature), traced with `train=False`."""
+    from cnnjax.analysis.summary import summary
+
+    shape = _check_input_shape(input_shape)
+    target, _ = _choose_target(model, feature, None, shape)  # names a bad `feature`
+    wrapped = _FeatureOf(model, target.feature, target.with_features)
+    field = summary(wrapped, shape).receptive_field
+    if field is None:
+        raise invalid(_OWNER, "feature", feature, "its receptive field could not be traced")
+    return field
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot.
+
+
+def plot_effective_receptive_field(result: EffectiveReceptiveField, path: str,
+                                   theoretical: ReceptiveField | None = None,
+                                   title: str = "") -> str:
+    """Heat map of `result.map` saved to `path` (PNG, written atomically), with the centre of
+    mass, the effective `square` (dashed) and, given `theoretical` (the unit's map's
+    `ReceptiveField`), the theoretical field's box. Uses the Agg backend; returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    if result.map.ndim != 2:
+        raise invalid("plot_effective_receptive_field", "result.map.shape", result.map.shape,
+                      "expected a 2-D map (image inputs)")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    h, w = result.map.shape
+    image = ax.imshow(result.map, cmap="viridis", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    fig.colorbar(image, ax=ax, label="share of |gradient|")
+    cy, cx = result.centre
+    ax.plot([cx], [cy], "w+", markersize=10)
+    y0, x0 = result.square_start
+    sides = [min(result.square, n) for n in result.map.shape]
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), sides[1], sides[0], fill=False,
+                           edgecolor="white", linestyle="--",
+                           label=f"effective {result.square} ({result.fraction:.0%} mass)"))
+    if theoretical is not None:
+        (y0, y1), (x0, x1) = theoretical_bounds(theoretical, result.position)
+        size = "x".join(f"{s:g}" for s in theoretical.size)
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
+                               edgecolor="red", linewidth=1.5, label=f"theoretical {size}"))
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.6)
+    unit = result.feature or "output"
+    ax.set_title(title or f"effective receptive field of {unit} at {result.position}", fontsize=10)
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m cnnjax.analysis.effective_receptive_field --model=resnet18 ...
+
+
+def _fmt(values: Sequence[float], digits: int | None = None) -> str:
+    """`a` if every axis has the same value, else `axb`; `digits` decimals (None: as is)."""
+    values = values[:1] if len(set(values)) == 1 else values
+    return "x".join(f"{v:g}" if digits is None else f"{v:.{digits}f}" for v in values)
+
+
+def describe(result: EffectiveReceptiveField, theoretical: ReceptiveField | None) -> str:
+    """One line comparing the effective size with the theoretical one."""
+    unit = result.feature or "output"
+    pct = f"{result.fraction:.0%}"
+    line = f"{unit}: "
+    if theoretical is not None:
+        line += f"theoretical receptive field {_fmt(theoretical.size)}, "
+    line += (f"effective {_fmt(result.size)} per axis, {result.square} square "
+             f"({pct} of |gradient| mass, {result.num_samples} samples); "
+             f"std {_fmt(result.std, 1)} px, centre "
+             f"({', '.join(f'{c:.1f}' for c in result.centre)})")
+    return line
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "Zoo model name (random init) or examples.<name>; "
+                        "exclusive with --workdir.")
+    flags.DEFINE_string("workdir", None, "A training run's workdir: its best checkpoint's "
+                        "weights (load_trained); exclusive with --model.")
+    flags.DEFINE_integer("step", None, "With --workdir: this checkpoint step instead of the best.")
+    flags.DEFINE_string("input_shape", None, "H,W,C (default: the model's native shape, or the "
+                        "run's image shape).")
+    flags.DEFINE_string("feature", None, "Feature map (a return_features name, e.g. stage2; "
+                        "default: the output if spatial, else the last spatial feature).")
+    flags.DEFINE_integer("channel", None, "Only this channel of the unit (default: all summed).")
+    flags.DEFINE_integer("num_samples", 32, "Random inputs to average over.")
+    flags.DEFINE_integer("batch_size", 8, "Inputs per gradient evaluation.")
+    flags.DEFINE_float("fraction", 0.95, "Share of the gradient mass the effective size holds.")
+    flags.DEFINE_integer("seed", 0, "Seed of the inputs (and of the random init).")
+    flags.DEFINE_string("out", None, "Write the heat map PNG here.")
+
+
+def _load(model_name: str | None, workdir: str | None, step: int | None,
+          input_shape: str | None) -> tuple[nn.Module, Any, tuple[int, ...], str]:
+    """`(model, variables or None, input shape, description)` for the CLI's flags."""
+    from cnnjax.analysis.summary import load_model, parse_shape
+
+    owner = f"{_OWNER} CLI"
+    if (model_name is None) == (workdir is None):
+        raise invalid(owner, "--model", model_name,
+                      "expected exactly one of --model=<zoo name> (random init) and "
+                      "--workdir=<training run>")
+    shape = parse_shape(input_shape, owner) if input_shape else None
+    if model_name is not None:
+        model, native = load_model(model_name)
+        return model, None, shape or tuple(native), f"{model_name} (random init)"
+    from cnnjax.train.trained import load_trained
+
+    run = load_trained(workdir, step)
+    if shape is None:
+        from cnnjax.train import config as config_lib
+
+        try:
+            info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
+        except Exception as err:  # the dataset may be missing on this machine
+            raise invalid(owner, "--input_shape", None,
+                          f"the run's image shape is unknown ({type(err).__name__}); pass "
+                          "--input_shape=H,W,C") from None
+        shape = tuple(int(s) for s in info.image_shape)
+    return run.model, run.variables, shape, f"{run.config.model} ({run.how} step {run.step})"
+
+
+def main(argv: Sequence[str]) -> None:
+    """Prints the effective and theoretical receptive field sizes (and writes `--out`)."""
+    import sys
+
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    try:
+        model, variables, shape, name = _load(f.model, f.workdir, f.step, f.input_shape)
+        result = effective_receptive_field(
+            model, shape, variables=variables, feature=f.feature, channel=f.channel,
+            num_samples=f.num_samples, batch_size=f.batch_size, fraction=f.fraction, rng=f.seed)
+        theoretical = feature_receptive_field(model, shape, result.feature)
+    except ValueError as err:  # messages name the flag or argument, the value and the fix
+        sys.exit(f"error: {err}")
+    print(f"{name} on input {'x'.join(map(str, shape))}, unit {result.position} of "
+          f"{result.feature or 'the output'}")
+    print(describe(result, theoretical))
+    if f.out:
+        title = f"{name}: {result.feature or 'output'} {result.position}"
+        plot_effective_receptive_field(result, f.out, theoretical, title=title)
+        print(f"wrote {f.out}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
