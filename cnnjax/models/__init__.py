@@ -8,7 +8,7 @@ the detectors, `list_models(task="segmentation")` the dense predictors.
 
 from cnnjax.models import (  # noqa: F401  (imported to register their models)
     alexnet,  # AlexNet (torchvision layout, two-tower paper version), ZFNet
-    densenet,  # DenseNet-121/169/201
+    densenet,  # DenseNet-121/169/201, the CIFAR DenseNets and DenseNet-BCs
     faster_rcnn,  # Faster R-CNN (RPN + RoIAlign box head) on a VGG-style backbone
     fcn,  # FCN-32s/16s/8s on VGG-16 and ResNet backbones
     googlenet,  # GoogLeNet / Inception v1

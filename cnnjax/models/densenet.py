@@ -1,12 +1,27 @@
-"""DenseNet-BC 121/169/201 (Huang, Liu, van der Maaten, Weinberger 2017).
+"""DenseNets of Huang, Liu, van der Maaten, Weinberger 2017: ImageNet DenseNet-BC 121/169/201
+and the paper's CIFAR networks (section 3, Table 2).
 
 Each dense layer sees the concatenation of all earlier feature maps in its block and adds
-`growth_rate` new channels through a bottleneck (BN-ReLU-1x1 conv to `bn_size * growth_rate`,
-BN-ReLU-3x3 conv to `growth_rate`); transitions between blocks compress the channels by
-`compression` (1x1 conv) and halve the resolution (2x2 average pool). Stem: 7x7/2 conv with
-`2 * growth_rate` = 64 filters, BN-ReLU, 3x3/2 max pool; after the last block a final BN-ReLU,
-global average pooling and the linear `head`. Convolutions have no bias; with 1000 classes the
-parameter counts equal torchvision's (7,978,856 / 14,149,480 / 20,013,928).
+`growth_rate` (k) new channels, through a bottleneck (BN-ReLU-1x1 conv to `bn_size * k`,
+BN-ReLU-3x3 conv to k; the "B" of DenseNet-BC) or, with `bottleneck=False`, through a single
+BN-ReLU-3x3 conv (the basic DenseNet); transitions between blocks scale the channels by
+`compression` (BN-ReLU-1x1 conv, floor(compression * C) outputs; the "C") and halve the resolution
+(2x2 average pool). After the last block: a final BN-ReLU, global average pooling and the linear
+`head`. Convolutions have no bias.
+
+ImageNet (`stem="imagenet"`): 7x7/2 conv with `2 * growth_rate` = 64 filters, BN-ReLU, 3x3/2 max
+pool, four blocks; with 1000 classes the parameter counts equal torchvision's (7,978,856 /
+14,149,480 / 20,013,928).
+
+CIFAR (`stem="cifar"`, built by `cifar_densenet`): one 3x3/1 conv with 16 filters (2k for
+DenseNet-BC) on the 32x32 input, no BN-ReLU or pooling, then three blocks of equal length on
+32x32, 16x16 and 8x8 maps. Depth L counts the stem conv, the convs of the dense layers, the two
+transition convs and the head: L = 3n + 4 with n basic layers per block, L = 6n + 4 with n
+bottleneck layers. At 10 classes the registered models have Table 2's 1.0M (L=40, k=12), 7.0M
+(L=100, k=12), 27.2M (L=100, k=24) and, for DenseNet-BC, 0.8M (L=100, k=12), 15.3M (L=250, k=24)
+and 25.6M (L=190, k=40) parameters. The paper trains them with dropout 0.2 after every conv but
+the first only without data augmentation: `drop_rate` defaults to 0 (`drop_every_conv=True` puts
+the dropout where the paper does).
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ import jax.numpy as jnp
 
 from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import batch_norm
-from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
 
 ModuleDef = Any
 Array = Any
@@ -28,15 +43,27 @@ Array = Any
 #: He (fan-in) normal initialization, as in the DenseNet reference code.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
+#: `DenseNet.stem` choices: the ImageNet stem (7x7/2 conv, BN-ReLU, 3x3/2 max pool) or the
+#: paper's CIFAR stem (a single 3x3/1 conv: no BN-ReLU, no pooling).
+STEMS = ("imagenet", "cifar")
+
 _PAPER = (
     "Huang, Liu, van der Maaten, Weinberger 2017, Densely Connected Convolutional Networks (CVPR)"
 )
 
 
-class DenseLayer(nn.Module):
-    """BN-ReLU-1x1 conv (bn_size*k) - BN-ReLU-3x3 conv (k); returns only the k new channels.
+def _check_bool(owner: str, arg: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise invalid(owner, arg, value, "expected True or False")
 
-    `drop_rate` > 0 applies dropout (the `'dropout'` RNG stream) to the new channels in training.
+
+class DenseLayer(nn.Module):
+    """BN-ReLU-1x1 conv (bn_size*k) - BN-ReLU-3x3 conv (k), or with `bottleneck=False` just
+    BN-ReLU-3x3 conv (k, parameters `bn` and `conv`); returns only the k new channels.
+
+    `drop_rate` > 0 applies dropout (the `'dropout'` RNG stream) in training to the new channels
+    and, with `drop_every_conv=True` (the paper's placement), also to the bottleneck's 1x1 conv
+    output.
     """
 
     growth_rate: int
@@ -45,16 +72,27 @@ class DenseLayer(nn.Module):
     act: Callable = nn.relu
     bn_size: int = 4
     drop_rate: float = 0.0
+    bottleneck: bool = True
+    drop_every_conv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        def dropout(y: Array) -> Array:
+            if self.drop_rate > 0:
+                y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
+            return y
+
+        if not self.bottleneck:
+            y = self.act(self.norm(name="bn")(x))
+            y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name="conv")(y)
+            return dropout(y)
         y = self.act(self.norm(name="bn1")(x))
         y = self.conv(self.bn_size * self.growth_rate, (1, 1), padding="VALID", name="conv1")(y)
+        if self.drop_every_conv:
+            y = dropout(y)
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
-        if self.drop_rate > 0:
-            y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
-        return y
+        return dropout(y)
 
 
 class DenseBlock(nn.Module):
@@ -68,6 +106,8 @@ class DenseBlock(nn.Module):
     act: Callable = nn.relu
     bn_size: int = 4
     drop_rate: float = 0.0
+    bottleneck: bool = True
+    drop_every_conv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -79,6 +119,8 @@ class DenseBlock(nn.Module):
                 act=self.act,
                 bn_size=self.bn_size,
                 drop_rate=self.drop_rate,
+                bottleneck=self.bottleneck,
+                drop_every_conv=self.drop_every_conv,
                 name=f"layer{i + 1}",
             )(x, train)
             x = jnp.concatenate([x, new], axis=-1)
@@ -86,27 +128,49 @@ class DenseBlock(nn.Module):
 
 
 class Transition(nn.Module):
-    """BN-ReLU-1x1 conv to `features` channels, then 2x2/2 average pooling (floor for odd sizes)."""
+    """BN-ReLU-1x1 conv to `features` channels, then 2x2/2 average pooling (floor for odd sizes).
+
+    `drop_rate` > 0 applies dropout to the conv output in training (before the pooling, as the
+    paper's reference code does).
+    """
 
     features: int
     conv: ModuleDef
     norm: ModuleDef
     act: Callable = nn.relu
+    drop_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, train: bool = False) -> Array:
         y = self.act(self.norm(name="bn")(x))
         y = self.conv(self.features, (1, 1), padding="VALID", name="conv")(y)
+        if self.drop_rate > 0:
+            y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
         return nn.avg_pool(y, (2, 2), strides=(2, 2), padding="VALID")
 
 
 class DenseNet(nn.Module):
-    """DenseNet-BC: stem, dense blocks separated by compressing transitions, final BN-ReLU, GAP,
-    linear `head`.
+    """DenseNet: stem, dense blocks separated by transitions, final BN-ReLU, GAP, linear `head`.
 
-    Features: `stem` (after the stem conv-BN-ReLU, stride 2), `stage1`..`stage4` (each dense
-    block's output, before the following transition; strides 4, 8, 16, 32), `pre_logits`.
+    Features: `stem` (ImageNet: after the stem conv-BN-ReLU, stride 2; CIFAR: the 3x3 conv's
+    output, stride 1), `stage1`..`stageN` (each dense block's output, before the following
+    transition; ImageNet strides 4, 8, 16, 32, CIFAR strides 1, 2, 4), `pre_logits`.
     Logits are float32 whatever the computation `dtype`.
+
+    Attributes:
+      block_sizes: dense layers per block ((6, 12, 24, 16) for DenseNet-121).
+      growth_rate: k, the channels each dense layer adds.
+      num_init_features: the stem conv's filters (64 = 2k on ImageNet; 16 or 2k on CIFAR).
+      bn_size: the bottleneck's width in multiples of k (4).
+      compression: theta, the transitions' output/input channel ratio (0.5; 1 keeps them).
+      drop_rate: dropout rate in training (0 disables it).
+      dtype / axis_name: computation dtype (params float32) / BatchNorm cross-device axis.
+      bottleneck: dense layers with the 1x1 bottleneck (default True, DenseNet-B/BC) or a single
+        3x3 conv (the basic DenseNet).
+      stem: "imagenet" (default) or "cifar" (see STEMS).
+      drop_every_conv: False (default, torchvision): dropout only on each dense layer's k new
+        channels; True (the paper): after every conv but the stem's, i.e. also after the
+        bottleneck 1x1 convs and the transition convs.
     """
 
     block_sizes: Sequence[int]
@@ -119,6 +183,9 @@ class DenseNet(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
     act: Callable = nn.relu
+    bottleneck: bool = True
+    stem: str = "imagenet"
+    drop_every_conv: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -126,6 +193,9 @@ class DenseNet(nn.Module):
         check_positive_int(name, "growth_rate", self.growth_rate)
         check_positive_int(name, "num_init_features", self.num_init_features)
         check_positive_int(name, "bn_size", self.bn_size)
+        check_choice(name, "stem", self.stem, STEMS)
+        _check_bool(name, "bottleneck", self.bottleneck)
+        _check_bool(name, "drop_every_conv", self.drop_every_conv)
         if not self.block_sizes or not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.block_sizes
         ):
@@ -151,12 +221,16 @@ class DenseNet(nn.Module):
         features: dict[str, Array] = {}
 
         x = jnp.asarray(x, self.dtype)
-        x = conv(
-            self.num_init_features, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv_init"
-        )(x)
-        x = self.act(norm(name="bn_init")(x))
-        features["stem"] = x
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.stem == "cifar":
+            x = conv(self.num_init_features, (3, 3), padding=((1, 1), (1, 1)), name="conv_init")(x)
+            features["stem"] = x
+        else:
+            x = conv(
+                self.num_init_features, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv_init"
+            )(x)
+            x = self.act(norm(name="bn_init")(x))
+            features["stem"] = x
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         for i, num_layers in enumerate(self.block_sizes):
             x = DenseBlock(
@@ -167,14 +241,21 @@ class DenseNet(nn.Module):
                 act=self.act,
                 bn_size=self.bn_size,
                 drop_rate=self.drop_rate,
+                bottleneck=self.bottleneck,
+                drop_every_conv=self.drop_every_conv,
                 name=f"block{i + 1}",
             )(x, train)
             features[f"stage{i + 1}"] = x
             if i + 1 < len(self.block_sizes):
                 out = int(x.shape[-1] * self.compression)
-                x = Transition(out, conv=conv, norm=norm, act=self.act, name=f"transition{i + 1}")(
-                    x
-                )
+                x = Transition(
+                    out,
+                    conv=conv,
+                    norm=norm,
+                    act=self.act,
+                    drop_rate=self.drop_rate if self.drop_every_conv else 0.0,
+                    name=f"transition{i + 1}",
+                )(x, train)
 
         x = self.act(norm(name="bn_final")(x))
         x = jnp.mean(x, axis=(1, 2))
@@ -188,8 +269,51 @@ DenseNet121 = functools.partial(DenseNet, block_sizes=(6, 12, 24, 16))
 DenseNet169 = functools.partial(DenseNet, block_sizes=(6, 12, 32, 32))
 DenseNet201 = functools.partial(DenseNet, block_sizes=(6, 12, 48, 32))
 
+
+def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
+                   **kwargs: Any) -> DenseNet:
+    """The paper's CIFAR DenseNet of depth L = `depth` and growth rate k = `growth_rate`.
+
+    Three blocks of n layers each: L = 6n + 4 with `bottleneck=True` (two convs per layer; by
+    default also compression 0.5 and a 2k-filter stem: DenseNet-BC), L = 3n + 4 with
+    `bottleneck=False` (the basic DenseNet: no compression, a 16-filter stem). Defaults to 10
+    classes and the paper's dropout placement (`drop_every_conv=True`, active once `drop_rate`
+    > 0); other keywords (`compression`, `num_init_features`, `drop_rate`, `num_classes`, ...)
+    go to `DenseNet`, e.g. `compression=1.0` for DenseNet-B.
+    """
+    owner = "cifar_densenet"
+    _check_bool(owner, "bottleneck", bottleneck)
+    check_positive_int(owner, "growth_rate", growth_rate)
+    per_block = 6 if bottleneck else 3  # convolutions per block and per layer-count unit
+    if (
+        isinstance(depth, bool)
+        or not isinstance(depth, int)
+        or depth < per_block + 4
+        or (depth - 4) % per_block
+    ):
+        examples = ", ".join(str(d) for d in ((40, 100, 190, 250) if bottleneck else (40, 100)))
+        raise invalid(
+            owner, "depth", depth,
+            f"expected {per_block}n + 4 with n >= 1 for bottleneck={bottleneck} "
+            f"({examples}, ...)",
+        )
+    n = (depth - 4) // per_block
+    kwargs.setdefault("num_classes", 10)
+    kwargs.setdefault("num_init_features", 2 * growth_rate if bottleneck else 16)
+    kwargs.setdefault("compression", 0.5 if bottleneck else 1.0)
+    kwargs.setdefault("drop_every_conv", True)
+    return DenseNet(
+        block_sizes=(n, n, n), growth_rate=growth_rate, bottleneck=bottleneck, stem="cifar",
+        **kwargs,
+    )
+
+
 _REGISTER = functools.partial(
     register_model, input_shape=(224, 224, 3), min_input_size=29, num_classes=1000, paper=_PAPER
+)
+#: CIFAR models: the two 2x2/2 average pools need 4x4 inputs (3x3 would pool to 1x1, then 0x0).
+_REGISTER_CIFAR = functools.partial(
+    register_model, input_shape=(32, 32, 3), min_input_size=4, num_classes=10, paper=_PAPER
 )
 
 
@@ -209,3 +333,45 @@ def densenet169(**kwargs: Any) -> DenseNet:
 def densenet201(**kwargs: Any) -> DenseNet:
     """DenseNet-201 (BC, k=32): blocks (6, 12, 48, 32); 20,013,928 parameters at 1000 classes."""
     return DenseNet201(**kwargs)
+
+
+@_REGISTER_CIFAR("densenet40_cifar")
+def densenet40_cifar(**kwargs: Any) -> DenseNet:
+    """CIFAR DenseNet (L=40, k=12): 3 blocks of 12 basic layers; 1,019,722 parameters at 10
+    classes (Table 2: 1.0M)."""
+    return cifar_densenet(40, 12, bottleneck=False, **kwargs)
+
+
+@_REGISTER_CIFAR("densenet100_k12_cifar")
+def densenet100_k12_cifar(**kwargs: Any) -> DenseNet:
+    """CIFAR DenseNet (L=100, k=12): 3 blocks of 32 basic layers; 6,979,642 parameters at 10
+    classes (Table 2: 7.0M)."""
+    return cifar_densenet(100, 12, bottleneck=False, **kwargs)
+
+
+@_REGISTER_CIFAR("densenet100_k24_cifar")
+def densenet100_k24_cifar(**kwargs: Any) -> DenseNet:
+    """CIFAR DenseNet (L=100, k=24): 3 blocks of 32 basic layers; 27,249,082 parameters at 10
+    classes (Table 2: 27.2M)."""
+    return cifar_densenet(100, 24, bottleneck=False, **kwargs)
+
+
+@_REGISTER_CIFAR("densenet_bc100_cifar")
+def densenet_bc100_cifar(**kwargs: Any) -> DenseNet:
+    """CIFAR DenseNet-BC (L=100, k=12): 3 blocks of 16 bottleneck layers; 769,162 parameters at
+    10 classes (Table 2: 0.8M)."""
+    return cifar_densenet(100, 12, **kwargs)
+
+
+@_REGISTER_CIFAR("densenet_bc250_cifar")
+def densenet_bc250_cifar(**kwargs: Any) -> DenseNet:
+    """CIFAR DenseNet-BC (L=250, k=24): 3 blocks of 41 bottleneck layers; 15,324,406 parameters
+    at 10 classes (Table 2: 15.3M)."""
+    return cifar_densenet(250, 24, **kwargs)
+
+
+@_REGISTER_CIFAR("densenet_bc190_cifar")
+def densenet_bc190_cifar(**kwargs: Any) -> DenseNet:
+    """CIFAR DenseNet-BC (L=190, k=40): 3 blocks of 31 bottleneck layers; 25,624,430 parameters
+    at 10 classes (Table 2: 25.6M)."""
+    return cifar_densenet(190, 40, **kwargs)

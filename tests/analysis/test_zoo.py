@@ -23,7 +23,9 @@ F32 = 4
 
 # Deep models whose tracing alone takes 3-6 s on two CPU cores; the rest trace in < 2 s each.
 SLOW_MODELS = {"densenet121", "densenet169", "densenet201", "resnet101", "resnet152",
-               "resnet110_cifar", "plain110_cifar"}
+               "resnet110_cifar", "plain110_cifar", "densenet100_k12_cifar",
+               "densenet100_k24_cifar", "densenet_bc100_cifar", "densenet_bc190_cifar",
+               "densenet_bc250_cifar"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

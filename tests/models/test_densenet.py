@@ -1,8 +1,10 @@
-"""Tests for DenseNet-BC 121/169/201 and its dense layer, dense block and transition."""
+"""Tests for DenseNet-BC 121/169/201, the paper's CIFAR DenseNets (basic and BC, Table 2) and
+their dense layer, dense block and transition."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -11,9 +13,16 @@ import numpy as np
 import optax
 import pytest
 
-from cnnjax.models import create_model, list_models
-from cnnjax.models.densenet import DenseBlock, DenseLayer, DenseNet, Transition
+from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models.densenet import (
+    DenseBlock,
+    DenseLayer,
+    DenseNet,
+    Transition,
+    cifar_densenet,
+)
 from cnnjax.models.resnet import batch_norm
+from cnnjax.train.checks import check_input_size
 
 # torchvision's published counts (1000 classes).
 COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928}
@@ -160,3 +169,263 @@ def test_invalid_arguments():
         ValueError, match=r"DenseNet: growth_rate=0 is invalid; expected a positive integer"
     ):
         DenseNet(block_sizes=(1,), growth_rate=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's CIFAR DenseNets (section 3 "Implementation details", Table 2).
+
+#: name -> (L, k, DenseNet-BC?, Table 2's parameter count as printed, exact count at 10 classes).
+CIFAR = {
+    "densenet40_cifar": (40, 12, False, "1.0M", 1_019_722),
+    "densenet100_k12_cifar": (100, 12, False, "7.0M", 6_979_642),
+    "densenet100_k24_cifar": (100, 24, False, "27.2M", 27_249_082),
+    "densenet_bc100_cifar": (100, 12, True, "0.8M", 769_162),
+    "densenet_bc250_cifar": (250, 24, True, "15.3M", 15_324_406),
+    "densenet_bc190_cifar": (190, 40, True, "25.6M", 25_624_430),
+}
+
+
+def _paper_layout(depth: int, k: int, bc: bool, num_classes: int = 10):
+    """Parameter count and per-block output channels of the paper's CIFAR DenseNet, in plain
+    Python from section 3: a 3x3 conv with 16 (2k for BC) filters and no BN; three blocks of n
+    layers (L = 3n + 4 basic, 6n + 4 BC), each layer BN + 3x3 conv to k or BN + 1x1 conv to 4k +
+    BN + 3x3 conv to k; transitions BN + 1x1 conv to floor(theta * C) (theta 0.5 for BC, else 1);
+    final BN and the linear classifier. No conv biases; BN has a scale and a bias per channel."""
+    n = (depth - 4) // (6 if bc else 3)
+    assert depth == (6 if bc else 3) * n + 4
+    c = 2 * k if bc else 16
+    total = 3 * 3 * 3 * c
+    stages = []
+    for block in range(3):
+        for _ in range(n):
+            if bc:
+                total += 2 * c + 1 * 1 * c * 4 * k + 2 * 4 * k + 3 * 3 * 4 * k * k
+            else:
+                total += 2 * c + 3 * 3 * c * k
+            c += k
+        stages.append(c)
+        if block < 2:
+            out = math.floor(c * (0.5 if bc else 1.0))
+            total += 2 * c + 1 * 1 * c * out
+            c = out
+    total += 2 * c + c * num_classes + num_classes
+    return total, stages
+
+
+def _shapes(model, size: int = 32, batch: int = 2):
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    logits, feats = jax.eval_shape(
+        lambda v, x: model.apply(v, x, return_features=True), variables, x
+    )
+    return variables, logits, feats
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR))
+def test_cifar_param_count_matches_paper_formula_and_table2(name):
+    depth, k, bc, paper, exact = CIFAR[name]
+    count, stages = _paper_layout(depth, k, bc)
+    assert count == exact
+    assert f"{count / 1e6:.1f}M" == paper  # Table 2's figures, to their printed precision
+    variables, logits, feats = _shapes(create_model(name))  # shapes only: nothing is computed
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == count
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    assert set(feats) == {"stem", "stage1", "stage2", "stage3", "pre_logits"}
+    assert feats["stem"].shape == (2, 32, 32, 2 * k if bc else 16)
+    assert [feats[f"stage{i}"].shape for i in (1, 2, 3)] == [
+        (2, 32, 32, stages[0]),
+        (2, 16, 16, stages[1]),
+        (2, 8, 8, stages[2]),
+    ]
+    assert feats["pre_logits"].shape == (2, stages[2])
+
+
+def test_cifar_registry_entries():
+    assert set(CIFAR) <= set(list_models("densenet*"))
+    for name in CIFAR:
+        info = model_info(name)
+        assert (info.input_shape, info.num_classes, info.min_input_size) == ((32, 32, 3), 10, 4)
+        assert info.paper == model_info("densenet121").paper
+    model = create_model("densenet_bc100_cifar")
+    assert (model.block_sizes, model.growth_rate, model.num_init_features) == ((16,) * 3, 12, 24)
+    assert (model.bottleneck, model.compression, model.stem) == (True, 0.5, "cifar")
+    assert (model.drop_rate, model.drop_every_conv) == (0.0, True)
+    model = create_model("densenet40_cifar", num_classes=100)
+    assert (model.block_sizes, model.growth_rate, model.num_init_features) == ((12,) * 3, 12, 16)
+    assert (model.bottleneck, model.compression, model.num_classes) == (False, 1.0, 100)
+
+
+def test_cifar_parameter_tree_basic_and_bc():
+    basic, _, _ = _shapes(create_model("densenet40_cifar"), size=4, batch=1)
+    params = basic["params"]
+    assert set(params) == {"conv_init", "bn_final", "head", "transition1", "transition2"} | {
+        f"block{i}" for i in (1, 2, 3)
+    }  # no stem BN: the first dense layer's BN-ReLU follows the stem conv
+    assert params["conv_init"]["kernel"].shape == (3, 3, 3, 16)
+    assert set(params["block1"]["layer1"]) == {"bn", "conv"}
+    assert [params["block1"][f"layer{j}"]["conv"]["kernel"].shape for j in (1, 2, 12)] == [
+        (3, 3, 16, 12), (3, 3, 28, 12), (3, 3, 148, 12)]
+    assert params["transition1"]["conv"]["kernel"].shape == (1, 1, 160, 160)  # theta = 1
+    assert params["head"]["kernel"].shape == (448, 10)
+
+    bc, _, _ = _shapes(create_model("densenet_bc100_cifar"), size=4, batch=1)
+    params = bc["params"]
+    assert set(params["block1"]["layer1"]) == {"bn1", "conv1", "bn2", "conv2"}
+    assert params["block1"]["layer1"]["conv1"]["kernel"].shape == (1, 1, 24, 48)
+    assert params["block1"]["layer1"]["conv2"]["kernel"].shape == (3, 3, 48, 12)
+    assert params["transition1"]["conv"]["kernel"].shape == (1, 1, 216, 108)  # theta = 0.5
+    assert params["transition2"]["conv"]["kernel"].shape == (1, 1, 300, 150)
+    assert params["head"]["kernel"].shape == (342, 10)
+
+
+@pytest.mark.slow
+def test_densenet40_cifar_forward_backward_jit():
+    model = create_model("densenet40_cifar")
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+
+    def loss(p):
+        logits, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                                train=True, mutable=["batch_stats"])
+        return logits.sum(), logits
+
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
+    assert float(optax.global_norm(grads)) > 0
+
+
+@pytest.mark.parametrize("name", ["densenet40_cifar", "densenet_bc100_cifar"])
+def test_cifar_min_input_size_is_exact(name):
+    """4x4 pools to 2x2 and 1x1 (8x8 features at 32x32); 3x3 would pool to 1x1, then 0x0."""
+    model = create_model(name)
+    assert model_info(name).min_input_size == 4
+    check_input_size(model, name, (4, 4, 3), 4)
+    _, logits, feats = _shapes(model, size=4, batch=1)
+    assert logits.shape == (1, 10)
+    assert [feats[f"stage{i}"].shape[1:3] for i in (1, 2, 3)] == [(4, 4), (2, 2), (1, 1)]
+    with pytest.raises(ValueError, match=r"input resolution='3x3' is invalid; too small: layer "
+                                         r"transition2"):
+        check_input_size(model, name, (3, 3, 3))
+
+
+def _dropout_paths(model, x, train: bool):
+    """The module paths of the Dropout layers `model.apply` calls."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout):
+            seen.append("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    with nn.intercept_methods(record):  # the layers are called while tracing: shapes suffice
+        jax.eval_shape(lambda v: model.apply(v, x, train=train, rngs={"dropout": jax.random.key(1)},
+                                             mutable=["batch_stats"]), variables)
+    return seen
+
+
+@pytest.mark.parametrize(("depth", "bottleneck"), [(10, True), (7, False)])
+def test_cifar_dropout_after_every_conv_but_the_first(depth, bottleneck):
+    """The paper: "we add a dropout layer after each convolutional layer (except the first
+    one)": L - 2 dropouts (all convs but the stem; the head is not a conv)."""
+    x = jnp.ones((2, 8, 8, 3))
+    model = cifar_densenet(depth, 4, bottleneck=bottleneck, drop_rate=0.2)
+    paths = _dropout_paths(model, x, train=True)
+    assert len(paths) == depth - 2
+    assert sum(p.startswith("transition") for p in paths) == 2
+    if bottleneck:  # after the 1x1 and after the 3x3 conv of each layer
+        assert sum(p.startswith("block1/layer1/") for p in paths) == 2
+    # torchvision's placement (the ImageNet models): the new channels of each layer only.
+    torchvision_style = cifar_densenet(depth, 4, bottleneck=bottleneck, drop_rate=0.2,
+                                       drop_every_conv=False)
+    assert len(_dropout_paths(torchvision_style, x, train=True)) == 3
+    assert _dropout_paths(cifar_densenet(depth, 4, bottleneck=bottleneck), x, train=True) == []
+
+
+def test_cifar_forward_backward_jit_with_dropout_and_bare_stem():
+    """Training with dropout (the paper's placement); the stem is just the 3x3 conv (no BN-ReLU,
+    no pooling, no dropout): it is `stem` and the first channels of `stage1`."""
+    model = cifar_densenet(7, 4, bottleneck=False, drop_rate=0.2, num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+
+    @jax.jit
+    def loss_and_grad(params, key):
+        def loss(p):
+            (logits, feats), _ = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                return_features=True,
+                rngs={"dropout": key},
+                mutable=["batch_stats"],
+            )
+            labels = jnp.array([0, 2])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), feats
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (value, feats), grads = loss_and_grad(variables["params"], jax.random.key(2))
+    (other, _), _ = loss_and_grad(variables["params"], jax.random.key(3))
+    assert np.isfinite(float(value)) and float(optax.global_norm(grads)) > 0
+    assert float(value) != float(other)  # dropout masks come from the 'dropout' stream
+    # 16 stem channels, + 4 per block, theta = 1.
+    assert [feats[f"stage{i}"].shape for i in (1, 2, 3)] == [
+        (2, 8, 8, 20), (2, 4, 4, 24), (2, 2, 2, 28)]
+    conv = jax.lax.conv_general_dilated(
+        x, variables["params"]["conv_init"]["kernel"], (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    np.testing.assert_allclose(feats["stem"], conv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats["stage1"][..., :16], conv, rtol=1e-5, atol=1e-5)
+    evaluated = jax.eval_shape(lambda v: model.apply(v, x), variables)  # needs no dropout RNG
+    assert evaluated.shape == (2, 3)
+
+
+def test_basic_dense_layer_is_bn_relu_conv3x3():
+    conv, norm = _parts()
+    layer = DenseLayer(5, conv=conv, norm=norm, bottleneck=False)
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 7))
+    variables = layer.init(jax.random.key(1), x)
+    y = layer.apply(variables, x)
+    kernel = variables["params"]["conv"]["kernel"]
+    assert kernel.shape == (3, 3, 7, 5) and set(variables["params"]) == {"bn", "conv"}
+    ref = jax.lax.conv_general_dilated(
+        jnp.maximum(x / np.sqrt(1 + 1e-5), 0), kernel, (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # eval-mode BN at init is x / sqrt(1 + eps)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cifar_invalid_arguments():
+    with pytest.raises(ValueError, match=r"^cifar_densenet: depth=41 is invalid; expected 6n \+ 4 "
+                       r"with n >= 1 for bottleneck=True \(40, 100, 190, 250, \.\.\.\)\.$"):
+        cifar_densenet(41, 12)
+    with pytest.raises(ValueError, match=r"^cifar_densenet: depth=41 is invalid; expected 3n \+ 4 "
+                       r"with n >= 1 for bottleneck=False \(40, 100, \.\.\.\)\.$"):
+        cifar_densenet(41, 12, bottleneck=False)
+    for depth in (4, 6, True, 100.0, "100"):
+        with pytest.raises(ValueError, match=r"^cifar_densenet: depth=.* is invalid; expected 6n"):
+            cifar_densenet(depth, 12)
+    with pytest.raises(ValueError, match=r"^cifar_densenet: growth_rate=0 is invalid; expected a "
+                       r"positive integer\.$"):
+        cifar_densenet(40, 0)
+    with pytest.raises(ValueError, match=r"^cifar_densenet: bottleneck='yes' is invalid; expected "
+                       r"True or False\.$"):
+        cifar_densenet(40, 12, bottleneck="yes")
+    with pytest.raises(ValueError, match=r"^DenseNet: drop_rate=1.0 is invalid; expected 0 <= "
+                       r"drop_rate < 1\.$"):
+        create_model("densenet_bc100_cifar", drop_rate=1.0)
+    with pytest.raises(ValueError, match=r"^DenseNet: num_classes=0 is invalid; expected a "
+                       r"positive integer\.$"):
+        create_model("densenet40_cifar", num_classes=0)
+    with pytest.raises(ValueError, match=r"^DenseNet: stem='tiny' is invalid; expected one of "
+                       r"\['imagenet', 'cifar'\]\.$"):
+        DenseNet(block_sizes=(1,), stem="tiny")
+    with pytest.raises(ValueError, match=r"^DenseNet: bottleneck=1 is invalid; expected True or "
+                       r"False\.$"):
+        DenseNet(block_sizes=(1,), bottleneck=1)
+    with pytest.raises(ValueError, match=r"^DenseNet: drop_every_conv=None is invalid; expected "
+                       r"True or False\.$"):
+        DenseNet(block_sizes=(1,), drop_every_conv=None)
