@@ -48,6 +48,7 @@ from cnnjax.tune.sweep import (
     finished_status,
     run_trial,
     start_trial,
+    task_metrics,
     trial_result,
     trial_workdir,
 )
@@ -100,6 +101,10 @@ class TransferPlan:
                  overrides: Mapping[str, Mapping[str, Any]], metric: str):
         self.metric = check_metric(_OWNER, metric, target)
         self.mode = default_mode(self.metric)
+        # The source is reported by the same metric when its task has it (else by its own
+        # best_metric, e.g. top1 for a classifier pretrained for a segmentation target).
+        self.source_metric = (self.metric if self.metric in task_metrics(source)
+                              else check_metric(_OWNER, None, source))
         self.arms = _check_arms(arms)
         self.seeds = _check_seeds(seeds)
         if budget_field in (*_ARM_FIELDS, "init_from.step", "seed"):
@@ -388,8 +393,10 @@ def _record_not_run(trial: space_lib.Trial, workdir: str, reason: str) -> None:
 # --------------------------------------------------------------------------------- results
 def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int]) -> list[dict]:
     """Rebuilds results.csv/.json, transfer.png and report.md from the run directories."""
-    source = trial_result(transfer_dir, _source_trial(), plan.metric, plan.mode)
+    source = trial_result(transfer_dir, _source_trial(), plan.source_metric,
+                          default_mode(plan.source_metric))
     source["num_train"] = sizes.get(SOURCE_ID)
+    source["metric"] = plan.source_metric
     rows = []
     for run in plan.runs:
         row = trial_result(transfer_dir, run["trial"], plan.metric, plan.mode)
@@ -497,7 +504,8 @@ def report_markdown(table: list[dict], source: dict, metric: str, budget_field: 
     source_value = "-" if source.get("final") is None else f"{source['final']:.4f}"
     out = [
         "# Transfer learning: from scratch vs fine-tuning vs linear probe", "",
-        f"Source run: {source['status']}, final eval {metric} {source_value} after "
+        f"Source run: {source['status']}, final eval {source.get('metric', metric)} "
+        f"{source_value} after "
         f"{source['steps']} steps on {_blank(source.get('num_train'), '?')} training examples.",
         f"Target: final eval {metric} (at the last step) per label budget (`{budget_field}`); "
         "mean ± sample std over seeds.", "",
@@ -552,7 +560,8 @@ def results_figure(table: list[dict], source: dict, metric: str):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     source_value = "-" if source.get("final") is None else f"{source['final']:.3f}"
-    ax.set_title(f"pretrained source: {metric} {source_value} ({source['status']})", fontsize=9)
+    ax.set_title(f"pretrained source: {source.get('metric', metric)} {source_value} "
+                 f"({source['status']})", fontsize=9)
     fig.tight_layout()
     return fig
 

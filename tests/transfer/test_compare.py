@@ -243,6 +243,9 @@ def test_results_table_plot_and_report(tmp_path, capsys):
     assert f"{summary[1]['mean']:.4f} ± {summary[1]['std']:.4f} " \
            f"({summary[1]['gain_over_scratch']:+.4f})" in report
     assert re.search(r"^- budget 4 \(64 examples\): best arm ", report, re.M)
+    assert results["source"]["metric"] == "top1"
+    assert (f"Source run: completed, final eval top1 {results['source']['final']:.4f} after 12 "
+            "steps on 64 training examples.") in report
     printed = capsys.readouterr().out
     assert re.search(r"^budget\s+examples\s+scratch\s+linear_probe$", printed, re.M)
 

@@ -35,6 +35,19 @@ def test_transfer_configs_document_their_command_and_are_valid(path, tmp_path):
     assert len(plan.runs) == len(c.budgets) * len(c.arms) * len(c.seeds)
 
 
+def test_segmentation_target_reports_its_classifier_source_by_top1(tmp_path):
+    """shapes_to_segmentation: a resnet18 classifier fills an FCN's trunk; the target runs are
+    compared by mIoU, the source (which has no mIoU) is reported by its own top-1."""
+    c = _load(os.path.join(ROOT, "experiments", "transfers",
+                           "shapes_to_segmentation.py")).get_config()
+    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, c.budgets,
+                                c.arms, c.seeds, c.arm_overrides, c.metric)
+    assert (c.source.model, c.target.model, c.target.init_from.submodule) == (
+        "resnet18", "fcn8s_resnet18", "backbone")
+    assert (plan.metric, plan.mode, plan.source_metric) == ("miou", "max", "top1")
+    assert plan.check_data()["train_200-finetune-s0"] == 200
+
+
 def test_digits_transfer_tasks_are_disjoint_halves():
     c = _load(DIGITS).get_config()
     assert set(c.source.data.classes) | set(c.target.data.classes) == set(range(10))

@@ -1,0 +1,70 @@
+"""A ResNet-18 shape classifier's trunk as the backbone of FCN-8s, at three segmentation budgets.
+
+Command:
+    python -m experiments.transfer --transfer=experiments/transfers/shapes_to_segmentation.py \\
+        --transfer_dir=workdirs/transfers/shapes_to_segmentation
+
+Across architectures: the source is the registry `resnet18` classifying single shapes (`shapes`,
+32x32, 4 classes, 2,000 images); the target is `fcn8s_resnet18` segmenting `shapes_segmentation`
+scenes (64x64, 1-4 shapes, background + 4 classes) trained on the first 50, 200 or 1,000 of its
+2,000 training scenes; `init_from.submodule = 'backbone'` loads the classifier (its `head`
+excluded) into the FCN's ResNet trunk. The linear probe trains only FCN's score and upsampling
+layers on the frozen trunk. The shapes in both datasets have the same pixel sizes, so what the
+classifier learnt (edges, corners, colour contrast at those scales) is what the FCN's trunk needs.
+
+Measured with this command (2 CPU cores shared with test runs, JAX 0.10.2): source 98.25% top-1
+on the 400 test shapes after 600 steps (140 s). Target: final mean IoU on the 500 test scenes,
+seed 0 (each run ~5 min):
+    scenes   scratch   fine-tune   linear probe
+    50       0.272     0.545       0.401
+"""
+
+import ml_collections
+
+from cnnjax.data.pipeline import default_data_config
+from cnnjax.train.config import default_config
+from experiments.configs import fcn_shapes
+
+
+def _source() -> ml_collections.ConfigDict:
+    """ResNet-18 (ImageNet layout) on `shapes` with its pad-crop-flip augmentation."""
+    config = default_config()
+    config.model = "resnet18"
+    config.data = default_data_config("shapes")
+    config.global_batch_size = 64
+    config.num_train_steps = 600  # ~19 epochs of 2,000 images
+    config.optimizer.name = "adamw"
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.weight_decay = 1e-4
+    config.schedule.name = "warmup_cosine"
+    config.schedule.warmup_steps = 30
+    config.log_every_steps = 50
+    config.eval_every_steps = 300
+    config.checkpoint_every_steps = 300
+    config.progress_bar = False
+    return config
+
+
+def _target() -> ml_collections.ConfigDict:
+    """experiments/configs/fcn_shapes.py, 400 steps whatever the budget."""
+    config = fcn_shapes.get_config()
+    config.init_from.submodule = "backbone"  # the source fills the FCN's ResNet trunk
+    config.num_train_steps = 400
+    config.schedule.warmup_steps = 20
+    config.eval_every_steps = 200
+    config.checkpoint_every_steps = 200
+    config.progress_bar = False
+    return config
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.source = _source()
+    config.target = _target()
+    config.budget_field = "data.train_split"
+    config.budgets = ("train[:50]", "train[:200]", "train[:1000]")
+    config.arms = ("scratch", "finetune", "linear_probe")
+    config.seeds = (0,)
+    config.arm_overrides = ml_collections.ConfigDict()
+    config.metric = "miou"
+    return config
