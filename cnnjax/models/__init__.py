@@ -14,6 +14,7 @@ from cnnjax.models import (  # noqa: F401  (imported to register their models)
     googlenet,  # GoogLeNet / Inception v1
     lenet,  # LeNet-5
     nin,  # Network in Network (ImageNet and CIFAR)
+    preact_resnet,  # pre-activation ResNet-110/164/1001 and Wide ResNets (WRN-d-k) for CIFAR
     rcnn,  # R-CNN and Fast R-CNN on external (window) proposals
     resnet,  # ResNet-18/34/50/101/152
     resnet_cifar,  # CIFAR ResNet-20..110 and plain nets

@@ -35,7 +35,13 @@ import jax.numpy as jnp
 
 from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import batch_norm
-from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_choice,
+    check_nhwc,
+    check_positive_int,
+    invalid,
+)
 
 ModuleDef = Any
 Array = Any
@@ -50,11 +56,6 @@ STEMS = ("imagenet", "cifar")
 _PAPER = (
     "Huang, Liu, van der Maaten, Weinberger 2017, Densely Connected Convolutional Networks (CVPR)"
 )
-
-
-def _check_bool(owner: str, arg: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise invalid(owner, arg, value, "expected True or False")
 
 
 class DenseLayer(nn.Module):
@@ -194,8 +195,8 @@ class DenseNet(nn.Module):
         check_positive_int(name, "num_init_features", self.num_init_features)
         check_positive_int(name, "bn_size", self.bn_size)
         check_choice(name, "stem", self.stem, STEMS)
-        _check_bool(name, "bottleneck", self.bottleneck)
-        _check_bool(name, "drop_every_conv", self.drop_every_conv)
+        check_bool(name, "bottleneck", self.bottleneck)
+        check_bool(name, "drop_every_conv", self.drop_every_conv)
         if not self.block_sizes or not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.block_sizes
         ):
@@ -282,7 +283,7 @@ def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
     go to `DenseNet`, e.g. `compression=1.0` for DenseNet-B.
     """
     owner = "cifar_densenet"
-    _check_bool(owner, "bottleneck", bottleneck)
+    check_bool(owner, "bottleneck", bottleneck)
     check_positive_int(owner, "growth_rate", growth_rate)
     per_block = 6 if bottleneck else 3  # convolutions per block and per layer-count unit
     if (

@@ -20,6 +20,7 @@ import optax
 from absl import logging
 
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_number,
     check_positive_float,
@@ -55,13 +56,6 @@ def _integer(owner: str, arg: str, value: Any, valid: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise invalid(owner, arg, value, valid)
     return int(value)
-
-
-def _flag(owner: str, arg: str, value: Any) -> bool:
-    """`value` if it is a bool (so a stray 0/1 or string never means True silently)."""
-    if not isinstance(value, bool):
-        raise invalid(owner, arg, value, "expected True or False")
-    return value
 
 
 def _non_negative(owner: str, arg: str, value: Any) -> float:
@@ -126,7 +120,7 @@ def _exponential(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedu
     rate = check_number("schedule", "decay_rate", _get(sched, "decay_rate", 0.1),
                         "expected 0 < decay_rate <= 1 (above 1 the rate would grow "
                         "exponentially)", low=0.0, high=1.0, low_open=True)
-    staircase = _flag("schedule", "staircase", _get(sched, "staircase", False))
+    staircase = check_bool("schedule", "staircase", _get(sched, "staircase", False))
     return optax.exponential_decay(lr, transition_steps=int(steps), decay_rate=rate,
                                    staircase=staircase)
 
@@ -231,7 +225,7 @@ def _momentum(opt: Any) -> tuple[float | None, bool]:
     """`(momentum or None, nesterov)` for sgd/rmsprop: momentum in [0, 1); Nesterov needs some."""
     momentum = _unit_interval("optimizer", "momentum", _get(opt, "momentum", 0.0),
                               high_open=True)
-    nesterov = _flag("optimizer", "nesterov", _get(opt, "nesterov", False))
+    nesterov = check_bool("optimizer", "nesterov", _get(opt, "nesterov", False))
     if nesterov and not momentum:
         raise invalid("optimizer", "nesterov", nesterov,
                       f"Nesterov momentum needs momentum > 0 (momentum={momentum!r})")

@@ -18,6 +18,13 @@ def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
     return ValueError(f"{owner}: {arg}={value!r} is invalid; {valid}.")
 
 
+def check_bool(owner: str, arg: str, value: Any) -> bool:
+    """Returns `value` if it is a bool (so a stray 0/1 or string never means True silently)."""
+    if not isinstance(value, bool):
+        raise invalid(owner, arg, value, "expected True or False")
+    return value
+
+
 def check_positive_int(owner: str, arg: str, value: Any) -> int:
     """Returns `value` if it is an int > 0, else raises."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

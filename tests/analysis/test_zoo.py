@@ -25,7 +25,8 @@ F32 = 4
 SLOW_MODELS = {"densenet121", "densenet169", "densenet201", "resnet101", "resnet152",
                "resnet110_cifar", "plain110_cifar", "densenet100_k12_cifar",
                "densenet100_k24_cifar", "densenet_bc100_cifar", "densenet_bc190_cifar",
-               "densenet_bc250_cifar"}
+               "densenet_bc250_cifar", "preact_resnet110_cifar", "preact_resnet164_cifar",
+               "preact_resnet1001_cifar"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
