@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.errors import FlaxError
 
 from cnnjax.analysis.receptive_field import ReceptiveField
 from cnnjax.utils.files import save_figure
@@ -218,10 +219,11 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
 
     try:
         out = jax.eval_shape(forward, variables, x)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, FlaxError) as err:  # e.g. variables of another input shape
+        given = " with the given variables" if variables is not None else ""
         raise invalid(_OWNER, "input_shape", shape,
-                      f"the model does not run on a {shape} input ({type(err).__name__}: "
-                      f"{str(err)[:300].rstrip('.')})") from None
+                      f"the model{given} does not run on a {shape} input "
+                      f"({type(err).__name__}: {str(err)[:300].rstrip('.')})") from None
     output, features = _split_output(out, with_features)
     spatial = [k for k in order if _is_spatial(features[k], rank)]
     if feature is None:
@@ -229,6 +231,10 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
             chosen = output
         elif spatial:
             feature, chosen = spatial[-1], features[spatial[-1]]
+        elif output is None:  # a dict of outputs (a detector's), none of them a spatial map
+            raise invalid(_OWNER, "feature", None,
+                          f"the model returns a dict of {sorted(features)}, none a spatial map; "
+                          "expected a model with a spatial output or spatial feature maps")
         else:
             raise invalid(_OWNER, "feature", None,
                           f"the model's output {getattr(output, 'shape', None)} has no spatial "
@@ -277,7 +283,7 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
 def _check_position(position: Any, map_shape: tuple[int, ...]) -> tuple[int, ...]:
     spatial = map_shape[1:-1]
     if position is None:
-        return tuple((s - 1) // 2 for s in spatial)
+        return tuple(s // 2 for s in spatial)
     try:
         pos = tuple(position)
     except TypeError:
@@ -293,20 +299,26 @@ def _check_position(position: Any, map_shape: tuple[int, ...]) -> tuple[int, ...
 
 def _build_gradient_fn(target: _Target, input_shape: tuple[int, ...], batch_size: int,
                        position: tuple[int, ...], channel: int | None) -> Any:
-    """The jitted `(variables, key, valid) -> sum over the first `valid` of `batch_size` random
-    normal inputs of |d unit / d input|, summed over input channels` (float32, spatial shape)."""
-    index = (slice(None), *position)
+    """The jitted `(variables, key, start, valid) -> sum over samples start .. start + valid - 1
+    of |d unit / d input| summed over input channels` (float32, spatial shape).
+
+    Sample i's input is drawn from `fold_in(key, i)`, so the map does not depend on
+    `batch_size`; each sample's gradient is taken on its own (vmap over batches of one), so a
+    model that still mixes samples in eval mode cannot leak other samples' terms into it."""
+    index = (0, *position)
 
     def unit(variables: Any, x: jax.Array) -> jax.Array:
-        values = target.apply(variables, x)[index].astype(jnp.float32)  # [B, C]
-        return values.sum(axis=-1) if channel is None else values[:, channel]
+        values = target.apply(variables, x)[index].astype(jnp.float32)  # [C]
+        return values.sum() if channel is None else values[channel]
 
-    def gradient_sum(variables: Any, key: jax.Array, valid: jax.Array) -> jax.Array:
-        x = jax.random.normal(key, (batch_size, *input_shape), jnp.float32)
-        # Samples are independent in eval mode, so the gradient of the batch's sum of units is
-        # each sample's own gradient.
-        g = jax.grad(lambda x: unit(variables, x).sum())(x)
-        g = jnp.abs(g).sum(axis=-1)
+    def one_sample(variables: Any, key: jax.Array) -> jax.Array:
+        x = jax.random.normal(key, (1, *input_shape), jnp.float32)
+        return jnp.abs(jax.grad(lambda x: unit(variables, x))(x)[0]).sum(axis=-1)
+
+    def gradient_sum(variables: Any, key: jax.Array, start: jax.Array,
+                     valid: jax.Array) -> jax.Array:
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(batch_size))
+        g = jax.vmap(one_sample, in_axes=(None, 0))(variables, keys)
         keep = (jnp.arange(batch_size) < valid).reshape((batch_size,) + (1,) * (g.ndim - 1))
         return jnp.where(keep, g, 0.0).sum(axis=0)
 
@@ -328,7 +340,8 @@ def effective_receptive_field(
 ) -> EffectiveReceptiveField:
     """Effective receptive field of one unit of `model` on `[H, W, C]` inputs (`input_shape`).
 
-    The unit is at `position` (default: the centre, `(size - 1) // 2` per axis) of the feature
+    The unit is at `position` (default: the centre, `size // 2` per axis: on an even map the unit
+    centred nearest the image centre for the usual same-padded strides) of the feature
     map `feature` (a name of the model's `return_features=True` dict; default: the model's
     output if it is a spatial map, else its last spatial feature), summed over channels or
     `channel` only. Its input gradient is averaged in magnitude over `num_samples` standard
@@ -363,9 +376,9 @@ def effective_receptive_field(
     gradient_sum = _build_gradient_fn(target, shape, batch_size, pos, channel)
     total = np.zeros(shape[:-1], np.float64)
     for start in range(0, num_samples, batch_size):
-        key, sub = jax.random.split(key)
-        valid = jnp.asarray(min(batch_size, num_samples - start), jnp.int32)
-        total += np.asarray(gradient_sum(variables, sub, valid), np.float64)
+        valid = min(batch_size, num_samples - start)
+        total += np.asarray(gradient_sum(variables, key, jnp.asarray(start, jnp.int32),
+                                         jnp.asarray(valid, jnp.int32)), np.float64)
     mass = float(total.sum())
     if not mass > 0 or not math.isfinite(mass):
         raise invalid(_OWNER, "model", type(model).__name__,
@@ -438,11 +451,15 @@ def plot_effective_receptive_field(result: EffectiveReceptiveField, path: str,
     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), sides[1], sides[0], fill=False,
                            edgecolor="white", linestyle="--",
                            label=f"effective {result.square} ({result.fraction:.0%} mass)"))
-    if theoretical is not None:
+    if theoretical is not None:  # clipped to the image, so a field larger than it still shows
         (y0, y1), (x0, x1) = theoretical_bounds(theoretical, result.position)
+        top, left = max(y0 - 0.5, -0.5), max(x0 - 0.5, -0.5)
+        bottom, right = min(y1 + 0.5, h - 0.5), min(x1 + 0.5, w - 0.5)
+        clipped = (top, left, bottom, right) != (y0 - 0.5, x0 - 0.5, y1 + 0.5, x1 + 0.5)
         size = "x".join(f"{s:g}" for s in theoretical.size)
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
-                               edgecolor="red", linewidth=1.5, label=f"theoretical {size}"))
+        ax.add_patch(Rectangle((left, top), right - left, bottom - top, fill=False,
+                               edgecolor="red", linewidth=1.5,
+                               label=f"theoretical {size}" + (" (clipped)" if clipped else "")))
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.legend(loc="upper right", fontsize=8, framealpha=0.6)
@@ -506,6 +523,9 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
                       "expected exactly one of --model=<zoo name> (random init) and "
                       "--workdir=<training run>")
     shape = parse_shape(input_shape, owner) if input_shape else None
+    if model_name is not None and step is not None:
+        raise invalid(owner, "--step", step, "expected it only with --workdir (a --model has "
+                      "random weights, no checkpoints)")
     if model_name is not None:
         model, native = load_model(model_name)
         return model, None, shape or tuple(native), f"{model_name} (random init)"

@@ -21,7 +21,11 @@ from cnnjax.analysis.effective_receptive_field import (
     map_statistics,
     plot_effective_receptive_field,
 )
-from cnnjax.analysis.receptive_field import receptive_field, stack_receptive_field
+from cnnjax.analysis.receptive_field import (
+    ReceptiveField,
+    receptive_field,
+    stack_receptive_field,
+)
 from cnnjax.models import create_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -81,7 +85,7 @@ def _linear_erf(n, kernel, size, **kwargs):
 def test_linear_stack_is_the_n_fold_kernel_convolution(n):
     size = 2 * n + 5  # the field (2n + 1) fits with a margin: zero padding never cuts it
     result = _linear_erf(n, KERNEL, size, num_samples=3, batch_size=2)
-    centre = (size - 1) // 2
+    centre = size // 2  # size is odd: the middle unit
     assert result.position == (centre, centre) and result.feature is None
     assert result.map.dtype == np.float64 and result.map.shape == (size, size)
     assert result.map.sum() == pytest.approx(1.0, abs=1e-12)
@@ -221,7 +225,7 @@ def test_named_feature_and_its_theoretical_field():
     assert field.size == (14, 14) and field.jump == (2, 2)
     assert field.size[0] == stack_receptive_field([(5,), (2, 2), (5,)])[0]
     result = effective_receptive_field(model, (32, 32, 1), feature="c3", num_samples=4)
-    assert result.feature == "c3" and result.position == (4, 4)  # c3 is 10x10
+    assert result.feature == "c3" and result.position == (5, 5)  # c3 is 10x10
     box = _theoretical_box(field, result.position, (32, 32))
     assert result.map[~box].sum() == 0.0
     line = describe(result, field)
@@ -315,7 +319,7 @@ def test_cli_prints_sizes_and_writes_png(tmp_path):
                 f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "lenet5 (random init) on input 32x32x1, unit (4, 4) of c3"
+    assert lines[0] == "lenet5 (random init) on input 32x32x1, unit (5, 5) of c3"
     assert lines[1].startswith("c3: theoretical receptive field 14, effective ")
     assert "(95% of |gradient| mass, 4 samples)" in lines[1]
     assert lines[2] == f"wrote {out}"
@@ -363,3 +367,79 @@ def test_backbone_dict_without_return_features():
     assert feature_receptive_field(model, (12, 12, 1), "a").size == (3, 3)
     result = effective_receptive_field(model, (12, 12, 1), feature="a", num_samples=2)
     assert result.feature == "a" and np.count_nonzero(result.map) <= 9
+
+
+class _MixesSamples(nn.Module):
+    """A 3x3 conv scaled by the batch mean of the top-left input pixel: samples interact even
+    in eval mode, as a BatchNorm left in batch-statistics mode would make them."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(2, (3, 3), padding="SAME")(x) * jnp.mean(x[:, 0, 0, 0])
+
+
+def test_map_depends_on_each_sample_alone_not_on_the_batch_size():
+    """Sample i's input comes from (rng, i) and its gradient is its own: the same map for any
+    batch_size, and for a model that mixes samples the per-sample field (the 3x3 window plus
+    the top-left pixel), never other samples' terms."""
+    model = _MixesSamples()
+    maps = [effective_receptive_field(model, (9, 9, 1), num_samples=6, batch_size=b, rng=3).map
+            for b in (1, 4, 6)]
+    for other in maps[1:]:
+        np.testing.assert_allclose(other, maps[0], rtol=1e-6, atol=1e-9)
+    support = np.argwhere(maps[0] > 0)
+    assert {tuple(p) for p in support} == {(0, 0)} | {(r, c) for r in (3, 4, 5)
+                                                      for c in (3, 4, 5)}
+
+
+def test_default_unit_of_an_even_map_is_centred_nearest_the_image_centre():
+    class Strided(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(1, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(x)
+
+    result = effective_receptive_field(Strided(), (8, 8, 1), num_samples=2)
+    assert result.position == (2, 2)  # centred at pixel 4; (1, 1) would be at 2 (centre 3.5)
+    assert result.centre == pytest.approx((4.0, 4.0), abs=0.5)
+
+
+def test_variables_that_do_not_fit_the_input_are_a_named_error():
+    model = create_model("lenet5")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
+    with pytest.raises(ValueError, match=r"^effective_receptive_field: input_shape=\(32, 32, 3\) "
+                                         r"is invalid; the model with the given variables does "
+                                         r"not run on a \(32, 32, 3\) input \(Scope"):
+        effective_receptive_field(model, (32, 32, 3), variables=variables)
+
+
+def test_a_model_returning_a_dict_without_spatial_maps_is_named():
+    class Heads(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            pooled = x.mean(axis=(1, 2))
+            return {"scores": nn.Dense(2)(pooled), "boxes": nn.Dense(4)(pooled)}
+
+    with pytest.raises(ValueError, match=r"feature=None is invalid; the model returns a dict of "
+                                         r"\['boxes', 'scores'\], none a spatial map"):
+        effective_receptive_field(Heads(), (8, 8, 1))
+
+
+def test_cli_refuses_step_without_workdir():
+    with pytest.raises(ValueError, match=r"effective_receptive_field CLI: --step=3 is invalid; "
+                                         r"expected it only with --workdir"):
+        erf_module._load("lenet5", None, 3, None)
+
+
+def test_plot_clips_a_theoretical_field_larger_than_the_image(tmp_path, monkeypatch):
+    figures = []
+    save = erf_module.save_figure
+    monkeypatch.setattr(erf_module, "save_figure",
+                        lambda fig, path: figures.append(fig) or save(fig, path))
+    result = _linear_erf(2, KERNEL, 9, num_samples=1)
+    field = ReceptiveField(size=(21, 21), jump=(1, 1), start=(0, 0))
+    plot_effective_receptive_field(result, str(tmp_path / "erf.png"), field)
+    (rect,) = [p for p in figures[0].axes[0].patches
+               if p.get_label().startswith("theoretical")]
+    assert rect.get_label() == "theoretical 21x21 (clipped)"
+    assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (
+        -0.5, -0.5, 9.0, 9.0)
