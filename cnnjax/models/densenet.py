@@ -4,9 +4,10 @@ and the paper's CIFAR networks (section 3, Table 2).
 Each dense layer sees the concatenation of all earlier feature maps in its block and adds
 `growth_rate` (k) new channels, through a bottleneck (BN-ReLU-1x1 conv to `bn_size * k`,
 BN-ReLU-3x3 conv to k; the "B" of DenseNet-BC) or, with `bottleneck=False`, through a single
-BN-ReLU-3x3 conv (the basic DenseNet); transitions between blocks scale the channels by
-`compression` (BN-ReLU-1x1 conv, floor(compression * C) outputs; the "C") and halve the resolution
-(2x2 average pool). After the last block: a final BN-ReLU, global average pooling and the linear
+BN-ReLU-3x3 conv (the basic DenseNet, which has no `bn_size`: setting it is an error);
+transitions between blocks scale the channels by `compression` (BN-ReLU-1x1 conv,
+floor(compression * C) outputs, at least 1; the "C") and halve the resolution (2x2 average
+pool). After the last block: a final BN-ReLU, global average pooling and the linear
 `head`. Convolutions have no bias.
 
 ImageNet (`stem="imagenet"`): 7x7/2 conv with `2 * growth_rate` = 64 filters, BN-ReLU, 3x3/2 max
@@ -39,6 +40,7 @@ from cnnjax.utils.validation import (
     check_bool,
     check_choice,
     check_nhwc,
+    check_number,
     check_positive_int,
     invalid,
 )
@@ -53,9 +55,27 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 #: paper's CIFAR stem (a single 3x3/1 conv: no BN-ReLU, no pooling).
 STEMS = ("imagenet", "cifar")
 
+#: The bottleneck's width in multiples of k that `DenseNet(bn_size=None)` means (the paper's and
+#: torchvision's 4).
+DEFAULT_BN_SIZE = 4
+
 _PAPER = (
     "Huang, Liu, van der Maaten, Weinberger 2017, Densely Connected Convolutional Networks (CVPR)"
 )
+
+
+def _transition_channels(block_sizes: Sequence[int], growth_rate: int, num_init_features: int,
+                         compression: float) -> list[tuple[int, int]]:
+    """(input, output) channels of each transition of a DenseNet: a block adds
+    `num_layers * growth_rate` channels, a transition keeps int(compression * C) of its C."""
+    channels, widths = num_init_features, []
+    for i, num_layers in enumerate(block_sizes):
+        channels += num_layers * growth_rate
+        if i + 1 < len(block_sizes):
+            out = int(channels * compression)
+            widths.append((channels, out))
+            channels = out
+    return widths
 
 
 class DenseLayer(nn.Module):
@@ -162,9 +182,11 @@ class DenseNet(nn.Module):
       block_sizes: dense layers per block ((6, 12, 24, 16) for DenseNet-121).
       growth_rate: k, the channels each dense layer adds.
       num_init_features: the stem conv's filters (64 = 2k on ImageNet; 16 or 2k on CIFAR).
-      bn_size: the bottleneck's width in multiples of k (4).
-      compression: theta, the transitions' output/input channel ratio (0.5; 1 keeps them).
-      drop_rate: dropout rate in training (0 disables it).
+      bn_size: the bottleneck's width in multiples of k (None: DEFAULT_BN_SIZE = 4); only with
+        `bottleneck=True` (a ValueError on the basic DenseNet, which has no 1x1 conv).
+      compression: theta in (0, 1], the transitions' output/input channel ratio (0.5; 1 keeps
+        them); every transition must keep at least one channel (int(theta * C) >= 1).
+      drop_rate: dropout rate in training, in [0, 1) (0 disables it).
       dtype / axis_name: computation dtype (params float32) / BatchNorm cross-device axis.
       bottleneck: dense layers with the 1x1 bottleneck (default True, DenseNet-B/BC) or a single
         3x3 conv (the basic DenseNet).
@@ -178,7 +200,7 @@ class DenseNet(nn.Module):
     num_classes: int = 1000
     growth_rate: int = 32
     num_init_features: int = 64
-    bn_size: int = 4
+    bn_size: int | None = None
     compression: float = 0.5
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
@@ -193,10 +215,15 @@ class DenseNet(nn.Module):
         check_positive_int(name, "num_classes", self.num_classes)
         check_positive_int(name, "growth_rate", self.growth_rate)
         check_positive_int(name, "num_init_features", self.num_init_features)
-        check_positive_int(name, "bn_size", self.bn_size)
         check_choice(name, "stem", self.stem, STEMS)
         check_bool(name, "bottleneck", self.bottleneck)
         check_bool(name, "drop_every_conv", self.drop_every_conv)
+        if self.bn_size is not None:
+            check_positive_int(name, "bn_size", self.bn_size)
+            if not self.bottleneck:
+                raise invalid(name, "bn_size", self.bn_size,
+                              "expected None with bottleneck=False (bn_size is the width of the "
+                              "bottleneck's 1x1 conv, which basic dense layers do not have)")
         if not self.block_sizes or not all(
             isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.block_sizes
         ):
@@ -206,10 +233,22 @@ class DenseNet(nn.Module):
                 self.block_sizes,
                 "expected a non-empty sequence of positive layer counts",
             )
-        if not 0 < self.compression <= 1:
-            raise invalid(name, "compression", self.compression, "expected 0 < compression <= 1")
-        if not 0 <= self.drop_rate < 1:
-            raise invalid(name, "drop_rate", self.drop_rate, "expected 0 <= drop_rate < 1")
+        check_number(name, "compression", self.compression, "expected 0 < compression <= 1",
+                        low=0.0, high=1.0, low_open=True)
+        check_number(name, "drop_rate", self.drop_rate, "expected 0 <= drop_rate < 1",
+                        low=0.0, high=1.0, high_open=True)
+        widths = _transition_channels(self.block_sizes, self.growth_rate, self.num_init_features,
+                                      self.compression)
+        for i, (channels, out) in enumerate(widths):
+            if out < 1:
+                raise invalid(
+                    name, "compression", self.compression,
+                    f"transition{i + 1} would keep int({channels} * {self.compression!r}) = 0 "
+                    f"of its {channels} channels (block_sizes={tuple(self.block_sizes)}, "
+                    f"growth_rate={self.growth_rate}, "
+                    f"num_init_features={self.num_init_features}); expected a compression "
+                    f"that keeps at least one channel there (>= {1 / channels:.4g})",
+                )
         super().__post_init__()
 
     @nn.compact
@@ -219,6 +258,7 @@ class DenseNet(nn.Module):
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
         )
         norm = batch_norm(train, self.dtype, self.axis_name)
+        bn_size = DEFAULT_BN_SIZE if self.bn_size is None else self.bn_size
         features: dict[str, Array] = {}
 
         x = jnp.asarray(x, self.dtype)
@@ -240,7 +280,7 @@ class DenseNet(nn.Module):
                 conv=conv,
                 norm=norm,
                 act=self.act,
-                bn_size=self.bn_size,
+                bn_size=bn_size,
                 drop_rate=self.drop_rate,
                 bottleneck=self.bottleneck,
                 drop_every_conv=self.drop_every_conv,
@@ -280,7 +320,7 @@ def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
     `bottleneck=False` (the basic DenseNet: no compression, a 16-filter stem). Defaults to 10
     classes and the paper's dropout placement (`drop_every_conv=True`, active once `drop_rate`
     > 0); other keywords (`compression`, `num_init_features`, `drop_rate`, `num_classes`, ...)
-    go to `DenseNet`, e.g. `compression=1.0` for DenseNet-B.
+    go to `DenseNet`, e.g. `compression=1.0` for DenseNet-B (`bn_size` only with `bottleneck`).
     """
     owner = "cifar_densenet"
     check_bool(owner, "bottleneck", bottleneck)
@@ -313,6 +353,9 @@ _REGISTER = functools.partial(
     register_model, input_shape=(224, 224, 3), min_input_size=29, num_classes=1000, paper=_PAPER
 )
 #: CIFAR models: the two 2x2/2 average pools need 4x4 inputs (3x3 would pool to 1x1, then 0x0).
+#: Their factories fix `bottleneck` (and the basic ones `bn_size=None`): passing either is a
+#: TypeError, so `model_kwargs_config` does not offer them (densenet_bc100_cifar with
+#: bottleneck=False would be the basic DenseNet-100).
 _REGISTER_CIFAR = functools.partial(
     register_model, input_shape=(32, 32, 3), min_input_size=4, num_classes=10, paper=_PAPER
 )
@@ -340,39 +383,39 @@ def densenet201(**kwargs: Any) -> DenseNet:
 def densenet40_cifar(**kwargs: Any) -> DenseNet:
     """CIFAR DenseNet (L=40, k=12): 3 blocks of 12 basic layers; 1,019,722 parameters at 10
     classes (Table 2: 1.0M)."""
-    return cifar_densenet(40, 12, bottleneck=False, **kwargs)
+    return cifar_densenet(40, 12, bottleneck=False, bn_size=None, **kwargs)
 
 
 @_REGISTER_CIFAR("densenet100_k12_cifar")
 def densenet100_k12_cifar(**kwargs: Any) -> DenseNet:
     """CIFAR DenseNet (L=100, k=12): 3 blocks of 32 basic layers; 6,979,642 parameters at 10
     classes (Table 2: 7.0M)."""
-    return cifar_densenet(100, 12, bottleneck=False, **kwargs)
+    return cifar_densenet(100, 12, bottleneck=False, bn_size=None, **kwargs)
 
 
 @_REGISTER_CIFAR("densenet100_k24_cifar")
 def densenet100_k24_cifar(**kwargs: Any) -> DenseNet:
     """CIFAR DenseNet (L=100, k=24): 3 blocks of 32 basic layers; 27,249,082 parameters at 10
     classes (Table 2: 27.2M)."""
-    return cifar_densenet(100, 24, bottleneck=False, **kwargs)
+    return cifar_densenet(100, 24, bottleneck=False, bn_size=None, **kwargs)
 
 
 @_REGISTER_CIFAR("densenet_bc100_cifar")
 def densenet_bc100_cifar(**kwargs: Any) -> DenseNet:
     """CIFAR DenseNet-BC (L=100, k=12): 3 blocks of 16 bottleneck layers; 769,162 parameters at
     10 classes (Table 2: 0.8M)."""
-    return cifar_densenet(100, 12, **kwargs)
+    return cifar_densenet(100, 12, bottleneck=True, **kwargs)
 
 
 @_REGISTER_CIFAR("densenet_bc250_cifar")
 def densenet_bc250_cifar(**kwargs: Any) -> DenseNet:
     """CIFAR DenseNet-BC (L=250, k=24): 3 blocks of 41 bottleneck layers; 15,324,406 parameters
     at 10 classes (Table 2: 15.3M)."""
-    return cifar_densenet(250, 24, **kwargs)
+    return cifar_densenet(250, 24, bottleneck=True, **kwargs)
 
 
 @_REGISTER_CIFAR("densenet_bc190_cifar")
 def densenet_bc190_cifar(**kwargs: Any) -> DenseNet:
     """CIFAR DenseNet-BC (L=190, k=40): 3 blocks of 31 bottleneck layers; 25,624,430 parameters
     at 10 classes (Table 2: 25.6M)."""
-    return cifar_densenet(190, 40, **kwargs)
+    return cifar_densenet(190, 40, bottleneck=True, **kwargs)

@@ -57,6 +57,17 @@ _PAPER_WRN = "Zagoruyko, Komodakis 2016, Wide Residual Networks (BMVC)"
 _PAD3 = ((1, 1), (1, 1))
 
 
+#: What `PreActResNet(expansion=None, stride_in_1x1=None)` means: the bottleneck blocks' 4x
+#: expansion and the papers' stride on the first 1x1 convolution.
+DEFAULT_EXPANSION = 4
+DEFAULT_STRIDE_IN_1X1 = True
+
+#: Options only bottleneck blocks have. The registered basic-block networks fix them to None
+#: (passing one is a TypeError, so `model_kwargs_config` does not offer them); set on a basic
+#: `PreActResNet` they are a ValueError.
+_BOTTLENECK_ONLY = {"expansion": None, "stride_in_1x1": None}
+
+
 def _check_drop_rate(owner: str, value: Any) -> None:
     check_number(owner, "drop_rate", value, "expected 0 <= drop_rate < 1", low=0.0, high=1.0,
                  high_open=True)
@@ -177,8 +188,10 @@ class PreActResNet(nn.Module):
       stem_width: filters of the first 3x3 conv (16).
       drop_rate: dropout between the two convs of each basic block in training (0 disables it;
         only basic blocks have it).
-      expansion / stride_in_1x1: the bottleneck blocks' output multiple (4) and stride placement
-        (True: on the first 1x1, as the paper's code; False: on the 3x3).
+      expansion / stride_in_1x1: the bottleneck blocks' output multiple and stride placement
+        (True: on the first 1x1, as the paper's code; False: on the 3x3); None (default) means
+        4 / True (DEFAULT_EXPANSION, DEFAULT_STRIDE_IN_1X1). Bottleneck blocks only: setting
+        either with `bottleneck=False` is a ValueError.
       dtype / axis_name: computation dtype (params float32) / BatchNorm cross-device axis.
     """
 
@@ -188,8 +201,8 @@ class PreActResNet(nn.Module):
     bottleneck: bool = False
     stem_width: int = 16
     drop_rate: float = 0.0
-    expansion: int = 4
-    stride_in_1x1: bool = True
+    expansion: int | None = None
+    stride_in_1x1: bool | None = None
     dtype: Any = jnp.float32
     axis_name: str | None = None
     act: Callable = nn.relu
@@ -198,9 +211,17 @@ class PreActResNet(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "num_classes", self.num_classes)
         check_positive_int(name, "stem_width", self.stem_width)
-        check_positive_int(name, "expansion", self.expansion)
         check_bool(name, "bottleneck", self.bottleneck)
-        check_bool(name, "stride_in_1x1", self.stride_in_1x1)
+        if self.expansion is not None:
+            check_positive_int(name, "expansion", self.expansion)
+        if self.stride_in_1x1 is not None:
+            check_bool(name, "stride_in_1x1", self.stride_in_1x1)
+        for arg in _BOTTLENECK_ONLY:
+            value = getattr(self, arg)
+            if value is not None and not self.bottleneck:
+                raise invalid(name, arg, value,
+                              "expected None with bottleneck=False (a bottleneck-block option; "
+                              "basic blocks would ignore it)")
         _check_drop_rate(name, self.drop_rate)
         if not _positive_ints(self.stage_sizes):
             raise invalid(name, "stage_sizes", self.stage_sizes,
@@ -220,8 +241,12 @@ class PreActResNet(nn.Module):
     @property
     def out_widths(self) -> tuple[int, ...]:
         """Output channels of each stage."""
-        factor = self.expansion if self.bottleneck else 1
+        factor = self._expansion if self.bottleneck else 1
         return tuple(w * factor for w in self.widths)
+
+    @property
+    def _expansion(self) -> int:
+        return DEFAULT_EXPANSION if self.expansion is None else self.expansion
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
@@ -231,8 +256,10 @@ class PreActResNet(nn.Module):
         )
         norm = batch_norm(train, self.dtype, self.axis_name)
         if self.bottleneck:
-            block = functools.partial(PreActBottleneckBlock, expansion=self.expansion,
-                                      stride_in_1x1=self.stride_in_1x1)
+            stride_in_1x1 = (DEFAULT_STRIDE_IN_1X1 if self.stride_in_1x1 is None
+                             else self.stride_in_1x1)
+            block = functools.partial(PreActBottleneckBlock, expansion=self._expansion,
+                                      stride_in_1x1=stride_in_1x1)
         else:
             block = functools.partial(PreActBasicBlock, drop_rate=self.drop_rate)
         features: dict[str, Array] = {}
@@ -319,7 +346,7 @@ _REGISTER_WRN = functools.partial(_REGISTER, paper=_PAPER_WRN)
 def preact_resnet110_cifar(**kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-110 (basic blocks, n=18); 1,730,522 parameters at 10 classes
     (the papers: 1.7M, 6.37% CIFAR-10 error)."""
-    return preact_resnet_cifar(110, bottleneck=False, **kwargs)
+    return preact_resnet_cifar(110, bottleneck=False, **_BOTTLENECK_ONLY, **kwargs)
 
 
 @_REGISTER_PREACT("preact_resnet164_cifar")
@@ -340,22 +367,22 @@ def preact_resnet1001_cifar(**kwargs: Any) -> PreActResNet:
 def wrn28_10_cifar(**kwargs: Any) -> PreActResNet:
     """WRN-28-10 (n=4, widths 160/320/640); 36,479,194 parameters at 10 classes (36.5M). CIFAR-10
     error with mean/std preprocessing, median of 5 runs: 4.00%, 3.89% with `drop_rate=0.3`."""
-    return wide_resnet(28, 10, **kwargs)
+    return wide_resnet(28, 10, **_BOTTLENECK_ONLY, **kwargs)
 
 
 @_REGISTER_WRN("wrn16_8_cifar")
 def wrn16_8_cifar(**kwargs: Any) -> PreActResNet:
     """WRN-16-8 (n=2, widths 128/256/512); 10,961,370 parameters at 10 classes (11.0M)."""
-    return wide_resnet(16, 8, **kwargs)
+    return wide_resnet(16, 8, **_BOTTLENECK_ONLY, **kwargs)
 
 
 @_REGISTER_WRN("wrn40_4_cifar")
 def wrn40_4_cifar(**kwargs: Any) -> PreActResNet:
     """WRN-40-4 (n=6, widths 64/128/256); 8,949,210 parameters at 10 classes (8.9M)."""
-    return wide_resnet(40, 4, **kwargs)
+    return wide_resnet(40, 4, **_BOTTLENECK_ONLY, **kwargs)
 
 
 @_REGISTER_WRN("wrn16_4_cifar")
 def wrn16_4_cifar(**kwargs: Any) -> PreActResNet:
     """WRN-16-4 (n=2, widths 64/128/256); 2,748,890 parameters at 10 classes (2.7M)."""
-    return wide_resnet(16, 4, **kwargs)
+    return wide_resnet(16, 4, **_BOTTLENECK_ONLY, **kwargs)

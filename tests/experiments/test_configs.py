@@ -80,9 +80,16 @@ def test_config_declares_its_model_fields(path):
     config = _load(path).get_config()
     declared = config.model_kwargs
     assert set(declared) == set(model_kwargs_config(config.model)) and len(declared) > 0
-    recorded = DETECTION_CONFIGS.get(os.path.basename(path), {})
+    recorded = {**DETECTION_CONFIGS, **MODEL_FIELDS_SET}.get(os.path.basename(path), {})
     assert all(value is None for name, value in declared.items()  # unset: the model's defaults
                if f"model_kwargs.{name}" not in recorded)
+    for name, value in recorded.items():
+        if name.startswith("model_kwargs."):
+            assert declared[name.split(".", 1)[1]] == value, name
+
+
+#: Model fields a classification config sets (the others leave every field to the model).
+MODEL_FIELDS_SET = {"wrn28_10_cifar10.py": {"model_kwargs.drop_rate": 0.3}}
 
 
 def _parse(*overrides):

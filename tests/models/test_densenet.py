@@ -23,6 +23,7 @@ from cnnjax.models.densenet import (
 )
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
+from cnnjax.train.config import model_kwargs_config
 
 # torchvision's published counts (1000 classes).
 COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928}
@@ -429,3 +430,94 @@ def test_cifar_invalid_arguments():
     with pytest.raises(ValueError, match=r"^DenseNet: drop_every_conv=None is invalid; expected "
                        r"True or False\.$"):
         DenseNet(block_sizes=(1,), drop_every_conv=None)
+
+
+BC = sorted(name for name, (_, _, bc, _, _) in CIFAR.items() if bc)
+BASIC = sorted(name for name, (_, _, bc, _, _) in CIFAR.items() if not bc)
+
+
+@pytest.mark.parametrize("name", BC)
+def test_bc_models_fix_bottleneck(name):
+    """DenseNet-BC with bottleneck=False would silently be the basic DenseNet (densenet_bc100
+    -> the 6,979,642-parameter DenseNet-100): the factories fix it, so it is no model kwarg."""
+    settable = model_kwargs_config(name)
+    assert "bottleneck" not in settable
+    assert {"bn_size", "compression", "drop_rate"} <= set(settable)
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'bottleneck'"):
+        create_model(name, bottleneck=False)
+    assert create_model(name).bottleneck is True
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_basic_models_have_no_bn_size(name):
+    """bn_size sizes the bottleneck's 1x1 conv, which basic dense layers lack: not offered."""
+    settable = model_kwargs_config(name)
+    assert "bn_size" not in settable and "bottleneck" not in settable
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'bn_size'"):
+        create_model(name, bn_size=4)
+    assert create_model(name).bn_size is None
+
+
+def test_check_config_refuses_fixed_fields(monkeypatch):
+    """From a config the engine reports them as fields the model does not accept."""
+    from cnnjax.train.config import check_config
+    from tests.train import helpers
+
+    helpers.install_fake_pipeline(monkeypatch)
+    for name, field, value in [("densenet_bc100_cifar", "bottleneck", False),
+                               ("densenet40_cifar", "bn_size", 4)]:
+        config = helpers.tiny_config(model=name)
+        config.model_kwargs = {field: value}
+        with pytest.raises(ValueError, match=rf"^config: model_kwargs=\{{'{field}': {value}\}} "
+                           rf"is invalid; model '{name}' does not accept them"):
+            check_config(config)
+
+
+def test_bn_size_only_with_bottleneck():
+    with pytest.raises(ValueError, match=r"^DenseNet: bn_size=4 is invalid; expected None with "
+                       r"bottleneck=False \(bn_size is the width of the bottleneck's 1x1 conv"):
+        DenseNet(block_sizes=(1,), bottleneck=False, bn_size=4)
+    with pytest.raises(ValueError, match=r"^DenseNet: bn_size=2 is invalid; expected None"):
+        cifar_densenet(40, 12, bottleneck=False, bn_size=2)
+    with pytest.raises(ValueError, match=r"^DenseNet: bn_size=0 is invalid; expected a positive "
+                       r"integer\.$"):
+        DenseNet(block_sizes=(1,), bn_size=0)
+    # None is the bottleneck's 4k (the parameter trees above); a set bn_size is used.
+    params, _, _ = _shapes(create_model("densenet_bc100_cifar", bn_size=2), size=4, batch=1)
+    assert params["params"]["block1"]["layer1"]["conv1"]["kernel"].shape == (1, 1, 24, 24)
+    assert create_model("densenet121").bn_size is None
+
+
+def test_compression_must_keep_a_channel_at_every_transition():
+    """int(2 * 0.3) = 0 channels would build an empty transition (a ZeroDivisionError later)."""
+    tiny = functools.partial(DenseNet, (1, 1), growth_rate=1, num_init_features=1, stem="cifar")
+    with pytest.raises(ValueError, match=r"^DenseNet: compression=0.3 is invalid; transition1 "
+                       r"would keep int\(2 \* 0.3\) = 0 of its 2 channels \(block_sizes=\(1, 1\), "
+                       r"growth_rate=1, num_init_features=1\); expected a compression that keeps "
+                       r"at least one channel there \(>= 0.5\)\.$"):
+        tiny(compression=0.3)
+    _, logits, feats = _shapes(tiny(compression=0.5), size=4, batch=1)  # the smallest valid one
+    assert feats["stage2"].shape == (1, 2, 2, 2) and logits.shape == (1, 1000)
+    # A later transition can be the empty one: 101 -> 9 at 0.099, then 10 -> 0.
+    deep = functools.partial(DenseNet, (1, 1, 1), growth_rate=1, num_init_features=100,
+                             stem="cifar")
+    with pytest.raises(ValueError, match=r"transition2 would keep int\(10 \* 0.099\) = 0"):
+        deep(compression=0.099)
+    deep(compression=0.09901)  # 101 -> 10, then 11 -> 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "valid"),
+    [
+        ("compression", "0.5", "expected 0 < compression <= 1"),
+        ("compression", 1.5, "expected 0 < compression <= 1"),
+        ("compression", True, "expected 0 < compression <= 1"),
+        ("compression", float("nan"), "expected 0 < compression <= 1"),
+        ("drop_rate", "0.2", "expected 0 <= drop_rate < 1"),
+        ("drop_rate", -0.1, "expected 0 <= drop_rate < 1"),
+        ("drop_rate", None, "expected 0 <= drop_rate < 1"),
+    ],
+)
+def test_rates_are_numbers_in_range(field, value, valid):
+    with pytest.raises(ValueError, match=rf"^DenseNet: {field}={value!r} is invalid; {valid}\.$"):
+        DenseNet(block_sizes=(1, 1), **{field: value})

@@ -25,6 +25,7 @@ from cnnjax.models.preact_resnet import (
 )
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
+from cnnjax.train.config import model_kwargs_config
 
 EPS = 1e-5  # BatchNorm epsilon (cnnjax.models.resnet.batch_norm)
 
@@ -126,7 +127,8 @@ def test_registry_entries_and_layouts():
         assert info.paper.startswith("Zagoruyko" if name.startswith("wrn") else "He, Zhang")
     model = create_model("preact_resnet1001_cifar")
     assert (model.stage_sizes, model.widths, model.bottleneck) == ((111,) * 3, (16, 32, 64), True)
-    assert model.out_widths == (64, 128, 256) and model.stride_in_1x1 is True
+    assert model.out_widths == (64, 128, 256)
+    assert (model.expansion, model.stride_in_1x1) == (None, None)  # the defaults: 4, True
     model = create_model("wrn28_10_cifar")
     assert (model.stage_sizes, model.widths, model.drop_rate) == ((4,) * 3, (160, 320, 640), 0.0)
     assert create_model("wrn28_10_cifar", drop_rate=0.3).drop_rate == 0.3
@@ -410,3 +412,78 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match=r"^PreActResNet: input.shape=\(32, 32, 3\) is invalid"):
         jax.eval_shape(lambda: create_model("wrn16_4_cifar").init(jax.random.key(0),
                                                                   jnp.zeros((32, 32, 3))))
+
+
+BASIC = sorted(name for name, (_, _, bottleneck, _, _) in MODELS.items() if not bottleneck)
+BOTTLENECK = sorted(name for name, (_, _, bottleneck, _, _) in MODELS.items() if bottleneck)
+
+
+@pytest.mark.parametrize("name", BASIC)
+def test_basic_block_models_do_not_offer_bottleneck_options(name):
+    """`expansion` and `stride_in_1x1` only shape bottleneck blocks: on WRNs and ResNet-110 they
+    would change nothing, so those factories fix them (None) and do not offer them."""
+    settable = model_kwargs_config(name)
+    assert not {"expansion", "stride_in_1x1", "bottleneck"} & set(settable)
+    assert "drop_rate" in settable
+    for field, value in (("expansion", 7), ("stride_in_1x1", False)):
+        with pytest.raises(TypeError, match=f"multiple values for keyword argument '{field}'"):
+            create_model(name, **{field: value})
+    model = create_model(name)
+    assert (model.expansion, model.stride_in_1x1) == (None, None)
+
+
+@pytest.mark.parametrize("name", BOTTLENECK)
+def test_bottleneck_models_offer_bottleneck_options(name):
+    assert {"expansion", "stride_in_1x1"} <= set(model_kwargs_config(name))
+    model = create_model(name, expansion=2, stride_in_1x1=False)
+    assert model.out_widths == (32, 64, 128)
+
+
+def test_check_config_refuses_bottleneck_options_of_basic_models(monkeypatch):
+    from cnnjax.train.config import check_config
+    from tests.train import helpers
+
+    helpers.install_fake_pipeline(monkeypatch)
+    config = helpers.tiny_config(model="wrn16_4_cifar")
+    config.model_kwargs = {"expansion": 7}
+    with pytest.raises(ValueError, match=r"^config: model_kwargs=\{'expansion': 7\} is invalid; "
+                       r"model 'wrn16_4_cifar' does not accept them"):
+        check_config(config)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: PreActResNet(expansion=4), "expansion=4"),
+        (lambda: PreActResNet(stride_in_1x1=True), "stride_in_1x1=True"),
+        (lambda: preact_resnet_cifar(110, stride_in_1x1=False), "stride_in_1x1=False"),
+        (lambda: wide_resnet(16, 4, expansion=7), "expansion=7"),
+    ],
+)
+def test_bottleneck_options_on_basic_blocks_are_refused(build, message):
+    with pytest.raises(ValueError, match=rf"^PreActResNet: {message} is invalid; expected None "
+                       r"with bottleneck=False \(a bottleneck-block option; basic blocks would "
+                       r"ignore it\)\.$"):
+        build()
+
+
+def test_bottleneck_defaults_are_expansion_4_and_stride_in_1x1():
+    """None means 4 and the stride on the first 1x1: same parameters and outputs as explicit."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    default = preact_resnet_cifar(11, bottleneck=True, num_classes=3)
+    variables = default.init(jax.random.key(1), x)
+    assert default.out_widths == (64, 128, 256)
+    assert variables["params"]["stage3_block1"]["conv3"]["kernel"].shape == (1, 1, 64, 256)
+    out = default.apply(variables, x)
+    explicit = preact_resnet_cifar(11, bottleneck=True, num_classes=3, expansion=4,
+                                   stride_in_1x1=True)
+    np.testing.assert_array_equal(explicit.apply(variables, x), out)
+    moved = preact_resnet_cifar(11, bottleneck=True, num_classes=3, stride_in_1x1=False)
+    assert not np.allclose(moved.apply(variables, x), out)
+
+
+@pytest.mark.parametrize("value", ["0.3", None, float("nan")])
+def test_drop_rate_must_be_a_number(value):
+    with pytest.raises(ValueError, match=rf"^PreActResNet: drop_rate={value!r} is invalid; "
+                       r"expected 0 <= drop_rate < 1\.$"):
+        wide_resnet(16, 4, drop_rate=value)
