@@ -20,6 +20,13 @@ def test_check_number_accepts(value, kwargs, expected):
     assert check_number("f", "x", value, "expected ok", **kwargs) == expected
 
 
+def test_check_number_can_refuse_numeric_strings():
+    """A module field used as-is (`drop_rate > 0`) must be a number, not text float() takes."""
+    with pytest.raises(ValueError, match=r"^f: x='0\.25' is invalid; expected ok\.$"):
+        check_number("f", "x", "0.25", "expected ok", strings=False)
+    assert check_number("f", "x", 0.25, "expected ok", strings=False) == 0.25
+
+
 @pytest.mark.parametrize("value, kwargs", [
     (True, {}),                                               # bools are not numbers here
     (math.nan, {}),

@@ -234,9 +234,9 @@ class DenseNet(nn.Module):
                 "expected a non-empty sequence of positive layer counts",
             )
         check_number(name, "compression", self.compression, "expected 0 < compression <= 1",
-                        low=0.0, high=1.0, low_open=True)
+                        low=0.0, high=1.0, low_open=True, strings=False)
         check_number(name, "drop_rate", self.drop_rate, "expected 0 <= drop_rate < 1",
-                        low=0.0, high=1.0, high_open=True)
+                        low=0.0, high=1.0, high_open=True, strings=False)
         widths = _transition_channels(self.block_sizes, self.growth_rate, self.num_init_features,
                                       self.compression)
         for i, (channels, out) in enumerate(widths):

@@ -70,7 +70,7 @@ _BOTTLENECK_ONLY = {"expansion": None, "stride_in_1x1": None}
 
 def _check_drop_rate(owner: str, value: Any) -> None:
     check_number(owner, "drop_rate", value, "expected 0 <= drop_rate < 1", low=0.0, high=1.0,
-                 high_open=True)
+                 high_open=True, strings=False)
 
 
 def _positive_ints(values: Any) -> bool:

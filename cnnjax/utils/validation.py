@@ -51,17 +51,19 @@ def check_positive_float(owner: str, arg: str, value: Any) -> float:
 
 
 def check_number(owner: str, arg: str, value: Any, valid: str, *, low: float = -np.inf,
-                 high: float = np.inf, low_open: bool = False, high_open: bool = False) -> float:
-    """Returns `value` as a float if it is a number (not a bool, not a string such as "0.5",
-    not NaN) within `low`..`high` (each end closed unless `low_open` / `high_open`), else raises
-    with `valid`."""
+                 high: float = np.inf, low_open: bool = False, high_open: bool = False,
+                 strings: bool = True) -> float:
+    """Returns `value` as a float if it is a number (not a bool, not NaN) within `low`..`high`
+    (each end closed unless `low_open` / `high_open`), else raises with `valid`. A numeric
+    string ("0.5") counts unless `strings=False` (for a value used as-is, e.g. a module field)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
     above = low < number if low_open else low <= number
     below = number < high if high_open else number <= high
-    if isinstance(value, bool | str | bytes) or not (above and below):
+    if isinstance(value, bool) or not (above and below) or (
+            not strings and isinstance(value, str | bytes)):
         raise invalid(owner, arg, value, valid)
     return number
 
