@@ -39,6 +39,7 @@ from cnnjax.models.resnet import batch_norm
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
+    check_depth,
     check_nhwc,
     check_number,
     check_positive_int,
@@ -326,19 +327,8 @@ def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
     check_bool(owner, "bottleneck", bottleneck)
     check_positive_int(owner, "growth_rate", growth_rate)
     per_block = 6 if bottleneck else 3  # convolutions per block and per layer-count unit
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, int)
-        or depth < per_block + 4
-        or (depth - 4) % per_block
-    ):
-        examples = ", ".join(str(d) for d in ((40, 100, 190, 250) if bottleneck else (40, 100)))
-        raise invalid(
-            owner, "depth", depth,
-            f"expected {per_block}n + 4 with n >= 1 for bottleneck={bottleneck} "
-            f"({examples}, ...)",
-        )
-    n = (depth - 4) // per_block
+    n = check_depth(owner, depth, per_block, 4, f"bottleneck={bottleneck}",
+                    (40, 100, 190, 250) if bottleneck else (40, 100))
     kwargs.setdefault("num_classes", 10)
     kwargs.setdefault("num_init_features", 2 * growth_rate if bottleneck else 16)
     kwargs.setdefault("compression", 0.5 if bottleneck else 1.0)

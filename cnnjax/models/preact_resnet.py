@@ -40,6 +40,7 @@ from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import batch_norm, conv_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
+    check_depth,
     check_nhwc,
     check_number,
     check_positive_int,
@@ -287,20 +288,6 @@ class PreActResNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
-def _check_depth(owner: str, depth: Any, per_block: int, offset: int, examples: str,
-                 what: str) -> int:
-    """n for depth = per_block * n + offset (n >= 1), else a named ValueError."""
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, int)
-        or depth < per_block + offset
-        or (depth - offset) % per_block
-    ):
-        raise invalid(owner, "depth", depth,
-                      f"expected {per_block}n + {offset} with n >= 1 for {what} ({examples}, ...)")
-    return (depth - offset) // per_block
-
-
 def preact_resnet_cifar(depth: int, *, bottleneck: bool = False, **kwargs: Any) -> PreActResNet:
     """He et al. 2016b's CIFAR pre-activation ResNet of depth `depth`: three stages of n basic
     blocks (depth 6n + 2: 20, 32, 56, 110, ...) or bottleneck blocks (depth 9n + 2: 164, 1001,
@@ -308,10 +295,8 @@ def preact_resnet_cifar(depth: int, *, bottleneck: bool = False, **kwargs: Any) 
     `PreActResNet`; `num_classes` defaults to 10."""
     owner = "preact_resnet_cifar"
     check_bool(owner, "bottleneck", bottleneck)
-    if bottleneck:
-        n = _check_depth(owner, depth, 9, 2, "164, 1001", "bottleneck=True")
-    else:
-        n = _check_depth(owner, depth, 6, 2, "20, 56, 110", "bottleneck=False")
+    n = check_depth(owner, depth, 9 if bottleneck else 6, 2, f"bottleneck={bottleneck}",
+                    (164, 1001) if bottleneck else (20, 56, 110))
     kwargs.setdefault("num_classes", 10)
     return PreActResNet(stage_sizes=(n, n, n), bottleneck=bottleneck, **kwargs)
 
@@ -323,7 +308,7 @@ def wide_resnet(depth: int, width: int, *, drop_rate: float = 0.0, num_classes: 
     depth = 6n + 4 (16, 22, 28, 40, ...). `drop_rate` is the dropout between the two convs of
     each block in training (the paper uses 0.3 on CIFAR). Other keywords go to `PreActResNet`."""
     owner = "wide_resnet"
-    n = _check_depth(owner, depth, 6, 4, "16, 22, 28, 40", "Wide ResNets")
+    n = check_depth(owner, depth, 6, 4, "Wide ResNets", (16, 22, 28, 40))
     check_positive_int(owner, "width", width)
     return PreActResNet(
         stage_sizes=(n, n, n),

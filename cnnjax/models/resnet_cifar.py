@@ -20,7 +20,13 @@ import jax.numpy as jnp
 
 from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import SHORTCUTS, BasicBlock, batch_norm, conv_kernel_init
-from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_choice,
+    check_depth,
+    check_nhwc,
+    check_positive_int,
+    invalid,
+)
 
 Array = Any
 
@@ -54,18 +60,9 @@ class CifarResNet(nn.Module):
                 name, "widths", self.widths, "expected a non-empty tuple of positive ints"
             )
         per_block = 2 * len(self.widths)  # two 3x3 convolutions per block, in every stage
-        if (
-            isinstance(self.depth, bool)
-            or not isinstance(self.depth, int)
-            or self.depth < per_block + 2
-            or (self.depth - 2) % per_block
-        ):
-            examples = ", ".join(str(per_block * n + 2) for n in (3, 5, 7, 9))
-            raise invalid(
-                name, "depth", self.depth,
-                f"expected {per_block}n + 2 with n >= 1 for {len(self.widths)} stages of widths "
-                f"{tuple(self.widths)} ({examples}, ...)",
-            )
+        check_depth(name, self.depth, per_block, 2,
+                    f"{len(self.widths)} stages of widths {tuple(self.widths)}",
+                    (per_block * n + 2 for n in (3, 5, 7, 9)))
         super().__post_init__()
 
     @property

@@ -25,6 +25,21 @@ def check_bool(owner: str, arg: str, value: Any) -> bool:
     return value
 
 
+def check_depth(owner: str, depth: Any, per_unit: int, offset: int, context: str,
+                examples: Iterable[int] | None = None) -> int:
+    """n for a network `depth` = `per_unit` * n + `offset` with n >= 1 (a CIFAR ResNet's 6n + 2,
+    a DenseNet-BC's 6n + 4), else a ValueError naming that form, `context` (e.g. "bottleneck=True")
+    and `examples` of valid depths (default: the first three)."""
+    if (isinstance(depth, bool) or not isinstance(depth, int) or depth < per_unit + offset
+            or (depth - offset) % per_unit):
+        if examples is None:
+            examples = (per_unit * n + offset for n in (1, 2, 3))
+        examples = ", ".join(str(d) for d in examples)
+        raise invalid(owner, "depth", depth, f"expected {per_unit}n + {offset} with n >= 1 for "
+                      f"{context} ({examples}, ...)")
+    return (depth - offset) // per_unit
+
+
 def check_positive_int(owner: str, arg: str, value: Any) -> int:
     """Returns `value` if it is an int > 0, else raises."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
