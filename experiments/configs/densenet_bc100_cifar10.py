@@ -9,8 +9,11 @@ paper's dropout 0.2 (used only without augmentation): `--config.model_kwargs.dro
 Recipe: SGD with Nesterov momentum 0.9, weight decay 1e-4 (not on biases/BN), batch 64, 300
 epochs (234,375 steps of 64 of the 50,000 training images), lr 0.1 divided by 10 at 50% and 75%
 of training, pad-4 random crop + flip ("C10+").
-Expected: ~95.5% test top-1 (Table 2: 4.51% error on C10+, 769,162 parameters here). Runtime not
-measured here (no CIFAR-10 offline); 0.29 GMACs per image, 2.3x ResNet-56's (docs/models.md).
+Expected: ~95.5% test top-1 (Table 2: 4.51% error on C10+, 769,162 parameters here). Not run here
+(no CIFAR-10 offline); 0.29 GMACs per image, 2.3x ResNet-56's (docs/models.md). The train step
+runs at 25 img/s on 2 CPU cores (`python -m benchmarks.train_step --model=densenet_bc100_cifar
+--batch_size=64 --image_size=32 --num_classes=10`, jax 0.10.2), so the recipe's 15M images
+would take ~7 days there: run it on an accelerator.
 """
 
 from cnnjax.data.pipeline import default_data_config

@@ -17,8 +17,11 @@ the reference code pads by reflection; and weight decay here applies to the conv
 kernels only, not to BatchNorm scales/shifts or biases (cnnjax.train.optim.weight_decay_mask),
 while both reference codes decay every parameter. Unmeasured: either can shift the result.
 Expected: ~96.1% test top-1 (the paper, mean/std preprocessing, median of 5 runs: 3.89% error
-with dropout 0.3, 4.00% without; 36,479,194 parameters here). Runtime not measured here (no
-CIFAR-10 offline); 5.24 GMACs per image, 42x ResNet-56's (docs/models.md).
+with dropout 0.3, 4.00% without; 36,479,194 parameters here). Not run here (no CIFAR-10
+offline); 5.24 GMACs per image, 42x ResNet-56's (docs/models.md). The train step runs at 11
+img/s on 2 CPU cores (`python -m benchmarks.train_step --model=wrn28_10_cifar --batch_size=128
+--image_size=32 --num_classes=10`, jax 0.10.2), so the recipe's 10M images would take ~11 days
+there: run it on an accelerator.
 """
 
 from cnnjax.data.pipeline import default_data_config
