@@ -24,6 +24,7 @@ from cnnjax.models.densenet import (
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
 from cnnjax.train.config import model_kwargs_config
+from tests.models.cifar import assert_cifar_features
 
 # torchvision's published counts (1000 classes).
 COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928}
@@ -231,14 +232,7 @@ def test_cifar_param_count_matches_paper_formula_and_table2(name):
     variables, logits, feats = _shapes(create_model(name))  # shapes only: nothing is computed
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == count
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-    assert set(feats) == {"stem", "stage1", "stage2", "stage3", "pre_logits"}
-    assert feats["stem"].shape == (2, 32, 32, 2 * k if bc else 16)
-    assert [feats[f"stage{i}"].shape for i in (1, 2, 3)] == [
-        (2, 32, 32, stages[0]),
-        (2, 16, 16, stages[1]),
-        (2, 8, 8, stages[2]),
-    ]
-    assert feats["pre_logits"].shape == (2, stages[2])
+    assert_cifar_features(feats, 2, 2 * k if bc else 16, stages)
 
 
 def test_cifar_registry_entries():

@@ -26,6 +26,7 @@ from cnnjax.models.preact_resnet import (
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
 from cnnjax.train.config import model_kwargs_config
+from tests.models.cifar import assert_cifar_features
 
 EPS = 1e-5  # BatchNorm epsilon (cnnjax.models.resnet.batch_norm)
 
@@ -108,14 +109,7 @@ def test_param_count_matches_paper_formula_and_printed_figures(name):
     total = f"{exact / 1e6:.1f}M"
     assert total == ("10.3M" if name == "preact_resnet1001_cifar" else paper)
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-    assert set(feats) == {"stem", "stage1", "stage2", "stage3", "pre_logits"}
-    assert feats["stem"].shape == (2, 32, 32, 16)
-    assert [feats[f"stage{i}"].shape for i in (1, 2, 3)] == [
-        (2, 32, 32, stages[0]),
-        (2, 16, 16, stages[1]),
-        (2, 8, 8, stages[2]),
-    ]
-    assert feats["pre_logits"].shape == (2, stages[2])
+    assert_cifar_features(feats, 2, 16, stages)
 
 
 def test_registry_entries_and_layouts():
