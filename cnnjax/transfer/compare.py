@@ -410,7 +410,8 @@ def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int
          "runs": rows, "summary": table}, indent=2))
     atomic_write(os.path.join(transfer_dir, RESULTS_CSV), _csv(rows, plan.metric))
     atomic_write(os.path.join(transfer_dir, REPORT_FILE),
-                  report_markdown(table, source, plan.metric, plan.budget_field))
+                  report_markdown(table, source, plan.metric, plan.budget_field,
+                                  setup=describe_setup(plan.source, plan.target)))
     if any(r["final"] is not None for r in rows):
         plot_results(table, source, plan.metric, os.path.join(transfer_dir, PLOT_FILE))
     return rows
@@ -498,12 +499,26 @@ def format_table(table: list[dict]) -> str:
     return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
 
 
-def report_markdown(table: list[dict], source: dict, metric: str, budget_field: str) -> str:
-    """A short markdown report: the source run, the table with gains, the best arm per budget."""
+def describe_setup(source: Any, target: Any) -> str:
+    """One line naming the source and target models and datasets (and where the source's
+    weights go when the architectures differ)."""
+    line = (f"Source {source.model} on {source.data.name}; target {target.model} on "
+            f"{target.data.name}")
+    submodule = space_lib.get_field(target, "init_from.submodule")
+    if submodule is not None:
+        line += f", warm-started arms load the source into its `{submodule}`"
+    return line + "."
+
+
+def report_markdown(table: list[dict], source: dict, metric: str, budget_field: str,
+                    setup: str | None = None) -> str:
+    """A short markdown report: the setup line, the source run, the table with gains, the best
+    arm per budget."""
     lines, arms = _pivot(table)
     source_value = "-" if source.get("final") is None else f"{source['final']:.4f}"
     out = [
         "# Transfer learning: from scratch vs fine-tuning vs linear probe", "",
+        *([setup, ""] if setup else []),
         f"Source run: {source['status']}, final eval {source.get('metric', metric)} "
         f"{source_value} after "
         f"{source['steps']} steps on {_blank(source.get('num_train'), '?')} training examples.",

@@ -160,6 +160,10 @@ def test_across_architectures_the_source_fills_the_named_submodule(
             np.testing.assert_array_equal(params[name], _flat(scratch.params)[name])
     assert not np.array_equal(_flat(scratch.params)["backbone/conv/kernel"],
                               src_params["conv/kernel"])
+    with open(os.path.join(tmp_path, "transfer", compare.REPORT_FILE)) as f:
+        report = f.read()
+    assert (f"Source {helpers.TINY_MODEL} on synthetic; target {WRAPPED_MODEL} on "
+            f"{TWO_CLASSES}, warm-started arms load the source into its `backbone`.") in report
     probe_summary = _json(os.path.join(rows[2]["workdir"], "summary.json"))
     assert probe_summary["init_from"]["submodule"] == "backbone"
     assert probe_summary["init_from"]["fresh_modules"] == ["head", "neck"]
@@ -244,6 +248,8 @@ def test_results_table_plot_and_report(tmp_path, capsys):
            f"({summary[1]['gain_over_scratch']:+.4f})" in report
     assert re.search(r"^- budget 4 \(64 examples\): best arm ", report, re.M)
     assert results["source"]["metric"] == "top1"
+    assert (f"Source {helpers.TINY_MODEL} on synthetic; target {helpers.TINY_MODEL} on "
+            f"{TWO_CLASSES}.") in report
     assert (f"Source run: completed, final eval top1 {results['source']['final']:.4f} after 12 "
             "steps on 64 training examples.") in report
     printed = capsys.readouterr().out
