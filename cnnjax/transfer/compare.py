@@ -502,8 +502,10 @@ def format_table(table: list[dict]) -> str:
 def describe_setup(source: Any, target: Any) -> str:
     """One line naming the source and target models and datasets (and where the source's
     weights go when the architectures differ)."""
-    line = (f"Source {source.model} on {source.data.name}; target {target.model} on "
-            f"{target.data.name}")
+    def dataset(config: Any) -> str:  # the tfds dataset when it is not the preset's own
+        return config.data.get("tfds_name") or config.data.name
+
+    line = f"Source {source.model} on {dataset(source)}; target {target.model} on {dataset(target)}"
     submodule = space_lib.get_field(target, "init_from.submodule")
     if submodule is not None:
         line += f", warm-started arms load the source into its `{submodule}`"

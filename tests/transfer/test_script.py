@@ -45,6 +45,9 @@ def test_segmentation_target_reports_its_classifier_source_by_top1(tmp_path):
     assert (c.source.model, c.target.model, c.target.init_from.submodule) == (
         "resnet18", "fcn8s_resnet18", "backbone")
     assert (plan.metric, plan.mode, plan.source_metric) == ("miou", "max", "top1")
+    assert compare.describe_setup(c.source, c.target) == (
+        "Source resnet18 on shapes; target fcn8s_resnet18 on shapes_segmentation, warm-started "
+        "arms load the source into its `backbone`.")
     assert plan.check_data()["train_200-finetune-s0"] == 200
 
 
