@@ -1,9 +1,23 @@
-"""Checks shared by the CIFAR model tests."""
+"""Helpers shared by the CIFAR model tests."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def abstract_forward(model: Any, size: int = 32, batch: int = 2) -> tuple[Any, Any, Any]:
+    """`(variables, logits, features)` of `model` on `[batch, size, size, 3]` inputs, as shapes
+    only (`jax.eval_shape`: nothing is computed, so the largest networks stay cheap)."""
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    logits, feats = jax.eval_shape(
+        lambda v, x: model.apply(v, x, return_features=True), variables, x
+    )
+    return variables, logits, feats
 
 
 def assert_cifar_features(feats: Mapping[str, Any], batch: int, stem_channels: int,

@@ -24,7 +24,7 @@ from cnnjax.models.densenet import (
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
 from cnnjax.train.config import model_kwargs_config
-from tests.models.cifar import assert_cifar_features
+from tests.models.cifar import abstract_forward, assert_cifar_features
 
 # torchvision's published counts (1000 classes).
 COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928}
@@ -214,22 +214,13 @@ def _paper_layout(depth: int, k: int, bc: bool, num_classes: int = 10):
     return total, stages
 
 
-def _shapes(model, size: int = 32, batch: int = 2):
-    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    logits, feats = jax.eval_shape(
-        lambda v, x: model.apply(v, x, return_features=True), variables, x
-    )
-    return variables, logits, feats
-
-
 @pytest.mark.parametrize("name", sorted(CIFAR))
 def test_cifar_param_count_matches_paper_formula_and_table2(name):
     depth, k, bc, paper, exact = CIFAR[name]
     count, stages = _paper_layout(depth, k, bc)
     assert count == exact
     assert f"{count / 1e6:.1f}M" == paper  # Table 2's figures, to their printed precision
-    variables, logits, feats = _shapes(create_model(name))  # shapes only: nothing is computed
+    variables, logits, feats = abstract_forward(create_model(name))  # shapes only
     assert sum(math.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == count
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
     assert_cifar_features(feats, 2, 2 * k if bc else 16, stages)
@@ -251,7 +242,7 @@ def test_cifar_registry_entries():
 
 
 def test_cifar_parameter_tree_basic_and_bc():
-    basic, _, _ = _shapes(create_model("densenet40_cifar"), size=4, batch=1)
+    basic, _, _ = abstract_forward(create_model("densenet40_cifar"), size=4, batch=1)
     params = basic["params"]
     assert set(params) == {"conv_init", "bn_final", "head", "transition1", "transition2"} | {
         f"block{i}" for i in (1, 2, 3)
@@ -263,7 +254,7 @@ def test_cifar_parameter_tree_basic_and_bc():
     assert params["transition1"]["conv"]["kernel"].shape == (1, 1, 160, 160)  # theta = 1
     assert params["head"]["kernel"].shape == (448, 10)
 
-    bc, _, _ = _shapes(create_model("densenet_bc100_cifar"), size=4, batch=1)
+    bc, _, _ = abstract_forward(create_model("densenet_bc100_cifar"), size=4, batch=1)
     params = bc["params"]
     assert set(params["block1"]["layer1"]) == {"bn1", "conv1", "bn2", "conv2"}
     assert params["block1"]["layer1"]["conv1"]["kernel"].shape == (1, 1, 24, 48)
@@ -296,7 +287,7 @@ def test_cifar_min_input_size_is_exact(name):
     model = create_model(name)
     assert model_info(name).min_input_size == 4
     check_input_size(model, name, (4, 4, 3), 4)
-    _, logits, feats = _shapes(model, size=4, batch=1)
+    _, logits, feats = abstract_forward(model, size=4, batch=1)
     assert logits.shape == (1, 10)
     assert [feats[f"stage{i}"].shape[1:3] for i in (1, 2, 3)] == [(4, 4), (2, 2), (1, 1)]
     with pytest.raises(ValueError, match=r"input resolution='3x3' is invalid; too small: layer "
@@ -477,7 +468,8 @@ def test_bn_size_only_with_bottleneck():
                        r"integer\.$"):
         DenseNet(block_sizes=(1,), bn_size=0)
     # None is the bottleneck's 4k (the parameter trees above); a set bn_size is used.
-    params, _, _ = _shapes(create_model("densenet_bc100_cifar", bn_size=2), size=4, batch=1)
+    model = create_model("densenet_bc100_cifar", bn_size=2)
+    params, _, _ = abstract_forward(model, size=4, batch=1)
     assert params["params"]["block1"]["layer1"]["conv1"]["kernel"].shape == (1, 1, 24, 24)
     assert create_model("densenet121").bn_size is None
 
@@ -490,7 +482,8 @@ def test_compression_must_keep_a_channel_at_every_transition():
                        r"growth_rate=1, num_init_features=1\); expected a compression that keeps "
                        r"at least one channel there \(>= 0.5\)\.$"):
         tiny(compression=0.3)
-    _, logits, feats = _shapes(tiny(compression=0.5), size=4, batch=1)  # the smallest valid one
+    # compression=0.5 is the smallest valid one
+    _, logits, feats = abstract_forward(tiny(compression=0.5), size=4, batch=1)
     assert feats["stage2"].shape == (1, 2, 2, 2) and logits.shape == (1, 1000)
     # A later transition can be the empty one: 101 -> 9 at 0.099, then 10 -> 0.
     deep = functools.partial(DenseNet, (1, 1, 1), growth_rate=1, num_init_features=100,

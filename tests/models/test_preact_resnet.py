@@ -26,7 +26,7 @@ from cnnjax.models.preact_resnet import (
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
 from cnnjax.train.config import model_kwargs_config
-from tests.models.cifar import assert_cifar_features
+from tests.models.cifar import abstract_forward, assert_cifar_features
 
 EPS = 1e-5  # BatchNorm epsilon (cnnjax.models.resnet.batch_norm)
 
@@ -79,15 +79,6 @@ def _paper_layout(depth: int, k: int | None, bottleneck: bool, num_classes: int 
     return weights, bn, stages
 
 
-def _shapes(model, size: int = 32, batch: int = 2):
-    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    logits, feats = jax.eval_shape(
-        lambda v, x: model.apply(v, x, return_features=True), variables, x
-    )
-    return variables, logits, feats
-
-
 def _count(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -97,7 +88,7 @@ def test_param_count_matches_paper_formula_and_printed_figures(name):
     depth, k, bottleneck, paper, exact = MODELS[name]
     weights, bn, stages = _paper_layout(depth, k, bottleneck)
     assert weights + bn == exact
-    variables, logits, feats = _shapes(create_model(name))  # shapes only: nothing is computed
+    variables, logits, feats = abstract_forward(create_model(name))  # shapes only
     params = flatten_dict(variables["params"])
     assert _count(variables["params"]) == exact
     model_bn = sum(math.prod(v.shape) for p, v in params.items() if p[-2].startswith("bn"))
@@ -142,7 +133,7 @@ def test_registry_entries_and_layouts():
     ],
 )
 def test_projection_shortcuts_only_where_the_shape_changes(name, projected):
-    variables, _, _ = _shapes(create_model(name), batch=1)
+    variables, _, _ = abstract_forward(create_model(name), batch=1)
     params = variables["params"]
     found = {block: p["proj_conv"]["kernel"].shape for block, p in params.items()
              if isinstance(p, dict) and "proj_conv" in p}
@@ -353,10 +344,10 @@ def test_min_input_size_is_exact(name):
     model = create_model(name)
     assert model_info(name).min_input_size == 1
     check_input_size(model, name, (1, 1, 3), 1)
-    _, logits, feats = _shapes(model, size=1, batch=1)
+    _, logits, feats = abstract_forward(model, size=1, batch=1)
     assert logits.shape == (1, 10)
     assert [feats[f"stage{i}"].shape[1:3] for i in (1, 2, 3)] == [(1, 1)] * 3
-    _, _, feats = _shapes(model, size=5, batch=1)  # odd sizes: ceil(5 / 2) = 3, then 2
+    _, _, feats = abstract_forward(model, size=5, batch=1)  # odd sizes: ceil(5 / 2) = 3, then 2
     assert [feats[f"stage{i}"].shape[1:3] for i in (1, 2, 3)] == [(5, 5), (3, 3), (2, 2)]
 
 
