@@ -43,6 +43,7 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_number,
     check_positive_int,
+    check_positive_ints,
     invalid,
 )
 
@@ -225,15 +226,8 @@ class DenseNet(nn.Module):
                 raise invalid(name, "bn_size", self.bn_size,
                               "expected None with bottleneck=False (bn_size is the width of the "
                               "bottleneck's 1x1 conv, which basic dense layers do not have)")
-        if not self.block_sizes or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.block_sizes
-        ):
-            raise invalid(
-                name,
-                "block_sizes",
-                self.block_sizes,
-                "expected a non-empty sequence of positive layer counts",
-            )
+        check_positive_ints(name, "block_sizes", self.block_sizes,
+                            "expected a non-empty sequence of positive layer counts")
         check_number(name, "compression", self.compression, "expected 0 < compression <= 1",
                         low=0.0, high=1.0, low_open=True, strings=False)
         check_number(name, "drop_rate", self.drop_rate, "expected 0 <= drop_rate < 1",

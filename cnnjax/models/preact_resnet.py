@@ -44,6 +44,7 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_number,
     check_positive_int,
+    check_positive_ints,
     invalid,
 )
 
@@ -72,16 +73,6 @@ _BOTTLENECK_ONLY = {"expansion": None, "stride_in_1x1": None}
 def _check_drop_rate(owner: str, value: Any) -> None:
     check_number(owner, "drop_rate", value, "expected 0 <= drop_rate < 1", low=0.0, high=1.0,
                  high_open=True, strings=False)
-
-
-def _positive_ints(values: Any) -> bool:
-    try:
-        items = tuple(values)
-    except TypeError:
-        return False
-    return bool(items) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items
-    )
 
 
 def _shortcut(x: Array, preact: Array, out_features: int, strides: int, conv) -> Array:
@@ -224,15 +215,12 @@ class PreActResNet(nn.Module):
                               "expected None with bottleneck=False (a bottleneck-block option; "
                               "basic blocks would ignore it)")
         _check_drop_rate(name, self.drop_rate)
-        if not _positive_ints(self.stage_sizes):
-            raise invalid(name, "stage_sizes", self.stage_sizes,
-                          "expected a non-empty sequence of positive block counts")
-        if not _positive_ints(self.widths) or len(tuple(self.widths)) != len(
-            tuple(self.stage_sizes)
-        ):
-            raise invalid(name, "widths", self.widths,
-                          f"expected {len(tuple(self.stage_sizes))} positive ints, one per stage "
-                          f"of stage_sizes={tuple(self.stage_sizes)}")
+        stages = check_positive_ints(name, "stage_sizes", self.stage_sizes,
+                                     "expected a non-empty sequence of positive block counts")
+        widths_valid = (f"expected {len(stages)} positive ints, one per stage of "
+                        f"stage_sizes={stages}")
+        if len(check_positive_ints(name, "widths", self.widths, widths_valid)) != len(stages):
+            raise invalid(name, "widths", self.widths, widths_valid)
         if self.bottleneck and self.drop_rate > 0:
             raise invalid(name, "drop_rate", self.drop_rate,
                           "expected 0 with bottleneck=True (dropout sits between the two convs "

@@ -27,7 +27,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.models.registry import register_model
-from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_choice,
+    check_nhwc,
+    check_positive_int,
+    check_positive_ints,
+    invalid,
+)
 
 ModuleDef = Any
 Array = Any
@@ -214,15 +220,8 @@ class ResNet(nn.Module):
         check_positive_int(name, "num_classes", self.num_classes)
         check_positive_int(name, "num_filters", self.num_filters)
         _check_shortcut(name, self.shortcut)
-        if not self.stage_sizes or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.stage_sizes
-        ):
-            raise invalid(
-                name,
-                "stage_sizes",
-                self.stage_sizes,
-                "expected a non-empty sequence of positive block counts",
-            )
+        check_positive_ints(name, "stage_sizes", self.stage_sizes,
+                            "expected a non-empty sequence of positive block counts")
         super().__post_init__()
 
     def _block_kwargs(self) -> dict[str, Any]:

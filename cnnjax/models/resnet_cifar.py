@@ -25,7 +25,7 @@ from cnnjax.utils.validation import (
     check_depth,
     check_nhwc,
     check_positive_int,
-    invalid,
+    check_positive_ints,
 )
 
 Array = Any
@@ -53,12 +53,8 @@ class CifarResNet(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "num_classes", self.num_classes)
         check_choice(name, "shortcut", self.shortcut, SHORTCUTS)
-        if not self.widths or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths
-        ):
-            raise invalid(
-                name, "widths", self.widths, "expected a non-empty tuple of positive ints"
-            )
+        check_positive_ints(name, "widths", self.widths,
+                            "expected a non-empty tuple of positive ints")
         per_block = 2 * len(self.widths)  # two 3x3 convolutions per block, in every stage
         check_depth(name, self.depth, per_block, 2,
                     f"{len(self.widths)} stages of widths {tuple(self.widths)}",

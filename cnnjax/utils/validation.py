@@ -40,6 +40,20 @@ def check_depth(owner: str, depth: Any, per_unit: int, offset: int, context: str
     return (depth - offset) // per_unit
 
 
+def check_positive_ints(owner: str, arg: str, value: Any, valid: str) -> tuple[int, ...]:
+    """`value` as a tuple if it is a non-empty sequence of ints > 0 (no bools), e.g. a network's
+    blocks per stage, else raises with `valid`."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = ()
+    if not items or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items
+    ):
+        raise invalid(owner, arg, value, valid)
+    return items
+
+
 def check_positive_int(owner: str, arg: str, value: Any) -> int:
     """Returns `value` if it is an int > 0, else raises."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
