@@ -28,6 +28,8 @@ _SPLIT = flags.DEFINE_string("split", None, "tfds split, e.g. 'test' (default: t
 _BATCH = flags.DEFINE_integer("eval_batch_size", None, "Default: the run's eval batch size.")
 _DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to evaluate on (0: all; default: "
                                 "the run's config.num_devices).")
+_EMA = flags.DEFINE_bool("ema", False, "Evaluate the run's weight average (a run trained with "
+                         "--config.ema.decay) instead of its weights.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: <workdir>/eval/...json).")
 _PLOT = flags.DEFINE_bool("plot", True, "Also write a PNG next to the JSON: the confusion matrix "
                           "(classification) or detections on the first --plot_images images.")
@@ -50,14 +52,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path, "
                  "not a directory")
     try:
-        run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value)
+        run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as err:
         hint = (" (pass --num_devices=N for this machine's devices)"
                 if "num_devices=" in str(err) and _DEVICES.value is None else "")
         sys.exit(f"error: {err}{hint}")
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
-                                           f"{result['split']}_step{result['step']}.json")
+                                           f"{result['split']}_step{result['step']}"
+                                           f"{'_ema' if run.ema else ''}.json")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     except (FileExistsError, NotADirectoryError):

@@ -96,7 +96,9 @@ class Checkpointer:
             create=True,
         )
         self._quarantine_unreadable_metrics()
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # The handler up front: `item_metadata` of a checkpoint then works before any restore.
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_handlers=ocp.StandardCheckpointHandler(), options=options)
 
     def _quarantine_unreadable_metrics(self) -> None:
         """Moves away checkpoints whose metrics file is not valid JSON, with a warning.
@@ -152,13 +154,20 @@ class Checkpointer:
         the unreadable ones are moved to `<workdir>/checkpoints_corrupt`. If none loads, raises
         a ValueError (and moves nothing).
         """
-        target = serialization.to_state_dict(template)
+        full_target = serialization.to_state_dict(template)
         corrupt: list[int] = []
         result = None
         for step in reversed(self.all_steps()):
             try:
+                # An empty field the checkpoint lacks (`ema` when not averaging, in checkpoints
+                # written before the field existed) holds no array: it comes from the template.
+                on_disk = self._manager.item_metadata(step)
+                on_disk = set(getattr(on_disk, "tree", on_disk) or {})
+                absent = {k: v for k, v in full_target.items()
+                          if k not in on_disk and not jax.tree.leaves(v)}
+                target = {k: v for k, v in full_target.items() if k not in absent}
                 restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-                result = serialization.from_state_dict(template, restored), step
+                result = serialization.from_state_dict(template, {**restored, **absent}), step
                 break
             except Exception as err:  # noqa: BLE001 — any read failure means "corrupt", fall back
                 corrupt.append(step)

@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cnnjax.layers.conv_impl import CONV_IMPLS
+from cnnjax.train import ema as ema_lib
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
 from cnnjax.utils.validation import check_choice, check_positive_float, check_positive_int, invalid
 
@@ -34,7 +35,8 @@ TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS,
 TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentation": "miou"}
 # Fields added to the schema after workdirs were written: the value an older config.json (which
 # lacks the field) implicitly had, so those workdirs still resume.
-LEGACY_DEFAULTS = {"task": "classification"}
+LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
+                   "ema": {"decay": None, "warmup": True}}
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
 RUNTIME_FIELDS = frozenset(
     {
@@ -76,6 +78,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.global_batch_size = 128
     c.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: global batch
     c.num_train_steps = 1000
+    # Gradient accumulation: each device's batch runs as this many equal micro-batches in
+    # sequence and their mean gradient makes one optimizer step (less activation memory, same
+    # global batch; BatchNorm sees micro-batches). 1: off.
+    c.grad_accum_steps = 1
+    # Weight averaging (cnnjax.train.ema): decay None is off; e.g. 0.999 keeps an exponential
+    # moving average of params and BatchNorm statistics that every eval also scores (ema_top1,
+    # ema_loss, ...: best_metric may name them). warmup: decay min(decay, (1+t)/(10+t)).
+    c.ema = ml_collections.ConfigDict(
+        {"decay": ml_collections.FieldReference(None, field_type=float), "warmup": True})
     c.label_smoothing = 0.0
     c.aux_loss_weight = 0.3  # weight of auxiliary classifiers' loss (GoogLeNet aux_logits=True)
     # Divergence: a NaN/inf training loss, or one above max_loss (cross-entropy starts near
@@ -237,6 +248,16 @@ def init_from_workdir(config: Any) -> str | None:
     return init_from.get("workdir") if init_from is not None else None
 
 
+def ema_rule(config: Any) -> ema_lib.ExponentialMovingAverage | None:
+    """The weight average `config.ema` asks for (checked), or None when `ema.decay` is None."""
+    ema = _field(config, "ema")
+    if ema is None or ema.get("decay") is None:
+        return None
+    warmup = ema.get("warmup", True)
+    ema_lib.check_ema(ema.decay, warmup, owner="config", prefix="ema.")
+    return ema_lib.ExponentialMovingAverage(ema.decay, warmup)
+
+
 def validate_config(config: Any) -> None:
     """Raises a ValueError for any invalid engine field (names, rates, sizes, intervals)."""
     task = config_task(config)
@@ -264,9 +285,15 @@ def validate_config(config: Any) -> None:
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
-    check_choice("config", "best_metric", config.best_metric, TASK_METRICS[task])
+    check_positive_int("config", "grad_accum_steps", config.get("grad_accum_steps", 1))
+    averaging = ema_rule(config)
+    metrics = TASK_METRICS[task]
+    if averaging is not None:
+        metrics = metrics + tuple(ema_lib.METRIC_PREFIX + name for name in metrics)
+    check_choice("config", "best_metric", config.best_metric, metrics)
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
-    expected_mode = "min" if config.best_metric == "loss" else "max"
+    lower_is_better = config.best_metric.removeprefix(ema_lib.METRIC_PREFIX) == "loss"
+    expected_mode = "min" if lower_is_better else "max"
     if config.best_mode != expected_mode:  # else "best" would be the worst checkpoint
         raise invalid("config", "best_mode", config.best_mode,
                       f"expected {expected_mode!r} for best_metric={config.best_metric!r} (lower "
@@ -338,7 +365,8 @@ def _validate_init_from(config: Any) -> None:
 
 
 def check_batch_divisible(config: Any, num_devices: int) -> None:
-    """Global (and eval) batch must split evenly over all devices of all processes."""
+    """Global (and eval) batch must split evenly over all devices of all processes, and each
+    device's train batch into `grad_accum_steps` micro-batches."""
     for name in ("global_batch_size", "eval_batch_size"):
         value = config.get(name)
         if value is not None and value % num_devices:
@@ -349,6 +377,14 @@ def check_batch_divisible(config: Any, num_devices: int) -> None:
                 f"expected a multiple of the device count {num_devices} "
                 f"(per-device batch = {name} / {num_devices})",
             )
+    accum_steps = config.get("grad_accum_steps", 1)
+    per_device = config.global_batch_size // num_devices
+    if per_device % accum_steps:
+        raise invalid(
+            "config", "grad_accum_steps", accum_steps,
+            f"expected a divisor of the per-device batch {per_device} (global_batch_size "
+            f"{config.global_batch_size} / {num_devices} devices), so that micro-batches are equal",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,8 +533,9 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     (`task`) missing on one side take the value older workdirs implicitly had.
     """
     names = sorted(set(saved) | set(current))
-    saved = {**LEGACY_DEFAULTS, **saved}
-    current = {**LEGACY_DEFAULTS, **current}
+    legacy = flatten(LEGACY_DEFAULTS)
+    saved = {**legacy, **saved}
+    current = {**legacy, **current}
     warm = any(side.get("init_from.workdir") is not None for side in (saved, current))
     return [
         n

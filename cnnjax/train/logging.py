@@ -108,8 +108,12 @@ class MetricLogger:
         val = [r for r in self.records if r["split"] == "eval"]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         score = self.score_metric
-        for rows, label, style in ((train, "train", "-"), (val, "val", "o-")):
-            for ax, key in ((ax_loss, "loss"), (ax_acc, score)):
+        # (rows, label, marker style, metric-name prefix): `ema_` metrics are the eval of the
+        # weight average (cnnjax.train.ema), drawn when the run keeps one.
+        curves = ((train, "train", "-", ""), (val, "val", "o-", ""),
+                  (val, "val (EMA)", "s--", "ema_"))
+        for rows, label, style, prefix in curves:
+            for ax, key in ((ax_loss, prefix + "loss"), (ax_acc, prefix + score)):
                 points = [(r["step"], r[key]) for r in rows if key in r]
                 if points:
                     ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)

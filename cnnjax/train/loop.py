@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from cnnjax.analysis.confusion import intersection_over_union
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import config as config_lib
+from cnnjax.train import ema as ema_lib
 from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, SourceCheckpoints
 from cnnjax.train.logging import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricLogger, ProgressBar
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
@@ -417,14 +418,16 @@ class _Run:
         at their first call); for detection `p_eval` returns the detections."""
         config, parallel = self.config, self.parallel
         conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
+        options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
+                   "ema": config_lib.ema_rule(config)}
         if self.task == "detection":
             train_step, predict_step = make_detection_steps(
-                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
+                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl, **options
             )
             return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
         if self.task == "segmentation":
             train_step, eval_step = make_segmentation_steps(
-                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl
+                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl, **options
             )
             return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
         train_step, eval_step = make_steps(
@@ -435,6 +438,7 @@ class _Run:
             float(config.label_smoothing),
             float(config.aux_loss_weight),
             conv_impl,
+            **options,
         )
         return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
 
@@ -450,7 +454,16 @@ class _Run:
         )
 
     def evaluate(self, state: Any, p_eval) -> dict:
-        """Metrics over the whole eval split: masked sums over all batches, divided once."""
+        """Metrics over the whole eval split; with a weight average (`config.ema`) also its
+        metrics, prefixed `ema_`."""
+        metrics = self.evaluate_once(state, p_eval)
+        if state.ema:
+            metrics |= ema_lib.prefixed(self.evaluate_once(ema_lib.averaged(state), p_eval))
+        return metrics
+
+    def evaluate_once(self, state: Any, p_eval) -> dict:
+        """Metrics of `state`'s variables over the whole eval split: masked sums over all
+        batches, divided once (mAP for detection)."""
         if self.task == "detection":
             return self.evaluate_detection(state, p_eval)
         totals: dict[str, float] = {}
@@ -519,7 +532,8 @@ class _Run:
                 checkpointer.close()
                 raise
         host_state: TrainState = jax.device_get(
-            create_train_state(self.model, self.tx, rng, (1, *self.image_shape))
+            create_train_state(self.model, self.tx, rng, (1, *self.image_shape),
+                               ema=config_lib.ema_rule(config) is not None)
         )
         host_state = jax.tree.map(np.asarray, host_state)
         try:

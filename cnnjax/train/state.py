@@ -20,6 +20,7 @@ import optax
 from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from cnnjax.train.ema import initial_average
 from cnnjax.utils.validation import invalid
 
 #: The variable collections a warm start loads (never the optimizer state or the step).
@@ -34,6 +35,8 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     rng: jnp.ndarray
+    # {'params', 'batch_stats'} averaged over steps (`cnnjax.train.ema`); {} when not averaging.
+    ema: Any = struct.field(default_factory=dict)
 
     def variables(self) -> dict:
         """The flax variable collections for `model.apply`."""
@@ -51,9 +54,14 @@ def init_variables(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...
 
 
 def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, input_shape: tuple[int, ...]
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    input_shape: tuple[int, ...],
+    ema: bool = False,
 ) -> TrainState:
-    """Builds the initial state: fresh params/batch_stats, optimizer state, step 0.
+    """Builds the initial state: fresh params/batch_stats, optimizer state, step 0, and with
+    `ema` a weight average starting at the fresh variables (`ema.initial_average`).
 
     `rng` is split into an init key and the base key that dropout keys are folded from.
     """
@@ -67,6 +75,7 @@ def create_train_state(
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=train_rng,
+        ema=initial_average(params, batch_stats) if ema else {},
     )
 
 
@@ -172,7 +181,8 @@ def under_submodule(loaded: Mapping[str, Any], submodule: str | None) -> dict[st
 def warm_start(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:
     """`state` with the leaves of `loaded` (`{collection: nested dict}`, a subset of the paths
     of `state.params` / `state.batch_stats`) substituted, cast to the state's dtypes; every
-    other field (step, optimizer state, rng) and every leaf not in `loaded` is kept."""
+    other field (step, optimizer state, rng) and every leaf not in `loaded` is kept. A weight
+    average (`state.ema`) restarts from the warm-started variables."""
     updated = {}
     for collection in WARM_START_COLLECTIONS:
         current = flatten_dict(dict(getattr(state, collection) or {}))
@@ -185,6 +195,8 @@ def warm_start(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:
             for path, leaf in current.items()
         }
         updated[collection] = unflatten_dict(merged)
+    if state.ema:
+        updated["ema"] = initial_average(updated["params"], updated["batch_stats"])
     return state.replace(**updated)
 
 

@@ -23,6 +23,7 @@ from jax import lax
 
 from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
 from cnnjax.train import losses
+from cnnjax.train.ema import ExponentialMovingAverage
 from cnnjax.train.state import TrainState
 
 
@@ -37,6 +38,8 @@ def train_step(
     label_smoothing: float = 0.0,
     aux_loss_weight: float = 0.3,
     conv_impl: str = "xla",
+    accum_steps: int = 1,
+    ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
     """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
 
@@ -46,12 +49,13 @@ def train_step(
     `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
     lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU).
+    `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`.
     """
     dropout_rng = _step_rng(state, axis_name)
 
-    def loss_fn(params):
+    def loss_fn(params, batch_stats, batch, rng):
         outputs, updates = _apply_training(
-            model, state, params, (batch["image"],), {"dropout": dropout_rng}, conv_impl
+            model, params, batch_stats, (batch["image"],), {"dropout": rng}, conv_impl
         )
         logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
@@ -63,23 +67,62 @@ def train_step(
             loss = loss + aux_loss_weight * jnp.mean(per_example["aux_loss"])
         return loss, (per_example, updates)
 
-    grads, (per_example, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, per_example, batch_stats = _gradients(loss_fn, state, batch, dropout_rng, accum_steps)
     # The main head's loss (with label smoothing) and accuracies, averaged over devices.
     metrics = {name: jnp.mean(value) for name, value in per_example.items()}
-    return _apply_gradients(state, grads, updates, metrics, tx, schedule, axis_name)
+    return _apply_gradients(state, grads, batch_stats, metrics, tx, schedule, axis_name, ema)
+
+
+def _gradients(
+    loss_fn: Callable, state: TrainState, batch: dict, rng: jax.Array, accum_steps: int
+) -> tuple[Any, dict, Any]:
+    """`(mean gradient, metrics, new batch_stats)` of `loss_fn(params, batch_stats, batch, rng)
+    -> (loss, (metrics, updates))` on this device's `batch`.
+
+    With `accum_steps` = k > 1 (gradient accumulation) the batch is cut into k equal micro-
+    batches run one after another (`lax.scan`, so only one micro-batch's activations are live):
+    the gradient is the mean of theirs, which for a model without BatchNorm equals the whole
+    batch's; BatchNorm normalizes each micro-batch by its own statistics and updates its running
+    averages k times (as PyTorch's accumulation loops do). Micro-batch i draws its dropout from
+    `fold_in(rng, i)`. Metrics come back stacked per micro-batch: their mean is the batch's.
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        grads, (metrics, updates) = grad_fn(state.params, state.batch_stats, batch, rng)
+        return grads, metrics, updates.get("batch_stats", state.batch_stats)
+
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+
+    def micro_step(carry, inputs):
+        grad_sum, batch_stats = carry
+        index, micro_batch = inputs
+        grads, (metrics, updates) = grad_fn(
+            state.params, batch_stats, micro_batch, jax.random.fold_in(rng, index))
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+        return (grad_sum, updates.get("batch_stats", batch_stats)), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, batch_stats), metrics = lax.scan(
+        micro_step, (zeros, state.batch_stats),
+        (jnp.arange(accum_steps), jax.tree.map(split, batch)))
+    return jax.tree.map(lambda g: g / accum_steps, grad_sum), metrics, batch_stats
 
 
 def _apply_gradients(
     state: TrainState,
     grads: dict,
-    updates: dict,
+    batch_stats: Any,
     metrics: dict,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     axis_name: str,
+    ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
     """The optimizer update with device-averaged gradients; device-averaged `metrics` plus the
-    step's `learning_rate`. `updates` holds the new BatchNorm statistics, if any."""
+    step's `learning_rate`. `batch_stats` are the new BatchNorm statistics (synced across
+    devices by the model's `axis_name`); with `ema` the weight average follows the new
+    variables."""
     grads = lax.pmean(grads, axis_name)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
@@ -88,28 +131,32 @@ def _apply_gradients(
     new_state = state.replace(
         step=state.step + 1,
         params=params,
-        batch_stats=updates.get("batch_stats", state.batch_stats),
+        batch_stats=batch_stats,
         opt_state=opt_state,
     )
+    if ema is not None:
+        new_state = new_state.replace(ema=ema.update(
+            state.ema, {"params": params, "batch_stats": batch_stats}, state.step))
     return new_state, metrics
 
 
 def _apply_training(
     model: nn.Module,
-    state: TrainState,
     params: Any,
+    batch_stats: Any,
     args: tuple,
     rngs: dict,
     conv_impl: str,
     method: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, dict]:
-    """`model.apply(..., train=True)` with `params`; returns `(outputs, updates)`, where `updates`
-    holds the new BatchNorm statistics (empty for a model without any)."""
+    """`model.apply(..., train=True)` with `params` and `batch_stats`; returns `(outputs,
+    updates)`, where `updates` holds the new BatchNorm statistics (empty for a model without
+    any)."""
     variables = {"params": params}
     mutable: list[str] | bool = False
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
         mutable = ["batch_stats"]
     if method is not None:
         kwargs["method"] = method
@@ -149,21 +196,23 @@ def segmentation_train_step(
     schedule: optax.Schedule,
     axis_name: str,
     conv_impl: str = "xla",
+    accum_steps: int = 1,
+    ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
     """One step of a dense predictor (an FCN) on `batch` {'image' [B, H, W, C], 'labels'
     [B, H, W]} (`cnnjax.data.segmentation`): the mean per-pixel cross-entropy; metrics `loss`,
     `pixel_accuracy` (device-averaged) and the `learning_rate`."""
-    rng = _step_rng(state, axis_name)
 
-    def loss_fn(params):
-        logits, updates = _apply_training(model, state, params, (batch["image"],),
+    def loss_fn(params, batch_stats, batch, rng):
+        logits, updates = _apply_training(model, params, batch_stats, (batch["image"],),
                                           {"dropout": rng}, conv_impl)
         per_image = _pixel_metrics(logits, batch["labels"])
         return jnp.mean(per_image["loss"]), (per_image, updates)
 
-    grads, (per_image, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, per_image, batch_stats = _gradients(
+        loss_fn, state, batch, _step_rng(state, axis_name), accum_steps)
     metrics = {name: jnp.mean(value) for name, value in per_image.items()}
-    return _apply_gradients(state, grads, updates, metrics, tx, schedule, axis_name)
+    return _apply_gradients(state, grads, batch_stats, metrics, tx, schedule, axis_name, ema)
 
 
 def segmentation_eval_step(
@@ -194,10 +243,12 @@ def make_segmentation_steps(
     schedule: optax.Schedule,
     axis_name: str,
     conv_impl: str = "xla",
+    **train_options: Any,
 ) -> tuple[Callable, Callable]:
-    """Binds a dense predictor and optimizer into per-device `(train_step, eval_step)`."""
+    """Binds a dense predictor and optimizer into per-device `(train_step, eval_step)`;
+    `train_options` are further keywords of `segmentation_train_step`."""
     train = functools.partial(segmentation_train_step, model=model, tx=tx, schedule=schedule,
-                              axis_name=axis_name, conv_impl=conv_impl)
+                              axis_name=axis_name, conv_impl=conv_impl, **train_options)
     evaluate = functools.partial(segmentation_eval_step, model=model, axis_name=axis_name,
                                  conv_impl=conv_impl)
     return train, evaluate
@@ -221,6 +272,8 @@ def detection_train_step(
     schedule: optax.Schedule,
     axis_name: str,
     conv_impl: str = "xla",
+    accum_steps: int = 1,
+    ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
     """One step of a detector on `batch` {'image', 'boxes', 'labels', 'box_valid'} and maybe
     {'proposals', 'proposal_valid'} (`cnnjax.data.detection`): the model's own `loss` method,
@@ -230,13 +283,12 @@ def detection_train_step(
     model may draw from the `dropout` and `sample` (e.g. RoI sampling) RNG streams, both derived
     from `(rng, step, device)`.
     """
-    rng = _step_rng(state, axis_name)
 
-    def loss_fn(params):
+    def loss_fn(params, batch_stats, batch, rng):
         (loss, terms), updates = _apply_training(
             model,
-            state,
             params,
+            batch_stats,
             (batch["image"], batch["boxes"], batch["labels"], batch["box_valid"]),
             {"dropout": rng, "sample": jax.random.fold_in(rng, 1)},
             conv_impl,
@@ -245,9 +297,10 @@ def detection_train_step(
         )
         return loss, (terms, updates)
 
-    grads, (terms, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-    metrics = {name: jnp.asarray(value, jnp.float32) for name, value in terms.items()}
-    return _apply_gradients(state, grads, updates, metrics, tx, schedule, axis_name)
+    grads, terms, batch_stats = _gradients(
+        loss_fn, state, batch, _step_rng(state, axis_name), accum_steps)
+    metrics = {name: jnp.mean(jnp.asarray(value, jnp.float32)) for name, value in terms.items()}
+    return _apply_gradients(state, grads, batch_stats, metrics, tx, schedule, axis_name, ema)
 
 
 def detection_predict_step(
@@ -290,8 +343,10 @@ def make_steps(
     label_smoothing: float = 0.0,
     aux_loss_weight: float = 0.3,
     conv_impl: str = "xla",
+    **train_options: Any,
 ) -> tuple[Callable, Callable]:
-    """Binds the model and optimizer into per-device `(train_step, eval_step)` functions."""
+    """Binds the model and optimizer into per-device `(train_step, eval_step)` functions;
+    `train_options` are further keywords of `train_step` (`accum_steps`, `ema`)."""
     train = functools.partial(
         train_step,
         model=model,
@@ -301,6 +356,7 @@ def make_steps(
         label_smoothing=label_smoothing,
         aux_loss_weight=aux_loss_weight,
         conv_impl=conv_impl,
+        **train_options,
     )
     evaluate = functools.partial(
         eval_step, model=model, axis_name=axis_name, conv_impl=conv_impl
@@ -314,11 +370,13 @@ def make_detection_steps(
     schedule: optax.Schedule,
     axis_name: str,
     conv_impl: str = "xla",
+    **train_options: Any,
 ) -> tuple[Callable, Callable]:
-    """Binds a detector and optimizer into per-device `(train_step, predict_step)` functions."""
+    """Binds a detector and optimizer into per-device `(train_step, predict_step)` functions;
+    `train_options` are further keywords of `detection_train_step` (`accum_steps`, `ema`)."""
     train = functools.partial(
         detection_train_step, model=model, tx=tx, schedule=schedule, axis_name=axis_name,
-        conv_impl=conv_impl,
+        conv_impl=conv_impl, **train_options,
     )
     predict = functools.partial(detection_predict_step, model=model, conv_impl=conv_impl)
     return train, predict

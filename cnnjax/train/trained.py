@@ -29,7 +29,7 @@ from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE, evaluate_variables
 from cnnjax.train.state import WARM_START_COLLECTIONS
 from cnnjax.train.step import proposal_kwargs
 from cnnjax.utils.files import read_json
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
 _OWNER = "load_trained"
 
@@ -44,6 +44,7 @@ class TrainedRun:
     variables: dict  # {'params', 'batch_stats'} (NumPy)
     step: int
     how: str  # 'best', 'latest' or 'requested'
+    ema: bool = False  # the variables are the run's weight average (config.ema), not its weights
 
     def apply(self, images: Any, method: str | None = None, **kwargs: Any) -> Any:
         """Inference: `model(images, train=False)` (BatchNorm running statistics, no dropout),
@@ -62,8 +63,9 @@ class TrainedRun:
 
 
 def load_trained(workdir: str, step: int | None = None,
-                 num_devices: int | None = None) -> TrainedRun:
-    """The model of the run in `workdir` with its best checkpoint's variables (or `step`'s).
+                 num_devices: int | None = None, ema: bool = False) -> TrainedRun:
+    """The model of the run in `workdir` with its best checkpoint's variables (or `step`'s);
+    with `ema`, the checkpoint's weight average instead (a run with `config.ema.decay` set).
 
     The run's config is checked on this machine as the engine would; `num_devices` (0: all)
     replaces the run's own, e.g. when its batch does not divide this machine's device count.
@@ -85,12 +87,19 @@ def load_trained(workdir: str, step: int | None = None,
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
     checked = config_lib.check_config(config)
+    check_bool(_OWNER, "ema", ema)
+    if ema and config_lib.ema_rule(config) is None:
+        raise invalid(_OWNER, "ema", ema, f"the run in {workdir!r} kept no weight average "
+                      "(its config.ema.decay is None); load its weights with ema=False")
     source, chosen, how = None, step, "requested" if step else "best"
     try:
         source = SourceCheckpoints(workdir, owner=_OWNER)
         chosen, how = source.choose_step(step, config.get("best_metric"),
                                          config.get("best_mode", "max"))
-        variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
+        if ema:  # {'ema': {'params', 'batch_stats'}}
+            variables = source.restore(chosen, source.shapes(chosen, ("ema",)))["ema"]
+        else:
+            variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
     except Exception as err:  # orbax/tensorstore raise many kinds for a damaged checkpoint
         if isinstance(err, ValueError) and str(err).startswith(f"{_OWNER}: "):
             raise  # e.g. a step that does not exist: it already says which ones do
@@ -102,7 +111,7 @@ def load_trained(workdir: str, step: int | None = None,
         if source is not None:
             source.close()
     variables = {name: variables.get(name, {}) for name in WARM_START_COLLECTIONS}
-    return TrainedRun(os.path.abspath(workdir), config, checked.model, variables, chosen, how)
+    return TrainedRun(os.path.abspath(workdir), config, checked.model, variables, chosen, how, ema)
 
 
 def _with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
@@ -174,7 +183,8 @@ def evaluate_run(run: TrainedRun, split: str | None = None,
     split = config_lib.data_pipeline(config).eval_split_name(config.data)
     dataset = config_lib.data_pipeline(config).get_dataset_info(config.data).name  # summary's
     return {"workdir": run.workdir, "model": config.model, "dataset": dataset,
-            "split": split, "step": run.step, "checkpoint": run.how, **metrics}
+            "split": split, "step": run.step, "checkpoint": run.how,
+            "weights": "ema" if run.ema else "trained", **metrics}
 
 
 def plot_predictions(run: TrainedRun, path: str, split: str | None = None,

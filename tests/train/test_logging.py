@@ -71,6 +71,21 @@ def test_plot_is_written(tmp_path):
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_the_weight_average_when_the_run_keeps_one(tmp_path, monkeypatch):
+    from cnnjax.train import logging as logging_lib
+
+    figures = []
+    monkeypatch.setattr(logging_lib, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    logger = MetricLogger(str(tmp_path), tensorboard=False)
+    logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
+    logger.plot()
+    logger.write_scalars(6, "eval", {"loss": 0.3, "top1": 0.9, "ema_loss": 0.2, "ema_top1": 0.95})
+    logger.plot()
+    labels = [[line.get_label() for line in fig.axes[1].get_lines()] for fig in figures]
+    assert labels == [["val"], ["val", "val (EMA)"]]
+    assert list(figures[1].axes[1].get_lines()[1].get_ydata()) == [0.95]
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True

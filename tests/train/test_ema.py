@@ -1,0 +1,184 @@
+"""Weight averaging (`config.ema`): the average, its evaluation, checkpoints and errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from cnnjax.train import loop
+from cnnjax.train.checkpoint import Checkpointer
+from cnnjax.train.ema import ExponentialMovingAverage, initial_average
+from cnnjax.train.parallel import DataParallel
+from cnnjax.train.state import TrainState, create_train_state, warm_start
+from cnnjax.train.step import make_steps
+from tests.train import helpers
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_average_follows_the_float64_recursion(warmup):
+    """Three train steps: the stored average equals a float64 NumPy recursion over the params
+    (and BatchNorm statistics) after each step, with TensorFlow's warm-up decay (1e-6)."""
+    model = helpers.TinyNet(axis_name="data")
+    tx, schedule = optax.sgd(0.1, momentum=0.9), optax.constant_schedule(0.1)
+    rule = ExponentialMovingAverage(0.9, warmup=warmup)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE),
+                               ema=True)
+    train_step, _ = make_steps(model, tx, schedule, "data", ema=rule)
+    parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
+    p_train = parallel.wrap_train(train_step)
+    batches = helpers.train_batches(None, global_batch_size=16, num_devices=1, seed=0)
+
+    def variables(s):
+        return {"params": s.params, "batch_stats": s.batch_stats}
+
+    expected = jax.tree.map(lambda x: np.asarray(x, np.float64), variables(state))
+    state = parallel.replicate(state)
+    for t in range(3):
+        state, _ = p_train(state, parallel.shard_batch(next(batches)))
+        host = parallel.unreplicate(state)
+        decay = min(0.9, (1 + t) / (10 + t)) if warmup else 0.9
+        expected = jax.tree.map(lambda avg, new, d=decay: d * avg + (1 - d) * np.float64(new),
+                                expected, variables(host))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 parallel.unreplicate(state).ema, expected)
+    assert warmup or not np.allclose(host.params["head"]["kernel"],
+                                     parallel.unreplicate(state).ema["params"]["head"]["kernel"])
+
+
+def test_decay_zero_scores_the_trained_weights_and_a_run_reports_ema_metrics(tmp_path,
+                                                                            monkeypatch):
+    """decay 0: the average is the current weights, so `ema_*` equals the raw eval exactly;
+    decay 0.9: different weights, a different (still learned) eval; best_metric may be ema_top1."""
+    helpers.install_fake_pipeline(monkeypatch)
+    same = loop.train_and_evaluate(helpers.tiny_config(**{"ema.decay": 0.0}),
+                                   str(tmp_path / "zero"))["final_eval"]
+    for name in ("loss", "top1", "top5"):
+        assert same["ema_" + name] == same[name]
+    config = helpers.tiny_config(**{"ema.decay": 0.9, "best_metric": "ema_top1",
+                                    "num_train_steps": 40, "eval_every_steps": 20})
+    summary = loop.train_and_evaluate(config, str(tmp_path / "ema"))
+    final = summary["final_eval"]
+    assert final["ema_loss"] != final["loss"] and final["ema_top1"] > 0.9
+    assert summary["best"]["metric"] == "ema_top1"
+    records = [json.loads(x) for x in (tmp_path / "ema" / "metrics.jsonl").read_text().splitlines()]
+    assert all("ema_top1" in r for r in records if r["split"] == "eval")
+
+
+class _CrashError(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_its_average_exactly(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    config = helpers.tiny_config(**{"ema.decay": 0.8})
+    loop.train_and_evaluate(config, str(tmp_path / "reference"))
+    original = helpers.train_batches
+
+    def crashing(*args, start_step=0, **kwargs):
+        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
+            if start_step + i == 9:
+                raise _CrashError("simulated kill")
+            yield batch
+
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    monkeypatch.setattr(pipeline, "train_batches", crashing)
+    with pytest.raises(_CrashError):
+        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(pipeline, "train_batches", original)
+    assert loop.train_and_evaluate(config, str(tmp_path / "resumed"))["resumed_from_step"] == 8
+    stored = [_stored(tmp_path / name) for name in ("reference", "resumed")]
+    assert stored[0]["ema"]["params"]
+    jax.tree.map(np.testing.assert_array_equal, *stored)
+
+
+def _stored(workdir: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / "12" / "default"))
+
+
+def test_checkpoints_written_before_the_average_existed_still_resume(tmp_path):
+    """A checkpoint without an `ema` entry (cnnjax before weight averaging) restores into a
+    state that does not average."""
+    import orbax.checkpoint as ocp
+    from flax import serialization
+
+    params = {"w": np.arange(3, dtype=np.float32)}
+    tx = optax.sgd(0.1)
+    state = TrainState(step=np.asarray(3, np.int32), params=params, batch_stats={},
+                       opt_state=tx.init(params), rng=np.zeros(2, np.uint32))
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    old_item = serialization.to_state_dict(state)
+    del old_item["ema"]
+    checkpointer._manager.save(3, args=ocp.args.StandardSave(old_item), force=True)
+    checkpointer.wait()
+    restored, step = checkpointer.restore_latest(state)
+    checkpointer.close()
+    assert step == 3 and restored.ema == {}
+    np.testing.assert_array_equal(restored.params["w"], params["w"])
+
+
+def test_a_warm_start_restarts_the_average_from_the_loaded_weights():
+    params = {"head": {"kernel": np.zeros((2, 2), np.float32)}}
+    state = TrainState(step=np.asarray(0, np.int32), params=params, batch_stats={},
+                       opt_state=(), rng=np.zeros(2, np.uint32), ema=initial_average(params, {}))
+    loaded = {"params": {"head": {"kernel": np.ones((2, 2), np.float32)}}}
+    started = warm_start(state, loaded)
+    np.testing.assert_array_equal(started.ema["params"]["head"]["kernel"], np.ones((2, 2)))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"ema.decay": 1.0}, r"config: ema.decay=1.0 is invalid; expected 0 <= decay < 1"),
+    ({"ema.decay": -0.5}, r"config: ema.decay=-0.5 is invalid"),
+    ({"ema.decay": 0.9, "ema.warmup": 1}, r"config: ema.warmup=1 is invalid; expected True or"),
+    ({"best_metric": "ema_top1"}, r"config: best_metric='ema_top1' is invalid; expected one of"),
+    ({"ema.decay": 0.9, "best_metric": "ema_loss"},
+     r"config: best_mode='max' is invalid; expected 'min' for best_metric='ema_loss'"),
+])
+def test_bad_averaging_fields_are_named_before_compiling(tmp_path, monkeypatch, overrides,
+                                                         message):
+    helpers.install_fake_pipeline(monkeypatch)
+    config = helpers.tiny_config()
+    for key, value in overrides.items():  # bypass the config's own type check (warmup=1)
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        with node.ignore_type():
+            node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_rule_itself_refuses_bad_values():
+    with pytest.raises(ValueError, match=r"ExponentialMovingAverage: decay='0.9' is invalid"):
+        ExponentialMovingAverage("0.9")
+
+
+def test_the_loaded_average_evaluates_to_the_ema_metrics_the_run_logged(tmp_path, monkeypatch):
+    from cnnjax.train.trained import evaluate_run, load_trained
+
+    helpers.install_fake_pipeline(monkeypatch)
+    summary = loop.train_and_evaluate(helpers.tiny_config(**{"ema.decay": 0.9}), str(tmp_path))
+    final = summary["final_eval"]
+    averaged = evaluate_run(load_trained(str(tmp_path), step=12, ema=True))
+    trained = evaluate_run(load_trained(str(tmp_path), step=12))
+    assert (averaged["weights"], trained["weights"]) == ("ema", "trained")
+    for name in ("loss", "top1"):
+        np.testing.assert_allclose(averaged[name], final["ema_" + name], rtol=1e-6)
+        np.testing.assert_allclose(trained[name], final[name], rtol=1e-6)
+
+
+def test_loading_the_average_of_a_run_without_one_is_refused(tmp_path, monkeypatch):
+    from cnnjax.train.trained import load_trained
+
+    helpers.install_fake_pipeline(monkeypatch)
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    with pytest.raises(ValueError, match=r"load_trained: ema=True is invalid; the run in .* kept "
+                                         r"no weight average"):
+        load_trained(str(tmp_path), ema=True)
