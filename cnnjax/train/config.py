@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from cnnjax.layers.conv_impl import CONV_IMPLS
 from cnnjax.train import ema as ema_lib
+from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
 from cnnjax.utils.validation import check_choice, check_positive_float, check_positive_int, invalid
 
@@ -36,7 +37,9 @@ TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentatio
 # Fields added to the schema after workdirs were written: the value an older config.json (which
 # lacks the field) implicitly had, so those workdirs still resume.
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
-                   "ema": {"decay": None, "warmup": True}}
+                   "ema": {"decay": None, "warmup": True},
+                   "mixing": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5,
+                              "prob": 1.0}}
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
 RUNTIME_FIELDS = frozenset(
     {
@@ -87,6 +90,12 @@ def default_config() -> ml_collections.ConfigDict:
     # ema_loss, ...: best_metric may name them). warmup: decay min(decay, (1+t)/(10+t)).
     c.ema = ml_collections.ConfigDict(
         {"decay": ml_collections.FieldReference(None, field_type=float), "warmup": True})
+    # mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) of each device's train batch with its
+    # reverse (cnnjax.train.mixing), classification only: lam ~ Beta(alpha, alpha); an alpha of 0
+    # turns that method off; with both on, CutMix with probability switch_prob; a batch is mixed
+    # with probability prob. E.g. mixup_alpha=0.2 (ImageNet) or cutmix_alpha=1.0.
+    c.mixing = ml_collections.ConfigDict(
+        {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5, "prob": 1.0})
     c.label_smoothing = 0.0
     c.aux_loss_weight = 0.3  # weight of auxiliary classifiers' loss (GoogLeNet aux_logits=True)
     # Divergence: a NaN/inf training loss, or one above max_loss (cross-entropy starts near
@@ -254,8 +263,20 @@ def ema_rule(config: Any) -> ema_lib.ExponentialMovingAverage | None:
     if ema is None or ema.get("decay") is None:
         return None
     warmup = ema.get("warmup", True)
-    ema_lib.check_ema(ema.decay, warmup, owner="config", prefix="ema.")
+    ema_lib.check_ema(ema.decay, warmup, owner="ema")
     return ema_lib.ExponentialMovingAverage(ema.decay, warmup)
+
+
+def mixing_rule(config: Any) -> mixing_lib.Mixing | None:
+    """The mixup/CutMix `config.mixing` asks for (checked; owner 'mixing'), or None when it never
+    mixes (both alphas 0, or prob 0) or the config has no `mixing`."""
+    mixing = _field(config, "mixing")
+    if mixing is None:
+        return None
+    settings = dict(LEGACY_DEFAULTS["mixing"], **mixing)
+    mixing_lib.check_mixing("mixing", **settings)
+    rule = mixing_lib.Mixing(**settings)
+    return rule if rule.enabled else None
 
 
 def validate_config(config: Any) -> None:
@@ -286,6 +307,11 @@ def validate_config(config: Any) -> None:
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
     check_positive_int("config", "grad_accum_steps", config.get("grad_accum_steps", 1))
+    if mixing_rule(config) is not None and task != "classification":
+        raise invalid("mixing", "mixup_alpha/cutmix_alpha",
+                      (config.mixing.mixup_alpha, config.mixing.cutmix_alpha),
+                      f"mixing needs class labels (config.task='classification', not {task!r}); "
+                      "set both alphas to 0")
     averaging = ema_rule(config)
     metrics = TASK_METRICS[task]
     if averaging is not None:

@@ -50,14 +50,12 @@ class ExponentialMovingAverage:
             average, variables)
 
 
-def check_ema(decay: Any, warmup: Any, owner: str = "ExponentialMovingAverage",
-              prefix: str = "") -> None:
-    """Raises a ValueError naming `owner`'s `<prefix>decay` / `<prefix>warmup` unless
-    0 <= decay < 1 and warmup is a bool (a decay of 1 would never move; common values are
-    0.999-0.9999)."""
-    check_number(owner, prefix + "decay", decay, "expected 0 <= decay < 1, e.g. 0.999",
+def check_ema(decay: Any, warmup: Any, owner: str = "ExponentialMovingAverage") -> None:
+    """Raises a ValueError naming `owner`'s `decay` / `warmup` unless 0 <= decay < 1 and warmup
+    is a bool (a decay of 1 would never move; common values are 0.999-0.9999)."""
+    check_number(owner, "decay", decay, "expected 0 <= decay < 1, e.g. 0.999",
                  low=0.0, high=1.0, high_open=True, strings=False)
-    check_bool(owner, prefix + "warmup", warmup)
+    check_bool(owner, "warmup", warmup)
 
 
 def initial_average(params: Any, batch_stats: Any) -> dict:

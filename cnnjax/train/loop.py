@@ -438,6 +438,7 @@ class _Run:
             float(config.label_smoothing),
             float(config.aux_loss_weight),
             conv_impl,
+            mixing=config_lib.mixing_rule(config),
             **options,
         )
         return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)

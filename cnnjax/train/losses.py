@@ -1,5 +1,7 @@
 """Loss and classification metrics: softmax cross-entropy (optional label smoothing), top-1/top-5.
 
+Targets are int labels or, for mixup/CutMix (`cnnjax.train.mixing`), soft targets [N, C].
+
 Eval metrics are returned as masked *sums* plus an example count so that padded batches and several
 devices combine exactly: the caller divides once at the end.
 """
@@ -13,16 +15,26 @@ import jax.numpy as jnp
 import optax
 
 
+def soft_cross_entropy(
+    logits: jnp.ndarray, targets: jnp.ndarray, label_smoothing: float = 0.0
+) -> jnp.ndarray:
+    """Per-example softmax cross-entropy (float32) of `logits [N, C]` against distributions
+    `targets [N, C]` (e.g. mixup/CutMix soft targets). Smoothing the mixed targets is the same as
+    mixing smoothed one-hots (it is linear), which is how timm combines the two."""
+    targets = targets.astype(jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
 def cross_entropy(
     logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0
 ) -> jnp.ndarray:
-    """Per-example softmax cross-entropy (float32) of `logits [N, C]` against int `labels [N]`."""
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
+    """Per-example softmax cross-entropy (float32) of `logits [N, C]` against int `labels [N]`
+    or soft targets `[N, C]` (mixup/CutMix, `soft_cross_entropy`)."""
+    if labels.ndim < logits.ndim:
+        labels = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    return soft_cross_entropy(logits, labels, label_smoothing)
 
 
 def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarray:
@@ -41,10 +53,18 @@ def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarra
 
 
 def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> dict:
-    """Per-example `loss`, `top1`, `top5` (each shape [N], float32)."""
+    """Per-example `loss`, `top1`, `top5` (each shape [N], float32).
+
+    `labels` is int `[N]` or soft targets `[N, C]` (mixup/CutMix). With soft targets the loss is
+    against the whole distribution, while top-1/top-5 score the dominant label, their argmax (the
+    lower class on a tie): a mixed image has no single true class, and the label with the larger
+    share is the usual stand-in (train accuracy under mixing is therefore a rough signal)."""
     logits = logits.astype(jnp.float32)
+    loss = cross_entropy(logits, labels, label_smoothing)
+    if labels.ndim == logits.ndim:
+        labels = jnp.argmax(labels, axis=-1)
     return {
-        "loss": cross_entropy(logits, labels, label_smoothing),
+        "loss": loss,
         "top1": topk_correct(logits, labels, 1),
         "top5": topk_correct(logits, labels, 5),
     }

@@ -24,6 +24,7 @@ from jax import lax
 from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
 from cnnjax.train import losses
 from cnnjax.train.ema import ExponentialMovingAverage
+from cnnjax.train.mixing import Mixing
 from cnnjax.train.state import TrainState
 
 
@@ -40,6 +41,7 @@ def train_step(
     conv_impl: str = "xla",
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
+    mixing: Mixing | None = None,
 ) -> tuple[TrainState, dict]:
     """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
 
@@ -49,9 +51,15 @@ def train_step(
     `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
     lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU).
-    `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`.
+    `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`. An enabled `mixing`
+    (mixup / CutMix, `cnnjax.train.mixing`) mixes this device's batch with its own key first;
+    the loss is then against the soft targets and top-1/top-5 score their dominant label.
     """
     dropout_rng = _step_rng(state, axis_name)
+    if mixing is not None and mixing.enabled:
+        mix_rng, dropout_rng = jax.random.split(dropout_rng)
+        images, targets, _ = mixing(mix_rng, batch["image"], batch["label"], model.num_classes)
+        batch = {**batch, "image": images, "label": targets}
 
     def loss_fn(params, batch_stats, batch, rng):
         outputs, updates = _apply_training(
@@ -346,7 +354,7 @@ def make_steps(
     **train_options: Any,
 ) -> tuple[Callable, Callable]:
     """Binds the model and optimizer into per-device `(train_step, eval_step)` functions;
-    `train_options` are further keywords of `train_step` (`accum_steps`, `ema`)."""
+    `train_options` are further keywords of `train_step` (`accum_steps`, `ema`, `mixing`)."""
     train = functools.partial(
         train_step,
         model=model,

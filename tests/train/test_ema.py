@@ -132,9 +132,9 @@ def test_a_warm_start_restarts_the_average_from_the_loaded_weights():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"ema.decay": 1.0}, r"config: ema.decay=1.0 is invalid; expected 0 <= decay < 1"),
-    ({"ema.decay": -0.5}, r"config: ema.decay=-0.5 is invalid"),
-    ({"ema.decay": 0.9, "ema.warmup": 1}, r"config: ema.warmup=1 is invalid; expected True or"),
+    ({"ema.decay": 1.0}, r"ema: decay=1.0 is invalid; expected 0 <= decay < 1"),
+    ({"ema.decay": -0.5}, r"ema: decay=-0.5 is invalid"),
+    ({"ema.decay": 0.9, "ema.warmup": 1}, r"ema: warmup=1 is invalid; expected True or"),
     ({"best_metric": "ema_top1"}, r"config: best_metric='ema_top1' is invalid; expected one of"),
     ({"ema.decay": 0.9, "best_metric": "ema_loss"},
      r"config: best_mode='max' is invalid; expected 'min' for best_metric='ema_loss'"),

@@ -37,6 +37,55 @@ def test_cross_entropy_matches_numpy(smoothing):
     np.testing.assert_allclose(got, _np_cross_entropy(logits, labels, smoothing), rtol=1e-5)
 
 
+def _np_soft_cross_entropy(logits, targets, smoothing):
+    logits = logits.astype(np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    targets = targets * (1 - smoothing) + smoothing / logits.shape[-1]
+    return -(targets * log_p).sum(-1)
+
+
+def _soft_targets(rng, n, num_classes):
+    """mixup-style targets lam * onehot(a) + (1 - lam) * onehot(b), one lam per example."""
+    eye, lam = np.eye(num_classes), rng.uniform(0, 1, (n, 1))
+    return lam * eye[rng.integers(0, num_classes, n)] + (1 - lam) * eye[
+        rng.integers(0, num_classes, n)]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_soft_cross_entropy_matches_numpy_and_one_hot_cross_entropy(smoothing):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 3, (32, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 32)
+    one_hot = losses.soft_cross_entropy(jnp.asarray(logits), jnp.eye(10)[labels], smoothing)
+    np.testing.assert_allclose(
+        one_hot, losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing),
+        rtol=1e-6)
+    targets = _soft_targets(rng, 32, 10)
+    got = losses.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(targets, jnp.float32),
+                                    smoothing)
+    np.testing.assert_allclose(got, _np_soft_cross_entropy(logits, targets, smoothing), rtol=1e-5)
+
+
+def test_example_metrics_with_soft_targets_score_their_dominant_label():
+    """Loss against the whole distribution, top-1/top-5 against its argmax; one-hot soft targets
+    give the int-label metrics."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(64, 10)).astype(np.float32)
+    targets = _soft_targets(rng, 64, 10)
+    got = losses.example_metrics(jnp.asarray(logits), jnp.asarray(targets, jnp.float32), 0.1)
+    np.testing.assert_allclose(got["loss"], _np_soft_cross_entropy(logits, targets, 0.1),
+                               rtol=1e-5)
+    dominant = targets.argmax(-1)
+    for k in (1, 5):
+        np.testing.assert_array_equal(got[f"top{k}"], _np_topk(logits, dominant, k))
+    labels = rng.integers(0, 10, 64)
+    hard = losses.example_metrics(jnp.asarray(logits), jnp.asarray(labels))
+    soft = losses.example_metrics(jnp.asarray(logits), jnp.eye(10)[labels])
+    for name in hard:
+        np.testing.assert_allclose(soft[name], hard[name], rtol=1e-6)
+
+
 def test_topk_matches_numpy_and_caps_k():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(64, 10)).astype(np.float32)
