@@ -118,6 +118,9 @@ def main():
         loop_one = run_loop(tmp, num_devices=1)
         loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
         loop_four_pmap = run_loop(tmp, num_devices=4)
+        ema_one = run_loop(tmp, num_devices=1, **{"ema.decay": 0.9})
+        ema_four = run_loop(tmp, num_devices=4, **{"ema.decay": 0.9})
+        accum_error = loop_error(tmp, grad_accum_steps=8)
         batch_error = loop_error(tmp, global_batch_size=18)
         eval_batch_error = loop_error(tmp, eval_batch_size=10)
     one, one_losses = train("pmap", 1)
@@ -144,6 +147,11 @@ def main():
                     same_data_one_no_dropout, same_data_four_no_dropout
                 ),
                 "batch_error": batch_error,
+                "accum_error": accum_error,
+                "ema_eval_loss_4_vs_1": abs(ema_four["final_eval"]["ema_loss"]
+                                            - ema_one["final_eval"]["ema_loss"]),
+                "ema_vs_raw_loss": abs(ema_one["final_eval"]["ema_loss"]
+                                       - ema_one["final_eval"]["loss"]),
                 "eval_batch_error": eval_batch_error,
                 "loop_eval_loss_4_vs_1": abs(
                     loop_four["final_eval"]["loss"] - loop_one["final_eval"]["loss"]

@@ -57,6 +57,19 @@ def test_whole_run_on_four_devices_matches_one(diffs):
     assert len(set(diffs["loop_eval_top1"])) == 1
 
 
+def test_the_weight_average_is_the_same_on_four_devices(diffs):
+    """config.ema on 4 devices: the averaged model evaluates as on 1 device (and is not simply
+    the trained weights)."""
+    assert diffs["ema_eval_loss_4_vs_1"] < 1e-4
+    assert diffs["ema_vs_raw_loss"] > 1e-4
+
+
+def test_accumulation_must_divide_the_per_device_batch(diffs):
+    assert diffs["accum_error"].startswith(
+        "config: grad_accum_steps=8 is invalid; expected a divisor of the per-device batch 4 "
+        "(global_batch_size 16 / 4 devices)")
+
+
 def test_dropout_keys_differ_per_device(diffs):
     """Same examples on all 4 devices: with per-device dropout keys the averaged gradient differs
     from device 0's alone (the 1-device run); without dropout the runs agree."""
