@@ -1,4 +1,5 @@
-"""CNN building blocks in NHWC: convolutions, pooling, RoI ops and local response normalization."""
+"""CNN building blocks in NHWC: convolutions, pooling, RoI ops, local response normalization and
+stochastic depth."""
 
 from cnnjax.layers.conv import (
     Conv2D,
@@ -19,12 +20,14 @@ from cnnjax.layers.pooling import (
     max_pool2d,
     spatial_pyramid_pool,
 )
+from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool, roi_spatial_pyramid_pool
 
 __all__ = [
     "PADDING_MODES",
     "Conv2D",
     "ConvTranspose2D",
+    "DropPath",
     "LocalResponseNorm",
     "LocallyConnected2D",
     "TiledConv2D",
@@ -34,6 +37,7 @@ __all__ = [
     "bilinear_kernel_1d",
     "bilinear_upsample_init",
     "box_iou",
+    "check_drop_rate",
     "global_avg_pool",
     "global_max_pool",
     "max_pool2d",
@@ -43,4 +47,5 @@ __all__ = [
     "roi_pool",
     "roi_spatial_pyramid_pool",
     "spatial_pyramid_pool",
+    "stochastic_depth_rates",
 ]

@@ -25,6 +25,11 @@ d = 6n + 4, dropout between a block's two convolutions when `drop_rate` > 0 (the
 "WRN-d-k-dropout", 0.3 on CIFAR). Registered: `wrn28_10_cifar` (36,479,194 parameters, 36.5M),
 `wrn16_8_cifar` (10,961,370, 11.0M), `wrn40_4_cifar` (8,949,210, 8.9M) and `wrn16_4_cifar`
 (2,748,890, 2.7M), all with `drop_rate=0` unless given.
+
+Every network and block takes `drop_path_rate` (default 0: off) for stochastic depth (Huang et
+al. 2016, `cnnjax.layers.DropPath`): in training, a block's residual branch is dropped per example
+just before the addition to the shortcut, with the paper's linearly decaying rates (block l of L:
+`drop_path_rate * l / L`). It adds no parameters and changes nothing at inference.
 """
 
 from __future__ import annotations
@@ -36,13 +41,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import batch_norm, conv_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
     check_depth,
     check_nhwc,
-    check_number,
     check_positive_int,
     check_positive_ints,
     invalid,
@@ -70,9 +75,9 @@ DEFAULT_STRIDE_IN_1X1 = True
 _BOTTLENECK_ONLY = {"expansion": None, "stride_in_1x1": None}
 
 
-def _check_drop_rate(owner: str, value: Any) -> None:
-    check_number(owner, "drop_rate", value, "expected 0 <= drop_rate < 1", low=0.0, high=1.0,
-                 high_open=True, strings=False)
+def _drop_path(y: Array, rate: float, train: bool) -> Array:
+    """The residual branch `y` through `DropPath` (training only) when `rate` > 0."""
+    return DropPath(rate, deterministic=not train, name="drop_path")(y) if rate > 0 else y
 
 
 def _shortcut(x: Array, preact: Array, out_features: int, strides: int, conv) -> Array:
@@ -92,8 +97,9 @@ class PreActBasicBlock(nn.Module):
 
     `filters` is the output width; `strides` (on `conv1` and the projection) downsamples.
     `drop_rate` > 0 applies dropout (the `'dropout'` RNG stream, training only) between the two
-    convolutions, after the second BN-ReLU, as Wide ResNets do. Parameters: `bn1`, `conv1`,
-    `bn2`, `conv2` and, where the shape changes, `proj_conv`.
+    convolutions, after the second BN-ReLU, as Wide ResNets do. `drop_path_rate` > 0 drops the
+    whole branch per example in training (stochastic depth), before the addition. Parameters:
+    `bn1`, `conv1`, `bn2`, `conv2` and, where the shape changes, `proj_conv`.
     """
 
     filters: int
@@ -102,12 +108,14 @@ class PreActBasicBlock(nn.Module):
     act: Callable = nn.relu
     strides: int = 1
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_positive_int(name, "filters", self.filters)
         check_positive_int(name, "strides", self.strides)
-        _check_drop_rate(name, self.drop_rate)
+        check_drop_rate(name, "drop_rate", self.drop_rate)
+        check_drop_rate(name, "drop_path_rate", self.drop_path_rate)
         super().__post_init__()
 
     @nn.compact
@@ -120,7 +128,7 @@ class PreActBasicBlock(nn.Module):
         if self.drop_rate > 0:
             y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
         y = self.conv(self.filters, (3, 3), padding=_PAD3, name="conv2")(y)
-        return y + shortcut
+        return _drop_path(y, self.drop_path_rate, train) + shortcut
 
 
 class PreActBottleneckBlock(nn.Module):
@@ -130,7 +138,8 @@ class PreActBottleneckBlock(nn.Module):
 
     `stride_in_1x1=True` (default, the paper's reference code) puts the stride on the first 1x1
     convolution, `False` on the 3x3 (the ResNet v1.5 placement); the parameters are the same.
-    Parameters: `bn1`, `conv1`, `bn2`, `conv2`, `bn3`, `conv3` and possibly `proj_conv`.
+    `drop_path_rate` > 0: stochastic depth on the branch, as in `PreActBasicBlock`. Parameters:
+    `bn1`, `conv1`, `bn2`, `conv2`, `bn3`, `conv3` and possibly `proj_conv`.
     """
 
     filters: int
@@ -140,6 +149,7 @@ class PreActBottleneckBlock(nn.Module):
     strides: int = 1
     expansion: int = 4
     stride_in_1x1: bool = True
+    drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -147,6 +157,7 @@ class PreActBottleneckBlock(nn.Module):
         check_positive_int(name, "strides", self.strides)
         check_positive_int(name, "expansion", self.expansion)
         check_bool(name, "stride_in_1x1", self.stride_in_1x1)
+        check_drop_rate(name, "drop_path_rate", self.drop_path_rate)
         super().__post_init__()
 
     @nn.compact
@@ -161,7 +172,7 @@ class PreActBottleneckBlock(nn.Module):
         y = self.conv(self.filters, (3, 3), s3, padding=_PAD3, name="conv2")(y)
         y = self.act(self.norm(name="bn3")(y))
         y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
-        return y + shortcut
+        return _drop_path(y, self.drop_path_rate, train) + shortcut
 
 
 class PreActResNet(nn.Module):
@@ -180,6 +191,10 @@ class PreActResNet(nn.Module):
       stem_width: filters of the first 3x3 conv (16).
       drop_rate: dropout between the two convs of each basic block in training (0 disables it;
         only basic blocks have it).
+      drop_path_rate: stochastic depth in training (0 disables it; any block type): block l of
+        the L blocks drops its residual branch per example with probability
+        `drop_path_rate * l / L` (the paper's linear decay; the last block gets
+        `drop_path_rate`); uses the `'dropout'` RNG.
       expansion / stride_in_1x1: the bottleneck blocks' output multiple and stride placement
         (True: on the first 1x1, as the paper's code; False: on the 3x3); None (default) means
         4 / True (DEFAULT_EXPANSION, DEFAULT_STRIDE_IN_1X1). Bottleneck blocks only: setting
@@ -193,6 +208,7 @@ class PreActResNet(nn.Module):
     bottleneck: bool = False
     stem_width: int = 16
     drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
     expansion: int | None = None
     stride_in_1x1: bool | None = None
     dtype: Any = jnp.float32
@@ -214,7 +230,8 @@ class PreActResNet(nn.Module):
                 raise invalid(name, arg, value,
                               "expected None with bottleneck=False (a bottleneck-block option; "
                               "basic blocks would ignore it)")
-        _check_drop_rate(name, self.drop_rate)
+        check_drop_rate(name, "drop_rate", self.drop_rate)
+        check_drop_rate(name, "drop_path_rate", self.drop_path_rate)
         stages = check_positive_ints(name, "stage_sizes", self.stage_sizes,
                                      "expected a non-empty sequence of positive block counts")
         widths_valid = (f"expected {len(stages)} positive ints, one per stage of "
@@ -252,6 +269,7 @@ class PreActResNet(nn.Module):
         else:
             block = functools.partial(PreActBasicBlock, drop_rate=self.drop_rate)
         features: dict[str, Array] = {}
+        rates = iter(stochastic_depth_rates(sum(self.stage_sizes), self.drop_path_rate))
 
         x = jnp.asarray(x, self.dtype)
         x = conv(self.stem_width, (3, 3), padding=_PAD3, name="conv_init")(x)
@@ -264,6 +282,7 @@ class PreActResNet(nn.Module):
                     norm=norm,
                     act=self.act,
                     strides=2 if i > 0 and j == 0 else 1,
+                    drop_path_rate=next(rates),
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x, train)
             features[f"stage{i + 1}"] = x

@@ -15,6 +15,11 @@ The choice moves where resolution drops inside a block; the parameter count is t
 Blocks take injected `conv` / `norm` / `act` factories (the flax `examples/imagenet` style), so
 research code can swap BatchNorm for GroupNorm, change the activation or the initializer without
 touching the block.
+
+`drop_path_rate` > 0 trains with stochastic depth (Huang et al. 2016, `cnnjax.layers.DropPath`):
+each block's residual branch is dropped per example, before the addition to the shortcut, with
+the paper's linearly decaying rates (block l of L: `drop_path_rate * l / L`). It adds no
+parameters and changes nothing at inference.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.models.registry import register_model
 from cnnjax.utils.validation import (
     check_choice,
@@ -59,8 +65,33 @@ def _check_shortcut(owner: str, shortcut: str) -> None:
     check_choice(owner, "shortcut", shortcut, SHORTCUTS)
 
 
+def check_drop_path_rate(owner: str, drop_path_rate: Any, shortcut: str) -> None:
+    """`drop_path_rate` in [0, 1), and 0 for a plain (shortcut="none") network, where dropping
+    the branch would drop the whole block's output, not skip the block."""
+    if check_drop_rate(owner, "drop_path_rate", drop_path_rate) > 0 and shortcut == "none":
+        raise invalid(owner, "drop_path_rate", drop_path_rate,
+                      "expected 0 with shortcut='none' (stochastic depth drops a residual "
+                      "branch and keeps the shortcut; a plain network has none)")
+
+
 class _ResidualMixin:
-    """The shortcut path shared by the basic and bottleneck blocks."""
+    """The shortcut path and stochastic depth shared by the basic and bottleneck blocks."""
+
+    def check_drop_path(self) -> None:
+        """Validates `drop_path_rate` and that `deterministic` is set when it is used."""
+        name = type(self).__name__
+        rate, deterministic = self.drop_path_rate, self.deterministic  # type: ignore[attr-defined]
+        check_drop_path_rate(name, rate, self.shortcut)  # type: ignore[attr-defined]
+        if rate > 0 and deterministic is None:
+            raise invalid(name, "deterministic", None,
+                          "expected True (evaluation) or False (training) with drop_path_rate > 0")
+
+    def drop_path(self, y: Array) -> Array:
+        """The residual branch `y` through `DropPath` when `drop_path_rate` > 0 (no parameters)."""
+        rate, deterministic = self.drop_path_rate, self.deterministic  # type: ignore[attr-defined]
+        if rate == 0:
+            return y
+        return DropPath(rate, deterministic=deterministic, name="drop_path")(y)
 
     def shortcut_path(self, x: Array, out_features: int, strides: int, conv, norm) -> Array | None:
         """The shortcut branch for input `x`, or None for a plain (shortcut="none") block."""
@@ -92,6 +123,9 @@ class BasicBlock(_ResidualMixin, nn.Module):
 
     `filters` is the output width; `strides` (on the first conv) downsamples. `zero_init_last_bn`
     sets the second BN's gamma to zero so the block starts as act(shortcut(x)) (Goyal et al. 2017).
+    `drop_path_rate` > 0 drops F(x) per example in training (stochastic depth): y = act(DropPath(
+    F(x)) + shortcut(x)). `deterministic` (True: evaluation, False: training; required when
+    drop_path_rate > 0) is set by the network from `train`, as the mode of its `norm` factory is.
     """
 
     filters: int
@@ -101,10 +135,13 @@ class BasicBlock(_ResidualMixin, nn.Module):
     strides: int = 1
     shortcut: str = "B"
     zero_init_last_bn: bool = False
+    drop_path_rate: float = 0.0
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         _check_shortcut(type(self).__name__, self.shortcut)
         check_positive_int(type(self).__name__, "strides", self.strides)
+        self.check_drop_path()
         super().__post_init__()
 
     @nn.compact
@@ -114,7 +151,7 @@ class BasicBlock(_ResidualMixin, nn.Module):
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=_pad(3), name="conv2")(y)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-        y = self.norm(scale_init=last_init, name="bn2")(y)
+        y = self.drop_path(self.norm(scale_init=last_init, name="bn2")(y))
         residual = self.shortcut_path(x, self.filters, self.strides, self.conv, self.norm)
         return self.act(y if residual is None else y + residual)
 
@@ -124,7 +161,8 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
 
     `filters` is the bottleneck width; the block outputs `filters * expansion` channels.
     `stride_in_1x1=False` (v1.5, default) puts the stride on the 3x3 conv, `True` (v1, paper) on
-    the first 1x1. `zero_init_last_bn` zeroes the third BN's gamma.
+    the first 1x1. `zero_init_last_bn` zeroes the third BN's gamma. `drop_path_rate` /
+    `deterministic`: stochastic depth on the branch, as in `BasicBlock`.
     """
 
     filters: int
@@ -136,11 +174,14 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
     shortcut: str = "B"
     zero_init_last_bn: bool = False
     expansion: int = 4
+    drop_path_rate: float = 0.0
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         _check_shortcut(type(self).__name__, self.shortcut)
         check_positive_int(type(self).__name__, "strides", self.strides)
         check_positive_int(type(self).__name__, "expansion", self.expansion)
+        self.check_drop_path()
         super().__post_init__()
 
     @nn.compact
@@ -154,7 +195,7 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
         last_init = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
-        y = self.norm(scale_init=last_init, name="bn3")(y)
+        y = self.drop_path(self.norm(scale_init=last_init, name="bn3")(y))
         residual = self.shortcut_path(x, out, self.strides, self.conv, self.norm)
         return self.act(y if residual is None else y + residual)
 
@@ -198,6 +239,11 @@ class ResNet(nn.Module):
       stem: "imagenet" (default: 7x7/2 conv + 3x3/2 max pool) or "cifar" (3x3/1 conv, no max
         pool: the usual "ResNet-18 for CIFAR" layout, stages at strides 1, 2, 4, 8). Parameters
         differ only in `conv_init`'s kernel size.
+      drop_path_rate: stochastic depth in training (0, the default, disables it): block l of the
+        L blocks drops its residual branch per example with probability `drop_path_rate * l / L`
+        (the paper's linear decay; the last block gets `drop_path_rate`, 0.5 in the paper); needs
+        the `'dropout'` RNG. Not with shortcut="none". A custom `block_cls` needs
+        `drop_path_rate` and `deterministic` fields only when it is > 0.
     """
 
     stage_sizes: Sequence[int]
@@ -212,6 +258,7 @@ class ResNet(nn.Module):
     act: Callable = nn.relu
     features_only: bool = False
     stem: str = "imagenet"
+    drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -222,6 +269,7 @@ class ResNet(nn.Module):
         _check_shortcut(name, self.shortcut)
         check_positive_ints(name, "stage_sizes", self.stage_sizes,
                             "expected a non-empty sequence of positive block counts")
+        check_drop_path_rate(name, self.drop_path_rate, self.shortcut)
         super().__post_init__()
 
     def _block_kwargs(self) -> dict[str, Any]:
@@ -254,9 +302,13 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
         kwargs = self._block_kwargs()
+        rates = iter(stochastic_depth_rates(sum(self.stage_sizes), self.drop_path_rate))
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
+                rate = next(rates)
+                if self.drop_path_rate > 0:  # only then, so blocks without the fields plug in
+                    kwargs.update(drop_path_rate=rate, deterministic=not train)
                 x = self.block_cls(
                     self.num_filters * 2**i,
                     conv=conv,

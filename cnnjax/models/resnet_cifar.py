@@ -7,6 +7,9 @@ option "A" (identity, or stride-2 subsampling + zero channel padding when the sh
 no parameters), giving Table 6's 0.27M/0.46M/0.66M/0.85M/1.7M parameters; "B" (1x1 conv + BN
 projections when the shape changes) and "C" are selectable. The `plain*` nets are the same stack
 without any shortcut, for the paper's degradation experiment (Fig. 6).
+
+`drop_path_rate` > 0 trains the ResNets with stochastic depth (Huang et al. 2016, who used
+ResNet-110 with a final rate of 0.5 on CIFAR): see `CifarResNet`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.regularization import stochastic_depth_rates
 from cnnjax.models.registry import register_model
-from cnnjax.models.resnet import SHORTCUTS, BasicBlock, batch_norm, conv_kernel_init
+from cnnjax.models.resnet import (
+    SHORTCUTS,
+    BasicBlock,
+    batch_norm,
+    check_drop_path_rate,
+    conv_kernel_init,
+)
 from cnnjax.utils.validation import (
     check_choice,
     check_depth,
@@ -38,6 +48,11 @@ class CifarResNet(nn.Module):
 
     `shortcut="none"` gives the plain network. Features: `stem` (after the first conv-BN-ReLU),
     `stage1`..`stage3` and `pre_logits`. Logits are float32 whatever the computation `dtype`.
+
+    `drop_path_rate` > 0 trains with stochastic depth: block l of the L = 3n blocks drops its
+    residual branch per example with probability `drop_path_rate * l / L` (the paper's linear
+    decay rule; the last block gets `drop_path_rate`, 0.5 in the paper), using the `'dropout'`
+    RNG. 0 (default) disables it; it must be 0 for the plain nets; inference is unaffected.
     """
 
     depth: int = 20
@@ -45,6 +60,7 @@ class CifarResNet(nn.Module):
     widths: tuple[int, ...] = (16, 32, 64)
     shortcut: str = "A"
     zero_init_last_bn: bool = False
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     axis_name: str | None = None
     act: Callable = nn.relu
@@ -59,6 +75,7 @@ class CifarResNet(nn.Module):
         check_depth(name, self.depth, per_block, 2,
                     f"{len(self.widths)} stages of widths {tuple(self.widths)}",
                     (per_block * n + 2 for n in (3, 5, 7, 9)))
+        check_drop_path_rate(name, self.drop_path_rate, self.shortcut)
         super().__post_init__()
 
     @property
@@ -79,6 +96,8 @@ class CifarResNet(nn.Module):
         x = conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_init")(x)
         x = self.act(norm(name="bn_init")(x))
         features["stem"] = x
+        rates = iter(stochastic_depth_rates(len(self.widths) * self.blocks_per_stage,
+                                            self.drop_path_rate))
         for i, width in enumerate(self.widths):
             for j in range(self.blocks_per_stage):
                 x = BasicBlock(
@@ -89,6 +108,8 @@ class CifarResNet(nn.Module):
                     strides=2 if i > 0 and j == 0 else 1,
                     shortcut=self.shortcut,
                     zero_init_last_bn=self.zero_init_last_bn,
+                    drop_path_rate=next(rates),
+                    deterministic=not train,
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x)
             features[f"stage{i + 1}"] = x

@@ -1,10 +1,11 @@
-"""Helpers shared by the CIFAR model tests."""
+"""Helpers shared by the CIFAR and residual model tests."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -32,3 +33,41 @@ def assert_cifar_features(feats: Mapping[str, Any], batch: int, stem_channels: i
         (batch, 8, 8, stage_channels[2]),
     ]
     assert feats["pre_logits"].shape == (batch, stage_channels[2])
+
+
+def drop_path_rates(model: Any, size: int = 32) -> dict[str, float]:
+    """`{block name: rate}` of every `DropPath` in `model`, in call order, read from the module
+    tree while it is initialized abstractly (nothing is computed)."""
+    rates: dict[str, float] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if type(module).__name__ == "DropPath" and context.method_name == "__call__":
+            rates["/".join(module.scope.path[:-1])] = module.rate
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    return rates
+
+
+def plain_and_stochastic_depth_outputs(plain: Any, sd: Any, x: Any) -> tuple[Any, Any, Any, Any]:
+    """`(variables, sd_variables, evals, trains)` of two models that differ only in
+    `drop_path_rate` (`plain` 0, `sd` > 0), both initialized with the same key, and applied to `x`
+    with `plain`'s variables: `evals[m]` in evaluation (no 'dropout' RNG) for m in ("plain", "sd"),
+    `trains[m, k]` in training with dropout key k for ("plain", 0), ("sd", 0) and ("sd", 1).
+    One compiled program."""
+
+    @jax.jit
+    def run(x):
+        variables = plain.init(jax.random.key(0), x)
+        sd_variables = sd.init(jax.random.key(0), x)
+        models = {"plain": plain, "sd": sd}
+        evals = {m: model.apply(variables, x) for m, model in models.items()}
+        trains = {(m, k): models[m].apply(variables, x, train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": jax.random.key(k)})[0]
+                  for m, k in (("plain", 0), ("sd", 0), ("sd", 1))}
+        return variables, sd_variables, evals, trains
+
+    return run(x)

@@ -15,6 +15,7 @@ import optax
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from cnnjax.layers import DropPath
 from cnnjax.models import create_model, list_models, model_info
 from cnnjax.models.preact_resnet import (
     PreActBasicBlock,
@@ -26,7 +27,12 @@ from cnnjax.models.preact_resnet import (
 from cnnjax.models.resnet import batch_norm
 from cnnjax.train.checks import check_input_size
 from cnnjax.train.config import model_kwargs_config
-from tests.models.cifar import abstract_forward, assert_cifar_features
+from tests.models.cifar import (
+    abstract_forward,
+    assert_cifar_features,
+    drop_path_rates,
+    plain_and_stochastic_depth_outputs,
+)
 
 EPS = 1e-5  # BatchNorm epsilon (cnnjax.models.resnet.batch_norm)
 
@@ -256,7 +262,7 @@ def _calls(model, variables, x, train: bool):
 
     def record(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(
-            context.module, nn.Conv | nn.BatchNorm | nn.Dropout | nn.Dense
+            context.module, nn.Conv | nn.BatchNorm | nn.Dropout | nn.Dense | DropPath
         ):
             seen.append(("/".join(context.module.path), type(context.module).__name__))
         return next_fun(*args, **kwargs)
@@ -472,3 +478,99 @@ def test_drop_rate_must_be_a_number(value):
     with pytest.raises(ValueError, match=rf"^PreActResNet: drop_rate={value!r} is invalid; "
                        r"expected 0 <= drop_rate < 1\.$"):
         wide_resnet(16, 4, drop_rate=value)
+
+
+# --- Stochastic depth --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_drop_path_rate_is_a_model_kwarg(name):
+    assert "drop_path_rate" in model_kwargs_config(name)
+    assert create_model(name).drop_path_rate == 0.0
+    assert create_model(name, drop_path_rate=0.2).drop_path_rate == 0.2
+
+
+@pytest.mark.parametrize(("name", "stage_sizes"), [("wrn16_4_cifar", (2, 2, 2)),
+                                                   ("preact_resnet164_cifar", (18, 18, 18))])
+def test_block_drop_rates_decay_linearly_with_depth(name, stage_sizes):
+    """Block l of L (in forward order) drops its branch with drop_path_rate * l / L."""
+    assert drop_path_rates(create_model(name)) == {}  # rate 0: no DropPath at all
+    rates = drop_path_rates(create_model(name, drop_path_rate=0.5))
+    blocks = [f"stage{i}_block{j}" for i, n in enumerate(stage_sizes, 1) for j in range(1, n + 1)]
+    assert list(rates) == blocks
+    total = len(blocks)
+    np.testing.assert_allclose(list(rates.values()),
+                               [0.5 * l / total for l in range(1, total + 1)])  # noqa: E741
+    assert rates[blocks[-1]] == 0.5
+
+
+def test_drop_path_ends_the_branch_after_dropout_and_the_last_conv():
+    model = wide_resnet(16, 1, drop_rate=0.3, drop_path_rate=0.2)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    calls = _calls(model, variables, x, train=True)
+    block = [path.split("/")[-1] for path, _ in calls if path.startswith("stage2_block2/")]
+    assert block == ["bn1", "conv1", "bn2", "Dropout_0", "conv2", "drop_path"]
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_drop_path_drops_the_branch_before_the_addition(bottleneck):
+    """A dropped example's output is its identity shortcut x, a kept one's x + F(x) / (1 - rate),
+    F(x) being the same block's branch without DropPath (BN statistics come before it)."""
+    conv, norm = functools.partial(nn.Conv, use_bias=False), batch_norm(True, jnp.float32, None)
+    block = functools.partial(PreActBottleneckBlock, 4) if bottleneck else functools.partial(
+        PreActBasicBlock, 16)
+    plain, sd = block(conv=conv, norm=norm), block(conv=conv, norm=norm, drop_path_rate=0.5)
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 16))
+    variables = plain.init(jax.random.key(1), x)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def apply(module, train):
+        return module.apply(variables, x, train, rngs={"dropout": jax.random.key(2)},
+                            mutable=["batch_stats"])[0]
+
+    def run(module, train):
+        return np.asarray(apply(module, train))
+
+    branch = run(plain, True) - np.asarray(x)
+    y = run(sd, True)
+    dropped = np.array([np.array_equal(y[i], x[i]) for i in range(len(x))])
+    assert 0 < dropped.sum() < len(x)
+    np.testing.assert_allclose(y[~dropped], (x + branch / 0.5)[~dropped], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(run(sd, False), run(plain, False))  # evaluation: no DropPath
+
+
+@pytest.mark.parametrize(("label", "build"), [
+    ("basic+dropout", functools.partial(PreActResNet, stage_sizes=(1, 1), widths=(8, 16),
+                                        drop_rate=0.3)),
+    ("bottleneck", functools.partial(PreActResNet, stage_sizes=(2, 1), widths=(4, 8),
+                                     bottleneck=True)),
+])
+def test_stochastic_depth_changes_training_only(label, build):
+    plain, sd = build(num_classes=3), build(num_classes=3, drop_path_rate=0.5)
+    variables, sd_variables, evals, trains = plain_and_stochastic_depth_outputs(
+        plain, sd, jax.random.normal(jax.random.key(0), (8, 8, 8, 3)))
+    # No parameters or statistics added: the same init gives the same variables.
+    assert jax.tree.structure(sd_variables) == jax.tree.structure(variables)
+    jax.tree.map(np.testing.assert_array_equal, sd_variables, variables)
+    np.testing.assert_array_equal(evals["sd"], evals["plain"])  # inference: the plain network
+    assert not np.allclose(trains["sd", 0], trains["sd", 1], atol=1e-4)
+    assert not np.allclose(trains["sd", 0], trains["plain", 0], atol=1e-4)
+
+
+def test_invalid_drop_path_rates():
+    cases = [
+        (lambda: create_model("wrn16_4_cifar", drop_path_rate=1.0),
+         r"^PreActResNet: drop_path_rate=1.0 is invalid; expected 0 <= drop_path_rate < 1\.$"),
+        (lambda: create_model("preact_resnet164_cifar", drop_path_rate=-0.5),
+         r"^PreActResNet: drop_path_rate=-0.5 is invalid"),
+        (lambda: PreActResNet(drop_path_rate="0.2"),
+         r"^PreActResNet: drop_path_rate='0.2' is invalid"),
+        (lambda: PreActBasicBlock(8, conv=None, norm=None, drop_path_rate=1.5),
+         r"^PreActBasicBlock: drop_path_rate=1.5 is invalid; expected 0 <= drop_path_rate < 1"),
+        (lambda: PreActBottleneckBlock(8, conv=None, norm=None, drop_path_rate=None),
+         r"^PreActBottleneckBlock: drop_path_rate=None is invalid"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()

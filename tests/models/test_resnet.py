@@ -445,3 +445,140 @@ def test_invalid_stem_raises_documented_error():
         ValueError, match=r"ResNet: stem='tiny' is invalid; expected one of \['imagenet', 'cifar'\]"
     ):
         create_model("resnet18", stem="tiny")
+
+
+# --- Stochastic depth ----------------------------------------------------------------------------
+
+RESNET_NAMES = sorted(IMAGENET_COUNTS) + [f"resnet{d}_cifar" for d in sorted(CIFAR_COUNTS_M)]
+
+
+@pytest.mark.parametrize("name", RESNET_NAMES)
+def test_drop_path_rate_is_a_model_kwarg_of_every_resnet(name):
+    from cnnjax.train.config import model_kwargs_config
+
+    assert "drop_path_rate" in model_kwargs_config(name)
+    assert create_model(name).drop_path_rate == 0.0
+    assert create_model(name, drop_path_rate=0.2).drop_path_rate == 0.2
+
+
+@pytest.mark.parametrize(("name", "size", "blocks"), [
+    ("resnet18", 32, [f"stage{i}_block{j}" for i in (1, 2, 3, 4) for j in (1, 2)]),
+    ("resnet50", 32, [f"stage{i}_block{j + 1}" for i, n in enumerate((3, 4, 6, 3), 1)
+                      for j in range(n)]),
+    ("resnet20_cifar", 32, [f"stage{i}_block{j}" for i in (1, 2, 3) for j in (1, 2, 3)]),
+])
+def test_block_drop_rates_decay_linearly_with_depth(name, size, blocks):
+    """Block l of L (in forward order) drops its branch with drop_path_rate * l / L."""
+    from tests.models.cifar import drop_path_rates
+
+    assert drop_path_rates(create_model(name), size) == {}  # rate 0: no DropPath at all
+    rates = drop_path_rates(create_model(name, drop_path_rate=0.3), size)
+    assert list(rates) == blocks
+    np.testing.assert_allclose(list(rates.values()),
+                               [0.3 * l / len(blocks) for l in range(1, len(blocks) + 1)])  # noqa: E741
+    assert rates[blocks[-1]] == 0.3
+
+
+#: Small residual networks by label, built with extra keywords.
+TINY_RESNETS = {
+    "resnet20_cifar": lambda **kw: create_model("resnet20_cifar", num_classes=3, **kw),
+    "basic": lambda **kw: ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8,
+                                 num_classes=3, stem="cifar", **kw),
+    "bottleneck": lambda **kw: ResNet(stage_sizes=(2, 1), block_cls=BottleneckBlock,
+                                      num_filters=4, num_classes=3, stem="cifar", **kw),
+}
+
+
+@pytest.mark.parametrize("label", sorted(TINY_RESNETS))
+def test_stochastic_depth_changes_training_only(label):
+    from tests.models.cifar import plain_and_stochastic_depth_outputs
+
+    plain, sd = TINY_RESNETS[label](), TINY_RESNETS[label](drop_path_rate=0.5)
+    variables, sd_variables, evals, trains = plain_and_stochastic_depth_outputs(
+        plain, sd, jax.random.normal(jax.random.key(1), (8, 16, 16, 3)))
+    # No parameters or statistics added: the same init gives the same variables.
+    assert jax.tree.structure(sd_variables) == jax.tree.structure(variables)
+    jax.tree.map(np.testing.assert_array_equal, sd_variables, variables)
+    np.testing.assert_array_equal(evals["sd"], evals["plain"])  # inference: the plain network
+    assert not np.allclose(trains["sd", 0], trains["sd", 1], atol=1e-4)  # masks follow the key
+    assert not np.allclose(trains["sd", 0], trains["plain", 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("block_cls", [BasicBlock, BottleneckBlock])
+def test_drop_path_drops_the_branch_before_the_addition(block_cls):
+    """With an identity activation, a dropped example's output is its shortcut (here x) and a
+    kept one's is x + F(x) / (1 - rate), F(x) being the same block's branch without DropPath."""
+    conv, norm = _block_parts(train=True)
+    filters = 16 if block_cls is BasicBlock else 4
+    x = jax.random.normal(jax.random.key(0), (16, 6, 6, 16))
+    identity = lambda y: y  # noqa: E731
+    plain = block_cls(filters, conv=conv, norm=norm, act=identity)
+    sd = block_cls(filters, conv=conv, norm=norm, act=identity, drop_path_rate=0.5,
+                   deterministic=False)
+    variables = plain.init(jax.random.key(1), x)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(module):
+        return module.apply(variables, x, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.key(2)})[0]
+
+    branch = np.asarray(run(plain) - x)
+    y = np.asarray(run(sd))
+    dropped = np.array([np.array_equal(y[i], x[i]) for i in range(len(x))])
+    assert 0 < dropped.sum() < len(x)
+    np.testing.assert_allclose(y[~dropped], (x + branch / 0.5)[~dropped], rtol=1e-5, atol=1e-5)
+    # Evaluation (deterministic=True) is the block without DropPath.
+    eval_sd = block_cls(filters, conv=conv, norm=norm, act=identity, drop_path_rate=0.5,
+                        deterministic=True)
+    np.testing.assert_array_equal(run(eval_sd), run(plain))
+
+
+class _BlockWithoutDropPath(nn.Module):
+    """A custom `block_cls` that knows nothing of stochastic depth."""
+
+    filters: int
+    conv: nn.Module
+    norm: nn.Module
+    act: object = nn.relu
+    strides: int = 1
+    shortcut: str = "B"
+    zero_init_last_bn: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return self.conv(self.filters, (1, 1), (self.strides, self.strides))(x)
+
+
+def test_custom_blocks_need_drop_path_fields_only_when_it_is_used():
+    x = jnp.ones((1, 16, 16, 3))
+    build = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=_BlockWithoutDropPath,
+                              num_filters=4, num_classes=2)
+    jax.eval_shape(lambda: build().init(jax.random.key(0), x))
+    with pytest.raises(TypeError, match="drop_path_rate"):
+        jax.eval_shape(lambda: build(drop_path_rate=0.1).init(jax.random.key(0), x))
+
+
+def test_invalid_drop_path_rates_raise_documented_errors():
+    cases = [
+        (lambda: create_model("resnet18", drop_path_rate=1.0),
+         r"^ResNet: drop_path_rate=1.0 is invalid; expected 0 <= drop_path_rate < 1\.$"),
+        (lambda: create_model("resnet20_cifar", drop_path_rate=-0.1),
+         r"^CifarResNet: drop_path_rate=-0.1 is invalid; expected 0 <= drop_path_rate < 1\.$"),
+        (lambda: create_model("resnet20_cifar", drop_path_rate="0.1"),
+         r"^CifarResNet: drop_path_rate='0.1' is invalid"),
+        (lambda: create_model("plain20_cifar", drop_path_rate=0.1),
+         r"^CifarResNet: drop_path_rate=0.1 is invalid; expected 0 with shortcut='none'"),
+        (lambda: create_model("resnet18", shortcut="none", drop_path_rate=0.1),
+         r"^ResNet: drop_path_rate=0.1 is invalid; expected 0 with shortcut='none'"),
+        (lambda: BasicBlock(8, conv=nn.Conv, norm=nn.BatchNorm, drop_path_rate=0.1),
+         r"^BasicBlock: deterministic=None is invalid; expected True \(evaluation\) or False "
+         r"\(training\) with drop_path_rate > 0\.$"),
+        (lambda: BottleneckBlock(4, conv=nn.Conv, norm=nn.BatchNorm, drop_path_rate=True,
+                                 deterministic=True),
+         r"^BottleneckBlock: drop_path_rate=True is invalid"),
+    ]
+    for build, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build()
+    # The plain nets accept the (default) 0.
+    assert create_model("plain20_cifar", drop_path_rate=0.0).drop_path_rate == 0.0

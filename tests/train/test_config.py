@@ -261,7 +261,7 @@ def test_model_kwargs_config_declares_settable_fields_unset():
     cifar = model_kwargs_config("resnet20_cifar")
     # depth is fixed by the factory (the model name), act holds a function, num_classes/dtype/
     # axis_name are the engine's.
-    assert set(cifar) == {"widths", "shortcut", "zero_init_last_bn"}
+    assert set(cifar) == {"widths", "shortcut", "zero_init_last_bn", "drop_path_rate"}
     assert cifar.get_type("widths") is tuple and cifar.get_type("zero_init_last_bn") is bool
     two_tower = model_kwargs_config("alexnet_2tower")
     assert two_tower.get_type("pool_size") is int  # default None: type from `int | None`
@@ -390,4 +390,4 @@ def test_an_unaccepted_model_kwarg_lists_the_fields_of_a_model_that_pins_some(tm
             "config: model_kwargs={'activation': 'relu'} is invalid; model 'resnet20_cifar' does "
             "not accept them")
     message = _raises(config, tmp_path, "its settable fields are")
-    assert "['shortcut', 'widths', 'zero_init_last_bn']" in message
+    assert "['drop_path_rate', 'shortcut', 'widths', 'zero_init_last_bn']" in message

@@ -1,0 +1,77 @@
+"""Stochastic depth (Huang, Sun, Liu, Sedra, Weinberger 2016, "Deep Networks with Stochastic
+Depth"): `DropPath` and the per-block rates of the paper's linear decay rule.
+
+In training, each residual block's branch is dropped for a whole example with probability
+`rate`, so the block passes that example through its shortcut alone: the network trained is a
+random shallower one, and at test time all blocks are kept. Kept branches are scaled by
+1 / (1 - rate) during training (timm's `drop_path` with `scale_by_keep=True`), so the expected
+branch output is unchanged and inference is the plain network, with no rescaling. (The paper
+instead scales by the survival probability at test time; the two are equivalent in expectation.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnjax.utils.validation import check_number, check_positive_int
+
+Array = Any
+
+
+def check_drop_rate(owner: str, arg: str, value: Any) -> float:
+    """Returns `value` as a float if it is a drop probability in [0, 1) (1 would drop every example
+    and divide by zero), else the standard ValueError naming `owner`, `arg` and `value`."""
+    return check_number(owner, arg, value, f"expected 0 <= {arg} < 1", low=0.0, high=1.0,
+                        high_open=True, strings=False)
+
+
+def stochastic_depth_rates(total_blocks: int, max_rate: float) -> tuple[float, ...]:
+    """Drop rates of residual blocks 1..`total_blocks`, by the paper's linear decay rule (eq. 4):
+    block l of L is dropped with probability `max_rate * l / L`, so the first block is rarely
+    dropped and the last one with `max_rate` (the paper's 1 - p_L; it uses 0.5).
+
+    timm's `linspace(0, max_rate, L)` differs by starting at 0 for the first block; this follows
+    the paper. `l / L` is computed first so the last rate is exactly `max_rate`.
+    """
+    check_positive_int("stochastic_depth_rates", "total_blocks", total_blocks)
+    max_rate = check_drop_rate("stochastic_depth_rates", "max_rate", max_rate)
+    return tuple(max_rate * (block / total_blocks) for block in range(1, total_blocks + 1))
+
+
+class DropPath(nn.Module):
+    """Drops the whole input of an example with probability `rate` in training (stochastic depth);
+    wrap a residual branch with it, before the addition to the shortcut.
+
+    Kept examples are scaled by 1 / (1 - rate) (the expectation is preserved, so evaluation needs
+    no rescaling). Identity when deterministic (evaluation) or `rate` is 0. The mask has one entry
+    per example along axis 0, broadcast over the other axes, drawn from the `rng_collection`
+    stream (`'dropout'`, which the training engine supplies per step and device). `deterministic`
+    is given here or at call time, as for `nn.Dropout`.
+
+    Attributes:
+      rate: probability of dropping an example's branch, in [0, 1).
+      deterministic: True for evaluation (identity), False for training.
+      rng_collection: the RNG stream the mask is drawn from.
+    """
+
+    rate: float
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
+
+    def __post_init__(self) -> None:
+        check_drop_rate(type(self).__name__, "rate", self.rate)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if deterministic or self.rate == 0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng(self.rng_collection), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
