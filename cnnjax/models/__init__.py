@@ -24,15 +24,18 @@ from cnnjax.models import (  # noqa: F401  (imported to register their models)
 from cnnjax.models.heads import freeze_backbone, replace_head, trainable_mask
 from cnnjax.models.registry import (
     TASKS,
+    ModelArgumentError,
     ModelInfo,
     create_model,
     list_models,
     model_info,
     register_model,
+    settable_fields,
 )
 
 __all__ = [
     "TASKS",
+    "ModelArgumentError",
     "ModelInfo",
     "create_model",
     "freeze_backbone",
@@ -40,5 +43,6 @@ __all__ = [
     "model_info",
     "register_model",
     "replace_head",
+    "settable_fields",
     "trainable_mask",
 ]

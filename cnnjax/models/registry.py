@@ -10,11 +10,16 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 
-from cnnjax.utils.validation import check_choice
+from cnnjax.utils.validation import check_choice, invalid
+
+#: Constructor fields the caller (the engine) or flax sets, never offered as hyperparameters.
+ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +101,64 @@ def model_info(name: str) -> ModelInfo:
     return _lookup(name)
 
 
+class ModelArgumentError(ValueError):
+    """A keyword `create_model` was given that the model does not take or its name fixes."""
+
+
+class ModelField(NamedTuple):
+    """A constructor field of a model a caller may set: its default and its type annotation."""
+
+    default: Any
+    annotation: Any
+
+
+def settable_fields(name: str) -> dict[str, ModelField]:
+    """The constructor fields of model `name` that `create_model(name, field=...)` accepts, in
+    declaration order: not those its registered name fixes (resnet20_cifar's `depth`), nor
+    `ENGINE_MODEL_FIELDS`. Found by building the default model and probing the factory."""
+    factory = _lookup(name).factory
+    module = factory()
+    fields: dict[str, ModelField] = {}
+    for field in dataclasses.fields(module):
+        if field.name in ENGINE_MODEL_FIELDS:
+            continue
+        value = getattr(module, field.name)
+        try:
+            factory(**{field.name: value})
+        except (TypeError, KeyError):  # the factory sets this field itself (e.g. depth=20)
+            continue
+        fields[field.name] = ModelField(value, field.type)
+    return fields
+
+
 def create_model(name: str, **overrides) -> nn.Module:
-    """Builds the registered model `name`; overrides (num_classes, dtype, ...) go to its factory."""
+    """Builds the registered model `name`; overrides (num_classes, dtype, ...) go to its factory.
+
+    A keyword the model does not have, or one its name fixes (`create_model("resnet20_cifar",
+    depth=32)`), raises a `ModelArgumentError` (a ValueError) listing the settable fields.
+    """
     info = _lookup(name)
     overrides.setdefault("num_classes", info.num_classes)
-    return info.factory(**overrides)
+    try:
+        return info.factory(**overrides)
+    except TypeError as err:
+        bad = _rejected_keyword(str(err), overrides)
+        if bad is None:
+            raise
+    # Outside the `except`: there CPython 3.11 turns the probes' duplicate-keyword TypeErrors
+    # into KeyErrors.
+    raise ModelArgumentError(str(invalid(
+        "create_model", bad, overrides[bad],
+        f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); its settable "
+        f"fields are {sorted(settable_fields(name))}")))
+
+
+def _rejected_keyword(message: str, overrides: dict) -> str | None:
+    """The keyword a factory's TypeError `message` names as unexpected or duplicated, if it is
+    one of `overrides`; None for any other TypeError (a genuine error, re-raised)."""
+    match = re.search(r"(?:unexpected keyword argument|multiple values for (?:keyword )?argument)"
+                      r" '(\w+)'", message)
+    return match.group(1) if match and match.group(1) in overrides else None
 
 
 def list_models(pattern: str = "*", task: str | None = "classification") -> list[str]:

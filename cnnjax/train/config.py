@@ -190,8 +190,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Model fields the engine sets itself (or flax's own), never declared in `model_kwargs`.
-ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
 _FIELD_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "tuple": tuple}
 
 
@@ -210,28 +208,16 @@ def model_kwargs_config(model: str) -> ml_collections.ConfigDict:
 
     `python -m experiments.train` locks the config (typos in `--config.x=y` fail), so
     `--config.model_kwargs.<field>=<value>` needs the field to exist. This returns a placeholder
-    for every constructor field the model's factory accepts whose type the command line can
-    express (bool, int, float, str, tuple), e.g. `activation` for lenet5 or `widths`/`shortcut`
-    for resnet20_cifar (not `depth`, which that factory fixes). Fields the engine sets
-    (`num_classes`, `dtype`, `axis_name`) are left out.
+    for every field of `models.settable_fields(model)` whose type the command line can express
+    (bool, int, float, str, tuple), e.g. `activation` for lenet5 or `widths`/`shortcut` for
+    resnet20_cifar (not `depth`, which that factory fixes, nor the engine's `num_classes`,
+    `dtype`, `axis_name`).
     """
-    from cnnjax.models import model_info  # deferred: imports every architecture
+    from cnnjax.models import settable_fields  # deferred: imports every architecture
 
-    factory = model_info(model).factory
-    module = factory()
-    fields: dict[str, Any] = {}
-    for field in dataclasses.fields(module):
-        if field.name in ENGINE_MODEL_FIELDS:
-            continue
-        value = getattr(module, field.name)
-        kind = _field_type(value, field.type)
-        if kind is None:
-            continue
-        try:
-            factory(**{field.name: value})
-        except (TypeError, KeyError):  # the factory sets this field itself (e.g. depth=20)
-            continue
-        fields[field.name] = config_dict.placeholder(kind)
+    fields = {name: config_dict.placeholder(kind)
+              for name, field in settable_fields(model).items()
+              if (kind := _field_type(field.default, field.annotation)) is not None}
     return ml_collections.ConfigDict(fields)
 
 
@@ -457,7 +443,7 @@ def check_config(config: Any) -> CheckedConfig:
     import jax
     import jax.numpy as jnp
 
-    from cnnjax.models import create_model, list_models, model_info
+    from cnnjax.models import ModelArgumentError, create_model, list_models, model_info
     from cnnjax.train import checks
     from cnnjax.train.optim import build_optimizer, build_schedule
     from cnnjax.train.parallel import AXIS_NAME
@@ -505,17 +491,12 @@ def check_config(config: Any) -> CheckedConfig:
             config.model, num_classes=data_info.num_classes, axis_name=AXIS_NAME, dtype=dtype,
             **kwargs,
         )
-    except TypeError as err:  # a keyword the model does not have
-        problem = str(err)
-    else:
-        problem = None
-    if problem is not None:  # outside the `except`: there CPython 3.11 turns the probes'
-        # duplicate-keyword TypeErrors into KeyErrors
+    except ModelArgumentError as err:  # a keyword the model does not have, or fixes
         raise ValueError(
             f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
-            f"accept them ({problem}); its settable fields are "
+            f"accept them ({err}); its settable fields are "
             f"{sorted(model_kwargs_config(config.model))}."
-        )
+        ) from None
     image_shape = tuple(data_info.image_shape)
     checks.check_input_size(model, config.model, image_shape, info.min_input_size)
     if task == "detection":

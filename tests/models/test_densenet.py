@@ -428,7 +428,8 @@ def test_bc_models_fix_bottleneck(name):
     settable = model_kwargs_config(name)
     assert "bottleneck" not in settable
     assert {"bn_size", "compression", "drop_rate"} <= set(settable)
-    with pytest.raises(TypeError, match="multiple values for keyword argument 'bottleneck'"):
+    with pytest.raises(ValueError, match=rf"create_model: bottleneck=False is invalid; model "
+                       rf"'{name}' does not take 'bottleneck' \(unknown, or fixed by its name\)"):
         create_model(name, bottleneck=False)
     assert create_model(name).bottleneck is True
 
@@ -438,7 +439,8 @@ def test_basic_models_have_no_bn_size(name):
     """bn_size sizes the bottleneck's 1x1 conv, which basic dense layers lack: not offered."""
     settable = model_kwargs_config(name)
     assert "bn_size" not in settable and "bottleneck" not in settable
-    with pytest.raises(TypeError, match="multiple values for keyword argument 'bn_size'"):
+    with pytest.raises(ValueError, match=r"create_model: bn_size=4 is invalid; .* its settable "
+                       r"fields are \['act', 'compression'"):
         create_model(name, bn_size=4)
     assert create_model(name).bn_size is None
 

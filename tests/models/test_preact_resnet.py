@@ -417,7 +417,8 @@ def test_basic_block_models_do_not_offer_bottleneck_options(name):
     assert not {"expansion", "stride_in_1x1", "bottleneck"} & set(settable)
     assert "drop_rate" in settable
     for field, value in (("expansion", 7), ("stride_in_1x1", False)):
-        with pytest.raises(TypeError, match=f"multiple values for keyword argument '{field}'"):
+        with pytest.raises(ValueError, match=rf"create_model: {field}={value} is invalid; model "
+                           rf"'{name}' does not take '{field}'"):
             create_model(name, **{field: value})
     model = create_model(name)
     assert (model.expansion, model.stride_in_1x1) == (None, None)
