@@ -48,7 +48,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from ml_collections import config_dict
 
-from cnnjax.data import presets
+from cnnjax.data import presets, randaugment
 from cnnjax.data.builders import digits as _digits  # noqa: F401  (registers the `digits` builder)
 from cnnjax.utils.validation import (
     check_choice,
@@ -60,6 +60,9 @@ from cnnjax.utils.validation import (
 Batch = dict[str, np.ndarray]
 _OWNER = "data"
 _AUTOTUNE = tf.data.AUTOTUNE
+# RandAugment's per-example key is `fold_in(key, _RANDAUGMENT_STREAM)`, apart from the crop/flip
+# keys `stateless_split(key, 2)` (unchanged, so runs without RandAugment keep their batches).
+_RANDAUGMENT_STREAM = 0x52414E44
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; `classes` (None:
     every class; else the labels to keep, remapped to 0..k-1 in the given order);
     `train_examples_per_class` (None: all; else the first n train examples of each kept class);
+    `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0: off,
+    and their magnitude on the 0..10 scale; `cnnjax.data.randaugment`; needs `augment`);
     and `fake_*`, the shape, classes and sizes of the `fake` dataset (random in-memory images for
     benchmarks).
     """
@@ -109,6 +114,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "shuffle_buffer": preset.shuffle_buffer,
             "classes": config_dict.placeholder(tuple),
             "train_examples_per_class": config_dict.placeholder(int),
+            "randaugment_layers": 0,
+            "randaugment_magnitude": 9.0,
             "fake_image_shape": fake.image_shape,
             "fake_num_classes": fake.num_classes,
             "fake_num_train": 1024,
@@ -132,6 +139,8 @@ class _Spec:
     shuffle_buffer: int
     classes: tuple[int, ...] | None  # labels kept, in their new order; None: every class
     train_examples_per_class: int | None
+    randaugment_layers: int  # 0: off
+    randaugment_magnitude: float
     fake_image_shape: tuple[int, int, int]
     fake_num_classes: int
     fake_num_train: int
@@ -206,6 +215,15 @@ def _resolve(data_config: Any) -> _Spec:
                       "expected a positive integer (examples kept per class in the train split), "
                       "or None for all of them")
 
+    augment = _check_bool("augment", cfg["augment"])
+    ra_layers, ra_magnitude = randaugment.check_randaugment(
+        _OWNER, cfg["randaugment_layers"], cfg["randaugment_magnitude"],
+        layers_arg="randaugment_layers", magnitude_arg="randaugment_magnitude")
+    if ra_layers and not augment:
+        raise invalid(_OWNER, "randaugment_layers", ra_layers,
+                      "expected 0 when augment=False (RandAugment is a training augmentation: "
+                      "set augment=True, or randaugment_layers=0)")
+
     tfds_name = _optional_str("tfds_name", cfg["tfds_name"]) or preset.tfds_name
     if name == "fake":
         tfds_name = None
@@ -214,13 +232,15 @@ def _resolve(data_config: Any) -> _Spec:
         tfds_name=tfds_name,
         data_dir=_optional_str("data_dir", cfg["data_dir"]),
         size=size,
-        augment=_check_bool("augment", cfg["augment"]),
+        augment=augment,
         train_split=_optional_str("train_split", cfg["train_split"]) or preset.train_split,
         eval_split=_optional_str("eval_split", cfg["eval_split"]) or preset.eval_split,
         cache=_check_bool("cache", cfg["cache"]),
         shuffle_buffer=int(cfg["shuffle_buffer"]),
         classes=_check_classes(cfg["classes"]),
         train_examples_per_class=None if per_class is None else int(per_class),
+        randaugment_layers=ra_layers,
+        randaugment_magnitude=ra_magnitude,
         fake_image_shape=tuple(int(v) for v in fake_shape),  # type: ignore[arg-type]
         fake_num_classes=int(cfg["fake_num_classes"]),
         fake_num_train=int(cfg["fake_num_train"]),
@@ -496,7 +516,12 @@ def _open_source(spec: _Spec) -> _Source:
 # ------------------------------------------------------------------------------ preprocessing
 @dataclasses.dataclass(frozen=True)
 class _Transforms:
-    """TF graph functions from a decoded uint8 image to a normalized float32 image."""
+    """TF graph functions from a decoded uint8 image to a normalized float32 image.
+
+    With `randaugment_layers > 0`, `train` applies RandAugment to the 0..255 pixels after the
+    crop and flip (after the resize for the augmentation "none"), before normalization; those
+    pixels are rounded to whole levels first (RandAugment's ops are PIL's, on uint8).
+    """
 
     out_shape: tuple[int, int, int]
     native_hw: tuple[int | None, int | None]
@@ -506,6 +531,8 @@ class _Transforms:
     eval_transform: str
     crop_padding: int
     crop_fraction: float
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 9.0
 
     def _finish(self, image: tf.Tensor) -> tf.Tensor:
         image = (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
@@ -521,18 +548,32 @@ class _Transforms:
         shrinks = None in native or any(o < n for o, n in zip(hw, native, strict=True))
         return tf.image.resize(image, hw, method="bilinear", antialias=shrinks)
 
-    def eval(self, image: tf.Tensor) -> tf.Tensor:
+    def _eval_pixels(self, image: tf.Tensor) -> tf.Tensor:
+        """The eval transform before normalization: float32 in [0, 1]."""
         image = tf.cast(image, tf.float32) / 255.0
         if self.eval_transform == "resize_center_crop":
-            image = _resize_shorter_center_crop(image, self.out_shape[0], self.crop_fraction)
-        else:
-            image = self._resize(image)
-        return self._finish(image)
+            return _resize_shorter_center_crop(image, self.out_shape[0], self.crop_fraction)
+        return self._resize(image)
+
+    def eval(self, image: tf.Tensor) -> tf.Tensor:
+        return self._finish(self._eval_pixels(image))
 
     def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """Augments with stateless ops seeded by `seed` (int64 `[2]`), so it is replayable."""
         if self.train_augmentation == "none":
-            return self.eval(image)
+            image = self._eval_pixels(image)
+        else:
+            image = self._crop_flip(image, seed)
+        if self.randaugment_layers:
+            key = tf.random.experimental.stateless_fold_in(seed, _RANDAUGMENT_STREAM)
+            pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+            pixels = randaugment.rand_augment(pixels, key, self.randaugment_layers,
+                                              self.randaugment_magnitude)
+            image = tf.cast(pixels, tf.float32) / 255.0
+        return self._finish(image)
+
+    def _crop_flip(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """The preset's random crop and flip: float32 in [0, 1]."""
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         image = tf.cast(image, tf.float32) / 255.0
         if self.train_augmentation == "pad_crop_flip":
@@ -542,8 +583,7 @@ class _Transforms:
             image = tf.image.stateless_random_crop(image, self.out_shape, seed=crop_seed)
         else:  # random_resized_crop_flip
             image = _random_resized_crop(image, self.out_shape[:2], crop_seed)
-        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-        return self._finish(image)
+        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
 def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
@@ -595,6 +635,8 @@ def _transforms(spec: _Spec, source: _Source) -> _Transforms:
         eval_transform=preset.eval_transform,
         crop_padding=preset.crop_padding,
         crop_fraction=preset.crop_fraction,
+        randaugment_layers=spec.randaugment_layers,
+        randaugment_magnitude=spec.randaugment_magnitude,
     )
 
 
@@ -642,6 +684,10 @@ def open_whole_image_source(spec: _Spec, make_source: Callable[[_Spec], _Source]
     then flips, `flipped_whole_image`)."""
     if spec.preset.tfds_name is None:
         raise invalid(_OWNER, "name", spec.preset.name, "expected a tfds dataset")
+    if spec.randaugment_layers:
+        raise invalid(_OWNER, "randaugment_layers", spec.randaugment_layers,
+                      "expected 0: RandAugment is for classification (its geometric ops would "
+                      "have to move the boxes or class maps too)")
     hide_gpus_from_tensorflow()
     source = make_source(spec)
     return source, dataclasses.replace(_transforms(spec, source), eval_transform="resize")

@@ -39,7 +39,8 @@ TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentatio
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
                    "ema": {"decay": None, "warmup": True},
                    "mixing": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5,
-                              "prob": 1.0}}
+                              "prob": 1.0},
+                   "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0}}
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
 RUNTIME_FIELDS = frozenset(
     {

@@ -385,3 +385,129 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
         detection.train_batches(config, global_batch_size=8, num_devices=1, seed=3, start_step=2)
     assert seen == [("shapes", {"global_batch_size": 8, "seed": 3, "start_step": 2,
                                 "shard": (0, 1)})]
+
+
+# ------------------------------------------------------------------------------ RandAugment
+# `_Transforms.train` digests recorded with the code before RandAugment existed (no resize in
+# either case, so the bytes only depend on exact elementwise float ops and the stateless draws).
+RECORDED_TRANSFORMS = {
+    "none": "4afbfd85b31ecd8fc0bff49e90b6eb3d73e9b96dac94ff0b76b97608ba24b7dc",
+    "pad_crop_flip": "171fa61fe9c9ae3fba026170724c76c4fb6f4fef88d3e2428ba3c53803e981f9",
+}
+
+
+@pytest.mark.parametrize("augmentation,shape", [("none", (8, 8, 1)),
+                                                ("pad_crop_flip", (12, 10, 3))])
+def test_train_transform_without_randaugment_is_unchanged(augmentation, shape):
+    c = shape[-1]
+    transforms = pipeline._Transforms(shape, shape[:2], (0.45,) * c, (0.25,) * c, augmentation,
+                                      "resize", 4, 0.875)
+    images = np.random.default_rng(5).integers(0, 256, (8, *shape), dtype=np.uint8)
+    digest = hashlib.sha256()
+    for k in range(8):
+        digest.update(transforms.train(images[k], tf.constant([k, 2024], tf.int64)).numpy()
+                      .tobytes())
+    assert digest.hexdigest() == RECORDED_TRANSFORMS[augmentation]
+
+
+def test_random_resized_crop_keeps_its_seeds_without_randaugment():
+    """The crop and flip keys are still `stateless_split(key, 2)`; RandAugment folds its own."""
+    transforms = pipeline._Transforms((16, 16, 3), (None, None), (0.5,) * 3, (0.25,) * 3,
+                                      "random_resized_crop_flip", "resize_center_crop", 4, 0.875)
+    image = np.random.default_rng(6).integers(0, 256, (21, 27, 3), dtype=np.uint8)
+    for k in range(4):
+        key = tf.constant([k, 1], tf.int64)
+        crop, flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        want = pipeline._random_resized_crop(tf.cast(image, tf.float32) / 255.0, (16, 16), crop)
+        want = (tf.image.stateless_random_flip_left_right(want, seed=flip) - 0.5) / 0.25
+        np.testing.assert_array_equal(transforms.train(image, key).numpy(), want.numpy())
+
+
+def test_randaugment_layers_0_is_the_default(digits_config):
+    default = _take(train_batches(digits_config(), global_batch_size=32, num_devices=1, seed=11,
+                                  start_step=5), 3)
+    off = _take(train_batches(digits_config(randaugment_layers=0, randaugment_magnitude=3),
+                              global_batch_size=32, num_devices=1, seed=11, start_step=5), 3)
+    assert _digest(off) == _digest(default)
+    spec = pipeline._resolve(ml_collections.ConfigDict({"name": "digits"}))  # an old config
+    assert (spec.randaugment_layers, spec.randaugment_magnitude) == (0, 9.0)
+
+
+def test_randaugment_changes_train_images_only_and_replays(digits_config):
+    on = digits_config(randaugment_layers=2, randaugment_magnitude=9)
+    plain = _take(train_batches(digits_config(), global_batch_size=64, num_devices=2, seed=3), 4)
+    augmented = _take(train_batches(on, global_batch_size=64, num_devices=2, seed=3), 4)
+    for x, y in zip(plain, augmented, strict=True):
+        np.testing.assert_array_equal(x["label"], y["label"])  # same examples, same order
+        assert x["image"].shape == y["image"].shape and y["image"].dtype == np.float32
+        changed = (x["image"] != y["image"]).reshape(64, -1).any(-1)
+        assert changed.mean() > 0.5  # only no-op draws (e.g. Identity twice) leave an image
+    # Augmented pixels stay on the 0..255 level grid (RandAugment works on uint8).
+    preset = pipeline.presets.get_preset("digits")
+    levels = (augmented[0]["image"].astype(np.float64) * preset.std[0] + preset.mean[0]) * 255
+    np.testing.assert_allclose(levels, np.rint(levels), atol=1e-3)
+    again = _take(train_batches(on, global_batch_size=64, num_devices=2, seed=3, start_step=2), 2)
+    assert _digest(again) == _digest(augmented[2:])
+    other_seed = next(train_batches(on, global_batch_size=64, num_devices=2, seed=4))
+    assert not np.array_equal(other_seed["image"], augmented[0]["image"])
+    evals = [list(eval_batches(config, global_batch_size=100, num_devices=1))
+             for config in (digits_config(), on)]
+    assert _digest(evals[0]) == _digest(evals[1])
+
+
+def test_randaugment_on_resized_and_rgb_images(digits_config):
+    batch = next(train_batches(digits_config(image_size=16, randaugment_layers=3),
+                               global_batch_size=8, num_devices=1, seed=0))
+    assert batch["image"].shape == (1, 8, 16, 16, 1) and np.isfinite(batch["image"]).all()
+    fake = pipeline.default_data_config("fake")
+    fake.randaugment_layers, fake.randaugment_magnitude = 2, 5.5
+    batch = next(train_batches(fake, global_batch_size=8, num_devices=1, seed=0))
+    assert batch["image"].shape == (1, 8, 32, 32, 3)
+
+
+def test_randaugment_config_errors(digits_config):
+    _expect(r"data: randaugment_layers=-1 is invalid; expected an integer >= 0 \(RandAugment "
+            r"ops applied to each image; 0: none\)",
+            get_dataset_info, digits_config(randaugment_layers=-1))
+    config = digits_config()
+    config.randaugment_layers = None
+    _expect(r"data: randaugment_layers=None is invalid", get_dataset_info, config)
+    _expect(r"data: randaugment_magnitude=11.0 is invalid; expected a number in \[0, 10\] "
+            r"\(RandAugment's magnitude scale, 10 the strongest\)",
+            get_dataset_info, digits_config(randaugment_magnitude=11))
+    config = ml_collections.ConfigDict({"name": "digits", "randaugment_magnitude": "9"})
+    _expect(r"data: randaugment_magnitude='9' is invalid", get_dataset_info, config)
+    _expect(r"data: randaugment_layers=2 is invalid; expected 0 when augment=False \(RandAugment "
+            r"is a training augmentation: set augment=True, or randaugment_layers=0\)",
+            train_batches, digits_config(augment=False, randaugment_layers=2),
+            global_batch_size=8, num_devices=1, seed=0)
+    get_dataset_info(digits_config(augment=False, randaugment_magnitude=3))  # off: any magnitude
+
+
+def test_randaugment_is_refused_for_dense_targets(tmp_path):
+    from cnnjax.data import detection, segmentation
+
+    for module in (detection, segmentation):
+        config = module.default_data_config("shapes")
+        config.data_dir = str(tmp_path)
+        config.randaugment_layers = 1
+        _expect(r"data: randaugment_layers=1 is invalid; expected 0: RandAugment is for "
+                r"classification", module.get_dataset_info, config)
+
+
+def test_workdirs_from_before_randaugment_still_resume():
+    """A config.json written before the RandAugment fields existed lacks them; LEGACY_DEFAULTS
+    says it had them off, so it stays compatible with today's default data config."""
+    from cnnjax.train import config as config_lib
+
+    current = config_lib.default_config()
+    current.data = pipeline.default_data_config("digits")
+    new = config_lib.flatten(current)
+    assert new["data.randaugment_layers"] == 0 and new["data.randaugment_magnitude"] == 9
+    old = {k: v for k, v in new.items() if not k.startswith("data.randaugment_")}
+    assert config_lib.incompatible_fields(old, new) == []
+    assert config_lib.incompatible_fields(new, old) == []
+    assert config_lib.incompatible_fields(old, dict(new, **{"data.randaugment_layers": 2})) == [
+        "data.randaugment_layers"]
+    assert config_lib.incompatible_fields(
+        old, dict(new, **{"data.randaugment_magnitude": 5})) == ["data.randaugment_magnitude"]
