@@ -1,13 +1,15 @@
 """Evaluate a training run's checkpoint on a split of its dataset (no training).
 
     python -m experiments.evaluate --workdir=workdirs/lenet5_digits [--split=test] [--step=N]
+        [--ema]
 
 Loads the run's best checkpoint (by its config's best_metric; else its newest; or --step), runs
 the engine's own evaluation on --split (default: the run's eval split) and prints the metrics.
 They are also written to <workdir>/eval/<split>_step<N>.json (--output overrides the path), with
 a PNG beside it: the confusion matrix (and per-class top-1 in the JSON) of a classifier, or a
-detector's boxes on the first images. The run's own files are only read, so a run still
-training can be evaluated.
+detector's boxes on the first images. With --ema the checkpoint's weight average (a run with
+--config.ema.decay) is evaluated instead of its weights, written to ..._step<N>_ema.json. The
+run's own files are only read, so a run still training can be evaluated.
 """
 
 from __future__ import annotations

@@ -20,7 +20,13 @@ from cnnjax.layers.conv_impl import CONV_IMPLS
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
-from cnnjax.utils.validation import check_choice, check_positive_float, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+    invalid,
+)
 
 PARALLEL_MODES = ("pmap", "shard_map")
 FREEZE_MODES = (None, "backbone")
@@ -36,10 +42,10 @@ TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS,
 TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentation": "miou"}
 # Fields added to the schema after workdirs were written: the value an older config.json (which
 # lacks the field) implicitly had, so those workdirs still resume.
+MIXING_DEFAULTS = dataclasses.asdict(mixing_lib.Mixing())  # mixing off
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
-                   "ema": {"decay": None, "warmup": True},
-                   "mixing": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5,
-                              "prob": 1.0},
+                   "ema": {"decay": None, "warmup": True}, "mixing": MIXING_DEFAULTS,
+                   "init_from": {"ema": False},
                    "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0}}
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
 RUNTIME_FIELDS = frozenset(
@@ -95,8 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     # reverse (cnnjax.train.mixing), classification only: lam ~ Beta(alpha, alpha); an alpha of 0
     # turns that method off; with both on, CutMix with probability switch_prob; a batch is mixed
     # with probability prob. E.g. mixup_alpha=0.2 (ImageNet) or cutmix_alpha=1.0.
-    c.mixing = ml_collections.ConfigDict(
-        {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "switch_prob": 0.5, "prob": 1.0})
+    c.mixing = ml_collections.ConfigDict(MIXING_DEFAULTS)
     c.label_smoothing = 0.0
     c.aux_loss_weight = 0.3  # weight of auxiliary classifiers' loss (GoogLeNet aux_logits=True)
     # Divergence: a NaN/inf training loss, or one above max_loss (cross-entropy starts near
@@ -177,6 +182,9 @@ def default_config() -> ml_collections.ConfigDict:
             # the source's own head is ignored and every other module starts fresh). Unused
             # without a workdir, so a config can set it and still train from scratch.
             "submodule": ml_collections.FieldReference(None, field_type=str),
+            # True: load the source run's weight average (its config.ema) instead of its
+            # weights, from the checkpoint chosen as above.
+            "ema": False,
         }
     )
     # None: train every parameter. 'backbone': train only the head (the top-level modules in
@@ -245,13 +253,30 @@ def init_from_workdir(config: Any) -> str | None:
 
 
 def ema_rule(config: Any) -> ema_lib.ExponentialMovingAverage | None:
-    """The weight average `config.ema` asks for (checked), or None when `ema.decay` is None."""
+    """The weight average `config.ema` asks for, or None when `ema.decay` is None (`ema.warmup`
+    is checked either way)."""
     ema = _field(config, "ema")
-    if ema is None or ema.get("decay") is None:
+    if ema is None:
         return None
-    warmup = ema.get("warmup", True)
+    warmup = check_bool("ema", "warmup", ema.get("warmup", True))
+    if ema.get("decay") is None:
+        return None
     ema_lib.check_ema(ema.decay, warmup, owner="ema")
     return ema_lib.ExponentialMovingAverage(ema.decay, warmup)
+
+
+def eval_metrics(config: Any) -> tuple[str, ...]:
+    """The eval metrics runs of `config` report: its task's (`TASK_METRICS`) and, when it keeps
+    a weight average (`config.ema`), the same again with the `ema_` prefix."""
+    metrics = tuple(TASK_METRICS[config_task(config)])
+    if ema_rule(config) is None:
+        return metrics
+    return metrics + tuple(ema_lib.METRIC_PREFIX + name for name in metrics)
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for a loss (`loss`, `ema_loss`); every other eval metric is an accuracy or mAP."""
+    return metric.removeprefix(ema_lib.METRIC_PREFIX) == "loss"
 
 
 def mixing_rule(config: Any) -> mixing_lib.Mixing | None:
@@ -260,7 +285,11 @@ def mixing_rule(config: Any) -> mixing_lib.Mixing | None:
     mixing = _field(config, "mixing")
     if mixing is None:
         return None
-    settings = dict(LEGACY_DEFAULTS["mixing"], **mixing)
+    fields = [field.name for field in dataclasses.fields(mixing_lib.Mixing)]
+    unknown = sorted(set(mixing) - set(fields))
+    if unknown:
+        raise invalid("mixing", "field", unknown[0], f"expected one of {fields}")
+    settings = {**MIXING_DEFAULTS, **mixing}
     mixing_lib.check_mixing("mixing", **settings)
     rule = mixing_lib.Mixing(**settings)
     return rule if rule.enabled else None
@@ -360,6 +389,7 @@ def _validate_init_from(config: Any) -> None:
             raise invalid("init_from", "step", step, "expected a checkpoint step >= 0 or None")
         if workdir is None:
             raise invalid("init_from", "step", step, "it needs init_from.workdir to be set")
+    check_bool("init_from", "ema", init_from.get("ema", False))
     submodule = init_from.get("submodule")
     if submodule is not None and (not isinstance(submodule, str) or not submodule
                                   or "/" in submodule):
@@ -531,6 +561,21 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def with_legacy_defaults(saved: dict) -> dict:
+    """A config.json's dict with every `LEGACY_DEFAULTS` field it lacks filled in, at any depth
+    (a saved `data` block keeps its fields and gains `randaugment_*`)."""
+    def merge(defaults: dict, values: dict) -> dict:
+        merged = dict(values)
+        for key, default in defaults.items():
+            if isinstance(default, dict) and isinstance(values.get(key), dict):
+                merged[key] = merge(default, values[key])
+            elif key not in values:
+                merged[key] = default
+        return merged
+
+    return merge(LEGACY_DEFAULTS, saved)
+
+
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
     """Dotted names of trajectory-defining fields that differ between two flattened configs.
 
@@ -538,7 +583,8 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs. The other
     `init_from.*` fields only matter when `init_from.workdir` is set on either side (workdirs
     saved before `init_from` existed lack its `exclude` default). Fields in `LEGACY_DEFAULTS`
-    (`task`) missing on one side take the value older workdirs implicitly had.
+    (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, init_from.ema) missing on one
+    side take the value older workdirs implicitly had.
     """
     names = sorted(set(saved) | set(current))
     legacy = flatten(LEGACY_DEFAULTS)

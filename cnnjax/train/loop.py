@@ -57,6 +57,7 @@ from cnnjax.train.step import (
 )
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, write_json
 from cnnjax.utils.lock import directory_lock
+from cnnjax.utils.validation import invalid
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -359,9 +360,19 @@ class _Run:
                 source_config.get("best_metric", "top1"),
                 source_config.get("best_mode", "max"),
             )
+            average = bool(init_from.get("ema", False))
+            if average:  # the source's weight average: {'ema': {'params', 'batch_stats'}}
+                source_shapes = source.shapes(step, ("ema",))["ema"]
+                if not source_shapes:
+                    raise invalid("init_from", "ema", True,
+                                  f"the checkpoint at step {step} of {source.workdir!r} holds no "
+                                  "weight average (its run had config.ema.decay None); set "
+                                  "init_from.ema=False to load its weights")
+            else:
+                source_shapes = source.shapes(step, WARM_START_COLLECTIONS)
             selected = select_pretrained(
                 self.variable_shapes,
-                source.shapes(step, WARM_START_COLLECTIONS),
+                source_shapes,
                 tuple(init_from.exclude),
                 source_workdir=source.workdir,
                 source_step=step,
@@ -369,7 +380,9 @@ class _Run:
                 source_model=source_config.get("model"),
                 submodule=init_from.get("submodule"),
             )
-            loaded = under_submodule(source.restore(step, selected), init_from.get("submodule"))
+            restored = (source.restore(step, {"ema": selected})["ema"] if average
+                        else source.restore(step, selected))
+            loaded = under_submodule(restored, init_from.get("submodule"))
         finally:
             source.close()
 
@@ -401,14 +414,16 @@ class _Run:
             "model": source_config.get("model"),
             "exclude": list(init_from.exclude),
             "submodule": init_from.get("submodule"),
+            "ema": average,
             "loaded_leaves": sum(len(_leaf_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
             "fresh_modules": fresh,
             "freeze": self.config.get("freeze"),
         }
         logging.info(
-            "Warm start (init_from): params and batch_stats of the %s checkpoint (step %d) of %s "
-            "(model %r); freshly initialized: %s; optimizer state and step start fresh.",
-            how, step, source.workdir, record["model"], fresh or "nothing",
+            "Warm start (init_from): %sparams and batch_stats of the %s checkpoint (step %d) of "
+            "%s (model %r); freshly initialized: %s; optimizer state and step start fresh.",
+            "averaged " if average else "", how, step, source.workdir, record["model"],
+            fresh or "nothing",
         )
         return loaded, record
 

@@ -83,9 +83,10 @@ def load_trained(workdir: str, step: int | None = None,
         raise invalid(_OWNER, "workdir", workdir,
                       "it holds converted torchvision weights, not a training run: pass it as "
                       "--config.init_from.workdir of a run instead")
-    config = ml_collections.ConfigDict({**config_lib.LEGACY_DEFAULTS, **saved})
+    config = ml_collections.ConfigDict(config_lib.with_legacy_defaults(saved))
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
+    config.grad_accum_steps = 1  # a training setting: it need not divide this machine's batch
     checked = config_lib.check_config(config)
     check_bool(_OWNER, "ema", ema)
     if ema and config_lib.ema_rule(config) is None:
@@ -166,9 +167,9 @@ def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
 
 
 def evaluate_trained(workdir: str, step: int | None = None, split: str | None = None,
-                     eval_batch_size: int | None = None) -> dict:
-    """`evaluate_run(load_trained(workdir, step), split, eval_batch_size)`."""
-    return evaluate_run(load_trained(workdir, step), split, eval_batch_size)
+                     eval_batch_size: int | None = None, ema: bool = False) -> dict:
+    """`evaluate_run(load_trained(workdir, step, ema=ema), split, eval_batch_size)`."""
+    return evaluate_run(load_trained(workdir, step, ema=ema), split, eval_batch_size)
 
 
 def evaluate_run(run: TrainedRun, split: str | None = None,

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.utils.files import read_json
@@ -284,7 +285,8 @@ def diagnose(curves: Curves, metric: str = "top1",
     """Every verdict that holds for `curves`, most urgent first; `metric` is the eval metric
     judged for improvement (loss, top1, top5; map50, map, coco_map50, coco_map75 for detection)."""
     t = thresholds or Thresholds()
-    check_choice(_OWNER, "metric", metric, ("loss", *FRACTION_METRICS))
+    judged = ("loss", *FRACTION_METRICS)
+    check_choice(_OWNER, "metric", metric, (*judged, *(METRIC_PREFIX + m for m in judged)))
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
     if diverged:
@@ -453,7 +455,7 @@ def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
 
 def noise_level(curves: Curves, metric: str, t: Thresholds, value: float) -> float:
     """The smallest change of eval `metric` (near `value`) that is not noise."""
-    if metric in FRACTION_METRICS:
+    if metric.removeprefix(METRIC_PREFIX) in FRACTION_METRICS:
         n = curves.eval_examples
         se = math.sqrt(max(value * (1 - value), 0.0) / n) if n else 0.0
         return max(t.noise_std_errors * se, t.min_accuracy_delta)
@@ -463,7 +465,7 @@ def noise_level(curves: Curves, metric: str, t: Thresholds, value: float) -> flo
 def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Finding:
     """still_improving or converged, from the eval metric over the last `tail_fraction`."""
     steps, values = curves.eval_steps, curves.eval_metrics[metric]
-    sign = -1.0 if metric == "loss" else 1.0
+    sign = -1.0 if config_lib.lower_is_better(metric) else 1.0
     end = int(curves.num_train_steps or steps[-1])
     start = end - t.tail_fraction * end
     before = values[steps <= start]
@@ -485,7 +487,8 @@ def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Fin
         reasons.append(f"eval {metric} improved {gain:.4g} (> noise {noise:.3g}) "
                        f"({best_before:.4g} -> {best_tail:.4g})")
     loss = curves.eval_metrics.get("loss")
-    if metric != "loss" and loss is not None and (steps > start).any() and (steps <= start).any():
+    before_and_tail = (steps > start).any() and (steps <= start).any()
+    if not config_lib.lower_is_better(metric) and loss is not None and before_and_tail:
         before_loss, tail_loss = np.min(loss[steps <= start]), np.min(loss[steps > start])
         drop = (before_loss - tail_loss) / before_loss if before_loss > 0 else 0.0
         evidence["eval_loss_tail_drop"] = float(drop)

@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.diagnose import (
@@ -136,10 +137,13 @@ class Recipe:
     def __post_init__(self):
         # Any task's metric here; run_tune checks it against its base config's task.
         metrics = list(dict.fromkeys(m for ms in config_lib.TASK_METRICS.values() for m in ms))
-        if self.metric is not None and self.metric not in metrics:
+        # ... or a weight average's (`ema_top1`, ...), which run_tune checks against config.ema
+        if self.metric is not None and (not isinstance(self.metric, str)
+                                        or self.metric.removeprefix(METRIC_PREFIX) not in metrics):
             raise invalid(_OWNER, "metric", self.metric,
-                          f"expected an eval metric of one of the tasks: {metrics} or None (the "
-                          "base config's best_metric)")
+                          f"expected an eval metric of one of the tasks: {metrics}, one of them "
+                          f"prefixed {METRIC_PREFIX!r} (a weight average's) or None (the base "
+                          "config's best_metric)")
         mode = self.mode
         if mode is None and self.metric is not None:
             mode = default_mode(self.metric)

@@ -48,13 +48,15 @@ _OWNER = "sweep"
 
 
 def default_mode(metric: str) -> str:
-    """'min' for loss, 'max' for every other eval metric (top-k accuracies, mAPs)."""
-    return "min" if metric == "loss" else "max"
+    """'min' for a loss (`loss`, `ema_loss`), 'max' for every other eval metric (top-k
+    accuracies, mAPs)."""
+    return "min" if config_lib.lower_is_better(metric) else "max"
 
 
 def task_metrics(config: Any) -> tuple[str, ...]:
-    """The eval metrics runs of `config` report: `config_lib.TASK_METRICS` of its task."""
-    return tuple(config_lib.TASK_METRICS[config_lib.config_task(config)])
+    """The eval metrics runs of `config` report (`config_lib.eval_metrics`: its task's, and
+    their `ema_` twins when it keeps a weight average)."""
+    return config_lib.eval_metrics(config)
 
 
 def check_metric(owner: str, metric: Any, config: Any) -> str:

@@ -103,3 +103,19 @@ def test_bad_accumulation_is_named_before_compiling(tmp_path, monkeypatch, value
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(helpers.tiny_config(grad_accum_steps=value), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluating_a_run_ignores_its_accumulation(tmp_path, monkeypatch):
+    """Evaluation never accumulates: a run whose grad_accum_steps would not divide this
+    machine's per-device batch still loads (here: config.json edited to a non-divisor)."""
+    import json
+
+    from cnnjax.train.trained import load_trained
+
+    helpers.install_fake_pipeline(monkeypatch)
+    loop.train_and_evaluate(helpers.tiny_config(grad_accum_steps=2, num_train_steps=4),
+                            str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["grad_accum_steps"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_trained(str(tmp_path)).step == 4

@@ -391,3 +391,18 @@ def test_an_unaccepted_model_kwarg_lists_the_fields_of_a_model_that_pins_some(tm
             "not accept them")
     message = _raises(config, tmp_path, "its settable fields are")
     assert "['drop_path_rate', 'shortcut', 'widths', 'zero_init_last_bn']" in message
+
+
+def test_legacy_defaults_fill_old_config_json_at_any_depth():
+    """An old config.json lacks the fields added since: they take their old implicit values,
+    inside a saved block too (its own fields win)."""
+    from cnnjax.train.config import with_legacy_defaults
+
+    old = {"model": "lenet5", "data": {"name": "digits", "augment": False}}
+    filled = with_legacy_defaults(old)
+    assert filled["task"] == "classification" and filled["grad_accum_steps"] == 1
+    assert filled["data"] == {"name": "digits", "augment": False, "randaugment_layers": 0,
+                              "randaugment_magnitude": 9.0}
+    assert filled["ema"] == {"decay": None, "warmup": True}
+    assert filled["mixing"]["mixup_alpha"] == 0.0
+    assert old == {"model": "lenet5", "data": {"name": "digits", "augment": False}}

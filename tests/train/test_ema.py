@@ -182,3 +182,36 @@ def test_loading_the_average_of_a_run_without_one_is_refused(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"load_trained: ema=True is invalid; the run in .* kept "
                                          r"no weight average"):
         load_trained(str(tmp_path), ema=True)
+
+
+def test_sweeps_tunes_and_diagnoses_accept_the_averages_metrics(tmp_path, monkeypatch):
+    """A config whose best_metric is ema_top1 sweeps, tunes and is diagnosed by that metric;
+    ema_loss is minimized like loss."""
+    from cnnjax.tune.diagnose import Thresholds, diagnose_workdir, load_curves, noise_level
+    from cnnjax.tune.recipe import Recipe
+    from cnnjax.tune.sweep import check_metric, default_mode
+
+    helpers.install_fake_pipeline(monkeypatch)
+    config = helpers.tiny_config(**{"ema.decay": 0.9, "best_metric": "ema_top1",
+                                    "num_train_steps": 40, "log_every_steps": 1,
+                                    "eval_every_steps": 4})
+    assert check_metric("sweep", None, config) == "ema_top1"
+    assert (default_mode("ema_loss"), default_mode("ema_top1")) == ("min", "max")
+    assert Recipe(metric="ema_top1").mode == "max"
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert diagnose_workdir(str(tmp_path)).findings  # judged by ema_top1, the best_metric
+    curves = load_curves(str(tmp_path))
+    assert (noise_level(curves, "ema_top1", Thresholds(), 0.5)
+            == noise_level(curves, "top1", Thresholds(), 0.5))  # a fraction, not a loss
+    with pytest.raises(ValueError, match=r"sweep: metric='ema_top1' is invalid; expected one of "
+                                         r"\['loss', 'top1', 'top5'\]"):
+        check_metric("sweep", "ema_top1", helpers.tiny_config())
+
+
+def test_warmup_is_checked_even_without_a_decay(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    config = helpers.tiny_config()
+    with config.ema.ignore_type():
+        config.ema.warmup = "yes"
+    with pytest.raises(ValueError, match=r"ema: warmup='yes' is invalid; expected True or False"):
+        loop.train_and_evaluate(config, str(tmp_path))

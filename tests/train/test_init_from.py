@@ -142,6 +142,7 @@ def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_state
         "model": helpers.TINY_MODEL,
         "exclude": ["head"],
         "submodule": None,
+        "ema": False,
         "loaded_leaves": 6,  # conv kernel/bias, bn scale/bias, bn mean/var
         "fresh_modules": ["head"],
         "freeze": None,
@@ -149,6 +150,34 @@ def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_state
     assert summary["status"] == "completed" and summary["init_from"] == expected
     assert json.loads((tmp_path / "summary.json").read_text())["init_from"] == expected
     assert json.loads((tmp_path / "init_from.json").read_text()) == expected
+
+
+def test_init_from_ema_loads_the_sources_weight_average(tmp_path, initial_states):
+    """init_from.ema: the backbone starts from the source checkpoint's averaged params and
+    BatchNorm statistics (not its weights); a source without an average is refused."""
+    source_dir = str(tmp_path / "averaged_source")
+    loop.train_and_evaluate(helpers.tiny_config(**{"ema.decay": 0.9}), source_dir)
+    config = _fine_tune_config(source_dir, num_train_steps=2, eval_every_steps=2)
+    config.init_from.step = 12
+    config.init_from.ema = True
+    summary = loop.train_and_evaluate(config, str(tmp_path / "target"))
+    start = initial_states[-1]
+    average = _stored(source_dir, 12)["ema"]
+    assert summary["init_from"]["ema"] is True
+    for collection in ("params", "batch_stats"):
+        loaded = _flat(getattr(start, collection))
+        for name, value in _flat(average[collection]).items():
+            if not name.startswith("head/"):
+                np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+    weights = _flat(_stored(source_dir, 12)["params"])
+    assert not np.array_equal(_flat(start.params)["conv/kernel"], weights["conv/kernel"])
+
+    plain = _fine_tune_config(str(tmp_path / "target"), num_train_steps=2)
+    plain.init_from.ema = True
+    plain.data.name = "synthetic"
+    with pytest.raises(ValueError, match=r"init_from: ema=True is invalid; the checkpoint at "
+                                         r"step 2 of .* holds no weight average"):
+        loop.train_and_evaluate(plain, str(tmp_path / "plain"))
 
 
 def test_default_step_is_the_best_kept_checkpoint(source, tmp_path, caplog):

@@ -67,3 +67,12 @@ def test_bad_mixing_is_named_before_compiling(tmp_path, monkeypatch, overrides, 
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(helpers.tiny_config(**overrides), str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_unknown_mixing_field_is_named(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    config = helpers.tiny_config()
+    config.mixing.alpha = 0.2  # a typo in a Python config file (the command line refuses it)
+    with pytest.raises(ValueError, match=r"mixing: field='alpha' is invalid; expected one of "
+                                         r"\['mixup_alpha', 'cutmix_alpha', 'switch_prob'"):
+        loop.train_and_evaluate(config, str(tmp_path))
