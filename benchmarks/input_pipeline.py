@@ -42,13 +42,16 @@ from benchmarks.train_step import (
 FLAGS = flags.FLAGS
 
 
-def data_config(dataset: str, image_size: int | None, fake_num_train: int):
+def data_config(dataset: str, image_size: int | None, fake_num_train: int,
+                randaugment_layers: int = 0, randaugment_magnitude: float = 9.0):
     """The pipeline's data config for `dataset`, with the benchmark's overrides."""
     from cnnjax.data import pipeline
 
     config = pipeline.default_data_config(dataset)
     config.image_size = image_size
     config.fake_num_train = fake_num_train
+    config.randaugment_layers = randaugment_layers
+    config.randaugment_magnitude = randaugment_magnitude
     return config
 
 
@@ -72,6 +75,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("fake_num_train", 4096, "Training examples of the `fake` dataset.")
     flags.DEFINE_integer("mock_examples", 0, "If > 0, read the dataset through "
                          "tfds.testing.mock_data with this many examples per split.")
+    flags.DEFINE_integer("randaugment_layers", 0, "RandAugment ops per image (0: off).")
+    flags.DEFINE_float("randaugment_magnitude", 9.0, "RandAugment magnitude (0..10).")
     flags.DEFINE_string("model", "resnet18", "Registry name of the model.")
     flags.DEFINE_integer("batch_size", 128, "Global batch size.")
     flags.DEFINE_integer("num_devices", 1, "Data-parallel devices (0: all).")
@@ -96,7 +101,8 @@ def main(argv: list[str]) -> None:
 
     mock = (tfds.testing.mock_data(num_examples=FLAGS.mock_examples)
             if FLAGS.mock_examples > 0 else contextlib.nullcontext())
-    config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train)
+    config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train,
+                         FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
     load_start = loadavg()
     with mock:
         info = pipeline.get_dataset_info(config)
@@ -135,6 +141,7 @@ def main(argv: list[str]) -> None:
         "dataset": info.name, "image_shape": info.image_shape, "model": FLAGS.model,
         "batch_size": FLAGS.batch_size, "num_devices": n, "parallel": FLAGS.parallel,
         "dtype": FLAGS.dtype, "mock_examples": FLAGS.mock_examples,
+        "randaugment": [FLAGS.randaugment_layers, FLAGS.randaugment_magnitude],
         "xla_defaults_added": changed, **environment(), "compile_s": compile_s,
         "pipeline_only": raw, "synthetic": synthetic, "with_pipeline": fed,
         "median_wait_for_batch_ms": 1e3 * statistics.median(waits),

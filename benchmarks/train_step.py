@@ -54,8 +54,12 @@ def prepare_platform(xla_defaults: bool, num_devices: int) -> dict[str, str]:
 
 def build_jax_step(model_name: str, num_classes: int, batch_size: int,
                    image_shape: tuple[int, int, int], num_devices: int, parallel: str,
-                   dtype: str, **model_overrides: Any) -> dict[str, Any]:
+                   dtype: str, train_options: dict[str, Any] | None = None,
+                   **model_overrides: Any) -> dict[str, Any]:
     """The engine's train step (not yet compiled), its initial state and a synthetic batch.
+
+    `train_options` are `make_steps` keywords (`accum_steps`, `ema`, `mixing`), to time what
+    gradient accumulation, weight averaging or mixup/CutMix add to a step.
 
     Returns a dict with `step` (the `DataParallel`-wrapped step), `state`, `batch` (random
     images and labels already on the devices), `parallel` (the `DataParallel`), `num_devices`,
@@ -91,10 +95,12 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     model = create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype),
                          axis_name=AXIS_NAME, **model_overrides)
     dp = DataParallel(parallel, devices[:n])
-    train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME)
+    train_options = dict(train_options or {})
+    train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME, **train_options)
     step = dp.wrap_train(train_fn)
     per_device = batch_size // n
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), (per_device, *image_shape))
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (per_device, *image_shape),
+                               ema=train_options.get("ema") is not None)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     state = dp.replicate(state)
     rng = np.random.default_rng(0)
@@ -305,6 +311,30 @@ def define_flags() -> None:
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
                       "conv, no max pool); default: the model's own.")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
+    flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step (config.grad_accum_steps)")
+    flags.DEFINE_float("ema_decay", None, "Keep a weight average with this decay (config.ema).")
+    flags.DEFINE_float("mixup_alpha", 0.0, "mixup's Beta alpha (config.mixing; 0: off).")
+    flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix's Beta alpha (config.mixing; 0: off).")
+
+
+def train_options() -> dict[str, Any]:
+    """The `make_steps` keywords the option flags ask for (empty: the plain step)."""
+    from cnnjax.train.ema import ExponentialMovingAverage
+    from cnnjax.train.mixing import Mixing
+
+    options: dict[str, Any] = {}
+    per_device = FLAGS.batch_size // max(FLAGS.num_devices, 1)
+    if FLAGS.grad_accum_steps < 1 or per_device % FLAGS.grad_accum_steps:
+        raise app.UsageError(f"--grad_accum_steps={FLAGS.grad_accum_steps} is invalid; expected "
+                             f"a divisor of the per-device batch {per_device}.")
+    if FLAGS.grad_accum_steps != 1:
+        options["accum_steps"] = FLAGS.grad_accum_steps
+    if FLAGS.ema_decay is not None:
+        options["ema"] = ExponentialMovingAverage(FLAGS.ema_decay)
+    mixing = Mixing(mixup_alpha=FLAGS.mixup_alpha, cutmix_alpha=FLAGS.cutmix_alpha)
+    if mixing.enabled:
+        options["mixing"] = mixing
+    return options
 
 
 def main(argv: list[str]) -> None:
@@ -316,13 +346,17 @@ def main(argv: list[str]) -> None:
     changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     load_start = loadavg()
     overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
+    options = train_options()
+    if FLAGS.torch and options:
+        raise app.UsageError("--torch times the plain step: leave --grad_accum_steps, "
+                             "--ema_decay, --mixup_alpha and --cutmix_alpha at their defaults.")
     impls = list(dict.fromkeys(FLAGS.conv_impl))
     benches, compile_s = {}, {}
     runners: dict[str, Callable] = {}
     for impl in impls:
         bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
                                (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices,
-                               FLAGS.parallel, FLAGS.dtype, **overrides)
+                               FLAGS.parallel, FLAGS.dtype, options, **overrides)
         compile_s[impl] = compile_jax_step(bench, impl)
         benches[impl] = bench
         runners[f"jax_{impl}"] = lambda k, b=bench: run_jax_steps(b, k)
@@ -343,11 +377,13 @@ def main(argv: list[str]) -> None:
         "parallel": FLAGS.parallel, "dtype": FLAGS.dtype, "platform": bench["platform"],
         "num_params": bench["num_params"], "xla_defaults_added": changed, **environment(),
         "compile_s": compile_s, "conv_impls": impls,
+        "train_options": {name: str(value) for name, value in options.items()},
     }
     lines = [
         f"model={FLAGS.model} stem={FLAGS.stem or 'default'} params={bench['num_params']:,} "
         f"batch={FLAGS.batch_size} image={FLAGS.image_size} devices={bench['num_devices']} "
-        f"({bench['platform']}, {FLAGS.parallel}) dtype={FLAGS.dtype}",
+        f"({bench['platform']}, {FLAGS.parallel}) dtype={FLAGS.dtype}"
+        + (f" train options {result['train_options']}" if options else ""),
         f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r} "
         f"(added by cnnjax: {sorted(changed) or 'none'})",
         "compile: " + ", ".join(f"{impl} {s:.1f} s" for impl, s in compile_s.items()),
