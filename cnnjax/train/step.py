@@ -93,6 +93,10 @@ def _gradients(
     batch's; BatchNorm normalizes each micro-batch by its own statistics and updates its running
     averages k times (as PyTorch's accumulation loops do). Micro-batch i draws its dropout from
     `fold_in(rng, i)`. Metrics come back stacked per micro-batch: their mean is the batch's.
+
+    On CPU the scan is unrolled: XLA:CPU runs convolutions inside a loop body ~20x slower
+    (ResNet-20, batch 128, k=4: 17.7 img/s rolled, 377 unrolled, 358 without accumulation), and
+    CPU memory is rarely the limit; accelerators keep the rolled loop and its memory bound.
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum_steps == 1:
@@ -113,7 +117,8 @@ def _gradients(
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grad_sum, batch_stats), metrics = lax.scan(
         micro_step, (zeros, state.batch_stats),
-        (jnp.arange(accum_steps), jax.tree.map(split, batch)))
+        (jnp.arange(accum_steps), jax.tree.map(split, batch)),
+        unroll=jax.default_backend() == "cpu")
     return jax.tree.map(lambda g: g / accum_steps, grad_sum), metrics, batch_stats
 
 
