@@ -138,6 +138,23 @@ def eval_batches(data_config, *, global_batch_size, num_devices, process_index=0
         }
 
 
+class SimulatedCrashError(Exception):
+    """Raised by `crashing_batches`: a run dying mid-training, in process."""
+
+
+def crashing_batches(train_batches, at_step: int):
+    """`train_batches` (a pipeline's function) that raises `SimulatedCrashError` when asked for the
+    batch of step `at_step`, so the run dies after its last checkpoint before that step."""
+
+    def crashing(*args, start_step=0, **kwargs):
+        for i, batch in enumerate(train_batches(*args, start_step=start_step, **kwargs)):
+            if start_step + i == at_step:
+                raise SimulatedCrashError("simulated kill")
+            yield batch
+
+    return crashing
+
+
 def fake_pipeline_module() -> types.ModuleType:
     module = types.ModuleType("cnnjax.data.pipeline")
     module.get_dataset_info = get_dataset_info

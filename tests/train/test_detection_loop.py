@@ -186,10 +186,6 @@ def test_detection_learns(tmp_path):
     assert summary["final_eval"]["map50"] > 0.5
 
 
-class _CrashError(Exception):
-    pass
-
-
 def _final_params(workdir, config):
     """Host params of the newest checkpoint."""
     from cnnjax.models import create_model
@@ -211,15 +207,9 @@ def test_exact_resume(tmp_path, monkeypatch):
     config = _config()
     reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
 
-    def crashing(*args, start_step=0, **kwargs):
-        for i, batch in enumerate(_train_batches(*args, start_step=start_step, **kwargs)):
-            if start_step + i == 9:
-                raise _CrashError("simulated kill")
-            yield batch
-
     module = sys.modules["cnnjax.data.detection"]
-    monkeypatch.setattr(module, "train_batches", crashing)
-    with pytest.raises(_CrashError):
+    monkeypatch.setattr(module, "train_batches", helpers.crashing_batches(_train_batches, 9))
+    with pytest.raises(helpers.SimulatedCrashError):
         loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     monkeypatch.setattr(module, "train_batches", _train_batches)
     resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))

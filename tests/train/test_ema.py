@@ -68,25 +68,15 @@ def test_decay_zero_scores_the_trained_weights_and_a_run_reports_ema_metrics(tmp
     assert all("ema_top1" in r for r in records if r["split"] == "eval")
 
 
-class _CrashError(Exception):
-    pass
-
-
 def test_an_interrupted_run_resumes_its_average_exactly(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     config = helpers.tiny_config(**{"ema.decay": 0.8})
     loop.train_and_evaluate(config, str(tmp_path / "reference"))
     original = helpers.train_batches
 
-    def crashing(*args, start_step=0, **kwargs):
-        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
-            if start_step + i == 9:
-                raise _CrashError("simulated kill")
-            yield batch
-
     pipeline = sys.modules["cnnjax.data.pipeline"]
-    monkeypatch.setattr(pipeline, "train_batches", crashing)
-    with pytest.raises(_CrashError):
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
+    with pytest.raises(helpers.SimulatedCrashError):
         loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     monkeypatch.setattr(pipeline, "train_batches", original)
     assert loop.train_and_evaluate(config, str(tmp_path / "resumed"))["resumed_from_step"] == 8

@@ -254,10 +254,6 @@ def test_freeze_without_init_from_trains_only_the_head(tmp_path, initial_states)
         assert changed == name.startswith("head/"), name
 
 
-class _CrashError(Exception):
-    pass
-
-
 def test_resume_beats_init_from(source, tmp_path, monkeypatch):
     """A fine-tune killed at step 9 and rerun resumes from its own step-8 checkpoint: the source
     is never read again (here it is gone) and the result equals an uninterrupted fine-tune."""
@@ -269,15 +265,9 @@ def test_resume_beats_init_from(source, tmp_path, monkeypatch):
     module = sys.modules["cnnjax.data.pipeline"]
     original = module.train_batches
 
-    def crashing(data, *, start_step=0, **kwargs):
-        for i, batch in enumerate(original(data, start_step=start_step, **kwargs)):
-            if start_step + i == 9:
-                raise _CrashError("simulated kill")
-            yield batch
-
-    monkeypatch.setattr(module, "train_batches", crashing)
+    monkeypatch.setattr(module, "train_batches", helpers.crashing_batches(original, 9))
     killed = tmp_path / "killed"
-    with pytest.raises(_CrashError):
+    with pytest.raises(helpers.SimulatedCrashError):
         loop.train_and_evaluate(config, str(killed))
     monkeypatch.setattr(module, "train_batches", original)
     shutil.rmtree(own_source)

@@ -110,10 +110,6 @@ def test_learns_the_synthetic_task(tmp_path):
     assert summary["final_eval"]["top1"] > 0.9
 
 
-class _CrashError(Exception):
-    pass
-
-
 def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     """A run that dies at step 9 (after the step-8 checkpoint) and is rerun ends bitwise equal."""
     config = helpers.tiny_config(**{"model_kwargs.dropout_rate": 0.3})
@@ -122,18 +118,13 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
 
     original = helpers.train_batches
 
-    def crashing(*args, start_step=0, **kwargs):
-        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
-            if start_step + i == 9:
-                raise _CrashError("simulated kill")
-            yield batch
-
-    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", crashing)
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
     resumed = tmp_path / "resumed"
-    with pytest.raises(_CrashError):
+    with pytest.raises(helpers.SimulatedCrashError):
         loop.train_and_evaluate(config, str(resumed))
     assert json.loads(Path(resumed / "summary.json").read_text())["status"] == "failed"
-    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", original)
+    monkeypatch.setattr(pipeline, "train_batches", original)
     summary = loop.train_and_evaluate(config, str(resumed))
     assert summary["resumed_from_step"] == 8
     a, _ = _final_params(str(reference), config)
