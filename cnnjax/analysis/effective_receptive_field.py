@@ -23,6 +23,7 @@ CLI (random weights, the paper's "random init" case, or a training run's, "after
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -297,32 +298,51 @@ def _check_position(position: Any, map_shape: tuple[int, ...]) -> tuple[int, ...
     return tuple(int(p) for p in pos)
 
 
-def _build_gradient_fn(target: _Target, input_shape: tuple[int, ...], batch_size: int,
-                       position: tuple[int, ...], channel: int | None) -> Any:
-    """The jitted `(variables, key, start, valid) -> sum over samples start .. start + valid - 1
-    of |d unit / d input| summed over input channels` (float32, spatial shape).
+def _build_gradient_fn(target: _Target, batch_size: int, position: tuple[int, ...],
+                       channel: int | None) -> Any:
+    """The jitted `(variables, inputs [batch_size, H, W, C], valid) -> sum over the first
+    `valid` inputs of |d unit / d input| summed over input channels` (float32, spatial shape).
 
-    Sample i's input is drawn from `fold_in(key, i)`, so the map does not depend on
-    `batch_size`; each sample's gradient is taken on its own (vmap over batches of one), so a
-    model that still mixes samples in eval mode cannot leak other samples' terms into it."""
+    Each input's gradient is taken on its own (vmap over batches of one), so a model that still
+    mixes samples in eval mode cannot leak other samples' terms into it."""
     index = (0, *position)
 
     def unit(variables: Any, x: jax.Array) -> jax.Array:
         values = target.apply(variables, x)[index].astype(jnp.float32)  # [C]
         return values.sum() if channel is None else values[channel]
 
-    def one_sample(variables: Any, key: jax.Array) -> jax.Array:
-        x = jax.random.normal(key, (1, *input_shape), jnp.float32)
-        return jnp.abs(jax.grad(lambda x: unit(variables, x))(x)[0]).sum(axis=-1)
+    def one_sample(variables: Any, x: jax.Array) -> jax.Array:
+        grad = jax.grad(lambda x: unit(variables, x))(x[None].astype(jnp.float32))
+        return jnp.abs(grad[0]).sum(axis=-1)
 
-    def gradient_sum(variables: Any, key: jax.Array, start: jax.Array,
-                     valid: jax.Array) -> jax.Array:
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(batch_size))
-        g = jax.vmap(one_sample, in_axes=(None, 0))(variables, keys)
+    def gradient_sum(variables: Any, inputs: jax.Array, valid: jax.Array) -> jax.Array:
+        g = jax.vmap(one_sample, in_axes=(None, 0))(variables, inputs)
         keep = (jnp.arange(batch_size) < valid).reshape((batch_size,) + (1,) * (g.ndim - 1))
         return jnp.where(keep, g, 0.0).sum(axis=0)
 
     return jax.jit(gradient_sum)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _random_inputs(key: jax.Array, start: jax.Array, batch_size: int,
+                   shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal inputs `start .. start + batch_size - 1`; input i is drawn from
+    `fold_in(key, i)`, so the map does not depend on `batch_size`."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(batch_size))
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def _check_inputs(inputs: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`inputs` as float32 `[N, *shape]` (N >= 1, finite), or None when not given."""
+    if inputs is None:
+        return None
+    array = np.asarray(inputs, np.float32)
+    if array.ndim != len(shape) + 1 or tuple(array.shape[1:]) != shape or not len(array):
+        raise invalid(_OWNER, "inputs", f"array of shape {array.shape}",
+                      f"expected [N, {', '.join(map(str, shape))}] images (input_shape), N >= 1")
+    if not np.isfinite(array).all():
+        raise invalid(_OWNER, "inputs", "an array with NaN or inf", "expected finite images")
+    return array
 
 
 def effective_receptive_field(
@@ -337,6 +357,7 @@ def effective_receptive_field(
     batch_size: int = 8,
     fraction: float = 0.95,
     rng: int | jax.Array = 0,
+    inputs: Any = None,
 ) -> EffectiveReceptiveField:
     """Effective receptive field of one unit of `model` on `[H, W, C]` inputs (`input_shape`).
 
@@ -345,12 +366,16 @@ def effective_receptive_field(
     map `feature` (a name of the model's `return_features=True` dict; default: the model's
     output if it is a spatial map, else its last spatial feature), summed over channels or
     `channel` only. Its input gradient is averaged in magnitude over `num_samples` standard
-    normal inputs, evaluated `batch_size` at a time in eval mode (`train=False`) with
-    `variables`, or with a random initialisation from `rng` (the paper's "random weights").
-    Arguments are checked, and `feature` resolved on an abstract trace, before anything compiles.
+    normal inputs (the paper's analysis), or over `inputs` `[N, H, W, C]` when given (e.g. a
+    trained model's own test images, preprocessed as in training; `num_samples` is then N),
+    evaluated `batch_size` at a time in eval mode (`train=False`) with `variables`, or with a
+    random initialisation from `rng` (the paper's "random weights"). Arguments are checked, and
+    `feature` resolved on an abstract trace, before anything compiles.
     """
     shape = _check_input_shape(input_shape)
-    num_samples = check_positive_int(_OWNER, "num_samples", num_samples)
+    images = _check_inputs(inputs, shape)
+    num_samples = (len(images) if images is not None
+                   else check_positive_int(_OWNER, "num_samples", num_samples))
     batch_size = check_positive_int(_OWNER, "batch_size", batch_size)
     fraction = check_number(_OWNER, "fraction", fraction, "expected a number in (0, 1]",
                             low=0.0, high=1.0, low_open=True)
@@ -373,12 +398,17 @@ def effective_receptive_field(
     if variables is None:
         kwargs = {k: v for k, v in target.kwargs.items() if k != "return_features"}
         variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), **kwargs))(init_key)
-    gradient_sum = _build_gradient_fn(target, shape, batch_size, pos, channel)
+    gradient_sum = _build_gradient_fn(target, batch_size, pos, channel)
     total = np.zeros(shape[:-1], np.float64)
     for start in range(0, num_samples, batch_size):
         valid = min(batch_size, num_samples - start)
-        total += np.asarray(gradient_sum(variables, key, jnp.asarray(start, jnp.int32),
-                                         jnp.asarray(valid, jnp.int32)), np.float64)
+        if images is None:
+            batch = _random_inputs(key, jnp.asarray(start, jnp.int32), batch_size, shape)
+        else:  # the last batch is padded with copies of the first image, then masked out
+            batch = images[start:start + batch_size]
+            batch = np.concatenate([batch, np.repeat(images[:1], batch_size - valid, 0)])
+        total += np.asarray(gradient_sum(variables, batch, jnp.asarray(valid, jnp.int32)),
+                            np.float64)
     mass = float(total.sum())
     if not mass > 0 or not math.isfinite(mass):
         raise invalid(_OWNER, "model", type(model).__name__,
@@ -505,7 +535,10 @@ def _define_flags() -> None:
     flags.DEFINE_string("feature", None, "Feature map (a return_features name, e.g. stage2; "
                         "default: the output if spatial, else the last spatial feature).")
     flags.DEFINE_integer("channel", None, "Only this channel of the unit (default: all summed).")
-    flags.DEFINE_integer("num_samples", 32, "Random inputs to average over.")
+    flags.DEFINE_integer("num_samples", 32, "Inputs to average over.")
+    flags.DEFINE_enum("inputs", "random", ["random", "data"], "random: standard normal inputs "
+                      "(the paper's analysis); data: with --workdir, the first --num_samples "
+                      "images of the run's eval split, preprocessed as in its evaluation.")
     flags.DEFINE_integer("batch_size", 8, "Inputs per gradient evaluation.")
     flags.DEFINE_float("fraction", 0.95, "Share of the gradient mass the effective size holds.")
     flags.DEFINE_integer("seed", 0, "Seed of the inputs (and of the random init).")
@@ -513,8 +546,9 @@ def _define_flags() -> None:
 
 
 def _load(model_name: str | None, workdir: str | None, step: int | None,
-          input_shape: str | None) -> tuple[nn.Module, Any, tuple[int, ...], str]:
-    """`(model, variables or None, input shape, description)` for the CLI's flags."""
+          input_shape: str | None) -> tuple[nn.Module, Any, tuple[int, ...], str, Any]:
+    """`(model, variables or None, input shape, description, trained run or None)` for the
+    CLI's flags."""
     from cnnjax.analysis.summary import load_model, parse_shape
 
     owner = f"{_OWNER} CLI"
@@ -528,7 +562,7 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
                       "random weights, no checkpoints)")
     if model_name is not None:
         model, native = load_model(model_name)
-        return model, None, shape or tuple(native), f"{model_name} (random init)"
+        return model, None, shape or tuple(native), f"{model_name} (random init)", None
     from cnnjax.train.trained import load_trained
 
     run = load_trained(workdir, step)
@@ -542,7 +576,23 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
                           f"the run's image shape is unknown ({type(err).__name__}); pass "
                           "--input_shape=H,W,C") from None
         shape = tuple(int(s) for s in info.image_shape)
-    return run.model, run.variables, shape, f"{run.config.model} ({run.how} step {run.step})"
+    description = f"{run.config.model} ({run.how} step {run.step})"
+    return run.model, run.variables, shape, description, run
+
+
+def eval_images(run: Any, count: int) -> np.ndarray:
+    """The first `count` images `[N, H, W, C]` of a trained run's eval split (fewer if the split
+    is smaller), preprocessed as its evaluation sees them: `inputs` for a trained model's field."""
+    from cnnjax.train.trained import predictions
+
+    count = check_positive_int(_OWNER, "num_samples", count)
+    images: list[np.ndarray] = []
+    for batch, _ in predictions(run, batch_size=min(count, 64),
+                                outputs=lambda run, batch: batch["image"][:, :1, :1, :1]):
+        images.extend(batch["image"][:count - len(images)])
+        if len(images) >= count:
+            break
+    return np.stack(images)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -555,10 +605,18 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     try:
-        model, variables, shape, name = _load(f.model, f.workdir, f.step, f.input_shape)
+        model, variables, shape, name, run = _load(f.model, f.workdir, f.step, f.input_shape)
+        inputs = None
+        if f.inputs == "data":
+            if run is None:
+                raise invalid(f"{_OWNER} CLI", "--inputs", "data",
+                              "expected it with --workdir (a --model has no dataset)")
+            inputs = eval_images(run, f.num_samples)
+            name += f" on {len(inputs)} eval images"
         result = effective_receptive_field(
             model, shape, variables=variables, feature=f.feature, channel=f.channel,
-            num_samples=f.num_samples, batch_size=f.batch_size, fraction=f.fraction, rng=f.seed)
+            num_samples=f.num_samples, batch_size=f.batch_size, fraction=f.fraction, rng=f.seed,
+            inputs=inputs)
         theoretical = feature_receptive_field(model, shape, result.feature)
     except ValueError as err:  # messages name the flag or argument, the value and the fix
         sys.exit(f"error: {err}")

@@ -333,6 +333,10 @@ def test_cli_prints_sizes_and_writes_png(tmp_path):
     assert neither.returncode != 0
     assert "error: effective_receptive_field CLI: --model=None is invalid; expected exactly one " \
            "of --model" in neither.stderr
+    no_data = _cli("--model=lenet5", "--inputs=data")
+    assert no_data.returncode != 0
+    assert "error: effective_receptive_field CLI: --inputs='data' is invalid; expected it with " \
+           "--workdir (a --model has no dataset)" in no_data.stderr
 
 
 @pytest.mark.slow
@@ -343,12 +347,13 @@ def test_cli_loads_a_training_runs_weights_and_image_shape(monkeypatch, tmp_path
 
     helpers.install_fake_pipeline(monkeypatch)
     loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
-    model, variables, shape, name = erf_module._load(None, str(tmp_path), None, None)
+    model, variables, shape, name, loaded = erf_module._load(None, str(tmp_path), None, None)
     run = load_trained(str(tmp_path))
+    assert loaded.step == run.step
     assert shape == helpers.IMAGE_SHAPE and name == f"{helpers.TINY_MODEL} (best step {run.step})"
     assert type(model) is type(run.model)
     jax.tree.map(np.testing.assert_array_equal, variables, run.variables)
-    assert erf_module._load(None, str(tmp_path), 8, "16,16,1")[2:] == (
+    assert erf_module._load(None, str(tmp_path), 8, "16,16,1")[2:4] == (
         (16, 16, 1), f"{helpers.TINY_MODEL} (requested step 8)")
     with pytest.raises(ValueError, match=r"CLI: --model='lenet5' is invalid; expected exactly "
                                          r"one of --model"):
@@ -443,3 +448,60 @@ def test_plot_clips_a_theoretical_field_larger_than_the_image(tmp_path, monkeypa
     assert rect.get_label() == "theoretical 21x21 (clipped)"
     assert (rect.get_x(), rect.get_y(), rect.get_width(), rect.get_height()) == (
         -0.5, -0.5, 9.0, 9.0)
+
+
+class _ReluNet(nn.Module):
+    """conv -> ReLU -> conv: the input gradient depends on the input."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3), padding=1, name="conv0")(x))
+        return nn.Conv(2, (3, 3), padding=1, name="conv1")(x)
+
+
+def test_given_inputs_average_their_own_gradients():
+    """inputs=[N, H, W, C]: the map is the normalized mean over those images of |d unit / d x|
+    summed over channels, each gradient taken alone (reference: one jax.grad per image, float64
+    sums); the padded last batch does not count, so any batch_size gives the same map."""
+    model = _ReluNet()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 9, 9, 2)))
+    images = np.random.default_rng(0).normal(size=(5, 9, 9, 2)).astype(np.float32)
+    reference = np.zeros((9, 9))
+    for image in images:
+        grad = jax.grad(lambda x: model.apply(variables, x)[0, 4, 4].sum())(image[None])
+        reference += np.abs(np.asarray(grad[0], np.float64)).sum(-1)
+    reference /= reference.sum()
+    for batch_size in (1, 2, 5):
+        result = effective_receptive_field(model, (9, 9, 2), variables=variables, inputs=images,
+                                           batch_size=batch_size, num_samples=99)
+        assert result.num_samples == 5
+        np.testing.assert_allclose(result.map, reference, rtol=1e-5, atol=1e-9)
+    random = effective_receptive_field(model, (9, 9, 2), variables=variables, num_samples=5)
+    assert not np.allclose(random.map, reference)  # the inputs really are used
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    (np.zeros((2, 8, 9, 2)), r"inputs='array of shape \(2, 8, 9, 2\)' is invalid; expected "
+                             r"\[N, 9, 9, 2\] images"),
+    (np.zeros((0, 9, 9, 2)), r"inputs='array of shape \(0, 9, 9, 2\)' is invalid"),
+    (np.full((1, 9, 9, 2), np.nan), r"inputs='an array with NaN or inf' is invalid"),
+])
+def test_bad_inputs_are_named(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        effective_receptive_field(_ReluNet(), (9, 9, 2), inputs=inputs)
+
+
+def test_cli_data_inputs_are_the_runs_eval_images(monkeypatch, tmp_path):
+    """--inputs=data takes the first images of the run's eval split, as its eval sees them; it
+    needs --workdir."""
+    from cnnjax.train import loop
+    from tests.train import helpers
+
+    helpers.install_fake_pipeline(monkeypatch)
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    run = erf_module._load(None, str(tmp_path), None, None)[4]
+    images = erf_module.eval_images(run, 30)  # the split has 27
+    expected = np.concatenate([b["image"][0] for b in helpers.eval_batches(
+        None, global_batch_size=27, num_devices=1)])[:27]
+    np.testing.assert_array_equal(images, expected)
+    np.testing.assert_array_equal(erf_module.eval_images(run, 3), expected[:3])
