@@ -96,9 +96,13 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
                          axis_name=AXIS_NAME, **model_overrides)
     dp = DataParallel(parallel, devices[:n])
     train_options = dict(train_options or {})
+    per_device = batch_size // n
+    if per_device % train_options.get("accum_steps", 1):
+        raise ValueError(f"train_step: grad_accum_steps={train_options['accum_steps']} is "
+                         f"invalid; expected a divisor of the per-device batch {per_device} "
+                         f"(batch_size {batch_size} / {n} devices).")
     train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME, **train_options)
     step = dp.wrap_train(train_fn)
-    per_device = batch_size // n
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (per_device, *image_shape),
                                ema=train_options.get("ema") is not None)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -323,10 +327,9 @@ def train_options() -> dict[str, Any]:
     from cnnjax.train.mixing import Mixing
 
     options: dict[str, Any] = {}
-    per_device = FLAGS.batch_size // max(FLAGS.num_devices, 1)
-    if FLAGS.grad_accum_steps < 1 or per_device % FLAGS.grad_accum_steps:
+    if FLAGS.grad_accum_steps < 1:
         raise app.UsageError(f"--grad_accum_steps={FLAGS.grad_accum_steps} is invalid; expected "
-                             f"a divisor of the per-device batch {per_device}.")
+                             "a positive divisor of the per-device batch.")
     if FLAGS.grad_accum_steps != 1:
         options["accum_steps"] = FLAGS.grad_accum_steps
     if FLAGS.ema_decay is not None:

@@ -622,6 +622,10 @@ def _transforms(spec: _Spec, source: _Source) -> _Transforms:
     else:  # Only a tfds_name override can lead here: presets of variable-size data have a size.
         raise invalid(_OWNER, "image_size", None,
                       f"{spec.tfds_name!r} has images of varying size; set data.image_size")
+    if spec.randaugment_layers and channels not in (1, 3):
+        raise invalid(_OWNER, "randaugment_layers", spec.randaugment_layers,
+                      f"expected 0 for {channels}-channel images (RandAugment's ops are defined "
+                      "on grey or RGB images)")
     preset = spec.preset
     mean, std = preset.mean, preset.std
     if len(mean) != channels:  # `fake` with a custom channel count: centre 0..1 on 0.

@@ -338,7 +338,7 @@ _REGISTER = functools.partial(
 )
 #: CIFAR models: the two 2x2/2 average pools need 4x4 inputs (3x3 would pool to 1x1, then 0x0).
 #: Their factories fix `bottleneck` (and the basic ones `bn_size=None`): passing either is a
-#: TypeError, so `model_kwargs_config` does not offer them (densenet_bc100_cifar with
+#: `ModelArgumentError`, so `model_kwargs_config` does not offer them (densenet_bc100_cifar with
 #: bottleneck=False would be the basic DenseNet-100).
 _REGISTER_CIFAR = functools.partial(
     register_model, input_shape=(32, 32, 3), min_input_size=4, num_classes=10, paper=_PAPER

@@ -70,8 +70,8 @@ DEFAULT_EXPANSION = 4
 DEFAULT_STRIDE_IN_1X1 = True
 
 #: Options only bottleneck blocks have. The registered basic-block networks fix them to None
-#: (passing one is a TypeError, so `model_kwargs_config` does not offer them); set on a basic
-#: `PreActResNet` they are a ValueError.
+#: (passing one is a `ModelArgumentError`, so `model_kwargs_config` does not offer them); set
+#: on a basic `PreActResNet` they are a ValueError.
 _BOTTLENECK_ONLY = {"expansion": None, "stride_in_1x1": None}
 
 

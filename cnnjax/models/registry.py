@@ -104,6 +104,10 @@ def model_info(name: str) -> ModelInfo:
 class ModelArgumentError(ValueError):
     """A keyword `create_model` was given that the model does not take or its name fixes."""
 
+    def __init__(self, message: str, keyword: str):
+        super().__init__(message)
+        self.keyword = keyword  # the rejected keyword argument
+
 
 class ModelField(NamedTuple):
     """A constructor field of a model a caller may set: its default and its type annotation."""
@@ -150,7 +154,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     raise ModelArgumentError(str(invalid(
         "create_model", bad, overrides[bad],
         f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); its settable "
-        f"fields are {sorted(settable_fields(name))}")))
+        f"fields are {sorted(settable_fields(name))}")), bad)
 
 
 def _rejected_keyword(message: str, overrides: dict) -> str | None:

@@ -7,6 +7,7 @@ and what is valid — in Python, before anything is traced or compiled.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -17,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cnnjax.layers.conv_impl import CONV_IMPLS
+from cnnjax.models.registry import ENGINE_MODEL_FIELDS
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
@@ -45,8 +47,10 @@ TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentatio
 MIXING_DEFAULTS = dataclasses.asdict(mixing_lib.Mixing())  # mixing off
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
                    "ema": {"decay": None, "warmup": True}, "mixing": MIXING_DEFAULTS,
-                   "init_from": {"ema": False},
                    "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0}}
+# init_from.* fields added later, for `incompatible_fields` only (a config.json without an
+# init_from block must not gain a partial one: `with_legacy_defaults` leaves init_from alone).
+WARM_START_LEGACY_DEFAULTS = {"init_from.ema": False}
 # Fields that may change between a run and its resumption: they do not alter the trajectory.
 RUNTIME_FIELDS = frozenset(
     {
@@ -231,9 +235,15 @@ def model_kwargs_config(model: str) -> ml_collections.ConfigDict:
 
 
 def model_kwargs(config: Any) -> dict[str, Any]:
-    """The keyword arguments `config.model_kwargs` passes to the model factory (None dropped)."""
+    """The keyword arguments `config.model_kwargs` passes to the model factory (None dropped);
+    a field the engine sets itself (`num_classes`, `dtype`, `axis_name`) is a named error."""
     declared = config.get("model_kwargs") or {}
-    return {key: value for key, value in declared.items() if value is not None}
+    kwargs = {key: value for key, value in declared.items() if value is not None}
+    for key in sorted(set(kwargs) & ENGINE_MODEL_FIELDS):
+        raise invalid("config", f"model_kwargs.{key}", kwargs[key],
+                      "the engine sets it (num_classes: config.num_classes or the dataset's; "
+                      "dtype: config.compute_dtype; axis_name: the data-parallel axis)")
+    return kwargs
 
 
 def _field(config: Any, name: str, default: Any = None) -> Any:
@@ -525,8 +535,8 @@ def check_config(config: Any) -> CheckedConfig:
     except ModelArgumentError as err:  # a keyword the model does not have, or fixes
         raise ValueError(
             f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
-            f"accept them ({err}); its settable fields are "
-            f"{sorted(model_kwargs_config(config.model))}."
+            f"accept them ({err.keyword!r} is unknown, or fixed by the model's name); its "
+            f"settable fields are {sorted(model_kwargs_config(config.model))}."
         ) from None
     image_shape = tuple(data_info.image_shape)
     checks.check_input_size(model, config.model, image_shape, info.min_input_size)
@@ -570,7 +580,7 @@ def with_legacy_defaults(saved: dict) -> dict:
             if isinstance(default, dict) and isinstance(values.get(key), dict):
                 merged[key] = merge(default, values[key])
             elif key not in values:
-                merged[key] = default
+                merged[key] = copy.deepcopy(default)
         return merged
 
     return merge(LEGACY_DEFAULTS, saved)
@@ -587,7 +597,7 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     side take the value older workdirs implicitly had.
     """
     names = sorted(set(saved) | set(current))
-    legacy = flatten(LEGACY_DEFAULTS)
+    legacy = {**flatten(LEGACY_DEFAULTS), **WARM_START_LEGACY_DEFAULTS}
     saved = {**legacy, **saved}
     current = {**legacy, **current}
     warm = any(side.get("init_from.workdir") is not None for side in (saved, current))

@@ -28,6 +28,7 @@ import traceback
 from typing import Any
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
 from cnnjax.tune.space import SearchSpace, Trial
@@ -68,8 +69,11 @@ def check_metric(owner: str, metric: Any, config: Any) -> str:
         metric = config.best_metric
     choices = list(task_metrics(config))
     if metric not in choices:
+        hint = (" and ema.decay unset: set it to report the weight average's ema_* metrics"
+                if isinstance(metric, str) and metric.startswith(METRIC_PREFIX) else "")
         raise invalid(owner, "metric", metric,
-                      f"expected one of {choices} (the eval metrics of config.task={task!r})")
+                      f"expected one of {choices} (the eval metrics of config.task={task!r}"
+                      f"{hint})")
     return metric
 
 

@@ -482,6 +482,10 @@ def test_randaugment_config_errors(digits_config):
             train_batches, digits_config(augment=False, randaugment_layers=2),
             global_batch_size=8, num_devices=1, seed=0)
     get_dataset_info(digits_config(augment=False, randaugment_magnitude=3))  # off: any magnitude
+    fake = pipeline.default_data_config("fake")
+    fake.fake_image_shape, fake.randaugment_layers = (16, 16, 4), 2
+    _expect(r"data: randaugment_layers=2 is invalid; expected 0 for 4-channel images",
+            get_dataset_info, fake)
 
 
 def test_randaugment_is_refused_for_dense_targets(tmp_path):

@@ -8,7 +8,12 @@ import pytest
 
 from cnnjax.models import registry
 from cnnjax.train import checks, loop
-from cnnjax.train.config import check_batch_divisible, default_config, validate_config
+from cnnjax.train.config import (
+    check_batch_divisible,
+    check_config,
+    default_config,
+    validate_config,
+)
 from tests.train import helpers
 
 
@@ -406,3 +411,38 @@ def test_legacy_defaults_fill_old_config_json_at_any_depth():
     assert filled["ema"] == {"decay": None, "warmup": True}
     assert filled["mixing"]["mixup_alpha"] == 0.0
     assert old == {"model": "lenet5", "data": {"name": "digits", "augment": False}}
+
+
+def test_engine_fields_in_model_kwargs_are_named(tmp_path, monkeypatch):
+    """num_classes, dtype and axis_name are the engine's: in model_kwargs a named error, not the
+    duplicate-keyword TypeError of the model call."""
+    helpers.install_fake_pipeline(monkeypatch)
+    for field, value in (("num_classes", 5), ("axis_name", "x")):
+        config = helpers.tiny_config()
+        with config.model_kwargs.ignore_type():
+            config.model_kwargs[field] = value
+        with pytest.raises(ValueError, match=rf"config: model_kwargs.{field}={value!r} is "
+                                             r"invalid; the engine sets it"):
+            check_config(config)
+
+
+def test_a_config_json_without_init_from_still_loads(tmp_path, monkeypatch):
+    """Runs from before init_from existed: their config.json gets no partial init_from block,
+    and a resume compares init_from.ema as its old implicit False."""
+    import json
+
+    from cnnjax.train import loop
+    from cnnjax.train.config import flatten, incompatible_fields
+    from cnnjax.train.trained import load_trained
+
+    helpers.install_fake_pipeline(monkeypatch)
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=2), str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("init_from", "freeze"):
+        saved.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_trained(str(tmp_path)).step == 2
+    warm = flatten(helpers.tiny_config(**{"init_from.workdir": "/src"}))
+    old_warm = {k: v for k, v in warm.items() if k != "init_from.ema"}
+    assert incompatible_fields(old_warm, warm) == []
+    assert incompatible_fields(old_warm, {**warm, "init_from.ema": True}) == ["init_from.ema"]
