@@ -338,14 +338,9 @@ def validate_config(config: Any) -> None:
                       (config.mixing.mixup_alpha, config.mixing.cutmix_alpha),
                       f"mixing needs class labels (config.task='classification', not {task!r}); "
                       "set both alphas to 0")
-    averaging = ema_rule(config)
-    metrics = TASK_METRICS[task]
-    if averaging is not None:
-        metrics = metrics + tuple(ema_lib.METRIC_PREFIX + name for name in metrics)
-    check_choice("config", "best_metric", config.best_metric, metrics)
+    check_choice("config", "best_metric", config.best_metric, eval_metrics(config))
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
-    lower_is_better = config.best_metric.removeprefix(ema_lib.METRIC_PREFIX) == "loss"
-    expected_mode = "min" if lower_is_better else "max"
+    expected_mode = "min" if lower_is_better(config.best_metric) else "max"
     if config.best_mode != expected_mode:  # else "best" would be the worst checkpoint
         raise invalid("config", "best_mode", config.best_mode,
                       f"expected {expected_mode!r} for best_metric={config.best_metric!r} (lower "
