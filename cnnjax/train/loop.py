@@ -366,8 +366,9 @@ class _Run:
                 if not source_shapes:
                     raise invalid("init_from", "ema", True,
                                   f"the checkpoint at step {step} of {source.workdir!r} holds no "
-                                  "weight average (its run had config.ema.decay None); set "
-                                  "init_from.ema=False to load its weights")
+                                  "weight average (a run with config.ema.decay None, or "
+                                  "converted weights); set init_from.ema=False to load its "
+                                  "weights")
             else:
                 source_shapes = source.shapes(step, WARM_START_COLLECTIONS)
             selected = select_pretrained(
