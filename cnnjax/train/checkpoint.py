@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from cnnjax.train.logging import METRICS_FILE, read_metrics
+from cnnjax.train.state import WARM_START_COLLECTIONS
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -310,6 +311,23 @@ class SourceCheckpoints:
                 item=item, restore_args=restore_args, partial_restore=True
             ),
         )
+
+    def variable_shapes(self, step: int, ema: bool = False) -> dict[str, Any]:
+        """`shapes` of the model variables (`WARM_START_COLLECTIONS`) of the checkpoint at
+        `step`: its trained weights, or with `ema` its weight average (`{}` per collection when
+        it kept none)."""
+        if not ema:
+            return self.shapes(step, WARM_START_COLLECTIONS)
+        average = self.shapes(step, ("ema",))["ema"]  # {'params', 'batch_stats'}
+        return {name: average.get(name) or {} for name in WARM_START_COLLECTIONS}
+
+    def restore_variables(self, step: int, shapes: dict[str, Any],
+                          ema: bool = False) -> dict[str, Any]:
+        """`restore` of `shapes` (from `variable_shapes` with the same `ema`, possibly pruned):
+        the weights', or the weight average's, variables at the same collection paths."""
+        if not ema:
+            return self.restore(step, shapes)
+        return self.restore(step, {"ema": shapes}).get("ema", {})
 
     def close(self) -> None:
         self._manager.close()

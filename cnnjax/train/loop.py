@@ -361,16 +361,12 @@ class _Run:
                 source_config.get("best_mode", "max"),
             )
             average = bool(init_from.get("ema", False))
-            if average:  # the source's weight average: {'ema': {'params', 'batch_stats'}}
-                source_shapes = source.shapes(step, ("ema",))["ema"]
-                if not source_shapes:
-                    raise invalid("init_from", "ema", True,
-                                  f"the checkpoint at step {step} of {source.workdir!r} holds no "
-                                  "weight average (a run with config.ema.decay None, or "
-                                  "converted weights); set init_from.ema=False to load its "
-                                  "weights")
-            else:
-                source_shapes = source.shapes(step, WARM_START_COLLECTIONS)
+            source_shapes = source.variable_shapes(step, ema=average)
+            if average and not jax.tree.leaves(source_shapes):
+                raise invalid("init_from", "ema", True,
+                              f"the checkpoint at step {step} of {source.workdir!r} holds no "
+                              "weight average (a run with config.ema.decay None, or converted "
+                              "weights); set init_from.ema=False to load its weights")
             selected = select_pretrained(
                 self.variable_shapes,
                 source_shapes,
@@ -381,9 +377,8 @@ class _Run:
                 source_model=source_config.get("model"),
                 submodule=init_from.get("submodule"),
             )
-            restored = (source.restore(step, {"ema": selected})["ema"] if average
-                        else source.restore(step, selected))
-            loaded = under_submodule(restored, init_from.get("submodule"))
+            loaded = under_submodule(source.restore_variables(step, selected, ema=average),
+                                     init_from.get("submodule"))
         finally:
             source.close()
 

@@ -97,10 +97,7 @@ def load_trained(workdir: str, step: int | None = None,
         source = SourceCheckpoints(workdir, owner=_OWNER)
         chosen, how = source.choose_step(step, config.get("best_metric"),
                                          config.get("best_mode", "max"))
-        if ema:  # {'ema': {'params', 'batch_stats'}}
-            variables = source.restore(chosen, source.shapes(chosen, ("ema",)))["ema"]
-        else:
-            variables = source.restore(chosen, source.shapes(chosen, WARM_START_COLLECTIONS))
+        variables = source.restore_variables(chosen, source.variable_shapes(chosen, ema), ema)
     except Exception as err:  # orbax/tensorstore raise many kinds for a damaged checkpoint
         if isinstance(err, ValueError) and str(err).startswith(f"{_OWNER}: "):
             raise  # e.g. a step that does not exist: it already says which ones do
