@@ -583,12 +583,11 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
 def eval_images(run: Any, count: int) -> np.ndarray:
     """The first `count` images `[N, H, W, C]` of a trained run's eval split (fewer if the split
     is smaller), preprocessed as its evaluation sees them: `inputs` for a trained model's field."""
-    from cnnjax.train.trained import predictions
+    from cnnjax.train.trained import eval_examples
 
     count = check_positive_int(_OWNER, "num_samples", count)
     images: list[np.ndarray] = []
-    for batch, _ in predictions(run, batch_size=min(count, 64),
-                                outputs=lambda run, batch: batch["image"][:, :1, :1, :1]):
+    for batch in eval_examples(run, batch_size=min(count, 64)):
         images.extend(batch["image"][:count - len(images)])
         if len(images) >= count:
             break

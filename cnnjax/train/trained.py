@@ -154,13 +154,31 @@ def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
         with conv_impl(lowering):
             return outputs(dataclasses.replace(run, variables=variables), batch)
 
-    pipeline = config_lib.data_pipeline(config)
-    for batch in pipeline.eval_batches(config.data, global_batch_size=batch_size, num_devices=1):
-        batch = {k: v[0] for k, v in batch.items()}  # one device
+    for batch in _padded_batches(config, batch_size):
         output = jax.device_get(infer(run.variables, batch))  # padded: one shape
         keep = batch["mask"] > 0
         yield ({k: v[keep] for k, v in batch.items()},
                jax.tree.map(lambda x, keep=keep: x[keep], output))
+
+
+def _padded_batches(config: Any, batch_size: int) -> Iterator[dict]:
+    """`config`'s eval-pipeline batches for one device (NumPy), padded to `batch_size`, with
+    their `mask`."""
+    pipeline = config_lib.data_pipeline(config)
+    for batch in pipeline.eval_batches(config.data, global_batch_size=batch_size, num_devices=1):
+        yield {k: v[0] for k, v in batch.items()}  # one device
+
+
+def eval_examples(run: TrainedRun, split: str | None = None,
+                  batch_size: int = 64) -> Iterator[dict]:
+    """The batches of `predictions` without running the model: `split` of the run's dataset
+    (None: its eval split) in stored order, as its evaluation preprocesses them, padding
+    removed."""
+    config = _with_split(run.config, split)
+    batch_size = check_positive_int("eval_examples", "batch_size", batch_size)
+    for batch in _padded_batches(config, batch_size):
+        keep = batch["mask"] > 0
+        yield {k: v[keep] for k, v in batch.items()}
 
 
 def evaluate_trained(workdir: str, step: int | None = None, split: str | None = None,
