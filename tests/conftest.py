@@ -12,7 +12,7 @@ configure_cpu_defaults()
 
 # torchvision 0.29 segfaults when imported after TensorFlow 2.21 (the other order works), and
 # test modules import TensorFlow through cnnjax.data long before the torchvision tests run.
-# Only where the optional `torchvision` extra is installed; CI does not install it.
+# Only where the optional `torchvision` extra is installed (CI installs it when it can).
 import importlib.util  # noqa: E402
 
 if importlib.util.find_spec("torchvision") is not None:
