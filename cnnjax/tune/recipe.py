@@ -11,11 +11,15 @@ budget. After every round the incumbent (the best trial so far by `recipe.metric
                           an lr that diverged)
     converged             stop
     too_slow              lr x(2, 4); if both ran already, train longer
-    overfitting           weight decay x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label
-                          smoothing (0.1, 0.2, 0.05), then data.augment=True: the first knob not
-                          swept yet
+    overfitting           sweep the first knob of `recipe.regularizers` not swept yet and not
+                          already at its strongest (`REGULARIZERS`); by default weight decay
+                          x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label smoothing
+                          (0.1, 0.2, 0.05), then data.augment=True
     underfitting          train longer with lr x(1, 2, 0.5); at max_steps weight decay x(0.3, 0.1)
     still_improving       train longer (2x steps, at most max_steps) with lr x(1, 0.5, 2)
+
+`recipe.regularizers` may also list randaugment, mixup, cutmix (classification), drop_path and
+dropout (models with that field); each is checked against the base config before any training.
 
 `recipe.metric` must be an eval metric of the base config's task (`config_lib.TASK_METRICS`):
 loss, top1 or top5 for classification, map50, map, coco_map50 or coco_map75 for detection (whose
@@ -87,11 +91,60 @@ TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP, "log_every_steps
 #: How a tune ended (`recipe.json` "status"); "running" while rounds remain.
 STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "failed",
             "interrupted")
+RANDAUGMENT = "data.randaugment_layers"
+MIXUP = "mixing.mixup_alpha"
+CUTMIX = "mixing.cutmix_alpha"
+DROP_PATH = "model_kwargs.drop_path_rate"
+DROPOUT = "model_kwargs.dropout_rate"
 # Clipping threshold for an unstable run: the global-norm clip most CNN recipes use.
 CLIP_NORM = 1.0
 # Significant digits kept in proposed values: 0.178 rather than 0.17782794100389226.
 _DIGITS = 3
 _OWNER = "recipe"
+
+
+# ----------------------------------------------------------------------- regularizers
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+    """A knob the recipe turns up when the incumbent overfits: the config `field` and the
+    values to sweep given the incumbent's (priority order; none when it is as strong as the
+    recipe goes)."""
+
+    field: str
+    stronger: Callable[[Any], tuple]
+    classification_only: bool = False  # needs class labels (mixing, RandAugment)
+    needs_augment: bool = False  # swept with data.augment=True
+    optional: bool = False  # skipped where the base config lacks the field, not refused
+
+
+def _up_from_zero(start: tuple, factors: tuple = (2, 4)) -> Callable[[Any], tuple]:
+    """`start` when the knob is off (0/None), else the current value times `factors`."""
+    return lambda v: start if not v else tuple(_round(v * f) for f in factors)
+
+
+def _rate_up(start: tuple) -> Callable[[Any], tuple]:
+    """A probability: `start` when 0, else 0.1 and 0.2 higher (below 0.9)."""
+    return lambda v: start if not v else tuple(
+        r for r in (_round(v + 0.1), _round(v + 0.2)) if r < 0.9)
+
+
+#: `recipe.regularizers` names, in the order the default recipe tries the first three.
+REGULARIZERS: dict[str, Regularizer] = {
+    "weight_decay": Regularizer(WEIGHT_DECAY, _up_from_zero((1e-4, 1e-3, 1e-2), (3, 10, 30))),
+    "label_smoothing": Regularizer(
+        LABEL_SMOOTHING, lambda v: tuple(x for x in (0.1, 0.2, 0.05) if x != v)),
+    "augment": Regularizer(AUGMENT, lambda v: () if v else (True,), optional=True),
+    # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N.
+    "randaugment": Regularizer(RANDAUGMENT, lambda n: (2, 1, 3) if not n else (n + 1, n + 2),
+                               classification_only=True, needs_augment=True),
+    # Beta(alpha, alpha): 0.2 is the mixup paper's ImageNet choice, 1.0 its CIFAR one.
+    "mixup": Regularizer(MIXUP, _up_from_zero((0.2, 1.0, 0.4)), classification_only=True),
+    "cutmix": Regularizer(CUTMIX, _up_from_zero((1.0, 0.5, 2.0)), classification_only=True),
+    "drop_path": Regularizer(DROP_PATH, _rate_up((0.1, 0.2, 0.05))),
+    "dropout": Regularizer(DROPOUT, _rate_up((0.3, 0.5, 0.1))),
+}
+#: What a recipe without `regularizers` (and every tune.json written before it existed) uses.
+DEFAULT_REGULARIZERS = ("weight_decay", "label_smoothing", "augment")
 
 
 # --------------------------------------------------------------------------------- recipe
@@ -112,6 +165,8 @@ def default_recipe() -> ml_collections.ConfigDict:
     c.trials_per_round = 3  # new trials per round after the first
     c.evals_per_trial = 8  # eval_every_steps = num_train_steps // evals_per_trial
     c.logs_per_trial = 40  # log_every_steps = num_train_steps // logs_per_trial
+    # Knobs an overfitting incumbent turns up, first unswept first (REGULARIZERS' names).
+    c.regularizers = DEFAULT_REGULARIZERS
     c.thresholds = ml_collections.ConfigDict(dataclasses.asdict(Thresholds()))
     return c
 
@@ -132,6 +187,7 @@ class Recipe:
     trials_per_round: int = 3
     evals_per_trial: int = 8
     logs_per_trial: int = 40
+    regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
 
     def __post_init__(self):
@@ -168,6 +224,21 @@ class Recipe:
         if self.max_steps < self.round1_steps:
             raise invalid(_OWNER, "max_steps", self.max_steps,
                           f"expected max_steps >= round1_steps={self.round1_steps}")
+        regularizers = self.regularizers
+        if isinstance(regularizers, str):
+            regularizers = (regularizers,)
+        if not isinstance(regularizers, list | tuple):
+            raise invalid(_OWNER, "regularizers", regularizers,
+                          f"expected a sequence of names from {list(REGULARIZERS)}")
+        # `--recipe.regularizers=weight_decay,mixup` arrives as ('weight_decay,mixup',)
+        regularizers = tuple(n.strip() for item in regularizers for n in
+                             (item.split(",") if isinstance(item, str) else [item]))
+        for name in regularizers:
+            check_choice(_OWNER, "regularizers", name, REGULARIZERS)
+        if len(set(regularizers)) < len(regularizers):
+            raise invalid(_OWNER, "regularizers", tuple(regularizers),
+                          "expected each name at most once")
+        object.__setattr__(self, "regularizers", tuple(regularizers))
         grid = self.lr_grid()
         if len(set(grid)) < len(grid):
             raise invalid(_OWNER, "num_lrs", self.num_lrs,
@@ -426,19 +497,20 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         return proposal
     if verdict == "overfitting":
         swept = {r.plan.field for r in history}
-        wd, smoothing = value(WEIGHT_DECAY), value(LABEL_SMOOTHING)
-        knobs = [
-            (WEIGHT_DECAY, [_round(wd * f) for f in (3, 10, 30)] if wd > 0 else [1e-4, 1e-3, 1e-2]),
-            (LABEL_SMOOTHING, [v for v in (0.1, 0.2, 0.05) if v != smoothing]),
-        ]
-        if space_lib.get_field(base, AUGMENT) is not None and not value(AUGMENT):
-            knobs.append((AUGMENT, [True]))
-        for field, candidates in knobs:
-            if field not in swept:
-                return _Proposal("regularize", f"the best trial overfits ({evidence}): sweep "
-                                 f"{field}", fixed, field, tuple(candidates))
-        return _stop(f"the best trial overfits ({evidence}) and every regularization knob has "
-                     "been swept", "exhausted")
+        for name in recipe.regularizers:
+            knob = REGULARIZERS[name]
+            current = _knob_value(base, overrides, knob.field)
+            if knob.field in swept or (knob.optional and current is None):
+                continue
+            candidates = knob.stronger(current)
+            if not candidates:
+                continue
+            needs = {AUGMENT: True} if knob.needs_augment and not value(AUGMENT) else {}
+            return _Proposal("regularize", f"the best trial overfits ({evidence}): sweep "
+                             f"{knob.field}", {**fixed, **needs}, knob.field, candidates)
+        return _stop(f"the best trial overfits ({evidence}) and every knob of "
+                     f"recipe.regularizers={list(recipe.regularizers)} has been swept or is at "
+                     "its strongest", "exhausted")
     if verdict == "underfitting":
         proposal = longer(f"the best trial underfits ({evidence})", (1.0, 2.0, 0.5))
         if proposal:
@@ -457,6 +529,51 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         return _stop(f"still improving at max_steps={recipe.max_steps} ({evidence}): raise "
                      "recipe.max_steps to continue", "budget_spent")
     return _stop(f"cannot judge the best trial ({evidence})", "exhausted")
+
+
+def _knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
+    """The incumbent's value of `field`; an unset `model_kwargs.<name>` is the model's default."""
+    value = overrides.get(field, space_lib.get_field(base, field))
+    if value is None and field.startswith("model_kwargs."):
+        from cnnjax.models import settable_fields  # deferred: imports every architecture
+
+        found = settable_fields(base.model).get(field.split(".", 1)[1])
+        value = found.default if found is not None else None
+    return value
+
+
+def check_regularizers(recipe: Recipe, base: Any) -> None:
+    """Each knob of `recipe.regularizers` applies to `base`: its field exists (an optional
+    knob's may not), its task has class labels where it needs them, and the base config turned
+    up to the knob's first value passes the engine's field checks."""
+    task = config_lib.config_task(base)
+    for name in recipe.regularizers:
+        knob = REGULARIZERS[name]
+        if space_lib.get_field(base, knob.field, _MISSING) is _MISSING:
+            if knob.optional:
+                continue
+            hint = (f"model {base.model!r} has no such field, or the config does not declare "
+                    "model_kwargs = model_kwargs_config(config.model)"
+                    if knob.field.startswith("model_kwargs.")
+                    else "build configs from cnnjax.train.config.default_config()")
+            raise invalid(_OWNER, "regularizers", name,
+                          f"it sweeps {knob.field}, which the base config lacks ({hint})")
+        if knob.classification_only and task != "classification":
+            raise invalid(_OWNER, "regularizers", name,
+                          f"it needs class labels (config.task='classification', not {task!r})")
+        candidates = knob.stronger(_knob_value(base, {}, knob.field))
+        if candidates:
+            turned_up = {knob.field: candidates[0]}
+            if knob.needs_augment:
+                turned_up[AUGMENT] = True
+            try:
+                config_lib.validate_config(space_lib.apply_overrides(base, turned_up))
+            except ValueError as err:
+                raise invalid(_OWNER, "regularizers", name,
+                              f"the base config with {turned_up} is refused ({err})") from None
+
+
+_MISSING = object()
 
 
 def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> tuple:
@@ -500,6 +617,7 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     config_lib.validate_config(space_lib.apply_overrides(base_config, plan.fixed))
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
+    check_regularizers(recipe, base_config)
     _check_round(base_config, plan)
     check_directory_kind(tune_dir, "tune", "tune_dir")
     with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
@@ -570,7 +688,9 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
              "original")
     saved = read_json(path)
     if saved is not None:
-        old = config_lib.flatten(saved.get("recipe", {}))
+        # A tune.json from before `regularizers` existed ran the default knobs.
+        old = config_lib.flatten({"regularizers": list(DEFAULT_REGULARIZERS),
+                                  **saved.get("recipe", {})})
         new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)
                          if k != "max_rounds" and old.get(k) != new.get(k))

@@ -139,6 +139,97 @@ def test_overfitting_sweeps_weight_decay_then_label_smoothing():
     assert d.next_round.values == (0.0015, 0.005, 0.015)
 
 
+def _lowdata_base(**overrides):
+    """The ResNet-20 small-data config: every regularizer knob exists there."""
+    from experiments.configs import resnet20_shapes_lowdata
+
+    config = helpers.apply_overrides(resnet20_shapes_lowdata.get_config(), overrides)
+    config.lock()
+    return config
+
+
+def _swept(plan, best):
+    return rc.RoundResult(plan, [_row(i, v, best, field=plan.field)
+                                 for i, v in enumerate(plan.values)])
+
+
+def test_overfitting_walks_the_recipes_regularizers_in_order():
+    recipe = _recipe(regularizers=("mixup", "randaugment", "drop_path", "cutmix"), max_rounds=6,
+                     max_trials=20)
+    base = _lowdata_base(**{"data.augment": False})
+    history = [_round1(recipe, [0.5, 0.9, 0.3])]
+    seen = []
+    while True:
+        d = _decide(history, recipe, "overfitting", base)
+        if d.next_round is None:
+            break
+        seen.append((d.next_round.field, d.next_round.values, d.next_round.fixed.get(rc.AUGMENT)))
+        history.append(_swept(d.next_round, 0.85))  # never beats round 1's incumbent
+    assert seen == [
+        (rc.MIXUP, (0.2, 0.4, 1.0), None),
+        (rc.RANDAUGMENT, (1, 2, 3), True),  # RandAugment needs the base augmentation on
+        (rc.DROP_PATH, (0.05, 0.1, 0.2), None),  # resnet20_cifar's default rate is 0
+        (rc.CUTMIX, (0.5, 1.0, 2.0), None),
+    ]
+    assert d.status == "exhausted" and "recipe.regularizers=['mixup', 'randaugment', " \
+        "'drop_path', 'cutmix'] has been swept or is at its strongest" in d.reason
+
+
+def test_a_knob_already_on_is_turned_up_and_one_at_its_strongest_is_skipped():
+    recipe = _recipe(regularizers=("augment", "mixup", "drop_path"))
+    base = _lowdata_base(**{"mixing.mixup_alpha": 0.3, "model_kwargs.drop_path_rate": 0.75})
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "overfitting", base)
+    assert d.next_round.field == rc.MIXUP and d.next_round.values == (0.6, 1.2)  # augment is on
+    assert rc.REGULARIZERS["drop_path"].stronger(0.75) == (0.85,)  # rates stay below 0.9
+    assert rc.REGULARIZERS["drop_path"].stronger(0.8) == ()
+    assert rc.REGULARIZERS["dropout"].stronger(0.5) == (0.6, 0.7)  # AlexNet's default
+    assert rc.REGULARIZERS["randaugment"].stronger(2) == (3, 4)
+
+
+def test_the_default_regularizers_are_the_original_three():
+    assert rc.Recipe().regularizers == rc.DEFAULT_REGULARIZERS == (
+        "weight_decay", "label_smoothing", "augment")
+    assert rc.Recipe(regularizers="mixup, cutmix").regularizers == ("mixup", "cutmix")
+    assert rc.Recipe.from_config(rc.default_recipe()).regularizers == rc.DEFAULT_REGULARIZERS
+
+
+@pytest.mark.parametrize(("regularizers", "message"), [
+    (("mixup", "dropuot"), "recipe: regularizers='dropuot' is invalid; expected one of "
+                           "['weight_decay', 'label_smoothing', 'augment', 'randaugment', "
+                           "'mixup', 'cutmix', 'drop_path', 'dropout']."),
+    (("mixup", "mixup"), "recipe: regularizers=('mixup', 'mixup') is invalid; expected each name "
+                         "at most once."),
+    (3, "recipe: regularizers=3 is invalid; expected a sequence of names"),
+])
+def test_bad_regularizer_lists(regularizers, message):
+    with pytest.raises(ValueError) as err:
+        _recipe(regularizers=regularizers)
+    assert message in str(err.value)
+
+
+def test_regularizers_that_do_not_fit_the_base_config_are_refused_before_training():
+    with pytest.raises(ValueError, match=r"recipe: regularizers='drop_path' is invalid; it sweeps "
+                                         r"model_kwargs.drop_path_rate, which the base config "
+                                         r"lacks \(model 'test_tiny_bn_cnn' has no such field"):
+        rc.check_regularizers(_recipe(regularizers=("drop_path",)), _base())
+    from experiments.configs import yolo_shapes
+
+    with pytest.raises(ValueError, match=r"recipe: regularizers='cutmix' is invalid; it needs "
+                                         r"class labels \(config.task='classification', not "
+                                         r"'detection'\)"):
+        rc.check_regularizers(_recipe(regularizers=("cutmix",)), yolo_shapes.get_config())
+    every_but_dropout = tuple(n for n in rc.REGULARIZERS if n != "dropout")
+    rc.check_regularizers(_recipe(regularizers=every_but_dropout), _lowdata_base())
+    with pytest.raises(ValueError, match=r"regularizers='dropout' is invalid; it sweeps "
+                                         r"model_kwargs.dropout_rate, which the base config lacks "
+                                         r"\(model 'resnet20_cifar' has no such field"):
+        rc.check_regularizers(_recipe(regularizers=("dropout",)), _lowdata_base())
+    from experiments.configs import alexnet_imagenette
+
+    rc.check_regularizers(_recipe(regularizers=("dropout",)), alexnet_imagenette.get_config())
+    rc.check_regularizers(_recipe(regularizers=("augment",)), _base())  # optional: skipped
+
+
 def test_underfitting_at_max_steps_lowers_weight_decay():
     recipe = _recipe(round1_steps=400)
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "underfitting", _base(**{WD: 1e-3}))
@@ -366,6 +457,22 @@ def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
     record = _tune(tmp_path, monkeypatch, trainer, max_rounds=4)
     assert record["status"] == "converged" and record["num_rounds"] == 3
     assert len(trainer.calls) == 3
+
+
+def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_path,
+                                                                             monkeypatch):
+    _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
+    path = tmp_path / "tune" / rc.TUNE_FILE
+    saved = json.loads(path.read_text())
+    assert saved["recipe"].pop("regularizers") == list(rc.DEFAULT_REGULARIZERS)
+    path.write_text(json.dumps(saved))  # as an older cnnjax wrote it
+    trainer = FakeTrainer()
+    with pytest.raises(ValueError, match=r"different recipe \(regularizers: \['weight_decay', "
+                                         r"'label_smoothing', 'augment'\] -> \['label_smoothing'"
+                                         r"\]\)"):
+        _tune(tmp_path, monkeypatch, trainer, max_rounds=2, regularizers=("label_smoothing",))
+    _tune(tmp_path, monkeypatch, trainer, max_rounds=2)
+    assert trainer.calls == []
 
 
 def test_bad_inputs_fail_before_anything_is_written(tmp_path, monkeypatch):
