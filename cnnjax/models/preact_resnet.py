@@ -7,9 +7,12 @@ nothing follows the addition, so the shortcut path is a pure identity from block
 the shape changes (stride 2 or a new width) the shortcut is a 1x1 convolution without BN and, as
 in both papers' reference code, the first BN-ReLU is applied before the split: the projection
 takes the pre-activated input, not the raw block input. Convolutions have no bias and He
-(fan-out) initialization; the network is a 3x3 conv with 16 filters (no BN-ReLU: the first
-block's pre-activation provides it), three stages on 32x32, 16x16 and 8x8 maps (the first block
-of stages 2 and 3 has stride 2), a final BN-ReLU, global average pooling and the linear `head`.
+(fan-out) initialization; the network is a 3x3 conv with 16 filters (no BN-ReLU of its own: the
+first block's pre-activation feeds both of that block's paths, identity shortcut included, which
+is He et al.'s "first activation right after conv1 and before splitting into two paths", §4.1;
+the WRN reference code differs only for WRN-d-1, whose first identity shortcut is raw), three
+stages on 32x32, 16x16 and 8x8 maps (the first block of stages 2 and 3 has stride 2), a final
+BN-ReLU, global average pooling and the linear `head`.
 
 Pre-activation ResNets (`preact_resnet_cifar`): basic blocks of widths 16/32/64, depth 6n + 2,
 or bottleneck blocks of widths 16/32/64 with 4x expansion (stage outputs 64/128/256), depth
@@ -80,11 +83,13 @@ def _drop_path(y: Array, rate: float, train: bool) -> Array:
     return DropPath(rate, deterministic=not train, name="drop_path")(y) if rate > 0 else y
 
 
-def _shortcut(x: Array, preact: Array, out_features: int, strides: int, conv) -> Array:
-    """Identity when the shape is kept, else a 1x1/`strides` projection of the pre-activated
-    input (no BN: the block's output is a sum that the next block normalizes)."""
+def _shortcut(x: Array, preact: Array, out_features: int, strides: int, conv,
+              preact_identity: bool = False) -> Array:
+    """Identity when the shape is kept (of `preact` with `preact_identity`, else of `x`), else a
+    1x1/`strides` projection of the pre-activated input (no BN: the block's output is a sum
+    that the next block normalizes)."""
     if strides == 1 and x.shape[-1] == out_features:
-        return x
+        return preact if preact_identity else x
     return conv(out_features, (1, 1), (strides, strides), padding="VALID", name="proj_conv")(
         preact
     )
@@ -98,8 +103,10 @@ class PreActBasicBlock(nn.Module):
     `filters` is the output width; `strides` (on `conv1` and the projection) downsamples.
     `drop_rate` > 0 applies dropout (the `'dropout'` RNG stream, training only) between the two
     convolutions, after the second BN-ReLU, as Wide ResNets do. `drop_path_rate` > 0 drops the
-    whole branch per example in training (stochastic depth), before the addition. Parameters:
-    `bn1`, `conv1`, `bn2`, `conv2` and, where the shape changes, `proj_conv`.
+    whole branch per example in training (stochastic depth), before the addition.
+    `first=True` marks the network's first block, right after the stem convolution: its
+    identity shortcut also takes ReLU(BN1(x)) (He et al. 2016b, §4.1). Parameters: `bn1`,
+    `conv1`, `bn2`, `conv2` and, where the shape changes, `proj_conv`.
     """
 
     filters: int
@@ -109,6 +116,7 @@ class PreActBasicBlock(nn.Module):
     strides: int = 1
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    first: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -116,13 +124,14 @@ class PreActBasicBlock(nn.Module):
         check_positive_int(name, "strides", self.strides)
         check_drop_rate(name, "drop_rate", self.drop_rate)
         check_drop_rate(name, "drop_path_rate", self.drop_path_rate)
+        check_bool(name, "first", self.first)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         s = (self.strides, self.strides)
         preact = self.act(self.norm(name="bn1")(x))
-        shortcut = _shortcut(x, preact, self.filters, self.strides, self.conv)
+        shortcut = _shortcut(x, preact, self.filters, self.strides, self.conv, self.first)
         y = self.conv(self.filters, (3, 3), s, padding=_PAD3, name="conv1")(preact)
         y = self.act(self.norm(name="bn2")(y))
         if self.drop_rate > 0:
@@ -138,8 +147,9 @@ class PreActBottleneckBlock(nn.Module):
 
     `stride_in_1x1=True` (default, the paper's reference code) puts the stride on the first 1x1
     convolution, `False` on the 3x3 (the ResNet v1.5 placement); the parameters are the same.
-    `drop_path_rate` > 0: stochastic depth on the branch, as in `PreActBasicBlock`. Parameters:
-    `bn1`, `conv1`, `bn2`, `conv2`, `bn3`, `conv3` and possibly `proj_conv`.
+    `drop_path_rate` > 0 and `first`: stochastic depth on the branch and the network's first
+    block, as in `PreActBasicBlock`. Parameters: `bn1`, `conv1`, `bn2`, `conv2`, `bn3`, `conv3`
+    and possibly `proj_conv`.
     """
 
     filters: int
@@ -150,6 +160,7 @@ class PreActBottleneckBlock(nn.Module):
     expansion: int = 4
     stride_in_1x1: bool = True
     drop_path_rate: float = 0.0
+    first: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -158,6 +169,7 @@ class PreActBottleneckBlock(nn.Module):
         check_positive_int(name, "expansion", self.expansion)
         check_bool(name, "stride_in_1x1", self.stride_in_1x1)
         check_drop_rate(name, "drop_path_rate", self.drop_path_rate)
+        check_bool(name, "first", self.first)
         super().__post_init__()
 
     @nn.compact
@@ -166,7 +178,7 @@ class PreActBottleneckBlock(nn.Module):
         s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
         out = self.filters * self.expansion
         preact = self.act(self.norm(name="bn1")(x))
-        shortcut = _shortcut(x, preact, out, self.strides, self.conv)
+        shortcut = _shortcut(x, preact, out, self.strides, self.conv, self.first)
         y = self.conv(self.filters, (1, 1), s1, padding="VALID", name="conv1")(preact)
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(self.filters, (3, 3), s3, padding=_PAD3, name="conv2")(y)
@@ -283,6 +295,7 @@ class PreActResNet(nn.Module):
                     act=self.act,
                     strides=2 if i > 0 and j == 0 else 1,
                     drop_path_rate=next(rates),
+                    first=i == j == 0,
                     name=f"stage{i + 1}_block{j + 1}",
                 )(x, train)
             features[f"stage{i + 1}"] = x

@@ -190,10 +190,11 @@ def _parts():
     return functools.partial(nn.Conv, use_bias=False), batch_norm(False, jnp.float32, None)
 
 
-@pytest.mark.parametrize(("cin", "filters", "strides"), [(6, 6, 1), (4, 6, 2), (4, 6, 1)])
-def test_basic_block_is_bn_relu_conv_bn_relu_conv_plus_shortcut(cin, filters, strides):
+@pytest.mark.parametrize(("cin", "filters", "strides", "first"),
+                         [(6, 6, 1, False), (6, 6, 1, True), (4, 6, 2, False), (4, 6, 1, True)])
+def test_basic_block_is_bn_relu_conv_bn_relu_conv_plus_shortcut(cin, filters, strides, first):
     conv, norm = _parts()
-    block = PreActBasicBlock(filters, conv=conv, norm=norm, strides=strides)
+    block = PreActBasicBlock(filters, conv=conv, norm=norm, strides=strides, first=first)
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, cin))
     variables, ref = _random_variables(block, x, seed=cin + strides)
     y = np.asarray(block.apply(variables, x), np.float64)
@@ -205,7 +206,9 @@ def test_basic_block_is_bn_relu_conv_bn_relu_conv_plus_shortcut(cin, filters, st
     h = _np_conv(_np_bn_relu(h, p["bn2"], s["bn2"]), p["conv2"]["kernel"], 1, 1)
     if cin == filters and strides == 1:
         assert "proj_conv" not in p
-        shortcut = x64  # the raw input: nothing on the identity path
+        # the raw input: nothing on the identity path, but the network's first block splits
+        # after its BN-ReLU (He et al. 2016b, sec. 4.1)
+        shortcut = preact if first else x64
     else:  # the projection takes the pre-activated input, as the papers' code does
         shortcut = _np_conv(preact, p["proj_conv"]["kernel"], strides, 0)
     assert y.shape == (2, 6 // strides, 6 // strides, filters)
@@ -251,6 +254,30 @@ def test_network_is_stem_conv_blocks_then_final_bn_relu_pool_head():
     head = p["params"]["head"]
     np.testing.assert_allclose(logits, pooled @ head["kernel"] + head["bias"], rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["preact_resnet110_cifar", "preact_resnet164_cifar",
+                                  "wrn16_4_cifar"])
+def test_only_the_first_block_splits_after_its_bn_relu(name):
+    """With every branch's last conv zeroed, blocks pass their shortcut on: the first block
+    hands on ReLU(BN1(stem)) (>= 0 when identity; projected otherwise), later identities
+    copy their input."""
+    model = create_model(name, num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    last = "conv3" if "164" in name else "conv2"
+    params = {k: ({**v, last: {"kernel": jnp.zeros_like(v[last]["kernel"])}}
+                  if k.startswith("stage") else v) for k, v in variables["params"].items()}
+    _, feats = model.apply({**variables, "params": params}, x, return_features=True)
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
+    preact = _np_bn_relu(np.asarray(feats["stem"], np.float64),
+                         p["params"]["stage1_block1"]["bn1"],
+                         p["batch_stats"]["stage1_block1"]["bn1"])
+    if "proj_conv" in p["params"]["stage1_block1"]:
+        expected = _np_conv(preact, p["params"]["stage1_block1"]["proj_conv"]["kernel"], 1, 0)
+    else:
+        expected = preact
+    np.testing.assert_allclose(feats["stage1"], expected, rtol=1e-5, atol=1e-5)
 
 
 # --- Dropout (Wide ResNets) -----------------------------------------------------------------
