@@ -53,6 +53,9 @@ def main(argv: list[str]) -> None:
     if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
         sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path, "
                  "not a directory")
+    if _OUTPUT.value and _OUTPUT.value.lower().endswith(".png"):  # the plot's own path
+        sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path (the "
+                 "plot is written beside it, with the suffix .png)")
     try:
         run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)

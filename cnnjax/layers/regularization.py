@@ -6,7 +6,9 @@ In training, each residual block's branch is dropped for a whole example with pr
 random shallower one, and at test time all blocks are kept. Kept branches are scaled by
 1 / (1 - rate) during training (timm's `drop_path` with `scale_by_keep=True`), so the expected
 branch output is unchanged and inference is the plain network, with no rescaling. (The paper
-instead scales by the survival probability at test time; the two are equivalent in expectation.)
+instead scales by the survival probability at test time; the two are equivalent in expectation.
+It also draws one gate per block per mini-batch, where this, like timm and most later work,
+draws one per example: the same expected depth with less gradient noise between batches.)
 """
 
 from __future__ import annotations

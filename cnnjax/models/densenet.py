@@ -169,6 +169,10 @@ class Transition(nn.Module):
         y = self.conv(self.features, (1, 1), padding="VALID", name="conv")(y)
         if self.drop_rate > 0:
             y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
+        if min(y.shape[1:3]) < 2:  # the VALID pool would give an empty map, the GAP a NaN
+            raise invalid(f"DenseNet {self.name}", "input map", "x".join(map(str, y.shape[1:3])),
+                          "expected at least 2x2 for its 2x2/2 average pool: the network's input "
+                          "is too small for this depth (see the model's min_input_size)")
         return nn.avg_pool(y, (2, 2), strides=(2, 2), padding="VALID")
 
 

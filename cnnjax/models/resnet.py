@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.models.registry import register_model
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_nhwc,
     check_positive_int,
@@ -141,6 +142,7 @@ class BasicBlock(_ResidualMixin, nn.Module):
     def __post_init__(self) -> None:
         _check_shortcut(type(self).__name__, self.shortcut)
         check_positive_int(type(self).__name__, "strides", self.strides)
+        check_bool(type(self).__name__, "zero_init_last_bn", self.zero_init_last_bn)
         self.check_drop_path()
         super().__post_init__()
 
@@ -181,6 +183,7 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
         _check_shortcut(type(self).__name__, self.shortcut)
         check_positive_int(type(self).__name__, "strides", self.strides)
         check_positive_int(type(self).__name__, "expansion", self.expansion)
+        check_bool(type(self).__name__, "zero_init_last_bn", self.zero_init_last_bn)
         self.check_drop_path()
         super().__post_init__()
 
@@ -266,6 +269,7 @@ class ResNet(nn.Module):
             raise invalid(name, "stem", self.stem, f"expected one of {list(STEMS)}")
         check_positive_int(name, "num_classes", self.num_classes)
         check_positive_int(name, "num_filters", self.num_filters)
+        check_bool(name, "zero_init_last_bn", self.zero_init_last_bn)
         _check_shortcut(name, self.shortcut)
         check_positive_ints(name, "stage_sizes", self.stage_sizes,
                             "expected a non-empty sequence of positive block counts")

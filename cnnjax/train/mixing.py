@@ -77,7 +77,8 @@ def mix_batch(
     the partner into one box of area ~(1 - lam), centred uniformly at random and clipped to the
     image, and returns lam = the uncovered fraction actually left (timm's `correct_lam`). Targets
     are lam * onehot(y) + (1 - lam) * onehot(partner's y); an unmixed batch returns the images,
-    one-hot targets and lam = 1. `num_classes`, the alphas and probabilities must be static.
+    one-hot targets and lam = 1. `num_classes`, the alphas and probabilities must be static;
+    `labels` are integer class ids [B] (ids outside [0, num_classes) give all-zero targets).
     """
     owner = "mix_batch"
     mixup_alpha, cutmix_alpha, switch_prob, prob = check_mixing(
@@ -87,6 +88,10 @@ def mix_batch(
     if not jnp.issubdtype(images.dtype, jnp.floating):  # mixup would truncate integer pixels
         raise invalid(owner, "images.dtype", images.dtype,
                       "expected a floating dtype (mix after converting/normalizing the images)")
+    labels = jnp.asarray(labels)
+    if labels.shape != images.shape[:1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise invalid(owner, "labels", f"{labels.dtype}{list(labels.shape)}",
+                      f"expected integer class ids of shape [{images.shape[0]}], one per image")
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if not mixing_enabled(mixup_alpha, cutmix_alpha, prob):
         return images, targets, jnp.ones((), jnp.float32)

@@ -26,6 +26,7 @@ from cnnjax.train import losses
 from cnnjax.train.ema import ExponentialMovingAverage
 from cnnjax.train.mixing import Mixing
 from cnnjax.train.state import TrainState
+from cnnjax.utils.validation import check_positive_int, invalid
 
 
 def train_step(
@@ -98,6 +99,11 @@ def _gradients(
     (ResNet-20, batch 128, k=4: 17.7 img/s rolled, 377 unrolled, 358 without accumulation), and
     CPU memory is rarely the limit; accelerators keep the rolled loop and its memory bound.
     """
+    check_positive_int("train_step", "accum_steps", accum_steps)
+    for size in {x.shape[0] for x in jax.tree.leaves(batch)}:
+        if size % accum_steps:
+            raise invalid("train_step", "accum_steps", accum_steps,
+                          f"expected a divisor of this device's batch of {size} examples")
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if accum_steps == 1:
         grads, (metrics, updates) = grad_fn(state.params, state.batch_stats, batch, rng)

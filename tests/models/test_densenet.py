@@ -293,6 +293,11 @@ def test_cifar_min_input_size_is_exact(name):
     with pytest.raises(ValueError, match=r"input resolution='3x3' is invalid; too small: layer "
                                          r"transition2"):
         check_input_size(model, name, (3, 3, 3))
+    # Called directly (no engine check), the model refuses rather than pooling to an empty map
+    # and returning NaN logits.
+    with pytest.raises(ValueError, match=r"DenseNet transition2: input map='1x1' is invalid; "
+                                         r"expected at least 2x2 for its 2x2/2 average pool"):
+        abstract_forward(model, size=3, batch=1)
 
 
 def _dropout_paths(model, x, train: bool):

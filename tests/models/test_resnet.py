@@ -358,6 +358,14 @@ def test_invalid_arguments_raise_documented_errors():
         CifarResNet(depth=20, widths=(16, 32))  # would silently build 18 weight layers
     with pytest.raises(ValueError, match=r"CifarResNet: widths=\(True, 2, 3\) is invalid"):
         CifarResNet(widths=(True, 2, 3))
+    # A string from a config file is not silently truthy.
+    with pytest.raises(ValueError, match=r"CifarResNet: zero_init_last_bn='False' is invalid; "
+                                         r"expected True or False"):
+        create_model("resnet20_cifar", zero_init_last_bn="False")
+    with pytest.raises(ValueError, match=r"ResNet: zero_init_last_bn=1 is invalid"):
+        create_model("resnet18", zero_init_last_bn=1)
+    with pytest.raises(ValueError, match=r"BasicBlock: zero_init_last_bn='yes' is invalid"):
+        BasicBlock(4, conv=nn.Conv, norm=nn.BatchNorm, zero_init_last_bn="yes")
     assert CifarResNet(depth=18, widths=(16, 32)).blocks_per_stage == 4
     model = create_model("resnet18")
     with pytest.raises(

@@ -105,6 +105,16 @@ def test_bad_accumulation_is_named_before_compiling(tmp_path, monkeypatch, value
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(("accum_steps", "message"), [
+    (0, r"train_step: accum_steps=0 is invalid; expected a positive integer"),
+    (3, r"train_step: accum_steps=3 is invalid; expected a divisor of this device's batch of 16 "
+        r"examples"),
+])
+def test_the_step_itself_names_a_bad_accumulation_while_tracing(accum_steps, message):
+    with pytest.raises(ValueError, match=message):
+        _steps(_NoBatchNormNet(), accum_steps, num_steps=1)
+
+
 def test_evaluating_a_run_ignores_its_accumulation(tmp_path, monkeypatch):
     """Evaluation never accumulates: a run whose grad_accum_steps would not divide this
     machine's per-device batch still loads (here: config.json edited to a non-divisor)."""

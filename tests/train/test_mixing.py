@@ -170,6 +170,19 @@ def test_mix_batch_refuses_integer_images_and_non_nhwc_input():
         mixing.mix_batch(jax.random.PRNGKey(0), images, labels, 0, **MIXUP)
 
 
+@pytest.mark.parametrize(("labels", "shown"), [
+    (lambda y: y[:-1], r"'int32\[5\]'"),  # one label short: the reversal would pair wrongly
+    (lambda y: y[:, None], r"'int32\[6, 1\]'"),
+    (lambda y: y.astype(np.float32), r"'float32\[6\]'"),
+])
+def test_mix_batch_refuses_labels_that_are_not_one_class_id_per_image(labels, shown):
+    images, y = _batch()
+    with pytest.raises(ValueError, match=f"mix_batch: labels={shown} is invalid; expected "
+                                         r"integer class ids of shape \[6\], one per image"):
+        mixing.mix_batch(jax.random.PRNGKey(0), images, labels(np.asarray(y, np.int32)), K,
+                         **MIXUP)
+
+
 GOOD = {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "switch_prob": 0.5, "prob": 1.0}
 
 

@@ -110,6 +110,14 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
+    # The plot goes to <output stem>.png: an --output of that name would be overwritten by the
+    # JSON, so it is refused before anything loads.
+    result = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
+                             "--output=results/eval.png"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: --output='results/eval.png' is invalid; expected a JSON file path (the plot is "
+        "written beside it, with the suffix .png)")
 
 
 def test_a_proposal_trained_detector_refuses_detect_without_proposals():
