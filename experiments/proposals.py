@@ -16,6 +16,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cnnjax.utils.cli import parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a detection config with data.proposals set).",
     lock_config=True)
@@ -41,4 +43,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -23,6 +23,8 @@ configure_cpu_defaults()
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cnnjax.utils.cli import parse_flags  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     "experiments/configs/lenet5_digits.py",
@@ -142,4 +144,4 @@ def _print_summary(summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -26,6 +26,8 @@ configure_cpu_defaults()
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cnnjax.utils.cli import parse_flags  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config file (ml_collections).", lock_config=True
 )
@@ -55,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, validate_spec
+from cnnjax.utils.cli import error_message, names_field
 from cnnjax.utils.validation import invalid
 
 _OWNER = "launch"
@@ -38,27 +39,13 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     try:
         values(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
-        culprit = next((o for o in overrides if _names(o, err)), list(overrides))
+        culprit = next((o for o in overrides if names_field(o, err)), list(overrides))
         raise invalid(_OWNER, "overrides", culprit,
-                      f"loading {', '.join(paths.values())} with it failed: {_message(err)}"
+                      f"loading {', '.join(paths.values())} with it failed: {error_message(err)}"
                       ) from None
     return {flag: values[flag].value for flag in paths}
 
 
-def _names(override: str, err: Exception) -> bool:
-    """True when `err`'s message names the field `override` sets."""
-    name = override[2:].split("=", 1)[0]
-    message = _message(err)
-    return any(part in message for part in (name, name.split(".", 1)[-1], name.rsplit(".")[-1]))
-
-
-def _message(err: Exception) -> str:
-    """`err`'s text, unwrapped from the KeyErrors ml_collections nests (one line)."""
-    while isinstance(err, KeyError | AttributeError) and err.args \
-            and isinstance(err.args[0], BaseException):
-        err = err.args[0]
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(text.split())
 
 
 def count_trials(spec: JobSpec) -> int:

@@ -1,4 +1,4 @@
-"""DenseNets of Huang, Liu, van der Maaten, Weinberger 2017: ImageNet DenseNet-BC 121/169/201
+"""DenseNets of Huang, Liu, van der Maaten, Weinberger 2017: ImageNet DenseNet-BC 121/169/201/161
 and the paper's CIFAR networks (section 3, Table 2).
 
 Each dense layer sees the concatenation of all earlier feature maps in its block and adds
@@ -10,9 +10,9 @@ floor(compression * C) outputs, at least 1; the "C") and halve the resolution (2
 pool). After the last block: a final BN-ReLU, global average pooling and the linear
 `head`. Convolutions have no bias.
 
-ImageNet (`stem="imagenet"`): 7x7/2 conv with `2 * growth_rate` = 64 filters, BN-ReLU, 3x3/2 max
-pool, four blocks; with 1000 classes the parameter counts equal torchvision's (7,978,856 /
-14,149,480 / 20,013,928).
+ImageNet (`stem="imagenet"`): 7x7/2 conv with `2 * growth_rate` filters (64 for k=32, 96 for
+DenseNet-161's k=48), BN-ReLU, 3x3/2 max pool, four blocks; with 1000 classes the parameter counts
+equal torchvision's (7,978,856 / 14,149,480 / 20,013,928 / 28,681,000 for 121 / 169 / 201 / 161).
 
 CIFAR (`stem="cifar"`, built by `cifar_densenet`): one 3x3/1 conv with 16 filters (2k for
 DenseNet-BC) on the 32x32 input, no BN-ReLU or pooling, then three blocks of equal length on
@@ -308,6 +308,11 @@ class DenseNet(nn.Module):
 DenseNet121 = functools.partial(DenseNet, block_sizes=(6, 12, 24, 16))
 DenseNet169 = functools.partial(DenseNet, block_sizes=(6, 12, 32, 32))
 DenseNet201 = functools.partial(DenseNet, block_sizes=(6, 12, 48, 32))
+#: The paper's widest ImageNet model: k=48 and a 96-filter (2k) stem, the same bottleneck
+#: (bn_size 4) and compression 0.5 as the k=32 models.
+DenseNet161 = functools.partial(
+    DenseNet, block_sizes=(6, 12, 36, 24), growth_rate=48, num_init_features=96
+)
 
 
 def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
@@ -365,6 +370,13 @@ def densenet169(**kwargs: Any) -> DenseNet:
 def densenet201(**kwargs: Any) -> DenseNet:
     """DenseNet-201 (BC, k=32): blocks (6, 12, 48, 32); 20,013,928 parameters at 1000 classes."""
     return DenseNet201(**kwargs)
+
+
+@_REGISTER("densenet161")
+def densenet161(**kwargs: Any) -> DenseNet:
+    """DenseNet-161 (BC, k=48, 96 stem filters): blocks (6, 12, 36, 24); 28,681,000 parameters
+    at 1000 classes."""
+    return DenseNet161(**kwargs)
 
 
 @_REGISTER_CIFAR("densenet40_cifar")

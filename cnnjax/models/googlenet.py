@@ -27,6 +27,19 @@ stride 32) and `pre_logits` (the pooled 1024-vector before dropout).
 
 Initialization: He-normal (fan-out) convolution kernels, LeCun-normal dense kernels, zero
 biases (the paper's Caffe model used Xavier and constant 0.2 biases).
+
+`googlenet_bn` (`GoogLeNetBN`) is torchvision's `googlenet` layout, so torchvision's ImageNet
+weights convert to it (`cnnjax.models.torchvision_weights`): every convolution is a
+`BasicConv2d` (conv without bias, BatchNorm with epsilon 1e-3, ReLU), there is no LRN, the "5x5"
+branch of every inception module uses 3x3 kernels (a known torchvision quirk, pytorch/vision
+issue 906, that its published weights were trained with), the pool between 4e and 5a is 2x2/2
+(ceil mode) instead of 3x3/2, dropout before `head` is 0.2 and the auxiliary classifiers average
+pool adaptively to 4x4 (`InceptionAuxBN`). 6,624,904 parameters at 1000 classes without
+auxiliary heads, as torchvision's. Same widths (`INCEPTION_V1`), return types, features and
+initialization as `googlenet`. `transform_input=True` (off by default, as in torchvision for
+randomly initialized models; torchvision turns it on when it loads its ImageNet weights) maps
+an ImageNet-normalized input, `(x - mean) / std` per RGB channel, to the `(x - 0.5) / 0.5`
+scaling that those weights, ported from Google's original TensorFlow model, expect.
 """
 
 from __future__ import annotations
@@ -39,17 +52,27 @@ import jax.numpy as jnp
 
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
-from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d
+from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
-from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import check_bool, check_nhwc, check_positive_int, invalid
 
 Array = Any
 
 _PAPER = "Szegedy et al. 2015, Going Deeper with Convolutions (CVPR)"
+_PAPER_BN = _PAPER + "; layout of torchvision's googlenet (BatchNorm, 3x3 \"5x5\" branches)"
 
 #: Weight of each auxiliary classifier's loss in the total training loss (paper, Section 5).
 AUX_LOSS_WEIGHT = 0.3
+
+#: torchvision's GoogLeNet BatchNorm epsilon (its BasicConv2d; cnnjax's other BN models use 1e-5).
+BN_EPSILON = 1e-3
+
+#: The ImageNet RGB mean and std that `GoogLeNetBN(transform_input=True)` undoes (torchvision's
+#: constants; equal to `cnnjax.data.presets.IMAGENET_MEAN/STD`, not imported here because
+#: `cnnjax.data` imports TensorFlow).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) of every inception module.
 INCEPTION_V1: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -63,6 +86,12 @@ INCEPTION_V1: dict[str, tuple[int, int, int, int, int, int]] = {
     "5a": (256, 160, 320, 32, 128, 128),
     "5b": (384, 192, 384, 48, 128, 128),
 }
+
+
+def _check_aux_dropout_rate(owner: str, rate: Any) -> None:
+    """Raises the standard ValueError unless `rate` is a number in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
+        raise invalid(owner, "aux_dropout_rate", rate, "expected a number in [0, 1)")
 
 
 class GoogLeNetOutputs(NamedTuple):
@@ -156,10 +185,7 @@ class GoogLeNet(nn.Module):
         owner = type(self).__name__
         check_positive_int(owner, "num_classes", self.num_classes)
         check_dropout_rate(owner, self.dropout_rate)
-        if isinstance(self.aux_dropout_rate, bool) or not isinstance(
-                self.aux_dropout_rate, int | float) or not 0 <= self.aux_dropout_rate < 1:
-            raise invalid(owner, "aux_dropout_rate", self.aux_dropout_rate,
-                          "expected a number in [0, 1)")
+        _check_aux_dropout_rate(owner, self.aux_dropout_rate)
         super().__post_init__()
 
     @nn.compact
@@ -209,3 +235,157 @@ class GoogLeNet(nn.Module):
 def googlenet(**kwargs: Any) -> GoogLeNet:
     """GoogLeNet (Inception v1); 6,998,552 parameters at 1000 classes without auxiliary heads."""
     return GoogLeNet(**kwargs)
+
+
+# ------------------------------------------------------------- torchvision's BatchNorm variant
+class BasicConv2d(nn.Module):
+    """torchvision GoogLeNet's unit: conv without bias (`conv`), BatchNorm with epsilon 1e-3
+    (`bn`; torch's momentum 0.1 is flax's 0.9), ReLU."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
+                   use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON,
+                         dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
+        return nn.relu(x)
+
+
+class InceptionBN(Inception):
+    """torchvision's inception module: `Inception`'s four branches, widths and parameter names,
+    with `BasicConv2d` units and 3x3 kernels (padding 1) in the "5x5" branch (`branch5x5`)."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        conv = functools.partial(BasicConv2d, dtype=self.dtype, axis_name=self.axis_name)
+        b1 = conv(self.features_1x1, 1, name="branch1x1")(x, train)
+        b3 = conv(self.reduce_3x3, 1, name="branch3x3_reduce")(x, train)
+        b3 = conv(self.features_3x3, 3, padding=1, name="branch3x3")(b3, train)
+        b5 = conv(self.reduce_5x5, 1, name="branch5x5_reduce")(x, train)
+        b5 = conv(self.features_5x5, 3, padding=1, name="branch5x5")(b5, train)
+        bp = max_pool2d(x, 3, 1, padding=1)
+        bp = conv(self.pool_proj, 1, name="pool_proj")(bp, train)
+        return jnp.concatenate([b1, b3, b5, bp], axis=-1)
+
+
+class InceptionAuxBN(nn.Module):
+    """torchvision GoogLeNet's auxiliary classifier: adaptive average pool to 4x4 (any input
+    size), `BasicConv2d` 128@1x1 (`conv`), fc 2048 -> 1024 + ReLU (`fc`), dropout (0.7), linear
+    `head`."""
+
+    num_classes: int
+    dropout_rate: float = 0.7
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = adaptive_avg_pool2d(x, 4)
+        x = BasicConv2d(128, 1, dtype=self.dtype, axis_name=self.axis_name, name="conv")(x, train)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc")(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
+                           jnp.float32)
+
+
+def transform_imagenet_input(x: Array) -> Array:
+    """torchvision GoogLeNet's `transform_input`: `(x - mean) / std` per RGB channel (ImageNet
+    statistics, NHWC) -> `(x - 0.5) / 0.5`, the input range of its ported ImageNet weights."""
+    if x.shape[-1] != 3:
+        raise invalid("GoogLeNetBN", "input.shape", tuple(x.shape),
+                      "expected 3 (RGB) channels with transform_input=True")
+    scale = jnp.asarray([s / 0.5 for s in IMAGENET_STD], x.dtype)
+    shift = jnp.asarray([(m - 0.5) / 0.5 for m in IMAGENET_MEAN], x.dtype)
+    return x * scale + shift
+
+
+class GoogLeNetBN(nn.Module):
+    """torchvision's `googlenet` layout (see the module docstring); same outputs and features
+    as `GoogLeNet`.
+
+    Attributes:
+      num_classes: outputs of `head` (and of the auxiliary heads).
+      aux_logits: build the two auxiliary classifiers, returned only when `train=True`.
+      transform_input: first map ImageNet-normalized input to [-1, 1] scaling (True for
+        torchvision's converted ImageNet weights; False, torchvision's default otherwise).
+      dropout_rate: dropout before `head` (0.2, torchvision's).
+      aux_dropout_rate: dropout inside the auxiliary classifiers (0.7).
+      dtype: computation dtype (parameters stay float32); logits are returned in float32.
+      axis_name: BatchNorm cross-device axis.
+    """
+
+    num_classes: int = 1000
+    aux_logits: bool = False
+    transform_input: bool = False
+    dropout_rate: float = 0.2
+    aux_dropout_rate: float = 0.7
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "num_classes", self.num_classes)
+        check_bool(owner, "aux_logits", self.aux_logits)
+        check_bool(owner, "transform_input", self.transform_input)
+        check_dropout_rate(owner, self.dropout_rate)
+        _check_aux_dropout_rate(owner, self.aux_dropout_rate)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        check_nhwc(type(self).__name__, x)
+        x = jnp.asarray(x, self.dtype)
+        if self.transform_input:
+            x = transform_imagenet_input(x)
+        conv = functools.partial(BasicConv2d, dtype=self.dtype, axis_name=self.axis_name)
+        pool = functools.partial(max_pool2d, kernel_size=3, stride=2, ceil_mode=True)
+        inception = {name: functools.partial(InceptionBN, *widths, dtype=self.dtype,
+                                             axis_name=self.axis_name, name=f"inception{name}")
+                     for name, widths in INCEPTION_V1.items()}
+        aux = functools.partial(InceptionAuxBN, self.num_classes, self.aux_dropout_rate,
+                                dtype=self.dtype, axis_name=self.axis_name)
+        features: dict[str, Array] = {}
+
+        x = pool(conv(64, 7, strides=2, padding=3, name="conv1")(x, train))
+        x = conv(64, 1, name="conv2_reduce")(x, train)
+        features["stem"] = x = pool(conv(192, 3, padding=1, name="conv2")(x, train))
+
+        x = inception["3b"]()(inception["3a"]()(x, train), train)
+        features["inception3"] = x
+        x = inception["4a"]()(pool(x), train)
+        aux1 = aux(name="aux1")(x, train) if self.aux_logits else None
+        for name in ("4b", "4c", "4d"):
+            x = inception[name]()(x, train)
+        aux2 = aux(name="aux2")(x, train) if self.aux_logits else None
+        x = inception["4e"]()(x, train)
+        features["inception4"] = x
+        x = max_pool2d(x, 2, 2, ceil_mode=True)  # torchvision's maxpool4 (the paper's is 3x3/2)
+        x = inception["5b"]()(inception["5a"]()(x, train), train)
+        features["inception5"] = x
+
+        x = global_avg_pool(x)
+        features["pre_logits"] = x
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        logits = jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
+                             jnp.float32)
+        if self.aux_logits and train:
+            logits = GoogLeNetOutputs(logits, aux1, aux2)
+        return (logits, features) if return_features else logits
+
+
+@register_model("googlenet_bn", input_shape=(224, 224, 3), min_input_size=31,
+                num_classes=1000, paper=_PAPER_BN)
+def googlenet_bn(**kwargs: Any) -> GoogLeNetBN:
+    """torchvision's GoogLeNet (BatchNorm, 3x3 "5x5" branches); 6,624,904 parameters at 1000
+    classes without auxiliary heads."""
+    return GoogLeNetBN(**kwargs)

@@ -14,16 +14,24 @@ Layouts: conv weights OIHW -> HWIO; linear (out, in) -> (in, out); BatchNorm wei
 running_mean / running_var -> params scale / bias, batch_stats mean / var (`num_batches_tracked`
 is ignored: flax BatchNorm uses a fixed momentum). VGG's fc6 and AlexNet's fc6 read a flattened
 map, in (c, h, w) order in torch and (h, w, c) in cnnjax, so their rows are permuted too. Both
-sides use BatchNorm epsilon 1e-5 and the same momentum (flax 0.9 = torch 0.1).
+sides use the same BatchNorm epsilon (1e-5; 1e-3 in GoogLeNet) and momentum (flax 0.9 = torch
+0.1).
 
 Preprocessing: torchvision's weights expect RGB in [0, 1] normalized by the ImageNet mean
 (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); cnnjax's `imagenet2012` / `imagenette`
 presets use exactly these (`cnnjax.data.presets.IMAGENET_MEAN/STD`, RGB from tfds), with TF's
 antialiased bilinear resize instead of PIL's (a small pixel-level difference). Other presets
-normalize with their own dataset's statistics (e.g. CIFAR-10's), not ImageNet's.
+normalize with their own dataset's statistics (e.g. CIFAR-10's), not ImageNet's. torchvision's
+googlenet weights (ported from TensorFlow) expect [-1, 1] input instead: torchvision builds that
+model with `transform_input=True`, which rescales the ImageNet-normalized input, and so must the
+cnnjax model (`pretrained_model_kwargs(name)` lists such settings; the command prints them).
 
-Supported (the cnnjax and torchvision builders share the name): `SUPPORTED_MODELS`. Not
-convertible: `UNSUPPORTED_MODELS` says why for each cnnjax model that resembles a torchvision one.
+Supported: `SUPPORTED_MODELS`, the cnnjax models torchvision checkpoints convert to;
+`TORCHVISION_BUILDERS` names the torchvision builder (`torchvision.models.<builder>`) of each: the
+same name, except that torchvision's `googlenet` converts to cnnjax's `googlenet_bn` (cnnjax's
+`googlenet` is the paper's network). Not convertible: `UNSUPPORTED_MODELS` says why for each
+cnnjax model that resembles a torchvision one. Torch keys that are read but not converted:
+`IGNORED_SUFFIXES` (every model) and `IGNORED_PREFIXES` (per model), with the reasons.
 """
 
 from __future__ import annotations
@@ -54,18 +62,29 @@ IGNORED_SUFFIXES: dict[str, str] = {
     "(torch's momentum=None cumulative average has no counterpart)",
 }
 
+#: Per cnnjax model: torch key prefixes that are read and dropped, with the reason.
+IGNORED_PREFIXES: dict[str, dict[str, str]] = {
+    "googlenet_bn": {
+        prefix: "torchvision's googlenet auxiliary classifier: training-only, and not trained in "
+        "torchvision's published checkpoint (which has them; torchvision warns they are NOT "
+        "pretrained); the converted model is googlenet_bn without aux heads (aux_logits=False). "
+        "To fine-tune with aux_logits=True, also exclude aux1 and aux2 from the warm start "
+        "(--config.init_from.exclude=head,aux1,aux2) so they start fresh"
+        for prefix in ("aux1.", "aux2.")
+    },
+}
+
 #: The key prefix of a state_dict saved from a DataParallel / DistributedDataParallel wrapper.
 WRAPPER_PREFIX = "module."
 
 #: cnnjax models that resemble a torchvision model but whose layout differs, and why.
 UNSUPPORTED_MODELS: dict[str, str] = {
-    "googlenet": "torchvision's googlenet is a BatchNorm variant (conv without bias + BatchNorm "
-    "eps 1e-3 everywhere, 3x3 kernels in the '5x5' branch, no LRN, transform_input), cnnjax's "
-    "is the paper's network (conv with bias, 5x5 branch, LRN, no BatchNorm)",
+    "googlenet": "cnnjax's googlenet is the paper's network (conv with bias, 5x5 branch, LRN, no "
+    "BatchNorm), torchvision's googlenet is a BatchNorm variant (conv without bias + BatchNorm "
+    "eps 1e-3 everywhere, 3x3 kernels in the '5x5' branch, no LRN, transform_input): convert "
+    "torchvision's googlenet to model 'googlenet_bn', which has its layout",
     "alexnet_2tower": "torchvision only has the single-tower alexnet (use model 'alexnet')",
     "zfnet": "torchvision has no ZFNet",
-    "densenet161": "cnnjax registers no DenseNet-161 (growth 48, 96 initial features, blocks "
-    "(6, 12, 36, 24)); the DenseNet mapping here would convert it once it is registered",
 }
 
 
@@ -191,6 +210,31 @@ def _densenet_leaves(model: nn.Module) -> list[_Leaf]:
     return leaves + _bn("features.norm5", "bn_final") + _dense("classifier", "head")
 
 
+def _googlenet_bn_leaves(model: nn.Module) -> list[_Leaf]:
+    """torchvision `googlenet` -> `cnnjax.models.googlenet.GoogLeNetBN` (no aux heads).
+
+    Every `BasicConv2d` `<t>` is `<t>.conv` + `<t>.bn`. Stem `conv1/conv2/conv3` -> `conv1`,
+    `conv2_reduce`, `conv2` (the paper model's names); in each `inception<i>`, `branch1`,
+    `branch2.0/.1`, `branch3.0/.1`, `branch4.1` (after the pool) -> `branch1x1`,
+    `branch3x3_reduce`/`branch3x3`, `branch5x5_reduce`/`branch5x5`, `pool_proj`; `fc` -> `head`.
+    The auxiliary classifiers `aux1.*`/`aux2.*` are dropped (`IGNORED_PREFIXES`).
+    """
+    from cnnjax.models.googlenet import INCEPTION_V1
+
+    def basic(torch_name: str, path: str) -> list[_Leaf]:
+        return (_conv(f"{torch_name}.conv", f"{path}/conv", bias=False)
+                + _bn(f"{torch_name}.bn", f"{path}/bn"))
+
+    leaves = basic("conv1", "conv1") + basic("conv2", "conv2_reduce") + basic("conv3", "conv2")
+    branches = {"branch1": "branch1x1", "branch2.0": "branch3x3_reduce", "branch2.1": "branch3x3",
+                "branch3.0": "branch5x5_reduce", "branch3.1": "branch5x5",
+                "branch4.1": "pool_proj"}
+    for name in INCEPTION_V1:
+        for t, c in branches.items():
+            leaves += basic(f"inception{name}.{t}", f"inception{name}/{c}")
+    return leaves + _dense("fc", "head")
+
+
 # torchvision's own fix-up for its published DenseNet files ("norm.1" -> "norm1", ...).
 _OLD_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
@@ -212,6 +256,11 @@ class _Architecture:
     leaves: Callable[[nn.Module], list[_Leaf]]
     head: str  # torch module of the classifier (its weight gives num_classes)
     rename: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict
+    # torchvision's builder, where its name is not the cnnjax model's.
+    torchvision_name: str | None = None
+    # cnnjax model keywords that reproduce torchvision's pretrained model (settings torchvision
+    # itself changes when it loads its weights).
+    pretrained_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _RESNET = _Architecture(_resnet_leaves, "fc")
@@ -222,11 +271,19 @@ _ARCHITECTURES: dict[str, _Architecture] = {
     **{f"resnet{d}": _RESNET for d in (18, 34, 50, 101, 152)},
     **{f"vgg{d}{bn}": _VGG for d in (11, 13, 16, 19) for bn in ("", "_bn")},
     "alexnet": _Architecture(_alexnet_leaves, "classifier.6"),
-    **{f"densenet{d}": _DENSENET for d in (121, 169, 201)},
+    **{f"densenet{d}": _DENSENET for d in (121, 161, 169, 201)},
+    "googlenet_bn": _Architecture(_googlenet_bn_leaves, "fc", torchvision_name="googlenet",
+                                  pretrained_kwargs={"transform_input": True}),
 }
 
-#: cnnjax models that torchvision checkpoints convert to (torchvision's builder has the same name).
+#: cnnjax models that torchvision checkpoints convert to.
 SUPPORTED_MODELS: tuple[str, ...] = tuple(sorted(_ARCHITECTURES))
+
+#: cnnjax model -> the torchvision builder (`torchvision.models.<name>`) whose checkpoints convert
+#: to it: the same name but for `googlenet_bn` (torchvision's `googlenet`).
+TORCHVISION_BUILDERS: dict[str, str] = {
+    name: arch.torchvision_name or name for name, arch in sorted(_ARCHITECTURES.items())
+}
 
 
 # --------------------------------------------------------------------------------- conversion
@@ -247,6 +304,13 @@ def _architecture(model_name: Any) -> _Architecture:
                       f"it cannot take torchvision weights: {UNSUPPORTED_MODELS[model_name]}; "
                       f"supported models: {list(SUPPORTED_MODELS)}")
     raise invalid(owner, "model", model_name, f"expected one of {list(SUPPORTED_MODELS)}")
+
+
+def pretrained_model_kwargs(model_name: str) -> dict[str, Any]:
+    """Keywords the cnnjax model needs to reproduce torchvision's pretrained `model_name` (e.g.
+    `{"transform_input": True}` for `googlenet_bn`; `{}` for most), for `create_model` or
+    `--config.model_kwargs.<field>`: torchvision sets them itself when it loads its weights."""
+    return dict(_architecture(model_name).pretrained_kwargs)
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -278,9 +342,12 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
     (`IGNORED_SUFFIXES` excepted); otherwise a ValueError names the model, the key or leaf, the
     shapes and what was expected. `batch_stats` is `{}` for models without BatchNorm. Keys of a
     model saved inside `nn.DataParallel` / DDP (all prefixed `module.`) are accepted too.
+    Torch keys under `IGNORED_PREFIXES[model_name]` (googlenet's auxiliary classifiers) are
+    dropped. `state_dict` is that of torchvision's `TORCHVISION_BUILDERS[model_name]`.
     """
     arch = _architecture(model_name)
     owner = f"torchvision_weights({model_name!r})"
+    builder = TORCHVISION_BUILDERS[model_name]
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise invalid(owner, "state_dict", type(state_dict).__name__,
                       "expected a mapping of parameter names to arrays (a torch state_dict)")
@@ -291,7 +358,7 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
         raise invalid(owner, "state_dict", f"{head_key}: {found}",
                       f"expected the classifier weight {head_key!r} of shape "
                       "(num_classes, features); is this a torchvision "
-                      f"{model_name} checkpoint?")
+                      f"{builder} checkpoint?")
     num_classes = _shape(tensors[head_key])[0]
     model = create_model(model_name, num_classes=num_classes)
     expected = expected_variable_shapes(model_name, num_classes)
@@ -313,14 +380,16 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise invalid(owner, "state_dict", f"{len(tensors)} keys",
                       f"it lacks {details}{more}; expected every key of torchvision's "
-                      f"{model_name}(num_classes={num_classes})")
+                      f"{builder}(num_classes={num_classes})")
     used = {leaf.torch_key for leaf in leaves}
-    extra = [k for k in tensors if k not in used and k.rsplit(".", 1)[-1] not in IGNORED_SUFFIXES]
+    dropped = tuple(IGNORED_PREFIXES.get(model_name, {}))
+    extra = [k for k in tensors if k not in used and k.rsplit(".", 1)[-1] not in IGNORED_SUFFIXES
+             and not k.startswith(dropped)]
     if extra:
         details = ", ".join(f"{k!r} {_shape(tensors[k])}" for k in sorted(extra)[:8])
         more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
         raise invalid(owner, "state_dict", f"{len(tensors)} keys",
-                      f"it has keys torchvision's {model_name} does not: {details}{more}; "
+                      f"it has keys torchvision's {builder} does not: {details}{more}; "
                       "is this the right model name?")
 
     flat: dict[tuple[str, ...], np.ndarray] = {}
@@ -438,6 +507,7 @@ def write_warm_start_workdir(
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     write_json(summary_path, {
         **record, "status": SUMMARY_STATUS, "num_classes": num_classes, "step": 0,
+        "model_kwargs": pretrained_model_kwargs(model_name),
         "num_params": count(params), "num_batch_stats": count(batch_stats),
         "message": "torchvision weights converted for --config.init_from.workdir; not a "
                    "training run (resuming into this workdir is refused)",
@@ -464,9 +534,11 @@ def convert_file(model_name: str, weights: str, workdir: str, overwrite: bool = 
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("model", None, "cnnjax model to convert to: "
-                        f"{', '.join(SUPPORTED_MODELS)}.", required=True)
-    flags.DEFINE_string("weights", None, "torchvision state_dict (.pth).", required=True)
+    models = ", ".join(name if builder == name else f"{name} (from torchvision's {builder})"
+                       for name, builder in TORCHVISION_BUILDERS.items())
+    flags.DEFINE_string("model", None, f"cnnjax model to convert to: {models}.", required=True)
+    flags.DEFINE_string("weights", None, "torchvision state_dict (.pth) of the model's torchvision "
+                        "builder.", required=True)
     flags.DEFINE_string("workdir", None, "Warm-start directory to write.", required=True)
     flags.DEFINE_bool("overwrite", False, "Replace checkpoints already in --workdir.")
 
@@ -487,8 +559,12 @@ def main(argv: Sequence[str]) -> None:
           f"{result['num_params']:,} parameters, {result['num_batch_stats']:,} BatchNorm "
           f"statistics, from {result['source']['weights']} (sha256 "
           f"{result['source']['sha256'][:12]}...)")
-    print(f"fine-tune with: --config.model={f.model} "
+    kwargs = "".join(f" --config.model_kwargs.{k}={v}" for k, v in result["model_kwargs"].items())
+    print(f"fine-tune with: --config.model={f.model}{kwargs} "
           f"--config.init_from.workdir={f.workdir}  (the head is re-initialized by default)")
+    if kwargs:  # settings torchvision applies when it loads these weights
+        print(f"(torchvision's pretrained {f.model} needs{kwargs.replace(' --config.', ' ')}; "
+              f"the config must declare them: model_kwargs_config({f.model!r}))")
 
 
 if __name__ == "__main__":

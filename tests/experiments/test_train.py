@@ -143,6 +143,35 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("train", ["--config=experiments/configs/lenet5_digits.py", "--workdir={tmp}",
+               "--config.optimizer.learnin_rate=0.1"],
+     "error: --config.optimizer.learnin_rate=0.1 is invalid; 'learnin_rate' Did you mean "
+     "\"learning_rate\" instead of \"learnin_rate\"?"),
+    ("train", ["--config=experiments/configs/lenet5_dgits.py", "--workdir={tmp}"],
+     "error: --config='experiments/configs/lenet5_dgits.py' is invalid; no such config file"),
+    ("sweep", ["--config=experiments/configs/lenet5_digits.py", "--sweep_dir={tmp}",
+               "--sweep=experiments/sweeps/lenet5_digits_lr.py", "--sweep.kindd=random"],
+     "error: --sweep.kindd=random is invalid; 'kindd' Did you mean \"kind\" instead of "
+     "\"kindd\"?"),
+    ("tune", ["--config=experiments/configs/lenet5_digits.py", "--tune_dir={tmp}",
+              "--recipe=experiments/recipes/lenet5_digits.py", "--recipe.lr_mx=0.1"],
+     "error: --recipe.lr_mx=0.1 is invalid; 'lr_mx' Did you mean \"lr_max\" instead of "
+     "\"lr_mx\"?"),
+])
+def test_a_misspelt_override_or_missing_config_file_is_one_line(tmp_path, script, args, message):
+    """ml_collections raises these from inside absl's parser; the entry points' `parse_flags`
+    turns them into the usual one-line error, before anything is written."""
+    workdir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", f"experiments.{script}",
+         *(a.format(tmp=workdir) for a in args)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert not workdir.exists()
+
+
 def test_a_workdir_in_use_is_a_one_line_error_and_left_untouched(tmp_path):
     with helpers.locked_by_another_process(tmp_path) as holder:
         result = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), capture_output=True,

@@ -5,9 +5,13 @@ parameters and running statistics randomized too, so BN is not the identity), co
 both are run in eval mode on the same random input (NCHW for torch, NHWC for cnnjax) in float32.
 Tolerance: max |logit difference| <= 1e-5 * max |torch logit| (float32 summation order; the
 measured ratios are 3e-7 .. 3e-6). Inputs are small where the architecture allows:
-ResNets and DenseNets have global pooling; VGG's and AlexNet's adaptive pools (7x7, 6x6) make
-any size valid, and AlexNet runs at 224 so its pool5 map is a real 6x6 map (fc6's flatten order
-is exercised on distinct positions; VGG-16 at 224 is the slow native-size case).
+ResNets, DenseNets and GoogLeNet have global pooling; VGG's and AlexNet's adaptive pools (7x7,
+6x6) make any size valid, and AlexNet runs at 224 so its pool5 map is a real 6x6 map (fc6's
+flatten order is exercised on distinct positions; VGG-16 at 224 is the slow native-size case).
+GoogLeNet runs at 80x80, where every ceil-mode max pool has a partial last window (40 -> 20 ->
+10 -> 5 -> 3). torchvision's `googlenet` converts to cnnjax's `googlenet_bn`
+(`tvw.TORCHVISION_BUILDERS`); it is built with `init_weights=True` (torchvision warns without
+it) and, unless a test says otherwise, without auxiliary heads.
 Bad inputs and the workdir are tested without torch in test_torchvision_weights_inputs.py.
 """
 
@@ -22,7 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax.traverse_util import flatten_dict  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from cnnjax.models import create_model  # noqa: E402
 from cnnjax.models import torchvision_weights as tvw  # noqa: E402
@@ -30,12 +34,27 @@ from tests.models.test_torchvision_weights_inputs import resnet18_state_dict  # 
 
 NUM_CLASSES = 10
 
+#: Keywords for torchvision builders beyond num_classes (googlenet's defaults are aux heads on
+#: and a FutureWarning about init_weights).
+BUILDER_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 
-def _torchvision_model(name, num_classes=NUM_CLASSES, seed=0):
-    """torchvision's `name` with random weights and random BatchNorm state, in eval mode."""
+
+def _torchvision_model(name, num_classes=NUM_CLASSES, seed=0, **kwargs):
+    """torchvision's model for the cnnjax model `name` (its builder `TORCHVISION_BUILDERS[name]`,
+    with `BUILDER_KWARGS` updated by `kwargs`) with random weights and random BatchNorm state, in
+    eval mode."""
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(num_classes=num_classes)
+    builder = tvw.TORCHVISION_BUILDERS.get(name, name)
+    kwargs = {**BUILDER_KWARGS.get(builder, {}), **kwargs}
+    model = getattr(torchvision.models, builder)(num_classes=num_classes, **kwargs)
     with torch.no_grad():
+        # googlenet's own init (conv weights with std 0.01) shrinks the signal ~10x per layer
+        # while the random BatchNorm shifts add constants: its logits would hardly depend on
+        # the input, and no layout error could show. He-normal conv weights keep the signal.
+        if builder == "googlenet":
+            for module in model.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.weight.uniform_(0.5, 1.5)
@@ -57,37 +76,62 @@ def _numpy_state_dict(model):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def max_logit_difference(name, height, width, batch=2):
-    """(max |cnnjax - torchvision| logit, max |torchvision logit|) on one random batch."""
-    reference = _torchvision_model(name)
+def max_logit_difference(name, height, width, batch=2, torch_kwargs=None, model_kwargs=None):
+    """(max |cnnjax - torchvision| logit, max |torchvision logit|, max |difference between the
+    torchvision logits of the first two inputs|) on one random batch; the torchvision builder
+    and the cnnjax model get `torch_kwargs` / `model_kwargs`."""
+    reference = _torchvision_model(name, **(torch_kwargs or {}))
     x = np.random.default_rng(0).normal(size=(batch, 3, height, width)).astype(np.float32)
     with torch.no_grad():
         want = reference(torch.from_numpy(x)).numpy()
     variables = tvw.convert_state_dict(name, _numpy_state_dict(reference))
-    model = create_model(name, num_classes=NUM_CLASSES)
+    model = create_model(name, num_classes=NUM_CLASSES, **(model_kwargs or {}))
     got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
-    return float(np.abs(np.asarray(got) - want).max()), float(np.abs(want).max())
+    return (float(np.abs(np.asarray(got) - want).max()), float(np.abs(want).max()),
+            float(np.abs(want[0] - want[1]).max()))
 
 
-def _check(name, height, width):
-    diff, scale = max_logit_difference(name, height, width)
+def _check(name, height, width, **kwargs):
+    diff, scale, spread = max_logit_difference(name, height, width, **kwargs)
     assert 1e-2 < scale < 1e3  # logits neither vanish nor explode with these random weights
+    assert spread > 1e-2 * scale  # they depend on the input (measured: 2.7% .. 25% of scale)
     assert diff <= 1e-5 * scale, f"{name}: max |diff| {diff} at logit scale {scale}"
 
 
-# One of each layout in the default suite (basic and bottleneck ResNet, VGG with BN, AlexNet);
-# DenseNet's table is exercised there by the published-key-names test, its logits are slow.
-FAST = [("resnet18", 64, 64), ("resnet50", 64, 64), ("vgg11_bn", 64, 96), ("alexnet", 224, 224)]
+# One of each layout in the default suite (basic and bottleneck ResNet, VGG with BN, AlexNet,
+# GoogLeNet); DenseNet's table is exercised there by the published-key-names test, its logits
+# are slow.
+FAST = [("resnet18", 64, 64), ("resnet50", 64, 64), ("vgg11_bn", 64, 96), ("alexnet", 224, 224),
+        ("googlenet_bn", 80, 80)]
 SLOW = ([(f"resnet{d}", 64, 64) for d in (34, 101, 152)]
         + [(f"vgg{d}{bn}", 64, 96) for d in (11, 13, 16, 19) for bn in ("", "_bn")
            if f"vgg{d}{bn}" != "vgg11_bn"]
-        + [(f"densenet{d}", 64, 64) for d in (121, 169, 201)]
+        + [(f"densenet{d}", 64, 64) for d in (121, 161, 169, 201)]
         + [("vgg16", 224, 224)])
 
 
 def test_every_supported_model_is_compared():
     assert sorted({name for name, _, _ in FAST + SLOW}) == sorted(tvw.SUPPORTED_MODELS)
-    assert set(tvw.SUPPORTED_MODELS) <= set(torchvision.models.list_models())
+    assert sorted(tvw.TORCHVISION_BUILDERS) == sorted(tvw.SUPPORTED_MODELS)
+    assert set(tvw.TORCHVISION_BUILDERS.values()) <= set(torchvision.models.list_models())
+    assert {k: v for k, v in tvw.TORCHVISION_BUILDERS.items() if k != v} == {
+        "googlenet_bn": "googlenet"}
+
+
+@pytest.mark.parametrize("name, torch_kwargs, model_kwargs, count", [
+    ("densenet161", {}, {}, 28_681_000),
+    ("googlenet_bn", {"aux_logits": False, "init_weights": False}, {}, 6_624_904),
+    ("googlenet_bn", {"aux_logits": True, "init_weights": False}, {"aux_logits": True},
+     13_004_888),
+])
+def test_parameter_count_equals_torchvisions(name, torch_kwargs, model_kwargs, count):
+    """At 1000 classes; googlenet_bn also with the auxiliary heads (both sides build them)."""
+    reference = getattr(torchvision.models, tvw.TORCHVISION_BUILDERS[name])(**torch_kwargs)
+    assert sum(p.numel() for p in reference.parameters()) == count
+    model = create_model(name, **model_kwargs)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(shapes["params"])) == count
 
 
 @pytest.mark.parametrize("name, height, width", FAST)
@@ -132,6 +176,93 @@ def test_published_densenet_key_names_convert_the_same():
     got = flatten_dict(tvw.convert_state_dict("densenet121", old))
     assert sorted(got) == sorted(want)
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+# ------------------------------------------------------------------------ googlenet_bn specifics
+def test_googlenet_aux_heads_are_dropped():
+    """torchvision's googlenet(aux_logits=True) (and its published checkpoint) has `aux1.*` /
+    `aux2.*` keys; they convert to exactly the variables of the same model without them (the
+    aux heads are training-only and untrained in the published file: `IGNORED_PREFIXES`)."""
+    with_aux = _numpy_state_dict(_torchvision_model("googlenet_bn", aux_logits=True))
+    aux_keys = {k for k in with_aux if k.startswith(("aux1.", "aux2."))}
+    assert {k.split(".")[0] for k in aux_keys} == {"aux1", "aux2"} and len(aux_keys) == 2 * 10
+    without = {k: v for k, v in with_aux.items() if k not in aux_keys}
+    got = flatten_dict(tvw.convert_state_dict("googlenet_bn", with_aux))
+    want = flatten_dict(tvw.convert_state_dict("googlenet_bn", without))
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert not any("aux" in "/".join(k) for k in got)
+    assert set(tvw.IGNORED_PREFIXES["googlenet_bn"]) == {"aux1.", "aux2."}
+    assert sorted(_numpy_state_dict(_torchvision_model("googlenet_bn"))) == sorted(without)
+    # Only the aux prefixes are dropped: any other unknown key still fails.
+    with pytest.raises(ValueError, match=r"it has keys torchvision's googlenet does not: "
+                                         r"'aux3.fc1.weight'"):
+        tvw.convert_state_dict("googlenet_bn",
+                               dict(without, **{"aux3.fc1.weight": np.zeros((2, 2), np.float32)}))
+
+
+def test_googlenet_logits_with_aux_heads_in_the_state_dict_match_torchvision():
+    """A torchvision googlenet built with aux heads, in eval mode (which skips them), against
+    cnnjax's googlenet_bn converted from its full state_dict."""
+    _check("googlenet_bn", 80, 80, torch_kwargs={"aux_logits": True})
+
+
+def test_googlenet_transform_input_matches_torchvision():
+    """transform_input=True on both sides (torchvision's setting for its ImageNet weights, which
+    `pretrained_model_kwargs` gives): ImageNet-normalized input rescaled to [-1, 1] inputs."""
+    assert tvw.pretrained_model_kwargs("googlenet_bn") == {"transform_input": True}
+    _check("googlenet_bn", 80, 80, torch_kwargs={"transform_input": True},
+           model_kwargs=tvw.pretrained_model_kwargs("googlenet_bn"))
+    # The transform matters: without it on the cnnjax side the logits differ.
+    diff, scale, _ = max_logit_difference("googlenet_bn", 80, 80,
+                                          torch_kwargs={"transform_input": True})
+    assert diff > 1e-2 * scale
+
+
+def _googlenet_aux_leaves(name):
+    """torchvision's InceptionAux `name` -> cnnjax's InceptionAuxBN (the converter drops these;
+    the aux layout test maps them itself)."""
+    leaves = (tvw._conv(f"{name}.conv.conv", f"{name}/conv/conv", bias=False)
+              + tvw._bn(f"{name}.conv.bn", f"{name}/conv/bn"))
+    for torch_name, path, layout in ((f"{name}.fc1", "fc", tvw._flatten_chw_dense(128)),
+                                     (f"{name}.fc2", "head", tvw._DENSE)):
+        leaves += [tvw._Leaf(f"{torch_name}.weight", "params", (name, path, "kernel"), layout),
+                   tvw._Leaf(f"{torch_name}.bias", "params", (name, path, "bias"), tvw._VECTOR)]
+    return leaves
+
+
+def test_googlenet_training_outputs_with_aux_heads_match_torchvision():
+    """Train mode (BatchNorm on batch statistics, dropout off on both sides), aux heads on: the
+    main logits and both auxiliary logits agree. At 112x112 the aux heads pool a 7x7 map to 4x4
+    through overlapping adaptive bins, and fc1 reads torch's (c, h, w) flatten order.
+
+    Tolerance 2e-4 of the logit scale, not 1e-5: 60 BatchNorms on batch statistics (of as few
+    as 16 values per channel on the 2x2 maps of inception 5) amplify float32 rounding. Measured:
+    torch float32 is itself 1.5e-5 off its float64 result here, cnnjax 4e-5 .. 9e-5 off torch
+    float32, of which flax's one-pass variance (E[x^2] - E[x]^2) is most (two-pass: 1e-5 .. 4e-5).
+    A layout error moves the logits by their own scale."""
+    reference = _torchvision_model("googlenet_bn", aux_logits=True, dropout=0.0, dropout_aux=0.0)
+    reference.train()
+    sd = _numpy_state_dict(reference)
+    x = np.random.default_rng(1).normal(size=(4, 3, 112, 112)).astype(np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x))
+    variables = tvw.convert_state_dict("googlenet_bn", sd)
+    flat = flatten_dict(variables)
+    for aux in ("aux1", "aux2"):
+        for leaf in _googlenet_aux_leaves(aux):
+            flat[(leaf.collection, *leaf.path)] = leaf.layout.to_flax(sd[leaf.torch_key])
+    model = create_model("googlenet_bn", num_classes=NUM_CLASSES, aux_logits=True,
+                         dropout_rate=0.0, aux_dropout_rate=0.0)
+    expected = jax.eval_shape(lambda r: model.init(r, x.transpose(0, 2, 3, 1)), jax.random.key(0))
+    assert {k: v.shape for k, v in flat.items()} == {
+        k: v.shape for k, v in flatten_dict(expected).items()}
+    got, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        unflatten_dict(flat), x.transpose(0, 2, 3, 1))
+    # torchvision returns (logits, aux_logits2, aux_logits1), cnnjax (logits, aux1, aux2).
+    for g, w in zip(got, (want.logits, want.aux_logits1, want.aux_logits2), strict=True):
+        w = w.numpy()
+        assert 1e-2 < np.abs(w).max() < 1e3
+        assert np.abs(np.asarray(g) - w).max() <= 2e-4 * np.abs(w).max()
 
 
 @pytest.mark.slow

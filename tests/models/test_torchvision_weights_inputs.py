@@ -112,12 +112,34 @@ def test_flattened_map_dense_matches_torch_flatten_order():
 @pytest.mark.parametrize("name, match", [
     ("resnet19", r"model='resnet19' is invalid; expected one of \['alexnet', 'densenet121'"),
     ("googlenet", r"model='googlenet' is invalid; it cannot take torchvision weights: "
-                  r"torchvision's googlenet is a BatchNorm variant"),
+                  r"cnnjax's googlenet is the paper's network .*convert torchvision's googlenet "
+                  r"to model 'googlenet_bn'"),
     ("alexnet_2tower", "only has the single-tower alexnet"),
 ])
 def test_unsupported_model_names(resnet18_sd, name, match):
     with pytest.raises(ValueError, match=match):
         tvw.convert_state_dict(name, resnet18_sd)
+
+
+def test_torchvision_builder_names_and_pretrained_kwargs():
+    """Every supported model converts from the torchvision builder of its name, but googlenet_bn
+    (torchvision's googlenet, which also needs transform_input=True for its ImageNet weights)."""
+    assert tvw.TORCHVISION_BUILDERS["googlenet_bn"] == "googlenet"
+    assert all(v == k for k, v in tvw.TORCHVISION_BUILDERS.items() if k != "googlenet_bn")
+    assert {"densenet161", "googlenet_bn"} <= set(tvw.SUPPORTED_MODELS)
+    assert not set(tvw.SUPPORTED_MODELS) & set(tvw.UNSUPPORTED_MODELS)
+    assert tvw.pretrained_model_kwargs("googlenet_bn") == {"transform_input": True}
+    assert tvw.pretrained_model_kwargs("resnet50") == {}
+    model = create_model("googlenet_bn", **tvw.pretrained_model_kwargs("googlenet_bn"))
+    assert model.transform_input
+
+
+def test_errors_name_the_torchvision_builder(resnet18_sd):
+    with pytest.raises(ValueError, match=(
+            r"torchvision_weights\('googlenet_bn'\): state_dict='121 keys' is invalid; it lacks "
+            r"'conv1.conv.weight' \(torch shape \(64, 3, 7, 7\) for params/conv1/conv/kernel\)"
+            r".*expected every key of torchvision's googlenet\(num_classes=7\)")):
+        tvw.convert_state_dict("googlenet_bn", resnet18_sd)
 
 
 def test_missing_key_names_it_and_its_torch_shape(resnet18_sd):

@@ -1,0 +1,61 @@
+"""Flag parsing for the absl entry points that load ml_collections config files.
+
+`ml_collections.config_flags` reports a misspelt `--config.<field>=...` or a missing config file
+as a Python traceback from inside absl's parser. `parse_flags` (pass it to
+`app.run(main, flags_parser=parse_flags)`) turns those into one `error: ...` line naming the
+flag, as every other bad input to cnnjax's commands is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import app
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's `parse_flags_with_usage`, with config-file errors as one line and exit status 1."""
+    missing = missing_config_file(argv[1:])
+    if missing:  # ml_collections would only fail at the first use of the flag's value
+        sys.exit(f"error: {missing}")
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
+        sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
+
+
+def missing_config_file(args: Sequence[str]) -> str | None:
+    """The error for the first `--<flag>=<file>.py[:arg]` of `args` whose file does not exist."""
+    for arg in args:
+        name, _, value = arg.lstrip("-").partition("=")
+        path = value.split(":", 1)[0]
+        if arg.startswith("--") and "." not in name and path.endswith(".py") \
+                and not os.path.isfile(path):
+            return f"--{name}={value!r} is invalid; no such config file"
+    return None
+
+
+def describe_flag_error(args: Sequence[str], err: Exception) -> str:
+    """One line saying which override of `args` made loading the config files fail, and why."""
+    overrides = [a for a in args if a.startswith("--") and "." in a.split("=", 1)[0]]
+    culprit = next((o for o in overrides if names_field(o, err)), None)
+    where = f"{culprit} is invalid; " if culprit else ""
+    return f"{where}{error_message(err)}"
+
+
+def names_field(override: str, err: Exception) -> bool:
+    """True when `err`'s message names the field that `override` (`--config.a.b=v`) sets."""
+    name = override.lstrip("-").split("=", 1)[0]
+    message = error_message(err)
+    return any(part in message for part in (name, name.split(".", 1)[-1], name.rsplit(".")[-1]))
+
+
+def error_message(err: Exception) -> str:
+    """`err`'s text on one line, unwrapped from the KeyErrors ml_collections nests."""
+    while isinstance(err, KeyError | AttributeError) and err.args \
+            and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split())
