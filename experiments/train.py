@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
         _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
+    from cnnjax.utils.files import read_json
     from cnnjax.utils.lock import DirectoryInUseError
 
     logging.info(
@@ -81,12 +82,13 @@ def main(argv: list[str]) -> None:
     except DirectoryInUseError as err:  # the run holding the workdir keeps its summary.json
         _fail(f"error: {err}")
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
-        where = (
-            f"details in {os.path.join(workdir, 'summary.json')}"
-            if index == 0
-            else f"process {index} of {jax.process_count()}; process 0 writes summary.json"
-        )
-        _fail(f"error: {err}\n({where})")
+        if index != 0:
+            _fail(f"error: {err}\n(process {index} of {jax.process_count()}; process 0 writes "
+                  "summary.json)")
+        summary_path = os.path.join(workdir, "summary.json")
+        recorded = read_json(summary_path)  # refusals leave another run's summary.json alone
+        recorded = isinstance(recorded, dict) and recorded.get("message") == str(err)
+        _fail(f"error: {err}" + (f"\n(details in {summary_path})" if recorded else ""))
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
         log = os.path.join(workdir, "error.log" if index == 0 else f"error.process{index}.log")
         os.makedirs(workdir, exist_ok=True)

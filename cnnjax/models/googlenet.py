@@ -8,7 +8,8 @@ Inception v2). Max pools use ceil mode as in the reference Caffe model (112 -> 5
 at 224x224). The paper does not give LRN constants; those of the reference Caffe model are used
 (size 5, alpha 1e-4 divided by the size, beta 0.75, k 1). With biases, 1000 classes and no
 auxiliary heads the model has 6,998,552 parameters (Table 1's column is rounded and lower;
-torchvision's 6,624,904 is a BatchNorm variant with 3x3 kernels in the "5x5" branch).
+torchvision's 6,624,904 is a BatchNorm variant with 3x3 kernels in the "5x5" branch, which
+cnnjax registers as `googlenet_bn`).
 
 Auxiliary classifiers (`aux_logits=True`, Section 5): on the outputs of 4a and 4d, average pool
 5x5/3 (4x4 maps at 224x224), conv 128@1x1 + ReLU, fc 1024 + ReLU, dropout 0.7, linear (named

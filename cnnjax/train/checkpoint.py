@@ -216,6 +216,13 @@ class Checkpointer:
     def close(self) -> None:
         """Finishes pending saves and releases the manager."""
         self._manager.wait_until_finished()
+        # orbax starts cleaning up unfinished saves' temporary directories in a thread when the
+        # manager opens and awaits it only before the first save; a run that stops before any
+        # save (a bad init_from, a failed restore) would exit with that thread still scheduling
+        # work and print its traceback after the run's own error. (Private in orbax 0.12.)
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         self._manager.close()
 
 

@@ -22,7 +22,7 @@ ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
 F32 = 4
 
 # Deep models whose tracing alone takes 3-6 s on two CPU cores; the rest trace in < 2 s each.
-SLOW_MODELS = {"densenet121", "densenet169", "densenet201", "resnet101", "resnet152",
+SLOW_MODELS = {"densenet121", "densenet161", "densenet169", "densenet201", "resnet101", "resnet152",
                "resnet110_cifar", "plain110_cifar", "densenet100_k12_cifar",
                "densenet100_k24_cifar", "densenet_bc100_cifar", "densenet_bc190_cifar",
                "densenet_bc250_cifar", "preact_resnet110_cifar", "preact_resnet164_cifar",

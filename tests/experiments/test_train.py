@@ -140,7 +140,20 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     assert result.returncode != 0
     assert "error: optimizer: name='lamb' is invalid; expected one of" in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(f"(details in {tmp_path / 'summary.json'})")
     assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_refused_workdir_is_not_pointed_to_for_details(tmp_path):
+    """A refusal leaves the directory's files alone, so the error must not send the user to a
+    summary.json that does not hold it."""
+    (tmp_path / "tune.json").write_text("{}")
+    result = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and last.startswith(f"error: workdir={str(tmp_path)!r} is "
+                                                      "invalid; it holds a tune (tune.json)")
+    assert not (tmp_path / "summary.json").exists()
 
 
 @pytest.mark.parametrize(("script", "args", "message"), [

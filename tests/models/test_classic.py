@@ -1,4 +1,5 @@
-"""Tests for the classic CNNs: LeNet-5, AlexNet (two layouts), ZFNet, VGG, NiN and GoogLeNet.
+"""Tests for the classic CNNs: LeNet-5, AlexNet (two layouts), ZFNet, VGG, NiN and GoogLeNet (the
+paper's and torchvision's BatchNorm layout, `googlenet_bn`).
 
 Parameter counts and feature-map sizes are checked with `jax.eval_shape` (nothing is allocated or
 compiled) against published figures or against closed-form counts written out layer by layer
@@ -21,10 +22,17 @@ import pytest
 from cnnjax.models import create_model, list_models, model_info
 from cnnjax.models.alexnet import AlexNet, ZFNet
 from cnnjax.models.googlenet import (
+    BN_EPSILON,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     INCEPTION_V1,
+    BasicConv2d,
     GoogLeNet,
+    GoogLeNetBN,
     GoogLeNetOutputs,
     Inception,
+    InceptionBN,
+    transform_imagenet_input,
 )
 from cnnjax.models.lenet import C3_CONNECTIONS, ConnectionTableConv, LeNet5, scaled_tanh
 from cnnjax.models.nin import MLPConv, NiN, NiNStage
@@ -46,6 +54,7 @@ CLASSIC = [
     "nin",
     "nin_cifar",
     "googlenet",
+    "googlenet_bn",
 ]
 BN_MODELS = [n for n in CLASSIC if n.endswith("_bn")]
 
@@ -213,6 +222,7 @@ PUBLISHED = {
     "vgg16_bn": 138_365_992,
     "vgg19_bn": 143_678_248,
     "googlenet": 6_998_552,
+    "googlenet_bn": 6_624_904,  # torchvision's googlenet, aux_logits=False
 }
 
 
@@ -378,6 +388,13 @@ NATIVE_FEATURES = {
         "inception5": (7, 7, 1024),
         "pre_logits": (1024,),
     },
+    "googlenet_bn": {  # torchvision's comments: 56 -> 28 -> 14 -> 7 (its 2x2/2 maxpool4)
+        "stem": (28, 28, 192),
+        "inception3": (28, 28, 480),
+        "inception4": (14, 14, 832),
+        "inception5": (7, 7, 1024),
+        "pre_logits": (1024,),
+    },
 }
 
 
@@ -484,9 +501,9 @@ def test_forward_backward_traces_for_every_model(name):
 
 # Concretely under jit in the default suite: every model but the VGGs (100M+ parameters, ~10 s
 # each to draw and differentiate on 2 CPU cores; their code runs in the default suite through
-# the reduced-width VGG tests below) and GoogLeNet (~60 convolutions: XLA's CPU compile of its
-# init and gradient takes ~30 s). Those run with `-m slow`.
-_SLOW_AT_MIN_SIZE = {n for n in CLASSIC if n.startswith("vgg")} | {"googlenet"}
+# the reduced-width VGG tests below) and the GoogLeNets (~60 convolutions: XLA's CPU compile of
+# their init and gradient takes ~30 s). Those run with `-m slow`.
+_SLOW_AT_MIN_SIZE = {n for n in CLASSIC if n.startswith("vgg")} | {"googlenet", "googlenet_bn"}
 MIN_SIZE_CASES = [
     pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_AT_MIN_SIZE else n for n in CLASSIC
 ]
@@ -772,6 +789,90 @@ def test_googlenet_aux_heads_need_79_pixels():
         init_shapes(model, (1, 78, 78, 3))
 
 
+def test_googlenet_bn_has_torchvisions_layout():
+    """Conv + BN (no bias) everywhere, 3x3 kernels in the "5x5" branch, the paper model's
+    module names; torchvision's counts with and without aux heads (13,004,888 with)."""
+    variables = init_shapes(create_model("googlenet_bn"), (1, 224, 224, 3))
+    params = variables["params"]
+    paper = init_shapes(create_model("googlenet"), (1, 224, 224, 3))["params"]
+    assert set(params) == set(paper)  # conv1, conv2_reduce, conv2, inception3a .. 5b, head
+    assert params["conv1"]["conv"]["kernel"].shape == (7, 7, 3, 64)
+    assert set(params["conv1"]["conv"]) == {"kernel"}  # no conv bias: BatchNorm follows
+    assert set(params["inception3a"]) == set(paper["inception3a"])
+    assert params["inception3a"]["branch5x5"]["conv"]["kernel"].shape == (3, 3, 16, 32)
+    assert paper["inception3a"]["branch5x5"]["kernel"].shape == (5, 5, 16, 32)
+    convs = [k for k in flatten_keys(params) if k[-1] == "kernel" and k[-2] == "conv"]
+    assert len(convs) == 3 + 6 * len(INCEPTION_V1)
+    assert len(flatten_keys(variables["batch_stats"])) == 2 * len(convs)  # mean, var per BN
+    aux = init_shapes(create_model("googlenet_bn", aux_logits=True), (1, 224, 224, 3))
+    assert n_params(aux) == 13_004_888
+    assert aux["params"]["aux1"]["fc"]["kernel"].shape == (4 * 4 * 128, 1024)
+
+
+def flatten_keys(tree) -> list[tuple[str, ...]]:
+    return [tuple(getattr(k, "key", k) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_basic_conv2d_uses_batchnorm_epsilon_1e_3():
+    x = jax.random.normal(key(4), (2, 5, 5, 3))
+    variables, y = jrun(BasicConv2d(4, 3, padding=1), x)
+    kernel = np.asarray(variables["params"]["conv"]["kernel"], np.float64)
+    conv = jax.lax.conv_general_dilated(
+        np.asarray(x, np.float64), kernel, (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # Eval mode at init: running mean 0, var 1, scale 1, bias 0.
+    np.testing.assert_allclose(np.asarray(y), np.maximum(np.asarray(conv), 0)
+                               / np.sqrt(1 + BN_EPSILON), rtol=1e-5, atol=1e-6)
+    assert BN_EPSILON == 1e-3
+
+
+def test_googlenet_bn_transform_input_rescales_imagenet_normalized_input():
+    from cnnjax.data.presets import IMAGENET_MEAN as PRESET_MEAN
+    from cnnjax.data.presets import IMAGENET_STD as PRESET_STD
+
+    assert (IMAGENET_MEAN, IMAGENET_STD) == (PRESET_MEAN, PRESET_STD)
+    pixels = np.random.default_rng(0).uniform(size=(2, 4, 4, 3))  # RGB in [0, 1]
+    normalized = (pixels - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    got = transform_imagenet_input(jnp.asarray(normalized, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), (pixels - 0.5) / 0.5, rtol=1e-5, atol=1e-5)
+    transformed = create_model("googlenet_bn", transform_input=True)
+    with pytest.raises(ValueError, match=re.escape(
+            "GoogLeNetBN: input.shape=(1, 31, 31, 1) is invalid; expected 3 (RGB) channels")):
+        init_shapes(transformed, (1, 31, 31, 1))
+
+
+@pytest.mark.slow  # ~8 s of XLA compilation; test_torchvision_weights checks it against torch
+def test_googlenet_bn_transform_input_only_rescales_the_input():
+    plain = create_model("googlenet_bn", num_classes=3)
+    transformed = create_model("googlenet_bn", num_classes=3, transform_input=True)
+
+    @jax.jit
+    def both(x):  # one compilation
+        variables = plain.init(RNGS, x)
+        return (transformed.apply(variables, x),
+                plain.apply(variables, transform_imagenet_input(x)))
+
+    got, want = both(jax.random.normal(key(5), (2, 31, 31, 3)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_googlenet_bn_aux_outputs_only_in_training():
+    """As googlenet's; torchvision's adaptive 4x4 aux pool also works on the 2x2 inception-4
+    maps of the smallest input (31x31)."""
+    model = create_model("googlenet_bn", aux_logits=True, num_classes=5)
+    for shape in ((2, 224, 224, 3), min_shape("googlenet_bn")):
+        variables = init_shapes(model, shape)
+        x = jnp.zeros(shape)
+        out, state = jax.eval_shape(
+            lambda v, x=x: model.apply(v, x, train=True, rngs={"dropout": key(0)},
+                                       mutable=["batch_stats"]), variables)
+        assert isinstance(out, GoogLeNetOutputs) and [o.shape for o in out] == [(2, 5)] * 3
+        assert {"aux1", "aux2"} <= set(state["batch_stats"])
+        out = jax.eval_shape(lambda v, x=x: model.apply(v, x), variables)
+        assert out.shape == (2, 5)  # eval: main logits only
+
+
 # ---------------------------------------------------------------------------------------- NiN
 def test_mlpconv_block_layers():
     block = MLPConv((96, 80, 64), kernel_size=5, padding=2)
@@ -880,6 +981,24 @@ INVALID = [
     (
         lambda: Inception(64, 96, 128, 16, 32, 0),
         "Inception: pool_proj=0 is invalid; expected a positive integer",
+    ),
+    (lambda: GoogLeNetBN(num_classes=0), "GoogLeNetBN: num_classes=0 is invalid"),
+    (lambda: GoogLeNetBN(dropout_rate=-0.2), "GoogLeNetBN: dropout_rate=-0.2 is invalid"),
+    (
+        lambda: GoogLeNetBN(aux_dropout_rate=1.0),
+        "GoogLeNetBN: aux_dropout_rate=1.0 is invalid; expected a number in [0, 1)",
+    ),
+    (
+        lambda: GoogLeNetBN(transform_input=1),
+        "GoogLeNetBN: transform_input=1 is invalid; expected True or False",
+    ),
+    (
+        lambda: GoogLeNetBN(aux_logits="yes"),
+        "GoogLeNetBN: aux_logits='yes' is invalid; expected True or False",
+    ),
+    (
+        lambda: InceptionBN(64, 96, 0, 16, 32, 32),
+        "InceptionBN: features_3x3=0 is invalid; expected a positive integer",
     ),
 ]
 

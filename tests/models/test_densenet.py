@@ -1,4 +1,4 @@
-"""Tests for DenseNet-BC 121/169/201, the paper's CIFAR DenseNets (basic and BC, Table 2) and
+"""Tests for DenseNet-BC 121/169/201/161, the paper's CIFAR DenseNets (basic and BC, Table 2) and
 their dense layer, dense block and transition."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from cnnjax.train.config import model_kwargs_config
 from tests.models.cifar import abstract_forward, assert_cifar_features
 
 # torchvision's published counts (1000 classes).
-COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928}
+COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
+          "densenet161": 28_681_000}
 
 
 def _parts(train: bool = False):
@@ -44,6 +45,24 @@ def test_param_count_exact(name):
 
 def test_registered():
     assert set(COUNTS) <= set(list_models("densenet*"))
+
+
+def test_densenet161_is_the_wide_k48_model():
+    """torchvision's DenseNet-161: k=48, a 96-filter stem, blocks (6, 12, 36, 24), bn_size 4,
+    compression 0.5 (transitions 384 -> 192, 768 -> 384, 2112 -> 1056; 2208 channels before
+    the head)."""
+    model = create_model("densenet161")
+    assert (model.growth_rate, model.num_init_features, tuple(model.block_sizes)) == (
+        48, 96, (6, 12, 36, 24))
+    assert model.compression == 0.5 and model.bn_size is None  # DEFAULT_BN_SIZE = 4
+    assert model_info("densenet161").min_input_size == model_info("densenet121").min_input_size
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 29, 29, 3))))["params"]
+    assert params["conv_init"]["kernel"].shape == (7, 7, 3, 96)
+    assert params["block1"]["layer1"]["conv1"]["kernel"].shape == (1, 1, 96, 4 * 48)
+    assert [params[f"transition{i}"]["conv"]["kernel"].shape[-1] for i in (1, 2, 3)] == [
+        192, 384, 1056]
+    assert params["head"]["kernel"].shape == (2208, 1000)
 
 
 def test_dense_block_concatenates_inputs_and_new_channels():

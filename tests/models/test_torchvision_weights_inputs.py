@@ -136,7 +136,7 @@ def test_torchvision_builder_names_and_pretrained_kwargs():
 
 def test_errors_name_the_torchvision_builder(resnet18_sd):
     with pytest.raises(ValueError, match=(
-            r"torchvision_weights\('googlenet_bn'\): state_dict='121 keys' is invalid; it lacks "
+            r"torchvision_weights\('googlenet_bn'\): state_dict='122 keys' is invalid; it lacks "
             r"'conv1.conv.weight' \(torch shape \(64, 3, 7, 7\) for params/conv1/conv/kernel\)"
             r".*expected every key of torchvision's googlenet\(num_classes=7\)")):
         tvw.convert_state_dict("googlenet_bn", resnet18_sd)
