@@ -116,7 +116,7 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
             "num_params": num_params, "platform": devices[0].platform}
 
 
-def compile_jax_step(bench: dict[str, Any], conv_impl: str = "xla") -> float:
+def compile_jax_step(bench: dict[str, Any], conv_impl: str = "auto") -> float:
     """Compiles the step ahead of time; returns seconds and stores the executable in `bench`.
 
     `conv_impl` ("xla", "matmul", "auto"; see `cnnjax.layers.conv_impl`) picks how the model's
@@ -309,9 +309,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
     flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults() "
                       "(flags you set in XLA_FLAGS always win).")
-    flags.DEFINE_multi_enum("conv_impl", ["xla"], ["xla", "matmul", "auto"],
-                            "How nn.Conv layers are lowered (cnnjax.layers.conv_impl); repeat "
-                            "the flag to time several in interleaved rounds.")
+    flags.DEFINE_multi_enum("conv_impl", ["auto"], ["xla", "matmul", "auto"],
+                            "How nn.Conv layers are lowered (cnnjax.layers.conv_impl; auto is "
+                            "the engine's default); repeat the flag to time several in "
+                            "interleaved rounds.")
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
                       "conv, no max pool); default: the model's own.")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")

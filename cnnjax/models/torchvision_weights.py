@@ -563,8 +563,9 @@ def main(argv: Sequence[str]) -> None:
     print(f"fine-tune with: --config.model={f.model}{kwargs} "
           f"--config.init_from.workdir={f.workdir}  (the head is re-initialized by default)")
     if kwargs:  # settings torchvision applies when it loads these weights
-        print(f"(torchvision's pretrained {f.model} needs{kwargs.replace(' --config.', ' ')}; "
-              f"the config must declare them: model_kwargs_config({f.model!r}))")
+        print(f"(these weights need{kwargs.replace(' --config.', ' ')}, which torchvision sets "
+              f"when it loads them; the config must declare {f.model}'s model_kwargs: "
+              f"model_kwargs_config({f.model!r}))")
 
 
 if __name__ == "__main__":

@@ -338,6 +338,12 @@ def validate_config(config: Any) -> None:
                       (config.mixing.mixup_alpha, config.mixing.cutmix_alpha),
                       f"mixing needs class labels (config.task='classification', not {task!r}); "
                       "set both alphas to 0")
+    if (isinstance(config.best_metric, str) and ema_rule(config) is None
+            and config.best_metric.startswith(ema_lib.METRIC_PREFIX)):
+        raise invalid("config", "best_metric", config.best_metric,
+                      f"{ema_lib.METRIC_PREFIX}* metrics score a weight average, which this run "
+                      "does not keep: set --config.ema.decay (e.g. 0.999) or pick one of "
+                      f"{list(eval_metrics(config))}")
     check_choice("config", "best_metric", config.best_metric, eval_metrics(config))
     check_choice("config", "best_mode", config.best_mode, ("max", "min"))
     expected_mode = "min" if lower_is_better(config.best_metric) else "max"

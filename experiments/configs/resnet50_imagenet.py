@@ -5,7 +5,8 @@ Command (imagenet2012 must be prepared in the tfds data dir by hand; cnnjax neve
         --workdir=workdirs/resnet50_imagenet --config.data.data_dir=$TFDS_DATA_DIR
 Model hyperparameters: e.g. `--config.model_kwargs.zero_init_last_bn=True` (Goyal et al.'s
 zero-gamma trick) or `stride_in_1x1=True` (unset = the model's default).
-Multi-host (SLURM): see launch/sbatch_train.sh.
+Multi-host (SLURM): `python -m launch.submit --entry=train --config=<this file> --nodes=N ...`
+(launch/README.md; it requeues on preemption and resumes).
 
 Recipe: batch 1024 (lr = 0.1 x batch/256 = 0.4), SGD nesterov momentum 0.9, weight decay 1e-4
 (not on biases/BN), label smoothing 0.1, 5-epoch linear warmup + cosine to 90 epochs, bfloat16

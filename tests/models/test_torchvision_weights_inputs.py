@@ -217,6 +217,7 @@ def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
     assert config["model"] == "resnet18" and config["best_metric"] is None
     summary = json.loads((tmp_path / "pretrained" / "summary.json").read_text())
     assert summary["status"] == "converted" and summary["num_params"] == 11_180_103
+    assert summary["model_kwargs"] == {}  # googlenet_bn's: {"transform_input": True}
 
     # What loop.Experiment.load_init_from does, for a 10-class fine-tune of resnet18.
     checkpoints = SourceCheckpoints(workdir)

@@ -125,7 +125,10 @@ def test_a_warm_start_restarts_the_average_from_the_loaded_weights():
     ({"ema.decay": 1.0}, r"ema: decay=1.0 is invalid; expected 0 <= decay < 1"),
     ({"ema.decay": -0.5}, r"ema: decay=-0.5 is invalid"),
     ({"ema.decay": 0.9, "ema.warmup": 1}, r"ema: warmup=1 is invalid; expected True or"),
-    ({"best_metric": "ema_top1"}, r"config: best_metric='ema_top1' is invalid; expected one of"),
+    ({"best_metric": "ema_top1"}, r"config: best_metric='ema_top1' is invalid; ema_\* metrics "
+                                  r"score a weight average, which this run does not keep: set "
+                                  r"--config.ema.decay \(e.g. 0.999\) or pick one of \['loss', "
+                                  r"'top1', 'top5'\]"),
     ({"ema.decay": 0.9, "best_metric": "ema_loss"},
      r"config: best_mode='max' is invalid; expected 'min' for best_metric='ema_loss'"),
 ])
