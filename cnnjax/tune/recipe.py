@@ -14,7 +14,10 @@ budget. After every round the incumbent (the best trial so far by `recipe.metric
     overfitting           sweep the first knob of `recipe.regularizers` not swept yet and not
                           already at its strongest (`REGULARIZERS`); by default weight decay
                           x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label smoothing
-                          (0.1, 0.2, 0.05), then data.augment=True
+                          (0.1, 0.2, 0.05), then data.augment=True. With
+                          `recipe.lengthen_regularizers`, a swept knob whose best value lost
+                          while still learning (too_slow, underfitting, still_improving) is
+                          first rerun against the knob's old value at twice its steps
     underfitting          train longer with lr x(1, 2, 0.5); at max_steps weight decay x(0.3, 0.1)
     still_improving       train longer (2x steps, at most max_steps) with lr x(1, 0.5, 2)
 
@@ -72,7 +75,7 @@ from cnnjax.tune.sweep import (
 )
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import directory_lock
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.utils.validation import check_bool, check_choice, invalid
 
 TUNE_FILE = "tune.json"
 RECIPE_FILE = "recipe.json"
@@ -167,6 +170,9 @@ def default_recipe() -> ml_collections.ConfigDict:
     c.logs_per_trial = 40  # log_every_steps = num_train_steps // logs_per_trial
     # Knobs an overfitting incumbent turns up, first unswept first (REGULARIZERS' names).
     c.regularizers = DEFAULT_REGULARIZERS
+    # Give a knob that lost while still learning twice the steps (strong augmentation such as
+    # RandAugment needs a longer schedule to pay off) before moving to the next knob.
+    c.lengthen_regularizers = False
     c.thresholds = ml_collections.ConfigDict(dataclasses.asdict(Thresholds()))
     return c
 
@@ -188,6 +194,7 @@ class Recipe:
     evals_per_trial: int = 8
     logs_per_trial: int = 40
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
+    lengthen_regularizers: bool = False
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
 
     def __post_init__(self):
@@ -239,6 +246,7 @@ class Recipe:
             raise invalid(_OWNER, "regularizers", tuple(regularizers),
                           "expected each name at most once")
         object.__setattr__(self, "regularizers", tuple(regularizers))
+        check_bool(_OWNER, "lengthen_regularizers", self.lengthen_regularizers)
         grid = self.lr_grid()
         if len(set(grid)) < len(grid):
             raise invalid(_OWNER, "num_lrs", self.num_lrs,
@@ -413,7 +421,7 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
     best = {"round": result.plan.index, "trial_id": row["trial_id"], "value": row["best"],
             "step": row["best_step"], "workdir": row["workdir"],
             "overrides": _tuned(overrides)}
-    proposal = _propose(history, recipe, base, result, row, diagnosis)
+    proposal = _propose(history, recipe, base, result, row, diagnosis, diagnose_fn)
     action, reason, fixed, field = (proposal.action, proposal.reason, proposal.fixed,
                                     proposal.field)
     if field is None:
@@ -447,7 +455,7 @@ def _warms_up(base: Any) -> bool:
 
 
 def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: RoundResult,
-             row: dict, diagnosis: Diagnosis) -> _Proposal:
+             row: dict, diagnosis: Diagnosis, diagnose_fn: DiagnoseFn) -> _Proposal:
     """The next round the incumbent's diagnosis asks for (see the module docstring)."""
     overrides = result.overrides(row)
     value = lambda field: overrides.get(field, space_lib.get_field(base, field))  # noqa: E731
@@ -500,6 +508,11 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         for name in recipe.regularizers:
             knob = REGULARIZERS[name]
             current = _knob_value(base, overrides, knob.field)
+            if knob.field in swept and recipe.lengthen_regularizers:
+                proposal = _lengthen(knob, current, history, recipe, base, fixed, evidence,
+                                     diagnose_fn)
+                if proposal is not None:
+                    return proposal
             if knob.field in swept or (knob.optional and current is None):
                 continue
             candidates = knob.stronger(current)
@@ -529,6 +542,43 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         return _stop(f"still improving at max_steps={recipe.max_steps} ({evidence}): raise "
                      "recipe.max_steps to continue", "budget_spent")
     return _stop(f"cannot judge the best trial ({evidence})", "exhausted")
+
+
+def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], recipe: Recipe,
+             base: Any, fixed: dict, evidence: str, diagnose_fn: DiagnoseFn) -> _Proposal | None:
+    """A round rerunning `knob`'s best other value against the incumbent's (`current`) at twice
+    the steps it had, when it lost to the overfitting incumbent while still learning; else None.
+
+    Strong regularizers (RandAugment, CutMix) slow training down and pay off only on a longer
+    schedule, so a comparison at the incumbent's short budget can reject one that would win.
+    """
+    sign = 1 if recipe.mode == "max" else -1
+    knob_round = [r for r in history if r.plan.field == knob.field][-1]
+    # Its best value that is neither the incumbent's nor the base config's (the weakest).
+    weakest = _knob_value(base, {}, knob.field)
+    tried = [x for x in knob_round.rows if x["status"] == "completed" and x["best"] is not None
+             and knob_round.overrides(x)[knob.field] not in (current, weakest)]
+    if not tried:
+        return None
+    row = max(tried, key=lambda x: sign * x["best"])
+    steps = knob_round.overrides(row).get(STEPS, space_lib.get_field(base, STEPS))
+    if steps >= recipe.max_steps:
+        return None
+    verdict = diagnose_fn(row["workdir"], recipe.metric, recipe.thresholds)
+    if verdict.primary not in ("too_slow", "underfitting", "still_improving"):
+        return None
+    value = knob_round.overrides(row)[knob.field]
+    incumbent_steps = fixed.get(STEPS, space_lib.get_field(base, STEPS))
+    new_steps = max(min(2 * steps, recipe.max_steps), incumbent_steps)
+    new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
+    if knob.needs_augment and not fixed.get(AUGMENT, space_lib.get_field(base, AUGMENT)):
+        new_fixed[AUGMENT] = True
+    if _warms_up(base) and WARMUP in new_fixed:
+        new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
+    return _Proposal("regularize_longer", f"the best trial overfits ({evidence}) and "
+                     f"{knob.field}={_short(value)} lost at {steps} steps while still learning "
+                     f"({verdict.primary}): compare it with {_short(current)} at {new_steps} "
+                     "steps", new_fixed, knob.field, (value, current))
 
 
 def _knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
@@ -690,7 +740,7 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
     if saved is not None:
         # A tune.json from before `regularizers` existed ran the default knobs.
         old = config_lib.flatten({"regularizers": list(DEFAULT_REGULARIZERS),
-                                  **saved.get("recipe", {})})
+                                  "lengthen_regularizers": False, **saved.get("recipe", {})})
         new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)
                          if k != "max_rounds" and old.get(k) != new.get(k))

@@ -2,6 +2,7 @@
 stand-in trainer (resume after an interruption, refusal of a changed config or recipe, bad
 inputs), and one small real run of the engine."""
 
+import dataclasses
 import json
 import math
 import os
@@ -173,6 +174,70 @@ def test_overfitting_walks_the_recipes_regularizers_in_order():
     ]
     assert d.status == "exhausted" and "recipe.regularizers=['mixup', 'randaugment', " \
         "'drop_path', 'cutmix'] has been swept or is at its strongest" in d.reason
+
+
+def test_a_regularizer_that_lost_while_still_learning_gets_twice_the_steps():
+    """RandAugment loses at the incumbent's 100 steps but is too_slow there: it is rerun against
+    the incumbent's value at 200, then 400 steps (max_steps); only then does CutMix come."""
+    recipe = _recipe(regularizers=("randaugment", "cutmix"), lengthen_regularizers=True,
+                     max_rounds=8, max_trials=30)
+    base = _lowdata_base()
+    verdicts = {}  # workdir -> verdict; the default is overfitting
+
+    def decide(history):
+        return rc.decide(history, recipe, base,
+                         lambda workdir, *a: _diagnosis(verdicts.get(workdir, "overfitting")))
+
+    def run(plan, bests, steps):
+        rows = []
+        for i, (v, b) in enumerate(zip(plan.values, bests, strict=True)):
+            workdir = f"w{plan.index}_{v}"
+            rows.append(_row(i, v, b, field=plan.field, workdir=workdir))
+            verdicts[workdir] = "too_slow" if v else "overfitting"
+        assert plan.fixed[rc.STEPS] == steps
+        return rc.RoundResult(plan, rows)
+
+    history = [_round1(recipe, [0.5, 0.9, 0.3])]
+    d = decide(history)
+    assert (d.action, d.next_round.field, d.next_round.values) == ("regularize", rc.RANDAUGMENT,
+                                                                   (1, 2, 3))
+    history.append(run(d.next_round, [0.40, 0.45, 0.42], 100))
+    d = decide(history)
+    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS]) == (
+        "regularize_longer", (0, 2), 200)
+    assert "data.randaugment_layers=2 lost at 100 steps while still learning (too_slow): " \
+        "compare it with 0 at 200 steps" in d.reason
+    history.append(run(d.next_round, [0.95, 0.92], 200))  # the control wins again at 200
+    d = decide(history)
+    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS]) == (
+        "regularize_longer", (0, 2), 400)
+    history.append(run(d.next_round, [0.96, 0.93], 400))
+    d = decide(history)  # max_steps reached: the next knob, at the incumbent's 400 steps
+    assert (d.action, d.next_round.field, d.next_round.fixed[rc.STEPS]) == (
+        "regularize", rc.CUTMIX, 400)
+    # Without the option the recipe moves on after the first RandAugment round.
+    plain = dataclasses.replace(recipe, lengthen_regularizers=False)
+    assert rc.decide(history[:2], plain, base, lambda *a: _diagnosis("overfitting")) \
+        .next_round.field == rc.CUTMIX
+
+
+def test_a_regularizer_that_won_its_longer_round_is_not_lengthened_again():
+    recipe = _recipe(regularizers=("randaugment", "cutmix"), lengthen_regularizers=True,
+                     max_rounds=8, max_trials=30)
+    base = _lowdata_base()
+    history = [_round1(recipe, [0.5, 0.9, 0.3])]
+    d = _decide(history, recipe, "overfitting", base)
+    history.append(_swept(d.next_round, 0.4))
+    d = rc.decide(history, recipe, base, lambda w, *a: _diagnosis(
+        "too_slow" if "randaugment" in w else "overfitting"))
+    assert d.action == "regularize_longer"
+    plan = d.next_round  # RandAugment (2 layers... the first best) now wins at 200 steps
+    history.append(rc.RoundResult(plan, [_row(0, 0, 0.91, field=plan.field, workdir="control"),
+                                         _row(1, plan.values[1], 0.97, field=plan.field,
+                                              workdir="ra")]))
+    d = rc.decide(history, recipe, base, lambda w, *a: _diagnosis("overfitting"))
+    assert (d.action, d.next_round.field) == ("regularize", rc.CUTMIX)
+    assert d.next_round.fixed[rc.RANDAUGMENT] == plan.values[1]  # the winner is kept
 
 
 def test_a_knob_already_on_is_turned_up_and_one_at_its_strongest_is_skipped():
@@ -465,6 +530,7 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
     path = tmp_path / "tune" / rc.TUNE_FILE
     saved = json.loads(path.read_text())
     assert saved["recipe"].pop("regularizers") == list(rc.DEFAULT_REGULARIZERS)
+    assert saved["recipe"].pop("lengthen_regularizers") is False
     path.write_text(json.dumps(saved))  # as an older cnnjax wrote it
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match=r"different recipe \(regularizers: \['weight_decay', "
