@@ -523,6 +523,9 @@ def convert_file(model_name: str, weights: str, workdir: str, overwrite: bool = 
     from cnnjax.train.loop import SUMMARY_FILE
 
     _architecture(model_name)  # a bad name fails before torch reads hundreds of megabytes
+    if not os.path.isfile(weights):
+        raise invalid("torchvision_weights", "weights", weights,
+                      "no such file (cnnjax never downloads: fetch the torchvision .pth first)")
     source = {"weights": os.path.abspath(weights), "sha256": file_sha256(weights)}
     variables = convert_state_dict(model_name, load_torch_state_dict(weights))
     written = write_warm_start_workdir(workdir, model_name, variables, source, overwrite)

@@ -121,6 +121,13 @@ def test_unsupported_model_names(resnet18_sd, name, match):
         tvw.convert_state_dict(name, resnet18_sd)
 
 
+def test_a_missing_weights_file_is_named_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"torchvision_weights: weights='/nowhere/r50.pth' is "
+                                         r"invalid; no such file \(cnnjax never downloads"):
+        tvw.convert_file("resnet50", "/nowhere/r50.pth", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_torchvision_builder_names_and_pretrained_kwargs():
     """Every supported model converts from the torchvision builder of its name, but googlenet_bn
     (torchvision's googlenet, which also needs transform_input=True for its ImageNet weights)."""
