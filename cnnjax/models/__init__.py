@@ -8,10 +8,10 @@ the detectors, `list_models(task="segmentation")` the dense predictors.
 
 from cnnjax.models import (  # noqa: F401  (imported to register their models)
     alexnet,  # AlexNet (torchvision layout, two-tower paper version), ZFNet
-    densenet,  # DenseNet-121/169/201, the CIFAR DenseNets and DenseNet-BCs
+    densenet,  # DenseNet-121/161/169/201, the CIFAR DenseNets and DenseNet-BCs
     faster_rcnn,  # Faster R-CNN (RPN + RoIAlign box head) on a VGG-style backbone
     fcn,  # FCN-32s/16s/8s on VGG-16 and ResNet backbones
-    googlenet,  # GoogLeNet / Inception v1
+    googlenet,  # GoogLeNet / Inception v1, and torchvision's BatchNorm variant (googlenet_bn)
     lenet,  # LeNet-5
     nin,  # Network in Network (ImageNet and CIFAR)
     preact_resnet,  # pre-activation ResNet-110/164/1001 and Wide ResNets (WRN-d-k) for CIFAR
