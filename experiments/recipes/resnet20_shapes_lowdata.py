@@ -28,4 +28,6 @@ def get_config():
     config.evals_per_trial = 8
     config.logs_per_trial = 20
     config.regularizers = ("randaugment", "cutmix", "weight_decay")
+    # A knob that lost while still learning is compared again at 2x its steps (up to max_steps).
+    config.lengthen_regularizers = True
     return config
