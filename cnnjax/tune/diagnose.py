@@ -251,11 +251,24 @@ def load_curves(workdir: str) -> Curves:
 def diagnose_workdir(workdir: str, metric: str | None = None,
                      thresholds: Thresholds | None = None) -> Diagnosis:
     """`diagnose(load_curves(workdir), ...)`; `metric` None: the run's own `best_metric`
-    (config.json; top1 for runs that do not record one)."""
+    (config.json; top1 for runs that do not record one). Recommendations to set a field to the
+    value the run already had (`data.augment = True` on an augmented run) are left out."""
+    config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     if metric is None:
-        config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
         metric = config.get("best_metric") or "top1"
-    return diagnose(load_curves(workdir), metric, thresholds)
+    return _without_settings_in_effect(diagnose(load_curves(workdir), metric, thresholds), config)
+
+
+def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any]) -> Diagnosis:
+    def in_effect(rec: Recommendation) -> bool:
+        value: Any = config
+        for name in rec.field.split("."):
+            value = value.get(name) if isinstance(value, Mapping) else None
+        return rec.change == "set" and value is not None and value == rec.value
+
+    findings = tuple(dataclasses.replace(f, recommendations=tuple(
+        r for r in f.recommendations if not in_effect(r))) for f in diagnosis.findings)
+    return dataclasses.replace(diagnosis, findings=findings)
 
 
 # ------------------------------------------------------------------------------ smoothing
