@@ -5,27 +5,28 @@ run's own softmax head, same windows, NMS and mAP (`cnnjax.detection.rcnn_svm_ru
 Command:
     python -m experiments.rcnn_svm --workdir=workdirs/rcnn_shapes
 
-Expected (measured with that command on workdirs/rcnn_shapes, experiments/configs/rcnn_shapes.py,
-best checkpoint = step 800; 2 CPU cores shared with other jobs, JAX 0.10.2, scikit-learn 1.9.1):
-on the 500 test scenes of shapes_multi, mAP@0.5 (VOC) / COCO mAP@[.5:.95]
-    softmax head (the engine's detector)        0.847 / 0.603  (= the run's own final eval)
-    SVM scores, windows unmoved                 0.591 / 0.208
-    SVM scores, the head's box deltas           0.721 / 0.513
-    SVM scores + ridge boxes (paper's R-CNN BB) 0.699 / 0.428
-44.7 s wall for the whole command (train features of 1,000 scenes, 151,463 regions, 20.4 s; test
-features 11.9 s, 4 SVMs + 4 ridge regressors 2.5 s, the four evaluations 5 s); rerunning it
-reuses everything (11 s). The paper's SVMs (gt boxes as the only positives) lose to the softmax
-here; Fast R-CNN (sec. 5.4) also found its softmax at least as good as post-hoc SVMs, unlike
-R-CNN's appendix B (50.9 softmax vs 54.2 SVM on VOC 2007). Same features, other flags
-(SVM + head boxes / SVM + ridge boxes, mAP@0.5 / COCO mAP):
-    --svm_c=1e-4                       0.772 / 0.546   0.750 / 0.461
-    --svm_c=1e-2                       0.644 / 0.461   0.624 / 0.376
-    --train_images=4000 (134 s)        0.678 / 0.483   0.669 / 0.443  (the same C regularizes 4x
-                                       the data less; C=3e-5 gives 0.771 / 0.546   0.762 / 0.508)
-    --positive_iou=0.5 (not the paper) 0.876 / 0.624   0.846 / 0.520
+Expected (measured with that command on workdirs/rcnn_shapes, experiments/configs/rcnn_shapes.py
+with its context padding, best checkpoint = step 800; 2 CPU cores, JAX 0.10.2, scikit-learn
+1.9.1): on the 500 test scenes of shapes_multi, mAP@0.5 (VOC) / COCO mAP@[.5:.95]
+    softmax head (the engine's detector)        0.897 / 0.692  (= the run's own final eval)
+    SVM scores, windows unmoved                 0.719 / 0.253
+    SVM scores, the head's box deltas           0.879 / 0.683
+    SVM scores + ridge boxes (paper's R-CNN BB) 0.864 / 0.571
+36.9 s wall on an idle machine (train features of 1,000 scenes, 151,463 regions, 18.8 s; test
+features 10.9 s, 4 SVMs + 4 ridge regressors 1.9 s, the four evaluations 4.4 s; 75 s on a busy
+one); rerunning it reuses everything. The paper's SVMs (gt boxes as the only positives) lose
+slightly to the softmax here; Fast R-CNN (sec. 5.4) also found its softmax at least as good as
+post-hoc SVMs, unlike R-CNN's appendix B (50.9 softmax vs 54.2 SVM on VOC 2007). Same
+checkpoint, other flags (SVM + head boxes / SVM + ridge boxes, mAP@0.5 / COCO mAP; 2-4 min each
+on a busy machine):
+    --svm_c=1e-4                       0.890 / 0.688   0.874 / 0.578
+    --svm_c=1e-2                       0.841 / 0.660   0.827 / 0.547
+    --train_images=4000                0.860 / 0.672   0.853 / 0.618  (the same C regularizes 4x
+                                       the data less)
+    --positive_iou=0.5 (not the paper) 0.921 / 0.710   0.900 / 0.585
 i.e. the gap comes from the positives: 149 coarse windows never match an object exactly, and an
-SVM that never saw a near-miss window as a positive ranks them poorly; with the fine-tuning's
-IoU >= 0.5 positives added, the SVMs beat the softmax head (0.876 vs 0.847).
+SVM that never saw a near-miss window as a positive ranks them less well; with the fine-tuning's
+IoU >= 0.5 positives added, the SVMs beat the softmax head (0.921 vs 0.897, COCO 0.710 vs 0.692).
 Outputs go to <workdir>/rcnn_svm/ (or --output_dir): results.json, report.md, status.json and
 the cached features_train.npz, features_test.npz and models.npz. Rerunning the command reuses
 them; a changed flag remakes only what depends on it (and says so). Nothing else in the run's
