@@ -12,28 +12,31 @@ import os
 import sys
 from collections.abc import Sequence
 
-from absl import app
+from absl import app, flags
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's `parse_flags_with_usage`, with config-file errors as one line and exit status 1."""
-    missing = missing_config_file(argv[1:])
-    if missing:  # ml_collections would only fail at the first use of the flag's value
-        sys.exit(f"error: {missing}")
     try:
-        return app.parse_flags_with_usage(argv)
+        args = app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
+    missing = missing_config_file(flags.FLAGS)
+    if missing:  # ml_collections would only fail at the first use of the flag's value
+        sys.exit(f"error: {missing}")
+    return args
 
 
-def missing_config_file(args: Sequence[str]) -> str | None:
-    """The error for the first `--<flag>=<file>.py[:arg]` of `args` whose file does not exist."""
-    for arg in args:
-        name, _, value = arg.lstrip("-").partition("=")
-        path = value.split(":", 1)[0]
-        if arg.startswith("--") and "." not in name and path.endswith(".py") \
-                and not os.path.isfile(path):
-            return f"--{name}={value!r} is invalid; no such config file"
+def missing_config_file(values: flags.FlagValues) -> str | None:
+    """The error for the first config-file flag (`--config=<file>.py[:arg]`, in either flag
+    syntax) of the parsed `values` whose file does not exist, else None."""
+    for name in values:
+        flag = values[name]
+        if not flag.present or not hasattr(flag, "config_filename"):  # an ml_collections flag
+            continue
+        spec = flag.config_filename
+        if not os.path.isfile(spec.split(":", 1)[0]):
+            return f"--{name}={spec!r} is invalid; no such config file"
     return None
 
 

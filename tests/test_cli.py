@@ -1,0 +1,40 @@
+"""cnnjax.utils.cli: config-file flag errors as one line."""
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from cnnjax.utils import cli
+
+
+def _parsed(*args):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "an ordinary flag", flag_values=values)
+    values(["prog", *args])
+    return values
+
+
+@pytest.mark.parametrize("args", [
+    ("--config=experiments/configs/nope.py",),
+    ("--config", "experiments/configs/nope.py"),  # absl's other syntax
+])
+def test_a_missing_config_file_is_named_in_either_flag_syntax(args):
+    assert cli.missing_config_file(_parsed(*args)) == (
+        "--config='experiments/configs/nope.py' is invalid; no such config file")
+
+
+def test_existing_files_and_ordinary_flags_ending_in_py_pass():
+    values = _parsed("--config=experiments/configs/lenet5_digits.py", "--workdir=runs/exp.py")
+    assert cli.missing_config_file(values) is None
+    assert cli.missing_config_file(_parsed("--workdir=w")) is None  # no config given at all
+
+
+def test_the_override_that_failed_is_named():
+    err = KeyError(KeyError('\'learnin_rate\'\nDid you mean "learning_rate" instead?'))
+    assert cli.describe_flag_error(
+        ["--config=c.py", "--config.seed=1", "--config.optimizer.learnin_rate=0.1"], err) == (
+        "--config.optimizer.learnin_rate=0.1 is invalid; 'learnin_rate' Did you mean "
+        "\"learning_rate\" instead?")
+    assert cli.describe_flag_error([], ValueError("bad")) == "bad"
