@@ -135,7 +135,8 @@ def _rate_up(start: tuple) -> Callable[[Any], tuple]:
 REGULARIZERS: dict[str, Regularizer] = {
     "weight_decay": Regularizer(WEIGHT_DECAY, _up_from_zero((1e-4, 1e-3, 1e-2), (3, 10, 30))),
     "label_smoothing": Regularizer(
-        LABEL_SMOOTHING, lambda v: tuple(x for x in (0.1, 0.2, 0.05) if x != v)),
+        LABEL_SMOOTHING,
+        lambda v: (0.1, 0.2, 0.05) if not v else tuple(x for x in (0.1, 0.2, 0.3) if x > v)),
     "augment": Regularizer(AUGMENT, lambda v: () if v else (True,), optional=True),
     # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N.
     "randaugment": Regularizer(RANDAUGMENT, lambda n: (2, 1, 3) if not n else (n + 1, n + 2),
@@ -406,8 +407,9 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
            diagnose_fn: DiagnoseFn = diagnose_workdir) -> Decision:
     """The decision after the last round of `history`: the next round's plan, or a stop.
 
-    Pure given the rows (and what `diagnose_fn` reads from the incumbent's workdir), so a rerun
-    recomputes the same decisions from the results on disk.
+    Pure given the rows (and what `diagnose_fn` reads from the incumbent's workdir and, with
+    `lengthen_regularizers`, from a losing regularizer trial's), so a rerun recomputes the same
+    decisions from the results on disk.
     """
     recipe = recipe.for_config(base)  # an unset metric is the base config's best_metric
     last = history[-1].plan.index
@@ -463,8 +465,12 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
     verdict = diagnosis.primary
     fixed = dict(overrides)
     evidence = diagnosis.findings[0].message
+    # Rates that diverged with the incumbent's settings (a divergence caused by, say, a strong
+    # weight decay in a regularization round says nothing about the incumbent's lr).
+    same = _settings_key(overrides)
     diverged = [r.overrides(x)[LR] for r in history for x in r.rows
-                if x["status"] == "diverged" and LR in r.overrides(x)]
+                if x["status"] == "diverged" and LR in r.overrides(x)
+                and _settings_key(r.overrides(x)) == same]
     lr_cap = min(diverged) if diverged else math.inf
 
     def lrs(*factors: float) -> tuple[float, ...]:
@@ -554,13 +560,13 @@ def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], r
     """
     sign = 1 if recipe.mode == "max" else -1
     knob_round = [r for r in history if r.plan.field == knob.field][-1]
-    # Its best value that is neither the incumbent's nor the base config's (the weakest).
-    weakest = _knob_value(base, {}, knob.field)
+    # Its best value stronger than the incumbent's (ties: the stronger one).
     tried = [x for x in knob_round.rows if x["status"] == "completed" and x["best"] is not None
-             and knob_round.overrides(x)[knob.field] not in (current, weakest)]
+             and _strength(knob_round.overrides(x)[knob.field]) > _strength(current)]
     if not tried:
         return None
-    row = max(tried, key=lambda x: sign * x["best"])
+    row = max(tried, key=lambda x: (sign * x["best"],
+                                    _strength(knob_round.overrides(x)[knob.field])))
     steps = knob_round.overrides(row).get(STEPS, space_lib.get_field(base, STEPS))
     if steps >= recipe.max_steps:
         return None
@@ -570,15 +576,21 @@ def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], r
     value = knob_round.overrides(row)[knob.field]
     incumbent_steps = fixed.get(STEPS, space_lib.get_field(base, STEPS))
     new_steps = max(min(2 * steps, recipe.max_steps), incumbent_steps)
-    new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
+    new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}  # steps only grow: warmup fits
+    both = ""
     if knob.needs_augment and not fixed.get(AUGMENT, space_lib.get_field(base, AUGMENT)):
         new_fixed[AUGMENT] = True
-    if _warms_up(base) and WARMUP in new_fixed:
-        new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
+        both = f" (both with {AUGMENT}=True)"
     return _Proposal("regularize_longer", f"the best trial overfits ({evidence}) and "
                      f"{knob.field}={_short(value)} lost at {steps} steps while still learning "
                      f"({verdict.primary}): compare it with {_short(current)} at {new_steps} "
-                     "steps", new_fixed, knob.field, (value, current))
+                     f"steps{both}", new_fixed, knob.field, (value, current))
+
+
+def _strength(value: Any) -> float:
+    """How strong a regularizer setting is: every knob's values grow with their effect (a rate,
+    an alpha, a number of ops, True over False); unset is the weakest."""
+    return -math.inf if value is None else float(value)
 
 
 def _knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
@@ -624,6 +636,13 @@ def check_regularizers(recipe: Recipe, base: Any) -> None:
 
 
 _MISSING = object()
+
+
+def _settings_key(overrides: Mapping[str, Any]) -> str:
+    """The config key of `overrides` without the lr and the fields stabilizing or lengthening
+    a run sets (steps, warmup, clipping): trials with the same key differ only in those."""
+    return _config_key({k: v for k, v in overrides.items()
+                        if k not in (LR, STEPS, WARMUP, CLIP)})
 
 
 def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> tuple:

@@ -240,6 +240,52 @@ def test_a_regularizer_that_won_its_longer_round_is_not_lengthened_again():
     assert d.next_round.fixed[rc.RANDAUGMENT] == plan.values[1]  # the winner is kept
 
 
+def test_only_values_stronger_than_the_incumbents_are_lengthened():
+    """RandAugment 1 wins its round (so it is the incumbent's) and 3 lost still learning: 3 is
+    rerun against 1 at 200 steps; once 3 wins, nothing weaker (1) is lengthened back."""
+    recipe = _recipe(regularizers=("randaugment", "cutmix"), lengthen_regularizers=True,
+                     max_rounds=8, max_trials=30)
+    base = _lowdata_base()
+    slow = {"w2_3", "w3_1"}  # 3 at 100 steps; 1 at 200, where 3 wins (and overfits)
+
+    def decide(history):
+        return rc.decide(history, recipe, base, lambda w, *a: _diagnosis(
+            "too_slow" if w in slow else "overfitting"))
+
+    def run(plan, bests):
+        rows = [_row(i, v, b, field=plan.field, workdir=f"w{plan.index}_{v}")
+                for i, (v, b) in enumerate(zip(plan.values, bests, strict=True))]
+        return rc.RoundResult(plan, rows)
+
+    history = [_round1(recipe, [0.5, 0.9, 0.3])]
+    history.append(run(decide(history).next_round, [0.95, 0.93, 0.94]))  # 1 / 2 / 3 layers
+    d = decide(history)
+    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS]) == (
+        "regularize_longer", (1, 3), 200)
+    history.append(run(d.next_round, [0.96, 0.98]))  # 3 wins at 200 steps
+    d = decide(history)
+    assert (d.action, d.next_round.field, d.next_round.fixed[rc.RANDAUGMENT]) == (
+        "regularize", rc.CUTMIX, 3)
+
+
+def test_a_divergence_under_other_settings_does_not_cap_the_incumbents_lr():
+    """Weight decay 1e-2 diverges at the incumbent's lr 0.1; the incumbent (no weight decay)
+    still trains longer at lr 0.1 and 0.2."""
+    recipe = _recipe()
+    first = _round1(recipe, [0.5, 0.9, 0.3])
+    d = _decide([first], recipe, "overfitting")
+    rows = [_row(i, v, 0.8, field=WD, status="diverged" if v == 0.01 else "completed")
+            for i, v in enumerate(d.next_round.values)]
+    d = _decide([first, rc.RoundResult(d.next_round, rows)], recipe, "still_improving")
+    assert d.action == "train_longer" and d.next_round.values == (0.05, 0.1, 0.2)
+
+
+def test_label_smoothing_is_only_turned_up():
+    stronger = rc.REGULARIZERS["label_smoothing"].stronger
+    assert (stronger(0.0), stronger(0.05), stronger(0.2), stronger(0.3)) == (
+        (0.1, 0.2, 0.05), (0.1, 0.2, 0.3), (0.3,), ())
+
+
 def test_a_knob_already_on_is_turned_up_and_one_at_its_strongest_is_skipped():
     recipe = _recipe(regularizers=("augment", "mixup", "drop_path"))
     base = _lowdata_base(**{"mixing.mixup_alpha": 0.3, "model_kwargs.drop_path_rate": 0.75})
