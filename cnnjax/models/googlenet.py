@@ -312,7 +312,9 @@ def transform_imagenet_input(x: Array) -> Array:
 
 class GoogLeNetBN(nn.Module):
     """torchvision's `googlenet` layout (see the module docstring); same outputs and features
-    as `GoogLeNet`.
+    as `GoogLeNet`. Inputs must be at least 31x31 (torchvision's runs from 15x15: its ceil-mode
+    pools also take a window that starts inside the map but hangs over its padded end, which
+    cnnjax's pooling refuses); from 31x31 up both give the same output sizes.
 
     Attributes:
       num_classes: outputs of `head` (and of the auxiliary heads).
