@@ -377,6 +377,12 @@ def _concatenate(
         located_on_dim = [k for k in present if in_infos[k][d].axis == dim]
         if located_on_dim:
             main = max(located_on_dim, key=lambda k: in_shapes[k][dim])
+            if sum(in_shapes[k][dim] == in_shapes[main][dim] for k in located_on_dim) > 1:
+                # jnp.pad's wrap mode with padding >= the input: whole copies tie, and which one
+                # is the data is not recorded (the field's size holds; its start may not).
+                notes.append(f"{where}: padding at least as large as the input wraps whole "
+                             f"copies of it along spatial axis {d}; the field start there is "
+                             "ambiguous")
             f = in_infos[main][d]
             if f.exclusive:
                 out.append(windowed(f, 1, 1, offsets[main], out_axis=dim, out_count=total))

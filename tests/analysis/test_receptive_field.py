@@ -273,3 +273,18 @@ def test_analysis_traces_xla_convolutions_inside_conv_impl(impl):
         assert receptive_field(_ConvStride2(), (8, 8, 3)) == ((5, 5), (2, 2), (2, 2))
     assert rerouted.receptive_field == plain.receptive_field == ((5, 5), (2, 2), (2, 2))
     assert rerouted.rows == plain.rows and rerouted.notes == []
+
+
+@pytest.mark.parametrize(("pad", "ambiguous"), [((1, 1), False), ((4, 0), True), ((3, 3), True)])
+def test_circular_padding_as_large_as_the_input_is_flagged(pad, ambiguous):
+    """jnp.pad's wrap mode concatenates whole copies of a 3-pixel input once the padding reaches
+    3: which copy is the data is then unknown, so the field start there is flagged (sizes hold)."""
+    from cnnjax.layers import Conv2D
+
+    layer = Conv2D(1, 3, padding=(pad, pad), padding_mode="circular")
+    result = summary(layer, (3, 3, 1))
+    assert result.receptive_field.size == (3, 3)
+    assert any("ambiguous" in n for n in result.notes) is ambiguous
+    if not ambiguous:  # agrees with zero padding, which has no copies
+        zeros = summary(Conv2D(1, 3, padding=(pad, pad)), (3, 3, 1))
+        assert result.receptive_field.start == zeros.receptive_field.start
