@@ -221,14 +221,21 @@ class GoogLeNet(nn.Module):
         x = inception["5b"]()(inception["5a"]()(pool(x)))
         features["inception5"] = x
 
-        x = global_avg_pool(x)
-        features["pre_logits"] = x
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        logits = jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
-                             jnp.float32)
-        if self.aux_logits and train:
-            logits = GoogLeNetOutputs(logits, aux1, aux2)
-        return (logits, features) if return_features else logits
+        return _classify(self, x, features, (aux1, aux2), train, return_features)
+
+
+def _classify(module: nn.Module, x: Array, features: dict[str, Array], aux: tuple,
+              train: bool, return_features: bool):
+    """Both GoogLeNets' end, called from their `__call__`: global average pool, dropout and the
+    linear `head`; with `aux_logits`, in training, the auxiliary heads' logits too."""
+    x = global_avg_pool(x)
+    features["pre_logits"] = x
+    x = nn.Dropout(module.dropout_rate, deterministic=not train)(x)
+    logits = jnp.asarray(nn.Dense(module.num_classes, dtype=module.dtype, name="head")(x),
+                         jnp.float32)
+    if module.aux_logits and train:
+        logits = GoogLeNetOutputs(logits, *aux)
+    return (logits, features) if return_features else logits
 
 
 @register_model("googlenet", input_shape=(224, 224, 3), min_input_size=47, num_classes=1000,
@@ -376,14 +383,7 @@ class GoogLeNetBN(nn.Module):
         x = inception["5b"]()(inception["5a"]()(x, train), train)
         features["inception5"] = x
 
-        x = global_avg_pool(x)
-        features["pre_logits"] = x
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        logits = jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
-                             jnp.float32)
-        if self.aux_logits and train:
-            logits = GoogLeNetOutputs(logits, aux1, aux2)
-        return (logits, features) if return_features else logits
+        return _classify(self, x, features, (aux1, aux2), train, return_features)
 
 
 @register_model("googlenet_bn", input_shape=(224, 224, 3), min_input_size=31,
