@@ -501,8 +501,10 @@ def write_warm_start_workdir(
         checkpointer.save(0, {"params": params, "batch_stats": batch_stats})
     finally:
         checkpointer.close()
-    # init_from reads `model` (architecture check) and `best_metric` (None: take the latest).
-    config = {**record, "num_classes": num_classes, "best_metric": None, "best_mode": "max"}
+    # init_from reads `model` (architecture check), `best_metric` (None: take the latest) and
+    # `model_kwargs` (settings a run must share to use these weights, e.g. transform_input).
+    config = {**record, "num_classes": num_classes, "best_metric": None, "best_mode": "max",
+              "model_kwargs": pretrained_model_kwargs(model_name)}
     write_json(os.path.join(workdir, CONFIG_FILE), config)
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     write_json(summary_path, {

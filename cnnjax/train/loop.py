@@ -150,6 +150,22 @@ def evaluate_variables(config: Any, variables: dict) -> dict:
     return run.evaluate_variables(variables)
 
 
+def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_config: dict) -> None:
+    """Converted torchvision weights of this run's model record the model settings they need
+    (googlenet_bn's `transform_input=True`: torchvision rescales the input for those weights);
+    a run without them would fine-tune from wrongly scaled inputs, so it is refused."""
+    summary = read_json(os.path.join(source_workdir, SUMMARY_FILE)) or {}
+    if summary.get("status") != "converted" or source_config.get("model") != config.model:
+        return
+    mine = config_lib.model_kwargs(config)
+    for key, value in sorted((source_config.get("model_kwargs") or {}).items()):
+        if mine.get(key) != value:
+            raise invalid("init_from", "workdir", source_workdir,
+                          f"its converted torchvision weights need model_kwargs.{key}={value!r} "
+                          f"(torchvision sets it when it loads them) and this run has "
+                          f"{mine.get(key)!r}; pass --config.model_kwargs.{key}={value}")
+
+
 def _completed_summary(workdir: str) -> dict | None:
     """The workdir's summary.json if it records a completed run, else None."""
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
@@ -355,6 +371,7 @@ class _Run:
             if os.path.exists(config_path):
                 with open(config_path) as f:
                     source_config = json.load(f)
+            check_pretrained_model_kwargs(self.config, source.workdir, source_config)
             step, how = source.choose_step(
                 init_from.get("step"),
                 source_config.get("best_metric", "top1"),

@@ -263,3 +263,32 @@ def test_workdir_refuses_variables_of_another_model(tmp_path, resnet18_vars):
                                          r"the variables of cnnjax's resnet34"):
         tvw.write_warm_start_workdir(str(tmp_path), "resnet34", resnet18_vars, {})
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_without_the_settings_converted_weights_need_is_refused(tmp_path):
+    """googlenet_bn's torchvision weights need transform_input=True: a fine-tune from them that
+    leaves it False is refused by init_from; other models' weights need nothing."""
+    import ml_collections
+
+    from cnnjax.train.config import model_kwargs_config
+    from cnnjax.train.loop import check_pretrained_model_kwargs
+
+    workdir = str(tmp_path / "pretrained")
+    variables = jax.jit(create_model("googlenet_bn").init)(
+        jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    tvw.write_warm_start_workdir(workdir, "googlenet_bn", variables,
+                                 {"weights": "/data/googlenet.pth", "sha256": "cd" * 32})
+    source_config = json.loads((tmp_path / "pretrained" / "config.json").read_text())
+    assert source_config["model_kwargs"] == {"transform_input": True}
+    config = ml_collections.ConfigDict({"model": "googlenet_bn",
+                                        "model_kwargs": model_kwargs_config("googlenet_bn")})
+    with pytest.raises(ValueError, match=r"init_from: workdir=.* is invalid; its converted "
+                                         r"torchvision weights need model_kwargs\."
+                                         r"transform_input=True .* this run has None; pass "
+                                         r"--config.model_kwargs.transform_input=True"):
+        check_pretrained_model_kwargs(config, workdir, source_config)
+    config.model_kwargs.transform_input = True
+    check_pretrained_model_kwargs(config, workdir, source_config)
+    # A run of another model (a submodule warm start) is not this model's input: no check.
+    check_pretrained_model_kwargs(ml_collections.ConfigDict({"model": "resnet18"}), workdir,
+                                  source_config)
