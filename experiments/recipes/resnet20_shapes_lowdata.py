@@ -16,7 +16,7 @@ Measured (2 CPU cores shared with other jobs, JAX 0.10.2), test top-1 (best eval
     round 3, at 800 steps        0 ops: 0.958   2 ops: 0.768 (underfitting, still learning)
     round 4, at 1600 steps       0 ops: 0.978   2 ops: 0.993
 and it stops with "still improving at max_steps=1600": best 0.9925 with 2 RandAugment ops,
-9 trials, 39 min of training. With `--recipe.lengthen_regularizers=False` rounds 3-5 sweep
+9 trials, 39 min of training. With `--recipe.lengthen_regularizers=False` rounds 3 and 4 sweep
 CutMix 0.5/1.0 (0.413/0.300) and weight decay 1.5e-3/5e-3 (0.613/0.798) at 400 steps instead,
 and the tune ends "exhausted" at 0.915 (9 trials, 29 min): at the incumbent's short budget every
 regularizer loses.
