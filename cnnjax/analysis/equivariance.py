@@ -4,7 +4,8 @@ A map f is shift-equivariant when shifting its input shifts its output, f(T_s x)
 for a network of output stride r, and shift-invariant when f(T_s x) = f(x). Convolutions are
 equivariant away from the borders (exactly, everywhere, with circular padding); pooling buys
 invariance only to shifts that keep each maximum inside its window (Goodfellow et al., Deep
-Learning §9.3-9.4). These probes measure both on concrete inputs, in float64.
+Learning §9.3-9.4). These probes measure both on concrete inputs: the map runs in the input's
+dtype and its outputs are compared in float64.
 
 Shifts act on the spatial axes `1 .. x.ndim - 2` of a channels-last batch (NHWC for images).
 `mode="circular"` rolls the image around (the exact symmetry of circular convolution);
