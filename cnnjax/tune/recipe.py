@@ -238,9 +238,12 @@ class Recipe:
         if not isinstance(regularizers, list | tuple):
             raise invalid(_OWNER, "regularizers", regularizers,
                           f"expected a sequence of names from {list(REGULARIZERS)}")
-        # `--recipe.regularizers=weight_decay,mixup` arrives as ('weight_decay,mixup',)
-        regularizers = tuple(n.strip() for item in regularizers for n in
-                             (item.split(",") if isinstance(item, str) else [item]))
+        # `--recipe.regularizers=weight_decay,mixup` arrives as ('weight_decay,mixup',); an
+        # empty value (`--recipe.regularizers=`) means no knob
+        regularizers = tuple(n.strip() if isinstance(n, str) else n
+                             for item in regularizers for n in
+                             (item.split(",") if isinstance(item, str) else [item])
+                             if not isinstance(n, str) or n.strip())
         for name in regularizers:
             check_choice(_OWNER, "regularizers", name, REGULARIZERS)
         if len(set(regularizers)) < len(regularizers):

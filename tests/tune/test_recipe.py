@@ -301,6 +301,8 @@ def test_the_default_regularizers_are_the_original_three():
     assert rc.Recipe().regularizers == rc.DEFAULT_REGULARIZERS == (
         "weight_decay", "label_smoothing", "augment")
     assert rc.Recipe(regularizers="mixup, cutmix").regularizers == ("mixup", "cutmix")
+    assert rc.Recipe(regularizers=("mixup,",)).regularizers == ("mixup",)
+    assert rc.Recipe(regularizers="").regularizers == ()  # no knob: an overfit stops the tune
     assert rc.Recipe.from_config(rc.default_recipe()).regularizers == rc.DEFAULT_REGULARIZERS
 
 
@@ -311,6 +313,7 @@ def test_the_default_regularizers_are_the_original_three():
     (("mixup", "mixup"), "recipe: regularizers=('mixup', 'mixup') is invalid; expected each name "
                          "at most once."),
     (3, "recipe: regularizers=3 is invalid; expected a sequence of names"),
+    ((3,), "recipe: regularizers=3 is invalid; expected one of ['weight_decay'"),
 ])
 def test_bad_regularizer_lists(regularizers, message):
     with pytest.raises(ValueError) as err:
