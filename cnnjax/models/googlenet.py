@@ -185,6 +185,7 @@ class GoogLeNet(nn.Module):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "num_classes", self.num_classes)
+        check_bool(owner, "aux_logits", self.aux_logits)
         check_dropout_rate(owner, self.dropout_rate)
         _check_aux_dropout_rate(owner, self.aux_dropout_rate)
         super().__post_init__()

@@ -997,6 +997,10 @@ INVALID = [
         "GoogLeNetBN: aux_logits='yes' is invalid; expected True or False",
     ),
     (
+        lambda: GoogLeNet(aux_logits="False"),  # a config string is not silently truthy
+        "GoogLeNet: aux_logits='False' is invalid; expected True or False",
+    ),
+    (
         lambda: InceptionBN(64, 96, 0, 16, 32, 32),
         "InceptionBN: features_3x3=0 is invalid; expected a positive integer",
     ),
