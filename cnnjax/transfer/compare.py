@@ -75,8 +75,11 @@ def _source_trial() -> space_lib.Trial:
 
 
 def budget_slug(value: Any) -> str:
-    """A directory-name form of a budget value: `10` -> '10', `'train[:10%]'` -> 'train_10pct'."""
-    text = str(value).replace("%", "pct")
+    """A directory-name form of a budget value: `10` -> '10', `'train[:10%]'` -> 'train_10pct',
+    `'train[10%:]'` -> 'train_10pct_to', `'train[-50:]'` -> 'train_minus50_to' (a prefix slice
+    keeps the short name; other slices say where they start and end)."""
+    text = str(value).replace("%", "pct").replace("[:", "[").replace(":", "_to_")
+    text = text.replace("-", "minus")
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_") or "default"
 
 

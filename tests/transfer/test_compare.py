@@ -459,6 +459,11 @@ def test_transfer_dir_of_different_configs_is_refused(tmp_path, monkeypatch):
 def test_budget_slugs_name_directories():
     assert compare.budget_slug(10) == "10"
     assert compare.budget_slug("train[:10%]") == "train_10pct"
+    # Slices that share numbers but not positions get different directories.
+    slugs = [compare.budget_slug(b) for b in ("train[:10%]", "train[10%:]", "train[:50]",
+                                             "train[50:]", "train[-50:]", "train[10%:20%]")]
+    assert slugs == ["train_10pct", "train_10pct_to", "train_50", "train_50_to",
+                     "train_minus50_to", "train_10pct_to_20pct"]
     assert compare.budget_slug(None) == "None"
     assert compare.budget_slug(0.5) == "0.5"
 
