@@ -564,7 +564,8 @@ def main(argv: Sequence[str]) -> None:
           f"{result['num_params']:,} parameters, {result['num_batch_stats']:,} BatchNorm "
           f"statistics, from {result['source']['weights']} (sha256 "
           f"{result['source']['sha256'][:12]}...)")
-    kwargs = "".join(f" --config.model_kwargs.{k}={v}" for k, v in result["model_kwargs"].items())
+    needed = result.get("model_kwargs") or {}  # absent in workdirs converted before it existed
+    kwargs = "".join(f" --config.model_kwargs.{k}={v}" for k, v in needed.items())
     print(f"fine-tune with: --config.model={f.model}{kwargs} "
           f"--config.init_from.workdir={f.workdir}  (the head is re-initialized by default)")
     if kwargs:  # settings torchvision applies when it loads these weights
