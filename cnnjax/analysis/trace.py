@@ -137,27 +137,37 @@ def _integer_pow_muls(y: int) -> int:
 
 
 def is_patch_extraction(
-    prim: str, params: dict[str, Any], in_avals: list[Any], static_kernel: bool
+    prim: str, params: dict[str, Any], in_avals: list[Any], static_kernel: bool,
+    kernel_value: np.ndarray | None = None,
 ) -> bool:
     """Whether a convolution is `lax.conv_general_dilated_patches`' gather: its kernel is a
     constant (computed from no parameter or activation) and it maps each of the C_in input
-    channels, as its own group, to prod(kernel) outputs, one per window tap."""
+    channels, as its own group, to prod(kernel) outputs, one per window tap. When the constant's
+    `kernel_value` is known it must also select one input per output (a 0/1 kernel with one 1
+    per output channel), so a fixed filter bank of that shape (a Haar transform) is not one."""
     if prim != "conv_general_dilated" or not static_kernel:
         return False
     lhs, rhs = (tuple(a.shape) for a in in_avals[:2])
     lhs_spec, rhs_spec, _ = params["dimension_numbers"]
     channels = lhs[lhs_spec[1]]
     taps = _size([rhs[a] for a in rhs_spec[2:]])
-    return (params["batch_group_count"] == 1 and params["feature_group_count"] == channels
-            and rhs[rhs_spec[1]] == 1 and rhs[rhs_spec[0]] == channels * taps)
+    if not (params["batch_group_count"] == 1 and params["feature_group_count"] == channels
+            and rhs[rhs_spec[1]] == 1 and rhs[rhs_spec[0]] == channels * taps):
+        return False
+    if kernel_value is None:
+        return True
+    per_output = np.moveaxis(np.asarray(kernel_value), rhs_spec[0], 0).reshape(rhs[rhs_spec[0]], -1)
+    return bool(np.all((per_output == 0) | (per_output == 1))
+                and np.all(per_output.sum(axis=1) == 1))
 
 
 def eqn_cost(
     prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any],
-    *, static_kernel: bool = False,
+    *, static_kernel: bool = False, kernel_value: np.ndarray | None = None,
 ) -> tuple[int, int]:
     """(flops, macs) of one primitive under the conventions in the module docstring;
-    `static_kernel`: the second operand is a constant (for `is_patch_extraction`)."""
+    `static_kernel`: the second operand is a constant, `kernel_value` its value where known
+    (both for `is_patch_extraction`)."""
     out_size = _size(out_avals[0].shape) if out_avals else 0
     if prim == "conv_general_dilated":
         lhs, rhs, out = (tuple(a.shape) for a in (in_avals[0], in_avals[1], out_avals[0]))
@@ -173,7 +183,7 @@ def eqn_cost(
             )
             taps *= _valid_taps(*axis)
             mac_taps *= _macs_taps(*axis)
-        gather = is_patch_extraction(prim, params, in_avals, static_kernel)
+        gather = is_patch_extraction(prim, params, in_avals, static_kernel, kernel_value)
         return 2 * batch * per_tap * taps, 0 if gather else batch * per_tap * mac_taps
     if prim == "dot_general":
         (lc, _), _ = params["dimension_numbers"]
@@ -237,6 +247,10 @@ def _call_ids(eqn: Any) -> tuple[int, ...]:
     return tuple(int(m) for m in _TOKEN_RE.findall(str(eqn.source_info.name_stack)))
 
 
+# Constants up to this many elements are evaluated while flattening (patch kernels are tiny).
+_MAX_STATIC_SIZE = 1 << 16
+
+
 def _is_literal(v: Any) -> bool:
     return type(v).__name__ == "Literal"
 
@@ -254,6 +268,7 @@ class _Flattener:
         self.avals: dict[int, Any] = {}
         self.calls = calls
         self.static: set[int] = set()  # ids computed from constants only (see _is_static)
+        self.values: dict[int, np.ndarray] = {}  # the small static ones' values, where known
 
     def new(self, aval: Any) -> int:
         i = len(self.avals)
@@ -264,10 +279,10 @@ class _Flattener:
         self, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int], path: tuple[int, ...]
     ) -> list[int]:
         env: dict[Any, int] = {}
-        for v in jaxpr.constvars:  # constants are never activations: only their shapes matter
+        for v, c in zip(jaxpr.constvars, consts, strict=False):  # never activations
             env[v] = self.new(v.aval)
             self.static.add(env[v])
-        del consts
+            self._remember(env[v], c)
         for v, i in zip(jaxpr.invars, in_ids, strict=True):
             env[v] = i
 
@@ -276,6 +291,7 @@ class _Flattener:
                 return env[v]
             i = self.new(v.aval)
             self.static.add(i)
+            self._remember(i, v.val)
             return i
 
         for eqn in jaxpr.eqns:
@@ -293,20 +309,44 @@ class _Flattener:
                 outs = [self.new(v.aval) for v in eqn.outvars]
                 if all(i in self.static for i in ins):
                     self.static.update(outs)
+                    self._evaluate(eqn, ins, outs)
                 self.eqns.append(self._flat_eqn(eqn, ins, outs, epath))
             for v, o in zip(eqn.outvars, outs, strict=True):
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
+
+    def _remember(self, i: int, value: Any) -> None:
+        try:
+            if math.prod(np.shape(value)) <= _MAX_STATIC_SIZE:
+                self.values[i] = np.asarray(value)
+        except TypeError:  # e.g. a PRNG key array: not a plain number array, not a kernel
+            pass
+
+    def _evaluate(self, eqn: Any, ins: list[int], outs: list[int]) -> None:
+        """Computes a small constant-only equation (e.g. the one-hot kernel of
+        `conv_general_dilated_patches`) so `is_patch_extraction` can look at its value."""
+        if not all(i in self.values for i in ins) or any(
+                math.prod(getattr(v.aval, "shape", ())) > _MAX_STATIC_SIZE for v in eqn.outvars):
+            return
+        try:
+            result = eqn.primitive.bind(*(self.values[i] for i in ins), **eqn.params)
+        except Exception:  # noqa: BLE001 — not evaluable eagerly: shapes alone decide
+            return
+        results = result if eqn.primitive.multiple_results else [result]
+        for o, r in zip(outs, results, strict=True):
+            self._remember(o, r)
 
     def _flat_eqn(self, eqn: Any, ins: list[int], outs: list[int],
                   path: tuple[int, ...]) -> FlatEqn:
         """The flat record of one primitive equation, with its cost."""
         prim, in_avals = eqn.primitive.name, [self.avals[i] for i in ins]
         static_kernel = len(ins) > 1 and ins[1] in self.static
+        kernel_value = self.values.get(ins[1]) if static_kernel else None
         flops, macs = eqn_cost(prim, eqn.params, in_avals, [v.aval for v in eqn.outvars],
-                               static_kernel=static_kernel)
+                               static_kernel=static_kernel, kernel_value=kernel_value)
         return FlatEqn(len(self.eqns), prim, dict(eqn.params), ins, outs, path, int(flops),
-                       int(macs), is_patch_extraction(prim, eqn.params, in_avals, static_kernel))
+                       int(macs), is_patch_extraction(prim, eqn.params, in_avals, static_kernel,
+                                                      kernel_value))
 
     @staticmethod
     def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:

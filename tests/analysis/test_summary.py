@@ -406,3 +406,32 @@ def test_sees_through_remat_custom_vjp_checkpoint_and_scan():
     # A scan is opaque to the field analysis: treated (conservatively) as mixing all 8 positions
     # of the conv's 3-wide fields: 3 + (8 - 1) * 1 = 10, with a note.
     assert scan.field.size == (10, 10) and any("'scan'" in n for n in result.notes)
+
+
+class _FixedFilterBank(nn.Module):
+    """A depthwise 2x2 Haar transform (4 constant +-0.5 filters per channel, stride 2): the
+    shape of `conv_general_dilated_patches`' gather, but real multiply-adds; or, with
+    `patches=True`, the gather itself."""
+
+    patches: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        dn = ("NHWC", "HWIO", "NHWC")
+        if self.patches:
+            return jax.lax.conv_general_dilated_patches(x, (2, 2), (2, 2), "VALID",
+                                                        dimension_numbers=dn)
+        haar = np.array([[[1, 1], [1, 1]], [[1, 1], [-1, -1]], [[1, -1], [1, -1]],
+                         [[1, -1], [-1, 1]]]) / 2  # [filter, h, w]
+        kernel = np.tile(haar.transpose(1, 2, 0)[:, :, None, :], (1, 1, 1, x.shape[-1]))
+        return jax.lax.conv_general_dilated(x, jnp.asarray(kernel, x.dtype), (2, 2), "VALID",
+                                            dimension_numbers=dn,
+                                            feature_group_count=x.shape[-1])
+
+
+def test_a_fixed_filter_bank_is_counted_and_only_the_patch_gather_is_free():
+    haar = summary(_FixedFilterBank(), (16, 16, 3)).rows
+    gather = summary(_FixedFilterBank(patches=True), (16, 16, 3)).rows
+    # 8x8 outputs x 12 channels x 4 taps; the one-hot gather moves the same numbers, 0 MACs.
+    assert [(r.name, r.macs) for r in haar] == [("conv_0", 8 * 8 * 12 * 4)]
+    assert [(r.name, r.macs) for r in gather] == [("patches_0", 0)]
