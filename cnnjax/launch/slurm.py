@@ -171,10 +171,13 @@ def render(spec: JobSpec, num_trials: int | None = None) -> str:
         "# directory; see launch/README.md.",
     ]
     lines += [f"#SBATCH {d}" for d in directives(spec, num_trials)]
-    lines += ["set -uo pipefail", "", f"cd {q(spec.submit_dir)}"]
+    lines += ["set -o pipefail", "", f"cd {q(spec.submit_dir)}"]
+    # Site setup (`module load ...`) and older virtualenv activate scripts may read unset
+    # variables, so `set -u` starts only after them.
     lines += list(spec.setup)
     if spec.venv is not None:
         lines.append(f"source {q(os.path.join(spec.venv, 'bin', 'activate'))}")
+    lines.append("set -u")
     lines += [f"export {k}={v}" for k, v in environment(spec)]
     # Most of the warning for the stop (a multi-process run stops at its next log step, then
     # checkpoints), keeping 30 s (or half of a short warning) for the requeue.

@@ -256,3 +256,15 @@ def test_a_step_that_ignores_term_is_killed_after_the_grace_period(tmp_path):
     assert (tmp_path / "program.log").read_text() == "started\nTERM ignored\n"
     assert (bin_dir / "scontrol.calls").read_text() == "requeue 8\n"
     assert "STOP_GRACE_SECONDS=1\n" in script.read_text()
+
+
+def test_site_setup_may_read_unset_variables_but_the_job_body_may_not(tmp_path):
+    """`module load` scripts often read unset variables: `set -u` starts after the setup lines,
+    and still guards the job's own lines."""
+    _, script = _job(tmp_path, setup=('echo "module path: ${SITE_MODULEPATH_UNSET}"',))
+    lines = script.read_text().splitlines()
+    assert lines.index("set -u") > lines.index('echo "module path: ${SITE_MODULEPATH_UNSET}"')
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                            env=path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "finished with exit status 0" in (tmp_path / "wd" / "slurm" / "events.log").read_text()
