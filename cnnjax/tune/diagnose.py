@@ -48,6 +48,7 @@ from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
+from cnnjax.tune.space import get_field
 from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import check_choice, invalid
 
@@ -260,11 +261,8 @@ def diagnose_workdir(workdir: str, metric: str | None = None,
 
 
 def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any]) -> Diagnosis:
-    def in_effect(rec: Recommendation) -> bool:
-        value: Any = config
-        for name in rec.field.split("."):
-            value = value.get(name) if isinstance(value, Mapping) else None
-        return rec.change == "set" and value is not None and value == rec.value
+    def in_effect(rec: Recommendation) -> bool:  # a "set" value is never None
+        return rec.change == "set" and get_field(config, rec.field) == rec.value
 
     findings = tuple(dataclasses.replace(f, recommendations=tuple(
         r for r in f.recommendations if not in_effect(r))) for f in diagnosis.findings)
