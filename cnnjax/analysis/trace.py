@@ -279,10 +279,11 @@ class _Flattener:
         self, jaxpr: Any, consts: Sequence[Any], in_ids: Sequence[int], path: tuple[int, ...]
     ) -> list[int]:
         env: dict[Any, int] = {}
-        for v, c in zip(jaxpr.constvars, consts, strict=False):  # never activations
+        for k, v in enumerate(jaxpr.constvars):  # constants are never activations
             env[v] = self.new(v.aval)
             self.static.add(env[v])
-            self._remember(env[v], c)
+            if k < len(consts):  # an open sub-jaxpr carries no values: only shapes then
+                self._remember(env[v], consts[k])
         for v, i in zip(jaxpr.invars, in_ids, strict=True):
             env[v] = i
 
