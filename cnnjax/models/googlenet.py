@@ -89,8 +89,14 @@ INCEPTION_V1: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
-def _check_aux_dropout_rate(owner: str, rate: Any) -> None:
-    """Raises the standard ValueError unless `rate` is a number in [0, 1)."""
+def _check_classifier_fields(module: nn.Module) -> None:
+    """Both GoogLeNets' shared fields: `num_classes`, `aux_logits`, `dropout_rate` and
+    `aux_dropout_rate` (a number in [0, 1)); the standard ValueError names the model."""
+    owner = type(module).__name__
+    check_positive_int(owner, "num_classes", module.num_classes)
+    check_bool(owner, "aux_logits", module.aux_logits)
+    check_dropout_rate(owner, module.dropout_rate)
+    rate = module.aux_dropout_rate
     if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
         raise invalid(owner, "aux_dropout_rate", rate, "expected a number in [0, 1)")
 
@@ -183,11 +189,7 @@ class GoogLeNet(nn.Module):
     axis_name: str | None = None
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        check_positive_int(owner, "num_classes", self.num_classes)
-        check_bool(owner, "aux_logits", self.aux_logits)
-        check_dropout_rate(owner, self.dropout_rate)
-        _check_aux_dropout_rate(owner, self.aux_dropout_rate)
+        _check_classifier_fields(self)
         super().__post_init__()
 
     @nn.compact
@@ -344,12 +346,8 @@ class GoogLeNetBN(nn.Module):
     axis_name: str | None = None
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        check_positive_int(owner, "num_classes", self.num_classes)
-        check_bool(owner, "aux_logits", self.aux_logits)
-        check_bool(owner, "transform_input", self.transform_input)
-        check_dropout_rate(owner, self.dropout_rate)
-        _check_aux_dropout_rate(owner, self.aux_dropout_rate)
+        _check_classifier_fields(self)
+        check_bool(type(self).__name__, "transform_input", self.transform_input)
         super().__post_init__()
 
     @nn.compact
