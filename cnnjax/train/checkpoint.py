@@ -28,6 +28,7 @@ from flax import serialization
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from cnnjax.train.ema import metric_scoring
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
 
@@ -271,14 +272,21 @@ class SourceCheckpoints:
         return step
 
     def choose_step(
-        self, requested: int | None, best_metric: str | None, best_mode: str = "max"
+        self, requested: int | None, best_metric: str | None, best_mode: str = "max",
+        ema: bool = False,
     ) -> tuple[int, str]:
         """`(step, how)`: `requested` if given ('requested'); else the best kept checkpoint by
         `best_metric` among those evaluated at their step in the run's metrics.jsonl ('best');
-        else the newest ('latest', e.g. no kept checkpoint was evaluated)."""
+        else the newest ('latest', e.g. no kept checkpoint was evaluated).
+
+        `best_metric` is read for the weights being loaded: with `ema` (the weight average) a
+        run's `top1` becomes `ema_top1`, without it `ema_top1` becomes `top1`, so the pick is the
+        step where those weights, not the others, scored best.
+        """
         if requested is not None:
             return self.check_step(requested), "requested"
         if best_metric:
+            best_metric = metric_scoring(best_metric, ema)
             evals = {
                 r["step"]: r[best_metric]
                 for r in read_metrics(os.path.join(self.workdir, METRICS_FILE))

@@ -69,6 +69,14 @@ def averaged(state: Any) -> Any:
     return state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"])
 
 
+def metric_scoring(metric: str, ema: bool) -> str:
+    """The eval metric that scores the weights being loaded: `ema_<name>` for the average,
+    `<name>` for the trained weights, whichever of the two the run's `best_metric` names
+    (`top1` -> `ema_top1` with `ema`, `ema_top1` -> `top1` without)."""
+    name = metric.removeprefix(METRIC_PREFIX)
+    return METRIC_PREFIX + name if ema else name
+
+
 def prefixed(metrics: dict) -> dict:
     """Eval metrics of the averaged weights under `ema_` names (`num_examples` is dropped:
     it equals the raw eval's)."""

@@ -372,12 +372,13 @@ class _Run:
                 with open(config_path) as f:
                     source_config = json.load(f)
             check_pretrained_model_kwargs(self.config, source.workdir, source_config)
+            average = bool(init_from.get("ema", False))
             step, how = source.choose_step(
                 init_from.get("step"),
                 source_config.get("best_metric", "top1"),
                 source_config.get("best_mode", "max"),
+                ema=average,
             )
-            average = bool(init_from.get("ema", False))
             source_shapes = source.variable_shapes(step, ema=average)
             if average and not jax.tree.leaves(source_shapes):
                 raise invalid("init_from", "ema", True,

@@ -66,6 +66,7 @@ def load_trained(workdir: str, step: int | None = None,
                  num_devices: int | None = None, ema: bool = False) -> TrainedRun:
     """The model of the run in `workdir` with its best checkpoint's variables (or `step`'s);
     with `ema`, the checkpoint's weight average instead (a run with `config.ema.decay` set).
+    "Best" is judged by the loaded weights' own eval metric (`ema_top1` for the average).
 
     The run's config is checked on this machine as the engine would; `num_devices` (0: all)
     replaces the run's own, e.g. when its batch does not divide this machine's device count.
@@ -96,7 +97,7 @@ def load_trained(workdir: str, step: int | None = None,
     try:
         source = SourceCheckpoints(workdir, owner=_OWNER)
         chosen, how = source.choose_step(step, config.get("best_metric"),
-                                         config.get("best_mode", "max"))
+                                         config.get("best_mode", "max"), ema=ema)
         variables = source.restore_variables(chosen, source.variable_shapes(chosen, ema), ema)
     except Exception as err:  # orbax/tensorstore raise many kinds for a damaged checkpoint
         if isinstance(err, ValueError) and str(err).startswith(f"{_OWNER}: "):

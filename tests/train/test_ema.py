@@ -167,6 +167,36 @@ def test_the_loaded_average_evaluates_to_the_ema_metrics_the_run_logged(tmp_path
         np.testing.assert_allclose(trained[name], final[name], rtol=1e-6)
 
 
+def test_the_best_checkpoint_is_picked_by_the_metric_of_the_weights_loaded(tmp_path,
+                                                                           monkeypatch):
+    """A run with best_metric top1 whose raw weights scored best at step 6 and whose average
+    scored best at step 12: loading (or warm-starting from) the average picks step 12, the
+    trained weights step 6, and a run whose best_metric is ema_top1 reads it the same way."""
+    from cnnjax.train.trained import load_trained
+
+    helpers.install_fake_pipeline(monkeypatch)
+    source = tmp_path / "source"
+    loop.train_and_evaluate(helpers.tiny_config(**{"ema.decay": 0.9}), str(source))
+    metrics = source / "metrics.jsonl"
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    scores = {6: (0.9, 0.1), 12: (0.1, 0.9)}  # step: (top1, ema_top1)
+    for r in records:
+        if r["split"] == "eval":
+            r["top1"], r["ema_top1"] = scores[r["step"]]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert (load_trained(str(source)).step, load_trained(str(source), ema=True).step) == (6, 12)
+    config_path = source / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "best_metric": "ema_top1"}))
+    assert (load_trained(str(source)).step, load_trained(str(source), ema=True).step) == (6, 12)
+    for average, step in ((True, 12), (False, 6)):
+        warm = loop.train_and_evaluate(
+            helpers.tiny_config(num_train_steps=2, **{"init_from.workdir": str(source),
+                                                      "init_from.ema": average}),
+            str(tmp_path / f"warm_{average}"))
+        assert (warm["init_from"]["step"], warm["init_from"]["checkpoint"]) == (step, "best")
+
+
 def test_loading_the_average_of_a_run_without_one_is_refused(tmp_path, monkeypatch):
     from cnnjax.train.trained import load_trained
 
