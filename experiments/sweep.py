@@ -9,7 +9,8 @@ a file whose `get_config()` describes the space (kind grid|random, seed, num_tri
 parameters: see experiments/sweeps/). Trials run one after another in
 <sweep_dir>/trials/<trial_id>/; results.csv/results.json and sweep.png are rewritten after each.
 Rerunning the same command skips finished trials and resumes an interrupted one from its
-checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job);
+checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job), with
+`--trial_count=k` trials i to i+k-1 (an array task running several);
 `--max_trials=0` only rebuilds the results table and plot from the trial directories.
 Exit status 1 if a trial failed (diverged trials are results, not failures).
 """
@@ -39,6 +40,9 @@ _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory for trials and re
 _TRIAL_INDEX = flags.DEFINE_integer(
     "trial_index", None, "Run only this trial (0-based), e.g. $SLURM_ARRAY_TASK_ID."
 )
+_TRIAL_COUNT = flags.DEFINE_integer(
+    "trial_count", 1, "With --trial_index: run this many consecutive trials from it."
+)
 _MAX_TRIALS = flags.DEFINE_integer(
     "max_trials", None, "Start at most this many unfinished trials in this invocation."
 )
@@ -64,12 +68,14 @@ def main(argv: list[str]) -> None:
             metric=sweep_config.get("metric"),
             mode=sweep_config.get("mode"),
             trial_index=_TRIAL_INDEX.value,
+            trial_count=_TRIAL_COUNT.value,
             max_trials=_MAX_TRIALS.value,
         )
     except ValueError as err:
         sys.exit(f"error: {err}")
-    if _TRIAL_INDEX.value is not None:  # an array task answers for its own trial only
-        rows = [r for r in rows if r["index"] == _TRIAL_INDEX.value]
+    if _TRIAL_INDEX.value is not None:  # an array task answers for its own trials only
+        first = _TRIAL_INDEX.value
+        rows = [r for r in rows if first <= r["index"] < first + _TRIAL_COUNT.value]
     message = sweep_lib.failure_message(rows)
     if message:
         sys.exit(f"error: {message}")

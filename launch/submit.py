@@ -60,6 +60,9 @@ _ARRAY = flags.DEFINE_string(
     "array", None, "Sweep: trial indices to run, e.g. 0-7 or 3,5 (default: every trial).")
 _MAX_PARALLEL = flags.DEFINE_integer(
     "max_parallel", None, "Sweep: at most this many trials at once (--array=...%N).")
+_TRIALS_PER_TASK = flags.DEFINE_integer(
+    "trials_per_task", 1, "Sweep: each array task runs this many consecutive trials (a sweep "
+    "larger than the cluster's MaxArraySize; --time must cover them all).")
 _SIGNAL_SECONDS = flags.DEFINE_integer(
     "signal_seconds", 300, "Stop and requeue this many seconds before the time limit.")
 _MAX_REQUEUES = flags.DEFINE_integer(
@@ -103,17 +106,21 @@ def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
         cpus_per_task=_CPUS.value, mem=_MEM.value, time=_TIME.value,
         partition=_PARTITION.value, account=_ACCOUNT.value, qos=_QOS.value,
         constraint=_CONSTRAINT.value, job_name=_JOB_NAME.value, array=_ARRAY.value,
-        max_parallel=_MAX_PARALLEL.value, signal_seconds=_SIGNAL_SECONDS.value,
+        max_parallel=_MAX_PARALLEL.value, trials_per_task=_TRIALS_PER_TASK.value,
+        signal_seconds=_SIGNAL_SECONDS.value,
         max_requeues=_MAX_REQUEUES.value, venv=_absolute(_VENV.value), python=_PYTHON.value,
         env=_env_pairs(_ENV.value), setup=tuple(_SETUP.value), submit_dir=REPOSITORY,
     )
 
 
-def prepare(spec: JobSpec, *, check_configs: bool = True) -> tuple[JobSpec, int | None, str]:
+def prepare(spec: JobSpec, *, check_configs: bool = True,
+            max_array_size: int | None = None) -> tuple[JobSpec, int | None, str]:
     """Validates `spec` (and loads its configs if `check_configs`); returns the normalized spec,
-    the sweep's trial count (None for other entry points) and the sbatch script."""
+    the sweep's trial count (None for other entry points) and the sbatch script.
+    `max_array_size`: the cluster's `MaxArraySize` a sweep's array must fit (None: unchecked)."""
     num_trials = checks.count_trials(spec) if spec.entry == "sweep" else None
     spec = validate_spec(spec, num_trials)
+    checks.check_array_size(spec, num_trials, max_array_size)
     if check_configs:
         checks.check_configs(spec)
     return spec, num_trials, slurm.render(spec, num_trials)
@@ -193,8 +200,10 @@ def sbatch(script_path: str, spec: JobSpec, record: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # loading a config imports TensorFlow
     try:
-        spec, num_trials, script = prepare(spec_from_flags(argv[1:]),
-                                           check_configs=_CHECK_CONFIGS.value)
+        spec = spec_from_flags(argv[1:])
+        spec, num_trials, script = prepare(
+            spec, check_configs=_CHECK_CONFIGS.value,
+            max_array_size=checks.cluster_max_array_size() if spec.entry == "sweep" else None)
         if _DRY_RUN.value:
             print(script, end="")
             return
@@ -203,6 +212,9 @@ def main(argv: list[str]) -> None:
     except (ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     trials = f" ({num_trials} trials)" if num_trials else ""
+    if num_trials and spec.trials_per_task > 1:
+        trials = (f" ({num_trials} trials, {spec.trials_per_task} per array task, "
+                  f"{spec.num_array_tasks(num_trials)} tasks)")
     print(f"Submitted {spec.entry} job {job_id}{trials}: {script_path}\n"
           f"Logs and events: {slurm.slurm_dir(spec)}/", flush=True)
 

@@ -7,22 +7,29 @@ does at start-up) and runs the engine's value checks (`validate_config`) on ever
 job will train, each trial of a sweep included: a misspelt field, a wrong type or a bad value
 fails here rather than after hours in the queue; it also checks that the batch splits evenly
 over the job's GPUs. Loading an experiment config imports TensorFlow (the data pipeline), ~5 s.
+`check_array_size` compares a sweep's array with the cluster's `MaxArraySize`
+(`cluster_max_array_size` asks `scontrol`), which SLURM would otherwise enforce only at `sbatch`.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
 
-from cnnjax.launch.spec import JobSpec, validate_spec
+from cnnjax.launch.spec import JobSpec, array_indices, validate_spec
 from cnnjax.utils.cli import error_message, names_field
 from cnnjax.utils.validation import invalid
 
 _OWNER = "launch"
+_MAX_ARRAY_SIZE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
 
 
 def load_files(paths: dict[str, str], overrides: Sequence[str],
@@ -46,6 +53,40 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     return {flag: values[flag].value for flag in paths}
 
 
+def cluster_max_array_size() -> int | None:
+    """This cluster's `MaxArraySize` (array indices must be below it) from `scontrol show
+    config`; None where it cannot be read (no `scontrol` on PATH: not a SLURM host)."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        result = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                                timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _MAX_ARRAY_SIZE.search(result.stdout) if result.returncode == 0 else None
+    return int(match.group(1)) if match else None
+
+
+def check_array_size(spec: JobSpec, num_trials: int | None, max_array_size: int | None) -> None:
+    """Raises unless every array index of a (validated) sweep spec is below the cluster's
+    `max_array_size` (None: unknown, not checked), naming the `trials_per_task` that fits."""
+    if spec.entry != "sweep" or max_array_size is None or num_trials is None:
+        return
+    if spec.array is not None:
+        largest = max(array_indices(spec.array, num_trials, spec.trials_per_task))
+    else:
+        largest = spec.num_array_tasks(num_trials) - 1
+    if largest < max_array_size:
+        return
+    fits = math.ceil(num_trials / max_array_size)
+    field, value = ("array", spec.array) if spec.array is not None else (
+        "trials_per_task", spec.trials_per_task)
+    raise invalid(_OWNER, field, value,
+                  f"its largest array index is {largest}, but this cluster's MaxArraySize is "
+                  f"{max_array_size} (scontrol show config), so SLURM accepts indices up to "
+                  f"{max_array_size - 1}; pass --trials_per_task={fits} to run the "
+                  f"{num_trials} trials in {math.ceil(num_trials / fits)} array tasks of up to "
+                  f"{fits} trials each (give --time for all {fits})")
 
 
 def count_trials(spec: JobSpec) -> int:

@@ -1,13 +1,14 @@
 """Render a complete, preemption-safe sbatch script for a validated `JobSpec`.
 
 The script runs the entry point with `srun` (one task per GPU for train, one task otherwise; a
-sweep is an array job, task i runs trial i), logs to `<workdir>/slurm/`, and survives preemption
-and time limits: `--signal=B:USR1@<s>` makes SLURM warn the batch shell `s` seconds ahead, the
-shell stops the job step (SIGTERM, SIGKILL after a grace period) and runs
-`scontrol requeue $SLURM_JOB_ID` unless the job was already requeued `max_requeues` times. The
-requeued job reruns the same command, which resumes from the newest checkpoint. A plain SIGTERM
-(scancel) stops the step without requeueing. Every start, signal and stop is appended to
-`<workdir>/slurm/events.log`. Pure functions: nothing is written or submitted here.
+sweep is an array job, task i runs trial i, or trials i*k ... i*k+k-1 with `trials_per_task` k),
+logs to `<workdir>/slurm/`, and survives preemption and time limits: `--signal=B:USR1@<s>` makes
+SLURM warn the batch shell `s` seconds ahead, the shell stops the job step (SIGTERM, SIGKILL after
+a grace period) and runs `scontrol requeue $SLURM_JOB_ID` unless the job was already requeued
+`max_requeues` times. The requeued job reruns the same command, which resumes from the newest
+checkpoint. A plain SIGTERM (scancel) stops the step without requeueing. Every start, signal and
+stop is appended to `<workdir>/slurm/events.log`. Pure functions: nothing is written or submitted
+here.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def log_pattern(spec: JobSpec) -> str:
 
 
 def array_directive(spec: JobSpec, num_trials: int) -> str:
-    """`--array` value: the chosen trials (default all, `0-(N-1)`), `%max_parallel` if set."""
-    indices = spec.array if spec.array is not None else f"0-{num_trials - 1}"
+    """`--array` value: the chosen tasks (default all, `0-(N-1)` for N trials run one to a
+    task), `%max_parallel` if set."""
+    indices = (spec.array if spec.array is not None
+               else f"0-{spec.num_array_tasks(num_trials) - 1}")
     return indices + (f"%{spec.max_parallel}" if spec.max_parallel else "")
 
 
@@ -87,8 +90,11 @@ def _shell_command(spec: JobSpec) -> str:
     args = command(spec)
     head = " ".join(shlex.quote(w) for w in srun + args[:3])  # srun python -m <module>
     words = [head] + [shlex.quote(w) for w in args[3:]]
-    if spec.entry == "sweep":
+    if spec.entry == "sweep" and spec.trials_per_task == 1:
         words.append('--trial_index="$SLURM_ARRAY_TASK_ID"')
+    elif spec.entry == "sweep":  # task i runs trials i*k ... i*k+k-1
+        words += [f'--trial_index="$((SLURM_ARRAY_TASK_ID * {spec.trials_per_task}))"',
+                  f"--trial_count={spec.trials_per_task}"]
     return " \\\n    ".join(words)
 
 

@@ -11,6 +11,7 @@ imports JAX or loads an experiment config; `cnnjax.launch.checks` does that.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -83,8 +84,9 @@ class JobSpec:
     qos: str | None = None
     constraint: str | None = None
     job_name: str | None = None  # None: cnnjax-<entry>-<workdir name>
-    array: str | None = None  # sweep: trial indices to run ("0-7", "3,5"); None: every trial
+    array: str | None = None  # sweep: array task indices to run ("0-7", "3,5"); None: all
     max_parallel: int | None = None  # sweep: at most this many array tasks at once
+    trials_per_task: int = 1  # sweep: array task i runs trials i*k ... i*k+k-1
     signal_seconds: int = 300  # USR1 this long before the time limit: stop, requeue
     max_requeues: int = 3
     venv: str | None = ".venv"  # activated before running; None: `python` from PATH
@@ -105,6 +107,10 @@ class JobSpec:
     @property
     def num_tasks(self) -> int:
         return self.nodes * self.tasks_per_node  # type: ignore[operator]
+
+    def num_array_tasks(self, num_trials: int) -> int:
+        """Array tasks a sweep of `num_trials` needs, `trials_per_task` trials each."""
+        return math.ceil(num_trials / self.trials_per_task)
 
     def overrides_for(self, flag: str) -> tuple[str, ...]:
         """The overrides of one config-file flag (`--sweep.num_trials=8` for "sweep")."""
@@ -162,10 +168,15 @@ def time_limit_seconds(value: Any) -> int:
     return seconds
 
 
-def array_indices(value: str, num_trials: int) -> list[int]:
-    """The trial indices an array spec (`0-7`, `0,3,5-6`) selects; each must be < num_trials."""
-    valid = (f"expected comma-separated indices or ranges a-b (a <= b) of the sweep's "
-             f"{num_trials} trials, 0-{num_trials - 1}, e.g. '0-{num_trials - 1}' or '0,3'")
+def array_indices(value: str, num_trials: int, trials_per_task: int = 1) -> list[int]:
+    """The array task indices an array spec (`0-7`, `0,3,5-6`) selects; each must name a task
+    of the sweep's `num_trials` trials run `trials_per_task` to a task (task = trial when 1)."""
+    count = math.ceil(num_trials / trials_per_task)
+    tasks = (f"the sweep's {num_trials} trials" if trials_per_task == 1 else
+             f"the {count} array tasks running the sweep's {num_trials} trials "
+             f"{trials_per_task} to a task")
+    valid = (f"expected comma-separated indices or ranges a-b (a <= b) of {tasks}, "
+             f"0-{count - 1}, e.g. '0-{count - 1}' or '0,{min(3, count - 1)}'")
     indices: list[int] = []
     for item in value.split(",") if isinstance(value, str) else [None]:
         match = _ARRAY_ITEM.match(item) if item is not None else None
@@ -173,7 +184,7 @@ def array_indices(value: str, num_trials: int) -> list[int]:
             raise invalid(_OWNER, "array", value, valid)
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
-        if low > high or high >= num_trials:
+        if low > high or high >= count:
             raise invalid(_OWNER, "array", value, valid)
         indices.extend(range(low, high + 1))
     if len(set(indices)) != len(indices):
@@ -228,6 +239,7 @@ def check_override(spec_entry: str, override: Any) -> str:
     if flag in entry.extra_flags and not field:
         return override
     source = {entry.dir_flag: "--workdir", "trial_index": "the array task",
+              "trial_count": "--trials_per_task",
               **{f: f"its own --{f}" for f in entry.file_flags}}.get(flag)
     if source is not None and not field:
         valid = f"--{flag} is set by the launcher (from {source}); {valid}"
@@ -328,14 +340,15 @@ def _check_schedule(spec: JobSpec) -> None:
 def _check_array(spec: JobSpec, num_trials: int | None) -> None:
     """A sweep's array must lie within its `num_trials`; other entry points take none."""
     if spec.entry != "sweep":
-        for name in ("array", "max_parallel"):
-            if getattr(spec, name) is not None:
+        for name, unset in (("array", None), ("max_parallel", None), ("trials_per_task", 1)):
+            if getattr(spec, name) != unset:
                 raise invalid(_OWNER, name, getattr(spec, name),
                               f"only a sweep is an array job; {spec.entry} takes no {name}")
         return
     num_trials = check_positive_int(_OWNER, "num_trials (of the sweep)", num_trials)
+    check_positive_int(_OWNER, "trials_per_task", spec.trials_per_task)
     if spec.array is not None:
-        array_indices(spec.array, num_trials)
+        array_indices(spec.array, num_trials, spec.trials_per_task)
     if spec.max_parallel is not None:
         check_positive_int(_OWNER, "max_parallel", spec.max_parallel)
 

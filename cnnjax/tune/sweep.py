@@ -8,12 +8,12 @@ Layout of a sweep directory:
     sweep.png             the metric against each swept hyperparameter
 
 Trials run one after another in this process, or one alone (`trial_index`, e.g. a cluster array
-task). Resume is per trial: a trial whose summary.json says completed (or trial.json diverged) is
-not run again, an interrupted one continues from its own checkpoint (the engine resumes exactly),
-a failed one is retried. A trial whose workdir another process holds (`cnnjax.utils.lock`) is
-skipped, not run twice (with `trial_index`, that trial alone, it is an error instead). Results
-are always rebuilt from the trial directories, so concurrent array tasks and reruns agree on one
-table.
+task), or a few consecutive ones (`trial_index`, `trial_count`: an array task running several).
+Resume is per trial: a trial whose summary.json says completed (or trial.json diverged) is not run
+again, an interrupted one continues from its own checkpoint (the engine resumes exactly), a failed
+one is retried. A trial whose workdir another process holds (`cnnjax.utils.lock`) is skipped, not
+run twice (with `trial_index`, trials asked for by index, it is an error instead). Results are
+always rebuilt from the trial directories, so concurrent array tasks and reruns agree on one table.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def run_sweep(
     mode: str | None = None,
     *,
     trial_index: int | None = None,
+    trial_count: int = 1,
     max_trials: int | None = None,
     verbose: bool = True,
 ) -> list[dict]:
@@ -98,8 +99,10 @@ def run_sweep(
     map50, map, coco_map50, coco_map75 for detection; None: the base config's `best_metric`) and
     `mode` ('max'/'min'; default by
     metric) rank the trials by their best eval value. `trial_index` runs only that trial (array
-    jobs); `max_trials` caps how many trials this call starts (0: only rewrite results and plot).
-    Every field, value and trial config is checked before anything trains.
+    jobs), or with `trial_count` the trials `trial_index ... trial_index + trial_count - 1` (those
+    that exist) one after another (an array task running several); `max_trials` caps how many
+    trials this call starts (0: only rewrite results and plot). Every field, value and trial
+    config is checked before anything trains.
     """
     metric = check_metric(_OWNER, metric, base_config)
     mode = default_mode(metric) if mode is None else mode
@@ -112,6 +115,11 @@ def run_sweep(
         raise invalid(_OWNER, "trial_index", trial_index,
                       f"expected an integer in [0, {len(space.trials) - 1}] (the space has "
                       f"{len(space.trials)} trials)")
+    if isinstance(trial_count, bool) or not isinstance(trial_count, int) or trial_count < 1:
+        raise invalid(_OWNER, "trial_count", trial_count, "expected an integer >= 1")
+    if trial_count > 1 and trial_index is None:
+        raise invalid(_OWNER, "trial_count", trial_count,
+                      "expected 1 without trial_index (it counts the trials from trial_index)")
     if max_trials is not None and (
         isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 0
     ):
@@ -120,7 +128,8 @@ def run_sweep(
     check_directory_kind(sweep_dir, "sweep", "sweep_dir")
     _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
 
-    selected = space.trials if trial_index is None else (space.trials[trial_index],)
+    selected = (space.trials if trial_index is None
+                else space.trials[trial_index:trial_index + trial_count])
     started = 0
     for trial in selected:
         workdir = trial_workdir(sweep_dir, trial)
@@ -143,7 +152,7 @@ def run_sweep(
                 finally:  # KeyboardInterrupt included: the table shows what has finished so far
                     write_results(sweep_dir, space, metric, mode)
         except DirectoryInUseError as err:  # another array task or driver is running it
-            if trial_index is not None:  # asked for this trial alone: say it was not run
+            if trial_index is not None:  # asked for these trials: say one was not run
                 raise
             _say(verbose, f"Trial {trial.trial_id}: skipped, {err}")
             continue

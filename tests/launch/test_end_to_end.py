@@ -98,3 +98,28 @@ def test_preempted_job_requeues_itself_and_the_rerun_resumes(tmp_path):
         f"started on {os.uname().nodename} (restart 1)",
         "finished with exit status 0",
     ]
+
+
+def test_a_sweep_array_task_runs_its_consecutive_trials(tmp_path):
+    """`--trials_per_task=2` over the 4-trial LeNet sweep: the generated script, run as array
+    task 1, trains trials 2 and 3 (only them) and answers for them in its exit status."""
+    from tests.launch.conftest import SWEEP
+
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    sweep_dir = tmp_path / "sweep"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--entry=sweep", f"--config={CONFIG}",
+         f"--sweep={SWEEP}", f"--workdir={sweep_dir}", "--gpus_per_node=0",
+         "--trials_per_task=2", "--time=30", "--signal_seconds=60", "--", *TINY,
+         "--config.num_train_steps=2", "--config.eval_every_steps=2"],
+        cwd=ROOT, env=_env(bin_dir), capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert "(4 trials, 2 per array task, 2 tasks)" in submitted.stdout
+    script = sweep_dir / "slurm" / "job.sbatch"
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                            env=_env(bin_dir, SLURM_JOB_ID=4243, SLURM_ARRAY_TASK_ID=1),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(sweep_dir / "results.json") as f:
+        statuses = {r["index"]: r["status"] for r in json.load(f)["trials"]}
+    assert statuses == {0: "pending", 1: "pending", 2: "completed", 3: "completed"}

@@ -86,6 +86,21 @@ def test_sweep_is_an_array_job_with_one_trial_per_task(tmp_path):
         render(spec)
 
 
+def test_a_sweep_task_may_run_several_consecutive_trials(tmp_path):
+    """trials_per_task=3 over 7 trials: 3 array tasks, task i starting at trial 3i."""
+    wd = tmp_path / "sweep"
+    spec = validate_spec(JobSpec(entry="sweep", config=CONFIG, sweep=SWEEP, workdir=str(wd),
+                                 trials_per_task=3, submit_dir=str(ROOT)), num_trials=7)
+    script = render(spec, num_trials=7)
+    assert "#SBATCH --array=0-2\n" in script
+    assert (f' \\\n    --sweep_dir={wd} \\\n'
+            '    --trial_index="$((SLURM_ARRAY_TASK_ID * 3))" \\\n'
+            '    --trial_count=3 &\n') in script
+    start = subprocess.run(["bash", "-c", 'echo "$((SLURM_ARRAY_TASK_ID * 3))"'],
+                           env={"SLURM_ARRAY_TASK_ID": "2"}, capture_output=True, text=True)
+    assert start.stdout == "6\n"  # the last task runs trial 6 alone (trial_count stops at 7)
+
+
 @pytest.mark.parametrize("entry,files,module,dir_flag", [
     ("tune", {"config": CONFIG, "recipe": RECIPE}, "experiments.tune", "tune_dir"),
     ("transfer", {"transfer": TRANSFER}, "experiments.transfer", "transfer_dir"),

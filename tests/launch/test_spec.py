@@ -3,6 +3,7 @@ value and what is valid; good specs come back normalized (absolute paths, defaul
 
 import dataclasses
 import os
+import re
 
 import pytest
 
@@ -71,6 +72,14 @@ def test_array_indices():
             array_indices(bad, 4)
 
 
+def test_array_indices_count_tasks_when_a_task_runs_several_trials():
+    assert array_indices("0-2", 5, trials_per_task=2) == [0, 1, 2]  # tasks of 2, 2 and 1 trials
+    with pytest.raises(ValueError, match=re.escape(
+            "launch: array='3' is invalid; expected comma-separated indices or ranges a-b "
+            "(a <= b) of the 3 array tasks running the sweep's 5 trials 2 to a task, 0-2")):
+        array_indices("3", 5, trials_per_task=2)
+
+
 def test_the_sweep_file_decides_the_array_size():
     assert count_trials(_sweep()) == 4
     with pytest.raises(ValueError, match=r"launch: array='0-4' is invalid; .*4 trials, 0-3"):
@@ -130,6 +139,7 @@ BAD = [
     (dict(job_name="my job"), r"job_name='my job' is invalid"),
     (dict(array="0-3"), r"array='0-3' is invalid; only a sweep is an array job"),
     (dict(max_parallel=2), r"max_parallel=2 is invalid; only a sweep is an array job"),
+    (dict(trials_per_task=2), r"trials_per_task=2 is invalid; only a sweep is an array job"),
     (dict(venv="no_such_venv"), r"venv='no_such_venv' is invalid; no such directory"),
     (dict(venv="experiments"), r"venv='experiments' is invalid; expected a virtual environment"),
     (dict(python="my python"), r"python='my python' is invalid; expected a command without"),
@@ -164,6 +174,11 @@ def test_bad_train_specs_are_refused(changes, message):
     (dict(max_parallel=0), r"max_parallel=0 is invalid; expected a positive integer"),
     (dict(overrides=("--trial_index=3",)),
      r".*--trial_index is set by the launcher \(from the array task\)"),
+    (dict(overrides=("--trial_count=3",)),
+     r".*--trial_count is set by the launcher \(from --trials_per_task\)"),
+    (dict(trials_per_task=0), r"trials_per_task=0 is invalid; expected a positive integer"),
+    (dict(trials_per_task=2, array="0-2"), r"array='0-2' is invalid; .* of the 2 array tasks "
+                                           r"running the sweep's 4 trials 2 to a task, 0-1"),
     (dict(overrides=("--recipe.max_rounds=3",)), r"overrides='--recipe.max_rounds=3'"),
     (dict(sweep=None), r"sweep=None is invalid; sweep needs --sweep=<file>"),
 ])

@@ -3,14 +3,22 @@ submits, dry runs, safe resubmission, refusal of a changed spec (and --force), b
 anything is written, and `check_configs` (overrides loaded against the config files)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from cnnjax.launch.checks import check_configs
-from cnnjax.launch.spec import JobSpec
-from tests.launch.conftest import CONFIG, ROOT, SWEEP, path_with, stand_in_slurm
+from cnnjax.launch.checks import check_array_size, check_configs, cluster_max_array_size
+from cnnjax.launch.spec import JobSpec, validate_spec
+from tests.launch.conftest import (
+    CONFIG,
+    ROOT,
+    SWEEP,
+    path_with,
+    stand_in_slurm,
+    write_executable,
+)
 
 
 def _submit(tmp_path, *args, cwd=None):
@@ -90,6 +98,58 @@ def test_a_sweep_is_submitted_as_an_array_over_its_trials(tmp_path):
     assert "Submitted sweep job 4242 (4 trials)" in result.stdout
     assert "#SBATCH --array=0-3%2\n" in (workdir / "slurm" / "job.sbatch").read_text()
     assert json.loads((workdir / "slurm" / "launch.json").read_text())["num_trials"] == 4
+
+
+def _stand_in_scontrol(bin_dir, max_array_size):
+    """An `scontrol` whose `show config` reports `MaxArraySize` as a SLURM 23 controller does."""
+    write_executable(bin_dir / "scontrol", (
+        "#!/usr/bin/env bash\n"
+        '[ "$*" = "show config" ] || exit 1\n'
+        "echo 'Configuration data as of 2026-11-30T08:00:00'\n"
+        "echo 'MaxArrayIdleTime        = 0'\n"
+        f"echo 'MaxArraySize            = {max_array_size}'\n"
+        "echo 'MaxJobCount             = 10000'\n"))
+
+
+def test_a_sweep_larger_than_the_clusters_array_limit_is_refused_naming_the_fix(tmp_path):
+    """MaxArraySize 3 (indices 0-2) and a 4-trial sweep: refused before anything is written,
+    naming --trials_per_task=2; with it, 2 array tasks of 2 trials each are submitted."""
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    _stand_in_scontrol(bin_dir, 3)
+    args = [sys.executable, "-m", "launch.submit", "--entry=sweep", f"--config={CONFIG}",
+            f"--sweep={SWEEP}", f"--workdir={tmp_path / 'sweep'}", "--nocheck_configs"]
+    env = path_with(bin_dir) | {"PYTHONPATH": str(ROOT)}
+    refused = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 1
+    assert ("error: launch: trials_per_task=1 is invalid; its largest array index is 3, but this "
+            "cluster's MaxArraySize is 3 (scontrol show config), so SLURM accepts indices up to "
+            "2; pass --trials_per_task=2 to run the 4 trials in 2 array tasks of up to 2 trials "
+            "each (give --time for all 2)") in refused.stderr
+    assert not (tmp_path / "sweep").exists()
+    assert not (bin_dir / "sbatch.calls").exists()
+    submitted = subprocess.run([*args, "--trials_per_task=2"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    assert ("Submitted sweep job 4242 (4 trials, 2 per array task, 2 tasks)"
+            in submitted.stdout)
+    script = (tmp_path / "sweep" / "slurm" / "job.sbatch").read_text()
+    assert "#SBATCH --array=0-1\n" in script and "--trial_count=2" in script
+
+
+def test_the_array_limit_is_read_from_scontrol_where_there_is_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: unknown, not checked
+    assert cluster_max_array_size() is None
+    _stand_in_scontrol(tmp_path, 1001)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path), "/usr/bin", "/bin"]))  # bash
+    assert cluster_max_array_size() == 1001
+    spec = validate_spec(JobSpec(entry="sweep", config=CONFIG, sweep=SWEEP,
+                                 workdir=str(tmp_path / "s"), array="1,3",
+                                 submit_dir=str(ROOT)), num_trials=4)
+    check_array_size(spec, 4, 4)  # largest index 3 < 4
+    with pytest.raises(ValueError, match=r"^launch: array='1,3' is invalid; its largest array "
+                                         r"index is 3, but this cluster's MaxArraySize is 3"):
+        check_array_size(spec, 4, 3)
 
 
 @pytest.mark.parametrize("args,message", [

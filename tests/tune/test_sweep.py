@@ -226,6 +226,21 @@ def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
     assert not os.path.exists(sw.trial_workdir(sweep_dir, space.trials[0]))
 
 
+def test_trial_count_runs_consecutive_trials_from_trial_index(tmp_path, monkeypatch):
+    """An array task running several trials: trials 1 and 2 of 4, then the last trial with a
+    count past the end (only the trials that exist)."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01, 0.02, 0.03]})
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, trial_index=1, trial_count=2,
+                        verbose=False)
+    assert [r["status"] for r in sorted(rows, key=lambda r: r["index"])] == [
+        "pending", "completed", "completed", "pending"]
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, trial_index=3, trial_count=2,
+                        verbose=False)
+    assert {r["index"] for r in rows if r["status"] == "completed"} == {1, 2, 3}
+
+
 def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     sweep_dir = str(tmp_path / "sweep")
@@ -263,6 +278,11 @@ def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
          "sweep: trial_index=2 is invalid; expected an integer in [0, 1] (the space has 2 "
          "trials)."),
         ({"max_trials": -1}, "sweep: max_trials=-1 is invalid; expected an integer >= 0 or None."),
+        ({"trial_index": 0, "trial_count": 0},
+         "sweep: trial_count=0 is invalid; expected an integer >= 1."),
+        ({"trial_count": 2},
+         "sweep: trial_count=2 is invalid; expected 1 without trial_index (it counts the trials "
+         "from trial_index)."),
     ],
 )
 def test_bad_arguments_fail_before_anything_is_written(tmp_path, kwargs, message):
