@@ -153,6 +153,8 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     record_path = os.path.join(directory, RECORD_FILE)
     record = _read_record(record_path)
     new = spec.to_json()
+    if record is not None:  # fields added since it was written read as their defaults
+        record["spec"] = JobSpec.from_json(record["spec"]).to_json()
     if record is not None and record["spec"] != new:
         changes = _differences(record["spec"], new)
         if not force:

@@ -69,6 +69,19 @@ def test_submit_writes_the_script_and_record_and_resubmits_safely(tmp_path):
     assert script.read_text() == first
 
 
+def test_a_record_written_before_a_spec_field_existed_still_resubmits(tmp_path):
+    """launch.json of an older cnnjax (no `trials_per_task`): the same job resubmits."""
+    workdir = tmp_path / "run"
+    assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
+    path = workdir / "slurm" / "launch.json"
+    record = json.loads(path.read_text())
+    del record["spec"]["trials_per_task"]
+    path.write_text(json.dumps(record))
+    again = _submit(tmp_path, *_train_args(workdir))
+    assert again.returncode == 0, again.stderr
+    assert len(json.loads(path.read_text())["jobs"]) == 2
+
+
 def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     workdir = tmp_path / "run"
     assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
