@@ -1,0 +1,594 @@
+"""What a trained classifier looks at: attribution maps, layer activations and first-layer filters.
+
+Three classic answers to "which pixels does the class score rest on", each an `[N, H, W]` map at
+input resolution:
+
+- `saliency`: the largest absolute gradient of the class score over an input pixel's channels
+  (Simonyan, Vedaldi & Zisserman 2014, "Deep Inside Convolutional Networks", §3.1);
+- `occlusion`: how much the class probability drops when a grey square covers the pixel,
+  averaged over every square position covering it (Zeiler & Fergus 2014, "Visualizing and
+  Understanding Convolutional Networks", §4.2; the per-pixel average is Captum's `Occlusion`);
+- `grad_cam`: the channels of a convolutional layer's activation weighted by the spatial mean of
+  the class score's gradient, rectified and upsampled (Selvaraju et al. 2017, "Grad-CAM", §3).
+
+Layers are named by their flax module path (`stage3_block3`, `features/conv5`); `module_outputs`
+lists every module output with its shape (one abstract trace, nothing compiled).
+`activations` returns those outputs (Zeiler & Fergus's feature maps), `first_layer_filters` and
+`filter_grid` the first convolution's kernels as an image (Krizhevsky et al. 2012, Fig. 3),
+`pointing_game` scores a map against object boxes (Zhang et al. 2018). Any flax classifier
+taking `images` (and `train=False` if it accepts it) and returning `[N, classes]` logits works;
+the gradient with respect to an inner layer is taken by adding a zero perturbation to that
+module's output through `flax.linen.intercept_methods`, so no model needs changing.
+
+    python -m experiments.visualize --workdir=workdirs/lenet5_digits
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.utils.files import save_figure
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
+
+_OWNER = "attribution"
+#: Attribution methods by name, in the order `plot_attributions` draws them.
+METHODS = ("saliency", "occlusion", "grad_cam")
+
+
+class ModuleOutput(NamedTuple):
+    """One module call of a model: its path (`''` for the model itself), class and output."""
+
+    path: str
+    kind: str
+    shape: tuple[int, ...] | None  # None: the output is not one array (a tuple, a dict)
+    calls: int  # how often the module ran in one forward pass (a shared module: more than 1)
+
+
+class GradCam(NamedTuple):
+    """Grad-CAM maps of a batch: at the layer's resolution and upsampled to the input's."""
+
+    layer: str
+    maps: np.ndarray  # [N, h, w], ReLU(sum_k alpha_k A^k), float32
+    upsampled: np.ndarray  # [N, H, W], bilinear
+    targets: np.ndarray  # [N] the class each map explains
+    logits: np.ndarray  # [N, classes]
+
+
+# ----------------------------------------------------------------------------- model calls
+def _call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """`{'train': False}` for a model whose `__call__` takes `train` (eval mode), else `{}`."""
+    try:
+        params = inspect.signature(model.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes = "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"train": False} if takes else {}
+
+
+def _path(context: Any) -> str:
+    return "/".join(str(p) for p in context.module.path)
+
+
+def _outermost_calls(on_return: Callable[[str, Any, Any], Any]) -> Callable:
+    """A method interceptor passing each module call's output through `on_return(path, module,
+    output)`, except calls nested in a call of a module with the same path: a wrapper sharing its
+    scope with its inner module (`Conv2D` over `nn.Conv`, `nn.share_scope`) counts once."""
+    depth: dict[str, int] = {}
+
+    def interceptor(next_fun: Callable, args: tuple, kw: dict, context: Any) -> Any:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kw)
+        name = _path(context)
+        depth[name] = depth.get(name, 0) + 1
+        try:
+            out = next_fun(*args, **kw)
+        finally:
+            depth[name] -= 1
+        return on_return(name, context.module, out) if depth[name] == 0 else out
+
+    return interceptor
+
+
+def _forward(model: nn.Module, layers: Sequence[str],
+             perturb: str | None = None) -> Callable[..., tuple[Any, dict[str, Any]]]:
+    """`f(variables, images, delta=None) -> (logits, {layer: output})`: the model in eval mode,
+    capturing the outputs of `layers` and adding `delta` to `perturb`'s output (so the gradient
+    with respect to `delta` at zero is the gradient with respect to that activation)."""
+    kwargs = _call_kwargs(model)
+    wanted = set(layers) | ({perturb} if perturb is not None else set())
+
+    def forward(variables: Any, images: Any, delta: Any = None) -> tuple[Any, dict[str, Any]]:
+        captured: dict[str, Any] = {}
+
+        def on_return(name: str, module: Any, out: Any) -> Any:
+            if name not in wanted:
+                return out
+            if name == perturb and delta is not None:
+                out = out + delta.astype(out.dtype)
+            captured[name] = out
+            return out
+
+        with nn.intercept_methods(_outermost_calls(on_return)):
+            logits = model.apply(variables, images, **kwargs)
+        return logits, captured
+
+    return forward
+
+
+def module_outputs(model: nn.Module, variables: Any,
+                   input_shape: Sequence[int]) -> list[ModuleOutput]:
+    """Every module of `model` with its output shape for a batch of one `input_shape` image, in
+    the order the calls return (children before their parent; the model itself last). Traced
+    abstractly (`jax.eval_shape`): nothing is compiled."""
+    shape = _check_shape(input_shape)
+    seen: dict[str, list] = {}
+    kwargs = _call_kwargs(model)
+
+    def on_return(name: str, module: Any, out: Any) -> Any:
+        entry = seen.pop(name, [type(module).__name__, None, 0])  # re-inserted: last return
+        entry[1] = tuple(out.shape) if hasattr(out, "shape") else None
+        entry[2] += 1
+        seen[name] = entry
+        return out
+
+    def run(variables: Any, images: Any) -> Any:
+        with nn.intercept_methods(_outermost_calls(on_return)):
+            return model.apply(variables, images, **kwargs)
+
+    try:
+        jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    except Exception as err:  # flax/jax raise many kinds for variables of another shape
+        raise invalid(_OWNER, "input_shape", shape,
+                      f"the model with these variables does not run on a {shape} input "
+                      f"({type(err).__name__}: {str(err)[:300].rstrip('.')})") from None
+    return [ModuleOutput(path, kind, out_shape, calls)
+            for path, (kind, out_shape, calls) in seen.items()]
+
+
+def _logits_of(outputs: Sequence[ModuleOutput]) -> ModuleOutput:
+    """The model's own output, which must be `[1, classes]` logits."""
+    top = next(o for o in outputs if o.path == "")
+    if top.shape is None or len(top.shape) != 2:
+        raise invalid(_OWNER, "model", top.kind,
+                      f"expected a classifier returning [N, classes] logits; it returns "
+                      f"{'shape ' + str(top.shape) if top.shape else 'no single array'}")
+    return top
+
+
+def spatial_layers(outputs: Sequence[ModuleOutput], rank: int) -> list[str]:
+    """Paths of the modules whose output is a feature map (`rank` axes: N, spatial..., C) and
+    that run once per forward pass: the layers `grad_cam` and `activations` accept."""
+    return [o.path for o in outputs
+            if o.path and o.shape is not None and len(o.shape) == rank and o.calls == 1]
+
+
+def _check_layers(outputs: Sequence[ModuleOutput], layers: Sequence[str], rank: int,
+                  arg: str = "layer") -> None:
+    valid = spatial_layers(outputs, rank)
+    for layer in layers:
+        if layer not in valid:
+            known = {o.path: o for o in outputs}
+            why = ("is not a module of the model" if layer not in known else
+                   f"runs {known[layer].calls} times per forward pass" if known[layer].calls > 1
+                   else f"outputs {known[layer].shape}, not a feature map")
+            raise invalid(_OWNER, arg, layer,
+                          f"it {why}; expected one of the feature-map layers {valid[-8:]}"
+                          + (f" (last 8 of {len(valid)}; module_outputs lists all)"
+                             if len(valid) > 8 else ""))
+
+
+def _default_layer(outputs: Sequence[ModuleOutput], rank: int) -> str:
+    """The last feature-map module with more than one position (else the last one)."""
+    layers = spatial_layers(outputs, rank)
+    if not layers:
+        raise invalid(_OWNER, "layer", None, "the model has no module with a feature-map output")
+    shapes = {o.path: o.shape for o in outputs}
+    wide = [p for p in layers if math.prod(shapes[p][1:-1]) > 1]  # type: ignore[index]
+    return (wide or layers)[-1]
+
+
+def last_conv_layer(model: nn.Module, variables: Any, input_shape: Sequence[int]) -> str:
+    """The last module whose output is a feature map of more than one position: Grad-CAM's
+    default layer (the paper takes the last convolutional layer, whose maps are the most
+    semantic that are still spatial; a 1x1 map, as LeNet-5's C5, has no spatial answer)."""
+    outputs = module_outputs(model, variables, input_shape)
+    return _default_layer(outputs, len(_check_shape(input_shape)) + 1)
+
+
+# ------------------------------------------------------------------------------ checking
+def _check_shape(input_shape: Any) -> tuple[int, ...]:
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        shape = ()
+    if len(shape) != 3 or not all(isinstance(s, int | np.integer) and not isinstance(s, bool)
+                                  and s > 0 for s in shape):
+        raise invalid(_OWNER, "input_shape", input_shape,
+                      "expected (H, W, C) of positive ints, e.g. (32, 32, 3)")
+    return tuple(int(s) for s in shape)
+
+
+def _check_images(images: Any) -> np.ndarray:
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
+        raise invalid(_OWNER, "images", f"array of shape {array.shape}",
+                      "expected preprocessed images [N, H, W, C] (or one [H, W, C])")
+    if not np.all(np.isfinite(array)):
+        raise invalid(_OWNER, "images", "an array with NaN or inf", "expected finite values")
+    return array.astype(np.float32)
+
+
+def _check_targets(targets: Any, logits: np.ndarray) -> np.ndarray:
+    """`targets` as int32 `[N]`; None: each image's predicted class."""
+    if targets is None:
+        return np.argmax(logits, axis=-1).astype(np.int32)
+    array = np.asarray(targets)
+    if array.ndim == 0:
+        array = np.full(len(logits), array)
+    classes = logits.shape[-1]
+    if (array.shape != (len(logits),) or not np.issubdtype(array.dtype, np.integer)
+            or np.any(array < 0) or np.any(array >= classes)):
+        raise invalid(_OWNER, "targets", targets,
+                      f"expected one class id in [0, {classes - 1}] per image ({len(logits)}), "
+                      "or None for the predicted classes")
+    return array.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------- methods
+@functools.lru_cache(maxsize=32)
+def _logits_fn(model: nn.Module) -> Callable:
+    forward = _forward(model, ())
+    return jax.jit(lambda variables, images: forward(variables, images)[0].astype(jnp.float32))
+
+
+def logits(model: nn.Module, variables: Any, images: Any) -> np.ndarray:
+    """The model's eval-mode logits `[N, classes]` (float32)."""
+    images = _check_images(images)
+    _logits_of(module_outputs(model, variables, images.shape[1:]))
+    return np.asarray(_logits_fn(model)(variables, images))
+
+
+def _class_score(out: Any, targets: Any) -> Any:
+    return jnp.take_along_axis(out.astype(jnp.float32), targets[:, None], axis=1).sum()
+
+
+@functools.lru_cache(maxsize=32)
+def _saliency_fn(model: nn.Module) -> Callable:
+    forward = _forward(model, ())
+
+    def saliency_map(variables: Any, images: Any, targets: Any) -> Any:
+        grads = jax.grad(lambda x: _class_score(forward(variables, x)[0], targets))(images)
+        return jnp.abs(grads).max(axis=-1)
+
+    return jax.jit(saliency_map)
+
+
+def saliency(model: nn.Module, variables: Any, images: Any,
+             targets: Any = None) -> np.ndarray:
+    """`[N, H, W]`: max over channels of |d score_target / d pixel| (Simonyan et al. 2014),
+    scores being logits (their §3.1 uses the unnormalised class score); targets None: the
+    predicted classes."""
+    images = _check_images(images)
+    targets = _check_targets(targets, logits(model, variables, images))
+    return np.asarray(_saliency_fn(model)(variables, images, targets))
+
+
+def occlusion_windows(size: int, patch: int, stride: int) -> list[int]:
+    """Start offsets of a `patch`-wide occluder along an axis of `size` at `stride`, the last
+    one moved to end at the border so every pixel is covered."""
+    starts = list(range(0, size - patch + 1, stride))
+    if starts[-1] + patch < size:
+        starts.append(size - patch)
+    return starts
+
+
+@functools.lru_cache(maxsize=32)
+def _occluded_probability_fn(model: nn.Module, patch: tuple[int, int]) -> Callable:
+    forward = _forward(model, ())
+
+    def probabilities(variables: Any, images: Any, fill: Any, index: Any, ys: Any, xs: Any,
+                      targets: Any) -> Any:
+        block = jnp.broadcast_to(fill, (*patch, images.shape[-1])).astype(images.dtype)
+
+        def occlude(i: Any, y: Any, x: Any) -> Any:
+            return jax.lax.dynamic_update_slice(images[i], block, (y, x, 0))
+
+        batch = jax.vmap(occlude)(index, ys, xs)
+        probs = jax.nn.softmax(forward(variables, batch)[0].astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(probs, targets[index][:, None], axis=1)[:, 0]
+
+    return jax.jit(probabilities)
+
+
+def occlusion(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
+              patch: int | None = None, stride: int | None = None, fill: float = 0.0,
+              batch_size: int = 64) -> np.ndarray:
+    """`[N, H, W]`: the drop of the target's softmax probability when a `patch` x `patch`
+    square of value `fill` covers the pixel, averaged over the square positions (every
+    `stride` pixels, the last at the border) that cover it (Zeiler & Fergus 2014, §4.2).
+
+    `fill` 0 is the dataset's mean colour for inputs normalized by it (cnnjax's pipelines), the
+    paper's grey square. Defaults: `patch` a quarter of the smaller side, `stride` half the
+    patch. The occluded copies are made on the device, `batch_size` at a time.
+    """
+    images = _check_images(images)
+    height, width = images.shape[1:3]
+    patch = check_positive_int(_OWNER, "patch", max(1, round(min(height, width) / 4))
+                               if patch is None else patch)
+    if patch > min(height, width):
+        raise invalid(_OWNER, "patch", patch,
+                      f"expected at most the image's smaller side, {min(height, width)}")
+    stride = check_positive_int(_OWNER, "stride", max(1, patch // 2) if stride is None
+                                else stride)
+    big = float(np.finfo(np.float32).max)
+    fill = check_number(_OWNER, "fill", fill, "expected a finite number (0: the dataset mean)",
+                        low=-big, high=big, strings=False)
+    batch_size = check_positive_int(_OWNER, "batch_size", batch_size)
+    clean = logits(model, variables, images)
+    targets = _check_targets(targets, clean)
+    base = jax.nn.softmax(clean, axis=-1)[np.arange(len(images)), targets]
+    ys, xs = occlusion_windows(height, patch, stride), occlusion_windows(width, patch, stride)
+    grid = np.array([(i, y, x) for i in range(len(images)) for y in ys for x in xs], np.int32)
+    fn = _occluded_probability_fn(model, (patch, patch))
+    probs = np.empty(len(grid), np.float32)
+    for start in range(0, len(grid), batch_size):
+        chunk = grid[start:start + batch_size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+        out = fn(variables, images, np.float32(fill), padded[:, 0], padded[:, 1], padded[:, 2],
+                 targets)
+        probs[start:start + len(chunk)] = np.asarray(out)[:len(chunk)]
+    drop = np.zeros(images.shape[:3], np.float64)
+    count = np.zeros(images.shape[:3], np.float64)
+    for (i, y, x), p in zip(grid, probs, strict=True):
+        drop[i, y:y + patch, x:x + patch] += base[i] - p
+        count[i, y:y + patch, x:x + patch] += 1
+    return (drop / count).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _grad_cam_fn(model: nn.Module, layer: str, output_hw: tuple[int, int]) -> Callable:
+    forward = _forward(model, (layer,), perturb=layer)
+
+    def grad_cam_maps(variables: Any, images: Any, targets: Any, zeros: Any) -> tuple:
+        def score(delta: Any) -> tuple[Any, tuple[Any, Any]]:
+            out, captured = forward(variables, images, delta)
+            return _class_score(out, targets), (captured[layer], out)
+
+        grads, (activation, out) = jax.grad(score, has_aux=True)(zeros)
+        activation = activation.astype(jnp.float32)
+        alpha = grads.astype(jnp.float32).mean(axis=(1, 2))  # [N, K]: §3, Eq. 1
+        maps = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", activation, alpha))  # Eq. 2
+        up = jax.image.resize(maps, (maps.shape[0], *output_hw), method="bilinear")
+        return maps, up, out.astype(jnp.float32)
+
+    return jax.jit(grad_cam_maps)
+
+
+def grad_cam(model: nn.Module, variables: Any, images: Any, targets: Any = None,
+             layer: str | None = None) -> GradCam:
+    """Grad-CAM (Selvaraju et al. 2017) of `targets` (None: the predicted classes) at `layer`
+    (None: `last_conv_layer`'s choice): `ReLU(sum_k alpha_k A^k)` with `alpha_k` the spatial mean of
+    d score / d A^k, scores being logits; also bilinearly upsampled to the input size."""
+    images = _check_images(images)
+    outputs = module_outputs(model, variables, images.shape[1:])
+    _logits_of(outputs)
+    if layer is None:
+        layer = _default_layer(outputs, images.ndim)
+    _check_layers(outputs, (layer,), images.ndim)
+    shape = next(o.shape for o in outputs if o.path == layer)
+    targets = _check_targets(targets, logits(model, variables, images))
+    zeros = np.zeros((len(images), *shape[1:]), np.float32)
+    maps, up, out = _grad_cam_fn(model, layer, images.shape[1:3])(variables, images, targets,
+                                                                   zeros)
+    return GradCam(layer, np.asarray(maps), np.asarray(up), targets, np.asarray(out))
+
+
+def activations(model: nn.Module, variables: Any, images: Any,
+                layers: Sequence[str]) -> dict[str, np.ndarray]:
+    """`{layer: [N, h, w, C] output}` of each named module on `images` in eval mode (float32),
+    the feature maps Zeiler & Fergus project back; `module_outputs` lists the names."""
+    images = _check_images(images)
+    if isinstance(layers, str):
+        layers = (layers,)
+    outputs = module_outputs(model, variables, images.shape[1:])
+    _check_layers(outputs, tuple(layers), images.ndim, arg="layers")
+    forward = _forward(model, tuple(layers))
+    captured = jax.jit(lambda v, x: forward(v, x)[1])(variables, images)
+    return {name: np.asarray(captured[name], np.float32) for name in layers}
+
+
+class Explanation(NamedTuple):
+    """`explain`'s result: each method's `[N, H, W]` map of the same images and targets."""
+
+    maps: dict[str, np.ndarray]  # {method: [N, H, W]}, in METHODS order
+    targets: np.ndarray  # [N] the class each map explains
+    probabilities: np.ndarray  # [N, classes] softmax of the logits
+    layer: str | None  # Grad-CAM's layer (None without grad_cam)
+
+
+def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
+            methods: Sequence[str] = METHODS, layer: str | None = None,
+            patch: int | None = None, stride: int | None = None) -> Explanation:
+    """The `methods` (of `METHODS`) for the same images and targets (None: predicted classes);
+    `layer` is Grad-CAM's, `patch` and `stride` the occluder's."""
+    if isinstance(methods, str):
+        methods = tuple(m for m in methods.split(",") if m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise invalid(_OWNER, "methods", methods,
+                      f"expected distinct names from {list(METHODS)}, at least one")
+    images = _check_images(images)
+    out = logits(model, variables, images)
+    targets = _check_targets(targets, out)
+    if "grad_cam" in methods and layer is not None:  # a bad layer fails before any method runs
+        _check_layers(module_outputs(model, variables, images.shape[1:]), (layer,), images.ndim)
+    maps: dict[str, np.ndarray] = {}
+    chosen = None
+    for method in METHODS:
+        if method not in methods:
+            continue
+        if method == "saliency":
+            maps[method] = saliency(model, variables, images, targets)
+        elif method == "occlusion":
+            maps[method] = occlusion(model, variables, images, targets, patch=patch,
+                                     stride=stride)
+        else:
+            cam = grad_cam(model, variables, images, targets, layer)
+            maps[method], chosen = cam.upsampled, cam.layer
+    return Explanation(maps, targets, np.asarray(jax.nn.softmax(out, axis=-1)), chosen)
+
+
+# ------------------------------------------------------------------------------- filters
+def first_layer_filters(model: nn.Module, variables: Any,
+                        input_shape: Sequence[int]) -> tuple[str, np.ndarray]:
+    """`(path, kernel [kh, kw, C_in, C_out])` of the first convolution the model runs (its
+    first module holding a 4-D `kernel`)."""
+    params = variables.get("params", {}) if isinstance(variables, Mapping) else {}
+    for output in module_outputs(model, variables, input_shape):
+        node: Any = params
+        for part in output.path.split("/") if output.path else ():
+            node = node.get(part, {}) if isinstance(node, Mapping) else {}
+        kernel = node.get("kernel") if isinstance(node, Mapping) else None
+        if kernel is not None and np.ndim(kernel) == 4:
+            return output.path, np.asarray(kernel, np.float32)
+    raise invalid(_OWNER, "model", type(model).__name__,
+                  "expected a model with a 2-D convolution (a 4-D 'kernel' parameter)")
+
+
+def filter_grid(kernel: Any, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """The `C_out` filters of a `[kh, kw, C_in, C_out]` kernel tiled into one image (RGB for 3
+    input channels, else each filter's mean over channels as grey), each filter min-max
+    scaled to [0, 1] on its own, as Krizhevsky et al. (2012, Fig. 3) show them."""
+    kernel = np.asarray(kernel, np.float64)
+    if kernel.ndim != 4:
+        raise invalid(_OWNER, "kernel", f"array of shape {kernel.shape}",
+                      "expected a 2-D convolution kernel [kh, kw, C_in, C_out]")
+    count = kernel.shape[-1]
+    columns = check_positive_int(_OWNER, "columns", columns or math.ceil(math.sqrt(count)))
+    filters = np.moveaxis(kernel, -1, 0)  # [C_out, kh, kw, C_in]
+    if filters.shape[-1] != 3:
+        filters = filters.mean(axis=-1, keepdims=True)
+    low = filters.min(axis=(1, 2, 3), keepdims=True)
+    span = filters.max(axis=(1, 2, 3), keepdims=True) - low
+    filters = (filters - low) / np.where(span > 0, span, 1.0)
+    rows = math.ceil(count / columns)
+    kh, kw, channels = filters.shape[1:]
+    grid = np.ones((rows * (kh + pad) - pad, columns * (kw + pad) - pad, channels))
+    for i, f in enumerate(filters):
+        r, c = divmod(i, columns)
+        grid[r * (kh + pad):r * (kh + pad) + kh, c * (kw + pad):c * (kw + pad) + kw] = f
+    return grid
+
+
+# -------------------------------------------------------------------------- pointing game
+def pointing_game(maps: Any, boxes: Any, tolerance: float = 0.0) -> np.ndarray:
+    """`[N]` bool: whether each map's maximum lies in its box `[ymin, xmin, ymax, xmax]` (pixels,
+    ymax/xmax exclusive) grown by `tolerance` pixels (Zhang et al. 2018, "Top-down neural
+    attention by excitation backprop", use 15 px at 224x224). Ties: the first maximum."""
+    maps = np.asarray(maps, np.float64)
+    boxes = np.asarray(boxes, np.float64)
+    if maps.ndim != 3 or boxes.shape != (len(maps), 4):
+        raise invalid(_OWNER, "boxes", f"array of shape {boxes.shape}",
+                      f"expected one box [ymin, xmin, ymax, xmax] per map ({maps.shape})")
+    tolerance = check_number(_OWNER, "tolerance", tolerance, "expected pixels >= 0", low=0.0,
+                             strings=False)
+    flat = maps.reshape(len(maps), -1).argmax(axis=1)
+    y, x = np.divmod(flat, maps.shape[2])
+    cy, cx = y + 0.5, x + 0.5  # pixel centres
+    return ((cy >= boxes[:, 0] - tolerance) & (cy <= boxes[:, 2] + tolerance)
+            & (cx >= boxes[:, 1] - tolerance) & (cx <= boxes[:, 3] + tolerance))
+
+
+# --------------------------------------------------------------------------------- plots
+def displayable(images: Any, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> np.ndarray:
+    """Preprocessed images back in [0, 1] for display: `x * std + mean` when the
+    normalization is given, else each image min-max scaled; one channel becomes grey."""
+    images = np.asarray(images, np.float64)
+    if mean is not None and std is not None:
+        images = images * np.asarray(std) + np.asarray(mean)
+    else:
+        low = images.min(axis=(1, 2, 3), keepdims=True)
+        span = images.max(axis=(1, 2, 3), keepdims=True) - low
+        images = (images - low) / np.where(span > 0, span, 1.0)
+    images = np.clip(images, 0.0, 1.0)
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
+def attribution_figure(images: np.ndarray, maps: Mapping[str, np.ndarray],
+                       titles: Sequence[str] | None = None, *, mean: Any = None,
+                       std: Any = None) -> Any:
+    """A matplotlib figure: a row per image, its input then each map overlaid on it."""
+    import matplotlib.pyplot as plt
+
+    shown = displayable(images, mean, std)
+    columns = 1 + len(maps)
+    fig, axes = plt.subplots(len(shown), columns, figsize=(2.2 * columns, 2.2 * len(shown)),
+                             squeeze=False)
+    for i, image in enumerate(shown):
+        grey = image.ndim == 2
+        axes[i, 0].imshow(image, cmap="gray" if grey else None, vmin=0, vmax=1)
+        axes[i, 0].set_title(titles[i] if titles else "input", fontsize=8)
+        for j, (name, m) in enumerate(maps.items(), start=1):
+            axes[i, j].imshow(image.mean(axis=-1) if not grey else image, cmap="gray",
+                              vmin=0, vmax=1)
+            axes[i, j].imshow(m[i], cmap="jet", alpha=0.5)
+            axes[i, j].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attributions(images: np.ndarray, maps: Mapping[str, np.ndarray], path: str,
+                      titles: Sequence[str] | None = None, *, mean: Any = None,
+                      std: Any = None) -> str:
+    """`attribution_figure` saved as a PNG at `path` (atomically); returns `path`."""
+    return save_figure(attribution_figure(images, maps, titles, mean=mean, std=std), path)
+
+
+def plot_filters(kernel: Any, path: str, title: str = "") -> str:
+    """The `filter_grid` of a first-layer kernel as a PNG at `path`; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    grid = filter_grid(kernel)
+    fig, ax = plt.subplots(figsize=(5, 5 * grid.shape[0] / grid.shape[1] + 0.4))
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return save_figure(fig, path)
+
+
+def plot_activations(activation: np.ndarray, path: str, title: str = "",
+                     max_channels: int = 16) -> str:
+    """The first `max_channels` channels of one image's `[h, w, C]` activation, each with its
+    own colour scale, as a PNG at `path`; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    activation = np.asarray(activation)
+    channels = min(activation.shape[-1], check_positive_int(_OWNER, "max_channels",
+                                                            max_channels))
+    columns = math.ceil(math.sqrt(channels))
+    rows = math.ceil(channels / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.6 * rows + 0.4),
+                             squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k < channels:
+            ax.imshow(activation[..., k], cmap="viridis")
+            ax.set_title(f"ch {k}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,201 @@
+"""`cnnjax.analysis.attribution` against float64 NumPy references: saliency and occlusion of a
+linear classifier (whose gradient is its weight), Grad-CAM of a global-average-pooled network
+(where it equals the class activation map, Selvaraju et al. 2017 §3.1), plus layers, filters, the
+pointing game, plots and every refused input."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from cnnjax.analysis import attribution as at
+from cnnjax.models.registry import create_model
+
+SHAPE = (12, 10, 2)
+CLASSES = 3
+
+
+class Linear(nn.Module):
+    """logits = flatten(x) @ W + b: no `train` argument, one Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(CLASSES, name="head")(x.reshape(x.shape[0], -1))
+
+
+class Twice(nn.Module):
+    """One convolution applied twice (a shared module), then a pooled head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv = nn.Conv(x.shape[-1], (3, 3), name="shared")
+        return nn.Dense(CLASSES, name="head")(conv(conv(x)).mean(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def linear():
+    model = Linear()
+    rng = np.random.RandomState(0)
+    images = rng.randn(4, *SHAPE).astype(np.float32)
+    variables = model.init(jax.random.key(1), images[:1])
+    kernel = np.asarray(variables["params"]["head"]["kernel"], np.float64)
+    bias = np.asarray(variables["params"]["head"]["bias"], np.float64)
+    return model, variables, images, kernel, bias
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = create_model("resnet20_cifar", num_classes=4)
+    images = np.random.RandomState(2).randn(3, 32, 32, 3).astype(np.float32)
+    return model, model.init(jax.random.key(0), images[:1], train=False), images
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def test_saliency_of_a_linear_classifier_is_its_weight(linear):
+    model, variables, images, kernel, _ = linear
+    targets = np.array([0, 2, 1, 2])
+    got = at.saliency(model, variables, images, targets)
+    weight = np.abs(kernel.T.reshape(CLASSES, *SHAPE))  # d logit_c / d x = W[:, c]
+    np.testing.assert_allclose(got, weight[targets].max(axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("patch", "stride", "fill"), [(4, 3, 0.0), (5, 5, -1.5), (10, 1, 0.0)])
+def test_occlusion_matches_a_float64_loop_over_occluder_positions(linear, patch, stride, fill):
+    """Every position (the last moved to the border), the probability drop averaged per pixel
+    over the positions covering it; targets default to the predicted classes."""
+    model, variables, images, kernel, bias = linear
+    got = at.occlusion(model, variables, images, patch=patch, stride=stride, fill=fill,
+                       batch_size=7)
+    x = images.astype(np.float64)
+    probs = _softmax(x.reshape(len(x), -1) @ kernel + bias)
+    targets = probs.argmax(axis=1)
+    drop, count = np.zeros(x.shape[:3]), np.zeros(x.shape[:3])
+    for i in range(len(x)):
+        for y0 in at.occlusion_windows(SHAPE[0], patch, stride):
+            for x0 in at.occlusion_windows(SHAPE[1], patch, stride):
+                occluded = x[i].copy()
+                occluded[y0:y0 + patch, x0:x0 + patch] = fill
+                p = _softmax(occluded.reshape(1, -1) @ kernel + bias)[0, targets[i]]
+                drop[i, y0:y0 + patch, x0:x0 + patch] += probs[i, targets[i]] - p
+                count[i, y0:y0 + patch, x0:x0 + patch] += 1
+    assert count.min() >= 1  # every pixel covered
+    np.testing.assert_allclose(got, drop / count, atol=2e-6)
+
+
+def test_occlusion_windows_cover_the_axis():
+    assert at.occlusion_windows(10, 4, 3) == [0, 3, 6]
+    assert at.occlusion_windows(11, 4, 3) == [0, 3, 6, 7]
+    assert at.occlusion_windows(4, 4, 2) == [0]
+
+
+def test_grad_cam_of_a_pooled_network_is_its_class_activation_map(resnet):
+    """ResNet-20 ends in global average pooling and one Dense layer, so Grad-CAM at the last
+    block equals ReLU(sum_k w_k^c A^k) / (h w), the CAM of Zhou et al. 2016."""
+    model, variables, images = resnet
+    targets = np.array([1, 3, 0])
+    cam = at.grad_cam(model, variables, images, targets)
+    assert cam.layer == "stage3_block3"
+    features = at.activations(model, variables, images, [cam.layer])[cam.layer]
+    weight = np.asarray(variables["params"]["head"]["kernel"], np.float64)
+    expected = np.maximum(np.einsum("nhwk,nk->nhw", features.astype(np.float64),
+                                    weight[:, targets].T), 0.0) / (8 * 8)
+    assert expected.max() > 0 and (expected == 0).any()  # the ReLU bites on both sides
+    np.testing.assert_allclose(cam.maps, expected, rtol=1e-4, atol=1e-7)
+    assert cam.upsampled.shape == (3, 32, 32)
+    np.testing.assert_array_equal(cam.targets, targets)
+    np.testing.assert_allclose(cam.logits, at.logits(model, variables, images), rtol=1e-5)
+
+
+def test_activations_are_the_features_the_model_returns(resnet):
+    model, variables, images = resnet
+    _, features = model.apply(variables, images, train=False, return_features=True)
+    got = at.activations(model, variables, images, ["stage2_block3", "stage3_block3"])
+    np.testing.assert_allclose(got["stage3_block3"], features["stage3"], rtol=1e-6)
+    np.testing.assert_allclose(got["stage2_block3"], features["stage2"], rtol=1e-6)
+
+
+def test_module_outputs_list_every_call_children_first(resnet):
+    model, variables, _ = resnet
+    outputs = at.module_outputs(model, variables, (32, 32, 3))
+    paths = [o.path for o in outputs]
+    assert paths[-2:] == ["head", ""] and paths.index("stage1_block1/conv1") < paths.index(
+        "stage1_block1")
+    assert {o.path: o.shape for o in outputs}["stage2_block1"] == (1, 16, 16, 32)
+    assert at.last_conv_layer(model, variables, (32, 32, 3)) == "stage3_block3"
+
+
+def test_first_layer_filters_and_their_grid(resnet):
+    model, variables, _ = resnet
+    path, kernel = at.first_layer_filters(model, variables, (32, 32, 3))
+    np.testing.assert_array_equal(kernel, variables["params"][path]["kernel"])
+    grid = at.filter_grid(kernel, pad=1)
+    assert grid.shape == (4 * 4 - 1, 4 * 4 - 1, 3)  # 16 filters of 3x3 in a 4x4 grid
+    first = (kernel[..., 0] - kernel[..., 0].min()) / np.ptp(kernel[..., 0])
+    np.testing.assert_allclose(grid[:3, :3], first, rtol=1e-6)
+    grey = at.filter_grid(np.arange(2 * 2 * 2 * 5, dtype=float).reshape(2, 2, 2, 5), columns=5)
+    assert grey.shape == (2, 14, 1) and grey.min() == 0.0 and grey.max() == 1.0
+
+
+def test_pointing_game():
+    maps = np.zeros((3, 10, 10))
+    maps[0, 2, 3] = maps[1, 9, 9] = maps[2, 5, 0] = 1.0
+    boxes = np.array([[2, 3, 3, 4], [0, 0, 5, 5], [4, 2, 7, 5]], float)
+    np.testing.assert_array_equal(at.pointing_game(maps, boxes), [True, False, False])
+    np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=2), [True, False, True])
+
+
+def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
+    model, variables, images = resnet
+    result = at.explain(model, variables, images, methods="grad_cam,saliency", patch=8)
+    assert list(result.maps) == ["saliency", "grad_cam"] and result.layer == "stage3_block3"
+    np.testing.assert_array_equal(result.targets, result.probabilities.argmax(axis=1))
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    path = at.plot_attributions(images, result.maps, str(tmp_path / "a.png"), ["x"] * 3)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    _, kernel = at.first_layer_filters(model, variables, (32, 32, 3))
+    for path in (at.plot_filters(kernel, str(tmp_path / "f.png")),
+                 at.plot_activations(np.ones((4, 4, 20)), str(tmp_path / "act.png"))):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_inputs_are_named(resnet, linear):
+    model, variables, images = resnet
+    with pytest.raises(ValueError, match=r"^attribution: layer='stage9' is invalid; it is not a "
+                                         r"module of the model; expected one of the feature-map "
+                                         r"layers \[.*'stage3_block3'\] \(last 8 of"):
+        at.grad_cam(model, variables, images, layer="stage9")
+    with pytest.raises(ValueError, match=r"layer='head' is invalid; it outputs \(1, 4\), not a "
+                                         r"feature map"):
+        at.explain(model, variables, images, layer="head")
+    with pytest.raises(ValueError, match=r"targets=.* is invalid; expected one class id in "
+                                         r"\[0, 3\] per image \(3\)"):
+        at.saliency(model, variables, images, targets=[0, 1, 4])
+    with pytest.raises(ValueError, match=r"patch=40 is invalid; expected at most the image's "
+                                         r"smaller side, 32"):
+        at.occlusion(model, variables, images, patch=40)
+    with pytest.raises(ValueError, match=r"images='array of shape \(32, 32\)' is invalid"):
+        at.saliency(model, variables, images[0, ..., 0])
+    with pytest.raises(ValueError, match=r"input_shape=\(16, 16, 1\) is invalid; the model with "
+                                         r"these variables does not run on a \(16, 16, 1\) input"):
+        at.module_outputs(model, variables, (16, 16, 1))
+    with pytest.raises(ValueError, match=r"methods=\('saliency', 'lime'\) is invalid"):
+        at.explain(model, variables, images, methods=("saliency", "lime"))
+    twice = Twice()
+    small = np.zeros((1, 6, 6, 2), np.float32)
+    twice_vars = twice.init(jax.random.key(0), small)
+    with pytest.raises(ValueError, match=r"layer='shared' is invalid; it runs 2 times per "
+                                         r"forward pass"):
+        at.grad_cam(twice, twice_vars, small, layer="shared")
+    lin_model, lin_vars, lin_images, *_ = linear
+    with pytest.raises(ValueError, match=r"layer=None is invalid; the model has no module with "
+                                         r"a feature-map output"):
+        at.grad_cam(lin_model, lin_vars, lin_images)
+    with pytest.raises(ValueError, match=r"model='Linear' is invalid; expected a model with a "
+                                         r"2-D convolution"):
+        at.first_layer_filters(lin_model, lin_vars, SHAPE)
+    with pytest.raises(ValueError, match=r"boxes='array of shape \(2, 4\)' is invalid"):
+        at.pointing_game(np.zeros((3, 4, 4)), np.zeros((2, 4)))

@@ -1,0 +1,78 @@
+"""`experiments.visualize`: the files it writes for a trained run, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax.train import loop
+from cnnjax.train.trained import load_trained
+from experiments.visualize import write_visualizations
+from tests.train import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path / "run"))
+    run = load_trained(str(tmp_path / "run"))
+    out = tmp_path / "vis"
+    summary = write_visualizations(run, str(out), num_images=3, patch=4)
+    assert summary["methods"] == ["saliency", "occlusion", "grad_cam"]
+    assert summary["grad_cam_layer"] == summary["activations_layer"]
+    assert summary["step"] == run.step and len(summary["images"]) == 3
+    for row in summary["images"]:
+        assert 0 <= row["predicted"] < helpers.NUM_CLASSES and 0 < row["probability"] <= 1
+    assert json.loads((out / "visualize.json").read_text()) == json.loads(json.dumps(summary))
+    for name in ("attributions", "filters", "activations"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match=r"visualize: num_images=0 is invalid"):
+        write_visualizations(run, str(tmp_path / "none"), num_images=0)
+    with pytest.raises(ValueError, match=r"attribution: methods=\['lime'\] is invalid"):
+        write_visualizations(run, str(tmp_path / "none"), methods=["lime"])
+    assert not (tmp_path / "none").exists()
+
+
+def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.visualize",
+                             f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
+
+
+@pytest.mark.slow
+def test_the_command_on_a_trained_lenet(tmp_path):
+    """LeNet-5 trained on digits for 60 steps, then the command as a user types it."""
+    workdir = tmp_path / "lenet"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    train = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/lenet5_digits.py",
+         f"--workdir={workdir}", "--config.num_train_steps=60", "--config.eval_every_steps=60",
+         "--config.progress_bar=False"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    listed = subprocess.run([sys.executable, "-m", "experiments.visualize", f"--workdir={workdir}",
+                             "--list_layers"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [
+        "c1", "c3", "c5", "f6", "head", "(model)"]
+    result = subprocess.run([sys.executable, "-m", "experiments.visualize", f"--workdir={workdir}",
+                             "--num_images=4"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Grad-CAM layer: c3" in result.stdout
+    summary = json.loads((workdir / "visualize" / "visualize.json").read_text())
+    assert summary["first_conv"] == "c1" and len(summary["images"]) == 4
+    bad = subprocess.run([sys.executable, "-m", "experiments.visualize", f"--workdir={workdir}",
+                          "--layer=f6"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        "error: attribution: layer='f6' is invalid; it outputs (1, 84), not a feature map; "
+        "expected one of the feature-map layers ['c1', 'c3', 'c5'].")
