@@ -46,12 +46,13 @@ def main(argv: list[str]) -> None:
 
     quiet_library_logs()
     from cnnjax.tune import recipe as recipe_lib
+    from cnnjax.tune import report as report_lib
 
     try:
         record = recipe_lib.run_tune(_CONFIG.value, _RECIPE.value, _TUNE_DIR.value)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    print(f"Report: {_TUNE_DIR.value}/{recipe_lib.REPORT_FILE}", flush=True)
+    print(f"Report: {_TUNE_DIR.value}/{report_lib.REPORT_FILE}", flush=True)
     if record["status"] == "failed":
         sys.exit(f"error: {record['reason']}")
 

@@ -3,6 +3,7 @@
 Submodules: `space` (grid and random search spaces over dotted config fields, trial ids),
 `sweep` (`run_sweep`: each trial is one `train_and_evaluate` run in its own workdir; resumable
 results table and plot), `diagnose` (learning-curve verdicts with evidence and recommended config
-changes) and `recipe` (`run_tune`: rounds of sweeps, each planned from the diagnosis of the best
-trial so far; resumable, with recipe.json, report.md and tune.png).
+changes), `recipe` (`run_tune`: rounds of sweeps, each planned from the diagnosis of the best
+trial so far; resumable, with recipe.json), `regularizers` (the knobs it turns up when the best
+trial overfits) and `report` (report.md and tune.png from recipe.json).
 """

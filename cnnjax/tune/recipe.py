@@ -12,9 +12,9 @@ budget. After every round the incumbent (the best trial so far by `recipe.metric
     converged             stop
     too_slow              lr x(2, 4); if both ran already, train longer
     overfitting           sweep the first knob of `recipe.regularizers` not swept yet and not
-                          already at its strongest (`REGULARIZERS`); by default weight decay
-                          x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label smoothing
-                          (0.1, 0.2, 0.05), then data.augment=True. With
+                          already at its strongest (`cnnjax.tune.regularizers`); by default
+                          weight decay x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label
+                          smoothing (0.1, 0.2, 0.05), then data.augment=True. With
                           `recipe.lengthen_regularizers`, a swept knob whose best value lost
                           while still learning (too_slow, underfitting, still_improving) is
                           first rerun against the knob's old value at twice its steps
@@ -40,6 +40,8 @@ and recorded in recipe.json. Layout of a tune directory:
     round_<k>/    one sweep directory per round (sweep.json, trials/, results.csv, sweep.png)
     recipe.json   rounds, trials, diagnoses, decisions, the best trial and its config overrides
     report.md     the same for people; tune.png: metric vs lr and the learning curves of all rounds
+
+report.md and tune.png are rendered from the recipe.json record by `cnnjax.tune.report`.
 """
 
 from __future__ import annotations
@@ -57,14 +59,25 @@ import numpy as np
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
-from cnnjax.train.logging import METRICS_FILE, read_metrics
+from cnnjax.tune import report as report_lib
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.diagnose import (
     WARMUP_FRACTION,
     Diagnosis,
     Thresholds,
     diagnose_workdir,
-    ema,
+)
+from cnnjax.tune.regularizers import (
+    AUGMENT,
+    DEFAULT_REGULARIZERS,
+    LABEL_SMOOTHING,
+    REGULARIZERS,
+    WEIGHT_DECAY,
+    Regularizer,
+    check_regularizers,
+    knob_value,
+    round_value,
+    strength,
 )
 from cnnjax.tune.sweep import (
     check_metric,
@@ -73,19 +86,14 @@ from cnnjax.tune.sweep import (
     run_sweep,
     trial_configs,
 )
-from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
+from cnnjax.utils.files import atomic_write, check_directory_kind, read_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_bool, check_choice, invalid
 
 TUNE_FILE = "tune.json"
 RECIPE_FILE = "recipe.json"
-REPORT_FILE = "report.md"
-PLOT_FILE = "tune.png"
 LR = "optimizer.learning_rate"
 STEPS = "num_train_steps"
-WEIGHT_DECAY = "optimizer.weight_decay"
-LABEL_SMOOTHING = "label_smoothing"
-AUGMENT = "data.augment"
 CLIP = "optimizer.grad_clip_norm"
 WARMUP = "schedule.warmup_steps"
 #: Fields the recipe sets or sweeps; each must exist in the base config.
@@ -94,61 +102,9 @@ TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP, "log_every_steps
 #: How a tune ended (`recipe.json` "status"); "running" while rounds remain.
 STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "failed",
             "interrupted")
-RANDAUGMENT = "data.randaugment_layers"
-MIXUP = "mixing.mixup_alpha"
-CUTMIX = "mixing.cutmix_alpha"
-DROP_PATH = "model_kwargs.drop_path_rate"
-DROPOUT = "model_kwargs.dropout_rate"
 # Clipping threshold for an unstable run: the global-norm clip most CNN recipes use.
 CLIP_NORM = 1.0
-# Significant digits kept in proposed values: 0.178 rather than 0.17782794100389226.
-_DIGITS = 3
 _OWNER = "recipe"
-
-
-# ----------------------------------------------------------------------- regularizers
-@dataclasses.dataclass(frozen=True)
-class Regularizer:
-    """A knob the recipe turns up when the incumbent overfits: the config `field` and the
-    values to sweep given the incumbent's (priority order; none when it is as strong as the
-    recipe goes)."""
-
-    field: str
-    stronger: Callable[[Any], tuple]
-    classification_only: bool = False  # needs class labels (mixing, RandAugment)
-    needs_augment: bool = False  # swept with data.augment=True
-    optional: bool = False  # skipped where the base config lacks the field, not refused
-
-
-def _up_from_zero(start: tuple, factors: tuple = (2, 4)) -> Callable[[Any], tuple]:
-    """`start` when the knob is off (0/None), else the current value times `factors`."""
-    return lambda v: start if not v else tuple(_round(v * f) for f in factors)
-
-
-def _rate_up(start: tuple) -> Callable[[Any], tuple]:
-    """A probability: `start` when 0, else 0.1 and 0.2 higher (below 0.9)."""
-    return lambda v: start if not v else tuple(
-        r for r in (_round(v + 0.1), _round(v + 0.2)) if r < 0.9)
-
-
-#: `recipe.regularizers` names, in the order the default recipe tries the first three.
-REGULARIZERS: dict[str, Regularizer] = {
-    "weight_decay": Regularizer(WEIGHT_DECAY, _up_from_zero((1e-4, 1e-3, 1e-2), (3, 10, 30))),
-    "label_smoothing": Regularizer(
-        LABEL_SMOOTHING,
-        lambda v: (0.1, 0.2, 0.05) if not v else tuple(x for x in (0.1, 0.2, 0.3) if x > v)),
-    "augment": Regularizer(AUGMENT, lambda v: () if v else (True,), optional=True),
-    # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N.
-    "randaugment": Regularizer(RANDAUGMENT, lambda n: (2, 1, 3) if not n else (n + 1, n + 2),
-                               classification_only=True, needs_augment=True),
-    # Beta(alpha, alpha): 0.2 is the mixup paper's ImageNet choice, 1.0 its CIFAR one.
-    "mixup": Regularizer(MIXUP, _up_from_zero((0.2, 1.0, 0.4)), classification_only=True),
-    "cutmix": Regularizer(CUTMIX, _up_from_zero((1.0, 0.5, 2.0)), classification_only=True),
-    "drop_path": Regularizer(DROP_PATH, _rate_up((0.1, 0.2, 0.05))),
-    "dropout": Regularizer(DROPOUT, _rate_up((0.3, 0.5, 0.1))),
-}
-#: What a recipe without `regularizers` (and every tune.json written before it existed) uses.
-DEFAULT_REGULARIZERS = ("weight_decay", "label_smoothing", "augment")
 
 
 # --------------------------------------------------------------------------------- recipe
@@ -292,7 +248,7 @@ class Recipe:
 
     def lr_grid(self) -> tuple[float, ...]:
         """Round 1's learning rates: `num_lrs` log-spaced points from lr_min to lr_max."""
-        return tuple(_round(v) for v in np.geomspace(self.lr_min, self.lr_max, self.num_lrs))
+        return tuple(round_value(v) for v in np.geomspace(self.lr_min, self.lr_max, self.num_lrs))
 
 
 # ----------------------------------------------------------------------------- the rounds
@@ -477,7 +433,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
     lr_cap = min(diverged) if diverged else math.inf
 
     def lrs(*factors: float) -> tuple[float, ...]:
-        return tuple(_round(lr * f) for f in factors if lr * f < lr_cap)
+        return tuple(round_value(lr * f) for f in factors if lr * f < lr_cap)
 
     def longer(why: str, lr_factors: tuple[float, ...]) -> _Proposal | None:
         if steps >= recipe.max_steps:
@@ -516,7 +472,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         swept = {r.plan.field for r in history}
         for name in recipe.regularizers:
             knob = REGULARIZERS[name]
-            current = _knob_value(base, overrides, knob.field)
+            current = knob_value(base, overrides, knob.field)
             if knob.field in swept and recipe.lengthen_regularizers:
                 proposal = _lengthen(knob, current, history, recipe, base, fixed, evidence,
                                      diagnose_fn)
@@ -541,7 +497,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         if wd > 0:
             return _Proposal("less_regularization", f"the best trial underfits at max_steps "
                              f"({evidence}): lower the weight decay", fixed, WEIGHT_DECAY,
-                             (_round(wd * 0.3), _round(wd * 0.1)))
+                             (round_value(wd * 0.3), round_value(wd * 0.1)))
         return _stop(f"the best trial underfits at max_steps with no weight decay ({evidence}): "
                      "a larger model is needed", "exhausted")
     if verdict == "still_improving":
@@ -565,11 +521,11 @@ def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], r
     knob_round = [r for r in history if r.plan.field == knob.field][-1]
     # Its best value stronger than the incumbent's (ties: the stronger one).
     tried = [x for x in knob_round.rows if x["status"] == "completed" and x["best"] is not None
-             and _strength(knob_round.overrides(x)[knob.field]) > _strength(current)]
+             and strength(knob_round.overrides(x)[knob.field]) > strength(current)]
     if not tried:
         return None
     row = max(tried, key=lambda x: (sign * x["best"],
-                                    _strength(knob_round.overrides(x)[knob.field])))
+                                    strength(knob_round.overrides(x)[knob.field])))
     steps = knob_round.overrides(row).get(STEPS, space_lib.get_field(base, STEPS))
     if steps >= recipe.max_steps:
         return None
@@ -588,57 +544,6 @@ def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], r
                      f"{knob.field}={_short(value)} lost at {steps} steps while still learning "
                      f"({verdict.primary}): compare it with {_short(current)} at {new_steps} "
                      f"steps{both}", new_fixed, knob.field, (value, current))
-
-
-def _strength(value: Any) -> float:
-    """How strong a regularizer setting is: every knob's values grow with their effect (a rate,
-    an alpha, a number of ops, True over False); unset is the weakest."""
-    return -math.inf if value is None else float(value)
-
-
-def _knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
-    """The incumbent's value of `field`; an unset `model_kwargs.<name>` is the model's default."""
-    value = overrides.get(field, space_lib.get_field(base, field))
-    if value is None and field.startswith("model_kwargs."):
-        from cnnjax.models import settable_fields  # deferred: imports every architecture
-
-        found = settable_fields(base.model).get(field.split(".", 1)[1])
-        value = found.default if found is not None else None
-    return value
-
-
-def check_regularizers(recipe: Recipe, base: Any) -> None:
-    """Each knob of `recipe.regularizers` applies to `base`: its field exists (an optional
-    knob's may not), its task has class labels where it needs them, and the base config turned
-    up to the knob's first value passes the engine's field checks."""
-    task = config_lib.config_task(base)
-    for name in recipe.regularizers:
-        knob = REGULARIZERS[name]
-        if space_lib.get_field(base, knob.field, _MISSING) is _MISSING:
-            if knob.optional:
-                continue
-            hint = (f"model {base.model!r} has no such field, or the config does not declare "
-                    "model_kwargs = model_kwargs_config(config.model)"
-                    if knob.field.startswith("model_kwargs.")
-                    else "build configs from cnnjax.train.config.default_config()")
-            raise invalid(_OWNER, "regularizers", name,
-                          f"it sweeps {knob.field}, which the base config lacks ({hint})")
-        if knob.classification_only and task != "classification":
-            raise invalid(_OWNER, "regularizers", name,
-                          f"it needs class labels (config.task='classification', not {task!r})")
-        candidates = knob.stronger(_knob_value(base, {}, knob.field))
-        if candidates:
-            turned_up = {knob.field: candidates[0]}
-            if knob.needs_augment:
-                turned_up[AUGMENT] = True
-            try:
-                config_lib.validate_config(space_lib.apply_overrides(base, turned_up))
-            except ValueError as err:
-                raise invalid(_OWNER, "regularizers", name,
-                              f"the base config with {turned_up} is refused ({err})") from None
-
-
-_MISSING = object()
 
 
 def _settings_key(overrides: Mapping[str, Any]) -> str:
@@ -740,7 +645,7 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
     record = _write_outputs(tune_dir, recipe, history, decisions, status, reason,
                             time.time() - started, diagnose_fn)
     if verbose:
-        print(format_summary(record), flush=True)
+        print(report_lib.format_summary(record), flush=True)
     return record
 
 
@@ -815,131 +720,11 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
         "rounds": rounds,
     }))
     atomic_write(os.path.join(tune_dir, RECIPE_FILE), json.dumps(record, indent=2))
-    atomic_write(os.path.join(tune_dir, REPORT_FILE), format_report(record))
+    atomic_write(os.path.join(tune_dir, report_lib.REPORT_FILE), report_lib.format_report(record))
     if any(t["status"] == "completed" for r in rounds for t in r["trials"]):
-        plot_tune(record, os.path.join(tune_dir, PLOT_FILE), recipe.thresholds.ema_weight)
+        report_lib.plot_tune(record, os.path.join(tune_dir, report_lib.PLOT_FILE),
+                             recipe.thresholds.ema_weight)
     return record
-
-
-def format_summary(record: dict) -> str:
-    """A few lines for the terminal: status, best trial, its overrides."""
-    lines = [f"Tune {record['status']} after {record['num_rounds']} round(s), "
-             f"{record['num_trials']} trials: {record['reason']}"]
-    best = record.get("best")
-    if best:
-        lines.append(f"Best {record['metric']} {best['value']:.4f} (round {best['round']}, "
-                     f"trial {best['trial_id']}, step {best['step']}): "
-                     + " ".join(f"--config.{k}={_cli(v)}" for k, v in best["overrides"].items()))
-    return "\n".join(lines)
-
-
-def format_report(record: dict) -> str:
-    """report.md: the outcome, then every round's trials, diagnosis and decision."""
-    metric = record["metric"]
-    out = ["# Tuning report", "",
-           f"**Status:** {record['status']} — {record['reason']}", "",
-           f"{record['num_rounds']} round(s), {record['num_trials']} trials, "
-           f"{record['trial_wall_time_s']:.0f} s of training; ranked by best eval {metric} "
-           f"({record['mode']}).", ""]
-    best = record.get("best")
-    if best:
-        out += ["## Best trial", "",
-                f"Eval {metric} {best['value']:.4f} at step {best['step']} (round "
-                f"{best['round']}, trial `{best['trial_id']}`, `{best['workdir']}`). "
-                "Config overrides:", "", "```",
-                " ".join(f"--config.{k}={_cli(v)}" for k, v in best["overrides"].items()),
-                "```", ""]
-        if record.get("diagnosis"):
-            out += ["Diagnosis:", "", *_diagnosis_lines(record["diagnosis"]), ""]
-    out += [f"![learning curves and {metric} against the learning rate]({PLOT_FILE})", ""]
-    for r in record["rounds"]:
-        out += [f"## Round {r['index']}: {r['action']}", "", r["reason"], "",
-                "Fixed: " + ", ".join(f"`{k}={_cli(v)}`" for k, v in r["fixed"].items()), "",
-                f"| {r['field']} | status | best {metric} | at step | final | steps | wall s |",
-                "|---|---|---|---|---|---|---|"]
-        for t in r["trials"]:
-            out.append(f"| {_cli(t['value'])} | {t['status']} | {_num(t['best'])} | "
-                       f"{t['best_step'] if t['best_step'] is not None else '-'} | "
-                       f"{_num(t['final'])} | {t['steps']} | {_num(t['wall_time_s'], 1)} |")
-        out.append("")
-        if r["best"]:
-            value = _cli(r["best"]["overrides"].get(r["field"]))
-            out += [f"Best of the round: {r['field']}={value} ({metric} "
-                    f"{r['best']['value']:.4f}).", "",
-                    *_diagnosis_lines(r["best"]["diagnosis"] or {"findings": []}), ""]
-        if r["decision"]:
-            d = r["decision"]
-            out += [f"**Decision:** {d['action']} — {d['reason']}", ""]
-    return "\n".join(out)
-
-
-def _diagnosis_lines(diagnosis: dict) -> list[str]:
-    lines = []
-    for f in diagnosis["findings"]:
-        lines.append(f"- **{f['verdict']}**: {f['message']}")
-        lines.extend(f"  - recommend `{r['field']}` "
-                     + (f"x{r['value']:g}" if r["change"] == "multiply" else f"= {r['value']!r}")
-                     + f" ({r['reason']})" for r in f["recommendations"])
-    return lines
-
-
-def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
-    """Writes `tune_figure(record)` to `path` (PNG, atomically) and returns `path`."""
-    return save_figure(tune_figure(record, ema_weight), path)
-
-
-def tune_figure(record: dict, ema_weight: float = 0.6):
-    """Three panels: best eval metric against the learning rate (all rounds; diverged trials as
-    red crosses at the bottom), then the eval-metric curves and the EMA-smoothed train-loss
-    curves of every trial, coloured by round, the best trial in black. Uses the Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = record["metric"]
-    fig, (ax_lr, ax_eval, ax_loss) = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(1, len(record["rounds"]))))
-    best = record.get("best") or {}
-    done = [t for r in record["rounds"] for t in r["trials"] if t["status"] == "completed"]
-    low = min((t["best"] for t in done if t["best"] is not None), default=0.0)
-    for r, color in zip(record["rounds"], colors, strict=True):
-        label = f"round {r['index']} ({r['action']})"
-        for t in r["trials"]:
-            lr = {**r["fixed"], r["field"]: t["value"]}.get(LR)
-            is_best = t["workdir"] == best.get("workdir")
-            if lr is not None and t["status"] == "completed" and t["best"] is not None:
-                ax_lr.scatter([lr], [t["best"]], color=color, zorder=3, label=label, s=25)
-                label = None
-                if is_best:  # a black ring around the best trial
-                    ax_lr.scatter([lr], [t["best"]], facecolors="none", edgecolors="black",
-                                  s=120, zorder=4, label="best")
-            elif lr is not None and t["status"] == "diverged":
-                ax_lr.scatter([lr], [low], color="tab:red", marker="x", zorder=3)
-            records = read_metrics(os.path.join(t["workdir"], METRICS_FILE))
-            evals = [x for x in records if x.get("split") == "eval" and metric in x]
-            train = [x for x in records if x.get("split") == "train" and "loss" in x]
-            style = {"color": "black" if is_best else color, "lw": 2.0 if is_best else 0.8,
-                     "alpha": 1.0 if is_best else 0.7}
-            if evals:
-                ax_eval.plot([x["step"] for x in evals], [x[metric] for x in evals], **style)
-            finite = [x for x in train if math.isfinite(x["loss"])]
-            if finite:
-                ax_loss.plot([x["step"] for x in finite],
-                             ema(np.array([x["loss"] for x in finite]), ema_weight), **style)
-    ax_lr.set(xscale="log", xlabel="optimizer.learning_rate", ylabel=f"best eval {metric}",
-              title="metric vs learning rate (x: diverged)")
-    ax_eval.set(xlabel="step", ylabel=f"eval {metric}", title="eval curves (black: best)")
-    ax_loss.set(xlabel="step", ylabel="train loss (EMA)", yscale="log",
-                title="train loss curves")
-    for ax in (ax_lr, ax_eval, ax_loss):
-        ax.grid(True, alpha=0.3)
-    if ax_lr.get_legend_handles_labels()[0]:
-        ax_lr.legend(fontsize=7)
-    fig.suptitle(f"tuning: {record['num_trials']} trials in {record['num_rounds']} round(s), "
-                 f"{record['status']}")
-    fig.tight_layout()
-    return fig
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -952,10 +737,6 @@ def _config_key(overrides: Mapping[str, Any]) -> str:
     return json.dumps(_tuned(overrides), sort_keys=True, default=str)
 
 
-def _round(value: float) -> float:
-    return float(f"{value:.{_DIGITS}g}")
-
-
 def _sorted(values: Sequence[Any]) -> list:
     try:
         return sorted(values)
@@ -965,14 +746,6 @@ def _sorted(values: Sequence[Any]) -> list:
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _cli(value: Any) -> str:
-    return repr(tuple(value)) if isinstance(value, list) else str(value)
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _say(verbose: bool, message: str) -> None:

@@ -16,10 +16,12 @@ from cnnjax.train.logging import read_metrics
 from cnnjax.train.loop import TrainingDivergedError
 from cnnjax.tune import diagnose as dg
 from cnnjax.tune import recipe as rc
+from cnnjax.tune import regularizers as rg
+from cnnjax.tune import report as rp
 from cnnjax.tune import sweep as sw
 from tests.train import helpers
 
-LR, STEPS, WD = rc.LR, rc.STEPS, rc.WEIGHT_DECAY
+LR, STEPS, WD = rc.LR, rc.STEPS, rg.WEIGHT_DECAY
 
 
 def _base(**overrides):
@@ -134,7 +136,7 @@ def test_overfitting_sweeps_weight_decay_then_label_smoothing():
     second = rc.RoundResult(d.next_round, [_row(i, v, 0.85, field=WD)
                                            for i, v in enumerate(d.next_round.values)])
     d = _decide([first, second], recipe, "overfitting")  # incumbent still round 1's
-    assert d.next_round.field == rc.LABEL_SMOOTHING and d.next_round.values == (0.05, 0.1, 0.2)
+    assert d.next_round.field == rg.LABEL_SMOOTHING and d.next_round.values == (0.05, 0.1, 0.2)
     base = _base(**{WD: 5e-4})
     d = rc.decide([first], recipe, base, lambda *a: _diagnosis("overfitting"))
     assert d.next_round.values == (0.0015, 0.005, 0.015)
@@ -164,13 +166,13 @@ def test_overfitting_walks_the_recipes_regularizers_in_order():
         d = _decide(history, recipe, "overfitting", base)
         if d.next_round is None:
             break
-        seen.append((d.next_round.field, d.next_round.values, d.next_round.fixed.get(rc.AUGMENT)))
+        seen.append((d.next_round.field, d.next_round.values, d.next_round.fixed.get(rg.AUGMENT)))
         history.append(_swept(d.next_round, 0.85))  # never beats round 1's incumbent
     assert seen == [
-        (rc.MIXUP, (0.2, 0.4, 1.0), None),
-        (rc.RANDAUGMENT, (1, 2, 3), True),  # RandAugment needs the base augmentation on
-        (rc.DROP_PATH, (0.05, 0.1, 0.2), None),  # resnet20_cifar's default rate is 0
-        (rc.CUTMIX, (0.5, 1.0, 2.0), None),
+        (rg.MIXUP, (0.2, 0.4, 1.0), None),
+        (rg.RANDAUGMENT, (1, 2, 3), True),  # RandAugment needs the base augmentation on
+        (rg.DROP_PATH, (0.05, 0.1, 0.2), None),  # resnet20_cifar's default rate is 0
+        (rg.CUTMIX, (0.5, 1.0, 2.0), None),
     ]
     assert d.status == "exhausted" and "recipe.regularizers=['mixup', 'randaugment', " \
         "'drop_path', 'cutmix'] has been swept or is at its strongest" in d.reason
@@ -199,7 +201,7 @@ def test_a_regularizer_that_lost_while_still_learning_gets_twice_the_steps():
 
     history = [_round1(recipe, [0.5, 0.9, 0.3])]
     d = decide(history)
-    assert (d.action, d.next_round.field, d.next_round.values) == ("regularize", rc.RANDAUGMENT,
+    assert (d.action, d.next_round.field, d.next_round.values) == ("regularize", rg.RANDAUGMENT,
                                                                    (1, 2, 3))
     history.append(run(d.next_round, [0.40, 0.45, 0.42], 100))
     d = decide(history)
@@ -214,11 +216,11 @@ def test_a_regularizer_that_lost_while_still_learning_gets_twice_the_steps():
     history.append(run(d.next_round, [0.96, 0.93], 400))
     d = decide(history)  # max_steps reached: the next knob, at the incumbent's 400 steps
     assert (d.action, d.next_round.field, d.next_round.fixed[rc.STEPS]) == (
-        "regularize", rc.CUTMIX, 400)
+        "regularize", rg.CUTMIX, 400)
     # Without the option the recipe moves on after the first RandAugment round.
     plain = dataclasses.replace(recipe, lengthen_regularizers=False)
     assert rc.decide(history[:2], plain, base, lambda *a: _diagnosis("overfitting")) \
-        .next_round.field == rc.CUTMIX
+        .next_round.field == rg.CUTMIX
 
 
 def test_a_regularizer_that_won_its_longer_round_is_not_lengthened_again():
@@ -236,8 +238,8 @@ def test_a_regularizer_that_won_its_longer_round_is_not_lengthened_again():
                                          _row(1, plan.values[1], 0.97, field=plan.field,
                                               workdir="ra")]))
     d = rc.decide(history, recipe, base, lambda w, *a: _diagnosis("overfitting"))
-    assert (d.action, d.next_round.field) == ("regularize", rc.CUTMIX)
-    assert d.next_round.fixed[rc.RANDAUGMENT] == plan.values[1]  # the winner is kept
+    assert (d.action, d.next_round.field) == ("regularize", rg.CUTMIX)
+    assert d.next_round.fixed[rg.RANDAUGMENT] == plan.values[1]  # the winner is kept
 
 
 def test_only_values_stronger_than_the_incumbents_are_lengthened():
@@ -264,8 +266,8 @@ def test_only_values_stronger_than_the_incumbents_are_lengthened():
         "regularize_longer", (1, 3), 200)
     history.append(run(d.next_round, [0.96, 0.98]))  # 3 wins at 200 steps
     d = decide(history)
-    assert (d.action, d.next_round.field, d.next_round.fixed[rc.RANDAUGMENT]) == (
-        "regularize", rc.CUTMIX, 3)
+    assert (d.action, d.next_round.field, d.next_round.fixed[rg.RANDAUGMENT]) == (
+        "regularize", rg.CUTMIX, 3)
 
 
 def test_a_divergence_under_other_settings_does_not_cap_the_incumbents_lr():
@@ -281,7 +283,7 @@ def test_a_divergence_under_other_settings_does_not_cap_the_incumbents_lr():
 
 
 def test_label_smoothing_is_only_turned_up():
-    stronger = rc.REGULARIZERS["label_smoothing"].stronger
+    stronger = rg.REGULARIZERS["label_smoothing"].stronger
     assert (stronger(0.0), stronger(0.05), stronger(0.2), stronger(0.3)) == (
         (0.1, 0.2, 0.05), (0.1, 0.2, 0.3), (0.3,), ())
 
@@ -290,20 +292,20 @@ def test_a_knob_already_on_is_turned_up_and_one_at_its_strongest_is_skipped():
     recipe = _recipe(regularizers=("augment", "mixup", "drop_path"))
     base = _lowdata_base(**{"mixing.mixup_alpha": 0.3, "model_kwargs.drop_path_rate": 0.75})
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "overfitting", base)
-    assert d.next_round.field == rc.MIXUP and d.next_round.values == (0.6, 1.2)  # augment is on
-    assert rc.REGULARIZERS["drop_path"].stronger(0.75) == (0.85,)  # rates stay below 0.9
-    assert rc.REGULARIZERS["drop_path"].stronger(0.8) == ()
-    assert rc.REGULARIZERS["dropout"].stronger(0.5) == (0.6, 0.7)  # AlexNet's default
-    assert rc.REGULARIZERS["randaugment"].stronger(2) == (3, 4)
+    assert d.next_round.field == rg.MIXUP and d.next_round.values == (0.6, 1.2)  # augment is on
+    assert rg.REGULARIZERS["drop_path"].stronger(0.75) == (0.85,)  # rates stay below 0.9
+    assert rg.REGULARIZERS["drop_path"].stronger(0.8) == ()
+    assert rg.REGULARIZERS["dropout"].stronger(0.5) == (0.6, 0.7)  # AlexNet's default
+    assert rg.REGULARIZERS["randaugment"].stronger(2) == (3, 4)
 
 
 def test_the_default_regularizers_are_the_original_three():
-    assert rc.Recipe().regularizers == rc.DEFAULT_REGULARIZERS == (
+    assert rc.Recipe().regularizers == rg.DEFAULT_REGULARIZERS == (
         "weight_decay", "label_smoothing", "augment")
     assert rc.Recipe(regularizers="mixup, cutmix").regularizers == ("mixup", "cutmix")
     assert rc.Recipe(regularizers=("mixup,",)).regularizers == ("mixup",)
     assert rc.Recipe(regularizers="").regularizers == ()  # no knob: an overfit stops the tune
-    assert rc.Recipe.from_config(rc.default_recipe()).regularizers == rc.DEFAULT_REGULARIZERS
+    assert rc.Recipe.from_config(rc.default_recipe()).regularizers == rg.DEFAULT_REGULARIZERS
 
 
 @pytest.mark.parametrize(("regularizers", "message"), [
@@ -325,23 +327,23 @@ def test_regularizers_that_do_not_fit_the_base_config_are_refused_before_trainin
     with pytest.raises(ValueError, match=r"recipe: regularizers='drop_path' is invalid; it sweeps "
                                          r"model_kwargs.drop_path_rate, which the base config "
                                          r"lacks \(model 'test_tiny_bn_cnn' has no such field"):
-        rc.check_regularizers(_recipe(regularizers=("drop_path",)), _base())
+        rg.check_regularizers(_recipe(regularizers=("drop_path",)), _base())
     from experiments.configs import yolo_shapes
 
     with pytest.raises(ValueError, match=r"recipe: regularizers='cutmix' is invalid; it needs "
                                          r"class labels \(config.task='classification', not "
                                          r"'detection'\)"):
-        rc.check_regularizers(_recipe(regularizers=("cutmix",)), yolo_shapes.get_config())
-    every_but_dropout = tuple(n for n in rc.REGULARIZERS if n != "dropout")
-    rc.check_regularizers(_recipe(regularizers=every_but_dropout), _lowdata_base())
+        rg.check_regularizers(_recipe(regularizers=("cutmix",)), yolo_shapes.get_config())
+    every_but_dropout = tuple(n for n in rg.REGULARIZERS if n != "dropout")
+    rg.check_regularizers(_recipe(regularizers=every_but_dropout), _lowdata_base())
     with pytest.raises(ValueError, match=r"regularizers='dropout' is invalid; it sweeps "
                                          r"model_kwargs.dropout_rate, which the base config lacks "
                                          r"\(model 'resnet20_cifar' has no such field"):
-        rc.check_regularizers(_recipe(regularizers=("dropout",)), _lowdata_base())
+        rg.check_regularizers(_recipe(regularizers=("dropout",)), _lowdata_base())
     from experiments.configs import alexnet_imagenette
 
-    rc.check_regularizers(_recipe(regularizers=("dropout",)), alexnet_imagenette.get_config())
-    rc.check_regularizers(_recipe(regularizers=("augment",)), _base())  # optional: skipped
+    rg.check_regularizers(_recipe(regularizers=("dropout",)), alexnet_imagenette.get_config())
+    rg.check_regularizers(_recipe(regularizers=("augment",)), _base())  # optional: skipped
 
 
 def test_underfitting_at_max_steps_lowers_weight_decay():
@@ -478,7 +480,7 @@ def _tune(tmp_path, monkeypatch, trainer, name="tune", base=None, plots=False, *
     monkeypatch.setattr(sw, "train_and_evaluate", trainer)
     monkeypatch.setattr(sw, "plot_results", lambda *a, **k: None)  # slower than the trainer
     if not plots:
-        monkeypatch.setattr(rc, "plot_tune", lambda *a, **k: None)
+        monkeypatch.setattr(rp, "plot_tune", lambda *a, **k: None)
     return rc.run_tune(base or _base(), _recipe(**recipe), str(tmp_path / name), verbose=False,
                        diagnose_fn=_scripted_diagnosis)
 
@@ -519,7 +521,7 @@ def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
     for k in (1, 2, 3):  # every round is an ordinary sweep directory
         assert (tune_dir / f"round_{k}" / "results.csv").exists()
     assert len(trainer.calls) == 9
-    fig = rc.tune_figure(record)
+    fig = rp.tune_figure(record)
     ax_lr, ax_eval, ax_loss = fig.axes
     assert ax_lr.get_xscale() == "log" and ax_loss.get_yscale() == "log"
     rings = [c for c in ax_lr.collections if c.get_label() == "best"]
@@ -578,7 +580,7 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
     _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
     path = tmp_path / "tune" / rc.TUNE_FILE
     saved = json.loads(path.read_text())
-    assert saved["recipe"].pop("regularizers") == list(rc.DEFAULT_REGULARIZERS)
+    assert saved["recipe"].pop("regularizers") == list(rg.DEFAULT_REGULARIZERS)
     assert saved["recipe"].pop("lengthen_regularizers") is False
     path.write_text(json.dumps(saved))  # as an older cnnjax wrote it
     trainer = FakeTrainer()
@@ -619,7 +621,7 @@ def test_diverged_and_failed_trials(tmp_path, monkeypatch):
     assert [t["status"] for t in record["rounds"][0]["trials"]] == ["completed", "completed",
                                                                      "diverged"]
     assert record["status"] == "budget_spent"
-    ax_lr = rc.tune_figure(record).axes[0]
+    ax_lr = rp.tune_figure(record).axes[0]
     crosses = [c for c in ax_lr.collections
                if len(c.get_facecolor()) and same_color(c.get_facecolor()[0], "tab:red")]
     lowest = min(t["best"] for t in record["rounds"][0]["trials"] if t["best"] is not None)

@@ -1,0 +1,130 @@
+"""The regularizer knobs the tuning recipe turns up when its best trial overfits.
+
+Each knob (`REGULARIZERS`) names a config field and the stronger values to sweep given the
+current one; `check_regularizers` refuses, before any training, a knob the base config cannot
+take. Kept apart from `cnnjax.tune.recipe` so adding a knob touches only this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from cnnjax.train import config as config_lib
+from cnnjax.tune import space as space_lib
+from cnnjax.utils.validation import invalid
+
+if TYPE_CHECKING:  # recipe.py imports this module
+    from cnnjax.tune.recipe import Recipe
+
+WEIGHT_DECAY = "optimizer.weight_decay"
+LABEL_SMOOTHING = "label_smoothing"
+AUGMENT = "data.augment"
+RANDAUGMENT = "data.randaugment_layers"
+MIXUP = "mixing.mixup_alpha"
+CUTMIX = "mixing.cutmix_alpha"
+DROP_PATH = "model_kwargs.drop_path_rate"
+DROPOUT = "model_kwargs.dropout_rate"
+# Significant digits kept in proposed values: 0.178 rather than 0.17782794100389226.
+_DIGITS = 3
+_OWNER = "recipe"  # errors name the recipe's `regularizers` field
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+    """A knob the recipe turns up when the incumbent overfits: the config `field` and the
+    values to sweep given the incumbent's (priority order; none when it is as strong as the
+    recipe goes)."""
+
+    field: str
+    stronger: Callable[[Any], tuple]
+    classification_only: bool = False  # needs class labels (mixing, RandAugment)
+    needs_augment: bool = False  # swept with data.augment=True
+    optional: bool = False  # skipped where the base config lacks the field, not refused
+
+
+def round_value(value: float) -> float:
+    """`value` at the significant digits every proposed value keeps (knob values, lr grids)."""
+    return float(f"{value:.{_DIGITS}g}")
+
+
+def _up_from_zero(start: tuple, factors: tuple = (2, 4)) -> Callable[[Any], tuple]:
+    """`start` when the knob is off (0/None), else the current value times `factors`."""
+    return lambda v: start if not v else tuple(round_value(v * f) for f in factors)
+
+
+def _rate_up(start: tuple) -> Callable[[Any], tuple]:
+    """A probability: `start` when 0, else 0.1 and 0.2 higher (below 0.9)."""
+    return lambda v: start if not v else tuple(
+        r for r in (round_value(v + 0.1), round_value(v + 0.2)) if r < 0.9)
+
+
+#: `recipe.regularizers` names, in the order the default recipe tries the first three.
+REGULARIZERS: dict[str, Regularizer] = {
+    "weight_decay": Regularizer(WEIGHT_DECAY, _up_from_zero((1e-4, 1e-3, 1e-2), (3, 10, 30))),
+    "label_smoothing": Regularizer(
+        LABEL_SMOOTHING,
+        lambda v: (0.1, 0.2, 0.05) if not v else tuple(x for x in (0.1, 0.2, 0.3) if x > v)),
+    "augment": Regularizer(AUGMENT, lambda v: () if v else (True,), optional=True),
+    # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N.
+    "randaugment": Regularizer(RANDAUGMENT, lambda n: (2, 1, 3) if not n else (n + 1, n + 2),
+                               classification_only=True, needs_augment=True),
+    # Beta(alpha, alpha): 0.2 is the mixup paper's ImageNet choice, 1.0 its CIFAR one.
+    "mixup": Regularizer(MIXUP, _up_from_zero((0.2, 1.0, 0.4)), classification_only=True),
+    "cutmix": Regularizer(CUTMIX, _up_from_zero((1.0, 0.5, 2.0)), classification_only=True),
+    "drop_path": Regularizer(DROP_PATH, _rate_up((0.1, 0.2, 0.05))),
+    "dropout": Regularizer(DROPOUT, _rate_up((0.3, 0.5, 0.1))),
+}
+#: What a recipe without `regularizers` (and every tune.json written before it existed) uses.
+DEFAULT_REGULARIZERS = ("weight_decay", "label_smoothing", "augment")
+
+
+def strength(value: Any) -> float:
+    """How strong a regularizer setting is: every knob's values grow with their effect (a rate,
+    an alpha, a number of ops, True over False); unset is the weakest."""
+    return -math.inf if value is None else float(value)
+
+
+def knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
+    """The incumbent's value of `field`; an unset `model_kwargs.<name>` is the model's default."""
+    value = overrides.get(field, space_lib.get_field(base, field))
+    if value is None and field.startswith("model_kwargs."):
+        from cnnjax.models import settable_fields  # deferred: imports every architecture
+
+        found = settable_fields(base.model).get(field.split(".", 1)[1])
+        value = found.default if found is not None else None
+    return value
+
+
+def check_regularizers(recipe: Recipe, base: Any) -> None:
+    """Each knob of `recipe.regularizers` applies to `base`: its field exists (an optional
+    knob's may not), its task has class labels where it needs them, and the base config turned
+    up to the knob's first value passes the engine's field checks."""
+    task = config_lib.config_task(base)
+    for name in recipe.regularizers:
+        knob = REGULARIZERS[name]
+        if space_lib.get_field(base, knob.field, _MISSING) is _MISSING:
+            if knob.optional:
+                continue
+            hint = (f"model {base.model!r} has no such field, or the config does not declare "
+                    "model_kwargs = model_kwargs_config(config.model)"
+                    if knob.field.startswith("model_kwargs.")
+                    else "build configs from cnnjax.train.config.default_config()")
+            raise invalid(_OWNER, "regularizers", name,
+                          f"it sweeps {knob.field}, which the base config lacks ({hint})")
+        if knob.classification_only and task != "classification":
+            raise invalid(_OWNER, "regularizers", name,
+                          f"it needs class labels (config.task='classification', not {task!r})")
+        candidates = knob.stronger(knob_value(base, {}, knob.field))
+        if candidates:
+            turned_up = {knob.field: candidates[0]}
+            if knob.needs_augment:
+                turned_up[AUGMENT] = True
+            try:
+                config_lib.validate_config(space_lib.apply_overrides(base, turned_up))
+            except ValueError as err:
+                raise invalid(_OWNER, "regularizers", name,
+                              f"the base config with {turned_up} is refused ({err})") from None
