@@ -15,6 +15,9 @@ eval images, preprocessed as its evaluation sees them, and writes to --out_dir (
 - `activations.png`: the Grad-CAM layer's channels on the first image;
 - `visualize.json`: the layer, checkpoint, and each image's label, prediction and probability.
 --list_layers prints every module with its output shape (the names --layer takes) and exits.
+--pointing_game instead scores each method on the whole eval split of a dataset with object boxes
+(tfds `objects/bbox`, e.g. `shapes`): the share of images whose map for the true class peaks
+inside that class's box (Zhang et al. 2018), beside the image centre's, in pointing_game.json.
 See `cnnjax.analysis.attribution` for the methods.
 """
 
@@ -24,6 +27,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from cnnjax.platform import configure_cpu_defaults
 
@@ -46,6 +51,13 @@ _PATCH = flags.DEFINE_integer("patch", None, "Occluder side in pixels (default: 
 _STRIDE = flags.DEFINE_integer("stride", None, "Occluder step (default: half the patch).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write (default <workdir>/visualize).")
 _LIST_LAYERS = flags.DEFINE_bool("list_layers", False, "Print the model's modules and exit.")
+_POINTING = flags.DEFINE_bool("pointing_game", False, "Instead: score each method by the "
+                              "pointing game on the eval split (a tfds dataset with "
+                              "objects/bbox, e.g. shapes); writes pointing_game.json.")
+_TOLERANCE = flags.DEFINE_float("tolerance", None, "Pointing game: pixels a hit may lie outside "
+                                "the box (default 15 px at 224, scaled to the image).")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Pointing game: the first N eval images "
+                                   "(default: all).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -95,6 +107,87 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     return summary
 
 
+def _eval_objects(run: Any, count: int) -> list[dict]:
+    """The first `count` examples of the run's eval split as stored by tfds (stored order, as
+    `eval_examples` yields them): `{'image', 'label', 'boxes'}`, boxes normalized `[K, 4]`
+    (ymin, xmin, ymax, xmax) of the objects of the image's class."""
+    import tensorflow_datasets as tfds
+
+    import cnnjax.data.builders  # noqa: F401  (registers the offline builders)
+    from cnnjax.data.pipeline import eval_split_name
+    from cnnjax.data.spec import resolve
+
+    spec = resolve(run.config.data)
+    if spec.tfds_name is None:
+        raise ValueError(f"visualize: pointing_game=True is invalid; dataset "
+                         f"{run.config.data.name!r} is not read from tfds, so it has no boxes")
+    builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
+    features = builder.info.features
+    if "objects" not in features or "bbox" not in features["objects"]:
+        raise ValueError(f"visualize: pointing_game=True is invalid; tfds {spec.tfds_name!r} has "
+                         "no objects/bbox feature (shapes has)")
+    dataset = builder.as_dataset(split=eval_split_name(run.config.data), shuffle_files=False)
+    examples = []
+    for example in tfds.as_numpy(dataset.take(count)):
+        objects = example["objects"]
+        keep = (objects["label"] == example["label"] if "label" in objects
+                else np.ones(len(objects["bbox"]), bool))
+        examples.append({"image": example["image"], "label": int(example["label"]),
+                         "boxes": objects["bbox"][keep]})
+    return examples
+
+
+def pointing_game_run(run: Any, methods: Sequence[str] = ("saliency", "occlusion", "grad_cam"),
+                      layer: str | None = None, patch: int | None = None,
+                      stride: int | None = None, tolerance: float | None = None,
+                      max_images: int | None = None) -> dict:
+    """The pointing game (Zhang et al. 2018) of each method, and of the image centre, on the
+    run's eval split: the share of images whose map, for the true class, peaks inside a box of
+    that class grown by `tolerance` pixels (None: their 15 px at 224 scaled to the image)."""
+    from cnnjax.analysis import attribution
+    from cnnjax.train.trained import eval_examples
+
+    images, labels = [], []
+    for batch in eval_examples(run, batch_size=64):
+        images.extend(batch["image"])
+        labels.extend(batch["label"])
+        if max_images is not None and len(images) >= max_images:
+            break
+    images, labels = np.stack(images[:max_images]), np.asarray(labels[:max_images])
+    height, width = images.shape[1:3]
+    stored = _eval_objects(run, len(images))
+    for i, (image, example) in enumerate(zip(images, stored, strict=True)):
+        if example["image"].shape != image.shape:
+            raise ValueError(f"visualize: pointing_game=True is invalid; the run's eval images "
+                             f"are {image.shape}, resized from the stored "
+                             f"{example['image'].shape}: boxes need images at the stored size")
+        same = [np.nan_to_num(np.corrcoef(image[..., c].ravel(),  # nan: a flat channel
+                                          example["image"][..., c].ravel())[0, 1], nan=1.0)
+                for c in range(image.shape[-1])]
+        if example["label"] != labels[i] or not min(same) > 0.99:  # the pipeline's order
+            raise ValueError(f"visualize: pointing_game=True is invalid; eval example {i} of "
+                             f"the pipeline is not the stored example {i} (a class subset or "
+                             "reordering): boxes cannot be matched")
+    boxes = [e["boxes"] * [height, width, height, width] for e in stored]
+    if tolerance is None:
+        tolerance = 15.0 * min(height, width) / 224
+    hits: dict[str, list[bool]] = {}
+    for start in range(0, len(images), 64):
+        chunk = slice(start, start + 64)
+        result = attribution.explain(run.model, run.variables, images[chunk], labels[chunk],
+                                     methods=methods, layer=layer, patch=patch, stride=stride)
+        centre = np.zeros((len(images[chunk]), height, width))
+        centre[:, height // 2, width // 2] = 1.0
+        for name, maps in {**result.maps, "centre": centre}.items():
+            for m, b in zip(maps, boxes[chunk], strict=True):
+                hit = any(attribution.pointing_game(m[None], box[None], tolerance)[0]
+                          for box in b)
+                hits.setdefault(name, []).append(bool(hit))
+        layer = result.layer or layer
+    return {"images": len(images), "tolerance_px": tolerance, "grad_cam_layer": layer,
+            "accuracy": {name: float(np.mean(h)) for name, h in hits.items()}}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -104,6 +197,7 @@ def main(argv: list[str]) -> None:
     from cnnjax.analysis import attribution
     from cnnjax.analysis.effective_receptive_field import eval_images
     from cnnjax.train.trained import load_trained
+    from cnnjax.utils.files import write_json
 
     try:
         run = load_trained(_WORKDIR.value, _STEP.value, ema=_EMA.value)
@@ -113,6 +207,21 @@ def main(argv: list[str]) -> None:
                 print(f"{o.path or '(model)':40s} {o.kind:20s} "
                       f"{'x'.join(map(str, o.shape)) if o.shape else '-'}"
                       + (f"  (runs {o.calls} times)" if o.calls > 1 else ""))
+            return
+        if _POINTING.value:
+            out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "visualize")
+            result = pointing_game_run(run, _METHODS.value, _LAYER.value, _PATCH.value,
+                                       _STRIDE.value, _TOLERANCE.value, _MAX_IMAGES.value)
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, "pointing_game.json")
+            write_json(path, {"workdir": run.workdir, "model": run.config.model,
+                              "step": run.step, **result})
+            print(f"Pointing game, {result['images']} eval images, tolerance "
+                  f"{result['tolerance_px']:.1f} px (Grad-CAM layer "
+                  f"{result['grad_cam_layer'] or '-'}):")
+            for name, accuracy in result["accuracy"].items():
+                print(f"  {name:10s} {accuracy:.3f}")
+            print(f"Written to {path}")
             return
         summary = write_visualizations(
             run, _OUT_DIR.value or os.path.join(_WORKDIR.value, "visualize"), _NUM_IMAGES.value,

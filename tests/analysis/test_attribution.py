@@ -3,6 +3,8 @@ linear classifier (whose gradient is its weight), Grad-CAM of a global-average-p
 (where it equals the class activation map, Selvaraju et al. 2017 §3.1), plus layers, filters, the
 pointing game, plots and every refused input."""
 
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -155,11 +157,11 @@ def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
     np.testing.assert_array_equal(result.targets, result.probabilities.argmax(axis=1))
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-5)
     path = at.plot_attributions(images, result.maps, str(tmp_path / "a.png"), ["x"] * 3)
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, kernel = at.first_layer_filters(model, variables, (32, 32, 3))
     for path in (at.plot_filters(kernel, str(tmp_path / "f.png")),
                  at.plot_activations(np.ones((4, 4, 20)), str(tmp_path / "act.png"))):
-        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_inputs_are_named(resnet, linear):
