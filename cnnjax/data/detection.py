@@ -1,8 +1,9 @@
 """tf.data input for detection: images with padded ground-truth boxes (`config.task="detection"`).
 
-The same datasets, presets, sharding and determinism as `pipeline.py` (its config resolution,
-sources, image transforms, batch layout, eval padding and epoch scheme, `pipeline.epoch_dataset`,
-are reused; only the per-example `preprocess` differs), with each example's
+The same datasets, presets, sharding and determinism as `pipeline.py` (the config resolution of
+`spec.py`, the sources of `sources.py`, the image transforms of `transforms.py`, and the batch
+layout, eval padding and epoch scheme, `pipeline.epoch_dataset`, are reused; only the
+per-example `preprocess` differs), with each example's
 tfds `objects` (`bbox` `[ymin, xmin, ymax, xmax]` normalized, `label`) turned into
 `max_boxes` rows of `(x1, y1, x2, y2)` pixels of the output image, class labels and a validity
 mask (objects beyond `max_boxes` are dropped, in stored order). Batches:
@@ -38,6 +39,8 @@ from absl import logging
 from cnnjax.data import pipeline
 from cnnjax.data import proposals as proposals_lib
 from cnnjax.data.proposals import ProposalSpec
+from cnnjax.data.sources import TfdsSource
+from cnnjax.data.spec import resolve
 from cnnjax.utils.validation import check_positive_int, invalid
 
 _OWNER = "data"
@@ -72,7 +75,7 @@ def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int, ProposalSp
     return ml_collections.ConfigDict(fields), max_boxes, proposals
 
 
-class _DetectionSource(pipeline._TfdsSource):
+class _DetectionSource(TfdsSource):
     """A tfds dataset read with its `objects` (boxes and classes) next to image and label, and
     with each image's cached external proposals (`proposals`, `proposal_count`) if asked for."""
 
@@ -119,7 +122,7 @@ class _DetectionSource(pipeline._TfdsSource):
 def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     """`(spec, source, transforms, max_boxes)` of a detection data config."""
     config, max_boxes, proposals = _split(data_config)
-    spec = pipeline._resolve(config)
+    spec = resolve(config)
     source, transforms = pipeline.open_whole_image_source(
         spec, lambda spec: _DetectionSource(spec, proposals))
     return spec, source, transforms, max_boxes

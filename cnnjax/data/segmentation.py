@@ -1,11 +1,12 @@
 """tf.data input for semantic segmentation: images with per-pixel class maps
 (`config.task="segmentation"`).
 
-The same datasets, presets, sharding and determinism as `pipeline.py` (its config resolution,
-sources, image transforms, batch layout, eval padding and epoch scheme `pipeline.epoch_dataset`
-are reused; only the per-example `preprocess` differs). A dataset needs a `segmentation_mask`
-image feature and a `ClassMapLabels` saying what its stored values mean: either class indices
-named in its metadata (`segmentation_classes`), as cnnjax's offline `shapes_segmentation`
+The same datasets, presets, sharding and determinism as `pipeline.py` (the config resolution of
+`spec.py`, the sources of `sources.py`, the image transforms of `transforms.py`, and the batch
+layout, eval padding and epoch scheme `pipeline.epoch_dataset` are reused; only the per-example
+`preprocess` differs). A dataset needs a `segmentation_mask` image feature and a
+`ClassMapLabels` saying what its stored values mean: either class indices named in its metadata
+(`segmentation_classes`), as cnnjax's offline `shapes_segmentation`
 (64x64 scenes of 1-4 shapes, 5 classes with background; use it with `name="shapes"` for its
 normalization), or a known catalogue set (`CATALOGUE_LABELS`: Oxford-IIIT Pet's trimaps).
 Stored values that are no class become `IGNORE_LABEL`, which neither the loss nor the metrics
@@ -33,6 +34,8 @@ import tensorflow_datasets as tfds
 from ml_collections import config_dict
 
 from cnnjax.data import pipeline
+from cnnjax.data.sources import TfdsSource
+from cnnjax.data.spec import resolve
 from cnnjax.utils.validation import invalid
 
 _OWNER = "data"
@@ -101,7 +104,7 @@ CATALOGUE_LABELS: dict[str, ClassMapLabels] = {
 }
 
 
-class _SegmentationSource(pipeline._TfdsSource):
+class _SegmentationSource(TfdsSource):
     """A tfds dataset read with its `segmentation_mask` next to the image."""
 
     labels: ClassMapLabels
@@ -132,10 +135,10 @@ class _SegmentationSource(pipeline._TfdsSource):
 
 
 def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any, tuple[float, float] | None]:
-    """`(spec, source, transforms, scale_range)` of a segmentation data config (`_resolve` and
+    """`(spec, source, transforms, scale_range)` of a segmentation data config (`resolve` and
     `_split` check it)."""
     config, scale_range = _split(data_config)
-    spec = pipeline._resolve(config)
+    spec = resolve(config)
     source, transforms = pipeline.open_whole_image_source(spec, _SegmentationSource)
     return spec, source, transforms, scale_range
 

@@ -11,8 +11,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, presets
 from cnnjax.data.pipeline import eval_batches, get_dataset_info, train_batches
+from cnnjax.data.sources import open_source
+from cnnjax.data.spec import resolve
+from cnnjax.data.transforms import Transforms, _random_resized_crop
 
 # digits: 1,438 train examples; a global batch of 128 gives 11 steps per epoch.
 STEPS_PER_EPOCH = 11
@@ -27,7 +30,7 @@ def _keys(images: np.ndarray) -> list[bytes]:
 
     Undoes the normalization and rounds back to the stored uint8 pixels.
     """
-    preset = pipeline.presets.get_preset("digits")
+    preset = presets.get_preset("digits")
     pixels = np.rint((images.astype(np.float64) * preset.std[0] + preset.mean[0]) * 255.0)
     return [image.tobytes() for image in pixels.astype(np.uint8).reshape(-1, 8, 8, 1)]
 
@@ -336,8 +339,8 @@ def test_fake_batches_match_the_recorded_ones():
 def test_epoch_dataset_hands_preprocess_the_documented_keys(digits_config):
     """Any per-example `preprocess` (detection's too) gets the decoded example and the stateless
     key `fold_in(fold_in((seed, epoch), process), position)`; resuming skips within the epoch."""
-    spec = pipeline._resolve(digits_config(cache=False))
-    source = pipeline._open_source(spec)
+    spec = resolve(digits_config(cache=False))
+    source = open_source(spec)
 
     def preprocess(ex, key):
         return {"key": key, "label": ex["label"], "pixels": tf.reduce_sum(tf.cast(
@@ -376,8 +379,8 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pipeline, "epoch_dataset", spy)
     monkeypatch.setattr(detection, "_open", lambda config: (
-        pipeline._resolve(detection._split(config)[0]), None,
-        pipeline._Transforms((8, 8, 3), (8, 8), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0),
+        resolve(detection._split(config)[0]), None,
+        Transforms((8, 8, 3), (8, 8), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0),
         4))
     config = detection.default_data_config("shapes")
     config.data_dir = str(tmp_path)
@@ -388,7 +391,7 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------ RandAugment
-# `_Transforms.train` digests recorded with the code before RandAugment existed (no resize in
+# `Transforms.train` digests recorded with the code before RandAugment existed (no resize in
 # either case, so the bytes only depend on exact elementwise float ops and the stateless draws).
 RECORDED_TRANSFORMS = {
     "none": "4afbfd85b31ecd8fc0bff49e90b6eb3d73e9b96dac94ff0b76b97608ba24b7dc",
@@ -400,8 +403,8 @@ RECORDED_TRANSFORMS = {
                                                 ("pad_crop_flip", (12, 10, 3))])
 def test_train_transform_without_randaugment_is_unchanged(augmentation, shape):
     c = shape[-1]
-    transforms = pipeline._Transforms(shape, shape[:2], (0.45,) * c, (0.25,) * c, augmentation,
-                                      "resize", 4, 0.875)
+    transforms = Transforms(shape, shape[:2], (0.45,) * c, (0.25,) * c, augmentation, "resize", 4,
+                            0.875)
     images = np.random.default_rng(5).integers(0, 256, (8, *shape), dtype=np.uint8)
     digest = hashlib.sha256()
     for k in range(8):
@@ -412,13 +415,13 @@ def test_train_transform_without_randaugment_is_unchanged(augmentation, shape):
 
 def test_random_resized_crop_keeps_its_seeds_without_randaugment():
     """The crop and flip keys are still `stateless_split(key, 2)`; RandAugment folds its own."""
-    transforms = pipeline._Transforms((16, 16, 3), (None, None), (0.5,) * 3, (0.25,) * 3,
-                                      "random_resized_crop_flip", "resize_center_crop", 4, 0.875)
+    transforms = Transforms((16, 16, 3), (None, None), (0.5,) * 3, (0.25,) * 3,
+                            "random_resized_crop_flip", "resize_center_crop", 4, 0.875)
     image = np.random.default_rng(6).integers(0, 256, (21, 27, 3), dtype=np.uint8)
     for k in range(4):
         key = tf.constant([k, 1], tf.int64)
         crop, flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-        want = pipeline._random_resized_crop(tf.cast(image, tf.float32) / 255.0, (16, 16), crop)
+        want = _random_resized_crop(tf.cast(image, tf.float32) / 255.0, (16, 16), crop)
         want = (tf.image.stateless_random_flip_left_right(want, seed=flip) - 0.5) / 0.25
         np.testing.assert_array_equal(transforms.train(image, key).numpy(), want.numpy())
 
@@ -429,7 +432,7 @@ def test_randaugment_layers_0_is_the_default(digits_config):
     off = _take(train_batches(digits_config(randaugment_layers=0, randaugment_magnitude=3),
                               global_batch_size=32, num_devices=1, seed=11, start_step=5), 3)
     assert _digest(off) == _digest(default)
-    spec = pipeline._resolve(ml_collections.ConfigDict({"name": "digits"}))  # an old config
+    spec = resolve(ml_collections.ConfigDict({"name": "digits"}))  # an old config
     assert (spec.randaugment_layers, spec.randaugment_magnitude) == (0, 9.0)
 
 
@@ -443,7 +446,7 @@ def test_randaugment_changes_train_images_only_and_replays(digits_config):
         changed = (x["image"] != y["image"]).reshape(64, -1).any(-1)
         assert changed.mean() > 0.5  # only no-op draws (e.g. Identity twice) leave an image
     # Augmented pixels stay on the 0..255 level grid (RandAugment works on uint8).
-    preset = pipeline.presets.get_preset("digits")
+    preset = presets.get_preset("digits")
     levels = (augmented[0]["image"].astype(np.float64) * preset.std[0] + preset.mean[0]) * 255
     np.testing.assert_allclose(levels, np.rint(levels), atol=1e-3)
     again = _take(train_batches(on, global_batch_size=64, num_devices=2, seed=3, start_step=2), 2)

@@ -334,15 +334,15 @@ def test_eval_with_the_real_pipeline_counts_every_example_once(tmp_path, monkeyp
     float64 NumPy evaluation of the final params on the 27 examples, unpadded."""
     monkeypatch.undo()  # the real cnnjax.data.pipeline, on its in-memory `fake` dataset
     helpers.register_tiny_model(monkeypatch)  # undo() unregistered it too
-    from cnnjax.data import pipeline
+    from cnnjax.data import sources
     from cnnjax.data.pipeline import default_data_config, eval_batches
     from cnnjax.models import create_model
     from cnnjax.train import logging as logging_lib
 
     # TensorFlow (input pipeline, TensorBoard writer) must have GPUs hidden before its first use.
     order = []
-    hide = pipeline.hide_gpus_from_tensorflow
-    monkeypatch.setattr(pipeline, "hide_gpus_from_tensorflow",
+    hide = sources.hide_gpus_from_tensorflow
+    monkeypatch.setattr(sources, "hide_gpus_from_tensorflow",
                         lambda: (order.append("hide"), hide())[1])
     writer_init = logging_lib.EventFileWriter.__init__
     monkeypatch.setattr(logging_lib.EventFileWriter, "__init__",

@@ -1,0 +1,274 @@
+"""Where examples come from: a prepared tfds dataset, the in-memory `fake` set, or a class subset.
+
+Each is read by process shard in stored order as `{'image', 'label'}`, images as stored (tfds:
+encoded) until `decode`. Opening one is every pipeline's first TensorFlow work, so `open_source`
+hides the GPUs from TensorFlow first (`hide_gpus_from_tensorflow`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cnnjax.data.builders import digits as _digits  # noqa: F401  (registers the `digits` builder)
+from cnnjax.data.spec import Spec
+from cnnjax.utils.validation import invalid
+
+_OWNER = "data"
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A catalogue dataset is not in the tfds data dir, and cnnjax never downloads data."""
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """Makes GPUs invisible to TensorFlow so it never reserves accelerator memory JAX needs.
+
+    Called by every pipeline entry point before TensorFlow builds anything. If TensorFlow was
+    already initialized with GPUs visible (user code ran TF ops first), it logs a warning.
+    """
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF runtime already initialized: visibility can no longer change.
+        if tf.config.get_visible_devices("GPU"):
+            logging.warning("cnnjax.data: TensorFlow was initialized with GPUs visible before "
+                            "the input pipeline; it may hold GPU memory that JAX needs.")
+
+
+def _split_field(spec: Spec, split: str) -> str:
+    """The config field a split string came from, to name it in errors."""
+    return ("train_split" if split == spec.train_split
+            else "eval_split" if split == spec.eval_split else "split")
+
+
+class Source:
+    """Raw examples of one dataset: `{'image': encoded bytes or uint8 HWC, 'label': int}`."""
+
+    name: str
+    num_classes: int
+    native_shape: tuple[int | None, int | None, int]
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        raise NotImplementedError
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        """Turns a stored image into a uint8 `[H, W, C]` tensor."""
+        return image
+
+
+class TfdsSource(Source):
+    """A prepared tfds dataset; images stay encoded until `decode` (cheap shuffles and skips)."""
+
+    def __init__(self, spec: Spec):
+        preset = spec.preset
+        try:
+            builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          f"tfds does not know this dataset ({e})") from None
+        if not builder.is_prepared():
+            if not preset.local_builder:
+                raise DatasetNotPreparedError(_missing_dataset_message(spec, builder))
+            logging.info("cnnjax.data: generating %r into %s (offline, first use)",
+                         spec.tfds_name, builder.data_dir)
+            try:
+                builder.download_and_prepare()
+            except FileExistsError:
+                # Another process of a multi-host job built it into the same data dir first
+                # (tfds renames a finished build into place; the later rename fails).
+                builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
+                if not builder.is_prepared():
+                    raise
+                logging.info("cnnjax.data: another process finished building %r first; "
+                             "using its copy", spec.tfds_name)
+        self.builder = builder
+        self.name = preset.name
+        self._spec = spec
+        features = builder.info.features
+        self._image_feature = features["image"]
+        self.num_classes = self._num_classes(spec, features)
+        self.native_shape = tuple(self._image_feature.shape)  # type: ignore[assignment]
+
+    def _num_classes(self, spec: Spec, features: Any) -> int:
+        """The classes of the image-level `label` (a ValueError for a set without one)."""
+        if "label" not in features:
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          "expected a dataset with an image-level `label` (it has "
+                          f"{sorted(features)}; a detection set such as voc/2007 needs "
+                          "config.task='detection')")
+        return int(features["label"].num_classes)
+
+    def _shard_split(self, split: str, shard: tuple[int, int]) -> Any:
+        index, count = shard
+        return split if count == 1 else tfds.even_splits(split, n=count)[index]
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        try:
+            return int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise invalid(_OWNER, _split_field(self._spec, split), split,
+                          f"{self.builder.name!r} has splits {list(self.builder.info.splits)} "
+                          f"(slices like 'train[:90%]' also work) [{e}]") from None
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        ds = self.builder.as_dataset(
+            split=self._shard_split(split, shard),
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+        )
+        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        return self._image_feature.decode_example(image)
+
+
+def _missing_dataset_message(spec: Spec, builder: Any) -> str:
+    version_dir = str(builder.data_dir)
+    root = version_dir
+    for _ in builder.info.full_name.split("/"):
+        root = os.path.dirname(root)
+    message = (
+        f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r}) is not prepared in the "
+        f"tfds data_dir {root!r}; its files would be in {version_dir!r}. cnnjax never downloads "
+        f"data. Prepare it on a machine with internet access: `tfds build {spec.tfds_name} "
+        f"--data_dir=<dir>` (or `tfds.builder({spec.tfds_name!r}, data_dir=<dir>)"
+        f".download_and_prepare()`), then copy <dir>/{spec.tfds_name.split('/')[0]} into "
+        f"{root!r}, or set data.data_dir to the directory holding it."
+    )
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        message += (f" This dataset needs a manual download first: put its archives in "
+                    f"{os.path.join(root, 'downloads', 'manual')!r} (see the tfds catalogue).")
+    return message
+
+
+class _FakeSource(Source):
+    """Random uint8 images and labels held in memory (seeded, identical on every call)."""
+
+    def __init__(self, spec: Spec):
+        self.name = "fake"
+        self._spec = spec
+        self.num_classes = spec.fake_num_classes
+        self.native_shape = spec.fake_image_shape
+        preset = spec.preset
+        self._sizes = {preset.train_split: spec.fake_num_train,
+                       preset.eval_split: spec.fake_num_eval}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _bounds(self, split: str, shard: tuple[int, int]) -> tuple[int, int]:
+        if split not in self._sizes:
+            raise invalid(_OWNER, _split_field(self._spec, split), split,
+                          f"'fake' has splits {list(self._sizes)}")
+        n, (index, count) = self._sizes[split], shard
+        return index * n // count, (index + 1) * n // count
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        start, stop = self._bounds(split, shard)
+        return stop - start
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        start, stop = self._bounds(split, shard)
+        if split not in self._arrays:
+            rng = np.random.default_rng([0, list(self._sizes).index(split)])
+            n = self._sizes[split]
+            images = rng.integers(0, 256, (n, *self.native_shape), dtype=np.uint8)
+            labels = rng.integers(0, self.num_classes, n, dtype=np.int64)
+            self._arrays[split] = (images, labels)
+        images, labels = self._arrays[split]
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images[start:stop], "label": labels[start:stop]})
+
+
+class _SubsetSource(Source):
+    """`inner` restricted to `spec.classes` (relabelled 0..k-1 in their order) and, in the train
+    split, to the first `spec.train_examples_per_class` examples of each class (stored order).
+
+    Both are deterministic filters over the stored order. A shard `(i, n)` of the filtered split
+    is its every n-th example from the i-th (`Dataset.shard`), so shard sizes differ by at most
+    one, as with `tfds.even_splits`; every process reads (but does not decode) the whole split.
+    """
+
+    def __init__(self, inner: Source, spec: Spec):
+        self.inner, self.spec = inner, spec
+        self.name = inner.name
+        self.native_shape = inner.native_shape
+        classes = spec.classes if spec.classes is not None else tuple(range(inner.num_classes))
+        if max(classes) >= inner.num_classes:
+            raise invalid(_OWNER, "classes", spec.classes,
+                          f"expected labels in [0, {inner.num_classes - 1}]: {inner.name!r} has "
+                          f"{inner.num_classes} classes")
+        self.classes = classes
+        self.num_classes = len(classes)
+        new_label = np.full(inner.num_classes, -1, np.int64)
+        new_label[list(classes)] = np.arange(len(classes))
+        self._new_label = new_label
+
+    def _limit(self, split: str) -> int | None:
+        return self.spec.train_examples_per_class if split == self.spec.train_split else None
+
+    def class_counts(self, split: str) -> np.ndarray:
+        """Examples of each original label in the whole `split` (one pass, cached)."""
+        self.inner.num_examples(split)  # a clear error for an unknown split
+        key = (self.spec, split)
+        if key not in _LABEL_COUNTS:
+            labels = self.inner.read(split, (0, 1)).map(lambda ex: ex["label"])
+            counts = np.zeros(self.inner.num_classes, np.int64)
+            for batch in labels.batch(8192).as_numpy_iterator():
+                counts += np.bincount(batch, minlength=self.inner.num_classes)
+            _LABEL_COUNTS[key] = counts
+        return _LABEL_COUNTS[key]
+
+    def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        counts = self.class_counts(split)[list(self.classes)]
+        limit = self._limit(split)
+        if limit is not None:
+            short = [c for c, n in zip(self.classes, counts, strict=True) if n < limit]
+            if short:
+                logging.warning("cnnjax.data: train_examples_per_class=%d but classes %s of "
+                                "split %r have fewer examples; all of theirs are used.",
+                                limit, short, split)
+            counts = np.minimum(counts, limit)
+        index, count = shard
+        return len(range(index, int(counts.sum()), count))
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        new_label = tf.constant(self._new_label)
+        ds = self.inner.read(split, (0, 1)).map(
+            lambda ex: {"image": ex["image"], "label": tf.gather(new_label, ex["label"])})
+        ds = ds.filter(lambda ex: ex["label"] >= 0)
+        limit = self._limit(split)
+        if limit is not None:
+            def within_limit(seen: tf.Tensor, ex: dict) -> tuple[tf.Tensor, dict]:
+                seen_now = seen + tf.one_hot(ex["label"], self.num_classes, dtype=tf.int64)
+                return seen_now, {**ex, "keep": seen[ex["label"]] < limit}
+
+            ds = ds.scan(tf.zeros([self.num_classes], tf.int64), within_limit)
+            ds = ds.filter(lambda ex: ex["keep"])
+            ds = ds.map(lambda kept: {"image": kept["image"], "label": kept["label"]})
+        index, shard_count = shard
+        return ds if shard_count == 1 else ds.shard(shard_count, index)
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        return self.inner.decode(image)
+
+
+# (resolved spec, split) -> examples per original label; counting reads the whole split once.
+_LABEL_COUNTS: dict[tuple[Spec, str], np.ndarray] = {}
+
+
+def open_source(spec: Spec) -> Source:
+    """The source of `spec`'s dataset (a class subset when `spec` asks for one), GPUs hidden from
+    TensorFlow first."""
+    hide_gpus_from_tensorflow()
+    source = _FakeSource(spec) if spec.preset.name == "fake" else TfdsSource(spec)
+    if spec.classes is None and spec.train_examples_per_class is None:
+        return source
+    return _SubsetSource(source, spec)

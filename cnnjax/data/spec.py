@@ -1,0 +1,182 @@
+"""The data config: `default_data_config`'s fields and their resolution into a validated `Spec`.
+
+`resolve` does no I/O, so a bad field fails before any dataset is opened; `pipeline`, `detection`
+and `segmentation` resolve their configs here, and the sources and transforms read the `Spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from cnnjax.data import presets, randaugment
+from cnnjax.utils.validation import check_choice, invalid
+
+_OWNER = "data"
+
+
+def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
+    """Returns a data config with every field the pipeline reads, set to `name`'s defaults.
+
+    Fields: `name`; `data_dir` (None: tfds's default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets);
+    `tfds_name` (None: the preset's, e.g. `imagenette/320px-v2`); `image_size` (None: native size,
+    224 for ImageNet-like data); `augment`; `train_split` / `eval_split` (None: the preset's, any
+    tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; `classes` (None:
+    every class; else the labels to keep, remapped to 0..k-1 in the given order);
+    `train_examples_per_class` (None: all; else the first n train examples of each kept class);
+    `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0: off,
+    and their magnitude on the 0..10 scale; `cnnjax.data.randaugment`; needs `augment`);
+    and `fake_*`, the shape, classes and sizes of the `fake` dataset (random in-memory images for
+    benchmarks).
+    """
+    preset = presets.get_preset(name)
+    fake = presets.get_preset("fake")
+    return ml_collections.ConfigDict(
+        {
+            "name": name,
+            "data_dir": config_dict.placeholder(str),
+            "tfds_name": config_dict.placeholder(str),
+            "image_size": config_dict.placeholder(int),
+            "augment": True,
+            "train_split": config_dict.placeholder(str),
+            "eval_split": config_dict.placeholder(str),
+            "cache": preset.cache,
+            "shuffle_buffer": preset.shuffle_buffer,
+            "classes": config_dict.placeholder(tuple),
+            "train_examples_per_class": config_dict.placeholder(int),
+            "randaugment_layers": 0,
+            "randaugment_magnitude": 9.0,
+            "fake_image_shape": fake.image_shape,
+            "fake_num_classes": fake.num_classes,
+            "fake_num_train": 1024,
+            "fake_num_eval": 256,
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A data config resolved against its preset and validated (no I/O yet)."""
+
+    preset: presets.DatasetPreset
+    tfds_name: str | None
+    data_dir: str | None
+    size: tuple[int, int] | None  # output (height, width); None: native (fixed-size data only)
+    augment: bool
+    train_split: str
+    eval_split: str
+    cache: bool
+    shuffle_buffer: int
+    classes: tuple[int, ...] | None  # labels kept, in their new order; None: every class
+    train_examples_per_class: int | None
+    randaugment_layers: int  # 0: off
+    randaugment_magnitude: float
+    fake_image_shape: tuple[int, int, int]
+    fake_num_classes: int
+    fake_num_train: int
+    fake_num_eval: int
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _optional_str(arg: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise invalid(_OWNER, arg, value, "expected a non-empty string or None")
+    return value
+
+
+def _check_bool(arg: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise invalid(_OWNER, arg, value, "expected True or False")
+    return bool(value)
+
+
+def _check_classes(value: Any) -> tuple[int, ...] | None:
+    """`data.classes`: None, or a non-empty sequence of distinct labels >= 0 (range checked once
+    the dataset's class count is known, in `sources._SubsetSource`)."""
+    if value is None:
+        return None
+    if (isinstance(value, str | bytes) or not isinstance(value, tuple | list) or not value
+            or not all(_is_int(v) and v >= 0 for v in value) or len(set(value)) != len(value)):
+        raise invalid(_OWNER, "classes", value,
+                      "expected None (every class) or a non-empty list of distinct labels >= 0, "
+                      "e.g. (5, 6, 7, 8, 9) (kept in that order, relabelled 0..k-1)")
+    return tuple(int(v) for v in value)
+
+
+def resolve(data_config: Any) -> Spec:
+    """Fills missing fields from `default_data_config(name)` and validates every field."""
+    fields = dict(data_config.items()) if hasattr(data_config, "items") else None
+    if fields is None:
+        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    name = fields.get("name")
+    check_choice(_OWNER, "name", name, presets.list_datasets())
+    preset = presets.get_preset(name)
+    defaults = dict(default_data_config(name).items())
+    unknown = sorted(set(fields) - set(defaults))
+    if unknown:
+        raise invalid(_OWNER, "fields", unknown, f"expected only {sorted(defaults)}")
+    cfg = {key: fields.get(key, default) for key, default in defaults.items()}
+
+    image_size = cfg["image_size"]
+    if image_size is not None:
+        if not _is_int(image_size) or image_size <= 0:
+            raise invalid(_OWNER, "image_size", image_size,
+                          "expected a positive integer, or None for the native size")
+        size: tuple[int, int] | None = (int(image_size), int(image_size))
+    elif preset.default_image_size is not None:
+        size = (preset.default_image_size, preset.default_image_size)
+    else:
+        size = None
+
+    fake_shape = cfg["fake_image_shape"]
+    if (not isinstance(fake_shape, tuple | list) or len(fake_shape) != 3
+            or not all(_is_int(v) and v > 0 for v in fake_shape)):
+        raise invalid(_OWNER, "fake_image_shape", fake_shape,
+                      "expected three positive integers (height, width, channels)")
+    for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
+        if not _is_int(cfg[arg]) or cfg[arg] <= 0:
+            raise invalid(_OWNER, arg, cfg[arg], "expected a positive integer")
+    per_class = cfg["train_examples_per_class"]
+    if per_class is not None and (not _is_int(per_class) or per_class <= 0):
+        raise invalid(_OWNER, "train_examples_per_class", per_class,
+                      "expected a positive integer (examples kept per class in the train split), "
+                      "or None for all of them")
+
+    augment = _check_bool("augment", cfg["augment"])
+    ra_layers, ra_magnitude = randaugment.check_randaugment(
+        _OWNER, cfg["randaugment_layers"], cfg["randaugment_magnitude"],
+        layers_arg="randaugment_layers", magnitude_arg="randaugment_magnitude")
+    if ra_layers and not augment:
+        raise invalid(_OWNER, "randaugment_layers", ra_layers,
+                      "expected 0 when augment=False (RandAugment is a training augmentation: "
+                      "set augment=True, or randaugment_layers=0)")
+
+    tfds_name = _optional_str("tfds_name", cfg["tfds_name"]) or preset.tfds_name
+    if name == "fake":
+        tfds_name = None
+    return Spec(
+        preset=preset,
+        tfds_name=tfds_name,
+        data_dir=_optional_str("data_dir", cfg["data_dir"]),
+        size=size,
+        augment=augment,
+        train_split=_optional_str("train_split", cfg["train_split"]) or preset.train_split,
+        eval_split=_optional_str("eval_split", cfg["eval_split"]) or preset.eval_split,
+        cache=_check_bool("cache", cfg["cache"]),
+        shuffle_buffer=int(cfg["shuffle_buffer"]),
+        classes=_check_classes(cfg["classes"]),
+        train_examples_per_class=None if per_class is None else int(per_class),
+        randaugment_layers=ra_layers,
+        randaugment_magnitude=ra_magnitude,
+        fake_image_shape=tuple(int(v) for v in fake_shape),  # type: ignore[arg-type]
+        fake_num_classes=int(cfg["fake_num_classes"]),
+        fake_num_train=int(cfg["fake_num_train"]),
+        fake_num_eval=int(cfg["fake_num_eval"]),
+    )

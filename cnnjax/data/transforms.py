@@ -1,0 +1,153 @@
+"""Per-example preprocessing: a decoded uint8 image to the normalized float32 image a model sees.
+
+The preset's eval resize or centre crop; for training its random crop and flip and optional
+RandAugment, drawn statelessly from a per-example key so resumed runs replay them bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from cnnjax.data import randaugment
+from cnnjax.data.sources import Source
+from cnnjax.data.spec import Spec
+from cnnjax.utils.validation import invalid
+
+_OWNER = "data"
+# RandAugment's per-example key is `fold_in(key, _RANDAUGMENT_STREAM)`, apart from the crop/flip
+# keys `stateless_split(key, 2)` (unchanged, so runs without RandAugment keep their batches).
+_RANDAUGMENT_STREAM = 0x52414E44
+
+
+@dataclasses.dataclass(frozen=True)
+class Transforms:
+    """TF graph functions from a decoded uint8 image to a normalized float32 image.
+
+    With `randaugment_layers > 0`, `train` applies RandAugment to the 0..255 pixels after the
+    crop and flip (after the resize for the augmentation "none"), before normalization; those
+    pixels are rounded to whole levels first (RandAugment's ops are PIL's, on uint8).
+    """
+
+    out_shape: tuple[int, int, int]
+    native_hw: tuple[int | None, int | None]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_augmentation: str
+    eval_transform: str
+    crop_padding: int
+    crop_fraction: float
+    randaugment_layers: int = 0
+    randaugment_magnitude: float = 9.0
+
+    def _finish(self, image: tf.Tensor) -> tf.Tensor:
+        image = (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+        image.set_shape(self.out_shape)
+        return image
+
+    def _resize(self, image: tf.Tensor) -> tf.Tensor:
+        hw = self.out_shape[:2]
+        if tuple(self.native_hw) == hw:
+            return image
+        # Antialiasing only matters when shrinking, and costs ~2x when enlarging.
+        native = self.native_hw
+        shrinks = None in native or any(o < n for o, n in zip(hw, native, strict=True))
+        return tf.image.resize(image, hw, method="bilinear", antialias=shrinks)
+
+    def _eval_pixels(self, image: tf.Tensor) -> tf.Tensor:
+        """The eval transform before normalization: float32 in [0, 1]."""
+        image = tf.cast(image, tf.float32) / 255.0
+        if self.eval_transform == "resize_center_crop":
+            return _resize_shorter_center_crop(image, self.out_shape[0], self.crop_fraction)
+        return self._resize(image)
+
+    def eval(self, image: tf.Tensor) -> tf.Tensor:
+        return self._finish(self._eval_pixels(image))
+
+    def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Augments with stateless ops seeded by `seed` (int64 `[2]`), so it is replayable."""
+        if self.train_augmentation == "none":
+            image = self._eval_pixels(image)
+        else:
+            image = self._crop_flip(image, seed)
+        if self.randaugment_layers:
+            key = tf.random.experimental.stateless_fold_in(seed, _RANDAUGMENT_STREAM)
+            pixels = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+            pixels = randaugment.rand_augment(pixels, key, self.randaugment_layers,
+                                              self.randaugment_magnitude)
+            image = tf.cast(pixels, tf.float32) / 255.0
+        return self._finish(image)
+
+    def _crop_flip(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """The preset's random crop and flip: float32 in [0, 1]."""
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = tf.cast(image, tf.float32) / 255.0
+        if self.train_augmentation == "pad_crop_flip":
+            image = self._resize(image)
+            p = self.crop_padding
+            image = tf.pad(image, [[p, p], [p, p], [0, 0]])
+            image = tf.image.stateless_random_crop(image, self.out_shape, seed=crop_seed)
+        else:  # random_resized_crop_flip
+            image = _random_resized_crop(image, self.out_shape[:2], crop_seed)
+        return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+    """Resizes the shorter side to `round(size / crop_fraction)`, then center-crops `size`."""
+    resize_to = int(round(size / crop_fraction))
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = resize_to / tf.reduce_min(hw)
+    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), size)
+    image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    return image[top:top + size, left:left + size, :]
+
+
+def _random_resized_crop(image: tf.Tensor, hw: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
+    """Inception crop: 8%-100% of the area, aspect ratio 3/4-4/3, resized to `hw`."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, crop_size)
+    return tf.image.resize(image, hw, method="bilinear", antialias=True)
+
+
+def make_transforms(spec: Spec, source: Source) -> Transforms:
+    """The `Transforms` of `spec` for `source`'s images (output size, channels, normalization)."""
+    native_h, native_w, channels = source.native_shape
+    if spec.size is not None:
+        out_hw = spec.size
+    elif native_h is not None and native_w is not None:
+        out_hw = (native_h, native_w)
+    else:  # Only a tfds_name override can lead here: presets of variable-size data have a size.
+        raise invalid(_OWNER, "image_size", None,
+                      f"{spec.tfds_name!r} has images of varying size; set data.image_size")
+    if spec.randaugment_layers and channels not in (1, 3):
+        raise invalid(_OWNER, "randaugment_layers", spec.randaugment_layers,
+                      f"expected 0 for {channels}-channel images (RandAugment's ops are defined "
+                      "on grey or RGB images)")
+    preset = spec.preset
+    mean, std = preset.mean, preset.std
+    if len(mean) != channels:  # `fake` with a custom channel count: centre 0..1 on 0.
+        mean, std = (0.5,) * channels, (0.5,) * channels
+    return Transforms(
+        out_shape=(*out_hw, channels),
+        native_hw=(native_h, native_w),
+        mean=mean,
+        std=std,
+        train_augmentation=preset.train_augmentation if spec.augment else "none",
+        eval_transform=preset.eval_transform,
+        crop_padding=preset.crop_padding,
+        crop_fraction=preset.crop_fraction,
+        randaugment_layers=spec.randaugment_layers,
+        randaugment_magnitude=spec.randaugment_magnitude,
+    )
+
