@@ -1,16 +1,17 @@
 """Show what a trained classifier looks at: attribution maps, first-layer filters, activations.
 
     python -m experiments.visualize --workdir=workdirs/lenet5_digits [--num_images=8]
-        [--layer=<module path>] [--methods=saliency,occlusion,grad_cam] [--step=N] [--ema]
+        [--layer=<module path>] [--methods=saliency,integrated_gradients,occlusion,grad_cam]
+        [--step=N] [--ema]
     python -m experiments.visualize --workdir=... --list_layers
 
 Loads the run's best checkpoint (as `experiments.evaluate` does) and its first --num_images
 eval images, preprocessed as its evaluation sees them, and writes to --out_dir (default
 <workdir>/visualize/):
 - `attributions.png`: per image, the input titled with its true and predicted class, then each
-  method's map for the predicted class: gradient saliency (Simonyan et al. 2014), occlusion
-  sensitivity (Zeiler & Fergus 2014) and Grad-CAM (Selvaraju et al. 2017) at --layer (default:
-  the last module with a feature-map output);
+  method's map for the predicted class: gradient saliency (Simonyan et al. 2014), integrated
+  gradients (Sundararajan et al. 2017), occlusion sensitivity (Zeiler & Fergus 2014) and Grad-CAM
+  (Selvaraju et al. 2017) at --layer (default: the last feature map larger than 1x1);
 - `filters.png`: the first convolution's kernels (Krizhevsky et al. 2012, Fig. 3);
 - `activations.png`: the Grad-CAM layer's channels on the first image;
 - `visualize.json`: the layer, checkpoint, and each image's label, prediction and probability.
@@ -38,13 +39,15 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import parse_flags  # noqa: E402
 
+#: cnnjax.analysis.attribution.METHODS (not imported here: flags come before JAX is set up).
+ALL_METHODS = ("saliency", "integrated_gradients", "occlusion", "grad_cam")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _EMA = flags.DEFINE_bool("ema", False, "Use the run's weight average instead of its weights.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 6, "Eval images to explain.")
 _LAYER = flags.DEFINE_string("layer", None, "Grad-CAM (and activations) layer: a module path "
                              "from --list_layers (default: the last feature-map module).")
-_METHODS = flags.DEFINE_list("methods", ["saliency", "occlusion", "grad_cam"],
+_METHODS = flags.DEFINE_list("methods", list(ALL_METHODS),
                              "Attribution methods, in any order.")
 _PATCH = flags.DEFINE_integer("patch", None, "Occluder side in pixels (default: a quarter of "
                               "the image's smaller side).")
@@ -62,7 +65,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
-                         methods: Sequence[str] = ("saliency", "occlusion", "grad_cam"),
+                         methods: Sequence[str] = ALL_METHODS,
                          layer: str | None = None, patch: int | None = None,
                          stride: int | None = None) -> dict:
     """Writes the module docstring's files for a `load_trained` run into `out_dir`; returns
@@ -137,7 +140,7 @@ def _eval_objects(run: Any, count: int) -> list[dict]:
     return examples
 
 
-def pointing_game_run(run: Any, methods: Sequence[str] = ("saliency", "occlusion", "grad_cam"),
+def pointing_game_run(run: Any, methods: Sequence[str] = ALL_METHODS,
                       layer: str | None = None, patch: int | None = None,
                       stride: int | None = None, tolerance: float | None = None,
                       max_images: int | None = None) -> dict:
@@ -220,7 +223,7 @@ def main(argv: list[str]) -> None:
                   f"{result['tolerance_px']:.1f} px (Grad-CAM layer "
                   f"{result['grad_cam_layer'] or '-'}):")
             for name, accuracy in result["accuracy"].items():
-                print(f"  {name:10s} {accuracy:.3f}")
+                print(f"  {name:22s} {accuracy:.3f}")
             print(f"Written to {path}")
             return
         summary = write_visualizations(

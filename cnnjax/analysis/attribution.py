@@ -1,10 +1,12 @@
 """What a trained classifier looks at: attribution maps, layer activations and first-layer filters.
 
-Three classic answers to "which pixels does the class score rest on", each an `[N, H, W]` map at
+Four classic answers to "which pixels does the class score rest on", each an `[N, H, W]` map at
 input resolution:
 
 - `saliency`: the largest absolute gradient of the class score over an input pixel's channels
   (Simonyan, Vedaldi & Zisserman 2014, "Deep Inside Convolutional Networks", §3.1);
+- `integrated_gradients`: the input minus a baseline times the gradient averaged along the path
+  between them, which sums to the score difference (Sundararajan, Taly & Yan 2017);
 - `occlusion`: how much the class probability drops when a grey square covers the pixel,
   averaged over every square position covering it (Zeiler & Fergus 2014, "Visualizing and
   Understanding Convolutional Networks", §4.2; the per-pixel average is Captum's `Occlusion`);
@@ -41,7 +43,7 @@ from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 _OWNER = "attribution"
 #: Attribution methods by name, in the order `plot_attributions` draws them.
-METHODS = ("saliency", "occlusion", "grad_cam")
+METHODS = ("saliency", "integrated_gradients", "occlusion", "grad_cam")
 
 
 class ModuleOutput(NamedTuple):
@@ -284,6 +286,46 @@ def saliency(model: nn.Module, variables: Any, images: Any,
     return np.asarray(_saliency_fn(model)(variables, images, targets))
 
 
+@functools.lru_cache(maxsize=32)
+def _path_gradient_fn(model: nn.Module) -> Callable:
+    """d score / d x at `baseline + alpha (image - baseline)`; called once per path point from
+    Python (XLA:CPU runs convolutions inside a loop body many times slower)."""
+    forward = _forward(model, ())
+
+    def path_gradient(variables: Any, images: Any, baselines: Any, targets: Any,
+                      alpha: Any) -> Any:
+        path = baselines + alpha * (images - baselines)
+        return jax.grad(lambda x: _class_score(forward(variables, x)[0], targets))(path)
+
+    return jax.jit(path_gradient)
+
+
+def integrated_gradients(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
+                         baseline: Any = 0.0, steps: int = 32) -> np.ndarray:
+    """`[N, H, W, C]` attributions `(x - x') * mean over the path of d score / d x`
+    (Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep Networks"), by the midpoint
+    rule with `steps` points from `baseline` x' (a value or an image broadcastable to the
+    images; 0: the dataset mean for normalized inputs) to x. They sum to about
+    score(x) - score(x') (completeness), closer with more steps; scores are logits."""
+    images = _check_images(images)
+    steps = check_positive_int(_OWNER, "steps", steps)
+    try:
+        baselines = np.broadcast_to(np.asarray(baseline, np.float32), images.shape)
+    except ValueError:
+        raise invalid(_OWNER, "baseline", f"array of shape {np.shape(baseline)}",
+                      f"expected a value or an array broadcastable to {images.shape}") from None
+    if not np.all(np.isfinite(baselines)):
+        raise invalid(_OWNER, "baseline", "an array with NaN or inf", "expected finite values")
+    targets = _check_targets(targets, logits(model, variables, images))
+    baselines = np.ascontiguousarray(baselines)
+    gradient = _path_gradient_fn(model)
+    total = np.zeros(images.shape, np.float64)
+    for k in range(steps):  # the midpoint rule over the path (their Eq. 3)
+        total += np.asarray(gradient(variables, images, baselines, targets,
+                                     np.float32((k + 0.5) / steps)))
+    return ((images - baselines) * total / steps).astype(np.float32)
+
+
 def occlusion_windows(size: int, patch: int, stride: int) -> list[int]:
     """Start offsets of a `patch`-wide occluder along an axis of `size` at `stride`, the last
     one moved to end at the border so every pixel is covered."""
@@ -419,9 +461,11 @@ class Explanation(NamedTuple):
 
 def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
             methods: Sequence[str] = METHODS, layer: str | None = None,
-            patch: int | None = None, stride: int | None = None) -> Explanation:
+            patch: int | None = None, stride: int | None = None,
+            ig_steps: int = 32) -> Explanation:
     """The `methods` (of `METHODS`) for the same images and targets (None: predicted classes);
-    `layer` is Grad-CAM's, `patch` and `stride` the occluder's."""
+    `layer` is Grad-CAM's, `patch` and `stride` the occluder's, `ig_steps` the path points of
+    integrated gradients (whose map is |sum over channels| of its attributions)."""
     if isinstance(methods, str):
         methods = tuple(m for m in methods.split(",") if m)
     unknown = [m for m in methods if m not in METHODS]
@@ -440,6 +484,9 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
             continue
         if method == "saliency":
             maps[method] = saliency(model, variables, images, targets)
+        elif method == "integrated_gradients":  # |sum over channels|, as Captum draws it
+            maps[method] = np.abs(integrated_gradients(model, variables, images, targets,
+                                                       steps=ig_steps).sum(axis=-1))
         elif method == "occlusion":
             maps[method] = occlusion(model, variables, images, targets, patch=patch,
                                      stride=stride)

@@ -65,6 +65,31 @@ def test_saliency_of_a_linear_classifier_is_its_weight(linear):
     np.testing.assert_allclose(got, weight[targets].max(axis=-1), rtol=1e-6)
 
 
+def test_integrated_gradients_of_a_linear_classifier_are_exact(linear):
+    """IG of x -> W x + b is (x - x') * W[:, t] for any number of path points."""
+    model, variables, images, kernel, _ = linear
+    baseline = np.random.RandomState(5).randn(*SHAPE).astype(np.float32)
+    targets = np.array([2, 0, 1, 1])
+    got = at.integrated_gradients(model, variables, images, targets, baseline=baseline, steps=3)
+    weight = kernel.T.reshape(CLASSES, *SHAPE)[targets]
+    np.testing.assert_allclose(got, (images - baseline) * weight, rtol=1e-5, atol=1e-7)
+
+
+def test_integrated_gradients_are_complete_on_a_resnet(resnet):
+    """Completeness (Sundararajan et al. 2017, Prop. 1): the attributions sum to the score
+    difference between image and baseline, up to the midpoint rule's error (a random baseline,
+    so the path does not run through 0, where a bias-free ReLU network is exactly linear)."""
+    model, variables, images = resnet
+    baseline = np.random.RandomState(1).randn(32, 32, 3).astype(np.float32)
+    got = at.integrated_gradients(model, variables, images, baseline=baseline, steps=256)
+    scores = at.logits(model, variables, images)
+    targets = scores.argmax(axis=1)
+    start = at.logits(model, variables, np.broadcast_to(baseline, images.shape))
+    difference = (scores - start)[np.arange(3), targets]
+    assert np.abs(difference).max() > 0.1
+    np.testing.assert_allclose(got.reshape(3, -1).sum(axis=1), difference, atol=0.02)
+
+
 @pytest.mark.parametrize(("patch", "stride", "fill"), [(4, 3, 0.0), (5, 5, -1.5), (10, 1, 0.0)])
 def test_occlusion_matches_a_float64_loop_over_occluder_positions(linear, patch, stride, fill):
     """Every position (the last moved to the border), the probability drop averaged per pixel
@@ -152,8 +177,10 @@ def test_pointing_game():
 
 def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
     model, variables, images = resnet
-    result = at.explain(model, variables, images, methods="grad_cam,saliency", patch=8)
-    assert list(result.maps) == ["saliency", "grad_cam"] and result.layer == "stage3_block3"
+    result = at.explain(model, variables, images, methods="grad_cam,integrated_gradients,saliency",
+                        patch=8, ig_steps=4)
+    assert list(result.maps) == ["saliency", "integrated_gradients", "grad_cam"]
+    assert result.layer == "stage3_block3"
     np.testing.assert_array_equal(result.targets, result.probabilities.argmax(axis=1))
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-5)
     path = at.plot_attributions(images, result.maps, str(tmp_path / "a.png"), ["x"] * 3)
@@ -184,6 +211,11 @@ def test_bad_inputs_are_named(resnet, linear):
     with pytest.raises(ValueError, match=r"input_shape=\(16, 16, 1\) is invalid; the model with "
                                          r"these variables does not run on a \(16, 16, 1\) input"):
         at.module_outputs(model, variables, (16, 16, 1))
+    with pytest.raises(ValueError, match=r"baseline='array of shape \(5,\)' is invalid; "
+                                         r"expected a value or an array broadcastable to"):
+        at.integrated_gradients(model, variables, images, baseline=np.zeros(5))
+    with pytest.raises(ValueError, match=r"steps=0 is invalid; expected a positive integer"):
+        at.integrated_gradients(model, variables, images, steps=0)
     with pytest.raises(ValueError, match=r"methods=\('saliency', 'lime'\) is invalid"):
         at.explain(model, variables, images, methods=("saliency", "lime"))
     twice = Twice()
