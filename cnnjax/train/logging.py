@@ -22,6 +22,8 @@ from absl import logging
 from cnnjax.utils.files import atomic_write, save_figure
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"  # status, best and final metrics (train_and_evaluate writes it)
+CONFIG_FILE = "config.json"  # the run's resolved config
 PLOT_FILE = "learning_curves.png"
 TENSORBOARD_DIR = "tensorboard"
 

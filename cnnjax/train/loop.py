@@ -30,25 +30,26 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from flax.traverse_util import flatten_dict
 from jax.experimental import multihost_utils
 
 from cnnjax.analysis.confusion import intersection_over_union
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import config as config_lib
 from cnnjax.train import ema as ema_lib
-from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer, SourceCheckpoints
-from cnnjax.train.logging import METRICS_FILE, PLOT_FILE, TENSORBOARD_DIR, MetricLogger, ProgressBar
+from cnnjax.train import init_from as init_from_lib
+from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from cnnjax.train.logging import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    TENSORBOARD_DIR,
+    MetricLogger,
+    ProgressBar,
+)
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
 from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
-from cnnjax.train.state import (
-    WARM_START_COLLECTIONS,
-    TrainState,
-    create_train_state,
-    select_pretrained,
-    under_submodule,
-    warm_start,
-)
+from cnnjax.train.state import TrainState, create_train_state, warm_start
 from cnnjax.train.step import (
     make_detection_steps,
     make_segmentation_steps,
@@ -57,10 +58,7 @@ from cnnjax.train.step import (
 )
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, write_json
 from cnnjax.utils.lock import directory_lock
-from cnnjax.utils.validation import invalid
 
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
 
@@ -150,22 +148,6 @@ def evaluate_variables(config: Any, variables: dict) -> dict:
     return run.evaluate_variables(variables)
 
 
-def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_config: dict) -> None:
-    """Converted torchvision weights of this run's model record the model settings they need
-    (googlenet_bn's `transform_input=True`: torchvision rescales the input for those weights);
-    a run without them would fine-tune from wrongly scaled inputs, so it is refused."""
-    summary = read_json(os.path.join(source_workdir, SUMMARY_FILE)) or {}
-    if summary.get("status") != "converted" or source_config.get("model") != config.model:
-        return
-    mine = config_lib.model_kwargs(config)
-    for key, value in sorted((source_config.get("model_kwargs") or {}).items()):
-        if mine.get(key) != value:
-            raise invalid("init_from", "workdir", source_workdir,
-                          f"its converted torchvision weights need model_kwargs.{key}={value!r} "
-                          f"(torchvision sets it when it loads them) and this run has "
-                          f"{mine.get(key)!r}; pass --config.model_kwargs.{key}={value}")
-
-
 def _completed_summary(workdir: str) -> dict | None:
     """The workdir's summary.json if it records a completed run, else None."""
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
@@ -176,11 +158,6 @@ def _write_summary(workdir: str, summary: dict) -> None:
     """Atomically (re)writes `<workdir>/summary.json`, creating the workdir if needed."""
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-
-
-def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
-    """Key paths of the leaves of a nested dict of variables (empty for None / {})."""
-    return list(flatten_dict(dict(tree))) if tree else []
 
 
 def _sync_processes(name: str) -> None:
@@ -356,91 +333,6 @@ class _Run:
                 else json.dumps(current),
             )
 
-    # ---------------------------------------------------------------------------- warm start
-    def load_init_from(self) -> tuple[dict, dict]:
-        """Reads `config.init_from`'s checkpoint: `(variables to load, record for summary.json)`.
-
-        Every check (source exists and has checkpoints, step, architecture, shapes) runs before
-        anything is compiled; only params and batch_stats are read, never the optimizer state.
-        """
-        init_from = self.config.init_from
-        source = SourceCheckpoints(init_from.workdir)
-        try:
-            source_config: dict = {}
-            config_path = os.path.join(source.workdir, CONFIG_FILE)
-            if os.path.exists(config_path):
-                with open(config_path) as f:
-                    source_config = json.load(f)
-            check_pretrained_model_kwargs(self.config, source.workdir, source_config)
-            average = bool(init_from.get("ema", False))
-            step, how = source.choose_step(
-                init_from.get("step"),
-                source_config.get("best_metric", "top1"),
-                source_config.get("best_mode", "max"),
-                ema=average,
-            )
-            source_shapes = source.variable_shapes(step, ema=average)
-            if average and not jax.tree.leaves(source_shapes):
-                raise invalid("init_from", "ema", True,
-                              f"the checkpoint at step {step} of {source.workdir!r} holds no "
-                              "weight average (a run with config.ema.decay None, or converted "
-                              "weights); set init_from.ema=False to load its weights")
-            selected = select_pretrained(
-                self.variable_shapes,
-                source_shapes,
-                tuple(init_from.exclude),
-                source_workdir=source.workdir,
-                source_step=step,
-                model=self.config.model,
-                source_model=source_config.get("model"),
-                submodule=init_from.get("submodule"),
-            )
-            loaded = under_submodule(source.restore_variables(step, selected, ema=average),
-                                     init_from.get("submodule"))
-        finally:
-            source.close()
-
-        def modules(tree: dict) -> set[tuple[str, ...]]:
-            """Paths of every module (top-level and nested) holding a leaf of `tree`."""
-            return {
-                p[:i]
-                for c in WARM_START_COLLECTIONS
-                for p in _leaf_paths(tree.get(c))
-                for i in range(1, len(p))
-            }
-
-        model_modules = modules(self.variable_shapes)
-        unloaded = model_modules - modules(loaded)
-        # The outermost modules nothing was loaded into, e.g. ['aux1/head', 'aux2/head', 'head'].
-        fresh = sorted("/".join(m) for m in unloaded if m[:-1] not in unloaded)
-        unmatched = set(init_from.exclude) - {m[-1] for m in model_modules}
-        if unmatched:
-            logging.warning(
-                "init_from.exclude names %s, which model %r does not have (its top-level "
-                "modules: %s).",
-                sorted(unmatched), self.config.model,
-                sorted(m[0] for m in model_modules if len(m) == 1),
-            )
-        record = {
-            "workdir": source.workdir,
-            "step": step,
-            "checkpoint": how,
-            "model": source_config.get("model"),
-            "exclude": list(init_from.exclude),
-            "submodule": init_from.get("submodule"),
-            "ema": average,
-            "loaded_leaves": sum(len(_leaf_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
-            "fresh_modules": fresh,
-            "freeze": self.config.get("freeze"),
-        }
-        logging.info(
-            "Warm start (init_from): %sparams and batch_stats of the %s checkpoint (step %d) of "
-            "%s (model %r); freshly initialized: %s; optimizer state and step start fresh.",
-            "averaged " if average else "", how, step, source.workdir, record["model"],
-            fresh or "nothing",
-        )
-        return loaded, record
-
     # --------------------------------------------------------------------------------- steps
     def steps(self) -> tuple[Any, Any]:
         """`(p_train, p_eval)`: the per-device steps wrapped for all devices (compiled lazily,
@@ -557,7 +449,7 @@ class _Run:
         pretrained = None
         if config_lib.init_from_workdir(config) is not None and not checkpointer.all_steps():
             try:  # own checkpoints win: then init_from is ignored (exact resume)
-                pretrained = self.load_init_from()
+                pretrained = init_from_lib.load_init_from(config, self.variable_shapes)
             except BaseException:
                 checkpointer.close()
                 raise

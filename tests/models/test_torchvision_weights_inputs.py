@@ -226,7 +226,7 @@ def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
     assert summary["status"] == "converted" and summary["num_params"] == 11_180_103
     assert summary["model_kwargs"] == {}  # googlenet_bn's: {"transform_input": True}
 
-    # What loop.Experiment.load_init_from does, for a 10-class fine-tune of resnet18.
+    # What cnnjax.train.init_from.load_init_from does, for a 10-class fine-tune of resnet18.
     checkpoints = SourceCheckpoints(workdir)
     try:
         step, how = checkpoints.choose_step(None, config["best_metric"], config["best_mode"])
@@ -271,7 +271,7 @@ def test_a_run_without_the_settings_converted_weights_need_is_refused(tmp_path):
     import ml_collections
 
     from cnnjax.train.config import model_kwargs_config
-    from cnnjax.train.loop import check_pretrained_model_kwargs
+    from cnnjax.train.init_from import check_pretrained_model_kwargs
 
     workdir = str(tmp_path / "pretrained")
     variables = jax.jit(create_model("googlenet_bn").init)(
