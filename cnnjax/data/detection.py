@@ -33,7 +33,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
 
 from cnnjax.data import pipeline
@@ -95,13 +94,7 @@ class _DetectionSource(TfdsSource):
         return int(objects["label"].num_classes)
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
-        ds = self.builder.as_dataset(
-            split=self._shard_split(split, shard),
-            shuffle_files=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False,
-                                        add_tfds_id=self.proposals is not None),
-        )
+        ds = self.stored_examples(split, shard, with_ids=self.proposals is not None)
         lookup = None
         if self.proposals is not None:  # the whole split's table: every shard's ids are in it
             lookup = proposals_lib.ProposalLookup(

@@ -30,7 +30,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from ml_collections import config_dict
 
 from cnnjax.data import pipeline
@@ -122,12 +121,7 @@ class _SegmentationSource(TfdsSource):
         return len(self.labels.classes)
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
-        ds = self.builder.as_dataset(
-            split=self._shard_split(split, shard),
-            shuffle_files=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
-        )
+        ds = self.stored_examples(split, shard)
         table = tf.constant(self.labels.lookup())
         return ds.map(lambda ex: {"image": ex["image"],
                                   "labels": tf.gather(table, tf.cast(ex["segmentation_mask"],

@@ -118,14 +118,20 @@ class TfdsSource(Source):
                           f"{self.builder.name!r} has splits {list(self.builder.info.splits)} "
                           f"(slices like 'train[:90%]' also work) [{e}]") from None
 
-    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
-        ds = self.builder.as_dataset(
+    def stored_examples(self, split: str, shard: tuple[int, int],
+                        with_ids: bool = False) -> tf.data.Dataset:
+        """The shard's tfds examples in stored order, images still encoded (see `decode`);
+        `with_ids` adds each example's `tfds_id`."""
+        return self.builder.as_dataset(
             split=self._shard_split(split, shard),
             shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=False),
+            read_config=tfds.ReadConfig(try_autocache=False, add_tfds_id=with_ids),
         )
-        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+    def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        return self.stored_examples(split, shard).map(
+            lambda ex: {"image": ex["image"], "label": ex["label"]})
 
     def decode(self, image: tf.Tensor) -> tf.Tensor:
         return self._image_feature.decode_example(image)
