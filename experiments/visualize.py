@@ -64,6 +64,16 @@ _MAX_IMAGES = flags.DEFINE_integer("max_images", None, "Pointing game: the first
 flags.mark_flags_as_required(["workdir"])
 
 
+def _check_classifier(run: Any) -> None:
+    """Refuses a run whose task is not classification (the maps explain one class score)."""
+    from cnnjax.train import config as config_lib
+
+    task = config_lib.config_task(run.config)
+    if task != "classification":
+        raise ValueError(f"visualize: workdir={run.workdir!r} is invalid; it holds a {task} run, "
+                         "and the attribution maps explain a classifier's class scores")
+
+
 def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
                          methods: Sequence[str] = ALL_METHODS,
                          layer: str | None = None, patch: int | None = None,
@@ -75,6 +85,7 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     from cnnjax.utils.files import write_json
     from cnnjax.utils.validation import check_positive_int
 
+    _check_classifier(run)
     count = check_positive_int("visualize", "num_images", num_images)
     batch = next(eval_examples(run, batch_size=count))
     images, labels = batch["image"][:count], batch["label"][:count]
@@ -149,7 +160,11 @@ def pointing_game_run(run: Any, methods: Sequence[str] = ALL_METHODS,
     that class grown by `tolerance` pixels (None: their 15 px at 224 scaled to the image)."""
     from cnnjax.analysis import attribution
     from cnnjax.train.trained import eval_examples
+    from cnnjax.utils.validation import check_positive_int
 
+    _check_classifier(run)
+    if max_images is not None:
+        check_positive_int("visualize", "max_images", max_images)
     images, labels = [], []
     for batch in eval_examples(run, batch_size=64):
         images.extend(batch["image"])

@@ -15,6 +15,7 @@ already has one is refused unless `--force`. `--dry_run` prints the script and s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -57,9 +58,10 @@ _QOS = flags.DEFINE_string("qos", None, "SLURM quality of service.")
 _CONSTRAINT = flags.DEFINE_string("constraint", None, "SLURM node features, e.g. a100.")
 _JOB_NAME = flags.DEFINE_string("job_name", None, "Job name (default cnnjax-<entry>-<dir>).")
 _ARRAY = flags.DEFINE_string(
-    "array", None, "Sweep: trial indices to run, e.g. 0-7 or 3,5 (default: every trial).")
+    "array", None, "Sweep: array tasks to run, e.g. 0-7 or 3,5 (default: all; task i runs trial "
+    "i, or trials i*k ... i*k+k-1 with --trials_per_task=k).")
 _MAX_PARALLEL = flags.DEFINE_integer(
-    "max_parallel", None, "Sweep: at most this many trials at once (--array=...%N).")
+    "max_parallel", None, "Sweep: at most this many array tasks at once (--array=...%N).")
 _TRIALS_PER_TASK = flags.DEFINE_integer(
     "trials_per_task", 1, "Sweep: each array task runs this many consecutive trials (a sweep "
     "larger than the cluster's MaxArraySize; --time must cover them all).")
@@ -126,6 +128,11 @@ def prepare(spec: JobSpec, *, check_configs: bool = True,
     return spec, num_trials, slurm.render(spec, num_trials)
 
 
+#: JobSpec's defaults as launch.json stores them, for records written before a field existed.
+_SPEC_DEFAULTS = json_ready({f.name: f.default for f in dataclasses.fields(JobSpec)
+                             if f.default is not dataclasses.MISSING})
+
+
 def _read_record(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
@@ -154,7 +161,7 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     record = _read_record(record_path)
     new = spec.to_json()
     if record is not None:  # fields added since it was written read as their defaults
-        record["spec"] = JobSpec.from_json(record["spec"]).to_json()
+        record["spec"] = {**_SPEC_DEFAULTS, **record["spec"]}
     if record is not None and record["spec"] != new:
         changes = _differences(record["spec"], new)
         if not force:

@@ -248,7 +248,24 @@ def _check_targets(targets: Any, logits: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- methods
-@functools.lru_cache(maxsize=32)
+def _per_model(build: Callable[..., Callable]) -> Callable[..., Callable]:
+    """`build(model, *keys)`'s jitted function, memoized per `(model, *keys)` so repeated calls
+    reuse its compilation; built afresh for a model that cannot be hashed (a field holding a list,
+    as model kwargs read back from a run's config.json do)."""
+    cached = functools.lru_cache(maxsize=32)(build)
+
+    @functools.wraps(build)
+    def get(*args: Any) -> Callable:
+        try:
+            hash(args)
+        except TypeError:
+            return build(*args)
+        return cached(*args)
+
+    return get
+
+
+@_per_model
 def _logits_fn(model: nn.Module) -> Callable:
     forward = _forward(model, ())
     return jax.jit(lambda variables, images: forward(variables, images)[0].astype(jnp.float32))
@@ -265,7 +282,7 @@ def _class_score(out: Any, targets: Any) -> Any:
     return jnp.take_along_axis(out.astype(jnp.float32), targets[:, None], axis=1).sum()
 
 
-@functools.lru_cache(maxsize=32)
+@_per_model
 def _saliency_fn(model: nn.Module) -> Callable:
     forward = _forward(model, ())
 
@@ -286,7 +303,7 @@ def saliency(model: nn.Module, variables: Any, images: Any,
     return np.asarray(_saliency_fn(model)(variables, images, targets))
 
 
-@functools.lru_cache(maxsize=32)
+@_per_model
 def _path_gradient_fn(model: nn.Module) -> Callable:
     """d score / d x at `baseline + alpha (image - baseline)`; called once per path point from
     Python (XLA:CPU runs convolutions inside a loop body many times slower)."""
@@ -320,7 +337,7 @@ def integrated_gradients(model: nn.Module, variables: Any, images: Any, targets:
     baselines = np.ascontiguousarray(baselines)
     gradient = _path_gradient_fn(model)
     total = np.zeros(images.shape, np.float64)
-    for k in range(steps):  # the midpoint rule over the path (their Eq. 3)
+    for k in range(steps):  # their Eq. 3's Riemann sum, at the midpoints of the m intervals
         total += np.asarray(gradient(variables, images, baselines, targets,
                                      np.float32((k + 0.5) / steps)))
     return ((images - baselines) * total / steps).astype(np.float32)
@@ -328,14 +345,14 @@ def integrated_gradients(model: nn.Module, variables: Any, images: Any, targets:
 
 def occlusion_windows(size: int, patch: int, stride: int) -> list[int]:
     """Start offsets of a `patch`-wide occluder along an axis of `size` at `stride`, the last
-    one moved to end at the border so every pixel is covered."""
+    one moved to end at the border, so every pixel is covered when `stride <= patch`."""
     starts = list(range(0, size - patch + 1, stride))
     if starts[-1] + patch < size:
         starts.append(size - patch)
     return starts
 
 
-@functools.lru_cache(maxsize=32)
+@_per_model
 def _occluded_probability_fn(model: nn.Module, patch: tuple[int, int]) -> Callable:
     forward = _forward(model, ())
 
@@ -373,6 +390,9 @@ def occlusion(model: nn.Module, variables: Any, images: Any, targets: Any = None
                       f"expected at most the image's smaller side, {min(height, width)}")
     stride = check_positive_int(_OWNER, "stride", max(1, patch // 2) if stride is None
                                 else stride)
+    if stride > patch:
+        raise invalid(_OWNER, "stride", stride,
+                      f"expected at most the patch, {patch}, so that every pixel is covered")
     big = float(np.finfo(np.float32).max)
     fill = check_number(_OWNER, "fill", fill, "expected a finite number (0: the dataset mean)",
                         low=-big, high=big, strings=False)
@@ -398,7 +418,7 @@ def occlusion(model: nn.Module, variables: Any, images: Any, targets: Any = None
     return (drop / count).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=32)
+@_per_model
 def _grad_cam_fn(model: nn.Module, layer: str, output_hw: tuple[int, int]) -> Callable:
     forward = _forward(model, (layer,), perturb=layer)
 
@@ -540,9 +560,10 @@ def filter_grid(kernel: Any, columns: int | None = None, pad: int = 1) -> np.nda
 
 # -------------------------------------------------------------------------- pointing game
 def pointing_game(maps: Any, boxes: Any, tolerance: float = 0.0) -> np.ndarray:
-    """`[N]` bool: whether each map's maximum lies in its box `[ymin, xmin, ymax, xmax]` (pixels,
-    ymax/xmax exclusive) grown by `tolerance` pixels (Zhang et al. 2018, "Top-down neural
-    attention by excitation backprop", use 15 px at 224x224). Ties: the first maximum."""
+    """`[N]` bool: whether each map's maximum (its pixel's centre) lies in its box `[ymin, xmin,
+    ymax, xmax]` (pixels) or within `tolerance` pixels of it, Euclidean (Zhang et al. 2018,
+    "Top-down neural attention by excitation backprop", use 15 px at 224x224). Ties: the first
+    maximum; a map holding NaN is refused."""
     maps = np.asarray(maps, np.float64)
     boxes = np.asarray(boxes, np.float64)
     if maps.ndim != 3 or boxes.shape != (len(maps), 4):
@@ -550,11 +571,14 @@ def pointing_game(maps: Any, boxes: Any, tolerance: float = 0.0) -> np.ndarray:
                       f"expected one box [ymin, xmin, ymax, xmax] per map ({maps.shape})")
     tolerance = check_number(_OWNER, "tolerance", tolerance, "expected pixels >= 0", low=0.0,
                              strings=False)
+    if np.isnan(maps).any():
+        raise invalid(_OWNER, "maps", "maps holding NaN", "expected finite maps")
     flat = maps.reshape(len(maps), -1).argmax(axis=1)
     y, x = np.divmod(flat, maps.shape[2])
     cy, cx = y + 0.5, x + 0.5  # pixel centres
-    return ((cy >= boxes[:, 0] - tolerance) & (cy <= boxes[:, 2] + tolerance)
-            & (cx >= boxes[:, 1] - tolerance) & (cx <= boxes[:, 3] + tolerance))
+    dy = np.maximum(np.maximum(boxes[:, 0] - cy, cy - boxes[:, 2]), 0.0)
+    dx = np.maximum(np.maximum(boxes[:, 1] - cx, cx - boxes[:, 3]), 0.0)
+    return np.hypot(dy, dx) <= tolerance
 
 
 # --------------------------------------------------------------------------------- plots

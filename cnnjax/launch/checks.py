@@ -76,6 +76,12 @@ def check_array_size(spec: JobSpec, num_trials: int | None, max_array_size: int 
         largest = max(array_indices(spec.array, num_trials, spec.trials_per_task))
     else:
         largest = spec.num_array_tasks(num_trials) - 1
+    if max_array_size < 1:
+        raise invalid(_OWNER, "entry", spec.entry,
+                      f"this cluster's MaxArraySize is {max_array_size} (scontrol show config): "
+                      "job arrays are disabled, so a sweep cannot run as one; run its trials "
+                      "in one process instead (`python -m experiments.sweep` without "
+                      "--trial_index runs them in turn), e.g. from your own sbatch script")
     if largest < max_array_size:
         return
     fits = math.ceil(num_trials / max_array_size)

@@ -168,11 +168,29 @@ def test_first_layer_filters_and_their_grid(resnet):
 
 
 def test_pointing_game():
+    """Hits inside the box, or within `tolerance` of it by Euclidean distance (pixel centres):
+    (9.5, 9.5) is 6.36 from the box's corner (5, 5), (5.5, 0.5) is 1.5 from its left side."""
     maps = np.zeros((3, 10, 10))
     maps[0, 2, 3] = maps[1, 9, 9] = maps[2, 5, 0] = 1.0
     boxes = np.array([[2, 3, 3, 4], [0, 0, 5, 5], [4, 2, 7, 5]], float)
     np.testing.assert_array_equal(at.pointing_game(maps, boxes), [True, False, False])
     np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=2), [True, False, True])
+    np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=6.3)[1], False)
+    np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=6.4)[1], True)
+    with pytest.raises(ValueError, match=r"maps='maps holding NaN' is invalid"):
+        at.pointing_game(np.full((1, 2, 2), np.nan), np.zeros((1, 4)))
+
+
+def test_a_model_with_a_list_field_is_explained_too():
+    """Model kwargs read back from config.json hold lists, which flax cannot hash: the jitted
+    functions are then built per call instead of cached."""
+    model = create_model("resnet20_cifar", num_classes=4, widths=[4, 8, 8])
+    with pytest.raises(TypeError):
+        hash(model)
+    images = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+    result = at.explain(model, variables, images, patch=4, ig_steps=2)
+    assert {k: v.shape for k, v in result.maps.items()} == {m: (2, 16, 16) for m in at.METHODS}
 
 
 def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
@@ -206,6 +224,9 @@ def test_bad_inputs_are_named(resnet, linear):
     with pytest.raises(ValueError, match=r"patch=40 is invalid; expected at most the image's "
                                          r"smaller side, 32"):
         at.occlusion(model, variables, images, patch=40)
+    with pytest.raises(ValueError, match=r"stride=9 is invalid; expected at most the patch, 8, "
+                                         r"so that every pixel is covered"):
+        at.occlusion(model, variables, images, patch=8, stride=9)
     with pytest.raises(ValueError, match=r"images='array of shape \(32, 32\)' is invalid"):
         at.saliency(model, variables, images[0, ..., 0])
     with pytest.raises(ValueError, match=r"input_shape=\(16, 16, 1\) is invalid; the model with "

@@ -91,6 +91,24 @@ def test_the_pointing_game_needs_a_tfds_dataset_with_boxes(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"^visualize: pointing_game=True is invalid; dataset "
                                          r"'fake' is not read from tfds, so it has no boxes"):
         pointing_game_run(load_trained(str(tmp_path)), max_images=4)
+    with pytest.raises(ValueError, match=r"^visualize: max_images=0 is invalid; expected a "
+                                         r"positive integer"):
+        pointing_game_run(load_trained(str(tmp_path)), max_images=0)
+
+
+def test_a_detector_is_refused_in_one_line():
+    import ml_collections
+
+    from cnnjax.train.trained import TrainedRun
+    from experiments.visualize import pointing_game_run
+
+    run = TrainedRun("workdirs/yolo", ml_collections.ConfigDict({"task": "detection"}),
+                     model=None, variables={}, step=1, how="best")
+    for call in (write_visualizations, pointing_game_run):
+        with pytest.raises(ValueError, match=r"^visualize: workdir='workdirs/yolo' is invalid; it "
+                                             r"holds a detection run, and the attribution maps "
+                                             r"explain a classifier's class scores"):
+            call(run, *(("out",) if call is write_visualizations else ()))
 
 
 @pytest.mark.slow

@@ -82,6 +82,23 @@ def test_a_record_written_before_a_spec_field_existed_still_resubmits(tmp_path):
     assert len(json.loads(path.read_text())["jobs"]) == 2
 
 
+def test_force_replaces_a_record_with_a_field_this_version_does_not_know(tmp_path):
+    """E.g. launch.json written by a newer cnnjax: refused as a different spec, replaced with
+    --force."""
+    workdir = tmp_path / "run"
+    assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
+    path = workdir / "slurm" / "launch.json"
+    record = json.loads(path.read_text())
+    record["spec"]["future_field"] = 3
+    path.write_text(json.dumps(record))
+    refused = _submit(tmp_path, *_train_args(workdir))
+    assert refused.returncode == 1
+    assert "it holds a job with a different spec (future_field: 3 -> None)" in refused.stderr
+    forced = _submit(tmp_path, *_train_args(workdir, "--force"))
+    assert forced.returncode == 0, forced.stderr
+    assert "future_field" not in json.loads(path.read_text())["spec"]
+
+
 def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     workdir = tmp_path / "run"
     assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
@@ -160,6 +177,9 @@ def test_the_array_limit_is_read_from_scontrol_where_there_is_one(tmp_path, monk
                                  workdir=str(tmp_path / "s"), array="1,3",
                                  submit_dir=str(ROOT)), num_trials=4)
     check_array_size(spec, 4, 4)  # largest index 3 < 4
+    with pytest.raises(ValueError, match=r"^launch: entry='sweep' is invalid; this cluster's "
+                                         r"MaxArraySize is 0 .*: job arrays are disabled"):
+        check_array_size(spec, 4, 0)
     with pytest.raises(ValueError, match=r"^launch: array='1,3' is invalid; its largest array "
                                          r"index is 3, but this cluster's MaxArraySize is 3"):
         check_array_size(spec, 4, 3)
