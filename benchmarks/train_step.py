@@ -138,6 +138,7 @@ def run_jax_steps(bench: dict[str, Any], steps: int,
     device batch per step (its time counts as part of the step).
     """
     import jax
+    import numpy as np
 
     times = []
     for _ in range(steps):
@@ -146,7 +147,18 @@ def run_jax_steps(bench: dict[str, Any], steps: int,
         bench["state"], metrics = bench["compiled"](bench["state"], batch)
         jax.block_until_ready((bench["state"], metrics))
         times.append((time.perf_counter() - start, time.process_time() - cpu_start))
+        # After the clock: the training loss on the (repeated) batch, a smoke check that it falls.
+        bench.setdefault("losses", []).append(float(np.mean(jax.device_get(metrics["loss"]))))
     return times
+
+
+def peak_device_memory() -> int | None:
+    """Peak bytes in use on the first local device so far (None where the backend keeps no
+    statistics, e.g. CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 # -------------------------------------------------------------------------------------- PyTorch
@@ -206,30 +218,35 @@ def build_torch_resnet(model_name: str, num_classes: int, stem: str = "imagenet"
 
 
 def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_size: int,
-                     dtype: str, channels_last: bool, stem: str = "imagenet") -> dict[str, Any]:
-    """A PyTorch eager SGD+momentum step on the same network and a synthetic batch."""
+                     dtype: str, channels_last: bool, stem: str = "imagenet",
+                     device: str = "cpu") -> dict[str, Any]:
+    """A PyTorch eager SGD+momentum step on the same network and a synthetic batch, on `device`
+    ("cpu" or "cuda"; a CUDA step waits for the GPU before it counts as done)."""
     import torch
 
     torch.manual_seed(0)
-    model = build_torch_resnet(model_name, num_classes, stem).train()
-    images = torch.randn(batch_size, 3, image_size, image_size)
+    where = torch.device(device)
+    model = build_torch_resnet(model_name, num_classes, stem).train().to(where)
+    images = torch.randn(batch_size, 3, image_size, image_size).to(where)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (batch_size,))
+    labels = torch.randint(0, num_classes, (batch_size,)).to(where)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     autocast = dtype == "bfloat16"
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(where.type, dtype=torch.bfloat16, enabled=autocast):
             loss = torch.nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
+        if where.type == "cuda":
+            torch.cuda.synchronize()
 
     num_params = sum(p.numel() for p in model.parameters())
     return {"step": step, "num_params": num_params, "threads": torch.get_num_threads(),
-            "version": torch.__version__}
+            "version": torch.__version__, "device": device}
 
 
 def run_torch_steps(bench: dict[str, Any], steps: int) -> list[StepTime]:
@@ -307,6 +324,8 @@ def define_flags() -> None:
                       "(parameters stay float32; PyTorch uses CPU autocast for bfloat16).")
     flags.DEFINE_bool("torch", False, "Also time the same network and step in PyTorch eager.")
     flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
+    flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where the PyTorch step runs (cuda: "
+                      "a GPU comparison; JAX uses its default backend).")
     flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults() "
                       "(flags you set in XLA_FLAGS always win).")
     flags.DEFINE_multi_enum("conv_impl", ["auto"], ["xla", "matmul", "auto"],
@@ -368,7 +387,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.torch:
         torch_bench = build_torch_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
                                        FLAGS.image_size, FLAGS.dtype, FLAGS.torch_channels_last,
-                                       FLAGS.stem or "imagenet")
+                                       FLAGS.stem or "imagenet", FLAGS.torch_device)
         if torch_bench["num_params"] != bench["num_params"]:
             raise RuntimeError(f"PyTorch network has {torch_bench['num_params']} parameters, the "
                                f"cnnjax one {bench['num_params']}: not the same architecture.")
@@ -402,19 +421,30 @@ def main(argv: list[str]) -> None:
             f"{result[name]['median_cpu_s_per_step']:.2f} s/step; per round "
             f"{', '.join(f'{v:.1f}' for v in result[f'{name}_rounds_images_per_s'])})")
     result["jax"] = result[f"jax_{impls[0]}"]  # the first impl, for older readers of the JSON
+    for impl in impls:
+        losses = benches[impl].get("losses", [])
+        result[f"jax_{impl}_loss_first_last"] = [losses[0], losses[-1]] if losses else None
+        if losses:
+            lines.append(f"jax ({impl:6s}) training loss on the repeated batch: {losses[0]:.4f} "
+                         f"-> {losses[-1]:.4f} over {len(losses)} steps")
+    result["peak_device_bytes"] = peak_device_memory()
+    if result["peak_device_bytes"] is not None:
+        lines.append(f"peak device memory: {result['peak_device_bytes'] / 2**30:.2f} GiB")
     if torch_bench is not None:
         result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
         result["torch_rounds_images_per_s"] = round_images_per_s(rounds["torch"],
                                                                  FLAGS.batch_size)
         result["torch_version"] = torch_bench["version"]
         result["torch_threads"] = torch_bench["threads"]
+        result["torch_device"] = torch_bench["device"]
         result["torch_channels_last"] = FLAGS.torch_channels_last
         lines.append(
             f"torch:        {result['torch']['images_per_s']:8.1f} img/s (median step "
             f"{result['torch']['median_step_s'] * 1e3:.0f} ms, CPU "
             f"{result['torch']['median_cpu_s_per_step']:.2f} s/step; per round "
             f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}; torch "
-            f"{torch_bench['version']}, {torch_bench['threads']} threads)")
+            f"{torch_bench['version']} on {torch_bench['device']}, {torch_bench['threads']} "
+            "threads)")
         for impl in impls:
             name = f"jax_{impl}"
             ratio = result[name]["images_per_s"] / result["torch"]["images_per_s"]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks for a session that is lent a device machine, as one prepared call (~6 min).
+#
+#   here, once per checkout:  bash benchmarks/device_check.sh --prepare
+#       (downloads the ml_collections wheel the device image lacks into .whl/, git-ignored)
+#   then the device tool:     run(command="bash benchmarks/device_check.sh", carry=[".whl"],
+#                                 timeout_s=540), and give_back unless you rerun at once
+#
+# The device image (docs: /work/.library/device/KINDS.md) has Python 3.12 with jax 0.11 (CUDA),
+# flax, optax, orbax, torch and pytest, but no TensorFlow. These checks therefore use synthetic
+# batches through the engine's own train step (benchmarks.train_step), never the tf.data
+# pipeline. Each check prints its figures (JAX next to PyTorch on the same GPU, the training loss
+# on the repeated batch as a smoke check, peak device memory) and leaves JSON under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+ML_COLLECTIONS=ml_collections==1.1.0
+
+if [[ "${1:-}" == "--prepare" ]]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation py --platform any -d .whl "$ML_COLLECTIONS" &&
+    ls -l .whl
+  exit
+fi
+
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || { echo "carry .whl (run --prepare here first)"; exit 2; }
+nvidia-smi -L
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"
+
+status=0
+check() {  # check NAME ARGS...: one benchmark, its log and JSON under $OUT
+  local name=$1
+  shift
+  echo "=== $name: python3 -m benchmarks.train_step $*"
+  timeout 120 python3 -m benchmarks.train_step "$@" --json_out="$OUT/$name.json" 2>&1 |
+    grep -v -e '^W0' -e '^I0' | tee "$OUT/$name.log" || status=1
+}
+# The issue's workload (ResNet-18 at 32x32, batch 128) in both layouts, JAX vs PyTorch eager.
+check resnet18_32 --model=resnet18 --batch_size=128 --image_size=32 --steps=20 --warmup=5 \
+  --rounds=2 --torch --torch_device=cuda
+check resnet18_cifar_stem --model=resnet18 --stem=cifar --batch_size=128 --image_size=32 \
+  --steps=20 --warmup=5 --rounds=2 --torch --torch_device=cuda
+# ImageNet size: float32 and bfloat16 compute (PyTorch autocast), and 2 devices' code on one.
+check resnet50_224_fp32 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
+  --warmup=3 --rounds=2 --torch --torch_device=cuda
+check resnet50_224_bf16 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
+  --warmup=3 --rounds=2 --dtype=bfloat16 --torch --torch_device=cuda
+check resnet50_224_shard_map --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
+  --warmup=3 --rounds=1 --parallel=shard_map
+# Gradient accumulation in a rolled scan (the accelerator default): peak memory against one batch.
+check resnet50_224_accum4 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
+  --warmup=3 --rounds=1 --grad_accum_steps=4
+exit $status
