@@ -18,3 +18,25 @@ def test_the_options_reach_the_state():
     bench = build_jax_step("lenet5", 10, 8, (32, 32, 1), 1, "pmap", "float32",
                            {"accum_steps": 2, "ema": ExponentialMovingAverage(0.9)})
     assert set(bench["state"].ema) == {"params", "batch_stats"}
+
+
+def test_the_script_reports_throughput_and_the_falling_training_loss(tmp_path):
+    """A whole run as a user types it: the JSON holds the images/s, the loss on the repeated
+    batch (lower at the last step than at the first) and no device memory on CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--model=lenet5", "--batch_size=16",
+         "--image_size=32", "--num_classes=10", "--steps=6", "--warmup=2", "--rounds=1",
+         f"--json_out={out}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    first, last = report["jax_auto_loss_first_last"]
+    assert last < first and report["jax"]["images_per_s"] > 0
+    assert report["peak_device_bytes"] is None
+    assert "training loss on the repeated batch" in result.stdout
