@@ -175,8 +175,9 @@ def array_indices(value: str, num_trials: int, trials_per_task: int = 1) -> list
     tasks = (f"the sweep's {num_trials} trials" if trials_per_task == 1 else
              f"the {count} array tasks running the sweep's {num_trials} trials "
              f"{trials_per_task} to a task")
+    example = f"'0-{count - 1}'" + (f" or '0,{count - 1}'" if count > 1 else "")
     valid = (f"expected comma-separated indices or ranges a-b (a <= b) of {tasks}, "
-             f"0-{count - 1}, e.g. '0-{count - 1}' or '0,{min(3, count - 1)}'")
+             f"0-{count - 1}, e.g. {example}")
     indices: list[int] = []
     for item in value.split(",") if isinstance(value, str) else [None]:
         match = _ARRAY_ITEM.match(item) if item is not None else None
