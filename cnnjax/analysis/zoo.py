@@ -252,7 +252,7 @@ _INTRO = """\
 Edit the template there, not this file; `--check` fails when this page is stale. -->
 
 Every classification and segmentation model registered in `cnnjax.models` ({n_models}
-models; the detectors, `list_models(task="detection")`, are described in the README), analysed by
+models; the detectors, `list_models(task="detection")`, are in docs/detection.md), analysed by
 `cnnjax.analysis.summary` at its native input size (`model_info(name).input_shape`), batch 1,
 float32, inference mode (`train=False`), with its default number of classes. Nothing is
 computed or compiled: the models are traced abstractly. Per-layer tables:
