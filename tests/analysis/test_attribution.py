@@ -65,6 +65,31 @@ def test_saliency_of_a_linear_classifier_is_its_weight(linear):
     np.testing.assert_allclose(got, weight[targets].max(axis=-1), rtol=1e-6)
 
 
+def test_smoothgrad_averages_saliency_over_noisy_copies(linear, resnet):
+    """A linear classifier's gradient does not depend on the input, so SmoothGrad equals its
+    saliency at any noise; on ResNet-20 it equals saliency without noise, and with noise it is
+    the mean of saliency over the same noisy copies (NumPy's stream, sigma from the range)."""
+    model, variables, images, *_ = linear
+    np.testing.assert_allclose(at.smoothgrad(model, variables, images, noise=0.3, samples=3),
+                               at.saliency(model, variables, images), rtol=1e-6)
+    model, variables, images = resnet
+    targets = np.array([0, 1, 2])
+    np.testing.assert_allclose(at.smoothgrad(model, variables, images, targets, noise=0.0,
+                                             samples=2),
+                               at.saliency(model, variables, images, targets), rtol=1e-6)
+    got = at.smoothgrad(model, variables, images, targets, noise=0.2, samples=3, seed=7)
+    rng = np.random.default_rng(7)
+    sigma = 0.2 * (images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3)))
+    copies = [images + rng.standard_normal(images.shape, np.float32) * sigma[:, None, None, None]
+              for _ in range(3)]
+    expected = np.mean([at.saliency(model, variables, c.astype(np.float32), targets)
+                        for c in copies], axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got, at.saliency(model, variables, images, targets))
+    with pytest.raises(ValueError, match=r"noise=-0.1 is invalid; expected a fraction"):
+        at.smoothgrad(model, variables, images, noise=-0.1)
+
+
 def test_integrated_gradients_of_a_linear_classifier_are_exact(linear):
     """IG of x -> W x + b is (x - x') * W[:, t] for any number of path points."""
     model, variables, images, kernel, _ = linear
@@ -198,6 +223,8 @@ def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
     result = at.explain(model, variables, images, methods="grad_cam,integrated_gradients,saliency",
                         patch=8, ig_steps=4)
     assert list(result.maps) == ["saliency", "integrated_gradients", "grad_cam"]
+    assert list(at.explain(model, variables, images[:1], methods="smoothgrad").maps) == [
+        "smoothgrad"]
     assert result.layer == "stage3_block3"
     np.testing.assert_array_equal(result.targets, result.probabilities.argmax(axis=1))
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, rtol=1e-5)
