@@ -75,6 +75,20 @@ def _check_classifier(run: Any) -> None:
                          "and the attribution maps explain a classifier's class scores")
 
 
+def _normalization(run: Any, channels: int) -> tuple[Any, Any]:
+    """`(mean, std)` the run's pipeline normalized its images by, to show them in their own
+    colours; `(None, None)` where unknown (then each image is contrast-stretched)."""
+    from cnnjax.data.spec import resolve
+
+    try:
+        preset = resolve(run.config.data).preset
+    except (ValueError, KeyError, AttributeError):  # not a cnnjax dataset config
+        return None, None
+    if len(preset.mean) != channels:  # the pipeline then centres with 0.5 / 0.5
+        return (0.5,) * channels, (0.5,) * channels
+    return preset.mean, preset.std
+
+
 def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
                          methods: Sequence[str] = ALL_METHODS,
                          layer: str | None = None, patch: int | None = None,
@@ -104,7 +118,8 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     name = f"{run.config.model} step {run.step}"
     files = {
         "attributions": attribution.plot_attributions(
-            images, result.maps, os.path.join(out_dir, "attributions.png"), titles),
+            images, result.maps, os.path.join(out_dir, "attributions.png"), titles,
+            **dict(zip(("mean", "std"), _normalization(run, images.shape[-1]), strict=True))),
         "filters": attribution.plot_filters(
             kernel, os.path.join(out_dir, "filters.png"),
             f"{name}: {filter_path} ({kernel.shape[-1]} filters {kernel.shape[0]}x"

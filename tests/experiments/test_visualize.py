@@ -139,3 +139,21 @@ def test_the_pointing_game_on_shapes(tmp_path):
     centre = [any(y0 * 32 - tol <= 16.5 <= y1 * 32 + tol and x0 * 32 - tol <= 16.5 <= x1 * 32 + tol
                   for y0, x0, y1, x1 in e["objects"]["bbox"]) for e in stored]
     assert result["accuracy"]["centre"] == pytest.approx(np.mean(centre))
+
+
+def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
+    import ml_collections
+
+    from cnnjax.data.pipeline import default_data_config
+    from cnnjax.data.presets import get_preset
+    from cnnjax.train.trained import TrainedRun
+    from experiments.visualize import _normalization
+
+    def run_of(data):
+        return TrainedRun("w", ml_collections.ConfigDict({"data": data}), model=None,
+                          variables={}, step=1, how="best")
+
+    preset = get_preset("shapes")
+    assert _normalization(run_of(default_data_config("shapes")), 3) == (preset.mean, preset.std)
+    assert _normalization(run_of(default_data_config("fake")), 5) == ((0.5,) * 5, (0.5,) * 5)
+    assert _normalization(run_of({"name": "synthetic"}), 1) == (None, None)
