@@ -9,10 +9,10 @@ Loads the run's best checkpoint (as `experiments.evaluate` does) and its first -
 eval images, preprocessed as its evaluation sees them, and writes to --out_dir (default
 <workdir>/visualize/):
 - `attributions.png`: per image, the input titled with its true and predicted class, then each
-  method's map for the predicted class: gradient saliency (Simonyan et al. 2014), SmoothGrad
-  (Smilkov et al. 2017), integrated gradients (Sundararajan et al. 2017), occlusion sensitivity
-  (Zeiler & Fergus 2014) and Grad-CAM (Selvaraju et al. 2017) at --layer (default: the last
-  feature map larger than 1x1);
+  method's map for the predicted class (--target=true: for the true one): gradient saliency
+  (Simonyan et al. 2014), SmoothGrad (Smilkov et al. 2017), integrated gradients (Sundararajan
+  et al. 2017), occlusion sensitivity (Zeiler & Fergus 2014) and Grad-CAM (Selvaraju et al.
+  2017) at --layer (default: the last feature map larger than 1x1);
 - `filters.png`: the first convolution's kernels (Krizhevsky et al. 2012, Fig. 3);
 - `activations.png`: the Grad-CAM layer's channels on the first image;
 - `visualize.json`: the layer, checkpoint, and each image's label, prediction and probability.
@@ -53,6 +53,8 @@ _METHODS = flags.DEFINE_list("methods", list(ALL_METHODS),
 _PATCH = flags.DEFINE_integer("patch", None, "Occluder side in pixels (default: a quarter of "
                               "the image's smaller side).")
 _STRIDE = flags.DEFINE_integer("stride", None, "Occluder step (default: half the patch).")
+_TARGET = flags.DEFINE_enum("target", "predicted", ["predicted", "true"],
+                            "The class the maps explain: the prediction or the true label.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write (default <workdir>/visualize).")
 _LIST_LAYERS = flags.DEFINE_bool("list_layers", False, "Print the model's modules and exit.")
 _POINTING = flags.DEFINE_bool("pointing_game", False, "Instead: score each method by the "
@@ -92,27 +94,32 @@ def _normalization(run: Any, channels: int) -> tuple[Any, Any]:
 def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
                          methods: Sequence[str] = ALL_METHODS,
                          layer: str | None = None, patch: int | None = None,
-                         stride: int | None = None) -> dict:
+                         stride: int | None = None, target: str = "predicted") -> dict:
     """Writes the module docstring's files for a `load_trained` run into `out_dir`; returns
-    the summary written to visualize.json. Every input is checked before anything is written."""
+    the summary written to visualize.json. The maps explain each image's `target` class:
+    "predicted" or "true" (its label; e.g. what a misclassified image lacked). Every input is
+    checked before anything is written."""
     from cnnjax.analysis import attribution
     from cnnjax.train.trained import eval_examples
     from cnnjax.utils.files import write_json
-    from cnnjax.utils.validation import check_positive_int
+    from cnnjax.utils.validation import check_choice, check_positive_int
 
     _check_classifier(run)
     count = check_positive_int("visualize", "num_images", num_images)
+    check_choice("visualize", "target", target, ("predicted", "true"))
     batch = next(eval_examples(run, batch_size=count))
     images, labels = batch["image"][:count], batch["label"][:count]
-    result = attribution.explain(run.model, run.variables, images, methods=methods, layer=layer,
-                                 patch=patch, stride=stride)
+    result = attribution.explain(run.model, run.variables, images,
+                                 labels if target == "true" else None, methods=methods,
+                                 layer=layer, patch=patch, stride=stride)
     shown = result.layer or layer or attribution.last_conv_layer(run.model, run.variables,
                                                                  images.shape[1:])
     filter_path, kernel = attribution.first_layer_filters(run.model, run.variables,
                                                           images.shape[1:])
     activation = attribution.activations(run.model, run.variables, images[:1], (shown,))
     os.makedirs(out_dir, exist_ok=True)
-    rows = [{"label": int(y), "predicted": int(t), "probability": float(p[t])}
+    rows = [{"label": int(y), "predicted": int(p.argmax()), "probability": float(p.max()),
+             "explained": int(t)}
             for y, t, p in zip(labels, result.targets, result.probabilities, strict=True)]
     titles = [f"true {r['label']}, pred {r['predicted']} ({r['probability']:.2f})" for r in rows]
     name = f"{run.config.model} step {run.step}"
@@ -130,7 +137,7 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     }
     summary = {"workdir": run.workdir, "model": run.config.model, "step": run.step,
                "checkpoint": run.how, "weights": "ema" if run.ema else "trained",
-               "grad_cam_layer": result.layer, "activations_layer": shown,
+               "target": target, "grad_cam_layer": result.layer, "activations_layer": shown,
                "first_conv": filter_path, "methods": list(result.maps), "images": rows,
                "files": files}
     write_json(os.path.join(out_dir, "visualize.json"), summary)
@@ -259,7 +266,7 @@ def main(argv: list[str]) -> None:
             return
         summary = write_visualizations(
             run, _OUT_DIR.value or os.path.join(_WORKDIR.value, "visualize"), _NUM_IMAGES.value,
-            _METHODS.value, _LAYER.value, _PATCH.value, _STRIDE.value)
+            _METHODS.value, _LAYER.value, _PATCH.value, _STRIDE.value, _TARGET.value)
     except ValueError as err:
         sys.exit(f"error: {err}")
     rows = summary["images"]

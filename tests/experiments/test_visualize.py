@@ -28,6 +28,12 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     assert summary["step"] == run.step and len(summary["images"]) == 3
     for row in summary["images"]:
         assert 0 <= row["predicted"] < helpers.NUM_CLASSES and 0 < row["probability"] <= 1
+        assert row["explained"] == row["predicted"]
+    true = write_visualizations(run, str(tmp_path / "true"), num_images=3, methods=["grad_cam"],
+                                target="true")
+    assert [r["explained"] for r in true["images"]] == [r["label"] for r in true["images"]]
+    with pytest.raises(ValueError, match=r"visualize: target='label' is invalid"):
+        write_visualizations(run, str(tmp_path / "none"), target="label")
     assert json.loads((out / "visualize.json").read_text()) == json.loads(json.dumps(summary))
     for name in ("attributions", "filters", "activations"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG
