@@ -10,9 +10,10 @@ eval images, preprocessed as its evaluation sees them, and writes to --out_dir (
 <workdir>/visualize/):
 - `attributions.png`: per image, the input titled with its true and predicted class, then each
   method's map for the predicted class (--target=true: for the true one): gradient saliency
-  (Simonyan et al. 2014), SmoothGrad (Smilkov et al. 2017), integrated gradients (Sundararajan
-  et al. 2017), occlusion sensitivity (Zeiler & Fergus 2014) and Grad-CAM (Selvaraju et al.
-  2017) at --layer (default: the last feature map larger than 1x1);
+  (Simonyan et al. 2014), SmoothGrad (Smilkov et al. 2017), guided backpropagation (Springenberg
+  et al. 2015), integrated gradients (Sundararajan et al. 2017), occlusion sensitivity (Zeiler &
+  Fergus 2014) and Grad-CAM (Selvaraju et al. 2017) at --layer (default: the last feature map
+  larger than 1x1);
 - `filters.png`: the first convolution's kernels (Krizhevsky et al. 2012, Fig. 3);
 - `activations.png`: the Grad-CAM layer's channels on the first image;
 - `visualize.json`: the layer, checkpoint, and each image's label, prediction and probability.
@@ -41,7 +42,8 @@ from absl import app, flags  # noqa: E402
 from cnnjax.utils.cli import parse_flags  # noqa: E402
 
 #: cnnjax.analysis.attribution.METHODS (not imported here: flags come before JAX is set up).
-ALL_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "occlusion", "grad_cam")
+ALL_METHODS = ("saliency", "smoothgrad", "guided_backprop", "integrated_gradients", "occlusion",
+               "grad_cam")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _EMA = flags.DEFINE_bool("ema", False, "Use the run's weight average instead of its weights.")

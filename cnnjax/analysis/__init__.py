@@ -6,7 +6,7 @@ is not ambiguous between function and module):
     from cnnjax.analysis.summary import summary                   # per-layer table, CLI
     from cnnjax.analysis.receptive_field import receptive_field   # final (size, jump, start)
     from cnnjax.analysis.effective_receptive_field import effective_receptive_field  # Luo 2016
-    from cnnjax.analysis import attribution  # saliency, IG, occlusion, Grad-CAM of a model
+    from cnnjax.analysis import attribution  # saliency ... Grad-CAM of a trained classifier
 """
 
 from typing import Any

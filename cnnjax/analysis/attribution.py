@@ -1,11 +1,14 @@
 """What a trained classifier looks at: attribution maps, layer activations and first-layer filters.
 
-Five classic answers to "which pixels does the class score rest on", each an `[N, H, W]` map at
+Six classic answers to "which pixels does the class score rest on", each an `[N, H, W]` map at
 input resolution:
 
 - `saliency`: the largest absolute gradient of the class score over an input pixel's channels
   (Simonyan, Vedaldi & Zisserman 2014, "Deep Inside Convolutional Networks", §3.1);
 - `smoothgrad`: that map averaged over noisy copies of the image (Smilkov et al. 2017);
+- `guided_backprop`: the gradient with each ReLU passing back only positive signal where its
+  input was positive (Springenberg et al. 2015), or Zeiler & Fergus's deconvnet projection
+  (`rule="deconvnet"`); the traced model is re-evaluated with its ReLUs swapped;
 - `integrated_gradients`: the input minus a baseline times the gradient averaged along the path
   between them, which sums to the score difference (Sundararajan, Taly & Yan 2017);
 - `occlusion`: how much the class probability drops when a grey square covers the pixel,
@@ -41,6 +44,7 @@ import numpy as np
 
 from cnnjax.utils.files import save_figure
 from cnnjax.utils.validation import (
+    check_choice,
     check_non_negative_int,
     check_number,
     check_positive_int,
@@ -49,7 +53,9 @@ from cnnjax.utils.validation import (
 
 _OWNER = "attribution"
 #: Attribution methods by name, in the order `plot_attributions` draws them.
-METHODS = ("saliency", "smoothgrad", "integrated_gradients", "occlusion", "grad_cam")
+METHODS = (
+    "saliency", "smoothgrad", "guided_backprop", "integrated_gradients", "occlusion", "grad_cam",
+)
 
 
 class ModuleOutput(NamedTuple):
@@ -498,6 +504,117 @@ def activations(model: nn.Module, variables: Any, images: Any,
     return {name: np.asarray(captured[name], np.float32) for name in layers}
 
 
+# ----------------------------------------------------------------------- guided backprop
+#: Calls `guided_backprop` inlines when it rewrites a traced model (their bodies are evaluated).
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "named_call"})
+#: How a ReLU passes the gradient back: only where the incoming gradient is positive and, for
+#: "guided", where the ReLU's input was positive too.
+RELU_RULES = ("guided", "deconvnet")
+
+
+def _is_literal(v: Any) -> bool:
+    return type(v).__name__ == "Literal"
+
+
+def _body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
+    """`(jaxpr, consts)` of a call equation, else None."""
+    for key in ("jaxpr", "call_jaxpr"):
+        inner = eqn.params.get(key)
+        if inner is not None and hasattr(getattr(inner, "jaxpr", inner), "eqns"):
+            return getattr(inner, "jaxpr", inner), getattr(inner, "consts", ())
+    return None
+
+
+def _is_relu(eqn: Any) -> bool:
+    """`jax.nn.relu` (flax's `nn.relu`): a call whose body, through nested calls, is one
+    `max(x, 0)`."""
+    body = _body(eqn)
+    while body is not None:
+        jaxpr, _ = body
+        if len(jaxpr.eqns) != 1:
+            return False
+        inner = jaxpr.eqns[0]
+        if inner.primitive.name == "max":
+            return any(_is_literal(v) and np.all(np.asarray(v.val) == 0) for v in inner.invars)
+        if inner.primitive.name not in _CALLS:
+            return False
+        body = _body(inner)
+    return False
+
+
+def _rectifier(rule: str) -> Callable:
+    """max(x, 0) whose backward pass follows `rule` (RELU_RULES)."""
+
+    @jax.custom_vjp
+    def relu(x: Any) -> Any:
+        return jnp.maximum(x, 0)
+
+    def forward(x: Any) -> tuple[Any, Any]:
+        return relu(x), x
+
+    def backward(x: Any, g: Any) -> tuple[Any]:
+        keep = (g > 0) & (x > 0) if rule == "guided" else g > 0
+        return (jnp.where(keep, g, jnp.zeros_like(g)),)
+
+    relu.defvjp(forward, backward)
+    return relu
+
+
+def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Callable) -> list:
+    """Evaluates `jaxpr` with every `jax.nn.relu` call replaced by `relu`, inlining calls."""
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if _is_literal(v) else env[v]
+
+    for v, value in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = value
+    for v, value in zip(jaxpr.invars, args, strict=True):
+        env[v] = value
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        body = _body(eqn) if eqn.primitive.name in _CALLS else None
+        if eqn.primitive.name == "custom_jvp_call" and _is_relu(eqn):
+            outs = [relu(ins[-1])]
+        elif body is not None:
+            outs = _evaluate(body[0], body[1], ins, relu)
+        else:
+            out = eqn.primitive.bind(*ins, **eqn.params)
+            outs = out if eqn.primitive.multiple_results else [out]
+        for v, value in zip(eqn.outvars, outs, strict=True):
+            env[v] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def guided_backprop(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
+                    rule: str = "guided") -> np.ndarray:
+    """`[N, H, W, C]` d score / d image with every ReLU's backward pass changed by `rule`:
+    "guided" passes the gradient only where both the ReLU's input and the incoming gradient are
+    positive (Springenberg et al. 2015, "Striving for Simplicity", §3.4); "deconvnet" only where
+    the incoming gradient is, whatever the input, which Springenberg et al. show is Zeiler &
+    Fergus's (2014) deconvnet projection (max pooling's gradient is its switches). ReLUs are
+    found as `jax.nn.relu` calls in the traced model; other custom-derivative functions are
+    differentiated through their bodies. A model without ReLUs gets its plain gradient."""
+    images = _check_images(images)
+    rule = check_choice(_OWNER, "rule", rule, RELU_RULES)
+    targets = _check_targets(targets, logits(model, variables, images))
+    forward = _forward(model, ())
+    leaves, tree = jax.tree.flatten(variables)
+
+    def score(leaves: Any, x: Any, targets: Any) -> Any:
+        return _class_score(forward(jax.tree.unflatten(tree, leaves), x)[0], targets)
+
+    closed = jax.make_jaxpr(score)(leaves, images, targets)
+    relu = _rectifier(rule)
+
+    def rewritten(leaves: Any, x: Any, targets: Any) -> Any:
+        flat = [*leaves, x, targets]
+        return _evaluate(closed.jaxpr, closed.consts, flat, relu)[0]
+
+    gradient = jax.jit(jax.grad(rewritten, argnums=1))
+    return np.asarray(gradient(leaves, images, targets))
+
+
 class Explanation(NamedTuple):
     """`explain`'s result: each method's `[N, H, W]` map of the same images and targets."""
 
@@ -534,6 +651,8 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
             maps[method] = saliency(model, variables, images, targets)
         elif method == "smoothgrad":
             maps[method] = smoothgrad(model, variables, images, targets)
+        elif method == "guided_backprop":  # max over channels of |.|, as saliency
+            maps[method] = np.abs(guided_backprop(model, variables, images, targets)).max(-1)
         elif method == "integrated_gradients":  # |sum over channels|, as Captum draws it
             maps[method] = np.abs(integrated_gradients(model, variables, images, targets,
                                                        steps=ig_steps).sum(axis=-1))

@@ -90,6 +90,48 @@ def test_smoothgrad_averages_saliency_over_noisy_copies(linear, resnet):
         at.smoothgrad(model, variables, images, noise=-0.1)
 
 
+class MLP(nn.Module):
+    """flatten -> Dense(6) -> ReLU -> Dense(3): one ReLU layer, whose backward rules are easy to
+    write out."""
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = nn.relu(nn.Dense(6, name="hidden")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(CLASSES, name="head")(hidden)
+
+
+@pytest.mark.parametrize("rule", at.RELU_RULES)
+def test_guided_backprop_and_deconvnet_follow_their_relu_rules(rule):
+    """Score W2[:, t] . relu(W1 x + b1): the gradient reaching the ReLU is W2[:, t]; guided
+    backprop keeps it where it and the ReLU's input are positive, the deconvnet where it is
+    positive (Springenberg et al. 2015, Fig. 1), then W1 carries it to the input."""
+    model = MLP()
+    images = np.random.RandomState(0).randn(4, 2, 2, 1).astype(np.float32)
+    variables = model.init(jax.random.key(0), images)
+    w1, b1, w2 = (np.asarray(variables["params"][m][k], np.float64)
+                  for m, k in (("hidden", "kernel"), ("hidden", "bias"), ("head", "kernel")))
+    targets = np.array([0, 1, 2, 1])
+    hidden = images.reshape(4, -1).astype(np.float64) @ w1 + b1
+    incoming = w2[:, targets].T
+    keep = (incoming > 0) & (hidden > 0) if rule == "guided" else incoming > 0
+    expected = ((incoming * keep) @ w1.T).reshape(images.shape)
+    assert keep.any() and not keep.all()
+    got = at.guided_backprop(model, variables, images, targets, rule=rule)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_guided_backprop_changes_only_relus(linear, resnet):
+    model, variables, images, kernel, _ = linear  # no ReLU: the plain gradient, W[:, t]
+    np.testing.assert_allclose(at.guided_backprop(model, variables, images, [0, 1, 2, 0]),
+                               kernel.T.reshape(CLASSES, *SHAPE)[[0, 1, 2, 0]], rtol=1e-6)
+    model, variables, images = resnet
+    guided = at.guided_backprop(model, variables, images[:1], [1])
+    plain = jax.grad(lambda x: model.apply(variables, x, train=False)[0, 1])(images[:1])
+    assert not np.allclose(guided, plain)  # ResNet-20's ReLUs were found and rewritten
+    with pytest.raises(ValueError, match=r"rule='relu' is invalid; expected one of"):
+        at.guided_backprop(model, variables, images, rule="relu")
+
+
 def test_integrated_gradients_of_a_linear_classifier_are_exact(linear):
     """IG of x -> W x + b is (x - x') * W[:, t] for any number of path points."""
     model, variables, images, kernel, _ = linear

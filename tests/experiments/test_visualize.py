@@ -22,8 +22,8 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     run = load_trained(str(tmp_path / "run"))
     out = tmp_path / "vis"
     summary = write_visualizations(run, str(out), num_images=3, patch=4)
-    assert summary["methods"] == ["saliency", "smoothgrad", "integrated_gradients", "occlusion",
-                                  "grad_cam"]
+    assert summary["methods"] == ["saliency", "smoothgrad", "guided_backprop",
+                                  "integrated_gradients", "occlusion", "grad_cam"]
     assert summary["grad_cam_layer"] == summary["activations_layer"]
     assert summary["step"] == run.step and len(summary["images"]) == 3
     for row in summary["images"]:
@@ -136,8 +136,8 @@ def test_the_pointing_game_on_shapes(tmp_path):
     loop.train_and_evaluate(config, str(tmp_path / "run"))
     result = pointing_game_run(load_trained(str(tmp_path / "run")), patch=8, max_images=48)
     assert result["images"] == 48 and result["grad_cam_layer"] == "stage3_block3"
-    assert set(result["accuracy"]) == {"saliency", "smoothgrad", "integrated_gradients",
-                                       "occlusion", "grad_cam", "centre"}
+    assert set(result["accuracy"]) == {"saliency", "smoothgrad", "guided_backprop",
+                                       "integrated_gradients", "occlusion", "grad_cam", "centre"}
     assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
     tol = 15 * 32 / 224
     stored = tfds.as_numpy(tfds.builder("shapes", data_dir=config.data.data_dir)
