@@ -10,7 +10,9 @@
 # flax, optax, orbax, torch and pytest, but no TensorFlow. These checks therefore use synthetic
 # batches through the engine's own train step (benchmarks.train_step), never the tf.data
 # pipeline. Each check prints its figures (JAX next to PyTorch on the same GPU, the training loss
-# on the repeated batch as a smoke check, peak device memory) and leaves JSON under $OUT.
+# on the repeated batch as a smoke check, peak device memory) and leaves JSON under $OUT. The
+# loss is printed, not asserted: ResNet-50 at the benchmark's lr 0.1 can rise over its first
+# steps, so check a rise against the CPU before reading it as an engine bug.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,27 +35,31 @@ nvidia-smi -L
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
 
+# At most 8 files come back from $OUT: one JSON per check (6) and one log of them all.
+LOG="$OUT/device_check.log"
 status=0
-check() {  # check NAME ARGS...: one benchmark, its log and JSON under $OUT
+check() {  # check NAME ARGS...: one benchmark (at most 80 s), its JSON in $OUT, output in $LOG
   local name=$1
   shift
-  echo "=== $name: python3 -m benchmarks.train_step $*"
-  timeout 120 python3 -m benchmarks.train_step "$@" --json_out="$OUT/$name.json" 2>&1 |
-    grep -v -e '^W0' -e '^I0' | tee "$OUT/$name.log" || status=1
+  echo "=== $name: python3 -m benchmarks.train_step $*" | tee -a "$LOG"
+  timeout 80 python3 -m benchmarks.train_step "$@" --json_out="$OUT/$name.json" 2>&1 |
+    grep -v -e '^W0' -e '^I0' | tee -a "$LOG" || status=1
 }
-# The issue's workload (ResNet-18 at 32x32, batch 128) in both layouts, JAX vs PyTorch eager.
+# Most important first, so a cut-off run still answers them. The issue's workload (ResNet-18 at
+# 32x32, batch 128) in both layouts, JAX vs PyTorch eager on the same GPU:
 check resnet18_32 --model=resnet18 --batch_size=128 --image_size=32 --steps=20 --warmup=5 \
   --rounds=2 --torch --torch_device=cuda
 check resnet18_cifar_stem --model=resnet18 --stem=cifar --batch_size=128 --image_size=32 \
   --steps=20 --warmup=5 --rounds=2 --torch --torch_device=cuda
-# ImageNet size: float32 and bfloat16 compute (PyTorch autocast), and 2 devices' code on one.
-check resnet50_224_fp32 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
-  --warmup=3 --rounds=2 --torch --torch_device=cuda
+# ImageNet size, bfloat16 and float32 compute (PyTorch with CUDA autocast for bfloat16):
 check resnet50_224_bf16 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
   --warmup=3 --rounds=2 --dtype=bfloat16 --torch --torch_device=cuda
-check resnet50_224_shard_map --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
-  --warmup=3 --rounds=1 --parallel=shard_map
+check resnet50_224_fp32 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
+  --warmup=3 --rounds=2 --torch --torch_device=cuda
 # Gradient accumulation in a rolled scan (the accelerator default): peak memory against one batch.
 check resnet50_224_accum4 --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
   --warmup=3 --rounds=1 --grad_accum_steps=4
+# The same step under shard_map over a 1-device mesh.
+check resnet50_224_shard_map --model=resnet50 --batch_size=128 --image_size=224 --steps=10 \
+  --warmup=3 --rounds=1 --parallel=shard_map
 exit $status

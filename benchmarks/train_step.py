@@ -321,7 +321,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 3, "Rounds of (JAX steps, PyTorch steps), interleaved.")
     flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype "
-                      "(parameters stay float32; PyTorch uses CPU autocast for bfloat16).")
+                      "(parameters stay float32; PyTorch autocasts on its device for bfloat16).")
     flags.DEFINE_bool("torch", False, "Also time the same network and step in PyTorch eager.")
     flags.DEFINE_bool("torch_channels_last", False, "Run PyTorch in channels_last memory format.")
     flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"], "Where the PyTorch step runs (cuda: "

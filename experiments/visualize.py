@@ -16,7 +16,8 @@ eval images, preprocessed as its evaluation sees them, and writes to --out_dir (
   larger than 1x1);
 - `filters.png`: the first convolution's kernels (Krizhevsky et al. 2012, Fig. 3);
 - `activations.png`: the Grad-CAM layer's channels on the first image;
-- `visualize.json`: the layer, checkpoint, and each image's label, prediction and probability.
+- `visualize.json`: the layer, checkpoint, `target`, and each image's label, prediction, its
+  probability and the class its maps explain (`explained`).
 --list_layers prints every module with its output shape (the names --layer takes) and exits.
 --pointing_game instead scores each method on the whole eval split of a dataset with object boxes
 (tfds `objects/bbox`, e.g. `shapes`): the share of images whose map for the true class peaks
@@ -123,7 +124,8 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     rows = [{"label": int(y), "predicted": int(p.argmax()), "probability": float(p.max()),
              "explained": int(t)}
             for y, t, p in zip(labels, result.targets, result.probabilities, strict=True)]
-    titles = [f"true {r['label']}, pred {r['predicted']} ({r['probability']:.2f})" for r in rows]
+    titles = [f"true {r['label']}, pred {r['predicted']} ({r['probability']:.2f})"
+              + (f", maps for {r['explained']}" if target == "true" else "") for r in rows]
     name = f"{run.config.model} step {run.step}"
     files = {
         "attributions": attribution.plot_attributions(
