@@ -264,7 +264,7 @@ def _per_model(build: Callable[..., Callable]) -> Callable[..., Callable]:
     """`build(model, *keys)`'s jitted function, memoized per `(model, *keys)` so repeated calls
     reuse its compilation; built afresh for a model that cannot be hashed (a field holding a list,
     as model kwargs read back from a run's config.json do)."""
-    cached = functools.lru_cache(maxsize=32)(build)
+    cached = functools.lru_cache(maxsize=4)(build)  # compiled executables: few models at once
 
     @functools.wraps(build)
     def get(*args: Any) -> Callable:
