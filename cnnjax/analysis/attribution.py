@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.analysis.trace import is_literal
 from cnnjax.utils.files import save_figure
 from cnnjax.utils.validation import (
     check_choice,
@@ -52,6 +53,8 @@ from cnnjax.utils.validation import (
 )
 
 _OWNER = "attribution"
+#: Largest finite float32: the bound of the values a check lets reach a float32 computation.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Attribution methods by name, in the order `plot_attributions` draws them.
 METHODS = (
     "saliency", "smoothgrad", "guided_backprop", "integrated_gradients", "occlusion", "grad_cam",
@@ -283,11 +286,34 @@ def _logits_fn(model: nn.Module) -> Callable:
     return jax.jit(lambda variables, images: forward(variables, images)[0].astype(jnp.float32))
 
 
+class _Batch:
+    """One call's checked images, with what every method needs of them (the module outputs,
+    the clean logits, the targets) computed on first use: `explain` shares them among its
+    methods, and a method checks its own arguments before anything is compiled."""
+
+    def __init__(self, model: nn.Module, variables: Any, images: Any, targets: Any):
+        self.model, self.variables = model, variables
+        self.images = _check_images(images)
+        self._targets = targets
+
+    @functools.cached_property
+    def outputs(self) -> list[ModuleOutput]:
+        return module_outputs(self.model, self.variables, self.images.shape[1:])
+
+    @functools.cached_property
+    def logits(self) -> np.ndarray:
+        _logits_of(self.outputs)
+        return np.asarray(_logits_fn(self.model)(self.variables, self.images))
+
+    @functools.cached_property
+    def targets(self) -> np.ndarray:
+        """The requested classes, else each image's predicted one."""
+        return _check_targets(self._targets, self.logits)
+
+
 def logits(model: nn.Module, variables: Any, images: Any) -> np.ndarray:
     """The model's eval-mode logits `[N, classes]` (float32)."""
-    images = _check_images(images)
-    _logits_of(module_outputs(model, variables, images.shape[1:]))
-    return np.asarray(_logits_fn(model)(variables, images))
+    return _Batch(model, variables, images, None).logits
 
 
 def _class_score(out: Any, targets: Any) -> Any:
@@ -310,9 +336,11 @@ def saliency(model: nn.Module, variables: Any, images: Any,
     """`[N, H, W]`: max over channels of |d score_target / d pixel| (Simonyan et al. 2014),
     scores being logits (their §3.1 uses the unnormalised class score); targets None: the
     predicted classes."""
-    images = _check_images(images)
-    targets = _check_targets(targets, logits(model, variables, images))
-    return np.asarray(_saliency_fn(model)(variables, images, targets))
+    return _saliency(_Batch(model, variables, images, targets))
+
+
+def _saliency(batch: _Batch) -> np.ndarray:
+    return np.asarray(_saliency_fn(batch.model)(batch.variables, batch.images, batch.targets))
 
 
 def smoothgrad(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
@@ -321,19 +349,22 @@ def smoothgrad(model: nn.Module, variables: Any, images: Any, targets: Any = Non
     of standard deviation `noise` times the image's value range (Smilkov et al. 2017,
     "SmoothGrad", who find 10-20% best), which removes much of the raw gradient's speckle.
     Targets are fixed on the clean images; the noise comes from NumPy's `seed`."""
-    images = _check_images(images)
-    big = float(np.finfo(np.float32).max)
+    return _smoothgrad(_Batch(model, variables, images, targets), noise, samples, seed)
+
+
+def _smoothgrad(batch: _Batch, noise: float = 0.15, samples: int = 25,
+                seed: int = 0) -> np.ndarray:
     noise = check_number(_OWNER, "noise", noise, "expected a fraction of the value range >= 0",
-                         low=0.0, high=big, strings=False)
+                         low=0.0, high=_FLOAT32_MAX, strings=False)
     samples = check_positive_int(_OWNER, "samples", samples)
-    targets = _check_targets(targets, logits(model, variables, images))
-    sigma = noise * (images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3)))
     rng = np.random.default_rng(check_non_negative_int(_OWNER, "seed", seed))
-    gradient = _saliency_fn(model)
+    images, targets = batch.images, batch.targets
+    sigma = noise * (images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3)))
+    gradient = _saliency_fn(batch.model)
     total = np.zeros(images.shape[:3], np.float64)
     for _ in range(samples):
         noisy = images + rng.standard_normal(images.shape, np.float32) * sigma[:, None, None, None]
-        total += np.asarray(gradient(variables, noisy.astype(np.float32), targets))
+        total += np.asarray(gradient(batch.variables, noisy.astype(np.float32), targets))
     return (total / samples).astype(np.float32)
 
 
@@ -358,7 +389,11 @@ def integrated_gradients(model: nn.Module, variables: Any, images: Any, targets:
     rule with `steps` points from `baseline` x' (a value or an image broadcastable to the
     images; 0: the dataset mean for normalized inputs) to x. They sum to about
     score(x) - score(x') (completeness), closer with more steps; scores are logits."""
-    images = _check_images(images)
+    return _integrated_gradients(_Batch(model, variables, images, targets), baseline, steps)
+
+
+def _integrated_gradients(batch: _Batch, baseline: Any = 0.0, steps: int = 32) -> np.ndarray:
+    images = batch.images
     steps = check_positive_int(_OWNER, "steps", steps)
     try:
         baselines = np.broadcast_to(np.asarray(baseline, np.float32), images.shape)
@@ -367,12 +402,11 @@ def integrated_gradients(model: nn.Module, variables: Any, images: Any, targets:
                       f"expected a value or an array broadcastable to {images.shape}") from None
     if not np.all(np.isfinite(baselines)):
         raise invalid(_OWNER, "baseline", "an array with NaN or inf", "expected finite values")
-    targets = _check_targets(targets, logits(model, variables, images))
     baselines = np.ascontiguousarray(baselines)
-    gradient = _path_gradient_fn(model)
+    gradient = _path_gradient_fn(batch.model)
     total = np.zeros(images.shape, np.float64)
     for k in range(steps):  # their Eq. 3's Riemann sum, at the midpoints of the m intervals
-        total += np.asarray(gradient(variables, images, baselines, targets,
+        total += np.asarray(gradient(batch.variables, images, baselines, batch.targets,
                                      np.float32((k + 0.5) / steps)))
     return ((images - baselines) * total / steps).astype(np.float32)
 
@@ -415,7 +449,13 @@ def occlusion(model: nn.Module, variables: Any, images: Any, targets: Any = None
     paper's grey square. Defaults: `patch` a quarter of the smaller side, `stride` half the
     patch. The occluded copies are made on the device, `batch_size` at a time.
     """
-    images = _check_images(images)
+    return _occlusion(_Batch(model, variables, images, targets), patch, stride, fill,
+                      batch_size)
+
+
+def _occlusion(batch: _Batch, patch: int | None = None, stride: int | None = None,
+               fill: float = 0.0, batch_size: int = 64) -> np.ndarray:
+    images = batch.images
     height, width = images.shape[1:3]
     patch = check_positive_int(_OWNER, "patch", max(1, round(min(height, width) / 4))
                                if patch is None else patch)
@@ -427,22 +467,20 @@ def occlusion(model: nn.Module, variables: Any, images: Any, targets: Any = None
     if stride > patch:
         raise invalid(_OWNER, "stride", stride,
                       f"expected at most the patch, {patch}, so that every pixel is covered")
-    big = float(np.finfo(np.float32).max)
     fill = check_number(_OWNER, "fill", fill, "expected a finite number (0: the dataset mean)",
-                        low=-big, high=big, strings=False)
+                        low=-_FLOAT32_MAX, high=_FLOAT32_MAX, strings=False)
     batch_size = check_positive_int(_OWNER, "batch_size", batch_size)
-    clean = logits(model, variables, images)
-    targets = _check_targets(targets, clean)
-    base = jax.nn.softmax(clean, axis=-1)[np.arange(len(images)), targets]
+    targets = batch.targets
+    base = jax.nn.softmax(batch.logits, axis=-1)[np.arange(len(images)), targets]
     ys, xs = occlusion_windows(height, patch, stride), occlusion_windows(width, patch, stride)
     grid = np.array([(i, y, x) for i in range(len(images)) for y in ys for x in xs], np.int32)
-    fn = _occluded_probability_fn(model, (patch, patch))
+    fn = _occluded_probability_fn(batch.model, (patch, patch))
     probs = np.empty(len(grid), np.float32)
     for start in range(0, len(grid), batch_size):
         chunk = grid[start:start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
-        out = fn(variables, images, np.float32(fill), padded[:, 0], padded[:, 1], padded[:, 2],
-                 targets)
+        out = fn(batch.variables, images, np.float32(fill), padded[:, 0], padded[:, 1],
+                 padded[:, 2], targets)
         probs[start:start + len(chunk)] = np.asarray(out)[:len(chunk)]
     drop = np.zeros(images.shape[:3], np.float64)
     count = np.zeros(images.shape[:3], np.float64)
@@ -476,17 +514,20 @@ def grad_cam(model: nn.Module, variables: Any, images: Any, targets: Any = None,
     """Grad-CAM (Selvaraju et al. 2017) of `targets` (None: the predicted classes) at `layer`
     (None: `last_conv_layer`'s choice): `ReLU(sum_k alpha_k A^k)` with `alpha_k` the spatial mean of
     d score / d A^k, scores being logits; also bilinearly upsampled to the input size."""
-    images = _check_images(images)
-    outputs = module_outputs(model, variables, images.shape[1:])
+    return _grad_cam(_Batch(model, variables, images, targets), layer)
+
+
+def _grad_cam(batch: _Batch, layer: str | None = None) -> GradCam:
+    images, outputs = batch.images, batch.outputs
     _logits_of(outputs)
     if layer is None:
         layer = _default_layer(outputs, images.ndim)
     _check_layers(outputs, (layer,), images.ndim)
     shape = next(o.shape for o in outputs if o.path == layer)
-    targets = _check_targets(targets, logits(model, variables, images))
+    targets = batch.targets
     zeros = np.zeros((len(images), *shape[1:]), np.float32)
-    maps, up, out = _grad_cam_fn(model, layer, images.shape[1:3])(variables, images, targets,
-                                                                   zeros)
+    fn = _grad_cam_fn(batch.model, layer, images.shape[1:3])
+    maps, up, out = fn(batch.variables, images, targets, zeros)
     return GradCam(layer, np.asarray(maps), np.asarray(up), targets, np.asarray(out))
 
 
@@ -512,10 +553,6 @@ _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call"
 RELU_RULES = ("guided", "deconvnet")
 
 
-def _is_literal(v: Any) -> bool:
-    return type(v).__name__ == "Literal"
-
-
 def _body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
     """`(jaxpr, consts)` of a call equation, else None."""
     for key in ("jaxpr", "call_jaxpr"):
@@ -535,7 +572,7 @@ def _is_relu(eqn: Any) -> bool:
             return False
         inner = jaxpr.eqns[0]
         if inner.primitive.name == "max":
-            return any(_is_literal(v) and np.all(np.asarray(v.val) == 0) for v in inner.invars)
+            return any(is_literal(v) and np.all(np.asarray(v.val) == 0) for v in inner.invars)
         if inner.primitive.name not in _CALLS:
             return False
         body = _body(inner)
@@ -565,7 +602,7 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Call
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
-        return v.val if _is_literal(v) else env[v]
+        return v.val if is_literal(v) else env[v]
 
     for v, value in zip(jaxpr.constvars, consts, strict=True):
         env[v] = value
@@ -595,11 +632,14 @@ def guided_backprop(model: nn.Module, variables: Any, images: Any, targets: Any 
     Fergus's (2014) deconvnet projection (max pooling's gradient is its switches). ReLUs are
     found as `jax.nn.relu` calls in the traced model; other custom-derivative functions are
     differentiated through their bodies. A model without ReLUs gets its plain gradient."""
-    images = _check_images(images)
+    return _guided_backprop(_Batch(model, variables, images, targets), rule)
+
+
+def _guided_backprop(batch: _Batch, rule: str = "guided") -> np.ndarray:
     rule = check_choice(_OWNER, "rule", rule, RELU_RULES)
-    targets = _check_targets(targets, logits(model, variables, images))
-    forward = _forward(model, ())
-    leaves, tree = jax.tree.flatten(variables)
+    images, targets = batch.images, batch.targets
+    forward = _forward(batch.model, ())
+    leaves, tree = jax.tree.flatten(batch.variables)
 
     def score(leaves: Any, x: Any, targets: Any) -> Any:
         return _class_score(forward(jax.tree.unflatten(tree, leaves), x)[0], targets)
@@ -637,32 +677,29 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
     if unknown or not methods or len(set(methods)) != len(methods):
         raise invalid(_OWNER, "methods", methods,
                       f"expected distinct names from {list(METHODS)}, at least one")
-    images = _check_images(images)
-    out = logits(model, variables, images)
-    targets = _check_targets(targets, out)
+    batch = _Batch(model, variables, images, targets)
     if "grad_cam" in methods and layer is not None:  # a bad layer fails before any method runs
-        _check_layers(module_outputs(model, variables, images.shape[1:]), (layer,), images.ndim)
+        _check_layers(batch.outputs, (layer,), batch.images.ndim)
     maps: dict[str, np.ndarray] = {}
     chosen = None
-    for method in METHODS:
+    for method in METHODS:  # one batch: its logits and targets are computed once for all
         if method not in methods:
             continue
         if method == "saliency":
-            maps[method] = saliency(model, variables, images, targets)
+            maps[method] = _saliency(batch)
         elif method == "smoothgrad":
-            maps[method] = smoothgrad(model, variables, images, targets)
+            maps[method] = _smoothgrad(batch)
         elif method == "guided_backprop":  # max over channels of |.|, as saliency
-            maps[method] = np.abs(guided_backprop(model, variables, images, targets)).max(-1)
+            maps[method] = np.abs(_guided_backprop(batch)).max(-1)
         elif method == "integrated_gradients":  # |sum over channels|, as Captum draws it
-            maps[method] = np.abs(integrated_gradients(model, variables, images, targets,
-                                                       steps=ig_steps).sum(axis=-1))
+            maps[method] = np.abs(_integrated_gradients(batch, steps=ig_steps).sum(axis=-1))
         elif method == "occlusion":
-            maps[method] = occlusion(model, variables, images, targets, patch=patch,
-                                     stride=stride)
+            maps[method] = _occlusion(batch, patch, stride)
         else:
-            cam = grad_cam(model, variables, images, targets, layer)
+            cam = _grad_cam(batch, layer)
             maps[method], chosen = cam.upsampled, cam.layer
-    return Explanation(maps, targets, np.asarray(jax.nn.softmax(out, axis=-1)), chosen)
+    probabilities = np.asarray(jax.nn.softmax(batch.logits, axis=-1))
+    return Explanation(maps, batch.targets, probabilities, chosen)
 
 
 # ------------------------------------------------------------------------------- filters

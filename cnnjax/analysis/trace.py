@@ -251,13 +251,14 @@ def _call_ids(eqn: Any) -> tuple[int, ...]:
 _MAX_STATIC_SIZE = 1 << 16
 
 
-def _is_literal(v: Any) -> bool:
+def is_literal(v: Any) -> bool:
+    """Whether a jaxpr operand is a literal (its value is `v.val`), not a variable."""
     return type(v).__name__ == "Literal"
 
 
 def _is_static(v: Any, static: set[Any]) -> bool:
     """A literal or a value computed from constants only (never an activation or parameter)."""
-    return _is_literal(v) or v in static
+    return is_literal(v) or v in static
 
 
 class _Flattener:
@@ -288,7 +289,7 @@ class _Flattener:
             env[v] = i
 
         def read(v: Any) -> int:
-            if not _is_literal(v):
+            if not is_literal(v):
                 return env[v]
             i = self.new(v.aval)
             self.static.add(i)
