@@ -42,17 +42,14 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import parse_flags  # noqa: E402
 
-#: cnnjax.analysis.attribution.METHODS (not imported here: flags come before JAX is set up).
-ALL_METHODS = ("saliency", "smoothgrad", "guided_backprop", "integrated_gradients", "occlusion",
-               "grad_cam")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _EMA = flags.DEFINE_bool("ema", False, "Use the run's weight average instead of its weights.")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 6, "Eval images to explain.")
 _LAYER = flags.DEFINE_string("layer", None, "Grad-CAM (and activations) layer: a module path "
                              "from --list_layers (default: the last feature-map module).")
-_METHODS = flags.DEFINE_list("methods", list(ALL_METHODS),
-                             "Attribution methods, in any order.")
+_METHODS = flags.DEFINE_list("methods", None, "Attribution methods, in any order (default: all "
+                             "of cnnjax.analysis.attribution.METHODS).")
 _PATCH = flags.DEFINE_integer("patch", None, "Occluder side in pixels (default: a quarter of "
                               "the image's smaller side).")
 _STRIDE = flags.DEFINE_integer("stride", None, "Occluder step (default: half the patch).")
@@ -95,11 +92,12 @@ def _normalization(run: Any, channels: int) -> tuple[Any, Any]:
 
 
 def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
-                         methods: Sequence[str] = ALL_METHODS,
+                         methods: Sequence[str] | None = None,
                          layer: str | None = None, patch: int | None = None,
                          stride: int | None = None, target: str = "predicted") -> dict:
     """Writes the module docstring's files for a `load_trained` run into `out_dir`; returns
-    the summary written to visualize.json. The maps explain each image's `target` class:
+    the summary written to visualize.json. `methods` None means all of `attribution.METHODS`.
+    The maps explain each image's `target` class:
     "predicted" or "true" (its label; e.g. what a misclassified image lacked). Every input is
     checked before anything is written."""
     from cnnjax.analysis import attribution
@@ -113,7 +111,8 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     batch = next(eval_examples(run, batch_size=count))
     images, labels = batch["image"][:count], batch["label"][:count]
     result = attribution.explain(run.model, run.variables, images,
-                                 labels if target == "true" else None, methods=methods,
+                                 labels if target == "true" else None,
+                                 methods=attribution.METHODS if methods is None else methods,
                                  layer=layer, patch=patch, stride=stride)
     shown = result.layer or layer or attribution.last_conv_layer(run.model, run.variables,
                                                                  images.shape[1:])
@@ -178,7 +177,7 @@ def _eval_objects(run: Any, count: int) -> list[dict]:
     return examples
 
 
-def pointing_game_run(run: Any, methods: Sequence[str] = ALL_METHODS,
+def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
                       layer: str | None = None, patch: int | None = None,
                       stride: int | None = None, tolerance: float | None = None,
                       max_images: int | None = None) -> dict:
@@ -219,8 +218,10 @@ def pointing_game_run(run: Any, methods: Sequence[str] = ALL_METHODS,
     hits: dict[str, list[bool]] = {}
     for start in range(0, len(images), 64):
         chunk = slice(start, start + 64)
-        result = attribution.explain(run.model, run.variables, images[chunk], labels[chunk],
-                                     methods=methods, layer=layer, patch=patch, stride=stride)
+        result = attribution.explain(
+            run.model, run.variables, images[chunk], labels[chunk],
+            methods=attribution.METHODS if methods is None else methods, layer=layer,
+            patch=patch, stride=stride)
         centre = np.zeros((len(images[chunk]), height, width))
         centre[:, height // 2, width // 2] = 1.0
         for name, maps in {**result.maps, "centre": centre}.items():
