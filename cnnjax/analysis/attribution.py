@@ -562,6 +562,18 @@ def _body(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
     return None
 
 
+def _rectified_operand(eqn: Any) -> int | None:
+    """For a floating `max(x, 0)` or `max(0, x)` with a literal zero (`jnp.maximum(x, 0.)`
+    written out), the position of x; else None."""
+    if eqn.primitive.name != "max" or len(eqn.invars) != 2:
+        return None
+    zero = [is_literal(v) and np.all(np.asarray(v.val) == 0) for v in eqn.invars]
+    if zero[0] == zero[1]:
+        return None
+    operand = 1 if zero[0] else 0
+    return operand if jnp.issubdtype(eqn.invars[operand].aval.dtype, jnp.floating) else None
+
+
 def _is_relu(eqn: Any) -> bool:
     """`jax.nn.relu` (flax's `nn.relu`): a call whose body, through nested calls, is one
     `max(x, 0)`."""
@@ -572,7 +584,7 @@ def _is_relu(eqn: Any) -> bool:
             return False
         inner = jaxpr.eqns[0]
         if inner.primitive.name == "max":
-            return any(is_literal(v) and np.all(np.asarray(v.val) == 0) for v in inner.invars)
+            return _rectified_operand(inner) is not None
         if inner.primitive.name not in _CALLS:
             return False
         body = _body(inner)
@@ -598,7 +610,8 @@ def _rectifier(rule: str) -> Callable:
 
 
 def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Callable) -> list:
-    """Evaluates `jaxpr` with every `jax.nn.relu` call replaced by `relu`, inlining calls."""
+    """Evaluates `jaxpr` with every ReLU (a `jax.nn.relu` call or a `max(x, 0)` with a literal
+    zero) replaced by `relu`, inlining calls."""
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
@@ -611,8 +624,11 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Call
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         body = _body(eqn) if eqn.primitive.name in _CALLS else None
+        rectified = _rectified_operand(eqn)
         if eqn.primitive.name == "custom_jvp_call" and _is_relu(eqn):
             outs = [relu(ins[-1])]
+        elif rectified is not None:
+            outs = [relu(ins[rectified])]
         elif body is not None:
             outs = _evaluate(body[0], body[1], ins, relu)
         else:
@@ -630,7 +646,8 @@ def guided_backprop(model: nn.Module, variables: Any, images: Any, targets: Any 
     positive (Springenberg et al. 2015, "Striving for Simplicity", §3.4); "deconvnet" only where
     the incoming gradient is, whatever the input, which Springenberg et al. show is Zeiler &
     Fergus's (2014) deconvnet projection (max pooling's gradient is its switches). ReLUs are
-    found as `jax.nn.relu` calls in the traced model; other custom-derivative functions are
+    found in the traced model as `jax.nn.relu` calls and as `max(x, 0)` with a literal zero
+    (`jnp.maximum(x, 0.)`, also inside `jax.nn.relu6`); other custom-derivative functions are
     differentiated through their bodies. A model without ReLUs gets its plain gradient."""
     return _guided_backprop(_Batch(model, variables, images, targets), rule)
 

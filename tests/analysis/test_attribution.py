@@ -7,6 +7,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,22 +91,35 @@ def test_smoothgrad_averages_saliency_over_noisy_copies(linear, resnet):
         at.smoothgrad(model, variables, images, noise=-0.1)
 
 
+#: The ways a model may write its ReLU; guided backprop must find each of them.
+RELUS = {
+    "nn.relu": nn.relu,
+    "maximum(h, 0.)": lambda h: jnp.maximum(h, 0.0),
+    "maximum(0, h)": lambda h: jnp.maximum(0, h),
+    "relu6 (within 6)": lambda h: jax.nn.relu6(h),
+}
+
+
 class MLP(nn.Module):
     """flatten -> Dense(6) -> ReLU -> Dense(3): one ReLU layer, whose backward rules are easy to
     write out."""
 
+    relu: str = "nn.relu"
+
     @nn.compact
     def __call__(self, x):
-        hidden = nn.relu(nn.Dense(6, name="hidden")(x.reshape(x.shape[0], -1)))
+        hidden = RELUS[self.relu](nn.Dense(6, name="hidden")(x.reshape(x.shape[0], -1)))
         return nn.Dense(CLASSES, name="head")(hidden)
 
 
+@pytest.mark.parametrize("relu", RELUS)
 @pytest.mark.parametrize("rule", at.RELU_RULES)
-def test_guided_backprop_and_deconvnet_follow_their_relu_rules(rule):
+def test_guided_backprop_and_deconvnet_follow_their_relu_rules(rule, relu):
     """Score W2[:, t] . relu(W1 x + b1): the gradient reaching the ReLU is W2[:, t]; guided
     backprop keeps it where it and the ReLU's input are positive, the deconvnet where it is
-    positive (Springenberg et al. 2015, Fig. 1), then W1 carries it to the input."""
-    model = MLP()
+    positive (Springenberg et al. 2015, Fig. 1), then W1 carries it to the input. The hidden
+    values stay below 6, so relu6 is a ReLU here."""
+    model = MLP(relu)
     images = np.random.RandomState(0).randn(4, 2, 2, 1).astype(np.float32)
     variables = model.init(jax.random.key(0), images)
     w1, b1, w2 = (np.asarray(variables["params"][m][k], np.float64)
@@ -115,7 +129,7 @@ def test_guided_backprop_and_deconvnet_follow_their_relu_rules(rule):
     incoming = w2[:, targets].T
     keep = (incoming > 0) & (hidden > 0) if rule == "guided" else incoming > 0
     expected = ((incoming * keep) @ w1.T).reshape(images.shape)
-    assert keep.any() and not keep.all()
+    assert keep.any() and not keep.all() and np.all(hidden < 6)
     got = at.guided_backprop(model, variables, images, targets, rule=rule)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
