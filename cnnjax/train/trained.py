@@ -6,7 +6,8 @@ the run's `best_metric`; else the newest; or a requested step) through the read-
 `SourceCheckpoints` that `init_from` uses, so a run that is still training is not disturbed.
 `evaluate_trained` runs the engine's own evaluation of it (all devices, padded batches masked;
 top-1/top-5 or mAP) on the run's eval split or any other split of its dataset;
-`plot_predictions` draws its confusion matrix or its detections.
+`plot_predictions` draws its confusion matrix or its detections; `classifier_logits` gives a
+classifier's logits and labels over a split (confusion matrix, calibration).
 
     run = load_trained("workdirs/lenet5_digits")
     logits = run.apply(images)                        # classification: [N, num_classes]
@@ -113,7 +114,7 @@ def load_trained(workdir: str, step: int | None = None,
     return TrainedRun(os.path.abspath(workdir), config, checked.model, variables, chosen, how, ema)
 
 
-def _with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
+def with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
     """A copy of `config` whose eval split is `split` (None: unchanged)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if split is not None:
@@ -144,7 +145,7 @@ def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
 
     from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
 
-    config = _with_split(run.config, split)
+    config = with_split(run.config, split)
     batch_size = check_positive_int("predictions", "batch_size", batch_size)
     lowering = resolve_conv_impl(config.conv_impl, jax.default_backend())
     if outputs is None:
@@ -175,7 +176,7 @@ def eval_examples(run: TrainedRun, split: str | None = None,
     """The batches of `predictions` without running the model: `split` of the run's dataset
     (None: its eval split) in stored order, as its evaluation preprocesses them, padding
     removed."""
-    config = _with_split(run.config, split)
+    config = with_split(run.config, split)
     batch_size = check_positive_int("eval_examples", "batch_size", batch_size)
     for batch in _padded_batches(config, batch_size):
         keep = batch["mask"] > 0
@@ -192,7 +193,7 @@ def evaluate_run(run: TrainedRun, split: str | None = None,
                  eval_batch_size: int | None = None) -> dict:
     """The engine's eval metrics of `run` on `split` of its dataset (None: the run's own eval
     split), plus which checkpoint and split they are of."""
-    config = _with_split(run.config, split)
+    config = with_split(run.config, split)
     if eval_batch_size is not None:
         config.eval_batch_size = check_positive_int("evaluate", "eval_batch_size",
                                                     eval_batch_size)
@@ -204,11 +205,31 @@ def evaluate_run(run: TrainedRun, split: str | None = None,
             "weights": "ema" if run.ema else "trained", **metrics}
 
 
+def classifier_logits(run: TrainedRun, split: str | None = None,
+                      batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A classifier's `(logits [N, C], labels [N])` over `split` (None: its eval split) in
+    stored order, from one `predictions` pass: what the confusion matrix and the calibration
+    scores of `experiments.evaluate` share."""
+    if config_lib.config_task(run.config) != "classification":
+        raise invalid("classifier_logits", "run", run.workdir,
+                      f"expected a classifier's run, not a {config_lib.config_task(run.config)}"
+                      " run")
+    logits, labels = [], []
+    for batch, output in predictions(run, split, batch_size):
+        logits.append(output)
+        labels.append(batch["label"])
+    if not logits:
+        raise invalid("classifier_logits", "split", split, "it holds no examples")
+    return np.concatenate(logits), np.concatenate(labels)
+
+
 def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
-                     max_images: int = 16) -> dict:
+                     max_images: int = 16,
+                     classified: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The run's predictions on `split` as a PNG at `path`: a classifier's confusion matrix over
     every example (also returned as `per_class_top1`), a detector's boxes or a dense predictor's
-    class maps on the first `max_images` images. Returns `{"plot": path, ...}`."""
+    class maps on the first `max_images` images. Returns `{"plot": path, ...}`. A classifier's
+    `classified` (`classifier_logits` of that split) saves running the model again."""
     title = f"{run.config.model} step {run.step}"
     if config_lib.config_task(run.config) == "segmentation":
         from cnnjax.analysis.confusion import plot_segmentation
@@ -230,12 +251,8 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
         plot_confusion_matrix,
     )
 
-    labels, predicted = [], []
-    for batch, logits in predictions(run, split):
-        labels.append(batch["label"])
-        predicted.append(np.argmax(logits, axis=-1))
-    num_classes = int(logits.shape[-1])
-    matrix = confusion_matrix(np.concatenate(labels), np.concatenate(predicted), num_classes)
+    logits, labels = classifier_logits(run, split) if classified is None else classified
+    matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), int(logits.shape[-1]))
     plot_confusion_matrix(matrix, path, title=title)
     return {"plot": path, "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
             "confusion_matrix": matrix.tolist()}
