@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 from cnnjax.platform import configure_cpu_defaults
 
@@ -56,85 +55,9 @@ _ALLOW_SAME_SPLIT = flags.DEFINE_bool(
 flags.mark_flags_as_required(["workdir"])
 
 
-def _normalized(split: str) -> str:
-    """A tfds split string without spaces, to compare two spellings of a split."""
-    return "".join(split.split())
-
-
-def check_temperature_split(run: Any, split: str | None, temperature_split: str | None,
-                            allow_same_split: bool = False) -> tuple[bool, list[str]]:
-    """Checks `temperature_split` for `run` evaluated on `split` (None: its eval split) before
-    anything compiles: a classifier's run, an existing split, not the evaluated split (unless
-    `allow_same_split`). Returns whether it is the evaluated split, and warnings: fitting on
-    the evaluated split, or on examples the run was trained on (its whole train split or a
-    slice of it; an overlap of two slices is not detected)."""
-    from cnnjax.train import config as config_lib
-    from cnnjax.train.trained import with_split
-
-    if temperature_split is None:
-        return False, []
-    task = config_lib.config_task(run.config)
-    if task != "classification":
-        raise ValueError(f"--temperature_split={temperature_split!r} is invalid; temperature "
-                         f"scaling is for classifiers, and this is a {task} run")
-    if not isinstance(temperature_split, str) or not temperature_split.strip():
-        raise ValueError(f"--temperature_split={temperature_split!r} is invalid; expected a "
-                         "tfds split such as 'train[90%:]'")
-    pipeline = config_lib.data_pipeline(run.config)
-    config = with_split(run.config, split)
-    evaluated = pipeline.eval_split_name(config.data)
-    try:  # reads the split's size: an unknown split fails here, before any compilation
-        pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
-    except ValueError as err:
-        raise ValueError(f"--temperature_split={temperature_split!r} is invalid; {err}") from None
-    warnings = []
-    same_split = _normalized(temperature_split) == _normalized(evaluated)
-    if same_split:
-        if not allow_same_split:
-            raise ValueError(
-                f"--temperature_split={temperature_split!r} is invalid; it is the evaluated "
-                "split, so T would be fitted to the very examples it is scored on (an "
-                "optimistic ECE); pass a held-out split (e.g. 'train[90%:]' of a run trained "
-                "on 'train[:90%]'), or --allow_same_split for that oracle on purpose")
-        warnings.append(f"T is fitted on the evaluated split {evaluated!r} itself: its "
-                        "calibration after scaling is optimistic (--allow_same_split)")
-    train = _normalized(run.config.data.get("train_split") or "")
-    fitted = _normalized(temperature_split)
-    if train and (fitted == train or ("[" not in train and fitted.split("[")[0] == train)):
-        warnings.append(f"--temperature_split={temperature_split!r} is part of the run's "
-                        f"training split {train!r}: a model is more confident on examples it "
-                        "learned than on new ones, so the T fitted there is biased low; train "
-                        "on a slice (--config.data.train_split='train[:90%]') and fit on the "
-                        "rest")
-    return same_split, warnings
-
-
-def calibration_record(run: Any, logits: Any, labels: Any, n_bins: int = 15,
-                       temperature_split: str | None = None, batch_size: int = 64,
-                       same_split: bool = False) -> dict:
-    """The JSON `calibration` block of a classifier's `logits` and `labels`: ECE, MCE, NLL,
-    Brier score and bins at T = 1, plus (with `temperature_split`) `temperature_scaling`: T
-    fitted on that split's logits (one more pass of the model) and the same scores at T."""
-    from cnnjax.analysis.calibration import calibration_metrics, temperature_scaling
-    from cnnjax.train.trained import classifier_logits
-
-    record = calibration_metrics(logits, labels, n_bins)
-    if temperature_split is not None:
-        fit_logits, fit_labels = classifier_logits(run, temperature_split, batch_size)
-        try:
-            scaled = temperature_scaling(fit_logits, fit_labels, logits, labels, n_bins)
-        except ValueError as err:
-            raise ValueError(f"--temperature_split={temperature_split!r}: {err}") from None
-        record["temperature_scaling"] = {
-            "split": temperature_split, "same_split": same_split,
-            **{k: scaled[k] for k in ("temperature", "at_bound", "num_fit_examples",
-                                      "fit_nll_before", "fit_nll_after")},
-            **{k: v for k, v in scaled["after"].items() if k != "temperature"}}
-    return record
-
-
 def _calibration_line(record: dict) -> str:
-    """The calibration scores in one printed line (the bins are in the JSON)."""
+    """The calibration scores, and those after temperature scaling, as printed (the bins are
+    in the JSON)."""
     line = (f"Calibration ({record['n_bins']} bins): ECE {record['ece']:.4f}, MCE "
             f"{record['mce']:.4f}, NLL {record['nll']:.4f}, Brier {record['brier']:.4f}")
     scaled = record.get("temperature_scaling")
@@ -155,6 +78,8 @@ def main(argv: list[str]) -> None:
     from cnnjax.train.config import config_task
     from cnnjax.train.logging import quiet_library_logs
     from cnnjax.train.trained import (
+        calibrate_run,
+        check_temperature_split,
         classifier_logits,
         evaluate_run,
         load_trained,
@@ -177,8 +102,8 @@ def main(argv: list[str]) -> None:
                  "plot is written beside it, with the suffix .png)")
     try:
         run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
-        same_split, warnings = check_temperature_split(run, _SPLIT.value, _TEMPERATURE_SPLIT.value,
-                                           _ALLOW_SAME_SPLIT.value)
+        same_split, warnings = check_temperature_split(
+            run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)
     except (ValueError, FileNotFoundError) as err:
         hint = (" (pass --num_devices=N for this machine's devices)"
@@ -198,7 +123,7 @@ def main(argv: list[str]) -> None:
     if config_task(run.config) == "classification":  # one pass of the model for both
         try:
             classified = classifier_logits(run, result["split"], _BATCH.value or 64)
-            result["calibration"] = calibration_record(
+            result["calibration"] = calibrate_run(
                 run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
                 same_split=same_split)
         except ValueError as err:

@@ -256,3 +256,79 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
     plot_confusion_matrix(matrix, path, title=title)
     return {"plot": path, "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
             "confusion_matrix": matrix.tolist()}
+
+
+def _normalized(split: str) -> str:
+    """A tfds split string without spaces, to compare two spellings of a split."""
+    return "".join(split.split())
+
+
+def check_temperature_split(run: TrainedRun, split: str | None, temperature_split: str | None,
+                            allow_same_split: bool = False) -> tuple[bool, list[str]]:
+    """Checks `temperature_split` (None: no temperature scaling) for `run` evaluated on `split`
+    (None: its eval split) before anything compiles: a classifier's run, an existing split, and
+    not the evaluated split unless `allow_same_split` (T fitted to the examples it is scored on
+    gives an optimistic ECE). Returns whether it is the evaluated split, and warnings: that, or
+    a split inside the run's training split (its whole train split or a slice of it; an overlap
+    of two slices is not detected), where the fitted T is biased low."""
+    if temperature_split is None:
+        return False, []
+    task = config_lib.config_task(run.config)
+    if task != "classification":
+        raise invalid("evaluate", "temperature_split", temperature_split,
+                      f"temperature scaling is for classifiers, and this is a {task} run")
+    if not isinstance(temperature_split, str) or not temperature_split.strip():
+        raise invalid("evaluate", "temperature_split", temperature_split,
+                      "expected a tfds split such as 'train[90%:]'")
+    check_bool("evaluate", "allow_same_split", allow_same_split)
+    pipeline = config_lib.data_pipeline(run.config)
+    evaluated = pipeline.eval_split_name(with_split(run.config, split).data)
+    try:  # reads the split's size: an unknown split fails here, before any compilation
+        pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
+    except ValueError as err:
+        raise invalid("evaluate", "temperature_split", temperature_split, str(err)) from None
+    same_split = _normalized(temperature_split) == _normalized(evaluated)
+    warnings = []
+    if same_split:
+        if not allow_same_split:
+            raise invalid("evaluate", "temperature_split", temperature_split,
+                          "it is the evaluated split, so T would be fitted to the very examples "
+                          "it is scored on (an optimistic ECE); pass a held-out split (e.g. "
+                          "'train[90%:]' of a run trained on 'train[:90%]'), or "
+                          "allow_same_split (--allow_same_split) for that oracle on purpose")
+        warnings.append(f"T is fitted on the evaluated split {evaluated!r} itself: its "
+                        "calibration after scaling is optimistic (allow_same_split)")
+    train = _normalized(run.config.data.get("train_split") or "")
+    fitted = _normalized(temperature_split)
+    if train and (fitted == train or ("[" not in train and fitted.split("[")[0] == train)):
+        warnings.append(f"temperature_split={temperature_split!r} is part of the run's "
+                        f"training split {train!r}: a model is more confident on examples it "
+                        "learned than on new ones, so the T fitted there is biased low; train "
+                        "on a slice (--config.data.train_split='train[:90%]') and fit on the "
+                        "rest")
+    return same_split, warnings
+
+
+def calibrate_run(run: TrainedRun, logits: np.ndarray, labels: np.ndarray, n_bins: int = 15,
+                  temperature_split: str | None = None, batch_size: int = 64,
+                  same_split: bool = False) -> dict:
+    """The `calibration` record of a classifier's `logits` and `labels` (`classifier_logits` of
+    the evaluated split): ECE, MCE, NLL, Brier score and bins at T = 1, plus, with
+    `temperature_split` (checked by `check_temperature_split`), `temperature_scaling`: T fitted
+    on that split's logits (one more pass of the model) and the same scores at T."""
+    from cnnjax.analysis.calibration import calibration_metrics, temperature_scaling
+
+    record = calibration_metrics(logits, labels, n_bins)
+    if temperature_split is not None:
+        fit_logits, fit_labels = classifier_logits(run, temperature_split, batch_size)
+        try:
+            scaled = temperature_scaling(fit_logits, fit_labels, logits, labels, n_bins)
+        except ValueError as err:
+            raise invalid("evaluate", "temperature_split", temperature_split,
+                          f"no temperature fits it: {err}") from None
+        record["temperature_scaling"] = {
+            "split": temperature_split, "same_split": same_split,
+            **{k: scaled[k] for k in ("temperature", "at_bound", "num_fit_examples",
+                                      "fit_nll_before", "fit_nll_after")},
+            **{k: v for k, v in scaled["after"].items() if k != "temperature"}}
+    return record
