@@ -9,9 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.train import loop
+from cnnjax.train import loop, trained
 from cnnjax.train.checkpoint import SourceCheckpoints
-from cnnjax.train.trained import evaluate_trained, load_trained, plot_predictions, predictions
+from cnnjax.train.trained import (
+    calibrate_run,
+    check_temperature_split,
+    classifier_logits,
+    evaluate_trained,
+    load_trained,
+    plot_predictions,
+    predictions,
+)
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,6 +89,88 @@ def test_predictions_cover_the_split_once_and_agree_with_the_engines_top1(run_di
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_calibration_shares_one_pass_with_the_confusion_matrix(run_dir, tmp_path, monkeypatch):
+    """`classifier_logits` is the logits `predictions` yields; the record's NLL and top-1 are the
+    engine's eval loss and top-1 (1e-5: the engine sums float32), and the confusion matrix drawn
+    from the shared logits is the one `plot_predictions` computes itself."""
+    from cnnjax.analysis import calibration as cal
+
+    run = load_trained(str(run_dir))
+    logits, labels = classifier_logits(run, batch_size=10)
+    np.testing.assert_array_equal(logits, np.concatenate([o for _, o in predictions(run)]))
+    assert labels.shape == (helpers.NUM_EVAL,)
+    engine = evaluate_trained(str(run_dir))
+    record = calibrate_run(run, logits, labels, n_bins=10)
+    np.testing.assert_allclose(record["nll"], engine["loss"], rtol=1e-5)
+    np.testing.assert_allclose(record["top1"], engine["top1"], rtol=1e-6)
+    assert record["n_bins"] == len(record["bins"]) == 10 and "temperature_scaling" not in record
+    assert record["ece"] == cal.expected_calibration_error(logits, labels, 10)
+    shared = plot_predictions(run, str(tmp_path / "a.png"), classified=(logits, labels))
+    assert shared["confusion_matrix"] == plot_predictions(run, str(tmp_path / "b.png"))[
+        "confusion_matrix"]
+
+    # The fake pipeline serves the same examples for any split, all classified correctly here:
+    # no temperature minimizes their NLL, which is refused with the split's name.
+    with pytest.raises(ValueError, match=r"^evaluate: temperature_split='train' is invalid; no "
+                                         r"temperature fits it: fit_temperature: labels='27 "
+                                         r"examples all classified correctly' is invalid"):
+        calibrate_run(run, logits, labels, temperature_split="train")
+    # A fitting split with mistakes (some labels moved): T is fitted to it and the evaluated
+    # logits are scored at that T.
+    real = trained.classifier_logits
+
+    def with_mistakes(run, split=None, batch_size=64):
+        fit_logits, fit_labels = real(run, split, batch_size)
+        return fit_logits, np.where(np.arange(len(fit_labels)) % 5 == 0, (fit_labels + 1) % 4,
+                                    fit_labels)
+
+    monkeypatch.setattr(trained, "classifier_logits", with_mistakes)
+    scaled = calibrate_run(run, logits, labels, n_bins=10, temperature_split="train",
+                           batch_size=8)["temperature_scaling"]
+    fit_logits, fit_labels = with_mistakes(run, "train")
+    assert scaled["temperature"] == cal.fit_temperature(fit_logits, fit_labels) > 1
+    assert (scaled["split"], scaled["same_split"], scaled["num_fit_examples"]) == (
+        "train", False, helpers.NUM_EVAL)
+    assert scaled["ece"] == cal.expected_calibration_error(logits, labels, 10,
+                                                           scaled["temperature"])
+    assert scaled["top1"] == record["top1"] and scaled["fit_nll_after"] < scaled["fit_nll_before"]
+
+
+def test_the_temperature_split_is_checked_before_anything_compiles(run_dir):
+    import ml_collections
+
+    from cnnjax.train.trained import TrainedRun
+
+    run = load_trained(str(run_dir))
+    assert check_temperature_split(run, None, None) == (False, [])
+    assert check_temperature_split(run, None, "train") == (False, [])
+    with pytest.raises(ValueError, match=r"^evaluate: temperature_split=' eval' is invalid; it is "
+                                         r"the evaluated split, so T would be fitted to the very "
+                                         r"examples it is scored on"):
+        check_temperature_split(run, None, " eval")
+    same, warnings = check_temperature_split(run, "eval", "eval", allow_same_split=True)
+    assert same and warnings == ["T is fitted on the evaluated split 'eval' itself: its "
+                                 "calibration after scaling is optimistic (allow_same_split)"]
+    with pytest.raises(ValueError, match=r"^evaluate: temperature_split='' is invalid; expected "
+                                         r"a tfds split"):
+        check_temperature_split(run, None, "")
+    trained_on_all = TrainedRun(run.workdir, ml_collections.ConfigDict(
+        {**run.config.to_dict(), "data": {"name": "synthetic", "train_split": "train"}}),
+        run.model, run.variables, run.step, run.how)
+    same, warnings = check_temperature_split(trained_on_all, None, "train[90%:]")
+    assert not same and len(warnings) == 1 and warnings[0].startswith(
+        "temperature_split='train[90%:]' is part of the run's training split 'train'")
+    detector = TrainedRun("w", ml_collections.ConfigDict({"task": "detection"}), model=None,
+                          variables={}, step=1, how="best")
+    with pytest.raises(ValueError, match=r"^evaluate: temperature_split='train' is invalid; "
+                                         r"temperature scaling is for classifiers, and this is a "
+                                         r"detection run"):
+        check_temperature_split(detector, None, "train")
+    with pytest.raises(ValueError, match=r"^classifier_logits: run='w' is invalid; expected a "
+                                         r"classifier's run, not a detection run"):
+        classifier_logits(detector)
+
+
 def test_bad_workdirs_and_steps_are_named(run_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(ValueError, match=r"^load_trained: workdir=.* is invalid; expected the "
@@ -118,6 +208,11 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
         "error: --output='results/eval.png' is invalid; expected a JSON file path (the plot is "
         "written beside it, with the suffix .png)")
+    # --n_bins is checked before the run loads (before anything compiles).
+    result = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
+                             "--n_bins=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: --n_bins=0 is invalid; expected at least 1 (Guo et al. use 15)")
 
 
 def test_a_proposal_trained_detector_refuses_detect_without_proposals():
