@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -263,6 +264,17 @@ def _normalized(split: str) -> str:
     return "".join(split.split())
 
 
+def _train_split(data_config: Any) -> str:
+    """The split a classifier was trained on: `data.train_split`, else its dataset preset's
+    ('' when the config resolves to no preset, e.g. a test's stand-in dataset)."""
+    from cnnjax.data.spec import resolve
+
+    try:
+        return data_config.get("train_split") or resolve(data_config).train_split
+    except ValueError:
+        return ""
+
+
 def check_temperature_split(run: TrainedRun, split: str | None, temperature_split: str | None,
                             allow_same_split: bool = False) -> tuple[bool, list[str]]:
     """Checks `temperature_split` (None: no temperature scaling) for `run` evaluated on `split`
@@ -285,8 +297,9 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     evaluated = pipeline.eval_split_name(with_split(run.config, split).data)
     try:  # reads the split's size: an unknown split fails here, before any compilation
         pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
-    except ValueError as err:
-        raise invalid("evaluate", "temperature_split", temperature_split, str(err)) from None
+    except ValueError as err:  # "data: eval_split='x' is invalid; <valid>.": keep <valid>
+        valid = re.sub(r"^data: eval_split=.*? is invalid; ", "", str(err)).rstrip(".")
+        raise invalid("evaluate", "temperature_split", temperature_split, valid) from None
     same_split = _normalized(temperature_split) == _normalized(evaluated)
     warnings = []
     if same_split:
@@ -298,7 +311,7 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
                           "allow_same_split (--allow_same_split) for that oracle on purpose")
         warnings.append(f"T is fitted on the evaluated split {evaluated!r} itself: its "
                         "calibration after scaling is optimistic (allow_same_split)")
-    train = _normalized(run.config.data.get("train_split") or "")
+    train = _normalized(_train_split(run.config.data))
     fitted = _normalized(temperature_split)
     if train and (fitted == train or ("[" not in train and fitted.split("[")[0] == train)):
         warnings.append(f"temperature_split={temperature_split!r} is part of the run's "
@@ -325,7 +338,7 @@ def calibrate_run(run: TrainedRun, logits: np.ndarray, labels: np.ndarray, n_bin
             scaled = temperature_scaling(fit_logits, fit_labels, logits, labels, n_bins)
         except ValueError as err:
             raise invalid("evaluate", "temperature_split", temperature_split,
-                          f"no temperature fits it: {err}") from None
+                          f"no temperature fits it: {str(err).rstrip('.')}") from None
         record["temperature_scaling"] = {
             "split": temperature_split, "same_split": same_split,
             **{k: scaled[k] for k in ("temperature", "at_bound", "num_fit_examples",

@@ -1,0 +1,74 @@
+"""`experiments.evaluate` end to end on a trained LeNet-5: the calibration block, the reliability
+diagram and temperature scaling on a held-out split. The quick checks of the script (one-line
+errors, --n_bins) and of the functions it calls are in tests/train/test_trained.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _command(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
+    """LeNet-5 trained 100 steps on digits' train[:90%], evaluated on test with T fitted on the
+    held-out train[90%:] (144 scans), as a user types it."""
+    workdir = tmp_path / "lenet"
+    train = _command("experiments.train", "--config=experiments/configs/lenet5_digits.py",
+                     f"--workdir={workdir}", "--config.num_train_steps=100",
+                     "--config.eval_every_steps=100", "--config.progress_bar=False",
+                     "--config.data.train_split=train[:90%]", timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    result = _command("experiments.evaluate", f"--workdir={workdir}", "--n_bins=10",
+                      "--temperature_split=train[90%:]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "After temperature scaling (T=" in result.stdout
+    out = workdir / "eval"
+    record = json.loads((out / "test_step100.json").read_text())
+    for name in ("test_step100.png", "test_step100_reliability.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert record["reliability_plot"] == str(out / "test_step100_reliability.png")
+    calibration = record["calibration"]
+    scaled = calibration["temperature_scaling"]
+    # At T = 1 the NLL is the engine's eval loss (it sums float32: 1e-5) and top-1 its top-1.
+    np.testing.assert_allclose(calibration["nll"], record["loss"], rtol=1e-5)
+    np.testing.assert_allclose(calibration["top1"], record["top1"], rtol=1e-6)
+    assert (scaled["split"], scaled["num_fit_examples"], scaled["same_split"]) == (
+        "train[90%:]", 144, False)
+    assert 0.05 < scaled["temperature"] < 20 and not scaled["at_bound"]
+    assert scaled["fit_nll_after"] <= scaled["fit_nll_before"]
+    assert scaled["top1"] == calibration["top1"]
+    for scores in (calibration, scaled):  # ECE and MCE recomputed from the written bins
+        bins = scores["bins"]
+        assert len(bins) == scores["n_bins"] == 10
+        assert sum(b["count"] for b in bins) == scores["num_examples"] == 359
+        assert [b["hi"] for b in bins] == pytest.approx(np.linspace(0.1, 1, 10).tolist())
+        gaps = [abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]]
+        ece = sum(b["count"] * g for b, g in zip([b for b in bins if b["count"]], gaps,
+                                                  strict=True)) / 359
+        np.testing.assert_allclose(scores["ece"], ece, rtol=1e-9)
+        np.testing.assert_allclose(scores["mce"], max(gaps), rtol=1e-9)
+
+    # Fitting on the evaluated split is refused, as is a split the dataset lacks, both before
+    # anything compiles (one line, no traceback).
+    same = _command("experiments.evaluate", f"--workdir={workdir}", "--temperature_split=test")
+    assert same.returncode == 1 and "Traceback" not in same.stderr
+    assert same.stderr.strip().splitlines()[-1].startswith(
+        "error: evaluate: temperature_split='test' is invalid; it is the evaluated split")
+    missing = _command("experiments.evaluate", f"--workdir={workdir}",
+                       "--temperature_split=validation")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    line = missing.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: evaluate: temperature_split='validation' is invalid; ")
+    assert "'digits' has splits ['train', 'test']" in line, line
