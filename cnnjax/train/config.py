@@ -472,7 +472,7 @@ def data_pipeline(config: Any) -> Any:
     return pipeline
 
 
-def check_config(config: Any) -> CheckedConfig:
+def check_config(config: Any, schedule: Any = None) -> CheckedConfig:
     """Runs every check `train_and_evaluate` runs before compiling; raises the same ValueErrors.
 
     Fields and values (`validate_config`), model name and task, dataset and `num_classes`,
@@ -481,6 +481,8 @@ def check_config(config: Any) -> CheckedConfig:
     `freeze`. Reads the dataset's metadata (cnnjax's offline datasets are generated on first
     use, as the run would) but builds no input pipeline, initializes no parameter and touches no
     workdir. Not checked: `init_from.workdir`'s checkpoints (the source run may not exist yet).
+    `schedule` (an optax schedule) replaces `config.schedule`'s in the optimizer it builds, e.g.
+    the learning-rate ramp of `cnnjax.tune.lr_range`; None: the config's own.
     """
     import jax
     import jax.numpy as jnp
@@ -547,7 +549,8 @@ def check_config(config: Any) -> CheckedConfig:
         checks.check_external_proposals(model, config.model,
                                         proposal_spec(config.data.get("proposals")))
 
-    schedule = build_schedule(config)
+    if schedule is None:
+        schedule = build_schedule(config)
     tx = build_optimizer(config, schedule)
     variable_shapes = None  # traced (not compiled) only for init_from / freeze
     if init_from_workdir(config) is not None or config.get("freeze") is not None:

@@ -148,6 +148,50 @@ def evaluate_variables(config: Any, variables: dict) -> dict:
     return run.evaluate_variables(variables)
 
 
+def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
+               parallel: DataParallel) -> tuple[Any, Any]:
+    """`(p_train, p_eval)`: `task`'s per-device train and eval steps for `model` and `tx` (the
+    config's loss options, conv lowering, gradient accumulation, weight average, mixing), wrapped
+    by `parallel` for all devices and compiled lazily, at their first call; for detection
+    `p_eval` returns the detections. Shared by the loop and `cnnjax.tune.lr_range`."""
+    conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
+    options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
+               "ema": config_lib.ema_rule(config)}
+    if task == "detection":
+        train_step, predict_step = make_detection_steps(
+            model, tx, schedule, AXIS_NAME, conv_impl, **options
+        )
+        return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
+    if task == "segmentation":
+        train_step, eval_step = make_segmentation_steps(
+            model, tx, schedule, AXIS_NAME, conv_impl, **options
+        )
+        return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+    train_step, eval_step = make_steps(
+        model,
+        tx,
+        schedule,
+        AXIS_NAME,
+        float(config.label_smoothing),
+        float(config.aux_loss_weight),
+        conv_impl,
+        mixing=config_lib.mixing_rule(config),
+        **options,
+    )
+    return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+
+
+def fresh_state(config: Any, model: Any, tx: Any, image_shape: tuple[int, ...]) -> TrainState:
+    """The host (NumPy) state a new run of `config` starts from: `config.seed`'s initial
+    variables, `tx`'s initial optimizer state, step 0 and a weight average if `config.ema` keeps
+    one (before any checkpoint restore or warm start)."""
+    host_state = jax.device_get(
+        create_train_state(model, tx, jax.random.PRNGKey(config.seed), (1, *image_shape),
+                           ema=config_lib.ema_rule(config) is not None)
+    )
+    return jax.tree.map(np.asarray, host_state)
+
+
 def _completed_summary(workdir: str) -> dict | None:
     """The workdir's summary.json if it records a completed run, else None."""
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
@@ -337,32 +381,8 @@ class _Run:
     def steps(self) -> tuple[Any, Any]:
         """`(p_train, p_eval)`: the per-device steps wrapped for all devices (compiled lazily,
         at their first call); for detection `p_eval` returns the detections."""
-        config, parallel = self.config, self.parallel
-        conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
-        options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
-                   "ema": config_lib.ema_rule(config)}
-        if self.task == "detection":
-            train_step, predict_step = make_detection_steps(
-                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl, **options
-            )
-            return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
-        if self.task == "segmentation":
-            train_step, eval_step = make_segmentation_steps(
-                self.model, self.tx, self.schedule, AXIS_NAME, conv_impl, **options
-            )
-            return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
-        train_step, eval_step = make_steps(
-            self.model,
-            self.tx,
-            self.schedule,
-            AXIS_NAME,
-            float(config.label_smoothing),
-            float(config.aux_loss_weight),
-            conv_impl,
-            mixing=config_lib.mixing_rule(config),
-            **options,
-        )
-        return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+        return wrap_steps(self.config, self.task, self.model, self.tx, self.schedule,
+                          self.parallel)
 
     # --------------------------------------------------------------------------------- eval
     def eval_batches(self) -> Iterator[dict]:
@@ -437,7 +457,6 @@ class _Run:
         self.setup()
         config, parallel = self.config, self.parallel
         total_steps = int(config.num_train_steps)
-        rng = jax.random.PRNGKey(config.seed)
         checkpointer = Checkpointer(
             self.workdir,
             keep=config.keep_checkpoints,
@@ -453,11 +472,7 @@ class _Run:
             except BaseException:
                 checkpointer.close()
                 raise
-        host_state: TrainState = jax.device_get(
-            create_train_state(self.model, self.tx, rng, (1, *self.image_shape),
-                               ema=config_lib.ema_rule(config) is not None)
-        )
-        host_state = jax.tree.map(np.asarray, host_state)
+        host_state = fresh_state(config, self.model, self.tx, self.image_shape)
         try:
             restored = checkpointer.restore_latest(host_state)
         except ValueError as err:
