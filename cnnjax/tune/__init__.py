@@ -5,5 +5,6 @@ Submodules: `space` (grid and random search spaces over dotted config fields, tr
 results table and plot), `diagnose` (learning-curve verdicts with evidence and recommended config
 changes), `recipe` (`run_tune`: rounds of sweeps, each planned from the diagnosis of the best
 trial so far; resumable, with recipe.json), `regularizers` (the knobs it turns up when the best
-trial overfits) and `report` (report.md and tune.png from recipe.json).
+trial overfits), `report` (report.md and tune.png from recipe.json) and `lr_range` (Smith's
+learning-rate range test: the suggested learning rate of a config, from one short run).
 """

@@ -59,9 +59,10 @@ def save_figure(fig: Any, path: str, dpi: int = 100) -> str:
 
 
 # The record file each command leaves at the top of its directory (loop.CONFIG_FILE,
-# sweep.SWEEP_FILE, recipe.TUNE_FILE, compare.TRANSFER_FILE).
+# sweep.SWEEP_FILE, recipe.TUNE_FILE, compare.TRANSFER_FILE, lr_range.RECORD_FILE).
 DIRECTORY_MARKERS = {"training run": "config.json", "sweep": "sweep.json", "tune": "tune.json",
-                     "transfer comparison": "transfer.json"}
+                     "transfer comparison": "transfer.json",
+                     "learning-rate range test": "lr_range.json"}
 
 
 def check_directory_kind(path: str, kind: str, flag: str) -> None:

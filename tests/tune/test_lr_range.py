@@ -1,0 +1,318 @@
+"""The learning-rate range test (cnnjax.tune.lr_range): its ramp, smoothing, stop rule and
+suggestions against float64 NumPy references, its refusals before anything compiles, reruns,
+and the `experiments.lr_range_test` script as a user runs it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnnjax.tune import lr_range
+from cnnjax.tune.diagnose import ema
+from tests.experiments.test_train import _env
+from tests.train import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
+# The tiny engine model on synthetic data: SGD (momentum 0.9) from 1e-4 up to 1e3, far past
+# where it can train, so the test stops as diverged (with label smoothing: without it the
+# easy synthetic task reaches a loss of 0, and its BatchNorm net then never blows up).
+SETTINGS = {"lr_min": 1e-4, "lr_max": 1e3, "steps": 40}
+
+
+def _config(**overrides):
+    return helpers.tiny_config(label_smoothing=0.1, **overrides)
+FLOAT32_RTOL = 1e-5  # the engine computes and reports the rate in float32
+
+
+@pytest.fixture(scope="module")
+def fake_engine():
+    """The engine's synthetic pipeline and tiny model for this module's in-process runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        helpers.install_fake_pipeline(mp)
+        yield
+
+
+@pytest.fixture(scope="module")
+def ramp(fake_engine, tmp_path_factory):
+    """One range test of the tiny model, shared by the checks of its record."""
+    workdir = str(tmp_path_factory.mktemp("lr_range"))
+    record = lr_range.run_lr_range(_config(), workdir, **SETTINGS)
+    return workdir, record
+
+
+def _curve(record, key):
+    return np.array([r[key] for r in record["records"]], np.float64)
+
+
+def _reference_ema(losses, beta):
+    """Closed form of the bias-corrected EMA: sum_i (1-b) b^(t-i) x_i / (1 - b^(t+1))."""
+    t = np.arange(len(losses))
+    weights = (1 - beta) * beta ** (t[:, None] - t[None, :]) * (t[None, :] <= t[:, None])
+    return (weights @ losses) / (1 - beta ** (t + 1))
+
+
+def test_recorded_lrs_are_the_geometric_ramp(ramp):
+    _, record = ramp
+    lrs = _curve(record, "lr")
+    expected = np.geomspace(1e-4, 1e3, 40, dtype=np.float64)[: len(lrs)]
+    np.testing.assert_allclose(lrs, expected, rtol=FLOAT32_RTOL)
+    assert [r["step"] for r in record["records"]] == list(range(len(lrs)))
+
+
+def test_ramp_schedule_matches_the_formula_and_holds_lr_max_after_the_end():
+    schedule = lr_range.ramp_schedule(1e-5, 10.0, 100)
+    steps = np.arange(120)
+    expected = 1e-5 * (10.0 / 1e-5) ** (np.minimum(steps, 99) / 99)
+    np.testing.assert_allclose([float(schedule(t)) for t in steps], expected, rtol=FLOAT32_RTOL)
+
+
+def test_smoothed_loss_is_the_bias_corrected_ema(ramp):
+    _, record = ramp
+    losses, smoothed = _curve(record, "loss"), _curve(record, "smoothed_loss")
+    np.testing.assert_allclose(smoothed, _reference_ema(losses, 0.98), rtol=1e-12)
+    np.testing.assert_allclose(smoothed, ema(losses, 0.98), rtol=1e-12)  # the diagnosis' EMA
+    assert smoothed[0] == losses[0]  # bias-corrected: the first point is the first loss
+
+
+def test_suggestions_are_the_steepest_descent_up_to_the_minimum(ramp):
+    _, record = ramp
+    lrs, smoothed = _curve(record, "lr"), _curve(record, "smoothed_loss")
+    best, skip = int(np.argmin(smoothed)), 4  # the first 10% of the 40 steps are skipped
+    slopes = np.diff(smoothed[skip: best + 1]) / np.diff(np.log(lrs[skip: best + 1]))
+    tips = record["suggestions"]
+    assert tips["skip_start"] == skip and best > skip + 5
+    assert tips["suggested"] == tips["steepest"] == lrs[skip + int(np.argmin(slopes))]
+    assert tips["steepest_slope"] == pytest.approx(slopes.min(), rel=1e-12)
+    assert tips["min_loss"] == lrs[best] and tips["min_loss_step"] == best
+    assert tips["min_loss_over_10"] == pytest.approx(lrs[best] / 10, rel=1e-15)
+
+
+def test_loss_falls_then_the_test_stops_as_diverged_well_before_lr_max(ramp):
+    _, record = ramp
+    losses, smoothed = _curve(record, "loss"), _curve(record, "smoothed_loss")
+    stop = record["stop"]
+    assert record["status"] == stop["reason"] == "diverged"
+    assert stop["step"] < 39 and stop["message"].startswith(f"diverged at step {stop['step']} ")
+    assert smoothed.min() < 0.7 * losses[0]  # it learned at the small rates
+    assert record["suggestions"]["suggested"] < record["suggestions"]["min_loss"] < 1e3
+    # The stop rule, checked independently: no step before the stop broke it.
+    running_min = np.minimum.accumulate(smoothed)
+    broke = (smoothed > 4 * running_min) | ~np.isfinite(losses)
+    if len(losses) == stop["step"] + 1:  # the last recorded step broke the rule
+        assert broke[-1] and not broke[:-1].any()
+    else:  # the stop step's loss was not finite: not recorded
+        assert len(losses) == stop["step"] and not broke.any()
+        assert "the loss is" in stop["message"]
+
+
+def test_record_and_plot_are_written(ramp):
+    workdir, record = ramp
+    with open(os.path.join(workdir, lr_range.RECORD_FILE)) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(record))
+    assert saved["config"]["label_smoothing"] == 0.1
+    assert saved["settings"] == {**SETTINGS, "lr_max": 1000.0, "divergence_factor": 4.0,
+                                 "smoothing": 0.98}
+    assert saved["overrides"] == {"num_train_steps": 40, "optimizer.learning_rate": 1000.0,
+                                  "schedule.name": "constant", "schedule.warmup_steps": 0}
+    assert saved["config"]["optimizer.momentum"] == 0.9  # the config's own optimizer
+    assert os.path.getsize(os.path.join(workdir, lr_range.PLOT_FILE)) > 10_000
+
+
+def test_rerun_with_the_same_settings_returns_the_record_untouched(ramp, monkeypatch):
+    workdir, record = ramp
+    path = os.path.join(workdir, lr_range.RECORD_FILE)
+    before = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(lr_range, "_train", lambda *a: pytest.fail("trained again"))
+    again = lr_range.run_lr_range(_config(progress_bar=True), workdir, **SETTINGS)
+    assert again == json.loads(json.dumps(record))
+    assert os.stat(path).st_mtime_ns == before
+
+
+@pytest.mark.parametrize("change, detail", [
+    ({"steps": 30}, "steps: 40 -> 30"),
+    ({"smoothing": 0.9}, "smoothing: 0.98 -> 0.9"),
+    ({"config": {"optimizer.momentum": 0.5}}, "config.optimizer.momentum: 0.9 -> 0.5"),
+])
+def test_other_settings_in_a_finished_workdir_are_refused(ramp, change, detail):
+    workdir, _ = ramp
+    config = _config(**change.pop("config", {}))
+    with pytest.raises(ValueError) as err:
+        lr_range.run_lr_range(config, workdir, **{**SETTINGS, **change})
+    assert str(err.value) == (
+        f"workdir: {workdir!r} holds a finished LR range test with other settings ({detail}); "
+        "to start fresh use a new --workdir or delete "
+        f"{os.path.join(workdir, lr_range.RECORD_FILE)!r}.")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr_min": 0.0}, "lr_range: lr_min=0.0 is invalid; expected a positive finite number."),
+    ({"lr_min": -1e-3}, "lr_range: lr_min=-0.001 is invalid; expected a positive finite number."),
+    ({"lr_min": math.nan}, "lr_range: lr_min=nan is invalid; expected a positive finite number."),
+    ({"lr_max": math.inf}, "lr_range: lr_max=inf is invalid; expected a positive finite number."),
+    ({"lr_max": 1e-4}, "lr_range: lr_max=0.0001 is invalid; expected lr_max > lr_min "
+                       "(lr_min=0.0001): the rate ramps up from lr_min to lr_max."),
+    ({"lr_max": 1e-5}, "lr_range: lr_max=1e-05 is invalid; expected lr_max > lr_min "
+                       "(lr_min=0.0001): the rate ramps up from lr_min to lr_max."),
+    *[({"steps": s}, f"lr_range: steps={s!r} is invalid; expected an integer >= 2 (the ramp's "
+                     "lr at step t is lr_min * (lr_max / lr_min) ** (t / (steps - 1)); ~100 is "
+                     "usual).") for s in (1, 0, 2.5, True)],
+    *[({"divergence_factor": f}, f"lr_range: divergence_factor={f!r} is invalid; expected a "
+                                 "finite number > 1 (the test stops once the smoothed loss "
+                                 "exceeds this multiple of its minimum; 4 is usual).")
+      for f in (1.0, 0.5, math.inf)],
+    *[({"smoothing": s}, f"lr_range: smoothing={s!r} is invalid; expected 0 <= smoothing < 1 "
+                         "(the weight of the previous average in the loss's exponential moving "
+                         "average; 0: no smoothing, 0.98 is usual).") for s in (1.0, -0.1)],
+    ({"config": {"global_batch_size": 0}},
+     "config: global_batch_size=0 is invalid; expected a positive integer."),
+    ({"config": {"optimizer.momentum": 1.0}},
+     "optimizer: momentum=1.0 is invalid; expected 0 <= momentum < 1."),
+    ({"config": {"global_batch_size": 15, "grad_accum_steps": 2}},
+     "config: grad_accum_steps=2 is invalid; expected a divisor of the per-device batch 15 "
+     "(global_batch_size 15 / 1 devices), so that micro-batches are equal."),
+])
+def test_bad_input_is_refused_before_anything_compiles_or_is_written(
+        fake_engine, tmp_path, monkeypatch, settings, message):
+    settings = dict(settings)
+    config = _config(**settings.pop("config", {}))
+    monkeypatch.setattr(lr_range, "wrap_steps", lambda *a: pytest.fail("compiled"))
+    monkeypatch.setattr(lr_range, "fresh_state", lambda *a: pytest.fail("initialized"))
+    workdir = tmp_path / "lr_range"
+    with pytest.raises(ValueError) as err:
+        lr_range.run_lr_range(config, str(workdir), **{**SETTINGS, **settings})
+    assert str(err.value) == message
+    assert not workdir.exists()
+
+
+def test_another_commands_directory_is_refused(fake_engine, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a training run \(config.json\), not a "
+                                         r"learning-rate range test: use a new directory"):
+        lr_range.run_lr_range(_config(), str(tmp_path), **SETTINGS)
+    assert not (tmp_path / lr_range.RECORD_FILE).exists()
+
+
+def test_a_failed_test_is_recorded_and_redone_by_the_rerun(fake_engine, tmp_path, monkeypatch):
+    import cnnjax.data
+
+    pipeline = cnnjax.data.pipeline
+    monkeypatch.setattr(pipeline, "train_batches",
+                        helpers.crashing_batches(pipeline.train_batches, at_step=3))
+    with pytest.raises(helpers.SimulatedCrashError):
+        lr_range.run_lr_range(_config(), str(tmp_path), **SETTINGS)
+    with open(tmp_path / lr_range.RECORD_FILE) as f:
+        failed = json.load(f)
+    assert failed["status"] == "failed"
+    assert failed["stop"]["message"] == "SimulatedCrashError: simulated kill"
+    monkeypatch.undo()  # the pipeline works again
+    record = lr_range.run_lr_range(_config(), str(tmp_path), **SETTINGS)
+    assert record["status"] == "diverged"
+
+
+@pytest.mark.parametrize("shape", ["tanh", "flat"])
+def test_suggest_on_curves_with_a_known_answer(shape):
+    lrs = np.geomspace(1e-6, 1.0, 121)  # 20 points per decade
+    if shape == "tanh":  # steepest exactly halfway between grid points 59 and 60 (1e-3)
+        smoothed = 2.0 - np.tanh(np.log(lrs / 10 ** -3.025))
+        tips = lr_range.suggest(lrs, smoothed)
+        assert tips["suggested"] == tips["steepest"] == lrs[59]  # the interval's start
+        assert tips["suggested"] == pytest.approx(10 ** -3.05, rel=1e-12)
+        assert tips["min_loss"] == pytest.approx(1.0, rel=1e-12)  # monotone: the last point
+        assert tips["min_loss_over_10"] == pytest.approx(0.1, rel=1e-12)
+    else:  # rising from the start: no descent, no suggestion
+        tips = lr_range.suggest(lrs, 1.0 + lrs)
+        assert tips["suggested"] is None and tips["steepest"] is None
+        assert tips["min_loss"] == 1e-6 and tips["min_loss_step"] == 0
+    assert lr_range.suggest(np.array([]), np.array([]))["min_loss"] is None
+
+
+def test_suggest_skips_the_first_steps():
+    lrs = np.geomspace(1e-4, 1.0, 9)
+    smoothed = np.array([5.0, 2.0, 1.9, 1.6, 1.5, 1.0, 0.95, 0.9, 0.99])  # noisy first drop
+    assert lr_range.suggest(lrs, smoothed)["steepest"] == lrs[0]
+    assert lr_range.suggest(lrs, smoothed, skip_start=1)["steepest"] == lrs[4]
+    too_late = lr_range.suggest(lrs, smoothed, skip_start=7)  # the minimum is step 7
+    assert too_late["suggested"] is None and too_late["min_loss"] == lrs[7]
+    assert [lr_range.skipped_steps(n) for n in (2, 9, 10, 100, 1000)] == [0, 0, 1, 10, 100]
+
+
+def test_script_bad_flag_is_a_one_line_error_before_anything_is_written(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.lr_range_test", f"--config={CONFIG}",
+         f"--workdir={tmp_path / 'lrr'}", "--lr_min=1e-2", "--lr_max=1e-3"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: lr_range: lr_max=0.001 is invalid; expected lr_max > lr_min (lr_min=0.01): the "
+        "rate ramps up from lr_min to lr_max.")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "lrr").exists()
+
+
+@pytest.mark.slow
+def test_script_end_to_end_on_digits_then_rerun_reprints_and_other_settings_refused(tmp_path):
+    """LeNet-5 on the real `digits` pipeline, 30 steps from 1e-4 to 1e2 (it diverges)."""
+    workdir = tmp_path / "lrr"
+    command = [sys.executable, "-m", "experiments.lr_range_test", f"--config={CONFIG}",
+               f"--workdir={workdir}", "--lr_min=1e-4", "--lr_max=100", "--steps=30",
+               "--config.global_batch_size=32"]
+    first = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with open(workdir / lr_range.RECORD_FILE) as f:
+        record = json.load(f)
+    assert record["model"] == "lenet5" and record["dataset"] == "digits"
+    assert record["config"]["global_batch_size"] == 32
+    assert record["status"] == "diverged" and record["stop"]["step"] < 29
+    lrs = _curve(record, "lr")
+    np.testing.assert_allclose(lrs, np.geomspace(1e-4, 100, 30)[: len(lrs)], rtol=FLOAT32_RTOL)
+    tips = record["suggestions"]
+    assert f"Suggested learning rate: {tips['suggested']:.3g}" in first.stdout
+    assert f"Plot:   {workdir / lr_range.PLOT_FILE}" in first.stdout
+    assert os.path.getsize(workdir / lr_range.PLOT_FILE) > 10_000
+
+    again = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    with open(workdir / lr_range.RECORD_FILE) as f:
+        assert json.load(f) == record
+
+    other = subprocess.run([*command, "--steps=20"], cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines()[-1].startswith(
+        f"error: workdir: {str(workdir)!r} holds a finished LR range test with other settings "
+        "(steps: 30 -> 20); to start fresh use a new --workdir or delete")
+
+
+def test_a_detection_config_ramps_its_detectors_own_loss(tmp_path, monkeypatch):
+    """YOLO v1 (small) on the detection loop's in-memory boxes: the same ramp and record."""
+    import types
+
+    import cnnjax.data
+    from tests.train import test_detection_loop as detection
+
+    module = types.ModuleType("cnnjax.data.detection")
+    module.get_dataset_info = detection._info
+    module.train_batches = detection._train_batches
+    module.eval_batches = detection._eval_batches
+    module.eval_split_name = lambda data_config: "eval"
+    monkeypatch.setitem(sys.modules, "cnnjax.data.detection", module)
+    monkeypatch.setattr(cnnjax.data, "detection", module, raising=False)
+    record = lr_range.run_lr_range(detection._config(), str(tmp_path), lr_min=1e-5, lr_max=1e-2,
+                                   steps=6, smoothing=0.5)
+    assert record["status"] == "completed" and record["model"] == "yolo_v1_small"
+    assert record["stop"] == {"reason": "completed", "step": 5, "message": "completed all 6 "
+                              "steps without diverging (lr 1e-05 to 0.01)"}
+    np.testing.assert_allclose(_curve(record, "lr"), np.geomspace(1e-5, 1e-2, 6),
+                               rtol=FLOAT32_RTOL)
+    losses = _curve(record, "loss")
+    assert np.all(np.isfinite(losses)) and np.all(losses > 0)
+    np.testing.assert_allclose(_curve(record, "smoothed_loss"), _reference_ema(losses, 0.5),
+                               rtol=1e-12)
