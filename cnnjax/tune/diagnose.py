@@ -86,7 +86,7 @@ class Thresholds:
     spike_factor: float = 1.5
     # ... and rises by at least 5% of the first loss (ignores jitter once the loss is ~0).
     spike_min_rise: float = 0.05
-    # Two spikes are a pattern; a single one may be one bad batch.
+    # Two spikes are a pattern; a single one (even spanning consecutive logs) may be one bad batch.
     min_spikes: int = 2
     # Learning has barely started if the smoothed loss fell by < 30% of its first value.
     slow_min_drop: float = 0.3
@@ -361,15 +361,17 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
     with np.errstate(invalid="ignore"):
         spikes = np.flatnonzero((loss > t.spike_factor * median)
                                 & (loss - median > t.spike_min_rise * first))
-    if len(spikes) < t.min_spikes:
+    # Consecutive elevated logs are one event (one bad stretch spanning two log windows).
+    starts = spikes[np.diff(spikes, prepend=-2) > 1]
+    if len(starts) < t.min_spikes:
         return None
     worst = spikes[np.argmax(loss[spikes] / median[spikes])]
     return Finding(
         "unstable",
-        f"{len(spikes)} train-loss spikes (> {t.spike_factor:g} x the median of the "
+        f"{len(starts)} train-loss spikes (> {t.spike_factor:g} x the median of the "
         f"{t.spike_window} logs before), worst at step {curves.train_steps[worst]}: "
         f"{loss[worst]:.4g} vs {median[worst]:.4g}.",
-        {"num_spikes": len(spikes), "spike_steps": curves.train_steps[spikes].tolist(),
+        {"num_spikes": len(starts), "spike_steps": curves.train_steps[starts].tolist(),
          "worst_step": int(curves.train_steps[worst]), "worst_loss": float(loss[worst]),
          "median_before": float(median[worst])},
         (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
@@ -477,7 +479,11 @@ def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Fin
     """still_improving or converged, from the eval metric over the last `tail_fraction`."""
     steps, values = curves.eval_steps, curves.eval_metrics[metric]
     sign = -1.0 if config_lib.lower_is_better(metric) else 1.0
-    end = int(curves.num_train_steps or steps[-1])
+    # The tail of what ran: a run stopped early (interrupted, incomplete) is judged on its own
+    # last quarter, not on the quarter of its plan that it never reached.
+    end = int(max(steps[-1], curves.train_steps[-1] if len(curves.train_steps) else 0))
+    if curves.status == "completed" and curves.num_train_steps:
+        end = int(curves.num_train_steps)
     start = end - t.tail_fraction * end
     before = values[steps <= start]
     if len(before) == 0:  # the tail covers every eval: compare with the first one

@@ -74,6 +74,22 @@ def test_still_improving_run_recommends_more_steps():
         ("num_train_steps", "multiply", 2.0)]
 
 
+@pytest.mark.parametrize("status", ["interrupted", "incomplete"])
+def test_a_run_stopped_early_is_judged_on_the_steps_it_ran(status):
+    """Planned 1,000 steps, stopped at 200 with eval top-1 still rising 0.5 -> 0.92: still
+    improving (the tail is steps 150-200), not converged because no eval reached the last
+    quarter of the plan; the same curves in a completed 200-step run give the same verdict."""
+    linear = lambda low, high: (lambda s: low + (high - low) * s / 200)  # noqa: E731
+    kw = dict(train_loss=_decay(2.3, 0.2, 0.02), train_top1=linear(0.5, 0.95),
+              eval_loss=_decay(2.3, 0.3, 0.02), eval_top1=linear(0.5, 0.92))
+    records = _records(steps=200, **kw)
+    stopped = dg.diagnose(dg.Curves.from_records(records, {"status": status}, 1000))
+    finished = dg.diagnose(dg.Curves.from_records(records, {"status": "completed"}, 200))
+    assert stopped.primary == finished.primary == "still_improving"
+    assert stopped.status == status
+    assert stopped.finding("still_improving").evidence["tail_start_step"] == 150
+
+
 def test_engine_stopped_divergence_gives_its_step():
     records = _records(**_converged(), steps=120)
     d = dg.diagnose(dg.Curves.from_records(records, {"status": "diverged", "step": 137}, 400))
@@ -121,6 +137,19 @@ def test_a_single_spike_is_not_instability():
     d = dg.diagnose(_curves(**_converged(
         train_loss=lambda s: base(s) * (3.0 if s == 150 else 1.0))))
     assert "unstable" not in d.verdicts
+
+
+def test_one_spike_spanning_two_consecutive_logs_is_not_instability():
+    """3x the loss at steps 150 and 160 is one bad stretch, not the two events `min_spikes`
+    asks for; the same two logs 100 steps apart are."""
+    base = _decay(2.3, 0.3, 0.02)
+    d = dg.diagnose(_curves(**_converged(
+        train_loss=lambda s: base(s) * (3.0 if s in (150, 160) else 1.0))))
+    assert "unstable" not in d.verdicts
+    d = dg.diagnose(_curves(**_converged(
+        train_loss=lambda s: base(s) * (3.0 if s in (150, 160, 250) else 1.0))))
+    assert d.primary == "unstable"
+    assert d.findings[0].evidence["spike_steps"] == [150, 250]
 
 
 @pytest.mark.parametrize("seed", range(10))
