@@ -259,7 +259,8 @@ def plot_reliability(records: list[tuple[str, dict]], path: str, title: str = ""
     """Reliability diagrams of `(name, calibration_metrics record)` pairs side by side (e.g.
     before and after temperature scaling): accuracy per bin against the diagonal, the gap to
     each bin's mean confidence shaded, ECE in the title, and below each the share of examples
-    per bin with the mean confidence and accuracy marked. Saved to `path` (PNG); returns it."""
+    per bin (counts written over up to 20 bins) with the mean confidence and accuracy marked.
+    Saved to `path` (PNG); returns it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,6 +290,11 @@ def plot_reliability(records: list[tuple[str, dict]], path: str, title: str = ""
         share = bins.count / max(int(bins.count.sum()), 1)
         bottom.bar(lo, share, width=width, align="edge", color="tab:gray", edgecolor="black",
                    linewidth=0.6)
+        if len(bins.count) <= 20:  # the counts, to judge how much a bin's gap can be trusted
+            for b in np.flatnonzero(filled):
+                bottom.text(lo[b] + width[b] / 2, min(share[b], 0.8) + 0.03,
+                            str(bins.count[b]), ha="center", va="bottom", fontsize=6)
+        bottom.set_ylim(0, 1.15)
         counted = bins.count.sum()
         mean_confidence = float(np.nansum(bins.confidence * bins.count) / counted)
         bottom.axvline(mean_confidence, color="tab:red", linestyle="--", linewidth=1,
