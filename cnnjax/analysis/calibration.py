@@ -127,8 +127,13 @@ def reliability_bins(logits: Any, labels: Any, n_bins: int = DEFAULT_BINS,
     owner = "reliability_bins"
     n_bins = check_positive_int(owner, "n_bins", n_bins)
     logits, labels = check_logits_and_labels(owner, logits, labels)
-    probabilities = np.exp(log_softmax(logits, _check_temperature(owner, temperature)))
-    confidence = probabilities.max(axis=1)
+    return _bins(logits, labels, n_bins, _check_temperature(owner, temperature))
+
+
+def _bins(logits: np.ndarray, labels: np.ndarray, n_bins: int,
+          temperature: float) -> ReliabilityBins:
+    """`reliability_bins` of already checked inputs."""
+    confidence = np.exp(log_softmax(logits, temperature).max(axis=1))
     hits = (np.argmax(logits, axis=1) == labels).astype(np.float64)  # T > 0 keeps the argmax
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # searchsorted 'left' gives i with edges[i - 1] < c <= edges[i]: bin i - 1 is (lo, hi].
@@ -170,7 +175,12 @@ def brier_score(logits: Any, labels: Any, temperature: float = 1.0) -> float:
     """Mean over examples of sum_c (p_c - onehot_c)^2: a proper score in [0, 2] that, unlike
     NLL, stays bounded for a confident mistake."""
     logits, labels = check_logits_and_labels("brier_score", logits, labels)
-    probabilities = np.exp(log_softmax(logits, _check_temperature("brier_score", temperature)))
+    return _brier(logits, labels, _check_temperature("brier_score", temperature))
+
+
+def _brier(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """`brier_score` of already checked inputs."""
+    probabilities = np.exp(log_softmax(logits, temperature))
     probabilities[np.arange(len(labels)), labels] -= 1.0
     return float(np.mean(np.sum(probabilities**2, axis=1)))
 
@@ -184,8 +194,8 @@ def fit_temperature(logits: Any, labels: Any) -> float:
     unimodal in log T, so a bracketing 1-D search finds the global minimum without a gradient,
     step size or starting point to tune (unlike LBFGS on a plain T, which can step to T <= 0).
     Logits that are constant in every row give an NLL that does not depend on T: 1.0 then.
-    If every example's label has the strictly largest logit, the NLL keeps falling as T -> 0
-    and has no minimum (the search would stop wherever float64 rounds it to 0): refused.
+    If every example's label has the largest logit (ties included), the NLL keeps falling as
+    T -> 0 and has no minimum (the search would stop wherever float64 rounds it to 0): refused.
     """
     from scipy.optimize import minimize_scalar
 
@@ -195,7 +205,7 @@ def fit_temperature(logits: Any, labels: Any) -> float:
     rows = np.arange(len(labels))
     others = logits.copy()
     others[rows, labels] = -np.inf
-    if np.all(logits[rows, labels] > others.max(axis=1)):
+    if np.all(logits[rows, labels] >= others.max(axis=1)):
         raise invalid("fit_temperature", "labels", f"{len(labels)} examples all classified "
                       "correctly", "the NLL then falls as T -> 0 without a minimum; fit on "
                       "held-out examples the model gets some wrong (examples it was not trained"
@@ -214,9 +224,9 @@ def calibration_metrics(logits: Any, labels: Any, n_bins: int = DEFAULT_BINS,
     n_bins = check_positive_int("calibration_metrics", "n_bins", n_bins)
     logits, labels = check_logits_and_labels("calibration_metrics", logits, labels)
     temperature = _check_temperature("calibration_metrics", temperature)
-    bins = reliability_bins(logits, labels, n_bins, temperature)
+    bins = _bins(logits, labels, n_bins, temperature)
     return {"ece": bins.ece, "mce": bins.mce, "nll": _nll(logits, labels, temperature),
-            "brier": brier_score(logits, labels, temperature),
+            "brier": _brier(logits, labels, temperature),
             "top1": float(np.mean(np.argmax(logits, axis=1) == labels)),
             "num_examples": int(len(labels)), "temperature": temperature, "n_bins": n_bins,
             "bins": bins.to_json()}
