@@ -5,7 +5,8 @@
 
 `--transfer` is a file whose `get_config()` holds `source` and `target` (ordinary experiment
 configs), `budget_field` (a dotted target field, e.g. `data.train_examples_per_class`), `budgets`,
-`arms`, `seeds`, `arm_overrides` and `metric`; any of it can be overridden, e.g.
+`arms`, `seeds`, `arm_overrides` and `metric` (unset: the target's `best_metric`); any of it can
+be overridden, e.g.
 `--transfer.target.num_train_steps=100` or `--transfer.budgets='(5, 50)'`. The source is
 pretrained once in <transfer_dir>/trials/source/, then every arm x budget x seed is one
 `train_and_evaluate` run in <transfer_dir>/trials/<budget>-<arm>-s<seed>/; results.csv,
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
             arms=config.arms,
             seeds=config.seeds,
             arm_overrides=config.get("arm_overrides"),
-            metric=config.get("metric", "top1"),
+            metric=config.get("metric"),
         )
     except ValueError as err:
         sys.exit(f"error: {err}")

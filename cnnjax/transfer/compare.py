@@ -101,7 +101,7 @@ class TransferPlan:
 
     def __init__(self, source: Any, target: Any, transfer_dir: str, budget_field: str,
                  budgets: Sequence[Any], arms: Sequence[str], seeds: Sequence[int],
-                 overrides: Mapping[str, Mapping[str, Any]], metric: str):
+                 overrides: Mapping[str, Mapping[str, Any]], metric: str | None):
         self.metric = check_metric(_OWNER, metric, target)
         self.mode = default_mode(self.metric)
         # The source is reported by the same metric when its task has it (else by its own
@@ -326,14 +326,15 @@ def run_transfer(
     arms: Sequence[str] = ARMS,
     seeds: Sequence[int] = (0,),
     arm_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    metric: str = "top1",
+    metric: str | None = None,
     verbose: bool = True,
 ) -> list[dict]:
     """Pretrains `source_config` once, then trains each arm at each budget (and seed) on
     `target_config` with `budget_field` set to the budget; returns one row per target run.
 
-    Everything (arms, seeds, budgets, arm overrides, every run's config, the data sizes and the
-    transfer directory) is checked before anything trains.
+    `metric` compares the target runs; None: the target config's `best_metric`. Everything
+    (arms, seeds, budgets, arm overrides, every run's config, the data sizes and the transfer
+    directory) is checked before anything trains.
     """
     plan = TransferPlan(source_config, target_config, transfer_dir, budget_field, budgets, arms,
                         seeds, arm_overrides, metric)

@@ -103,3 +103,33 @@ def test_bad_override_is_a_one_line_error(tmp_path):
         "error: transfer: arms=('scratch', 'probe') is invalid; expected a non-empty list of "
         "distinct arms from ['scratch', 'finetune', 'linear_probe'].")
     assert not os.path.exists(tmp_path / "t")
+
+
+def test_a_transfer_config_without_metric_compares_by_the_targets_best_metric(tmp_path):
+    """shapes_to_segmentation without `metric`: the segmentation target's best_metric (miou)
+    is used by both run_transfer and the script, not a fixed 'top1' its task lacks; empty
+    budgets then stop it before anything trains."""
+    c = _load(os.path.join(ROOT, "experiments", "transfers",
+                           "shapes_to_segmentation.py")).get_config()
+    del c.metric
+    assert c.target.best_metric == "miou"
+    with pytest.raises(ValueError, match=r"transfer: budgets=\[\] is invalid"):
+        compare.run_transfer(c.source, c.target, str(tmp_path / "t"),
+                             budget_field=c.budget_field, budgets=[], arms=c.arms)
+    assert not os.path.exists(tmp_path / "t")
+
+
+@pytest.mark.slow  # starts Python, JAX and TensorFlow in a subprocess
+def test_the_script_leaves_an_unset_metric_to_the_target(tmp_path):
+    config = tmp_path / "no_metric.py"
+    config.write_text(
+        "from experiments.transfers.shapes_to_segmentation import get_config as _base\n\n\n"
+        "def get_config():\n    c = _base()\n    del c.metric\n    c.budgets = []\n"
+        "    return c\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.transfer", f"--transfer={config}",
+         f"--transfer_dir={tmp_path / 't'}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: transfer: budgets=() is invalid"), result.stderr[-2000:]
