@@ -26,6 +26,7 @@ configure_cpu_defaults()
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cnnjax.tune import lr_range  # noqa: E402
 from cnnjax.utils.cli import parse_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,14 +36,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for lr_range.json and lr_range.png.")
-_LR_MIN = flags.DEFINE_float("lr_min", 1e-5, "Learning rate of the first step (> 0).")
-_LR_MAX = flags.DEFINE_float("lr_max", 10.0, "Learning rate of the last step (> lr_min).")
-_STEPS = flags.DEFINE_integer("steps", 100, "Training steps of the ramp (>= 2).")
+_LR_MIN = flags.DEFINE_float("lr_min", lr_range.DEFAULT_LR_MIN,
+                             "Learning rate of the first step (> 0).")
+_LR_MAX = flags.DEFINE_float("lr_max", lr_range.DEFAULT_LR_MAX,
+                             "Learning rate of the last step (> lr_min).")
+_STEPS = flags.DEFINE_integer("steps", lr_range.DEFAULT_STEPS,
+                              "Training steps of the ramp (>= 2).")
 _DIVERGENCE_FACTOR = flags.DEFINE_float(
-    "divergence_factor", 4.0,
+    "divergence_factor", lr_range.DEFAULT_DIVERGENCE_FACTOR,
     "Stop once the smoothed loss exceeds this multiple of its minimum (> 1).")
 _SMOOTHING = flags.DEFINE_float(
-    "smoothing", 0.98,
+    "smoothing", lr_range.DEFAULT_SMOOTHING,
     "Weight of the previous average in the loss's bias-corrected exponential moving average "
     "(0 <= smoothing < 1; 0: no smoothing).")
 flags.mark_flags_as_required(["workdir"])
@@ -54,8 +58,6 @@ def main(argv: list[str]) -> None:
     from cnnjax.train.logging import quiet_library_logs
 
     quiet_library_logs()
-    from cnnjax.tune import lr_range
-
     try:
         record = lr_range.run_lr_range(
             _CONFIG.value, _WORKDIR.value, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value,

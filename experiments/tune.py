@@ -7,7 +7,9 @@
 `--config` is the base experiment (any experiment config, with the usual overrides); `--recipe`
 is a file whose `get_config()` starts from `cnnjax.tune.recipe.default_recipe()` (metric, lr
 range, round-1 steps, max_steps, max_rounds, max_trials, trials_per_round, diagnosis
-thresholds). Round k is a sweep in <tune_dir>/round_<k>/; recipe.json, report.md and tune.png in
+thresholds); `--recipe.lr_range_test=True` centres round 1's lr grid at the suggestion of a
+learning-rate range test run first in <tune_dir>/lr_range/ (`experiments.lr_range_test`).
+Round k is a sweep in <tune_dir>/round_<k>/; recipe.json, report.md and tune.png in
 <tune_dir> are rewritten after every round. Rerunning the same command skips finished rounds and
 trials and resumes an interrupted trial; a tune_dir made with another base config or recipe is
 refused (only --recipe.max_rounds may change, e.g. to continue a finished tune).

@@ -44,6 +44,7 @@ from cnnjax.utils.validation import check_number, check_positive_float, invalid
 RECORD_FILE = "lr_range.json"
 PLOT_FILE = "lr_range.png"
 MIN_STEPS = 2  # the ramp's exponent divides by steps - 1; a slope needs two points
+DEFAULT_LR_MIN, DEFAULT_LR_MAX, DEFAULT_STEPS = 1e-5, 10.0, 100  # 6 decades, ~16 steps each
 DEFAULT_SMOOTHING = 0.98  # fast.ai's beta: the loss averaged over roughly the last 50 steps
 DEFAULT_DIVERGENCE_FACTOR = 4.0  # fast.ai / Smith: stop once the loss is 4x its best
 FINISHED = ("completed", "diverged")  # statuses a rerun returns instead of redoing

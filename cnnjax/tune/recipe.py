@@ -2,8 +2,11 @@
 
 In the spirit of the Deep Learning Tuning Playbook (Godbole et al., 2023) and Smith's learning-
 rate range test (Smith, 2017): round 1 is a coarse log-spaced learning-rate grid at a short step
-budget. After every round the incumbent (the best trial so far by `recipe.metric`) is diagnosed
-(`cnnjax.tune.diagnose`) and `decide` plans the next round, in this order:
+budget; with `recipe.lr_range_test` that grid (its span lr_min..lr_max) is centred at the lr a
+range test of the base config suggests (`cnnjax.tune.lr_range`, run first in
+<tune_dir>/lr_range/). After every round the incumbent (the best trial so far by
+`recipe.metric`) is diagnosed (`cnnjax.tune.diagnose`) and `decide` plans the next round, in this
+order:
 
     diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping and a 5% warmup (any
                           schedule but one_cycle, which warms up by itself)
@@ -59,6 +62,7 @@ import numpy as np
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
+from cnnjax.tune import lr_range
 from cnnjax.tune import report as report_lib
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.diagnose import (
@@ -91,6 +95,7 @@ from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_bool, check_choice, invalid
 
 TUNE_FILE = "tune.json"
+LR_RANGE_DIR = "lr_range"  # recipe.lr_range_test's range test, inside the tune_dir
 RECIPE_FILE = "recipe.json"
 LR = "optimizer.learning_rate"
 STEPS = "num_train_steps"
@@ -117,6 +122,9 @@ def default_recipe() -> ml_collections.ConfigDict:
     c.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
     c.lr_min = 1e-3  # round 1: num_lrs log-spaced learning rates in [lr_min, lr_max]
     c.lr_max = 1.0
+    # True: first run the learning-rate range test (cnnjax.tune.lr_range: 1e-5..10 over 100
+    # steps) and centre round 1's grid, same span, at its suggested lr.
+    c.lr_range_test = False
     c.num_lrs = 5
     c.round1_steps = 200  # num_train_steps of round 1 (the short budget)
     c.max_steps = 800  # "train longer" never goes beyond this
@@ -142,6 +150,7 @@ class Recipe:
     mode: str | None = None
     lr_min: float = 1e-3
     lr_max: float = 1.0
+    lr_range_test: bool = False
     num_lrs: int = 5
     round1_steps: int = 200
     max_steps: int = 800
@@ -207,6 +216,7 @@ class Recipe:
                           "expected each name at most once")
         object.__setattr__(self, "regularizers", tuple(regularizers))
         check_bool(_OWNER, "lengthen_regularizers", self.lengthen_regularizers)
+        check_bool(_OWNER, "lr_range_test", self.lr_range_test)
         grid = self.lr_grid()
         if len(set(grid)) < len(grid):
             raise invalid(_OWNER, "num_lrs", self.num_lrs,
@@ -246,9 +256,14 @@ class Recipe:
     def describe(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def lr_grid(self) -> tuple[float, ...]:
-        """Round 1's learning rates: `num_lrs` log-spaced points from lr_min to lr_max."""
-        return tuple(round_value(v) for v in np.geomspace(self.lr_min, self.lr_max, self.num_lrs))
+    def lr_grid(self, centre: float | None = None) -> tuple[float, ...]:
+        """Round 1's learning rates: `num_lrs` log-spaced points from lr_min to lr_max, or with
+        `centre` over the same span (lr_max / lr_min) centred at it geometrically."""
+        low, high = self.lr_min, self.lr_max
+        if centre is not None:
+            half = math.sqrt(high / low)
+            low, high = centre / half, centre * half
+        return tuple(round_value(v) for v in np.geomspace(low, high, self.num_lrs))
 
 
 # ----------------------------------------------------------------------------- the rounds
@@ -339,13 +354,27 @@ def logging_overrides(steps: int, recipe: Recipe) -> dict:
             "eval_every_steps": every_eval, "checkpoint_every_steps": every_eval}
 
 
-def first_round(recipe: Recipe) -> RoundPlan:
-    """Round 1: the coarse log-spaced learning-rate grid at `round1_steps`."""
-    grid = recipe.lr_grid()
+def first_round(recipe: Recipe, centre: float | None = None) -> RoundPlan:
+    """Round 1: the coarse log-spaced learning-rate grid at `round1_steps` (centred at
+    `centre`, the range test's suggested lr, when given)."""
+    grid = recipe.lr_grid(centre)
+    where = (f" centred at the learning-rate range test's suggested lr {_short(centre)} "
+             f"({LR_RANGE_DIR}/{lr_range.RECORD_FILE})" if centre is not None else "")
     return RoundPlan(1, "lr_search",
-                     f"coarse learning-rate search: {len(grid)} log-spaced rates "
+                     f"coarse learning-rate search{where}: {len(grid)} log-spaced rates "
                      f"{_short(grid[0])}..{_short(grid[-1])} at {recipe.round1_steps} steps",
                      logging_overrides(recipe.round1_steps, recipe), LR, grid)
+
+
+def range_test_round(base: Any, recipe: Recipe, tune_dir: str, verbose: bool) -> RoundPlan:
+    """`recipe.lr_range_test`: the range test of `base` in `<tune_dir>/lr_range` (a rerun
+    reads its finished record), then round 1 centred at its suggestion; the recipe's own grid
+    when the test suggests nothing (its smoothed loss never fell)."""
+    record = lr_range.run_lr_range(base, os.path.join(tune_dir, LR_RANGE_DIR),
+                                   lr_range.DEFAULT_LR_MIN, lr_range.DEFAULT_LR_MAX,
+                                   lr_range.DEFAULT_STEPS)
+    _say(verbose, lr_range.format_summary(record))
+    return first_round(recipe, record["suggestions"]["suggested"])
 
 
 def incumbent(history: Sequence[RoundResult], mode: str) -> tuple[RoundResult, dict] | None:
@@ -610,6 +639,8 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
     decisions: list[Decision] = []
     status, reason = "running", ""
     try:
+        if recipe.lr_range_test and plan is not None:
+            plan = range_test_round(base_config, recipe, tune_dir, verbose)
         while plan is not None:
             _check_round(base_config, plan)
             _say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
@@ -667,7 +698,8 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
     if saved is not None:
         # A tune.json from before `regularizers` existed ran the default knobs.
         old = config_lib.flatten({"regularizers": list(DEFAULT_REGULARIZERS),
-                                  "lengthen_regularizers": False, **saved.get("recipe", {})})
+                                  "lengthen_regularizers": False, "lr_range_test": False,
+                                  **saved.get("recipe", {})})
         new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)
                          if k != "max_rounds" and old.get(k) != new.get(k))

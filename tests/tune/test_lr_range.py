@@ -316,3 +316,46 @@ def test_a_detection_config_ramps_its_detectors_own_loss(tmp_path, monkeypatch):
     assert np.all(np.isfinite(losses)) and np.all(losses > 0)
     np.testing.assert_allclose(_curve(record, "smoothed_loss"), _reference_ema(losses, 0.5),
                                rtol=1e-12)
+
+
+# ------------------------------------------------------------------ recipe.lr_range_test
+def test_recipe_round1_grid_is_centred_at_the_suggestion_with_the_recipes_span():
+    from cnnjax.tune import recipe as rc
+
+    recipe = rc.Recipe(lr_min=1e-3, lr_max=1.0, num_lrs=5)
+    plan = rc.first_round(recipe, centre=0.05)
+    half = math.sqrt(1.0 / 1e-3)
+    np.testing.assert_allclose(plan.values, np.geomspace(0.05 / half, 0.05 * half, 5),
+                               rtol=5e-3)  # the recipe rounds rates to 3 significant digits
+    assert plan.values[2] == 0.05 and "suggested lr 0.05 (lr_range/lr_range.json)" in plan.reason
+    assert rc.first_round(recipe).values == recipe.lr_grid()  # no centre: the recipe's grid
+    with pytest.raises(ValueError, match=r"^recipe: lr_range_test='yes' is invalid; expected "
+                                         r"True or False\.$"):
+        rc.Recipe(lr_range_test="yes")
+
+
+def test_a_tune_with_lr_range_test_centres_round_1_and_its_rerun_reuses_the_test(
+        tmp_path, monkeypatch):
+    """The range test is real (the tiny model, 100 steps); the trials are the recipe tests'
+    stand-in trainer."""
+    from tests.tune.test_recipe import FakeTrainer, _base, _tune
+
+    base = _base(label_smoothing=0.1)
+    record = _tune(tmp_path, monkeypatch, FakeTrainer(), base=base, lr_range_test=True,
+                   max_rounds=1)
+    path = tmp_path / "tune" / "lr_range" / lr_range.RECORD_FILE
+    with open(path) as f:
+        test = json.load(f)
+    assert test["settings"] == {"lr_min": 1e-5, "lr_max": 10.0, "steps": 100,
+                                "divergence_factor": 4.0, "smoothing": 0.98}
+    suggested = test["suggestions"]["suggested"]
+    assert suggested is not None
+    from cnnjax.tune import recipe as rc
+
+    expected = rc.Recipe(lr_min=0.01, lr_max=1.0, num_lrs=3).lr_grid(suggested)
+    assert tuple(record["rounds"][0]["values"]) == expected
+    before = os.stat(path).st_mtime_ns
+    again = _tune(tmp_path, monkeypatch, FakeTrainer(), base=base, lr_range_test=True,
+                  max_rounds=1)
+    assert again["rounds"][0]["values"] == record["rounds"][0]["values"]
+    assert os.stat(path).st_mtime_ns == before
