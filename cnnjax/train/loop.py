@@ -51,6 +51,7 @@ from cnnjax.train.parallel import AXIS_NAME, DataParallel
 from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
 from cnnjax.train.state import TrainState, create_train_state, warm_start
 from cnnjax.train.step import (
+    PARAMS_FINITE,
     make_detection_steps,
     make_segmentation_steps,
     make_steps,
@@ -633,6 +634,8 @@ class _Run:
         max_loss = self.config.get("max_loss")
         if not math.isfinite(loss) or (max_loss is not None and loss > max_loss):
             raise TrainingDivergedError(step, loss, max_loss)
+        if float(host.pop(PARAMS_FINITE, 1.0)) < 1.0:  # never save such a state
+            raise TrainingDivergedError(step, math.nan, which="a parameter after the update")
         self.clock.tick()
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))

@@ -28,6 +28,9 @@ from cnnjax.train.mixing import Mixing
 from cnnjax.train.state import TrainState
 from cnnjax.utils.validation import check_positive_int, invalid
 
+#: Train-step metric: 1.0 when every parameter after the update is finite (not logged).
+PARAMS_FINITE = "params_finite"
+
 
 def train_step(
     state: TrainState,
@@ -47,7 +50,8 @@ def train_step(
     """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
 
     Returns the new state (identical on every device) and device-averaged metrics: `loss`, `top1`,
-    `top5` of the main head over the global batch and the `learning_rate` used for this step.
+    `top5` of the main head over the global batch, the `learning_rate` used for this step and
+    `PARAMS_FINITE` (whether the updated parameters are all finite).
     A model with auxiliary classifiers (GoogLeNet with `aux_logits=True`) adds
     `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
@@ -147,6 +151,9 @@ def _apply_gradients(
     params = optax.apply_updates(state.params, param_updates)
     metrics = lax.pmean(metrics, axis_name)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    # This step's loss predates its update: a NaN/inf update is only seen in the new parameters
+    # (the host refuses to save them; identical on every device, so no pmean).
+    metrics[PARAMS_FINITE] = jnp.isfinite(optax.global_norm(params)).astype(jnp.float32)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
