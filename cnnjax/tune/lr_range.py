@@ -172,9 +172,10 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
         started = time.time()
         try:
             record |= _train(run_config, checked, schedule, settings)
-        except BaseException as err:
-            record |= {"status": "failed", "stop": {"reason": "failed", "step": None,
-                                                    "message": f"{type(err).__name__}: {err}"},
+        except BaseException as err:  # recorded (a rerun redoes it), then raised
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            record |= {"status": status, "stop": {"reason": status, "step": None,
+                                                  "message": f"{type(err).__name__}: {err}"},
                        "wall_time_s": time.time() - started}
             if is_primary:
                 write_json(os.path.join(workdir, RECORD_FILE), record)

@@ -359,3 +359,19 @@ def test_a_tune_with_lr_range_test_centres_round_1_and_its_rerun_reuses_the_test
                   max_rounds=1)
     assert again["rounds"][0]["values"] == record["rounds"][0]["values"]
     assert os.stat(path).st_mtime_ns == before
+
+
+def test_plot_and_summary_of_a_test_whose_first_loss_was_not_finite(tmp_path):
+    record = {"status": "diverged", "model": "m", "dataset": "d", "records": [],
+              "settings": {"lr_min": 1e-5, "lr_max": 10.0, "steps": 100, "smoothing": 0.98,
+                           "divergence_factor": 4.0},
+              "stop": {"reason": "diverged", "step": 0,
+                       "message": "diverged at step 0 (lr 1e-05): the loss is nan"},
+              "suggestions": lr_range.suggest(np.array([]), np.array([]), 10),
+              "outputs": {"record": "r.json", "plot": "p.png"}}
+    assert os.path.getsize(lr_range.plot(record, str(tmp_path / "p.png"))) > 1000
+    assert lr_range.format_summary(record).splitlines()[:2] == [
+        "LR range test of m on d, lr 1e-05 to 10 over 100 steps: diverged at step 0 (lr 1e-05): "
+        "the loss is nan.",
+        "No suggestion: the smoothed loss did not fall after the first 10 steps (lower "
+        "--lr_min, or more --steps)."]
