@@ -24,3 +24,15 @@ if importlib.util.find_spec("torchvision") is not None:
         warnings.warn(f"torchvision is installed but does not import ({err!r}); the tests that "
                       "compare against PyTorch skip", stacklevel=1)
         sys.modules["torch"] = sys.modules["torchvision"] = None  # `import torch` -> ImportError
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Names the tests skipped for want of PyTorch/torchvision, the optional independent
+    reference, so a local `make test` does not pass them over in silence."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", [])
+               if "torch" in str(report.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} tests comparing against PyTorch/torchvision were skipped (not "
+            "installed): pip install -e '.[test,torchvision]' runs them, as CI does.",
+            yellow=True)
