@@ -36,6 +36,7 @@ from cnnjax.train import init_from as init_from_lib
 from cnnjax.train.loop import fresh_state, wrap_steps
 from cnnjax.train.parallel import DataParallel
 from cnnjax.train.state import warm_start
+from cnnjax.train.step import PARAMS_FINITE
 from cnnjax.tune.space import apply_overrides
 from cnnjax.utils.files import check_directory_kind, read_json, save_figure, write_json
 from cnnjax.utils.lock import directory_lock
@@ -131,11 +132,14 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 0) -> dict[
 
 
 def stop_reason(step: int, lr: float, loss: float, smoothed: float, minimum: float,
-                factor: float) -> str | None:
-    """Why the test stops after `step`, or None to go on: a loss that is not finite, or a
-    smoothed loss above `factor` times its minimum so far."""
+                factor: float, params_finite: bool = True) -> str | None:
+    """Why the test stops after `step`, or None to go on: a loss that is not finite, an update
+    that made a parameter NaN/inf (as the engine stops), or a smoothed loss above `factor` times
+    its minimum so far."""
     if not math.isfinite(loss):
         return f"diverged at step {step} (lr {lr:.4g}): the loss is {loss}"
+    if not params_finite:
+        return f"diverged at step {step} (lr {lr:.4g}): a parameter is not finite after the update"
     if smoothed > factor * minimum:
         return (f"diverged at step {step} (lr {lr:.4g}): the smoothed loss {smoothed:.4g} "
                 f"exceeds {factor:g} x its minimum {minimum:.4g}")
@@ -242,7 +246,8 @@ def _train(config: Any, checked: Any, schedule: optax.Schedule,
             records.append({"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed})
         else:
             smoothed = math.nan
-        reason = stop_reason(step, lr, loss, smoothed, minimum, factor)
+        reason = stop_reason(step, lr, loss, smoothed, minimum, factor,
+                             float(host.get(PARAMS_FINITE, 1.0)) == 1.0)
         if reason is not None:
             logging.info("LR range test: %s", reason)
             break

@@ -375,3 +375,14 @@ def test_plot_and_summary_of_a_test_whose_first_loss_was_not_finite(tmp_path):
         "the loss is nan.",
         "No suggestion: the smoothed loss did not fall after the first 10 steps (lower "
         "--lr_min, or more --steps)."]
+
+
+def test_stop_reasons():
+    assert lr_range.stop_reason(3, 0.1, 1.0, 1.2, 1.0, 4.0) is None
+    assert lr_range.stop_reason(3, 0.1, 1.0, 4.0, 1.0, 4.0) is None  # at 4x: not yet
+    assert lr_range.stop_reason(3, 0.1, 9.0, 4.01, 1.0, 4.0) == (
+        "diverged at step 3 (lr 0.1): the smoothed loss 4.01 exceeds 4 x its minimum 1")
+    assert lr_range.stop_reason(5, 2.0, math.inf, math.nan, 1.0, 4.0) == (
+        "diverged at step 5 (lr 2): the loss is inf")
+    assert lr_range.stop_reason(5, 2.0, 1.0, 1.0, 1.0, 4.0, params_finite=False) == (
+        "diverged at step 5 (lr 2): a parameter is not finite after the update")
