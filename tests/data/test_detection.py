@@ -7,14 +7,16 @@ Building `shapes_multi` (4,500 scenes) takes 10-30 s on 2 cores, so the tests th
 from __future__ import annotations
 
 import itertools
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import detection
+from cnnjax.data import detection, pipeline
 from cnnjax.data.builders import shapes as shapes_lib
+from cnnjax.data.transforms import Transforms
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,68 @@ def test_flip_moves_image_and_boxes_together(data_dir):
         np.testing.assert_allclose(flipped["boxes"][0, i][valid],
                                    np.stack([64 - x2, y1, 64 - x1, y2], 1), atol=1e-5)
     assert 5 < mirrored < 27  # about half
+
+
+def _flip_keys(spec):
+    """A stateless key that `pipeline.flipped_whole_image` mirrors with and one it does not."""
+    draws = {}
+    for k in range(64):
+        key = tf.constant([k, 7], tf.int64)
+        flip = bool(pipeline.flipped_whole_image(spec, _IDENTITY, tf.zeros((6, 10, 1), tf.uint8),
+                                                 key)[1])
+        draws.setdefault(flip, key)
+        if len(draws) == 2:
+            return draws[False], draws[True]
+    raise AssertionError("no flip in 64 draws (chance 2**-64)")
+
+
+# uint8 pixels to float32 pixels / 255, unresized (native size = output size), mean 0, std 1.
+_IDENTITY = Transforms((6, 10, 1), (6, 10), (0.0,), (1.0,), "none", "resize", 0, 1.0)
+
+
+def test_flipped_boxes_are_the_numpy_mirror_and_cover_the_flipped_pixels():
+    """Fast (no dataset): the training path's `flipped_whole_image` + `_targets` on a 6 x 10
+    image with two painted boxes, against np.fliplr of the image and x1' = W - x2, x2' = W - x1
+    (y unchanged) of the unflipped pixel boxes (float32 products of normalized coordinates:
+    atol 1e-5 px); each mirrored box, rounded, covers exactly its own pixels of the flipped
+    image."""
+    height, width = 6, 10
+    pixel_boxes = np.array([[1, 1, 4, 5], [6, 0, 9, 6]], np.float64)  # (x1, y1, x2, y2), ints
+    image = np.zeros((height, width, 1), np.uint8)
+    for value, (x1, y1, x2, y2) in enumerate(pixel_boxes.astype(int), start=1):
+        image[y1:y2, x1:x2] = value
+    example = {
+        "image": tf.constant(image),
+        "classes": tf.constant([3, 1], tf.int64),
+        # stored normalized [ymin, xmin, ymax, xmax]
+        "bbox": tf.constant(pixel_boxes[:, [1, 0, 3, 2]] / [height, width, height, width],
+                            tf.float32),
+    }
+    spec = types.SimpleNamespace(augment=True)
+    out = {}
+    for flip, key in zip((False, True), _flip_keys(spec), strict=True):
+        image_out, flipped = pipeline.flipped_whole_image(spec, _IDENTITY, example["image"], key)
+        assert bool(flipped) is flip
+        targets = detection._targets(example, (height, width), 3, flipped, training=True)
+        out[flip] = (image_out.numpy()[..., 0] * 255, targets["boxes"].numpy(),
+                     targets["box_valid"].numpy())
+    plain_image, plain_boxes, valid = out[False]
+    flip_image, flip_boxes, flip_valid = out[True]
+    np.testing.assert_array_equal(valid, [True, True, False])
+    np.testing.assert_array_equal(flip_valid, valid)
+    np.testing.assert_array_equal(plain_image, image[..., 0])
+    np.testing.assert_allclose(plain_boxes[:2], pixel_boxes, atol=1e-5)
+    np.testing.assert_array_equal(flip_image, np.fliplr(image[..., 0]))
+    x1, y1, x2, y2 = pixel_boxes.T
+    np.testing.assert_allclose(flip_boxes[:2], np.stack([width - x2, y1, width - x1, y2], 1),
+                               atol=1e-5)
+    assert not flip_boxes[2].any()  # the padding row stays zero
+    for value, box in enumerate(flip_boxes[:2], start=1):
+        bx1, by1, bx2, by2 = np.rint(box).astype(int)
+        assert bx1 < bx2 and by1 < by2
+        inside = np.zeros((height, width), bool)
+        inside[by1:by2, bx1:bx2] = True
+        np.testing.assert_array_equal(flip_image == value, inside)
 
 
 @pytest.mark.slow
