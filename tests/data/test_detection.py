@@ -157,15 +157,16 @@ def test_flipped_boxes_are_the_numpy_mirror_and_cover_the_flipped_pixels():
         image_out, flipped = pipeline.flipped_whole_image(spec, _IDENTITY, example["image"], key)
         assert bool(flipped) is flip
         targets = detection._targets(example, (height, width), 3, flipped, training=True)
-        out[flip] = (image_out.numpy()[..., 0] * 255, targets["boxes"].numpy(),
+        out[flip] = (image_out.numpy()[..., 0], targets["boxes"].numpy(),
                      targets["box_valid"].numpy())
     plain_image, plain_boxes, valid = out[False]
     flip_image, flip_boxes, flip_valid = out[True]
     np.testing.assert_array_equal(valid, [True, True, False])
     np.testing.assert_array_equal(flip_valid, valid)
-    np.testing.assert_array_equal(plain_image, image[..., 0])
+    np.testing.assert_array_equal(plain_image, image[..., 0] / np.float32(255))
     np.testing.assert_allclose(plain_boxes[:2], pixel_boxes, atol=1e-5)
-    np.testing.assert_array_equal(flip_image, np.fliplr(image[..., 0]))
+    np.testing.assert_array_equal(flip_image, np.fliplr(image[..., 0]) / np.float32(255))
+    flip_image = np.rint(flip_image * 255)
     x1, y1, x2, y2 = pixel_boxes.T
     np.testing.assert_allclose(flip_boxes[:2], np.stack([width - x2, y1, width - x1, y2], 1),
                                atol=1e-5)
