@@ -5,12 +5,15 @@ Oxford-IIIT Pet's trimaps (mocked) with their ignored outline. Building shapes_s
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import presets, segmentation
+from cnnjax.data import pipeline, presets, segmentation
+from cnnjax.data.transforms import Transforms
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,35 @@ def test_flip_moves_image_and_class_map_together_and_resume_replays(data_dir):
                                               **kwargs))
     for key in ("image", "labels"):
         np.testing.assert_array_equal(flipped[2][key], resumed[key])
+
+
+def test_class_map_flips_along_the_images_width_axis():
+    """Fast (no dataset): the training path's `flipped_whole_image` + `_class_map` on an
+    asymmetric 5 x 7 example, exactly against np.fliplr of the image and of the class map (also
+    after `_class_map`'s nearest 2x resize, whose half-pixel reference is np.repeat)."""
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    labels = rng.integers(0, 6, (5, 7), dtype=np.uint8)
+    assert not np.array_equal(np.fliplr(labels), np.flipud(labels))
+    # uint8 pixels to float32 pixels / 255, unresized (native size = output size), mean 0, std 1
+    transforms = Transforms((5, 7, 3), (5, 7), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0)
+    spec = types.SimpleNamespace(augment=True)
+    seen = set()
+    for k in range(64):
+        out, flip = pipeline.flipped_whole_image(spec, transforms, tf.constant(image),
+                                                 tf.constant([k, 3], tf.int64))
+        flip = bool(flip)
+        stored = tf.constant(labels[..., None])
+        same = segmentation._class_map(stored, (5, 7), tf.constant(flip)).numpy()
+        double = segmentation._class_map(stored, (10, 14), tf.constant(flip)).numpy()
+        mirror = np.fliplr if flip else (lambda a: a)
+        np.testing.assert_array_equal(out.numpy(), mirror(image.astype(np.float32) / 255))
+        np.testing.assert_array_equal(same, mirror(labels))
+        np.testing.assert_array_equal(double, mirror(labels.repeat(2, 0).repeat(2, 1)))
+        seen.add(flip)
+        if len(seen) == 2:
+            break
+    assert seen == {False, True}  # both branches checked (no flip in 64 draws: chance 2**-63)
 
 
 def test_a_dataset_without_class_maps_is_refused(digits_dir):
