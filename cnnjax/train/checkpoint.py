@@ -137,8 +137,10 @@ class Checkpointer:
         """Steps of the complete checkpoints on disk, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, metrics: dict | None = None) -> None:
-        """Starts saving the host pytree `state` at `step`; `metrics` (eval) rank it for 'best'."""
+    def save(self, step: int, state: Any, metrics: dict | None = None,
+             run_info: dict | None = None) -> None:
+        """Starts saving the host pytree `state` at `step`; `metrics` (eval) rank it for 'best';
+        `run_info` (JSON) is kept with the step, e.g. the device count (`run_info`)."""
         item = serialization.to_state_dict(state)
         if metrics is not None and self.best_metric:
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -146,7 +148,14 @@ class Checkpointer:
             metrics = None
         with _without_missing_metrics_warning():  # periodic saves have no eval metrics
             self._manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics,
-                               force=True)
+                               force=True, custom_metadata=run_info)
+
+    def run_info(self, step: int) -> dict:
+        """The `run_info` saved with `step` ({} for checkpoints written without one)."""
+        try:
+            return dict(self._manager.metadata(step).custom_metadata or {})
+        except Exception:  # noqa: BLE001 — unreadable metadata only loses this information
+            return {}
 
     def restore_latest(self, template: Any) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into the structure of `template`.

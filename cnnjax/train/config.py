@@ -51,7 +51,11 @@ LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
 # init_from.* fields added later, for `incompatible_fields` only (a config.json without an
 # init_from block must not gain a partial one: `with_legacy_defaults` leaves init_from alone).
 WARM_START_LEGACY_DEFAULTS = {"init_from.ema": False}
-# Fields that may change between a run and its resumption: they do not alter the trajectory.
+# Fields that may change between a run and its resumption. They do not alter what is trained,
+# except that a different device count (num_devices, or the machine's when it is 0) changes the
+# per-device details of the trajectory (dropout keys, mixing pairs, accumulation micro-batches,
+# float summation order): allowed (a requeued job may land on another machine), and warned about
+# on resume (`_Run.warn_if_devices_changed`, summary.json's `resumed_on_devices`).
 RUNTIME_FIELDS = frozenset(
     {
         "restart",

@@ -311,6 +311,7 @@ class _Run:
         # Ctrl-C in setup) leaves a completed run's summary.json as it is; the error still
         # reaches the caller.
         self.training_started = False
+        self.resumed_on_devices: dict | None = None  # set when resumed on another device count
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, prepare_workdir: bool = True) -> None:
@@ -485,6 +486,7 @@ class _Run:
         start_step = 0
         if restored is not None:
             host_state, start_step = restored
+            self.warn_if_devices_changed(checkpointer.run_info(start_step))
             logging.info(
                 "Resuming from the checkpoint at step %d in %s%s",
                 start_step,
@@ -579,7 +581,8 @@ class _Run:
                             done,
                             {k: round(v, 4) for k, v in metrics_eval.items()},
                         )
-                    checkpointer.save(done, parallel.unreplicate(state), metrics_eval)
+                    checkpointer.save(done, parallel.unreplicate(state), metrics_eval,
+                                      run_info={"num_devices": self.total_devices})
                 if stopped:
                     break
             if pending is not None:
@@ -605,6 +608,26 @@ class _Run:
         if self.is_primary:
             _write_summary(self.workdir, summary)
         return summary
+
+    @property
+    def total_devices(self) -> int:
+        return self.parallel.local_device_count * jax.process_count()
+
+    def warn_if_devices_changed(self, run_info: dict) -> None:
+        """Resuming on another device count continues the same data order, but the dropout keys
+        (folded per device), mixup/CutMix pairs and accumulation micro-batches (both within a
+        device's batch) and the float summation order follow the device count: the run is then
+        no longer the one an uninterrupted run would have been. Say so, in the log and in
+        summary.json (`resumed_on_devices`)."""
+        saved = run_info.get("num_devices")
+        if saved is None or saved == self.total_devices:
+            return
+        self.resumed_on_devices = {"checkpoint": saved, "now": self.total_devices}
+        logging.warning(
+            "Resuming a checkpoint written on %d devices on %d: the data order continues, but "
+            "per-device dropout keys, mixup/CutMix pairs, accumulation micro-batches and float "
+            "summation order change, so this run will not equal an uninterrupted one.",
+            saved, self.total_devices)
 
     def interrupted(self, step: int, signal_name: str, evals: list[dict], start_step: int):
         """Writes summary.json for a run stopped by `signal_name` after checkpointing `step`, and
@@ -672,8 +695,10 @@ class _Run:
             "best": ({"metric": key, "value": best[key], "step": best["step"]} if best else None),
             "wall_time_s": time.time() - self.started,
             "images_per_sec": images_per_sec,
-            "num_devices": self.parallel.local_device_count * jax.process_count(),
+            "num_devices": self.total_devices,
             "parallel": config.parallel,
+            **({"resumed_on_devices": self.resumed_on_devices}
+               if self.resumed_on_devices else {}),
             "outputs": {
                 "workdir": os.path.abspath(self.workdir),
                 "metrics": os.path.join(os.path.abspath(self.workdir), METRICS_FILE),

@@ -126,7 +126,7 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     assert json.loads(Path(resumed / "summary.json").read_text())["status"] == "failed"
     monkeypatch.setattr(pipeline, "train_batches", original)
     summary = loop.train_and_evaluate(config, str(resumed))
-    assert summary["resumed_from_step"] == 8
+    assert summary["resumed_from_step"] == 8 and "resumed_on_devices" not in summary
     a, _ = _final_params(str(reference), config)
     b, _ = _final_params(str(resumed), config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -134,6 +134,35 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     steps = [(r["split"], r["step"]) for r in map(json.loads, lines)]
     assert len(steps) == len(set(steps))
+
+
+def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monkeypatch,
+                                                                  caplog):
+    """Checkpoints keep the device count they were written on; resuming on another one (a
+    requeued job on another machine) is allowed, logged as a warning and recorded in
+    summary.json, because per-device dropout keys and the like then differ."""
+    from cnnjax.train.checkpoint import Checkpointer
+
+    config = helpers.tiny_config()
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    original, devices = helpers.train_batches, vars(loop._Run)["total_devices"]
+    monkeypatch.setattr(loop._Run, "total_devices", property(lambda self: 2))  # "2 devices"
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
+    with pytest.raises(helpers.SimulatedCrashError):
+        loop.train_and_evaluate(config, str(tmp_path))
+    checkpoints = Checkpointer(str(tmp_path))
+    assert checkpoints.run_info(8) == {"num_devices": 2}
+    checkpoints.close()
+    monkeypatch.setattr(loop._Run, "total_devices", devices)
+    monkeypatch.setattr(pipeline, "train_batches", original)
+    with caplog.at_level("WARNING"):
+        summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["resumed_from_step"] == 8
+    assert summary["resumed_on_devices"] == {"checkpoint": 2, "now": 1}
+    assert "written on 2 devices on 1" in caplog.text
+    checkpoints = Checkpointer(str(tmp_path))
+    assert checkpoints.run_info(12) == {"num_devices": 1}
+    checkpoints.close()
 
 
 def test_divergence_is_reported(tmp_path):
