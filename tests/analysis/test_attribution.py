@@ -53,6 +53,34 @@ def resnet():
     return model, model.init(jax.random.key(0), images[:1], train=False), images
 
 
+def _bilinear(maps, height, width):
+    """float64 bilinear resize of `[N, h, w]` with half-pixel centres and clamped edges (what
+    torch's interpolate(mode="bilinear", align_corners=False) and tf.image.resize "bilinear"
+    compute; for upsampling also jax.image.resize's, whose antialiasing only acts when
+    shrinking)."""
+
+    def weights(n_in, n_out):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        low = np.floor(src).astype(int)
+        frac = src - low
+        matrix = np.zeros((n_out, n_in))
+        matrix[np.arange(n_out), low] += 1 - frac
+        matrix[np.arange(n_out), np.minimum(low + 1, n_in - 1)] += frac
+        return matrix
+
+    rows, cols = weights(maps.shape[1], height), weights(maps.shape[2], width)
+    return np.einsum("ih,nhw,jw->nij", rows, np.asarray(maps, np.float64), cols)
+
+
+def test_bilinear_reference_is_torchs_half_pixel_interpolation():
+    torch = pytest.importorskip("torch")
+    maps = np.random.RandomState(3).rand(2, 8, 5)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=(32, 13),
+                                               mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(_bilinear(maps, 32, 13), expected.numpy(), rtol=1e-12,
+                               atol=1e-12)
+
+
 def _softmax(z):
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -214,6 +242,10 @@ def test_grad_cam_of_a_pooled_network_is_its_class_activation_map(resnet):
     assert expected.max() > 0 and (expected == 0).any()  # the ReLU bites on both sides
     np.testing.assert_allclose(cam.maps, expected, rtol=1e-4, atol=1e-7)
     assert cam.upsampled.shape == (3, 32, 32)
+    # what `explain` returns and the plots draw: the 8 x 8 maps bilinearly upsampled 4x (float32
+    # against the float64 reference: rtol 1e-5, atol 1e-6 of the largest map value)
+    np.testing.assert_allclose(cam.upsampled, _bilinear(cam.maps, 32, 32), rtol=1e-5,
+                               atol=1e-6 * cam.maps.max())
     np.testing.assert_array_equal(cam.targets, targets)
     np.testing.assert_allclose(cam.logits, at.logits(model, variables, images), rtol=1e-5)
 
