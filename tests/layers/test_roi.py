@@ -337,6 +337,51 @@ def test_nms_under_jit_and_by_hand():
     assert empty_indices.shape == (2,) and not np.asarray(empty_valid).any()
 
 
+# Tied scores. (a) Boxes 0-2 overlap each other (IoU 90/110, 90/110, 81/119 > 0.5), box 3 is
+# disjoint, all at 0.9: lower index first keeps 0 then 3 (the reverse order would keep 3, 2).
+# (b) Box 0 overlaps boxes 1 and 2 (IoU 50/150 > 0.3 each), which are disjoint, all at 0.5,
+# after box 3 (0.7, disjoint): lower index first keeps 3, 0, while visiting the tie from the
+# highest index would keep 3, 2, 1: the tie order changes the kept set.
+NMS_TIES = {
+    "cluster": (np.array([[0, 0, 10, 10], [1, 0, 11, 10], [0, 1, 10, 11], [20, 20, 30, 30]],
+                         np.float32), np.full(4, 0.9, np.float32), 0.5, [0, 3]),
+    "chain": (np.array([[5, 0, 15, 10], [0, 0, 10, 10], [10, 0, 20, 10], [40, 40, 50, 50]],
+                       np.float32), np.array([0.5, 0.5, 0.5, 0.7], np.float32), 0.3, [3, 0]),
+}
+
+
+def _quantized_ties(seed=0, count=60):
+    """Random boxes whose scores take 3 values, so most comparisons are ties."""
+    rng = np.random.default_rng(seed)
+    return _random_boxes(rng, count, 32.0, 32.0), (rng.integers(0, 3, count) / 4).astype(
+        np.float32)
+
+
+def _kept(boxes, scores, iou_threshold):
+    indices, valid = nms(boxes, scores, iou_threshold, len(boxes))
+    return np.asarray(indices)[np.asarray(valid)].tolist()
+
+
+@pytest.mark.parametrize("case", sorted(NMS_TIES))
+def test_nms_ties_visit_the_lower_index_first(case):
+    boxes, scores, iou_threshold, expected = NMS_TIES[case]
+    np.testing.assert_allclose(box_iou(boxes, boxes)[0, 1], 90 / 110 if case == "cluster"
+                               else 50 / 150, rtol=1e-6)
+    assert _kept(boxes, scores, iou_threshold) == expected
+    assert tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores, len(boxes),
+                                        iou_threshold).numpy().tolist() == expected
+
+
+def test_nms_ties_match_torchvision():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    cases = [case[:3] for case in NMS_TIES.values()] + [(*_quantized_ties(), 0.3)]
+    for boxes, scores, iou_threshold in cases:
+        expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                       iou_threshold).tolist()
+        assert _kept(boxes, scores, iou_threshold) == expected
+
+
 # ---------------------------------------------------------------- errors
 
 F = np.zeros((2, 8, 8, 3), np.float32)
