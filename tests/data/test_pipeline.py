@@ -413,6 +413,38 @@ def test_train_transform_without_randaugment_is_unchanged(augmentation, shape):
     assert digest.hexdigest() == RECORDED_TRANSFORMS[augmentation]
 
 
+def test_pad_crop_flip_is_a_crop_of_the_zero_padded_image_or_its_mirror():
+    """Against a NumPy model of CIFAR's augmentation (He et al. 2016, §4.2): each of 200 outputs
+    (mean 0, std 1, so pixels / 255 exactly) equals exactly one of the 9 x 9 crops of the image
+    zero-padded by 4 on every side, or its left-right mirror. The draws spread over the offsets
+    (all 9 row and all 9 column offsets, each 200/9 ~ 22 times, held to 3..42, i.e. +-4.5 sd;
+    about 74 of the 81 pairs expected, at least 55 required) and mirror about half the outputs
+    (binomial(200, 1/2): 100 +- 30, i.e. 4.2 sd)."""
+    shape, pad, draws = (12, 10, 3), 4, 200
+    transforms = Transforms(shape, shape[:2], (0.0,) * 3, (1.0,) * 3, "pad_crop_flip", "resize",
+                            pad, 0.875)
+    # no zero pixel, so the padding is distinguishable and every crop is different
+    image = np.random.default_rng(8).integers(1, 256, shape, dtype=np.uint8)
+    padded = np.pad(image.astype(np.float32) / 255, ((pad, pad), (pad, pad), (0, 0)))
+    offsets = list(itertools.product(range(2 * pad + 1), repeat=2))
+    crops = np.stack([padded[dy:dy + shape[0], dx:dx + shape[1]] for dy, dx in offsets])
+    candidates = np.concatenate([crops, crops[:, :, ::-1]])  # [81 x (no flip, flip)]
+    augment = tf.function(lambda seed: transforms.train(tf.constant(image), seed))
+    found = []
+    for k in range(draws):
+        out = augment(tf.constant([k, 2024], tf.int64)).numpy()
+        match = np.flatnonzero((candidates == out).all(axis=(1, 2, 3)))
+        assert len(match) == 1, (k, match)
+        found.append(divmod(int(match[0]), len(offsets)))
+    flips = sum(flip for flip, _ in found)
+    pairs = [offsets[i] for _, i in found]
+    assert abs(flips - draws / 2) <= 30, flips
+    for axis in range(2):
+        counts = np.bincount([pair[axis] for pair in pairs], minlength=2 * pad + 1)
+        assert len(counts) == 2 * pad + 1 and counts.min() >= 3 and counts.max() <= 42, counts
+    assert len(set(pairs)) >= 55, len(set(pairs))
+
+
 def test_random_resized_crop_keeps_its_seeds_without_randaugment():
     """The crop and flip keys are still `stateless_split(key, 2)`; RandAugment folds its own."""
     transforms = Transforms((16, 16, 3), (None, None), (0.5,) * 3, (0.25,) * 3,
