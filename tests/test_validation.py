@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax.utils.validation import check_number, concrete_value, given_dtype
+from cnnjax.layers.pooling import max_pool2d
+from cnnjax.utils.validation import check_number, concrete_value, given_dtype, to_pair
 
 
 @pytest.mark.parametrize("value, kwargs, expected", [
@@ -51,3 +52,39 @@ def test_concrete_value_is_none_under_tracing():
 def test_given_dtype_keeps_64_bit_types():
     assert given_dtype(np.zeros(2, np.int64)) == np.int64
     assert given_dtype([True, False]) == np.bool_
+
+
+@pytest.mark.parametrize("value, expected", [
+    (3, (3, 3)),
+    ((3, 2), (3, 2)),
+    (np.int64(3), (3, 3)),
+    ((np.int64(3), np.int32(2)), (3, 2)),
+    (np.array([3, 2]), (3, 2)),
+    ((np.uint8(1), 4), (1, 4)),
+])
+def test_to_pair_accepts_python_and_numpy_integers_as_python_ints(value, expected):
+    pair = to_pair("f", "k", value)
+    assert pair == expected and all(type(v) is int for v in pair)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), (True, 2), (np.bool_(True), 2), 2.5,
+                                   np.float64(2.0), (2.0, 2), None, "ab", (1, 2, 3), (1,)])
+def test_to_pair_rejects_bools_floats_and_non_pairs(value):
+    with pytest.raises(ValueError, match=r"^f: k=.* is invalid; expected an int or a pair of "
+                                         r"ints\.$"):
+        to_pair("f", "k", value)
+
+
+@pytest.mark.parametrize("value", [0, np.int64(0), (np.int64(2), 0)])
+def test_to_pair_enforces_the_minimum_on_numpy_integers_too(value):
+    with pytest.raises(ValueError, match=r"^f: k=.* is invalid; expected every entry >= 1\.$"):
+        to_pair("f", "k", value)
+
+
+def test_max_pool2d_takes_numpy_integer_kernels():
+    """The NumPy reference: the max over each non-overlapping 3 x 2 window."""
+    x = np.random.default_rng(0).normal(size=(2, 6, 4, 3)).astype(np.float32)
+    expected = x.reshape(2, 2, 3, 2, 2, 3).max(axis=(2, 4))
+    got = max_pool2d(x, (np.int64(3), np.int64(2)))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(max_pool2d(x, np.array([3, 2])), expected)

@@ -7,6 +7,7 @@ JAX traces or compiles anything.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -121,20 +122,26 @@ def check_choice(owner: str, arg: str, value: Any, choices: Iterable[Any]) -> An
     return value
 
 
+def _is_integer(value: Any) -> bool:
+    """An int or NumPy integer (any `numbers.Integral`), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def to_pair(
     owner: str, arg: str, value: int | Sequence[int], *, minimum: int = 1
 ) -> tuple[int, int]:
-    """Normalizes an int or a pair of ints to `(h, w)`, each at least `minimum`."""
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    """Normalizes an int or a pair of ints (NumPy integers too, never bools) to `(h, w)` of
+    Python ints, each at least `minimum`."""
+    pair = (value, value) if _is_integer(value) else value
     try:
         pair = tuple(pair)
     except TypeError:
         raise invalid(owner, arg, value, "expected an int or a pair of ints") from None
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if len(pair) != 2 or not all(_is_integer(v) for v in pair):
         raise invalid(owner, arg, value, "expected an int or a pair of ints")
     if any(v < minimum for v in pair):
         raise invalid(owner, arg, value, f"expected every entry >= {minimum}")
-    return pair  # type: ignore[return-value]
+    return int(pair[0]), int(pair[1])
 
 
 def check_nhwc(owner: str, x: Any) -> None:
