@@ -132,7 +132,10 @@ def _cutmix(
     """Images with the partner pasted into a random box, and the corrected lam.
 
     The box is floor(H * sqrt(1 - lam)) x floor(W * sqrt(1 - lam)) around a uniform random centre
-    pixel, clipped to the image; it is applied as a mask, so shapes stay static under jit."""
+    pixel, clipped to the image; it is applied as a mask, so shapes stay static under jit. The
+    paper's r_w = W sqrt(1 - lam) exactly: the authors' code (and timm's `rand_bbox`) spans
+    [c - cut//2, c + cut//2), one pixel narrower for an odd cut (mean lam 0.690 here vs 0.701
+    at 32x32, alpha 1); lam is recomputed from the pasted area either way."""
     height, width = images.shape[1:3]
     y_key, x_key = jax.random.split(rng)
     ratio = jnp.sqrt(1.0 - lam)
