@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from cnnjax.layers.pooling import max_pool2d
-from cnnjax.utils.validation import check_number, concrete_value, given_dtype, to_pair
+from cnnjax.utils.validation import (
+    check_number,
+    check_positive_float,
+    concrete_value,
+    given_dtype,
+    to_pair,
+)
 
 
 @pytest.mark.parametrize("value, kwargs, expected", [
@@ -88,3 +94,16 @@ def test_max_pool2d_takes_numpy_integer_kernels():
     got = max_pool2d(x, (np.int64(3), np.int64(2)))
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(max_pool2d(x, np.array([3, 2])), expected)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), 0, -1.0, math.inf, math.nan, "x", None])
+def test_check_positive_float_refuses_bools_and_non_positive_values(value):
+    """A bool is a flag typed into the wrong field (lr_min=True would be 1.0), never a rate."""
+    with pytest.raises(ValueError, match=r"^optimizer: learning_rate=.* is invalid; expected a "
+                                         r"positive"):
+        check_positive_float("optimizer", "learning_rate", value)
+
+
+@pytest.mark.parametrize("value, expected", [(0.1, 0.1), (3, 3.0), (np.float32(0.5), 0.5)])
+def test_check_positive_float_accepts_positive_numbers(value, expected):
+    assert check_positive_float("optimizer", "learning_rate", value) == expected

@@ -70,7 +70,9 @@ def check_non_negative_int(owner: str, arg: str, value: Any) -> int:
 
 
 def check_positive_float(owner: str, arg: str, value: Any) -> float:
-    """Returns `value` as float if it is a finite number > 0, else raises."""
+    """Returns `value` as float if it is a finite number > 0 (not a bool), else raises."""
+    if isinstance(value, bool | np.bool_):
+        raise invalid(owner, arg, value, "expected a positive number, not a bool")
     try:
         number = float(value)
     except (TypeError, ValueError):
