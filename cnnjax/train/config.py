@@ -55,7 +55,7 @@ WARM_START_LEGACY_DEFAULTS = {"init_from.ema": False}
 # except that a different device count (num_devices, or the machine's when it is 0) changes the
 # per-device details of the trajectory (dropout keys, mixing pairs, accumulation micro-batches,
 # float summation order): allowed (a requeued job may land on another machine), and warned about
-# on resume (`_Run.warn_if_devices_changed`, summary.json's `resumed_on_devices`).
+# on resume (`_Run.warn_if_devices_changed`, summary.json's `device_counts`).
 RUNTIME_FIELDS = frozenset(
     {
         "restart",

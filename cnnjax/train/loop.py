@@ -311,7 +311,7 @@ class _Run:
         # Ctrl-C in setup) leaves a completed run's summary.json as it is; the error still
         # reaches the caller.
         self.training_started = False
-        self.resumed_on_devices: dict | None = None  # set when resumed on another device count
+        self.device_counts: list[int] = []  # the device counts this run trained on, in order
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, prepare_workdir: bool = True) -> None:
@@ -499,6 +499,8 @@ class _Run:
             host_state = warm_start(host_state, pretrained[0])
             if self.is_primary:
                 write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
+        if not self.device_counts:  # a new run, or a checkpoint written without run_info
+            self.device_counts = [self.total_devices]
         finished = _completed_summary(self.workdir) if start_step >= total_steps else None
         if finished is not None and finished.get("step") == total_steps:
             checkpointer.close()
@@ -582,7 +584,8 @@ class _Run:
                             {k: round(v, 4) for k, v in metrics_eval.items()},
                         )
                     checkpointer.save(done, parallel.unreplicate(state), metrics_eval,
-                                      run_info={"num_devices": self.total_devices})
+                                      run_info={"num_devices": self.total_devices,
+                                                "device_counts": self.device_counts})
                 if stopped:
                     break
             if pending is not None:
@@ -617,17 +620,19 @@ class _Run:
         """Resuming on another device count continues the same data order, but the dropout keys
         (folded per device), mixup/CutMix pairs and accumulation micro-batches (both within a
         device's batch) and the float summation order follow the device count: the run is then
-        no longer the one an uninterrupted run would have been. Say so, in the log and in
-        summary.json (`resumed_on_devices`)."""
-        saved = run_info.get("num_devices")
-        if saved is None or saved == self.total_devices:
-            return
-        self.resumed_on_devices = {"checkpoint": saved, "now": self.total_devices}
-        logging.warning(
-            "Resuming a checkpoint written on %d devices on %d: the data order continues, but "
-            "per-device dropout keys, mixup/CutMix pairs, accumulation micro-batches and float "
-            "summation order change, so this run will not equal an uninterrupted one.",
-            saved, self.total_devices)
+        no longer the one an uninterrupted run would have been. Say so in the log, and keep the
+        counts the run has trained on (checkpoint `run_info`, summary.json's `device_counts`
+        while there is more than one), through any number of later resumes."""
+        counts = [int(n) for n in run_info.get("device_counts") or
+                  ([run_info["num_devices"]] if "num_devices" in run_info else [])]
+        if counts and counts[-1] != self.total_devices:
+            logging.warning(
+                "Resuming a checkpoint written on %d devices on %d: the data order continues, "
+                "but per-device dropout keys, mixup/CutMix pairs, accumulation micro-batches and "
+                "float summation order change, so this run will not equal an uninterrupted one.",
+                counts[-1], self.total_devices)
+            counts.append(self.total_devices)
+        self.device_counts = counts
 
     def interrupted(self, step: int, signal_name: str, evals: list[dict], start_step: int):
         """Writes summary.json for a run stopped by `signal_name` after checkpointing `step`, and
@@ -697,8 +702,7 @@ class _Run:
             "images_per_sec": images_per_sec,
             "num_devices": self.total_devices,
             "parallel": config.parallel,
-            **({"resumed_on_devices": self.resumed_on_devices}
-               if self.resumed_on_devices else {}),
+            **({"device_counts": self.device_counts} if len(self.device_counts) > 1 else {}),
             "outputs": {
                 "workdir": os.path.abspath(self.workdir),
                 "metrics": os.path.join(os.path.abspath(self.workdir), METRICS_FILE),

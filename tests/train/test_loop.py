@@ -126,7 +126,7 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     assert json.loads(Path(resumed / "summary.json").read_text())["status"] == "failed"
     monkeypatch.setattr(pipeline, "train_batches", original)
     summary = loop.train_and_evaluate(config, str(resumed))
-    assert summary["resumed_from_step"] == 8 and "resumed_on_devices" not in summary
+    assert summary["resumed_from_step"] == 8 and "device_counts" not in summary
     a, _ = _final_params(str(reference), config)
     b, _ = _final_params(str(resumed), config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -138,31 +138,38 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
 
 def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monkeypatch,
                                                                   caplog):
-    """Checkpoints keep the device count they were written on; resuming on another one (a
+    """Checkpoints keep the device counts their run trained on; resuming on another one (a
     requeued job on another machine) is allowed, logged as a warning and recorded in
-    summary.json, because per-device dropout keys and the like then differ."""
+    summary.json, because per-device dropout keys and the like then differ. The record
+    survives a second resume on the new count."""
     from cnnjax.train.checkpoint import Checkpointer
+
+    def run_info(step):
+        checkpoints = Checkpointer(str(tmp_path))
+        try:
+            return checkpoints.run_info(step)
+        finally:
+            checkpoints.close()
 
     config = helpers.tiny_config()
     pipeline = sys.modules["cnnjax.data.pipeline"]
     original, devices = helpers.train_batches, vars(loop._Run)["total_devices"]
     monkeypatch.setattr(loop._Run, "total_devices", property(lambda self: 2))  # "2 devices"
-    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 5))
     with pytest.raises(helpers.SimulatedCrashError):
         loop.train_and_evaluate(config, str(tmp_path))
-    checkpoints = Checkpointer(str(tmp_path))
-    assert checkpoints.run_info(8) == {"num_devices": 2}
-    checkpoints.close()
+    assert run_info(4) == {"num_devices": 2, "device_counts": [2]}
     monkeypatch.setattr(loop._Run, "total_devices", devices)
-    monkeypatch.setattr(pipeline, "train_batches", original)
-    with caplog.at_level("WARNING"):
-        summary = loop.train_and_evaluate(config, str(tmp_path))
-    assert summary["resumed_from_step"] == 8
-    assert summary["resumed_on_devices"] == {"checkpoint": 2, "now": 1}
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
+    with caplog.at_level("WARNING"), pytest.raises(helpers.SimulatedCrashError):
+        loop.train_and_evaluate(config, str(tmp_path))
     assert "written on 2 devices on 1" in caplog.text
-    checkpoints = Checkpointer(str(tmp_path))
-    assert checkpoints.run_info(12) == {"num_devices": 1}
-    checkpoints.close()
+    assert run_info(8) == {"num_devices": 1, "device_counts": [2, 1]}
+    monkeypatch.setattr(pipeline, "train_batches", original)
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["resumed_from_step"] == 8
+    assert summary["num_devices"] == 1 and summary["device_counts"] == [2, 1]
+    assert run_info(12) == {"num_devices": 1, "device_counts": [2, 1]}
 
 
 def test_divergence_is_reported(tmp_path):
