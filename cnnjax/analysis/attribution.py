@@ -574,6 +574,36 @@ def _rectified_operand(eqn: Any) -> int | None:
     return operand if jnp.issubdtype(eqn.invars[operand].aval.dtype, jnp.floating) else None
 
 
+#: What a normalization does between clamping a variance at 0 and taking its root.
+_TO_ROOT = frozenset({"add", "broadcast_in_dim", "reshape", "convert_element_type", "squeeze",
+                      "expand_dims", "copy"})
+
+
+def _variance_clamps(jaxpr: Any) -> set[int]:
+    """Indices of the `max(v, 0)` equations of `jaxpr` whose result reaches an `rsqrt`/`sqrt`
+    through reshapes and additions: flax's GroupNorm/LayerNorm clamp of a variance (`var =
+    max(0, E[x^2] - E[x]^2)`, then `rsqrt(var + eps)`), which is not a ReLU."""
+    users: dict[Any, list[Any]] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not is_literal(v):
+                users.setdefault(v, []).append(eqn)
+    clamps = set()
+    for index, eqn in enumerate(jaxpr.eqns):
+        if _rectified_operand(eqn) is None:
+            continue
+        frontier = list(eqn.outvars)
+        for _ in range(8):  # a few reshapes and an epsilon, never a long chain
+            following = [u for v in frontier for u in users.get(v, ())]
+            if any(u.primitive.name in ("rsqrt", "sqrt") for u in following):
+                clamps.add(index)
+                break
+            frontier = [o for u in following if u.primitive.name in _TO_ROOT for o in u.outvars]
+            if not frontier:
+                break
+    return clamps
+
+
 def _is_relu(eqn: Any) -> bool:
     """`jax.nn.relu` (flax's `nn.relu`): a call whose body, through nested calls, is one
     `max(x, 0)`."""
@@ -611,7 +641,7 @@ def _rectifier(rule: str) -> Callable:
 
 def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Callable) -> list:
     """Evaluates `jaxpr` with every ReLU (a `jax.nn.relu` call or a `max(x, 0)` with a literal
-    zero) replaced by `relu`, inlining calls."""
+    zero, not a normalization's variance clamp) replaced by `relu`, inlining calls."""
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
@@ -621,10 +651,11 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Call
         env[v] = value
     for v, value in zip(jaxpr.invars, args, strict=True):
         env[v] = value
-    for eqn in jaxpr.eqns:
+    clamps = _variance_clamps(jaxpr)
+    for index, eqn in enumerate(jaxpr.eqns):
         ins = [read(v) for v in eqn.invars]
         body = _body(eqn) if eqn.primitive.name in _CALLS else None
-        rectified = _rectified_operand(eqn)
+        rectified = None if index in clamps else _rectified_operand(eqn)
         if eqn.primitive.name == "custom_jvp_call" and _is_relu(eqn):
             outs = [relu(ins[-1])]
         elif rectified is not None:
@@ -647,7 +678,8 @@ def guided_backprop(model: nn.Module, variables: Any, images: Any, targets: Any 
     the incoming gradient is, whatever the input, which Springenberg et al. show is Zeiler &
     Fergus's (2014) deconvnet projection (max pooling's gradient is its switches). ReLUs are
     found in the traced model as `jax.nn.relu` calls and as `max(x, 0)` with a literal zero
-    (`jnp.maximum(x, 0.)`, also inside `jax.nn.relu6`); other custom-derivative functions are
+    (`jnp.maximum(x, 0.)`, also inside `jax.nn.relu6`) unless that max clamps a variance on its
+    way to a square root (GroupNorm, LayerNorm); other custom-derivative functions are
     differentiated through their bodies. A model without ReLUs gets its plain gradient."""
     return _guided_backprop(_Batch(model, variables, images, targets), rule)
 

@@ -162,6 +162,26 @@ def test_guided_backprop_and_deconvnet_follow_their_relu_rules(rule, relu):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("norm", [lambda: nn.GroupNorm(num_groups=2), nn.LayerNorm],
+                         ids=["GroupNorm", "LayerNorm"])
+def test_a_normalizations_variance_clamp_is_not_a_relu(norm):
+    """flax's GroupNorm/LayerNorm clamp their variance with max(0, .) before rsqrt: guided
+    backprop leaves it alone, so a model without ReLUs still gets its plain gradient."""
+
+    class Normalized(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = norm()(nn.Conv(4, (3, 3), name="conv")(x))
+            return nn.Dense(CLASSES, name="head")(x.reshape(x.shape[0], -1))
+
+    model = Normalized()
+    images = np.random.RandomState(0).randn(2, 4, 4, 1).astype(np.float32)
+    variables = model.init(jax.random.key(0), images)
+    plain = jax.grad(lambda x: model.apply(variables, x)[:, 1].sum())(images)
+    np.testing.assert_allclose(at.guided_backprop(model, variables, images, [1, 1]), plain,
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_guided_backprop_changes_only_relus(linear, resnet):
     model, variables, images, kernel, _ = linear  # no ReLU: the plain gradient, W[:, t]
     np.testing.assert_allclose(at.guided_backprop(model, variables, images, [0, 1, 2, 0]),
