@@ -264,6 +264,13 @@ def _normalized(split: str) -> str:
     return "".join(split.split())
 
 
+def _overlap(a: str, b: str) -> bool:
+    """Whether tfds splits `a` and `b` share examples for certain: the same split, or a whole
+    split and a slice of it (two different slices of one split are not compared)."""
+    a, b = _normalized(a), _normalized(b)
+    return a == b or (a.split("[")[0] == b.split("[")[0] and ("[" not in a or "[" not in b))
+
+
 def _train_split(data_config: Any) -> str:
     """The split a classifier was trained on: `data.train_split`, else its dataset preset's
     ('' when the config resolves to no preset, e.g. a test's stand-in dataset)."""
@@ -278,11 +285,12 @@ def _train_split(data_config: Any) -> str:
 def check_temperature_split(run: TrainedRun, split: str | None, temperature_split: str | None,
                             allow_same_split: bool = False) -> tuple[bool, list[str]]:
     """Checks `temperature_split` (None: no temperature scaling) for `run` evaluated on `split`
-    (None: its eval split) before anything compiles: a classifier's run, an existing split, and
-    not the evaluated split unless `allow_same_split` (T fitted to the examples it is scored on
-    gives an optimistic ECE). Returns whether it is the evaluated split, and warnings: that, or
-    a split inside the run's training split (its whole train split or a slice of it; an overlap
-    of two slices is not detected), where the fitted T is biased low."""
+    (None: its eval split) before anything compiles: a classifier's run, an existing non-empty
+    split, and not one holding the evaluated examples unless `allow_same_split` (T fitted to the
+    examples it is scored on gives an optimistic ECE). Returns whether it holds them, and
+    warnings: that, or a split sharing examples with the run's training split (the same split,
+    a slice of it or the whole split it was sliced from; two different slices of one split are
+    not compared), where the fitted T is biased low."""
     if temperature_split is None:
         return False, []
     task = config_lib.config_task(run.config)
@@ -296,26 +304,28 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     pipeline = config_lib.data_pipeline(run.config)
     evaluated = pipeline.eval_split_name(with_split(run.config, split).data)
     try:  # reads the split's size: an unknown split fails here, before any compilation
-        pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
+        info = pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
     except ValueError as err:  # "data: eval_split='x' is invalid; <valid>.": keep <valid>
         valid = re.sub(r"^data: eval_split=.*? is invalid; ", "", str(err)).rstrip(".")
         raise invalid("evaluate", "temperature_split", temperature_split, valid) from None
-    same_split = _normalized(temperature_split) == _normalized(evaluated)
+    if info.num_eval == 0:
+        raise invalid("evaluate", "temperature_split", temperature_split,
+                      "it holds no examples; expected a non-empty split such as 'train[90%:]'")
+    same_split = _overlap(temperature_split, evaluated)
     warnings = []
     if same_split:
         if not allow_same_split:
             raise invalid("evaluate", "temperature_split", temperature_split,
-                          "it is the evaluated split, so T would be fitted to the very examples "
-                          "it is scored on (an optimistic ECE); pass a held-out split (e.g. "
-                          "'train[90%:]' of a run trained on 'train[:90%]'), or "
+                          f"it holds the evaluated split {evaluated!r}, so T would be fitted to "
+                          "the very examples it is scored on (an optimistic ECE); pass a held-out "
+                          "split (e.g. 'train[90%:]' of a run trained on 'train[:90%]'), or "
                           "allow_same_split (--allow_same_split) for that oracle on purpose")
-        warnings.append(f"T is fitted on the evaluated split {evaluated!r} itself: its "
+        warnings.append(f"T is fitted on examples of the evaluated split {evaluated!r}: its "
                         "calibration after scaling is optimistic (allow_same_split)")
     train = _normalized(_train_split(run.config.data))
-    fitted = _normalized(temperature_split)
-    if train and (fitted == train or ("[" not in train and fitted.split("[")[0] == train)):
-        warnings.append(f"temperature_split={temperature_split!r} is part of the run's "
-                        f"training split {train!r}: a model is more confident on examples it "
+    if train and _overlap(temperature_split, train):
+        warnings.append(f"temperature_split={temperature_split!r} shares examples with the "
+                        f"run's training split {train!r}: a model is more confident on examples it "
                         "learned than on new ones, so the T fitted there is biased low; train "
                         "on a slice (--config.data.train_split='train[:90%]') and fit on the "
                         "rest")

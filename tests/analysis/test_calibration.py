@@ -216,3 +216,27 @@ def test_the_reliability_diagram_is_written(tmp_path):
         path = cal.plot_reliability(records, str(tmp_path / name), title="test")
         assert path == str(tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("split", ["train[100%:]", "test[5:5]"])
+def test_an_empty_temperature_split_is_refused_before_anything_compiles(split, tmp_path_factory):
+    """On real (offline) digits: an empty slice would only fail after the evaluation ran."""
+    import re
+
+    import ml_collections
+
+    from cnnjax.data.pipeline import get_dataset_info
+    from cnnjax.train.config import default_config
+    from cnnjax.train.trained import TrainedRun, check_temperature_split
+
+    config = default_config()
+    config.model = "lenet5"
+    config.data = ml_collections.ConfigDict(
+        {"name": "digits", "data_dir": str(tmp_path_factory.mktemp("tfds_digits"))})
+    get_dataset_info(config.data)  # builds digits offline
+    run = TrainedRun("w", config, model=None, variables={}, step=1, how="best")
+    with pytest.raises(ValueError, match=rf"^evaluate: temperature_split={re.escape(repr(split))}"
+                                         r" is invalid; it holds no examples"):
+        check_temperature_split(run, None, split)
+    warnings = check_temperature_split(run, None, "train[90%:]")[1]
+    assert warnings and "shares examples with the run's training split 'train'" in warnings[0]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -144,12 +145,15 @@ def test_the_temperature_split_is_checked_before_anything_compiles(run_dir):
     run = load_trained(str(run_dir))
     assert check_temperature_split(run, None, None) == (False, [])
     assert check_temperature_split(run, None, "train") == (False, [])
-    with pytest.raises(ValueError, match=r"^evaluate: temperature_split=' eval' is invalid; it is "
-                                         r"the evaluated split, so T would be fitted to the very "
-                                         r"examples it is scored on"):
-        check_temperature_split(run, None, " eval")
+    for fitted, evaluated in ((" eval", None), ("eval", "eval[:50%]"), ("eval[:50%]", None)):
+        with pytest.raises(ValueError, match=rf"^evaluate: temperature_split="
+                                             rf"{re.escape(repr(fitted))} is invalid; it holds "
+                                             r"the evaluated split 'eval.*', so "
+                                             r"T would be fitted to the very examples it is "
+                                             r"scored on"):
+            check_temperature_split(run, evaluated, fitted)
     same, warnings = check_temperature_split(run, "eval", "eval", allow_same_split=True)
-    assert same and warnings == ["T is fitted on the evaluated split 'eval' itself: its "
+    assert same and warnings == ["T is fitted on examples of the evaluated split 'eval': its "
                                  "calibration after scaling is optimistic (allow_same_split)"]
     with pytest.raises(ValueError, match=r"^evaluate: temperature_split='' is invalid; expected "
                                          r"a tfds split"):
@@ -159,7 +163,13 @@ def test_the_temperature_split_is_checked_before_anything_compiles(run_dir):
         run.model, run.variables, run.step, run.how)
     same, warnings = check_temperature_split(trained_on_all, None, "train[90%:]")
     assert not same and len(warnings) == 1 and warnings[0].startswith(
-        "temperature_split='train[90%:]' is part of the run's training split 'train'")
+        "temperature_split='train[90%:]' shares examples with the run's training split 'train'")
+    trained_on_a_slice = TrainedRun(run.workdir, ml_collections.ConfigDict(
+        {**run.config.to_dict(), "data": {"name": "synthetic", "train_split": "train[:90%]"}}),
+        run.model, run.variables, run.step, run.how)
+    assert check_temperature_split(trained_on_a_slice, None, "train")[1][0].startswith(
+        "temperature_split='train' shares examples with the run's training split 'train[:90%]'")
+    assert check_temperature_split(trained_on_a_slice, None, "train[90%:]") == (False, [])
     detector = TrainedRun("w", ml_collections.ConfigDict({"task": "detection"}), model=None,
                           variables={}, step=1, how="best")
     with pytest.raises(ValueError, match=r"^evaluate: temperature_split='train' is invalid; "
