@@ -17,6 +17,9 @@ diagram is drawn to <output stem>_reliability.png. With --temperature_split a te
 fitted (Guo et al. 2017) on that split's logits and the evaluated split's calibration at that T
 is added (`calibration.temperature_scaling`). Fitting on the evaluated split itself is refused
 unless --allow_same_split: the scores would then be measured on the examples T was fitted to.
+Calibration costs one prediction pass over --split (shared with the confusion matrix);
+--nocalibration skips it. If T cannot be fitted, the JSON is still written (with
+`calibration_error`) before the command exits with the reason.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ _PLOT = flags.DEFINE_bool("plot", True, "Also write a PNG next to the JSON: the 
 _PLOT_IMAGES = flags.DEFINE_integer("plot_images", 16, "Images drawn for a detector.")
 _N_BINS = flags.DEFINE_integer("n_bins", 15, "Classifier calibration: equal-width confidence "
                                "bins (lo, hi] of ECE, MCE and the reliability diagram.")
+_CALIBRATION = flags.DEFINE_bool("calibration", True, "Classifier: report calibration (one "
+                                  "more prediction pass, shared with the confusion matrix).")
 _TEMPERATURE_SPLIT = flags.DEFINE_string(
     "temperature_split", None, "Classifier: fit a softmax temperature on this tfds split of the "
     "run's dataset (held out from training, e.g. 'train[90%:]' of a run trained on "
@@ -88,6 +93,8 @@ def main(argv: list[str]) -> None:
     from cnnjax.utils.files import write_json
 
     quiet_library_logs()
+    if _TEMPERATURE_SPLIT.value is not None and not _CALIBRATION.value:
+        sys.exit("error: --temperature_split is invalid with --nocalibration; drop one of them")
     if _PLOT.value and _PLOT_IMAGES.value < 1:
         sys.exit(f"error: --plot_images={_PLOT_IMAGES.value} is invalid; expected at least 1 "
                  "(or --noplot)")
@@ -119,19 +126,23 @@ def main(argv: list[str]) -> None:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     stem = os.path.splitext(output)[0]
-    classified = None
-    if config_task(run.config) == "classification":  # one pass of the model for both
-        try:
+    classified, failure = None, None
+    if config_task(run.config) == "classification" and _CALIBRATION.value:
+        try:  # one pass of the model for calibration and the confusion matrix
             classified = classifier_logits(run, result["split"], _BATCH.value or 64)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        try:
             result["calibration"] = calibrate_run(
                 run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
                 same_split=same_split)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
+        except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
+            failure = str(err)
+            result["calibration_error"] = failure
     if _PLOT.value:
         result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
                                    classified=classified)
-    if _PLOT.value and classified is not None:
+    if _PLOT.value and "calibration" in result:
         record = result["calibration"]
         scaled = record.get("temperature_scaling")
         panels = [("before temperature scaling" if scaled else "", record)]
@@ -144,9 +155,11 @@ def main(argv: list[str]) -> None:
     write_json(output, result)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "calibration")}
     print(json.dumps(shown, indent=2, default=float))  # all of it is in the file
-    if classified is not None:
+    if "calibration" in result:
         print(_calibration_line(result["calibration"]))
     print(f"Written to {output}")
+    if failure is not None:
+        sys.exit(f"error: {failure} (the other metrics are written to {output})")
 
 
 if __name__ == "__main__":

@@ -65,10 +65,28 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
     same = _command("experiments.evaluate", f"--workdir={workdir}", "--temperature_split=test")
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert same.stderr.strip().splitlines()[-1].startswith(
-        "error: evaluate: temperature_split='test' is invalid; it is the evaluated split")
+        "error: evaluate: temperature_split='test' is invalid; it holds the evaluated split")
     missing = _command("experiments.evaluate", f"--workdir={workdir}",
                        "--temperature_split=validation")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     line = missing.stderr.strip().splitlines()[-1]
     assert line.startswith("error: evaluate: temperature_split='validation' is invalid; ")
     assert "'digits' has splits ['train', 'test']" in line, line
+
+    # A split the model gets entirely right has no best T: the command says so, exits 1, and
+    # still writes the engine's metrics (here to --output, with no calibration block).
+    output = tmp_path / "perfect.json"
+    perfect = _command("experiments.evaluate", f"--workdir={workdir}", "--noplot",
+                       "--temperature_split=train[:2%]", f"--output={output}")
+    assert perfect.returncode == 1 and "Traceback" not in perfect.stderr, perfect.stderr[-3000:]
+    last = perfect.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: evaluate: temperature_split='train[:2%]' is invalid")
+    assert last.endswith(f"(the other metrics are written to {output})")
+    written = json.loads(output.read_text())
+    assert written["top1"] == record["top1"] and "calibration" not in written
+    assert written["calibration_error"] in last
+    # --nocalibration: the engine's metrics only.
+    plain = _command("experiments.evaluate", f"--workdir={workdir}", "--noplot",
+                     "--nocalibration", f"--output={tmp_path / 'plain.json'}")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "calibration" not in json.loads((tmp_path / "plain.json").read_text())
