@@ -164,10 +164,11 @@ def is_patch_extraction(
 def eqn_cost(
     prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any],
     *, static_kernel: bool = False, kernel_value: np.ndarray | None = None,
+    patches: bool | None = None,
 ) -> tuple[int, int]:
     """(flops, macs) of one primitive under the conventions in the module docstring;
     `static_kernel`: the second operand is a constant, `kernel_value` its value where known
-    (both for `is_patch_extraction`)."""
+    (both for `is_patch_extraction`); `patches`: that function's answer, when already known."""
     out_size = _size(out_avals[0].shape) if out_avals else 0
     if prim == "conv_general_dilated":
         lhs, rhs, out = (tuple(a.shape) for a in (in_avals[0], in_avals[1], out_avals[0]))
@@ -183,8 +184,9 @@ def eqn_cost(
             )
             taps *= _valid_taps(*axis)
             mac_taps *= _macs_taps(*axis)
-        gather = is_patch_extraction(prim, params, in_avals, static_kernel, kernel_value)
-        return 2 * batch * per_tap * taps, 0 if gather else batch * per_tap * mac_taps
+        if patches is None:
+            patches = is_patch_extraction(prim, params, in_avals, static_kernel, kernel_value)
+        return 2 * batch * per_tap * taps, 0 if patches else batch * per_tap * mac_taps
     if prim == "dot_general":
         (lc, _), _ = params["dimension_numbers"]
         contract = _size([in_avals[0].shape[a] for a in lc])
@@ -344,11 +346,11 @@ class _Flattener:
         prim, in_avals = eqn.primitive.name, [self.avals[i] for i in ins]
         static_kernel = len(ins) > 1 and ins[1] in self.static
         kernel_value = self.values.get(ins[1]) if static_kernel else None
+        patches = is_patch_extraction(prim, eqn.params, in_avals, static_kernel, kernel_value)
         flops, macs = eqn_cost(prim, eqn.params, in_avals, [v.aval for v in eqn.outvars],
-                               static_kernel=static_kernel, kernel_value=kernel_value)
+                               patches=patches)
         return FlatEqn(len(self.eqns), prim, dict(eqn.params), ins, outs, path, int(flops),
-                       int(macs), is_patch_extraction(prim, eqn.params, in_avals, static_kernel,
-                                                      kernel_value))
+                       int(macs), patches)
 
     @staticmethod
     def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
