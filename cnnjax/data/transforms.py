@@ -41,8 +41,12 @@ class Transforms:
     randaugment_layers: int = 0
     randaugment_magnitude: float = 9.0
 
+    def normalize(self, image: tf.Tensor) -> tf.Tensor:
+        """Pixels in [0, 1] (any leading axes) to what the model sees: minus mean, over std."""
+        return (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+
     def _finish(self, image: tf.Tensor) -> tf.Tensor:
-        image = (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+        image = self.normalize(image)
         image.set_shape(self.out_shape)
         return image
 
@@ -55,20 +59,21 @@ class Transforms:
         shrinks = None in native or any(o < n for o, n in zip(hw, native, strict=True))
         return tf.image.resize(image, hw, method="bilinear", antialias=shrinks)
 
-    def _eval_pixels(self, image: tf.Tensor) -> tf.Tensor:
-        """The eval transform before normalization: float32 in [0, 1]."""
+    def eval_pixels(self, image: tf.Tensor) -> tf.Tensor:
+        """The eval transform before normalization: float32 in [0, 1] (`eval` normalizes it;
+        `experiments.robustness` corrupts it first)."""
         image = tf.cast(image, tf.float32) / 255.0
         if self.eval_transform == "resize_center_crop":
             return _resize_shorter_center_crop(image, self.out_shape[0], self.crop_fraction)
         return self._resize(image)
 
     def eval(self, image: tf.Tensor) -> tf.Tensor:
-        return self._finish(self._eval_pixels(image))
+        return self._finish(self.eval_pixels(image))
 
     def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """Augments with stateless ops seeded by `seed` (int64 `[2]`), so it is replayable."""
         if self.train_augmentation == "none":
-            image = self._eval_pixels(image)
+            image = self.eval_pixels(image)
         else:
             image = self._crop_flip(image, seed)
         if self.randaugment_layers:

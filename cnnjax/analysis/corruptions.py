@@ -1,0 +1,246 @@
+"""Common corruptions of 32x32 images at severities 1-5 (Hendrycks & Dietterich, ICLR 2019).
+
+`corrupt(images, name, severity, seed)` applies one corruption of CIFAR-10-C to uint8 or float
+images with values in [0, 255] (`[32, 32, C]` or `[N, 32, 32, C]`, C = 1 or 3) and returns float64
+in [0, 255]; `quantize` stores them as the authors stored CIFAR-10-C (`np.uint8`: truncation).
+The formulas and the parameter table are those of the authors' `make_cifar_c.py`
+(github.com/hendrycks/robustness, `ImageNet-C/create_c/`); the code is cnnjax's own.
+
+Sizes: only 32x32 images are accepted. The parameters are CIFAR's, tuned for 32x32 pixels (a
+blur sigma or a pixelation factor means something else at another resolution); ImageNet-C's
+224x224 table is not implemented, so other sizes are refused rather than silently given the
+wrong table (resize to 32x32 first, as the `digits` preset's `image_size=32` does).
+
+Deviations, all deliberate and small:
+- randomness is NumPy's `default_rng` keyed by `(seed, corruption, severity, example index)`
+  (`example_rng`), not the authors' global `np.random` stream: the images differ draw for draw,
+  the distributions do not, and any example can be recomputed alone (resume, batching);
+- impulse noise draws per element "flip with probability c" then "salt or pepper with
+  probability 1/2", as scikit-image's `random_noise(mode='s&p')` does, with cnnjax's generator;
+- gaussian_blur is `scipy.ndimage.gaussian_filter` (mode 'nearest', truncate 4): scikit-image's
+  `filters.gaussian` with its defaults is that same call; brightness and saturate go through
+  matplotlib's RGB<->HSV (scikit-image's conversion formulas; it is not installed here);
+- PIL-based corruptions (jpeg_compression, pixelate) need uint8 input: float images are rounded
+  to the nearest level first (the authors' images were always uint8).
+
+Grey (1-channel) images: every corruption applies except `saturate` (a grey pixel has no
+saturation to change: the authors' HSV formula would paint greys red at severities 4-5), which
+is refused; `brightness` of a grey pixel is `min(v + c, 1)`, exactly what the RGB formula gives
+on the grey replicated to three channels; jpeg_compression encodes one luma plane.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from cnnjax.utils.validation import invalid
+
+_OWNER = "corruptions"
+IMAGE_SIZE = 32
+SEVERITIES = (1, 2, 3, 4, 5)
+
+# The CIFAR-10-C table (make_cifar_c.py), one entry per severity 1..5.
+PARAMETERS: dict[str, tuple[Any, ...]] = {
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),          # noise std (pixels in [0, 1])
+    "shot_noise": (500, 250, 100, 75, 50),                     # Poisson photons per unit
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),           # salt & pepper fraction
+    "speckle_noise": (0.06, 0.10, 0.12, 0.16, 0.20),           # multiplicative noise std
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),                # sigma (pixels)
+    "defocus_blur": ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),  # radius, alias
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),                   # factor about the channel mean
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),                 # added to HSV value
+    "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),  # HSV s * a + b
+    "jpeg_compression": (80, 65, 58, 50, 40),                  # PIL JPEG quality
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),                 # BOX down-scale factor
+}
+CORRUPTIONS = tuple(PARAMETERS)
+COLOR_ONLY = ("saturate",)
+
+
+def available(channels: int) -> tuple[str, ...]:
+    """The corruptions defined for images with `channels` channels (grey: all but saturate)."""
+    return tuple(n for n in CORRUPTIONS if channels == 3 or n not in COLOR_ONLY)
+
+
+def example_rng(seed: int, name: str, severity: int, index: int) -> np.random.Generator:
+    """The generator of example `index`'s noise for (`name`, `severity`) under `seed`."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), severity, index])
+
+
+# ----------------------------------------------------------------- the corruptions, [0, 1] in
+def _gaussian_noise(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    return x + rng.standard_normal(x.shape) * c
+
+
+def _shot_noise(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    return rng.poisson(x * c) / c
+
+
+def _impulse_noise(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    flipped = rng.random(x.shape) <= c
+    salt = rng.random(x.shape) < 0.5
+    return np.where(flipped, salt.astype(np.float64), x)
+
+
+def _speckle_noise(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    return x + x * rng.standard_normal(x.shape) * c
+
+
+def _gaussian_blur(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(x, sigma=(c, c, 0), mode="nearest", truncate=4.0)
+
+
+def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
+    """The authors' defocus kernel: a 17x17 disk of `radius` (sum 1, float32) smoothed by a 3x3
+    Gaussian of sigma `alias_blur` (OpenCV's GaussianBlur, as in make_cifar_c.py)."""
+    import cv2
+
+    grid = np.arange(-8, 9)
+    xs, ys = np.meshgrid(grid, grid)
+    disk = np.asarray(xs ** 2 + ys ** 2 <= radius ** 2, np.float32)
+    disk /= disk.sum()
+    return cv2.GaussianBlur(disk, ksize=(3, 3), sigmaX=alias_blur)
+
+
+def _defocus_blur(x: np.ndarray, c: tuple[float, float], rng: np.random.Generator,
+                  ) -> np.ndarray:
+    import cv2
+
+    kernel = disk_kernel(*c)
+    return np.stack([cv2.filter2D(x[:, :, d], -1, kernel) for d in range(x.shape[2])], axis=-1)
+
+
+def _contrast(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    means = x.mean(axis=(0, 1), keepdims=True)
+    return (x - means) * c + means
+
+
+def _in_hsv(x: np.ndarray, change: Callable[[np.ndarray], None]) -> np.ndarray:
+    """`x` (RGB, or grey as RGB) through HSV with `change` applied to the HSV array in place."""
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    grey = x.shape[2] == 1
+    hsv = rgb_to_hsv(np.repeat(x, 3, axis=2) if grey else x)
+    change(hsv)
+    rgb = hsv_to_rgb(hsv)
+    return rgb[:, :, :1] if grey else rgb
+
+
+def _brightness(x: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    def lighten(hsv: np.ndarray) -> None:
+        hsv[:, :, 2] = np.clip(hsv[:, :, 2] + c, 0, 1)
+
+    return _in_hsv(x, lighten)
+
+
+def _saturate(x: np.ndarray, c: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    def saturate(hsv: np.ndarray) -> None:
+        hsv[:, :, 1] = np.clip(hsv[:, :, 1] * c[0] + c[1], 0, 1)
+
+    return _in_hsv(x, saturate)
+
+
+def _pil(pixels: np.ndarray) -> Any:
+    """uint8 `[H, W, C]` as a PIL image ('L' for grey)."""
+    from PIL import Image
+
+    return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+
+
+def _from_pil(image: Any, channels: int) -> np.ndarray:
+    return np.asarray(image, np.float64).reshape(IMAGE_SIZE, IMAGE_SIZE, channels)
+
+
+def _jpeg_compression(pixels: np.ndarray, c: int, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    _pil(pixels).save(buffer, "JPEG", quality=c)
+    return _from_pil(Image.open(buffer), pixels.shape[2])
+
+
+def _pixelate(pixels: np.ndarray, c: float, rng: np.random.Generator) -> np.ndarray:
+    from PIL import Image
+
+    small = int(IMAGE_SIZE * c)
+    image = _pil(pixels).resize((small, small), Image.BOX)
+    return _from_pil(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX), pixels.shape[2])
+
+
+# Formulas on [0, 1] (clipped, then * 255, as the authors return them) ...
+_FORMULAS = {"gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise,
+             "impulse_noise": _impulse_noise, "speckle_noise": _speckle_noise,
+             "gaussian_blur": _gaussian_blur, "defocus_blur": _defocus_blur,
+             "contrast": _contrast, "brightness": _brightness, "saturate": _saturate}
+# ... and PIL operations on uint8 levels (their output is already whole levels in [0, 255]).
+_PIL_OPS = {"jpeg_compression": _jpeg_compression, "pixelate": _pixelate}
+
+
+# ---------------------------------------------------------------------------------- public
+def check_corruption(name: Any, severity: Any, channels: int | None = None) -> None:
+    """ValueErrors for an unknown `name`, a severity outside 1-5, or a corruption undefined for
+    `channels`-channel images."""
+    if name not in CORRUPTIONS:
+        raise invalid(_OWNER, "name", name, f"expected one of {list(CORRUPTIONS)}")
+    if isinstance(severity, bool) or severity not in SEVERITIES:
+        raise invalid(_OWNER, "severity", severity, "expected an integer from 1 to 5")
+    if channels is not None and name not in available(channels):
+        raise invalid(_OWNER, "name", name,
+                      f"it is defined for RGB images only, and these have {channels} channel; "
+                      f"for grey images expected one of {list(available(channels))}")
+
+
+def _check_images(images: Any) -> np.ndarray:
+    """`images` as a float64 `[N, 32, 32, C]` array, or a ValueError saying what is wrong."""
+    array = np.asarray(images)
+    shape = tuple(array.shape)
+    if array.ndim not in (3, 4) or shape[-3:-1] != (IMAGE_SIZE, IMAGE_SIZE) or (
+            shape[-1] not in (1, 3)):
+        raise invalid(_OWNER, "images", f"<array of shape {shape}>",
+                      "expected [32, 32, C] or [N, 32, 32, C] with C = 1 or 3 (the CIFAR-10-C "
+                      "parameters are for 32x32 images; resize first)")
+    if not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
+        raise invalid(_OWNER, "images", f"<{array.dtype} array>",
+                      "expected uint8 or float values in [0, 255]")
+    array = array.astype(np.float64)
+    if array.size and not (np.isfinite(array).all() and array.min() >= 0
+                           and array.max() <= 255):
+        raise invalid(_OWNER, "images", f"<array with values in [{array.min()}, {array.max()}]>",
+                      "expected values in [0, 255] (not [0, 1], nor normalized)")
+    return array.reshape(-1, *shape[-3:])
+
+
+def corrupt(images: Any, name: str, severity: int, seed: int = 0,
+            first_index: int = 0) -> np.ndarray:
+    """`images` (`[32, 32, C]` or `[N, 32, 32, C]`, uint8 or float in [0, 255]) with corruption
+    `name` at `severity`, as float64 in [0, 255] of the same shape. Example `i` of the batch
+    draws its noise from `example_rng(seed, name, severity, first_index + i)`, so the result
+    does not depend on how a split is batched."""
+    check_corruption(name, severity)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
+    batch = _check_images(images)
+    check_corruption(name, severity, batch.shape[-1])
+    c = PARAMETERS[name][severity - 1]
+    out = np.empty_like(batch)
+    for i, image in enumerate(batch):
+        rng = example_rng(int(seed), name, severity, first_index + i)
+        if name in _PIL_OPS:
+            pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+            out[i] = _PIL_OPS[name](pixels, c, rng)
+        else:
+            out[i] = np.clip(_FORMULAS[name](image / 255.0, c, rng), 0, 1) * 255
+    return out.reshape(np.shape(images))
+
+
+def quantize(images: np.ndarray) -> np.ndarray:
+    """Corrupted images stored as CIFAR-10-C stores them: `np.uint8` of values in [0, 255]
+    (truncation, as make_cifar_c.py does)."""
+    return np.clip(images, 0, 255).astype(np.uint8)
