@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from cnnjax.layers.conv_impl import CONV_IMPLS
 from cnnjax.models.registry import ENGINE_MODEL_FIELDS
+from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
@@ -47,7 +48,8 @@ TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentatio
 MIXING_DEFAULTS = dataclasses.asdict(mixing_lib.Mixing())  # mixing off
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
                    "ema": {"decay": None, "warmup": True}, "mixing": MIXING_DEFAULTS,
-                   "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0}}
+                   "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0},
+                   "distill": distill_lib.DISTILL_DEFAULTS}
 # init_from.* fields added later, for `incompatible_fields` only (a config.json without an
 # init_from block must not gain a partial one: `with_legacy_defaults` leaves init_from alone).
 WARM_START_LEGACY_DEFAULTS = {"init_from.ema": False}
@@ -110,6 +112,14 @@ def default_config() -> ml_collections.ConfigDict:
     # turns that method off; with both on, CutMix with probability switch_prob; a batch is mixed
     # with probability prob. E.g. mixup_alpha=0.2 (ImageNet) or cutmix_alpha=1.0.
     c.mixing = ml_collections.ConfigDict(MIXING_DEFAULTS)
+    # Knowledge distillation (cnnjax.train.distill; Hinton et al. 2015), classification only:
+    # teacher_workdir names a trained classification run (None: off); teacher_step None is its
+    # best checkpoint (as load_trained picks it), ema its weight average. The loss is
+    # (1 - alpha) * CE + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+    c.distill = ml_collections.ConfigDict({
+        "teacher_workdir": ml_collections.FieldReference(None, field_type=str),
+        "teacher_step": ml_collections.FieldReference(None, field_type=int),
+        "ema": False, "temperature": 4.0, "alpha": 0.9})
     c.label_smoothing = 0.0
     c.aux_loss_weight = 0.3  # weight of auxiliary classifiers' loss (GoogLeNet aux_logits=True)
     # Divergence: a NaN/inf training loss, or one above max_loss (cross-entropy starts near
@@ -342,6 +352,7 @@ def validate_config(config: Any) -> None:
                       (config.mixing.mixup_alpha, config.mixing.cutmix_alpha),
                       f"mixing needs class labels (config.task='classification', not {task!r}); "
                       "set both alphas to 0")
+    distill_lib.validate_distill(config, task)
     if (isinstance(config.best_metric, str) and ema_rule(config) is None
             and config.best_metric.startswith(ema_lib.METRIC_PREFIX)):
         raise invalid("config", "best_metric", config.best_metric,
@@ -601,8 +612,8 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs. The other
     `init_from.*` fields only matter when `init_from.workdir` is set on either side (workdirs
     saved before `init_from` existed lack its `exclude` default). Fields in `LEGACY_DEFAULTS`
-    (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, init_from.ema) missing on one
-    side take the value older workdirs implicitly had.
+    (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, distill.*, init_from.ema)
+    missing on one side take the value older workdirs implicitly had.
     """
     names = sorted(set(saved) | set(current))
     legacy = {**flatten(LEGACY_DEFAULTS), **WARM_START_LEGACY_DEFAULTS}

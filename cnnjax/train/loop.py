@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from cnnjax.analysis.confusion import intersection_over_union
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import config as config_lib
+from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import init_from as init_from_lib
 from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
@@ -150,11 +151,15 @@ def evaluate_variables(config: Any, variables: dict) -> dict:
 
 
 def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
-               parallel: DataParallel) -> tuple[Any, Any]:
+               parallel: DataParallel,
+               teacher: distill_lib.Teacher | None = None) -> tuple[Any, Any]:
     """`(p_train, p_eval)`: `task`'s per-device train and eval steps for `model` and `tx` (the
     config's loss options, conv lowering, gradient accumulation, weight average, mixing), wrapped
     by `parallel` for all devices and compiled lazily, at their first call; for detection
-    `p_eval` returns the detections. Shared by the loop and `cnnjax.tune.lr_range`."""
+    `p_eval` returns the detections. With a `teacher` (`config.distill`) the train step
+    distills from it: its variables go to the devices once and are passed to every step beside
+    the state, outside it (never checkpointed). Shared by the loop and `cnnjax.tune.lr_range`
+    (which passes no teacher)."""
     conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
                "ema": config_lib.ema_rule(config)}
@@ -177,9 +182,16 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
         float(config.aux_loss_weight),
         conv_impl,
         mixing=config_lib.mixing_rule(config),
+        distill=distill_lib.distill_rule(config) if teacher is not None else None,
+        teacher=teacher.model if teacher is not None else None,
         **options,
     )
-    return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+    if teacher is None:
+        return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+    p_train = parallel.wrap_train(train_step, replicated_args=1)
+    teacher_variables = parallel.replicate(teacher.variables)
+    return (lambda state, batch: p_train(state, batch, teacher_variables),
+            parallel.wrap_eval(eval_step))
 
 
 def fresh_state(config: Any, model: Any, tx: Any, image_shape: tuple[int, ...]) -> TrainState:
@@ -312,6 +324,7 @@ class _Run:
         # reaches the caller.
         self.training_started = False
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
+        self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, prepare_workdir: bool = True) -> None:
@@ -326,7 +339,10 @@ class _Run:
         self.variable_shapes = checked.variable_shapes
         self.parallel = DataParallel(self.config.parallel, checked.devices)
         self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
-        if prepare_workdir:
+        if prepare_workdir:  # training: the teacher is checked before the workdir is touched
+            if distill_lib.distill_settings(self.config) is not None:
+                self.teacher = distill_lib.load_teacher(self.config, self.num_classes,
+                                                        self.image_shape)
             self.prepare_workdir()
             # Multi-host: no process looks for checkpoints before process 0 applied `restart`.
             _sync_processes("cnnjax:workdir_prepared")
@@ -356,7 +372,8 @@ class _Run:
             if self.is_primary:
                 for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR):
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-                for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE):
+                for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE,
+                             distill_lib.DISTILL_FILE):
                     path = os.path.join(workdir, name)
                     if os.path.exists(path):
                         os.remove(path)
@@ -384,7 +401,7 @@ class _Run:
         """`(p_train, p_eval)`: the per-device steps wrapped for all devices (compiled lazily,
         at their first call); for detection `p_eval` returns the detections."""
         return wrap_steps(self.config, self.task, self.model, self.tx, self.schedule,
-                          self.parallel)
+                          self.parallel, self.teacher)
 
     # --------------------------------------------------------------------------------- eval
     def eval_batches(self) -> Iterator[dict]:
@@ -471,6 +488,13 @@ class _Run:
         if config_lib.init_from_workdir(config) is not None and not checkpointer.all_steps():
             try:  # own checkpoints win: then init_from is ignored (exact resume)
                 pretrained = init_from_lib.load_init_from(config, self.variable_shapes)
+            except BaseException:
+                checkpointer.close()
+                raise
+        if self.teacher is not None:
+            try:  # a resume must distill from the teacher it started with
+                distill_lib.check_teacher_record(self.workdir, self.teacher.record,
+                                                 bool(checkpointer.all_steps()), self.is_primary)
             except BaseException:
                 checkpointer.close()
                 raise
@@ -608,6 +632,8 @@ class _Run:
             if os.path.exists(record_path):
                 with open(record_path) as f:
                     summary["init_from"] = json.load(f)
+        if self.teacher is not None:
+            summary["distill"] = self.teacher.record
         if self.is_primary:
             _write_summary(self.workdir, summary)
         return summary

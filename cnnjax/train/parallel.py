@@ -65,8 +65,10 @@ class DataParallel:
         )
 
     # ---------------------------------------------------------------------------- step wrappers
-    def wrap_train(self, fn: Callable) -> Callable:
-        """`fn(state, batch) -> (state, metrics)` per device -> a compiled all-device step.
+    def wrap_train(self, fn: Callable, replicated_args: int = 0) -> Callable:
+        """`fn(state, batch, *replicated) -> (state, metrics)` per device -> a compiled
+        all-device step; the `replicated_args` trailing arguments are `replicate`d pytrees
+        (e.g. a distillation teacher's variables), read but never donated.
 
         The state argument is donated: its buffers are reused for the new state.
         """
@@ -77,7 +79,7 @@ class DataParallel:
         mapped = jax.shard_map(
             _squeeze_batch(fn),
             mesh=self.mesh,
-            in_specs=(P(), P(AXIS_NAME)),
+            in_specs=(P(), P(AXIS_NAME), *[P()] * replicated_args),
             out_specs=(P(), P()),
             check_vma=False,
         )
@@ -134,7 +136,7 @@ class DataParallel:
 def _squeeze_batch(fn: Callable) -> Callable:
     """Under shard_map each device sees a `[1, per_device, ...]` block; drop the leading 1."""
 
-    def wrapped(state, batch):
-        return fn(state, jax.tree.map(lambda x: x[0], batch))
+    def wrapped(state, batch, *replicated):
+        return fn(state, jax.tree.map(lambda x: x[0], batch), *replicated)
 
     return wrapped

@@ -23,6 +23,7 @@ from jax import lax
 
 from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
 from cnnjax.train import losses
+from cnnjax.train.distill import Distillation, distillation_metrics
 from cnnjax.train.ema import ExponentialMovingAverage
 from cnnjax.train.mixing import Mixing
 from cnnjax.train.state import TrainState
@@ -35,6 +36,7 @@ PARAMS_FINITE = "params_finite"
 def train_step(
     state: TrainState,
     batch: dict,
+    teacher_variables: dict | None = None,
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -46,6 +48,8 @@ def train_step(
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
     mixing: Mixing | None = None,
+    distill: Distillation | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[TrainState, dict]:
     """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
 
@@ -59,12 +63,19 @@ def train_step(
     `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`. An enabled `mixing`
     (mixup / CutMix, `cnnjax.train.mixing`) mixes this device's batch with its own key first;
     the loss is then against the soft targets and top-1/top-5 score their dominant label.
+    With `distill` (knowledge distillation, `cnnjax.train.distill`) the `teacher` module with
+    `teacher_variables` scores the same (mixed) images in eval mode, and the optimized loss is
+    the mean `total_loss`, `(1 - alpha) * loss + alpha * distill_loss`; `loss` stays the hard
+    cross-entropy a plain run reports, and `distill_loss` and `total_loss` are added.
     """
     dropout_rng = _step_rng(state, axis_name)
     if mixing is not None and mixing.enabled:
         mix_rng, dropout_rng = jax.random.split(dropout_rng)
         images, targets, _ = mixing(mix_rng, batch["image"], batch["label"], model.num_classes)
         batch = {**batch, "image": images, "label": targets}
+    if distill is not None:  # split with the batch into accumulation micro-batches
+        batch = {**batch, "teacher_logits": _teacher_logits(
+            teacher, teacher_variables, batch["image"], conv_impl)}
 
     def loss_fn(params, batch_stats, batch, rng):
         outputs, updates = _apply_training(
@@ -72,7 +83,10 @@ def train_step(
         )
         logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
-        loss = jnp.mean(per_example["loss"])
+        if distill is not None:
+            per_example = distillation_metrics(per_example, logits, batch["teacher_logits"],
+                                               distill)
+        loss = jnp.mean(per_example["total_loss" if distill is not None else "loss"])
         if aux_logits:
             per_example["aux_loss"] = sum(
                 losses.cross_entropy(aux, batch["label"], label_smoothing) for aux in aux_logits
@@ -84,6 +98,16 @@ def train_step(
     # The main head's loss (with label smoothing) and accuracies, averaged over devices.
     metrics = {name: jnp.mean(value) for name, value in per_example.items()}
     return _apply_gradients(state, grads, batch_stats, metrics, tx, schedule, axis_name, ema)
+
+
+def _teacher_logits(teacher: nn.Module, variables: dict, images: jax.Array,
+                    conv_impl: str) -> jax.Array:
+    """The teacher's float32 logits of `images` in eval mode (BatchNorm running statistics, no
+    dropout), as constants: no gradient reaches the teacher."""
+    with conv_impl_context(conv_impl):
+        outputs = teacher.apply(variables, images, train=False)
+    logits, _ = losses.split_auxiliary(outputs)
+    return lax.stop_gradient(logits.astype(jnp.float32))
 
 
 def _gradients(
@@ -374,7 +398,8 @@ def make_steps(
     **train_options: Any,
 ) -> tuple[Callable, Callable]:
     """Binds the model and optimizer into per-device `(train_step, eval_step)` functions;
-    `train_options` are further keywords of `train_step` (`accum_steps`, `ema`, `mixing`)."""
+    `train_options` are further keywords of `train_step` (`accum_steps`, `ema`, `mixing`,
+    `distill` and `teacher`)."""
     train = functools.partial(
         train_step,
         model=model,

@@ -1,0 +1,215 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015): a student trained against a teacher run.
+
+`config.distill.teacher_workdir` names a finished or checkpointed classification run. Its
+variables are loaded once on the host (`trained.load_trained`: its best checkpoint, a requested
+step, or its weight average) and handed to the jitted train step beside the state, never inside it:
+they are not checkpointed, so a resume reads the teacher again and `check_teacher_record` refuses
+one whose teacher changed (`distill.json` in the student's workdir records it). In the step the
+teacher runs in eval mode (BatchNorm running statistics, no dropout) on the same augmented, mixed
+batch, under `stop_gradient`, and the student minimizes
+
+    (1 - alpha) * CE(student, targets) + alpha * T^2 * KL(p_T(teacher) || p_T(student)),
+
+with p_T(z) = softmax(z / T), where the T^2 factor (the paper's section 2) keeps the soft term's
+gradients the same size as T changes (they scale as 1/T^2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.traverse_util import flatten_dict
+
+from cnnjax.utils.files import read_json, write_json
+from cnnjax.utils.validation import check_bool, check_number, invalid
+
+OWNER = "distill"
+DISTILL_FILE = "distill.json"  # the teacher a distilled run trains against (kept across resumes)
+# `config.distill` with distillation off (also what a config.json from before the block meant).
+DISTILL_DEFAULTS = {"teacher_workdir": None, "teacher_step": None, "ema": False,
+                    "temperature": 4.0, "alpha": 0.9}
+
+
+def check_distillation(owner: str, temperature: Any, alpha: Any) -> tuple[float, float]:
+    """`(temperature, alpha)` as floats if T is a finite number > 0 and alpha is in [0, 1], else a
+    ValueError naming `owner`, the field and its value."""
+    temperature = check_number(owner, "temperature", temperature,
+                               "expected a finite temperature T > 0 (e.g. 4; 1: plain softmax)",
+                               low=0.0, high=math.inf, low_open=True, high_open=True)
+    alpha = check_number(owner, "alpha", alpha,
+                         "expected the soft-target weight 0 <= alpha <= 1 (0: plain training)",
+                         low=0.0, high=1.0)
+    return temperature, alpha
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """The loss settings the train step needs (static): temperature T and soft-target weight."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_distillation("Distillation", self.temperature, self.alpha)
+
+
+def soft_target_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+                     temperature: float) -> jax.Array:
+    """Per-example `T^2 * KL(softmax(teacher / T) || softmax(student / T))` (float32, [N]), in
+    log space (`optax.kl_divergence_with_log_targets`), so a peaked teacher never takes log 0."""
+    scale = 1.0 / temperature
+    log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) * scale, axis=-1)
+    log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) * scale, axis=-1)
+    kl = optax.losses.kl_divergence_with_log_targets(log_student, log_teacher)
+    return temperature**2 * kl
+
+
+def distillation_metrics(per_example: dict, student_logits: jax.Array,
+                         teacher_logits: jax.Array, rule: Distillation) -> dict:
+    """`per_example` (holding the hard `loss`) plus `distill_loss` (T^2 KL) and `total_loss`,
+    the objective `(1 - alpha) * loss + alpha * distill_loss`; `loss` stays the plain run's."""
+    soft = soft_target_loss(student_logits, teacher_logits, rule.temperature)
+    total = (1.0 - rule.alpha) * per_example["loss"] + rule.alpha * soft
+    return {**per_example, "distill_loss": soft, "total_loss": total}
+
+
+def distill_rule(config: Any) -> Distillation | None:
+    """The distillation `config.distill` asks for (checked), or None when it has no
+    `teacher_workdir` (or the config no `distill` block)."""
+    settings = distill_settings(config)
+    if settings is None:
+        return None
+    return Distillation(*check_distillation(OWNER, settings["temperature"], settings["alpha"]))
+
+
+def distill_settings(config: Any) -> dict | None:
+    """`config.distill` with defaults filled in, or None when distillation is off."""
+    block = config.get("distill") if hasattr(config, "get") else None
+    if block is None or block.get("teacher_workdir") is None:
+        return None
+    return {**DISTILL_DEFAULTS, **dict(block)}
+
+
+def validate_distill(config: Any, task: str) -> None:
+    """Types and ranges of `config.distill` (the teacher run itself is checked by
+    `load_teacher`): a classification student, a workdir string, step >= 0, bool ema,
+    T > 0, alpha in [0, 1]."""
+    block = config.get("distill")
+    if block is None:
+        return
+    unknown = sorted(set(block) - set(DISTILL_DEFAULTS))
+    if unknown:
+        raise invalid(OWNER, "field", unknown[0], f"expected one of {list(DISTILL_DEFAULTS)}")
+    settings = {**DISTILL_DEFAULTS, **dict(block)}
+    check_distillation(OWNER, settings["temperature"], settings["alpha"])
+    check_bool(OWNER, "ema", settings["ema"])
+    workdir, step = settings["teacher_workdir"], settings["teacher_step"]
+    if workdir is not None and (not isinstance(workdir, str) or not workdir):
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      "expected the --workdir of a trained classification run, or None (off)")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise invalid(OWNER, "teacher_step", step,
+                          "expected a checkpoint step >= 0, or None (the teacher's best)")
+        if workdir is None:
+            raise invalid(OWNER, "teacher_step", step, "it needs distill.teacher_workdir")
+    if workdir is not None and task != "classification":
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      f"distillation trains classifiers only (config.task='classification', not "
+                      f"{task!r}); set distill.teacher_workdir=None")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A loaded teacher: its flax module, its variables (host NumPy) and what was loaded."""
+
+    model: Any
+    variables: dict
+    record: dict  # workdir, step, checkpoint, ema, model, dataset, fingerprint
+
+
+def fingerprint(variables: dict) -> str:
+    """SHA-256 of every leaf of `variables` (path, dtype, shape, bytes): the teacher's identity."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(flatten_dict(variables, sep="/").items()):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{path}:{leaf.dtype}:{leaf.shape};".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...]) -> Teacher:
+    """Reads `config.distill`'s teacher for a student of `num_classes` classes on images of
+    `image_shape`; a ValueError naming the `distill` field if the teacher run is missing, has no
+    checkpoint (or not the step), is not a classifier, or has other classes or inputs. Reads
+    checkpoints and dataset metadata only: nothing is compiled."""
+    from cnnjax.train import config as config_lib
+    from cnnjax.train.logging import CONFIG_FILE
+    from cnnjax.train.trained import load_trained
+
+    settings = distill_settings(config)
+    workdir = settings["teacher_workdir"]
+    saved = read_json(os.path.join(workdir, CONFIG_FILE))
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      f"expected the --workdir of a finished or checkpointed training run (no "
+                      f"readable {CONFIG_FILE} with a model in it)")
+    teacher_task = config_lib.config_task(config_lib.with_legacy_defaults(saved))
+    if teacher_task != "classification":
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      f"it is a {teacher_task} run; distillation needs a classification teacher")
+    try:
+        run = load_trained(workdir, settings["teacher_step"], num_devices=1,
+                           ema=settings["ema"])
+    except ValueError as err:
+        field = next((name for name in ("step", "ema") if str(err).startswith(
+            f"load_trained: {name}=")), "workdir")
+        name, value = {"step": ("teacher_step", settings["teacher_step"]),
+                       "ema": ("ema", settings["ema"])}.get(field, ("teacher_workdir", workdir))
+        raise invalid(OWNER, name, value, f"the teacher run cannot be loaded ({err})") from None
+    info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
+    if info.num_classes != num_classes:
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      f"the teacher predicts {info.num_classes} classes ({info.name!r}) and the "
+                      f"student's data has {num_classes}; they must be the same classes")
+    if tuple(info.image_shape) != tuple(image_shape):
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      f"the teacher was trained on {tuple(info.image_shape)} images (height, "
+                      f"width, channels) and the student's data gives {tuple(image_shape)}; set "
+                      "the student's data.image_size (and channels) to the teacher's")
+    record = {"workdir": run.workdir, "step": run.step, "checkpoint": run.how, "ema": run.ema,
+              "model": run.config.model, "dataset": info.name,
+              "fingerprint": fingerprint(run.variables)}
+    logging.info("Distillation teacher: %s%s checkpoint (step %d) of %s (model %r); T=%g, "
+                 "alpha=%g.", "averaged " if run.ema else "", run.how, run.step, run.workdir,
+                 run.config.model, settings["temperature"], settings["alpha"])
+    return Teacher(run.model, run.variables, record)
+
+
+def check_teacher_record(workdir: str, record: dict, resuming: bool, write: bool) -> None:
+    """A resumed run must train against the teacher it started with (`distill.json` in its
+    `workdir`): a teacher whose checkpoint or variables changed is refused. Then (if `write`)
+    records `record`."""
+    path = os.path.join(workdir, DISTILL_FILE)
+    recorded = read_json(path) if resuming else None
+    if isinstance(recorded, dict):
+        keys = ("workdir", "step", "ema", "fingerprint")
+        if any(recorded.get(k) != record[k] for k in keys):
+            was = ", ".join(f"{k}={recorded.get(k)!r}" for k in keys[:3])
+            raise invalid(OWNER, "teacher_workdir", record["workdir"],
+                          f"this run started with another teacher ({was}, fingerprint "
+                          f"{str(recorded.get('fingerprint'))[:12]}; now step={record['step']}, "
+                          f"fingerprint {record['fingerprint'][:12]}) and would not resume "
+                          f"exactly; restore that teacher, pin --config.distill.teacher_step, or "
+                          "use a new --workdir")
+    if write:
+        write_json(path, record)

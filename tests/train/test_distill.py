@@ -1,0 +1,381 @@
+"""Knowledge distillation (`config.distill`): the loss against float64 NumPy, alpha=0 == a plain
+run bitwise, no gradient to the teacher, exact resume, a changed teacher refused, 2 devices == 1,
+every refused input, and workdirs from before the field."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cnnjax.train import config as config_lib
+from cnnjax.train import distill, loop, losses
+from cnnjax.train.checkpoint import Checkpointer
+from cnnjax.train.optim import build_optimizer
+from cnnjax.train.state import create_train_state
+from cnnjax.train.step import make_steps
+from tests.train import helpers
+from tests.train.conftest import CACHE_ENV
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def fake_data(monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+
+
+def _train_teacher(workdir, **overrides):
+    """A tiny finished run to distill from (12 steps of the synthetic task)."""
+    loop.train_and_evaluate(helpers.tiny_config(**overrides), str(workdir))
+    return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        helpers.install_fake_pipeline(monkeypatch)
+        return _train_teacher(tmp_path_factory.mktemp("teacher"), **{"ema.decay": 0.9})
+
+
+def _student(teacher_workdir, **overrides):
+    return helpers.tiny_config(**{"distill.teacher_workdir": teacher_workdir, **overrides})
+
+
+def _final_state(workdir, config):
+    """The host state of the newest checkpoint (with its weight average if `config` keeps one)."""
+    from cnnjax.models import create_model
+
+    model = create_model(config.model, num_classes=helpers.NUM_CLASSES, axis_name="data")
+    template = loop.fresh_state(config, model, build_optimizer(config), helpers.IMAGE_SHAPE)
+    checkpointer = Checkpointer(workdir, use_async=False)
+    try:
+        return checkpointer.restore_latest(template)[0]
+    finally:
+        checkpointer.close()
+
+
+def _max_diff(a, b):
+    return max(float(np.max(np.abs(x - y)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# ------------------------------------------------------------------------------ the loss itself
+def _log_softmax64(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _soft_loss64(student, teacher, temperature):
+    """T^2 * sum_c p_t (log p_t - log p_s), p = softmax(z / T), in float64."""
+    log_s = _log_softmax64(student.astype(np.float64) / temperature)
+    log_t = _log_softmax64(teacher.astype(np.float64) / temperature)
+    return temperature**2 * np.sum(np.exp(log_t) * (log_t - log_s), axis=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
+def test_soft_target_loss_matches_float64_numpy(temperature):
+    """Float32 JAX vs float64 NumPy: relative 1e-5 (a few float32 ulps of the log-softmaxes);
+    a teacher confident to 1e-13 (logits 30 apart) still gives a finite, exact term."""
+    rng = np.random.default_rng(0)
+    student = rng.normal(0, 3, (16, 10)).astype(np.float32)
+    teacher = rng.normal(0, 3, (16, 10)).astype(np.float32)
+    teacher[0] = 0.0
+    teacher[0, 3] = 30.0  # peaked: p_t of the others ~ e^-30 at T = 1
+    got = np.asarray(distill.soft_target_loss(student, teacher, temperature))
+    np.testing.assert_allclose(got, _soft_loss64(student, teacher, temperature),
+                               rtol=1e-5, atol=1e-6)
+    assert np.asarray(distill.soft_target_loss(teacher, teacher, temperature)) == \
+        pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_objective_matches_float64_numpy_with_label_smoothing():
+    """total = (1 - alpha) * CE(smoothed one-hot) + alpha * T^2 KL, per example; `loss` stays the
+    hard cross-entropy a plain run reports. Same tolerance."""
+    rng = np.random.default_rng(1)
+    student = rng.normal(0, 2, (8, 5)).astype(np.float32)
+    teacher = rng.normal(0, 2, (8, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 8).astype(np.int32)
+    rule = distill.Distillation(temperature=3.0, alpha=0.7)
+    per_example = losses.example_metrics(student, labels, label_smoothing=0.1)
+    got = distill.distillation_metrics(per_example, student, teacher, rule)
+    targets = np.full((8, 5), 0.1 / 5) + 0.9 * np.eye(5)[labels]
+    hard = -np.sum(targets * _log_softmax64(student.astype(np.float64)), axis=-1)
+    soft = _soft_loss64(student, teacher, 3.0)
+    for name, expected in (("loss", hard), ("distill_loss", soft),
+                           ("total_loss", 0.3 * hard + 0.7 * soft)):
+        np.testing.assert_allclose(np.asarray(got[name]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_t_squared_factor_keeps_gradients_the_paper_size():
+    """Hinton et al. eq. 4: at high T with zero-mean logits, d(KL)/dz_i ~ (z_i - v_i) / (C T^2);
+    times T^2 the soft term's gradient is (z_i - v_i) / C whatever T is: within 2.5% (in norm;
+    the neglected terms are O(|z| / T) relative) at T = 50 and 100."""
+    rng = np.random.default_rng(2)
+    z, v = rng.normal(0, 1, (2, 1, 10))
+    z, v = (x - x.mean() for x in (z, v))
+    expected = (z - v) / 10
+    for temperature in (50.0, 100.0):
+        grad = jax.grad(lambda s, t=temperature: distill.soft_target_loss(s, v, t).sum())(
+            jnp.asarray(z, jnp.float32))
+        error = np.linalg.norm(np.asarray(grad) - expected) / np.linalg.norm(expected)
+        assert error < 0.025, (temperature, error)
+
+
+# ------------------------------------------------------------------------------- the train step
+def test_no_gradient_reaches_the_teacher():
+    """The new student params do not depend on the teacher's variables (stop_gradient: their
+    derivative is exactly zero), yet the teacher changes the update (alpha > 0)."""
+    model = helpers.TinyNet(axis_name="data")
+    tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    teacher_variables = helpers.TinyNet().init(jax.random.PRNGKey(1),
+                                               np.zeros((1, *helpers.IMAGE_SHAPE), "f4"))
+    train_step, _ = make_steps(model, tx, schedule, "data", distill=distill.Distillation(),
+                               teacher=helpers.TinyNet())
+    batch = next(helpers.train_batches(None, global_batch_size=16, num_devices=1, seed=0))
+
+    def new_params(variables):
+        step = jax.vmap(train_step, in_axes=(None, 0, None), axis_name="data")
+        new_state, metrics = step(state, batch, variables)
+        return new_state.params, metrics
+
+    def params_sum(variables):
+        return sum(jnp.sum(p) for p in jax.tree.leaves(new_params(variables)[0]))
+
+    grads = jax.grad(params_sum)(teacher_variables)
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads))
+    other = jax.tree.map(lambda x: x * 2.0, teacher_variables)
+    assert _max_diff(new_params(teacher_variables)[0], new_params(other)[0]) > 1e-4
+    metrics = new_params(teacher_variables)[1]
+    assert {"loss", "distill_loss", "total_loss"} <= set(metrics)
+
+
+# ------------------------------------------------------------------------------------ full runs
+def test_alpha_zero_trains_bitwise_like_a_plain_run_and_the_teacher_is_untouched(
+        tmp_path, teacher):
+    fingerprint = distill.fingerprint(_teacher_variables(teacher))
+    plain = helpers.tiny_config(**{"model_kwargs.dropout_rate": 0.3})
+    loop.train_and_evaluate(plain, str(tmp_path / "plain"))
+    zero = _student(teacher, **{"model_kwargs.dropout_rate": 0.3, "distill.alpha": 0.0})
+    summary = loop.train_and_evaluate(zero, str(tmp_path / "zero"))
+    jax.tree.map(np.testing.assert_array_equal, _final_state(str(tmp_path / "plain"), plain),
+                 _final_state(str(tmp_path / "zero"), zero))
+    assert summary["distill"]["fingerprint"] == fingerprint
+    assert {"loss", "distill_loss", "total_loss"} <= set(summary["final_train"])
+    assert set(summary["final_eval"]) == {"loss", "top1", "top5", "num_examples"}
+    # The teacher's checkpoints are read, never written (alpha > 0 changing the update:
+    # test_no_gradient_reaches_the_teacher).
+    assert distill.fingerprint(_teacher_variables(teacher)) == fingerprint
+
+
+def _teacher_variables(workdir):
+    from cnnjax.train.trained import load_trained
+
+    return load_trained(workdir, num_devices=1).variables
+
+
+def test_exact_resume_after_crash_with_distillation(tmp_path, monkeypatch, teacher):
+    """Dropout, mixup, weight averaging and 2 accumulation micro-batches, distilling from the
+    teacher's weight average: a run killed at step 9 and rerun ends bitwise equal."""
+    config = _student(teacher, **{"model_kwargs.dropout_rate": 0.3, "mixing.mixup_alpha": 0.4,
+                                  "ema.decay": 0.9, "grad_accum_steps": 2, "distill.ema": True})
+    reference = tmp_path / "reference"
+    loop.train_and_evaluate(config, str(reference))
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    original = helpers.train_batches
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
+    resumed = tmp_path / "resumed"
+    with pytest.raises(helpers.SimulatedCrashError):
+        loop.train_and_evaluate(config, str(resumed))
+    record = json.loads((resumed / distill.DISTILL_FILE).read_text())
+    assert record["ema"] is True and record["workdir"] == os.path.abspath(teacher)
+    monkeypatch.setattr(pipeline, "train_batches", original)
+    summary = loop.train_and_evaluate(config, str(resumed))
+    assert summary["resumed_from_step"] == 8 and summary["distill"] == record
+    jax.tree.map(np.testing.assert_array_equal, _final_state(str(reference), config),
+                 _final_state(str(resumed), config))
+
+
+def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
+    """The teacher is not in the checkpoint: a resume reads it again, and one retrained in the
+    same workdir since (other variables, same step) would break exact resume: refused, naming
+    both, before anything compiles."""
+    copy = str(tmp_path / "teacher")
+    shutil.copytree(teacher, copy)
+    config = _student(copy)
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    monkeypatch.setattr(pipeline, "train_batches",
+                        helpers.crashing_batches(helpers.train_batches, 5))
+    with pytest.raises(helpers.SimulatedCrashError):
+        loop.train_and_evaluate(config, str(tmp_path / "student"))
+    monkeypatch.setattr(pipeline, "train_batches", helpers.train_batches)
+    shutil.rmtree(copy)
+    _train_teacher(copy, seed=1, **{"ema.decay": 0.9})
+    with pytest.raises(ValueError, match=re.escape(
+            f"distill: teacher_workdir={copy!r} is invalid; this run started with another "
+            f"teacher (workdir={copy!r}, step=12, ema=False, fingerprint ")):
+        loop.train_and_evaluate(config, str(tmp_path / "student"))
+    assert Checkpointer(str(tmp_path / "student")).all_steps() == [4]
+
+
+def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
+    """config.json written before `distill` existed lacks the block: it meant no teacher."""
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    monkeypatch.setattr(pipeline, "train_batches",
+                        helpers.crashing_batches(helpers.train_batches, 9))
+    with pytest.raises(helpers.SimulatedCrashError):
+        loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+    monkeypatch.setattr(pipeline, "train_batches", helpers.train_batches)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["distill"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert config_lib.incompatible_fields(config_lib.flatten(saved),
+                                          config_lib.flatten(helpers.tiny_config())) == []
+    summary = loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+    assert summary["resumed_from_step"] == 8 and "distill" not in summary
+    assert config_lib.with_legacy_defaults(saved)["distill"] == distill.DISTILL_DEFAULTS
+    # Distilling is still a different trajectory: refused on that workdir.
+    with pytest.raises(ValueError, match=r"incompatible config \(distill.teacher_workdir: None"):
+        loop.train_and_evaluate(_student(str(tmp_path)), str(tmp_path))
+
+
+# -------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"distill.alpha": 1.5}, "distill: alpha=1.5 is invalid; expected the soft-target weight "
+                             "0 <= alpha <= 1 (0: plain training)."),
+    ({"distill.alpha": -0.1}, "distill: alpha=-0.1 is invalid; expected the soft-target weight"),
+    ({"distill.temperature": 0.0}, "distill: temperature=0.0 is invalid; expected a finite "
+                                   "temperature T > 0 (e.g. 4; 1: plain softmax)."),
+    ({"distill.temperature": -2.0}, "distill: temperature=-2.0 is invalid"),
+    ({"distill.temperature": float("nan")}, "distill: temperature=nan is invalid"),
+    ({"distill.teacher_step": -1}, "distill: teacher_step=-1 is invalid; expected a checkpoint "
+                                   "step >= 0, or None (the teacher's best)."),
+    ({"distill.teacher_workdir": None, "distill.teacher_step": 3},
+     "distill: teacher_step=3 is invalid; it needs distill.teacher_workdir."),
+    ({"distill.teacher_workdir": ""}, "distill: teacher_workdir='' is invalid; expected the "
+                                      "--workdir of a trained classification run, or None (off)."),
+    ({"task": "segmentation"}, "distill: teacher_workdir='t' is invalid; distillation trains "
+                               "classifiers only (config.task='classification', not "
+                               "'segmentation'); set distill.teacher_workdir=None."),
+    ({"task": "detection"}, "distill: teacher_workdir='t' is invalid; distillation trains "
+                            "classifiers only (config.task='classification', not 'detection')"),
+])
+def test_bad_settings_are_refused_by_validate_config(overrides, message):
+    config = _student("t", **overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_lib.validate_config(config)
+    config = _student("t")
+    config.distill.beta = 1.0
+    with pytest.raises(ValueError, match=re.escape("distill: field='beta' is invalid; expected "
+                                                   "one of ['teacher_workdir', 'teacher_step'")):
+        config_lib.validate_config(config)
+
+
+def _refused(tmp_path, config, message):
+    """`train_and_evaluate` refuses `config` with `message` before compiling or checkpointing."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        loop.train_and_evaluate(config, str(tmp_path / "student"))
+    assert not (tmp_path / "student" / "checkpoints").exists()
+    assert not (tmp_path / "student" / "config.json").exists()
+
+
+def test_bad_teachers_are_refused_before_compiling(tmp_path, teacher):
+    missing = str(tmp_path / "missing")
+    _refused(tmp_path, _student(missing),
+             f"distill: teacher_workdir={missing!r} is invalid; expected the --workdir of a "
+             "finished or checkpointed training run (no readable config.json with a model in it)")
+    empty = tmp_path / "empty"  # a run that died before its first checkpoint
+    empty.mkdir()
+    shutil.copy(Path(teacher) / "config.json", empty / "config.json")
+    _refused(tmp_path, _student(str(empty)),
+             f"distill: teacher_workdir={str(empty)!r} is invalid; the teacher run cannot be "
+             "loaded (load_trained: ")
+    _refused(tmp_path, _student(teacher, **{"distill.teacher_step": 5}),
+             "distill: teacher_step=5 is invalid; the teacher run cannot be loaded "
+             "(load_trained: step=5 is invalid")
+    detector = tmp_path / "detector"
+    detector.mkdir()
+    (detector / "config.json").write_text(json.dumps({"model": "yolo_v1", "task": "detection"}))
+    _refused(tmp_path, _student(str(detector)),
+             f"distill: teacher_workdir={str(detector)!r} is invalid; it is a detection run; "
+             "distillation needs a classification teacher.")
+
+
+def test_a_teacher_without_an_average_or_of_other_classes_or_inputs_is_refused(tmp_path):
+    plain_teacher = _train_teacher(tmp_path / "plain_teacher", num_train_steps=4)
+    _refused(tmp_path, _student(plain_teacher, **{"distill.ema": True}),
+             "distill: ema=True is invalid; the teacher run cannot be loaded (load_trained: "
+             "ema=True is invalid; the run in")
+    config = _student(plain_teacher)
+    with pytest.raises(ValueError, match=re.escape(
+            f"distill: teacher_workdir={plain_teacher!r} is invalid; the teacher predicts 4 "
+            "classes ('synthetic') and the student's data has 10; they must be the same "
+            "classes.")):
+        distill.load_teacher(config, 10, helpers.IMAGE_SHAPE)
+    with pytest.raises(ValueError, match=re.escape(
+            "is invalid; the teacher was trained on (8, 8, 1) images (height, width, channels) "
+            "and the student's data gives (8, 8, 3); set the student's data.image_size (and "
+            "channels) to the teacher's.")):
+        distill.load_teacher(config, 4, (8, 8, 3))
+
+
+# ------------------------------------------------------------------------------- 2 devices
+_TWO_DEVICES = """
+import json, sys
+import jax, numpy as np, optax
+sys.path.insert(0, sys.argv[1])
+from cnnjax.train.distill import Distillation
+from cnnjax.train.parallel import DataParallel
+from cnnjax.train.checkpoint import Checkpointer
+from cnnjax.train.optim import build_optimizer
+from cnnjax.train.state import create_train_state
+from cnnjax.train.step import make_steps
+from tests.train import helpers
+
+def train(mode, n):
+    model = helpers.TinyNet(axis_name="data")
+    tx = optax.sgd(0.1, momentum=0.9)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    teacher = helpers.TinyNet().init(jax.random.PRNGKey(1), np.zeros((1, 8, 8, 1), "f4"))
+    step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data",
+                         distill=Distillation(4.0, 0.9), teacher=helpers.TinyNet())
+    parallel = DataParallel(mode, jax.devices()[:n])
+    p_train = parallel.wrap_train(step, replicated_args=1)
+    state, teacher = parallel.replicate(jax.device_get(state)), parallel.replicate(teacher)
+    batches = helpers.train_batches(None, global_batch_size=16, num_devices=n, seed=0)
+    for _ in range(3):
+        state, metrics = p_train(state, parallel.shard_batch(next(batches)), teacher)
+    host = parallel.unreplicate(state)
+    return [host.params, host.batch_stats], float(parallel.metrics_to_host(metrics)["total_loss"])
+
+def diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+(one, loss1), (pmap2, loss2), (shard2, loss3) = (train("pmap", 1), train("pmap", 2),
+                                                 train("shard_map", 2))
+print(json.dumps({"pmap2": diff(one, pmap2), "shard2": diff(pmap2, shard2),
+                  "loss": max(abs(loss1 - loss2), abs(loss2 - loss3))}))
+"""
+
+
+def test_two_devices_match_one_under_pmap_and_shard_map():
+    """3 distilled steps on the same global batches: 2 devices (pmap, shard_map) == 1 device up
+    to float32 summation order (gradients pmean'd, BatchNorm synced, the teacher replicated)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **CACHE_ENV)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=2").strip()
+    result = subprocess.run([sys.executable, "-c", _TWO_DEVICES, ROOT], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    diffs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert diffs["shard2"] < 1e-6
+    assert diffs["pmap2"] < 1e-5 and diffs["loss"] < 1e-5
