@@ -4,13 +4,14 @@ for Training Neural Networks", 2017; the smoothed-loss variant popularized by fa
 
 `run_lr_range(config, workdir, lr_min, lr_max, steps)` runs the engine's own training step (the
 config's model, input pipeline, optimizer with its momentum, weight decay and clipping, batch
-size, augmentation, mixing, weight average; `cnnjax.train.loop.wrap_steps` under the engine's
-DataParallel) for `steps` steps while the learning rate goes from `lr_min` to `lr_max` on a
-geometric ramp: `lr_t = lr_min * (lr_max / lr_min) ** (t / (steps - 1))`, replacing the config's
-schedule and warmup. Each step's loss is smoothed by a bias-corrected exponential moving average;
-the test stops early once the smoothed loss exceeds `divergence_factor` times its minimum, a
-loss is not finite or an update makes a parameter NaN/inf. Nothing is evaluated or
-checkpointed: the run exists only for its curve.
+size, augmentation, mixing, weight average, distillation teacher;
+`cnnjax.train.loop.wrap_steps` under the engine's DataParallel) for `steps` steps while the
+learning rate goes from `lr_min` to `lr_max` on a geometric ramp:
+`lr_t = lr_min * (lr_max / lr_min) ** (t / (steps - 1))`, replacing the config's schedule and
+warmup. Each step's loss (a distilled config's optimized `total_loss`) is smoothed by a
+bias-corrected exponential moving average; the test stops early once the smoothed loss exceeds
+`divergence_factor` times its minimum, a loss is not finite or an update makes a parameter
+NaN/inf. Nothing is evaluated or checkpointed: the run exists only for its curve.
 
 Outputs in `workdir`: `lr_range.json` (settings, the config overrides, the full config, every
 step's lr / loss / smoothed loss, why it stopped, the suggestions) and `lr_range.png` (loss and
@@ -33,6 +34,7 @@ import optax
 from absl import logging
 
 from cnnjax.train import config as config_lib
+from cnnjax.train import distill as distill_lib
 from cnnjax.train import init_from as init_from_lib
 from cnnjax.train.loop import fresh_state, wrap_steps
 from cnnjax.train.parallel import DataParallel
@@ -162,6 +164,10 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
     run_config = apply_overrides(config, overrides)
     schedule = ramp_schedule(settings["lr_min"], settings["lr_max"], settings["steps"])
     checked = config_lib.check_config(run_config, schedule=schedule)
+    teacher = None  # config.distill's teacher, checked like the engine checks it
+    if distill_lib.distill_settings(run_config) is not None:
+        teacher = distill_lib.load_teacher(run_config, checked.data_info.num_classes,
+                                           tuple(checked.data_info.image_shape))
     check_directory_kind(workdir, "learning-rate range test", "workdir")
     is_primary = jax.process_index() == 0
     flat = config_lib.flatten(run_config)
@@ -176,7 +182,7 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
                   "config": flat, "outputs": _outputs(workdir)}
         started = time.time()
         try:
-            record |= _train(run_config, checked, schedule, settings)
+            record |= _train(run_config, checked, schedule, settings, teacher)
         except BaseException as err:  # recorded (a rerun redoes it), then raised
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             record |= {"status": status, "stop": {"reason": status, "step": None,
@@ -217,12 +223,14 @@ def _finished_record(workdir: str, settings: dict, flat: dict) -> dict | None:
     return saved
 
 
-def _train(config: Any, checked: Any, schedule: optax.Schedule,
-           settings: dict[str, Any]) -> dict:
-    """The ramp itself: the engine's train step, step by step, until the end or divergence;
-    returns the record's `records`, `stop`, `status` and `suggestions`."""
+def _train(config: Any, checked: Any, schedule: optax.Schedule, settings: dict[str, Any],
+           teacher: distill_lib.Teacher | None = None) -> dict:
+    """The ramp itself: the engine's train step (distilling from `teacher` if given), step by
+    step, until the end or divergence; returns the record's `records`, `stop`, `status` and
+    `suggestions`."""
     parallel = DataParallel(config.parallel, checked.devices)
-    p_train, _ = wrap_steps(config, checked.task, checked.model, checked.tx, schedule, parallel)
+    p_train, _ = wrap_steps(config, checked.task, checked.model, checked.tx, schedule, parallel,
+                            teacher)
     image_shape = tuple(checked.data_info.image_shape)
     host_state = fresh_state(config, checked.model, checked.tx, image_shape)
     if config_lib.init_from_workdir(config) is not None:  # a fine-tuning config: its start
@@ -239,7 +247,8 @@ def _train(config: Any, checked: Any, schedule: optax.Schedule,
     for step in range(settings["steps"]):
         state, metrics = p_train(state, parallel.shard_batch(next(batches)))
         host = parallel.metrics_to_host(metrics)
-        loss, lr = float(host["loss"]), float(host["learning_rate"])
+        loss = float(host.get("total_loss", host["loss"]))  # the objective the rate steps
+        lr = float(host["learning_rate"])
         if math.isfinite(loss):  # diagnose.ema's bias-corrected average, kept online
             acc = smoothing * acc + (1.0 - smoothing) * loss
             smoothed = acc / (1.0 - smoothing ** (step + 1))

@@ -386,3 +386,22 @@ def test_stop_reasons():
         "diverged at step 5 (lr 2): the loss is inf")
     assert lr_range.stop_reason(5, 2.0, 1.0, 1.0, 1.0, 4.0, params_finite=False) == (
         "diverged at step 5 (lr 2): a parameter is not finite after the update")
+
+
+def test_a_distilled_config_ramps_the_distilled_objective(fake_engine, ramp, tmp_path):
+    """With `config.distill` the ramp runs the engine's distilled step (the teacher checked
+    before anything is written) and follows the optimized `total_loss`, not the hard `loss`."""
+    from cnnjax.train import loop
+
+    teacher = str(tmp_path / "teacher")
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), teacher)
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"^distill: teacher_workdir="):
+        lr_range.run_lr_range(_config(**{"distill.teacher_workdir": missing}),
+                              str(tmp_path / "refused"), **SETTINGS)
+    assert not (tmp_path / "refused").exists()
+    record = lr_range.run_lr_range(_config(**{"distill.teacher_workdir": teacher}),
+                                   str(tmp_path / "distilled"), **SETTINGS)
+    plain_first, first = ramp[1]["records"][0], record["records"][0]
+    assert first["lr"] == plain_first["lr"] and first["loss"] != plain_first["loss"]
+    assert record["status"] in ("completed", "diverged") and len(record["records"]) > 5
