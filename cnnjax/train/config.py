@@ -495,7 +495,8 @@ def check_config(config: Any, schedule: Any = None) -> CheckedConfig:
     resolution (an abstract trace, no compilation), the learning-rate schedule and optimizer, and
     `freeze`. Reads the dataset's metadata (cnnjax's offline datasets are generated on first
     use, as the run would) but builds no input pipeline, initializes no parameter and touches no
-    workdir. Not checked: `init_from.workdir`'s checkpoints (the source run may not exist yet).
+    workdir. Not checked: `init_from.workdir`'s and `distill.teacher_workdir`'s checkpoints (the
+    source or teacher run may not exist yet; `train_and_evaluate` checks them before compiling).
     `schedule` (an optax schedule) replaces `config.schedule`'s in the optimizer it builds, e.g.
     the learning-rate ramp of `cnnjax.tune.lr_range`; None: the config's own.
     """

@@ -168,8 +168,9 @@ def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...]) ->
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"it is a {teacher_task} run; distillation needs a classification teacher")
     try:
-        run = load_trained(workdir, settings["teacher_step"], num_devices=1,
-                           ema=settings["ema"])
+        # One device suffices to build it (a multi-process job must name none).
+        run = load_trained(workdir, settings["teacher_step"], ema=settings["ema"],
+                           num_devices=1 if jax.process_count() == 1 else None)
     except ValueError as err:
         field = next((name for name in ("step", "ema") if str(err).startswith(
             f"load_trained: {name}=")), "workdir")

@@ -177,6 +177,18 @@ def test_alpha_zero_trains_bitwise_like_a_plain_run_and_the_teacher_is_untouched
     assert distill.fingerprint(_teacher_variables(teacher)) == fingerprint
 
 
+def test_a_bfloat16_student_distills_under_shard_map(tmp_path, teacher):
+    """Mixed precision and the shard_map wrapper: the float32 teacher's logits meet the bfloat16
+    student's in float32; the run completes with finite terms."""
+    config = _student(teacher, compute_dtype="bfloat16", parallel="shard_map")
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["status"] == "completed"
+    train = summary["final_train"]
+    assert all(np.isfinite(train[k]) for k in ("loss", "distill_loss", "total_loss"))
+    assert train["total_loss"] == pytest.approx(0.1 * train["loss"] + 0.9 * train["distill_loss"],
+                                                rel=1e-5)
+
+
 def _teacher_variables(workdir):
     from cnnjax.train.trained import load_trained
 
