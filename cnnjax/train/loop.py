@@ -158,8 +158,7 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
     by `parallel` for all devices and compiled lazily, at their first call; for detection
     `p_eval` returns the detections. With a `teacher` (`config.distill`) the train step
     distills from it: its variables go to the devices once and are passed to every step beside
-    the state, outside it (never checkpointed). Shared by the loop and `cnnjax.tune.lr_range`
-    (which passes no teacher)."""
+    the state, outside it (never checkpointed). Shared by the loop and `cnnjax.tune.lr_range`."""
     conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
                "ema": config_lib.ema_rule(config)}
