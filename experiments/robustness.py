@@ -153,12 +153,13 @@ def make_classify(run, transforms, batch_size: int):
 
 
 def corrupted_config(config, name: str, severity: int):
-    """`config` reading `cifar10_corrupted/<name>_<severity>`'s test split instead."""
+    """`config` reading `cifar10_corrupted/<name>_<severity>`'s test split instead (its only
+    split, so also as the train split: the config stays a whole one the engine can evaluate)."""
     import ml_collections
 
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.tfds_name = f"{TFDS_CORRUPTED}/{name}_{severity}"
-    config.data.eval_split = "test"
+    config.data.eval_split = config.data.train_split = "test"
     return config
 
 
@@ -265,12 +266,16 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
               "source": source, "settings": settings, "num_examples": int(len(labels)),
               "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
               "skipped": skipped,
-              "parameters": {n: list(corruptions_lib.PARAMETERS[n]) for n in {*done, *names}},
+              "parameters": {n: [list(c) if isinstance(c, tuple) else c
+                                 for c in corruptions_lib.PARAMETERS[n]] for n in {*done, *names}},
               "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
     todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
     if not todo and "clean_top1" in old:
         log(f"All {len(names) * len(levels)} cells already measured in {path}:")
         return summarize({**record, "clean_top1": old["clean_top1"]}), path
+    if source == "tfds":  # every missing config is named before anything is measured
+        for name, severity in todo:
+            eval_pipeline(corrupted_config(config, name, severity))
     os.makedirs(out_dir, exist_ok=True)
     classify = make_classify(run, transforms, batch_size)
     started = time.time()

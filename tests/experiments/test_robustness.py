@@ -1,0 +1,235 @@
+"""`experiments.robustness` on tiny trained LeNet-5 runs: the cells against the model applied to
+independently corrupted eval images, resume per cell, grey runs, refusals, and the
+`cifar10_corrupted` path under `tfds.testing.mock_data`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnnjax.analysis import corruptions as C
+from cnnjax.data.pipeline import DatasetNotPreparedError, default_data_config
+from cnnjax.train import loop
+from cnnjax.train.config import default_config
+from cnnjax.train.trained import eval_examples, evaluate_run, load_trained
+from experiments import robustness as R
+from tests.data.test_presets import _mock, _write_metadata
+
+pytestmark = pytest.mark.slow  # each module run trains three tiny runs (~15-30 s on 2 cores)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _train(workdir: str, data) -> str:
+    """LeNet-5 trained 2 steps of 4 images on `data`: a real run of the engine, in seconds."""
+    config = default_config()
+    config.model = "lenet5"
+    config.data = data
+    config.global_batch_size = 4
+    config.num_train_steps = 2
+    config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 2
+    config.progress_bar = config.tensorboard = config.async_checkpoints = False
+    loop.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _fake(channels: int):
+    data = default_data_config("fake")
+    data.fake_image_shape = (32, 32, channels)
+    data.fake_num_train, data.fake_num_eval = 8, 20
+    return data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """RGB and grey runs on the in-memory `fake` set (20 eval images)."""
+    root = tmp_path_factory.mktemp("runs")
+    return {c: _train(str(root / f"c{c}"), _fake(c)) for c in (3, 1)}
+
+
+@pytest.fixture
+def rgb_run(trained, tmp_path):
+    """A private copy of the RGB run (each test writes its own robustness/)."""
+    return shutil.copytree(trained[3], tmp_path / "rgb")
+
+
+def _expected_top1(workdir, name: str, severity: int, seed: int = 0) -> float:
+    """The run's top-1 on its eval images as the engine's eval pipeline yields them, brought
+    back to 0..255 levels, corrupted, stored as uint8 and normalized again (fake: mean = std =
+    0.5)."""
+    run = load_trained(str(workdir))
+    batch = next(eval_examples(run, batch_size=64))
+    pixels = np.rint((batch["image"].astype(np.float64) * 0.5 + 0.5) * 255)
+    corrupted = C.quantize(C.corrupt(pixels, name, severity, seed)) / 255.0
+    logits = run.apply(((corrupted - 0.5) / 0.5).astype(np.float32))
+    return float(np.mean(np.asarray(np.argmax(logits, -1)) == batch["label"]))
+
+
+def test_cells_are_the_models_top1_on_independently_corrupted_images(rgb_run):
+    lines = []
+    record, path = R.run_robustness(str(rgb_run), "gaussian_noise,saturate,pixelate", "1,5",
+                                    batch_size=8, log=lines.append)
+    assert path == str(rgb_run / "robustness" / "robustness.json")
+    with open(path) as f:
+        assert json.load(f) == record
+    with open(record["plot"], "rb") as f:
+        assert f.read(8) == PNG
+    # Clean top-1 is the engine's eval top-1 (the same pixels, normalized the same way).
+    assert record["clean_top1"] == pytest.approx(evaluate_run(load_trained(str(rgb_run)))["top1"],
+                                                 abs=1e-9)
+    assert record["num_examples"] == 20 and record["skipped"] == {}
+    assert list(record["cells"]) == ["gaussian_noise", "saturate", "pixelate"]
+    for name, per in record["cells"].items():
+        assert list(per) == ["1", "5"]
+        for severity, top1 in per.items():
+            assert top1 == pytest.approx(_expected_top1(rgb_run, name, int(severity)), abs=1e-9)
+    cells = [v for per in record["cells"].values() for v in per.values()]
+    assert record["mean_corruption_top1"] == pytest.approx(np.mean(cells))
+    assert record["relative_drop"] == pytest.approx(
+        (record["clean_top1"] - np.mean(cells)) / record["clean_top1"])
+    assert record["parameters"]["pixelate"] == [0.95, 0.9, 0.85, 0.75, 0.65]
+    assert lines[0].startswith("clean top-1 ") and lines[-1].startswith("[6/6] pixelate "
+                                                                        "severity 5: top-1 ")
+    assert "saturate" in R.table(record) and "relative drop" in R.table(record)
+
+
+class _StopError(Exception):
+    pass
+
+
+def test_an_interrupted_command_resumes_per_cell_and_a_finished_one_reprints(rgb_run,
+                                                                            monkeypatch):
+    args = (str(rgb_run), "contrast,brightness", "2,4")
+
+    def stop_after_two_cells(line: str) -> None:
+        if line.startswith("[2/"):
+            raise _StopError
+    with pytest.raises(_StopError):
+        R.run_robustness(*args, log=stop_after_two_cells)
+    path = rgb_run / "robustness" / "robustness.json"
+    assert json.loads(path.read_text())["cells"] == {
+        "contrast": pytest.approx({"2": _expected_top1(rgb_run, "contrast", 2),
+                                   "4": _expected_top1(rgb_run, "contrast", 4)}),
+        "brightness": {}}
+    lines = []
+    record, _ = R.run_robustness(*args, log=lines.append)
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "[1/2] brightness severity 2", "[2/2] brightness severity 4"]
+    assert record["cells"]["brightness"]["4"] == pytest.approx(
+        _expected_top1(rgb_run, "brightness", 4))
+
+    def no_model(*_):
+        raise AssertionError("a finished record is reprinted, not measured again")
+    monkeypatch.setattr(R, "make_classify", no_model)
+    lines = []
+    again, _ = R.run_robustness(*args, log=lines.append)
+    assert lines == [f"All 4 cells already measured in {path}:"]
+    assert {k: again[k] for k in ("cells", "clean_top1", "mean_corruption_top1")} == {
+        k: record[k] for k in ("cells", "clean_top1", "mean_corruption_top1")}
+    monkeypatch.undo()
+    lines = []
+    other, _ = R.run_robustness(*args, seed=3, log=lines.append)  # other settings: afresh
+    assert "holds other settings" in lines[0] and other["settings"]["seed"] == 3
+    assert len([line for line in lines if line.startswith("[")]) == 4
+
+
+def test_a_grey_run_skips_saturate_and_refuses_it_by_name(trained):
+    record, _ = R.run_robustness(trained[1], "all", "3", max_examples=8, log=lambda _: None)
+    assert list(record["cells"]) == list(C.available(1)) and "saturate" not in record["cells"]
+    assert record["skipped"] == {"saturate": "defined for RGB images only; this run's images "
+                                             "have 1 channel"}
+    assert record["num_examples"] == 8 and record["settings"]["max_examples"] == 8
+    with pytest.raises(ValueError, match=r"corruptions: name='saturate' is invalid; it is "
+                                         r"defined for RGB images only"):
+        R.run_robustness(trained[1], "saturate,contrast", "1")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(severities="0,6"), r"robustness: severities='0,6' is invalid; expected integers "
+                             r"from 1 to 5, e.g. '1,3,5'\."),
+    (dict(severities="x"), r"severities='x' is invalid"),
+    (dict(corruptions="fog"), r"corruptions: name='fog' is invalid; expected one of "
+                              r"\['gaussian_noise'"),
+    (dict(corruptions=" , "), r"robustness: corruptions=' , ' is invalid; expected 'all' or "
+                              r"some of \['gaussian_noise'"),
+    (dict(max_examples=0), r"robustness: max_examples=0 is invalid"),
+    (dict(seed=-2), r"robustness: seed=-2 is invalid; expected a non-negative integer"),
+    (dict(source="tfds"), r"robustness: source='tfds' is invalid; cifar10_corrupted is "
+                          r"CIFAR-10's test set, and this run was trained on 'fake'; use "
+                          r"source='on_the_fly'"),
+])
+def test_bad_settings_are_refused_naming_the_setting(trained, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        R.run_robustness(trained[3], **kwargs)
+
+
+def test_detectors_and_segmenters_are_refused(trained, monkeypatch):
+    import cnnjax.train.trained as trained_lib
+
+    for task in ("detection", "segmentation"):
+        def load(workdir, step=None, task=task):
+            run = load_trained(workdir, step)
+            config = run.config.copy_and_resolve_references()
+            config.task = task
+            return dataclasses.replace(run, config=config)
+
+        monkeypatch.setattr(trained_lib, "load_trained", load)
+        with pytest.raises(ValueError, match=rf"robustness: workdir=.* is invalid; expected a "
+                                             rf"classifier's run, not a {task} run"):
+            R.run_robustness(trained[3])
+
+
+def test_the_command_prints_the_table_and_errors_in_one_line(trained):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    command = [sys.executable, "-m", "experiments.robustness", f"--workdir={trained[1]}"]
+    ok = subprocess.run([*command, "--corruptions=contrast", "--severities=5"], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "contrast" in ok.stdout and "clean top-1" in ok.stdout and "Written to" in ok.stdout
+    bad = subprocess.run([*command, "--severities=7"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: robustness: severities='7' is invalid; expected integers from 1 to 5, e.g. "
+        "'1,3,5'.")
+
+
+# ------------------------------------------------------------ cifar10_corrupted, mocked
+def test_tfds_source_reads_cifar10_corrupted_through_the_runs_preprocessing(tmp_path):
+    """A run trained on (mocked) cifar10; with source='tfds' each cell is the run's engine
+    evaluation on `cifar10_corrupted/<name>_<severity>`'s test split; a config that is not
+    prepared is named, with what to build, before any cell is measured."""
+    root = str(tmp_path / "tfds")
+    _write_metadata(root, "cifar10", {"train": 12, "test": 12})
+    for config in ("contrast_1", "gaussian_noise_1", "gaussian_noise_5"):
+        _write_metadata(root, f"cifar10_corrupted/{config}", {"test": 12})
+    data = default_data_config("cifar10")
+    data.data_dir = root
+    with _mock(root, 12):
+        workdir = _train(str(tmp_path / "run"), data)
+        with pytest.raises(DatasetNotPreparedError,
+                           match=r"tfds 'cifar10_corrupted/contrast_5'\) is not prepared.*"
+                                 r"`tfds build cifar10_corrupted/contrast_5"):
+            R.run_robustness(workdir, "contrast,gaussian_noise", "1,5", source="tfds",
+                             log=lambda _: None)
+        assert not os.path.exists(os.path.join(workdir, "robustness"))
+        R.run_robustness(workdir, "contrast,gaussian_noise", "1", source="tfds",
+                         log=lambda _: None)
+        record, path = R.run_robustness(workdir, "gaussian_noise", "5", source="tfds",
+                                        log=lambda _: None)  # merged with the cells before
+        run = load_trained(workdir)
+        assert path.endswith("robustness/robustness_tfds.json") and record["source"] == "tfds"
+        assert record["clean_top1"] == pytest.approx(evaluate_run(run)["top1"], abs=1e-9)
+        for name, severity in (("contrast", 1), ("gaussian_noise", 1), ("gaussian_noise", 5)):
+            corrupted = dataclasses.replace(run, config=R.corrupted_config(run.config, name,
+                                                                           severity))
+            assert record["cells"][name][str(severity)] == pytest.approx(
+                evaluate_run(corrupted)["top1"], abs=1e-9), (name, severity)
