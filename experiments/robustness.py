@@ -238,19 +238,19 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     if task != "classification":
         raise invalid(_OWNER, "workdir", workdir, f"expected a classifier's run, not a {task} "
                       "run (corruption top-1 is defined for classifiers)")
+    dataset = run.config.data.name
+    if source == "tfds" and dataset != "cifar10":
+        raise invalid(_OWNER, "source", source, f"cifar10_corrupted is CIFAR-10's test set, and "
+                      f"this run was trained on {dataset!r}; use source='on_the_fly'")
     config = with_split(run.config, split)
-    clean, labels, transforms = eval_pixels(config, max_examples)
+    spec, _, transforms = eval_pipeline(config)
     size, channels = transforms.out_shape[:2], transforms.out_shape[2]
     if size != (corruptions_lib.IMAGE_SIZE,) * 2:
         raise invalid(_OWNER, "workdir", workdir,
                       f"its model sees {size[0]}x{size[1]} images; the CIFAR-10-C parameters are "
                       "for 32x32 (ImageNet-C's 224 table is not implemented)")
     names, skipped = parse_corruptions(corruptions, channels)
-    dataset = run.config.data.name
-    if source == "tfds" and dataset != "cifar10":
-        raise invalid(_OWNER, "source", source, f"cifar10_corrupted is CIFAR-10's test set, and "
-                      f"this run was trained on {dataset!r}; use source='on_the_fly'")
-    spec, _, _ = eval_pipeline(config)
+    clean, labels, transforms = eval_pixels(config, max_examples)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step}
     out_dir = os.path.join(workdir, "robustness")

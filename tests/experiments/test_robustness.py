@@ -171,6 +171,21 @@ def test_bad_settings_are_refused_naming_the_setting(trained, kwargs, message):
         R.run_robustness(trained[3], **kwargs)
 
 
+def test_other_sizes_than_32_are_refused(trained, monkeypatch):
+    """The CIFAR table is for 32x32: a run whose model sees 64x64 images is refused by name."""
+    real = R.eval_pipeline
+
+    def at_64(config):
+        spec, source, transforms = real(config)
+        return spec, source, dataclasses.replace(transforms, out_shape=(64, 64, 3))
+
+    monkeypatch.setattr(R, "eval_pipeline", at_64)
+    with pytest.raises(ValueError, match=r"robustness: workdir=.* is invalid; its model sees "
+                                         r"64x64 images; the CIFAR-10-C parameters are for "
+                                         r"32x32 \(ImageNet-C's 224 table is not implemented\)"):
+        R.run_robustness(trained[3])
+
+
 def test_detectors_and_segmenters_are_refused(trained, monkeypatch):
     import cnnjax.train.trained as trained_lib
 
