@@ -225,6 +225,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import load_trained, with_split
     from cnnjax.utils.files import read_json, write_json
+    from cnnjax.utils.lock import directory_lock
     from cnnjax.utils.validation import check_positive_int, invalid
 
     levels = parse_severities(severities)
@@ -254,50 +255,52 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step}
     out_dir = os.path.join(workdir, "robustness")
-    path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
-                        "robustness.json")
-    old = read_json(path) or {}
-    if old and old.get("settings") != settings:
-        log(f"{path} holds other settings ({old.get('settings')}); measuring afresh")
-        old = {}
-    done = old.get("cells", {})
-    record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
-              "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
-              "source": source, "settings": settings, "num_examples": int(len(labels)),
-              "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
-              "skipped": skipped,
-              "parameters": {n: [list(c) if isinstance(c, tuple) else c
-                                 for c in corruptions_lib.PARAMETERS[n]] for n in {*done, *names}},
-              "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
-    todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
-    if not todo and "clean_top1" in old:
-        log(f"All {len(names) * len(levels)} cells already measured in {path}:")
-        return summarize({**record, "clean_top1": old["clean_top1"]}), path
-    if source == "tfds":  # every missing config is named before anything is measured
-        for name, severity in todo:
-            eval_pipeline(corrupted_config(config, name, severity))
-    os.makedirs(out_dir, exist_ok=True)
-    classify = make_classify(run, transforms, batch_size)
-    started = time.time()
-    record["clean_top1"] = float(np.mean(classify(clean) == labels))
-    log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
-        f"{spec.eval_split!r} ({time.time() - started:.1f} s, compilation included)")
-    for k, (name, severity) in enumerate(todo, 1):
+    with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
+        path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
+                            "robustness.json")
+        old = read_json(path) or {}
+        if old and old.get("settings") != settings:
+            log(f"{path} holds other settings ({old.get('settings')}); measuring afresh")
+            old = {}
+        done = old.get("cells", {})
+        record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
+                  "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
+                  "source": source, "settings": settings, "num_examples": int(len(labels)),
+                  "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
+                  "skipped": skipped,
+                  "parameters": {n: [list(c) if isinstance(c, tuple) else c
+                                     for c in corruptions_lib.PARAMETERS[n]]
+                                 for n in {*done, *names}},
+                  "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
+        todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
+        if not todo and "clean_top1" in old:
+            log(f"All {len(names) * len(levels)} cells already measured in {path}:")
+            return summarize({**record, "clean_top1": old["clean_top1"]}), path
+        if source == "tfds":  # every missing config is named before anything is measured
+            for name, severity in todo:
+                eval_pipeline(corrupted_config(config, name, severity))
+        os.makedirs(out_dir, exist_ok=True)
+        classify = make_classify(run, transforms, batch_size)
         started = time.time()
-        if source == "tfds":
-            pixels, cell_labels, _ = eval_pixels(corrupted_config(config, name, severity),
-                                                 max_examples)
-        else:
-            pixels, cell_labels = corruptions_lib.quantize(
-                corruptions_lib.corrupt(clean, name, severity, seed)), labels
-        record["cells"][name][str(severity)] = float(np.mean(classify(pixels) == cell_labels))
-        write_json(path, summarize(record))
-        log(f"[{k}/{len(todo)}] {name} severity {severity}: top-1 "
-            f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")
-    record = summarize(record)
-    record["plot"] = plot(record, os.path.splitext(path)[0] + ".png")
-    write_json(path, record)
-    return record, path
+        record["clean_top1"] = float(np.mean(classify(clean) == labels))
+        log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
+            f"{spec.eval_split!r} ({time.time() - started:.1f} s, compilation included)")
+        for k, (name, severity) in enumerate(todo, 1):
+            started = time.time()
+            if source == "tfds":
+                pixels, cell_labels, _ = eval_pixels(corrupted_config(config, name, severity),
+                                                     max_examples)
+            else:
+                pixels, cell_labels = corruptions_lib.quantize(
+                    corruptions_lib.corrupt(clean, name, severity, seed)), labels
+            record["cells"][name][str(severity)] = float(np.mean(classify(pixels) == cell_labels))
+            write_json(path, summarize(record))
+            log(f"[{k}/{len(todo)}] {name} severity {severity}: top-1 "
+                f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")
+        record = summarize(record)
+        record["plot"] = plot(record, os.path.splitext(path)[0] + ".png")
+        write_json(path, record)
+        return record, path
 
 
 def main(argv: list[str]) -> None:

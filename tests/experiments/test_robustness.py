@@ -141,6 +141,16 @@ def test_an_interrupted_command_resumes_per_cell_and_a_finished_one_reprints(rgb
     assert len([line for line in lines if line.startswith("[")]) == 4
 
 
+def test_a_second_command_on_the_same_run_is_refused(rgb_run):
+    """Two robustness commands on one run would race on its JSON: the second is refused."""
+    from cnnjax.utils.lock import DirectoryInUseError
+    from tests.train.helpers import locked_by_another_process
+
+    with (locked_by_another_process(str(rgb_run / "robustness")),
+          pytest.raises(DirectoryInUseError, match=r"^workdir: .*robustness.* is in use")):
+        R.run_robustness(str(rgb_run), "contrast", "1", log=lambda _: None)
+
+
 def test_a_grey_run_skips_saturate_and_refuses_it_by_name(trained):
     record, _ = R.run_robustness(trained[1], "all", "3", max_examples=8, log=lambda _: None)
     assert list(record["cells"]) == list(C.available(1)) and "saturate" not in record["cells"]
