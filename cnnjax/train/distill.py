@@ -147,17 +147,24 @@ def fingerprint(variables: dict) -> str:
     return digest.hexdigest()
 
 
-def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...]) -> Teacher:
+def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...],
+                 student_workdir: str | None = None) -> Teacher:
     """Reads `config.distill`'s teacher for a student of `num_classes` classes on images of
-    `image_shape`; a ValueError naming the `distill` field if the teacher run is missing, has no
-    checkpoint (or not the step), is not a classifier, or has other classes or inputs. Reads
-    checkpoints and dataset metadata only: nothing is compiled."""
+    `image_shape`; a ValueError naming the `distill` field if the teacher run is missing, is the
+    student's own `student_workdir`, has no checkpoint (or not the step), is not a classifier, or
+    was trained on another dataset, class subset or input shape (the teacher sees the student's
+    images, normalized as the student's dataset is, and its class i is read as the student's).
+    Reads checkpoints and dataset metadata only: nothing is compiled."""
     from cnnjax.train import config as config_lib
     from cnnjax.train.logging import CONFIG_FILE
     from cnnjax.train.trained import load_trained
 
     settings = distill_settings(config)
     workdir = settings["teacher_workdir"]
+    if student_workdir is not None and os.path.realpath(workdir) == os.path.realpath(
+            student_workdir):
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      "it is this run's own --workdir; expected another, trained run")
     saved = read_json(os.path.join(workdir, CONFIG_FILE))
     if not isinstance(saved, dict) or "model" not in saved:
         raise invalid(OWNER, "teacher_workdir", workdir,
@@ -178,6 +185,14 @@ def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...]) ->
                        "ema": ("ema", settings["ema"])}.get(field, ("teacher_workdir", workdir))
         raise invalid(OWNER, name, value, f"the teacher run cannot be loaded ({err})") from None
     info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
+    student = config_lib.data_pipeline(config).get_dataset_info(config.data).name
+    subsets = [_classes(c.data) for c in (run.config, config)]
+    if info.name != student or subsets[0] != subsets[1]:
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      f"the teacher was trained on {info.name!r} classes {subsets[0] or 'all'} "
+                      f"and the student trains on {student!r} classes {subsets[1] or 'all'}; "
+                      "they must be the same dataset and classes (its class i is read as the "
+                      "student's, and its input is normalized as the student's dataset is)")
     if info.num_classes != num_classes:
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"the teacher predicts {info.num_classes} classes ({info.name!r}) and the "
@@ -194,6 +209,12 @@ def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...]) ->
                  "alpha=%g.", "averaged " if run.ema else "", run.how, run.step, run.workdir,
                  run.config.model, settings["temperature"], settings["alpha"])
     return Teacher(run.model, run.variables, record)
+
+
+def _classes(data_config: Any) -> tuple[int, ...] | None:
+    """The class subset a data config keeps (`data.classes`), None for every class."""
+    classes = data_config.get("classes")
+    return None if classes is None else tuple(int(c) for c in classes)
 
 
 def check_teacher_record(workdir: str, record: dict, resuming: bool, write: bool) -> None:

@@ -341,7 +341,7 @@ class _Run:
         if prepare_workdir:  # training: the teacher is checked before the workdir is touched
             if distill_lib.distill_settings(self.config) is not None:
                 self.teacher = distill_lib.load_teacher(self.config, self.num_classes,
-                                                        self.image_shape)
+                                                        self.image_shape, self.workdir)
             self.prepare_workdir()
             # Multi-host: no process looks for checkpoints before process 0 applied `restart`.
             _sync_processes("cnnjax:workdir_prepared")

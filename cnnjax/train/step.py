@@ -73,9 +73,6 @@ def train_step(
         mix_rng, dropout_rng = jax.random.split(dropout_rng)
         images, targets, _ = mixing(mix_rng, batch["image"], batch["label"], model.num_classes)
         batch = {**batch, "image": images, "label": targets}
-    if distill is not None:  # split with the batch into accumulation micro-batches
-        batch = {**batch, "teacher_logits": _teacher_logits(
-            teacher, teacher_variables, batch["image"], conv_impl)}
 
     def loss_fn(params, batch_stats, batch, rng):
         outputs, updates = _apply_training(
@@ -83,9 +80,10 @@ def train_step(
         )
         logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
-        if distill is not None:
-            per_example = distillation_metrics(per_example, logits, batch["teacher_logits"],
-                                               distill)
+        if distill is not None:  # per micro-batch: one micro-batch's teacher activations live
+            teacher_logits = _teacher_logits(teacher, teacher_variables, batch["image"],
+                                             conv_impl)
+            per_example = distillation_metrics(per_example, logits, teacher_logits, distill)
         loss = jnp.mean(per_example["total_loss" if distill is not None else "loss"])
         if aux_logits:
             per_example["aux_loss"] = sum(

@@ -241,23 +241,26 @@ def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
 
 def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
     """config.json written before `distill` existed lacks the block: it meant no teacher."""
+    run = tmp_path / "run"
     pipeline = sys.modules["cnnjax.data.pipeline"]
     monkeypatch.setattr(pipeline, "train_batches",
                         helpers.crashing_batches(helpers.train_batches, 9))
     with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+        loop.train_and_evaluate(helpers.tiny_config(), str(run))
     monkeypatch.setattr(pipeline, "train_batches", helpers.train_batches)
-    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = json.loads((run / "config.json").read_text())
     del saved["distill"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (run / "config.json").write_text(json.dumps(saved))
     assert config_lib.incompatible_fields(config_lib.flatten(saved),
                                           config_lib.flatten(helpers.tiny_config())) == []
-    summary = loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
+    summary = loop.train_and_evaluate(helpers.tiny_config(), str(run))
     assert summary["resumed_from_step"] == 8 and "distill" not in summary
     assert config_lib.with_legacy_defaults(saved)["distill"] == distill.DISTILL_DEFAULTS
-    # Distilling is still a different trajectory: refused on that workdir.
+    # Distilling is still a different trajectory: refused on that workdir (here with a copy of
+    # the run as the teacher; the run itself cannot teach itself).
+    shutil.copytree(run, tmp_path / "teacher")
     with pytest.raises(ValueError, match=r"incompatible config \(distill.teacher_workdir: None"):
-        loop.train_and_evaluate(_student(str(tmp_path)), str(tmp_path))
+        loop.train_and_evaluate(_student(str(tmp_path / "teacher")), str(run))
 
 
 # -------------------------------------------------------------------------------- bad inputs
@@ -338,6 +341,16 @@ def test_a_teacher_without_an_average_or_of_other_classes_or_inputs_is_refused(t
             "and the student's data gives (8, 8, 3); set the student's data.image_size (and "
             "channels) to the teacher's.")):
         distill.load_teacher(config, 4, (8, 8, 3))
+    subset = _student(plain_teacher, **{"data.classes": (0, 1, 2, 3)})
+    with pytest.raises(ValueError, match=re.escape(
+            "is invalid; the teacher was trained on 'synthetic' classes all and the student "
+            "trains on 'synthetic' classes (0, 1, 2, 3); they must be the same dataset and "
+            "classes")):
+        distill.load_teacher(subset, 4, helpers.IMAGE_SHAPE)
+    with pytest.raises(ValueError, match=re.escape(
+            f"distill: teacher_workdir={plain_teacher!r} is invalid; it is this run's own "
+            "--workdir")):
+        distill.load_teacher(config, 4, helpers.IMAGE_SHAPE, student_workdir=plain_teacher)
 
 
 # ------------------------------------------------------------------------------- 2 devices
