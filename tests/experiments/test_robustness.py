@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from cnnjax.analysis import corruptions as C
+from cnnjax.analysis import robustness as R
 from cnnjax.data.pipeline import DatasetNotPreparedError, default_data_config
 from cnnjax.train import loop
 from cnnjax.train.config import default_config
 from cnnjax.train.trained import eval_examples, evaluate_run, load_trained
-from experiments import robustness as R
 from tests.data.test_presets import _mock, _write_metadata
 
 pytestmark = pytest.mark.slow  # each module run trains three tiny runs (~15-30 s on 2 cores)
@@ -246,6 +246,11 @@ def test_tfds_source_reads_cifar10_corrupted_through_the_runs_preprocessing(tmp_
             R.run_robustness(workdir, "contrast,gaussian_noise", "1,5", source="tfds",
                              log=lambda _: None)
         assert not os.path.exists(os.path.join(workdir, "robustness"))
+        with pytest.raises(ValueError, match=r"robustness: split='train' is invalid; "
+                                             r"cifar10_corrupted holds CIFAR-10's test split "
+                                             r"only"):
+            R.run_robustness(workdir, "contrast", "1", split="train", source="tfds",
+                             log=lambda _: None)
         R.run_robustness(workdir, "contrast,gaussian_noise", "1", source="tfds",
                          log=lambda _: None)
         record, path = R.run_robustness(workdir, "gaussian_noise", "5", source="tfds",

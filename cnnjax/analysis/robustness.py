@@ -1,0 +1,276 @@
+"""Top-1 of a trained classifier under common corruptions (Hendrycks & Dietterich, ICLR 2019):
+the library behind `python -m experiments.robustness` (see that script for the outputs).
+
+`run_robustness(workdir, ...)` loads the run's best checkpoint (`load_trained`), reads its eval
+split through the run's own eval transform up to the pixels before normalization
+(`Transforms.eval_pixels`, 32x32, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`),
+stores the result as CIFAR-10-C does (uint8, truncated), then normalizes it as the run's eval
+does (`Transforms.normalize`), and measures top-1 per corruption x severity into
+`<workdir>/robustness/robustness.json`, atomically after every cell (an interrupted command
+resumes; a finished one is reprinted). With source='tfds' (CIFAR-10 runs) each cell reads tfds's
+`cifar10_corrupted/<corruption>_<severity>` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_OWNER = "robustness"
+TFDS_CORRUPTED = "cifar10_corrupted"
+
+
+def parse_corruptions(value: str, channels: int) -> tuple[list[str], dict[str, str]]:
+    """`--corruptions` as names for `channels`-channel images, and those `all` skips (why)."""
+    from cnnjax.analysis import corruptions
+    from cnnjax.utils.validation import invalid
+
+    if value.strip() == "all":
+        skipped = {n: f"defined for RGB images only; this run's images have {channels} channel"
+                   for n in corruptions.CORRUPTIONS if n not in corruptions.available(channels)}
+        return list(corruptions.available(channels)), skipped
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise invalid(_OWNER, "corruptions", value,
+                      f"expected 'all' or some of {list(corruptions.CORRUPTIONS)}")
+    for name in names:
+        corruptions.check_corruption(name, 1, channels)
+    return list(dict.fromkeys(names)), {}
+
+
+def parse_severities(value: str) -> list[int]:
+    """`--severities` as sorted distinct integers from 1 to 5."""
+    from cnnjax.utils.validation import invalid
+
+    try:
+        levels = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        levels = []
+    if not levels or any(s not in range(1, 6) for s in levels):
+        raise invalid(_OWNER, "severities", value, "expected integers from 1 to 5, e.g. '1,3,5'")
+    return levels
+
+
+def eval_pipeline(config) -> tuple:
+    """`(spec, source, transforms)` of `config`'s eval split, as `pipeline.eval_batches` builds
+    them."""
+    from cnnjax.data import sources
+    from cnnjax.data.spec import resolve
+    from cnnjax.data.transforms import make_transforms
+
+    spec = resolve(config.data)
+    source = sources.open_source(spec)
+    return spec, source, make_transforms(spec, source)
+
+
+def eval_pixels(config, max_examples: int | None) -> tuple:
+    """`(float32 [N, H, W, C] pixels in [0, 255], int labels [N], transforms)`: the first
+    `max_examples` (None: all) of `config`'s eval split in stored order through the eval
+    transform up to normalization (whole levels where it does not resize)."""
+    import numpy as np
+    import tensorflow as tf
+
+    spec, source, transforms = eval_pipeline(config)
+    ds = source.read(spec.eval_split, (0, 1))
+    if max_examples is not None:
+        ds = ds.take(max_examples)
+
+    def pixels(ex: dict) -> dict:
+        image = tf.clip_by_value(transforms.eval_pixels(source.decode(ex["image"])), 0.0, 1.0)
+        return {"image": image * 255.0,
+                "label": tf.cast(ex["label"], tf.int32)}
+
+    images, labels = [], []
+    for batch in ds.map(pixels).batch(1024).as_numpy_iterator():
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    if not images:
+        raise ValueError(f"{_OWNER}: split={spec.eval_split!r} is invalid; it holds no examples.")
+    return np.concatenate(images), np.concatenate(labels), transforms
+
+
+def make_classify(run, transforms, batch_size: int):
+    """`classify(pixels [N, H, W, C] in [0, 255]) -> predicted classes [N]`: normalized as the run's
+    eval does, in padded batches of `batch_size` (one compilation), under the run's conv
+    lowering."""
+    import jax
+    import numpy as np
+
+    from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
+
+    lowering = resolve_conv_impl(run.config.conv_impl, jax.default_backend())
+
+    @jax.jit
+    def infer(variables: dict, images) -> jax.Array:
+        with conv_impl(lowering):
+            return run.model.apply(variables, images, train=False).argmax(-1)
+
+    def classify(pixels: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start:start + batch_size].astype(np.float32) / 255.0
+            images = np.asarray(transforms.normalize(chunk))
+            padded = np.zeros((batch_size, *images.shape[1:]), np.float32)
+            padded[:len(images)] = images
+            out.append(np.asarray(infer(run.variables, padded))[:len(images)])
+        return np.concatenate(out)
+
+    return classify
+
+
+def corrupted_config(config, name: str, severity: int):
+    """`config` reading `cifar10_corrupted/<name>_<severity>`'s test split instead (its only
+    split, so also as the train split: the config stays a whole one the engine can evaluate)."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.tfds_name = f"{TFDS_CORRUPTED}/{name}_{severity}"
+    config.data.eval_split = config.data.train_split = "test"
+    return config
+
+
+def summarize(record: dict) -> dict:
+    """`record` with the means over its cells: mean corruption top-1, per corruption, and the
+    relative drop from clean."""
+    cells = [v for per in record["cells"].values() for v in per.values()]
+    if not cells:
+        return record
+    mean = sum(cells) / len(cells)
+    clean = record["clean_top1"]
+    record["mean_corruption_top1"] = mean
+    record["per_corruption_mean_top1"] = {n: sum(per.values()) / len(per)
+                                          for n, per in record["cells"].items() if per}
+    record["relative_drop"] = (clean - mean) / clean if clean else None
+    return record
+
+
+def table(record: dict) -> str:
+    """The cells as a text table: one row per corruption, one column per severity."""
+    levels = record["severities"]
+    lines = [f"{'corruption':<18}" + "".join(f"{'s' + str(s):>8}" for s in levels) + f"{'mean':>8}"]
+    for name, per in record["cells"].items():
+        row = "".join(f"{per[str(s)]:>8.4f}" if str(s) in per else f"{'-':>8}" for s in levels)
+        mean = record.get("per_corruption_mean_top1", {}).get(name)
+        lines.append(f"{name:<18}{row}{mean:>8.4f}" if mean is not None else f"{name:<18}{row}")
+    lines.append(f"clean top-1 {record['clean_top1']:.4f}; mean corruption top-1 "
+                 f"{record.get('mean_corruption_top1', float('nan')):.4f}; relative drop "
+                 f"{record.get('relative_drop') or 0:.4f}")
+    return "\n".join(lines)
+
+
+def plot(record: dict, path: str) -> str:
+    """Top-1 vs severity, one line per corruption, clean top-1 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnjax.utils.files import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, per in record["cells"].items():
+        levels = sorted(int(s) for s in per)
+        ax.plot(levels, [per[str(s)] for s in levels], marker="o", label=name)
+    ax.axhline(record["clean_top1"], color="black", linestyle="--", label="clean")
+    ax.set(xlabel="severity", ylabel="top-1", xticks=record["severities"], ylim=(0, 1.02),
+           title=f"{record['model']} step {record['step']} on {record['dataset']} "
+                 f"{record['split']} ({record['source']})")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return save_figure(fig, path)
+
+
+def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,2,3,4,5",
+                   split: str | None = None, max_examples: int | None = None, seed: int = 0,
+                   source: str = "on_the_fly", step: int | None = None, batch_size: int = 256,
+                   log=print) -> tuple[dict, str]:
+    """Measures (or resumes, or reprints) the record of the flags above; returns it and its
+    JSON path."""
+    import numpy as np
+
+    from cnnjax.analysis import corruptions as corruptions_lib
+    from cnnjax.train.config import config_task
+    from cnnjax.train.trained import load_trained, with_split
+    from cnnjax.utils.files import read_json, write_json
+    from cnnjax.utils.lock import directory_lock
+    from cnnjax.utils.validation import check_positive_int, invalid
+
+    levels = parse_severities(severities)
+    if max_examples is not None:
+        check_positive_int(_OWNER, "max_examples", max_examples)
+    check_positive_int(_OWNER, "batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
+    run = load_trained(workdir, step)
+    task = config_task(run.config)
+    if task != "classification":
+        raise invalid(_OWNER, "workdir", workdir, f"expected a classifier's run, not a {task} "
+                      "run (corruption top-1 is defined for classifiers)")
+    dataset = run.config.data.name
+    if source == "tfds" and dataset != "cifar10":
+        raise invalid(_OWNER, "source", source, f"cifar10_corrupted is CIFAR-10's test set, and "
+                      f"this run was trained on {dataset!r}; use source='on_the_fly'")
+    config = with_split(run.config, split)
+    spec, _, transforms = eval_pipeline(config)
+    if source == "tfds" and spec.eval_split != "test":
+        raise invalid(_OWNER, "split", spec.eval_split,
+                      f"{TFDS_CORRUPTED} holds CIFAR-10's test split only, so clean and corrupted "
+                      "top-1 would come from different images; evaluate split='test'")
+    size, channels = transforms.out_shape[:2], transforms.out_shape[2]
+    if size != (corruptions_lib.IMAGE_SIZE,) * 2:
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"its model sees {size[0]}x{size[1]} images; the CIFAR-10-C parameters are "
+                      "for 32x32 (ImageNet-C's 224 table is not implemented)")
+    names, skipped = parse_corruptions(corruptions, channels)
+    clean, labels, transforms = eval_pixels(config, max_examples)
+    settings = {"source": source, "split": spec.eval_split, "seed": seed,
+                "max_examples": max_examples, "step": run.step}
+    if source == "tfds":  # every config is named before anything is written or measured
+        for name in names:
+            for severity in levels:
+                eval_pipeline(corrupted_config(config, name, severity))
+    out_dir = os.path.join(workdir, "robustness")
+    with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
+        path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
+                            "robustness.json")
+        old = read_json(path) or {}
+        if old and old.get("settings") != settings:
+            log(f"{path} holds other settings ({old.get('settings')}); measuring afresh")
+            old = {}
+        done = old.get("cells", {})
+        record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
+                  "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
+                  "source": source, "settings": settings, "num_examples": int(len(labels)),
+                  "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
+                  "skipped": skipped,
+                  "parameters": {n: [list(c) if isinstance(c, tuple) else c
+                                     for c in corruptions_lib.PARAMETERS[n]]
+                                 for n in {*done, *names}},
+                  "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
+        todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
+        if not todo and "clean_top1" in old:
+            log(f"All {len(names) * len(levels)} cells already measured in {path}:")
+            return summarize({**record, "clean_top1": old["clean_top1"]}), path
+        classify = make_classify(run, transforms, batch_size)
+        started = time.time()
+        # Stored as every cell is (uint8, truncated): a no-op for native 32x32 data, and for
+        # resized data (digits) the drop then measures the corruption alone.
+        record["clean_top1"] = float(np.mean(
+            classify(corruptions_lib.quantize(clean)) == labels))
+        log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
+            f"{spec.eval_split!r} ({time.time() - started:.1f} s, compilation included)")
+        for k, (name, severity) in enumerate(todo, 1):
+            started = time.time()
+            if source == "tfds":
+                pixels, cell_labels, _ = eval_pixels(corrupted_config(config, name, severity),
+                                                     max_examples)
+            else:
+                pixels, cell_labels = corruptions_lib.quantize(
+                    corruptions_lib.corrupt(clean, name, severity, seed)), labels
+            record["cells"][name][str(severity)] = float(np.mean(classify(pixels) == cell_labels))
+            write_json(path, summarize(record))
+            log(f"[{k}/{len(todo)}] {name} severity {severity}: top-1 "
+                f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")
+        record = summarize(record)
+        record["plot"] = plot(record, os.path.splitext(path)[0] + ".png")
+        write_json(path, record)
+        return record, path
