@@ -11,17 +11,9 @@ import sys
 import jax
 import pytest
 
-from tests.train.conftest import CACHE_ENV
+from tests.experiments.test_train import _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _env():
-    env = dict(os.environ)
-    env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-    env["JAX_PLATFORMS"] = "cpu"
-    env.update(CACHE_ENV)
-    return env
 
 
 def _script(*args, timeout=120):
