@@ -130,16 +130,13 @@ def main(argv: list[str]) -> None:
     if config_task(run.config) == "classification" and _CALIBRATION.value:
         try:  # one pass of the model for calibration and the confusion matrix
             classified = classifier_logits(run, result["split"], _BATCH.value or 64)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
-        try:
             result["calibration"] = calibrate_run(
                 run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
                 same_split=same_split)
         except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
             failure = str(err)
             result["calibration_error"] = failure
-    if _PLOT.value:
+    if _PLOT.value and (classified is not None or failure is None):
         result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
                                    classified=classified)
     if _PLOT.value and "calibration" in result:

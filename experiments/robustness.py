@@ -9,7 +9,8 @@ run's own eval transform up to the pixels before normalization (`Transforms.eval
 in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`, CIFAR-10-C's formulas and table),
 stores the result as CIFAR-10-C does (uint8, truncated), then normalizes it as the run's eval
 does (`Transforms.normalize`): the model sees what it would see on a corrupted copy of the split.
-Clean top-1 is the uncorrupted pixels through the same normalization: the engine's eval top-1.
+Clean top-1 is the uncorrupted pixels stored and normalized the same way (for native 32x32 data
+the engine's eval top-1). --source=tfds reads CIFAR-10's test split only (other splits refused).
 
 With --source=tfds (runs trained on `cifar10` only) each cell is the real benchmark instead:
 tfds's `cifar10_corrupted/<corruption>_<severity>` test split, through the same preprocessing.

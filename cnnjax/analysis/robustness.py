@@ -223,33 +223,33 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     names, skipped = parse_corruptions(corruptions, channels)
     clean, labels, transforms = eval_pixels(config, max_examples)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
-                "max_examples": max_examples, "step": run.step}
-    if source == "tfds":  # every config is named before anything is written or measured
-        for name in names:
-            for severity in levels:
-                eval_pipeline(corrupted_config(config, name, severity))
+                "max_examples": max_examples, "step": run.step,
+                "clean": "uint8"}  # clean top-1 through the cells' storage (older: unquantized)
     out_dir = os.path.join(workdir, "robustness")
+    path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
+                        "robustness.json")
+    old = read_json(path) or {}
+    if old and old.get("settings") != settings:
+        log(f"{path} holds other settings ({old.get('settings')}); measuring afresh")
+        old = {}
+    done = old.get("cells", {})
+    record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
+              "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
+              "source": source, "settings": settings, "num_examples": int(len(labels)),
+              "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
+              "skipped": skipped,
+              "parameters": {n: [list(c) if isinstance(c, tuple) else c
+                                 for c in corruptions_lib.PARAMETERS[n]]
+                             for n in {*done, *names}},
+              "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
+    todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
+    if not todo and "clean_top1" in old:
+        log(f"All {len(names) * len(levels)} cells already measured in {path}:")
+        return summarize({**record, "clean_top1": old["clean_top1"]}), path
+    if source == "tfds":  # every config still needed is named before anything is written
+        for name, severity in todo:
+            eval_pipeline(corrupted_config(config, name, severity))
     with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
-        path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
-                            "robustness.json")
-        old = read_json(path) or {}
-        if old and old.get("settings") != settings:
-            log(f"{path} holds other settings ({old.get('settings')}); measuring afresh")
-            old = {}
-        done = old.get("cells", {})
-        record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
-                  "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
-                  "source": source, "settings": settings, "num_examples": int(len(labels)),
-                  "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
-                  "skipped": skipped,
-                  "parameters": {n: [list(c) if isinstance(c, tuple) else c
-                                     for c in corruptions_lib.PARAMETERS[n]]
-                                 for n in {*done, *names}},
-                  "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
-        todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
-        if not todo and "clean_top1" in old:
-            log(f"All {len(names) * len(levels)} cells already measured in {path}:")
-            return summarize({**record, "clean_top1": old["clean_top1"]}), path
         classify = make_classify(run, transforms, batch_size)
         started = time.time()
         # Stored as every cell is (uint8, truncated): a no-op for native 32x32 data, and for

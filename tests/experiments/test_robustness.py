@@ -82,7 +82,7 @@ def test_cells_are_the_models_top1_on_independently_corrupted_images(rgb_run):
         assert json.load(f) == record
     with open(record["plot"], "rb") as f:
         assert f.read(8) == PNG
-    # Clean top-1 is the engine's eval top-1 (the same pixels, normalized the same way).
+    # Clean top-1 is the engine's eval top-1 (native 32x32 pixels: the uint8 storage is exact).
     assert record["clean_top1"] == pytest.approx(evaluate_run(load_trained(str(rgb_run)))["top1"],
                                                  abs=1e-9)
     assert record["num_examples"] == 20 and record["skipped"] == {}
