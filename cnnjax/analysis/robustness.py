@@ -93,17 +93,12 @@ def make_classify(run, transforms, batch_size: int):
     """`classify(pixels [N, H, W, C] in [0, 255]) -> predicted classes [N]`: normalized as the run's
     eval does, in padded batches of `batch_size` (one compilation), under the run's conv
     lowering."""
-    import jax
     import numpy as np
 
-    from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
+    from cnnjax.train.trained import jit_inference
 
-    lowering = resolve_conv_impl(run.config.conv_impl, jax.default_backend())
-
-    @jax.jit
-    def infer(variables: dict, images) -> jax.Array:
-        with conv_impl(lowering):
-            return run.model.apply(variables, images, train=False).argmax(-1)
+    infer = jit_inference(
+        run, lambda variables, images: run.model.apply(variables, images, train=False).argmax(-1))
 
     def classify(pixels: np.ndarray) -> np.ndarray:
         out = []

@@ -144,24 +144,34 @@ def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
     axis first); by default `default_outputs`."""
     import jax
 
-    from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
-
     config = with_split(run.config, split)
     batch_size = check_positive_int("predictions", "batch_size", batch_size)
-    lowering = resolve_conv_impl(config.conv_impl, jax.default_backend())
     if outputs is None:
         outputs = default_outputs(config)
-
-    @jax.jit
-    def infer(variables: dict, batch: dict) -> Any:
-        with conv_impl(lowering):
-            return outputs(dataclasses.replace(run, variables=variables), batch)
-
+    infer = jit_inference(run, lambda variables, batch: outputs(
+        dataclasses.replace(run, variables=variables), batch))
     for batch in _padded_batches(config, batch_size):
         output = jax.device_get(infer(run.variables, batch))  # padded: one shape
         keep = batch["mask"] > 0
         yield ({k: v[keep] for k, v in batch.items()},
                jax.tree.map(lambda x, keep=keep: x[keep], output))
+
+
+def jit_inference(run: TrainedRun, fn: Callable[[dict, Any], Any]) -> Callable[[dict, Any], Any]:
+    """`jax.jit(fn)` for `fn(variables, inputs)`, traced under the run's convolution lowering
+    (`config.conv_impl` on this backend), as the engine's own steps are."""
+    import jax
+
+    from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
+
+    lowering = resolve_conv_impl(run.config.conv_impl, jax.default_backend())
+
+    @jax.jit
+    def traced(variables: dict, inputs: Any) -> Any:
+        with conv_impl(lowering):
+            return fn(variables, inputs)
+
+    return traced
 
 
 def _padded_batches(config: Any, batch_size: int) -> Iterator[dict]:
