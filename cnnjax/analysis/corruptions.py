@@ -68,6 +68,10 @@ PARAMETERS: dict[str, tuple[Any, ...]] = {
                           (IMAGE_SIZE * 0.08, IMAGE_SIZE * 0.06, IMAGE_SIZE * 0.06),
                           (IMAGE_SIZE * 0.1, IMAGE_SIZE * 0.04, IMAGE_SIZE * 0.05),
                           (IMAGE_SIZE * 0.1, IMAGE_SIZE * 0.03, IMAGE_SIZE * 0.03)),
+    # flake N(mean, std), zoom, threshold, streak radius, streak sigma, image kept
+    "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+             (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+             (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
 }
 CORRUPTIONS = tuple(PARAMETERS)
 COLOR_ONLY = ("saturate",)
@@ -369,13 +373,37 @@ def _motion_blur(pixels: np.ndarray, c: tuple[float, float], rng: np.random.Gene
     return motion_blur_levels(pixels.astype(np.float64), c[0], c[1], rng.uniform(-45, 45))
 
 
+def _luma(image: np.ndarray) -> np.ndarray:
+    """OpenCV's RGB2GRAY of float32 `[H, W, 3]` (0.299 R + 0.587 G + 0.114 B) as `[H, W, 1]`;
+    a grey image is its own luma."""
+    import cv2
+
+    if image.shape[2] == 1:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
+def _snow(x: np.ndarray, c: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """The authors' snow: N(mean, std) flakes, centre-zoomed, below-threshold ones removed,
+    stored as uint8 levels (truncated), motion-blurred along U(-135, -45) degrees, added to
+    the image whitened towards 1.5 luma + 0.5, once as drawn and once rotated 180 degrees."""
+    mean, std, zoom, threshold, radius, sigma, keep = c
+    flakes = clipped_zoom(rng.normal(mean, std, (IMAGE_SIZE, IMAGE_SIZE))[:, :, None], zoom)
+    flakes[flakes < threshold] = 0
+    levels = (np.clip(flakes, 0, 1) * 255).astype(np.uint8).astype(np.float64)
+    streaks = motion_blur_levels(levels, radius, sigma, rng.uniform(-135, -45)) / 255.0
+    image = x.astype(np.float32)
+    image = keep * image + (1 - keep) * np.maximum(image, _luma(image) * 1.5 + 0.5)
+    return image + streaks + np.rot90(streaks, k=2)
+
+
 # Formulas on [0, 1] (clipped, then * 255, as the authors return them) ...
 _FORMULAS = {"gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise,
              "impulse_noise": _impulse_noise, "speckle_noise": _speckle_noise,
              "gaussian_blur": _gaussian_blur, "defocus_blur": _defocus_blur,
              "contrast": _contrast, "brightness": _brightness, "saturate": _saturate,
              "glass_blur": _glass_blur, "zoom_blur": _zoom_blur, "fog": _fog,
-             "elastic_transform": _elastic_transform}
+             "elastic_transform": _elastic_transform, "snow": _snow}
 # ... and operations on uint8 levels (PIL's, ImageMagick's) whose output is already whole
 # levels in [0, 255].
 _PIL_OPS = {"jpeg_compression": _jpeg_compression, "pixelate": _pixelate,

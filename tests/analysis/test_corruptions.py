@@ -327,23 +327,60 @@ def test_motion_blur_is_imagemagicks_one_sided_line_kernel(severity):
     """Per pixel, in plain Python: sum_i w_i in(y + dy_i, x + dx_i) with coordinates clamped to
     the image (ImageMagick's edge virtual pixels), angle = example_rng(...).uniform(-45, 45),
     taps from math.ceil / math.cos / math.sin, rounded half up: bit-exact."""
+    radius, sigma = C.PARAMETERS["motion_blur"][severity - 1]
+    x = _images(2)
+    ref = np.stack([_motion_plain(im.astype(np.float64), radius, sigma, C.example_rng(
+        0, "motion_blur", severity, n).uniform(-45, 45)) for n, im in enumerate(x)])
+    np.testing.assert_array_equal(C.corrupt(x, "motion_blur", severity), ref)
+
+
+def _motion_plain(image: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
+    """ImageMagick's motion blur of `image` ([H, W, C] levels) pixel by pixel in plain Python:
+    2 ceil(radius) + 1 taps, edge-clamped, rounded half up."""
     import math
 
-    radius, sigma = C.PARAMETERS["motion_blur"][severity - 1]
     width = 2 * math.ceil(radius) + 1
     w = [math.exp(-i * i / (2 * sigma * sigma)) for i in range(width)]
     w = [v / sum(w) for v in w]
+    a = math.radians(angle)
+    taps = [(math.ceil(i * math.cos(a) - 0.5), math.ceil(i * math.sin(a) - 0.5))
+            for i in range(width)]
+    h, wd = image.shape[:2]
+    out = np.empty(image.shape)
+    for r, c, ch in np.ndindex(*image.shape):
+        total = sum(wi * image[min(max(r + dy, 0), h - 1), min(max(c + dx, 0), wd - 1), ch]
+                    for wi, (dx, dy) in zip(w, taps, strict=True))
+        out[r, c, ch] = math.floor(total + 0.5)
+    return out
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_snow_is_zoomed_thresholded_streaked_flakes_on_a_whitened_image(severity):
+    """make_cifar_c.py's snow, redrawing N(mean, std) flakes and then the angle U(-135, -45)
+    from example_rng: flakes zoomed by explicit corner-aligned interpolation matrices, zeroed
+    below the threshold, truncated to uint8, motion-blurred in plain Python, added as drawn
+    and rotated by 180 degrees to keep x + (1 - keep) max(x, 1.5 luma + 0.5) with the ITU-R
+    601 luma (0.299, 0.587, 0.114). The module's image and luma are float32: 1e-3 levels."""
+    mean, std, zoom, threshold, radius, sigma, keep = C.PARAMETERS["snow"][severity - 1]
     x = _images(2)
-    ref = np.empty(x.shape)
-    for n, im in enumerate(x.astype(np.float64)):
-        a = math.radians(C.example_rng(0, "motion_blur", severity, n).uniform(-45, 45))
-        taps = [(math.ceil(i * math.cos(a) - 0.5), math.ceil(i * math.sin(a) - 0.5))
-                for i in range(width)]
-        for r, c, ch in np.ndindex(*im.shape):
-            total = sum(wi * im[min(max(r + dy, 0), 31), min(max(c + dx, 0), 31), ch]
-                        for wi, (dx, dy) in zip(w, taps, strict=True))
-            ref[n, r, c, ch] = math.floor(total + 0.5)
-    np.testing.assert_array_equal(C.corrupt(x, "motion_blur", severity), ref)
+    ref = []
+    for i, im in enumerate(x.astype(np.float64) / 255):
+        rng = C.example_rng(0, "snow", severity, i)
+        flakes = rng.normal(mean, std, (32, 32))
+        side = int(np.ceil(32 / zoom))
+        top = (32 - side) // 2
+        size = int(round(side * zoom))
+        w = _bilinear_1d(side, size)
+        trim = (size - 32) // 2
+        flakes = (w @ flakes[top:top + side, top:top + side] @ w.T)[trim:trim + 32,
+                                                                     trim:trim + 32]
+        flakes = np.floor(np.clip(np.where(flakes < threshold, 0, flakes), 0, 1) * 255)
+        streaks = _motion_plain(flakes[:, :, None], radius, sigma, rng.uniform(-135, -45)) / 255
+        assert 0 < np.count_nonzero(streaks) < streaks.size  # some flakes, not a white-out
+        luma = im @ np.array([0.299, 0.587, 0.114])
+        whiter = keep * im + (1 - keep) * np.maximum(im, luma[:, :, None] * 1.5 + 0.5)
+        ref.append(np.clip(whiter + streaks + streaks[::-1, ::-1], 0, 1) * 255)
+    np.testing.assert_allclose(C.corrupt(x, "snow", severity), np.stack(ref), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------- fog
@@ -521,7 +558,7 @@ def test_distance_from_the_original_grows_with_severity():
 
 
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
-          "motion_blur", "fog", "elastic_transform")
+          "motion_blur", "fog", "elastic_transform", "snow")
 
 
 def test_deterministic_per_seed_and_per_example_whatever_the_batching():
@@ -540,8 +577,9 @@ def test_deterministic_per_seed_and_per_example_whatever_the_batching():
 
 def test_grey_images_take_every_corruption_but_saturate():
     """A grey image gets channel 0 of what its RGB copy gets, for every corruption but the
-    noises (they draw per value, so the draws differ) and jpeg (one luma plane): the new
-    random ones draw per example (angle, offsets, plasma, fields), not per channel."""
+    noises (they draw per value, so the draws differ) and jpeg (one luma plane): the other
+    random ones draw per example (angle, offsets, plasma, fields, flakes), not per channel.
+    Snow's luma of a replicated grey is the grey within float32 rounding: 1e-4 levels."""
     grey = _images(2, channels=1)
     assert C.available(1) == tuple(n for n in C.CORRUPTIONS if n != "saturate")
     assert C.available(3) == C.CORRUPTIONS
@@ -551,7 +589,8 @@ def test_grey_images_take_every_corruption_but_saturate():
         assert out.shape == grey.shape
         if not name.endswith("_noise") and name != "jpeg_compression":
             # deterministic and channel-wise: the grey result is the replicated RGB result's
-            np.testing.assert_allclose(out[..., 0], C.corrupt(rgb, name, 4)[..., 0], atol=1e-9)
+            np.testing.assert_allclose(out[..., 0], C.corrupt(rgb, name, 4)[..., 0], atol=1e-4,
+                                       err_msg=name)
     with pytest.raises(ValueError, match=r"corruptions: name='saturate' is invalid; it is "
                                          r"defined for RGB images only, and these have 1 "
                                          r"channel; for grey images expected one of "
@@ -568,7 +607,8 @@ def test_quantize_truncates_as_cifar10c_was_stored():
 @pytest.mark.parametrize("call, message", [
     (lambda x: C.corrupt(x, "frost", 1),
      r"corruptions: name='frost' is invalid; expected one of \['gaussian_noise', 'shot_noise'"
-     r".*'pixelate', 'glass_blur', 'motion_blur', 'zoom_blur', 'fog', 'elastic_transform'\]"),
+     r".*'pixelate', 'glass_blur', 'motion_blur', 'zoom_blur', 'fog', 'elastic_transform', "
+     r"'snow'\]"),
     (lambda x: C.corrupt(x, "contrast", 0),
      r"corruptions: severity=0 is invalid; expected an integer from 1 to 5\."),
     (lambda x: C.corrupt(x, "contrast", 6), r"severity=6 is invalid"),
