@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_collections
@@ -274,11 +274,50 @@ def _normalized(split: str) -> str:
     return "".join(split.split())
 
 
-def _overlap(a: str, b: str) -> bool:
-    """Whether tfds splits `a` and `b` share examples for certain: the same split, or a whole
-    split and a slice of it (two different slices of one split are not compared)."""
+def _overlap(a: str, b: str, splits: Mapping[str, Any] | None = None) -> bool:
+    """Whether tfds splits `a` and `b` share examples. With `splits` (the dataset's split infos
+    by name: `num_examples`, `shard_lengths`) exactly, by tfds's own arithmetic: the example
+    ranges the two select (percent, absolute or shard slices, negative indices, `+` joins) meet
+    in some split. Without them, or for a spec tfds cannot place, conservatively for certain
+    shares only: the same split, or a whole split and a slice of it."""
     a, b = _normalized(a), _normalized(b)
+    if splits is not None:
+        ranges_a, ranges_b = _example_ranges(a, splits), _example_ranges(b, splits)
+        if ranges_a is not None and ranges_b is not None:
+            return any(name_a == name_b and max(start_a, start_b) < min(stop_a, stop_b)
+                       for name_a, start_a, stop_a in ranges_a
+                       for name_b, start_b, stop_b in ranges_b)
     return a == b or (a.split("[")[0] == b.split("[")[0] and ("[" not in a or "[" not in b))
+
+
+def _example_ranges(split: str, splits: Mapping[str, Any]) -> list[tuple[str, int, int]] | None:
+    """The `(split name, start, stop)` example index ranges tfds reads for `split`
+    (`ReadInstruction.to_absolute` over `splits`), or None where tfds cannot place it."""
+    import tensorflow_datasets as tfds
+
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    except (ValueError, KeyError, TypeError, IndexError, NotImplementedError):
+        return None
+    return [(i.splitname, i.from_ or 0,
+             int(splits[i.splitname].num_examples) if i.to is None else i.to)
+            for i in instructions]
+
+
+def _split_infos(data_config: Any) -> Mapping[str, Any] | None:
+    """The split infos (`num_examples`, `shard_lengths` by split name) of the tfds dataset
+    `data_config` reads, so `_overlap` can place slices exactly; None for a dataset that is
+    not tfds's (e.g. `fake`) or cannot be opened."""
+    from cnnjax.data import sources
+    from cnnjax.data.spec import resolve
+
+    try:
+        source = sources.open_source(resolve(data_config))
+    except (ValueError, OSError):
+        return None
+    source = getattr(source, "inner", source)  # a class subset slices its inner splits
+    builder = getattr(source, "builder", None)
+    return None if builder is None else builder.info.splits
 
 
 def _train_split(data_config: Any) -> str:
@@ -298,9 +337,10 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     (None: its eval split) before anything compiles: a classifier's run, an existing non-empty
     split, and not one holding the evaluated examples unless `allow_same_split` (T fitted to the
     examples it is scored on gives an optimistic ECE). Returns whether it holds them, and
-    warnings: that, or a split sharing examples with the run's training split (the same split,
-    a slice of it or the whole split it was sliced from; two different slices of one split are
-    not compared), where the fitted T is biased low."""
+    warnings: that, or a split sharing examples with the run's training split, where the fitted
+    T is biased low. Shared examples are found by tfds's own slice arithmetic over the dataset's
+    split sizes (overlapping slices of one split, `+` joins); for a dataset without tfds split
+    sizes, only the same split or a whole split and a slice of it count."""
     if temperature_split is None:
         return False, []
     task = config_lib.config_task(run.config)
@@ -321,7 +361,8 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     if info.num_eval == 0:
         raise invalid("evaluate", "temperature_split", temperature_split,
                       "it holds no examples; expected a non-empty split such as 'train[90%:]'")
-    same_split = _overlap(temperature_split, evaluated)
+    splits = _split_infos(run.config.data)
+    same_split = _overlap(temperature_split, evaluated, splits)
     warnings = []
     if same_split:
         if not allow_same_split:
@@ -333,7 +374,7 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
         warnings.append(f"T is fitted on examples of the evaluated split {evaluated!r}: its "
                         "calibration after scaling is optimistic (allow_same_split)")
     train = _normalized(_train_split(run.config.data))
-    if train and _overlap(temperature_split, train):
+    if train and _overlap(temperature_split, train, splits):
         warnings.append(f"temperature_split={temperature_split!r} shares examples with the "
                         f"run's training split {train!r}: a model is more confident on examples it "
                         "learned than on new ones, so the T fitted there is biased low; train "

@@ -90,3 +90,28 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
                      "--nocalibration", f"--output={tmp_path / 'plain.json'}")
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "calibration" not in json.loads((tmp_path / "plain.json").read_text())
+
+
+@pytest.mark.slow
+def test_overlapping_slices_and_joins_are_refused_or_warned_about(tmp_path):
+    """A 2-step LeNet-5 run on digits' train[:60%]: --temperature_split=train[60%:]+test holds
+    the evaluated test split (refused), train[50%:] overlaps the training slice (warned)."""
+    workdir = tmp_path / "lenet"
+    train = _command("experiments.train", "--config=experiments/configs/lenet5_digits.py",
+                     f"--workdir={workdir}", "--config.num_train_steps=2",
+                     "--config.schedule.warmup_steps=0", "--config.global_batch_size=4",
+                     "--config.eval_every_steps=2",
+                     "--config.checkpoint_every_steps=2", "--config.progress_bar=False",
+                     "--config.data.train_split=train[:60%]", timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    joined = _command("experiments.evaluate", f"--workdir={workdir}",
+                      "--temperature_split=train[60%:]+test")
+    assert joined.returncode == 1 and "Traceback" not in joined.stderr
+    assert joined.stderr.strip().splitlines()[-1].startswith(
+        "error: evaluate: temperature_split='train[60%:]+test' is invalid; it holds the "
+        "evaluated split 'test'")
+    sliced = _command("experiments.evaluate", f"--workdir={workdir}", "--noplot",
+                      "--temperature_split=train[50%:]", f"--output={tmp_path / 'e.json'}")
+    assert "Traceback" not in sliced.stderr, sliced.stderr[-3000:]
+    assert ("warning: temperature_split='train[50%:]' shares examples with the run's training "
+            "split 'train[:60%]'") in sliced.stderr
