@@ -72,6 +72,10 @@ PARAMETERS: dict[str, tuple[Any, ...]] = {
     "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
              (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
              (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
+    # liquid N(mean, std), its blur sigma, threshold, water intensity or mud sigma, mud?
+    "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+                (0.65, 0.3, 1, 0.69, 0.5, 0), (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+                (0.65, 0.1, 0.5, 0.68, 0.6, 1)),
 }
 CORRUPTIONS = tuple(PARAMETERS)
 COLOR_ONLY = ("saturate",)
@@ -397,13 +401,60 @@ def _snow(x: np.ndarray, c: tuple[float, ...], rng: np.random.Generator) -> np.n
     return image + streaks + np.rot90(streaks, k=2)
 
 
+_WATER = np.array([175, 238, 238]) / 255.0  # pale turquoise (RGB)
+_MUD = np.array([63, 42, 20]) / 255.0        # mud brown (RGB)
+_RIPPLE = np.float32([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
+
+
+def _colour(rgb: np.ndarray, channels: int) -> np.ndarray:
+    """`rgb` for RGB images; its ITU-R 601 luma for grey ones (the grey of the RGB result)."""
+    return rgb if channels == 3 else np.array([rgb @ [0.299, 0.587, 0.114]])
+
+
+def water_mask(liquid: np.ndarray) -> np.ndarray:
+    """The authors' water shading of a uint8 liquid layer: 255 - Canny edges (50, 150), their
+    L2 chamfer (5x5) distance truncated at 20, 3x3 box blur to uint8 (truncated), histogram
+    equalization, a diagonal emboss kernel (uint8, saturated), 3x3 box blur; times the layer,
+    scaled to a peak of 1 (all zero when the layer or its shading is: the authors' 0 / 0)."""
+    import cv2
+
+    dist = cv2.distanceTransform(255 - cv2.Canny(liquid, 50, 150), cv2.DIST_L2, 5)
+    _, dist = cv2.threshold(dist, 20, 20, cv2.THRESH_TRUNC)
+    dist = cv2.equalizeHist(cv2.blur(dist, (3, 3)).astype(np.uint8))
+    dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, _RIPPLE), (3, 3)).astype(np.float32)
+    shade = liquid * dist
+    peak = shade.max()
+    return shade / peak if peak > 0 else shade
+
+
+def _spatter(x: np.ndarray, c: tuple[float, ...], rng: np.random.Generator) -> np.ndarray:
+    """The authors' spatter: a N(mean, std) liquid layer Gaussian-blurred (edge borders) and
+    thresholded; severities 1-3 add turquoise water shaded by `water_mask` times the
+    intensity, 4-5 cover with brown mud where the blurred (sigma) wet area reaches 0.8."""
+    from scipy import ndimage
+
+    mean, std, sigma, threshold, strength, mud = c
+    image = x.astype(np.float32)
+    liquid = ndimage.gaussian_filter(rng.normal(mean, std, (IMAGE_SIZE, IMAGE_SIZE)), sigma,
+                                     mode="nearest", truncate=4.0)
+    liquid[liquid < threshold] = 0
+    colour = _colour(_MUD if mud else _WATER, x.shape[2])
+    if not mud:
+        shade = water_mask((liquid * 255).astype(np.uint8)) * strength
+        return image + shade[:, :, None] * colour
+    wet = ndimage.gaussian_filter((liquid > threshold).astype(np.float64), strength,
+                                  mode="nearest", truncate=4.0)
+    wet[wet < 0.8] = 0
+    return image * (1 - wet[:, :, None]) + wet[:, :, None] * colour
+
+
 # Formulas on [0, 1] (clipped, then * 255, as the authors return them) ...
 _FORMULAS = {"gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise,
              "impulse_noise": _impulse_noise, "speckle_noise": _speckle_noise,
              "gaussian_blur": _gaussian_blur, "defocus_blur": _defocus_blur,
              "contrast": _contrast, "brightness": _brightness, "saturate": _saturate,
              "glass_blur": _glass_blur, "zoom_blur": _zoom_blur, "fog": _fog,
-             "elastic_transform": _elastic_transform, "snow": _snow}
+             "elastic_transform": _elastic_transform, "snow": _snow, "spatter": _spatter}
 # ... and operations on uint8 levels (PIL's, ImageMagick's) whose output is already whole
 # levels in [0, 255].
 _PIL_OPS = {"jpeg_compression": _jpeg_compression, "pixelate": _pixelate,

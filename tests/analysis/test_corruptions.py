@@ -535,6 +535,141 @@ def test_elastic_transform_composes_the_fields_and_the_warp():
                                       np.stack(ref))
 
 
+# ---------------------------------------------------------------------------------- spatter
+def _canny_l1(img: np.ndarray, low: int, high: int) -> np.ndarray:
+    """OpenCV's Canny in plain Python: 3x3 Sobel with replicated borders, L1 magnitude,
+    non-maximum suppression along the gradient sector (tan 22.5 in OpenCV's 15-bit fixed
+    point; strict on one side), > high strong, > low weak, weak kept when 8-connected to
+    strong."""
+    p = np.pad(img.astype(np.int64), 1, mode="edge")
+    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.pad(np.abs(dx) + np.abs(dy), 1)
+    h, w = img.shape
+    state = np.zeros((h, w), np.int64)  # 0 none, 1 weak, 2 strong
+    tg22 = round(0.4142135623730950488 * (1 << 15))
+    for y, x in np.ndindex(h, w):
+        v, gx, gy = mag[y + 1, x + 1], int(dx[y, x]), int(dy[y, x])
+        if v <= low:
+            continue
+        along = abs(gx) * tg22
+        if abs(gy) << 15 < along:  # horizontal gradient: compare left and right
+            a, b, strict_b = mag[y + 1, x], mag[y + 1, x + 2], False
+        elif abs(gy) << 15 > along + (abs(gx) << 16):  # vertical: above and below
+            a, b, strict_b = mag[y, x + 1], mag[y + 2, x + 1], False
+        else:
+            s = -1 if (gx ^ gy) < 0 else 1
+            a, b, strict_b = mag[y, x + 1 - s], mag[y + 2, x + 1 + s], True
+        if v > a and (v > b if strict_b else v >= b):
+            state[y, x] = 2 if v > high else 1
+    out = np.where(state == 2, 255, 0).astype(np.uint8)
+    stack = [tuple(q) for q in np.argwhere(state == 2)]
+    while stack:
+        y, x = stack.pop()
+        for ny, nx in np.ndindex(3, 3):
+            ny, nx = y + ny - 1, x + nx - 1
+            if 0 <= ny < h and 0 <= nx < w and state[ny, nx] == 1 and not out[ny, nx]:
+                out[ny, nx] = 255
+                stack.append((ny, nx))
+    return out
+
+
+def _chamfer(img: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to the nearest zero pixel along paths of 5x5 chamfer moves
+    (1 straight, 1.4 diagonal, 2.1969 knight's), inside the image, by Dijkstra; +inf without
+    a zero pixel."""
+    import heapq
+
+    h, w = img.shape
+    moves = [(dy, dx, 1.0) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
+    moves += [(dy, dx, 1.4) for dy in (-1, 1) for dx in (-1, 1)]
+    moves += [(dy, dx, 2.1969) for dy in (-2, -1, 1, 2) for dx in (-2, -1, 1, 2)
+              if abs(dy) != abs(dx)]
+    dist = np.where(img == 0, 0.0, np.inf)
+    heap = [(0.0, y, x) for y, x in np.argwhere(img == 0)]
+    while heap:
+        d, y, x = heapq.heappop(heap)
+        if d > dist[y, x]:
+            continue
+        for dy, dx, cost in moves:
+            ny, nx = y + dy, x + dx
+            if 0 <= ny < h and 0 <= nx < w and d + cost < dist[ny, nx]:
+                dist[ny, nx] = d + cost
+                heapq.heappush(heap, (d + cost, ny, nx))
+    return dist
+
+
+def _equalize(img: np.ndarray) -> np.ndarray:
+    """OpenCV's equalizeHist: levels above the lowest present one map to the cumulative count
+    times 255 / (count - count of the lowest), in float32, rounded half to even."""
+    hist = np.bincount(img.ravel(), minlength=256)
+    first = int(np.flatnonzero(hist)[0])
+    scale = np.float32(255) / np.float32(img.size - hist[first])
+    lut = np.zeros(256, np.uint8)
+    for j in range(first + 1, 256):
+        lut[j] = min(255, int(np.rint(np.float32(hist[first + 1:j + 1].sum()) * scale)))
+    return lut[img]
+
+
+def _box_sum(a: np.ndarray, kernel: np.ndarray | None = None) -> np.ndarray:
+    """3x3 correlation (all ones by default) with reflect-101 borders, float64."""
+    kernel = np.ones((3, 3)) if kernel is None else kernel
+    return _correlate(a.astype(np.float64)[:, :, None], kernel, "reflect")[:, :, 0]
+
+
+def _water_plain(liquid: np.ndarray) -> np.ndarray:
+    """The water shading written out step by step with the plain references above."""
+    edges = _canny_l1(liquid, 50, 150)
+    dist = np.minimum(_chamfer(255 - edges), 20)
+    dist = (_box_sum(dist) * (1 / 9)).astype(np.float32).astype(np.uint8)
+    dist = _equalize(dist)
+    ripple = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], np.float64)
+    dist = np.clip(_box_sum(dist, ripple), 0, 255)
+    dist = np.floor(_box_sum(dist) / 9 + 0.5)
+    shade = liquid * dist
+    return shade / shade.max(), edges
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_spatter_is_shaded_water_or_mud_on_a_blurred_liquid_layer(severity):
+    """make_cifar_c.py's spatter, redrawing the N(mean, std) layer from example_rng and
+    blurring it with an explicit radius-int(4 sigma + 0.5) kernel (edge padding). Water
+    (severities 1-3): the shading by plain-Python Canny, chamfer distance (Dijkstra),
+    box blurs, histogram equalization and emboss, times the intensity, times pale turquoise
+    (175, 238, 238) / 255, added. Mud (4-5): the wet area blurred by sigma, zeroed below 0.8,
+    blends the image into (63, 42, 20) / 255. float32 in the module: 1e-3 levels."""
+    mean, std, sigma, threshold, strength, mud = C.PARAMETERS["spatter"][severity - 1]
+    x = _images(2)
+    ref, edges = [], 0
+    for i, im in enumerate(x.astype(np.float64) / 255):
+        noise = C.example_rng(0, "spatter", severity, i).normal(mean, std, (32, 32))
+        k = _gauss_1d(sigma, int(4 * sigma + 0.5))
+        liquid = _correlate(noise[:, :, None], np.outer(k, k), "edge")[:, :, 0]
+        liquid[liquid < threshold] = 0
+        if mud:
+            k = _gauss_1d(strength, int(4 * strength + 0.5))
+            wet = _correlate((liquid > threshold)[:, :, None] * 1.0, np.outer(k, k), "edge")
+            wet[wet < 0.8] = 0
+            out = im * (1 - wet) + wet * np.array([63, 42, 20]) / 255
+        else:
+            shade, found = _water_plain((liquid * 255).astype(np.uint8))
+            edges += found.any()
+            out = im + strength * shade[:, :, None] * np.array([175, 238, 238]) / 255
+        ref.append(np.clip(out, 0, 1) * 255)
+    assert mud or edges  # the water's Canny path is exercised
+    np.testing.assert_allclose(C.corrupt(x, "spatter", severity), np.stack(ref), atol=1e-3)
+
+
+def test_grey_spatter_is_the_luma_of_the_rgb_result():
+    """Grey images get the colours' ITU-R 601 luma: the luma of the RGB result of the grey
+    copied to three channels (dark images, so nothing clips): 1e-4 levels."""
+    grey = (_images(2, channels=1) // 4).astype(np.uint8)
+    for severity in C.SEVERITIES:
+        rgb = C.corrupt(np.repeat(grey, 3, axis=-1), "spatter", severity)
+        np.testing.assert_allclose(C.corrupt(grey, "spatter", severity),
+                                   rgb @ np.array([[0.299], [0.587], [0.114]]), atol=1e-4)
+
+
 # ---------------------------------------------------------------------- properties, errors
 def test_distance_from_the_original_grows_with_severity():
     """Mean squared distance over 16 images rises strictly from severity 1 to 5 for every
@@ -558,7 +693,7 @@ def test_distance_from_the_original_grows_with_severity():
 
 
 RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
-          "motion_blur", "fog", "elastic_transform", "snow")
+          "motion_blur", "fog", "elastic_transform", "snow", "spatter")
 
 
 def test_deterministic_per_seed_and_per_example_whatever_the_batching():
@@ -577,7 +712,8 @@ def test_deterministic_per_seed_and_per_example_whatever_the_batching():
 
 def test_grey_images_take_every_corruption_but_saturate():
     """A grey image gets channel 0 of what its RGB copy gets, for every corruption but the
-    noises (they draw per value, so the draws differ) and jpeg (one luma plane): the other
+    noises (they draw per value, so the draws differ), jpeg (one luma plane) and spatter (the
+    colours' luma: tested below): the other
     random ones draw per example (angle, offsets, plasma, fields, flakes), not per channel.
     Snow's luma of a replicated grey is the grey within float32 rounding: 1e-4 levels."""
     grey = _images(2, channels=1)
@@ -587,7 +723,7 @@ def test_grey_images_take_every_corruption_but_saturate():
     for name in C.available(1):
         out = C.corrupt(grey, name, 4)
         assert out.shape == grey.shape
-        if not name.endswith("_noise") and name != "jpeg_compression":
+        if not name.endswith("_noise") and name not in ("jpeg_compression", "spatter"):
             # deterministic and channel-wise: the grey result is the replicated RGB result's
             np.testing.assert_allclose(out[..., 0], C.corrupt(rgb, name, 4)[..., 0], atol=1e-4,
                                        err_msg=name)
@@ -608,7 +744,7 @@ def test_quantize_truncates_as_cifar10c_was_stored():
     (lambda x: C.corrupt(x, "frost", 1),
      r"corruptions: name='frost' is invalid; expected one of \['gaussian_noise', 'shot_noise'"
      r".*'pixelate', 'glass_blur', 'motion_blur', 'zoom_blur', 'fog', 'elastic_transform', "
-     r"'snow'\]"),
+     r"'snow', 'spatter'\]"),
     (lambda x: C.corrupt(x, "contrast", 0),
      r"corruptions: severity=0 is invalid; expected an integer from 1 to 5\."),
     (lambda x: C.corrupt(x, "contrast", 6), r"severity=6 is invalid"),
