@@ -6,6 +6,11 @@ in [0, 255]; `quantize` stores them as the authors stored CIFAR-10-C (`np.uint8`
 The formulas and the parameter table are those of the authors' `make_cifar_c.py`
 (github.com/hendrycks/robustness, `ImageNet-C/create_c/`); the code is cnnjax's own.
 
+Implemented: 18 of CIFAR-10-C's 19 corruptions. Not implemented: frost, which blends crops of
+the authors' six frost photographs (frost1.png ... frost6.jpg), assets cnnjax does not ship.
+`tfds_config_name` gives tfds's `cifar10_corrupted` name of each (it renames glass_blur to
+frosted_glass_blur and elastic_transform to elastic).
+
 Sizes: only 32x32 images are accepted. The parameters are CIFAR's, tuned for 32x32 pixels (a
 blur sigma or a pixelation factor means something else at another resolution); ImageNet-C's
 224x224 table is not implemented, so other sizes are refused rather than silently given the
@@ -14,19 +19,36 @@ wrong table (resize to 32x32 first, as the `digits` preset's `image_size=32` doe
 Deviations, all deliberate and small:
 - randomness is NumPy's `default_rng` keyed by `(seed, corruption, severity, example index)`
   (`example_rng`), not the authors' global `np.random` stream: the images differ draw for draw,
-  the distributions do not, and any example can be recomputed alone (resume, batching);
+  the distributions do not, and any example can be recomputed alone (resume, batching). Every
+  random corruption draws in the authors' order (glass offsets, angles, plasma, fields, layers);
 - impulse noise draws per element "flip with probability c" then "salt or pepper with
   probability 1/2", as scikit-image's `random_noise(mode='s&p')` does, with cnnjax's generator;
-- gaussian_blur is `scipy.ndimage.gaussian_filter` (mode 'nearest', truncate 4): scikit-image's
-  `filters.gaussian` with its defaults is that same call; brightness and saturate go through
-  matplotlib's RGB<->HSV (scikit-image's conversion formulas; it is not installed here);
-- PIL-based corruptions (jpeg_compression, pixelate) need uint8 input: float images are rounded
-  to the nearest level first (the authors' images were always uint8).
+- scikit-image's `filters.gaussian` (gaussian_blur, glass_blur, spatter's layers) is the
+  `scipy.ndimage.gaussian_filter` call it makes (mode 'nearest', truncate 4, unless the authors
+  set others); brightness and saturate go through matplotlib's RGB<->HSV (scikit-image's
+  conversion formulas; it is not installed here);
+- motion_blur and snow's streaks reimplement ImageMagick's MotionBlurImage (which the authors
+  call through Wand): `motion_kernel` (one-sided Gaussian line of 2 ceil(radius) + 1 taps at
+  pixel-rounded offsets along the angle), edge virtual pixels, rounded half up to levels as its
+  8-bit PNG output (a Q16 build rounds twice: a sum within 1/514 level of a half level may land
+  one level apart);
+- glass_blur keeps the authors' shuffle as it runs: their tuple "swap" of NumPy pixel views
+  copies the neighbour instead of swapping (`shuffle_pixels`); their table's max_delta is 1
+  throughout, the only value written for. zoom_blur keeps their `np.arange(1, c, 0.01)` zooms,
+  which float rounding makes 7, 12, 16, 21 and 26 (the stop is included at severities 1-2);
+- spatter's water shading divides by its peak: where the authors' 0 / 0 would give NaN (no
+  liquid left after the threshold), the shading is 0;
+- PIL- and ImageMagick-based corruptions (jpeg_compression, pixelate, motion_blur) need uint8
+  input: float images are rounded to the nearest level first (the authors' were always uint8).
+OpenCV (`cv2`) is needed for defocus_blur, elastic_transform, snow and spatter, as the authors'.
 
 Grey (1-channel) images: every corruption applies except `saturate` (a grey pixel has no
 saturation to change: the authors' HSV formula would paint greys red at severities 4-5), which
-is refused; `brightness` of a grey pixel is `min(v + c, 1)`, exactly what the RGB formula gives
-on the grey replicated to three channels; jpeg_compression encodes one luma plane.
+is refused. A grey image gets channel 0 of what its RGB copy gets, except for the noises (drawn
+per value), jpeg_compression (one luma plane is encoded), snow (a grey image is its own luma;
+the RGB copy's is it within float32 rounding) and spatter, whose turquoise water and brown mud
+become their ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B: the luma of the RGB result, clipping
+aside); `brightness` of a grey pixel is `min(v + c, 1)`, as on its RGB copy.
 """
 
 from __future__ import annotations
