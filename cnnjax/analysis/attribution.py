@@ -45,6 +45,7 @@ import numpy as np
 from cnnjax.analysis.trace import is_literal
 from cnnjax.utils.files import save_figure
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_non_negative_int,
     check_number,
@@ -78,6 +79,7 @@ class GradCam(NamedTuple):
     upsampled: np.ndarray  # [N, H, W], bilinear
     targets: np.ndarray  # [N] the class each map explains
     logits: np.ndarray  # [N, classes]
+    after_relu: bool = False  # A^k was the output of a ReLU applied to the layer's output
 
 
 # ----------------------------------------------------------------------------- model calls
@@ -491,33 +493,74 @@ def _occlusion(batch: _Batch, patch: int | None = None, stride: int | None = Non
 
 
 @_per_model
-def _grad_cam_fn(model: nn.Module, layer: str, output_hw: tuple[int, int]) -> Callable:
+def _grad_cam_fn(model: nn.Module, layer: str, output_hw: tuple[int, int],
+                 after_relu: bool) -> Callable:
     forward = _forward(model, (layer,), perturb=layer)
 
     def grad_cam_maps(variables: Any, images: Any, targets: Any, zeros: Any) -> tuple:
+        leaves, tree = jax.tree.flatten(variables)
+
+        def traced(leaves: Any, images: Any, targets: Any, delta: Any) -> tuple[Any, Any, Any]:
+            out, captured = forward(jax.tree.unflatten(tree, leaves), images, delta)
+            return _class_score(out, targets), captured[layer], out
+
+        closed = jax.make_jaxpr(traced)(leaves, images, targets, zeros)
+        relu_at = _rectifying_equation(closed.jaxpr, closed.jaxpr.outvars[1]) if after_relu \
+            else None
+
         def score(delta: Any) -> tuple[Any, tuple[Any, Any]]:
-            out, captured = forward(variables, images, delta)
-            return _class_score(out, targets), (captured[layer], out)
+            if relu_at is None:  # A^k is the layer's output itself
+                result, activation, out = traced(leaves, images, targets, delta)
+                return result, (activation, out)
+            rectified: list[Any] = []
+
+            def add_delta(index: int, outs: list) -> list:  # A^k is the ReLU's output
+                if index == relu_at:
+                    outs = [outs[0] + delta.astype(outs[0].dtype)]
+                    rectified.append(outs[0])
+                return outs
+
+            result, _, out = _evaluate(closed.jaxpr, closed.consts,
+                                       [*leaves, images, targets, zeros], jax.nn.relu,
+                                       after=add_delta)
+            return result, (rectified[0], out)
 
         grads, (activation, out) = jax.grad(score, has_aux=True)(zeros)
         activation = activation.astype(jnp.float32)
         alpha = grads.astype(jnp.float32).mean(axis=(1, 2))  # [N, K]: §3, Eq. 1
         maps = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", activation, alpha))  # Eq. 2
         up = jax.image.resize(maps, (maps.shape[0], *output_hw), method="bilinear")
-        return maps, up, out.astype(jnp.float32)
+        return maps, up, out.astype(jnp.float32), jnp.asarray(relu_at is not None)
 
     return jax.jit(grad_cam_maps)
 
 
+def _rectifying_equation(jaxpr: Any, var: Any) -> int | None:
+    """The index of the top-level equation of `jaxpr` that applies a ReLU (a `jax.nn.relu` call
+    or `max(x, 0)`, not a normalization's variance clamp) to `var` itself, else None."""
+    clamps = _variance_clamps(jaxpr)
+    for index, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.name == "custom_jvp_call" and _is_relu(eqn):
+            operand = len(eqn.invars) - 1
+        else:
+            operand = None if index in clamps else _rectified_operand(eqn)
+        if operand is not None and eqn.invars[operand] is var:
+            return index
+    return None
+
+
 def grad_cam(model: nn.Module, variables: Any, images: Any, targets: Any = None,
-             layer: str | None = None) -> GradCam:
+             layer: str | None = None, after_relu: bool = True) -> GradCam:
     """Grad-CAM (Selvaraju et al. 2017) of `targets` (None: the predicted classes) at `layer`
     (None: `last_conv_layer`'s choice): `ReLU(sum_k alpha_k A^k)` with `alpha_k` the spatial mean of
-    d score / d A^k, scores being logits; also bilinearly upsampled to the input size."""
-    return _grad_cam(_Batch(model, variables, images, targets), layer)
+    d score / d A^k, scores being logits; also bilinearly upsampled to the input size. With
+    `after_relu`, where the model applies a ReLU as a function straight to the layer's output
+    (VGG's `nn.relu(conv(x))`), A^k is that ReLU's output: the paper's rectified conv maps."""
+    return _grad_cam(_Batch(model, variables, images, targets), layer, after_relu)
 
 
-def _grad_cam(batch: _Batch, layer: str | None = None) -> GradCam:
+def _grad_cam(batch: _Batch, layer: str | None = None, after_relu: bool = True) -> GradCam:
+    check_bool(_OWNER, "after_relu", after_relu)
     images, outputs = batch.images, batch.outputs
     _logits_of(outputs)
     if layer is None:
@@ -526,9 +569,10 @@ def _grad_cam(batch: _Batch, layer: str | None = None) -> GradCam:
     shape = next(o.shape for o in outputs if o.path == layer)
     targets = batch.targets
     zeros = np.zeros((len(images), *shape[1:]), np.float32)
-    fn = _grad_cam_fn(batch.model, layer, images.shape[1:3])
-    maps, up, out = fn(batch.variables, images, targets, zeros)
-    return GradCam(layer, np.asarray(maps), np.asarray(up), targets, np.asarray(out))
+    fn = _grad_cam_fn(batch.model, layer, images.shape[1:3], after_relu)
+    maps, up, out, rectified = fn(batch.variables, images, targets, zeros)
+    return GradCam(layer, np.asarray(maps), np.asarray(up), targets, np.asarray(out),
+                   bool(rectified))
 
 
 def activations(model: nn.Module, variables: Any, images: Any,
@@ -639,9 +683,11 @@ def _rectifier(rule: str) -> Callable:
     return relu
 
 
-def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Callable) -> list:
+def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Callable,
+              after: Callable[[int, list], list] | None = None) -> list:
     """Evaluates `jaxpr` with every ReLU (a `jax.nn.relu` call or a `max(x, 0)` with a literal
-    zero, not a normalization's variance clamp) replaced by `relu`, inlining calls."""
+    zero, not a normalization's variance clamp) replaced by `relu`, inlining calls; `after(index,
+    outputs)` may replace the outputs of each top-level equation."""
     env: dict[Any, Any] = {}
 
     def read(v: Any) -> Any:
@@ -665,6 +711,8 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Call
         else:
             out = eqn.primitive.bind(*ins, **eqn.params)
             outs = out if eqn.primitive.multiple_results else [out]
+        if after is not None:
+            outs = after(index, outs)
         for v, value in zip(eqn.outvars, outs, strict=True):
             env[v] = value
     return [read(v) for v in jaxpr.outvars]

@@ -270,6 +270,72 @@ def test_grad_cam_of_a_pooled_network_is_its_class_activation_map(resnet):
     np.testing.assert_allclose(cam.logits, at.logits(model, variables, images), rtol=1e-5)
 
 
+class ConvThenRelu(nn.Module):
+    """VGG's pattern: a conv module whose ReLU the parent applies as a function (`rectify`),
+    then max pooling and a Dense head; `features` and `head` split it at that ReLU."""
+
+    rectify: str = "nn.relu"
+
+    def setup(self):
+        self.conv = nn.Conv(6, (3, 3))
+        self.dense = nn.Dense(CLASSES)
+
+    def features(self, x):
+        y = self.conv(x)
+        return nn.relu(y) if self.rectify == "nn.relu" else jnp.maximum(y, 0.0)
+
+    def head(self, a):
+        return self.dense(nn.max_pool(a, (2, 2), (2, 2)).reshape(a.shape[0], -1))
+
+    def __call__(self, x):
+        return self.head(self.features(x))
+
+
+def _grad_cam_reference(activation, gradient):
+    """float64 Grad-CAM from a layer's activation A and d score / d A (Selvaraju et al. §3)."""
+    alpha = gradient.astype(np.float64).mean(axis=(1, 2))
+    return np.maximum(np.einsum("nhwk,nk->nhw", activation.astype(np.float64), alpha), 0.0)
+
+
+@pytest.mark.parametrize("rectify", ["nn.relu", "jnp.maximum"])
+def test_grad_cam_takes_the_rectified_maps_of_a_layer_followed_by_a_relu(rectify):
+    """The paper's A^k are rectified conv maps (VGG-16's conv5_3 after its ReLU): where the
+    parent applies the ReLU as a function, the map uses that ReLU's output and the gradient
+    with respect to it; `after_relu=False` keeps the module's own (pre-ReLU) output."""
+    model = ConvThenRelu(rectify)
+    images = np.random.RandomState(5).randn(3, *SHAPE).astype(np.float32)
+    variables = model.init(jax.random.key(3), images[:1])
+    targets = np.array([0, 2, 1])
+
+    def score(a):
+        logits = model.apply(variables, a, method=ConvThenRelu.head)
+        return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+
+    rectified = model.apply(variables, images, method=ConvThenRelu.features)
+    pre = model.apply(variables, images, method=lambda m, x: m.conv(x))
+    g_post = np.asarray(jax.grad(score)(rectified))
+    g_pre = np.where(np.asarray(pre) > 0, g_post, 0.0)  # the ReLU's gradient, 0 at 0
+    assert (np.asarray(pre) < 0).mean() > 0.2 and np.abs(g_post[np.asarray(pre) < 0]).max() > 0
+
+    cam = at.grad_cam(model, variables, images, targets)
+    assert cam.layer == "conv" and cam.after_relu
+    expected = _grad_cam_reference(np.asarray(rectified), g_post)
+    np.testing.assert_allclose(cam.maps, expected, rtol=1e-4, atol=1e-6 * expected.max())
+
+    raw = at.grad_cam(model, variables, images, targets, after_relu=False)
+    assert not raw.after_relu
+    expected_raw = _grad_cam_reference(np.asarray(pre), g_pre)
+    np.testing.assert_allclose(raw.maps, expected_raw, rtol=1e-4,
+                               atol=1e-6 * expected_raw.max())
+    assert np.abs(expected - expected_raw).max() > 0.1 * expected.max()  # the choice matters
+
+
+def test_grad_cam_keeps_a_layer_not_followed_by_a_relu(resnet):
+    """ResNet-20's blocks rectify inside the module; nothing rectifies their output again."""
+    model, variables, images = resnet
+    assert not at.grad_cam(model, variables, images, np.array([1, 3, 0])).after_relu
+
+
 def test_activations_are_the_features_the_model_returns(resnet):
     model, variables, images = resnet
     _, features = model.apply(variables, images, train=False, return_features=True)
@@ -350,6 +416,8 @@ def test_bad_inputs_are_named(resnet, linear):
                                          r"module of the model; expected one of the feature-map "
                                          r"layers \[.*'stage3_block3'\] \(last 8 of"):
         at.grad_cam(model, variables, images, layer="stage9")
+    with pytest.raises(ValueError, match=r"^attribution: after_relu='yes' is invalid"):
+        at.grad_cam(model, variables, images, after_relu="yes")
     with pytest.raises(ValueError, match=r"layer='head' is invalid; it outputs \(1, 4\), not a "
                                          r"feature map"):
         at.explain(model, variables, images, layer="head")
