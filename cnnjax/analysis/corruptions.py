@@ -40,7 +40,9 @@ Deviations, all deliberate and small:
   liquid left after the threshold), the shading is 0;
 - PIL- and ImageMagick-based corruptions (jpeg_compression, pixelate, motion_blur) need uint8
   input: float images are rounded to the nearest level first (the authors' were always uint8).
-OpenCV (`cv2`) is needed for defocus_blur, elastic_transform, snow and spatter, as the authors'.
+OpenCV (`cv2`) is needed for defocus_blur, elastic_transform, snow and spatter, as the authors';
+it is the optional `robustness` extra (`pip install 'cnnjax[robustness]'`), and `check_corruption`
+refuses those four without it, before anything runs.
 
 Grey (1-channel) images: every corruption applies except `saturate` (a grey pixel has no
 saturation to change: the authors' HSV formula would paint greys red at severities 4-5), which
@@ -101,6 +103,8 @@ PARAMETERS: dict[str, tuple[Any, ...]] = {
 }
 CORRUPTIONS = tuple(PARAMETERS)
 COLOR_ONLY = ("saturate",)
+#: Corruptions computed with OpenCV, as the authors' are (the `robustness` extra installs it).
+NEEDS_OPENCV = ("defocus_blur", "elastic_transform", "snow", "spatter")
 # tfds's cifar10_corrupted names the authors' glass_blur.npy and elastic_transform.npy otherwise.
 TFDS_CONFIG_NAMES = {"glass_blur": "frosted_glass_blur", "elastic_transform": "elastic"}
 
@@ -495,6 +499,20 @@ def check_corruption(name: Any, severity: Any, channels: int | None = None) -> N
         raise invalid(_OWNER, "name", name,
                       f"it is defined for RGB images only, and these have {channels} channel; "
                       f"for grey images expected one of {list(available(channels))}")
+    if name in NEEDS_OPENCV and not _has_opencv():
+        raise invalid(_OWNER, "name", name,
+                      "it needs OpenCV, which is not installed: pip install 'cnnjax[robustness]' "
+                      f"(opencv-contrib-python-headless), or choose one of "
+                      f"{[n for n in CORRUPTIONS if n not in NEEDS_OPENCV]}")
+
+
+def _has_opencv() -> bool:
+    """Whether `cv2` imports."""
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_images(images: Any) -> np.ndarray:

@@ -10,6 +10,7 @@ their distributions, so a wrong scale would fail even if the draw were shared.
 from __future__ import annotations
 
 import colorsys
+import sys
 
 import numpy as np
 import pytest
@@ -767,3 +768,16 @@ def test_quantize_truncates_as_cifar10c_was_stored():
 def test_bad_inputs_name_the_argument_value_and_choices(call, message):
     with pytest.raises(ValueError, match=message):
         call(_images(1)[0].astype(np.float64))
+
+
+def test_the_opencv_corruptions_are_refused_without_opencv(monkeypatch):
+    """OpenCV is an optional extra: without it the four corruptions computed with it are refused
+    by name before any image is touched, and the others still run."""
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError
+    image = _images(1)[0]
+    for name in C.NEEDS_OPENCV:
+        with pytest.raises(ValueError, match=rf"^corruptions: name='{name}' is invalid; it needs "
+                                             r"OpenCV, which is not installed: pip install "
+                                             r"'cnnjax\[robustness\]'"):
+            C.corrupt(image, name, 1)
+    assert C.corrupt(image, "gaussian_blur", 1).shape == image.shape
