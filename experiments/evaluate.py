@@ -34,6 +34,8 @@ configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
 
+from cnnjax.utils.cli import one_line_errors, start_command  # noqa: E402
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _SPLIT = flags.DEFINE_string("split", None, "tfds split, e.g. 'test' (default: the run's).")
@@ -76,12 +78,16 @@ def _calibration_line(record: dict) -> str:
     return line
 
 
+def _hint(err: Exception) -> str:
+    """The flag to pass when the run's device count does not fit this machine ('' otherwise)."""
+    return (" (pass --num_devices=N for this machine's devices)"
+            if "num_devices=" in str(err) and _DEVICES.value is None else "")
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    start_command(argv)
     from cnnjax.analysis.calibration import plot_reliability
     from cnnjax.train.config import config_task
-    from cnnjax.train.logging import quiet_library_logs
     from cnnjax.train.trained import (
         calibrate_run,
         check_temperature_split,
@@ -92,7 +98,6 @@ def main(argv: list[str]) -> None:
     )
     from cnnjax.utils.files import write_json
 
-    quiet_library_logs()
     if _TEMPERATURE_SPLIT.value is not None and not _CALIBRATION.value:
         sys.exit("error: --temperature_split is invalid with --nocalibration; drop one of them")
     if _PLOT.value and _PLOT_IMAGES.value < 1:
@@ -107,15 +112,11 @@ def main(argv: list[str]) -> None:
     if _OUTPUT.value and _OUTPUT.value.lower().endswith(".png"):  # the plot's own path
         sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path (the "
                  "plot is written beside it, with the suffix .png)")
-    try:
+    with one_line_errors(_hint):
         run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         same_split, warnings = check_temperature_split(
             run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)
-    except (ValueError, FileNotFoundError) as err:
-        hint = (" (pass --num_devices=N for this machine's devices)"
-                if "num_devices=" in str(err) and _DEVICES.value is None else "")
-        sys.exit(f"error: {err}{hint}")
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
                                            f"{result['split']}_step{result['step']}"
                                            f"{'_ema' if run.ema else ''}.json")

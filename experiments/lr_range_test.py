@@ -16,8 +16,6 @@ lr_range.json). Errors end the process with a one-line message.
 
 from __future__ import annotations
 
-import sys
-
 # CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
 from cnnjax.platform import configure_cpu_defaults
 
@@ -27,7 +25,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from cnnjax.tune import lr_range  # noqa: E402
-from cnnjax.utils.cli import parse_flags  # noqa: E402
+from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -53,18 +51,12 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
-
-    quiet_library_logs()
-    try:
+    start_command(argv)
+    with one_line_errors():
         record = lr_range.run_lr_range(
             _CONFIG.value, _WORKDIR.value, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value,
             steps=_STEPS.value, divergence_factor=_DIVERGENCE_FACTOR.value,
             smoothing=_SMOOTHING.value)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
     print(lr_range.format_summary(record), flush=True)
 
 

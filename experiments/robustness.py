@@ -29,7 +29,6 @@ Grey runs (`digits`) skip `saturate` under --corruptions=all and refuse it by na
 from __future__ import annotations
 
 import os
-import sys
 
 from cnnjax.platform import configure_cpu_defaults
 
@@ -38,6 +37,7 @@ configure_cpu_defaults()
 from absl import app, flags  # noqa: E402
 
 from cnnjax.analysis.robustness import TFDS_CORRUPTED, run_robustness, table  # noqa: E402
+from cnnjax.utils.cli import one_line_errors, start_command  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a trained classifier's run.")
 _CORRUPTIONS = flags.DEFINE_string("corruptions", "all", "'all' or comma-separated names.")
@@ -53,23 +53,23 @@ _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def _hint(err: Exception) -> str:
+    """What to do about a `cifar10_corrupted` config that is not prepared ('' for other errors)."""
     from cnnjax.data.sources import DatasetNotPreparedError
-    from cnnjax.train.logging import quiet_library_logs
 
-    quiet_library_logs()
-    try:
+    if not isinstance(err, DatasetNotPreparedError):
+        return ""
+    return (f" For --source=tfds, prepare each `{TFDS_CORRUPTED}/<corruption>_<severity>` config "
+            f"you evaluate (e.g. `tfds build {TFDS_CORRUPTED}` prepares all 95), or use "
+            "--source=on_the_fly.")
+
+
+def main(argv: list[str]) -> None:
+    start_command(argv)
+    with one_line_errors(_hint):
         record, path = run_robustness(
             _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
             _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)
-    except DatasetNotPreparedError as err:
-        sys.exit(f"error: {err} For --source=tfds, prepare each `{TFDS_CORRUPTED}/<corruption>_"
-                 f"<severity>` config you evaluate (e.g. `tfds build {TFDS_CORRUPTED}` prepares "
-                 "all 95), or use --source=on_the_fly.")
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
     print(table(record))
     for name, why in record["skipped"].items():
         print(f"skipped {name}: {why}")

@@ -38,3 +38,31 @@ def test_the_override_that_failed_is_named():
         "--config.optimizer.learnin_rate=0.1 is invalid; 'learnin_rate' Did you mean "
         "\"learning_rate\" instead?")
     assert cli.describe_flag_error([], ValueError("bad")) == "bad"
+
+
+def test_a_command_refuses_positional_arguments():
+    from absl import app
+
+    with pytest.raises(app.UsageError, match=r"^Unexpected arguments: \['extra'\]$"):
+        cli.start_command(["prog", "extra"])
+    cli.start_command(["prog"])
+
+
+@pytest.mark.parametrize("err, line", [
+    (ValueError("robustness: seed=-1 is invalid; expected a non-negative integer"),
+     "error: robustness: seed=-1 is invalid; expected a non-negative integer"),
+    (FileNotFoundError("data: dataset 'x' is not prepared"),
+     "error: data: dataset 'x' is not prepared"),
+])
+def test_bad_input_ends_the_command_in_one_line(err, line):
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors():
+        raise err
+    assert exited.value.code == line
+
+
+def test_the_hint_follows_the_error_and_other_errors_pass_through():
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors(lambda err: " (a hint)"):
+        raise ValueError("bad")
+    assert exited.value.code == "error: bad (a hint)"
+    with pytest.raises(KeyError), cli.one_line_errors():
+        raise KeyError("a bug is a traceback")

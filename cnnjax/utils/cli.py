@@ -1,16 +1,18 @@
-"""Flag parsing for the absl entry points that load ml_collections config files.
+"""What cnnjax's absl entry points share: flag parsing, the start of `main` and one-line errors.
 
 `ml_collections.config_flags` reports a misspelt `--config.<field>=...` or a missing config file
 as a Python traceback from inside absl's parser. `parse_flags` (pass it to
 `app.run(main, flags_parser=parse_flags)`) turns those into one `error: ...` line naming the
-flag, as every other bad input to cnnjax's commands is reported.
+flag, as every other bad input to cnnjax's commands is reported: `start_command` begins a
+`main`, and `one_line_errors` ends the command on the errors of its work with that line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from absl import app, flags
 
@@ -62,3 +64,22 @@ def error_message(err: Exception) -> str:
         err = err.args[0]
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return " ".join(text.split())
+
+
+def start_command(argv: list[str]) -> None:
+    """Refuses positional arguments and quiets library logs: how every command's `main` begins."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from cnnjax.train.logging import quiet_library_logs
+
+    quiet_library_logs()
+
+
+@contextlib.contextmanager
+def one_line_errors(hint: Callable[[Exception], str] | None = None) -> Iterator[None]:
+    """Ends the command with `error: <err><hint(err)>` and exit status 1 on a ValueError or
+    FileNotFoundError in the block: bad input is reported as one line, not a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}{hint(err) if hint is not None else ''}")
