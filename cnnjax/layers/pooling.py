@@ -45,6 +45,20 @@ def _zero(dtype: jnp.dtype) -> np.ndarray:
     return np.array(0, dtype)
 
 
+def _sum_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """At least float32 for floating `dtype`, so bfloat16/float16 window sums do not round at
+    every addition (PyTorch accumulates them in float32 too); other dtypes are kept."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.promote_types(dtype, jnp.float32)
+    return jnp.dtype(dtype)
+
+
+def _narrow(y: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`y` back in the input's floating `dtype` after a widened average (integer inputs keep the
+    float result of true division, as before)."""
+    return y.astype(dtype) if jnp.issubdtype(dtype, jnp.floating) else y
+
+
 def _window_geometry(
     owner: str, x: jax.Array, kernel_size: IntPair, stride: IntPair | None, padding: IntPair,
     ceil_mode: bool,
@@ -110,22 +124,24 @@ def avg_pool2d(
 
     `count_include_pad=True` divides by the window's overlap with the zero-padded input (the
     overhang created by `ceil_mode` is never counted); `False` divides by the number of real
-    input elements in the window (TensorFlow's `SAME` average pooling).
+    input elements in the window (TensorFlow's `SAME` average pooling). bfloat16/float16 windows
+    are summed in float32 and only the mean is rounded back (as PyTorch does).
     """
     owner = "avg_pool2d"
     kernel, strides, pads, outs, extra = _window_geometry(
         owner, x, kernel_size, stride, padding, ceil_mode)
     if not isinstance(count_include_pad, bool):
         raise invalid(owner, "count_include_pad", count_include_pad, "expected a bool")
+    wide = x.astype(_sum_dtype(x.dtype))
     summed = jax.lax.reduce_window(
-        x, _zero(x.dtype), jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
+        wide, _zero(wide.dtype), jax.lax.add, (1, *kernel, 1), (1, *strides, 1),
         ((0, 0), (pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]), (0, 0)))
     counts = [
         _avg_counts(n, k, s, p, o, count_include_pad)
         for n, k, s, p, o in zip(x.shape[1:3], kernel, strides, pads, outs, strict=True)
     ]
     divisor = np.outer(counts[0], counts[1])[None, :, :, None]
-    return summed / jnp.asarray(divisor, summed.dtype)
+    return _narrow(summed / jnp.asarray(divisor, summed.dtype), x.dtype)
 
 
 def global_avg_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
@@ -172,9 +188,12 @@ def _adaptive_axis(x: jax.Array, axis: int, out: int, mode: str) -> jax.Array:
 
 
 def _adaptive_pool2d(owner: str, x: jax.Array, output_size: IntPair, mode: str) -> jax.Array:
+    """Separable adaptive pooling; averages run in `_sum_dtype` across both axes, cast back once."""
     check_nhwc(owner, x)
     out_h, out_w = to_pair(owner, "output_size", output_size)
-    return _adaptive_axis(_adaptive_axis(x, 1, out_h, mode), 2, out_w, mode)
+    wide = x.astype(_sum_dtype(x.dtype)) if mode == "avg" else x
+    pooled = _adaptive_axis(_adaptive_axis(wide, 1, out_h, mode), 2, out_w, mode)
+    return _narrow(pooled, x.dtype) if mode == "avg" else pooled
 
 
 def adaptive_avg_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:

@@ -318,3 +318,53 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as info:
         call()
     assert str(info.value).startswith(message), str(info.value)
+
+
+# ---------------------------------------------------------------- low-precision averages
+
+BF16_ROUNDING = 2.0**-8  # Largest relative error of rounding a positive value to bfloat16.
+
+
+def _bf16_positive(shape, seed):
+    """Post-ReLU-like bfloat16 activations and their exact float64 values."""
+    x = jnp.asarray(np.random.default_rng(seed).uniform(0.0, 1.0, shape), jnp.bfloat16)
+    return x, np.asarray(x, np.float64)
+
+
+def _assert_bf16_rounding_of(got, exact):
+    assert got.dtype == jnp.bfloat16
+    relative = np.abs(np.asarray(got, np.float64) - exact) / np.abs(exact)
+    assert relative.max() <= BF16_ROUNDING, relative.max()
+
+
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode",
+                         [(3, 2, 0, False), (5, 3, 2, True), (7, 1, 0, False), (14, 14, 0, False),
+                          (3, 2, 1, True)])
+def test_bfloat16_avg_pool_only_rounds_the_output(kernel, stride, padding, ceil_mode):
+    # Summing 49-196 bfloat16 values in bfloat16 was off by up to 4.6%; in float32 the only
+    # error left is rounding the mean to bfloat16 (PyTorch's bf16 avg_pool2d: 0.39%).
+    x, exact = _bf16_positive((2, 14, 14, 16), seed=11)
+    got = avg_pool2d(x, kernel, stride, padding, ceil_mode)
+    _assert_bf16_rounding_of(got, _pool_reference(exact, (kernel,) * 2, (stride,) * 2,
+                                                  (padding,) * 2, ceil_mode, "avg"))
+
+
+@pytest.mark.parametrize("out", [1, (7, 2), (4, 3), 5])
+def test_bfloat16_adaptive_avg_pool_only_rounds_the_output(out):
+    x, exact = _bf16_positive((2, 14, 14, 16), seed=12)
+    pair = (out, out) if isinstance(out, int) else out
+    _assert_bf16_rounding_of(adaptive_avg_pool2d(x, out), _adaptive_reference(exact, pair, "avg"))
+    levels = (1, 3, 5)
+    expected = np.concatenate(
+        [_adaptive_reference(exact, (lv, lv), "avg").reshape(2, -1) for lv in levels], axis=1)
+    _assert_bf16_rounding_of(spatial_pyramid_pool(x, levels, "avg"), expected)
+
+
+def test_float32_and_integer_averages_keep_their_dtypes():
+    x = _random((1, 9, 9, 2), seed=13)
+    assert avg_pool2d(x, 3).dtype == jnp.float32
+    assert adaptive_avg_pool2d(x, 4).dtype == jnp.float32
+    ints = jnp.arange(2 * 4 * 4).reshape(1, 4, 4, 2)
+    np.testing.assert_allclose(avg_pool2d(ints, 2),
+                               _pool_reference(np.asarray(ints), (2, 2), (2, 2), (0, 0), False,
+                                               "avg"), rtol=RTOL, atol=ATOL)
