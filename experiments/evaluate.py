@@ -84,6 +84,12 @@ def _hint(err: Exception) -> str:
             if "num_devices=" in str(err) and _DEVICES.value is None else "")
 
 
+def _output_hint(err: Exception) -> str:
+    """Where else the results can go when the default folder cannot be written ('' otherwise)."""
+    return (" (pass --output=<a JSON path> to write them elsewhere)"
+            if isinstance(err, OSError) and _OUTPUT.value is None else "")
+
+
 def main(argv: list[str]) -> None:
     start_command(argv)
     from cnnjax.analysis.calibration import plot_reliability
@@ -120,37 +126,38 @@ def main(argv: list[str]) -> None:
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
                                            f"{result['split']}_step{result['step']}"
                                            f"{'_ema' if run.ema else ''}.json")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        sys.exit(f"error: --output={output!r} is invalid; a file is in the way of its folder")
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    stem = os.path.splitext(output)[0]
-    classified, failure = None, None
-    if config_task(run.config) == "classification" and _CALIBRATION.value:
-        try:  # one pass of the model for calibration and the confusion matrix
-            classified = classifier_logits(run, result["split"], _BATCH.value or 64)
-            result["calibration"] = calibrate_run(
-                run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
-                same_split=same_split)
-        except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
-            failure = str(err)
-            result["calibration_error"] = failure
-    if _PLOT.value and (classified is not None or failure is None):
-        result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
-                                   classified=classified)
-    if _PLOT.value and "calibration" in result:
-        record = result["calibration"]
-        scaled = record.get("temperature_scaling")
-        panels = [("before temperature scaling" if scaled else "", record)]
-        if scaled:
-            panels.append((f"T = {scaled['temperature']:.3f} (fitted on {scaled['split']})",
-                           scaled))
-        result["reliability_plot"] = plot_reliability(
-            panels, stem + "_reliability.png",
-            title=f"{run.config.model} step {run.step}, {result['split']}")
-    write_json(output, result)
+    with one_line_errors(_output_hint):  # e.g. a folder it may not write: one line naming it
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            sys.exit(f"error: --output={output!r} is invalid; a file is in the way of its folder")
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        stem = os.path.splitext(output)[0]
+        classified, failure = None, None
+        if config_task(run.config) == "classification" and _CALIBRATION.value:
+            try:  # one pass of the model for calibration and the confusion matrix
+                classified = classifier_logits(run, result["split"], _BATCH.value or 64)
+                result["calibration"] = calibrate_run(
+                    run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
+                    same_split=same_split)
+            except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
+                failure = str(err)
+                result["calibration_error"] = failure
+        if _PLOT.value and (classified is not None or failure is None):
+            result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
+                                       classified=classified)
+        if _PLOT.value and "calibration" in result:
+            record = result["calibration"]
+            scaled = record.get("temperature_scaling")
+            panels = [("before temperature scaling" if scaled else "", record)]
+            if scaled:
+                panels.append((f"T = {scaled['temperature']:.3f} (fitted on {scaled['split']})",
+                               scaled))
+            result["reliability_plot"] = plot_reliability(
+                panels, stem + "_reliability.png",
+                title=f"{run.config.model} step {run.step}, {result['split']}")
+        write_json(output, result)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "calibration")}
     print(json.dumps(shown, indent=2, default=float))  # all of it is in the file
     if "calibration" in result:

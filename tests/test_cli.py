@@ -66,3 +66,18 @@ def test_the_hint_follows_the_error_and_other_errors_pass_through():
     assert exited.value.code == "error: bad (a hint)"
     with pytest.raises(KeyError), cli.one_line_errors():
         raise KeyError("a bug is a traceback")
+
+
+@pytest.mark.parametrize("err, line", [
+    (PermissionError(13, "Permission denied", "/runs/a/robustness"),
+     "error: cannot access '/runs/a/robustness': Permission denied"),
+    (PermissionError(13, "Permission denied", "/runs/a/r.json.1.tmp", None, "/runs/a/r.json"),
+     "error: cannot access '/runs/a/r.json.1.tmp' or '/runs/a/r.json': Permission denied"),
+    (OSError(30, "Read-only file system", b"/runs/b"),
+     "error: cannot access '/runs/b': Read-only file system"),
+    (OSError(28, "No space left on device"), "error: [Errno 28] No space left on device"),
+])
+def test_a_path_it_cannot_write_ends_the_command_in_one_line_naming_it(err, line):
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors():
+        raise err
+    assert exited.value.code == line

@@ -78,8 +78,21 @@ def start_command(argv: list[str]) -> None:
 @contextlib.contextmanager
 def one_line_errors(hint: Callable[[Exception], str] | None = None) -> Iterator[None]:
     """Ends the command with `error: <err><hint(err)>` and exit status 1 on a ValueError or
-    FileNotFoundError in the block: bad input is reported as one line, not a traceback."""
+    OSError in the block (`os_error_message`, but for a FileNotFoundError's own text): bad input
+    or a path it cannot read or write is reported as one line, not a traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}{hint(err) if hint is not None else ''}")
+    except OSError as err:  # e.g. PermissionError on a read-only workdir
+        sys.exit(f"error: {os_error_message(err)}{hint(err) if hint is not None else ''}")
+
+
+def os_error_message(err: OSError) -> str:
+    """`err` on one line naming its path(s), `cannot access '<path>': <reason>`, so the user
+    knows which file or folder to fix (its text as it is when it names none)."""
+    paths = [os.fsdecode(p) if isinstance(p, bytes) else p
+             for p in (err.filename, err.filename2) if p is not None]
+    if not paths or not err.strerror:
+        return error_message(err)
+    return f"cannot access {' or '.join(repr(p) for p in paths)}: {err.strerror}"

@@ -115,3 +115,26 @@ def test_overlapping_slices_and_joins_are_refused_or_warned_about(tmp_path):
     assert "Traceback" not in sliced.stderr, sliced.stderr[-3000:]
     assert ("warning: temperature_split='train[50%:]' shares examples with the run's training "
             "split 'train[:60%]'") in sliced.stderr
+    # Results it may not write (the writer refused, as in a read-only workdir even for root):
+    # one line naming the file, and where else they can go.
+    denied = subprocess.run(
+        [sys.executable, "-c", _DENIED_WRITER, f"--workdir={workdir}", "--noplot",
+         "--nocalibration"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True, text=True, timeout=300)
+    assert denied.returncode == 1 and "Traceback" not in denied.stderr, denied.stderr[-3000:]
+    assert denied.stderr.strip().splitlines()[-1] == (
+        f"error: cannot access {str(workdir / 'eval' / 'test_step2.json')!r}: Permission "
+        "denied (pass --output=<a JSON path> to write them elsewhere)")
+
+
+_DENIED_WRITER = """
+from absl import app
+from cnnjax.utils import files
+
+def denied(path, record):
+    raise PermissionError(13, "Permission denied", path)
+
+files.write_json = denied
+from experiments import evaluate
+app.run(evaluate.main)
+"""

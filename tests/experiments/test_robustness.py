@@ -227,6 +227,52 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
         "'1,3,5'.")
 
 
+
+# The command with the results' writer refused (as on a workdir it may not write): for a root
+# user, whom chmod does not stop.
+_DENIED_WRITER = """
+import sys
+from absl import app
+from cnnjax.utils import files
+
+def denied(path, record):
+    raise PermissionError(13, "Permission denied", path)
+
+files.write_json = denied
+from experiments import robustness
+app.run(robustness.main)
+"""
+
+
+def _robustness_command(*args: str, script: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    start = ["-c", script] if script else ["-m", "experiments.robustness"]
+    return subprocess.run([sys.executable, *start, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders anyway")
+def test_a_workdir_it_may_not_write_is_one_line_naming_it(rgb_run):
+    os.chmod(rgb_run, 0o555)
+    try:
+        result = _robustness_command(f"--workdir={rgb_run}", "--corruptions=contrast",
+                                     "--severities=5")
+    finally:
+        os.chmod(rgb_run, 0o755)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot access {str(rgb_run / 'robustness')!r}: Permission denied")
+
+
+def test_results_it_may_not_write_are_one_line_naming_them(rgb_run):
+    result = _robustness_command(f"--workdir={rgb_run}", "--corruptions=contrast",
+                                 "--severities=5", script=_DENIED_WRITER)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot access {str(rgb_run / 'robustness' / 'robustness.json')!r}: "
+        "Permission denied")
+
+
 # ------------------------------------------------------------ cifar10_corrupted, mocked
 def test_tfds_source_reads_cifar10_corrupted_through_the_runs_preprocessing(tmp_path):
     """A run trained on (mocked) cifar10; with source='tfds' each cell is the run's engine
