@@ -9,6 +9,7 @@ import pytest
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
     check_number,
+    check_optional_bool,
     check_positive_float,
     concrete_value,
     given_dtype,
@@ -107,3 +108,15 @@ def test_check_positive_float_refuses_bools_and_non_positive_values(value):
 @pytest.mark.parametrize("value, expected", [(0.1, 0.1), (3, 3.0), (np.float32(0.5), 0.5)])
 def test_check_positive_float_accepts_positive_numbers(value, expected):
     assert check_positive_float("optimizer", "learning_rate", value) == expected
+
+
+@pytest.mark.parametrize("value", [True, False, None])
+def test_check_optional_bool_accepts_bools_and_none(value):
+    assert check_optional_bool("f", "flag", value) is value
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1.0, np.bool_(False)])
+def test_check_optional_bool_refuses_everything_else(value):
+    with pytest.raises(ValueError, match=r"^f: flag=.* is invalid; expected True, False or "
+                                         r"None\.$"):
+        check_optional_bool("f", "flag", value)

@@ -35,6 +35,7 @@ from cnnjax.layers.padding import (
     same_padding,
 )
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_nhwc,
     check_positive_int,
@@ -188,6 +189,7 @@ class Conv2D(nn.Module):
         _check_groups(type(self).__name__, self.features, self.groups)
         _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                   self.padding_mode, self.dilation)
+        check_bool(type(self).__name__, "use_bias", self.use_bias)
         super().__post_init__()
 
     def setup(self) -> None:
@@ -242,6 +244,7 @@ class LocallyConnected2D(nn.Module):
         check_positive_int(type(self).__name__, "features", self.features)
         _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                   self.padding_mode, self.dilation)
+        check_bool(type(self).__name__, "use_bias", self.use_bias)
         super().__post_init__()
 
     def setup(self) -> None:
@@ -304,6 +307,7 @@ class TiledConv2D(nn.Module):
         to_pair(owner, "tile_size", self.tile_size, minimum=1)
         _geometry(owner, self.kernel_size, self.strides, self.padding, self.padding_mode,
                   self.dilation)
+        check_bool(owner, "use_bias", self.use_bias)
         super().__post_init__()
 
     @nn.compact
@@ -397,6 +401,7 @@ class ConvTranspose2D(nn.Module):
 
     def __post_init__(self) -> None:
         _transpose_geometry(self)
+        check_bool(type(self).__name__, "use_bias", self.use_bias)
         super().__post_init__()
 
     @nn.compact

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.utils.validation import check_number, check_positive_int
+from cnnjax.utils.validation import check_number, check_optional_bool, check_positive_int
 
 Array = Any
 
@@ -66,10 +66,12 @@ class DropPath(nn.Module):
 
     def __post_init__(self) -> None:
         check_drop_rate(type(self).__name__, "rate", self.rate)
+        check_optional_bool(type(self).__name__, "deterministic", self.deterministic)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+        check_optional_bool(type(self).__name__, "deterministic", deterministic)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or self.rate == 0:
             return x

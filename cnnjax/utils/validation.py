@@ -26,6 +26,14 @@ def check_bool(owner: str, arg: str, value: Any) -> bool:
     return value
 
 
+def check_optional_bool(owner: str, arg: str, value: Any) -> bool | None:
+    """Returns `value` if it is None or a bool: a flag such as `deterministic` that may be left
+    for call time (`nn.merge_param`), where a stray string must not read as True."""
+    if value is not None and not isinstance(value, bool):
+        raise invalid(owner, arg, value, "expected True, False or None")
+    return value
+
+
 def check_depth(owner: str, depth: Any, per_unit: int, offset: int, context: str,
                 examples: Iterable[int] | None = None) -> int:
     """n for a network `depth` = `per_unit` * n + `offset` with n >= 1 (a CIFAR ResNet's 6n + 2,

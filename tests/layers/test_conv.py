@@ -476,6 +476,15 @@ def test_construction_errors(cls, kwargs, message):
 
 
 @pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
+@pytest.mark.parametrize("use_bias", ["no", 0, None])
+def test_use_bias_must_be_a_bool(cls, use_bias):
+    # use_bias="no" is truthy and used to create a bias silently.
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: use_bias={use_bias!r} is invalid; "
+                                         r"expected True or False\.$"):
+        cls(4, 3, use_bias=use_bias)
+
+
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
 def test_features_must_be_positive(cls):
     with pytest.raises(ValueError, match=rf"{cls.__name__}: features=0 is invalid; expected a "
                                          r"positive integer"):

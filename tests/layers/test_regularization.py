@@ -110,6 +110,19 @@ def test_invalid_rate_is_a_named_error(rate):
         DropPath(rate)
 
 
+@pytest.mark.parametrize("value", ["no", 0, 1, np.bool_(True)])
+def test_deterministic_must_be_a_bool_or_none(value):
+    # A non-empty string is truthy, so DropPath(deterministic="no") used to be the identity.
+    message = rf"^DropPath: deterministic={re.escape(repr(value))} is invalid; expected True, " \
+              r"False or None\."
+    with pytest.raises(ValueError, match=message):
+        DropPath(0.5, deterministic=value)
+    with pytest.raises(ValueError, match=message):
+        DropPath(0.5).apply({}, jnp.ones((2, 3)), deterministic=value)
+    for flag in (True, False, None):
+        DropPath(0.5, deterministic=flag)
+
+
 # ----------------------------------------------------------------- stochastic_depth_rates
 
 
