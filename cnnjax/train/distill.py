@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from flax.traverse_util import flatten_dict
 
 from cnnjax.utils.files import read_json, write_json
 from cnnjax.utils.validation import check_bool, check_number, invalid
+
+if TYPE_CHECKING:
+    from cnnjax.data.pipeline import DatasetInfo
 
 OWNER = "distill"
 DISTILL_FILE = "distill.json"  # the teacher a distilled run trains against (kept across resumes)
@@ -147,14 +150,15 @@ def fingerprint(variables: dict) -> str:
     return digest.hexdigest()
 
 
-def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...],
-                 student_workdir: str | None = None) -> Teacher:
-    """Reads `config.distill`'s teacher for a student of `num_classes` classes on images of
-    `image_shape`; a ValueError naming the `distill` field if the teacher run is missing, is the
-    student's own `student_workdir`, has no checkpoint (or not the step), is not a classifier, or
-    was trained on another dataset, class subset or input shape (the teacher sees the student's
-    images, normalized as the student's dataset is, and its class i is read as the student's).
-    Reads checkpoints and dataset metadata only: nothing is compiled."""
+def load_teacher(config: Any, student: DatasetInfo, student_workdir: str | None = None,
+                 ) -> Teacher:
+    """Reads `config.distill`'s teacher for a student whose data is `student` (the `DatasetInfo`
+    of `config.data` that `check_config` already read: name, classes, image shape); a ValueError
+    naming the `distill` field if the teacher run is missing, is the student's own
+    `student_workdir`, has no checkpoint (or not the step), is not a classifier, or was trained
+    on another dataset, class subset or input shape (the teacher sees the student's images,
+    normalized as the student's dataset is, and its class i is read as the student's). Reads
+    checkpoints and the teacher's dataset metadata only: nothing is compiled."""
     from cnnjax.train import config as config_lib
     from cnnjax.train.logging import CONFIG_FILE
     from cnnjax.train.trained import load_trained
@@ -185,22 +189,23 @@ def load_teacher(config: Any, num_classes: int, image_shape: tuple[int, ...],
                        "ema": ("ema", settings["ema"])}.get(field, ("teacher_workdir", workdir))
         raise invalid(OWNER, name, value, f"the teacher run cannot be loaded ({err})") from None
     info = config_lib.data_pipeline(run.config).get_dataset_info(run.config.data)
-    student = config_lib.data_pipeline(config).get_dataset_info(config.data).name
+    num_classes, image_shape = student.num_classes, tuple(student.image_shape)
     subsets = [_classes(c.data) for c in (run.config, config)]
-    if info.name != student or subsets[0] != subsets[1]:
+    if info.name != student.name or subsets[0] != subsets[1]:
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"the teacher was trained on {info.name!r} classes {subsets[0] or 'all'} "
-                      f"and the student trains on {student!r} classes {subsets[1] or 'all'}; "
+                      f"and the student trains on {student.name!r} classes "
+                      f"{subsets[1] or 'all'}; "
                       "they must be the same dataset and classes (its class i is read as the "
                       "student's, and its input is normalized as the student's dataset is)")
     if info.num_classes != num_classes:
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"the teacher predicts {info.num_classes} classes ({info.name!r}) and the "
                       f"student's data has {num_classes}; they must be the same classes")
-    if tuple(info.image_shape) != tuple(image_shape):
+    if tuple(info.image_shape) != image_shape:
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"the teacher was trained on {tuple(info.image_shape)} images (height, "
-                      f"width, channels) and the student's data gives {tuple(image_shape)}; set "
+                      f"width, channels) and the student's data gives {image_shape}; set "
                       "the student's data.image_size (and channels) to the teacher's")
     record = {"workdir": run.workdir, "step": run.step, "checkpoint": run.how, "ema": run.ema,
               "model": run.config.model, "dataset": info.name,

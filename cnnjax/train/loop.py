@@ -340,8 +340,8 @@ class _Run:
         self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
         if prepare_workdir:  # training: the teacher is checked before the workdir is touched
             if distill_lib.distill_settings(self.config) is not None:
-                self.teacher = distill_lib.load_teacher(self.config, self.num_classes,
-                                                        self.image_shape, self.workdir)
+                self.teacher = distill_lib.load_teacher(self.config, self.data_info,
+                                                        self.workdir)
             self.prepare_workdir()
             # Multi-host: no process looks for checkpoints before process 0 applied `restart`.
             _sync_processes("cnnjax:workdir_prepared")

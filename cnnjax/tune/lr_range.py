@@ -166,8 +166,7 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
     checked = config_lib.check_config(run_config, schedule=schedule)
     teacher = None  # config.distill's teacher, checked like the engine checks it
     if distill_lib.distill_settings(run_config) is not None:
-        teacher = distill_lib.load_teacher(run_config, checked.data_info.num_classes,
-                                           tuple(checked.data_info.image_shape))
+        teacher = distill_lib.load_teacher(run_config, checked.data_info)
     check_directory_kind(workdir, "learning-rate range test", "workdir")
     is_primary = jax.process_index() == 0
     flat = config_lib.flatten(run_config)

@@ -331,26 +331,49 @@ def test_a_teacher_without_an_average_or_of_other_classes_or_inputs_is_refused(t
              "distill: ema=True is invalid; the teacher run cannot be loaded (load_trained: "
              "ema=True is invalid; the run in")
     config = _student(plain_teacher)
+    info = helpers.get_dataset_info(config.data)  # the student's, as check_config reads it
     with pytest.raises(ValueError, match=re.escape(
             f"distill: teacher_workdir={plain_teacher!r} is invalid; the teacher predicts 4 "
             "classes ('synthetic') and the student's data has 10; they must be the same "
             "classes.")):
-        distill.load_teacher(config, 10, helpers.IMAGE_SHAPE)
+        distill.load_teacher(config, info._replace(num_classes=10))
     with pytest.raises(ValueError, match=re.escape(
             "is invalid; the teacher was trained on (8, 8, 1) images (height, width, channels) "
             "and the student's data gives (8, 8, 3); set the student's data.image_size (and "
             "channels) to the teacher's.")):
-        distill.load_teacher(config, 4, (8, 8, 3))
+        distill.load_teacher(config, info._replace(image_shape=(8, 8, 3)))
     subset = _student(plain_teacher, **{"data.classes": (0, 1, 2, 3)})
     with pytest.raises(ValueError, match=re.escape(
             "is invalid; the teacher was trained on 'synthetic' classes all and the student "
             "trains on 'synthetic' classes (0, 1, 2, 3); they must be the same dataset and "
             "classes")):
-        distill.load_teacher(subset, 4, helpers.IMAGE_SHAPE)
+        distill.load_teacher(subset, info)
     with pytest.raises(ValueError, match=re.escape(
             f"distill: teacher_workdir={plain_teacher!r} is invalid; it is this run's own "
             "--workdir")):
-        distill.load_teacher(config, 4, helpers.IMAGE_SHAPE, student_workdir=plain_teacher)
+        distill.load_teacher(config, info, student_workdir=plain_teacher)
+
+
+def test_the_teacher_is_checked_against_the_students_info_without_reading_it_again(
+        teacher, monkeypatch):
+    """The loop already holds the student's DatasetInfo (check_config read it): load_teacher
+    compares the teacher with it and reads only the teacher's dataset metadata."""
+    config = _student(teacher)
+    info = helpers.get_dataset_info(config.data)
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    read = pipeline.get_dataset_info
+
+    def teacher_only(data_config):
+        assert data_config is not config.data, "the student's dataset info was read again"
+        return read(data_config)
+
+    monkeypatch.setattr(pipeline, "get_dataset_info", teacher_only)
+    teacher = distill.load_teacher(config, info)
+    assert teacher.record["dataset"] == "synthetic"
+    with pytest.raises(ValueError, match=re.escape(
+            "is invalid; the teacher was trained on 'synthetic' classes all and the student "
+            "trains on 'digits' classes all; they must be the same dataset and classes")):
+        distill.load_teacher(config, info._replace(name="digits"))
 
 
 # ------------------------------------------------------------------------------- 2 devices
