@@ -13,6 +13,7 @@ their convolution with VALID padding, so all layers share one definition of each
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +37,9 @@ _PADDING_FORMS = (
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int or NumPy integer (any `numbers.Integral`, as kernel sizes and strides take), not a
+    bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def normalize_padding(owner: str, padding: Any, arg: str = "padding") -> Pads:
@@ -60,7 +63,7 @@ def normalize_padding(owner: str, padding: Any, arg: str = "padding") -> Pads:
         raise invalid(owner, arg, padding, _PADDING_FORMS)
     if any(v < 0 for pair in pairs for v in pair):
         raise invalid(owner, arg, padding, "expected every padding entry >= 0")
-    return pairs  # type: ignore[return-value]
+    return tuple((int(lo), int(hi)) for lo, hi in pairs)  # type: ignore[return-value]
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:

@@ -475,6 +475,21 @@ def test_construction_errors(cls, kwargs, message):
         cls(features=4, **kwargs)
 
 
+@pytest.mark.parametrize("cls,kwargs", [
+    (Conv2D, {}), (Conv2D, {"padding_mode": "reflect"}), (LocallyConnected2D, {}),
+    (LocallyConnected2D, {"padding_mode": "reflect"}), (TiledConv2D, {}),
+    (TiledConv2D, {"padding_mode": "reflect"}), (ConvTranspose2D, {}),
+])
+def test_numpy_integer_padding_equals_python_int_padding(cls, kwargs):
+    # padding=np.int64(1) was refused while kernel_size=np.int64(3) was accepted.
+    x = _random((1, 7, 7, 4), seed=21)
+    expected = _apply(cls(4, 3, padding=1, **kwargs), x)[1]
+    for padding in (np.int64(1), (np.int32(1), np.int64(1)),
+                    ((np.int64(1), np.int64(1)), (np.int64(1), 1))):
+        np.testing.assert_array_equal(_apply(cls(4, 3, padding=padding, **kwargs), x)[1],
+                                      expected)
+
+
 @pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
 @pytest.mark.parametrize("use_bias", ["no", 0, None])
 def test_use_bias_must_be_a_bool(cls, use_bias):

@@ -66,6 +66,24 @@ def test_padding_forms_normalize_alike():
     assert pad_nhwc(x, 0, "circular") is x
 
 
+def test_numpy_integer_padding_is_accepted_as_python_ints():
+    # Kernel sizes and strides took NumPy integers while padding refused them.
+    x = jnp.asarray(_x(3))
+    for mode in ("zeros", "reflect"):
+        expected = pad_nhwc(x, 2, mode)
+        for spec in (np.int64(2), (np.int32(2), np.int64(2)),
+                     ((np.int64(2), np.int64(2)), (np.uint8(2), 2))):
+            np.testing.assert_array_equal(pad_nhwc(x, spec, mode), expected)
+    pairs = normalize_padding("t", (np.int64(1), (np.int16(2))))
+    assert pairs == ((1, 1), (2, 2))
+    assert all(type(v) is int for pair in pairs for v in pair)
+    with pytest.raises(ValueError, match=r"t: padding=.* is invalid; expected every padding "
+                                         r"entry >= 0"):
+        normalize_padding("t", np.int64(-1))
+    with pytest.raises(ValueError, match=r"t: padding=.* is invalid; expected a non-negative int"):
+        normalize_padding("t", np.bool_(True))
+
+
 def test_same_padding_split():
     # out = ceil(n/s); total = (out-1)*s + d*(k-1) + 1 - n, odd unit at the high side.
     assert same_padding(7, 3, 1) == (1, 1)
