@@ -42,7 +42,7 @@ Deviations, all deliberate and small:
   input: float images are rounded to the nearest level first (the authors' were always uint8).
 OpenCV (`cv2`) is needed for defocus_blur, elastic_transform, snow and spatter, as the authors';
 it is the optional `robustness` extra (`pip install 'cnnjax[robustness]'`), and `check_corruption`
-refuses those four without it, before anything runs.
+refuses those four without it (`check_computable`), before anything runs.
 
 Grey (1-channel) images: every corruption applies except `saturate` (a grey pixel has no
 saturation to change: the authors' HSV formula would paint greys red at severities 4-5), which
@@ -499,20 +499,26 @@ def check_corruption(name: Any, severity: Any, channels: int | None = None) -> N
         raise invalid(_OWNER, "name", name,
                       f"it is defined for RGB images only, and these have {channels} channel; "
                       f"for grey images expected one of {list(available(channels))}")
-    if name in NEEDS_OPENCV and not _has_opencv():
-        raise invalid(_OWNER, "name", name,
-                      "it needs OpenCV, which is not installed: pip install 'cnnjax[robustness]' "
-                      f"(opencv-contrib-python-headless), or choose one of "
-                      f"{[n for n in CORRUPTIONS if n not in NEEDS_OPENCV]}")
 
 
-def _has_opencv() -> bool:
-    """Whether `cv2` imports."""
+def missing_dependency(name: str) -> str | None:
+    """Why corruption `name` cannot be computed on this machine (OpenCV missing), else None."""
+    if name not in NEEDS_OPENCV:
+        return None
     try:
         import cv2  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return ("it needs OpenCV, which is not installed: pip install 'cnnjax[robustness]' "
+                "(opencv-contrib-python-headless)")
+    return None
+
+
+def check_computable(name: str) -> None:
+    """A ValueError naming `name` when this machine cannot compute it (see missing_dependency)."""
+    why = missing_dependency(name)
+    if why:
+        raise invalid(_OWNER, "name", name, f"{why}, or choose one of "
+                      f"{[n for n in CORRUPTIONS if n not in NEEDS_OPENCV]}")
 
 
 def _check_images(images: Any) -> np.ndarray:
@@ -546,6 +552,7 @@ def corrupt(images: Any, name: str, severity: int, seed: int = 0,
         raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
     batch = _check_images(images)
     check_corruption(name, severity, batch.shape[-1])
+    check_computable(name)
     c = PARAMETERS[name][severity - 1]
     out = np.empty_like(batch)
     for i, image in enumerate(batch):

@@ -20,21 +20,28 @@ _OWNER = "robustness"
 TFDS_CORRUPTED = "cifar10_corrupted"
 
 
-def parse_corruptions(value: str, channels: int) -> tuple[list[str], dict[str, str]]:
-    """`--corruptions` as names for `channels`-channel images, and those `all` skips (why)."""
+def parse_corruptions(value: str, channels: int,
+                      on_the_fly: bool = True) -> tuple[list[str], dict[str, str]]:
+    """`--corruptions` as names for `channels`-channel images, and those `all` skips (why):
+    with `on_the_fly`, also those this machine cannot compute (OpenCV missing)."""
     from cnnjax.analysis import corruptions
     from cnnjax.utils.validation import invalid
 
     if value.strip() == "all":
         skipped = {n: f"defined for RGB images only; this run's images have {channels} channel"
                    for n in corruptions.CORRUPTIONS if n not in corruptions.available(channels)}
-        return list(corruptions.available(channels)), skipped
+        if on_the_fly:
+            skipped.update({n: why for n in corruptions.available(channels)
+                            if (why := corruptions.missing_dependency(n))})
+        return [n for n in corruptions.available(channels) if n not in skipped], skipped
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise invalid(_OWNER, "corruptions", value,
                       f"expected 'all' or some of {list(corruptions.CORRUPTIONS)}")
     for name in names:
         corruptions.check_corruption(name, 1, channels)
+        if on_the_fly:
+            corruptions.check_computable(name)
     return list(dict.fromkeys(names)), {}
 
 
@@ -115,11 +122,14 @@ def make_classify(run, transforms, batch_size: int):
 
 def corrupted_config(config, name: str, severity: int):
     """`config` reading `cifar10_corrupted/<name>_<severity>`'s test split instead (its only
-    split, so also as the train split: the config stays a whole one the engine can evaluate)."""
+    split, so also as the train split: the config stays a whole one the engine can evaluate);
+    tfds names two corruptions its own way (`corruptions.tfds_config_name`)."""
     import ml_collections
 
+    from cnnjax.analysis.corruptions import tfds_config_name
+
     config = ml_collections.ConfigDict(config.to_dict())
-    config.data.tfds_name = f"{TFDS_CORRUPTED}/{name}_{severity}"
+    config.data.tfds_name = f"{TFDS_CORRUPTED}/{tfds_config_name(name)}_{severity}"
     config.data.eval_split = config.data.train_split = "test"
     return config
 
@@ -215,7 +225,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
         raise invalid(_OWNER, "workdir", workdir,
                       f"its model sees {size[0]}x{size[1]} images; the CIFAR-10-C parameters are "
                       "for 32x32 (ImageNet-C's 224 table is not implemented)")
-    names, skipped = parse_corruptions(corruptions, channels)
+    names, skipped = parse_corruptions(corruptions, channels, on_the_fly=source != "tfds")
     clean, labels, transforms = eval_pixels(config, max_examples)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step,

@@ -781,3 +781,5 @@ def test_the_opencv_corruptions_are_refused_without_opencv(monkeypatch):
                                              r"'cnnjax\[robustness\]'"):
             C.corrupt(image, name, 1)
     assert C.corrupt(image, "gaussian_blur", 1).shape == image.shape
+    C.check_corruption("spatter", 1, 3)  # the name itself is valid (cifar10_corrupted has it)
+    assert C.missing_dependency("spatter") and C.missing_dependency("contrast") is None

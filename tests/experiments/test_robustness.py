@@ -162,11 +162,36 @@ def test_a_grey_run_skips_saturate_and_refuses_it_by_name(trained):
         R.run_robustness(trained[1], "saturate,contrast", "1")
 
 
+def test_without_opencv_all_skips_its_four_corruptions_and_a_named_one_is_refused(monkeypatch):
+    """OpenCV is the optional `robustness` extra: on the fly, `all` skips what needs it (saying
+    why) and naming one is refused; cifar10_corrupted's stored images need no OpenCV."""
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    names, skipped = R.parse_corruptions("all", 3)
+    assert set(skipped) == set(C.NEEDS_OPENCV) and not set(names) & set(C.NEEDS_OPENCV)
+    assert len(names) + len(skipped) == len(C.CORRUPTIONS)
+    assert all("pip install 'cnnjax[robustness]'" in why for why in skipped.values())
+    with pytest.raises(ValueError, match=r"corruptions: name='snow' is invalid; it needs OpenCV"):
+        R.parse_corruptions("contrast,snow", 3)
+    assert R.parse_corruptions("all", 3, on_the_fly=False) == (list(C.CORRUPTIONS), {})
+    assert R.parse_corruptions("snow", 3, on_the_fly=False) == (["snow"], {})
+
+
+def test_tfds_configs_use_tfds_names_for_glass_blur_and_elastic():
+    """cifar10_corrupted calls glass_blur `frosted_glass_blur` and elastic_transform `elastic`."""
+    config = default_config()
+    config.data = default_data_config("cifar10")
+    for name, expected in (("glass_blur", "frosted_glass_blur_3"), ("elastic_transform",
+                                                                    "elastic_3"),
+                           ("contrast", "contrast_3")):
+        got = R.corrupted_config(config, name, 3).data
+        assert got.tfds_name == f"cifar10_corrupted/{expected}" and got.eval_split == "test"
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(severities="0,6"), r"robustness: severities='0,6' is invalid; expected integers "
                              r"from 1 to 5, e.g. '1,3,5'\."),
     (dict(severities="x"), r"severities='x' is invalid"),
-    (dict(corruptions="fog"), r"corruptions: name='fog' is invalid; expected one of "
+    (dict(corruptions="frost"), r"corruptions: name='frost' is invalid; expected one of "
                               r"\['gaussian_noise'"),
     (dict(corruptions=" , "), r"robustness: corruptions=' , ' is invalid; expected 'all' or "
                               r"some of \['gaussian_noise'"),
