@@ -1,6 +1,7 @@
 """cnnjax.utils.validation: the shared number and array-value checks."""
 
 import math
+import re
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
+    check_nhwc_nonempty,
     check_number,
     check_optional_bool,
     check_positive_float,
@@ -120,3 +122,14 @@ def test_check_optional_bool_refuses_everything_else(value):
     with pytest.raises(ValueError, match=r"^f: flag=.* is invalid; expected True, False or "
                                          r"None\.$"):
         check_optional_bool("f", "flag", value)
+
+
+def test_check_nhwc_nonempty_refuses_empty_maps_but_not_empty_batches():
+    check_nhwc_nonempty("f", np.zeros((0, 2, 3, 1)))
+    for shape in ((1, 0, 3, 1), (1, 2, 0, 1)):
+        with pytest.raises(ValueError, match=rf"^f: input.shape={re.escape(repr(shape))} is "
+                                             r"invalid; expected height and width >= 1"):
+            check_nhwc_nonempty("f", np.zeros(shape))
+    with pytest.raises(ValueError, match=r"^f: input.shape=\(2, 3\) is invalid; expected a "
+                                         r"rank-4 NHWC array"):
+        check_nhwc_nonempty("f", np.zeros((2, 3)))

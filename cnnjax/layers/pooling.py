@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_choice, check_nhwc, invalid, to_pair
+from cnnjax.utils.validation import check_choice, check_nhwc_nonempty, invalid, to_pair
 
 IntPair = int | Sequence[int]
 
@@ -37,6 +37,8 @@ def _lowest(dtype: jnp.dtype) -> np.ndarray:
     """
     if jnp.issubdtype(dtype, jnp.floating):
         return np.array(-np.inf, dtype)
+    if jnp.issubdtype(dtype, jnp.bool_):  # The max of booleans is their logical or.
+        return np.array(False)
     return np.array(jnp.iinfo(dtype).min, dtype)
 
 
@@ -47,9 +49,12 @@ def _zero(dtype: jnp.dtype) -> np.ndarray:
 
 def _sum_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """At least float32 for floating `dtype`, so bfloat16/float16 window sums do not round at
-    every addition (PyTorch accumulates them in float32 too); other dtypes are kept."""
+    every addition (PyTorch accumulates them in float32 too); int32 for bool (the average is the
+    fraction of True, as `global_avg_pool`'s); other dtypes are kept."""
     if jnp.issubdtype(dtype, jnp.floating):
         return jnp.promote_types(dtype, jnp.float32)
+    if jnp.issubdtype(dtype, jnp.bool_):
+        return jnp.dtype(jnp.int32)
     return jnp.dtype(dtype)
 
 
@@ -64,7 +69,7 @@ def _window_geometry(
     ceil_mode: bool,
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Validates pooling arguments; returns kernel, stride, padding, output size, right overhang."""
-    check_nhwc(owner, x)
+    check_nhwc_nonempty(owner, x)
     kernel = to_pair(owner, "kernel_size", kernel_size)
     strides = kernel if stride is None else to_pair(owner, "stride", stride)
     pads = to_pair(owner, "padding", padding, minimum=0)
@@ -146,13 +151,13 @@ def avg_pool2d(
 
 def global_avg_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
     """Mean over height and width: `[N, H, W, C] -> [N, C]` (or `[N, 1, 1, C]` with keepdims)."""
-    check_nhwc("global_avg_pool", x)
+    check_nhwc_nonempty("global_avg_pool", x)
     return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
 
 
 def global_max_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
     """Max over height and width: `[N, H, W, C] -> [N, C]` (or `[N, 1, 1, C]` with keepdims)."""
-    check_nhwc("global_max_pool", x)
+    check_nhwc_nonempty("global_max_pool", x)
     return jnp.max(x, axis=(1, 2), keepdims=keepdims)
 
 
@@ -189,7 +194,7 @@ def _adaptive_axis(x: jax.Array, axis: int, out: int, mode: str) -> jax.Array:
 
 def _adaptive_pool2d(owner: str, x: jax.Array, output_size: IntPair, mode: str) -> jax.Array:
     """Separable adaptive pooling; averages run in `_sum_dtype` across both axes, cast back once."""
-    check_nhwc(owner, x)
+    check_nhwc_nonempty(owner, x)
     out_h, out_w = to_pair(owner, "output_size", output_size)
     wide = x.astype(_sum_dtype(x.dtype)) if mode == "avg" else x
     pooled = _adaptive_axis(_adaptive_axis(wide, 1, out_h, mode), 2, out_w, mode)
@@ -221,10 +226,11 @@ def spatial_pyramid_pool(
     order. Any input of at least 1x1 works; a map smaller than a level repeats pixels across bins.
     """
     owner = "spatial_pyramid_pool"
-    check_nhwc(owner, x)
+    check_nhwc_nonempty(owner, x)
     check_choice(owner, "mode", mode, ("max", "avg"))
     levels = check_pyramid_levels(owner, levels)
-    parts = [_adaptive_pool2d(owner, x, level, mode).reshape(x.shape[0], -1) for level in levels]
+    parts = [_adaptive_pool2d(owner, x, level, mode).reshape(x.shape[0], level * level * x.shape[3])
+             for level in levels]  # Explicit sizes: `-1` is ambiguous for an empty batch.
     return jnp.concatenate(parts, axis=1)
 
 

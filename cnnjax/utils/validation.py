@@ -162,3 +162,12 @@ def check_nhwc(owner: str, x: Any) -> None:
             owner, "input.shape", shape,
             "expected a rank-4 NHWC array (batch, height, width, channels)",
         )
+
+
+def check_nhwc_nonempty(owner: str, x: Any) -> None:
+    """Raises unless `x` is a rank-4 NHWC array with height and width >= 1 (a batch of 0 is
+    fine), for reductions over the map that have no value on an empty one (a mean is NaN)."""
+    check_nhwc(owner, x)
+    if min(x.shape[1:3]) < 1:
+        raise invalid(owner, "input.shape", tuple(x.shape),
+                      "expected height and width >= 1 in an NHWC array")

@@ -312,6 +312,21 @@ X = jnp.zeros((1, 5, 5, 2))
          "spatial_pyramid_pool: levels=(1, 0) is invalid; expected a non-empty sequence"),
         (lambda: spatial_pyramid_pool(X, levels=3),
          "spatial_pyramid_pool: levels=3 is invalid; expected a non-empty sequence"),
+        # An empty map has no mean (NaN) or max; padding must not invent one either.
+        (lambda: global_avg_pool(jnp.zeros((1, 0, 5, 2))),
+         "global_avg_pool: input.shape=(1, 0, 5, 2) is invalid; expected height and width >= 1"),
+        (lambda: global_max_pool(jnp.zeros((1, 5, 0, 2))),
+         "global_max_pool: input.shape=(1, 5, 0, 2) is invalid; expected height and width >= 1"),
+        (lambda: adaptive_avg_pool2d(jnp.zeros((1, 0, 5, 2)), 2),
+         "adaptive_avg_pool2d: input.shape=(1, 0, 5, 2) is invalid; expected height and width"),
+        (lambda: adaptive_max_pool2d(jnp.zeros((1, 0, 5, 2)), 2),
+         "adaptive_max_pool2d: input.shape=(1, 0, 5, 2) is invalid; expected height and width"),
+        (lambda: spatial_pyramid_pool(jnp.zeros((1, 0, 0, 2))),
+         "spatial_pyramid_pool: input.shape=(1, 0, 0, 2) is invalid; expected height and width"),
+        (lambda: max_pool2d(jnp.zeros((1, 0, 5, 2)), 2, padding=1),
+         "max_pool2d: input.shape=(1, 0, 5, 2) is invalid; expected height and width >= 1"),
+        (lambda: avg_pool2d(jnp.zeros((1, 5, 0, 2)), 2, padding=1),
+         "avg_pool2d: input.shape=(1, 5, 0, 2) is invalid; expected height and width >= 1"),
     ],
 )
 def test_errors(call, message):
@@ -368,3 +383,33 @@ def test_float32_and_integer_averages_keep_their_dtypes():
     np.testing.assert_allclose(avg_pool2d(ints, 2),
                                _pool_reference(np.asarray(ints), (2, 2), (2, 2), (0, 0), False,
                                                "avg"), rtol=RTOL, atol=ATOL)
+
+
+def test_empty_batch_is_still_pooled():
+    empty = jnp.zeros((0, 6, 6, 2))
+    assert max_pool2d(empty, 2).shape == (0, 3, 3, 2)
+    assert global_avg_pool(empty).shape == (0, 2)
+    assert spatial_pyramid_pool(empty, (1, 2)).shape == (0, 10)
+
+
+def test_boolean_maps_pool_like_their_0_1_values():
+    # max_pool2d of a mask raised "Invalid integer data type 'b'"; the max of booleans is their
+    # logical or (kept bool, as global_max_pool does) and their average the fraction of True.
+    mask = np.random.default_rng(14).uniform(size=(2, 9, 11, 3)) > 0.7
+    ones = mask.astype(np.float64)
+    got = max_pool2d(jnp.asarray(mask), 3, 2, 1, ceil_mode=True)
+    assert got.dtype == jnp.bool_
+    np.testing.assert_array_equal(
+        got, _pool_reference(ones, (3, 3), (2, 2), (1, 1), True, "max") > 0)
+    np.testing.assert_allclose(avg_pool2d(jnp.asarray(mask), 3, 2, 1, count_include_pad=False),
+                               _pool_reference(ones, (3, 3), (2, 2), (1, 1), False, "avg",
+                                               False), rtol=RTOL, atol=ATOL)
+    for out in ((4, 3), (3, 11)):
+        maxed = adaptive_max_pool2d(jnp.asarray(mask), out)
+        assert maxed.dtype == jnp.bool_
+        np.testing.assert_array_equal(maxed, _adaptive_reference(ones, out, "max") > 0)
+        np.testing.assert_allclose(adaptive_avg_pool2d(jnp.asarray(mask), out),
+                                   _adaptive_reference(ones, out, "avg"), rtol=RTOL, atol=ATOL)
+    expected = np.concatenate(
+        [_adaptive_reference(ones, (lv, lv), "max").reshape(2, -1) > 0 for lv in (1, 2, 4)], 1)
+    np.testing.assert_array_equal(spatial_pyramid_pool(jnp.asarray(mask)), expected)
