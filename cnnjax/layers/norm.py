@@ -42,6 +42,18 @@ def _check_number(owner: str, arg: str, value: Any, positive: bool) -> None:
         raise invalid(owner, arg, value, "expected a finite number >= 0")
 
 
+def _check_float_dtype(owner: str, arg: str, value: Any) -> None:
+    """Raises unless `value` is None or names a floating dtype: an integer output would truncate
+    the normalized values (mostly to zero) and an unknown name would fail only when traced."""
+    try:
+        floating = value is None or jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise invalid(owner, arg, value,
+                      "expected None or a floating-point dtype (e.g. jnp.float32, jnp.bfloat16)")
+
+
 class LocalResponseNorm(nn.Module):
     """AlexNet's cross-channel local response normalization (no parameters); see module doc.
 
@@ -73,6 +85,7 @@ class LocalResponseNorm(nn.Module):
         if not isinstance(self.divide_alpha_by_size, bool):
             raise invalid(owner, "divide_alpha_by_size", self.divide_alpha_by_size,
                           "expected a bool")
+        _check_float_dtype(owner, "dtype", self.dtype)
         super().__post_init__()
 
     @property

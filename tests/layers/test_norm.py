@@ -114,12 +114,25 @@ def test_gradients():
         ({"k": float("inf")}, "LocalResponseNorm: k=inf is invalid; expected a positive finite"),
         ({"divide_alpha_by_size": "yes"},
          "LocalResponseNorm: divide_alpha_by_size='yes' is invalid; expected a bool."),
+        # An integer dtype silently gave zeros; an unknown name failed only when traced.
+        ({"dtype": jnp.int32}, "LocalResponseNorm: dtype=<class 'jax.numpy.int32'> is invalid; "
+                               "expected None or a floating-point dtype"),
+        ({"dtype": "int8"}, "LocalResponseNorm: dtype='int8' is invalid; expected None or a "
+                            "floating-point dtype"),
+        ({"dtype": "foo"}, "LocalResponseNorm: dtype='foo' is invalid; expected None or a "
+                           "floating-point dtype"),
+        ({"dtype": bool}, "LocalResponseNorm: dtype=<class 'bool'> is invalid; expected None"),
     ],
 )
 def test_construction_errors(kwargs, message):
     with pytest.raises(ValueError) as info:
         LocalResponseNorm(**kwargs)
     assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, "bfloat16", np.float64, jnp.dtype("float32")])
+def test_floating_dtypes_are_accepted(dtype):
+    assert LocalResponseNorm(dtype=dtype).dtype is dtype
 
 
 def test_call_errors():
