@@ -4,11 +4,12 @@ The script runs the entry point with `srun` (one task per GPU for train, one tas
 sweep is an array job, task i runs trial i, or trials i*k ... i*k+k-1 with `trials_per_task` k),
 logs to `<workdir>/slurm/`, and survives preemption and time limits: `--signal=B:USR1@<s>` makes
 SLURM warn the batch shell `s` seconds ahead, the shell stops the job step (SIGTERM, SIGKILL after
-a grace period) and runs `scontrol requeue $SLURM_JOB_ID` unless the job was already requeued
-`max_requeues` times. The requeued job reruns the same command, which resumes from the newest
-checkpoint. A plain SIGTERM (scancel) stops the step without requeueing. Every start, signal and
-stop is appended to `<workdir>/slurm/events.log`. Pure functions: nothing is written or submitted
-here.
+a grace period) and runs `scontrol requeue $JOB_REF` unless the job was already requeued
+`max_requeues` times (`JOB_REF` is `<array job>_<task>` in an array task, so only that task is
+stopped and requeued; otherwise `$SLURM_JOB_ID`). The requeued job reruns the same command,
+which resumes from the newest checkpoint. A plain SIGTERM (scancel) stops the step without
+requeueing. Every start, signal and stop is appended to `<workdir>/slurm/events.log`. Pure
+functions: nothing is written or submitted here.
 """
 
 from __future__ import annotations
@@ -114,6 +115,13 @@ _PREEMPTION = r"""
 # TERM alone (scancel) stops the step without requeueing. The step's tasks get their TERM through
 # `scancel --signal=TERM` (every step of the job, not this shell): srun itself answers a TERM by
 # SIGKILLing its tasks ("forcing job termination"), which would lose the step in progress.
+# scancel and scontrol get JOB_REF: in an array task `<array job>_<task>`, since a bare array job
+# id means every task of the array and one task's SLURM_JOB_ID is that id (the array's first).
+if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
+  JOB_REF="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:?}"
+else
+  JOB_REF="${SLURM_JOB_ID:-}"
+fi
 event() {
   local task=${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID}
   printf '%s job %s%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${SLURM_JOB_ID:-?}" "$task" "$1" \
@@ -123,7 +131,7 @@ stop_step() {  # TERM to the tasks, KILL after STOP_GRACE_SECONDS; STOPPED=0 if 
   STOPPED=1
   [[ -n "${STEP_PID:-}" ]] || return 0
   if kill -0 "$STEP_PID" 2>/dev/null; then
-    scancel --signal=TERM "${SLURM_JOB_ID:?}" || kill -TERM "$STEP_PID" 2>/dev/null
+    scancel --signal=TERM "${JOB_REF:?}" || kill -TERM "$STEP_PID" 2>/dev/null
     local waited=0
     while kill -0 "$STEP_PID" 2>/dev/null && ((waited < STOP_GRACE_SECONDS)); do
       sleep 1
@@ -149,11 +157,11 @@ on_usr1() {
 resubmit the same job to continue from the newest checkpoint"
     exit 1
   fi
-  if scontrol requeue "${SLURM_JOB_ID:?}"; then
+  if scontrol requeue "${JOB_REF:?}"; then
     event "requeued (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES); the rerun resumes"
     exit 0
   fi
-  event "scontrol requeue $SLURM_JOB_ID failed; resubmit the same job to resume"
+  event "scontrol requeue $JOB_REF failed; resubmit the same job to resume"
   exit 1
 }
 on_term() {

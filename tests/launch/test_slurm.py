@@ -220,6 +220,25 @@ def test_usr1_stops_the_step_and_requeues_at_most_max_requeues_times(tmp_path, r
     assert "finished with exit status" not in events
 
 
+@pytest.mark.parametrize("array_env,ref", [
+    # SLURM's environment of the array's first task: its job id is the array job id, which
+    # scancel/scontrol read as every task of the array.
+    ({"SLURM_JOB_ID": "36", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "0"}, "36_0"),
+    ({"SLURM_JOB_ID": "38", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "2"}, "36_2"),
+    ({"SLURM_JOB_ID": "38"}, "38"),  # not an array: the job id
+])
+def test_usr1_stops_and_requeues_only_this_array_task(tmp_path, array_env, ref):
+    entry = "sweep" if "SLURM_ARRAY_JOB_ID" in array_env else "train"
+    _, script = _job(tmp_path, entry)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    proc = _start(script, path_with(bin_dir) | array_env, tmp_path)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert (bin_dir / "scancel.calls").read_text() == f"--signal=TERM {ref}\n"
+    assert (bin_dir / "scontrol.calls").read_text() == f"requeue {ref}\n"
+
+
 def test_term_stops_the_step_without_requeueing(tmp_path):
     _, script = _job(tmp_path)
     bin_dir = stand_in_slurm(tmp_path / "bin")
