@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from cnnjax.utils.validation import (
+    check_bool,
     check_non_negative_int,
     check_positive_int,
     invalid,
@@ -45,6 +46,8 @@ def conv_output_size(
     check_positive_int(owner, "kernel", kernel)
     check_positive_int(owner, "stride", stride)
     check_positive_int(owner, "dilation", dilation)
+    check_bool(owner, "ceil_mode", ceil_mode)
+    check_bool(owner, "exact", exact)
     before, after = _padding_pair(owner, padding)
     effective_kernel = dilation * (kernel - 1) + 1
     padded = size + before + after
@@ -139,6 +142,7 @@ def conv_params(
     owner = "conv_params"
     kh, kw = _kernel_pair(owner, kernel)
     _check_groups(owner, in_channels, out_channels, groups)
+    check_bool(owner, "bias", bias)
     return out_channels * (in_channels // groups * kh * kw + (1 if bias else 0))
 
 
@@ -173,6 +177,7 @@ def pool_output_size(
     """
     owner = "pool_output_size"
     check_positive_int(owner, "kernel", kernel)
+    check_bool(owner, "ceil_mode", ceil_mode)
     if 2 * max(_padding_pair(owner, padding)) > kernel:
         raise invalid(owner, "padding", padding,
                       f"expected at most half the kernel size {kernel}, as max_pool2d")

@@ -186,6 +186,15 @@ def test_conv_macs_alexnet_conv1():
         (lambda: conv_macs(3, 8, 3, 0), r"conv_macs: output_size=0 is invalid"),
         (lambda: conv_macs(3, 8, 3, 5, batch_size=0), r"conv_macs: batch_size=0 is invalid"),
         (lambda: same_padding(8, 3, stride=0), r"same_padding: stride=0 is invalid"),
+        # Truthy non-bools used to switch the mode on silently.
+        (lambda: conv_output_size(5, 2, 2, ceil_mode="yes"),
+         r"^conv_output_size: ceil_mode='yes' is invalid; expected True or False\.$"),
+        (lambda: conv_output_size(224, 11, 4, padding=2, exact=1),
+         r"^conv_output_size: exact=1 is invalid; expected True or False\.$"),
+        (lambda: pool_output_size(5, 2, ceil_mode="no"),
+         r"^pool_output_size: ceil_mode='no' is invalid; expected True or False\.$"),
+        (lambda: conv_params(3, 8, 3, bias="no"),
+         r"^conv_params: bias='no' is invalid; expected True or False\.$"),
     ],
 )
 def test_errors(call, message):
