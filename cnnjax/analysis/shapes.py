@@ -40,6 +40,8 @@ def conv_output_size(
     PyTorch pooling does, dropping a last window that would start inside the right padding.
     `exact=True` raises instead of silently flooring when the division leaves a remainder
     (AlexNet conv1 at 224 with padding 2: (224 - 11 + 4)/4 + 1 = 55.25).
+    A window larger than the padded input is refused even with `ceil_mode=True`, where PyTorch
+    returns one output (3x3/2 on 2x2 gives 1), as `max_pool2d` does (see `min_input_size`).
     """
     owner = "conv_output_size"
     check_positive_int(owner, "size", size)
@@ -173,7 +175,8 @@ def pool_output_size(
     """Output size of a pooling window (stride defaults to the kernel, as in PyTorch/Keras).
 
     `padding` may be at most half the kernel, the rule of `max_pool2d` and PyTorch (a window
-    lying wholly in the padding would hold no real element).
+    lying wholly in the padding would hold no real element). A kernel larger than the padded
+    input is refused even with `ceil_mode=True` (PyTorch returns one output), as in `max_pool2d`.
     """
     owner = "pool_output_size"
     check_positive_int(owner, "kernel", kernel)

@@ -13,6 +13,8 @@ PyTorch's `MaxPool2d`/`AvgPool2d`:
 
 With `ceil_mode=True` the last window may run past the padded input; max pooling ignores the
 overhang and average pooling does not count it (see `avg_pool2d`).
+A kernel larger than the padded input is refused even with `ceil_mode=True`, where PyTorch
+returns one window (3x3/2 on 2x2 gives 1x1): deliberate, see GoogLeNetBN's `min_input_size`.
 """
 
 from __future__ import annotations

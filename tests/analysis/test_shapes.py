@@ -15,6 +15,7 @@ from cnnjax.analysis.shapes import (
     pool_output_size,
     same_padding,
 )
+from cnnjax.layers import pooling as pooling_module
 from cnnjax.layers.pooling import max_pool2d
 
 
@@ -95,6 +96,20 @@ def test_pool_padding_is_at_most_half_the_kernel_as_max_pool2d():
         else:
             out = max_pool2d(x, kernel, stride, padding, ceil).shape[1]
             assert pool_output_size(size, kernel, stride, padding, ceil) == out
+
+
+def test_ceil_mode_still_refuses_a_kernel_larger_than_the_padded_input():
+    """Documented deviation: PyTorch's ceil_mode pooling of 2x2 by 3x3/2 gives one output (a
+    window hanging over both edges); cnnjax refuses it everywhere, as max_pool2d does."""
+    docs = (conv_output_size.__doc__, pool_output_size.__doc__, pooling_module.__doc__)
+    assert all("larger than the padded input" in " ".join(doc.split()) for doc in docs)
+    with pytest.raises(ValueError, match=r"^max_pool2d: kernel_size=3 is invalid; expected at "
+                                         r"most the padded input size \(2, 2\)"):
+        max_pool2d(jnp.zeros((1, 2, 2, 1)), 3, 2, ceil_mode=True)
+    with pytest.raises(ValueError, match=r"^conv_output_size: kernel=3 is invalid"):
+        conv_output_size(2, 3, 2, ceil_mode=True)
+    with pytest.raises(ValueError, match=r"^conv_output_size: kernel=3 is invalid"):
+        pool_output_size(2, 3, 2, ceil_mode=True)
 
 
 def test_transpose_size_formula_and_xla():
