@@ -28,6 +28,8 @@ from cnnjax.utils.validation import check_choice, invalid
 
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 KINDS = ("grid", "random")
+#: Every field a sweep file's `get_config()` may set (metric and mode are read by the sweep).
+SWEEP_FIELDS = ("kind", "parameters", "num_trials", "seed", "metric", "mode")
 _OWNER = "sweep"
 # How many draws `random` may spend per requested trial looking for distinct points.
 _MAX_DRAWS_PER_TRIAL = 100
@@ -290,9 +292,28 @@ def random(params: Any, num_trials: int, seed: int = 0) -> SearchSpace:
     return SearchSpace("random", params, tuple(trials), seed=seed, num_trials=num_trials)
 
 
+def check_sweep_fields(sweep_config: Any) -> None:
+    """Refuses a sweep config field outside `SWEEP_FIELDS`, so a misspelt `sead` or `metirc` is
+    an error naming it, not a default silently used instead."""
+    if not hasattr(sweep_config, "items"):
+        raise invalid(_OWNER, "config", sweep_config, "expected a ConfigDict or mapping")
+    unknown = sorted(str(name) for name in dict(sweep_config.items()) if name not in SWEEP_FIELDS)
+    if not unknown:
+        return
+    close = {n: difflib.get_close_matches(n, SWEEP_FIELDS, n=1, cutoff=0.6) for n in unknown}
+    hints = [f"{n!r} -> {m[0]!r}" for n, m in close.items() if m]
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    plural = "s" if len(unknown) > 1 else ""
+    raise invalid(_OWNER, "field" + plural, unknown if plural else unknown[0],
+                  f"a sweep file has no such field{plural}{hint}; expected fields among "
+                  f"{list(SWEEP_FIELDS)}")
+
+
 def from_config(sweep_config: Any) -> SearchSpace:
     """The space a sweep config describes: `kind`, `parameters`, and for random `num_trials`,
-    `seed` (an ml_collections ConfigDict or a mapping)."""
+    `seed` (an ml_collections ConfigDict or a mapping); fields outside `SWEEP_FIELDS` are
+    refused (`check_sweep_fields`)."""
+    check_sweep_fields(sweep_config)
     get = sweep_config.get
     kind = check_choice(_OWNER, "kind", get("kind"), KINDS)
     params = get("parameters")

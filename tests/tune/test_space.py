@@ -196,6 +196,21 @@ def test_from_config_reads_a_sweep_config():
     assert [t.overrides["global_batch_size"] for t in sp.from_config(config).trials] == [16, 32]
 
 
+def test_from_config_refuses_unknown_fields_naming_them_and_the_valid_ones():
+    """A misspelt `sead`/`metirc` was dropped: seed 0 and the default metric used silently."""
+    config = ml_collections.ConfigDict(
+        {"kind": "random", "num_trials": 2, "sead": 5, "metirc": "loss",
+         "parameters": (sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0),)})
+    _raises("sweep: fields=['metirc', 'sead'] is invalid; a sweep file has no such fields (did "
+            "you mean 'metirc' -> 'metric', 'sead' -> 'seed'?); expected fields among ['kind', "
+            "'parameters', 'num_trials', 'seed', 'metric', 'mode'].", sp.from_config, config)
+    _raises("sweep: field='notes' is invalid; a sweep file has no such field; expected fields "
+            "among", sp.from_config, {"kind": "grid", "notes": "x",
+                                      "parameters": (sp.choice("a", (1, 2)),)})
+    assert len(sp.from_config({"kind": "grid", "seed": 0, "metric": "top1", "mode": "max",
+                               "parameters": (sp.choice("a", (1, 2)),)}).trials) == 2
+
+
 # ------------------------------------------------------------------------- error messages
 @pytest.mark.parametrize(
     ("make", "message"),
