@@ -63,6 +63,9 @@ from cnnjax.utils.lock import directory_lock
 
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
+#: Checkpoint `run_info` key: the train metrics of the steps since the last train log, so a run
+#: resumed between two log steps logs the average an uninterrupted run logs.
+TRAIN_WINDOW = "train_window"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -202,6 +205,23 @@ def fresh_state(config: Any, model: Any, tx: Any, image_shape: tuple[int, ...]) 
                            ema=config_lib.ema_rule(config) is not None)
     )
     return jax.tree.map(np.asarray, host_state)
+
+
+def _window_to_json(window: list[dict]) -> dict:
+    """The train metrics of the steps since the last train log as checkpoint `run_info` (JSON):
+    each step's values as floats, with each metric's dtype so a resume averages the same arrays
+    (float32 means stay float32 means)."""
+    dtypes = {k: str(np.asarray(v).dtype) for w in window for k, v in w.items()}
+    return {"dtypes": dtypes, "steps": [{k: float(v) for k, v in w.items()} for w in window]}
+
+
+def _window_from_json(record: dict | None) -> list[dict]:
+    """`_window_to_json`'s record back as per-step metric arrays ([] for none)."""
+    if not record:
+        return []
+    dtypes = record.get("dtypes", {})
+    return [{k: np.asarray(v, dtypes.get(k, "float64")) for k, v in w.items()}
+            for w in record.get("steps", [])]
 
 
 def _completed_summary(workdir: str) -> dict | None:
@@ -507,9 +527,11 @@ class _Run:
             raise ValueError(f"{err} (restart=True only empties a workdir whose run has another "
                              "config; delete its checkpoints to start this one over)") from None
         start_step = 0
+        resumed_info: dict = {}
         if restored is not None:
             host_state, start_step = restored
-            self.warn_if_devices_changed(checkpointer.run_info(start_step))
+            resumed_info = checkpointer.run_info(start_step)
+            self.warn_if_devices_changed(resumed_info)
             logging.info(
                 "Resuming from the checkpoint at step %d in %s%s",
                 start_step,
@@ -563,7 +585,9 @@ class _Run:
             log_every=config.log_every_steps,
         )
         images_per_step = config.global_batch_size
-        self.window: list[dict] = []
+        # The steps since the last train log, continued across a resume from a checkpoint
+        # between two log steps (older checkpoints: from the checkpoint's step).
+        self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
         self.last_train: dict = {}
         self.clock = _Throughput(images_per_step)
         pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
@@ -608,7 +632,8 @@ class _Run:
                         )
                     checkpointer.save(done, parallel.unreplicate(state), metrics_eval,
                                       run_info={"num_devices": self.total_devices,
-                                                "device_counts": self.device_counts})
+                                                "device_counts": self.device_counts,
+                                                TRAIN_WINDOW: _window_to_json(self.window)})
                 if stopped:
                     break
             if pending is not None:
@@ -694,7 +719,7 @@ class _Run:
         logger.write_learning_rate(step, float(host["learning_rate"]))
         bar.update(step, loss, self.clock.images_per_sec())
         if step % self.config.log_every_steps == 0 or step == self.config.num_train_steps:
-            train = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[0]}
+            train = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in host}
             train["learning_rate"] = float(host["learning_rate"])
             train["images_per_sec"] = self.clock.images_per_sec()
             logger.write_scalars(step, "train", train)

@@ -136,6 +136,32 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     assert len(steps) == len(set(steps))
 
 
+def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
+    """Train logs every 3 steps, checkpoints every 4: a run dying after the step-8 checkpoint
+    resumes with steps 7-8 still in its train-log window, so the step-9 record averages steps
+    7-9 as the uninterrupted run's does (every train record equal but for images/s)."""
+    config = helpers.tiny_config(log_every_steps=3)
+    reference = tmp_path / "reference"
+    loop.train_and_evaluate(config, str(reference))
+    pipeline = sys.modules["cnnjax.data.pipeline"]
+    original = helpers.train_batches
+    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
+    resumed = tmp_path / "resumed"
+    with pytest.raises(helpers.SimulatedCrashError):
+        loop.train_and_evaluate(config, str(resumed))
+    monkeypatch.setattr(pipeline, "train_batches", original)
+    assert loop.train_and_evaluate(config, str(resumed))["resumed_from_step"] == 8
+
+    def train_records(workdir):
+        return [{k: v for k, v in r.items() if k != "images_per_sec"}
+                for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+
+    expected = train_records(reference)
+    assert [r["step"] for r in expected] == [3, 6, 9, 12]
+    assert train_records(resumed) == expected
+
+
 def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monkeypatch,
                                                                   caplog):
     """Checkpoints keep the device counts their run trained on; resuming on another one (a
@@ -145,11 +171,14 @@ def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monke
     from cnnjax.train.checkpoint import Checkpointer
 
     def run_info(step):
+        """The device fields of `step`'s run_info (the train-log window has its own test)."""
         checkpoints = Checkpointer(str(tmp_path))
         try:
-            return checkpoints.run_info(step)
+            info = checkpoints.run_info(step)
         finally:
             checkpoints.close()
+        assert loop.TRAIN_WINDOW in info
+        return {k: v for k, v in info.items() if k != loop.TRAIN_WINDOW}
 
     config = helpers.tiny_config()
     pipeline = sys.modules["cnnjax.data.pipeline"]
