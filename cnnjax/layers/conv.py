@@ -262,10 +262,29 @@ class LocallyConnected2D(nn.Module):
         owner = type(self).__name__
         geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
-        pads, _ = geo.resolve(owner, x)
+        pads, out = geo.resolve(owner, x)
+        self._check_input_matches_parameters(x, out, geo.kernel)
         if geo.mode != "zeros":
             x = pad_nhwc(x, pads, geo.mode, owner=owner)
         return self.conv(x)
+
+    def _check_input_matches_parameters(self, x: Array, out: tuple[int, int],
+                                        kernel: tuple[int, int]) -> None:
+        """Refuses an input whose output grid or channels differ from those the per-position
+        parameters were created for (flax would raise a ScopeParamShapeError naming neither)."""
+        if not self.has_variable("params", "kernel"):
+            return  # Initialization: the parameters are created for this input.
+        have = tuple(self.get_variable("params", "kernel").shape)
+        want = (*out, x.shape[-1] * kernel[0] * kernel[1], self.features)
+        if have != want:
+            built_channels = have[2] // (kernel[0] * kernel[1])
+            raise invalid(
+                type(self).__name__, "input.shape", tuple(x.shape),
+                f"its parameters (kernel {have}) were created for a {have[0]}x{have[1]} output "
+                f"grid from {built_channels} input channels, this input gives a "
+                f"{out[0]}x{out[1]} grid from {x.shape[-1]}; a locally connected layer takes "
+                "only the input height, width and channels it was initialized with",
+            )
 
 
 class TiledConv2D(nn.Module):

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -556,6 +557,21 @@ def test_conv2d_input_rank():
     with pytest.raises(ValueError, match=r"Conv2D: input.shape=\(7, 7, 4\) is invalid; expected "
                                          r"a rank-4 NHWC array"):
         Conv2D(4, 3).init(jax.random.key(0), X[0])
+
+
+def test_locally_connected_refuses_an_input_other_than_its_initialization_one():
+    # flax raised a ScopeParamShapeError naming neither the layer nor the input.
+    layer = LocallyConnected2D(2, 3)
+    params = _init_params(layer, X)
+    assert jax.jit(layer.apply)({"params": params}, jnp.zeros((3, 7, 7, 4))).shape == (3, 5, 5, 2)
+    for shape, grid, channels in (((1, 9, 9, 4), "7x7", 4), ((1, 7, 7, 5), "5x5", 5)):
+        with pytest.raises(ValueError, match=rf"^LocallyConnected2D: input.shape="
+                                             rf"{re.escape(repr(shape))} is invalid; its "
+                                             r"parameters \(kernel \(5, 5, 36, 2\)\) were "
+                                             r"created for a 5x5 output grid from 4 input "
+                                             rf"channels, this input gives a {grid} grid from "
+                                             rf"{channels}; a locally connected layer"):
+            layer.apply({"params": params}, jnp.zeros(shape))
 
 
 def test_tiled_errors():
