@@ -382,6 +382,64 @@ def test_nms_ties_match_torchvision():
         assert _kept(boxes, scores, iou_threshold) == expected
 
 
+# ---------------------------------------------------------------- boxes past the map
+
+
+def _past_the_map_boxes(rng, width, height, scale):
+    """Boxes clipped to an image 0.9 cells larger than the map covers (as a 60-px image's 7-cell
+    map at stride 8 covers only 56 px), many reaching past the map."""
+    image_w, image_h = (width + 0.9) / scale, (height + 0.9) / scale
+    boxes = _random_boxes(rng, 12, image_w, image_h)
+    boxes[:4, 2], boxes[4:8, 3] = image_w, image_h  # Flush with the image's far edge.
+    boxes[8] = [0.0, 0.0, image_w, image_h]
+    boxes[9] = [width / scale, height / scale, image_w, image_h]  # Wholly past the map.
+    assert min((boxes[:, 2] > width / scale).sum(), (boxes[:, 3] > height / scale).sum()) >= 5
+    return boxes
+
+
+@pytest.mark.parametrize("scale", [0.125, 0.25, 1.0])
+def test_boxes_past_the_map_match_torchvision_eager_and_under_jit(scale):
+    # Reference: torchvision.ops.roi_align / roi_pool themselves (they clamp, never raise);
+    # float32 on both sides, tolerance RTOL/ATOL. Eager (concrete boxes, checked) must equal jit.
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    height, width = 7, 6
+    feats = _features((2, height, width, 3), seed=21)
+    boxes = _past_the_map_boxes(np.random.default_rng(22), width, height, scale)
+    batch = np.random.default_rng(23).integers(0, 2, size=len(boxes)).astype(np.int32)
+    torch_feats = torch.from_numpy(feats.transpose(0, 3, 1, 2).copy())
+    torch_boxes = torch.from_numpy(np.concatenate([batch[:, None].astype(np.float32), boxes], 1))
+    for aligned in (True, False):
+        expected = ops.roi_align(torch_feats, torch_boxes, (3, 2), scale, 2,
+                                 aligned).numpy().transpose(0, 2, 3, 1)
+        eager = roi_align(feats, boxes, batch, (3, 2), scale, 2, aligned)
+        jitted = jax.jit(lambda b, a=aligned: roi_align(feats, b, batch, (3, 2), scale, 2, a))(
+            boxes)
+        np.testing.assert_allclose(eager, expected, rtol=RTOL, atol=ATOL)
+        np.testing.assert_array_equal(eager, jitted)
+    expected = ops.roi_pool(torch_feats, torch_boxes, (3, 2), scale).numpy().transpose(0, 2, 3, 1)
+    eager = roi_pool(feats, boxes, batch, (3, 2), scale)
+    np.testing.assert_allclose(eager, expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(eager, jax.jit(
+        lambda b: roi_pool(feats, b, batch, (3, 2), scale))(boxes))
+    levels = roi_spatial_pyramid_pool(feats, boxes, batch, (1, 2), scale)
+    pooled = [ops.roi_pool(torch_feats, torch_boxes, (n, n), scale).numpy().transpose(0, 2, 3, 1)
+              for n in (1, 2)]
+    np.testing.assert_allclose(
+        levels, np.concatenate([p.reshape(len(boxes), -1) for p in pooled], 1), rtol=RTOL,
+        atol=ATOL)
+
+
+def test_boxes_one_cell_past_the_map_are_refused():
+    # The bound is (W + 1) / spatial_scale, exclusive: an image that wide would have a wider map.
+    feats = _features((1, 7, 7, 1))
+    roi_align(feats, np.array([[0.0, 0.0, 63.99, 63.99]]), np.zeros(1, np.int32), 2, 0.125, 2)
+    for box in ([0.0, 0.0, 64.0, 10.0], [0.0, 0.0, 10.0, 64.0]):
+        with pytest.raises(ValueError, match=r"boxes must lie inside the image, 0 <= x < 64 and "
+                                             r"0 <= y < 64 \(the 7x7 feature map"):
+            roi_align(feats, np.array([box]), np.zeros(1, np.int32), 2, 0.125, 2)
+
+
 # ---------------------------------------------------------------- errors
 
 F = np.zeros((2, 8, 8, 3), np.float32)
@@ -404,9 +462,13 @@ IDX = np.array([0], np.int32)
          "roi_align: boxes[1]=[0.0, 5.0, 4.0, 3.0] is invalid; expected x1 <= x2 and y1 <= y2"),
         (lambda: roi_align(F, np.array([[0.0, 0.0, np.nan, 4.0]]), IDX, 2),
          "roi_align: boxes[0]=[0.0, 0.0, nan, 4.0] is invalid; expected finite coordinates."),
-        (lambda: roi_align(F, np.array([[0.0, 0.0, 17.0, 4.0]]), IDX, 2, spatial_scale=0.5),
-         "roi_align: boxes[0]=[0.0, 0.0, 17.0, 4.0] is invalid; boxes must lie inside the image, "
-         "0 <= x <= 16 and 0 <= y <= 16 (the 8x8 feature map at spatial_scale=0.5); clip them"),
+        (lambda: roi_align(F, np.array([[0.0, 0.0, 18.0, 4.0]]), IDX, 2, spatial_scale=0.5),
+         "roi_align: boxes[0]=[0.0, 0.0, 18.0, 4.0] is invalid; boxes must lie inside the image, "
+         "0 <= x < 18 and 0 <= y < 18 (the 8x8 feature map at spatial_scale=0.5 comes from an "
+         "image smaller than 18x18 px); clip them to the image first."),
+        (lambda: roi_pool(F, np.array([[0.0, 0.0, 4.0, 72.0]]), IDX, 2, spatial_scale=0.125),
+         "roi_pool: boxes[0]=[0.0, 0.0, 4.0, 72.0] is invalid; boxes must lie inside the image, "
+         "0 <= x < 72 and 0 <= y < 72 (the 8x8 feature map at spatial_scale=0.125"),
         (lambda: roi_pool(F, np.array([[-1.0, 0.0, 4.0, 4.0]]), IDX, 2),
          "roi_pool: boxes[0]=[-1.0, 0.0, 4.0, 4.0] is invalid; boxes must lie inside the image"),
         (lambda: roi_align(F, B, np.array([2]), 2),

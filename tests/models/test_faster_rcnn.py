@@ -94,6 +94,27 @@ def test_detect_is_per_class_nms_of_decoded_proposals(model_and_variables):
         np.testing.assert_allclose(np.asarray(det.boxes[i]), np.asarray(want.boxes), atol=1e-3)
 
 
+@pytest.mark.slow
+def test_detect_on_an_image_off_the_stride_is_the_same_eager_and_under_jit():
+    """60 px at stride 8: the 7x7 map covers 56 px, and proposals clipped to the 60-px image
+    reach past it. RoIAlign clamps them under jit (torchvision's rule); eager (concrete boxes,
+    checked) must accept them and give the same detections."""
+    model = FasterRCNN(num_classes=3, backbone_stages=((4,), (4,), (8,)), rpn_channels=8,
+                       rpn_pre_nms_test=200, rpn_post_nms_test=32, head_features=16,
+                       max_detections=10)
+    x = jax.random.normal(jax.random.key(0), (1, 60, 60, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    _, _, proposals = jax.jit(model.apply)(variables, x)
+    assert float(jnp.where(proposals.valid[..., None], proposals.boxes, 0).max()) > 56
+    jitted = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
+    eager = model.apply(variables, x, method="detect")
+    assert bool(jitted.valid.any())
+    np.testing.assert_array_equal(eager.valid, jitted.valid)
+    np.testing.assert_array_equal(eager.classes, jitted.classes)
+    np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eager.boxes, jitted.boxes, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"num_classes": 0}, "FasterRCNN: num_classes=0 is invalid; expected a positive integer."),
     ({"backbone_stages": ()}, "FasterRCNN: backbone_stages=() is invalid"),

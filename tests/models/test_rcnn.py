@@ -84,6 +84,26 @@ def test_sppnet_head_reads_each_windows_pyramid_of_the_shared_map():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet])
+def test_detect_on_an_image_off_the_stride_is_the_same_eager_and_under_jit(cls):
+    """60 px at stride 8: the 7x7 map covers 56 px, and the windows flush with the image's far
+    edge reach 60 px. RoI pooling clamps them to the map under jit (torchvision's rule); eager
+    (concrete boxes, checked) must accept them and give the same detections."""
+    model = cls(num_classes=3, backbone_stages=((4,), (4,), (8,)), head_features=16,
+                max_detections=10)
+    x = jax.random.normal(jax.random.key(0), (1, 60, 60, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    assert float(model.apply({}, x, method="windows")[0].max()) == 60.0
+    jitted = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
+    eager = model.apply(variables, x, method="detect")
+    assert bool(jitted.valid.any())
+    np.testing.assert_array_equal(eager.valid, jitted.valid)
+    np.testing.assert_array_equal(eager.classes, jitted.classes)
+    np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eager.boxes, jitted.boxes, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,trunk", [("fast_rcnn_small", "backbone"), ("rcnn_small", "cnn"),
                                         ("sppnet_small", "backbone")])
 def test_loss_gradients_and_detections(name, trunk):
