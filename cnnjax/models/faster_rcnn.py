@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cnnjax.detection.anchors import anchor_grid, anchors_inside, generate_anchors
@@ -103,6 +104,28 @@ def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, g
     return jax.vmap(lambda k, p, v, b, c, g: sample_rois(
         k, p, v, b, c, g, num_samples=num_samples, fg_fraction=0.25, box_weights=BOX_WEIGHTS))(
             keys, proposals, proposals_valid, gt_boxes, gt_labels.astype(jnp.int32) + 1, gt_valid)
+
+
+def check_anchors_fit(
+    owner: str, image_size: tuple[int, int], stride: int, ratios: Sequence[float],
+    scales: Sequence[float],
+) -> None:
+    """Raises unless some anchor of the stride-`stride` map lies inside the `(height, width)`
+    image: the RPN trains on those alone (`anchors_inside`, no border), so with none its losses
+    would be 0 forever. Static shapes only, so it runs before anything compiles."""
+    height, width = image_size
+    base = generate_anchors(stride, ratios, scales)  # [A, 4], float64 NumPy
+    # VGGFeatures' 2x2/s2 pools round down: the map is (height // stride, width // stride).
+    xs = np.arange(width // stride)[:, None] * stride
+    ys = np.arange(height // stride)[:, None] * stride
+    fits_x = np.any((base[:, 0] + xs >= 0) & (base[:, 2] + xs <= width), axis=0)
+    fits_y = np.any((base[:, 1] + ys >= 0) & (base[:, 3] + ys <= height), axis=0)
+    if not np.any(fits_x & fits_y):
+        raise invalid(owner, "anchor_scales", tuple(scales),
+                      f"no anchor (anchor_ratios={tuple(ratios)}, stride {stride}) lies inside "
+                      f"the {height}x{width} image, and the RPN trains only on anchors inside "
+                      "it, so its losses would stay 0; expected smaller anchor_scales or larger "
+                      "images")
 
 
 def rpn_loss(
@@ -274,6 +297,8 @@ class FasterRCNN(nn.Module):
              train: bool = True) -> tuple[Array, dict[str, Array]]:
         """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`."""
         image_size = tuple(images.shape[1:3])
+        check_anchors_fit(type(self).__name__, image_size, self.stride, self.anchor_ratios,
+                          self.anchor_scales)
         rpn = self.rpn(images, train)
         rpn_key, roi_key = jax.random.split(self.make_rng("sample"))
         rpn_keys = jax.random.split(rpn_key, images.shape[0])
@@ -299,9 +324,10 @@ class FasterRCNN(nn.Module):
                                 self.max_detections)
 
 
-@register_model("faster_rcnn_small", input_shape=(64, 64, 3), min_input_size=16, num_classes=4,
+@register_model("faster_rcnn_small", input_shape=(64, 64, 3), min_input_size=18, num_classes=4,
                 paper=_PAPER, task="detection")
 def faster_rcnn_small(**kwargs: Any) -> FasterRCNN:
     """Faster R-CNN for 64x64 `shapes_multi`: 4-conv VGG-style BatchNorm backbone at stride 8,
-    6 anchors per cell (about 12 and 24 px, ratios 1:2, 1:1, 2:1), RoIAlign 4x4, fcs 256."""
+    6 anchors per cell (about 12 and 24 px, ratios 1:2, 1:1, 2:1), RoIAlign 4x4, fcs 256.
+    18 px is the smallest square image with an anchor inside it (below, the RPN cannot train)."""
     return FasterRCNN(**kwargs)

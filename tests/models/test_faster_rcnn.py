@@ -3,6 +3,8 @@ gradients reaching every layer, detections recomposed from the raw outputs in fl
 
 Compiling the whole detector takes 10-30 s on 2 cores: those tests are `slow`."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,72 @@ def test_detect_on_an_image_off_the_stride_is_the_same_eager_and_under_jit():
     np.testing.assert_array_equal(eager.classes, jitted.classes)
     np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(eager.boxes, jitted.boxes, rtol=1e-5, atol=1e-4)
+
+
+def test_min_input_size_is_the_smallest_image_with_an_anchor_inside():
+    """The RPN trains only on anchors inside the image (py-faster-rcnn's allowed_border=0):
+    below `min_input_size` no default anchor fits and its losses would be 0 forever."""
+    from cnnjax.detection.anchors import anchor_grid, anchors_inside, generate_anchors
+
+    model, size = create_model("faster_rcnn_small"), model_info("faster_rcnn_small").min_input_size
+    base = generate_anchors(model.stride, model.anchor_ratios, model.anchor_scales)
+
+    def count_inside(side):
+        rpn = jax.eval_shape(lambda x: model.init_with_output(
+            jax.random.key(0), x, False, method="rpn")[0],
+            jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+        anchors = anchor_grid(rpn.features.shape[1:3], model.stride, base)
+        return int(anchors_inside(anchors, (side, side)).sum())
+
+    assert count_inside(size - 1) == 0 and count_inside(size) > 0
+    with pytest.raises(ValueError, match=re.escape(
+            "FasterRCNN: anchor_scales=(1.5, 3.0) is invalid; no anchor (anchor_ratios=(0.5, 1.0, "
+            f"2.0), stride 8) lies inside the {size - 1}x{size - 1} image, and the RPN trains only "
+            "on anchors inside it, so its losses would stay 0; expected smaller anchor_scales or "
+            "larger images.")):
+        trace_loss(model, size - 1, size - 1)
+    trace_loss(model, size, size)
+    # The engine refuses the smaller size before tracing anything (min_input_size).
+    from cnnjax.train import checks
+
+    checks.check_input_size(model, "faster_rcnn_small", (size, size, 3), size)
+    with pytest.raises(ValueError, match=f"the model needs inputs of at least {size}x{size}"):
+        checks.check_input_size(model, "faster_rcnn_small", (size - 1, size - 1, 3), size)
+
+
+def trace_loss(model, height, width):
+    """The training loss traced on `height x width` images (nothing compiled)."""
+    x = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    jax.eval_shape(lambda v, x: model.apply(
+        v, x, BOXES, LABELS, VALID, method="loss", mutable=["batch_stats"],
+        rngs={"sample": jax.random.key(1)}), variables, x)
+
+
+def test_loss_refuses_images_no_anchor_fits():
+    """Non-square images or large anchor_scales: the loss refuses them when traced."""
+    wide = create_model("faster_rcnn_small", anchor_scales=(8.0,))  # 64-px anchors at stride 8
+    with pytest.raises(ValueError, match=re.escape(
+            "FasterRCNN: anchor_scales=(8.0,) is invalid; no anchor (anchor_ratios=(0.5, 1.0, "
+            "2.0), stride 8) lies inside the 64x64 image")):
+        trace_loss(wide, 64, 64)
+    trace_loss(wide, 72, 72)  # at 72 px one 64-px anchor fits
+    with pytest.raises(ValueError, match="inside the 16x64 image"):
+        trace_loss(create_model("faster_rcnn_small"), 16, 64)
+
+
+@pytest.mark.slow
+def test_rpn_learns_at_the_min_input_size():
+    """At `min_input_size` the RPN losses are not 0: some anchor is labelled and sampled."""
+    side = model_info("faster_rcnn_small").min_input_size
+    model = FasterRCNN(num_classes=3, backbone_stages=((4,), (4,), (8,)), rpn_channels=8,
+                       head_features=16, roi_samples=8, rpn_post_nms_train=8)
+    x = jax.random.normal(jax.random.key(0), (1, side, side, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    (_, terms), _ = jax.jit(lambda v, x: model.apply(
+        v, x, jnp.array([[[2.0, 2, 14, 14]]]), jnp.array([[0]]), jnp.array([[True]]),
+        method="loss", mutable=["batch_stats"], rngs={"sample": jax.random.key(2)}))(variables, x)
+    assert float(terms["rpn_objectness"]) > 0.1 and float(terms["rpn_box"]) > 0
 
 
 @pytest.mark.parametrize("kwargs,message", [
