@@ -50,7 +50,7 @@ def batched_nms(
     hold anything (padding, even inf/NaN boxes), which never changes the result. Concrete
     candidate boxes must be finite with x1 <= x2 and y1 <= y2, as `nms` checks; under tracing a
     non-finite candidate box is dropped instead. Returns a `Detections` of `[max_detections]`
-    rows.
+    rows (all padding, not `valid`, when `M = 0`).
     """
     owner = "batched_nms"
     boxes = jnp.asarray(boxes)
@@ -83,6 +83,11 @@ def _batched_nms(
     max_detections: int, score_threshold: float,
 ) -> Detections:
     """`batched_nms` after validation."""
+    if boxes.shape[0] == 0:  # no candidate (nothing to gather): all padding, as `nms` pads
+        return Detections(boxes=jnp.zeros((max_detections, 4), boxes.dtype),
+                          scores=jnp.zeros(max_detections, scores.dtype),
+                          classes=jnp.zeros(max_detections, classes.dtype),
+                          valid=jnp.zeros(max_detections, bool))
     candidate = (scores > score_threshold) & jnp.all(jnp.isfinite(boxes), axis=1)
     # Only candidates enter the offsets: one NaN or huge padded row must not move (or poison
     # with NaN) every shifted box. Non-candidates become zero boxes that nms never keeps.

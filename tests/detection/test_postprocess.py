@@ -141,3 +141,23 @@ def test_concrete_candidate_boxes_are_checked_as_nms_does(box, score, message):
     with pytest.raises(ValueError) as err:
         nms(boxes, np.array([score, 0.8]), 0.5, 2)
     assert str(err.value) == message.replace("batched_nms", "nms")
+
+
+def test_no_candidates_give_all_padding():
+    """`M = 0` candidates (e.g. an image given no proposals) is `max_detections` padding rows,
+    as `nms` gives, eager, under jit and through the R-CNN family's `detect_from_head`."""
+    from cnnjax.models.faster_rcnn import detect_from_head
+
+    empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int32))
+    for call in (batched_nms, jax.jit(batched_nms, static_argnums=(3, 4, 5))):
+        got = call(*empty, 0.5, 3, 0.05)
+        assert got.boxes.shape == (3, 4) and got.boxes.dtype == np.float32
+        assert got.scores.dtype == np.float32 and got.classes.dtype == np.int32
+        assert not np.asarray(got.valid).any()
+        assert not np.asarray(got.boxes).any() and not np.asarray(got.scores).any()
+        assert not np.asarray(got.classes).any()
+    # detect_from_head on proposals [N, 0, 4] (logits [N, 0, C + 1], deltas [N, 0, C + 1, 4]).
+    det = detect_from_head(np.zeros((2, 0, 4), np.float32), np.zeros((2, 0, 4, 4), np.float32),
+                           np.zeros((2, 0, 4), np.float32), np.zeros((2, 0), bool), (32, 32),
+                           0.05, 0.5, 5)
+    assert det.boxes.shape == (2, 5, 4) and not np.asarray(det.valid).any()
