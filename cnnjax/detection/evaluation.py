@@ -154,7 +154,8 @@ class DetectionEvaluator:
             mask: Any = None, gt_difficult: Any = None) -> None:
         """Adds a batch: `detections` with `boxes [N, K, 4]`, `scores`, `classes`, `valid`
         `[N, K]` (a `Detections`, any leading axes flattened into N); padded ground truth
-        `gt_boxes [N, G, 4]`, `gt_labels [N, G]` in `[0, C)`, `gt_valid [N, G]`; `mask [N]`
+        `gt_boxes [N, G, 4]`, `gt_labels [N, G]` in `[0, C)`, `gt_valid [N, G]` (classes and
+        labels of an integer dtype); `mask [N]`
         (nonzero: a real example; None: all are); `gt_difficult [N, G]` (None: none is).
         `K` or `G` may be 0 (images without detections or ground truth). Valid boxes must be
         finite with x1 <= x2 and y1 <= y2 and valid scores not NaN; padded rows may hold
@@ -192,6 +193,9 @@ class DetectionEvaluator:
         difficult, mask = difficult.astype(bool).reshape(n, g), mask.reshape(n) != 0
         for arg, labels, ok in (("gt_labels", gt_labels, gt_valid),
                                 ("detections.classes", classes, valid)):
+            if not np.issubdtype(labels.dtype, np.integer):  # a float class never equals c
+                raise invalid(owner, f"{arg}.dtype", str(labels.dtype),
+                              "expected an integer array")
             bad = ok & ((labels < 0) | (labels >= self.num_classes))
             if bad.any():
                 raise invalid(owner, arg, int(labels[bad][0]),

@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.layers.roi import check_valid_boxes, nms
-from cnnjax.utils.validation import check_number, check_positive_int, concrete_value, invalid
+from cnnjax.utils.validation import (
+    check_number,
+    check_positive_int,
+    concrete_value,
+    given_dtype,
+    invalid,
+)
 
 
 class Detections(NamedTuple):
@@ -43,11 +49,11 @@ def batched_nms(
 ) -> Detections:
     """Per-class greedy NMS of one image's candidates, the best `max_detections` kept.
 
-    `boxes` `[M, 4]`, `scores` `[M]`, `classes` `[M]` int. Boxes of different classes never
-    suppress each other (torchvision's `batched_nms`: each class is shifted by its own offset
-    larger than every candidate box, then one `cnnjax.layers.roi.nms` runs). Candidates are the
-    rows with `score > score_threshold` (a NaN score is none): the others are dropped and may
-    hold anything (padding, even inf/NaN boxes), which never changes the result. Concrete
+    `boxes` `[M, 4]`, `scores` `[M]`, `classes` `[M]` (an integer dtype). Boxes of different
+    classes never suppress each other (torchvision's `batched_nms`: each class is shifted by its
+    own offset larger than every candidate box, then one `cnnjax.layers.roi.nms` runs). Candidates
+    are the rows with `score > score_threshold` (a NaN score is none): the others are dropped and
+    may hold anything (padding, even inf/NaN boxes), which never changes the result. Concrete
     candidate boxes must be finite with x1 <= x2 and y1 <= y2, as `nms` checks; under tracing a
     non-finite candidate box is dropped instead. Returns a `Detections` of `[max_detections]`
     rows (all padding, not `valid`, when `M = 0`).
@@ -55,6 +61,7 @@ def batched_nms(
     owner = "batched_nms"
     boxes = jnp.asarray(boxes)
     scores = jnp.asarray(scores)
+    class_dtype = given_dtype(classes)
     classes = jnp.asarray(classes)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise invalid(owner, "boxes.shape", tuple(boxes.shape), "expected [M, 4]")
@@ -62,6 +69,8 @@ def batched_nms(
     for arg, value in (("scores", scores), ("classes", classes)):
         if value.shape != (count,):
             raise invalid(owner, f"{arg}.shape", tuple(value.shape), f"expected ({count},)")
+    if not np.issubdtype(class_dtype, np.integer):  # a float class would be truncated
+        raise invalid(owner, "classes.dtype", str(class_dtype), "expected an integer array")
     thresh = check_number(owner, "iou_threshold", iou_threshold, "expected a number in [0, 1]",
                           low=0.0, high=1.0)
     check_positive_int(owner, "max_detections", max_detections)

@@ -307,8 +307,8 @@ def test_padding_rows_may_hold_anything():
 
 
 def _one(ev, box=(0, 0, 10, 10), score=0.9, gt_box=(0, 0, 10, 10), gt_labels=((0,),),
-         mask=None):
-    ev.add(Detections(np.array([[box]], float), np.array([[score]]), np.array([[0]]),
+         mask=None, classes=((0,),)):
+    ev.add(Detections(np.array([[box]], float), np.array([[score]]), np.array(classes),
                       np.array([[True]])), np.array([[gt_box]], float), np.array(gt_labels),
            np.array([[True]]), mask=mask)
 
@@ -329,10 +329,19 @@ def _one(ev, box=(0, 0, 10, 10), score=0.9, gt_box=(0, 0, 10, 10), gt_labels=((0
     ({"gt_labels": ((0, 1),)},
      "DetectionEvaluator.add: gt_labels.shape=(1, 2) is invalid; expected (1, 1)."),
     ({"mask": np.ones(3)}, "DetectionEvaluator.add: mask.shape=(3,) is invalid; expected (1,)."),
+    ({"gt_labels": ((0.7,),)},
+     "DetectionEvaluator.add: gt_labels.dtype='float64' is invalid; expected an integer array."),
+    ({"classes": ((0.0,),)},
+     "DetectionEvaluator.add: detections.classes.dtype='float64' is invalid; expected an integer "
+     "array."),
+    ({"classes": ((False,),)},
+     "DetectionEvaluator.add: detections.classes.dtype='bool' is invalid; expected an integer "
+     "array."),
 ])
 def test_bad_boxes_scores_and_shapes_are_named(kwargs, message):
-    """These were scored silently (a NaN or inverted gt box: map50 0; a NaN score: 1) or failed
-    in a NumPy reshape."""
+    """These were scored silently (a NaN or inverted gt box: map50 0; a NaN score: 1; a float
+    class like 0.7 never equal to any class: a missed gt or a lost detection) or failed in a
+    NumPy reshape."""
     ev = DetectionEvaluator(num_classes=2)
     with pytest.raises(ValueError) as err:
         _one(ev, **kwargs)

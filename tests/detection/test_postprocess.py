@@ -57,6 +57,13 @@ def test_other_classes_never_suppress():
      "batched_nms: iou_threshold=True is invalid; expected a number in [0, 1]."),
     (lambda: batched_nms(np.zeros((2, 4)), np.zeros(2), np.zeros(2, int), 0.5, 0),
      "batched_nms: max_detections=0 is invalid; expected a positive integer."),
+    # A float class was truncated (0.7 -> class 0, suppressing class 0's boxes).
+    (lambda: batched_nms(np.zeros((2, 4)), np.zeros(2), np.array([0.7, 0.0]), 0.5, 2),
+     "batched_nms: classes.dtype='float64' is invalid; expected an integer array."),
+    (lambda: batched_nms(np.zeros((2, 4)), np.zeros(2), np.zeros(2, np.float32), 0.5, 2),
+     "batched_nms: classes.dtype='float32' is invalid; expected an integer array."),
+    (lambda: batched_nms(np.zeros((2, 4)), np.zeros(2), np.zeros(2, bool), 0.5, 2),
+     "batched_nms: classes.dtype='bool' is invalid; expected an integer array."),
     # The known leftover: a bool is not a number for nms either.
     (lambda: nms(np.zeros((2, 4)), np.zeros(2), True, 2),
      "nms: iou_threshold=True is invalid; expected a number in [0, 1]."),
