@@ -17,6 +17,11 @@ Columns: `params` (count of the `params` collection, each shared parameter once)
 `flops` (conventions in `cnnjax.analysis.trace`: FLOPs follow XLA's cost analysis, MACs are the
 dense textbook count), `activation_bytes` (bytes of the row's output tensor) and the receptive
 field (size, jump, start) of the row's output on the network input (`receptive_field.py`).
+Arithmetic on constants only (e.g. `jnp.take`'s index clamping in adaptive pooling) costs no
+FLOPs, as XLA folds it at compile time. XLA's count can still differ where its own rewrites
+change the work: XLA:CPU splits a reduction over more than 32 elements into a padded 32-wide
+reduce-window plus a small reduce and counts the padding (SPP level 3 on 224x224x64, 75-76 element
+bins: 3.27M FLOPs here, 4.14M in XLA), and it folds an explicit zero pad into the next conv.
 
 CLI: `python -m cnnjax.analysis.summary --model=alexnet --input_shape=224,224,3 [--csv=out.csv]`.
 """
@@ -443,7 +448,8 @@ class _Grouper:
             for p in params - self.claimed_params:
                 row.params += self.t.param_leaves[p][1]
             for q in eqns - self.claimed_eqns:
-                row.flops += self.t.eqns[q].flops
+                if not self.t.eqns[q].static:  # constant-only (take's index arithmetic): folded
+                    row.flops += self.t.eqns[q].flops
             self.claimed_params |= params
             self.claimed_eqns |= eqns
         row.output = e.outputs[0]

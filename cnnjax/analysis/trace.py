@@ -27,6 +27,8 @@ Cost conventions (those of XLA's HloCostAnalysis, so totals agree with
   XLA reports them separately; data movement (pad, reshape, concatenate, slice) costs 0.
   So `flops` and `2 * macs` differ by the taps on padding (and, for transposed convolutions,
   the taps scattered outside the cropped output), beside the non-MAC arithmetic.
+- `static`: every input of the equation is a constant (index arithmetic, a fixed kernel built
+  in the model); XLA computes these at compile time, so `summary` does not count their FLOPs.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class FlatEqn:
     flops: int
     macs: int
     patches: bool = False  # a patch-extraction convolution (a gather; see is_patch_extraction)
+    static: bool = False  # every input is a constant: XLA folds it at compile time
 
 
 @dataclasses.dataclass
@@ -311,10 +314,11 @@ class _Flattener:
                 outs = self.walk(inner, inner_consts, ins, epath)
             else:
                 outs = [self.new(v.aval) for v in eqn.outvars]
-                if all(i in self.static for i in ins):
+                static = all(i in self.static for i in ins)
+                if static:
                     self.static.update(outs)
                     self._evaluate(eqn, ins, outs)
-                self.eqns.append(self._flat_eqn(eqn, ins, outs, epath))
+                self.eqns.append(self._flat_eqn(eqn, ins, outs, epath, static))
             for v, o in zip(eqn.outvars, outs, strict=True):
                 env[v] = o
         return [read(v) for v in jaxpr.outvars]
@@ -341,8 +345,9 @@ class _Flattener:
             self._remember(o, r)
 
     def _flat_eqn(self, eqn: Any, ins: list[int], outs: list[int],
-                  path: tuple[int, ...]) -> FlatEqn:
-        """The flat record of one primitive equation, with its cost."""
+                  path: tuple[int, ...], static: bool) -> FlatEqn:
+        """The flat record of one primitive equation, with its cost (`static`: all inputs are
+        constants)."""
         prim, in_avals = eqn.primitive.name, [self.avals[i] for i in ins]
         static_kernel = len(ins) > 1 and ins[1] in self.static
         kernel_value = self.values.get(ins[1]) if static_kernel else None
@@ -350,7 +355,7 @@ class _Flattener:
         flops, macs = eqn_cost(prim, eqn.params, in_avals, [v.aval for v in eqn.outvars],
                                patches=patches)
         return FlatEqn(len(self.eqns), prim, dict(eqn.params), ins, outs, path, int(flops),
-                       int(macs), patches)
+                       int(macs), patches, static)
 
     @staticmethod
     def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:

@@ -17,6 +17,7 @@ import pytest
 
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
+from cnnjax.layers.pooling import spatial_pyramid_pool
 from cnnjax.models.fcn import bilinear_upsample
 from tests.examples import (
     EXAMPLES,
@@ -435,3 +436,25 @@ def test_a_fixed_filter_bank_is_counted_and_only_the_patch_gather_is_free():
     # 8x8 outputs x 12 channels x 4 taps; the one-hot gather moves the same numbers, 0 MACs.
     assert [(r.name, r.macs) for r in haar] == [("conv_0", 8 * 8 * 12 * 4)]
     assert [(r.name, r.macs) for r in gather] == [("patches_0", 0)]
+
+
+class _Pyramid(nn.Module):
+    """Spatial pyramid pooling as a model: `jnp.take` with constant index arithmetic."""
+
+    levels: tuple[int, ...]
+
+    def __call__(self, x):
+        return spatial_pyramid_pool(x, self.levels)
+
+
+@pytest.mark.parametrize("levels,shape", [((2,), (7, 7, 3)), ((3,), (7, 7, 3)),
+                                          ((1, 2, 4), (9, 11, 5))])
+def test_arithmetic_on_constants_is_not_counted_as_xla_folds_it(levels, shape):
+    """Adaptive bins that do not divide the map gather with `jnp.take`, whose index clamping
+    (lt/add/select_n on a constant index array) XLA computes at compile time: the FLOPs total
+    equals XLA's exactly (it counted 210 for 162 at levels=(2,) on 7x7x3)."""
+    result = summary(_Pyramid(levels), shape)
+    xla, _ = _xla_flops(_Pyramid(levels), shape)
+    assert result.totals["flops"] == xla
+    assert all(r.flops == 0 for r in result.rows if r.type == "take")
+
