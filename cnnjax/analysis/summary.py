@@ -15,7 +15,8 @@ modules. Rows, in execution order:
 
 Columns: `params` (count of the `params` collection, each shared parameter once), `macs` and
 `flops` (conventions in `cnnjax.analysis.trace`: FLOPs follow XLA's cost analysis, MACs are the
-dense textbook count), `activation_bytes` (bytes of the row's output tensor) and the receptive
+dense textbook count), `activation_bytes` (bytes of the row's output tensors: every value it
+passes on, e.g. all parts of a split; the table shows the first shape and "(+n)") and the receptive
 field (size, jump, start) of the row's output on the network input (`receptive_field.py`).
 Arithmetic on constants only (e.g. `jnp.take`'s index clamping in adaptive pooling) costs no
 FLOPs, as XLA folds it at compile time. XLA's count can still differ where its own rewrites
@@ -77,7 +78,8 @@ _OP_NAMES = {
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
-    """One row of the summary table."""
+    """One row of the summary table; `output_shape` is the first of `output_shapes` (a split has
+    several, and `activation_bytes` covers them all)."""
 
     name: str
     type: str
@@ -88,6 +90,11 @@ class LayerRow:
     flops: int
     activation_bytes: int
     field: ReceptiveField
+    output_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.output_shapes:  # a row built by hand with one output
+            object.__setattr__(self, "output_shapes", (self.output_shape,))
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -107,6 +114,12 @@ def _fmt_axes(values: Sequence[float]) -> str:
 
 def _fmt_shape(shape: Sequence[int]) -> str:
     return "x".join(str(s) for s in shape) if shape else "scalar"
+
+
+def _fmt_shapes(shapes: Sequence[Sequence[int]]) -> str:
+    """The first shape, and how many more there are (a merge's inputs, a split's outputs)."""
+    extra = f" (+{len(shapes) - 1})" if len(shapes) > 1 else ""
+    return (_fmt_shape(shapes[0]) if shapes else _fmt_shape(())) + extra
 
 
 def _fmt_bytes(n: int) -> str:
@@ -176,9 +189,8 @@ class Summary:
                   "RF size", "RF jump", "RF start"]
         lines = []
         for r in self.rows:
-            extra = f" (+{len(r.input_shapes) - 1})" if len(r.input_shapes) > 1 else ""
             lines.append([
-                r.name, r.type, _fmt_shape(r.input_shape) + extra, _fmt_shape(r.output_shape),
+                r.name, r.type, _fmt_shapes(r.input_shapes), _fmt_shapes(r.output_shapes),
                 f"{r.params:,}", f"{r.macs:,}", f"{r.flops:,}", _fmt_bytes(r.activation_bytes),
                 _fmt_axes(r.field.size), _fmt_axes(r.field.jump), _fmt_axes(r.field.start),
             ])
@@ -213,6 +225,7 @@ def _row_dict(r: LayerRow) -> dict[str, Any]:
         "type": r.type,
         "input_shapes": [list(s) for s in r.input_shapes],
         "output_shape": list(r.output_shape),
+        "output_shapes": [list(s) for s in r.output_shapes],
         "params": r.params,
         "macs": r.macs,
         "flops": r.flops,
@@ -279,6 +292,7 @@ class _Grouper:
         self.claimed_params: set[int] = set()
         self.claimed_eqns: set[int] = set()
         self.call_counts: dict[tuple[str, ...], int] = {}
+        self.row_of: dict[int, Any] = {}  # equation index -> key of its row
         self.atomic = self._atomic_calls()
 
     def _atomic_calls(self) -> set[int]:
@@ -392,7 +406,17 @@ class _Grouper:
                 k = counts.get((r.name, r.type), 0)
                 counts[(r.name, r.type)] = k + 1
                 r.name = f"{r.name}/{r.type}_{k}" if r.name else f"{r.type}_{k}"
-        return [self._finish(r) for r in self.rows.values()]
+        leaving = self._values_leaving_rows()
+        return [self._finish(r, leaving) for r in self.rows.values()]
+
+    def _values_leaving_rows(self) -> set[int]:
+        """Values a row produces that another row reads or the model returns: its outputs."""
+        leaving = {o for o in self.t.output_ids if self.producer.get(o) is not None}
+        for index, key in self.row_of.items():
+            for i in self.t.eqns[index].inputs:
+                if self.producer.get(i) not in (None, key):
+                    leaving.add(i)
+        return leaving
 
     def _row_for(self, e: Any, in_infos: list[Info | None], out_infos: list[Info]) -> _RowBuilder:
         group = next((c for c in e.calls if c in self.atomic), None)
@@ -437,6 +461,7 @@ class _Grouper:
 
     def _add(self, row: _RowBuilder, e: Any) -> None:
         row.eqns.append(e.index)
+        self.row_of[e.index] = row.key
         row.flops += e.flops
         row.macs += e.macs
         for i in e.inputs:
@@ -454,18 +479,24 @@ class _Grouper:
             self.claimed_eqns |= eqns
         row.output = e.outputs[0]
 
-    def _finish(self, r: _RowBuilder) -> LayerRow:
-        aval = self.t.avals[r.output]
+    def _finish(self, r: _RowBuilder, leaving: set[int]) -> LayerRow:
+        """The row's record; its outputs are the values it passes on (all parts of a split),
+        else its last equation's first output."""
+        outputs = [o for q in r.eqns for o in self.t.eqns[q].outputs if o in leaving]
+        avals = [self.t.avals[o] for o in outputs or [r.output]]
+        shapes = tuple(tuple(int(s) for s in a.shape) for a in avals)
         return LayerRow(
             name=r.name,
             type=r.type,
             input_shapes=tuple(tuple(int(s) for s in self.t.avals[i].shape) for i in r.inputs),
-            output_shape=tuple(int(s) for s in aval.shape),
+            output_shape=shapes[0],
             params=r.params,
             macs=r.macs,
             flops=r.flops,
-            activation_bytes=int(np.prod(aval.shape, dtype=np.int64)) * aval.dtype.itemsize,
-            field=to_receptive_field(self.info[r.output]),
+            activation_bytes=sum(int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize
+                                 for a in avals),
+            field=to_receptive_field(self.info[(outputs or [r.output])[0]]),
+            output_shapes=shapes,
         )
 
 

@@ -458,3 +458,25 @@ def test_arithmetic_on_constants_is_not_counted_as_xla_folds_it(levels, shape):
     assert result.totals["flops"] == xla
     assert all(r.flops == 0 for r in result.rows if r.type == "take")
 
+
+class _SplitNet(nn.Module):
+    """Splits the channels into two paths (one op with two outputs) and concatenates them."""
+
+    @nn.compact
+    def __call__(self, x):
+        a, b = jnp.split(x, 2, axis=-1)
+        return jnp.concatenate([nn.Conv(4, (3, 3))(a), nn.Conv(4, (1, 1))(b)], -1)
+
+
+def test_a_row_with_several_outputs_counts_them_all():
+    """`jnp.split` of 1x8x8x6 passes on two 1x8x8x3 halves: 2 * 192 floats = 1,536 B (the first
+    half alone, 768 B, was reported)."""
+    result = summary(_SplitNet(), (8, 8, 6))
+    split = result.rows[0]
+    assert (split.type, split.output_shape) == ("split", (1, 8, 8, 3))
+    assert split.output_shapes == ((1, 8, 8, 3), (1, 8, 8, 3))
+    assert split.activation_bytes == 2 * 8 * 8 * 3 * F32
+    assert [r.output_shapes for r in result.rows[1:]] == [((1, 8, 8, 4),)] * 2 + [((1, 8, 8, 8),)]
+    assert result.totals["activation_bytes"] == (2 * 8 * 8 * 3 + 2 * 8 * 8 * 4 + 8 * 8 * 8) * F32
+    assert "1x8x8x3 (+1)" in str(result).splitlines()[2]
+    assert result.to_dict()["rows"][0]["output_shapes"] == [[1, 8, 8, 3], [1, 8, 8, 3]]
