@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.layers.roi import box_iou
+from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import check_number, check_positive_int, given_dtype, invalid
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
@@ -83,6 +83,12 @@ def label_anchors(
                       f"expected fg_thresh >= bg_thresh={bg_thresh!r}")
     if not isinstance(force_best, bool):
         raise invalid(owner, "force_best", force_best, "expected a bool")
+    if anchors.shape[0] == 0:  # forcing each gt's best anchor needs one
+        raise invalid(owner, "anchors.shape", tuple(anchors.shape),
+                      "expected [A, 4] with A >= 1 anchors to label")
+    # Checked here to name this function's arguments (box_iou would name its own `boxes`).
+    check_valid_boxes(owner, "anchors", anchors)
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
     # Padded boxes may hold anything; zero them so box_iou's checks of concrete boxes pass.
     gt_boxes = jnp.where(gt_valid[:, None], gt_boxes, 0)
     iou = box_iou(anchors, gt_boxes)  # [A, G]

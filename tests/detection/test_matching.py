@@ -182,6 +182,19 @@ def test_sampler_is_uniform_under_vmap():
      "label_anchors: anchor_valid.shape=(2,) is invalid; expected (3,)."),
     (lambda: label_anchors(np.zeros((3, 4)), np.zeros((2, 4)), np.ones(2, bool), force_best=1),
      "label_anchors: force_best=1 is invalid; expected a bool."),
+    # These named box_iou's `boxes`, or failed in a zero-size reduction (no anchor).
+    (lambda: label_anchors(np.zeros((3, 4)), np.array([[0, 0, 4, 4], [5, 5, 1, 1.0]]),
+                           np.ones(2, bool)),
+     "label_anchors: gt_boxes[1]=[5.0, 5.0, 1.0, 1.0] is invalid; expected x1 <= x2 and "
+     "y1 <= y2 (boxes are (x1, y1, x2, y2))."),
+    (lambda: label_anchors(np.array([[0, 0, 4, 4], [0, 0, np.nan, 4]]), np.zeros((1, 4)),
+                           np.ones(1, bool)),
+     "label_anchors: anchors[1]=[0.0, 0.0, nan, 4.0] is invalid; expected finite coordinates."),
+    (lambda: label_anchors(np.zeros((0, 4)), np.array([[0, 0, 4, 4.0]]), np.ones(1, bool)),
+     "label_anchors: anchors.shape=(0, 4) is invalid; expected [A, 4] with A >= 1 anchors to "
+     "label."),
+    (lambda: label_anchors(np.zeros((0, 4)), np.zeros((0, 4)), np.zeros(0, bool)),
+     "label_anchors: anchors.shape=(0, 4) is invalid"),
     (lambda: sample_balanced(jax.random.key(0), np.zeros((2, 3), np.int32)),
      "sample_balanced: labels.shape=(2, 3) is invalid; expected [A]."),
     (lambda: sample_balanced(jax.random.key(0), np.zeros(3)),
