@@ -34,6 +34,25 @@ def _positive_numbers(owner: str, arg: str, values: Any) -> np.ndarray:
     return array
 
 
+def check_anchor_settings(
+    owner: str, base_size: int, ratios: Any, scales: Any,
+    names: tuple[str, str, str] = ("base_size", "ratios", "scales"),
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """`generate_anchors`' checks, errors naming `owner`'s own `names` for the three arguments
+    (e.g. a detector's `anchor_ratios`): `(base_size, widths [R], heights [R], scales [S])`."""
+    base = check_positive_int(owner, names[0], base_size)
+    aspect = _positive_numbers(owner, names[1], ratios)
+    factors = _positive_numbers(owner, names[2], scales)
+    widths = np.round(np.sqrt(base * base / aspect))
+    heights = np.round(widths * aspect)
+    if np.any(widths <= 0) or np.any(heights <= 0):
+        bad = int(np.flatnonzero((widths <= 0) | (heights <= 0))[0])
+        raise invalid(owner, names[1], ratios,
+                      f"ratio {aspect[bad]:g} rounds a side of the {base}x{base} base box to 0 "
+                      "pixels")
+    return base, widths, heights, factors
+
+
 def generate_anchors(
     base_size: int = 16,
     ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -51,17 +70,8 @@ def generate_anchors(
     `[-84, -40, 99, 55]` is `[-84, -40, 100, 56]` here. A float64 NumPy array, because anchors are
     compile-time constants; `anchor_grid` turns them into a JAX array.
     """
-    owner = "generate_anchors"
-    base = check_positive_int(owner, "base_size", base_size)
-    aspect = _positive_numbers(owner, "ratios", ratios)
-    factors = _positive_numbers(owner, "scales", scales)
-    widths = np.round(np.sqrt(base * base / aspect))
-    heights = np.round(widths * aspect)
-    if np.any(widths <= 0) or np.any(heights <= 0):
-        bad = int(np.flatnonzero((widths <= 0) | (heights <= 0))[0])
-        raise invalid(owner, "ratios", ratios,
-                      f"ratio {aspect[bad]:g} rounds a side of the {base}x{base} base box to 0 "
-                      "pixels")
+    base, widths, heights, factors = check_anchor_settings(
+        "generate_anchors", base_size, ratios, scales)
     widths = (widths[:, None] * factors[None, :]).reshape(-1)
     heights = (heights[:, None] * factors[None, :]).reshape(-1)
     centre = base / 2.0

@@ -36,7 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax.detection.anchors import anchor_grid, anchors_inside, generate_anchors
+from cnnjax.detection.anchors import (
+    anchor_grid,
+    anchors_inside,
+    check_anchor_settings,
+    generate_anchors,
+)
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
@@ -234,7 +239,8 @@ class FasterRCNN(nn.Module):
         check_detection_settings(owner, self)
         check_number(owner, "rpn_min_size", self.rpn_min_size, "expected a finite number >= 0",
                      low=0.0, high_open=True)
-        generate_anchors(self.stride, self.anchor_ratios, self.anchor_scales)  # checks both
+        check_anchor_settings(owner, self.stride, self.anchor_ratios, self.anchor_scales,
+                              ("backbone_stages", "anchor_ratios", "anchor_scales"))
         super().__post_init__()
 
     @property

@@ -77,8 +77,8 @@ def window_proposals(image_size: tuple[int, int], sizes: Sequence[int], stride: 
     height, width = image_size
     stride = check_positive_int(owner, "stride", stride)
     windows = []
-    for size in sizes:
-        check_positive_int(owner, "sizes[i]", size)
+    for i, size in enumerate(sizes):
+        check_positive_int(owner, f"sizes[{i}]", size)
         if size > min(height, width):
             raise invalid(owner, "sizes", tuple(sizes),
                           f"expected sides <= {min(height, width)} (the image is {height}x{width})")
@@ -248,7 +248,12 @@ class SPPNet(_SharedMapDetector):
     pyramid_levels: Sequence[int] = (1, 2, 4)
 
     def __post_init__(self) -> None:
-        check_pyramid_levels(type(self).__name__, self.pyramid_levels)
+        try:
+            check_pyramid_levels(type(self).__name__, self.pyramid_levels)
+        except ValueError:  # it names its own argument, `levels`
+            raise invalid(type(self).__name__, "pyramid_levels", self.pyramid_levels,
+                          "expected a non-empty sequence of positive ints (the bins per side of "
+                          "each level)") from None
         super().__post_init__()
 
     def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:

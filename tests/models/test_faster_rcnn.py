@@ -186,7 +186,13 @@ def test_rpn_learns_at_the_min_input_size():
 @pytest.mark.parametrize("kwargs,message", [
     ({"num_classes": 0}, "FasterRCNN: num_classes=0 is invalid; expected a positive integer."),
     ({"backbone_stages": ()}, "FasterRCNN: backbone_stages=() is invalid"),
-    ({"anchor_scales": (0.0,)}, "generate_anchors: scales=(0.0,) is invalid"),
+    ({"anchor_scales": (0.0,)}, "FasterRCNN: anchor_scales=(0.0,) is invalid; expected a "
+                                "non-empty sequence of positive numbers."),
+    ({"anchor_scales": ()}, "FasterRCNN: anchor_scales=() is invalid; expected a non-empty "
+                            "sequence of positive numbers."),
+    ({"anchor_ratios": (0.5, -1.0)}, "FasterRCNN: anchor_ratios=(0.5, -1.0) is invalid"),
+    ({"anchor_ratios": (0.001,)}, "FasterRCNN: anchor_ratios=(0.001,) is invalid; ratio 0.001 "
+                                  "rounds a side of the 8x8 base box to 0 pixels."),
     ({"nms_iou": 2.0}, "FasterRCNN: nms_iou=2.0 is invalid; expected a number in [0, 1]."),
 ])
 def test_bad_hyperparameters(kwargs, message):

@@ -27,6 +27,9 @@ def test_window_proposals_by_hand():
     with pytest.raises(ValueError, match=r"window_proposals: sizes=\(11,\) is invalid; expected "
                                          r"sides <= 10"):
         window_proposals((10, 12), (11,), 4)
+    with pytest.raises(ValueError, match=re.escape(
+            "window_proposals: sizes[1]=-1 is invalid; expected a positive integer.")):
+        window_proposals((10, 12), (4, -1), 4)
 
 
 def test_registered():
@@ -48,9 +51,11 @@ def test_bad_hyperparameters(kwargs, message):
             "RCNN: context_padding=12 is invalid; expected an integer in [0, 11] (warped pixels "
             "per side, less than half of warp_size=24).")):
         RCNN(context_padding=12)
-    with pytest.raises(ValueError, match=r"SPPNet: levels=\(2, 0\) is invalid; expected a "
-                                         r"non-empty sequence of positive ints"):
-        SPPNet(pyramid_levels=(2, 0))
+    for levels in ((2, 0), (), 3):
+        with pytest.raises(ValueError, match=re.escape(
+                f"SPPNet: pyramid_levels={levels!r} is invalid; expected a non-empty sequence of "
+                "positive ints (the bins per side of each level).")):
+            SPPNet(pyramid_levels=levels)
     with pytest.raises(ValueError, match="SPPNet: head_features=0 is invalid"):
         SPPNet(head_features=0)
 
