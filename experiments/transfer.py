@@ -48,17 +48,8 @@ def main(argv: list[str]) -> None:
 
     config = _TRANSFER.value
     try:
-        rows = compare.run_transfer(
-            config.source,
-            config.target,
-            _TRANSFER_DIR.value,
-            budget_field=config.budget_field,
-            budgets=config.budgets,
-            arms=config.arms,
-            seeds=config.seeds,
-            arm_overrides=config.get("arm_overrides"),
-            metric=config.get("metric"),
-        )
+        rows = compare.run_transfer(config.source, config.target, _TRANSFER_DIR.value,
+                                    **compare.transfer_kwargs(config))
     except ValueError as err:
         sys.exit(f"error: {err}")
     message = failure_message(rows, "run")

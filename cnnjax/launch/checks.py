@@ -3,10 +3,12 @@
 `count_trials` reads only the sweep file (cheap, no JAX) with its `--sweep.*` overrides and counts
 the trials with `cnnjax.tune.space`, so a sweep's array covers it exactly. `check_configs` loads
 every config file with all overrides through `ml_collections.config_flags` (as the entry point
-does at start-up) and runs the engine's value checks (`validate_config`) on every config the
-job will train, each trial of a sweep included: a misspelt field, a wrong type or a bad value
-fails here rather than after hours in the queue; it also checks that the batch splits evenly
-over the job's GPUs. Loading an experiment config imports TensorFlow (the data pipeline), ~5 s.
+does at start-up), runs the entry point's own pre-training checks that need no dataset and no
+devices (`entry_checks`: a sweep's metric and mode, a tune's recipe, a transfer's arms, seeds and
+budgets) and the engine's value checks (`validate_config`) on every config the job will train,
+each trial of a sweep included: a misspelt field, a wrong type or a bad value fails here rather
+than after hours in the queue; it also checks that the batch splits evenly over the job's GPUs.
+Loading an experiment config imports TensorFlow (the data pipeline), ~5 s.
 `check_array_size` compares a sweep's array with the cluster's `MaxArraySize`
 (`cluster_max_array_size` asks `scontrol`), which SLURM would otherwise enforce only at `sbatch`.
 """
@@ -124,13 +126,10 @@ def check_configs(spec: JobSpec) -> None:
     spec = validate_spec(spec, count_trials(spec) if spec.entry == "sweep" else None)
     entry = spec.entry_point
     loaded = load_files(spec.files, spec.overrides, entry.extra_flags)
-    if spec.entry == "sweep":
-        experiments = _trial_configs(loaded["config"], loaded["sweep"])
-    elif spec.entry == "transfer":
-        experiments = {"the transfer's source config": loaded["transfer"].source,
-                       "the transfer's target config": loaded["transfer"].target}
-    else:
-        experiments = {"": loaded["config"]}
+    try:
+        experiments = entry_checks(spec, loaded)
+    except ValueError as err:
+        raise ValueError(f"launch: the job would fail at start: {err}") from None
     # Every GPU of every node; on CPU one device per task (each task is a JAX process).
     devices = spec.gpus_per_node * spec.nodes if spec.gpus_per_node else spec.num_tasks
     for which, config in experiments.items():
@@ -148,9 +147,34 @@ def check_configs(spec: JobSpec) -> None:
                               "the batch is split evenly over every device")
 
 
-def _trial_configs(base: Any, sweep: Any) -> dict[str, Any]:
-    """`{"trial <i> (<overrides>)": config}` of every trial of a sweep file over `base`."""
-    from cnnjax.tune import space as space_lib
+def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
+    """Runs the entry point's own pre-training checks that need neither the dataset nor the
+    job's devices (sweep: space, fields, metric and mode; tune: `recipe.check_tune`; transfer:
+    `compare.check_transfer`); returns `{where: config}` of every config the job will train."""
+    if spec.entry == "sweep":
+        from cnnjax.tune import space as space_lib
+        from cnnjax.tune.sweep import check_ranking
 
-    return {f"trial {t.index} {dict(t.overrides)}": config
-            for t, config in space_lib.trial_configs(base, space_lib.from_config(sweep))}
+        base, sweep = loaded["config"], loaded["sweep"]
+        check_ranking(base, sweep.get("metric"), sweep.get("mode"))
+        return {f"trial {t.index} {dict(t.overrides)}": config
+                for t, config in space_lib.trial_configs(base, space_lib.from_config(sweep))}
+    if spec.entry == "tune":
+        from cnnjax.tune import space as space_lib
+        from cnnjax.tune.recipe import check_tune
+
+        base = loaded["config"]
+        _, plan = check_tune(base, loaded["recipe"])
+        return {"": base} | {
+            f"round 1 trial {t.index} {dict(t.overrides)}": config
+            for t, config in space_lib.trial_configs(plan.base_config(base), plan.space())}
+    if spec.entry == "transfer":
+        from cnnjax.transfer import compare
+
+        transfer = loaded["transfer"]
+        configs = compare.check_transfer(transfer.source, transfer.target, spec.workdir,
+                                         **compare.transfer_kwargs(transfer))
+        return {"the transfer's " + ("source config" if run_id == compare.SOURCE_ID
+                                     else f"run {run_id}"): config
+                for run_id, config in configs.items()}
+    return {"": loaded["config"]}

@@ -29,13 +29,14 @@ is what is compared: the best-over-evals value is reported too, but it selects o
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import re
 import statistics
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from cnnjax.train import config as config_lib
@@ -96,64 +97,136 @@ def arm_overrides(arm: str, source_workdir: str, source_steps: int) -> OrderedDi
     return fields
 
 
+def transfer_kwargs(config: Any) -> dict[str, Any]:
+    """`run_transfer`'s keyword arguments from a transfer file's config, read one way by the
+    entry point and by launch.submit's checks."""
+    return {"budget_field": config.budget_field, "budgets": config.budgets, "arms": config.arms,
+            "seeds": config.seeds, "arm_overrides": config.get("arm_overrides"),
+            "metric": config.get("metric")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferSettings:
+    """A comparison's checked settings (metric, arms, seeds, budgets, arm overrides)."""
+
+    metric: str
+    mode: str
+    source_metric: str
+    arms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    budget_field: str
+    budgets: list
+    slugs: dict  # {directory name: budget}
+    overrides: dict  # {arm: OrderedDict of dotted fields}
+
+    def run_fields(self, source_dir: str,
+                   source_steps: int) -> Iterator[tuple[str, str, Any, str, int, OrderedDict]]:
+        """`(run_id, slug, budget, arm, seed, overrides)` of every target run, in run order."""
+        for slug, budget in self.slugs.items():
+            for arm in self.arms:
+                for seed in self.seeds:
+                    fields = OrderedDict([(self.budget_field, budget), ("seed", seed)])
+                    fields.update(arm_overrides(arm, source_dir, source_steps))
+                    fields.update(self.overrides.get(arm, {}))
+                    yield f"{slug}-{arm}-s{seed}", slug, budget, arm, seed, fields
+
+
+def check_settings(source: Any, target: Any, budget_field: str, budgets: Sequence[Any],
+                   arms: Sequence[str], seeds: Sequence[int],
+                   overrides: Mapping[str, Mapping[str, Any]] | None,
+                   metric: str | None) -> TransferSettings:
+    """Checks the metric, arms, seeds, budgets and arm overrides against the configs (their
+    fields only: no dataset, no devices), so a bad value fails before anything is queued."""
+    metric = check_metric(_OWNER, metric, target)
+    # The source is reported by the same metric when its task has it (else by its own
+    # best_metric, e.g. top1 for a classifier pretrained for a segmentation target).
+    source_metric = (metric if metric in task_metrics(source)
+                     else check_metric(_OWNER, None, source))
+    arms = _check_arms(arms)
+    seeds = _check_seeds(seeds)
+    if budget_field in (*_ARM_FIELDS, "init_from.step", "seed"):
+        raise invalid(_OWNER, "budget_field", budget_field,
+                      "the comparison sets it itself; expected a target field such as "
+                      "'data.train_examples_per_class' or 'data.train_split'")
+    if not _is_list(budgets) or not budgets:
+        raise invalid(_OWNER, "budgets", budgets,
+                      f"expected a non-empty list of values for {budget_field!r}")
+    values = list(budgets)
+    slugs = [budget_slug(b) for b in values]
+    if len(set(slugs)) != len(slugs):
+        raise invalid(_OWNER, "budgets", values,
+                      f"expected distinct values (their directory names are {slugs})")
+    try:
+        space_lib.check_fields(target, space_lib.grid({budget_field: values}))
+    except ValueError as err:
+        raise ValueError(f"transfer: budget_field={budget_field!r} / budgets={budgets!r} "
+                         f"do not fit the target config: {err}") from None
+    return TransferSettings(metric, default_mode(metric), source_metric, arms, seeds,
+                            budget_field, values, dict(zip(slugs, values, strict=True)),
+                            _check_overrides(overrides, arms, target, budget_field))
+
+
+def check_transfer(source: Any, target: Any, transfer_dir: str, *,
+                   budget_field: str = "data.train_examples_per_class",
+                   budgets: Sequence[Any], arms: Sequence[str] = ARMS,
+                   seeds: Sequence[int] = (0,),
+                   arm_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                   metric: str | None = None) -> dict[str, Any]:
+    """`{run_id: config}` of the source and every target run after the checks that need neither
+    the dataset nor the devices (`check_settings`, `validate_config` on each run): what
+    launch.submit runs on a login node; `run_transfer` adds the engine's checks."""
+    settings = check_settings(source, target, budget_field, budgets, arms, seeds, arm_overrides,
+                              metric)
+    for role, config in (("source", source), ("target", target)):
+        try:
+            config_lib.validate_config(config)
+        except ValueError as err:
+            raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
+    _check_roles(source, target)
+    source_dir = trial_workdir(transfer_dir, _source_trial())
+    configs = {SOURCE_ID: source}
+    for run_id, *_, fields in settings.run_fields(source_dir, source.num_train_steps):
+        config = space_lib.apply_overrides(target, fields)
+        try:
+            config_lib.validate_config(config)
+        except ValueError as err:
+            raise ValueError(f"transfer: run {run_id} has an invalid config: {err}") from None
+        configs[run_id] = config
+    return configs
+
+
 class TransferPlan:
     """Every run of a comparison and its config, checked before anything trains."""
 
     def __init__(self, source: Any, target: Any, transfer_dir: str, budget_field: str,
                  budgets: Sequence[Any], arms: Sequence[str], seeds: Sequence[int],
                  overrides: Mapping[str, Mapping[str, Any]], metric: str | None):
-        self.metric = check_metric(_OWNER, metric, target)
-        self.mode = default_mode(self.metric)
-        # The source is reported by the same metric when its task has it (else by its own
-        # best_metric, e.g. top1 for a classifier pretrained for a segmentation target).
-        self.source_metric = (self.metric if self.metric in task_metrics(source)
-                              else check_metric(_OWNER, None, source))
-        self.arms = _check_arms(arms)
-        self.seeds = _check_seeds(seeds)
-        if budget_field in (*_ARM_FIELDS, "init_from.step", "seed"):
-            raise invalid(_OWNER, "budget_field", budget_field,
-                          "the comparison sets it itself; expected a target field such as "
-                          "'data.train_examples_per_class' or 'data.train_split'")
-        self.budget_field = budget_field
-        if not _is_list(budgets) or not budgets:
-            raise invalid(_OWNER, "budgets", budgets,
-                          f"expected a non-empty list of values for {budget_field!r}")
-        self.budgets = list(budgets)
-        slugs = [budget_slug(b) for b in self.budgets]
-        if len(set(slugs)) != len(slugs):
-            raise invalid(_OWNER, "budgets", self.budgets,
-                          f"expected distinct values (their directory names are {slugs})")
-        try:
-            space_lib.check_fields(target, space_lib.grid({budget_field: list(budgets)}))
-        except ValueError as err:
-            raise ValueError(f"transfer: budget_field={budget_field!r} / budgets={budgets!r} "
-                             f"do not fit the target config: {err}") from None
-        self.slugs = dict(zip(slugs, self.budgets, strict=True))
-        self.overrides = _check_overrides(overrides, self.arms, target, budget_field)
+        settings = check_settings(source, target, budget_field, budgets, arms, seeds,
+                                  overrides, metric)
+        self.metric, self.mode = settings.metric, settings.mode
+        self.source_metric = settings.source_metric
+        self.arms, self.seeds = settings.arms, settings.seeds
+        self.budget_field, self.budgets = settings.budget_field, settings.budgets
+        self.slugs, self.overrides = settings.slugs, settings.overrides
         checked_source = _check_configs(source, target)
         self.source, self.target = source, target
         self.source_dir = trial_workdir(transfer_dir, _source_trial())
         self.runs: list[dict] = []  # {trial, budget, slug, arm, seed, config}
         source_shapes = None  # the source's variable shapes, traced for the first warm start
-        for slug, budget in self.slugs.items():
-            for arm in self.arms:
-                for seed in self.seeds:
-                    fields = OrderedDict([(budget_field, budget), ("seed", seed)])
-                    fields.update(arm_overrides(arm, self.source_dir, source.num_train_steps))
-                    fields.update(self.overrides.get(arm, {}))
-                    run_id = f"{slug}-{arm}-s{seed}"
-                    config = space_lib.apply_overrides(target, fields)
-                    try:
-                        checked = config_lib.check_config(config)
-                    except ValueError as err:
-                        raise ValueError(f"transfer: run {run_id} has an invalid config: "
-                                         f"{err}") from None
-                    if arm != "scratch":  # arm_overrides may change the model's shapes
-                        source_shapes = source_shapes or _variable_shapes(checked_source)
-                        _check_source_fits(source.model, source_shapes, config, checked, run_id)
-                    trial = space_lib.Trial(len(self.runs) + 1, run_id, fields)
-                    self.runs.append({"trial": trial, "budget": budget, "slug": slug,
-                                      "arm": arm, "seed": seed, "config": config})
+        for run_id, slug, budget, arm, seed, fields in settings.run_fields(
+                self.source_dir, source.num_train_steps):
+            config = space_lib.apply_overrides(target, fields)
+            try:
+                checked = config_lib.check_config(config)
+            except ValueError as err:
+                raise ValueError(f"transfer: run {run_id} has an invalid config: "
+                                 f"{err}") from None
+            if arm != "scratch":  # arm_overrides may change the model's shapes
+                source_shapes = source_shapes or _variable_shapes(checked_source)
+                _check_source_fits(source.model, source_shapes, config, checked, run_id)
+            trial = space_lib.Trial(len(self.runs) + 1, run_id, fields)
+            self.runs.append({"trial": trial, "budget": budget, "slug": slug,
+                              "arm": arm, "seed": seed, "config": config})
 
     def check_data(self) -> dict[str, int]:
         """Training examples of the source and of every run (`{trial_id: n}`); raises if one is
@@ -251,6 +324,13 @@ def _check_configs(source: Any, target: Any) -> Any:
             checked[role] = config_lib.check_config(config)
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
+    _check_roles(source, target)
+    return checked["source"]
+
+
+def _check_roles(source: Any, target: Any) -> None:
+    """The fields the arms own are unset in `target`, and source and target share one
+    architecture unless `target.init_from.submodule` names the module the source fills."""
     for name in _ARM_FIELDS:
         value = space_lib.get_field(target, name)
         if value is not None:
@@ -263,7 +343,6 @@ def _check_configs(source: Any, target: Any) -> Any:
                       "weights fit the target network), or target.init_from.submodule naming "
                       "the target module they fill (e.g. 'backbone': an FCN's ResNet trunk "
                       "from a ResNet classifier)")
-    return checked["source"]
 
 
 def _variable_shapes(checked: Any) -> Any:

@@ -608,6 +608,27 @@ def _seen(history: Sequence[RoundResult]) -> set[str]:
 
 
 # --------------------------------------------------------------------------------- driver
+def check_tune(base_config: Any, recipe: Recipe | Any) -> tuple[Recipe, RoundPlan]:
+    """The recipe (checked against `base_config`: metric, regularizers, tuned fields) and its
+    round 1, with every round-1 trial config through `validate_config`: the checks that need
+    neither the dataset nor the devices, so launch.submit runs them on a login node too."""
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
+    recipe = recipe.for_config(base_config)
+    plan = first_round(recipe)
+    # The base as the rounds train it (their step counts: warmup and boundaries must fit).
+    config_lib.validate_config(plan.base_config(base_config))
+    # The fields later rounds may set must exist now, not after hours of round 1.
+    space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
+    check_regularizers(recipe, base_config)
+    for trial, config in space_lib.trial_configs(plan.base_config(base_config), plan.space()):
+        try:
+            config_lib.validate_config(config)
+        except ValueError as err:
+            raise ValueError(f"recipe: round 1 ({plan.action}) trial {trial.index} "
+                             f"{dict(trial.overrides)}: {err}") from None
+    return recipe, plan
+
+
 def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: bool = True,
              diagnose_fn: DiagnoseFn = diagnose_workdir) -> dict:
     """Runs (or resumes) the recipe in `tune_dir`; returns the recipe.json record.
@@ -616,15 +637,8 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     recipe tunes and every round-1 trial config; a `tune_dir` made with another base config or
     recipe is refused. Each later round's trial configs are checked before that round trains.
     """
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_config(recipe)
-    recipe = recipe.for_config(base_config)
-    plan: RoundPlan | None = first_round(recipe)
-    # The base as the rounds train it (their step counts: warmup and boundaries must fit).
-    config_lib.validate_config(space_lib.apply_overrides(base_config, plan.fixed))
-    # The fields later rounds may set must exist now, not after hours of round 1.
-    space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
-    check_regularizers(recipe, base_config)
-    _check_round(base_config, plan)
+    recipe, plan = check_tune(base_config, recipe)
+    _check_round(base_config, plan)  # the engine's checks (dataset, devices) on round 1
     check_directory_kind(tune_dir, "tune", "tune_dir")
     with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
         return _run_rounds(base_config, recipe, tune_dir, plan, verbose, diagnose_fn)

@@ -77,6 +77,15 @@ def check_metric(owner: str, metric: Any, config: Any) -> str:
     return metric
 
 
+def check_ranking(base_config: Any, metric: Any, mode: Any) -> tuple[str, str]:
+    """`(metric, mode)` the trials are ranked by, checked against `base_config`'s task (None:
+    its best_metric, and the metric's default mode); run_sweep and launch.submit both call it."""
+    metric = check_metric(_OWNER, metric, base_config)
+    mode = default_mode(metric) if mode is None else mode
+    check_choice(_OWNER, "mode", mode, ("max", "min"))
+    return metric, mode
+
+
 def trial_workdir(sweep_dir: str, trial: Trial) -> str:
     return os.path.join(sweep_dir, TRIALS_DIR, trial.trial_id)
 
@@ -104,9 +113,7 @@ def run_sweep(
     trials this call starts (0: only rewrite results and plot). Every field, value and trial
     config is checked before anything trains.
     """
-    metric = check_metric(_OWNER, metric, base_config)
-    mode = default_mode(metric) if mode is None else mode
-    check_choice(_OWNER, "mode", mode, ("max", "min"))
+    metric, mode = check_ranking(base_config, metric, mode)
     if trial_index is not None and (
         isinstance(trial_index, bool)
         or not isinstance(trial_index, int)

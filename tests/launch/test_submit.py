@@ -13,8 +13,10 @@ from cnnjax.launch.checks import check_array_size, check_configs, cluster_max_ar
 from cnnjax.launch.spec import JobSpec, validate_spec
 from tests.launch.conftest import (
     CONFIG,
+    RECIPE,
     ROOT,
     SWEEP,
+    TRANSFER,
     path_with,
     stand_in_slurm,
     write_executable,
@@ -279,3 +281,52 @@ def test_check_configs_refuses_a_sweep_field_the_base_config_lacks(tmp_path):
         check_configs(JobSpec(**{**spec.__dict__, "overrides": (
             "--sweep.parameters=({'field': 'model.width', 'distribution': 'choice', "
             "'values': (1, 2)},)",)}))
+
+
+def _bad_metric_sweep(tmp_path):
+    path = tmp_path / "bad_metric_sweep.py"
+    path.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.metric, c.mode = 'grid', 0, 'accuracy', 'max'\n"
+        "    c.parameters = (choice('optimizer.learning_rate', (0.01, 0.1)),)\n"
+        "    return c\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("entry,args,message", [
+    ("sweep", lambda tmp: [f"--config={CONFIG}", f"--sweep={_bad_metric_sweep(tmp)}"],
+     "sweep: metric='accuracy' is invalid; expected one of ['loss', 'top1', 'top5']"),
+    ("sweep", lambda tmp: [f"--config={CONFIG}", f"--sweep={SWEEP}", "--",
+                           "--sweep.mode=maximize"],
+     "sweep: mode='maximize' is invalid; expected one of ['max', 'min']"),
+    ("tune", lambda tmp: [f"--config={CONFIG}", f"--recipe={RECIPE}", "--",
+                          "--recipe.lr_min=2.0"],
+     "recipe: lr_min=2.0 is invalid; expected lr_min < lr_max (lr_max=1.0)"),
+    ("tune", lambda tmp: [f"--config={CONFIG}", f"--recipe={RECIPE}", "--",
+                          "--recipe.regularizers=foo"],
+     "recipe: regularizers='foo' is invalid; expected one of ['weight_decay',"),
+    ("tune", lambda tmp: [f"--config={CONFIG}", f"--recipe={RECIPE}", "--",
+                          "--recipe.metric=map50"],
+     "recipe: metric='map50' is invalid; expected one of ['loss', 'top1', 'top5']"),
+    ("transfer", lambda tmp: [f"--transfer={TRANSFER}", "--",
+                              "--transfer.arms=('scratch','bogus')"],
+     "transfer: arms=('scratch', 'bogus') is invalid; expected a non-empty list of distinct "
+     "arms from ['scratch', 'finetune', 'linear_probe']"),
+    ("transfer", lambda tmp: [f"--transfer={TRANSFER}", "--", "--transfer.seeds=(0, 0)"],
+     "transfer: seeds=(0, 0) is invalid; expected a non-empty list of distinct integers"),
+])
+def test_the_entry_points_own_checks_refuse_a_job_before_it_is_queued(tmp_path, entry, args,
+                                                                       message):
+    """A sweep's metric/mode, a tune's recipe and a transfer's arms/seeds are checked as the
+    entry point checks them, so a job that would fail at start is never queued."""
+    workdir = tmp_path / "w"
+    result = _submit(tmp_path, f"--entry={entry}", f"--workdir={workdir}", "--dry_run",
+                     *args(tmp_path))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"error: launch: the job would fail at start: {message}")
+    assert "Traceback" not in result.stderr and not result.stdout
+    assert not workdir.exists()
+    assert not (tmp_path / "bin" / "sbatch.calls").exists()
