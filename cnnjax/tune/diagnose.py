@@ -557,17 +557,24 @@ def _num(value: Any) -> float | None:
 
 
 def main(argv: Sequence[str]) -> None:  # pragma: no cover - thin CLI
+    """Prints the diagnosis of `--workdir`; bad input ends it with one `error:` line, exit 1."""
     from absl import flags
 
-    del argv
-    print(diagnose_workdir(flags.FLAGS.workdir, flags.FLAGS.metric).format())
+    from cnnjax.utils.cli import one_line_errors, start_command
+
+    start_command(list(argv))
+    with one_line_errors():
+        diagnosis = diagnose_workdir(flags.FLAGS.workdir, flags.FLAGS.metric)
+    print(diagnosis.format())
 
 
 if __name__ == "__main__":  # pragma: no cover
     from absl import app, flags
 
+    from cnnjax.utils.cli import parse_flags
+
     flags.DEFINE_string("workdir", None, "A run's --workdir (metrics.jsonl, summary.json).")
     flags.DEFINE_string("metric", None, "Eval metric judged for improvement (default: the "
                         "run's config.best_metric, e.g. top1, map50 or miou).")
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -336,6 +336,21 @@ def test_command_line_prints_the_diagnosis():
     assert "-> num_train_steps x2" in result.stdout
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--workdir=/nonexistent/run"],
+     "error: diagnose: workdir='/nonexistent/run' is invalid; expected the work directory of a "
+     "run."),
+    ([f"--workdir={os.path.join(DATA, 'lenet5_digits_lr0.0005')}", "--metric=bogus"],
+     "error: diagnose: metric='bogus' is invalid; expected one of ['loss', 'top1', 'top5',"),
+])
+def test_command_line_bad_input_is_one_error_line(args, message):
+    result = subprocess.run([sys.executable, "-m", "cnnjax.tune.diagnose", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and not result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+
+
 def _detection_records(map50, *, loss=None, eval_examples=500):
     """A detector's metrics.jsonl: train `loss` only (no top-1), eval mAPs (no eval loss)."""
     loss = loss or _decay(14.0, 2.0, 0.02)
