@@ -10,9 +10,12 @@ import pytest
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
     check_nhwc_nonempty,
+    check_non_negative_int,
     check_number,
     check_optional_bool,
     check_positive_float,
+    check_positive_int,
+    check_positive_ints,
     concrete_value,
     given_dtype,
     to_pair,
@@ -133,3 +136,21 @@ def test_check_nhwc_nonempty_refuses_empty_maps_but_not_empty_batches():
     with pytest.raises(ValueError, match=r"^f: input.shape=\(2, 3\) is invalid; expected a "
                                          r"rank-4 NHWC array"):
         check_nhwc_nonempty("f", np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("value", [3, np.int64(3), np.int32(3), np.uint8(3)])
+def test_integer_checks_accept_numpy_integers_as_python_ints(value):
+    """`nms(max_output_size=np.int64(39))`, `roi_align(sampling_ratio=np.int64(2))`: a NumPy
+    integer is an integer (the message said "expected a positive integer" of one)."""
+    for check in (check_positive_int, check_non_negative_int):
+        got = check("nms", "max_output_size", value)
+        assert got == 3 and type(got) is int
+    assert check_positive_ints("SPPNet", "pyramid_levels", (value, 1), "v") == (3, 1)
+    assert type(check_positive_ints("SPPNet", "pyramid_levels", (value,), "v")[0]) is int
+
+
+@pytest.mark.parametrize("value", [True, np.True_, 3.0, np.float64(3), "3", None, 0, -1])
+def test_positive_int_refuses_bools_floats_strings_and_non_positive(value):
+    with pytest.raises(ValueError, match=r"^nms: max_output_size=.* is invalid; expected a "
+                                         r"positive integer\.$"):
+        check_positive_int("nms", "max_output_size", value)

@@ -56,25 +56,25 @@ def check_positive_ints(owner: str, arg: str, value: Any, valid: str) -> tuple[i
         items = tuple(value)
     except TypeError:
         items = ()
-    if not items or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items
-    ):
+    if not items or not all(_is_integer(v) and v > 0 for v in items):
         raise invalid(owner, arg, value, valid)
-    return items
+    return tuple(int(v) for v in items)
 
 
 def check_positive_int(owner: str, arg: str, value: Any) -> int:
-    """Returns `value` if it is an int > 0, else raises."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """Returns `value` as an int if it is an integer > 0 (a NumPy integer too, not a bool),
+    else raises."""
+    if not _is_integer(value) or value <= 0:
         raise invalid(owner, arg, value, "expected a positive integer")
-    return value
+    return int(value)
 
 
 def check_non_negative_int(owner: str, arg: str, value: Any) -> int:
-    """Returns `value` if it is an int >= 0, else raises."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """Returns `value` as an int if it is an integer >= 0 (a NumPy integer too, not a bool),
+    else raises."""
+    if not _is_integer(value) or value < 0:
         raise invalid(owner, arg, value, "expected an integer >= 0")
-    return value
+    return int(value)
 
 
 def check_positive_float(owner: str, arg: str, value: Any) -> float:
