@@ -221,8 +221,8 @@ class Recipe:
         if len(set(grid)) < len(grid):
             raise invalid(_OWNER, "num_lrs", self.num_lrs,
                           f"lr_min={self.lr_min!r}..lr_max={self.lr_max!r} holds fewer distinct "
-                          f"rates at 3 significant digits ({grid}); widen the range or lower "
-                          "num_lrs")
+                          f"rates at 3 significant digits ({_preview(grid)}); widen the range "
+                          "or lower num_lrs")
         if self.max_trials < self.num_lrs:
             raise invalid(_OWNER, "max_trials", self.max_trials,
                           f"expected at least num_lrs={self.num_lrs} (round 1's trials)")
@@ -788,6 +788,17 @@ def _sorted(values: Sequence[Any]) -> list:
         return sorted(values)
     except TypeError:
         return list(values)
+
+
+def _preview(values: Sequence[Any], head: int = 3) -> str:
+    """`values` as a tuple, or for a long one its first `head` and last value with the counts,
+    so an error about a 500-point grid stays one readable line."""
+    values = tuple(values)
+    if len(values) <= head + 2:
+        return repr(values)
+    shown = ", ".join(repr(v) for v in values[:head])
+    return (f"({shown}, ..., {values[-1]!r}): {len(values)} rates, "
+            f"{len(set(values))} distinct")
 
 
 def _short(value: Any) -> str:

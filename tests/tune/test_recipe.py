@@ -407,6 +407,11 @@ def test_incumbent_ties_go_to_the_later_round():
     ({"lr_min": 0.1, "lr_max": 0.1004}, "recipe: num_lrs=3 is invalid; lr_min=0.1..lr_max=0.1004 "
                                         "holds fewer distinct rates at 3 significant digits "
                                         "((0.1, 0.1, 0.1))"),
+    # a long grid is summarized, not listed point by point
+    ({"lr_min": 1e-3, "lr_max": 1.001e-3, "num_lrs": 200, "max_trials": 300},
+     "recipe: num_lrs=200 is invalid; lr_min=0.001..lr_max=0.001001 holds fewer distinct rates "
+     "at 3 significant digits ((0.001, 0.001, 0.001, ..., 0.001): 200 rates, 1 distinct); "
+     "widen the range or lower num_lrs."),
 ])
 def test_bad_recipe_values(kwargs, message):
     with pytest.raises(ValueError) as err:
