@@ -262,23 +262,48 @@ def finished_status(workdir: str, config: Any) -> str | None:
 
 
 def start_trial(trial: Trial, workdir: str) -> dict:
-    """Marks the trial started (status incomplete) in trial.json, keeping its past wall time."""
+    """Marks the trial started (status incomplete, `started_at`) in trial.json, keeping its past
+    wall time plus that of a previous start that never recorded its own (`killed_run_time`)."""
     path = os.path.join(workdir, TRIAL_FILE)
     previous = read_json(path) or {}
     record = {
         **trial.describe(),
         "status": "incomplete",
         "reason": "",
-        "wall_time_s": float(previous.get("wall_time_s", 0.0)),
+        "wall_time_s": float(previous.get("wall_time_s", 0.0)) + killed_run_time(workdir,
+                                                                                previous),
         "invocations": int(previous.get("invocations", 0)) + 1,
+        "started_at": time.time(),
     }
     os.makedirs(workdir, exist_ok=True)
     atomic_write(path, json.dumps(record, indent=2))
     return record
 
 
+def killed_run_time(workdir: str, previous: dict) -> float:
+    """Seconds a previous start of the trial ran without recording them (SIGKILL, power loss:
+    trial.json still says incomplete and holds its `started_at`), measured to the newest file it
+    wrote in `workdir` (metrics, checkpoints), so the time between the kill and the rerun is not
+    counted; 0.0 when the previous start recorded its time or left nothing to measure by."""
+    started = previous.get("started_at")
+    if (previous.get("status") != "incomplete" or isinstance(started, bool)
+            or not isinstance(started, int | float) or not math.isfinite(started)):
+        return 0.0
+    newest = started
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            if root == workdir and name == TRIAL_FILE:
+                continue
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except OSError:  # removed meanwhile (an old checkpoint being pruned)
+                continue
+    return newest - started
+
+
 def run_trial(config: Any, workdir: str, record: dict) -> dict:
-    """One `train_and_evaluate` call; records its outcome in trial.json and returns it."""
+    """One `train_and_evaluate` call; records its outcome and wall time in trial.json (and
+    drops `started_at`, so the next start does not count this time again) and returns it."""
     path = os.path.join(workdir, TRIAL_FILE)
     started = time.time()
     try:
@@ -295,6 +320,7 @@ def run_trial(config: Any, workdir: str, record: dict) -> dict:
             f.write(traceback.format_exc())
     finally:
         record["wall_time_s"] += time.time() - started
+        record.pop("started_at", None)
         atomic_write(path, json.dumps(record, indent=2))
     return record
 

@@ -171,6 +171,34 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch
     assert record["invocations"] == 2 and record["status"] == "completed"
 
 
+def test_a_killed_starts_time_is_counted_on_the_next_start(tmp_path, monkeypatch):
+    """SIGKILL skips run_trial's bookkeeping: the next start adds the killed start's time, up
+    to the newest file it wrote (not the idle time until the rerun), and a start that recorded
+    its own time is not counted twice."""
+    trial = sp.grid({"optimizer.learning_rate": [0.05]}).trials[0]
+    workdir = str(tmp_path / "trial")
+    first = sw.start_trial(trial, workdir)
+    assert first["wall_time_s"] == 0.0 and first["invocations"] == 1
+    started = first["started_at"]
+    # the killed start wrote metrics for 30 s, then lay dead 1000 s before the rerun
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    with open(metrics, "w") as f:
+        f.write("{}\n")
+    os.utime(metrics, (started + 30.0, started + 30.0))
+    second = sw.start_trial(trial, workdir)
+    assert second["wall_time_s"] == pytest.approx(30.0)
+    assert second["invocations"] == 2 and second["started_at"] >= started
+
+    monkeypatch.setattr(sw, "train_and_evaluate", lambda config, workdir: None)
+    done = sw.run_trial(_tiny_base(), workdir, second)
+    assert done["status"] == "completed" and "started_at" not in done
+    recorded = _json(os.path.join(workdir, sw.TRIAL_FILE))
+    assert "started_at" not in recorded and recorded["wall_time_s"] >= 30.0
+    os.utime(metrics)  # newer files no longer count: this start's time was recorded
+    third = sw.start_trial(trial, workdir)
+    assert third["wall_time_s"] == recorded["wall_time_s"] and third["invocations"] == 3
+
+
 def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     engine = sw.train_and_evaluate
