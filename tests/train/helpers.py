@@ -155,6 +155,22 @@ def crashing_batches(train_batches, at_step: int):
     return crashing
 
 
+def run_until_crash(config, workdir, monkeypatch, at_step: int = 9,
+                    module: str = "cnnjax.data.pipeline") -> None:
+    """Runs `config` in `workdir` until it dies asking for step `at_step`'s batch (after its last
+    checkpoint before that step), with `module`'s `train_batches` patched only meanwhile."""
+    import pytest
+
+    from cnnjax.train import loop
+
+    pipeline = sys.modules[module]
+    original = pipeline.train_batches
+    monkeypatch.setattr(pipeline, "train_batches", crashing_batches(original, at_step))
+    with pytest.raises(SimulatedCrashError):
+        loop.train_and_evaluate(config, str(workdir))
+    monkeypatch.setattr(pipeline, "train_batches", original)
+
+
 def fake_pipeline_module() -> types.ModuleType:
     module = types.ModuleType("cnnjax.data.pipeline")
     module.get_dataset_info = get_dataset_info

@@ -207,11 +207,8 @@ def test_exact_resume(tmp_path, monkeypatch):
     config = _config()
     reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
 
-    module = sys.modules["cnnjax.data.detection"]
-    monkeypatch.setattr(module, "train_batches", helpers.crashing_batches(_train_batches, 9))
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(module, "train_batches", _train_batches)
+    helpers.run_until_crash(config, tmp_path / "resumed", monkeypatch,
+                            module="cnnjax.data.detection")
     resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert resumed["resumed_from_step"] == 8
     assert resumed["final_eval"] == reference["final_eval"]

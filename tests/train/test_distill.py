@@ -202,15 +202,10 @@ def test_exact_resume_after_crash_with_distillation(tmp_path, monkeypatch, teach
                                   "ema.decay": 0.9, "grad_accum_steps": 2, "distill.ema": True})
     reference = tmp_path / "reference"
     loop.train_and_evaluate(config, str(reference))
-    pipeline = sys.modules["cnnjax.data.pipeline"]
-    original = helpers.train_batches
-    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
     resumed = tmp_path / "resumed"
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(resumed))
+    helpers.run_until_crash(config, resumed, monkeypatch)
     record = json.loads((resumed / distill.DISTILL_FILE).read_text())
     assert record["ema"] is True and record["workdir"] == os.path.abspath(teacher)
-    monkeypatch.setattr(pipeline, "train_batches", original)
     summary = loop.train_and_evaluate(config, str(resumed))
     assert summary["resumed_from_step"] == 8 and summary["distill"] == record
     jax.tree.map(np.testing.assert_array_equal, _final_state(str(reference), config),
@@ -224,12 +219,7 @@ def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
     copy = str(tmp_path / "teacher")
     shutil.copytree(teacher, copy)
     config = _student(copy)
-    pipeline = sys.modules["cnnjax.data.pipeline"]
-    monkeypatch.setattr(pipeline, "train_batches",
-                        helpers.crashing_batches(helpers.train_batches, 5))
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(tmp_path / "student"))
-    monkeypatch.setattr(pipeline, "train_batches", helpers.train_batches)
+    helpers.run_until_crash(config, tmp_path / "student", monkeypatch, at_step=5)
     shutil.rmtree(copy)
     _train_teacher(copy, seed=1, **{"ema.decay": 0.9})
     with pytest.raises(ValueError, match=re.escape(
@@ -242,12 +232,7 @@ def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
 def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
     """config.json written before `distill` existed lacks the block: it meant no teacher."""
     run = tmp_path / "run"
-    pipeline = sys.modules["cnnjax.data.pipeline"]
-    monkeypatch.setattr(pipeline, "train_batches",
-                        helpers.crashing_batches(helpers.train_batches, 9))
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(helpers.tiny_config(), str(run))
-    monkeypatch.setattr(pipeline, "train_batches", helpers.train_batches)
+    helpers.run_until_crash(helpers.tiny_config(), run, monkeypatch)
     saved = json.loads((run / "config.json").read_text())
     del saved["distill"]
     (run / "config.json").write_text(json.dumps(saved))

@@ -1,7 +1,6 @@
 """Weight averaging (`config.ema`): the average, its evaluation, checkpoints and errors."""
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -72,13 +71,7 @@ def test_an_interrupted_run_resumes_its_average_exactly(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     config = helpers.tiny_config(**{"ema.decay": 0.8})
     loop.train_and_evaluate(config, str(tmp_path / "reference"))
-    original = helpers.train_batches
-
-    pipeline = sys.modules["cnnjax.data.pipeline"]
-    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(pipeline, "train_batches", original)
+    helpers.run_until_crash(config, tmp_path / "resumed", monkeypatch)
     assert loop.train_and_evaluate(config, str(tmp_path / "resumed"))["resumed_from_step"] == 8
     stored = [_stored(tmp_path / name) for name in ("reference", "resumed")]
     assert stored[0]["ema"]["params"]

@@ -262,14 +262,8 @@ def test_resume_beats_init_from(source, tmp_path, monkeypatch):
     config = _fine_tune_config(own_source, **{"model_kwargs.dropout_rate": 0.3})
     reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
 
-    module = sys.modules["cnnjax.data.pipeline"]
-    original = module.train_batches
-
-    monkeypatch.setattr(module, "train_batches", helpers.crashing_batches(original, 9))
     killed = tmp_path / "killed"
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(killed))
-    monkeypatch.setattr(module, "train_batches", original)
+    helpers.run_until_crash(config, killed, monkeypatch)
     shutil.rmtree(own_source)
     summary = loop.train_and_evaluate(config, str(killed))
     assert summary["status"] == "completed" and summary["resumed_from_step"] == 8

@@ -116,15 +116,9 @@ def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     loop.train_and_evaluate(config, str(reference))
 
-    original = helpers.train_batches
-
-    pipeline = sys.modules["cnnjax.data.pipeline"]
-    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
     resumed = tmp_path / "resumed"
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(resumed))
+    helpers.run_until_crash(config, resumed, monkeypatch)
     assert json.loads(Path(resumed / "summary.json").read_text())["status"] == "failed"
-    monkeypatch.setattr(pipeline, "train_batches", original)
     summary = loop.train_and_evaluate(config, str(resumed))
     assert summary["resumed_from_step"] == 8 and "device_counts" not in summary
     a, _ = _final_params(str(reference), config)
@@ -143,13 +137,8 @@ def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(tmp_path
     config = helpers.tiny_config(log_every_steps=3)
     reference = tmp_path / "reference"
     loop.train_and_evaluate(config, str(reference))
-    pipeline = sys.modules["cnnjax.data.pipeline"]
-    original = helpers.train_batches
-    monkeypatch.setattr(pipeline, "train_batches", helpers.crashing_batches(original, 9))
     resumed = tmp_path / "resumed"
-    with pytest.raises(helpers.SimulatedCrashError):
-        loop.train_and_evaluate(config, str(resumed))
-    monkeypatch.setattr(pipeline, "train_batches", original)
+    helpers.run_until_crash(config, resumed, monkeypatch)
     assert loop.train_and_evaluate(config, str(resumed))["resumed_from_step"] == 8
 
     def train_records(workdir):
