@@ -13,6 +13,7 @@ import pytest
 from cnnjax.detection.postprocess import batched_nms
 from cnnjax.models import create_model, list_models, model_info
 from cnnjax.models.faster_rcnn import FasterRCNN, detect_from_head
+from tests.models.detectors import assert_eager_detect_equals_jitted
 
 BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
 LABELS = jnp.array([[1, 2], [3, 0]])
@@ -108,13 +109,7 @@ def test_detect_on_an_image_off_the_stride_is_the_same_eager_and_under_jit():
     variables = jax.jit(model.init)(jax.random.key(1), x)
     _, _, proposals = jax.jit(model.apply)(variables, x)
     assert float(jnp.where(proposals.valid[..., None], proposals.boxes, 0).max()) > 56
-    jitted = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
-    eager = model.apply(variables, x, method="detect")
-    assert bool(jitted.valid.any())
-    np.testing.assert_array_equal(eager.valid, jitted.valid)
-    np.testing.assert_array_equal(eager.classes, jitted.classes)
-    np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(eager.boxes, jitted.boxes, rtol=1e-5, atol=1e-4)
+    assert_eager_detect_equals_jitted(model, variables, x)
 
 
 def test_min_input_size_is_the_smallest_image_with_an_anchor_inside():

@@ -11,6 +11,7 @@ import pytest
 
 from cnnjax.models import create_model, list_models
 from cnnjax.models.rcnn import RCNN, FastRCNN, SPPNet, window_proposals
+from tests.models.detectors import assert_eager_detect_equals_jitted
 
 BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
 LABELS = jnp.array([[1, 2], [3, 0]])
@@ -99,13 +100,7 @@ def test_detect_on_an_image_off_the_stride_is_the_same_eager_and_under_jit(cls):
     x = jax.random.normal(jax.random.key(0), (1, 60, 60, 3))
     variables = jax.jit(model.init)(jax.random.key(1), x)
     assert float(model.apply({}, x, method="windows")[0].max()) == 60.0
-    jitted = jax.jit(lambda v, x: model.apply(v, x, method="detect"))(variables, x)
-    eager = model.apply(variables, x, method="detect")
-    assert bool(jitted.valid.any())
-    np.testing.assert_array_equal(eager.valid, jitted.valid)
-    np.testing.assert_array_equal(eager.classes, jitted.classes)
-    np.testing.assert_allclose(eager.scores, jitted.scores, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(eager.boxes, jitted.boxes, rtol=1e-5, atol=1e-4)
+    assert_eager_detect_equals_jitted(model, variables, x)
 
 
 @pytest.mark.slow
