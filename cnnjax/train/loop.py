@@ -633,6 +633,7 @@ class _Run:
                     checkpointer.save(done, parallel.unreplicate(state), metrics_eval,
                                       run_info={"num_devices": self.total_devices,
                                                 "device_counts": self.device_counts,
+                                                "process_count": jax.process_count(),
                                                 TRAIN_WINDOW: _window_to_json(self.window)})
                 if stopped:
                     break
@@ -667,20 +668,31 @@ class _Run:
         return self.parallel.local_device_count * jax.process_count()
 
     def warn_if_devices_changed(self, run_info: dict) -> None:
-        """Resuming on another device count continues the same data order, but the dropout keys
-        (folded per device), mixup/CutMix pairs and accumulation micro-batches (both within a
-        device's batch) and the float summation order follow the device count: the run is then
-        no longer the one an uninterrupted run would have been. Say so in the log, and keep the
-        counts the run has trained on (checkpoint `run_info`, summary.json's `device_counts`
-        while there is more than one), through any number of later resumes."""
+        """Resuming on another device count with the same process count continues the same data
+        order, but the dropout keys (folded per device), mixup/CutMix pairs and accumulation
+        micro-batches (both within a device's batch) and the float summation order follow the
+        device count; on another process count the data order changes too (each process
+        shuffles its own shard). Either way the run is no longer the one an uninterrupted run
+        would have been. Say so in the log, and keep the device counts the run has trained on
+        (checkpoint `run_info`, summary.json's `device_counts` while there is more than one),
+        through any number of later resumes."""
         counts = [int(n) for n in run_info.get("device_counts") or
                   ([run_info["num_devices"]] if "num_devices" in run_info else [])]
+        processes = run_info.get("process_count")  # absent before it was recorded
+        same_processes = processes is None or int(processes) == jax.process_count()
+        if not same_processes:
+            logging.warning(
+                "Resuming a checkpoint written by %d processes with %d: each process shuffles "
+                "its own shard of the split, so the data order changes from here, and until the "
+                "epoch ends some of its examples may repeat and others be skipped; this run will "
+                "not equal an uninterrupted one.", int(processes), jax.process_count())
         if counts and counts[-1] != self.total_devices:
             logging.warning(
-                "Resuming a checkpoint written on %d devices on %d: the data order continues, "
-                "but per-device dropout keys, mixup/CutMix pairs, accumulation micro-batches and "
-                "float summation order change, so this run will not equal an uninterrupted one.",
-                counts[-1], self.total_devices)
+                "Resuming a checkpoint written on %d devices on %d: %sper-device dropout keys, "
+                "mixup/CutMix pairs, accumulation micro-batches and float summation order "
+                "change, so this run will not equal an uninterrupted one.",
+                counts[-1], self.total_devices,
+                "the data order continues, but " if same_processes else "")
             counts.append(self.total_devices)
         self.device_counts = counts
 

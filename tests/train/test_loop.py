@@ -166,8 +166,8 @@ def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monke
             info = checkpoints.run_info(step)
         finally:
             checkpoints.close()
-        assert loop.TRAIN_WINDOW in info
-        return {k: v for k, v in info.items() if k != loop.TRAIN_WINDOW}
+        assert loop.TRAIN_WINDOW in info and info["process_count"] == 1
+        return {k: v for k, v in info.items() if k not in (loop.TRAIN_WINDOW, "process_count")}
 
     config = helpers.tiny_config()
     pipeline = sys.modules["cnnjax.data.pipeline"]
@@ -188,6 +188,29 @@ def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monke
     assert summary["resumed_from_step"] == 8
     assert summary["num_devices"] == 1 and summary["device_counts"] == [2, 1]
     assert run_info(12) == {"num_devices": 1, "device_counts": [2, 1]}
+
+
+@pytest.mark.parametrize("info, warned", [
+    ({"process_count": 2, "device_counts": [2]}, ["written by 2 processes with 1",
+                                                  "written on 2 devices on 1: per-device"]),
+    ({"process_count": 1, "device_counts": [2]}, ["written on 2 devices on 1: the data order "
+                                                  "continues, but per-device"]),
+    ({"device_counts": [2]}, ["the data order continues"]),  # before process_count was saved
+    ({"process_count": 1, "device_counts": [1]}, []),
+])
+def test_a_resume_on_another_process_count_warns_that_the_data_order_changes(info, warned,
+                                                                             caplog):
+    """Each process shuffles its own shard of the split, so the data order continues across a
+    resume only on the same process count; the device-count warning must not claim otherwise."""
+    import types
+
+    run = types.SimpleNamespace(total_devices=1)
+    with caplog.at_level("WARNING"):
+        loop._Run.warn_if_devices_changed(run, info)
+    assert len(caplog.records) == len(warned)
+    for record, text in zip(caplog.records, warned, strict=True):
+        assert text in record.getMessage()
+    assert run.device_counts == ([2, 1] if info["device_counts"] == [2] else [1])
 
 
 def test_divergence_is_reported(tmp_path):
