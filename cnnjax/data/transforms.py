@@ -94,7 +94,7 @@ class Transforms:
             image = tf.pad(image, [[p, p], [p, p], [0, 0]])
             image = tf.image.stateless_random_crop(image, self.out_shape, seed=crop_seed)
         else:  # random_resized_crop_flip
-            image = _random_resized_crop(image, self.out_shape[:2], crop_seed)
+            image = _random_resized_crop(image, self.out_shape, crop_seed)
         return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
@@ -109,8 +109,9 @@ def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: floa
     return image[top:top + size, left:left + size, :]
 
 
-def _random_resized_crop(image: tf.Tensor, hw: tuple[int, int], seed: tf.Tensor) -> tf.Tensor:
-    """Inception crop: 8%-100% of the area, aspect ratio 3/4-4/3, resized to `hw`."""
+def _random_resized_crop(image: tf.Tensor, shape: tuple[int, int, int],
+                         seed: tf.Tensor) -> tf.Tensor:
+    """Inception crop: 8%-100% of the area, aspect ratio 3/4-4/3, resized to `shape[:2]`."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -121,8 +122,9 @@ def _random_resized_crop(image: tf.Tensor, hw: tuple[int, int], seed: tf.Tensor)
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    image = tf.slice(image, begin, crop_size)
-    return tf.image.resize(image, hw, method="bilinear", antialias=True)
+    # A slice with a runtime size loses the static channel count (RandAugment needs it).
+    image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, shape[2]])
+    return tf.image.resize(image, shape[:2], method="bilinear", antialias=True)
 
 
 def make_transforms(spec: Spec, source: Source) -> Transforms:

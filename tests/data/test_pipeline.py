@@ -453,7 +453,7 @@ def test_random_resized_crop_keeps_its_seeds_without_randaugment():
     for k in range(4):
         key = tf.constant([k, 1], tf.int64)
         crop, flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-        want = _random_resized_crop(tf.cast(image, tf.float32) / 255.0, (16, 16), crop)
+        want = _random_resized_crop(tf.cast(image, tf.float32) / 255.0, (16, 16, 3), crop)
         want = (tf.image.stateless_random_flip_left_right(want, seed=flip) - 0.5) / 0.25
         np.testing.assert_array_equal(transforms.train(image, key).numpy(), want.numpy())
 

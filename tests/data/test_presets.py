@@ -293,6 +293,30 @@ def test_imagenette_train_random_resized_crop(tmp_path):
     assert (x_slopes < 0).any() and (x_slopes > 0).any()  # some crops were flipped
 
 
+@pytest.mark.parametrize("name,tfds_name,eval_split", [
+    ("imagenette", "imagenette/320px-v2", "validation"),
+    ("oxford_iiit_pet", "oxford_iiit_pet", "test"),
+])
+def test_randaugment_after_random_resized_crop(tmp_path, name, tfds_name, eval_split):
+    """The crop's runtime-sized slice keeps the static channel count RandAugment needs."""
+    root = str(tmp_path)
+    _write_metadata(root, tfds_name, {"train": 8, eval_split: 8})
+    images = _linear_images([(120, 160)] * 8)
+    batches = {}
+    for layers in (0, 2):
+        config = _config(name, root, image_size=48, shuffle_buffer=1, randaugment_layers=layers)
+        with _mock(root, 8, as_dataset_fn=_as_dataset_fn(images)):
+            batches[layers] = next(train_batches(config, global_batch_size=8, num_devices=1,
+                                                 seed=0))
+    plain, augmented = batches[0]["image"], batches[2]["image"]
+    assert augmented.shape == plain.shape == (1, 8, 48, 48, 3)
+    np.testing.assert_array_equal(batches[0]["label"], batches[2]["label"])
+    # RandAugment works on uint8: its output is on the 0..255 level grid (to float32 rounding).
+    levels = _denormalize(augmented[0], name)
+    np.testing.assert_allclose(levels, np.rint(levels), atol=1e-3)
+    assert (plain != augmented).reshape(8, -1).any(-1).mean() > 0.5
+
+
 # ---------------------------------------------------------------------------- missing datasets
 def test_missing_catalogue_dataset_says_how_to_prepare_it(tmp_path):
     root = str(tmp_path / "empty")
