@@ -754,8 +754,16 @@ def test_quantize_truncates_as_cifar10c_was_stored():
     (lambda x: C.corrupt(x, "contrast", 1, seed=-1),
      r"corruptions: seed=-1 is invalid; expected a non-negative integer\."),
     (lambda x: C.corrupt(np.zeros((64, 64, 3)), "contrast", 1),
-     r"corruptions: images='<array of shape \(64, 64, 3\)>' is invalid; expected \[32, 32, C\] "
-     r"or \[N, 32, 32, C\] with C = 1 or 3 \(the CIFAR-10-C parameters are for 32x32 images"),
+     r"corruptions: images='<array of shape \(64, 64, 3\)>' is invalid; expected \[S, S, C\] "
+     r"or \[N, S, S, C\] with C = 1 or 3 and S = 32 \(CIFAR-10-C's table, make_cifar_c.py\) "
+     r"or 224 \(ImageNet-C's, make_imagenet_c.py\); each table is tuned for its size, so "
+     r"resize first\.$"),
+    (lambda x: C.corrupt(np.zeros((2, 224, 32, 3)), "contrast", 1),
+     r"images='<array of shape \(2, 224, 32, 3\)>' is invalid; expected \[S, S, C\]"),
+    (lambda x: C.corrupt(np.zeros((256, 256, 3)), "contrast", 1), r"or 224 \(ImageNet-C's"),
+    (lambda x: C.parameters(64),
+     r"^corruptions: size=64 is invalid; expected 32 \(CIFAR-10-C's table, make_cifar_c.py\) "
+     r"or 224 \(ImageNet-C's, make_imagenet_c.py\)"),
     (lambda x: C.corrupt(np.zeros((32, 32, 4)), "contrast", 1), r"with C = 1 or 3"),
     (lambda x: C.corrupt(np.zeros((32, 32, 3), np.int64), "contrast", 1),
      r"images='<int64 array>' is invalid; expected uint8 or float values in \[0, 255\]"),
