@@ -3,7 +3,8 @@ the library behind `python -m experiments.robustness` (see that script for the o
 
 `run_robustness(workdir, ...)` loads the run's best checkpoint (`load_trained`), reads its eval
 split through the run's own eval transform up to the pixels before normalization
-(`Transforms.eval_pixels`, 32x32, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`),
+(`Transforms.eval_pixels`, 32x32 or 224x224, in [0, 255]), corrupts them
+(`cnnjax.analysis.corruptions`: CIFAR-10-C's table at 32, ImageNet-C's at 224),
 stores the result as CIFAR-10-C does (uint8, truncated), then normalizes it as the run's eval
 does (`Transforms.normalize`), and measures top-1 per corruption x severity into
 `<workdir>/robustness/robustness.json`, atomically after every cell (an interrupted command
@@ -221,10 +222,14 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                       f"{TFDS_CORRUPTED} holds CIFAR-10's test split only, so clean and corrupted "
                       "top-1 would come from different images; evaluate split='test'")
     size, channels = transforms.out_shape[:2], transforms.out_shape[2]
-    if size != (corruptions_lib.IMAGE_SIZE,) * 2:
+    if size[0] != size[1] or size[0] not in corruptions_lib.IMAGE_SIZES:
         raise invalid(_OWNER, "workdir", workdir,
-                      f"its model sees {size[0]}x{size[1]} images; the CIFAR-10-C parameters are "
-                      "for 32x32 (ImageNet-C's 224 table is not implemented)")
+                      f"its model sees {size[0]}x{size[1]} images; the corruption tables are for "
+                      "32x32 (CIFAR-10-C's) and 224x224 (ImageNet-C's)")
+    # The table the cells use: cifar10_corrupted was made with CIFAR-10-C's whatever the run's
+    # size; on the fly, the one for the run's size.
+    table = (corruptions_lib.PARAMETERS if source == "tfds"
+             else corruptions_lib.parameters(size[0]))
     names, skipped = parse_corruptions(corruptions, channels, on_the_fly=source != "tfds")
     clean, labels, transforms = eval_pixels(config, max_examples)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
@@ -244,7 +249,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
               "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
               "skipped": skipped,
               "parameters": {n: [list(c) if isinstance(c, tuple) else c
-                                 for c in corruptions_lib.PARAMETERS[n]]
+                                 for c in table[n]]
                              for n in {*done, *names}},
               "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
     todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]

@@ -206,18 +206,21 @@ def test_bad_settings_are_refused_naming_the_setting(trained, kwargs, message):
         R.run_robustness(trained[3], **kwargs)
 
 
-def test_other_sizes_than_32_are_refused(trained, monkeypatch):
-    """The CIFAR table is for 32x32: a run whose model sees 64x64 images is refused by name."""
+@pytest.mark.parametrize("shape", [(64, 64, 3), (224, 32, 3)])
+def test_sizes_without_a_table_are_refused(trained, monkeypatch, shape):
+    """The tables are for 32x32 (CIFAR-10-C) and 224x224 (ImageNet-C): a run whose model sees
+    64x64 or 224x32 images is refused by name, naming both."""
     real = R.eval_pipeline
 
-    def at_64(config):
+    def reshaped(config):
         spec, source, transforms = real(config)
-        return spec, source, dataclasses.replace(transforms, out_shape=(64, 64, 3))
+        return spec, source, dataclasses.replace(transforms, out_shape=shape)
 
-    monkeypatch.setattr(R, "eval_pipeline", at_64)
-    with pytest.raises(ValueError, match=r"robustness: workdir=.* is invalid; its model sees "
-                                         r"64x64 images; the CIFAR-10-C parameters are for "
-                                         r"32x32 \(ImageNet-C's 224 table is not implemented\)"):
+    monkeypatch.setattr(R, "eval_pipeline", reshaped)
+    with pytest.raises(ValueError, match=rf"robustness: workdir=.* is invalid; its model sees "
+                                         rf"{shape[0]}x{shape[1]} images; the corruption tables "
+                                         r"are for 32x32 \(CIFAR-10-C's\) and 224x224 "
+                                         r"\(ImageNet-C's\)"):
         R.run_robustness(trained[3])
 
 
