@@ -120,13 +120,22 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
 def dataset_info(spec: Spec, source: Source, transforms: Transforms,
                  name: str) -> DatasetInfo:
     """The `DatasetInfo` every input module reports: `source`'s classes and split sizes and the
-    output image shape of `transforms`, under `name`."""
+    output image shape of `transforms`, under `name`; an empty eval split is refused."""
+    num_eval = source.num_examples(spec.eval_split)
+    if num_eval == 0:  # refused here, before a model compiles, not at the first evaluation
+        if spec.classes is None:
+            valid = (f"it holds no examples of {source.name!r}; expected a non-empty split (a "
+                     "whole split, or a slice such as 'train[90%:]')")
+        else:
+            valid = (f"it holds no examples of classes={spec.classes} of {source.name!r}; "
+                     "expected a split holding some of them (or classes that it holds)")
+        raise invalid(_OWNER, "eval_split", spec.eval_split, valid)
     return DatasetInfo(
         name=name,
         num_classes=source.num_classes,
         image_shape=transforms.out_shape,
         num_train=source.num_examples(spec.train_split),
-        num_eval=source.num_examples(spec.eval_split),
+        num_eval=num_eval,
     )
 
 

@@ -148,6 +148,21 @@ def test_unknown_split_is_named_with_a_subset(digits_config):
         get_dataset_info(digits_config(classes=TARGET, eval_split="validation"))
 
 
+def test_subset_with_no_eval_examples_is_refused_at_info_time(digits_config, digits_dir):
+    """A class subset absent from the eval split fails in `get_dataset_info` (before a model
+    compiles), naming the split and the classes, not at the first evaluation."""
+    _, labels = _stored(digits_dir, "test[:3]")
+    absent = tuple(sorted(set(range(10)) - set(labels.tolist())))[:2]
+    config = digits_config(classes=absent, eval_split="test[:3]")
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: eval_split='test[:3]' is invalid; it holds no examples of classes={absent} "
+            "of 'digits'; expected a split holding some of them (or classes that it holds).")):
+        get_dataset_info(config)
+    present = (int(labels[0]), *absent)
+    assert get_dataset_info(digits_config(classes=present, eval_split="test[:3]")).num_eval == (
+        np.sum(labels == labels[0]))
+
+
 def test_fake_dataset_subset():
     """The subset also wraps the in-memory `fake` source: its eval labels are the full split's,
     filtered and relabelled in NumPy."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 
 import ml_collections
 import numpy as np
@@ -47,6 +48,17 @@ def test_dataset_info(digits_config):
     assert info == pipeline.DatasetInfo("digits", 10, (32, 32, 1), 1438, 359)
     assert get_dataset_info(digits_config()).image_shape == (8, 8, 1)
     assert pipeline.steps_per_epoch(info.num_train, 128) == STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("split", ["test[:0]", "test[100%:]", "train[5:5]"])
+def test_empty_eval_split_is_refused_at_info_time(digits_config, split):
+    """`get_dataset_info` (what the trainer calls before compiling) refuses an eval split with
+    no examples, rather than returning num_eval=0 for the first evaluation to fail on."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: eval_split={split!r} is invalid; it holds no examples of 'digits'; expected "
+            "a non-empty split (a whole split, or a slice such as 'train[90%:]').")):
+        get_dataset_info(digits_config(eval_split=split))
+    assert get_dataset_info(digits_config(eval_split="test[:1]")).num_eval == 1
 
 
 def test_tensorflow_gpus_are_hidden_before_a_pipeline_is_built(digits_config, monkeypatch):
