@@ -10,7 +10,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from cnnjax.data import randaugment
+from cnnjax.data import presets, randaugment
 from cnnjax.data.sources import Source
 from cnnjax.data.spec import Spec
 from cnnjax.utils.validation import invalid
@@ -127,6 +127,21 @@ def _random_resized_crop(image: tf.Tensor, shape: tuple[int, int, int],
     return tf.image.resize(image, shape[:2], method="bilinear", antialias=True)
 
 
+def _normalization_mismatch(spec: Spec, channels: int) -> ValueError:
+    """The error for images whose channel count differs from the preset's mean/std."""
+    preset = spec.preset
+    matching = [name for name in presets.list_datasets()
+                if name != "fake" and len(presets.get_preset(name).mean) == channels]
+    overridden = spec.tfds_name != preset.tfds_name
+    field, value = ("tfds_name", spec.tfds_name) if overridden else ("name", preset.name)
+    return invalid(_OWNER, field, value,
+                   f"tfds {spec.tfds_name!r} has {channels}-channel images but preset "
+                   f"{preset.name!r} has {len(preset.mean)}-channel statistics (mean "
+                   f"{preset.mean}, std {preset.std}); pick a data.name whose preset has "
+                   f"{channels}-channel statistics ({matching}), or a tfds_name with "
+                   f"{len(preset.mean)}-channel images")
+
+
 def make_transforms(spec: Spec, source: Source) -> Transforms:
     """The `Transforms` of `spec` for `source`'s images (output size, channels, normalization)."""
     native_h, native_w, channels = source.native_shape
@@ -143,8 +158,10 @@ def make_transforms(spec: Spec, source: Source) -> Transforms:
                       "on grey or RGB images)")
     preset = spec.preset
     mean, std = preset.mean, preset.std
-    if len(mean) != channels:  # `fake` with a custom channel count: centre 0..1 on 0.
-        mean, std = (0.5,) * channels, (0.5,) * channels
+    if len(mean) != channels:
+        if preset.name != "fake":
+            raise _normalization_mismatch(spec, channels)
+        mean, std = (0.5,) * channels, (0.5,) * channels  # custom `fake` channels: 0..1 on 0
     return Transforms(
         out_shape=(*out_hw, channels),
         native_hw=(native_h, native_w),

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, sources
 from cnnjax.data.pipeline import (
     DatasetNotPreparedError,
     default_data_config,
@@ -23,6 +24,7 @@ from cnnjax.data.pipeline import (
     train_batches,
 )
 from cnnjax.data.presets import DatasetPreset, get_preset, list_datasets
+from cnnjax.data.spec import resolve
 
 
 def _write_metadata(root: str, tfds_name: str, sizes: dict[str, int]) -> None:
@@ -315,6 +317,45 @@ def test_randaugment_after_random_resized_crop(tmp_path, name, tfds_name, eval_s
     levels = _denormalize(augmented[0], name)
     np.testing.assert_allclose(levels, np.rint(levels), atol=1e-3)
     assert (plain != augmented).reshape(8, -1).any(-1).mean() > 0.5
+
+
+@pytest.mark.parametrize("name,tfds_name,channels,preset_channels", [
+    ("cifar10", "mnist", 1, 3),
+    ("mnist", "cifar10", 3, 1),
+])
+def test_images_with_other_channels_than_the_preset_are_refused(tmp_path, name, tfds_name,
+                                                                 channels, preset_channels):
+    """No silent 0.5/0.5 normalization for a tfds_name whose images do not fit the preset's
+    mean/std: the error names both channel counts and the fix."""
+    root = str(tmp_path)
+    _write_metadata(root, tfds_name, {"train": 4, "test": 4})
+    preset = get_preset(name)
+    matching = [n for n in list_datasets()
+                if n != "fake" and len(get_preset(n).mean) == channels]
+    message = (f"data: tfds_name={tfds_name!r} is invalid; tfds {tfds_name!r} has "
+               f"{channels}-channel images but preset {name!r} has {preset_channels}-channel "
+               f"statistics (mean {preset.mean}, std {preset.std}); pick a data.name whose "
+               f"preset has {channels}-channel statistics ({matching}), or a tfds_name with "
+               f"{preset_channels}-channel images.")
+    config = _config(name, root, tfds_name=tfds_name, image_size=32)
+    with _mock(root, 4):
+        for call in (lambda: get_dataset_info(config),
+                     lambda: train_batches(config, global_batch_size=4, num_devices=1, seed=0)):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                call()
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_fake_images_of_any_channel_count_are_centred_on_0(channels):
+    """`fake` keeps its fallback: pixels p in [0, 1] become (p - 0.5) / 0.5, whatever C is."""
+    config = default_data_config("fake")
+    config.fake_image_shape, config.fake_num_eval = (4, 5, channels), 6
+    batch = next(eval_batches(config, global_batch_size=6, num_devices=1))
+    spec = resolve(config)
+    raw = next(sources.open_source(spec).read(spec.eval_split, (0, 1)).batch(6)
+               .as_numpy_iterator())["image"]
+    assert batch["image"].shape == (1, *raw.shape) == (1, 6, 4, 5, channels)
+    np.testing.assert_allclose(batch["image"][0], (raw / 255.0 - 0.5) / 0.5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- missing datasets
