@@ -33,6 +33,8 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
 
 CHECKPOINT_DIR = "checkpoints"
+#: Orbax's per-step metadata file, which holds cnnjax's `run_info` as its custom metadata.
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 
 
 class _DropMissingMetricsWarning(std_logging.Filter):
@@ -151,11 +153,29 @@ class Checkpointer:
                                force=True, custom_metadata=run_info)
 
     def run_info(self, step: int) -> dict:
-        """The `run_info` saved with `step` ({} for checkpoints written without one)."""
+        """The `run_info` saved with `step` ({} for checkpoints written without one, or, with a
+        warning, when its metadata cannot be read: the arrays still restore)."""
         try:
-            return dict(self._manager.metadata(step).custom_metadata or {})
-        except Exception:  # noqa: BLE001 — unreadable metadata only loses this information
+            info = dict(self._manager.metadata(step).custom_metadata or {})
+        except Exception as err:  # noqa: BLE001 — unreadable metadata only loses this information
+            self._warn_run_info_lost(step, f"{type(err).__name__}: {str(err)[:200]}")
             return {}
+        if not info:  # orbax reads a torn or empty metadata file as "no metadata"
+            path = os.path.join(self.directory, str(step), _STEP_METADATA_FILE)
+            try:
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        json.load(f)
+            except (OSError, ValueError) as err:
+                self._warn_run_info_lost(step, f"{type(err).__name__} reading {path}")
+        return info
+
+    def _warn_run_info_lost(self, step: int, why: str) -> None:
+        message = (f"The metadata of the checkpoint at step {step} in {self.directory} cannot be "
+                   f"read ({why}): the run resumes, but without the device and process counts "
+                   "it recorded, and the first train log after the resume averages fewer steps.")
+        logging.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def restore_latest(self, template: Any) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into the structure of `template`.
@@ -207,7 +227,11 @@ class Checkpointer:
         return self.directory + "_corrupt"
 
     def _quarantine(self, steps: list[int]) -> None:
+        """Moves `steps` aside (process 0) and, once every process knows they are gone, drops
+        them from each manager's step list, so those steps can be saved again."""
         self._move_to_quarantine(steps)
+        if jax.process_count() > 1:  # no process re-reads the directory before the move
+            multihost_utils.sync_global_devices("cnnjax_checkpoint_restore_quarantine")
         self._manager.reload()
 
     def _move_to_quarantine(self, steps: list[int]) -> None:

@@ -588,7 +588,11 @@ class _Run:
         # The steps since the last train log, continued across a resume from a checkpoint
         # between two log steps (older checkpoints: from the checkpoint's step).
         self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
-        self.last_train: dict = {}
+        # A resumed run's last train record so far (summary.json's `final_train` when it logs
+        # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
+        self.last_train: dict = next(
+            ({k: v for k, v in r.items() if k not in ("step", "split")}
+             for r in reversed(logger.records) if r["split"] == "train"), {})
         self.clock = _Throughput(images_per_step)
         pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
         stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop

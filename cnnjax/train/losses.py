@@ -42,14 +42,16 @@ def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarra
 
     Ties rank the lower class index first, as `argmax` and `lax.top_k` do, so constant logits
     are not "correct" for every label; an example with a NaN logit is never correct (a
-    diverged model must not score 100%)."""
+    diverged model must not score 100%), nor one whose label is not a class index in [0, C)
+    (indexing would read NaN past the end, or wrap a negative label to the last class)."""
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     index = jnp.arange(logits.shape[-1])
     ahead = (logits > label_logit) | ((logits == label_logit) & (index < labels[..., None]))
     rank = jnp.sum(ahead, axis=-1)  # classes ranked above the label
     finite = jnp.all(~jnp.isnan(logits), axis=-1)
-    return ((rank < k) & finite).astype(jnp.float32)
+    a_class = (labels >= 0) & (labels < logits.shape[-1])
+    return ((rank < k) & finite & a_class).astype(jnp.float32)
 
 
 def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> dict:

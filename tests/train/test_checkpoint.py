@@ -1,5 +1,6 @@
 """Orbax checkpointing: keep the last k plus the best by an eval metric; exact round trip."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -110,3 +111,57 @@ def test_close_awaits_the_temporary_directory_cleanup_orbax_starts_on_open(tmp_p
         pytest.skip("this orbax version has no open-time cleanup future")
     checkpointer.close()
     assert manager._cleanup_tmp_directory_future is None  # awaited and cleared
+
+
+def test_unreadable_metadata_warns_that_run_info_is_lost(tmp_path):
+    """The arrays still restore; the recorded device/process counts and train-log window do
+    not, and the run says so instead of silently changing its logs."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2), run_info={"num_devices": 4})
+    assert checkpointer.run_info(2) == {"num_devices": 4}
+    checkpointer.close()
+    (tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA").write_text("")  # torn
+    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    with pytest.warns(RuntimeWarning, match=r"metadata of the checkpoint at step 2 .* cannot be "
+                                            r"read .* without the device and process counts"):
+        assert resumed.run_info(2) == {}
+    assert resumed.restore_latest(_state(0))[1] == 2
+    resumed.close()
+
+
+def test_every_process_drops_a_quarantined_step_only_after_it_is_moved(tmp_path, monkeypatch):
+    """Multi-process: process 0 moves an unreadable step aside; a process reloading its step
+    list before that move would keep the step and fail to save it again (orbax's
+    StepAlreadyExistsError). The reload waits at a barrier after the move."""
+    from cnnjax.train import checkpoint as checkpoint_lib
+
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2))
+    checkpointer.save(4, _state(4))
+    checkpointer.close()
+    (tmp_path / "checkpoints" / "4" / "default" / "_METADATA").write_text("")
+    events = []
+
+    class TwoProcesses:
+        """`jax` as the checkpoint module sees it, in process 0 of 2 (orbax keeps the real one)."""
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        @staticmethod
+        def process_count():
+            return 2
+
+    monkeypatch.setattr(checkpoint_lib, "jax", TwoProcesses())
+    monkeypatch.setattr(checkpoint_lib.multihost_utils, "sync_global_devices",
+                        lambda name: events.append(f"barrier {name}"))
+    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    move, reload = resumed._move_to_quarantine, resumed._manager.reload
+    monkeypatch.setattr(resumed, "_move_to_quarantine",
+                        lambda steps: (move(steps), events.append(f"move {steps}")))
+    monkeypatch.setattr(resumed._manager, "reload", lambda: (reload(), events.append("reload")))
+    with pytest.warns(RuntimeWarning, match="step 4"):
+        assert resumed.restore_latest(_state(0))[1] == 2
+    assert events[-3:] == ["move [4]", "barrier cnnjax_checkpoint_restore_quarantine", "reload"]
+    resumed.save(4, _state(5))  # the step can be written again
+    resumed.close()

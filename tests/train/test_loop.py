@@ -213,6 +213,17 @@ def test_a_resume_on_another_process_count_warns_that_the_data_order_changes(inf
     assert run.device_counts == ([2, 1] if info["device_counts"] == [2] else [1])
 
 
+def test_a_run_dying_before_its_summary_is_summarized_fully_by_the_rerun(tmp_path):
+    """Killed after the final checkpoint but before summary.json: the rerun trains no step, and
+    its summary still holds the run's last train record, not an empty `final_train`."""
+    config = helpers.tiny_config()
+    first = loop.train_and_evaluate(config, str(tmp_path))
+    (tmp_path / "summary.json").unlink()
+    again = loop.train_and_evaluate(config, str(tmp_path))
+    assert again["resumed_from_step"] == 12 and again["final_train"] == first["final_train"]
+    assert again["final_eval"] == first["final_eval"] and again["best"] == first["best"]
+
+
 def test_divergence_is_reported(tmp_path):
     config = helpers.tiny_config(**{"optimizer.learning_rate": 1e3, "optimizer.momentum": 0.9})
     config.num_train_steps = 30

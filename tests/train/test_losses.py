@@ -113,6 +113,15 @@ def test_topk_ties_rank_the_lower_class_first_and_nan_is_never_correct():
     assert float(sums["loss"]) == 1.0 and float(sums["count"]) == 1.0  # NaN padding ignored
 
 
+def test_a_label_outside_the_classes_is_never_correct():
+    """Label 5 of 5 classes read NaN past the end (ranked first: "correct"), and -1 wrapped to
+    the last class; neither is a class, so neither is right at any k."""
+    logits = jnp.asarray(np.random.RandomState(0).randn(4, 5), jnp.float32)
+    labels = jnp.asarray([5, 100, -1, int(np.argmax(logits[3]))])
+    for k in (1, 5):
+        np.testing.assert_array_equal(losses.topk_correct(logits, labels, k), [0, 0, 0, 1])
+
+
 def test_masked_eval_step_exact_vs_numpy():
     """27 examples in batches of 8 (last padded with 5 zeros) give the unpadded NumPy metrics."""
     model = helpers.TinyNet(axis_name="data")
