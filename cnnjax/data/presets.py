@@ -14,7 +14,8 @@ Transforms:
   area with aspect ratio 3/4-4/3, resized to `image_size`, random horizontal flip.
 - eval `"resize"`: resize to `image_size` when it differs from the native size.
 - `"resize_center_crop"`: resize the shorter side to `round(image_size / crop_fraction)` (256 for
-  224 with the usual 0.875), then center-crop `image_size` x `image_size`.
+  224 with the usual 0.875), then center-crop `image_size` x `image_size`, with torchvision's
+  `Resize` + `CenterCrop` sizes and offsets (the longer side truncated, offsets rounded).
 """
 
 from __future__ import annotations

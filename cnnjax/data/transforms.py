@@ -98,14 +98,31 @@ class Transforms:
         return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
-    """Resizes the shorter side to `round(size / crop_fraction)`, then center-crops `size`."""
+def _center_crop_geometry(hw: tf.Tensor, size: int,
+                          crop_fraction: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """torchvision's `Resize(round(size / crop_fraction))` + `CenterCrop(size)` geometry for
+    an image of int32 `hw`: the resized `[h, w]` and the crop's `[top, left]`.
+
+    `Resize(n)` makes the shorter side n and the longer `int(n * long / short)` (truncated);
+    `CenterCrop` starts at `int(round((side - size) / 2))` (Python's round: half to even).
+    """
     resize_to = int(round(size / crop_fraction))
-    hw = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = resize_to / tf.reduce_min(hw)
-    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), size)
+    short, long = tf.reduce_min(hw), tf.reduce_max(hw)
+    new_long = resize_to * long // short  # exact integer floor of n * long / short
+    new_hw = tf.where(hw == short, resize_to, new_long)  # a square image: both sides n
+    new_hw = tf.maximum(new_hw, size)  # only binds for a crop_fraction > 1 (no preset has one)
+    excess = new_hw - size
+    half = excess // 2
+    top_left = half + (excess % 2) * (half % 2)  # round(excess / 2), ties to the even one
+    return new_hw, top_left
+
+
+def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
+    """Resizes the shorter side to `round(size / crop_fraction)`, then center-crops `size`, with
+    torchvision's output sizes and crop offsets (`_center_crop_geometry`)."""
+    new_hw, top_left = _center_crop_geometry(tf.shape(image)[:2], size, crop_fraction)
     image = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
-    top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
+    top, left = top_left[0], top_left[1]
     return image[top:top + size, left:left + size, :]
 
 

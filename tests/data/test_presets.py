@@ -226,8 +226,10 @@ def test_imagenette_eval_resizes_shorter_side_then_center_crops(tmp_path):
     images = _denormalize(batch["image"][0], "imagenette")
     resize_to = round(64 / 0.875)  # 73
     for image, (h, w) in zip(images, sizes, strict=True):
-        new_h, new_w = (round(h * resize_to / min(h, w)), round(w * resize_to / min(h, w)))
-        top, left = (new_h - 64) // 2, (new_w - 64) // 2
+        # torchvision's Resize(73) (the longer side truncated) and CenterCrop(64) (offsets
+        # rounded, ties to even): tests/data/test_eval_crop.py checks these against torchvision.
+        new_h, new_w = (int(h * resize_to / min(h, w)), int(w * resize_to / min(h, w)))
+        top, left = round((new_h - 64) / 2), round((new_w - 64) / 2)
         i, j = np.mgrid[0:64, 0:64].astype(np.float64)
         y = (i + top + 0.5) * h / new_h - 0.5  # source coordinates (half-pixel centers)
         x = (j + left + 0.5) * w / new_w - 0.5
