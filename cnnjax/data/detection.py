@@ -207,9 +207,9 @@ def train_batches(
     through `pipeline.epoch_dataset`: the epoch shuffles and stateless per-example keys of
     `pipeline.train_batches`.
     """
-    spec, source, transforms, max_boxes = _open(data_config)
     pipeline.check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
                                 process_count)
+    spec, source, transforms, max_boxes = _open(data_config)
     hw = transforms.out_shape[:2]
 
     def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -234,6 +234,7 @@ def eval_batches(
 
     Every process yields the same number of batches (the largest shard's), as in `pipeline.py`.
     """
+    pipeline.check_eval_layout(global_batch_size, num_devices, process_index, process_count)
     spec, source, transforms, max_boxes = _open(data_config)
     hw = transforms.out_shape[:2]
 

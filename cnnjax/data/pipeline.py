@@ -295,7 +295,7 @@ def eval_batches(
     batches (the largest shard's), so collectives line up across hosts.
     """
     spec = resolve(data_config)
-    _check_layout(global_batch_size, num_devices, process_index, process_count)
+    check_eval_layout(global_batch_size, num_devices, process_index, process_count)
     source = sources.open_source(spec)
     transforms = make_transforms(spec, source)
 
@@ -310,6 +310,12 @@ def eval_batches(
                                process_index=process_index, process_count=process_count)
 
 
+def check_eval_layout(global_batch_size: Any, num_devices: Any, process_index: Any,
+                      process_count: Any) -> None:
+    """Validates the batch layout of an `eval_batches` call (before anything is opened)."""
+    _check_layout(global_batch_size, num_devices, process_index, process_count)
+
+
 def padded_eval_batches(spec: Spec, source: Source,
                         preprocess: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]],
                         empty: Batch, *, global_batch_size: int, num_devices: int,
@@ -318,26 +324,31 @@ def padded_eval_batches(spec: Spec, source: Source,
     in stored order, `preprocess(example)` plus `mask` 1, batched and the last batch zero-padded
     (`mask` 0). Every process yields as many batches as the largest shard has (all padding,
     built from `empty`, the batch's arrays with 0 rows, once a shorter shard is done), so
-    collectives line up across hosts."""
+    collectives line up across hosts. The layout and split sizes are checked on the call, not at
+    the first batch."""
     process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
     shard = (process_index, process_count)
     largest_shard = max(source.num_examples(spec.eval_split, (i, process_count))
                         for i in range(process_count))
     num_batches = math.ceil(largest_shard / process_batch)
+    has_examples = source.num_examples(spec.eval_split, shard) > 0  # not with more processes
 
     def with_mask(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {**preprocess(ex), "mask": tf.constant(1.0, tf.float32)}
 
-    empty = {**empty, "mask": np.zeros((0,), np.float32)}
-    count = 0
-    if source.num_examples(spec.eval_split, shard):  # more processes than examples: none here
-        ds = source.read(spec.eval_split, shard).map(with_mask, num_parallel_calls=_AUTOTUNE)
-        ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(_options())
-        for batch in ds.as_numpy_iterator():
-            yield _device_reshape(_pad(batch, process_batch), num_devices)
-            count += 1
-    for _ in range(count, num_batches):  # Shorter shard than another process's: all padding.
-        yield _device_reshape(_pad(empty, process_batch), num_devices)
+    def batches() -> Iterator[Batch]:
+        count = 0
+        if has_examples:
+            ds = source.read(spec.eval_split, shard).map(with_mask, num_parallel_calls=_AUTOTUNE)
+            ds = ds.batch(process_batch).prefetch(_AUTOTUNE).with_options(_options())
+            for batch in ds.as_numpy_iterator():
+                yield _device_reshape(_pad(batch, process_batch), num_devices)
+                count += 1
+        padding = {**empty, "mask": np.zeros((0,), np.float32)}
+        for _ in range(count, num_batches):  # Shorter shard than another process's: padding.
+            yield _device_reshape(_pad(padding, process_batch), num_devices)
+
+    return batches()
 
 
 def _pad(batch: Batch, size: int) -> Batch:

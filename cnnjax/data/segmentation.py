@@ -198,9 +198,9 @@ def train_batches(
 ) -> Iterator[pipeline.Batch]:
     """Infinite segmentation batches (layout in the module docstring), exactly resumable:
     batch `k` is a deterministic function of `(data_config, seed, k)` and the process layout."""
-    spec, source, transforms, scale_range = _open(data_config)
     pipeline.check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
                                 process_count)
+    spec, source, transforms, scale_range = _open(data_config)
     hw = transforms.out_shape[:2]
     if not spec.augment:
         scale_range = None
@@ -231,6 +231,7 @@ def eval_batches(
 
     Every process yields the same number of batches (the largest shard's), as in `pipeline.py`.
     """
+    pipeline.check_eval_layout(global_batch_size, num_devices, process_index, process_count)
     spec, source, transforms, _ = _open(data_config)
     hw = transforms.out_shape[:2]
 

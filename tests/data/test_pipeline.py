@@ -330,6 +330,14 @@ RECORDED = {
     "fake": "dc681b979181d1ed31de409bc0004c9294d1ccaf8c96b9a3b74e4c0d3269ee59",
 }
 
+def test_padded_eval_batches_checks_its_layout_on_the_call():
+    """The eval scheme shared by every pipeline refuses a layout when called, not at `next`."""
+    with pytest.raises(ValueError, match=re.escape(
+            "data: global_batch_size=7 is invalid; expected a multiple of num_devices * "
+            "process_count = 2 * 1 = 2.")):
+        pipeline.padded_eval_batches(None, None, None, {}, global_batch_size=7, num_devices=2,
+                                     process_index=0, process_count=1)
+
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_batches_match_the_recorded_ones(digits_config, cache):
