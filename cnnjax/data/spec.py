@@ -28,8 +28,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; `classes` (None:
     every class; else the labels to keep, remapped to 0..k-1 in the given order);
     `train_examples_per_class` (None: all; else the first n train examples of each kept class);
-    `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0: off,
-    and their magnitude on the 0..10 scale; `cnnjax.data.randaugment`; needs `augment`);
+    `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0..10,
+    0: off, and their magnitude on the 0..10 scale; `cnnjax.data.randaugment`; needs `augment`);
     and `fake_*`, the shape, classes and sizes of the `fake` dataset (random in-memory images for
     benchmarks).
     """

@@ -521,9 +521,11 @@ def test_randaugment_on_resized_and_rgb_images(digits_config):
 
 
 def test_randaugment_config_errors(digits_config):
-    _expect(r"data: randaugment_layers=-1 is invalid; expected an integer >= 0 \(RandAugment "
-            r"ops applied to each image; 0: none\)",
-            get_dataset_info, digits_config(randaugment_layers=-1))
+    for layers in (-1, 11, 10**6):  # 10**6 used to pass here and then hang building the map
+        _expect(rf"data: randaugment_layers={layers} is invalid; expected an integer in "
+                r"\[0, 10\] \(RandAugment ops applied to each image; 0: none; the paper uses "
+                r"1-3\)", get_dataset_info, digits_config(randaugment_layers=layers))
+    assert get_dataset_info(digits_config(randaugment_layers=10)).num_classes == 10
     config = digits_config()
     config.randaugment_layers = None
     _expect(r"data: randaugment_layers=None is invalid", get_dataset_info, config)

@@ -279,10 +279,13 @@ def test_rand_augment_runs_inside_dataset_map_like_eager():
 def test_check_randaugment():
     assert ra.check_randaugment("x", 2, 9) == (2, 9.0)
     assert ra.check_randaugment("x", np.int64(0), 10.0) == (0, 10.0)
-    for layers in (-1, 1.5, True, "2", None):
+    assert ra.check_randaugment("x", ra.MAX_LAYERS, 9) == (10, 9.0)
+    for layers in (-1, 1.5, True, "2", None, 11, 10**6):
         with pytest.raises(ValueError, match=rf"x: num_layers={layers!r} is invalid; expected an "
-                                             r"integer >= 0 \(RandAugment ops"):
+                                             r"integer in \[0, 10\] \(RandAugment ops"):
             ra.check_randaugment("x", layers, 9)
+    with pytest.raises(ValueError, match=r"rand_augment: num_layers=11 is invalid"):
+        ra.rand_augment(IMAGES["rgb0"], SEED, 11, 9)
     for magnitude in (-0.5, 10.5, "9", None, float("nan"), True):
         with pytest.raises(ValueError, match=r"x: magnitude=.* is invalid; expected a number in "
                                              r"\[0, 10\]"):
