@@ -6,8 +6,9 @@
 Loads the run's best checkpoint (by its config's best_metric; else its newest; or --step), runs
 the engine's own evaluation on --split (default: the run's eval split) and prints the metrics.
 They are also written to <workdir>/eval/<split>_step<N>.json (--output overrides the path), with
-a PNG beside it: the confusion matrix (and per-class top-1 in the JSON) of a classifier, or a
-detector's boxes on the first images. With --ema the checkpoint's weight average (a run with
+a PNG beside it: the confusion matrix (and per-class top-1 in the JSON) of a classifier, a
+detector's boxes on the first images, or a dense predictor's image, truth and predicted class
+maps. With --ema the checkpoint's weight average (a run with
 --config.ema.decay) is evaluated instead of its weights, written to ..._step<N>_ema.json. The
 run's own files are only read, so a run still training can be evaluated.
 

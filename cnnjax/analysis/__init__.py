@@ -1,6 +1,7 @@
-"""cnnjax.analysis: output sizes, parameters, FLOPs, receptive fields and equivariance of CNNs.
+"""cnnjax.analysis: output sizes, parameters, FLOPs, receptive fields and equivariance of CNNs;
+also calibration, confusion matrices, common corruptions / robustness and attribution maps.
 
-The two model-level entry points live in submodules of the same name (so the package attribute
+The model-level entry points live in submodules of the same name (so the package attribute
 is not ambiguous between function and module):
 
     from cnnjax.analysis.summary import summary                   # per-layer table, CLI

@@ -1,6 +1,7 @@
 """cnnjax.data: tfds datasets (catalogue and offline builders), presets and tf.data pipelines.
 
-Importing it registers cnnjax's offline tfds builders (`digits`, `shapes`). It imports
+Importing it registers cnnjax's offline tfds builders (`digits`, `shapes`,
+`shapes_multi`, `shapes_segmentation`). It imports
 TensorFlow but does not configure it; the pipeline functions hide GPUs from TensorFlow when they
 first build one.
 """

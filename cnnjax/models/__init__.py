@@ -1,7 +1,7 @@
 """The model zoo: classic CNN architectures as Flax modules, created by name through the registry.
 
 Importing this package imports every architecture module, which registers its models. Detectors
-(YOLO v1, R-CNN, Fast R-CNN, Faster R-CNN) are tagged `task="detection"` and the FCNs
+(YOLO v1, R-CNN, SPP-net, Fast R-CNN, Faster R-CNN) are tagged `task="detection"` and the FCNs
 `task="segmentation"`: `list_models()` lists the classifiers, `list_models(task="detection")`
 the detectors, `list_models(task="segmentation")` the dense predictors.
 """
@@ -15,7 +15,7 @@ from cnnjax.models import (  # noqa: F401  (imported to register their models)
     lenet,  # LeNet-5
     nin,  # Network in Network (ImageNet and CIFAR)
     preact_resnet,  # pre-activation ResNet-110/164/1001 and Wide ResNets (WRN-d-k) for CIFAR
-    rcnn,  # R-CNN and Fast R-CNN on external (window) proposals
+    rcnn,  # R-CNN, SPP-net and Fast R-CNN on external proposals (windows or selective search)
     resnet,  # ResNet-18/34/50/101/152
     resnet_cifar,  # CIFAR ResNet-20..110 and plain nets
     vgg,  # VGG-11/13/16/19 with and without BatchNorm

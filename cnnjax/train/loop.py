@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the one training loop every cnnjax experiment runs.
 
-`config.task` picks what is trained: "classification" (cross-entropy, top-1/top-5) or
-"detection" (`cnnjax.data.detection` batches, the detector's own `loss`, mAP over the eval split);
+`config.task` picks what is trained: "classification" (cross-entropy, top-1/top-5),
+"detection" (`cnnjax.data.detection` batches, the detector's own `loss`, mAP over the eval split)
+or "segmentation" (`cnnjax.data.segmentation` class maps, per-pixel cross-entropy, mean IoU);
 everything else (state, optimizer, checkpoints, resume, logging, divergence) is shared.
 
 Sections: validate the config (before any compilation) -> build data, model, optimizer, state ->
