@@ -62,6 +62,14 @@ def _rate_up(start: tuple) -> Callable[[Any], tuple]:
         r for r in (round_value(v + 0.1), round_value(v + 0.2)) if r < 0.9)
 
 
+def _more_randaugment(layers: int | None) -> tuple[int, ...]:
+    """Stronger RandAugment settings than `layers` ops, up to the pipeline's cap."""
+    from cnnjax.data.randaugment import MAX_LAYERS  # imports TensorFlow: only when asked
+
+    return (2, 1, 3) if not layers else tuple(m for m in (layers + 1, layers + 2)
+                                              if m <= MAX_LAYERS)
+
+
 #: `recipe.regularizers` names, in the order the default recipe tries the first three.
 REGULARIZERS: dict[str, Regularizer] = {
     "weight_decay": Regularizer(WEIGHT_DECAY, _up_from_zero((1e-4, 1e-3, 1e-2), (3, 10, 30))),
@@ -69,8 +77,9 @@ REGULARIZERS: dict[str, Regularizer] = {
         LABEL_SMOOTHING,
         lambda v: (0.1, 0.2, 0.05) if not v else tuple(x for x in (0.1, 0.2, 0.3) if x > v)),
     "augment": Regularizer(AUGMENT, lambda v: () if v else (True,), optional=True),
-    # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N.
-    "randaugment": Regularizer(RANDAUGMENT, lambda n: (2, 1, 3) if not n else (n + 1, n + 2),
+    # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N; never past
+    # the pipeline's cap (randaugment.MAX_LAYERS), which the trial's config check would refuse.
+    "randaugment": Regularizer(RANDAUGMENT, _more_randaugment,
                                classification_only=True, needs_augment=True),
     # Beta(alpha, alpha): 0.2 is the mixup paper's ImageNet choice, 1.0 its CIFAR one.
     "mixup": Regularizer(MIXUP, _up_from_zero((0.2, 1.0, 0.4)), classification_only=True),

@@ -297,6 +297,8 @@ def test_a_knob_already_on_is_turned_up_and_one_at_its_strongest_is_skipped():
     assert rg.REGULARIZERS["drop_path"].stronger(0.8) == ()
     assert rg.REGULARIZERS["dropout"].stronger(0.5) == (0.6, 0.7)  # AlexNet's default
     assert rg.REGULARIZERS["randaugment"].stronger(2) == (3, 4)
+    assert rg.REGULARIZERS["randaugment"].stronger(9) == (10,)  # the pipeline's cap
+    assert rg.REGULARIZERS["randaugment"].stronger(10) == ()
 
 
 def test_the_default_regularizers_are_the_original_three():
