@@ -353,14 +353,11 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     check_bool("evaluate", "allow_same_split", allow_same_split)
     pipeline = config_lib.data_pipeline(run.config)
     evaluated = pipeline.eval_split_name(with_split(run.config, split).data)
-    try:  # reads the split's size: an unknown split fails here, before any compilation
-        info = pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
+    try:  # reads the split's size: an unknown or empty split fails here, before compilation
+        pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
     except ValueError as err:  # "data: eval_split='x' is invalid; <valid>.": keep <valid>
         valid = re.sub(r"^data: eval_split=.*? is invalid; ", "", str(err)).rstrip(".")
         raise invalid("evaluate", "temperature_split", temperature_split, valid) from None
-    if info.num_eval == 0:
-        raise invalid("evaluate", "temperature_split", temperature_split,
-                      "it holds no examples; expected a non-empty split such as 'train[90%:]'")
     splits = _split_infos(run.config.data)
     same_split = _overlap(temperature_split, evaluated, splits)
     warnings = []
