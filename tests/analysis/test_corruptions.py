@@ -1,4 +1,5 @@
-"""CIFAR-10-C corruptions against references written here from the paper's formulas.
+"""CIFAR-10-C's (32x32) and ImageNet-C's (224x224) corruptions against references written here
+from the authors' formulas.
 
 Each reference is independent of the module's implementation: float64 NumPy with explicit
 kernels (gaussian_blur, defocus_blur), Python's `colorsys` per pixel (brightness, saturate),
@@ -37,8 +38,9 @@ def _grey(level: float = 128.0, n: int = 20) -> np.ndarray:
 
 def _reference(images: np.ndarray, name: str, severity: int, formula, seed: int = 0):
     """`formula(x in [0, 1], c, rng)` per image with the module's per-example generators,
-    clipped and scaled to [0, 255] as make_cifar_c.py returns it."""
-    c = C.PARAMETERS[name][severity - 1]
+    clipped and scaled to [0, 255] as make_cifar_c.py returns it (the table of the images'
+    size)."""
+    c = C.parameters(images.shape[1])[name][severity - 1]
     return np.stack([np.clip(formula(x / 255.0, c, C.example_rng(seed, name, severity, i)), 0, 1)
                      * 255 for i, x in enumerate(images.astype(np.float64))])
 
@@ -213,10 +215,11 @@ def test_pixelate_is_a_box_down_and_up_sampling(severity):
 
 
 # ----------------------------------------------------------------- blurs added from the table
-def _textured(n: int = 2, channels: int = 3, seed: int = 1) -> np.ndarray:
+def _textured(n: int = 2, channels: int = 3, seed: int = 1, side: int = 32) -> np.ndarray:
     """uint8 images of independent uniform levels 1-254: sharp texture, no flat region, so no
     blurred value sits on a whole level (glass blur truncates one)."""
-    return np.random.default_rng(seed).integers(1, 255, (n, 32, 32, channels)).astype(np.uint8)
+    return np.random.default_rng(seed).integers(1, 255, (n, side, side, channels)).astype(
+        np.uint8)
 
 
 def _bilinear_1d(n_in: int, n_out: int) -> np.ndarray:
@@ -258,11 +261,14 @@ def test_zoom_blur_averages_corner_aligned_bilinear_zooms(severity):
     np.testing.assert_allclose(C.corrupt(_images(2), "zoom_blur", severity), ref, atol=1e-3)
 
 
-def _authors_shuffle(pixels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """make_cifar_c.py's glass-blur loop, statement for statement, on a copy of `pixels`."""
+def _authors_shuffle(pixels: np.ndarray, offsets: np.ndarray, max_delta: int = 1,
+                     ) -> np.ndarray:
+    """make_cifar_c.py's (and make_imagenet_c.py's, side 224) glass-blur loop, statement for
+    statement, on a copy of `pixels`: rows and columns from side - d down to d + 1."""
     x = pixels.copy()
-    for a, h in enumerate(range(32 - 1, 1, -1)):
-        for b, w in enumerate(range(32 - 1, 1, -1)):
+    side, d = x.shape[0], max_delta
+    for a, h in enumerate(range(side - d, d, -1)):
+        for b, w in enumerate(range(side - d, d, -1)):
             dx, dy = offsets[a, b]
             h_prime, w_prime = h + dy, w + dx
             x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
@@ -791,3 +797,440 @@ def test_the_opencv_corruptions_are_refused_without_opencv(monkeypatch):
     assert C.corrupt(image, "gaussian_blur", 1).shape == image.shape
     C.check_corruption("spatter", 1, 3)  # the name itself is valid (cifar10_corrupted has it)
     assert C.missing_dependency("spatter") and C.missing_dependency("contrast") is None
+
+
+# ======================================================================= ImageNet-C, 224x224
+S = 224
+
+
+def _photos(n: int = 1, channels: int = 3, seed: int = 0) -> np.ndarray:
+    """224x224 analogues of `_images`: smooth colour fields (sigma 10 pixels) with a bright
+    84-pixel square at a random place."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.uniform(0, 255, (n, S, S, channels)), (0, 10, 10, 0))
+    x = (x - x.mean()) * 15 + 120
+    for image, (top, left) in zip(x, rng.integers(0, S - 84, (n, 2)), strict=True):
+        image[top:top + 84, left:left + 84] += 60
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _separable(image: np.ndarray, k: np.ndarray, pad_mode: str) -> np.ndarray:
+    """`image` correlated with the outer product of the odd 1-D kernel `k`, padded by NumPy's
+    `pad_mode`: rows then columns, by explicit shifted sums (equal to the 2-D correlation)."""
+    return _correlate(_correlate(image, k[None, :], pad_mode), k[:, None], pad_mode)
+
+
+def test_imagenet_table_is_make_imagenet_cs():
+    """Typed from the authors' ImageNet-C/create_c/make_imagenet_c.py (hendrycks/robustness),
+    function by function; elastic_transform keeps their 244 (their comment: "244 should have
+    been 224, but ultimately nothing is incorrect"); zoom_blur's entries are the (stop, step)
+    of their np.arange(1, stop, step)."""
+    authors = {
+        "gaussian_noise": [.08, .12, 0.18, 0.26, 0.38],
+        "shot_noise": [60, 25, 12, 5, 3],
+        "impulse_noise": [.03, .06, .09, 0.17, 0.27],
+        "speckle_noise": [.15, .2, 0.35, 0.45, 0.6],
+        "gaussian_blur": [1, 2, 3, 4, 6],
+        "glass_blur": [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)],
+        "defocus_blur": [(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)],
+        "motion_blur": [(10, 3), (15, 5), (15, 8), (15, 12), (20, 15)],
+        "zoom_blur": [(1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03)],
+        "fog": [(1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)],
+        "snow": [(0.1, 0.3, 3, 0.5, 10, 4, 0.8), (0.2, 0.3, 2, 0.5, 12, 4, 0.7),
+                 (0.55, 0.3, 4, 0.9, 12, 8, 0.7), (0.55, 0.3, 4.5, 0.85, 12, 8, 0.65),
+                 (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55)],
+        "spatter": [(0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0),
+                    (0.65, 0.3, 2, 0.68, 0.5, 0), (0.65, 0.3, 1, 0.65, 1.5, 1),
+                    (0.67, 0.4, 1, 0.65, 1.5, 1)],
+        "contrast": [0.4, .3, .2, .1, .05],
+        "brightness": [.1, .2, .3, .4, .5],
+        "saturate": [(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)],
+        "jpeg_compression": [25, 18, 15, 10, 7],
+        "pixelate": [0.6, 0.5, 0.4, 0.3, 0.25],
+        "elastic_transform": [(244 * 2, 244 * 0.7, 244 * 0.1), (244 * 2, 244 * 0.08, 244 * 0.2),
+                              (244 * 0.05, 244 * 0.01, 244 * 0.02),
+                              (244 * 0.07, 244 * 0.01, 244 * 0.02),
+                              (244 * 0.12, 244 * 0.01, 244 * 0.02)],
+    }
+    assert set(C.IMAGENET_PARAMETERS) == set(authors) == set(C.CORRUPTIONS)
+    for name, row in authors.items():
+        assert list(C.IMAGENET_PARAMETERS[name]) == row, name
+    assert C.parameters(32) is C.PARAMETERS and C.parameters(224) is C.IMAGENET_PARAMETERS
+    assert C.IMAGE_SIZES == (32, 224)
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_noises_match_the_formulas_with_the_same_draws(severity):
+    """The noises are size-generic; at 224 they take ImageNet-C's c (1e-9)."""
+    x = _photos(1)
+    formulas = {
+        "gaussian_noise": lambda x, c, rng: x + c * rng.standard_normal(x.shape),
+        "shot_noise": lambda x, c, rng: rng.poisson(x * c) / c,
+        "speckle_noise": lambda x, c, rng: x * (1 + c * rng.standard_normal(x.shape)),
+        "impulse_noise": lambda x, c, rng: np.where(
+            rng.random(x.shape) <= c, (rng.random(x.shape) < 0.5) * 1.0, x),
+    }
+    for name, formula in formulas.items():
+        np.testing.assert_allclose(C.corrupt(x, name, severity), _reference(
+            x, name, severity, formula), atol=1e-9, err_msg=name)
+    c = C.IMAGENET_PARAMETERS["impulse_noise"][severity - 1]  # the scale is ImageNet's
+    flipped = (C.corrupt(x, "impulse_noise", severity) != x).mean()
+    assert abs(flipped - c) < 5 * np.sqrt(c / x.size) + 0.01  # + levels already at 0 or 255
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_gaussian_blur_and_contrast(severity):
+    """Gaussian blur: explicit radius-int(4 sigma + 0.5) kernel (up to 49 taps at sigma 6),
+    edge padding, rows then columns (1e-9); contrast about each channel's mean (1e-9)."""
+    sigma = C.IMAGENET_PARAMETERS["gaussian_blur"][severity - 1]
+    x = _photos(1)
+    k = _gauss_1d(sigma, int(4 * sigma + 0.5))
+    ref = np.clip(_separable(x[0] / 255.0, k, "edge"), 0, 1)[None] * 255
+    np.testing.assert_allclose(C.corrupt(x, "gaussian_blur", severity), ref, atol=1e-9)
+    c = C.IMAGENET_PARAMETERS["contrast"][severity - 1]
+    y = x / 255.0
+    mean = y.mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(C.corrupt(x, "contrast", severity),
+                               np.clip((y - mean) * c + mean, 0, 1) * 255, atol=1e-9)
+
+
+def test_disk_kernel_radius_above_8_is_the_authors_wider_disk():
+    """make_imagenet_c.py's disk: radius <= 8 on the 17x17 grid with a 3x3 Gaussian, radius 10
+    on a 21x21 grid (-radius..radius) with a 5x5 Gaussian (reflect-101 border), float32."""
+    for radius, alias in C.IMAGENET_PARAMETERS["defocus_blur"]:
+        reach, half = (8, 1) if radius <= 8 else (radius, 2)
+        grid = np.arange(-reach, reach + 1)
+        disk = (grid[:, None] ** 2 + grid[None, :] ** 2 <= radius ** 2).astype(np.float64)
+        disk /= disk.sum()
+        g = _gauss_1d(alias, half)
+        kernel = _correlate(disk[:, :, None], np.outer(g, g), "reflect")[:, :, 0]
+        out = C.disk_kernel(radius, alias)
+        assert out.shape == (2 * reach + 1,) * 2 and out.dtype == np.float32
+        np.testing.assert_allclose(out, kernel, atol=1e-7)
+    assert C.disk_kernel(10, 0.5).shape == (21, 21)
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_defocus_blur_is_the_disk_with_reflect_101_borders(severity):
+    """The image correlated with the reference disk (radius 3-10) in float64, NumPy 'reflect'
+    (OpenCV's reflect-101) padding; OpenCV may filter a kernel this large by DFT and the kernel
+    is float32: 1e-4 levels."""
+    radius, alias = C.IMAGENET_PARAMETERS["defocus_blur"][severity - 1]
+    kernel = C.disk_kernel(radius, alias).astype(np.float64)  # checked just above
+    x = _photos(1)
+    ref = np.clip(_correlate(x[0] / 255.0, kernel, "reflect"), 0, 1)[None] * 255
+    np.testing.assert_allclose(C.corrupt(x, "defocus_blur", severity), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_brightness_and_saturate_match_colorsys(severity):
+    """Per pixel through colorsys on a 32x32 subgrid of the 224 image (every 7th row and
+    column): ImageNet's value shifts up to +.5 and saturation factors up to 20 (1e-9)."""
+    x = _photos(1)
+    b = C.IMAGENET_PARAMETERS["brightness"][severity - 1]
+    a, s0 = C.IMAGENET_PARAMETERS["saturate"][severity - 1]
+    sub = x[0, ::7, ::7]
+    bright = _via_colorsys(sub, lambda h, s, v: (h, s, min(max(v + b, 0), 1)))
+    sat = _via_colorsys(sub, lambda h, s, v: (h, min(max(s * a + s0, 0), 1), v))
+    np.testing.assert_allclose(C.corrupt(x, "brightness", severity)[0, ::7, ::7], bright,
+                               atol=1e-9)
+    np.testing.assert_allclose(C.corrupt(x, "saturate", severity)[0, ::7, ::7], sat, atol=1e-9)
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_jpeg_and_pixelate(severity):
+    """JPEG at ImageNet's qualities 25-7 equals OpenCV's codec (RGB and grey, bit-exact);
+    pixelate is BOX down to int(224 c) (134, 112, 89, 67, 56) and back to 224 (bit-exact)."""
+    import cv2
+
+    quality = C.IMAGENET_PARAMETERS["jpeg_compression"][severity - 1]
+    for x in (_photos(1), _photos(1, channels=1)):
+        im = x[0]
+        bgr = im[:, :, ::-1] if im.shape[2] == 3 else im[:, :, 0]
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+        ref = decoded[:, :, ::-1] if im.shape[2] == 3 else decoded[:, :, None]
+        np.testing.assert_array_equal(C.corrupt(x, "jpeg_compression", severity)[0], ref)
+    small = int(224 * C.IMAGENET_PARAMETERS["pixelate"][severity - 1])
+    assert small == (134, 112, 89, 67, 56)[severity - 1]
+    x = _photos(1)
+    ref = _box_resize(_box_resize(x[0].astype(np.float64), small), 224)
+    np.testing.assert_array_equal(C.corrupt(x, "pixelate", severity)[0], ref)
+
+
+def _zoom_reference(x: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """Mean of `x` ([N, H, H, C] in [0, 1]) and its centre ceil(H / f) squares zoomed to
+    round(side f) by explicit corner-aligned interpolation matrices, centre-cropped, float64,
+    clipped and scaled to [0, 255]."""
+    h = x.shape[1]
+    ref = x.copy()
+    for f in factors:
+        side = int(np.ceil(h / f))
+        top = (h - side) // 2
+        size = int(round(side * f))
+        w = _bilinear_1d(side, size)
+        crop = x[:, top:top + side, top:top + side]
+        zoomed = np.einsum("oi,nijc,pj->nopc", w, crop, w, optimize=True)
+        trim = (size - h) // 2
+        ref += zoomed[:, trim:trim + h, trim:trim + h]
+    return np.clip(ref / (len(factors) + 1), 0, 1) * 255
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_zoom_blur_takes_the_tabled_steps(severity):
+    """make_imagenet_c.py's zooms np.arange(1, stop, step) with steps .01, .01, .02, .02, .03:
+    float rounding includes the stop 1.11 at severity 1 (12, 16, 11, 13, 11 zooms, up to 1.30).
+    Explicit interpolation matrices; float32 in the module: 1e-3 levels."""
+    stop, step = C.IMAGENET_PARAMETERS["zoom_blur"][severity - 1]
+    factors = np.arange(1, stop, step)
+    assert len(factors) == (12, 16, 11, 13, 11)[severity - 1]
+    np.testing.assert_array_equal(C.zoom_factors((stop, step)), factors)
+    np.testing.assert_array_equal(C.zoom_factors(1.06), np.arange(1, 1.06, 0.01))  # CIFAR's
+    x = _photos(1)
+    np.testing.assert_allclose(C.corrupt(x, "zoom_blur", severity),
+                               _zoom_reference(x / 255.0, factors), atol=1e-3)
+
+
+@pytest.mark.parametrize("max_delta", [1, 2, 3, 4])
+def test_224_shuffle_pixels_is_the_authors_loop(max_delta):
+    """Rows and columns 224 - d down to d + 1, offsets in [-d, d - 1]: with d > 1 a pixel may
+    copy one already overwritten earlier in the pass (the gather follows such chains); equal to
+    the loop exactly, and for d > 1 not a plain gather of the original pixels."""
+    rng = np.random.default_rng(max_delta)
+    pixels = _textured(1, seed=max_delta, side=S)[0]
+    n = S - 2 * max_delta
+    offsets = rng.integers(-max_delta, max_delta, size=(n, n, 2))
+    out = C.shuffle_pixels(pixels, offsets, max_delta)
+    np.testing.assert_array_equal(out, _authors_shuffle(pixels, offsets, max_delta))
+    visit = np.arange(S - max_delta, max_delta, -1)
+    rows, cols = np.meshgrid(visit, visit, indexing="ij")
+    gathered = pixels.copy()
+    gathered[rows, cols] = pixels[rows + offsets[..., 1], cols + offsets[..., 0]]
+    assert np.array_equal(out, gathered) == (max_delta == 1)
+    with pytest.raises(ValueError, match=r"offsets of shape"):
+        C.shuffle_pixels(pixels, offsets[1:], max_delta)
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_glass_blur_is_blur_truncate_shuffle_blur(severity):
+    """Explicit-kernel blur (edge padding), np.uint8 truncation, the authors' loop per pass
+    with offsets redrawn as one integers(-d, d, (224 - 2d, 224 - 2d, 2)) per pass, blur again:
+    1e-9 levels."""
+    sigma, delta, iterations = C.IMAGENET_PARAMETERS["glass_blur"][severity - 1]
+    k = _gauss_1d(sigma, int(4 * sigma + 0.5))
+    x = _textured(1, side=S)
+    rng = C.example_rng(0, "glass_blur", severity, 0)
+    pixels = np.uint8(_separable(x[0] / 255.0, k, "edge") * 255)
+    for _ in range(iterations):
+        n = S - 2 * delta
+        pixels = _authors_shuffle(pixels, rng.integers(-delta, delta, size=(n, n, 2)), delta)
+    ref = np.clip(_separable(pixels / 255.0, k, "edge"), 0, 1) * 255
+    np.testing.assert_allclose(C.corrupt(x, "glass_blur", severity)[0], ref, atol=1e-9)
+
+
+def _motion_at(image: np.ndarray, radius: float, sigma: float, angle: float,
+               points: np.ndarray) -> np.ndarray:
+    """`_motion_plain` at the given (row, col) points only: plain Python, edge-clamped, rounded
+    half up."""
+    import math
+
+    width = 2 * math.ceil(radius) + 1
+    w = [math.exp(-i * i / (2 * sigma * sigma)) for i in range(width)]
+    w = [v / sum(w) for v in w]
+    a = math.radians(angle)
+    taps = [(math.ceil(i * math.cos(a) - 0.5), math.ceil(i * math.sin(a) - 0.5))
+            for i in range(width)]
+    h, wd = image.shape[:2]
+    out = np.empty((len(points), image.shape[2]))
+    for p, (r, c) in enumerate(points):
+        for ch in range(image.shape[2]):
+            total = sum(wi * image[min(max(r + dy, 0), h - 1), min(max(c + dx, 0), wd - 1), ch]
+                        for wi, (dx, dy) in zip(w, taps, strict=True))
+            out[p, ch] = math.floor(total + 0.5)
+    return out
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_motion_blur_at_sampled_pixels(severity):
+    """ImageNet's radii 10-20 (21-41 taps): at 300 random pixels (borders included), the plain
+    Python sum with the same angle: bit-exact."""
+    radius, sigma = C.IMAGENET_PARAMETERS["motion_blur"][severity - 1]
+    assert len(C.motion_kernel(radius, sigma, 0)[0]) == 2 * radius + 1
+    x = _photos(1)
+    points = np.random.default_rng(severity).integers(0, S, (300, 2))
+    points[:4] = [[0, 0], [0, S - 1], [S - 1, 0], [S - 1, S - 1]]
+    out = C.corrupt(x, "motion_blur", severity)[0]
+    angle = C.example_rng(0, "motion_blur", severity, 0).uniform(-45, 45)
+    np.testing.assert_array_equal(out[points[:, 0], points[:, 1]], _motion_at(
+        x[0].astype(np.float64), radius, sigma, angle, points))
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_fog_crops_a_256_plasma(severity):
+    """make_imagenet_c.py: plasma_fractal(mapsize=256)[:224, :224]; the plain-Python
+    diamond-square at 256 with the same draws, then fog's rescaling (1e-9 levels)."""
+    assert C.plasma_size(224) == 256 and C.plasma_size(32) == 32
+    a, decay = C.IMAGENET_PARAMETERS["fog"][severity - 1]
+    x = _photos(1)
+    im = x[0] / 255.0
+    plasma = _plasma_plain(C.example_rng(0, "fog", severity, 0), 256, decay)[:S, :S]
+    ref = np.clip((im + a * plasma[:, :, None]) * im.max() / (im.max() + a), 0, 1) * 255
+    np.testing.assert_allclose(C.corrupt(x, "fog", severity)[0], ref, atol=1e-9)
+
+
+def _smoothing_matrix(n: int, sigma: float, truncate: float) -> np.ndarray:
+    """The n x n matrix of a 1-D Gaussian (radius int(truncate sigma + 0.5)) with scipy's
+    'reflect' (half-sample symmetric) borders folded in tap by tap: radius 512 at ImageNet's
+    sigma 170.8 folds the kernel over the 224 samples several times."""
+    radius = int(truncate * sigma + 0.5)
+    k = _gauss_1d(sigma, radius)
+    w = np.zeros((n, n))
+    for i in range(n):
+        for t, weight in zip(range(-radius, radius + 1), k, strict=True):
+            w[i, _reflect_half(i + t, n)] += weight
+    return w
+
+
+def test_224_elastic_fields_use_the_sizes_points_and_the_authors_244():
+    """Anchor points centre 112 +- 224 // 3 = 74 as (x, y); the affine solved in float64
+    (1e-6, relative: ImageNet's jitter is up to 48.8 pixels); dx, dy = U(-1, 1) fields
+    smoothed by explicit folded Gaussians (sigma 2.44-170.8), times alpha up to 488 (1e-6
+    relative to alpha)."""
+    np.testing.assert_array_equal(C.elastic_points(224), [[186, 186], [186, 38], [38, 38]])
+    np.testing.assert_array_equal(C.elastic_points(32), [[26, 26], [26, 6], [6, 6]])
+    for c in C.IMAGENET_PARAMETERS["elastic_transform"]:
+        alpha, sigma, a = c
+        matrix, dx, dy = C.elastic_fields(c, np.random.default_rng(9), S)
+        rng = np.random.default_rng(9)
+        src = np.array([[186, 186], [186, 38], [38, 38]], np.float32)
+        dst = (src + rng.uniform(-a, a, (3, 2)).astype(np.float32)).astype(np.float64)
+        solved = np.linalg.solve(np.c_[src, np.ones(3)].astype(np.float64), dst).T
+        np.testing.assert_allclose(matrix, solved, atol=1e-6, rtol=1e-6)
+        w = _smoothing_matrix(S, sigma, 3.0)
+        for field in (dx, dy):
+            ref = w @ rng.uniform(-1, 1, (S, S)) @ w.T * alpha
+            np.testing.assert_allclose(field, ref, atol=1e-6 * alpha)
+            assert field.dtype == np.float32 and field.shape == (S, S)
+
+
+def test_224_elastic_transform_composes_the_fields_and_the_warp():
+    """corrupt draws the 224 fields and warps with them (the warp is tested at 32 above)."""
+    x = _photos(1)
+    for severity in (1, 3):
+        c = C.IMAGENET_PARAMETERS["elastic_transform"][severity - 1]
+        fields = C.elastic_fields(c, C.example_rng(0, "elastic_transform", severity, 0), S)
+        ref = np.clip(C.elastic_warp((x[0] / 255.0).astype(np.float32), *fields), 0, 1) * 255
+        np.testing.assert_array_equal(C.corrupt(x, "elastic_transform", severity)[0], ref)
+
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_224_snow(severity):
+    """As the 32 test: flakes zoomed by explicit interpolation matrices (zoom up to 4.5),
+    thresholded, truncated, streaked by the module's motion_blur_levels (checked against plain
+    Python above, at 32 and at sampled 224 pixels), on the whitened image: 1e-3 levels."""
+    mean, std, zoom, threshold, radius, sigma, keep = C.IMAGENET_PARAMETERS["snow"][severity - 1]
+    x = _photos(1)
+    im = x[0] / 255.0
+    rng = C.example_rng(0, "snow", severity, 0)
+    flakes = rng.normal(mean, std, (S, S))
+    side = int(np.ceil(S / zoom))
+    top = (S - side) // 2
+    size = int(round(side * zoom))
+    w = _bilinear_1d(side, size)
+    trim = (size - S) // 2
+    flakes = (w @ flakes[top:top + side, top:top + side] @ w.T)[trim:trim + S, trim:trim + S]
+    flakes = np.floor(np.clip(np.where(flakes < threshold, 0, flakes), 0, 1) * 255)
+    streaks = C.motion_blur_levels(flakes[:, :, None], radius, sigma,
+                                   rng.uniform(-135, -45)) / 255
+    assert 0 < np.count_nonzero(streaks) < streaks.size
+    luma = im @ np.array([0.299, 0.587, 0.114])
+    whiter = keep * im + (1 - keep) * np.maximum(im, luma[:, :, None] * 1.5 + 0.5)
+    ref = np.clip(whiter + streaks + streaks[::-1, ::-1], 0, 1) * 255
+    np.testing.assert_allclose(C.corrupt(x, "snow", severity)[0], ref, atol=1e-3)
+
+
+def _spatter_224_reference(severity: int, x: np.ndarray) -> np.ndarray:
+    """make_imagenet_c.py's spatter on one 224 image, as the 32 test's reference."""
+    mean, std, sigma, threshold, strength, mud = C.IMAGENET_PARAMETERS["spatter"][severity - 1]
+    im = x[0] / 255.0
+    noise = C.example_rng(0, "spatter", severity, 0).normal(mean, std, (S, S))
+    liquid = _separable(noise[:, :, None], _gauss_1d(sigma, int(4 * sigma + 0.5)), "edge")
+    liquid = liquid[:, :, 0]
+    liquid[liquid < threshold] = 0
+    if mud:
+        k = _gauss_1d(strength, int(4 * strength + 0.5))
+        wet = _separable((liquid > threshold)[:, :, None] * 1.0, k, "edge")
+        wet[wet < 0.8] = 0
+        out = im * (1 - wet) + wet * np.array([63, 42, 20]) / 255
+    else:
+        shade, edges = _water_plain((liquid * 255).astype(np.uint8))
+        assert edges.any()
+        out = im + strength * shade[:, :, None] * np.array([175, 238, 238]) / 255
+    return np.clip(out, 0, 1) * 255
+
+
+@pytest.mark.parametrize("severity", [4, 5])
+def test_224_spatter_mud(severity):
+    """Severities 4-5 (mud, sigma 1.5): explicit kernels, 1e-3 levels."""
+    x = _photos(1)
+    np.testing.assert_allclose(C.corrupt(x, "spatter", severity)[0],
+                               _spatter_224_reference(severity, x), atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_224_spatter_water(severity):
+    """Severities 1-3 (water, sigma 4, 3, 2): the plain-Python Canny and Dijkstra chamfer on
+    224x224 (~2 s each), 1e-3 levels."""
+    x = _photos(1)
+    np.testing.assert_allclose(C.corrupt(x, "spatter", severity)[0],
+                               _spatter_224_reference(severity, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", C.CORRUPTIONS)
+def test_224_outputs_are_in_range_and_deterministic(name):
+    """One RGB and one grey 224 image at severity 5 (the strongest parameters): shape, dtype,
+    range, same seed same result, batching-independent, another seed another result for the
+    random ones; grey images take all but saturate."""
+    x = np.concatenate([_photos(1), _photos(1, seed=1)])
+    a = C.corrupt(x, name, 5, seed=7)
+    assert a.shape == x.shape and a.dtype == np.float64 and 0 <= a.min() <= a.max() <= 255
+    np.testing.assert_array_equal(a[1], C.corrupt(x[1], name, 5, seed=7, first_index=1))
+    if name in RANDOM:
+        assert not np.array_equal(a[0], C.corrupt(x[0], name, 5, seed=8)), name
+    grey = _photos(1, channels=1)
+    if name in C.available(1):
+        out = C.corrupt(grey, name, 5)
+        assert out.shape == grey.shape and 0 <= out.min() <= out.max() <= 255
+    else:
+        with pytest.raises(ValueError, match=r"defined for RGB images only"):
+            C.corrupt(grey, name, 5)
+
+
+@pytest.mark.slow
+def test_224_distance_from_the_original_grows_with_severity():
+    """Mean squared distance over four 224 images, for the ImageNet-C table. Not ordered by
+    strength: saturate (x .3, x .1, then x 2, x 5 + .1, x 20 + .2: 1 < 2 and 3 < 4 < 5);
+    glass_blur (its 1-2 pass, max_delta 1-2 severities 1-2 nearer than 3-5: severity 3 has
+    three passes, 4-5 larger deltas); fog (amount 1.5, 2, 2.5, 2.5, 3: 1 < 2 < 3 and 4 < 5;
+    3 and 4 share the amount, 4 has the finer haze); elastic_transform (severities 1-2 carry
+    the affine jitter, 24.4 and 48.8 pixels, 3-5 only 4.9: 1 < 2, both above 3-5, and
+    3-5 are not ordered); snow (severities 2 and 3 trade flake count, threshold .5 vs .9, for
+    flake size, zoom 2 vs 4: both above 1 and below 4 < 5)."""
+    x = _photos(4)
+    for name in C.CORRUPTIONS:
+        d = [np.mean((C.corrupt(x, name, s) - x) ** 2) for s in C.SEVERITIES]
+        if name == "saturate":
+            assert d[0] < d[1] and d[2] < d[3] < d[4], (name, d)
+        elif name == "glass_blur":
+            assert min(d[2:]) > max(d[:2]), (name, d)
+        elif name == "fog":
+            assert d[0] < d[1] < d[2] and d[3] < d[4], (name, d)
+        elif name == "elastic_transform":
+            assert d[0] < d[1] and min(d[:2]) > max(d[2:]), (name, d)
+        elif name == "snow":
+            assert d[0] < min(d[1:3]) and max(d[1:3]) < d[3] < d[4], (name, d)
+        else:
+            assert all(np.diff(d) > 0), (name, d)
