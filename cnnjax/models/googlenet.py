@@ -26,8 +26,15 @@ Features (`return_features=True`): `stem` (28x28x192 at 224, stride 8, after the
 pool), `inception3` (output of 3b, stride 8), `inception4` (4e, stride 16), `inception5` (5b,
 stride 32) and `pre_logits` (the pooled 1024-vector before dropout).
 
-Initialization: He-normal (fan-out) convolution kernels, LeCun-normal dense kernels, zero
-biases (the paper's Caffe model used Xavier and constant 0.2 biases).
+Initialization: every convolution and dense kernel (the auxiliary heads' too) is drawn from
+Caffe's "xavier" filler, as in the reference Caffe model (BVLC `bvlc_googlenet`
+`train_val.prototxt`: `weight_filler { type: "xavier" }` on every convolution and inner product):
+uniform on [-sqrt(3 / fan_in), sqrt(3 / fan_in)], variance 1 / fan_in (`caffe_xavier_init`); biases
+are zero (that model's are constant 0.2 for the convolutions and `aux*/fc`, 0 for the
+classifiers). Without BatchNorm, the He-normal fan-out init of cnnjax's VGG (torchvision's for
+VGG) does not suit this net: its 1x1 reduce convolutions (e.g. 192 -> 16 channels) get weight
+variance 2 / 16 and amplify the signal, so the logits at init are O(100) and SGD diverges; with
+the fan-in Xavier init the logits at init are small and the cross-entropy is ln(num_classes).
 
 `googlenet_bn` (`GoogLeNetBN`) is torchvision's `googlenet` layout, so torchvision's ImageNet
 weights convert to it (`cnnjax.models.torchvision_weights`): every convolution is a
@@ -36,11 +43,13 @@ branch of every inception module uses 3x3 kernels (a known torchvision quirk, py
 issue 906, that its published weights were trained with), the pool between 4e and 5a is 2x2/2
 (ceil mode) instead of 3x3/2, dropout before `head` is 0.2 and the auxiliary classifiers average
 pool adaptively to 4x4 (`InceptionAuxBN`). 6,624,904 parameters at 1000 classes without
-auxiliary heads, as torchvision's. Same widths (`INCEPTION_V1`), return types, features and
-initialization as `googlenet`. `transform_input=True` (off by default, as in torchvision for
-randomly initialized models; torchvision turns it on when it loads its ImageNet weights) maps
-an ImageNet-normalized input, `(x - mean) / std` per RGB channel, to the `(x - 0.5) / 0.5`
-scaling that those weights, ported from Google's original TensorFlow model, expect.
+auxiliary heads, as torchvision's. Same widths (`INCEPTION_V1`), return types and features as
+`googlenet`; initialization: He-normal (fan-out) convolution kernels (BatchNorm follows each),
+LeCun-normal dense kernels, zero biases. `transform_input=True` (off by default, as in
+torchvision for randomly initialized models; torchvision turns it on when it loads its ImageNet
+weights) maps an ImageNet-normalized input, `(x - mean) / std` per RGB channel, to the
+`(x - 0.5) / 0.5` scaling that those weights, ported from Google's original TensorFlow model,
+expect.
 """
 
 from __future__ import annotations
@@ -74,6 +83,11 @@ BN_EPSILON = 1e-3
 #: `cnnjax.data` imports TensorFlow).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Caffe's "xavier" weight filler with its default `variance_norm: FAN_IN` (`XavierFiller` in
+#: caffe/filler.hpp: uniform on [-scale, scale], scale = sqrt(3 / fan_in)), which the reference
+#: Caffe GoogLeNet uses for every convolution and inner product; `googlenet`'s kernel init.
+caffe_xavier_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 #: Table 1: (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj) of every inception module.
 INCEPTION_V1: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -134,7 +148,7 @@ class Inception(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
+        conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=caffe_xavier_init)
         b1 = nn.relu(conv(self.features_1x1, 1, name="branch1x1")(x))
         b3 = nn.relu(conv(self.reduce_3x3, 1, name="branch3x3_reduce")(x))
         b3 = nn.relu(conv(self.features_3x3, 3, padding=1, name="branch3x3")(b3))
@@ -160,13 +174,13 @@ class InceptionAux(nn.Module):
                           "expected a map of at least 5x5 for the 5x5/3 average pool; use a "
                           "larger input (GoogLeNet: at least 79x79) or aux_logits=False")
         x = avg_pool2d(x, 5, 3)
-        x = nn.relu(Conv2D(128, 1, dtype=self.dtype, kernel_init=conv_kernel_init,
+        x = nn.relu(Conv2D(128, 1, dtype=self.dtype, kernel_init=caffe_xavier_init,
                            name="conv")(x))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc")(x))
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=caffe_xavier_init)
+        x = nn.relu(dense(1024, name="fc")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
-                           jnp.float32)
+        return jnp.asarray(dense(self.num_classes, name="head")(x), jnp.float32)
 
 
 class GoogLeNet(nn.Module):
@@ -196,7 +210,7 @@ class GoogLeNet(nn.Module):
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
         check_nhwc(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
-        conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
+        conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=caffe_xavier_init)
         pool = functools.partial(max_pool2d, kernel_size=3, stride=2, ceil_mode=True)
         lrn = functools.partial(LocalResponseNorm, size=5, k=1.0, alpha=1e-4, beta=0.75,
                                 divide_alpha_by_size=True, dtype=self.dtype)
@@ -224,18 +238,20 @@ class GoogLeNet(nn.Module):
         x = inception["5b"]()(inception["5a"]()(pool(x)))
         features["inception5"] = x
 
-        return _classify(self, x, features, (aux1, aux2), train, return_features)
+        return _classify(self, x, features, (aux1, aux2), train, return_features,
+                         kernel_init=caffe_xavier_init)
 
 
 def _classify(module: nn.Module, x: Array, features: dict[str, Array], aux: tuple,
-              train: bool, return_features: bool):
+              train: bool, return_features: bool, **head_kwargs: Any):
     """Both GoogLeNets' end, called from their `__call__`: global average pool, dropout and the
-    linear `head`; with `aux_logits`, in training, the auxiliary heads' logits too."""
+    linear `head` (`head_kwargs`, e.g. its `kernel_init`, go to its `nn.Dense`); with
+    `aux_logits`, in training, the auxiliary heads' logits too."""
     x = global_avg_pool(x)
     features["pre_logits"] = x
     x = nn.Dropout(module.dropout_rate, deterministic=not train)(x)
-    logits = jnp.asarray(nn.Dense(module.num_classes, dtype=module.dtype, name="head")(x),
-                         jnp.float32)
+    logits = jnp.asarray(nn.Dense(module.num_classes, dtype=module.dtype, name="head",
+                                  **head_kwargs)(x), jnp.float32)
     if module.aux_logits and train:
         logits = GoogLeNetOutputs(logits, *aux)
     return (logits, features) if return_features else logits

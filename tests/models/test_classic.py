@@ -31,6 +31,7 @@ from cnnjax.models.googlenet import (
     GoogLeNetBN,
     GoogLeNetOutputs,
     Inception,
+    InceptionAux,
     InceptionBN,
     transform_imagenet_input,
 )
@@ -786,6 +787,68 @@ def test_googlenet_aux_outputs_only_in_training():
         init_shapes(plain, shape),
     )
     assert out.shape == (2, 5)
+
+
+def _check_caffe_xavier(params) -> None:
+    """Every kernel in `params` is Caffe's "xavier" draw: within +-sqrt(3 / fan_in), variance
+    1 / fan_in (to 15% on the large ones)."""
+    for path, kernel in jax.tree_util.tree_leaves_with_path(params):
+        if path[-1].key != "kernel":
+            continue
+        kernel = np.asarray(kernel)
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        assert np.abs(kernel).max() <= np.sqrt(3 / fan_in) * (1 + 1e-6), path
+        if kernel.size >= 2000:
+            np.testing.assert_allclose(kernel.var() * fan_in, 1.0, rtol=0.15, err_msg=str(path))
+
+
+def test_googlenet_init_is_caffes_xavier_and_does_not_amplify():
+    """The reference Caffe GoogLeNet's init (xavier: uniform, variance 1 / fan_in) for every
+    conv and dense kernel; He fan-out (2 / fan_out) made the 192 -> 16 reduce convolutions
+    amplify the signal (logits O(100) at init, SGD diverged). Without BatchNorm, an inception
+    module fed unit-variance input must keep its output RMS below 1."""
+    module = Inception(*INCEPTION_V1["4a"])
+    x = jax.random.normal(key(2), (2, 14, 14, 480))
+    variables, y = jrun(module, x)
+    _check_caffe_xavier(variables["params"])
+    assert float(jnp.sqrt(jnp.mean(jnp.square(y)))) < 1.0
+    aux = InceptionAux(10)
+    aux_vars, _ = jrun(aux, jax.random.normal(key(3), (2, 14, 14, 512)))
+    _check_caffe_xavier(aux_vars["params"])
+    assert set(aux_vars["params"]) == {"conv", "fc", "head"}
+
+
+@pytest.mark.slow  # ~40 s of XLA compilation (init + gradient of ~60 convolutions) on 2 CPUs
+def test_googlenet_starts_at_chance_and_sgd_decreases_the_loss():
+    """At init the cross-entropy on unit-variance input is ln(num_classes) (He fan-out init: 420
+    at 224x224, ln 1000 = 6.9) and SGD(0.01, momentum 0.9) on a fixed batch lowers it, finite
+    (it went 316 -> 1.9e9 -> NaN)."""
+    model = create_model("googlenet", num_classes=10)
+    x = jax.random.normal(key(4), min_shape("googlenet", batch=4))
+    labels = jnp.arange(4) % 10
+    params = jinit(model, x)["params"]
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    @jax.jit
+    def run(params):
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key(5)})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        def step(carry, _):
+            p, opt = carry
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, opt = tx.update(grads, opt, p)
+            return (optax.apply_updates(p, updates), opt), loss
+
+        _, losses = jax.lax.scan(step, (params, tx.init(params)), None, length=6)
+        return losses
+
+    losses = np.asarray(run(params))
+    assert np.all(np.isfinite(losses)), losses
+    assert abs(losses[0] - np.log(10)) < 0.05, losses
+    assert losses[-1] < losses[0], losses
+    _check_caffe_xavier(params)
 
 
 def test_googlenet_aux_heads_need_79_pixels():
