@@ -50,7 +50,10 @@ from cnnjax.utils.validation import (
 ModuleDef = Any
 Array = Any
 
-#: He (fan-in) normal initialization, as in the DenseNet reference code.
+#: He-normal initialization with fan-in (std sqrt(2 / (kh * kw * in_channels))), as torchvision's
+#: densenet (`kaiming_normal_`, whose default mode is fan-in), so that cnnjax's init matches the
+#: torchvision model its weights convert from. The authors' reference code (liuzhuang13/DenseNet,
+#: densenet.lua `ConvInit`) uses fan-out instead: std sqrt(2 / (kh * kw * out_channels)).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 #: `DenseNet.stem` choices: the ImageNet stem (7x7/2 conv, BN-ReLU, 3x3/2 max pool) or the

@@ -137,6 +137,26 @@ def test_forward_backward_jit_small():
     assert np.isfinite(float(value)) and float(optax.global_norm(grads)) > 0
 
 
+def test_conv_init_is_he_fan_in_as_torchvision():
+    """Conv kernels are He-normal with fan-in, torchvision densenet's `kaiming_normal_` (the
+    authors' densenet.lua `ConvInit` uses fan-out; the module docstring says so). The 1x1
+    bottleneck conv of a dense layer (fan-in 64, fan-out 32) tells the two apart: variance
+    2 / 64 vs 2 / 32."""
+    model = DenseNet(block_sizes=(2, 2), num_classes=3, growth_rate=8, num_init_features=64,
+                     bn_size=4)
+    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+    kernels = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+               for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+               if path[-1].key == "kernel" and v.ndim == 4}
+    assert kernels
+    bottleneck = [k for k, v in kernels.items() if v.shape == (1, 1, 64, 32)]
+    assert bottleneck, sorted((k, v.shape) for k, v in kernels.items())
+    for name, kernel in kernels.items():
+        fan_in = int(np.prod(kernel.shape[:-1]))
+        if kernel.size >= 1000:
+            np.testing.assert_allclose(kernel.var() * fan_in / 2, 1.0, rtol=0.2, err_msg=name)
+
+
 def test_dense_layer_dropout_only_in_training():
     conv, norm = _parts()
     layer = DenseLayer(6, conv=conv, norm=norm, drop_rate=0.5)
