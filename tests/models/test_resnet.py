@@ -216,6 +216,31 @@ def test_batchnorm_running_stats_update_in_train_mode():
         np.testing.assert_array_equal(a, b)
 
 
+def test_batch_norm_running_variance_is_biased_unlike_pytorch():
+    """`batch_norm`'s documented update, against NumPy: running mean as PyTorch's; running
+    variance with the biased batch variance (flax), not PyTorch's unbiased one, so the two
+    differ by a factor n / (n - 1) on the update, n the values per channel (here 2 x 2 x 2)."""
+    x = np.random.default_rng(0).normal(1.0, 2.0, (2, 2, 2, 3)).astype(np.float32)
+    bn = batch_norm(True, jnp.float32, None)()
+    variables = bn.init(jax.random.key(0), x)
+    y, state = bn.apply(variables, x, mutable=["batch_stats"])
+    x64 = x.astype(np.float64)
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    mean, var_biased = x64.mean(axis=(0, 1, 2)), x64.var(axis=(0, 1, 2))
+    var_unbiased = x64.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(var_unbiased, var_biased * n / (n - 1))
+    # Both frameworks normalize with the biased batch variance in training.
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var_biased + 1e-5), rtol=1e-4, atol=1e-5)
+    stats = state["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var_biased, rtol=1e-5)
+    pytorch_var = 0.9 + 0.1 * var_unbiased  # torch.nn.BatchNorm2d(momentum=0.1)'s update
+    assert np.all(np.abs(np.asarray(stats["var"]) - pytorch_var) > 1e-3)
+    doc = " ".join(batch_norm.__doc__.split())
+    assert "PyTorch-equivalent" not in doc
+    assert "biased batch variance" in doc and "n / (n - 1)" in doc
+
+
 def test_eval_uses_running_averages_train_uses_batch_stats():
     model = create_model("resnet20_cifar")
     x = jax.random.normal(jax.random.key(4), (4, 16, 16, 3))
