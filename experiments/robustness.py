@@ -5,12 +5,12 @@
         [--source=on_the_fly|tfds] [--step=N] [--batch_size=256]
 
 Loads the run's best checkpoint (`load_trained`), reads its eval split (or --split) through the
-run's own eval transform up to the pixels before normalization (`Transforms.eval_pixels`, 32x32,
-in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`, CIFAR-10-C's formulas and table),
-stores the result as CIFAR-10-C does (uint8, truncated), then normalizes it as the run's eval
-does (`Transforms.normalize`): the model sees what it would see on a corrupted copy of the split.
-Clean top-1 is the uncorrupted pixels stored and normalized the same way (for native 32x32 data
-the engine's eval top-1). --source=tfds reads CIFAR-10's test split only (other splits refused).
+run's own eval transform up to the pixels before normalization (`Transforms.eval_pixels`, 32x32
+or 224x224, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`: CIFAR-10-C's formulas
+and table at 32, ImageNet-C's at 224), stores the result as uint8 (truncated, as CIFAR-10-C), then
+normalizes it as the run's eval does (`Transforms.normalize`): the model sees what it would see
+on a corrupted copy of the split. Clean top-1 is the uncorrupted pixels stored and normalized the
+same way (for native uint8 data the engine's eval top-1). --source=tfds reads CIFAR-10's test split only (other splits refused).
 
 With --source=tfds (runs trained on `cifar10` only) each cell is the real benchmark instead:
 tfds's `cifar10_corrupted/<corruption>_<severity>` test split, through the same preprocessing.
