@@ -28,7 +28,6 @@ See `cnnjax.analysis.attribution` for the methods.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +39,12 @@ configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import parse_flags  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    check_output_dir,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -234,18 +238,23 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
             "accuracy": {name: float(np.mean(h)) for name, h in hits.items()}}
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
+def _out_dir() -> str:
+    """The output folder, checked up front: `--out_dir`, else `<workdir>/visualize`."""
+    if _OUT_DIR.value:
+        return check_output_dir(_OUT_DIR.value, "--out_dir")
+    return check_output_dir(os.path.join(_WORKDIR.value, "visualize"),
+                            "--workdir's visualize folder")
 
-    quiet_library_logs()
+
+def main(argv: list[str]) -> None:
+    start_command(argv)
     from cnnjax.analysis import attribution
     from cnnjax.analysis.effective_receptive_field import eval_images
     from cnnjax.train.trained import load_trained
     from cnnjax.utils.files import write_json
 
-    try:
+    with one_line_errors():
+        out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work
         run = load_trained(_WORKDIR.value, _STEP.value, ema=_EMA.value)
         if _LIST_LAYERS.value:
             shape = eval_images(run, 1).shape[1:]
@@ -255,7 +264,6 @@ def main(argv: list[str]) -> None:
                       + (f"  (runs {o.calls} times)" if o.calls > 1 else ""))
             return
         if _POINTING.value:
-            out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "visualize")
             result = pointing_game_run(run, _METHODS.value, _LAYER.value, _PATCH.value,
                                        _STRIDE.value, _TOLERANCE.value, _MAX_IMAGES.value)
             os.makedirs(out_dir, exist_ok=True)
@@ -270,10 +278,8 @@ def main(argv: list[str]) -> None:
             print(f"Written to {path}")
             return
         summary = write_visualizations(
-            run, _OUT_DIR.value or os.path.join(_WORKDIR.value, "visualize"), _NUM_IMAGES.value,
+            run, out_dir, _NUM_IMAGES.value,
             _METHODS.value, _LAYER.value, _PATCH.value, _STRIDE.value, _TARGET.value)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     rows = summary["images"]
     correct = sum(r["label"] == r["predicted"] for r in rows)
     print(f"{summary['model']} step {summary['step']} ({summary['checkpoint']} checkpoint): "

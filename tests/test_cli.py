@@ -81,3 +81,13 @@ def test_a_path_it_cannot_write_ends_the_command_in_one_line_naming_it(err, line
     with pytest.raises(SystemExit) as exited, cli.one_line_errors():
         raise err
     assert exited.value.code == line
+
+
+def test_an_output_folder_behind_a_file_is_refused_and_nothing_is_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file" / "x" / "y"):
+        with pytest.raises(ValueError, match=r"^--out=.* is invalid; expected a directory or a "
+                                             r"path to create, but a file is in the way\.$"):
+            cli.check_output_dir(str(path), "--out")
+    assert cli.check_output_dir(str(tmp_path / "new" / "x"), "--out") == str(tmp_path / "new/x")
+    assert not (tmp_path / "new").exists()

@@ -163,3 +163,22 @@ def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
     assert _normalization(run_of(default_data_config("shapes")), 3) == (preset.mean, preset.std)
     assert _normalization(run_of(default_data_config("fake")), 5) == ((0.5,) * 5, (0.5,) * 5)
     assert _normalization(run_of({"name": "synthetic"}), 1) == (None, None)
+
+
+@pytest.mark.parametrize("where", ["out_dir", "default"])
+def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_any_work(tmp_path, where):
+    """Checked before the run is loaded (the workdir here holds no run at all)."""
+    (tmp_path / "file").write_text("")
+    if where == "out_dir":
+        args, label, path = [f"--out_dir={tmp_path / 'file' / 'x'}"], "--out_dir", \
+            str(tmp_path / "file" / "x")
+    else:
+        (tmp_path / "visualize").write_text("")
+        args, label, path = [], "--workdir's visualize folder", str(tmp_path / "visualize")
+    result = subprocess.run([sys.executable, "-m", "experiments.visualize",
+                             f"--workdir={tmp_path}", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {label}={path!r} is invalid; expected a directory or a path to create, but a "
+        "file is in the way.")
