@@ -27,7 +27,7 @@ configure_cpu_defaults()
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cnnjax.utils.cli import parse_flags  # noqa: E402
+from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Base experiment config file (ml_collections).", lock_config=True
@@ -50,16 +50,12 @@ flags.mark_flags_as_required(["config", "sweep", "sweep_dir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
-
-    quiet_library_logs()
+    start_command(argv)
     from cnnjax.tune import space as space_lib
     from cnnjax.tune import sweep as sweep_lib
 
     sweep_config = _SWEEP.value
-    try:
+    with one_line_errors():
         space = space_lib.from_config(sweep_config)
         rows = sweep_lib.run_sweep(
             _CONFIG.value,
@@ -71,8 +67,6 @@ def main(argv: list[str]) -> None:
             trial_count=_TRIAL_COUNT.value,
             max_trials=_MAX_TRIALS.value,
         )
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     if _TRIAL_INDEX.value is not None:  # an array task answers for its own trials only
         first = _TRIAL_INDEX.value
         rows = [r for r in rows if first <= r["index"] < first + _TRIAL_COUNT.value]

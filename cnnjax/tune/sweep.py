@@ -33,6 +33,7 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
+from cnnjax.utils.cli import check_output_dir
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
@@ -132,6 +133,7 @@ def run_sweep(
     ):
         raise invalid(_OWNER, "max_trials", max_trials, "expected an integer >= 0 or None")
     configs = trial_configs(base_config, space)
+    check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")  # a file in the way: one line, no traceback
     check_directory_kind(sweep_dir, "sweep", "sweep_dir")
     _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
 

@@ -72,6 +72,19 @@ def test_misspelt_field_is_a_one_line_error_before_training(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_sweep_dir_a_file_is_in_the_way_of_is_one_line_before_training(tmp_path, inside):
+    (tmp_path / "file").write_text("")
+    sweep_dir = tmp_path / "file" / "x" if inside else tmp_path / "file"
+    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.1, 0.2)),)")
+    result = subprocess.run(_command(sweep, sweep_dir), cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: sweep: sweep_dir={str(sweep_dir)!r} is invalid; expected a directory or a path "
+        "to create, but a file is in the way.")
+
+
 @pytest.mark.slow
 def test_sigkill_inside_a_trial_then_rerun_resumes_it(tmp_path):
     sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.05, 0.1)),)")
