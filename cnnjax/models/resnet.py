@@ -283,6 +283,11 @@ class ResNet(nn.Module):
         check_positive_ints(name, "stage_sizes", self.stage_sizes,
                             "expected a non-empty sequence of positive block counts")
         check_drop_path_rate(name, self.drop_path_rate, self.shortcut)
+        block = _unwrap(self.block_cls)
+        if not (isinstance(block, type) and issubclass(block, nn.Module)):
+            raise invalid(name, "block_cls", self.block_cls,
+                          "expected a block module class (BasicBlock, BottleneckBlock or a "
+                          "compatible nn.Module subclass) or a functools.partial of one")
         super().__post_init__()
 
     def _block_kwargs(self) -> dict[str, Any]:
@@ -355,6 +360,15 @@ ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottlen
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
 
+
+def _named(variant: functools.partial, kwargs: dict[str, Any]) -> ResNet:
+    """Builds a registered ResNet-N: the fields its name fixes (`stage_sizes`, `block_cls`) are
+    not overridable, unlike through the `ResNetN` partial. Passing one raises the duplicate-
+    keyword TypeError that `create_model` reports as a `ModelArgumentError` (as for
+    `resnet20_cifar`'s `depth`), so `create_model("resnet18", stage_sizes=(3, 4, 6, 3))` cannot
+    silently build a ResNet-34."""
+    return variant.func(*variant.args, **variant.keywords, **kwargs)
+
 _REGISTER = functools.partial(
     register_model, input_shape=(224, 224, 3), min_input_size=1, num_classes=1000, paper=_PAPER
 )
@@ -363,28 +377,28 @@ _REGISTER = functools.partial(
 @_REGISTER("resnet18")
 def resnet18(**kwargs: Any) -> ResNet:
     """ResNet-18: basic blocks (2, 2, 2, 2); 11,689,512 parameters at 1000 classes."""
-    return ResNet18(**kwargs)
+    return _named(ResNet18, kwargs)
 
 
 @_REGISTER("resnet34")
 def resnet34(**kwargs: Any) -> ResNet:
     """ResNet-34: basic blocks (3, 4, 6, 3); 21,797,672 parameters at 1000 classes."""
-    return ResNet34(**kwargs)
+    return _named(ResNet34, kwargs)
 
 
 @_REGISTER("resnet50")
 def resnet50(**kwargs: Any) -> ResNet:
     """ResNet-50: bottleneck blocks (3, 4, 6, 3); 25,557,032 parameters at 1000 classes."""
-    return ResNet50(**kwargs)
+    return _named(ResNet50, kwargs)
 
 
 @_REGISTER("resnet101")
 def resnet101(**kwargs: Any) -> ResNet:
     """ResNet-101: bottleneck blocks (3, 4, 23, 3); 44,549,160 parameters at 1000 classes."""
-    return ResNet101(**kwargs)
+    return _named(ResNet101, kwargs)
 
 
 @_REGISTER("resnet152")
 def resnet152(**kwargs: Any) -> ResNet:
     """ResNet-152: bottleneck blocks (3, 8, 36, 3); 60,192,808 parameters at 1000 classes."""
-    return ResNet152(**kwargs)
+    return _named(ResNet152, kwargs)

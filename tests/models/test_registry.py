@@ -10,7 +10,7 @@ from cnnjax.models.registry import registered_model
 @pytest.mark.parametrize(("name", "kwargs", "message"), [
     ("resnet18", {"widht": 3}, r"create_model: widht=3 is invalid; model 'resnet18' does not "
                                r"take 'widht' \(unknown, or fixed by its name\); its settable "
-                               r"fields are \['act', 'block_cls', 'drop_path_rate'"),
+                               r"fields are \['act', 'drop_path_rate', 'features_only'"),
     ("resnet20_cifar", {"depth": 32}, r"create_model: depth=32 is invalid; model "
                                       r"'resnet20_cifar' does not take 'depth'"),
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,13 @@ import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
-from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models import (
+    ModelArgumentError,
+    create_model,
+    list_models,
+    model_info,
+    settable_fields,
+)
 from cnnjax.models.resnet import (
     BasicBlock,
     BottleneckBlock,
@@ -397,6 +404,30 @@ def test_invalid_arguments_raise_documented_errors():
         ValueError, match=r"ResNet: input.shape=\(32, 32, 3\) is invalid; expected a rank-4"
     ):
         model.init(jax.random.key(0), jnp.ones((32, 32, 3)))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+@pytest.mark.parametrize("kwargs", [{"stage_sizes": (3, 4, 6, 3)}, {"block_cls": BasicBlock},
+                                    {"block_cls": None}])
+def test_resnet_n_refuses_the_fields_its_name_fixes(name, kwargs):
+    """As resnet20_cifar's depth: a stage_sizes override used to turn resnet18 into a 21.8M
+    parameter ResNet-34 silently, block_cls=None failed late with a TypeError."""
+    (field, value), = kwargs.items()
+    message = (f"create_model: {field}={value!r} is invalid; model {name!r} does not take "
+               f"{field!r} (unknown, or fixed by its name)")
+    with pytest.raises(ModelArgumentError, match="^" + re.escape(message)):
+        create_model(name, **kwargs)
+    assert not {"stage_sizes", "block_cls"} & set(settable_fields(name))
+
+
+@pytest.mark.parametrize("block_cls", [None, int, "BasicBlock", functools.partial(int)])
+def test_resnet_block_cls_must_be_a_module_class(block_cls):
+    with pytest.raises(ValueError, match=r"^ResNet: block_cls=.* is invalid; expected a block "
+                                         r"module class"):
+        ResNet(stage_sizes=(2, 2), block_cls=block_cls)
+    # The ResNetN partials stay general: a partial of a block class is a block class.
+    model = ResNet(stage_sizes=(1,), block_cls=functools.partial(BasicBlock, shortcut="B"))
+    assert model.block_cls.func is BasicBlock
 
 
 # --- Learning ------------------------------------------------------------------------------------
