@@ -21,6 +21,12 @@ except that with `aux_logits=True` and `train=True` the `logits` slot holds a
 `GoogLeNetOutputs(logits, aux1, aux2)` named tuple. The auxiliary heads are computed (and so
 initialized) whenever `aux_logits=True`, also when `train=False`, so one `init` serves both
 modes; under `jax.jit` the unused auxiliary branch is dead code and costs nothing in eval.
+Because they run in eval too, they set the smallest input: the registry's `min_input_size` of
+`googlenet`, 47, holds for the default `aux_logits=False`; with `aux_logits=True` the input must
+be at least 79x79 (`AUX_MIN_INPUT_SIZE`: the 5x5/3 pool needs 5x5 maps from 4a and 4d), which
+`InceptionAux` enforces and the engine's input-size check (`check_input_size` in
+`cnnjax.train.checks`: the registry's bound, then an abstract trace of the configured model)
+reports before compiling, naming `aux1`.
 
 Features (`return_features=True`): `stem` (28x28x192 at 224, stride 8, after the stem's last
 pool), `inception3` (output of 3b, stride 8), `inception4` (4e, stride 16), `inception5` (5b,
@@ -74,6 +80,11 @@ _PAPER_BN = _PAPER + "; layout of torchvision's googlenet (BatchNorm, 3x3 \"5x5\
 
 #: Weight of each auxiliary classifier's loss in the total training loss (paper, Section 5).
 AUX_LOSS_WEIGHT = 0.3
+
+#: The smallest input side of `GoogLeNet(aux_logits=True)` (4x4 maps at 4a below it, too small
+#: for the auxiliary heads' 5x5/3 pool); the registered `min_input_size`, 47, is for
+#: `aux_logits=False`, the default.
+AUX_MIN_INPUT_SIZE = 79
 
 #: torchvision's GoogLeNet BatchNorm epsilon (its BasicConv2d; cnnjax's other BN models use 1e-5).
 BN_EPSILON = 1e-3
@@ -172,7 +183,8 @@ class InceptionAux(nn.Module):
         if x.shape[1] < 5 or x.shape[2] < 5:
             raise invalid(type(self).__name__, "input.shape", tuple(x.shape),
                           "expected a map of at least 5x5 for the 5x5/3 average pool; use a "
-                          "larger input (GoogLeNet: at least 79x79) or aux_logits=False")
+                          f"larger input (GoogLeNet: at least {AUX_MIN_INPUT_SIZE}x"
+                          f"{AUX_MIN_INPUT_SIZE}) or aux_logits=False")
         x = avg_pool2d(x, 5, 3)
         x = nn.relu(Conv2D(128, 1, dtype=self.dtype, kernel_init=caffe_xavier_init,
                            name="conv")(x))
@@ -188,7 +200,8 @@ class GoogLeNet(nn.Module):
 
     Attributes:
       num_classes: outputs of `head` (and of the auxiliary heads).
-      aux_logits: build the two auxiliary classifiers, returned only when `train=True`.
+      aux_logits: build the two auxiliary classifiers, returned only when `train=True`; they
+        need inputs of at least 79x79 (`AUX_MIN_INPUT_SIZE`; 47x47 without them).
       dropout_rate: dropout before `head` (0.4).
       aux_dropout_rate: dropout inside the auxiliary classifiers (0.7).
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
@@ -260,7 +273,8 @@ def _classify(module: nn.Module, x: Array, features: dict[str, Array], aux: tupl
 @register_model("googlenet", input_shape=(224, 224, 3), min_input_size=47, num_classes=1000,
                 paper=_PAPER)
 def googlenet(**kwargs: Any) -> GoogLeNet:
-    """GoogLeNet (Inception v1); 6,998,552 parameters at 1000 classes without auxiliary heads."""
+    """GoogLeNet (Inception v1); 6,998,552 parameters at 1000 classes without auxiliary heads.
+    `min_input_size` 47 is without them; with `aux_logits=True` inputs need 79x79."""
     return GoogLeNet(**kwargs)
 
 

@@ -22,6 +22,7 @@ import pytest
 from cnnjax.models import create_model, list_models, model_info
 from cnnjax.models.alexnet import AlexNet, ZFNet
 from cnnjax.models.googlenet import (
+    AUX_MIN_INPUT_SIZE,
     BN_EPSILON,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,11 +34,14 @@ from cnnjax.models.googlenet import (
     Inception,
     InceptionAux,
     InceptionBN,
+    googlenet,
     transform_imagenet_input,
 )
+from cnnjax.models.googlenet import __doc__ as googlenet_module_doc
 from cnnjax.models.lenet import C3_CONNECTIONS, ConnectionTableConv, LeNet5, scaled_tanh
 from cnnjax.models.nin import MLPConv, NiN, NiNStage
 from cnnjax.models.vgg import VGG, VGG_CONFIGS, VGGFeatures
+from cnnjax.train.checks import check_input_size
 
 CLASSIC = [
     "lenet5",
@@ -852,7 +856,16 @@ def test_googlenet_starts_at_chance_and_sgd_decreases_the_loss():
 
 
 def test_googlenet_aux_heads_need_79_pixels():
+    """The registered min_input_size (47) is without aux heads; with them the documented
+    AUX_MIN_INPUT_SIZE (79) holds, and the engine's input-size check refuses less, naming aux1."""
+    assert model_info("googlenet").min_input_size == 47 and AUX_MIN_INPUT_SIZE == 79
+    assert "79x79" in GoogLeNet.__doc__ + googlenet.__doc__ + googlenet_module_doc
     model = create_model("googlenet", aux_logits=True)
+    check_input_size(model, "googlenet", (79, 79, 3), 47)
+    check_input_size(create_model("googlenet"), "googlenet", (47, 47, 3), 47)
+    with pytest.raises(ValueError, match=r"^googlenet: input resolution='78x78' is invalid; too "
+                                         r"small: layer aux1 \(InceptionAux\) fails"):
+        check_input_size(model, "googlenet", (78, 78, 3), 47)
     assert init_shapes(model, (1, 79, 79, 3))["params"]["aux1"]["fc"]["kernel"].shape == (128, 1024)
     with pytest.raises(
         ValueError,
