@@ -91,3 +91,38 @@ def test_an_output_folder_behind_a_file_is_refused_and_nothing_is_created(tmp_pa
             cli.check_output_dir(str(path), "--out")
     assert cli.check_output_dir(str(tmp_path / "new" / "x"), "--out") == str(tmp_path / "new/x")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_config_file_argument_that_get_config_refuses_is_named_in_one_line():
+    from absl import flags as absl_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values)
+    with pytest.raises(absl_flags.Error) as caught:
+        values(["prog", "--config=experiments/configs/rcnn_shapes.py:bogus"])
+    assert cli.config_file_error(caught.value) == (
+        "--config='experiments/configs/rcnn_shapes.py:bogus' is invalid; config: "
+        "argument='bogus' is invalid; expected one of ['windows', 'selective_search'].")
+    assert cli.config_file_error(absl_flags.Error("Unknown command line flag 'x'")) is None
+
+
+def test_the_command_reports_a_bad_config_argument_in_one_line_and_absl_errors_as_before():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    bad = run("--config=experiments/configs/rcnn_shapes.py:bogus", "--workdir=unused")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "FATAL" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "error: --config='experiments/configs/rcnn_shapes.py:bogus' is invalid; config: "
+        "argument='bogus' is invalid; expected one of ['windows', 'selective_search'].")
+    unknown = run("--bogusflag=1")
+    assert unknown.returncode == 1
+    assert "FATAL Flags parsing error: Unknown command line flag 'bogusflag'" in unknown.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -18,15 +19,45 @@ from absl import app, flags
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's `parse_flags_with_usage`, with config-file errors as one line and exit status 1."""
+    """absl's `parse_flags_with_usage`, with config-file errors as one line and exit status 1.
+
+    A config file's `get_config(<argument>)` that raises (`--config=<file>.py:<argument>`) is
+    wrapped by ml_collections and then by absl into a flag error carrying a Python traceback;
+    it is reported as `--config='<file>.py:<argument>' is invalid; <the error's message>`."""
     try:
-        args = app.parse_flags_with_usage(argv)
+        args = flags.FLAGS(argv)
+    except flags.Error as err:
+        message = config_file_error(err)
+        if message is None:  # absl's own report (FATAL Flags parsing error ...) and exit
+            return app.parse_flags_with_usage(argv)
+        sys.exit(f"error: {message}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
     missing = missing_config_file(flags.FLAGS)
     if missing:  # ml_collections would only fail at the first use of the flag's value
         sys.exit(f"error: {missing}")
     return args
+
+
+_CONFIG_FILE_ERROR = re.compile(r"^flag (--[^=\s]+)=(.*?): Error whilst parsing config file",
+                                re.DOTALL)
+
+
+def config_file_error(err: flags.Error) -> str | None:
+    """The one-line message for absl's flag error `err` when it wraps an error raised while
+    ml_collections loaded a config file (naming the flag and the file's own error); else None."""
+    match = _CONFIG_FILE_ERROR.match(str(err))
+    if match is None:
+        return None
+    inner = err.__context__
+    while inner is not None and str(inner).startswith("Error whilst parsing config file"):
+        inner = inner.__context__  # ml_collections re-raises type(e)(<text with traceback>)
+    if inner is not None:
+        reason = error_message(inner)
+    else:  # no chained cause: the traceback text's last line, `ValueError: <message>`
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1].split(": ", 1)[-1].strip()
+    return f"{match.group(1)}={match.group(2)!r} is invalid; {reason}"
 
 
 def missing_config_file(values: flags.FlagValues) -> str | None:
