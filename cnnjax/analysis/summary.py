@@ -588,26 +588,33 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """Prints the summary table of `--model` (and writes `--csv`)."""
-    from absl import app, flags
+    """Prints the summary table of `--model` (and writes `--csv`); bad input, or a `--csv` it
+    cannot write, ends the command with one `error: ...` line."""
+    from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cnnjax.utils.cli import check_output_dir, one_line_errors, start_command
+
+    start_command(list(argv))
     f = flags.FLAGS
-    model, native = load_model(f.model, f.num_classes)
-    shape = parse_shape(f.input_shape) if f.input_shape else native
-    result = summary(model, shape, batch_size=f.batch_size)
-    print(f"{f.model} on input {result.input_shape}")
-    print(result)
-    if result.receptive_field is not None:
-        print(f"receptive field of the output: {result.receptive_field}")
-    if f.csv:
-        result.to_csv(f.csv)
-        print(f"wrote {f.csv}")
+    with one_line_errors():
+        shape = parse_shape(f.input_shape) if f.input_shape else None
+        if f.csv:  # before the tracing: a file in the way of its folder is reported at once
+            check_output_dir(os.path.dirname(os.path.abspath(f.csv)), "--csv's folder")
+        model, native = load_model(f.model, f.num_classes)
+        result = summary(model, shape or native, batch_size=f.batch_size)
+        print(f"{f.model} on input {result.input_shape}")
+        print(result)
+        if result.receptive_field is not None:
+            print(f"receptive field of the output: {result.receptive_field}")
+        if f.csv:
+            result.to_csv(f.csv)
+            print(f"wrote {f.csv}")
 
 
 if __name__ == "__main__":
     from absl import app
 
+    from cnnjax.utils.cli import parse_flags
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

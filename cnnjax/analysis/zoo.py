@@ -520,29 +520,38 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """Writes (or with --check verifies) the model-zoo page."""
-    from absl import app, flags, logging
+    """Writes (or with --check verifies) the model-zoo page; bad input, or an `--output` it
+    cannot write, ends the command with one `error: ...` line."""
+    from absl import flags, logging
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cnnjax.utils.cli import check_output_dir, one_line_errors, start_command
+    from cnnjax.utils.files import atomic_write
+
+    start_command(list(argv))
     f = flags.FLAGS
-    start = time.perf_counter()
-    rows = zoo_table(f.models, progress=lambda n, s: logging.info("%s: traced in %.2f s", n, s))
-    text = render_markdown(rows)
-    print(f"analysed {len(rows)} models in {time.perf_counter() - start:.1f} s")
-    if f.check:
-        if is_stale(f.output, text):
-            print(f"{f.output} is stale; regenerate it with `{COMMAND}`.")
-            raise SystemExit(1)
-        print(f"{f.output} is up to date.")
-        return
-    with open(f.output, "w", encoding="utf-8") as out:
-        out.write(text)
+    with one_line_errors():
+        if not f.check:  # before the tracing: a file in the way of its folder is reported now
+            check_output_dir(os.path.dirname(os.path.abspath(f.output)), "--output's folder")
+        start = time.perf_counter()
+        rows = zoo_table(f.models,
+                         progress=lambda n, s: logging.info("%s: traced in %.2f s", n, s))
+        text = render_markdown(rows)
+        print(f"analysed {len(rows)} models in {time.perf_counter() - start:.1f} s")
+        if f.check:
+            if is_stale(f.output, text):
+                print(f"{f.output} is stale; regenerate it with `{COMMAND}`.")
+                raise SystemExit(1)
+            print(f"{f.output} is up to date.")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
+        atomic_write(f.output, text)
     print(f"wrote {f.output} ({math.ceil(len(text) / 1024)} KiB)")
 
 
 if __name__ == "__main__":
     from absl import app
 
+    from cnnjax.utils.cli import parse_flags
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

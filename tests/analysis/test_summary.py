@@ -480,3 +480,25 @@ def test_a_row_with_several_outputs_counts_them_all():
     assert result.totals["activation_bytes"] == (2 * 8 * 8 * 3 + 2 * 8 * 8 * 4 + 8 * 8 * 8) * F32
     assert "1x8x8x3 (+1)" in str(result).splitlines()[2]
     assert result.to_dict()["rows"][0]["output_shapes"] == [[1, 8, 8, 3], [1, 8, 8, 3]]
+
+
+@pytest.mark.parametrize("args", [
+    ("--model=bogus",),
+    ("--model=examples.vgg_like", "--input_shape=a,b"),
+    ("--model=examples.vgg_like", "--csv={file}/x.csv"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, args):
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnjax.analysis.summary",
+         *(a.format(file=tmp_path / "file") for a in args)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    assert {"--model=bogus": "unknown model name='bogus'", "--input_shape=a,b": "'a,b' is invalid",
+            "--csv={file}/x.csv": f"--csv's folder={str(tmp_path / 'file')!r} is invalid; "
+                                  "expected a directory"}[args[-1]] in line

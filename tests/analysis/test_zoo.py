@@ -284,3 +284,19 @@ def test_summary_cli_prints_vgg16_at_224():
     assert sum(1 for ln in lines if " Conv2D " in ln) == 13
     assert sum(1 for ln in lines if " Dense " in ln) == 3
     assert "receptive field of the output: ReceptiveField(size=(404, 404)" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [("--models=bogus", "--output={tmp}/z.md"),
+                                  ("--models=lenet5", "--output={tmp}/file/zoo.md")])
+def test_cli_bad_input_is_one_line(tmp_path, args):
+    (tmp_path / "file").write_text("")
+    proc = _run("cnnjax.analysis.zoo", *(a.format(tmp=tmp_path) for a in args))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    if args[0] == "--models=bogus":
+        assert "'bogus'" in line
+    else:
+        assert line == (f"error: --output's folder={str(tmp_path / 'file')!r} is invalid; "
+                        "expected a directory or a path to create, but a file is in the way.")
+    assert not (tmp_path / "z.md").exists()
