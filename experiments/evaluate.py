@@ -35,7 +35,7 @@ configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import one_line_errors, start_command  # noqa: E402
+from cnnjax.utils.cli import check_output_dir, one_line_errors, start_command  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -120,6 +120,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path (the "
                  "plot is written beside it, with the suffix .png)")
     with one_line_errors(_hint):
+        if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
+            check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")
+        else:
+            check_output_dir(os.path.join(_WORKDIR.value, "eval"), "--workdir's eval folder")
         run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         same_split, warnings = check_temperature_split(
             run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value)
@@ -128,10 +132,7 @@ def main(argv: list[str]) -> None:
                                            f"{result['split']}_step{result['step']}"
                                            f"{'_ema' if run.ema else ''}.json")
     with one_line_errors(_output_hint):  # e.g. a folder it may not write: one line naming it
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            sys.exit(f"error: --output={output!r} is invalid; a file is in the way of its folder")
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # checked above
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         stem = os.path.splitext(output)[0]

@@ -138,3 +138,17 @@ files.write_json = denied
 from experiments import evaluate
 app.run(evaluate.main)
 """
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(tmp_path, given):
+    """Checked before the run is loaded (the workdir holds none), naming the folder's source:
+    --output's folder when passed, else the workdir's eval folder."""
+    (tmp_path / "eval").write_text("")
+    args = [f"--output={tmp_path / 'eval' / 'r.json'}"] if given else []
+    result = _command("experiments.evaluate", f"--workdir={tmp_path}", *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    label = "--output's folder" if given else "--workdir's eval folder"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {label}={str(tmp_path / 'eval')!r} is invalid; expected a directory or a path "
+        "to create, but a file is in the way.")
