@@ -196,6 +196,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     from cnnjax.analysis import corruptions as corruptions_lib
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import load_trained, with_split
+    from cnnjax.utils.cli import check_output_dir
     from cnnjax.utils.files import read_json, write_json
     from cnnjax.utils.lock import directory_lock
     from cnnjax.utils.validation import check_positive_int, invalid
@@ -235,7 +236,8 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step,
                 "clean": "uint8"}  # clean top-1 through the cells' storage (older: unquantized)
-    out_dir = os.path.join(workdir, "robustness")
+    out_dir = check_output_dir(os.path.join(workdir, "robustness"),  # a file in its way:
+                               "--workdir's robustness folder")  # named, not as the workdir
     path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
                         "robustness.json")
     old = read_json(path) or {}

@@ -256,6 +256,15 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
 
 
 
+
+def test_a_file_in_the_way_of_the_robustness_folder_is_named_as_that_folder(rgb_run):
+    (rgb_run / "robustness").write_text("")
+    with pytest.raises(ValueError, match=r"^--workdir's robustness folder='.*robustness' is "
+                                         r"invalid; expected a directory or a path to create, "
+                                         r"but a file is in the way\.$"):
+        R.run_robustness(str(rgb_run), "contrast", "1", log=lambda _: None)
+
+
 # The command with the results' writer refused (as on a workdir it may not write): for a root
 # user, whom chmod does not stop.
 _DENIED_WRITER = """
