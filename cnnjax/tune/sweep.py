@@ -313,8 +313,9 @@ def run_trial(config: Any, workdir: str, record: dict) -> dict:
         record["status"] = "completed"
     except TrainingDivergedError as err:
         record.update(status="diverged", reason=str(err))
-    except KeyboardInterrupt:
-        record.update(status="interrupted", reason="KeyboardInterrupt")
+    except KeyboardInterrupt as err:  # Ctrl-C, or TrainingInterrupted (SIGTERM: names it)
+        record.update(status="interrupted",
+                      reason=f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
         raise
     except Exception as err:  # noqa: BLE001 — one failing trial must not end the sweep
         record.update(status="failed", reason=f"{type(err).__name__}: {err}")
@@ -362,7 +363,10 @@ def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     # Ties go to the later eval, as in the engine's summary.json (the checkpoint kept as best).
     best = max(evals, key=lambda r: (sign * r[metric], r["step"])) if evals else None
     final = ((summary or {}).get("final_eval") or {}).get(metric) if status == "completed" else None
-    if status in ("completed", "diverged") and summary and "step" in summary:
+    if summary and "step" in summary and (
+        status in ("completed", "diverged")
+        or (status == "interrupted" and summary_status == "interrupted")
+    ):  # the engine's step (a SIGTERM stop's checkpoint), not the last one logged
         steps = int(summary["step"])
     else:
         steps = max((int(r["step"]) for r in read_metrics(os.path.join(workdir, METRICS_FILE))),

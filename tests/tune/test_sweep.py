@@ -171,6 +171,44 @@ def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch
     assert record["invocations"] == 2 and record["status"] == "completed"
 
 
+def test_a_sigterm_stopped_trial_records_the_signal_and_the_checkpointed_step(tmp_path,
+                                                                                monkeypatch):
+    """SIGTERM in trial 1 (after its step-4 checkpoint): trial.json's reason names
+    TrainingInterrupted and the signal, not KeyboardInterrupt, and the table's steps are the
+    step the engine stopped at and checkpointed (summary.json), not the last logged one."""
+    import signal
+
+    from cnnjax.train import loop
+    from cnnjax.train.preemption import TrainingInterrupted
+
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.02]})
+    save = loop.Checkpointer.save
+    calls = []
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        calls.append(step)
+        if calls.count(4) == 2 and calls[-1] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # the engine stops after its next step
+
+    monkeypatch.setattr(loop.Checkpointer, "save", save_then_sigterm)
+    with pytest.raises(TrainingInterrupted):
+        sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    workdir = sw.trial_workdir(sweep_dir, space.trials[1])
+    summary = _json(os.path.join(workdir, "summary.json"))
+    record = _json(os.path.join(workdir, "trial.json"))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert record["status"] == "interrupted"
+    assert record["reason"].startswith(
+        f"TrainingInterrupted: Training stopped by SIGTERM at step {summary['step']} ")
+    logged = max(r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")))
+    assert logged < summary["step"]  # what the table showed before
+    row = _csv_rows(sweep_dir)[1]
+    assert row["status"] == "interrupted" and row["steps"] == str(summary["step"])
+
+
 def test_a_killed_starts_time_is_counted_on_the_next_start(tmp_path, monkeypatch):
     """SIGKILL skips run_trial's bookkeeping: the next start adds the killed start's time, up
     to the newest file it wrote (not the idle time until the rerun), and a start that recorded
