@@ -35,7 +35,12 @@ configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import check_output_dir, one_line_errors, start_command  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    check_output_dir,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -170,4 +175,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

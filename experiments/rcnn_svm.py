@@ -35,8 +35,6 @@ workdir is written (its checkpoints are opened read-only).
 
 from __future__ import annotations
 
-import sys
-
 # CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
 from cnnjax.platform import configure_cpu_defaults
 
@@ -45,6 +43,7 @@ configure_cpu_defaults()
 from absl import app, flags  # noqa: E402
 
 from cnnjax.detection.rcnn_svm_run import ARM_LABELS, Settings, run_rcnn_svm  # noqa: E402
+from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 
 _DEFAULTS = Settings()
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished R-CNN run (read only).")
@@ -73,21 +72,15 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
-
-    quiet_library_logs()
+    start_command(argv)
     settings = Settings(train_images=_TRAIN_IMAGES.value, svm_c=_SVM_C.value,
                         positive_weight=_POSITIVE_WEIGHT.value,
                         positive_iou=_POSITIVE_IOU.value,
                         initial_negatives=_INITIAL_NEGATIVES.value,
                         mining_rounds=_MINING_ROUNDS.value, ridge_lambda=_RIDGE_LAMBDA.value,
                         step=_STEP.value)
-    try:
+    with one_line_errors():
         results = run_rcnn_svm(_WORKDIR.value, _OUTPUT_DIR.value, settings)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
     for arm, label in ARM_LABELS.items():
         m = results["test"][arm]
         print(f"{label:55s} mAP@0.5 {m['map50']:.4f}  COCO mAP {m['map']:.4f}")
@@ -96,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

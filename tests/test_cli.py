@@ -126,3 +126,16 @@ def test_the_command_reports_a_bad_config_argument_in_one_line_and_absl_errors_a
     unknown = run("--bogusflag=1")
     assert unknown.returncode == 1
     assert "FATAL Flags parsing error: Unknown command line flag 'bogusflag'" in unknown.stderr
+
+
+# experiments/robustness.py does not yet pass parse_flags (left to its owner).
+@pytest.mark.parametrize("script", ["evaluate", "lr_range_test", "proposals", "rcnn_svm",
+                                    "sweep", "train", "transfer", "tune", "visualize"])
+def test_every_entry_point_parses_its_flags_with_parse_flags(script):
+    """So a bad flag or config file is reported the same one-line way by every command."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "experiments", f"{script}.py"), encoding="utf-8") as f:
+        source = f.read()
+    assert "app.run(main, flags_parser=parse_flags)" in source
