@@ -37,7 +37,7 @@ configure_cpu_defaults()
 from absl import app, flags  # noqa: E402
 
 from cnnjax.analysis.robustness import TFDS_CORRUPTED, run_robustness, table  # noqa: E402
-from cnnjax.utils.cli import one_line_errors, start_command  # noqa: E402
+from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a trained classifier's run.")
 _CORRUPTIONS = flags.DEFINE_string("corruptions", "all", "'all' or comma-separated names.")
@@ -77,4 +77,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

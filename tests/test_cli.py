@@ -128,9 +128,9 @@ def test_the_command_reports_a_bad_config_argument_in_one_line_and_absl_errors_a
     assert "FATAL Flags parsing error: Unknown command line flag 'bogusflag'" in unknown.stderr
 
 
-# experiments/robustness.py does not yet pass parse_flags (left to its owner).
 @pytest.mark.parametrize("script", ["evaluate", "lr_range_test", "proposals", "rcnn_svm",
-                                    "sweep", "train", "transfer", "tune", "visualize"])
+                                    "robustness", "sweep", "train", "transfer", "tune",
+                                    "visualize"])
 def test_every_entry_point_parses_its_flags_with_parse_flags(script):
     """So a bad flag or config file is reported the same one-line way by every command."""
     import os
