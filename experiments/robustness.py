@@ -10,7 +10,8 @@ or 224x224, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`: CIFAR-10
 and table at 32, ImageNet-C's at 224), stores the result as uint8 (truncated, as CIFAR-10-C), then
 normalizes it as the run's eval does (`Transforms.normalize`): the model sees what it would see
 on a corrupted copy of the split. Clean top-1 is the uncorrupted pixels stored and normalized the
-same way (for native uint8 data the engine's eval top-1). --source=tfds reads CIFAR-10's test split only (other splits refused).
+same way (for native uint8 data the engine's eval top-1). --source=tfds reads CIFAR-10's test
+split only (other splits refused).
 
 With --source=tfds (runs trained on `cifar10` only) each cell is the real benchmark instead:
 tfds's `cifar10_corrupted/<corruption>_<severity>` test split, through the same preprocessing.
