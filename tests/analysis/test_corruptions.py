@@ -46,17 +46,20 @@ def _reference(images: np.ndarray, name: str, severity: int, formula, seed: int 
 
 
 # ------------------------------------------------------------------------------- noises
+#: The authors' noise formulas on [0, 1] pixels, each drawing from `rng` as the module does.
+NOISE_FORMULAS = {
+    "gaussian_noise": lambda x, c, rng: x + c * rng.standard_normal(x.shape),
+    "shot_noise": lambda x, c, rng: rng.poisson(x * c) / c,
+    "speckle_noise": lambda x, c, rng: x * (1 + c * rng.standard_normal(x.shape)),
+    "impulse_noise": lambda x, c, rng: np.where(
+        rng.random(x.shape) <= c, (rng.random(x.shape) < 0.5) * 1.0, x),
+}
+
+
 @pytest.mark.parametrize("severity", C.SEVERITIES)
 def test_noises_match_the_formulas_with_the_same_draws(severity):
     x = _images()
-    formulas = {
-        "gaussian_noise": lambda x, c, rng: x + c * rng.standard_normal(x.shape),
-        "shot_noise": lambda x, c, rng: rng.poisson(x * c) / c,
-        "speckle_noise": lambda x, c, rng: x * (1 + c * rng.standard_normal(x.shape)),
-        "impulse_noise": lambda x, c, rng: np.where(
-            rng.random(x.shape) <= c, (rng.random(x.shape) < 0.5) * 1.0, x),
-    }
-    for name, formula in formulas.items():
+    for name, formula in NOISE_FORMULAS.items():
         np.testing.assert_allclose(C.corrupt(x, name, severity, seed=0),
                                    _reference(x, name, severity, formula), atol=1e-9,
                                    err_msg=name)
@@ -865,14 +868,7 @@ def test_imagenet_table_is_make_imagenet_cs():
 def test_224_noises_match_the_formulas_with_the_same_draws(severity):
     """The noises are size-generic; at 224 they take ImageNet-C's c (1e-9)."""
     x = _photos(1)
-    formulas = {
-        "gaussian_noise": lambda x, c, rng: x + c * rng.standard_normal(x.shape),
-        "shot_noise": lambda x, c, rng: rng.poisson(x * c) / c,
-        "speckle_noise": lambda x, c, rng: x * (1 + c * rng.standard_normal(x.shape)),
-        "impulse_noise": lambda x, c, rng: np.where(
-            rng.random(x.shape) <= c, (rng.random(x.shape) < 0.5) * 1.0, x),
-    }
-    for name, formula in formulas.items():
+    for name, formula in NOISE_FORMULAS.items():
         np.testing.assert_allclose(C.corrupt(x, name, severity), _reference(
             x, name, severity, formula), atol=1e-9, err_msg=name)
     c = C.IMAGENET_PARAMETERS["impulse_noise"][severity - 1]  # the scale is ImageNet's

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline, presets, segmentation
 from cnnjax.data.transforms import Transforms
+from tests.data.layouts import LAYOUTS, assert_refused_before_opening
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +32,11 @@ def _config(root, **overrides):
     return config
 
 
-LAYOUTS = [
-    ({"global_batch_size": 7, "num_devices": 2},
-     r"data: global_batch_size=7 is invalid; expected a multiple of num_devices \* "
-     r"process_count = 2 \* 1 = 2\."),
-    ({"global_batch_size": 4, "num_devices": 0}, r"data: num_devices=0 is invalid"),
-    ({"global_batch_size": 4, "num_devices": 1, "process_index": 2, "process_count": 2},
-     r"data: process_index=2 is invalid; expected 0 <= process_index < process_count=2"),
-]
-
-
 @pytest.mark.parametrize("layout,message", LAYOUTS)
 def test_bad_layouts_are_refused_on_the_call_before_the_dataset_is_opened(
         tmp_path, monkeypatch, layout, message):
-    """`eval_batches` is not a generator that checks at the first `next`, and neither function
-    opens (or generates) the dataset before refusing the layout."""
-
-    def must_not_open(*args, **kwargs):
-        raise AssertionError("the dataset was opened before the layout was checked")
-
-    monkeypatch.setattr(pipeline, "open_whole_image_source", must_not_open)
-    config = _config(str(tmp_path / "never_built"))
-    with pytest.raises(ValueError, match=message):
-        segmentation.eval_batches(config, **layout)
-    with pytest.raises(ValueError, match=message):
-        segmentation.train_batches(config, seed=0, **layout)
-    with pytest.raises(AssertionError, match="opened before"):  # a valid layout gets that far
-        segmentation.eval_batches(config, global_batch_size=4, num_devices=2)
+    assert_refused_before_opening(segmentation, _config(str(tmp_path / "never_built")), monkeypatch,
+                                  layout, message)
 
 
 @pytest.mark.slow
