@@ -39,12 +39,8 @@ configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import (  # noqa: E402
-    check_output_dir,
-    one_line_errors,
-    parse_flags,
-    start_command,
-)
+from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.files import check_output_dir  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")

@@ -83,16 +83,6 @@ def test_a_path_it_cannot_write_ends_the_command_in_one_line_naming_it(err, line
     assert exited.value.code == line
 
 
-def test_an_output_folder_behind_a_file_is_refused_and_nothing_is_created(tmp_path):
-    (tmp_path / "file").write_text("")
-    for path in (tmp_path / "file", tmp_path / "file" / "x" / "y"):
-        with pytest.raises(ValueError, match=r"^--out=.* is invalid; expected a directory or a "
-                                             r"path to create, but a file is in the way\.$"):
-            cli.check_output_dir(str(path), "--out")
-    assert cli.check_output_dir(str(tmp_path / "new" / "x"), "--out") == str(tmp_path / "new/x")
-    assert not (tmp_path / "new").exists()
-
-
 def test_a_config_file_argument_that_get_config_refuses_is_named_in_one_line():
     from absl import flags as absl_flags
 

@@ -67,3 +67,13 @@ def test_a_directory_of_another_command_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^sweep_dir='.*' is invalid; it holds a training run "
                                          r"\(config.json\), not a sweep: use a new directory\.$"):
         check_directory_kind(str(tmp_path), "sweep", "sweep_dir")
+
+
+def test_an_output_folder_behind_a_file_is_refused_and_nothing_is_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file" / "x" / "y"):
+        with pytest.raises(ValueError, match=r"^--out=.* is invalid; expected a directory or a "
+                                             r"path to create, but a file is in the way\.$"):
+            files.check_output_dir(str(path), "--out")
+    assert files.check_output_dir(str(tmp_path / "new" / "x"), "--out") == str(tmp_path / "new/x")
+    assert not (tmp_path / "new").exists()

@@ -196,8 +196,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     from cnnjax.analysis import corruptions as corruptions_lib
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import load_trained, with_split
-    from cnnjax.utils.cli import check_output_dir
-    from cnnjax.utils.files import read_json, write_json
+    from cnnjax.utils.files import check_output_dir, read_json, write_json
     from cnnjax.utils.lock import directory_lock
     from cnnjax.utils.validation import check_positive_int, invalid
 

@@ -592,7 +592,8 @@ def main(argv: Sequence[str]) -> None:
     cannot write, ends the command with one `error: ...` line."""
     from absl import flags
 
-    from cnnjax.utils.cli import check_output_dir, one_line_errors, start_command
+    from cnnjax.utils.cli import one_line_errors, start_command
+    from cnnjax.utils.files import check_output_dir
 
     start_command(list(argv))
     f = flags.FLAGS

@@ -524,8 +524,8 @@ def main(argv: Sequence[str]) -> None:
     cannot write, ends the command with one `error: ...` line."""
     from absl import flags, logging
 
-    from cnnjax.utils.cli import check_output_dir, one_line_errors, start_command
-    from cnnjax.utils.files import atomic_write
+    from cnnjax.utils.cli import one_line_errors, start_command
+    from cnnjax.utils.files import atomic_write, check_output_dir
 
     start_command(list(argv))
     f = flags.FLAGS

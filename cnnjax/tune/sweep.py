@@ -33,8 +33,13 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
-from cnnjax.utils.cli import check_output_dir
-from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
+from cnnjax.utils.files import (
+    atomic_write,
+    check_directory_kind,
+    check_output_dir,
+    read_json,
+    save_figure,
+)
 from cnnjax.utils.lock import DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 

@@ -128,18 +128,3 @@ def os_error_message(err: OSError) -> str:
         return error_message(err)
     return f"cannot access {' or '.join(repr(p) for p in paths)}: {err.strerror}"
 
-
-def check_output_dir(path: str, label: str) -> str:
-    """Refuses (a ValueError naming `label`, e.g. `--out_dir`) an output folder `path` that could
-    not be created because a file is in its way (at `path` or a parent), creating nothing;
-    returns `path`. Commands call it before their work, so the error comes at once, not after."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if os.path.exists(probe) and not os.path.isdir(probe):
-        raise ValueError(f"{label}={path!r} is invalid; expected a directory or a path to "
-                         "create, but a file is in the way.")
-    return path

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 from absl import logging
 
+from cnnjax.utils.files import check_output_dir
+
 LOCK_FILE = "run.lock"
 
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
@@ -57,11 +59,7 @@ def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
     Raises `DirectoryInUseError` (naming `flag`, the path and the holder) if another process
     holds it. Re-entrant within a process.
     """
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"{flag}={path!r} is invalid; expected a directory or a path to create, "
-                         "but a file is in the way.") from None
+    os.makedirs(check_output_dir(path, flag), exist_ok=True)
     key = os.path.realpath(path)
     with _held_guard:
         if key in _held:
