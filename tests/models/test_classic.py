@@ -820,17 +820,32 @@ def test_googlenet_init_is_caffes_xavier_and_does_not_amplify():
     aux_vars, _ = jrun(aux, jax.random.normal(key(3), (2, 14, 14, 512)))
     _check_caffe_xavier(aux_vars["params"])
     assert set(aux_vars["params"]) == {"conv", "fc", "head"}
+    _check_caffe_biases(variables["params"])
+    _check_caffe_biases(aux_vars["params"])
+
+
+def _check_caffe_biases(params) -> None:
+    """bvlc_googlenet's `bias_filler`: constant 0.2 on convolutions and the aux `fc`, 0 on the
+    classifiers (`head`)."""
+    biases = {jax.tree_util.keystr(path): np.asarray(b) for path, b in
+              jax.tree_util.tree_flatten_with_path(params)[0] if path[-1].key == "bias"}
+    assert biases
+    for name, bias in biases.items():
+        np.testing.assert_array_equal(bias, 0.0 if "'head'" in name else np.float32(0.2), name)
 
 
 @pytest.mark.slow  # ~40 s of XLA compilation (init + gradient of ~60 convolutions) on 2 CPUs
 def test_googlenet_starts_at_chance_and_sgd_decreases_the_loss():
-    """At init the cross-entropy on unit-variance input is ln(num_classes) (He fan-out init: 420
-    at 224x224, ln 1000 = 6.9) and SGD(0.01, momentum 0.9) on a fixed batch lowers it, finite
-    (it went 316 -> 1.9e9 -> NaN)."""
+    """At init the cross-entropy on unit-variance input is about ln(num_classes) (He fan-out init:
+    420 at 224x224, ln 1000 = 6.9) and SGD(0.01, momentum 0.9) on a fixed batch lowers it, finite
+    (it went 316 -> 1.9e9 -> NaN). Caffe's 0.2 biases keep the signal through the stack: the
+    pooled features' std at init is 0.23 here (0.01 with zero biases)."""
     model = create_model("googlenet", num_classes=10)
     x = jax.random.normal(key(4), min_shape("googlenet", batch=4))
     labels = jnp.arange(4) % 10
     params = jinit(model, x)["params"]
+    _, features = jax.jit(lambda p: model.apply({"params": p}, x, return_features=True))(params)
+    assert float(jnp.std(features["pre_logits"])) > 0.1
     tx = optax.sgd(0.01, momentum=0.9)
 
     @jax.jit
@@ -850,9 +865,10 @@ def test_googlenet_starts_at_chance_and_sgd_decreases_the_loss():
 
     losses = np.asarray(run(params))
     assert np.all(np.isfinite(losses)), losses
-    assert abs(losses[0] - np.log(10)) < 0.05, losses
+    assert abs(losses[0] - np.log(10)) < 0.15, losses  # 2.36 at init; logits' std is ~0.3
     assert losses[-1] < losses[0], losses
     _check_caffe_xavier(params)
+    _check_caffe_biases(params)
 
 
 def test_googlenet_aux_heads_need_79_pixels():
