@@ -6,7 +6,7 @@
     python -m experiments.visualize --workdir=... --list_layers
 
 Loads the run's best checkpoint (as `experiments.evaluate` does) and its first --num_images
-eval images, preprocessed as its evaluation sees them, and writes to --out_dir (default
+eval images, preprocessed as its evaluation sees them, and writes to --output_dir (default
 <workdir>/visualize/):
 - `attributions.png`: per image, the input titled with its true and predicted class, then each
   method's map for the predicted class (--target=true: for the true one): gradient saliency
@@ -55,7 +55,9 @@ _PATCH = flags.DEFINE_integer("patch", None, "Occluder side in pixels (default: 
 _STRIDE = flags.DEFINE_integer("stride", None, "Occluder step (default: half the patch).")
 _TARGET = flags.DEFINE_enum("target", "predicted", ["predicted", "true"],
                             "The class the maps explain: the prediction or the true label.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write (default <workdir>/visualize).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                  "Where to write (default <workdir>/visualize).")
+flags.DEFINE_alias("out_dir", "output_dir")  # its first name; --output_dir as rcnn_svm's
 _LIST_LAYERS = flags.DEFINE_bool("list_layers", False, "Print the model's modules and exit.")
 _POINTING = flags.DEFINE_bool("pointing_game", False, "Instead: score each method by the "
                               "pointing game on the eval split (a tfds dataset with "
@@ -235,9 +237,9 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
 
 
 def _out_dir() -> str:
-    """The output folder, checked up front: `--out_dir`, else `<workdir>/visualize`."""
-    if _OUT_DIR.value:
-        return check_output_dir(_OUT_DIR.value, "--out_dir")
+    """The output folder, checked up front: `--output_dir`, else `<workdir>/visualize`."""
+    if _OUTPUT_DIR.value:
+        return check_output_dir(_OUTPUT_DIR.value, "--output_dir")
     return check_output_dir(os.path.join(_WORKDIR.value, "visualize"),
                             "--workdir's visualize folder")
 

@@ -17,7 +17,7 @@ normalised to sum 1) with its centre of mass, per-axis standard deviation and th
 CLI (random weights, the paper's "random init" case, or a training run's, "after training"):
 
     python -m cnnjax.analysis.effective_receptive_field --model=resnet18 --input_shape=224,224,3 \
-        --feature=stage2 --out=erf.png
+        --feature=stage2 --output=erf.png
     python -m cnnjax.analysis.effective_receptive_field --workdir=workdirs/lenet5_digits
 """
 
@@ -542,7 +542,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "Inputs per gradient evaluation.")
     flags.DEFINE_float("fraction", 0.95, "Share of the gradient mass the effective size holds.")
     flags.DEFINE_integer("seed", 0, "Seed of the inputs (and of the random init).")
-    flags.DEFINE_string("out", None, "Write the heat map PNG here.")
+    flags.DEFINE_string("output", None, "Write the heat map PNG here.")
+    flags.DEFINE_alias("out", "output")  # its first name; --output as every cnnjax CLI's file
 
 
 def _load(model_name: str | None, workdir: str | None, step: int | None,
@@ -622,10 +623,10 @@ def main(argv: Sequence[str]) -> None:
     print(f"{name} on input {'x'.join(map(str, shape))}, unit {result.position} of "
           f"{result.feature or 'the output'}")
     print(describe(result, theoretical))
-    if f.out:
+    if f.output:
         title = f"{name}: {result.feature or 'output'} {result.position}"
-        plot_effective_receptive_field(result, f.out, theoretical, title=title)
-        print(f"wrote {f.out}")
+        plot_effective_receptive_field(result, f.output, theoretical, title=title)
+        print(f"wrote {f.output}")
 
 
 if __name__ == "__main__":

@@ -316,7 +316,7 @@ def _cli(*args):
 def test_cli_prints_sizes_and_writes_png(tmp_path):
     out = tmp_path / "erf.png"
     proc = _cli("--model=lenet5", "--input_shape=32,32,1", "--feature=c3", "--num_samples=4",
-                f"--out={out}")
+                f"--output={out}")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "lenet5 (random init) on input 32x32x1, unit (5, 5) of c3"
@@ -325,7 +325,7 @@ def test_cli_prints_sizes_and_writes_png(tmp_path):
     assert lines[2] == f"wrote {out}"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    bad = _cli("--model=lenet5", "--feature=zz")
+    bad = _cli("--model=lenet5", "--feature=zz", f"--out={out}")  # --out: --output's alias
     assert bad.returncode != 0
     assert ("error: effective_receptive_field: feature='zz' is invalid; it is not a feature of "
             "the model; expected one of ['c1', 's2', 'c3', 's4', 'c5'].") in bad.stderr.splitlines()

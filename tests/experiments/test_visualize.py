@@ -165,12 +165,13 @@ def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
     assert _normalization(run_of({"name": "synthetic"}), 1) == (None, None)
 
 
-@pytest.mark.parametrize("where", ["out_dir", "default"])
+@pytest.mark.parametrize("where", ["output_dir", "out_dir", "default"])
 def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_any_work(tmp_path, where):
-    """Checked before the run is loaded (the workdir here holds no run at all)."""
+    """Checked before the run is loaded (the workdir here holds no run at all); `--out_dir`, the
+    flag's first name, is an alias of `--output_dir`."""
     (tmp_path / "file").write_text("")
-    if where == "out_dir":
-        args, label, path = [f"--out_dir={tmp_path / 'file' / 'x'}"], "--out_dir", \
+    if where != "default":
+        args, label, path = [f"--{where}={tmp_path / 'file' / 'x'}"], "--output_dir", \
             str(tmp_path / "file" / "x")
     else:
         (tmp_path / "visualize").write_text("")
