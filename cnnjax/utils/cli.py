@@ -19,7 +19,9 @@ from absl import app, flags
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's `parse_flags_with_usage`, with config-file errors as one line and exit status 1.
+    """absl's `parse_flags_with_usage`, with every flag error as one `error: ...` line and exit
+    status 1 (absl prints `FATAL Flags parsing error` and, for a bad `--config.<field>` value,
+    re-parsing the flags there reported "flag defined twice" instead of the bad value).
 
     A config file's `get_config(<argument>)` that raises (`--config=<file>.py:<argument>`) is
     wrapped by ml_collections and then by absl into a flag error carrying a Python traceback;
@@ -27,16 +29,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         args = flags.FLAGS(argv)
     except flags.Error as err:
-        message = config_file_error(err)
-        if message is None:  # absl's own report (FATAL Flags parsing error ...) and exit
-            return app.parse_flags_with_usage(argv)
-        sys.exit(f"error: {message}")
+        sys.exit(f"error: {config_file_error(err) or absl_flag_error(err)}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
     missing = missing_config_file(flags.FLAGS)
     if missing:  # ml_collections would only fail at the first use of the flag's value
         sys.exit(f"error: {missing}")
     return args
+
+
+_ILLEGAL_VALUE = re.compile(r"^flag (--[^=\s]+)=(.*?): (.*)$", re.DOTALL)
+
+
+def absl_flag_error(err: flags.Error) -> str:
+    """absl's flag error `err` on one line: a value its flag cannot take as `--flag='value' is
+    invalid; <why>`, any other (an unknown flag, with absl's suggestions) as absl words it, with
+    where to see the flags."""
+    text = error_message(err)
+    match = _ILLEGAL_VALUE.match(text)
+    if isinstance(err, flags.IllegalFlagValueError) and match is not None:
+        if match.group(3).endswith("must have a value other than None."):  # mark_flag_as_required
+            return f"{match.group(1)} is required"
+        return f"{match.group(1)}={match.group(2)!r} is invalid; {match.group(3)}"
+    return f"{text} (--helpshort lists the flags)"
 
 
 _CONFIG_FILE_ERROR = re.compile(r"^flag (--[^=\s]+)=(.*?): Error whilst parsing config file",
@@ -78,7 +93,14 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
     overrides = [a for a in args if a.startswith("--") and "." in a.split("=", 1)[0]]
     culprit = next((o for o in overrides if names_field(o, err)), None)
     where = f"{culprit} is invalid; " if culprit else ""
-    return f"{where}{error_message(err)}"
+    message = error_message(err)
+    if culprit and isinstance(err, KeyError | AttributeError):
+        field = culprit.lstrip("-").split("=", 1)[0].rsplit(".", 1)[-1]
+        if message.startswith(repr(field)):  # ml_collections' KeyError: the name, a suggestion
+            suggestion = message[len(repr(field)):].strip()
+            message = f"the config has no field {field!r}" + (f"; {suggestion}" if suggestion
+                                                             else "")
+    return f"{where}{message}"
 
 
 def names_field(override: str, err: Exception) -> bool:
