@@ -148,14 +148,19 @@ def test_the_command_reports_flag_errors_in_one_line():
         "error: --config.bogus=1 is invalid; the config has no field 'bogus'")
 
 
-@pytest.mark.parametrize("script", ["evaluate", "lr_range_test", "proposals", "rcnn_svm",
-                                    "robustness", "sweep", "train", "transfer", "tune",
-                                    "visualize"])
+@pytest.mark.parametrize("script", [
+    *(f"experiments/{name}.py" for name in ("evaluate", "lr_range_test", "proposals", "rcnn_svm",
+                                            "robustness", "sweep", "train", "transfer", "tune",
+                                            "visualize")),
+    "launch/submit.py", "cnnjax/analysis/summary.py", "cnnjax/analysis/zoo.py",
+    "cnnjax/analysis/effective_receptive_field.py", "cnnjax/models/torchvision_weights.py",
+    "cnnjax/tune/diagnose.py",
+])
 def test_every_entry_point_parses_its_flags_with_parse_flags(script):
     """So a bad flag or config file is reported the same one-line way by every command."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "experiments", f"{script}.py"), encoding="utf-8") as f:
+    with open(os.path.join(root, script), encoding="utf-8") as f:
         source = f.read()
     assert "app.run(main, flags_parser=parse_flags)" in source

@@ -632,5 +632,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from cnnjax.utils.cli import parse_flags
+
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
