@@ -7,6 +7,11 @@ skipped with a warning and the one before it is used. Each checkpoint's eval met
 with it (orbax `best_fn`), so "keep the best" still holds after a resume. `SourceCheckpoints`
 reads another run's checkpoints read-only (which steps, their shapes, params/batch_stats only)
 for warm starts.
+
+A read that fails is retried (`RESTORE_ATTEMPTS` tries, `RESTORE_RETRY_DELAY_S` apart, doubling)
+before the checkpoint is called unreadable: a transient error (an NFS hiccup) must not send a good
+checkpoint to quarantine. In a multi-process job the processes agree after every try, so all of
+them restore the same step or set aside the same ones.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
@@ -33,8 +39,27 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
 
 CHECKPOINT_DIR = "checkpoints"
+#: How many times a checkpoint read (arrays, or the metrics file orbax reads at start) is tried
+#: before the checkpoint is treated as corrupt, and the wait before the first retry in seconds
+#: (doubled before each further one: 0.5 s then 1 s by default). `Checkpointer` arguments override.
+RESTORE_ATTEMPTS = 3
+RESTORE_RETRY_DELAY_S = 0.5
 #: Orbax's per-step metadata file, which holds cnnjax's `run_info` as its custom metadata.
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+
+
+def _sleep(seconds: float) -> None:
+    """`time.sleep`, through a module function so tests can skip the retry waits."""
+    time.sleep(seconds)
+
+
+def _all_processes(ok: bool) -> bool:
+    """Whether `ok` holds in every process (a collective in a multi-process job, which every
+    process must reach the same number of times); `ok` itself for a single process."""
+    if jax.process_count() == 1:
+        return ok
+    flags = multihost_utils.process_allgather(np.int32(ok))
+    return bool(np.all(np.asarray(flags)))
 
 
 class _DropMissingMetricsWarning(std_logging.Filter):
@@ -66,6 +91,10 @@ class Checkpointer:
         keeps only the most recent ones.
       best_mode: 'max' or 'min' — whether a larger or smaller `best_metric` is better.
       use_async: write in a background thread (training continues meanwhile).
+      restore_attempts: tries of a checkpoint read before it counts as corrupt (>= 1; default
+        `RESTORE_ATTEMPTS`).
+      restore_retry_delay_s: seconds before the first retry, doubled before each further one
+        (>= 0; default `RESTORE_RETRY_DELAY_S`).
     """
 
     def __init__(
@@ -76,8 +105,20 @@ class Checkpointer:
         best_metric: str | None = "top1",
         best_mode: str = "max",
         use_async: bool = True,
+        restore_attempts: int | None = None,
+        restore_retry_delay_s: float | None = None,
     ):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        attempts = RESTORE_ATTEMPTS if restore_attempts is None else restore_attempts
+        delay = RESTORE_RETRY_DELAY_S if restore_retry_delay_s is None else restore_retry_delay_s
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"checkpoint: restore_attempts={attempts!r} is invalid; expected an "
+                             "integer >= 1 (how many times a read is tried).")
+        if (isinstance(delay, bool) or not isinstance(delay, int | float)
+                or not delay >= 0 or delay == float("inf")):
+            raise ValueError(f"checkpoint: restore_retry_delay_s={delay!r} is invalid; expected "
+                             "a finite number of seconds >= 0.")
+        self.restore_attempts, self.restore_retry_delay_s = attempts, float(delay)
         self.best_metric = best_metric
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
@@ -110,17 +151,19 @@ class Checkpointer:
         Orbax reads every checkpoint's metrics when the manager starts and fails on a corrupt
         one, so such a checkpoint is treated like any other unreadable checkpoint before that.
         """
-        broken = []
+        paths = {}
         if os.path.isdir(self.directory):
             for name in os.listdir(self.directory):
                 path = os.path.join(self.directory, name, "metrics", "metrics")
-                if not (name.isdigit() and os.path.isfile(path)):
-                    continue
-                try:
-                    with open(path) as f:
-                        json.load(f)
-                except (OSError, ValueError):
-                    broken.append(int(name))
+                if name.isdigit() and os.path.isfile(path):
+                    paths[int(name)] = path
+        broken = []
+        for attempt in range(1, self.restore_attempts + 1):  # local files: no agreement needed
+            broken = [step for step in sorted(paths) if not _is_json(paths[step])]
+            if not broken or attempt == self.restore_attempts:
+                break
+            self._wait_to_retry(attempt, f"the metrics files of steps {broken}")
+            paths = {step: paths[step] for step in broken}
         multi = jax.process_count() > 1
         if multi:  # every process has scanned before any file moves: they agree on `broken`
             multihost_utils.sync_global_devices("cnnjax_checkpoint_scan")
@@ -180,35 +223,27 @@ class Checkpointer:
     def restore_latest(self, template: Any) -> tuple[Any, int] | None:
         """Restores the newest readable checkpoint into the structure of `template`.
 
-        Returns `(state, step)`, or None when there is no checkpoint. A checkpoint that fails to
-        load is reported with a warning and the previous one is tried; once an older one loads,
-        the unreadable ones are moved to `<workdir>/checkpoints_corrupt`. If none loads, raises
-        a ValueError (and moves nothing).
+        Returns `(state, step)`, or None when there is no checkpoint. A checkpoint whose read
+        fails `restore_attempts` times in a row (in any process) is reported with a warning and
+        the previous one is tried; once an older one loads, the unreadable ones are moved to
+        `<workdir>/checkpoints_corrupt`. If none loads, raises a ValueError (and moves nothing).
         """
         full_target = serialization.to_state_dict(template)
         corrupt: list[int] = []
         result = None
         for step in reversed(self.all_steps()):
-            try:
-                # An empty field the checkpoint lacks (`ema` when not averaging, in checkpoints
-                # written before the field existed) holds no array: it comes from the template.
-                on_disk = self._manager.item_metadata(step)
-                on_disk = set(getattr(on_disk, "tree", on_disk) or {})
-                absent = {k: v for k, v in full_target.items()
-                          if k not in on_disk and not jax.tree.leaves(v)}
-                target = {k: v for k, v in full_target.items() if k not in absent}
-                restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-                result = serialization.from_state_dict(template, {**restored, **absent}), step
+            restored, why = self._restore_step(step, template, full_target)
+            if restored is not None:
+                result = restored, step
                 break
-            except Exception as err:  # noqa: BLE001 — any read failure means "corrupt", fall back
-                corrupt.append(step)
-                message = (
-                    f"Checkpoint at step {step} in {self.directory} could not be restored "
-                    f"({type(err).__name__}: {str(err)[:200]}); falling back to the previous "
-                    f"checkpoint (the unreadable one is moved to {self.quarantine})."
-                )
-                logging.warning(message)
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            corrupt.append(step)
+            message = (
+                f"Checkpoint at step {step} in {self.directory} could not be restored "
+                f"({why}; tried {self.restore_attempts} time(s)); falling back to the previous "
+                f"checkpoint (the unreadable one is moved to {self.quarantine})."
+            )
+            logging.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         if corrupt and result is None:
             # Nothing restores: more likely a template/code mismatch than corruption of every
             # checkpoint, so leave the files alone and stop.
@@ -220,6 +255,44 @@ class Checkpointer:
         if corrupt:  # an older one restored, so the newer ones really are unreadable
             self._quarantine(corrupt)
         return result
+
+    def _restore_step(self, step: int, template: Any,
+                      full_target: dict) -> tuple[Any, str | None]:
+        """`(state, None)` once every process has read `step`, trying up to `restore_attempts`
+        times with backoff; else `(None, why)` (its last error). Every process takes part in each
+        try's agreement, so all of them return a state or all of them give up on the step."""
+        why = ""
+        for attempt in range(1, self.restore_attempts + 1):
+            try:
+                state: Any = self._read_step(step, template, full_target)
+            except Exception as err:  # noqa: BLE001 — any read failure: retry, then "corrupt"
+                state, why = None, f"{type(err).__name__}: {str(err)[:200]}"
+            if _all_processes(state is not None):
+                return state, None
+            if state is not None:
+                why = "another process could not read it"
+            if attempt < self.restore_attempts:
+                self._wait_to_retry(attempt, f"the checkpoint at step {step} ({why})")
+        return None, why
+
+    def _read_step(self, step: int, template: Any, full_target: dict) -> Any:
+        """The checkpoint at `step` in the structure of `template` (raises if unreadable)."""
+        # An empty field the checkpoint lacks (`ema` when not averaging, in checkpoints
+        # written before the field existed) holds no array: it comes from the template.
+        on_disk = self._manager.item_metadata(step)
+        on_disk = set(getattr(on_disk, "tree", on_disk) or {})
+        absent = {k: v for k, v in full_target.items()
+                  if k not in on_disk and not jax.tree.leaves(v)}
+        target = {k: v for k, v in full_target.items() if k not in absent}
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        return serialization.from_state_dict(template, {**restored, **absent})
+
+    def _wait_to_retry(self, attempt: int, what: str) -> None:
+        """Logs that `what` could not be read on try `attempt` and sleeps the backoff."""
+        delay = self.restore_retry_delay_s * 2 ** (attempt - 1)
+        logging.warning("Could not read %s in %s (try %d of %d); retrying in %.3g s.",
+                        what, self.directory, attempt, self.restore_attempts, delay)
+        _sleep(delay)
 
     @property
     def quarantine(self) -> str:
@@ -258,6 +331,16 @@ class Checkpointer:
         if await_cleanup is not None:
             await_cleanup()
         self._manager.close()
+
+
+def _is_json(path: str) -> bool:
+    """Whether the file at `path` can be read and parsed as JSON."""
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------ another run's checkpoints
@@ -346,8 +429,6 @@ class SourceCheckpoints:
     def restore(self, step: int, shapes: dict[str, Any]) -> dict[str, Any]:
         """Loads only the leaves named in `shapes` (as from `shapes`, possibly pruned) as NumPy
         arrays; the optimizer state and everything else in the checkpoint is never read."""
-        import numpy as np
-
         shapes = {k: v for k, v in shapes.items() if jax.tree.leaves(v)}
         if not shapes:
             return {}

@@ -9,10 +9,11 @@ Sections: validate the config (before any compilation) -> build data, model, opt
 restore the newest checkpoint if the workdir has one (exact resume: state, step and data order),
 else warm-start the params and BatchNorm statistics from `config.init_from` if set -> train
 with periodic logging, eval and async checkpoints -> final eval, checkpoint, summary.json.
-A NaN/inf loss (or one above `config.max_loss`) stops the run as "diverged"; SIGTERM (preemption,
-scancel) stops it between steps as "interrupted" after checkpointing the current step
-(`cnnjax.train.preemption`); any failure is recorded in summary.json before the exception
-propagates. Process 0 holds `<workdir>/run.lock` for the whole run (`cnnjax.utils.lock`).
+A NaN/inf loss (or one above `config.max_loss`), parameter or BatchNorm statistic stops the run
+as "diverged"; SIGTERM (preemption, scancel) stops it between steps as "interrupted" after
+checkpointing the current step (`cnnjax.train.preemption`); any failure is recorded in
+summary.json before the exception propagates. Process 0 holds `<workdir>/run.lock` for the
+whole run (`cnnjax.utils.lock`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax import lax
 from jax.experimental import multihost_utils
 
 from cnnjax.analysis.confusion import intersection_over_union
@@ -64,37 +67,51 @@ from cnnjax.utils.lock import directory_lock
 
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
+#: Train-step metric (not logged): 1.0 when every BatchNorm running statistic after the step is
+#: finite on every device. Checked with the loss and `PARAMS_FINITE`, one step late as they are,
+#: so a broken running mean/variance stops the run instead of silently degrading every eval.
+BATCH_STATS_FINITE = "batch_stats_finite"
+BATCH_STATS_HINT = ("activations too large for their dtype (unnormalized or extreme inputs, a "
+                    "learning rate too high)")
 #: Checkpoint `run_info` key: the train metrics of the steps since the last train log, so a run
 #: resumed between two log steps logs the average an uninterrupted run logs.
 TRAIN_WINDOW = "train_window"
+#: Checkpoint `run_info` and summary.json key: seconds of wall time of all the run's invocations
+#: so far (each earlier one up to the checkpoint the next resumed from); summary.json's
+#: `wall_time_s` is the last invocation's alone.
+TOTAL_WALL_TIME = "total_wall_time_s"
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; `step` is the step whose loss it was."""
+    """The loss, a parameter or a BatchNorm statistic became NaN or infinite (or the loss rose
+    above `max_loss`); `step` is the step it happened at. `what` replaces the default
+    "`which` is `loss`" description, and `hint` the likely cause (summary.json's `hint`)."""
 
     def __init__(self, step: int, loss: float, max_loss: float | None = None,
-                 which: str = "loss"):
+                 which: str = "loss", what: str | None = None, hint: str = DIVERGENCE_HINT):
         self.step = step
         self.loss = loss
-        what = (
-            f"{which} is {loss}"
-            if not math.isfinite(loss)
-            else (f"{which} is {loss:.6g}, above max_loss={max_loss:g}")
-        )
-        super().__init__(f"Training diverged at step {step}: {what}; {DIVERGENCE_HINT}.")
+        self.hint = hint
+        if what is None:
+            what = (
+                f"{which} is {loss}"
+                if not math.isfinite(loss)
+                else (f"{which} is {loss:.6g}, above max_loss={max_loss:g}")
+            )
+        super().__init__(f"Training diverged at step {step}: {what}; {hint}.")
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict:
     """Trains `config.model` on `config.data` in `workdir`, resuming from its checkpoints.
 
     Returns the summary dict also written to `<workdir>/summary.json`. Raises ValueError for bad
-    configs (before compiling), `TrainingDivergedError` on a NaN/inf loss, and
-    `TrainingInterrupted` (exit code 143 if uncaught) after a SIGTERM, once the step it stopped at
-    is checkpointed; in every failing case the status and message are written to summary.json
-    first. A workdir another process is training in raises `DirectoryInUseError` (a
-    ValueError) and writes nothing there. While it runs, SIGTERM only sets a flag (handler
-    installed from the main thread only, the previous one restored afterwards); SIGINT raises
-    KeyboardInterrupt as usual.
+    configs (before compiling), `TrainingDivergedError` on a NaN/inf loss, parameter or BatchNorm
+    statistic, and `TrainingInterrupted` (exit code 143 if uncaught) after a SIGTERM, once the
+    step it stopped at is checkpointed; in every failing case the status and message are written
+    to summary.json first. A workdir another process is training in raises
+    `DirectoryInUseError` (a ValueError) and writes nothing there. While it runs, SIGTERM only
+    sets a flag (handler installed from the main thread only, the previous one restored
+    afterwards); SIGINT raises KeyboardInterrupt as usual.
     """
     started = time.time()
     is_primary = jax.process_index() == 0
@@ -123,8 +140,8 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
                     "step": err.step,
                     "loss": str(err.loss),
                     "message": str(err),
-                    "hint": DIVERGENCE_HINT,
-                    "wall_time_s": time.time() - started,
+                    "hint": err.hint,
+                    **_wall_times(run, started),
                 },
             )
         raise
@@ -138,10 +155,27 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
                     "status": status,
                     "error": type(err).__name__,
                     "message": str(err),
-                    "wall_time_s": time.time() - started,
+                    **_wall_times(run, started),
                 },
             )
         raise
+
+
+def _wall_times(run: _Run | None, started: float) -> dict:
+    """summary.json's `wall_time_s` (this invocation, since `started`) and `TOTAL_WALL_TIME`
+    (plus the earlier invocations' time recorded in the checkpoint `run` resumed from)."""
+    wall = time.time() - started
+    earlier = run.earlier_wall_time_s if run is not None else 0.0
+    return {"wall_time_s": wall, TOTAL_WALL_TIME: earlier + wall}
+
+
+def _earlier_wall_time(run_info: dict) -> float:
+    """The run's wall time up to a checkpoint, from its `run_info` (0 for checkpoints written
+    before it was recorded, or with an unusable value)."""
+    value = run_info.get(TOTAL_WALL_TIME)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if math.isfinite(value) and value >= 0 else 0.0
 
 
 def evaluate_variables(config: Any, variables: dict) -> dict:
@@ -162,7 +196,9 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
     by `parallel` for all devices and compiled lazily, at their first call; for detection
     `p_eval` returns the detections. With a `teacher` (`config.distill`) the train step
     distills from it: its variables go to the devices once and are passed to every step beside
-    the state, outside it (never checkpointed). Shared by the loop and `cnnjax.tune.lr_range`."""
+    the state, outside it (never checkpointed). The train step's metrics also hold
+    `BATCH_STATS_FINITE` (`_with_batch_stats_check`). Shared by the loop and
+    `cnnjax.tune.lr_range`."""
     conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
                "ema": config_lib.ema_rule(config)}
@@ -170,12 +206,14 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
         train_step, predict_step = make_detection_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options
         )
-        return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
+        return (parallel.wrap_train(_with_batch_stats_check(train_step)),
+                parallel.wrap_predict(predict_step))
     if task == "segmentation":
         train_step, eval_step = make_segmentation_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options
         )
-        return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
+        return (parallel.wrap_train(_with_batch_stats_check(train_step)),
+                parallel.wrap_eval(eval_step))
     train_step, eval_step = make_steps(
         model,
         tx,
@@ -189,12 +227,31 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
         teacher=teacher.model if teacher is not None else None,
         **options,
     )
+    train_step = _with_batch_stats_check(train_step)
     if teacher is None:
         return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
     p_train = parallel.wrap_train(train_step, replicated_args=1)
     teacher_variables = parallel.replicate(teacher.variables)
     return (lambda state, batch: p_train(state, batch, teacher_variables),
             parallel.wrap_eval(eval_step))
+
+
+def _with_batch_stats_check(train_step: Callable) -> Callable:
+    """`train_step` (per device) whose metrics also hold `BATCH_STATS_FINITE`: whether every
+    BatchNorm running statistic of the new state is finite on every device (a `pmin`, for models
+    whose statistics are not synced across devices). Computed inside the compiled step and
+    fetched one step late with the loss, so the check costs no host sync of its own; per leaf,
+    as `PARAMS_FINITE`."""
+
+    def checked(state: TrainState, batch: dict, *args: Any) -> tuple[TrainState, dict]:
+        new_state, metrics = train_step(state, batch, *args)
+        leaves = jax.tree.leaves(new_state.batch_stats)
+        finite = (jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+                  if leaves else jnp.asarray(True))
+        finite = lax.pmin(finite.astype(jnp.float32), AXIS_NAME)
+        return new_state, {**metrics, BATCH_STATS_FINITE: finite}
+
+    return checked
 
 
 def fresh_state(config: Any, model: Any, tx: Any, image_shape: tuple[int, ...]) -> TrainState:
@@ -345,6 +402,8 @@ class _Run:
         self.training_started = False
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
         self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
+        # Wall time of the run's earlier invocations, up to the checkpoint this one resumed from.
+        self.earlier_wall_time_s = 0.0
 
     # ------------------------------------------------------------------------------- setup
     def setup(self, prepare_workdir: bool = True) -> None:
@@ -533,6 +592,7 @@ class _Run:
             host_state, start_step = restored
             resumed_info = checkpointer.run_info(start_step)
             self.warn_if_devices_changed(resumed_info)
+            self.earlier_wall_time_s = _earlier_wall_time(resumed_info)
             logging.info(
                 "Resuming from the checkpoint at step %d in %s%s",
                 start_step,
@@ -639,7 +699,9 @@ class _Run:
                                       run_info={"num_devices": self.total_devices,
                                                 "device_counts": self.device_counts,
                                                 "process_count": jax.process_count(),
-                                                TRAIN_WINDOW: _window_to_json(self.window)})
+                                                TRAIN_WINDOW: _window_to_json(self.window),
+                                                TOTAL_WALL_TIME: _wall_times(
+                                                    self, self.started)[TOTAL_WALL_TIME]})
                 if stopped:
                     break
             if pending is not None:
@@ -731,6 +793,11 @@ class _Run:
             raise TrainingDivergedError(step, loss, max_loss)
         if float(host.pop(PARAMS_FINITE, 1.0)) < 1.0:  # never save such a state
             raise TrainingDivergedError(step, math.nan, which="a parameter after the update")
+        if float(host.pop(BATCH_STATS_FINITE, 1.0)) < 1.0:  # nor one that would eval as junk
+            raise TrainingDivergedError(
+                step, loss, hint=BATCH_STATS_HINT,
+                what=("the BatchNorm statistics (batch_stats: running mean/variance) became "
+                      f"non-finite (NaN or inf) while the loss was {loss:.6g}"))
         self.clock.tick()
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))
@@ -765,7 +832,9 @@ class _Run:
             "final_eval": {k: v for k, v in final.items() if k != "step"},
             "final_train": last_train,
             "best": ({"metric": key, "value": best[key], "step": best["step"]} if best else None),
-            "wall_time_s": time.time() - self.started,
+            # This invocation's wall time and throughput; `total_wall_time_s` adds the earlier
+            # invocations' (`TOTAL_WALL_TIME`).
+            **_wall_times(self, self.started),
             "images_per_sec": images_per_sec,
             "num_devices": self.total_devices,
             "parallel": config.parallel,

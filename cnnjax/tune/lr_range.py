@@ -36,7 +36,7 @@ from absl import logging
 from cnnjax.train import config as config_lib
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import init_from as init_from_lib
-from cnnjax.train.loop import fresh_state, wrap_steps
+from cnnjax.train.loop import BATCH_STATS_FINITE, fresh_state, wrap_steps
 from cnnjax.train.parallel import DataParallel
 from cnnjax.train.state import warm_start
 from cnnjax.train.step import PARAMS_FINITE
@@ -135,14 +135,18 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 0) -> dict[
 
 
 def stop_reason(step: int, lr: float, loss: float, smoothed: float, minimum: float,
-                factor: float, params_finite: bool = True) -> str | None:
+                factor: float, params_finite: bool = True,
+                batch_stats_finite: bool = True) -> str | None:
     """Why the test stops after `step`, or None to go on: a loss that is not finite, an update
-    that made a parameter NaN/inf (as the engine stops), or a smoothed loss above `factor` times
-    its minimum so far."""
+    that made a parameter or a BatchNorm statistic NaN/inf (as the engine stops), or a smoothed
+    loss above `factor` times its minimum so far."""
     if not math.isfinite(loss):
         return f"diverged at step {step} (lr {lr:.4g}): the loss is {loss}"
     if not params_finite:
         return f"diverged at step {step} (lr {lr:.4g}): a parameter is not finite after the update"
+    if not batch_stats_finite:
+        return (f"diverged at step {step} (lr {lr:.4g}): a BatchNorm statistic is not finite "
+                "after the step")
     if smoothed > factor * minimum:
         return (f"diverged at step {step} (lr {lr:.4g}): the smoothed loss {smoothed:.4g} "
                 f"exceeds {factor:g} x its minimum {minimum:.4g}")
@@ -256,7 +260,8 @@ def _train(config: Any, checked: Any, schedule: optax.Schedule, settings: dict[s
         else:
             smoothed = math.nan
         reason = stop_reason(step, lr, loss, smoothed, minimum, factor,
-                             float(host.get(PARAMS_FINITE, 1.0)) == 1.0)
+                             float(host.get(PARAMS_FINITE, 1.0)) == 1.0,
+                             float(host.get(BATCH_STATS_FINITE, 1.0)) == 1.0)
         if reason is not None:
             logging.info("LR range test: %s", reason)
             break

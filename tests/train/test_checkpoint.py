@@ -165,3 +165,142 @@ def test_every_process_drops_a_quarantined_step_only_after_it_is_moved(tmp_path,
     assert events[-3:] == ["move [4]", "barrier cnnjax_checkpoint_restore_quarantine", "reload"]
     resumed.save(4, _state(5))  # the step can be written again
     resumed.close()
+
+
+# ------------------------------------------------------------------ retries before quarantine
+@pytest.fixture
+def waits(monkeypatch):
+    """The retry waits `Checkpointer` asks for, in seconds (recorded, not slept)."""
+    from cnnjax.train import checkpoint as checkpoint_lib
+
+    recorded: list[float] = []
+    monkeypatch.setattr(checkpoint_lib, "_sleep", recorded.append)
+    return recorded
+
+
+def _two_checkpoints(tmp_path):
+    """Steps 2 and 4 on disk, then a new `Checkpointer` (a resume) on them."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2), {"top1": 0.5})
+    checkpointer.save(4, _state(4), {"top1": 0.7})
+    checkpointer.close()
+    return Checkpointer(str(tmp_path), keep=3, use_async=False)
+
+
+def test_a_transient_read_error_is_retried_and_quarantines_nothing(tmp_path, waits, recwarn):
+    """An NFS hiccup on the newest checkpoint (an OSError on the first read only) must not
+    send a good checkpoint to quarantine: the read is retried after a short wait."""
+    import errno
+
+    resumed = _two_checkpoints(tmp_path)
+    original, calls = resumed._manager.restore, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return original(*args, **kwargs)
+
+    resumed._manager.restore = flaky
+    restored, step = resumed.restore_latest(_state(0))
+    assert step == 4 and calls == [4, 4] and waits == [0.5]
+    np.testing.assert_array_equal(restored["params"]["w"], _state(4)["params"]["w"])
+    assert resumed.all_steps() == [2, 4] and not (tmp_path / "checkpoints_corrupt").exists()
+    assert not [w for w in recwarn if "could not be restored" in str(w.message)]
+    resumed.close()
+
+
+def test_a_checkpoint_that_never_reads_is_quarantined_after_the_retries(tmp_path, waits):
+    """Truncated array files fail on every try: after `RESTORE_ATTEMPTS` tries, with doubling
+    waits between them, the checkpoint is set aside as before and the previous one restores."""
+    resumed = _two_checkpoints(tmp_path)
+    truncated = 0
+    for path in (tmp_path / "checkpoints" / "4" / "default").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0 and "metadata" not in path.name.lower():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            truncated += 1
+    assert truncated
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* could not be restored .*tried 3 time"):
+        restored, step = resumed.restore_latest(_state(0))
+    assert step == 2 and waits == [0.5, 1.0]
+    assert resumed.all_steps() == [2]
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
+    resumed.close()
+
+
+@pytest.mark.parametrize("other_reads", [[False, True], [False, False, False]],
+                         ids=["other_process_recovers", "other_process_never_reads"])
+def test_every_process_makes_the_same_retry_and_quarantine_decision(tmp_path, monkeypatch,
+                                                                     waits, other_reads):
+    """Multi-process, seen from process 0 of 2, which reads step 4 fine: the other process's
+    reads are gathered after every try. If it recovers, both restore step 4 and nothing moves;
+    if it never does, process 0 gives the step up too (both restore step 2, the same state)."""
+    from cnnjax.train import checkpoint as checkpoint_lib
+
+    resumed = _two_checkpoints(tmp_path)
+
+    class TwoProcesses:
+        """`jax` as the checkpoint module sees it, in process 0 of 2."""
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        @staticmethod
+        def process_count():
+            return 2
+
+    gathered = []
+
+    def allgather(flag):
+        gathered.append(int(flag))
+        return np.array([int(flag), int(other_reads[len(gathered) - 1])], np.int32)
+
+    monkeypatch.setattr(checkpoint_lib, "jax", TwoProcesses())
+    monkeypatch.setattr(checkpoint_lib.multihost_utils, "process_allgather", allgather)
+    monkeypatch.setattr(checkpoint_lib.multihost_utils, "sync_global_devices", lambda name: None)
+    if other_reads[-1]:
+        assert resumed.restore_latest(_state(0))[1] == 4
+        assert gathered == [1, 1] and waits == [0.5]
+        assert not (tmp_path / "checkpoints_corrupt").exists()
+    else:
+        other_reads.append(True)  # step 2: both read it
+        with pytest.warns(RuntimeWarning, match="step 4 .*another process could not read it"):
+            assert resumed.restore_latest(_state(0))[1] == 2
+        assert gathered == [1, 1, 1, 1] and waits == [0.5, 1.0]
+        assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == [
+            "4"]
+    resumed.close()
+
+
+def test_a_transient_error_reading_a_metrics_file_quarantines_nothing(tmp_path, monkeypatch,
+                                                                      waits):
+    """Orbax reads every metrics file when it starts; one read failing once is retried, not a
+    reason to set the checkpoint aside."""
+    from cnnjax.train import checkpoint as checkpoint_lib
+
+    _two_checkpoints(tmp_path).close()
+    original, failed = checkpoint_lib._is_json, []
+
+    def flaky(path):
+        if "/4/" in path and not failed:
+            failed.append(path)
+            return False
+        return original(path)
+
+    monkeypatch.setattr(checkpoint_lib, "_is_json", flaky)
+    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    assert failed and waits == [0.5]
+    assert resumed.all_steps() == [2, 4] and resumed.restore_latest(_state(0))[1] == 4
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+    resumed.close()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"restore_attempts": 0}, "restore_attempts=0 is invalid; expected an integer >= 1"),
+    ({"restore_attempts": 2.0}, "restore_attempts=2.0 is invalid"),
+    ({"restore_retry_delay_s": -1}, "restore_retry_delay_s=-1 is invalid; expected a finite"),
+    ({"restore_retry_delay_s": float("nan")}, "restore_retry_delay_s=nan is invalid"),
+])
+def test_bad_retry_settings_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Checkpointer(str(tmp_path), **kwargs)

@@ -20,6 +20,15 @@ def fake_data(monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def no_checkpoint_retry_waits(monkeypatch):
+    """Unreadable checkpoints are retried before they are set aside; skip the waits here
+    (tests/train/test_checkpoint.py checks them)."""
+    from cnnjax.train import checkpoint as checkpoint_lib
+
+    monkeypatch.setattr(checkpoint_lib, "_sleep", lambda seconds: None)
+
+
 def _final_params(workdir, config):
     """Host params of the newest checkpoint (the final state of a completed run)."""
     from cnnjax.models import create_model
@@ -167,7 +176,8 @@ def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monke
         finally:
             checkpoints.close()
         assert loop.TRAIN_WINDOW in info and info["process_count"] == 1
-        return {k: v for k, v in info.items() if k not in (loop.TRAIN_WINDOW, "process_count")}
+        return {k: v for k, v in info.items()
+                if k not in (loop.TRAIN_WINDOW, "process_count", loop.TOTAL_WALL_TIME)}
 
     config = helpers.tiny_config()
     pipeline = sys.modules["cnnjax.data.pipeline"]
@@ -280,6 +290,78 @@ def test_an_update_that_breaks_the_model_is_divergence_not_a_checkpoint(tmp_path
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records and not [r for r in records if r["split"] == "eval"]
     assert not [r for r in records if step_lib.PARAMS_FINITE in r]
+
+
+def test_nonfinite_batchnorm_statistics_are_divergence(tmp_path, monkeypatch):
+    """One image of step 3's batch is finite but ~1e20: the BatchNorm batch variance overflows
+    float32, so the running variance becomes inf while the normalized activations, the loss
+    (~log 4) and the updated parameters stay finite. Unchecked, the run completes and every eval
+    after it is junk; it must stop at step 3 as diverged, naming the statistics, before
+    evaluating, logging or saving that state."""
+    original = helpers.train_batches
+
+    def extreme(*args, start_step=0, **kwargs):
+        for i, batch in enumerate(original(*args, start_step=start_step, **kwargs)):
+            if start_step + i == 2:
+                image = batch["image"].copy()
+                image[0, 0] *= 1e20
+                batch = dict(batch, image=image)
+            yield batch
+
+    monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", extreme)
+    config = helpers.tiny_config(eval_every_steps=4, max_loss=None)
+    with pytest.raises(loop.TrainingDivergedError,
+                       match=r"diverged at step 3: the BatchNorm statistics \(batch_stats: "
+                             r"running mean/variance\) became non-finite \(NaN or inf\) while "
+                             r"the loss was 1\.3"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["step"] == 3
+    assert summary["hint"] == loop.BATCH_STATS_HINT and "BatchNorm" in summary["message"]
+    assert 1.0 < float(summary["loss"]) < 2.0  # the loss itself stayed finite
+    assert not (tmp_path / "checkpoints" / "4").exists()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records and not [r for r in records if r["split"] == "eval"]
+    assert not [r for r in records if loop.BATCH_STATS_FINITE in r]
+
+
+def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeypatch):
+    """summary.json's `wall_time_s` is the last invocation's; `total_wall_time_s` adds the
+    earlier ones' (carried in the checkpoint's run_info). A checkpoint written before the field
+    existed still resumes, its earlier time counted as 0."""
+    config = helpers.tiny_config()
+    uninterrupted = loop.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+    assert uninterrupted["total_wall_time_s"] == uninterrupted["wall_time_s"] > 0
+
+    resumed = tmp_path / "resumed"
+    helpers.run_until_crash(config, resumed, monkeypatch)
+    crashed = json.loads((resumed / "summary.json").read_text())
+    assert crashed["status"] == "failed"
+    assert crashed["total_wall_time_s"] == crashed["wall_time_s"] > 0
+    checkpoints = Checkpointer(str(resumed))
+    try:
+        earlier = checkpoints.run_info(8)[loop.TOTAL_WALL_TIME]
+    finally:
+        checkpoints.close()
+    assert 0 < earlier <= crashed["wall_time_s"]
+    summary = loop.train_and_evaluate(config, str(resumed))
+    assert summary["resumed_from_step"] == 8
+    assert summary["total_wall_time_s"] == pytest.approx(earlier + summary["wall_time_s"])
+    assert summary["total_wall_time_s"] > summary["wall_time_s"] > 0
+
+    old = tmp_path / "old"  # checkpoints without the field (written by an older cnnjax)
+    original_save = Checkpointer.save
+
+    def save_without_total(self, step, state, metrics=None, run_info=None):
+        run_info = {k: v for k, v in (run_info or {}).items() if k != loop.TOTAL_WALL_TIME}
+        return original_save(self, step, state, metrics, run_info)
+
+    monkeypatch.setattr(Checkpointer, "save", save_without_total)
+    helpers.run_until_crash(config, old, monkeypatch)
+    monkeypatch.setattr(Checkpointer, "save", original_save)
+    summary = loop.train_and_evaluate(config, str(old))
+    assert summary["resumed_from_step"] == 8
+    assert summary["total_wall_time_s"] == summary["wall_time_s"] > 0
 
 
 def test_no_prefetch_thread_outlives_its_run(tmp_path):

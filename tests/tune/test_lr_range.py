@@ -386,6 +386,8 @@ def test_stop_reasons():
         "diverged at step 5 (lr 2): the loss is inf")
     assert lr_range.stop_reason(5, 2.0, 1.0, 1.0, 1.0, 4.0, params_finite=False) == (
         "diverged at step 5 (lr 2): a parameter is not finite after the update")
+    assert lr_range.stop_reason(5, 2.0, 1.0, 1.0, 1.0, 4.0, batch_stats_finite=False) == (
+        "diverged at step 5 (lr 2): a BatchNorm statistic is not finite after the step")
 
 
 def test_a_distilled_config_ramps_the_distilled_objective(fake_engine, ramp, tmp_path):
