@@ -2,7 +2,7 @@
 
     python -m experiments.robustness --workdir=workdirs/lenet5_digits [--corruptions=all|a,b]
         [--severities=1,2,3,4,5] [--split=test] [--max_examples=N] [--seed=0]
-        [--source=on_the_fly|tfds] [--step=N] [--batch_size=256]
+        [--source=on_the_fly|tfds] [--step=N] [--eval_batch_size=256]
 
 Loads the run's best checkpoint (`load_trained`), reads its eval split (or --split) through the
 run's own eval transform up to the pixels before normalization (`Transforms.eval_pixels`, 32x32
@@ -10,20 +10,29 @@ or 224x224, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`: CIFAR-10
 and table at 32, ImageNet-C's at 224), stores the result as uint8 (truncated, as CIFAR-10-C), then
 normalizes it as the run's eval does (`Transforms.normalize`): the model sees what it would see
 on a corrupted copy of the split. Clean top-1 is the uncorrupted pixels stored and normalized the
-same way (for native uint8 data the engine's eval top-1). --source=tfds reads CIFAR-10's test
-split only (other splits refused).
+same way (for native uint8 data the engine's eval top-1).
 
-With --source=tfds (runs trained on `cifar10` only) each cell is the real benchmark instead:
-tfds's `cifar10_corrupted/<corruption>_<severity>` test split, through the same preprocessing.
-cnnjax never downloads it: prepare it first (`tfds build cifar10_corrupted` on a machine with
-internet, or per config, e.g. `cifar10_corrupted/gaussian_noise_1`) into the run's data dir.
+With --source=tfds each cell is the real benchmark instead, read from tfds (other splits than
+the set's refused):
+- runs trained on `cifar10`: `cifar10_corrupted/<corruption>_<severity>`'s test split (CIFAR-10-C),
+  through the same preprocessing;
+- runs trained on `imagenet2012` whose model sees 224x224 images:
+  `imagenet2012_corrupted/<corruption>_<severity>`'s validation split (ImageNet-C). Its images
+  are stored as 224x224 centre crops already (the region of the run's eval resize and crop), so
+  they are normalized as stored, not cropped again.
+Runs on other datasets are refused. cnnjax never downloads these: prepare them first (`tfds build
+cifar10_corrupted` on a machine with internet, or per config, e.g.
+`cifar10_corrupted/gaussian_noise_1`; imagenet2012_corrupted is built from ImageNet's validation
+archive, downloaded by hand) into the run's data dir. The JSON's `tfds_dataset` names the set
+read.
 
 Reports top-1 per corruption x severity, clean top-1, the mean corruption top-1 (over every
 cell), the relative drop `(clean - mean) / clean` and per-corruption means, written to
 <workdir>/robustness/robustness.json (robustness_tfds.json for --source=tfds) after every cell
 (atomically) with a plot beside it (top-1 vs severity, one line per corruption, clean dashed).
 An interrupted command resumes at the first missing cell; rerunning a finished one reprints it.
-Cells of other settings (split, seed, max_examples, checkpoint) are recomputed, not mixed in.
+Cells of other settings (split, seed, max_examples, checkpoint, source) are recomputed, not
+mixed in.
 Grey runs (`digits`) skip `saturate` under --corruptions=all and refuse it by name.
 """
 
@@ -37,7 +46,7 @@ configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.analysis.robustness import TFDS_CORRUPTED, run_robustness, table  # noqa: E402
+from cnnjax.analysis.robustness import SOURCES, run_robustness, table  # noqa: E402
 from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a trained classifier's run.")
@@ -47,27 +56,21 @@ _SPLIT = flags.DEFINE_string("split", None, "tfds split (default: the run's eval
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", None, "The first N examples of the split "
                                      "(stored order; default: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the corruptions' noise.")
-_SOURCE = flags.DEFINE_enum("source", "on_the_fly", ["on_the_fly", "tfds"],
-                            "on_the_fly: corrupt the split here; tfds: read cifar10_corrupted.")
+_SOURCE = flags.DEFINE_enum("source", "on_the_fly", list(SOURCES),
+                            "on_the_fly: corrupt the split here; tfds: read tfds's "
+                            "cifar10_corrupted (cifar10 runs) or imagenet2012_corrupted "
+                            "(imagenet2012 runs).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
+_BATCH = flags.DEFINE_integer("eval_batch_size", 256, "Images per forward pass.")
+flags.DEFINE_alias("batch_size", "eval_batch_size")  # its first name; as experiments.evaluate's
 flags.mark_flags_as_required(["workdir"])
-
-
-def _hint(err: Exception) -> str:
-    """What to do about a `cifar10_corrupted` config that is not prepared ('' for other errors)."""
-    from cnnjax.data.sources import DatasetNotPreparedError
-
-    if not isinstance(err, DatasetNotPreparedError):
-        return ""
-    return (f" For --source=tfds, prepare each `{TFDS_CORRUPTED}/<corruption>_<severity>` config "
-            f"you evaluate (e.g. `tfds build {TFDS_CORRUPTED}` prepares all 95), or use "
-            "--source=on_the_fly.")
 
 
 def main(argv: list[str]) -> None:
     start_command(argv)
-    with one_line_errors(_hint):
+    # A tfds corrupted config that is not prepared is named by `run_robustness`, with how to
+    # prepare that set.
+    with one_line_errors():
         record, path = run_robustness(
             _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
             _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)

@@ -10,8 +10,9 @@ truncation). The formulas and parameter tables are those of the authors' `make_c
 
 Implemented: 18 of the 19 corruptions, at both sizes. Not implemented: frost, which blends crops
 of the authors' six frost photographs (frost1.png ... frost6.jpg), assets cnnjax does not ship.
-`tfds_config_name` gives tfds's `cifar10_corrupted` name of each (it renames glass_blur to
-frosted_glass_blur and elastic_transform to elastic).
+`tfds_config_name` gives tfds's config name of each in `cifar10_corrupted` (which renames
+glass_blur to frosted_glass_blur and elastic_transform to elastic) and in
+`imagenet2012_corrupted` (the authors' names).
 
 Sizes: the table is chosen by the image side (`parameters(size)`): 32 -> CIFAR-10-C's, 224 ->
 ImageNet-C's. Each is tuned for its size (a blur sigma or a pixelation factor means something
@@ -158,13 +159,32 @@ CORRUPTIONS = tuple(PARAMETERS)
 COLOR_ONLY = ("saturate",)
 #: Corruptions computed with OpenCV, as the authors' are (the `robustness` extra installs it).
 NEEDS_OPENCV = ("defocus_blur", "elastic_transform", "snow", "spatter")
-# tfds's cifar10_corrupted names the authors' glass_blur.npy and elastic_transform.npy otherwise.
-TFDS_CONFIG_NAMES = {"glass_blur": "frosted_glass_blur", "elastic_transform": "elastic"}
+#: tfds's config prefix (`<prefix>_<severity>`, severities 1-5) of each corruption, per tfds
+#: corrupted set: only the corruptions a set holds are keys. Both hold all 19 of the authors'
+#: (frost too, which cnnjax does not compute). `cifar10_corrupted` is read from the released
+#: CIFAR-10-C .npy files and names glass_blur.npy and elastic_transform.npy otherwise;
+#: `imagenet2012_corrupted` (tfds 3.1.0, its own regeneration of ImageNet-C from ImageNet's
+#: validation images with the authors' code and table) keeps the authors' names.
+TFDS_CONFIG_NAMES: dict[str, dict[str, str]] = {
+    "cifar10_corrupted": {**{n: n for n in CORRUPTIONS}, "glass_blur": "frosted_glass_blur",
+                          "elastic_transform": "elastic"},
+    "imagenet2012_corrupted": {n: n for n in CORRUPTIONS},
+}
 
 
-def tfds_config_name(name: str) -> str:
-    """The `cifar10_corrupted` config prefix of corruption `name` (tfds renames two)."""
-    return TFDS_CONFIG_NAMES.get(name, name)
+def tfds_config_name(name: str, tfds_dataset: str = "cifar10_corrupted") -> str:
+    """The config prefix of corruption `name` in tfds's `tfds_dataset` (tfds's names differ
+    from the authors' in cifar10_corrupted); a ValueError for an unknown set or corruption, or
+    one that set does not hold, naming what it holds."""
+    if tfds_dataset not in TFDS_CONFIG_NAMES:
+        raise invalid(_OWNER, "tfds_dataset", tfds_dataset,
+                      f"expected one of {list(TFDS_CONFIG_NAMES)}")
+    names = TFDS_CONFIG_NAMES[tfds_dataset]
+    if name not in names:
+        check_corruption(name, 1)  # an unknown name: the usual error, listing every corruption
+        raise invalid(_OWNER, "name", name, f"tfds's {tfds_dataset} has no {name} configs; it "
+                      f"holds {list(names)}")
+    return names[name]
 
 
 def parameters(size: int) -> dict[str, tuple[Any, ...]]:

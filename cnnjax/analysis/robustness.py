@@ -8,29 +8,70 @@ split through the run's own eval transform up to the pixels before normalization
 stores the result as CIFAR-10-C does (uint8, truncated), then normalizes it as the run's eval
 does (`Transforms.normalize`), and measures top-1 per corruption x severity into
 `<workdir>/robustness/robustness.json`, atomically after every cell (an interrupted command
-resumes; a finished one is reprinted). With source='tfds' (CIFAR-10 runs) each cell reads tfds's
-`cifar10_corrupted/<corruption>_<severity>` instead.
+resumes; a finished one is reprinted). With source='tfds' each cell reads tfds's corrupted copy
+of the run's eval split instead: `cifar10_corrupted/<corruption>_<severity>`'s test split for
+runs trained on `cifar10`, `imagenet2012_corrupted/<corruption>_<severity>`'s validation split
+for runs trained on `imagenet2012` (`TFDS_CORRUPTED`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 _OWNER = "robustness"
-TFDS_CORRUPTED = "cifar10_corrupted"
+SOURCES = ("on_the_fly", "tfds")
 
 
-def parse_corruptions(value: str, channels: int,
-                      on_the_fly: bool = True) -> tuple[list[str], dict[str, str]]:
+@dataclasses.dataclass(frozen=True)
+class CorruptedSet:
+    """tfds's corrupted copy of one dataset's eval split, one config per corruption x severity.
+
+    `split` is the only split it holds (clean top-1 must come from the same images). `size` is
+    the image side of the corruption table its images were made with (`corruptions.TABLES`).
+    `stored_as_eval_crop`: its images are stored as the eval view already (ImageNet-C's 224x224
+    centre crops, the region `resize_center_crop` keeps: 224/256 of the shorter side), so they
+    are read as stored, without the run's resize and crop (which would crop them again); the
+    run's model must then see images of that size.
+    """
+
+    tfds_name: str
+    split: str
+    size: int
+    stored_as_eval_crop: bool
+    holds: str  # what it is a corrupted copy of, for messages
+    build: str  # how to prepare it, for the not-prepared hint
+
+
+#: tfds's corrupted sets by the dataset (`data.name`) a run was trained on.
+TFDS_CORRUPTED = {
+    "cifar10": CorruptedSet(
+        "cifar10_corrupted", "test", 32, False, "CIFAR-10's test split",
+        "`tfds build cifar10_corrupted` prepares all 95"),
+    "imagenet2012": CorruptedSet(
+        "imagenet2012_corrupted", "validation", 224, True,
+        "ImageNet's validation split",
+        "`tfds build imagenet2012_corrupted` prepares all 95, from ImageNet's validation "
+        "archive, which tfds needs downloaded by hand"),
+}
+
+
+def parse_corruptions(value: str, channels: int, on_the_fly: bool = True,
+                      tfds_dataset: str | None = None) -> tuple[list[str], dict[str, str]]:
     """`--corruptions` as names for `channels`-channel images, and those `all` skips (why):
-    with `on_the_fly`, also those this machine cannot compute (OpenCV missing)."""
+    with `on_the_fly`, also those this machine cannot compute (OpenCV missing); with
+    `tfds_dataset` (a tfds corrupted set), also those it holds no configs of. A named one that
+    cannot be measured is refused."""
     from cnnjax.analysis import corruptions
     from cnnjax.utils.validation import invalid
 
+    held = corruptions.TFDS_CONFIG_NAMES[tfds_dataset] if tfds_dataset else corruptions.CORRUPTIONS
     if value.strip() == "all":
         skipped = {n: f"defined for RGB images only; this run's images have {channels} channel"
                    for n in corruptions.CORRUPTIONS if n not in corruptions.available(channels)}
+        skipped.update({n: f"tfds's {tfds_dataset} has no configs of it"
+                        for n in corruptions.available(channels) if n not in held})
         if on_the_fly:
             skipped.update({n: why for n in corruptions.available(channels)
                             if (why := corruptions.missing_dependency(n))})
@@ -41,6 +82,8 @@ def parse_corruptions(value: str, channels: int,
                       f"expected 'all' or some of {list(corruptions.CORRUPTIONS)}")
     for name in names:
         corruptions.check_corruption(name, 1, channels)
+        if tfds_dataset:
+            corruptions.tfds_config_name(name, tfds_dataset)
         if on_the_fly:
             corruptions.check_computable(name)
     return list(dict.fromkeys(names)), {}
@@ -71,14 +114,18 @@ def eval_pipeline(config) -> tuple:
     return spec, source, make_transforms(spec, source)
 
 
-def eval_pixels(config, max_examples: int | None) -> tuple:
+def eval_pixels(config, max_examples: int | None, as_stored: bool = False) -> tuple:
     """`(float32 [N, H, W, C] pixels in [0, 255], int labels [N], transforms)`: the first
     `max_examples` (None: all) of `config`'s eval split in stored order through the eval
-    transform up to normalization (whole levels where it does not resize)."""
+    transform up to normalization (whole levels where it does not resize). `as_stored`: images
+    already stored as the eval view (ImageNet-C's crops) are only resized to the model's size
+    where they differ from it (never, as `run_robustness` requires), not cropped again."""
     import numpy as np
     import tensorflow as tf
 
     spec, source, transforms = eval_pipeline(config)
+    if as_stored:
+        transforms = dataclasses.replace(transforms, eval_transform="resize")
     ds = source.read(spec.eval_split, (0, 1))
     if max_examples is not None:
         ds = ds.take(max_examples)
@@ -121,17 +168,34 @@ def make_classify(run, transforms, batch_size: int):
     return classify
 
 
+def corrupted_set(dataset: str) -> CorruptedSet:
+    """tfds's corrupted copy of `dataset`'s eval split; a ValueError naming the datasets that
+    have one for any other (`source='tfds'` is refused for their runs)."""
+    from cnnjax.utils.validation import invalid
+
+    if dataset not in TFDS_CORRUPTED:
+        have = " and ".join(f"{d!r} ({c.tfds_name}: {c.holds})"
+                            for d, c in TFDS_CORRUPTED.items())
+        raise invalid(_OWNER, "source", "tfds", f"tfds has corrupted copies of {have} only, and "
+                      f"this run was trained on {dataset!r}; use source='on_the_fly'")
+    return TFDS_CORRUPTED[dataset]
+
+
 def corrupted_config(config, name: str, severity: int):
-    """`config` reading `cifar10_corrupted/<name>_<severity>`'s test split instead (its only
-    split, so also as the train split: the config stays a whole one the engine can evaluate);
-    tfds names two corruptions its own way (`corruptions.tfds_config_name`)."""
+    """`config` (a run's, trained on a dataset of `TFDS_CORRUPTED`) reading its tfds corrupted
+    set's `<name>_<severity>` config instead: `cifar10_corrupted`'s test split or
+    `imagenet2012_corrupted`'s validation split (each set's only split, so also as the train
+    split: the config stays a whole one the engine can evaluate). tfds's config names are
+    `corruptions.tfds_config_name`'s (cifar10_corrupted renames two corruptions)."""
     import ml_collections
 
     from cnnjax.analysis.corruptions import tfds_config_name
 
+    tfds_set = corrupted_set(config.data.name)
     config = ml_collections.ConfigDict(config.to_dict())
-    config.data.tfds_name = f"{TFDS_CORRUPTED}/{tfds_config_name(name)}_{severity}"
-    config.data.eval_split = config.data.train_split = "test"
+    config.data.tfds_name = (f"{tfds_set.tfds_name}/{tfds_config_name(name, tfds_set.tfds_name)}"
+                             f"_{severity}")
+    config.data.eval_split = config.data.train_split = tfds_set.split
     return config
 
 
@@ -178,9 +242,10 @@ def plot(record: dict, path: str) -> str:
         levels = sorted(int(s) for s in per)
         ax.plot(levels, [per[str(s)] for s in levels], marker="o", label=name)
     ax.axhline(record["clean_top1"], color="black", linestyle="--", label="clean")
+    source = record.get("tfds_dataset") or record["source"]
     ax.set(xlabel="severity", ylabel="top-1", xticks=record["severities"], ylim=(0, 1.02),
            title=f"{record['model']} step {record['step']} on {record['dataset']} "
-                 f"{record['split']} ({record['source']})")
+                 f"{record['split']} ({source})")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     return save_figure(fig, path)
 
@@ -198,7 +263,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     from cnnjax.train.trained import load_trained, with_split
     from cnnjax.utils.files import check_output_dir, read_json, write_json
     from cnnjax.utils.lock import directory_lock
-    from cnnjax.utils.validation import check_positive_int, invalid
+    from cnnjax.utils.validation import check_choice, check_positive_int, invalid
 
     levels = parse_severities(severities)
     if max_examples is not None:
@@ -206,31 +271,37 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     check_positive_int(_OWNER, "batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
+    check_choice(_OWNER, "source", source, SOURCES)
     run = load_trained(workdir, step)
     task = config_task(run.config)
     if task != "classification":
         raise invalid(_OWNER, "workdir", workdir, f"expected a classifier's run, not a {task} "
                       "run (corruption top-1 is defined for classifiers)")
     dataset = run.config.data.name
-    if source == "tfds" and dataset != "cifar10":
-        raise invalid(_OWNER, "source", source, f"cifar10_corrupted is CIFAR-10's test set, and "
-                      f"this run was trained on {dataset!r}; use source='on_the_fly'")
+    tfds_set = corrupted_set(dataset) if source == "tfds" else None
     config = with_split(run.config, split)
     spec, _, transforms = eval_pipeline(config)
-    if source == "tfds" and spec.eval_split != "test":
+    if tfds_set and spec.eval_split != tfds_set.split:
         raise invalid(_OWNER, "split", spec.eval_split,
-                      f"{TFDS_CORRUPTED} holds CIFAR-10's test split only, so clean and corrupted "
-                      "top-1 would come from different images; evaluate split='test'")
+                      f"{tfds_set.tfds_name} holds {tfds_set.holds} only, so clean and "
+                      "corrupted top-1 would come from different images; evaluate "
+                      f"split={tfds_set.split!r}")
     size, channels = transforms.out_shape[:2], transforms.out_shape[2]
     if size[0] != size[1] or size[0] not in corruptions_lib.IMAGE_SIZES:
         raise invalid(_OWNER, "workdir", workdir,
                       f"its model sees {size[0]}x{size[1]} images; the corruption tables are for "
                       "32x32 (CIFAR-10-C's) and 224x224 (ImageNet-C's)")
-    # The table the cells use: cifar10_corrupted was made with CIFAR-10-C's whatever the run's
-    # size; on the fly, the one for the run's size.
-    table = (corruptions_lib.PARAMETERS if source == "tfds"
-             else corruptions_lib.parameters(size[0]))
-    names, skipped = parse_corruptions(corruptions, channels, on_the_fly=source != "tfds")
+    if tfds_set and tfds_set.stored_as_eval_crop and size[0] != tfds_set.size:
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"its model sees {size[0]}x{size[1]} images, and {tfds_set.tfds_name} "
+                      f"stores {tfds_set.size}x{tfds_set.size} centre crops, read as stored; "
+                      "use source='on_the_fly'")
+    # The table the cells use: a tfds set's images were made with the table of its size
+    # (cifar10_corrupted: CIFAR-10-C's whatever the run's size); on the fly, the one for the
+    # run's size.
+    table = corruptions_lib.parameters(tfds_set.size if tfds_set else size[0])
+    names, skipped = parse_corruptions(corruptions, channels, on_the_fly=tfds_set is None,
+                                       tfds_dataset=tfds_set.tfds_name if tfds_set else None)
     clean, labels, transforms = eval_pixels(config, max_examples)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step,
@@ -246,7 +317,8 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     done = old.get("cells", {})
     record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
               "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
-              "source": source, "settings": settings, "num_examples": int(len(labels)),
+              "source": source, "tfds_dataset": tfds_set.tfds_name if tfds_set else None,
+              "settings": settings, "num_examples": int(len(labels)),
               "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
               "skipped": skipped,
               "parameters": {n: [list(c) if isinstance(c, tuple) else c
@@ -257,9 +329,17 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     if not todo and "clean_top1" in old:
         log(f"All {len(names) * len(levels)} cells already measured in {path}:")
         return summarize({**record, "clean_top1": old["clean_top1"]}), path
-    if source == "tfds":  # every config still needed is named before anything is written
+    if tfds_set:  # every config still needed is named before anything is written
+        from cnnjax.data.sources import DatasetNotPreparedError
+
         for name, severity in todo:
-            eval_pipeline(corrupted_config(config, name, severity))
+            try:
+                eval_pipeline(corrupted_config(config, name, severity))
+            except DatasetNotPreparedError as e:
+                raise DatasetNotPreparedError(
+                    f"{e} For source='tfds', prepare each `{tfds_set.tfds_name}/<corruption>_"
+                    f"<severity>` config you evaluate ({tfds_set.build}), or use "
+                    "source='on_the_fly'.") from None
     with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
         classify = make_classify(run, transforms, batch_size)
         started = time.time()
@@ -268,12 +348,13 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
         record["clean_top1"] = float(np.mean(
             classify(corruptions_lib.quantize(clean)) == labels))
         log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
-            f"{spec.eval_split!r} ({time.time() - started:.1f} s, compilation included)")
+            f"{spec.eval_split!r} ({time.time() - started:.1f} s, compilation included)"
+            + (f"; corrupted cells from tfds's {tfds_set.tfds_name}" if tfds_set else ""))
         for k, (name, severity) in enumerate(todo, 1):
             started = time.time()
-            if source == "tfds":
+            if tfds_set:
                 pixels, cell_labels, _ = eval_pixels(corrupted_config(config, name, severity),
-                                                     max_examples)
+                                                     max_examples, tfds_set.stored_as_eval_crop)
             else:
                 pixels, cell_labels = corruptions_lib.quantize(
                     corruptions_lib.corrupt(clean, name, severity, seed)), labels

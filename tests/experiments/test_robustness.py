@@ -1,6 +1,6 @@
 """`experiments.robustness` on tiny trained LeNet-5 runs: the cells against the model applied to
 independently corrupted eval images, resume per cell, grey runs, refusals, and the
-`cifar10_corrupted` path under `tfds.testing.mock_data`."""
+`cifar10_corrupted` and `imagenet2012_corrupted` paths under `tfds.testing.mock_data`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from cnnjax.train.config import default_config
 from cnnjax.train.trained import eval_examples, evaluate_run, load_trained
 from tests.data.test_presets import _mock, _write_metadata
 
-pytestmark = pytest.mark.slow  # each module run trains three tiny runs (~15-30 s on 2 cores)
+pytestmark = pytest.mark.slow  # each module run trains four tiny runs (~15-30 s each, 2 cores)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -177,7 +178,8 @@ def test_without_opencv_all_skips_its_four_corruptions_and_a_named_one_is_refuse
 
 
 def test_tfds_configs_use_tfds_names_for_glass_blur_and_elastic():
-    """cifar10_corrupted calls glass_blur `frosted_glass_blur` and elastic_transform `elastic`."""
+    """cifar10_corrupted calls glass_blur `frosted_glass_blur` and elastic_transform `elastic`;
+    imagenet2012_corrupted keeps the authors' names, and holds a validation split only."""
     config = default_config()
     config.data = default_data_config("cifar10")
     for name, expected in (("glass_blur", "frosted_glass_blur_3"), ("elastic_transform",
@@ -185,6 +187,55 @@ def test_tfds_configs_use_tfds_names_for_glass_blur_and_elastic():
                            ("contrast", "contrast_3")):
         got = R.corrupted_config(config, name, 3).data
         assert got.tfds_name == f"cifar10_corrupted/{expected}" and got.eval_split == "test"
+    config.data = default_data_config("imagenet2012")
+    for name in ("glass_blur", "elastic_transform", "contrast"):
+        got = R.corrupted_config(config, name, 4).data
+        assert got.tfds_name == f"imagenet2012_corrupted/{name}_4"
+        assert got.eval_split == got.train_split == "validation"
+    config.data = default_data_config("cifar100")
+    with pytest.raises(ValueError, match=r"robustness: source='tfds' is invalid; tfds has "
+                                         r"corrupted copies of 'cifar10' .* and 'imagenet2012' "
+                                         r".* only, and this run was trained on 'cifar100'"):
+        R.corrupted_config(config, "contrast", 1)
+
+
+@pytest.mark.parametrize("tfds_name", ["cifar10_corrupted", "imagenet2012_corrupted"])
+def test_every_corruption_maps_to_a_config_of_the_installed_tfds_builder(tfds_name):
+    """The config names cnnjax asks for are the installed tfds builder's own, for every
+    corruption cnnjax computes at every severity (so none is refused for lack of a config);
+    frost is the one config of each set cnnjax does not compute."""
+    import tensorflow_datasets as tfds
+
+    configs = {c.name for c in tfds.builder_cls(tfds_name).BUILDER_CONFIGS}
+    wanted = {f"{C.tfds_config_name(n, tfds_name)}_{s}" for n in C.CORRUPTIONS
+              for s in range(1, 6)}
+    assert wanted <= configs and len(wanted) == 90
+    assert configs - wanted == {f"frost_{s}" for s in range(1, 6)}
+    assert R.parse_corruptions("all", 3, on_the_fly=False, tfds_dataset=tfds_name) == (
+        list(C.CORRUPTIONS), {})
+
+
+def test_a_corruption_a_tfds_set_lacks_is_skipped_by_all_and_refused_by_name(monkeypatch):
+    """Were a tfds set to hold no configs of a corruption cnnjax computes, `all` skips it
+    (saying why) and naming it is refused, naming the set and what it holds."""
+    held = {n: n for n in C.CORRUPTIONS if n != "snow"}
+    monkeypatch.setitem(C.TFDS_CONFIG_NAMES, "imagenet2012_corrupted", held)
+    names, skipped = R.parse_corruptions("all", 3, on_the_fly=False,
+                                         tfds_dataset="imagenet2012_corrupted")
+    assert "snow" not in names and len(names) == len(C.CORRUPTIONS) - 1
+    assert skipped == {"snow": "tfds's imagenet2012_corrupted has no configs of it"}
+    with pytest.raises(ValueError, match=r"corruptions: name='snow' is invalid; tfds's "
+                                         r"imagenet2012_corrupted has no snow configs; it holds "
+                                         r"\['gaussian_noise'"):
+        R.parse_corruptions("contrast,snow", 3, on_the_fly=False,
+                            tfds_dataset="imagenet2012_corrupted")
+    with pytest.raises(ValueError, match=r"corruptions: name='frost' is invalid; expected one "
+                                         r"of \['gaussian_noise'"):
+        C.tfds_config_name("frost", "imagenet2012_corrupted")
+    with pytest.raises(ValueError, match=r"corruptions: tfds_dataset='mnist_corrupted' is "
+                                         r"invalid; expected one of \['cifar10_corrupted', "
+                                         r"'imagenet2012_corrupted'\]"):
+        C.tfds_config_name("contrast", "mnist_corrupted")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -197,9 +248,13 @@ def test_tfds_configs_use_tfds_names_for_glass_blur_and_elastic():
                               r"some of \['gaussian_noise'"),
     (dict(max_examples=0), r"robustness: max_examples=0 is invalid"),
     (dict(seed=-2), r"robustness: seed=-2 is invalid; expected a non-negative integer"),
-    (dict(source="tfds"), r"robustness: source='tfds' is invalid; cifar10_corrupted is "
-                          r"CIFAR-10's test set, and this run was trained on 'fake'; use "
-                          r"source='on_the_fly'"),
+    (dict(source="tfds"), r"robustness: source='tfds' is invalid; tfds has corrupted copies "
+                          r"of 'cifar10' \(cifar10_corrupted: CIFAR-10's test split\) and "
+                          r"'imagenet2012' \(imagenet2012_corrupted: ImageNet's validation "
+                          r"split\) only, and this run was trained on 'fake'; use "
+                          r"source='on_the_fly'\.$"),
+    (dict(source="tfsd"), r"robustness: source='tfsd' is invalid; expected one of "
+                          r"\['on_the_fly', 'tfds'\]"),
 ])
 def test_bad_settings_are_refused_naming_the_setting(trained, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -243,12 +298,13 @@ def test_detectors_and_segmenters_are_refused(trained, monkeypatch):
 def test_the_command_prints_the_table_and_errors_in_one_line(trained):
     env = {**os.environ, "PYTHONPATH": ROOT}
     command = [sys.executable, "-m", "experiments.robustness", f"--workdir={trained[1]}"]
-    ok = subprocess.run([*command, "--corruptions=contrast", "--severities=5"], cwd=ROOT,
+    ok = subprocess.run([*command, "--corruptions=contrast", "--severities=5",
+                         "--eval_batch_size=16"], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "contrast" in ok.stdout and "clean top-1" in ok.stdout and "Written to" in ok.stdout
-    bad = subprocess.run([*command, "--severities=7"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run([*command, "--severities=7", "--batch_size=16"],  # the alias
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: robustness: severities='7' is invalid; expected integers from 1 to 5, e.g. "
@@ -325,7 +381,10 @@ def test_tfds_source_reads_cifar10_corrupted_through_the_runs_preprocessing(tmp_
         workdir = _train(str(tmp_path / "run"), data)
         with pytest.raises(DatasetNotPreparedError,
                            match=r"tfds 'cifar10_corrupted/contrast_5'\) is not prepared.*"
-                                 r"`tfds build cifar10_corrupted/contrast_5"):
+                                 r"`tfds build cifar10_corrupted/contrast_5.* For source='tfds', "
+                                 r"prepare each `cifar10_corrupted/<corruption>_<severity>` "
+                                 r"config you evaluate \(`tfds build cifar10_corrupted` "
+                                 r"prepares all 95\), or use source='on_the_fly'\.$"):
             R.run_robustness(workdir, "contrast,gaussian_noise", "1,5", source="tfds",
                              log=lambda _: None)
         assert not os.path.exists(os.path.join(workdir, "robustness"))
@@ -340,9 +399,159 @@ def test_tfds_source_reads_cifar10_corrupted_through_the_runs_preprocessing(tmp_
                                         log=lambda _: None)  # merged with the cells before
         run = load_trained(workdir)
         assert path.endswith("robustness/robustness_tfds.json") and record["source"] == "tfds"
+        assert record["tfds_dataset"] == "cifar10_corrupted"
+        assert record["parameters"]["contrast"] == list(C.PARAMETERS["contrast"])
         assert record["clean_top1"] == pytest.approx(evaluate_run(run)["top1"], abs=1e-9)
         for name, severity in (("contrast", 1), ("gaussian_noise", 1), ("gaussian_noise", 5)):
             corrupted = dataclasses.replace(run, config=R.corrupted_config(run.config, name,
                                                                            severity))
             assert record["cells"][name][str(severity)] == pytest.approx(
                 evaluate_run(corrupted)["top1"], abs=1e-9), (name, severity)
+
+
+# ------------------------------------------------------- imagenet2012_corrupted, mocked
+def _imagenet_images(full_name: str, split: str) -> np.ndarray | list[np.ndarray]:
+    """Seeded uint8 images of the mocked ImageNet sets: 6 per split, of varying sizes for
+    imagenet2012 (as its JPEGs are), 224x224 for an imagenet2012_corrupted config (`full_name`
+    is tfds's `<name>/<config>/<version>`)."""
+    rng = np.random.default_rng(zlib.crc32(f"{full_name}:{split}".encode()))
+    if full_name.startswith("imagenet2012_corrupted/"):
+        return rng.integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for h, w in ((60, 80), (80, 60), (64, 64), (50, 90), (90, 50), (70, 70))]
+
+
+def _imagenet_as_dataset(labels: dict[str, np.ndarray]):
+    """tfds's `as_dataset` for the mocked ImageNet sets: `_imagenet_images`, PNG-encoded as
+    stored (decoded unless the reader skips decoding), labels from `labels[full_name]` (filled
+    in by the test) or 0..5."""
+    import tensorflow as tf
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        del read_config, shuffle_files
+        name = self.info.full_name
+        images = _imagenet_images(name, str(split))
+        encoded = [tf.io.encode_png(image).numpy() for image in images]
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"image": encoded, "label": labels.get(name, np.arange(len(images)))})
+        if not decoders:
+            ds = ds.map(lambda ex: {"image": tf.io.decode_png(ex["image"], channels=3),
+                                    "label": ex["label"]})
+        return ds
+
+    return as_dataset
+
+
+def test_tfds_source_reads_imagenet2012_corrupted_as_stored(tmp_path, monkeypatch):
+    """A run trained on (mocked) imagenet2012 at 224x224; with source='tfds' each cell reads
+    `imagenet2012_corrupted/<name>_<severity>`'s validation split. Its images are stored as
+    ImageNet-C's 224x224 centre crops, so the model gets exactly the stored pixels (the run's
+    resize-and-crop would zoom into them again), normalized with ImageNet's statistics, and
+    each cell is the top-1 of those against the stored labels; the clean top-1 is the run's own
+    evaluation of imagenet2012's validation split. Settings it cannot measure are refused by
+    name before anything is written, as is a config that is not prepared (naming how to
+    prepare imagenet2012_corrupted)."""
+    from cnnjax.data.presets import IMAGENET_MEAN, IMAGENET_STD
+
+    root = str(tmp_path / "tfds")
+    _write_metadata(root, "imagenet2012", {"train": 6, "validation": 6})
+    configs = {"contrast_1": ("contrast", 1), "glass_blur_5": ("glass_blur", 5)}
+    for config in configs:
+        _write_metadata(root, f"imagenet2012_corrupted/{config}", {"validation": 6})
+    data = default_data_config("imagenet2012")
+    data.data_dir = root
+    read = {}  # tfds name -> (pixels, labels) of each eval_pixels call
+    real_eval_pixels = R.eval_pixels
+
+    def recorded(config, max_examples, as_stored=False):
+        out = real_eval_pixels(config, max_examples, as_stored)
+        read[config.data.tfds_name] = out[:2]
+        return out
+
+    monkeypatch.setattr(R, "eval_pixels", recorded)
+    labels = {}
+    with _mock(root, 6, as_dataset_fn=_imagenet_as_dataset(labels)):
+        workdir = _train(str(tmp_path / "run"), data)
+        run = load_trained(workdir)
+        assert run.config.data.name == "imagenet2012"
+        mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+        expected = {}
+        for config, (name, severity) in configs.items():
+            # Labels: the model's class for the stored pixels on examples 0-2, another on 3-5,
+            # so a cell read as stored has top-1 exactly 0.5.
+            full_name = f"imagenet2012_corrupted/{config}/3.1.0"
+            stored = _imagenet_images(full_name, "validation")
+            normalized = ((stored / 255.0 - mean) / std).astype(np.float32)
+            predicted = np.argmax(np.asarray(run.apply(normalized)), -1)
+            labels[full_name] = np.where(np.arange(6) < 3, predicted, (predicted + 1) % 1000)
+            expected[name, severity] = stored, labels[full_name]
+        args = (workdir, "contrast,glass_blur")
+        with pytest.raises(DatasetNotPreparedError,
+                           match=r"tfds 'imagenet2012_corrupted/contrast_5'\) is not prepared.*"
+                                 r"For source='tfds', prepare each `imagenet2012_corrupted/"
+                                 r"<corruption>_<severity>` config you evaluate \(`tfds build "
+                                 r"imagenet2012_corrupted` prepares all 95, from ImageNet's "
+                                 r"validation archive, which tfds needs downloaded by hand\), "
+                                 r"or use source='on_the_fly'\.$"):
+            R.run_robustness(*args, "1,5", source="tfds", log=lambda _: None)
+        with pytest.raises(ValueError, match=r"robustness: split='train' is invalid; "
+                                             r"imagenet2012_corrupted holds ImageNet's "
+                                             r"validation split only, .*evaluate "
+                                             r"split='validation'"):
+            R.run_robustness(*args, "1", split="train", source="tfds", log=lambda _: None)
+        assert not os.path.exists(os.path.join(workdir, "robustness"))
+
+        lines = []
+        read.clear()
+        R.run_robustness(workdir, "contrast", "1", source="tfds", log=lines.append)
+        record, path = R.run_robustness(workdir, "glass_blur", "5", source="tfds",
+                                        log=lines.append)  # merged with the cell before
+        clean_top1 = evaluate_run(run)["top1"]
+    assert path.endswith("robustness/robustness_tfds.json")
+    assert record["tfds_dataset"] == "imagenet2012_corrupted" and record["source"] == "tfds"
+    with open(path) as f:
+        assert json.load(f)["tfds_dataset"] == "imagenet2012_corrupted"
+    assert "corrupted cells from tfds's imagenet2012_corrupted" in lines[0]
+    assert record["split"] == "validation" and record["num_examples"] == 6
+    assert record["clean_top1"] == pytest.approx(clean_top1, abs=1e-9)
+    # ImageNet-C's table: the one imagenet2012_corrupted's images were made with.
+    assert record["parameters"]["contrast"] == list(C.IMAGENET_PARAMETERS["contrast"])
+    assert record["cells"] == {"contrast": {"1": 0.5}, "glass_blur": {"5": 0.5}}
+    for config, (name, severity) in configs.items():
+        pixels, cell_labels = read[f"imagenet2012_corrupted/{config}"]
+        stored, stored_labels = expected[name, severity]
+        np.testing.assert_allclose(pixels, stored, atol=1e-4)  # as stored, not cropped again
+        np.testing.assert_array_equal(cell_labels, stored_labels)
+
+
+def test_an_imagenet2012_run_not_at_224_is_refused_for_tfds(trained, monkeypatch):
+    """imagenet2012_corrupted's images are 224x224 crops read as stored: a run on imagenet2012
+    whose model sees 32x32 images is refused by name (on the fly it is measured)."""
+    import cnnjax.train.trained as trained_lib
+
+    workdir = trained[3]
+    real_load, real_pipeline = load_trained, R.eval_pipeline
+
+    def as_imagenet(workdir, step=None):
+        run = real_load(workdir, step)
+        config = run.config.copy_and_resolve_references()
+        config.data.name = "imagenet2012"
+        return dataclasses.replace(run, config=config)
+
+    def fake_data(config):  # the run's own (fake) data, read as if it were ImageNet's
+        config = config.copy_and_resolve_references()
+        config.data.name = "fake"
+        return real_pipeline(config)
+
+    monkeypatch.setattr(trained_lib, "load_trained", as_imagenet)
+    monkeypatch.setattr(R, "eval_pipeline", fake_data)
+    with pytest.raises(ValueError, match=r"robustness: split='test' is invalid; "
+                                         r"imagenet2012_corrupted holds ImageNet's validation "
+                                         r"split only"):
+        R.run_robustness(workdir, "contrast", "1", source="tfds", log=lambda _: None)
+    with pytest.raises(ValueError, match=r"robustness: workdir=.* is invalid; its model sees "
+                                         r"32x32 images, and imagenet2012_corrupted stores "
+                                         r"224x224 centre crops, read as stored; use "
+                                         r"source='on_the_fly'\.$"):
+        R.run_robustness(workdir, "contrast", "1", split="validation", source="tfds",
+                         log=lambda _: None)
