@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
-    from cnnjax.utils.files import read_json
+    from cnnjax.utils.files import read_json, retire_error_log
     from cnnjax.utils.lock import DirectoryInUseError
 
     logging.info(
@@ -95,6 +95,9 @@ def main(argv: list[str]) -> None:
         with open(log, "w") as f:
             f.write(traceback.format_exc())
         _fail(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
+    kept = retire_error_log(workdir, "error.log" if index == 0 else f"error.process{index}.log")
+    if kept:
+        logging.info("An earlier invocation's traceback is kept as %s.", kept)
     if index == 0:
         _print_summary(summary)
 

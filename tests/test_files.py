@@ -77,3 +77,16 @@ def test_an_output_folder_behind_a_file_is_refused_and_nothing_is_created(tmp_pa
             files.check_output_dir(str(path), "--out")
     assert files.check_output_dir(str(tmp_path / "new" / "x"), "--out") == str(tmp_path / "new/x")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_earlier_traceback_is_kept_aside_after_a_success(tmp_path):
+    assert files.retire_error_log(str(tmp_path)) is None
+    (tmp_path / "error.log").write_text("old traceback")
+    (tmp_path / "error.previous.log").write_text("older traceback")
+    kept = files.retire_error_log(str(tmp_path))
+    assert kept == str(tmp_path / "error.previous.log")
+    assert sorted(os.listdir(tmp_path)) == ["error.previous.log"]
+    assert (tmp_path / "error.previous.log").read_text() == "old traceback"
+    (tmp_path / "error.process1.log").write_text("process 1's")
+    assert files.retire_error_log(str(tmp_path), "error.process1.log") == str(
+        tmp_path / "error.process1.previous.log")

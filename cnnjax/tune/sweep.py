@@ -38,6 +38,7 @@ from cnnjax.utils.files import (
     check_directory_kind,
     check_output_dir,
     read_json,
+    retire_error_log,
     save_figure,
 )
 from cnnjax.utils.lock import DirectoryInUseError, directory_lock
@@ -316,6 +317,7 @@ def run_trial(config: Any, workdir: str, record: dict) -> dict:
     try:
         train_and_evaluate(config, workdir)
         record["status"] = "completed"
+        retire_error_log(workdir)  # an earlier failed try's traceback is not this outcome
     except TrainingDivergedError as err:
         record.update(status="diverged", reason=str(err))
     except KeyboardInterrupt as err:  # Ctrl-C, or TrainingInterrupted (SIGTERM: names it)

@@ -39,6 +39,18 @@ def write_json(path: str, record: Any) -> None:
     atomic_write(path, json.dumps(record, indent=2, default=float))
 
 
+def retire_error_log(workdir: str, name: str = "error.log") -> str | None:
+    """After an invocation that succeeded, moves an earlier one's traceback `<workdir>/<name>`
+    to `<name without .log>.previous.log` (replacing an older one) so a leftover traceback is
+    not read as this run's failure; returns the new path, or None when there was none."""
+    path = os.path.join(workdir, name)
+    if not os.path.isfile(path):
+        return None
+    kept = os.path.join(workdir, f"{name.removesuffix('.log')}.previous.log")
+    os.replace(path, kept)
+    return kept
+
+
 def read_json(path: str) -> Any:
     """The JSON value in `path`, or None if it is missing or unreadable (cut short by a kill)."""
     try:

@@ -159,18 +159,18 @@ def test_a_refused_workdir_is_not_pointed_to_for_details(tmp_path):
 @pytest.mark.parametrize(("script", "args", "message"), [
     ("train", ["--config=experiments/configs/lenet5_digits.py", "--workdir={tmp}",
                "--config.optimizer.learnin_rate=0.1"],
-     "error: --config.optimizer.learnin_rate=0.1 is invalid; 'learnin_rate' Did you mean "
-     "\"learning_rate\" instead of \"learnin_rate\"?"),
+     "error: --config.optimizer.learnin_rate=0.1 is invalid; the config has no field "
+     "'learnin_rate'; Did you mean \"learning_rate\" instead of \"learnin_rate\"?"),
     ("train", ["--config=experiments/configs/lenet5_dgits.py", "--workdir={tmp}"],
      "error: --config='experiments/configs/lenet5_dgits.py' is invalid; no such config file"),
     ("sweep", ["--config=experiments/configs/lenet5_digits.py", "--sweep_dir={tmp}",
                "--sweep=experiments/sweeps/lenet5_digits_lr.py", "--sweep.kindd=random"],
-     "error: --sweep.kindd=random is invalid; 'kindd' Did you mean \"kind\" instead of "
-     "\"kindd\"?"),
+     "error: --sweep.kindd=random is invalid; the config has no field 'kindd'; Did you mean "
+     "\"kind\" instead of \"kindd\"?"),
     ("tune", ["--config=experiments/configs/lenet5_digits.py", "--tune_dir={tmp}",
               "--recipe=experiments/recipes/lenet5_digits.py", "--recipe.lr_mx=0.1"],
-     "error: --recipe.lr_mx=0.1 is invalid; 'lr_mx' Did you mean \"lr_max\" instead of "
-     "\"lr_mx\"?"),
+     "error: --recipe.lr_mx=0.1 is invalid; the config has no field 'lr_mx'; Did you mean "
+     "\"lr_max\" instead of \"lr_mx\"?"),
 ])
 def test_a_misspelt_override_or_missing_config_file_is_one_line(tmp_path, script, args, message):
     """ml_collections raises these from inside absl's parser; the entry points' `parse_flags`
@@ -183,6 +183,29 @@ def test_a_misspelt_override_or_missing_config_file_is_one_line(tmp_path, script
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == message
     assert not workdir.exists()
+
+
+def test_an_unexpected_error_keeps_its_traceback_until_a_rerun_succeeds(tmp_path):
+    """A bug's traceback goes to <workdir>/error.log; once a rerun completes it is kept aside as
+    error.previous.log, so the workdir no longer looks failed."""
+    crash = ("import sys; import cnnjax.train.loop as loop\n"
+             "def boom(config, workdir): raise RuntimeError('stand-in bug')\n"
+             "loop.train_and_evaluate = boom\n"
+             "sys.argv = sys.argv[1:]\n"
+             "import runpy; runpy.run_module('experiments.train', run_name='__main__')")
+    failed = subprocess.run([sys.executable, "-c", crash, *_command(tmp_path)[2:]], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    log = tmp_path / "error.log"
+    assert failed.stderr.strip().splitlines()[-2:] == [
+        "error: RuntimeError: stand-in bug", f"(traceback in {log})"]
+    assert "RuntimeError: stand-in bug" in log.read_text()
+    rerun = subprocess.run(_command(tmp_path, "--config.num_train_steps=2",
+                                    "--config.schedule.warmup_steps=0"),
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not log.exists()
+    assert "stand-in bug" in (tmp_path / "error.previous.log").read_text()
 
 
 def test_a_workdir_in_use_is_a_one_line_error_and_left_untouched(tmp_path):

@@ -261,6 +261,13 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     assert _json(os.path.join(failed["workdir"], "trial.json"))["invocations"] == 2
     assert helpers.finished_run_files(done["workdir"]) == before
+    # Once it completes, the earlier traceback is kept aside, not read as this outcome.
+    monkeypatch.setattr(sw, "train_and_evaluate", engine)
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
+    assert not os.path.exists(os.path.join(failed["workdir"], "error.log"))
+    with open(os.path.join(failed["workdir"], "error.previous.log")) as f:
+        assert "stand-in: the data disappeared mid-run" in f.read()
 
 
 def test_a_trial_another_process_is_running_is_skipped_not_run_twice(tmp_path, monkeypatch,
