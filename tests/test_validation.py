@@ -9,6 +9,7 @@ import pytest
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
+    check_known_fields,
     check_nhwc_nonempty,
     check_non_negative_int,
     check_number,
@@ -154,3 +155,17 @@ def test_positive_int_refuses_bools_floats_strings_and_non_positive(value):
     with pytest.raises(ValueError, match=r"^nms: max_output_size=.* is invalid; expected a "
                                          r"positive integer\.$"):
         check_positive_int("nms", "max_output_size", value)
+
+
+def test_known_fields_name_the_first_unknown_key_and_list_the_valid_ones():
+    """One refusal for the config blocks a Python config file can add keys to (ema, init_from,
+    mixing, distill): the first unknown key in sorted order, the valid fields in their order."""
+    import ml_collections
+
+    check_known_fields("ema", {"decay": 0.9}, ("decay", "warmup"))  # a subset is fine
+    check_known_fields("ema", {}, {"decay": None, "warmup": True})  # a mapping's keys
+    block = ml_collections.ConfigDict({"decay": 0.9, "warmup": True, "zz": 1, "decy": 0.99})
+    with pytest.raises(ValueError) as err:
+        check_known_fields("ema", block, ("decay", "warmup"))
+    assert str(err.value) == ("ema: field='decy' is invalid; expected one of ['decay', "
+                              "'warmup'].")

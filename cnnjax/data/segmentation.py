@@ -17,7 +17,8 @@ count. Batches:
 plus `mask` f32 [D, B] from `eval_batches` (0 on the padding of the last batch). Class maps are
 resized with the image by nearest neighbour; `augment=True` is a random horizontal flip of both
 (the preset's crops are not used), drawn statelessly as in the other pipelines, and with
-`scale_range=(low, high)` also DeepLab's random scale and crop (`_random_scale_crop`).
+`scale_range=(low, high)` also DeepLab's random scale and crop (`_random_scale_crop`; refused
+with `augment=False`, which would drop it).
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def default_data_config(name: str = "shapes") -> Any:
 
 
 def _split(data_config: Any) -> tuple[Any, tuple[float, float] | None]:
-    """`(the pipeline's data config, scale_range)`; validates the segmentation-only fields."""
+    """`(the resolved spec of the pipeline's fields, scale_range)`; validates the
+    segmentation-only fields. `scale_range` with `augment=False` is refused, as `resolve`
+    refuses RandAugment then: it is a training augmentation, which augment=False turns off, so
+    the setting would be silently dropped."""
     if not hasattr(data_config, "items"):
         raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
     fields = dict(data_config.items())
@@ -69,7 +73,12 @@ def _split(data_config: Any) -> tuple[Any, tuple[float, float] | None]:
         if fields.get(arg) is not None:
             raise invalid(_OWNER, arg, fields[arg],
                           "expected None: class subsets are not supported for segmentation")
-    return ml_collections.ConfigDict(fields), scale_range
+    spec = resolve(ml_collections.ConfigDict(fields))
+    if scale_range is not None and not spec.augment:
+        raise invalid(_OWNER, "scale_range", scale_range,
+                      "expected None when augment=False (the random scale and crop is a "
+                      "training augmentation: set augment=True, or scale_range=None)")
+    return spec, scale_range
 
 
 IGNORE_LABEL = 255
@@ -131,15 +140,14 @@ class _SegmentationSource(TfdsSource):
 def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any, tuple[float, float] | None]:
     """`(spec, source, transforms, scale_range)` of a segmentation data config (`resolve` and
     `_split` check it)."""
-    config, scale_range = _split(data_config)
-    spec = resolve(config)
+    spec, scale_range = _split(data_config)
     source, transforms = pipeline.open_whole_image_source(spec, _SegmentationSource)
     return spec, source, transforms, scale_range
 
 
 def eval_split_name(data_config: Any) -> str:
     """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
-    return pipeline.eval_split_name(_split(data_config)[0])
+    return _split(data_config)[0].eval_split
 
 
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
@@ -200,10 +208,8 @@ def train_batches(
     batch `k` is a deterministic function of `(data_config, seed, k)` and the process layout."""
     pipeline.check_train_layout(global_batch_size, num_devices, seed, start_step, process_index,
                                 process_count)
-    spec, source, transforms, scale_range = _open(data_config)
+    spec, source, transforms, scale_range = _open(data_config)  # scale_range None unless augment
     hw = transforms.out_shape[:2]
-    if not spec.augment:
-        scale_range = None
 
     def preprocess(ex: dict[str, tf.Tensor], key: tf.Tensor) -> dict[str, tf.Tensor]:
         image, flip = pipeline.flipped_whole_image(spec, transforms, ex["image"], key)

@@ -141,6 +141,22 @@ def _nonnegative(owner: str, arg: str, value: Any) -> float:
     return number
 
 
+def check_yolo_v1_loss_settings(
+    owner: str, lambda_coord: Any, lambda_noobj: Any, confidence_target: Any
+) -> tuple[float, float]:
+    """`(lambda_coord, lambda_noobj)` as floats if both are finite and >= 0 and
+    `confidence_target` is one of `CONFIDENCE_TARGETS`, else a ValueError naming `owner`.
+
+    One rule for the loss (checked when traced) and for the modules that carry these settings
+    (`cnnjax.models.yolo.YOLOv1`, checked at construction), so a bad setting fails before the
+    first train step compiles rather than inside it.
+    """
+    coord = _nonnegative(owner, "lambda_coord", lambda_coord)
+    noobj = _nonnegative(owner, "lambda_noobj", lambda_noobj)
+    check_choice(owner, "confidence_target", confidence_target, CONFIDENCE_TARGETS)
+    return coord, noobj
+
+
 def yolo_v1_loss_terms(
     predictions: Any, targets: Any, lambda_coord: float = 5.0, lambda_noobj: float = 0.5,
     confidence_target: str = "iou",
@@ -162,9 +178,8 @@ def yolo_v1_loss_terms(
         raise invalid(owner, "predictions.shape", tuple(predictions.shape),
                       f"expected a last axis of B * 5 + {classes} (B >= 1; C = {classes} from "
                       "targets)")
-    coord = _nonnegative(owner, "lambda_coord", lambda_coord)
-    noobj = _nonnegative(owner, "lambda_noobj", lambda_noobj)
-    check_choice(owner, "confidence_target", confidence_target, CONFIDENCE_TARGETS)
+    coord, noobj = check_yolo_v1_loss_settings(owner, lambda_coord, lambda_noobj,
+                                               confidence_target)
     dtype = jnp.promote_types(jnp.result_type(predictions, targets), jnp.float32)
     return _loss_terms(predictions.astype(dtype), targets.astype(dtype), boxes5 // 5, coord,
                        noobj, confidence_target == "iou")

@@ -7,7 +7,7 @@ pool, 3x3 192, max pool, 1x1 128 / 3x3 256 / 1x1 256 / 3x3 512, max pool, 4 x (1
 `S * S * (B * 5 + C)` outputs: 448x448 input, S = 7, B = 2, C = 20 (PASCAL VOC). Convolutions
 use SAME padding as darknet's `yolov1.cfg` (`pad=1`), so 448 -> 7x7x1024 before the fcs.
 `yolo_v1_small` is the same design scaled for 64x64 images (`shapes_multi`): 6 convolutions
-with BatchNorm, fc 256, an 8x8 grid.
+with BatchNorm, fc 512 (`hidden_features=512`), no dropout, an 8x8 grid.
 
 Output: `[N, S, S, B * 5 + C]`, per cell `B` groups `(x, y, sqrt_w, sqrt_h, confidence)` then `C`
 class scores, the layout `cnnjax.detection.yolo.yolo_v1_loss` expects (raw linear outputs, as in
@@ -30,7 +30,11 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
-from cnnjax.detection.yolo import yolo_v1_loss_terms, yolo_v1_targets
+from cnnjax.detection.yolo import (
+    check_yolo_v1_loss_settings,
+    yolo_v1_loss_terms,
+    yolo_v1_targets,
+)
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import register_model
@@ -120,6 +124,10 @@ class YOLOv1(nn.Module):
         check_number(owner, "negative_slope", self.negative_slope, "expected a number in [0, 1]",
                      low=0.0, high=1.0)
         check_detection_settings(owner, self)
+        # The loss checks these again when traced; checking here makes a bad setting fail at
+        # create_model / config validation instead of inside the first compiled train step.
+        check_yolo_v1_loss_settings(owner, self.lambda_coord, self.lambda_noobj,
+                                    self.confidence_target)
         if not isinstance(self.batch_norm, bool):
             raise invalid(owner, "batch_norm", self.batch_norm, "expected a bool")
         super().__post_init__()

@@ -26,6 +26,7 @@ from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
+    check_known_fields,
     check_positive_float,
     check_positive_int,
     invalid,
@@ -46,13 +47,16 @@ TASK_PLOT_METRIC = {"classification": "top1", "detection": "map50", "segmentatio
 # Fields added to the schema after workdirs were written: the value an older config.json (which
 # lacks the field) implicitly had, so those workdirs still resume.
 MIXING_DEFAULTS = dataclasses.asdict(mixing_lib.Mixing())  # mixing off
+EMA_DEFAULTS = {"decay": None, "warmup": True}  # no weight average
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
-                   "ema": {"decay": None, "warmup": True}, "mixing": MIXING_DEFAULTS,
+                   "ema": EMA_DEFAULTS, "mixing": MIXING_DEFAULTS,
                    "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0},
                    "distill": distill_lib.DISTILL_DEFAULTS}
 # init_from.* fields added later, for `incompatible_fields` only (a config.json without an
 # init_from block must not gain a partial one: `with_legacy_defaults` leaves init_from alone).
 WARM_START_LEGACY_DEFAULTS = {"init_from.ema": False}
+# Every field of `config.init_from` (`default_config` declares them); any other key is refused.
+INIT_FROM_FIELDS = ("workdir", "step", "exclude", "submodule", "ema")
 # Fields that may change between a run and its resumption. They do not alter what is trained,
 # except that a different device count (num_devices, or the machine's when it is 0) changes the
 # per-device details of the trajectory (dropout keys, mixing pairs, accumulation micro-batches,
@@ -278,10 +282,12 @@ def init_from_workdir(config: Any) -> str | None:
 
 def ema_rule(config: Any) -> ema_lib.ExponentialMovingAverage | None:
     """The weight average `config.ema` asks for, or None when `ema.decay` is None (`ema.warmup`
-    is checked either way)."""
+    and unknown keys are checked either way: a typo such as `ema.decy` would else leave decay
+    unset and silently turn the average off)."""
     ema = _field(config, "ema")
     if ema is None:
         return None
+    check_known_fields("ema", ema, EMA_DEFAULTS)
     warmup = check_bool("ema", "warmup", ema.get("warmup", True))
     if ema.get("decay") is None:
         return None
@@ -309,10 +315,8 @@ def mixing_rule(config: Any) -> mixing_lib.Mixing | None:
     mixing = _field(config, "mixing")
     if mixing is None:
         return None
-    fields = [field.name for field in dataclasses.fields(mixing_lib.Mixing)]
-    unknown = sorted(set(mixing) - set(fields))
-    if unknown:
-        raise invalid("mixing", "field", unknown[0], f"expected one of {fields}")
+    check_known_fields("mixing", mixing, [field.name for field in dataclasses.fields(
+        mixing_lib.Mixing)])
     settings = {**MIXING_DEFAULTS, **mixing}
     mixing_lib.check_mixing("mixing", **settings)
     rule = mixing_lib.Mixing(**settings)
@@ -371,6 +375,10 @@ def validate_config(config: Any) -> None:
         raise invalid(
             "config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1"
         )
+    if smoothing and task != "classification":  # the detection/segmentation losses ignore it
+        raise invalid("config", "label_smoothing", config.label_smoothing,
+                      f"label smoothing needs class labels (config.task='classification', not "
+                      f"{task!r}); set label_smoothing=0")
     aux_weight = config.aux_loss_weight
     if (isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float)
             or not 0 <= aux_weight < math.inf):
@@ -395,7 +403,9 @@ def validate_config(config: Any) -> None:
 
 
 def _validate_init_from(config: Any) -> None:
-    """`init_from.*` and `freeze` (types only; the source run is checked by the loop)."""
+    """`init_from.*` and `freeze` (types only; the source run is checked by the loop). A key
+    of `init_from` that is not in `INIT_FROM_FIELDS` is refused: a typo such as `use_ema=True`
+    would else load the source's raw weights instead of its average, silently."""
     freeze = config.get("freeze")
     if freeze not in FREEZE_MODES:
         raise invalid(
@@ -407,6 +417,7 @@ def _validate_init_from(config: Any) -> None:
     init_from = config.get("init_from")
     if init_from is None:
         return
+    check_known_fields("init_from", init_from, INIT_FROM_FIELDS)
     workdir, step = init_from.get("workdir"), init_from.get("step")
     if workdir is not None and (not isinstance(workdir, str) or not workdir):
         raise invalid("init_from", "workdir", workdir, "expected the source run's --workdir")

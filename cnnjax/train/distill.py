@@ -30,7 +30,7 @@ from absl import logging
 from flax.traverse_util import flatten_dict
 
 from cnnjax.utils.files import read_json, write_json
-from cnnjax.utils.validation import check_bool, check_number, invalid
+from cnnjax.utils.validation import check_bool, check_known_fields, check_number, invalid
 
 if TYPE_CHECKING:
     from cnnjax.data.pipeline import DatasetInfo
@@ -109,9 +109,7 @@ def validate_distill(config: Any, task: str) -> None:
     block = config.get("distill")
     if block is None:
         return
-    unknown = sorted(set(block) - set(DISTILL_DEFAULTS))
-    if unknown:
-        raise invalid(OWNER, "field", unknown[0], f"expected one of {list(DISTILL_DEFAULTS)}")
+    check_known_fields(OWNER, block, DISTILL_DEFAULTS)
     settings = {**DISTILL_DEFAULTS, **dict(block)}
     check_distillation(OWNER, settings["temperature"], settings["alpha"])
     check_bool(OWNER, "ema", settings["ema"])

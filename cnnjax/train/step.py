@@ -250,8 +250,16 @@ def segmentation_train_step(
     ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
     """One step of a dense predictor (an FCN) on `batch` {'image' [B, H, W, C], 'labels'
-    [B, H, W]} (`cnnjax.data.segmentation`): the mean per-pixel cross-entropy; metrics `loss`,
-    `pixel_accuracy` (device-averaged) and the `learning_rate`."""
+    [B, H, W]} (`cnnjax.data.segmentation`); metrics `loss`, `pixel_accuracy` (device-averaged)
+    and the `learning_rate`.
+
+    The loss is a mean of per-image means: each image's per-pixel cross-entropy is averaged over
+    that image's scored pixels (labels in `[0, C)`; `IGNORE_LABEL` pixels count nowhere), then
+    those means are averaged over the images. So every image weighs the same whatever its number
+    of scored pixels, and an image without any scored pixel contributes 0 but still counts in
+    the batch mean (`_pixel_metrics`). Not the mean over all scored pixels of the batch that
+    torchvision's reference takes (`CrossEntropyLoss(ignore_index=255)`), nor Caffe FCN's sum.
+    """
 
     def loss_fn(params, batch_stats, batch, rng):
         logits, updates = _apply_training(model, params, batch_stats, (batch["image"],),

@@ -17,7 +17,8 @@ order:
     overfitting           sweep the first knob of `recipe.regularizers` not swept yet and not
                           already at its strongest (`cnnjax.tune.regularizers`); by default
                           weight decay x(3, 10, 30) (1e-4, 1e-3, 1e-2 from zero), then label
-                          smoothing (0.1, 0.2, 0.05), then data.augment=True. With
+                          smoothing (0.1, 0.2, 0.05; classification only), then
+                          data.augment=True. With
                           `recipe.lengthen_regularizers`, a swept knob whose best value lost
                           while still learning (too_slow, underfitting, still_improving) is
                           first rerun against the knob's old value at twice its steps
@@ -82,6 +83,7 @@ from cnnjax.tune.regularizers import (
     knob_value,
     round_value,
     strength,
+    task_regularizers,
 )
 from cnnjax.tune.sweep import (
     check_metric,
@@ -499,7 +501,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
         return proposal
     if verdict == "overfitting":
         swept = {r.plan.field for r in history}
-        for name in recipe.regularizers:
+        for name in task_regularizers(recipe.regularizers, config_lib.config_task(base)):
             knob = REGULARIZERS[name]
             current = knob_value(base, overrides, knob.field)
             if knob.field in swept and recipe.lengthen_regularizers:

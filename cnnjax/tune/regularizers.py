@@ -75,7 +75,8 @@ REGULARIZERS: dict[str, Regularizer] = {
     "weight_decay": Regularizer(WEIGHT_DECAY, _up_from_zero((1e-4, 1e-3, 1e-2), (3, 10, 30))),
     "label_smoothing": Regularizer(
         LABEL_SMOOTHING,
-        lambda v: (0.1, 0.2, 0.05) if not v else tuple(x for x in (0.1, 0.2, 0.3) if x > v)),
+        lambda v: (0.1, 0.2, 0.05) if not v else tuple(x for x in (0.1, 0.2, 0.3) if x > v),
+        classification_only=True),
     "augment": Regularizer(AUGMENT, lambda v: () if v else (True,), optional=True),
     # RandAugment ops per image (magnitude as configured): 2 is the paper's usual N; never past
     # the pipeline's cap (randaugment.MAX_LAYERS), which the trial's config check would refuse.
@@ -89,6 +90,15 @@ REGULARIZERS: dict[str, Regularizer] = {
 }
 #: What a recipe without `regularizers` (and every tune.json written before it existed) uses.
 DEFAULT_REGULARIZERS = ("weight_decay", "label_smoothing", "augment")
+
+
+def task_regularizers(names: tuple[str, ...], task: str) -> tuple[str, ...]:
+    """The knobs a tune of `task` tries: `names`, except that the default list leaves out the
+    knobs that need class labels for detection and segmentation (a list the user wrote is kept
+    whole, so `check_regularizers` names such a knob)."""
+    if tuple(names) != DEFAULT_REGULARIZERS or task == "classification":
+        return tuple(names)
+    return tuple(n for n in names if not REGULARIZERS[n].classification_only)
 
 
 def strength(value: Any) -> float:
@@ -113,7 +123,7 @@ def check_regularizers(recipe: Recipe, base: Any) -> None:
     knob's may not), its task has class labels where it needs them, and the base config turned
     up to the knob's first value passes the engine's field checks."""
     task = config_lib.config_task(base)
-    for name in recipe.regularizers:
+    for name in task_regularizers(recipe.regularizers, task):
         knob = REGULARIZERS[name]
         if space_lib.get_field(base, knob.field, _MISSING) is _MISSING:
             if knob.optional:

@@ -132,6 +132,17 @@ def check_choice(owner: str, arg: str, value: Any, choices: Iterable[Any]) -> An
     return value
 
 
+def check_known_fields(owner: str, block: Any, fields: Iterable[str]) -> None:
+    """Raises naming the first (sorted) key of the config block `block` that is not one of
+    `fields`, listing those. A Python config file can add any key to a block (only the command
+    line refuses unknown ones), so a typo such as `ema.decy` would otherwise be read as unset
+    and silently change the run."""
+    fields = list(fields)
+    unknown = sorted(set(block) - set(fields))
+    if unknown:
+        raise invalid(owner, "field", unknown[0], f"expected one of {fields}")
+
+
 def _is_integer(value: Any) -> bool:
     """An int or NumPy integer (any `numbers.Integral`), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -11,8 +11,10 @@ cnnjax never downloads). Convert the backbone's weights once, then train from th
         --config.init_from.workdir=workdirs/pretrained/resnet18
 `init_from.submodule='backbone'` (set here) loads the classifier's variables into the FCN's
 ResNet trunk and ignores its 1000-class head; the score and upsampling layers start as the paper
-initializes them. Without `init_from.workdir` the same recipe trains from scratch (a baseline;
-`experiments.transfer` compares arms of one architecture only, so run it as its own job).
+initializes them. Without `init_from.workdir` the same recipe trains from scratch (a baseline,
+run as its own job: `experiments.transfer` does compare arms across architectures through
+`init_from.submodule`, as in experiments/transfers/shapes_to_segmentation.py, but it pretrains
+its own source run rather than loading converted torchvision weights).
 
 Recipe: whole images resized to 224x224 (the preset's ImageNet mean/std) with horizontal flips,
 batch 32, 30 epochs of the 3,680 training images, AdamW 1e-3 with warmup + cosine, weight decay

@@ -245,3 +245,33 @@ def test_bad_segmentation_fields(digits_dir, field, value, message):
     with pytest.raises(ValueError) as err:
         segmentation.get_dataset_info(config)
     assert message in str(err.value)
+
+
+def test_scale_range_without_augment_is_refused_before_the_dataset_is_opened(tmp_path,
+                                                                              monkeypatch):
+    """The random scale and crop is a training augmentation: with augment=False it used to be
+    dropped silently; now every entry point refuses it, as RandAugment with augment=False."""
+    def must_not_open(*args, **kwargs):
+        raise AssertionError("the dataset was opened before the config was checked")
+
+    monkeypatch.setattr(pipeline, "open_whole_image_source", must_not_open)
+    root = str(tmp_path / "never_built")
+    config = _config(root, augment=False, scale_range=(0.5, 2.0))
+    message = ("data: scale_range=(0.5, 2.0) is invalid; expected None when augment=False (the "
+               "random scale and crop is a training augmentation: set augment=True, or "
+               "scale_range=None).")
+    for call in (lambda: segmentation.get_dataset_info(config),
+                 lambda: segmentation.train_batches(config, global_batch_size=4, num_devices=1,
+                                                    seed=0),
+                 lambda: segmentation.eval_batches(config, global_batch_size=4, num_devices=1),
+                 lambda: segmentation.eval_split_name(config)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+    spec, scale_range = segmentation._split(_config(root, augment=True, scale_range=(0.5, 2)))
+    assert spec.augment and scale_range == (0.5, 2.0)
+    spec, scale_range = segmentation._split(_config(root, augment=False))  # unset: fine
+    assert not spec.augment and scale_range is None
+    assert segmentation.eval_split_name(_config(root)) == "test"
+    assert not (tmp_path / "never_built").exists()
+

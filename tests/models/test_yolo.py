@@ -120,11 +120,32 @@ def test_detect_shapes_under_jit(small):
     ({"score_threshold": 1.0},
      "YOLOv1: score_threshold=1.0 is invalid; expected a number in [0, 1)."),
     ({"dropout_rate": 1.0}, "YOLOv1: dropout_rate=1.0 is invalid; expected a number in [0, 1)."),
+    ({"lambda_coord": -5.0},
+     "YOLOv1: lambda_coord=-5.0 is invalid; expected a finite number >= 0."),
+    ({"lambda_noobj": float("nan")},
+     "YOLOv1: lambda_noobj=nan is invalid; expected a finite number >= 0."),
+    ({"lambda_noobj": True}, "YOLOv1: lambda_noobj=True is invalid"),
+    ({"confidence_target": "IOU"},
+     "YOLOv1: confidence_target='IOU' is invalid; expected one of ['iou', 'one']."),
 ])
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError) as err:
         YOLOv1(**kwargs)
     assert str(err.value).startswith(message)
+
+
+def test_loss_settings_are_refused_at_construction_not_at_the_first_step():
+    """`create_model` refuses the loss settings the loss would refuse only once traced in the
+    train step (same rule, `check_yolo_v1_loss_settings`); valid ones pass through."""
+    with pytest.raises(ValueError, match=r"^YOLOv1: confidence_target='IOU' is invalid; "
+                                         r"expected one of \['iou', 'one'\]\.$"):
+        create_model("yolo_v1_small", confidence_target="IOU")
+    with pytest.raises(ValueError, match=r"^YOLOv1: lambda_coord=-5.0 is invalid"):
+        create_model("yolo_v1_small", lambda_coord=-5.0)
+    with pytest.raises(ValueError, match=r"^YOLOv1: lambda_noobj=nan is invalid"):
+        create_model("yolo_v1_small", lambda_noobj=float("nan"))
+    model = create_model("yolo_v1_small", lambda_coord=0.0, lambda_noobj=1, confidence_target="one")
+    assert (model.lambda_coord, model.lambda_noobj, model.confidence_target) == (0.0, 1, "one")
 
 
 def test_decode_ignores_whatever_unscored_cells_hold():

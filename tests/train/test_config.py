@@ -446,3 +446,71 @@ def test_a_config_json_without_init_from_still_loads(tmp_path, monkeypatch):
     old_warm = {k: v for k, v in warm.items() if k != "init_from.ema"}
     assert incompatible_fields(old_warm, warm) == []
     assert incompatible_fields(old_warm, {**warm, "init_from.ema": True}) == ["init_from.ema"]
+
+
+# -------------------------------------------- settings a task or block would silently ignore
+def test_an_unknown_init_from_field_is_named(tmp_path):
+    """`init_from.use_ema=True` in a Python config file (the command line refuses it) used to
+    load the source's raw weights silently; refused like an unknown mixing/distill field."""
+    from cnnjax.train.config import INIT_FROM_FIELDS
+
+    assert set(default_config().init_from) == set(INIT_FROM_FIELDS)  # the schema's fields
+    config = helpers.tiny_config(**{"init_from.workdir": str(tmp_path / "source")})
+    config.init_from.use_ema = True
+    message = ("init_from: field='use_ema' is invalid; expected one of ['workdir', 'step', "
+               "'exclude', 'submodule', 'ema'].")
+    with pytest.raises(ValueError) as err:
+        validate_config(config)
+    assert str(err.value) == message
+    _raises(config, tmp_path / "run", message)
+    assert not (tmp_path / "run" / "config.json").exists()
+    config = helpers.tiny_config()  # no warm start: still refused (the typo is still a typo)
+    config.init_from.wokdir = "/src"
+    with pytest.raises(ValueError, match=r"^init_from: field='wokdir' is invalid"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("name, task", [("fcn_shapes", "segmentation"),
+                                        ("yolo_shapes", "detection")])
+def test_label_smoothing_is_refused_where_the_loss_has_no_class_labels(name, task,
+                                                                      monkeypatch):
+    """The detection and segmentation steps never read label_smoothing: refused, as mixing is,
+    rather than ignored; 0 (the default) passes."""
+    import importlib
+
+    monkeypatch.undo()  # the configs import the real data modules: never bind them to the fake
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    validate_config(config)
+    config.label_smoothing = 0.1
+    with pytest.raises(ValueError) as err:
+        validate_config(config)
+    assert str(err.value) == (
+        f"config: label_smoothing=0.1 is invalid; label smoothing needs class labels "
+        f"(config.task='classification', not {task!r}); set label_smoothing=0.")
+    validate_config(helpers.tiny_config(label_smoothing=0.1))  # classification: used
+
+
+def test_yolo_loss_settings_in_model_kwargs_are_refused_by_check_config(monkeypatch):
+    """lambda_coord/lambda_noobj/confidence_target used to be checked only when the loss was
+    traced in the first train step; now `check_config` (the loop's pre-compilation check)
+    refuses them when it builds the model."""
+    monkeypatch.undo()  # the real detection pipeline module, with its dataset info stubbed
+    from cnnjax.data import detection, pipeline
+    from experiments.configs import yolo_shapes
+
+    monkeypatch.setattr(detection, "get_dataset_info", lambda data: pipeline.DatasetInfo(
+        "shapes_multi", 4, (64, 64, 3), 4000, 500))
+    for field, value, message in (
+        ("confidence_target", "IOU",
+         "YOLOv1: confidence_target='IOU' is invalid; expected one of ['iou', 'one']."),
+        ("lambda_coord", -5.0,
+         "YOLOv1: lambda_coord=-5.0 is invalid; expected a finite number >= 0."),
+        ("lambda_noobj", float("nan"),
+         "YOLOv1: lambda_noobj=nan is invalid; expected a finite number >= 0."),
+    ):
+        config = yolo_shapes.get_config()
+        config.model_kwargs[field] = value
+        validate_config(config)  # field values only: the model is built by check_config
+        with pytest.raises(ValueError) as err:
+            check_config(config)
+        assert str(err.value) == message

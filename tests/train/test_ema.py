@@ -231,3 +231,23 @@ def test_warmup_is_checked_even_without_a_decay(tmp_path, monkeypatch):
         config.ema.warmup = "yes"
     with pytest.raises(ValueError, match=r"ema: warmup='yes' is invalid; expected True or False"):
         loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_an_unknown_ema_field_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    """`ema.decy` in a Python config file (the command line refuses it) used to leave decay
+    unset: EMA silently off. Refused like an unknown mixing field, decay set or not."""
+    from cnnjax.train.config import EMA_DEFAULTS, ema_rule, validate_config
+
+    helpers.install_fake_pipeline(monkeypatch)
+    message = r"^ema: field='decy' is invalid; expected one of \['decay', 'warmup'\]\.$"
+    for decay in (None, 0.9):
+        config = helpers.tiny_config(**{"ema.decay": decay})
+        config.ema.decy = 0.999
+        with pytest.raises(ValueError, match=message):
+            ema_rule(config)
+        with pytest.raises(ValueError, match=message):
+            validate_config(config)
+        with pytest.raises(ValueError, match=message):
+            loop.train_and_evaluate(config, str(tmp_path))
+        assert not (tmp_path / "config.json").exists()
+    assert set(EMA_DEFAULTS) == set(helpers.tiny_config().ema)  # the schema's fields

@@ -102,3 +102,33 @@ def test_train_steps_lower_the_pixel_loss():
         losses.append(float(metrics["loss"][0]))
         assert 0.0 <= float(metrics["pixel_accuracy"][0]) <= 1.0
     assert losses[-1] < 0.7 * losses[0]  # ln 3 = 1.10 at the start
+
+
+def test_train_step_loss_is_the_mean_of_per_image_means():
+    """`segmentation_train_step`'s loss, hand-computed on 3 images of 1 x 2 pixels, 2 classes,
+    logits = the image (a 1-parameter model): image 0 scores both pixels (logits 0, 0: ln 2
+    each, mean ln 2); image 1 one pixel (logits ln 3, 0, label 1: ln 4) and ignores the other;
+    image 2 none (0). The mean of per-image means is (ln 2 + ln 4 + 0) / 3 = ln 2, where the
+    mean over all scored pixels (torchvision's CrossEntropyLoss(ignore_index=255)) would be
+    4/3 ln 2 and Caffe FCN's sum 4 ln 2."""
+    import flax.linen as nn
+
+    class Identity(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return x * self.param("scale", nn.initializers.ones, ())
+
+    ignore = IGNORE_LABEL
+    images = np.zeros((3, 1, 2, 2), np.float32)
+    images[1, 0, 0, 0] = np.log(3.0)
+    labels = np.array([[[0, 1]], [[1, ignore]], [[ignore, ignore]]], np.int32)
+    model, tx = Identity(), optax.sgd(0.0)
+    state = create_train_state(model, tx, jax.random.key(0), (1, 1, 2, 2))
+    step = jax.vmap(lambda s, b: segmentation_train_step(
+        s, b, model=model, tx=tx, schedule=optax.constant_schedule(0.0), axis_name="data"),
+        axis_name="data")
+    batch = {"image": jnp.asarray(images)[None], "labels": jnp.asarray(labels)[None]}
+    _, metrics = step(jax.tree.map(lambda x: x[None], state), batch)
+    np.testing.assert_allclose(float(metrics["loss"][0]), np.log(2.0), rtol=1e-6)
+    # pixel accuracy likewise per image: 1/2, 0/1 (argmax class 0, label 1), 0 (none scored)
+    np.testing.assert_allclose(float(metrics["pixel_accuracy"][0]), 0.5 / 3, rtol=1e-6)

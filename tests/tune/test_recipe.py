@@ -693,3 +693,28 @@ def test_an_error_between_rounds_is_recorded_before_it_propagates(tmp_path, monk
     assert saved["status"] == "failed" and saved["num_rounds"] == 1
     assert saved["reason"] == ("failed (OSError: metrics.jsonl unreadable); rerun the command to "
                                "continue")
+
+
+def test_the_default_regularizers_leave_label_smoothing_out_where_there_are_no_class_labels():
+    """The engine refuses label_smoothing for detection and segmentation (their losses have no
+    class-label smoothing), so the default recipe skips it there; a list naming it is refused."""
+    from experiments.configs import yolo_shapes
+
+    base = yolo_shapes.get_config()
+    assert rg.task_regularizers(rg.DEFAULT_REGULARIZERS, "detection") == ("weight_decay",
+                                                                         "augment")
+    assert rg.task_regularizers(rg.DEFAULT_REGULARIZERS, "classification") == \
+        rg.DEFAULT_REGULARIZERS
+    rg.check_regularizers(_recipe(), base)  # the default list: fine
+    with pytest.raises(ValueError, match=r"recipe: regularizers='label_smoothing' is invalid; "
+                                         r"it needs class labels \(config.task='classification', "
+                                         r"not 'detection'\)"):
+        rg.check_regularizers(_recipe(regularizers=("label_smoothing",)), base)
+    recipe = _recipe()
+    first = _round1(recipe, [0.5, 0.9, 0.3])
+    d = _decide([first], recipe, "overfitting", base=base)
+    assert d.next_round.field == WD
+    second = _swept(d.next_round, 0.85)
+    d = _decide([first, second], recipe, "overfitting", base=base)
+    # weight decay swept and data.augment already on: nothing left (no label smoothing round)
+    assert d.action == "stop" and d.next_round is None and base.data.augment
