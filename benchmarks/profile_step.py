@@ -3,8 +3,9 @@ r"""Where a train step's time goes: the engine's step under `jax.profiler`, grou
 Builds and compiles the same step as `benchmarks/train_step.py`, records `--steps` steps with
 `jax.profiler.trace` and reads the Perfetto trace it writes: every executed HLO op (thunk) with
 its start and, for ops XLA:CPU runs asynchronously (convolutions, large fusions), the matching
-"end: <op>" event. Prints each op kind's busy time per step and its share of all ops' busy time,
-then the most expensive single ops.
+"end: <op>" event. Prints the wall time per step (the steps alone: starting and stopping the
+profiler, which writes the trace, is not counted), each op kind's busy time per step and its share
+of all ops' busy time, then the most expensive single ops.
 
   python -m benchmarks.profile_step --model=resnet18 --stem=cifar --batch_size=128
 
@@ -22,7 +23,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -137,31 +137,43 @@ def define_flags() -> None:
                         "it); default: a temporary directory, deleted afterwards.")
 
 
+def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32,
+            num_classes: int = 10, stem: str | None = None, conv_impl: str = "auto",
+            steps: int = 2, top: int = 15, trace_dir: str | None = None) -> str:
+    """Compiles the step, runs one untimed step, then `steps` steps under `jax.profiler.trace`;
+    returns the printed text (a header, then `report`).
+
+    The wall time per step is the mean of the steps' own times (`run_jax_steps`, results ready):
+    starting the profiler and stopping it, which writes and converts the trace, take longer than
+    a small model's steps and are not part of a step.
+    """
+    import jax
+
+    overrides = {} if stem is None else {"stem": stem}
+    bench = build_jax_step(model, num_classes, batch_size, (image_size, image_size, 3), 1, "pmap",
+                           "float32", **overrides)
+    compile_s = compile_jax_step(bench, conv_impl)
+    run_jax_steps(bench, 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        trace_dir = trace_dir or scratch
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            times = run_jax_steps(bench, steps)
+        wall = sum(step_wall for step_wall, _ in times) / steps
+        busy = op_busy_times(load_trace_events(trace_dir))
+    header = (f"model={model} stem={stem or 'default'} batch={batch_size} image={image_size} "
+              f"conv_impl={conv_impl} ({bench['platform']}, jax {jax.__version__}); compile "
+              f"{compile_s:.1f} s")
+    return header + "\n" + report(busy, steps, wall, top)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.steps < 1 or FLAGS.top < 1:
         raise app.UsageError("--steps and --top must be positive.")
-    import jax
-
     prepare_platform(True, 1)
-    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
-    bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
-                           (FLAGS.image_size, FLAGS.image_size, 3), 1, "pmap", "float32",
-                           **overrides)
-    compile_s = compile_jax_step(bench, FLAGS.conv_impl)
-    run_jax_steps(bench, 1)
-    with tempfile.TemporaryDirectory() as scratch:
-        trace_dir = FLAGS.trace_dir or scratch
-        start = time.perf_counter()
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            run_jax_steps(bench, FLAGS.steps)
-        wall = (time.perf_counter() - start) / FLAGS.steps
-        busy = op_busy_times(load_trace_events(trace_dir))
-    print(f"model={FLAGS.model} stem={FLAGS.stem or 'default'} batch={FLAGS.batch_size} "
-          f"image={FLAGS.image_size} conv_impl={FLAGS.conv_impl} ({bench['platform']}, jax "
-          f"{jax.__version__}); compile {compile_s:.1f} s")
-    print(report(busy, FLAGS.steps, wall, FLAGS.top))
+    print(profile(FLAGS.model, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.stem,
+                  FLAGS.conv_impl, FLAGS.steps, FLAGS.top, FLAGS.trace_dir))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ size (`_VECTORIZED_ROI_POOL_ELEMENTS`).
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Sequence
 
 from absl import app, flags
 
@@ -22,6 +24,14 @@ _CHANNELS = flags.DEFINE_integer("channels", 128, "Feature channels.")
 _STRIDE = flags.DEFINE_integer("stride", 8, "Image pixels per feature cell.")
 _LEVELS = flags.DEFINE_list("levels", ["1", "2", "4"], "Output sizes (pyramid levels).")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per path.")
+
+
+def median_times(times: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall time and the median CPU time of `(wall, cpu)` pairs, each on its own:
+    the CPU time of the median-wall call is not the median CPU time (a call may be slow on the
+    wall clock while waiting, not computing), and an even count averages the two middle ones."""
+    return (statistics.median(wall for wall, _ in times),
+            statistics.median(cpu for _, cpu in times))
 
 
 def main(argv: list[str]) -> None:
@@ -60,7 +70,7 @@ def main(argv: list[str]) -> None:
             wall, cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(step(features))
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
-        wall, cpu = sorted(times)[len(times) // 2]
+        wall, cpu = median_times(times)
         print(f"{name:>10}: forward+backward {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU")
     roi._VECTORIZED_ROI_POOL_ELEMENTS = budget
 

@@ -9,8 +9,10 @@ Everything after `--` goes to the entry point verbatim (`--config.x=y`, `--sweep
 sweep file decides how many). Every field is checked first, and the config files are loaded with
 the overrides (`--nocheck_configs` skips that, ~5 s); nothing is written when a check fails.
 `<workdir>/slurm/launch.json` records the spec and every job id. Submitting the same spec again
-is safe (the job resumes from the work directory); a different spec for a work directory that
-already has one is refused unless `--force`. `--dry_run` prints the script and submits nothing.
+is safe (the job resumes from the work directory), also with other scheduling settings
+(`SCHEDULING_FIELDS`: `--array=1,3` reruns chosen trials, `--time` or `--max_requeues` extend a
+job); a spec that would compute something else in a work directory that already has one is
+refused unless `--force`. `--dry_run` prints the script and submits nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Any
 from absl import app, flags
 
 from cnnjax.launch import checks, slurm
-from cnnjax.launch.spec import ENTRY_POINTS, JobSpec, json_ready, validate_spec
+from cnnjax.launch.spec import (
+    ENTRY_POINTS,
+    SCHEDULING_FIELDS,
+    JobSpec,
+    json_ready,
+    validate_spec,
+    without_scheduling,
+)
 from cnnjax.utils.files import atomic_write
 from cnnjax.utils.validation import invalid
 
@@ -140,6 +149,22 @@ def _read_record(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+#: Scheduling fields only a sweep (an array job) takes.
+_SWEEP_ONLY = ("array", "max_parallel", "trials_per_task")
+#: What `--force` leaves to the entry point itself, which checks its work directory at start:
+#: the refusal names the one that applies, so a sweep is not told about train's restart.
+_REPLACE_HINTS = {
+    "train": "if the config changed, also pass --config.restart=True: experiments.train refuses "
+             "checkpoints of an incompatible config, and restart deletes them",
+    "sweep": "experiments.sweep still refuses a --sweep_dir holding another search space or "
+             "base config; for those choose a new --workdir",
+    "tune": "experiments.tune still refuses a --tune_dir made with another base config or "
+            "recipe (only --recipe.max_rounds may change); for those choose a new --workdir",
+    "transfer": "experiments.transfer still refuses a --transfer_dir made with other configs, "
+                "budget field or arm overrides; for those choose a new --workdir",
+}
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
@@ -153,8 +178,11 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
               force: bool = False) -> tuple[str, dict[str, Any]]:
     """Writes `<workdir>/slurm/job.sbatch` and the launch record; returns (script path, record).
 
-    Refuses (ValueError, nothing written) when the record holds a different spec, unless
-    `force`: then the old spec is kept in the record's `replaced` list.
+    Refuses (ValueError, nothing written) when the record holds a spec that differs in more than
+    `SCHEDULING_FIELDS`, unless `force`: then the old spec is kept in the record's `replaced`
+    list. A spec differing only in those (`--array=1,3` to rerun two trials of a sweep, a longer
+    `--time`) is the same job queued differently: its script is rewritten and the record holds
+    the new spec.
     """
     directory = slurm.slurm_dir(spec)
     record_path = os.path.join(directory, RECORD_FILE)
@@ -162,15 +190,16 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     new = spec.to_json()
     if record is not None:  # fields added since it was written read as their defaults
         record["spec"] = {**_SPEC_DEFAULTS, **record["spec"]}
-    if record is not None and record["spec"] != new:
-        changes = _differences(record["spec"], new)
+    if record is not None and without_scheduling(record["spec"]) != without_scheduling(new):
+        changes = _differences(without_scheduling(record["spec"]), without_scheduling(new))
         if not force:
+            scheduling = ", ".join(f"--{name}" for name in sorted(SCHEDULING_FIELDS)
+                                   if spec.entry == "sweep" or name not in _SWEEP_ONLY)
             raise invalid(
                 _OWNER, "workdir", spec.workdir,
                 f"it holds a job with a different spec ({'; '.join(changes)}); resubmit the "
-                f"recorded spec to resume it, choose a new --workdir, or pass --force to replace "
-                f"it (train also needs --config.restart=True to drop checkpoints of another "
-                f"config)")
+                f"recorded spec to resume it (only {scheduling} may change), choose a new "
+                f"--workdir, or pass --force to replace it ({_REPLACE_HINTS[spec.entry]})")
         record = {**record, "replaced": [*record.get("replaced", []),
                                          {"spec": record["spec"], "until": _now()}]}
     if record is None:

@@ -22,7 +22,8 @@ is no longer uniform, so the sizes of later layers are upper bounds (a note says
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from cnnjax.utils.validation import check_non_negative_int, check_positive_int, invalid
@@ -176,16 +177,28 @@ def to_receptive_field(info: Info) -> ReceptiveField:
 def stack_receptive_field(layers: Sequence[Sequence[int]]) -> tuple[float, float, float]:
     """Closed-form (size, jump, start) after a chain of window layers along one axis.
 
-    Each layer is `(kernel, stride=1, padding=0, dilation=1)`. Two stacked 3x3 convolutions see a
+    Each layer is a tuple `(kernel, stride=1, padding=0, dilation=1)`, so `[(3,), (3,)]` (not
+    `[3, 3]`) is two stacked 3-wide convolutions. A bare number is refused rather than read as
+    `(kernel,)`: `[3, 3]` is as likely a single `(3, 3)` layer missing its brackets, and a
+    silently different answer would be worse than an error. Two stacked 3x3 convolutions see a
     5x5 field, three a 7x7 one (Simonyan & Zisserman, 2015).
     """
     owner = "stack_receptive_field"
+    form = "(kernel, stride, padding, dilation)"
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise invalid(owner, "layers", layers, f"expected a list of layers, each {form}")
     field = AxisField(1.0, 1.0, 0.0, axis=0, count=0)
-    for i, layer in enumerate(layers):
-        layer = tuple(layer)
+    for i, item in enumerate(layers):
+        try:
+            layer = tuple(item) if not isinstance(item, str) else None
+        except TypeError:  # a bare number, not a one-element tuple
+            layer = None
+        if layer is None:
+            hint = (f", e.g. ({item},) for a kernel of {item} alone"
+                    if isinstance(item, numbers.Integral) else "")
+            raise invalid(owner, f"layers[{i}]", item, f"expected {form} as a tuple{hint}")
         if not 1 <= len(layer) <= 4:
-            raise invalid(owner, f"layers[{i}]", layer,
-                          "expected (kernel, stride, padding, dilation)")
+            raise invalid(owner, f"layers[{i}]", layer, f"expected {form}")
         kernel, stride, padding, dilation = layer + (1, 0, 1)[len(layer) - 1 :]
         check_positive_int(owner, f"layers[{i}].kernel", kernel)
         check_positive_int(owner, f"layers[{i}].stride", stride)

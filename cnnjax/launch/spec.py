@@ -133,6 +133,29 @@ class JobSpec:
         return cls(**values)
 
 
+#: JobSpec fields that decide only how the job is queued and kept alive, not what it computes
+#: (nor which trials a sweep has), so a job resubmitted into its work directory may change them
+#: and still resume it: which array tasks run and how many at once (`array`, `max_parallel`,
+#: `trials_per_task`: every trial keeps its own folder), the time limit and requeue settings (a
+#: stopped job resumes from its checkpoints), memory, the account and priority, and the job's
+#: name. Not here, because they can change results: the process layout (`nodes`,
+#: `gpus_per_node`, `tasks_per_node`), `cpus_per_task` (XLA:CPU's thread pool, whose work split
+#: can change summation order), the hardware (`partition`, `constraint`: e.g. TF32 matmuls on
+#: one GPU model, not on another) and the software (`venv`, `python`, `env`, `setup`,
+#: `submit_dir`).
+SCHEDULING_FIELDS = frozenset({
+    "array", "max_parallel", "trials_per_task", "time", "signal_seconds", "max_requeues", "mem",
+    "account", "qos", "job_name",
+})
+
+
+def without_scheduling(spec_json: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec's JSON (`JobSpec.to_json`, or a launch record's, which may hold fields of another
+    cnnjax version) without `SCHEDULING_FIELDS`: what a resubmission into the same work
+    directory must keep to resume the job there."""
+    return {k: v for k, v in spec_json.items() if k not in SCHEDULING_FIELDS}
+
+
 def json_ready(value: Any) -> Any:
     """`value` with tuples turned into lists, recursively (what a JSON round trip gives)."""
     if isinstance(value, dict):

@@ -161,6 +161,12 @@ def test_alexnet_like_final_field():
         ([(3, 1), (0,)], r"stack_receptive_field: layers\[1\].kernel=0 is invalid"),
         ([(3, 1, -1)], r"stack_receptive_field: layers\[0\].padding=-1 is invalid"),
         ([(3, 1, 0, 0)], r"stack_receptive_field: layers\[0\].dilation=0 is invalid"),
+        # a bare number is refused, not read as (kernel,): [3, 3] may be one (3, 3) layer
+        ([3, 3], r"^stack_receptive_field: layers\[0\]=3 is invalid; expected \(kernel, stride, "
+                 r"padding, dilation\) as a tuple, e.g. \(3,\) for a kernel of 3 alone\.$"),
+        ([(3,), None], r"^stack_receptive_field: layers\[1\]=None is invalid; expected \(kernel"),
+        ([(3,), "33"], r"^stack_receptive_field: layers\[1\]='33' is invalid; expected \(kernel"),
+        (3, r"^stack_receptive_field: layers=3 is invalid; expected a list of layers"),
     ],
 )
 def test_errors(layers, message):

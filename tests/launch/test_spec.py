@@ -8,7 +8,14 @@ import re
 import pytest
 
 from cnnjax.launch.checks import count_trials
-from cnnjax.launch.spec import JobSpec, array_indices, time_limit_seconds, validate_spec
+from cnnjax.launch.spec import (
+    SCHEDULING_FIELDS,
+    JobSpec,
+    array_indices,
+    time_limit_seconds,
+    validate_spec,
+    without_scheduling,
+)
 from tests.launch.conftest import CONFIG, RECIPE, ROOT, SWEEP, TRANSFER
 
 
@@ -208,3 +215,19 @@ def test_relative_paths_start_at_the_submit_dir(tmp_path):
                                              venv=None, submit_dir=str(repo)))
     assert (spec.config, spec.workdir) == (str(repo / "cfg" / "c.py"), str(repo / "w"))
     assert os.getcwd() != str(repo)
+
+
+def test_scheduling_fields_are_fields_and_leave_what_decides_results():
+    """A misspelt name would silently compare a field meant to be free; and the config, its
+    overrides, the process layout, the hardware and the software must stay compared."""
+    fields = {f.name for f in dataclasses.fields(JobSpec)}
+    assert SCHEDULING_FIELDS.issubset(fields)
+    assert {"array", "max_parallel", "time"} <= SCHEDULING_FIELDS
+    assert not SCHEDULING_FIELDS & {"entry", "workdir", "config", "sweep", "recipe", "transfer",
+                                    "overrides", "nodes", "gpus_per_node", "tasks_per_node",
+                                    "cpus_per_task", "partition", "constraint", "venv", "python",
+                                    "env", "setup", "submit_dir"}
+    spec = _sweep(array="1,3", time="30", overrides=("--config.seed=1",))
+    kept = without_scheduling({**spec.to_json(), "future_field": 1})
+    assert set(kept) == fields - SCHEDULING_FIELDS | {"future_field"}
+    assert kept["overrides"] == ["--config.seed=1"]

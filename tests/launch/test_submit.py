@@ -108,9 +108,14 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     changed = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--",
                                              "--config.seed=2"))
     assert changed.returncode == 1
+    # the time limit only schedules the job: the refusal names the seed alone
     assert (f"error: launch: workdir='{workdir}' is invalid; it holds a job with a different "
-            "spec (overrides: [] -> ['--config.seed=2']; time: '04:00:00' -> '08:00:00'); "
-            "resubmit the recorded spec to resume it") in changed.stderr
+            "spec (overrides: [] -> ['--config.seed=2']); resubmit the recorded spec to resume "
+            "it (only --account, --job_name, --max_requeues, --mem, --qos, --signal_seconds, "
+            "--time may change), choose a new "
+            "--workdir, or pass --force to replace it (if the config changed, also pass "
+            "--config.restart=True: experiments.train refuses checkpoints of an incompatible "
+            "config") in changed.stderr
     assert (workdir / "slurm" / "job.sbatch").read_text() == before
     forced = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--force", "--",
                                             "--config.seed=2"))
@@ -130,6 +135,57 @@ def test_a_sweep_is_submitted_as_an_array_over_its_trials(tmp_path):
     assert "Submitted sweep job 4242 (4 trials)" in result.stdout
     assert "#SBATCH --array=0-3%2\n" in (workdir / "slurm" / "job.sbatch").read_text()
     assert json.loads((workdir / "slurm" / "launch.json").read_text())["num_trials"] == 4
+
+
+def test_a_train_job_resubmitted_with_a_longer_time_limit_resumes(tmp_path):
+    """Time limit and requeue count are scheduling: the same run, given more time, is accepted
+    without --force (nothing replaced) and its script carries the new limit."""
+    workdir = tmp_path / "run"
+    assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
+    longer = _submit(tmp_path, *_train_args(workdir, "--time=1-00:00:00", "--max_requeues=9"))
+    assert longer.returncode == 0, longer.stderr
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert (record["spec"]["time"], record["spec"]["max_requeues"]) == ("1-00:00:00", 9)
+    assert "replaced" not in record and len(record["jobs"]) == 2
+    script = (workdir / "slurm" / "job.sbatch").read_text()
+    assert "#SBATCH --time=1-00:00:00\n" in script and "MAX_REQUEUES=9\n" in script
+
+
+def test_a_sweep_resubmitted_with_array_reruns_chosen_trials(tmp_path):
+    """launch/README.md's `--array=1,3 reruns chosen trials`: the array (and --max_parallel)
+    only choose which of the same trials are queued, so the resubmission is accepted and its
+    script runs tasks 1 and 3; a change to what the trials compute is still refused, with the
+    sweep's own advice (not train's --config.restart)."""
+    workdir = tmp_path / "sweep"
+    args = ["--entry=sweep", f"--config={CONFIG}", f"--sweep={SWEEP}", f"--workdir={workdir}",
+            "--nocheck_configs"]
+    assert _submit(tmp_path, *args).returncode == 0
+    script = workdir / "slurm" / "job.sbatch"
+    assert "#SBATCH --array=0-3\n" in script.read_text()
+
+    rerun = _submit(tmp_path, *args, "--array=1,3", "--max_parallel=1")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "#SBATCH --array=1,3%1\n" in script.read_text()
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert (record["spec"]["array"], record["spec"]["max_parallel"]) == ("1,3", 1)
+    assert "replaced" not in record and len(record["jobs"]) == 2
+
+    only = _submit(tmp_path, *args, "--array=1,3")
+    assert only.returncode == 0, only.stderr
+    assert "#SBATCH --array=1,3\n" in script.read_text()
+
+    changed = _submit(tmp_path, *args, "--array=1,3", "--", "--config.num_train_steps=5")
+    assert changed.returncode == 1
+    assert ("it holds a job with a different spec (overrides: [] -> "
+            "['--config.num_train_steps=5']); resubmit the recorded spec to resume it (only "
+            "--account, --array, --job_name, --max_parallel, --max_requeues, --mem, --qos, "
+            "--signal_seconds, --time, --trials_per_task may change)" in changed.stderr)
+    assert ("pass --force to replace it (experiments.sweep still refuses a --sweep_dir holding "
+            "another search space or base config; for those choose a new --workdir)"
+            in changed.stderr)
+    assert "restart" not in changed.stderr
+    assert "#SBATCH --array=1,3\n" in script.read_text()
+    assert len(json.loads((workdir / "slurm" / "launch.json").read_text())["jobs"]) == 3
 
 
 def _stand_in_scontrol(bin_dir, max_array_size):
