@@ -2,9 +2,11 @@
 
 `load_init_from` picks the source run's checkpoint (requested step, else the best by the metric of
 the weights loaded, `ema_top1` for its average), checks architecture and shapes against the new
-model (`state.select_pretrained`), and reads only params and BatchNorm statistics, never the
-optimizer state; all before anything is compiled. The engine calls it only for a fresh workdir:
-a run's own checkpoints always win, so resuming stays exact.
+model (`state.select_pretrained`: every variable of the new model outside `init_from.exclude`
+must be in the source, and every variable of the source outside it must be loaded, so a
+different architecture is never loaded in part silently), and reads only params and BatchNorm
+statistics, never the optimizer state; all before anything is compiled. The engine calls it
+only for a fresh workdir: a run's own checkpoints always win, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from flax.traverse_util import flatten_dict
 from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import SourceCheckpoints
 from cnnjax.train.logging import CONFIG_FILE, SUMMARY_FILE
-from cnnjax.train.state import WARM_START_COLLECTIONS, select_pretrained, under_submodule
+from cnnjax.train.state import (
+    WARM_START_COLLECTIONS,
+    excluded_source_modules,
+    select_pretrained,
+    under_submodule,
+)
 from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import invalid
 
@@ -48,7 +55,11 @@ def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
 
 def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     """Reads `config.init_from`'s checkpoint for a model whose variables have `variable_shapes`:
-    `(variables to load, record for summary.json)`.
+    `(variables to load, record for summary.json and init_from.json)`.
+
+    The record says what was loaded (`loaded_leaves` of the source's `source_leaves`), what of
+    the source `init_from.exclude` left out (`excluded_source_modules`, e.g. ['head']) and which
+    of the new model's modules start fresh (`fresh_modules`).
 
     Every check (source exists and has checkpoints, step, architecture, shapes) runs before
     anything is compiled; only params and batch_stats are read, never the optimizer state.
@@ -87,6 +98,8 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
         )
         loaded = under_submodule(source.restore_variables(step, selected, ema=average),
                                  init_from.get("submodule"))
+        skipped = excluded_source_modules(source_shapes, tuple(init_from.exclude))
+        source_leaves = sum(len(_leaf_paths(source_shapes.get(c))) for c in WARM_START_COLLECTIONS)
     finally:
         source.close()
 
@@ -103,11 +116,12 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     unloaded = model_modules - modules(loaded)
     # The outermost modules nothing was loaded into, e.g. ['aux1/head', 'aux2/head', 'head'].
     fresh = sorted("/".join(m) for m in unloaded if m[:-1] not in unloaded)
-    unmatched = set(init_from.exclude) - {m[-1] for m in model_modules}
+    # A name only the source has (a deeper source's extra block, excluded on purpose) matches.
+    unmatched = set(init_from.exclude) - {m[-1] for m in model_modules | modules(source_shapes)}
     if unmatched:
         logging.warning(
-            "init_from.exclude names %s, which model %r does not have (its top-level "
-            "modules: %s).",
+            "init_from.exclude names %s, which model %r does not have, nor the source (its "
+            "top-level modules: %s).",
             sorted(unmatched), config.model,
             sorted(m[0] for m in model_modules if len(m) == 1),
         )
@@ -120,6 +134,8 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
         "submodule": init_from.get("submodule"),
         "ema": average,
         "loaded_leaves": sum(len(_leaf_paths(loaded.get(c))) for c in WARM_START_COLLECTIONS),
+        "source_leaves": source_leaves,
+        "excluded_source_modules": skipped,
         "fresh_modules": fresh,
         "freeze": config.get("freeze"),
     }

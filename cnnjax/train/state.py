@@ -97,10 +97,17 @@ def select_pretrained(
     inside a module named in `exclude`, at the top level or nested, are not loaded (they stay
     freshly initialized): the default ('head',) also covers GoogLeNet's auxiliary classifiers'
     own heads `aux1/head`, `aux2/head`, whose shapes depend on num_classes like `head`'s. Every
-    other leaf of the new model must exist in the source with the same shape; source leaves the
-    new model lacks are ignored. Raises a ValueError naming
-    the first missing or mis-shaped leaf; if `source_model` differs from `model`, the error says
-    the architectures differ instead.
+    other leaf of the new model must exist in the source with the same shape. Raises a
+    ValueError naming the first missing or mis-shaped leaf; if `source_model` differs from
+    `model`, the error says the architectures differ instead.
+
+    The match is checked both ways: every source leaf outside an excluded module must be loaded
+    too, else a ValueError names both models and the unused source modules
+    (`unused_source_modules`). Without that, a new model whose variables are a subset of the
+    source's (resnet18 from a resnet34 run: only the first blocks of each stage; vgg11 from
+    vgg11_bn: conv weights trained to feed the BatchNorm layers that are dropped) would be
+    warm-started from part of another network silently. A partial warm start that is really
+    intended names the unused modules in `exclude`.
 
     With `submodule` (a top-level module of the new model) only that module's leaves are
     matched, source path `p` against `submodule/p` (the rest of the new model stays fresh); the
@@ -167,7 +174,103 @@ def select_pretrained(
             excluded,
             f"{what}; add {top!r} to init_from.exclude to keep it freshly initialized",
         )
+    unused = unused_source_modules(source_shapes, selected, excluded)
+    if unused:
+        raise invalid(
+            "init_from",
+            "exclude",
+            excluded,
+            f"{source} (model {source_model!r}) has variables the new model {model!r} would not "
+            f"load{' into ' + repr(submodule) if submodule is not None else ''}: "
+            f"{_unused_summary(unused)}; a warm start loads every source variable "
+            "outside init_from.exclude, so that a different (e.g. deeper) network is never "
+            "loaded in part silently. Warm-start from a source whose variables match the new "
+            "model's, or, if a partial warm start is really intended, add those modules to "
+            f"config.init_from.exclude{_exclude_hint(excluded, unused)}",
+        )
     return selected
+
+
+def _module_paths(tree: Mapping[str, Any]) -> set[tuple[str, ...]]:
+    """Paths of every module (top-level and nested) holding a leaf of `tree`
+    (`{collection: nested dict}`), over all of `WARM_START_COLLECTIONS`."""
+    return {
+        path[:i]
+        for collection in WARM_START_COLLECTIONS
+        for path in flatten_dict(dict(tree.get(collection) or {}))
+        for i in range(1, len(path))
+    }
+
+
+def unused_source_modules(
+    source_shapes: Mapping[str, Any], selected: Mapping[str, Any], exclude: Sequence[str]
+) -> dict[str, int]:
+    """What of the source a warm start would silently drop: `{name: number of leaves}`, sorted,
+    for the outermost source modules none of whose leaves is loaded (`selected`, source paths)
+    and whose dropped leaves are not excluded (a module named in `exclude` on their path), e.g.
+    `'stage1_block3'` for a resnet34 source of a resnet18, `'features/bn1_1'` for vgg11_bn into
+    vgg11. A dropped leaf with no such module (one a partly loaded module has and the new
+    model's lacks, or a top-level one) is named itself, as 'collection/path'. Empty when nothing
+    is dropped."""
+    excluded = set(exclude)
+    loaded_modules = _module_paths(selected)
+    unused: dict[str, int] = {}
+    for collection in WARM_START_COLLECTIONS:
+        chosen = set(flatten_dict(dict(selected.get(collection) or {})))
+        for path in flatten_dict(dict(source_shapes.get(collection) or {})):
+            if path in chosen or any(module in excluded for module in path[:-1]):
+                continue
+            module = next((path[:i] for i in range(1, len(path))
+                           if path[:i] not in loaded_modules), None)
+            name = "/".join(module) if module else "/".join((collection, *path))
+            unused[name] = unused.get(name, 0) + 1
+    return dict(sorted(unused.items()))
+
+
+def excluded_source_modules(source_shapes: Mapping[str, Any], exclude: Sequence[str]) -> list[str]:
+    """Sorted paths of the outermost source modules `exclude` skips (a warm start's record of
+    what of the source it left out on purpose), e.g. `['head']`."""
+    excluded = set(exclude)
+    return sorted({
+        "/".join(path[:next(i for i in range(len(path) - 1) if path[i] in excluded) + 1])
+        for collection in WARM_START_COLLECTIONS
+        for path in flatten_dict(dict(source_shapes.get(collection) or {}))
+        if any(module in excluded for module in path[:-1])
+    })
+
+
+def _unused_summary(unused: Mapping[str, int], limit: int = 6) -> str:
+    """'N leaves in M modules[, K variables] ('a', 'b', ... and J more)' for
+    `unused_source_modules`."""
+    names = list(unused)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    listed = ", ".join(repr(name) for name in names[:limit])
+    modules = sum(name.split("/")[0] not in WARM_START_COLLECTIONS for name in names)
+    what = ", ".join(
+        f"{n} {noun}{'' if n == 1 else 's'}"
+        for n, noun in ((modules, "module"), (len(names) - modules, "variable")) if n
+    )
+    leaves = sum(unused.values())
+    return f"{leaves} {'leaf' if leaves == 1 else 'leaves'} in {what} ({listed}{more})"
+
+
+def _exclude_hint(excluded: tuple[str, ...], unused: Mapping[str, int]) -> str:
+    """How `init_from.exclude` would name `unused`: module names match at any depth, so a
+    nested module is excluded by its last name; a single variable cannot be excluded alone."""
+    unused = list(unused)
+    leaves = [u for u in unused if u.split("/")[0] in WARM_START_COLLECTIONS]
+    names = sorted({u.split("/")[-1] for u in unused if u not in leaves})
+    hint = ""
+    if names:
+        flag = ",".join([*excluded, *names])
+        hint = (f" (it names modules at any depth: --config.init_from.exclude={flag})"
+                if len(names) <= 8 else
+                f" (it names modules at any depth, e.g. {names[0]!r} for {unused[0]!r})")
+    if leaves:
+        hint += (f"; {', '.join(map(repr, leaves[:3]))} lie in modules that are otherwise "
+                 "loaded (or at the top level): exclude their module to start it fresh, or use "
+                 "a source of the same architecture")
+    return hint
 
 
 def under_submodule(loaded: Mapping[str, Any], submodule: str | None) -> dict[str, Any]:

@@ -359,8 +359,8 @@ def _variable_shapes(checked: Any) -> Any:
 def _check_source_fits(source_model: str, source_shapes: Any, config: Any, checked: Any,
                        run_id: str) -> None:
     """Before the source trains: its variables fill the warm-started run `config` as the engine
-    will require when that run starts (`select_pretrained`: same names and shapes,
-    `init_from.exclude` and `init_from.submodule` applied)."""
+    will require when that run starts (`select_pretrained`: same names and shapes, and every
+    source variable loaded, with `init_from.exclude` and `init_from.submodule` applied)."""
     from cnnjax.train.state import select_pretrained
 
     init_from = config.init_from

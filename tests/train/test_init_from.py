@@ -144,6 +144,8 @@ def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_state
         "submodule": None,
         "ema": False,
         "loaded_leaves": 6,  # conv kernel/bias, bn scale/bias, bn mean/var
+        "source_leaves": 8,  # and the source's head kernel/bias, excluded
+        "excluded_source_modules": ["head"],
         "fresh_modules": ["head"],
         "freeze": None,
     }
@@ -185,8 +187,8 @@ def test_default_step_is_the_best_kept_checkpoint(source, tmp_path, caplog):
     config.init_from.exclude = ("head", "stem")  # 'stem' is not a module of this model: warned
     summary = loop.train_and_evaluate(config, str(tmp_path))
     assert (
-        f"init_from.exclude names ['stem'], which model '{helpers.TINY_MODEL}' does not have "
-        "(its top-level modules: ['bn', 'conv', 'head'])"
+        f"init_from.exclude names ['stem'], which model '{helpers.TINY_MODEL}' does not have, "
+        "nor the source (its top-level modules: ['bn', 'conv', 'head'])"
     ) in caplog.text
     evals = {
         r["step"]: r["top1"]
@@ -370,6 +372,152 @@ def test_missing_variable_is_named(tmp_path, monkeypatch):
     )
 
 
+def test_source_variables_the_new_model_would_not_load_are_refused(tmp_path, monkeypatch,
+                                                                   caplog):
+    """A source with a module the new model lacks (here `extra`, like a deeper network's extra
+    blocks) is refused through the engine before anything compiles or is written; excluding it
+    lets the warm start through, and the record says what of the source was left out."""
+    source = tmp_path / "source"
+    params, stats = _tiny_variables()
+    params["extra"] = {"kernel": np.zeros((4, 4), np.float32)}
+    stats["extra"] = {"mean": np.zeros(4, np.float32)}
+    _handmade_source(source, "tiny_deeper", params, stats)
+    run = tmp_path / "run"
+    message = _raises(
+        _fine_tune_config(str(source)), run, monkeypatch,
+        f"init_from: exclude=('head',) is invalid; the checkpoint at step 3 of {str(source)!r} "
+        f"(model 'tiny_deeper') has variables the new model '{helpers.TINY_MODEL}' would not "
+        "load: 2 leaves in 1 module ('extra'); a warm start loads every source variable outside "
+        "init_from.exclude",
+    )
+    assert message.endswith("add those modules to config.init_from.exclude (it names modules "
+                            "at any depth: --config.init_from.exclude=head,extra).")
+    # (the engine makes the empty checkpoints/ directory before it reads the source)
+    assert not list((run / "checkpoints").glob("*")) and not (run / "init_from.json").exists()
+
+    monkeypatch.undo()
+    _install(monkeypatch)
+    config = _fine_tune_config(str(source), num_train_steps=2, eval_every_steps=2)
+    config.init_from.exclude = ("head", "extra")
+    summary = loop.train_and_evaluate(config, str(tmp_path / "partial"))
+    record = summary["init_from"]
+    assert summary["status"] == "completed"
+    assert record["excluded_source_modules"] == ["extra"]  # the source has no head
+    assert (record["loaded_leaves"], record["source_leaves"]) == (6, 8)
+    assert record["fresh_modules"] == ["head"]
+    assert "init_from.exclude names" not in caplog.text  # 'extra' is the source's: no warning
+
+
+def _model_shapes(name, num_classes=10, size=32, **kwargs):
+    """`{collection: ShapeDtypeStruct tree}` of a fresh `name` (traced, never run)."""
+    from cnnjax.models import create_model
+    from cnnjax.train.state import init_variables
+
+    model = create_model(name, num_classes=num_classes, **kwargs)
+    return jax.eval_shape(lambda r: init_variables(model, r, (1, size, size, 3)),
+                          jax.random.key(0))
+
+
+def _select(new, source, exclude=("head",), submodule=None, size=32):
+    """`select_pretrained` of model `new` (5 classes) from a 10-class `source` run."""
+    return select_pretrained(
+        _model_shapes(new, 5, size), _model_shapes(source, 10, size), exclude,
+        source_workdir="src", source_step=1, model=new, source_model=source,
+        submodule=submodule)
+
+
+RESNET34_EXTRA_BLOCKS = ("stage1_block3", "stage2_block3", "stage2_block4", "stage3_block3",
+                         "stage3_block4", "stage3_block5", "stage3_block6", "stage4_block3")
+VGG11_BN_BATCHNORMS = ("bn1_1", "bn2_1", "bn3_1", "bn3_2", "bn4_1", "bn4_2", "bn5_1", "bn5_2")
+
+
+@pytest.mark.parametrize(
+    ("new", "source", "submodule", "size", "message"),
+    [
+        ("resnet18", "resnet34", None, 32,
+         "the checkpoint at step 1 of 'src' (model 'resnet34') has variables the new model "
+         "'resnet18' would not load: 80 leaves in 8 modules ('stage1_block3', 'stage2_block3', "
+         "'stage2_block4', 'stage3_block3', 'stage3_block4', 'stage3_block5' and 2 more)"),
+        ("vgg11", "vgg11_bn", None, 32,  # conv weights trained to feed BatchNorm, BN dropped
+         "the checkpoint at step 1 of 'src' (model 'vgg11_bn') has variables the new model "
+         "'vgg11' would not load: 32 leaves in 8 modules ('features/bn1_1', 'features/bn2_1', "
+         "'features/bn3_1', 'features/bn3_2', 'features/bn4_1', 'features/bn4_2' and 2 more)"),
+        ("fcn8s_resnet18", "resnet34", "backbone", 64,
+         "the checkpoint at step 1 of 'src' (model 'resnet34') has variables the new model "
+         "'fcn8s_resnet18' would not load into 'backbone': 80 leaves in 8 modules "
+         "('stage1_block3', 'stage2_block3', 'stage2_block4', 'stage3_block3', 'stage3_block4', "
+         "'stage3_block5' and 2 more)"),
+    ],
+    ids=["resnet18<-resnet34", "vgg11<-vgg11_bn", "fcn8s_resnet18.backbone<-resnet34"],
+)
+def test_a_larger_source_architecture_is_not_loaded_in_part(new, source, submodule, size,
+                                                            message):
+    """Every new leaf exists in the source with its shape, but the source has more: refused,
+    naming both models and the unused modules, with the exclude that would allow it."""
+    with pytest.raises(ValueError) as err:
+        _select(new, source, submodule=submodule, size=size)
+    text = str(err.value)
+    assert text.startswith("init_from: exclude=('head',) is invalid; " + message), text
+    assert "if a partial warm start is really intended, add those modules to " \
+           "config.init_from.exclude" in text
+    extra = VGG11_BN_BATCHNORMS if source == "vgg11_bn" else RESNET34_EXTRA_BLOCKS
+    assert text.endswith(f"--config.init_from.exclude=head,{','.join(extra)}).")
+
+
+@pytest.mark.parametrize(
+    ("new", "source", "submodule", "size", "extra", "loaded"),
+    [
+        ("resnet18", "resnet34", None, 32, RESNET34_EXTRA_BLOCKS, 100),
+        ("vgg11", "vgg11_bn", None, 32, VGG11_BN_BATCHNORMS, 20),
+        ("fcn8s_resnet18", "resnet34", "backbone", 64, RESNET34_EXTRA_BLOCKS, 100),
+    ],
+    ids=["resnet18<-resnet34", "vgg11<-vgg11_bn", "fcn8s_resnet18.backbone<-resnet34"],
+)
+def test_excluding_the_unused_source_modules_allows_a_partial_warm_start(
+        new, source, submodule, size, extra, loaded):
+    from cnnjax.train.state import excluded_source_modules
+
+    exclude = ("head", *extra)
+    selected = _select(new, source, exclude, submodule, size)
+    assert sum(len(jax.tree.leaves(tree)) for tree in selected.values()) == loaded
+    skipped = excluded_source_modules(_model_shapes(source, 10, size), exclude)
+    prefix = "features/" if source == "vgg11_bn" else ""
+    assert skipped == sorted(["head", *(prefix + name for name in extra)])
+
+
+def test_same_architecture_warm_start_loads_everything_but_the_head():
+    """resnet18 from a resnet18 run with another num_classes: all but `head` is loaded, as
+    before the source-side check; the FCN trunk from a same-depth classifier likewise."""
+    from cnnjax.train.state import excluded_source_modules, unused_source_modules
+
+    new, source = _model_shapes("resnet18", 5), _model_shapes("resnet18", 10)
+    selected = _select("resnet18", "resnet18")
+    for collection in ("params", "batch_stats"):
+        want = {p for p in flatten_dict(new[collection]) if p[0] != "head"}
+        assert set(flatten_dict(selected[collection])) == want
+    assert unused_source_modules(source, selected, ("head",)) == {}
+    assert unused_source_modules(source, selected, ()) == {"head": 2}
+    assert excluded_source_modules(source, ("head",)) == ["head"]
+    fcn = _select("fcn8s_resnet18", "resnet18", submodule="backbone", size=64)
+    assert sum(len(jax.tree.leaves(tree)) for tree in fcn.values()) == 100
+
+
+def test_unused_leaves_of_a_loaded_module_are_named_themselves():
+    """A source leaf the new model's version of a loaded module lacks (a conv bias) cannot be
+    excluded alone: it is named as a variable, with how to proceed."""
+    f32 = np.float32
+    new = {"params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 1, 4), f32)}}}
+    source = {"params": {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 1, 4), f32),
+                                  "bias": jax.ShapeDtypeStruct((4,), f32)}}}
+    with pytest.raises(ValueError, match=re.escape(
+            "init_from: exclude=('head',) is invalid; the checkpoint at step 3 of 'src' (model "
+            "'old') has variables the new model 'new' would not load: 1 leaf in 1 variable "
+            "('params/conv/bias'); ")) as err:
+        select_pretrained(new, source, ("head",), source_workdir="src", source_step=3,
+                          model="new", source_model="old")
+    assert "'params/conv/bias' lie in modules that are otherwise loaded" in str(err.value)
+
+
 def test_different_architecture_is_refused(tmp_path, monkeypatch):
     source = tmp_path / "source"
     params, stats = _tiny_variables()
@@ -545,6 +693,22 @@ def test_googlenet_auxiliary_heads_are_heads_for_warm_start_and_freeze():
     updates, _ = tx.update(params, tx.init(params), params)
     trained = {p for p, u in flatten_dict(updates).items() if np.any(np.asarray(u) != 0)}
     assert trained == heads
+
+
+def test_a_source_with_auxiliary_classifiers_into_a_model_without_them_needs_them_excluded():
+    """GoogLeNet trained with aux_logits=True, fine-tuned without: the auxiliary branches
+    (beyond their `head`s, excluded by default) would be dropped, so they must be named."""
+    new = _model_shapes("googlenet", 5, 96, aux_logits=False)
+    source = _model_shapes("googlenet", 10, 96, aux_logits=True)
+    kwargs = {"source_workdir": "src", "source_step": 1, "model": "googlenet",
+              "source_model": "googlenet"}
+    with pytest.raises(ValueError, match=re.escape(
+            "would not load: 8 leaves in 2 modules ('aux1', 'aux2'); ")) as err:
+        select_pretrained(new, source, ("head",), **kwargs)
+    assert str(err.value).endswith("--config.init_from.exclude=head,aux1,aux2).")
+    selected = select_pretrained(new, source, ("head", "aux1", "aux2"), **kwargs)
+    assert set(flatten_dict(selected["params"])) == {
+        p for p in flatten_dict(new["params"]) if p[0] != "head"}
 
 
 def test_submodule_loads_a_classifier_into_an_fcn_backbone():

@@ -184,6 +184,10 @@ def test_across_architectures_the_source_fills_the_named_submodule(
          "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
          "exclude=('head',) is invalid; params/backbone/bn/bias has shape (4,) in the "
          "checkpoint at step 12 of"),
+        # Without the default exclude the source's classifier head would be dropped silently.
+        ({"init_from.exclude": ()},
+         "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
+         "exclude=() is invalid; the checkpoint at step 12 of"),
     ],
 )
 def test_a_source_that_cannot_fill_the_target_is_refused_before_it_trains(
