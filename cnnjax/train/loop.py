@@ -161,6 +161,12 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
         raise
 
 
+def _has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir` holds a checkpoint step folder of its own (read without orbax)."""
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+
+
 def _wall_times(run: _Run | None, started: float) -> dict:
     """summary.json's `wall_time_s` (this invocation, since `started`) and `TOTAL_WALL_TIME`
     (plus the earlier invocations' time recorded in the checkpoint `run` resumed from)."""
@@ -402,6 +408,9 @@ class _Run:
         self.training_started = False
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
         self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
+        # config.init_from's (variables, record), read by setup when the workdir has no
+        # checkpoint of its own, so a refused warm start writes nothing there.
+        self.pretrained: tuple[dict, dict] | None = None
         # Wall time of the run's earlier invocations, up to the checkpoint this one resumed from.
         self.earlier_wall_time_s = 0.0
 
@@ -418,10 +427,14 @@ class _Run:
         self.variable_shapes = checked.variable_shapes
         self.parallel = DataParallel(self.config.parallel, checked.devices)
         self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
-        if prepare_workdir:  # training: the teacher is checked before the workdir is touched
-            if distill_lib.distill_settings(self.config) is not None:
+        if prepare_workdir:  # training: the teacher and the warm start are checked (read)
+            if distill_lib.distill_settings(self.config) is not None:  # before the workdir
                 self.teacher = distill_lib.load_teacher(self.config, self.data_info,
                                                         self.workdir)
+            if (config_lib.init_from_workdir(self.config) is not None
+                    and not _has_checkpoints(self.workdir)):
+                self.pretrained = init_from_lib.load_init_from(self.config,
+                                                               self.variable_shapes)
             self.prepare_workdir()
             # Multi-host: no process looks for checkpoints before process 0 applied `restart`.
             _sync_processes("cnnjax:workdir_prepared")
@@ -434,10 +447,9 @@ class _Run:
         same command line (`--config.restart=True` included) resumes instead of starting over;
         delete the workdir to repeat a run from scratch."""
         config, workdir = self.config, self.workdir
-        ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
         current = config_lib.flatten(config)
         saved_path = os.path.join(workdir, CONFIG_FILE)
-        has_checkpoints = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+        has_checkpoints = _has_checkpoints(workdir)
         differ: list[str] = []
         if has_checkpoints and os.path.exists(saved_path):
             with open(saved_path) as f:
@@ -563,8 +575,9 @@ class _Run:
             use_async=config.async_checkpoints,
         )
         _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
-        pretrained = None
-        if config_lib.init_from_workdir(config) is not None and not checkpointer.all_steps():
+        pretrained = self.pretrained if not checkpointer.all_steps() else None
+        if (pretrained is None and config_lib.init_from_workdir(config) is not None
+                and not checkpointer.all_steps()):  # e.g. after `restart` emptied the workdir
             try:  # own checkpoints win: then init_from is ignored (exact resume)
                 pretrained = init_from_lib.load_init_from(config, self.variable_shapes)
             except BaseException:

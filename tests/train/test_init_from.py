@@ -392,8 +392,9 @@ def test_source_variables_the_new_model_would_not_load_are_refused(tmp_path, mon
     )
     assert message.endswith("add those modules to config.init_from.exclude (it names modules "
                             "at any depth: --config.init_from.exclude=head,extra).")
-    # (the engine makes the empty checkpoints/ directory before it reads the source)
-    assert not list((run / "checkpoints").glob("*")) and not (run / "init_from.json").exists()
+    # read before the workdir is prepared: no config.json, checkpoints/ or init_from.json (the
+    # lock and the failed run's summary.json saying why)
+    assert sorted(os.listdir(run)) == ["run.lock", "summary.json"]
 
     monkeypatch.undo()
     _install(monkeypatch)
