@@ -18,12 +18,16 @@ from absl import app, flags
 
 from cnnjax.platform import configure_cpu_defaults
 
-_BOXES = flags.DEFINE_integer("boxes", 1024, "RoIs (e.g. 16 images x 64 sampled RoIs).")
-_MAP = flags.DEFINE_integer("map", 8, "Side of the square feature map.")
-_CHANNELS = flags.DEFINE_integer("channels", 128, "Feature channels.")
-_STRIDE = flags.DEFINE_integer("stride", 8, "Image pixels per feature cell.")
-_LEVELS = flags.DEFINE_list("levels", ["1", "2", "4"], "Output sizes (pyramid levels).")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per path.")
+
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (importing `median_times` defines none, so it
+    clashes with no other command's `--stride`)."""
+    flags.DEFINE_integer("boxes", 1024, "RoIs (e.g. 16 images x 64 sampled RoIs).")
+    flags.DEFINE_integer("map", 8, "Side of the square feature map.")
+    flags.DEFINE_integer("channels", 128, "Feature channels.")
+    flags.DEFINE_integer("stride", 8, "Image pixels per feature cell.")
+    flags.DEFINE_list("levels", ["1", "2", "4"], "Output sizes (pyramid levels).")
+    flags.DEFINE_integer("repeats", 10, "Timed calls per path.")
 
 
 def median_times(times: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -42,22 +46,23 @@ def main(argv: list[str]) -> None:
 
     from cnnjax.layers import roi
 
-    levels = [int(v) for v in _LEVELS.value]
-    images, side = 16, _MAP.value * _STRIDE.value
+    opts = flags.FLAGS
+    levels = [int(v) for v in opts.levels]
+    images, side = 16, opts.map * opts.stride
     rng = np.random.default_rng(0)
-    features = jnp.asarray(rng.normal(size=(images, _MAP.value, _MAP.value, _CHANNELS.value)),
+    features = jnp.asarray(rng.normal(size=(images, opts.map, opts.map, opts.channels)),
                            jnp.float32)
-    xs, ys = np.sort(rng.uniform(0, side, (2, _BOXES.value, 2)), axis=2)
+    xs, ys = np.sort(rng.uniform(0, side, (2, opts.boxes, 2)), axis=2)
     boxes = jnp.asarray(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1), jnp.float32)
-    batch = jnp.asarray(rng.integers(0, images, _BOXES.value), jnp.int32)
+    batch = jnp.asarray(rng.integers(0, images, opts.boxes), jnp.int32)
 
     def loss(f):
-        return sum(jnp.sum(roi.roi_pool(f, boxes, batch, level, 1.0 / _STRIDE.value) ** 2)
+        return sum(jnp.sum(roi.roi_pool(f, boxes, batch, level, 1.0 / opts.stride) ** 2)
                    for level in levels)
 
     budget = roi._VECTORIZED_ROI_POOL_ELEMENTS
-    largest = _BOXES.value * max(levels) * _MAP.value ** 2 * _CHANNELS.value
-    print(f"{_BOXES.value} boxes on {images}x{_MAP.value}x{_MAP.value}x{_CHANNELS.value}, levels "
+    largest = opts.boxes * max(levels) * opts.map ** 2 * opts.channels
+    print(f"{opts.boxes} boxes on {images}x{opts.map}x{opts.map}x{opts.channels}, levels "
           f"{levels}: roi_pool uses the {'vectorized' if largest <= budget else 'loop'} path "
           f"({largest:,} masked values at the largest level, limit {budget:,})")
     for name, limit in (("vectorized", 2**62), ("loop", 0)):
@@ -66,7 +71,7 @@ def main(argv: list[str]) -> None:
         step = jax.jit(jax.value_and_grad(loss))
         jax.block_until_ready(step(features))
         times = []
-        for _ in range(_REPEATS.value):
+        for _ in range(opts.repeats):
             wall, cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(step(features))
             times.append((time.perf_counter() - wall, time.process_time() - cpu))
@@ -77,4 +82,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     configure_cpu_defaults()
+    _define_flags()
     app.run(main)
