@@ -22,12 +22,11 @@ from cnnjax.platform import configure_cpu_defaults
 configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from cnnjax.tune import lr_range  # noqa: E402
-from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.cli import define_config_file, one_line_errors, parse_flags, start_command  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config",
     "experiments/configs/lenet5_digits.py",
     "Path to an ml_collections experiment config file.",

@@ -14,11 +14,10 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from cnnjax.utils.cli import parse_flags
+from cnnjax.utils.cli import define_config_file, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config", None, "Experiment config file (a detection config with data.proposals set).",
     lock_config=True)
 flags.mark_flags_as_required(["config"])

@@ -25,14 +25,13 @@ from cnnjax.platform import configure_cpu_defaults
 configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.cli import define_config_file, one_line_errors, parse_flags, start_command  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config", None, "Base experiment config file (ml_collections).", lock_config=True
 )
-_SWEEP = config_flags.DEFINE_config_file(
+_SWEEP = define_config_file(
     "sweep", None, "Sweep config file: get_config() describes the search space.",
     lock_config=True,
 )

@@ -21,11 +21,10 @@ from cnnjax.platform import configure_cpu_defaults
 configure_cpu_defaults()
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from cnnjax.utils.cli import parse_flags  # noqa: E402
+from cnnjax.utils.cli import define_config_file, parse_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config",
     "experiments/configs/lenet5_digits.py",
     "Path to an ml_collections config file.",

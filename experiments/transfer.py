@@ -25,11 +25,10 @@ from cnnjax.platform import configure_cpu_defaults
 configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from cnnjax.utils.cli import parse_flags  # noqa: E402
+from cnnjax.utils.cli import define_config_file, parse_flags  # noqa: E402
 
-_TRANSFER = config_flags.DEFINE_config_file(
+_TRANSFER = define_config_file(
     "transfer", None, "Transfer config file: source, target, budgets, arms, seeds.",
     lock_config=True,
 )

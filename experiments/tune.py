@@ -26,14 +26,13 @@ from cnnjax.platform import configure_cpu_defaults
 configure_cpu_defaults()
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from cnnjax.utils.cli import parse_flags  # noqa: E402
+from cnnjax.utils.cli import define_config_file, parse_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config", None, "Base experiment config file (ml_collections).", lock_config=True
 )
-_RECIPE = config_flags.DEFINE_config_file(
+_RECIPE = define_config_file(
     "recipe", None, "Recipe config file: get_config() sets the tuning budget and ranges.",
     lock_config=True,
 )

@@ -257,7 +257,19 @@ def main(argv: list[str]) -> None:
           f"Logs and events: {slurm.slurm_dir(spec)}/", flush=True)
 
 
+def _unknown_flag_hint(name: str) -> str:
+    """An entry point's override (`--config.x=y`) given before `--` reaches this command's own
+    flags: say where it goes."""
+    if "." not in name:
+        return ""
+    return (f"; --{name} looks like an override of the entry point: put it after `--` "
+            f"(... --dry_run -- --{name}=...)")
+
+
 if __name__ == "__main__":
+    import functools
+
     from cnnjax.utils.cli import parse_flags
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=functools.partial(parse_flags,
+                                                 unknown_flag_hint=_unknown_flag_hint))

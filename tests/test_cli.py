@@ -42,18 +42,37 @@ def test_the_override_that_failed_is_named():
     assert cli.describe_flag_error([], ValueError("bad")) == "bad"
 
 
+def test_a_misspelt_model_kwargs_field_lists_the_models_fields():
+    """The README promises the list; ml_collections' KeyError alone names only the typo."""
+    err = AttributeError(KeyError("'depth'"))
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.model_kwargs.depth=3"]
+    assert cli.describe_flag_error(args, err) == (
+        "--config.model_kwargs.depth=3 is invalid; the config has no field 'depth'; model "
+        "'lenet5' accepts model_kwargs ['activation', 'c3_table', 'subsampling']")
+    overridden = cli.model_kwargs_hint([*args, "--config.model=resnet20_cifar"])
+    assert overridden.startswith("; model 'resnet20_cifar' accepts model_kwargs [")
+    assert cli.model_kwargs_hint(["--config=nowhere.py"]) == ""  # only a hint: never raises
+
+
 def test_absl_flag_errors_are_one_line():
     values = flags.FlagValues()
     flags.DEFINE_integer("steps", 1, "an int flag", flag_values=values)
+    flags.DEFINE_bool("verbose", False, "a bool flag", flag_values=values)
     for args, line in [
         (["--steps=abc"], "--steps='abc' is invalid; invalid literal for int() with base 10: "
                           "'abc'"),
         (["--stesp=3"], "Unknown command line flag 'stesp'. Did you mean: steps ? "
                         "(--helpshort lists the flags)"),
+        (["--verbose=maybe"], "--verbose='maybe' is invalid; expected true or false"),
     ]:
         with pytest.raises(flags.Error) as caught:
             values(["prog", *args])
         assert cli.absl_flag_error(caught.value) == line
+    with pytest.raises(flags.Error) as caught:
+        values(["prog", "--config.x=1"])
+    assert cli.absl_flag_error(caught.value, lambda name: f"; {name} goes after --") == (
+        "Unknown command line flag 'config.x'; config.x goes after -- (--helpshort lists the "
+        "flags)")
 
 
 def test_a_command_refuses_positional_arguments():
@@ -146,6 +165,13 @@ def test_the_command_reports_flag_errors_in_one_line():
     assert typo.returncode == 1
     assert typo.stderr.strip().splitlines()[-1] == (
         "error: --config.bogus=1 is invalid; the config has no field 'bogus'")
+    # the default config file is loaded, with the overrides, when the flag is defined: that
+    # was a traceback at import
+    default = run("--workdir=unused", "--config.model_kwargs.depth=3")
+    assert default.returncode == 1 and "Traceback" not in default.stderr
+    assert default.stderr.strip().splitlines()[-1] == (
+        "error: --config.model_kwargs.depth=3 is invalid; the config has no field 'depth'; "
+        "model 'lenet5' accepts model_kwargs ['activation', 'c3_table', 'subsampling']")
 
 
 @pytest.mark.parametrize("script", [
@@ -163,4 +189,23 @@ def test_every_entry_point_parses_its_flags_with_parse_flags(script):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, script), encoding="utf-8") as f:
         source = f.read()
-    assert "app.run(main, flags_parser=parse_flags)" in source
+    assert ("app.run(main, flags_parser=parse_flags)" in source
+            or "app.run(main, flags_parser=functools.partial(parse_flags," in source)
+    assert "config_flags.DEFINE_config_file(" not in source  # define_config_file's errors too
+
+
+def test_launch_submit_says_where_an_entry_points_override_goes():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--entry=train", "--workdir=unused", "--dry_run",
+         "--config=experiments/configs/lenet5_digits.py", "--config.num_train_steps=40"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: Unknown command line flag 'config.num_train_steps'; --config.num_train_steps "
+        "looks like an override of the entry point: put it after `--` (... --dry_run -- "
+        "--config.num_train_steps=...) (--helpshort lists the flags)")

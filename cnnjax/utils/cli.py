@@ -14,22 +14,26 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from absl import app, flags
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str],
+                unknown_flag_hint: Callable[[str], str] | None = None) -> list[str]:
     """absl's `parse_flags_with_usage`, with every flag error as one `error: ...` line and exit
     status 1 (absl prints `FATAL Flags parsing error` and, for a bad `--config.<field>` value,
     re-parsing the flags there reported "flag defined twice" instead of the bad value).
 
     A config file's `get_config(<argument>)` that raises (`--config=<file>.py:<argument>`) is
     wrapped by ml_collections and then by absl into a flag error carrying a Python traceback;
-    it is reported as `--config='<file>.py:<argument>' is invalid; <the error's message>`."""
+    it is reported as `--config='<file>.py:<argument>' is invalid; <the error's message>`.
+    `unknown_flag_hint(name)` adds a command's own advice to an unknown flag's message (pass it
+    with `functools.partial`)."""
     try:
         args = flags.FLAGS(argv)
     except flags.Error as err:
-        sys.exit(f"error: {config_file_error(err) or absl_flag_error(err)}")
+        sys.exit(f"error: {config_file_error(err) or absl_flag_error(err, unknown_flag_hint)}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
     missing = missing_config_file(flags.FLAGS)
@@ -38,19 +42,44 @@ def parse_flags(argv: list[str]) -> list[str]:
     return args
 
 
+def define_config_file(name: str, default: str | None, help_string: str,
+                       **kwargs: Any) -> Any:
+    """`config_flags.DEFINE_config_file`, reporting as `parse_flags` does the errors it raises
+    itself: ml_collections loads a default file, with the command line's `--<name>.<field>`
+    overrides, when the flag is defined, so a misspelt override of the default config raised a
+    traceback at import."""
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+    except flags.Error as err:
+        sys.exit(f"error: {config_file_error(err) or absl_flag_error(err)}")
+    except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
+        args = sys.argv[1:]
+        if default is not None and not any(a.startswith(f"--{name}=") for a in args):
+            args = [f"--{name}={default}", *args]  # the file the overrides apply to
+        sys.exit(f"error: {describe_flag_error(args, err)}")
+
+
 _ILLEGAL_VALUE = re.compile(r"^flag (--[^=\s]+)=(.*?): (.*)$", re.DOTALL)
 
 
-def absl_flag_error(err: flags.Error) -> str:
+def absl_flag_error(err: flags.Error,
+                    unknown_flag_hint: Callable[[str], str] | None = None) -> str:
     """absl's flag error `err` on one line: a value its flag cannot take as `--flag='value' is
-    invalid; <why>`, any other (an unknown flag, with absl's suggestions) as absl words it, with
-    where to see the flags."""
+    invalid; <why>`, any other (an unknown flag, with absl's suggestions and the command's
+    `unknown_flag_hint(name)`) as absl words it, with where to see the flags."""
     text = error_message(err)
     match = _ILLEGAL_VALUE.match(text)
     if isinstance(err, flags.IllegalFlagValueError) and match is not None:
-        if match.group(3).endswith("must have a value other than None."):  # mark_flag_as_required
-            return f"{match.group(1)} is required"
-        return f"{match.group(1)}={match.group(2)!r} is invalid; {match.group(3)}"
+        flag, value, why = match.groups()
+        if why.endswith("must have a value other than None."):  # mark_flag_as_required
+            return f"{flag} is required"
+        if why.startswith("('Non-boolean argument to boolean flag'"):  # absl's bare tuple
+            why = "expected true or false"
+        return f"{flag}={value!r} is invalid; {why}"
+    if isinstance(err, flags.UnrecognizedFlagError) and unknown_flag_hint is not None:
+        text += unknown_flag_hint(err.flagname)
     return f"{text} (--helpshort lists the flags)"
 
 
@@ -95,12 +124,37 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
     where = f"{culprit} is invalid; " if culprit else ""
     message = error_message(err)
     if culprit and isinstance(err, KeyError | AttributeError):
-        field = culprit.lstrip("-").split("=", 1)[0].rsplit(".", 1)[-1]
+        path = culprit.lstrip("-").split("=", 1)[0]
+        field = path.rsplit(".", 1)[-1]
         if message.startswith(repr(field)):  # ml_collections' KeyError: the name, a suggestion
             suggestion = message[len(repr(field)):].strip()
             message = f"the config has no field {field!r}" + (f"; {suggestion}" if suggestion
                                                              else "")
+            if path == f"config.model_kwargs.{field}":
+                message += model_kwargs_hint(args)
     return f"{where}{message}"
+
+
+def model_kwargs_hint(args: Sequence[str]) -> str:
+    """`; model '<name>' accepts model_kwargs [...]` for the model `args` configure (the
+    `--config=<file>.py[:arg]` file's `model`, or a `--config.model=` override), so a misspelt
+    `--config.model_kwargs.<field>` lists the valid fields; '' when that cannot be worked out."""
+    import runpy
+
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    model = next((a.split("=", 1)[1] for a in args if a.startswith("--config.model=")), None)
+    try:
+        if model is None and spec is not None:
+            path, _, argument = spec.partition(":")
+            get_config = runpy.run_path(path)["get_config"]
+            model = (get_config(argument) if argument else get_config()).model
+        if model is None:
+            return ""
+        from cnnjax.models import settable_fields  # deferred: imports every architecture
+
+        return f"; model {model!r} accepts model_kwargs {sorted(settable_fields(model))}"
+    except Exception:  # noqa: BLE001 — only a hint: the error stands without it
+        return ""
 
 
 def names_field(override: str, err: Exception) -> bool:
