@@ -129,6 +129,17 @@ def test_unreadable_metadata_warns_that_run_info_is_lost(tmp_path):
     resumed.close()
 
 
+class _TwoProcesses:
+    """`jax` as the checkpoint module sees it, in process 0 of 2 (orbax keeps the real one)."""
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    @staticmethod
+    def process_count():
+        return 2
+
+
 def test_every_process_drops_a_quarantined_step_only_after_it_is_moved(tmp_path, monkeypatch):
     """Multi-process: process 0 moves an unreadable step aside; a process reloading its step
     list before that move would keep the step and fail to save it again (orbax's
@@ -142,17 +153,7 @@ def test_every_process_drops_a_quarantined_step_only_after_it_is_moved(tmp_path,
     (tmp_path / "checkpoints" / "4" / "default" / "_METADATA").write_text("")
     events = []
 
-    class TwoProcesses:
-        """`jax` as the checkpoint module sees it, in process 0 of 2 (orbax keeps the real one)."""
-
-        def __getattr__(self, name):
-            return getattr(jax, name)
-
-        @staticmethod
-        def process_count():
-            return 2
-
-    monkeypatch.setattr(checkpoint_lib, "jax", TwoProcesses())
+    monkeypatch.setattr(checkpoint_lib, "jax", _TwoProcesses())
     monkeypatch.setattr(checkpoint_lib.multihost_utils, "sync_global_devices",
                         lambda name: events.append(f"barrier {name}"))
     resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
@@ -239,23 +240,13 @@ def test_every_process_makes_the_same_retry_and_quarantine_decision(tmp_path, mo
 
     resumed = _two_checkpoints(tmp_path)
 
-    class TwoProcesses:
-        """`jax` as the checkpoint module sees it, in process 0 of 2."""
-
-        def __getattr__(self, name):
-            return getattr(jax, name)
-
-        @staticmethod
-        def process_count():
-            return 2
-
     gathered = []
 
     def allgather(flag):
         gathered.append(int(flag))
         return np.array([int(flag), int(other_reads[len(gathered) - 1])], np.int32)
 
-    monkeypatch.setattr(checkpoint_lib, "jax", TwoProcesses())
+    monkeypatch.setattr(checkpoint_lib, "jax", _TwoProcesses())
     monkeypatch.setattr(checkpoint_lib.multihost_utils, "process_allgather", allgather)
     monkeypatch.setattr(checkpoint_lib.multihost_utils, "sync_global_devices", lambda name: None)
     if other_reads[-1]:
