@@ -5,8 +5,9 @@
         [--config.<field>=<value> ...] [--sweep.<field>=<value> ...]
 
 `--config` is the base experiment (any experiment config, with the usual overrides); `--sweep` is
-a file whose `get_config()` describes the space (kind grid|random, seed, num_trials, metric, mode,
-parameters: see experiments/sweeps/). Trials run one after another in
+a file whose `get_config()` describes the space (kind grid|random, seed and num_trials for a
+random search, metric, mode, parameters: see experiments/sweeps/; a grid runs every combination,
+`--max_trials=N` runs fewer). Trials run one after another in
 <sweep_dir>/trials/<trial_id>/; results.csv/results.json and sweep.png are rewritten after each.
 Rerunning the same command skips finished trials and resumes an interrupted one from its
 checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job), with

@@ -40,6 +40,10 @@ def test_the_override_that_failed_is_named():
     assert cli.describe_flag_error(["--config.bogus=1"], AttributeError(KeyError("'bogus'"))) \
         == "--config.bogus=1 is invalid; the config has no field 'bogus'"
     assert cli.describe_flag_error([], ValueError("bad")) == "bad"
+    assert cli.describe_flag_error(["--sweep.num_trials=2"], KeyError("'num_trials'")) == (
+        "--sweep.num_trials=2 is invalid; the config has no field 'num_trials'; a grid sweep "
+        "runs every combination of its values: pass --max_trials=N to run fewer (or set "
+        "kind='random' in the file)")
 
 
 def test_a_misspelt_model_kwargs_field_lists_the_models_fields():

@@ -309,16 +309,46 @@ def check_sweep_fields(sweep_config: Any) -> None:
                   f"{list(SWEEP_FIELDS)}")
 
 
+def check_grid_num_trials(num_trials: Any, space: SearchSpace) -> None:
+    """Refuses a grid sweep config's `num_trials` unless it is None (unset) or the grid's size.
+
+    A grid runs every combination of its values, so its size is the product of the value
+    lists; a `num_trials` (or `--sweep.num_trials=N`) that differs would otherwise be silently
+    ignored, every trial still running and `launch.submit` still sizing the array to the whole
+    grid. The grid's own size is accepted: it only restates the count. Fewer trials are run
+    with `experiments.sweep --max_trials=N` (or `launch.submit --array=...`); `kind='random'`
+    samples `num_trials` points instead.
+    """
+    size = len(space.trials)
+    if num_trials is None or (isinstance(num_trials, int) and not isinstance(num_trials, bool)
+                              and num_trials == size):
+        return
+    counts = [len(p.values) for p in space.params]
+    product = f"{' x '.join(map(str, counts))} = {size}" if len(counts) > 1 else str(size)
+    trials = "trial" if size == 1 else "trials"
+    raise invalid(_OWNER, "num_trials", num_trials,
+                  f"a grid has exactly {size} {trials}, the product of its value lists "
+                  f"({product}), so expected {size} or unset; to run fewer pass --max_trials=N to "
+                  "experiments.sweep (--array=... to launch.submit), or set kind='random' to "
+                  "sample num_trials points")
+
+
 def from_config(sweep_config: Any) -> SearchSpace:
     """The space a sweep config describes: `kind`, `parameters`, and for random `num_trials`,
     `seed` (an ml_collections ConfigDict or a mapping); fields outside `SWEEP_FIELDS` are
-    refused (`check_sweep_fields`)."""
+    refused (`check_sweep_fields`), and so is a grid's `num_trials` other than its size
+    (`check_grid_num_trials`), since a grid always runs all of its trials.
+
+    A grid's space records `num_trials=None` whatever the file says, so sweep.json of a grid
+    (which `run_sweep` compares on every rerun) is the same with or without the field."""
     check_sweep_fields(sweep_config)
     get = sweep_config.get
     kind = check_choice(_OWNER, "kind", get("kind"), KINDS)
     params = get("parameters")
     if kind == "grid":
-        return grid(params)
+        space = grid(params)
+        check_grid_num_trials(get("num_trials"), space)
+        return space
     return random(params, get("num_trials"), get("seed", 0))
 
 

@@ -132,6 +132,9 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
                                                              else "")
             if path == f"config.model_kwargs.{field}":
                 message += model_kwargs_hint(args)
+            elif path == "sweep.num_trials":  # a grid file: its size is fixed
+                message += ("; a grid sweep runs every combination of its values: pass "
+                            "--max_trials=N to run fewer (or set kind='random' in the file)")
     return f"{where}{message}"
 
 

@@ -10,7 +10,9 @@ Expected (measured with this command, 2 CPU cores, JAX 0.10.2, 2026-11-29): 23 s
 whole sweep (4-5 s per trial, compilation included); test top-1 after 200 steps, ranked:
     lr=0.3: 0.9805   lr=0.03: 0.9749   lr=0.003: 0.9192   lr=3.0: 0.4958 (unstable)
 Rerunning the command skips the 4 finished trials (~7 s, just the table); results.csv and
-sweep.png (top-1 against the learning rate, log x) are in --sweep_dir. For a random search set
+sweep.png (top-1 against the learning rate, log x) are in --sweep_dir. A grid runs one trial per
+combination of its values (here 4), so it sets no `num_trials`; to run fewer, `--max_trials=2`
+starts only the first 2 unfinished trials. For a random search set
 `kind = "random"`, `num_trials`, `seed` and, e.g.,
 `parameters = (log_uniform("optimizer.learning_rate", 1e-3, 1.0),)` (cnnjax.tune.space).
 """
@@ -22,9 +24,8 @@ from cnnjax.tune.space import choice
 
 def get_config():
     config = ml_collections.ConfigDict()
-    config.kind = "grid"  # or "random" (then num_trials and seed pick the points)
+    config.kind = "grid"  # or "random" (then add num_trials; it and seed pick the points)
     config.seed = 0
-    config.num_trials = 4
     config.metric = "top1"  # an eval metric: loss, top1, top5 (unset: the best_metric, top1)
     config.mode = "max"
     config.parameters = (choice("optimizer.learning_rate", (0.003, 0.03, 0.3, 3.0)),)

@@ -24,14 +24,16 @@ SWEEPS = sorted(
 )
 
 
-def _sweep_file(tmp_path, parameters: str) -> str:
+def _sweep_file(tmp_path, parameters: str, extra: str = "") -> str:
+    """A grid sweep file over `parameters` (a grid sets no num_trials: its size is fixed)."""
     path = tmp_path / "sweep_config.py"
     path.write_text(
         "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\n"
         "def get_config():\n"
         "    c = ml_collections.ConfigDict()\n"
-        "    c.kind, c.seed, c.num_trials, c.metric, c.mode = 'grid', 0, 1, 'top1', 'max'\n"
+        "    c.kind, c.seed, c.metric, c.mode = 'grid', 0, 'top1', 'max'\n"
         f"    c.parameters = {parameters}\n"
+        f"{extra}"
         "    return c\n"
     )
     return str(path)
@@ -69,6 +71,35 @@ def test_misspelt_field_is_a_one_line_error_before_training(tmp_path):
         "['optimizer.learning_rate'])." in result.stderr
     )
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_grids_num_trials_override_is_refused_before_training(tmp_path):
+    """`--sweep.num_trials=2` on a 4-trial grid was ignored: all 4 trials ran, unannounced."""
+    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.003, 0.03, 0.3, 3.0)),)",
+                        extra="    c.num_trials = 4\n")
+    tiny = ["--config.num_train_steps=40", "--config.eval_every_steps=20"]  # if it trained
+    result = subprocess.run(_command(sweep, tmp_path / "sweep", *tiny, "--sweep.num_trials=2"),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
+        "value lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to "
+        "experiments.sweep (--array=... to launch.submit), or set kind='random' to sample "
+        "num_trials points.")
+    assert "Trial 1/" not in result.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_example_grid_refuses_a_num_trials_override(tmp_path):
+    """The newcomer's command: the shipped grid file has no num_trials to override."""
+    lr_sweep = os.path.join(ROOT, "experiments", "sweeps", "lenet5_digits_lr.py")
+    tiny = ["--config.num_train_steps=40", "--config.eval_every_steps=20"]  # if it trained
+    result = subprocess.run(_command(lr_sweep, tmp_path / "sweep", *tiny, "--sweep.num_trials=2"),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --sweep.num_trials=2 is invalid;") and "num_trials" in last
     assert not (tmp_path / "sweep").exists()
 
 

@@ -137,6 +137,46 @@ def test_a_sweep_is_submitted_as_an_array_over_its_trials(tmp_path):
     assert json.loads((workdir / "slurm" / "launch.json").read_text())["num_trials"] == 4
 
 
+def _grid_sweep_with_num_trials(tmp_path):
+    """A user's 4-value grid file that restates its size as num_trials (accepted)."""
+    path = tmp_path / "grid_sweep.py"
+    path.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.num_trials, c.metric, c.mode = 'grid', 0, 4, 'top1', 'max'\n"
+        "    c.parameters = (choice('optimizer.learning_rate', (0.003, 0.03, 0.3, 3.0)),)\n"
+        "    return c\n")
+    return str(path)
+
+
+def test_a_grids_num_trials_override_is_refused_not_ignored(tmp_path):
+    """`-- --sweep.num_trials=2` on a 4-trial grid printed `--array=0-3`: the override was
+    silently ignored. The grid's own size is accepted; a different one is refused, naming the
+    ways to run fewer."""
+    sweep = _grid_sweep_with_num_trials(tmp_path)
+    args = ["--entry=sweep", f"--config={CONFIG}", f"--sweep={sweep}",
+            f"--workdir={tmp_path / 'sweep'}", "--dry_run"]
+    same = _submit(tmp_path, *args, "--nocheck_configs")
+    assert same.returncode == 0, same.stderr
+    assert "#SBATCH --array=0-3\n" in same.stdout
+    refused = _submit(tmp_path, *args, "--", "--sweep.num_trials=2")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
+        "value lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to "
+        "experiments.sweep (--array=... to launch.submit), or set kind='random' to sample "
+        "num_trials points.")
+    assert "#SBATCH" not in refused.stdout
+    # The shipped example grid sets no num_trials, so the override has nothing to apply to.
+    example = _submit(tmp_path, "--entry=sweep", f"--config={CONFIG}", f"--sweep={SWEEP}",
+                      f"--workdir={tmp_path / 'example'}", "--dry_run", "--",
+                      "--sweep.num_trials=2")
+    assert example.returncode == 1
+    assert "overrides='--sweep.num_trials=2' is invalid" in example.stderr
+    assert "#SBATCH" not in example.stdout
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "example").exists()
+
+
 def test_a_train_job_resubmitted_with_a_longer_time_limit_resumes(tmp_path):
     """Time limit and requeue count are scheduling: the same run, given more time, is accepted
     without --force (nothing replaced) and its script carries the new limit."""

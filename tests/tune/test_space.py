@@ -191,6 +191,7 @@ def test_from_config_reads_a_sweep_config():
     assert sp.from_config(config).trials == sp.random(
         [sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0)], 3, seed=2).trials
     config.kind = "grid"
+    config.num_trials = None  # a grid's size is its value lists' product (3 would be refused)
     config.parameters = ({"field": "global_batch_size", "distribution": "choice",
                           "values": (16, 32)},)
     assert [t.overrides["global_batch_size"] for t in sp.from_config(config).trials] == [16, 32]
@@ -209,6 +210,46 @@ def test_from_config_refuses_unknown_fields_naming_them_and_the_valid_ones():
                                       "parameters": (sp.choice("a", (1, 2)),)})
     assert len(sp.from_config({"kind": "grid", "seed": 0, "metric": "top1", "mode": "max",
                                "parameters": (sp.choice("a", (1, 2)),)}).trials) == 2
+
+
+def _grid_config(num_trials="unset", **params):
+    config = {"kind": "grid", "seed": 0, "metric": "top1", "mode": "max",
+              "parameters": tuple(sp.choice(f, v) for f, v in params.items())}
+    if num_trials != "unset":
+        config["num_trials"] = num_trials
+    return ml_collections.ConfigDict(config)
+
+
+@pytest.mark.parametrize(("num_trials", "params", "message"), [
+    (2, {"optimizer.learning_rate": (0.003, 0.03, 0.3, 3.0)},
+     "sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its value "
+     "lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to experiments.sweep "
+     "(--array=... to launch.submit), or set kind='random' to sample num_trials points."),
+    (4, {"ema.decay": (None, 0.99), "seed": (0, 1, 2)},
+     "sweep: num_trials=4 is invalid; a grid has exactly 6 trials, the product of its value "
+     "lists (2 x 3 = 6), so expected 6 or unset;"),
+    (8, {"optimizer.learning_rate": (0.1, 0.2)},
+     "sweep: num_trials=8 is invalid; a grid has exactly 2 trials"),
+    (True, {"optimizer.learning_rate": (0.1,)},
+     "sweep: num_trials=True is invalid; a grid has exactly 1 trial, the product of its value "
+     "lists (1), so expected 1 or unset;"),
+    ("2", {"optimizer.learning_rate": (0.1, 0.2)},
+     "sweep: num_trials='2' is invalid; a grid has exactly 2 trials"),
+])
+def test_a_grid_refuses_a_num_trials_other_than_its_size(num_trials, params, message):
+    """`--sweep.num_trials=2` on a 4-value grid was ignored: all 4 trials ran, unannounced."""
+    _raises(message, sp.from_config, _grid_config(num_trials, **params))
+
+
+def test_a_grid_accepts_num_trials_unset_none_or_its_size_and_records_none():
+    """Restating the size is harmless; the space records num_trials=None either way, so a sweep
+    dir whose sweep.json was written with or without the field (or by an older cnnjax, which
+    ignored it) still resumes."""
+    lrs = {"optimizer.learning_rate": (0.003, 0.03, 0.3, 3.0)}
+    spaces = [sp.from_config(_grid_config(n, **lrs)) for n in ("unset", None, 4)]
+    assert [len(s.trials) for s in spaces] == [4, 4, 4]
+    assert all(s.describe() == sp.grid(lrs).describe() for s in spaces)
+    assert spaces[0].describe()["num_trials"] is None
 
 
 # ------------------------------------------------------------------------- error messages

@@ -337,6 +337,24 @@ def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
     sw.run_sweep(base, space, sweep_dir, metric="loss", max_trials=0, verbose=False)
 
 
+def test_a_grid_sweep_dir_resumes_whether_its_file_sets_num_trials_or_not(tmp_path, monkeypatch):
+    """Grids now refuse a num_trials other than their size; a sweep dir created before (sweep.json
+    of a grid records num_trials=None, whatever the file said) still resumes from a file that
+    restates the size or leaves it unset, and one that differs is refused before anything runs."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    lrs = (sp.choice("optimizer.learning_rate", (0.05, 0.01)),)
+    sw.run_sweep(_tiny_base(), sp.grid(lrs), sweep_dir, max_trials=0, verbose=False)
+    saved = _json(os.path.join(sweep_dir, sw.SWEEP_FILE))
+    assert saved["space"]["num_trials"] is None
+    for extra in ({}, {"num_trials": 2}, {"num_trials": None}):
+        space = sp.from_config({"kind": "grid", "seed": 0, "parameters": lrs, **extra})
+        sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False)
+    assert _json(os.path.join(sweep_dir, sw.SWEEP_FILE)) == saved
+    with pytest.raises(ValueError, match=r"^sweep: num_trials=1 is invalid; a grid has exactly 2"):
+        sp.from_config({"kind": "grid", "num_trials": 1, "parameters": lrs})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
