@@ -176,6 +176,37 @@ def _warmup_cosine(sched: Any, lr: float, total: int, warmup: int) -> optax.Sche
     )
 
 
+#: The schedule fields that set where the rate starts or ends, and the schedules that read them
+#: (`init_value` only with a warmup, but warmup_cosine's own): a non-zero one the chosen
+#: schedule would ignore is refused, not silently dropped.
+_ENDPOINT_READERS: dict[str, tuple[str, ...]] = {
+    "alpha": ("cosine",),
+    "end_value": ("linear", "warmup_cosine"),
+    "init_value": ("constant", "piecewise", "exponential", "cosine", "linear", "warmup_cosine"),
+}
+_ENDPOINT_HINTS = {
+    "alpha": "the cosine floor as a fraction of the peak",
+    "end_value": "the final rate of linear and warmup_cosine (cosine's floor is alpha)",
+    "init_value": "the rate a warmup starts from",
+}
+
+
+def _check_endpoints(sched: Any, name: str, warmup: int) -> None:
+    """Refuses a non-zero `alpha`/`end_value`/`init_value` that schedule `name` (with `warmup`
+    steps) would not read, naming what the field is for."""
+    for field, readers in _ENDPOINT_READERS.items():
+        value = _get(sched, field, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value == 0:
+            continue  # unset (0) or a bad type, which the reader's own check names
+        if name in readers and (field != "init_value" or warmup or name == "warmup_cosine"):
+            continue
+        needs = (f"schedule.warmup_steps > 0 with {name!r}" if name in readers
+                 else f"schedule.name in {list(readers)}")
+        raise invalid("schedule", field, value,
+                      f"schedule {name!r} does not read it ({_ENDPOINT_HINTS[field]}); it "
+                      f"applies with {needs}, so set it to 0")
+
+
 def build_schedule(config: Any) -> optax.Schedule:
     """Returns the optax schedule `step -> learning rate` described by `config.schedule`.
 
@@ -195,6 +226,7 @@ def build_schedule(config: Any) -> optax.Schedule:
     lr = check_positive_float("optimizer", "learning_rate", config.optimizer.learning_rate)
     total = check_positive_int("config", "num_train_steps", config.num_train_steps)
     warmup = _warmup_steps(sched, name, total)
+    _check_endpoints(sched, name, warmup)
     if name == "one_cycle":
         return _one_cycle(sched, lr, total)
     if name == "warmup_cosine":
@@ -247,9 +279,19 @@ def _sgd(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
 
 
+def _adam_moments_without_nesterov(opt: Any) -> dict[str, float]:
+    """`_adam_moments`, refusing `nesterov=True`: adam/adamw do not read it (cnnjax's configs set
+    it for SGD, so switching `optimizer.name` to adam would silently drop it)."""
+    if check_bool("optimizer", "nesterov", _get(opt, "nesterov", False)):
+        raise invalid("optimizer", "nesterov", True,
+                      f"{_get(opt, 'name', 'sgd')} does not use it (only sgd and rmsprop "
+                      "read it); set --config.optimizer.nesterov=False")
+    return _adam_moments(opt)
+
+
 def _adam(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """optax.adam with the config's moments."""
-    return optax.adam(schedule, **_adam_moments(opt))
+    return optax.adam(schedule, **_adam_moments_without_nesterov(opt))
 
 
 def _rmsprop(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -290,7 +332,7 @@ def build_optimizer(
             optax.clip_by_global_norm(check_positive_float("optimizer", "grad_clip_norm", clip))
         )
     if name == "adamw":
-        moments = _adam_moments(opt)
+        moments = _adam_moments_without_nesterov(opt)
         parts.append(optax.adamw(schedule, **moments, weight_decay=wd, mask=weight_decay_mask))
         return optax.chain(*parts)
     rule = _RULES[name](opt, schedule)

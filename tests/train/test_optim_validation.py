@@ -68,6 +68,11 @@ FINITE = "expected a finite number >= 0."
          "nesterov=True is invalid; Nesterov momentum needs momentum > 0 (momentum=0.0)."),
         ("rmsprop", {"momentum": 0.0, "nesterov": True},
          "nesterov=True is invalid; Nesterov momentum needs momentum > 0 (momentum=0.0)."),
+        # the shipped SGD configs set nesterov=True: with adam it was dropped without a word
+        ("adam", {"nesterov": True}, "nesterov=True is invalid; adam does not use it (only sgd "
+         "and rmsprop read it); set --config.optimizer.nesterov=False."),
+        ("adamw", {"nesterov": True}, "nesterov=True is invalid; adamw does not use it (only "
+         "sgd and rmsprop read it); set --config.optimizer.nesterov=False."),
     ],
 )
 def test_bad_optimizer_fields(optimizer, fields, message):
@@ -144,6 +149,39 @@ def test_bad_schedule_fields(schedule, fields, message):
     _raises(config, "schedule: " + message)
     with pytest.raises(ValueError, match="^schedule: "):
         check_optimization(config)
+
+
+@pytest.mark.parametrize("schedule,fields,message", [
+    ("cosine", {"end_value": 0.05}, "end_value=0.05 is invalid; schedule 'cosine' does not "
+     "read it (the final rate of linear and warmup_cosine (cosine's floor is alpha)); it "
+     "applies with schedule.name in ['linear', 'warmup_cosine'], so set it to 0."),
+    ("warmup_cosine", {"alpha": 0.5, "warmup_steps": 5}, "alpha=0.5 is invalid; schedule "
+     "'warmup_cosine' does not read it (the cosine floor as a fraction of the peak); it applies "
+     "with schedule.name in ['cosine'], so set it to 0."),
+    ("one_cycle", {"end_value": 1e-5}, "end_value=1e-05 is invalid; schedule 'one_cycle' does "
+     "not read it (the final rate of linear and warmup_cosine (cosine's floor is alpha)); it "
+     "applies with schedule.name in ['linear', 'warmup_cosine'], so set it to 0."),
+    ("one_cycle", {"init_value": 0.01}, "init_value=0.01 is invalid; schedule 'one_cycle' does "
+     "not read it (the rate a warmup starts from); it applies with schedule.name in "
+     "['constant', 'piecewise', 'exponential', 'cosine', 'linear', 'warmup_cosine'], so set it "
+     "to 0."),
+    ("cosine", {"init_value": 0.01}, "init_value=0.01 is invalid; schedule 'cosine' does not "
+     "read it (the rate a warmup starts from); it applies with schedule.warmup_steps > 0 with "
+     "'cosine', so set it to 0."),
+])
+def test_a_schedule_field_the_schedule_would_ignore_is_refused(schedule, fields, message):
+    """The schedule fields default to 0; a value the chosen schedule never reads used to be
+    dropped silently (a cosine with end_value=0.05 still decayed to 0)."""
+    config = _config(schedule, **{f"schedule__{k}": v for k, v in fields.items()})
+    _raises(config, "schedule: " + message)
+
+
+def test_endpoint_fields_the_schedule_reads_are_accepted():
+    for schedule, fields in [("cosine", {"alpha": 0.1}), ("linear", {"end_value": 0.01}),
+                             ("warmup_cosine", {"end_value": 0.01, "init_value": 0.01}),
+                             ("cosine", {"init_value": 0.01, "warmup_steps": 5}),
+                             ("warmup_cosine", {"init_value": 0.01, "warmup_steps": 0})]:
+        build_optimizer(_config(schedule, **{f"schedule__{k}": v for k, v in fields.items()}))
 
 
 def test_shipped_piecewise_boundaries_past_a_short_run_are_logged(caplog):
