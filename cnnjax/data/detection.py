@@ -170,12 +170,16 @@ def _targets(ex: dict[str, tf.Tensor], hw: tuple[int, int], max_boxes: int,
     """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example; for a set that
     marks difficult objects, their flags (`box_difficult`, eval) or their removal from the
     targets (training); its external proposals (`proposals`, `proposal_valid`) when the source
-    reads them."""
+    reads them. Training also drops boxes without area (x2 <= x1 or y2 <= y1), as torchvision's
+    detection references do: no anchor or RoI can match one (IoU 0/0) and its regression target
+    would be log(0/0); the eval keeps them, as pycocotools and the VOC devkit do."""
     classes = ex["classes"]
     count = tf.minimum(tf.shape(classes)[0], max_boxes)
     boxes, valid = _pixel_boxes(ex["bbox"], count, hw, max_boxes, flip)
     labels = tf.pad(tf.cast(classes[:count], tf.int32), [[0, max_boxes - count]])
     labels.set_shape((max_boxes,))
+    if training:
+        valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     out = {"boxes": boxes, "labels": labels, "box_valid": valid}
     if "difficult" in ex:
         difficult = tf.pad(tf.cast(ex["difficult"][:count], tf.bool), [[0, max_boxes - count]])

@@ -76,7 +76,9 @@ def label_anchors(
     if anchor_valid is None:
         anchor_valid = jnp.ones(anchors.shape[0], bool)
     anchor_valid = _mask(owner, "anchor_valid", anchor_valid, anchors.shape[0])
-    fg = check_number(owner, "fg_thresh", fg_thresh, _UNIT, low=0.0, high=1.0)
+    # fg_thresh 0 would make every valid anchor positive, those overlapping nothing too
+    fg = check_number(owner, "fg_thresh", fg_thresh, "expected a number in (0, 1]", low=0.0,
+                      high=1.0, low_open=True)
     bg = check_number(owner, "bg_thresh", bg_thresh, _UNIT, low=0.0, high=1.0)
     if fg < bg:
         raise invalid(owner, "fg_thresh", fg_thresh,

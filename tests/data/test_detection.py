@@ -337,10 +337,12 @@ def _voc_examples(split):
                            "is_difficult": np.arange(n) % 3 == 2}}
 
 
-def _voc_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
-    """A mock `_as_dataset` serving `_voc_examples` (images PNG-encoded unless decoded)."""
+def _voc_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False,
+                    examples_fn=_voc_examples):
+    """A mock `_as_dataset` serving `examples_fn(split)` (default `_voc_examples`; images
+    PNG-encoded unless decoded)."""
     del self, read_config, shuffle_files
-    examples = list(_voc_examples(str(split)))
+    examples = list(examples_fn(str(split)))
 
     def generate():
         for ex in examples:
@@ -394,6 +396,39 @@ def test_voc2007_boxes_classes_and_difficult_flags(voc_dir):
         np.testing.assert_array_equal(trained["box_valid"][0, i], expected)
         removed += int(hard.sum())
     assert removed > 0 and "box_difficult" not in trained
+
+
+def test_boxes_without_area_are_dropped_from_training_targets_only(voc_dir):
+    """A zero-width or zero-height box matches no anchor or RoI (IoU 0/0) and its regression
+    target is log(0/0): training drops it (torchvision's references do), the eval keeps it."""
+    from tests.data.test_presets import _mock
+
+    def flattened(split):  # object 0 of every image has no width, object 1 no height
+        for ex in _voc_examples(split):
+            bbox = ex["objects"]["bbox"].copy()
+            bbox[0, 3] = bbox[0, 1]
+            if len(bbox) > 1:
+                bbox[1, 2] = bbox[1, 0]
+            yield {**ex, "objects": {**ex["objects"], "bbox": bbox}}
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        return _voc_as_dataset(self, split, decoders, read_config, shuffle_files, flattened)
+
+    with _mock(voc_dir, 6, as_dataset_fn=as_dataset):
+        trained = next(detection.train_batches(
+            _voc_config(voc_dir, augment=False, shuffle_buffer=1), global_batch_size=8,
+            num_devices=1, seed=0))
+        batch = next(detection.eval_batches(_voc_config(voc_dir), global_batch_size=6,
+                                            num_devices=1))
+    for i, example in enumerate(flattened("train+validation")):
+        n = min(len(example["objects"]["label"]), 6)
+        expected = np.zeros(6, bool)
+        expected[:n] = ~example["objects"]["is_difficult"][:n]
+        expected[:min(n, 2)] = False  # the two flattened boxes
+        np.testing.assert_array_equal(trained["box_valid"][0, i], expected)
+    for i, example in enumerate(flattened("test")):
+        n = min(len(example["objects"]["label"]), 6)
+        assert batch["box_valid"][0, i].tolist() == [True] * n + [False] * (6 - n)
 
 
 def test_classification_on_a_detection_set_is_refused(voc_dir):
