@@ -97,7 +97,9 @@ def main(argv: list[str]) -> None:
     from cnnjax.analysis.calibration import plot_reliability
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import (
+        NoWeightAverageError,
         calibrate_run,
+        check_split,
         check_temperature_split,
         classifier_logits,
         evaluate_run,
@@ -125,7 +127,11 @@ def main(argv: list[str]) -> None:
             check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")
         else:
             check_output_dir(os.path.join(_WORKDIR.value, "eval"), "--workdir's eval folder")
-        run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
+        try:
+            run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
+        except NoWeightAverageError as err:
+            sys.exit(f"error: {err.flag_message('--ema')}")
+        check_split(run, _SPLIT.value, "--split")  # before anything compiles
         same_split, warnings = check_temperature_split(
             run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value)
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)

@@ -16,8 +16,9 @@ eval images, preprocessed as its evaluation sees them, and writes to --output_di
   larger than 1x1);
 - `filters.png`: the first convolution's kernels (Krizhevsky et al. 2012, Fig. 3);
 - `activations.png`: the Grad-CAM layer's channels on the first image;
-- `visualize.json`: the layer, checkpoint, `target`, and each image's label, prediction, its
-  probability and the class its maps explain (`explained`).
+- `visualize.json`: the layer, checkpoint, `target`, each image's label, prediction, its
+  probability and the class its maps explain (`explained`), and `notes`: e.g. that guided
+  backpropagation equals saliency on a model without ReLUs (LeNet-5's tanh), also printed.
 --list_layers prints every module with its output shape (the names --layer takes) and exits.
 --pointing_game instead scores each method on the whole eval split of a dataset with object boxes
 (tfds `objects/bbox`, e.g. `shapes`): the share of images whose map for the true class peaks
@@ -28,6 +29,7 @@ See `cnnjax.analysis.attribution` for the methods.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,11 +142,16 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
             activation[shown][0], os.path.join(out_dir, "activations.png"),
             f"{name}: {shown} on eval image 0"),
     }
+    notes = []
+    if "guided_backprop" in result.maps and not attribution.count_relus(run.model, run.variables,
+                                                                        images[:1]):
+        notes.append(f"guided_backprop: {run.config.model} has no ReLU, so it equals the "
+                     "saliency map")  # its plain gradient: said, not shown as a second method
     summary = {"workdir": run.workdir, "model": run.config.model, "step": run.step,
                "checkpoint": run.how, "weights": "ema" if run.ema else "trained",
                "target": target, "grad_cam_layer": result.layer, "activations_layer": shown,
                "first_conv": filter_path, "methods": list(result.maps), "images": rows,
-               "files": files}
+               "files": files, "notes": notes}
     write_json(os.path.join(out_dir, "visualize.json"), summary)
     return summary
 
@@ -248,12 +255,15 @@ def main(argv: list[str]) -> None:
     start_command(argv)
     from cnnjax.analysis import attribution
     from cnnjax.analysis.effective_receptive_field import eval_images
-    from cnnjax.train.trained import load_trained
+    from cnnjax.train.trained import NoWeightAverageError, load_trained
     from cnnjax.utils.files import write_json
 
     with one_line_errors():
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work
-        run = load_trained(_WORKDIR.value, _STEP.value, ema=_EMA.value)
+        try:
+            run = load_trained(_WORKDIR.value, _STEP.value, ema=_EMA.value)
+        except NoWeightAverageError as err:
+            sys.exit(f"error: {err.flag_message('--ema')}")
         if _LIST_LAYERS.value:
             shape = eval_images(run, 1).shape[1:]
             for o in attribution.module_outputs(run.model, run.variables, shape):
@@ -285,6 +295,8 @@ def main(argv: list[str]) -> None:
           f"layer: {summary['grad_cam_layer'] or '-'}")
     for key, path in summary["files"].items():
         print(f"{key + ':':14s}{path}")
+    for note in summary["notes"]:
+        print(note)
 
 
 if __name__ == "__main__":

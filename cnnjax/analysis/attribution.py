@@ -752,6 +752,34 @@ def _guided_backprop(batch: _Batch, rule: str = "guided") -> np.ndarray:
     return np.asarray(gradient(leaves, images, targets))
 
 
+def count_relus(model: nn.Module, variables: Any, images: Any) -> int:
+    """How many ReLUs guided backpropagation (and its deconvnet rule) would rewrite in `model`'s
+    forward pass on `images` (`[N, H, W, C]` or one `[H, W, C]`): the equations of the traced
+    model that `guided_backprop` replaces, found by the same rules (a `jax.nn.relu` call, a
+    `max(x, 0)` with a literal zero unless it clamps a normalization's variance), each counted
+    once per place in the trace. 0 means `guided_backprop` is the plain gradient, so its map
+    equals saliency's: a command says so rather than show two identical maps as two methods
+    (e.g. LeNet-5, whose units are tanh). Traces only (`jax.make_jaxpr`): nothing compiles."""
+    images = _check_images(images)
+    forward = _forward(model, ())
+    closed = jax.make_jaxpr(lambda v, x: forward(v, x)[0])(variables, images)
+    return _count_relus(closed.jaxpr)
+
+
+def _count_relus(jaxpr: Any) -> int:
+    """The ReLUs `_evaluate` replaces in `jaxpr`, through nested calls (`count_relus`)."""
+    clamps = _variance_clamps(jaxpr)
+    count = 0
+    for index, eqn in enumerate(jaxpr.eqns):
+        body = _body(eqn) if eqn.primitive.name in _CALLS else None
+        relu_call = eqn.primitive.name == "custom_jvp_call" and _is_relu(eqn)
+        if relu_call or (index not in clamps and _rectified_operand(eqn) is not None):
+            count += 1
+        elif body is not None:
+            count += _count_relus(body[0])
+    return count
+
+
 class Explanation(NamedTuple):
     """`explain`'s result: each method's `[N, H, W]` map of the same images and targets."""
 

@@ -550,7 +550,7 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
           input_shape: str | None) -> tuple[nn.Module, Any, tuple[int, ...], str, Any]:
     """`(model, variables or None, input shape, description, trained run or None)` for the
     CLI's flags."""
-    from cnnjax.analysis.summary import load_model, parse_shape
+    from cnnjax.analysis.summary import check_input_shape, load_model, parse_shape
 
     owner = f"{_OWNER} CLI"
     if (model_name is None) == (workdir is None):
@@ -563,10 +563,14 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
                       "random weights, no checkpoints)")
     if model_name is not None:
         model, native = load_model(model_name)
+        if shape is not None:
+            check_input_shape(model, model_name, shape, input_shape, owner)
         return model, None, shape or tuple(native), f"{model_name} (random init)", None
     from cnnjax.train.trained import load_trained
 
     run = load_trained(workdir, step)
+    if shape is not None:
+        check_input_shape(run.model, run.config.model, shape, input_shape, owner)
     if shape is None:
         from cnnjax.train import config as config_lib
 
@@ -599,10 +603,11 @@ def main(argv: Sequence[str]) -> None:
     """Prints the effective and theoretical receptive field sizes (and writes `--out`)."""
     import sys
 
-    from absl import app, flags
+    from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cnnjax.utils.cli import start_command
+
+    start_command(list(argv))  # refuses stray arguments; quiets orbax's INFO lines
     f = flags.FLAGS
     try:
         model, variables, shape, name, run = _load(f.model, f.workdir, f.step, f.input_shape)

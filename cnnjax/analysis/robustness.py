@@ -260,7 +260,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
 
     from cnnjax.analysis import corruptions as corruptions_lib
     from cnnjax.train.config import config_task
-    from cnnjax.train.trained import load_trained, with_split
+    from cnnjax.train.trained import check_split, load_trained, with_split
     from cnnjax.utils.files import check_output_dir, read_json, write_json
     from cnnjax.utils.lock import directory_lock
     from cnnjax.utils.validation import check_choice, check_positive_int, invalid
@@ -279,6 +279,7 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                       "run (corruption top-1 is defined for classifiers)")
     dataset = run.config.data.name
     tfds_set = corrupted_set(dataset) if source == "tfds" else None
+    check_split(run, split, f"{_OWNER}: split")  # not tfds's raw error at the first read
     config = with_split(run.config, split)
     spec, _, transforms = eval_pipeline(config)
     if tfds_set and spec.eval_split != tfds_set.split:

@@ -551,9 +551,32 @@ def parse_shape(text: str, owner: str = "summary CLI") -> tuple[int, ...]:
     except ValueError:
         raise invalid(owner, "--input_shape", text, "expected comma-separated ints, "
                       "e.g. 224,224,3") from None
-    if len(shape) < 2 or any(s <= 0 for s in shape):
-        raise invalid(owner, "--input_shape", text, "expected positive ints H,W,C")
+    if len(shape) != 3 or any(s <= 0 for s in shape):  # the models take [N, H, W, C] images
+        raise invalid(owner, "--input_shape", text, "expected positive ints H,W,C, e.g. "
+                      "224,224,3")
     return shape
+
+
+def check_input_shape(model: nn.Module, name: str, shape: tuple[int, ...], text: str,
+                      owner: str = "summary CLI") -> None:
+    """A ValueError naming the `--input_shape` flag (given as `text`) when model `name` cannot
+    run on `shape`: the engine's own pre-compilation check (`check_input_size`: the registry's
+    `min_input_size`, then an abstract trace naming the layer where the input collapses), which
+    words it for training's `data.image_size`, reworded for the flag. Without it the user would
+    get a layer's internal shape error naming neither the flag nor the model's minimum."""
+    from cnnjax.train.checks import check_input_size
+
+    minimum = None
+    if not name.startswith(_EXAMPLES_PREFIX):
+        from cnnjax.models import model_info
+
+        minimum = model_info(name).min_input_size
+    try:
+        check_input_size(model, name, tuple(shape), minimum)
+    except ValueError as err:  # "<name>: input resolution='HxW' is invalid; <why>."
+        why = str(err).split(" is invalid; ", 1)[-1].rstrip(".")
+        why = why.replace("a larger data.image_size", "a larger --input_shape")
+        raise invalid(owner, "--input_shape", text, f"{name}: {why}") from None
 
 
 def load_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -602,6 +625,8 @@ def main(argv: Sequence[str]) -> None:
         if f.csv:  # before the tracing: a file in the way of its folder is reported at once
             check_output_dir(os.path.dirname(os.path.abspath(f.csv)), "--csv's folder")
         model, native = load_model(f.model, f.num_classes)
+        if shape is not None:  # before the tracing: a too-small input is named as the flag
+            check_input_shape(model, f.model, shape, f.input_shape)
         result = summary(model, shape or native, batch_size=f.batch_size)
         print(f"{f.model} on input {result.input_shape}")
         print(result)

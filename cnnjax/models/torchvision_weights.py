@@ -550,10 +550,11 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
     """Writes the warm-start workdir and prints how to fine-tune from it."""
-    from absl import app, flags
+    from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from cnnjax.utils.cli import start_command
+
+    start_command(list(argv))  # refuses stray arguments; quiets orbax's INFO lines
     f = flags.FLAGS
     try:
         result = convert_file(f.model, f.weights, f.workdir, f.overwrite)

@@ -29,10 +29,20 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class QuietLibraries:
-    """absl log filter: drops INFO chatter from orbax (one line per file it touches)."""
+    """absl log filter: drops INFO chatter from orbax (one line per file it touches), and its
+    warning `Given directory is read only=<dir>`, which cnnjax causes on purpose: it opens a
+    finished run's checkpoints read-only (`load_trained`, a warm start's source), so the warning
+    would only make a user look for a fault. orbax's other warnings pass."""
+
+    _EXPECTED_WARNINGS = ("Given directory is read only",)
 
     def filter(self, record) -> bool:
-        return record.levelno >= 30 or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno < 30:
+            return False
+        return not (record.levelno == 30
+                    and str(record.getMessage()).startswith(self._EXPECTED_WARNINGS))
 
 
 def quiet_library_logs() -> None:

@@ -64,6 +64,22 @@ class TrainedRun:
         return self.model.apply(self.variables, images, method=method, **kwargs)
 
 
+class NoWeightAverageError(ValueError):
+    """`load_trained(ema=True)` of a run that kept no weight average (`config.ema.decay` None).
+    Its text tells a Python caller to pass ema=False; `flag_message` words the same refusal for
+    a command's flag (e.g. `--ema`), which the user drops instead."""
+
+    def __init__(self, workdir: str):
+        self.reason = (f"the run in {workdir!r} kept no weight average (its config.ema.decay "
+                       "is None)")
+        super().__init__(str(invalid(_OWNER, "ema", True,
+                                     f"{self.reason}; load its weights with ema=False")))
+
+    def flag_message(self, flag: str = "--ema") -> str:
+        """The refusal as a command reports it: `<flag> is invalid; <why>; drop <flag>.`"""
+        return f"{flag} is invalid; {self.reason}; drop {flag} to use its trained weights."
+
+
 def load_trained(workdir: str, step: int | None = None,
                  num_devices: int | None = None, ema: bool = False) -> TrainedRun:
     """The model of the run in `workdir` with its best checkpoint's variables (or `step`'s);
@@ -93,8 +109,7 @@ def load_trained(workdir: str, step: int | None = None,
     checked = config_lib.check_config(config)
     check_bool(_OWNER, "ema", ema)
     if ema and config_lib.ema_rule(config) is None:
-        raise invalid(_OWNER, "ema", ema, f"the run in {workdir!r} kept no weight average "
-                      "(its config.ema.decay is None); load its weights with ema=False")
+        raise NoWeightAverageError(workdir)
     source, chosen, how = None, step, "requested" if step else "best"
     try:
         source = SourceCheckpoints(workdir, owner=_OWNER)
@@ -123,6 +138,29 @@ def with_split(config: Any, split: str | None) -> ml_collections.ConfigDict:
             raise invalid("evaluate", "split", split, "expected a tfds split such as 'test'")
         config.data.eval_split = split
     return config
+
+
+def check_split(run: TrainedRun, split: str | None, name: str = "evaluate: split") -> None:
+    """A ValueError `<name>=<split> is invalid; <the splits the run's dataset has>.` if `split`
+    (a tfds split spec: a name, a slice such as 'test[:50%]', or a `+` join; None: the run's
+    own eval split, not checked) is not one of the run's dataset or holds no examples. It reads
+    only the dataset's split sizes (the data pipeline's own check, which parses slices and joins
+    as tfds does), so a command calls it before it evaluates or compiles anything; otherwise the
+    pipeline's error would name `data.eval_split`, a field the user never set, or tfds's raw
+    error would name nothing. `name` is how the caller's user set the split, e.g. "--split"."""
+    if split is None:
+        return
+    if not isinstance(split, str) or not split.strip():
+        raise ValueError(f"{name}={split!r} is invalid; expected a tfds split such as 'test'.")
+    pipeline = config_lib.data_pipeline(run.config)
+    config = with_split(run.config, split)
+    try:
+        pipeline.get_dataset_info(config.data)
+    except ValueError as err:  # "data: eval_split='x' is invalid; <valid>.": keep <valid>
+        valid = re.sub(r"^data: \w+=.*? is invalid; ", "", str(err)).rstrip(".")
+        valid = re.sub(r" \[Unknown split .*\]$", "", " ".join(valid.split()))  # one line;
+        # tfds's "Unknown split" repeats the splits named before it
+        raise ValueError(f"{name}={split!r} is invalid; {valid}.") from None
 
 
 def default_outputs(config: Any) -> Callable[[TrainedRun, dict], Any]:
@@ -353,11 +391,7 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     check_bool("evaluate", "allow_same_split", allow_same_split)
     pipeline = config_lib.data_pipeline(run.config)
     evaluated = pipeline.eval_split_name(with_split(run.config, split).data)
-    try:  # reads the split's size: an unknown or empty split fails here, before compilation
-        pipeline.get_dataset_info(with_split(run.config, temperature_split).data)
-    except ValueError as err:  # "data: eval_split='x' is invalid; <valid>.": keep <valid>
-        valid = re.sub(r"^data: eval_split=.*? is invalid; ", "", str(err)).rstrip(".")
-        raise invalid("evaluate", "temperature_split", temperature_split, valid) from None
+    check_split(run, temperature_split, "evaluate: temperature_split")
     splits = _split_infos(run.config.data)
     same_split = _overlap(temperature_split, evaluated, splits)
     warnings = []

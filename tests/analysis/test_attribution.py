@@ -182,6 +182,28 @@ def test_a_normalizations_variance_clamp_is_not_a_relu(norm):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_count_relus_finds_the_relus_guided_backprop_rewrites(linear, resnet):
+    """ResNet-20 has ReLUs (guided backprop differs from the gradient); LeNet-5 (tanh), a
+    linear model and a LayerNorm's variance clamp have none: their guided map is saliency's."""
+    model, variables, images = resnet
+    assert at.count_relus(model, variables, images[:1]) == 19  # the stem's + 2 per block x 9
+    lenet = create_model("lenet5", num_classes=10)
+    grey = np.zeros((1, 32, 32, 1), np.float32)
+    assert at.count_relus(lenet, lenet.init(jax.random.key(0), grey, train=False), grey) == 0
+    model, variables, images, _, _ = linear
+    assert at.count_relus(model, variables, images[0]) == 0
+
+    class Normalized(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.LayerNorm()(nn.Conv(4, (3, 3))(x))
+            return nn.Dense(CLASSES)(nn.relu(x).mean(axis=(1, 2)))
+
+    images = np.zeros((1, 4, 4, 1), np.float32)
+    model = Normalized()
+    assert at.count_relus(model, model.init(jax.random.key(0), images), images) == 1
+
+
 def test_guided_backprop_changes_only_relus(linear, resnet):
     model, variables, images, kernel, _ = linear  # no ReLU: the plain gradient, W[:, t]
     np.testing.assert_allclose(at.guided_backprop(model, variables, images, [0, 1, 2, 0]),

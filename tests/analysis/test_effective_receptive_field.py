@@ -305,6 +305,19 @@ def test_output_without_spatial_axes_needs_a_feature():
         effective_receptive_field(Pooled(), (8, 8, 1), feature="x")
 
 
+@pytest.mark.parametrize(("text", "why"), [
+    ("8,8,1", "lenet5: the model needs inputs of at least 32x32."),
+    ("32,32", "expected positive ints H,W,C, e.g. 224,224,3."),
+])
+def test_the_cli_names_an_input_shape_the_model_cannot_take(text, why):
+    """As the summary CLI (shared `parse_shape`, `check_input_shape`): the flag, the value and
+    what is valid, not a Conv2D or rank error from inside the model."""
+    with pytest.raises(ValueError) as caught:
+        erf_module._load("lenet5", None, None, text)
+    assert str(caught.value) == (
+        f"effective_receptive_field CLI: --input_shape={text!r} is invalid; {why}")
+
+
 def _cli(*args):
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
            "PYTHONPATH": str(ROOT)}

@@ -378,6 +378,29 @@ def test_cli_model_loading_errors():
     assert shape == (16, 16, 3) and model.num_classes == 3
 
 
+def test_an_input_shape_the_model_cannot_take_names_the_flag():
+    """`check_input_shape` is the engine's `check_input_size` worded for --input_shape: the
+    registry minimum first, then the layer where the input collapses (for a network with no
+    registered minimum), with the flag, not data.image_size, as the fix."""
+    from cnnjax.analysis.summary import check_input_shape, load_model, parse_shape
+
+    with pytest.raises(ValueError, match=r"^summary CLI: --input_shape='32,32' is invalid; "
+                                         r"expected positive ints H,W,C"):
+        parse_shape("32,32")
+    with pytest.raises(ValueError, match=r"^summary CLI: --input_shape='1,2,3,4' is invalid"):
+        parse_shape("1,2,3,4")
+    model, _ = load_model("lenet5")
+    with pytest.raises(ValueError, match=r"^x CLI: --input_shape='28,40,1' is invalid; lenet5: "
+                                         r"the model needs inputs of at least 32x32\.$"):
+        check_input_shape(model, "lenet5", (28, 40, 1), "28,40,1", "x CLI")
+    check_input_shape(model, "lenet5", (32, 32, 1), "32,32,1")  # its native shape runs
+    model, _ = load_model("examples.vgg_like")
+    with pytest.raises(ValueError, match=r"^summary CLI: --input_shape='2,2,3' is invalid; "
+                                         r"examples.vgg_like: too small: layer \S+ \(Conv\) "
+                                         r"fails .*; use a larger --input_shape or a model"):
+        check_input_shape(model, "examples.vgg_like", (2, 2, 3), "2,2,3")
+
+
 @jax.custom_vjp
 def _relu_straight_through(x):
     return jnp.maximum(x, 0.0)
@@ -486,6 +509,8 @@ def test_a_row_with_several_outputs_counts_them_all():
     ("--model=bogus",),
     ("--model=examples.vgg_like", "--input_shape=a,b"),
     ("--model=examples.vgg_like", "--csv={file}/x.csv"),
+    ("--model=lenet5", "--input_shape=8,8,1"),
+    ("--model=lenet5", "--input_shape=32,32"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args):
     (tmp_path / "file").write_text("")
@@ -501,4 +526,10 @@ def test_cli_bad_input_is_one_line(tmp_path, args):
     assert line.startswith("error: ")
     assert {"--model=bogus": "unknown model name='bogus'", "--input_shape=a,b": "'a,b' is invalid",
             "--csv={file}/x.csv": f"--csv's folder={str(tmp_path / 'file')!r} is invalid; "
-                                  "expected a directory"}[args[-1]] in line
+                                  "expected a directory",
+            # the engine's check (training says it of data.image_size), not a Conv2D error
+            "--input_shape=8,8,1": "summary CLI: --input_shape='8,8,1' is invalid; lenet5: the "
+                                   "model needs inputs of at least 32x32.",
+            # H,W without C parsed, then failed inside the model with a rank error
+            "--input_shape=32,32": "summary CLI: --input_shape='32,32' is invalid; expected "
+                                   "positive ints H,W,C, e.g. 224,224,3."}[args[-1]] in line

@@ -72,6 +72,13 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
     line = missing.stderr.strip().splitlines()[-1]
     assert line.startswith("error: evaluate: temperature_split='validation' is invalid; ")
     assert "'digits' has splits ['train', 'test']" in line, line
+    # --split is checked the same way, slices included, on one line naming the flag (tfds's
+    # parse error spans two lines).
+    sliced = _command("experiments.evaluate", f"--workdir={workdir}", "--split=test[:200%]")
+    assert sliced.returncode == 1 and "Traceback" not in sliced.stderr
+    assert sliced.stderr.strip().splitlines()[-1].startswith(
+        "error: --split='test[:200%]' is invalid; 'digits' has splits ['train', 'test'] (slices "
+        "like 'train[:90%]' also work) [Error parsing split 'test[:200%]'."), sliced.stderr[-500:]
 
     # A split the model gets entirely right has no best T: the command says so, exits 1, and
     # still writes the engine's metrics (here to --output, with no calibration block).
@@ -152,3 +159,21 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(t
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {label}={str(tmp_path / 'eval')!r} is invalid; expected a directory or a path "
         "to create, but a file is in the way.")
+
+
+def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp_path):
+    """--split is checked against the run's dataset before anything compiles, and named as the
+    flag (not the config's data.eval_split); --ema on a run without a weight average says to
+    drop --ema (not the Python API's ema=False)."""
+    from tests.experiments.test_robustness import _fake, _train
+
+    workdir = _train(str(tmp_path / "run"), _fake(1))  # 'fake' has splits train and test
+    bad_split = _command("experiments.evaluate", f"--workdir={workdir}", "--split=validation")
+    assert bad_split.returncode == 1 and "Traceback" not in bad_split.stderr
+    assert bad_split.stderr.strip().splitlines()[-1] == (
+        "error: --split='validation' is invalid; 'fake' has splits ['train', 'test'].")
+    no_average = _command("experiments.evaluate", f"--workdir={workdir}", "--ema")
+    assert no_average.returncode == 1 and no_average.stderr.strip().splitlines()[-1] == (
+        f"error: --ema is invalid; the run in {workdir!r} kept no weight average (its "
+        "config.ema.decay is None); drop --ema to use its trained weights.")
+    assert not os.path.exists(os.path.join(workdir, "eval", "validation_step2.json"))

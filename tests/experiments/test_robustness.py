@@ -309,6 +309,14 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: robustness: severities='7' is invalid; expected integers from 1 to 5, e.g. "
         "'1,3,5'.")
+    # A split the run's dataset lacks: named as the split the user passed, with the dataset's
+    # splits, not tfds's error at the first read (nor data.eval_split, a field never set).
+    split = subprocess.run([*command, "--corruptions=contrast", "--severities=1",
+                            "--split=validation"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert split.returncode == 1 and "Traceback" not in split.stderr
+    assert split.stderr.strip().splitlines()[-1] == (
+        "error: robustness: split='validation' is invalid; 'fake' has splits ['train', 'test'].")
 
 
 

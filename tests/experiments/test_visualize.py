@@ -26,6 +26,7 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
                                   "integrated_gradients", "occlusion", "grad_cam"]
     assert summary["grad_cam_layer"] == summary["activations_layer"]
     assert summary["step"] == run.step and len(summary["images"]) == 3
+    assert summary["notes"] == []  # its ReLU makes guided backprop differ from saliency
     for row in summary["images"]:
         assert 0 <= row["predicted"] < helpers.NUM_CLASSES and 0 < row["probability"] <= 1
         assert row["explained"] == row["predicted"]
@@ -77,6 +78,14 @@ def test_the_command_on_a_trained_lenet(tmp_path):
     assert "Grad-CAM layer: c3" in result.stdout
     summary = json.loads((workdir / "visualize" / "visualize.json").read_text())
     assert summary["first_conv"] == "c1" and len(summary["images"]) == 4
+    note = "guided_backprop: lenet5 has no ReLU, so it equals the saliency map"  # tanh units
+    assert summary["notes"] == [note] and result.stdout.splitlines()[-1] == note
+    no_average = subprocess.run([sys.executable, "-m", "experiments.visualize",
+                                 f"--workdir={workdir}", "--ema"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert no_average.returncode == 1 and no_average.stderr.strip().splitlines()[-1] == (
+        f"error: --ema is invalid; the run in {str(workdir)!r} kept no weight average (its "
+        "config.ema.decay is None); drop --ema to use its trained weights.")
     bad = subprocess.run([sys.executable, "-m", "experiments.visualize", f"--workdir={workdir}",
                           "--layer=f6"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)

@@ -2,12 +2,14 @@
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
+import pytest
 import tensorflow as tf
 
-from cnnjax.train.logging import MetricLogger, ProgressBar, read_metrics
+from cnnjax.train.logging import MetricLogger, ProgressBar, QuietLibraries, read_metrics
 
 
 def test_resume_drops_records_after_checkpoint_and_torn_lines(tmp_path):
@@ -145,3 +147,49 @@ def test_run_records_are_written_through_utils_files(tmp_path, monkeypatch):
     loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
     assert {"summary.json", "config.json", "metrics.jsonl", "learning_curves.png"} <= set(by_files)
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def _record(pathname: str, level: int, msg: str, *args) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, pathname, 1, msg, args, None)
+
+
+def test_quiet_libraries_drops_orbax_info_and_its_read_only_warning_but_keeps_other_warnings():
+    """cnnjax opens a run's checkpoints read-only on purpose, so orbax's `Given directory is read
+    only=<dir>` is expected, not a fault; its other warnings, and other libraries' lines, pass."""
+    orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    quiet = QuietLibraries()
+    assert not quiet.filter(_record(orbax, logging.WARNING, "Given directory is read only=%s",
+                                    "/runs/lenet/checkpoints"))
+    assert not quiet.filter(_record(orbax, logging.INFO, "Saving checkpoint at step %d", 4))
+    assert quiet.filter(_record(orbax, logging.WARNING, "Waiting for %s to finish", "save"))
+    assert quiet.filter(_record(orbax, logging.ERROR, "Given directory is read only=%s", "/x"))
+    assert quiet.filter(_record("/repo/cnnjax/train/loop.py", logging.INFO, "step %d", 1))
+    assert quiet.filter(_record("/repo/cnnjax/train/loop.py", logging.WARNING,
+                                "Given directory is read only=%s", "/x"))
+
+
+class _StartedError(Exception):
+    """Stops a command's `main` at its first call."""
+
+
+@pytest.mark.parametrize("module", ["cnnjax.analysis.effective_receptive_field",
+                                    "cnnjax.analysis.summary", "cnnjax.analysis.zoo",
+                                    "cnnjax.tune.diagnose", "cnnjax.models.torchvision_weights"])
+def test_every_command_begins_with_start_command_so_orbax_info_is_quiet(module, monkeypatch):
+    """`start_command` installs `QuietLibraries` (and refuses stray arguments) as the
+    experiments' commands do; without it effective_receptive_field --workdir printed ~20 orbax
+    INFO lines before its result."""
+    import importlib
+
+    from cnnjax.utils import cli
+
+    seen = []
+
+    def start(argv):
+        seen.append(argv)
+        raise _StartedError
+
+    monkeypatch.setattr(cli, "start_command", start)
+    with pytest.raises(_StartedError):
+        importlib.import_module(module).main(["prog"])
+    assert seen == [["prog"]]

@@ -203,6 +203,18 @@ def test_bad_workdirs_and_steps_are_named(run_dir, tmp_path_factory):
         load_trained(str(converted))
 
 
+def test_a_run_without_a_weight_average_is_refused_for_python_and_for_the_flag(run_dir):
+    """`load_trained(ema=True)` tells a Python caller to pass ema=False; the commands word the
+    same refusal for their --ema flag (`flag_message`)."""
+    with pytest.raises(trained.NoWeightAverageError) as caught:
+        load_trained(str(run_dir), ema=True)
+    reason = f"the run in {str(run_dir)!r} kept no weight average (its config.ema.decay is None)"
+    assert isinstance(caught.value, ValueError) and str(caught.value) == (
+        f"load_trained: ema=True is invalid; {reason}; load its weights with ema=False.")
+    assert caught.value.flag_message() == (
+        f"--ema is invalid; {reason}; drop --ema to use its trained weights.")
+
+
 def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.evaluate",
                              f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
