@@ -435,10 +435,14 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
                            f"{100 * train_top1[-1]:.1f}%, eval {100 * eval_top1[-1]:.1f}%)")
     if not reasons:
         return None
+    # Label smoothing needs class labels: a run without top-1 (detection, segmentation) is
+    # not a classifier, and the engine refuses the setting there.
+    smoothing = ((Recommendation("label_smoothing", "set", 0.1, "softer targets"),)
+                 if eval_top1 is not None else ())
     return Finding(
         "overfitting", "; ".join(reasons) + ".", evidence,
         (Recommendation("optimizer.weight_decay", "multiply", 3.0, "stronger L2 penalty"),
-         Recommendation("label_smoothing", "set", 0.1, "softer targets"),
+         *smoothing,
          Recommendation("data.augment", "set", True, "more varied training images"),
          Recommendation("num_train_steps", "multiply", 0.5,
                         "or stop earlier (the best checkpoint is kept)")),

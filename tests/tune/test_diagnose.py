@@ -206,6 +206,23 @@ def test_overfitting_by_rising_eval_loss_threshold(rise, overfit):
         assert d.primary == "overfitting" and "converged" not in d.verdicts
 
 
+def test_an_overfitting_run_without_top1_is_not_told_to_smooth_labels():
+    """A segmentation run (pixel accuracy and mIoU, no top-1) overfits by its eval loss alone;
+    label smoothing is a classifier's setting, which the engine refuses for other tasks."""
+    records = _records(**_overfit(0.12))
+    for record in records:
+        top1 = record.pop("top1")
+        record.pop("top5", None)
+        if record["split"] == "eval":
+            record.update(pixel_accuracy=top1, miou=top1 * 0.8)
+    d = dg.diagnose(dg.Curves.from_records(records, {"status": "completed", "step": STEPS},
+                                           STEPS), metric="miou")
+    fields = [r.field for r in d.finding("overfitting").recommendations]
+    assert fields == ["optimizer.weight_decay", "data.augment", "num_train_steps"]
+    classifier = dg.diagnose(_curves(**_overfit(0.12))).finding("overfitting")
+    assert "label_smoothing" in [r.field for r in classifier.recommendations]
+
+
 def test_overfitting_by_a_growing_train_eval_gap():
     d = dg.diagnose(_curves(**_converged(train_top1=_decay(0.1, 1.0, 0.02),
                                          eval_top1=lambda s: min(0.9, 0.1 + s / 200) - (
