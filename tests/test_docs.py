@@ -20,7 +20,7 @@ DOCUMENTS = sorted(
 # `python -m module` and its arguments, through backslash-continued lines.
 COMMAND = re.compile(r"python3? -m ([A-Za-z_][\w.]*\w)(?![\w.])((?:[^\n`]*\\\n)*[^\n`]*)")
 FLAG = re.compile(r"(?:^|\s|\[)--([A-Za-z_]\w*)(?=[=\s.\]]|$)")
-DEFINED = re.compile(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']")
+DEFINED = re.compile(r"(?:DEFINE_\w+|define_config_file)\(\s*[\"'](\w+)[\"']")
 # Flags absl itself defines (app.run), which the documents may show.
 ABSL_FLAGS = {"helpfull", "help", "helpshort", "verbosity", "v", "logtostderr", "alsologtostderr",
               "flagfile", "undefok"}

@@ -18,7 +18,8 @@ input resolution:
   the class score's gradient, rectified and upsampled (Selvaraju et al. 2017, "Grad-CAM", §3).
 
 Layers are named by their flax module path (`stage3_block3`, `features/conv5`); `module_outputs`
-lists every module output with its shape (one abstract trace, nothing compiled).
+lists every module output with its shape (one abstract trace, nothing compiled); `count_relus`
+counts the ReLUs guided backpropagation rewrites (0: its map is the plain gradient, saliency's).
 `activations` returns those outputs (Zeiler & Fergus's feature maps), `first_layer_filters` and
 `filter_grid` the first convolution's kernels as an image (Krizhevsky et al. 2012, Fig. 3),
 `pointing_game` scores a map against object boxes (Zhang et al. 2018). Any flax classifier

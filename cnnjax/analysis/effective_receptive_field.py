@@ -600,7 +600,7 @@ def eval_images(run: Any, count: int) -> np.ndarray:
 
 
 def main(argv: Sequence[str]) -> None:
-    """Prints the effective and theoretical receptive field sizes (and writes `--out`)."""
+    """Prints the effective and theoretical receptive field sizes (and writes `--output`)."""
     import sys
 
     from absl import flags

@@ -6,7 +6,9 @@ layout, eval padding and epoch scheme, `pipeline.epoch_dataset`, are reused; onl
 per-example `preprocess` differs), with each example's
 tfds `objects` (`bbox` `[ymin, xmin, ymax, xmax]` normalized, `label`) turned into
 `max_boxes` rows of `(x1, y1, x2, y2)` pixels of the output image, class labels and a validity
-mask (objects beyond `max_boxes` are dropped, in stored order). Batches:
+mask (objects beyond `max_boxes` are dropped, in stored order; training also drops boxes without
+area, x2 <= x1 or y2 <= y1, as torchvision's detection references do, and the eval keeps them, as
+pycocotools does). Batches:
 
     image f32 [D, B, H, W, C]   boxes f32 [D, B, G, 4]   labels i32 [D, B, G]
     box_valid bool [D, B, G]

@@ -10,8 +10,9 @@ learning rate goes from `lr_min` to `lr_max` on a geometric ramp:
 `lr_t = lr_min * (lr_max / lr_min) ** (t / (steps - 1))`, replacing the config's schedule and
 warmup. Each step's loss (a distilled config's optimized `total_loss`) is smoothed by a
 bias-corrected exponential moving average; the test stops early once the smoothed loss exceeds
-`divergence_factor` times its minimum, a loss is not finite or an update makes a parameter
-NaN/inf. Nothing is evaluated or checkpointed: the run exists only for its curve.
+`divergence_factor` times its minimum, a loss is not finite or an update makes a parameter or a
+BatchNorm statistic NaN/inf. Nothing is evaluated or checkpointed: the run exists only for its
+curve.
 
 Outputs in `workdir`: `lr_range.json` (settings, the config overrides, the full config, every
 step's lr / loss / smoothed loss, why it stopped, the suggestions) and `lr_range.png` (loss and

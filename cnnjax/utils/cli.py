@@ -1,10 +1,13 @@
 """What cnnjax's absl entry points share: flag parsing, the start of `main` and one-line errors.
 
 `ml_collections.config_flags` reports a misspelt `--config.<field>=...` or a missing config file
-as a Python traceback from inside absl's parser. `parse_flags` (pass it to
-`app.run(main, flags_parser=parse_flags)`) turns those into one `error: ...` line naming the
-flag, as every other bad input to cnnjax's commands is reported: `start_command` begins a
-`main`, and `one_line_errors` ends the command on the errors of its work with that line.
+as a Python traceback from inside absl's parser, and absl its own flag errors as `FATAL Flags
+parsing error`. `parse_flags` (pass it to `app.run(main, flags_parser=parse_flags)`) turns every
+one of them (an unknown flag, with absl's suggestion; a bad value; a missing required flag; a
+config file's error) into one `error: ...` line naming the flag, and `define_config_file` does
+the same for the errors raised while a default config file loads (at definition). Every other
+bad input to cnnjax's commands gets that line too: `start_command` begins a `main`, and
+`one_line_errors` ends the command on the errors of its work with it.
 """
 
 from __future__ import annotations

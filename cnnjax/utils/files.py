@@ -87,7 +87,7 @@ def check_directory_kind(path: str, kind: str, flag: str) -> None:
 
 
 def check_output_dir(path: str, label: str) -> str:
-    """Refuses (a ValueError naming `label`, e.g. `--out_dir`) an output folder `path` that could
+    """Refuses (a ValueError naming `label`, e.g. `--output_dir`) an output folder `path` that could
     not be created because a file is in its way (at `path` or a parent), creating nothing;
     returns `path`. Commands call it before their work, so the error comes at once, not after."""
     probe = os.path.abspath(path)

@@ -10,7 +10,9 @@ Recipe, the paper's section 2.2 where cnnjax has it: trainval (5,011 images), 13
 batch 64, SGD momentum 0.9, weight decay 5e-4, a warmup to 1e-2 then decay (cosine here instead
 of the paper's steps), dropout 0.5 after the first fc layer (the model's default), horizontal
 flips (the paper's random scaling, translation and HSV jitter are not implemented). Difficult
-objects are left out of the training targets and ignored by the eval, as in the VOC devkit.
+objects are left out of the training targets and ignored by the eval, as in the VOC devkit;
+boxes without area (x2 <= x1 or y2 <= y1) are left out of the training targets too, as in
+torchvision's references, and kept by the eval, as in pycocotools.
 Expected: not measured here (VOC cannot be downloaded offline). The paper's 63.4% mAP used
 ImageNet-pretrained convolutions and VOC 2007+2012 training; from scratch on 2007 alone expect
 clearly less. Budget: 10,570 steps of 64 448x448 images (~20 GFLOPs each forward), hours on one
