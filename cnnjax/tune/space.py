@@ -337,7 +337,8 @@ def from_config(sweep_config: Any) -> SearchSpace:
     """The space a sweep config describes: `kind`, `parameters`, and for random `num_trials`,
     `seed` (an ml_collections ConfigDict or a mapping); fields outside `SWEEP_FIELDS` are
     refused (`check_sweep_fields`), and so is a grid's `num_trials` other than its size
-    (`check_grid_num_trials`), since a grid always runs all of its trials.
+    (`check_grid_num_trials`), since a grid always runs all of its trials, or a grid's non-zero
+    `seed`, which nothing would read.
 
     A grid's space records `num_trials=None` whatever the file says, so sweep.json of a grid
     (which `run_sweep` compares on every rerun) is the same with or without the field."""
@@ -348,6 +349,12 @@ def from_config(sweep_config: Any) -> SearchSpace:
     if kind == "grid":
         space = grid(params)
         check_grid_num_trials(get("num_trials"), space)
+        seed = get("seed")
+        if seed not in (None, 0) or isinstance(seed, bool):  # 0: the files' explicit default
+            raise invalid(_OWNER, "seed", seed,
+                          "a grid draws nothing at random, so its seed would be ignored; expected "
+                          "0 or unset (the trials' training seed is --config.seed; sweep it as a "
+                          "parameter to repeat each point)")
         return space
     return random(params, get("num_trials"), get("seed", 0))
 

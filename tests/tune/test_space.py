@@ -192,6 +192,7 @@ def test_from_config_reads_a_sweep_config():
         [sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0)], 3, seed=2).trials
     config.kind = "grid"
     config.num_trials = None  # a grid's size is its value lists' product (3 would be refused)
+    config.seed = 0  # nor does it draw anything (seed 2 would be refused)
     config.parameters = ({"field": "global_batch_size", "distribution": "choice",
                           "values": (16, 32)},)
     assert [t.overrides["global_batch_size"] for t in sp.from_config(config).trials] == [16, 32]
@@ -250,6 +251,19 @@ def test_a_grid_accepts_num_trials_unset_none_or_its_size_and_records_none():
     assert [len(s.trials) for s in spaces] == [4, 4, 4]
     assert all(s.describe() == sp.grid(lrs).describe() for s in spaces)
     assert spaces[0].describe()["num_trials"] is None
+
+
+def test_a_grid_refuses_a_seed_it_would_ignore():
+    """`--sweep.seed=5` on a grid changed nothing (no random draw); 0, the example files'
+    explicit value, and unset stay accepted."""
+    lrs = {"optimizer.learning_rate": (0.003, 0.03)}
+    config = _grid_config(**lrs)
+    config.seed = 5
+    _raises("sweep: seed=5 is invalid; a grid draws nothing at random, so its seed would be "
+            "ignored; expected 0 or unset (the trials' training seed is --config.seed; sweep it "
+            "as a parameter to repeat each point).", sp.from_config, config)
+    del config["seed"]
+    assert len(sp.from_config(config).trials) == 2
 
 
 # ------------------------------------------------------------------------- error messages
