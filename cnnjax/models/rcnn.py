@@ -333,21 +333,21 @@ class RCNN(_ProposalDetector):
             logits=logits.reshape(n, r, -1), deltas=deltas.reshape(n, r, -1, 4))
 
 
-@register_model("fast_rcnn_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,
+@register_model("fast_rcnn_small", input_shape=(64, 64, 3), min_input_size=26, num_classes=4,
                 paper=_FAST_PAPER, task="detection")
 def fast_rcnn_small(**kwargs: Any) -> FastRCNN:
     """Fast R-CNN on 12/18/26-px windows every 4 px (486 per 64x64 image), stride-8 backbone."""
     return FastRCNN(**kwargs)
 
 
-@register_model("sppnet_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,
+@register_model("sppnet_small", input_shape=(64, 64, 3), min_input_size=26, num_classes=4,
                 paper=_SPP_PAPER, task="detection")
 def sppnet_small(**kwargs: Any) -> SPPNet:
     """SPP-net on Fast R-CNN's 486 windows and stride-8 backbone, 1+4+16-bin pyramid pooling."""
     return SPPNet(**kwargs)
 
 
-@register_model("rcnn_small", input_shape=(64, 64, 3), min_input_size=32, num_classes=4,
+@register_model("rcnn_small", input_shape=(64, 64, 3), min_input_size=26, num_classes=4,
                 paper=_RCNN_PAPER, task="detection")
 def rcnn_small(**kwargs: Any) -> RCNN:
     """R-CNN on 12/18/26-px windows every 8 px (149 per 64x64 image), 24x24 warps, 3-block CNN."""

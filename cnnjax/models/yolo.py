@@ -224,14 +224,14 @@ def decode_yolo_v1(
                        max_detections, score_threshold)
 
 
-@register_model("yolo_v1", input_shape=(448, 448, 3), min_input_size=64, num_classes=20,
+@register_model("yolo_v1", input_shape=(448, 448, 3), min_input_size=31, num_classes=20,
                 paper=_PAPER, task="detection")
 def yolo_v1(**kwargs: Any) -> YOLOv1:
     """The paper's network: 24 convolutions + 2 fcs, 448x448 input, S=7, B=2, 20 VOC classes."""
     return YOLOv1(**kwargs)
 
 
-@register_model("yolo_v1_small", input_shape=(64, 64, 3), min_input_size=16, num_classes=4,
+@register_model("yolo_v1_small", input_shape=(64, 64, 3), min_input_size=8, num_classes=4,
                 paper=_PAPER, task="detection")
 def yolo_v1_small(**kwargs: Any) -> YOLOv1:
     """A 6-convolution YOLO v1 with BatchNorm for 64x64 `shapes_multi` images (8x8 grid)."""

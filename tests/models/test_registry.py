@@ -3,7 +3,7 @@
 import flax.linen as nn
 import pytest
 
-from cnnjax.models import ModelArgumentError, create_model, settable_fields
+from cnnjax.models import ModelArgumentError, create_model, model_info, settable_fields
 from cnnjax.models.registry import registered_model
 
 
@@ -39,3 +39,34 @@ def test_a_type_error_inside_the_model_is_not_disguised():
     with (registered_model("test_broken_model", lambda **kw: _Broken(**kw), num_classes=2),
           pytest.raises(TypeError, match="a bug inside the model")):
         create_model("test_broken_model", num_classes=3)
+
+
+@pytest.mark.slow  # ~30 s of abstract traces of five detectors
+@pytest.mark.parametrize("name", ["yolo_v1", "yolo_v1_small", "rcnn_small", "fast_rcnn_small",
+                                  "sppnet_small"])
+def test_a_detectors_registered_min_input_size_is_exact(name):
+    """As for the classifiers (tests/models/test_classic.py): the model initializes and its
+    training loss traces at `min_input_size`, and one pixel less is refused, naming the layer
+    (faster_rcnn_small's 18 is the smallest image with an anchor inside: its own test)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.train.checks import check_input_size
+
+    info = model_info(name)
+    size, model = info.min_input_size, create_model(name)
+    check_input_size(model, name, (size, size, 3), 1)
+    with pytest.raises(ValueError, match="is invalid"):
+        check_input_size(model, name, (size - 1, size - 1, 3), 1)
+    key = jax.random.key(0)
+    spec = jax.ShapeDtypeStruct
+    images = spec((2, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(key, x, train=False), images)
+    losses, _ = jax.eval_shape(
+        lambda v, x, b, lab, ok: model.apply(v, x, b, lab, ok, train=True,
+                                             method=type(model).loss,
+                                             rngs={"dropout": key, "sample": key},
+                                             mutable=["batch_stats"]),
+        variables, images, spec((2, 3, 4), jnp.float32), spec((2, 3), jnp.int32),
+        spec((2, 3), jnp.bool_))
+    assert all(leaf.shape == () for leaf in jax.tree.leaves(losses))
