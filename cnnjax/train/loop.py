@@ -26,14 +26,12 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax import lax
 from jax.experimental import multihost_utils
 
 from cnnjax.analysis.confusion import intersection_over_union
@@ -56,6 +54,7 @@ from cnnjax.train.parallel import AXIS_NAME, DataParallel
 from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
 from cnnjax.train.state import TrainState, create_train_state, warm_start
 from cnnjax.train.step import (
+    BATCH_STATS_FINITE,
     PARAMS_FINITE,
     make_detection_steps,
     make_segmentation_steps,
@@ -67,10 +66,6 @@ from cnnjax.utils.lock import directory_lock
 
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
-#: Train-step metric (not logged): 1.0 when every BatchNorm running statistic after the step is
-#: finite on every device. Checked with the loss and `PARAMS_FINITE`, one step late as they are,
-#: so a broken running mean/variance stops the run instead of silently degrading every eval.
-BATCH_STATS_FINITE = "batch_stats_finite"
 BATCH_STATS_HINT = ("activations too large for their dtype (unnormalized or extreme inputs, a "
                     "learning rate too high)")
 #: Checkpoint `run_info` key: the train metrics of the steps since the last train log, so a run
@@ -202,9 +197,7 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
     by `parallel` for all devices and compiled lazily, at their first call; for detection
     `p_eval` returns the detections. With a `teacher` (`config.distill`) the train step
     distills from it: its variables go to the devices once and are passed to every step beside
-    the state, outside it (never checkpointed). The train step's metrics also hold
-    `BATCH_STATS_FINITE` (`_with_batch_stats_check`). Shared by the loop and
-    `cnnjax.tune.lr_range`."""
+    the state, outside it (never checkpointed). Shared by the loop and `cnnjax.tune.lr_range`."""
     conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
                "ema": config_lib.ema_rule(config)}
@@ -212,14 +205,12 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
         train_step, predict_step = make_detection_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options
         )
-        return (parallel.wrap_train(_with_batch_stats_check(train_step)),
-                parallel.wrap_predict(predict_step))
+        return parallel.wrap_train(train_step), parallel.wrap_predict(predict_step)
     if task == "segmentation":
         train_step, eval_step = make_segmentation_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options
         )
-        return (parallel.wrap_train(_with_batch_stats_check(train_step)),
-                parallel.wrap_eval(eval_step))
+        return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
     train_step, eval_step = make_steps(
         model,
         tx,
@@ -233,31 +224,12 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
         teacher=teacher.model if teacher is not None else None,
         **options,
     )
-    train_step = _with_batch_stats_check(train_step)
     if teacher is None:
         return parallel.wrap_train(train_step), parallel.wrap_eval(eval_step)
     p_train = parallel.wrap_train(train_step, replicated_args=1)
     teacher_variables = parallel.replicate(teacher.variables)
     return (lambda state, batch: p_train(state, batch, teacher_variables),
             parallel.wrap_eval(eval_step))
-
-
-def _with_batch_stats_check(train_step: Callable) -> Callable:
-    """`train_step` (per device) whose metrics also hold `BATCH_STATS_FINITE`: whether every
-    BatchNorm running statistic of the new state is finite on every device (a `pmin`, for models
-    whose statistics are not synced across devices). Computed inside the compiled step and
-    fetched one step late with the loss, so the check costs no host sync of its own; per leaf,
-    as `PARAMS_FINITE`."""
-
-    def checked(state: TrainState, batch: dict, *args: Any) -> tuple[TrainState, dict]:
-        new_state, metrics = train_step(state, batch, *args)
-        leaves = jax.tree.leaves(new_state.batch_stats)
-        finite = (jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-                  if leaves else jnp.asarray(True))
-        finite = lax.pmin(finite.astype(jnp.float32), AXIS_NAME)
-        return new_state, {**metrics, BATCH_STATS_FINITE: finite}
-
-    return checked
 
 
 def fresh_state(config: Any, model: Any, tx: Any, image_shape: tuple[int, ...]) -> TrainState:

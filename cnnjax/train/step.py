@@ -31,6 +31,19 @@ from cnnjax.utils.validation import check_positive_int, invalid
 
 #: Train-step metric: 1.0 when every parameter after the update is finite (not logged).
 PARAMS_FINITE = "params_finite"
+#: Train-step metric: 1.0 when every BatchNorm running statistic after the step is finite on
+#: every device (not logged), so a broken running mean/variance stops the run as `PARAMS_FINITE`
+#: does instead of silently degrading every eval.
+BATCH_STATS_FINITE = "batch_stats_finite"
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """1.0 (float32) when every leaf of `tree` is finite (also for no leaves), else 0.0. Per
+    leaf, not a global norm: ~20x cheaper on CPU, and no overflow of a sum of squares."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(1.0, jnp.float32)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])).astype(jnp.float32)
 
 
 def train_step(
@@ -55,7 +68,8 @@ def train_step(
 
     Returns the new state (identical on every device) and device-averaged metrics: `loss`, `top1`,
     `top5` of the main head over the global batch, the `learning_rate` used for this step and
-    `PARAMS_FINITE` (whether the updated parameters are all finite).
+    `PARAMS_FINITE` and `BATCH_STATS_FINITE` (whether the updated parameters and BatchNorm
+    statistics are all finite).
     A model with auxiliary classifiers (GoogLeNet with `aux_logits=True`) adds
     `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
@@ -175,9 +189,9 @@ def _apply_gradients(
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     # This step's loss predates its update: a NaN/inf update is only seen in the new parameters
     # (the host refuses to save them; identical on every device, so no pmean).
-    # Per leaf, not a global norm: ~20x cheaper on CPU, and no overflow of a sum of squares.
-    metrics[PARAMS_FINITE] = jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
+    metrics[PARAMS_FINITE] = _all_finite(params)
+    # A `pmin`, for a model whose statistics are not synced across devices.
+    metrics[BATCH_STATS_FINITE] = lax.pmin(_all_finite(batch_stats), axis_name)
     new_state = state.replace(
         step=state.step + 1,
         params=params,

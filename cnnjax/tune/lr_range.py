@@ -37,10 +37,10 @@ from absl import logging
 from cnnjax.train import config as config_lib
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import init_from as init_from_lib
-from cnnjax.train.loop import BATCH_STATS_FINITE, fresh_state, wrap_steps
+from cnnjax.train.loop import fresh_state, wrap_steps
 from cnnjax.train.parallel import DataParallel
 from cnnjax.train.state import warm_start
-from cnnjax.train.step import PARAMS_FINITE
+from cnnjax.train.step import BATCH_STATS_FINITE, PARAMS_FINITE
 from cnnjax.tune.space import apply_overrides
 from cnnjax.utils.files import check_directory_kind, read_json, save_figure, write_json
 from cnnjax.utils.lock import directory_lock

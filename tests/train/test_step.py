@@ -115,3 +115,25 @@ def test_params_finite_checks_every_parameter_without_overflowing(value, finite)
     batched = (jax.tree.map(lambda x: x[None], tree) for tree in (state, grads))
     _, metrics = apply(*batched)
     assert float(metrics[PARAMS_FINITE][0]) == finite
+
+
+def test_batch_stats_finite_is_zero_on_every_device_when_one_devices_statistic_is_not():
+    """`batch_stats_finite` checks the new BatchNorm statistics per leaf, and a `pmin` over the
+    devices makes every device report a statistic that only one of them holds (unsynced BN)."""
+    from cnnjax.train.state import TrainState
+    from cnnjax.train.step import BATCH_STATS_FINITE, _apply_gradients
+
+    params = {"dense": {"kernel": np.ones((2, 2), np.float32)}}
+    tx = optax.sgd(1.0)
+    state = TrainState(step=np.int32(0), params=params, batch_stats={},
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+    grads = {"dense": {"kernel": np.zeros((2, 2), np.float32)}}
+    apply = jax.vmap(lambda s, g, b: _apply_gradients(s, g, b, {}, tx,
+                                                       optax.constant_schedule(1.0), "data"),
+                     axis_name="data")
+    devices = jax.tree.map(lambda x: np.stack([x, x]), (state, grads))
+    for var, finite in [(np.array([[1e30, 2.0], [1.0, 1.0]], np.float32), 1.0),
+                        (np.array([[1.0, 1.0], [np.inf, 1.0]], np.float32), 0.0)]:
+        stats = {"bn": {"mean": np.zeros((2, 2), np.float32), "var": var}}  # row: device
+        _, metrics = apply(*devices, stats)
+        assert metrics[BATCH_STATS_FINITE].tolist() == [finite, finite]
