@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging as std_logging
+import math
 import os
 import shutil
 import time
@@ -37,6 +38,7 @@ from orbax.checkpoint import checkpoint_managers
 from cnnjax.train.ema import metric_scoring
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
+from cnnjax.utils.validation import check_number, invalid
 
 CHECKPOINT_DIR = "checkpoints"
 #: How many times a checkpoint read (arrays, or the metrics file orbax reads at start) is tried
@@ -112,13 +114,13 @@ class Checkpointer:
         attempts = RESTORE_ATTEMPTS if restore_attempts is None else restore_attempts
         delay = RESTORE_RETRY_DELAY_S if restore_retry_delay_s is None else restore_retry_delay_s
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValueError(f"checkpoint: restore_attempts={attempts!r} is invalid; expected an "
-                             "integer >= 1 (how many times a read is tried).")
-        if (isinstance(delay, bool) or not isinstance(delay, int | float)
-                or not delay >= 0 or delay == float("inf")):
-            raise ValueError(f"checkpoint: restore_retry_delay_s={delay!r} is invalid; expected "
-                             "a finite number of seconds >= 0.")
-        self.restore_attempts, self.restore_retry_delay_s = attempts, float(delay)
+            raise invalid("checkpoint", "restore_attempts", attempts,
+                          "expected an integer >= 1 (how many times a read is tried)")
+        self.restore_attempts = attempts
+        self.restore_retry_delay_s = check_number(
+            "checkpoint", "restore_retry_delay_s", delay,
+            "expected a finite number of seconds >= 0", low=0.0, high=math.inf, high_open=True,
+            strings=False)
         self.best_metric = best_metric
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
