@@ -25,6 +25,7 @@ from cnnjax.train.logging import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.train.state import (
     WARM_START_COLLECTIONS,
     excluded_source_modules,
+    module_paths,
     select_pretrained,
     under_submodule,
 )
@@ -103,21 +104,13 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     finally:
         source.close()
 
-    def modules(tree: dict) -> set[tuple[str, ...]]:
-        """Paths of every module (top-level and nested) holding a leaf of `tree`."""
-        return {
-            p[:i]
-            for c in WARM_START_COLLECTIONS
-            for p in _leaf_paths(tree.get(c))
-            for i in range(1, len(p))
-        }
-
-    model_modules = modules(variable_shapes)
-    unloaded = model_modules - modules(loaded)
+    model_modules = module_paths(variable_shapes)
+    unloaded = model_modules - module_paths(loaded)
     # The outermost modules nothing was loaded into, e.g. ['aux1/head', 'aux2/head', 'head'].
     fresh = sorted("/".join(m) for m in unloaded if m[:-1] not in unloaded)
     # A name only the source has (a deeper source's extra block, excluded on purpose) matches.
-    unmatched = set(init_from.exclude) - {m[-1] for m in model_modules | modules(source_shapes)}
+    named = model_modules | module_paths(source_shapes)
+    unmatched = set(init_from.exclude) - {m[-1] for m in named}
     if unmatched:
         logging.warning(
             "init_from.exclude names %s, which model %r does not have, nor the source (its "

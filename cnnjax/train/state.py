@@ -191,7 +191,7 @@ def select_pretrained(
     return selected
 
 
-def _module_paths(tree: Mapping[str, Any]) -> set[tuple[str, ...]]:
+def module_paths(tree: Mapping[str, Any]) -> set[tuple[str, ...]]:
     """Paths of every module (top-level and nested) holding a leaf of `tree`
     (`{collection: nested dict}`), over all of `WARM_START_COLLECTIONS`."""
     return {
@@ -213,7 +213,7 @@ def unused_source_modules(
     model's lacks, or a top-level one) is named itself, as 'collection/path'. Empty when nothing
     is dropped."""
     excluded = set(exclude)
-    loaded_modules = _module_paths(selected)
+    loaded_modules = module_paths(selected)
     unused: dict[str, int] = {}
     for collection in WARM_START_COLLECTIONS:
         chosen = set(flatten_dict(dict(selected.get(collection) or {})))
