@@ -190,8 +190,9 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     new = spec.to_json()
     if record is not None:  # fields added since it was written read as their defaults
         record["spec"] = {**_SPEC_DEFAULTS, **record["spec"]}
-    if record is not None and without_scheduling(record["spec"]) != without_scheduling(new):
-        changes = _differences(without_scheduling(record["spec"]), without_scheduling(new))
+    kept, wanted = without_scheduling(record["spec"] if record else {}), without_scheduling(new)
+    if record is not None and kept != wanted:
+        changes = _differences(kept, wanted)
         if not force:
             scheduling = ", ".join(f"--{name}" for name in sorted(SCHEDULING_FIELDS)
                                    if spec.entry == "sweep" or name not in _SWEEP_ONLY)

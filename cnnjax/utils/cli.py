@@ -209,4 +209,3 @@ def os_error_message(err: OSError) -> str:
     if not paths or not err.strerror:
         return error_message(err)
     return f"cannot access {' or '.join(repr(p) for p in paths)}: {err.strerror}"
-
