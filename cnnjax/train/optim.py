@@ -265,7 +265,13 @@ def _momentum(opt: Any) -> tuple[float | None, bool]:
 
 
 def _adam_moments(opt: Any) -> dict[str, float]:
-    """adam/adamw's `b1`, `b2` (each in [0, 1)) and `eps` (> 0: it keeps the division finite)."""
+    """adam/adamw's `b1`, `b2` (each in [0, 1)) and `eps` (> 0: it keeps the division finite);
+    `nesterov=True` is refused: adam/adamw do not read it (cnnjax's configs set it for SGD, so
+    switching `optimizer.name` to adam would silently drop it)."""
+    if check_bool("optimizer", "nesterov", _get(opt, "nesterov", False)):
+        raise invalid("optimizer", "nesterov", True,
+                      f"{_get(opt, 'name', 'sgd')} does not use it (only sgd and rmsprop "
+                      "read it); set --config.optimizer.nesterov=False")
     return {
         "b1": _unit_interval("optimizer", "b1", _get(opt, "b1", 0.9), high_open=True),
         "b2": _unit_interval("optimizer", "b2", _get(opt, "b2", 0.999), high_open=True),
@@ -279,19 +285,9 @@ def _sgd(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
 
 
-def _adam_moments_without_nesterov(opt: Any) -> dict[str, float]:
-    """`_adam_moments`, refusing `nesterov=True`: adam/adamw do not read it (cnnjax's configs set
-    it for SGD, so switching `optimizer.name` to adam would silently drop it)."""
-    if check_bool("optimizer", "nesterov", _get(opt, "nesterov", False)):
-        raise invalid("optimizer", "nesterov", True,
-                      f"{_get(opt, 'name', 'sgd')} does not use it (only sgd and rmsprop "
-                      "read it); set --config.optimizer.nesterov=False")
-    return _adam_moments(opt)
-
-
 def _adam(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """optax.adam with the config's moments."""
-    return optax.adam(schedule, **_adam_moments_without_nesterov(opt))
+    return optax.adam(schedule, **_adam_moments(opt))
 
 
 def _rmsprop(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -332,7 +328,7 @@ def build_optimizer(
             optax.clip_by_global_norm(check_positive_float("optimizer", "grad_clip_norm", clip))
         )
     if name == "adamw":
-        moments = _adam_moments_without_nesterov(opt)
+        moments = _adam_moments(opt)
         parts.append(optax.adamw(schedule, **moments, weight_decay=wd, mask=weight_decay_mask))
         return optax.chain(*parts)
     rule = _RULES[name](opt, schedule)
