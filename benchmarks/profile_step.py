@@ -131,6 +131,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override.")
     flags.DEFINE_enum("conv_impl", "auto", ["xla", "matmul", "auto"], "Convolution lowering.")
+    flags.DEFINE_enum("batch_norm_impl", "auto", ["flax", "matmul", "auto"],
+                      "Training-mode BatchNorm lowering.")
     flags.DEFINE_integer("steps", 2, "Profiled steps (after one untimed step).")
     flags.DEFINE_integer("top", 15, "How many single ops to list.")
     flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard/Perfetto can open "
@@ -139,7 +141,8 @@ def define_flags() -> None:
 
 def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32,
             num_classes: int = 10, stem: str | None = None, conv_impl: str = "auto",
-            steps: int = 2, top: int = 15, trace_dir: str | None = None) -> str:
+            steps: int = 2, top: int = 15, trace_dir: str | None = None,
+            batch_norm_impl: str = "auto") -> str:
     """Compiles the step, runs one untimed step, then `steps` steps under `jax.profiler.trace`;
     returns the printed text (a header, then `report`).
 
@@ -151,7 +154,7 @@ def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32
 
     overrides = {} if stem is None else {"stem": stem}
     bench = build_jax_step(model, num_classes, batch_size, (image_size, image_size, 3), 1, "pmap",
-                           "float32", **overrides)
+                           "float32", {"batch_norm_impl": batch_norm_impl}, **overrides)
     compile_s = compile_jax_step(bench, conv_impl)
     run_jax_steps(bench, 1)
     with tempfile.TemporaryDirectory() as scratch:
@@ -161,8 +164,8 @@ def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32
         wall = sum(step_wall for step_wall, _ in times) / steps
         busy = op_busy_times(load_trace_events(trace_dir))
     header = (f"model={model} stem={stem or 'default'} batch={batch_size} image={image_size} "
-              f"conv_impl={conv_impl} ({bench['platform']}, jax {jax.__version__}); compile "
-              f"{compile_s:.1f} s")
+              f"conv_impl={conv_impl} batch_norm_impl={batch_norm_impl} ({bench['platform']}, "
+              f"jax {jax.__version__}); compile {compile_s:.1f} s")
     return header + "\n" + report(busy, steps, wall, top)
 
 
@@ -173,7 +176,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--steps and --top must be positive.")
     prepare_platform(True, 1)
     print(profile(FLAGS.model, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.stem,
-                  FLAGS.conv_impl, FLAGS.steps, FLAGS.top, FLAGS.trace_dir))
+                  FLAGS.conv_impl, FLAGS.steps, FLAGS.top, FLAGS.trace_dir, FLAGS.batch_norm_impl))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ mode, interleaving JAX and PyTorch rounds in this one process so both see the sa
   python -m benchmarks.train_step --model=resnet18 --batch_size=128 --image_size=32 --torch
 
 `--conv_impl=xla --conv_impl=auto` (repeatable) times the step once per convolution lowering
-(`cnnjax.layers.conv_impl`), interleaved; `--stem=cifar` swaps a ResNet's stem for the 3x3/1,
-no-max-pool CIFAR layout (in PyTorch too).
+(`cnnjax.layers.conv_impl`), interleaved, and `--batch_norm_impl=flax --batch_norm_impl=auto`
+once per BatchNorm lowering (`cnnjax.layers.batch_norm_impl`; every pair of the two lists);
+`--stem=cifar` swaps a ResNet's stem for the 3x3/1, no-max-pool CIFAR layout (in PyTorch too).
 
 PyTorch is optional: `pip install .[bench]` (a CPU-only wheel is enough). Figures measured with
 this script are in docs/performance.md.
@@ -59,7 +60,8 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     """The engine's train step (not yet compiled), its initial state and a synthetic batch.
 
     `train_options` are `make_steps` keywords (`accum_steps`, `ema`, `mixing`), to time what
-    gradient accumulation, weight averaging or mixup/CutMix add to a step.
+    gradient accumulation, weight averaging or mixup/CutMix add to a step, and
+    `batch_norm_impl` (default "auto", the engine's, resolved for this backend).
 
     Returns a dict with `step` (the `DataParallel`-wrapped step), `state`, `batch` (random
     images and labels already on the devices), `parallel` (the `DataParallel`), `num_devices`,
@@ -70,6 +72,7 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     import ml_collections
     import numpy as np
 
+    from cnnjax.layers.batch_norm_impl import resolve_batch_norm_impl
     from cnnjax.models import create_model
     from cnnjax.train.config import default_config
     from cnnjax.train.optim import build_optimizer, build_schedule
@@ -96,6 +99,8 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
                          axis_name=AXIS_NAME, **model_overrides)
     dp = DataParallel(parallel, devices[:n])
     train_options = dict(train_options or {})
+    train_options["batch_norm_impl"] = resolve_batch_norm_impl(
+        train_options.get("batch_norm_impl", "auto"), devices[0].platform)
     per_device = batch_size // n
     if per_device % train_options.get("accum_steps", 1):
         raise ValueError(f"train_step: grad_accum_steps={train_options['accum_steps']} is "
@@ -332,6 +337,10 @@ def define_flags() -> None:
                             "How nn.Conv layers are lowered (cnnjax.layers.conv_impl; auto is "
                             "the engine's default); repeat the flag to time several in "
                             "interleaved rounds.")
+    flags.DEFINE_multi_enum("batch_norm_impl", ["auto"], ["flax", "matmul", "auto"],
+                            "How training-mode BatchNorms are lowered "
+                            "(cnnjax.layers.batch_norm_impl; auto is the engine's default); "
+                            "repeatable, as --conv_impl.")
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
                       "conv, no max pool); default: the model's own.")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
@@ -373,14 +382,18 @@ def main(argv: list[str]) -> None:
     if FLAGS.torch and options:
         raise app.UsageError("--torch times the plain step: leave --grad_accum_steps, "
                              "--ema_decay, --mixup_alpha and --cutmix_alpha at their defaults.")
-    impls = list(dict.fromkeys(FLAGS.conv_impl))
+    norm_impls = list(dict.fromkeys(FLAGS.batch_norm_impl))
+    lowerings = {(conv if len(norm_impls) == 1 else f"{conv}/bn={norm}"): (conv, norm)
+                 for conv in dict.fromkeys(FLAGS.conv_impl) for norm in norm_impls}
+    impls = list(lowerings)
     benches, compile_s = {}, {}
     runners: dict[str, Callable] = {}
-    for impl in impls:
+    for impl, (conv, norm) in lowerings.items():
         bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
                                (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices,
-                               FLAGS.parallel, FLAGS.dtype, options, **overrides)
-        compile_s[impl] = compile_jax_step(bench, impl)
+                               FLAGS.parallel, FLAGS.dtype, {**options, "batch_norm_impl": norm},
+                               **overrides)
+        compile_s[impl] = compile_jax_step(bench, conv)
         benches[impl] = bench
         runners[f"jax_{impl}"] = lambda k, b=bench: run_jax_steps(b, k)
     torch_bench = None
@@ -399,7 +412,7 @@ def main(argv: list[str]) -> None:
         "image_size": FLAGS.image_size, "num_devices": bench["num_devices"],
         "parallel": FLAGS.parallel, "dtype": FLAGS.dtype, "platform": bench["platform"],
         "num_params": bench["num_params"], "xla_defaults_added": changed, **environment(),
-        "compile_s": compile_s, "conv_impls": impls,
+        "compile_s": compile_s, "conv_impls": impls, "batch_norm_impls": norm_impls,
         "train_options": {name: str(value) for name, value in options.items()},
     }
     lines = [

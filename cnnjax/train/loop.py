@@ -35,6 +35,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cnnjax.analysis.confusion import intersection_over_union
+from cnnjax.layers.batch_norm_impl import resolve_batch_norm_impl
 from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import config as config_lib
 from cnnjax.train import distill as distill_lib
@@ -193,14 +194,17 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
                parallel: DataParallel,
                teacher: distill_lib.Teacher | None = None) -> tuple[Any, Any]:
     """`(p_train, p_eval)`: `task`'s per-device train and eval steps for `model` and `tx` (the
-    config's loss options, conv lowering, gradient accumulation, weight average, mixing), wrapped
-    by `parallel` for all devices and compiled lazily, at their first call; for detection
-    `p_eval` returns the detections. With a `teacher` (`config.distill`) the train step
-    distills from it: its variables go to the devices once and are passed to every step beside
-    the state, outside it (never checkpointed). Shared by the loop and `cnnjax.tune.lr_range`."""
+    config's loss options, conv and BatchNorm lowerings, gradient accumulation, weight average,
+    mixing), wrapped by `parallel` for all devices and compiled lazily, at their first call; for
+    detection `p_eval` returns the detections. With a `teacher` (`config.distill`) the train
+    step distills from it: its variables go to the devices once and are passed to every step
+    beside the state, outside it (never checkpointed). Shared by the loop and
+    `cnnjax.tune.lr_range`."""
     conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
-               "ema": config_lib.ema_rule(config)}
+               "ema": config_lib.ema_rule(config),
+               "batch_norm_impl": resolve_batch_norm_impl(config.get("batch_norm_impl", "auto"),
+                                                          jax.default_backend())}
     if task == "detection":
         train_step, predict_step = make_detection_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options

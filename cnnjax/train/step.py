@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from cnnjax.layers.batch_norm_impl import batch_norm_impl as batch_norm_impl_context
 from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
 from cnnjax.train import losses
 from cnnjax.train.distill import Distillation, distillation_metrics
@@ -58,6 +59,7 @@ def train_step(
     label_smoothing: float = 0.0,
     aux_loss_weight: float = 0.3,
     conv_impl: str = "xla",
+    batch_norm_impl: str = "flax",
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
     mixing: Mixing | None = None,
@@ -73,7 +75,9 @@ def train_step(
     A model with auxiliary classifiers (GoogLeNet with `aux_logits=True`) adds
     `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
-    lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU).
+    lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU),
+    `batch_norm_impl` how training-mode BatchNorms are (`cnnjax.layers.batch_norm_impl`: same
+    math, channel sums as matrix-vector products).
     `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`. An enabled `mixing`
     (mixup / CutMix, `cnnjax.train.mixing`) mixes this device's batch with its own key first;
     the loss is then against the soft targets and top-1/top-5 score their dominant label.
@@ -90,7 +94,8 @@ def train_step(
 
     def loss_fn(params, batch_stats, batch, rng):
         outputs, updates = _apply_training(
-            model, params, batch_stats, (batch["image"],), {"dropout": rng}, conv_impl
+            model, params, batch_stats, (batch["image"],), {"dropout": rng}, conv_impl,
+            batch_norm_impl,
         )
         logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
@@ -211,12 +216,13 @@ def _apply_training(
     args: tuple,
     rngs: dict,
     conv_impl: str,
+    batch_norm_impl: str,
     method: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, dict]:
-    """`model.apply(..., train=True)` with `params` and `batch_stats`; returns `(outputs,
-    updates)`, where `updates` holds the new BatchNorm statistics (empty for a model without
-    any)."""
+    """`model.apply(..., train=True)` with `params` and `batch_stats`, its convolutions lowered
+    by `conv_impl` and its BatchNorms by `batch_norm_impl`; returns `(outputs, updates)`, where
+    `updates` holds the new BatchNorm statistics (empty for a model without any)."""
     variables = {"params": params}
     mutable: list[str] | bool = False
     if batch_stats:
@@ -224,7 +230,7 @@ def _apply_training(
         mutable = ["batch_stats"]
     if method is not None:
         kwargs["method"] = method
-    with conv_impl_context(conv_impl):
+    with conv_impl_context(conv_impl), batch_norm_impl_context(batch_norm_impl):
         out = model.apply(variables, *args, train=True, mutable=mutable, rngs=rngs, **kwargs)
     return out if mutable else (out, {})
 
@@ -260,6 +266,7 @@ def segmentation_train_step(
     schedule: optax.Schedule,
     axis_name: str,
     conv_impl: str = "xla",
+    batch_norm_impl: str = "flax",
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
@@ -277,7 +284,7 @@ def segmentation_train_step(
 
     def loss_fn(params, batch_stats, batch, rng):
         logits, updates = _apply_training(model, params, batch_stats, (batch["image"],),
-                                          {"dropout": rng}, conv_impl)
+                                          {"dropout": rng}, conv_impl, batch_norm_impl)
         per_image = _pixel_metrics(logits, batch["labels"])
         return jnp.mean(per_image["loss"]), (per_image, updates)
 
@@ -344,6 +351,7 @@ def detection_train_step(
     schedule: optax.Schedule,
     axis_name: str,
     conv_impl: str = "xla",
+    batch_norm_impl: str = "flax",
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
@@ -364,6 +372,7 @@ def detection_train_step(
             (batch["image"], batch["boxes"], batch["labels"], batch["box_valid"]),
             {"dropout": rng, "sample": jax.random.fold_in(rng, 1)},
             conv_impl,
+            batch_norm_impl,
             method="loss",
             **proposal_kwargs(batch),
         )

@@ -3,8 +3,9 @@
 Also runs the detection task (YOLO on in-memory boxes) on 1 and 4 devices (pmap, shard_map).
 
 Trains the tiny BatchNorm model for a few steps on the same global batches with: 1 device (pmap),
-4 devices (pmap), 4 devices (shard_map), 1 device (shard_map); and with dropout, 4-device pmap vs
-4-device shard_map. Reports the max absolute parameter/batch-stat differences.
+4 devices (pmap), 4 devices (shard_map), 1 device (shard_map); with dropout, 4-device pmap vs
+4-device shard_map; and with the matmul BatchNorm on 4 devices. Reports the max absolute
+parameter/batch-stat differences.
 """
 
 import json
@@ -25,11 +26,12 @@ from tests.train import helpers  # noqa: E402
 GLOBAL_BATCH, STEPS = 16, 3
 
 
-def train(mode: str, num_devices: int, dropout: float = 0.0):
+def train(mode: str, num_devices: int, dropout: float = 0.0, batch_norm_impl: str = "flax"):
     model = helpers.TinyNet(axis_name="data", dropout_rate=dropout)
     tx = optax.sgd(0.1, momentum=0.9)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
-    train_step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data")
+    train_step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data",
+                               batch_norm_impl=batch_norm_impl)
     parallel = DataParallel(mode, jax.devices()[:num_devices])
     step = parallel.wrap_train(train_step)
     state = parallel.replicate(jax.device_get(state))
@@ -127,6 +129,9 @@ def main():
     four_pmap, four_losses = train("pmap", 4)
     four_shard, _ = train("shard_map", 4)
     one_shard, _ = train("shard_map", 1)
+    # BatchNorm as matrix-vector products, backward synced by hand (cnnjax.layers.batch_norm_impl)
+    matmul_four_pmap, _ = train("pmap", 4, batch_norm_impl="matmul")
+    matmul_four_shard, _ = train("shard_map", 4, batch_norm_impl="matmul")
     drop_pmap, _ = train("pmap", 4, dropout=0.5)
     drop_shard, _ = train("shard_map", 4, dropout=0.5)
     same_data_one = train_same_data_per_device(1, dropout=0.5)
@@ -139,6 +144,8 @@ def main():
                 "pmap4_vs_1": max_diff(one, four_pmap),
                 "shard4_vs_1": max_diff(one, four_shard),
                 "shard1_vs_pmap1": max_diff(one, one_shard),
+                "matmul_bn_pmap4_vs_flax1": max_diff(one, matmul_four_pmap),
+                "matmul_bn_shard4_vs_flax1": max_diff(one, matmul_four_shard),
                 "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
                 "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
                 "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),

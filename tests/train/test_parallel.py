@@ -41,6 +41,13 @@ def test_four_devices_match_one_device_with_batchnorm(diffs):
     assert diffs["loss_diff"] < 1e-5
 
 
+def test_matmul_batch_norm_syncs_statistics_and_gradients_across_devices(diffs):
+    # cnnjax.layers.batch_norm_impl's hand-written backward pmeans its two channel sums: on 4
+    # devices it must train as flax's BatchNorm does on 1 device with the same global batch.
+    assert diffs["matmul_bn_pmap4_vs_flax1"] < 1e-5
+    assert diffs["matmul_bn_shard4_vs_flax1"] < 1e-5
+
+
 def test_pmap_and_shard_map_agree(diffs):
     assert diffs["shard1_vs_pmap1"] < 1e-6
     assert diffs["pmap4_vs_shard4"] < 1e-6
