@@ -153,15 +153,35 @@ _AFTER_WARMUP: dict[str, Callable[[Any, float, int, int], optax.Schedule]] = {
 
 
 def _one_cycle(sched: Any, lr: float, total: int) -> optax.Schedule:
-    """optax's cosine one-cycle: up from `lr / div_factor` over the first `pct_start` of the run,
-    then down to `lr / (div_factor * final_div_factor)`."""
+    """PyTorch's `OneCycleLR(total_steps=num_train_steps)` (cosine, two phases), step for step:
+    cosine up from `lr / div_factor` to `lr` until step `pct_start * num_train_steps - 1`, then
+    cosine down to `lr / (div_factor * final_div_factor)` at step `num_train_steps - 1`, the last
+    step the run takes (and held after it).
+
+    Built with optax's `piecewise_interpolate_schedule`, the function under
+    `cosine_onecycle_schedule`, on torch's own phase boundaries; `cosine_onecycle_schedule`
+    itself ends a step late (at `transition_steps`) and truncates the warm-up's end to an
+    integer, where torch's may fall between two steps (37 steps at pct_start 0.3: step 10.1).
+    A warm-up ending at or before step 0 (`pct_start * num_train_steps <= 1`, e.g. a
+    one-step run) has no step on it: the run starts on the annealing, as torch's (whose own
+    formula divides by zero at exactly 1, where this starts at the peak), which is logged.
+    """
     pct = _unit_interval("schedule", "pct_start", _get(sched, "pct_start", 0.3), low_open=True,
                          high_open=True)
     div = check_positive_float("schedule", "div_factor", _get(sched, "div_factor", 25.0))
     final = check_positive_float("schedule", "final_div_factor",
                                  _get(sched, "final_div_factor", 1e4))
-    return optax.cosine_onecycle_schedule(transition_steps=total, peak_value=lr, pct_start=pct,
-                                          div_factor=div, final_div_factor=final)
+    peak_step = float(pct * total) - 1  # torch's end of the warm-up: a float step number
+    last_step = total - 1  # torch's end of the annealing
+    if peak_step <= 0:
+        logging.warning("schedule.pct_start=%g with num_train_steps=%d: the warm-up would end "
+                        "at step %g, so no step warms up and the run starts on the annealing "
+                        "(as torch's OneCycleLR); pct_start * num_train_steps > 1 warms up.",
+                        pct, total, peak_step)
+    # optax's intervals start at step 0: a peak_step <= 0 leaves the warm-up interval empty,
+    # and the annealing is still measured from peak_step, as torch's.
+    return optax.piecewise_interpolate_schedule(
+        "cosine", lr / div, {peak_step: div, last_step: 1.0 / (div * final)})
 
 
 def _warmup_cosine(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:

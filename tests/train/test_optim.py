@@ -50,7 +50,9 @@ def _config(schedule="constant", optimizer="sgd", **fields):
             optax.warmup_cosine_decay_schedule(0.0, 0.1, 10, 100, 1e-3),
         ),
         ("linear", {"schedule__end_value": 0.01}, optax.linear_schedule(0.1, 0.01, 100)),
-        ("one_cycle", {}, optax.cosine_onecycle_schedule(100, 0.1, 0.3, 25.0, 1e4)),
+        # torch's OneCycleLR(total_steps=100): peak at step 0.3 * 100 - 1 = 29, final rate at
+        # the last step, 99 (optax's one-cycle over 99 steps; over 100 it ended at step 100)
+        ("one_cycle", {}, optax.cosine_onecycle_schedule(99, 0.1, 29 / 99, 25.0, 1e4)),
     ],
 )
 def test_schedule_matches_optax(name, fields, reference):
@@ -66,6 +68,73 @@ def test_piecewise_values_by_hand():
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
         rtol=1e-6,
     )
+
+
+def _torch_one_cycle(total, pct_start, peak, div_factor, final_div_factor):
+    """torch.optim.lr_scheduler.OneCycleLR's rate at each step 0..total-1 (float64)."""
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=peak, total_steps=total, pct_start=pct_start, div_factor=div_factor,
+        final_div_factor=final_div_factor)
+    rates = []
+    for _ in range(total):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return np.array(rates)
+
+
+@pytest.mark.parametrize("total,pct_start,div_factor,final_div_factor", [
+    (20, 0.3, 25.0, 1e4),  # the peak on a step (5)
+    (20, 0.25, 10.0, 100.0),  # ... (4), other factors
+    (37, 0.3, 25.0, 1e4),  # the peak between two steps (10.1)
+    (37, 0.2, 25.0, 1e4),  # alexnet_imagenette's pct_start (6.4)
+    (3, 0.3, 25.0, 1e4),  # the warm-up ends before step 0 (-0.1): the run starts annealing
+    (1, 0.3, 25.0, 1e4),  # one step: torch's final rate on it
+])
+def test_one_cycle_matches_torch_one_cycle_lr(total, pct_start, div_factor, final_div_factor):
+    """one_cycle equals torch's OneCycleLR(total_steps=num_train_steps) at every step the run
+    takes: the same peak step (pct_start * total - 1, not rounded to a step) and the final rate
+    at the last step, total - 1 (optax's cosine_onecycle_schedule(total) reached it a step late,
+    at total, which the run never takes). float64, as torch's: in float32 the cosine's
+    cancellation near the end leaves ~1e-3 relative there (a few 1e-8 of the peak)."""
+    config = _config("one_cycle", schedule__pct_start=pct_start,
+                     schedule__div_factor=div_factor,
+                     schedule__final_div_factor=final_div_factor)
+    config.num_train_steps = total
+    want = _torch_one_cycle(total, pct_start, 0.1, div_factor, final_div_factor)
+    with jax.enable_x64(True):
+        schedule = build_schedule(config)
+        got = np.array([schedule(step) for step in range(total)])
+        after = schedule(total + 5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(after, want[-1], rtol=1e-6)  # held after the last step
+    if total > 1:
+        assert got[-1] == pytest.approx(0.1 / (div_factor * final_div_factor), rel=1e-6)
+
+
+def test_one_cycle_in_float32_matches_torch_to_its_precision():
+    """The float32 rates a run uses: torch's at every step to 1e-6 relative or 1e-6 of the
+    peak (float32 rounding; a step's offset moves a rate by up to ~1e-2 of the peak)."""
+    config = _config("one_cycle", schedule__pct_start=0.2)
+    config.num_train_steps = 563
+    want = _torch_one_cycle(563, 0.2, 0.1, 25.0, 1e4)
+    got = np.asarray(jax.vmap(build_schedule(config))(jnp.arange(563)))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * 0.1)
+
+
+def test_one_cycle_without_a_warmup_step_is_logged(caplog):
+    """pct_start * num_train_steps <= 1: torch's warm-up ends at or before step 0."""
+    config = _config("one_cycle")
+    config.num_train_steps = 1
+    build_schedule(config)
+    assert "no step warms up" in caplog.text
+    config.num_train_steps = 100
+    caplog.clear()
+    build_schedule(config)
+    assert "no step warms up" not in caplog.text
 
 
 def _params():
