@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -176,9 +177,9 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
     `make_jaxpr`-ed) on one side of the block replays that trace on the other. Parameters,
     their names and initialization are untouched: the interceptor only swaps the convolution
     primitive for the duration of each call. Default "auto": the fastest measured on CPU
-    (docs/performance.md).
+    (docs/performance.md); on other backends "auto" is "xla" (`resolve_conv_impl`).
     """
-    function = conv_function(impl)
+    function = conv_function(resolve_conv_impl(impl, jax.default_backend()))
     if function is None:
         yield
         return

@@ -181,3 +181,20 @@ def test_auto_means_matmul_on_cpu_only():
     with pytest.raises(ValueError, match=r"batch_norm_impl: impl='fast' is invalid; expected one "
                                          r"of \['flax', 'matmul', 'auto'\]"):
         resolve_batch_norm_impl("fast", "cpu")
+
+
+def test_auto_context_keeps_flax_off_cpu(monkeypatch):
+    model = _Net({})
+    x = jnp.ones((2, 4, 4, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+
+    def traced(impl):
+        def f(v):
+            with batch_norm_impl(impl):
+                return model.apply(v, x, train=True, mutable=["batch_stats"])
+        return str(jax.make_jaxpr(f)(variables))
+
+    assert "custom_vjp_call" in traced("auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert "custom_vjp_call" not in traced("auto")
+    assert "custom_vjp_call" in traced("matmul")

@@ -259,3 +259,18 @@ def test_invalid_impl_raises_documented_error():
         match=r"conv_impl: impl='fast' is invalid; expected one of \['xla', 'matmul', 'auto'\]\.",
     ), conv_impl("fast"):
         pass
+
+
+def test_auto_keeps_xla_convolutions_off_cpu(monkeypatch):
+    """"auto" means the backend's best: patches + matmul on CPU only, as the engine resolves it."""
+    layer = nn.Conv(2, (3, 3))
+    x = jnp.ones((1, 2, 2, 1))
+    variables = layer.init(jax.random.key(0), x)
+    convs = lambda: primitives(lambda v: layer.apply(v, x), variables)["conv_general_dilated"]
+    with conv_impl("auto"):
+        assert convs() == 0  # a 2x2 output on this CPU backend: matmul
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with conv_impl("auto"):
+        assert convs() == 1
+    with conv_impl("matmul"):  # an explicit choice is kept on any backend
+        assert convs() == 0
