@@ -170,10 +170,13 @@ def _training_call(module: nn.BatchNorm, args: tuple, kwargs: dict) -> Array | N
              if module.use_scale else jnp.ones(features, jnp.float32))
     bias = (module.param("bias", module.bias_init, features, module.param_dtype)
             if module.use_bias else jnp.zeros(features, jnp.float32))
+    # custom_vjp's non-differentiable arguments must be hashable: lists become tuples.
+    axis_name = module.axis_name
+    axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
     groups = module.axis_index_groups
     groups = None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)
-    y, mean, var = batch_norm_train(x, scale, bias, float(module.epsilon), module.axis_name,
-                                    groups, bool(module.use_fast_variance))
+    y, mean, var = batch_norm_train(x, scale, bias, float(module.epsilon), axis_name, groups,
+                                    bool(module.use_fast_variance))
     momentum = module.momentum
     ra_mean.value = momentum * ra_mean.value + (1 - momentum) * lax.stop_gradient(mean)
     ra_var.value = momentum * ra_var.value + (1 - momentum) * lax.stop_gradient(var)
@@ -197,6 +200,8 @@ def batch_norm_impl(impl: str = "auto") -> Iterator[None]:
 
     Like `cnnjax.layers.conv_impl`, the choice is made when a function is traced, so wrap the
     tracing. Variables, their names, initialization and the running-average update are flax's.
+    Reverse-mode derivatives (of any order) work; forward-mode ones (`jax.jvp`, `jax.jacfwd`)
+    do not pass a `custom_vjp`, so trace those under "flax".
     """
     impl = resolve_batch_norm_impl(impl, jax.default_backend())
     function = batch_norm_function(impl)

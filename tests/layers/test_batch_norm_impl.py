@@ -198,3 +198,4 @@ def test_auto_context_keeps_flax_off_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "custom_vjp_call" not in traced("auto")
     assert "custom_vjp_call" in traced("matmul")
+

@@ -111,6 +111,31 @@ def run_detection_loop(tmp: str, **overrides) -> dict:
     return train_and_evaluate(config, os.path.join(tmp, name))
 
 
+def grouped_batch_norm(impl: str):
+    """flax BatchNorm synced within device groups {0, 1} and {2, 3} under pmap: each device's
+    (param grads, input grads, new statistics) of a per-device loss, under `impl`."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from cnnjax.layers.batch_norm_impl import batch_norm_impl
+
+    x = np.random.default_rng(5).standard_normal((4, 6, 3, 3, 2)).astype(np.float32) * 2 + 1
+    model = nn.BatchNorm(use_running_average=False, axis_name="g",
+                         axis_index_groups=[[0, 1], [2, 3]])
+    variables = model.init(jax.random.PRNGKey(0), x[0])
+
+    def loss(params, xi, stats):
+        with batch_norm_impl(impl):
+            y, updates = model.apply({"params": params, "batch_stats": stats}, xi,
+                                     mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y) * xi), updates
+
+    replicate = lambda tree: jax.tree.map(lambda v: np.stack([v] * 4), tree)
+    grads = jax.pmap(jax.grad(loss, argnums=(0, 1), has_aux=True), axis_name="g")(
+        replicate(variables["params"]), x, replicate(variables["batch_stats"]))
+    return jax.device_get(grads)
+
+
 def main():
     assert jax.device_count() == 4, jax.devices()
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +155,8 @@ def main():
     four_shard, _ = train("shard_map", 4)
     one_shard, _ = train("shard_map", 1)
     # BatchNorm as matrix-vector products, backward synced by hand (cnnjax.layers.batch_norm_impl)
+    grouped_matmul, grouped_flax = grouped_batch_norm("matmul"), grouped_batch_norm("flax")
+    grouped_means = np.asarray(grouped_matmul[1]["batch_stats"]["mean"])
     matmul_four_pmap, _ = train("pmap", 4, batch_norm_impl="matmul")
     matmul_four_shard, _ = train("shard_map", 4, batch_norm_impl="matmul")
     drop_pmap, _ = train("pmap", 4, dropout=0.5)
@@ -146,6 +173,12 @@ def main():
                 "shard1_vs_pmap1": max_diff(one, one_shard),
                 "matmul_bn_pmap4_vs_flax1": max_diff(one, matmul_four_pmap),
                 "matmul_bn_shard4_vs_flax1": max_diff(one, matmul_four_shard),
+                "grouped_bn_matmul_vs_flax": max_diff(grouped_matmul, grouped_flax) / max(
+                    float(np.abs(leaf).max()) for leaf in jax.tree.leaves(grouped_flax)),
+                "grouped_bn_within_group": float(np.abs(grouped_means[0]
+                                                        - grouped_means[1]).max()),
+                "grouped_bn_across_groups": float(np.abs(grouped_means[0]
+                                                         - grouped_means[2]).max()),
                 "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
                 "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
                 "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
