@@ -403,14 +403,13 @@ def test_batchnorm_statistics_are_synced_across_processes(tmp_path):
     params = sorted(k for k in state if k.startswith("/params/"))
     params_diff = _max_abs_diff({k: ref_state[k] for k in params}, {k: state[k] for k in params})
     opt = [k for k in state if k.startswith("/opt_state/") and np.size(state[k])]
-    opt_rel_diff = max(
-        float(np.max(np.abs(ref_state[k] - state[k]))) / max(float(np.max(np.abs(ref_state[k]))),
-                                                           1e-30)
-        for k in opt
-    )
+    # Relative to the largest momentum of the network: a convolution's bias before a BatchNorm
+    # has a zero gradient, so its momentum is float noise, and relative to itself any size.
+    opt_scale = max(float(np.max(np.abs(ref_state[k]))) for k in opt)
+    opt_rel_diff = max(float(np.max(np.abs(ref_state[k] - state[k]))) for k in opt) / opt_scale
     print(
         f"BatchNorm job: max diff vs 1 process: batch_stats {stats_diff:.3g}, params "
-        f"{params_diff:.3g}, opt_state (relative to each leaf's max) {opt_rel_diff:.3g}; wall "
+        f"{params_diff:.3g}, opt_state (relative to its largest value) {opt_rel_diff:.3g}; wall "
         f"reference {reference_wall:.1f} s, job {job_wall:.1f} s"
     )
     # Summation order only, as for LeNet-5 above. Measured on an AVX2 machine: 4.8e-7, 1.5e-8
