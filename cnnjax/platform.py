@@ -1,4 +1,4 @@
-"""Fast XLA CPU defaults that cnnjax's entry points opt into before JAX starts its backend.
+"""Process settings cnnjax's entry points opt into before JAX and TensorFlow start.
 
 XLA reads `XLA_FLAGS` once, when JAX creates its first backend. Some of XLA:CPU's defaults are
 slow for convolutional training here (docs/performance.md has the measurements), so the
@@ -6,7 +6,9 @@ experiment script, the benchmarks and the test session call `configure_cpu_defau
 Importing cnnjax never does: a library import must not change process-wide state.
 
 The function only *adds* flags: a flag the user already named in `XLA_FLAGS` (with any value)
-is left as it is, and `CNNJAX_CPU_DEFAULTS=0` turns the whole thing off.
+is left as it is, and `CNNJAX_CPU_DEFAULTS=0` turns the whole thing off. `quiet_tensorflow_info()`
+likewise sets TensorFlow's C++ log threshold only when the user has not; the experiment commands
+run both through `configure_entry_point()`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ CPU_DEFAULT_FLAGS: dict[str, str] = {
 
 #: Set to "0" (or "false"/"no"/"off") to make `configure_cpu_defaults` a no-op.
 OPT_OUT_ENV = "CNNJAX_CPU_DEFAULTS"
+
+#: TensorFlow's C++ log threshold, read once when TensorFlow is imported. cnnjax only uses TF for
+#: the input pipeline, and at "1" TF drops its INFO lines (the CPU-instructions notice, tf.data's
+#: buffer notes) while keeping warnings and errors.
+TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
+TF_LOG_LEVEL_QUIET = "1"
 _FALSY = ("0", "false", "no", "off")
 
 
@@ -102,3 +110,25 @@ def configure_cpu_defaults(
     extra = " ".join(_format_flag(name, value) for name, value in added.items())
     env["XLA_FLAGS"] = f"{current} {extra}".strip()
     return added
+
+
+def quiet_tensorflow_info(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Sets `TF_CPP_MIN_LOG_LEVEL=1` (TF's C++ INFO lines off) unless the user set it.
+
+    Returns whether it set it. It only takes effect before TensorFlow is imported, so like
+    `configure_cpu_defaults` it belongs at the top of an entry point. (TF's `oneDNN custom
+    operations are on` banner ignores this variable; it cannot be silenced without turning
+    oneDNN off, which cnnjax does not do.)
+    """
+    env = os.environ if environ is None else environ
+    if TF_LOG_LEVEL_ENV in env:
+        return False
+    env[TF_LOG_LEVEL_ENV] = TF_LOG_LEVEL_QUIET
+    return True
+
+
+def configure_entry_point() -> dict[str, str]:
+    """What every `experiments.*` command runs first: `configure_cpu_defaults()` and
+    `quiet_tensorflow_info()`. Returns the XLA flags it added (see `configure_cpu_defaults`)."""
+    quiet_tensorflow_info()
+    return configure_cpu_defaults()

@@ -29,9 +29,9 @@ import json
 import os
 import sys
 
-from cnnjax.platform import configure_cpu_defaults
+from cnnjax.platform import configure_entry_point
 
-configure_cpu_defaults()
+configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import os
 
-from cnnjax.platform import configure_cpu_defaults
+from cnnjax.platform import configure_entry_point
 
-configure_cpu_defaults()
+configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 

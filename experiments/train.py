@@ -15,10 +15,10 @@ import os
 import sys
 import traceback
 
-# CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
-from cnnjax.platform import configure_cpu_defaults
+# XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
+from cnnjax.platform import configure_entry_point
 
-configure_cpu_defaults()
+configure_entry_point()
 
 from absl import app, flags, logging  # noqa: E402
 

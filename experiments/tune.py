@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import sys
 
-# CPU defaults (XLA flags) must be set before JAX initializes; user-set flags win.
-from cnnjax.platform import configure_cpu_defaults
+# XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
+from cnnjax.platform import configure_entry_point
 
-configure_cpu_defaults()
+configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.platform import configure_cpu_defaults
+from cnnjax.platform import configure_entry_point
 
-configure_cpu_defaults()
+configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 

@@ -31,7 +31,8 @@ def compiled_hlo():
 
 def _run(code: str, **env_overrides: str) -> dict:
     """Runs `code` in a fresh interpreter (no XLA_FLAGS unless given); returns its JSON stdout."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", platform.OPT_OUT_ENV)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", platform.OPT_OUT_ENV, platform.TF_LOG_LEVEL_ENV)}
     env.update(env_overrides)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env["JAX_PLATFORMS"] = "cpu"
@@ -106,6 +107,37 @@ def test_explicit_environ_is_edited_even_after_the_backend_started(monkeypatch):
     env = {"XLA_FLAGS": "--x=1"}
     assert platform.configure_cpu_defaults(environ=env) == platform.CPU_DEFAULT_FLAGS
     assert env["XLA_FLAGS"].startswith("--x=1 --xla_cpu_experimental_ynn_fusion_type=")
+
+
+def test_quiet_tensorflow_info_sets_tf_log_level_only_when_the_user_has_not():
+    env: dict[str, str] = {}
+    assert platform.quiet_tensorflow_info(environ=env) is True
+    assert env == {"TF_CPP_MIN_LOG_LEVEL": "1"}
+    assert platform.quiet_tensorflow_info(environ=env) is False  # idempotent
+    user = {"TF_CPP_MIN_LOG_LEVEL": "0"}  # a user debugging TF keeps its INFO lines
+    assert platform.quiet_tensorflow_info(environ=user) is False
+    assert user == {"TF_CPP_MIN_LOG_LEVEL": "0"}
+
+
+def test_configure_entry_point_quiets_tf_and_adds_the_cpu_defaults(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", f"--{YNN}=reduce")  # the user's value: nothing to add
+    assert platform.configure_entry_point() == {}
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+    assert os.environ["XLA_FLAGS"] == f"--{YNN}=reduce"
+
+
+@pytest.mark.parametrize("module", ["evaluate", "lr_range_test", "rcnn_svm", "robustness",
+                                    "sweep", "train", "transfer", "tune", "visualize"])
+def test_experiment_commands_configure_the_process_before_importing_jax_or_tensorflow(module):
+    """Each `experiments.<command>` calls `configure_entry_point()` before its first import of
+    absl, JAX, TensorFlow or cnnjax's heavier modules (their settings are read once, at start)."""
+    source = (REPO / "experiments" / f"{module}.py").read_text()
+    call = source.index("\nconfigure_entry_point()\n")
+    for heavy in ("\nimport jax", "\nfrom jax", "\nimport tensorflow", "\nfrom absl",
+                  "\nfrom cnnjax.utils", "\nfrom cnnjax.train", "\nfrom cnnjax.data"):
+        where = source.find(heavy)
+        assert where == -1 or where > call, (module, heavy)
 
 
 def test_importing_cnnjax_changes_no_global_state():

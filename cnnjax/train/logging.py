@@ -29,15 +29,29 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class QuietLibraries:
-    """absl log filter: drops INFO chatter from orbax (one line per file it touches), and its
-    warning `Given directory is read only=<dir>`, which cnnjax causes on purpose: it opens a
-    finished run's checkpoints read-only (`load_trained`, a warm start's source), so the warning
-    would only make a user look for a fault. orbax's other warnings pass."""
+    """absl log filter for library chatter a cnnjax command's user cannot act on.
+
+    - orbax: its INFO lines (one per file it touches) and its warning `Given directory is read
+      only=<dir>`, which cnnjax causes on purpose: it opens a finished run's checkpoints read-only
+      (`load_trained`, a warm start's source), so the warning would only make a user look for a
+      fault. orbax's other warnings pass.
+    - tensorflow-datasets: its INFO lines (`Load dataset info from ...`, `Constructing
+      tf.data.Dataset ...`, four per split opened); its warnings pass.
+    - JAX: the INFO line saying the TPU backend is absent (`Unable to initialize backend 'tpu'`),
+      printed by every command on a machine without TPUs; other backends' lines (a CUDA backend
+      that failed to start is worth seeing) pass.
+    """
 
     _EXPECTED_WARNINGS = ("Given directory is read only",)
+    _JAX_NO_TPU = "Unable to initialize backend 'tpu'"
 
     def filter(self, record) -> bool:
-        if "/orbax/" not in record.pathname:
+        path = record.pathname.replace("\\", "/")
+        if "/tensorflow_datasets/" in path:
+            return record.levelno >= 30
+        if path.endswith("/jax/_src/xla_bridge.py"):
+            return record.levelno >= 30 or not str(record.getMessage()).startswith(self._JAX_NO_TPU)
+        if "/orbax/" not in path:
             return True
         if record.levelno < 30:
             return False

@@ -168,6 +168,21 @@ def test_quiet_libraries_drops_orbax_info_and_its_read_only_warning_but_keeps_ot
                                 "Given directory is read only=%s", "/x"))
 
 
+def test_quiet_libraries_drops_tfds_info_and_jax_missing_tpu_line_but_keeps_their_warnings():
+    """Every command opened each split with four tfds INFO lines and began with JAX's `Unable to
+    initialize backend 'tpu'`; a missing CUDA backend and tfds's warnings are worth seeing."""
+    tfds = "/venv/site-packages/tensorflow_datasets/core/dataset_info.py"
+    bridge = "/venv/site-packages/jax/_src/xla_bridge.py"
+    quiet = QuietLibraries()
+    assert not quiet.filter(_record(tfds, logging.INFO, "Load dataset info from %s", "/d"))
+    assert quiet.filter(_record(tfds, logging.WARNING, "Dataset %s is deprecated", "x"))
+    assert not quiet.filter(_record(bridge, logging.INFO,
+                                    "Unable to initialize backend 'tpu': INTERNAL: no libtpu"))
+    assert quiet.filter(_record(bridge, logging.INFO,
+                                "Unable to initialize backend 'cuda': no CUDA-enabled jaxlib"))
+    assert quiet.filter(_record(bridge, logging.WARNING, "An NVIDIA GPU may be present"))
+
+
 class _StartedError(Exception):
     """Stops a command's `main` at its first call."""
 
