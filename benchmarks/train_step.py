@@ -72,7 +72,6 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     import ml_collections
     import numpy as np
 
-    from cnnjax.layers.batch_norm_impl import resolve_batch_norm_impl
     from cnnjax.models import create_model
     from cnnjax.train.config import default_config
     from cnnjax.train.optim import build_optimizer, build_schedule
@@ -98,9 +97,7 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     model = create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype),
                          axis_name=AXIS_NAME, **model_overrides)
     dp = DataParallel(parallel, devices[:n])
-    train_options = dict(train_options or {})
-    train_options["batch_norm_impl"] = resolve_batch_norm_impl(
-        train_options.get("batch_norm_impl", "auto"), devices[0].platform)
+    train_options = {"batch_norm_impl": "auto", **(train_options or {})}
     per_device = batch_size // n
     if per_device % train_options.get("accum_steps", 1):
         raise ValueError(f"train_step: grad_accum_steps={train_options['accum_steps']} is "

@@ -35,8 +35,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cnnjax.analysis.confusion import intersection_over_union
-from cnnjax.layers.batch_norm_impl import resolve_batch_norm_impl
-from cnnjax.layers.conv_impl import resolve_conv_impl
 from cnnjax.train import config as config_lib
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
@@ -200,11 +198,10 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
     step distills from it: its variables go to the devices once and are passed to every step
     beside the state, outside it (never checkpointed). Shared by the loop and
     `cnnjax.tune.lr_range`."""
-    conv_impl = resolve_conv_impl(config.conv_impl, jax.default_backend())
+    conv_impl = config.conv_impl  # "auto" is resolved per backend by the lowering contexts
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
                "ema": config_lib.ema_rule(config),
-               "batch_norm_impl": resolve_batch_norm_impl(config.get("batch_norm_impl", "auto"),
-                                                          jax.default_backend())}
+               "batch_norm_impl": config.get("batch_norm_impl", "auto")}
     if task == "detection":
         train_step, predict_step = make_detection_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options

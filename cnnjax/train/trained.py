@@ -200,13 +200,11 @@ def jit_inference(run: TrainedRun, fn: Callable[[dict, Any], Any]) -> Callable[[
     (`config.conv_impl` on this backend), as the engine's own steps are."""
     import jax
 
-    from cnnjax.layers.conv_impl import conv_impl, resolve_conv_impl
-
-    lowering = resolve_conv_impl(run.config.conv_impl, jax.default_backend())
+    from cnnjax.layers.conv_impl import conv_impl
 
     @jax.jit
     def traced(variables: dict, inputs: Any) -> Any:
-        with conv_impl(lowering):
+        with conv_impl(run.config.conv_impl):  # "auto" resolves per backend
             return fn(variables, inputs)
 
     return traced
