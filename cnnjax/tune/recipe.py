@@ -654,11 +654,13 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
     history: list[RoundResult] = []
     decisions: list[Decision] = []
     status, reason = "running", ""
+    checked = plan  # `run_tune` checked round 1 before taking the lock
     try:
         if recipe.lr_range_test and plan is not None:
             plan = range_test_round(base_config, recipe, tune_dir, verbose)
         while plan is not None:
-            _check_round(base_config, plan)
+            if plan is not checked:
+                _check_round(base_config, plan)
             _say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
             rows = run_sweep(plan.base_config(base_config), plan.space(),
                              os.path.join(tune_dir, plan.dirname), recipe.metric, recipe.mode,

@@ -542,6 +542,19 @@ def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
     assert len(black) == 1 and black[0].get_ydata()[-1] == pytest.approx(0.83)
 
 
+def test_each_rounds_configs_are_checked_once_round_1_before_anything_runs(tmp_path,
+                                                                         monkeypatch):
+    """`run_tune` checks round 1 before taking the lock; the loop checks each later round before
+    it trains, and does not check round 1 again."""
+    checked = []
+    real_check = rc._check_round
+    monkeypatch.setattr(rc, "_check_round",
+                        lambda base, plan: (checked.append(plan.index), real_check(base, plan)))
+    record = _tune(tmp_path, monkeypatch, FakeTrainer())
+    assert [r["index"] for r in record["rounds"]] == [1, 2, 3]
+    assert checked == [1, 2, 3]
+
+
 def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch):
     reference = _tune(tmp_path, monkeypatch, FakeTrainer(), name="reference")
     trainer = FakeTrainer(interrupt_at=5)  # round 2's second trial
