@@ -9,6 +9,10 @@ same sums, so forward and gradients match `lax` to float rounding. `conv_impl(..
 to every `flax.linen.Conv` called inside the `with` block, so existing models run unchanged
 (same parameter tree, same numerics). Opt-in only; nothing here changes global state outside
 the block.
+
+"auto" also hands XLA's own convolutions a `stored_input`: XLA:CPU's fusion pass otherwise
+recomputes a convolution's input (BatchNorm + ReLU + residual sums) inside the transposed copies
+its kernel gradient needs, a loop 6x slower than a plain transpose (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from cnnjax.utils.validation import invalid
 Array = Any
 
 #: `conv_impl` modes: "xla" (lax convolution everywhere, i.e. no change), "matmul" (every
-#: supported conv as patches + matmul) and "auto" (matmul only where the output map is small).
+#: supported conv as patches + matmul) and "auto" (matmul only where the output map is small,
+#: XLA's convolution with a `stored_input` elsewhere).
 CONV_IMPLS = ("xla", "matmul", "auto")
 
 #: "auto" uses the matmul form when the output has at most this many positions (H_out * W_out).
@@ -101,25 +106,47 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
     return y.reshape(n, h_out, w_out, features)
 
 
+def stored_input(x: Array, kernel: Array) -> Array:
+    """`x` unchanged (bitwise), as a value XLA computes once and stores, not one it recomputes.
+
+    XLA's fusion pass copies cheap elementwise producers (BatchNorm, ReLU, residual adds) into
+    every consumer. When a consumer is the transposed copy a convolution's kernel gradient needs,
+    that loop reads each recomputed input in transposed order: on XLA:CPU 177 ms instead of
+    11 + 16 ms for the sum and a plain transpose of a [128, 32, 32, 64] map, about 0.45 s of a
+    2.7 s CIFAR ResNet-18 step. A floating-point division is "expensive" to that pass and never
+    copied, so `x / one` is computed once, where `one` is 1 built from `kernel` (`1 + 0 * k`)
+    so that it cannot be constant-folded away. x / 1 == x exactly (signed zeros, inf and NaN
+    included; subnormals flush to 0 on XLA:CPU, which the convolution reads them as anyway) and
+    so is the gradient; a non-finite kernel[0, ..., 0] would make every output NaN, as that
+    filter's outputs already are. Integer inputs (and empty kernels) are returned as they are.
+    """
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact) or jnp.size(kernel) == 0:
+        return x
+    anchor = lax.stop_gradient(kernel[(0,) * jnp.ndim(kernel)]).astype(jnp.result_type(x))
+    return x / (1 + 0 * anchor)
+
+
 def conv_general_dilated_matmul(
     lhs: Array, rhs: Array, window_strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
     dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
     precision: Any = None, preferred_element_type: Any = None,
-    max_output_positions: int | None = None,
+    max_output_positions: int | None = None, store_delegated_input: bool = False,
 ) -> Array:
     """`lax.conv_general_dilated` with the same signature, computed as patches + matmul.
 
     Cases `matmul_supported` rejects (grouped, transposed, non-NHWC/3-D) and, when
     `max_output_positions` is given, outputs with more than that many spatial positions are
-    passed to `lax.conv_general_dilated` unchanged. An empty output (a window larger than the
-    padded input, or a zero-size dimension) is an empty array of that shape, as in `lax`.
+    passed to `lax.conv_general_dilated` unchanged (with `store_delegated_input`, its input
+    wrapped in `stored_input`). An empty output (a window larger than the padded input, or a
+    zero-size dimension) is an empty array of that shape, as in `lax`.
     """
     def delegate() -> Array:
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+            stored_input(lhs, rhs) if store_delegated_input else lhs, rhs, window_strides,
+            padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
             precision=precision, preferred_element_type=preferred_element_type)
 
     if not matmul_supported(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count,
@@ -145,7 +172,7 @@ def conv_general_dilated_matmul(
 
 def _auto_conv(*args: Any, **kwargs: Any) -> Array:
     return conv_general_dilated_matmul(*args, max_output_positions=AUTO_MAX_OUTPUT_POSITIONS,
-                                       **kwargs)
+                                       store_delegated_input=True, **kwargs)
 
 
 def conv_function(impl: str) -> Callable[..., Array] | None:

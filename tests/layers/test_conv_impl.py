@@ -20,6 +20,7 @@ from cnnjax.layers.conv_impl import (
     AUTO_MAX_OUTPUT_POSITIONS,
     conv_general_dilated_matmul,
     conv_impl,
+    stored_input,
     xla_convolutions,
 )
 from cnnjax.models.resnet import BasicBlock, ResNet
@@ -274,3 +275,86 @@ def test_auto_keeps_xla_convolutions_off_cpu(monkeypatch):
         assert convs() == 1
     with conv_impl("matmul"):  # an explicit choice is kept on any backend
         assert convs() == 0
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stored_input_is_a_bitwise_identity_with_a_bitwise_identity_gradient(dtype):
+    special = [0.0, -0.0, 1.0, -2.5, np.inf, -np.inf, np.nan, 1e-30, -3e38, 7.0]
+    x = jnp.asarray(np.asarray(special, np.float32).reshape(1, 2, 5, 1), dtype)
+    kernel = jnp.asarray(np.random.default_rng(6).standard_normal((3, 3, 1, 2)), dtype)
+    out, vjp = jax.vjp(lambda x: stored_input(x, kernel), x)
+    cotangent = jnp.asarray(np.asarray(special[::-1], np.float32).reshape(x.shape), dtype)
+    (grad,) = vjp(cotangent)
+    assert out.dtype == grad.dtype == dtype
+    np.testing.assert_array_equal(_bits(jax.jit(stored_input)(x, kernel)), _bits(x))
+    np.testing.assert_array_equal(_bits(out), _bits(x))
+    np.testing.assert_array_equal(_bits(grad), _bits(cotangent))
+    assert jax.grad(lambda k: jnp.sum(stored_input(x[jnp.isfinite(x)], k)))(kernel).sum() == 0
+
+
+def test_stored_input_flushes_subnormals_as_the_convolution_reads_them():
+    """XLA:CPU runs with denormals flushed: a subnormal input becomes 0 in `stored_input`, and
+    the convolution it feeds reads it as 0 anyway (1e-40 * 1e30 gives 0, not 1e-10)."""
+    x = jnp.full((1, 2, 2, 1), 1e-40, jnp.float32)
+    kernel = jnp.full((1, 1, 1, 1), 1e30, jnp.float32)
+    np.testing.assert_array_equal(stored_input(x, kernel), 0.0)
+    direct = lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=NHWC)
+    np.testing.assert_array_equal(direct, 0.0)
+
+
+def test_stored_input_leaves_integers_and_empty_kernels_alone():
+    x = jnp.arange(6, dtype=jnp.int32)
+    assert stored_input(x, jnp.ones((1, 1, 1, 1))) is x
+    y = jnp.ones((1, 2, 2, 3))
+    assert stored_input(y, jnp.ones((3, 3, 3, 0))) is y
+
+
+def test_stored_input_division_survives_xla_optimization():
+    """The division must reach the compiled program: were `1 + 0 * k` folded to 1, XLA would
+    again recompute the input inside the kernel gradient's transposed copies."""
+    x, k = random_pair(np.random.default_rng(7), 2, 8, 8, 3, 3, 3, 4)
+
+    def loss(x, k):
+        h = jnp.maximum(x * 2.0 + 1.0, 0.0)
+        return jnp.sum(conv_general_dilated_matmul(h, k, (1, 1), "SAME", dimension_numbers=NHWC,
+                                                   max_output_positions=4,
+                                                   store_delegated_input=True) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=1)).lower(x, k).compile().as_text()
+    assert "divide(" in compiled
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN + identity, ReLU: the chain XLA would copy into transposes."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3))(x)))
+        h = nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3))(h))
+        return nn.relu(h + x)
+
+
+def test_auto_with_stored_inputs_matches_xla_on_large_maps():
+    """At 8x8 every convolution is XLA's own under "auto" (64 output positions > 4), now with
+    a stored input: losses and gradients of a train-mode residual stack equal plain XLA's."""
+    model = nn.Sequential([ResidualBlock(), ResidualBlock()])
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 8, 8, 4)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                             mutable=["batch_stats"])
+        return jnp.sum(out * jnp.cos(out))
+
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    with conv_impl("auto"):
+        step = jax.jit(jax.value_and_grad(lambda p: loss(p)))
+        value, grads = step(variables["params"])
+        assert "divide(" in step.lower(variables["params"]).compile().as_text()
+    assert_close(value, ref_value, rtol=1e-6)
+    jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), grads, ref_grads)
