@@ -138,7 +138,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = "pmap"  # or 'shard_map'
     # How nn.Conv layers are lowered (cnnjax.layers.conv_impl): 'auto' = patches+matmul for
     # convolutions with tiny output maps on CPU (4x faster ResNet-18 at 32x32) and XLA's own with
-    # a stored input for the rest (1.2-1.5x faster CIFAR ResNets); XLA's own off CPU.
+    # a stored input for the rest (1.1-1.35x faster ResNets); XLA's own off CPU.
     c.conv_impl = "auto"
     # How training-mode BatchNorms are lowered (cnnjax.layers.batch_norm_impl): 'auto' = channel
     # sums as matrix-vector products on CPU (1.4x faster CIFAR ResNet-18 step), flax elsewhere.
