@@ -46,39 +46,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
-from cnnjax.utils.validation import check_number, invalid
+# The setting checks live in `spec` so that a config validates without importing TensorFlow.
+from cnnjax.data.spec import MAX_LAYERS as MAX_LAYERS
+from cnnjax.data.spec import MAX_MAGNITUDE as MAX_MAGNITUDE
+from cnnjax.data.spec import check_randaugment as check_randaugment
+from cnnjax.utils.validation import invalid
 
-MAX_MAGNITUDE = 10
-# Layers per image at most. The paper searches N in 1..3 (ImageNet: 2); timm takes any N but its
-# configs use 2-4. Each layer is traced as a 14-way switch (~1 s of graph building per layer on
-# a CPU core), and 10 ops at a useful magnitude leave little of the image, so more than 10 is a
-# typo (10**6 would spend days building the map), not an augmentation.
-MAX_LAYERS = 10
 TRANSLATE_FRACTION = 0.45
 FILL_VALUE = 128
 OPS = ("Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Posterize",
        "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
-
-
-def check_randaugment(owner: str, num_layers: Any, magnitude: Any, *,
-                      layers_arg: str = "num_layers",
-                      magnitude_arg: str = "magnitude") -> tuple[int, float]:
-    """`(num_layers, magnitude)` as `(int, float)` if `num_layers` is an integer in
-    [0, MAX_LAYERS] (0: no op) and `magnitude` a number in [0, 10], else a ValueError naming
-    `owner` and the argument (`layers_arg` / `magnitude_arg`, e.g. a config field's name)."""
-    if (isinstance(num_layers, bool) or not isinstance(num_layers, int | np.integer)
-            or not 0 <= num_layers <= MAX_LAYERS):
-        raise invalid(owner, layers_arg, num_layers,
-                      f"expected an integer in [0, {MAX_LAYERS}] (RandAugment ops applied to "
-                      "each image; 0: none; the paper uses 1-3)")
-    value = check_number(owner, magnitude_arg, magnitude,
-                         f"expected a number in [0, {MAX_MAGNITUDE}] (RandAugment's magnitude "
-                         f"scale, {MAX_MAGNITUDE} the strongest)",
-                         low=0.0, high=MAX_MAGNITUDE, strings=False)
-    return int(num_layers), value
 
 
 # ------------------------------------------------------------------------------ point ops

@@ -13,10 +13,37 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from cnnjax.data import presets, randaugment
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.data import presets
+from cnnjax.utils.validation import check_choice, check_number, invalid
 
 _OWNER = "data"
+
+# RandAugment's settings (`cnnjax.data.randaugment`), checked here so that a config validates
+# without importing TensorFlow.
+MAX_MAGNITUDE = 10
+# Layers per image at most. The paper searches N in 1..3 (ImageNet: 2); timm takes any N but its
+# configs use 2-4. Each layer is traced as a 14-way switch (~1 s of graph building per layer on
+# a CPU core), and 10 ops at a useful magnitude leave little of the image, so more than 10 is a
+# typo (10**6 would spend days building the map), not an augmentation.
+MAX_LAYERS = 10
+
+
+def check_randaugment(owner: str, num_layers: Any, magnitude: Any, *,
+                      layers_arg: str = "num_layers",
+                      magnitude_arg: str = "magnitude") -> tuple[int, float]:
+    """`(num_layers, magnitude)` as `(int, float)` if `num_layers` is an integer in
+    [0, MAX_LAYERS] (0: no op) and `magnitude` a number in [0, 10], else a ValueError naming
+    `owner` and the argument (`layers_arg` / `magnitude_arg`, e.g. a config field's name)."""
+    if (isinstance(num_layers, bool) or not isinstance(num_layers, int | np.integer)
+            or not 0 <= num_layers <= MAX_LAYERS):
+        raise invalid(owner, layers_arg, num_layers,
+                      f"expected an integer in [0, {MAX_LAYERS}] (RandAugment ops applied to "
+                      "each image; 0: none; the paper uses 1-3)")
+    value = check_number(owner, magnitude_arg, magnitude,
+                         f"expected a number in [0, {MAX_MAGNITUDE}] (RandAugment's magnitude "
+                         f"scale, {MAX_MAGNITUDE} the strongest)",
+                         low=0.0, high=MAX_MAGNITUDE, strings=False)
+    return int(num_layers), value
 
 
 def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
@@ -150,7 +177,7 @@ def resolve(data_config: Any) -> Spec:
                       "or None for all of them")
 
     augment = _check_bool("augment", cfg["augment"])
-    ra_layers, ra_magnitude = randaugment.check_randaugment(
+    ra_layers, ra_magnitude = check_randaugment(
         _OWNER, cfg["randaugment_layers"], cfg["randaugment_magnitude"],
         layers_arg="randaugment_layers", magnitude_arg="randaugment_magnitude")
     if ra_layers and not augment:

@@ -12,7 +12,7 @@ Expected: roughly 80-85% validation top-1 (AlexNet from scratch on Imagenette; n
 no data offline). Runtime estimate ~30 min on one NVIDIA A100; many hours on 2 CPU cores.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAIN_IMAGES = 9_469

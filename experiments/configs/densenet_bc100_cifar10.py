@@ -16,7 +16,7 @@ runs at 25 img/s on 2 CPU cores (`python -m benchmarks.train_step --model=densen
 would take ~7 days there: run it on an accelerator.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 STEPS_PER_EPOCH = 50_000 / 64

@@ -16,7 +16,7 @@ load average ~2, JAX 0.10.2 with YNN fusions off): 430 train images/s with the d
 `--config.conv_impl=xla`. Full CPU comparisons with PyTorch: docs/performance.md.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 

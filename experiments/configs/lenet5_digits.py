@@ -12,7 +12,7 @@ whole command (14 s inside the training loop, compilation included; ~6,500 train
 The first ever run also builds `digits` into the tfds data dir (~5 s).
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 

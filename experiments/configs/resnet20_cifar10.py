@@ -12,7 +12,7 @@ Expected: ~91.3% test top-1 (the paper's Table 6 reports 91.25% error 8.75%). Ru
 here (no CIFAR-10 offline); estimate ~1 h on one NVIDIA A100, many hours on CPU.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 

@@ -15,7 +15,7 @@ colours: at 25 images per class the same run reaches 100% train but 26.5% (chanc
 Expected and runtime: see the sweep's docstring (measured there, 2 CPU cores).
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 

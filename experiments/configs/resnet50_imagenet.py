@@ -15,7 +15,7 @@ Expected: ~76-77% top-1 (Goyal et al. report 76.3% with step decay). Runtime not
 (no ImageNet offline); estimate ~8 h on 8x NVIDIA A100, i.e. ~10k img/s.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAIN_IMAGES = 1_281_167

@@ -21,7 +21,7 @@ images are ImageNet images, so this mostly checks that the weights and preproces
 not measured here: no weights or data offline). Runtime estimate ~5 min on one NVIDIA A100.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAIN_IMAGES = 9_469

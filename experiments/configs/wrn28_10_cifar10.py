@@ -24,7 +24,7 @@ img/s on 2 CPU cores (`python -m benchmarks.train_step --model=wrn28_10_cifar --
 there: run it on an accelerator.
 """
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 STEPS_PER_EPOCH = 50_000 / 128

@@ -30,7 +30,7 @@ likely more a faster start than a better end point (not measured with longer tar
 
 import ml_collections
 
-from cnnjax.data.pipeline import default_data_config
+from cnnjax.data.spec import default_data_config
 from cnnjax.train.config import default_config
 from experiments.configs import fcn_shapes
 

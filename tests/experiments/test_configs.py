@@ -159,3 +159,25 @@ def test_detection_configs_resolve_to_their_recorded_values(name):
     flat, defaults = flatten(config), flatten(reference)
     assert set(flat) == set(defaults)
     assert {k: v for k, v in flat.items() if v != defaults[k]} == DETECTION_CONFIGS[name]
+
+
+def test_classification_configs_load_and_validate_without_tensorflow():
+    """A flag or config error is reported in ~2 s, not after TensorFlow's ~6 s import: the
+    configs, `cnnjax.data` and the engine's config check import no TensorFlow."""
+    import subprocess
+    import sys
+
+    paths = [p for p in CONFIGS if "cnnjax.data.spec import" in open(p).read()]
+    assert len(paths) >= 5
+    script = (
+        "import runpy, sys\n"
+        "import cnnjax.data\n"
+        "from cnnjax.train.config import validate_config\n"
+        f"for path in {paths!r}:\n"
+        "    validate_config(runpy.run_path(path)['get_config']())\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')\n"
+        "print(loaded[:3])\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
