@@ -213,3 +213,28 @@ def test_launch_submit_says_where_an_entry_points_override_goes():
         "error: Unknown command line flag 'config.num_train_steps'; --config.num_train_steps "
         "looks like an override of the entry point: put it after `--` (... --dry_run -- "
         "--config.num_train_steps=...) (--helpshort lists the flags)")
+
+
+def test_an_override_below_a_plain_value_names_that_value():
+    """`--config.model.name=x` where `model` is a string: ml_collections' lookup fails with
+    "string indices must be integers", which named neither the flag nor the field."""
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.seed=1",
+            "--config.model.name=bogus"]
+    err = TypeError("string indices must be integers, not 'str'")
+    assert cli.describe_flag_error(args, err) == (
+        "--config.model.name=bogus is invalid; config.model is a str ('lenet5'), not a group of "
+        "fields; set it with --config.model=<value>")
+    assert cli.value_not_group(args, "--config.num_train_steps.x=1") == (
+        "config.num_train_steps is an int (600), not a group of fields; set it with "
+        "--config.num_train_steps=<value>")
+    assert cli.value_not_group(args, "--config.optimizer.name=adam") == ""  # a real field
+    assert cli.value_not_group(args, "--config.nope.x=1") == ""  # missing: KeyError's message
+    assert cli.value_not_group(["--config=nowhere.py"], "--config.model.x=1") == ""
+
+
+def test_a_misspelt_group_on_the_path_is_named():
+    err = AttributeError(KeyError("'nam'\nDid you mean \"name\" instead of \"nam\"?"))
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.optimizer.nam.x=1"]
+    assert cli.describe_flag_error(args, err) == (
+        "--config.optimizer.nam.x=1 is invalid; the config has no field 'nam'; Did you mean "
+        "\"name\" instead of \"nam\"?")

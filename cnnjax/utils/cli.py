@@ -123,12 +123,18 @@ def missing_config_file(values: flags.FlagValues) -> str | None:
 def describe_flag_error(args: Sequence[str], err: Exception) -> str:
     """One line saying which override of `args` made loading the config files fail, and why."""
     overrides = [a for a in args if a.startswith("--") and "." in a.split("=", 1)[0]]
+    if isinstance(err, TypeError | AttributeError | KeyError):
+        for override in overrides:  # `--config.model.name=x` where `model` is a string
+            below = value_not_group(args, override)
+            if below:
+                return f"{override} is invalid; {below}"
     culprit = next((o for o in overrides if names_field(o, err)), None)
     where = f"{culprit} is invalid; " if culprit else ""
     message = error_message(err)
     if culprit and isinstance(err, KeyError | AttributeError):
         path = culprit.lstrip("-").split("=", 1)[0]
-        field = path.rsplit(".", 1)[-1]
+        field = next((f for f in reversed(path.split(".")) if message.startswith(repr(f))),
+                     path.rsplit(".", 1)[-1])
         if message.startswith(repr(field)):  # ml_collections' KeyError: the name, a suggestion
             suggestion = message[len(repr(field)):].strip()
             message = f"the config has no field {field!r}" + (f"; {suggestion}" if suggestion
@@ -139,6 +145,37 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
                 message += ("; a grid sweep runs every combination of its values: pass "
                             "--max_trials=N to run fewer (or set kind='random' in the file)")
     return f"{where}{message}"
+
+
+def value_not_group(args: Sequence[str], override: str) -> str:
+    """Why `override` (`--config.a.b=v`) cannot be set when `config.a` is a value, not a group
+    of fields (ml_collections then fails inside its lookup, e.g. "string indices must be
+    integers"); '' when every parent on its path is a group or the file cannot be loaded."""
+    import runpy
+
+    from ml_collections import ConfigDict
+
+    flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith(f"--{flag}=")), None)
+    if spec is None or len(path) < 2:
+        return ""
+    try:
+        file, _, argument = spec.partition(":")
+        get_config = runpy.run_path(file)["get_config"]
+        node = get_config(argument) if argument else get_config()
+    except Exception:  # noqa: BLE001 — only an explanation: the original error stands
+        return ""
+    for depth, part in enumerate(path[:-1], start=1):
+        if not isinstance(node, ConfigDict) or part not in node:
+            return ""
+        node = node[part]
+        if not isinstance(node, ConfigDict):
+            parent = ".".join([flag, *path[:depth]])
+            kind = type(node).__name__
+            article = "an" if kind[0] in "aeiou" else "a"
+            return (f"{parent} is {article} {kind} ({node!r}), not a group of fields; "
+                    f"set it with --{parent}=<value>")
+    return ""
 
 
 def model_kwargs_hint(args: Sequence[str]) -> str:
@@ -167,7 +204,8 @@ def names_field(override: str, err: Exception) -> bool:
     """True when `err`'s message names the field that `override` (`--config.a.b=v`) sets."""
     name = override.lstrip("-").split("=", 1)[0]
     message = error_message(err)
-    return any(part in message for part in (name, name.split(".", 1)[-1], name.rsplit(".")[-1]))
+    return (any(part in message for part in (name, name.split(".", 1)[-1], name.rsplit(".")[-1]))
+            or any(repr(field) in message for field in name.split(".")[1:]))
 
 
 def error_message(err: Exception) -> str:
