@@ -19,12 +19,13 @@ region proposals in the same pixel frame, flipped with it:
 
     proposals f32 [D, B, P, 4]   proposal_valid bool [D, B, P]
 
-The data config is `pipeline.default_data_config(name)` plus `max_boxes`
-(`default_data_config` here). `augment=True` means a random horizontal flip of image and boxes
-(drawn statelessly from `(seed, epoch, process, position)` like the classification pipeline, so
-`start_step=k` resumes exactly); the preset's classification augmentation (crops) is not used,
-as it would cut boxes. Use `tfds_name` for a detection set, e.g. `shapes_multi` (64x64 scenes of
-1-4 shapes) with `name="shapes"` (its normalization).
+The data config is `spec.default_data_config(name)` plus `max_boxes` and `proposals`
+(`default_data_config` here, defined as `spec.detection_data_config`). `augment=True` means a
+random horizontal flip of image and boxes (drawn statelessly from `(seed, epoch, process,
+position)` like the classification pipeline, so `start_step=k` resumes exactly); the preset's
+classification augmentation (crops) is not used, as it would cut boxes. Use `tfds_name` for a
+detection set, e.g. `shapes_multi` (64x64 scenes of 1-4 shapes) with `name="shapes"` (its
+normalization).
 """
 
 from __future__ import annotations
@@ -41,21 +42,12 @@ from cnnjax.data import pipeline
 from cnnjax.data import proposals as proposals_lib
 from cnnjax.data.proposals import ProposalSpec
 from cnnjax.data.sources import TfdsSource
-from cnnjax.data.spec import resolve
+from cnnjax.data.spec import DEFAULT_MAX_BOXES, resolve
+from cnnjax.data.spec import detection_data_config as default_data_config  # noqa: F401 (API)
 from cnnjax.utils.validation import check_positive_int, invalid
 
 _OWNER = "data"
-DEFAULT_MAX_BOXES = 16
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def default_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
-    """`pipeline.default_data_config(name)` plus `max_boxes` (ground-truth rows per image) and
-    `proposals` (external region proposals, `cnnjax.data.proposals`; unset by default)."""
-    config = pipeline.default_data_config(name)
-    config.max_boxes = DEFAULT_MAX_BOXES
-    config.proposals = proposals_lib.default_proposals_config()
-    return config
 
 
 def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int, ProposalSpec | None]:

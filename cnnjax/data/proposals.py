@@ -25,12 +25,12 @@ import time
 import zipfile
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cnnjax.data.spec import default_proposals_config as default_proposals_config
 from cnnjax.detection.selective_search import check_settings, selective_search
 from cnnjax.utils.files import atomic_file
 from cnnjax.utils.validation import check_choice, check_positive_int, invalid
@@ -40,17 +40,6 @@ METHODS = ("selective_search",)
 DEFAULT_MAX_PROPOSALS = 256
 MAX_PROPOSALS_LIMIT = 10_000
 FIELDS = ("method", "strategy", "scale", "max_proposals")
-
-
-def default_proposals_config() -> ml_collections.ConfigDict:
-    """`data.proposals`: unset (`method=None`) means the model's own proposals (a detector with
-    an RPN, YOLO) or its dense windows (R-CNN, SPP-net, Fast R-CNN)."""
-    return ml_collections.ConfigDict({
-        "method": ml_collections.FieldReference(None, field_type=str),  # selective_search
-        "strategy": ml_collections.FieldReference(None, field_type=str),  # fast | quality
-        "scale": ml_collections.FieldReference(None, field_type=float),  # upsampling, 1.0
-        "max_proposals": ml_collections.FieldReference(None, field_type=int),  # P, 256
-    })
 
 
 @dataclasses.dataclass(frozen=True)

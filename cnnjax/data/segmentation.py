@@ -31,24 +31,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 import tensorflow as tf
-from ml_collections import config_dict
 
 from cnnjax.data import pipeline
 from cnnjax.data.sources import TfdsSource
 from cnnjax.data.spec import resolve
+from cnnjax.data.spec import segmentation_data_config as default_data_config  # noqa: F401 (API)
 from cnnjax.utils.validation import invalid
 
 _OWNER = "data"
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def default_data_config(name: str = "shapes") -> Any:
-    """`pipeline.default_data_config(name)` (use `tfds_name`, e.g. `shapes_segmentation`, beside
-    a preset's normalization) plus `scale_range`: None, or `(low, high)` for the FCN/DeepLab
-    training augmentation (see `_random_scale_crop`), e.g. (0.5, 2.0)."""
-    config = pipeline.default_data_config(name)
-    config.scale_range = config_dict.placeholder(tuple)
-    return config
 
 
 def _split(data_config: Any) -> tuple[Any, tuple[float, float] | None]:

@@ -85,6 +85,41 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     )
 
 
+
+# The task-specific data configs extend `default_data_config`; they live here, beside it, so that
+# a detection or segmentation config file loads without TensorFlow (`detection.py`,
+# `segmentation.py` and `proposals.py` re-export them and resolve the extra fields).
+DEFAULT_MAX_BOXES = 16
+
+
+def default_proposals_config() -> ml_collections.ConfigDict:
+    """`data.proposals`: unset (`method=None`) means the model's own proposals (a detector with
+    an RPN, YOLO) or its dense windows (R-CNN, SPP-net, Fast R-CNN); see `cnnjax.data.proposals`."""
+    return ml_collections.ConfigDict({
+        "method": ml_collections.FieldReference(None, field_type=str),  # selective_search
+        "strategy": ml_collections.FieldReference(None, field_type=str),  # fast | quality
+        "scale": ml_collections.FieldReference(None, field_type=float),  # upsampling, 1.0
+        "max_proposals": ml_collections.FieldReference(None, field_type=int),  # P, 256
+    })
+
+
+def detection_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
+    """`default_data_config(name)` plus `max_boxes` (ground-truth rows per image) and
+    `proposals` (external region proposals, `cnnjax.data.proposals`; unset by default)."""
+    config = default_data_config(name)
+    config.max_boxes = DEFAULT_MAX_BOXES
+    config.proposals = default_proposals_config()
+    return config
+
+
+def segmentation_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
+    """`default_data_config(name)` (use `tfds_name`, e.g. `shapes_segmentation`, beside a
+    preset's normalization) plus `scale_range`: None, or `(low, high)` for the FCN/DeepLab
+    training augmentation (`cnnjax.data.segmentation`), e.g. (0.5, 2.0)."""
+    config = default_data_config(name)
+    config.scale_range = config_dict.placeholder(tuple)
+    return config
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """A data config resolved against its preset and validated (no I/O yet)."""

@@ -8,7 +8,7 @@ recipe, so their measured results compare detectors rather than set-ups.
 
 import ml_collections
 
-from cnnjax.data.detection import default_data_config
+from cnnjax.data.spec import detection_data_config as default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 from cnnjax.utils.validation import check_choice
 

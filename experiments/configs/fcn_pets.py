@@ -23,7 +23,7 @@ checks and a few training steps are tested on mocked records (tests/train/test_p
 Budget: 3,450 steps of 32 224x224 images (3.4 GFLOPs each forward), tens of minutes on one GPU.
 """
 
-from cnnjax.data.segmentation import default_data_config
+from cnnjax.data.spec import segmentation_data_config as default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAIN_IMAGES = 3_680

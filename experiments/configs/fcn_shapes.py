@@ -13,7 +13,7 @@ test scenes mean IoU 0.796 (background 0.960, circle 0.828, square 0.837, triang
 The first ever run also builds `shapes_segmentation` (~5 s). Rerunning the command resumes.
 """
 
-from cnnjax.data.segmentation import default_data_config
+from cnnjax.data.spec import segmentation_data_config as default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 

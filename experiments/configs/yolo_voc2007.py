@@ -19,7 +19,7 @@ clearly less. Budget: 10,570 steps of 64 448x448 images (~20 GFLOPs each forward
 modern GPU.
 """
 
-from cnnjax.data.detection import default_data_config
+from cnnjax.data.spec import detection_data_config as default_data_config
 from cnnjax.train.config import default_config, model_kwargs_config
 
 TRAINVAL_IMAGES = 5_011
