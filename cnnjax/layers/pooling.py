@@ -19,6 +19,7 @@ returns one window (3x3/2 on 2x2 gives 1x1): deliberate, see GoogLeNetBN's `min_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,9 +110,56 @@ def max_pool2d(
     """
     kernel, strides, pads, _, extra = _window_geometry(
         "max_pool2d", x, kernel_size, stride, padding, ceil_mode)
-    return jax.lax.reduce_window(
-        x, _lowest(x.dtype), jax.lax.max, (1, *kernel, 1), (1, *strides, 1),
-        ((0, 0), (pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]), (0, 0)))
+    window = ((pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]))
+    if jnp.issubdtype(x.dtype, jnp.floating) and jax.default_backend() == "cpu":
+        return _window_max(x, kernel, strides, window)
+    return _reduce_window_max(x, kernel, strides, window)
+
+
+def _reduce_window_max(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
+                       window: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The windowed max of an NHWC array, padded with -inf by `window` ((top, bottom), (left,
+    right)); its gradient is XLA's `select_and_scatter`."""
+    return jax.lax.reduce_window(x, _lowest(x.dtype), jax.lax.max, (1, *kernel, 1),
+                                 (1, *strides, 1), ((0, 0), *window, (0, 0)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _window_max(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
+                window: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """`_reduce_window_max` with a tangent rule that transposes into strided pads instead of
+    `select_and_scatter`, which XLA:CPU runs ~4x slower than PyTorch's max-pool backward
+    (docs/performance.md). The same element of each window receives the gradient: the first
+    maximum in row-major window order, as `select_and_scatter` (and PyTorch) pick."""
+    return _reduce_window_max(x, kernel, strides, window)
+
+
+@_window_max.defjvp
+def _window_max_jvp(kernel: tuple[int, int], strides: tuple[int, int],
+                    window: tuple[tuple[int, int], tuple[int, int]], primals: tuple[jax.Array],
+                    tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Tangent of each output = the tangent at its window's first maximum. Linear in the
+    tangent (masks of the primal, strided slices), so reverse mode transposes each slice into
+    a strided pad that XLA fuses with the masks into one pass over the input."""
+    (x,), (t,) = primals, tangents
+    y = _reduce_window_max(x, kernel, strides, window)
+    config = ((0, 0, 0), (*window[0], 0), (*window[1], 0), (0, 0, 0))
+    x_padded = jax.lax.pad(x, _lowest(x.dtype), config)
+    t_padded = jax.lax.pad(t, _zero(t.dtype), config)
+    n, _, _, c = x.shape
+    out_h, out_w = y.shape[1:3]
+    taken = jnp.zeros(y.shape, bool)
+    t_out = jnp.zeros(y.shape, t.dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            start = (0, i, j, 0)
+            limit = (n, i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, c)
+            step = (1, *strides, 1)
+            hit = (jax.lax.slice(x_padded, start, limit, step) == y) & ~taken
+            taken = taken | hit
+            t_out = t_out + jnp.where(hit, jax.lax.slice(t_padded, start, limit, step),
+                                      _zero(t.dtype))
+    return y, t_out
 
 
 def _avg_counts(n: int, k: int, s: int, p: int, out: int, count_include_pad: bool) -> np.ndarray:

@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import batch_norm
 from cnnjax.utils.validation import (
@@ -273,7 +274,7 @@ class DenseNet(nn.Module):
             )(x)
             x = self.act(norm(name="bn_init")(x))
             features["stem"] = x
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool2d(x, 3, 2, padding=1)
 
         for i, num_layers in enumerate(self.block_sizes):
             x = DenseBlock(

@@ -31,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.pooling import max_pool2d
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.models.registry import register_model
 from cnnjax.utils.validation import (
@@ -317,7 +318,7 @@ class ResNet(nn.Module):
         x = self.act(norm(name="bn_init")(x))
         features["stem"] = x
         if self.stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+            x = max_pool2d(x, 3, 2, padding=1)
 
         kwargs = self._block_kwargs()
         rates = iter(stochastic_depth_rates(sum(self.stage_sizes), self.drop_path_rate))

@@ -413,3 +413,88 @@ def test_boolean_maps_pool_like_their_0_1_values():
     expected = np.concatenate(
         [_adaptive_reference(ones, (lv, lv), "max").reshape(2, -1) > 0 for lv in (1, 2, 4)], 1)
     np.testing.assert_array_equal(spatial_pyramid_pool(jnp.asarray(mask)), expected)
+
+
+# ------------------------------------------------------------------ max-pool gradient on CPU
+# max_pool2d differentiates through a tangent rule (strided slices of the first maximum of each
+# window) instead of XLA's select_and_scatter; these pin it to the same gradient.
+_GEOMETRIES = [((16, 16), 3, 2, 1, False), ((13, 11), 3, 2, 0, True), ((9, 9), 2, 2, 0, False),
+               ((10, 12), (3, 2), (1, 2), (1, 0), False), ((11, 11), 2, 3, 1, True),
+               ((7, 7), 3, 1, 1, False)]
+
+
+def _select_and_scatter_pool(x, kernel, stride, padding, ceil_mode):
+    """max_pool2d's windowed max, differentiated by XLA's own select_and_scatter."""
+    from cnnjax.layers import pooling
+
+    kernel, strides, pads, _, extra = pooling._window_geometry(
+        "test", x, kernel, stride, padding, ceil_mode)
+    window = ((pads[0], pads[0] + extra[0]), (pads[1], pads[1] + extra[1]))
+    return pooling._reduce_window_max(x, kernel, strides, window)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,ceil_mode", _GEOMETRIES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_gradient_equals_select_and_scatter_bitwise(size, kernel, stride, padding,
+                                                             ceil_mode, ties):
+    """Ties (integer-valued inputs, 5 levels) must send the gradient to the same element: the
+    first maximum of the window in row-major order."""
+    x = _random((3, *size, 4), seed=11)
+    if ties:
+        x = np.round(np.clip(x, -1, 1) * 2).astype(np.float32)
+    cotangent = _random((3, *max_pool2d(x, kernel, stride, padding, ceil_mode).shape[1:]), 12)
+
+    def loss(pool):
+        return lambda v: jnp.sum(pool(v, kernel, stride, padding, ceil_mode) * cotangent)
+
+    got = jax.jit(jax.grad(loss(max_pool2d)))(x)
+    want = jax.jit(jax.grad(loss(_select_and_scatter_pool)))(x)
+    np.testing.assert_array_equal(got, want)
+    assert np.count_nonzero(got) <= cotangent.size  # one element per window at most
+
+
+def test_max_pool_gradient_leaves_select_and_scatter_out_on_cpu():
+    x = _random((2, 8, 8, 3))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(max_pool2d(v, 3, 2, 1))))(x))
+    assert "select_and_scatter" not in jaxpr
+    plain = str(jax.make_jaxpr(jax.grad(
+        lambda v: jnp.sum(_select_and_scatter_pool(v, 3, 2, 1, False))))(x))
+    assert "select_and_scatter" in plain  # the check can fail
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,ceil_mode", _GEOMETRIES[:3])
+def test_max_pool_gradient_matches_torch(size, kernel, stride, padding, ceil_mode):
+    """An independent reference: PyTorch's max_pool2d backward (its indices pick the first
+    maximum too), on tie-free inputs."""
+    torch = pytest.importorskip("torch")
+    x = _random((2, *size, 3), seed=13)
+    y = max_pool2d(x, kernel, stride, padding, ceil_mode)
+    cotangent = _random(y.shape, seed=14)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+    (yt * torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy())).sum().backward()
+    got = jax.grad(lambda v: jnp.sum(max_pool2d(v, kernel, stride, padding, ceil_mode)
+                                     * cotangent))(x)
+    np.testing.assert_array_equal(got, xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+def test_max_pool_forward_mode_and_second_order():
+    """The tangent rule also serves jvp, as select_and_scatter-based pooling did, and the
+    gradient differentiates again (`check_grads` to second order, forward and reverse)."""
+    x = _random((2, 9, 9, 3), seed=15)
+    t = _random(x.shape, seed=16)
+    y, y_dot = jax.jvp(lambda v: max_pool2d(v, 3, 2, 1), (x,), (t,))
+    want_y, want_dot = jax.jvp(lambda v: _select_and_scatter_pool(v, 3, 2, 1, False), (x,), (t,))
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(y_dot, want_dot)
+    check_grads(lambda v: max_pool2d(v, 3, 2, 1), (x,), order=2, modes=("fwd", "rev"),
+                atol=1e-2, rtol=1e-2)
+
+
+def test_bfloat16_max_pool_gradient_equals_select_and_scatter():
+    x = jnp.asarray(_random((2, 12, 12, 3), seed=17), jnp.bfloat16)
+    got = jax.grad(lambda v: jnp.sum(max_pool2d(v, 3, 2, 1).astype(jnp.float32)))(x)
+    want = jax.grad(lambda v: jnp.sum(
+        _select_and_scatter_pool(v, 3, 2, 1, False).astype(jnp.float32)))(x)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

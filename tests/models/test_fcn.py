@@ -12,6 +12,7 @@ import tensorflow as tf
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import ConvTranspose2D, bilinear_upsample_init
 from cnnjax.models import create_model, list_models
+from cnnjax.models import resnet as resnet_module
 from cnnjax.models import vgg as vgg_module
 from cnnjax.models.fcn import bilinear_upsample
 
@@ -208,10 +209,11 @@ def test_input_gradient_centroid_of_each_output_pixel_is_that_pixel(name, monkey
     # pixel v's input-gradient, sum_u u * d out[v] / d x[u] / sum_u d out[v] / d x[u], is for all
     # v at once the ratio of two forward-mode derivatives: along the coordinate map and along ones.
     # It must be v; ResNet with the half-pixel upsampling put it 15.5 px up/left.
-    monkeypatch.setattr(
-        vgg_module, "max_pool2d", lambda x, k, s: flax.linen.avg_pool(x, (k, k), (s, s))
-    )
-    monkeypatch.setattr(flax.linen, "max_pool", flax.linen.avg_pool)
+    def average(x, k, s, padding=0):  # max_pool2d's window, averaged (padding counts as 0)
+        return flax.linen.avg_pool(x, (k, k), (s, s), padding=((padding, padding),) * 2)
+
+    monkeypatch.setattr(vgg_module, "max_pool2d", average)
+    monkeypatch.setattr(resnet_module, "max_pool2d", average)
     model = create_model(name, num_classes=1)
     n = 96
     x = jnp.ones((1, n, n, 3))
