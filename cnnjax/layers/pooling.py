@@ -2,7 +2,8 @@
 
 All functions are pure and jit-able; their hyperparameters and the input shape are checked in
 Python before tracing. Windows are reduced with `jax.lax.reduce_window` (as `flax.linen.max_pool`
-does), so they differentiate and lower to the XLA pooling ops.
+does), so they differentiate and lower to the XLA pooling ops; on CPU `max_pool2d`'s gradient is
+its own tangent rule (`_window_max`: the same values, without XLA:CPU's slow select_and_scatter).
 
 Output size (per spatial dimension, input `n`, kernel `k`, stride `s`, padding `p`) follows
 PyTorch's `MaxPool2d`/`AvgPool2d`:
