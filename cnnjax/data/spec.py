@@ -85,7 +85,6 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     )
 
 
-
 # The task-specific data configs extend `default_data_config`; they live here, beside it, so that
 # a detection or segmentation config file loads without TensorFlow (`detection.py`,
 # `segmentation.py` and `proposals.py` re-export them and resolve the extra fields).
@@ -119,6 +118,7 @@ def segmentation_data_config(name: str = "shapes") -> ml_collections.ConfigDict:
     config = default_data_config(name)
     config.scale_range = config_dict.placeholder(tuple)
     return config
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:

@@ -141,7 +141,7 @@ def _window_max_jvp(kernel: tuple[int, int], strides: tuple[int, int],
                     tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Tangent of each output = the tangent at its window's first maximum. Linear in the
     tangent (masks of the primal, strided slices), so reverse mode transposes each slice into
-    a strided pad that XLA fuses with the masks into one pass over the input."""
+    a strided pad, elementwise work that XLA fuses with the masks."""
     (x,), (t,) = primals, tangents
     y = _reduce_window_max(x, kernel, strides, window)
     config = ((0, 0, 0), (*window[0], 0), (*window[1], 0), (0, 0, 0))

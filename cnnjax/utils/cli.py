@@ -147,12 +147,20 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
     return f"{where}{message}"
 
 
+def load_config_file(spec: str) -> Any:
+    """The config a `--config=<file>.py[:<argument>]` value names: `get_config(<argument>)`,
+    or `get_config()` without one (as ml_collections' `DEFINE_config_file` calls it)."""
+    import runpy
+
+    path, _, argument = spec.partition(":")
+    get_config = runpy.run_path(path)["get_config"]
+    return get_config(argument) if argument else get_config()
+
+
 def value_not_group(args: Sequence[str], override: str) -> str:
     """Why `override` (`--config.a.b=v`) cannot be set when `config.a` is a value, not a group
     of fields (ml_collections then fails inside its lookup, e.g. "string indices must be
     integers"); '' when every parent on its path is a group or the file cannot be loaded."""
-    import runpy
-
     from ml_collections import ConfigDict
 
     flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
@@ -160,9 +168,7 @@ def value_not_group(args: Sequence[str], override: str) -> str:
     if spec is None or len(path) < 2:
         return ""
     try:
-        file, _, argument = spec.partition(":")
-        get_config = runpy.run_path(file)["get_config"]
-        node = get_config(argument) if argument else get_config()
+        node = load_config_file(spec)
     except Exception:  # noqa: BLE001 — only an explanation: the original error stands
         return ""
     for depth, part in enumerate(path[:-1], start=1):
@@ -182,15 +188,11 @@ def model_kwargs_hint(args: Sequence[str]) -> str:
     """`; model '<name>' accepts model_kwargs [...]` for the model `args` configure (the
     `--config=<file>.py[:arg]` file's `model`, or a `--config.model=` override), so a misspelt
     `--config.model_kwargs.<field>` lists the valid fields; '' when that cannot be worked out."""
-    import runpy
-
     spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
     model = next((a.split("=", 1)[1] for a in args if a.startswith("--config.model=")), None)
     try:
         if model is None and spec is not None:
-            path, _, argument = spec.partition(":")
-            get_config = runpy.run_path(path)["get_config"]
-            model = (get_config(argument) if argument else get_config()).model
+            model = load_config_file(spec).model
         if model is None:
             return ""
         from cnnjax.models import settable_fields  # deferred: imports every architecture
