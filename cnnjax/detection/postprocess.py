@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.layers.roi import check_valid_boxes, nms
+from cnnjax.layers.roi import check_valid_boxes, greedy_nms
 from cnnjax.utils.validation import (
     check_number,
     check_positive_int,
@@ -50,8 +50,9 @@ def batched_nms(
     """Per-class greedy NMS of one image's candidates, the best `max_detections` kept.
 
     `boxes` `[M, 4]`, `scores` `[M]`, `classes` `[M]` (an integer dtype). Boxes of different
-    classes never suppress each other (torchvision's `batched_nms`: each class is shifted by its
-    own offset larger than every candidate box, then one `cnnjax.layers.roi.nms` runs). Candidates
+    classes never suppress each other: one greedy pass (`cnnjax.layers.roi.nms`'s) with the IoU
+    of every cross-class pair set to 0, so same-class IoUs are those of the boxes themselves
+    (torchvision's class-offset trick rounds coordinates shifted far out in float32). Candidates
     are the rows with `score > score_threshold` (a NaN score is none): the others are dropped and
     may hold anything (padding, even inf/NaN boxes), which never changes the result. Concrete
     candidate boxes must be finite with x1 <= x2 and y1 <= y2, as `nms` checks; under tracing a
@@ -98,14 +99,12 @@ def _batched_nms(
                           classes=jnp.zeros(max_detections, classes.dtype),
                           valid=jnp.zeros(max_detections, bool))
     candidate = (scores > score_threshold) & jnp.all(jnp.isfinite(boxes), axis=1)
-    # Only candidates enter the offsets: one NaN or huge padded row must not move (or poison
-    # with NaN) every shifted box. Non-candidates become zero boxes that nms never keeps.
+    # Non-candidates (padding, even NaN rows) become zero boxes ranked -inf: never kept.
     boxes = jnp.where(candidate[:, None], boxes, 0.0)
     classes = jnp.where(candidate, classes, 0)
-    span = jnp.max(jnp.abs(boxes), initial=0.0) + 1.0
-    shifted = boxes + (classes.astype(boxes.dtype) * 2.0 * span)[:, None]
     ranking = jnp.where(candidate, scores, -jnp.inf)
-    indices, valid = nms(shifted, ranking, iou_threshold, max_detections, float("-inf"))
+    indices, valid = greedy_nms(boxes, ranking, iou_threshold, max_detections, float("-inf"),
+                          groups=classes)
     return Detections(
         boxes=jnp.where(valid[:, None], boxes[indices], 0.0),
         scores=jnp.where(valid, scores[indices], 0.0),

@@ -356,11 +356,20 @@ def _box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("max_output_size",))
-def _nms(boxes, scores, iou_threshold, max_output_size, score_threshold):
+def greedy_nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_output_size: int,
+               score_threshold: float, groups: jax.Array | None = None,
+               ) -> tuple[jax.Array, jax.Array]:
+    """`nms` without its argument checks, for callers that made their own (`batched_nms`).
+
+    With `groups` (`[K]` ints), boxes of different groups never suppress each other: their IoU
+    counts as 0.
+    """
     if boxes.shape[0] == 0:
         return jnp.zeros(max_output_size, jnp.int32), jnp.zeros(max_output_size, bool)
     order = jnp.argsort(-scores, stable=True)
     ious = _box_iou(boxes[order], boxes[order])
+    if groups is not None:
+        ious = jnp.where(groups[order][:, None] == groups[order][None, :], ious, 0.0)
     candidate = scores[order] > score_threshold
 
     def visit(i, keep):
@@ -399,4 +408,4 @@ def nms(
     check_positive_int(owner, "max_output_size", max_output_size)
     floor = check_number(owner, "score_threshold", score_threshold, "expected a number (not NaN)")
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
-    return _nms(boxes, scores, threshold, max_output_size, floor)
+    return greedy_nms(boxes, scores, threshold, max_output_size, floor)

@@ -48,6 +48,19 @@ def test_other_classes_never_suppress():
     np.testing.assert_array_equal(np.asarray(got.classes[:2]), [0, 1])
 
 
+def test_same_class_iou_is_exact_for_high_classes_and_large_images():
+    """Per-class IoUs are those of the boxes themselves: a class offset (torchvision's trick)
+    of ~158,000 px for class 79 next to a 1000-px box rounds coordinates to 1/64 px in float32
+    and turned this IoU of 0.500375 (> 0.5: suppressed) into one at or below the threshold."""
+    boxes = np.array([[10, 10, 12, 12], [10.666, 10, 12.666, 12], [0, 0, 1000, 1000]],
+                     np.float32)
+    scores, classes = np.array([0.9, 0.8, 0.1], np.float32), np.array([79, 79, 0])
+    assert iou_ref(boxes[0].astype(np.float64), boxes[1].astype(np.float64)) > 0.5
+    got = batched_nms(boxes, scores, classes, 0.5, 3)
+    np.testing.assert_array_equal(np.asarray(got.valid), [True, True, False])
+    np.testing.assert_array_equal(np.asarray(got.classes[:2]), [79, 0])
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: batched_nms(np.zeros((2, 3)), np.zeros(2), np.zeros(2, int), 0.5, 2),
      "batched_nms: boxes.shape=(2, 3) is invalid; expected [M, 4]."),
