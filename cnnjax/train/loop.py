@@ -51,7 +51,7 @@ from cnnjax.train.logging import (
 )
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
 from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
-from cnnjax.train.state import TrainState, create_train_state, warm_start
+from cnnjax.train.state import TrainState, create_train_state, seed_key, warm_start
 from cnnjax.train.step import (
     BATCH_STATS_FINITE,
     PARAMS_FINITE,
@@ -238,7 +238,7 @@ def fresh_state(config: Any, model: Any, tx: Any, image_shape: tuple[int, ...]) 
     variables, `tx`'s initial optimizer state, step 0 and a weight average if `config.ema` keeps
     one (before any checkpoint restore or warm start)."""
     host_state = jax.device_get(
-        create_train_state(model, tx, jax.random.PRNGKey(config.seed), (1, *image_shape),
+        create_train_state(model, tx, seed_key(config.seed), (1, *image_shape),
                            ema=config_lib.ema_rule(config) is not None)
     )
     return jax.tree.map(np.asarray, host_state)
@@ -531,7 +531,7 @@ class _Run:
     def evaluate_variables(self, variables: dict) -> dict:
         """`evaluate` of the model with `variables` (`{'params', 'batch_stats'}`)."""
         host_state = jax.device_get(create_train_state(
-            self.model, self.tx, jax.random.PRNGKey(self.config.seed), (1, *self.image_shape)))
+            self.model, self.tx, seed_key(self.config.seed), (1, *self.image_shape)))
         host_state = warm_start(jax.tree.map(np.asarray, host_state), variables)
         return self.evaluate(self.parallel.replicate(host_state), self.steps()[1])
 

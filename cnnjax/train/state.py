@@ -46,6 +46,17 @@ class TrainState(struct.PyTreeNode):
         return variables
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a run's `seed` (0 <= seed < 2**63, as `validate_config` allows).
+
+    `jax.random.PRNGKey` keeps only a seed's low 32 bits (without x64), so seeds 2**32 apart
+    would share initial weights and dropout; the high bits are folded in. Seeds below 2**32
+    keep `PRNGKey(seed)`, the key every earlier run used.
+    """
+    key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+    return jax.random.fold_in(key, seed >> 32) if seed >> 32 else key
+
+
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
     """Initializes `model` on a zeros batch of `input_shape` (N, H, W, C), in eval mode."""
     params_rng, dropout_rng = jax.random.split(rng)
