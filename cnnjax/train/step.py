@@ -309,9 +309,10 @@ def segmentation_eval_step(
     sums = losses.masked_sums({"loss": _pixel_metrics(logits, labels)["loss"]}, mask)
     num_classes = logits.shape[-1]
     scored = (labels >= 0) & (labels < num_classes)
-    weights = jnp.where(scored, mask[:, None, None], 0.0).ravel()
+    # Counted in int32: float32 counts stop growing at 2**24 pixels per cell.
+    weights = (scored & (mask[:, None, None] > 0)).astype(jnp.int32).ravel()
     pairs = jnp.where(scored, labels, 0).ravel() * num_classes + jnp.argmax(logits, -1).ravel()
-    confusion = jnp.zeros(num_classes * num_classes, jnp.float32).at[pairs].add(weights)
+    confusion = jnp.zeros(num_classes * num_classes, jnp.int32).at[pairs].add(weights)
     sums["confusion"] = confusion.reshape(num_classes, num_classes)
     return lax.psum(sums, axis_name)
 

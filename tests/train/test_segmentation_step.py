@@ -3,6 +3,9 @@ NumPy; on a small FCN (slow: compiling a ResNet-18 FCN) the eval step's masked s
 confusion matrix against a NumPy / scikit-learn computation from the same model's predictions,
 and the train step lowering the per-pixel cross-entropy of a fixed batch."""
 
+import types
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +135,23 @@ def test_train_step_loss_is_the_mean_of_per_image_means():
     np.testing.assert_allclose(float(metrics["loss"][0]), np.log(2.0), rtol=1e-6)
     # pixel accuracy likewise per image: 1/2, 0/1 (argmax class 0, label 1), 0 (none scored)
     np.testing.assert_allclose(float(metrics["pixel_accuracy"][0]), 0.5 / 3, rtol=1e-6)
+
+
+def test_confusion_counts_past_2_to_the_24_pixels():
+    """float32 counts stop at 2**24 (adding 1 no longer changes them): a 4100x4100 eval image of
+    one class, all predicted right, must count every pixel."""
+
+    class Background(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            return jnp.stack([jnp.ones(x.shape[:3]), jnp.zeros(x.shape[:3])], -1)
+
+    side = 4100
+    batch = {"image": np.zeros((1, side, side, 1), np.float32),
+             "labels": np.zeros((1, side, side), np.int32), "mask": np.ones(1, np.float32)}
+    state = types.SimpleNamespace(variables=lambda: {})
+    sums = _on_one_device(lambda b: segmentation_eval_step(state, b, model=Background(),
+                                                           axis_name="data"), batch)
+    assert side * side > 2**24
+    assert int(sums["confusion"][0, 0, 0]) == side * side
+    assert int(np.asarray(sums["confusion"]).sum()) == side * side
