@@ -547,6 +547,12 @@ def check_config(config: Any, schedule: Any = None) -> CheckedConfig:
             f"config: num_classes={num_classes!r} is invalid; dataset {data_info.name!r} has "
             f"{data_info.num_classes} classes (leave num_classes unset to use the dataset's)."
         )
+    if config.global_batch_size > data_info.num_train:  # the pipeline keeps only full batches
+        raise ValueError(
+            f"config: global_batch_size={config.global_batch_size!r} is invalid; expected at "
+            f"most the {data_info.num_train} examples of the train split of {data_info.name!r} "
+            "(an epoch would have no step)."
+        )
 
     devices = None
     available = jax.local_devices()

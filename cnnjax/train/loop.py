@@ -572,77 +572,87 @@ class _Run:
                 raise
             raise ValueError(f"{err} (restart=True only empties a workdir whose run has another "
                              "config; delete its checkpoints to start this one over)") from None
-        start_step = 0
-        resumed_info: dict = {}
-        if restored is not None:
-            host_state, start_step = restored
-            resumed_info = checkpointer.run_info(start_step)
-            self.warn_if_devices_changed(resumed_info)
-            self.earlier_wall_time_s = _earlier_wall_time(resumed_info)
-            logging.info(
-                "Resuming from the checkpoint at step %d in %s%s",
-                start_step,
-                checkpointer.directory,
-                " (init_from is ignored: the run's own checkpoint wins)"
-                if config_lib.init_from_workdir(config) is not None
-                else "",
+        # Until the loop's own try/finally: any error closes what was opened (the async
+        # checkpoint manager, the metric files, the prefetch thread).
+        logger = device_batches = None
+        try:
+            start_step = 0
+            resumed_info: dict = {}
+            if restored is not None:
+                host_state, start_step = restored
+                resumed_info = checkpointer.run_info(start_step)
+                self.warn_if_devices_changed(resumed_info)
+                self.earlier_wall_time_s = _earlier_wall_time(resumed_info)
+                logging.info(
+                    "Resuming from the checkpoint at step %d in %s%s",
+                    start_step,
+                    checkpointer.directory,
+                    " (init_from is ignored: the run's own checkpoint wins)"
+                    if config_lib.init_from_workdir(config) is not None
+                    else "",
+                )
+            elif pretrained is not None:
+                host_state = warm_start(host_state, pretrained[0])
+                if self.is_primary:
+                    write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
+            if not self.device_counts:  # a new run, or a checkpoint written without run_info
+                self.device_counts = [self.total_devices]
+            finished = _completed_summary(self.workdir) if start_step >= total_steps else None
+            if finished is not None and finished.get("step") == total_steps:
+                checkpointer.close()
+                logging.info("%s already completed all %d steps; nothing to do (its "
+                             "summary.json is left as it is).", self.workdir, total_steps)
+                return finished
+            self.training_started = True
+            state = parallel.replicate(host_state)
+            logger = MetricLogger(
+                self.workdir,
+                resume_step=start_step,
+                enabled=self.is_primary,
+                tensorboard=config.tensorboard,
+                score_metric=config_lib.TASK_PLOT_METRIC[self.task],
             )
-        elif pretrained is not None:
-            host_state = warm_start(host_state, pretrained[0])
-            if self.is_primary:
-                write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
-        if not self.device_counts:  # a new run, or a checkpoint written without run_info
-            self.device_counts = [self.total_devices]
-        finished = _completed_summary(self.workdir) if start_step >= total_steps else None
-        if finished is not None and finished.get("step") == total_steps:
+            # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
+            evals = [
+                {k: v for k, v in r.items() if k != "split"}
+                for r in logger.records
+                if r["split"] == "eval"
+            ]
+            p_train, p_eval = self.steps()
+            batches = self.pipeline.train_batches(
+                config.data,
+                global_batch_size=config.global_batch_size,
+                num_devices=parallel.local_device_count,
+                seed=config.seed,
+                start_step=start_step,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            device_batches = _prefetch(batches, parallel.shard_batch)
+            bar = ProgressBar(
+                total_steps,
+                start_step=start_step,
+                enabled=self.is_primary and config.progress_bar,
+                log_every=config.log_every_steps,
+            )
+            images_per_step = config.global_batch_size
+            # The steps since the last train log, continued across a resume from a checkpoint
+            # between two log steps (older checkpoints: from the checkpoint's step).
+            self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
+            # A resumed run's last train record so far (summary.json's `final_train` when it logs
+            # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
+            self.last_train: dict = next(
+                ({k: v for k, v in r.items() if k not in ("step", "split")}
+                 for r in reversed(logger.records) if r["split"] == "train"), {})
+            self.clock = _Throughput(images_per_step)
+            pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
+            stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop
+        except BaseException:
+            for opened in (device_batches, logger):
+                if opened is not None:
+                    opened.close()
             checkpointer.close()
-            logging.info("%s already completed all %d steps; nothing to do (its summary.json is "
-                         "left as it is).", self.workdir, total_steps)
-            return finished
-        self.training_started = True
-        state = parallel.replicate(host_state)
-        logger = MetricLogger(
-            self.workdir,
-            resume_step=start_step,
-            enabled=self.is_primary,
-            tensorboard=config.tensorboard,
-            score_metric=config_lib.TASK_PLOT_METRIC[self.task],
-        )
-        # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
-        evals = [
-            {k: v for k, v in r.items() if k != "split"}
-            for r in logger.records
-            if r["split"] == "eval"
-        ]
-        p_train, p_eval = self.steps()
-        batches = self.pipeline.train_batches(
-            config.data,
-            global_batch_size=config.global_batch_size,
-            num_devices=parallel.local_device_count,
-            seed=config.seed,
-            start_step=start_step,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        device_batches = _prefetch(batches, parallel.shard_batch)
-        bar = ProgressBar(
-            total_steps,
-            start_step=start_step,
-            enabled=self.is_primary and config.progress_bar,
-            log_every=config.log_every_steps,
-        )
-        images_per_step = config.global_batch_size
-        # The steps since the last train log, continued across a resume from a checkpoint
-        # between two log steps (older checkpoints: from the checkpoint's step).
-        self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
-        # A resumed run's last train record so far (summary.json's `final_train` when it logs
-        # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
-        self.last_train: dict = next(
-            ({k: v for k, v in r.items() if k not in ("step", "split")}
-             for r in reversed(logger.records) if r["split"] == "train"), {})
-        self.clock = _Throughput(images_per_step)
-        pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
-        stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop
+            raise
         try:
             for step in range(start_step, total_steps):
                 state, metrics = p_train(state, next(device_batches))

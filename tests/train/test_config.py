@@ -338,6 +338,10 @@ def _unknown_kwarg():
         (_bad_schedule, "schedule: warmup_steps=12 is invalid; expected 0 <= warmup_steps < "
                         "num_train_steps=12"),
         (lambda: helpers.tiny_config(num_classes=7), "config: num_classes=7 is invalid"),
+        (lambda: helpers.tiny_config(global_batch_size=2 * helpers.NUM_TRAIN),
+         f"config: global_batch_size={2 * helpers.NUM_TRAIN} is invalid; expected at most the "
+         f"{helpers.NUM_TRAIN} examples of the train split of 'synthetic' (an epoch would "
+         "have no step)."),
         (lambda: helpers.tiny_config(num_devices=64), "config: num_devices=64 is invalid"),
         (lambda: helpers.tiny_config(**{"data.name": "nope"}), "data: name='nope' is invalid"),
         (lambda: helpers.tiny_config(model=_COLLAPSING), "too small: layer conv2 (Conv) fails"),

@@ -489,6 +489,22 @@ def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monk
     assert (tmp_path / "summary.json").read_bytes() == recorded
 
 
+def test_a_failure_between_restore_and_training_closes_the_checkpointer(tmp_path, monkeypatch):
+    """Setup after the restore (metric files, input pipeline) may still fail: the async
+    checkpoint manager is closed all the same, not left to the interpreter's exit."""
+    closed = []
+    close = Checkpointer.close
+    monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append(self), close(self))[1])
+
+    def broken(*args, **kwargs):
+        raise OSError("metrics.jsonl: read-only file system")
+
+    monkeypatch.setattr(loop, "MetricLogger", broken)
+    with pytest.raises(OSError, match="read-only"):
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    assert len(closed) == 1
+
+
 def test_restart_with_checkpoints_that_no_longer_restore_says_to_delete_them(tmp_path):
     config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=4, eval_every_steps=8)
     loop.train_and_evaluate(config, str(tmp_path))
