@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import serialization
+from flax import serialization, traverse_util
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
@@ -81,6 +81,20 @@ def _without_missing_metrics_warning() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(log_filter)
+
+
+class CheckpointShapeError(ValueError):
+    """A checkpoint that reads fine but holds arrays of other shapes than the current state."""
+
+
+def _shape_mismatches(restored: dict, target: dict) -> list[str]:
+    """`'path: saved (..) vs now (..)'` for every array of `restored` whose shape differs from
+    the same entry of `target` (orbax restores the stored shape whatever the template's)."""
+    saved = traverse_util.flatten_dict(restored, sep="/")
+    wanted = traverse_util.flatten_dict(target, sep="/")
+    return [f"{path}: saved {np.shape(value)} vs now {np.shape(wanted[path])}"
+            for path, value in saved.items()
+            if path in wanted and np.shape(value) != np.shape(wanted[path])]
 
 
 class Checkpointer:
@@ -252,7 +266,7 @@ class Checkpointer:
             raise ValueError(
                 f"checkpoint: no checkpoint in {self.directory} (steps {sorted(corrupt)}) could "
                 "be restored into the current state structure; to start fresh use a new "
-                "--workdir, pass --config.restart=True, or delete the checkpoints."
+                "--workdir or delete the checkpoints."
             )
         if corrupt:  # an older one restored, so the newer ones really are unreadable
             self._quarantine(corrupt)
@@ -267,6 +281,8 @@ class Checkpointer:
         for attempt in range(1, self.restore_attempts + 1):
             try:
                 state: Any = self._read_step(step, template, full_target)
+            except CheckpointShapeError:  # read fine, fits no longer: neither retried nor moved
+                raise
             except Exception as err:  # noqa: BLE001 — any read failure: retry, then "corrupt"
                 state, why = None, f"{type(err).__name__}: {str(err)[:200]}"
             if _all_processes(state is not None):
@@ -287,6 +303,15 @@ class Checkpointer:
                   if k not in on_disk and not jax.tree.leaves(v)}
         target = {k: v for k, v in full_target.items() if k not in absent}
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        mismatched = _shape_mismatches(restored, target)
+        if mismatched:
+            raise CheckpointShapeError(
+                f"checkpoint: the checkpoint at step {step} in {self.directory} does not fit the "
+                f"current state: {'; '.join(mismatched[:3])}"
+                f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}. The "
+                "model or optimizer changed since it was saved; to start fresh use a new "
+                "--workdir or delete the checkpoints."
+            )
         return serialization.from_state_dict(template, {**restored, **absent})
 
     def _wait_to_retry(self, attempt: int, what: str) -> None:

@@ -1,10 +1,12 @@
 """Orbax checkpointing: keep the last k plus the best by an eval metric; exact round trip."""
 
+import warnings
+
 import jax
 import numpy as np
 import pytest
 
-from cnnjax.train.checkpoint import Checkpointer
+from cnnjax.train.checkpoint import Checkpointer, CheckpointShapeError
 
 
 def _state(value):
@@ -61,9 +63,11 @@ def test_round_trip_is_exact_and_restores_newest(tmp_path):
         "params": {"w": rng.normal(size=(4, 4)).astype(np.float32)},
         "step": np.array(7, np.int32),
     }
-    checkpointer.save(3, _state(3))
+    checkpointer.save(3, {"params": {"w": np.zeros((4, 4), np.float32)},
+                          "step": np.array(3, np.int32)})
     checkpointer.save(7, state)
-    restored, step = checkpointer.restore_latest(_state(0))
+    template = {"params": {"w": np.zeros((4, 4), np.float32)}, "step": np.array(0, np.int32)}
+    restored, step = checkpointer.restore_latest(template)
     assert step == 7
     np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
     assert restored["params"]["w"].dtype == np.float32
@@ -81,8 +85,25 @@ def test_nothing_restorable_raises_and_keeps_files(tmp_path):
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
         checkpointer.restore_latest(wrong)
     assert "could be restored into the current state structure" in str(err.value)
-    assert "--config.restart=True" in str(err.value)
+    assert "use a new --workdir or delete the checkpoints" in str(err.value)
     assert checkpointer.all_steps() == [5]
+    checkpointer.close()
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_by_name_not_restored(tmp_path):
+    """Orbax restores the stored shape whatever the template's: a model changed under the same
+    config would resume with wrong-shaped weights and fail later, in the first step."""
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(5, _state(5))
+    wider = {"params": {"w": np.zeros((4, 6), np.float32)}, "step": np.array(0, np.int32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not taken for corruption: no fallback warning
+        with pytest.raises(CheckpointShapeError) as err:
+            checkpointer.restore_latest(wider)
+    assert str(err.value).startswith(
+        f"checkpoint: the checkpoint at step 5 in {checkpointer.directory} does not fit the "
+        "current state: params/w: saved (2, 3) vs now (4, 6). The model or optimizer changed")
+    assert checkpointer.all_steps() == [5]  # nothing quarantined
     checkpointer.close()
 
 
