@@ -8,10 +8,10 @@ stride-16 backbone); `batch_indices` `[K]` names the image each box belongs to. 
 
 Arguments are checked in Python before tracing. Box *values* (x2 < x1, outside the image) and batch
 indices are checked only when they are concrete arrays; under `jit` they are traced and the ops
-trust them. "Inside the image" means `0 <= x1 <= x2 < (W + 1) / spatial_scale` and likewise for y:
-a stride-`s` map `W` cells wide (`s = 1 / spatial_scale`) comes from an image less than `(W + 1) s`
-pixels wide (a 60-px image gives a 7-cell map at stride 8, which covers only 56 px), so boxes
-clipped to the image may reach past the `W s` pixels the map covers; there, as in torchvision,
+trust them. Concrete boxes must have `0 <= x1 <= x2` and `0 <= y1 <= y2`. No upper bound is
+checked: the ops do not know the image size, and a box clipped to the image may reach well past
+the `W / spatial_scale` pixels a `W`-cell map covers (AlexNet's 227-px input gives a 13-cell map
+at stride 16, 208 px; a 60-px image a 7-cell map at stride 8, 56 px). There, as in torchvision,
 RoI pooling clamps its bins to the map and RoIAlign's samples clamp to the last cell (zero beyond
 one cell past it). Clip boxes to the image first.
 
@@ -116,20 +116,13 @@ def _check_roi_args(
             i = int(bad[0])
             raise invalid(owner, f"batch_indices[{i}]", int(indices[i]),
                           f"expected 0 <= index < {n} (the batch size of features)")
-    if values is not None:
-        # An image whose map is w cells wide is less than w + 1 cells (of 1/scale px) wide: the
-        # map's size was rounded down from it (see the module docstring).
-        outside = ((values[:, 0] < 0) | (values[:, 1] < 0) | (values[:, 2] * scale >= w + 1)
-                   | (values[:, 3] * scale >= h + 1))
-        bad = np.flatnonzero(outside)
+    if values is not None:  # (the image's far edge is unknown here: module docstring)
+        bad = np.flatnonzero((values[:, 0] < 0) | (values[:, 1] < 0))
         if bad.size:
             i = int(bad[0])
             raise invalid(owner, f"boxes[{i}]", values[i].tolist(),
-                          f"boxes must lie inside the image, 0 <= x < {(w + 1) / scale:g} and "
-                          f"0 <= y < {(h + 1) / scale:g} (the {h}x{w} feature map at "
-                          f"spatial_scale={scale:g} comes from an image smaller than "
-                          f"{(h + 1) / scale:g}x{(w + 1) / scale:g} px); clip them to the image "
-                          "first")
+                          "boxes must lie inside the image, x1 >= 0 and y1 >= 0 (image pixel "
+                          "coordinates); clip them to the image first")
     return boxes, batch_indices.astype(jnp.int32), out, scale, values
 
 

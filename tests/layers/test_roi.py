@@ -294,7 +294,7 @@ def test_roi_spp_under_jit_and_its_errors():
     with pytest.raises(ValueError, match=r"^roi_spatial_pyramid_pool: levels=\(1, 0\) is"):
         roi_spatial_pyramid_pool(feats, boxes, [0], (1, 0))
     with pytest.raises(ValueError, match=r"^roi_spatial_pyramid_pool: boxes\[0\]="):
-        roi_spatial_pyramid_pool(feats, np.array([[0.0, 0.0, 9.0, 5.0]]), [0], (1, 2))
+        roi_spatial_pyramid_pool(feats, np.array([[-1.0, 0.0, 3.0, 5.0]]), [0], (1, 2))
 
 
 # ---------------------------------------------------------------- box_iou and nms
@@ -430,14 +430,18 @@ def test_boxes_past_the_map_match_torchvision_eager_and_under_jit(scale):
         atol=ATOL)
 
 
-def test_boxes_one_cell_past_the_map_are_refused():
-    # The bound is (W + 1) / spatial_scale, exclusive: an image that wide would have a wider map.
-    feats = _features((1, 7, 7, 1))
-    roi_align(feats, np.array([[0.0, 0.0, 63.99, 63.99]]), np.zeros(1, np.int32), 2, 0.125, 2)
-    for box in ([0.0, 0.0, 64.0, 10.0], [0.0, 0.0, 10.0, 64.0]):
-        with pytest.raises(ValueError, match=r"boxes must lie inside the image, 0 <= x < 64 and "
-                                             r"0 <= y < 64 \(the 7x7 feature map"):
-            roi_align(feats, np.array([box]), np.zeros(1, np.int32), 2, 0.125, 2)
+def test_boxes_past_the_map_but_inside_the_image_match_torchvision():
+    """AlexNet's 227-px input gives a 13x13 conv5 map at stride 16 (208 px): boxes clipped to
+    the image reach past it, up to x = 227. They are valid, as in torchvision (once refused)."""
+    feats = _features((1, 13, 13, 2), seed=3)
+    boxes = np.array([[100.0, 100.0, 226.0, 226.0], [0.0, 0.0, 227.0, 227.0]], np.float32)
+    batch = np.zeros(2, np.int32)
+    np.testing.assert_allclose(
+        roi_align(feats, boxes, batch, (3, 3), 1 / 16, 2),
+        _roi_align_ref(feats, boxes, batch, (3, 3), 1 / 16, 2, True), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(roi_pool(feats, boxes, batch, (3, 3), 1 / 16),
+                               _roi_pool_ref(feats, boxes, batch, (3, 3), 1 / 16),
+                               rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------- errors
@@ -462,15 +466,11 @@ IDX = np.array([0], np.int32)
          "roi_align: boxes[1]=[0.0, 5.0, 4.0, 3.0] is invalid; expected x1 <= x2 and y1 <= y2"),
         (lambda: roi_align(F, np.array([[0.0, 0.0, np.nan, 4.0]]), IDX, 2),
          "roi_align: boxes[0]=[0.0, 0.0, nan, 4.0] is invalid; expected finite coordinates."),
-        (lambda: roi_align(F, np.array([[0.0, 0.0, 18.0, 4.0]]), IDX, 2, spatial_scale=0.5),
-         "roi_align: boxes[0]=[0.0, 0.0, 18.0, 4.0] is invalid; boxes must lie inside the image, "
-         "0 <= x < 18 and 0 <= y < 18 (the 8x8 feature map at spatial_scale=0.5 comes from an "
-         "image smaller than 18x18 px); clip them to the image first."),
-        (lambda: roi_pool(F, np.array([[0.0, 0.0, 4.0, 72.0]]), IDX, 2, spatial_scale=0.125),
-         "roi_pool: boxes[0]=[0.0, 0.0, 4.0, 72.0] is invalid; boxes must lie inside the image, "
-         "0 <= x < 72 and 0 <= y < 72 (the 8x8 feature map at spatial_scale=0.125"),
         (lambda: roi_pool(F, np.array([[-1.0, 0.0, 4.0, 4.0]]), IDX, 2),
-         "roi_pool: boxes[0]=[-1.0, 0.0, 4.0, 4.0] is invalid; boxes must lie inside the image"),
+         "roi_pool: boxes[0]=[-1.0, 0.0, 4.0, 4.0] is invalid; boxes must lie inside the image, "
+         "x1 >= 0 and y1 >= 0 (image pixel coordinates); clip them to the image first."),
+        (lambda: roi_align(F, np.array([[0.0, -0.5, 4.0, 4.0]]), IDX, 2),
+         "roi_align: boxes[0]=[0.0, -0.5, 4.0, 4.0] is invalid; boxes must lie inside the image"),
         (lambda: roi_align(F, B, np.array([2]), 2),
          "roi_align: batch_indices[0]=2 is invalid; expected 0 <= index < 2 (the batch size"),
         (lambda: roi_pool(F, B, np.array([-1]), 2),
