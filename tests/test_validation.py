@@ -150,6 +150,21 @@ def test_integer_checks_accept_numpy_integers_as_python_ints(value):
     assert type(check_positive_ints("SPPNet", "pyramid_levels", (value,), "v")[0]) is int
 
 
+
+def test_layer_arguments_take_numpy_integers():
+    """The docstring above names `roi_align(sampling_ratio=np.int64(2))`: it and the pyramid
+    levels of both SPP layers once refused NumPy integers (checked with `isinstance(v, int)`)."""
+    from cnnjax.layers import roi_align, roi_spatial_pyramid_pool, spatial_pyramid_pool
+
+    feats = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+    boxes, index = np.array([[0.0, 0.0, 6.0, 5.0]], np.float32), np.zeros(1, np.int32)
+    np.testing.assert_array_equal(roi_align(feats, boxes, index, 2, sampling_ratio=np.int64(2)),
+                                  roi_align(feats, boxes, index, 2, sampling_ratio=2))
+    np.testing.assert_array_equal(spatial_pyramid_pool(feats, np.array([1, 2, 4])),
+                                  spatial_pyramid_pool(feats, (1, 2, 4)))
+    np.testing.assert_array_equal(roi_spatial_pyramid_pool(feats, boxes, index, (np.int64(2),)),
+                                  roi_spatial_pyramid_pool(feats, boxes, index, (2,)))
+
 @pytest.mark.parametrize("value", [True, np.True_, 3.0, np.float64(3), "3", None, 0, -1])
 def test_positive_int_refuses_bools_floats_strings_and_non_positive(value):
     with pytest.raises(ValueError, match=r"^nms: max_output_size=.* is invalid; expected a "

@@ -28,7 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_choice, check_nhwc_nonempty, invalid, to_pair
+from cnnjax.utils.validation import (
+    check_choice,
+    check_nhwc_nonempty,
+    check_positive_ints,
+    invalid,
+    to_pair,
+)
 
 IntPair = int | Sequence[int]
 
@@ -286,13 +292,7 @@ def spatial_pyramid_pool(
 
 
 def check_pyramid_levels(owner: str, levels: Any) -> tuple[int, ...]:
-    """`levels` as a tuple if it is a non-empty sequence of positive ints, else a ValueError."""
-    try:
-        levels = tuple(levels)
-    except TypeError:
-        raise invalid(owner, "levels", levels, "expected a non-empty sequence of positive ints") \
-            from None
-    if not levels or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                             for v in levels):
-        raise invalid(owner, "levels", levels, "expected a non-empty sequence of positive ints")
-    return levels
+    """`levels` as a tuple of ints if it is a non-empty sequence of positive ints (NumPy
+    integers too), else a ValueError."""
+    return check_positive_ints(owner, "levels", levels,
+                               "expected a non-empty sequence of positive ints")

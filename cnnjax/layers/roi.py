@@ -21,6 +21,7 @@ under `jit` and `vmap`; `nms` returns a fixed number of indices plus a validity 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -300,9 +301,10 @@ def roi_align(
     owner = "roi_align"
     boxes, batch_indices, out, scale, values = _check_roi_args(
         owner, features, boxes, batch_indices, output_size, spatial_scale)
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
         raise invalid(owner, "sampling_ratio", sampling_ratio,
                       "expected an int (> 0 fixed samples per bin side, <= 0 adaptive)")
+    sampling_ratio = int(sampling_ratio)  # a NumPy integer too
     if not isinstance(aligned, bool):
         raise invalid(owner, "aligned", aligned, "expected a bool")
     if max_sampling_ratio is not None:
