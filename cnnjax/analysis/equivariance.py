@@ -138,6 +138,11 @@ def equivariance_error(
     region = [slice(None)]
     for m, s, b in zip(out_sizes, out_shift, border, strict=True):
         lo, hi = (0, m) if mode == "circular" else (max(0, s), m + min(0, s))
+        if hi <= lo:  # the shift alone leaves nothing that both outputs see
+            raise invalid(owner, "shift", shift,
+                          f"expected a shift smaller than the input in mode={mode!r}: it moves "
+                          f"the output by {out_shift}, past every position of an axis of size "
+                          f"{m}")
         lo, hi = lo + b, hi - b
         if hi <= lo:
             raise invalid(owner, "border", border_arg,

@@ -112,6 +112,10 @@ def test_global_pool_invariant_to_circular_shift():
          r"equivariance_error: border=-1 is invalid; expected every entry >= 0"),
         (lambda: equivariance_error(_pool, X, (2, 2), border=4),
          r"equivariance_error: border=4 is invalid; no output positions are left to compare"),
+        (lambda: equivariance_error(lambda x: x, X, (16, 0), mode="zeros"),
+         r"equivariance_error: shift=\(16, 0\) is invalid; expected a shift smaller than the "
+         r"input in mode='zeros': it moves the output by \(16, 0\), past every position of an "
+         r"axis of size 16"),
         (lambda: equivariance_error(_pool, X, (2, 2), stride=0),
          r"equivariance_error: stride=0 is invalid; expected every entry >= 1"),
         (lambda: equivariance_error(lambda x: x[:, 1:, 1:], X, (1, 1)),
