@@ -4,6 +4,8 @@ All functions are pure and jit-able; their hyperparameters and the input shape a
 Python before tracing. Windows are reduced with `jax.lax.reduce_window` (as `flax.linen.max_pool`
 does), so they differentiate and lower to the XLA pooling ops; on CPU `max_pool2d`'s gradient is
 its own tangent rule (`_window_max`: the same values, without XLA:CPU's slow select_and_scatter).
+Adaptive max pooling (and so SPP) takes each 2-D bin's maximum and sends the gradient to its
+first maximum in row-major order, as PyTorch does (`_first_max_tangent`, on every backend).
 
 Output size (per spatial dimension, input `n`, kernel `k`, stride `s`, padding `p`) follows
 PyTorch's `MaxPool2d`/`AvgPool2d`:
@@ -224,38 +226,104 @@ def adaptive_bins(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * size) // out, -((-(i + 1) * size) // out)
 
 
-def _adaptive_axis(x: jax.Array, axis: int, out: int, mode: str) -> jax.Array:
-    """Adaptive pooling along one axis; bins are intervals, so 2-D pooling is separable."""
+def _bin_layout(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices `[out, longest]` of each adaptive bin's elements (clamped past the bin's end) and
+    which of them are inside the bin."""
+    starts, ends = adaptive_bins(size, out)
+    offsets = np.arange(int(np.max(ends - starts)))
+    index = np.minimum(starts[:, None] + offsets, ends[:, None] - 1)
+    return index, starts[:, None] + offsets < ends[:, None]
+
+
+def _adaptive_avg_axis(x: jax.Array, axis: int, out: int) -> jax.Array:
+    """Adaptive averaging along one axis; bins are intervals, so 2-D averaging is separable."""
     size = x.shape[axis]
     if size % out == 0:  # Equal, non-overlapping bins: a plain pool with kernel = stride.
         window = [1] * x.ndim
         window[axis] = size // out
-        if mode == "max":
-            return jax.lax.reduce_window(x, _lowest(x.dtype), jax.lax.max, window, window, "VALID")
         summed = jax.lax.reduce_window(x, _zero(x.dtype), jax.lax.add, window, window,
                                        "VALID")
         return summed / (size // out)
-    starts, ends = adaptive_bins(size, out)
-    longest = int(np.max(ends - starts))
-    offsets = np.arange(longest)
-    index = np.minimum(starts[:, None] + offsets, ends[:, None] - 1)  # [out, longest]
-    inside = starts[:, None] + offsets < ends[:, None]
+    index, inside = _bin_layout(size, out)
     gathered = jnp.take(x, jnp.asarray(index.reshape(-1)), axis=axis)
-    gathered = gathered.reshape(*x.shape[:axis], out, longest, *x.shape[axis + 1:])
-    if mode == "max":  # The clamped index repeats the bin's last element, which is harmless.
-        return jnp.max(gathered, axis=axis + 1)
-    mask = jnp.asarray(inside.reshape((out, longest) + (1,) * (x.ndim - axis - 1)))
-    counts = jnp.asarray((ends - starts).reshape((out,) + (1,) * (x.ndim - axis - 1)), x.dtype)
+    gathered = gathered.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1:])
+    trailing = (1,) * (x.ndim - axis - 1)
+    mask = jnp.asarray(inside.reshape(index.shape + trailing))
+    counts = jnp.asarray(inside.sum(1).reshape((out,) + trailing), x.dtype)
     return jnp.sum(jnp.where(mask, gathered, 0), axis=axis + 1) / counts
 
 
+def _adaptive_max(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
+    """Max over each 2-D adaptive bin. Bins that divide the input are windows (kernel = stride);
+    others are gathered into `[N, out_h, bin_h, out_w, bin_w, C]` blocks, the shorter bins padded
+    with the dtype's lowest value, which never wins."""
+    n, h, w, c = x.shape
+    if h % out_h == 0 and w % out_w == 0:
+        return _even_bin_max(x, (h // out_h, w // out_w))
+    rows, rows_inside = _bin_layout(h, out_h)
+    cols, cols_inside = _bin_layout(w, out_w)
+    blocks = jnp.take(x, jnp.asarray(rows.reshape(-1)), axis=1)
+    blocks = jnp.take(blocks, jnp.asarray(cols.reshape(-1)), axis=2)
+    blocks = blocks.reshape(n, *rows.shape, *cols.shape, c)
+    inside = rows_inside[None, :, :, None, None, None] & cols_inside[None, None, None, :, :, None]
+    return _block_max(jnp.where(jnp.asarray(inside), blocks, _lowest(x.dtype)))
+
+
+def _first_max_tangent(blocks: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
+    """The tangent `t` (shaped as `blocks`, `[N, A, bin_h, B, bin_w, C]`) at each bin's first
+    maximum `y` in row-major order (a NaN wins, as in the max), as PyTorch's adaptive max
+    pooling picks; `jnp.max`'s own rule splits it among ties. Masks and sums only: reverse mode
+    needs no select_and_scatter (XLA:CPU's slow max-pool gradient, docs/performance.md)."""
+    bin_h, bin_w = blocks.shape[2], blocks.shape[4]
+    position = np.arange(bin_h * bin_w).reshape(1, 1, bin_h, 1, bin_w, 1)
+    winner = (blocks == y[:, :, None, :, None]) | jnp.isnan(blocks)
+    first = jnp.min(jnp.where(winner, position, bin_h * bin_w), axis=(2, 4), keepdims=True)
+    return jnp.sum(jnp.where(position == first, t, _zero(t.dtype)), axis=(2, 4))
+
+
+@jax.custom_jvp
+def _block_max(blocks: jax.Array) -> jax.Array:
+    """`[N, A, bin_h, B, bin_w, C] -> [N, A, B, C]` maxima; gradient: `_first_max_tangent`."""
+    return jnp.max(blocks, axis=(2, 4))
+
+
+@_block_max.defjvp
+def _block_max_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array],
+                   ) -> tuple[jax.Array, jax.Array]:
+    (blocks,), (t,) = primals, tangents
+    y = jnp.max(blocks, axis=(2, 4))
+    return y, _first_max_tangent(blocks, y, t)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _even_bin_max(x: jax.Array, bin_size: tuple[int, int]) -> jax.Array:
+    """Max over `bin_size` windows tiling the NHWC `x`: XLA's windowed max over rows, then
+    columns (3x faster than one 2-D window or a reshape on CPU); gradient: `_first_max_tangent`
+    of the windows seen as the blocks of a reshape."""
+    (bin_h, bin_w), no_padding = bin_size, ((0, 0), (0, 0))
+    rows = _reduce_window_max(x, (bin_h, 1), (bin_h, 1), no_padding)
+    return _reduce_window_max(rows, (1, bin_w), (1, bin_w), no_padding)
+
+
+@_even_bin_max.defjvp
+def _even_bin_max_jvp(bin_size: tuple[int, int], primals: tuple[jax.Array],
+                      tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (t,) = primals, tangents
+    y = _even_bin_max(x, bin_size)
+    n, h, w, c = x.shape
+    shape = (n, h // bin_size[0], bin_size[0], w // bin_size[1], bin_size[1], c)
+    return y, _first_max_tangent(x.reshape(shape), y, t.reshape(shape))
+
+
 def _adaptive_pool2d(owner: str, x: jax.Array, output_size: IntPair, mode: str) -> jax.Array:
-    """Separable adaptive pooling; averages run in `_sum_dtype` across both axes, cast back once."""
+    """Adaptive pooling: 2-D bins for max (`_adaptive_max`); separable averages, run in
+    `_sum_dtype` across both axes and cast back once."""
     check_nhwc_nonempty(owner, x)
     out_h, out_w = to_pair(owner, "output_size", output_size)
-    wide = x.astype(_sum_dtype(x.dtype)) if mode == "avg" else x
-    pooled = _adaptive_axis(_adaptive_axis(wide, 1, out_h, mode), 2, out_w, mode)
-    return _narrow(pooled, x.dtype) if mode == "avg" else pooled
+    if mode == "max":
+        return _adaptive_max(x, out_h, out_w)
+    wide = x.astype(_sum_dtype(x.dtype))
+    return _narrow(_adaptive_avg_axis(_adaptive_avg_axis(wide, 1, out_h), 2, out_w), x.dtype)
 
 
 def adaptive_avg_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
@@ -268,7 +336,8 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
 
 
 def adaptive_max_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
-    """Max over PyTorch's adaptive bins to `[N, out_h, out_w, C]` for any input size."""
+    """Max over PyTorch's adaptive bins to `[N, out_h, out_w, C]` for any input size; the
+    gradient goes to each bin's first maximum in row-major order, as in PyTorch."""
     return _adaptive_pool2d("adaptive_max_pool2d", x, output_size, "max")
 
 

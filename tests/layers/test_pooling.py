@@ -498,3 +498,56 @@ def test_bfloat16_max_pool_gradient_equals_select_and_scatter():
         _select_and_scatter_pool(v, 3, 2, 1, False).astype(jnp.float32)))(x)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+# ------------------------------------------------------------ adaptive max-pool gradient
+# adaptive_max_pool2d takes each 2-D bin's max at once (`_block_max`) and sends the gradient to
+# the bin's first maximum in row-major order, as PyTorch does, ties included.
+@pytest.mark.parametrize("size,out", [((12, 12), (4, 4)), ((12, 10), (3, 4)), ((7, 5), (3, 2)),
+                                      ((5, 9), (5, 4)), ((6, 6), (1, 1))])
+@pytest.mark.parametrize("ties", [False, True])
+def test_adaptive_max_pool_gradient_matches_torch(size, out, ties):
+    """Divisible, mixed and uneven (overlapping) bins; ties: integer-valued inputs, 3 levels."""
+    torch = pytest.importorskip("torch")
+    x = _random((2, *size, 3), seed=18)
+    if ties:
+        x = np.round(np.clip(x, -1, 1)).astype(np.float32)
+    cotangent = _random((2, *out, 3), seed=19)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.adaptive_max_pool2d(xt, out)
+    (yt * torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy())).sum().backward()
+    y, pullback = jax.vjp(lambda v: adaptive_max_pool2d(v, out), x)
+    np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(pullback(cotangent)[0], xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+def test_adaptive_max_pool_tie_gradient_by_hand():
+    """The two cases that once differed from PyTorch: a 2x2 bin tied on its anti-diagonal
+    (rows first: (0, 1), not (1, 0)) and uneven bins of [1, 1, 0, 0, 0] (no double weight on
+    a repeated element, no split between ties)."""
+    x = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda v: jnp.sum(adaptive_max_pool2d(v, 1)))(x)
+    np.testing.assert_array_equal(grad.reshape(2, 2), [[0, 1], [0, 0]])
+    x = np.array([1.0, 1.0, 0.0, 0.0, 0.0], np.float32).reshape(1, 5, 1, 1)
+    grad = jax.grad(lambda v: jnp.sum(adaptive_max_pool2d(v, (3, 1))[:, 0]))(x)
+    np.testing.assert_array_equal(grad.ravel(), [1, 0, 0, 0, 0])
+
+
+def test_spatial_pyramid_max_differentiates_without_windowed_reductions():
+    """No select_and_scatter (XLA:CPU's slow max-pool gradient) and, for bins that divide the
+    map, no gather either: forward and reverse mode, to second order."""
+    x = _random((2, 8, 8, 3), seed=22)
+    jaxpr = str(jax.make_jaxpr(jax.grad(
+        lambda v: jnp.sum(spatial_pyramid_pool(v, (1, 2, 4), "max") ** 2)))(x))
+    assert "select_and_scatter" not in jaxpr and "scatter" not in jaxpr
+    check_grads(lambda v: spatial_pyramid_pool(v, (1, 2, 3), "max"), (x,), order=2,
+                modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+
+
+def test_adaptive_max_pool_nan_wins_and_takes_the_gradient():
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 1, 2, 0] = np.nan
+    y, pullback = jax.vjp(lambda v: adaptive_max_pool2d(v, 2), x)
+    assert np.isnan(y[0, 0, 1, 0]) and not np.isnan(np.delete(y.ravel(), 1)).any()
+    grad = pullback(np.ones_like(y))[0]
+    assert grad[0, 1, 2, 0] == 1 and grad[0, :2, 2:].sum() == 1
