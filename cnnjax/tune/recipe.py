@@ -87,8 +87,8 @@ from cnnjax.tune.regularizers import (
 )
 from cnnjax.tune.sweep import (
     check_metric,
+    check_mode,
     config_changes,
-    default_mode,
     run_sweep,
     trial_configs,
 )
@@ -176,9 +176,9 @@ class Recipe:
                           f"prefixed {METRIC_PREFIX!r} (a weight average's) or None (the base "
                           "config's best_metric)")
         mode = self.mode
-        if mode is None and self.metric is not None:
-            mode = default_mode(self.metric)
-        if mode is not None:
+        if self.metric is not None:
+            mode = check_mode(_OWNER, self.metric, mode)
+        elif mode is not None:
             check_choice(_OWNER, "mode", mode, ("max", "min"))
         object.__setattr__(self, "mode", mode)
         for name in ("lr_min", "lr_max"):

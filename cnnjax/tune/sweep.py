@@ -84,13 +84,25 @@ def check_metric(owner: str, metric: Any, config: Any) -> str:
     return metric
 
 
+def check_mode(owner: str, metric: str, mode: Any) -> str:
+    """The ranking `mode` for `metric`: its `default_mode` when None. The other one is refused:
+    a loss ranked by 'max' would put the worst trial first."""
+    expected = default_mode(metric)
+    if mode is None:
+        return expected
+    check_choice(owner, "mode", mode, ("max", "min"))
+    if mode != expected:
+        better = "lower" if expected == "min" else "higher"
+        raise invalid(owner, "mode", mode, f"expected {expected!r} for metric={metric!r} "
+                      f"({better} is better); leave mode unset to follow the metric")
+    return mode
+
+
 def check_ranking(base_config: Any, metric: Any, mode: Any) -> tuple[str, str]:
     """`(metric, mode)` the trials are ranked by, checked against `base_config`'s task (None:
     its best_metric, and the metric's default mode); run_sweep and launch.submit both call it."""
     metric = check_metric(_OWNER, metric, base_config)
-    mode = default_mode(metric) if mode is None else mode
-    check_choice(_OWNER, "mode", mode, ("max", "min"))
-    return metric, mode
+    return metric, check_mode(_OWNER, metric, mode)
 
 
 def trial_workdir(sweep_dir: str, trial: Trial) -> str:

@@ -27,6 +27,6 @@ def get_config():
     config.kind = "grid"  # or "random" (then add num_trials; it and seed pick the points)
     config.seed = 0
     config.metric = "top1"  # an eval metric: loss, top1, top5 (unset: the best_metric, top1)
-    config.mode = "max"
+    config.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
     config.parameters = (choice("optimizer.learning_rate", (0.003, 0.03, 0.3, 3.0)),)
     return config

@@ -24,7 +24,7 @@ def get_config():
     config.kind = "grid"
     config.seed = 0
     config.metric = "top1"
-    config.mode = "max"
+    config.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
     config.parameters = (
         choice("ema.decay", (None, 0.99)),
         choice("mixing.mixup_alpha", (0.0, 0.2)),

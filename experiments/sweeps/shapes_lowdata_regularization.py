@@ -32,7 +32,7 @@ def get_config():
     config.kind = "grid"
     config.seed = 0
     config.metric = "top1"
-    config.mode = "max"
+    config.mode = ml_collections.FieldReference(None, field_type=str)  # None: by metric
     config.parameters = (
         choice("mixing.cutmix_alpha", (0.0, 1.0)),
         choice("data.randaugment_layers", (0, 2)),

@@ -402,6 +402,8 @@ def test_incumbent_ties_go_to_the_later_round():
                         "'coco_map75', 'pixel_accuracy', 'miou'], one of them prefixed 'ema_' (a "
                         "weight average's) or None (the base config's best_metric)."),
     ({"mode": "up"}, "recipe: mode='up' is invalid; expected one of ['max', 'min']."),
+    ({"metric": "ema_loss", "mode": "max"},
+     "recipe: mode='max' is invalid; expected 'min' for metric='ema_loss' (lower is better)"),
     ({"max_steps": 50}, "recipe: max_steps=50 is invalid; expected max_steps >= "
                         "round1_steps=100."),
     ({"evals_per_trial": 2}, "recipe: evals_per_trial=2 is invalid; expected an integer >= 3."),

@@ -365,6 +365,12 @@ def test_a_grid_sweep_dir_resumes_whether_its_file_sets_num_trials_or_not(tmp_pa
          "sweep: metric='map50' is invalid; expected one of ['loss', 'top1', 'top5'] (the "
          "eval metrics of config.task='classification')."),
         ({"mode": "best"}, "sweep: mode='best' is invalid; expected one of ['max', 'min']."),
+        # the worst trial would rank first
+        ({"metric": "loss", "mode": "max"},
+         "sweep: mode='max' is invalid; expected 'min' for metric='loss' (lower is better); "
+         "leave mode unset to follow the metric."),
+        ({"metric": "top1", "mode": "min"},
+         "sweep: mode='min' is invalid; expected 'max' for metric='top1' (higher is better)"),
         ({"trial_index": 2},
          "sweep: trial_index=2 is invalid; expected an integer in [0, 1] (the space has 2 "
          "trials)."),
