@@ -41,7 +41,7 @@ from cnnjax.utils.files import (
     retire_error_log,
     save_figure,
 )
-from cnnjax.utils.lock import DirectoryInUseError, directory_lock
+from cnnjax.utils.lock import LOCK_FILE, DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 
 SWEEP_FILE = "sweep.json"
@@ -312,7 +312,8 @@ def killed_run_time(workdir: str, previous: dict) -> float:
     newest = started
     for root, _, names in os.walk(workdir):
         for name in names:
-            if root == workdir and name == TRIAL_FILE:
+            # trial.json holds the record; run.lock is rewritten by this very start
+            if root == workdir and name in (TRIAL_FILE, LOCK_FILE):
                 continue
             try:
                 newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)

@@ -16,6 +16,7 @@ from cnnjax.train.logging import read_metrics
 from cnnjax.tune import space as sp
 from cnnjax.tune import sweep as sw
 from cnnjax.utils import files
+from cnnjax.utils.lock import directory_lock
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -223,7 +224,8 @@ def test_a_killed_starts_time_is_counted_on_the_next_start(tmp_path, monkeypatch
     with open(metrics, "w") as f:
         f.write("{}\n")
     os.utime(metrics, (started + 30.0, started + 30.0))
-    second = sw.start_trial(trial, workdir)
+    with directory_lock(workdir):  # as run_sweep starts it: the lock file is written just now
+        second = sw.start_trial(trial, workdir)
     assert second["wall_time_s"] == pytest.approx(30.0)
     assert second["invocations"] == 2 and second["started_at"] >= started
 
