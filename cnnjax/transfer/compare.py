@@ -503,8 +503,9 @@ def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int
 def summarize(rows: list[dict], metric: str) -> list[dict]:
     """One entry per (budget, arm), in run order: mean and sample std of the final metric over
     the completed seeds, how many completed, and the gain over scratch at that budget: the mean
-    of the per-seed differences over the seeds both arms completed (`paired_seeds`), so a
-    failed run of either arm drops its seed from the comparison instead of biasing a mean."""
+    of the per-seed improvements (higher accuracy, or lower loss: positive is better) over the
+    seeds both arms completed (`paired_seeds`), so a failed run of either arm drops its seed
+    from the comparison instead of biasing a mean."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((json.dumps(row["budget"]), row["arm"]), []).append(row)
@@ -526,8 +527,10 @@ def summarize(rows: list[dict], metric: str) -> list[dict]:
         mine = finals_by_seed[(budget, entry["arm"])]
         paired = [s for s in mine if s in scratch] if entry["arm"] != "scratch" else []
         entry["paired_seeds"] = len(paired)
+        better = 1.0 if default_mode(metric) == "max" else -1.0  # a lower loss is a gain
         entry["gain_over_scratch"] = (
-            statistics.fmean(mine[s] - scratch[s] for s in paired) if paired else None)
+            statistics.fmean(better * (mine[s] - scratch[s]) for s in paired) if paired
+            else None)
     return table
 
 

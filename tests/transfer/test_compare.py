@@ -510,3 +510,13 @@ def test_an_unset_metric_takes_the_targets_best_metric_and_its_mode(tmp_path):
     plan = compare.TransferPlan(_source(), target, str(tmp_path), "data.train_examples_per_class",
                                 [8], ["scratch"], [0], {}, None)
     assert (plan.metric, plan.mode) == ("loss", "min")
+
+
+def test_gain_over_scratch_is_positive_when_a_loss_falls():
+    """For a loss, lower is better: fine-tuning that cuts it from 1.2 to 0.4 gains +0.8."""
+    rows = [{"budget": 5, "num_train": 25, "arm": arm, "seed": 0, "status": "completed",
+             "final": final} for arm, final in (("scratch", 1.2), ("finetune", 0.4))]
+    _, finetune = compare.summarize(rows, "loss")
+    assert finetune["gain_over_scratch"] == pytest.approx(0.8)
+    _, finetune = compare.summarize(rows, "ema_loss")
+    assert finetune["gain_over_scratch"] == pytest.approx(0.8)
