@@ -262,9 +262,11 @@ def check_override(spec_entry: str, override: Any) -> str:
         return override
     if flag in entry.extra_flags and not field:
         return override
-    source = {entry.dir_flag: "--workdir", "trial_index": "the array task",
-              "trial_count": "--trials_per_task",
-              **{f: f"its own --{f}" for f in entry.file_flags}}.get(flag)
+    set_by_launcher = {entry.dir_flag: "--workdir",
+                       **{f: f"its own --{f}" for f in entry.file_flags}}
+    if spec_entry == "sweep":  # only the sweep script has (and gets) these two flags
+        set_by_launcher |= {"trial_index": "the array task", "trial_count": "--trials_per_task"}
+    source = set_by_launcher.get(flag)
     if source is not None and not field:
         valid = f"--{flag} is set by the launcher (from {source}); {valid}"
     raise invalid(_OWNER, "overrides", override, valid)

@@ -165,6 +165,10 @@ BAD = [
     (dict(overrides=("--config=other.py",)),
      r".*--config is set by the launcher \(from its own --config\)"),
     (dict(overrides=("--distributed_timeout.x=1",)), r"overrides='--distributed_timeout.x=1'"),
+    # train has no --trial_index: not "set by the launcher", just not a train flag
+    (dict(overrides=("--trial_index=3",)),
+     r"overrides='--trial_index=3' is invalid; train accepts --config.<field>=<value>, "
+     r"--distributed_timeout=<value> \(note the '='\)\.$"),
     (dict(submit_dir="/no/such/dir"), r"submit_dir='/no/such/dir' is invalid; no such dir"),
 ]
 
