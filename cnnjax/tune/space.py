@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from cnnjax.utils.validation import check_choice, invalid
@@ -220,15 +221,17 @@ class SearchSpace:
 
 
 def _params(params: Any) -> tuple[Param, ...]:
-    """Accepts a sequence of Params/specs, or a mapping `{field: values | Param}`."""
-    if isinstance(params, Mapping):
+    """Accepts a sequence of Params/specs, or a mapping `{field: values | Param}` (a sweep
+    file's ConfigDict too, whose keys cannot hold dotted fields)."""
+    if isinstance(params, Mapping | ml_collections.ConfigDict):
         items = [
             p if isinstance(p, Param) else choice(f, p) for f, p in params.items()
         ]
     elif isinstance(params, str) or not isinstance(params, Iterable):
         raise invalid(_OWNER, "parameters", params,
                       "expected a list of parameters (choice(...), log_uniform(...), ...) or a "
-                      "mapping {field: values}")
+                      "mapping {field: values} (a sweep file's ConfigDict cannot hold dotted "
+                      "fields as keys: list choice('optimizer.learning_rate', ...) there)")
     else:
         items = [parse_param(p) for p in params]
     if not items:

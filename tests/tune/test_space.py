@@ -213,6 +213,15 @@ def test_from_config_refuses_unknown_fields_naming_them_and_the_valid_ones():
                                "parameters": (sp.choice("a", (1, 2)),)}).trials) == 2
 
 
+
+def test_a_sweep_files_mapping_of_top_level_fields_is_a_mapping():
+    """`config.parameters = {"seed": (0, 1)}` in a sweep file becomes a ConfigDict, which is
+    iterable over its keys: it must still read as {field: values}, not as a list of specs."""
+    config = ml_collections.ConfigDict({"kind": "grid", "parameters": {"seed": (0, 1, 2)}})
+    space = sp.from_config(config)
+    assert space.fields == ["seed"] and [t.overrides for t in space.trials] == [
+        {"seed": 0}, {"seed": 1}, {"seed": 2}]
+
 def _grid_config(num_trials="unset", **params):
     config = {"kind": "grid", "seed": 0, "metric": "top1", "mode": "max",
               "parameters": tuple(sp.choice(f, v) for f, v in params.items())}
