@@ -4,7 +4,9 @@
 verdict with the numbers behind it and the config changes it recommends. Verdicts (`VERDICTS`):
 
     diverged          NaN/inf loss (the engine stopped the run) or a loss explosion: a logged
-                      train loss above `explosion_factor` x the first one. Step given.
+                      train loss above `explosion_factor` x the first one, or a smoothed one
+                      ending above `relapse_factor` x its minimum (a collapse after learning,
+                      e.g. back to chance). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
                       value over the whole run: the learning rate is too low.
@@ -80,6 +82,9 @@ class Thresholds:
     ema_weight: float = 0.6
     # A loss above 2x the first logged one (near ln(classes) at init) has blown up.
     explosion_factor: float = 2.0
+    # ... and so has a smoothed loss that ends above 2x its own minimum (by at least
+    # `spike_min_rise` of the first loss): a collapse after learning, e.g. back to chance.
+    relapse_factor: float = 2.0
     # Spikes are measured against the median of this many preceding train logs.
     spike_window: int = 5
     # A logged loss 1.5x that median is a spike: window means of >= 10 steps rarely jump 50%.
@@ -306,6 +311,9 @@ def diagnose(curves: Curves, metric: str = "top1",
         return Diagnosis((_insufficient(curves, t, "train logs", len(curves.train_steps),
                                         t.min_train_logs),), curves.status)
     smooth = ema(curves.train_loss, t.ema_weight)
+    relapsed = _relapsed(curves, smooth, t)
+    if relapsed:  # the loss fell, then blew up: "too slow" or "underfitting" would mislead
+        return Diagnosis((relapsed,), curves.status)
     for check in (_unstable(curves, t), _too_slow(curves, smooth, t)):
         if check:
             findings.append(check)
@@ -323,6 +331,35 @@ def diagnose(curves: Curves, metric: str = "top1",
         findings = [f for f in findings if f.verdict != "converged"]  # not converged: a problem
     findings.sort(key=lambda f: VERDICTS.index(f.verdict))
     return Diagnosis(tuple(findings), curves.status)
+
+
+def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
+    return (Recommendation("optimizer.learning_rate", "multiply", 0.3,
+                           "the step size blew the loss up"),
+            Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+                           "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
+            Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap the update size"))
+
+
+def _relapsed(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
+    """`diverged` for a finite collapse after learning: the smoothed train loss ends above
+    `relapse_factor` x its minimum (below `explosion_factor` x the first loss, which
+    `_diverged` already catches)."""
+    i_min = int(np.argmin(smooth))
+    low, last, first = smooth[i_min], smooth[-1], smooth[0]
+    if not (last > t.relapse_factor * low and last - low > t.spike_min_rise * first):
+        return None
+    i_up = i_min + int(np.argmax(smooth[i_min:] > t.relapse_factor * low))
+    step, min_step = int(curves.train_steps[i_up]), int(curves.train_steps[i_min])
+    return Finding(
+        "diverged",
+        f"diverged at step {step}: the smoothed train loss rose from its minimum {low:.4g} "
+        f"(step {min_step}) to {last:.4g} at the end (> {t.relapse_factor:g} x the minimum): "
+        "it blew up after learning.",
+        {"step": step, "min_loss": float(low), "min_loss_step": min_step,
+         "final_loss": float(last)},
+        _divergence_advice(curves),
+    )
 
 
 def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
@@ -347,11 +384,7 @@ def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
         {"step": step, "first_loss": _num(first),
          "max_finite_loss": _num(np.max(loss[np.isfinite(loss)]) if np.isfinite(loss).any()
                                  else None)},
-        (Recommendation("optimizer.learning_rate", "multiply", 0.3,
-                        "the step size blew the loss up"),
-         Recommendation("schedule.warmup_steps", "set", _warmup(curves),
-                        "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
-         Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap the update size")),
+        _divergence_advice(curves),
     )
 
 

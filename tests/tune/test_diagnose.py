@@ -120,6 +120,31 @@ def test_loss_explosion_threshold(factor, exploded):
         assert d.findings[0].evidence["step"] == 200
 
 
+
+def _relapse(level):
+    """Loss 2.3 -> 0.3 by step 200, then back up to `level` and staying there (below 2x the
+    first loss: no explosion); top-1 follows it down."""
+    down = _decay(2.3, 0.3, 0.03)
+    return _converged(train_loss=lambda s: down(s) if s <= 200 else level,
+                      train_top1=lambda s: 0.92 if s <= 200 else 0.1 + 0.82 * 0.3 / level,
+                      eval_loss=lambda s: down(s) if s <= 200 else level,
+                      eval_top1=lambda s: 0.9 if s <= 200 else 0.1 + 0.8 * 0.3 / level)
+
+
+@pytest.mark.parametrize("level, relapsed", [(2.3, True), (1.0, True), (0.5, False)])
+def test_a_collapse_after_learning_is_divergence_not_too_slow(level, relapsed):
+    """Back to chance (2.3) or to 1.0 after reaching 0.3 is a blow-up (the smoothed loss ends
+    above 2x its minimum); the recipe must lower the rate, not raise it as 'too_slow' would.
+    Ending at 0.5 (1.7x) is left to the other verdicts."""
+    d = dg.diagnose(_curves(**_relapse(level)))
+    assert (d.verdicts == ["diverged"]) is relapsed
+    if relapsed:
+        finding = d.findings[0]
+        assert 200 < finding.evidence["step"] <= 230
+        assert finding.evidence["min_loss"] == pytest.approx(0.3, abs=0.05)
+        assert finding.recommendations[0].field == "optimizer.learning_rate"
+        assert finding.recommendations[0].value < 1
+
 def test_repeated_spikes_are_unstable():
     base = _decay(2.3, 0.3, 0.02)
     d = dg.diagnose(_curves(**_converged(
