@@ -76,6 +76,17 @@ def check_drop_path_rate(owner: str, drop_path_rate: Any, shortcut: str) -> None
                       "branch and keeps the shortcut; a plain network has none)")
 
 
+def check_zero_init_last_bn(owner: str, zero_init_last_bn: Any, shortcut: str) -> None:
+    """`zero_init_last_bn` a bool, and False for a plain (shortcut="none") network: every
+    block would output relu(0) = 0, and no gradient would ever reach the weights before the
+    head (a residual block with a zero branch passes its input on instead)."""
+    check_bool(owner, "zero_init_last_bn", zero_init_last_bn)
+    if zero_init_last_bn and shortcut == "none":
+        raise invalid(owner, "zero_init_last_bn", zero_init_last_bn,
+                      "expected False with shortcut='none' (zero-initialized last BN gammas "
+                      "make every block of a plain network output 0, which never trains)")
+
+
 class _ResidualMixin:
     """The shortcut path and stochastic depth shared by the basic and bottleneck blocks."""
 
@@ -279,8 +290,8 @@ class ResNet(nn.Module):
             raise invalid(name, "stem", self.stem, f"expected one of {list(STEMS)}")
         check_positive_int(name, "num_classes", self.num_classes)
         check_positive_int(name, "num_filters", self.num_filters)
-        check_bool(name, "zero_init_last_bn", self.zero_init_last_bn)
         _check_shortcut(name, self.shortcut)
+        check_zero_init_last_bn(name, self.zero_init_last_bn, self.shortcut)
         check_positive_ints(name, "stage_sizes", self.stage_sizes,
                             "expected a non-empty sequence of positive block counts")
         check_drop_path_rate(name, self.drop_path_rate, self.shortcut)

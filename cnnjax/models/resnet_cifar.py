@@ -28,10 +28,10 @@ from cnnjax.models.resnet import (
     BasicBlock,
     batch_norm,
     check_drop_path_rate,
+    check_zero_init_last_bn,
     conv_kernel_init,
 )
 from cnnjax.utils.validation import (
-    check_bool,
     check_choice,
     check_depth,
     check_nhwc,
@@ -70,7 +70,7 @@ class CifarResNet(nn.Module):
         name = type(self).__name__
         check_positive_int(name, "num_classes", self.num_classes)
         check_choice(name, "shortcut", self.shortcut, SHORTCUTS)
-        check_bool(name, "zero_init_last_bn", self.zero_init_last_bn)
+        check_zero_init_last_bn(name, self.zero_init_last_bn, self.shortcut)
         check_positive_ints(name, "widths", self.widths,
                             "expected a non-empty tuple of positive ints")
         per_block = 2 * len(self.widths)  # two 3x3 convolutions per block, in every stage
