@@ -5,7 +5,9 @@ pool, 3x3 192, max pool, 1x1 128 / 3x3 256 / 1x1 256 / 3x3 512, max pool, 4 x (1
 512), 1x1 512 / 3x3 1024, max pool, 2 x (1x1 512 / 3x3 1024), 3x3 1024, 3x3 1024/2, 3x3 1024,
 3x3 1024), all leaky ReLU (slope 0.1), then fc 4096 (leaky ReLU, dropout 0.5) and a linear fc to
 `S * S * (B * 5 + C)` outputs: 448x448 input, S = 7, B = 2, C = 20 (PASCAL VOC). Convolutions
-use SAME padding as darknet's `yolov1.cfg` (`pad=1`), so 448 -> 7x7x1024 before the fcs.
+pad `kernel // 2` on every side, as darknet's `yolov1.cfg` (`pad=1`) does (the output sizes of
+SAME padding, whose stride-2 windows start half a pixel later), so 448 -> 7x7x1024 before the
+fcs.
 `yolo_v1_small` is the same design scaled for 64x64 images (`shapes_multi`): 6 convolutions
 with BatchNorm, fc 512 (`hidden_features=512`), no dropout, an 8x8 grid.
 
@@ -149,8 +151,9 @@ class YOLOv1(nn.Module):
                 continue
             index += 1
             width, kernel, stride = layer
-            x = Conv2D(width, kernel, strides=stride, padding="SAME", use_bias=not self.batch_norm,
-                       dtype=self.dtype, name=f"conv{index}")(x)
+            # darknet's pad=1: kernel // 2 on every side (SAME pads unevenly at stride 2)
+            x = Conv2D(width, kernel, strides=stride, padding=kernel // 2,
+                       use_bias=not self.batch_norm, dtype=self.dtype, name=f"conv{index}")(x)
             if self.batch_norm:
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=self.dtype, axis_name=self.axis_name, name=f"bn{index}")(x)

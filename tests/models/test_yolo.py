@@ -35,6 +35,20 @@ def test_paper_network_layers_and_params():
     assert _count_params(variables) == expected == 271_703_550
 
 
+def test_convolutions_pad_like_darknet():
+    """darknet's pad=1 is kernel // 2 on every side: with the 7x7/2 first layer, output row 0
+    sees input rows 0..3 (rows -3..-1 are padding). SAME padding (2 before, 3 after at an even
+    size) shifted the window: rows 0..4."""
+    model = YOLOv1(layers=((2, 7, 2),), grid_size=2, hidden_features=8, num_classes=1)
+    x = jnp.zeros((1, 16, 16, 1))
+    variables = model.init(jax.random.key(0), x)
+
+    def first_trunk_row(image):
+        return model.apply(variables, image, return_features=True)[1]["trunk"][0, 0].sum()
+
+    seen = np.abs(np.asarray(jax.grad(first_trunk_row)(x + 1.0)))[0, :, :, 0].sum(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(seen), [0, 1, 2, 3])
+
 def test_registry_tags_detectors():
     assert list_models("yolo*", task="detection") == ["yolo_v1", "yolo_v1_small"]
     assert "yolo_v1" not in list_models()  # classifier listings (zoo, head tests) skip it
