@@ -309,14 +309,23 @@ class DenseNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
-DenseNet121 = functools.partial(DenseNet, block_sizes=(6, 12, 24, 16))
-DenseNet169 = functools.partial(DenseNet, block_sizes=(6, 12, 32, 32))
-DenseNet201 = functools.partial(DenseNet, block_sizes=(6, 12, 48, 32))
+_BC_K32 = {"growth_rate": 32, "num_init_features": 64, "bottleneck": True}
+DenseNet121 = functools.partial(DenseNet, block_sizes=(6, 12, 24, 16), **_BC_K32)
+DenseNet169 = functools.partial(DenseNet, block_sizes=(6, 12, 32, 32), **_BC_K32)
+DenseNet201 = functools.partial(DenseNet, block_sizes=(6, 12, 48, 32), **_BC_K32)
 #: The paper's widest ImageNet model: k=48 and a 96-filter (2k) stem, the same bottleneck
 #: (bn_size 4) and compression 0.5 as the k=32 models.
 DenseNet161 = functools.partial(
-    DenseNet, block_sizes=(6, 12, 36, 24), growth_rate=48, num_init_features=96
+    DenseNet, block_sizes=(6, 12, 36, 24), growth_rate=48, num_init_features=96, bottleneck=True
 )
+
+
+def _named(variant: functools.partial, kwargs: dict[str, Any]) -> DenseNet:
+    """Builds a registered ImageNet DenseNet-N: the fields its name fixes (the partial's
+    `block_sizes`, `growth_rate`, `num_init_features`, `bottleneck`) are not overridable,
+    unlike through the `DenseNetN` partial; passing one raises the duplicate-keyword TypeError
+    `create_model` reports as a `ModelArgumentError` (as for `resnet18`)."""
+    return variant.func(*variant.args, **variant.keywords, **kwargs)
 
 
 def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
@@ -361,26 +370,26 @@ _REGISTER_CIFAR = functools.partial(
 @_REGISTER("densenet121")
 def densenet121(**kwargs: Any) -> DenseNet:
     """DenseNet-121 (BC, k=32): blocks (6, 12, 24, 16); 7,978,856 parameters at 1000 classes."""
-    return DenseNet121(**kwargs)
+    return _named(DenseNet121, kwargs)
 
 
 @_REGISTER("densenet169")
 def densenet169(**kwargs: Any) -> DenseNet:
     """DenseNet-169 (BC, k=32): blocks (6, 12, 32, 32); 14,149,480 parameters at 1000 classes."""
-    return DenseNet169(**kwargs)
+    return _named(DenseNet169, kwargs)
 
 
 @_REGISTER("densenet201")
 def densenet201(**kwargs: Any) -> DenseNet:
     """DenseNet-201 (BC, k=32): blocks (6, 12, 48, 32); 20,013,928 parameters at 1000 classes."""
-    return DenseNet201(**kwargs)
+    return _named(DenseNet201, kwargs)
 
 
 @_REGISTER("densenet161")
 def densenet161(**kwargs: Any) -> DenseNet:
     """DenseNet-161 (BC, k=48, 96 stem filters): blocks (6, 12, 36, 24); 28,681,000 parameters
     at 1000 classes."""
-    return DenseNet161(**kwargs)
+    return _named(DenseNet161, kwargs)
 
 
 @_REGISTER_CIFAR("densenet40_cifar")

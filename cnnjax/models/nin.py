@@ -168,13 +168,11 @@ class NiN(nn.Module):
                 paper=_PAPER + "; ImageNet model of the Caffe model zoo")
 def nin(**kwargs: Any) -> NiN:
     """The ImageNet NiN (Caffe model zoo `nin_imagenet`); 7,595,176 parameters at 1000 classes."""
-    kwargs.setdefault("stages", NIN_IMAGENET)
-    return NiN(**kwargs)
+    return NiN(stages=NIN_IMAGENET, **kwargs)  # the name fixes the stages
 
 
 @register_model("nin_cifar", input_shape=(32, 32, 3), min_input_size=6, num_classes=10,
                 paper=_PAPER + "; CIFAR-10 model, Section 4.2")
 def nin_cifar(**kwargs: Any) -> NiN:
     """The paper's CIFAR-10 NiN (three mlpconv blocks); 966,986 parameters at 10 classes."""
-    kwargs.setdefault("stages", NIN_CIFAR)
-    return NiN(**kwargs)
+    return NiN(stages=NIN_CIFAR, **kwargs)  # the name fixes the stages

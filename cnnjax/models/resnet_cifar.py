@@ -37,6 +37,7 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_positive_int,
     check_positive_ints,
+    invalid,
 )
 
 Array = Any
@@ -130,38 +131,48 @@ _REGISTER = functools.partial(
 
 
 def _plain(depth: int, kwargs: dict[str, Any]) -> CifarResNet:
-    kwargs.setdefault("shortcut", "none")
+    """A plain net: its name fixes `shortcut="none"` (passing `shortcut` is a
+    `ModelArgumentError`: plain20_cifar with shortcut A is resnet20_cifar)."""
+    return CifarResNet(depth=depth, shortcut="none", **kwargs)
+
+
+def _residual(name: str, depth: int, kwargs: dict[str, Any]) -> CifarResNet:
+    """A CIFAR ResNet: any of the paper's shortcut options A, B, C, but not "none" (that
+    network is registered as the plain net of the same depth)."""
+    if kwargs.get("shortcut") == "none":
+        raise invalid(name, "shortcut", "none", f"expected one of {list(SHORTCUTS[:-1])} "
+                      f"(without shortcuts it is plain{depth}_cifar)")
     return CifarResNet(depth=depth, **kwargs)
 
 
 @_REGISTER("resnet20_cifar")
 def resnet20_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-20 (n=3), option A shortcuts unless `shortcut` is given."""
-    return CifarResNet(depth=20, **kwargs)
+    return _residual("resnet20_cifar", 20, kwargs)
 
 
 @_REGISTER("resnet32_cifar")
 def resnet32_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-32 (n=5), option A shortcuts unless `shortcut` is given."""
-    return CifarResNet(depth=32, **kwargs)
+    return _residual("resnet32_cifar", 32, kwargs)
 
 
 @_REGISTER("resnet44_cifar")
 def resnet44_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-44 (n=7), option A shortcuts unless `shortcut` is given."""
-    return CifarResNet(depth=44, **kwargs)
+    return _residual("resnet44_cifar", 44, kwargs)
 
 
 @_REGISTER("resnet56_cifar")
 def resnet56_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-56 (n=9), option A shortcuts unless `shortcut` is given."""
-    return CifarResNet(depth=56, **kwargs)
+    return _residual("resnet56_cifar", 56, kwargs)
 
 
 @_REGISTER("resnet110_cifar")
 def resnet110_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR ResNet-110 (n=18), option A shortcuts unless `shortcut` is given."""
-    return CifarResNet(depth=110, **kwargs)
+    return _residual("resnet110_cifar", 110, kwargs)
 
 
 @_REGISTER("plain20_cifar")

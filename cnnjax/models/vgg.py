@@ -170,9 +170,10 @@ class VGG(nn.Module):
 
 
 def _vgg(depth: int, batch_norm: bool, **kwargs: Any) -> VGG:
-    kwargs.setdefault("stages", VGG_CONFIGS[depth])
-    kwargs.setdefault("batch_norm", batch_norm)
-    return VGG(**kwargs)
+    """VGG-`depth`: its name fixes `stages` and `batch_norm`, so passing either raises the
+    duplicate-keyword TypeError `create_model` reports as a `ModelArgumentError` (vgg16 with
+    VGG-11's stages would otherwise be a VGG-11 named vgg16)."""
+    return VGG(stages=VGG_CONFIGS[depth], batch_norm=batch_norm, **kwargs)
 
 
 _REGISTER = functools.partial(register_model, input_shape=(224, 224, 3), min_input_size=32,

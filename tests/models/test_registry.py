@@ -20,6 +20,35 @@ def test_an_unknown_or_fixed_keyword_is_a_named_value_error(name, kwargs, messag
     assert isinstance(caught.value, ValueError)
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [
+    # each would build another registered network under this name
+    ("densenet121", {"block_sizes": (6, 12, 32, 32)}),  # DenseNet-169
+    ("densenet121", {"growth_rate": 48}),
+    ("densenet121", {"bottleneck": False}),
+    ("densenet161", {"num_init_features": 64}),
+    ("vgg16", {"stages": ((64, 64), (128,))}),
+    ("vgg16", {"batch_norm": True}),  # vgg16_bn
+    ("nin", {"stages": ()}),
+    ("nin_cifar", {"stages": ()}),
+    ("plain20_cifar", {"shortcut": "A"}),  # resnet20_cifar
+])
+def test_a_name_fixes_its_architecture(name, kwargs):
+    (field, _), = kwargs.items()
+    with pytest.raises(ModelArgumentError, match=rf"model '{name}' does not take '{field}' "
+                                                 r"\(unknown, or fixed by its name\)"):
+        create_model(name, **kwargs)
+    assert field not in settable_fields(name)
+
+
+def test_a_cifar_resnet_takes_the_papers_shortcut_options_only():
+    assert create_model("resnet20_cifar", shortcut="B").shortcut == "B"
+    with pytest.raises(ValueError, match=r"^resnet20_cifar: shortcut='none' is invalid; "
+                                         r"expected one of \['A', 'B', 'C'\] \(without "
+                                         r"shortcuts it is plain20_cifar\)\.$"):
+        create_model("resnet20_cifar", shortcut="none")
+    # knobs that are not the architecture's identity stay settable
+    assert create_model("densenet121", stem="cifar", drop_rate=0.1).stem == "cifar"
+
 def test_settable_fields_leave_out_what_the_name_fixes_and_the_engine_sets():
     fields = settable_fields("resnet20_cifar")
     assert "depth" not in fields and not {"num_classes", "dtype", "axis_name"} & set(fields)
