@@ -235,7 +235,8 @@ def epoch_dataset(spec: Spec, source: Source,
     as one batched dataset of this process's `global_batch_size / shard[1]` examples per step.
 
     Epoch `e` shuffles with a seed drawn from the stateless key `(seed, e)` and keeps
-    `steps_per_epoch` full batches; example `i` of the epoch on process `p` becomes
+    `steps_per_epoch` full batches (fewer when a process's shard of a `+`-joined split is
+    shorter than `num_train / processes`); example `i` of the epoch on process `p` becomes
     `preprocess(example with its image decoded, key)` with the stateless key
     `fold_in(fold_in((seed, e), p), i)`, so random augmentations replay exactly on resume.
     Traced once for all epochs (no stall between them).
@@ -247,6 +248,13 @@ def epoch_dataset(spec: Spec, source: Source,
         raise invalid(_OWNER, "global_batch_size", global_batch_size,
                       f"expected at most the {num_train} examples of {spec.preset.name!r} "
                       f"split {spec.train_split!r} (an epoch would have no step)")
+    if shard[1] > 1:
+        # tfds shards a "train+validation" split part by part: a shard may fall short of
+        # num_train / processes. Every process ends its epochs at the smallest shard's last
+        # full batch, so epoch boundaries (and resume) agree on all of them.
+        smallest = min(source.num_examples(spec.train_split, (p, shard[1]))
+                       for p in range(shard[1]))
+        steps = min(steps, smallest // process_batch)
     base = source.read(spec.train_split, shard)
     decoded = spec.cache
     if decoded:
