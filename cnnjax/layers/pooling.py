@@ -255,18 +255,17 @@ def _adaptive_avg_axis(x: jax.Array, axis: int, out: int) -> jax.Array:
 
 def _adaptive_max(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
     """Max over each 2-D adaptive bin. Bins that divide the input are windows (kernel = stride);
-    others are gathered into `[N, out_h, bin_h, out_w, bin_w, C]` blocks, the shorter bins padded
-    with the dtype's lowest value, which never wins."""
+    others are gathered into `[N, out_h, bin_h, out_w, bin_w, C]` blocks, a shorter bin's index
+    clamped to its last row / column. A repeat comes after its original in row-major order, so
+    it is never a bin's first maximum and never takes the gradient."""
     n, h, w, c = x.shape
     if h % out_h == 0 and w % out_w == 0:
         return _even_bin_max(x, (h // out_h, w // out_w))
-    rows, rows_inside = _bin_layout(h, out_h)
-    cols, cols_inside = _bin_layout(w, out_w)
+    rows, _ = _bin_layout(h, out_h)
+    cols, _ = _bin_layout(w, out_w)
     blocks = jnp.take(x, jnp.asarray(rows.reshape(-1)), axis=1)
     blocks = jnp.take(blocks, jnp.asarray(cols.reshape(-1)), axis=2)
-    blocks = blocks.reshape(n, *rows.shape, *cols.shape, c)
-    inside = rows_inside[None, :, :, None, None, None] & cols_inside[None, None, None, :, :, None]
-    return _block_max(jnp.where(jnp.asarray(inside), blocks, _lowest(x.dtype)))
+    return _block_max(blocks.reshape(n, *rows.shape, *cols.shape, c))
 
 
 def _first_max_tangent(blocks: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:

@@ -508,7 +508,8 @@ def data_pipeline(config: Any) -> Any:
     return pipeline
 
 
-def check_config(config: Any, schedule: Any = None) -> CheckedConfig:
+def check_config(config: Any, schedule: Any = None, *, for_training: bool = True,
+                 ) -> CheckedConfig:
     """Runs every check `train_and_evaluate` runs before compiling; raises the same ValueErrors.
 
     Fields and values (`validate_config`), model name and task, dataset and `num_classes`,
@@ -520,6 +521,9 @@ def check_config(config: Any, schedule: Any = None) -> CheckedConfig:
     source or teacher run may not exist yet; `train_and_evaluate` checks them before compiling).
     `schedule` (an optax schedule) replaces `config.schedule`'s in the optimizer it builds, e.g.
     the learning-rate ramp of `cnnjax.tune.lr_range`; None: the config's own.
+    `for_training=False` skips the check that the global batch fits in the train split: for
+    loading a finished run's model, or for a caller that checks it with its own hint
+    (`cnnjax.transfer`'s label budgets).
     """
     import jax
     import jax.numpy as jnp
@@ -547,7 +551,7 @@ def check_config(config: Any, schedule: Any = None) -> CheckedConfig:
             f"config: num_classes={num_classes!r} is invalid; dataset {data_info.name!r} has "
             f"{data_info.num_classes} classes (leave num_classes unset to use the dataset's)."
         )
-    if config.global_batch_size > data_info.num_train:  # the pipeline keeps only full batches
+    if for_training and config.global_batch_size > data_info.num_train:  # full batches only
         raise ValueError(
             f"config: global_batch_size={config.global_batch_size!r} is invalid; expected at "
             f"most the {data_info.num_train} examples of the train split of {data_info.name!r} "

@@ -390,8 +390,9 @@ class _Run:
     # ------------------------------------------------------------------------------- setup
     def setup(self, prepare_workdir: bool = True) -> None:
         """Every pre-compilation check (`config.check_config`), then the workdir (unless
-        `prepare_workdir` is False: evaluating a finished run writes nothing there)."""
-        checked = config_lib.check_config(self.config)
+        `prepare_workdir` is False: evaluating a finished run writes nothing there, nor needs
+        its train split to hold a batch)."""
+        checked = config_lib.check_config(self.config, for_training=prepare_workdir)
         self.task, self.pipeline = checked.task, checked.pipeline
         self.data_info = checked.data_info
         self.num_classes = self.data_info.num_classes

@@ -106,7 +106,7 @@ def load_trained(workdir: str, step: int | None = None,
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
     config.grad_accum_steps = 1  # a training setting: it need not divide this machine's batch
-    checked = config_lib.check_config(config)
+    checked = config_lib.check_config(config, for_training=False)
     check_bool(_OWNER, "ema", ema)
     if ema and config_lib.ema_rule(config) is None:
         raise NoWeightAverageError(workdir)

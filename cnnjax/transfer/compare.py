@@ -216,8 +216,8 @@ class TransferPlan:
         for run_id, slug, budget, arm, seed, fields in settings.run_fields(
                 self.source_dir, source.num_train_steps):
             config = space_lib.apply_overrides(target, fields)
-            try:
-                checked = config_lib.check_config(config)
+            try:  # the batch against each budget's examples: check_data, with a budget hint
+                checked = config_lib.check_config(config, for_training=False)
             except ValueError as err:
                 raise ValueError(f"transfer: run {run_id} has an invalid config: "
                                  f"{err}") from None
@@ -321,7 +321,7 @@ def _check_configs(source: Any, target: Any) -> Any:
     checked = {}
     for role, config in (("source", source), ("target", target)):
         try:
-            checked[role] = config_lib.check_config(config)
+            checked[role] = config_lib.check_config(config, for_training=False)  # check_data
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
     _check_roles(source, target)

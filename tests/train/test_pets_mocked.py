@@ -24,6 +24,13 @@ def pets_root(tmp_path):
 def test_the_fcn_pets_config_passes_every_check(pets_root):
     config = fcn_pets.get_config()
     config.data.data_dir = pets_root
+    # The mocked train split holds 8 images (the real one 3,680): the config's batch is refused
+    # there by name, and everything else checks with a batch that fits.
+    with pytest.raises(ValueError, match=r"^config: global_batch_size=32 is invalid; expected "
+                                         r"at most the 8 examples of the train split of "
+                                         r"'oxford_iiit_pet'"):
+        check_config(config)
+    config.global_batch_size = 8
     checked = check_config(config)
     assert (checked.data_info.name, checked.data_info.num_classes) == ("oxford_iiit_pet", 2)
     assert checked.data_info.image_shape == (224, 224, 3)

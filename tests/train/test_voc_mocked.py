@@ -25,6 +25,13 @@ def voc_root(tmp_path):
 def test_the_yolo_voc2007_config_passes_every_check(voc_root):
     config = yolo_voc2007.get_config()
     config.data.data_dir = voc_root
+    # The mocked train split holds 8 images (the real one 5,011): the config's batch is refused
+    # there by name, and everything else checks with a batch that fits.
+    with pytest.raises(ValueError, match=r"^config: global_batch_size=64 is invalid; expected "
+                                         r"at most the 8 examples of the train split of "
+                                         r"'voc2007'"):
+        check_config(config)
+    config.global_batch_size = 8
     checked = check_config(config)
     assert (checked.data_info.name, checked.data_info.num_classes) == ("voc2007", 20)
     assert checked.data_info.image_shape == (448, 448, 3)

@@ -53,4 +53,6 @@ def test_tuning_recipe_ranks_detection_by_its_metrics(tmp_path):
     assert (unset.metric, unset.mode) == (None, "min")
     assert rc.Recipe().for_config(base) == dataclasses.replace(rc.Recipe(), metric="map50",
                                                                mode="max")
-    assert unset.for_config(base).mode == "min"
+    with pytest.raises(ValueError, match=r"^recipe: mode='min' is invalid; expected 'max' for "
+                                         r"metric='map50' \(higher is better\)"):
+        unset.for_config(base)  # the best_metric it resolves to is a higher-is-better mAP
