@@ -129,6 +129,9 @@ class Thresholds:
             if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
                 raise invalid(_OWNER, f"thresholds.{field.name}", value,
                               f"expected a positive {'integer' if integral else 'number'}")
+        if self.relapse_factor <= 1:  # a loss always ends at >= 1 x its minimum
+            raise invalid(_OWNER, "thresholds.relapse_factor", self.relapse_factor,
+                          "expected a number > 1")
         for name in ("ema_weight", "slow_min_drop", "tail_fraction"):
             if getattr(self, name) >= 1:
                 raise invalid(_OWNER, f"thresholds.{name}", getattr(self, name),
@@ -334,6 +337,7 @@ def diagnose(curves: Curves, metric: str = "top1",
 
 
 def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
+    """What a diverged run should change: a smaller rate, a warmup and gradient clipping."""
     return (Recommendation("optimizer.learning_rate", "multiply", 0.3,
                            "the step size blew the loss up"),
             Recommendation("schedule.warmup_steps", "set", _warmup(curves),

@@ -366,6 +366,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"thresholds.ema_weight=1.0 is invalid; expected a "
                                          r"number in \(0, 1\)"):
         dg.Thresholds(ema_weight=1.0)
+    with pytest.raises(ValueError, match=r"thresholds.relapse_factor=1.0 is invalid; expected "
+                                         r"a number > 1\."):
+        dg.Thresholds(relapse_factor=1.0)
 
 
 def test_command_line_prints_the_diagnosis():
