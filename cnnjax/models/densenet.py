@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.pooling import max_pool2d
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import build_variant, register_model
 from cnnjax.models.resnet import batch_norm
 from cnnjax.utils.validation import (
     check_bool,
@@ -320,14 +320,6 @@ DenseNet161 = functools.partial(
 )
 
 
-def _named(variant: functools.partial, kwargs: dict[str, Any]) -> DenseNet:
-    """Builds a registered ImageNet DenseNet-N: the fields its name fixes (the partial's
-    `block_sizes`, `growth_rate`, `num_init_features`, `bottleneck`) are not overridable,
-    unlike through the `DenseNetN` partial; passing one raises the duplicate-keyword TypeError
-    `create_model` reports as a `ModelArgumentError` (as for `resnet18`)."""
-    return variant.func(*variant.args, **variant.keywords, **kwargs)
-
-
 def cifar_densenet(depth: int, growth_rate: int, *, bottleneck: bool = True,
                    **kwargs: Any) -> DenseNet:
     """The paper's CIFAR DenseNet of depth L = `depth` and growth rate k = `growth_rate`.
@@ -370,26 +362,26 @@ _REGISTER_CIFAR = functools.partial(
 @_REGISTER("densenet121")
 def densenet121(**kwargs: Any) -> DenseNet:
     """DenseNet-121 (BC, k=32): blocks (6, 12, 24, 16); 7,978,856 parameters at 1000 classes."""
-    return _named(DenseNet121, kwargs)
+    return build_variant(DenseNet121, kwargs)
 
 
 @_REGISTER("densenet169")
 def densenet169(**kwargs: Any) -> DenseNet:
     """DenseNet-169 (BC, k=32): blocks (6, 12, 32, 32); 14,149,480 parameters at 1000 classes."""
-    return _named(DenseNet169, kwargs)
+    return build_variant(DenseNet169, kwargs)
 
 
 @_REGISTER("densenet201")
 def densenet201(**kwargs: Any) -> DenseNet:
     """DenseNet-201 (BC, k=32): blocks (6, 12, 48, 32); 20,013,928 parameters at 1000 classes."""
-    return _named(DenseNet201, kwargs)
+    return build_variant(DenseNet201, kwargs)
 
 
 @_REGISTER("densenet161")
 def densenet161(**kwargs: Any) -> DenseNet:
     """DenseNet-161 (BC, k=48, 96 stem filters): blocks (6, 12, 36, 24); 28,681,000 parameters
     at 1000 classes."""
-    return _named(DenseNet161, kwargs)
+    return build_variant(DenseNet161, kwargs)
 
 
 @_REGISTER_CIFAR("densenet40_cifar")

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -114,6 +115,14 @@ class ModelField(NamedTuple):
 
     default: Any
     annotation: Any
+
+
+def build_variant(variant: functools.partial, kwargs: dict[str, Any]) -> nn.Module:
+    """Builds a registered variant, a `functools.partial` of a model class: the fields the
+    partial sets are the ones its name fixes, so passing one in `kwargs` raises the
+    duplicate-keyword TypeError `create_model` reports as a `ModelArgumentError` (calling the
+    partial itself would let it override them: resnet18 with `stage_sizes` of a ResNet-34)."""
+    return variant.func(*variant.args, **variant.keywords, **kwargs)
 
 
 def settable_fields(name: str) -> dict[str, ModelField]:

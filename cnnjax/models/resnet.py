@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import build_variant, register_model
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
@@ -373,14 +373,6 @@ ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottl
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
 
 
-def _named(variant: functools.partial, kwargs: dict[str, Any]) -> ResNet:
-    """Builds a registered ResNet-N: the fields its name fixes (`stage_sizes`, `block_cls`) are
-    not overridable, unlike through the `ResNetN` partial. Passing one raises the duplicate-
-    keyword TypeError that `create_model` reports as a `ModelArgumentError` (as for
-    `resnet20_cifar`'s `depth`), so `create_model("resnet18", stage_sizes=(3, 4, 6, 3))` cannot
-    silently build a ResNet-34."""
-    return variant.func(*variant.args, **variant.keywords, **kwargs)
-
 _REGISTER = functools.partial(
     register_model, input_shape=(224, 224, 3), min_input_size=1, num_classes=1000, paper=_PAPER
 )
@@ -389,28 +381,28 @@ _REGISTER = functools.partial(
 @_REGISTER("resnet18")
 def resnet18(**kwargs: Any) -> ResNet:
     """ResNet-18: basic blocks (2, 2, 2, 2); 11,689,512 parameters at 1000 classes."""
-    return _named(ResNet18, kwargs)
+    return build_variant(ResNet18, kwargs)
 
 
 @_REGISTER("resnet34")
 def resnet34(**kwargs: Any) -> ResNet:
     """ResNet-34: basic blocks (3, 4, 6, 3); 21,797,672 parameters at 1000 classes."""
-    return _named(ResNet34, kwargs)
+    return build_variant(ResNet34, kwargs)
 
 
 @_REGISTER("resnet50")
 def resnet50(**kwargs: Any) -> ResNet:
     """ResNet-50: bottleneck blocks (3, 4, 6, 3); 25,557,032 parameters at 1000 classes."""
-    return _named(ResNet50, kwargs)
+    return build_variant(ResNet50, kwargs)
 
 
 @_REGISTER("resnet101")
 def resnet101(**kwargs: Any) -> ResNet:
     """ResNet-101: bottleneck blocks (3, 4, 23, 3); 44,549,160 parameters at 1000 classes."""
-    return _named(ResNet101, kwargs)
+    return build_variant(ResNet101, kwargs)
 
 
 @_REGISTER("resnet152")
 def resnet152(**kwargs: Any) -> ResNet:
     """ResNet-152: bottleneck blocks (3, 8, 36, 3); 60,192,808 parameters at 1000 classes."""
-    return _named(ResNet152, kwargs)
+    return build_variant(ResNet152, kwargs)

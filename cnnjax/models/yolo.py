@@ -5,8 +5,8 @@ pool, 3x3 192, max pool, 1x1 128 / 3x3 256 / 1x1 256 / 3x3 512, max pool, 4 x (1
 512), 1x1 512 / 3x3 1024, max pool, 2 x (1x1 512 / 3x3 1024), 3x3 1024, 3x3 1024/2, 3x3 1024,
 3x3 1024), all leaky ReLU (slope 0.1), then fc 4096 (leaky ReLU, dropout 0.5) and a linear fc to
 `S * S * (B * 5 + C)` outputs: 448x448 input, S = 7, B = 2, C = 20 (PASCAL VOC). Convolutions
-pad `kernel // 2` on every side, as darknet's `yolov1.cfg` (`pad=1`) does (the output sizes of
-SAME padding, whose stride-2 windows start half a pixel later), so 448 -> 7x7x1024 before the
+pad `kernel // 2` on every side, as darknet's `yolov1.cfg` (`pad=1`) does: the output sizes of
+SAME padding, whose stride-2 windows would start one pixel later. So 448 -> 7x7x1024 before the
 fcs.
 `yolo_v1_small` is the same design scaled for 64x64 images (`shapes_multi`): 6 convolutions
 with BatchNorm, fc 512 (`hidden_features=512`), no dropout, an 8x8 grid.
