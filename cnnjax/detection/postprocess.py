@@ -104,7 +104,7 @@ def _batched_nms(
     classes = jnp.where(candidate, classes, 0)
     ranking = jnp.where(candidate, scores, -jnp.inf)
     indices, valid = greedy_nms(boxes, ranking, iou_threshold, max_detections, float("-inf"),
-                          groups=classes)
+                                groups=classes)
     return Detections(
         boxes=jnp.where(valid[:, None], boxes[indices], 0.0),
         scores=jnp.where(valid, scores[indices], 0.0),

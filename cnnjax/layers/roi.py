@@ -110,7 +110,7 @@ def _check_roi_args(
     if not jnp.issubdtype(batch_indices.dtype, jnp.integer):
         raise invalid(owner, "batch_indices.dtype", str(batch_indices.dtype),
                       "expected an integer array")
-    n, h, w = features.shape[:3]
+    n = features.shape[0]
     if indices is not None:
         bad = np.flatnonzero((indices < 0) | (indices >= n))
         if bad.size:

@@ -140,7 +140,8 @@ def _residual(name: str, depth: int, kwargs: dict[str, Any]) -> CifarResNet:
     """A CIFAR ResNet: any of the paper's shortcut options A, B, C, but not "none" (that
     network is registered as the plain net of the same depth)."""
     if kwargs.get("shortcut") == "none":
-        raise invalid(name, "shortcut", "none", f"expected one of {list(SHORTCUTS[:-1])} "
+        residual = [s for s in SHORTCUTS if s != "none"]
+        raise invalid(name, "shortcut", "none", f"expected one of {residual} "
                       f"(without shortcuts it is plain{depth}_cifar)")
     return CifarResNet(depth=depth, **kwargs)
 

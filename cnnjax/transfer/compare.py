@@ -521,13 +521,13 @@ def summarize(rows: list[dict], metric: str) -> list[dict]:
                       "std": statistics.stdev(values) if len(values) > 1 else None,
                       "completed": len(values), "runs": len(group),
                       "statuses": sorted({r["status"] for r in group})})
+    better = 1.0 if default_mode(metric) == "max" else -1.0  # a lower loss is a gain
     for entry in table:
         budget = json.dumps(entry["budget"])
         scratch = finals_by_seed.get((budget, "scratch"), {})
         mine = finals_by_seed[(budget, entry["arm"])]
         paired = [s for s in mine if s in scratch] if entry["arm"] != "scratch" else []
         entry["paired_seeds"] = len(paired)
-        better = 1.0 if default_mode(metric) == "max" else -1.0  # a lower loss is a gain
         entry["gain_over_scratch"] = (
             statistics.fmean(better * (mine[s] - scratch[s]) for s in paired) if paired
             else None)
