@@ -182,7 +182,8 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     `SCHEDULING_FIELDS`, unless `force`: then the old spec is kept in the record's `replaced`
     list. A spec differing only in those (`--array=1,3` to rerun two trials of a sweep, a longer
     `--time`) is the same job queued differently: its script is rewritten and the record holds
-    the new spec.
+    the new spec. A record without jobs (`sbatch` refused it, or was not found) is replaced
+    freely: nothing ran under it.
     """
     directory = slurm.slurm_dir(spec)
     record_path = os.path.join(directory, RECORD_FILE)
@@ -191,7 +192,7 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     if record is not None:  # fields added since it was written read as their defaults
         record["spec"] = {**_SPEC_DEFAULTS, **record["spec"]}
     kept, wanted = without_scheduling(record["spec"] if record else {}), without_scheduling(new)
-    if record is not None and kept != wanted:
+    if record is not None and kept != wanted and record["jobs"]:
         changes = _differences(kept, wanted)
         if not force:
             scheduling = ", ".join(f"--{name}" for name in sorted(SCHEDULING_FIELDS)

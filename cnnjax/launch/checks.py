@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import flags
@@ -31,11 +31,13 @@ from cnnjax.utils.cli import error_message, names_field
 from cnnjax.utils.validation import invalid
 
 _OWNER = "launch"
+_FLAG_DEFINERS = {float: flags.DEFINE_float, int: flags.DEFINE_integer,
+                  bool: flags.DEFINE_bool, str: flags.DEFINE_string}
 _MAX_ARRAY_SIZE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
 
 
 def load_files(paths: dict[str, str], overrides: Sequence[str],
-               extra_flags: Sequence[str] = ()) -> dict[str, Any]:
+               extra_flags: Mapping[str, type] | None = None) -> dict[str, Any]:
     """`{flag: ConfigDict}` of each config file with `overrides` applied (locked, as the entry
     points load them). Raises ValueError naming the override that does not apply."""
     values = flags.FlagValues()
@@ -43,8 +45,8 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     for flag in paths:
         config_flags.DEFINE_config_file(flag, None, f"{flag} file", flag_values=values,
                                         lock_config=True, sys_argv=argv)
-    for flag in extra_flags:  # plain flags the entry point also accepts (type checked loosely)
-        flags.DEFINE_string(flag, None, flag, flag_values=values)
+    for flag, kind in (extra_flags or {}).items():  # plain flags the entry point also accepts
+        _FLAG_DEFINERS[kind](flag, None, flag, flag_values=values)
     try:
         values(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
@@ -118,10 +120,10 @@ def _batch_fields(config: Any) -> dict[str, int]:
 def check_configs(spec: JobSpec) -> None:
     """Loads the (validated) spec's config files with its overrides; raises ValueError for an
     override the file refuses, a sweep field the base config lacks, a value the engine's
-    `validate_config` refuses, or a batch size that does not split evenly over the job's
-    devices (every GPU of every task, one device on CPU). A sweep's checks run on every trial's
-    config, since a trial may set the batch size or any other field itself."""
-    from cnnjax.train.config import validate_config
+    `validate_config` refuses, or a batch size that does not split evenly over the devices the
+    engine will use (`job_devices`) or into `grad_accum_steps` micro-batches. A sweep's checks
+    run on every trial's config, since a trial may set the batch size or any other field."""
+    from cnnjax.train.config import check_batch_divisible, validate_config
 
     spec = validate_spec(spec, count_trials(spec) if spec.entry == "sweep" else None)
     entry = spec.entry_point
@@ -130,21 +132,48 @@ def check_configs(spec: JobSpec) -> None:
         experiments = entry_checks(spec, loaded)
     except ValueError as err:
         raise ValueError(f"launch: the job would fail at start: {err}") from None
-    # Every GPU of every node; on CPU one device per task (each task is a JAX process).
-    devices = spec.gpus_per_node * spec.nodes if spec.gpus_per_node else spec.num_tasks
     for which, config in experiments.items():
         where = f" (in {which})" if which else ""
         try:
             validate_config(config)
         except ValueError as err:
             raise ValueError(f"launch: the job would fail at start{where}: {err}") from None
+        devices, layout = job_devices(spec, config, where)
         for name, size in _batch_fields(config).items():
             if size % devices:
                 raise invalid(_OWNER, f"config.{name}", size,
-                              f"expected a multiple of the job's {devices} devices ({spec.nodes} "
-                              f"node(s) x {spec.gpus_per_node or spec.tasks_per_node} "
-                              f"{'GPU(s)' if spec.gpus_per_node else 'CPU task(s)'}){where}: "
-                              "the batch is split evenly over every device")
+                              f"expected a multiple of the job's {devices} devices ({layout})"
+                              f"{where}: the batch is split evenly over every device")
+        try:  # also each device's batch into `grad_accum_steps` micro-batches
+            check_batch_divisible(config, devices)
+        except ValueError as err:
+            raise ValueError(f"launch: the job would fail at start{where}: {err}") from None
+
+
+def job_devices(spec: JobSpec, config: Any, where: str = "") -> tuple[int, str]:
+    """The number of devices the engine will train `config` on in this (validated) job, counted
+    as `train.config.check_config` will at start, and how they are laid out (for messages).
+    Each task is one JAX process; a multi-process entry point's task owns one GPU (numbered by
+    `SLURM_LOCALID`), a single-process one all `gpus_per_node`; a CPU task is one device.
+    `config.num_devices` (> 0) picks that many local devices of a single-process job."""
+    processes = spec.num_tasks
+    gpus = spec.gpus_per_node
+    local = gpus if gpus and not spec.entry_point.multi_process else 1
+    requested = config.get("num_devices") or 0
+    if not requested:
+        if gpus:
+            return processes * local, f"{spec.nodes} node(s) x {gpus} GPU(s)"
+        return processes, f"{spec.nodes} node(s) x {spec.tasks_per_node} CPU task(s)"
+    if processes > 1:
+        raise invalid(_OWNER, "config.num_devices", requested,
+                      f"this job runs {processes} processes ({spec.nodes} node(s) x "
+                      f"{spec.tasks_per_node} task(s)){where}, and a multi-process job trains "
+                      "on every device of every process: leave num_devices=0")
+    if gpus and requested > local:
+        raise invalid(_OWNER, "config.num_devices", requested,
+                      f"expected at most the job's {local} GPU(s) (gpus_per_node){where}, or 0 "
+                      "for all of them")
+    return requested, f"config.num_devices={requested}"
 
 
 def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:

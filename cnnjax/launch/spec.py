@@ -31,18 +31,19 @@ _OWNER = "launch"
 class EntryPoint:
     """How to run one `experiments.<name>` script: its module, the flags that take a config file
     (in command-line order), the flag that takes the work directory, and the plain flags a user may
-    pass through. `multi_process`: the script joins several processes into one JAX job."""
+    pass through, with their types. `multi_process`: the script joins several processes into one
+    JAX job."""
 
     module: str
     file_flags: tuple[str, ...]
     dir_flag: str
-    extra_flags: tuple[str, ...] = ()
+    extra_flags: Mapping[str, type] = dataclasses.field(default_factory=dict)
     multi_process: bool = False
 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {
     "train": EntryPoint("experiments.train", ("config",), "workdir",
-                        extra_flags=("distributed_timeout",), multi_process=True),
+                        extra_flags={"distributed_timeout": float}, multi_process=True),
     "sweep": EntryPoint("experiments.sweep", ("config", "sweep"), "sweep_dir"),
     "tune": EntryPoint("experiments.tune", ("config", "recipe"), "tune_dir"),
     "transfer": EntryPoint("experiments.transfer", ("transfer",), "transfer_dir"),
@@ -52,7 +53,7 @@ FILE_FLAGS = ("config", "sweep", "recipe", "transfer")
 # SLURM time limits: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
                    r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
-_MEM = re.compile(r"^[1-9]\d*[KMGT]?$")
+_MEM = re.compile(r"^(0|[1-9]\d*)[KMGTkmgt]?$")  # sbatch's --mem; 0: all of the node's memory
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)$",
@@ -230,14 +231,15 @@ def _check_word(field: str, value: Any, pattern: re.Pattern | None = None,
 
 
 def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) -> str:
-    """`value` made absolute against `base`; it may not hold whitespace or '%' (SLURM reads
-    `%` in log paths as a pattern) and must exist as `must_exist` ("file"/"dir") if given."""
+    """`value` made absolute against `base`; it may not hold whitespace, '%' (SLURM reads `%`
+    in log paths as a pattern) or '#' (a `#SBATCH` line ends at it) and must exist as
+    `must_exist` ("file"/"dir") if given."""
     if not isinstance(value, str) or not value:
         raise invalid(_OWNER, field, value, "expected a path")
-    if re.search(r"[\s%'\"\\]", value):
+    if re.search(r"[\s%#'\"\\]", value):
         raise invalid(_OWNER, field, value,
-                      "expected a path without whitespace, quotes, backslashes or '%' (SLURM "
-                      "directives cannot carry them)")
+                      "expected a path without whitespace, quotes, backslashes, '%' or '#' "
+                      "(SLURM directives cannot carry them)")
     path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
     if must_exist == "file" and not os.path.isfile(path):
         raise invalid(_OWNER, field, value, f"no such file ({path})")
@@ -358,7 +360,8 @@ def _check_schedule(spec: JobSpec) -> None:
                       f"expected 1..{min(MAX_SIGNAL_SECONDS, limit - 1)}: seconds before the time "
                       f"limit ({spec.time} = {limit} s) at which the job stops and requeues")
     check_non_negative_int(_OWNER, "max_requeues", spec.max_requeues)
-    _check_word("mem", spec.mem, _MEM, "a size in MB or with a K/M/G/T suffix (e.g. 64G),")
+    _check_word("mem", spec.mem, _MEM,
+                "a size in MB or with a K/M/G/T suffix (e.g. 64G; 0: all of the node's memory),")
     for name in ("partition", "account", "qos", "constraint"):
         _check_word(name, getattr(spec, name))
 

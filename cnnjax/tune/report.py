@@ -90,8 +90,9 @@ def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
 
 def tune_figure(record: dict, ema_weight: float = 0.6):
     """Three panels: best eval metric against the learning rate (all rounds; diverged trials as
-    red crosses at the bottom), then the eval-metric curves and the EMA-smoothed train-loss
-    curves of every trial, coloured by round, the best trial in black. Uses the Agg backend."""
+    red crosses at the worst score: the bottom, or the top for a metric to minimize), then the
+    eval-metric curves and the EMA-smoothed train-loss curves of every trial, coloured by round,
+    the best trial in black. Uses the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +103,9 @@ def tune_figure(record: dict, ema_weight: float = 0.6):
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(1, len(record["rounds"]))))
     best = record.get("best") or {}
     done = [t for r in record["rounds"] for t in r["trials"] if t["status"] == "completed"]
-    low = min((t["best"] for t in done if t["best"] is not None), default=0.0)
+    scores = [t["best"] for t in done if t["best"] is not None]
+    # Diverged trials sit at the worst end of the axis: the lowest score, or the highest loss.
+    worst = (max if record.get("mode") == "min" else min)(scores, default=0.0)
     for r, color in zip(record["rounds"], colors, strict=True):
         label = f"round {r['index']} ({r['action']})"
         for t in r["trials"]:
@@ -115,7 +118,7 @@ def tune_figure(record: dict, ema_weight: float = 0.6):
                     ax_lr.scatter([lr], [t["best"]], facecolors="none", edgecolors="black",
                                   s=120, zorder=4, label="best")
             elif lr is not None and t["status"] == "diverged":
-                ax_lr.scatter([lr], [low], color="tab:red", marker="x", zorder=3)
+                ax_lr.scatter([lr], [worst], color="tab:red", marker="x", zorder=3)
             records = read_metrics(os.path.join(t["workdir"], METRICS_FILE))
             evals = [x for x in records if x.get("split") == "eval" and metric in x]
             train = [x for x in records if x.get("split") == "train" and "loss" in x]

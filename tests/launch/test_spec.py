@@ -52,6 +52,12 @@ def test_single_process_entry_points_get_one_task(entry, files, tasks):
     assert spec.tasks_per_node == tasks
 
 
+@pytest.mark.parametrize("mem", ["64G", "64g", "512m", "4096", "0"])
+def test_memory_takes_what_sbatch_takes(mem):
+    """SLURM reads K/M/G/T in either case, and 0 as all of the node's memory."""
+    assert validate_spec(_train(mem=mem)).mem == mem
+
+
 def test_cpu_only_train_runs_one_task_per_node():
     assert validate_spec(_train(gpus_per_node=0, nodes=2)).tasks_per_node == 1
 
@@ -121,6 +127,7 @@ BAD = [
     (dict(sweep=SWEEP), r"sweep=.* is invalid; train takes no --sweep; it takes --config"),
     (dict(workdir="work dir"), r"workdir='work dir' is invalid; expected a path without white"),
     (dict(workdir="runs/%j"), r"workdir='runs/%j' is invalid; .*'%'"),
+    (dict(workdir="exp#3"), r"workdir='exp#3' is invalid; .*'#'"),  # a #SBATCH line ends there
     (dict(workdir=CONFIG), r"workdir=.* is invalid; expected a directory, found a file"),
     (dict(nodes=0), r"nodes=0 is invalid; expected a positive integer"),
     (dict(nodes=1.5), r"nodes=1.5 is invalid; expected a positive integer"),
@@ -131,6 +138,7 @@ BAD = [
     (dict(cpus_per_task=0), r"cpus_per_task=0 is invalid; expected a positive integer"),
     (dict(mem="64 GB"), r"mem='64 GB' is invalid; expected a size in MB or with a K/M/G/T"),
     (dict(mem="64X"), r"mem='64X' is invalid"),
+    (dict(mem="064G"), r"mem='064G' is invalid"),
     (dict(time="4h"), r"time='4h' is invalid; expected a SLURM time limit"),
     (dict(signal_seconds=0), r"signal_seconds=0 is invalid; expected a positive integer"),
     (dict(time="5", signal_seconds=300), r"signal_seconds=300 is invalid; expected 1..299: "

@@ -305,6 +305,23 @@ def test_sbatch_failure_is_reported_and_no_job_is_recorded(tmp_path):
     assert json.loads((tmp_path / "run" / "slurm" / "launch.json").read_text())["jobs"] == []
 
 
+def test_a_spec_sbatch_refused_can_be_corrected_without_force(tmp_path):
+    """Nothing ran under a record without jobs, so a corrected partition is no other job."""
+    stand_in_slurm(tmp_path / "bin")
+    (tmp_path / "bin" / "sbatch.fail").touch()
+    assert _submit(tmp_path, *_train_args(tmp_path / "run", "--partition=gpux")).returncode == 1
+    (tmp_path / "bin" / "sbatch.fail").unlink()
+    result = _submit(tmp_path, *_train_args(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "slurm" / "launch.json").read_text())
+    assert record["spec"]["partition"] == "gpu"
+    assert [job["job_id"] for job in record["jobs"]] == ["4242"]
+    assert "replaced" not in record
+    changed = _submit(tmp_path, *_train_args(tmp_path / "run", "--partition=gpux"))
+    assert changed.returncode == 1  # once a job was queued, the spec is that job's
+    assert "holds a job with a different spec (partition: 'gpu' -> 'gpux')" in changed.stderr
+
+
 def test_without_sbatch_on_path_the_script_is_still_written(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, "-m", "launch.submit",
@@ -350,6 +367,43 @@ def test_check_configs_loads_the_overrides_like_the_entry_point(tmp_path):
                                          r"\(1 node\(s\) x 3 CPU task\(s\)\)"):  # a process each
         check_configs(JobSpec(**{**spec.__dict__, "gpus_per_node": 0, "nodes": 1,
                                  "tasks_per_node": 3}))
+
+
+def test_check_configs_counts_devices_as_the_engine_will(tmp_path):
+    """`config.num_devices` picks the devices of a single-process job, and each device's batch
+    must split into `grad_accum_steps` micro-batches, as `check_config` requires at start."""
+    spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 30), sweep=SWEEP,
+                   workdir=str(tmp_path / "w"), nodes=1, gpus_per_node=4, submit_dir=str(ROOT))
+    with pytest.raises(ValueError, match=r"expected a multiple of the job's 4 devices"):
+        check_configs(spec)
+    check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.num_devices=1",)}))
+    with pytest.raises(ValueError, match=r"^launch: config.global_batch_size=32 is invalid; "
+                                         r"expected a multiple of the job's 3 devices "
+                                         r"\(config.num_devices=3\)"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": (
+            "--config.num_devices=3", "--config.global_batch_size=32")}))
+    with pytest.raises(ValueError, match=r"^launch: config.num_devices=8 is invalid; expected "
+                                         r"at most the job's 4 GPU\(s\)"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.num_devices=8",)}))
+    train = JobSpec(entry="train", config=_light_config(tmp_path, 64), workdir=str(tmp_path / "t"),
+                    nodes=2, gpus_per_node=2, submit_dir=str(ROOT))
+    check_configs(train)
+    with pytest.raises(ValueError, match=r"^launch: config.num_devices=2 is invalid; this job "
+                                         r"runs 4 processes .* leave num_devices=0"):
+        check_configs(JobSpec(**{**train.__dict__, "overrides": ("--config.num_devices=2",)}))
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start: config: "
+                                         r"grad_accum_steps=32 is invalid; expected a divisor "
+                                         r"of the per-device batch 16"):
+        check_configs(JobSpec(**{**train.__dict__, "overrides": ("--config.grad_accum_steps=32",)}))
+
+
+def test_check_configs_types_the_entry_points_plain_flags(tmp_path):
+    spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
+                   submit_dir=str(ROOT), overrides=("--distributed_timeout=600",))
+    check_configs(spec)
+    with pytest.raises(ValueError, match=r"^launch: overrides='--distributed_timeout=abc' is "
+                                         r"invalid; .*could not convert string to float"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--distributed_timeout=abc",)}))
 
 
 def test_check_configs_runs_the_engine_value_checks_on_every_trial(tmp_path):

@@ -648,6 +648,11 @@ def test_diverged_and_failed_trials(tmp_path, monkeypatch):
                if len(c.get_facecolor()) and same_color(c.get_facecolor()[0], "tab:red")]
     lowest = min(t["best"] for t in record["rounds"][0]["trials"] if t["best"] is not None)
     assert [tuple(c.get_offsets()[0]) for c in crosses] == [(10.0, lowest)]  # at the bottom
+    by_loss = {**record, "metric": "loss", "mode": "min"}  # a loss ranks the other way round
+    crosses = [c for c in rp.tune_figure(by_loss).axes[0].collections
+               if len(c.get_facecolor()) and same_color(c.get_facecolor()[0], "tab:red")]
+    highest = max(t["best"] for t in record["rounds"][0]["trials"] if t["best"] is not None)
+    assert [tuple(c.get_offsets()[0]) for c in crosses] == [(10.0, highest)]  # at the top
 
     def crash(config, workdir):
         raise RuntimeError("out of memory")
