@@ -5,7 +5,8 @@ validity masks and padded ground truth, padded examples masked out) and computes
 
 - `map50`: PASCAL VOC AP at IoU 0.5 with all-point interpolation (the VOC2010+ devkit's
   `voc_ap(use_07_metric=False)`: area under the precision envelope). A detection matches the
-  ground-truth box it overlaps most (IoU `> 0.5`, strictly, as the devkit); if that box is already
+  ground-truth box it overlaps most if their IoU is `>= 0.5` (the devkit's `VOCevaldet.m`:
+  `ovmax >= minoverlap`; py-faster-rcnn's `voc_eval.py` port uses `>`); if that box is already
   taken the detection is a false positive.
 - `map`: COCO AP averaged over IoU 0.50:0.05:0.95 with 101-point interpolated precision
   (pycocotools' `COCOeval` bbox, area "all", `maxDets` per image): a detection matches the
@@ -19,7 +20,7 @@ convention is not used).
 
 "Difficult" ground truth (PASCAL VOC's `is_difficult`, `gt_difficult` in `add`) neither counts as
 an object to find nor punishes a detection of it: VOC ignores a detection whose best-overlapping
-box (IoU > 0.5) is difficult (the devkit's rule, before the already-taken check); COCO treats
+box (IoU >= 0.5) is difficult (the devkit's rule, before the already-taken check); COCO treats
 difficult boxes as its ignore regions (pycocotools' `iscrowd` handling: matched only when no
 regular box matches, any number of times, the detection then ignored), with the usual IoU.
 """
@@ -86,7 +87,7 @@ def _voc_matches(iou: np.ndarray, difficult: np.ndarray) -> np.ndarray:
         return hits
     for d in range(iou.shape[0]):
         best = int(np.argmax(iou[d]))
-        if iou[d, best] > VOC_IOU:
+        if iou[d, best] >= VOC_IOU:
             if difficult[best]:
                 hits[d] = IGNORED
             elif not taken[best]:

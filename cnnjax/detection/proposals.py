@@ -55,9 +55,10 @@ def rpn_proposals(
     IoU `nms_thresh` (`cnnjax.layers.roi.nms`: ties keep the lower index); keep the first
     `post_nms_top_n`. Defaults are the paper's test setting (py-faster-rcnn: 6000 / 300, IoU 0.7,
     `min_size` 16 pixels of the network input; py-faster-rcnn multiplies its 16 by the image's
-    resize factor, torchvision uses 6000 -> 1000 at test, 2000 -> 2000 in training and
-    `min_size=1e-3`). Unlike torchvision, which takes its top-n before removing small boxes, small
-    boxes are dropped first (py-faster-rcnn), so up to `pre_nms_top_n` usable boxes reach NMS.
+    resize factor; torchvision's defaults are 1000 -> 1000 at test and 2000 -> 2000 in training,
+    per FPN level, with `min_size=1e-3`). Unlike torchvision, which takes its top-n before
+    removing small boxes, small boxes are dropped first (py-faster-rcnn), so up to
+    `pre_nms_top_n` usable boxes reach NMS.
 
     Returns `Proposals(boxes [K, 4], scores [K], valid [K])` with `K = post_nms_top_n`, the
     survivors in decreasing-score order, padded with zeros (and `valid=False`) when fewer survive.

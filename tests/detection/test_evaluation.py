@@ -54,10 +54,13 @@ def test_voc_and_coco_differ_on_a_taken_best_box():
     assert out["ap50/1"] == out["map50"] and "ap50/0" not in out  # class 0 has no gt: left out
 
 
-def test_iou_of_exactly_half():
-    # IoU 0.5 exactly: VOC needs > 0.5 (devkit), COCO >= 0.5.
+def test_iou_of_exactly_half_is_a_match():
+    # IoU 0.5 exactly: both the VOC devkit (VOCevaldet.m: ovmax >= minoverlap) and pycocotools
+    # match; just under it neither does.
     out = _evaluate(_detections([[0, 0, 10, 10]], [0.9], [0]), [[0, 0, 20, 10]], [0])
-    assert out["map50"] == 0.0 and out["coco_map50"] == 1.0
+    assert out["map50"] == 1.0 and out["coco_map50"] == 1.0
+    out = _evaluate(_detections([[0, 0, 10, 10]], [0.9], [0]), [[0, 0, 20.001, 10]], [0])
+    assert out["map50"] == 0.0 and out["coco_map50"] == 0.0
 
 
 def test_missing_detections_score_zero_and_masked_images_are_skipped():
