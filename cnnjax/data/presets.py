@@ -36,8 +36,7 @@ class DatasetPreset:
     """How one dataset is read and preprocessed by default.
 
     `image_shape` is the stored `(height, width, channels)`; height/width are `None` for datasets
-    of variable-size images, which then need `default_image_size`. `local_builder` marks cnnjax's
-    own offline builders, generated on first use; catalogue datasets must already be prepared.
+    of variable-size images, which then need `default_image_size`.
     `tfds_name` is `None` only for `fake` (in-memory random images, no tfds).
     """
 
@@ -56,7 +55,6 @@ class DatasetPreset:
     crop_fraction: float = 0.875
     cache: bool = True
     shuffle_buffer: int = 10_000
-    local_builder: bool = False
 
     def __post_init__(self) -> None:
         owner = f"DatasetPreset({self.name!r})"
@@ -81,13 +79,13 @@ PRESETS: dict[str, DatasetPreset] = {
         DatasetPreset(
             name="digits", tfds_name="digits", num_classes=10, image_shape=(8, 8, 1),
             train_split="train", eval_split="test", mean=(0.3058,), std=(0.3764,),
-            shuffle_buffer=2048, local_builder=True,
+            shuffle_buffer=2048,
         ),
         DatasetPreset(
             name="shapes", tfds_name="shapes", num_classes=4, image_shape=(32, 32, 3),
             train_split="train", eval_split="test",
             mean=(0.5091, 0.5090, 0.5003), std=(0.2855, 0.2891, 0.2870),
-            train_augmentation="pad_crop_flip", shuffle_buffer=2048, local_builder=True,
+            train_augmentation="pad_crop_flip", shuffle_buffer=2048,
         ),
         DatasetPreset(
             name="mnist", tfds_name="mnist", num_classes=10, image_shape=(28, 28, 1),

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data.builders import digits as _digits  # noqa: F401  (registers the `digits` builder)
+from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
 from cnnjax.data.spec import Spec
 from cnnjax.utils.validation import invalid
 
@@ -68,14 +68,15 @@ class TfdsSource(Source):
     """A prepared tfds dataset; images stay encoded until `decode` (cheap shuffles and skips)."""
 
     def __init__(self, spec: Spec):
-        preset = spec.preset
         try:
             builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
         except tfds.core.registered.DatasetNotFoundError as e:
             raise invalid(_OWNER, "tfds_name", spec.tfds_name,
                           f"tfds does not know this dataset ({e})") from None
         if not builder.is_prepared():
-            if not preset.local_builder:
+            # By the dataset named, not the preset: `name='shapes', tfds_name='voc/2007'` reads
+            # a catalogue dataset, which must never be downloaded here.
+            if not isinstance(builder, LOCAL_BUILDERS):
                 raise DatasetNotPreparedError(_missing_dataset_message(spec, builder))
             logging.info("cnnjax.data: generating %r into %s (offline, first use)",
                          spec.tfds_name, builder.data_dir)
@@ -90,7 +91,7 @@ class TfdsSource(Source):
                 logging.info("cnnjax.data: another process finished building %r first; "
                              "using its copy", spec.tfds_name)
         self.builder = builder
-        self.name = preset.name
+        self.name = spec.preset.name
         self._spec = spec
         features = builder.info.features
         self._image_feature = features["image"]

@@ -220,9 +220,12 @@ def resolve(data_config: Any) -> Spec:
                       "expected 0 when augment=False (RandAugment is a training augmentation: "
                       "set augment=True, or randaugment_layers=0)")
 
-    tfds_name = _optional_str("tfds_name", cfg["tfds_name"]) or preset.tfds_name
-    if name == "fake":
-        tfds_name = None
+    tfds_name = _optional_str("tfds_name", cfg["tfds_name"])
+    if name == "fake" and tfds_name is not None:
+        raise invalid(_OWNER, "tfds_name", tfds_name,
+                      "expected None for name='fake' (random in-memory images, no tfds); to "
+                      "read a tfds dataset, set data.name to its preset instead")
+    tfds_name = tfds_name or preset.tfds_name
     return Spec(
         preset=preset,
         tfds_name=tfds_name,

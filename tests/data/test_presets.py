@@ -92,7 +92,6 @@ def test_preset_choices():
     for name in ("digits", "mnist", "fashion_mnist"):
         assert get_preset(name).train_augmentation == "none"
         assert get_preset(name).image_shape[2] == 1
-    assert get_preset("digits").local_builder and not get_preset("mnist").local_builder
 
 
 def test_preset_validation_errors():
@@ -372,6 +371,36 @@ def test_missing_catalogue_dataset_says_how_to_prepare_it(tmp_path):
     assert "cnnjax never downloads data" in message
     assert "`tfds build cifar10 --data_dir=<dir>`" in message
     assert not os.path.exists(expected_dir)  # nothing was downloaded or generated
+
+
+@pytest.mark.parametrize("name,tfds_name", [("digits", "mnist"), ("shapes", "cifar10"),
+                                             ("shapes", "voc/2007")])
+def test_an_offline_preset_never_downloads_the_catalogue_dataset_it_names(
+        tmp_path, monkeypatch, name, tfds_name):
+    """Whether a dataset is generated offline follows the dataset read, not the preset."""
+    def download(self, *args, **kwargs):
+        raise AssertionError(f"downloaded {self.name}")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download)
+    config = _config(name, str(tmp_path), tfds_name=tfds_name)
+    with pytest.raises(DatasetNotPreparedError, match=rf"\(tfds {tfds_name!r}\) is not prepared"):
+        sources.open_source(resolve(config))
+
+
+def test_an_offline_builder_named_beside_another_preset_is_generated(tmp_path):
+    """`tfds_name='digits'` is generated on first use whatever the preset (here cifar10's):
+    there is nothing to download."""
+    config = _config("cifar10", str(tmp_path), tfds_name="digits")
+    source = sources.open_source(resolve(config))
+    assert source.builder.is_prepared() and source.num_classes == 10
+
+
+def test_fake_refuses_a_tfds_name():
+    config = default_data_config("fake")
+    config.tfds_name = "cifar10"
+    with pytest.raises(ValueError, match=r"^data: tfds_name='cifar10' is invalid; expected None "
+                                         r"for name='fake'"):
+        resolve(config)
 
 
 def test_missing_imagenet_mentions_manual_download(tmp_path):

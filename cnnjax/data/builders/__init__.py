@@ -8,4 +8,7 @@ Importing this package registers them with tfds (`tfds.builder('digits')` then w
 from cnnjax.data.builders.digits import Digits
 from cnnjax.data.builders.shapes import Shapes, ShapesMulti, ShapesSegmentation
 
-__all__ = ["Digits", "Shapes", "ShapesMulti", "ShapesSegmentation"]
+#: The builders cnnjax generates offline on first use; every other tfds dataset must be prepared.
+LOCAL_BUILDERS = (Digits, Shapes, ShapesMulti, ShapesSegmentation)
+
+__all__ = ["LOCAL_BUILDERS", "Digits", "Shapes", "ShapesMulti", "ShapesSegmentation"]
