@@ -37,7 +37,7 @@ from cnnjax.layers.padding import (
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
-    check_nhwc,
+    check_nhwc_nonempty,
     check_positive_int,
     invalid,
     to_pair,
@@ -81,7 +81,7 @@ class _Geometry:
 
     def resolve(self, owner: str, x: Array) -> tuple[Pads, tuple[int, int]]:
         """Explicit pads and output `(H, W)` for input `x`; raises if the kernel does not fit."""
-        check_nhwc(owner, x)
+        check_nhwc_nonempty(owner, x)
         size = x.shape[1:3]
         if self.padding == "VALID":
             pads: Pads = ((0, 0), (0, 0))
@@ -426,7 +426,7 @@ class ConvTranspose2D(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         owner = type(self).__name__
-        check_nhwc(owner, x)
+        check_nhwc_nonempty(owner, x)  # an empty map would give an output of only the bias
         geo, out_pad = _transpose_geometry(self)
         _check_input_groups(owner, x, self.groups)
         conv_pads, out_size = [], []

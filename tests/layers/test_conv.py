@@ -559,6 +559,18 @@ def test_conv2d_input_rank():
         Conv2D(4, 3).init(jax.random.key(0), X[0])
 
 
+@pytest.mark.parametrize("layer", [
+    Conv2D(4, 1), LocallyConnected2D(4, 1), TiledConv2D(4, 1), ConvTranspose2D(4, 2, strides=2),
+], ids=lambda m: type(m).__name__)
+def test_an_empty_map_is_refused(layer):
+    """A 1x1 kernel or a transposed convolution would otherwise 'fit' a 0-high map (the
+    transposed one returned only its bias, where PyTorch raises)."""
+    with pytest.raises(ValueError, match=rf"^{type(layer).__name__}: input.shape=\(1, 0, 4, 2\) "
+                                         r"is invalid; expected height and width >= 1"):
+        layer.init(jax.random.key(0), jnp.zeros((1, 0, 4, 2)))
+    assert jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((0, 4, 4, 2)))  # batch 0 is fine
+
+
 def test_locally_connected_refuses_an_input_other_than_its_initialization_one():
     # flax raised a ScopeParamShapeError naming neither the layer nor the input.
     layer = LocallyConnected2D(2, 3)
