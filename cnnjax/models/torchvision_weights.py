@@ -69,7 +69,7 @@ IGNORED_PREFIXES: dict[str, dict[str, str]] = {
         "torchvision's published checkpoint (which has them; torchvision warns they are NOT "
         "pretrained); the converted model is googlenet_bn without aux heads (aux_logits=False). "
         "To fine-tune with aux_logits=True, also exclude aux1 and aux2 from the warm start "
-        "(--config.init_from.exclude=head,aux1,aux2) so they start fresh"
+        "(--config.init_from.exclude=\"('head', 'aux1', 'aux2')\") so they start fresh"
         for prefix in ("aux1.", "aux2.")
     },
 }

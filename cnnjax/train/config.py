@@ -444,13 +444,15 @@ def _validate_init_from(config: Any) -> None:
                       "expected None or a top-level module name of the model, e.g. 'backbone'")
     exclude = init_from.get("exclude")
     if not isinstance(exclude, tuple | list) or not all(
-        isinstance(name, str) and name for name in exclude
+        isinstance(name, str) and name and "," not in name for name in exclude
     ):
         raise invalid(
             "init_from",
             "exclude",
             exclude,
-            "expected a tuple of top-level parameter names, e.g. ('head',)",
+            "expected a tuple of module names, e.g. ('head',); on the command line give it as "
+            "a Python literal, --config.init_from.exclude=\"('head', 'aux1')\" (head,aux1 "
+            "would be one name)",
         )
 
 

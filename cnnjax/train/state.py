@@ -265,6 +265,12 @@ def _unused_summary(unused: Mapping[str, int], limit: int = 6) -> str:
     return f"{leaves} {'leaf' if leaves == 1 else 'leaves'} in {what} ({listed}{more})"
 
 
+def exclude_flag(names: Sequence[str]) -> str:
+    """The command-line override setting `init_from.exclude` to `names`, as a Python literal in
+    shell double quotes (ml_collections reads `a,b` as the single name 'a,b')."""
+    return f'--config.init_from.exclude="{tuple(names)!r}"'
+
+
 def _exclude_hint(excluded: tuple[str, ...], unused: Mapping[str, int]) -> str:
     """How `init_from.exclude` would name `unused`: module names match at any depth, so a
     nested module is excluded by its last name; a single variable cannot be excluded alone."""
@@ -273,8 +279,8 @@ def _exclude_hint(excluded: tuple[str, ...], unused: Mapping[str, int]) -> str:
     names = sorted({u.split("/")[-1] for u in unused if u not in leaves})
     hint = ""
     if names:
-        flag = ",".join([*excluded, *names])
-        hint = (f" (it names modules at any depth: --config.init_from.exclude={flag})"
+        flag = exclude_flag((*excluded, *names))
+        hint = (f" (it names modules at any depth: {flag})"
                 if len(names) <= 8 else
                 f" (it names modules at any depth, e.g. {names[0]!r} for {unused[0]!r})")
     if leaves:

@@ -391,7 +391,7 @@ def test_source_variables_the_new_model_would_not_load_are_refused(tmp_path, mon
         "init_from.exclude",
     )
     assert message.endswith("add those modules to config.init_from.exclude (it names modules "
-                            "at any depth: --config.init_from.exclude=head,extra).")
+                            "at any depth: --config.init_from.exclude=\"('head', 'extra')\").")
     # read before the workdir is prepared: no config.json, checkpoints/ or init_from.json (the
     # lock and the failed run's summary.json saying why)
     assert sorted(os.listdir(run)) == ["run.lock", "summary.json"]
@@ -462,7 +462,7 @@ def test_a_larger_source_architecture_is_not_loaded_in_part(new, source, submodu
     assert "if a partial warm start is really intended, add those modules to " \
            "config.init_from.exclude" in text
     extra = VGG11_BN_BATCHNORMS if source == "vgg11_bn" else RESNET34_EXTRA_BLOCKS
-    assert text.endswith(f"--config.init_from.exclude=head,{','.join(extra)}).")
+    assert text.endswith(f'--config.init_from.exclude="{("head", *extra)!r}").')
 
 
 @pytest.mark.parametrize(
@@ -572,8 +572,15 @@ def test_leaves_no_module_exclusion_can_skip_get_their_own_hint():
         (
             "init_from.exclude",
             ("head", ""),
-            "init_from: exclude=('head', '') is invalid; expected a tuple of top-level parameter "
-            "names, e.g. ('head',).",
+            "init_from: exclude=('head', '') is invalid; expected a tuple of module names, "
+            "e.g. ('head',);",
+        ),
+        (
+            "init_from.exclude",
+            ("head,aux1",),  # what `--config.init_from.exclude=head,aux1` gives
+            "init_from: exclude=('head,aux1',) is invalid; expected a tuple of module names, "
+            "e.g. ('head',); on the command line give it as a Python literal, "
+            "--config.init_from.exclude=\"('head', 'aux1')\" (head,aux1 would be one name).",
         ),
         ("init_from.workdir", "", "init_from: workdir='' is invalid; expected the source run's"),
         (
@@ -706,7 +713,7 @@ def test_a_source_with_auxiliary_classifiers_into_a_model_without_them_needs_the
     with pytest.raises(ValueError, match=re.escape(
             "would not load: 8 leaves in 2 modules ('aux1', 'aux2'); ")) as err:
         select_pretrained(new, source, ("head",), **kwargs)
-    assert str(err.value).endswith("--config.init_from.exclude=head,aux1,aux2).")
+    assert str(err.value).endswith("--config.init_from.exclude=\"('head', 'aux1', 'aux2')\").")
     selected = select_pretrained(new, source, ("head", "aux1", "aux2"), **kwargs)
     assert set(flatten_dict(selected["params"])) == {
         p for p in flatten_dict(new["params"]) if p[0] != "head"}
