@@ -83,7 +83,8 @@ def check_input_size(
     """Raises a ValueError naming the layer if `model` cannot run on `input_shape` (H, W, C).
 
     `min_input_size` (from the model registry) is checked first; then the abstract trace finds the
-    layer where the spatial size collapses.
+    layer where the spatial size collapses. A layer that fails on a much larger input too is
+    reported as a settings problem (e.g. `groups` that do not divide its channels), not a size one.
     """
     height, width = input_shape[0], input_shape[1]
     if min_input_size is not None and min(height, width) < min_input_size:
@@ -93,19 +94,40 @@ def check_input_size(
             f"{height}x{width}",
             f"the model needs inputs of at least {min_input_size}x{min_input_size}",
         )
+    err = _trace_failure(model, input_shape)
+    if err is None:
+        return
+    larger = (max(4 * height, _LARGE_INPUT), max(4 * width, _LARGE_INPUT), *input_shape[2:])
+    if _trace_failure(model, larger) is not None:  # not the size: the model's own settings
+        cause = err.__cause__
+        raise ValueError(
+            f"{model_name}: layer {err.layer} fails on a {height}x{width} input and on a "
+            f"{larger[0]}x{larger[1]} one alike, so not for the input size; check the model's "
+            f"settings (config.model_kwargs): {type(cause).__name__}: {cause}"
+        ) from None
+    raise invalid(
+        model_name,
+        "input resolution",
+        f"{height}x{width}",
+        f"too small: layer {err.layer} fails ({err.detail}); use a larger "
+        "data.image_size or a model meant for small images",
+    ) from None
+
+
+#: The side of the input a failure is re-traced at to tell a size problem from another one.
+_LARGE_INPUT = 512
+
+
+def _trace_failure(model: nn.Module, input_shape: tuple[int, ...]) -> _TooSmallError | None:
+    """The first layer failure of an abstract `model.init` on one `input_shape` image, if any."""
     dummy = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     try:
         with nn.intercept_methods(_Watcher()):
             jax.eval_shape(lambda x: model.init(rngs, x, train=False), dummy)
     except _TooSmallError as err:
-        raise invalid(
-            model_name,
-            "input resolution",
-            f"{height}x{width}",
-            f"too small: layer {err.layer} fails ({err.detail}); use a larger "
-            "data.image_size or a model meant for small images",
-        ) from None
+        return err
+    return None
 
 
 def check_external_proposals(model: nn.Module, model_name: str, proposals: Any) -> None:

@@ -184,6 +184,22 @@ def test_input_too_small_for_a_pooling_function_names_what_fed_it():
     assert "the input it got came from layer conv5 (Conv2D), shape (1, 1, 1, 256)" in message
 
 
+def test_a_layer_that_fails_at_any_size_is_not_blamed_on_the_input_size():
+    """AlexNet at its own 224x224 with groups that do not divide a layer's channels: the layer's
+    own error, pointing at the model's settings, not "use a larger data.image_size"."""
+    from cnnjax.models import create_model
+
+    model = create_model("alexnet", num_classes=10, groups=(1, 1, 5, 1, 1))
+    with pytest.raises(ValueError) as err:
+        checks.check_input_size(model, "alexnet", (224, 224, 3))
+    message = str(err.value)
+    assert message.startswith("alexnet: layer ")
+    assert "fails on a 224x224 input and on a 896x896 one alike" in message
+    assert "so not for the input size; check the model's settings (config.model_kwargs): " \
+           "ValueError: Conv2D: groups=5 is invalid" in message
+    assert "image_size" not in message
+
+
 _COLLAPSING = "test_collapsing_convnet"
 
 
