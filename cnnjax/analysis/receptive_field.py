@@ -17,6 +17,10 @@ Upsampling (input dilation l, as in transposed convolutions) puts l - 1 zeros be
 different outputs see different numbers of real inputs. The size is then the exact maximum over
 output phases, the jump the fractional j * s / l and the start the phase-averaged centre; the grid
 is no longer uniform, so the sizes of later layers are upper bounds (a note says so).
+Zero insertion written as `lax.pad` with interior padding gets the plain recurrence on the
+fractional jump and no note (an upper bound too; it is also how `TiledConv2D` interleaves its
+phases, exactly). A path reduced over the map (global pooling) merged into a positioned one
+gives every unit the whole union, with jump 0 (a note says so).
 """
 
 from __future__ import annotations
@@ -132,10 +136,21 @@ def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
 
     Fields located on the same array axis must share jump and start to be aligned; fields already
     reduced away (`axis=None`) see the whole input range they cover and are merged as intervals.
+    A located field meeting a reduced one (a squeeze-excitation gate, an image-pooling branch)
+    is collapsed first: every output position then sees the union over all positions, which
+    does not move with the unit (jump 0 on the output's grid), and the merge is reported as
+    misaligned.
     """
     if len(fields) == 1:
         return fields[0], False
     located = [f for f in fields if f.axis is not None]
+    if located and len(located) < len(fields):
+        whole = union([collapse(f) for f in fields])[0]
+        first = located[0]
+        if any(f.axis != first.axis or f.count != first.count for f in located):
+            return whole, True
+        return AxisField(whole.size, 0.0, whole.start, axis=first.axis, count=first.count,
+                         exclusive=all(f.exclusive for f in located)), True
     misaligned = False
     if located:
         first = located[0]
@@ -252,7 +267,9 @@ def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
     out = []
     for d in range(len(present[0])):
         field, misaligned = union([i[d] for i in present])
-        if misaligned:
+        if misaligned and _mixes_global([i[d] for i in present]):
+            notes.append(_global_mix_note(where, "merged", d))
+        elif misaligned:
             starts = sorted({float(i[d].start) for i in present})
             jumps = sorted({float(i[d].jump) for i in present})
             notes.append(
@@ -261,6 +278,17 @@ def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
             )
         out.append(field)
     return tuple(out)
+
+
+def _mixes_global(fields: Sequence[AxisField]) -> bool:
+    """Whether positioned fields meet fields already reduced over the axis."""
+    return len({f.axis is None for f in fields}) == 2
+
+
+def _global_mix_note(where: str, how: str, d: int) -> str:
+    return (f"{where}: a path reduced over spatial axis {d} (e.g. global pooling) is {how} "
+            "with a positioned one; every output position is given the union of the fields "
+            "over all positions")
 
 
 def _globalize(infos: Sequence[Info | None]) -> Info:
@@ -403,7 +431,9 @@ def _concatenate(
                 out.append(collapse(f))
             continue
         field, misaligned = union([in_infos[k][d] for k in present])
-        if misaligned:
+        if misaligned and _mixes_global([in_infos[k][d] for k in present]):
+            notes.append(_global_mix_note(where, "concatenated", d))
+        elif misaligned:
             notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
         out.append(field)
     return tuple(out)
@@ -436,13 +466,17 @@ def propagate(
         extra = [e for e in extra if e is not None]
         if not extra:
             return info
+        notes.append(f"{where}: an operand computed from the input (a data-dependent kernel, "
+                     "padding value or index) reaches every output; field treated as global")
         glob = _globalize(extra)
+        info = with_counts(info, out_shapes[0])  # the positions the union runs over
         return tuple(union([f, g])[0] for f, g in zip(info, glob, strict=True))
 
     if prim in ELEMENTWISE:
         return finish([_merge(in_infos, notes, where)] * n_out)
     if prim == "optimization_barrier":
-        return finish([in_infos[i] or _globalize(in_infos) for i in range(n_out)])
+        return [None if info is None else with_counts(info, shape)  # operands pass through
+                for info, shape in zip(in_infos, out_shapes, strict=True)]
     if prim == "conv_general_dilated":
         lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
         if in_infos[0] is None or params.get("batch_group_count", 1) != 1:
@@ -459,6 +493,9 @@ def propagate(
                             params["padding"][i][0], params["rhs_dilation"][i], lhs_dilation))
         return finish([also_global(_apply(in_infos[0], rules, notes, where), in_infos[1:])])
     if prim in WINDOW_REDUCTIONS:
+        if any(f.axis is not None and params["base_dilation"][f.axis] > 1 for f in first):
+            notes.append(f"{where}: base dilation (zero insertion) makes the grid non-uniform; "
+                         "later field sizes are upper bounds")
         n = len(out_shapes)
         rules = {
             a: (a, (params["window_dimensions"][a], params["window_strides"][a],

@@ -381,6 +381,13 @@ class _Grouper:
         t = self.t
         for e in t.eqns:
             in_infos = [self.info.get(i) for i in e.inputs]
+            if e.prim == "optimization_barrier":  # each operand passes through, as it was
+                for i, o in zip(e.inputs, e.outputs, strict=True):
+                    self.info[o] = self.info.get(i)
+                    for table in (self.deps, self.producer):
+                        if i in table:
+                            table[o] = table[i]
+                continue
             if all(i is None for i in in_infos):
                 deps_p, deps_e = frozenset(), frozenset([e.index])
                 for i in e.inputs:

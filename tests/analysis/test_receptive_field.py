@@ -122,6 +122,69 @@ def test_misaligned_paths_union_matches_gradient():
     assert rows == cols == (4, 8)
 
 
+class _GlobalGate(nn.Module):
+    """A 3x3 conv gated by its own global average (squeeze-excitation), or concatenated with it
+    broadcast back over the map (DeepLab's image-pooling branch)."""
+
+    concatenate: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(2, (3, 3), padding=1, use_bias=False, kernel_init=ONES)(x)
+        pooled = jnp.mean(y, axis=(1, 2), keepdims=True)
+        if self.concatenate:
+            return jnp.concatenate([y, jnp.broadcast_to(pooled, y.shape)], axis=-1)
+        return y * nn.sigmoid(pooled)
+
+
+class _DynamicKernel(nn.Module):
+    """A convolution whose kernel is a crop of the feature map (SiamFC-style correlation)."""
+
+    @nn.compact
+    def __call__(self, x):
+        f = nn.Conv(2, (3, 3), padding=1, kernel_init=ONES)(x)
+        kernel = f[:, 4:7, 4:7, :].reshape(3, 3, 2, 1)
+        return jax.lax.conv_general_dilated(f, kernel, (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("model", [_GlobalGate(), _GlobalGate(concatenate=True), _DynamicKernel()],
+                         ids=["gate", "concatenated", "dynamic_kernel"])
+def test_a_global_path_gives_every_unit_the_same_field(model):
+    """Every output unit depends on pixels all over the map: the reported field must hold each
+    unit's gradient support wherever the unit is (jump 0), and a note says why."""
+    shape = (20, 20, 1)
+    result = summary(model, shape)
+    field = result.receptive_field
+    assert field.jump == (0, 0)
+    assert any("reaches every output" in n or "(e.g. global pooling)" in n for n in result.notes)
+    x = jax.random.uniform(jax.random.key(1), (1, *shape)) + 0.5
+    variables = model.init(jax.random.key(0), x)
+    out_size = model.apply(variables, x).shape[1]
+    for p in (0, out_size // 2, out_size - 1):
+        rows, cols = _support(lambda x: model.apply(variables, x), x, (0, p, p, 0))
+        for lo, hi in (rows, cols):
+            assert field.start[0] - (field.size[0] - 1) / 2 <= lo
+            assert hi <= field.start[0] + (field.size[0] - 1) / 2
+
+
+def test_an_optimization_barrier_passes_each_operand_through():
+    """The kernel through `lax.optimization_barrier` stays a parameter of its convolution."""
+
+    class Barrier(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", nn.initializers.ones, (3, 3, 1, 1))
+            x, kernel = jax.lax.optimization_barrier((x, kernel))
+            return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    result = summary(Barrier(), (16, 16, 1))
+    assert result.receptive_field.size == (3, 3)
+    assert [(r.name, r.params) for r in result.rows] == [("conv_0", 9)]
+    assert result.notes == []
+
+
 @pytest.mark.parametrize(("kernel", "stride", "expected"),
                          [(2, 2, 1), (3, 2, 2), (4, 2, 2), (5, 2, 3), (3, 3, 1), (4, 1, 4)])
 def test_transposed_conv_field_is_max_over_output_phases(kernel, stride, expected):
