@@ -197,8 +197,8 @@ def _warmup_cosine(sched: Any, lr: float, total: int, warmup: int) -> optax.Sche
 
 
 #: The schedule fields that set where the rate starts or ends, and the schedules that read them
-#: (`init_value` only with a warmup, but warmup_cosine's own): a non-zero one the chosen
-#: schedule would ignore is refused, not silently dropped.
+#: (`init_value` only with a warmup: optax's warmup_cosine starts at the peak without one): a
+#: non-zero one the chosen schedule would ignore is refused, not silently dropped.
 _ENDPOINT_READERS: dict[str, tuple[str, ...]] = {
     "alpha": ("cosine",),
     "end_value": ("linear", "warmup_cosine"),
@@ -218,7 +218,7 @@ def _check_endpoints(sched: Any, name: str, warmup: int) -> None:
         value = _get(sched, field, 0.0)
         if isinstance(value, bool) or not isinstance(value, int | float) or value == 0:
             continue  # unset (0) or a bad type, which the reader's own check names
-        if name in readers and (field != "init_value" or warmup or name == "warmup_cosine"):
+        if name in readers and (field != "init_value" or warmup):
             continue
         needs = (f"schedule.warmup_steps > 0 with {name!r}" if name in readers
                  else f"schedule.name in {list(readers)}")
@@ -247,6 +247,11 @@ def build_schedule(config: Any) -> optax.Schedule:
     total = check_positive_int("config", "num_train_steps", config.num_train_steps)
     warmup = _warmup_steps(sched, name, total)
     _check_endpoints(sched, name, warmup)
+    boundaries = _get(sched, "boundaries", ())
+    if name != "piecewise" and boundaries:
+        raise invalid("schedule", "boundaries", boundaries,
+                      f"schedule {name!r} does not read it (the decay steps of 'piecewise'); "
+                      "set schedule.name='piecewise', or boundaries=()")
     if name == "one_cycle":
         return _one_cycle(sched, lr, total)
     if name == "warmup_cosine":

@@ -92,11 +92,19 @@ def ramp_schedule(lr_min: float, lr_max: float, steps: int) -> optax.Schedule:
                                    decay_rate=lr_max / lr_min, end_value=lr_max)
 
 
-def ramp_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+#: Schedule fields only other schedules read: the ramp clears them (where the config has them),
+#: since the engine refuses a value the "constant" schedule recorded for the ramp would ignore.
+_RAMP_CLEARS = {"boundaries": (), "init_value": 0.0, "end_value": 0.0, "alpha": 0.0}
+
+
+def ramp_overrides(settings: dict[str, Any], config: Any = None) -> dict[str, Any]:
     """The config fields the test changes: its length, and the schedule (the ramp replaces it;
     `optimizer.learning_rate` records the ramp's top). Everything else is the config's."""
+    schedule = None if config is None else config.get("schedule")
+    clears = {f"schedule.{name}": value for name, value in _RAMP_CLEARS.items()
+              if schedule is None or name in schedule}
     return {"num_train_steps": settings["steps"], "optimizer.learning_rate": settings["lr_max"],
-            "schedule.name": "constant", "schedule.warmup_steps": 0}
+            "schedule.name": "constant", "schedule.warmup_steps": 0, **clears}
 
 
 def skipped_steps(steps: int) -> int:
@@ -165,7 +173,7 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
     outputs) is refused. Process 0 holds `<workdir>/run.lock` while it runs.
     """
     settings = check_settings(lr_min, lr_max, steps, divergence_factor, smoothing)
-    overrides = ramp_overrides(settings)
+    overrides = ramp_overrides(settings, config)
     run_config = apply_overrides(config, overrides)
     schedule = ramp_schedule(settings["lr_min"], settings["lr_max"], settings["steps"])
     checked = config_lib.check_config(run_config, schedule=schedule)

@@ -103,7 +103,8 @@ def test_bad_optimizer_fields(optimizer, fields, message):
          "itself over its first pct_start of the run."),
         ("warmup_cosine", {"warmup_steps": 10, "init_value": -0.1},
          "init_value=-0.1 is invalid; " + FINITE),
-        ("warmup_cosine", {"init_value": NAN}, "init_value=nan is invalid; " + FINITE),
+        ("warmup_cosine", {"warmup_steps": 10, "init_value": NAN},
+         "init_value=nan is invalid; " + FINITE),
         ("cosine", {"warmup_steps": 10, "init_value": -0.1},
          "init_value=-0.1 is invalid; " + FINITE),
         ("warmup_cosine", {"end_value": -1e-3}, "end_value=-0.001 is invalid; " + FINITE),
@@ -165,6 +166,12 @@ def test_bad_schedule_fields(schedule, fields, message):
      "not read it (the rate a warmup starts from); it applies with schedule.name in "
      "['constant', 'piecewise', 'exponential', 'cosine', 'linear', 'warmup_cosine'], so set it "
      "to 0."),
+    ("warmup_cosine", {"init_value": 0.01, "warmup_steps": 0}, "init_value=0.01 is invalid; "
+     "schedule 'warmup_cosine' does not read it (the rate a warmup starts from); it applies "
+     "with schedule.warmup_steps > 0 with 'warmup_cosine', so set it to 0."),  # optax: the peak
+    ("cosine", {"boundaries": (30, 60)}, "boundaries=(30, 60) is invalid; schedule 'cosine' "
+     "does not read it (the decay steps of 'piecewise'); set schedule.name='piecewise', or "
+     "boundaries=()."),
     ("cosine", {"init_value": 0.01}, "init_value=0.01 is invalid; schedule 'cosine' does not "
      "read it (the rate a warmup starts from); it applies with schedule.warmup_steps > 0 with "
      "'cosine', so set it to 0."),
@@ -178,9 +185,10 @@ def test_a_schedule_field_the_schedule_would_ignore_is_refused(schedule, fields,
 
 def test_endpoint_fields_the_schedule_reads_are_accepted():
     for schedule, fields in [("cosine", {"alpha": 0.1}), ("linear", {"end_value": 0.01}),
-                             ("warmup_cosine", {"end_value": 0.01, "init_value": 0.01}),
+                             ("warmup_cosine", {"end_value": 0.01, "init_value": 0.01,
+                                                "warmup_steps": 5}),
                              ("cosine", {"init_value": 0.01, "warmup_steps": 5}),
-                             ("warmup_cosine", {"init_value": 0.01, "warmup_steps": 0})]:
+                             ("piecewise", {"boundaries": (30,)})]:
         build_optimizer(_config(schedule, **{f"schedule__{k}": v for k, v in fields.items()}))
 
 

@@ -119,9 +119,27 @@ def test_record_and_plot_are_written(ramp):
     assert saved["settings"] == {**SETTINGS, "lr_max": 1000.0, "divergence_factor": 4.0,
                                  "smoothing": 0.98}
     assert saved["overrides"] == {"num_train_steps": 40, "optimizer.learning_rate": 1000.0,
-                                  "schedule.name": "constant", "schedule.warmup_steps": 0}
+                                  "schedule.name": "constant", "schedule.warmup_steps": 0,
+                                  "schedule.boundaries": [], "schedule.init_value": 0.0,
+                                  "schedule.end_value": 0.0, "schedule.alpha": 0.0}
     assert saved["config"]["optimizer.momentum"] == 0.9  # the config's own optimizer
     assert os.path.getsize(os.path.join(workdir, lr_range.PLOT_FILE)) > 10_000
+
+
+@pytest.mark.parametrize("schedule", [{"name": "piecewise", "boundaries": (20, 30)},
+                                      {"name": "cosine", "alpha": 0.1},
+                                      {"name": "warmup_cosine", "warmup_steps": 5,
+                                       "init_value": 0.01, "end_value": 0.001}])
+def test_the_ramp_replaces_any_schedule(fake_engine, tmp_path, schedule):
+    """Fields only the config's own schedule reads (piecewise boundaries, a cosine floor, a
+    warmup's start) are cleared with it: the engine refuses them under the ramp's "constant"."""
+    config = _config()
+    for name, value in schedule.items():
+        config.schedule[name] = value
+    record = lr_range.run_lr_range(config, str(tmp_path / "run"), **SETTINGS)
+    assert record["status"] in lr_range.FINISHED
+    assert record["config"]["schedule.name"] == "constant"
+    assert record["config"]["schedule.boundaries"] == []
 
 
 def test_rerun_with_the_same_settings_returns_the_record_untouched(ramp, monkeypatch):
