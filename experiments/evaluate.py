@@ -153,6 +153,8 @@ def main(argv: list[str]) -> None:
             except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
                 failure = str(err)
                 result["calibration_error"] = failure
+                if classified is not None:  # only the fit failed: the scores at T = 1 stand
+                    result["calibration"] = calibrate_run(run, *classified, _N_BINS.value)
         if _PLOT.value and (classified is not None or failure is None):
             result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
                                        classified=classified)

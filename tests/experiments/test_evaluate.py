@@ -81,7 +81,7 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
         "like 'train[:90%]' also work) [Error parsing split 'test[:200%]'."), sliced.stderr[-500:]
 
     # A split the model gets entirely right has no best T: the command says so, exits 1, and
-    # still writes the engine's metrics (here to --output, with no calibration block).
+    # still writes the engine's metrics (here to --output) and the calibration at T = 1.
     output = tmp_path / "perfect.json"
     perfect = _command("experiments.evaluate", f"--workdir={workdir}", "--noplot",
                        "--temperature_split=train[:2%]", f"--output={output}")
@@ -90,8 +90,9 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
     assert last.startswith("error: evaluate: temperature_split='train[:2%]' is invalid")
     assert last.endswith(f"(the other metrics are written to {output})")
     written = json.loads(output.read_text())
-    assert written["top1"] == record["top1"] and "calibration" not in written
-    assert written["calibration_error"] in last
+    assert written["top1"] == record["top1"] and written["calibration_error"] in last
+    assert {"ece", "mce", "nll", "brier"} <= set(written["calibration"])
+    assert "temperature_scaling" not in written["calibration"]
     # --nocalibration: the engine's metrics only.
     plain = _command("experiments.evaluate", f"--workdir={workdir}", "--noplot",
                      "--nocalibration", f"--output={tmp_path / 'plain.json'}")
