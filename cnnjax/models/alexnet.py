@@ -52,7 +52,13 @@ from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, dense_kernel_init
-from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_nhwc,
+    check_non_negative_int,
+    check_positive_int,
+    invalid,
+)
 
 Array = Any
 
@@ -122,6 +128,9 @@ class AlexNet(nn.Module):
         check_positive_int(owner, "num_classes", self.num_classes)
         _check_five(owner, "widths", self.widths)
         _check_five(owner, "groups", self.groups)
+        check_non_negative_int(owner, "conv1_padding", self.conv1_padding)
+        check_bool(owner, "lrn", self.lrn)
+        check_bool(owner, "dropout_before_fc", self.dropout_before_fc)
         check_dropout_rate(owner, self.dropout_rate)
         check_positive_int(owner, "hidden_features", self.hidden_features)
         if self.pool_size is not None:

@@ -58,7 +58,13 @@ from cnnjax.layers.conv import Conv2D, ConvTranspose2D, bilinear_kernel_1d, bili
 from cnnjax.models.registry import register_model
 from cnnjax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from cnnjax.models.vgg import VGG_CONFIGS, VGGFeatures, check_dropout_rate
-from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int
+from cnnjax.utils.validation import (
+    check_bool,
+    check_choice,
+    check_nhwc,
+    check_positive_int,
+    invalid,
+)
 
 Array = Any
 
@@ -135,6 +141,7 @@ class FCN(nn.Module):
         check_choice(owner, "variant", self.variant, (32, 16, 8))
         check_choice(owner, "backbone", self.backbone, BACKBONES)
         check_dropout_rate(owner, self.dropout_rate)
+        check_bool(owner, "learn_final_upsample", self.learn_final_upsample)
         super().__post_init__()
 
     def _backbone(self, x: Array, train: bool) -> tuple[dict[str, Array], tuple[Array, ...]]:
@@ -209,14 +216,39 @@ class FCN(nn.Module):
         return (out, feats) if return_features else out
 
 
+def _check_vgg16_params(vgg_params: Mapping[str, Any]) -> None:
+    """Raises unless `vgg_params` holds exactly a plain VGG-16's convolutions, fc6 and fc7."""
+    owner, valid = "fcn_params_from_vgg16", "expected the params of cnnjax's plain vgg16"
+    if not isinstance(vgg_params, Mapping) or not {"features", "fc6", "fc7"} <= set(vgg_params):
+        found = sorted(vgg_params) if isinstance(vgg_params, Mapping) else type(vgg_params)
+        raise invalid(owner, "vgg_params", found,
+                      f"{valid} (with 'features', 'fc6' and 'fc7'; pass variables['params'])")
+    expected = {f"conv{b}_{i}" for b, widths in enumerate(VGG_CONFIGS[16], 1)
+                for i in range(1, len(widths) + 1)}
+    names = set(vgg_params["features"])
+    if names != expected:
+        differences = [f"{what} {sorted(found)}" for what, found in (
+            ("has", names - expected), ("lacks", expected - names)) if found]
+        raise invalid(owner, "vgg_params", "features",
+                      f"{valid}: its features {' and '.join(differences)} (VGG-16-BN's "
+                      "BatchNorms or another depth's convolutions would be dropped or missing)")
+    shape = tuple(vgg_params["fc6"]["kernel"].shape)
+    if shape[0] != 7 * 7 * 512:
+        raise invalid(owner, "vgg_params", f"fc6 kernel {shape}",
+                      f"{valid}: fc6 reads the 7x7x512 pool5 map (25088 rows)")
+
+
 def fcn_params_from_vgg16(vgg_params: Mapping[str, Any]) -> dict[str, Any]:
     """Maps a VGG-16 classifier's params (`cnnjax.models.vgg.vgg16`) to an FCN-VGG16's backbone.
 
     Returns `{"features", "fc6", "fc7"}` with fc6's dense kernel (25088, 4096) reshaped to the
     7x7x512x4096 convolution kernel (the dense kernel's rows index the pool5 map in (h, w, c)
     order) and fc7's to 1x1x4096x4096; merge it into an initialized FCN's params, keeping the
-    freshly initialized score and upsampling layers.
+    freshly initialized score and upsampling layers. Params of another VGG (VGG-19's extra
+    convolutions, VGG-16-BN's BatchNorms) are refused: merged, their extra entries would be
+    ignored and the backbone would run with weights trained for another network.
     """
+    _check_vgg16_params(vgg_params)
     fc6, fc7 = vgg_params["fc6"], vgg_params["fc7"]
     return {
         "features": vgg_params["features"],

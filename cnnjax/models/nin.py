@@ -40,7 +40,13 @@ from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
-from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_choice,
+    check_nhwc,
+    check_positive_int,
+    invalid,
+)
 
 Array = Any
 
@@ -134,6 +140,7 @@ class NiN(nn.Module):
         owner = type(self).__name__
         check_positive_int(owner, "num_classes", self.num_classes)
         check_dropout_rate(owner, self.dropout_rate)
+        check_bool(owner, "relu_logits", self.relu_logits)
         if not self.stages:
             raise invalid(owner, "stages", self.stages, "expected at least one NiNStage")
         for stage in self.stages:

@@ -195,6 +195,7 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
         _check_shortcut(type(self).__name__, self.shortcut)
         check_positive_int(type(self).__name__, "strides", self.strides)
         check_positive_int(type(self).__name__, "expansion", self.expansion)
+        check_bool(type(self).__name__, "stride_in_1x1", self.stride_in_1x1)
         check_bool(type(self).__name__, "zero_init_last_bn", self.zero_init_last_bn)
         self.check_drop_path()
         super().__post_init__()
@@ -295,11 +296,17 @@ class ResNet(nn.Module):
         check_positive_ints(name, "stage_sizes", self.stage_sizes,
                             "expected a non-empty sequence of positive block counts")
         check_drop_path_rate(name, self.drop_path_rate, self.shortcut)
+        check_bool(name, "stride_in_1x1", self.stride_in_1x1)
+        check_bool(name, "features_only", self.features_only)
         block = _unwrap(self.block_cls)
         if not (isinstance(block, type) and issubclass(block, nn.Module)):
             raise invalid(name, "block_cls", self.block_cls,
                           "expected a block module class (BasicBlock, BottleneckBlock or a "
                           "compatible nn.Module subclass) or a functools.partial of one")
+        if self.stride_in_1x1 and not issubclass(block, BottleneckBlock):
+            raise invalid(name, "stride_in_1x1", self.stride_in_1x1,
+                          "expected False with basic blocks (a bottleneck-block option; "
+                          f"{block.__name__} would ignore it)")
         super().__post_init__()
 
     def _block_kwargs(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -424,7 +425,14 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         ) from err
     if not os.path.isfile(path):
         raise invalid("torchvision_weights", "weights", path, "expected an existing .pth file")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a file that pickles whole objects is refused, never executed
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise invalid("torchvision_weights", "weights", path,
+                      "expected a state_dict saved with torch.save(model.state_dict(), path) "
+                      "(a file holding a whole pickled model is not read, since unpickling it "
+                      f"could run arbitrary code; {type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:160]})") from None
     if not isinstance(loaded, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         keys = sorted(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__

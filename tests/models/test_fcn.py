@@ -14,7 +14,7 @@ from cnnjax.layers.conv import ConvTranspose2D, bilinear_upsample_init
 from cnnjax.models import create_model, list_models
 from cnnjax.models import resnet as resnet_module
 from cnnjax.models import vgg as vgg_module
-from cnnjax.models.fcn import bilinear_upsample
+from cnnjax.models.fcn import bilinear_upsample, fcn_params_from_vgg16
 
 FCN_NAMES = [
     "fcn32s_vgg16",
@@ -234,3 +234,45 @@ def test_input_gradient_centroid_of_each_output_pixel_is_that_pixel(name, monkey
         centroid = np.asarray(directional(t), np.float64)[inner, inner] / mass[inner, inner]
         want = v[:, None] if axis == 0 else v[None, :]
         np.testing.assert_allclose(centroid, np.broadcast_to(want, centroid.shape), atol=0.5)
+
+
+def _vgg_params(name: str) -> dict:
+    model = create_model(name, num_classes=10)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))["params"]
+
+
+def test_vgg16_params_map_onto_the_fcn_backbone():
+    fcn_shapes = jax.eval_shape(create_model("fcn32s_vgg16").init, jax.random.key(0),
+                                jnp.zeros((1, 224, 224, 3)))["params"]
+    mapped = jax.eval_shape(fcn_params_from_vgg16, _vgg_params("vgg16"))
+    assert jax.tree.map(lambda a: a.shape, mapped) == jax.tree.map(
+        lambda a: a.shape, {k: fcn_shapes[k] for k in ("features", "fc6", "fc7")})
+
+
+@pytest.mark.parametrize("name,detail", [
+    ("vgg16_bn", r"its features has \['bn1_1', 'bn1_2'"),
+    ("vgg19", r"its features has \['conv3_4', 'conv4_4', 'conv5_4'\]"),
+    ("vgg11", r"its features lacks \['conv1_2', 'conv2_2', 'conv3_3'"),
+])
+def test_another_vggs_params_are_refused(name, detail):
+    """Merged into the FCN, VGG-16-BN's BatchNorms or VGG-19's fourth convolutions would be
+    ignored and the backbone would run weights trained for another network."""
+    with pytest.raises(ValueError, match=r"^fcn_params_from_vgg16: vgg_params='features' is "
+                                         r"invalid; expected the params of cnnjax's plain vgg16: "
+                                         + detail):
+        fcn_params_from_vgg16(_vgg_params(name))
+
+
+@pytest.mark.slow
+def test_fcn_fc7_at_the_centre_equals_the_vgg16_classifiers_fc7():
+    """fc6/fc7 as convolutions over the 7x7 pool5 map of a 224x224 input give, at the centre
+    position, the classifier's fc7 activations (the reshape's (h, w, c) row order)."""
+    x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
+    vgg, fcn = create_model("vgg16", num_classes=10), create_model("fcn32s_vgg16")
+    vgg_vars = jax.jit(vgg.init)(jax.random.key(0), x)
+    fcn_vars = jax.jit(fcn.init)(jax.random.key(1), x)
+    merged = {"params": {**fcn_vars["params"], **fcn_params_from_vgg16(vgg_vars["params"])}}
+    _, features = jax.jit(lambda v, x: fcn.apply(v, x, return_features=True))(merged, x)
+    _, reference = jax.jit(lambda v, x: vgg.apply(v, x, return_features=True))(vgg_vars, x)
+    np.testing.assert_allclose(features["fc7"][0, 3, 3], reference["pre_logits"][0],
+                               rtol=1e-4, atol=1e-4)

@@ -99,3 +99,21 @@ def test_a_detectors_registered_min_input_size_is_exact(name):
         variables, images, spec((2, 3, 4), jnp.float32), spec((2, 3), jnp.int32),
         spec((2, 3), jnp.bool_))
     assert all(leaf.shape == () for leaf in jax.tree.leaves(losses))
+
+
+@pytest.mark.parametrize("name,field", [
+    ("resnet50", "stride_in_1x1"), ("resnet18", "features_only"), ("alexnet", "lrn"),
+    ("alexnet", "dropout_before_fc"), ("nin", "relu_logits"),
+    ("fcn8s_vgg16", "learn_final_upsample"),
+])
+def test_a_switch_given_a_non_bool_is_refused(name, field):
+    """A string such as "False" is truthy: taken as given, it silently meant True."""
+    with pytest.raises(ValueError, match=rf": {field}='False' is invalid; expected True or False"):
+        create_model(name, **{field: "False"})
+
+
+def test_stride_in_1x1_is_refused_for_basic_blocks():
+    with pytest.raises(ValueError, match=r"^ResNet: stride_in_1x1=True is invalid; expected False "
+                                         r"with basic blocks .*BasicBlock would ignore it"):
+        create_model("resnet18", stride_in_1x1=True)
+    assert create_model("resnet50", stride_in_1x1=True).stride_in_1x1

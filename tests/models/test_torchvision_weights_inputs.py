@@ -215,6 +215,21 @@ def test_without_torch_reading_a_pth_says_how_to_install(monkeypatch, tmp_path):
         tvw.load_torch_state_dict(str(tmp_path / "resnet18.pth"))
 
 
+def test_a_whole_pickled_model_is_refused_with_the_state_dict_hint(tmp_path):
+    """`torch.save(model)` pickles the module itself: `weights_only` loading refuses it (raising
+    UnpicklingError, whose advice is to unpickle it anyway); cnnjax says to save the state_dict."""
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "whole.pth"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(ValueError, match=r"^torchvision_weights: weights='.*whole.pth' is "
+                                         r"invalid; expected a state_dict saved with "
+                                         r"torch.save\(model.state_dict\(\), path\)"):
+        tvw.load_torch_state_dict(str(path))
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"weights='.*junk.pth' is invalid; expected a state_dict"):
+        tvw.load_torch_state_dict(str(tmp_path / "junk.pth"))
+
+
 # ----------------------------------------------------------------------- warm-start workdir
 def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
     workdir = str(tmp_path / "pretrained")
