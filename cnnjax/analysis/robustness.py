@@ -185,7 +185,8 @@ def corrupted_config(config, name: str, severity: int):
     """`config` (a run's, trained on a dataset of `TFDS_CORRUPTED`) reading its tfds corrupted
     set's `<name>_<severity>` config instead: `cifar10_corrupted`'s test split or
     `imagenet2012_corrupted`'s validation split (each set's only split, so also as the train
-    split: the config stays a whole one the engine can evaluate). tfds's config names are
+    split: the config stays a whole one the engine can evaluate; a per-class train limit is
+    lifted so every image is scored). tfds's config names are
     `corruptions.tfds_config_name`'s (cifar10_corrupted renames two corruptions)."""
     import ml_collections
 
@@ -196,6 +197,9 @@ def corrupted_config(config, name: str, severity: int):
     config.data.tfds_name = (f"{tfds_set.tfds_name}/{tfds_config_name(name, tfds_set.tfds_name)}"
                              f"_{severity}")
     config.data.eval_split = config.data.train_split = tfds_set.split
+    # A low-data run's per-class limit applies to the train split, now this one: every image
+    # is scored, as in the clean top-1.
+    config.data.train_examples_per_class = None
     return config
 
 

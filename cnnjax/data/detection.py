@@ -131,6 +131,32 @@ def prepare_proposals(data_config: Any) -> dict[str, str]:
     return paths
 
 
+def head_split(data_config: Any, split: str, num_examples: int) -> str:
+    """A tfds split string of the first `num_examples` of `split` (all of it if shorter), which
+    may itself be a slice or a '+' join (`train[:90%]`: tfds cannot slice a slice), e.g.
+    `train[0:6]`; its parts in stored order."""
+    _, source, _, _ = _open(data_config)
+    source.num_examples(split)  # an unknown split: the usual ValueError naming it
+    return head_of(split, source.builder.info.splits, num_examples)
+
+
+def head_of(split: str, splits: Any, num_examples: int) -> str:
+    """`head_split` given the dataset's `{name: tfds SplitInfo}`."""
+    import tensorflow_datasets as tfds
+
+    parts, left = [], num_examples
+    for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits):
+        start = part.from_ or 0
+        stop = splits[part.splitname].num_examples if part.to is None else part.to
+        take = min(left, max(0, stop - start))
+        if take:
+            parts.append(f"{part.splitname}[{start}:{start + take}]")
+            left -= take
+        if not left:
+            break
+    return "+".join(parts)
+
+
 def eval_split_name(data_config: Any) -> str:
     """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
     return pipeline.eval_split_name(_split(data_config)[0])

@@ -85,8 +85,8 @@ class Settings:
                          low=rcnn_svm.NEGATIVE_IOU, high=1.0)
         if self.step is not None:
             check_positive_int(OWNER, "step", self.step)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise invalid(OWNER, "seed", self.seed, "expected an integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise invalid(OWNER, "seed", self.seed, "expected an integer >= 0")
         return self
 
     def model_settings(self) -> dict[str, Any]:
@@ -132,11 +132,16 @@ def params_checksum(variables: Any) -> str:
 
 
 def train_split(detector: TrainedDetector, num_images: int) -> str:
-    """The tfds split string of the run's first `num_images` train scenes."""
+    """The tfds split string of the run's first `num_images` train scenes (a sliced or joined
+    train split, e.g. `train[:90%]`, resolved to absolute ranges: tfds cannot slice a slice)."""
     from cnnjax.data import presets
 
     data = detector.run.config.data
     name = data.get("train_split") or presets.get_preset(data.name).train_split
+    if "[" in name or "+" in name:
+        from cnnjax.data import detection
+
+        return detection.head_split(data, name, num_images)
     return f"{name}[:{num_images}]"
 
 

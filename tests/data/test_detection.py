@@ -457,3 +457,19 @@ def test_a_cropping_preset_still_resizes_whole_images(voc_dir):
     assert cropped_preset.keys() == voc.keys()
     for key in voc:
         np.testing.assert_array_equal(cropped_preset[key], voc[key], err_msg=key)
+
+
+@pytest.mark.parametrize("split,num,expected", [
+    ("train", 6, "train[0:6]"),
+    ("train[:90%]", 6, "train[0:6]"),
+    ("train[10:]", 6, "train[10:16]"),
+    ("train[95:]", 10, "train[95:100]"),  # shorter than asked: all of it
+    ("train[98:]+test[:5]", 4, "train[98:100]+test[0:2]"),
+])
+def test_the_head_of_a_sliced_or_joined_split_is_one_tfds_can_read(split, num, expected):
+    """R-CNN's SVM stage reads the first N train scenes; `train[:90%][:N]` is no tfds split."""
+    splits = {name: tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0,
+                                        filename_template=None)
+              for name, size in (("train", 100), ("test", 40))}
+    assert detection.head_of(split, splits, num) == expected
+    tfds.core.ReadInstruction.from_spec(expected)  # parses

@@ -187,6 +187,8 @@ def test_tfds_configs_use_tfds_names_for_glass_blur_and_elastic():
                            ("contrast", "contrast_3")):
         got = R.corrupted_config(config, name, 3).data
         assert got.tfds_name == f"cifar10_corrupted/{expected}" and got.eval_split == "test"
+    config.data.train_examples_per_class = 1  # a low-data run: its limit must not thin the cells
+    assert R.corrupted_config(config, "contrast", 1).data.train_examples_per_class is None
     config.data = default_data_config("imagenet2012")
     for name in ("glass_blur", "elastic_transform", "contrast"):
         got = R.corrupted_config(config, name, 4).data
