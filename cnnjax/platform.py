@@ -83,8 +83,10 @@ def configure_cpu_defaults(
 
     Call it at the top of an entry point, before anything runs a JAX computation. Returns the
     flags it added, `{name: value}` (empty when there was nothing to add, the user opted out with
-    `CNNJAX_CPU_DEFAULTS=0`, or it was too late). If JAX's backend is already initialized the
-    flags could no longer take effect, so it warns (`RuntimeWarning`) and changes nothing.
+    `CNNJAX_CPU_DEFAULTS=0`, `XLA_FLAGS` names a flags file (a value not starting with `-`,
+    which XLA reads as a path: appending to it would break it), or it was too late). If JAX's
+    backend is already initialized the flags could no longer take effect, so it warns
+    (`RuntimeWarning`) and changes nothing.
     Calling it twice adds nothing the second time. `environ` (default `os.environ`) is for tests
     and for building a subprocess environment; an explicit mapping is edited whatever the state
     of this process's backend.
@@ -94,6 +96,8 @@ def configure_cpu_defaults(
     if env.get(OPT_OUT_ENV, "1").strip().lower() in _FALSY:
         return {}
     current = env.get("XLA_FLAGS", "")
+    if current.strip() and not current.lstrip().startswith("-"):
+        return {}  # XLA reads such a value as the path of a file of flags: the user's own set
     already = parse_xla_flags(current)
     added = {name: value for name, value in wanted.items() if name not in already}
     if not added:

@@ -238,3 +238,25 @@ def test_a_misspelt_group_on_the_path_is_named():
     assert cli.describe_flag_error(args, err) == (
         "--config.optimizer.nam.x=1 is invalid; the config has no field 'nam'; Did you mean "
         "\"name\" instead of \"nam\"?")
+
+
+def test_a_misspelt_field_is_blamed_not_a_valid_override_naming_a_similar_one():
+    """`decay` is in "weight_decy ... weight_decay": the override ml_collections' KeyError names
+    first is the culprit, not the first one any of whose names the message contains."""
+    err = AttributeError(KeyError("'weight_decy'\nDid you mean \"weight_decay\" instead?"))
+    args = ["--config=c.py", "--config.ema.decay=0.999", "--config.optimizer.weight_decy=1e-4"]
+    assert cli.describe_flag_error(args, err).startswith(
+        "--config.optimizer.weight_decy=1e-4 is invalid; the config has no field 'weight_decy'")
+    err = AttributeError(KeyError("'warmup_step'\nDid you mean \"warmup_steps\" instead?"))
+    args = ["--config.schedule.warmup_steps=5", "--config.schedule.warmup_step=5"]
+    assert cli.describe_flag_error(args, err).startswith("--config.schedule.warmup_step=5 is ")
+
+
+def test_the_config_file_given_with_a_space_is_read_for_the_hints():
+    """absl takes `--config FILE` as well as `--config=FILE`; the hints read either."""
+    args = ["--config", "experiments/configs/lenet5_digits.py", "--config.model.name=bogus"]
+    assert cli.describe_flag_error(args, TypeError("string indices must be integers")) == (
+        "--config.model.name=bogus is invalid; config.model is a str ('lenet5'), not a group of "
+        "fields; set it with --config.model=<value>")
+    assert cli.model_kwargs_hint(args).startswith("; model 'lenet5' accepts model_kwargs [")
+    assert cli.flag_value(["--config=a.py", "--config", "b.py"], "config") == "b.py"  # the last

@@ -90,3 +90,11 @@ def test_an_earlier_traceback_is_kept_aside_after_a_success(tmp_path):
     (tmp_path / "error.process1.log").write_text("process 1's")
     assert files.retire_error_log(str(tmp_path), "error.process1.log") == str(
         tmp_path / "error.process1.previous.log")
+
+
+@pytest.mark.parametrize("path", ["", "   "])
+def test_an_empty_output_folder_is_refused(path):
+    """`--workdir=$WORKDIR` with the variable unset reached os.makedirs('')."""
+    with pytest.raises(ValueError, match=r"^--workdir='\s*' is invalid; expected a directory "
+                                         r"path\.$"):
+        files.check_output_dir(path, "--workdir")

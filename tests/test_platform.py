@@ -92,6 +92,15 @@ def test_opt_out_env_var(value):
     assert "XLA_FLAGS" not in env
 
 
+@pytest.mark.parametrize("value", ["/cluster/xla_flags.txt", "  flags.txt"])
+def test_a_flags_file_is_left_alone(value):
+    """XLA reads an XLA_FLAGS value not starting with '-' as a file of flags; appending ours to
+    it made XLA open '<path> --xla_...' and abort."""
+    env = {"XLA_FLAGS": value}
+    assert platform.configure_cpu_defaults(environ=env) == {}
+    assert env == {"XLA_FLAGS": value}
+
+
 def test_too_late_warns_and_changes_nothing(monkeypatch):
     monkeypatch.setattr(platform, "jax_backend_initialized", lambda: True)
     monkeypatch.setenv("XLA_FLAGS", "--x=1")

@@ -9,6 +9,7 @@ import pytest
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
+    check_depth,
     check_known_fields,
     check_nhwc_nonempty,
     check_non_negative_int,
@@ -43,6 +44,7 @@ def test_check_number_can_refuse_numeric_strings():
 
 @pytest.mark.parametrize("value, kwargs", [
     (True, {}),                                               # bools are not numbers here
+    (np.True_, {}),                                           # NumPy's bool neither
     (math.nan, {}),
     ("abc", {}),
     (None, {}),
@@ -148,6 +150,8 @@ def test_integer_checks_accept_numpy_integers_as_python_ints(value):
         assert got == 3 and type(got) is int
     assert check_positive_ints("SPPNet", "pyramid_levels", (value, 1), "v") == (3, 1)
     assert type(check_positive_ints("SPPNet", "pyramid_levels", (value,), "v")[0]) is int
+    depth = check_depth("CifarResNet", value * 6 + 2, 6, 2, "basic blocks")  # 20
+    assert depth == 3 and type(depth) is int
 
 
 

@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, array_indices, validate_spec
-from cnnjax.utils.cli import error_message, names_field
+from cnnjax.utils.cli import error_message, find_culprit
 from cnnjax.utils.validation import invalid
 
 _OWNER = "launch"
@@ -50,7 +50,7 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     try:
         values(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
-        culprit = next((o for o in overrides if names_field(o, err)), list(overrides))
+        culprit = find_culprit(overrides, err) or list(overrides)
         raise invalid(_OWNER, "overrides", culprit,
                       f"loading {', '.join(paths.values())} with it failed: {error_message(err)}"
                       ) from None

@@ -38,7 +38,7 @@ from orbax.checkpoint import checkpoint_managers
 from cnnjax.train.ema import metric_scoring
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
-from cnnjax.utils.validation import check_number, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 CHECKPOINT_DIR = "checkpoints"
 #: How many times a checkpoint read (arrays, or the metrics file orbax reads at start) is tried
@@ -125,6 +125,7 @@ class Checkpointer:
         restore_retry_delay_s: float | None = None,
     ):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        check_positive_int("checkpoint", "keep", keep)
         attempts = RESTORE_ATTEMPTS if restore_attempts is None else restore_attempts
         delay = RESTORE_RETRY_DELAY_S if restore_retry_delay_s is None else restore_retry_delay_s
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:

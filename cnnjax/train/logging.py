@@ -4,8 +4,8 @@
 the scalars to TensorBoard, and redraws `learning_curves.png` (train/val loss and accuracy against
 step) after each eval. On resume it drops records newer than the restored checkpoint, and marks
 the TensorBoard restart so TensorBoard drops them too: the files describe exactly one trajectory
-(a train line logged right after a resume from a step between two logs averages only the steps
-since the resume).
+(the loop saves the unlogged train window with each checkpoint, so a train line logged right
+after a resume averages the same steps as in an uninterrupted run).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
             below = value_not_group(args, override)
             if below:
                 return f"{override} is invalid; {below}"
-    culprit = next((o for o in overrides if names_field(o, err)), None)
+    culprit = find_culprit(overrides, err)
     where = f"{culprit} is invalid; " if culprit else ""
     message = error_message(err)
     if culprit and isinstance(err, KeyError | AttributeError):
@@ -164,7 +164,7 @@ def value_not_group(args: Sequence[str], override: str) -> str:
     from ml_collections import ConfigDict
 
     flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
-    spec = next((a.split("=", 1)[1] for a in args if a.startswith(f"--{flag}=")), None)
+    spec = flag_value(args, flag)
     if spec is None or len(path) < 2:
         return ""
     try:
@@ -188,8 +188,7 @@ def model_kwargs_hint(args: Sequence[str]) -> str:
     """`; model '<name>' accepts model_kwargs [...]` for the model `args` configure (the
     `--config=<file>.py[:arg]` file's `model`, or a `--config.model=` override), so a misspelt
     `--config.model_kwargs.<field>` lists the valid fields; '' when that cannot be worked out."""
-    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    model = next((a.split("=", 1)[1] for a in args if a.startswith("--config.model=")), None)
+    spec, model = flag_value(args, "config"), flag_value(args, "config.model")
     try:
         if model is None and spec is not None:
             model = load_config_file(spec).model
@@ -200,6 +199,30 @@ def model_kwargs_hint(args: Sequence[str]) -> str:
         return f"; model {model!r} accepts model_kwargs {sorted(settable_fields(model))}"
     except Exception:  # noqa: BLE001 — only a hint: the error stands without it
         return ""
+
+
+def flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value `args` give `--flag`, as `--flag=value` or `--flag value` (absl takes both);
+    the last one wins, as in absl. None when it is not given."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{flag}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{flag}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def find_culprit(overrides: Sequence[str], err: Exception) -> str | None:
+    """The override of `overrides` that `err` is about: first one whose field ml_collections'
+    KeyError names exactly (its message starts with the name), else the first whose field the
+    message mentions (`names_field`), else None."""
+    message = error_message(err)
+    for override in overrides:
+        fields = override.lstrip("-").split("=", 1)[0].split(".")[1:]
+        if any(message.startswith(repr(field)) for field in fields):
+            return override
+    return next((o for o in overrides if names_field(o, err)), None)
 
 
 def names_field(override: str, err: Exception) -> bool:

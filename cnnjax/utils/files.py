@@ -89,7 +89,10 @@ def check_directory_kind(path: str, kind: str, flag: str) -> None:
 def check_output_dir(path: str, label: str) -> str:
     """Refuses (a ValueError naming `label`, e.g. `--output_dir`) an output folder `path` that could
     not be created because a file is in its way (at `path` or a parent), creating nothing;
-    returns `path`. Commands call it before their work, so the error comes at once, not after."""
+    returns `path`. Commands call it before their work, so the error comes at once, not after.
+    An empty path (e.g. `--workdir=$WORKDIR` with the variable unset) is refused too."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{label}={path!r} is invalid; expected a directory path.")
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)

@@ -39,14 +39,14 @@ def check_depth(owner: str, depth: Any, per_unit: int, offset: int, context: str
     """n for a network `depth` = `per_unit` * n + `offset` with n >= 1 (a CIFAR ResNet's 6n + 2,
     a DenseNet-BC's 6n + 4), else a ValueError naming that form, `context` (e.g. "bottleneck=True")
     and `examples` of valid depths (default: the first three)."""
-    if (isinstance(depth, bool) or not isinstance(depth, int) or depth < per_unit + offset
+    if (not _is_integer(depth) or depth < per_unit + offset
             or (depth - offset) % per_unit):
         if examples is None:
             examples = (per_unit * n + offset for n in (1, 2, 3))
         examples = ", ".join(str(d) for d in examples)
         raise invalid(owner, "depth", depth, f"expected {per_unit}n + {offset} with n >= 1 for "
                       f"{context} ({examples}, ...)")
-    return (depth - offset) // per_unit
+    return int(depth - offset) // per_unit
 
 
 def check_positive_ints(owner: str, arg: str, value: Any, valid: str) -> tuple[int, ...]:
@@ -102,7 +102,7 @@ def check_number(owner: str, arg: str, value: Any, valid: str, *, low: float = -
         number = float("nan")
     above = low < number if low_open else low <= number
     below = number < high if high_open else number <= high
-    if isinstance(value, bool) or not (above and below) or (
+    if isinstance(value, bool | np.bool_) or not (above and below) or (
             not strings and isinstance(value, str | bytes)):
         raise invalid(owner, arg, value, valid)
     return number

@@ -312,6 +312,8 @@ def test_a_transient_error_reading_a_metrics_file_quarantines_nothing(tmp_path, 
     ({"restore_attempts": 2.0}, "restore_attempts=2.0 is invalid"),
     ({"restore_retry_delay_s": -1}, "restore_retry_delay_s=-1 is invalid; expected a finite"),
     ({"restore_retry_delay_s": float("nan")}, "restore_retry_delay_s=nan is invalid"),
+    ({"keep": -1}, r"^checkpoint: keep=-1 is invalid; expected a positive integer"),
+    ({"keep": 0}, r"^checkpoint: keep=0 is invalid"),
 ])
 def test_bad_retry_settings_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
