@@ -132,6 +132,9 @@ class Thresholds:
         if self.relapse_factor <= 1:  # a loss always ends at >= 1 x its minimum
             raise invalid(_OWNER, "thresholds.relapse_factor", self.relapse_factor,
                           "expected a number > 1")
+        if self.explosion_factor <= 1:  # else the first logged loss itself would "explode"
+            raise invalid(_OWNER, "thresholds.explosion_factor", self.explosion_factor,
+                          "expected a number > 1")
         for name in ("ema_weight", "slow_min_drop", "tail_fraction"):
             if getattr(self, name) >= 1:
                 raise invalid(_OWNER, f"thresholds.{name}", getattr(self, name),

@@ -104,7 +104,7 @@ STEPS = "num_train_steps"
 CLIP = "optimizer.grad_clip_norm"
 WARMUP = "schedule.warmup_steps"
 #: Fields the recipe sets or sweeps; each must exist in the base config.
-TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP, "log_every_steps",
+TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP, WARMUP, "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps")
 #: How a tune ended (`recipe.json` "status"); "running" while rounds remain.
 STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "failed",
@@ -235,6 +235,13 @@ class Recipe:
             raise invalid(_OWNER, "logs_per_trial", self.logs_per_trial,
                           f"expected >= thresholds.min_train_logs="
                           f"{self.thresholds.min_train_logs}")
+        judged = max(self.thresholds.min_train_logs, self.thresholds.min_evals)
+        if self.round1_steps < judged:  # a step logs or evaluates at most once
+            raise invalid(_OWNER, "round1_steps", self.round1_steps,
+                          f"expected >= {judged}: round 1's trials must log at least "
+                          f"thresholds.min_train_logs={self.thresholds.min_train_logs} times and "
+                          f"evaluate thresholds.min_evals={self.thresholds.min_evals} times to "
+                          "be judged")
 
     @classmethod
     def from_config(cls, config: Any) -> Recipe:
@@ -434,6 +441,9 @@ def decide(history: Sequence[RoundResult], recipe: Recipe, base: Any,
     if not values:
         return Decision(last, "stop", f"every trial of the next round ({reason}) has already "
                         "run", best, diagnosis, status="exhausted")
+    if action == "regularize_longer" and room < len(values):  # without its control: no test
+        return Decision(last, "stop", f"only {room} trial(s) left, and the next round ({reason}) "
+                        f"needs {len(values)}", best, diagnosis, status="budget_spent")
     values = values[:room]
     fixed = {k: v for k, v in fixed.items() if k != field}  # the swept field is not fixed
     plan = RoundPlan(last + 1, action, reason, fixed, field, tuple(_sorted(values)))
@@ -482,7 +492,7 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
             stable[WARMUP] = max(value(WARMUP), round(WARMUP_FRACTION * steps))
         return _Proposal("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, "
                          f"clip gradients at {CLIP_NORM:g}", stable, LR, lrs(0.5, 1.0, 0.25))
-    edge, ratio = _lr_edge(history, overrides)
+    edge, ratio = _lr_edge(history, overrides, row["best"])
     if edge:
         # Half a grid step and a full one past the edge: the optimum may lie in either.
         factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)
@@ -584,17 +594,24 @@ def _settings_key(overrides: Mapping[str, Any]) -> str:
                         if k not in (LR, STEPS, WARMUP, CLIP)})
 
 
-def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> tuple:
+def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any],
+             score: float | None = None) -> tuple:
     """('low' | 'high' | None, grid spacing): whether the incumbent's lr is the lowest/highest
-    of the rates tried (diverged ones included) with otherwise the same settings."""
+    of the rates tried (diverged ones included) with otherwise the same settings, and beats
+    them: another rate with the same `score` (a saturated metric) makes the optimum flat, not
+    an edge to extend past."""
     same = _config_key({k: v for k, v in overrides.items() if k != LR})
-    rates = sorted({r.overrides(x)[LR] for r in history for x in r.rows
-                    if LR in r.overrides(x)
-                    and _config_key({k: v for k, v in r.overrides(x).items() if k != LR}) == same})
+    rows = [(r.overrides(x), x) for r in history for x in r.rows]
+    rows = [(o, x) for o, x in rows
+            if LR in o and _config_key({k: v for k, v in o.items() if k != LR}) == same]
+    rates = sorted({o[LR] for o, _ in rows})
     if LR not in overrides or len(rates) < 2:
         return None, 0.0
     lr = overrides[LR]
     edge = "low" if lr == rates[0] else "high" if lr == rates[-1] else None
+    if edge and score is not None and any(o[LR] != lr and x["status"] == "completed"
+                                          and x["best"] == score for o, x in rows):
+        edge = None
     return edge, _spacing(rates)
 
 

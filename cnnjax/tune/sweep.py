@@ -300,6 +300,17 @@ def start_trial(trial: Trial, workdir: str) -> dict:
     return record
 
 
+def _written_since(path: str, started: Any) -> bool:
+    """Whether the file at `path` was written at or after `started` (a time.time(); None or
+    invalid: True, nothing to compare with)."""
+    if isinstance(started, bool) or not isinstance(started, int | float):
+        return True
+    try:
+        return os.stat(path).st_mtime >= started
+    except OSError:
+        return False
+
+
 def killed_run_time(workdir: str, previous: dict) -> float:
     """Seconds a previous start of the trial ran without recording them (SIGKILL, power loss:
     trial.json still says incomplete and holds its `started_at`), measured to the newest file it
@@ -362,7 +373,8 @@ def failure_message(rows: list[dict], what: str = "trial") -> str | None:
 def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     """One result row, read from the trial's summary.json, trial.json and metrics.jsonl."""
     workdir = trial_workdir(sweep_dir, trial)
-    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    summary = read_json(summary_path)
     record = read_json(os.path.join(workdir, TRIAL_FILE))
     evals = [
         r for r in read_metrics(os.path.join(workdir, METRICS_FILE))
@@ -373,8 +385,10 @@ def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
         status = "completed"
     elif record is not None:
         status = record["status"]
-        if status == "incomplete" and summary_status in ("diverged", "failed", "interrupted"):
+        if (status == "incomplete" and summary_status in ("diverged", "failed", "interrupted")
+                and _written_since(summary_path, record.get("started_at"))):
             status = summary_status  # the process died after the engine wrote its summary
+            # (an older summary is the previous attempt's: this one is running, or was killed)
     elif summary is not None:
         status = summary_status if summary_status in STATUSES else "incomplete"
     else:
@@ -395,6 +409,8 @@ def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     if not reason and status != "completed" and summary:
         reason = summary.get("message", "")
     wall = (record or {}).get("wall_time_s", (summary or {}).get("wall_time_s"))
+    if record is not None and record.get("status") == "incomplete":  # killed, or running now
+        wall = (wall or 0.0) + killed_run_time(workdir, record)
     return {
         "rank": None,
         "index": trial.index,

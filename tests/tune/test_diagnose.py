@@ -369,6 +369,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"thresholds.relapse_factor=1.0 is invalid; expected "
                                          r"a number > 1\."):
         dg.Thresholds(relapse_factor=1.0)
+    with pytest.raises(ValueError, match=r"thresholds.explosion_factor=0.5 is invalid; expected "
+                                         r"a number > 1\."):  # every run would have "diverged"
+        dg.Thresholds(explosion_factor=0.5)
 
 
 def test_command_line_prints_the_diagnosis():

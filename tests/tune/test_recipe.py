@@ -61,6 +61,51 @@ def _decide(history, recipe, verdict, base=None):
 
 
 # ---------------------------------------------------------------------- decisions (pure)
+def test_rates_tied_at_the_edge_are_a_flat_optimum_not_an_edge_to_extend():
+    """A saturated metric ties every rate; the tie-break picks the lowest, which used to read
+    as "the best lr is the lowest rate" and extended the grid down round after round."""
+    recipe = _recipe()
+    history = [_round1(recipe, [0.90, 0.97, 0.95])]
+    plan = _decide(history, recipe, "still_improving").next_round
+    history.append(rc.RoundResult(plan, [_row(i, v, 0.98) for i, v in enumerate(plan.values)]))
+    decision = _decide(history, recipe, "converged")
+    assert (decision.action, decision.status) == ("stop", "converged")
+    history[-1].rows[0]["best"] = 0.99  # the lowest rate now strictly wins: extend past it
+    decision = _decide(history, recipe, "converged")
+    assert decision.action == "lr_search" and max(decision.next_round.values) < plan.values[0]
+
+
+def test_a_lengthening_round_without_room_for_its_control_stops():
+    """regularize_longer compares a regularizer with the incumbent's setting at twice the steps:
+    cut to one trial, it would judge the regularizer against a shorter run."""
+    recipe = _recipe(regularizers=("randaugment", "cutmix"), lengthen_regularizers=True,
+                     max_rounds=8, max_trials=7)  # round 1 (3) + RandAugment (3): room for 1
+    verdicts = {}
+    decide = lambda h: rc.decide(  # noqa: E731
+        h, recipe, _lowdata_base(), lambda w, *a: _diagnosis(verdicts.get(w, "overfitting")))
+    history = [_round1(recipe, [0.5, 0.9, 0.3])]
+    plan = decide(history).next_round
+    rows = []
+    for i, (value, best) in enumerate(zip(plan.values, [0.40, 0.45, 0.42], strict=True)):
+        verdicts[f"w2_{value}"] = "too_slow"
+        rows.append(_row(i, value, best, field=plan.field, workdir=f"w2_{value}"))
+    history.append(rc.RoundResult(plan, rows))
+    decision = decide(history)
+    assert (decision.action, decision.status) == ("stop", "budget_spent")
+    assert "only 1 trial(s) left, and the next round (" in decision.reason
+
+
+def test_a_base_config_without_warmup_steps_is_refused_before_round_1():
+    """The stabilize round sets schedule.warmup_steps: a config without it failed there."""
+    import ml_collections
+
+    config = helpers.tiny_config()
+    config.schedule = ml_collections.ConfigDict({"name": "cosine"})
+    config.lock()
+    with pytest.raises(ValueError, match=r"parameters\['schedule.warmup_steps'\].field="):
+        rc.check_tune(config, _recipe())
+
+
 def test_first_round_is_a_log_spaced_lr_grid_at_the_short_budget():
     plan = rc.first_round(_recipe(lr_min=1e-3, lr_max=1.0, num_lrs=5, round1_steps=200))
     assert plan.field == LR and plan.values == (0.001, 0.00562, 0.0316, 0.178, 1.0)
@@ -408,6 +453,8 @@ def test_incumbent_ties_go_to_the_later_round():
                         "round1_steps=100."),
     ({"evals_per_trial": 2}, "recipe: evals_per_trial=2 is invalid; expected an integer >= 3."),
     ({"round1_steps": 1.5}, "recipe: round1_steps=1.5 is invalid; expected an integer >= 1."),
+    ({"round1_steps": 4}, "recipe: round1_steps=4 is invalid; expected >= 5: round 1's trials "
+                          "must log at least thresholds.min_train_logs=5 times"),
     ({"lr_min": 0.1, "lr_max": 0.1004}, "recipe: num_lrs=3 is invalid; lr_min=0.1..lr_max=0.1004 "
                                         "holds fewer distinct rates at 3 significant digits "
                                         "((0.1, 0.1, 0.1))"),

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import time
 
 import ml_collections
 import pytest
@@ -477,6 +478,39 @@ def test_trial_recorded_completed_without_a_summary_reads_as_completed(tmp_path)
                        json.dumps({**trial.describe(), "status": "completed", "wall_time_s": 1.0}))
     row = sw.trial_result(str(tmp_path), trial, "top1", "max")
     assert (row["status"], row["final"], row["best"], row["steps"]) == ("completed", None, None, 0)
+
+
+def _trial_files(tmp_path, started_at, summary, summary_time):
+    trial = sp.Trial(0, "t0", {"optimizer.learning_rate": 0.1})
+    workdir = sw.trial_workdir(str(tmp_path), trial)
+    os.makedirs(workdir, exist_ok=True)
+    files.atomic_write(os.path.join(workdir, sw.TRIAL_FILE), json.dumps(
+        {**trial.describe(), "status": "incomplete", "wall_time_s": 2.0, "reason": "",
+         "started_at": started_at}))
+    path = os.path.join(workdir, sw.SUMMARY_FILE)
+    files.atomic_write(path, json.dumps(summary))
+    os.utime(path, (summary_time, summary_time))
+    return trial
+
+
+def test_a_retried_trial_does_not_read_as_its_previous_attempts_failure(tmp_path):
+    """The engine leaves a failed attempt's summary.json; while the retry runs (or after it was
+    killed) trial.json's start is newer, so the row is incomplete, not the old failure."""
+    now = time.time()
+    failed = {"status": "failed", "message": "simulated crash"}
+    trial = _trial_files(tmp_path, now, failed, now - 60)
+    row = sw.trial_result(str(tmp_path), trial, "top1", "max")
+    assert row["status"] == "incomplete"
+    trial = _trial_files(tmp_path, now - 60, failed, now)  # this start's own failure
+    assert sw.trial_result(str(tmp_path), trial, "top1", "max")["status"] == "failed"
+
+
+def test_a_trial_killed_after_the_engine_finished_keeps_its_time(tmp_path):
+    """Killed between summary.json and trial.json: completed, with the killed start's time."""
+    now = time.time()
+    trial = _trial_files(tmp_path, now - 30, {"status": "completed", "step": 5}, now - 27)
+    row = sw.trial_result(str(tmp_path), trial, "top1", "max")
+    assert row["status"] == "completed" and row["wall_time_s"] == pytest.approx(2.0 + 3.0, abs=0.1)
 
 
 def test_config_changes_names_each_trajectory_field_and_ignores_runtime_ones():
