@@ -11,7 +11,7 @@ order:
     diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping and a 5% warmup (any
                           schedule but one_cycle, which warms up by itself)
     best lr at an edge    two rates past that edge, half and one grid step (never at or above
-                          an lr that diverged)
+                          an lr that diverged); a rate tied with another one is no edge
     converged             stop
     too_slow              lr x(2, 4); if both ran already, train longer
     overfitting           sweep the first knob of `recipe.regularizers` not swept yet and not
