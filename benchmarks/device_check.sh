@@ -43,7 +43,7 @@ check() {  # check NAME ARGS...: one benchmark (at most 80 s), its JSON in $OUT,
   shift
   echo "=== $name: python3 -m benchmarks.train_step $*" | tee -a "$LOG"
   timeout 80 python3 -m benchmarks.train_step "$@" --json_out="$OUT/$name.json" 2>&1 |
-    grep -v -e '^W0' -e '^I0' -e '^I1' | tee -a "$LOG"
+    grep -v -e '^W0' -e '^W1' -e '^I0' -e '^I1' | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}  # the benchmark's (or timeout's 124), not grep's or tee's
   if ((rc == 124)); then
     echo "=== $name: stopped at the 80 s limit" | tee -a "$LOG"

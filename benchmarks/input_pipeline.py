@@ -78,14 +78,18 @@ def define_flags() -> None:
     flags.DEFINE_integer("randaugment_layers", 0, "RandAugment ops per image (0: off).")
     flags.DEFINE_float("randaugment_magnitude", 9.0, "RandAugment magnitude (0..10).")
     flags.DEFINE_string("model", "resnet18", "Registry name of the model.")
-    flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-    flags.DEFINE_integer("num_devices", 1, "Data-parallel devices (0: all).")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
+    flags.DEFINE_integer("num_devices", 1, "Data-parallel devices (0: all).", lower_bound=0)
     flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype.")
-    flags.DEFINE_integer("steps", 10, "Timed train steps per round and feeding mode.")
-    flags.DEFINE_integer("warmup", 2, "Untimed steps (or batches) before each timed run.")
-    flags.DEFINE_integer("rounds", 3, "Interleaved rounds of (synthetic, pipeline) steps.")
-    flags.DEFINE_integer("pipeline_batches", 50, "Batches timed for the raw pipeline throughput.")
+    flags.DEFINE_integer("steps", 10, "Timed train steps per round and feeding mode.",
+                         lower_bound=1)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps (or batches) before each timed run.",
+                         lower_bound=0)
+    flags.DEFINE_integer("rounds", 3, "Interleaved rounds of (synthetic, pipeline) steps.",
+                         lower_bound=1)
+    flags.DEFINE_integer("pipeline_batches", 50, "Batches timed for the raw pipeline throughput.",
+                         lower_bound=1)
     flags.DEFINE_bool("xla_defaults", True, "Apply cnnjax.platform.configure_cpu_defaults().")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
 

@@ -33,11 +33,15 @@ from benchmarks.train_step import build_jax_step, compile_jax_step, prepare_plat
 FLAGS = flags.FLAGS
 
 _END_PREFIX = "end: "
+#: An HLO instruction's name ("fusion.41", "conv_general_dilated.63", "all-reduce"); host-side
+#: spans on the calling thread ("PjitFunction(jit(_fun))", "ParseArguments") never match.
+_HLO_NAME = re.compile(r"^[a-z_][a-z0-9_\-]*(\.\d+)*$")
 #: (category, pattern on the op name without its ".N" suffix), first match wins.
 CATEGORIES = (
-    ("convolution", re.compile(r"^(conv|convolution)")),
+    ("convolution", re.compile(r"^(convolution|conv_general_dilated)")),  # not "convert"
     ("matmul (dot)", re.compile(r"^(dot|.*_dot_fusion|dot_)")),
-    ("collective", re.compile(r"^(all-reduce|psum|all-gather|reduce-scatter|collective)")),
+    ("collective", re.compile(
+        r"^(all-reduce|psum|pmin|pmax|pmean|all-gather|reduce-scatter|collective)")),
     ("reduction", re.compile(r"reduce")),
     ("transpose / copy", re.compile(r"(transpose|^copy)")),
     ("elementwise fusion", re.compile(r"fusion|^wrapped_")),
@@ -60,7 +64,8 @@ def op_busy_times(events: Iterable[Mapping[str, Any]],
     `events` are Chrome/Perfetto trace events: thread-name metadata ("ph": "M") and complete
     events ("ph": "X", with "ts" and "dur"). An op runs from the start of its event to the end of
     the first later "end: <op>" event when XLA finished it asynchronously, else to the end of its
-    own event. Python-side events and the executor's bookkeeping spans are skipped.
+    own event. Python-side events, host spans on any thread (absl renames the main thread, so
+    its name cannot tell them apart) and the executor's bookkeeping spans are skipped.
     """
     events = list(events)
     threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
@@ -72,7 +77,8 @@ def op_busy_times(events: Iterable[Mapping[str, Any]],
         if e.get("ph") != "X" or threads.get((e.get("pid"), e.get("tid"))) in skip:
             continue
         name = e["name"]
-        if name.startswith("ThunkExecutor") or name.startswith("$"):
+        op = name[len(_END_PREFIX):] if name.startswith(_END_PREFIX) else name
+        if not _HLO_NAME.match(op):  # the executor's bookkeeping, host work of the caller
             continue
         if name.startswith(_END_PREFIX):
             ends[name[len(_END_PREFIX):]].append(e)

@@ -30,7 +30,7 @@ from typing import Any
 
 from absl import app, flags
 
-from cnnjax.platform import configure_cpu_defaults
+from cnnjax.platform import configure_cpu_defaults, parse_xla_flags
 
 FLAGS = flags.FLAGS
 
@@ -48,8 +48,13 @@ def prepare_platform(xla_defaults: bool, num_devices: int) -> dict[str, str]:
     devices (CPU only; ignored by accelerators). Flags already in XLA_FLAGS always win.
     """
     changed = configure_cpu_defaults() if xla_defaults else {}
-    if num_devices > 1:
-        configure_cpu_defaults({"xla_force_host_platform_device_count": str(num_devices)})
+    if num_devices > 1 and "xla_force_host_platform_device_count" not in parse_xla_flags(
+            os.environ.get("XLA_FLAGS", "")):
+        # JAX's own option, not XLA_FLAGS: it holds under CNNJAX_CPU_DEFAULTS=0 and beside a
+        # flags file, which configure_cpu_defaults leaves alone.
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", num_devices)
     return changed
 
 
@@ -314,13 +319,17 @@ def define_flags() -> None:
     """Defines this script's command-line flags (only when run as a script)."""
     flags.DEFINE_string("model", "resnet18", "Registry name (see cnnjax.models.list_models()).")
     flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier head.")
-    flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the devices).")
-    flags.DEFINE_integer("image_size", 32, "Square input side; inputs have 3 channels.")
+    flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the devices).",
+                         lower_bound=1)
+    flags.DEFINE_integer("image_size", 32, "Square input side; inputs have 3 channels.",
+                         lower_bound=1)
     flags.DEFINE_integer("num_devices", 1, "Data-parallel devices; on CPU extra host devices are "
-                         "created with --xla_force_host_platform_device_count. 0: all devices.")
-    flags.DEFINE_integer("steps", 10, "Timed steps per round.")
-    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation (and per PyTorch round).")
-    flags.DEFINE_integer("rounds", 3, "Rounds of (JAX steps, PyTorch steps), interleaved.")
+                         "created (JAX's jax_num_cpu_devices). 0: all devices.", lower_bound=0)
+    flags.DEFINE_integer("steps", 10, "Timed steps per round.", lower_bound=1)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps before each round's timed ones, for every "
+                         "step being timed.", lower_bound=0)
+    flags.DEFINE_integer("rounds", 3, "Rounds of (JAX steps, PyTorch steps), interleaved.",
+                         lower_bound=1)
     flags.DEFINE_enum("parallel", "pmap", ["pmap", "shard_map"], "How the step is distributed.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Computation dtype "
                       "(parameters stay float32; PyTorch autocasts on its device for bfloat16).")

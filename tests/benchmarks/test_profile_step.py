@@ -30,6 +30,9 @@ def _event(tid: int, name: str, ts: float, dur: float) -> dict:
     ("wrapped_multiply.3", "elementwise fusion"),
     ("dot.4", "matmul (dot)"),
     ("rng-bit-generator", "other"),
+    ("convert_reduce_fusion.2", "reduction"),  # a dtype conversion, not a convolution
+    ("convert.7", "other"),
+    ("pmin.5", "collective"),
 ])
 def test_categorize(name, category):
     assert profile_step.categorize(name) == category
@@ -52,6 +55,21 @@ def test_op_busy_times_extends_async_ops_to_their_end_event():
     text = profile_step.report(busy, steps=2, wall_s_per_step=0.5, top=1)
     assert "convolution" in text and "90.5%" in text  # 380 of 420 us
     assert "convolution.1" in text and "add_fusion.2" not in text  # top=1: one op listed
+
+
+def test_host_spans_on_a_renamed_main_thread_are_not_ops():
+    """absl's app.run renames the main thread after the script, so its host spans (the jit
+    dispatch, argument parsing, copies to the host) used to count as ops under "other"."""
+    events = [
+        _meta(1, "profile_step.py"), _meta(2, "tf_XLAEigen/2"),
+        _event(1, "PjitFunction(jit(_fun))", 0, 4000),
+        _event(1, "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice", 5, 3000),
+        _event(1, "ParseArguments", 6, 10), _event(1, "np.asarray(jax.Array)", 4100, 50),
+        _event(1, "ArrayImpl.copy_to_host_async", 4000, 20),
+        _event(1, "fusion.3", 10, 30),  # an op the caller's thread ran inline: counted
+        _event(2, "conv_general_dilated.1", 50, 900),
+    ]
+    assert profile_step.op_busy_times(events) == {"fusion.3": 30, "conv_general_dilated.1": 900}
 
 
 def test_load_trace_events_missing_dir_is_a_clear_error(tmp_path):

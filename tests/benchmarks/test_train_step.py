@@ -40,3 +40,31 @@ def test_the_script_reports_throughput_and_the_falling_training_loss(tmp_path):
     assert last < first and report["jax"]["images_per_s"] > 0
     assert report["peak_device_bytes"] is None
     assert "training loss on the repeated batch" in result.stdout
+
+
+def _run(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], cwd=root,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("flag", ["--steps=0", "--rounds=0", "--batch_size=0", "--warmup=-1"])
+def test_counts_that_would_time_nothing_are_refused_before_compiling(flag):
+    result = _run("--model=lenet5", flag)
+    assert result.returncode == 1
+    name = flag.split("=")[0].lstrip("-")
+    assert f"flag --{name}=" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_extra_host_devices_hold_without_cnnjax_cpu_defaults(tmp_path):
+    """--num_devices=2 asked for host devices through cnnjax's XLA_FLAGS defaults, which
+    CNNJAX_CPU_DEFAULTS=0 turns off: the run then found one device."""
+    result = _run("--model=lenet5", "--batch_size=8", "--num_devices=2", "--steps=1",
+                  "--warmup=0", "--rounds=1", env={"CNNJAX_CPU_DEFAULTS": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "devices=2" in result.stdout
