@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_nhwc_nonempty,
     check_positive_ints,
@@ -159,12 +160,14 @@ def _window_max_jvp(kernel: tuple[int, int], strides: tuple[int, int],
     out_h, out_w = y.shape[1:3]
     taken = jnp.zeros(y.shape, bool)
     t_out = jnp.zeros(y.shape, t.dtype)
+    y_nan = jnp.isnan(y)  # a window holding NaN has max NaN, equal to nothing: its first NaN
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             start = (0, i, j, 0)
             limit = (n, i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, c)
             step = (1, *strides, 1)
-            hit = (jax.lax.slice(x_padded, start, limit, step) == y) & ~taken
+            window = jax.lax.slice(x_padded, start, limit, step)
+            hit = ((window == y) | (y_nan & jnp.isnan(window))) & ~taken
             taken = taken | hit
             t_out = t_out + jnp.where(hit, jax.lax.slice(t_padded, start, limit, step),
                                       _zero(t.dtype))
@@ -211,13 +214,13 @@ def avg_pool2d(
 def global_avg_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
     """Mean over height and width: `[N, H, W, C] -> [N, C]` (or `[N, 1, 1, C]` with keepdims)."""
     check_nhwc_nonempty("global_avg_pool", x)
-    return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
+    return jnp.mean(x, axis=(1, 2), keepdims=check_bool("global_avg_pool", "keepdims", keepdims))
 
 
 def global_max_pool(x: jax.Array, keepdims: bool = False) -> jax.Array:
     """Max over height and width: `[N, H, W, C] -> [N, C]` (or `[N, 1, 1, C]` with keepdims)."""
     check_nhwc_nonempty("global_max_pool", x)
-    return jnp.max(x, axis=(1, 2), keepdims=keepdims)
+    return jnp.max(x, axis=(1, 2), keepdims=check_bool("global_max_pool", "keepdims", keepdims))
 
 
 def adaptive_bins(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from cnnjax.layers.pooling import check_pyramid_levels
 from cnnjax.utils.validation import (
-    check_nhwc,
+    check_nhwc_nonempty,
     check_number,
     check_positive_float,
     check_positive_int,
@@ -95,7 +95,7 @@ def _check_roi_args(
     spatial_scale: float,
 ) -> tuple[jax.Array, jax.Array, tuple[int, int], float, np.ndarray | None]:
     """Shared validation of roi_pool/roi_align arguments (see the module docstring)."""
-    check_nhwc(owner, features)
+    check_nhwc_nonempty(owner, features)
     if not jnp.issubdtype(features.dtype, jnp.floating):
         raise invalid(owner, "features.dtype", str(features.dtype),
                       "expected a floating-point array")
@@ -194,6 +194,8 @@ def roi_pool(
     `round(x2) - round(x1) + 1` cells (at least 1), split into `output_size` bins with edges
     `floor(i * len / out)` .. `ceil((i + 1) * len / out)` (exact integer arithmetic), clipped to
     the map. Each bin takes the max over its cells; a bin left empty by clipping outputs 0.
+    The forward is torchvision's; the gradient of a bin whose maximum is tied (post-ReLU zeros)
+    is shared among the tied cells (JAX's max), where torchvision gives it all to the first.
     """
     boxes, batch_indices, out, scale, _ = _check_roi_args(
         "roi_pool", features, boxes, batch_indices, output_size, spatial_scale)
@@ -273,8 +275,25 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
     # Select each box's image with a one-hot contraction instead of gathering [K, H, W, C].
     image = jax.nn.one_hot(batch_indices, n, dtype=compute)  # [K, N]
     weights_hn = weights_h[:, :, None, :] * image[:, None, :, None]  # [K, out_h, N, H]
-    rows = jnp.einsum("kpnh,nhwc->kpwc", weights_hn, features.astype(compute), precision=_HIGHEST)
-    out = jnp.einsum("kqw,kpwc->kpqc", weights_w, rows, precision=_HIGHEST)
+
+    def contract(by_row, by_column, maps):
+        rows = jnp.einsum("kpnh,nhwc->kpwc", by_row, maps, precision=_HIGHEST)
+        return jnp.einsum("kqw,kpwc->kpqc", by_column, rows, precision=_HIGHEST)
+
+    feats = features.astype(compute)
+    finite = jnp.isfinite(feats)
+    # Dense weights would spread one NaN/inf (0 * inf) to every output of every image: contract
+    # the finite values, then give the outputs that read a non-finite cell its value.
+    out = contract(weights_hn, weights_w, jnp.where(finite, feats, 0.0))
+
+    def non_finite(out):
+        reads = (weights_hn > 0).astype(compute), (weights_w > 0).astype(compute)
+        nan, pos, neg = (contract(*reads, m.astype(compute)) > 0
+                         for m in (jnp.isnan(feats), feats == jnp.inf, feats == -jnp.inf))
+        return jnp.where(nan | (pos & neg), jnp.nan,
+                         jnp.where(pos, jnp.inf, jnp.where(neg, -jnp.inf, out)))
+
+    out = jax.lax.cond(jnp.all(finite), lambda out: out, non_finite, out)
     count = jnp.maximum(count_h * count_w, 1.0)
     return (out / count[:, None, None, None]).astype(features.dtype)
 
@@ -296,7 +315,14 @@ def roi_align(
     dependent; JAX needs a static sample grid, so its size is the largest count over the boxes when
     they are concrete (exact torchvision results), or `max_sampling_ratio` when they are traced
     under jit (boxes needing more samples use `max_sampling_ratio`). Adaptive sampling of traced
-    boxes without `max_sampling_ratio` is an error.
+    boxes without `max_sampling_ratio` is an error. The adaptive count is computed in float32
+    (torchvision: in the features' dtype, with its own rounding), so a box whose size on the
+    map lies within rounding of a multiple of the output size may get one sample more or fewer
+    per bin side than torchvision gives it (power-of-two scales are exact).
+
+    Unlike torchvision's `roi_align` (default `aligned=False`), `aligned` defaults to True: pass
+    `aligned=False` for code ported from torchvision's default. A NaN or inf reaches only the
+    outputs whose samples read it (with non-zero weight), as in torchvision.
     """
     owner = "roi_align"
     boxes, batch_indices, out, scale, values = _check_roi_args(

@@ -551,3 +551,25 @@ def test_adaptive_max_pool_nan_wins_and_takes_the_gradient():
     assert np.isnan(y[0, 0, 1, 0]) and not np.isnan(np.delete(y.ravel(), 1)).any()
     grad = pullback(np.ones_like(y))[0]
     assert grad[0, 1, 2, 0] == 1 and grad[0, :2, 2:].sum() == 1
+
+
+def test_max_pool_gradient_reaches_a_nan_in_its_window():
+    """A window holding NaN has max NaN, which equals nothing: the tangent rule lost the whole
+    window's gradient, where PyTorch (and select_and_scatter) send it to the NaN."""
+    torch = pytest.importorskip("torch")
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    x[0, 1, 1, 0] = np.nan
+    y, pullback = jax.vjp(lambda v: max_pool2d(v, 2, 2), jnp.asarray(x))
+    grad = np.asarray(pullback(jnp.ones_like(y))[0])  # (nansum's own gradient skips NaNs)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    out = torch.nn.functional.max_pool2d(tx, 2, 2)
+    out.backward(torch.ones_like(out))
+    np.testing.assert_array_equal(grad, tx.grad.numpy().transpose(0, 2, 3, 1))
+    assert grad[0, 1, 1, 0] == 1.0
+
+
+@pytest.mark.parametrize("pool", [global_avg_pool, global_max_pool])
+def test_global_pool_keepdims_must_be_a_bool(pool):
+    with pytest.raises(ValueError, match=rf"^{pool.__name__}: keepdims='no' is invalid; expected "
+                                         r"True or False"):
+        pool(jnp.ones((1, 2, 2, 1)), keepdims="no")

@@ -515,3 +515,30 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as info:
         call()
     assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_non_finite_cell_reaches_only_the_outputs_that_sample_it(aligned):
+    """The dense bilinear contraction spread one inf (0 * inf = NaN) to every output of every
+    image; torchvision's kernel reads only each sample's neighbours."""
+    features = _features((2, 12, 12, 3), seed=3)
+    features[1, 7, 7, 0] = np.inf
+    features[1, 6, 6, 1] = np.nan
+    features[0, 2, 2, 2] = -np.inf
+    rng = np.random.default_rng(4)
+    boxes = np.concatenate([_random_boxes(rng, 10, 12, 12), [[5.3, 5.2, 9.1, 9.4],
+                                                               [0.6, 0.7, 4.1, 3.8]]])
+    boxes = boxes.astype(np.float32)
+    batch = np.array([0, 1] * 5 + [1, 0])
+    got = np.asarray(roi_align(jnp.asarray(features), boxes, batch, (3, 3), 1.0, 2, aligned))
+    want = _roi_align_ref(features, boxes, batch, (3, 3), 1.0, 2, aligned)
+    assert np.isfinite(want).sum() > 0.8 * want.size  # most outputs never read a bad cell
+    assert (~np.isfinite(want)).any()  # and the last two boxes do
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)  # NaN where NaN, same infs
+
+
+@pytest.mark.parametrize("op", [roi_align, roi_pool])
+def test_an_empty_map_is_refused(op):
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: input.shape=\(1, 0, 4, 2\) is "
+                                         r"invalid; expected height and width >= 1"):
+        op(jnp.zeros((1, 0, 4, 2)), np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([0]), (2, 2))
