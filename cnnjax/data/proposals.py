@@ -161,16 +161,40 @@ def _read_cache(path: str, split: str) -> ProposalTable | None:
 
 def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
     """The cached table of `split`, computed and cached (atomically) first if missing or
-    unusable."""
+    unusable. A slice or join of whole splits whose tables are cached (e.g. `train[0:6]` after
+    `experiments.proposals` prepared `train`) reads those: the join is by `tfds_id`, so a
+    table of more examples serves a slice of them."""
     path = spec.cache_path(builder, split)
     if os.path.exists(path) and (table := _read_cache(path, split)) is not None:
         return table
+    if (whole := _whole_split_tables(builder, split, spec)) is not None:
+        return whole
     table = compute_table(builder, split, spec)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_file(path, "wb") as f:
         np.savez(f, keys=table.keys, boxes=table.boxes, counts=table.counts,
                  split=np.asarray(split))
     return table
+
+
+def _whole_split_tables(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable | None:
+    """The cached tables of the whole splits `split` slices or joins, merged; None when it is
+    a plain split name or one of them is not cached."""
+    names = list(dict.fromkeys(re.sub(r"\[.*?\]", "", part).strip()
+                               for part in split.split("+")))
+    if names == [split]:
+        return None
+    tables = []
+    for name in names:
+        path = spec.cache_path(builder, name)
+        table = _read_cache(path, name) if os.path.exists(path) else None
+        if table is None:
+            return None
+        tables.append(table)
+    width = max(t.boxes.shape[1] for t in tables)
+    boxes = [np.pad(t.boxes, ((0, 0), (0, width - t.boxes.shape[1]), (0, 0))) for t in tables]
+    return ProposalTable(np.concatenate([t.keys for t in tables]), np.concatenate(boxes),
+                         np.concatenate([t.counts for t in tables]))
 
 
 class ProposalLookup:

@@ -112,6 +112,22 @@ def test_the_cache_is_computed_once(tmp_path, counted):
     assert calls == ["train", "test"]  # one cache per split
 
 
+def test_a_slice_of_cached_whole_splits_reads_their_tables(counted):
+    """R-CNN's SVM stage reads `train[0:N]`; the whole `train` table (joined by tfds_id) serves
+    it instead of a second selective search."""
+    calls, builder, spec = counted
+    pl.load_table(builder, "train", spec)
+    sliced = pl.load_table(builder, "train[0:6]", spec)
+    assert calls == ["train"]
+    np.testing.assert_array_equal(sliced.keys, _table(3).keys)
+    pl.load_table(builder, "train[0:6]+test[0:2]", spec)  # test is not cached: computed
+    assert calls == ["train", "train[0:6]+test[0:2]"]
+    pl.load_table(builder, "test", spec)
+    joined = pl.load_table(builder, "train[2:]+test[:1]", spec)
+    assert calls == ["train", "train[0:6]+test[0:2]", "test"]
+    assert joined.keys.size == 2 * _table(3).keys.size
+
+
 def test_an_unreadable_or_foreign_cache_is_recomputed(counted, caplog):
     calls, builder, spec = counted
     path = spec.cache_path(builder, "train")
