@@ -191,10 +191,9 @@ def _whole_split_tables(builder: Any, split: str, spec: ProposalSpec) -> Proposa
         if table is None:
             return None
         tables.append(table)
-    width = max(t.boxes.shape[1] for t in tables)
-    boxes = [np.pad(t.boxes, ((0, 0), (0, width - t.boxes.shape[1]), (0, 0))) for t in tables]
-    return ProposalTable(np.concatenate([t.keys for t in tables]), np.concatenate(boxes),
-                         np.concatenate([t.counts for t in tables]))
+    # Every table of one spec has `max_proposals` rows per example (its cache name says so).
+    return ProposalTable(*(np.concatenate([getattr(t, f) for t in tables])
+                           for f in ("keys", "boxes", "counts")))
 
 
 class ProposalLookup:
