@@ -153,7 +153,9 @@ _AFTER_WARMUP: dict[str, Callable[[Any, float, int, int], optax.Schedule]] = {
 
 
 def _one_cycle(sched: Any, lr: float, total: int) -> optax.Schedule:
-    """PyTorch's `OneCycleLR(total_steps=num_train_steps)` (cosine, two phases), step for step:
+    """PyTorch's `OneCycleLR(total_steps=num_train_steps, cycle_momentum=False)` learning rate
+    (cosine, two phases), step for step; the momentum stays `optimizer.momentum` (torch's default
+    `cycle_momentum=True` also moves SGD's momentum 0.95 -> 0.85 -> 0.95):
     cosine up from `lr / div_factor` to `lr` until step `pct_start * num_train_steps - 1`, then
     cosine down to `lr / (div_factor * final_div_factor)` at step `num_train_steps - 1`, the last
     step the run takes (and held after it).
@@ -216,8 +218,12 @@ def _check_endpoints(sched: Any, name: str, warmup: int) -> None:
     steps) would not read, naming what the field is for."""
     for field, readers in _ENDPOINT_READERS.items():
         value = _get(sched, field, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value == 0:
-            continue  # unset (0) or a bad type, which the reader's own check names
+        try:  # a numeric string counts, as the readers' own checks take it
+            unset = isinstance(value, bool) or float(value) == 0
+        except (TypeError, ValueError):
+            unset = True  # a bad type, which the reader's own check names
+        if unset:
+            continue
         if name in readers and (field != "init_value" or warmup):
             continue
         needs = (f"schedule.warmup_steps > 0 with {name!r}" if name in readers
@@ -317,7 +323,8 @@ def _adam(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
 
 def _rmsprop(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """optax.rmsprop: `decay` in [0, 1) (at 1 the squared-gradient average never moves off its
-    initial 0 and every update is grad / eps), `eps` > 0, momentum as for sgd."""
+    initial 0 and every update is grad / sqrt(eps): optax adds eps under the root), `eps` > 0,
+    momentum as for sgd."""
     decay = _unit_interval("optimizer", "decay", _get(opt, "decay", 0.9), high_open=True)
     eps = check_positive_float("optimizer", "eps", _get(opt, "eps", 1e-8))
     momentum, nesterov = _momentum(opt)

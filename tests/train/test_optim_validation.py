@@ -183,6 +183,18 @@ def test_a_schedule_field_the_schedule_would_ignore_is_refused(schedule, fields,
     _raises(config, "schedule: " + message)
 
 
+def test_a_numeric_string_endpoint_the_schedule_would_ignore_is_refused():
+    """The readers' checks take "0.5" as 0.5, so an unread "0.5" (a config built without type
+    safety; typed ConfigDict fields refuse strings) was skipped as a bad type and dropped."""
+    config = ml_collections.ConfigDict(_config("linear").to_dict(), type_safe=False)
+    config.schedule.alpha = "0.5"
+    _raises(config, "schedule: alpha='0.5' is invalid; schedule 'linear' does not read it (the "
+                    "cosine floor as a fraction of the peak); it applies with schedule.name in "
+                    "['cosine'], so set it to 0.")
+    config.schedule.alpha = "0"
+    build_optimizer(config)
+
+
 def test_endpoint_fields_the_schedule_reads_are_accepted():
     for schedule, fields in [("cosine", {"alpha": 0.1}), ("linear", {"end_value": 0.01}),
                              ("warmup_cosine", {"end_value": 0.01, "init_value": 0.01,
