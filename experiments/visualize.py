@@ -195,11 +195,14 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
     that class grown by `tolerance` pixels (None: their 15 px at 224 scaled to the image)."""
     from cnnjax.analysis import attribution
     from cnnjax.train.trained import eval_examples
-    from cnnjax.utils.validation import check_positive_int
+    from cnnjax.utils.validation import check_number, check_positive_int
 
     _check_classifier(run)
     if max_images is not None:
         check_positive_int("visualize", "max_images", max_images)
+    if tolerance is not None:  # before the eval images are read and the methods compiled
+        check_number("visualize", "tolerance", tolerance, "expected pixels >= 0", low=0.0,
+                     strings=False)
     images, labels = [], []
     for batch in eval_examples(run, batch_size=64):
         images.extend(batch["image"])

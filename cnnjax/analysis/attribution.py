@@ -456,10 +456,10 @@ def occlusion(model: nn.Module, variables: Any, images: Any, targets: Any = None
                       batch_size)
 
 
-def _occlusion(batch: _Batch, patch: int | None = None, stride: int | None = None,
-               fill: float = 0.0, batch_size: int = 64) -> np.ndarray:
-    images = batch.images
-    height, width = images.shape[1:3]
+def _occluder(height: int, width: int, patch: int | None,
+              stride: int | None) -> tuple[int, int]:
+    """The occluder's checked `(patch, stride)` on `height x width` images (None: a quarter of
+    the smaller side, half the patch)."""
     patch = check_positive_int(_OWNER, "patch", max(1, round(min(height, width) / 4))
                                if patch is None else patch)
     if patch > min(height, width):
@@ -470,6 +470,14 @@ def _occlusion(batch: _Batch, patch: int | None = None, stride: int | None = Non
     if stride > patch:
         raise invalid(_OWNER, "stride", stride,
                       f"expected at most the patch, {patch}, so that every pixel is covered")
+    return patch, stride
+
+
+def _occlusion(batch: _Batch, patch: int | None = None, stride: int | None = None,
+               fill: float = 0.0, batch_size: int = 64) -> np.ndarray:
+    images = batch.images
+    height, width = images.shape[1:3]
+    patch, stride = _occluder(height, width, patch, stride)
     fill = check_number(_OWNER, "fill", fill, "expected a finite number (0: the dataset mean)",
                         low=-_FLOAT32_MAX, high=_FLOAT32_MAX, strings=False)
     batch_size = check_positive_int(_OWNER, "batch_size", batch_size)
@@ -804,8 +812,13 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
         raise invalid(_OWNER, "methods", methods,
                       f"expected distinct names from {list(METHODS)}, at least one")
     batch = _Batch(model, variables, images, targets)
-    if "grad_cam" in methods and layer is not None:  # a bad layer fails before any method runs
+    # Every argument is checked before any method runs (each compiles its own function).
+    if "grad_cam" in methods and layer is not None:
         _check_layers(batch.outputs, (layer,), batch.images.ndim)
+    if "occlusion" in methods:
+        _occluder(*batch.images.shape[1:3], patch, stride)
+    if "integrated_gradients" in methods:
+        check_positive_int(_OWNER, "ig_steps", ig_steps)
     maps: dict[str, np.ndarray] = {}
     chosen = None
     for method in METHODS:  # one batch: its logits and targets are computed once for all
@@ -878,9 +891,18 @@ def pointing_game(maps: Any, boxes: Any, tolerance: float = 0.0) -> np.ndarray:
     maximum; a map holding NaN is refused."""
     maps = np.asarray(maps, np.float64)
     boxes = np.asarray(boxes, np.float64)
-    if maps.ndim != 3 or boxes.shape != (len(maps), 4):
+    if maps.ndim != 3:
+        raise invalid(_OWNER, "maps", f"array of shape {maps.shape}",
+                      "expected [N, H, W] maps (a single map as maps[None])")
+    if boxes.shape != (len(maps), 4):
         raise invalid(_OWNER, "boxes", f"array of shape {boxes.shape}",
                       f"expected one box [ymin, xmin, ymax, xmax] per map ({maps.shape})")
+    if not np.isfinite(boxes).all() or (boxes[:, :2] > boxes[:, 2:]).any():
+        bad = int(np.flatnonzero(~np.isfinite(boxes).all(1) | (boxes[:, :2] > boxes[:, 2:])
+                                 .any(1))[0])
+        raise invalid(_OWNER, "boxes", f"box {bad} = {boxes[bad].tolist()}",
+                      "expected finite [ymin, xmin, ymax, xmax] with ymin <= ymax, "
+                      "xmin <= xmax")
     tolerance = check_number(_OWNER, "tolerance", tolerance, "expected pixels >= 0", low=0.0,
                              strings=False)
     if np.isnan(maps).any():

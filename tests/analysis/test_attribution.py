@@ -400,6 +400,14 @@ def test_pointing_game():
     np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=6.4)[1], True)
     with pytest.raises(ValueError, match=r"maps='maps holding NaN' is invalid"):
         at.pointing_game(np.full((1, 2, 2), np.nan), np.zeros((1, 4)))
+    with pytest.raises(ValueError, match=r"maps='array of shape \(10, 10\)' is invalid; "
+                                         r"expected \[N, H, W\] maps"):
+        at.pointing_game(maps[0], boxes[:1])
+    # A NaN or inverted box was a silent miss.
+    for bad in ([np.nan, 3, 3, 4], [3, 3, 2, 4]):
+        with pytest.raises(ValueError, match=r"boxes='box 1 = .*' is invalid; expected finite "
+                                             r"\[ymin, xmin, ymax, xmax\] with ymin <= ymax"):
+            at.pointing_game(maps, np.array([boxes[0], bad, boxes[2]]))
 
 
 def test_a_model_with_a_list_field_is_explained_too():
@@ -430,6 +438,22 @@ def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
     for path in (at.plot_filters(kernel, str(tmp_path / "f.png")),
                  at.plot_activations(np.ones((4, 4, 20)), str(tmp_path / "act.png"))):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_checks_every_argument_before_any_method_runs(resnet, monkeypatch):
+    """A bad occluder or ig_steps used to be refused only when explain reached that method,
+    after saliency, SmoothGrad, ... had compiled and run."""
+    model, variables, images = resnet
+    for name in ("_saliency", "_smoothgrad", "_guided_backprop", "_integrated_gradients",
+                 "_occlusion", "_grad_cam"):
+        monkeypatch.setattr(at, name, lambda *a, _name=name, **k: pytest.fail(_name + " ran"))
+    for kwargs, message in [({"patch": 40}, r"patch=40 is invalid; expected at most the "
+                                            r"image's smaller side, 32"),
+                            ({"patch": 8, "stride": 0}, r"stride=0 is invalid"),
+                            ({"ig_steps": 0}, r"ig_steps=0 is invalid; expected a positive "
+                                              r"integer")]:
+        with pytest.raises(ValueError, match="^attribution: " + message):
+            at.explain(model, variables, images, **kwargs)
 
 
 def test_bad_inputs_are_named(resnet, linear):

@@ -110,6 +110,10 @@ def test_the_pointing_game_needs_a_tfds_dataset_with_boxes(tmp_path, monkeypatch
     with pytest.raises(ValueError, match=r"^visualize: max_images=0 is invalid; expected a "
                                          r"positive integer"):
         pointing_game_run(load_trained(str(tmp_path)), max_images=0)
+    # Before any eval image is read (here the 'fake' refusal would come first otherwise).
+    with pytest.raises(ValueError, match=r"^visualize: tolerance=-1.0 is invalid; expected "
+                                         r"pixels >= 0"):
+        pointing_game_run(load_trained(str(tmp_path)), tolerance=-1.0)
 
 
 def test_a_detector_is_refused_in_one_line():
