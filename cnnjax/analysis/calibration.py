@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 
 from cnnjax.utils.files import save_figure
-from cnnjax.utils.validation import check_positive_float, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_positive_float,
+    check_positive_int,
+    invalid,
+    widen_low_precision,
+)
 
 #: Guo et al.'s bin count (their experiments use M = 15).
 DEFAULT_BINS = 15
@@ -76,7 +81,7 @@ def check_logits_and_labels(owner: str, logits: Any, labels: Any
                             ) -> tuple[np.ndarray, np.ndarray]:
     """`(logits, labels)` as float64 `[N, C]` and int64 `[N]` after checking them, so a bad
     input fails with its name instead of a silently wrong score."""
-    logits = np.asarray(logits)
+    logits = widen_low_precision(np.asarray(logits))  # a bfloat16 model's logits
     if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 2:
         raise invalid(owner, "logits.shape", logits.shape,
                       "expected [N, C] with N >= 1 examples and C >= 2 classes (flatten "
@@ -88,7 +93,7 @@ def check_logits_and_labels(owner: str, logits: Any, labels: Any
         bad = np.argwhere(~np.isfinite(logits))[0]
         raise invalid(owner, f"logits[{bad[0]}, {bad[1]}]", float(logits[tuple(bad)]),
                       "expected finite logits (a NaN or inf means the model diverged)")
-    labels = np.asarray(labels)
+    labels = widen_low_precision(np.asarray(labels))
     if labels.shape != logits.shape[:1]:
         raise invalid(owner, "labels.shape", labels.shape,
                       f"expected ({logits.shape[0]},), one class index per row of the logits "

@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 
 from cnnjax.utils.files import save_figure
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_positive_int, invalid, widen_low_precision
 
 
 def confusion_matrix(labels: Any, predictions: Any, num_classes: int) -> np.ndarray:
     """`[C, C]` counts: row = true class, column = predicted class."""
     num_classes = check_positive_int("confusion_matrix", "num_classes", num_classes)
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    labels, predictions = (widen_low_precision(np.asarray(v)) for v in (labels, predictions))
     if labels.ndim != 1:
         raise invalid("confusion_matrix", "labels.shape", labels.shape,
                       "expected a 1-D array of class indices (flatten per-pixel labels first)")

@@ -95,6 +95,17 @@ def _error(a: np.ndarray, ref: np.ndarray) -> ShiftError:
     return ShiftError(max_abs, max_abs / scale if scale > 0 else 0.0)
 
 
+def _output_stride(owner: str, shift: tuple[int, ...], stride: Any, n: int) -> tuple[int, ...]:
+    """The per-axis output `stride` (each >= 1), which every `shift` must be a multiple of so
+    the output moves by whole pixels."""
+    stride = _per_axis(owner, "stride", stride, n, minimum=1)
+    if any(s % r for s, r in zip(shift, stride, strict=True)):
+        raise invalid(owner, "shift", shift,
+                      f"expected multiples of the output stride {stride} so the output shifts "
+                      "by whole pixels")
+    return stride
+
+
 def equivariance_error(
     fn: Callable[[Any], Any],
     x: Any,
@@ -116,6 +127,8 @@ def equivariance_error(
     n = arr.ndim - 2
     shift = _shift_vector(owner, shift, n)
     border_arg, border = border, _per_axis(owner, "border", border, n, minimum=0)
+    if stride is not None:  # a given stride is checked before fn runs (compiles)
+        stride = _output_stride(owner, shift, stride, n)
     y = np.asarray(fn(arr), dtype=np.float64)
     y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
     if y.ndim != arr.ndim:
@@ -127,12 +140,8 @@ def equivariance_error(
             raise invalid(owner, "stride", None,
                           f"input size {in_sizes} is not a multiple of output size {out_sizes}; "
                           "pass the network's output stride explicitly")
-        stride = tuple(i // o for i, o in zip(in_sizes, out_sizes, strict=True))
-    stride = _per_axis(owner, "stride", stride, n, minimum=1)
-    if any(s % r for s, r in zip(shift, stride, strict=True)):
-        raise invalid(owner, "shift", shift,
-                      f"expected multiples of the output stride {stride} so the output shifts "
-                      "by whole pixels")
+        stride = _output_stride(
+            owner, shift, tuple(i // o for i, o in zip(in_sizes, out_sizes, strict=True)), n)
     out_shift = tuple(s // r for s, r in zip(shift, stride, strict=True))
     reference = _translate(y, out_shift, mode)
     region = [slice(None)]

@@ -124,6 +124,20 @@ def given_dtype(x: Any) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+def widen_low_precision(values: np.ndarray) -> np.ndarray:
+    """`values` as float32 if its dtype is one of ml_dtypes' floats (bfloat16, float8_*), which
+    NumPy reports as kind 'V', so that dtype-kind checks see a float; else unchanged."""
+    if values.dtype.kind != "V":
+        return values
+    import ml_dtypes  # deferred: a JAX dependency, needed only for these dtypes
+
+    try:
+        ml_dtypes.finfo(values.dtype)
+    except ValueError:  # a structured or void dtype, an ml_dtypes integer: left to the caller
+        return values
+    return values.astype(np.float32)
+
+
 def check_choice(owner: str, arg: str, value: Any, choices: Iterable[Any]) -> Any:
     """Returns `value` if it is one of `choices`, else raises listing them."""
     choices = list(choices)

@@ -90,6 +90,18 @@ def test_nll_matches_optax_cross_entropy():
     np.testing.assert_allclose(cal.negative_log_likelihood(logits, labels), want, rtol=1e-5)
 
 
+def test_a_bfloat16_models_logits_are_scored_as_their_float32_values():
+    """ml_dtypes' bfloat16 is dtype kind 'V' to NumPy: it was refused as "not real numbers"."""
+    import ml_dtypes
+
+    logits, labels = _random_set(seed=2)
+    low = logits.astype(ml_dtypes.bfloat16)
+    assert cal.expected_calibration_error(low, labels) == cal.expected_calibration_error(
+        low.astype(np.float32), labels)
+    with pytest.raises(ValueError, match=r"logits.dtype='\|V2' is invalid; expected real"):
+        cal.expected_calibration_error(np.zeros((2, 3), "V2"), [0, 1])
+
+
 def test_bins_are_lo_exclusive_hi_inclusive():
     """A confidence on an edge belongs to the bin it closes; 1.0 to the last, 0.5 of two equal
     logits to (0.25, 0.5] of 4 bins (not (0.5, 0.75])."""

@@ -20,6 +20,16 @@ def test_equals_sklearn_and_per_class_accuracy_is_each_rows_recall():
     assert np.isnan(recall[6])
 
 
+def test_bfloat16_class_indices_count_as_their_values():
+    import ml_dtypes
+
+    labels, predictions = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1])
+    np.testing.assert_array_equal(
+        confusion_matrix(labels.astype(ml_dtypes.bfloat16),
+                         predictions.astype(ml_dtypes.bfloat16), 3),
+        confusion_matrix(labels, predictions, 3))
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"^confusion_matrix: predictions.shape=\(2,\) is "
                                          r"invalid; expected the labels' shape \(3,\)"):

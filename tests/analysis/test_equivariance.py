@@ -133,3 +133,16 @@ def test_global_pool_invariant_to_circular_shift():
 def test_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("stride,message", [
+    (0, r"stride=0 is invalid; expected every entry >= 1"),
+    (3, r"shift=\(2, 2\) is invalid; expected multiples of the output stride \(3, 3\)"),
+])
+def test_a_given_stride_is_checked_before_fn_runs(stride, message):
+    """A bad explicit stride was refused only after fn (a jitted model) had run twice."""
+    def fn(x):
+        pytest.fail("fn ran")
+
+    with pytest.raises(ValueError, match="^equivariance_error: " + message):
+        equivariance_error(fn, X, (2, 2), stride=stride)
