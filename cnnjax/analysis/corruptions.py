@@ -628,7 +628,8 @@ def check_corruption(name: Any, severity: Any, channels: int | None = None) -> N
     `channels`-channel images."""
     if name not in CORRUPTIONS:
         raise invalid(_OWNER, "name", name, f"expected one of {list(CORRUPTIONS)}")
-    if isinstance(severity, bool) or severity not in SEVERITIES:
+    if (isinstance(severity, bool) or not isinstance(severity, int | np.integer)
+            or severity not in SEVERITIES):  # 3.0 would pass `in` and then index a table
         raise invalid(_OWNER, "severity", severity, "expected an integer from 1 to 5")
     if channels is not None and name not in available(channels):
         raise invalid(_OWNER, "name", name,
@@ -686,15 +687,16 @@ def corrupt(images: Any, name: str, severity: int, seed: int = 0,
     noise from `example_rng(seed, name, severity, first_index + i)`, so the result does not
     depend on how a split is batched."""
     check_corruption(name, severity)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
+    for arg, value in (("seed", seed), ("first_index", first_index)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise invalid(_OWNER, arg, value, "expected a non-negative integer")
     batch = _check_images(images)
     check_corruption(name, severity, batch.shape[-1])
     check_computable(name)
-    c = parameters(batch.shape[1])[name][severity - 1]
+    c = parameters(batch.shape[1])[name][int(severity) - 1]
     out = np.empty_like(batch)
     for i, image in enumerate(batch):
-        rng = example_rng(int(seed), name, severity, first_index + i)
+        rng = example_rng(int(seed), name, int(severity), int(first_index) + i)
         if name in _PIL_OPS:
             pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
             out[i] = _PIL_OPS[name](pixels, c, rng)

@@ -760,6 +760,14 @@ def test_quantize_truncates_as_cifar10c_was_stored():
     (lambda x: C.corrupt(x, "contrast", 6), r"severity=6 is invalid"),
     (lambda x: C.corrupt(x, "contrast", True), r"severity=True is invalid"),
     (lambda x: C.corrupt(x, "contrast", 2.5), r"severity=2.5 is invalid"),
+    # An integral float passed `in (1, ..., 5)` and then failed indexing a parameter table.
+    (lambda x: C.corrupt(x, "contrast", 3.0), r"severity=3.0 is invalid; expected an integer"),
+    (lambda x: C.corrupt(x, "contrast", np.float64(2.0)), r"severity=(np.float64\()?2.0\)? is "
+                                                          r"invalid"),
+    (lambda x: C.corrupt(x, "contrast", 1, first_index=-1),
+     r"corruptions: first_index=-1 is invalid; expected a non-negative integer\."),
+    (lambda x: C.corrupt(x, "contrast", 1, first_index=1.5), r"first_index=1.5 is invalid"),
+    (lambda x: C.corrupt(x, "contrast", 1, first_index=True), r"first_index=True is invalid"),
     (lambda x: C.corrupt(x, "contrast", 1, seed=-1),
      r"corruptions: seed=-1 is invalid; expected a non-negative integer\."),
     (lambda x: C.corrupt(np.zeros((64, 64, 3)), "contrast", 1),
