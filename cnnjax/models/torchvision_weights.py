@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -54,7 +53,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnnjax.models.registry import create_model, model_info
-from cnnjax.utils.files import write_json
+from cnnjax.utils.files import check_output_dir, write_json
 from cnnjax.utils.validation import invalid
 
 #: Torch keys ending in these are read and dropped, with the reason.
@@ -425,14 +424,18 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         ) from err
     if not os.path.isfile(path):
         raise invalid("torchvision_weights", "weights", path, "expected an existing .pth file")
+    if not os.path.getsize(path):
+        raise invalid("torchvision_weights", "weights", path,
+                      "the file is empty (an interrupted download?); fetch it again")
     try:  # weights_only: a file that pickles whole objects is refused, never executed
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+    except Exception as err:  # noqa: BLE001 — torch raises many kinds (KeyError on some junk)
+        why = (str(err).splitlines() or [""])[0][:160]
         raise invalid("torchvision_weights", "weights", path,
                       "expected a state_dict saved with torch.save(model.state_dict(), path) "
                       "(a file holding a whole pickled model is not read, since unpickling it "
-                      f"could run arbitrary code; {type(err).__name__}: "
-                      f"{str(err).splitlines()[0][:160]})") from None
+                      f"could run arbitrary code; {type(err).__name__}"
+                      f"{': ' + why if why else ''})") from None
     if not isinstance(loaded, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         keys = sorted(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__
@@ -533,6 +536,7 @@ def convert_file(model_name: str, weights: str, workdir: str, overwrite: bool = 
     from cnnjax.train.loop import SUMMARY_FILE
 
     _architecture(model_name)  # a bad name fails before torch reads hundreds of megabytes
+    check_output_dir(workdir, "--workdir")  # a file in the way fails before the work, too
     if not os.path.isfile(weights):
         raise invalid("torchvision_weights", "weights", weights,
                       "no such file (cnnjax never downloads: fetch the torchvision .pth first)")

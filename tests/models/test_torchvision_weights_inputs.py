@@ -128,6 +128,15 @@ def test_a_missing_weights_file_is_named_before_anything_is_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_workdir_blocked_by_a_file_is_refused_before_the_weights_are_read(tmp_path,
+                                                                            monkeypatch):
+    (tmp_path / "r18.pth").write_bytes(b"weights")
+    monkeypatch.setattr(tvw, "load_torch_state_dict", lambda path: pytest.fail("weights read"))
+    for workdir in ("r18.pth", "r18.pth/sub"):
+        with pytest.raises(ValueError, match=r"^--workdir=.* is invalid"):
+            tvw.convert_file("resnet18", str(tmp_path / "r18.pth"), str(tmp_path / workdir))
+
+
 def test_torchvision_builder_names_and_pretrained_kwargs():
     """Every supported model converts from the torchvision builder of its name, but googlenet_bn
     (torchvision's googlenet, which also needs transform_input=True for its ImageNet weights)."""
@@ -225,9 +234,17 @@ def test_a_whole_pickled_model_is_refused_with_the_state_dict_hint(tmp_path):
                                          r"invalid; expected a state_dict saved with "
                                          r"torch.save\(model.state_dict\(\), path\)"):
         tvw.load_torch_state_dict(str(path))
-    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=r"weights='.*junk.pth' is invalid; expected a state_dict"):
-        tvw.load_torch_state_dict(str(tmp_path / "junk.pth"))
+    # torch raises UnpicklingError, KeyError ('hello' is read as a pickle opcode) or EOFError
+    # with an empty message (which broke the message itself) on other junk.
+    for junk in (b"not a torch file", b"hello", b"\x80"):
+        (tmp_path / "junk.pth").write_bytes(junk)
+        with pytest.raises(ValueError, match=r"weights='.*junk.pth' is invalid; expected a "
+                                             r"state_dict"):
+            tvw.load_torch_state_dict(str(tmp_path / "junk.pth"))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights='.*empty.pth' is invalid; the file is empty "
+                                         r"\(an interrupted download\?\)"):
+        tvw.load_torch_state_dict(str(tmp_path / "empty.pth"))
 
 
 # ----------------------------------------------------------------------- warm-start workdir
