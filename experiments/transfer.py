@@ -43,15 +43,13 @@ def main(argv: list[str]) -> None:
 
     quiet_library_logs()
     from cnnjax.transfer import compare
-    from cnnjax.tune.sweep import failure_message
 
-    config = _TRANSFER.value
     try:
-        rows = compare.run_transfer(config.source, config.target, _TRANSFER_DIR.value,
-                                    **compare.transfer_kwargs(config))
+        source, target, kwargs = compare.transfer_parts(_TRANSFER.value)
+        rows = compare.run_transfer(source, target, _TRANSFER_DIR.value, **kwargs)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    message = failure_message(rows, "run")
+    message = compare.failure_message(rows, _TRANSFER_DIR.value)
     if message:
         sys.exit(f"error: {message}")
 

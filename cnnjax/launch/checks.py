@@ -200,9 +200,8 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
     if spec.entry == "transfer":
         from cnnjax.transfer import compare
 
-        transfer = loaded["transfer"]
-        configs = compare.check_transfer(transfer.source, transfer.target, spec.workdir,
-                                         **compare.transfer_kwargs(transfer))
+        source, target, kwargs = compare.transfer_parts(loaded["transfer"])
+        configs = compare.check_transfer(source, target, spec.workdir, **kwargs)
         return {"the transfer's " + ("source config" if run_id == compare.SOURCE_ID
                                      else f"run {run_id}"): config
                 for run_id, config in configs.items()}

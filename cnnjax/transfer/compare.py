@@ -53,6 +53,7 @@ from cnnjax.tune.sweep import (
     trial_result,
     trial_workdir,
 )
+from cnnjax.tune.sweep import failure_message as sweep_failure_message
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import invalid
@@ -97,12 +98,37 @@ def arm_overrides(arm: str, source_workdir: str, source_steps: int) -> OrderedDi
     return fields
 
 
-def transfer_kwargs(config: Any) -> dict[str, Any]:
-    """`run_transfer`'s keyword arguments from a transfer file's config, read one way by the
-    entry point and by launch.submit's checks."""
-    return {"budget_field": config.budget_field, "budgets": config.budgets, "arms": config.arms,
-            "seeds": config.seeds, "arm_overrides": config.get("arm_overrides"),
-            "metric": config.get("metric")}
+#: A transfer file's fields: the required ones and the optional ones with their defaults.
+_TRANSFER_REQUIRED = ("source", "target", "budgets")
+_TRANSFER_DEFAULTS = {"budget_field": "data.train_examples_per_class", "arms": ARMS,
+                      "seeds": (0,), "arm_overrides": None, "metric": None}
+
+
+def transfer_parts(config: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """`(source, target, run_transfer's keyword arguments)` from a transfer file's config, read
+    one way by the entry point and by launch.submit's checks; a missing required field (source,
+    target, budgets) is a ValueError, the others take run_transfer's defaults."""
+    missing = [name for name in _TRANSFER_REQUIRED if config.get(name) is None]
+    if missing:
+        raise invalid(_OWNER, "file", f"a config without {', '.join(missing)}",
+                      f"expected the fields {list(_TRANSFER_REQUIRED)} (source and target "
+                      "configs, the budget values), optionally "
+                      f"{list(_TRANSFER_DEFAULTS)}; see experiments/transfers/*.py")
+    kwargs = {name: config.get(name, default) for name, default in _TRANSFER_DEFAULTS.items()}
+    return config.source, config.target, {"budgets": config.budgets, **kwargs}
+
+
+def failure_message(rows: list[dict], transfer_dir: str) -> str | None:
+    """A one-line error for the failed target runs (None if none failed). A diverged source is
+    final (a rerun does not retry it), so its arms' message says what to change instead."""
+    not_run = [r for r in rows if r["status"] == "failed"
+               and r.get("reason") == "not run: the source run diverged"]
+    if not_run:
+        source = os.path.join(trial_workdir(transfer_dir, _source_trial()), "summary.json")
+        return (f"the source run diverged ({source} says where), so {len(not_run)} "
+                "warm-started run(s) did not run, and a rerun will not retry it: change the "
+                "source config (e.g. a lower learning rate) and use a new --transfer_dir")
+    return sweep_failure_message(rows, "run")
 
 
 @dataclasses.dataclass(frozen=True)

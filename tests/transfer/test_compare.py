@@ -357,6 +357,46 @@ def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):
     assert all(r["status"] == "completed" for r in rows)
 
 
+def test_a_diverged_source_says_to_change_it_not_to_rerun(tmp_path, monkeypatch):
+    """A diverged source is final: the old message ("tracebacks in error.log; rerun the command
+    to retry them") pointed at a file that does not exist and a rerun that changes nothing."""
+    real = sweep.train_and_evaluate
+
+    def source_diverges(config, workdir):
+        if workdir.endswith(os.sep + "source"):
+            config.optimizer.learning_rate = 1e30
+        return real(config, workdir)
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", source_diverges)
+    rows = _run(tmp_path)
+    assert [(r["arm"], r["status"]) for r in rows] == [
+        ("scratch", "completed"), ("finetune", "failed"), ("linear_probe", "failed")]
+    source = os.path.join(tmp_path, "transfer", "trials", "source", "summary.json")
+    assert _json(source)["status"] == "diverged"
+    assert compare.failure_message(rows, str(tmp_path / "transfer")) == (
+        f"the source run diverged ({source} says where), so 2 warm-started run(s) did not run, "
+        "and a rerun will not retry it: change the source config (e.g. a lower learning rate) "
+        "and use a new --transfer_dir")
+    assert "rerun the command to retry" in compare.failure_message(
+        [{**rows[1], "reason": "RuntimeError: out of memory"}], str(tmp_path / "transfer"))
+
+
+def test_a_transfer_file_without_optional_fields_takes_the_defaults():
+    """transfer_parts read `arms`, `seeds` and `budget_field` as required attributes (an
+    AttributeError traceback); a missing required field is named."""
+    file = config_dict.ConfigDict({"source": _source(), "target": _target(), "budgets": (8,)})
+    source, target, kwargs = compare.transfer_parts(file)
+    assert source is file.source and target is file.target
+    assert kwargs == {"budgets": (8,), "budget_field": "data.train_examples_per_class",
+                      "arms": compare.ARMS, "seeds": (0,), "arm_overrides": None,
+                      "metric": None}
+    del file["budgets"], file["target"]
+    with pytest.raises(ValueError, match=r"^transfer: file='a config without target, budgets' "
+                                         r"is invalid; expected the fields \['source', "
+                                         r"'target', 'budgets'\]"):
+        compare.transfer_parts(file)
+
+
 def _bad(**changes):
     target = changes.pop("target", None) or _target()
     kwargs = {"budgets": (8,), **changes}
