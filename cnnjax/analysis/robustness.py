@@ -22,6 +22,8 @@ import time
 
 _OWNER = "robustness"
 SOURCES = ("on_the_fly", "tfds")
+#: Images corrupted and classified at a time by `run_robustness` (per cell).
+_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +116,14 @@ def eval_pipeline(config) -> tuple:
     return spec, source, make_transforms(spec, source)
 
 
-def eval_pixels(config, max_examples: int | None, as_stored: bool = False) -> tuple:
-    """`(float32 [N, H, W, C] pixels in [0, 255], int labels [N], transforms)`: the first
-    `max_examples` (None: all) of `config`'s eval split in stored order through the eval
-    transform up to normalization (whole levels where it does not resize). `as_stored`: images
-    already stored as the eval view (ImageNet-C's crops) are only resized to the model's size
-    where they differ from it (never, as `run_robustness` requires), not cropped again."""
-    import numpy as np
+def eval_pixel_batches(config, max_examples: int | None, as_stored: bool = False,
+                       chunk: int = _CHUNK) -> tuple:
+    """`(batches, transforms)`: `batches` iterates `(float32 [n, H, W, C] pixels in [0, 255],
+    int labels [n])` chunks (n <= `chunk`) of the first `max_examples` (None: all) of `config`'s
+    eval split in stored order, through the eval transform up to normalization (whole levels
+    where it does not resize). `as_stored`: images already stored as the eval view
+    (ImageNet-C's crops) are only resized to the model's size where they differ from it (never,
+    as `run_robustness` requires), not cropped again."""
     import tensorflow as tf
 
     spec, source, transforms = eval_pipeline(config)
@@ -135,12 +138,25 @@ def eval_pixels(config, max_examples: int | None, as_stored: bool = False) -> tu
         return {"image": image * 255.0,
                 "label": tf.cast(ex["label"], tf.int32)}
 
-    images, labels = [], []
-    for batch in ds.map(pixels).batch(1024).as_numpy_iterator():
-        images.append(batch["image"])
-        labels.append(batch["label"])
-    if not images:
-        raise ValueError(f"{_OWNER}: split={spec.eval_split!r} is invalid; it holds no examples.")
+    def batches():
+        empty = True
+        for batch in ds.map(pixels).batch(chunk).as_numpy_iterator():
+            empty = False
+            yield batch["image"], batch["label"]
+        if empty:
+            raise ValueError(f"{_OWNER}: split={spec.eval_split!r} is invalid; it holds no "
+                             "examples.")
+
+    return batches(), transforms
+
+
+def eval_pixels(config, max_examples: int | None, as_stored: bool = False) -> tuple:
+    """`(float32 [N, H, W, C] pixels in [0, 255], int labels [N], transforms)`: all of
+    `eval_pixel_batches` at once."""
+    import numpy as np
+
+    batches, transforms = eval_pixel_batches(config, max_examples, as_stored)
+    images, labels = zip(*batches, strict=True)
     return np.concatenate(images), np.concatenate(labels), transforms
 
 
@@ -358,13 +374,20 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
             + (f"; corrupted cells from tfds's {tfds_set.tfds_name}" if tfds_set else ""))
         for k, (name, severity) in enumerate(todo, 1):
             started = time.time()
+            # A chunk at a time: a cell never holds more than one chunk's corrupted copy (a
+            # float64 one of all 50,000 ImageNet images would be 60 GB).
             if tfds_set:
-                pixels, cell_labels, _ = eval_pixels(corrupted_config(config, name, severity),
-                                                     max_examples, tfds_set.stored_as_eval_crop)
-            else:
-                pixels, cell_labels = corruptions_lib.quantize(
-                    corruptions_lib.corrupt(clean, name, severity, seed)), labels
-            record["cells"][name][str(severity)] = float(np.mean(classify(pixels) == cell_labels))
+                chunks, _ = eval_pixel_batches(corrupted_config(config, name, severity),
+                                               max_examples, tfds_set.stored_as_eval_crop)
+            else:  # per-example noise (first_index): the same draws as one whole-split call
+                chunks = ((corruptions_lib.quantize(corruptions_lib.corrupt(
+                    clean[i:i + _CHUNK], name, severity, seed, first_index=i)),
+                    labels[i:i + _CHUNK]) for i in range(0, len(labels), _CHUNK))
+            correct = total = 0
+            for pixels, cell_labels in chunks:
+                correct += int(np.sum(classify(pixels) == cell_labels))
+                total += len(cell_labels)
+            record["cells"][name][str(severity)] = correct / total
             write_json(path, summarize(record))
             log(f"[{k}/{len(todo)}] {name} severity {severity}: top-1 "
                 f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")

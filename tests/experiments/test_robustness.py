@@ -74,7 +74,11 @@ def _expected_top1(workdir, name: str, severity: int, seed: int = 0) -> float:
     return float(np.mean(np.asarray(np.argmax(logits, -1)) == batch["label"]))
 
 
-def test_cells_are_the_models_top1_on_independently_corrupted_images(rgb_run):
+def test_cells_are_the_models_top1_on_independently_corrupted_images(rgb_run, monkeypatch):
+    """Cells are corrupted and classified 7 images at a time (a split in chunks, so a cell never
+    holds a whole corrupted copy of it); each image's noise is its own, so every cell equals
+    one corrupt() call on all 20 images."""
+    monkeypatch.setattr(R, "_CHUNK", 7)
     lines = []
     record, path = R.run_robustness(str(rgb_run), "gaussian_noise,saturate,pixelate", "1,5",
                                     batch_size=8, log=lines.append)
@@ -470,15 +474,17 @@ def test_tfds_source_reads_imagenet2012_corrupted_as_stored(tmp_path, monkeypatc
         _write_metadata(root, f"imagenet2012_corrupted/{config}", {"validation": 6})
     data = default_data_config("imagenet2012")
     data.data_dir = root
-    read = {}  # tfds name -> (pixels, labels) of each eval_pixels call
-    real_eval_pixels = R.eval_pixels
+    read = {}  # tfds name -> (pixels, labels) each eval_pixel_batches call yields
+    real_batches = R.eval_pixel_batches
 
     def recorded(config, max_examples, as_stored=False):
-        out = real_eval_pixels(config, max_examples, as_stored)
-        read[config.data.tfds_name] = out[:2]
-        return out
+        batches, transforms = real_batches(config, max_examples, as_stored, chunk=4)
+        batches = list(batches)  # 6 images in chunks of 4: a cell is counted over both
+        assert [len(labels) for _, labels in batches] == [4, 2]
+        read[config.data.tfds_name] = tuple(np.concatenate(v) for v in zip(*batches, strict=True))
+        return iter(batches), transforms
 
-    monkeypatch.setattr(R, "eval_pixels", recorded)
+    monkeypatch.setattr(R, "eval_pixel_batches", recorded)
     labels = {}
     with _mock(root, 6, as_dataset_fn=_imagenet_as_dataset(labels)):
         workdir = _train(str(tmp_path / "run"), data)
