@@ -58,6 +58,19 @@ def _bilinear_ref(image, y, x):
             + ly * hx * image[y_high, x_low] + ly * lx * image[y_high, x_high])
 
 
+def _adaptive_counts(box, scale, offset, aligned, output_size):
+    """torchvision's adaptive samples per bin side, `ceil(roi_h / out_h)` and `ceil(roi_w /
+    out_w)`, in its float32 arithmetic: one rounding per step (a box's size on the map can lie
+    an ulp either side of a multiple of the output size, and the count follows that ulp)."""
+    f32 = np.float32
+    x1, y1, x2, y2 = (f32(v) * f32(scale) - f32(offset) for v in box)
+    roi_h, roi_w = f32(y2 - y1), f32(x2 - x1)
+    if not aligned:
+        roi_h, roi_w = max(roi_h, f32(1)), max(roi_w, f32(1))
+    return (math.ceil(f32(roi_h / f32(output_size[0]))),
+            math.ceil(f32(roi_w / f32(output_size[1]))))
+
+
 def _roi_align_ref(features, boxes, batch_indices, output_size, scale, sampling_ratio, aligned):
     features, boxes = features.astype(np.float64), boxes.astype(np.float64)
     out_h, out_w = output_size
@@ -69,8 +82,8 @@ def _roi_align_ref(features, boxes, batch_indices, output_size, scale, sampling_
         if not aligned:
             roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
         bin_h, bin_w = roi_h / out_h, roi_w / out_w
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+        grid_h, grid_w = (sampling_ratio,) * 2 if sampling_ratio > 0 else _adaptive_counts(
+            box, scale, offset, aligned, output_size)
         count = max(grid_h * grid_w, 1)
         for ph in range(out_h):
             for pw in range(out_w):
@@ -147,6 +160,32 @@ def test_roi_align_matches_torchvision_reference(aligned, sampling_ratio):
     got = roi_align(feats, boxes, batch, (3, 2), scale, sampling_ratio, aligned)
     expected = _roi_align_ref(feats, boxes, batch, (3, 2), scale, sampling_ratio, aligned)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_adaptive_counts_follow_torchvisions_float32_rounding(aligned):
+    """Boxes 70k px wide at scale 0.1 with output 7 are k sample columns wide up to an ulp, so
+    the adaptive count is k or k + 1 depending on float32 rounding. The kernel computed it with
+    XLA:CPU's division, which is not correctly rounded (and fused the scaling into an FMA): 15%
+    of these boxes got one sample more or fewer than torchvision's. Concrete boxes now get the
+    host's IEEE float32 counts; torchvision itself is compared when installed."""
+    feats = _features((1, 40, 40, 2), seed=8)
+    starts = np.arange(0, 120) / 10 + 1.3
+    boxes = np.concatenate([np.stack([starts, starts, starts + 70 * k, starts + 70 * k], axis=1)
+                            for k in (1, 2, 3)]).astype(np.float32)
+    batch = np.zeros(len(boxes), np.int32)
+    got = np.asarray(roi_align(feats, boxes, batch, 7, 0.1, -1, aligned))
+    expected = _roi_align_ref(feats, boxes, batch, (7, 7), 0.1, -1, aligned)
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+    try:
+        import torch
+        from torchvision.ops import roi_align as torchvision_roi_align
+    except ImportError:
+        return
+    rois = torch.from_numpy(np.concatenate([batch[:, None].astype(np.float32), boxes], axis=1))
+    theirs = torchvision_roi_align(torch.from_numpy(feats.transpose(0, 3, 1, 2)), rois, 7, 0.1,
+                                   -1, aligned).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(got, theirs, rtol=RTOL, atol=ATOL)
 
 
 def test_roi_align_under_jit():
