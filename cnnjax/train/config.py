@@ -24,6 +24,7 @@ from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
+from cnnjax.utils import callables
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
@@ -262,13 +263,21 @@ def model_kwargs_config(model: str) -> ml_collections.ConfigDict:
 
 def model_kwargs(config: Any) -> dict[str, Any]:
     """The keyword arguments `config.model_kwargs` passes to the model factory (None dropped);
-    a field the engine sets itself (`num_classes`, `dtype`, `axis_name`) is a named error."""
+    a field the engine sets itself (`num_classes`, `dtype`, `axis_name`) is a named error, and
+    so is a function or class that config.json could not name by import path (a lambda, a
+    local function): the run could not be resumed or reloaded."""
     declared = config.get("model_kwargs") or {}
     kwargs = {key: value for key, value in declared.items() if value is not None}
     for key in sorted(set(kwargs) & ENGINE_MODEL_FIELDS):
         raise invalid("config", f"model_kwargs.{key}", kwargs[key],
                       "the engine sets it (num_classes: config.num_classes or the dataset's; "
                       "dtype: config.compute_dtype; axis_name: the data-parallel axis)")
+    for key, value in kwargs.items():
+        if callables.is_callable_value(value) and callables.callable_path(value) is None:
+            raise invalid("config", f"model_kwargs.{key}", value,
+                          "expected a module-level function or class (config.json saves it by "
+                          "import path, e.g. jax.nn.gelu, so the run can resume and be "
+                          "reloaded); define it at the top level of a module")
     return kwargs
 
 
@@ -619,9 +628,17 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if hasattr(value, "items"):
             out.update(flatten(value, name + "."))
-        else:
-            out[name] = json.loads(json.dumps(value, default=str))
+        else:  # a function or class by import path, as config.json saves it (to_json)
+            out[name] = json.loads(json.dumps(callables.encode(value), default=str))
     return out
+
+
+def to_json(config: Any) -> str:
+    """`config` as config.json holds it: ml_collections' best-effort JSON, with functions and
+    classes written as "callable:<import path>" (`cnnjax.utils.callables`) so that a rerun
+    compares equal and `load_trained` can import them back."""
+    plain = callables.encode(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return ml_collections.ConfigDict(plain).to_json_best_effort(indent=2, sort_keys=True)
 
 
 def with_legacy_defaults(saved: dict) -> dict:

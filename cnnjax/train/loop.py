@@ -454,12 +454,7 @@ class _Run:
             )
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
-            atomic_write(
-                saved_path,
-                config.to_json_best_effort(indent=2, sort_keys=True)
-                if hasattr(config, "to_json_best_effort")
-                else json.dumps(current),
-            )
+            atomic_write(saved_path, config_lib.to_json(config))
 
     # --------------------------------------------------------------------------------- steps
     def steps(self) -> tuple[Any, Any]:

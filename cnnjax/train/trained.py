@@ -30,6 +30,7 @@ from cnnjax.train.checkpoint import SourceCheckpoints
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE, evaluate_variables
 from cnnjax.train.state import WARM_START_COLLECTIONS
 from cnnjax.train.step import proposal_kwargs
+from cnnjax.utils import callables
 from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
@@ -102,6 +103,11 @@ def load_trained(workdir: str, step: int | None = None,
         raise invalid(_OWNER, "workdir", workdir,
                       "it holds converted torchvision weights, not a training run: pass it as "
                       "--config.init_from.workdir of a run instead")
+    try:  # functions and classes in model_kwargs are saved by import path
+        saved["model_kwargs"] = callables.decode(saved.get("model_kwargs") or {})
+    except ValueError as err:
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"its {CONFIG_FILE} model_kwargs: {err}") from None
     config = ml_collections.ConfigDict(config_lib.with_legacy_defaults(saved))
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config

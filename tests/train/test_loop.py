@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from cnnjax.train import config as config_lib
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer
 from cnnjax.utils.lock import DirectoryInUseError
@@ -563,3 +564,41 @@ def test_eval_with_the_real_pipeline_counts_every_example_once(tmp_path, monkeyp
     np.testing.assert_allclose(final["loss"], -log_p[np.arange(27), labels].mean(), rtol=1e-5)
     np.testing.assert_allclose(final["top1"], (rank < 1).mean(), rtol=1e-12)
     np.testing.assert_allclose(final["top5"], (rank < 5).mean(), rtol=1e-12)
+
+
+def test_a_function_in_model_kwargs_resumes_and_reloads(tmp_path):
+    """`config.model_kwargs.act = jax.nn.gelu` (experiments/README.md's recipe) was saved as
+    "function gelu" and compared as "<function gelu at 0x...>": a rerun of the same config was
+    refused as incompatible (restart=True would discard it), and load_trained rebuilt the model
+    with act='function gelu'. It is saved and compared by import path now, and imported back."""
+    from cnnjax.train.trained import load_trained
+    from cnnjax.utils import callables
+
+    def config():
+        c = helpers.tiny_config(model="resnet20_cifar", num_train_steps=2, global_batch_size=8,
+                                eval_every_steps=2, checkpoint_every_steps=2)
+        c.model_kwargs = config_lib.model_kwargs_config(c.model)
+        c.model_kwargs.widths, c.model_kwargs.act = (4, 4, 4), jax.nn.gelu
+        return c
+
+    assert loop.train_and_evaluate(config(), str(tmp_path))["status"] == "completed"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_kwargs"]["act"] == "callable:jax.nn.gelu"
+    before = (tmp_path / "summary.json").read_text()
+    rerun = config()
+    rerun.restart = True  # a requeued job's command line: never starts over
+    for again in (config(), rerun):  # a finished run of the same config: nothing changes
+        assert loop.train_and_evaluate(again, str(tmp_path))["status"] == "completed"
+        assert (tmp_path / "summary.json").read_text() == before
+    run = load_trained(str(tmp_path))
+    assert run.config.model_kwargs.act is jax.nn.gelu and run.model.act is jax.nn.gelu
+    # Not importable by path: refused before anything is built.
+    bad = config()
+    bad.model_kwargs.act = lambda x: x
+    with pytest.raises(ValueError, match=r"^config: model_kwargs.act=<function .*<lambda>.* is "
+                                         r"invalid; expected a module-level function or class"):
+        config_lib.check_config(bad)
+    assert callables.decode(callables.encode({"a": [jax.nn.relu, 1]})) == {"a": [jax.nn.relu, 1]}
+    with pytest.raises(ValueError, match=r"'callable:jax.nn.no_such' is invalid; it does not "
+                                         r"import here"):
+        callables.decode("callable:jax.nn.no_such")
