@@ -10,7 +10,17 @@ ResNet-18 they took a quarter of XLA:CPU's train step (docs/performance.md).
 that needs exactly two channel sums; `batch_norm_impl("matmul")` applies it to every
 `nn.BatchNorm` called in training mode inside the block, so existing models run unchanged (same
 variables, same running-statistics update, cross-device sync by `axis_name`). Mathematically
-the same function as flax's; float32 results differ by summation order only.
+the same function as flax's, and op by op (or one layer jitted) float32 results differ by
+summation order only.
+
+**Not the default, and not for training:** jitted as part of a whole model's gradient on
+XLA:CPU (jaxlib 0.10), its parameter gradients differ from flax's (and from float64) by up to
+2-4% relative at some steps (ResNet-20, CIFAR-stem ResNet-18, DenseNet-40), while the loss
+agrees; run op by op they agree to 1e-6. `--xla_disable_hlo_passes=algsimp` removes the
+difference; a two-pass variance, barriers around the sums or a plain second-level sum do not.
+Found in session 20 (docs/performance.md, "BatchNorm as matmuls: wrong gradients"); the cause
+is not pinned down, so "auto" now means flax's BatchNorm everywhere and "matmul" stays for
+measurement only.
 """
 
 from __future__ import annotations
@@ -31,8 +41,9 @@ from cnnjax.utils.validation import invalid
 Array = Any
 
 #: `batch_norm_impl` modes: "flax" (flax's own BatchNorm, i.e. no change), "matmul" (channel sums
-#: as matrix-vector products with a hand-written backward) and "auto" ("matmul" on CPU, "flax"
-#: on accelerators, whose reductions are fast).
+#: as matrix-vector products with a hand-written backward; see the module docstring: its
+#: whole-model gradients under XLA:CPU's jit are wrong by up to 4%) and "auto" (the engine's
+#: default: "flax" on every backend since that finding; it was "matmul" on CPU).
 BATCH_NORM_IMPLS = ("flax", "matmul", "auto")
 
 AxisGroups = tuple[tuple[int, ...], ...] | None
@@ -138,11 +149,11 @@ def batch_norm_function(impl: str) -> Callable[..., Array] | None:
 
 
 def resolve_batch_norm_impl(impl: str, backend: str) -> str:
-    """The implementation `impl` means on `backend`: "auto" is "matmul" on CPU, else "flax"."""
+    """The implementation `impl` means on `backend`: "auto" is "flax" on every backend (the
+    matmul sums' whole-model gradients are wrong under XLA:CPU's jit; module docstring)."""
     batch_norm_function(impl)  # validates the name
-    if impl != "auto":
-        return impl
-    return "matmul" if backend == "cpu" else "flax"
+    del backend  # kept: the choice has been, and may again be, per backend
+    return "flax" if impl == "auto" else impl
 
 
 def _float32(*dtypes: Any) -> bool:
@@ -196,7 +207,8 @@ def _matmul_batch_norm(next_fun: Callable, args: tuple, kwargs: dict,
 def batch_norm_impl(impl: str = "auto") -> Iterator[None]:
     """Within the block, every `nn.BatchNorm` (exactly that class) called in training mode on
     float32 input with float32 parameters, feature axis last and no mask computes through
-    `batch_norm_train` when `impl` is "matmul" ("auto": on CPU); other calls run flax's code.
+    `batch_norm_train` when `impl` is "matmul" (for measurement: see the module docstring);
+    other calls, and every call under "flax" or "auto", run flax's code.
 
     Like `cnnjax.layers.conv_impl`, the choice is made when a function is traced, so wrap the
     tracing. Variables, their names, initialization and the running-average update are flax's.

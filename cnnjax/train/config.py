@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
 from cnnjax.layers.batch_norm_impl import BATCH_NORM_IMPLS
@@ -64,8 +65,9 @@ INIT_FROM_FIELDS = ("workdir", "step", "exclude", "submodule", "ema")
 # per-device details of the trajectory (dropout keys, mixing pairs, accumulation micro-batches,
 # float summation order): allowed (a requeued job may land on another machine), and warned about
 # on resume (`_Run.warn_if_devices_changed`, summary.json's `device_counts`). `batch_norm_impl`
-# changes float summation order only, and workdirs saved before it existed ran flax's BatchNorm:
-# they resume under the new default.
+# changes the lowering, not the model: workdirs saved before it existed ran flax's BatchNorm,
+# and those saved with "auto" in sessions 14-19 ran the matmul sums (wrong gradients, see
+# cnnjax.layers.batch_norm_impl); both resume under today's "auto", flax's BatchNorm.
 RUNTIME_FIELDS = frozenset(
     {
         "restart",
@@ -141,8 +143,10 @@ def default_config() -> ml_collections.ConfigDict:
     # convolutions with tiny output maps on CPU (4x faster ResNet-18 at 32x32) and XLA's own with
     # a stored input for the rest (1.1-1.35x faster ResNets); XLA's own off CPU.
     c.conv_impl = "auto"
-    # How training-mode BatchNorms are lowered (cnnjax.layers.batch_norm_impl): 'auto' = channel
-    # sums as matrix-vector products on CPU (1.4x faster CIFAR ResNet-18 step), flax elsewhere.
+    # How training-mode BatchNorms are lowered (cnnjax.layers.batch_norm_impl): 'auto' = flax's
+    # own everywhere. 'matmul' (channel sums as matrix-vector products, 1.4x faster CIFAR
+    # ResNet-18 step on CPU) gives whole-model gradients wrong by up to 4% under XLA:CPU's jit:
+    # for measurement only (a training run with it logs a warning).
     c.batch_norm_impl = "auto"
     c.num_devices = 0  # 0: every local device
     c.optimizer = ml_collections.ConfigDict(
@@ -367,8 +371,11 @@ def validate_config(config: Any) -> None:
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
-    check_choice("config", "batch_norm_impl", config.get("batch_norm_impl", "auto"),
-                 BATCH_NORM_IMPLS)
+    if check_choice("config", "batch_norm_impl", config.get("batch_norm_impl", "auto"),
+                    BATCH_NORM_IMPLS) == "matmul":
+        logging.warning("config.batch_norm_impl='matmul': its parameter gradients differ from "
+                        "flax's by up to 4%% under XLA:CPU's jit (cnnjax.layers.batch_norm_impl)"
+                        "; use it to measure speed, train with 'auto' (flax's BatchNorm).")
     check_positive_int("config", "grad_accum_steps", config.get("grad_accum_steps", 1))
     if mixing_rule(config) is not None and task != "classification":
         raise invalid("mixing", "mixup_alpha/cutmix_alpha",
