@@ -62,6 +62,9 @@ ARMS = ("scratch", "finetune", "linear_probe")
 ARM_LABELS = {"scratch": "from scratch", "finetune": "fine-tune all layers",
               "linear_probe": "linear probe (frozen backbone)"}
 SOURCE_ID = "source"
+#: What a comparison varies by default (`budgets` of it), and its default seeds.
+DEFAULT_BUDGET_FIELD = "data.train_examples_per_class"
+DEFAULT_SEEDS = (0,)
 TRANSFER_FILE = "transfer.json"
 RESULTS_CSV = "results.csv"
 RESULTS_JSON = "results.json"
@@ -100,8 +103,8 @@ def arm_overrides(arm: str, source_workdir: str, source_steps: int) -> OrderedDi
 
 #: A transfer file's fields: the required ones and the optional ones with their defaults.
 _TRANSFER_REQUIRED = ("source", "target", "budgets")
-_TRANSFER_DEFAULTS = {"budget_field": "data.train_examples_per_class", "arms": ARMS,
-                      "seeds": (0,), "arm_overrides": None, "metric": None}
+_TRANSFER_DEFAULTS = {"budget_field": DEFAULT_BUDGET_FIELD, "arms": ARMS,
+                      "seeds": DEFAULT_SEEDS, "arm_overrides": None, "metric": None}
 
 
 def transfer_parts(config: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -193,9 +196,9 @@ def check_settings(source: Any, target: Any, budget_field: str, budgets: Sequenc
 
 
 def check_transfer(source: Any, target: Any, transfer_dir: str, *,
-                   budget_field: str = "data.train_examples_per_class",
+                   budget_field: str = DEFAULT_BUDGET_FIELD,
                    budgets: Sequence[Any], arms: Sequence[str] = ARMS,
-                   seeds: Sequence[int] = (0,),
+                   seeds: Sequence[int] = DEFAULT_SEEDS,
                    arm_overrides: Mapping[str, Mapping[str, Any]] | None = None,
                    metric: str | None = None) -> dict[str, Any]:
     """`{run_id: config}` of the source and every target run after the checks that need neither
@@ -426,10 +429,10 @@ def run_transfer(
     target_config: Any,
     transfer_dir: str,
     *,
-    budget_field: str = "data.train_examples_per_class",
+    budget_field: str = DEFAULT_BUDGET_FIELD,
     budgets: Sequence[Any],
     arms: Sequence[str] = ARMS,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     arm_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     metric: str | None = None,
     verbose: bool = True,
