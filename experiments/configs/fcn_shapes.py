@@ -9,7 +9,7 @@ Expected (measured with that command, 2 CPU cores, JAX 0.10.2, flax's BatchNorm,
 on the 500 test scenes mean IoU 0.796 (background 0.960, circle 0.828, square 0.837, triangle
 0.699, cross 0.657) and pixel accuracy 0.965 after 1,000 steps of 16 (8 epochs); mIoU 0.382 at
 step 250, 0.770 at 500, 0.792 at 750. 393 s wall (47 train images/s) on cores shared only with
-test runs. (Under `batch_norm_impl='matmul'`, whose gradients are wrong by up to 4%: 0.797.)
+test runs. (Under `batch_norm_impl='matmul'`, whose gradients are up to 4% off flax's: 0.797.)
 ImageNet weights for the backbone (`config.init_from`, torchvision ResNet-18) are the paper's
 setting; here it trains from scratch.
 The first ever run also builds `shapes_segmentation` (~5 s). Rerunning the command resumes.

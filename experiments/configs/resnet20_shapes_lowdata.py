@@ -13,7 +13,7 @@ With mixup/CutMix, RandAugment, stochastic depth or a weight average, e.g.
 Shapes have random foreground and background colours, so with few images a network can fit the
 colours: at 25 images per class the same run reaches 100% train but 26.5% (chance) test top-1.
 Expected and runtime: see the sweep's docstring (measured there, 2 CPU cores, with flax's
-BatchNorm, the default; under `batch_norm_impl='matmul'`, whose gradients are wrong by up to 4%,
+BatchNorm, the default; under `batch_norm_impl='matmul'`, whose gradients are up to 4% off flax's,
 the test top-1 differs by up to 0.34).
 """
 

@@ -16,7 +16,7 @@ images) / final train top-1, seeds 0 and 1:
 At this budget (64 epochs of 400 images) both regularizers hurt: the runs underfit (RandAugment's
 train loss stays near ln 4 = 1.39, i.e. chance, and so does a run at magnitude 3: 0.30 test, 0.42
 train), and seeds differ by up to 0.27. Under `--config.batch_norm_impl=matmul` (the CPU default
-of sessions 14-19, whose whole-model gradients are wrong by up to 4%) the "neither" arm of seed
+of sessions 14-19, whose whole-model gradients are up to 4% off flax's) the "neither" arm of seed
 0 reaches 0.9275 test / 0.995 train instead (measured 2026-12-01).
 With 4x the schedule (`--config.num_train_steps=1600`,
 256 epochs, seed 0, 4.5 min per run) the picture changes: neither 0.965 (train 1.00, test loss

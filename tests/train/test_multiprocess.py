@@ -421,7 +421,7 @@ def test_batchnorm_statistics_are_synced_across_processes(tmp_path):
     assert stats_diff < 1e-5
     assert params_diff < 1e-5
     # With batch_norm_impl="matmul" (the CPU default until session 20, when its whole-model
-    # jitted gradients were found wrong by up to 4%) on a Sapphire Rapids machine: 2.1e-3 of the
+    # jitted gradients were found up to 4% off flax's) on a Sapphire Rapids machine: 2.1e-3 of the
     # largest momentum (params still 2.7e-7 apart).
     assert opt_rel_diff < 1e-2
     ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
