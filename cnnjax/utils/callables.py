@@ -15,8 +15,9 @@ _PUBLIC_MODULES = ("jax.nn", "flax.linen", "jax.numpy")
 
 
 def is_callable_value(value: Any) -> bool:
-    """True for a function or class as a config value (not a config node or a plain value)."""
-    return callable(value) and not isinstance(value, str | bytes | int | float | bool)
+    """True for a function or class as a config value (plain values and config nodes are not
+    callable)."""
+    return callable(value)
 
 
 def import_path(path: str) -> Any:
