@@ -453,6 +453,9 @@ def _validate_init_from(config: Any) -> None:
         if workdir is None:
             raise invalid("init_from", "step", step, "it needs init_from.workdir to be set")
     check_bool("init_from", "ema", init_from.get("ema", False))
+    if init_from.get("ema", False) and workdir is None:
+        raise invalid("init_from", "ema", True, "it needs init_from.workdir to be set (the run "
+                      "whose weight average to load)")
     submodule = init_from.get("submodule")
     if submodule is not None and (not isinstance(submodule, str) or not submodule
                                   or "/" in submodule):

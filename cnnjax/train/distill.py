@@ -123,6 +123,9 @@ def validate_distill(config: Any, task: str) -> None:
                           "expected a checkpoint step >= 0, or None (the teacher's best)")
         if workdir is None:
             raise invalid(OWNER, "teacher_step", step, "it needs distill.teacher_workdir")
+    if settings["ema"] and workdir is None:
+        raise invalid(OWNER, "ema", True, "it needs distill.teacher_workdir (the teacher whose "
+                      "weight average to use)")
     if workdir is not None and task != "classification":
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"distillation trains classifiers only (config.task='classification', not "

@@ -261,6 +261,9 @@ def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
                                    "step >= 0, or None (the teacher's best)."),
     ({"distill.teacher_workdir": None, "distill.teacher_step": 3},
      "distill: teacher_step=3 is invalid; it needs distill.teacher_workdir."),
+    ({"distill.teacher_workdir": None, "distill.ema": True},
+     "distill: ema=True is invalid; it needs distill.teacher_workdir (the teacher whose weight "
+     "average to use)."),
     ({"distill.teacher_workdir": ""}, "distill: teacher_workdir='' is invalid; expected the "
                                       "--workdir of a trained classification run, or None (off)."),
     ({"task": "segmentation"}, "distill: teacher_workdir='t' is invalid; distillation trains "

@@ -570,6 +570,12 @@ def test_leaves_no_module_exclusion_can_skip_get_their_own_hint():
             "init_from: step=4 is invalid; it needs init_from.workdir to be set.",
         ),
         (
+            "init_from.ema",
+            True,
+            "init_from: ema=True is invalid; it needs init_from.workdir to be set (the run whose "
+            "weight average to load).",
+        ),
+        (
             "init_from.exclude",
             ("head", ""),
             "init_from: exclude=('head', '') is invalid; expected a tuple of module names, "
