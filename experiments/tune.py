@@ -27,7 +27,12 @@ configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import define_config_file, parse_flags  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    define_config_file,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _CONFIG = define_config_file(
     "config", None, "Base experiment config file (ml_collections).", lock_config=True
@@ -41,18 +46,12 @@ flags.mark_flags_as_required(["config", "recipe", "tune_dir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
-
-    quiet_library_logs()
+    start_command(argv)
     from cnnjax.tune import recipe as recipe_lib
     from cnnjax.tune import report as report_lib
 
-    try:
+    with one_line_errors():
         record = recipe_lib.run_tune(_CONFIG.value, _RECIPE.value, _TUNE_DIR.value)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     print(f"Report: {_TUNE_DIR.value}/{report_lib.REPORT_FILE}", flush=True)
     if record["status"] == "failed":
         sys.exit(f"error: {record['reason']}")

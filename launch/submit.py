@@ -37,6 +37,7 @@ from cnnjax.launch.spec import (
     validate_spec,
     without_scheduling,
 )
+from cnnjax.utils.cli import os_error_message
 from cnnjax.utils.files import atomic_write
 from cnnjax.utils.validation import invalid
 
@@ -251,6 +252,8 @@ def main(argv: list[str]) -> None:
         job_id = sbatch(script_path, spec, record)
     except (ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # an output folder it cannot create or write
+        sys.exit(f"error: {os_error_message(err)}")
     trials = f" ({num_trials} trials)" if num_trials else ""
     if num_trials and spec.trials_per_task > 1:
         trials = (f" ({num_trials} trials, {spec.trials_per_task} per array task, "

@@ -260,3 +260,25 @@ def test_the_config_file_given_with_a_space_is_read_for_the_hints():
         "fields; set it with --config.model=<value>")
     assert cli.model_kwargs_hint(args).startswith("; model 'lenet5' accepts model_kwargs [")
     assert cli.flag_value(["--config=a.py", "--config", "b.py"], "config") == "b.py"  # the last
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("args", [
+    ["experiments.tune", "--config=experiments/configs/lenet5_digits.py",
+     "--recipe=experiments/recipes/lenet5_digits.py", "--tune_dir=/proc/cnnjax_test/tune"],
+    ["launch.submit", "--entry=train", "--config=experiments/configs/lenet5_digits.py",
+     "--workdir=/proc/cnnjax_test/job", "--gpus_per_node=0", "--nocheck_configs"],
+])
+def test_an_output_folder_that_cannot_be_made_ends_the_command_in_one_line(args):
+    """tune and launch.submit as sweep does: an OSError on their output folder (here under
+    /proc, where nothing can be created, even by root) is one `error:` line naming it."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/proc/cnnjax_test" in last, last
