@@ -12,7 +12,8 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
                       value over the whole run: the learning rate is too low.
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
                       given), or the train-eval top-1 gap is large and growing, or very large.
-    underfitting      train top-1 below `underfit_train_top1` and within `overfit_gap` of eval.
+    underfitting      train top-1 below `underfit_train_top1` and at most `overfit_gap` above
+                      eval top-1 (eval may be higher: augmented or mixed train images).
     still_improving   over the last quarter, the eval metric improved by more than its noise
                       or the eval loss fell by more than `tail_loss_drop`.
     converged         none of the above: the eval metric is flat at the end.
@@ -71,6 +72,11 @@ FRACTION_METRICS = (*ACCURACY_METRICS, *config_lib.DETECTION_METRICS, "pixel_acc
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 _OWNER = "diagnose"
+
+
+# Thresholds compared with top-1 accuracies or their differences, all fractions in [0, 1].
+TOP1_FRACTION_FIELDS = ("min_accuracy_delta", "overfit_gap", "gap_growth", "large_gap",
+                        "underfit_train_top1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +145,10 @@ class Thresholds:
             if getattr(self, name) >= 1:
                 raise invalid(_OWNER, f"thresholds.{name}", getattr(self, name),
                               "expected a number in (0, 1)")
+        for name in TOP1_FRACTION_FIELDS:  # compared with top-1 in [0, 1]: 90 is not 90%
+            if getattr(self, name) > 1:
+                raise invalid(_OWNER, f"thresholds.{name}", getattr(self, name),
+                              "expected a fraction of top-1 in (0, 1], e.g. 0.9 for 90%")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> Thresholds:
@@ -496,10 +506,12 @@ def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
     gap = train_top1[-1] - eval_top1[-1]
     if train_top1[-1] >= t.underfit_train_top1 or gap > t.overfit_gap:
         return None
+    relation = (f"within {100 * gap:.1f} points of" if gap >= 0
+                else f"{100 * -gap:.1f} points below")
     return Finding(
         "underfitting",
         f"train top-1 {100 * train_top1[-1]:.2f}% (< {100 * t.underfit_train_top1:.0f}%) and "
-        f"within {100 * abs(gap):.1f} points of eval top-1 {100 * eval_top1[-1]:.1f}%.",
+        f"{relation} eval top-1 {100 * eval_top1[-1]:.1f}%.",
         {"train_top1": float(train_top1[-1]), "eval_top1": float(eval_top1[-1]),
          "gap": float(gap)},
         (Recommendation("num_train_steps", "multiply", 2.0, "more training"),

@@ -287,6 +287,18 @@ def test_underfitting_run():
     f = d.findings[0]
     assert f.evidence["train_top1"] == pytest.approx(0.7, abs=1e-3)
     assert f.recommendations[0].field == "num_train_steps"
+    assert f.message == "train top-1 70.00% (< 90%) and within 1.0 points of eval top-1 69.0%."
+
+
+def test_underfitting_with_eval_above_train_says_so():
+    """Augmented or mixed train images can put eval top-1 above train's: still underfitting
+    (train below 90%), and the message says eval is higher, not "within" a 15-point gap."""
+    d = dg.diagnose(_curves(**_converged(train_loss=_decay(2.3, 1.0, 0.03),
+                                         train_top1=_decay(0.1, 0.55, 0.03),
+                                         eval_top1=_decay(0.1, 0.7, 0.03))))
+    assert d.verdicts == ["underfitting"]
+    assert d.findings[0].message == ("train top-1 55.00% (< 90%) and 15.0 points below eval "
+                                     "top-1 70.0%.")
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -372,6 +384,12 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"thresholds.explosion_factor=0.5 is invalid; expected "
                                          r"a number > 1\."):  # every run would have "diverged"
         dg.Thresholds(explosion_factor=0.5)
+    for name in dg.TOP1_FRACTION_FIELDS:  # a percentage typed for a fraction
+        with pytest.raises(ValueError, match=rf"diagnose: thresholds.{name}=90 is invalid; "
+                                             r"expected a fraction of top-1 in \(0, 1\], e.g. "
+                                             r"0.9 for 90%\."):
+            dg.Thresholds(**{name: 90})
+    assert dg.Thresholds(underfit_train_top1=1.0).underfit_train_top1 == 1.0
 
 
 def test_command_line_prints_the_diagnosis():
