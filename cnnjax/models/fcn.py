@@ -130,7 +130,8 @@ class FCN(nn.Module):
     num_classes: int = 21
     variant: int = 8
     backbone: str = "vgg16"
-    dropout_rate: float = 0.5
+    # Dropout after fc6 and fc7, which only the VGG-16 backbone has (None: the paper's 0.5).
+    dropout_rate: float | None = None
     learn_final_upsample: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
@@ -140,7 +141,12 @@ class FCN(nn.Module):
         check_positive_int(owner, "num_classes", self.num_classes)
         check_choice(owner, "variant", self.variant, (32, 16, 8))
         check_choice(owner, "backbone", self.backbone, BACKBONES)
-        check_dropout_rate(owner, self.dropout_rate)
+        if self.dropout_rate is not None:
+            check_dropout_rate(owner, self.dropout_rate)
+            if self.backbone != "vgg16":
+                raise invalid(owner, "dropout_rate", self.dropout_rate,
+                              f"the {self.backbone} backbone has no dropout (only VGG-16's fc6 "
+                              "and fc7 have); leave it None")
         check_bool(owner, "learn_final_upsample", self.learn_final_upsample)
         super().__post_init__()
 
@@ -153,7 +159,8 @@ class FCN(nn.Module):
             y = feats["block5"]
             for name, kernel in (("fc6", 7), ("fc7", 1)):
                 y = Conv2D(4096, kernel, padding=kernel // 2, dtype=self.dtype, name=name)(y)
-                y = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(y))
+                rate = 0.5 if self.dropout_rate is None else self.dropout_rate
+                y = nn.Dropout(rate, deterministic=not train)(nn.relu(y))
             feats["fc7"] = y
             return feats, (feats["block3"], feats["block4"], y)
         feats = RESNET_BACKBONES[self.backbone](

@@ -276,3 +276,19 @@ def test_fcn_fc7_at_the_centre_equals_the_vgg16_classifiers_fc7():
     _, reference = jax.jit(lambda v, x: vgg.apply(v, x, return_features=True))(vgg_vars, x)
     np.testing.assert_allclose(features["fc7"][0, 3, 3], reference["pre_logits"][0],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_rate_is_refused_on_a_resnet_backbone_and_applied_on_vgg16():
+    """Only VGG-16's fc6/fc7 have dropout: a rate given with a ResNet backbone did nothing."""
+    with pytest.raises(ValueError, match=r"^FCN: dropout_rate=0.9 is invalid; the resnet18 "
+                                         r"backbone has no dropout \(only VGG-16's fc6 and fc7 "
+                                         r"have\); leave it None\.$"):
+        create_model("fcn8s_resnet18", dropout_rate=0.9)
+    model = create_model("fcn32s_vgg16", num_classes=3, dropout_rate=0.9)
+    x = jnp.ones((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x)
+    fc7 = [model.apply(variables, x, train=True, return_features=True,
+                       rngs={"dropout": jax.random.key(k)})[1]["fc7"] for k in (1, 2)]
+    dropped = [float(jnp.mean(f == 0)) for f in fc7]
+    assert not jnp.array_equal(*fc7) and min(dropped) > 0.8  # 90% dropped (plus ReLU zeros)
+    assert create_model("fcn32s_vgg16").dropout_rate is None  # the paper's 0.5 when built
