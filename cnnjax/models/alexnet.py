@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import build_variant, register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, dense_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
@@ -221,22 +221,27 @@ class ZFNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
+# What each name fixes (`build_variant`): the layer layout; dropout and fc width stay settable.
+_ALEXNET_2TOWER = functools.partial(
+    AlexNet, widths=(96, 256, 384, 384, 256), groups=(1, 2, 1, 2, 2), conv1_padding=0, lrn=True,
+    pool_size=None, dropout_before_fc=False)
+_ALEXNET_TORCHVISION = functools.partial(
+    AlexNet, widths=(64, 192, 384, 256, 256), groups=(1, 1, 1, 1, 1), conv1_padding=2, lrn=False,
+    pool_size=6, dropout_before_fc=True)
+
+
 @register_model("alexnet_2tower", input_shape=(227, 227, 3), min_input_size=67, num_classes=1000,
                 paper=_ALEXNET_PAPER)
 def alexnet_2tower(**kwargs: Any) -> AlexNet:
     """The paper's two-tower AlexNet at 227x227; 60,965,224 parameters at 1000 classes."""
-    return AlexNet(**kwargs)
+    return build_variant(_ALEXNET_2TOWER, kwargs)
 
 
 @register_model("alexnet", input_shape=(224, 224, 3), min_input_size=63, num_classes=1000,
                 paper=_ALEXNET_PAPER + "; layout of torchvision's alexnet (Krizhevsky 2014)")
 def alexnet(**kwargs: Any) -> AlexNet:
     """Single-tower AlexNet in torchvision's layout; 61,100,840 parameters at 1000 classes."""
-    config: dict[str, Any] = dict(widths=(64, 192, 384, 256, 256), groups=(1, 1, 1, 1, 1),
-                                  conv1_padding=2, lrn=False, pool_size=6,
-                                  dropout_before_fc=True)
-    config.update(kwargs)
-    return AlexNet(**config)
+    return build_variant(_ALEXNET_TORCHVISION, kwargs)
 
 
 @register_model("zfnet", input_shape=(224, 224, 3), min_input_size=63, num_classes=1000,

@@ -4,6 +4,7 @@ import flax.linen as nn
 import pytest
 
 from cnnjax.models import ModelArgumentError, create_model, model_info, settable_fields
+from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.registry import registered_model
 
 
@@ -31,6 +32,10 @@ def test_an_unknown_or_fixed_keyword_is_a_named_value_error(name, kwargs, messag
     ("nin", {"stages": ()}),
     ("nin_cifar", {"stages": ()}),
     ("plain20_cifar", {"shortcut": "A"}),  # resnet20_cifar
+    ("alexnet", {"groups": (1, 2, 1, 2, 2)}),  # towers: alexnet_2tower's layout
+    ("alexnet", {"widths": (96, 256, 384, 384, 256)}),
+    ("alexnet_2tower", {"lrn": False}),
+    ("alexnet_2tower", {"pool_size": 6}),
 ])
 def test_a_name_fixes_its_architecture(name, kwargs):
     (field, _), = kwargs.items()
@@ -102,14 +107,17 @@ def test_a_detectors_registered_min_input_size_is_exact(name):
 
 
 @pytest.mark.parametrize("name,field", [
-    ("resnet50", "stride_in_1x1"), ("resnet18", "features_only"), ("alexnet", "lrn"),
-    ("alexnet", "dropout_before_fc"), ("nin", "relu_logits"),
+    ("resnet50", "stride_in_1x1"), ("resnet18", "features_only"), ("nin", "relu_logits"),
     ("fcn8s_vgg16", "learn_final_upsample"),
 ])
 def test_a_switch_given_a_non_bool_is_refused(name, field):
     """A string such as "False" is truthy: taken as given, it silently meant True."""
     with pytest.raises(ValueError, match=rf": {field}='False' is invalid; expected True or False"):
         create_model(name, **{field: "False"})
+    for field in ("lrn", "dropout_before_fc"):  # fixed by the AlexNet names, checked by the class
+        with pytest.raises(ValueError, match=rf"^AlexNet: {field}='False' is invalid; expected "
+                                             "True or False"):
+            AlexNet(**{field: "False"})
 
 
 def test_stride_in_1x1_is_refused_for_basic_blocks():
