@@ -84,11 +84,18 @@ def replace_head(
         candidates = [jnp.zeros((1, *shape), jnp.float32) for shape in _native_input_shapes(model)]
     else:
         candidates = [sample_input]
+    collections = None
     for x in candidates:  # the input the variables were initialized for
-        if _shapes(jax.eval_shape(model.init, rng, x)) == old_shapes:
+        expected = _shapes(jax.eval_shape(model.init, rng, x))
+        if expected == old_shapes:
             sample_input = x
             break
+        collections = sorted({k[0] for k in expected})
     else:
+        if collections is not None and collections != sorted(variables):
+            raise invalid(  # e.g. params alone for a BatchNorm model: not an input-shape issue
+                "replace_head", "variables", f"collections {sorted(variables)}",
+                f"expected the model's collections {collections} (all of model.init's output)")
         tried = [tuple(x.shape) for x in candidates]
         raise invalid(
             "replace_head",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,6 +150,10 @@ def test_replace_head_errors(resnet20):
         ValueError, match=r"replace_head: variables='CifarResNet' is invalid; they do not"
     ):
         replace_head(deeper, variables, 3, jax.random.key(0), sample_input=x)
+    with pytest.raises(ValueError, match=re.escape(
+            "replace_head: variables=\"collections ['params']\" is invalid; expected the model's "
+            "collections ['batch_stats', 'params'] (all of model.init's output).")):
+        replace_head(model, {"params": variables["params"]}, 3, jax.random.key(0), sample_input=x)
     with pytest.raises(
         ValueError, match=r"replace_head: model='Dense' is invalid; expected a num_classes"
     ):
