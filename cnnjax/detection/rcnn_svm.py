@@ -115,8 +115,10 @@ def svm_labels(overlaps: Any, gt_class: Any, class_id: int,
     the class (`gt_class == class_id`; -1 marks a region that is not a gt box), -1 for any box
     (region or another class's gt box) with `overlaps[:, class_id] < negative_iou`, 0 (ignored)
     otherwise: regions that overlap the class's gt boxes more are neither. `positive_iou` (not
-    the paper's rule; None: off) also makes regions with at least that overlap positives, as
-    the softmax fine-tuning's IoU >= 0.5 foreground."""
+    the paper's rule; None: off) also makes every box with at least that overlap with the
+    class's gt boxes a positive, per class: a region (or another class's gt box) can be a
+    positive of two classes' SVMs, where the softmax fine-tuning's IoU >= 0.5 foreground takes
+    only the class it overlaps most."""
     owner = "svm_labels"
     overlaps = _matrix(owner, "overlaps", overlaps, allow_empty=True)
     gt_class = np.asarray(gt_class).reshape(-1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.utils.validation import check_choice, check_positive_int, invalid
+from cnnjax.utils.validation import check_choice, check_number, check_positive_int, invalid
 
 STRATEGIES = ("fast", "quality")
 _OWNER = "selective_search"
@@ -42,10 +42,8 @@ def check_settings(owner: str, strategy: Any, scale: Any) -> None:
     """A ValueError naming `owner` unless `strategy` is one of STRATEGIES and `scale` in
     [0.25, 8]."""
     check_choice(owner, "strategy", strategy, STRATEGIES)
-    if (isinstance(scale, bool) or not isinstance(scale, int | float)
-            or not 0.25 <= scale <= 8):
-        raise invalid(owner, "scale", scale, "expected a number in [0.25, 8] (the upsampling "
-                      "applied before segmenting)")
+    check_number(owner, "scale", scale, "expected a number in [0.25, 8] (the upsampling applied "
+                 "before segmenting)", low=0.25, high=8.0, strings=False)
 
 
 def selective_search(image: Any, *, strategy: str = "fast", scale: float = 1.0,

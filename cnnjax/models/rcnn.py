@@ -59,7 +59,13 @@ from cnnjax.models.faster_rcnn import (
 )
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import VGGFeatures
-from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_nhwc,
+    check_positive_int,
+    check_positive_ints,
+    invalid,
+    is_integer,
+)
 
 Array = Any
 
@@ -96,15 +102,8 @@ def _check_common(module: Any) -> None:
     owner = type(module).__name__
     for arg in ("num_classes", "proposal_stride", "roi_samples"):
         check_positive_int(owner, arg, getattr(module, arg))
-    try:
-        ok = len(module.proposal_sizes) > 0 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0
-            for v in module.proposal_sizes)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise invalid(owner, "proposal_sizes", module.proposal_sizes,
-                      "expected a non-empty sequence of positive ints (window sides, px)")
+    check_positive_ints(owner, "proposal_sizes", module.proposal_sizes,
+                        "expected a non-empty sequence of positive ints (window sides, px)")
     check_detection_settings(owner, module)
 
 
@@ -279,8 +278,7 @@ class RCNN(_ProposalDetector):
         _check_common(self)
         check_positive_int(type(self).__name__, "warp_size", self.warp_size)
         padding = self.context_padding
-        if (isinstance(padding, bool) or not isinstance(padding, int)
-                or not 0 <= 2 * padding < self.warp_size):
+        if not is_integer(padding) or not 0 <= 2 * padding < self.warp_size:
             raise invalid(type(self).__name__, "context_padding", padding,
                           f"expected an integer in [0, {(self.warp_size - 1) // 2}] (warped "
                           f"pixels per side, less than half of warp_size={self.warp_size})")

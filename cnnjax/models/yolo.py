@@ -41,7 +41,13 @@ from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import check_dropout_rate
-from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_nhwc,
+    check_number,
+    check_positive_int,
+    invalid,
+    is_integer,
+)
 
 Array = Any
 
@@ -69,7 +75,7 @@ YOLO_V1_SMALL_LAYERS: tuple[Any, ...] = (
 def _check_layers(owner: str, layers: Any) -> None:
     def is_conv(layer: Any) -> bool:
         return (isinstance(layer, tuple | list) and len(layer) == 3
-                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in layer))
+                and all(is_integer(v) and v > 0 for v in layer))
 
     try:
         ok = len(layers) > 0 and all(layer == MAX_POOL or is_conv(layer) for layer in layers)

@@ -39,7 +39,7 @@ def check_depth(owner: str, depth: Any, per_unit: int, offset: int, context: str
     """n for a network `depth` = `per_unit` * n + `offset` with n >= 1 (a CIFAR ResNet's 6n + 2,
     a DenseNet-BC's 6n + 4), else a ValueError naming that form, `context` (e.g. "bottleneck=True")
     and `examples` of valid depths (default: the first three)."""
-    if (not _is_integer(depth) or depth < per_unit + offset
+    if (not is_integer(depth) or depth < per_unit + offset
             or (depth - offset) % per_unit):
         if examples is None:
             examples = (per_unit * n + offset for n in (1, 2, 3))
@@ -56,7 +56,7 @@ def check_positive_ints(owner: str, arg: str, value: Any, valid: str) -> tuple[i
         items = tuple(value)
     except TypeError:
         items = ()
-    if not items or not all(_is_integer(v) and v > 0 for v in items):
+    if not items or not all(is_integer(v) and v > 0 for v in items):
         raise invalid(owner, arg, value, valid)
     return tuple(int(v) for v in items)
 
@@ -64,7 +64,7 @@ def check_positive_ints(owner: str, arg: str, value: Any, valid: str) -> tuple[i
 def check_positive_int(owner: str, arg: str, value: Any) -> int:
     """Returns `value` as an int if it is an integer > 0 (a NumPy integer too, not a bool),
     else raises."""
-    if not _is_integer(value) or value <= 0:
+    if not is_integer(value) or value <= 0:
         raise invalid(owner, arg, value, "expected a positive integer")
     return int(value)
 
@@ -72,7 +72,7 @@ def check_positive_int(owner: str, arg: str, value: Any) -> int:
 def check_non_negative_int(owner: str, arg: str, value: Any) -> int:
     """Returns `value` as an int if it is an integer >= 0 (a NumPy integer too, not a bool),
     else raises."""
-    if not _is_integer(value) or value < 0:
+    if not is_integer(value) or value < 0:
         raise invalid(owner, arg, value, "expected an integer >= 0")
     return int(value)
 
@@ -157,7 +157,7 @@ def check_known_fields(owner: str, block: Any, fields: Iterable[str]) -> None:
         raise invalid(owner, "field", unknown[0], f"expected one of {fields}")
 
 
-def _is_integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
     """An int or NumPy integer (any `numbers.Integral`), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -167,12 +167,12 @@ def to_pair(
 ) -> tuple[int, int]:
     """Normalizes an int or a pair of ints (NumPy integers too, never bools) to `(h, w)` of
     Python ints, each at least `minimum`."""
-    pair = (value, value) if _is_integer(value) else value
+    pair = (value, value) if is_integer(value) else value
     try:
         pair = tuple(pair)
     except TypeError:
         raise invalid(owner, arg, value, "expected an int or a pair of ints") from None
-    if len(pair) != 2 or not all(_is_integer(v) for v in pair):
+    if len(pair) != 2 or not all(is_integer(v) for v in pair):
         raise invalid(owner, arg, value, "expected an int or a pair of ints")
     if any(v < minimum for v in pair):
         raise invalid(owner, arg, value, f"expected every entry >= {minimum}")

@@ -76,3 +76,8 @@ def test_bad_settings(kwargs, message):
     image = kwargs.pop("image", _scene())
     with pytest.raises(ValueError, match=re.escape(message)):
         selective_search(image, **kwargs)
+
+
+def test_a_numpy_float32_scale_is_a_number():
+    np.testing.assert_array_equal(selective_search(_scene(), scale=np.float32(2.0)),
+                                  selective_search(_scene(), scale=2.0))

@@ -239,3 +239,11 @@ def test_loss_and_detections_use_only_the_valid_external_proposals(name):
     value = jax.jit(loss)(variables["params"], proposals, valid)
     dense = jax.jit(lambda params: loss(params, None, None))(variables["params"])
     assert np.isfinite(float(value)) and float(value) != float(dense)
+
+
+def test_numpy_integers_are_valid_sizes():
+    """Sizes computed with NumPy (np.int64) are integers, as check_positive_int has it."""
+    assert FastRCNN(proposal_sizes=tuple(np.array([12, 18]))).proposal_sizes == (12, 18)
+    assert RCNN(context_padding=np.int64(2)).context_padding == 2
+    with pytest.raises(ValueError, match=re.escape("FastRCNN: proposal_sizes=(12, 1.5) is ")):
+        FastRCNN(proposal_sizes=(12, 1.5))

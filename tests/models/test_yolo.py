@@ -175,3 +175,8 @@ def test_decode_ignores_whatever_unscored_cells_hold():
     assert 0 < int(clean.valid.sum()) < 32
     for field in ("boxes", "scores", "classes", "valid"):
         np.testing.assert_array_equal(getattr(got, field), getattr(clean, field))
+
+
+def test_numpy_integer_layer_sizes_are_valid():
+    layers = ((np.int64(16), 3, 1), "M", (32, np.int32(3), 1))
+    assert YOLOv1(layers=layers).layers == layers
