@@ -63,10 +63,12 @@ def _zero(dtype: jnp.dtype) -> np.ndarray:
 def _sum_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """At least float32 for floating `dtype`, so bfloat16/float16 window sums do not round at
     every addition (PyTorch accumulates them in float32 too); int32 for bool (the average is the
-    fraction of True, as `global_avg_pool`'s); other dtypes are kept."""
+    fraction of True, as `global_avg_pool`'s) and for integers narrower than 32 bits (a uint8
+    window of 200s must not wrap around); other dtypes are kept."""
     if jnp.issubdtype(dtype, jnp.floating):
         return jnp.promote_types(dtype, jnp.float32)
-    if jnp.issubdtype(dtype, jnp.bool_):
+    if jnp.issubdtype(dtype, jnp.bool_) or (jnp.issubdtype(dtype, jnp.integer)
+                                            and jnp.dtype(dtype).itemsize < 4):
         return jnp.dtype(jnp.int32)
     return jnp.dtype(dtype)
 
@@ -140,7 +142,10 @@ def _window_max(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
     """`_reduce_window_max` with a tangent rule that transposes into strided pads instead of
     `select_and_scatter`, which XLA:CPU runs ~4x slower than PyTorch's max-pool backward
     (docs/performance.md). The same element of each window receives the gradient: the first
-    maximum in row-major window order, as `select_and_scatter` (and PyTorch) pick."""
+    maximum in row-major window order among the window's real (unpadded) elements, as PyTorch
+    and `select_and_scatter` pick, with two exceptions: a window whose maximum is -inf gives it
+    to its first real element as PyTorch does (`select_and_scatter` to the -inf padding, so it
+    is lost), and a window holding several NaNs to its first NaN (PyTorch: its last)."""
     return _reduce_window_max(x, kernel, strides, window)
 
 
@@ -161,13 +166,17 @@ def _window_max_jvp(kernel: tuple[int, int], strides: tuple[int, int],
     taken = jnp.zeros(y.shape, bool)
     t_out = jnp.zeros(y.shape, t.dtype)
     y_nan = jnp.isnan(y)  # a window holding NaN has max NaN, equal to nothing: its first NaN
+    rows = jnp.arange(out_h)[None, :, None, None] * strides[0] - window[0][0]
+    cols = jnp.arange(out_w)[None, None, :, None] * strides[1] - window[1][0]
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             start = (0, i, j, 0)
             limit = (n, i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, c)
             step = (1, *strides, 1)
-            window = jax.lax.slice(x_padded, start, limit, step)
-            hit = ((window == y) | (y_nan & jnp.isnan(window))) & ~taken
+            tap = jax.lax.slice(x_padded, start, limit, step)
+            real = ((rows + i >= 0) & (rows + i < x.shape[1])  # padding equals a -inf maximum
+                    & (cols + j >= 0) & (cols + j < x.shape[2]))
+            hit = ((tap == y) | (y_nan & jnp.isnan(tap))) & real & ~taken
             taken = taken | hit
             t_out = t_out + jnp.where(hit, jax.lax.slice(t_padded, start, limit, step),
                                       _zero(t.dtype))
@@ -339,7 +348,8 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
 
 def adaptive_max_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:
     """Max over PyTorch's adaptive bins to `[N, out_h, out_w, C]` for any input size; the
-    gradient goes to each bin's first maximum in row-major order, as in PyTorch."""
+    gradient goes to each bin's first maximum in row-major order, as in PyTorch (several NaNs
+    in a bin: the first NaN, where PyTorch takes the last)."""
     return _adaptive_pool2d("adaptive_max_pool2d", x, output_size, "max")
 
 

@@ -328,7 +328,9 @@ def roi_align(
 
     Unlike torchvision's `roi_align` (default `aligned=False`), `aligned` defaults to True: pass
     `aligned=False` for code ported from torchvision's default. A NaN or inf reaches only the
-    outputs whose samples read it (with non-zero weight), as in torchvision.
+    outputs whose samples read it with non-zero weight; torchvision also reads the neighbour
+    of a sample that falls exactly on a pixel (weight 0), so a NaN there is NaN in its output
+    (0 * NaN) and 0 here.
     """
     owner = "roi_align"
     boxes, batch_indices, out, scale, values = _check_roi_args(

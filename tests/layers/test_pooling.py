@@ -383,6 +383,12 @@ def test_float32_and_integer_averages_keep_their_dtypes():
     np.testing.assert_allclose(avg_pool2d(ints, 2),
                                _pool_reference(np.asarray(ints), (2, 2), (2, 2), (0, 0), False,
                                                "avg"), rtol=RTOL, atol=ATOL)
+    # Narrow integers are summed in int32: a uint8 window of 200s wrapped around to 8.
+    for dtype, value in ((np.uint8, 200), (np.int8, -100), (np.int16, 30000)):
+        full = jnp.full((1, 4, 4, 1), value, dtype)
+        for pooled in (avg_pool2d(full, 2), adaptive_avg_pool2d(full, 1), global_avg_pool(full),
+                       spatial_pyramid_pool(full, (1, 2), "avg")):
+            np.testing.assert_array_equal(pooled, np.full(pooled.shape, value, np.float32))
 
 
 def test_empty_batch_is_still_pooled():
@@ -476,6 +482,25 @@ def test_max_pool_gradient_matches_torch(size, kernel, stride, padding, ceil_mod
     got = jax.grad(lambda v: jnp.sum(max_pool2d(v, kernel, stride, padding, ceil_mode)
                                      * cotangent))(x)
     np.testing.assert_array_equal(got, xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,ceil_mode", _GEOMETRIES)
+def test_a_window_whose_maximum_is_minus_inf_gives_its_gradient_to_a_real_element(
+        size, kernel, stride, padding, ceil_mode):
+    """A -inf maximum equals the -inf padding: the gradient must still reach the window's first
+    real element, as in PyTorch (select_and_scatter gives it to the padding, losing it)."""
+    torch = pytest.importorskip("torch")
+    x = _random((1, *size, 2), seed=15)
+    x[:, : size[0] // 2] = -np.inf  # the top half: windows of -inf only, some over padding
+    y = max_pool2d(x, kernel, stride, padding, ceil_mode)
+    cotangent = np.ones(y.shape, np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
+    yt.sum().backward()
+    got = jax.jit(jax.grad(lambda v: jnp.sum(max_pool2d(v, kernel, stride, padding, ceil_mode)
+                                             * cotangent)))(x)
+    np.testing.assert_array_equal(got, xt.grad.numpy().transpose(0, 2, 3, 1))
+    assert float(np.sum(got)) == cotangent.size  # every window's gradient lands somewhere
 
 
 def test_max_pool_forward_mode_and_second_order():
