@@ -20,7 +20,10 @@ is no longer uniform, so the sizes of later layers are upper bounds (a note says
 Zero insertion written as `lax.pad` with interior padding gets the plain recurrence on the
 fractional jump and no note (an upper bound too; it is also how `TiledConv2D` interleaves its
 phases, exactly). A path reduced over the map (global pooling) merged into a positioned one
-gives every unit the whole union, with jump 0 (a note says so).
+gives every unit the whole union, with jump 0 (a note says so). Jump 0 on an axis the output still
+has means that every position there sees the same field: it is also how a positioned axis is
+reported once positions no longer map to input pixels linearly (a resize, a gather, a window over
+an axis a flatten or `jnp.repeat` merged with another), an upper bound.
 """
 
 from __future__ import annotations
@@ -131,30 +134,47 @@ def collapse(f: AxisField) -> AxisField:
     return AxisField(hi - lo + 1, f.jump, (lo + hi) / 2, axis=None, count=1, exclusive=True)
 
 
+def collapse_in_place(f: AxisField, axis: int, count: int) -> AxisField:
+    """Union over all positions of `f`, given to every position of output array axis `axis`.
+
+    For an axis mixed over all its positions that the output still has (a resize, a gather, a
+    path merged with a global one): the field no longer moves with the unit, so its jump is 0.
+    """
+    whole = collapse(f)
+    return AxisField(whole.size, 0.0, whole.start, axis=axis, count=count, exclusive=True)
+
+
+def is_positioned(f: AxisField) -> bool:
+    """Whether `f` moves with the unit: located on an array axis, with a non-zero jump."""
+    return f.axis is not None and f.jump != 0
+
+
 def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
     """Merges the fields of paths meeting at one position; returns `(field, misaligned)`.
 
     Fields located on the same array axis must share jump and start to be aligned; fields already
     reduced away (`axis=None`) see the whole input range they cover and are merged as intervals.
-    A located field meeting a reduced one (a squeeze-excitation gate, an image-pooling branch)
-    is collapsed first: every output position then sees the union over all positions, which
-    does not move with the unit (jump 0 on the output's grid), and the merge is reported as
-    misaligned.
+    A positioned field meeting a position-independent one (reduced, or located with jump 0: a
+    squeeze-excitation gate, an image-pooling branch, an SE branch plus its shortcut), or fields
+    on the same axis whose positions differ in number (one of them merged or resampled), are
+    collapsed first: every output position then sees the union over all positions, which does not
+    move with the unit (jump 0 on the output's grid), and the merge is reported as misaligned.
     """
     if len(fields) == 1:
         return fields[0], False
     located = [f for f in fields if f.axis is not None]
-    if located and len(located) < len(fields):
-        whole = union([collapse(f) for f in fields])[0]
-        first = located[0]
-        if any(f.axis != first.axis or f.count != first.count for f in located):
-            return whole, True
-        return AxisField(whole.size, 0.0, whole.start, axis=first.axis, count=first.count,
-                         exclusive=all(f.exclusive for f in located)), True
     misaligned = False
     if located:
         first = located[0]
-        same_axis = all(f.axis == first.axis and f.count == first.count for f in located)
+        same_axis = all(f.axis == first.axis for f in located)
+        same_count = all(f.count == first.count for f in located)
+        positioned = [f for f in fields if is_positioned(f)]
+        if len(positioned) < len(fields) or (same_axis and not same_count):
+            whole = union([collapse(f) for f in fields])[0]
+            lost = bool(positioned)  # positioned fields were spread over all positions
+            if not same_axis:
+                return dataclasses.replace(whole, jump=0.0), lost
+            return collapse_in_place(whole, first.axis, first.count), lost
         if not same_axis:
             return union([collapse(f) for f in fields])[0], True
         misaligned = any(f.jump != first.jump or f.start != first.start for f in located)
@@ -266,12 +286,15 @@ def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
     present = [i for i in infos if i is not None]
     out = []
     for d in range(len(present[0])):
-        field, misaligned = union([i[d] for i in present])
-        if misaligned and _mixes_global([i[d] for i in present]):
+        fields = [i[d] for i in present]
+        field, misaligned = union(fields)
+        if misaligned and _mixes_global(fields):
             notes.append(_global_mix_note(where, "merged", d))
+        elif misaligned and _counts_differ(fields):
+            notes.append(_count_mix_note(where, "merged", d))
         elif misaligned:
-            starts = sorted({float(i[d].start) for i in present})
-            jumps = sorted({float(i[d].jump) for i in present})
+            starts = sorted({float(f.start) for f in fields})
+            jumps = sorted({float(f.jump) for f in fields})
             notes.append(
                 f"{where}: paths merged on spatial axis {d} are misaligned "
                 f"(starts {starts}, jumps {jumps}); the union of their fields is reported"
@@ -281,8 +304,20 @@ def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
 
 
 def _mixes_global(fields: Sequence[AxisField]) -> bool:
-    """Whether positioned fields meet fields already reduced over the axis."""
-    return len({f.axis is None for f in fields}) == 2
+    """Whether positioned fields meet position-independent ones (reduced, or jump 0)."""
+    return len({is_positioned(f) for f in fields}) == 2
+
+
+def _counts_differ(fields: Sequence[AxisField]) -> bool:
+    """Whether fields on one array axis hold different numbers of positions (as `union` sees)."""
+    located = [f for f in fields if f.axis is not None]
+    return len({f.axis for f in located}) == 1 and len({f.count for f in located}) > 1
+
+
+def _count_mix_note(where: str, how: str, d: int) -> str:
+    return (f"{where}: paths {how} on spatial axis {d} hold different numbers of positions "
+            "(one was merged with another axis or resampled); every output position is given "
+            "the union of the fields over all positions")
 
 
 def _global_mix_note(where: str, how: str, d: int) -> str:
@@ -291,11 +326,35 @@ def _global_mix_note(where: str, how: str, d: int) -> str:
             "over all positions")
 
 
-def _globalize(infos: Sequence[Info | None]) -> Info:
-    """Every input position may influence every output: union of all fields, all collapsed."""
+def _globalize(infos: Sequence[Info | None], located: Info | None = None) -> Info:
+    """Every input position may influence every output: union of all fields, all collapsed.
+
+    `located` holds, per spatial axis, a field whose `axis` is where that axis still lies in the
+    output (None where unknown or gone): every position there gets the whole union (jump 0), so
+    no unit is reported with a field that moves with it.
+    """
     present = [i for i in infos if i is not None]
+    out = []
+    for d in range(len(present[0])):
+        whole = union([collapse(i[d]) for i in present])[0]
+        if located is not None and located[d].axis is not None:
+            whole = collapse_in_place(whole, located[d].axis, located[d].count)
+        out.append(whole)
+    return tuple(out)
+
+
+def _same_layout(
+    infos: Sequence[Info | None], in_shapes: Sequence[Sequence[int]], out_shape: Sequence[int]
+) -> Info | None:
+    """The first activation input's fields when the output has its rank (an op that keeps the
+    layout, e.g. a gather resizing a map): spatial axes stay on the same array axes, where the
+    output has more than one position."""
+    k = next(k for k, info in enumerate(infos) if info is not None)
+    if len(in_shapes[k]) != len(out_shape):
+        return None
     return tuple(
-        union([collapse(i[d]) for i in present])[0] for d in range(len(present[0]))
+        f if f.axis is not None and out_shape[f.axis] > 1 else dataclasses.replace(f, axis=None)
+        for f in infos[k]
     )
 
 
@@ -355,10 +414,13 @@ def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int], note
             out.append(collapse(f))
         elif big_in == [f.axis] and len(big_out) == 1:
             out.append(dataclasses.replace(f, axis=big_out[0]))
-        elif len(big_out) == 1:  # several axes merged into one: a flatten
+        elif len(big_out) == 1:  # several axes merged into one: a flatten (or jnp.repeat)
+            # Jump and count stay those of the unmerged axis: a Dense layer contracting the axis
+            # reports the last spatial jump. Any other use of the axis as positions gets the whole
+            # field with jump 0 (`_apply`, `union`, `output_info`).
             out.append(dataclasses.replace(f, axis=big_out[0], exclusive=False))
         else:  # an axis split into several: no longer a plain spatial layout
-            if 0 not in in_shape:  # an empty array has no field to lose
+            if 0 not in in_shape and f.jump != 0:  # empty, or the same field everywhere: no loss
                 notes.append(f"{where}: spatial axis {d} is split across array axes {big_out}; "
                              "its field is taken as the whole axis (an upper bound)")
             out.append(collapse(f))
@@ -372,7 +434,8 @@ Rules = dict[int, tuple[int, Window | None]]  # input array axis -> (output axis
 def _apply(info: Info, rules: Rules, notes: list[str] | None = None, where: str = "") -> Info:
     """Moves each located field to its output axis through an optional window; axes without a
     rule are reduced away (collapsed). A window over an axis that a flatten merged with others
-    is not a spatial window: that field is collapsed (an upper bound) and noted in `notes`."""
+    is not a spatial window: every position of the output axis is given the whole field (jump 0,
+    an upper bound), noted in `notes`."""
     out = []
     for d, f in enumerate(info):
         if f.axis is None:
@@ -388,10 +451,27 @@ def _apply(info: Info, rules: Rules, notes: list[str] | None = None, where: str 
         elif f.exclusive:
             out.append(windowed(f, *window, out_axis=out_axis, out_count=0))
         else:
-            if notes is not None:
+            if notes is not None and f.jump != 0:
                 notes.append(f"{where}: window over array axis {f.axis}, which holds spatial "
                              f"axis {d} merged with others; its field is taken as the whole axis")
-            out.append(collapse(f))
+            out.append(collapse_in_place(f, out_axis, 0))
+    return tuple(out)
+
+
+def output_info(info: Info, notes: list[str], where: str = "output") -> Info:
+    """Fields as reported for a model output: an array axis holding a spatial axis merged with
+    others (a flatten, `jnp.repeat`) has no uniform grid of input positions, so every position on
+    it is given the whole field (jump 0, an upper bound), with a note."""
+    out = []
+    for d, f in enumerate(info):
+        if f.axis is None or f.exclusive:
+            out.append(f)
+            continue
+        if f.jump != 0:
+            notes.append(f"{where}: array axis {f.axis} holds spatial axis {d} merged with others "
+                         "(a flatten or jnp.repeat); every position on it is given the whole "
+                         "field (jump 0)")
+        out.append(collapse_in_place(f, f.axis, f.count))
     return tuple(out)
 
 
@@ -430,9 +510,12 @@ def _concatenate(
             else:
                 out.append(collapse(f))
             continue
-        field, misaligned = union([in_infos[k][d] for k in present])
-        if misaligned and _mixes_global([in_infos[k][d] for k in present]):
+        fields = [in_infos[k][d] for k in present]
+        field, misaligned = union(fields)
+        if misaligned and _mixes_global(fields):
             notes.append(_global_mix_note(where, "concatenated", d))
+        elif misaligned and _counts_differ(fields):
+            notes.append(_count_mix_note(where, "concatenated", d))
         elif misaligned:
             notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
         out.append(field)
@@ -482,7 +565,11 @@ def propagate(
         if in_infos[0] is None or params.get("batch_group_count", 1) != 1:
             notes.append(f"{where}: convolution with a data-dependent kernel or batch groups; "
                          "field treated as global")
-            return finish([_globalize(in_infos)])
+            kept = None  # where the input's spatial axes lie in the output
+            if in_infos[0] is not None:
+                kept = _apply(in_infos[0], {a: (o, None) for a, o in
+                                            zip(lhs_spec[2:], out_spec[2:], strict=True)})
+            return finish([_globalize(in_infos, kept)])
         rules: Rules = {lhs_spec[0]: (out_spec[0], None)}
         for i, (a, o) in enumerate(zip(lhs_spec[2:], out_spec[2:], strict=True)):
             lhs_dilation = params["lhs_dilation"][i]
@@ -559,11 +646,22 @@ def propagate(
         lrules |= {a: (nb + k, None) for k, a in enumerate(lfree)}
         rrules = {a: (k, None) for k, a in enumerate(rb)}
         rrules |= {a: (nb + len(lfree) + k, None) for k, a in enumerate(rfree)}
-        parts = [
-            _apply(info, rules)
-            for info, rules in ((in_infos[0], lrules), (in_infos[1], rrules))
-            if info is not None
-        ]
+        # Output axes of each operand's free axes, to place a spatial axis contracted against
+        # the other operand when that one is a constant or a parameter (resize, dense over space).
+        free_out = ([nb + k for k, a in enumerate(lfree) if in_shapes[0][a] > 1],
+                    [nb + len(lfree) + k for k, a in enumerate(rfree) if in_shapes[1][a] > 1])
+        parts = []
+        for k, (info, rules, contracted) in enumerate(((in_infos[0], lrules, lc),
+                                                       (in_infos[1], rrules, rc))):
+            if info is None:
+                continue
+            moved = list(_apply(info, rules))
+            if in_infos[1 - k] is None and free_out[1 - k]:
+                for d, f in enumerate(info):
+                    if f.axis in contracted and f.exclusive and f.count > 1:
+                        moved[d] = _contracted_against_constant(f, d, free_out[1 - k], notes,
+                                                                where)
+            parts.append(tuple(moved))
         return finish([_merge(parts, notes, where)])
     if prim == "dynamic_slice":
         sizes = params["slice_sizes"]
@@ -575,7 +673,8 @@ def propagate(
         return finish([_apply(first, rules)] * n_out)
     if prim in {"scan", "while", "cond"}:  # opaque control flow: assume every position mixes
         notes.append(f"{where}: control flow '{prim}' treated as mixing all positions")
-        return finish([_globalize(in_infos)] * n_out)
+        return finish([_globalize(in_infos, _same_layout(in_infos, in_shapes, shape))
+                       for shape in out_shapes])
     same_shape = all(
         tuple(in_shapes[k]) == tuple(out_shapes[0]) for k, i in enumerate(in_infos) if i is not None
     ) and all(tuple(s) == tuple(out_shapes[0]) for s in out_shapes)
@@ -583,4 +682,24 @@ def propagate(
         notes.append(f"{where}: unknown primitive '{prim}' treated as elementwise")
         return finish([_merge(in_infos, notes, where)] * n_out)
     notes.append(f"{where}: primitive '{prim}' treated as mixing all positions (global field)")
-    return finish([_globalize(in_infos)] * n_out)
+    return finish([_globalize(in_infos, _same_layout(in_infos, in_shapes, shape))
+                   for shape in out_shapes])
+
+
+def _contracted_against_constant(
+    f: AxisField, d: int, free_out: Sequence[int], notes: list[str], where: str
+) -> AxisField:
+    """Field of a spatial axis that a dot_general sums over against a constant or a parameter
+    (`jax.image.resize`'s interpolation matrix, a dense layer over space): each output along the
+    other operand's free axis may depend on every position, so it gets the whole field, jump 0
+    (located when that free axis is a single one)."""
+    if len(free_out) == 1:
+        notes.append(f"{where}: spatial axis {d} is contracted against a constant or parameter "
+                     "(e.g. a resize's interpolation matrix); every position along that "
+                     f"operand's free axis (result axis {free_out[0]}) is given the union of the "
+                     "fields over all positions (jump 0)")
+        return collapse_in_place(f, free_out[0], 0)
+    notes.append(f"{where}: spatial axis {d} is contracted against a constant or parameter with "
+                 "several free axes; every output position is given the union of the fields "
+                 "over all positions (jump 0)")
+    return dataclasses.replace(collapse(f), jump=0.0)

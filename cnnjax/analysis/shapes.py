@@ -179,7 +179,11 @@ def pool_output_size(
     input is refused even with `ceil_mode=True` (PyTorch returns one output), as in `max_pool2d`.
     """
     owner = "pool_output_size"
+    # Checked here so that errors name this function, not `conv_output_size`.
+    check_positive_int(owner, "size", size)
     check_positive_int(owner, "kernel", kernel)
+    if stride is not None:
+        check_positive_int(owner, "stride", stride)
     check_bool(owner, "ceil_mode", ceil_mode)
     if 2 * max(_padding_pair(owner, padding)) > kernel:
         raise invalid(owner, "padding", padding,

@@ -48,6 +48,7 @@ from cnnjax.analysis.receptive_field import (
     Info,
     ReceptiveField,
     input_info,
+    output_info,
     propagate,
     to_receptive_field,
     with_counts,
@@ -526,7 +527,9 @@ def summary(
     except TypeError:
         raise invalid(owner, "input_shape", input_shape,
                       "expected a sequence like (H, W, C)") from None
-    if len(shape) < 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
+    if len(shape) < 2 or not all(
+        isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape
+    ):
         raise invalid(owner, "input_shape", input_shape,
                       "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
     check_positive_int(owner, "batch_size", batch_size)
@@ -535,6 +538,8 @@ def summary(
     grouper = _Grouper(trace, len(shape) - 1)
     rows = grouper.run()
     out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None
+    if out_info is not None:  # a merged axis left in the output has no uniform grid
+        out_info = output_info(out_info, grouper.notes)
     return Summary(
         rows=rows,
         input_shape=(batch_size, *shape),

@@ -58,6 +58,14 @@ def test_union_and_collapse():
     # A global pool over 9 positions with jump 1: [0, 2] ... [8, 10] -> 11 pixels centred at 5.
     full = collapse(a)
     assert (full.size, full.start, full.axis) == (11.0, 5.0, None)
+    # A field already spread over all positions (jump 0, still on axis 1) meeting a positioned
+    # one spreads it too: the union over all positions, for every unit.
+    spread = AxisField(11.0, 0.0, 5.0, axis=1, count=9)
+    merged, misaligned = union([spread, AxisField(1.0, 1.0, 0.0, axis=1, count=9)])
+    assert misaligned and (merged.size, merged.jump, merged.start, merged.axis) == (11, 0, 5, 1)
+    # Same axis, different numbers of positions (one path merged by a repeat): spread as well.
+    merged, misaligned = union([a, AxisField(3.0, 2.0, 0.0, axis=1, count=4, exclusive=False)])
+    assert misaligned and (merged.jump, merged.axis) == (0.0, 1)
 
 
 def _support(fn, x, index):
@@ -122,11 +130,33 @@ def test_misaligned_paths_union_matches_gradient():
     assert rows == cols == (4, 8)
 
 
+def _assert_field_holds_support(model, shape, positions):
+    """Each output unit in `positions` depends only on input pixels inside its reported field
+    (centre start + p * jump, `size` wide): the field may be an upper bound, never too small.
+    Positive inputs and weights: no cancellation hides a dependence."""
+    result = summary(model, shape)
+    field = result.receptive_field
+    x = jax.random.uniform(jax.random.key(1), (1, *shape)) + 0.5
+    variables = model.init(jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(lambda a: jnp.abs(a) + 0.1, variables)
+    fn = lambda x: model.apply(variables, x)
+    for pos in positions:
+        spans = _support(fn, x, (0, *pos, 0))
+        for (lo, hi), p, size, jump, start in zip(
+            spans, pos, field.size, field.jump, field.start, strict=True
+        ):
+            centre = start + p * jump
+            assert centre - (size - 1) / 2 <= lo and hi <= centre + (size - 1) / 2, (pos, field)
+    return result
+
+
 class _GlobalGate(nn.Module):
     """A 3x3 conv gated by its own global average (squeeze-excitation), or concatenated with it
-    broadcast back over the map (DeepLab's image-pooling branch)."""
+    broadcast back over the map (DeepLab's image-pooling branch); `residual` adds the identity
+    shortcut of an SE-ResNet block to the gated map."""
 
     concatenate: bool = False
+    residual: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -134,7 +164,8 @@ class _GlobalGate(nn.Module):
         pooled = jnp.mean(y, axis=(1, 2), keepdims=True)
         if self.concatenate:
             return jnp.concatenate([y, jnp.broadcast_to(pooled, y.shape)], axis=-1)
-        return y * nn.sigmoid(pooled)
+        gated = y * nn.sigmoid(pooled)
+        return x + gated if self.residual else gated
 
 
 class _DynamicKernel(nn.Module):
@@ -148,24 +179,75 @@ class _DynamicKernel(nn.Module):
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("model", [_GlobalGate(), _GlobalGate(concatenate=True), _DynamicKernel()],
-                         ids=["gate", "concatenated", "dynamic_kernel"])
+@pytest.mark.parametrize(
+    "model",
+    [_GlobalGate(), _GlobalGate(concatenate=True), _GlobalGate(residual=True), _DynamicKernel()],
+    ids=["gate", "concatenated", "gate_plus_shortcut", "dynamic_kernel"],
+)
 def test_a_global_path_gives_every_unit_the_same_field(model):
     """Every output unit depends on pixels all over the map: the reported field must hold each
-    unit's gradient support wherever the unit is (jump 0), and a note says why."""
+    unit's gradient support wherever the unit is (jump 0), and a note says why. The shortcut of
+    an SE block (jump 1) meeting the gated map (jump 0) must not make the field slide again."""
     shape = (20, 20, 1)
-    result = summary(model, shape)
-    field = result.receptive_field
-    assert field.jump == (0, 0)
+    x = jnp.ones((1, *shape))
+    out_size = jax.eval_shape(model.init_with_output, jax.random.key(0), x)[0].shape[1]
+    p = (0, out_size // 2, out_size - 1)
+    result = _assert_field_holds_support(model, shape, list(zip(p, p, strict=True)))
+    assert result.receptive_field.jump == (0, 0)
     assert any("reaches every output" in n or "(e.g. global pooling)" in n for n in result.notes)
-    x = jax.random.uniform(jax.random.key(1), (1, *shape)) + 0.5
-    variables = model.init(jax.random.key(0), x)
-    out_size = model.apply(variables, x).shape[1]
-    for p in (0, out_size // 2, out_size - 1):
-        rows, cols = _support(lambda x: model.apply(variables, x), x, (0, p, p, 0))
-        for lo, hi in (rows, cols):
-            assert field.start[0] - (field.size[0] - 1) / 2 <= lo
-            assert hi <= field.start[0] + (field.size[0] - 1) / 2
+
+
+class _Upsample(nn.Module):
+    """A stride-2 conv whose map is brought back to full size: nearest upsampling written as
+    `jnp.repeat` (a reshape merging each axis with the copies), `jax.image.resize` ("nearest": a
+    gather; "bilinear": a dot_general with a constant matrix) or a dense layer over each spatial
+    axis. `after` adds a 3x3 conv or a full-resolution shortcut."""
+
+    method: str = "repeat"
+    after: str = ""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(1, (3, 3), strides=2, padding=1, use_bias=False, kernel_init=ONES)(x)
+        n, h, w, c = y.shape
+        if self.method == "repeat":
+            y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)
+        elif self.method == "dense":
+            for axis in (1, 2):
+                moved = jnp.moveaxis(y, axis, -1)
+                mixed = nn.Dense(2 * y.shape[axis], use_bias=False, kernel_init=ONES)(moved)
+                y = jnp.moveaxis(mixed, -1, axis)
+        else:
+            y = jax.image.resize(y, (n, 2 * h, 2 * w, c), self.method)
+        if self.after == "conv":
+            y = nn.Conv(1, (3, 3), padding=1, use_bias=False, kernel_init=ONES)(y)
+        elif self.after == "shortcut":
+            y = y + x
+        return y
+
+
+@pytest.mark.parametrize(
+    ("method", "after", "note"),
+    [
+        ("repeat", "", "merged with others"),
+        ("repeat", "conv", "merged with others"),
+        ("repeat", "shortcut", "different numbers of positions"),
+        ("nearest", "", "mixing all positions"),
+        ("nearest", "conv", "mixing all positions"),
+        ("bilinear", "", "contracted against a constant"),
+        ("bilinear", "conv", "contracted against a constant"),
+        ("dense", "", "contracted against a constant"),
+    ],
+)
+def test_upsampled_maps_give_every_unit_the_whole_field(method, after, note):
+    """Upsampling that is no window op (repeat, resize, dense over space) leaves positions that
+    no longer lie on a uniform grid of the input: each unit is given the whole field (jump 0, an
+    upper bound, with a note), never the source map's jump over twice the positions."""
+    shape = (16, 16, 1)
+    result = _assert_field_holds_support(_Upsample(method, after), shape,
+                                         [(0, 0), (7, 7), (15, 15), (3, 12)])
+    assert result.receptive_field.jump == (0, 0)
+    assert any(note in n for n in result.notes), result.notes
 
 
 def test_an_optimization_barrier_passes_each_operand_through():

@@ -208,6 +208,11 @@ def test_conv_macs_alexnet_conv1():
          r"^conv_output_size: exact=1 is invalid; expected True or False\.$"),
         (lambda: pool_output_size(5, 2, ceil_mode="no"),
          r"^pool_output_size: ceil_mode='no' is invalid; expected True or False\.$"),
+        # size and stride are checked by pool_output_size itself, not conv_output_size.
+        (lambda: pool_output_size(0, 3),
+         r"^pool_output_size: size=0 is invalid; expected a positive integer\.$"),
+        (lambda: pool_output_size(5, 3, stride=0),
+         r"^pool_output_size: stride=0 is invalid; expected a positive integer\.$"),
         (lambda: conv_params(3, 8, 3, bias="no"),
          r"^conv_params: bias='no' is invalid; expected True or False\.$"),
     ],

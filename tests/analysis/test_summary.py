@@ -358,6 +358,9 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
         ({"input_shape": 32}, r"summary: input_shape=32 is invalid; expected a sequence"),
         ({"input_shape": (32,)}, r"summary: input_shape=\(32,\) is invalid; expected positive"),
         ({"input_shape": (0, 32, 3)}, r"summary: input_shape=\(0, 32, 3\) is invalid"),
+        # a bool is an int to isinstance, but (8, 8, True) is no shape
+        ({"input_shape": (8, 8, True)},
+         r"^summary: input_shape=\(8, 8, True\) is invalid; expected positive ints"),
         ({"input_shape": (32, 32, 3), "batch_size": 0}, r"summary: batch_size=0 is invalid"),
     ],
 )
