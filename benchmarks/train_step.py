@@ -382,6 +382,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.torch and FLAGS.model not in TORCH_RESNETS:  # fail before compiling anything
         raise app.UsageError(f"--torch supports --model in {sorted(TORCH_RESNETS)}, not "
                              f"{FLAGS.model!r}.")
+    if FLAGS.torch and FLAGS.torch_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise app.UsageError("--torch_device=cuda: PyTorch sees no CUDA device here; use "
+                                 "--torch_device=cpu.")
     changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     load_start = loadavg()
     overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}

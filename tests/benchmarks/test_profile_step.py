@@ -52,8 +52,12 @@ def test_op_busy_times_extends_async_ops_to_their_end_event():
     busy = profile_step.op_busy_times(events)
     assert busy == {"convolution.1": (320 - 10) + (470 - 400), "add_fusion.2": 40}
     assert profile_step.by_category(busy) == {"convolution": 380, "elementwise fusion": 40}
-    text = profile_step.report(busy, steps=2, wall_s_per_step=0.5, top=1)
-    assert "convolution" in text and "90.5%" in text  # 380 of 420 us
+    own = profile_step.op_own_times(events)
+    assert own == {"convolution.1": 10, "add_fusion.2": 40}  # a convolution's own: its dispatch
+    text = profile_step.report(busy, steps=2, wall_s_per_step=0.5, top=1, own=own)
+    assert "convolution" in text and "90.5%" in text  # 380 of 420 us in flight
+    conv_row = next(line for line in text.splitlines() if line.startswith("convolution "))
+    assert conv_row.split() == ["convolution", "0.000", "90.5%", "0.000"]  # 190 / 5 us per step
     assert "convolution.1" in text and "add_fusion.2" not in text  # top=1: one op listed
 
 

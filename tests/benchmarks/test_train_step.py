@@ -61,6 +61,16 @@ def test_counts_that_would_time_nothing_are_refused_before_compiling(flag):
     assert f"flag --{name}=" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_torch_on_cuda_without_a_gpu_is_refused_before_compiling():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = _run("--model=resnet18", "--torch", "--torch_device=cuda")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--torch_device=cuda: PyTorch sees no CUDA device here" in result.stderr
+    assert "compile" not in result.stdout  # nothing was built
+
+
 def test_extra_host_devices_hold_without_cnnjax_cpu_defaults(tmp_path):
     """--num_devices=2 asked for host devices through cnnjax's XLA_FLAGS defaults, which
     CNNJAX_CPU_DEFAULTS=0 turns off: the run then found one device."""
