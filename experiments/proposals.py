@@ -10,12 +10,21 @@ of that job would compute them before its first step. Rerunning finds the cache 
 
 from __future__ import annotations
 
-import sys
 import time
 
-from absl import app, flags, logging
+# XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
+from cnnjax.platform import configure_entry_point
 
-from cnnjax.utils.cli import define_config_file, parse_flags
+configure_entry_point()
+
+from absl import app, flags, logging  # noqa: E402
+
+from cnnjax.utils.cli import (  # noqa: E402
+    define_config_file,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _CONFIG = define_config_file(
     "config", None, "Experiment config file (a detection config with data.proposals set).",
@@ -24,18 +33,13 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    start_command(argv)
     from cnnjax.data import detection
-    from cnnjax.train.logging import quiet_library_logs
 
-    quiet_library_logs()
     logging.set_verbosity(logging.INFO)
     started = time.time()
-    try:
+    with one_line_errors():
         paths = detection.prepare_proposals(_CONFIG.value.data)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     for split, path in paths.items():
         print(f"{split}: {path}")
     print(f"Done in {time.time() - started:.1f} s.")

@@ -26,7 +26,12 @@ configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import define_config_file, parse_flags  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    define_config_file,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _TRANSFER = define_config_file(
     "transfer", None, "Transfer config file: source, target, budgets, arms, seeds.",
@@ -37,18 +42,12 @@ flags.mark_flags_as_required(["transfer", "transfer_dir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
-
-    quiet_library_logs()
+    start_command(argv)
     from cnnjax.transfer import compare
 
-    try:
+    with one_line_errors():
         source, target, kwargs = compare.transfer_parts(_TRANSFER.value)
         rows = compare.run_transfer(source, target, _TRANSFER_DIR.value, **kwargs)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     message = compare.failure_message(rows, _TRANSFER_DIR.value)
     if message:
         sys.exit(f"error: {message}")

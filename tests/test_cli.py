@@ -25,6 +25,19 @@ def test_a_missing_config_file_is_named_in_either_flag_syntax(args):
         "--config='experiments/configs/nope.py' is invalid; no such config file")
 
 
+def test_a_missing_default_config_file_is_named_with_its_flag(tmp_path, monkeypatch):
+    """A default relative to the repository, run from elsewhere: ml_collections' own message
+    named neither the flag nor what to do."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", "experiments/configs/lenet5_digits.py", "config",
+                                    flag_values=values, lock_config=True)
+    monkeypatch.chdir(tmp_path)
+    values(["prog"])
+    assert cli.missing_config_file(values) == (
+        f"--config (default 'experiments/configs/lenet5_digits.py') is invalid; no such config "
+        f"file in {str(tmp_path)!r} (run from the repository root, or pass --config=<file>)")
+
+
 def test_existing_files_and_ordinary_flags_ending_in_py_pass():
     values = _parsed("--config=experiments/configs/lenet5_digits.py", "--workdir=runs/exp.py")
     assert cli.missing_config_file(values) is None
@@ -268,6 +281,10 @@ def test_the_config_file_given_with_a_space_is_read_for_the_hints():
      "--recipe=experiments/recipes/lenet5_digits.py", "--tune_dir=/proc/cnnjax_test/tune"],
     ["launch.submit", "--entry=train", "--config=experiments/configs/lenet5_digits.py",
      "--workdir=/proc/cnnjax_test/job", "--gpus_per_node=0", "--nocheck_configs"],
+    ["experiments.transfer", "--transfer=experiments/transfers/digits_0to4_to_5to9.py",
+     "--transfer_dir=/proc/cnnjax_test/transfer"],
+    ["experiments.proposals", "--config=experiments/configs/rcnn_shapes.py:selective_search",
+     "--config.data.data_dir=/proc/cnnjax_test/data"],
 ])
 def test_an_output_folder_that_cannot_be_made_ends_the_command_in_one_line(args):
     """tune and launch.submit as sweep does: an OSError on their output folder (here under

@@ -136,8 +136,9 @@ def test_configure_entry_point_quiets_tf_and_adds_the_cpu_defaults(monkeypatch):
     assert os.environ["XLA_FLAGS"] == f"--{YNN}=reduce"
 
 
-@pytest.mark.parametrize("module", ["evaluate", "lr_range_test", "rcnn_svm", "robustness",
-                                    "sweep", "train", "transfer", "tune", "visualize"])
+@pytest.mark.parametrize("module", ["evaluate", "lr_range_test", "proposals", "rcnn_svm",
+                                    "robustness", "sweep", "train", "transfer", "tune",
+                                    "visualize"])
 def test_experiment_commands_configure_the_process_before_importing_jax_or_tensorflow(module):
     """Each `experiments.<command>` calls `configure_entry_point()` before its first import of
     absl, JAX, TensorFlow or cnnjax's heavier modules (their settings are read once, at start)."""

@@ -123,9 +123,11 @@ def prepare_proposals(data_config: Any) -> dict[str, str]:
         raise invalid(_OWNER, "proposals.method", None,
                       f"expected one of {list(proposals_lib.METHODS)} (nothing to prepare)")
     spec, source, _, _ = _open(data_config)
+    splits = list(dict.fromkeys((spec.train_split, spec.eval_split)))
+    for split in splits:  # an unknown split: the usual ValueError, before any split's work
+        source.num_examples(split)
     paths = {}
-    for split in dict.fromkeys((spec.train_split, spec.eval_split)):
-        source.num_examples(split)  # an unknown split: the usual ValueError, before any work
+    for split in splits:
         proposals_lib.load_table(source.builder, split, source.proposals)
         paths[split] = source.proposals.cache_path(source.builder, split)
     return paths

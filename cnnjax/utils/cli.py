@@ -109,14 +109,20 @@ def config_file_error(err: flags.Error) -> str | None:
 
 def missing_config_file(values: flags.FlagValues) -> str | None:
     """The error for the first config-file flag (`--config=<file>.py[:arg]`, in either flag
-    syntax) of the parsed `values` whose file does not exist, else None."""
+    syntax, or a default file when the flag is not given) of the parsed `values` whose file does
+    not exist, else None."""
     for name in values:
         flag = values[name]
-        if not flag.present or not hasattr(flag, "config_filename"):  # an ml_collections flag
+        try:
+            spec = getattr(flag, "config_filename", None)  # an ml_collections flag
+        except Exception:  # noqa: BLE001 - its UnparsedFlagError: no file given, no default
+            spec = None
+        if not spec or os.path.isfile(spec.split(":", 1)[0]):
             continue
-        spec = flag.config_filename
-        if not os.path.isfile(spec.split(":", 1)[0]):
+        if flag.present:
             return f"--{name}={spec!r} is invalid; no such config file"
+        return (f"--{name} (default {spec!r}) is invalid; no such config file in "
+                f"{os.getcwd()!r} (run from the repository root, or pass --{name}=<file>)")
     return None
 
 

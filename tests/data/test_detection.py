@@ -281,6 +281,20 @@ def test_prepare_proposals_caches_both_splits(data_dir, monkeypatch):
     assert detection.prepare_proposals(_with_proposals(data_dir)) == paths
 
 
+def test_prepare_proposals_checks_every_split_before_computing_any(data_dir, monkeypatch):
+    """A bad eval split was reported only after the train split's selective search (minutes)."""
+    from cnnjax.data import proposals
+
+    computed = []
+    monkeypatch.setattr(proposals, "load_table",
+                        lambda builder, split, spec: computed.append(split))
+    with pytest.raises(ValueError, match=r"eval_split='bogus' is invalid"):
+        config = _with_proposals(data_dir)
+        config.eval_split = "bogus"
+        detection.prepare_proposals(config)
+    assert computed == []
+
+
 @pytest.mark.slow
 def test_train_proposals_flip_with_the_image_and_resume(data_dir):
     kwargs = {"global_batch_size": 16, "num_devices": 2, "seed": 3}
