@@ -187,9 +187,10 @@ def test_input_too_small_for_a_pooling_function_names_what_fed_it():
 def test_a_layer_that_fails_at_any_size_is_not_blamed_on_the_input_size():
     """AlexNet at its own 224x224 with groups that do not divide a layer's channels: the layer's
     own error, pointing at the model's settings, not "use a larger data.image_size"."""
-    from cnnjax.models import create_model
+    from cnnjax.models.alexnet import AlexNet  # the registry's names fix their groups
 
-    model = create_model("alexnet", num_classes=10, groups=(1, 1, 5, 1, 1))
+    model = AlexNet(num_classes=10, widths=(64, 192, 384, 256, 256), groups=(1, 1, 5, 1, 1),
+                    conv1_padding=2, lrn=False, pool_size=6, dropout_before_fc=True)
     with pytest.raises(ValueError) as err:
         checks.check_input_size(model, "alexnet", (224, 224, 3))
     message = str(err.value)
@@ -284,9 +285,9 @@ def test_model_kwargs_config_declares_settable_fields_unset():
     # axis_name are the engine's.
     assert set(cifar) == {"widths", "shortcut", "zero_init_last_bn", "drop_path_rate"}
     assert cifar.get_type("widths") is tuple and cifar.get_type("zero_init_last_bn") is bool
-    two_tower = model_kwargs_config("alexnet_2tower")
-    assert two_tower.get_type("pool_size") is int  # default None: type from `int | None`
-    assert two_tower.get_type("dropout_rate") is float
+    fcn = model_kwargs_config("fcn8s_vgg16")
+    assert fcn.get_type("dropout_rate") is float  # default None: type from `float | None`
+    assert model_kwargs_config("alexnet_2tower").get_type("dropout_rate") is float
 
 
 def test_model_kwargs_reach_the_model_and_unset_ones_are_not_passed(tmp_path):
