@@ -9,7 +9,7 @@ mode, interleaving JAX and PyTorch rounds in this one process so both see the sa
   python -m benchmarks.train_step --model=resnet18 --batch_size=128 --image_size=32 --torch
 
 `--conv_impl=xla --conv_impl=auto` (repeatable) times the step once per convolution lowering
-(`cnnjax.layers.conv_impl`), interleaved, and `--batch_norm_impl=flax --batch_norm_impl=matmul`
+(`cnnjax.layers.conv_impl`), interleaved, and `--batch_norm_impl=flax --batch_norm_impl=auto`
 once per BatchNorm lowering (`cnnjax.layers.batch_norm_impl`; every pair of the two lists);
 `--stem=cifar` swaps a ResNet's stem for the 3x3/1, no-max-pool CIFAR layout (in PyTorch too).
 
@@ -345,8 +345,8 @@ def define_flags() -> None:
                             "interleaved rounds.")
     flags.DEFINE_multi_enum("batch_norm_impl", ["auto"], ["flax", "matmul", "auto"],
                             "How training-mode BatchNorms are lowered "
-                            "(cnnjax.layers.batch_norm_impl; auto, flax's, is the engine's "
-                            "default; matmul is faster on CPU, its gradients 4% off); "
+                            "(cnnjax.layers.batch_norm_impl; auto is the engine's default: "
+                            "matmul channel sums on CPU, flax's elsewhere); "
                             "repeatable, as --conv_impl.")
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
                       "conv, no max pool); default: the model's own.")

@@ -13,14 +13,13 @@ variables, same running-statistics update, cross-device sync by `axis_name`). Ma
 the same function as flax's, and op by op (or one layer jitted) float32 results differ by
 summation order only.
 
-**Not the default since session 20:** jitted as part of a whole model's gradient on XLA:CPU
-(jaxlib 0.10), its parameter gradients were found up to 2-4% (worst leaf, relative) off
-flax's and float64's at some states (ResNet-20, CIFAR-stem ResNet-18, DenseNet-40), while the
-loss agrees. Flax's own float32 gradient is 1-2% off float64 at such states under other XLA
-flags (cnnjax's YNN-off default included), so part or all of it is float32's accuracy for
-these gradients rather than a fault of this path (docs/performance.md, "BatchNorm as matmuls:
-gradients off flax's"). "auto" is flax's BatchNorm, the conservative choice, until that is
-settled; "matmul" stays for measurement.
+Accuracy in a whole model (docs/performance.md, "BatchNorm as matmuls: accuracy settled"): a
+whole-model float32 gradient is occasionally 1-8% off float64 in its worst leaf, with either
+lowering, when one ReLU input within ~1e-6 of zero takes the other sign in float32 (a kink
+flip). Over 20 ResNet-20 states under cnnjax's CPU flags, this path's forward is 4.6x closer
+to float64 than flax's (whose statistics XLA:CPU sums less accurately there) and flips in 3
+states against flax's 13; under XLA's default flags the two are equal. Session 20 had made
+flax's the default after one such flip; "auto" is this path on CPU again since session 21.
 """
 
 from __future__ import annotations
@@ -41,9 +40,8 @@ from cnnjax.utils.validation import invalid
 Array = Any
 
 #: `batch_norm_impl` modes: "flax" (flax's own BatchNorm, i.e. no change), "matmul" (channel sums
-#: as matrix-vector products with a hand-written backward; see the module docstring: its
-#: whole-model gradients under XLA:CPU's jit were up to 4% off flax's) and "auto" (the engine's
-#: default: "flax" on every backend since that finding; it was "matmul" on CPU).
+#: as matrix-vector products with a hand-written backward) and "auto" (the engine's default:
+#: "matmul" on CPU, "flax" on accelerators, whose reductions are fast).
 BATCH_NORM_IMPLS = ("flax", "matmul", "auto")
 
 AxisGroups = tuple[tuple[int, ...], ...] | None
@@ -149,11 +147,11 @@ def batch_norm_function(impl: str) -> Callable[..., Array] | None:
 
 
 def resolve_batch_norm_impl(impl: str, backend: str) -> str:
-    """The implementation `impl` means on `backend`: "auto" is "flax" on every backend (the
-    matmul sums' whole-model gradients were up to 4% off flax's; module docstring)."""
+    """The implementation `impl` means on `backend`: "auto" is "matmul" on CPU, else "flax"."""
     batch_norm_function(impl)  # validates the name
-    del backend  # kept: the choice has been, and may again be, per backend
-    return "flax" if impl == "auto" else impl
+    if impl != "auto":
+        return impl
+    return "matmul" if backend == "cpu" else "flax"
 
 
 def _float32(*dtypes: Any) -> bool:
@@ -207,8 +205,7 @@ def _matmul_batch_norm(next_fun: Callable, args: tuple, kwargs: dict,
 def batch_norm_impl(impl: str = "auto") -> Iterator[None]:
     """Within the block, every `nn.BatchNorm` (exactly that class) called in training mode on
     float32 input with float32 parameters, feature axis last and no mask computes through
-    `batch_norm_train` when `impl` is "matmul" (for measurement: see the module docstring);
-    other calls, and every call under "flax" or "auto", run flax's code.
+    `batch_norm_train` when `impl` is "matmul" ("auto": on CPU); other calls run flax's code.
 
     Like `cnnjax.layers.conv_impl`, the choice is made when a function is traced, so wrap the
     tracing. Variables, their names, initialization and the running-average update are flax's.

@@ -15,7 +15,6 @@ import re
 from typing import Any
 
 import ml_collections
-from absl import logging
 from ml_collections import config_dict
 
 from cnnjax.layers.batch_norm_impl import BATCH_NORM_IMPLS
@@ -65,9 +64,9 @@ INIT_FROM_FIELDS = ("workdir", "step", "exclude", "submodule", "ema")
 # per-device details of the trajectory (dropout keys, mixing pairs, accumulation micro-batches,
 # float summation order): allowed (a requeued job may land on another machine), and warned about
 # on resume (`_Run.warn_if_devices_changed`, summary.json's `device_counts`). `batch_norm_impl`
-# changes the lowering, not the model: workdirs saved before it existed ran flax's BatchNorm,
-# and those saved with "auto" in sessions 14-19 ran the matmul sums (gradients up to 4% off
-# flax's, see cnnjax.layers.batch_norm_impl); both resume under today's "auto", flax's.
+# changes float summation order only: workdirs saved before it existed ran flax's BatchNorm,
+# and those saved with "auto" in session 20 did too (flax's was "auto" then); they resume under
+# today's "auto" (the matmul sums on CPU).
 RUNTIME_FIELDS = frozenset(
     {
         "restart",
@@ -143,10 +142,9 @@ def default_config() -> ml_collections.ConfigDict:
     # convolutions with tiny output maps on CPU (4x faster ResNet-18 at 32x32) and XLA's own with
     # a stored input for the rest (1.1-1.35x faster ResNets); XLA's own off CPU.
     c.conv_impl = "auto"
-    # How training-mode BatchNorms are lowered (cnnjax.layers.batch_norm_impl): 'auto' = flax's
-    # own everywhere. 'matmul' (channel sums as matrix-vector products, 1.4x faster CIFAR
-    # ResNet-18 step on CPU) gave whole-model gradients up to 4% off flax's under XLA:CPU's jit
-    # (docs/performance.md): not the default (a training run with it logs a warning).
+    # How training-mode BatchNorms are lowered (cnnjax.layers.batch_norm_impl): 'auto' = channel
+    # sums as matrix-vector products on CPU (up to 1.4x faster CIFAR ResNet-18 step, and closer
+    # to float64 than flax's under cnnjax's CPU flags), flax's own elsewhere.
     c.batch_norm_impl = "auto"
     c.num_devices = 0  # 0: every local device
     c.optimizer = ml_collections.ConfigDict(
@@ -371,11 +369,8 @@ def validate_config(config: Any) -> None:
     check_choice("config", "parallel", config.parallel, PARALLEL_MODES)
     check_choice("config", "compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
     check_choice("config", "conv_impl", config.conv_impl, CONV_IMPLS)
-    if check_choice("config", "batch_norm_impl", config.get("batch_norm_impl", "auto"),
-                    BATCH_NORM_IMPLS) == "matmul":
-        logging.warning("config.batch_norm_impl='matmul': its parameter gradients were found "
-                        "up to 4%% off flax's under XLA:CPU's jit (cnnjax.layers.batch_norm_impl"
-                        "); 'auto' (flax's BatchNorm) is the default.")
+    check_choice("config", "batch_norm_impl", config.get("batch_norm_impl", "auto"),
+                 BATCH_NORM_IMPLS)
     check_positive_int("config", "grad_accum_steps", config.get("grad_accum_steps", 1))
     if mixing_rule(config) is not None and task != "classification":
         raise invalid("mixing", "mixup_alpha/cutmix_alpha",

@@ -77,8 +77,8 @@ def train_step(
     their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
     lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU),
     `batch_norm_impl` how training-mode BatchNorms are (`cnnjax.layers.batch_norm_impl`:
-    "flax"/"auto" flax's own; "matmul" channel sums as matrix-vector products, for measurement
-    only: its whole-model gradients under XLA:CPU's jit were up to 4% off flax's).
+    "matmul" channel sums as matrix-vector products, faster on CPU; "auto" that on CPU, flax's
+    own elsewhere).
     `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`. An enabled `mixing`
     (mixup / CutMix, `cnnjax.train.mixing`) mixes this device's batch with its own key first;
     the loss is then against the soft targets and top-1/top-5 score their dominant label.

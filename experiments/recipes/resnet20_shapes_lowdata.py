@@ -10,7 +10,9 @@ this recipe tries RandAugment, then CutMix, then more weight decay (`regularizer
 per round at the incumbent's step budget, and reruns a knob that lost while still learning at
 twice its steps (`lengthen_regularizers`).
 
-Measured (2 CPU cores shared with other jobs, JAX 0.10.2), test top-1 (best eval):
+Measured (2 CPU cores shared with other jobs, JAX 0.10.2, with flax's BatchNorm: add
+`--config.batch_norm_impl=flax` to reproduce; the CPU default's matmul sums change this small-data
+run as much as a seed does), test top-1 (best eval):
     round 1, lr at 400 steps     0.01: 0.680   0.0447: 0.915 (overfits)   0.2: 0.325
     round 2, RandAugment ops     1: 0.278   2: 0.283 (too_slow: loss still near ln 4)
     round 3, at 800 steps        0 ops: 0.958   2 ops: 0.768 (underfitting, still learning)

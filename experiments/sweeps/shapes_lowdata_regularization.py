@@ -5,9 +5,10 @@ Command:
         --sweep=experiments/sweeps/shapes_lowdata_regularization.py \\
         --sweep_dir=workdirs/sweeps/shapes_lowdata_regularization
 
-Expected (measured with this command, 2 CPU cores, JAX 0.10.2, 2026-11-30, with flax's BatchNorm,
-the default again since session 20): 14 min wall, 80-150 s per trial. Final test top-1 (400 test
-images) / final train top-1, seeds 0 and 1:
+Expected (measured with this command, 2 CPU cores, JAX 0.10.2, 2026-11-30, before BatchNorm's
+CPU default became `batch_norm_impl='auto'`; add `--config.batch_norm_impl=flax` to reproduce
+the table exactly): 14 min wall, 80-150 s per trial. Final test top-1 (400 test images) / final
+train top-1, seeds 0 and 1:
     arm                      seed 0          seed 1
     neither                  0.585 / 0.93    0.658 / 0.97
     CutMix (alpha 1)         0.533 / 0.66    0.268 / 0.45
@@ -15,9 +16,9 @@ images) / final train top-1, seeds 0 and 1:
     both                     0.310 / 0.32    0.263 / 0.29
 At this budget (64 epochs of 400 images) both regularizers hurt: the runs underfit (RandAugment's
 train loss stays near ln 4 = 1.39, i.e. chance, and so does a run at magnitude 3: 0.30 test, 0.42
-train), and seeds differ by up to 0.27. Under `--config.batch_norm_impl=matmul` (the CPU default
-of sessions 14-19, whose whole-model gradients are up to 4% off flax's) the "neither" arm of seed
-0 reaches 0.9275 test / 0.995 train instead (measured 2026-12-01).
+train), and seeds differ by up to 0.27. The run is as sensitive to float summation order: with
+the default `batch_norm_impl='auto'` (the same sums in another order) the "neither" arm of seed 0
+reaches 0.9275 test / 0.995 train (measured 2026-12-01), so compare arms within one setting.
 With 4x the schedule (`--config.num_train_steps=1600`,
 256 epochs, seed 0, 4.5 min per run) the picture changes: neither 0.965 (train 1.00, test loss
 0.115), RandAugment 0.985 (train 0.92, test loss 0.043), CutMix 0.875 (train 0.83; at step 800

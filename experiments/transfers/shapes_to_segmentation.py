@@ -24,7 +24,7 @@ Fine-tuning the pretrained trunk gains +0.26 to +0.29 mIoU at every budget; at 2
 beats scratch on five times the data. The frozen trunk (linear probe) stays near 0.41 whatever
 the budget: 1x1 score layers on frozen classifier features (strides 8, 16 and 32) do not
 delineate the shapes. All arms train 400 steps; from scratch on all 2,000 scenes for 1,000 steps
-the same FCN reaches 0.796 (experiments/configs/fcn_shapes.py), so at this length the gain is
+the same FCN reaches 0.797 (experiments/configs/fcn_shapes.py), so at this length the gain is
 likely more a faster start than a better end point (not measured with longer target runs).
 """
 

@@ -420,9 +420,8 @@ def test_batchnorm_statistics_are_synced_across_processes(tmp_path):
     # far above these bounds.
     assert stats_diff < 1e-5
     assert params_diff < 1e-5
-    # With batch_norm_impl="matmul" (the CPU default until session 20, when its whole-model
-    # jitted gradients were found up to 4% off flax's) on a Sapphire Rapids machine: 2.1e-3 of the
-    # largest momentum (params still 2.7e-7 apart).
+    # With the CPU default batch_norm_impl="auto" (matmul channel sums) on a Sapphire Rapids
+    # machine: 2.1e-3 of the largest momentum (params still 2.7e-7 apart).
     assert opt_rel_diff < 1e-2
     ref_summary = json.loads((tmp_path / "reference" / "summary.json").read_text())
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
