@@ -17,9 +17,9 @@ Accuracy in a whole model (docs/performance.md, "BatchNorm as matmuls: accuracy 
 whole-model float32 gradient is occasionally 1-8% off float64 in its worst leaf, with either
 lowering, when one ReLU input within ~1e-6 of zero takes the other sign in float32 (a kink
 flip). Over 20 ResNet-20 states under cnnjax's CPU flags, this path's forward is 4.6x closer
-to float64 than flax's (whose statistics XLA:CPU sums less accurately there) and flips in 3
-states against flax's 13; under XLA's default flags the two are equal. Session 20 had made
-flax's the default after one such flip; "auto" is this path on CPU again since session 21.
+to float64 than flax's and flips in 3 states against flax's 13; under XLA's default flags the
+two are equal. Session 20 had made flax's the default after one such flip; "auto" is this path
+on CPU again since session 21.
 """
 
 from __future__ import annotations
