@@ -54,7 +54,7 @@ from cnnjax.analysis.receptive_field import (
     with_counts,
 )
 from cnnjax.analysis.trace import Trace, trace_model
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_positive_int, invalid, is_integer
 
 ANCHORS = frozenset({"conv_general_dilated", "dot_general", *WINDOW_REDUCTIONS})
 STRUCTURAL = frozenset(
@@ -527,9 +527,7 @@ def summary(
     except TypeError:
         raise invalid(owner, "input_shape", input_shape,
                       "expected a sequence like (H, W, C)") from None
-    if len(shape) < 2 or not all(
-        isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape
-    ):
+    if len(shape) < 2 or not all(is_integer(s) and s > 0 for s in shape):
         raise invalid(owner, "input_shape", input_shape,
                       "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
     check_positive_int(owner, "batch_size", batch_size)

@@ -14,7 +14,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnnjax.data import presets
-from cnnjax.utils.validation import check_choice, check_number, invalid
+from cnnjax.utils.validation import check_choice, check_number, invalid, is_integer
 
 _OWNER = "data"
 
@@ -34,8 +34,7 @@ def check_randaugment(owner: str, num_layers: Any, magnitude: Any, *,
     """`(num_layers, magnitude)` as `(int, float)` if `num_layers` is an integer in
     [0, MAX_LAYERS] (0: no op) and `magnitude` a number in [0, 10], else a ValueError naming
     `owner` and the argument (`layers_arg` / `magnitude_arg`, e.g. a config field's name)."""
-    if (isinstance(num_layers, bool) or not isinstance(num_layers, int | np.integer)
-            or not 0 <= num_layers <= MAX_LAYERS):
+    if not is_integer(num_layers) or not 0 <= num_layers <= MAX_LAYERS:
         raise invalid(owner, layers_arg, num_layers,
                       f"expected an integer in [0, {MAX_LAYERS}] (RandAugment ops applied to "
                       "each image; 0: none; the paper uses 1-3)")
@@ -143,10 +142,6 @@ class Spec:
     fake_num_eval: int
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def _optional_str(arg: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise invalid(_OWNER, arg, value, "expected a non-empty string or None")
@@ -165,7 +160,7 @@ def _check_classes(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
     if (isinstance(value, str | bytes) or not isinstance(value, tuple | list) or not value
-            or not all(_is_int(v) and v >= 0 for v in value) or len(set(value)) != len(value)):
+            or not all(is_integer(v) and v >= 0 for v in value) or len(set(value)) != len(value)):
         raise invalid(_OWNER, "classes", value,
                       "expected None (every class) or a non-empty list of distinct labels >= 0, "
                       "e.g. (5, 6, 7, 8, 9) (kept in that order, relabelled 0..k-1)")
@@ -188,7 +183,7 @@ def resolve(data_config: Any) -> Spec:
 
     image_size = cfg["image_size"]
     if image_size is not None:
-        if not _is_int(image_size) or image_size <= 0:
+        if not is_integer(image_size) or image_size <= 0:
             raise invalid(_OWNER, "image_size", image_size,
                           "expected a positive integer, or None for the native size")
         size: tuple[int, int] | None = (int(image_size), int(image_size))
@@ -199,14 +194,14 @@ def resolve(data_config: Any) -> Spec:
 
     fake_shape = cfg["fake_image_shape"]
     if (not isinstance(fake_shape, tuple | list) or len(fake_shape) != 3
-            or not all(_is_int(v) and v > 0 for v in fake_shape)):
+            or not all(is_integer(v) and v > 0 for v in fake_shape)):
         raise invalid(_OWNER, "fake_image_shape", fake_shape,
                       "expected three positive integers (height, width, channels)")
     for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
-        if not _is_int(cfg[arg]) or cfg[arg] <= 0:
+        if not is_integer(cfg[arg]) or cfg[arg] <= 0:
             raise invalid(_OWNER, arg, cfg[arg], "expected a positive integer")
     per_class = cfg["train_examples_per_class"]
-    if per_class is not None and (not _is_int(per_class) or per_class <= 0):
+    if per_class is not None and (not is_integer(per_class) or per_class <= 0):
         raise invalid(_OWNER, "train_examples_per_class", per_class,
                       "expected a positive integer (examples kept per class in the train split), "
                       "or None for all of them")

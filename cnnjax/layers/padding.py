@@ -13,14 +13,13 @@ their convolution with VALID padding, so all layers share one definition of each
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from cnnjax.utils.validation import check_choice, check_nhwc, invalid
+from cnnjax.utils.validation import check_choice, check_nhwc, invalid, is_integer
 
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
 _JNP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -36,24 +35,19 @@ _PADDING_FORMS = (
 )
 
 
-def _is_int(value: Any) -> bool:
-    """An int or NumPy integer (any `numbers.Integral`, as kernel sizes and strides take), not a
-    bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
 
 def normalize_padding(owner: str, padding: Any, arg: str = "padding") -> Pads:
     """Normalizes `p`, `(ph, pw)` or `((top, bottom), (left, right))` to explicit pairs.
 
     Raises a `ValueError` naming `owner` and `arg` for any other form or a negative entry.
     """
-    if _is_int(padding):
+    if is_integer(padding):
         pairs = ((padding, padding), (padding, padding))
     elif isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == 2:
-        if all(_is_int(p) for p in padding):
+        if all(is_integer(p) for p in padding):
             pairs = ((padding[0], padding[0]), (padding[1], padding[1]))
         elif all(
-            isinstance(p, Sequence) and len(p) == 2 and all(_is_int(v) for v in p)
+            isinstance(p, Sequence) and len(p) == 2 and all(is_integer(v) for v in p)
             for p in padding
         ):
             pairs = (tuple(padding[0]), tuple(padding[1]))
