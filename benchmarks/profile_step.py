@@ -28,7 +28,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from absl import app, flags
@@ -62,6 +62,24 @@ def categorize(op_name: str) -> str:
     return "other"
 
 
+def _hlo_events(events: Iterable[Mapping[str, Any]], skip_threads: Iterable[str]
+                ) -> Iterator[tuple[str, bool, Mapping[str, Any]]]:
+    """`(op, is_end, event)` for each complete event of an HLO op (its own, or its "end: <op>")
+    on a thread not named in `skip_threads`; the executor's bookkeeping and the caller's host
+    work are left out."""
+    events = list(events)
+    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
+               for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    skip = set(skip_threads)
+    for e in events:
+        if e.get("ph") != "X" or threads.get((e.get("pid"), e.get("tid"))) in skip:
+            continue
+        is_end = e["name"].startswith(_END_PREFIX)
+        op = e["name"][len(_END_PREFIX):] if is_end else e["name"]
+        if _HLO_NAME.match(op):
+            yield op, is_end, e
+
+
 def op_busy_times(events: Iterable[Mapping[str, Any]],
                   skip_threads: Iterable[str] = ("python",)) -> dict[str, float]:
     """Microseconds each HLO op was in flight, summed over its executions.
@@ -72,23 +90,10 @@ def op_busy_times(events: Iterable[Mapping[str, Any]],
     own event. Python-side events, host spans on any thread (absl renames the main thread, so
     its name cannot tell them apart) and the executor's bookkeeping spans are skipped.
     """
-    events = list(events)
-    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
-               for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    skip = set(skip_threads)
     starts: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
     ends: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") != "X" or threads.get((e.get("pid"), e.get("tid"))) in skip:
-            continue
-        name = e["name"]
-        op = name[len(_END_PREFIX):] if name.startswith(_END_PREFIX) else name
-        if not _HLO_NAME.match(op):  # the executor's bookkeeping, host work of the caller
-            continue
-        if name.startswith(_END_PREFIX):
-            ends[name[len(_END_PREFIX):]].append(e)
-        else:
-            starts[name].append(e)
+    for op, is_end, e in _hlo_events(events, skip_threads):
+        (ends if is_end else starts)[op].append(e)
     busy: dict[str, float] = collections.defaultdict(float)
     for name, runs in starts.items():
         finishes = sorted(ends.get(name, ()), key=lambda e: e["ts"])
@@ -106,15 +111,10 @@ def op_own_times(events: Iterable[Mapping[str, Any]],
                  skip_threads: Iterable[str] = ("python",)) -> dict[str, float]:
     """Microseconds of each HLO op's own events (the time it held a runtime thread: the whole op
     when it ran inline, only its dispatch when it ran asynchronously), summed over executions."""
-    events = list(events)
-    threads = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
-               for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    skip = set(skip_threads)
     own: dict[str, float] = collections.defaultdict(float)
-    for e in events:
-        if (e.get("ph") == "X" and threads.get((e.get("pid"), e.get("tid"))) not in skip
-                and not e["name"].startswith(_END_PREFIX) and _HLO_NAME.match(e["name"])):
-            own[e["name"]] += e["dur"]
+    for op, is_end, e in _hlo_events(events, skip_threads):
+        if not is_end:
+            own[op] += e["dur"]
     return dict(own)
 
 
