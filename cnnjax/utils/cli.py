@@ -115,7 +115,7 @@ def missing_config_file(values: flags.FlagValues) -> str | None:
         flag = values[name]
         try:
             spec = getattr(flag, "config_filename", None)  # an ml_collections flag
-        except Exception:  # noqa: BLE001 - its UnparsedFlagError: no file given, no default
+        except flags.Error:  # ml_collections' UnparsedFlagError: no file given, no default
             spec = None
         if not spec or os.path.isfile(spec.split(":", 1)[0]):
             continue
