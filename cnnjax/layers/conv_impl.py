@@ -71,6 +71,19 @@ def matmul_supported(lhs: Array, rhs: Array, lhs_dilation: Sequence[int] | None,
             and feature_group_count == 1 and batch_group_count == 1)
 
 
+def _taps_reading_input(size: int, pad_lo: int, k: int, dilation: int, stride: int,
+                        out: int) -> range:
+    """The kernel taps along one axis whose view holds at least one input element (not only
+    padding), as a range; all `k` taps when those are not contiguous. A tap over padding alone
+    adds only zeros, so dropping it (with its kernel slice) leaves the sums unchanged: on a 1x1
+    map a 3x3 convolution with padding 1 is its centre tap's matmul, 9x less work."""
+    reading = [i for i in range(k)
+               if any(0 <= r * stride + i * dilation - pad_lo < size for r in range(out))]
+    if reading and reading == list(range(reading[0], reading[-1] + 1)):
+        return range(reading[0], reading[-1] + 1)
+    return range(k)
+
+
 def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
                         pads: Sequence[tuple[int, int]], dilation: Sequence[int],
                         precision: Any = None, preferred_element_type: Any = None) -> Array:
@@ -78,6 +91,8 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
 
     The patch matrix's columns are ordered (kh, kw, C), the row-major order of the HWIO kernel,
     so the kernel is only reshaped. A 1x1 kernel skips the concatenation (strided slice only).
+    Taps whose views hold only padding are left out with their kernel rows
+    (`_taps_reading_input`): on a 1x1 map a padded 3x3 convolution is one [N, C] @ [C, F].
     """
     kh, kw, cin, features = kernel.shape
     n, h, w, c = x.shape
@@ -90,6 +105,8 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
     if h_out <= 0 or w_out <= 0:  # the window exceeds the padded input: lax's empty output
         return jnp.zeros((n, max(h_out, 0), max(w_out, 0), features),
                          preferred_element_type or jnp.result_type(x, kernel))
+    rows = _taps_reading_input(h, top, kh, d_h, st_h, h_out)
+    cols = _taps_reading_input(w, left, kw, d_w, st_w, w_out)
     # lax.pad also handles negative pads (cropping), as lax.conv_general_dilated does.
     x = lax.pad(x, jnp.zeros((), x.dtype),
                 ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
@@ -97,11 +114,12 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
         lax.slice(x, (0, i * d_h, j * d_w, 0),
                   (n, i * d_h + (h_out - 1) * st_h + 1, j * d_w + (w_out - 1) * st_w + 1, c),
                   (1, st_h, st_w, 1))
-        for i in range(kh) for j in range(kw)
+        for i in rows for j in cols
     ]
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-    y = lax.dot_general(patches.reshape(n * h_out * w_out, kh * kw * c),
-                        kernel.reshape(kh * kw * c, features), (((1,), (0,)), ((), ())),
+    kernel = kernel[rows.start:rows.stop, cols.start:cols.stop]
+    y = lax.dot_general(patches.reshape(n * h_out * w_out, len(views) * c),
+                        kernel.reshape(len(views) * c, features), (((1,), (0,)), ((), ())),
                         precision=precision, preferred_element_type=preferred_element_type)
     return y.reshape(n, h_out, w_out, features)
 

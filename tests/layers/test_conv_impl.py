@@ -68,6 +68,8 @@ def primitives(fun, *args) -> Counter[str]:
 # (input hw, kernel hw, strides, padding, dilation): ResNet-18@32 shapes and edge cases.
 CASES = [
     ((1, 1), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # stage4 3x3 on a 1x1 map
+    ((2, 2), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # strided 3x3 into a 1x1 map: 4 taps
+    ((1, 3), (5, 1), (2, 1), ((2, 4), (0, 0)), (1, 1)),  # taps 0 and 2 read input: not a range
     ((4, 4), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # strided 3x3 into a 2x2 map
     ((4, 4), (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1)),  # 1x1 projection shortcut
     ((9, 9), (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # ImageNet stem, odd size
@@ -110,6 +112,29 @@ def test_forward_matches_float64_numpy_loop():
         for j in range(3):
             expected += np.einsum("nhwc,cf->nhwf", xp[:, i:i + 5:2, j:j + 6, :], kp[i, j])
     assert_close(y, expected)
+
+
+@pytest.mark.parametrize("hw,strides,taps", [((1, 1), (1, 1), 1), ((2, 2), (2, 2), 4),
+                                             ((2, 2), (1, 1), 9)])
+def test_taps_over_padding_alone_are_skipped(hw, strides, taps):
+    """A 3x3 conv with padding 1 on a 1x1 map reads input with its centre tap only: the matmul
+    contracts over C, not 9C (stage 4 of ResNet-18 at 32x32). Its other kernel taps get an exact
+    zero gradient, and a NaN in one of them stays out of the output, as in XLA's convolution."""
+    x, k = random_pair(np.random.default_rng(2), 2, *hw, 5, 3, 3, 4)
+    pads = ((1, 1), (1, 1))
+    jaxpr = jax.make_jaxpr(lambda x, k: conv_general_dilated_matmul(
+        x, k, strides, pads, dimension_numbers=NHWC))(x, k)
+    (dot,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dot.invars[0].aval.shape[-1] == taps * 5
+    if taps == 1:
+        gk = jax.grad(lambda k: jnp.sum(conv_general_dilated_matmul(
+            x, k, strides, pads, dimension_numbers=NHWC) ** 2))(k)
+        assert np.all(np.asarray(gk)[[0, 0, 2, 2], [0, 2, 0, 2]] == 0)
+        k = k.at[0, 0].set(jnp.nan)
+        y = conv_general_dilated_matmul(x, k, strides, pads, dimension_numbers=NHWC)
+        y_ref = lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=NHWC)
+        assert not np.any(np.isnan(y)) and not np.any(np.isnan(y_ref))
+        assert_close(y, y_ref)
 
 
 def test_unsupported_cases_are_delegated_to_lax():
