@@ -155,7 +155,15 @@ def _window_max_jvp(kernel: tuple[int, int], strides: tuple[int, int],
                     tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Tangent of each output = the tangent at its window's first maximum. Linear in the
     tangent (masks of the primal, strided slices), so reverse mode transposes each slice into
-    a strided pad, elementwise work that XLA fuses with the masks."""
+    a strided pad, elementwise work that XLA fuses with the masks.
+
+    The index of each window's first maximum is computed once into memory (PyTorch also stores
+    the argmax): left to fusion, XLA recomputed the first-maximum chain for every tap inside the
+    backward's pad fusion, 6x slower (docs/performance.md). Dividing it by a 1 XLA cannot fold
+    (`1 + 0 * first`; exact, as the indices are small integers) makes it an "expensive" value
+    that XLA's fusion pass will not copy into a consumer reading it at several positions, the
+    same device as `cnnjax.layers.conv_impl.stored_input` (an optimization barrier does not
+    work: XLA:CPU removes barriers before fusion)."""
     (x,), (t,) = primals, tangents
     y = _reduce_window_max(x, kernel, strides, window)
     config = ((0, 0, 0), (*window[0], 0), (*window[1], 0), (0, 0, 0))
@@ -163,23 +171,27 @@ def _window_max_jvp(kernel: tuple[int, int], strides: tuple[int, int],
     t_padded = jax.lax.pad(t, _zero(t.dtype), config)
     n, _, _, c = x.shape
     out_h, out_w = y.shape[1:3]
-    taken = jnp.zeros(y.shape, bool)
-    t_out = jnp.zeros(y.shape, t.dtype)
+    taps = [(i, j) for i in range(kernel[0]) for j in range(kernel[1])]
+    step = (1, *strides, 1)
+
+    def tap_slice(a: jax.Array, i: int, j: int) -> jax.Array:
+        limit = (n, i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, c)
+        return jax.lax.slice(a, (0, i, j, 0), limit, step)
+
+    first = jnp.full(y.shape, -1.0, jnp.float32)  # the tap taking the gradient; -1: none yet
     y_nan = jnp.isnan(y)  # a window holding NaN has max NaN, equal to nothing: its first NaN
     rows = jnp.arange(out_h)[None, :, None, None] * strides[0] - window[0][0]
     cols = jnp.arange(out_w)[None, None, :, None] * strides[1] - window[1][0]
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            start = (0, i, j, 0)
-            limit = (n, i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, c)
-            step = (1, *strides, 1)
-            tap = jax.lax.slice(x_padded, start, limit, step)
-            real = ((rows + i >= 0) & (rows + i < x.shape[1])  # padding equals a -inf maximum
-                    & (cols + j >= 0) & (cols + j < x.shape[2]))
-            hit = ((tap == y) | (y_nan & jnp.isnan(tap))) & real & ~taken
-            taken = taken | hit
-            t_out = t_out + jnp.where(hit, jax.lax.slice(t_padded, start, limit, step),
-                                      _zero(t.dtype))
+    for k, (i, j) in enumerate(taps):
+        tap = tap_slice(x_padded, i, j)
+        real = ((rows + i >= 0) & (rows + i < x.shape[1])  # padding equals a -inf maximum
+                & (cols + j >= 0) & (cols + j < x.shape[2]))
+        hit = ((tap == y) | (y_nan & jnp.isnan(tap))) & real & (first < 0)
+        first = jnp.where(hit, jnp.float32(k), first)
+    first = first / (1 + 0 * first)
+    t_out = jnp.zeros(y.shape, t.dtype)
+    for k, (i, j) in enumerate(taps):
+        t_out = t_out + jnp.where(first == k, tap_slice(t_padded, i, j), _zero(t.dtype))
     return y, t_out
 
 
