@@ -503,6 +503,18 @@ def test_a_window_whose_maximum_is_minus_inf_gives_its_gradient_to_a_real_elemen
     assert float(np.sum(got)) == cotangent.size  # every window's gradient lands somewhere
 
 
+def test_max_pool_gradient_stores_the_first_maximum_index():
+    """The first-maximum tap index reaches the compiled gradient as a stored division result:
+    were `1 + 0 * first` folded, XLA would recompute the whole first-maximum chain for each tap
+    inside the backward's pad fusion (6x slower, docs/performance.md). CPU only: elsewhere
+    `max_pool2d` is `select_and_scatter`'s."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the tangent rule is CPU-only")
+    x = _random((2, 9, 9, 3), seed=16)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(max_pool2d(v, 3, 2, 1)))))
+    assert grad.lower(x).compile().as_text().count(" divide(") >= 1
+
+
 def test_max_pool_forward_mode_and_second_order():
     """The tangent rule also serves jvp, as select_and_scatter-based pooling did, and the
     gradient differentiates again (`check_grads` to second order, forward and reverse)."""
