@@ -132,8 +132,10 @@ def _round_half_away(x: jax.Array) -> jax.Array:
     return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
 
 
-@partial(jax.jit, static_argnames=("output_size",))
-def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
+def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_scale):
+    """Each bin's max `[K, out_h, out_w, C]` and where it is: the flat cell `h * W + w` of the
+    bin's first maximal cell in row-major order (torchvision's argmax), `H * W` where there is
+    none (an empty bin, or a NaN max)."""
     _, h, w, _ = features.shape
     out_h, out_w = output_size
     corners = _round_half_away(boxes.astype(jnp.float32) * spatial_scale).astype(jnp.int32)
@@ -154,34 +156,88 @@ def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
     mask_w, empty_w = bin_masks(x1, x2, out_w, w)
     lowest = jnp.array(-jnp.inf, features.dtype)
     num_boxes, channels = boxes.shape[0], features.shape[3]
-    # Separable max over each bin's rows, then its columns.
+    # Separable: each bin's max over its rows for every column (with the first row holding it),
+    # then over its columns. The first maximal cell in row-major order is, among the columns
+    # whose row max equals the bin's max, the one with the smallest `first row * W + column`.
     if num_boxes * out_h * h * w * channels <= _VECTORIZED_ROI_POOL_ELEMENTS:
         # Small maps: each reduction at once ([K, out_h, H, W, C] masked values; their backward
         # holds as many), 6x faster than the loops below for 1,024 boxes on an 8x8x128 map.
-        per_box = features[batch_indices]  # [K, H, W, C]
-        rows = jnp.max(jnp.where(mask_h[:, :, :, None, None], per_box[:, None], lowest), axis=2)
-        pooled = jnp.max(jnp.where(mask_w[:, None, :, :, None], rows[:, :, None], lowest),
-                         axis=3)
+        in_rows = mask_h[:, :, :, None, None]
+        values = jnp.where(in_rows, features[batch_indices][:, None], lowest)  # [K,P,H,W,C]
+        rows = jnp.max(values, axis=2)  # [K, out_h, W, C]
+        row_index = jnp.arange(h)[None, None, :, None, None]
+        first_row = jnp.min(jnp.where(in_rows & (values == rows[:, :, None]), row_index, h),
+                            axis=2)
+        in_columns = mask_w[:, None, :, :, None]  # [K, 1, out_w, W, 1]
+        pooled = jnp.max(jnp.where(in_columns, rows[:, :, None], lowest), axis=3)
+        column = jnp.arange(w)[None, None, None, :, None]
+        key = jnp.where(in_columns & (rows[:, :, None] == pooled[:, :, :, None]),
+                        first_row[:, :, None] * w + column, h * w)
+        argmax = jnp.min(key, axis=3)
     else:
         # One feature row/column per loop step: memory O(K * out_h * W * C) instead of
         # O(K * out_h * H * W * C) (2 GB for 128 boxes on a 38x50x256 map).
-        def max_over_rows(i, rows):  # rows: [K, out_h, W, C]
-            line = features[batch_indices, i]  # [K, W, C]
-            return jnp.maximum(rows, jnp.where(mask_h[:, :, i, None, None], line[:, None],
-                                               lowest))
+        def max_over_rows(i, carry):  # rows, first_row: [K, out_h, W, C]
+            rows, first_row = carry
+            line = features[batch_indices, i][:, None]  # [K, 1, W, C]
+            in_row = mask_h[:, :, i, None, None]
+            takes = in_row & ((first_row == h) | (line > rows))
+            return (jnp.maximum(rows, jnp.where(in_row, line, lowest)),
+                    jnp.where(takes, i, first_row))
 
-        rows = jax.lax.fori_loop(0, h, max_over_rows,
-                                 jnp.full((num_boxes, out_h, w, channels), lowest))
+        shape = (num_boxes, out_h, w, channels)
+        rows, first_row = jax.lax.fori_loop(
+            0, h, max_over_rows, (jnp.full(shape, lowest), jnp.full(shape, h, jnp.int32)))
 
-        def max_over_columns(j, pooled):  # pooled: [K, out_h, out_w, C]
-            column = rows[:, :, j]  # [K, out_h, C]
-            return jnp.maximum(pooled, jnp.where(mask_w[:, None, :, j, None],
-                                                 column[:, :, None], lowest))
+        def max_over_columns(j, carry):  # pooled, argmax: [K, out_h, out_w, C]
+            pooled, argmax = carry
+            value = rows[:, :, None, j]  # [K, out_h, 1, C]
+            candidate = first_row[:, :, None, j] * w + j
+            in_column = mask_w[:, None, :, j, None]
+            takes = in_column & ((value > pooled) | ((value == pooled) & (candidate < argmax)))
+            return (jnp.maximum(pooled, jnp.where(in_column, value, lowest)),
+                    jnp.where(takes, candidate, argmax))
 
-        pooled = jax.lax.fori_loop(0, w, max_over_columns,
-                                   jnp.full((num_boxes, out_h, out_w, channels), lowest))
-    empty = empty_h[:, :, None] | empty_w[:, None, :]
-    return jnp.where(empty[..., None], jnp.array(0, features.dtype), pooled)
+        shape = (num_boxes, out_h, out_w, channels)
+        pooled, argmax = jax.lax.fori_loop(
+            0, w, max_over_columns, (jnp.full(shape, lowest), jnp.full(shape, h * w, jnp.int32)))
+    empty = (empty_h[:, :, None] | empty_w[:, None, :])[..., None]
+    return (jnp.where(empty, jnp.array(0, features.dtype), pooled),
+            jnp.where(empty | (argmax > h * w), h * w, argmax))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _roi_pool_first_max(features, boxes, batch_indices, output_size, spatial_scale):
+    return _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_scale)[0]
+
+
+def _roi_pool_forward(features, boxes, batch_indices, output_size, spatial_scale):
+    pooled, argmax = _roi_pool_with_argmax(features, boxes, batch_indices, output_size,
+                                           spatial_scale)
+    return pooled, (features, boxes, batch_indices, spatial_scale, argmax)
+
+
+def _roi_pool_backward(output_size, residuals, grad):
+    """torchvision's roi_pool backward: each bin's gradient goes to its argmax cell alone (tied
+    cells, e.g. the zeros after a ReLU, get nothing more), summed over bins and boxes."""
+    features, boxes, batch_indices, spatial_scale, argmax = residuals
+    _, h, w, channels = features.shape
+    found = argmax < h * w
+    cell = jnp.where(found, argmax, 0)
+    image = jnp.broadcast_to(batch_indices[:, None, None, None], argmax.shape)
+    channel = jnp.broadcast_to(jnp.arange(channels), argmax.shape)
+    features_grad = jnp.zeros_like(features).at[image, cell // w, cell % w, channel].add(
+        jnp.where(found, grad, jnp.array(0, grad.dtype)).astype(features.dtype))
+    return (features_grad, jnp.zeros_like(boxes),
+            np.zeros(batch_indices.shape, jax.dtypes.float0), jnp.zeros_like(spatial_scale))
+
+
+_roi_pool_first_max.defvjp(_roi_pool_forward, _roi_pool_backward)
+
+
+@partial(jax.jit, static_argnames=("output_size",))
+def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
+    return _roi_pool_first_max(features, boxes, batch_indices, output_size, spatial_scale)
 
 
 def roi_pool(
@@ -194,8 +250,9 @@ def roi_pool(
     `round(x2) - round(x1) + 1` cells (at least 1), split into `output_size` bins with edges
     `floor(i * len / out)` .. `ceil((i + 1) * len / out)` (exact integer arithmetic), clipped to
     the map. Each bin takes the max over its cells; a bin left empty by clipping outputs 0.
-    The forward is torchvision's; the gradient of a bin whose maximum is tied (post-ReLU zeros)
-    is shared among the tied cells (JAX's max), where torchvision gives it all to the first.
+    Forward and gradient are torchvision's: a bin's gradient goes to its first maximal cell in
+    row-major order alone, also when the maximum is tied (the zeros after a ReLU); boxes get no
+    gradient (the output is piecewise constant in them).
     """
     boxes, batch_indices, out, scale, _ = _check_roi_args(
         "roi_pool", features, boxes, batch_indices, output_size, spatial_scale)

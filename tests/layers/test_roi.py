@@ -278,6 +278,63 @@ def test_roi_pool_gradients_of_both_paths_agree(monkeypatch):
     np.testing.assert_allclose(vectorized, want, rtol=1e-5, atol=1e-5)
 
 
+def _roi_pool_grad_ref(features, boxes, batch_indices, output_size, scale, grad):
+    """torchvision's roi_pool backward (roi_pool_kernel.cpp): each bin's argmax is the first cell,
+    rows then columns, strictly greater than every earlier one; it alone takes the bin's
+    gradient. float64."""
+    height, width = features.shape[1:3]
+    out_h, out_w = output_size
+    want = np.zeros(features.shape)
+    for k, (box, b) in enumerate(zip(boxes.astype(np.float64), batch_indices, strict=True)):
+        x1, y1, x2, y2 = (int(math.floor(v * scale + 0.5)) for v in box)
+        bin_h = Fraction(max(y2 - y1 + 1, 1), out_h)
+        bin_w = Fraction(max(x2 - x1 + 1, 1), out_w)
+        for ph in range(out_h):
+            h0 = min(max(math.floor(ph * bin_h) + y1, 0), height)
+            h1 = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
+            for pw in range(out_w):
+                w0 = min(max(math.floor(pw * bin_w) + x1, 0), width)
+                w1 = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
+                for c in range(features.shape[3]):
+                    best, where = -np.finfo(np.float32).max, None
+                    for i in range(h0, h1):
+                        for j in range(w0, w1):
+                            if features[b, i, j, c] > best:
+                                best, where = features[b, i, j, c], (i, j)
+                    if where is not None:
+                        want[b, where[0], where[1], c] += grad[k, ph, pw, c]
+    return want
+
+
+def test_roi_pool_tied_maxima_give_the_gradient_to_the_first_cell(roi_pool_path):
+    """Post-ReLU maps tie at 0 (and here at small integers too): each bin's gradient goes to its
+    first maximal cell in row-major order, as torchvision's kernel does (JAX's max would share
+    it among the tied cells). Exact: the reference sums the same float32 values."""
+    rng = np.random.default_rng(31)
+    feats = np.maximum(np.round(rng.normal(size=(2, 9, 8, 3)) * 1.5), 0).astype(np.float32)
+    boxes = _random_boxes(rng, 10, 16.0, 18.0)
+    boxes[0] = [0.0, 0.0, 16.0, 18.0]
+    feats[1, :, :, 2] = 0.0  # a channel tied everywhere
+    batch = rng.integers(0, 2, 10).astype(np.int32)
+    upstream = rng.normal(size=(10, 3, 2, 3)).astype(np.float32)
+
+    def loss(f):
+        return jnp.sum(roi_pool(f, boxes, batch, (3, 2), 0.5) * upstream)
+
+    got = jax.grad(loss)(jnp.asarray(feats))
+    want = _roi_pool_grad_ref(feats, boxes, batch, (3, 2), 0.5, upstream)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.count_nonzero(want[1, :, :, 2]) < want[1, :, :, 2].size  # ties did occur
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    theirs_input = torch.from_numpy(feats.transpose(0, 3, 1, 2)).requires_grad_()
+    rois = torch.from_numpy(np.concatenate([batch[:, None], boxes], axis=1).astype(np.float32))
+    out = ops.roi_pool(theirs_input, rois, (3, 2), 0.5)
+    (out * torch.from_numpy(upstream.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_allclose(got, theirs_input.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_roi_pool_under_jit_and_empty_box_sets():
     feats = _features((2, 7, 9, 2), seed=10)
     boxes = _random_boxes(np.random.default_rng(11), 3, 9.0, 7.0)
