@@ -206,33 +206,25 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
             jnp.where(empty | (argmax > h * w), h * w, argmax))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _roi_pool_first_max(features, boxes, batch_indices, output_size, spatial_scale):
     return _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_scale)[0]
 
 
-def _roi_pool_forward(features, boxes, batch_indices, output_size, spatial_scale):
+@_roi_pool_first_max.defjvp
+def _roi_pool_tangent(output_size, primals, tangents):
+    """Each bin's tangent is its argmax cell's (torchvision's rule; reverse mode transposes the
+    gather into a scatter-add, so tied cells other than the first get no gradient). Boxes have
+    no tangent effect: the output is piecewise constant in them."""
+    features, boxes, batch_indices, spatial_scale = primals
     pooled, argmax = _roi_pool_with_argmax(features, boxes, batch_indices, output_size,
                                            spatial_scale)
-    return pooled, (features, boxes, batch_indices, spatial_scale, argmax)
-
-
-def _roi_pool_backward(output_size, residuals, grad):
-    """torchvision's roi_pool backward: each bin's gradient goes to its argmax cell alone (tied
-    cells, e.g. the zeros after a ReLU, get nothing more), summed over bins and boxes."""
-    features, boxes, batch_indices, spatial_scale, argmax = residuals
     _, h, w, channels = features.shape
     found = argmax < h * w
     cell = jnp.where(found, argmax, 0)
-    image = jnp.broadcast_to(batch_indices[:, None, None, None], argmax.shape)
-    channel = jnp.broadcast_to(jnp.arange(channels), argmax.shape)
-    features_grad = jnp.zeros_like(features).at[image, cell // w, cell % w, channel].add(
-        jnp.where(found, grad, jnp.array(0, grad.dtype)).astype(features.dtype))
-    return (features_grad, jnp.zeros_like(boxes),
-            np.zeros(batch_indices.shape, jax.dtypes.float0), jnp.zeros_like(spatial_scale))
-
-
-_roi_pool_first_max.defvjp(_roi_pool_forward, _roi_pool_backward)
+    image = batch_indices[:, None, None, None]
+    picked = tangents[0][image, cell // w, cell % w, jnp.arange(channels)]
+    return pooled, jnp.where(found, picked, jnp.zeros_like(picked))
 
 
 @partial(jax.jit, static_argnames=("output_size",))

@@ -325,6 +325,11 @@ def test_roi_pool_tied_maxima_give_the_gradient_to_the_first_cell(roi_pool_path)
     want = _roi_pool_grad_ref(feats, boxes, batch, (3, 2), 0.5, upstream)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert np.count_nonzero(want[1, :, :, 2]) < want[1, :, :, 2].size  # ties did occur
+    # Forward mode works too, and is the same linear map: <J t, u> == <t, J^T u>.
+    tangent = rng.normal(size=feats.shape).astype(np.float32)
+    _, pushed = jax.jvp(lambda f: roi_pool(f, boxes, batch, (3, 2), 0.5), (feats,), (tangent,))
+    np.testing.assert_allclose(np.sum(np.asarray(pushed, np.float64) * upstream),
+                               np.sum(tangent.astype(np.float64) * want), rtol=1e-5)
     torch = pytest.importorskip("torch")
     ops = pytest.importorskip("torchvision.ops")
     theirs_input = torch.from_numpy(feats.transpose(0, 3, 1, 2)).requires_grad_()
