@@ -97,24 +97,32 @@ def _roi_align_ref(features, boxes, batch_indices, output_size, scale, sampling_
     return out
 
 
-def _roi_pool_ref(features, boxes, batch_indices, output_size, scale):
-    """torchvision's roi_pool_kernel.cpp in float64 (C `round` is half away from zero)."""
-    features, boxes = features.astype(np.float64), boxes.astype(np.float64)
-    height, width = features.shape[1:3]
+def _roi_pool_bins_ref(shape, boxes, batch_indices, output_size, scale):
+    """torchvision's roi_pool_kernel.cpp bins: `(k, image, ph, pw, h0, h1, w0, w1)` for each box
+    and bin, with exact bin edges (C `round` is half away from zero)."""
+    height, width = shape[1:3]
     out_h, out_w = output_size
-    out = np.zeros((len(boxes), out_h, out_w, features.shape[3]))
-    for k, (box, b) in enumerate(zip(boxes, batch_indices, strict=True)):
+    for k, (box, b) in enumerate(zip(boxes.astype(np.float64), batch_indices, strict=True)):
         x1, y1, x2, y2 = (int(math.floor(v * scale + 0.5)) for v in box)
-        roi_h, roi_w = max(y2 - y1 + 1, 1), max(x2 - x1 + 1, 1)
-        bin_h, bin_w = Fraction(roi_h, out_h), Fraction(roi_w, out_w)  # Exact bin edges.
+        bin_h = Fraction(max(y2 - y1 + 1, 1), out_h)
+        bin_w = Fraction(max(x2 - x1 + 1, 1), out_w)
         for ph in range(out_h):
             h0 = min(max(math.floor(ph * bin_h) + y1, 0), height)
             h1 = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
             for pw in range(out_w):
                 w0 = min(max(math.floor(pw * bin_w) + x1, 0), width)
                 w1 = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
-                if h1 > h0 and w1 > w0:
-                    out[k, ph, pw] = features[b, h0:h1, w0:w1].max(axis=(0, 1))
+                yield k, b, ph, pw, h0, h1, w0, w1
+
+
+def _roi_pool_ref(features, boxes, batch_indices, output_size, scale):
+    """torchvision's roi_pool forward in float64: each non-empty bin's max, else 0."""
+    features = features.astype(np.float64)
+    out = np.zeros((len(boxes), *output_size, features.shape[3]))
+    for k, b, ph, pw, h0, h1, w0, w1 in _roi_pool_bins_ref(features.shape, boxes, batch_indices,
+                                                            output_size, scale):
+        if h1 > h0 and w1 > w0:
+            out[k, ph, pw] = features[b, h0:h1, w0:w1].max(axis=(0, 1))
     return out
 
 
@@ -279,30 +287,19 @@ def test_roi_pool_gradients_of_both_paths_agree(monkeypatch):
 
 
 def _roi_pool_grad_ref(features, boxes, batch_indices, output_size, scale, grad):
-    """torchvision's roi_pool backward (roi_pool_kernel.cpp): each bin's argmax is the first cell,
-    rows then columns, strictly greater than every earlier one; it alone takes the bin's
-    gradient. float64."""
-    height, width = features.shape[1:3]
-    out_h, out_w = output_size
+    """torchvision's roi_pool backward: each bin's argmax is the first cell, rows then columns,
+    strictly greater than every earlier one; it alone takes the bin's gradient. float64."""
     want = np.zeros(features.shape)
-    for k, (box, b) in enumerate(zip(boxes.astype(np.float64), batch_indices, strict=True)):
-        x1, y1, x2, y2 = (int(math.floor(v * scale + 0.5)) for v in box)
-        bin_h = Fraction(max(y2 - y1 + 1, 1), out_h)
-        bin_w = Fraction(max(x2 - x1 + 1, 1), out_w)
-        for ph in range(out_h):
-            h0 = min(max(math.floor(ph * bin_h) + y1, 0), height)
-            h1 = min(max(math.ceil((ph + 1) * bin_h) + y1, 0), height)
-            for pw in range(out_w):
-                w0 = min(max(math.floor(pw * bin_w) + x1, 0), width)
-                w1 = min(max(math.ceil((pw + 1) * bin_w) + x1, 0), width)
-                for c in range(features.shape[3]):
-                    best, where = -np.finfo(np.float32).max, None
-                    for i in range(h0, h1):
-                        for j in range(w0, w1):
-                            if features[b, i, j, c] > best:
-                                best, where = features[b, i, j, c], (i, j)
-                    if where is not None:
-                        want[b, where[0], where[1], c] += grad[k, ph, pw, c]
+    for k, b, ph, pw, h0, h1, w0, w1 in _roi_pool_bins_ref(features.shape, boxes, batch_indices,
+                                                            output_size, scale):
+        for c in range(features.shape[3]):
+            best, where = -np.finfo(np.float32).max, None
+            for i in range(h0, h1):
+                for j in range(w0, w1):
+                    if features[b, i, j, c] > best:
+                        best, where = features[b, i, j, c], (i, j)
+            if where is not None:
+                want[b, where[0], where[1], c] += grad[k, ph, pw, c]
     return want
 
 
