@@ -202,9 +202,9 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
         pooled, argmax = jax.lax.fori_loop(
             0, w, max_over_columns, (jnp.full(shape, lowest), jnp.full(shape, h * w, jnp.int32)))
     empty = (empty_h[:, :, None] | empty_w[:, None, :])[..., None]
-    # A key past H * W means no row of the bin held its max (a NaN): no argmax either.
+    # (An empty bin's key can pass H * W: its rows are all -inf, "equal" to its -inf max.)
     return (jnp.where(empty, jnp.array(0, features.dtype), pooled),
-            jnp.where(empty | (argmax > h * w), h * w, argmax))
+            jnp.where(empty, h * w, argmax))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
