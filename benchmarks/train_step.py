@@ -30,6 +30,11 @@ from typing import Any
 
 from absl import app, flags
 
+try:
+    import resource  # Unix only: page faults and system CPU per step
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
 from cnnjax.platform import configure_cpu_defaults, parse_xla_flags
 
 FLAGS = flags.FLAGS
@@ -303,16 +308,43 @@ def round_images_per_s(rounds: list[list[StepTime]], batch_size: int) -> list[fl
     return [batch_size / statistics.median(wall for wall, _ in r) for r in rounds]
 
 
-def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, Callable]):
-    """Runs each runner's `steps` in turn, `rounds` times; returns {name: [times per round]}."""
+def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, Callable],
+                       usage: dict[str, list[dict[str, float]]] | None = None):
+    """Runs each runner's `steps` in turn, `rounds` times; returns {name: [times per round]}.
+
+    With a `usage` dict it also records, per runner and round, the process's page faults and
+    system CPU seconds per timed step (`getrusage`, all threads). Freshly mapped memory shows
+    here: XLA's and PyTorch's large blocks are unmapped and faulted in again every step.
+    """
     results: dict[str, list[list[float]]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             if warmup:
                 run(warmup)
+            measure = usage is not None and resource is not None
+            before = resource.getrusage(resource.RUSAGE_SELF) if measure else None
             results[name].append(run(steps))
+            if measure:
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                usage.setdefault(name, []).append({
+                    "page_faults_per_step": (after.ru_minflt + after.ru_majflt - before.ru_minflt
+                                             - before.ru_majflt) / steps,
+                    "system_cpu_s_per_step": (after.ru_stime - before.ru_stime) / steps})
     return results
 
+
+def usage_summary(per_round: list[dict[str, float]]) -> dict[str, float]:
+    """The median over rounds of each `interleaved_rounds` usage figure ({} if none)."""
+    keys = per_round[0] if per_round else {}
+    return {key: statistics.median(r[key] for r in per_round) for key in keys}
+
+
+def usage_phrase(summary: dict[str, float]) -> str:
+    """`; system CPU x s and n page faults per step`, or nothing where they were not measured."""
+    if "page_faults_per_step" not in summary:
+        return ""
+    return (f"; system CPU {summary['system_cpu_s_per_step']:.2f} s and "
+            f"{summary['page_faults_per_step']:,.0f} page faults per step")
 
 
 def define_flags() -> None:
@@ -418,7 +450,8 @@ def main(argv: list[str]) -> None:
             raise RuntimeError(f"PyTorch network has {torch_bench['num_params']} parameters, the "
                                f"cnnjax one {bench['num_params']}: not the same architecture.")
         runners["torch"] = lambda k: run_torch_steps(torch_bench, k)
-    rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners)
+    usage: dict[str, list[dict[str, float]]] = {}
+    rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners, usage)
 
     result: dict[str, Any] = {
         "model": FLAGS.model, "stem": FLAGS.stem, "batch_size": FLAGS.batch_size,
@@ -441,11 +474,13 @@ def main(argv: list[str]) -> None:
         name = f"jax_{impl}"
         result[name] = summarize(sum(rounds[name], []), FLAGS.batch_size)
         result[f"{name}_rounds_images_per_s"] = round_images_per_s(rounds[name], FLAGS.batch_size)
+        result[name].update(usage_summary(usage.get(name, [])))
         lines.append(
             f"jax ({impl:6s}): {result[name]['images_per_s']:8.1f} img/s (median step "
             f"{result[name]['median_step_s'] * 1e3:.0f} ms, CPU "
             f"{result[name]['median_cpu_s_per_step']:.2f} s/step; per round "
-            f"{', '.join(f'{v:.1f}' for v in result[f'{name}_rounds_images_per_s'])})")
+            f"{', '.join(f'{v:.1f}' for v in result[f'{name}_rounds_images_per_s'])}"
+            f"{usage_phrase(result[name])})")
     result["jax"] = result[f"jax_{impls[0]}"]  # the first impl, for older readers of the JSON
     for impl in impls:
         losses = benches[impl].get("losses", [])
@@ -464,11 +499,13 @@ def main(argv: list[str]) -> None:
         result["torch_threads"] = torch_bench["threads"]
         result["torch_device"] = torch_bench["device"]
         result["torch_channels_last"] = FLAGS.torch_channels_last
+        result["torch"].update(usage_summary(usage.get("torch", [])))
         lines.append(
             f"torch:        {result['torch']['images_per_s']:8.1f} img/s (median step "
             f"{result['torch']['median_step_s'] * 1e3:.0f} ms, CPU "
             f"{result['torch']['median_cpu_s_per_step']:.2f} s/step; per round "
-            f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}; torch "
+            f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}"
+            f"{usage_phrase(result['torch'])}; torch "
             f"{torch_bench['version']} on {torch_bench['device']}, {torch_bench['threads']} "
             "threads)")
         for impl in impls:

@@ -40,6 +40,36 @@ def test_the_script_reports_throughput_and_the_falling_training_loss(tmp_path):
     assert last < first and report["jax"]["images_per_s"] > 0
     assert report["peak_device_bytes"] is None
     assert "training loss on the repeated batch" in result.stdout
+    assert report["jax"]["page_faults_per_step"] >= 0 and "page faults per step" in result.stdout
+
+
+def test_rounds_record_the_page_faults_of_freshly_mapped_memory():
+    """A step that fills 64 MiB of freshly mapped memory (as glibc serves XLA's large blocks)
+    takes at least its 16,384 pages in faults; a step that maps nothing takes next to none."""
+    pytest.importorskip("resource")
+    import mmap
+
+    from benchmarks.train_step import interleaved_rounds, usage_summary
+
+    size = 64 * 2**20
+    pages = size // mmap.PAGESIZE
+
+    def fresh_array(steps):
+        for _ in range(steps):
+            with mmap.mmap(-1, size) as block:  # anonymous, small pages even under THP=always
+                if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                    block.madvise(mmap.MADV_NOHUGEPAGE)
+                block.write(b"\x01" * size)
+        return [(0.0, 0.0)] * steps
+
+    usage: dict = {}
+    interleaved_rounds(2, 3, 1, {"fresh": fresh_array, "idle": lambda k: [(0.0, 0.0)] * k},
+                       usage)
+    assert [len(usage[name]) for name in ("fresh", "idle")] == [2, 2]
+    fresh, idle = usage_summary(usage["fresh"]), usage_summary(usage["idle"])
+    assert fresh["page_faults_per_step"] >= 0.95 * pages, fresh
+    assert idle["page_faults_per_step"] < 0.05 * pages, idle
+    assert fresh["system_cpu_s_per_step"] >= 0 and idle["system_cpu_s_per_step"] >= 0
 
 
 def _run(*args, env=None):
