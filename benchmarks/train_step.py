@@ -317,11 +317,11 @@ def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, 
     here: XLA's and PyTorch's large blocks are unmapped and faulted in again every step.
     """
     results: dict[str, list[list[float]]] = {name: [] for name in runners}
+    measure = usage is not None and resource is not None
     for _ in range(rounds):
         for name, run in runners.items():
             if warmup:
                 run(warmup)
-            measure = usage is not None and resource is not None
             before = resource.getrusage(resource.RUSAGE_SELF) if measure else None
             results[name].append(run(steps))
             if measure:
