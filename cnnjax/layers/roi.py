@@ -202,9 +202,10 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
         pooled, argmax = jax.lax.fori_loop(
             0, w, max_over_columns, (jnp.full(shape, lowest), jnp.full(shape, h * w, jnp.int32)))
     empty = (empty_h[:, :, None] | empty_w[:, None, :])[..., None]
-    # (An empty bin's key can pass H * W: its rows are all -inf, "equal" to its -inf max.)
+    # (An empty bin's key can pass H * W: its rows are all -inf, "equal" to its -inf max. The
+    # loop keeps the key of a finite column seen before a NaN one: a NaN max has no argmax.)
     return (jnp.where(empty, jnp.array(0, features.dtype), pooled),
-            jnp.where(empty, h * w, argmax))
+            jnp.where(empty | jnp.isnan(pooled), h * w, argmax))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))

@@ -337,6 +337,18 @@ def test_roi_pool_tied_maxima_give_the_gradient_to_the_first_cell(roi_pool_path)
                                rtol=1e-6, atol=1e-6)
 
 
+def test_roi_pool_a_nan_bin_gives_no_gradient_on_either_path(roi_pool_path):
+    """A NaN in a bin makes its max NaN (as jnp.max) and leaves it without an argmax, so no cell
+    takes its gradient. The loop path used to keep the first finite column's cell when the NaN
+    came in a later row and column."""
+    feats = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2, 5, 4, 1)
+    feats[0, 3, 1, 0] = np.nan
+    boxes, batch = np.array([[0.0, 0.0, 3.0, 4.0]], np.float32), np.array([0], np.int32)
+    assert np.isnan(np.asarray(roi_pool(feats, boxes, batch, 1))).all()
+    grad = jax.grad(lambda f: jnp.sum(roi_pool(f, boxes, batch, 1)))(jnp.asarray(feats))
+    np.testing.assert_array_equal(grad, np.zeros_like(feats))
+
+
 def test_roi_pool_under_jit_and_empty_box_sets():
     feats = _features((2, 7, 9, 2), seed=10)
     boxes = _random_boxes(np.random.default_rng(11), 3, 9.0, 7.0)
