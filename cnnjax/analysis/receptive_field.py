@@ -485,7 +485,8 @@ def _concatenate(
 ) -> Info:
     """Concatenation. Along channels the paths' fields are merged; along a spatial axis (how
     jnp.pad's wrap/reflect/edge modes are built) the largest piece is the data and the others are
-    treated as padding around it. Empty pieces are ignored."""
+    treated as padding around it; along a flattened axis every piece's field is merged. Empty
+    pieces are ignored."""
     offsets, total = [], 0
     for shape in in_shapes:
         offsets.append(total)
@@ -496,6 +497,11 @@ def _concatenate(
     out = []
     for d in range(len(in_infos[present[0]])):
         located_on_dim = [k for k in present if in_infos[k][d].axis == dim]
+        if any(not in_infos[k][d].exclusive for k in located_on_dim):
+            out.append(_concatenate_flattened([in_infos[k][d] for k in present],
+                                              [in_infos[k][d] for k in located_on_dim],
+                                              notes, where, d))
+            continue
         if located_on_dim:
             main = max(located_on_dim, key=lambda k: in_shapes[k][dim])
             if sum(in_shapes[k][dim] == in_shapes[main][dim] for k in located_on_dim) > 1:
@@ -520,6 +526,20 @@ def _concatenate(
             notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
         out.append(field)
     return tuple(out)
+
+
+def _concatenate_flattened(pieces: Sequence[AxisField], on_dim: Sequence[AxisField],
+                           notes: list[str], where: str, d: int) -> AxisField:
+    """Concatenation along an axis a flatten merged spatial axis `d` into (flattened features of
+    several paths, an SPP's pyramid levels): a unit contracting that axis sees every position of
+    every piece, so the field is the union of the pieces' whole fields. Its jump stays the pieces'
+    common spatial jump, as for a flatten alone (0 with a note when they differ)."""
+    whole = union([collapse(f) for f in pieces])[0]
+    jumps = {f.jump for f in on_dim}
+    if len(jumps) > 1:
+        notes.append(f"{where}: flattened paths with different jumps on spatial axis {d} are "
+                     "concatenated; the jump there is taken as 0")
+    return dataclasses.replace(whole, jump=jumps.pop() if len(jumps) == 1 else 0.0)
 
 
 def propagate(

@@ -108,6 +108,40 @@ def test_field_equals_gradient_support():
             assert (lo, hi) == expected, (i, j, size)
 
 
+class _FlattenedPaths(nn.Module):
+    """A wide path over the top-left crop and a narrow one over the whole image, each flattened,
+    concatenated and read by one Dense unit (all-ones weights: no cancellation)."""
+
+    crop: int = 8
+    stride_b: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        a = nn.Conv(16, (3, 3), padding="VALID", use_bias=False, kernel_init=ONES)(
+            x[:, : self.crop, : self.crop])
+        b = nn.Conv(1, (3, 3), self.stride_b, padding="VALID", use_bias=False,
+                    kernel_init=ONES)(x)
+        flat = jnp.concatenate([a.reshape(len(x), -1), b.reshape(len(x), -1)], axis=1)
+        return nn.Dense(1, use_bias=False, kernel_init=ONES)(flat)
+
+
+@pytest.mark.parametrize("stride_b, jump, noted", [(1, 1, False), (2, 0, True)])
+def test_concatenated_flattened_paths_see_every_paths_field(stride_b, jump, noted):
+    """The largest piece (the wide crop path) used to stand for the whole concatenation, as if
+    the others were padding: the field came out 8x8 while the unit reads all 16x16 pixels."""
+    model, shape = _FlattenedPaths(stride_b=stride_b), (16, 16, 1)
+    result = summary(model, shape)
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    support = _support(lambda x: model.apply(variables, x), x, (0, 0))
+    field = result.receptive_field
+    for (lo, hi), size, start in zip(support, field.size, field.start, strict=True):
+        assert (lo, hi) == (start - (size - 1) / 2, start + (size - 1) / 2)
+    assert support[0][1] == 15 - (stride_b - 1)  # the whole image (a stride-2 VALID conv: 0..14)
+    assert field.jump == (jump, jump)
+    assert any("different jumps" in n for n in result.notes) == noted
+
+
 class _TwoPaths(nn.Module):
     """Adds a 3x3 VALID conv and a 3x3 average pool of the input shifted by 2 pixels."""
 
