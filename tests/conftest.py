@@ -1,14 +1,33 @@
-"""Test-session setup: run under the same fast XLA CPU defaults as cnnjax's entry points.
+"""Test-session setup: cnnjax's XLA CPU defaults, a faster-compiling LLVM level, and one shared
+XLA compilation cache, all set before any test module starts a JAX backend.
 
-`configure_cpu_defaults()` only adds flags absent from `XLA_FLAGS` (yours win) and runs here,
-before any test module starts a JAX backend. docs/performance.md has the measurements (e.g. VGG-16
-forward passes at 224x224, which the slow tests run, take ~1.8x less CPU time).
-Subprocesses started by tests inherit the flags through the environment.
+`configure_cpu_defaults()` only adds flags absent from `XLA_FLAGS` (yours win). docs/performance.md
+has the measurements (e.g. VGG-16 forward passes at 224x224, which the slow tests run, take ~1.8x
+less CPU time). The tests compile hundreds of small programs and run each a few times, so most of
+their time is compilation: LLVM's optimization level 1 instead of XLA's default 2 took
+`tests/models` from 546 s to 381 s on 2 cores (level 0 was as fast overall but made AlexNet's
+backward pass 4x slower to run). XLA's persistent cache then serves programs that several tests or
+processes compile alike (the engine's tiny steps; tests/models 546 -> 505 s starting empty).
+Subprocesses started by tests inherit all of it through the environment.
 """
 
-from cnnjax.platform import configure_cpu_defaults
+import os
+import tempfile
 
-configure_cpu_defaults()
+from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
+
+TEST_XLA_FLAGS = {**CPU_DEFAULT_FLAGS, "xla_backend_optimization_level": "1"}
+configure_cpu_defaults(TEST_XLA_FLAGS)
+
+#: The cache settings in effect (yours, where set), which JAX reads when it is imported, here and
+#: in every subprocess a test starts.
+CACHE_ENV = {
+    name: os.environ.setdefault(name, default) for name, default in {
+        "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }.items()
+}
 
 # torchvision 0.29 segfaults when imported after TensorFlow 2.21 (the other order works), and
 # test modules import TensorFlow through cnnjax.data long before the torchvision tests run.
