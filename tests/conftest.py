@@ -19,15 +19,12 @@ from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
 TEST_XLA_FLAGS = {**CPU_DEFAULT_FLAGS, "xla_backend_optimization_level": "1"}
 configure_cpu_defaults(TEST_XLA_FLAGS)
 
-#: The cache settings in effect (yours, where set), which JAX reads when it is imported, here and
-#: in every subprocess a test starts.
-CACHE_ENV = {
-    name: os.environ.setdefault(name, default) for name, default in {
-        "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-    }.items()
-}
+# JAX reads these when it is imported, here and in every subprocess a test starts (the tests
+# build subprocess environments from os.environ); a value you set wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # torchvision 0.29 segfaults when imported after TensorFlow 2.21 (the other order works), and
 # test modules import TensorFlow through cnnjax.data long before the torchvision tests run.

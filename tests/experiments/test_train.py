@@ -14,7 +14,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.train import helpers
-from tests.train.conftest import CACHE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "experiments", "configs", "lenet5_digits.py")
@@ -44,7 +43,6 @@ def _env():
     env = dict(os.environ)
     env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     env["JAX_PLATFORMS"] = "cpu"
-    env.update(CACHE_ENV)
     return env
 
 

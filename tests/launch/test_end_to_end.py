@@ -19,9 +19,7 @@ TINY = ["--config.global_batch_size=16", "--config.progress_bar=False",
 
 
 def _env(bin_dir, **slurm):
-    from tests.train.conftest import CACHE_ENV  # shared compilation cache of the engine tests
-
-    env = path_with(bin_dir) | CACHE_ENV | {"JAX_PLATFORMS": "cpu"}
+    env = path_with(bin_dir) | {"JAX_PLATFORMS": "cpu"}
     env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     return env | {k: str(v) for k, v in slurm.items()}
 

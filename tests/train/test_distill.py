@@ -23,7 +23,6 @@ from cnnjax.train.optim import build_optimizer
 from cnnjax.train.state import create_train_state
 from cnnjax.train.step import make_steps
 from tests.train import helpers
-from tests.train.conftest import CACHE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -406,7 +405,7 @@ print(json.dumps({"pmap2": diff(one, pmap2), "shard2": diff(pmap2, shard2),
 def test_two_devices_match_one_under_pmap_and_shard_map():
     """3 distilled steps on the same global batches: 2 devices (pmap, shard_map) == 1 device up
     to float32 summation order (gradients pmean'd, BatchNorm synced, the teacher replicated)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **CACHE_ENV)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_force_host_platform_device_count=2").strip()
     result = subprocess.run([sys.executable, "-c", _TWO_DEVICES, ROOT], env=env, cwd=ROOT,

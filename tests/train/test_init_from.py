@@ -636,10 +636,8 @@ def test_fine_tune_through_the_experiment_script(tmp_path):
     learning rate: the fine-tune starts from the source's best checkpoint and says so."""
     import subprocess
 
-    from tests.train.conftest import CACHE_ENV
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **CACHE_ENV)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     common = [
         sys.executable, "-m", "experiments.train",

@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from tests.train.conftest import CACHE_ENV
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -19,7 +17,6 @@ def diffs():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env.update(CACHE_ENV)
     script = os.path.join(ROOT, "tests", "train", "multidevice_script.py")
     result = subprocess.run(
         [sys.executable, script, ROOT],
