@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from ml_collections import config_dict
 
-import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
 from cnnjax.models import registry
 from cnnjax.transfer import compare
 from cnnjax.tune import sweep

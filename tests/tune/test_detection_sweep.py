@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
 from cnnjax.train.logging import read_metrics
 from cnnjax.tune import diagnose as dg
 from cnnjax.tune import recipe as rc

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from matplotlib.colors import same_color
 
-import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
 from cnnjax.train.logging import read_metrics
 from cnnjax.train.loop import TrainingDivergedError
 from cnnjax.tune import diagnose as dg

@@ -11,7 +11,6 @@ import time
 import ml_collections
 import pytest
 
-import tests.train.conftest  # noqa: F401 — shares the persistent XLA compilation cache
 from cnnjax.train import config as config_lib
 from cnnjax.train.logging import read_metrics
 from cnnjax.tune import space as sp
