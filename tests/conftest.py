@@ -8,7 +8,9 @@ their time is compilation: LLVM's optimization level 1 instead of XLA's default 
 `tests/models` from 546 s to 381 s on 2 cores (level 0 was as fast overall but made AlexNet's
 backward pass 4x slower to run). XLA's persistent cache then serves programs that several tests or
 processes compile alike (the engine's tiny steps; tests/models 546 -> 505 s starting empty).
-Subprocesses started by tests inherit all of it through the environment.
+On jaxlib < 0.11 the legacy loop emitters halve a small program's ~45 ms compile (tests/layers
+from an empty cache: 147 -> 99 s). Subprocesses started by tests inherit all of it through the
+environment.
 """
 
 import os
@@ -19,9 +21,7 @@ from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
 
 TEST_XLA_FLAGS = {**CPU_DEFAULT_FLAGS, "xla_backend_optimization_level": "1"}
 if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
-    # XLA's legacy loop emitters compile a small program in ~27 ms instead of ~45 (tests/layers
-    # from an empty cache: 147 -> 99 s). jaxlib 0.11 removed the flag, and XLA aborts on an
-    # unknown flag, so only older jaxlibs get it.
+    # jaxlib 0.11 removed the flag, and XLA aborts on an unknown flag
     TEST_XLA_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
 configure_cpu_defaults(TEST_XLA_FLAGS)
 
