@@ -105,7 +105,8 @@ def run_detection_loop(tmp: str, **overrides) -> dict:
     sys.modules["cnnjax.data.detection"] = module
     cnnjax.data.detection = module
     name = "det_" + "_".join(f"{k}{v}" for k, v in overrides.items())
-    # one checkpoint and a few log lines: every 4th step's checkpoint took most of the run
+    # one checkpoint and a few log lines: _config's checkpoint every 4th step cost about a
+    # quarter of these three runs (55 -> 40 s measured)
     config = boxes._config(num_train_steps=150, eval_every_steps=150, global_batch_size=16,
                            checkpoint_every_steps=150, log_every_steps=50,
                            **{"model_kwargs.hidden_features": 128, "model_kwargs.grid_size": 2},
