@@ -52,6 +52,9 @@ class Source:
     name: str
     num_classes: int
     native_shape: tuple[int | None, int | None, int]
+    # What identifies the stored examples, whatever the config reads from them (size, classes,
+    # augmentation): sources with equal keys hold the same splits.
+    storage_key: tuple
 
     def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
         raise NotImplementedError
@@ -92,6 +95,7 @@ class TfdsSource(Source):
                              "using its copy", spec.tfds_name)
         self.builder = builder
         self.name = spec.preset.name
+        self.storage_key = ("tfds", builder.data_dir)  # <data_dir>/<name>/<config>/<version>
         self._spec = spec
         features = builder.info.features
         self._image_feature = features["image"]
@@ -165,6 +169,8 @@ class _FakeSource(Source):
         self._spec = spec
         self.num_classes = spec.fake_num_classes
         self.native_shape = spec.fake_image_shape
+        self.storage_key = ("fake", spec.fake_image_shape, spec.fake_num_classes,
+                            spec.fake_num_train, spec.fake_num_eval)
         preset = spec.preset
         self._sizes = {preset.train_split: spec.fake_num_train,
                        preset.eval_split: spec.fake_num_eval}
@@ -207,6 +213,7 @@ class _SubsetSource(Source):
         self.inner, self.spec = inner, spec
         self.name = inner.name
         self.native_shape = inner.native_shape
+        self.storage_key = inner.storage_key
         classes = spec.classes if spec.classes is not None else tuple(range(inner.num_classes))
         if max(classes) >= inner.num_classes:
             raise invalid(_OWNER, "classes", spec.classes,
@@ -222,9 +229,10 @@ class _SubsetSource(Source):
         return self.spec.train_examples_per_class if split == self.spec.train_split else None
 
     def class_counts(self, split: str) -> np.ndarray:
-        """Examples of each original label in the whole `split` (one pass, cached)."""
+        """Examples of each original label in the whole `split` (one pass, cached per stored
+        split: every class subset and config of one dataset shares it)."""
         self.inner.num_examples(split)  # a clear error for an unknown split
-        key = (self.spec, split)
+        key = (self.inner.storage_key, split)
         if key not in _LABEL_COUNTS:
             labels = self.inner.read(split, (0, 1)).map(lambda ex: ex["label"])
             counts = np.zeros(self.inner.num_classes, np.int64)
@@ -267,8 +275,9 @@ class _SubsetSource(Source):
         return self.inner.decode(image)
 
 
-# (resolved spec, split) -> examples per original label; counting reads the whole split once.
-_LABEL_COUNTS: dict[tuple[Spec, str], np.ndarray] = {}
+# (source's storage_key, split) -> examples per original label; counting reads the whole split
+# once per process (a transfer comparison checks ~20 configs of two subsets of one dataset).
+_LABEL_COUNTS: dict[tuple[tuple, str], np.ndarray] = {}
 
 
 def open_source(spec: Spec) -> Source:

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline
 from cnnjax.data.pipeline import eval_batches, get_dataset_info, train_batches
+from cnnjax.data.spec import resolve
 from tests.data.test_pipeline import _keys
 
 TARGET = (7, 5, 9)  # deliberately not sorted: new label i is old label TARGET[i]
@@ -69,6 +70,26 @@ def test_split_sizes_and_class_count_follow_the_subset(digits_config, digits_dir
     # A budget alone keeps every class; one above a class's count keeps all of that class.
     whole = get_dataset_info(digits_config(train_examples_per_class=1000))
     assert (whole.num_classes, whole.num_train) == (10, len(train_labels))
+
+
+def test_every_subset_of_a_split_shares_one_count_of_its_labels(digits_config, monkeypatch):
+    """Class counts are cached per stored split, not per config: a transfer comparison checks
+    ~20 configs of two subsets of one dataset and should read each split once, not 20 times."""
+    from cnnjax.data import sources
+
+    monkeypatch.setattr(sources, "_LABEL_COUNTS", {})
+    reads = []
+    real_read = sources.TfdsSource.read
+    monkeypatch.setattr(sources.TfdsSource, "read",
+                        lambda self, split, shard: reads.append(split) or real_read(self, split,
+                                                                                   shard))
+    sizes = [get_dataset_info(digits_config(classes=c, train_examples_per_class=k, image_size=s))
+             for c, k, s in [(TARGET, None, 8), ((0, 1), 4, 8), (TARGET, 4, 16)]]
+    assert sorted(reads) == ["test", "train"]  # one pass over each split for all three
+    assert [(i.num_classes, i.num_train) for i in sizes[1:]] == [(2, 8), (3, 12)]
+    assert sizes[0].num_eval == sizes[2].num_eval
+    key = sources.open_source(resolve(digits_config(classes=TARGET))).storage_key
+    assert key[0] == "tfds" and set(sources._LABEL_COUNTS) == {(key, "train"), (key, "test")}
 
 
 def test_eval_split_is_the_subset_relabelled_in_stored_order(digits_config, digits_dir):
