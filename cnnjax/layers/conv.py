@@ -37,6 +37,7 @@ from cnnjax.layers.padding import (
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
+    check_float_dtype,
     check_nhwc_nonempty,
     check_positive_int,
     invalid,
@@ -81,7 +82,7 @@ class _Geometry:
 
     def resolve(self, owner: str, x: Array) -> tuple[Pads, tuple[int, int]]:
         """Explicit pads and output `(H, W)` for input `x`; raises if the kernel does not fit."""
-        check_nhwc_nonempty(owner, x)
+        _check_conv_input(owner, x)
         size = x.shape[1:3]
         if self.padding == "VALID":
             pads: Pads = ((0, 0), (0, 0))
@@ -140,6 +141,23 @@ def _check_groups(owner: str, features: int, groups: int) -> None:
         )
 
 
+def _check_dtypes(module: nn.Module) -> None:
+    """`dtype` (None: the input's) and `param_dtype` must be floating: flax would fail only at
+    `init`, without naming the layer."""
+    owner = type(module).__name__
+    check_float_dtype(owner, "dtype", module.dtype)
+    check_float_dtype(owner, "param_dtype", module.param_dtype, allow_none=False)
+
+
+def _check_conv_input(owner: str, x: Array) -> None:
+    """A rank-4 NHWC input with a non-empty map and at least one channel (a kernel over 0 input
+    channels has no fan-in: flax's initializer would divide by zero)."""
+    check_nhwc_nonempty(owner, x)
+    if x.shape[-1] < 1:
+        raise invalid(owner, "input.shape", tuple(x.shape),
+                      "expected at least 1 input channel in an NHWC array")
+
+
 def _check_input_groups(owner: str, x: Array, groups: int) -> None:
     channels = x.shape[-1]
     if channels % groups:
@@ -190,6 +208,7 @@ class Conv2D(nn.Module):
         _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                   self.padding_mode, self.dilation)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
+        _check_dtypes(self)
         super().__post_init__()
 
     def setup(self) -> None:
@@ -245,6 +264,7 @@ class LocallyConnected2D(nn.Module):
         _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                   self.padding_mode, self.dilation)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
+        _check_dtypes(self)
         super().__post_init__()
 
     def setup(self) -> None:
@@ -327,6 +347,7 @@ class TiledConv2D(nn.Module):
         _geometry(owner, self.kernel_size, self.strides, self.padding, self.padding_mode,
                   self.dilation)
         check_bool(owner, "use_bias", self.use_bias)
+        _check_dtypes(self)
         super().__post_init__()
 
     @nn.compact
@@ -421,12 +442,13 @@ class ConvTranspose2D(nn.Module):
     def __post_init__(self) -> None:
         _transpose_geometry(self)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
+        _check_dtypes(self)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         owner = type(self).__name__
-        check_nhwc_nonempty(owner, x)  # an empty map would give an output of only the bias
+        _check_conv_input(owner, x)  # an empty map would give an output of only the bias
         geo, out_pad = _transpose_geometry(self)
         _check_input_groups(owner, x, self.groups)
         conv_pads, out_size = [], []

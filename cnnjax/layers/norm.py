@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import check_float_dtype, check_nhwc, check_positive_int, invalid
 
 
 def _check_number(owner: str, arg: str, value: Any, positive: bool) -> None:
@@ -40,18 +40,6 @@ def _check_number(owner: str, arg: str, value: Any, positive: bool) -> None:
         raise invalid(owner, arg, value, "expected a positive finite number")
     if not positive and not (is_number and 0 <= value < float("inf")):
         raise invalid(owner, arg, value, "expected a finite number >= 0")
-
-
-def _check_float_dtype(owner: str, arg: str, value: Any) -> None:
-    """Raises unless `value` is None or names a floating dtype: an integer output would truncate
-    the normalized values (mostly to zero) and an unknown name would fail only when traced."""
-    try:
-        floating = value is None or jnp.issubdtype(jnp.dtype(value), jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
-        raise invalid(owner, arg, value,
-                      "expected None or a floating-point dtype (e.g. jnp.float32, jnp.bfloat16)")
 
 
 class LocalResponseNorm(nn.Module):
@@ -85,7 +73,7 @@ class LocalResponseNorm(nn.Module):
         if not isinstance(self.divide_alpha_by_size, bool):
             raise invalid(owner, "divide_alpha_by_size", self.divide_alpha_by_size,
                           "expected a bool")
-        _check_float_dtype(owner, "dtype", self.dtype)
+        check_float_dtype(owner, "dtype", self.dtype)
         super().__post_init__()
 
     @property

@@ -138,7 +138,9 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
     none (an empty bin, or a NaN max)."""
     _, h, w, _ = features.shape
     out_h, out_w = output_size
-    corners = _round_half_away(boxes.astype(jnp.float32) * spatial_scale).astype(jnp.int32)
+    # torchvision scales in the input's dtype: 45 * 0.7 rounds to 31 in float64, 32 in float32.
+    coords = jnp.float64 if features.dtype == jnp.float64 else jnp.float32
+    corners = _round_half_away(boxes.astype(coords) * spatial_scale).astype(jnp.int32)
     x1, y1, x2, y2 = (corners[:, i] for i in range(4))
 
     def bin_masks(start, end, pooled, size):
@@ -371,7 +373,8 @@ def roi_align(
     they are concrete (exact torchvision results), or `max_sampling_ratio` when they are traced
     under jit (boxes needing more samples use `max_sampling_ratio`). Adaptive sampling of traced
     boxes without `max_sampling_ratio` is an error. Concrete boxes get torchvision's per-box
-    counts exactly (float32 IEEE arithmetic, on the host); traced boxes get them computed in the
+    counts exactly (IEEE arithmetic on the host, in float64 for float64 features and float32
+    otherwise, as torchvision computes in the input's dtype); traced boxes get them computed in the
     kernel, where XLA:CPU's float32 division is not correctly rounded and may fuse the scaling
     into an FMA, so a box whose size on the map lies within an ulp of a multiple of the output
     size may get one sample more or fewer per bin side there (about 15% of integer-tenth boxes
@@ -399,12 +402,14 @@ def roi_align(
     if not adaptive:
         grid = sampling_ratio
     elif values is not None:
-        # torchvision's float32 steps, each rounded (NumPy: no FMA, IEEE division).
-        scaled = values.astype(np.float32) * np.float32(scale) - np.float32(0.5 if aligned else 0)
+        # torchvision's steps in the input's dtype (float64 features: double), each rounded
+        # (NumPy: no FMA, IEEE division).
+        real = np.float64 if features.dtype == jnp.float64 else np.float32
+        scaled = values.astype(real) * real(scale) - real(0.5 if aligned else 0)
         sizes = scaled[:, 3:1:-1] - scaled[:, 1::-1]  # (height, width)
         if not aligned:
-            sizes = np.maximum(sizes, np.float32(1))
-        counts = np.ceil(sizes / np.array(out, np.float32))
+            sizes = np.maximum(sizes, real(1))
+        counts = np.ceil(sizes / np.array(out, real))
         grid = max(int(counts.max(initial=1)), 1)
         if max_sampling_ratio is not None:
             grid = min(grid, max_sampling_ratio)
@@ -475,9 +480,11 @@ def nms(
 ) -> tuple[jax.Array, jax.Array]:
     """Greedy non-maximum suppression with static output shapes (jit-able).
 
-    Visits boxes by decreasing score (ties: lower index first), drops those with
-    `score <= score_threshold`, and keeps a box unless its IoU with an already kept box exceeds
-    `iou_threshold` (the rule of `tf.image.non_max_suppression` and torchvision's `nms`).
+    Visits boxes by decreasing score (ties: lower index first), considers only those with
+    `score > score_threshold` (never a NaN score: torchvision's `nms` ranks NaN first and keeps
+    it, `tf.image.non_max_suppression` drops it, as here), and keeps a box unless its IoU with
+    an already kept box exceeds `iou_threshold` (the rule of `tf.image.non_max_suppression`
+    and torchvision's `nms`).
     Returns `(indices[max_output_size] int32, valid_mask[max_output_size] bool)`: the kept boxes'
     indices in decreasing-score order, padded with 0 where `valid_mask` is False. Cost O(K^2).
     """

@@ -189,6 +189,27 @@ def check_nhwc(owner: str, x: Any) -> None:
         )
 
 
+def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = True) -> None:
+    """Raises unless `value` names a floating-point dtype (or is None, when `allow_none`): an
+    integer compute dtype would truncate, and a misspelt name would fail only when traced, in
+    flax's words and without the layer's name."""
+    import jax.numpy as jnp  # NumPy alone does not count bfloat16 as floating
+
+    try:
+        floating = (value is None and allow_none) or (
+            value is not None and jnp.issubdtype(jnp.dtype(value), jnp.floating))
+    except TypeError:
+        floating = False
+    if not floating:
+        try:  # jnp.int32 reads as 'int32', not "<class 'jax.numpy.int32'>"
+            shown = value if value is None else jnp.dtype(value).name
+        except TypeError:
+            shown = value
+        expected = "a floating-point dtype (e.g. jnp.float32, jnp.bfloat16)"
+        raise invalid(owner, arg, shown, f"expected None or {expected}" if allow_none
+                      else f"expected {expected}")
+
+
 def check_nhwc_nonempty(owner: str, x: Any) -> None:
     """Raises unless `x` is a rank-4 NHWC array with height and width >= 1 (a batch of 0 is
     fine), for reductions over the map that have no value on an empty one (a mean is NaN)."""

@@ -571,6 +571,36 @@ def test_an_empty_map_is_refused(layer):
     assert jax.eval_shape(layer.init, jax.random.key(0), jnp.zeros((0, 4, 4, 2)))  # batch 0 is fine
 
 
+@pytest.mark.parametrize("layer", [
+    Conv2D(4, 1), LocallyConnected2D(4, 1), TiledConv2D(4, 1), ConvTranspose2D(4, 2, strides=2),
+], ids=lambda m: type(m).__name__)
+def test_an_input_without_channels_is_refused(layer):
+    """A kernel over 0 input channels has no fan-in: flax's initializer divided by zero."""
+    with pytest.raises(ValueError, match=rf"^{type(layer).__name__}: input.shape=\(1, 5, 5, 0\) "
+                                         r"is invalid; expected at least 1 input channel"):
+        layer.init(jax.random.key(0), jnp.zeros((1, 5, 5, 0)))
+
+
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dtype=jnp.int32), "dtype='int32' is invalid; expected None or a floating-point dtype"),
+    (dict(dtype="flot32"), "dtype='flot32' is invalid; expected None or a floating-point dtype"),
+    (dict(param_dtype=jnp.int8), "param_dtype='int8' is invalid; expected a floating-point"),
+    (dict(param_dtype=None), "param_dtype=None is invalid; expected a floating-point dtype"),
+])
+def test_dtypes_are_checked_at_construction(cls, kwargs, message):
+    """flax failed only at init, in its own words ('Dtype must be inexact', 'data type 'flot32'
+    not understood'), naming neither the layer nor the argument."""
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
+        cls(4, 3, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
+def test_floating_dtypes_are_accepted(cls):
+    layer = cls(4, 3, dtype="bfloat16", param_dtype=np.float64)
+    assert (layer.dtype, layer.param_dtype) == ("bfloat16", np.float64)
+
+
 def test_locally_connected_refuses_an_input_other_than_its_initialization_one():
     # flax raised a ScopeParamShapeError naming neither the layer nor the input.
     layer = LocallyConnected2D(2, 3)

@@ -115,13 +115,13 @@ def test_gradients():
         ({"divide_alpha_by_size": "yes"},
          "LocalResponseNorm: divide_alpha_by_size='yes' is invalid; expected a bool."),
         # An integer dtype silently gave zeros; an unknown name failed only when traced.
-        ({"dtype": jnp.int32}, "LocalResponseNorm: dtype=<class 'jax.numpy.int32'> is invalid; "
+        ({"dtype": jnp.int32}, "LocalResponseNorm: dtype='int32' is invalid; "
                                "expected None or a floating-point dtype"),
         ({"dtype": "int8"}, "LocalResponseNorm: dtype='int8' is invalid; expected None or a "
                             "floating-point dtype"),
         ({"dtype": "foo"}, "LocalResponseNorm: dtype='foo' is invalid; expected None or a "
                            "floating-point dtype"),
-        ({"dtype": bool}, "LocalResponseNorm: dtype=<class 'bool'> is invalid; expected None"),
+        ({"dtype": bool}, "LocalResponseNorm: dtype='bool' is invalid; expected None"),
     ],
 )
 def test_construction_errors(kwargs, message):

@@ -196,6 +196,36 @@ def test_roi_align_adaptive_counts_follow_torchvisions_float32_rounding(aligned)
     np.testing.assert_allclose(got, theirs, rtol=RTOL, atol=ATOL)
 
 
+def test_float64_features_round_as_torchvision_does_in_double():
+    """torchvision computes box corners and adaptive counts in the input's dtype. In float64,
+    45 * 0.7 = 31.499999999999996 rounds to column 31 (float32: 31.5 -> 32), and a box 8 - 1 ulp
+    high gets 8 samples per bin side (float32: 8.000001 -> 9). Both were computed in float32."""
+    with jax.enable_x64(True):
+        feats = np.random.default_rng(3).normal(size=(1, 2, 64, 1))
+        box = np.array([[45.0, 0.0, 45.0, 0.0]])
+        got = roi_pool(feats, box, np.array([0]), 1, 0.7)
+        assert got.dtype == jnp.float64 and float(got[0, 0, 0, 0]) == feats[0, :1, 31, 0].max()
+        np.testing.assert_array_equal(got, _roi_pool_ref(feats, box, np.array([0]), (1, 1), 0.7))
+        feats = np.random.default_rng(0).normal(size=(1, 7, 9, 1))
+        box = np.array([[36.0, 3.24422058, 40.0, 43.24422058]])
+        got = np.asarray(roi_align(feats, box, np.array([0]), 1, 0.2, -1, True))
+        # On the map the box is 7.999999999999999 high and 0.7999999999999998 wide: 8 x 1
+        # samples (float32 rounding gave 9 x 1), averaged by torchvision's bilinear rule.
+        x1, y1, x2, y2 = box[0] * 0.2 - 0.5
+        rows = [_bilinear_ref(feats[0], y1 + (i + 0.5) * (y2 - y1) / 8, (x1 + x2) / 2)
+                for i in range(8)]
+        np.testing.assert_allclose(got[0, 0, 0], np.mean(rows, axis=0), rtol=1e-12)
+        try:
+            import torch
+            from torchvision.ops import roi_align as torchvision_roi_align
+        except ImportError:
+            return
+        theirs = torchvision_roi_align(torch.from_numpy(feats.transpose(0, 3, 1, 2).copy()),
+                                       torch.tensor([[0.0, *box[0]]], dtype=torch.float64),
+                                       1, 0.2, -1, True).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(got, theirs, rtol=1e-12)
+
+
 def test_roi_align_under_jit():
     feats = _features((2, 9, 9, 2), seed=5)
     boxes = _random_boxes(np.random.default_rng(6), 4, 9.0, 9.0)
@@ -433,6 +463,17 @@ def test_nms_matches_tensorflow(iou_threshold, max_output_size, score_threshold)
     assert valid.sum() == len(expected) and valid[:len(expected)].all()
     np.testing.assert_array_equal(np.asarray(indices)[valid], expected)
     assert np.all(np.asarray(indices)[~valid] == 0)
+
+
+def test_nms_never_keeps_a_nan_score_as_tensorflow():
+    """The docstring's rule 'score > score_threshold': NaN is not, so it is never kept, as in
+    tf.image.non_max_suppression (torchvision's nms ranks NaN first and keeps it)."""
+    boxes = np.array([[0, 0, 2, 2], [0, 0, 2, 2], [5, 5, 6, 6]], np.float32)
+    scores = np.array([np.nan, 1.0, 0.5], np.float32)
+    indices, valid = nms(boxes, scores, 0.5, 3)
+    expected = tf.image.non_max_suppression(boxes, scores, 3, 0.5).numpy()
+    np.testing.assert_array_equal(np.asarray(indices)[np.asarray(valid)], expected)
+    assert expected.tolist() == [1, 2]
 
 
 def test_nms_under_jit_and_by_hand():
