@@ -52,7 +52,7 @@ from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.tune.space import get_field
-from cnnjax.utils.files import read_json
+from cnnjax.utils.files import DIRECTORY_MARKERS, read_json
 from cnnjax.utils.validation import check_choice, invalid
 
 #: Every verdict, most urgent first (`Diagnosis.primary` is the first that holds).
@@ -264,6 +264,16 @@ def load_curves(workdir: str) -> Curves:
     """The curves of the run in `workdir` (metrics.jsonl, summary.json, config.json)."""
     if not os.path.isdir(workdir):
         raise invalid(_OWNER, "workdir", workdir, "expected the work directory of a run")
+    if not any(os.path.exists(os.path.join(workdir, name))
+               for name in (METRICS_FILE, SUMMARY_FILE, CONFIG_FILE)):
+        # An empty folder or another command's (a sweep's) would read as a run with no logs.
+        held = [f"a {kind} ({marker})" for kind, marker in DIRECTORY_MARKERS.items()
+                if os.path.exists(os.path.join(workdir, marker))]
+        what = held[0] if held else f"no {METRICS_FILE}, {SUMMARY_FILE} or {CONFIG_FILE}"
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"it holds {what}, not a training run; expected the --workdir of one run "
+                      "(a sweep's runs are its trials/<trial_id> folders, a tune's "
+                      "round_<k>/trials/<trial_id>)")
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}

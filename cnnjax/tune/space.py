@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import ml_collections
@@ -55,11 +55,24 @@ class Param:
                           "expected a dotted config path such as 'optimizer.learning_rate'")
         name = f"parameters[{self.field!r}]"
         check_choice(_OWNER, f"{name}.distribution", self.distribution, DISTRIBUTIONS)
+        # An argument of the other kind of distribution would be silently ignored.
+        unused = (("low", "high") if self.distribution == "choice" else ("values",))
+        for arg in unused:
+            if getattr(self, arg) not in (None, ()):
+                raise invalid(_OWNER, f"{name}.{arg}", getattr(self, arg),
+                              f"expected no {arg!r} for distribution={self.distribution!r} "
+                              "(choice takes values; uniform, log_uniform and int_uniform take "
+                              "low and high)")
         if self.distribution == "choice":
             values = self.values
             if isinstance(values, str | bytes) or not isinstance(values, Iterable):
                 raise invalid(_OWNER, f"{name}.values", values,
                               "expected a list or tuple of values to choose from")
+            if isinstance(values, Set | Mapping):  # str hashing differs per process
+                raise invalid(_OWNER, f"{name}.values", values,
+                              "expected a list or tuple: a set's order changes from one process "
+                              "to the next, and with it which trial each index is, so a rerun "
+                              "could not resume the sweep")
             values = tuple(values)
             if not values:
                 raise invalid(_OWNER, f"{name}.values", values,

@@ -368,6 +368,15 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"diagnose: workdir='.*nowhere' is invalid; expected "
                                          r"the work directory of a run\."):
         dg.load_curves(str(tmp_path / "nowhere"))
+    # A folder with none of a run's files read as a run with no logs ("insufficient_data").
+    with pytest.raises(ValueError, match=r"diagnose: workdir='.*' is invalid; it holds no "
+                                         r"metrics.jsonl, summary.json or config.json, not a "
+                                         r"training run; expected the --workdir of one run"):
+        dg.load_curves(str(tmp_path))
+    (tmp_path / "sweep.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"it holds a sweep \(sweep.json\), not a training run; "
+                                         r".*a sweep's runs are its trials/<trial_id> folders"):
+        dg.load_curves(str(tmp_path))
     with pytest.raises(ValueError, match=r"diagnose: metric='acc' is invalid"):
         dg.diagnose(_curves(**_converged()), metric="acc")
     with pytest.raises(ValueError, match=r"diagnose: thresholds.spike_factor=-1 is invalid; "

@@ -288,6 +288,20 @@ def test_a_grid_refuses_a_seed_it_would_ignore():
         (lambda: sp.choice("model_kwargs.activation", "relu"),
          "sweep: parameters['model_kwargs.activation'].values='relu' is invalid; expected a list "
          "or tuple of values to choose from."),
+        # A set's order follows str hashing, which differs per process: a rerun would map
+        # indices to other trials (or be refused as another space).
+        (lambda: sp.choice("model_kwargs.activation", {"relu", "tanh"}),
+         "sweep: parameters['model_kwargs.activation'].values={"),
+        (lambda: sp.choice("model_kwargs.activation", frozenset({"relu"})),
+         "sweep: parameters['model_kwargs.activation'].values=frozenset({'relu'}) is invalid; "
+         "expected a list or tuple: a set's order changes from one process to the next"),
+        (lambda: sp.Param("optimizer.learning_rate", "choice", values=(0.1, 0.2), low=0.5),
+         "sweep: parameters['optimizer.learning_rate'].low=0.5 is invalid; expected no 'low' for "
+         "distribution='choice' (choice takes values;"),
+        (lambda: sp.parse_param({"field": "optimizer.momentum", "distribution": "uniform",
+                                 "values": [0.5], "low": 0.0, "high": 1.0}),
+         "sweep: parameters['optimizer.momentum'].values=[0.5] is invalid; expected no 'values' "
+         "for distribution='uniform'"),
         (lambda: sp.choice("model_kwargs.act", [object]),
          "sweep: parameters['model_kwargs.act'].values=<class 'object'> is invalid; expected "
          "bool, int, float, str, None or tuples of them"),
