@@ -31,12 +31,16 @@ class TrainingInterrupted(KeyboardInterrupt, SystemExit):
     `EXIT_CODE`, so when nothing catches it the process exits with the conventional 143.
     """
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+    def __init__(self, step: int, signal_name: str = "SIGTERM", checkpointed: bool = True):
         SystemExit.__init__(self, EXIT_CODE)
         self.step = step
         self.signal_name = signal_name
+        self.checkpointed = checkpointed  # False: a short run that a rerun redoes (LR range test)
 
     def __str__(self) -> str:
+        if not self.checkpointed:
+            return (f"Stopped by {self.signal_name} at step {self.step} (nothing to resume); "
+                    "rerun the same command to redo it.")
         return (f"Training stopped by {self.signal_name} at step {self.step} after saving a "
                 "checkpoint of that step; rerun the same command to resume.")
 

@@ -39,6 +39,7 @@ from cnnjax.train import distill as distill_lib
 from cnnjax.train import init_from as init_from_lib
 from cnnjax.train.loop import fresh_state, wrap_steps
 from cnnjax.train.parallel import DataParallel
+from cnnjax.train.preemption import StopRequest, TrainingInterrupted
 from cnnjax.train.state import warm_start
 from cnnjax.train.step import BATCH_STATS_FINITE, PARAMS_FINITE
 from cnnjax.tune.space import apply_overrides
@@ -197,7 +198,8 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
             record |= _train(run_config, checked, schedule, settings, teacher)
         except BaseException as err:  # recorded (a rerun redoes it), then raised
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            record |= {"status": status, "stop": {"reason": status, "step": None,
+            record |= {"status": status, "stop": {"reason": status,
+                                                  "step": getattr(err, "step", None),
                                                   "message": f"{type(err).__name__}: {err}"},
                        "wall_time_s": time.time() - started}
             if is_primary:
@@ -256,24 +258,28 @@ def _train(config: Any, checked: Any, schedule: optax.Schedule, settings: dict[s
     smoothing, factor = settings["smoothing"], settings["divergence_factor"]
     records: list[dict] = []
     acc, minimum, reason = 0.0, math.inf, None
-    for step in range(settings["steps"]):
-        state, metrics = p_train(state, parallel.shard_batch(next(batches)))
-        host = parallel.metrics_to_host(metrics)
-        loss = float(host.get("total_loss", host["loss"]))  # the objective the rate steps
-        lr = float(host["learning_rate"])
-        if math.isfinite(loss):  # diagnose.ema's bias-corrected average, kept online
-            acc = smoothing * acc + (1.0 - smoothing) * loss
-            smoothed = acc / (1.0 - smoothing ** (step + 1))
-            minimum = min(minimum, smoothed)
-            records.append({"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed})
-        else:
-            smoothed = math.nan
-        reason = stop_reason(step, lr, loss, smoothed, minimum, factor,
-                             float(host.get(PARAMS_FINITE, 1.0)) == 1.0,
-                             float(host.get(BATCH_STATS_FINITE, 1.0)) == 1.0)
-        if reason is not None:
-            logging.info("LR range test: %s", reason)
-            break
+    with StopRequest() as stop_request:  # SIGTERM (scancel, preemption): recorded, exit 143
+        for step in range(settings["steps"]):
+            state, metrics = p_train(state, parallel.shard_batch(next(batches)))
+            host = parallel.metrics_to_host(metrics)
+            loss = float(host.get("total_loss", host["loss"]))  # the objective the rate steps
+            lr = float(host["learning_rate"])
+            if math.isfinite(loss):  # diagnose.ema's bias-corrected average, kept online
+                acc = smoothing * acc + (1.0 - smoothing) * loss
+                smoothed = acc / (1.0 - smoothing ** (step + 1))
+                minimum = min(minimum, smoothed)
+                records.append({"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed})
+            else:
+                smoothed = math.nan
+            reason = stop_reason(step, lr, loss, smoothed, minimum, factor,
+                                 float(host.get(PARAMS_FINITE, 1.0)) == 1.0,
+                                 float(host.get(BATCH_STATS_FINITE, 1.0)) == 1.0)
+            if reason is not None:
+                logging.info("LR range test: %s", reason)
+                break
+            signal_name = stop_request.should_stop(step, 1)
+            if signal_name is not None:  # run_lr_range records it as "interrupted"
+                raise TrainingInterrupted(step, signal_name, checkpointed=False)
     status = "completed" if reason is None else "diverged"
     stop = {"reason": status, "step": step,
             "message": reason or f"completed all {settings['steps']} steps without diverging "

@@ -142,6 +142,36 @@ def test_the_ramp_replaces_any_schedule(fake_engine, tmp_path, schedule):
     assert record["config"]["schedule.boundaries"] == []
 
 
+def test_a_sigterm_is_recorded_as_interrupted_and_a_rerun_redoes_the_test(fake_engine,
+                                                                         tmp_path, monkeypatch):
+    """scancel and SLURM's time limit send SIGTERM: the test used to die at once (exit 143)
+    leaving no lr_range.json, so neither the user nor a tune knew why it stopped."""
+    import signal
+
+    from cnnjax.train.preemption import EXIT_CODE, TrainingInterrupted
+
+    real = lr_range.stop_reason
+
+    def term_at_step_3(step, *args):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, *args)
+
+    monkeypatch.setattr(lr_range, "stop_reason", term_at_step_3)
+    workdir = str(tmp_path / "run")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        lr_range.run_lr_range(_config(), workdir, **SETTINGS)
+    assert info.value.code == EXIT_CODE and info.value.step == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+    with open(os.path.join(workdir, lr_range.RECORD_FILE)) as f:
+        record = json.load(f)
+    assert record["status"] == "interrupted" and record["stop"]["step"] == 3
+    assert "Stopped by SIGTERM at step 3 (nothing to resume)" in record["stop"]["message"]
+    monkeypatch.setattr(lr_range, "stop_reason", real)
+    assert lr_range.run_lr_range(_config(), workdir, **SETTINGS)["status"] in lr_range.FINISHED
+
+
 def test_rerun_with_the_same_settings_returns_the_record_untouched(ramp, monkeypatch):
     workdir, record = ramp
     path = os.path.join(workdir, lr_range.RECORD_FILE)
