@@ -28,11 +28,15 @@ from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, array_indices, validate_spec
 from cnnjax.utils.cli import error_message, find_culprit
+from cnnjax.utils.files import check_directory_kind
 from cnnjax.utils.validation import invalid
 
 _OWNER = "launch"
 _FLAG_DEFINERS = {float: flags.DEFINE_float, int: flags.DEFINE_integer,
                   bool: flags.DEFINE_bool, str: flags.DEFINE_string}
+# What each entry point keeps in its directory (`cnnjax.utils.files.DIRECTORY_MARKERS`).
+_DIRECTORY_KINDS = {"train": "training run", "sweep": "sweep", "tune": "tune",
+                    "transfer": "transfer comparison"}
 _MAX_ARRAY_SIZE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
 
 
@@ -179,21 +183,27 @@ def job_devices(spec: JobSpec, config: Any, where: str = "") -> tuple[int, str]:
 def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
     """Runs the entry point's own pre-training checks that need neither the dataset nor the
     job's devices (sweep: space, fields, metric and mode; tune: `recipe.check_tune`; transfer:
-    `compare.check_transfer`); returns `{where: config}` of every config the job will train."""
+    `compare.check_transfer`), and its checks of the job's directory (another command's outputs;
+    a sweep's or tune's record of another space, base config or recipe), which would otherwise
+    end every task at start; returns `{where: config}` of every config the job will train."""
+    check_directory_kind(spec.workdir, _DIRECTORY_KINDS[spec.entry], "workdir")
     if spec.entry == "sweep":
         from cnnjax.tune import space as space_lib
-        from cnnjax.tune.sweep import check_ranking
+        from cnnjax.tune.sweep import check_ranking, check_sweep_dir
 
         base, sweep = loaded["config"], loaded["sweep"]
-        check_ranking(base, sweep.get("metric"), sweep.get("mode"))
+        metric, mode = check_ranking(base, sweep.get("metric"), sweep.get("mode"))
+        space = space_lib.from_config(sweep)
+        check_sweep_dir(spec.workdir, space, base, metric, mode)  # a rerun of another sweep
         return {f"trial {t.index} {dict(t.overrides)}": config
-                for t, config in space_lib.trial_configs(base, space_lib.from_config(sweep))}
+                for t, config in space_lib.trial_configs(base, space)}
     if spec.entry == "tune":
         from cnnjax.tune import space as space_lib
-        from cnnjax.tune.recipe import check_tune
+        from cnnjax.tune.recipe import check_tune, check_tune_dir
 
         base = loaded["config"]
-        _, plan = check_tune(base, loaded["recipe"])
+        recipe, plan = check_tune(base, loaded["recipe"])
+        check_tune_dir(spec.workdir, base, recipe)
         return {"": base} | {
             f"round 1 trial {t.index} {dict(t.overrides)}": config
             for t, config in space_lib.trial_configs(plan.base_config(base), plan.space())}

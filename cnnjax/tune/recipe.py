@@ -724,7 +724,17 @@ def _check_round(base: Any, plan: RoundPlan) -> None:
 
 
 def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
-    """Creates tune.json, or refuses a tune_dir made with another base config or recipe."""
+    """Creates tune.json, or refuses (`check_tune_dir`) a tune_dir made with another base config
+    or recipe."""
+    current = check_tune_dir(tune_dir, base, recipe)
+    os.makedirs(tune_dir, exist_ok=True)
+    atomic_write(os.path.join(tune_dir, TUNE_FILE), json.dumps(current, indent=2))
+
+
+def check_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> dict:
+    """Raises a ValueError when `tune_dir`'s tune.json was made with another base config or
+    recipe (only `max_rounds` may change); returns this tune's record (writes nothing:
+    `launch.submit` calls it before queuing a job)."""
     current = {"base_config": config_lib.flatten(base), "recipe": recipe.describe()}
     path = os.path.join(tune_dir, TUNE_FILE)
     fresh = ("to start fresh use a new --tune_dir or delete this one; to continue it restore the "
@@ -747,8 +757,7 @@ def _prepare_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> None:
         if details:
             raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different base "
                              f"config ({details}); {fresh} base config.")
-    os.makedirs(tune_dir, exist_ok=True)
-    atomic_write(path, json.dumps(current, indent=2))
+    return current
 
 
 # -------------------------------------------------------------------------------- outputs

@@ -227,7 +227,18 @@ def _sweep_description(space: SearchSpace, base_config: Any, metric: str, mode: 
 def _prepare_sweep_dir(
     sweep_dir: str, space: SearchSpace, base_config: Any, metric: str, mode: str
 ) -> None:
-    """Creates sweep.json, or checks that the existing one describes the same sweep.
+    """Creates sweep.json, or checks (`check_sweep_dir`) that the existing one describes the
+    same sweep."""
+    current = check_sweep_dir(sweep_dir, space, base_config, metric, mode)
+    os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
+    atomic_write(os.path.join(sweep_dir, SWEEP_FILE), json.dumps(current, indent=2))
+
+
+def check_sweep_dir(
+    sweep_dir: str, space: SearchSpace, base_config: Any, metric: str, mode: str
+) -> dict:
+    """Raises a ValueError when `sweep_dir`'s sweep.json describes another sweep; returns this
+    sweep's description (writes nothing: `launch.submit` calls it before queuing a job).
 
     The metric and mode may change between runs (they only re-rank); the space, the trials and
     every trajectory-defining base-config field (the engine's RUNTIME_FIELDS excepted) may not.
@@ -253,8 +264,7 @@ def _prepare_sweep_dir(
                 f"sweep: sweep_dir={sweep_dir!r} was created with a different base config "
                 f"({details}); {fresh}."
             )
-    os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
-    atomic_write(path, json.dumps(current, indent=2))
+    return current
 
 
 def config_changes(saved: dict, current: dict, limit: int = 8) -> str:

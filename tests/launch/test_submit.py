@@ -9,7 +9,12 @@ import sys
 
 import pytest
 
-from cnnjax.launch.checks import check_array_size, check_configs, cluster_max_array_size
+from cnnjax.launch.checks import (
+    check_array_size,
+    check_configs,
+    cluster_max_array_size,
+    load_files,
+)
 from cnnjax.launch.spec import JobSpec, validate_spec
 from tests.launch.conftest import (
     CONFIG,
@@ -431,6 +436,33 @@ def test_check_configs_refuses_a_sweep_field_the_base_config_lacks(tmp_path):
         check_configs(JobSpec(**{**spec.__dict__, "overrides": (
             "--sweep.parameters=({'field': 'model.width', 'distribution': 'choice', "
             "'values': (1, 2)},)",)}))
+
+
+def test_check_configs_refuses_a_workdir_the_entry_point_would_refuse_at_start(tmp_path):
+    """Each array task of a sweep queued on a folder of another sweep (an edited sweep file,
+    resubmitted) exited at start; so did a train job aimed at a sweep's folder."""
+    from cnnjax.tune import space as space_lib
+    from cnnjax.tune.sweep import _prepare_sweep_dir
+
+    config = _light_config(tmp_path, 32)
+    workdir = tmp_path / "w"
+    spec = JobSpec(entry="sweep", config=config, sweep=SWEEP, workdir=str(workdir),
+                   submit_dir=str(ROOT))
+    loaded = load_files(spec.files, ())
+    other = space_lib.grid([space_lib.choice("optimizer.learning_rate", (0.5, 0.25))])
+    _prepare_sweep_dir(str(workdir), other, loaded["config"], "top1", "max")
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start: sweep: "
+                                         r"sweep_dir='.*/w' holds a different search space"):
+        check_configs(spec)
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start: workdir='.*/w' "
+                                         r"is invalid; it holds a sweep \(sweep.json\), not a "
+                                         r"training run"):
+        check_configs(JobSpec(entry="train", config=config, workdir=str(workdir),
+                              submit_dir=str(ROOT)))
+    # The same sweep's folder is a resubmission that resumes: accepted.
+    _prepare_sweep_dir(str(tmp_path / "same"), space_lib.from_config(loaded["sweep"]),
+                       loaded["config"], "top1", "max")
+    check_configs(JobSpec(**{**spec.__dict__, "workdir": str(tmp_path / "same")}))
 
 
 def _bad_metric_sweep(tmp_path):
