@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
 from cnnjax.data.spec import Spec
+from cnnjax.utils.files import check_output_dir
 from cnnjax.utils.validation import invalid
 
 _OWNER = "data"
@@ -71,6 +72,13 @@ class TfdsSource(Source):
     """A prepared tfds dataset; images stay encoded until `decode` (cheap shuffles and skips)."""
 
     def __init__(self, spec: Spec):
+        if spec.data_dir is not None:  # tfds would fail deep in a first-use build instead
+            try:
+                check_output_dir(spec.data_dir, "data_dir")
+            except ValueError:
+                raise invalid(_OWNER, "data_dir", spec.data_dir,
+                              "expected a directory (tfds reads datasets from it and builds "
+                              "cnnjax's offline ones there), but a file is in the way") from None
         try:
             builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
         except tfds.core.registered.DatasetNotFoundError as e:

@@ -97,6 +97,11 @@ def check_input_size(
     err = _trace_failure(model, input_shape)
     if err is None:
         return
+    if isinstance(err.__cause__, MemoryError):  # the size, but the other way: far too large
+        raise invalid(
+            model_name, "input resolution", f"{height}x{width}",
+            f"too large: layer {err.layer} runs out of memory building it ({err.detail}); use a "
+            "smaller data.image_size") from None
     larger = (max(4 * height, _LARGE_INPUT), max(4 * width, _LARGE_INPUT), *input_shape[2:])
     if _trace_failure(model, larger) is not None:  # not the size: the model's own settings
         cause = err.__cause__

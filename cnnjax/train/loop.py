@@ -141,7 +141,10 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
         raise
     except BaseException as err:
         trained = run is not None and run.training_started
-        if is_primary and (trained or _completed_summary(workdir) is None):
+        # A refusal before training (a ValueError: an incompatible config, a typo) leaves the
+        # summary of the run whose checkpoints the workdir holds (interrupted at step N) alone.
+        refused = isinstance(err, ValueError) and _has_checkpoints(workdir)
+        if is_primary and (trained or (_completed_summary(workdir) is None and not refused)):
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             _write_summary(
                 workdir,
@@ -452,6 +455,9 @@ class _Run:
                 f"({details}); to start fresh use a new --workdir, pass "
                 "--config.restart=True, or delete the workdir."
             )
+        finished = _completed_summary(workdir) if resumable else None
+        if finished is not None and finished.get("step") == config.num_train_steps:
+            return  # a no-op rerun: config.json keeps the settings the run trained with
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
             atomic_write(saved_path, config_lib.to_json(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
 
 import ml_collections
@@ -281,11 +282,20 @@ def test_config_field_errors(digits_config):
             get_dataset_info, digits_config(eval_split="validation"))
 
 
-def test_config_type_and_name_errors(digits_dir):
+def test_config_type_and_name_errors(digits_dir, tmp_path):
     _expect(r"data: config='digits' is invalid; expected an ml_collections ConfigDict",
             get_dataset_info, "digits")
     _expect(r"data: data_dir=5 is invalid; expected a non-empty string or None",
             get_dataset_info, ml_collections.ConfigDict({"name": "digits", "data_dir": 5}))
+    # A file where the data dir (or a parent) should be: tfds failed inside its first-use build
+    # with a bare NotADirectoryError naming a 'downloads' folder.
+    in_the_way = str(tmp_path / "a_file")
+    open(in_the_way, "w").close()
+    for path in (in_the_way, os.path.join(in_the_way, "sub")):
+        _expect(rf"data: data_dir='{re.escape(path)}' is invalid; expected a directory \(tfds "
+                r"reads datasets from it and builds cnnjax's offline ones there\), but a file is "
+                r"in the way", get_dataset_info,
+                ml_collections.ConfigDict({"name": "digits", "data_dir": path}))
     _expect(r"data: tfds_name='no_such_dataset' is invalid; tfds does not know this dataset",
             get_dataset_info, ml_collections.ConfigDict(
                 {"name": "digits", "data_dir": digits_dir, "tfds_name": "no_such_dataset"}))

@@ -201,6 +201,27 @@ def test_a_layer_that_fails_at_any_size_is_not_blamed_on_the_input_size():
     assert "image_size" not in message
 
 
+class _HostMaskNet(nn.Module):
+    """Builds a NumPy mask over the map at trace time, as LeNet-5's subsampling does."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h, w = x.shape[1:3]
+        if h * w > 10**6:  # what NumPy does for LeNet-5 at 1000000x1000000 (1.8 TiB)
+            raise MemoryError(f"Unable to allocate {h * w * 8} bytes")
+        return nn.Dense(2)(x.reshape(x.shape[0], -1) * np.ones(h * w * x.shape[-1]))
+
+
+def test_an_input_too_large_to_trace_is_blamed_on_the_input_size():
+    """A MemoryError read as "fails at any size, check the model's settings" before."""
+    checks.check_input_size(_HostMaskNet(), "masknet", (32, 32, 1))
+    with pytest.raises(ValueError, match=r"^masknet: input resolution='2000x2000' is invalid; "
+                                         r"too large: layer .* runs out of memory building it "
+                                         r"\(MemoryError: Unable to allocate .*\); use a smaller "
+                                         r"data.image_size\.$"):
+        checks.check_input_size(_HostMaskNet(), "masknet", (2000, 2000, 1))
+
+
 _COLLAPSING = "test_collapsing_convnet"
 
 

@@ -490,6 +490,33 @@ def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monk
     assert (tmp_path / "summary.json").read_bytes() == recorded
 
 
+def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path):
+    """A rerun refused before training (here: another learning rate than the checkpoints') used
+    to replace an interrupted run's record ("stopped at step N") with its own "failed" one."""
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary.update(status="interrupted", message="Training stopped by SIGTERM at step 4 ...")
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    recorded = (tmp_path / "summary.json").read_bytes()
+    with pytest.raises(ValueError, match="holds checkpoints of an incompatible config"):
+        loop.train_and_evaluate(
+            helpers.tiny_config(num_train_steps=4, **{"optimizer.learning_rate": 0.5}),
+            str(tmp_path))
+    assert (tmp_path / "summary.json").read_bytes() == recorded
+
+
+def test_a_no_op_rerun_keeps_the_config_the_run_trained_with(tmp_path):
+    """A finished run rerun with other runtime fields (eval_every_steps) does nothing, so its
+    config.json must still say how it was evaluated and checkpointed."""
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4, eval_every_steps=2),
+                            str(tmp_path))
+    recorded = (tmp_path / "config.json").read_bytes()
+    again = loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4, eval_every_steps=4),
+                                    str(tmp_path))
+    assert again["status"] == "completed"
+    assert (tmp_path / "config.json").read_bytes() == recorded
+
+
 def test_a_failure_between_restore_and_training_closes_the_checkpointer(tmp_path, monkeypatch):
     """Setup after the restore (metric files, input pipeline) may still fail: the async
     checkpoint manager is closed all the same, not left to the interpreter's exit."""
