@@ -46,11 +46,9 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from cnnjax.train.logging import quiet_library_logs
+    from cnnjax.utils.cli import start_command
 
-    quiet_library_logs()
+    start_command(argv)
     import jax
 
     from cnnjax.train import distributed

@@ -92,11 +92,35 @@ def test_absl_flag_errors_are_one_line():
         "flags)")
 
 
-def test_a_command_refuses_positional_arguments():
-    from absl import app
+def test_a_value_given_to_a_group_of_fields_names_its_fields():
+    """`--config.optimizer=adam` (for .name=adam) read "Failed to parse 'adam' as a ConfigDict:
+    ValueError('malformed node or string ...')"."""
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.optimizer=adam"]
+    # absl's error as the command gets it (the command itself: test_the_command_reports_...)
+    err = flags.IllegalFlagValueError(
+        "flag --config.optimizer=adam: Failed to parse 'adam' as a ConfigDict: "
+        "ValueError('malformed node or string on line 1: <ast.Name object at 0x7f>')")
+    assert cli.group_not_value(args, err) == (
+        "--config.optimizer='adam' is invalid; config.optimizer is a group of fields (b1, b2, "
+        "decay, eps, grad_clip_norm, learning_rate, momentum, name, nesterov, weight_decay), not "
+        "a value: set one of them, e.g. --config.optimizer.name=adam")
+    assert cli.group_not_value(args, flags.Error("flag --x=1: bad")) == ""
 
-    with pytest.raises(app.UsageError, match=r"^Unexpected arguments: \['extra'\]$"):
+
+def test_a_config_file_without_get_config_is_named():
+    err = AttributeError("module 'sweep_config' has no attribute 'get_config'")
+    assert cli.describe_flag_error(["--sweep=helpers.py", "--config=c.py"], err) == (
+        "--sweep='helpers.py' is invalid; it defines no get_config() (a config file is a module "
+        "whose get_config() returns its ConfigDict)")
+
+
+def test_a_command_refuses_positional_arguments():
+    """In one line: absl's UsageError printed the flag help (24 lines for train) above it."""
+    with pytest.raises(SystemExit, match=r"^error: unexpected argument \['extra'\] \(flags are "
+                                         r"written --name=value; --helpshort lists them\)$"):
         cli.start_command(["prog", "extra"])
+    with pytest.raises(SystemExit, match=r"^error: unexpected arguments \['a', 'b'\] "):
+        cli.start_command(["prog", "a", "b"])
     cli.start_command(["prog"])
 
 
@@ -177,6 +201,10 @@ def test_the_command_reports_flag_errors_in_one_line():
     assert bad_value.stderr.strip().splitlines()[-1] == (
         "error: --config.num_train_steps='abc' is invalid; invalid literal for int() with "
         "base 10: 'abc'")
+    group = run("--config=experiments/configs/lenet5_digits.py", "--workdir=unused",
+                "--config.optimizer=adam")
+    assert group.returncode == 1 and group.stderr.strip().splitlines()[-1].startswith(
+        "error: --config.optimizer='adam' is invalid; config.optimizer is a group of fields (b1,")
     typo = run("--config=experiments/configs/lenet5_digits.py", "--workdir=unused",
                "--config.bogus=1")
     assert typo.returncode == 1

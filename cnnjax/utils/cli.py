@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 
 def parse_flags(argv: list[str],
@@ -36,7 +36,9 @@ def parse_flags(argv: list[str],
     try:
         args = flags.FLAGS(argv)
     except flags.Error as err:
-        sys.exit(f"error: {config_file_error(err) or absl_flag_error(err, unknown_flag_hint)}")
+        message = (config_file_error(err) or group_not_value(argv[1:], err)
+                   or absl_flag_error(err, unknown_flag_hint))
+        sys.exit(f"error: {message}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
     missing = missing_config_file(flags.FLAGS)
@@ -126,8 +128,17 @@ def missing_config_file(values: flags.FlagValues) -> str | None:
     return None
 
 
+# ml_collections loads `--<flag>=<file>.py` as a module named `<flag>_config`.
+_NO_GET_CONFIG = re.compile(r"^module '(\w+)_config' has no attribute 'get_config'$")
+
+
 def describe_flag_error(args: Sequence[str], err: Exception) -> str:
     """One line saying which override of `args` made loading the config files fail, and why."""
+    missing = _NO_GET_CONFIG.match(error_message(err)) if isinstance(err, AttributeError) else None
+    if missing is not None:  # e.g. --config=<a helper module>, not a config file
+        flag = missing.group(1)
+        return (f"--{flag}={flag_value(args, flag)!r} is invalid; it defines no get_config() (a "
+                "config file is a module whose get_config() returns its ConfigDict)")
     overrides = [a for a in args if a.startswith("--") and "." in a.split("=", 1)[0]]
     if isinstance(err, TypeError | AttributeError | KeyError):
         for override in overrides:  # `--config.model.name=x` where `model` is a string
@@ -190,6 +201,36 @@ def value_not_group(args: Sequence[str], override: str) -> str:
     return ""
 
 
+_NOT_A_CONFIG_DICT = re.compile(r"^flag (--[^=\s]+)=(.*?): Failed to parse .* as a ConfigDict",
+                                re.DOTALL)
+
+
+def group_not_value(args: Sequence[str], err: flags.Error) -> str:
+    """For absl's error on `--config.optimizer=adam` (a value given to a group of fields, which
+    ml_collections failed to parse as a ConfigDict literal): the group's fields and how to set
+    one; '' for any other error."""
+    from ml_collections import ConfigDict
+
+    match = _NOT_A_CONFIG_DICT.match(str(err))
+    if match is None:
+        return ""
+    override, value = match.groups()
+    flag, *path = override.lstrip("-").split(".")
+    fields = ""
+    try:
+        node = load_config_file(flag_value(args, flag) or "")
+        for part in path:
+            node = node[part]
+        if isinstance(node, ConfigDict):
+            fields = f" ({', '.join(sorted(node))})"
+    except Exception:  # noqa: BLE001 — only the list of fields: the advice stands without it
+        pass
+    group = ".".join([flag, *path])
+    example = "name" if "name" in fields.strip(" ()").split(", ") else "<field>"
+    return (f"{override}={value!r} is invalid; {group} is a group of fields{fields}, not a "
+            f"value: set one of them, e.g. --{group}.{example}={value}")
+
+
 def model_kwargs_hint(args: Sequence[str]) -> str:
     """`; model '<name>' accepts model_kwargs [...]` for the model `args` configure (the
     `--config=<file>.py[:arg]` file's `model`, or a `--config.model=` override), so a misspelt
@@ -248,10 +289,17 @@ def error_message(err: Exception) -> str:
     return " ".join(text.split())
 
 
+def refuse_positional_arguments(argv: list[str]) -> None:
+    """Exits with one `error:` line when `argv` (absl's, program name first) holds positional
+    arguments; absl's `app.UsageError` printed the whole flag help above its message."""
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected argument{'s' if len(argv) > 2 else ''} {argv[1:]} (flags "
+                 "are written --name=value; --helpshort lists them)")
+
+
 def start_command(argv: list[str]) -> None:
     """Refuses positional arguments and quiets library logs: how every command's `main` begins."""
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    refuse_positional_arguments(argv)
     from cnnjax.train.logging import quiet_library_logs
 
     quiet_library_logs()

@@ -55,7 +55,10 @@ def test_a_missing_or_malformed_flag_is_refused_in_one_line(args, message):
 def test_a_positional_argument_is_refused():
     result = _script("--workdir=x", "extra")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "Unexpected arguments: ['extra']"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unexpected argument ['extra'] (flags are written --name=value; --helpshort "
+        "lists them)")
+    assert "--helpfull" not in result.stderr  # absl's usage text is not printed
 
 
 def test_a_directory_without_a_run_is_a_one_line_error_and_left_empty(tmp_path):
