@@ -30,7 +30,12 @@ from typing import Any
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
-from cnnjax.train.loop import SUMMARY_FILE, TrainingDivergedError, train_and_evaluate
+from cnnjax.train.loop import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    TrainingDivergedError,
+    train_and_evaluate,
+)
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
 from cnnjax.utils.files import (
@@ -280,14 +285,18 @@ def finished_status(workdir: str, config: Any) -> str | None:
     """'completed' or 'diverged' when the trial need not run again, else None (run/resume).
 
     A divergence is deterministic (same config, same data order), so rerunning it would only
-    diverge again; a failure may be transient (memory, a missing dataset) and is retried.
+    diverge again, unless `max_loss` (the loss counted as divergence; a runtime field, so it may
+    change on a rerun) is not the one it diverged under; a failure may be transient (memory, a
+    missing dataset) and is retried.
     """
     summary = read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
     record = read_json(os.path.join(workdir, TRIAL_FILE)) or {}
     if summary.get("status") == "completed" and summary.get("step") == config.num_train_steps:
         return "completed"
     if summary.get("status") == "diverged" and record.get("status") == "diverged":
-        return "diverged"
+        ran = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
+        if ran.get("max_loss") == config.get("max_loss"):
+            return "diverged"
     return None
 
 

@@ -210,6 +210,16 @@ def test_a_sigterm_stopped_trial_records_the_signal_and_the_checkpointed_step(tm
     assert row["status"] == "interrupted" and row["steps"] == str(summary["step"])
 
 
+def test_a_diverged_trial_is_retried_under_another_max_loss(tmp_path):
+    """max_loss may change on a rerun (a runtime field); a trial that diverged by the old limit
+    was kept as diverged, so one sweep folder mixed two settings."""
+    files.write_json(str(tmp_path / "summary.json"), {"status": "diverged", "step": 12})
+    files.write_json(str(tmp_path / sw.TRIAL_FILE), {"status": "diverged"})
+    files.write_json(str(tmp_path / "config.json"), {"max_loss": 1000.0})
+    assert sw.finished_status(str(tmp_path), helpers.tiny_config(max_loss=1000.0)) == "diverged"
+    assert sw.finished_status(str(tmp_path), helpers.tiny_config(max_loss=1e30)) is None
+
+
 def test_a_killed_starts_time_is_counted_on_the_next_start(tmp_path, monkeypatch):
     """SIGKILL skips run_trial's bookkeeping: the next start adds the killed start's time, up
     to the newest file it wrote (not the idle time until the rerun), and a start that recorded
