@@ -78,6 +78,14 @@ def main(argv: list[str]) -> None:
         summary = train_and_evaluate(_CONFIG.value, workdir)
     except DirectoryInUseError as err:  # the run holding the workdir keeps its summary.json
         _fail(f"error: {err}")
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, not ~60 of traceback
+        if isinstance(err, SystemExit):  # SIGTERM's TrainingInterrupted: exits 143 silently
+            raise
+        recorded = read_json(os.path.join(workdir, "summary.json"))
+        ours = isinstance(recorded, dict) and recorded.get("error") == "KeyboardInterrupt"
+        message = recorded.get("message") if ours else None
+        sys.stderr.write(f"interrupted: {message or 'Ctrl-C'}\n")
+        sys.exit(130)  # 128 + SIGINT, the shell's status for a Ctrl-C'd command
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
         if index != 0:
             _fail(f"error: {err}\n(process {index} of {jax.process_count()}; process 0 writes "

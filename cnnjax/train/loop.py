@@ -151,7 +151,9 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
                 {
                     "status": status,
                     "error": type(err).__name__,
-                    "message": str(err),
+                    "message": (_interrupt_message(run, workdir)
+                                if isinstance(err, KeyboardInterrupt) and not str(err)
+                                else str(err)),
                     **_wall_times(run, started),
                 },
             )
@@ -160,8 +162,25 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
 
 def _has_checkpoints(workdir: str) -> bool:
     """Whether `workdir` holds a checkpoint step folder of its own (read without orbax)."""
+    return _latest_checkpoint_step(workdir) is not None
+
+
+def _latest_checkpoint_step(workdir: str) -> int | None:
+    """The newest checkpoint step folder of `workdir` (read without orbax), None if none."""
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    return os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) \
+        else []
+    return max(steps, default=None)
+
+
+def _interrupt_message(run: _Run | None, workdir: str) -> str:
+    """summary.json's message for a KeyboardInterrupt (Ctrl-C), which stops at once, without
+    a checkpoint of its own: where it stopped and what a rerun resumes from."""
+    at = f" at step {run.steps_done}" if run is not None and run.steps_done is not None else ""
+    latest = _latest_checkpoint_step(workdir)
+    resume = (f"resumes from the checkpoint of step {latest}" if latest is not None
+              else "starts over (no checkpoint yet)")
+    return f"Interrupted (Ctrl-C){at}; rerunning the same command {resume}."
 
 
 def _wall_times(run: _Run | None, started: float) -> dict:
@@ -382,6 +401,7 @@ class _Run:
         # Ctrl-C in setup) leaves a completed run's summary.json as it is; the error still
         # reaches the caller.
         self.training_started = False
+        self.steps_done: int | None = None  # the last step the loop ran (for a Ctrl-C message)
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
         self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
         # config.init_from's (variables, record), read by setup when the workdir has no
@@ -658,7 +678,7 @@ class _Run:
         try:
             for step in range(start_step, total_steps):
                 state, metrics = p_train(state, next(device_batches))
-                done = step + 1
+                done = self.steps_done = step + 1
                 if pending is not None:  # host sync on the previous step keeps one step queued
                     self.record(*pending, logger, bar)
                 pending = (done, metrics)

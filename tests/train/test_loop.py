@@ -505,6 +505,28 @@ def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path):
     assert (tmp_path / "summary.json").read_bytes() == recorded
 
 
+def test_ctrl_c_records_where_it_stopped_and_what_a_rerun_resumes_from(tmp_path, monkeypatch):
+    """A KeyboardInterrupt left summary.json's message empty ("KeyboardInterrupt", "")."""
+    config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=2, eval_every_steps=8)
+    record = loop._Run.record
+
+    def ctrl_c_after_step_5(self, step, *args):
+        if step == 5:
+            raise KeyboardInterrupt
+        return record(self, step, *args)
+
+    monkeypatch.setattr(loop._Run, "record", ctrl_c_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(config, str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "KeyboardInterrupt"
+    # step 5's metrics are fetched one step late, at step 6; the last checkpoint is step 4
+    assert summary["message"] == ("Interrupted (Ctrl-C) at step 6; rerunning the same command "
+                                  "resumes from the checkpoint of step 4.")
+    monkeypatch.setattr(loop._Run, "record", record)
+    assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 4
+
+
 def test_a_no_op_rerun_keeps_the_config_the_run_trained_with(tmp_path):
     """A finished run rerun with other runtime fields (eval_every_steps) does nothing, so its
     config.json must still say how it was evaluated and checkpointed."""
