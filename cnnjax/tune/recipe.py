@@ -635,7 +635,13 @@ def check_tune(base_config: Any, recipe: Recipe | Any) -> tuple[Recipe, RoundPla
     recipe = recipe.for_config(base_config)
     plan = first_round(recipe)
     # The base as the rounds train it (their step counts: warmup and boundaries must fit).
-    config_lib.validate_config(plan.base_config(base_config))
+    try:
+        config_lib.validate_config(plan.base_config(base_config))
+    except ValueError as err:  # name the recipe's fields, not only the config's they set
+        fixed = ", ".join(f"{k}={v!r}" for k, v in plan.fixed.items())
+        raise ValueError(f"recipe: round 1 trains the base config with {fixed} (from "
+                         f"recipe.round1_steps={recipe.round1_steps!r}, evals_per_trial and "
+                         f"logs_per_trial), which it refuses: {err}") from None
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
     check_regularizers(recipe, base_config)

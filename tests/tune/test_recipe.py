@@ -663,8 +663,12 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
 def test_bad_inputs_fail_before_anything_is_written(tmp_path, monkeypatch):
     trainer = FakeTrainer()
     base = _base(**{"schedule.name": "warmup_cosine", "schedule.warmup_steps": 150})
-    with pytest.raises(ValueError, match=r"schedule: warmup_steps=150 is invalid; expected 0 <= "
-                                         r"warmup_steps < num_train_steps=100"):
+    # The recipe's round1_steps is what the user changes: the message names it too.
+    with pytest.raises(ValueError, match=r"^recipe: round 1 trains the base config with "
+                                         r"num_train_steps=100, .* \(from recipe.round1_steps=100, "
+                                         r".*\), which it refuses: schedule: warmup_steps=150 is "
+                                         r"invalid; expected 0 <= warmup_steps < "
+                                         r"num_train_steps=100"):
         _tune(tmp_path, monkeypatch, trainer, base=base)
     with pytest.raises(ValueError, match=r"optimizer: learning_rate=-1.0 is invalid"):
         _tune(tmp_path, monkeypatch, trainer, base=_base(**{LR: -1.0}))
