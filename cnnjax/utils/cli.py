@@ -158,6 +158,10 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
                                                              else "")
             if path == f"config.model_kwargs.{field}":
                 message += model_kwargs_hint(args)
+            elif path == "sweep.num_trials" and flag_value(args, "sweep.kind") == "random":
+                message += ("; --sweep.kind=random cannot add the field a random sweep needs: "
+                            "write kind='random' and num_trials in the sweep file (or drop "
+                            "--sweep.kind and pass --max_trials=N to run fewer grid points)")
             elif path == "sweep.num_trials":  # a grid file: its size is fixed
                 message += ("; a grid sweep runs every combination of its values: pass "
                             "--max_trials=N to run fewer (or set kind='random' in the file)")
