@@ -106,22 +106,50 @@ def _piecewise(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule
     if late:  # legitimate in a shortened run (a smoke test, a tuning round): said, not refused
         logging.warning("schedule.boundaries %s: %s at or after num_train_steps=%d never decay "
                         "the rate in this run.", tuple(boundaries), late, total)
-    factor = check_number("schedule", "decay_factor", _get(sched, "decay_factor", 0.1),
-                          "expected 0 < decay_factor <= 1 (the rate is multiplied by it at "
-                          "each boundary)", low=0.0, high=1.0, low_open=True)
+    factor = _decay_factor(sched)
     return optax.piecewise_constant_schedule(lr, {b - warmup: factor for b in boundaries})
+
+
+def _decay_factor(sched: Any) -> float:
+    return check_number("schedule", "decay_factor", _get(sched, "decay_factor", 0.1),
+                        "expected 0 < decay_factor <= 1 (the rate is multiplied by it at each "
+                        "boundary)", low=0.0, high=1.0, low_open=True)
+
+
+def _exponential_fields(sched: Any, total: int) -> tuple[int, float, bool]:
+    """`(transition_steps, decay_rate, staircase)`, checked."""
+    steps = check_positive_int("schedule", "transition_steps",
+                               _get(sched, "transition_steps", total))
+    rate = check_number("schedule", "decay_rate", _get(sched, "decay_rate", 0.1),
+                        "expected 0 < decay_rate <= 1 (above 1 the rate would grow "
+                        "exponentially)", low=0.0, high=1.0, low_open=True)
+    staircase = check_bool("schedule", "staircase", _get(sched, "staircase", False))
+    return int(steps), rate, staircase
+
+
+def _one_cycle_fields(sched: Any) -> tuple[float, float, float]:
+    """`(pct_start, div_factor, final_div_factor)`, checked."""
+    pct = _unit_interval("schedule", "pct_start", _get(sched, "pct_start", 0.3), low_open=True,
+                         high_open=True)
+    div = check_positive_float("schedule", "div_factor", _get(sched, "div_factor", 25.0))
+    final = check_positive_float("schedule", "final_div_factor",
+                                 _get(sched, "final_div_factor", 1e4))
+    return pct, div, final
+
+
+def _check_every_schedule_field(sched: Any, total: int) -> None:
+    """Range checks of the fields other schedules read: a bad value there (`decay_rate=nan`
+    with cosine) was silently ignored, and would surface only when the schedule is switched."""
+    _decay_factor(sched)
+    _exponential_fields(sched, total)
+    _one_cycle_fields(sched)
 
 
 def _exponential(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule:
     """`lr * decay_rate ** (step / transition_steps)` (floored with `staircase`), counted from
     the end of the warmup; its period is `transition_steps`, whatever `num_train_steps` is."""
-    steps = _get(sched, "transition_steps", total)
-    check_positive_int("schedule", "transition_steps", steps)
-    rate = check_number("schedule", "decay_rate", _get(sched, "decay_rate", 0.1),
-                        "expected 0 < decay_rate <= 1 (above 1 the rate would grow "
-                        "exponentially)", low=0.0, high=1.0, low_open=True)
-    staircase = check_bool("schedule", "staircase", _get(sched, "staircase", False))
-    return optax.exponential_decay(lr, transition_steps=int(steps), decay_rate=rate,
+    steps, rate, staircase = _exponential_fields(sched, total)
+    return optax.exponential_decay(lr, transition_steps=steps, decay_rate=rate,
                                    staircase=staircase)
 
 
@@ -168,11 +196,7 @@ def _one_cycle(sched: Any, lr: float, total: int) -> optax.Schedule:
     one-step run) has no step on it: the run starts on the annealing, as torch's (whose own
     formula divides by zero at exactly 1, where this starts at the peak), which is logged.
     """
-    pct = _unit_interval("schedule", "pct_start", _get(sched, "pct_start", 0.3), low_open=True,
-                         high_open=True)
-    div = check_positive_float("schedule", "div_factor", _get(sched, "div_factor", 25.0))
-    final = check_positive_float("schedule", "final_div_factor",
-                                 _get(sched, "final_div_factor", 1e4))
+    pct, div, final = _one_cycle_fields(sched)
     peak_step = float(pct * total) - 1  # torch's end of the warm-up: a float step number
     last_step = total - 1  # torch's end of the annealing
     if peak_step <= 0:
@@ -253,6 +277,7 @@ def build_schedule(config: Any) -> optax.Schedule:
     total = check_positive_int("config", "num_train_steps", config.num_train_steps)
     warmup = _warmup_steps(sched, name, total)
     _check_endpoints(sched, name, warmup)
+    _check_every_schedule_field(sched, total)
     boundaries = _get(sched, "boundaries", ())
     if name != "piecewise" and boundaries:
         raise invalid("schedule", "boundaries", boundaries,
@@ -310,6 +335,15 @@ def _adam_moments(opt: Any) -> dict[str, float]:
     }
 
 
+def _check_every_optimizer_field(opt: Any) -> None:
+    """Range checks of the fields other optimizers read (adam's `b1`, `b2`, `eps`, rmsprop's
+    `decay`, sgd's `momentum`): a bad value there was silently ignored until the optimizer was
+    switched (a sweep over `optimizer.name`)."""
+    for field, default in (("b1", 0.9), ("b2", 0.999), ("decay", 0.9), ("momentum", 0.0)):
+        _unit_interval("optimizer", field, _get(opt, field, default), high_open=True)
+    check_positive_float("optimizer", "eps", _get(opt, "eps", 1e-8))
+
+
 def _sgd(opt: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """optax.sgd with the config's momentum (0: none) and Nesterov flag."""
     momentum, nesterov = _momentum(opt)
@@ -346,10 +380,12 @@ def build_optimizer(
     Order: clip by global norm (if `grad_clip_norm`), then the optimizer. For `adamw` the decoupled
     decay is optax's own (`optax.adamw(..., mask=...)`); for sgd/adam/rmsprop weight decay is the
     classic L2 term `optax.add_decayed_weights` applied to the gradient before the update rule.
-    Every field the chosen optimizer reads is checked (NaN, inf, range) before anything is built.
+    Every field is checked (NaN, inf, range) before anything is built, those the chosen optimizer
+    does not read included.
     """
     opt = config.optimizer
     name = check_choice("optimizer", "name", _get(opt, "name", "sgd"), OPTIMIZERS)
+    _check_every_optimizer_field(opt)
     if schedule is None:
         schedule = build_schedule(config)
     wd = _non_negative("optimizer", "weight_decay", _get(opt, "weight_decay", 0.0))

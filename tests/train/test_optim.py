@@ -558,6 +558,23 @@ def test_bad_exponential_schedule_messages(field, value, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("group,field,value", [
+    ("optimizer", "b1", 5.0), ("optimizer", "eps", -1.0), ("optimizer", "decay", float("nan")),
+    ("optimizer", "b2", 1.0), ("schedule", "transition_steps", -5),
+    ("schedule", "decay_rate", float("nan")), ("schedule", "pct_start", 7.0),
+    ("schedule", "decay_factor", -3.0), ("schedule", "div_factor", 0.0),
+])
+def test_a_bad_value_in_a_field_the_chosen_rule_does_not_read_is_refused(group, field, value):
+    """sgd with warmup_cosine ignored adam's b1, rmsprop's decay or exponential's decay_rate,
+    so a typo there surfaced only when a sweep switched the optimizer or the schedule."""
+    config = _config("warmup_cosine")
+    config.schedule.warmup_steps = 5
+    assert config.optimizer.name == "sgd"
+    config[group][field] = value
+    with pytest.raises(ValueError, match=rf"^{group}: {field}={value!r} is invalid; expected"):
+        build_optimizer(config)
+
+
 def test_plain_dict_config_is_accepted():
     config = ml_collections.ConfigDict(
         {
