@@ -248,7 +248,10 @@ def roi_pool(
     the map. Each bin takes the max over its cells; a bin left empty by clipping outputs 0.
     Forward and gradient are torchvision's: a bin's gradient goes to its first maximal cell in
     row-major order alone, also when the maximum is tied (the zeros after a ReLU); boxes get no
-    gradient (the output is piecewise constant in them).
+    gradient (the output is piecewise constant in them). One difference: a bin holding a NaN is
+    NaN here (a max propagates it), where torchvision's `>` comparison skips it. Box corners are
+    scaled in float64 for float64 features and in float32 otherwise, as torchvision computes in
+    the input's dtype.
     """
     boxes, batch_indices, out, scale, _ = _check_roi_args(
         "roi_pool", features, boxes, batch_indices, output_size, spatial_scale)
