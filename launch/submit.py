@@ -111,7 +111,9 @@ def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
     """The JobSpec the command line describes (not yet validated): relative paths are taken
     from the current directory; the job runs in the repository holding this script."""
     return JobSpec(
-        entry=_ENTRY.value, workdir=_absolute(_WORKDIR.value), config=_absolute(_CONFIG.value),
+        # An empty --workdir= (an unset $WORKDIR) stays '' so the refusal quotes what was given.
+        entry=_ENTRY.value, workdir=_absolute(_WORKDIR.value) or _WORKDIR.value,
+        config=_absolute(_CONFIG.value),
         sweep=_absolute(_SWEEP.value), recipe=_absolute(_RECIPE.value),
         transfer=_absolute(_TRANSFER.value), overrides=tuple(overrides),
         nodes=_NODES.value, gpus_per_node=_GPUS.value, tasks_per_node=_TASKS.value,

@@ -293,6 +293,8 @@ def test_the_array_limit_is_read_from_scontrol_where_there_is_one(tmp_path, monk
     (["--tasks_per_node=1"], "error: launch: tasks_per_node=1 is invalid; expected one task"),
     (["--env=NOEQUALS"], "error: launch: env='NOEQUALS' is invalid; expected NAME=value"),
     (["--", "--config.seed", "1"], "error: launch: overrides='--config.seed' is invalid"),
+    # the later --workdir= wins: an unset $WORKDIR read as workdir=None
+    (["--workdir="], "error: launch: workdir='' is invalid; expected a path"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
     result = _submit(tmp_path, *_train_args(tmp_path / "run", *args))
