@@ -13,7 +13,8 @@ Round k is a sweep in <tune_dir>/round_<k>/; recipe.json, report.md and tune.png
 <tune_dir> are rewritten after every round. Rerunning the same command skips finished rounds and
 trials and resumes an interrupted trial; a tune_dir made with another base config or recipe is
 refused (only --recipe.max_rounds may change, e.g. to continue a finished tune).
-Exit status 1 if a trial failed (rerun to retry it); diverged trials are results.
+Exit status 1 if a trial failed (rerun to retry it) or no trial completed (every one diverged:
+the tune has no result); diverged trials are otherwise results.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
     with one_line_errors():
         record = recipe_lib.run_tune(_CONFIG.value, _RECIPE.value, _TUNE_DIR.value)
     print(f"Report: {_TUNE_DIR.value}/{report_lib.REPORT_FILE}", flush=True)
-    if record["status"] == "failed":
+    if record["status"] in ("failed", "no_result"):  # a script must not read success
         sys.exit(f"error: {record['reason']}")
 
 

@@ -53,6 +53,19 @@ def test_bad_recipe_value_is_a_one_line_error_before_anything_is_written(tmp_pat
     assert not (tmp_path / "tune").exists()
 
 
+def test_a_tune_whose_every_trial_diverged_exits_nonzero(tmp_path):
+    """Status no_result (no trial completed) exited 0: a script or SLURM read success and found
+    no best config."""
+    result = subprocess.run(_command(tmp_path / "tune", *TINY, "--recipe.lr_min=300",
+                                     "--recipe.lr_max=3000"),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: no trial has completed (every one diverged or failed)")
+    with open(tmp_path / "tune" / rc.RECIPE_FILE) as f:
+        assert json.load(f)["status"] == "no_result"
+
+
 @pytest.mark.slow
 def test_sbatch_tune_runs_the_recipe_and_a_resubmission_trains_nothing(tmp_path):
     tune_dir = tmp_path / "tune"
