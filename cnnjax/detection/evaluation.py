@@ -136,15 +136,17 @@ def _matching(owner: str, arg: str, values: Any, shape: tuple[int, ...]) -> np.n
 class DetectionEvaluator:
     """Accumulates detections and ground truth over batches; `compute()` gives the mAPs.
 
-    Per image and class, detections are sorted by decreasing score (stable) and the first
-    `max_detections` kept (COCO's `maxDets`, applied per image and class as pycocotools does).
+    Per image and class, detections are sorted by decreasing score (stable). The COCO metrics
+    keep the first `max_detections` of them (COCO's `maxDets`, applied per image and class as
+    pycocotools does); VOC's `map50` counts every one, as the VOC devkit has no such cap.
     """
 
     def __init__(self, num_classes: int, max_detections: int = 100):
         self.num_classes = check_positive_int("DetectionEvaluator", "num_classes", num_classes)
         self.max_detections = check_positive_int("DetectionEvaluator", "max_detections",
                                                  max_detections)
-        # Per class: lists of per-image score arrays and match arrays, and the gt count.
+        # Per class: lists of per-image score arrays (every detection; COCO reads the first
+        # max_detections of each) and match arrays, and the gt count.
         self._scores: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
         self._voc: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
         self._coco: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
@@ -210,11 +212,13 @@ class DetectionEvaluator:
                 mine = valid[i] & (classes[i] == c)
                 if not mine.any():
                     continue
-                order = np.argsort(-scores[i][mine], kind="stable")[:self.max_detections]
+                order = np.argsort(-scores[i][mine], kind="stable")
                 iou = box_iou_np(boxes[i][mine][order], truth)
                 self._scores[c].append(scores[i][mine][order])
                 self._voc[c].append(_voc_matches(iou, hard))
-                self._coco[c].append(_coco_matches(iou, hard))
+                # Greedy matching never looks ahead: matching the first max_detections alone
+                # gives the same outcomes as this list's prefix.
+                self._coco[c].append(_coco_matches(iou[:self.max_detections], hard))
 
     def compute(self) -> dict[str, float]:
         """`map50` (VOC), `map` (COCO 0.50:0.95), `coco_map50`, `coco_map75`, per-class VOC APs
@@ -225,8 +229,10 @@ class DetectionEvaluator:
                 continue
             if self._scores[c]:
                 scores = np.concatenate(self._scores[c])
-                order = np.argsort(-scores, kind="mergesort")  # pycocotools' sort
+                order = np.argsort(-scores, kind="stable")  # the VOC devkit's sort
                 voc_hits = np.concatenate(self._voc[c])[order]
+                capped = np.concatenate([s[:self.max_detections] for s in self._scores[c]])
+                order = np.argsort(-capped, kind="mergesort")  # pycocotools' sort
                 coco_hits = np.concatenate(self._coco[c], axis=1)[:, order]
             else:
                 voc_hits = np.zeros(0, np.int8)

@@ -298,6 +298,18 @@ def test_max_detections_truncation_matches_pycocotools():
         np.testing.assert_allclose(out["coco_map50"], stats[1], atol=1e-12)
         np.testing.assert_allclose(out["coco_map75"], stats[2], atol=1e-12)
     assert outs[5]["map"] != outs[100]["map"]
+    assert outs[5]["map50"] == outs[100]["map50"]  # VOC counts every detection
+
+
+def test_voc_map_counts_detections_past_coco_max_detections():
+    """One object, 120 false positives scored above its true detection: the VOC devkit counts
+    all 121 (AP = precision 1/121 at recall 1); only COCO's metrics stop at maxDets=100. The
+    cap cut the true detection from map50 too."""
+    far = [[100.0 + 20 * i, 100.0, 110.0 + 20 * i, 110.0] for i in range(120)]
+    dets = _detections([*far, [0, 0, 10, 10]], [*np.linspace(0.99, 0.5, 120), 0.4], [0] * 121)
+    out = _evaluate(dets, [[0, 0, 10, 10]], [0])
+    assert out["map50"] == pytest.approx(1 / 121, abs=1e-15)
+    assert out["coco_map50"] == 0.0  # the true detection is the 121st: past maxDets
 
 
 def test_padding_rows_may_hold_anything():
