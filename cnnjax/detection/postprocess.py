@@ -38,9 +38,9 @@ def check_detection_settings(owner: str, module: Any) -> None:
     and a positive int `max_detections` (every detector in `cnnjax.models` has all three)."""
     check_positive_int(owner, "max_detections", module.max_detections)
     check_number(owner, "nms_iou", module.nms_iou, "expected a number in [0, 1]", low=0.0,
-                 high=1.0)
+                 high=1.0, strings=False)
     check_number(owner, "score_threshold", module.score_threshold, "expected a number in [0, 1)",
-                 low=0.0, high=1.0, high_open=True)
+                 low=0.0, high=1.0, high_open=True, strings=False)
 
 
 def batched_nms(

@@ -136,7 +136,7 @@ def _nonnegative(owner: str, arg: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    if isinstance(value, bool) or not 0.0 <= number < float("inf"):
+    if isinstance(value, bool | str | bytes) or not 0.0 <= number < float("inf"):
         raise invalid(owner, arg, value, "expected a finite number >= 0")
     return number
 

@@ -50,7 +50,7 @@ from cnnjax.detection.proposals import rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.roi import roi_align
 from cnnjax.models.registry import register_model
-from cnnjax.models.vgg import VGGFeatures
+from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
 
 Array = Any
@@ -229,16 +229,10 @@ class FasterRCNN(nn.Module):
                     "rpn_pre_nms_test", "rpn_post_nms_test", "rpn_batch_size", "roi_samples",
                     "roi_size", "head_features"):
             check_positive_int(owner, arg, getattr(self, arg))
-        try:
-            ok = len(self.backbone_stages) > 0
-        except TypeError:
-            ok = False
-        if not ok:
-            raise invalid(owner, "backbone_stages", self.backbone_stages,
-                          "expected a non-empty sequence of stages (each a sequence of widths)")
+        check_stages(owner, self.backbone_stages, "backbone_stages")
         check_detection_settings(owner, self)
         check_number(owner, "rpn_min_size", self.rpn_min_size, "expected a finite number >= 0",
-                     low=0.0, high_open=True)
+                     low=0.0, high_open=True, strings=False)
         check_anchor_settings(owner, self.stride, self.anchor_ratios, self.anchor_scales,
                               ("backbone_stages", "anchor_ratios", "anchor_scales"))
         super().__post_init__()

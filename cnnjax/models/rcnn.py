@@ -58,7 +58,7 @@ from cnnjax.models.faster_rcnn import (
     sample_training_rois,
 )
 from cnnjax.models.registry import register_model
-from cnnjax.models.vgg import VGGFeatures
+from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
     check_nhwc,
     check_positive_int,
@@ -202,6 +202,7 @@ class _SharedMapDetector(_ProposalDetector):
 
     def __post_init__(self) -> None:
         _check_common(self)
+        check_stages(type(self).__name__, self.backbone_stages, "backbone_stages")
         check_positive_int(type(self).__name__, "head_features", self.head_features)
         super().__post_init__()
 
@@ -276,6 +277,7 @@ class RCNN(_ProposalDetector):
 
     def __post_init__(self) -> None:
         _check_common(self)
+        check_stages(type(self).__name__, self.cnn_stages, "cnn_stages")
         check_positive_int(type(self).__name__, "warp_size", self.warp_size)
         padding = self.context_padding
         if not is_integer(padding) or not 0 <= 2 * padding < self.warp_size:

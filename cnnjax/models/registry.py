@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.utils.validation import check_choice, check_float_dtype, invalid
 
 #: Constructor fields the caller (the engine) or flax sets, never offered as hyperparameters.
 ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
@@ -89,6 +89,9 @@ def registered_model(
 
 
 def _lookup(name: str) -> ModelInfo:
+    if not isinstance(name, str):  # difflib would raise a bare TypeError
+        raise ValueError(f"create_model: name={name!r} is invalid; expected a str, one of "
+                         f"{sorted(_REGISTRY)}")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"did you mean {close}? " if close else ""
@@ -152,6 +155,14 @@ def create_model(name: str, **overrides) -> nn.Module:
     """
     info = _lookup(name)
     overrides.setdefault("num_classes", info.num_classes)
+    # Fields every architecture passes down unchecked: a bad one failed only at init, in flax's
+    # or Python's words ("'str' object is not callable"), naming neither the model nor the field.
+    if "dtype" in overrides:
+        check_float_dtype(name, "dtype", overrides["dtype"])
+    if "act" in overrides and not callable(overrides["act"]):
+        raise invalid(name, "act", overrides["act"],
+                      "expected a callable activation such as flax.linen.relu (a Python "
+                      "function: it cannot come from a command line or JSON config)")
     try:
         return info.factory(**overrides)
     except TypeError as err:

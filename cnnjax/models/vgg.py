@@ -68,7 +68,9 @@ def check_dropout_rate(owner: str, rate: Any) -> float:
     return float(rate)
 
 
-def _check_stages(owner: str, stages: Any) -> None:
+def check_stages(owner: str, stages: Any, arg: str = "stages") -> None:
+    """Raises unless `stages` is a non-empty sequence of non-empty sequences of positive ints
+    (`VGGFeatures`'s blocks; detectors pass their own field name as `arg`)."""
     try:
         ok = len(stages) > 0 and all(
             len(block) > 0 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0
@@ -77,7 +79,7 @@ def _check_stages(owner: str, stages: Any) -> None:
     except TypeError:
         ok = False
     if not ok:
-        raise invalid(owner, "stages", stages,
+        raise invalid(owner, arg, stages,
                       "expected a non-empty sequence of non-empty sequences of positive ints")
 
 
@@ -94,7 +96,7 @@ class VGGFeatures(nn.Module):
     axis_name: str | None = None
 
     def __post_init__(self) -> None:
-        _check_stages(type(self).__name__, self.stages)
+        check_stages(type(self).__name__, self.stages)
         super().__post_init__()
 
     @nn.compact
@@ -143,7 +145,7 @@ class VGG(nn.Module):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        _check_stages(owner, self.stages)
+        check_stages(owner, self.stages)
         check_positive_int(owner, "num_classes", self.num_classes)
         check_positive_int(owner, "hidden_features", self.hidden_features)
         check_dropout_rate(owner, self.dropout_rate)

@@ -130,7 +130,7 @@ class YOLOv1(nn.Module):
             check_positive_int(owner, arg, getattr(self, arg))
         check_dropout_rate(owner, self.dropout_rate)
         check_number(owner, "negative_slope", self.negative_slope, "expected a number in [0, 1]",
-                     low=0.0, high=1.0)
+                     low=0.0, high=1.0, strings=False)
         check_detection_settings(owner, self)
         # The loss checks these again when traced; checking here makes a bad setting fail at
         # create_model / config validation instead of inside the first compiled train step.

@@ -1,5 +1,7 @@
 """The model registry: keywords a model does not take are named errors, not TypeErrors."""
 
+import re
+
 import flax.linen as nn
 import pytest
 
@@ -125,3 +127,36 @@ def test_stride_in_1x1_is_refused_for_basic_blocks():
                                          r"with basic blocks .*BasicBlock would ignore it"):
         create_model("resnet18", stride_in_1x1=True)
     assert create_model("resnet50", stride_in_1x1=True).stride_in_1x1
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    # Each was accepted here and failed only at init, in Python's or flax's words.
+    ("resnet20_cifar", {"act": "relu"}, "resnet20_cifar: act='relu' is invalid; expected a "
+                                        "callable activation"),
+    ("densenet40_cifar", {"act": None}, "densenet40_cifar: act=None is invalid"),
+    ("resnet20_cifar", {"dtype": "float33"}, "resnet20_cifar: dtype='float33' is invalid; "
+                                             "expected None or a floating-point dtype"),
+    ("resnet18", {"dtype": "int32"}, "resnet18: dtype='int32' is invalid"),
+    ("fast_rcnn_small", {"backbone_stages": "abc"}, "FastRCNN: backbone_stages='abc' is invalid; "
+                                                    "expected a non-empty sequence of non-empty"),
+    ("sppnet_small", {"backbone_stages": 5}, "SPPNet: backbone_stages=5 is invalid"),
+    ("rcnn_small", {"cnn_stages": ()}, "RCNN: cnn_stages=() is invalid"),
+    ("faster_rcnn_small", {"backbone_stages": "abc"}, "FasterRCNN: backbone_stages='abc' is "
+                                                      "invalid"),
+    # Numeric strings were stored as they are: module fields take numbers.
+    ("yolo_v1_small", {"negative_slope": "0.5"}, "YOLOv1: negative_slope='0.5' is invalid"),
+    ("yolo_v1_small", {"score_threshold": "0.5"}, "YOLOv1: score_threshold='0.5' is invalid"),
+    ("yolo_v1_small", {"lambda_coord": "5"}, "YOLOv1: lambda_coord='5' is invalid"),
+    ("faster_rcnn_small", {"rpn_min_size": "1"}, "FasterRCNN: rpn_min_size='1' is invalid"),
+])
+def test_a_field_of_the_wrong_kind_is_refused_by_create_model(name, kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", [18, None, ("resnet18",)])
+def test_a_model_name_that_is_not_a_string_is_a_value_error(name):
+    """difflib raised a bare TypeError ('int' object is not iterable)."""
+    with pytest.raises(ValueError, match=rf"^create_model: name={re.escape(repr(name))} is "
+                                         r"invalid; expected a str, one of \['alexnet'"):
+        create_model(name)
