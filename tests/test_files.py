@@ -98,3 +98,23 @@ def test_an_empty_output_folder_is_refused(path):
     with pytest.raises(ValueError, match=r"^--workdir='\s*' is invalid; expected a directory "
                                          r"path\.$"):
         files.check_output_dir(path, "--workdir")
+
+
+def test_a_figure_path_that_could_not_be_written_is_refused_before_the_work(tmp_path):
+    """The effective-receptive-field CLI computed for ~20 s and then died in matplotlib on
+    --output=erf.txt, or on a folder with a file in its way."""
+    from cnnjax.utils.files import check_figure_path
+
+    assert check_figure_path(str(tmp_path / "new" / "erf.png"), "--output").endswith("erf.png")
+    assert not (tmp_path / "new").exists()  # nothing created
+    with pytest.raises(ValueError, match=r"^--output='erf.txt' is invalid; expected a file name "
+                                         r"ending in an image format matplotlib writes, one of "
+                                         r"\[.*'png'.*\] \(e.g. erf.png\)$"):
+        check_figure_path("erf.txt", "--output")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"^--output='.*' is invalid; expected a directory or a "
+                                         r"path to create, but a file is in the way"):
+        check_figure_path(str(tmp_path / "a_file" / "erf.png"), "--output")
+    (tmp_path / "plots.png").mkdir()
+    with pytest.raises(ValueError, match=r"is invalid; it is a directory, expected a file name"):
+        check_figure_path(str(tmp_path / "plots.png"), "--output")

@@ -36,7 +36,7 @@ import numpy as np
 from flax.errors import FlaxError
 
 from cnnjax.analysis.receptive_field import ReceptiveField
-from cnnjax.utils.files import save_figure
+from cnnjax.utils.files import check_figure_path, save_figure
 from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 _OWNER = "effective_receptive_field"
@@ -610,6 +610,8 @@ def main(argv: Sequence[str]) -> None:
     start_command(list(argv))  # refuses stray arguments; quiets orbax's INFO lines
     f = flags.FLAGS
     try:
+        if f.output is not None:  # before the model compiles, not after the maps are computed
+            check_figure_path(f.output, "--output")
         model, variables, shape, name, run = _load(f.model, f.workdir, f.step, f.input_shape)
         inputs = None
         if f.inputs == "data":

@@ -103,3 +103,21 @@ def check_output_dir(path: str, label: str) -> str:
         raise ValueError(f"{label}={path!r} is invalid; expected a directory or a path to "
                          "create, but a file is in the way.")
     return path
+
+
+def check_figure_path(path: str, label: str) -> str:
+    """Refuses (a ValueError naming `label`, e.g. `--output`) a figure file `path` that could not
+    be written: an extension matplotlib cannot save, a directory at `path`, or a file in the way
+    of its folder; returns `path`. Commands call it before their work, not after it."""
+    from matplotlib.figure import Figure
+
+    formats = sorted(Figure().canvas.get_supported_filetypes())
+    extension = os.path.splitext(str(path))[1].lstrip(".").lower()
+    if extension not in formats:
+        raise ValueError(f"{label}={path!r} is invalid; expected a file name ending in an image "
+                         f"format matplotlib writes, one of {formats} (e.g. erf.png)")
+    if os.path.isdir(path):
+        raise ValueError(f"{label}={path!r} is invalid; it is a directory, expected a file name")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), label)
+    return path
+

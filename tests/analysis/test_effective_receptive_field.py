@@ -346,6 +346,10 @@ def test_cli_prints_sizes_and_writes_png(tmp_path):
     assert neither.returncode != 0
     assert "error: effective_receptive_field CLI: --model=None is invalid; expected exactly one " \
            "of --model" in neither.stderr
+    not_an_image = _cli("--model=lenet5", "--output=erf.txt")  # refused before computing
+    assert not_an_image.returncode == 1 and "Traceback" not in not_an_image.stderr
+    assert not_an_image.stderr.strip().splitlines()[-1].startswith(
+        "error: --output='erf.txt' is invalid; expected a file name ending in an image format")
     no_data = _cli("--model=lenet5", "--inputs=data")
     assert no_data.returncode != 0
     assert "error: effective_receptive_field CLI: --inputs='data' is invalid; expected it with " \
