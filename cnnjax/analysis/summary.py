@@ -631,8 +631,18 @@ def main(argv: Sequence[str]) -> None:
     start_command(list(argv))
     f = flags.FLAGS
     with one_line_errors():
+        for name in ("input_shape", "csv"):  # given but empty (an unset shell variable)
+            if getattr(f, name) == "":
+                raise ValueError(f"--{name}='' is invalid; expected a value, or leave the flag "
+                                 "out")
+        if f.batch_size < 1:  # absl types it; the summary would name its own argument
+            raise ValueError(f"--batch_size={f.batch_size} is invalid; expected a positive "
+                             "integer")
         shape = parse_shape(f.input_shape) if f.input_shape else None
-        if f.csv:  # before the tracing: a file in the way of its folder is reported at once
+        if f.csv:  # before the tracing: a path that cannot be written is reported at once
+            if os.path.isdir(f.csv):
+                raise ValueError(f"--csv={f.csv!r} is invalid; it is a directory, expected a "
+                                 "file name")
             check_output_dir(os.path.dirname(os.path.abspath(f.csv)), "--csv's folder")
         model, native = load_model(f.model, f.num_classes)
         if shape is not None:  # before the tracing: a too-small input is named as the flag

@@ -514,6 +514,9 @@ def test_a_row_with_several_outputs_counts_them_all():
     ("--model=examples.vgg_like", "--csv={file}/x.csv"),
     ("--model=lenet5", "--input_shape=8,8,1"),
     ("--model=lenet5", "--input_shape=32,32"),
+    # an empty value summarized the native shape; a directory failed after the table printed
+    ("--model=lenet5", "--input_shape="),
+    ("--model=lenet5", "--csv={tmp}"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args):
     (tmp_path / "file").write_text("")
@@ -521,7 +524,7 @@ def test_cli_bad_input_is_one_line(tmp_path, args):
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "cnnjax.analysis.summary",
-         *(a.format(file=tmp_path / "file") for a in args)],
+         *(a.format(file=tmp_path / "file", tmp=tmp_path) for a in args)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -535,4 +538,9 @@ def test_cli_bad_input_is_one_line(tmp_path, args):
                                    "model needs inputs of at least 32x32.",
             # H,W without C parsed, then failed inside the model with a rank error
             "--input_shape=32,32": "summary CLI: --input_shape='32,32' is invalid; expected "
-                                   "positive ints H,W,C, e.g. 224,224,3."}[args[-1]] in line
+                                   "positive ints H,W,C, e.g. 224,224,3.",
+            "--input_shape=": "--input_shape='' is invalid; expected a value, or leave the flag "
+                              "out",
+            "--csv={tmp}": f"--csv={str(tmp_path)!r} is invalid; it is a directory, expected a "
+                           "file name"}[args[-1]] in line
+    assert not proc.stdout  # refused before the table
