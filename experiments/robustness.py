@@ -26,13 +26,15 @@ cifar10_corrupted` on a machine with internet, or per config, e.g.
 archive, downloaded by hand) into the run's data dir. The JSON's `tfds_dataset` names the set
 read.
 
-Reports top-1 per corruption x severity, clean top-1, the mean corruption top-1 (over every
-cell), the relative drop `(clean - mean) / clean` and per-corruption means, written to
-<workdir>/robustness/robustness.json (robustness_tfds.json for --source=tfds) after every cell
-(atomically) with a plot beside it (top-1 vs severity, one line per corruption, clean dashed).
+Reports top-1 per corruption x severity, clean top-1, the mean corruption top-1 (over the
+requested corruptions x severities, once every one is measured: `complete` is false and the mean
+null until then), the relative drop `(clean - mean) / clean` and per-corruption means, written
+to <workdir>/robustness/robustness.json after every cell (atomically) with a plot beside it
+(top-1 vs severity, one line per corruption, clean dashed). Each choice of --source=tfds,
+--split, --seed, --max_examples and --step has its own file (e.g. robustness_seed1_max200.json),
+so a quick check never replaces a long measurement; when the run's own checkpoint moved on since
+robustness.json was written, that file is kept as robustness_step<N>.json.
 An interrupted command resumes at the first missing cell; rerunning a finished one reprints it.
-Cells of other settings (split, seed, max_examples, checkpoint, source) are recomputed, not
-mixed in.
 Grey runs (`digits`) skip `saturate` under --corruptions=all and refuse it by name.
 """
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 
 _OWNER = "robustness"
@@ -220,16 +221,30 @@ def corrupted_config(config, name: str, severity: int):
 
 
 def summarize(record: dict) -> dict:
-    """`record` with the means over its cells: mean corruption top-1, per corruption, and the
-    relative drop from clean."""
-    cells = [v for per in record["cells"].values() for v in per.values()]
-    if not cells:
+    """`record` with the means over the requested grid (`record["requested"]`: corruptions x
+    severities; older records: every cell): mean corruption top-1, per corruption, and the
+    relative drop from clean. Cells on file outside that grid (an earlier command's) are kept
+    but not averaged, and while a requested cell is missing (an interrupted command) the
+    headline is None and `complete` False: a partial mean would leave out the cells not yet
+    measured, whichever they are."""
+    requested = record.get("requested")
+    if requested is None:  # written before "requested" existed
+        grid = [(n, s) for n, per in record["cells"].items() for s in per]
+    else:
+        grid = [(n, str(s)) for n in requested["corruptions"] for s in requested["severities"]]
+    measured = [(n, s) for n, s in grid if s in record["cells"].get(n, {})]
+    record["complete"] = len(measured) == len(grid)
+    record["measured_cells"] = f"{len(measured)} of {len(grid)}"
+    per_corruption: dict[str, list[float]] = {}
+    for n, s in measured:
+        per_corruption.setdefault(n, []).append(record["cells"][n][s])
+    record["per_corruption_mean_top1"] = {n: sum(v) / len(v) for n, v in per_corruption.items()}
+    if not record["complete"] or not measured or "clean_top1" not in record:
+        record["mean_corruption_top1"] = record["relative_drop"] = None
         return record
-    mean = sum(cells) / len(cells)
+    mean = sum(record["cells"][n][s] for n, s in measured) / len(measured)
     clean = record["clean_top1"]
     record["mean_corruption_top1"] = mean
-    record["per_corruption_mean_top1"] = {n: sum(per.values()) / len(per)
-                                          for n, per in record["cells"].items() if per}
     record["relative_drop"] = (clean - mean) / clean if clean else None
     return record
 
@@ -242,9 +257,14 @@ def table(record: dict) -> str:
         row = "".join(f"{per[str(s)]:>8.4f}" if str(s) in per else f"{'-':>8}" for s in levels)
         mean = record.get("per_corruption_mean_top1", {}).get(name)
         lines.append(f"{name:<18}{row}{mean:>8.4f}" if mean is not None else f"{name:<18}{row}")
-    lines.append(f"clean top-1 {record['clean_top1']:.4f}; mean corruption top-1 "
-                 f"{record.get('mean_corruption_top1', float('nan')):.4f}; relative drop "
-                 f"{record.get('relative_drop') or 0:.4f}")
+    if record.get("mean_corruption_top1") is None:
+        lines.append(f"clean top-1 {record['clean_top1']:.4f}; incomplete: "
+                     f"{record.get('measured_cells', '?')} requested cells measured (rerun the "
+                     "same command to finish; no mean until then)")
+    else:
+        lines.append(f"clean top-1 {record['clean_top1']:.4f}; mean corruption top-1 "
+                     f"{record['mean_corruption_top1']:.4f}; relative drop "
+                     f"{record.get('relative_drop') or 0:.4f}")
     return "\n".join(lines)
 
 
@@ -330,11 +350,23 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                 "clean": "uint8"}  # clean top-1 through the cells' storage (older: unquantized)
     out_dir = check_output_dir(os.path.join(workdir, "robustness"),  # a file in its way:
                                "--workdir's robustness folder")  # named, not as the workdir
-    path = os.path.join(out_dir, "robustness_tfds.json" if source == "tfds" else
-                        "robustness.json")
+    # One file per choice of split, seed, example cap and explicit step, so a quick check never
+    # replaces a long measurement: robustness[_tfds][_<those settings>].json.
+    chosen = [f"split-{re.sub(r'[^A-Za-z0-9.-]+', '-', split)}" if split else "",
+              f"seed{seed}" if seed else "", f"max{max_examples}" if max_examples else "",
+              f"step{run.step}" if step is not None else ""]
+    stem = "_".join(["robustness", *(["tfds"] if source == "tfds" else []),
+                     *(part for part in chosen if part)])
+    path = os.path.join(out_dir, stem + ".json")
     old = read_json(path) or {}
-    if old and old.get("settings") != settings:
-        log(f"{path} holds other settings ({old.get('settings')}); measuring afresh")
+    if old and old.get("settings") != settings:  # the run's best/latest step moved on, say
+        kept = os.path.join(out_dir, f"{stem}_step{old.get('step', 'old')}.json")
+        with directory_lock(out_dir, "workdir"):
+            os.replace(path, kept)
+            if os.path.exists(os.path.splitext(path)[0] + ".png"):
+                os.replace(os.path.splitext(path)[0] + ".png", os.path.splitext(kept)[0] + ".png")
+        log(f"{path} held other settings ({old.get('settings')}); kept as {kept}, measuring "
+            "these afresh")
         old = {}
     done = old.get("cells", {})
     record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
@@ -346,7 +378,8 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
               "parameters": {n: [list(c) if isinstance(c, tuple) else c
                                  for c in table[n]]
                              for n in {*done, *names}},
-              "cells": {n: dict(done.get(n, {})) for n in [*done, *names]}}
+              "cells": {n: dict(done.get(n, {})) for n in [*done, *names]},
+              "requested": {"corruptions": names, "severities": levels}}
     todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
     if not todo and "clean_top1" in old:
         log(f"All {len(names) * len(levels)} cells already measured in {path}:")

@@ -141,9 +141,38 @@ def test_an_interrupted_command_resumes_per_cell_and_a_finished_one_reprints(rgb
         k: record[k] for k in ("cells", "clean_top1", "mean_corruption_top1")}
     monkeypatch.undo()
     lines = []
-    other, _ = R.run_robustness(*args, seed=3, log=lines.append)  # other settings: afresh
-    assert "holds other settings" in lines[0] and other["settings"]["seed"] == 3
+    kept = path.read_bytes()
+    # Other settings have their own file: the measurement above is neither replaced nor mixed in
+    # (a --max_examples check used to delete it).
+    other, other_path = R.run_robustness(*args, seed=3, log=lines.append)
+    assert other_path == str(rgb_run / "robustness" / "robustness_seed3.json")
+    assert other["settings"]["seed"] == 3 and path.read_bytes() == kept
     assert len([line for line in lines if line.startswith("[")]) == 4
+    # The run's checkpoint moved on (its settings' step changed): the old file is kept aside.
+    stale = json.loads(kept)
+    stale["settings"]["step"] = stale["step"] = 1
+    path.write_text(json.dumps(stale))
+    lines = []
+    R.run_robustness(*args, log=lines.append)
+    assert "kept as " + str(rgb_run / "robustness" / "robustness_step1.json") in lines[0]
+    assert json.loads((rgb_run / "robustness" / "robustness_step1.json").read_text()) == stale
+
+
+def test_the_headline_covers_the_requested_grid_once_it_is_complete():
+    """The mean averaged whatever cells the file held: an earlier command's other severities,
+    or the first 50 of 85 cells of an interrupted one (the easier ones)."""
+    record = {"clean_top1": 1.0, "cells": {"fog": {"1": 0.8, "5": 0.2}, "contrast": {"1": 0.6}},
+              "requested": {"corruptions": ["fog", "contrast"], "severities": [1]}}
+    done = R.summarize(dict(record))
+    assert done["complete"] and done["mean_corruption_top1"] == pytest.approx(0.7)
+    assert done["per_corruption_mean_top1"] == pytest.approx({"fog": 0.8, "contrast": 0.6})
+    assert done["relative_drop"] == pytest.approx(0.3)
+    partial = R.summarize({**record, "requested": {"corruptions": ["fog", "contrast"],
+                                                   "severities": [1, 5]}})
+    assert not partial["complete"] and partial["measured_cells"] == "3 of 4"
+    assert partial["mean_corruption_top1"] is None and partial["relative_drop"] is None
+    assert "incomplete: 3 of 4 requested cells measured" in R.table(
+        {**partial, "severities": [1, 5]})
 
 
 def test_a_second_command_on_the_same_run_is_refused(rgb_run):
