@@ -47,7 +47,8 @@ from cnnjax.utils.files import check_output_dir  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _EMA = flags.DEFINE_bool("ema", False, "Use the run's weight average instead of its weights.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 6, "Eval images to explain.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 6, "Eval images to explain (at most 64, and at "
+                                   "most the eval split's size).")
 _LAYER = flags.DEFINE_string("layer", None, "Grad-CAM (and activations) layer: a module path "
                              "from --list_layers (default: the last feature-map module).")
 _METHODS = flags.DEFINE_list("methods", None, "Attribution methods, in any order (default: all "
@@ -95,6 +96,10 @@ def _normalization(run: Any, channels: int) -> tuple[Any, Any]:
     return preset.mean, preset.std
 
 
+#: The most images one command explains: attributions.png has a row of maps per image.
+MAX_IMAGES = 64
+
+
 def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
                          methods: Sequence[str] | None = None,
                          layer: str | None = None, patch: int | None = None,
@@ -107,13 +112,20 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     from cnnjax.analysis import attribution
     from cnnjax.train.trained import eval_examples
     from cnnjax.utils.files import write_json
-    from cnnjax.utils.validation import check_choice, check_positive_int
+    from cnnjax.utils.validation import check_choice, check_positive_int, invalid
 
     _check_classifier(run)
     count = check_positive_int("visualize", "num_images", num_images)
+    if count > MAX_IMAGES:  # attributions.png has a row per image (1,000: 440 x 79,000 px)
+        raise invalid("visualize", "num_images", num_images,
+                      f"expected at most {MAX_IMAGES} (one figure row per image; run several "
+                      "commands with --output_dir for more)")
     check_choice("visualize", "target", target, ("predicted", "true"))
     batch = next(eval_examples(run, batch_size=count))
     images, labels = batch["image"][:count], batch["label"][:count]
+    if len(images) < count:  # was cut silently to the split's size
+        raise invalid("visualize", "num_images", num_images,
+                      f"expected at most the {len(images)} examples of the run's eval split")
     result = attribution.explain(run.model, run.variables, images,
                                  labels if target == "true" else None,
                                  methods=attribution.METHODS if methods is None else methods,

@@ -40,6 +40,14 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
         assert (out / f"{name}.png").read_bytes()[:8] == PNG
     with pytest.raises(ValueError, match=r"visualize: num_images=0 is invalid"):
         write_visualizations(run, str(tmp_path / "none"), num_images=0)
+    # More than the split holds was cut silently (1,000 -> 359 on digits, a 79,000 px figure).
+    with pytest.raises(ValueError, match=rf"^visualize: num_images=30 is invalid; expected at "
+                                         rf"most the {helpers.NUM_EVAL} examples of the run's "
+                                         r"eval split"):
+        write_visualizations(run, str(tmp_path / "none"), num_images=30)
+    with pytest.raises(ValueError, match=r"^visualize: num_images=65 is invalid; expected at "
+                                         r"most 64 \(one figure row per image"):
+        write_visualizations(run, str(tmp_path / "none"), num_images=65)
     with pytest.raises(ValueError, match=r"attribution: methods=\['lime'\] is invalid"):
         write_visualizations(run, str(tmp_path / "none"), methods=["lime"])
     assert not (tmp_path / "none").exists()
