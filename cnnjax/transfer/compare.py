@@ -214,14 +214,23 @@ def check_transfer(source: Any, target: Any, transfer_dir: str, *,
     _check_roles(source, target)
     source_dir = trial_workdir(transfer_dir, _source_trial())
     configs = {SOURCE_ID: source}
-    for run_id, *_, fields in settings.run_fields(source_dir, source.num_train_steps):
+    for run_id, _, budget, arm, seed, fields in settings.run_fields(source_dir,
+                                                                   source.num_train_steps):
         config = space_lib.apply_overrides(target, fields)
         try:
             config_lib.validate_config(config)
         except ValueError as err:
-            raise ValueError(f"transfer: run {run_id} has an invalid config: {err}") from None
+            raise ValueError(f"transfer: run {run_id} "
+                             f"{_run_origin(settings.budget_field, budget, arm, seed)} has an "
+                             f"invalid config: {err}") from None
         configs[run_id] = config
     return configs
+
+
+def _run_origin(budget_field: str, budget: Any, arm: str, seed: int) -> str:
+    """Which of the user's settings made a run, for its errors: the budget the run's config
+    field comes from is a value of `budgets`, not something the user set on the field."""
+    return f"(budgets value {budget!r} for {budget_field}, arm {arm!r}, seed {seed})"
 
 
 class TransferPlan:
@@ -248,8 +257,9 @@ class TransferPlan:
             try:  # the batch against each budget's examples: check_data, with a budget hint
                 checked = config_lib.check_config(config, for_training=False)
             except ValueError as err:
-                raise ValueError(f"transfer: run {run_id} has an invalid config: "
-                                 f"{err}") from None
+                raise ValueError(f"transfer: run {run_id} "
+                                 f"{_run_origin(self.budget_field, budget, arm, seed)} has an "
+                                 f"invalid config: {err}") from None
             if arm != "scratch":  # arm_overrides may change the model's shapes
                 source_shapes = source_shapes or _variable_shapes(checked_source)
                 _check_source_fits(source.model, source_shapes, config, checked, run_id)

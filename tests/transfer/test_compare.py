@@ -436,8 +436,8 @@ def _bad(**changes):
          "transfer: arm_overrides='probe' is invalid; expected an arm of ['scratch', "
          "'finetune', 'linear_probe']."),
         ({}, {"arm_overrides": {"finetune": {"optimizer.learning_rate": 0.0}}},
-         "transfer: run 8-finetune-s0 has an invalid config: optimizer: learning_rate=0.0 is "
-         "invalid"),
+         "transfer: run 8-finetune-s0 (budgets value 8 for data.train_examples_per_class, arm "
+         "'finetune', seed 0) has an invalid config: optimizer: learning_rate=0.0 is invalid"),
         ({"freeze": "backbone"}, {}, "transfer: target.freeze='backbone' is invalid; expected "
                                      "None: each arm sets it"),
         ({"model": "resnet20_cifar"}, {}, "transfer: target.model='resnet20_cifar' is invalid; "
@@ -456,7 +456,8 @@ def _bad(**changes):
              "expected 0 <= warmup_steps < num_train_steps=5."),
         ({"schedule.name": "warmup_cosine"},
          {"arm_overrides": {"linear_probe": {"schedule.warmup_steps": 12}}},
-         "transfer: run 8-linear_probe-s0 has an invalid config: schedule: warmup_steps=12 is "
+         "transfer: run 8-linear_probe-s0 (budgets value 8 for data.train_examples_per_class, "
+         "arm 'linear_probe', seed 0) has an invalid config: schedule: warmup_steps=12 is "
          "invalid; expected 0 <= warmup_steps < num_train_steps=12."),
         ({"optimizer.learning_rate": -1.0}, {},
          "transfer: the target config is invalid: optimizer: learning_rate=-1.0 is invalid"),
