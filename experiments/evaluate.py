@@ -113,6 +113,12 @@ def main(argv: list[str]) -> None:
     if _PLOT.value and _PLOT_IMAGES.value < 1:
         sys.exit(f"error: --plot_images={_PLOT_IMAGES.value} is invalid; expected at least 1 "
                  "(or --noplot)")
+    if _STEP.value is not None and _STEP.value < 1:  # load_trained would name its argument
+        sys.exit(f"error: --step={_STEP.value} is invalid; expected a checkpoint step >= 1 (or "
+                 "leave it out: the best checkpoint, else the newest)")
+    if _DEVICES.value is not None and _DEVICES.value < 0:
+        sys.exit(f"error: --num_devices={_DEVICES.value} is invalid; expected 0 (every local "
+                 "device) or a positive count")
     if _N_BINS.value < 1:
         sys.exit(f"error: --n_bins={_N_BINS.value} is invalid; expected at least 1 (Guo et al. "
                  "use 15)")

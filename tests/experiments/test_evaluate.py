@@ -178,3 +178,8 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp
         f"error: --ema is invalid; the run in {workdir!r} kept no weight average (its "
         "config.ema.decay is None); drop --ema to use its trained weights.")
     assert not os.path.exists(os.path.join(workdir, "eval", "validation_step2.json"))
+    # named as the flags, not as load_trained's step or the config's num_devices
+    bad_flags = _command("experiments.evaluate", f"--workdir={workdir}", "--step=0")
+    assert bad_flags.returncode == 1 and bad_flags.stderr.strip().splitlines()[-1] == (
+        "error: --step=0 is invalid; expected a checkpoint step >= 1 (or leave it out: the best "
+        "checkpoint, else the newest)")
