@@ -98,6 +98,17 @@ def test_absl_flag_errors_are_one_line():
         "flags)")
 
 
+def test_none_for_a_number_field_says_where_none_can_be_set():
+    """`--config.max_loss=None` (documented as "None: only NaN/inf count") read only "could not
+    convert string to float: 'None'"."""
+    err = flags.IllegalFlagValueError(
+        "flag --config.max_loss=None: could not convert string to float: 'None'")
+    assert cli.absl_flag_error(err) == (
+        "--config.max_loss='None' is invalid; could not convert string to float: 'None'; a "
+        "command line cannot set a number field to None (ml_collections parses it as a "
+        "number): set None in the config file")
+
+
 def test_a_value_given_to_a_group_of_fields_names_its_fields():
     """`--config.optimizer=adam` (for .name=adam) read "Failed to parse 'adam' as a ConfigDict:
     ValueError('malformed node or string ...')"."""

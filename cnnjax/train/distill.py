@@ -117,6 +117,10 @@ def validate_distill(config: Any, task: str) -> None:
     if workdir is not None and (not isinstance(workdir, str) or not workdir):
         raise invalid(OWNER, "teacher_workdir", workdir,
                       "expected the --workdir of a trained classification run, or None (off)")
+    if workdir in ("None", "none") and not os.path.isdir(workdir):  # --...teacher_workdir=None
+        raise invalid(OWNER, "teacher_workdir", workdir,
+                      "a command line gives the string 'None', not None: to train without a "
+                      "teacher leave distill.teacher_workdir out, or set None in the config file")
     if step is not None:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise invalid(OWNER, "teacher_step", step,

@@ -82,6 +82,9 @@ def absl_flag_error(err: flags.Error,
             return f"{flag} is required"
         if why.startswith("('Non-boolean argument to boolean flag'"):  # absl's bare tuple
             why = "expected true or false"
+        if value == "None" and ("to float" in why or "for int()" in why):
+            why += ("; a command line cannot set a number field to None (ml_collections parses "
+                    "it as a number): set None in the config file")
         return f"{flag}={value!r} is invalid; {why}"
     if isinstance(err, flags.UnrecognizedFlagError) and unknown_flag_hint is not None:
         text += unknown_flag_hint(err.flagname)

@@ -265,6 +265,9 @@ def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
      "average to use)."),
     ({"distill.teacher_workdir": ""}, "distill: teacher_workdir='' is invalid; expected the "
                                       "--workdir of a trained classification run, or None (off)."),
+    # --config.distill.teacher_workdir=None (documented "None: off") was taken as a path
+    ({"distill.teacher_workdir": "None"}, "distill: teacher_workdir='None' is invalid; a command "
+                                          "line gives the string 'None', not None"),
     ({"task": "segmentation"}, "distill: teacher_workdir='t' is invalid; distillation trains "
                                "classifiers only (config.task='classification', not "
                                "'segmentation'); set distill.teacher_workdir=None."),
