@@ -22,7 +22,7 @@ configure_entry_point()
 
 from absl import app, flags, logging  # noqa: E402
 
-from cnnjax.utils.cli import define_config_file, parse_flags  # noqa: E402
+from cnnjax.utils.cli import define_config_file, parse_flags, start_command  # noqa: E402
 
 _CONFIG = define_config_file(
     "config",
@@ -46,8 +46,6 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
-    from cnnjax.utils.cli import start_command
-
     start_command(argv)
     import jax
 

@@ -361,10 +361,11 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     old = read_json(path) or {}
     if old and old.get("settings") != settings:  # the run's best/latest step moved on, say
         kept = os.path.join(out_dir, f"{stem}_step{old.get('step', 'old')}.json")
+        png = os.path.splitext(path)[0] + ".png"
         with directory_lock(out_dir, "workdir"):
             os.replace(path, kept)
-            if os.path.exists(os.path.splitext(path)[0] + ".png"):
-                os.replace(os.path.splitext(path)[0] + ".png", os.path.splitext(kept)[0] + ".png")
+            if os.path.exists(png):
+                os.replace(png, os.path.splitext(kept)[0] + ".png")
         log(f"{path} held other settings ({old.get('settings')}); kept as {kept}, measuring "
             "these afresh")
         old = {}

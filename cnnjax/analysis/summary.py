@@ -626,7 +626,7 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags
 
     from cnnjax.utils.cli import one_line_errors, start_command
-    from cnnjax.utils.files import check_output_dir
+    from cnnjax.utils.files import check_output_file
 
     start_command(list(argv))
     f = flags.FLAGS
@@ -640,10 +640,7 @@ def main(argv: Sequence[str]) -> None:
                              "integer")
         shape = parse_shape(f.input_shape) if f.input_shape else None
         if f.csv:  # before the tracing: a path that cannot be written is reported at once
-            if os.path.isdir(f.csv):
-                raise ValueError(f"--csv={f.csv!r} is invalid; it is a directory, expected a "
-                                 "file name")
-            check_output_dir(os.path.dirname(os.path.abspath(f.csv)), "--csv's folder")
+            check_output_file(f.csv, "--csv", "--csv's folder")
         model, native = load_model(f.model, f.num_classes)
         if shape is not None:  # before the tracing: a too-small input is named as the flag
             check_input_shape(model, f.model, shape, f.input_shape)

@@ -34,9 +34,6 @@ from cnnjax.utils.validation import invalid
 _OWNER = "launch"
 _FLAG_DEFINERS = {float: flags.DEFINE_float, int: flags.DEFINE_integer,
                   bool: flags.DEFINE_bool, str: flags.DEFINE_string}
-# What each entry point keeps in its directory (`cnnjax.utils.files.DIRECTORY_MARKERS`).
-_DIRECTORY_KINDS = {"train": "training run", "sweep": "sweep", "tune": "tune",
-                    "transfer": "transfer comparison"}
 _MAX_ARRAY_SIZE = re.compile(r"^\s*MaxArraySize\s*=\s*(\d+)\s*$", re.MULTILINE)
 
 
@@ -186,7 +183,7 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
     `compare.check_transfer`), and its checks of the job's directory (another command's outputs;
     a sweep's or tune's record of another space, base config or recipe), which would otherwise
     end every task at start; returns `{where: config}` of every config the job will train."""
-    check_directory_kind(spec.workdir, _DIRECTORY_KINDS[spec.entry], "workdir")
+    check_directory_kind(spec.workdir, spec.entry_point.directory_kind, "workdir")
     if spec.entry == "sweep":
         from cnnjax.tune import space as space_lib
         from cnnjax.tune.sweep import check_ranking, check_sweep_dir

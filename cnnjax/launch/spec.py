@@ -30,23 +30,26 @@ _OWNER = "launch"
 @dataclasses.dataclass(frozen=True)
 class EntryPoint:
     """How to run one `experiments.<name>` script: its module, the flags that take a config file
-    (in command-line order), the flag that takes the work directory, and the plain flags a user may
-    pass through, with their types. `multi_process`: the script joins several processes into one
-    JAX job."""
+    (in command-line order), the flag that takes the work directory, what that directory holds
+    (its kind in `cnnjax.utils.files.DIRECTORY_MARKERS`), and the plain flags a user may pass
+    through, with their types. `multi_process`: the script joins several processes into one JAX
+    job."""
 
     module: str
     file_flags: tuple[str, ...]
     dir_flag: str
+    directory_kind: str
     extra_flags: Mapping[str, type] = dataclasses.field(default_factory=dict)
     multi_process: bool = False
 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {
-    "train": EntryPoint("experiments.train", ("config",), "workdir",
+    "train": EntryPoint("experiments.train", ("config",), "workdir", "training run",
                         extra_flags={"distributed_timeout": float}, multi_process=True),
-    "sweep": EntryPoint("experiments.sweep", ("config", "sweep"), "sweep_dir"),
-    "tune": EntryPoint("experiments.tune", ("config", "recipe"), "tune_dir"),
-    "transfer": EntryPoint("experiments.transfer", ("transfer",), "transfer_dir"),
+    "sweep": EntryPoint("experiments.sweep", ("config", "sweep"), "sweep_dir", "sweep"),
+    "tune": EntryPoint("experiments.tune", ("config", "recipe"), "tune_dir", "tune"),
+    "transfer": EntryPoint("experiments.transfer", ("transfer",), "transfer_dir",
+                           "transfer comparison"),
 }
 FILE_FLAGS = ("config", "sweep", "recipe", "transfer")
 

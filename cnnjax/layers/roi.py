@@ -132,15 +132,20 @@ def _round_half_away(x: jax.Array) -> jax.Array:
     return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
 
 
+def _box_dtype(features: jax.Array) -> type:
+    """The dtype torchvision scales and sizes boxes in, the input's: float64 for float64
+    features, else float32 (45 * 0.7 rounds to cell 31 in float64, to 32 in float32)."""
+    return np.float64 if features.dtype == np.float64 else np.float32
+
+
 def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_scale):
     """Each bin's max `[K, out_h, out_w, C]` and where it is: the flat cell `h * W + w` of the
     bin's first maximal cell in row-major order (torchvision's argmax), `H * W` where there is
     none (an empty bin, or a NaN max)."""
     _, h, w, _ = features.shape
     out_h, out_w = output_size
-    # torchvision scales in the input's dtype: 45 * 0.7 rounds to 31 in float64, 32 in float32.
-    coords = jnp.float64 if features.dtype == jnp.float64 else jnp.float32
-    corners = _round_half_away(boxes.astype(coords) * spatial_scale).astype(jnp.int32)
+    corners = _round_half_away(boxes.astype(_box_dtype(features)) * spatial_scale
+                               ).astype(jnp.int32)
     x1, y1, x2, y2 = (corners[:, i] for i in range(4))
 
     def bin_masks(start, end, pooled, size):
@@ -407,7 +412,7 @@ def roi_align(
     elif values is not None:
         # torchvision's steps in the input's dtype (float64 features: double), each rounded
         # (NumPy: no FMA, IEEE division).
-        real = np.float64 if features.dtype == jnp.float64 else np.float32
+        real = _box_dtype(features)
         scaled = values.astype(real) * real(scale) - real(0.5 if aligned else 0)
         sizes = scaled[:, 3:1:-1] - scaled[:, 1::-1]  # (height, width)
         if not aligned:

@@ -296,17 +296,13 @@ def error_message(err: Exception) -> str:
     return " ".join(text.split())
 
 
-def refuse_positional_arguments(argv: list[str]) -> None:
-    """Exits with one `error:` line when `argv` (absl's, program name first) holds positional
-    arguments; absl's `app.UsageError` printed the whole flag help above its message."""
+def start_command(argv: list[str]) -> None:
+    """Refuses positional arguments (`argv` is absl's, program name first) in one `error:` line,
+    where absl's `app.UsageError` printed the whole flag help above its message, and quiets
+    library logs: how every command's `main` begins."""
     if len(argv) > 1:
         sys.exit(f"error: unexpected argument{'s' if len(argv) > 2 else ''} {argv[1:]} (flags "
                  "are written --name=value; --helpshort lists them)")
-
-
-def start_command(argv: list[str]) -> None:
-    """Refuses positional arguments and quiets library logs: how every command's `main` begins."""
-    refuse_positional_arguments(argv)
     from cnnjax.train.logging import quiet_library_logs
 
     quiet_library_logs()

@@ -116,8 +116,14 @@ def check_figure_path(path: str, label: str) -> str:
     if extension not in formats:
         raise ValueError(f"{label}={path!r} is invalid; expected a file name ending in an image "
                          f"format matplotlib writes, one of {formats} (e.g. erf.png)")
+    return check_output_file(path, label, label)
+
+
+def check_output_file(path: str, label: str, folder_label: str) -> str:
+    """Refuses (a ValueError naming `label`) an output file `path` that is a directory, and (naming
+    `folder_label`) one whose folder could not be created (`check_output_dir`); returns `path`."""
     if os.path.isdir(path):
         raise ValueError(f"{label}={path!r} is invalid; it is a directory, expected a file name")
-    check_output_dir(os.path.dirname(os.path.abspath(path)), label)
+    check_output_dir(os.path.dirname(os.path.abspath(path)), folder_label)
     return path
 
