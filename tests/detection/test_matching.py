@@ -104,6 +104,18 @@ def test_forced_positives_include_ties_and_low_iou():
     np.testing.assert_array_equal(np.asarray(none.labels), [0, 0, 0, 0])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_label_anchors_half_precision_boxes_get_float32_ious(dtype):
+    # 300 x 300 boxes: areas of 90000 px^2 overflow float16 (max 65504). Reference: iou_ref in
+    # float64 on the same (exactly representable) coordinates; max_iou within 1e-6.
+    anchors = np.array([[0, 0, 300, 300], [0, 0, 288, 300], [0, 0, 64, 64]], np.float64)
+    gt = np.array([[8, 0, 300, 300]], np.float64)
+    want = [iou_ref(a, gt[0]) for a in anchors]  # 0.973, 0.947, 0.044
+    out = label_anchors(jnp.asarray(anchors, dtype), jnp.asarray(gt, dtype), np.array([True]))
+    np.testing.assert_allclose(np.asarray(out.max_iou, np.float64), want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.labels), [POSITIVE, POSITIVE, NEGATIVE])
+
+
 def test_label_anchors_vmaps_over_a_padded_batch_under_jit():
     scenes = [_scene(seed) for seed in (4, 5)]
     anchors = scenes[0][0].astype(np.float32)
