@@ -118,10 +118,17 @@ def _check_temperature(owner: str, temperature: Any) -> float:
     return check_positive_float(owner, "temperature", temperature)
 
 
+def _shifted(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """(logits - row max) / temperature: the max subtracted before dividing, so a tiny T sends
+    the other entries to -inf instead of overflowing the row to inf - inf = NaN."""
+    logits = np.asarray(logits, np.float64)
+    with np.errstate(over="ignore"):  # -> -inf: probability 0, as intended
+        return (logits - logits.max(axis=-1, keepdims=True)) / temperature
+
+
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """log softmax(logits / temperature) along the last axis, stably (max subtracted)."""
-    scaled = np.asarray(logits, np.float64) / temperature
-    shifted = scaled - scaled.max(axis=-1, keepdims=True)
+    shifted = _shifted(logits, temperature)
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
@@ -138,7 +145,10 @@ def reliability_bins(logits: Any, labels: Any, n_bins: int = DEFAULT_BINS,
 def _bins(logits: np.ndarray, labels: np.ndarray, n_bins: int,
           temperature: float) -> ReliabilityBins:
     """`reliability_bins` of already checked inputs."""
-    confidence = np.exp(log_softmax(logits, temperature).max(axis=1))
+    # The top probability as 1 / sum exp(shifted) (its own term is exp(0) = 1): one rounding,
+    # so a confidence that is exactly an edge (1/8 of 8 tied logits) stays on it, where
+    # exp(-log(8)) = 0.12500000000000003 would fall into the next bin.
+    confidence = 1.0 / np.sum(np.exp(_shifted(logits, temperature)), axis=1)
     hits = (np.argmax(logits, axis=1) == labels).astype(np.float64)  # T > 0 keeps the argmax
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # searchsorted 'left' gives i with edges[i - 1] < c <= edges[i]: bin i - 1 is (lo, hi].

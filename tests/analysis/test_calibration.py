@@ -252,3 +252,29 @@ def test_an_empty_temperature_split_is_refused_before_anything_compiles(split, t
         check_temperature_split(run, None, split)
     warnings = check_temperature_split(run, None, "train[90%:]")[1]
     assert warnings and "shares examples with the run's training split 'train'" in warnings[0]
+
+
+@pytest.mark.parametrize("classes", range(2, 33))
+def test_a_confidence_exactly_on_an_edge_closes_its_bin(classes):
+    """`classes` equal logits have confidence exactly 1/C, the upper edge of bin 0 of C bins
+    and of bin 1 of 2C bins (Guo et al.'s (lo, hi]); computed as exp(-log(C)) it had rounded to
+    0.12500000000000003 for C = 8 and landed in bin 1 of 8. Reference: the exact 1/C."""
+    logits = np.zeros((1, classes))
+    for n_bins, expected in ((classes, 0), (2 * classes, 1)):
+        bins = cal.reliability_bins(logits, [0], n_bins=n_bins)
+        assert np.flatnonzero(bins.count).tolist() == [expected]
+        assert bins.confidence[expected] == 1.0 / classes  # exact
+        np.testing.assert_allclose(bins.ece, 1.0 - 1.0 / classes, rtol=1e-15)
+
+
+def test_a_tiny_positive_temperature_gives_the_limit_not_nan():
+    """softmax(z / T) for a T so small that z / T overflows: dividing before subtracting the row
+    maximum gave inf - inf = NaN for T = 1e-308. Reference (float64, by hand): the arg-max gets
+    probability 1, so row 0 (right, conf 1) and row 1 (wrong, conf 1) give ECE 0.5, Brier
+    (0 + 2) / 2 = 1 and NLL (0 + 3 / T) / 2."""
+    logits, labels, t = np.array([[10.0, 0.0], [0.0, 3.0]]), np.array([0, 0]), 1e-308
+    metrics = cal.calibration_metrics(logits, labels, temperature=t)
+    assert metrics["ece"] == 0.5 and metrics["mce"] == 0.5 and metrics["brier"] == 1.0
+    np.testing.assert_allclose(metrics["nll"], 3.0 / t / 2, rtol=1e-12)
+    np.testing.assert_allclose(cal.negative_log_likelihood(logits, labels, t), 3.0 / t / 2,
+                               rtol=1e-12)
