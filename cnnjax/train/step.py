@@ -258,6 +258,23 @@ def _pixel_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]
             "pixel_accuracy": jnp.sum(correct & scored, axis=(1, 2)) / count}
 
 
+def _class_maps(owner: str, batch: dict) -> jax.Array:
+    """`batch['labels']` as int32 `[B, H, W]` class maps, refused (while tracing, before any
+    compilation) unless integer maps of the images' `[B, H, W]`: a `[B, H, W, 1]` tfds mask or
+    float labels would otherwise fail deep in a gather, and uint8 maps (tfds's dtype) would form
+    the confusion index `label * C + prediction` in uint8, wrapping past 255."""
+    labels, image = batch["labels"], batch["image"]
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise invalid(owner, "batch['labels'].dtype", str(labels.dtype),
+                      "expected integer class indices (0 <= label < num_classes, or "
+                      "data.segmentation.IGNORE_LABEL)")
+    if tuple(labels.shape) != tuple(image.shape[:3]):
+        raise invalid(owner, "batch['labels'].shape", tuple(labels.shape),
+                      f"expected the image batch's [B, H, W] = {tuple(image.shape[:3])} (one "
+                      "class index per pixel, no channel axis)")
+    return labels.astype(jnp.int32)
+
+
 def segmentation_train_step(
     state: TrainState,
     batch: dict,
@@ -289,6 +306,7 @@ def segmentation_train_step(
         per_image = _pixel_metrics(logits, batch["labels"])
         return jnp.mean(per_image["loss"]), (per_image, updates)
 
+    batch = {**batch, "labels": _class_maps("segmentation_train_step", batch)}
     grads, per_image, batch_stats = _gradients(
         loss_fn, state, batch, _step_rng(state, axis_name), accum_steps)
     metrics = {name: jnp.mean(value) for name, value in per_image.items()}
@@ -305,7 +323,7 @@ def segmentation_eval_step(
     (`analysis.confusion.intersection_over_union`)."""
     with conv_impl_context(conv_impl):
         logits = model.apply(state.variables(), batch["image"], train=False)
-    labels = batch["labels"]
+    labels = _class_maps("segmentation_eval_step", batch)
     mask = _example_mask(batch, labels.shape[0])
     sums = losses.masked_sums({"loss": _pixel_metrics(logits, labels)["loss"]}, mask)
     num_classes = logits.shape[-1]

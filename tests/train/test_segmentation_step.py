@@ -3,6 +3,7 @@ NumPy; on a small FCN (slow: compiling a ResNet-18 FCN) the eval step's masked s
 confusion matrix against a NumPy / scikit-learn computation from the same model's predictions,
 and the train step lowering the per-pixel cross-entropy of a fixed batch."""
 
+import functools
 import types
 
 import flax.linen as nn
@@ -155,3 +156,56 @@ def test_confusion_counts_past_2_to_the_24_pixels():
     assert side * side > 2**24
     assert int(sums["confusion"][0, 0, 0]) == side * side
     assert int(np.asarray(sums["confusion"]).sum()) == side * side
+
+
+class _ImageIsLogits(nn.Module):
+    """A dense predictor whose logits are its input (`[B, H, W, C]`) times a scale, 1 at init."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return x * self.param("scale", nn.initializers.ones, ())
+
+
+def test_uint8_class_maps_are_counted_in_their_confusion_cells():
+    """tfds stores class maps as uint8: the confusion index `label * C + prediction` must not be
+    formed in uint8 (20 * 21 wraps at 256). 21 classes (PASCAL VOC), every pixel predicted
+    right: the matrix must equal NumPy's (all counts on the diagonal, pixel accuracy exactly 1;
+    uint8 arithmetic put 16 of the 40 pixels off the diagonal, accuracy 0.6)."""
+    classes = 21
+    labels = np.random.default_rng(0).integers(0, classes, (2, 4, 5)).astype(np.uint8)
+    labels[0, 0, :2] = (20, IGNORE_LABEL)  # the largest class and an ignored pixel
+    logits = np.eye(classes, dtype=np.float32)[np.minimum(labels, classes - 1)]
+    model = _ImageIsLogits()
+    state = create_train_state(model, optax.sgd(0.0), jax.random.key(0), (1, 4, 5, classes))
+    sums = _on_one_device(lambda b: segmentation_eval_step(state, b, model=model,
+                                                           axis_name="data"),
+                          {"image": logits, "labels": labels, "mask": np.ones(2, np.float32)})
+    scored = labels != IGNORE_LABEL
+    expected = confusion_matrix(labels[scored], labels[scored], labels=range(classes))
+    np.testing.assert_array_equal(np.asarray(sums["confusion"][0]), expected)  # exact counts
+    assert intersection_over_union(expected)["pixel_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("labels, detail", [
+    (np.zeros((2, 4, 5, 1), np.int32), "shape"),  # a tfds mask's channel axis kept
+    (np.zeros((2, 5, 4), np.int32), "shape"),  # another size than the images
+    (np.zeros((2, 4, 5), np.float32), "dtype"),  # class indices as floats
+])
+@pytest.mark.parametrize("step", ["train", "eval"])
+def test_class_maps_of_another_shape_or_dtype_are_named(labels, detail, step):
+    """Both steps refuse labels that are not integer `[B, H, W]` maps of the images' size, with
+    an error naming batch['labels'], the value and what is valid, while tracing (before XLA
+    compiles anything); a `[B, H, W, 1]` map used to fail deep in a gather, or, with B == H,
+    in broadcasting."""
+    images = np.zeros((2, 4, 5, 3), np.float32)
+    model, tx = _ImageIsLogits(), optax.sgd(0.0)
+    state = create_train_state(model, tx, jax.random.key(0), (1, 4, 5, 3))
+    if step == "eval":
+        batch = {"image": images, "labels": labels, "mask": np.ones(2, np.float32)}
+        fn = functools.partial(segmentation_eval_step, state, model=model, axis_name="data")
+    else:
+        batch = {"image": images, "labels": labels}
+        fn = functools.partial(segmentation_train_step, state, model=model, tx=tx,
+                               schedule=optax.constant_schedule(0.0), axis_name="data")
+    with pytest.raises(ValueError, match=rf"batch\['labels'\]\.{detail}=.*is invalid; expected"):
+        _on_one_device(fn, batch)
