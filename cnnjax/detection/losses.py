@@ -55,7 +55,8 @@ def masked_mean(values: Any, mask: Any) -> jax.Array:
     trailing axes are summed per row, so `[A, 4]` smooth-L1 terms give the per-box loss summed over
     the 4 coordinates and averaged over the selected boxes, the normalization of torchvision and
     Detectron. Unselected entries do not change the value (even if inf or NaN) and get a zero
-    gradient.
+    gradient. Accumulated in at least float32 (a float16 sum overflows past 65504), the result
+    in that dtype.
     """
     owner = "masked_mean"
     dtype = np.dtype(mask.dtype) if hasattr(mask, "dtype") else np.asarray(mask).dtype
@@ -66,7 +67,7 @@ def masked_mean(values: Any, mask: Any) -> jax.Array:
     if mask.ndim > values.ndim or values.shape[:mask.ndim] != mask.shape:
         raise invalid(owner, "mask.shape", tuple(mask.shape),
                       f"expected the leading shape of values.shape={tuple(values.shape)}")
-    return _masked_mean(values, mask)
+    return _masked_mean(values.astype(jnp.promote_types(values.dtype, jnp.float32)), mask)
 
 
 @jax.jit

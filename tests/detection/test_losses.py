@@ -77,6 +77,17 @@ def test_masked_mean_matches_numpy():
         float(values[mask, 1].mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_masked_mean_of_half_precision_values_accumulates_in_float32(dtype):
+    # 1000 selected rows of 4 x 25 (exact in both dtypes): the float16 sum 100000 > 65504 would
+    # overflow to inf. Reference: NumPy float64, exact here (tolerance 0).
+    values = np.full((1200, 4), 25.0)
+    mask = np.arange(1200) < 1000
+    got = masked_mean(jnp.asarray(values, dtype), mask)
+    assert got.dtype == jnp.float32
+    assert float(got) == values[mask].sum(axis=1).mean() == 100.0
+
+
 def test_rpn_loss_composes_under_jit_with_padded_gt():
     """The primitives chained as an RPN box loss under one jit (fixed shapes, gt padded with
     zeros): the value matches NumPy on the returned targets and sample, and the gradient is finite
