@@ -52,7 +52,23 @@ def _check_input(owner: str, x: Any) -> np.ndarray:
     if arr.ndim < 3:
         raise invalid(owner, "x.shape", arr.shape,
                       "expected a batch with spatial axes and channels, e.g. (N, H, W, C)")
+    if arr.size == 0:  # every deviation of nothing is 0: a perfect score for no input
+        raise invalid(owner, "x.shape", arr.shape,
+                      "expected a non-empty batch (no axis of size 0)")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise invalid(owner, "x.dtype", str(arr.dtype), "expected a numeric array")
     return arr
+
+
+def _check_fits(owner: str, shift: tuple[int, ...], arr: np.ndarray, mode: str) -> None:
+    """In "zeros" mode a shift must be smaller than the input along every axis: a larger one
+    moves the whole image out and compares fn of an all-zero input (checked before fn runs)."""
+    sizes = arr.shape[1:-1]
+    if mode == "zeros" and any(abs(s) >= n for s, n in zip(shift, sizes, strict=True)):
+        raise invalid(owner, "shift", shift,
+                      f"expected |shift| smaller than the input's spatial size {sizes} in "
+                      "mode='zeros' (a larger shift leaves an all-zero image); mode='circular' "
+                      "wraps any shift")
 
 
 def _shift_vector(owner: str, shift: Any, n: int) -> tuple[int, ...]:
@@ -126,6 +142,7 @@ def equivariance_error(
     check_choice(owner, "mode", mode, MODES)
     n = arr.ndim - 2
     shift = _shift_vector(owner, shift, n)
+    _check_fits(owner, shift, arr, mode)
     border_arg, border = border, _per_axis(owner, "border", border, n, minimum=0)
     if stride is not None:  # a given stride is checked before fn runs (compiles)
         stride = _output_stride(owner, shift, stride, n)
@@ -169,6 +186,7 @@ def invariance_error(
     arr = _check_input(owner, x)
     check_choice(owner, "mode", mode, MODES)
     shift = _shift_vector(owner, shift, arr.ndim - 2)
+    _check_fits(owner, shift, arr, mode)
     y = np.asarray(fn(arr), dtype=np.float64)
     y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
     return _error(y_shifted, y)

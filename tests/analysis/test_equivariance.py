@@ -112,10 +112,11 @@ def test_global_pool_invariant_to_circular_shift():
          r"equivariance_error: border=-1 is invalid; expected every entry >= 0"),
         (lambda: equivariance_error(_pool, X, (2, 2), border=4),
          r"equivariance_error: border=4 is invalid; no output positions are left to compare"),
-        (lambda: equivariance_error(lambda x: x, X, (16, 0), mode="zeros"),
-         r"equivariance_error: shift=\(16, 0\) is invalid; expected a shift smaller than the "
-         r"input in mode='zeros': it moves the output by \(16, 0\), past every position of an "
-         r"axis of size 16"),
+        (lambda: equivariance_error(lambda x: x[:, :14:2, :14:2], X, (14, 0), mode="zeros",
+                                    stride=2),
+         r"equivariance_error: shift=\(14, 0\) is invalid; expected a shift smaller than the "
+         r"input in mode='zeros': it moves the output by \(7, 0\), past every position of an "
+         r"axis of size 7"),
         (lambda: equivariance_error(_pool, X, (2, 2), stride=0),
          r"equivariance_error: stride=0 is invalid; expected every entry >= 1"),
         (lambda: equivariance_error(lambda x: x[:, 1:, 1:], X, (1, 1)),
@@ -146,3 +147,36 @@ def test_a_given_stride_is_checked_before_fn_runs(stride, message):
 
     with pytest.raises(ValueError, match="^equivariance_error: " + message):
         equivariance_error(fn, X, (2, 2), stride=stride)
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
+@pytest.mark.parametrize("shift", [(16, 0), (0, -16), (40, 3)])
+def test_a_zeros_mode_shift_past_the_image_is_refused_before_fn_runs(probe, shift):
+    """A zero-filled translation by >= the image size leaves an all-zero input: invariance_error
+    had scored fn(zeros) against fn(x) (relative error 1.0 on a mean pool) and equivariance_error
+    refused it only after fn (a jitted model) had run twice. Circular mode wraps any shift."""
+    def fn(x):
+        pytest.fail("fn ran")
+
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: shift=\({shift[0]}, {shift[1]}\) "
+                                         r"is invalid; expected \|shift\| smaller than the "
+                                         r"input's spatial size \(16, 16\) in mode='zeros'"):
+        probe(fn, X, shift, mode="zeros")
+    # circular wraps: a pointwise map is equivariant and a global mean invariant (to 1e-6)
+    pointwise = probe(lambda x: x * x if probe is equivariance_error else x.mean(axis=(1, 2)),
+                      X, shift)
+    assert pointwise.max_abs < 1e-6
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error, shift_image])
+@pytest.mark.parametrize(("x", "message"), [
+    (np.zeros((0, 16, 16, 3)), r"x.shape=\(0, 16, 16, 3\) is invalid; expected a non-empty"),
+    (np.zeros((2, 16, 0, 3)), r"x.shape=\(2, 16, 0, 3\) is invalid; expected a non-empty"),
+    (np.full((1, 4, 4, 1), "a"), r"x.dtype='<U1' is invalid; expected a numeric array"),
+])
+def test_an_empty_or_non_numeric_input_is_refused(probe, x, message):
+    """An empty batch scored a perfect ShiftError(0, 0) (the max deviation of nothing); a string
+    array failed inside NumPy's float conversion without naming the probe."""
+    kwargs = {} if probe is shift_image else {"fn": lambda a: pytest.fail("fn ran")}
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: " + message):
+        probe(x=x, shift=(1, 1), **kwargs)
