@@ -68,7 +68,7 @@ def _broadcast(owner: str, a: jax.Array, b: jax.Array, names: tuple[str, str]) -
                       f"{tuple(b.shape)}") from None
 
 
-def _check_anchor_sizes(owner: str, anchors: Any) -> None:
+def check_anchor_sizes(owner: str, anchors: Any) -> None:
     """When `anchors` `[..., 4]` are concrete, raises on the first one without a positive
     finite width and height (it would give infinite or NaN targets)."""
     values = concrete_value(anchors)
@@ -104,7 +104,7 @@ def encode_boxes(
     anchors = _boxes(owner, "anchors", anchors)
     _broadcast(owner, boxes, anchors, ("boxes", "anchors"))
     wx, wy, ww, wh = check_box_weights(owner, "weights", weights)
-    _check_anchor_sizes(owner, anchors)
+    check_anchor_sizes(owner, anchors)
     return _encode(boxes, anchors, (wx, wy, ww, wh))
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from cnnjax.detection.anchors import image_size_pair
 from cnnjax.detection.box_coding import (
     DEFAULT_SCALE_CLAMP,
+    check_anchor_sizes,
     check_box_weights,
     check_scale_clamp,
     clip_boxes,
@@ -47,7 +48,8 @@ def rpn_proposals(
     scale_clamp: float = DEFAULT_SCALE_CLAMP,
 ) -> Proposals:
     """Proposals of one image from `objectness` logits `[N]` and `deltas` `[N, 4]` over `anchors`
-    `[N, 4]` (e.g. `anchor_grid`, in the order of the head's reshaped outputs).
+    `[N, 4]` (e.g. `anchor_grid`, in the order of the head's reshaped outputs; concrete anchors
+    must have a positive finite width and height).
 
     Steps: `decode_boxes(deltas, anchors, weights, scale_clamp)`; `clip_boxes` to `image_size`
     `(height, width)`; mask out boxes under `min_size` pixels wide or high (`min_size_mask`);
@@ -90,6 +92,8 @@ def rpn_proposals(
                         high_open=True)
     coder = check_box_weights(owner, "weights", weights)
     clamp = check_scale_clamp(owner, scale_clamp)
+    # Concrete anchors (anchor_grid's) with x2 <= x1 would decode to no box or zero-size ones.
+    check_anchor_sizes(owner, anchors)
     dtype = jnp.promote_types(jnp.result_type(objectness, deltas, anchors), jnp.float32)
     size_hw = jnp.stack([jnp.asarray(height, dtype), jnp.asarray(width, dtype)])
     return _proposals(objectness.astype(dtype), deltas.astype(dtype), anchors.astype(dtype),

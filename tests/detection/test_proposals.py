@@ -166,9 +166,17 @@ def test_jit_and_vmap_over_images_of_different_sizes():
     (dict(weights=(1, 1, 1)), "rpn_proposals: weights=(1, 1, 1) is invalid; expected four "
                               "positive numbers"),
     (dict(scale_clamp=0), "rpn_proposals: scale_clamp=0 is invalid; expected a positive number"),
+    # A degenerate anchor decodes to no box (x2 < x1: every proposal silently invalid) or, with
+    # min_size=0, to zero-size "valid" proposals.
+    (dict(anchors=np.array([[0, 0, 4, 4]] * 5 + [[8, 0, 4, 4]], float)),
+     "rpn_proposals: anchors[5]=[8.0, 0.0, 4.0, 4.0] is invalid; expected a positive finite "
+     "width and height (x1 < x2, y1 < y2)."),
+    (dict(anchors=np.array([[0, 0, 4, 4]] * 5 + [[4, 0, 4, 4]], float), min_size=0),
+     "rpn_proposals: anchors[5]=[4.0, 0.0, 4.0, 4.0] is invalid"),
 ])
 def test_errors(kwargs, message):
-    args = dict(objectness=np.zeros(6), deltas=np.zeros((6, 4)), anchors=np.ones((6, 4)),
+    args = dict(objectness=np.zeros(6), deltas=np.zeros((6, 4)),
+                anchors=np.tile([0.0, 0.0, 4.0, 4.0], (6, 1)),
                 image_size=(32, 32))
     args.update(kwargs)
     with pytest.raises(ValueError) as err:
