@@ -29,6 +29,7 @@ from cnnjax.utils.validation import (
     check_bool,
     check_choice,
     check_known_fields,
+    check_number,
     check_positive_float,
     check_positive_int,
     invalid,
@@ -391,11 +392,9 @@ def validate_config(config: Any) -> None:
         raise invalid("config", "best_mode", config.best_mode,
                       f"expected {expected_mode!r} for best_metric={config.best_metric!r} (lower "
                       f"is better only for a loss); set --config.best_mode={expected_mode}")
-    smoothing = float(config.label_smoothing)
-    if not 0.0 <= smoothing < 1.0:
-        raise invalid(
-            "config", "label_smoothing", config.label_smoothing, "expected 0 <= value < 1"
-        )
+    smoothing = check_number("config", "label_smoothing", config.label_smoothing,
+                             "expected 0 <= label_smoothing < 1 (0: off)", low=0.0, high=1.0,
+                             high_open=True)
     if smoothing and task != "classification":  # the detection/segmentation losses ignore it
         raise invalid("config", "label_smoothing", config.label_smoothing,
                       f"label smoothing needs class labels (config.task='classification', not "

@@ -556,3 +556,14 @@ def test_yolo_loss_settings_in_model_kwargs_are_refused_by_check_config(monkeypa
         with pytest.raises(ValueError) as err:
             check_config(config)
         assert str(err.value) == message
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), -0.1])
+def test_label_smoothing_that_is_not_a_number_in_0_1_is_a_named_value_error(value):
+    """A config file's `label_smoothing: null` failed with float()'s bare TypeError,
+    naming no field; every non-number or out-of-range value is a ValueError naming it."""
+    config = helpers.tiny_config()
+    config.label_smoothing = value
+    with pytest.raises(ValueError, match=r"^config: label_smoothing=.* is invalid; expected "
+                                         r"0 <= label_smoothing < 1"):
+        validate_config(config)
