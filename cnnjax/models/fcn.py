@@ -103,6 +103,7 @@ def bilinear_upsample(x: Array, factor: int, corner_aligned: bool = False) -> Ar
     pixel i centred at output `s·i + (s−1)/2`) or, with `corner_aligned`, input pixel i at output
     `s·i` (outputs beyond the last input pixel interpolate towards zero).
     """
+    check_positive_int("bilinear_upsample", "factor", factor)
     k, p, op = _upsample_geometry(factor, corner_aligned)
     channels = x.shape[-1]
     filt = np.outer(bilinear_kernel_1d(k), bilinear_kernel_1d(k))
@@ -175,6 +176,9 @@ class FCN(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
         check_nhwc(type(self).__name__, x)
+        if min(x.shape[1:]) < 1:  # the backbone's first pool or initializer would fail instead
+            raise invalid(type(self).__name__, "input.shape", tuple(x.shape),
+                          "expected height, width and channels >= 1 in an NHWC array")
         _, h, w, _ = x.shape
         pad_h, pad_w = (-h) % OUTPUT_STRIDE, (-w) % OUTPUT_STRIDE
         x = jnp.pad(jnp.asarray(x, self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))

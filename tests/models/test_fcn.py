@@ -292,3 +292,22 @@ def test_dropout_rate_is_refused_on_a_resnet_backbone_and_applied_on_vgg16():
     dropped = [float(jnp.mean(f == 0)) for f in fc7]
     assert not jnp.array_equal(*fc7) and min(dropped) > 0.8  # 90% dropped (plus ReLU zeros)
     assert create_model("fcn32s_vgg16").dropout_rate is None  # the paper's 0.5 when built
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 40, 3), (1, 40, 0, 3), (1, 40, 40, 0)])
+def test_an_empty_input_map_is_named_as_the_fcns(shape):
+    """An input without pixels or channels is refused by FCN itself, naming the shape, before any
+    layer runs (it failed in VGG/ResNet's first pool, or with a ZeroDivisionError in an
+    initializer for 0 channels)."""
+    model = create_model("fcn32s_resnet18", num_classes=2)
+    with pytest.raises(ValueError, match=r"FCN: input\.shape=\(1, (0, 40, 3|40, 0, 3|40, 40, 0)\)"
+                                         r" is invalid; expected height, width and channels"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+@pytest.mark.parametrize("factor", [0, -2, 2.0, True])
+def test_bilinear_upsample_refuses_a_factor_that_is_no_positive_int(factor):
+    """`bilinear_upsample`'s factor 0 or -2 failed in lax ('All dilations must be positive',
+    'broadcast shape'), 2.0 with a TypeError, and True upsampled by 1 silently."""
+    with pytest.raises(ValueError, match=r"bilinear_upsample: factor=.* is invalid"):
+        bilinear_upsample(jnp.ones((1, 2, 2, 1)), factor)
