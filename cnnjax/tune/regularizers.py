@@ -118,6 +118,23 @@ def knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
     return value
 
 
+def _never_applied(base: Any, field: str) -> str | None:
+    """Why `base`'s mixing never uses the method whose alpha `field` is (mixup or CutMix), so
+    turning it up changes nothing (`cnnjax.train.mixing.mix_batch`), else None."""
+    if field not in (MIXUP, CUTMIX):
+        return None
+    prob = space_lib.get_field(base, "mixing.prob", 1.0)
+    switch = space_lib.get_field(base, "mixing.switch_prob", 0.5)
+    if prob == 0:
+        return "mixing.prob=0 never mixes a batch"
+    other = CUTMIX if field == MIXUP else MIXUP
+    never = 1.0 if field == MIXUP else 0.0  # the switch_prob that always picks the other one
+    if (space_lib.get_field(base, other, 0.0) or 0.0) > 0 and switch == never:
+        return (f"{other} > 0 with mixing.switch_prob={switch:g} always picks "
+                f"{'CutMix' if field == MIXUP else 'mixup'}")
+    return None
+
+
 def check_regularizers(recipe: Recipe, base: Any) -> None:
     """Each knob of `recipe.regularizers` applies to `base`: its field exists (an optional
     knob's may not), its task has class labels where it needs them, and the base config turned
@@ -137,6 +154,11 @@ def check_regularizers(recipe: Recipe, base: Any) -> None:
         if knob.classification_only and task != "classification":
             raise invalid(_OWNER, "regularizers", name,
                           f"it needs class labels (config.task='classification', not {task!r})")
+        idle = _never_applied(base, knob.field)
+        if idle:
+            raise invalid(_OWNER, "regularizers", name,
+                          f"it sweeps {knob.field}, which the base config never applies "
+                          f"({idle}), so every trial would train as the incumbent does")
         candidates = knob.stronger(knob_value(base, {}, knob.field))
         if candidates:
             turned_up = {knob.field: candidates[0]}

@@ -788,3 +788,28 @@ def test_the_default_regularizers_leave_label_smoothing_out_where_there_are_no_c
     d = _decide([first, second], recipe, "overfitting", base=base)
     # weight decay swept and data.augment already on: nothing left (no label smoothing round)
     assert d.action == "stop" and d.next_round is None and base.data.augment
+
+
+@pytest.mark.parametrize("name, overrides, reason", [
+    ("mixup", {"mixing.prob": 0.0}, "mixing.prob=0 never mixes a batch"),
+    ("cutmix", {"mixing.prob": 0.0}, "mixing.prob=0 never mixes a batch"),
+    ("mixup", {"mixing.cutmix_alpha": 1.0, "mixing.switch_prob": 1.0},
+     "mixing.cutmix_alpha > 0 with mixing.switch_prob=1 always picks CutMix"),
+    ("cutmix", {"mixing.mixup_alpha": 0.2, "mixing.switch_prob": 0.0},
+     "mixing.mixup_alpha > 0 with mixing.switch_prob=0 always picks mixup"),
+])
+def test_a_mixing_knob_the_base_config_never_applies_is_refused(name, overrides, reason):
+    """Turning up an alpha that `mix_batch` never uses (prob 0, or switch_prob pinned to the
+    other method) would train every trial as the incumbent: refused before training, not swept.
+    The same knobs pass where they take effect (switch_prob strictly between 0 and 1, or the
+    other method off)."""
+    field = rg.MIXUP if name == "mixup" else rg.CUTMIX
+    with pytest.raises(ValueError) as err:
+        rg.check_regularizers(_recipe(regularizers=(name,)), _base(**overrides))
+    assert str(err.value) == (
+        f"recipe: regularizers={name!r} is invalid; it sweeps {field}, which the base config "
+        f"never applies ({reason}), so every trial would train as the incumbent does.")
+    rg.check_regularizers(_recipe(regularizers=(name,)), _base(**{"mixing.switch_prob": 0.0}
+                                                               if name == "mixup" else {}))
+    rg.check_regularizers(_recipe(regularizers=(name,)), _base(**{"mixing.switch_prob": 1.0}
+                                                               if name == "cutmix" else {}))
