@@ -29,6 +29,7 @@ import numpy as np
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
 from cnnjax.detection.evaluation import box_iou_np
 from cnnjax.detection.postprocess import Detections, batched_nms
+from cnnjax.layers.roi import check_valid_boxes
 from cnnjax.utils.validation import (
     check_non_negative_int,
     check_number,
@@ -70,12 +71,35 @@ def _matrix(owner: str, arg: str, x: Any, *, columns: int | None = None,
     return x
 
 
-def _boxes(owner: str, arg: str, boxes: Any) -> np.ndarray:
-    """`boxes` as float64 `[n, 4]`, else raises."""
+def _boxes(owner: str, arg: str, boxes: Any, valid: bool = True) -> np.ndarray:
+    """`boxes` as float64 `[n, 4]`, with (`valid`) every row finite and x1 <= x2, y1 <= y2,
+    else raises."""
     boxes = np.asarray(boxes, np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise invalid(owner, f"{arg}.shape", tuple(boxes.shape), "expected [n, 4] (x1, y1, x2, y2)")
+    if valid:
+        check_valid_boxes(owner, arg, boxes)
     return boxes
+
+
+def _ground_truth(owner: str, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(gt_boxes [G, 4] float64, gt_labels [G] integers, gt_valid [G] bool)`, else raises;
+    rows not `gt_valid` may hold anything."""
+    gt_boxes = _boxes(owner, "gt_boxes", gt_boxes, valid=False)
+    gt_labels = np.asarray(gt_labels).reshape(-1)
+    gt_valid = np.asarray(gt_valid).reshape(-1)
+    count = gt_boxes.shape[0]
+    for arg, value in (("gt_labels", gt_labels), ("gt_valid", gt_valid)):
+        if value.shape != (count,):
+            raise invalid(owner, f"{arg}.shape", value.shape,
+                          f"expected ({count},), one per gt box")
+    if gt_labels.size and not np.issubdtype(gt_labels.dtype, np.integer):
+        raise invalid(owner, "gt_labels.dtype", str(gt_labels.dtype),
+                      "expected integer class ids")
+    gt_valid = gt_valid.astype(bool)
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
+    return gt_boxes, gt_labels, gt_valid
 
 
 def _iou(owner: str, arg: str, value: Any) -> float:
@@ -89,13 +113,8 @@ def class_overlaps(boxes: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
     (0 for a class without any), as rcnn's `overlap` per class."""
     owner = "class_overlaps"
     boxes = _boxes(owner, "boxes", boxes)
-    gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
+    gt_boxes, gt_labels, gt_valid = _ground_truth(owner, gt_boxes, gt_labels, gt_valid)
     num_classes = check_positive_int(owner, "num_classes", num_classes)
-    gt_labels = np.asarray(gt_labels).reshape(-1)
-    gt_valid = np.asarray(gt_valid, bool).reshape(-1)
-    if gt_labels.shape != gt_valid.shape or gt_labels.shape[0] != gt_boxes.shape[0]:
-        raise invalid(owner, "gt_labels.shape", gt_labels.shape,
-                      f"expected ({gt_boxes.shape[0]},), one per gt box, as gt_valid")
     labels = gt_labels[gt_valid]
     if np.any((labels < 0) | (labels >= num_classes)):
         raise invalid(owner, "gt_labels", labels.tolist(),
@@ -125,6 +144,9 @@ def svm_labels(overlaps: Any, gt_class: Any, class_id: int,
     if gt_class.shape[0] != overlaps.shape[0]:
         raise invalid(owner, "gt_class.shape", gt_class.shape,
                       f"expected ({overlaps.shape[0]},), one per row of overlaps")
+    if gt_class.size and not np.issubdtype(gt_class.dtype, np.integer):
+        raise invalid(owner, "gt_class.dtype", str(gt_class.dtype),
+                      "expected integer class ids (-1: a region)")
     class_id = check_non_negative_int(owner, "class_id", class_id)
     if class_id >= overlaps.shape[1]:
         raise invalid(owner, "class_id", class_id, f"expected a class in [0, {overlaps.shape[1]})")
@@ -149,10 +171,10 @@ def regression_targets(
     `tx, ty, tw, th`, the paper's eq. for `t_*`). Unselected rows: class -1, target 0."""
     owner = "regression_targets"
     boxes = _boxes(owner, "boxes", boxes)
-    gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
+    gt_boxes, labels, valid = _ground_truth(owner, gt_boxes, gt_labels, gt_valid)
     threshold = _iou(owner, "min_iou", min_iou)
-    valid = np.asarray(gt_valid, bool).reshape(-1)
-    labels = np.asarray(gt_labels).reshape(-1)
+    if threshold <= 0:  # IoU 0 would select boxes apart from (or without) any overlap
+        raise invalid(owner, "min_iou", min_iou, "expected an IoU in (0, 1]")
     selected = np.zeros(boxes.shape[0], bool)
     classes = np.full(boxes.shape[0], -1, np.int64)
     targets = np.zeros((boxes.shape[0], 4))
@@ -319,6 +341,10 @@ def train_box_regressors(features: Any, classes: Any, targets: Any, num_classes:
         raise invalid(owner, "classes.shape", classes.shape,
                       f"expected ({len(features)},), one per feature row, as targets")
     num_classes = check_positive_int(owner, "num_classes", num_classes)
+    if classes.size and (not np.issubdtype(classes.dtype, np.integer)
+                         or np.any((classes < -1) | (classes >= num_classes))):
+        raise invalid(owner, "classes", np.unique(classes).tolist(),
+                      f"expected integer classes in [0, {num_classes}) (-1: no pair)")
     weights = np.zeros((num_classes, features.shape[1], 4))
     bias = np.zeros((num_classes, 4))
     counts = []
