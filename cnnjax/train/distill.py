@@ -42,15 +42,18 @@ DISTILL_DEFAULTS = {"teacher_workdir": None, "teacher_step": None, "ema": False,
                     "temperature": 4.0, "alpha": 0.9}
 
 
-def check_distillation(owner: str, temperature: Any, alpha: Any) -> tuple[float, float]:
+def check_distillation(owner: str, temperature: Any, alpha: Any,
+                       strings: bool = True) -> tuple[float, float]:
     """`(temperature, alpha)` as floats if T is a finite number > 0 and alpha is in [0, 1], else a
-    ValueError naming `owner`, the field and its value."""
+    ValueError naming `owner`, the field and its value (a numeric string counts unless
+    `strings=False`: a config file's, which `distill_rule` converts, not a `Distillation`'s)."""
     temperature = check_number(owner, "temperature", temperature,
                                "expected a finite temperature T > 0 (e.g. 4; 1: plain softmax)",
-                               low=0.0, high=math.inf, low_open=True, high_open=True)
+                               low=0.0, high=math.inf, low_open=True, high_open=True,
+                               strings=strings)
     alpha = check_number(owner, "alpha", alpha,
                          "expected the soft-target weight 0 <= alpha <= 1 (0: plain training)",
-                         low=0.0, high=1.0)
+                         low=0.0, high=1.0, strings=strings)
     return temperature, alpha
 
 
@@ -62,7 +65,8 @@ class Distillation:
     alpha: float = 0.9
 
     def __post_init__(self) -> None:
-        check_distillation("Distillation", self.temperature, self.alpha)
+        # Used as-is in the traced loss: a string ("4") would fail there, not here.
+        check_distillation("Distillation", self.temperature, self.alpha, strings=False)
 
 
 def soft_target_loss(student_logits: jax.Array, teacher_logits: jax.Array,

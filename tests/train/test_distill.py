@@ -417,3 +417,12 @@ def test_two_devices_match_one_under_pmap_and_shard_map():
     diffs = json.loads(result.stdout.strip().splitlines()[-1])
     assert diffs["shard2"] < 1e-6
     assert diffs["pmap2"] < 1e-5 and diffs["loss"] < 1e-5
+
+
+@pytest.mark.parametrize("field", ["temperature", "alpha"])
+def test_a_distillation_rule_refuses_a_string_it_would_use_as_is(field):
+    """`Distillation(temperature="4")` passed its check and failed only while tracing the step
+    (`1.0 / "4"`: a TypeError naming nothing); the config path still reads numeric strings."""
+    with pytest.raises(ValueError, match=rf"^Distillation: {field}='0.5' is invalid; expected"):
+        distill.Distillation(**{field: "0.5"})
+    assert distill.check_distillation("distill", "0.5", "0.5") == (0.5, 0.5)
