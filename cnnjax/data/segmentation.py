@@ -86,6 +86,21 @@ class ClassMapLabels:
     classes: tuple[str, ...]
     names: tuple[str | None, ...]
 
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if len(self.classes) > IGNORE_LABEL:  # else class 255 would be IGNORE_LABEL
+            raise invalid(owner, "classes", f"{len(self.classes)} classes",
+                          f"expected at most {IGNORE_LABEL}: class indices are 0..num_classes-1 "
+                          f"and {IGNORE_LABEL} is IGNORE_LABEL, which no step scores")
+        if len(self.names) > 256:
+            raise invalid(owner, "names", f"{len(self.names)} stored values",
+                          "expected at most 256: class maps are stored as uint8")
+        unknown = sorted({n for n in self.names if n is not None} - set(self.classes))
+        if unknown:
+            raise invalid(owner, "names", unknown,
+                          f"expected each name None (ignored) or one of the classes "
+                          f"{list(self.classes)}")
+
     def lookup(self) -> np.ndarray:
         """The int32 `[256]` table from stored value to class index or `IGNORE_LABEL`."""
         table = np.full(256, IGNORE_LABEL, np.int32)

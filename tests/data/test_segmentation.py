@@ -189,6 +189,19 @@ def test_class_map_labels_lookup():
     assert (table[3:] == segmentation.IGNORE_LABEL).all()
 
 
+@pytest.mark.parametrize("classes, names, detail", [
+    # 256 classes: class 255 would be IGNORE_LABEL, scored by the steps (label < C) as a class
+    (tuple(f"c{i}" for i in range(256)), tuple(f"c{i}" for i in range(256)), "classes"),
+    # 257 stored values: the uint8 table has 256 (an IndexError)
+    (("a",), ("a",) * 257, "names"),
+    # a stored value named after no class (a bare tuple.index ValueError)
+    (("a", "b"), ("a", "c"), "names"),
+])
+def test_class_map_labels_that_collide_with_the_ignore_label_are_refused(classes, names, detail):
+    with pytest.raises(ValueError, match=rf"ClassMapLabels: {detail}=.* is invalid; expected"):
+        segmentation.ClassMapLabels(classes=classes, names=names)
+
+
 def _scaled(root, scale_range, **overrides):
     return _config(root, augment=True, scale_range=scale_range, shuffle_buffer=1, **overrides)
 
