@@ -70,6 +70,9 @@ def _checked(image: Any) -> tf.Tensor:
     if image.shape.rank != 3 or image.shape[-1] not in (1, 3):
         raise invalid("randaugment", "image.shape", tuple(image.shape),
                       "expected [height, width, channels] with a static 1 or 3 channels")
+    if 0 in image.shape[:2]:  # the geometric ops and Equalize fail inside TF on these
+        raise invalid("randaugment", "image.shape", tuple(image.shape),
+                      "expected a non-empty image (height and width >= 1)")
     if image.dtype != tf.uint8:
         raise invalid("randaugment", "image.dtype", image.dtype.name, "expected uint8")
     return image
@@ -330,6 +333,20 @@ def layer_draws(seed: Any, num_layers: int) -> tuple[tf.Tensor, tf.Tensor]:
     return ops, negate
 
 
+def _check_float_pixels(image: tf.Tensor) -> None:
+    """A ValueError unless `image` is a float tensor whose values, where known before the graph
+    runs (eager, or a constant), are in [0, 255]."""
+    if not image.dtype.is_floating:
+        raise invalid("rand_augment", "image.dtype", image.dtype.name,
+                      "expected uint8, or a float type with values in [0, 255]")
+    values = tf.get_static_value(image)
+    if values is None or not values.size:
+        return
+    if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 255):
+        raise invalid("rand_augment", "image", f"<values in [{values.min()}, {values.max()}]>",
+                      "expected values in [0, 255] (pixel levels, not normalized)")
+
+
 def rand_augment(image: Any, seed: Any, num_layers: int, magnitude: float) -> tf.Tensor:
     """RandAugment: `num_layers` ops drawn uniformly from `OPS` (with replacement), each applied
     at `magnitude` (0..10) with a random sign, all drawn from the stateless `seed` (int64 `[2]`,
@@ -337,13 +354,15 @@ def rand_augment(image: Any, seed: Any, num_layers: int, magnitude: float) -> tf
     `tf.data.Dataset.map`); keeps the static shape.
 
     `image`: uint8 `[H, W, C]`, C = 1 or 3; or a float image in 0..255, rounded to uint8 first
-    and returned as its dtype (whole levels). `num_layers=0` returns `image` as it is.
+    and returned as its dtype (whole levels; other dtypes, empty images and known float values
+    outside 0..255 are refused). `num_layers=0` returns `image` as it is.
     """
     num_layers, magnitude = check_randaugment("rand_augment", num_layers, magnitude)
     image = tf.convert_to_tensor(image)
     dtype = image.dtype
     pixels = image
     if dtype != tf.uint8:
+        _check_float_pixels(image)
         pixels = tf.cast(tf.round(tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)),
                          tf.uint8)
     pixels = _checked(pixels)

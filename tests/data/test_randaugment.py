@@ -9,6 +9,7 @@ grayscale one.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -321,3 +322,41 @@ def test_images_of_other_shapes_or_dtypes_are_refused():
     with pytest.raises(ValueError, match=r"randaugment: image.dtype='int32' is invalid; "
                                          r"expected uint8"):
         ra.equalize(np.zeros((4, 4, 3), np.int32))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, bool])
+def test_rand_augment_refuses_images_neither_uint8_nor_float(dtype):
+    """Only uint8 and float (0..255) images are defined; an int or bool image used to be cast
+    to float and augmented without a word (a bool mask came back as a bool 'image')."""
+    x = np.zeros((6, 5, 3), dtype)
+    with pytest.raises(ValueError, match=rf"rand_augment: image.dtype='{tf.as_dtype(dtype).name}'"
+                                         r" is invalid; expected uint8, or a float type with "
+                                         r"values in \[0, 255\]"):
+        ra.rand_augment(x, SEED, 2, 9)
+
+
+@pytest.mark.parametrize("low, high", [(-1.0, 200.0), (0.0, 255.5), (0.0, float("nan"))])
+def test_rand_augment_refuses_known_float_values_outside_0_255(low, high):
+    """A float image whose values are known before the graph runs (eager, or a constant) must
+    lie in [0, 255]; normalized images (negative values) used to be clipped silently."""
+    x = np.full((6, 5, 3), 100.0, np.float32)
+    x[0, 0, 0], x[1, 1, 1] = low, high
+    with pytest.raises(ValueError, match=r"rand_augment: image=.*is invalid; expected values in "
+                                         r"\[0, 255\]"):
+        ra.rand_augment(x, SEED, 2, 9)
+    ok = np.clip(np.nan_to_num(x), 0, 255)
+    assert ra.rand_augment(ok, SEED, 2, 9).dtype == tf.float32  # in range: accepted
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3), (4, 0, 1)])
+def test_rand_augment_refuses_empty_images_whatever_the_draw(shape):
+    """An empty image used to pass through the ops that ignore geometry and fail inside TF
+    (ImageProjectiveTransformV3 "output dimensions must be positive", an out-of-bounds slice in
+    Equalize) for the others, so the outcome depended on the seed."""
+    x = np.zeros(shape, np.uint8)
+    for s in range(4):
+        with pytest.raises(ValueError, match=re.escape(f"randaugment: image.shape={shape!r} is "
+                                                       "invalid; expected a non-empty")):
+            ra.rand_augment(x, tf.constant([s, 1], tf.int64), 2, 9)
+    with pytest.raises(ValueError, match=r"expected a non-empty"):
+        ra.equalize(x)
