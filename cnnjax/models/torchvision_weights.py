@@ -297,6 +297,8 @@ def _without_wrapper_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _architecture(model_name: Any) -> _Architecture:
     owner = "torchvision_weights"
+    if not isinstance(model_name, str):  # e.g. a list: unhashable, `in` would raise TypeError
+        raise invalid(owner, "model", model_name, f"expected one of {list(SUPPORTED_MODELS)}")
     if model_name in _ARCHITECTURES:
         return _ARCHITECTURES[model_name]
     if model_name in UNSUPPORTED_MODELS:
@@ -315,6 +317,20 @@ def pretrained_model_kwargs(model_name: str) -> dict[str, Any]:
 
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in np.shape(value))
+
+
+def _float32(owner: str, key: str, value: Any) -> np.ndarray:
+    """A state_dict value (NumPy array or CPU tensor: bfloat16 and gradient-tracking tensors
+    included, which NumPy cannot read directly) as float32 NumPy. A value that is not an array
+    of real numbers is refused: NumPy would turn None into NaN and drop an imaginary part."""
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # a torch tensor
+        value = value.detach().cpu()
+        value = (value.float() if value.is_floating_point() else value).numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise invalid(owner, key, f"array of dtype {array.dtype}",
+                      "expected real numbers (a float tensor, as a torch state_dict holds)")
+    return array.astype(np.float32)
 
 
 def _list(keys: Sequence[str], limit: int = 8) -> str:
@@ -401,7 +417,7 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
             raise invalid(owner, leaf.torch_key, f"array of shape {_shape(value)}",
                           f"cnnjax's {leaf.target} needs shape {want} ({leaf.layout.name}), "
                           f"i.e. a torch tensor of shape {torch_want}")
-        array = np.asarray(leaf.layout.to_flax(np.asarray(value, np.float32)))
+        array = np.asarray(leaf.layout.to_flax(_float32(owner, leaf.torch_key, value)))
         flat[(leaf.collection, *leaf.path)] = np.ascontiguousarray(array)
     variables = unflatten_dict(flat)
     return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}

@@ -308,3 +308,22 @@ def test_command_writes_a_workdir_a_fine_tune_starts_from(tmp_path, monkeypatch)
                 continue
             np.testing.assert_array_equal(got[key], value, err_msg="/".join(key))
     assert json.loads((workdir / "summary.json").read_text())["status"] == "converted"
+
+
+def test_bfloat16_and_grad_tracking_tensors_convert_like_their_float32_values():
+    """`convert_state_dict` takes CPU tensors too: a bfloat16 state_dict (torch's
+    `model.bfloat16().state_dict()`) and parameters that still track gradients
+    (`dict(model.named_parameters())`) convert exactly as the float32 NumPy values of the same
+    tensors (bfloat16 -> float32 is exact: tolerance 0)."""
+    model = _torchvision_model("resnet18")
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    want = flatten_dict(tvw.convert_state_dict(
+        "resnet18", {k: v.float().numpy() for k, v in half.items()}))
+    got = flatten_dict(tvw.convert_state_dict("resnet18", half))
+    assert sorted(got) == sorted(want)
+    assert all(got[k].dtype == np.float32 and np.array_equal(got[k], want[k]) for k in want)
+    tracking = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert any(v.requires_grad for v in tracking.values())
+    got = flatten_dict(tvw.convert_state_dict("resnet18", tracking))
+    want = flatten_dict(tvw.convert_state_dict("resnet18", _numpy_state_dict(model)))
+    assert all(np.array_equal(got[k], want[k]) for k in want)

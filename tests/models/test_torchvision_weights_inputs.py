@@ -324,3 +324,23 @@ def test_a_run_without_the_settings_converted_weights_need_is_refused(tmp_path):
     # A run of another model (a submodule warm start) is not this model's input: no check.
     check_pretrained_model_kwargs(ml_collections.ConfigDict({"model": "resnet18"}), workdir,
                                   source_config)
+
+
+@pytest.mark.parametrize("value, kind", [
+    (np.array([None] * 64), "object"),
+    (np.ones(64, np.complex64), "complex64"),
+    (np.array(["1"] * 64), "<U1"),
+])
+def test_a_value_that_is_not_a_real_number_array_is_named(resnet18_sd, value, kind):
+    """np.asarray(..., float32) would turn None into NaN and drop an imaginary part silently."""
+    with pytest.raises(ValueError, match=rf"^torchvision_weights\('resnet18'\): "
+                                         rf"bn1.running_var='array of dtype {kind}' is invalid; "
+                                         r"expected real numbers"):
+        tvw.convert_state_dict("resnet18", {**resnet18_sd, "bn1.running_var": value})
+
+
+@pytest.mark.parametrize("name", [["resnet18"], {"resnet18": 1}])
+def test_an_unhashable_model_name_is_named(resnet18_sd, name):
+    with pytest.raises(ValueError, match=r"^torchvision_weights: model=.* is invalid; expected "
+                                         r"one of \["):
+        tvw.convert_state_dict(name, resnet18_sd)
