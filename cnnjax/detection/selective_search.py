@@ -76,9 +76,12 @@ def selective_search(image: Any, *, strategy: str = "fast", scale: float = 1.0,
         search.switchToSelectiveSearchFast()
     else:
         search.switchToSelectiveSearchQuality()
-    rects = np.asarray(search.process(), np.float32).reshape(-1, 4)  # (x, y, w, h)
-    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / scale
+    rects = np.asarray(search.process(), np.float64).reshape(-1, 4)  # (x, y, w, h)
     height, width = array.shape[:2]
+    # Back by the actual resize factors: cv2.resize rounds W * scale and H * scale to whole
+    # pixels, so dividing by `scale` misplaces boxes by up to half a resized pixel.
+    factors = np.array([bgr.shape[1] / width, bgr.shape[0] / height] * 2)
+    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1) / factors
     boxes = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
     boxes = np.unique(boxes, axis=0)
     if max_boxes is not None and len(boxes) > max_boxes:

@@ -43,6 +43,18 @@ def test_every_object_gets_a_tight_proposal(strategy, scale):
     assert (boxes[:, 2:] > boxes[:, :2]).all()
 
 
+@pytest.mark.parametrize("shape, scale", [((30, 75), 0.3), ((41, 53), 1.5), ((64, 64), 2.0)])
+def test_boxes_map_back_by_the_actual_resize_factors(shape, scale):
+    # cv2.resize makes round(75 * 0.3) = 22 (or 23) columns, not 22.5: the hierarchy's root
+    # region (the whole resized image, always among OpenCV's rects) must come back as exactly
+    # the whole input image (tolerance: float32 rounding, 1e-4 px), not 22 / 0.3 = 73.3.
+    image = np.random.default_rng(1).integers(0, 255, size=shape + (3,)).astype(np.uint8)
+    boxes = selective_search(image, scale=scale)
+    height, width = shape
+    whole = np.abs(boxes - np.array([0, 0, width, height], np.float32)).max(axis=1)
+    assert whole.min() <= 1e-4
+
+
 def test_a_reproducible_sorted_set():
     boxes = selective_search(_scene(), scale=2.0)
     np.testing.assert_array_equal(boxes, selective_search(_scene(), scale=2.0))
