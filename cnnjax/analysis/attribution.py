@@ -249,18 +249,16 @@ def _check_images(images: Any) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _check_targets(targets: Any, logits: np.ndarray) -> np.ndarray:
-    """`targets` as int32 `[N]`; None: each image's predicted class."""
-    if targets is None:
-        return np.argmax(logits, axis=-1).astype(np.int32)
+def _check_targets(targets: Any, count: int, classes: int) -> np.ndarray:
+    """Given `targets` as int32 `[count]` class ids in `[0, classes)` (a scalar: for every
+    image)."""
     array = np.asarray(targets)
     if array.ndim == 0:
-        array = np.full(len(logits), array)
-    classes = logits.shape[-1]
-    if (array.shape != (len(logits),) or not np.issubdtype(array.dtype, np.integer)
+        array = np.full(count, array)
+    if (array.shape != (count,) or not np.issubdtype(array.dtype, np.integer)
             or np.any(array < 0) or np.any(array >= classes)):
         raise invalid(_OWNER, "targets", targets,
-                      f"expected one class id in [0, {classes - 1}] per image ({len(logits)}), "
+                      f"expected one class id in [0, {classes - 1}] per image ({count}), "
                       "or None for the predicted classes")
     return array.astype(np.int32)
 
@@ -310,8 +308,12 @@ class _Batch:
 
     @functools.cached_property
     def targets(self) -> np.ndarray:
-        """The requested classes, else each image's predicted one."""
-        return _check_targets(self._targets, self.logits)
+        """The requested classes (checked against the abstract trace's class count, before
+        anything compiles), else each image's predicted one."""
+        if self._targets is None:
+            return np.argmax(self.logits, axis=-1).astype(np.int32)
+        classes = _logits_of(self.outputs).shape[-1]  # type: ignore[index]
+        return _check_targets(self._targets, len(self.images), classes)
 
 
 def logits(model: nn.Module, variables: Any, images: Any) -> np.ndarray:
@@ -813,6 +815,8 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
                       f"expected distinct names from {list(METHODS)}, at least one")
     batch = _Batch(model, variables, images, targets)
     # Every argument is checked before any method runs (each compiles its own function).
+    if targets is not None:
+        _ = batch.targets  # checks the given targets; nothing compiles
     if "grad_cam" in methods and layer is not None:
         _check_layers(batch.outputs, (layer,), batch.images.ndim)
     if "occlusion" in methods:

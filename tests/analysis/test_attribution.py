@@ -503,3 +503,21 @@ def test_bad_inputs_are_named(resnet, linear):
         at.first_layer_filters(lin_model, lin_vars, SHAPE)
     with pytest.raises(ValueError, match=r"boxes='array of shape \(2, 4\)' is invalid"):
         at.pointing_game(np.zeros((3, 4, 4)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "guided_backprop",
+                                    "integrated_gradients", "occlusion", "grad_cam", "explain"])
+@pytest.mark.parametrize(("targets", "shown"), [([0, 3, 1, 2], r"\[0, 3, 1, 2\]"), (-1, "-1"),
+                                                ([0, 1], r"\[0, 1\]"), (1.0, "1.0")])
+def test_bad_targets_are_refused_before_the_model_compiles(resnet, monkeypatch, method,
+                                                           targets, shown):
+    """Given targets were checked against the clean logits, i.e. only after the model's forward
+    pass had compiled and run; the class count comes from the abstract trace (4 classes, 3
+    images here)."""
+    model, variables, images = resnet
+    monkeypatch.setattr(at, "_logits_fn", lambda *a: pytest.fail("the logits compiled"))
+    # building a jitted function is fine; calling it (compiling, running) is not
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: lambda *a, **k: pytest.fail("it ran"))
+    with pytest.raises(ValueError, match=rf"^attribution: targets={shown} is invalid; expected "
+                                         r"one class id in \[0, 3\] per image \(3\)"):
+        getattr(at, method)(model, variables, images, targets=targets)
