@@ -406,7 +406,12 @@ def plasma_fractal(rng: np.random.Generator, mapsize: int = 32,
     [0, 1]): at each step size s (mapsize, mapsize/2, ..., 2) square centres, then the diamond
     points on rows of corners, then those on rows of centres, are the mean of their 4
     neighbours plus wibble * U(-wibble, wibble) (one `rng.uniform` array per fill, row-major;
-    wibble starts at 100 and is divided by `wibbledecay` per step)."""
+    wibble starts at 100 and is divided by `wibbledecay` per step). `mapsize` must be a power of
+    two >= 2 (the authors assert it): the fill reaches no other grid whole."""
+    if (isinstance(mapsize, bool) or not isinstance(mapsize, int | np.integer) or mapsize < 2
+            or mapsize & (mapsize - 1)):
+        raise invalid(_OWNER, "mapsize", mapsize,
+                      "expected a power of two >= 2 (plasma_size(side) gives fog's)")
     grid = np.empty((mapsize, mapsize))
     grid[0, 0] = 0.0
     step, wibble = mapsize, 100.0

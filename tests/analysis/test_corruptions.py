@@ -435,6 +435,16 @@ def test_plasma_fractal_is_diamond_square(size, decay):
     assert out.shape == (size, size) and out.min() == 0 and out.max() == 1
 
 
+@pytest.mark.parametrize("size", [24, 48, 1, 0, 2.0])
+def test_plasma_fractal_refuses_a_mapsize_not_a_power_of_two(size):
+    """The diamond-square fill only reaches every cell of a power-of-two grid (the authors
+    assert it): at 24 the step goes 24, 12, 6, 3 and rows/columns 2 mod 3 stayed
+    `np.empty` garbage; at 1 the result was 0 / 0 = NaN; at 0 an IndexError."""
+    with pytest.raises(ValueError, match=rf"corruptions: mapsize={size!r} is invalid; expected "
+                                         r"a power of two >= 2"):
+        C.plasma_fractal(np.random.default_rng(0), size)
+
+
 @pytest.mark.parametrize("severity", C.SEVERITIES)
 def test_fog_adds_plasma_and_rescales_by_the_peak(severity):
     """x + a plasma, times max(x) / (max(x) + a), max over the whole image: 1e-9 levels."""
