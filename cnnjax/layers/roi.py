@@ -440,6 +440,11 @@ def box_iou(boxes1: Any, boxes2: Any) -> jax.Array:
 
 
 def _box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
+    # areas of half-precision boxes overflow (300 x 300 > float16's 65504): at least float32, as
+    # torchvision's `_upcast`
+    a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
+    b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
+
     def area(x):
         return jnp.maximum(x[:, 2] - x[:, 0], 0) * jnp.maximum(x[:, 3] - x[:, 1], 0)
 

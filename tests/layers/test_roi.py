@@ -447,6 +447,17 @@ def test_box_iou_by_hand():
     np.testing.assert_allclose(box_iou(a, b), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_box_iou_of_half_precision_boxes_is_computed_in_float32(dtype):
+    """300 x 300 areas overflow float16 (max 65504): IoUs were 0 (torchvision upcasts, too)."""
+    a = np.array([[0.0, 0.0, 300.0, 300.0], [0.0, 0.0, 290.0, 300.0]])
+    b = np.array([[10.0, 0.0, 300.0, 300.0]])
+    expected = [[290 / 300], [280 / 300]]  # float64 by hand; every corner is exact in both dtypes
+    ious = box_iou(jnp.asarray(a, dtype), jnp.asarray(b, dtype))
+    assert ious.dtype == jnp.float32
+    np.testing.assert_allclose(ious, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("iou_threshold,max_output_size,score_threshold",
                          [(0.5, 10, float("-inf")), (0.3, 60, float("-inf")), (0.7, 25, 0.4),
                           (0.0, 40, float("-inf")), (1.0, 7, 0.9)])
