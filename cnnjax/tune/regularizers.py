@@ -165,7 +165,23 @@ def check_regularizers(recipe: Recipe, base: Any) -> None:
             if knob.needs_augment:
                 turned_up[AUGMENT] = True
             try:
-                config_lib.validate_config(space_lib.apply_overrides(base, turned_up))
+                stronger = space_lib.apply_overrides(base, turned_up)
+                config_lib.validate_config(stronger)
+                if knob.field.startswith("model_kwargs."):  # the model checks its own fields
+                    _check_model_takes(base, stronger)
             except ValueError as err:
                 raise invalid(_OWNER, "regularizers", name,
                               f"the base config with {turned_up} is refused ({err})") from None
+
+
+def _check_model_takes(base: Any, stronger: Any) -> None:
+    """Builds `stronger`'s model (a flax module: construction only, nothing initialized) where
+    `base`'s builds, so a value the model refuses (e.g. drop_path_rate > 0 on a plain network,
+    which has no residual branch to drop) fails here rather than when the knob's round starts."""
+    from cnnjax.models import create_model  # deferred: imports every architecture
+
+    try:
+        create_model(base.model, **config_lib.model_kwargs(base))
+    except ValueError:  # the base's own problem: check_config reports it, in its own words
+        return
+    create_model(stronger.model, **config_lib.model_kwargs(stronger))

@@ -813,3 +813,25 @@ def test_a_mixing_knob_the_base_config_never_applies_is_refused(name, overrides,
                                                                if name == "mixup" else {}))
     rg.check_regularizers(_recipe(regularizers=(name,)), _base(**{"mixing.switch_prob": 1.0}
                                                                if name == "cutmix" else {}))
+
+
+def test_a_drop_path_knob_a_plain_network_refuses_is_refused_before_round_1():
+    """plain20_cifar declares drop_path_rate but refuses any value > 0 (no residual branch):
+    `validate_config` never builds the model, so the knob passed and the tune died when its
+    round's `check_config` ran, after round 1 had trained. Now the model is constructed (no
+    parameters initialized) with the knob's first value; the residual twin still passes."""
+    from cnnjax.train.config import model_kwargs_config
+
+    def base(model):
+        config = helpers.tiny_config(model=model)
+        config.model_kwargs = model_kwargs_config(model)
+        config.lock()
+        return config
+
+    with pytest.raises(ValueError) as err:
+        rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("plain20_cifar"))
+    assert str(err.value).startswith(
+        "recipe: regularizers='drop_path' is invalid; the base config with "
+        "{'model_kwargs.drop_path_rate': 0.1} is refused (CifarResNet: drop_path_rate=0.1 is "
+        "invalid; expected 0 with shortcut='none'")
+    rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("resnet20_cifar"))
