@@ -52,6 +52,7 @@ from cnnjax.utils.validation import (
     check_number,
     check_positive_int,
     invalid,
+    widen_low_precision,
 )
 
 _OWNER = "attribution"
@@ -238,12 +239,15 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
 
 
 def _check_images(images: Any) -> np.ndarray:
-    array = np.asarray(images)
+    array = widen_low_precision(np.asarray(images))  # bfloat16 images read as floats
     if array.ndim == 3:
         array = array[None]
-    if array.ndim != 4 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
+    if array.ndim != 4 or array.shape[0] == 0:
         raise invalid(_OWNER, "images", f"array of shape {array.shape}",
                       "expected preprocessed images [N, H, W, C] (or one [H, W, C])")
+    if array.dtype.kind not in "iuf":  # complex would lose its imaginary part unannounced
+        raise invalid(_OWNER, "images.dtype", str(array.dtype),
+                      "expected real numbers (preprocessed images)")
     if not np.all(np.isfinite(array)):
         raise invalid(_OWNER, "images", "an array with NaN or inf", "expected finite values")
     return array.astype(np.float32)
@@ -401,7 +405,12 @@ def _integrated_gradients(batch: _Batch, baseline: Any = 0.0, steps: int = 32) -
     images = batch.images
     steps = check_positive_int(_OWNER, "steps", steps)
     try:
-        baselines = np.broadcast_to(np.asarray(baseline, np.float32), images.shape)
+        baseline = np.asarray(baseline, np.float32)
+    except (TypeError, ValueError):
+        raise invalid(_OWNER, "baseline", baseline,
+                      "expected a number or an array of numbers (0: the dataset mean)") from None
+    try:
+        baselines = np.broadcast_to(baseline, images.shape)
     except ValueError:
         raise invalid(_OWNER, "baseline", f"array of shape {np.shape(baseline)}",
                       f"expected a value or an array broadcastable to {images.shape}") from None
@@ -871,7 +880,8 @@ def filter_grid(kernel: Any, columns: int | None = None, pad: int = 1) -> np.nda
         raise invalid(_OWNER, "kernel", f"array of shape {kernel.shape}",
                       "expected a 2-D convolution kernel [kh, kw, C_in, C_out]")
     count = kernel.shape[-1]
-    columns = check_positive_int(_OWNER, "columns", columns or math.ceil(math.sqrt(count)))
+    columns = check_positive_int(_OWNER, "columns", math.ceil(math.sqrt(count))
+                                 if columns is None else columns)
     filters = np.moveaxis(kernel, -1, 0)  # [C_out, kh, kw, C_in]
     if filters.shape[-1] != 3:
         filters = filters.mean(axis=-1, keepdims=True)

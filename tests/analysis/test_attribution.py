@@ -521,3 +521,26 @@ def test_bad_targets_are_refused_before_the_model_compiles(resnet, monkeypatch, 
     with pytest.raises(ValueError, match=rf"^attribution: targets={shown} is invalid; expected "
                                          r"one class id in \[0, 3\] per image \(3\)"):
         getattr(at, method)(model, variables, images, targets=targets)
+
+
+def test_image_dtypes_baselines_and_columns_are_checked(linear):
+    """Complex images lost their imaginary part with only a NumPy warning, bfloat16 ones were
+    refused as an 'array of shape (4, 12, 10, 2)'; a string baseline was named as a shape ()
+    that does not broadcast; filter_grid(columns=0) took 0 as 'not given'. Reference for the
+    bfloat16 images: saliency of the same values in float32 (the linear model's |weight| max)."""
+    model, variables, images, kernel, _ = linear
+    for dtype in (bool, complex, "<U1"):
+        with pytest.raises(ValueError, match=rf"^attribution: images.dtype='{np.dtype(dtype)}' "
+                                             r"is invalid; expected real numbers"):
+            at.saliency(model, variables, np.zeros((1, *SHAPE), dtype))
+    low = images.astype(jnp.bfloat16)
+    np.testing.assert_allclose(at.saliency(model, variables, low, targets=1),
+                               at.saliency(model, variables, low.astype(np.float32), targets=1),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^attribution: baseline='zero' is invalid; expected a "
+                                         r"number or an array of numbers"):
+        at.integrated_gradients(model, variables, images, baseline="zero")
+    with pytest.raises(ValueError, match=r"^attribution: columns=0 is invalid; expected a "
+                                         r"positive integer"):
+        at.filter_grid(np.zeros((3, 3, 1, 4)), columns=0)
+    assert at.filter_grid(np.zeros((3, 3, 1, 4))).shape == (7, 7, 1)  # None: ceil(sqrt(4)) = 2
