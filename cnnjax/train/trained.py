@@ -99,7 +99,10 @@ def load_trained(workdir: str, step: int | None = None,
         raise invalid(_OWNER, "workdir", workdir,
                       f"expected the --workdir of a training run (no readable {CONFIG_FILE} with "
                       "a model in it)")
-    if (read_json(os.path.join(workdir, SUMMARY_FILE)) or {}).get("status") == "converted":
+    converted = (read_json(os.path.join(workdir, SUMMARY_FILE)) or {}).get("status") == "converted"
+    # The converter writes summary.json last: an interrupted conversion is known by its
+    # config.json (a `source` record and no training fields).
+    if converted or ("source" in saved and "optimizer" not in saved):
         raise invalid(_OWNER, "workdir", workdir,
                       "it holds converted torchvision weights, not a training run: pass it as "
                       "--config.init_from.workdir of a run instead")
@@ -112,7 +115,13 @@ def load_trained(workdir: str, step: int | None = None,
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
     config.grad_accum_steps = 1  # a training setting: it need not divide this machine's batch
-    checked = config_lib.check_config(config, for_training=False)
+    try:
+        checked = config_lib.check_config(config, for_training=False)
+    except (AttributeError, KeyError) as err:  # ConfigDict's missing field, e.g. "'optimizer'"
+        field = (str(err).splitlines() or [""])[0].strip("\"' ")
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"its {CONFIG_FILE} is not a complete training config (it lacks "
+                      f"{field!r}); expected the --workdir of a training run") from None
     check_bool(_OWNER, "ema", ema)
     if ema and config_lib.ema_rule(config) is None:
         raise NoWeightAverageError(workdir)

@@ -264,3 +264,25 @@ def test_an_unreadable_checkpoint_names_its_step(run_dir, tmp_path):
                                          r"checkpoint of .* could not be read \(.*\); pass "
                                          r"another kept step \(--step=N\)"):
         load_trained(str(copy))
+
+
+def test_a_config_json_that_is_not_a_training_runs_is_a_named_error(tmp_path):
+    """A converted-weights workdir whose summary.json is missing (the converter writes it last,
+    so an interrupted conversion lacks it) and a config.json without the training fields are
+    refused as ValueErrors naming the workdir, not an AttributeError from deep in the config
+    check."""
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "config.json").write_text(json.dumps(
+        {"model": "resnet18", "source": {"weights": "/x.pth"}, "num_classes": 1000,
+         "best_metric": None, "best_mode": "max", "model_kwargs": {}}))
+    with pytest.raises(ValueError, match=r"^load_trained: workdir=.* is invalid; it holds "
+                                         r"converted torchvision weights, not a training run"):
+        load_trained(str(converted))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text(json.dumps({"model": "resnet18"}))
+    with pytest.raises(ValueError, match=r"^load_trained: workdir=.* is invalid; its "
+                                         r"config.json is not a complete training config "
+                                         r"\(it lacks 'optimizer'\)"):
+        load_trained(str(partial))
