@@ -56,10 +56,18 @@ def intersection_over_union(matrix: Any) -> dict[str, float]:
     `pixel_accuracy`, correct pixels over all counted pixels (FCN's "pixel accuracy"); `miou`,
     the mean over classes present in the truth or the predictions of `TP / (TP + FP + FN)`
     (PASCAL VOC's and Cityscapes' mean IoU), and `iou/<c>` per such class."""
-    matrix = np.asarray(matrix, np.float64)
+    try:
+        matrix = np.asarray(widen_low_precision(np.asarray(matrix)), np.float64)
+    except (TypeError, ValueError):
+        raise invalid("intersection_over_union", "matrix", matrix,
+                      "expected a square [C, C] confusion matrix of counts") from None
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise invalid("intersection_over_union", "matrix.shape", matrix.shape,
                       "expected a square [C, C] confusion matrix")
+    if not np.all(np.isfinite(matrix) & (matrix >= 0)):  # else a union can cancel to 0
+        bad = tuple(int(i) for i in np.argwhere(~(np.isfinite(matrix) & (matrix >= 0)))[0])
+        raise invalid("intersection_over_union", f"matrix[{bad[0]}, {bad[1]}]",
+                      float(matrix[bad]), "expected counts: finite and >= 0")
     hits = np.diag(matrix)
     union = matrix.sum(axis=0) + matrix.sum(axis=1) - hits
     present = np.flatnonzero(union > 0)
@@ -79,6 +87,10 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+        raise invalid("plot_confusion_matrix", "matrix.shape", matrix.shape,
+                      "expected a square [C, C] confusion matrix (confusion_matrix's)")
     num_classes = matrix.shape[0]
     rows = matrix.sum(axis=1, keepdims=True)
     normalized = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)

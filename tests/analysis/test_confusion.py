@@ -113,3 +113,23 @@ def test_segmentation_colours_are_distinct_per_class(num_classes):
     cmap = _class_colours(num_classes)
     colours = {tuple(np.round(cmap(c / max(cmap.N - 1, 1)), 6)) for c in range(num_classes)}
     assert len(colours) == num_classes == cmap.N
+
+
+def test_a_matrix_that_is_not_counts_is_refused():
+    """A negative or NaN entry let a class's union cancel to 0 (TP + FP + FN = 1 + 0 - 1) and
+    was refused as 'all zeros'; a string matrix failed in NumPy's float conversion unnamed; a
+    non-square matrix reached the plot (a 1-D one failed with an AxisError)."""
+    from cnnjax.analysis.confusion import intersection_over_union, plot_confusion_matrix
+
+    for entry, shown in ((-1, r"-1\.0"), (np.nan, "nan"), (np.inf, "inf")):
+        with pytest.raises(ValueError, match=rf"^intersection_over_union: matrix\[0, 1\]="
+                                             rf"{shown} is invalid; expected counts: finite"):
+            intersection_over_union([[1, entry], [0, 1]])
+    with pytest.raises(ValueError, match=r"^intersection_over_union: matrix=.* is invalid; "
+                                         r"expected a square \[C, C\] confusion matrix of"):
+        intersection_over_union([["a"]])
+    for shape in ((3,), (2, 3), (0, 0)):
+        with pytest.raises(ValueError, match=r"^plot_confusion_matrix: matrix.shape="):
+            plot_confusion_matrix(np.zeros(shape, np.int64), "/nonexistent/never_written.png")
+    # counts still score as before: hand reference, IoU of class 0 = 1 / (1 + 1 + 0)
+    assert intersection_over_union([[1, 1], [0, 2]])["iou/0"] == 0.5
