@@ -38,7 +38,11 @@ def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_confi
     (googlenet_bn's `transform_input=True`: torchvision rescales the input for those weights);
     a run without them would fine-tune from wrongly scaled inputs, so it is refused."""
     summary = read_json(os.path.join(source_workdir, SUMMARY_FILE)) or {}
-    if summary.get("status") != "converted" or source_config.get("model") != config.model:
+    # summary.json is written last: an interrupted conversion is known by its config.json (a
+    # `source` record and no training fields), and its checkpoint loads the same.
+    converted = summary.get("status") == "converted" or (
+        "source" in source_config and "optimizer" not in source_config)
+    if not converted or source_config.get("model") != config.model:
         return
     mine = config_lib.model_kwargs(config)
     for key, value in sorted((source_config.get("model_kwargs") or {}).items()):

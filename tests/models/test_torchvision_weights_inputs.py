@@ -324,6 +324,12 @@ def test_a_run_without_the_settings_converted_weights_need_is_refused(tmp_path):
     # A run of another model (a submodule warm start) is not this model's input: no check.
     check_pretrained_model_kwargs(ml_collections.ConfigDict({"model": "resnet18"}), workdir,
                                   source_config)
+    # An interrupted conversion (summary.json is written last) is still known by its
+    # config.json, and checked the same.
+    (tmp_path / "pretrained" / "summary.json").unlink()
+    config.model_kwargs.transform_input = None
+    with pytest.raises(ValueError, match=r"need model_kwargs\.transform_input=True"):
+        check_pretrained_model_kwargs(config, workdir, source_config)
 
 
 @pytest.mark.parametrize("value, kind", [
