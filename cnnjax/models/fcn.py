@@ -34,19 +34,26 @@ The two backbones place coarse pixels differently, so they get different (exact)
 - ResNet: the padded stride-2 convolutions and 3x3 max pool (symmetric padding k//2) centre
   coarse pixel i on fine pixel `s·i` exactly. Upsampling is corner-aligned bilinear: odd kernel
   `2s − 1` (the triangle `1 − |t|/s`, centred), padding `s − 1`, output_padding `s − 1`, so
-  output pixel `s·i` is coarse pixel i and the pixels between interpolate linearly (the last
-  `s − 1` rows/columns fall towards the zero beyond the map). Half-pixel upsampling here would
-  shift the FCN-32s output by 15.5 pixels and misalign the FCN-8s skips by 8 and 12 pixels, which
-  no learned layer can undo in FCN-32s (1x1 score layer, fixed final upsampling).
+  output pixel `s·i` is coarse pixel i and the pixels between interpolate linearly. Half-pixel
+  upsampling here would shift the FCN-32s output by 15.5 pixels and misalign the FCN-8s skips by
+  8 and 12 pixels, which no learned layer can undo in FCN-32s (1x1 score layer, fixed final
+  upsampling).
 With either, the centre of each output pixel's receptive field is that pixel
 (`cnnjax.analysis.summary` reports start 0 and no misaligned merge).
+
+Borders. Every upsampling (fixed or learned) sees the coarse map with its edge rows and columns
+repeated once beyond it, so output pixels outside the outermost coarse centres interpolate towards
+the edge value, as torch's `interpolate` and TF's `resize` clamp and as Caffe's pad-100 scores
+extend beyond the image. Upsampled against zeros, a constant score map read 0.52 of itself on
+the edges of a 32x VGG output and 0.03 on the last row of a ResNet one, and FCN-8s's skip sums
+mixed attenuated and full scores there.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -100,10 +107,19 @@ def bilinear_upsample(x: Array, factor: int, corner_aligned: bool = False) -> Ar
 
     The transposed convolution FCN uses, with the bilinear kernel of
     `cnnjax.layers.conv.bilinear_upsample_init`: output `factor * n`, half-pixel aligned (input
-    pixel i centred at output `s·i + (s−1)/2`) or, with `corner_aligned`, input pixel i at output
-    `s·i` (outputs beyond the last input pixel interpolate towards zero).
+    pixel i centred at output `s·i + (s−1)/2`, as `tf.image.resize`) or, with `corner_aligned`,
+    input pixel i at output `s·i`. Outputs beyond the outermost input centres take the edge value
+    (clamped, as `tf.image.resize`), not a blend with zeros.
     """
     check_positive_int("bilinear_upsample", "factor", factor)
+    return edge_clamped(
+        functools.partial(bilinear_transposed_conv, factor=factor, corner_aligned=corner_aligned),
+        x, factor)
+
+
+def bilinear_transposed_conv(x: Array, factor: int, corner_aligned: bool = False) -> Array:
+    """`bilinear_upsample`'s depthwise transposed convolution alone: zeros beyond the map, so
+    the outermost outputs blend the edge with zero (`factor * n` outputs for `n` inputs)."""
     k, p, op = _upsample_geometry(factor, corner_aligned)
     channels = x.shape[-1]
     filt = np.outer(bilinear_kernel_1d(k), bilinear_kernel_1d(k))
@@ -117,6 +133,14 @@ def bilinear_upsample(x: Array, factor: int, corner_aligned: bool = False) -> Ar
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         feature_group_count=channels,
     )
+
+
+def edge_clamped(upsample: Callable[[Array], Array], x: Array, factor: int) -> Array:
+    """`upsample` (exactly `factor`x on H and W) of NHWC `x` with its edge rows and columns
+    repeated once beyond the map, cropped back to `factor` times `x`: the border outputs of a
+    bilinear transposed convolution interpolate towards the edge value instead of towards zero."""
+    y = upsample(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge"))
+    return y[:, factor:-factor, factor:-factor]
 
 
 class FCN(nn.Module):
@@ -203,14 +227,16 @@ class FCN(nn.Module):
         score = score_conv(name="head")(top)
         feats["score"] = score
         if self.variant <= 16:
-            score = up2(name="upscore2")(score) + score_conv(name="score_pool4")(pool4)
+            score = (edge_clamped(up2(name="upscore2"), score, 2)
+                     + score_conv(name="score_pool4")(pool4))
         if self.variant == 8:
-            score = up2(name="upscore_pool4")(score) + score_conv(name="score_pool3")(pool3)
+            score = (edge_clamped(up2(name="upscore_pool4"), score, 2)
+                     + score_conv(name="score_pool3")(pool3))
 
         factor = self.variant
         if self.learn_final_upsample:
             k, p, op = _upsample_geometry(factor, corner)
-            score = ConvTranspose2D(
+            upscore_final = ConvTranspose2D(
                 self.num_classes,
                 k,
                 strides=factor,
@@ -220,7 +246,8 @@ class FCN(nn.Module):
                 dtype=self.dtype,
                 kernel_init=bilinear_upsample_init,
                 name="upscore_final",
-            )(score)
+            )
+            score = edge_clamped(upscore_final, score, factor)
         else:
             score = bilinear_upsample(score, factor, corner)
         out = jnp.asarray(score[:, :h, :w, :], jnp.float32)

@@ -18,7 +18,7 @@ import pytest
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
 from cnnjax.layers.pooling import spatial_pyramid_pool
-from cnnjax.models.fcn import bilinear_upsample
+from cnnjax.models.fcn import bilinear_transposed_conv
 from tests.examples import (
     EXAMPLES,
     AlexNetLike,
@@ -201,13 +201,14 @@ def test_plain_function_layers_are_rows():
 
 
 class _Upsample(nn.Module):
-    """Parameter-free depthwise bilinear upsampling (FCN's fixed final layer)."""
+    """Parameter-free depthwise bilinear transposed convolution (FCN's fixed final layer,
+    without the edge rows it repeats beyond the map)."""
 
     factor: int
     corner_aligned: bool
 
     def __call__(self, x):
-        return bilinear_upsample(x, self.factor, self.corner_aligned)
+        return bilinear_transposed_conv(x, self.factor, self.corner_aligned)
 
 
 def test_transposed_conv_macs_count_real_input_elements_only():

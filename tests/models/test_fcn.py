@@ -14,7 +14,7 @@ from cnnjax.layers.conv import ConvTranspose2D, bilinear_upsample_init
 from cnnjax.models import create_model, list_models
 from cnnjax.models import resnet as resnet_module
 from cnnjax.models import vgg as vgg_module
-from cnnjax.models.fcn import bilinear_upsample, fcn_params_from_vgg16
+from cnnjax.models.fcn import bilinear_upsample, edge_clamped, fcn_params_from_vgg16
 
 FCN_NAMES = [
     "fcn32s_vgg16",
@@ -58,14 +58,15 @@ def test_param_count_vgg16_fcn32s_matches_paper():
     assert count16 - count == 512 * 21 + 21 + 4 * 4 * 21 * 21
 
 
-def test_bilinear_upsample_matches_tf_resize_in_the_interior():
+def test_bilinear_upsample_matches_tf_resize_up_to_the_borders():
+    """Half-pixel bilinear with clamped edges, as `tf.image.resize` (the transposed convolution
+    against zeros read 0.5x the edge value on the outermost half-block before)."""
     x = np.random.default_rng(0).normal(size=(1, 6, 7, 3)).astype(np.float32)
-    for factor in (2, 3, 8):
+    for factor in (2, 3, 8, 32):
         y = np.asarray(bilinear_upsample(jnp.asarray(x), factor))
         assert y.shape == (1, 6 * factor, 7 * factor, 3)
         ref = tf.image.resize(x, (6 * factor, 7 * factor), method="bilinear").numpy()
-        b = factor  # the transposed conv sees zeros outside the map, the resize replicates edges
-        np.testing.assert_allclose(y[:, b:-b, b:-b], ref[:, b:-b, b:-b], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_learned_upsampling_is_bilinear_at_init_constant_stays_constant():
@@ -102,14 +103,11 @@ def test_fcn8s_constant_scores_stay_constant_in_the_interior(fcn8s_small):
         assert not np.any(variables["params"][name]["kernel"])
     np.testing.assert_array_equal(apply(variables, x), 0.0)
     # Constant coarse scores pass upscore2, upscore_pool4 (learned, bilinear at init) and the fixed
-    # 8x bilinear, all corner-aligned on ResNet: the scores stay constant between the first and
-    # the last stride-32 centre (pixels 0..32 x 0..64 of the 64x96 input) and fall towards the
-    # zero outside the map beyond them (bottom/right only).
+    # 8x bilinear, all corner-aligned on ResNet, with edges clamped: constant on every pixel, the
+    # borders beyond the last stride-32 centre (rows 33..63, columns 65..95) included. Against
+    # zeros beyond the map, the last row read 0.03x the score.
     out = apply(_with_bias(variables, "head", [1.5, -2.0]), x)
-    np.testing.assert_allclose(
-        out[0, :33, :65], np.broadcast_to([1.5, -2.0], (33, 65, 2)), rtol=1e-5
-    )
-    assert not np.allclose(out[0, 63, 95], [1.5, -2.0])  # (the border does see the zero padding)
+    np.testing.assert_allclose(out[0], np.broadcast_to([1.5, -2.0], (64, 96, 2)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["score_pool3", "score_pool4", "head"])
@@ -152,7 +150,8 @@ def test_learned_final_upsampling_starts_as_the_fixed_bilinear():
             use_bias=False,
             kernel_init=bilinear_upsample_init,
         )
-        y = layer.apply(layer.init(jax.random.key(1), x), x)
+        params = layer.init(jax.random.key(1), x)
+        y = edge_clamped(lambda z, params=params, layer=layer: layer.apply(params, z), x, 8)
         np.testing.assert_allclose(y, bilinear_upsample(x, 8, corner), rtol=1e-5, atol=1e-6)
 
 
@@ -164,6 +163,11 @@ def test_corner_aligned_bilinear_upsample_matches_tf_align_corners():
         size = (3 * factor + 1, 4 * factor + 1)  # input pixel i at output factor * i
         ref = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True).numpy()
         np.testing.assert_allclose(y[:, : size[0], : size[1]], ref, rtol=1e-5, atol=1e-5)
+        # beyond the last input pixel: its value (clamped), not a fall towards zero
+        np.testing.assert_allclose(y[:, size[0]:], np.repeat(y[:, size[0] - 1:size[0]],
+                                   factor - 1, axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y[:, :, size[1]:], np.repeat(y[:, :, size[1] - 1:size[1]],
+                                   factor - 1, axis=2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", FCN_NAMES)
