@@ -91,10 +91,6 @@ def label_anchors(
     # Checked here to name this function's arguments (box_iou would name its own `boxes`).
     check_valid_boxes(owner, "anchors", anchors)
     check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
-    # IoUs in at least float32: float16 areas overflow above 65504 px^2 (a 256 x 256 anchor),
-    # giving IoU 0 (inf / inf guarded to 0), and bfloat16 ones are off by ~1% near thresholds.
-    dtype = jnp.promote_types(jnp.result_type(anchors, gt_boxes), jnp.float32)
-    anchors, gt_boxes = anchors.astype(dtype), gt_boxes.astype(dtype)
     # Padded boxes may hold anything; zero them so box_iou's checks of concrete boxes pass.
     gt_boxes = jnp.where(gt_valid[:, None], gt_boxes, 0)
     iou = box_iou(anchors, gt_boxes)  # [A, G]
