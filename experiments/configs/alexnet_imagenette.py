@@ -3,7 +3,7 @@
 Command (imagenette/320px-v2 must be prepared in the tfds data dir; cnnjax never downloads):
     python -m experiments.train --config=experiments/configs/alexnet_imagenette.py \\
         --workdir=workdirs/alexnet_imagenette --config.data.data_dir=$TFDS_DATA_DIR
-Model hyperparameters: e.g. `--config.model_kwargs.dropout_rate=0.3` or `lrn=True`
+Model hyperparameters: e.g. `--config.model_kwargs.dropout_rate=0.3` or `hidden_features=2048`
 (unset = the model's default).
 
 Recipe: SGD momentum 0.9, weight decay 5e-4, batch 128, lr 0.01 with one-cycle (cosine) over

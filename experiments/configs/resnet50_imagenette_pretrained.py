@@ -5,7 +5,7 @@ downloads). First convert the weights into a warm-start workdir, then fine-tune 
     python -m cnnjax.models.torchvision_weights --model=resnet50 \\
         --weights=/path/resnet50-0676ba61.pth --workdir=workdirs/pretrained/resnet50
     python -m experiments.train --config=experiments/configs/resnet50_imagenette_pretrained.py \\
-        --workdir=workdirs/resnet50_imagenette_pretrained --config.data.data_dir=$TFDS_DATA_DIR \
+        --workdir=workdirs/resnet50_imagenette_pretrained --config.data.data_dir=$TFDS_DATA_DIR \\
         --config.init_from.workdir=workdirs/pretrained/resnet50
 Adding `--config.freeze=backbone` makes it a linear probe; leaving out `init_from` trains the
 same recipe from scratch (the from-scratch arm of a comparison; the config itself sets no
