@@ -45,6 +45,68 @@ LEARNING_RATE = 0.1
 MOMENTUM = 0.9
 
 
+# ------------------------------------------------------------------------------------ flag checks
+def check_model(model_name: str, image_size: int | None) -> None:
+    """Refuses (a one-line ValueError naming `--model` / `--image_size`) a model the benchmark
+    cannot time: not registered, not a classifier (the step is the classification step), or
+    given inputs smaller than its design admits. Cheap: no JAX backend, nothing compiled."""
+    from cnnjax.models import list_models, model_info
+
+    classifiers = list_models()
+    if model_name not in classifiers:
+        raise ValueError(f"--model={model_name!r} is invalid; expected a classification model, "
+                         f"one of {classifiers}")
+    smallest = model_info(model_name).min_input_size
+    if image_size is not None and image_size < smallest:
+        raise ValueError(f"--image_size={image_size} is invalid; {model_name} takes inputs of at "
+                         f"least {smallest}x{smallest}")
+
+
+def check_devices(batch_size: int, num_devices: int, accum_steps: int = 1) -> None:
+    """Refuses a global batch that `num_devices` (0: all, not known yet) does not split evenly,
+    or a per-device batch that `accum_steps` micro-batches do not split (one-line ValueErrors
+    naming the flags)."""
+    if num_devices > 0 and batch_size % num_devices:
+        raise ValueError(f"--batch_size={batch_size} is invalid; expected a multiple of "
+                         f"--num_devices={num_devices}")
+    if num_devices > 0 and (batch_size // num_devices) % accum_steps:
+        raise ValueError(f"--grad_accum_steps={accum_steps} is invalid; expected a divisor of "
+                         f"the per-device batch {batch_size // num_devices} (--batch_size="
+                         f"{batch_size} / --num_devices={num_devices})")
+
+
+def check_json_out(path: str | None) -> None:
+    """Refuses a `--json_out` that could not be written after the run: a directory, or a file in
+    the way of its folder (a missing folder is created when the JSON is written)."""
+    if path is not None:
+        from cnnjax.utils.files import check_output_file
+
+        check_output_file(path, "--json_out", "--json_out's folder")
+
+
+def write_json_out(path: str, result: dict[str, Any]) -> None:
+    """Writes `result` to `path` (its folder created if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def check_torch(model_name: str, device: str) -> None:
+    """Refuses `--torch` for a network with no torch.nn twin here, without PyTorch installed, or
+    on a CUDA device PyTorch does not see."""
+    if model_name not in TORCH_RESNETS:
+        raise ValueError(f"--model={model_name!r} is invalid with --torch; expected one of "
+                         f"{sorted(TORCH_RESNETS)}")
+    try:
+        import torch
+    except ImportError as err:
+        raise ValueError(f"--torch is invalid here; PyTorch is not installed ({err}): "
+                         "pip install .[bench] (the CPU-only wheel is enough)") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--torch_device=cuda: PyTorch sees no CUDA device here; use "
+                         "--torch_device=cpu.")
+
+
 # ------------------------------------------------------------------------------------------ JAX
 def prepare_platform(xla_defaults: bool, num_devices: int) -> dict[str, str]:
     """Sets XLA flags before JAX starts; returns the cnnjax CPU defaults it added.
@@ -350,7 +412,8 @@ def usage_phrase(summary: dict[str, float]) -> str:
 def define_flags() -> None:
     """Defines this script's command-line flags (only when run as a script)."""
     flags.DEFINE_string("model", "resnet18", "Registry name (see cnnjax.models.list_models()).")
-    flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier head.")
+    flags.DEFINE_integer("num_classes", 10, "Number of classes of the classifier head.",
+                         lower_bound=1)
     flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the devices).",
                          lower_bound=1)
     flags.DEFINE_integer("image_size", 32, "Square input side; inputs have 3 channels.",
@@ -383,7 +446,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override (cifar: 3x3/1 "
                       "conv, no max pool); default: the model's own.")
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
-    flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step (config.grad_accum_steps)")
+    flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step (config.grad_accum_steps)",
+                         lower_bound=1)
     flags.DEFINE_float("ema_decay", None, "Keep a weight average with this decay (config.ema).")
     flags.DEFINE_float("mixup_alpha", 0.0, "mixup's Beta alpha (config.mixing; 0: off).")
     flags.DEFINE_float("cutmix_alpha", 0.0, "CutMix's Beta alpha (config.mixing; 0: off).")
@@ -395,9 +459,6 @@ def train_options() -> dict[str, Any]:
     from cnnjax.train.mixing import Mixing
 
     options: dict[str, Any] = {}
-    if FLAGS.grad_accum_steps < 1:
-        raise app.UsageError(f"--grad_accum_steps={FLAGS.grad_accum_steps} is invalid; expected "
-                             "a positive divisor of the per-device batch.")
     if FLAGS.grad_accum_steps != 1:
         options["accum_steps"] = FLAGS.grad_accum_steps
     if FLAGS.ema_decay is not None:
@@ -408,38 +469,45 @@ def train_options() -> dict[str, Any]:
     return options
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.torch and FLAGS.model not in TORCH_RESNETS:  # fail before compiling anything
-        raise app.UsageError(f"--torch supports --model in {sorted(TORCH_RESNETS)}, not "
-                             f"{FLAGS.model!r}.")
-    if FLAGS.torch and FLAGS.torch_device == "cuda":
-        import torch
+def check_flags() -> None:
+    """Every check of the flags that needs no JAX backend (one-line ValueErrors naming the flag,
+    before anything is built or compiled)."""
+    check_model(FLAGS.model, FLAGS.image_size)
+    check_devices(FLAGS.batch_size, FLAGS.num_devices, FLAGS.grad_accum_steps)
+    check_json_out(FLAGS.json_out)
+    if FLAGS.torch:
+        check_torch(FLAGS.model, FLAGS.torch_device)
 
-        if not torch.cuda.is_available():
-            raise app.UsageError("--torch_device=cuda: PyTorch sees no CUDA device here; use "
-                                 "--torch_device=cpu.")
-    changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
-    load_start = loadavg()
-    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
-    options = train_options()
-    if FLAGS.torch and options:
-        raise app.UsageError("--torch times the plain step: leave --grad_accum_steps, "
-                             "--ema_decay, --mixup_alpha and --cutmix_alpha at their defaults.")
+
+def main(argv: list[str]) -> None:
+    from cnnjax.utils.cli import one_line_errors
+
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are written --name=value)")
     norm_impls = list(dict.fromkeys(FLAGS.batch_norm_impl))
     lowerings = {(conv if len(norm_impls) == 1 else f"{conv}/bn={norm}"): (conv, norm)
                  for conv in dict.fromkeys(FLAGS.conv_impl) for norm in norm_impls}
     impls = list(lowerings)
-    benches, compile_s = {}, {}
+    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
+    benches: dict[str, dict[str, Any]] = {}
+    with one_line_errors():  # bad flags: one line, before anything is compiled
+        check_flags()
+        changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
+        options = train_options()
+        if FLAGS.torch and options:
+            raise ValueError("--torch times the plain step: leave --grad_accum_steps, "
+                             "--ema_decay, --mixup_alpha and --cutmix_alpha at their defaults.")
+        for impl, (_, norm) in lowerings.items():
+            benches[impl] = build_jax_step(
+                FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+                (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices, FLAGS.parallel,
+                FLAGS.dtype, {**options, "batch_norm_impl": norm}, **overrides)
+    load_start = loadavg()
+    compile_s: dict[str, float] = {}
     runners: dict[str, Callable] = {}
-    for impl, (conv, norm) in lowerings.items():
-        bench = build_jax_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
-                               (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices,
-                               FLAGS.parallel, FLAGS.dtype, {**options, "batch_norm_impl": norm},
-                               **overrides)
+    for impl, (conv, _) in lowerings.items():
+        bench = benches[impl]
         compile_s[impl] = compile_jax_step(bench, conv)
-        benches[impl] = bench
         runners[f"jax_{impl}"] = lambda k, b=bench: run_jax_steps(b, k)
     torch_bench = None
     if FLAGS.torch:
@@ -521,8 +589,7 @@ def main(argv: list[str]) -> None:
     lines.append(f"load average (1 min): {load_start} -> {result['loadavg_end']}")
     print("\n".join(lines))
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_out(FLAGS.json_out, result)
     sys.stdout.flush()
 
 

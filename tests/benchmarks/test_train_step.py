@@ -108,3 +108,80 @@ def test_extra_host_devices_hold_without_cnnjax_cpu_defaults(tmp_path):
                   "--warmup=0", "--rounds=1", env={"CNNJAX_CPU_DEFAULTS": "0"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "devices=2" in result.stdout
+
+
+def test_models_it_cannot_time_are_refused_by_flag():
+    """An unknown name, a detector (the step is the classification step) and inputs below the
+    model's smallest: one ValueError naming the flag, before any JAX backend starts."""
+    from benchmarks.train_step import check_model
+
+    with pytest.raises(ValueError, match=r"^--model='resnet19' is invalid; expected a "
+                                         r"classification model, one of \[.*'resnet18'"):
+        check_model("resnet19", 32)
+    with pytest.raises(ValueError, match=r"^--model='fast_rcnn_small' is invalid"):
+        check_model("fast_rcnn_small", 32)
+    with pytest.raises(ValueError, match=r"^--image_size=16 is invalid; lenet5 takes inputs of "
+                                         r"at least 32x32"):
+        check_model("lenet5", 16)
+    check_model("lenet5", 32)
+
+
+def test_batches_the_devices_do_not_split_are_refused_by_flag():
+    from benchmarks.train_step import check_devices
+
+    with pytest.raises(ValueError, match=r"^--batch_size=7 is invalid; expected a multiple of "
+                                         r"--num_devices=2"):
+        check_devices(7, 2)
+    with pytest.raises(ValueError, match=r"^--grad_accum_steps=3 is invalid; expected a divisor "
+                                         r"of the per-device batch 4"):
+        check_devices(8, 2, 3)
+    check_devices(8, 2, 2)
+    check_devices(7, 0)  # all devices: checked once JAX has counted them (build_jax_step)
+
+
+def test_json_out_that_cannot_be_written_is_refused_and_a_missing_folder_is_made(tmp_path):
+    """It was written after the whole run, so a file in the way of its folder or a directory
+    at its path raised a traceback after minutes of timing; a missing folder raised too."""
+    import json
+
+    from benchmarks.train_step import check_json_out, write_json_out
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"^--json_out's folder=.* a file is in the way"):
+        check_json_out(str(blocker / "bench.json"))
+    with pytest.raises(ValueError, match=r"^--json_out=.* is invalid; it is a directory"):
+        check_json_out(str(tmp_path))
+    target = tmp_path / "new" / "deeper" / "bench.json"
+    check_json_out(str(target))
+    write_json_out(str(target), {"images_per_s": 1.0})
+    assert json.loads(target.read_text()) == {"images_per_s": 1.0}
+
+
+def test_torch_without_pytorch_installed_is_refused_by_flag(monkeypatch):
+    """`import torch` ran after the JAX steps compiled: a ModuleNotFoundError traceback."""
+    import sys
+
+    from benchmarks.train_step import check_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(ValueError, match=r"^--torch is invalid here; PyTorch is not installed"):
+        check_torch("resnet18", "cpu")
+    with pytest.raises(ValueError, match=r"^--model='lenet5' is invalid with --torch; expected "
+                                         r"one of \['resnet101'"):
+        check_torch("lenet5", "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--model=resnet19"], "error: --model='resnet19' is invalid; expected a classification"),
+    (["--model=lenet5", "--batch_size=7", "--num_devices=2"],
+     "error: --batch_size=7 is invalid; expected a multiple of --num_devices=2"),
+    (["--model=lenet5", "--json_out=README.md/bench.json"],
+     "error: --json_out's folder="),
+])
+def test_bad_flags_end_the_script_in_one_line_before_compiling(args, message):
+    result = _run(*args, "--steps=1", "--warmup=0", "--rounds=1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+    assert "compile" not in result.stdout
