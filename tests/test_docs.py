@@ -93,3 +93,110 @@ def test_a_documented_command_names_files_that_exist(where, module, arguments):
     files = re.findall(r"(?<![\w/<])((?:experiments|launch|benchmarks)/[\w/]+\.py)", arguments)
     missing = [f for f in files if not os.path.isfile(os.path.join(ROOT, f))]
     assert not missing, f"{where}: `python -m {module}` names missing files {missing}"
+
+
+# `--config.<field>` (and `--sweep.`, `--recipe.`, `--transfer.`) overrides the documents show.
+OVERRIDE = re.compile(r"--(config|sweep|recipe|transfer)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+CONFIG_FILE = re.compile(r"--config=(experiments/configs/\w+\.py)(?::(\w+))?")
+# Shown on purpose as what is refused: a misspelt field; a grid sweep's `num_trials` (a field of
+# the sweep schema that grid files leave out).
+SHOWN_AS_REFUSED = {("config", "optimizer.learnin_rate"), ("sweep", "num_trials")}
+PLACEHOLDER = "x"  # `--config.x=y`
+KIND_FILES = {"config": "configs", "sweep": "sweeps", "recipe": "recipes", "transfer": "transfers"}
+
+
+def _load(path: str, argument: str | None = None):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_docs_" + re.sub(r"\W", "_", os.path.relpath(path, ROOT)), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def _fields(config, prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in config.items():
+        names.add(prefix + key)
+        if hasattr(value, "items"):
+            names |= _fields(value, prefix + key + ".")
+    return names
+
+
+@pytest.fixture(scope="module")
+def known_fields():
+    """Every field of every experiment, sweep, recipe and transfer file, and every model's
+    `model_kwargs` entry (a document may show one for a model no config file uses)."""
+    from cnnjax.models import list_models
+    from cnnjax.train.config import model_kwargs_config
+
+    known = {}
+    for kind, folder in KIND_FILES.items():
+        names = set()
+        for path in glob.glob(os.path.join(ROOT, "experiments", folder, "[a-z]*.py")):
+            names |= _fields(_load(path))
+        known[kind] = names
+    for model in list_models(task=None):
+        known["config"] |= {f"model_kwargs.{name}" for name in model_kwargs_config(model)}
+    return known
+
+
+def _overrides() -> list[tuple[str, int, str, str]]:
+    found = []
+    for path in DOCUMENTS:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for match in OVERRIDE.finditer(text):
+            found.append((os.path.relpath(path, ROOT), text.count("\n", 0, match.start()) + 1,
+                          match.group(1), match.group(2)))
+    return found
+
+
+def test_every_documented_override_names_a_field(known_fields):
+    """A `--config.x.y=...` anywhere in the documents names a field some config declares (a
+    renamed field fails here, not as `the config has no field` in a reader's terminal)."""
+    unknown = [f"{where}:{line}: --{kind}.{field}" for where, line, kind, field in _overrides()
+               if (kind, field) not in SHOWN_AS_REFUSED and field != PLACEHOLDER
+               and field not in known_fields[kind]]
+    assert not unknown, f"overrides of fields no file declares: {unknown}"
+
+
+def test_a_documented_command_overrides_fields_of_its_own_config():
+    """In a command that names its config file, every `--config.<field>` is one of that file's
+    (with the `:argument` the command passes)."""
+    wrong, cache = [], {}
+    for where, module, arguments in COMMANDS:
+        named = CONFIG_FILE.search(arguments)
+        if named is None:
+            continue
+        key = (named.group(1), named.group(2))
+        if key not in cache:
+            cache[key] = _fields(_load(os.path.join(ROOT, key[0]), key[1]))
+        for kind, field in OVERRIDE.findall(arguments):
+            if (kind == "config" and field not in cache[key]
+                    and (kind, field) not in SHOWN_AS_REFUSED):
+                wrong.append(f"{where}: `python -m {module}` with {key[0]}: --config.{field}")
+    assert not wrong, f"fields the command's own config lacks: {wrong}"
+
+
+def test_config_docstrings_keep_their_line_continuations():
+    """A lone backslash at a line end inside a (non-raw) docstring joins the lines in `__doc__`
+    (what `help()` and the reader of `--config` docs see): write `\\\\`."""
+    import ast
+
+    joined = []
+    for path in DOCUMENTS:
+        if not path.endswith(".py"):
+            continue
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        tree = ast.parse(source)
+        if not (tree.body and isinstance(tree.body[0], ast.Expr)
+                and isinstance(tree.body[0].value, ast.Constant)
+                and isinstance(tree.body[0].value.value, str)):
+            continue
+        written = ast.get_source_segment(source, tree.body[0].value)
+        if written.count("\n") != tree.body[0].value.value.count("\n"):
+            joined.append(os.path.relpath(path, ROOT))
+    assert not joined, f"docstrings whose lines a trailing backslash joins: {joined}"
