@@ -20,7 +20,6 @@ decode and augmentation path is timed without the data. Figures are in docs/perf
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -30,6 +29,9 @@ from absl import app, flags
 
 from benchmarks.train_step import (
     build_jax_step,
+    check_devices,
+    check_json_out,
+    check_model,
     compile_jax_step,
     environment,
     interleaved_rounds,
@@ -37,6 +39,7 @@ from benchmarks.train_step import (
     prepare_platform,
     run_jax_steps,
     summarize,
+    write_json_out,
 )
 
 FLAGS = flags.FLAGS
@@ -72,10 +75,13 @@ def define_flags() -> None:
     """Defines this script's command-line flags (only when run as a script)."""
     flags.DEFINE_string("dataset", "fake", "Dataset name (cnnjax.data.presets.list_datasets()).")
     flags.DEFINE_integer("image_size", None, "Output image side (None: the dataset's native size).")
-    flags.DEFINE_integer("fake_num_train", 4096, "Training examples of the `fake` dataset.")
+    flags.DEFINE_integer("fake_num_train", 4096, "Training examples of the `fake` dataset.",
+                         lower_bound=1)
     flags.DEFINE_integer("mock_examples", 0, "If > 0, read the dataset through "
-                         "tfds.testing.mock_data with this many examples per split.")
-    flags.DEFINE_integer("randaugment_layers", 0, "RandAugment ops per image (0: off).")
+                         "tfds.testing.mock_data with this many examples per split.",
+                         lower_bound=0)
+    flags.DEFINE_integer("randaugment_layers", 0, "RandAugment ops per image (0: off).",
+                         lower_bound=0)
     flags.DEFINE_float("randaugment_magnitude", 9.0, "RandAugment magnitude (0..10).")
     flags.DEFINE_string("model", "resnet18", "Registry name of the model.")
     flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
@@ -95,9 +101,17 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    import sys
+
+    from cnnjax.utils.cli import one_line_errors
+
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are written --name=value)")
+    with one_line_errors():  # bad flags: one line, before the dataset is read or a step compiled
+        check_model(FLAGS.model, FLAGS.image_size)
+        check_devices(FLAGS.batch_size, FLAGS.num_devices)
+        check_json_out(FLAGS.json_out)
+        changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     import jax
     import tensorflow_datasets as tfds
 
@@ -105,13 +119,15 @@ def main(argv: list[str]) -> None:
 
     mock = (tfds.testing.mock_data(num_examples=FLAGS.mock_examples)
             if FLAGS.mock_examples > 0 else contextlib.nullcontext())
-    config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train,
-                         FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
     load_start = loadavg()
     with mock:
-        info = pipeline.get_dataset_info(config)
-        bench = build_jax_step(FLAGS.model, info.num_classes, FLAGS.batch_size, info.image_shape,
-                               FLAGS.num_devices, FLAGS.parallel, FLAGS.dtype)
+        with one_line_errors():
+            config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train,
+                                 FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
+            info = pipeline.get_dataset_info(config)
+            bench = build_jax_step(FLAGS.model, info.num_classes, FLAGS.batch_size,
+                                   info.image_shape, FLAGS.num_devices, FLAGS.parallel,
+                                   FLAGS.dtype)
         n, dp = bench["num_devices"], bench["parallel"]
 
         def batches(seed: int) -> Iterator[dict]:
@@ -170,8 +186,7 @@ def main(argv: list[str]) -> None:
         f"load average (1 min): {load_start} -> {result['loadavg_end']}",
     ]))
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_out(FLAGS.json_out, result)
 
 
 if __name__ == "__main__":

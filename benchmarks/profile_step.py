@@ -33,7 +33,13 @@ from typing import Any
 
 from absl import app, flags
 
-from benchmarks.train_step import build_jax_step, compile_jax_step, prepare_platform, run_jax_steps
+from benchmarks.train_step import (
+    build_jax_step,
+    check_model,
+    compile_jax_step,
+    prepare_platform,
+    run_jax_steps,
+)
 
 FLAGS = flags.FLAGS
 
@@ -161,13 +167,13 @@ def define_flags() -> None:
     flags.DEFINE_string("model", "resnet18", "Registered model name.")
     flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
     flags.DEFINE_integer("image_size", 32, "Square input resolution (3 channels).", lower_bound=1)
-    flags.DEFINE_integer("num_classes", 10, "Classifier outputs.")
+    flags.DEFINE_integer("num_classes", 10, "Classifier outputs.", lower_bound=1)
     flags.DEFINE_enum("stem", None, ["imagenet", "cifar"], "ResNet stem override.")
     flags.DEFINE_enum("conv_impl", "auto", ["xla", "matmul", "auto"], "Convolution lowering.")
     flags.DEFINE_enum("batch_norm_impl", "auto", ["flax", "matmul", "auto"],
                       "Training-mode BatchNorm lowering.")
-    flags.DEFINE_integer("steps", 2, "Profiled steps (after one untimed step).")
-    flags.DEFINE_integer("top", 15, "How many single ops to list.")
+    flags.DEFINE_integer("steps", 2, "Profiled steps (after one untimed step).", lower_bound=1)
+    flags.DEFINE_integer("top", 15, "How many single ops to list.", lower_bound=1)
     flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard/Perfetto can open "
                         "it); default: a temporary directory, deleted afterwards.")
 
@@ -204,10 +210,17 @@ def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32
 
 
 def main(argv: list[str]) -> None:
+    import sys
+
+    from cnnjax.utils.cli import one_line_errors
+    from cnnjax.utils.files import check_output_dir
+
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.steps < 1 or FLAGS.top < 1:
-        raise app.UsageError("--steps and --top must be positive.")
+        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are written --name=value)")
+    with one_line_errors():  # bad flags: one line, before anything is compiled
+        check_model(FLAGS.model, FLAGS.image_size)
+        if FLAGS.trace_dir is not None:
+            check_output_dir(FLAGS.trace_dir, "--trace_dir")
     prepare_platform(True, 1)
     print(profile(FLAGS.model, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.stem,
                   FLAGS.conv_impl, FLAGS.steps, FLAGS.top, FLAGS.trace_dir, FLAGS.batch_norm_impl))
