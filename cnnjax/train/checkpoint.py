@@ -22,6 +22,7 @@ import logging as std_logging
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -62,6 +63,34 @@ def _all_processes(ok: bool) -> bool:
         return ok
     flags = multihost_utils.process_allgather(np.int32(ok))
     return bool(np.all(np.asarray(flags)))
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """Whether an unraisable error is a late tensorstore read calling back into a closed loop."""
+    error = getattr(unraisable, "exc_value", None)
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """Installs (once per process) a `sys.unraisablehook` that drops "Event loop is closed"
+    RuntimeErrors and passes every other unraisable error to the hook it replaces.
+
+    When one array of a checkpoint fails to read, orbax closes its event loop at once while
+    tensorstore's other reads of that checkpoint are still in flight; each of them then tries to
+    call back into the closed loop, and Python prints a bare traceback for every one (dozens,
+    during the retries or later in training) after a fallback that otherwise worked. Installed
+    only once a read has failed, so a run whose checkpoints all read is untouched.
+    """
+    if getattr(sys.unraisablehook, "_cnnjax_drops_closed_loop_callbacks", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook._cnnjax_drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 class _DropMissingMetricsWarning(std_logging.Filter):
@@ -286,6 +315,7 @@ class Checkpointer:
                 raise
             except Exception as err:  # noqa: BLE001 — any read failure: retry, then "corrupt"
                 state, why = None, f"{type(err).__name__}: {str(err)[:200]}"
+                _drop_closed_loop_callbacks()  # the failed read's other arrays call back late
             if _all_processes(state is not None):
                 return state, None
             if state is not None:
