@@ -472,7 +472,6 @@ def file_sha256(path: str) -> str:
 
 
 # ------------------------------------------------------------------------ warm-start workdir
-SUMMARY_STATUS = "converted"
 
 
 def write_warm_start_workdir(
@@ -491,6 +490,7 @@ def write_warm_start_workdir(
     written last, so an interrupted conversion is recognizable and redone with `overwrite`.
     """
     from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+    from cnnjax.train.init_from import CONVERTED_STATUS
     from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
 
     _architecture(model_name)
@@ -500,7 +500,7 @@ def write_warm_start_workdir(
     if os.path.isfile(summary_path):
         with open(summary_path) as f:
             previous = json.load(f)
-        if previous.get("status") == SUMMARY_STATUS and all(
+        if previous.get("status") == CONVERTED_STATUS and all(
                 previous.get(k) == v for k, v in record.items()):
             return False
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -535,7 +535,7 @@ def write_warm_start_workdir(
     write_json(os.path.join(workdir, CONFIG_FILE), config)
     count = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))  # noqa: E731
     write_json(summary_path, {
-        **record, "status": SUMMARY_STATUS, "num_classes": num_classes, "step": 0,
+        **record, "status": CONVERTED_STATUS, "num_classes": num_classes, "step": 0,
         "model_kwargs": pretrained_model_kwargs(model_name),
         "num_params": count(params), "num_batch_stats": count(batch_stats),
         "message": "torchvision weights converted for --config.init_from.workdir; not a "

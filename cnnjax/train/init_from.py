@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,17 +33,26 @@ from cnnjax.train.state import (
 from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import invalid
 
+CONVERTED_STATUS = "converted"  # summary.json's status in a workdir of converted weights
+
+
+def holds_converted_weights(workdir: str, saved_config: Mapping[str, Any] | None) -> bool:
+    """Whether `workdir` (whose config.json reads `saved_config`) holds torchvision weights
+    converted for `init_from` (`cnnjax.models.torchvision_weights`), not a training run: its
+    summary.json says so or, the converter writing summary.json last, its config.json has a
+    `source` record and no training fields (an interrupted conversion)."""
+    summary = read_json(os.path.join(workdir, SUMMARY_FILE)) or {}
+    saved_config = saved_config or {}
+    return summary.get("status") == CONVERTED_STATUS or (
+        "source" in saved_config and "optimizer" not in saved_config)
+
 
 def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_config: dict) -> None:
     """Converted torchvision weights of this run's model record the model settings they need
     (googlenet_bn's `transform_input=True`: torchvision rescales the input for those weights);
     a run without them would fine-tune from wrongly scaled inputs, so it is refused."""
-    summary = read_json(os.path.join(source_workdir, SUMMARY_FILE)) or {}
-    # summary.json is written last: an interrupted conversion is known by its config.json (a
-    # `source` record and no training fields), and its checkpoint loads the same.
-    converted = summary.get("status") == "converted" or (
-        "source" in source_config and "optimizer" not in source_config)
-    if not converted or source_config.get("model") != config.model:
+    if (not holds_converted_weights(source_workdir, source_config)
+            or source_config.get("model") != config.model):
         return
     mine = config_lib.model_kwargs(config)
     for key, value in sorted((source_config.get("model_kwargs") or {}).items()):

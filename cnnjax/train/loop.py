@@ -450,7 +450,13 @@ class _Run:
         differ: list[str] = []
         if has_checkpoints and os.path.exists(saved_path):
             with open(saved_path) as f:
-                saved = config_lib.flatten(json.load(f))
+                raw = json.load(f)
+            if init_from_lib.holds_converted_weights(workdir, raw):  # even with restart=True
+                raise ValueError(
+                    f"workdir: {workdir!r} holds converted torchvision weights (see its "
+                    "summary.json), not a training run: pass it as --config.init_from.workdir "
+                    "and train into a new --workdir.")
+            saved = config_lib.flatten(raw)
             differ = config_lib.incompatible_fields(saved, current)
         resumable = has_checkpoints and os.path.exists(saved_path) and not differ
         if config.restart and resumable:

@@ -27,7 +27,8 @@ import numpy as np
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.checkpoint import SourceCheckpoints
-from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE, evaluate_variables
+from cnnjax.train.init_from import holds_converted_weights
+from cnnjax.train.loop import CONFIG_FILE, evaluate_variables
 from cnnjax.train.state import WARM_START_COLLECTIONS
 from cnnjax.train.step import proposal_kwargs
 from cnnjax.utils import callables
@@ -99,10 +100,7 @@ def load_trained(workdir: str, step: int | None = None,
         raise invalid(_OWNER, "workdir", workdir,
                       f"expected the --workdir of a training run (no readable {CONFIG_FILE} with "
                       "a model in it)")
-    converted = (read_json(os.path.join(workdir, SUMMARY_FILE)) or {}).get("status") == "converted"
-    # The converter writes summary.json last: an interrupted conversion is known by its
-    # config.json (a `source` record and no training fields).
-    if converted or ("source" in saved and "optimizer" not in saved):
+    if holds_converted_weights(workdir, saved):
         raise invalid(_OWNER, "workdir", workdir,
                       "it holds converted torchvision weights, not a training run: pass it as "
                       "--config.init_from.workdir of a run instead")

@@ -505,6 +505,25 @@ def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path):
     assert (tmp_path / "summary.json").read_bytes() == recorded
 
 
+@pytest.mark.parametrize("restart", [False, True])
+@pytest.mark.parametrize("summary", [True, False])  # False: an interrupted conversion
+def test_training_into_a_workdir_of_converted_weights_is_refused(tmp_path, restart, summary):
+    """A run aimed at a converted-weights workdir listed every config field as "incompatible"
+    and, with restart=True, deleted the converted checkpoint."""
+    (tmp_path / "checkpoints" / "0").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model": "resnet18", "source": {"weights": "/x.pth"}, "num_classes": 1000,
+         "best_metric": None, "best_mode": "max", "model_kwargs": {}}))
+    if summary:
+        (tmp_path / "summary.json").write_text(json.dumps({"status": "converted", "step": 0}))
+    with pytest.raises(ValueError, match=r"^workdir: '.*' holds converted torchvision weights "
+                                         r"\(see its summary.json\), not a training run: pass "
+                                         r"it as --config.init_from.workdir"):
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4, restart=restart),
+                                str(tmp_path))
+    assert (tmp_path / "checkpoints" / "0").is_dir()
+
+
 def test_ctrl_c_records_where_it_stopped_and_what_a_rerun_resumes_from(tmp_path, monkeypatch):
     """A KeyboardInterrupt left summary.json's message empty ("KeyboardInterrupt", "")."""
     config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=2, eval_every_steps=8)
