@@ -99,3 +99,31 @@ def test_a_file_in_the_way_is_a_clear_error_naming_the_flag(tmp_path):
                                               r"the way\.$"),
               directory_lock(str(path), "sweep_dir")):
             pass
+
+
+@pytest.mark.parametrize("fails", ["makedirs", "open"])
+def test_a_directory_that_cannot_be_written_is_a_clear_error_naming_the_flag(tmp_path,
+                                                                            monkeypatch, fails):
+    """A read-only workdir (or one on a full disk, or another user's) was a bare OSError
+    traceback from opening run.lock; now a ValueError naming the flag, path and reason, and
+    nothing is left held."""
+    target = tmp_path / "run"
+    if fails == "makedirs":
+        def refuse(name, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", name)
+
+        monkeypatch.setattr(lock.os, "makedirs", refuse)
+    else:
+        target.mkdir()
+
+        def refuse(name, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system", name)
+
+        monkeypatch.setattr(lock, "open", refuse, raising=False)
+    with (pytest.raises(lock.DirectoryNotWritableError,
+                        match=r"^workdir: '.*run' cannot be written \(Read-only file system: "
+                              r"'.*run.*'\); .*pass a different --workdir\.$") as err,
+          directory_lock(str(target))):
+        pass
+    assert isinstance(err.value, ValueError)
+    assert lock._held == {}

@@ -41,6 +41,19 @@ class DirectoryInUseError(ValueError):
     """Another process holds the directory's lock (a ValueError: the --workdir given is busy)."""
 
 
+class DirectoryNotWritableError(ValueError):
+    """The directory (or its lock file) cannot be created: a read-only or full file system, or
+    missing permissions (a ValueError: the --workdir given is unusable)."""
+
+
+def _not_writable(flag: str, path: str, err: OSError) -> DirectoryNotWritableError:
+    where = f": {err.filename!r}" if err.filename else ""
+    return DirectoryNotWritableError(
+        f"{flag}: {path!r} cannot be written ({err.strerror or err}{where}); expected a "
+        f"directory this process can create files in (is the file system read-only or full, "
+        f"or the directory another user's?); pass a different --{flag}.")
+
+
 def _holder(lock_path: str) -> str:
     """`pid P on host H since T: command`, read from the lock file (what the holder wrote)."""
     try:
@@ -57,9 +70,13 @@ def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
     """Holds the exclusive lock on `<path>/run.lock` (creating `path`) for the block.
 
     Raises `DirectoryInUseError` (naming `flag`, the path and the holder) if another process
-    holds it. Re-entrant within a process.
+    holds it, and `DirectoryNotWritableError` if the directory or its lock file cannot be
+    created (e.g. a read-only file system). Re-entrant within a process.
     """
-    os.makedirs(check_output_dir(path, flag), exist_ok=True)
+    try:
+        os.makedirs(check_output_dir(path, flag), exist_ok=True)
+    except OSError as err:
+        raise _not_writable(flag, path, err) from None
     key = os.path.realpath(path)
     with _held_guard:
         if key in _held:
@@ -81,7 +98,10 @@ def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
 
 def _acquire(lock_path: str, flag: str, path: str):
     """The open, locked lock file with this process's details in it; None if unsupported."""
-    lock_file = open(lock_path, "a+")  # noqa: SIM115 — held open for the lock's lifetime
+    try:
+        lock_file = open(lock_path, "a+")  # noqa: SIM115 — held open for the lock's lifetime
+    except OSError as err:  # read-only, full, not ours: one line, not an OSError traceback
+        raise _not_writable(flag, path, err) from None
     try:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
