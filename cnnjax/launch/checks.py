@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, array_indices, validate_spec
-from cnnjax.utils.cli import error_message, find_culprit
+from cnnjax.utils.cli import explain_flag_error, find_culprit
 from cnnjax.utils.files import check_directory_kind
 from cnnjax.utils.validation import invalid
 
@@ -51,10 +51,10 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     try:
         values(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
-        culprit = find_culprit(overrides, err) or list(overrides)
+        culprit, reason = explain_flag_error(argv, err)  # names config-field overrides only
+        culprit = culprit or find_culprit(overrides, err) or list(overrides)
         raise invalid(_OWNER, "overrides", culprit,
-                      f"loading {', '.join(paths.values())} with it failed: {error_message(err)}"
-                      ) from None
+                      f"loading {', '.join(paths.values())} with it failed: {reason}") from None
     return {flag: values[flag].value for flag in paths}
 
 

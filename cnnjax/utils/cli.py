@@ -137,19 +137,26 @@ _NO_GET_CONFIG = re.compile(r"^module '(\w+)_config' has no attribute 'get_confi
 
 def describe_flag_error(args: Sequence[str], err: Exception) -> str:
     """One line saying which override of `args` made loading the config files fail, and why."""
+    culprit, reason = explain_flag_error(args, err)
+    return f"{culprit} is invalid; {reason}" if culprit else reason
+
+
+def explain_flag_error(args: Sequence[str], err: Exception) -> tuple[str | None, str]:
+    """`(culprit, reason)`: the flag or override of `args` that made loading the config files
+    fail (None when none can be named) and why, in words (a grid sweep's missing `num_trials`,
+    a value given fields, a file without `get_config`)."""
     missing = _NO_GET_CONFIG.match(error_message(err)) if isinstance(err, AttributeError) else None
     if missing is not None:  # e.g. --config=<a helper module>, not a config file
         flag = missing.group(1)
-        return (f"--{flag}={flag_value(args, flag)!r} is invalid; it defines no get_config() (a "
-                "config file is a module whose get_config() returns its ConfigDict)")
+        return (f"--{flag}={flag_value(args, flag)!r}", "it defines no get_config() (a config "
+                "file is a module whose get_config() returns its ConfigDict)")
     overrides = [a for a in args if a.startswith("--") and "." in a.split("=", 1)[0]]
     if isinstance(err, TypeError | AttributeError | KeyError):
         for override in overrides:  # `--config.model.name=x` where `model` is a string
             below = value_not_group(args, override)
             if below:
-                return f"{override} is invalid; {below}"
+                return override, below
     culprit = find_culprit(overrides, err)
-    where = f"{culprit} is invalid; " if culprit else ""
     message = error_message(err)
     if culprit and isinstance(err, KeyError | AttributeError):
         path = culprit.lstrip("-").split("=", 1)[0]
@@ -168,7 +175,7 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
             elif path == "sweep.num_trials":  # a grid file: its size is fixed
                 message += ("; a grid sweep runs every combination of its values: pass "
                             "--max_trials=N to run fewer (or set kind='random' in the file)")
-    return f"{where}{message}"
+    return culprit, message
 
 
 def load_config_file(spec: str) -> Any:

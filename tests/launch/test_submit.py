@@ -376,6 +376,18 @@ def test_check_configs_loads_the_overrides_like_the_entry_point(tmp_path):
                                  "tasks_per_node": 3}))
 
 
+def test_a_grid_sweeps_num_trials_override_is_explained_as_the_sweep_command_does(tmp_path):
+    """It read "loading ... failed: 'num_trials'"; `experiments.sweep` explained it."""
+    spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 32), sweep=SWEEP,
+                   workdir=str(tmp_path / "w"), nodes=1, gpus_per_node=1, submit_dir=str(ROOT),
+                   overrides=("--sweep.num_trials=5",))
+    with pytest.raises(ValueError, match=r"^launch: overrides='--sweep.num_trials=5' is invalid; "
+                                         r"loading .* with it failed: the config has no field "
+                                         r"'num_trials'; a grid sweep runs every combination of "
+                                         r"its values: pass --max_trials=N"):
+        check_configs(spec)
+
+
 def test_check_configs_counts_devices_as_the_engine_will(tmp_path):
     """`config.num_devices` picks the devices of a single-process job, and each device's batch
     must split into `grad_accum_steps` micro-batches, as `check_config` requires at start."""
