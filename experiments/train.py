@@ -94,9 +94,14 @@ def main(argv: list[str]) -> None:
         _fail(f"error: {err}" + (f"\n(details in {summary_path})" if recorded else ""))
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
         log = os.path.join(workdir, "error.log" if index == 0 else f"error.process{index}.log")
-        os.makedirs(workdir, exist_ok=True)
-        with open(log, "w") as f:
-            f.write(traceback.format_exc())
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(log, "w") as f:
+                f.write(traceback.format_exc())
+        except OSError as log_err:  # a full disk, a read-only workdir: say so, traceback here
+            traceback.print_exc()
+            _fail(f"error: {type(err).__name__}: {err}\n(traceback above: it could not be "
+                  f"written to {log}: {log_err})")
         _fail(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
     kept = retire_error_log(workdir, "error.log" if index == 0 else f"error.process{index}.log")
     if kept:

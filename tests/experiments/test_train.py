@@ -183,15 +183,18 @@ def test_a_misspelt_override_or_missing_config_file_is_one_line(tmp_path, script
     assert not workdir.exists()
 
 
+# experiments.train with train_and_evaluate replaced by a stand-in bug
+_CRASH = ("import sys; import cnnjax.train.loop as loop\n"
+          "def boom(config, workdir): raise RuntimeError('stand-in bug')\n"
+          "loop.train_and_evaluate = boom\n"
+          "sys.argv = sys.argv[1:]\n"
+          "import runpy; runpy.run_module('experiments.train', run_name='__main__')")
+
+
 def test_an_unexpected_error_keeps_its_traceback_until_a_rerun_succeeds(tmp_path):
     """A bug's traceback goes to <workdir>/error.log; once a rerun completes it is kept aside as
     error.previous.log, so the workdir no longer looks failed."""
-    crash = ("import sys; import cnnjax.train.loop as loop\n"
-             "def boom(config, workdir): raise RuntimeError('stand-in bug')\n"
-             "loop.train_and_evaluate = boom\n"
-             "sys.argv = sys.argv[1:]\n"
-             "import runpy; runpy.run_module('experiments.train', run_name='__main__')")
-    failed = subprocess.run([sys.executable, "-c", crash, *_command(tmp_path)[2:]], cwd=ROOT,
+    failed = subprocess.run([sys.executable, "-c", _CRASH, *_command(tmp_path)[2:]], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
     log = tmp_path / "error.log"
@@ -204,6 +207,20 @@ def test_an_unexpected_error_keeps_its_traceback_until_a_rerun_succeeds(tmp_path
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not log.exists()
     assert "stand-in bug" in (tmp_path / "error.previous.log").read_text()
+
+
+def test_an_unexpected_error_whose_log_cannot_be_written_still_says_why(tmp_path):
+    """Writing error.log (a full disk, a read-only workdir; here a folder in its place) raised a
+    second OSError over the first, and the message naming the error was lost."""
+    (tmp_path / "error.log").mkdir()
+    failed = subprocess.run([sys.executable, "-c", _CRASH, *_command(tmp_path)[2:]], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    last = failed.stderr.strip().splitlines()[-2:]
+    assert last[0] == "error: RuntimeError: stand-in bug"
+    log = tmp_path / "error.log"
+    assert last[1].startswith(f"(traceback above: it could not be written to {log}: ")
+    assert "RuntimeError: stand-in bug" in failed.stderr.split("error: RuntimeError")[0]
 
 
 def test_a_workdir_in_use_is_a_one_line_error_and_left_untouched(tmp_path):
