@@ -120,23 +120,33 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
 def dataset_info(spec: Spec, source: Source, transforms: Transforms,
                  name: str) -> DatasetInfo:
     """The `DatasetInfo` every input module reports: `source`'s classes and split sizes and the
-    output image shape of `transforms`, under `name`; an empty eval split is refused."""
-    num_eval = source.num_examples(spec.eval_split)
-    if num_eval == 0:  # refused here, before a model compiles, not at the first evaluation
+    output image shape of `transforms`, under `name`; an empty train or eval split is refused."""
+    # Empty splits are refused here, before a model compiles, not at the first step or eval.
+    num_train = _non_empty(spec, source, "train_split")
+    num_eval = _non_empty(spec, source, "eval_split")
+    return DatasetInfo(
+        name=name,
+        num_classes=source.num_classes,
+        image_shape=transforms.out_shape,
+        num_train=num_train,
+        num_eval=num_eval,
+    )
+
+
+def _non_empty(spec: Spec, source: Source, field: str) -> int:
+    """The examples of the split in `spec.<field>` (whole, all processes); a ValueError naming
+    the field when it holds none."""
+    split = getattr(spec, field)
+    count = source.num_examples(split)
+    if count == 0:
         if spec.classes is None:
             valid = (f"it holds no examples of {source.name!r}; expected a non-empty split (a "
                      "whole split, or a slice such as 'train[90%:]')")
         else:
             valid = (f"it holds no examples of classes={spec.classes} of {source.name!r}; "
                      "expected a split holding some of them (or classes that it holds)")
-        raise invalid(_OWNER, "eval_split", spec.eval_split, valid)
-    return DatasetInfo(
-        name=name,
-        num_classes=source.num_classes,
-        image_shape=transforms.out_shape,
-        num_train=source.num_examples(spec.train_split),
-        num_eval=num_eval,
-    )
+        raise invalid(_OWNER, field, split, valid)
+    return count
 
 
 def open_whole_image_source(spec: Spec, make_source: Callable[[Spec], Source],
@@ -242,7 +252,7 @@ def epoch_dataset(spec: Spec, source: Source,
     Traced once for all epochs (no stall between them).
     """
     process_batch = global_batch_size // shard[1]
-    num_train = source.num_examples(spec.train_split)
+    num_train = _non_empty(spec, source, "train_split")
     steps = steps_per_epoch(num_train, global_batch_size)
     if steps == 0:
         raise invalid(_OWNER, "global_batch_size", global_batch_size,

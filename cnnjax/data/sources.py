@@ -125,11 +125,22 @@ class TfdsSource(Source):
 
     def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
         try:
-            return int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
+            parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(
+                self.builder.info.splits)
+            count = int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
         except (KeyError, ValueError, TypeError, AssertionError) as e:
             raise invalid(_OWNER, _split_field(self._spec, split), split,
                           f"{self.builder.name!r} has splits {list(self.builder.info.splits)} "
                           f"(slices like 'train[:90%]' also work) [{e}]") from None
+        for part in parts:
+            # tfds counts a reversed slice ('test[5:2]': -3 examples) and fails only on reading.
+            if part.from_ is not None and part.to is not None and part.from_ > part.to:
+                raise invalid(_OWNER, _split_field(self._spec, split), split,
+                              f"its slice of {part.splitname!r} starts at example {part.from_} "
+                              f"after it ends at {part.to}; expected a slice whose start is "
+                              f"at or before its end, e.g. '{part.splitname}[{part.to}:"
+                              f"{part.from_}]'")
+        return count
 
     def stored_examples(self, split: str, shard: tuple[int, int],
                         with_ids: bool = False) -> tf.data.Dataset:

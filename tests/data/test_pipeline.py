@@ -62,6 +62,40 @@ def test_empty_eval_split_is_refused_at_info_time(digits_config, split):
     assert get_dataset_info(digits_config(eval_split="test[:1]")).num_eval == 1
 
 
+@pytest.mark.parametrize("split", ["train[:0]", "train[100%:]", "test[5:5]"])
+def test_empty_train_split_is_refused_by_name(digits_config, split):
+    """An empty train split is refused at info time (get_dataset_info had returned num_train=0)
+    and by train_batches, naming train_split (train_batches named global_batch_size)."""
+    message = re.escape(f"data: train_split={split!r} is invalid; it holds no examples of "
+                        "'digits'; expected a non-empty split")
+    config = digits_config(train_split=split)
+    with pytest.raises(ValueError, match=message):
+        get_dataset_info(config)
+    with pytest.raises(ValueError, match=message):
+        train_batches(config, global_batch_size=4, num_devices=1, seed=0)
+
+
+@pytest.mark.parametrize("field", ["train_split", "eval_split"])
+@pytest.mark.parametrize("split,start,end", [("test[5:2]", 5, 2), ("test[50%:10%]", 180, 36),
+                                             ("test[-2:5]", 357, 5),
+                                             ("test[5:2]+train[:3]", 5, 2)])
+def test_reversed_slices_are_refused_by_name(digits_config, field, split, start, end):
+    """tfds counts a reversed slice as a negative number of examples (num_eval=-3 passed the
+    empty check) and only fails when reading; a `+` join with one summed to 0 or more."""
+    message = re.escape(
+        f"data: {field}={split!r} is invalid; its slice of 'test' starts at example {start} "
+        f"after it ends at {end}; expected a slice whose start is at or before its end, e.g. "
+        f"'test[{end}:{start}]'.")
+    config = digits_config(**{field: split})
+    with pytest.raises(ValueError, match=message):
+        get_dataset_info(config)
+    with pytest.raises(ValueError, match=message):
+        if field == "train_split":
+            train_batches(config, global_batch_size=4, num_devices=1, seed=0)
+        else:
+            eval_batches(config, global_batch_size=4, num_devices=1)
+
+
 def test_tensorflow_gpus_are_hidden_before_a_pipeline_is_built(digits_config, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline.tf.config, "set_visible_devices",
