@@ -7,8 +7,10 @@ hides the GPUs from TensorFlow first (`hide_gpus_from_tensorflow`).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -79,11 +81,7 @@ class TfdsSource(Source):
                 raise invalid(_OWNER, "data_dir", spec.data_dir,
                               "expected a directory (tfds reads datasets from it and builds "
                               "cnnjax's offline ones there), but a file is in the way") from None
-        try:
-            builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
-        except tfds.core.registered.DatasetNotFoundError as e:
-            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
-                          f"tfds does not know this dataset ({e})") from None
+        builder = _open_builder(spec)
         if not builder.is_prepared():
             # By the dataset named, not the preset: `name='shapes', tfds_name='voc/2007'` reads
             # a catalogue dataset, which must never be downloaded here.
@@ -159,6 +157,47 @@ class TfdsSource(Source):
 
     def decode(self, image: tf.Tensor) -> tf.Tensor:
         return self._image_feature.decode_example(image)
+
+
+def _open_builder(spec: Spec) -> Any:
+    """`tfds.builder(spec.tfds_name)`; a ValueError naming `tfds_name` for a dataset, config or
+    version tfds does not have (tfds raised its own ValueError or AssertionError naming no field,
+    and listed its whole catalogue, ~9,000 characters, for an unknown dataset)."""
+    try:
+        return tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        name = spec.tfds_name.split(":")[0].split("/")[0]
+        close = list(dict.fromkeys(difflib.get_close_matches(name, tfds.list_builders())))
+        reason = str(e).strip().splitlines()[0]
+        hint = f"; close names: {close}" if close else " (see `tfds.list_builders()`)"
+        raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                      f"tfds does not know this dataset ({reason}){hint}") from None
+    except (ValueError, AssertionError) as e:  # an unknown config ('x/bogus') or version ('x:9')
+        reason = " ".join(str(e).split())
+        reason = re.sub(r"^Failed to construct dataset .*?\}\": ", "", reason)
+        reason = reason.split(" Here are ")[0]
+        raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                      f"tfds cannot open it ({reason}){_builder_choices(spec.tfds_name)}"
+                      ) from None
+
+
+def _builder_choices(tfds_name: str) -> str:
+    """`; '<name>' has configs [...] and versions [...]`, or '' when tfds cannot say."""
+    name = tfds_name.split(":")[0].split("/")[0]
+    try:
+        cls = tfds.builder_cls(name)
+    except Exception:  # noqa: BLE001  (only a hint for the message)
+        return ""
+    configs = [c.name for c in getattr(cls, "BUILDER_CONFIGS", None) or ()]
+    versions = {str(v) for v in (cls.VERSION, *getattr(cls, "SUPPORTED_VERSIONS", ())) if v}
+    versions |= {str(c.version) for c in getattr(cls, "BUILDER_CONFIGS", None) or ()
+                 if getattr(c, "version", None)}
+    parts = []
+    if configs:
+        parts.append(f"configs {configs} ('{name}/<config>')")
+    if versions:
+        parts.append(f"versions {sorted(versions)} ('{name}:<version>')")
+    return f"; {name!r} has " + " and ".join(parts) if parts else ""
 
 
 def _missing_dataset_message(spec: Spec, builder: Any) -> str:

@@ -333,6 +333,10 @@ def test_config_type_and_name_errors(digits_dir, tmp_path):
     _expect(r"data: tfds_name='no_such_dataset' is invalid; tfds does not know this dataset",
             get_dataset_info, ml_collections.ConfigDict(
                 {"name": "digits", "data_dir": digits_dir, "tfds_name": "no_such_dataset"}))
+    with pytest.raises(ValueError) as unknown:  # not tfds's ~9,000-character catalogue
+        get_dataset_info(ml_collections.ConfigDict(
+            {"name": "cifar10", "data_dir": digits_dir, "tfds_name": "cifar11"}))
+    assert len(str(unknown.value)) < 300 and "close names: ['cifar10" in str(unknown.value)
     fake = pipeline.default_data_config("fake")
     fake.eval_split = "validation"
     _expect(r"data: eval_split='validation' is invalid; 'fake' has splits \['train', 'test'\]",
@@ -341,6 +345,26 @@ def test_config_type_and_name_errors(digits_dir, tmp_path):
     fake.fake_num_train = 0
     _expect(r"data: fake_num_train=0 is invalid; expected a positive integer",
             get_dataset_info, fake)
+
+
+@pytest.mark.parametrize("name,tfds_name,message", [
+    ("digits", "digits/foo", "tfds cannot open it (BuilderConfig foo not found with version "
+                             "1.0.0.); 'digits' has versions ['1.0.0'] ('digits:<version>')."),
+    ("digits", "digits:2.0.0", "tfds cannot open it (Dataset digits cannot be loaded at version "
+                               "2.0.0, only: 1.0.0.); 'digits' has versions ['1.0.0']"),
+    ("cifar10", "cifar10:9.9.9", "tfds cannot open it (Dataset cifar10 cannot be loaded at "
+                                 "version 9.9.9, only: 3.0.2.); 'cifar10' has versions ['3.0.2']"),
+    ("imagenette", "imagenette/bogus", "tfds cannot open it (BuilderConfig bogus not found with "
+                                       "version 1.0.0.); 'imagenette' has configs "
+                                       "['full-size-v2', '320px-v2', '160px-v2', "),
+])
+def test_unknown_tfds_config_or_version_is_refused_by_name(digits_dir, name, tfds_name, message):
+    """tfds raised its own ValueError (a config) or AssertionError (a version) naming no field."""
+    config = pipeline.default_data_config(name)
+    config.data_dir, config.tfds_name = digits_dir, tfds_name
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: tfds_name={tfds_name!r} is invalid; {message}")):
+        get_dataset_info(config)
 
 
 def test_layout_errors(digits_config):
