@@ -9,7 +9,8 @@ their train splits (the tests recompute them).
 Transforms:
 - train augmentation `"none"`: resize to `image_size` when it differs from the native size.
 - `"pad_crop_flip"` (CIFAR): zero-pad `crop_padding` pixels per side, random crop back to the image
-  size, random horizontal flip.
+  size, random horizontal flip (an `image_size` of at most `crop_padding` is refused: such a crop
+  can hold padding only).
 - `"random_resized_crop_flip"` (ImageNet-like): Inception-style crop covering 8%-100% of the image
   area with aspect ratio 3/4-4/3, resized to `image_size`, random horizontal flip.
 - eval `"resize"`: resize to `image_size` when it differs from the native size.

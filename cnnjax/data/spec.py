@@ -207,6 +207,13 @@ def resolve(data_config: Any) -> Spec:
                       "or None for all of them")
 
     augment = _check_bool("augment", cfg["augment"])
+    if (augment and preset.train_augmentation == "pad_crop_flip" and size is not None
+            and min(size) <= preset.crop_padding):
+        # A crop of s <= p pixels from an image padded by p can hold padding only (offset 0).
+        raise invalid(_OWNER, "image_size", image_size,
+                      f"expected more than {preset.crop_padding} pixels for {name!r}: its "
+                      f"training crop pads {preset.crop_padding} pixels per side, so a smaller "
+                      "random crop can hold no image pixel (or set augment=False)")
     ra_layers, ra_magnitude = check_randaugment(
         _OWNER, cfg["randaugment_layers"], cfg["randaugment_magnitude"],
         layers_arg="randaugment_layers", magnitude_arg="randaugment_magnitude")

@@ -316,6 +316,22 @@ def test_config_field_errors(digits_config):
             get_dataset_info, digits_config(eval_split="validation"))
 
 
+@pytest.mark.parametrize("name", ["cifar10", "shapes"])
+def test_image_size_within_the_crop_padding_is_refused(name):
+    """pad_crop_flip pads 4 pixels per side: a crop of 4 or fewer pixels at offset 0 holds only
+    padding, so such an image size is refused before anything is read (unless augment=False)."""
+    config = pipeline.default_data_config(name)
+    config.image_size = 4
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: image_size=4 is invalid; expected more than 4 pixels for {name!r}: its "
+            "training crop pads 4 pixels per side")):
+        resolve(config)
+    config.augment = False
+    assert resolve(config).size == (4, 4)
+    config.augment, config.image_size = True, 5
+    assert resolve(config).size == (5, 5)
+
+
 def test_config_type_and_name_errors(digits_dir, tmp_path):
     _expect(r"data: config='digits' is invalid; expected an ml_collections ConfigDict",
             get_dataset_info, "digits")
