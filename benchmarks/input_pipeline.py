@@ -101,12 +101,9 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    import sys
+    from cnnjax.utils.cli import one_line_errors, start_command
 
-    from cnnjax.utils.cli import one_line_errors
-
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are written --name=value)")
+    start_command(argv)  # positional arguments: one error line
     with one_line_errors():  # bad flags: one line, before the dataset is read or a step compiled
         check_model(FLAGS.model, FLAGS.image_size)
         check_devices(FLAGS.batch_size, FLAGS.num_devices)

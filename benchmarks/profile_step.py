@@ -210,13 +210,10 @@ def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32
 
 
 def main(argv: list[str]) -> None:
-    import sys
-
-    from cnnjax.utils.cli import one_line_errors
+    from cnnjax.utils.cli import one_line_errors, start_command
     from cnnjax.utils.files import check_output_dir
 
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are written --name=value)")
+    start_command(argv)  # positional arguments: one error line
     with one_line_errors():  # bad flags: one line, before anything is compiled
         check_model(FLAGS.model, FLAGS.image_size)
         if FLAGS.trace_dir is not None:

@@ -480,10 +480,9 @@ def check_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from cnnjax.utils.cli import one_line_errors
+    from cnnjax.utils.cli import one_line_errors, start_command
 
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]} (flags are written --name=value)")
+    start_command(argv)  # positional arguments: one error line
     norm_impls = list(dict.fromkeys(FLAGS.batch_norm_impl))
     lowerings = {(conv if len(norm_impls) == 1 else f"{conv}/bn={norm}"): (conv, norm)
                  for conv in dict.fromkeys(FLAGS.conv_impl) for norm in norm_impls}

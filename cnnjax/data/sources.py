@@ -163,10 +163,10 @@ def _open_builder(spec: Spec) -> Any:
     """`tfds.builder(spec.tfds_name)`; a ValueError naming `tfds_name` for a dataset, config or
     version tfds does not have (tfds raised its own ValueError or AssertionError naming no field,
     and listed its whole catalogue, ~9,000 characters, for an unknown dataset)."""
+    name = spec.tfds_name.split(":")[0].split("/")[0]  # without config or version
     try:
         return tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        name = spec.tfds_name.split(":")[0].split("/")[0]
         close = list(dict.fromkeys(difflib.get_close_matches(name, tfds.list_builders())))
         reason = str(e).strip().splitlines()[0]
         hint = f"; close names: {close}" if close else " (see `tfds.list_builders()`)"
@@ -177,13 +177,12 @@ def _open_builder(spec: Spec) -> Any:
         reason = re.sub(r"^Failed to construct dataset .*?\}\": ", "", reason)
         reason = reason.split(" Here are ")[0]
         raise invalid(_OWNER, "tfds_name", spec.tfds_name,
-                      f"tfds cannot open it ({reason}){_builder_choices(spec.tfds_name)}"
-                      ) from None
+                      f"tfds cannot open it ({reason}){_builder_choices(name)}") from None
 
 
-def _builder_choices(tfds_name: str) -> str:
-    """`; '<name>' has configs [...] and versions [...]`, or '' when tfds cannot say."""
-    name = tfds_name.split(":")[0].split("/")[0]
+def _builder_choices(name: str) -> str:
+    """`; '<name>' has configs [...] and versions [...]` (`name`: a tfds dataset without config
+    or version), or '' when tfds cannot say."""
     try:
         cls = tfds.builder_cls(name)
     except Exception:  # noqa: BLE001  (only a hint for the message)

@@ -123,8 +123,9 @@ def _never_applied(base: Any, field: str) -> str | None:
     turning it up changes nothing (`cnnjax.train.mixing.mix_batch`), else None."""
     if field not in (MIXUP, CUTMIX):
         return None
-    prob = space_lib.get_field(base, "mixing.prob", 1.0)
-    switch = space_lib.get_field(base, "mixing.switch_prob", 0.5)
+    defaults = config_lib.MIXING_DEFAULTS
+    prob = space_lib.get_field(base, "mixing.prob", defaults["prob"])
+    switch = space_lib.get_field(base, "mixing.switch_prob", defaults["switch_prob"])
     if prob == 0:
         return "mixing.prob=0 never mixes a batch"
     other = CUTMIX if field == MIXUP else MIXUP
