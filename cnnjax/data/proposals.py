@@ -9,8 +9,12 @@ beside the prepared dataset:
 
 holding each example's `tfds_id`, its boxes normalized like tfds' `bbox` (`[ymin, xmin, ymax,
 xmax]` in [0, 1], so resizing and flipping treat them as the ground truth) padded to `P` rows,
-and their count. `cnnjax.data.detection` joins them to the examples by `tfds_id`. The cache is
-written atomically; concurrent processes each compute it and the last rename wins (same content).
+and their count, plus a JSON `record` of what produced them (`ALGORITHM_VERSION`, the settings,
+the split, the dataset and its version). `cnnjax.data.detection` joins them to the examples by
+`tfds_id`. A cache whose record differs from the current one (or that has none: written before
+records existed) is stale: it is recomputed, with a warning that names the difference. The cache
+is written atomically; concurrent processes each compute it and the last rename wins (same
+content).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import itertools
+import json
 import os
 import re
 import time
@@ -40,6 +45,12 @@ METHODS = ("selective_search",)
 DEFAULT_MAX_PROPOSALS = 256
 MAX_PROPOSALS_LIMIT = 10_000
 FIELDS = ("method", "strategy", "scale", "max_proposals")
+#: Bumped whenever the boxes one setting produces change, so older caches are recomputed.
+#: 1: caches without a record; 2: selective_search maps boxes back by cv2.resize's rounded
+#: factors (7e2cdb4; version 1's boxes were off by up to half a resized pixel).
+ALGORITHM_VERSION = 2
+_RECOMPUTE = ("recomputing it (to do so ahead of a multi-process job: python -m "
+              "experiments.proposals --config=<the experiment's config>)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,18 +156,48 @@ def compute_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable
         counts=np.asarray([r[1] for r in results], np.int32))
 
 
-def _read_cache(path: str, split: str) -> ProposalTable | None:
-    """The table cached at `path` for `split`; None (with a warning) for a file that is
-    unreadable (a partial copy) or was written for another split."""
+def cache_record(builder: Any, split: str, spec: ProposalSpec) -> dict[str, Any]:
+    """What a cache of `split` computed with `spec` records of its making (JSON-safe)."""
+    version = getattr(builder, "version", None)
+    return {"algorithm_version": ALGORITHM_VERSION, "split": split,
+            "dataset": getattr(builder, "name", None),
+            "dataset_version": None if version is None else str(version),
+            **dataclasses.asdict(spec)}
+
+
+class StaleCacheError(ValueError):
+    """A readable cache made by another algorithm version, setting, split or dataset."""
+
+
+def _check_record(found: Any, expected: dict[str, Any]) -> None:
+    """A StaleCacheError naming how the cache's `found` record (None: absent) differs."""
+    if not isinstance(found, dict):
+        raise StaleCacheError(
+            f"it has no record of its making: written by an older cnnjax (algorithm version 1), "
+            f"before version {ALGORITHM_VERSION}'s fix of its boxes")
+    if found.get("split") != expected["split"]:
+        raise StaleCacheError(f"it holds the proposals of split {found.get('split')!r}")
+    differ = [f"{name}={found.get(name)!r} (now {value!r})"
+              for name, value in expected.items() if found.get(name) != value]
+    if differ:
+        raise StaleCacheError("it was computed with " + ", ".join(differ))
+
+
+def _read_cache(path: str, expected: dict[str, Any]) -> ProposalTable | None:
+    """The table cached at `path` if its record is `expected`; None (with a warning) for a file
+    that is unreadable (a partial copy) or stale (another version, setting, split or dataset)."""
     try:
         with np.load(path) as cached:
-            if "split" in cached and str(cached["split"]) != split:
-                raise ValueError(f"it holds the proposals of split {str(cached['split'])!r}")
+            record = json.loads(str(cached["record"])) if "record" in cached else None
+            _check_record(record, expected)
             return ProposalTable(cached["keys"], cached["boxes"], cached["counts"])
+    except StaleCacheError as err:
+        logging.warning("cnnjax.data: the proposals cache %s is stale (%s); %s.", path, err,
+                        _RECOMPUTE)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        logging.warning("cnnjax.data: ignoring the proposals cache %s (%s: %s); recomputing it.",
-                        path, type(err).__name__, err)
-        return None
+        logging.warning("cnnjax.data: ignoring the proposals cache %s (%s: %s); %s.",
+                        path, type(err).__name__, err, _RECOMPUTE)
+    return None
 
 
 def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
@@ -165,7 +206,8 @@ def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
     `experiments.proposals` prepared `train`) reads those: the join is by `tfds_id`, so a
     table of more examples serves a slice of them."""
     path = spec.cache_path(builder, split)
-    if os.path.exists(path) and (table := _read_cache(path, split)) is not None:
+    record = cache_record(builder, split, spec)
+    if os.path.exists(path) and (table := _read_cache(path, record)) is not None:
         return table
     if (whole := _whole_split_tables(builder, split, spec)) is not None:
         return whole
@@ -173,7 +215,7 @@ def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_file(path, "wb") as f:
         np.savez(f, keys=table.keys, boxes=table.boxes, counts=table.counts,
-                 split=np.asarray(split))
+                 record=np.asarray(json.dumps(record, sort_keys=True)))
     return table
 
 
@@ -187,7 +229,8 @@ def _whole_split_tables(builder: Any, split: str, spec: ProposalSpec) -> Proposa
     tables = []
     for name in names:
         path = spec.cache_path(builder, name)
-        table = _read_cache(path, name) if os.path.exists(path) else None
+        record = cache_record(builder, name, spec)
+        table = _read_cache(path, record) if os.path.exists(path) else None
         if table is None:
             return None
         tables.append(table)

@@ -1,6 +1,7 @@
 """`data.proposals`: the config's checks and defaults, the on-disk cache, the tf.data join by
 tfds id. (The proposals in real batches are checked in test_detection.py, on shapes_multi.)"""
 
+import json
 import os
 import re
 import types
@@ -155,3 +156,56 @@ def test_lookup_joins_by_tfds_id():
     np.testing.assert_array_equal(got[1][0], _table().boxes[0])
     with pytest.raises(tf.errors.InvalidArgumentError, match="without cached proposals"):
         lookup(tf.constant("set-test__0"))
+
+
+def _old_format_cache(path: str, table: pl.ProposalTable, split: str) -> None:
+    """A cache as cnnjax wrote it before caches recorded their making (algorithm version 1)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, keys=table.keys, boxes=table.boxes, counts=table.counts,
+             split=np.asarray(split))
+    assert path.endswith(".npz") and os.path.exists(path)
+
+
+def test_an_old_format_cache_is_stale_and_recomputed(counted, caplog):
+    """Caches written before 7e2cdb4 hold boxes off by up to half a resized pixel; they have no
+    record, so they are recomputed (and overwritten) rather than silently reused."""
+    calls, builder, spec = counted
+    path = spec.cache_path(builder, "train")
+    old = _table(3)
+    old.boxes[0, 0] += 0.01  # what the old version computed differs
+    _old_format_cache(path, old, "train")
+    table = pl.load_table(builder, "train", spec)
+    assert calls == ["train"]
+    np.testing.assert_array_equal(table.boxes, _table(3).boxes)
+    assert (f"the proposals cache {path} is stale (it has no record of its making: written by "
+            f"an older cnnjax (algorithm version 1), before version {pl.ALGORITHM_VERSION}'s "
+            "fix of its boxes); recomputing it (to do so ahead of a multi-process job: python -m "
+            "experiments.proposals --config=<the experiment's config>)") in caplog.text
+    with np.load(path) as rewritten:
+        assert json.loads(str(rewritten["record"])) == pl.cache_record(builder, "train", spec)
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train"]  # the rewritten cache is current
+
+
+def test_a_cache_of_another_version_or_setting_is_stale(counted, caplog, monkeypatch):
+    calls, builder, spec = counted
+    builder.name, builder.version = "shapes_multi", "1.0.0"
+    path = spec.cache_path(builder, "train")
+    pl.load_table(builder, "train", spec)
+    monkeypatch.setattr(pl, "ALGORITHM_VERSION", pl.ALGORITHM_VERSION + 1)
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train"]
+    assert (f"it was computed with algorithm_version={pl.ALGORITHM_VERSION - 1} "
+            f"(now {pl.ALGORITHM_VERSION})") in caplog.text
+    builder.version = "1.0.1"  # a cache copied over from another dataset version
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train", "train"]
+    assert "dataset_version='1.0.0' (now '1.0.1')" in caplog.text
+    assert os.path.exists(path)
+
+
+def test_a_stale_whole_split_table_does_not_serve_a_slice(counted, caplog):
+    calls, builder, spec = counted
+    _old_format_cache(spec.cache_path(builder, "train"), _table(3), "train")
+    pl.load_table(builder, "train[0:6]", spec)
+    assert calls == ["train[0:6]"] and "is stale" in caplog.text
