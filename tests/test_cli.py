@@ -98,15 +98,47 @@ def test_absl_flag_errors_are_one_line():
         "flags)")
 
 
-def test_none_for_a_number_field_says_where_none_can_be_set():
-    """`--config.max_loss=None` (documented as "None: only NaN/inf count") read only "could not
-    convert string to float: 'None'"."""
-    err = flags.IllegalFlagValueError(
-        "flag --config.max_loss=None: could not convert string to float: 'None'")
-    assert cli.absl_flag_error(err) == (
-        "--config.max_loss='None' is invalid; could not convert string to float: 'None'; a "
-        "command line cannot set a number field to None (ml_collections parses it as a "
-        "number): set None in the config file")
+def _parsed_with_none(*args):
+    """`cli.parse_with_none` over the digits config, as an entry point parses its flags."""
+    argv = ["prog", "--config=experiments/configs/lenet5_digits.py", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "an ordinary flag", flag_values=values)
+    cli.parse_with_none(values, argv)
+    return values
+
+
+def test_none_unsets_a_field_the_config_declares_none_able():
+    """ml_collections parsed `None` by the field's type: the string 'None' for
+    `init_from.workdir` (a warm start from a folder named None) and an error for `ema.decay`."""
+    values = _parsed_with_none(
+        "--config.ema.decay=0.999", "--config.ema.decay=None", "--config.init_from.workdir=None",
+        "--config.freeze", "None",  # absl's `--flag value` syntax
+        "--config.model_kwargs.activation=None", "--config.seed=3", "--workdir=None")
+    config = values["config"].value
+    assert config.ema.decay is None and config.init_from.workdir is None
+    assert config.freeze is None and config.model_kwargs.activation is None
+    assert config.seed == 3
+    assert values["workdir"].value == "None"  # a plain flag is not a config field
+
+
+@pytest.mark.parametrize("args, decay", [
+    (("--config.ema.decay=None", "--config.ema.decay=0.9"), 0.9),  # the last override wins
+    (("--config.ema.decay=0.9", "--config.ema.decay=None"), None),
+    (("--config.ema.decay=None", "--config.ema.warmup=False"), None),
+])
+def test_the_last_override_of_a_field_wins_with_none_too(args, decay):
+    assert _parsed_with_none(*args)["config"].value.ema.decay == decay
+
+
+def test_none_for_a_field_that_needs_a_value_is_refused_by_name():
+    with pytest.raises(cli.NoneOverrideError) as caught:
+        _parsed_with_none("--config.optimizer.learning_rate=None")
+    assert str(caught.value) == (
+        "--config.optimizer.learning_rate='None' is invalid; config.optimizer.learning_rate "
+        "cannot be None (it holds a float; a command line can unset only a field the config "
+        "declares None-able)")
 
 
 def test_a_value_given_to_a_group_of_fields_names_its_fields():

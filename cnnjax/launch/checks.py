@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, array_indices, validate_spec
-from cnnjax.utils.cli import explain_flag_error, find_culprit
+from cnnjax.utils.cli import NoneOverrideError, explain_flag_error, find_culprit, parse_with_none
 from cnnjax.utils.files import check_directory_kind
 from cnnjax.utils.validation import invalid
 
@@ -49,7 +49,10 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     for flag, kind in (extra_flags or {}).items():  # plain flags the entry point also accepts
         _FLAG_DEFINERS[kind](flag, None, flag, flag_values=values)
     try:
-        values(argv)
+        parse_with_none(values, argv)
+    except NoneOverrideError as err:
+        raise invalid(_OWNER, "overrides", err.override.replace("'None'", "None"),
+                      err.reason) from None
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
         culprit, reason = explain_flag_error(argv, err)  # names config-field overrides only
         culprit = culprit or find_culprit(overrides, err) or list(overrides)

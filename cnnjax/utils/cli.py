@@ -32,9 +32,11 @@ def parse_flags(argv: list[str],
     wrapped by ml_collections and then by absl into a flag error carrying a Python traceback;
     it is reported as `--config='<file>.py:<argument>' is invalid; <the error's message>`.
     `unknown_flag_hint(name)` adds a command's own advice to an unknown flag's message (pass it
-    with `functools.partial`)."""
+    with `functools.partial`). `--config.<field>=None` unsets a field (`parse_with_none`)."""
     try:
-        args = flags.FLAGS(argv)
+        args = parse_with_none(flags.FLAGS, argv)
+    except NoneOverrideError as err:
+        sys.exit(f"error: {err}")
     except flags.Error as err:
         message = (config_file_error(err) or group_not_value(argv[1:], err)
                    or absl_flag_error(err, unknown_flag_hint))
@@ -45,6 +47,92 @@ def parse_flags(argv: list[str],
     if missing:  # ml_collections would only fail at the first use of the flag's value
         sys.exit(f"error: {missing}")
     return args
+
+
+class NoneOverrideError(ValueError):
+    """A `--<config flag>.<field>=None` override that cannot be applied; `override` names it and
+    `reason` says why."""
+
+    def __init__(self, override: str, reason: str):
+        super().__init__(f"{override} is invalid; {reason}")
+        self.override, self.reason = override, reason
+
+
+def parse_with_none(values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """`values(argv)`, where a config field override whose value is `None` sets the field to
+    None: ml_collections parses an override by the field's type, so `None` became the string
+    'None' in a str field and an error in a number field, and a field the config file set (a
+    warm-start workdir, a weight-average decay) could not be unset from a command line.
+
+    Only a field that can hold None takes it: one the config declares None-able (a
+    `FieldReference(None, field_type=...)`, as cnnjax's configs do) or holds None now. A later
+    override of the same field wins, as for any other value. Raises `NoneOverrideError`."""
+    rest: list[str] = []
+    unset: list[tuple[str, str]] = []  # (flag, field path)
+    skip_next = False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        target = _none_override(argv, i, values)
+        if target is None:
+            rest.append(arg)
+            continue
+        skip_next = "=" not in arg  # absl's `--flag value` syntax
+        flag, path = target
+        if not any(_overrides(later, flag, path) for later in argv[i + 1 + skip_next:]):
+            unset.append(target)
+    args = values(rest)
+    for flag, path in unset:
+        _set_none(values[flag].value, flag, path)
+    return args
+
+
+def _none_override(argv: Sequence[str], i: int,
+                   values: flags.FlagValues) -> tuple[str, str] | None:
+    """(flag, field path) when `argv[i]` (with `argv[i + 1]` in absl's `--flag value` syntax)
+    sets a config flag's field to None, else None."""
+    from ml_collections.config_flags.config_flags import is_config_flag
+
+    name, eq, value = argv[i].partition("=")
+    if not eq and i + 1 < len(argv):
+        value = argv[i + 1]
+    match = re.fullmatch(r"--?(\w+)\.([\w.]+)", name)
+    if value != "None" or match is None or match.group(1) not in values:
+        return None
+    if not is_config_flag(values[match.group(1)]):
+        return None
+    return match.group(1), match.group(2)
+
+
+def _overrides(arg: str, flag: str, path: str) -> bool:
+    """Whether `arg` sets `--<flag>.<path>` or a group of fields above it."""
+    name = arg.partition("=")[0].lstrip("-")
+    return f"{path}.".startswith(name.partition(".")[2] + ".") and name.startswith(f"{flag}.")
+
+
+def _set_none(config: Any, flag: str, path: str) -> None:
+    """Sets `config`'s field at the dotted `path` to None (`NoneOverrideError` unless it can
+    hold None)."""
+    import ml_collections
+
+    override = f"--{flag}.{path}='None'"
+    holder, *names = [config, *path.split(".")]
+    for depth, name in enumerate(names):
+        if not isinstance(holder, ml_collections.ConfigDict) or name not in holder:
+            where = ".".join([flag, *names[:depth]])
+            raise NoneOverrideError(override, f"{where} has no field {name!r}")
+        if depth < len(names) - 1:
+            holder = holder[name]
+    field = names[-1]
+    # ConfigDict keeps a typed None-able field as a FieldReference (no public accessor).
+    declared = holder._fields.get(field)  # noqa: SLF001
+    if holder[field] is not None and not isinstance(declared, ml_collections.FieldReference):
+        kind = type(holder[field]).__name__
+        raise NoneOverrideError(override, (
+            f"{flag}.{path} cannot be None (it holds a {kind}; a command line can unset only a "
+            "field the config declares None-able)"))
+    holder[field] = None
 
 
 def define_config_file(name: str, default: str | None, help_string: str,
@@ -82,9 +170,6 @@ def absl_flag_error(err: flags.Error,
             return f"{flag} is required"
         if why.startswith("('Non-boolean argument to boolean flag'"):  # absl's bare tuple
             why = "expected true or false"
-        if value == "None" and ("to float" in why or "for int()" in why):
-            why += ("; a command line cannot set a number field to None (ml_collections parses "
-                    "it as a number): set None in the config file")
         return f"{flag}={value!r} is invalid; {why}"
     if isinstance(err, flags.UnrecognizedFlagError) and unknown_flag_hint is not None:
         text += unknown_flag_hint(err.flagname)

@@ -376,6 +376,21 @@ def test_check_configs_loads_the_overrides_like_the_entry_point(tmp_path):
                                  "tasks_per_node": 3}))
 
 
+def test_check_configs_unsets_a_field_with_none_like_the_entry_point(tmp_path):
+    """`--config.<field>=None` unsets a None-able field at submission as at start (it was the
+    string 'None' or a parse error), and a field that needs a value is refused by name."""
+    spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
+                   submit_dir=str(ROOT))
+    loaded = load_files(spec.files, ("--config.ema.decay=0.9", "--config.ema.decay=None",
+                                     "--config.init_from.workdir=None"))
+    assert loaded["config"].ema.decay is None and loaded["config"].init_from.workdir is None
+    with pytest.raises(ValueError, match=r"^launch: overrides='--config.optimizer.learning_rate="
+                                         r"None' is invalid; config.optimizer.learning_rate cannot "
+                                         r"be None \(it holds a float"):
+        check_configs(JobSpec(**{**spec.__dict__,
+                                 "overrides": ("--config.optimizer.learning_rate=None",)}))
+
+
 def test_a_grid_sweeps_num_trials_override_is_explained_as_the_sweep_command_does(tmp_path):
     """It read "loading ... failed: 'num_trials'"; `experiments.sweep` explained it."""
     spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 32), sweep=SWEEP,
