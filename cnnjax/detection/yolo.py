@@ -159,7 +159,7 @@ def check_yolo_v1_loss_settings(
 
 def yolo_v1_loss_terms(
     predictions: Any, targets: Any, lambda_coord: float = 5.0, lambda_noobj: float = 0.5,
-    confidence_target: str = "iou",
+    confidence_target: str = "iou", num_boxes: int | None = None,
 ) -> YoloV1LossTerms:
     """The terms of the YOLO v1 loss (eq. 3) of one image; see `yolo_v1_loss`."""
     owner = "yolo_v1_loss"
@@ -174,6 +174,13 @@ def yolo_v1_loss_terms(
                       f"expected [S, S, B * 5 + C] with S, S = {tuple(targets.shape[:2])} "
                       "(those of targets)")
     boxes5 = predictions.shape[2] - classes
+    if num_boxes is not None:
+        check_positive_int(owner, "num_boxes", num_boxes)
+        if boxes5 != 5 * num_boxes:
+            raise invalid(owner, "predictions.shape", tuple(predictions.shape),
+                          f"expected a last axis of num_boxes * 5 + C = {num_boxes} * 5 + "
+                          f"{classes} = {5 * num_boxes + classes} (C = {classes} from targets: "
+                          "do predictions and targets have the same num_classes?)")
     if boxes5 < 5 or boxes5 % 5:
         raise invalid(owner, "predictions.shape", tuple(predictions.shape),
                       f"expected a last axis of B * 5 + {classes} (B >= 1; C = {classes} from "
@@ -187,15 +194,17 @@ def yolo_v1_loss_terms(
 
 def yolo_v1_loss(
     predictions: Any, targets: Any, lambda_coord: float = 5.0, lambda_noobj: float = 0.5,
-    confidence_target: str = "iou",
+    confidence_target: str = "iou", num_boxes: int | None = None,
 ) -> jax.Array:
     """The YOLO v1 sum-squared loss (eq. 3) of one image, a scalar.
 
     `predictions` `[S, S, B * 5 + C]` (raw outputs: no activation is applied; layout in the
-    module docstring), `targets` `[S, S, 5 + C]` from `yolo_v1_targets` (`B` is inferred). In a
-    cell with an object, the responsible predictor is the one of the `B` whose box has the highest
-    IoU with the object's (ties: the lower index); where all `B` IoUs are 0 (typical early in
-    training, where the paper's rule says nothing) it is the one with the lowest root-mean-square
+    module docstring), `targets` `[S, S, 5 + C]` from `yolo_v1_targets`. `B` is `num_boxes`;
+    pass it: left None, `B` is inferred from the last axes, and targets of another `C` that
+    still divide evenly (B = 2, C = 20 predictions against C = 15 targets: B = 3) go unnoticed.
+    In a cell with an object, the responsible predictor is the one of the `B` whose box has the
+    highest IoU with the object's (ties: the lower index); where all `B` IoUs are 0 (typical early
+    in training, where the paper's rule says nothing) it is the one with the lowest root-mean-square
     difference of `(centre x, centre y, w, h)` in image units, darknet's rule. The responsible
     predictor's confidence regresses to that IoU (`confidence_target="iou"`, the paper: "the
     confidence ... equal the IoU between the predicted box and the ground truth", darknet's
@@ -205,7 +214,7 @@ def yolo_v1_loss(
     The IoU target and the choice of predictor carry no gradient.
     """
     terms = yolo_v1_loss_terms(predictions, targets, lambda_coord, lambda_noobj,
-                               confidence_target)
+                               confidence_target, num_boxes)
     return sum(terms[1:], terms[0])
 
 

@@ -190,7 +190,7 @@ class YOLOv1(nn.Module):
             targets = yolo_v1_targets(boxes, labels, valid, size, self.grid_size,
                                       self.num_classes)
             return yolo_v1_loss_terms(pred, targets, self.lambda_coord, self.lambda_noobj,
-                                      self.confidence_target)
+                                      self.confidence_target, self.boxes_per_cell)
 
         per_image = jax.vmap(one)(outputs, gt_boxes, gt_labels.astype(jnp.int32), gt_valid)
         terms = {name: jnp.mean(value) for name, value in per_image._asdict().items()}

@@ -165,6 +165,8 @@ def test_loss_matches_eq3_loop_reference(seed, b, rescore, lambdas):
     with jax.enable_x64(True):
         terms = yolo_v1_loss_terms(pred, targets, *lambdas, confidence_target=option)
         np.testing.assert_allclose(np.asarray(terms), expected, rtol=1e-12, atol=1e-12)
+        explicit = yolo_v1_loss_terms(pred, targets, *lambdas, option, num_boxes=b)
+        np.testing.assert_array_equal(np.asarray(explicit), np.asarray(terms))
     got = yolo_v1_loss(pred.astype(np.float32), targets.astype(np.float32), *lambdas, option)
     np.testing.assert_allclose(float(got), expected.sum(), rtol=1e-5)
 
@@ -228,6 +230,16 @@ def test_jit_vmap_over_a_batch_and_finite_gradients():
      "yolo_v1_loss: predictions.shape=(2, 2, 12) is invalid; expected a last axis of B * 5 + 3"),
     (lambda: yolo_v1_loss(np.zeros((2, 2, 3)), np.zeros((2, 2, 8))),
      "yolo_v1_loss: predictions.shape=(2, 2, 3) is invalid"),
+    # B = 2, C = 3 predictions (13) against C = 8 targets: 13 = 1 * 5 + 8, a silent B = 1.
+    (lambda: yolo_v1_loss(np.zeros((2, 2, 13)), np.zeros((2, 2, 13)), num_boxes=2),
+     "yolo_v1_loss: predictions.shape=(2, 2, 13) is invalid; expected a last axis of num_boxes "
+     "* 5 + C = 2 * 5 + 8 = 18 (C = 8 from targets: do predictions and targets have the same "
+     "num_classes?)."),
+    (lambda: yolo_v1_loss(np.zeros((7, 7, 30)), np.zeros((7, 7, 20)), num_boxes=2),
+     "yolo_v1_loss: predictions.shape=(7, 7, 30) is invalid; expected a last axis of num_boxes "
+     "* 5 + C = 2 * 5 + 15 = 25"),
+    (lambda: yolo_v1_loss(np.zeros((2, 2, 13)), np.zeros((2, 2, 8)), num_boxes=0),
+     "yolo_v1_loss: num_boxes=0 is invalid; expected a positive integer."),
     (lambda: yolo_v1_loss(np.zeros((2, 2, 13)), np.zeros((2, 2, 8)), lambda_coord=-1),
      "yolo_v1_loss: lambda_coord=-1 is invalid; expected a finite number >= 0."),
     (lambda: yolo_v1_loss(np.zeros((2, 2, 13)), np.zeros((2, 2, 8)), lambda_noobj=math.inf),
