@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.detection.anchors import image_size_pair
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.yolo import (
     check_yolo_v1_loss_settings,
@@ -215,8 +216,14 @@ def decode_yolo_v1(
     `(sqrt_w**2, sqrt_h**2)` image widths/heights, clipped to the image; its score for class `c`
     is `confidence * P(c)`; only its best class is kept, then per-class NMS.
     """
+    owner = "decode_yolo_v1"
+    output = jnp.asarray(output)
+    count = check_positive_int(owner, "boxes_per_cell", boxes_per_cell)
+    if output.ndim != 3 or output.shape[2] <= 5 * count:
+        raise invalid(owner, "output.shape", tuple(output.shape),
+                      f"expected [S, S, B * 5 + C] with B = boxes_per_cell = {count} and C >= 1")
+    height, width = (float(v) for v in image_size_pair(owner, image_size))
     rows, cols, _ = output.shape
-    height, width = float(image_size[0]), float(image_size[1])
     boxes = output[..., :5 * boxes_per_cell].reshape(rows, cols, boxes_per_cell, 5)
     col = jnp.arange(cols, dtype=output.dtype)[None, :, None]
     row = jnp.arange(rows, dtype=output.dtype)[:, None, None]

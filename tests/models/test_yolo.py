@@ -180,3 +180,21 @@ def test_decode_ignores_whatever_unscored_cells_hold():
 def test_numpy_integer_layer_sizes_are_valid():
     layers = ((np.int64(16), 3, 1), "M", (32, np.int32(3), 1))
     assert YOLOv1(layers=layers).layers == layers
+
+
+@pytest.mark.parametrize("shape, b, size, message", [
+    ((4, 4, 13), 3, (48, 64), "decode_yolo_v1: output.shape=(4, 4, 13) is invalid; expected "
+                              "[S, S, B * 5 + C] with B = boxes_per_cell = 3 and C >= 1."),
+    ((4, 4, 10), 2, (48, 64), "decode_yolo_v1: output.shape=(4, 4, 10) is invalid"),
+    ((4, 13), 2, (48, 64), "decode_yolo_v1: output.shape=(4, 13) is invalid"),
+    ((4, 4, 13), 0, (48, 64), "decode_yolo_v1: boxes_per_cell=0 is invalid; expected a positive "
+                              "integer."),
+    ((4, 4, 13), 2, (-48, 64), "decode_yolo_v1: image_size=(-48, 64) is invalid; expected "
+                               "(height, width), two positive numbers."),
+])
+def test_decode_refuses_bad_inputs(shape, b, size, message):
+    """These were a reshape TypeError, an empty-argmax error, an unpacking error, or (B = 0, a
+    negative height) silently no detections."""
+    with pytest.raises(ValueError) as err:
+        decode_yolo_v1(jnp.zeros(shape), size, b, 0.1, 0.5, 20)
+    assert str(err.value).startswith(message)
