@@ -15,8 +15,12 @@ Cost conventions (those of XLA's HloCostAnalysis, so totals agree with
   Along an axis with input dilation > 1 (a transposed convolution) only the taps on real input
   elements count, not those on the inserted zeros: each input element meets every kernel tap
   once, `N * prod(in_spatial) * prod(kernel) * C_in/groups * C_out` for a stride-1 window, the
-  standard count and exactly the MACs of the forward convolution it transposes. (Counting the
-  dilated input densely would charge a 32x bilinear upsampling 32*32 times too much.)
+  standard count (fvcore's, `torch.utils.flop_counter`'s) and exactly the MACs of the forward
+  convolution it transposes. (Counting the dilated input densely would charge a 32x bilinear
+  upsampling 32*32 times too much.) A transposed convolution with stride 1 inserts no zeros and
+  is lowered as an ordinary convolution with full padding; inside a transposed-convolution
+  module (`Call.transposed`) it is counted the same way, per input element, so its MACs do not
+  depend on the stride (DCGAN's 1x1x100 -> 4x4x512 layer: 0.82 M, not 13.1 M over the padding).
   Patch extraction (`lax.conv_general_dilated_patches`, as in `LocallyConnected2D` and
   `TiledConv2D`) is an exact gather written as a convolution with a constant one-hot kernel: it
   has 0 MACs (see `is_patch_extraction`); its FLOPs stay, as XLA counts them.
@@ -45,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.analysis.receptive_field import CUMULATIVE, ELEMENTWISE, REDUCTIONS, WINDOW_REDUCTIONS
+from cnnjax.layers.conv import ConvTranspose2D
 from cnnjax.layers.conv_impl import xla_convolutions
 
 _TOKEN = "cnnjax_call"
@@ -63,6 +68,9 @@ TRANSCENDENTAL = frozenset(
         "erfc", "erf_inv", "lgamma", "digamma"
     ]
 )
+# Modules whose convolution is a transposed one even at stride 1, where nothing in the lowered
+# convolution (no input dilation) tells it from an ordinary one with full padding.
+_TRANSPOSED_MODULES = (nn.ConvTranspose, ConvTranspose2D)
 CONTROL_FLOW = frozenset({"scan", "cond", "while"})
 FREE = frozenset(
     ["convert_element_type", "copy", "copy_p", "reduce_precision", "real", "imag", "stop_gradient"]
@@ -77,6 +85,7 @@ class Call:
     path: tuple[str, ...] | None  # module path; None for a jitted function
     type_name: str  # module class name or function name
     method: str
+    transposed: bool = False  # a transposed-convolution module (see _TRANSPOSED_MODULES)
 
 
 @dataclasses.dataclass
@@ -121,12 +130,14 @@ def _valid_taps(n: int, k: int, s: int, lo: int, d: int, lhs_d: int, m: int) -> 
     return int(np.count_nonzero((p >= 0) & (p <= (n - 1) * lhs_d) & (p % lhs_d == 0)))
 
 
-def _macs_taps(n: int, k: int, s: int, lo: int, d: int, lhs_d: int, m: int) -> int:
+def _macs_taps(n: int, k: int, s: int, lo: int, d: int, lhs_d: int, m: int,
+               transposed: bool = False) -> int:
     """MAC-counted (output, tap) pairs along one axis (arguments as `_valid_taps`): all `m * k`
-    without input dilation; with it, each real input element `i` times the taps `t` that reach it
-    from some output position, `(i * lhs_d + lo - t * d) % s == 0` (all `k` for stride 1), so the
-    inserted zeros are skipped but padding taps count, as for a dense convolution."""
-    if lhs_d == 1:
+    for an ordinary convolution; with input dilation, or in a `transposed` convolution module,
+    each real input element `i` times the taps `t` that reach it from some output position,
+    `(i * lhs_d + lo - t * d) % s == 0` (all `k` for stride 1), so neither the inserted zeros nor
+    the transposed convolution's implicit full padding count."""
+    if lhs_d == 1 and not transposed:
         return m * k
     q = np.arange(n)[:, None] * lhs_d + lo - np.arange(k)[None, :] * d
     return int(np.count_nonzero(q % s == 0))
@@ -167,11 +178,12 @@ def is_patch_extraction(
 def eqn_cost(
     prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any],
     *, static_kernel: bool = False, kernel_value: np.ndarray | None = None,
-    patches: bool | None = None,
+    patches: bool | None = None, transposed: bool = False,
 ) -> tuple[int, int]:
     """(flops, macs) of one primitive under the conventions in the module docstring;
     `static_kernel`: the second operand is a constant, `kernel_value` its value where known
-    (both for `is_patch_extraction`); `patches`: that function's answer, when already known."""
+    (both for `is_patch_extraction`); `patches`: that function's answer, when already known;
+    `transposed`: a convolution inside a transposed-convolution module (MACs per input element)."""
     out_size = _size(out_avals[0].shape) if out_avals else 0
     if prim == "conv_general_dilated":
         lhs, rhs, out = (tuple(a.shape) for a in (in_avals[0], in_avals[1], out_avals[0]))
@@ -186,7 +198,7 @@ def eqn_cost(
                 params["rhs_dilation"][i], params["lhs_dilation"][i], out[out_spec[2 + i]],
             )
             taps *= _valid_taps(*axis)
-            mac_taps *= _macs_taps(*axis)
+            mac_taps *= _macs_taps(*axis, transposed=transposed)
         if patches is None:
             patches = is_patch_extraction(prim, params, in_avals, static_kernel, kernel_value)
         return 2 * batch * per_tap * taps, 0 if patches else batch * per_tap * mac_taps
@@ -352,8 +364,10 @@ class _Flattener:
         static_kernel = len(ins) > 1 and ins[1] in self.static
         kernel_value = self.values.get(ins[1]) if static_kernel else None
         patches = is_patch_extraction(prim, eqn.params, in_avals, static_kernel, kernel_value)
+        module = next((self.calls[c] for c in reversed(path) if self.calls[c].path is not None),
+                      None)
         flops, macs = eqn_cost(prim, eqn.params, in_avals, [v.aval for v in eqn.outvars],
-                               patches=patches)
+                               patches=patches, transposed=module is not None and module.transposed)
         return FlatEqn(len(self.eqns), prim, dict(eqn.params), ins, outs, path, int(flops),
                        int(macs), patches, static)
 
@@ -404,7 +418,8 @@ def trace_model(
         module = context.module
         path = tuple(module.scope.path) if module.scope is not None else ()
         idx = len(calls)
-        calls.append(Call(idx, path, type(module).__name__, context.method_name))
+        calls.append(Call(idx, path, type(module).__name__, context.method_name,
+                          isinstance(module, _TRANSPOSED_MODULES)))
         with jax.named_scope(f"{_TOKEN}{idx}"):
             return next_fun(*args, **kwargs)
 

@@ -264,11 +264,9 @@ Columns:
 - **MACs**: multiply-accumulates of the convolutions and fully connected layers, counted densely
   (taps that fall on zero padding included), i.e. the number papers and torchvision quote as
   "FLOPs"/"GFLOPS". A transposed convolution counts each input element times the whole kernel
-  (the MACs of the forward convolution it transposes), not the zeros inserted between inputs.
-  Known limit: a transposed convolution with stride 1 on an axis inserts no zeros there and is
-  lowered as an ordinary convolution with full padding (k-1 per side), which the count cannot tell
-  from one, so it is counted densely: DCGAN's first layer (1x1x100 -> 4x4x512, 4x4) reads as
-  13.1 M MACs instead of 0.82 M. No zoo model has one; FLOPs are unaffected.
+  (the MACs of the forward convolution it transposes, fvcore's and `torch.utils.flop_counter`'s
+  count), not the zeros inserted between inputs, nor, at stride 1, the full padding it is lowered
+  with (DCGAN's first layer, 1x1x100 -> 4x4x512, reads 0.82 M MACs at any stride).
 - **FLOPs**: floating-point operations as XLA's cost analysis counts them: 2 per multiply-add
   that touches real data, plus 1 per element for bias adds, activations, BatchNorm arithmetic and
   pooling comparisons; transcendental functions (exp, rsqrt, tanh) are not counted. So FLOPs are

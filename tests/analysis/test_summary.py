@@ -545,3 +545,47 @@ def test_cli_bad_input_is_one_line(tmp_path, args):
             "--csv={tmp}": f"--csv={str(tmp_path)!r} is invalid; it is a directory, expected a "
                            "file name"}[args[-1]] in line
     assert not proc.stdout  # refused before the table
+
+
+def _torch_macs(layer, shape):
+    """MACs of one PyTorch layer on an NCHW zero input, by `torch.utils.flop_counter` (fvcore's
+    conventions: a conv counts every output, a transposed conv every input element, times the
+    whole kernel; bias not counted): its FLOPs are 2 per multiply-add."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.zeros(shape))
+    return counter.get_total_flops() // 2
+
+
+# (H, W, C_in, features, kernel, stride, padding, output_padding, dilation, groups)
+TRANSPOSED_CASES = [
+    (1, 1, 100, 64, 4, 1, 0, 0, 1, 1),  # DCGAN's first layer (1x1 -> 4x4), narrowed
+    (5, 6, 4, 6, 3, 1, 0, 0, 1, 1),  # stride 1, full output 7x8
+    (5, 6, 4, 6, 3, 1, 1, 0, 1, 2),  # stride 1, same size, grouped
+    (5, 6, 4, 6, 3, 1, 0, 0, 2, 1),  # stride 1, dilated kernel
+    (5, 6, 4, 6, 3, 2, 1, 1, 1, 1),
+    (4, 5, 6, 6, 4, 3, 2, 2, 1, 6),  # depthwise, stride 3
+    (4, 5, 4, 2, 3, 2, 0, 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize(("h", "w", "cin", "cout", "k", "s", "p", "op", "d", "g"),
+                         TRANSPOSED_CASES)
+def test_transposed_conv_macs_match_torch_flop_counter_at_every_stride(h, w, cin, cout, k, s, p,
+                                                                       op, d, g):
+    """Each input element times the whole kernel, whatever the stride (fvcore's count): a
+    stride-1 transposed conv, lowered as an ordinary convolution with full padding, was counted
+    densely over that padding (DCGAN's 1x1 -> 4x4 layer: 16x too much, 16x the stride-2 figure)."""
+    torch = pytest.importorskip("torch")
+    ours = summary(ConvTranspose2D(cout, k, strides=s, padding=p, output_padding=op, dilation=d,
+                                   groups=g), (h, w, cin))
+    layer = torch.nn.ConvTranspose2d(cin, cout, k, s, p, op, groups=g, dilation=d)
+    hand = h * w * k * k * cin // g * cout
+    assert ours.totals["macs"] == _torch_macs(layer, (1, cin, h, w)) == hand
+    # Flax's own module (no kernel flip, padding "VALID" = PyTorch's padding 0) counts the same.
+    if p == op == 0 and g == 1:
+        flax_layer = nn.ConvTranspose(cout, (k, k), strides=(s, s), padding="VALID",
+                                      kernel_dilation=(d, d))
+        assert summary(flax_layer, (h, w, cin)).totals["macs"] == ours.totals["macs"]
