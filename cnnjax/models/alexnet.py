@@ -54,7 +54,7 @@ from cnnjax.models.registry import build_variant, register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, dense_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
-    check_nhwc,
+    check_nhwc_nonempty,
     check_non_negative_int,
     check_positive_int,
     invalid,
@@ -139,7 +139,7 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
         w, g = tuple(self.widths), tuple(self.groups)
@@ -198,7 +198,7 @@ class ZFNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
         pool = functools.partial(max_pool2d, kernel_size=3, stride=2, ceil_mode=True)

@@ -74,7 +74,7 @@ from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
-from cnnjax.utils.validation import check_bool, check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import check_bool, check_nhwc_nonempty, check_positive_int, invalid
 
 Array = Any
 
@@ -231,7 +231,7 @@ class GoogLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=caffe_xavier_init,
                                  bias_init=caffe_bias_init)
@@ -393,7 +393,7 @@ class GoogLeNetBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         if self.transform_input:
             x = transform_imagenet_input(x)

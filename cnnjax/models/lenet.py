@@ -39,7 +39,7 @@ import numpy as np
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import avg_pool2d
 from cnnjax.models.registry import register_model
-from cnnjax.utils.validation import check_choice, check_nhwc, check_positive_int
+from cnnjax.utils.validation import check_choice, check_nhwc_nonempty, check_positive_int
 
 Array = Any
 
@@ -149,7 +149,7 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         act = _ACTIVATION_FNS[self.activation]
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}

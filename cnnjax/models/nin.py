@@ -43,7 +43,7 @@ from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
-    check_nhwc,
+    check_nhwc_nonempty,
     check_positive_int,
     invalid,
 )
@@ -149,7 +149,7 @@ class NiN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}
         for i, stage in enumerate(self.stages, start=1):

@@ -50,7 +50,7 @@ from cnnjax.models.resnet import batch_norm, conv_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
     check_depth,
-    check_nhwc,
+    check_nhwc_nonempty,
     check_positive_int,
     check_positive_ints,
     invalid,
@@ -268,7 +268,7 @@ class PreActResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc(type(self).__name__, x)
+        check_nhwc_nonempty(type(self).__name__, x)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
         )

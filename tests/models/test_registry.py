@@ -5,7 +5,13 @@ import re
 import flax.linen as nn
 import pytest
 
-from cnnjax.models import ModelArgumentError, create_model, model_info, settable_fields
+from cnnjax.models import (
+    ModelArgumentError,
+    create_model,
+    list_models,
+    model_info,
+    settable_fields,
+)
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.registry import registered_model
 
@@ -160,3 +166,38 @@ def test_a_model_name_that_is_not_a_string_is_a_value_error(name):
     with pytest.raises(ValueError, match=rf"^create_model: name={re.escape(repr(name))} is "
                                          r"invalid; expected a str, one of \['alexnet'"):
         create_model(name)
+
+
+def _native_spec(name: str, height: int | None = None, batch: int = 1):
+    """An abstract float32 input for the classifier `name`: `batch` images of its native size,
+    `height` rows if given."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w, c = model_info(name).input_shape
+    return jax.ShapeDtypeStruct((batch, h if height is None else height, w, c), jnp.float32)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_an_image_without_pixels_is_refused_naming_the_model(name):
+    """A 0-row image went through the CIFAR ResNets, pre-activation ResNets and ResNets with the
+    CIFAR stem (3x3 convolutions keep 0x32 maps, the global mean of nothing is NaN): NaN logits,
+    no error. Every classifier refuses it on entry, before anything is traced."""
+    import jax
+
+    model = create_model(name)
+    owner = type(model).__name__
+    x = _native_spec(name, height=0)
+    with pytest.raises(ValueError, match=rf"^{owner}: input\.shape={re.escape(str(x.shape))} is "
+                                         r"invalid; expected height and width >= 1"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def test_a_resnet_with_the_cifar_stem_refuses_an_image_without_pixels():
+    """The same through the ImageNet ResNet with the CIFAR stem (no max pool to refuse it)."""
+    import jax
+
+    model = create_model("resnet18", stem="cifar", num_classes=3)
+    x = _native_spec("resnet20_cifar", height=0)
+    with pytest.raises(ValueError, match=r"^ResNet: input\.shape=\(1, 0, 32, 3\) is invalid"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
