@@ -51,7 +51,7 @@ from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import build_variant, register_model
-from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, dense_kernel_init
+from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, dense_kernel_init, flatten
 from cnnjax.utils.validation import (
     check_bool,
     check_nhwc_nonempty,
@@ -82,7 +82,7 @@ def _check_five(owner: str, arg: str, value: Any) -> tuple[int, ...]:
 def _classifier(module: nn.Module, x: Array, train: bool, dropout_before_fc: bool) -> Array:
     """fc6 and fc7 (ReLU, dropout) of AlexNet-family nets; returns the head's input."""
     dense = functools.partial(nn.Dense, dtype=module.dtype, kernel_init=dense_kernel_init)
-    x = x.reshape(x.shape[0], -1)
+    x = flatten(x)
     for name in ("fc6", "fc7"):
         if dropout_before_fc:
             x = nn.Dropout(module.dropout_rate, deterministic=not train)(x)

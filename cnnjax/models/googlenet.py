@@ -73,7 +73,7 @@ from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d
 from cnnjax.models.registry import register_model
-from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
+from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, flatten
 from cnnjax.utils.validation import check_bool, check_nhwc_nonempty, check_positive_int, invalid
 
 Array = Any
@@ -198,7 +198,7 @@ class InceptionAux(nn.Module):
         x = avg_pool2d(x, 5, 3)
         x = nn.relu(Conv2D(128, 1, dtype=self.dtype, kernel_init=caffe_xavier_init,
                            bias_init=caffe_bias_init, name="conv")(x))
-        x = x.reshape(x.shape[0], -1)
+        x = flatten(x)
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=caffe_xavier_init)
         x = nn.relu(dense(1024, bias_init=caffe_bias_init, name="fc")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -343,7 +343,7 @@ class InceptionAuxBN(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = adaptive_avg_pool2d(x, 4)
         x = BasicConv2d(128, 1, dtype=self.dtype, axis_name=self.axis_name, name="conv")(x, train)
-        x = x.reshape(x.shape[0], -1)
+        x = flatten(x)
         x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),

@@ -39,6 +39,7 @@ import numpy as np
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import avg_pool2d
 from cnnjax.models.registry import register_model
+from cnnjax.models.vgg import flatten
 from cnnjax.utils.validation import check_choice, check_nhwc_nonempty, check_positive_int
 
 Array = Any
@@ -163,7 +164,7 @@ class LeNet5(nn.Module):
         features["c3"] = x = act(c3(x))
         features["s4"] = x = self._subsample(x, "s4")
         features["c5"] = x = act(Conv2D(120, 5, dtype=self.dtype, name="c5")(x))
-        x = x.reshape(x.shape[0], -1)
+        x = flatten(x)
         features["pre_logits"] = x = act(nn.Dense(84, dtype=self.dtype, name="f6")(x))
         logits = jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
                              jnp.float32)

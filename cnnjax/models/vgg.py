@@ -32,6 +32,7 @@ initialize the deeper ones; He initialization makes that unnecessary.)
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,12 @@ VGG_CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
 #: torchvision's initializers: He-normal (fan-out) for convolutions, N(0, 0.01) for dense layers.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def flatten(x: Array) -> Array:
+    """`[N, ...] -> [N, prod(...)]` for a fully connected layer; unlike `x.reshape(N, -1)` it
+    also works for a batch of 0, where the -1 is ambiguous (JAX raises ZeroDivisionError)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def check_dropout_rate(owner: str, rate: Any) -> float:
@@ -161,7 +168,7 @@ class VGG(nn.Module):
         x = features[f"block{len(self.stages)}"]
         if self.pool_size is not None:
             x = adaptive_avg_pool2d(x, self.pool_size)
-        x = x.reshape(x.shape[0], -1)
+        x = flatten(x)
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_kernel_init)
         for name in ("fc6", "fc7"):
             x = nn.relu(dense(self.hidden_features, name=name)(x))
