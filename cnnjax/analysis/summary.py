@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import os
 from collections.abc import Sequence
@@ -53,8 +54,8 @@ from cnnjax.analysis.receptive_field import (
     to_receptive_field,
     with_counts,
 )
-from cnnjax.analysis.trace import Trace, trace_model
-from cnnjax.utils.validation import check_positive_int, invalid, is_integer
+from cnnjax.analysis.trace import LayerFailureError, Trace, trace_model
+from cnnjax.utils.validation import check_float_dtype, check_positive_int, invalid, is_integer
 
 ANCHORS = frozenset({"conv_general_dilated", "dot_general", *WINDOW_REDUCTIONS})
 STRUCTURAL = frozenset(
@@ -508,6 +509,21 @@ class _Grouper:
         )
 
 
+def _check_call_kwargs(owner: str, model: nn.Module, call_kwargs: dict[str, Any]) -> None:
+    """Keyword arguments the model's `__call__` does not take (`rngs` goes to `apply`) are
+    refused before tracing, naming them and the ones it takes."""
+    kwargs = {k: v for k, v in call_kwargs.items() if k != "rngs"}
+    try:
+        signature = inspect.signature(type(model).__call__)
+    except (TypeError, ValueError):  # not introspectable: let the call itself decide
+        return
+    try:
+        signature.bind(model, None, **kwargs)
+    except TypeError as err:
+        raise invalid(owner, "keyword arguments", kwargs,
+                      f"{type(model).__name__}.__call__{signature} refuses them ({err})") from None
+
+
 def summary(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -531,8 +547,14 @@ def summary(
         raise invalid(owner, "input_shape", input_shape,
                       "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
     check_positive_int(owner, "batch_size", batch_size)
+    check_float_dtype(owner, "dtype", dtype, allow_none=False)
+    _check_call_kwargs(owner, model, call_kwargs)
     shape = tuple(int(s) for s in shape)
-    trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
+    try:
+        trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
+    except LayerFailureError as err:
+        raise invalid(owner, "input_shape", shape, f"in {type(model).__name__}, {err}; a larger "
+                      "input, another rank or other model settings may be needed") from None
     grouper = _Grouper(trace, len(shape) - 1)
     rows = grouper.run()
     out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None

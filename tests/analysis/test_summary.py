@@ -363,6 +363,19 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
         ({"input_shape": (8, 8, True)},
          r"^summary: input_shape=\(8, 8, True\) is invalid; expected positive ints"),
         ({"input_shape": (32, 32, 3), "batch_size": 0}, r"summary: batch_size=0 is invalid"),
+        ({"input_shape": (32.0, 32, 3)}, r"summary: input_shape=\(32.0, 32, 3\) is invalid"),
+        # A failure inside the model names the layer (it was a bare ZeroDivisionError from
+        # Dense's initializer on 0 features, or from a Conv given a rank-3 input).
+        ({"input_shape": (4, 4, 3)}, r"^summary: input_shape=\(4, 4, 3\) is invalid; in VGGLike, "
+         r"layer fc \(Dense\) fails \(ZeroDivisionError.*from layer conv3_3 \(Conv\), shape "
+         r"\(1, 1, 1, 64\)"),
+        ({"input_shape": (32, 3)}, r"^summary: input_shape=\(32, 3\) is invalid; in VGGLike, "
+         r"layer conv2_1 \(Conv\) fails"),
+        # A keyword the model does not take (was flax's TypeError) or a dtype that is no float.
+        ({"input_shape": (32, 32, 3), "trian": True},
+         r"^summary: keyword arguments=\{'trian': True\} is invalid; VGGLike.__call__\(self, x"),
+        ({"input_shape": (32, 32, 3), "dtype": "foo"},
+         r"^summary: dtype='foo' is invalid; expected a floating-point dtype"),
     ],
 )
 def test_errors(kwargs, message):
