@@ -46,6 +46,26 @@ def check_settings(owner: str, strategy: Any, scale: Any) -> None:
                  "before segmenting)", low=0.25, high=8.0, strings=False)
 
 
+def _check_pixels(array: np.ndarray, scale: float) -> None:
+    """A ValueError unless `array` holds real, finite pixel values and stays at least 2 pixels
+    per side once scaled (cv2.resize fails on an empty result; NaN and complex values were cast
+    to uint8 silently)."""
+    dtype = array.dtype
+    if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer)
+                                 or np.issubdtype(dtype, np.floating)):
+        raise invalid(_OWNER, "image.dtype", str(dtype),
+                      "expected uint8 (or another integer or float dtype, values in [0, 255])")
+    if np.issubdtype(dtype, np.floating) and not np.isfinite(array).all():
+        raise invalid(_OWNER, "image", "an array with NaN or infinite values",
+                      "expected finite values in [0, 255]")
+    height, width = array.shape[:2]
+    scaled = [int(np.rint(side * scale)) for side in (height, width)]  # cv2.resize's rounding
+    if min(scaled) < 2:
+        raise invalid(_OWNER, "scale", scale,
+                      f"expected at least 2 pixels per side once scaled: the {height}x{width} "
+                      f"image would be {scaled[0]}x{scaled[1]}")
+
+
 def selective_search(image: Any, *, strategy: str = "fast", scale: float = 1.0,
                      max_boxes: int | None = None) -> np.ndarray:
     """Proposals `[K, 4]` float32 `(x1, y1, x2, y2)` in `image`'s pixels, duplicates removed,
@@ -66,6 +86,7 @@ def selective_search(image: Any, *, strategy: str = "fast", scale: float = 1.0,
     if array.ndim != 3 or array.shape[-1] != 3 or min(array.shape[:2]) < 2:
         raise invalid(_OWNER, "image", f"array of shape {np.shape(image)}",
                       "expected [H, W, 3], [H, W, 1] or [H, W] with H, W >= 2")
+    _check_pixels(array, scale)
     cv2 = _cv2()
     bgr = np.ascontiguousarray(np.clip(array, 0, 255).astype(np.uint8)[..., ::-1])
     if scale != 1:

@@ -83,6 +83,21 @@ def test_grey_images_are_searched_as_rgb():
     ({"max_boxes": 0}, "selective_search: max_boxes=0 is invalid; expected a positive integer."),
     ({"image": np.zeros((8, 8, 2))}, "selective_search: image='array of shape (8, 8, 2)' is "
                                      "invalid; expected [H, W, 3], [H, W, 1] or [H, W]"),
+    # These were an OpenCV assertion error (an empty resize), or searched silently after a cast
+    # to uint8 (NaN: undefined values; complex: the imaginary part dropped; bool: 0/1 pixels).
+    ({"image": np.zeros((2, 2, 3), np.uint8), "scale": 0.25},
+     "selective_search: scale=0.25 is invalid; expected at least 2 pixels per side once "
+     "scaled: the 2x2 image would be 0x0."),
+    ({"image": np.zeros((5, 40), np.uint8), "scale": 0.25},
+     "selective_search: scale=0.25 is invalid; expected at least 2 pixels per side once "
+     "scaled: the 5x40 image would be 1x10."),
+    ({"image": np.full((8, 8, 3), np.nan)},
+     "selective_search: image='an array with NaN or infinite values' is invalid; expected "
+     "finite values in [0, 255]."),
+    ({"image": np.ones((8, 8, 3), complex)},
+     "selective_search: image.dtype='complex128' is invalid; expected uint8"),
+    ({"image": np.ones((8, 8, 3), bool)}, "selective_search: image.dtype='bool' is invalid"),
+    ({"image": np.full((8, 8, 3), "a")}, "selective_search: image.dtype='<U1' is invalid"),
 ])
 def test_bad_settings(kwargs, message):
     image = kwargs.pop("image", _scene())
@@ -93,3 +108,10 @@ def test_bad_settings(kwargs, message):
 def test_a_numpy_float32_scale_is_a_number():
     np.testing.assert_array_equal(selective_search(_scene(), scale=np.float32(2.0)),
                                   selective_search(_scene(), scale=2.0))
+
+
+def test_the_smallest_scaled_image_is_searched():
+    """6 rows at scale 0.3 become cv2.resize's round(1.8) = 2: searched, not refused."""
+    image = np.random.default_rng(2).integers(0, 255, size=(6, 40, 3)).astype(np.uint8)
+    boxes = selective_search(image, scale=0.3)
+    assert len(boxes) >= 1 and (boxes[:, 2:] <= [40, 6]).all()
