@@ -9,7 +9,9 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
                       e.g. back to chance). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
-                      value over the whole run: the learning rate is too low.
+                      value over the whole run, and not fast at first and then hardly at all
+                      (`plateau_ratio`, measured per unit of the logged learning rate): the
+                      learning rate is too low.
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
                       given), or the train-eval top-1 gap is large and growing, or very large.
     underfitting      train top-1 below `underfit_train_top1` and at most `overfit_gap` above
@@ -99,8 +101,14 @@ class Thresholds:
     spike_min_rise: float = 0.05
     # Two spikes are a pattern; a single one (even spanning consecutive logs) may be one bad batch.
     min_spikes: int = 2
-    # Learning has barely started if the smoothed loss fell by < 30% of its first value.
+    # Learning has barely started if the smoothed loss fell by < 30% of its first value ...
     slow_min_drop: float = 0.3
+    # ... unless it fell fast and then flattened: over the second half of the learning rate's
+    # budget (its sum over the steps) it fell by less than this fraction of what it fell per
+    # unit of that budget in the first half. A rate-limited loss falls in step with the lr
+    # (ratio ~1: 1.2 on LeNet-5/digits at lr 1e-4); a plateau (0.19 at weight decay 0.3) is a
+    # capacity or regularization limit that a larger rate does not lift.
+    plateau_ratio: float = 0.5
     # The last quarter of the run is where "still improving" vs "plateau" is judged.
     tail_fraction: float = 0.25
     # Accuracy changes smaller than 2 binomial standard errors of the eval set are noise.
@@ -141,7 +149,7 @@ class Thresholds:
         if self.explosion_factor <= 1:  # else the first logged loss itself would "explode"
             raise invalid(_OWNER, "thresholds.explosion_factor", self.explosion_factor,
                           "expected a number > 1")
-        for name in ("ema_weight", "slow_min_drop", "tail_fraction"):
+        for name in ("ema_weight", "slow_min_drop", "plateau_ratio", "tail_fraction"):
             if getattr(self, name) >= 1:
                 raise invalid(_OWNER, f"thresholds.{name}", getattr(self, name),
                               "expected a number in (0, 1)")
@@ -158,6 +166,18 @@ class Thresholds:
         for name in values:
             check_choice(_OWNER, "thresholds field", name, known)
         return cls(**values)
+
+
+def as_thresholds(value: Thresholds | Mapping[str, Any] | None, owner: str = _OWNER
+                  ) -> Thresholds:
+    """`value` as `Thresholds`: None gives the defaults, a mapping (or ConfigDict) of some
+    fields replaces those (`Thresholds.from_mapping`); anything else is refused by name."""
+    if value is None or isinstance(value, Thresholds):
+        return value or Thresholds()
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return Thresholds.from_mapping(value)
+    raise invalid(owner, "thresholds", value,
+                  "expected a Thresholds, a mapping of some of its fields or None (defaults)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +252,7 @@ class Curves:
     status: str = "completed"
     diverged_step: int | None = None
     num_train_steps: int | None = None
+    train_lr: np.ndarray | None = None  # the logged learning rate at each train log
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
@@ -257,12 +278,15 @@ class Curves:
             diverged_step=(int(summary["step"]) if status == "diverged" and "step" in summary
                            else None),
             num_train_steps=num_train_steps,
+            train_lr=(np.array([_float(r["learning_rate"]) for r in train], dtype=np.float64)
+                      if train and all("learning_rate" in r for r in train) else None),
         )
 
 
 def load_curves(workdir: str) -> Curves:
-    """The curves of the run in `workdir` (metrics.jsonl, summary.json, config.json)."""
-    if not os.path.isdir(workdir):
+    """The curves of the run in `workdir` (metrics.jsonl, summary.json, config.json); a run
+    that failed before its first train log is refused with its error (nothing to diagnose)."""
+    if not isinstance(workdir, str | os.PathLike) or not os.path.isdir(workdir):
         raise invalid(_OWNER, "workdir", workdir, "expected the work directory of a run")
     if not any(os.path.exists(os.path.join(workdir, name))
                for name in (METRICS_FILE, SUMMARY_FILE, CONFIG_FILE)):
@@ -277,18 +301,27 @@ def load_curves(workdir: str) -> Curves:
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
-    return Curves.from_records(records, summary, config.get("num_train_steps"))
+    curves = Curves.from_records(records, summary, config.get("num_train_steps"))
+    if curves.status == "failed" and not len(curves.train_steps):
+        # "log more often" (insufficient_data) would hide the error that stopped it.
+        error = ": ".join(str(summary[k]) for k in ("error", "message") if summary.get(k))
+        raise invalid(_OWNER, "workdir", workdir,
+                      f"its run failed before its first train log, so there are no curves; fix "
+                      f"the error its {SUMMARY_FILE} holds and rerun it: "
+                      f"{error.rstrip('.') or 'no message'}")
+    return curves
 
 
 def diagnose_workdir(workdir: str, metric: str | None = None,
-                     thresholds: Thresholds | None = None) -> Diagnosis:
+                     thresholds: Thresholds | Mapping[str, Any] | None = None) -> Diagnosis:
     """`diagnose(load_curves(workdir), ...)`; `metric` None: the run's own `best_metric`
     (config.json; top1 for runs that do not record one). Recommendations to set a field to the
     value the run already had (`data.augment = True` on an augmented run) are left out."""
+    curves = load_curves(workdir)  # checks workdir first
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     if metric is None:
         metric = config.get("best_metric") or "top1"
-    return _without_settings_in_effect(diagnose(load_curves(workdir), metric, thresholds), config)
+    return _without_settings_in_effect(diagnose(curves, metric, thresholds), config)
 
 
 def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any]) -> Diagnosis:
@@ -323,10 +356,10 @@ def trailing_median(values: np.ndarray, window: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- verdicts
 def diagnose(curves: Curves, metric: str = "top1",
-             thresholds: Thresholds | None = None) -> Diagnosis:
+             thresholds: Thresholds | Mapping[str, Any] | None = None) -> Diagnosis:
     """Every verdict that holds for `curves`, most urgent first; `metric` is the eval metric
     judged for improvement (loss, top1, top5; map50, map, coco_map50, coco_map75 for detection)."""
-    t = thresholds or Thresholds()
+    t = as_thresholds(thresholds)
     judged = ("loss", *FRACTION_METRICS)
     check_choice(_OWNER, "metric", metric, (*judged, *(METRIC_PREFIX + m for m in judged)))
     findings: list[Finding] = []
@@ -444,7 +477,7 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
 def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
     first, last = smooth[0], smooth[-1]
     drop = (first - last) / first if first > 0 else 0.0
-    if drop >= t.slow_min_drop:
+    if drop >= t.slow_min_drop or _plateaued(curves, smooth, t):
         return None
     return Finding(
         "too_slow",
@@ -455,6 +488,27 @@ def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
                         "the loss barely moves: the rate is too low"),
          Recommendation("num_train_steps", "multiply", 2.0, "if a larger rate does worse")),
     )
+
+
+def _plateaued(curves: Curves, smooth: np.ndarray, t: Thresholds) -> bool:
+    """Whether the smoothed train loss fell (by more than the `spike_min_rise` jitter floor)
+    over the first half of the lr budget and then slowed to under `plateau_ratio` of that rate
+    per unit of lr: a plateau, not a rate that is too low. Without logged rates, a constant
+    rate is assumed (the budget is the steps)."""
+    steps = curves.train_steps.astype(np.float64)
+    lr = curves.train_lr if curves.train_lr is not None else np.ones_like(steps)
+    if not np.isfinite(lr).all():
+        return False
+    budget = np.concatenate([[0.0], np.cumsum(np.diff(steps) * (lr[1:] + lr[:-1]) / 2)])
+    half = int(np.searchsorted(budget, budget[-1] / 2))
+    if budget[-1] <= 0 or not 0 < half < len(smooth) - 1:
+        return False
+    early, late = smooth[0] - smooth[half], smooth[half] - smooth[-1]
+    if early <= t.spike_min_rise * smooth[0]:  # it never really fell: too slow, not a plateau
+        return False
+    rate_early = early / budget[half]
+    rate_late = late / (budget[-1] - budget[half])
+    return bool(rate_late < t.plateau_ratio * rate_early)
 
 
 def _aligned_train_top1(curves: Curves, t: Thresholds) -> np.ndarray | None:

@@ -70,6 +70,7 @@ from cnnjax.tune.diagnose import (
     WARMUP_FRACTION,
     Diagnosis,
     Thresholds,
+    as_thresholds,
     diagnose_workdir,
 )
 from cnnjax.tune.regularizers import (
@@ -166,6 +167,8 @@ class Recipe:
     thresholds: Thresholds = dataclasses.field(default_factory=Thresholds)
 
     def __post_init__(self):
+        # A mapping of some threshold fields (as recipe files and from_config give) is accepted.
+        object.__setattr__(self, "thresholds", as_thresholds(self.thresholds, _OWNER))
         # Any task's metric here; run_tune checks it against its base config's task.
         metrics = list(dict.fromkeys(m for ms in config_lib.TASK_METRICS.values() for m in ms))
         # ... or a weight average's (`ema_top1`, ...), which run_tune checks against config.ema
@@ -252,10 +255,7 @@ class Recipe:
         known = [f.name for f in dataclasses.fields(cls)]
         for name in values:
             check_choice(_OWNER, "field", name, known)
-        thresholds = values.pop("thresholds", None)
-        if not isinstance(thresholds, Thresholds):
-            thresholds = Thresholds.from_mapping(thresholds)
-        return cls(**values, thresholds=thresholds)
+        return cls(**values)
 
     def for_config(self, base_config: Any) -> Recipe:
         """This recipe with `metric` checked against `base_config`'s task (None: its
@@ -751,6 +751,8 @@ def check_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> dict:
         old = config_lib.flatten({"regularizers": list(DEFAULT_REGULARIZERS),
                                   "lengthen_regularizers": False, "lr_range_test": False,
                                   **saved.get("recipe", {})})
+        # ... and one from before thresholds.plateau_ratio existed, its default.
+        old.setdefault("thresholds.plateau_ratio", Thresholds().plateau_ratio)
         new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)
                          if k != "max_rounds" and old.get(k) != new.get(k))

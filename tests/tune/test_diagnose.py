@@ -364,6 +364,33 @@ def test_real_lenet_run_at_a_hundredth_of_its_rate_underfits():
     assert d.findings[0].evidence["train_top1"] < 0.85
 
 
+def test_real_lenet_run_with_huge_weight_decay_plateaus_it_is_not_too_slow():
+    """Weight decay 0.3: the train loss falls fast to ~1.6 and stays there at 90% of the peak
+    lr (47.6% train top-1). Its fall from the first log (already 1.87) is 14%, which read as
+    "too slow: lr x3"; per unit of lr it slowed to 0.19 x its first half's rate: a plateau."""
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_wd0.3"))
+    assert d.verdicts == ["underfitting"]
+    assert "optimizer.weight_decay" in [r.field for r in d.findings[0].recommendations]
+
+
+def test_real_lenet_run_at_a_five_hundredth_of_its_rate_is_too_slow():
+    """lr 1e-4: the loss falls 2.37 -> 1.73 in step with the (warmup-cosine) rate, as fast per
+    unit of lr in the second half as in the first (ratio 1.2): too slow, raise the rate."""
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_lr0.0001"))
+    assert d.verdicts == ["too_slow", "underfitting"]
+    assert d.findings[0].recommendations[0].field == "optimizer.learning_rate"
+
+
+@pytest.mark.parametrize("late_rate, plateau", [(0.4, True), (0.6, False)])
+def test_plateau_ratio_compares_the_fall_per_unit_of_lr(late_rate, plateau):
+    """Constant lr, loss 2.3 falling 0.1 per 100 steps to step 200, then `late_rate` x that:
+    a 17-21% fall in all, too slow unless it slowed below half its first rate."""
+    def loss(s):
+        return 2.3 - 0.001 * min(s, 200) - 0.001 * late_rate * max(s - 200, 0)
+    d = dg.diagnose(_curves(**_converged(train_loss=loss)))
+    assert ("too_slow" in d.verdicts) is not plateau
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"diagnose: workdir='.*nowhere' is invalid; expected "
                                          r"the work directory of a run\."):
@@ -493,3 +520,33 @@ def test_a_workdir_is_judged_by_its_own_best_metric_and_a_missing_metric_is_name
                                          r"report \['ap50/0', 'coco_map50', 'coco_map75', "
                                          r"'map', 'map50'\]"):
         dg.diagnose_workdir(str(tmp_path), metric="top1")
+
+
+def test_a_run_that_failed_before_its_first_log_is_refused_with_its_error(tmp_path):
+    """A failed run without train logs was "insufficient_data: log more often", which hid the
+    error that stopped it (here a batch larger than the 50-example train split)."""
+    message = ("config: global_batch_size=64 is invalid; expected at most the 50 examples of the "
+               "train split of 'digits' (an epoch would have no step).")
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"status": "failed", "error": "ValueError", "message": message}))
+    with pytest.raises(ValueError, match=r"diagnose: workdir='.*' is invalid; its run failed "
+                                         r"before its first train log, so there are no curves; "
+                                         r"fix the error its summary.json holds and rerun it: "
+                                         r"ValueError: config: global_batch_size=64 .* "
+                                         r"no step\)\.$"):
+        dg.diagnose_workdir(str(tmp_path))
+    with pytest.raises(ValueError, match=r"diagnose: workdir=None is invalid; expected the work "
+                                         r"directory of a run\."):
+        dg.diagnose_workdir(None)
+
+
+def test_thresholds_may_be_a_mapping_of_some_fields_and_nothing_else():
+    """A dict of thresholds raised AttributeError deep inside the checks (8 evals here)."""
+    curves = _curves(**_converged())
+    assert dg.diagnose(curves, thresholds={"min_evals": 8}).verdicts == ["converged"]
+    assert dg.diagnose(curves, thresholds={"min_evals": 9}).verdicts == ["insufficient_data"]
+    with pytest.raises(ValueError, match=r"diagnose: thresholds field='spike' is invalid"):
+        dg.diagnose(curves, thresholds={"spike": 2})
+    with pytest.raises(ValueError, match=r"diagnose: thresholds=0.5 is invalid; expected a "
+                                         r"Thresholds, a mapping of some of its fields or None"):
+        dg.diagnose(curves, thresholds=0.5)

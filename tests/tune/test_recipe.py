@@ -650,6 +650,7 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
     saved = json.loads(path.read_text())
     assert saved["recipe"].pop("regularizers") == list(rg.DEFAULT_REGULARIZERS)
     assert saved["recipe"].pop("lengthen_regularizers") is False
+    assert saved["recipe"]["thresholds"].pop("plateau_ratio") == 0.5  # nor this threshold
     path.write_text(json.dumps(saved))  # as an older cnnjax wrote it
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match=r"different recipe \(regularizers: \['weight_decay', "
@@ -835,3 +836,11 @@ def test_a_drop_path_knob_a_plain_network_refuses_is_refused_before_round_1():
         "{'model_kwargs.drop_path_rate': 0.1} is refused (CifarResNet: drop_path_rate=0.1 is "
         "invalid; expected 0 with shortcut='none'")
     rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("resnet20_cifar"))
+
+
+def test_recipe_thresholds_may_be_a_mapping_of_some_fields():
+    """Recipe(thresholds={...}) raised AttributeError in its own checks (from_config took it)."""
+    assert rc.Recipe(thresholds={"overfit_gap": 0.1}).thresholds == dg.Thresholds(overfit_gap=0.1)
+    with pytest.raises(ValueError, match=r"^recipe: thresholds=3 is invalid; expected a "
+                                         r"Thresholds, a mapping of some of its fields or None"):
+        rc.Recipe(thresholds=3)
