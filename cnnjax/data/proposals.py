@@ -92,7 +92,7 @@ def proposal_spec(config: Any) -> ProposalSpec | None:
     strategy, scale, max_proposals = (
         unset[name] if fields.get(name) is None else fields[name] for name in unset)
     check_settings(_OWNER, strategy, scale)
-    check_positive_int(_OWNER, "max_proposals", max_proposals)
+    max_proposals = check_positive_int(_OWNER, "max_proposals", max_proposals)
     if max_proposals > MAX_PROPOSALS_LIMIT:
         raise invalid(_OWNER, "max_proposals", max_proposals,
                       f"expected at most {MAX_PROPOSALS_LIMIT:,} (R-CNN uses ~2,000; the cache "

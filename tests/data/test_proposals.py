@@ -209,3 +209,14 @@ def test_a_stale_whole_split_table_does_not_serve_a_slice(counted, caplog):
     _old_format_cache(spec.cache_path(builder, "train"), _table(3), "train")
     pl.load_table(builder, "train[0:6]", spec)
     assert calls == ["train[0:6]"] and "is stale" in caplog.text
+
+
+def test_numpy_integer_max_proposals_is_cached(counted):
+    """A NumPy integer (a sweep's value) is a valid max_proposals; the cache's JSON record
+    refused to serialize it (TypeError) until the spec held it as an int."""
+    calls, builder, _ = counted
+    spec = pl.proposal_spec({"method": "selective_search", "max_proposals": np.int64(3)})
+    assert type(spec.max_proposals) is int
+    pl.load_table(builder, "train", spec)
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train"]
