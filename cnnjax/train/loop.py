@@ -851,6 +851,7 @@ class _Run:
             "status": "completed",
             "model": config.model,
             "dataset": self.data_info.name,
+            "num_classes": self.num_classes,  # ln(num_classes): a classifier's initial loss
             "step": total_steps,
             "resumed_from_step": start_step,
             "final_eval": {k: v for k, v in final.items() if k != "step"},

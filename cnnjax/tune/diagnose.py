@@ -4,7 +4,8 @@
 verdict with the numbers behind it and the config changes it recommends. Verdicts (`VERDICTS`):
 
     diverged          NaN/inf loss (the engine stopped the run) or a loss explosion: a logged
-                      train loss above `explosion_factor` x the first one, or a smoothed one
+                      train loss above `explosion_factor` x the first one (for a classifier,
+                      x ln(num_classes), its initial loss, if that is lower), or a smoothed one
                       ending above `relapse_factor` x its minimum (a collapse after learning,
                       e.g. back to chance). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
@@ -253,6 +254,9 @@ class Curves:
     diverged_step: int | None = None
     num_train_steps: int | None = None
     train_lr: np.ndarray | None = None  # the logged learning rate at each train log
+    # ln(num_classes), a classifier's loss at initialization (None: unknown or not one): the
+    # first logged loss, a mean over the first log's steps, may already have blown up.
+    initial_loss: float | None = None
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
@@ -280,6 +284,7 @@ class Curves:
             num_train_steps=num_train_steps,
             train_lr=(np.array([_float(r["learning_rate"]) for r in train], dtype=np.float64)
                       if train and all("learning_rate" in r for r in train) else None),
+            initial_loss=_initial_loss(train, summary),
         )
 
 
@@ -426,7 +431,12 @@ def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
     loss = curves.train_loss
     bad = np.flatnonzero(~np.isfinite(loss))
     first = loss[0] if len(loss) and math.isfinite(loss[0]) else None
-    exploded = (np.flatnonzero(loss > t.explosion_factor * first) if first is not None
+    # A classifier's reference is at most its initial loss ln(C): a first log already blown up
+    # (no warmup, a far too large lr) would otherwise hide the explosion it belongs to.
+    reference, what = first, "the first logged loss"
+    if first is not None and curves.initial_loss is not None and curves.initial_loss < first:
+        reference, what = curves.initial_loss, "ln(num_classes), a classifier's initial loss,"
+    exploded = (np.flatnonzero(loss > t.explosion_factor * reference) if first is not None
                 else np.array([], dtype=np.int64))
     if curves.status == "diverged":
         step, why = curves.diverged_step, "the engine stopped the run: NaN/inf or max_loss"
@@ -435,8 +445,8 @@ def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
     elif len(exploded):
         i = int(exploded[0])
         step = int(curves.train_steps[i])
-        why = (f"train loss {loss[i]:.4g} > {t.explosion_factor:g} x the first logged loss "
-               f"{first:.4g}")
+        why = (f"train loss {loss[i]:.4g} > {t.explosion_factor:g} x {what} "
+               f"{reference:.4g}")
     else:
         return None
     return Finding(
@@ -663,6 +673,17 @@ def _warmup(curves: Curves) -> int:
     total = curves.num_train_steps or (int(curves.train_steps[-1]) if len(curves.train_steps)
                                        else 0)
     return max(1, round(WARMUP_FRACTION * total))
+
+
+def _initial_loss(train: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
+                  ) -> float | None:
+    """ln(num_classes) of a classifier (train logs with top-1) whose summary records its class
+    count; None for others and for distillation, whose T^2-scaled KL term may start higher."""
+    classes = summary.get("num_classes")
+    if (not train or not all("top1" in r for r in train) or "distill" in summary
+            or isinstance(classes, bool) or not isinstance(classes, int) or classes < 2):
+        return None
+    return math.log(classes)
 
 
 def _float(value: Any) -> float:

@@ -118,6 +118,7 @@ def test_learns_the_synthetic_task(tmp_path):
     config = helpers.tiny_config(num_train_steps=40, eval_every_steps=40)
     summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["final_eval"]["top1"] > 0.9
+    assert summary["num_classes"] == 4  # synthetic: diagnose reads ln(4) as the initial loss
 
 
 def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):

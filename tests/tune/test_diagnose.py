@@ -391,6 +391,26 @@ def test_plateau_ratio_compares_the_fall_per_unit_of_lr(late_rate, plateau):
     assert ("too_slow" in d.verdicts) is not plateau
 
 
+def test_real_lenet_run_blown_up_within_its_first_log_is_diverged():
+    """lr 5 without warmup: the first log (mean of steps 1-20) is already 248 nats and the loss
+    stays in the hundreds (train top-1 ~15%) until the cosine schedule has nearly stopped (3.8
+    at step 300, under max_loss). Against that first log nothing "exploded": it read as
+    underfitting and still improving (eval loss 83 -> 3.4), train longer. The summary's 10
+    classes put the initial loss at ln(10)."""
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_lr5_nowarmup"))
+    assert d.verdicts == ["diverged"] and d.findings[0].evidence["step"] == 20
+    assert "train loss 248.3 > 2 x ln(num_classes), a classifier's initial loss, 2.303" \
+        in d.findings[0].message
+    # Every other real run, with its 10 classes known, is judged as before.
+    for name in ("lenet5_digits_lr0.05", "lenet5_digits_lr0.0005", "lenet5_digits_4pct",
+                 "lenet5_digits_wd0.3", "lenet5_digits_lr0.0001"):
+        records = dg.read_metrics(os.path.join(DATA, name, "metrics.jsonl"))
+        summary = dg.read_json(os.path.join(DATA, name, "summary.json"))
+        plain = dg.diagnose(dg.Curves.from_records(records, summary)).verdicts
+        known = dg.diagnose(dg.Curves.from_records(records, {**summary, "num_classes": 10}))
+        assert known.verdicts == plain and "diverged" not in plain, name
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"diagnose: workdir='.*nowhere' is invalid; expected "
                                          r"the work directory of a run\."):
