@@ -348,12 +348,14 @@ def _same_layout(
 ) -> Info | None:
     """The first activation input's fields when the output has its rank (an op that keeps the
     layout, e.g. a gather resizing a map): spatial axes stay on the same array axes, where the
-    output has more than one position."""
+    output has more than one position or the input had one too (a single position a later op
+    may still spread over several: adaptive pooling of a 1x1 map gathers one axis at a time)."""
     k = next(k for k, info in enumerate(infos) if info is not None)
     if len(in_shapes[k]) != len(out_shape):
         return None
     return tuple(
-        f if f.axis is not None and out_shape[f.axis] > 1 else dataclasses.replace(f, axis=None)
+        f if f.axis is not None and (out_shape[f.axis] > 1 or in_shapes[k][f.axis] == 1)
+        else dataclasses.replace(f, axis=None)
         for f in infos[k]
     )
 
@@ -644,10 +646,8 @@ def propagate(
         kept = [a for a in range(ndim) if a not in dims]
         return finish([_apply(first, {a: (k, None) for k, a in enumerate(kept)})])
     if prim == "broadcast_in_dim":
-        bd = params["broadcast_dimensions"]
-        rules = {a: (bd[a], None) for a in range(ndim)
-                 if in_shapes[first_k][a] == out_shapes[0][bd[a]]}
-        return finish([_apply(first, rules)])
+        return finish([_broadcast(first, in_shapes[first_k], out_shapes[0],
+                                  params["broadcast_dimensions"])])
     if prim == "reshape":
         return finish([_reshape(first, in_shapes[first_k], out_shapes[0], notes, where)])
     if prim == "concatenate":
@@ -704,6 +704,22 @@ def propagate(
     notes.append(f"{where}: primitive '{prim}' treated as mixing all positions (global field)")
     return finish([_globalize(in_infos, _same_layout(in_infos, in_shapes, shape))
                    for shape in out_shapes])
+
+
+def _broadcast(info: Info, in_shape: Sequence[int], out_shape: Sequence[int],
+               dims: Sequence[int]) -> Info:
+    """`broadcast_in_dim`: axes keep their fields on their new array axes; a single position
+    spread over several (`jnp.broadcast_to`, `jnp.repeat` of a 1-wide map) gives every copy its
+    one field, so the jump there is 0 (it used to keep the source's jump, sliding the copies'
+    fields off the pixels they see)."""
+    kept = _apply(info, {a: (dims[a], None) for a in range(len(in_shape))
+                         if in_shape[a] == out_shape[dims[a]]})
+    return tuple(
+        collapse_in_place(f, dims[f.axis], out_shape[dims[f.axis]])
+        if f.axis is not None and f.exclusive and in_shape[f.axis] == 1
+        and out_shape[dims[f.axis]] > 1 else g
+        for f, g in zip(info, kept, strict=True)
+    )
 
 
 def _contracted_against_constant(

@@ -473,3 +473,34 @@ def test_circular_padding_as_large_as_the_input_is_flagged(pad, ambiguous):
     if not ambiguous:  # agrees with zero padding, which has no copies
         zeros = summary(Conv2D(1, 3, padding=(pad, pad)), (3, 3, 1))
         assert result.receptive_field.start == zeros.receptive_field.start
+
+
+class _SinglePositionSpread(nn.Module):
+    """A 3x3/2 VALID conv whose one-row map (a 3 x w input) is spread over 3 rows: adaptive
+    pooling (a gather, as torchvision AlexNet's 6x6 pool of a 1x1 pool5 at 64x64) or a
+    broadcast of its first row."""
+
+    how: str = "adaptive"
+
+    @nn.compact
+    def __call__(self, x):
+        from cnnjax.layers.pooling import adaptive_avg_pool2d
+
+        y = nn.Conv(1, (3, 3), strides=2, padding="VALID", use_bias=False, kernel_init=ONES)(x)
+        if self.how == "adaptive":
+            return adaptive_avg_pool2d(y, 3)
+        return jnp.broadcast_to(y[:, :1], (len(y), 3, *y.shape[2:]))
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 1), (3, 5, 1), (5, 3, 1)])
+@pytest.mark.parametrize("how", ["adaptive", "broadcast"])
+def test_a_single_position_spread_over_several_gives_them_one_field(how, shape):
+    """Copies of one position all see its field: jump 0 there, never the conv's jump 2 (which
+    put copy 2's field 4 pixels off its real support). AlexNet at 64x64 reported (0, 32)."""
+    out = jax.eval_shape(_SinglePositionSpread(how).init_with_output, jax.random.key(0),
+                         jnp.ones((1, *shape)))[0].shape
+    corners = [(0, 0), (out[1] - 1, out[2] - 1), (0, out[2] - 1), (out[1] - 1, 0)]
+    result = _assert_field_holds_support(_SinglePositionSpread(how), shape, corners)
+    spread = (0, 1) if how == "adaptive" else (0,)  # adaptive pooling resizes both axes
+    assert all(result.receptive_field.jump[d] == 0 for d in spread), result.receptive_field
+
