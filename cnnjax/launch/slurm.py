@@ -116,15 +116,16 @@ _PREEMPTION = r"""
 # `scancel --signal=TERM` (every step of the job, not this shell): srun itself answers a TERM by
 # SIGKILLing its tasks ("forcing job termination"), which would lose the step in progress.
 # scancel and scontrol get JOB_REF: in an array task `<array job>_<task>`, since a bare array job
-# id means every task of the array and one task's SLURM_JOB_ID is that id (the array's first).
+# id means every task of the array and one task's SLURM_JOB_ID is that id (the one SLURM
+# started last, seen on slurm-wlm 22.05; the others get ids of their own). Events name JOB_REF
+# too, the id squeue shows: `4_0`, not task 0's own id 5.
 if [[ -n "${SLURM_ARRAY_JOB_ID:-}" ]]; then
   JOB_REF="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID:?}"
 else
   JOB_REF="${SLURM_JOB_ID:-}"
 fi
 event() {
-  local task=${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID}
-  printf '%s job %s%s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${SLURM_JOB_ID:-?}" "$task" "$1" \
+  printf '%s job %s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${JOB_REF:-?}" "$1" \
     | tee -a "$EVENTS" >&2
 }
 stop_step() {  # TERM to the tasks, KILL after STOP_GRACE_SECONDS; STOPPED=0 if it had ended
@@ -157,18 +158,31 @@ on_usr1() {
 resubmit the same job to continue from the newest checkpoint"
     exit 1
   fi
+  REQUEUING=1  # SLURM TERMs this shell as it requeues, often before scontrol returns
   if scontrol requeue "${JOB_REF:?}"; then
-    event "requeued (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES); the rerun resumes"
-    exit 0
+    requeued
   fi
+  REQUEUING=0
   event "scontrol requeue $JOB_REF failed; resubmit the same job to resume"
   exit 1
 }
+requeued() {  # once, whichever of on_usr1 and SLURM's TERM comes first
+  if ((REQUEUED == 0)); then
+    REQUEUED=1
+    event "requeued (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES); the rerun resumes"
+  fi
+  exit 0
+}
 on_term() {
+  if ((REQUEUING)); then
+    requeued
+  fi
   event "TERM (scancel or preemption without requeue): stopping the job step; not requeued"
   stop_step
   exit 143
 }
+REQUEUING=0
+REQUEUED=0
 trap on_usr1 USR1
 trap on_term TERM
 """

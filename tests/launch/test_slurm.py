@@ -172,7 +172,9 @@ def test_generated_scripts_are_valid_bash(tmp_path):
 def test_awkward_overrides_reach_the_program_verbatim(tmp_path):
     spec, script = _job(tmp_path, "sweep", overrides=AWKWARD)
     bin_dir = stand_in_slurm(tmp_path / "bin")
-    env = path_with(bin_dir) | {"SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "2"}
+    # As SLURM sets them for task 2 of array job 5 (events name `5_2`, the id squeue shows)
+    env = path_with(bin_dir) | {"SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "5",
+                                "SLURM_ARRAY_TASK_ID": "2"}
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr
@@ -180,8 +182,8 @@ def test_awkward_overrides_reach_the_program_verbatim(tmp_path):
     assert args == command(spec)[1:] + ["--trial_index=2"]
     assert args[-7:-1] == list(AWKWARD)
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text().splitlines()
-    assert events[0].endswith("job 7 task 2: started on " + os.uname().nodename + " (restart 0)")
-    assert events[1].endswith("job 7 task 2: finished with exit status 0")
+    assert events[0].endswith("job 5_2: started on " + os.uname().nodename + " (restart 0)")
+    assert events[1].endswith("job 5_2: finished with exit status 0")
 
 
 def _start(script, env, tmp_path):
@@ -218,6 +220,26 @@ def test_usr1_stops_the_step_and_requeues_at_most_max_requeues_times(tmp_path, r
         assert ("not requeued: already requeued 3 time(s) (max_requeues=3); resubmit the same "
                 "job to continue from the newest checkpoint") in events
     assert "finished with exit status" not in events
+
+
+@pytest.mark.parametrize("when", ["before scontrol returns", "after"])
+def test_the_term_slurm_sends_as_it_requeues_is_not_a_cancellation(tmp_path, when):
+    """Real SLURM (slurm-wlm 22.05, launch/local_slurm.sh) TERMs the batch shell as it requeues
+    the job, often before `scontrol requeue` returns: events.log ended "TERM (scancel or
+    preemption without requeue) ... not requeued" for a job that was requeued."""
+    _, script = _job(tmp_path, max_requeues=3)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    term = "kill -TERM $PPID" if when != "after" else "(sleep 0.2; kill -TERM $PPID) &"
+    write_executable(bin_dir / "scontrol",
+                     f'#!/usr/bin/env bash\necho "$@" >> {bin_dir}/scontrol.calls\n{term}\n')
+    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "99"}, tmp_path)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    time.sleep(0.3)  # the late TERM, if the shell were still there to log it
+    events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
+    assert proc.returncode == 0, stderr
+    assert events.count("requeued (restart 1 of at most 3); the rerun resumes") == 1, events
+    assert "not requeued" not in events
 
 
 @pytest.mark.parametrize("array_env,ref", [
