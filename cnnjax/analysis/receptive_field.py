@@ -535,9 +535,10 @@ def _concatenate_flattened(pieces: Sequence[AxisField], on_dim: Sequence[AxisFie
     """Concatenation along an axis a flatten merged spatial axis `d` into (flattened features of
     several paths, an SPP's pyramid levels): a unit contracting that axis sees every position of
     every piece, so the field is the union of the pieces' whole fields. Its jump stays the pieces'
-    common spatial jump, as for a flatten alone (0 with a note when they differ)."""
+    common spatial jump, as for a flatten alone (0 with a note when they differ). A piece already
+    reduced (an SPP's 1x1 level) counts too: its jump is that of its last window."""
     whole = union([collapse(f) for f in pieces])[0]
-    jumps = {f.jump for f in on_dim}
+    jumps = {f.jump for f in on_dim} | {f.jump for f in pieces if f.axis is None}
     if len(jumps) > 1:
         notes.append(f"{where}: flattened paths with different jumps on spatial axis {d} are "
                      "concatenated; the jump there is taken as 0")

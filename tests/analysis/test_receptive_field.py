@@ -176,8 +176,8 @@ def _assert_field_holds_support(model, shape, positions):
     fn = lambda x: model.apply(variables, x)
     for pos in positions:
         spans = _support(fn, x, (0, *pos, 0))
-        for (lo, hi), p, size, jump, start in zip(
-            spans, pos, field.size, field.jump, field.start, strict=True
+        for (lo, hi), p, size, jump, start in zip(  # pos (): a unit of a non-spatial output
+            spans, pos or (0,) * len(spans), field.size, field.jump, field.start, strict=True
         ):
             centre = start + p * jump
             assert centre - (size - 1) / 2 <= lo and hi <= centre + (size - 1) / 2, (pos, field)
@@ -504,3 +504,27 @@ def test_a_single_position_spread_over_several_gives_them_one_field(how, shape):
     spread = (0, 1) if how == "adaptive" else (0,)  # adaptive pooling resizes both axes
     assert all(result.receptive_field.jump[d] == 0 for d in spread), result.receptive_field
 
+
+class _PyramidHead(nn.Module):
+    """A 3x3/2 VALID conv (17x17 -> 8x8, jump 2), spatial pyramid pooling, one Dense unit."""
+
+    levels: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        from cnnjax.layers.pooling import spatial_pyramid_pool
+
+        y = nn.Conv(1, (3, 3), strides=2, padding="VALID", use_bias=False, kernel_init=ONES)(x)
+        return nn.Dense(1, use_bias=False, kernel_init=ONES)(spatial_pyramid_pool(y, self.levels))
+
+
+@pytest.mark.parametrize(("levels", "jump"), [((1,), 16), ((2,), 8), ((4,), 4), ((1, 2), 0),
+                                              ((2, 1), 0), ((1, 2, 4), 0), ((2, 4), 0)])
+def test_spatial_pyramid_jump_is_common_to_every_level(levels, jump):
+    """Each level's bins step by 16 / level pixels; levels that differ have no common jump: 0
+    with a note. The 1x1 level (its map a single position) used to be left out, so (1, 2)
+    reported level 2's jump 8 without a note where (1, 2, 4) reported 0."""
+    result = _assert_field_holds_support(_PyramidHead(levels), (17, 17, 1), [()])
+    assert result.receptive_field.size == (17, 17)
+    assert result.receptive_field.jump == (jump, jump)
+    assert any("different jumps" in n for n in result.notes) == (jump == 0)
