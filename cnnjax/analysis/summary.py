@@ -13,6 +13,10 @@ modules. Rows, in execution order:
 - elementwise ops with a single input (ReLU, dropout, scaling) are folded into the row that
   produced their input.
 
+Work whose result the call discards (GoogLeNet's auxiliary heads with `train=False`) is dead
+code, which XLA removes: it has no rows, and its parameters count only in the total (a note says
+how many).
+
 Columns: `params` (count of the `params` collection, each shared parameter once), `macs` and
 `flops` (conventions in `cnnjax.analysis.trace`: FLOPs follow XLA's cost analysis, MACs are the
 dense textbook count), `activation_bytes` (bytes of the row's output tensors: every value it
@@ -560,6 +564,10 @@ def summary(
     out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None
     if out_info is not None:  # a merged axis left in the output has no uniform grid
         out_info = output_info(out_info, grouper.notes)
+    unused = trace.total_params - sum(r.params for r in rows)
+    if unused:
+        grouper.notes.append(f"{unused:,} parameters take no part in this call's outputs (e.g. "
+                             "auxiliary heads in eval mode): in the total, in no row")
     return Summary(
         rows=rows,
         input_shape=(batch_size, *shape),

@@ -453,10 +453,11 @@ def trace_model(
                 variables, x, rngs={k: v for k, v in rngs().items() if k != "params"},
                 mutable=mutable or False, **call_kwargs,
             )
-        return out[0] if mutable else out
+        return out  # with the updated state, when mutable: its updates are live work too
 
     with xla_convolutions():
-        closed = jax.make_jaxpr(forward)(variables, x)
+        closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(variables, x)
+    n_outputs = len(jax.tree_util.tree_leaves(out_shapes[0] if mutable else out_shapes))
     flat = _Flattener(calls)
     leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
     in_ids = [flat.new(v.aval) for v in closed.jaxpr.invars]
@@ -467,4 +468,17 @@ def trace_model(
             param_leaves[vid] = ("/".join(keys[1:]), _size(leaf.shape))
             total += _size(leaf.shape)
     outputs = flat.walk(closed.jaxpr, closed.consts, in_ids, ())
-    return Trace(flat.eqns, flat.avals, in_ids[-1], outputs, param_leaves, calls, total)
+    eqns = _live_eqns(flat.eqns, outputs)
+    return Trace(eqns, flat.avals, in_ids[-1], outputs[:n_outputs], param_leaves, calls, total)
+
+
+def _live_eqns(eqns: list[FlatEqn], live_ids: Sequence[int]) -> list[FlatEqn]:
+    """The equations that `live_ids` (the outputs and state updates) depend on, renumbered: work
+    whose result is discarded (GoogLeNet's auxiliary heads in eval mode) is dead code that XLA
+    removes and that `summary` must not charge."""
+    live, kept = set(live_ids), []
+    for e in reversed(eqns):
+        if any(o in live for o in e.outputs):
+            kept.append(e)
+            live.update(e.inputs)
+    return [dataclasses.replace(e, index=i) for i, e in enumerate(reversed(kept))]

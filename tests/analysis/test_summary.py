@@ -602,3 +602,33 @@ def test_transposed_conv_macs_match_torch_flop_counter_at_every_stride(h, w, cin
         flax_layer = nn.ConvTranspose(cout, (k, k), strides=(s, s), padding="VALID",
                                       kernel_dilation=(d, d))
         assert summary(flax_layer, (h, w, cin)).totals["macs"] == ours.totals["macs"]
+
+
+class _AuxHead(nn.Module):
+    """A main and an auxiliary dense head; the auxiliary one is returned only in training (as
+    GoogLeNet's), so in eval mode its work is dead code."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape(x.shape[0], -1)
+        aux = nn.Dense(7, name="aux")(x)
+        main = nn.Dense(5, name="main")(x)
+        return (main, aux) if train else main
+
+
+def test_discarded_work_is_dead_code_and_not_counted():
+    """An auxiliary head computed but not returned (eval mode) costs nothing, as XLA removes it;
+    its 12*7+7 parameters stay in the total, with a note (it was charged 84 MACs, 175 FLOPs)."""
+    model = _AuxHead()
+    train = summary(model, (2, 2, 3), train=True)
+    assert [r.name for r in train.rows] == ["flatten_0", "aux", "main"]
+    assert train.totals["macs"] == 12 * 7 + 12 * 5
+    assert len(train.output_shapes) == 2 and train.notes == []
+    result = summary(model, (2, 2, 3))
+    assert [r.name for r in result.rows] == ["flatten_0", "main"]
+    assert result.totals["macs"] == 12 * 5
+    assert result.totals["params"] == 12 * 7 + 7 + 12 * 5 + 5
+    assert result.notes == ["91 parameters take no part in this call's outputs (e.g. auxiliary "
+                            "heads in eval mode): in the total, in no row"]
+    xla, _ = _xla_flops(model, (2, 2, 3))
+    assert result.totals["flops"] == xla == 2 * 12 * 5 + 5
