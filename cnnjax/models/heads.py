@@ -22,7 +22,7 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnnjax.models.registry import list_models, model_info
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
 Array = Any
 
@@ -137,6 +137,7 @@ def trainable_mask(
     follow num_classes too) are trainable; with True every leaf is. Use it as an optax mask
     (`optax.masked`) or through `freeze_backbone`.
     """
+    check_bool("trainable_mask", "train_backbone", train_backbone)
     if not train_backbone and not any(name in params for name in head_names):
         raise invalid(
             "trainable_mask",

@@ -202,3 +202,12 @@ def test_trainable_mask_counts_nested_heads_as_heads():
     assert mask == {("head", "kernel"): True, ("conv", "kernel"): False,
                     ("aux1", "fc", "kernel"): False, ("aux1", "head", "kernel"): True,
                     ("aux1", "head", "bias"): True}
+
+
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_trainable_mask_train_backbone_must_be_a_bool(value):
+    """The string "False" is truthy: it trained the whole net where a linear probe was asked for."""
+    params = {"head": {"kernel": 0}, "conv": {"kernel": 0}}
+    message = f"trainable_mask: train_backbone={value!r} is invalid; expected True or False"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        trainable_mask(params, train_backbone=value)
