@@ -198,3 +198,23 @@ def test_decode_refuses_bad_inputs(shape, b, size, message):
     with pytest.raises(ValueError) as err:
         decode_yolo_v1(jnp.zeros(shape), size, b, 0.1, 0.5, 20)
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("n, labels, valid, message", [
+    (1, None, None, "YOLOv1.loss: gt_boxes.shape=(1, 1, 4) is invalid; expected (2, G, 4) for "
+                    "2 images."),
+    (2, np.array([[1.7], [0.2]]), None,
+     "YOLOv1.loss: gt_labels.dtype='float64' is invalid; expected an integer array"),
+    (2, np.array([1, 0]), None, "YOLOv1.loss: gt_labels.shape=(2,) is invalid; expected (2, 1)."),
+    (2, None, np.array([[True, False], [True, True]]),
+     "YOLOv1.loss: gt_valid.shape=(2, 2) is invalid; expected (2, 1)."),
+])
+def test_loss_refuses_mismatched_ground_truth(small, n, labels, valid, message):
+    """A batch mismatch was JAX's vmap error; float labels were truncated (1.7 -> class 1)."""
+    model, variables, x = small
+    boxes = np.array([[[4.0, 4, 20, 20]], [[0, 0, 10, 10]]])[:n]
+    labels = np.array([[1], [0]]) if labels is None else labels
+    valid = np.ones((2, 1), bool) if valid is None else valid
+    with pytest.raises(ValueError) as err:
+        model.apply(variables, x, boxes, labels, valid, method="loss", mutable=["batch_stats"])
+    assert str(err.value).startswith(message)
