@@ -387,7 +387,7 @@ def diagnose(curves: Curves, metric: str = "top1",
     if len(curves.eval_steps) < t.min_evals:
         findings.append(_insufficient(curves, t, "evals", len(curves.eval_steps), t.min_evals))
         return Diagnosis(tuple(findings), curves.status)
-    for check in (_overfitting(curves, t), _underfitting(curves, t)):
+    for check in (_overfitting(curves, t), _underfitting(curves, smooth, t)):
         if check:
             findings.append(check)
     findings.append(_tail(curves, smooth, metric, t))  # still_improving or converged
@@ -573,7 +573,7 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
     )
 
 
-def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
+def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
     train_top1, eval_top1 = _aligned_train_top1(curves, t), curves.eval_metrics.get("top1")
     if train_top1 is None or eval_top1 is None:
         return None
@@ -582,17 +582,22 @@ def _underfitting(curves: Curves, t: Thresholds) -> Finding | None:
         return None
     relation = (f"within {100 * gap:.1f} points of" if gap >= 0
                 else f"{100 * -gap:.1f} points below")
+    longer = (Recommendation("num_train_steps", "multiply", 2.0, "more training"),
+              Recommendation("optimizer.learning_rate", "multiply", 2.0,
+                             "if the loss flattened only because the schedule decayed the rate"))
+    capacity = (Recommendation("optimizer.weight_decay", "multiply", 0.3, "less regularization"),
+                Recommendation("model", "set", "a larger model", "more capacity"))
+    # A loss that flattened while the rate was still high is held by regularization or
+    # capacity: more steps come last (the recipe then lowers the weight decay first).
+    plateaued = _plateaued(curves, smooth, t)
     return Finding(
         "underfitting",
         f"train top-1 {100 * train_top1[-1]:.2f}% (< {100 * t.underfit_train_top1:.0f}%) and "
-        f"{relation} eval top-1 {100 * eval_top1[-1]:.1f}%.",
+        f"{relation} eval top-1 {100 * eval_top1[-1]:.1f}%"
+        + ("; the train loss plateaued (per unit of lr)." if plateaued else "."),
         {"train_top1": float(train_top1[-1]), "eval_top1": float(eval_top1[-1]),
-         "gap": float(gap)},
-        (Recommendation("num_train_steps", "multiply", 2.0, "more training"),
-         Recommendation("optimizer.learning_rate", "multiply", 2.0,
-                        "if the loss flattened only because the schedule decayed the rate"),
-         Recommendation("optimizer.weight_decay", "multiply", 0.3, "less regularization"),
-         Recommendation("model", "set", "a larger model", "more capacity")),
+         "gap": float(gap), "train_loss_plateaued": plateaued},
+        capacity + longer if plateaued else longer + capacity,
     )
 
 

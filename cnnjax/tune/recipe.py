@@ -22,7 +22,8 @@ order:
                           `recipe.lengthen_regularizers`, a swept knob whose best value lost
                           while still learning (too_slow, underfitting, still_improving) is
                           first rerun against the knob's old value at twice its steps
-    underfitting          train longer with lr x(1, 2, 0.5); at max_steps weight decay x(0.3, 0.1)
+    underfitting          train longer with lr x(1, 2, 0.5); at max_steps, or at once when the
+                          train loss plateaued, weight decay x(0.3, 0.1)
     still_improving       train longer (2x steps, at most max_steps) with lr x(1, 0.5, 2)
 
 `recipe.regularizers` may also list randaugment, mixup, cutmix (classification), drop_path and
@@ -531,12 +532,16 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
                      f"recipe.regularizers={list(recipe.regularizers)} has been swept or is at "
                      "its strongest", "exhausted")
     if verdict == "underfitting":
-        proposal = longer(f"the best trial underfits ({evidence})", (1.0, 2.0, 0.5))
+        # A train loss that plateaued while the rate was high is not short of steps.
+        plateaued = diagnosis.findings[0].evidence.get("train_loss_plateaued")
+        proposal = None if plateaued else longer(f"the best trial underfits ({evidence})",
+                                                 (1.0, 2.0, 0.5))
         if proposal:
             return proposal
         wd = value(WEIGHT_DECAY)
         if wd > 0:
-            return _Proposal("less_regularization", f"the best trial underfits at max_steps "
+            where = "with a plateaued train loss" if plateaued else "at max_steps"
+            return _Proposal("less_regularization", f"the best trial underfits {where} "
                              f"({evidence}): lower the weight decay", fixed, WEIGHT_DECAY,
                              (round_value(wd * 0.3), round_value(wd * 0.1)))
         return _stop(f"the best trial underfits at max_steps with no weight decay ({evidence}): "

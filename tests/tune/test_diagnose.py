@@ -279,15 +279,21 @@ def test_real_lenet_run_on_4_percent_of_the_training_set_overfits():
         "optimizer.weight_decay", "label_smoothing", "data.augment"]
 
 
-def test_underfitting_run():
-    d = dg.diagnose(_curves(**_converged(train_loss=_decay(2.3, 1.0, 0.03),
-                                         train_top1=_decay(0.1, 0.7, 0.03),
+@pytest.mark.parametrize("plateau", [False, True])
+def test_underfitting_run(plateau):
+    """Train loss still falling (2.3 -> 1.5 linearly) or flat at 1.0 from step ~150 at the
+    same (constant) rate: train longer first, or lower the regularization first."""
+    loss = _decay(2.3, 1.0, 0.03) if plateau else (lambda s: 2.3 - 0.002 * s)
+    d = dg.diagnose(_curves(**_converged(train_loss=loss, train_top1=_decay(0.1, 0.7, 0.03),
                                          eval_top1=_decay(0.1, 0.69, 0.03))))
     assert d.verdicts == ["underfitting"]
     f = d.findings[0]
     assert f.evidence["train_top1"] == pytest.approx(0.7, abs=1e-3)
-    assert f.recommendations[0].field == "num_train_steps"
-    assert f.message == "train top-1 70.00% (< 90%) and within 1.0 points of eval top-1 69.0%."
+    assert f.evidence["train_loss_plateaued"] is plateau
+    assert f.recommendations[0].field == ("optimizer.weight_decay" if plateau
+                                          else "num_train_steps")
+    assert f.message == ("train top-1 70.00% (< 90%) and within 1.0 points of eval top-1 69.0%"
+                         + ("; the train loss plateaued (per unit of lr)." if plateau else "."))
 
 
 def test_underfitting_with_eval_above_train_says_so():
@@ -297,8 +303,8 @@ def test_underfitting_with_eval_above_train_says_so():
                                          train_top1=_decay(0.1, 0.55, 0.03),
                                          eval_top1=_decay(0.1, 0.7, 0.03))))
     assert d.verdicts == ["underfitting"]
-    assert d.findings[0].message == ("train top-1 55.00% (< 90%) and 15.0 points below eval "
-                                     "top-1 70.0%.")
+    assert d.findings[0].message.startswith("train top-1 55.00% (< 90%) and 15.0 points below "
+                                            "eval top-1 70.0%")
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -370,7 +376,12 @@ def test_real_lenet_run_with_huge_weight_decay_plateaus_it_is_not_too_slow():
     "too slow: lr x3"; per unit of lr it slowed to 0.19 x its first half's rate: a plateau."""
     d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_wd0.3"))
     assert d.verdicts == ["underfitting"]
-    assert "optimizer.weight_decay" in [r.field for r in d.findings[0].recommendations]
+    f = d.findings[0]  # more steps would not lift a plateau: less regularization comes first
+    assert f.evidence["train_loss_plateaued"] and f.message.endswith(
+        "; the train loss plateaued (per unit of lr).")
+    assert [r.field for r in f.recommendations][:2] == ["optimizer.weight_decay", "model"]
+    still_falling = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_lr0.0001"))
+    assert not still_falling.finding("underfitting").evidence["train_loss_plateaued"]
 
 
 def test_real_lenet_run_at_a_five_hundredth_of_its_rate_is_too_slow():

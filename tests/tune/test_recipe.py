@@ -392,6 +392,20 @@ def test_regularizers_that_do_not_fit_the_base_config_are_refused_before_trainin
     rg.check_regularizers(_recipe(regularizers=("augment",)), _base())  # optional: skipped
 
 
+def test_underfitting_with_a_plateaued_train_loss_lowers_weight_decay_at_once():
+    """A train loss that flattened at a high rate (weight decay 0.3 on LeNet-5/digits) is not
+    short of steps: training twice as long, the underfitting rule's first move, would not help."""
+    recipe = _recipe()  # round 1 at 100 of max_steps 800
+    plateau = dg.Diagnosis((dg.Finding("underfitting", "synthetic", {
+        "train_loss_plateaued": True}),), "completed")
+    base = _base(**{WD: 0.3})
+    d = rc.decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, base, lambda *a: plateau)
+    assert d.action == "less_regularization" and d.next_round.values == (0.03, 0.09)
+    assert "underfits with a plateaued train loss" in d.reason
+    assert _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "underfitting",
+                   base).action == "train_longer"  # without the plateau: as before
+
+
 def test_underfitting_at_max_steps_lowers_weight_decay():
     recipe = _recipe(round1_steps=400)
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "underfitting", _base(**{WD: 1e-3}))
