@@ -513,19 +513,26 @@ class _Grouper:
         )
 
 
+#: `model.apply`'s own keywords: they never reach the called method.
+_APPLY_KWARGS = frozenset({"rngs", "method", "capture_intermediates"})
+
+
 def _check_call_kwargs(owner: str, model: nn.Module, call_kwargs: dict[str, Any]) -> None:
-    """Keyword arguments the model's `__call__` does not take (`rngs` goes to `apply`) are
-    refused before tracing, naming them and the ones it takes."""
-    kwargs = {k: v for k, v in call_kwargs.items() if k != "rngs"}
+    """Keyword arguments the called method (`__call__`, or apply's `method=`) does not take are
+    refused before tracing, naming them and the method's signature."""
+    kwargs = {k: v for k, v in call_kwargs.items() if k not in _APPLY_KWARGS}
+    method = call_kwargs.get("method") or "__call__"
+    fn = getattr(type(model), method, None) if isinstance(method, str) else method
     try:
-        signature = inspect.signature(type(model).__call__)
+        signature = inspect.signature(fn)
     except (TypeError, ValueError):  # not introspectable: let the call itself decide
         return
     try:
         signature.bind(model, None, **kwargs)
     except TypeError as err:
+        name = getattr(fn, "__qualname__", str(method))
         raise invalid(owner, "keyword arguments", kwargs,
-                      f"{type(model).__name__}.__call__{signature} refuses them ({err})") from None
+                      f"{name}{signature} refuses them ({err})") from None
 
 
 def summary(

@@ -632,3 +632,27 @@ def test_discarded_work_is_dead_code_and_not_counted():
                             "heads in eval mode): in the total, in no row"]
     xla, _ = _xla_flops(model, (2, 2, 3))
     assert result.totals["flops"] == xla == 2 * 12 * 5 + 5
+
+
+class _TwoMethods(nn.Module):
+    def setup(self):
+        self.conv = nn.Conv(4, (3, 3))
+        self.fc = nn.Dense(3)
+
+    def __call__(self, x, train: bool = False):
+        return self.fc(self.features(x).reshape(x.shape[0], -1))
+
+    def features(self, x, scale: int = 1):
+        return self.conv(x) * scale
+
+
+def test_apply_keywords_reach_apply_and_the_rest_the_called_method():
+    """`method=` (apply's own keyword) selects the traced method, whose signature then decides
+    which other keywords are valid (the keyword check took `method` for a `__call__` argument)."""
+    assert [r.name for r in summary(_TwoMethods(), (6, 6, 2)).rows] == ["conv", "flatten_0", "fc"]
+    for method in ("features", _TwoMethods.features):
+        result = summary(_TwoMethods(), (6, 6, 2), method=method, scale=2)
+        assert [r.name for r in result.rows] == ["conv"]
+    with pytest.raises(ValueError, match=r"^summary: keyword arguments=\{'train': True\} is "
+                       r"invalid; _TwoMethods.features\(self, x, scale: int = 1\) refuses them"):
+        summary(_TwoMethods(), (6, 6, 2), method="features", train=True)
