@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import numpy as np
 
 from cnnjax.utils.validation import check_choice, check_float_dtype, invalid
 
@@ -66,6 +67,22 @@ def register_model(
         return factory
 
     return decorator
+
+
+def check_train(module: nn.Module, train: Any, **rates: float) -> bool:
+    """`train` as a bool, checked where a model's `__call__` begins: a string such as "False" is
+    truthy and would train. In training, a rate in `rates` (e.g. `dropout_rate=0.5`) above 0
+    draws random masks, which needs a 'dropout' PRNG key: without one flax fails inside the
+    layer, naming neither the model nor the setting."""
+    owner = type(module).__name__
+    if not isinstance(train, bool | np.bool_):
+        raise invalid(owner, "train", train, "expected True or False")
+    drawn = [f"{field}={rate}" for field, rate in rates.items() if rate > 0]
+    if train and drawn and not module.has_rng("dropout"):
+        verb = "draws" if len(drawn) == 1 else "draw"
+        raise invalid(owner, "train", True, f"{' and '.join(drawn)} {verb} random masks in "
+                      "training: pass rngs={'dropout': key} to apply, or train=False")
+    return bool(train)
 
 
 def unregister_model(name: str) -> ModelInfo:

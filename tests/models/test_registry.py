@@ -201,3 +201,58 @@ def test_a_resnet_with_the_cifar_stem_refuses_an_image_without_pixels():
     x = _native_spec("resnet20_cifar", height=0)
     with pytest.raises(ValueError, match=r"^ResNet: input\.shape=\(1, 0, 32, 3\) is invalid"):
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def _stochastic_kwargs(name: str) -> dict | None:
+    """Keywords under which the classifier `name` draws random masks in training (its default
+    dropout, or a rate of 0.1), with the field that sets them; None if it has none."""
+    fields = settable_fields(name)
+    rates = [f for f in ("dropout_rate", "drop_rate", "drop_path_rate") if f in fields]
+    for field in rates:
+        if fields[field].default > 0:
+            return {"field": field, "kwargs": {}}
+    for field in rates:  # a plain net has no branch to drop, a bottleneck block no dropout
+        try:
+            create_model(name, **{field: 0.1})
+        except ValueError:
+            continue
+        return {"field": field, "kwargs": {field: 0.1}}
+    return None
+
+
+STOCHASTIC = {n: _stochastic_kwargs(n) for n in list_models() if _stochastic_kwargs(n)}
+
+
+@pytest.mark.parametrize("train", ["False", 1, None])
+@pytest.mark.parametrize("name", ["lenet5", "alexnet", "zfnet", "vgg11", "nin", "googlenet",
+                                  "googlenet_bn", "densenet121", "resnet18", "resnet20_cifar",
+                                  "wrn16_4_cifar"])
+def test_train_must_be_a_bool(name, train):
+    """`train="False"` is truthy: it trained (dropout on, BatchNorm on batch statistics)."""
+    import numpy as np
+
+    model = create_model(name)
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: train={re.escape(repr(train))}"
+                                         r" is invalid; expected True or False"):
+        model.apply({"params": {}}, np.zeros(_native_spec(name).shape, np.float32), train=train)
+
+
+def test_every_classifier_with_random_masks_is_covered():
+    assert sorted(n for n in list_models()
+                  if n not in STOCHASTIC) == ["lenet5"] + [f"plain{d}_cifar"
+                                                          for d in (110, 20, 32, 44, 56)]
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_training_without_a_dropout_key_is_refused_naming_the_rate(name):
+    """flax raised InvalidRngError ("Dropout_0 needs PRNG for 'dropout'") from inside the layer;
+    the model now says which of its settings needs the key, and how to pass it, before tracing."""
+    import numpy as np
+
+    field, kwargs = STOCHASTIC[name]["field"], STOCHASTIC[name]["kwargs"]
+    model = create_model(name, **kwargs)
+    x = np.zeros(_native_spec(name).shape, np.float32)
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: train=True is invalid; "
+                                         rf"{field}=[0-9.]+ draws random masks in training: pass "
+                                         r"rngs=\{'dropout': key\} to apply, or train=False"):
+        model.apply({"params": {}}, x, train=True)
