@@ -209,6 +209,9 @@ def list_models(pattern: str = "*", task: str | None = "classification") -> list
     `task="detection"` lists the detectors, `task="segmentation"` the FCNs, `task=None` every
     model.
     """
+    if not isinstance(pattern, str):  # fnmatch would raise a bare TypeError
+        raise invalid("list_models", "pattern", pattern,
+                      'expected a shell-style str such as "resnet*" or "*"')
     if task is not None:
         check_choice("list_models", "task", task, TASKS)
     return sorted(n for n, info in _REGISTRY.items()

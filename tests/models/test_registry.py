@@ -256,3 +256,11 @@ def test_training_without_a_dropout_key_is_refused_naming_the_rate(name):
                                          rf"{field}=[0-9.]+ draws random masks in training: pass "
                                          r"rngs=\{'dropout': key\} to apply, or train=False"):
         model.apply({"params": {}}, x, train=True)
+
+
+@pytest.mark.parametrize("pattern", [123, None, ["resnet*"]])
+def test_a_list_models_pattern_that_is_not_a_string_is_a_value_error(pattern):
+    """fnmatch raised a bare TypeError ("expected str, bytes or os.PathLike object")."""
+    message = f"list_models: pattern={pattern!r} is invalid; expected a shell-style str"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        list_models(pattern)
