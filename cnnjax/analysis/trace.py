@@ -403,12 +403,12 @@ def _init_shapes(model: nn.Module, x: Any, rngs: dict[str, Any],
                  call_kwargs: dict[str, Any]) -> Any:
     """The variables' shapes, from an abstract `model.init` watched by the input-size check's
     interceptor, so a failure names its layer rather than surfacing from deep inside Flax/lax."""
-    from cnnjax.train.checks import _TooSmallError, _Watcher
+    from cnnjax.train.checks import LayerCallError, LayerWatcher
 
     try:
-        with nn.intercept_methods(_Watcher()):
+        with nn.intercept_methods(LayerWatcher()):
             return jax.eval_shape(lambda x: model.init(rngs, x, **call_kwargs), x)
-    except _TooSmallError as err:
+    except LayerCallError as err:
         raise LayerFailureError(err.layer, err.detail) from err.__cause__
 
 

@@ -19,7 +19,10 @@ import jax.numpy as jnp
 from cnnjax.utils.validation import invalid
 
 
-class _TooSmallError(Exception):
+class LayerCallError(Exception):
+    """Raised by `LayerWatcher`: the innermost layer whose call failed (or whose output has an
+    empty spatial axis) and what went wrong there."""
+
     def __init__(self, layer: str, detail: str):
         super().__init__(layer, detail)
         self.layer = layer
@@ -39,8 +42,9 @@ def _empty_spatial(tree: Any) -> tuple | None:
     return None
 
 
-class _Watcher:
-    """Flax method interceptor: names the layer where the input gets too small.
+class LayerWatcher:
+    """Flax method interceptor (`nn.intercept_methods`): names the layer where the input gets too
+    small or a call fails, as `LayerCallError`; the input-size check and `analysis.summary` use it.
 
     Errors raised inside a submodule are attributed to the innermost module. When the failing code
     is not a submodule (a pooling function such as `max_pool2d` called inside a model's own
@@ -58,16 +62,16 @@ class _Watcher:
         name = f"{_layer_name(context.module)} ({kind})"
         try:
             out = next_fun(*args, **kwargs)
-        except _TooSmallError:
+        except LayerCallError:
             raise
         except Exception as err:  # noqa: BLE001 — a shape error inside this layer
             detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             if self.last is not None and self.last[0] != name:
                 detail += f"; the input it got came from layer {self.last[0]}, shape {self.last[1]}"
-            raise _TooSmallError(name, detail) from err
+            raise LayerCallError(name, detail) from err
         shape = _empty_spatial(out)
         if shape is not None:
-            raise _TooSmallError(name, f"its output shape would be {shape}")
+            raise LayerCallError(name, f"its output shape would be {shape}")
         leaves = [x for x in jax.tree.leaves(out) if getattr(x, "ndim", 0) >= 3]
         if leaves:
             self.last = (name, tuple(leaves[0].shape))
@@ -123,14 +127,14 @@ def check_input_size(
 _LARGE_INPUT = 512
 
 
-def _trace_failure(model: nn.Module, input_shape: tuple[int, ...]) -> _TooSmallError | None:
+def _trace_failure(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCallError | None:
     """The first layer failure of an abstract `model.init` on one `input_shape` image, if any."""
     dummy = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     try:
-        with nn.intercept_methods(_Watcher()):
+        with nn.intercept_methods(LayerWatcher()):
             jax.eval_shape(lambda x: model.init(rngs, x, train=False), dummy)
-    except _TooSmallError as err:
+    except LayerCallError as err:
         return err
     return None
 
