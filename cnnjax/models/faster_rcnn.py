@@ -48,10 +48,17 @@ from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.proposals import rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
-from cnnjax.layers.roi import roi_align
+from cnnjax.layers.roi import check_valid_boxes, roi_align
 from cnnjax.models.registry import register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
-from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_nhwc,
+    check_number,
+    check_positive_int,
+    concrete_value,
+    given_dtype,
+    invalid,
+)
 
 Array = Any
 
@@ -109,6 +116,50 @@ def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, g
     return jax.vmap(lambda k, p, v, b, c, g: sample_rois(
         k, p, v, b, c, g, num_samples=num_samples, fg_fraction=0.25, box_weights=BOX_WEIGHTS))(
             keys, proposals, proposals_valid, gt_boxes, gt_labels.astype(jnp.int32) + 1, gt_valid)
+
+
+def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Array,
+                       gt_valid: Array, num_classes: int) -> None:
+    """A ValueError naming `owner` unless the ground truth fits the `N` images: `[N, G, 4]`
+    boxes, `[N, G]` integer labels and bool validity; when concrete, every valid box finite with
+    x1 <= x2, y1 <= y2 and every valid label in `[0, num_classes)`. Shapes and dtypes are checked
+    under jit too; otherwise a batch mismatch was JAX's vmap error, float labels were truncated
+    (1.7 -> class 1), -1 became background and `num_classes` a NaN loss."""
+    check_nhwc(owner, images)
+    n = images.shape[0]
+    boxes = tuple(jnp.shape(gt_boxes))
+    if len(boxes) != 3 or boxes[0] != n or boxes[2] != 4:
+        raise invalid(owner, "gt_boxes.shape", boxes,
+                      f"expected ({n}, G, 4) (x1, y1, x2, y2) for {n} images")
+    for arg, value in (("gt_labels", gt_labels), ("gt_valid", gt_valid)):
+        if tuple(jnp.shape(value)) != boxes[:2]:
+            raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
+                          f"expected {boxes[:2]}, one per gt box")
+    label_dtype, valid_dtype = given_dtype(gt_labels), given_dtype(gt_valid)
+    if not np.issubdtype(label_dtype, np.integer):
+        raise invalid(owner, "gt_labels.dtype", str(label_dtype),
+                      f"expected an integer array (classes in [0, {num_classes}))")
+    if valid_dtype != np.bool_:
+        raise invalid(owner, "gt_valid.dtype", str(valid_dtype), "expected a bool array")
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
+    labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)
+    if labels is not None and valid is not None:
+        bad = np.argwhere(valid & ((labels < 0) | (labels >= num_classes)))
+        if bad.size:
+            i, j = (int(k) for k in bad[0])
+            raise invalid(owner, f"gt_labels[{i}, {j}]", int(labels[i, j]),
+                          f"expected a class in [0, {num_classes}) (num_classes={num_classes})")
+
+
+def pad_empty_ground_truth(gt_boxes: Array, gt_labels: Array,
+                           gt_valid: Array) -> tuple[Array, Array, Array]:
+    """Ground truth with `G = 0` as one invalid row per image (images without objects), so
+    that anchor matching has a row to gather; unchanged otherwise."""
+    if jnp.shape(gt_boxes)[1] > 0:
+        return gt_boxes, gt_labels, gt_valid
+    n = jnp.shape(gt_boxes)[0]
+    return (jnp.zeros((n, 1, 4), jnp.float32), jnp.zeros((n, 1), jnp.int32),
+            jnp.zeros((n, 1), bool))
 
 
 def check_anchors_fit(
@@ -295,7 +346,11 @@ class FasterRCNN(nn.Module):
 
     def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
              train: bool = True) -> tuple[Array, dict[str, Array]]:
-        """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`."""
+        """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`. Ground truth as
+        `check_ground_truth` has it (`G` may be 0: images without objects)."""
+        owner = f"{type(self).__name__}.loss"
+        check_ground_truth(owner, images, gt_boxes, gt_labels, gt_valid, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_empty_ground_truth(gt_boxes, gt_labels, gt_valid)
         image_size = tuple(images.shape[1:3])
         check_anchors_fit(type(self).__name__, image_size, self.stride, self.anchor_ratios,
                           self.anchor_scales)

@@ -52,6 +52,7 @@ from cnnjax.layers.pooling import check_pyramid_levels
 from cnnjax.layers.roi import roi_align, roi_spatial_pyramid_pool
 from cnnjax.models.faster_rcnn import (
     BoxHead,
+    check_ground_truth,
     detect_from_head,
     head_loss,
     pool_rois,
@@ -174,7 +175,11 @@ class _ProposalDetector(nn.Module):
     def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
              train: bool = True, proposals: Array | None = None,
              proposal_valid: Array | None = None) -> tuple[Array, dict[str, Array]]:
-        """Fast R-CNN's loss on `roi_samples` RoIs per image: `(loss, terms)`."""
+        """Fast R-CNN's loss on `roi_samples` RoIs per image: `(loss, terms)`. Ground truth as
+        `faster_rcnn.check_ground_truth` has it: `[N, G, 4]` boxes, `[N, G]` labels in
+        `[0, num_classes)` and bool validity."""
+        check_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels, gt_valid,
+                           self.num_classes)
         rois, valid = self.windows(images, proposals, proposal_valid)
         targets = sample_training_rois(self.make_rng("sample"), rois, valid, gt_boxes, gt_labels,
                                        gt_valid, self.roi_samples)

@@ -13,7 +13,12 @@ import pytest
 from cnnjax.detection.postprocess import batched_nms
 from cnnjax.models import create_model, list_models, model_info
 from cnnjax.models.faster_rcnn import FasterRCNN, detect_from_head
-from tests.models.detectors import assert_eager_detect_equals_jitted
+from tests.models import detectors
+from tests.models.detectors import (
+    BAD_GROUND_TRUTH,
+    assert_eager_detect_equals_jitted,
+    with_defaults,
+)
 
 BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
 LABELS = jnp.array([[1, 2], [3, 0]])
@@ -143,13 +148,9 @@ def test_min_input_size_is_the_smallest_image_with_an_anchor_inside():
         checks.check_input_size(model, "faster_rcnn_small", (size - 1, size - 1, 3), size)
 
 
-def trace_loss(model, height, width):
-    """The training loss traced on `height x width` images (nothing compiled)."""
-    x = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    jax.eval_shape(lambda v, x: model.apply(
-        v, x, BOXES, LABELS, VALID, method="loss", mutable=["batch_stats"],
-        rngs={"sample": jax.random.key(1)}), variables, x)
+def trace_loss(model, height, width, gt=(BOXES, LABELS, VALID)):
+    """The training loss traced on `height x width` images (nothing compiled): its shapes."""
+    return detectors.trace_loss(model, gt, height, width)
 
 
 def test_loss_refuses_images_no_anchor_fits():
@@ -262,3 +263,21 @@ def test_detect_from_head_ignores_whatever_invalid_rows_hold(garbage):
     for field in ("boxes", "scores", "classes", "valid"):
         np.testing.assert_array_equal(getattr(dirty, field), getattr(clean, field))
         np.testing.assert_allclose(getattr(alone, field), getattr(clean, field), atol=1e-5)
+
+
+@pytest.mark.parametrize("gt, message", BAD_GROUND_TRUTH)
+def test_loss_refuses_bad_ground_truth(gt, message):
+    """Before tracing: a batch mismatch was JAX's vmap error, float labels were truncated, -1
+    became background and label C a NaN loss, a NaN or inverted box reached roi_align."""
+    model = create_model("faster_rcnn_small", num_classes=4)
+    with pytest.raises(ValueError) as err:
+        trace_loss(model, 64, 64, with_defaults(gt))
+    assert str(err.value).startswith(f"FasterRCNN.loss: {message}")
+
+
+def test_loss_traces_with_no_ground_truth_rows():
+    """`G = 0` (no object in any image): was a gather TypeError in the RPN's matching."""
+    model = create_model("faster_rcnn_small", num_classes=4)
+    (loss, terms), _ = trace_loss(model, 64, 64, (np.zeros((2, 0, 4)), np.zeros((2, 0), int),
+                                                  np.zeros((2, 0), bool)))
+    assert loss.shape == () and set(terms) >= {"rpn_box", "box"}

@@ -11,7 +11,12 @@ import pytest
 
 from cnnjax.models import create_model, list_models
 from cnnjax.models.rcnn import RCNN, FastRCNN, SPPNet, window_proposals
-from tests.models.detectors import assert_eager_detect_equals_jitted
+from tests.models.detectors import (
+    BAD_GROUND_TRUTH,
+    assert_eager_detect_equals_jitted,
+    trace_loss,
+    with_defaults,
+)
 
 BOXES = jnp.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, 10], [0, 0, 0, 0]]])
 LABELS = jnp.array([[1, 2], [3, 0]])
@@ -247,3 +252,13 @@ def test_numpy_integers_are_valid_sizes():
     assert RCNN(context_padding=np.int64(2)).context_padding == 2
     with pytest.raises(ValueError, match=re.escape("FastRCNN: proposal_sizes=(12, 1.5) is ")):
         FastRCNN(proposal_sizes=(12, 1.5))
+
+
+@pytest.mark.parametrize("gt, message", BAD_GROUND_TRUTH)
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN])
+def test_loss_refuses_bad_ground_truth(cls, gt, message):
+    """Before tracing: a batch mismatch was JAX's vmap error, float labels were truncated, -1
+    became background, label C a NaN loss, and a NaN or inverted gt box was silently dropped."""
+    with pytest.raises(ValueError) as err:
+        trace_loss(cls(num_classes=4), with_defaults(gt))
+    assert str(err.value).startswith(f"{cls.__name__}.loss: {message}")
