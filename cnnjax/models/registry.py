@@ -164,7 +164,7 @@ def settable_fields(name: str) -> dict[str, ModelField]:
     return fields
 
 
-def create_model(name: str, **overrides) -> nn.Module:
+def create_model(name: str, /, **overrides) -> nn.Module:
     """Builds the registered model `name`; overrides (num_classes, dtype, ...) go to its factory.
 
     A keyword the model does not have, or one its name fixes (`create_model("resnet20_cifar",

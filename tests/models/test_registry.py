@@ -264,3 +264,11 @@ def test_a_list_models_pattern_that_is_not_a_string_is_a_value_error(pattern):
     message = f"list_models: pattern={pattern!r} is invalid; expected a shell-style str"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         list_models(pattern)
+
+
+def test_name_keyword_names_the_flax_module():
+    """`create_model(name, /, ...)`: `name=` is the module's own name, as for any flax module (it
+    was a TypeError, "got multiple values for argument 'name'")."""
+    model = create_model("lenet5", name="backbone")
+    assert model.name == "backbone"
+    assert type(model).__name__ == "LeNet5"
