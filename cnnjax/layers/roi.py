@@ -282,7 +282,8 @@ def roi_spatial_pyramid_pool(
     boxes, batch_indices, _, scale, _ = _check_roi_args(
         owner, features, boxes, batch_indices, levels[0], spatial_scale)
     parts = [_roi_pool(features, boxes, batch_indices, (level, level), scale)
-             .reshape(boxes.shape[0], -1) for level in levels]
+             .reshape(boxes.shape[0], level * level * features.shape[-1])  # 0 boxes too
+             for level in levels]
     return jnp.concatenate(parts, axis=1)
 
 

@@ -27,6 +27,7 @@ background class. Random sampling draws from the `sample` RNG stream.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -88,14 +89,15 @@ class BoxHead(nn.Module):
 
     @nn.compact
     def __call__(self, pooled: Array, return_fc7: bool = False) -> tuple[Array, ...]:
-        x = pooled.reshape(pooled.shape[0], -1)
+        x = pooled.reshape(pooled.shape[0], math.prod(pooled.shape[1:]))  # R may be 0
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc6")(x))
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc7")(x))
         logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.01), name="class_logits")(x)
         deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.001), name="box_deltas")(x)
-        out = (logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(x.shape[0], -1, 4))
+        out = (logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(
+            x.shape[0], self.num_classes + 1, 4))
         return (*out, x.astype(jnp.float32)) if return_fc7 else out
 
 
@@ -310,12 +312,17 @@ class FasterRCNN(nn.Module):
     def rpn(self, images: Array, train: bool) -> RpnOutputs:
         """Backbone and RPN head on a batch."""
         check_nhwc(type(self).__name__, images)
+        if min(images.shape[1:3]) < self.stride:  # else a max_pool2d error from the backbone
+            raise invalid(type(self).__name__, "input.shape", tuple(images.shape),
+                          f"expected height and width >= {self.stride} (the backbone's stride, "
+                          f"2**len(backbone_stages))")
         x = jnp.asarray(images, self.dtype)
         features = self.backbone(x, train)[f"block{len(self.backbone_stages)}"]
         n, h, w, _ = features.shape
         hidden = nn.relu(self.rpn_conv(features))
-        objectness = self.rpn_objectness(hidden).reshape(n, -1).astype(jnp.float32)
-        deltas = self.rpn_deltas(hidden).reshape(n, -1, 4).astype(jnp.float32)
+        rows = h * w * len(self.anchor_scales) * len(self.anchor_ratios)  # explicit: N may be 0
+        objectness = self.rpn_objectness(hidden).reshape(n, rows).astype(jnp.float32)
+        deltas = self.rpn_deltas(hidden).reshape(n, rows, 4).astype(jnp.float32)
         base = generate_anchors(self.stride, self.anchor_ratios, self.anchor_scales)
         return RpnOutputs(features, objectness, deltas, anchor_grid((h, w), self.stride, base))
 
@@ -332,7 +339,7 @@ class FasterRCNN(nn.Module):
         """Class logits `[N, R, C + 1]` and deltas `[N, R, C + 1, 4]` of RoIs `[N, R, 4]`."""
         n, r = rois.shape[:2]
         logits, deltas = self.head(pool_rois(features, rois, self.roi_size, 1.0 / self.stride))
-        return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+        return logits.reshape(n, r, *logits.shape[1:]), deltas.reshape(n, r, *deltas.shape[1:])
 
     # ----------------------------------------------------------------------------- methods
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:

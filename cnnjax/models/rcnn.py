@@ -49,7 +49,7 @@ import numpy as np
 
 from cnnjax.detection.postprocess import Detections, check_detection_settings
 from cnnjax.layers.pooling import check_pyramid_levels
-from cnnjax.layers.roi import roi_align, roi_spatial_pyramid_pool
+from cnnjax.layers.roi import check_valid_boxes, roi_align, roi_spatial_pyramid_pool
 from cnnjax.models.faster_rcnn import (
     BoxHead,
     check_ground_truth,
@@ -64,6 +64,7 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_positive_int,
     check_positive_ints,
+    given_dtype,
     invalid,
     is_integer,
 )
@@ -144,6 +145,12 @@ class _ProposalDetector(nn.Module):
         owner = type(self).__name__
         check_nhwc(owner, images)
         if proposals is None:
+            largest = max(self.proposal_sizes)
+            if min(images.shape[1:3]) < largest:
+                raise invalid(owner, "input.shape", tuple(images.shape),
+                              f"expected height and width >= max(proposal_sizes)={largest} for "
+                              "the dense windows (smaller proposal_sizes or larger images), or "
+                              "external proposals")
             windows = window_proposals(tuple(images.shape[1:3]), self.proposal_sizes,
                                        self.proposal_stride)
             rois = jnp.broadcast_to(jnp.asarray(windows), (images.shape[0], *windows.shape))
@@ -151,11 +158,16 @@ class _ProposalDetector(nn.Module):
         if proposals.ndim != 3 or proposals.shape[0] != images.shape[0] or proposals.shape[2] != 4:
             raise invalid(owner, "proposals", f"array of shape {tuple(proposals.shape)}",
                           f"expected [{images.shape[0]}, P, 4] (x1, y1, x2, y2 per image)")
+        given_valid = proposal_valid  # None: every row valid, checked concrete
         if proposal_valid is None:
             proposal_valid = jnp.ones(proposals.shape[:2], bool)
         if tuple(proposal_valid.shape) != tuple(proposals.shape[:2]):
             raise invalid(owner, "proposal_valid", f"array of shape {tuple(proposal_valid.shape)}",
                           f"expected {tuple(proposals.shape[:2])}, one flag per proposal")
+        if given_dtype(proposal_valid) != np.bool_:  # 0.5 would read as True
+            raise invalid(owner, "proposal_valid.dtype", str(given_dtype(proposal_valid)),
+                          "expected a bool array")
+        check_valid_boxes(owner, "proposals", proposals, given_valid)
         valid = jnp.asarray(proposal_valid, bool)
         # Padded proposals may hold anything (even inf/NaN): zero them before any pooling.
         return jnp.where(valid[..., None], jnp.asarray(proposals, jnp.float32), 0.0), valid
@@ -221,12 +233,16 @@ class _SharedMapDetector(_ProposalDetector):
         raise NotImplementedError
 
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+        stride = 2 ** len(self.backbone_stages)
+        if min(images.shape[1:3]) < stride:  # else a max_pool2d error from the backbone
+            raise invalid(type(self).__name__, "input.shape", tuple(images.shape),
+                          f"expected height and width >= {stride} (the backbone's stride, "
+                          "2**len(backbone_stages))")
         features = self.backbone(jnp.asarray(images, self.dtype), train)[
             f"block{len(self.backbone_stages)}"]
         n, r = rois.shape[:2]
-        stride = 2 ** len(self.backbone_stages)
         logits, deltas = self.head(self.pool(features, rois, 1.0 / stride))
-        return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+        return logits.reshape(n, r, *logits.shape[1:]), deltas.reshape(n, r, *deltas.shape[1:])
 
 
 class FastRCNN(_SharedMapDetector):
@@ -284,6 +300,10 @@ class RCNN(_ProposalDetector):
         _check_common(self)
         check_stages(type(self).__name__, self.cnn_stages, "cnn_stages")
         check_positive_int(type(self).__name__, "warp_size", self.warp_size)
+        if self.warp_size < 2 ** len(self.cnn_stages):  # else a max_pool2d error when traced
+            raise invalid(type(self).__name__, "warp_size", self.warp_size,
+                          f"expected at least {2 ** len(self.cnn_stages)} = 2**len(cnn_stages) "
+                          "(each stage of the CNN halves the warp)")
         padding = self.context_padding
         if not is_integer(padding) or not 0 <= 2 * padding < self.warp_size:
             raise invalid(type(self).__name__, "context_padding", padding,
@@ -324,7 +344,7 @@ class RCNN(_ProposalDetector):
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
         n, r = rois.shape[:2]
         logits, deltas = self.head(self.warped_features(images, rois, train))
-        return logits.reshape(n, r, -1), deltas.reshape(n, r, -1, 4)
+        return logits.reshape(n, r, *logits.shape[1:]), deltas.reshape(n, r, *deltas.shape[1:])
 
     def region_features(self, images: Array, rois: Array) -> RegionFeatures:
         """Eval-mode features and head outputs of every RoI `[N, R, 4]` (one CNN pass each):
@@ -334,8 +354,9 @@ class RCNN(_ProposalDetector):
         pool5 = self.warped_features(images, rois, train=False)
         logits, deltas, fc7 = self.head(pool5, return_fc7=True)
         return RegionFeatures(
-            pool5=pool5.reshape(n, r, -1).astype(jnp.float32), fc7=fc7.reshape(n, r, -1),
-            logits=logits.reshape(n, r, -1), deltas=deltas.reshape(n, r, -1, 4))
+            pool5=pool5.reshape(n, r, math.prod(pool5.shape[1:])).astype(jnp.float32),
+            fc7=fc7.reshape(n, r, *fc7.shape[1:]), logits=logits.reshape(n, r, *logits.shape[1:]),
+            deltas=deltas.reshape(n, r, *deltas.shape[1:]))
 
 
 @register_model("fast_rcnn_small", input_shape=(64, 64, 3), min_input_size=26, num_classes=4,

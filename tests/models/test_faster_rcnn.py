@@ -281,3 +281,12 @@ def test_loss_traces_with_no_ground_truth_rows():
     (loss, terms), _ = trace_loss(model, 64, 64, (np.zeros((2, 0, 4)), np.zeros((2, 0), int),
                                                   np.zeros((2, 0), bool)))
     assert loss.shape == () and set(terms) >= {"rpn_box", "box"}
+
+
+def test_refuses_images_below_the_stride():
+    """Was a max_pool2d error from inside the backbone."""
+    x = jax.ShapeDtypeStruct((1, 7, 9, 3), jnp.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            "FasterRCNN: input.shape=(1, 7, 9, 3) is invalid; expected height and width >= 8 (the "
+            "backbone's stride, 2**len(backbone_stages)).")):
+        jax.eval_shape(lambda x: FasterRCNN(num_classes=4).init(jax.random.key(0), x), x)

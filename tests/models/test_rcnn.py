@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax.models import create_model, list_models
+from cnnjax.models.faster_rcnn import FasterRCNN
 from cnnjax.models.rcnn import RCNN, FastRCNN, SPPNet, window_proposals
 from tests.models.detectors import (
     BAD_GROUND_TRUTH,
@@ -57,6 +58,9 @@ def test_bad_hyperparameters(kwargs, message):
             "RCNN: context_padding=12 is invalid; expected an integer in [0, 11] (warped pixels "
             "per side, less than half of warp_size=24).")):
         RCNN(context_padding=12)
+    with pytest.raises(ValueError, match=re.escape(  # was a max_pool2d error when traced
+            "RCNN: warp_size=7 is invalid; expected at least 8 = 2**len(cnn_stages)")):
+        RCNN(warp_size=7, context_padding=1)
     for levels in ((2, 0), (), 3):
         with pytest.raises(ValueError, match=re.escape(
                 f"SPPNet: pyramid_levels={levels!r} is invalid; expected a non-empty sequence of "
@@ -262,3 +266,67 @@ def test_loss_refuses_bad_ground_truth(cls, gt, message):
     with pytest.raises(ValueError) as err:
         trace_loss(cls(num_classes=4), with_defaults(gt))
     assert str(err.value).startswith(f"{cls.__name__}.loss: {message}")
+
+
+PROPOSALS = np.array([[[2.0, 2, 22, 22], [3, 3, 23, 23]], [[1, 1, 9, 12], [0, 0, 0, 0]]])
+
+
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN])
+@pytest.mark.parametrize("size, proposals, valid, message", [
+    (20, None, None, "input.shape=(2, 20, 20, 3) is invalid; expected height and width >= "
+                     "max(proposal_sizes)=26 for the dense windows"),  # was window_proposals'
+    (64, PROPOSALS, PROPOSALS[..., 2] > 5.0, None),  # a bool mask: fine
+    (64, PROPOSALS, np.ones((2, 2)), "proposal_valid.dtype='float64' is invalid; expected a "
+                                     "bool array."),  # was cast: 0.5 read as True
+    (64, np.where(np.arange(4) == 2, np.nan, PROPOSALS), None,
+     "proposals[0, 0]=[2.0, 2.0, nan, 22.0] is invalid; expected finite coordinates."),
+    (64, PROPOSALS[..., ::-1], np.array([[False, False], [True, False]]),
+     "proposals[1, 0]=[12.0, 9.0, 1.0, 1.0] is invalid; expected x1 <= x2"),
+])
+def test_detect_checks_the_regions(cls, size, proposals, valid, message):
+    """Eager (concrete) proposals are checked as gt boxes are; under jit they went to roi_align
+    unchecked."""
+    model = cls(num_classes=4)
+    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct(
+        (2, 64, 64, 3), jnp.float32))
+
+    def detect():
+        return jax.eval_shape(lambda v, x: model.apply(v, x, proposals, valid, method="detect"),
+                              variables, x)
+
+    if message is None:
+        assert detect().boxes.shape == (2, 100, 4)
+        return
+    with pytest.raises(ValueError) as err:
+        detect()
+    assert str(err.value).startswith(f"{cls.__name__}: {message}")
+
+
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN, FasterRCNN])
+def test_detect_on_no_images_and_no_proposals(cls):
+    """A batch of 0 images, or 0 external proposals: was a reshape ZeroDivisionError (`-1` in
+    a reshape of 0 elements); gives all-padding detections."""
+    model = cls(num_classes=4, max_detections=5)
+    x = jax.ShapeDtypeStruct((0, 64, 64, 3), jnp.float32)
+    out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, method="detect")[0],
+                         x)
+    assert out.boxes.shape == (0, 5, 4)
+    if cls is FasterRCNN:
+        return
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, np.zeros((2, 0, 4)), method="detect"),
+                         variables, x)
+    assert out.boxes.shape == (2, 5, 4)
+
+
+def test_shared_map_detectors_refuse_images_below_the_stride():
+    """With external proposals a 6x6 image reached the backbone: a max_pool2d error."""
+    for cls in (FastRCNN, SPPNet):
+        x = jnp.zeros((1, 6, 6, 3))
+        with pytest.raises(ValueError, match=re.escape(
+                f"{cls.__name__}: input.shape=(1, 6, 6, 3) is invalid; expected height and width "
+                ">= 8 (the backbone's stride, 2**len(backbone_stages)).")):
+            jax.eval_shape(lambda x: cls(num_classes=4).init(  # noqa: B023
+                jax.random.key(0), x, proposals=np.array([[[0.0, 0, 4, 4]]])), x)
