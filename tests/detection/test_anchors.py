@@ -166,3 +166,36 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("stride, ratios, scales, grid", [
+    (16, (0.5, 1.0, 2.0), (8.0, 16.0, 32.0), (5, 7)),  # the paper's VGG-16 setting
+    (8, (0.5, 1.0, 2.0), (1.5, 3.0), (8, 8)),  # faster_rcnn_small
+    (8, (0.25, 1.0, 3.0), (2.0, 4.0), (3, 5)),
+])
+def test_anchor_grid_against_torchvision_anchor_generator(stride, ratios, scales, grid):
+    """torchvision's `AnchorGenerator(sizes=stride * scales)`: the same rows (cells row-major,
+    ratios then scales), aspect ratio h / w, centres half a stride earlier (torchvision centres
+    on the cell's corner, py-faster-rcnn on its centre) and sides within the reference's
+    rounding: py-faster-rcnn rounds the `stride`-px base box before scaling, so a side may be
+    off by a few px times the scale (plus 1 px for torchvision's rounding of each corner)."""
+    torch = pytest.importorskip("torch")
+    anchor_utils = pytest.importorskip("torchvision.models.detection.anchor_utils")
+    image_list = pytest.importorskip("torchvision.models.detection.image_list")
+    size = (grid[0] * stride, grid[1] * stride)
+    generator = anchor_utils.AnchorGenerator(sizes=(tuple(stride * s for s in scales),),
+                                             aspect_ratios=(ratios,))
+    images = image_list.ImageList(torch.zeros(1, 3, *size), [size])
+    want = generator(images, [torch.zeros(1, 1, *grid)])[0].double().numpy()
+    got = np.asarray(anchor_grid(grid, stride, generate_anchors(stride, ratios, scales)),
+                     np.float64)
+    assert got.shape == want.shape
+    centre = lambda b: (b[:, :2] + b[:, 2:]) / 2  # noqa: E731
+    np.testing.assert_allclose(centre(got) - stride / 2, centre(want), atol=0.5)
+    # Per base anchor (ratio r outer, scale s inner): the width ws = round(...) is off by
+    # <= 1/2 px before scaling, the height round(ws * r) by <= (1 + r) / 2.
+    r, s = (np.asarray(v, np.float64).reshape(-1) for v in np.meshgrid(ratios, scales,
+                                                                       indexing="ij"))
+    for axis, tolerance in ((0, s / 2), (1, (1 + r) * s / 2)):
+        diff = np.abs((got[:, 2 + axis] - got[:, axis]) - (want[:, 2 + axis] - want[:, axis]))
+        assert np.all(diff.reshape(-1, len(r)) <= tolerance + 1), diff.max()
