@@ -67,6 +67,7 @@ _PAPER = ("Ren et al. 2015, Faster R-CNN: Towards Real-Time Object Detection wit
           "Proposal Networks (NeurIPS)")
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box head's target scaling (Detectron, torchvision)
+MIN_BOX_SIZE = 1e-2  # detections narrower or lower (pixels) are dropped, as torchvision's
 
 
 class RpnOutputs(NamedTuple):
@@ -221,15 +222,18 @@ def detect_from_head(
     score_threshold: float, nms_iou: float, max_detections: int,
 ) -> Detections:
     """Class probability times class-specific decoded box of each proposal `[N, P, 4]` (valid
-    `[N, P]`), clipped, per-class NMS to `max_detections` per image (R-CNN family inference).
-    Rows not `valid` (and their logits and deltas) may hold anything, even inf/NaN: they score 0
-    with a zero box, so they never change the detections."""
+    `[N, P]`), clipped, boxes narrower or lower than `MIN_BOX_SIZE` dropped (a box moved off the
+    image clips to zero width: a sure false positive; torchvision's `remove_small_boxes`),
+    per-class NMS to `max_detections` per image (R-CNN family inference; torchvision's
+    `RoIHeads.postprocess_detections`). Rows not `valid` (and their logits and deltas) may hold
+    anything, even inf/NaN: they score 0 with a zero box, so they never change the detections."""
     classes = logits.shape[-1] - 1
     probs = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [N, P, C]
     proposals = jnp.where(valid[..., None], proposals, 0.0)
     boxes = decode_boxes(deltas[:, :, 1:], proposals[:, :, None, :], BOX_WEIGHTS)
     boxes = jnp.where(valid[..., None, None], clip_boxes(boxes, image_size), 0.0)  # [N, P, C, 4]
-    scores = jnp.where(valid[..., None], probs, 0.0)
+    sides = boxes[..., 2:] - boxes[..., :2]
+    scores = jnp.where(valid[..., None] & jnp.all(sides >= MIN_BOX_SIZE, axis=-1), probs, 0.0)
     labels = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), scores.shape)
     return jax.vmap(lambda b, s, c: batched_nms(
         b.reshape(-1, 4), s.reshape(-1), c.reshape(-1), nms_iou, max_detections,

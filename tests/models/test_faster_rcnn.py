@@ -93,7 +93,9 @@ def test_detect_is_per_class_nms_of_decoded_proposals(model_and_variables):
     bw, bh = np.exp(d[..., 2]) * w, np.exp(d[..., 3]) * h
     boxes = np.clip(np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1), 0, 64)
     for i in range(2):
-        scores = np.where(np.asarray(proposals.valid[i])[:, None], probs[i], 0)
+        kept = np.asarray(proposals.valid[i])[:, None] & np.all(  # torchvision's 1e-2 px
+            boxes[i, ..., 2:] - boxes[i, ..., :2] >= 1e-2, axis=-1)
+        scores = np.where(kept, probs[i], 0)
         classes = np.broadcast_to(np.arange(4), scores.shape)
         want = batched_nms(boxes[i].reshape(-1, 4).astype(np.float32), scores.reshape(-1),
                            classes.reshape(-1), 0.5, 10, 0.05)
@@ -290,3 +292,39 @@ def test_refuses_images_below_the_stride():
             "FasterRCNN: input.shape=(1, 7, 9, 3) is invalid; expected height and width >= 8 (the "
             "backbone's stride, 2**len(backbone_stages)).")):
         jax.eval_shape(lambda x: FasterRCNN(num_classes=4).init(jax.random.key(0), x), x)
+
+
+@pytest.mark.parametrize("seed, score_threshold, nms_iou, k, outside", [
+    (0, 0.05, 0.5, 20, False), (1, 0.3, 0.5, 5, False), (2, 0.05, 0.3, 100, False),
+    (3, 0.05, 0.5, 100, True),
+])
+def test_detect_from_head_against_torchvision_postprocess(seed, score_threshold, nms_iou, k,
+                                                          outside):
+    """torchvision's `RoIHeads.postprocess_detections` on the same logits, deltas and proposals
+    (weights 10, 10, 5, 5): the same detections in the same order. With `outside`, some boxes
+    are moved off the image and clip to zero width, which torchvision drops
+    (`remove_small_boxes(1e-2)`) and detect_from_head kept as sure false positives."""
+    torch = pytest.importorskip("torch")
+    roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
+    rng = np.random.default_rng(seed)
+    n, p, c, size = 2, 60, 4, (64, 80)
+    xy = rng.uniform(0, 50, (n, p, 2))
+    proposals = np.concatenate([xy, xy + rng.uniform(4, 30, (n, p, 2))], -1).astype(np.float32)
+    logits = rng.normal(0, 2, (n, p, c + 1)).astype(np.float32)
+    deltas = rng.normal(0, 0.5, (n, p, c + 1, 4)).astype(np.float32)
+    if outside:  # every third proposal's class-1 box 10 widths to the right: off the image
+        deltas[:, ::3, 1, 0] = 100.0
+        logits[:, ::3, 1] = 6.0
+    heads = roi_heads.RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0),
+                               score_threshold, nms_iou, k)
+    boxes, scores, labels = heads.postprocess_detections(
+        torch.tensor(logits.reshape(n * p, c + 1)), torch.tensor(deltas.reshape(n * p, -1)),
+        [torch.tensor(x) for x in proposals], [size] * n)
+    got = detect_from_head(logits, deltas, proposals, np.ones((n, p), bool), size,
+                           score_threshold, nms_iou, k)
+    for i in range(n):
+        m = len(scores[i])
+        assert m > 0 and int(got.valid[i].sum()) == m
+        np.testing.assert_array_equal(np.asarray(got.classes[i, :m]) + 1, labels[i].numpy())
+        np.testing.assert_allclose(np.asarray(got.scores[i, :m]), scores[i].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got.boxes[i, :m]), boxes[i].numpy(), atol=1e-4)
