@@ -354,3 +354,53 @@ def test_errors(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+def test_sample_rois_against_torchvision_roi_heads():
+    """torchvision's `RoIHeads` (gt appended, `Matcher(0.5, 0.5)`, `BoxCoder(10, 10, 5, 5)`,
+    `BalancedPositiveNegativeSampler(48, 0.25)`) on the valid rows of a scene: the same number of
+    foreground and background RoIs, each sampled row one of its candidates with its label (and
+    foreground target), and over 400 keys every foreground (background) candidate drawn about
+    as often as torchvision's sampler draws it: uniformly, `count / candidates` of the time."""
+    torch = pytest.importorskip("torch")
+    roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
+    proposals, p_valid, gt, labels, g_valid = _scene(5)
+    samples = 48
+    heads = roi_heads.RoIHeads(None, None, None, 0.5, 0.5, samples, 0.25, WEIGHTS, 0.05, 0.5, 100)
+    tv_gt = torch.tensor(gt[g_valid])
+    candidates = heads.add_gt_proposals([torch.tensor(proposals[p_valid])], [tv_gt])
+    matched, tv_labels = heads.assign_targets_to_proposals(
+        candidates, [tv_gt], [torch.tensor(labels[g_valid], dtype=torch.int64)])
+    tv_targets = heads.box_coder.encode([tv_gt[matched[0]]], candidates)[0].numpy()
+    boxes, tv_labels = candidates[0].numpy(), tv_labels[0].numpy()
+    fg, bg = np.flatnonzero(tv_labels > 0), np.flatnonzero(tv_labels == 0)
+    torch.manual_seed(0)
+    tv_fg = np.zeros(len(boxes))
+    tv_bg = np.zeros(len(boxes))
+    for _ in range(400):
+        pos, neg = heads.fg_bg_sampler([torch.tensor(tv_labels)])
+        tv_fg += pos[0].numpy()
+        tv_bg += neg[0].numpy()
+    n_fg, n_bg = tv_fg.sum() / 400, tv_bg.sum() / 400  # the same counts every draw
+
+    keys = jax.random.split(jax.random.key(0), 400)
+    out = jax.jit(jax.vmap(lambda k: sample_rois(k, proposals, p_valid, gt, labels, g_valid,
+                                                 num_samples=samples)))(keys)
+    rois, got_labels, targets, valid = _rows(out)
+    assert 0 < n_fg < len(fg) and 0 < n_bg < len(bg)  # both sampled, not all taken
+    np.testing.assert_array_equal((got_labels > 0).sum(1), n_fg)
+    np.testing.assert_array_equal(valid.sum(1), n_fg + n_bg)
+    # Each sampled row is a torchvision candidate with its label and (float32) target.
+    distance = np.abs(rois[:, :, None] - boxes[None, None]).max(-1)  # [keys, S, candidates]
+    index = distance.argmin(-1)
+    assert distance.min(-1)[valid].max() < 1e-5
+    np.testing.assert_array_equal(got_labels[valid], tv_labels[index[valid]])
+    is_fg = valid & (got_labels > 0)  # torchvision encodes background too, and ignores it
+    np.testing.assert_allclose(targets[is_fg], tv_targets[index[is_fg]], atol=1e-4)
+    assert not targets[~is_fg].any()
+    counts = np.zeros(len(boxes))
+    np.add.at(counts, index[valid], 1)
+    for pool, tv_counts, rate in ((fg, tv_fg, n_fg / len(fg)), (bg, tv_bg, n_bg / len(bg))):
+        sigma = np.sqrt(400 * rate * (1 - rate))
+        assert np.abs(counts[pool] - 400 * rate).max() < 5 * sigma  # uniform, as torchvision
+        assert np.abs(tv_counts[pool] - 400 * rate).max() < 5 * sigma
