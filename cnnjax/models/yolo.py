@@ -42,7 +42,7 @@ from cnnjax.detection.yolo import (
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import register_model
-from cnnjax.models.vgg import check_dropout_rate
+from cnnjax.models.vgg import check_dropout_rate, flatten
 from cnnjax.utils.validation import (
     check_nhwc,
     check_number,
@@ -168,7 +168,7 @@ class YOLOv1(nn.Module):
                                  dtype=self.dtype, axis_name=self.axis_name, name=f"bn{index}")(x)
             x = nn.leaky_relu(x, self.negative_slope)
         features["trunk"] = x
-        x = x.reshape(x.shape[0], -1)
+        x = flatten(x)
         x = nn.Dense(self.hidden_features, dtype=self.dtype, name="fc1")(x)
         x = nn.leaky_relu(x, self.negative_slope)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

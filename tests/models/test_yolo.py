@@ -218,3 +218,13 @@ def test_loss_refuses_mismatched_ground_truth(small, n, labels, valid, message):
     with pytest.raises(ValueError) as err:
         model.apply(variables, x, boxes, labels, valid, method="loss", mutable=["batch_stats"])
     assert str(err.value).startswith(message)
+
+
+def test_a_batch_of_no_images_gives_no_rows_of_outputs():
+    """`x.reshape(0, -1)` is ambiguous: a batch of 0 failed with a ZeroDivisionError from inside
+    JAX, where the other detectors and segmenters return an empty batch."""
+    model = create_model("yolo_v1_small")
+    x = jax.ShapeDtypeStruct((0, *model_info("yolo_v1_small").input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+    assert out.shape == (0, model.grid_size, model.grid_size, model.cell_outputs)
