@@ -330,3 +330,36 @@ def test_shared_map_detectors_refuse_images_below_the_stride():
                 ">= 8 (the backbone's stride, 2**len(backbone_stages)).")):
             jax.eval_shape(lambda x: cls(num_classes=4).init(  # noqa: B023
                 jax.random.key(0), x, proposals=np.array([[[0.0, 0, 4, 4]]])), x)
+
+
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet])
+def test_shared_map_pooling_against_torchvision(cls):
+    """The head's input is torchvision's `roi_align` (Fast R-CNN: 4x4, sampling ratio 2,
+    aligned) or `roi_pool` per pyramid level (SPP-net) of the backbone's map at
+    `spatial_scale = 1/8`, each image's RoIs on its own map: the logits and deltas of `score`
+    equal the head applied to torchvision's pooled features (NCHW -> NHWC)."""
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    from cnnjax.models.faster_rcnn import BoxHead
+
+    model = cls(num_classes=2, backbone_stages=((4,), (4,), (8,)), head_features=16)
+    x = jax.random.normal(jax.random.key(0), (2, 40, 48, 3))
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 30, (2, 5, 2))
+    rois = np.concatenate([xy, np.minimum(xy + rng.uniform(4, 24, (2, 5, 2)), [48, 40])], -1)
+    rois = rois.astype(np.float32)
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    logits, deltas = jax.jit(lambda v, x, r: model.apply(v, x, r, False, method="score"))(
+        variables, x, rois)
+    features = model.apply(variables, x, method=lambda m, x: m.backbone(x, False)["block3"])
+    nchw = torch.tensor(np.asarray(features).transpose(0, 3, 1, 2))
+    boxes = [torch.tensor(r) for r in rois]
+    if cls is FastRCNN:
+        pooled = [ops.roi_align(nchw, boxes, 4, 1 / 8, sampling_ratio=2, aligned=True)]
+    else:
+        pooled = [ops.roi_pool(nchw, boxes, level, 1 / 8) for level in model.pyramid_levels]
+    flat = np.concatenate([p.numpy().transpose(0, 2, 3, 1).reshape(10, -1) for p in pooled], 1)
+    want_logits, want_deltas = BoxHead(2, 16).apply({"params": variables["params"]["head"]},
+                                                    jnp.asarray(flat))
+    np.testing.assert_allclose(logits.reshape(10, -1), want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(deltas.reshape(10, 3, 4), want_deltas, rtol=1e-5, atol=1e-5)
