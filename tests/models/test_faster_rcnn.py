@@ -328,3 +328,33 @@ def test_detect_from_head_against_torchvision_postprocess(seed, score_threshold,
         np.testing.assert_array_equal(np.asarray(got.classes[i, :m]) + 1, labels[i].numpy())
         np.testing.assert_allclose(np.asarray(got.scores[i, :m]), scores[i].numpy(), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(got.boxes[i, :m]), boxes[i].numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_approximate_joint_training_stops_gradients_at_the_proposals():
+    """Ren et al. sec. 3.2's approximate joint training: the box head's loss reaches the RPN's
+    layers only through proposals, which carry no gradient, so its gradient there is exactly 0;
+    the RPN's loss never reaches the box head; both train the shared backbone."""
+    model = FasterRCNN(num_classes=3, backbone_stages=((4,), (4,), (8,)), rpn_channels=8,
+                       head_features=16, roi_samples=8, rpn_post_nms_train=8,
+                       rpn_pre_nms_train=100)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    gt = (jnp.array([[[2.0, 2, 14, 14], [10, 12, 30, 28]], [[0, 0, 20, 10], [0, 0, 0, 0]]]),
+          jnp.array([[0, 2], [1, 0]]), jnp.array([[True, True], [True, False]]))
+
+    def gradient_norms(names):
+        def part(params):
+            (_, terms), _ = model.apply({**variables, "params": params}, x, *gt, method="loss",
+                                        mutable=["batch_stats"], rngs={"sample": jax.random.key(2)})
+            return sum(terms[name] for name in names)
+
+        grads = jax.jit(jax.grad(part))(variables["params"])
+        return {k: float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(v)))
+                for k, v in grads.items()}
+
+    head = gradient_norms(("classification", "box"))
+    rpn = gradient_norms(("rpn_objectness", "rpn_box"))
+    assert head["rpn_conv"] == head["rpn_objectness"] == head["rpn_deltas"] == 0.0
+    assert rpn["head"] == 0.0
+    assert min(head["head"], head["backbone"], rpn["rpn_conv"], rpn["backbone"]) > 0
