@@ -154,17 +154,6 @@ def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Ar
                           f"expected a class in [0, {num_classes}) (num_classes={num_classes})")
 
 
-def pad_empty_ground_truth(gt_boxes: Array, gt_labels: Array,
-                           gt_valid: Array) -> tuple[Array, Array, Array]:
-    """Ground truth with `G = 0` as one invalid row per image (images without objects), so
-    that anchor matching has a row to gather; unchanged otherwise."""
-    if jnp.shape(gt_boxes)[1] > 0:
-        return gt_boxes, gt_labels, gt_valid
-    n = jnp.shape(gt_boxes)[0]
-    return (jnp.zeros((n, 1, 4), jnp.float32), jnp.zeros((n, 1), jnp.int32),
-            jnp.zeros((n, 1), bool))
-
-
 def check_anchors_fit(
     owner: str, image_size: tuple[int, int], stride: int, ratios: Sequence[float],
     scales: Sequence[float],
@@ -198,8 +187,17 @@ def rpn_loss(
     half positive (`sample_balanced` with `key`). Objectness: sigmoid cross-entropy averaged over
     the sampled anchors. Box: smooth L1 (beta 1/9, py-faster-rcnn's sigma 3) of the positives'
     deltas against `encode_boxes(matched gt, anchor)`, summed over coordinates and positives and
-    divided by the number sampled (torchvision's normalization).
+    divided by the number sampled (torchvision's normalization). `G` may be 0 (no object).
     """
+    owner = "rpn_loss"
+    count = jnp.shape(anchors)[0]
+    for arg, value, shape in (("objectness", objectness, (count,)),
+                              ("deltas", deltas, (count, 4))):
+        if tuple(jnp.shape(value)) != shape:
+            raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
+                          f"expected {shape}, one row per anchor (anchors.shape[0]={count})")
+    if jnp.shape(gt_boxes)[0] == 0:  # one invalid row keeps the matched-gt gather defined
+        gt_boxes, gt_valid = jnp.zeros((1, 4), jnp.float32), jnp.zeros(1, bool)
     labels = label_anchors(anchors, gt_boxes, gt_valid, 0.7, 0.3, anchor_valid=anchor_valid)
     positive, negative = sample_balanced(key, labels.labels, batch_size, 0.5)
     sampled = positive | negative
@@ -217,6 +215,25 @@ def head_loss(logits: Array, deltas: Array, targets: Any) -> dict[str, Array]:
     return {"classification": jnp.mean(losses.classification), "box": jnp.mean(losses.box)}
 
 
+def _check_head_outputs(owner: str, logits: Array, deltas: Array, proposals: Array,
+                        valid: Array) -> None:
+    """Raises unless `logits` `[N, P, C + 1]` (C >= 1), `deltas` `[N, P, C + 1, 4]`,
+    `proposals` `[N, P, 4]` and bool `valid` `[N, P]` agree; valid concrete proposals must be
+    finite with x1 <= x2 and y1 <= y2 (a mismatched batch was broadcast silently)."""
+    shape = tuple(jnp.shape(logits))
+    if len(shape) != 3 or shape[2] < 2:
+        raise invalid(owner, "logits.shape", shape,
+                      "expected [N, P, C + 1] with C >= 1 (class 0 is background)")
+    for arg, value, want in (("deltas", deltas, (*shape, 4)), ("proposals", proposals,
+                             (*shape[:2], 4)), ("valid", valid, shape[:2])):
+        if tuple(jnp.shape(value)) != want:
+            raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
+                          f"expected {want} for logits of shape {shape}")
+    if given_dtype(valid) != np.bool_:
+        raise invalid(owner, "valid.dtype", str(given_dtype(valid)), "expected a bool array")
+    check_valid_boxes(owner, "proposals", proposals, valid)
+
+
 def detect_from_head(
     logits: Array, deltas: Array, proposals: Array, valid: Array, image_size: tuple[int, int],
     score_threshold: float, nms_iou: float, max_detections: int,
@@ -227,6 +244,12 @@ def detect_from_head(
     per-class NMS to `max_detections` per image (R-CNN family inference; torchvision's
     `RoIHeads.postprocess_detections`). Rows not `valid` (and their logits and deltas) may hold
     anything, even inf/NaN: they score 0 with a zero box, so they never change the detections."""
+    owner = "detect_from_head"
+    _check_head_outputs(owner, logits, deltas, proposals, valid)
+    check_number(owner, "score_threshold", score_threshold, "expected a number in [0, 1)",
+                 low=0.0, high=1.0, high_open=True)
+    check_number(owner, "nms_iou", nms_iou, "expected a number in [0, 1]", low=0.0, high=1.0)
+    check_positive_int(owner, "max_detections", max_detections)
     classes = logits.shape[-1] - 1
     probs = jax.nn.softmax(logits, axis=-1)[..., 1:]  # [N, P, C]
     proposals = jnp.where(valid[..., None], proposals, 0.0)
@@ -361,7 +384,6 @@ class FasterRCNN(nn.Module):
         `check_ground_truth` has it (`G` may be 0: images without objects)."""
         owner = f"{type(self).__name__}.loss"
         check_ground_truth(owner, images, gt_boxes, gt_labels, gt_valid, self.num_classes)
-        gt_boxes, gt_labels, gt_valid = pad_empty_ground_truth(gt_boxes, gt_labels, gt_valid)
         image_size = tuple(images.shape[1:3])
         check_anchors_fit(type(self).__name__, image_size, self.stride, self.anchor_ratios,
                           self.anchor_scales)

@@ -67,6 +67,7 @@ from cnnjax.utils.validation import (
     given_dtype,
     invalid,
     is_integer,
+    to_pair,
 )
 
 Array = Any
@@ -82,13 +83,20 @@ def window_proposals(image_size: tuple[int, int], sizes: Sequence[int], stride: 
     """Square windows `[P, 4]` `(x1, y1, x2, y2)` of every side in `sizes`, placed every `stride`
     pixels inside a `(height, width)` image (the last position flush with the far edge)."""
     owner = "window_proposals"
-    height, width = image_size
+    height, width = to_pair(owner, "image_size", image_size)
     stride = check_positive_int(owner, "stride", stride)
+    try:
+        items = () if isinstance(sizes, str) else tuple(sizes)
+    except TypeError:
+        items = ()
+    if not items:
+        raise invalid(owner, "sizes", sizes, "expected a non-empty sequence of positive ints "
+                      "(window sides, px)")
     windows = []
-    for i, size in enumerate(sizes):
+    for i, size in enumerate(items):
         check_positive_int(owner, f"sizes[{i}]", size)
         if size > min(height, width):
-            raise invalid(owner, "sizes", tuple(sizes),
+            raise invalid(owner, "sizes", items,
                           f"expected sides <= {min(height, width)} (the image is {height}x{width})")
         ys = np.unique(np.append(np.arange(0, height - size + 1, stride), height - size))
         xs = np.unique(np.append(np.arange(0, width - size + 1, stride), width - size))

@@ -358,3 +358,53 @@ def test_approximate_joint_training_stops_gradients_at_the_proposals():
     assert head["rpn_conv"] == head["rpn_objectness"] == head["rpn_deltas"] == 0.0
     assert rpn["head"] == 0.0
     assert min(head["head"], head["backbone"], rpn["rpn_conv"], rpn["backbone"]) > 0
+
+
+
+def _head_outputs(n=1, p=3, k=5):
+    """Zero logits and deltas of `p` unit-size proposals per image, all valid."""
+    return (np.zeros((n, p, k), np.float32), np.zeros((n, p, k, 4), np.float32),
+            np.tile(np.array([1.0, 1, 10, 10], np.float32), (n, p, 1)), np.ones((n, p), bool))
+
+
+@pytest.mark.parametrize("change, message", [
+    # A batch mismatch was broadcast silently, a class mismatch a broadcasting error, a float
+    # mask a TypeError, K = 1 (background only) and score_threshold 2 gave nothing silently.
+    ({"proposals": _head_outputs(n=2)[2]},
+     "proposals.shape=(2, 3, 4) is invalid; expected (1, 3, 4) for logits of shape (1, 3, 5)."),
+    ({"deltas": _head_outputs(k=3)[1]}, "deltas.shape=(1, 3, 3, 4) is invalid; expected "
+                                        "(1, 3, 5, 4)"),
+    ({"valid": np.ones((1, 3))}, "valid.dtype='float64' is invalid; expected a bool array."),
+    ({"logits": np.zeros((1, 3, 1)), "deltas": np.zeros((1, 3, 1, 4))},
+     "logits.shape=(1, 3, 1) is invalid; expected [N, P, C + 1] with C >= 1"),
+    ({"proposals": np.array([[[1.0, 1, 10, 10], [1, 1, np.nan, 3], [1, 1, 10, 10]]])},
+     "proposals[0, 1]=[1.0, 1.0, nan, 3.0] is invalid; expected finite coordinates."),
+    ({"score_threshold": 2.0}, "score_threshold=2.0 is invalid; expected a number in [0, 1)."),
+])
+def test_detect_from_head_refuses_bad_arguments(change, message):
+    logits, deltas, proposals, valid = _head_outputs()
+    args = {"logits": logits, "deltas": deltas, "proposals": proposals, "valid": valid,
+            "image_size": (64, 64), "score_threshold": 0.05, "nms_iou": 0.5,
+            "max_detections": 10, **change}
+    with pytest.raises(ValueError) as err:
+        detect_from_head(**args)
+    assert str(err.value).startswith(f"detect_from_head: {message}")
+
+
+def test_rpn_loss_shapes_and_no_ground_truth():
+    """Objectness of the wrong length was a broadcasting TypeError; `G = 0` an IndexError (now
+    every sampled anchor is negative: no box loss)."""
+    from cnnjax.detection.anchors import anchor_grid, generate_anchors
+    from cnnjax.models.faster_rcnn import rpn_loss
+
+    anchors = np.asarray(anchor_grid((4, 4), 8, generate_anchors(8, (1.0,), (1.0,))))
+    key, inside = jax.random.key(0), np.ones(16, bool)
+    with pytest.raises(ValueError, match=re.escape(
+            "rpn_loss: objectness.shape=(15,) is invalid; expected (16,), one row per anchor "
+            "(anchors.shape[0]=16).")):
+        rpn_loss(key, np.zeros(15), np.zeros((16, 4)), anchors, np.zeros((1, 4)),
+                 np.zeros(1, bool), inside)
+    objectness, box = rpn_loss(key, np.zeros(16, np.float32), np.zeros((16, 4), np.float32),
+                               anchors, np.zeros((0, 4)), np.zeros(0, bool), inside)
+    np.testing.assert_allclose(float(objectness), np.log(2), rtol=1e-6)
+    assert float(box) == 0.0

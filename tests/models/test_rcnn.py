@@ -37,6 +37,22 @@ def test_window_proposals_by_hand():
     with pytest.raises(ValueError, match=re.escape(
             "window_proposals: sizes[1]=-1 is invalid; expected a positive integer.")):
         window_proposals((10, 12), (4, -1), 4)
+    assert window_proposals(np.array([10, 12]), np.array([4, 10]), 4).shape == (11, 4)
+
+
+@pytest.mark.parametrize("image_size, sizes, message", [
+    # Were a TypeError, NumPy's "need at least one array", "sides <= 0" and an unpack error;
+    # a fractional image size was used as given.
+    ((10, 12), 4, "sizes=4 is invalid; expected a non-empty sequence of positive ints"),
+    ((10, 12), (), "sizes=() is invalid; expected a non-empty sequence"),
+    ((0, 12), (4,), "image_size=(0, 12) is invalid; expected every entry >= 1."),
+    ((10, 12, 3), (4,), "image_size=(10, 12, 3) is invalid; expected an int or a pair of ints."),
+    ((10.5, 12), (4,), "image_size=(10.5, 12) is invalid; expected an int or a pair of ints."),
+])
+def test_window_proposals_refuses_bad_arguments(image_size, sizes, message):
+    with pytest.raises(ValueError) as err:
+        window_proposals(image_size, sizes, 4)
+    assert str(err.value).startswith(f"window_proposals: {message}")
 
 
 def test_registered():
