@@ -22,14 +22,17 @@ from cnnjax.utils.validation import check_number, check_positive_int, invalid, t
 
 
 def _positive_numbers(owner: str, arg: str, values: Any) -> np.ndarray:
-    """`values` as a 1-D float64 array of finite numbers > 0 (at least one), else raises."""
+    """`values` as a 1-D float64 array of finite numbers > 0 (at least one), else raises; a
+    bool or a numeric string is no number here (NumPy would read True and "2" as 1.0 and 2.0)."""
     try:
         array = np.asarray(values, dtype=np.float64)
+        items = np.ravel(np.asarray(values, dtype=object))
     except (TypeError, ValueError):
         raise invalid(owner, arg, values, "expected a non-empty sequence of positive numbers") \
             from None
     if array.ndim != 1 or array.size == 0 or not np.all(np.isfinite(array)) \
-            or not np.all(array > 0):
+            or not np.all(array > 0) or isinstance(values, str | bytes) \
+            or any(isinstance(v, bool | np.bool_ | str | bytes) for v in items):
         raise invalid(owner, arg, values, "expected a non-empty sequence of positive numbers")
     return array
 

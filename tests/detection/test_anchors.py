@@ -143,6 +143,10 @@ def test_anchors_inside_matches_reference_filter():
                                        "non-empty sequence of positive numbers."),
     (lambda: generate_anchors(16, (0.5, 0)), "generate_anchors: ratios=(0.5, 0) is invalid"),
     (lambda: generate_anchors(16, (1,), (-8,)), "generate_anchors: scales=(-8,) is invalid"),
+    (lambda: generate_anchors(16, (1,), (True,)), "generate_anchors: scales=(True,) is "
+                                                  "invalid"),  # was read as 1.0
+    (lambda: generate_anchors(16, ("0.5", "2")), "generate_anchors: ratios=('0.5', '2') is "
+                                                 "invalid"),  # were read as numbers
     (lambda: generate_anchors(1, (1000,)), "generate_anchors: ratios=(1000,) is invalid; ratio "
                                            "1000 rounds a side of the 1x1 base box to 0 pixels."),
     (lambda: anchor_grid((0, 3), 16, np.zeros((1, 4))), "anchor_grid: feature_size=(0, 3) is "
