@@ -358,6 +358,14 @@ class RCNN(_ProposalDetector):
         """Eval-mode features and head outputs of every RoI `[N, R, 4]` (one CNN pass each):
         flattened pool5, fc7 after its ReLU (the paper's SVM features), and the same logits and
         deltas `score` gives."""
+        owner = f"{type(self).__name__}.region_features"
+        check_nhwc(owner, images)
+        shape = tuple(jnp.shape(rois))
+        if len(shape) != 3 or shape[0] != images.shape[0] or shape[2] != 4:
+            raise invalid(owner, "rois.shape", shape,
+                          f"expected ({images.shape[0]}, R, 4) (x1, y1, x2, y2) for "
+                          f"{images.shape[0]} images")
+        check_valid_boxes(owner, "rois", rois)
         n, r = rois.shape[:2]
         pool5 = self.warped_features(images, rois, train=False)
         logits, deltas, fc7 = self.head(pool5, return_fc7=True)

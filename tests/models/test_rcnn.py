@@ -379,3 +379,19 @@ def test_shared_map_pooling_against_torchvision(cls):
                                                     jnp.asarray(flat))
     np.testing.assert_allclose(logits.reshape(10, -1), want_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(deltas.reshape(10, 3, 4), want_deltas, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rois, message", [
+    (np.zeros((1, 3, 4)), "rois.shape=(1, 3, 4) is invalid; expected (2, R, 4)"),  # image 0's
+    (np.zeros((3, 3, 4)), "rois.shape=(3, 3, 4) is invalid; expected (2, R, 4)"),
+    (np.array([[[0.0, 0, 10, np.nan]]] * 2), "rois[0, 0]=[0.0, 0.0, 10.0, nan] is invalid"),
+])
+def test_region_features_checks_the_rois(rois, message):
+    """A batch of RoIs that did not match the images was read silently (1 of 2: image 0 only)."""
+    model = RCNN(num_classes=4)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    with pytest.raises(ValueError) as err:
+        jax.eval_shape(lambda v, x: model.apply(v, x, rois, method="region_features"),
+                       variables, x)
+    assert str(err.value).startswith(f"RCNN.region_features: {message}")
