@@ -50,7 +50,7 @@ from cnnjax.detection.postprocess import Detections, batched_nms, check_detectio
 from cnnjax.detection.proposals import rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.roi import check_valid_boxes, roi_align
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
     check_nhwc,
@@ -372,6 +372,7 @@ class FasterRCNN(nn.Module):
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
         """Raw outputs: `(class_logits [N, R, C + 1], box_deltas [N, R, C + 1, 4], proposals)`
         on the test-time proposals (`return_features` adds `{"backbone": map}`)."""
+        train = check_train(self, train)  # "False" is truthy: BatchNorm would train
         rpn = self.rpn(x, train)
         proposals = self.proposals(rpn, tuple(x.shape[1:3]), train=False)
         logits, deltas = self.box_head(rpn.features, proposals.boxes)
@@ -382,6 +383,7 @@ class FasterRCNN(nn.Module):
              train: bool = True) -> tuple[Array, dict[str, Array]]:
         """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`. Ground truth as
         `check_ground_truth` has it (`G` may be 0: images without objects)."""
+        train = check_train(self, train)
         owner = f"{type(self).__name__}.loss"
         check_ground_truth(owner, images, gt_boxes, gt_labels, gt_valid, self.num_classes)
         image_size = tuple(images.shape[1:3])

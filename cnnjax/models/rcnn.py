@@ -58,7 +58,7 @@ from cnnjax.models.faster_rcnn import (
     pool_rois,
     sample_training_rois,
 )
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
     check_nhwc,
@@ -187,6 +187,7 @@ class _ProposalDetector(nn.Module):
                  proposals: Array | None = None, proposal_valid: Array | None = None) -> Any:
         """`(class_logits [N, P, C + 1], box_deltas [N, P, C + 1, 4], rois [N, P, 4])` of the
         external `proposals` (`windows`)."""
+        train = check_train(self, train)  # "False" is truthy: BatchNorm would train
         rois, _ = self.windows(x, proposals, proposal_valid)
         logits, deltas = self.score(x, rois, train)
         out = (logits, deltas, rois)
@@ -198,6 +199,7 @@ class _ProposalDetector(nn.Module):
         """Fast R-CNN's loss on `roi_samples` RoIs per image: `(loss, terms)`. Ground truth as
         `faster_rcnn.check_ground_truth` has it: `[N, G, 4]` boxes, `[N, G]` labels in
         `[0, num_classes)` and bool validity."""
+        train = check_train(self, train)
         check_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels, gt_valid,
                            self.num_classes)
         rois, valid = self.windows(images, proposals, proposal_valid)

@@ -395,3 +395,16 @@ def test_region_features_checks_the_rois(rois, message):
         jax.eval_shape(lambda v, x: model.apply(v, x, rois, method="region_features"),
                        variables, x)
     assert str(err.value).startswith(f"RCNN.region_features: {message}")
+
+
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN, FasterRCNN])
+def test_train_must_be_a_bool(cls):
+    """train="False" is truthy: loss trained BatchNorm with it silently, __call__ failed in flax."""
+    model = cls(num_classes=4)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    message = re.escape(f"{cls.__name__}: train='False' is invalid; expected True or False.")
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(lambda v, x: model.apply(v, x, "False"), variables, x)
+    with pytest.raises(ValueError, match=message):
+        trace_loss(model, (*with_defaults((None, None, None)), "False"))
