@@ -408,3 +408,14 @@ def test_train_must_be_a_bool(cls):
         jax.eval_shape(lambda v, x: model.apply(v, x, "False"), variables, x)
     with pytest.raises(ValueError, match=message):
         trace_loss(model, (*with_defaults((None, None, None)), "False"))
+
+
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN, FasterRCNN])
+def test_loss_checks_only_the_valid_ground_truth_rows(cls):
+    """Padded rows (`gt_valid` False) may hold anything, as sample_rois promises: NaN or
+    inverted boxes and labels outside [0, C) there are not refused."""
+    boxes = np.array([[[4.0, 4, 20, 20], [np.nan, np.inf, -5, 3]], [[np.nan] * 4, [9, 0, 0, 9]]])
+    labels = np.array([[1, -9], [99, 7]])
+    valid = np.array([[True, False], [False, False]])
+    (loss, _), _ = trace_loss(cls(num_classes=4), (boxes, labels, valid))
+    assert loss.shape == ()
