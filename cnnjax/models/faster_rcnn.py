@@ -44,6 +44,7 @@ from cnnjax.detection.anchors import (
     generate_anchors,
 )
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
+from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
@@ -56,7 +57,6 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_number,
     check_positive_int,
-    concrete_value,
     given_dtype,
     invalid,
 )
@@ -119,39 +119,6 @@ def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, g
     return jax.vmap(lambda k, p, v, b, c, g: sample_rois(
         k, p, v, b, c, g, num_samples=num_samples, fg_fraction=0.25, box_weights=BOX_WEIGHTS))(
             keys, proposals, proposals_valid, gt_boxes, gt_labels.astype(jnp.int32) + 1, gt_valid)
-
-
-def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Array,
-                       gt_valid: Array, num_classes: int) -> None:
-    """A ValueError naming `owner` unless the ground truth fits the `N` images: `[N, G, 4]`
-    boxes, `[N, G]` integer labels and bool validity; when concrete, every valid box finite with
-    x1 <= x2, y1 <= y2 and every valid label in `[0, num_classes)`. Shapes and dtypes are checked
-    under jit too; otherwise a batch mismatch was JAX's vmap error, float labels were truncated
-    (1.7 -> class 1), -1 became background and `num_classes` a NaN loss."""
-    check_nhwc(owner, images)
-    n = images.shape[0]
-    boxes = tuple(jnp.shape(gt_boxes))
-    if len(boxes) != 3 or boxes[0] != n or boxes[2] != 4:
-        raise invalid(owner, "gt_boxes.shape", boxes,
-                      f"expected ({n}, G, 4) (x1, y1, x2, y2) for {n} images")
-    for arg, value in (("gt_labels", gt_labels), ("gt_valid", gt_valid)):
-        if tuple(jnp.shape(value)) != boxes[:2]:
-            raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
-                          f"expected {boxes[:2]}, one per gt box")
-    label_dtype, valid_dtype = given_dtype(gt_labels), given_dtype(gt_valid)
-    if not np.issubdtype(label_dtype, np.integer):
-        raise invalid(owner, "gt_labels.dtype", str(label_dtype),
-                      f"expected an integer array (classes in [0, {num_classes}))")
-    if valid_dtype != np.bool_:
-        raise invalid(owner, "gt_valid.dtype", str(valid_dtype), "expected a bool array")
-    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
-    labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)
-    if labels is not None and valid is not None:
-        bad = np.argwhere(valid & ((labels < 0) | (labels >= num_classes)))
-        if bad.size:
-            i, j = (int(k) for k in bad[0])
-            raise invalid(owner, f"gt_labels[{i}, {j}]", int(labels[i, j]),
-                          f"expected a class in [0, {num_classes}) (num_classes={num_classes})")
 
 
 def check_anchors_fit(
@@ -382,7 +349,8 @@ class FasterRCNN(nn.Module):
     def loss(self, images: Array, gt_boxes: Array, gt_labels: Array, gt_valid: Array,
              train: bool = True) -> tuple[Array, dict[str, Array]]:
         """RPN + Fast R-CNN losses averaged over the images: `(loss, terms)`. Ground truth as
-        `check_ground_truth` has it (`G` may be 0: images without objects)."""
+        `detection.ground_truth.check_ground_truth` has it (`G` may be 0: images without
+        objects)."""
         train = check_train(self, train)
         owner = f"{type(self).__name__}.loss"
         check_ground_truth(owner, images, gt_boxes, gt_labels, gt_valid, self.num_classes)

@@ -47,12 +47,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.postprocess import Detections, check_detection_settings
 from cnnjax.layers.pooling import check_pyramid_levels
 from cnnjax.layers.roi import check_valid_boxes, roi_align, roi_spatial_pyramid_pool
 from cnnjax.models.faster_rcnn import (
     BoxHead,
-    check_ground_truth,
     detect_from_head,
     head_loss,
     pool_rois,
@@ -197,7 +197,7 @@ class _ProposalDetector(nn.Module):
              train: bool = True, proposals: Array | None = None,
              proposal_valid: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """Fast R-CNN's loss on `roi_samples` RoIs per image: `(loss, terms)`. Ground truth as
-        `faster_rcnn.check_ground_truth` has it: `[N, G, 4]` boxes, `[N, G]` labels in
+        `detection.ground_truth.check_ground_truth` has it: `[N, G, 4]` boxes, `[N, G]` labels in
         `[0, num_classes)` and bool validity."""
         train = check_train(self, train)
         check_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels, gt_valid,

@@ -30,9 +30,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cnnjax.detection.anchors import image_size_pair
+from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.yolo import (
     check_yolo_v1_loss_settings,
@@ -47,7 +47,6 @@ from cnnjax.utils.validation import (
     check_nhwc,
     check_number,
     check_positive_int,
-    given_dtype,
     invalid,
     is_integer,
 )
@@ -186,8 +185,8 @@ class YOLOv1(nn.Module):
         `gt_boxes` `[N, G, 4]` `(x1, y1, x2, y2)` pixels of `images`, `gt_labels` `[N, G]` in
         `[0, C)`, `gt_valid` `[N, G]` bool.
         """
-        _check_batch_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels,
-                                  gt_valid)
+        check_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels, gt_valid,
+                           self.num_classes)
         outputs = self(images, train=train)
         size = tuple(images.shape[1:3])
 
@@ -208,24 +207,6 @@ class YOLOv1(nn.Module):
         return jax.vmap(lambda out: decode_yolo_v1(
             out, images.shape[1:3], self.boxes_per_cell, self.score_threshold, self.nms_iou,
             self.max_detections))(outputs)
-
-
-def _check_batch_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Array,
-                              gt_valid: Array) -> None:
-    """A ValueError naming `owner` unless the ground truth is `[N, G, 4]` boxes with `[N, G]`
-    integer labels and validity for the `N` images (JAX's vmap error or a silent truncation of
-    float labels otherwise)."""
-    n = jnp.shape(images)[0]
-    boxes = jnp.shape(gt_boxes)
-    if len(boxes) != 3 or boxes[0] != n or boxes[2] != 4:
-        raise invalid(owner, "gt_boxes.shape", boxes, f"expected ({n}, G, 4) for {n} images")
-    for arg, value in (("gt_labels", gt_labels), ("gt_valid", gt_valid)):
-        if jnp.shape(value) != boxes[:2]:
-            raise invalid(owner, f"{arg}.shape", jnp.shape(value), f"expected {boxes[:2]}")
-    label_dtype = given_dtype(gt_labels)
-    if not np.issubdtype(label_dtype, np.integer):
-        raise invalid(owner, "gt_labels.dtype", str(label_dtype),
-                      "expected an integer array (classes in [0, num_classes))")
 
 
 def decode_yolo_v1(

@@ -201,13 +201,19 @@ def test_decode_refuses_bad_inputs(shape, b, size, message):
 
 
 @pytest.mark.parametrize("n, labels, valid, message", [
-    (1, None, None, "YOLOv1.loss: gt_boxes.shape=(1, 1, 4) is invalid; expected (2, G, 4) for "
-                    "2 images."),
+    (1, None, None, "YOLOv1.loss: gt_boxes.shape=(1, 1, 4) is invalid; expected (2, G, 4) "
+                    "(x1, y1, x2, y2) for 2 images."),
     (2, np.array([[1.7], [0.2]]), None,
      "YOLOv1.loss: gt_labels.dtype='float64' is invalid; expected an integer array"),
-    (2, np.array([1, 0]), None, "YOLOv1.loss: gt_labels.shape=(2,) is invalid; expected (2, 1)."),
+    # the checks the R-CNN family shares (detection.ground_truth): class range, boxes, dtype
+    (2, np.array([[1], [3]]), None,
+     "YOLOv1.loss: gt_labels[1, 0]=3 is invalid; expected a class in [0, 3)"),
+    (2, None, np.ones((2, 1), np.int32),
+     "YOLOv1.loss: gt_valid.dtype='int32' is invalid; expected a bool array."),
+    (2, np.array([1, 0]), None,
+     "YOLOv1.loss: gt_labels.shape=(2,) is invalid; expected (2, 1), one per gt box."),
     (2, None, np.array([[True, False], [True, True]]),
-     "YOLOv1.loss: gt_valid.shape=(2, 2) is invalid; expected (2, 1)."),
+     "YOLOv1.loss: gt_valid.shape=(2, 2) is invalid; expected (2, 1), one per gt box."),
 ])
 def test_loss_refuses_mismatched_ground_truth(small, n, labels, valid, message):
     """A batch mismatch was JAX's vmap error; float labels were truncated (1.7 -> class 1)."""

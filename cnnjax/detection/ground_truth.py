@@ -1,0 +1,48 @@
+"""The ground truth a detector's `loss` takes, checked once for every detector (R-CNN family,
+YOLO): `[N, G, 4]` `(x1, y1, x2, y2)` boxes in pixels of the `N` images, `[N, G]` integer labels
+and `[N, G]` bool validity (padding rows may hold anything)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.layers.roi import check_valid_boxes
+from cnnjax.utils.validation import check_nhwc, concrete_value, given_dtype, invalid
+
+Array = Any
+
+
+def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Array,
+                       gt_valid: Array, num_classes: int) -> None:
+    """A ValueError naming `owner` unless the ground truth fits the `N` images: `[N, G, 4]`
+    boxes, `[N, G]` integer labels and bool validity; when concrete, every valid box finite with
+    x1 <= x2, y1 <= y2 and every valid label in `[0, num_classes)`. Shapes and dtypes are checked
+    under jit too; otherwise a batch mismatch was JAX's vmap error, float labels were truncated
+    (1.7 -> class 1), -1 became background and `num_classes` a NaN loss."""
+    check_nhwc(owner, images)
+    n = images.shape[0]
+    boxes = tuple(jnp.shape(gt_boxes))
+    if len(boxes) != 3 or boxes[0] != n or boxes[2] != 4:
+        raise invalid(owner, "gt_boxes.shape", boxes,
+                      f"expected ({n}, G, 4) (x1, y1, x2, y2) for {n} images")
+    for arg, value in (("gt_labels", gt_labels), ("gt_valid", gt_valid)):
+        if tuple(jnp.shape(value)) != boxes[:2]:
+            raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
+                          f"expected {boxes[:2]}, one per gt box")
+    label_dtype, valid_dtype = given_dtype(gt_labels), given_dtype(gt_valid)
+    if not np.issubdtype(label_dtype, np.integer):
+        raise invalid(owner, "gt_labels.dtype", str(label_dtype),
+                      f"expected an integer array (classes in [0, {num_classes}))")
+    if valid_dtype != np.bool_:
+        raise invalid(owner, "gt_valid.dtype", str(valid_dtype), "expected a bool array")
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
+    labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)
+    if labels is not None and valid is not None:
+        bad = np.argwhere(valid & ((labels < 0) | (labels >= num_classes)))
+        if bad.size:
+            i, j = (int(k) for k in bad[0])
+            raise invalid(owner, f"gt_labels[{i}, {j}]", int(labels[i, j]),
+                          f"expected a class in [0, {num_classes}) (num_classes={num_classes})")
