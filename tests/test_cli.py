@@ -5,6 +5,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.utils import cli
+from tests.commands import ROOT, run_commands
 
 
 def _parsed(*args):
@@ -222,46 +223,41 @@ def test_a_config_file_argument_that_get_config_refuses_is_named_in_one_line():
 
 
 def test_the_command_reports_flag_errors_in_one_line():
+    """`python -m experiments.train` with six bad command lines, run by one interpreter that
+    forks a child per command (tests/commands.py: 6 process starts cost 17 s)."""
     import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=root,
-                              env=env, capture_output=True, text=True, timeout=300)
-
-    bad = run("--config=experiments/configs/rcnn_shapes.py:bogus", "--workdir=unused")
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    lenet = ("--config=experiments/configs/lenet5_digits.py", "--workdir=unused")
+    bad, unknown, bad_value, group, typo, default = run_commands([
+        ("experiments.train", "--config=experiments/configs/rcnn_shapes.py:bogus",
+         "--workdir=unused"),
+        ("experiments.train", "--bogusflag=1"),
+        ("experiments.train", *lenet, "--config.num_train_steps=abc"),
+        ("experiments.train", *lenet, "--config.optimizer=adam"),
+        ("experiments.train", *lenet, "--config.bogus=1"),
+        ("experiments.train", "--workdir=unused", "--config.model_kwargs.depth=3"),
+    ], env=env)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "FATAL" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: --config='experiments/configs/rcnn_shapes.py:bogus' is invalid; config: "
         "argument='bogus' is invalid; expected one of ['windows', 'selective_search'].")
-    unknown = run("--bogusflag=1")
     assert unknown.returncode == 1 and "FATAL" not in unknown.stderr
     assert unknown.stderr.strip().splitlines()[-1] == (
         "error: Unknown command line flag 'bogusflag' (--helpshort lists the flags)")
     # absl's own report re-parsed the flags, and ml_collections' override flags were then
     # "defined twice": the bad value went unreported
-    bad_value = run("--config=experiments/configs/lenet5_digits.py", "--workdir=unused",
-                    "--config.num_train_steps=abc")
     assert bad_value.returncode == 1 and "defined twice" not in bad_value.stderr
     assert bad_value.stderr.strip().splitlines()[-1] == (
         "error: --config.num_train_steps='abc' is invalid; invalid literal for int() with "
         "base 10: 'abc'")
-    group = run("--config=experiments/configs/lenet5_digits.py", "--workdir=unused",
-                "--config.optimizer=adam")
     assert group.returncode == 1 and group.stderr.strip().splitlines()[-1].startswith(
         "error: --config.optimizer='adam' is invalid; config.optimizer is a group of fields (b1,")
-    typo = run("--config=experiments/configs/lenet5_digits.py", "--workdir=unused",
-               "--config.bogus=1")
     assert typo.returncode == 1
     assert typo.stderr.strip().splitlines()[-1] == (
         "error: --config.bogus=1 is invalid; the config has no field 'bogus'")
     # the default config file is loaded, with the overrides, when the flag is defined: that
     # was a traceback at import
-    default = run("--workdir=unused", "--config.model_kwargs.depth=3")
     assert default.returncode == 1 and "Traceback" not in default.stderr
     assert default.stderr.strip().splitlines()[-1] == (
         "error: --config.model_kwargs.depth=3 is invalid; the config has no field 'depth'; "
@@ -352,27 +348,33 @@ def test_the_config_file_given_with_a_space_is_read_for_the_hints():
     assert cli.flag_value(["--config=a.py", "--config", "b.py"], "config") == "b.py"  # the last
 
 
+UNWRITABLE_OUTPUT_COMMANDS = [
+    ("experiments.tune", "--config=experiments/configs/lenet5_digits.py",
+     "--recipe=experiments/recipes/lenet5_digits.py", "--tune_dir=/proc/cnnjax_test/tune"),
+    ("launch.submit", "--entry=train", "--config=experiments/configs/lenet5_digits.py",
+     "--workdir=/proc/cnnjax_test/job", "--gpus_per_node=0", "--nocheck_configs"),
+    ("experiments.transfer", "--transfer=experiments/transfers/digits_0to4_to_5to9.py",
+     "--transfer_dir=/proc/cnnjax_test/transfer"),
+    ("experiments.proposals", "--config=experiments/configs/rcnn_shapes.py:selective_search",
+     "--config.data.data_dir=/proc/cnnjax_test/data"),
+]
+
+
+@pytest.fixture(scope="module")
+def unwritable_output_results() -> dict:
+    """The four commands run by one interpreter forking a child each (tests/commands.py: one
+    process start and TensorFlow import instead of four)."""
+    results = run_commands(UNWRITABLE_OUTPUT_COMMANDS, preimport=["cnnjax.data.pipeline"])
+    return dict(zip(UNWRITABLE_OUTPUT_COMMANDS, results, strict=True))
+
+
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
-@pytest.mark.parametrize("args", [
-    ["experiments.tune", "--config=experiments/configs/lenet5_digits.py",
-     "--recipe=experiments/recipes/lenet5_digits.py", "--tune_dir=/proc/cnnjax_test/tune"],
-    ["launch.submit", "--entry=train", "--config=experiments/configs/lenet5_digits.py",
-     "--workdir=/proc/cnnjax_test/job", "--gpus_per_node=0", "--nocheck_configs"],
-    ["experiments.transfer", "--transfer=experiments/transfers/digits_0to4_to_5to9.py",
-     "--transfer_dir=/proc/cnnjax_test/transfer"],
-    ["experiments.proposals", "--config=experiments/configs/rcnn_shapes.py:selective_search",
-     "--config.data.data_dir=/proc/cnnjax_test/data"],
-])
-def test_an_output_folder_that_cannot_be_made_ends_the_command_in_one_line(args):
+@pytest.mark.parametrize("args", UNWRITABLE_OUTPUT_COMMANDS)
+def test_an_output_folder_that_cannot_be_made_ends_the_command_in_one_line(
+        args, unwritable_output_results):
     """tune and launch.submit as sweep does: an OSError on their output folder (here under
     /proc, where nothing can be created, even by root) is one `error:` line naming it."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True,
-                            text=True, timeout=300)
+    result = unwritable_output_results[args]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/proc/cnnjax_test" in last, last
