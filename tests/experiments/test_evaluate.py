@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.commands import run_commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -169,17 +171,20 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp
     from tests.experiments.test_robustness import _fake, _train
 
     workdir = _train(str(tmp_path / "run"), _fake(1))  # 'fake' has splits train and test
-    bad_split = _command("experiments.evaluate", f"--workdir={workdir}", "--split=validation")
+    # one interpreter forking a child per command (tests/commands.py): 3 process starts cost
+    # ~12 s more; test_an_output_folder_a_file_is_in_the_way_of... starts the real command
+    bad_split, no_average, bad_flags = run_commands(
+        [("experiments.evaluate", f"--workdir={workdir}", flag)
+         for flag in ("--split=validation", "--ema", "--step=0")],
+        preimport=["cnnjax.data.pipeline"])
     assert bad_split.returncode == 1 and "Traceback" not in bad_split.stderr
     assert bad_split.stderr.strip().splitlines()[-1] == (
         "error: --split='validation' is invalid; 'fake' has splits ['train', 'test'].")
-    no_average = _command("experiments.evaluate", f"--workdir={workdir}", "--ema")
     assert no_average.returncode == 1 and no_average.stderr.strip().splitlines()[-1] == (
         f"error: --ema is invalid; the run in {workdir!r} kept no weight average (its "
         "config.ema.decay is None); drop --ema to use its trained weights.")
     assert not os.path.exists(os.path.join(workdir, "eval", "validation_step2.json"))
     # named as the flags, not as load_trained's step or the config's num_devices
-    bad_flags = _command("experiments.evaluate", f"--workdir={workdir}", "--step=0")
     assert bad_flags.returncode == 1 and bad_flags.stderr.strip().splitlines()[-1] == (
         "error: --step=0 is invalid; expected a checkpoint step >= 1 (or leave it out: the best "
         "checkpoint, else the newest)")
