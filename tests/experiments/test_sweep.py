@@ -13,6 +13,7 @@ import pytest
 
 from cnnjax.tune import space as sp
 from cnnjax.tune.sweep import trial_workdir
+from tests.commands import run_commands
 from tests.experiments.test_configs import _load
 from tests.experiments.test_train import _env
 
@@ -103,13 +104,23 @@ def test_the_example_grid_refuses_a_num_trials_override(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-@pytest.mark.parametrize("inside", [False, True])
-def test_a_sweep_dir_a_file_is_in_the_way_of_is_one_line_before_training(tmp_path, inside):
+@pytest.fixture(scope="module")
+def file_in_the_way(tmp_path_factory) -> dict:
+    """{inside: (sweep_dir, result)}: the sweep_dir is a file, or inside one; both commands run
+    by one interpreter forking a child each (tests/commands.py: one process start, not two)."""
+    tmp_path = tmp_path_factory.mktemp("file_in_the_way")
     (tmp_path / "file").write_text("")
-    sweep_dir = tmp_path / "file" / "x" if inside else tmp_path / "file"
     sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.1, 0.2)),)")
-    result = subprocess.run(_command(sweep, sweep_dir), cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    dirs = {False: tmp_path / "file", True: tmp_path / "file" / "x"}
+    results = run_commands([_command(sweep, d)[2:] for d in dirs.values()], env=_env(),
+                           preimport=["cnnjax.data.pipeline"])
+    return {inside: (dirs[inside], result) for inside, result in zip(dirs, results, strict=True)}
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_sweep_dir_a_file_is_in_the_way_of_is_one_line_before_training(file_in_the_way,
+                                                                        inside):
+    sweep_dir, result = file_in_the_way[inside]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: sweep: sweep_dir={str(sweep_dir)!r} is invalid; expected a directory or a path "
