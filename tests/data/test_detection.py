@@ -281,15 +281,21 @@ def test_prepare_proposals_caches_both_splits(data_dir, monkeypatch):
     assert detection.prepare_proposals(_with_proposals(data_dir)) == paths
 
 
-def test_prepare_proposals_checks_every_split_before_computing_any(data_dir, monkeypatch):
-    """A bad eval split was reported only after the train split's selective search (minutes)."""
+def test_prepare_proposals_checks_every_split_before_computing_any(voc_dir, monkeypatch):
+    """A bad eval split was reported only after the train split's selective search (minutes).
+    On the mocked VOC's metadata (splits train, validation, test): generating shapes_multi for
+    this one check took ~15 s."""
     from cnnjax.data import proposals
 
     computed = []
     monkeypatch.setattr(proposals, "load_table",
                         lambda builder, split, spec: computed.append(split))
+    config = _voc_config(voc_dir, train_split="train", eval_split="test")
+    config.proposals.method = "selective_search"
+    detection.prepare_proposals(config)  # the splits exist: both are computed
+    assert computed == ["train", "test"]
+    computed.clear()
     with pytest.raises(ValueError, match=r"eval_split='bogus' is invalid"):
-        config = _with_proposals(data_dir)
         config.eval_split = "bogus"
         detection.prepare_proposals(config)
     assert computed == []
