@@ -42,6 +42,17 @@ def _empty_spatial(tree: Any) -> tuple | None:
     return None
 
 
+def _empty_input(module: nn.Module, args: tuple) -> tuple | None:
+    """The shape of a flax layer's (Dense, Conv, ...) input that holds examples but no
+    features (a 0 in a non-batch axis: pooling or flattening an already 1x1 map), else None."""
+    if not type(module).__module__.startswith("flax.linen") or not args:
+        return None
+    shape = getattr(args[0], "shape", None)
+    if shape is not None and len(shape) >= 2 and shape[0] > 0 and 0 in shape[1:]:
+        return tuple(shape)
+    return None
+
+
 class LayerWatcher:
     """Flax method interceptor (`nn.intercept_methods`): names the layer where the input gets too
     small or a call fails, as `LayerCallError`; the input-size check and `analysis.summary` use it.
@@ -60,6 +71,12 @@ class LayerWatcher:
         if context.method_name != "__call__":  # a helper method, e.g. a model's pooling stage
             kind += f".{context.method_name}"
         name = f"{_layer_name(context.module)} ({kind})"
+        empty = _empty_input(context.module, args)
+        if empty is not None:  # jax 0.10 fails inside such a layer, jax 0.11 runs it on nothing
+            detail = f"its input has shape {empty}, no features"
+            if self.last is not None and self.last[0] != name:
+                detail += f"; the input came from layer {self.last[0]}, shape {self.last[1]}"
+            raise LayerCallError(name, detail)
         try:
             out = next_fun(*args, **kwargs)
         except LayerCallError:

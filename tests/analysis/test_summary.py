@@ -367,8 +367,8 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
         # A failure inside the model names the layer (it was a bare ZeroDivisionError from
         # Dense's initializer on 0 features, or from a Conv given a rank-3 input).
         ({"input_shape": (4, 4, 3)}, r"^summary: input_shape=\(4, 4, 3\) is invalid; in VGGLike, "
-         r"layer fc \(Dense\) fails \(ZeroDivisionError.*from layer conv3_3 \(Conv\), shape "
-         r"\(1, 1, 1, 64\)"),
+         r"layer fc \(Dense\) fails \(its input has shape \(1, 0\), no features; the input came "
+         r"from layer conv3_3 \(Conv\), shape \(1, 1, 1, 64\)"),
         ({"input_shape": (32, 3)}, r"^summary: input_shape=\(32, 3\) is invalid; in VGGLike, "
          r"layer conv2_1 \(Conv\) fails"),
         # A keyword the model does not take (was flax's TypeError) or a dtype that is no float.
