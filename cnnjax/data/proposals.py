@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -35,69 +34,24 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from cnnjax.data.spec import default_proposals_config as default_proposals_config
-from cnnjax.detection.selective_search import check_settings, selective_search
+from cnnjax.data.spec import (  # noqa: F401 — the proposal settings live in spec.py
+    DEFAULT_MAX_PROPOSALS,
+    FIELDS,
+    MAX_PROPOSALS_LIMIT,
+    METHODS,
+    ProposalSpec,
+    default_proposals_config,
+    proposal_spec,
+)
+from cnnjax.detection.selective_search import selective_search
 from cnnjax.utils.files import atomic_file
-from cnnjax.utils.validation import check_choice, check_positive_int, invalid
 
-_OWNER = "data.proposals"
-METHODS = ("selective_search",)
-DEFAULT_MAX_PROPOSALS = 256
-MAX_PROPOSALS_LIMIT = 10_000
-FIELDS = ("method", "strategy", "scale", "max_proposals")
 #: Bumped whenever the boxes one setting produces change, so older caches are recomputed.
 #: 1: caches without a record; 2: selective_search maps boxes back by cv2.resize's rounded
 #: factors (7e2cdb4; version 1's boxes were off by up to half a resized pixel).
 ALGORITHM_VERSION = 2
 _RECOMPUTE = ("recomputing it (to do so ahead of a multi-process job: python -m "
               "experiments.proposals --config=<the experiment's config>)")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProposalSpec:
-    """A checked `data.proposals` with its defaults filled in."""
-
-    method: str
-    strategy: str
-    scale: float
-    max_proposals: int
-
-    def cache_path(self, builder: Any, split: str) -> str:
-        """`<data dir>/proposals/<split>-<settings>.npz`; a split string with characters a file
-        name cannot hold (a slice such as `train[:90%]`) gets a hash of its exact text, so
-        `train[:90%]` and `train[90%:]` never share a file."""
-        split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
-        if split_name != split:
-            split_name += "-" + hashlib.sha1(split.encode()).hexdigest()[:8]
-        name = (f"{split_name}-{self.method}-{self.strategy}-x{self.scale:.10g}"
-                f"-max{self.max_proposals}.npz")
-        return os.path.join(builder.data_dir, "proposals", name)
-
-
-def proposal_spec(config: Any) -> ProposalSpec | None:
-    """The `ProposalSpec` of a `data.proposals` config (a ConfigDict or mapping), None when
-    `method` is unset; a ValueError naming the field otherwise."""
-    if config is None:
-        return None
-    fields = dict(config.items()) if hasattr(config, "items") else None
-    if fields is None:
-        raise invalid(_OWNER, "config", config,
-                      "expected a ConfigDict with method, strategy, scale, max_proposals")
-    for name in fields:
-        check_choice(_OWNER, "field", name, list(FIELDS))
-    if fields.get("method") is None:
-        return None
-    check_choice(_OWNER, "method", fields["method"], METHODS)
-    unset = {"strategy": "fast", "scale": 1.0, "max_proposals": DEFAULT_MAX_PROPOSALS}
-    strategy, scale, max_proposals = (
-        unset[name] if fields.get(name) is None else fields[name] for name in unset)
-    check_settings(_OWNER, strategy, scale)
-    max_proposals = check_positive_int(_OWNER, "max_proposals", max_proposals)
-    if max_proposals > MAX_PROPOSALS_LIMIT:
-        raise invalid(_OWNER, "max_proposals", max_proposals,
-                      f"expected at most {MAX_PROPOSALS_LIMIT:,} (R-CNN uses ~2,000; the cache "
-                      "holds max_proposals boxes per image)")
-    return ProposalSpec(fields["method"], strategy, float(scale), max_proposals)
 
 
 @dataclasses.dataclass(frozen=True)

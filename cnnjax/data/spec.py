@@ -7,6 +7,9 @@ and `segmentation` resolve their configs here, and the sources and transforms re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import re
 from typing import Any
 
 import ml_collections
@@ -14,7 +17,14 @@ import numpy as np
 from ml_collections import config_dict
 
 from cnnjax.data import presets
-from cnnjax.utils.validation import check_choice, check_number, invalid, is_integer
+from cnnjax.detection.selective_search import check_settings
+from cnnjax.utils.validation import (
+    check_choice,
+    check_number,
+    check_positive_int,
+    invalid,
+    is_integer,
+)
 
 _OWNER = "data"
 
@@ -247,3 +257,61 @@ def resolve(data_config: Any) -> Spec:
         fake_num_train=int(cfg["fake_num_train"]),
         fake_num_eval=int(cfg["fake_num_eval"]),
     )
+
+
+# ---------------------------------------------------------------------------- proposals
+# The checked `data.proposals` settings, here (TensorFlow-free) so that `check_config` can
+# validate them without importing cnnjax.data.proposals and TensorFlow.
+
+_PROPOSALS_OWNER = "data.proposals"
+METHODS = ("selective_search",)
+DEFAULT_MAX_PROPOSALS = 256
+MAX_PROPOSALS_LIMIT = 10_000
+FIELDS = ("method", "strategy", "scale", "max_proposals")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalSpec:
+    """A checked `data.proposals` with its defaults filled in."""
+
+    method: str
+    strategy: str
+    scale: float
+    max_proposals: int
+
+    def cache_path(self, builder: Any, split: str) -> str:
+        """`<data dir>/proposals/<split>-<settings>.npz`; a split string with characters a file
+        name cannot hold (a slice such as `train[:90%]`) gets a hash of its exact text, so
+        `train[:90%]` and `train[90%:]` never share a file."""
+        split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
+        if split_name != split:
+            split_name += "-" + hashlib.sha1(split.encode()).hexdigest()[:8]
+        name = (f"{split_name}-{self.method}-{self.strategy}-x{self.scale:.10g}"
+                f"-max{self.max_proposals}.npz")
+        return os.path.join(builder.data_dir, "proposals", name)
+
+
+def proposal_spec(config: Any) -> ProposalSpec | None:
+    """The `ProposalSpec` of a `data.proposals` config (a ConfigDict or mapping), None when
+    `method` is unset; a ValueError naming the field otherwise."""
+    if config is None:
+        return None
+    fields = dict(config.items()) if hasattr(config, "items") else None
+    if fields is None:
+        raise invalid(_PROPOSALS_OWNER, "config", config,
+                      "expected a ConfigDict with method, strategy, scale, max_proposals")
+    for name in fields:
+        check_choice(_PROPOSALS_OWNER, "field", name, list(FIELDS))
+    if fields.get("method") is None:
+        return None
+    check_choice(_PROPOSALS_OWNER, "method", fields["method"], METHODS)
+    unset = {"strategy": "fast", "scale": 1.0, "max_proposals": DEFAULT_MAX_PROPOSALS}
+    strategy, scale, max_proposals = (
+        unset[name] if fields.get(name) is None else fields[name] for name in unset)
+    check_settings(_PROPOSALS_OWNER, strategy, scale)
+    max_proposals = check_positive_int(_PROPOSALS_OWNER, "max_proposals", max_proposals)
+    if max_proposals > MAX_PROPOSALS_LIMIT:
+        raise invalid(_PROPOSALS_OWNER, "max_proposals", max_proposals,
+                      f"expected at most {MAX_PROPOSALS_LIMIT:,} (R-CNN uses ~2,000; the cache "
+                      "holds max_proposals boxes per image)")
+    return ProposalSpec(fields["method"], strategy, float(scale), max_proposals)

@@ -606,7 +606,7 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     image_shape = tuple(data_info.image_shape)
     checks.check_input_size(model, config.model, image_shape, info.min_input_size)
     if task == "detection":
-        from cnnjax.data.proposals import proposal_spec
+        from cnnjax.data.spec import proposal_spec
 
         checks.check_external_proposals(model, config.model,
                                         proposal_spec(config.data.get("proposals")))
