@@ -129,8 +129,15 @@ class DataParallel:
         return jax.tree.map(local, outputs)
 
     def metrics_to_host(self, metrics: Any) -> Any:
-        """Host numpy metrics (identical on all devices after the collectives)."""
-        return self.unreplicate(metrics)
+        """Host numpy metrics (identical on all devices after the collectives): device 0's
+        shard of each, read directly; pmap's `x[0]` dispatched an indexing op per metric, about
+        0.6 ms a step on CPU. (Metrics are fresh outputs, never donated, so reading the shard
+        itself is safe.)"""
+        def first(x):
+            shape = x.shape[1:] if self.mode == "pmap" else x.shape
+            return np.asarray(x.addressable_data(0)).reshape(shape)
+
+        return jax.tree.map(first, metrics)
 
 
 def _squeeze_batch(fn: Callable) -> Callable:
