@@ -58,7 +58,7 @@ from cnnjax.analysis.receptive_field import (
     to_receptive_field,
     with_counts,
 )
-from cnnjax.analysis.trace import LayerFailureError, Trace, trace_model
+from cnnjax.analysis.trace import Trace, trace_model
 from cnnjax.utils.validation import check_float_dtype, check_positive_int, invalid, is_integer
 
 ANCHORS = frozenset({"conv_general_dilated", "dot_general", *WINDOW_REDUCTIONS})
@@ -561,9 +561,11 @@ def summary(
     check_float_dtype(owner, "dtype", dtype, allow_none=False)
     _check_call_kwargs(owner, model, call_kwargs)
     shape = tuple(int(s) for s in shape)
+    from cnnjax.train.checks import LayerCallError  # trace_model imports it too: no extra cost
+
     try:
         trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
-    except LayerFailureError as err:
+    except LayerCallError as err:
         raise invalid(owner, "input_shape", shape, f"in {type(model).__name__}, {err}; a larger "
                       "input, another rank or other model settings may be needed") from None
     grouper = _Grouper(trace, len(shape) - 1)

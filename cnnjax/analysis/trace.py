@@ -389,27 +389,14 @@ class _Flattener:
         return None
 
 
-class LayerFailureError(Exception):
-    """`model.init` failed on the traced input: `layer` is the innermost module call that raised
-    (or whose output has an empty spatial axis), `detail` what went wrong there."""
-
-    def __init__(self, layer: str, detail: str):
-        super().__init__(f"layer {layer} fails ({detail})")
-        self.layer = layer
-        self.detail = detail
-
-
 def _init_shapes(model: nn.Module, x: Any, rngs: dict[str, Any],
                  call_kwargs: dict[str, Any]) -> Any:
     """The variables' shapes, from an abstract `model.init` watched by the input-size check's
     interceptor, so a failure names its layer rather than surfacing from deep inside Flax/lax."""
-    from cnnjax.train.checks import LayerCallError, LayerWatcher
+    from cnnjax.train.checks import LayerWatcher
 
-    try:
-        with nn.intercept_methods(LayerWatcher()):
-            return jax.eval_shape(lambda x: model.init(rngs, x, **call_kwargs), x)
-    except LayerCallError as err:
-        raise LayerFailureError(err.layer, err.detail) from err.__cause__
+    with nn.intercept_methods(LayerWatcher()):
+        return jax.eval_shape(lambda x: model.init(rngs, x, **call_kwargs), x)
 
 
 def trace_model(
@@ -423,7 +410,8 @@ def trace_model(
     """Traces `model.apply` on an abstract `[batch_size, *input_shape]` input (nothing is computed;
     parameters are only shape-evaluated). An enclosing `conv_impl` block is suspended
     (`xla_convolutions`): the trace describes the network's convolutions, not their lowering.
-    Raises `LayerFailureError` naming the layer where `model.init` fails on this input."""
+    Raises `cnnjax.train.checks.LayerCallError` naming the layer where `model.init` fails on
+    this input."""
     x = jax.ShapeDtypeStruct((batch_size, *input_shape), dtype)
     user_rngs = call_kwargs.pop("rngs", None) or {}
     streams = {"params", "dropout", *user_rngs}

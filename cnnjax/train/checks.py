@@ -21,10 +21,10 @@ from cnnjax.utils.validation import invalid
 
 class LayerCallError(Exception):
     """Raised by `LayerWatcher`: the innermost layer whose call failed (or whose output has an
-    empty spatial axis) and what went wrong there."""
+    empty spatial axis) and what went wrong there; the message reads "layer L fails (detail)"."""
 
     def __init__(self, layer: str, detail: str):
-        super().__init__(layer, detail)
+        super().__init__(f"layer {layer} fails ({detail})")
         self.layer = layer
         self.detail = detail
 
