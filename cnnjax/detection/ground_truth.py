@@ -1,11 +1,14 @@
 """The ground truth a detector's `loss` takes, checked once for every detector (R-CNN family,
 YOLO): `[N, G, 4]` `(x1, y1, x2, y2)` boxes in pixels of the `N` images, `[N, G]` integer labels
-and `[N, G]` bool validity (padding rows may hold anything)."""
+and `[N, G]` bool validity (padding rows may hold anything). Every valid box must have an area:
+as in torchvision's detectors, since its IoU with every anchor, RoI or prediction is 0 (the R-CNN
+family matched it to nothing; YOLO trained its cell's confidence towards 0)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,9 +22,10 @@ def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Ar
                        gt_valid: Array, num_classes: int) -> None:
     """A ValueError naming `owner` unless the ground truth fits the `N` images: `[N, G, 4]`
     boxes, `[N, G]` integer labels and bool validity; when concrete, every valid box finite with
-    x1 <= x2, y1 <= y2 and every valid label in `[0, num_classes)`. Shapes and dtypes are checked
+    x1 < x2, y1 < y2 and every valid label in `[0, num_classes)`. Shapes and dtypes are checked
     under jit too; otherwise a batch mismatch was JAX's vmap error, float labels were truncated
-    (1.7 -> class 1), -1 became background and `num_classes` a NaN loss."""
+    (1.7 -> class 1), -1 became background, `num_classes` a NaN loss and a box without area was
+    silently matched to nothing."""
     check_nhwc(owner, images)
     n = images.shape[0]
     boxes = tuple(jnp.shape(gt_boxes))
@@ -39,6 +43,7 @@ def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Ar
     if valid_dtype != np.bool_:
         raise invalid(owner, "gt_valid.dtype", str(valid_dtype), "expected a bool array")
     check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
+    _check_positive_area(owner, gt_boxes, gt_valid)
     labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)
     if labels is not None and valid is not None:
         bad = np.argwhere(valid & ((labels < 0) | (labels >= num_classes)))
@@ -46,3 +51,21 @@ def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Ar
             i, j = (int(k) for k in bad[0])
             raise invalid(owner, f"gt_labels[{i}, {j}]", int(labels[i, j]),
                           f"expected a class in [0, {num_classes}) (num_classes={num_classes})")
+
+
+def _check_positive_area(owner: str, gt_boxes: Array, gt_valid: Array) -> None:
+    """When both are concrete, a ValueError naming the first valid box (image, row) of zero width
+    or height, compared in the dtype the model computes in (float64 boxes become float32)."""
+    boxes, valid = concrete_value(gt_boxes), concrete_value(gt_valid)
+    if boxes is None or valid is None:
+        return
+    boxes = np.asarray(boxes, jax.dtypes.canonicalize_dtype(boxes.dtype))
+    flat = np.asarray(valid, bool) & ((boxes[..., 2] <= boxes[..., 0])
+                                      | (boxes[..., 3] <= boxes[..., 1]))
+    if flat.any():
+        i, j = (int(k) for k in np.argwhere(flat)[0])
+        raise invalid(owner, f"gt_boxes[{i}, {j}]", np.asarray(boxes[i, j], float).tolist(),
+                      f"expected a positive width and height (x1 < x2 and y1 < y2), as "
+                      f"torchvision's detectors require: a box without area has IoU 0 with every "
+                      f"anchor, RoI or prediction, so nothing can match it; drop image {i}'s box "
+                      f"{j} or set gt_valid[{i}, {j}] False")

@@ -56,6 +56,13 @@ BAD_GROUND_TRUTH = [
     pytest.param((np.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 0, 10, np.nan], [0] * 4]]),
                   None, None), "gt_boxes[1, 0]=[0.0, 0.0, 10.0, nan] is invalid; expected "
                  "finite coordinates.", id="nan-box"),
+    # torchvision refuses these too; they were accepted and matched to nothing
+    pytest.param((np.array([[[4.0, 4, 20, 20], [30, 30, 50, 60]], [[0, 5, 10, 5], [0] * 4]]),
+                  None, None), "gt_boxes[1, 0]=[0.0, 5.0, 10.0, 5.0] is invalid; expected a "
+                 "positive width and height (x1 < x2 and y1 < y2)", id="zero-height"),
+    pytest.param((np.array([[[4.0, 4, 20, 20], [30, 30, 30, 60]], [[0, 0, 10, 10], [0] * 4]]),
+                  None, None), "gt_boxes[0, 1]=[30.0, 30.0, 30.0, 60.0] is invalid; expected a "
+                 "positive width and height", id="zero-width"),
 ]
 
 

@@ -226,6 +226,24 @@ def test_loss_refuses_mismatched_ground_truth(small, n, labels, valid, message):
     assert str(err.value).startswith(message)
 
 
+def test_loss_refuses_a_valid_box_without_area(small):
+    """As torchvision's detectors do: a zero-width box was accepted, its cell trained towards an
+    object whose confidence target (the IoU) is always 0. As padding (`gt_valid` False): fine."""
+    model, variables, x = small
+    boxes = np.array([[[4.0, 4, 20, 20]], [[10, 0, 10, 10]]])
+    labels = np.array([[1], [0]])
+    with pytest.raises(ValueError) as err:
+        model.apply(variables, x, boxes, labels, np.ones((2, 1), bool), method="loss",
+                    mutable=["batch_stats"])
+    assert str(err.value).startswith(
+        "YOLOv1.loss: gt_boxes[1, 0]=[10.0, 0.0, 10.0, 10.0] is invalid; expected a positive "
+        "width and height (x1 < x2 and y1 < y2)")
+    (loss, _), _ = jax.eval_shape(lambda v, x: model.apply(
+        v, x, boxes, labels, np.array([[True], [False]]), method="loss", mutable=["batch_stats"]),
+        variables, x)
+    assert loss.shape == ()
+
+
 def test_a_batch_of_no_images_gives_no_rows_of_outputs():
     """`x.reshape(0, -1)` is ambiguous: a batch of 0 failed with a ZeroDivisionError from inside
     JAX, where the other detectors and segmenters return an empty batch."""
