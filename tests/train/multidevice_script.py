@@ -94,6 +94,34 @@ def run_loop(tmp: str, **overrides) -> dict:
     return train_and_evaluate(config, os.path.join(tmp, name))
 
 
+def run_resumed_loop(tmp: str, first_devices: int, then_devices: int) -> dict:
+    """A `shard_map` run that dies after its step-6 checkpoint on `first_devices` devices, then
+    is run again to its end on `then_devices` (a requeued job landing on another machine)."""
+    import cnnjax.data
+    from cnnjax.train.loop import train_and_evaluate
+
+    module = helpers.fake_pipeline_module()
+    sys.modules["cnnjax.data.pipeline"] = module
+    cnnjax.data.pipeline = module
+    workdir = os.path.join(tmp, f"resume_{first_devices}to{then_devices}")
+
+    def config(num_devices: int):
+        return helpers.tiny_config(eval_every_steps=12, checkpoint_every_steps=6,
+                                   num_devices=num_devices, parallel="shard_map")
+
+    original = module.train_batches
+    module.train_batches = helpers.crashing_batches(original, 9)
+    try:
+        train_and_evaluate(config(first_devices), workdir)
+    except helpers.SimulatedCrashError:
+        pass
+    else:
+        raise AssertionError("the first run was meant to die at step 9")
+    finally:
+        module.train_batches = original
+    return train_and_evaluate(config(then_devices), workdir)
+
+
 def run_detection_loop(tmp: str, **overrides) -> dict:
     """A whole detection run (YOLO, in-memory boxes, padded eval split, mAP on the host)."""
     import types
@@ -152,6 +180,7 @@ def main():
         loop_one = run_loop(tmp, num_devices=1)
         loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
         loop_four_pmap = run_loop(tmp, num_devices=4)
+        resumed = [run_resumed_loop(tmp, 4, 1), run_resumed_loop(tmp, 1, 4)]
         ema_one = run_loop(tmp, num_devices=1, **{"ema.decay": 0.9})
         ema_four = run_loop(tmp, num_devices=4, **{"ema.decay": 0.9})
         accum_error = loop_error(tmp, grad_accum_steps=8)
@@ -213,6 +242,10 @@ def main():
                     loop_four["final_eval"]["num_examples"],
                 ],
                 "loop_num_devices": [loop_one["num_devices"], loop_four["num_devices"]],
+                "resumed_eval_loss_vs_1": [abs(r["final_eval"]["loss"]
+                                               - loop_one["final_eval"]["loss"])
+                                           for r in resumed],
+                "resumed_from": [[r["resumed_from_step"], r["device_counts"]] for r in resumed],
                 "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
                 "detection_eval": [
                     [r["final_eval"][k] for k in ("map50", "map", "num_examples")]

@@ -70,6 +70,14 @@ def test_whole_run_on_four_devices_matches_one(diffs):
     assert len(set(diffs["loop_eval_top1"])) == 1
 
 
+def test_a_shard_map_run_resumes_on_another_device_count(diffs):
+    """shard_map runs checkpointed at step 6 on 4 devices resume on 1, and on 1 resume on 4: the
+    data order continues and BatchNorm is synced, so each ends as an uninterrupted 1-device run
+    does, and summary.json records both counts."""
+    assert diffs["resumed_from"] == [[6, [4, 1]], [6, [1, 4]]]
+    assert max(diffs["resumed_eval_loss_vs_1"]) < 1e-4
+
+
 def test_the_weight_average_is_the_same_on_four_devices(diffs):
     """config.ema on 4 devices: the averaged model evaluates as on 1 device (and is not simply
     the trained weights)."""
