@@ -90,6 +90,8 @@ def rpn_proposals(
                           low=0.0, high=1.0)
     size = check_number(owner, "min_size", min_size, "expected a finite number >= 0", low=0.0,
                         high_open=True)
+    if not hasattr(image_size, "shape"):  # Python numbers; an array (per image) is trusted
+        check_min_size_fits(owner, "min_size", size, (height, width))
     coder = check_box_weights(owner, "weights", weights)
     clamp = check_scale_clamp(owner, scale_clamp)
     # Concrete anchors (anchor_grid's) with x2 <= x1 would decode to no box or zero-size ones.
@@ -98,6 +100,18 @@ def rpn_proposals(
     size_hw = jnp.stack([jnp.asarray(height, dtype), jnp.asarray(width, dtype)])
     return _proposals(objectness.astype(dtype), deltas.astype(dtype), anchors.astype(dtype),
                       size_hw, min(pre, count), post, thresh, size, coder, clamp)
+
+
+def check_min_size_fits(owner: str, arg: str, min_size: float,
+                        image_size: tuple[float, float]) -> None:
+    """Raises unless `min_size` <= the `(height, width)` image's shorter side: proposals are
+    clipped to the image, so a larger one would drop every proposal (silently, before)."""
+    height, width = image_size
+    if min_size > min(height, width):
+        raise invalid(owner, arg, min_size,
+                      f"expected at most {min(height, width)!r}, the shorter side of the "
+                      f"{height!r}x{width!r} (height x width) image: proposals are clipped to the "
+                      f"image, so every one would be dropped")
 
 
 @partial(jax.jit, static_argnames=("pre", "post", "thresh", "min_size", "weights", "clamp"))

@@ -48,7 +48,7 @@ from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
-from cnnjax.detection.proposals import rpn_proposals
+from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.roi import check_valid_boxes, roi_align
 from cnnjax.models.registry import check_train, register_model
@@ -310,6 +310,8 @@ class FasterRCNN(nn.Module):
             raise invalid(type(self).__name__, "input.shape", tuple(images.shape),
                           f"expected height and width >= {self.stride} (the backbone's stride, "
                           f"2**len(backbone_stages))")
+        check_min_size_fits(type(self).__name__, "rpn_min_size", self.rpn_min_size,
+                            tuple(images.shape[1:3]))
         x = jnp.asarray(images, self.dtype)
         features = self.backbone(x, train)[f"block{len(self.backbone_stages)}"]
         n, h, w, _ = features.shape

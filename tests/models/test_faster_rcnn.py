@@ -294,6 +294,21 @@ def test_refuses_images_below_the_stride():
         jax.eval_shape(lambda x: FasterRCNN(num_classes=4).init(jax.random.key(0), x), x)
 
 
+def test_refuses_rpn_min_size_beyond_the_image():
+    """Proposals are clipped to the image, so every one was dropped silently (0 of 64 valid: no
+    detection); at the shorter side exactly, a box of the whole image may survive."""
+    x = jax.ShapeDtypeStruct((1, 48, 40, 3), jnp.float32)
+    with pytest.raises(ValueError) as err:
+        jax.eval_shape(lambda x: FasterRCNN(num_classes=4, rpn_min_size=40.5).init(
+            jax.random.key(0), x), x)
+    assert str(err.value) == (
+        "FasterRCNN: rpn_min_size=40.5 is invalid; expected at most 40, the shorter side of the "
+        "48x40 (height x width) image: proposals are clipped to the image, so every one would be "
+        "dropped.")
+    jax.eval_shape(lambda x: FasterRCNN(num_classes=4, rpn_min_size=40).init(
+        jax.random.key(0), x), x)
+
+
 @pytest.mark.parametrize("seed, score_threshold, nms_iou, k, outside", [
     (0, 0.05, 0.5, 20, False), (1, 0.3, 0.5, 5, False), (2, 0.05, 0.3, 100, False),
     (3, 0.05, 0.5, 100, True),
