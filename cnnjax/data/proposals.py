@@ -9,12 +9,13 @@ beside the prepared dataset:
 
 holding each example's `tfds_id`, its boxes normalized like tfds' `bbox` (`[ymin, xmin, ymax,
 xmax]` in [0, 1], so resizing and flipping treat them as the ground truth) padded to `P` rows,
-and their count, plus a JSON `record` of what produced them (`ALGORITHM_VERSION`, the settings,
-the split, the dataset and its version). `cnnjax.data.detection` joins them to the examples by
-`tfds_id`. A cache whose record differs from the current one (or that has none: written before
-records existed) is stale: it is recomputed, with a warning that names the difference. The cache
-is written atomically; concurrent processes each compute it and the last rename wins (same
-content).
+and their count, plus a JSON `record` of what produced them (`ALGORITHM_VERSION`, the OpenCV
+version, the settings, the split, the dataset and its version). `cnnjax.data.detection` joins
+them to the examples by `tfds_id`. A cache whose record differs from the current one (or that
+has none: written before records existed, or before they held the OpenCV version) is stale: it
+is recomputed, with a warning that names the difference. Where OpenCV is not installed (nothing
+could recompute it), a cache is used whatever OpenCV made it. The cache is written atomically;
+concurrent processes each compute it and the last rename wins (same content).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from cnnjax.data.spec import (  # noqa: F401 — the proposal settings live in s
     default_proposals_config,
     proposal_spec,
 )
-from cnnjax.detection.selective_search import selective_search
+from cnnjax.detection.selective_search import opencv_version, selective_search
 from cnnjax.utils.files import atomic_file
 
 #: Bumped whenever the boxes one setting produces change, so older caches are recomputed.
@@ -113,14 +114,15 @@ def compute_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable
 def cache_record(builder: Any, split: str, spec: ProposalSpec) -> dict[str, Any]:
     """What a cache of `split` computed with `spec` records of its making (JSON-safe)."""
     version = getattr(builder, "version", None)
-    return {"algorithm_version": ALGORITHM_VERSION, "split": split,
+    return {"algorithm_version": ALGORITHM_VERSION, "opencv_version": opencv_version(),
+            "split": split,
             "dataset": getattr(builder, "name", None),
             "dataset_version": None if version is None else str(version),
             **dataclasses.asdict(spec)}
 
 
 class StaleCacheError(ValueError):
-    """A readable cache made by another algorithm version, setting, split or dataset."""
+    """A readable cache made by another algorithm version, OpenCV, setting, split or dataset."""
 
 
 def _check_record(found: Any, expected: dict[str, Any]) -> None:
@@ -131,15 +133,18 @@ def _check_record(found: Any, expected: dict[str, Any]) -> None:
             f"before version {ALGORITHM_VERSION}'s fix of its boxes")
     if found.get("split") != expected["split"]:
         raise StaleCacheError(f"it holds the proposals of split {found.get('split')!r}")
+    # Without OpenCV here (None) the cache cannot be recomputed, so any OpenCV's is used.
     differ = [f"{name}={found.get(name)!r} (now {value!r})"
-              for name, value in expected.items() if found.get(name) != value]
+              for name, value in expected.items() if found.get(name) != value
+              and not (name == "opencv_version" and value is None)]
     if differ:
         raise StaleCacheError("it was computed with " + ", ".join(differ))
 
 
 def _read_cache(path: str, expected: dict[str, Any]) -> ProposalTable | None:
     """The table cached at `path` if its record is `expected`; None (with a warning) for a file
-    that is unreadable (a partial copy) or stale (another version, setting, split or dataset)."""
+    that is unreadable (a partial copy) or stale (another version, OpenCV, setting, split or
+    dataset)."""
     try:
         with np.load(path) as cached:
             record = json.loads(str(cached["record"])) if "record" in cached else None

@@ -38,6 +38,16 @@ def _cv2() -> Any:
     return cv2
 
 
+def opencv_version() -> str | None:
+    """The version of the OpenCV `selective_search` runs on (`cv2.__version__`; its boxes
+    depend on it), None where OpenCV is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return str(cv2.__version__)
+
+
 def check_settings(owner: str, strategy: Any, scale: Any) -> None:
     """A ValueError naming `owner` unless `strategy` is one of STRATEGIES and `scale` in
     [0.25, 8]."""

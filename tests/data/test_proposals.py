@@ -6,6 +6,7 @@ import os
 import re
 import types
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -202,6 +203,41 @@ def test_a_cache_of_another_version_or_setting_is_stale(counted, caplog, monkeyp
     assert calls == ["train", "train", "train"]
     assert "dataset_version='1.0.0' (now '1.0.1')" in caplog.text
     assert os.path.exists(path)
+
+
+def _rewrite_record(path: str, **changes: object) -> None:
+    """The cache at `path` with its record's fields changed (None: removed)."""
+    with np.load(path) as cached:
+        arrays = dict(cached)
+    record = json.loads(str(arrays["record"]))
+    record.update(changes)
+    record = {k: v for k, v in record.items() if v is not None}
+    np.savez(path, **arrays | {"record": np.asarray(json.dumps(record))})
+
+
+def test_a_cache_of_another_opencv_is_stale(counted, caplog, monkeypatch):
+    """Selective search's boxes are OpenCV's: a cache made with another OpenCV (or recorded
+    before the record held its version) was reused silently. Without OpenCV here nothing could
+    recompute it, so it is used."""
+    calls, builder, spec = counted
+    path = spec.cache_path(builder, "train")
+    pl.load_table(builder, "train", spec)
+    now = pl.cache_record(builder, "train", spec)["opencv_version"]
+    assert now == cv2.__version__
+    _rewrite_record(path, opencv_version="4.5.0")
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train"]
+    assert f"it was computed with opencv_version='4.5.0' (now {now!r})" in caplog.text
+    _rewrite_record(path, opencv_version=None)  # written before the field existed
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train"] * 3
+    assert f"it was computed with opencv_version=None (now {now!r})" in caplog.text
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train"] * 3  # the rewritten cache is current
+    _rewrite_record(path, opencv_version="4.5.0")
+    monkeypatch.setattr(pl, "opencv_version", lambda: None)  # OpenCV not installed
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train"] * 3
 
 
 def test_a_stale_whole_split_table_does_not_serve_a_slice(counted, caplog):
