@@ -41,7 +41,7 @@ from cnnjax.detection.yolo import (
 )
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import check_train, register_model
 from cnnjax.models.vgg import check_dropout_rate, flatten
 from cnnjax.utils.validation import (
     check_nhwc,
@@ -149,6 +149,8 @@ class YOLOv1(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
+        # "False" is truthy: dropout and BatchNorm (batch statistics) would train
+        train = check_train(self, train, dropout_rate=self.dropout_rate)
         check_nhwc(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}
@@ -185,6 +187,7 @@ class YOLOv1(nn.Module):
         `gt_boxes` `[N, G, 4]` `(x1, y1, x2, y2)` pixels of `images`, `gt_labels` `[N, G]` in
         `[0, C)`, `gt_valid` `[N, G]` bool.
         """
+        train = check_train(self, train, dropout_rate=self.dropout_rate)
         check_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels, gt_valid,
                            self.num_classes)
         outputs = self(images, train=train)

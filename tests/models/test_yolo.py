@@ -1,6 +1,8 @@
 """YOLO v1 model: the paper's layer table and parameter count, the output layout the loss reads,
 decoding against a float64 loop, and the registry's detection tag."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,6 +244,30 @@ def test_loss_refuses_a_valid_box_without_area(small):
         v, x, boxes, labels, np.array([[True], [False]]), method="loss", mutable=["batch_stats"]),
         variables, x)
     assert loss.shape == ()
+
+
+def test_train_must_be_a_bool(small):
+    """train="False" is truthy: __call__ and loss ran BatchNorm on batch statistics (and dropout)
+    silently, `yolo_v1_small`'s outputs 1.6 from eval mode's; the R-CNN family refuses it."""
+    model, variables, x = small
+    message = re.escape("YOLOv1: train='False' is invalid; expected True or False.")
+    with pytest.raises(ValueError, match=message):
+        model.apply(variables, x, "False", mutable=["batch_stats"])
+    with pytest.raises(ValueError, match=message):
+        model.apply(variables, x, np.zeros((2, 0, 4)), np.zeros((2, 0), int),
+                    np.zeros((2, 0), bool), "False", method="loss", mutable=["batch_stats"])
+
+
+def test_training_without_a_dropout_key_names_the_rate():
+    """Was flax's InvalidRngError from inside the Dropout layer, naming neither model nor rate."""
+    model = create_model("yolo_v1_small", dropout_rate=0.5)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    with pytest.raises(ValueError, match=re.escape(
+            "YOLOv1: train=True is invalid; dropout_rate=0.5 draws random masks in training: pass "
+            "rngs={'dropout': key} to apply, or train=False.")):
+        jax.eval_shape(lambda v, x: model.apply(v, x, True, mutable=["batch_stats"]),
+                       variables, x)
 
 
 def test_a_batch_of_no_images_gives_no_rows_of_outputs():
