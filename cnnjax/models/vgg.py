@@ -1,4 +1,5 @@
-"""VGG-11/13/16/19 (Simonyan & Zisserman 2015, configurations A/B/D/E), with and without BatchNorm.
+"""VGG-11/13/16/19 (Simonyan & Zisserman 2015, configurations A/B/D/E), with and without BatchNorm,
+and the paper's two other configurations, A-LRN (`vgg11_lrn`) and C (`vgg16_c`).
 
 Layout and parameterization follow torchvision, so the parameter counts match exactly
 (vgg11 132,863,336; vgg13 133,047,848; vgg16 138,357,544; vgg19 143,667,240; vgg16_bn
@@ -9,10 +10,18 @@ fc7 4096 + ReLU + dropout, and the linear `head`. The `_bn` variants put a Batch
 convolution and its ReLU and keep the convolution bias (as torchvision does); BatchNorm running
 statistics are state (`batch_stats`), not parameters.
 
+The paper's Table 1 has two more columns, which torchvision leaves out: A-LRN (`vgg11_lrn`) is A
+with AlexNet's local response normalization after the first convolution's ReLU (the paper found it
+did not help: Table 3, 10.5% top-5 error against A's 10.4%); C (`vgg16_c`) is B with a 1x1
+convolution closing blocks 3, 4 and 5 (conv1-256, conv1-512, conv1-512). Table 2 rounds their
+parameter counts to 133M (A-LRN: the LRN has none, so it is A's 132,863,336) and 134M (C:
+133,638,952).
+
 Parameter names (stable: FCN and weight converters rely on them):
 
-- `features/conv{b}_{i}`: the i-th 3x3 convolution of block b (Caffe's names, conv1_1 .. conv5_3);
-  `features/bn{b}_{i}` its BatchNorm in the `_bn` variants.
+- `features/conv{b}_{i}`: the i-th convolution of block b (Caffe's names, conv1_1 .. conv5_3; C's
+  1x1 convolutions are conv3_3, conv4_3 and conv5_3); `features/bn{b}_{i}` its BatchNorm in the
+  `_bn` variants. The LRN has no parameters: A's variables load into A-LRN unchanged.
 - `fc6`: Dense 7*7*512 -> 4096. Its kernel rows index the flattened NHWC map in (h, w, c) order,
   so `params["fc6"]["kernel"].reshape(7, 7, 512, 4096)` is the equivalent 7x7 convolution kernel
   (the "convolutionalized" fc6 of FCN, Long et al. 2015).
@@ -40,9 +49,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import check_train, register_model
-from cnnjax.utils.validation import check_nhwc_nonempty, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_nhwc_nonempty,
+    check_positive_int,
+    invalid,
+)
 
 Array = Any
 
@@ -56,6 +71,10 @@ VGG_CONFIGS: dict[int, tuple[tuple[int, ...], ...]] = {
     16: ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
     19: ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
 }
+
+#: Kernel sizes of configuration C's convolutions (its widths are `VGG_CONFIGS[16]`): B's 3x3
+#: convolutions and a 1x1 one closing blocks 3, 4 and 5 (paper Table 1, conv1-256/512/512).
+VGG_C_KERNEL_SIZES: tuple[tuple[int, ...], ...] = ((3, 3), (3, 3), (3, 3, 1), (3, 3, 1), (3, 3, 1))
 
 #: torchvision's initializers: He-normal (fan-out) for convolutions, N(0, 0.01) for dense layers.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -90,20 +109,48 @@ def check_stages(owner: str, stages: Any, arg: str = "stages") -> None:
                       "expected a non-empty sequence of non-empty sequences of positive ints")
 
 
+def check_kernel_sizes(owner: str, stages: Sequence[Sequence[int]], kernel_sizes: Any) -> None:
+    """Raises unless `kernel_sizes` is None or, like `stages`, one sequence per block with one
+    positive odd int per convolution (odd, so "same" padding keeps the map size)."""
+    if kernel_sizes is None:
+        return
+    try:
+        ok = len(kernel_sizes) == len(stages) and all(
+            len(sizes) == len(block) and all(
+                isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2 == 1
+                for k in sizes)
+            for sizes, block in zip(kernel_sizes, stages, strict=False))
+    except TypeError:
+        ok = False
+    if not ok:
+        shape = tuple(len(block) for block in stages)
+        raise invalid(owner, "kernel_sizes", kernel_sizes,
+                      f"expected None or, like stages, {len(stages)} sequences of {shape} positive "
+                      "odd ints (one kernel size per convolution)")
+
+
 class VGGFeatures(nn.Module):
     """VGG's convolutional trunk: blocks of 3x3 conv (+ BN) + ReLU, each closed by a 2x2/s2 pool.
 
     Returns `{"block1": ..., "blockN": ...}`, the output of each block's pool (NHWC, `dtype`).
     Every block halves the resolution, so N blocks need an input of at least 2**N pixels a side.
+    `kernel_sizes` (same nesting as `stages`; None: all 3x3) sets each convolution's size, padded
+    by `k // 2` (configuration C's 1x1 convolutions); `lrn` adds AlexNet's local response
+    normalization after the first convolution's ReLU (configuration A-LRN).
     """
 
     stages: Sequence[Sequence[int]]
     batch_norm: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    kernel_sizes: Sequence[Sequence[int]] | None = None
+    lrn: bool = False
 
     def __post_init__(self) -> None:
-        check_stages(type(self).__name__, self.stages)
+        owner = type(self).__name__
+        check_stages(owner, self.stages)
+        check_kernel_sizes(owner, self.stages, self.kernel_sizes)
+        check_bool(owner, "lrn", self.lrn)
         super().__post_init__()
 
     @nn.compact
@@ -111,15 +158,18 @@ class VGGFeatures(nn.Module):
         check_nhwc_nonempty(type(self).__name__, x)
         x = jnp.asarray(x, self.dtype)
         outputs: dict[str, Array] = {}
-        for b, block in enumerate(self.stages, start=1):
-            for i, features in enumerate(block, start=1):
-                x = Conv2D(features, 3, padding=1, dtype=self.dtype,
+        kernel_sizes = self.kernel_sizes or [[3] * len(block) for block in self.stages]
+        for b, (block, sizes) in enumerate(zip(self.stages, kernel_sizes, strict=True), start=1):
+            for i, (features, k) in enumerate(zip(block, sizes, strict=True), start=1):
+                x = Conv2D(features, k, padding=k // 2, dtype=self.dtype,
                            kernel_init=conv_kernel_init, name=f"conv{b}_{i}")(x)
                 if self.batch_norm:
                     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                      dtype=self.dtype, axis_name=self.axis_name,
                                      name=f"bn{b}_{i}")(x)
                 x = nn.relu(x)
+                if self.lrn and b == i == 1:
+                    x = LocalResponseNorm(dtype=self.dtype, name="lrn1")(x)
             x = max_pool2d(x, 2, 2)
             outputs[f"block{b}"] = x
         return outputs
@@ -139,6 +189,9 @@ class VGG(nn.Module):
         parameter count to match).
       dtype: computation dtype (parameters stay float32); logits are returned in float32.
       axis_name: passed to every BatchNorm for cross-device statistics.
+      kernel_sizes: kernel size of every convolution, nested like `stages`; None: all 3x3
+        (`VGG_C_KERNEL_SIZES` for configuration C).
+      lrn: AlexNet's local response normalization after the first ReLU (configuration A-LRN).
     """
 
     stages: Sequence[Sequence[int]]
@@ -149,10 +202,14 @@ class VGG(nn.Module):
     pool_size: int | None = 7
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    kernel_sizes: Sequence[Sequence[int]] | None = None
+    lrn: bool = False
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_stages(owner, self.stages)
+        check_kernel_sizes(owner, self.stages, self.kernel_sizes)
+        check_bool(owner, "lrn", self.lrn)
         check_positive_int(owner, "num_classes", self.num_classes)
         check_positive_int(owner, "hidden_features", self.hidden_features)
         check_dropout_rate(owner, self.dropout_rate)
@@ -165,7 +222,8 @@ class VGG(nn.Module):
         check_nhwc_nonempty(type(self).__name__, x)
         train = check_train(self, train, dropout_rate=self.dropout_rate)
         features = VGGFeatures(stages=self.stages, batch_norm=self.batch_norm, dtype=self.dtype,
-                               axis_name=self.axis_name, name="features")(x, train)
+                               axis_name=self.axis_name, kernel_sizes=self.kernel_sizes,
+                               lrn=self.lrn, name="features")(x, train)
         x = features[f"block{len(self.stages)}"]
         if self.pool_size is not None:
             x = adaptive_avg_pool2d(x, self.pool_size)
@@ -179,11 +237,13 @@ class VGG(nn.Module):
         return (logits, features) if return_features else logits
 
 
-def _vgg(depth: int, batch_norm: bool, **kwargs: Any) -> VGG:
-    """VGG-`depth`: its name fixes `stages` and `batch_norm`, so passing either raises the
-    duplicate-keyword TypeError `create_model` reports as a `ModelArgumentError` (vgg16 with
-    VGG-11's stages would otherwise be a VGG-11 named vgg16)."""
-    return VGG(stages=VGG_CONFIGS[depth], batch_norm=batch_norm, **kwargs)
+def _vgg(depth: int, batch_norm: bool, kwargs: dict[str, Any],
+         kernel_sizes: tuple[tuple[int, ...], ...] | None = None, lrn: bool = False) -> VGG:
+    """VGG-`depth`: its name fixes `stages`, `batch_norm`, `kernel_sizes` and `lrn`, so passing
+    one in `kwargs` raises the duplicate-keyword TypeError `create_model` reports as a
+    `ModelArgumentError` (vgg16 with VGG-11's stages would otherwise be a VGG-11 named vgg16)."""
+    return VGG(stages=VGG_CONFIGS[depth], batch_norm=batch_norm, kernel_sizes=kernel_sizes,
+               lrn=lrn, **kwargs)
 
 
 _REGISTER = functools.partial(register_model, input_shape=(224, 224, 3), min_input_size=32,
@@ -193,46 +253,60 @@ _REGISTER = functools.partial(register_model, input_shape=(224, 224, 3), min_inp
 @_REGISTER("vgg11")
 def vgg11(**kwargs: Any) -> VGG:
     """VGG-11 (configuration A); 132,863,336 parameters at 1000 classes."""
-    return _vgg(11, False, **kwargs)
+    return _vgg(11, False, kwargs)
 
 
 @_REGISTER("vgg11_bn")
 def vgg11_bn(**kwargs: Any) -> VGG:
     """VGG-11 with BatchNorm; 132,868,840 parameters at 1000 classes."""
-    return _vgg(11, True, **kwargs)
+    return _vgg(11, True, kwargs)
+
+
+@_REGISTER("vgg11_lrn")
+def vgg11_lrn(**kwargs: Any) -> VGG:
+    """VGG-11 with LRN (configuration A-LRN): A with AlexNet's local response normalization (n=5,
+    k=2, alpha=1e-4, beta=0.75) after conv1_1's ReLU; A's 132,863,336 parameters (LRN has none)."""
+    return _vgg(11, False, kwargs, lrn=True)
 
 
 @_REGISTER("vgg13")
 def vgg13(**kwargs: Any) -> VGG:
     """VGG-13 (configuration B); 133,047,848 parameters at 1000 classes."""
-    return _vgg(13, False, **kwargs)
+    return _vgg(13, False, kwargs)
 
 
 @_REGISTER("vgg13_bn")
 def vgg13_bn(**kwargs: Any) -> VGG:
     """VGG-13 with BatchNorm; 133,053,736 parameters at 1000 classes."""
-    return _vgg(13, True, **kwargs)
+    return _vgg(13, True, kwargs)
 
 
 @_REGISTER("vgg16")
 def vgg16(**kwargs: Any) -> VGG:
     """VGG-16 (configuration D); 138,357,544 parameters at 1000 classes."""
-    return _vgg(16, False, **kwargs)
+    return _vgg(16, False, kwargs)
+
+
+@_REGISTER("vgg16_c")
+def vgg16_c(**kwargs: Any) -> VGG:
+    """VGG-16 with 1x1 convolutions (configuration C): B plus a 1x1 convolution closing blocks 3,
+    4 and 5 (conv3_3, conv4_3, conv5_3); 133,638,952 parameters at 1000 classes."""
+    return _vgg(16, False, kwargs, kernel_sizes=VGG_C_KERNEL_SIZES)
 
 
 @_REGISTER("vgg16_bn")
 def vgg16_bn(**kwargs: Any) -> VGG:
     """VGG-16 with BatchNorm; 138,365,992 parameters at 1000 classes."""
-    return _vgg(16, True, **kwargs)
+    return _vgg(16, True, kwargs)
 
 
 @_REGISTER("vgg19")
 def vgg19(**kwargs: Any) -> VGG:
     """VGG-19 (configuration E); 143,667,240 parameters at 1000 classes."""
-    return _vgg(19, False, **kwargs)
+    return _vgg(19, False, kwargs)
 
 
 @_REGISTER("vgg19_bn")
 def vgg19_bn(**kwargs: Any) -> VGG:
     """VGG-19 with BatchNorm; 143,678,248 parameters at 1000 classes."""
-    return _vgg(19, True, **kwargs)
+    return _vgg(19, True, kwargs)

@@ -19,6 +19,8 @@ import numpy as np
 import optax
 import pytest
 
+from cnnjax.analysis.summary import summary
+from cnnjax.layers.conv import Conv2D
 from cnnjax.models import create_model, list_models, model_info
 from cnnjax.models.alexnet import AlexNet, ZFNet
 from cnnjax.models.googlenet import (
@@ -40,7 +42,7 @@ from cnnjax.models.googlenet import (
 from cnnjax.models.googlenet import __doc__ as googlenet_module_doc
 from cnnjax.models.lenet import C3_CONNECTIONS, ConnectionTableConv, LeNet5, scaled_tanh
 from cnnjax.models.nin import MLPConv, NiN, NiNStage
-from cnnjax.models.vgg import VGG, VGG_CONFIGS, VGGFeatures
+from cnnjax.models.vgg import VGG, VGG_C_KERNEL_SIZES, VGG_CONFIGS, VGGFeatures
 from cnnjax.train.checks import check_input_size
 
 CLASSIC = [
@@ -50,9 +52,11 @@ CLASSIC = [
     "zfnet",
     "vgg11",
     "vgg11_bn",
+    "vgg11_lrn",
     "vgg13",
     "vgg13_bn",
     "vgg16",
+    "vgg16_c",
     "vgg16_bn",
     "vgg19",
     "vgg19_bn",
@@ -209,6 +213,15 @@ CLOSED_FORM = {
         + conv(192, 10, 1)
     ),
     **{f"vgg{d}{s}": vgg_count(d, bool(s)) for d in (11, 13, 16, 19) for s in ("", "_bn")},
+    "vgg11_lrn": vgg_count(11, False),  # A-LRN: LRN has no parameters
+    "vgg16_c": (  # configuration C, layer by layer (paper Table 1): B + conv1-256/512/512
+        conv(3, 64, 3) + conv(64, 64, 3)
+        + conv(64, 128, 3) + conv(128, 128, 3)
+        + conv(128, 256, 3) + conv(256, 256, 3) + conv(256, 256, 1)
+        + conv(256, 512, 3) + conv(512, 512, 3) + conv(512, 512, 1)
+        + conv(512, 512, 3) + conv(512, 512, 3) + conv(512, 512, 1)
+        + dense(7 * 7 * 512, 4096) + dense(4096, 4096) + dense(4096, 1000)
+    ),
     "googlenet": googlenet_count(),
 }
 
@@ -228,6 +241,11 @@ PUBLISHED = {
     "vgg19_bn": 143_678_248,
     "googlenet_bn": 6_624_904,  # torchvision's googlenet, aux_logits=False
 }
+
+# Simonyan & Zisserman 2015, Table 2: parameters of configurations A, A-LRN, B, C, D, E in millions
+# (rounded; torchvision gives A/B/D/E exactly, PUBLISHED).
+VGG_TABLE2_MILLIONS = {"vgg11": 133, "vgg11_lrn": 133, "vgg13": 133, "vgg16_c": 134,
+                       "vgg16": 138, "vgg19": 144}
 
 # Not a published figure: the paper's GoogLeNet as cnnjax builds it (Szegedy et al. 2015, Table 1
 # widths, with biases, a 1000-way head), derived in this project; it is googlenet_count() above,
@@ -294,6 +312,8 @@ def test_param_count_exact(name):
     assert count == CLOSED_FORM.get(name, count)
     assert count == PUBLISHED.get(name, count)
     assert name in CLOSED_FORM or name in PUBLISHED
+    if name in VGG_TABLE2_MILLIONS:
+        assert round(count / 1e6) == VGG_TABLE2_MILLIONS[name]
     assert "head" in variables["params"]  # the classifier every model names `head`
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
 
@@ -377,6 +397,14 @@ NATIVE_FEATURES = {
         "pre_logits": (4096,),
     },
     "vgg16": {
+        "block1": (112, 112, 64),
+        "block2": (56, 56, 128),
+        "block3": (28, 28, 256),
+        "block4": (14, 14, 512),
+        "block5": (7, 7, 512),
+        "pre_logits": (4096,),
+    },
+    "vgg16_c": {  # C's 1x1 convolutions keep the map size
         "block1": (112, 112, 64),
         "block2": (56, 56, 128),
         "block3": (28, 28, 256),
@@ -477,6 +505,62 @@ def test_vgg_fc6_flatten_order_is_hwc():
     )
     got = state["intermediates"]["fc6"]["__call__"][0]
     np.testing.assert_allclose(np.asarray(got), as_conv, rtol=1e-5, atol=1e-5)
+
+
+def test_vgg_configurations_a_lrn_and_c_layouts():
+    """A-LRN is A's variables (so A's checkpoints load) with `lrn`; C is D's widths with B's
+    3x3 convolutions and a 1x1 convolution (no bias change) closing blocks 3-5 (paper Table 1)."""
+    def shapes(name):
+        return jax.tree.map(lambda a: a.shape, init_shapes(create_model(name), (1, 32, 32, 3)))
+
+    assert shapes("vgg11_lrn") == shapes("vgg11")
+    a_lrn, c = create_model("vgg11_lrn"), create_model("vgg16_c")
+    assert (a_lrn.stages, a_lrn.lrn, a_lrn.kernel_sizes) == (VGG_CONFIGS[11], True, None)
+    assert (c.stages, c.lrn) == (VGG_CONFIGS[16], False)
+    kernels = {k: v["kernel"][:2] for k, v in shapes("vgg16_c")["params"]["features"].items()}
+    assert kernels == {f"conv{b}_{i}": (1, 1) if i == 3 else (3, 3)
+                       for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)}
+    assert CLOSED_FORM["vgg16_c"] - CLOSED_FORM["vgg13"] == (256 * 256 + 256) + 2 * (512 * 512
+                                                                                     + 512)
+
+
+def test_vgg_a_lrn_normalizes_conv1_1_with_alexnets_constants():
+    """A-LRN's block1 against float64 NumPy: max_pool(LRN(relu(conv1_1))) with AlexNet's n=5, k=2,
+    alpha=1e-4, beta=0.75 (the paper's formula, alpha not divided by n); the same variables
+    without `lrn` give A's different block1 and logits. Reduced widths (8, 16), 8x8 inputs."""
+    kwargs = dict(stages=((8,), (16,)), hidden_features=6, num_classes=3, pool_size=None)
+    a, a_lrn = VGG(**kwargs), VGG(**kwargs, lrn=True)
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3)) * 30  # LRN's sum matters at this scale
+    variables = jinit(a, x)
+    (logits, feats), inter = japply(a_lrn, variables, x, return_features=True,
+                                    capture_intermediates=lambda m, _: isinstance(m, Conv2D),
+                                    mutable=["intermediates"])
+    relu = np.maximum(np.asarray(inter["intermediates"]["features"]["conv1_1"]["__call__"][0],
+                                 np.float64), 0)
+    padded = np.pad(relu * relu, ((0, 0), (0, 0), (0, 0), (2, 2)))
+    window = sum(padded[..., j:j + 8] for j in range(5))  # channels c-2 .. c+2, clipped
+    lrn = relu / (2.0 + 1e-4 * window) ** 0.75
+    pooled = lrn.reshape(2, 4, 2, 4, 2, 8).max(axis=(2, 4))
+    np.testing.assert_allclose(np.asarray(feats["block1"]), pooled, rtol=1e-5, atol=1e-5)
+    assert 0.01 < float(np.max(1e-4 * window)) < 10  # the sum's term is not negligible
+    plain_logits, plain_feats = japply(a, variables, x, return_features=True)
+    assert np.max(np.abs(np.asarray(plain_feats["block1"]) - pooled)) > 0.1
+    assert not np.allclose(np.asarray(plain_logits), np.asarray(logits))
+
+
+def test_vgg_a_lrn_and_c_summary_against_a_and_b():
+    """`summary` at 224x224: LRN adds no MACs nor receptive field (A's 342); C's 1x1
+    convolutions add 56*56*256*256 + (28*28 + 14*14)*512*512 MACs to B's and no receptive
+    field (B's 348: fc6's 7x7 view of pool5 included)."""
+    rows = {n: summary(create_model(n), (224, 224, 3))
+            for n in ("vgg11", "vgg11_lrn", "vgg13", "vgg16_c")}
+    macs = {n: r.totals["macs"] for n, r in rows.items()}
+    field = {n: tuple(r.receptive_field.size) for n, r in rows.items()}
+    assert macs["vgg11_lrn"] == macs["vgg11"]
+    assert macs["vgg16_c"] - macs["vgg13"] == 56 * 56 * 256 * 256 + (28 * 28 + 14 * 14) * 512 * 512
+    assert field == {"vgg11": (342, 342), "vgg11_lrn": (342, 342), "vgg13": (348, 348),
+                     "vgg16_c": (348, 348)}
+    assert any("lrn1" in r.name for r in rows["vgg11_lrn"].rows)
 
 
 # ------------------------------------------------------- forward + backward at the minimum size
@@ -1058,6 +1142,18 @@ INVALID = [
     ),
     (lambda: VGG(stages=STAGES, hidden_features=-1), "VGG: hidden_features=-1 is invalid"),
     (lambda: VGG(stages=STAGES, pool_size=0), "VGG: pool_size=0 is invalid"),
+    (lambda: VGG(stages=STAGES, kernel_sizes=((3,), (2,))),
+     "VGG: kernel_sizes=((3,), (2,)) is invalid; expected None or, like stages, 2 sequences of "
+     "(1, 1) positive odd ints (one kernel size per convolution)"),
+    (lambda: VGG(stages=STAGES, kernel_sizes=((3,),)), "VGG: kernel_sizes=((3,),) is invalid"),
+    (lambda: VGGFeatures(stages=STAGES, kernel_sizes=3), "VGGFeatures: kernel_sizes=3 is invalid"),
+    (lambda: VGG(stages=STAGES, lrn="True"),
+     "VGG: lrn='True' is invalid; expected True or False"),
+    (lambda: create_model("vgg16", kernel_sizes=VGG_C_KERNEL_SIZES),
+     "create_model: kernel_sizes=((3, 3), (3, 3), (3, 3, 1), (3, 3, 1), (3, 3, 1)) is invalid; "
+     "model 'vgg16' does not take 'kernel_sizes'"),
+    (lambda: create_model("vgg11", lrn=True),
+     "create_model: lrn=True is invalid; model 'vgg11' does not take 'lrn'"),
     (lambda: create_model("vgg16", num_classes=2.5), "VGG: num_classes=2.5 is invalid"),
     (
         lambda: AlexNet(widths=(96, 256, 384, 384)),
