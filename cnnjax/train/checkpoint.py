@@ -8,6 +8,11 @@ with it (orbax `best_fn`), so "keep the best" still holds after a resume. `Sourc
 reads another run's checkpoints read-only (which steps, their shapes, params/batch_stats only)
 for warm starts.
 
+Every array's SHA-256 is saved with its checkpoint and checked when it is read back, since orbax
+stores no checksums and a flipped bit in a compressed chunk can decode into wrong numbers without
+any error: a mismatch makes the checkpoint unreadable (the previous one is used) for a resume, and
+an error for a warm start.
+
 A read that fails is retried (`RESTORE_ATTEMPTS` tries, `RESTORE_RETRY_DELAY_S` apart, doubling)
 before the checkpoint is called unreadable: a transient error (an NFS hiccup) must not send a good
 checkpoint to quarantine. In a multi-process job the processes agree after every try, so all of
@@ -17,6 +22,7 @@ them restore the same step or set aside the same ones.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging as std_logging
 import math
@@ -49,6 +55,36 @@ RESTORE_ATTEMPTS = 3
 RESTORE_RETRY_DELAY_S = 0.5
 #: Orbax's per-step metadata file, which holds cnnjax's `run_info` as its custom metadata.
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+#: The custom-metadata key of the arrays' digests (`array_digests`), kept out of `run_info`.
+_DIGESTS_KEY = "array_digests"
+
+
+def array_digests(tree: Any) -> dict[str, str]:
+    """`{"params/conv1/kernel": digest, ...}` for every array of the nested dict `tree`: the first
+    16 hex digits of the SHA-256 of its dtype, shape and bytes (~1.8 GB/s here)."""
+    digests = {}
+    for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
+        array = np.ascontiguousarray(leaf)
+        digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+        digests[path] = digest.hexdigest()[:16]
+    return digests
+
+
+class CheckpointDigestError(Exception):
+    """Restored arrays differ from the digests saved with them: the files changed on disk."""
+
+
+def check_digests(restored: Any, saved: dict[str, str] | None, where: str) -> None:
+    """Raises `CheckpointDigestError` naming the first restored array (of `where`) whose digest
+    is not the one saved; checkpoints saved without digests (`saved` None) pass."""
+    if not saved:
+        return
+    for path, digest in array_digests(restored).items():
+        if path in saved and saved[path] != digest:
+            raise CheckpointDigestError(
+                f"array {path} of {where} differs from the digest saved with it (its files "
+                "changed on disk after the save)")
 
 
 def _sleep(seconds: float) -> None:
@@ -237,9 +273,10 @@ class Checkpointer:
             metrics = {k: float(v) for k, v in metrics.items()}
         else:
             metrics = None
+        custom = {**(run_info or {}), _DIGESTS_KEY: array_digests(item)}
         with _without_missing_metrics_warning():  # periodic saves have no eval metrics
             self._manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics,
-                               force=True, custom_metadata=run_info)
+                               force=True, custom_metadata=custom)
 
     def run_info(self, step: int) -> dict:
         """The `run_info` saved with `step` ({} for checkpoints written without one, or, with a
@@ -249,6 +286,7 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 — unreadable metadata only loses this information
             self._warn_run_info_lost(step, f"{type(err).__name__}: {str(err)[:200]}")
             return {}
+        info.pop(_DIGESTS_KEY, None)
         if not info:  # orbax reads a torn or empty metadata file as "no metadata"
             path = os.path.join(self.directory, str(step), _STEP_METADATA_FILE)
             try:
@@ -276,6 +314,7 @@ class Checkpointer:
         """
         full_target = serialization.to_state_dict(template)
         corrupt: list[int] = []
+        digest_failures: list[str] = []
         result = None
         for step in reversed(self.all_steps()):
             restored, why = self._restore_step(step, template, full_target)
@@ -283,6 +322,8 @@ class Checkpointer:
                 result = restored, step
                 break
             corrupt.append(step)
+            if why.startswith(CheckpointDigestError.__name__):
+                digest_failures.append(why)
             message = (
                 f"Checkpoint at step {step} in {self.directory} could not be restored "
                 f"({why}; tried {self.restore_attempts} time(s)); falling back to the previous "
@@ -290,6 +331,12 @@ class Checkpointer:
             )
             logging.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if corrupt and result is None and len(digest_failures) == len(corrupt):
+            # Every one read back other numbers than it saved: corrupt, not a code mismatch.
+            raise ValueError(
+                f"checkpoint: every checkpoint in {self.directory} (steps {sorted(corrupt)}) is "
+                f"corrupt ({digest_failures[0]}); to start fresh use a new --workdir or delete "
+                "the checkpoints.")
         if corrupt and result is None:
             # Nothing restores: more likely a template/code mismatch than corruption of every
             # checkpoint, so leave the files alone and stop.
@@ -343,6 +390,7 @@ class Checkpointer:
                 "model or optimizer changed since it was saved; to start fresh use a new "
                 "--workdir or delete the checkpoints."
             )
+        check_digests(restored, _saved_digests(self._manager, step), f"step {step}")
         return serialization.from_state_dict(template, {**restored, **absent})
 
     def _wait_to_retry(self, attempt: int, what: str) -> None:
@@ -389,6 +437,15 @@ class Checkpointer:
         if await_cleanup is not None:
             await_cleanup()
         self._manager.close()
+
+
+def _saved_digests(manager: Any, step: int) -> dict[str, str] | None:
+    """The digests saved with `step` (None if it has none, or its metadata cannot be read: the
+    arrays' own reads are then the only check, as before digests were saved)."""
+    try:
+        return (manager.metadata(step).custom_metadata or {}).get(_DIGESTS_KEY)
+    except Exception:  # noqa: BLE001 — `run_info` warns about unreadable metadata
+        return None
 
 
 def _is_json(path: str) -> bool:
@@ -492,12 +549,19 @@ class SourceCheckpoints:
             return {}
         item = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-        return self._manager.restore(
+        restored = self._manager.restore(
             step,
             args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True
             ),
         )
+        try:
+            check_digests(restored, _saved_digests(self._manager, step), f"step {step}")
+        except CheckpointDigestError as err:
+            raise ValueError(
+                f"{self.owner}: the checkpoint at step {step} in {self.directory} is corrupt: "
+                f"{err}; pick another of its steps {self.steps}") from None
+        return restored
 
     def variable_shapes(self, step: int, ema: bool = False) -> dict[str, Any]:
         """`shapes` of the model variables (`WARM_START_COLLECTIONS`) of the checkpoint at

@@ -342,3 +342,113 @@ def test_reads_left_running_by_a_failed_restore_print_no_tracebacks(tmp_path, mo
     sys.unraisablehook(other)
     assert [str(e) for e in seen if str(e) == "Event loop is closed"] == []
     assert other.exc_value in seen
+
+
+# ------------------------------------------------------------------ digests of the saved arrays
+def _replace_arrays(tmp_path, step: int, value: float) -> None:
+    """Overwrites the array files of checkpoint `step` with those of a checkpoint of the same
+    structure holding `value` (a valid checkpoint's files: they decode without error), keeping
+    the step's own metadata: its arrays changed on disk after the save."""
+    import shutil
+
+    other = Checkpointer(str(tmp_path / "other"), use_async=False)
+    other.save(step, _state(value))
+    other.close()
+    saved = tmp_path / "checkpoints" / str(step) / "default"
+    shutil.rmtree(saved)
+    shutil.copytree(tmp_path / "other" / "checkpoints" / str(step) / "default", saved)
+
+
+def test_arrays_changed_on_disk_fail_their_digests_and_the_previous_step_restores(tmp_path,
+                                                                                   waits):
+    """Orbax stores no checksums: files that decode into other numbers restored silently. The
+    SHA-256 saved with each array catches them; the step is treated as unreadable."""
+    resumed = _two_checkpoints(tmp_path)
+    _replace_arrays(tmp_path, 4, 9)
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* could not be restored \("
+                      r"CheckpointDigestError: array params/w of step 4 differs from the digest "
+                      r"saved with it \(its files changed on disk after the save\)"):
+        restored, step = resumed.restore_latest(_state(0))
+    assert step == 2
+    np.testing.assert_array_equal(restored["params"]["w"], _state(2)["params"]["w"])
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
+    resumed.close()
+
+
+def test_a_flipped_bit_in_a_compressed_chunk_is_not_restored(tmp_path, waits):
+    """Real bit rot: one flipped bit mid-file in the newest checkpoint's largest array file
+    decoded (zstd) into wrong values (off by up to 3e19, or NaN) without any error before the
+    digests; now the previous checkpoint restores."""
+    state = {"params": {"w": np.arange(4096, dtype=np.float32).reshape(64, 64)},
+             "step": np.array(4, np.int32)}
+    checkpointer = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
+    checkpointer.save(2, {**state, "step": np.array(2, np.int32)})
+    checkpointer.save(4, state)
+    checkpointer.close()
+    files = [p for p in (tmp_path / "checkpoints" / "4" / "default").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    largest.write_bytes(bytes(data))
+    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
+    with pytest.warns(RuntimeWarning, match="step 4 .* could not be restored"):
+        restored, step = resumed.restore_latest(_state(0) | {"params": {"w": np.zeros((64, 64),
+                                                                                  np.float32)}})
+    assert step == 2
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+    resumed.close()
+
+
+def test_when_every_checkpoint_fails_its_digests_the_error_says_corrupt(tmp_path, waits):
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(4, _state(4))
+    checkpointer.close()
+    _replace_arrays(tmp_path, 4, 9)
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
+        resumed.restore_latest(_state(0))
+    assert str(err.value).startswith(
+        f"checkpoint: every checkpoint in {resumed.directory} (steps [4]) is corrupt "
+        "(CheckpointDigestError: array params/w of step 4 differs")
+    assert resumed.all_steps() == [4]  # nothing moved when nothing restores
+    resumed.close()
+
+
+def test_a_warm_start_from_arrays_changed_on_disk_is_refused(tmp_path):
+    from cnnjax.train.checkpoint import SourceCheckpoints
+
+    _two_checkpoints(tmp_path).close()
+    _replace_arrays(tmp_path, 4, 9)
+    source = SourceCheckpoints(str(tmp_path))
+    try:
+        shapes = source.shapes(4, ("params",))
+        with pytest.raises(ValueError) as err:
+            source.restore(4, shapes)
+        np.testing.assert_array_equal(source.restore(2, shapes)["params"]["w"],
+                                      _state(2)["params"]["w"])
+    finally:
+        source.close()
+    assert str(err.value) == (
+        f"init_from: the checkpoint at step 4 in {source.directory} is corrupt: array params/w "
+        "of step 4 differs from the digest saved with it (its files changed on disk after the "
+        "save); pick another of its steps [2, 4]")
+
+
+def test_digests_stay_out_of_run_info_and_checkpoints_without_them_restore(tmp_path):
+    """Checkpoints written before digests were saved restore as before."""
+    import json
+
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(4, _state(4), run_info={"num_devices": 2})
+    assert checkpointer.run_info(4) == {"num_devices": 2}
+    checkpointer.close()
+    path = tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    assert set(metadata["custom_metadata"]["array_digests"]) == {"params/w", "step"}
+    del metadata["custom_metadata"]["array_digests"]
+    path.write_text(json.dumps(metadata))
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    restored, step = resumed.restore_latest(_state(0))
+    assert step == 4 and resumed.run_info(4) == {"num_devices": 2}
+    np.testing.assert_array_equal(restored["params"]["w"], _state(4)["params"]["w"])
+    resumed.close()
