@@ -60,8 +60,7 @@ def _check_positive_area(owner: str, gt_boxes: Array, gt_valid: Array) -> None:
     if boxes is None or valid is None:
         return
     boxes = np.asarray(boxes, jax.dtypes.canonicalize_dtype(boxes.dtype))
-    flat = np.asarray(valid, bool) & ((boxes[..., 2] <= boxes[..., 0])
-                                      | (boxes[..., 3] <= boxes[..., 1]))
+    flat = np.asarray(valid, bool) & ~has_area(boxes)
     if flat.any():
         i, j = (int(k) for k in np.argwhere(flat)[0])
         raise invalid(owner, f"gt_boxes[{i}, {j}]", np.asarray(boxes[i, j], float).tolist(),
@@ -69,3 +68,9 @@ def _check_positive_area(owner: str, gt_boxes: Array, gt_valid: Array) -> None:
                       f"torchvision's detectors require: a box without area has IoU 0 with every "
                       f"anchor, RoI or prediction, so nothing can match it; drop image {i}'s box "
                       f"{j} or set gt_valid[{i}, {j}] False")
+
+
+def has_area(boxes: np.ndarray) -> np.ndarray:
+    """Mask `[...]` of `(x1, y1, x2, y2)` boxes `[..., 4]` with a positive width and height, the
+    ground truth a detector can learn from (the training pipeline drops the others)."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])

@@ -36,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from cnnjax.detection import rcnn_svm
+from cnnjax.detection.ground_truth import has_area
 from cnnjax.utils.files import atomic_file, atomic_write, write_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import (
@@ -47,7 +48,7 @@ from cnnjax.utils.validation import (
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
-FEATURE_VERSION = 3  # bump when what extract_*_features store changes
+FEATURE_VERSION = 4  # bump when what extract_*_features store changes (4: no gt without area)
 ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
 ARM_LABELS = {
     "softmax": "softmax head (the engine's detector)",
@@ -169,9 +170,10 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
 
 def extract_train_features(detector: TrainedDetector, split: str, batch_size: int,
                            ) -> dict[str, np.ndarray]:
-    """SVM and ridge training data of `split`: every valid window and valid gt box of every
-    scene (`fc7`, `overlaps` [M, C] by `class_overlaps`, `gt_class` (-1: a window), `image`), and
-    the regression pairs among the windows (`reg_pool5`, `reg_classes`, `reg_targets`)."""
+    """SVM and ridge training data of `split`: every valid window and valid gt box with an area
+    (those the detector's training keeps) of every scene (`fc7`, `overlaps` [M, C] by
+    `class_overlaps`, `gt_class` (-1: a window), `image`), and the regression pairs among the
+    windows (`reg_pool5`, `reg_classes`, `reg_targets`)."""
     num_classes = detector.data_info.num_classes
     out: dict[str, list] = {k: [] for k in ("fc7", "overlaps", "gt_class", "image", "reg_pool5",
                                             "reg_classes", "reg_targets")}
@@ -179,7 +181,8 @@ def extract_train_features(detector: TrainedDetector, split: str, batch_size: in
     for batch, regions, windows, window_valid in _region_batches(detector, split, batch_size):
         p = windows.shape[1]
         for i in range(len(batch["image"])):
-            valid = batch["box_valid"][i]
+            # The eval pipeline keeps boxes without area (pycocotools does); training drops them
+            valid = batch["box_valid"][i] & has_area(batch["boxes"][i])
             gt, labels = batch["boxes"][i][valid], batch["labels"][i][valid]
             kept = np.flatnonzero(window_valid[i])
             rows = np.concatenate([kept, p + np.flatnonzero(valid)])

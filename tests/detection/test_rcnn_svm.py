@@ -365,6 +365,26 @@ def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, cap
         run_lib.run_rcnn_svm(str(empty))
 
 
+def test_train_features_leave_out_gt_boxes_without_area(tiny_workdir, monkeypatch):
+    """The SVM stage reads the train scenes through the eval pipeline, which keeps boxes without
+    area (pycocotools does); each one was an SVM positive (overlap 0, a degenerate crop) where the
+    detector's training pipeline drops it."""
+    fake = sys.modules["cnnjax.data.detection"]
+    original = fake.eval_batches
+
+    def flattened(*args, **kwargs):  # box 0 of every scene: zero width
+        for batch in original(*args, **kwargs):
+            batch["boxes"][..., 0, 2] = batch["boxes"][..., 0, 0]
+            yield batch
+
+    monkeypatch.setattr(fake, "eval_batches", flattened)
+    detector = run_lib.restore_detector(str(tiny_workdir))
+    train = run_lib.extract_train_features(detector, "train[:4]", 4)
+    gt = train["gt_class"] >= 0
+    assert int(gt.sum()) == 2  # scenes 1 and 3's second box; the four flattened ones left out
+    np.testing.assert_array_equal(train["overlaps"][gt].max(axis=1), [1.0, 1.0])
+
+
 def test_softmax_arm_is_the_engines_eval(tiny_workdir):
     """The stage's softmax arm (its own feature pass, `detect_from_head` on the cached windows)
     reproduces the engine's eval of the run, on dense windows and on per-scene proposals (which
