@@ -114,8 +114,9 @@ def _drop_closed_loop_callbacks() -> None:
     When one array of a checkpoint fails to read, orbax closes its event loop at once while
     tensorstore's other reads of that checkpoint are still in flight; each of them then tries to
     call back into the closed loop, and Python prints a bare traceback for every one (dozens,
-    during the retries or later in training) after a fallback that otherwise worked. Installed
-    only once a read has failed, so a run whose checkpoints all read is untouched.
+    during the retries or later in training) after a fallback that otherwise worked. A save that
+    fails in the background (a full disk) leaves its other writes calling back the same way, so
+    the first save installs it too (before the failure, which happens on orbax's threads).
     """
     if getattr(sys.unraisablehook, "_cnnjax_drops_closed_loop_callbacks", False):
         return
@@ -274,6 +275,7 @@ class Checkpointer:
         else:
             metrics = None
         custom = {**(run_info or {}), _DIGESTS_KEY: array_digests(item)}
+        _drop_closed_loop_callbacks()
         with _without_missing_metrics_warning():  # periodic saves have no eval metrics
             self._manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics,
                                force=True, custom_metadata=custom)

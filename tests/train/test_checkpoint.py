@@ -344,6 +344,23 @@ def test_reads_left_running_by_a_failed_restore_print_no_tracebacks(tmp_path, mo
     assert other.exc_value in seen
 
 
+def test_a_save_installs_the_closed_loop_filter_before_it_can_fail(tmp_path, monkeypatch):
+    """A save failing on orbax's threads (measured: a full disk) left its other writes calling
+    back into a closed loop: 7 bare "Event loop is closed" tracebacks before the run's own error
+    line. The filter must be in place before the save starts, as the failure is asynchronous."""
+    import sys
+    import types
+
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(2, _state(2))
+    checkpointer.close()
+    late_write = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    sys.unraisablehook(late_write)
+    assert seen == []
+
+
 # ------------------------------------------------------------------ digests of the saved arrays
 def _replace_arrays(tmp_path, step: int, value: float) -> None:
     """Overwrites the array files of checkpoint `step` with those of a checkpoint of the same
