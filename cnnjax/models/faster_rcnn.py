@@ -121,6 +121,15 @@ def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, g
             keys, proposals, proposals_valid, gt_boxes, gt_labels.astype(jnp.int32) + 1, gt_valid)
 
 
+def sample_key(module: nn.Module, owner: str, sampled: str) -> Array:
+    """The module's 'sample' PRNG key (the loss's random `sampled`, e.g. "RoIs"), else a
+    ValueError naming `owner` and how to pass one: flax's InvalidRngError named neither."""
+    if not module.has_rng("sample"):
+        raise ValueError(f"{owner}: the loss samples {sampled} at random, which needs a "
+                         "'sample' PRNG key: pass rngs={'sample': key} to apply.")
+    return module.make_rng("sample")
+
+
 def check_anchors_fit(
     owner: str, image_size: tuple[int, int], stride: int, ratios: Sequence[float],
     scales: Sequence[float],
@@ -359,8 +368,8 @@ class FasterRCNN(nn.Module):
         image_size = tuple(images.shape[1:3])
         check_anchors_fit(type(self).__name__, image_size, self.stride, self.anchor_ratios,
                           self.anchor_scales)
+        rpn_key, roi_key = jax.random.split(sample_key(self, owner, "anchors and RoIs"))
         rpn = self.rpn(images, train)
-        rpn_key, roi_key = jax.random.split(self.make_rng("sample"))
         rpn_keys = jax.random.split(rpn_key, images.shape[0])
         inside = anchors_inside(rpn.anchors, image_size)
 

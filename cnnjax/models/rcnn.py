@@ -56,6 +56,7 @@ from cnnjax.models.faster_rcnn import (
     detect_from_head,
     head_loss,
     pool_rois,
+    sample_key,
     sample_training_rois,
 )
 from cnnjax.models.registry import check_train, register_model
@@ -202,9 +203,10 @@ class _ProposalDetector(nn.Module):
         train = check_train(self, train)
         check_ground_truth(f"{type(self).__name__}.loss", images, gt_boxes, gt_labels, gt_valid,
                            self.num_classes)
+        key = sample_key(self, f"{type(self).__name__}.loss", "RoIs")
         rois, valid = self.windows(images, proposals, proposal_valid)
-        targets = sample_training_rois(self.make_rng("sample"), rois, valid, gt_boxes, gt_labels,
-                                       gt_valid, self.roi_samples)
+        targets = sample_training_rois(key, rois, valid, gt_boxes, gt_labels, gt_valid,
+                                       self.roi_samples)
         logits, deltas = self.score(images, targets.rois, train)
         terms = head_loss(logits, deltas, targets)
         loss = terms["classification"] + terms["box"]

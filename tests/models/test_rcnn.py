@@ -410,6 +410,22 @@ def test_train_must_be_a_bool(cls):
         trace_loss(model, (*with_defaults((None, None, None)), "False"))
 
 
+@pytest.mark.parametrize("cls, sampled", [(FastRCNN, "RoIs"), (SPPNet, "RoIs"), (RCNN, "RoIs"),
+                                          (FasterRCNN, "anchors and RoIs")])
+def test_loss_without_a_sample_key_says_how_to_pass_one(cls, sampled):
+    """Was flax's InvalidRngError ('None needs PRNG for "sample"'), naming neither the model nor
+    what the key is for."""
+    model = cls(num_classes=4)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    with pytest.raises(ValueError, match=re.escape(
+            f"{cls.__name__}.loss: the loss samples {sampled} at random, which needs a 'sample' "
+            "PRNG key: pass rngs={'sample': key} to apply.")):
+        jax.eval_shape(lambda v, x: model.apply(v, x, *with_defaults((None, None, None)),
+                                                method="loss", mutable=["batch_stats"]),
+                       variables, x)
+
+
 @pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN, FasterRCNN])
 def test_loss_checks_only_the_valid_ground_truth_rows(cls):
     """Padded rows (`gt_valid` False) may hold anything, as sample_rois promises: NaN or
