@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnjax.detection.anchors import image_size_pair
 from cnnjax.detection.box_coding import (
@@ -28,7 +29,7 @@ from cnnjax.detection.box_coding import (
     min_size_mask,
 )
 from cnnjax.layers.roi import nms
-from cnnjax.utils.validation import check_number, check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, concrete_value, invalid
 
 
 class Proposals(NamedTuple):
@@ -90,8 +91,9 @@ def rpn_proposals(
                           low=0.0, high=1.0)
     size = check_number(owner, "min_size", min_size, "expected a finite number >= 0", low=0.0,
                         high_open=True)
-    if not hasattr(image_size, "shape"):  # Python numbers; an array (per image) is trusted
-        check_min_size_fits(owner, "min_size", size, (height, width))
+    sides = concrete_value(image_size) if hasattr(image_size, "shape") else (height, width)
+    if sides is not None:  # a traced size (per image, under vmap) is trusted
+        check_min_size_fits(owner, "min_size", size, tuple(np.asarray(sides).tolist()))
     coder = check_box_weights(owner, "weights", weights)
     clamp = check_scale_clamp(owner, scale_clamp)
     # Concrete anchors (anchor_grid's) with x2 <= x1 would decode to no box or zero-size ones.

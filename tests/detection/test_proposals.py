@@ -167,6 +167,8 @@ def test_jit_and_vmap_over_images_of_different_sizes():
     (dict(min_size=33.0, image_size=(48, 32)), "rpn_proposals: min_size=33.0 is invalid; "
      "expected at most 32, the shorter side of the 48x32 (height x width) image: proposals are "
      "clipped to the image, so every one would be dropped."),
+    (dict(min_size=33.0, image_size=np.array([48, 32])), "rpn_proposals: min_size=33.0 is "
+     "invalid; expected at most 32, the shorter side of the 48x32"),  # concrete array: checked
     (dict(weights=(1, 1, 1)), "rpn_proposals: weights=(1, 1, 1) is invalid; expected four "
                               "positive numbers"),
     (dict(scale_clamp=0), "rpn_proposals: scale_clamp=0 is invalid; expected a positive number"),
