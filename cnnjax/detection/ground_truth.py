@@ -20,7 +20,7 @@ Array = Any
 
 def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Array,
                        gt_valid: Array, num_classes: int) -> None:
-    """A ValueError naming `owner` unless the ground truth fits the `N` images: `[N, G, 4]`
+    """A ValueError naming `owner` unless the ground truth fits the `N >= 1` images: `[N, G, 4]`
     boxes, `[N, G]` integer labels and bool validity; when concrete, every valid box finite with
     x1 < x2, y1 < y2 and every valid label in `[0, num_classes)`. Shapes and dtypes are checked
     under jit too; otherwise a batch mismatch was JAX's vmap error, float labels were truncated
@@ -28,6 +28,10 @@ def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Ar
     silently matched to nothing."""
     check_nhwc(owner, images)
     n = images.shape[0]
+    if n == 0:  # torchvision's detectors refuse an empty batch too
+        raise invalid(owner, "images.shape", tuple(images.shape),
+                      "expected at least one image: the loss is a mean over the images (of 0 "
+                      "images, NaN)")
     boxes = tuple(jnp.shape(gt_boxes))
     if len(boxes) != 3 or boxes[0] != n or boxes[2] != 4:
         raise invalid(owner, "gt_boxes.shape", boxes,

@@ -410,6 +410,22 @@ def test_train_must_be_a_bool(cls):
         trace_loss(model, (*with_defaults((None, None, None)), "False"))
 
 
+@pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN, FasterRCNN])
+def test_loss_refuses_a_batch_of_no_images(cls):
+    """The loss is a mean over the images: of none it was NaN, silently (torchvision's
+    detectors fail on an empty batch too)."""
+    model = cls(num_classes=4)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                               jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{cls.__name__}.loss: images.shape=(0, 64, 64, 3) is invalid; expected at least one "
+            "image: the loss is a mean over the images (of 0 images, NaN).")):
+        jax.eval_shape(lambda v, x: model.apply(
+            v, x, np.zeros((0, 1, 4)), np.zeros((0, 1), int), np.zeros((0, 1), bool),
+            method="loss", mutable=["batch_stats"], rngs={"sample": jax.random.key(1)}),
+            variables, jax.ShapeDtypeStruct((0, 64, 64, 3), jnp.float32))
+
+
 @pytest.mark.parametrize("cls, sampled", [(FastRCNN, "RoIs"), (SPPNet, "RoIs"), (RCNN, "RoIs"),
                                           (FasterRCNN, "anchors and RoIs")])
 def test_loss_without_a_sample_key_says_how_to_pass_one(cls, sampled):

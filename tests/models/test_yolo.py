@@ -278,3 +278,8 @@ def test_a_batch_of_no_images_gives_no_rows_of_outputs():
     variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
     out = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
     assert out.shape == (0, model.grid_size, model.grid_size, model.cell_outputs)
+    with pytest.raises(ValueError, match=re.escape(  # the loss, a mean over images, was NaN
+            "YOLOv1.loss: images.shape=(0, 64, 64, 3) is invalid; expected at least one image")):
+        jax.eval_shape(lambda v, x: model.apply(
+            v, x, np.zeros((0, 1, 4)), np.zeros((0, 1), int), np.zeros((0, 1), bool),
+            method="loss", mutable=["batch_stats"]), variables, x)
