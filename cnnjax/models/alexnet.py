@@ -50,11 +50,10 @@ import jax.numpy as jnp
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
-from cnnjax.models.registry import build_variant, check_train, register_model
+from cnnjax.models.registry import build_variant, check_call, register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, dense_kernel_init, flatten
 from cnnjax.utils.validation import (
     check_bool,
-    check_nhwc_nonempty,
     check_non_negative_int,
     check_positive_int,
     invalid,
@@ -139,8 +138,7 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, dropout_rate=self.dropout_rate)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
         w, g = tuple(self.widths), tuple(self.groups)
@@ -199,8 +197,7 @@ class ZFNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, dropout_rate=self.dropout_rate)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
         pool = functools.partial(max_pool2d, kernel_size=3, stride=2, ceil_mode=True)

@@ -35,13 +35,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.pooling import max_pool2d
-from cnnjax.models.registry import build_variant, check_train, register_model
+from cnnjax.models.registry import build_variant, check_call, register_model
 from cnnjax.models.resnet import batch_norm
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
     check_depth,
-    check_nhwc_nonempty,
     check_number,
     check_positive_int,
     check_positive_ints,
@@ -256,8 +255,7 @@ class DenseNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, drop_rate=self.drop_rate)
+        train = check_call(self, x, train, return_features, drop_rate=self.drop_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
         )

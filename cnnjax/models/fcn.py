@@ -62,7 +62,7 @@ import numpy as np
 from jax import lax
 
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, bilinear_kernel_1d, bilinear_upsample_init
-from cnnjax.models.registry import register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101, ResNet152
 from cnnjax.models.vgg import VGG_CONFIGS, VGGFeatures, check_dropout_rate
 from cnnjax.utils.validation import (
@@ -175,6 +175,11 @@ class FCN(nn.Module):
         check_bool(owner, "learn_final_upsample", self.learn_final_upsample)
         super().__post_init__()
 
+    @property
+    def _vgg_dropout_rate(self) -> float:
+        """Dropout after the VGG-16 backbone's fc6 and fc7 (None: the paper's 0.5)."""
+        return 0.5 if self.dropout_rate is None else self.dropout_rate
+
     def _backbone(self, x: Array, train: bool) -> tuple[dict[str, Array], tuple[Array, ...]]:
         """Backbone maps and the (pool3, pool4, stride-32 map) triple the FCN head consumes."""
         if self.backbone == "vgg16":
@@ -184,8 +189,7 @@ class FCN(nn.Module):
             y = feats["block5"]
             for name, kernel in (("fc6", 7), ("fc7", 1)):
                 y = Conv2D(4096, kernel, padding=kernel // 2, dtype=self.dtype, name=name)(y)
-                rate = 0.5 if self.dropout_rate is None else self.dropout_rate
-                y = nn.Dropout(rate, deterministic=not train)(nn.relu(y))
+                y = nn.Dropout(self._vgg_dropout_rate, deterministic=not train)(nn.relu(y))
             feats["fc7"] = y
             return feats, (feats["block3"], feats["block4"], y)
         feats = RESNET_BACKBONES[self.backbone](
@@ -203,6 +207,8 @@ class FCN(nn.Module):
         if min(x.shape[1:]) < 1:  # the backbone's first pool or initializer would fail instead
             raise invalid(type(self).__name__, "input.shape", tuple(x.shape),
                           "expected height, width and channels >= 1 in an NHWC array")
+        train = check_call(self, x, train, return_features, dropout_rate=self._vgg_dropout_rate
+                           if self.backbone == "vgg16" else 0.0)
         _, h, w, _ = x.shape
         pad_h, pad_w = (-h) % OUTPUT_STRIDE, (-w) % OUTPUT_STRIDE
         x = jnp.pad(jnp.asarray(x, self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))

@@ -72,9 +72,9 @@ import jax.numpy as jnp
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init, flatten
-from cnnjax.utils.validation import check_bool, check_nhwc_nonempty, check_positive_int, invalid
+from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
 Array = Any
 
@@ -231,9 +231,8 @@ class GoogLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, dropout_rate=self.dropout_rate,
-                            aux_dropout_rate=self.aux_dropout_rate if self.aux_logits else 0)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate,
+                           aux_dropout_rate=self.aux_dropout_rate if self.aux_logits else 0)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=caffe_xavier_init,
                                  bias_init=caffe_bias_init)
@@ -395,9 +394,8 @@ class GoogLeNetBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, dropout_rate=self.dropout_rate,
-                            aux_dropout_rate=self.aux_dropout_rate if self.aux_logits else 0)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate,
+                           aux_dropout_rate=self.aux_dropout_rate if self.aux_logits else 0)
         x = jnp.asarray(x, self.dtype)
         if self.transform_input:
             x = transform_imagenet_input(x)

@@ -38,9 +38,9 @@ import numpy as np
 
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import avg_pool2d
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.vgg import flatten
-from cnnjax.utils.validation import check_choice, check_nhwc_nonempty, check_positive_int
+from cnnjax.utils.validation import check_choice, check_positive_int
 
 Array = Any
 
@@ -150,8 +150,7 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train)
+        train = check_call(self, x, train, return_features)
         act = _ACTIVATION_FNS[self.activation]
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}

@@ -38,12 +38,11 @@ import jax.numpy as jnp
 
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.vgg import check_dropout_rate, conv_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
-    check_nhwc_nonempty,
     check_positive_int,
     invalid,
 )
@@ -149,8 +148,7 @@ class NiN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, dropout_rate=self.dropout_rate)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}
         for i, stage in enumerate(self.stages, start=1):

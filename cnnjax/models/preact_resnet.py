@@ -45,12 +45,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.resnet import batch_norm, conv_kernel_init
 from cnnjax.utils.validation import (
     check_bool,
     check_depth,
-    check_nhwc_nonempty,
     check_positive_int,
     check_positive_ints,
     invalid,
@@ -268,9 +267,8 @@ class PreActResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, drop_rate=self.drop_rate,
-                            drop_path_rate=self.drop_path_rate)
+        train = check_call(self, x, train, return_features, drop_rate=self.drop_rate,
+                           drop_path_rate=self.drop_path_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
         )

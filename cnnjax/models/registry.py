@@ -16,9 +16,15 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_choice, check_float_dtype, invalid
+from cnnjax.utils.validation import (
+    check_choice,
+    check_float_dtype,
+    check_nhwc_nonempty,
+    invalid,
+)
 
 #: Constructor fields the caller (the engine) or flax sets, never offered as hyperparameters.
 ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
@@ -69,20 +75,50 @@ def register_model(
     return decorator
 
 
+def _check_flag(owner: str, arg: str, value: Any) -> bool:
+    """`value` as a bool, else the standard ValueError: a call flag such as `train` or
+    `return_features`, where a string such as "False" is truthy."""
+    if not isinstance(value, bool | np.bool_):
+        raise invalid(owner, arg, value, "expected True or False")
+    return bool(value)
+
+
 def check_train(module: nn.Module, train: Any, **rates: float) -> bool:
     """`train` as a bool, checked where a model's `__call__` begins: a string such as "False" is
     truthy and would train. In training, a rate in `rates` (e.g. `dropout_rate=0.5`) above 0
     draws random masks, which needs a 'dropout' PRNG key: without one flax fails inside the
     layer, naming neither the model nor the setting."""
     owner = type(module).__name__
-    if not isinstance(train, bool | np.bool_):
-        raise invalid(owner, "train", train, "expected True or False")
+    train = _check_flag(owner, "train", train)
     drawn = [f"{field}={rate}" for field, rate in rates.items() if rate > 0]
     if train and drawn and not module.has_rng("dropout"):
         verb = "draws" if len(drawn) == 1 else "draw"
         raise invalid(owner, "train", True, f"{' and '.join(drawn)} {verb} random masks in "
                       "training: pass rngs={'dropout': key} to apply, or train=False")
-    return bool(train)
+    return train
+
+
+def check_call(module: nn.Module, x: Any, train: Any, return_features: Any,
+               **rates: float) -> bool:
+    """A classifier's call, checked where its `__call__` begins (before anything is traced):
+    `x` a floating-point NHWC batch with pixels, `train` as `check_train` has it, and
+    `return_features` a bool. Returns `train` as a bool.
+
+    Refused: integer images (uint8 0..255 went silently through `jnp.asarray(x, dtype)` as
+    unnormalized floats), and training on a batch of 0 images (nothing to learn from, and
+    BatchNorm's statistics of no images are NaN, which replaced the running ones)."""
+    owner = type(module).__name__
+    check_nhwc_nonempty(owner, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise invalid(owner, "input.dtype", str(x.dtype),
+                      "expected floating-point images, normalized as the model was trained "
+                      "(cnnjax.data's transforms give float32 (pixels / 255 - mean) / std)")
+    _check_flag(owner, "return_features", return_features)
+    train = check_train(module, train, **rates)
+    if train and x.shape[0] == 0:
+        raise invalid(owner, "train", True, "a batch of 0 images has nothing to train on (and "
+                      "BatchNorm's statistics of no images are NaN): pass train=False")
+    return train
 
 
 def unregister_model(name: str) -> ModelInfo:

@@ -33,11 +33,10 @@ import jax.numpy as jnp
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
-from cnnjax.models.registry import build_variant, check_train, register_model
+from cnnjax.models.registry import build_variant, check_call, register_model
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
-    check_nhwc_nonempty,
     check_positive_int,
     check_positive_ints,
     invalid,
@@ -321,8 +320,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, drop_path_rate=self.drop_path_rate)
+        train = check_call(self, x, train, return_features, drop_path_rate=self.drop_path_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
         )

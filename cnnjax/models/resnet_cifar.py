@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.regularization import stochastic_depth_rates
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.resnet import (
     SHORTCUTS,
     BasicBlock,
@@ -34,7 +34,6 @@ from cnnjax.models.resnet import (
 from cnnjax.utils.validation import (
     check_choice,
     check_depth,
-    check_nhwc_nonempty,
     check_positive_int,
     check_positive_ints,
     invalid,
@@ -88,8 +87,7 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, drop_path_rate=self.drop_path_rate)
+        train = check_call(self, x, train, return_features, drop_path_rate=self.drop_path_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init
         )

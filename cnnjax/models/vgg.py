@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, register_model
 from cnnjax.utils.validation import (
     check_bool,
     check_nhwc_nonempty,
@@ -219,8 +219,7 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
-        check_nhwc_nonempty(type(self).__name__, x)
-        train = check_train(self, train, dropout_rate=self.dropout_rate)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         features = VGGFeatures(stages=self.stages, batch_norm=self.batch_norm, dtype=self.dtype,
                                axis_name=self.axis_name, kernel_sizes=self.kernel_sizes,
                                lrn=self.lrn, name="features")(x, train)

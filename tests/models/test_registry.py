@@ -223,10 +223,14 @@ def _stochastic_kwargs(name: str) -> dict | None:
 STOCHASTIC = {n: _stochastic_kwargs(n) for n in list_models() if _stochastic_kwargs(n)}
 
 
+#: One model per architecture class (classifiers and the FCNs' two backbones).
+ONE_PER_CLASS = ["lenet5", "alexnet", "zfnet", "vgg11", "nin", "googlenet", "googlenet_bn",
+                 "densenet121", "resnet18", "resnet20_cifar", "wrn16_4_cifar", "fcn8s_vgg16",
+                 "fcn8s_resnet18"]
+
+
 @pytest.mark.parametrize("train", ["False", 1, None])
-@pytest.mark.parametrize("name", ["lenet5", "alexnet", "zfnet", "vgg11", "nin", "googlenet",
-                                  "googlenet_bn", "densenet121", "resnet18", "resnet20_cifar",
-                                  "wrn16_4_cifar"])
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
 def test_train_must_be_a_bool(name, train):
     """`train="False"` is truthy: it trained (dropout on, BatchNorm on batch statistics)."""
     import numpy as np
@@ -235,6 +239,68 @@ def test_train_must_be_a_bool(name, train):
     with pytest.raises(ValueError, match=rf"^{type(model).__name__}: train={re.escape(repr(train))}"
                                          r" is invalid; expected True or False"):
         model.apply({"params": {}}, np.zeros(_native_spec(name).shape, np.float32), train=train)
+
+
+@pytest.mark.parametrize("flag", ["False", 1, None])
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
+def test_return_features_must_be_a_bool(name, flag):
+    """`return_features="False"` is truthy: the model returned `(logits, features)`."""
+    import numpy as np
+
+    model = create_model(name)
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: return_features="
+                                         rf"{re.escape(repr(flag))} is invalid; expected True or "
+                                         r"False"):
+        model.apply({"params": {}}, np.zeros(_native_spec(name).shape, np.float32),
+                    return_features=flag)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32", "bool"])
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
+def test_integer_images_are_refused(name, dtype):
+    """uint8 pixels 0..255 went through `jnp.asarray(x, dtype)` as floats 0..255, unnormalized:
+    finite, confident, wrong logits. Refused before tracing, naming the model and the dtype."""
+    import jax
+
+    model = create_model(name)
+    x = jax.ShapeDtypeStruct(_native_spec(name).shape, dtype)
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: input\.dtype='{dtype}' is "
+                                         r"invalid; expected floating-point images, normalized"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
+def test_training_on_a_batch_of_no_images_is_refused(name):
+    """BatchNorm's batch statistics of 0 images are NaN (0/0) and replaced the running ones
+    (`vgg11_bn` below); a batch of 0 has nothing to train on in any model. Eval on it works
+    (tests/models/test_classic.py::test_a_batch_of_no_images_gives_no_rows_of_logits)."""
+    import jax
+
+    model = create_model(name)
+    x = _native_spec(name, batch=0)
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: train=True is invalid; a "
+                                         r"batch of 0 images has nothing to train on"):
+        jax.eval_shape(lambda x: model.apply({"params": {}}, x, train=True,
+                                             rngs={"dropout": jax.random.key(1)},
+                                             mutable=["batch_stats"]), x)
+
+
+def test_batchnorm_running_statistics_survive_a_refused_empty_training_batch():
+    """The reproduction: vgg11_bn's layout at 1/16 width trained on a batch of 0 wrote NaN into
+    every BatchNorm's running mean and variance; now it raises, and the same model still
+    evaluates the empty batch to 0 rows of logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.models.vgg import VGG
+
+    model = VGG(stages=((4,), (8,)), batch_norm=True, hidden_features=8, num_classes=3,
+                pool_size=None, dropout_rate=0.0)
+    variables = model.init(jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+    empty = jnp.zeros((0, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"^VGG: train=True is invalid; a batch of 0 images"):
+        model.apply(variables, empty, train=True, mutable=["batch_stats"])
+    assert model.apply(variables, empty).shape == (0, 3)
 
 
 def test_every_classifier_with_random_masks_is_covered():
