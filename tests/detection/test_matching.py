@@ -84,6 +84,32 @@ def test_label_anchors_matches_loop_reference(seed, fg, bg, force_best, inside):
     np.testing.assert_array_equal(np.asarray(got32.labels), labels)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_label_anchors_matches_torchvision_matcher(seed):
+    """torchvision's RPN `Matcher(0.7, 0.3, allow_low_quality_matches=True)` on the same boxes
+    (every anchor valid, as torchvision's RPN has it; every gt overlaps some anchor, where the
+    documented deviation cannot arise): the same label for every anchor, and the same gt for
+    every positive."""
+    torch = pytest.importorskip("torch")
+    utils = pytest.importorskip("torchvision.models.detection._utils")
+    from torchvision.ops import box_iou as torch_box_iou
+
+    rng = np.random.default_rng(seed)
+    corner = rng.uniform(0, 60, (300, 2))
+    anchors = np.concatenate([corner, corner + rng.uniform(4, 30, (300, 2))], 1, dtype=np.float32)
+    corner = rng.uniform(0, 60, (1 + seed % 5, 2))
+    gt = np.concatenate([corner, corner + rng.uniform(4, 30, corner.shape)], 1, dtype=np.float32)
+    quality = torch_box_iou(torch.tensor(gt), torch.tensor(anchors))
+    assert bool((quality.max(dim=1).values > 0).all())
+    matches = utils.Matcher(0.7, 0.3, allow_low_quality_matches=True)(quality).numpy()
+    got = label_anchors(anchors, gt, np.ones(len(gt), bool), 0.7, 0.3)
+    expected = np.where(matches >= 0, POSITIVE, np.where(matches == -1, NEGATIVE, IGNORE))
+    np.testing.assert_array_equal(np.asarray(got.labels), expected)
+    positive = matches >= 0
+    assert positive.any()
+    np.testing.assert_array_equal(np.asarray(got.matched_gt)[positive], matches[positive])
+
+
 def test_forced_positives_include_ties_and_low_iou():
     anchors = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [40, 40, 50, 50], [0, 0, 30, 30]],
                        np.float32)
