@@ -264,6 +264,29 @@ def test_fast_rcnn_loss_matches_numpy(beta, flat):
     assert [float(v) for v in fast_rcnn_loss(logits, deltas, empty)] == [0.0, 0.0]
 
 
+def test_fast_rcnn_loss_matches_torchvision():
+    """torchvision's `fastrcnn_loss` (its box head's beta 1/9, `[S, 4 K]` deltas) on the valid
+    rows; 8 padded rows of garbage appended on our side change nothing."""
+    torch = pytest.importorskip("torch")
+    roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
+    rng = np.random.default_rng(1)
+    rows, k, pad = 64, 6, 8
+    logits = rng.normal(scale=2.0, size=(rows + pad, k)).astype(np.float32)
+    deltas = rng.normal(size=(rows + pad, 4 * k)).astype(np.float32)
+    labels = rng.integers(0, k, rows + pad).astype(np.int32)
+    labels[:20] = 0
+    regression = rng.normal(size=(rows + pad, 4)).astype(np.float32)
+    logits[rows:], deltas[rows:], regression[rows:] = np.nan, np.inf, np.nan
+    ce, box = roi_heads.fastrcnn_loss(
+        torch.tensor(logits[:rows]), torch.tensor(deltas[:rows]),
+        [torch.tensor(labels[:rows], dtype=torch.int64)], [torch.tensor(regression[:rows])])
+    targets = RoiTargets(np.zeros((rows + pad, 4), np.float32), labels, regression,
+                         np.arange(rows + pad) < rows)
+    got = fast_rcnn_loss(logits, deltas, targets, beta=1 / 9)
+    np.testing.assert_allclose(float(got.classification), float(ce), rtol=1e-6)
+    np.testing.assert_allclose(float(got.box), float(box), rtol=1e-6)
+
+
 def test_fast_rcnn_loss_gradient_under_jit():
     proposals, p_valid, gt, labels, g_valid = _scene(3)
     targets = sample_rois(jax.random.key(1), proposals, p_valid, gt, labels, g_valid,
