@@ -5,7 +5,7 @@
 #   launch/local_slurm.sh check        # ~10 min on 2 cores; prints PASS/FAIL per check
 #   launch/local_slurm.sh time_limit   # ~7 min: SLURM's own signal before a 3-minute limit
 #   sudo launch/local_slurm.sh start_two_node  # instead of start: node1 and node2 (below)
-#   launch/local_slurm.sh two_node     # ~9 min: the multi-node checks
+#   launch/local_slurm.sh two_node     # ~7 min: the multi-node checks
 #   sudo launch/local_slurm.sh stop    # either layout; also removes node2's network namespace
 #
 # For a development or CI machine you own (it writes /etc/slurm/slurm.conf and /etc/hosts, adds
@@ -128,9 +128,9 @@ PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSu
   unshare --uts sh -c 'hostname node1 && exec /usr/sbin/slurmd -N node1'
   # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then fails ("No filesystem
   # mounted on /sys/fs/cgroup ... slurmd initialization failed")
-  nsenter --net="/run/netns/$NETNS" unshare --uts sh -c 'hostname node2 && exec /usr/sbin/slurmd -N node2'
-  local i
-  for i in $(seq 30); do
+  nsenter --net="/run/netns/$NETNS" \
+    unshare --uts sh -c 'hostname node2 && exec /usr/sbin/slurmd -N node2'
+  for _ in $(seq 30); do
     [[ $(sinfo -h -N -o %T 2>/dev/null | grep -c idle) == 2 ]] && break
     sleep 1
   done
@@ -279,14 +279,15 @@ two_node() {  # after start_two_node
   local tasks="[line.split() for line in open('$OUT/two_node.placement')]"
   # shellcheck disable=SC2059
   result "2-node job completed: 2 processes x 1 device" \
-    "$(printf "$s" two_node)['status'] == 'completed' and $(printf "$s" two_node)['num_devices'] == 2"
+    "$(printf "$s" two_node)['status'] == 'completed' \
+     and $(printf "$s" two_node)['num_devices'] == 2"
   result "one task on each node (SLURMD_NODENAME, hostname, network namespace)" \
     "[t[:3] for t in $tasks] == [['0', 'node1', 'node1'], ['1', 'node2', 'node2']] \
-     and $tasks[0][3] != $tasks[1][3]"
+     and ${tasks}[0][3] != ${tasks}[1][3]"
   result "both tasks used the coordinator node1 (the first node of SLURM_STEP_NODELIST)" \
     "'$coordinators'.split() == ['node1:$port'] * 2"
   result "node2's task is connected to node1's address, $NODE1:$port" \
-    "'$NODE1:$port,' in $tasks[1][4]"
+    "'$NODE1:$port,' in ${tasks}[1][4]"
   # shellcheck disable=SC2059
   result "preempted 2-node job requeued and resumed" \
     "$(printf "$s" two_node_preempted)['resumed_from_step'] > 0 \
