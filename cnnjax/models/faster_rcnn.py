@@ -51,10 +51,9 @@ from cnnjax.detection.postprocess import Detections, batched_nms, check_detectio
 from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.roi import check_valid_boxes, roi_align
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
-    check_nhwc,
     check_number,
     check_positive_int,
     given_dtype,
@@ -314,7 +313,7 @@ class FasterRCNN(nn.Module):
     # ------------------------------------------------------------------------------ stages
     def rpn(self, images: Array, train: bool) -> RpnOutputs:
         """Backbone and RPN head on a batch."""
-        check_nhwc(type(self).__name__, images)
+        check_images(type(self).__name__, images)
         if min(images.shape[1:3]) < self.stride:  # else a max_pool2d error from the backbone
             raise invalid(type(self).__name__, "input.shape", tuple(images.shape),
                           f"expected height and width >= {self.stride} (the backbone's stride, "
@@ -350,7 +349,7 @@ class FasterRCNN(nn.Module):
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
         """Raw outputs: `(class_logits [N, R, C + 1], box_deltas [N, R, C + 1, 4], proposals)`
         on the test-time proposals (`return_features` adds `{"backbone": map}`)."""
-        train = check_train(self, train)  # "False" is truthy: BatchNorm would train
+        train = check_call(self, x, train, return_features)
         rpn = self.rpn(x, train)
         proposals = self.proposals(rpn, tuple(x.shape[1:3]), train=False)
         logits, deltas = self.box_head(rpn.features, proposals.boxes)

@@ -59,10 +59,9 @@ from cnnjax.models.faster_rcnn import (
     sample_key,
     sample_training_rois,
 )
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
-    check_nhwc,
     check_positive_int,
     check_positive_ints,
     given_dtype,
@@ -152,7 +151,7 @@ class _ProposalDetector(nn.Module):
         `cnnjax.data.proposals`; rows not `proposal_valid` become zero boxes, whatever they
         held), else the dense windows, the same for every image."""
         owner = type(self).__name__
-        check_nhwc(owner, images)
+        check_images(owner, images)
         if proposals is None:
             largest = max(self.proposal_sizes)
             if min(images.shape[1:3]) < largest:
@@ -188,7 +187,7 @@ class _ProposalDetector(nn.Module):
                  proposals: Array | None = None, proposal_valid: Array | None = None) -> Any:
         """`(class_logits [N, P, C + 1], box_deltas [N, P, C + 1, 4], rois [N, P, 4])` of the
         external `proposals` (`windows`)."""
-        train = check_train(self, train)  # "False" is truthy: BatchNorm would train
+        train = check_call(self, x, train, return_features)
         rois, _ = self.windows(x, proposals, proposal_valid)
         logits, deltas = self.score(x, rois, train)
         out = (logits, deltas, rois)
@@ -347,6 +346,10 @@ class RCNN(_ProposalDetector):
         """The CNN's last block (the paper's pool5) of every RoI `[N, R, 4]` warped from its
         image (with `context_padding`): `[N * R, h, w, C]`."""
         n, r = rois.shape[:2]
+        if train and n * r == 0:  # the CNN would train its BatchNorm on a batch of no warps
+            raise invalid(type(self).__name__, "train", True, "0 regions (proposals.shape="
+                          f"{tuple(rois.shape)}) have nothing to train on (and BatchNorm's "
+                          "statistics of no warps are NaN): pass train=False")
         batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
         images, boxes = self.context_boxes(jnp.asarray(images, jnp.float32), rois)
         warped = roi_align(images, boxes.reshape(n * r, 4), batch_indices, self.warp_size,
@@ -363,7 +366,7 @@ class RCNN(_ProposalDetector):
         flattened pool5, fc7 after its ReLU (the paper's SVM features), and the same logits and
         deltas `score` gives."""
         owner = f"{type(self).__name__}.region_features"
-        check_nhwc(owner, images)
+        check_images(owner, images)
         shape = tuple(jnp.shape(rois))
         if len(shape) != 3 or shape[0] != images.shape[0] or shape[2] != 4:
             raise invalid(owner, "rois.shape", shape,

@@ -98,9 +98,20 @@ def check_train(module: nn.Module, train: Any, **rates: float) -> bool:
     return train
 
 
+def check_images(owner: str, x: Any) -> None:
+    """`x` a floating-point NHWC batch with pixels, checked where a model takes images (`__call__`,
+    and a detector's `loss` and `detect`): integer images (uint8 0..255) went silently through
+    `jnp.asarray(x, dtype)` as unnormalized floats."""
+    check_nhwc_nonempty(owner, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise invalid(owner, "input.dtype", str(x.dtype),
+                      "expected floating-point images, normalized as the model was trained "
+                      "(cnnjax.data's transforms give float32 (pixels / 255 - mean) / std)")
+
+
 def check_call(module: nn.Module, x: Any, train: Any, return_features: Any,
                **rates: float) -> bool:
-    """A classifier's call, checked where its `__call__` begins (before anything is traced):
+    """A model's call, checked where its `__call__` begins (before anything is traced):
     `x` a floating-point NHWC batch with pixels, `train` as `check_train` has it, and
     `return_features` a bool. Returns `train` as a bool.
 
@@ -108,11 +119,7 @@ def check_call(module: nn.Module, x: Any, train: Any, return_features: Any,
     unnormalized floats), and training on a batch of 0 images (nothing to learn from, and
     BatchNorm's statistics of no images are NaN, which replaced the running ones)."""
     owner = type(module).__name__
-    check_nhwc_nonempty(owner, x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise invalid(owner, "input.dtype", str(x.dtype),
-                      "expected floating-point images, normalized as the model was trained "
-                      "(cnnjax.data's transforms give float32 (pixels / 255 - mean) / std)")
+    check_images(owner, x)
     _check_flag(owner, "return_features", return_features)
     train = check_train(module, train, **rates)
     if train and x.shape[0] == 0:

@@ -41,10 +41,9 @@ from cnnjax.detection.yolo import (
 )
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.pooling import max_pool2d
-from cnnjax.models.registry import check_train, register_model
+from cnnjax.models.registry import check_call, check_train, register_model
 from cnnjax.models.vgg import check_dropout_rate, flatten
 from cnnjax.utils.validation import (
-    check_nhwc,
     check_number,
     check_positive_int,
     invalid,
@@ -149,9 +148,7 @@ class YOLOv1(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
-        # "False" is truthy: dropout and BatchNorm (batch statistics) would train
-        train = check_train(self, train, dropout_rate=self.dropout_rate)
-        check_nhwc(type(self).__name__, x)
+        train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}
         index = 0

@@ -426,6 +426,35 @@ def test_loss_refuses_a_batch_of_no_images(cls):
             variables, jax.ShapeDtypeStruct((0, 64, 64, 3), jnp.float32))
 
 
+@pytest.mark.parametrize("method", ["loss", "detect"])
+@pytest.mark.parametrize("name", ["fast_rcnn_small", "sppnet_small", "rcnn_small",
+                                  "faster_rcnn_small", "yolo_v1_small"])
+def test_loss_and_detect_refuse_integer_images(name, method):
+    """uint8 pixels 0..255 went through the backbone as unnormalized floats in `loss` and
+    `detect` too (`__call__` is tests/models/test_registry.py's): refused before tracing."""
+    model = create_model(name, num_classes=4)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.uint8)
+    args = with_defaults((None, None, None)) if method == "loss" else ()
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: input\.dtype='uint8' is "
+                                         r"invalid; expected floating-point images"):
+        jax.eval_shape(lambda x: model.apply({"params": {}}, x, *args, method=method,
+                                             mutable=["batch_stats"],
+                                             rngs={"sample": jax.random.key(1)}), x)
+
+
+def test_rcnn_refuses_training_on_no_proposals():
+    """R-CNN's CNN runs on the warps: 0 external proposals in training gave it a batch of none,
+    and every BatchNorm running mean and variance became NaN. Eval on them still works
+    (test_detect_on_no_images_and_no_proposals)."""
+    model = RCNN(num_classes=4)
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            "RCNN: train=True is invalid; 0 regions (proposals.shape=(2, 0, 4)) have nothing to "
+            "train on (and BatchNorm's statistics of no warps are NaN): pass train=False.")):
+        jax.eval_shape(lambda x: model.apply({"params": {}}, x, True, proposals=np.zeros((2, 0, 4)),
+                                             mutable=["batch_stats"]), x)
+
+
 @pytest.mark.parametrize("cls, sampled", [(FastRCNN, "RoIs"), (SPPNet, "RoIs"), (RCNN, "RoIs"),
                                           (FasterRCNN, "anchors and RoIs")])
 def test_loss_without_a_sample_key_says_how_to_pass_one(cls, sampled):

@@ -223,10 +223,11 @@ def _stochastic_kwargs(name: str) -> dict | None:
 STOCHASTIC = {n: _stochastic_kwargs(n) for n in list_models() if _stochastic_kwargs(n)}
 
 
-#: One model per architecture class (classifiers and the FCNs' two backbones).
+#: One model per architecture class (classifiers, the FCNs' two backbones and the detectors).
 ONE_PER_CLASS = ["lenet5", "alexnet", "zfnet", "vgg11", "nin", "googlenet", "googlenet_bn",
                  "densenet121", "resnet18", "resnet20_cifar", "wrn16_4_cifar", "fcn8s_vgg16",
-                 "fcn8s_resnet18"]
+                 "fcn8s_resnet18", "yolo_v1_small", "faster_rcnn_small", "fast_rcnn_small",
+                 "sppnet_small", "rcnn_small"]
 
 
 @pytest.mark.parametrize("train", ["False", 1, None])
