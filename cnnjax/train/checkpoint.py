@@ -61,9 +61,12 @@ _DIGESTS_KEY = "array_digests"
 
 def array_digests(tree: Any) -> dict[str, str]:
     """`{"params/conv1/kernel": digest, ...}` for every array of the nested dict `tree`: the first
-    16 hex digits of the SHA-256 of its dtype, shape and bytes (~1.8 GB/s here)."""
+    16 hex digits of the SHA-256 of its dtype, shape and bytes (~1.8 GB/s here). A None leaf (an
+    unset optional field of an optimizer state or struct) holds no array and has none."""
     digests = {}
     for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
+        if leaf is None:
+            continue
         array = np.ascontiguousarray(leaf)
         digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
         digest.update(array.reshape(-1).view(np.uint8))

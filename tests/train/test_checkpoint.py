@@ -469,3 +469,54 @@ def test_digests_stay_out_of_run_info_and_checkpoints_without_them_restore(tmp_p
     assert step == 4 and resumed.run_info(4) == {"num_devices": 2}
     np.testing.assert_array_equal(restored["params"]["w"], _state(4)["params"]["w"])
     resumed.close()
+
+
+def _every_leaf_kind() -> dict:
+    """A state with each kind of leaf a train state holds: nested dicts and lists (flax's
+    `to_state_dict` keys), bfloat16, bool, uint8, 0-d ints, an empty field (`ema` when not
+    averaging), an empty optax state and an unset (None) optional field."""
+    import ml_dtypes
+
+    return {
+        "params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3),
+                            "scale": np.full(3, 1.5, ml_dtypes.bfloat16)}},
+        "opt_state": [{"trace": {"conv": {"kernel": np.ones((1, 2, 3), np.float32)}}},
+                      {"count": np.array(5, np.int32)}, (), None],
+        "mask": np.array([True, False, True]),
+        "pixels": np.arange(4, dtype=np.uint8),
+        "step": np.array(5, np.int32),
+        "ema": {},
+    }
+
+
+@pytest.mark.parametrize("tampered", [None, "params/conv/scale", "opt_state/1/count", "mask",
+                                      "pixels", "step"])
+def test_digests_of_every_leaf_kind_pass_unchanged_and_catch_each_changed_array(tmp_path,
+                                                                                tampered):
+    """A None leaf made every save a TypeError ('Cannot change data-type for array of
+    references'); each array's digest, whatever its dtype or depth, is checked on restore."""
+    import json
+
+    checkpointer = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
+    checkpointer.save(5, _every_leaf_kind())
+    checkpointer.close()
+    path = tmp_path / "checkpoints" / "5" / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    digests = metadata["custom_metadata"]["array_digests"]
+    assert set(digests) == {"params/conv/kernel", "params/conv/scale", "opt_state/0/trace/conv/"
+                            "kernel", "opt_state/1/count", "mask", "pixels", "step"}
+    if tampered is not None:
+        digests[tampered] = "0" * 16
+        path.write_text(json.dumps(metadata))
+    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
+    try:
+        if tampered is None:
+            restored, step = resumed.restore_latest(_every_leaf_kind())
+            assert step == 5
+            jax.tree.map(np.testing.assert_array_equal, restored, _every_leaf_kind())
+        else:
+            with pytest.warns(RuntimeWarning), pytest.raises(
+                    ValueError, match=f"CheckpointDigestError: array {tampered} of step 5"):
+                resumed.restore_latest(_every_leaf_kind())
+    finally:
+        resumed.close()
