@@ -133,6 +133,15 @@ def _matching(owner: str, arg: str, values: Any, shape: tuple[int, ...]) -> np.n
     return values
 
 
+def _flags(owner: str, arg: str, values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` as a bool array of exactly `shape`, else raises: a float or int flag was cast
+    with 0.5 counted as set, where the detectors refuse a non-bool mask."""
+    values = _matching(owner, arg, values, shape)
+    if values.dtype != np.bool_:
+        raise invalid(owner, f"{arg}.dtype", str(values.dtype), "expected a bool array")
+    return values
+
+
 class DetectionEvaluator:
     """Accumulates detections and ground truth over batches; `compute()` gives the mAPs.
 
@@ -158,8 +167,8 @@ class DetectionEvaluator:
         """Adds a batch: `detections` with `boxes [N, K, 4]`, `scores`, `classes`, `valid`
         `[N, K]` (a `Detections`, any leading axes flattened into N); padded ground truth
         `gt_boxes [N, G, 4]`, `gt_labels [N, G]` in `[0, C)`, `gt_valid [N, G]` (classes and
-        labels of an integer dtype); `mask [N]`
-        (nonzero: a real example; None: all are); `gt_difficult [N, G]` (None: none is).
+        labels of an integer dtype, `valid` and `gt_valid` bool); `mask [N]`
+        (nonzero: a real example; None: all are); `gt_difficult [N, G]` bool (None: none is).
         `K` or `G` may be 0 (images without detections or ground truth). Valid boxes must be
         finite with x1 <= x2 and y1 <= y2 and valid scores not NaN; padded rows may hold
         anything."""
@@ -168,7 +177,7 @@ class DetectionEvaluator:
         lead, k = boxes.shape[:-2], boxes.shape[-2]
         scores = _matching(owner, "detections.scores", detections.scores, boxes.shape[:-1])
         classes = _matching(owner, "detections.classes", detections.classes, boxes.shape[:-1])
-        valid = _matching(owner, "detections.valid", detections.valid, boxes.shape[:-1])
+        valid = _flags(owner, "detections.valid", detections.valid, boxes.shape[:-1])
         n = int(np.prod(lead))
         gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
         if int(np.prod(gt_boxes.shape[:-2])) != n:
@@ -176,12 +185,11 @@ class DetectionEvaluator:
                           f"expected {n} images, as many as the detections")
         g = gt_boxes.shape[-2]
         gt_labels = _matching(owner, "gt_labels", gt_labels, gt_boxes.shape[:-1])
-        gt_valid = _matching(owner, "gt_valid", gt_valid, gt_boxes.shape[:-1]).astype(bool)
+        gt_valid = _flags(owner, "gt_valid", gt_valid, gt_boxes.shape[:-1])
         difficult = (np.zeros(gt_valid.shape, bool) if gt_difficult is None else
-                     _matching(owner, "gt_difficult", gt_difficult, gt_boxes.shape[:-1]))
+                     _flags(owner, "gt_difficult", gt_difficult, gt_boxes.shape[:-1]))
         mask = (np.ones(n, bool) if mask is None
                 else _matching(owner, "mask", mask, gt_boxes.shape[:-2]))
-        valid = valid.astype(bool)
         check_valid_boxes(owner, "detections.boxes", boxes, valid)
         check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
         bad = valid & np.isnan(scores.astype(np.float64))
@@ -193,7 +201,7 @@ class DetectionEvaluator:
         scores = scores.astype(np.float64).reshape(n, k)
         classes, valid = classes.reshape(n, k), valid.reshape(n, k)
         gt_labels, gt_valid = gt_labels.reshape(n, g), gt_valid.reshape(n, g)
-        difficult, mask = difficult.astype(bool).reshape(n, g), mask.reshape(n) != 0
+        difficult, mask = difficult.reshape(n, g), mask.reshape(n) != 0
         for arg, labels, ok in (("gt_labels", gt_labels, gt_valid),
                                 ("detections.classes", classes, valid)):
             if not np.issubdtype(labels.dtype, np.integer):  # a float class never equals c

@@ -322,10 +322,11 @@ def test_padding_rows_may_hold_anything():
 
 
 def _one(ev, box=(0, 0, 10, 10), score=0.9, gt_box=(0, 0, 10, 10), gt_labels=((0,),),
-         mask=None, classes=((0,),)):
+         mask=None, classes=((0,),), valid=((True,),), gt_valid=((True,),), gt_difficult=None):
     ev.add(Detections(np.array([[box]], float), np.array([[score]]), np.array(classes),
-                      np.array([[True]])), np.array([[gt_box]], float), np.array(gt_labels),
-           np.array([[True]]), mask=mask)
+                      np.array(valid)), np.array([[gt_box]], float), np.array(gt_labels),
+           np.array(gt_valid), mask=mask,
+           gt_difficult=None if gt_difficult is None else np.array(gt_difficult))
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -352,11 +353,18 @@ def _one(ev, box=(0, 0, 10, 10), score=0.9, gt_box=(0, 0, 10, 10), gt_labels=((0
     ({"classes": ((False,),)},
      "DetectionEvaluator.add: detections.classes.dtype='bool' is invalid; expected an integer "
      "array."),
+    ({"valid": ((0.5,),)}, "DetectionEvaluator.add: detections.valid.dtype='float64' is invalid; "
+     "expected a bool array."),
+    ({"gt_valid": ((1,),)}, "DetectionEvaluator.add: gt_valid.dtype='int64' is invalid; expected "
+     "a bool array."),
+    ({"gt_difficult": ((0.0,),)}, "DetectionEvaluator.add: gt_difficult.dtype='float64' is "
+     "invalid; expected a bool array."),
 ])
 def test_bad_boxes_scores_and_shapes_are_named(kwargs, message):
     """These were scored silently (a NaN or inverted gt box: map50 0; a NaN score: 1; a float
-    class like 0.7 never equal to any class: a missed gt or a lost detection) or failed in a
-    NumPy reshape."""
+    class like 0.7 never equal to any class: a missed gt or a lost detection; a float or int
+    flag, 0.5 counted as set, where the models refuse non-bool masks) or failed in a NumPy
+    reshape."""
     ev = DetectionEvaluator(num_classes=2)
     with pytest.raises(ValueError) as err:
         _one(ev, **kwargs)
