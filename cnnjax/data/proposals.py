@@ -13,9 +13,10 @@ and their count, plus a JSON `record` of what produced them (`ALGORITHM_VERSION`
 version, the settings, the split, the dataset and its version). `cnnjax.data.detection` joins
 them to the examples by `tfds_id`. A cache whose record differs from the current one (or that
 has none: written before records existed, or before they held the OpenCV version) is stale: it
-is recomputed, with a warning that names the difference. Where OpenCV is not installed (nothing
-could recompute it), a cache is used whatever OpenCV made it. The cache is written atomically;
-concurrent processes each compute it and the last rename wins (same content).
+is recomputed, with a warning that names the difference. Where selective search cannot run
+(OpenCV, or its contrib modules, not installed: nothing could recompute it), a cache is used
+whatever OpenCV made it. The cache is written atomically; concurrent processes each compute it
+and the last rename wins (same content).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def _check_record(found: Any, expected: dict[str, Any]) -> None:
             f"before version {ALGORITHM_VERSION}'s fix of its boxes")
     if found.get("split") != expected["split"]:
         raise StaleCacheError(f"it holds the proposals of split {found.get('split')!r}")
-    # Without OpenCV here (None) the cache cannot be recomputed, so any OpenCV's is used.
+    # Without selective search here (None: no OpenCV, or no contrib modules) the cache cannot
+    # be recomputed, so any OpenCV's is used.
     differ = [f"{name}={found.get(name)!r} (now {value!r})"
               for name, value in expected.items() if found.get(name) != value
               and not (name == "opencv_version" and value is None)]

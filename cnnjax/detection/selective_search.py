@@ -40,12 +40,11 @@ def _cv2() -> Any:
 
 def opencv_version() -> str | None:
     """The version of the OpenCV `selective_search` runs on (`cv2.__version__`; its boxes
-    depend on it), None where OpenCV is not installed."""
+    depend on it), None where it cannot run (OpenCV, or its contrib modules, not installed)."""
     try:
-        import cv2
+        return str(_cv2().__version__)
     except ImportError:
         return None
-    return str(cv2.__version__)
 
 
 def check_settings(owner: str, strategy: Any, scale: Any) -> None:

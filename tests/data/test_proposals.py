@@ -4,6 +4,7 @@ tfds id. (The proposals in real batches are checked in test_detection.py, on sha
 import json
 import os
 import re
+import sys
 import types
 
 import cv2
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from cnnjax.data import proposals as pl
 from cnnjax.data.detection import default_data_config, prepare_proposals
+from cnnjax.detection import selective_search
 
 
 def _config(**fields):
@@ -254,5 +256,24 @@ def test_numpy_integer_max_proposals_is_cached(counted):
     spec = pl.proposal_spec({"method": "selective_search", "max_proposals": np.int64(3)})
     assert type(spec.max_proposals) is int
     pl.load_table(builder, "train", spec)
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train"]
+
+
+def test_a_cache_of_another_opencv_is_used_where_opencv_lacks_its_contrib_modules(
+        counted, monkeypatch):
+    """OpenCV without cv2.ximgproc (the opencv-python wheel, not -contrib) cannot run selective
+    search: its version was recorded as current, so a good cache made with another OpenCV was
+    discarded and recomputing it failed with selective search's ImportError."""
+    calls, builder, spec = counted
+    path = spec.cache_path(builder, "train")
+    pl.load_table(builder, "train", spec)
+    _rewrite_record(path, opencv_version="4.5.0")
+    base_wheel = types.ModuleType("cv2")
+    base_wheel.__version__ = "4.11.0"
+    monkeypatch.setitem(sys.modules, "cv2", base_wheel)
+    with pytest.raises(ImportError, match="contrib modules"):
+        selective_search._cv2()
+    assert pl.opencv_version() is None
     pl.load_table(builder, "train", spec)
     assert calls == ["train"]
