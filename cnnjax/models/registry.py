@@ -109,11 +109,12 @@ def check_images(owner: str, x: Any) -> None:
                       "(cnnjax.data's transforms give float32 (pixels / 255 - mean) / std)")
 
 
-def check_call(module: nn.Module, x: Any, train: Any, return_features: Any,
+def check_call(module: nn.Module, x: Any, train: Any, return_features: Any = False,
                **rates: float) -> bool:
     """A model's call, checked where its `__call__` begins (before anything is traced):
     `x` a floating-point NHWC batch with pixels, `train` as `check_train` has it, and
-    `return_features` a bool. Returns `train` as a bool.
+    `return_features` a bool (a trunk without that flag, such as `VGGFeatures`, leaves it
+    False). Returns `train` as a bool.
 
     Refused: integer images (uint8 0..255 went silently through `jnp.asarray(x, dtype)` as
     unnormalized floats), and training on a batch of 0 images (nothing to learn from, and

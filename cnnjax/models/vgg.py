@@ -52,12 +52,7 @@ from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import check_call, register_model
-from cnnjax.utils.validation import (
-    check_bool,
-    check_nhwc_nonempty,
-    check_positive_int,
-    invalid,
-)
+from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
 Array = Any
 
@@ -155,7 +150,7 @@ class VGGFeatures(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
-        check_nhwc_nonempty(type(self).__name__, x)
+        train = check_call(self, x, train)  # it is used on its own too (the detectors' trunk)
         x = jnp.asarray(x, self.dtype)
         outputs: dict[str, Array] = {}
         kernel_sizes = self.kernel_sizes or [[3] * len(block) for block in self.stages]

@@ -304,6 +304,28 @@ def test_batchnorm_running_statistics_survive_a_refused_empty_training_batch():
     assert model.apply(variables, empty).shape == (0, 3)
 
 
+@pytest.mark.parametrize("x, train, message", [
+    ((2, "float32"), "False", r"train='False' is invalid; expected True or False"),
+    ((0, "float32"), True, r"train=True is invalid; a batch of 0 images has nothing to train on"),
+    ((2, "uint8"), False, r"input\.dtype='uint8' is invalid; expected floating-point images"),
+])
+def test_vgg_features_on_its_own_checks_its_call_as_the_models_do(x, train, message):
+    """`VGGFeatures` is the detectors' trunk and a public module: on its own, train='False'
+    moved its BatchNorm running means (by up to 0.18), a batch of 0 wrote NaN into them and uint8
+    pixels ran unnormalized (block2 up to 139); now the same ValueErrors as the models'."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.models.vgg import VGGFeatures
+
+    trunk = VGGFeatures(stages=((4,), (8,)), batch_norm=True)
+    variables = trunk.init(jax.random.key(0), jnp.ones((2, 8, 8, 3)))
+    batch, dtype = x
+    with pytest.raises(ValueError, match=rf"^VGGFeatures: {message}"):
+        trunk.apply(variables, jnp.zeros((batch, 8, 8, 3), dtype), train,
+                    mutable=["batch_stats"])
+
+
 def test_every_classifier_with_random_masks_is_covered():
     assert sorted(n for n in list_models()
                   if n not in STOCHASTIC) == ["lenet5"] + [f"plain{d}_cifar"
