@@ -61,13 +61,15 @@ _DIGESTS_KEY = "array_digests"
 
 def array_digests(tree: Any) -> dict[str, str]:
     """`{"params/conv1/kernel": digest, ...}` for every array of the nested dict `tree`: the first
-    16 hex digits of the SHA-256 of its dtype, shape and bytes (~1.8 GB/s here). A None leaf (an
+    16 hex digits of the SHA-256 of its dtype, shape and bytes (~1.8 GB/s here), in native byte
+    order (orbax stores values, and restores a big-endian array as a native one). A None leaf (an
     unset optional field of an optimizer state or struct) holds no array and has none."""
     digests = {}
     for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
         if leaf is None:
             continue
-        array = np.ascontiguousarray(leaf)
+        array = np.asarray(leaf)
+        array = np.ascontiguousarray(array, array.dtype.newbyteorder("="))
         digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
         digest.update(array.reshape(-1).view(np.uint8))
         digests[path] = digest.hexdigest()[:16]

@@ -473,13 +473,14 @@ def test_digests_stay_out_of_run_info_and_checkpoints_without_them_restore(tmp_p
 
 def _every_leaf_kind() -> dict:
     """A state with each kind of leaf a train state holds: nested dicts and lists (flax's
-    `to_state_dict` keys), bfloat16, bool, uint8, 0-d ints, an empty field (`ema` when not
-    averaging), an empty optax state and an unset (None) optional field."""
+    `to_state_dict` keys), bfloat16, big-endian float32, bool, uint8, 0-d ints, an empty field
+    (`ema` when not averaging), an empty optax state and an unset (None) optional field."""
     import ml_dtypes
 
     return {
         "params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(1, 2, 3),
-                            "scale": np.full(3, 1.5, ml_dtypes.bfloat16)}},
+                            "scale": np.full(3, 1.5, ml_dtypes.bfloat16),
+                            "bias": np.arange(3, dtype=">f4")}},  # big-endian, e.g. np.load
         "opt_state": [{"trace": {"conv": {"kernel": np.ones((1, 2, 3), np.float32)}}},
                       {"count": np.array(5, np.int32)}, (), None],
         "mask": np.array([True, False, True]),
@@ -489,12 +490,13 @@ def _every_leaf_kind() -> dict:
     }
 
 
-@pytest.mark.parametrize("tampered", [None, "params/conv/scale", "opt_state/1/count", "mask",
-                                      "pixels", "step"])
+@pytest.mark.parametrize("tampered", [None, "params/conv/scale", "params/conv/bias",
+                                      "opt_state/1/count", "mask", "pixels", "step"])
 def test_digests_of_every_leaf_kind_pass_unchanged_and_catch_each_changed_array(tmp_path,
                                                                                 tampered):
     """A None leaf made every save a TypeError ('Cannot change data-type for array of
-    references'); each array's digest, whatever its dtype or depth, is checked on restore."""
+    references'), and a big-endian array (restored native) read as corrupt; each array's digest,
+    whatever its dtype or depth, is checked on restore."""
     import json
 
     checkpointer = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
@@ -503,8 +505,9 @@ def test_digests_of_every_leaf_kind_pass_unchanged_and_catch_each_changed_array(
     path = tmp_path / "checkpoints" / "5" / "_CHECKPOINT_METADATA"
     metadata = json.loads(path.read_text())
     digests = metadata["custom_metadata"]["array_digests"]
-    assert set(digests) == {"params/conv/kernel", "params/conv/scale", "opt_state/0/trace/conv/"
-                            "kernel", "opt_state/1/count", "mask", "pixels", "step"}
+    assert set(digests) == {"params/conv/kernel", "params/conv/scale", "params/conv/bias",
+                            "opt_state/0/trace/conv/kernel", "opt_state/1/count", "mask",
+                            "pixels", "step"}
     if tampered is not None:
         digests[tampered] = "0" * 16
         path.write_text(json.dumps(metadata))
