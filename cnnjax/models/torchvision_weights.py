@@ -85,6 +85,8 @@ UNSUPPORTED_MODELS: dict[str, str] = {
     "torchvision's googlenet to model 'googlenet_bn', which has its layout",
     "alexnet_2tower": "torchvision only has the single-tower alexnet (use model 'alexnet')",
     "zfnet": "torchvision has no ZFNet",
+    "vgg11_lrn": "torchvision has no VGG configuration A-LRN (vgg11 with LRN after conv1_1)",
+    "vgg16_c": "torchvision has no VGG configuration C (1x1 convolutions in blocks 3-5)",
 }
 
 

@@ -115,6 +115,8 @@ def test_flattened_map_dense_matches_torch_flatten_order():
                   r"cnnjax's googlenet is the paper's network .*convert torchvision's googlenet "
                   r"to model 'googlenet_bn'"),
     ("alexnet_2tower", "only has the single-tower alexnet"),
+    ("vgg11_lrn", "torchvision has no VGG configuration A-LRN"),
+    ("vgg16_c", "torchvision has no VGG configuration C"),
 ])
 def test_unsupported_model_names(resnet18_sd, name, match):
     with pytest.raises(ValueError, match=match):
