@@ -80,13 +80,15 @@ class CheckpointDigestError(Exception):
     """Restored arrays differ from the digests saved with them: the files changed on disk."""
 
 
-def check_digests(restored: Any, saved: dict[str, str] | None, where: str) -> None:
+def check_digests(restored: Any, saved: dict[str, str] | None, where: str,
+                  cast: frozenset[str] = frozenset()) -> None:
     """Raises `CheckpointDigestError` naming the first restored array (of `where`) whose digest
-    is not the one saved; checkpoints saved without digests (`saved` None) pass."""
+    is not the one saved; checkpoints saved without digests (`saved` None) pass, and so do the
+    `cast` paths (orbax converted them to the template's dtype: other bytes by design)."""
     if not saved:
         return
     for path, digest in array_digests(restored).items():
-        if path in saved and saved[path] != digest:
+        if path in saved and saved[path] != digest and path not in cast:
             raise CheckpointDigestError(
                 f"array {path} of {where} differs from the digest saved with it (its files "
                 "changed on disk after the save)")
@@ -382,8 +384,9 @@ class Checkpointer:
         """The checkpoint at `step` in the structure of `template` (raises if unreadable)."""
         # An empty field the checkpoint lacks (`ema` when not averaging, in checkpoints
         # written before the field existed) holds no array: it comes from the template.
-        on_disk = self._manager.item_metadata(step)
-        on_disk = set(getattr(on_disk, "tree", on_disk) or {})
+        metadata = self._manager.item_metadata(step)
+        metadata = getattr(metadata, "tree", metadata) or {}
+        on_disk = set(metadata)
         absent = {k: v for k, v in full_target.items()
                   if k not in on_disk and not jax.tree.leaves(v)}
         target = {k: v for k, v in full_target.items() if k not in absent}
@@ -397,7 +400,8 @@ class Checkpointer:
                 "model or optimizer changed since it was saved; to start fresh use a new "
                 "--workdir or delete the checkpoints."
             )
-        check_digests(restored, _saved_digests(self._manager, step), f"step {step}")
+        check_digests(restored, _saved_digests(self._manager, step), f"step {step}",
+                      _cast_paths(metadata, restored))
         return serialization.from_state_dict(template, {**restored, **absent})
 
     def _wait_to_retry(self, attempt: int, what: str) -> None:
@@ -444,6 +448,16 @@ class Checkpointer:
         if await_cleanup is not None:
             await_cleanup()
         self._manager.close()
+
+
+def _cast_paths(metadata: Any, restored: Any) -> frozenset[str]:
+    """Paths of the restored arrays whose dtype is not the saved one (from the checkpoint's
+    `metadata` tree): orbax casts to the template's dtype, as it did before digests existed."""
+    saved = traverse_util.flatten_dict(metadata, sep="/")
+    return frozenset(
+        path for path, leaf in traverse_util.flatten_dict(restored, sep="/").items()
+        if leaf is not None and getattr(saved.get(path), "dtype", None) is not None
+        and np.dtype(saved[path].dtype) != np.asarray(leaf).dtype)
 
 
 def _saved_digests(manager: Any, step: int) -> dict[str, str] | None:

@@ -523,3 +523,23 @@ def test_digests_of_every_leaf_kind_pass_unchanged_and_catch_each_changed_array(
                 resumed.restore_latest(_every_leaf_kind())
     finally:
         resumed.close()
+
+
+def test_a_template_of_another_dtype_restores_cast_not_as_corrupt(tmp_path):
+    """Orbax casts to the template's dtype (float32 saved, bfloat16 asked): other bytes by
+    design, so the digest is not compared there and the cast restore works as before digests;
+    the arrays that keep their dtype are still checked."""
+    import ml_dtypes
+
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(4, _state(4.5))
+    checkpointer.close()
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    template = {"params": {"w": np.zeros((2, 3), ml_dtypes.bfloat16)},
+                "step": np.array(0, np.int32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored, step = resumed.restore_latest(template)
+    assert step == 4 and restored["params"]["w"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"], np.float32), 4.5)
+    resumed.close()
