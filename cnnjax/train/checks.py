@@ -10,6 +10,8 @@ output it received is named too.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -131,13 +133,29 @@ def check_input_size(
             f"{larger[0]}x{larger[1]} one alike, so not for the input size; check the model's "
             f"settings (config.model_kwargs): {type(cause).__name__}: {cause}"
         ) from None
+    field = _own_setting(model, err.__cause__)
+    remedy = (f"change config.model_kwargs.{field}" if field is not None
+              else "a model meant for small images")
     raise invalid(
         model_name,
         "input resolution",
         f"{height}x{width}",
         f"too small: layer {err.layer} fails ({err.detail}); use a larger "
-        "data.image_size or a model meant for small images",
+        f"data.image_size or {remedy}",
     ) from None
+
+
+def _own_setting(model: nn.Module, cause: BaseException | None) -> str | None:
+    """The field of `model` that `cause` (the failing layer's error) names as invalid, if it is
+    one of the model's own settings: a limit that depends on the image (Faster R-CNN's
+    `rpn_min_size` above its side), so changing it fixes the run as well as a larger image."""
+    if not isinstance(cause, ValueError):
+        return None
+    match = re.match(r"(\w+): (\w+)=", str(cause))
+    if match is None or match.group(1) != type(model).__name__:
+        return None
+    fields = {f.name for f in dataclasses.fields(model)}
+    return match.group(2) if match.group(2) in fields else None
 
 
 #: The side of the input a failure is re-traced at to tell a size problem from another one.

@@ -201,6 +201,23 @@ def test_a_layer_that_fails_at_any_size_is_not_blamed_on_the_input_size():
     assert "image_size" not in message
 
 
+def test_a_model_setting_limited_by_the_input_size_is_named_in_the_hint():
+    """Faster R-CNN's `rpn_min_size` above the image's side: a larger image would do, but so
+    would a smaller setting; the hint named only the image size and "a model meant for small
+    images" before."""
+    from cnnjax.models import create_model
+
+    model = create_model("faster_rcnn_small", num_classes=4, rpn_min_size=100.0)
+    with pytest.raises(ValueError) as err:
+        checks.check_input_size(model, "faster_rcnn_small", (64, 64, 3))
+    message = str(err.value)
+    assert message.startswith("faster_rcnn_small: input resolution='64x64' is invalid; too "
+                              "small: layer FasterRCNN (FasterRCNN.rpn) fails (ValueError: "
+                              "FasterRCNN: rpn_min_size=100.0 is invalid")
+    assert message.endswith("; use a larger data.image_size or change "
+                            "config.model_kwargs.rpn_min_size.")
+
+
 class _HostMaskNet(nn.Module):
     """Builds a NumPy mask over the map at trace time, as LeNet-5's subsampling does."""
 
