@@ -9,6 +9,7 @@ import pytest
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
+    check_bool_array,
     check_depth,
     check_known_fields,
     check_nhwc_nonempty,
@@ -67,6 +68,22 @@ def test_concrete_value_is_none_under_tracing():
 def test_given_dtype_keeps_64_bit_types():
     assert given_dtype(np.zeros(2, np.int64)) == np.int64
     assert given_dtype([True, False]) == np.bool_
+
+
+@pytest.mark.parametrize("mask", [[True, False], np.array([1, 0], bool), jax.numpy.ones(2, bool)])
+def test_check_bool_array_accepts_bool_masks(mask):
+    check_bool_array("owner", "mask", mask)
+
+
+@pytest.mark.parametrize("mask, dtype", [
+    (np.array([1.0, 0.5]), "float64"),  # given dtype, before jnp.asarray narrows it to float32
+    ([1, 0], "int64"),
+    (jax.numpy.ones(2, jax.numpy.bfloat16), "bfloat16"),
+])
+def test_check_bool_array_refuses_other_dtypes_naming_the_given_one(mask, dtype):
+    with pytest.raises(ValueError, match=re.escape(
+            f"owner: gt_valid.dtype='{dtype}' is invalid; expected a bool array.")):
+        check_bool_array("owner", "gt_valid", mask)
 
 
 @pytest.mark.parametrize("value, expected", [

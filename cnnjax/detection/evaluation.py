@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cnnjax.layers.roi import check_valid_boxes
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_bool_array, check_positive_int, invalid
 
 VOC_IOU = 0.5
 COCO_IOUS = np.linspace(0.5, 0.95, 10)  # pycocotools' iouThrs
@@ -137,8 +137,7 @@ def _flags(owner: str, arg: str, values: Any, shape: tuple[int, ...]) -> np.ndar
     """`values` as a bool array of exactly `shape`, else raises: a float or int flag was cast
     with 0.5 counted as set, where the detectors refuse a non-bool mask."""
     values = _matching(owner, arg, values, shape)
-    if values.dtype != np.bool_:
-        raise invalid(owner, f"{arg}.dtype", str(values.dtype), "expected a bool array")
+    check_bool_array(owner, arg, values)
     return values
 
 

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.layers.roi import check_valid_boxes
-from cnnjax.utils.validation import check_nhwc, concrete_value, given_dtype, invalid
+from cnnjax.utils.validation import (
+    check_bool_array,
+    check_nhwc,
+    concrete_value,
+    given_dtype,
+    invalid,
+)
 
 Array = Any
 
@@ -40,12 +46,11 @@ def check_ground_truth(owner: str, images: Array, gt_boxes: Array, gt_labels: Ar
         if tuple(jnp.shape(value)) != boxes[:2]:
             raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
                           f"expected {boxes[:2]}, one per gt box")
-    label_dtype, valid_dtype = given_dtype(gt_labels), given_dtype(gt_valid)
+    label_dtype = given_dtype(gt_labels)
     if not np.issubdtype(label_dtype, np.integer):
         raise invalid(owner, "gt_labels.dtype", str(label_dtype),
                       f"expected an integer array (classes in [0, {num_classes}))")
-    if valid_dtype != np.bool_:
-        raise invalid(owner, "gt_valid.dtype", str(valid_dtype), "expected a bool array")
+    check_bool_array(owner, "gt_valid", gt_valid)
     check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
     _check_positive_area(owner, gt_boxes, gt_valid)
     labels, valid = concrete_value(gt_labels), concrete_value(gt_valid)

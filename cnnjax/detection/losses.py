@@ -7,9 +7,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cnnjax.utils.validation import check_number, invalid
+from cnnjax.utils.validation import check_bool_array, check_number, invalid
 
 
 def smooth_l1(pred: Any, target: Any, beta: float = 1.0) -> jax.Array:
@@ -59,11 +58,9 @@ def masked_mean(values: Any, mask: Any) -> jax.Array:
     in that dtype.
     """
     owner = "masked_mean"
-    dtype = np.dtype(mask.dtype) if hasattr(mask, "dtype") else np.asarray(mask).dtype
+    check_bool_array(owner, "mask", mask)
     values = jnp.asarray(values)
     mask = jnp.asarray(mask)
-    if dtype != np.bool_:
-        raise invalid(owner, "mask.dtype", str(dtype), "expected a bool array")
     if mask.ndim > values.ndim or values.shape[:mask.ndim] != mask.shape:
         raise invalid(owner, "mask.shape", tuple(mask.shape),
                       f"expected the leading shape of values.shape={tuple(values.shape)}")

@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.layers.roi import box_iou, check_valid_boxes
-from cnnjax.utils.validation import check_number, check_positive_int, given_dtype, invalid
+from cnnjax.utils.validation import (
+    check_bool_array,
+    check_number,
+    check_positive_int,
+    given_dtype,
+    invalid,
+)
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
 
@@ -38,12 +44,10 @@ class AnchorLabels(NamedTuple):
 
 def _mask(owner: str, arg: str, mask: Any, length: int) -> jax.Array:
     """`mask` as a bool array of shape `[length]`, else raises."""
-    dtype = given_dtype(mask)
-    mask = jnp.asarray(mask)
+    given, mask = mask, jnp.asarray(mask)
     if mask.shape != (length,):
         raise invalid(owner, f"{arg}.shape", tuple(mask.shape), f"expected ({length},)")
-    if dtype != np.bool_:
-        raise invalid(owner, f"{arg}.dtype", str(dtype), "expected a bool array")
+    check_bool_array(owner, arg, given)
     return mask
 
 

@@ -24,6 +24,7 @@ from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import NEGATIVE, POSITIVE, sample_balanced
 from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import (
+    check_bool_array,
     check_number,
     check_positive_int,
     concrete_value,
@@ -68,11 +69,11 @@ def _boxes(owner: str, arg: str, boxes: Any) -> jax.Array:
 def _vector(owner: str, arg: str, x: Any, length: int, kind: str) -> jax.Array:
     """`x` as a `[length]` array of `kind` ("bool" or "integer"), else raises."""
     dtype = given_dtype(x)
-    x = jnp.asarray(x)
+    given, x = x, jnp.asarray(x)
     if x.shape != (length,):
         raise invalid(owner, f"{arg}.shape", tuple(x.shape), f"expected ({length},)")
-    if kind == "bool" and dtype != np.bool_:
-        raise invalid(owner, f"{arg}.dtype", str(dtype), "expected a bool array")
+    if kind == "bool":
+        check_bool_array(owner, arg, given)
     if kind == "integer" and not np.issubdtype(dtype, np.integer):
         raise invalid(owner, f"{arg}.dtype", str(dtype), "expected an integer array")
     return x

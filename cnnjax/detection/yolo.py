@@ -28,6 +28,7 @@ import numpy as np
 from cnnjax.detection.anchors import image_size_pair
 from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import (
+    check_bool_array,
     check_choice,
     check_positive_int,
     concrete_value,
@@ -71,12 +72,10 @@ def yolo_v1_targets(
         raise invalid(owner, "gt_labels.shape", tuple(gt_labels.shape), f"expected ({count},)")
     if not np.issubdtype(label_dtype, np.integer):
         raise invalid(owner, "gt_labels.dtype", str(label_dtype), "expected an integer array")
-    valid_dtype = given_dtype(gt_valid)
-    gt_valid = jnp.asarray(gt_valid)
+    given_valid, gt_valid = gt_valid, jnp.asarray(gt_valid)
     if gt_valid.shape != (count,):
         raise invalid(owner, "gt_valid.shape", tuple(gt_valid.shape), f"expected ({count},)")
-    if valid_dtype != np.bool_:
-        raise invalid(owner, "gt_valid.dtype", str(valid_dtype), "expected a bool array")
+    check_bool_array(owner, "gt_valid", given_valid)
     height, width = image_size_pair(owner, image_size)
     grid = to_pair(owner, "grid_size", grid_size)
     classes = check_positive_int(owner, "num_classes", num_classes)

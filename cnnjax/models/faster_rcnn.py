@@ -54,9 +54,9 @@ from cnnjax.layers.roi import check_valid_boxes, roi_align
 from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
+    check_bool_array,
     check_number,
     check_positive_int,
-    given_dtype,
     invalid,
 )
 
@@ -204,8 +204,7 @@ def _check_head_outputs(owner: str, logits: Array, deltas: Array, proposals: Arr
         if tuple(jnp.shape(value)) != want:
             raise invalid(owner, f"{arg}.shape", tuple(jnp.shape(value)),
                           f"expected {want} for logits of shape {shape}")
-    if given_dtype(valid) != np.bool_:
-        raise invalid(owner, "valid.dtype", str(given_dtype(valid)), "expected a bool array")
+    check_bool_array(owner, "valid", valid)
     check_valid_boxes(owner, "proposals", proposals, valid)
 
 

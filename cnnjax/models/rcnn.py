@@ -62,9 +62,9 @@ from cnnjax.models.faster_rcnn import (
 from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
+    check_bool_array,
     check_positive_int,
     check_positive_ints,
-    given_dtype,
     invalid,
     is_integer,
     to_pair,
@@ -172,9 +172,7 @@ class _ProposalDetector(nn.Module):
         if tuple(proposal_valid.shape) != tuple(proposals.shape[:2]):
             raise invalid(owner, "proposal_valid", f"array of shape {tuple(proposal_valid.shape)}",
                           f"expected {tuple(proposals.shape[:2])}, one flag per proposal")
-        if given_dtype(proposal_valid) != np.bool_:  # 0.5 would read as True
-            raise invalid(owner, "proposal_valid.dtype", str(given_dtype(proposal_valid)),
-                          "expected a bool array")
+        check_bool_array(owner, "proposal_valid", proposal_valid)
         check_valid_boxes(owner, "proposals", proposals, given_valid)
         valid = jnp.asarray(proposal_valid, bool)
         # Padded proposals may hold anything (even inf/NaN): zero them before any pooling.

@@ -124,6 +124,14 @@ def given_dtype(x: Any) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+def check_bool_array(owner: str, arg: str, x: Any) -> None:
+    """Raises unless `x` was given as a bool array: a float or int mask would be cast with 0.5
+    (or 2) read as True; `arg`.dtype is named in the error."""
+    dtype = given_dtype(x)
+    if dtype != np.bool_:
+        raise invalid(owner, f"{arg}.dtype", str(dtype), "expected a bool array")
+
+
 def widen_low_precision(values: np.ndarray) -> np.ndarray:
     """`values` as float32 if its dtype is one of ml_dtypes' floats (bfloat16, float8_*), which
     NumPy reports as kind 'V', so that dtype-kind checks see a float; else unchanged."""
