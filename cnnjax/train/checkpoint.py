@@ -552,8 +552,12 @@ class SourceCheckpoints:
 
     def shapes(self, step: int, collections: tuple[str, ...]) -> dict[str, Any]:
         """`{collection: nested dict of jax.ShapeDtypeStruct}` of the checkpoint at `step`,
-        read from its metadata (no array is loaded); an absent or empty collection is `{}`."""
+        read from its metadata (no array is loaded); an absent or empty collection is `{}`.
+        Raises a ValueError if that metadata is gone (a damaged checkpoint, not an empty one)."""
         tree = self._manager.item_metadata(step)
+        if tree is None:  # orbax returns None when the item's _METADATA file is gone
+            raise ValueError(f"its tree metadata ({step}/default/_METADATA) is missing, so "
+                             "which arrays it holds is unknown")
         tree = getattr(tree, "tree", tree) or {}
         return {
             name: jax.tree.map(

@@ -11,9 +11,10 @@ only for a fresh workdir: a run's own checkpoints always win, so resuming stays 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -63,6 +64,72 @@ def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_confi
                           f"{mine.get(key)!r}; pass --config.model_kwargs.{key}={value}")
 
 
+def _source_config(workdir: str, path_workdir: str) -> dict:
+    """The source run's config.json (`{}` if it has none: checkpoints alone still load); one
+    that is not a JSON object (truncated, emptied) is a ValueError naming `init_from.workdir`."""
+    path = os.path.join(path_workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        saved = err
+    if not isinstance(saved, dict):
+        what = (f"{type(saved).__name__}: {saved}" if isinstance(saved, Exception)
+                else f"it holds a {type(saved).__name__}")
+        raise invalid("init_from", "workdir", workdir,
+                      f"its {path!r} is not a run's config (not a JSON object: {what}); "
+                      "expected the --workdir of a training run or of converted weights")
+    return saved
+
+
+@contextlib.contextmanager
+def _readable(workdir: str, source: SourceCheckpoints, step: int, how: str) -> Iterator[None]:
+    """Reads of the checkpoint at `step` (chosen `how`) inside: a damaged one (orbax and
+    tensorstore raise many kinds: OUT_OF_RANGE, DATA_LOSS, NOT_FOUND, a lost _METADATA) becomes
+    a ValueError naming the init_from field that chose it and the steps to pick instead; the
+    engine's own refusals ('init_from: ...', e.g. an array that fails its digest) pass as they
+    are."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, ValueError) and str(err).startswith("init_from: "):
+            raise
+        detail = str(err).split(" [tensorstore_spec=")[0].splitlines()[0] if str(err) else ""
+        detail = f"{type(err).__name__}: {detail[:300]}"
+        others = [s for s in source.steps if s != step]
+        instead = (f"another of its steps {others}" if others
+                   else "another step: it keeps no other checkpoint")
+        if how == "requested":
+            raise invalid("init_from", "step", step,
+                          f"the checkpoint at step {step} of {workdir!r} could not be read "
+                          f"({detail}); expected {instead} (or check its files)") from None
+        raise invalid("init_from", "workdir", workdir,
+                      f"its {how} checkpoint (step {step}) could not be read ({detail}); set "
+                      f"init_from.step to {instead} (or check its files)") from None
+
+
+def check_exclude_names(exclude: tuple[str, ...], model: str, variable_shapes: Mapping,
+                        source_shapes: Mapping) -> list[str]:
+    """Every `init_from.exclude` name must name a module, at any depth, of the new model
+    (`variable_shapes`) or of the source (a deeper source's extra block, excluded on purpose):
+    a misspelt one would leave the module it meant loaded, so it is a ValueError listing
+    module names. The default 'head' may match neither (an FCN warm-started from an FCN): it is
+    returned, for a warning."""
+    named = module_paths(variable_shapes) | module_paths(source_shapes)
+    unmatched = [name for name in exclude if name not in {m[-1] for m in named}]
+    typos = [name for name in unmatched if name != "head"]
+    if typos:
+        top = sorted({m[0] for m in named})
+        examples = top if len(top) <= 12 else [*top[:12], "..."]
+        raise invalid("init_from", "exclude", exclude,
+                      f"{', '.join(map(repr, typos))} name{'' if len(typos) > 1 else 's'} no "
+                      f"module of model {model!r} nor of its source; expected module names "
+                      f"such as {examples} (a name matches a module at any depth)")
+    return unmatched
+
+
 def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
     """Key paths of the leaves of a nested dict of variables (empty for None / {})."""
     return list(flatten_dict(dict(tree))) if tree else []
@@ -82,11 +149,7 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     init_from = config.init_from
     source = SourceCheckpoints(init_from.workdir)
     try:
-        source_config: dict = {}
-        config_path = os.path.join(source.workdir, CONFIG_FILE)
-        if os.path.exists(config_path):
-            with open(config_path) as f:
-                source_config = json.load(f)
+        source_config = _source_config(init_from.workdir, source.workdir)
         check_pretrained_model_kwargs(config, source.workdir, source_config)
         average = bool(init_from.get("ema", False))
         step, how = source.choose_step(
@@ -95,7 +158,10 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
             source_config.get("best_mode", "max"),
             ema=average,
         )
-        source_shapes = source.variable_shapes(step, ema=average)
+        with _readable(init_from.workdir, source, step, how):
+            source_shapes = source.variable_shapes(step, ema=average)
+        unmatched = check_exclude_names(tuple(init_from.exclude), config.model, variable_shapes,
+                                        source_shapes)
         if average and not jax.tree.leaves(source_shapes):
             raise invalid("init_from", "ema", True,
                           f"the checkpoint at step {step} of {source.workdir!r} holds no "
@@ -111,8 +177,9 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
             source_model=source_config.get("model"),
             submodule=init_from.get("submodule"),
         )
-        loaded = under_submodule(source.restore_variables(step, selected, ema=average),
-                                 init_from.get("submodule"))
+        with _readable(init_from.workdir, source, step, how):
+            restored = source.restore_variables(step, selected, ema=average)
+        loaded = under_submodule(restored, init_from.get("submodule"))
         skipped = excluded_source_modules(source_shapes, tuple(init_from.exclude))
         source_leaves = sum(len(_leaf_paths(source_shapes.get(c))) for c in WARM_START_COLLECTIONS)
     finally:
@@ -122,15 +189,11 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     unloaded = model_modules - module_paths(loaded)
     # The outermost modules nothing was loaded into, e.g. ['aux1/head', 'aux2/head', 'head'].
     fresh = sorted("/".join(m) for m in unloaded if m[:-1] not in unloaded)
-    # A name only the source has (a deeper source's extra block, excluded on purpose) matches.
-    named = model_modules | module_paths(source_shapes)
-    unmatched = set(init_from.exclude) - {m[-1] for m in named}
-    if unmatched:
+    if unmatched:  # the default 'head', of two networks without one (an FCN from an FCN)
         logging.warning(
             "init_from.exclude names %s, which model %r does not have, nor the source (its "
             "top-level modules: %s).",
-            sorted(unmatched), config.model,
-            sorted(m[0] for m in model_modules if len(m) == 1),
+            unmatched, config.model, sorted(m[0] for m in model_modules if len(m) == 1),
         )
     record = {
         "workdir": source.workdir,

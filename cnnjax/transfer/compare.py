@@ -398,12 +398,16 @@ def _variable_shapes(checked: Any) -> Any:
 def _check_source_fits(source_model: str, source_shapes: Any, config: Any, checked: Any,
                        run_id: str) -> None:
     """Before the source trains: its variables fill the warm-started run `config` as the engine
-    will require when that run starts (`select_pretrained`: same names and shapes, and every
-    source variable loaded, with `init_from.exclude` and `init_from.submodule` applied)."""
+    will require when that run starts (`check_exclude_names`: every `init_from.exclude` name
+    is a module's; `select_pretrained`: same names and shapes, and every source variable loaded,
+    with `init_from.exclude` and `init_from.submodule` applied)."""
+    from cnnjax.train.init_from import check_exclude_names
     from cnnjax.train.state import select_pretrained
 
     init_from = config.init_from
     try:
+        check_exclude_names(tuple(init_from.exclude), config.model, checked.variable_shapes,
+                            source_shapes)
         select_pretrained(checked.variable_shapes, source_shapes, tuple(init_from.exclude),
                           source_workdir=init_from.workdir, source_step=init_from.step,
                           model=config.model, source_model=source_model,

@@ -21,6 +21,7 @@ from flax.traverse_util import flatten_dict
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer, SourceCheckpoints
 from cnnjax.train.config import default_config, incompatible_fields, validate_config
+from cnnjax.train.init_from import check_exclude_names
 from cnnjax.train.state import freeze_optimizer, select_pretrained
 from tests.train import helpers
 
@@ -182,14 +183,9 @@ def test_init_from_ema_loads_the_sources_weight_average(tmp_path, initial_states
         loop.train_and_evaluate(plain, str(tmp_path / "plain"))
 
 
-def test_default_step_is_the_best_kept_checkpoint(source, tmp_path, caplog):
+def test_default_step_is_the_best_kept_checkpoint(source, tmp_path):
     config = _fine_tune_config(source, num_train_steps=2, eval_every_steps=2)
-    config.init_from.exclude = ("head", "stem")  # 'stem' is not a module of this model: warned
     summary = loop.train_and_evaluate(config, str(tmp_path))
-    assert (
-        f"init_from.exclude names ['stem'], which model '{helpers.TINY_MODEL}' does not have, "
-        "nor the source (its top-level modules: ['bn', 'conv', 'head'])"
-    ) in caplog.text
     evals = {
         r["step"]: r["top1"]
         for r in map(json.loads, Path(source, "metrics.jsonl").read_text().splitlines())
@@ -755,3 +751,72 @@ def test_submodule_loads_a_classifier_into_an_fcn_backbone():
                                          r"in the checkpoint .* but \(3, 3, 64, 64\) in the new "
                                          r"model 'fcn8s_resnet18'; add 'stage1_block1' to"):
         select_pretrained(fcn, resnet50, ("head",), submodule="backbone", **kwargs)
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    """Damages one checkpoint's files as a disk or a copy can: its array data files gone, its
+    OCDBT manifest emptied, or its tree metadata (`default/_METADATA`) lost."""
+    item = step_dir / "default"
+    if how == "data_lost":
+        for data in item.rglob("d/*"):  # the OCDBT data and tree files, wherever they are
+            data.unlink()
+    elif how == "manifest_emptied":
+        (item / "manifest.ocdbt").write_bytes(b"")
+    else:
+        (item / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["data_lost", "manifest_emptied", "metadata_lost"])
+def test_a_damaged_source_checkpoint_is_named_with_its_flag(source, tmp_path, monkeypatch, how):
+    """A source checkpoint whose files are damaged is refused before anything compiles, naming
+    the init_from field that chose it (workdir: the best checkpoint; step: a requested one), the
+    step and the steps to pick instead. It was orbax's bare OUT_OF_RANGE / DATA_LOSS text, and a
+    lost _METADATA read as a checkpoint of no variables: 'add conv to init_from.exclude'."""
+    copy = tmp_path / "source"
+    shutil.copytree(source, copy)
+    _damage(copy / "checkpoints" / "12", how)
+    config = _fine_tune_config(str(copy))
+    config.init_from.step = 12
+    message = _raises(config, tmp_path / "requested", monkeypatch,
+                      f"init_from: step=12 is invalid; the checkpoint at step 12 of {str(copy)!r}"
+                      " could not be read (")
+    assert message.endswith("); expected another of its steps [6, 8] (or check its files).")
+
+    source_checkpoints = SourceCheckpoints(str(copy))
+    best, how_chosen = source_checkpoints.choose_step(None, "top1")
+    source_checkpoints.close()
+    if best != 12:  # damage the one the default picks
+        _damage(copy / "checkpoints" / str(best), how)
+    others = [s for s in (6, 8, 12) if s not in (best, 12)]
+    message = _raises(_fine_tune_config(str(copy)), tmp_path / "best", monkeypatch,
+                      f"init_from: workdir={str(copy)!r} is invalid; its {how_chosen} checkpoint "
+                      f"(step {best}) could not be read (")
+    assert message.endswith(f"); set init_from.step to another of its steps {others} (or check "
+                            "its files).")
+
+
+@pytest.mark.parametrize("text", ["{not json", "", "[1, 2]"])
+def test_a_source_config_json_that_cannot_be_read_is_named(source, tmp_path, monkeypatch, text):
+    """A source whose config.json is not a JSON object (truncated, emptied) is refused naming
+    the flag and the file, before anything compiles; it was a bare JSONDecodeError."""
+    copy = tmp_path / "source"
+    shutil.copytree(source, copy)
+    (copy / "config.json").write_text(text)
+    _raises(_fine_tune_config(str(copy)), tmp_path / "run", monkeypatch,
+            f"init_from: workdir={str(copy)!r} is invalid; its "
+            f"{str(copy / 'config.json')!r} is not a run's config (not a JSON object:")
+
+
+def test_an_exclude_name_no_module_has_is_refused(source, tmp_path, monkeypatch):
+    """A misspelt module in init_from.exclude ('cnov' for 'conv') was a warning and the run
+    loaded that module anyway; it is refused naming the name and the modules there are. The
+    default 'head' stays a warning when neither network has one (an FCN from an FCN)."""
+    config = _fine_tune_config(str(source))
+    config.init_from.exclude = ("head", "cnov")
+    _raises(config, tmp_path / "run", monkeypatch,
+            "init_from: exclude=('head', 'cnov') is invalid; 'cnov' names no module of model "
+            f"'{helpers.TINY_MODEL}' nor of its source; expected module names such as "
+            "['bn', 'conv', 'head'] (a name matches a module at any depth).")
+    fcn = {"params": {"backbone": {"conv": {"kernel": 0}}, "score": {"kernel": 0}}}
+    assert check_exclude_names(("head",), "fcn", fcn, fcn) == ["head"]  # warned about
+    assert check_exclude_names(("head", "conv"), "fcn", fcn, {}) == ["head"]  # nested: matches

@@ -286,3 +286,20 @@ def test_a_config_json_that_is_not_a_training_runs_is_a_named_error(tmp_path):
                                          r"config.json is not a complete training config "
                                          r"\(it lacks 'optimizer'\)"):
         load_trained(str(partial))
+
+
+def test_a_checkpoint_that_lost_its_tree_metadata_is_unreadable_not_empty(run_dir, tmp_path):
+    """orbax reads a checkpoint whose default/_METADATA is gone as holding nothing: load_trained
+    returned a run with no variables (its apply failed later in flax, 'the collection is
+    empty'); it is refused as unreadable, naming the step and what is missing."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    best = load_trained(str(copy)).step
+    (copy / "checkpoints" / str(best) / "default" / "_METADATA").unlink()
+    with pytest.raises(ValueError, match=rf"^load_trained: step={best} is invalid; the best "
+                                         r"checkpoint of .* could not be read \(ValueError: its "
+                                         rf"tree metadata \({best}/default/_METADATA\) is "
+                                         r"missing"):
+        load_trained(str(copy))

@@ -560,3 +560,16 @@ def test_gain_over_scratch_is_positive_when_a_loss_falls():
     assert finetune["gain_over_scratch"] == pytest.approx(0.8)
     _, finetune = compare.summarize(rows, "ema_loss")
     assert finetune["gain_over_scratch"] == pytest.approx(0.8)
+
+
+def test_a_misspelt_exclude_of_the_target_is_refused_before_the_source_trains(tmp_path,
+                                                                               monkeypatch):
+    """The engine refuses an init_from.exclude name no module has when a warm-started arm
+    starts; the comparison checks it before the source's pretraining, as it does the shapes."""
+    monkeypatch.setattr(sweep, "train_and_evaluate", pytest.fail)  # nothing may train
+    target = _target(**{"init_from.exclude": ("head", "cnov")})
+    with pytest.raises(ValueError, match=re.escape(
+            "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
+            "exclude=('head', 'cnov') is invalid; 'cnov' names no module of model")):
+        _run(tmp_path, target=target, arms=("scratch", "finetune"))
+    assert not os.path.exists(tmp_path / "transfer")
