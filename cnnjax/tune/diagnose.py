@@ -108,7 +108,9 @@ class Thresholds:
     # budget (its sum over the steps) it fell by less than this fraction of what it fell per
     # unit of that budget in the first half. A rate-limited loss falls in step with the lr
     # (ratio ~1: 1.2 on LeNet-5/digits at lr 1e-4); a plateau (0.19 at weight decay 0.3) is a
-    # capacity or regularization limit that a larger rate does not lift.
+    # capacity or regularization limit that a larger rate does not lift. A smoothed train loss
+    # still falling more than `tail_loss_drop` over the last `tail_fraction` is no plateau
+    # (a high-lr phase at its noise floor, then the fall as the schedule anneals the rate).
     plateau_ratio: float = 0.5
     # The last quarter of the run is where "still improving" vs "plateau" is judged.
     tail_fraction: float = 0.25
@@ -119,7 +121,7 @@ class Thresholds:
     # Loss-metric changes below 2% (relative) are noise.
     min_loss_delta: float = 0.02
     # An eval loss still falling > 20% within the last quarter is far from a plateau, even when
-    # top-1 on a small eval set moves less than its noise.
+    # top-1 on a small eval set moves less than its noise (and so is a smoothed train loss).
     tail_loss_drop: float = 0.2
     # Eval loss 10% above its minimum, at least 2 evals after it, is overfitting.
     eval_loss_rise: float = 0.1
@@ -503,7 +505,8 @@ def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
 def _plateaued(curves: Curves, smooth: np.ndarray, t: Thresholds) -> bool:
     """Whether the smoothed train loss fell (by more than the `spike_min_rise` jitter floor)
     over the first half of the lr budget and then slowed to under `plateau_ratio` of that rate
-    per unit of lr: a plateau, not a rate that is too low. Without logged rates, a constant
+    per unit of lr: a plateau, not a rate that is too low; never while it still falls by more
+    than `tail_loss_drop` over the run's last `tail_fraction`. Without logged rates, a constant
     rate is assumed (the budget is the steps)."""
     steps = curves.train_steps.astype(np.float64)
     lr = curves.train_lr if curves.train_lr is not None else np.ones_like(steps)
@@ -515,6 +518,10 @@ def _plateaued(curves: Curves, smooth: np.ndarray, t: Thresholds) -> bool:
         return False
     early, late = smooth[0] - smooth[half], smooth[half] - smooth[-1]
     if early <= t.spike_min_rise * smooth[0]:  # it never really fell: too slow, not a plateau
+        return False
+    # Still falling by more than `tail_loss_drop` over the last quarter (a rate annealing to 0
+    # after a high-lr phase at the noise floor, which per unit of lr looks flat): no plateau.
+    if _train_tail_drop(curves, smooth, t) > t.tail_loss_drop:
         return False
     rate_early = early / budget[half]
     rate_late = late / (budget[-1] - budget[half])
@@ -610,16 +617,29 @@ def noise_level(curves: Curves, metric: str, t: Thresholds, value: float) -> flo
     return t.min_loss_delta * abs(value)
 
 
+def _tail_start(curves: Curves, t: Thresholds) -> float:
+    """The step where the last `tail_fraction` of the run begins. The tail of what ran: a run
+    stopped early (interrupted, incomplete) is judged on its own last quarter, not on the
+    quarter of its plan that it never reached."""
+    end = int(max(curves.eval_steps[-1] if len(curves.eval_steps) else 0,
+                  curves.train_steps[-1] if len(curves.train_steps) else 0))
+    if curves.status == "completed" and curves.num_train_steps:
+        end = int(curves.num_train_steps)
+    return end - t.tail_fraction * end
+
+
+def _train_tail_drop(curves: Curves, smooth: np.ndarray, t: Thresholds) -> float:
+    """How much the smoothed train loss fell over the last `tail_fraction` of the run, as a
+    fraction of its value where that tail begins."""
+    train_start = float(np.interp(_tail_start(curves, t), curves.train_steps, smooth))
+    return (train_start - smooth[-1]) / train_start if train_start > 0 else 0.0
+
+
 def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Finding:
     """still_improving or converged, from the eval metric over the last `tail_fraction`."""
     steps, values = curves.eval_steps, curves.eval_metrics[metric]
     sign = -1.0 if config_lib.lower_is_better(metric) else 1.0
-    # The tail of what ran: a run stopped early (interrupted, incomplete) is judged on its own
-    # last quarter, not on the quarter of its plan that it never reached.
-    end = int(max(steps[-1], curves.train_steps[-1] if len(curves.train_steps) else 0))
-    if curves.status == "completed" and curves.num_train_steps:
-        end = int(curves.num_train_steps)
-    start = end - t.tail_fraction * end
+    start = _tail_start(curves, t)
     before = values[steps <= start]
     if len(before) == 0:  # the tail covers every eval: compare with the first one
         before = values[:1]
@@ -628,8 +648,7 @@ def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Fin
         else float(values[-1])
     gain = sign * (best_tail - best_before)
     noise = noise_level(curves, metric, t, best_before)
-    train_start = float(np.interp(start, curves.train_steps, smooth))
-    train_drop = (train_start - smooth[-1]) / train_start if train_start > 0 else 0.0
+    train_drop = _train_tail_drop(curves, smooth, t)
     evidence = {"metric": metric, "tail_start_step": int(round(start)),
                 "best_before_tail": best_before, "best_in_tail": best_tail, "gain": gain,
                 "noise_level": noise, "train_loss_tail_drop": float(train_drop),

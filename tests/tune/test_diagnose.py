@@ -384,6 +384,22 @@ def test_real_lenet_run_with_huge_weight_decay_plateaus_it_is_not_too_slow():
     assert not still_falling.finding("underfitting").evidence["train_loss_plateaued"]
 
 
+def test_real_lenet_run_whose_loss_still_falls_at_the_end_has_not_plateaued():
+    """lr 1.0 for 40 steps (warmup 30, then cosine; a tune's round 1 with round1_steps=40): the
+    loss hovers near 0.8 at the peak rate, then falls 23% in the last quarter as the rate
+    anneals (eval loss -39%). Per unit of lr its second half fell at 0.2 x its first half's rate,
+    which read as "the train loss plateaued" and sent the recipe to lower a 5e-4 weight decay
+    instead of training longer; a loss still falling more than tail_loss_drop over the last
+    tail_fraction of the run is no plateau."""
+    d = dg.diagnose_workdir(os.path.join(DATA, "lenet5_digits_lr1_40steps"))
+    assert d.verdicts == ["underfitting", "still_improving"]
+    f = d.findings[0]
+    assert not f.evidence["train_loss_plateaued"]
+    assert not f.message.endswith("plateaued (per unit of lr).")
+    assert f.recommendations[0].field == "num_train_steps"
+    assert d.finding("still_improving").evidence["train_loss_tail_drop"] > 0.2
+
+
 def test_real_lenet_run_at_a_five_hundredth_of_its_rate_is_too_slow():
     """lr 1e-4: the loss falls 2.37 -> 1.73 in step with the (warmup-cosine) rate, as fast per
     unit of lr in the second half as in the first (ratio 1.2): too slow, raise the rate."""
