@@ -396,15 +396,24 @@ def check_fields(base_config: Any, space: SearchSpace) -> None:
     for param in space.params:
         if param.field in leaves:
             continue
-        last = param.field.rsplit(".", 1)[-1]  # `learning_rate` -> `optimizer.learning_rate`
-        same_name = [n for n in leaves if n.rsplit(".", 1)[-1] == last]
-        similar = difflib.get_close_matches(param.field, list(leaves), n=5, cutoff=0.8)
-        close = list(dict.fromkeys(similar + same_name))
-        hint = f"close matches: {close}" if close else "no close match"
-        group = param.field.rsplit(".", 1)[0] + "." if "." in param.field else ""
-        siblings = sorted(n for n in leaves if group and n.startswith(group))
-        if siblings and not close:
-            hint = f"fields under {group[:-1]!r}: {siblings}"
+        group, _, last = param.field.rpartition(".")
+        siblings = sorted(n for n in leaves if group and n.rpartition(".")[0] == group)
+        if siblings:
+            # Within an existing group only its own fields are compared, by their last name:
+            # on whole paths the shared prefix made 'optimizer.b2' the match of 'optimizer.lr'.
+            names = {n.rpartition(".")[2]: n for n in siblings}
+            close = [names[m] for m in difflib.get_close_matches(last, list(names), n=5,
+                                                                 cutoff=0.6)]
+            hint = (f"close matches: {close}" if close
+                    else f"fields under {group!r}: {siblings}")
+        else:  # top-level, or a misspelt group: whole paths, and the same last name anywhere
+            same_name = [n for n in leaves if n.rpartition(".")[2] == last]
+            similar = difflib.get_close_matches(param.field, list(leaves), n=5, cutoff=0.8)
+            close = list(dict.fromkeys(similar + same_name))
+            top = sorted(n for n in leaves if "." not in n)
+            hint = (f"close matches: {close}" if close
+                    else f"no close match; top-level fields: {top}" if not group and top
+                    else "no close match")
         raise invalid(_OWNER, f"parameters[{param.field!r}].field", param.field,
                       f"the base config has no such field ({hint})")
 

@@ -160,8 +160,34 @@ def test_unknown_field_without_close_match_lists_its_group():
         "'optimizer.momentum', 'optimizer.name']).",
         sp.check_fields, _base(), sp.grid({"optimizer.zz": [1]}),
     )
-    _raises("the base config has no such field (no close match)",
-            sp.check_fields, _base(), sp.grid({"qqq": [1]}))
+    _raises("the base config has no such field (no close match; top-level fields: "
+            "['global_batch_size'])", sp.check_fields, _base(), sp.grid({"qqq": [1]}))
+
+
+@pytest.mark.parametrize("field, hint", [
+    # abbreviations: the group's prefix made 'optimizer.b2', 'optimizer.b1', 'optimizer.eps'
+    # the "close matches" of 'optimizer.lr' and the real field was never named
+    ("optimizer.lr", "fields under 'optimizer': ["),
+    ("optimizer.wd", "fields under 'optimizer': ["),
+    ("optimizer.learnig_rate", "close matches: ['optimizer.learning_rate']"),
+    ("schedule.warmup", "close matches: ['schedule.warmup_steps']"),
+    ("learning_rate", "close matches: ['optimizer.learning_rate']"),
+    # a top-level field without a close match lists the top-level fields
+    ("num_steps", "top-level fields: ["),
+])
+def test_an_unknown_field_of_the_real_config_names_the_fields_it_may_mean(field, hint):
+    from experiments.configs import lenet5_digits
+
+    base = lenet5_digits.get_config()
+    with pytest.raises(ValueError) as err:
+        sp.check_fields(base, sp.grid({field: [1]}))
+    message = str(err.value)
+    assert hint in message
+    if hint.startswith("fields under"):
+        assert "'optimizer.learning_rate'" in message and "'optimizer.weight_decay'" in message
+        assert "close matches" not in message
+    if hint.startswith("top-level"):
+        assert "'num_train_steps'" in message and "'optimizer.learning_rate'" not in message
 
 
 def test_a_sub_config_is_not_a_field():
