@@ -82,7 +82,7 @@ class Param:
                     _canonical(value)
                 except TypeError:
                     raise invalid(_OWNER, f"{name}.values", value,
-                                  "expected bool, int, float, str, None or tuples of them "
+                                  "expected bool, int, finite float, str, None or tuples of them "
                                   "(values a command line and JSON can hold)") from None
             # Equal values, or values the trial id cannot tell apart ((1, 2) and [1, 2]).
             keys = [json.dumps(_canonical(v), sort_keys=True) for v in values]

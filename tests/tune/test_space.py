@@ -330,7 +330,14 @@ def test_a_grid_refuses_a_seed_it_would_ignore():
          "for distribution='uniform'"),
         (lambda: sp.choice("model_kwargs.act", [object]),
          "sweep: parameters['model_kwargs.act'].values=<class 'object'> is invalid; expected "
-         "bool, int, float, str, None or tuples of them"),
+         "bool, int, finite float, str, None or tuples of them"),
+        # a NaN or inf was refused as if a float were not allowed at all ("expected ... float")
+        (lambda: sp.choice("optimizer.learning_rate", [0.1, math.nan]),
+         "sweep: parameters['optimizer.learning_rate'].values=nan is invalid; expected bool, "
+         "int, finite float, str, None or tuples of them"),
+        (lambda: sp.choice("optimizer.weight_decay", [(0.1, -math.inf)]),
+         "sweep: parameters['optimizer.weight_decay'].values=(0.1, -inf) is invalid; expected "
+         "bool, int, finite float"),
         (lambda: sp.choice("optimizer.learning_rate", [0.1, 0.05, 0.1]),
          "sweep: parameters['optimizer.learning_rate'].values=(0.1, 0.05, 0.1) is invalid; "
          "expected distinct values (0.1 repeats an equal value: both would be the same trial)."),
