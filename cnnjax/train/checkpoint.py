@@ -114,6 +114,15 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
     return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
+def read_error(err: BaseException, limit: int = 300) -> str:
+    """`'<type>: <message>'` of a failed checkpoint read, for one line: tensorstore appends its
+    whole JSON spec to its errors (`[tensorstore_spec=...]`), which would fill the line before
+    orbax's own words (which array, which file, what is wrong) end, so it is cut off."""
+    text = str(err).split(" [tensorstore_spec=")[0]
+    text = (text.splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def _drop_closed_loop_callbacks() -> None:
     """Installs (once per process) a `sys.unraisablehook` that drops "Event loop is closed"
     RuntimeErrors and passes every other unraisable error to the hook it replaces.
@@ -499,6 +508,9 @@ class SourceCheckpoints:
                 f"{owner}: workdir={workdir!r} is invalid; it {what} (looked for checkpoints "
                 f"in {self.directory!r}); expected the --workdir of a run that saved checkpoints."
             )
+        # A damaged checkpoint's failed read (of its metadata or arrays) leaves tensorstore's
+        # other reads calling back into the loop orbax closed: no bare tracebacks for those.
+        _drop_closed_loop_callbacks()
         options = ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False
         )

@@ -22,7 +22,7 @@ from absl import logging
 from flax.traverse_util import flatten_dict
 
 from cnnjax.train import config as config_lib
-from cnnjax.train.checkpoint import SourceCheckpoints
+from cnnjax.train.checkpoint import SourceCheckpoints, read_error
 from cnnjax.train.logging import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.train.state import (
     WARM_START_COLLECTIONS,
@@ -96,8 +96,7 @@ def _readable(workdir: str, source: SourceCheckpoints, step: int, how: str) -> I
     except Exception as err:
         if isinstance(err, ValueError) and str(err).startswith("init_from: "):
             raise
-        detail = str(err).split(" [tensorstore_spec=")[0].splitlines()[0] if str(err) else ""
-        detail = f"{type(err).__name__}: {detail[:300]}"
+        detail = read_error(err)
         others = [s for s in source.steps if s != step]
         instead = (f"another of its steps {others}" if others
                    else "another step: it keeps no other checkpoint")

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from cnnjax.train import config as config_lib
-from cnnjax.train.checkpoint import SourceCheckpoints
+from cnnjax.train.checkpoint import SourceCheckpoints, read_error
 from cnnjax.train.init_from import holds_converted_weights
 from cnnjax.train.loop import CONFIG_FILE, evaluate_variables
 from cnnjax.train.state import WARM_START_COLLECTIONS
@@ -134,7 +134,7 @@ def load_trained(workdir: str, step: int | None = None,
             raise  # e.g. a step that does not exist: it already says which ones do
         raise invalid(_OWNER, "step", chosen,
                       f"the {how} checkpoint of {workdir!r} could not be read "
-                      f"({type(err).__name__}: {str(err)[:200]}); pass another kept step "
+                      f"({read_error(err)}); pass another kept step "
                       "(--step=N) or check the files") from None
     finally:
         if source is not None:

@@ -303,3 +303,26 @@ def test_a_checkpoint_that_lost_its_tree_metadata_is_unreadable_not_empty(run_di
                                          rf"tree metadata \({best}/default/_METADATA\) is "
                                          r"missing"):
         load_trained(str(copy))
+
+
+def test_a_damaged_checkpoint_leaves_no_closed_loop_tracebacks(run_dir, tmp_path, monkeypatch):
+    """`experiments.evaluate` of a run whose best checkpoint has a truncated data file printed
+    its one error line followed by bare "Event loop is closed" tracebacks: tensorstore's other
+    reads called back into the loop orbax had closed (the engine's own restore and saves drop
+    them; the read-only loader did not). Its reason also keeps the start of orbax's message
+    without the tensorstore spec that filled the 200 characters."""
+    import shutil
+    import sys
+    import types
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    best = load_trained(str(copy)).step
+    (copy / "checkpoints" / str(best) / "default" / "manifest.ocdbt").write_bytes(b"")
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    with pytest.raises(ValueError, match=r"could not be read \(ValueError: DATA_LOSS: ") as err:
+        load_trained(str(copy))
+    assert "tensorstore_spec" not in str(err.value)
+    sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
+    assert [str(e) for e in seen if str(e) == "Event loop is closed"] == []
