@@ -369,6 +369,10 @@ def diagnose(curves: Curves, metric: str = "top1",
     t = as_thresholds(thresholds)
     judged = ("loss", *FRACTION_METRICS)
     check_choice(_OWNER, "metric", metric, (*judged, *(METRIC_PREFIX + m for m in judged)))
+    # Before any verdict: a diverged or barely logged run must not hide a metric it never reports.
+    if curves.eval_metrics and metric not in curves.eval_metrics:
+        raise invalid(_OWNER, "metric", metric,
+                      f"the run's evals report {sorted(curves.eval_metrics)}")
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
     if diverged:
@@ -383,9 +387,6 @@ def diagnose(curves: Curves, metric: str = "top1",
     for check in (_unstable(curves, t), _too_slow(curves, smooth, t)):
         if check:
             findings.append(check)
-    if curves.eval_metrics and metric not in curves.eval_metrics:
-        raise invalid(_OWNER, "metric", metric,
-                      f"the run's evals report {sorted(curves.eval_metrics)}")
     if len(curves.eval_steps) < t.min_evals:
         findings.append(_insufficient(curves, t, "evals", len(curves.eval_steps), t.min_evals))
         return Diagnosis(tuple(findings), curves.status)

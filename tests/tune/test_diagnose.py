@@ -597,3 +597,16 @@ def test_thresholds_may_be_a_mapping_of_some_fields_and_nothing_else():
     with pytest.raises(ValueError, match=r"diagnose: thresholds=0.5 is invalid; expected a "
                                          r"Thresholds, a mapping of some of its fields or None"):
         dg.diagnose(curves, thresholds=0.5)
+
+
+@pytest.mark.parametrize("status, steps", [("completed", 40), ("diverged", STEPS)])
+def test_a_metric_the_run_does_not_report_is_named_whatever_the_verdict(status, steps):
+    """A classification run diagnosed on map50 (`python -m cnnjax.tune.diagnose --metric=map50`)
+    was judged anyway when it had too few train logs (insufficient_data) or diverged, so the bad
+    flag went unnoticed; with enough logs the same call raised. It is refused in every case."""
+    curves = _curves(status=status, steps=steps, eval_every=10, **_converged())
+    with pytest.raises(ValueError, match=r"diagnose: metric='map50' is invalid; the run's evals "
+                                         r"report \['loss', 'top1', 'top5'\]"):
+        dg.diagnose(curves, metric="map50")
+    assert dg.diagnose(curves).primary == ("insufficient_data" if status == "completed"
+                                           else "diverged")
