@@ -489,6 +489,15 @@ def _is_json(path: str) -> bool:
 
 
 # ------------------------------------------------------------------ another run's checkpoints
+class CorruptSourceCheckpointError(ValueError):
+    """`SourceCheckpoints.restore` of a checkpoint whose arrays fail their digests; `reason`
+    names the array, for a caller that words the refusal itself (`init_from`: by its field)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class SourceCheckpoints:
     """Read-only view of another run's `<workdir>/checkpoints` (for `config.init_from` and
     `cnnjax.train.trained`).
@@ -595,9 +604,10 @@ class SourceCheckpoints:
         try:
             check_digests(restored, _saved_digests(self._manager, step), f"step {step}")
         except CheckpointDigestError as err:
-            raise ValueError(
+            raise CorruptSourceCheckpointError(
                 f"{self.owner}: the checkpoint at step {step} in {self.directory} is corrupt: "
-                f"{err}; pick another of its steps {self.steps}") from None
+                f"{err}; pick another of its steps {[s for s in self.steps if s != step]}",
+                str(err)) from None
         return restored
 
     def variable_shapes(self, step: int, ema: bool = False) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from absl import logging
 from flax.traverse_util import flatten_dict
 
 from cnnjax.train import config as config_lib
-from cnnjax.train.checkpoint import SourceCheckpoints, read_error
+from cnnjax.train.checkpoint import CorruptSourceCheckpointError, SourceCheckpoints, read_error
 from cnnjax.train.logging import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.train.state import (
     WARM_START_COLLECTIONS,
@@ -87,26 +87,34 @@ def _source_config(workdir: str, path_workdir: str) -> dict:
 @contextlib.contextmanager
 def _readable(workdir: str, source: SourceCheckpoints, step: int, how: str) -> Iterator[None]:
     """Reads of the checkpoint at `step` (chosen `how`) inside: a damaged one (orbax and
-    tensorstore raise many kinds: OUT_OF_RANGE, DATA_LOSS, NOT_FOUND, a lost _METADATA) becomes
-    a ValueError naming the init_from field that chose it and the steps to pick instead; the
-    engine's own refusals ('init_from: ...', e.g. an array that fails its digest) pass as they
-    are."""
+    tensorstore raise many kinds: OUT_OF_RANGE, DATA_LOSS, NOT_FOUND, a lost _METADATA; or its
+    arrays fail their digests) becomes a ValueError naming the init_from field that chose it and
+    the steps to pick instead; the engine's other refusals ('init_from: ...') pass as they are."""
     try:
         yield
+    except CorruptSourceCheckpointError as err:  # read, but its arrays fail their digests
+        raise _unreadable(workdir, source, step, how, f"is corrupt ({err.reason})") from None
     except Exception as err:
         if isinstance(err, ValueError) and str(err).startswith("init_from: "):
             raise
-        detail = read_error(err)
-        others = [s for s in source.steps if s != step]
-        instead = (f"another of its steps {others}" if others
-                   else "another step: it keeps no other checkpoint")
-        if how == "requested":
-            raise invalid("init_from", "step", step,
-                          f"the checkpoint at step {step} of {workdir!r} could not be read "
-                          f"({detail}); expected {instead} (or check its files)") from None
-        raise invalid("init_from", "workdir", workdir,
-                      f"its {how} checkpoint (step {step}) could not be read ({detail}); set "
-                      f"init_from.step to {instead} (or check its files)") from None
+        raise _unreadable(workdir, source, step, how,
+                          f"could not be read ({read_error(err)})") from None
+
+
+def _unreadable(workdir: str, source: SourceCheckpoints, step: int, how: str,
+                problem: str) -> ValueError:
+    """`_readable`'s error: the field that chose `step` (init_from.step when requested, else
+    init_from.workdir) and the other kept steps."""
+    others = [s for s in source.steps if s != step]
+    instead = (f"another of its steps {others}" if others
+               else "another step: it keeps no other checkpoint")
+    if how == "requested":
+        return invalid("init_from", "step", step,
+                       f"the checkpoint at step {step} of {workdir!r} {problem}; expected "
+                       f"{instead} (or check its files)")
+    return invalid("init_from", "workdir", workdir,
+                   f"its {how} checkpoint (step {step}) {problem}; set init_from.step to "
+                   f"{instead} (or check its files)")
 
 
 def check_exclude_names(exclude: tuple[str, ...], model: str, variable_shapes: Mapping,

@@ -755,9 +755,14 @@ def test_submodule_loads_a_classifier_into_an_fcn_backbone():
 
 def _damage(step_dir: Path, how: str) -> None:
     """Damages one checkpoint's files as a disk or a copy can: its array data files gone, its
-    OCDBT manifest emptied, or its tree metadata (`default/_METADATA`) lost."""
+    OCDBT manifest emptied, its tree metadata (`default/_METADATA`) lost, or its arrays replaced
+    by another step's (valid files that decode into other numbers: only the digests see it)."""
     item = step_dir / "default"
-    if how == "data_lost":
+    if how == "arrays_replaced":
+        other = next(p for p in step_dir.parent.iterdir() if p.name.isdigit() and p != step_dir)
+        shutil.rmtree(item)
+        shutil.copytree(other / "default", item)
+    elif how == "data_lost":
         for data in item.rglob("d/*"):  # the OCDBT data and tree files, wherever they are
             data.unlink()
     elif how == "manifest_emptied":
@@ -766,20 +771,23 @@ def _damage(step_dir: Path, how: str) -> None:
         (item / "_METADATA").unlink()
 
 
-@pytest.mark.parametrize("how", ["data_lost", "manifest_emptied", "metadata_lost"])
+@pytest.mark.parametrize("how", ["data_lost", "manifest_emptied", "metadata_lost",
+                                 "arrays_replaced"])
 def test_a_damaged_source_checkpoint_is_named_with_its_flag(source, tmp_path, monkeypatch, how):
     """A source checkpoint whose files are damaged is refused before anything compiles, naming
     the init_from field that chose it (workdir: the best checkpoint; step: a requested one), the
-    step and the steps to pick instead. It was orbax's bare OUT_OF_RANGE / DATA_LOSS text, and a
-    lost _METADATA read as a checkpoint of no variables: 'add conv to init_from.exclude'."""
+    step and the steps to pick instead. It was orbax's bare OUT_OF_RANGE / DATA_LOSS text, a
+    lost _METADATA read as a checkpoint of no variables ('add conv to init_from.exclude'), and
+    arrays failing their digests named neither field and offered the corrupt step itself."""
     copy = tmp_path / "source"
     shutil.copytree(source, copy)
     _damage(copy / "checkpoints" / "12", how)
     config = _fine_tune_config(str(copy))
     config.init_from.step = 12
+    problem = ("is corrupt (array " if how == "arrays_replaced" else "could not be read (")
     message = _raises(config, tmp_path / "requested", monkeypatch,
                       f"init_from: step=12 is invalid; the checkpoint at step 12 of {str(copy)!r}"
-                      " could not be read (")
+                      f" {problem}")
     assert message.endswith("); expected another of its steps [6, 8] (or check its files).")
 
     source_checkpoints = SourceCheckpoints(str(copy))
@@ -790,7 +798,7 @@ def test_a_damaged_source_checkpoint_is_named_with_its_flag(source, tmp_path, mo
     others = [s for s in (6, 8, 12) if s not in (best, 12)]
     message = _raises(_fine_tune_config(str(copy)), tmp_path / "best", monkeypatch,
                       f"init_from: workdir={str(copy)!r} is invalid; its {how_chosen} checkpoint "
-                      f"(step {best}) could not be read (")
+                      f"(step {best}) {problem}")
     assert message.endswith(f"); set init_from.step to another of its steps {others} (or check "
                             "its files).")
 
