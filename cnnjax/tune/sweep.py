@@ -184,9 +184,13 @@ def run_sweep(
                 finally:  # KeyboardInterrupt included: the table shows what has finished so far
                     write_results(sweep_dir, space, metric, mode)
         except DirectoryInUseError as err:  # another array task or driver is running it
+            busy = _in_use(err)
             if trial_index is not None:  # asked for these trials: say one was not run
-                raise
-            _say(verbose, f"Trial {trial.trial_id}: skipped, {err}")
+                raise DirectoryInUseError(
+                    f"{_OWNER}: trial_index={trial.index} (trial {trial.trial_id}): {busy}; "
+                    "another task or driver of this sweep is running it: wait for it to finish "
+                    "or stop it, then rerun.") from None
+            _say(verbose, f"Trial {trial.trial_id}: skipped, {busy}.")
             continue
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
                       + (f" ({record['reason']})" if record["reason"] else ""))
@@ -555,6 +559,15 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
 
 
 # -------------------------------------------------------------------------------- helpers
+def _in_use(err: DirectoryInUseError) -> str:
+    """"its workdir '<path>' is in use by another run (<holder>)" from the lock's error, without
+    its advice to pass a different --workdir: a sweep has no such flag (trial workdirs are
+    <sweep_dir>/trials/<trial_id>)."""
+    text = str(err).removeprefix("workdir: ")
+    cut = text.find("; wait for it")
+    return "its workdir " + (text[:cut] if cut >= 0 else text.rstrip("."))
+
+
 def _blank(value: Any) -> Any:
     return "" if value is None else value
 

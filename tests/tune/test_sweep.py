@@ -293,10 +293,16 @@ def test_a_trial_another_process_is_running_is_skipped_not_run_twice(tmp_path, m
     # Not recorded as failed and not counted against max_trials: trial 1 ran instead.
     assert {r["index"]: r["status"] for r in rows} == {0: "pending", 1: "completed"}
     assert sorted(os.listdir(busy)) == ["run.lock"]
-    assert re.search(r"Trial \S+: skipped, workdir: .* is in use by another run",
-                     capsys.readouterr().out)
-    with (helpers.locked_by_another_process(busy),  # an array task asked for it alone: error
-          pytest.raises(ValueError, match=r"^workdir: .* is in use by another run")):
+    out = capsys.readouterr().out
+    assert re.search(r"Trial \S+: skipped, its workdir .* is in use by another run", out)
+    assert "--workdir" not in out  # experiments.sweep has no such flag to pass
+    # An array task asked for it alone: an error naming the trial, and no --workdir to pass.
+    with (helpers.locked_by_another_process(busy),
+          pytest.raises(ValueError, match=r"^sweep: trial_index=0 \(trial "
+                                          rf"{space.trials[0].trial_id}\): its workdir .* is in "
+                                          r"use by another run \(pid .*\); another task or "
+                                          r"driver of this sweep is running it: wait for it to "
+                                          r"finish or stop it, then rerun\.$")):
         sw.run_sweep(_tiny_base(), space, sweep_dir, trial_index=0, verbose=False)
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)  # the holder is gone
     assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
