@@ -167,13 +167,13 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
         )
         with _readable(init_from.workdir, source, step, how):
             source_shapes = source.variable_shapes(step, ema=average)
-        unmatched = check_exclude_names(tuple(init_from.exclude), config.model, variable_shapes,
-                                        source_shapes)
         if average and not jax.tree.leaves(source_shapes):
             raise invalid("init_from", "ema", True,
                           f"the checkpoint at step {step} of {source.workdir!r} holds no "
                           "weight average (a run with config.ema.decay None, or converted "
                           "weights); set init_from.ema=False to load its weights")
+        unmatched = check_exclude_names(tuple(init_from.exclude), config.model, variable_shapes,
+                                        source_shapes)
         selected = select_pretrained(
             variable_shapes,
             source_shapes,

@@ -828,3 +828,19 @@ def test_an_exclude_name_no_module_has_is_refused(source, tmp_path, monkeypatch)
     fcn = {"params": {"backbone": {"conv": {"kernel": 0}}, "score": {"kernel": 0}}}
     assert check_exclude_names(("head",), "fcn", fcn, fcn) == ["head"]  # warned about
     assert check_exclude_names(("head", "conv"), "fcn", fcn, {}) == ["head"]  # nested: matches
+
+
+def test_init_from_ema_of_a_source_without_an_average_says_so_before_the_exclude_names(
+        tmp_path, monkeypatch):
+    """init_from.ema=True of a source that kept no weight average reads no source modules, so
+    an exclude name only the source has ('extra', a deeper source's block) looked misspelt; the
+    missing average is the error."""
+    source = tmp_path / "source"
+    params, stats = _tiny_variables()
+    params["extra"] = {"kernel": np.zeros((4, 4), np.float32)}
+    _handmade_source(source, "tiny_deeper", params, stats)
+    config = _fine_tune_config(str(source))
+    config.init_from.exclude = ("head", "extra")
+    config.init_from.ema = True
+    _raises(config, tmp_path / "run", monkeypatch,
+            "init_from: ema=True is invalid; the checkpoint at step 3 of")
