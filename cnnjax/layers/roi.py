@@ -305,39 +305,78 @@ def _bilinear_weights(coord: jax.Array, size: int) -> jax.Array:
     return jnp.where(empty[..., None], 0.0, weights)
 
 
+def _host_samples(values: np.ndarray, real: type, scale: float, aligned: bool,
+                  output_size: tuple[int, int], sampling_ratio: int, max_sampling_ratio: int | None,
+                  ) -> tuple[int, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """RoIAlign's sample grid of concrete boxes as torchvision computes it, in its dtype `real`
+    with one IEEE rounding per step (NumPy: no FMA, correctly rounded division): the grid size,
+    the per-box sample counts `[K, 2]` (height, width) and the sample coordinates per axis,
+    `[K, out_h, grid]` and `[K, out_w, grid]` (slots past a box's count are never read).
+
+    torchvision places sample `g` of bin `p` at `(start + p * bin) + (g + 0.5) * bin / count`
+    and reads it (clamped to the last cell) up to the map's far edge, `W` included, and not past
+    it: a sample an ulp from the edge follows that rounding. In the kernel, XLA:CPU divides by
+    the output size as a multiply by its rounded reciprocal (10.5 / 7 = 1.5 + 1 ulp in float32)
+    and may fuse steps into FMAs, which moved such samples across the edge."""
+    scaled = values.astype(real) * real(scale) - real(0.5 if aligned else 0)
+    sizes = scaled[:, 3:1:-1] - scaled[:, 1::-1]  # (height, width)
+    if not aligned:
+        sizes = np.maximum(sizes, real(1))
+    pooled = np.array(output_size, real)
+    if sampling_ratio > 0:
+        grid = sampling_ratio
+        counts = np.full(sizes.shape, real(grid))
+    else:
+        counts = np.ceil(sizes / pooled)
+        grid = max(int(counts.max(initial=1)), 1)
+        if max_sampling_ratio is not None:
+            grid = min(grid, max_sampling_ratio)
+        counts = np.clip(counts, 0, grid)
+    bins = sizes / pooled
+    coords = []
+    for axis, start in ((0, scaled[:, 1]), (1, scaled[:, 0])):
+        p = np.arange(output_size[axis], dtype=real)[None, :, None]
+        g = np.arange(grid, dtype=real)[None, None, :] + real(0.5)
+        size, count = bins[:, axis, None, None], np.maximum(counts[:, axis, None, None], 1)
+        coords.append((start[:, None, None] + p * size) + (g * size) / count)
+    return grid, counts, (coords[0], coords[1])
+
+
 @partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned"))
 def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid, adaptive,
-               aligned, counts=None):
+               aligned, counts=None, samples=None):
     n, h, w, _ = features.shape
     out_h, out_w = output_size
     compute = jnp.promote_types(features.dtype, jnp.float32)
     offset = 0.5 if aligned else 0.0
     scaled = boxes.astype(compute) * spatial_scale - offset
 
-    def axis_weights(start, end, pooled, size, given_count):
-        length = end - start
-        if not aligned:  # Legacy (Detectron) behaviour: force malformed RoIs to be 1x1.
-            length = jnp.maximum(length, 1.0)
-        bin_size = length / pooled
-        if given_count is not None:  # computed on the host, as torchvision does (see roi_align)
-            count = given_count.astype(compute)
-        elif adaptive:
-            count = jnp.clip(jnp.ceil(length / pooled), 0, grid)
-        else:
-            count = jnp.full_like(length, grid)
-        step = bin_size / jnp.maximum(count, 1)
-        p = jnp.arange(pooled, dtype=compute)[None, :, None]
+    def axis_weights(start, end, pooled, size, given_count, given_coords):
         g = jnp.arange(grid, dtype=compute)[None, None, :]
-        coords = (start[:, None, None] + p * bin_size[:, None, None]
-                  + (g + 0.5) * step[:, None, None])
+        if given_coords is not None:  # concrete boxes: torchvision's, from the host
+            count, coords = given_count.astype(compute), given_coords.astype(compute)
+        else:
+            length = end - start
+            if not aligned:  # Legacy (Detectron) behaviour: force malformed RoIs to be 1x1.
+                length = jnp.maximum(length, 1.0)
+            bin_size = length / pooled
+            if adaptive:
+                count = jnp.clip(jnp.ceil(length / pooled), 0, grid)
+            else:
+                count = jnp.full_like(length, grid)
+            step = bin_size / jnp.maximum(count, 1)
+            p = jnp.arange(pooled, dtype=compute)[None, :, None]
+            coords = (start[:, None, None] + p * bin_size[:, None, None]
+                      + (g + 0.5) * step[:, None, None])
         weights = _bilinear_weights(coords, size)  # [K, pooled, grid, size]
         used = (g < count[:, None, None])[..., None]
         return jnp.sum(jnp.where(used, weights, 0.0), axis=2), count  # [K, pooled, size], [K]
 
+    given = (None, None) if samples is None else samples
     weights_h, count_h = axis_weights(scaled[:, 1], scaled[:, 3], out_h, h,
-                                      None if counts is None else counts[:, 0])
+                                      None if counts is None else counts[:, 0], given[0])
     weights_w, count_w = axis_weights(scaled[:, 0], scaled[:, 2], out_w, w,
-                                      None if counts is None else counts[:, 1])
+                                      None if counts is None else counts[:, 1], given[1])
     # Select each box's image with a one-hot contraction instead of gathering [K, H, W, C].
     image = jax.nn.one_hot(batch_indices, n, dtype=compute)  # [K, N]
     weights_hn = weights_h[:, :, None, :] * image[:, None, :, None]  # [K, out_h, N, H]
@@ -382,12 +421,15 @@ def roi_align(
     they are concrete (exact torchvision results), or `max_sampling_ratio` when they are traced
     under jit (boxes needing more samples use `max_sampling_ratio`). Adaptive sampling of traced
     boxes without `max_sampling_ratio` is an error. Concrete boxes get torchvision's per-box
-    counts exactly (IEEE arithmetic on the host, in float64 for float64 features and float32
-    otherwise, as torchvision computes in the input's dtype); traced boxes get them computed in the
-    kernel, where XLA:CPU's float32 division is not correctly rounded and may fuse the scaling
-    into an FMA, so a box whose size on the map lies within an ulp of a multiple of the output
-    size may get one sample more or fewer per bin side there (about 15% of integer-tenth boxes
-    of width 70k at scale 0.1 and output 7; power-of-two scales are exact).
+    counts and sample positions exactly (IEEE arithmetic on the host, in float64 for float64
+    features and float32 otherwise, as torchvision computes in the input's dtype); traced boxes
+    get them computed in the kernel, where XLA:CPU divides by the output size as a multiply by
+    its rounded reciprocal and may fuse the scaling into an FMA. There a box whose size on the
+    map lies within an ulp of a multiple of the output size may get one sample more or fewer per
+    bin side (about 15% of integer-tenth boxes of width 70k at scale 0.1 and output 7), and a
+    sample within an ulp of the map's far edge, which torchvision reads up to `W` included and
+    drops past it, may be read or dropped the other way (about 1 in 2,000 integer boxes past a
+    13-cell map at stride 16).
 
     Unlike torchvision's `roi_align` (default `aligned=False`), `aligned` defaults to True: pass
     `aligned=False` for code ported from torchvision's default. A NaN or inf reaches only the
@@ -407,22 +449,13 @@ def roi_align(
     if max_sampling_ratio is not None:
         check_positive_int(owner, "max_sampling_ratio", max_sampling_ratio)
     adaptive = sampling_ratio <= 0
-    counts = None
-    if not adaptive:
-        grid = sampling_ratio
-    elif values is not None:
+    counts = samples = None
+    if values is not None:
         # torchvision's steps in the input's dtype (float64 features: double), each rounded
-        # (NumPy: no FMA, IEEE division).
-        real = _box_dtype(features)
-        scaled = values.astype(real) * real(scale) - real(0.5 if aligned else 0)
-        sizes = scaled[:, 3:1:-1] - scaled[:, 1::-1]  # (height, width)
-        if not aligned:
-            sizes = np.maximum(sizes, real(1))
-        counts = np.ceil(sizes / np.array(out, real))
-        grid = max(int(counts.max(initial=1)), 1)
-        if max_sampling_ratio is not None:
-            grid = min(grid, max_sampling_ratio)
-        counts = np.clip(counts, 0, grid)
+        grid, counts, samples = _host_samples(values, _box_dtype(features), scale, aligned, out,
+                                              sampling_ratio, max_sampling_ratio)
+    elif not adaptive:
+        grid = sampling_ratio
     elif max_sampling_ratio is not None:
         grid = max_sampling_ratio
     else:
@@ -430,7 +463,7 @@ def roi_align(
                       "adaptive sampling (<= 0) needs concrete boxes to size its sample grid; "
                       "under jit pass sampling_ratio > 0 or max_sampling_ratio")
     return _roi_align(features, boxes, batch_indices, out, scale, grid, adaptive, aligned,
-                      counts)
+                      counts, samples)
 
 
 def box_iou(boxes1: Any, boxes2: Any) -> jax.Array:

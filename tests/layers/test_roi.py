@@ -196,6 +196,42 @@ def test_roi_align_adaptive_counts_follow_torchvisions_float32_rounding(aligned)
     np.testing.assert_allclose(got, theirs, rtol=RTOL, atol=ATOL)
 
 
+# Boxes past a 13x13 map (AlexNet's 227-px image at stride 16) with a bilinear sample within an
+# ulp of the map's far edge x = 13 or y = 13, where torchvision's sample switches from the last
+# cell's value to 0: (dtype, box, output size, sampling ratio, aligned), found among 4,000
+# random integer boxes each (about 1 in 2,000 differed from torchvision by up to 0.9).
+_FAR_EDGE_SAMPLES = [
+    (np.float32, [54.0, 150.0, 222.0, 189.0], 7, 2, True),  # x = 13.0 exactly; ours 13 + 1 ulp
+    (np.float32, [42.0, 54.0, 191.0, 222.0], 7, -1, True),
+    (np.float32, [181.0, 155.0, 217.0, 168.0], 7, 2, False),
+    (np.float32, [46.0, 14.0, 214.0, 169.0], 7, -1, False),
+    (np.float32, [70.0, 166.0, 135.0, 222.0], 6, -1, False),
+    (np.float64, [167.0, 41.0, 223.0, 121.0], 6, 2, True),
+    (np.float64, [48.0, 159.0, 134.0, 215.0], 6, 2, False),
+]
+
+
+@pytest.mark.parametrize("dtype,box,output_size,sampling_ratio,aligned", _FAR_EDGE_SAMPLES)
+def test_samples_on_the_far_edge_of_the_map_follow_torchvisions_rounding(
+        dtype, box, output_size, sampling_ratio, aligned):
+    """torchvision reads a sample at x <= W (clamped to the last cell) and drops one at x > W,
+    so a sample an ulp from the edge depends on its float rounding. The kernel divided the box
+    size by the output size as XLA:CPU does, times a rounded reciprocal (10.5 / 7 = 1.5 + 1 ulp
+    in float32), and dropped samples torchvision reads (or read ones it drops). Concrete boxes
+    now get torchvision's sample coordinates, computed on the host in the input's dtype."""
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    with jax.enable_x64(dtype == np.float64):
+        feats = np.random.default_rng(0).normal(size=(1, 13, 13, 2)).astype(dtype)
+        boxes = np.array([box], dtype)
+        got = np.asarray(roi_align(feats, boxes, np.array([0], np.int32), output_size, 1 / 16,
+                                   sampling_ratio, aligned))
+    rois = torch.from_numpy(np.concatenate([np.zeros((1, 1), dtype), boxes], axis=1))
+    theirs = ops.roi_align(torch.from_numpy(feats.transpose(0, 3, 1, 2).copy()), rois,
+                           output_size, 1 / 16, sampling_ratio, aligned)
+    np.testing.assert_allclose(got, theirs.numpy().transpose(0, 2, 3, 1), rtol=RTOL, atol=ATOL)
+
+
 def test_float64_features_round_as_torchvision_does_in_double():
     """torchvision computes box corners and adaptive counts in the input's dtype. In float64,
     45 * 0.7 = 31.499999999999996 rounds to column 31 (float32: 31.5 -> 32), and a box 8 - 1 ulp
@@ -562,7 +598,9 @@ def _past_the_map_boxes(rng, width, height, scale):
 @pytest.mark.parametrize("scale", [0.125, 0.25, 1.0])
 def test_boxes_past_the_map_match_torchvision_eager_and_under_jit(scale):
     # Reference: torchvision.ops.roi_align / roi_pool themselves (they clamp, never raise);
-    # float32 on both sides, tolerance RTOL/ATOL. Eager (concrete boxes, checked) must equal jit.
+    # float32 on both sides, tolerance RTOL/ATOL. Eager (concrete boxes, checked) must equal jit
+    # (RoIAlign up to rounding: eager places its samples with torchvision's host arithmetic, the
+    # kernel an ulp apart, see test_samples_on_the_far_edge_of_the_map_follow_torchvisions...).
     torch = pytest.importorskip("torch")
     ops = pytest.importorskip("torchvision.ops")
     height, width = 7, 6
@@ -578,7 +616,8 @@ def test_boxes_past_the_map_match_torchvision_eager_and_under_jit(scale):
         jitted = jax.jit(lambda b, a=aligned: roi_align(feats, b, batch, (3, 2), scale, 2, a))(
             boxes)
         np.testing.assert_allclose(eager, expected, rtol=RTOL, atol=ATOL)
-        np.testing.assert_array_equal(eager, jitted)
+        np.testing.assert_allclose(jitted, expected, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
     expected = ops.roi_pool(torch_feats, torch_boxes, (3, 2), scale).numpy().transpose(0, 2, 3, 1)
     eager = roi_pool(feats, boxes, batch, (3, 2), scale)
     np.testing.assert_allclose(eager, expected, rtol=RTOL, atol=ATOL)
