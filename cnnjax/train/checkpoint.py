@@ -488,6 +488,32 @@ def _is_json(path: str) -> bool:
     return True
 
 
+#: How deep `where_the_runs_are` looks for runs inside a directory (a sweep's trials/<id>).
+_RUN_SEARCH_DEPTH = 3
+
+
+def where_the_runs_are(path: str) -> str:
+    """The end of a "has no checkpoints" error for a `path` next to runs: a run's own
+    `checkpoints/` folder names its run; a sweep, tuning or transfer directory names the runs
+    inside it (at most 5, up to `_RUN_SEARCH_DEPTH` levels down); else nothing."""
+    if os.path.basename(path) == CHECKPOINT_DIR and os.path.isdir(path):
+        return f"; it is the checkpoints folder of the run {os.path.dirname(path)!r}: pass that"
+    runs = []
+    for root, dirs, _ in os.walk(path):
+        depth = os.path.relpath(root, path).count(os.sep) + (root != path)
+        if CHECKPOINT_DIR in dirs and root != path:
+            runs.append(root)
+            dirs.clear()  # a run's own folders hold no further runs
+        elif depth >= _RUN_SEARCH_DEPTH:
+            dirs.clear()
+        dirs.sort()
+    if not runs:
+        return ""
+    shown = ", ".join(repr(run) for run in sorted(runs)[:5])
+    more = f" and {len(runs) - 5} more" if len(runs) > 5 else ""
+    return f"; it holds runs with checkpoints: {shown}{more}"
+
+
 # ------------------------------------------------------------------ another run's checkpoints
 class CorruptSourceCheckpointError(ValueError):
     """`SourceCheckpoints.restore` of a checkpoint whose arrays fail their digests; `reason`
@@ -515,7 +541,8 @@ class SourceCheckpoints:
             what = "does not exist" if not os.path.exists(self.workdir) else "has no checkpoints"
             raise ValueError(
                 f"{owner}: workdir={workdir!r} is invalid; it {what} (looked for checkpoints "
-                f"in {self.directory!r}); expected the --workdir of a run that saved checkpoints."
+                f"in {self.directory!r}); expected the --workdir of a run that saved "
+                f"checkpoints{where_the_runs_are(self.workdir)}."
             )
         # A damaged checkpoint's failed read (of its metadata or arrays) leaves tensorstore's
         # other reads calling back into the loop orbax closed: no bare tracebacks for those.

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from cnnjax.train import config as config_lib
-from cnnjax.train.checkpoint import SourceCheckpoints, read_error
+from cnnjax.train.checkpoint import SourceCheckpoints, read_error, where_the_runs_are
 from cnnjax.train.init_from import holds_converted_weights
 from cnnjax.train.loop import CONFIG_FILE, evaluate_variables
 from cnnjax.train.state import WARM_START_COLLECTIONS
@@ -99,7 +99,7 @@ def load_trained(workdir: str, step: int | None = None,
     if not isinstance(saved, dict) or "model" not in saved:
         raise invalid(_OWNER, "workdir", workdir,
                       f"expected the --workdir of a training run (no readable {CONFIG_FILE} with "
-                      "a model in it)")
+                      f"a model in it){where_the_runs_are(os.path.abspath(workdir))}")
     if holds_converted_weights(workdir, saved):
         raise invalid(_OWNER, "workdir", workdir,
                       "it holds converted torchvision weights, not a training run: pass it as "

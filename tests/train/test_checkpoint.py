@@ -1,5 +1,6 @@
 """Orbax checkpointing: keep the last k plus the best by an eval metric; exact round trip."""
 
+import re
 import warnings
 
 import jax
@@ -543,3 +544,37 @@ def test_a_template_of_another_dtype_restores_cast_not_as_corrupt(tmp_path):
     assert step == 4 and restored["params"]["w"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"], np.float32), 4.5)
     resumed.close()
+
+
+def test_a_source_path_beside_a_run_says_where_the_runs_are(tmp_path):
+    """A `checkpoints/` folder or a sweep/transfer directory given as a run: "has no
+    checkpoints" alone did not say where to point instead."""
+    from cnnjax.train.checkpoint import SourceCheckpoints
+
+    trials = tmp_path / "sweep" / "trials"
+    for trial in ("0003", "0001"):
+        (trials / trial / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError) as err:
+        SourceCheckpoints(str(tmp_path / "sweep"))
+    assert "it has no checkpoints" in str(err.value)
+    assert str(err.value).endswith(
+        "; it holds runs with checkpoints: " + ", ".join(
+            repr(str(trials / t)) for t in ("0001", "0003")) + ".")
+    with pytest.raises(ValueError) as err:
+        SourceCheckpoints(str(trials / "0001" / "checkpoints"), owner="load_trained")
+    assert str(err.value).startswith(
+        f"load_trained: workdir={str(trials / '0001' / 'checkpoints')!r} is invalid; it has no "
+        "checkpoints")
+    assert str(err.value).endswith(
+        f"; it is the checkpoints folder of the run {str(trials / '0001')!r}: pass that.")
+
+
+def test_load_trained_of_a_sweep_directory_names_its_runs(tmp_path):
+    from cnnjax.train.trained import load_trained
+
+    (tmp_path / "sweep" / "trials" / "0002" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "sweep" / "sweep.json").write_text("{}")
+    with pytest.raises(ValueError, match=re.escape(
+            "(no readable config.json with a model in it); it holds runs with checkpoints: "
+            f"{str(tmp_path / 'sweep' / 'trials' / '0002')!r}.")):
+        load_trained(str(tmp_path / "sweep"))
