@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -79,9 +80,12 @@ def intersection_over_union(matrix: Any) -> dict[str, float]:
             **{f"iou/{c}": float(v) for c, v in zip(present, iou, strict=True)}}
 
 
-def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str:
+def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "",
+                          class_labels: Sequence[str] | None = None) -> str:
     """Row-normalized heat map (each true class sums to 1) with the counts written in cells of
-    matrices up to 20 classes; saved to `path` (PNG). Returns `path`."""
+    matrices up to 20 classes; saved to `path` (PNG). Returns `path`. The ticks read
+    `class_labels` (one per row; default the indices), e.g. the dataset's labels of a run on a
+    class subset, whose model numbers its classes 0..C-1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,6 +96,11 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str
         raise invalid("plot_confusion_matrix", "matrix.shape", matrix.shape,
                       "expected a square [C, C] confusion matrix (confusion_matrix's)")
     num_classes = matrix.shape[0]
+    if class_labels is None:
+        class_labels = [str(i) for i in range(num_classes)]
+    elif isinstance(class_labels, str) or len(class_labels) != num_classes:
+        raise invalid("plot_confusion_matrix", "class_labels", class_labels,
+                      f"expected {num_classes} labels, one per row of the matrix")
     rows = matrix.sum(axis=1, keepdims=True)
     normalized = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     size = min(12.0, 2.0 + 0.45 * num_classes)
@@ -100,8 +109,8 @@ def plot_confusion_matrix(matrix: np.ndarray, path: str, title: str = "") -> str
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     if num_classes <= 20:
         ticks = np.arange(num_classes)
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
+        ax.set_xticks(ticks, [str(label) for label in class_labels])
+        ax.set_yticks(ticks, [str(label) for label in class_labels])
         for i in range(num_classes):
             for j in range(num_classes):
                 if matrix[i, j]:

@@ -313,8 +313,11 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
 
     logits, labels = classifier_logits(run, split) if classified is None else classified
     matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), int(logits.shape[-1]))
-    plot_confusion_matrix(matrix, path, title=title)
-    return {"plot": path, "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
+    # A run on a class subset (data.classes) predicts 0..C-1; row i is dataset label classes[i].
+    classes = [int(c) for c in (run.config.data.get("classes") or range(matrix.shape[0]))]
+    plot_confusion_matrix(matrix, path, title=title, class_labels=[str(c) for c in classes])
+    return {"plot": path, "classes": classes,
+            "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
             "confusion_matrix": matrix.tolist()}
 
 

@@ -133,3 +133,32 @@ def test_a_matrix_that_is_not_counts_is_refused():
             plot_confusion_matrix(np.zeros(shape, np.int64), "/nonexistent/never_written.png")
     # counts still score as before: hand reference, IoU of class 0 = 1 / (1 + 1 + 0)
     assert intersection_over_union([[1, 1], [0, 2]])["iou/0"] == 0.5
+
+
+def _drawn_ticks(monkeypatch, **kwargs):
+    """The x and y tick labels of `plot_confusion_matrix`'s figure."""
+    from cnnjax.analysis import confusion
+
+    drawn = {}
+    monkeypatch.setattr(confusion, "save_figure", lambda fig, path: drawn.setdefault("fig", fig)
+                        and path)
+    confusion.plot_confusion_matrix(confusion_matrix([0, 1, 2], [0, 2, 2], 3), "c.png", **kwargs)
+    ax = drawn["fig"].axes[0]
+    return ([t.get_text() for t in ax.get_xticklabels()],
+            [t.get_text() for t in ax.get_yticklabels()])
+
+
+def test_plot_labels_the_classes_it_is_given(monkeypatch):
+    """A run on a class subset (data.classes=(5, 6, 7)) is drawn with the dataset's labels, not
+    the renumbered 0..2 the model predicts."""
+    assert _drawn_ticks(monkeypatch) == (["0", "1", "2"], ["0", "1", "2"])
+    assert _drawn_ticks(monkeypatch, class_labels=["5", "6", "7"]) == (["5", "6", "7"],
+                                                                       ["5", "6", "7"])
+
+
+def test_plot_refuses_class_labels_of_another_length(tmp_path):
+    with pytest.raises(ValueError, match=r"^plot_confusion_matrix: class_labels=\['5', '6'\] is "
+                                         r"invalid; expected 3 labels, one per row"):
+        plot_confusion_matrix(confusion_matrix([0, 1, 2], [0, 2, 2], 3),
+                              str(tmp_path / "never.png"), class_labels=["5", "6"])
+    assert not (tmp_path / "never.png").exists()

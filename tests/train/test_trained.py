@@ -90,6 +90,23 @@ def test_predictions_cover_the_split_once_and_agree_with_the_engines_top1(run_di
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_a_class_subset_run_reports_its_rows_dataset_labels(run_dir, tmp_path):
+    """With `data.classes` the model's class i is dataset label classes[i]: the JSON says so
+    (`classes`) and the plot's ticks show those labels (they showed 0..C-1 before)."""
+    import dataclasses
+
+    run = load_trained(str(run_dir))
+    logits, labels = classifier_logits(run, batch_size=10)
+    plain = plot_predictions(run, str(tmp_path / "a.png"), classified=(logits, labels))
+    assert plain["classes"] == list(range(helpers.NUM_CLASSES))
+    config = run.config.copy_and_resolve_references()
+    config.data.classes = tuple(range(7, 7 + helpers.NUM_CLASSES))
+    subset = plot_predictions(dataclasses.replace(run, config=config), str(tmp_path / "b.png"),
+                              classified=(logits, labels))
+    assert subset["classes"] == list(range(7, 7 + helpers.NUM_CLASSES))
+    assert subset["confusion_matrix"] == plain["confusion_matrix"]
+
+
 def test_calibration_shares_one_pass_with_the_confusion_matrix(run_dir, tmp_path, monkeypatch):
     """`classifier_logits` is the logits `predictions` yields; the record's NLL and top-1 are the
     engine's eval loss and top-1 (1e-5: the engine sums float32), and the confusion matrix drawn
