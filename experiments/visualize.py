@@ -17,7 +17,9 @@ eval images, preprocessed as its evaluation sees them, and writes to --output_di
 - `filters.png`: the first convolution's kernels (Krizhevsky et al. 2012, Fig. 3);
 - `activations.png`: the Grad-CAM layer's channels on the first image;
 - `visualize.json`: the layer, checkpoint, `target`, each image's label, prediction, its
-  probability and the class its maps explain (`explained`), and `notes`: e.g. that guided
+  probability and the class its maps explain (`explained`) as model classes, `classes` (the
+  dataset label of each model class: `data.classes` of a run on a class subset, which the
+  titles show), and `notes`: e.g. that guided
   backpropagation equals saliency on a model without ReLUs (LeNet-5's tanh), also printed.
 --list_layers prints every module with its output shape (the names --layer takes) and exits.
 --pointing_game instead scores each method on the whole eval split of a dataset with object boxes
@@ -139,8 +141,8 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     rows = [{"label": int(y), "predicted": int(p.argmax()), "probability": float(p.max()),
              "explained": int(t)}
             for y, t, p in zip(labels, result.targets, result.probabilities, strict=True)]
-    titles = [f"true {r['label']}, pred {r['predicted']} ({r['probability']:.2f})"
-              + (f", maps for {r['explained']}" if target == "true" else "") for r in rows]
+    classes = _dataset_labels(run, result.probabilities.shape[-1])
+    titles = image_titles(rows, classes, target)
     name = f"{run.config.model} step {run.step}"
     files = {
         "attributions": attribution.plot_attributions(
@@ -162,10 +164,26 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     summary = {"workdir": run.workdir, "model": run.config.model, "step": run.step,
                "checkpoint": run.how, "weights": "ema" if run.ema else "trained",
                "target": target, "grad_cam_layer": result.layer, "activations_layer": shown,
-               "first_conv": filter_path, "methods": list(result.maps), "images": rows,
+               "first_conv": filter_path, "methods": list(result.maps), "classes": classes,
+               "images": rows,
                "files": files, "notes": notes}
     write_json(os.path.join(out_dir, "visualize.json"), summary)
     return summary
+
+
+def _dataset_labels(run: Any, num_classes: int) -> list[int]:
+    """The dataset label of each model class: `data.classes` for a run on a class subset (its
+    model predicts 0..C-1 in that order), else the classes themselves."""
+    return [int(c) for c in (run.config.data.get("classes") or range(num_classes))]
+
+
+def image_titles(rows: Sequence[dict], classes: Sequence[int], target: str) -> list[str]:
+    """attributions.png's titles: true and predicted class as dataset labels (`classes[i]` for
+    model class i; `rows` keep the model's indices), the probability, and the explained class
+    when it is the true one."""
+    return [f"true {classes[r['label']]}, pred {classes[r['predicted']]} ({r['probability']:.2f})"
+            + (f", maps for {classes[r['explained']]}" if target == "true" else "")
+            for r in rows]
 
 
 def _eval_objects(run: Any, count: int) -> list[dict]:

@@ -9,7 +9,7 @@ import pytest
 
 from cnnjax.train import loop
 from cnnjax.train.trained import load_trained
-from experiments.visualize import write_visualizations
+from experiments.visualize import image_titles, write_visualizations
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,6 +27,7 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     assert summary["grad_cam_layer"] == summary["activations_layer"]
     assert summary["step"] == run.step and len(summary["images"]) == 3
     assert summary["notes"] == []  # its ReLU makes guided backprop differ from saliency
+    assert summary["classes"] == list(range(helpers.NUM_CLASSES))
     for row in summary["images"]:
         assert 0 <= row["predicted"] < helpers.NUM_CLASSES and 0 < row["probability"] <= 1
         assert row["explained"] == row["predicted"]
@@ -204,3 +205,13 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_any_work(tmp
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {label}={path!r} is invalid; expected a directory or a path to create, but a "
         "file is in the way.")
+
+
+def test_titles_name_a_class_subsets_dataset_labels():
+    """A run on data.classes=(5, 6, 7) predicts 0..2: its titles read the digits, not 0..2."""
+    rows = [{"label": 0, "predicted": 2, "probability": 0.5, "explained": 0},
+            {"label": 1, "predicted": 1, "probability": 0.875, "explained": 1}]
+    assert image_titles(rows, [5, 6, 7], "predicted") == ["true 5, pred 7 (0.50)",
+                                                          "true 6, pred 6 (0.88)"]
+    assert image_titles(rows, [5, 6, 7], "true")[0] == "true 5, pred 7 (0.50), maps for 5"
+    assert image_titles(rows, [0, 1, 2], "predicted")[0] == "true 0, pred 2 (0.50)"
