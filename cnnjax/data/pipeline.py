@@ -262,9 +262,15 @@ def epoch_dataset(spec: Spec, source: Source,
         # tfds shards a "train+validation" split part by part: a shard may fall short of
         # num_train / processes. Every process ends its epochs at the smallest shard's last
         # full batch, so epoch boundaries (and resume) agree on all of them.
-        smallest = min(source.num_examples(spec.train_split, (p, shard[1]))
-                       for p in range(shard[1]))
-        steps = min(steps, smallest // process_batch)
+        sizes = [source.num_examples(spec.train_split, (p, shard[1])) for p in range(shard[1])]
+        steps = min(steps, min(sizes) // process_batch)
+        if steps == 0:
+            raise invalid(_OWNER, "global_batch_size", global_batch_size,
+                          f"expected at most {shard[1] * min(sizes)} ({shard[1]} processes * "
+                          f"{min(sizes)}): split {spec.train_split!r} of {spec.preset.name!r} "
+                          f"shards over {shard[1]} processes as {sizes} examples (tfds shards "
+                          "a '+'-joined split part by part), so a process batch of "
+                          f"{process_batch} leaves an epoch without a step")
     base = source.read(spec.train_split, shard)
     decoded = spec.cache
     if decoded:

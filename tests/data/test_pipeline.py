@@ -240,6 +240,25 @@ def test_uneven_shards_of_a_joined_split_still_resume_exactly_on_every_process(d
             for k, batch in enumerate(batches(start, 2)):
                 np.testing.assert_array_equal(batch["image"], fresh[start + k]["image"])
 
+
+def test_a_shard_too_small_for_a_process_batch_is_refused_by_name(digits_config):
+    """"train[:7]+test[:5]" (12 examples) holds one global batch of 12, but over 3 processes
+    its shards are 5, 4 and 3 examples: the smallest holds no process batch of 4, so an epoch
+    has no step. That raised ZeroDivisionError (divmod by 0 steps) on every process."""
+    config = digits_config(train_split="train[:7]+test[:5]")
+    message = re.escape(
+        "data: global_batch_size=12 is invalid; expected at most 9 (3 processes * 3): split "
+        "'train[:7]+test[:5]' of 'digits' shards over 3 processes as [5, 4, 3] examples (tfds "
+        "shards a '+'-joined split part by part), so a process batch of 4 leaves an epoch "
+        "without a step.")
+    for p in range(3):
+        with pytest.raises(ValueError, match=message):
+            train_batches(config, global_batch_size=12, num_devices=1, seed=0, process_index=p,
+                          process_count=3)
+    assert len(_take(train_batches(config, global_batch_size=9, num_devices=1, seed=0,
+                                   process_index=2, process_count=3), 2)) == 2
+
+
 def test_eval_process_shards_partition_the_split(digits_config):
     config = digits_config(eval_split="test[:10]")  # shards of 4, 3, 3 examples
     keys, counts = [], []
