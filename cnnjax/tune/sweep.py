@@ -250,7 +250,9 @@ def check_sweep_dir(
     sweep's description (writes nothing: `launch.submit` calls it before queuing a job).
 
     The metric and mode may change between runs (they only re-rank); the space, the trials and
-    every trajectory-defining base-config field (the engine's RUNTIME_FIELDS excepted) may not.
+    every trajectory-defining base-config field (the engine's RUNTIME_FIELDS excepted) may not,
+    except that a random sweep may grow: a larger `num_trials` with the same seed draws the same
+    first trials, so the finished ones stand and only the new ones run.
     """
     current = _sweep_description(space, base_config, metric, mode)
     path = os.path.join(sweep_dir, SWEEP_FILE)
@@ -261,7 +263,7 @@ def check_sweep_dir(
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved.get("space") != current["space"] or saved.get("trials") != current["trials"]:
+        if not _same_or_grown(saved, current):
             raise ValueError(
                 f"sweep: sweep_dir={sweep_dir!r} holds a different search space "
                 f"(saved: {json.dumps(saved.get('space'))}; now: {json.dumps(current['space'])}); "
@@ -274,6 +276,20 @@ def check_sweep_dir(
                 f"({details}); {fresh}."
             )
     return current
+
+
+def _same_or_grown(saved: dict, current: dict) -> bool:
+    """Whether `current` (a sweep description) is the saved sweep, or the saved random sweep
+    with more trials: the same space but `num_trials`, and the saved trials as its first ones."""
+    old_space, new_space = saved.get("space") or {}, current["space"]
+    old_trials, new_trials = saved.get("trials") or [], current["trials"]
+    if old_space == new_space:
+        return old_trials == new_trials
+    grown = (new_space.get("kind") == "random"
+             and {**old_space, "num_trials": None} == {**new_space, "num_trials": None}
+             and isinstance(old_space.get("num_trials"), int)
+             and new_space["num_trials"] > old_space["num_trials"])
+    return grown and new_trials[:len(old_trials)] == old_trials
 
 
 def config_changes(saved: dict, current: dict, limit: int = 8) -> str:

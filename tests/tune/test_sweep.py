@@ -355,6 +355,30 @@ def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
     sw.run_sweep(base, space, sweep_dir, metric="loss", max_trials=0, verbose=False)
 
 
+def test_a_random_sweep_grows_by_raising_num_trials(tmp_path, monkeypatch):
+    """The same seed draws the same first trials whatever num_trials is, so a random sweep asked
+    for more trials keeps its finished ones and runs only the new; fewer trials, another seed or
+    another space is still a different sweep."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    lrs = (sp.log_uniform("optimizer.learning_rate", 0.005, 0.1),)
+    small, large = sp.random(lrs, 2, seed=3), sp.random(lrs, 4, seed=3)
+    assert large.trials[:2] == small.trials
+    sw.run_sweep(_tiny_base(), small, sweep_dir, verbose=False)
+    started = {t.trial_id: os.path.getmtime(os.path.join(sw.trial_workdir(sweep_dir, t),
+                                                         "summary.json"))
+               for t in small.trials}
+    rows = sw.run_sweep(_tiny_base(), large, sweep_dir, verbose=False)
+    assert [r["status"] for r in sorted(rows, key=lambda r: r["index"])] == ["completed"] * 4
+    for trial in small.trials:  # not rerun
+        assert os.path.getmtime(os.path.join(sw.trial_workdir(sweep_dir, trial),
+                                             "summary.json")) == started[trial.trial_id]
+    assert _json(os.path.join(sweep_dir, sw.SWEEP_FILE))["space"]["num_trials"] == 4
+    for other in (sp.random(lrs, 3, seed=3), sp.random(lrs, 5, seed=4)):
+        with pytest.raises(ValueError, match="holds a different search space"):
+            sw.run_sweep(_tiny_base(), other, sweep_dir, max_trials=0, verbose=False)
+
+
 def test_a_grid_sweep_dir_resumes_whether_its_file_sets_num_trials_or_not(tmp_path, monkeypatch):
     """Grids now refuse a num_trials other than their size; a sweep dir created before (sweep.json
     of a grid records num_trials=None, whatever the file said) still resumes from a file that
