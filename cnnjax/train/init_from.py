@@ -29,6 +29,7 @@ from cnnjax.train.state import (
     excluded_source_modules,
     module_paths,
     select_pretrained,
+    trainable_heads,
     under_submodule,
 )
 from cnnjax.utils.files import read_json
@@ -137,6 +138,16 @@ def check_exclude_names(exclude: tuple[str, ...], model: str, variable_shapes: M
     return unmatched
 
 
+def _frozen(fresh: list[str], variable_shapes: Mapping, freeze: str | None) -> list[str]:
+    """The `fresh` (not loaded) modules whose every parameter `freeze` keeps fixed: they stay at
+    their random initialization for the whole run."""
+    if freeze is None or not fresh:
+        return []
+    trainable = flatten_dict(dict(trainable_heads(variable_shapes["params"])), sep="/")
+    return [module for module in fresh
+            if not any(on for path, on in trainable.items() if path.startswith(module + "/"))]
+
+
 def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:
     """Key paths of the leaves of a nested dict of variables (empty for None / {})."""
     return list(flatten_dict(dict(tree))) if tree else []
@@ -196,6 +207,14 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     unloaded = model_modules - module_paths(loaded)
     # The outermost modules nothing was loaded into, e.g. ['aux1/head', 'aux2/head', 'head'].
     fresh = sorted("/".join(m) for m in unloaded if m[:-1] not in unloaded)
+    frozen_fresh = _frozen(fresh, variable_shapes, config.get("freeze"))
+    if frozen_fresh:
+        logging.warning(
+            "freeze=%r keeps %s at their random initialization: init_from.exclude left them out "
+            "of the warm start, and the frozen backbone never trains them (drop them from "
+            "init_from.exclude to load them, or leave freeze unset to train them).",
+            config.get("freeze"), frozen_fresh,
+        )
     if unmatched:  # the default 'head', of two networks without one (an FCN from an FCN)
         logging.warning(
             "init_from.exclude names %s, which model %r does not have, nor the source (its "
@@ -214,6 +233,7 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
         "source_leaves": source_leaves,
         "excluded_source_modules": skipped,
         "fresh_modules": fresh,
+        "frozen_fresh_modules": frozen_fresh,
         "freeze": config.get("freeze"),
     }
     logging.info(

@@ -148,6 +148,7 @@ def test_fine_tune_starts_from_the_source_params(source, tmp_path, initial_state
         "source_leaves": 8,  # and the source's head kernel/bias, excluded
         "excluded_source_modules": ["head"],
         "fresh_modules": ["head"],
+        "frozen_fresh_modules": [],
         "freeze": None,
     }
     assert summary["status"] == "completed" and summary["init_from"] == expected
@@ -241,6 +242,26 @@ def test_freeze_backbone_trains_only_the_head(source, tmp_path, initial_states):
     # As documented: backbone BatchNorm running statistics keep updating in train mode.
     assert np.abs(_flat(final["batch_stats"])["bn/mean"] - _flat(src["batch_stats"])["bn/mean"]
                   ).max() > 1e-4
+
+
+def test_a_frozen_module_left_out_of_the_warm_start_is_named(source, tmp_path, caplog):
+    """freeze='backbone' with init_from.exclude naming a backbone module: that module starts
+    random and never trains. Allowed (a random-feature layer may be meant), but said: a warning
+    and `frozen_fresh_modules` in the record; it passed silently before."""
+    config = _fine_tune_config(source, num_train_steps=2, eval_every_steps=2, freeze="backbone")
+    config.init_from.exclude = ("head", "conv")
+    with caplog.at_level("WARNING"):
+        summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["init_from"]["fresh_modules"] == ["conv", "head"]
+    assert summary["init_from"]["frozen_fresh_modules"] == ["conv"]
+    assert ("freeze='backbone' keeps ['conv'] at their random initialization: init_from.exclude "
+            "left them out of the warm start" in caplog.text)
+    caplog.clear()
+    config.init_from.exclude = ("head",)
+    with caplog.at_level("WARNING"):
+        summary = loop.train_and_evaluate(config, str(tmp_path / "plain"))
+    assert summary["init_from"]["frozen_fresh_modules"] == []
+    assert "random initialization" not in caplog.text
 
 
 def test_freeze_without_init_from_trains_only_the_head(tmp_path, initial_states):
