@@ -210,9 +210,9 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     frozen_fresh = _frozen(fresh, variable_shapes, config.get("freeze"))
     if frozen_fresh:
         logging.warning(
-            "freeze=%r keeps %s at their random initialization: init_from.exclude left them out "
-            "of the warm start, and the frozen backbone never trains them (drop them from "
-            "init_from.exclude to load them, or leave freeze unset to train them).",
+            "freeze=%r keeps %s at their random initialization: the warm start loaded nothing "
+            "into them (named in init_from.exclude, or not in the source) and the frozen "
+            "backbone never trains them (load them, or leave freeze unset to train them).",
             config.get("freeze"), frozen_fresh,
         )
     if unmatched:  # the default 'head', of two networks without one (an FCN from an FCN)

@@ -166,6 +166,8 @@ def test_across_architectures_the_source_fills_the_named_submodule(
     probe_summary = _json(os.path.join(rows[2]["workdir"], "summary.json"))
     assert probe_summary["init_from"]["submodule"] == "backbone"
     assert probe_summary["init_from"]["fresh_modules"] == ["head", "neck"]
+    # The probe freezes the backbone: the source has no neck, so it stays random (said).
+    assert probe_summary["init_from"]["frozen_fresh_modules"] == ["neck"]
 
 
 @pytest.mark.parametrize(
