@@ -137,9 +137,11 @@ def _fail(message: str) -> None:
 def _print_summary(summary: dict) -> None:
     final = summary.get("final_eval", {})
     outputs = summary["outputs"]
+    rate = summary.get("images_per_sec")  # null: this invocation timed no step
+    throughput = "train images/s not measured" if rate is None else f"{rate:,.0f} train images/s"
     lines = [
         f"Finished {summary['model']} on {summary['dataset']}: {summary['step']} steps in "
-        f"{summary['wall_time_s']:.1f} s ({summary['images_per_sec']:,.0f} train images/s).",
+        f"{summary['wall_time_s']:.1f} s ({throughput}).",
         "Final eval: "
         + ", ".join(
             f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float) and k != "num_examples"

@@ -249,8 +249,9 @@ class ProgressBar:
         self._t0 = time.perf_counter()
         self._last_draw = 0.0
 
-    def update(self, step: int, loss: float, images_per_sec: float) -> None:
-        """Shows progress after `step` completed steps."""
+    def update(self, step: int, loss: float, images_per_sec: float | None) -> None:
+        """Shows progress after `step` completed steps (`images_per_sec` None: not measured
+        yet, shown as '?')."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -258,7 +259,8 @@ class ProgressBar:
         rate = done / max(now - self._t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else math.inf
         text = (
-            f"step {step}/{self.total} | loss {loss:.4f} | {images_per_sec:,.0f} img/s | "
+            f"step {step}/{self.total} | loss {loss:.4f} | "
+            f"{'?' if images_per_sec is None else format(images_per_sec, ',.0f')} img/s | "
             f"ETA {_format_seconds(eta)}"
         )
         if self.tty:

@@ -382,8 +382,12 @@ class _Throughput:
         if self._last is not None:
             self._last = time.perf_counter()
 
-    def images_per_sec(self) -> float:
-        return self.images_per_step * self.steps / self.seconds if self.seconds > 0 else 0.0
+    def images_per_sec(self) -> float | None:
+        """Images/s over the timed steps; None before any step was timed (an invocation's
+        first step compiles: reporting 0.0 there read as a stall at every resume)."""
+        if self.steps == 0 or self.seconds <= 0:
+            return None
+        return self.images_per_step * self.steps / self.seconds
 
 
 class _Run:
@@ -825,11 +829,13 @@ class _Run:
         self.clock.tick()
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))
-        bar.update(step, loss, self.clock.images_per_sec())
+        images_per_sec = self.clock.images_per_sec()
+        bar.update(step, loss, images_per_sec)
         if step % self.config.log_every_steps == 0 or step == self.config.num_train_steps:
             train = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in host}
             train["learning_rate"] = float(host["learning_rate"])
-            train["images_per_sec"] = self.clock.images_per_sec()
+            if images_per_sec is not None:  # none measured yet: no figure, not a false 0
+                train["images_per_sec"] = images_per_sec
             logger.write_scalars(step, "train", train)
             self.last_train = train
             self.window = []
@@ -840,7 +846,7 @@ class _Run:
         last_train: dict,
         start_step: int,
         total_steps: int,
-        images_per_sec: float,
+        images_per_sec: float | None,
     ) -> dict:
         config = self.config
         key, sign = config.best_metric, (1 if config.best_mode == "max" else -1)

@@ -327,6 +327,37 @@ def test_nonfinite_batchnorm_statistics_are_divergence(tmp_path, monkeypatch):
     assert not [r for r in records if loop.BATCH_STATS_FINITE in r]
 
 
+def test_images_per_sec_is_reported_only_once_a_step_was_timed(tmp_path, monkeypatch):
+    """The first step of an invocation compiles, so it is not timed: a train record logged
+    before any step was timed (step 1 of a fresh run, the first step after a resume) has no
+    `images_per_sec` (it said 0.0, a drop to 0 images/s in the curves at every resume), and
+    an invocation that timed no step at all (a resume with one step left) reports null in
+    summary.json. Every record after a timed step reports a positive figure."""
+    config = helpers.tiny_config(log_every_steps=1, num_train_steps=9)
+
+    def throughput(workdir):
+        return {r["step"]: r.get("images_per_sec")
+                for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"}
+
+    fresh = loop.train_and_evaluate(config, str(tmp_path / "fresh"))
+    rates = throughput(tmp_path / "fresh")
+    assert sorted(rates) == list(range(1, 10)) and rates[1] is None
+    assert all(rates[step] > 0 for step in range(2, 10))
+    assert fresh["images_per_sec"] > 0
+
+    resumed = tmp_path / "resumed"
+    helpers.run_until_crash(config, resumed, monkeypatch, at_step=8)  # dies after step 8
+    summary = loop.train_and_evaluate(config, str(resumed))  # one step left: step 9
+    assert summary["resumed_from_step"] == 8
+    assert summary["images_per_sec"] is None
+    assert json.loads((resumed / "summary.json").read_text())["images_per_sec"] is None
+    rates = throughput(resumed)
+    assert rates[1] is None and rates[9] is None
+    assert all(rates[step] > 0 for step in range(2, 9))
+    assert "images_per_sec" not in summary["final_train"]
+
+
 def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeypatch):
     """summary.json's `wall_time_s` is the last invocation's; `total_wall_time_s` adds the
     earlier ones' (carried in the checkpoint's run_info). A checkpoint written before the field
