@@ -194,8 +194,10 @@ def _eval_objects(run: Any, count: int) -> list[dict]:
 
     import cnnjax.data.builders  # noqa: F401  (registers the offline builders)
     from cnnjax.data.pipeline import eval_split_name
+    from cnnjax.data.sources import hide_gpus_from_tensorflow
     from cnnjax.data.spec import resolve
 
+    hide_gpus_from_tensorflow()  # as every pipeline entry point: TF must not take JAX's GPU
     spec = resolve(run.config.data)
     if spec.tfds_name is None:
         raise ValueError(f"visualize: pointing_game=True is invalid; dataset "
