@@ -14,6 +14,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax.utils.validation import check_number, check_positive_int
+
+LABEL_SMOOTHING_RANGE = "expected a number 0 <= label_smoothing < 1 (0: off)"
+
+
+def check_label_smoothing(owner: str, label_smoothing: Any) -> float:
+    """`label_smoothing` as a float if it is a number in [0, 1) (not a bool, NaN or a string),
+    else a ValueError naming `owner`: at 1 the targets are uniform whatever the label, above 1
+    or below 0 they hold negative entries (the loss rewards wrong classes)."""
+    return check_number(owner, "label_smoothing", label_smoothing, LABEL_SMOOTHING_RANGE,
+                        low=0.0, high=1.0, high_open=True, strings=False)
+
 
 def soft_cross_entropy(
     logits: jnp.ndarray, targets: jnp.ndarray, label_smoothing: float = 0.0
@@ -21,6 +33,7 @@ def soft_cross_entropy(
     """Per-example softmax cross-entropy (float32) of `logits [N, C]` against distributions
     `targets [N, C]` (e.g. mixup/CutMix soft targets). Smoothing the mixed targets is the same as
     mixing smoothed one-hots (it is linear), which is how timm combines the two."""
+    label_smoothing = check_label_smoothing("soft_cross_entropy", label_smoothing)
     targets = targets.astype(jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
@@ -32,6 +45,7 @@ def cross_entropy(
 ) -> jnp.ndarray:
     """Per-example softmax cross-entropy (float32) of `logits [N, C]` against int `labels [N]`
     or soft targets `[N, C]` (mixup/CutMix, `soft_cross_entropy`)."""
+    label_smoothing = check_label_smoothing("cross_entropy", label_smoothing)
     if labels.ndim < logits.ndim:
         labels = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     return soft_cross_entropy(logits, labels, label_smoothing)
@@ -44,7 +58,7 @@ def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarra
     are not "correct" for every label; an example with a NaN logit is never correct (a
     diverged model must not score 100%), nor one whose label is not a class index in [0, C)
     (indexing would read NaN past the end, or wrap a negative label to the last class)."""
-    k = min(k, logits.shape[-1])
+    k = min(check_positive_int("topk_correct", "k", k), logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     index = jnp.arange(logits.shape[-1])
     ahead = (logits > label_logit) | ((logits == label_logit) & (index < labels[..., None]))
@@ -61,6 +75,7 @@ def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: f
     against the whole distribution, while top-1/top-5 score the dominant label, their argmax (the
     lower class on a tie): a mixed image has no single true class, and the label with the larger
     share is the usual stand-in (train accuracy under mixing is therefore a rough signal)."""
+    label_smoothing = check_label_smoothing("example_metrics", label_smoothing)
     logits = logits.astype(jnp.float32)
     loss = cross_entropy(logits, labels, label_smoothing)
     if labels.ndim == logits.ndim:

@@ -12,6 +12,7 @@ folds its index into the dropout key. With one device the collectives are identi
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from cnnjax.train.distill import Distillation, distillation_metrics
 from cnnjax.train.ema import ExponentialMovingAverage
 from cnnjax.train.mixing import Mixing
 from cnnjax.train.state import TrainState
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 #: Train-step metric: 1.0 when every parameter after the update is finite (not logged).
 PARAMS_FINITE = "params_finite"
@@ -86,7 +87,13 @@ def train_step(
     `teacher_variables` scores the same (mixed) images in eval mode, and the optimized loss is
     the mean `total_loss`, `(1 - alpha) * loss + alpha * distill_loss`; `loss` stays the hard
     cross-entropy a plain run reports, and `distill_loss` and `total_loss` are added.
+    A `label_smoothing` outside [0, 1) or a negative or non-finite `aux_loss_weight` is refused
+    (ValueError naming it) while the step is traced, before anything compiles.
     """
+    label_smoothing = losses.check_label_smoothing("train_step", label_smoothing)
+    aux_loss_weight = check_number("train_step", "aux_loss_weight", aux_loss_weight,
+                                   "expected a finite number >= 0", low=0.0, high=math.inf,
+                                   high_open=True, strings=False)
     dropout_rng = _step_rng(state, axis_name)
     if mixing is not None and mixing.enabled:
         mix_rng, dropout_rng = jax.random.split(dropout_rng)

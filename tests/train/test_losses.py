@@ -227,3 +227,47 @@ def test_auxiliary_loss_and_label_smoothing_in_the_gradient(weight, smoothing):
             np.testing.assert_allclose(got[name][k], expected[name][k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["loss"], main_loss.mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["aux_loss"], aux_loss.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [1.0, 1.5, -0.2, float("nan"), float("inf"), True, "0.1",
+                                       None])
+def test_a_bad_label_smoothing_is_named_not_trained_with(smoothing):
+    """label_smoothing outside [0, 1) made targets with negative entries (1.5: a loss of 2.52
+    that rewards the wrong classes, -0.2: sharper than one-hot), NaN a NaN loss, True smoothed
+    by 1; each is refused naming the argument and the valid range, by the losses and by the
+    train step while it is traced (before any compilation)."""
+    logits, labels = jnp.array([[1.0, 2.0, 3.0, 0.5]]), jnp.array([2])
+    message = (r"label_smoothing=.* is invalid; expected a number 0 <= label_smoothing < 1 "
+               r"\(0: off\)")
+    for call in (lambda: losses.cross_entropy(logits, labels, smoothing),
+                 lambda: losses.soft_cross_entropy(logits, jnp.eye(4)[labels], smoothing),
+                 lambda: losses.example_metrics(logits, labels, smoothing)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match="train_step: " + message):
+        _train_once(helpers.TinyNet(axis_name="data"), label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("weight", [-0.3, float("nan"), float("inf"), True])
+def test_a_bad_auxiliary_loss_weight_is_named(weight):
+    with pytest.raises(ValueError, match=r"train_step: aux_loss_weight=.* is invalid; expected "
+                                         r"a finite number >= 0"):
+        _train_once(helpers.TinyNet(axis_name="data"), aux_loss_weight=weight)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_topk_refuses_a_k_that_is_not_a_positive_integer(k):
+    """k=0 (or negative) scored every example wrong rather than saying k is meaningless."""
+    with pytest.raises(ValueError, match=r"topk_correct: k=.* is invalid; expected a positive "
+                                         r"integer"):
+        losses.topk_correct(jnp.zeros((2, 3)), jnp.array([0, 1]), k)
+
+
+def _train_once(model, **options):
+    """One train step of `model` on one device with `make_steps` `options`."""
+    tx = optax.sgd(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    train_step, _ = make_steps(model, tx, optax.constant_schedule(0.1), "data", **options)
+    parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
+    batch = next(helpers.train_batches(None, global_batch_size=4, num_devices=1, seed=0))
+    return parallel.wrap_train(train_step)(parallel.replicate(state), parallel.shard_batch(batch))
