@@ -129,3 +129,31 @@ def test_evaluating_a_run_ignores_its_accumulation(tmp_path, monkeypatch):
     saved["grad_accum_steps"] = 3
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert load_trained(str(tmp_path)).step == 4
+
+
+@pytest.mark.slow
+def test_accumulation_on_four_devices_equals_one_device_whole_batch_with_the_engine_optimizer():
+    """4 devices x k micro-batches (pmap and shard_map) take the step of 1 device on the whole
+    global batch: clipping and weight decay act once per step on the mean gradient (float32
+    sums in another order: 1e-6), and the rate logged at step s is the schedule's at s - 1,
+    linear warmup over 2 steps then cosine over 8 (float64 formula)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()}
+    result = subprocess.run(
+        [sys.executable, os.path.join(root, "tests", "train", "accumulation_multidevice_script.py"),
+         root], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report["param_diff"]) == {"pmap_4x2", "pmap_4x4", "shard_map_4x2",
+                                         "shard_map_4x4"}
+    for name, diff in report["param_diff"].items():
+        assert diff < 1e-6, (name, diff)
+    expected = [0.0, 0.05] + [0.05 * (1 + np.cos(np.pi * t / 8)) for t in (0, 1)]
+    for name, rates in report["rates"].items():
+        np.testing.assert_allclose(rates, expected, rtol=1e-6, atol=1e-9, err_msg=name)
