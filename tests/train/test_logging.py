@@ -103,6 +103,15 @@ def test_progress_bar_on_a_terminal_shows_steps_loss_rate_eta():
     assert "step 100/100 | loss 0.1234 | 2,500 img/s | ETA 0:00:00" in text
 
 
+def test_progress_bar_shows_an_unmeasured_rate_as_a_question_mark():
+    """Before the loop timed a step (the first step of an invocation compiles) it passes None."""
+    stream = _Terminal()
+    bar = ProgressBar(10, stream=stream)
+    bar.update(1, 0.5, None)
+    bar.close()
+    assert "step 1/10 | loss 0.5000 | ? img/s | ETA " in stream.getvalue()
+
+
 def test_progress_bar_logs_through_absl_off_a_terminal(caplog):
     """Not a TTY (a log file, a batch job): no bar on the stream, an absl line every log_every."""
     stream = io.StringIO()
