@@ -32,16 +32,20 @@ class ShiftError(NamedTuple):
     relative: float
 
 
-def _per_axis(owner: str, arg: str, value: Any, n: int, minimum: int) -> tuple[int, ...]:
-    values = (value,) * n if isinstance(value, int | np.integer) else value
+def _per_axis(owner: str, arg: str, value: Any, n: int, minimum: int,
+              scalar: bool = True) -> tuple[int, ...]:
+    """`value` as `n` ints >= `minimum`; with `scalar`, one int stands for every axis (the
+    messages offer it only then)."""
+    expected = f"expected an int or {n} ints" if scalar else f"expected {n} ints"
+    values = (value,) * n if scalar and isinstance(value, int | np.integer) else value
     try:
         values = tuple(values)
     except TypeError:
-        raise invalid(owner, arg, value, f"expected an int or {n} ints") from None
+        raise invalid(owner, arg, value, f"{expected} (one per spatial axis)") from None
     if len(values) != n or not all(
         isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values
     ):
-        raise invalid(owner, arg, value, f"expected an int or {n} ints (one per spatial axis)")
+        raise invalid(owner, arg, value, f"{expected} (one per spatial axis)")
     if any(v < minimum for v in values):
         raise invalid(owner, arg, value, f"expected every entry >= {minimum}")
     return tuple(int(v) for v in values)
@@ -72,9 +76,7 @@ def _check_fits(owner: str, shift: tuple[int, ...], arr: np.ndarray, mode: str) 
 
 
 def _shift_vector(owner: str, shift: Any, n: int) -> tuple[int, ...]:
-    if isinstance(shift, int | np.integer):
-        raise invalid(owner, "shift", shift, f"expected {n} ints, one per spatial axis")
-    return _per_axis(owner, "shift", shift, n, minimum=-(2**62))
+    return _per_axis(owner, "shift", shift, n, minimum=-(2**62), scalar=False)
 
 
 def shift_image(x: Any, shift: Sequence[int], mode: str = "circular") -> np.ndarray:

@@ -105,7 +105,7 @@ def test_global_pool_invariant_to_circular_shift():
         (lambda: equivariance_error(_pool, X, 1),
          r"equivariance_error: shift=1 is invalid; expected 2 ints"),
         (lambda: equivariance_error(_pool, X, (1, 2, 3)),
-         r"equivariance_error: shift=\(1, 2, 3\) is invalid; expected an int or 2 ints"),
+         r"equivariance_error: shift=\(1, 2, 3\) is invalid; expected 2 ints \(one per"),
         (lambda: equivariance_error(_pool, X, (2, 2), mode="reflect"),
          r"equivariance_error: mode='reflect' is invalid; expected one of \['circular', 'zeros'\]"),
         (lambda: equivariance_error(_pool, X, (2, 2), border=-1),
@@ -180,3 +180,20 @@ def test_an_empty_or_non_numeric_input_is_refused(probe, x, message):
     kwargs = {} if probe is shift_image else {"fn": lambda a: pytest.fail("fn ran")}
     with pytest.raises(ValueError, match=rf"^{probe.__name__}: " + message):
         probe(x=x, shift=(1, 1), **kwargs)
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error, shift_image])
+@pytest.mark.parametrize("shift", [1, (1,), (1, 2, 3), (1.5, 2), np.array(3), "ab"])
+def test_a_bad_shift_is_told_the_form_that_is_accepted(probe, shift):
+    """A shift of the wrong length was told 'expected an int or 2 ints', but an int is refused
+    for shift ('expected 2 ints'): following the message led to another error. Only border and
+    stride take one int for every axis."""
+    kwargs = {} if probe is shift_image else {"fn": lambda a: pytest.fail("fn ran")}
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: shift=.* is invalid; expected "
+                                         r"2 ints \(one per spatial axis\)\.$"):
+        probe(x=X, shift=shift, **kwargs)
+    # border and stride do take one int for every axis, and say so
+    with pytest.raises(ValueError, match=r"border=\(1, 2, 3\) is invalid; expected an int or "
+                                         r"2 ints"):
+        equivariance_error(lambda a: pytest.fail("fn ran"), X, (2, 2), border=(1, 2, 3))
+    assert equivariance_error(lambda a: a, X, (2, 2), border=1, stride=1).max_abs == 0.0
