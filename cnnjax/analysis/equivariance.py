@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.utils.validation import check_choice, invalid, widen_low_precision
 
 MODES = ("circular", "zeros")
 
@@ -59,7 +59,10 @@ def _check_input(owner: str, x: Any) -> np.ndarray:
     if arr.size == 0:  # every deviation of nothing is 0: a perfect score for no input
         raise invalid(owner, "x.shape", arr.shape,
                       "expected a non-empty batch (no axis of size 0)")
-    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+    # bfloat16 and float8_* (ml_dtypes, NumPy kind 'V') are floats too; x keeps its dtype
+    low_precision_float = widen_low_precision(arr[:0]).dtype != arr.dtype
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+            or low_precision_float):
         raise invalid(owner, "x.dtype", str(arr.dtype), "expected a numeric array")
     return arr
 
