@@ -443,7 +443,8 @@ def _occluded_probability_fn(model: nn.Module, patch: tuple[int, int]) -> Callab
         block = jnp.broadcast_to(fill, (*patch, images.shape[-1])).astype(images.dtype)
 
         def occlude(i: Any, y: Any, x: Any) -> Any:
-            return jax.lax.dynamic_update_slice(images[i], block, (y, x, 0))
+            # a zero of the positions' dtype: a literal 0 is int64 under x64, beside int32 ones
+            return jax.lax.dynamic_update_slice(images[i], block, (y, x, jnp.zeros_like(y)))
 
         batch = jax.vmap(occlude)(index, ys, xs)
         probs = jax.nn.softmax(forward(variables, batch)[0].astype(jnp.float32), axis=-1)

@@ -544,3 +544,26 @@ def test_image_dtypes_baselines_and_columns_are_checked(linear):
                                          r"positive integer"):
         at.filter_grid(np.zeros((3, 3, 1, 4)), columns=0)
     assert at.filter_grid(np.zeros((3, 3, 1, 4))).shape == (7, 7, 1)  # None: ceil(sqrt(4)) = 2
+
+
+def test_every_method_runs_under_x64_and_agrees_with_x32(linear):
+    """With `jax_enable_x64` on (as float64 reference checks turn it on), occlusion failed
+    inside its jitted occluder: the literal 0 of `dynamic_update_slice`'s start indices
+    became int64 beside the int32 square positions ('lax.concatenate requires arguments to
+    have the same dtypes'). Every method gives what it gives without x64 (float32 inputs,
+    parameters and scores: 1e-6)."""
+    model, variables, images, _, _ = linear
+    targets = np.array([0, 2, 1, 1])
+    methods = {
+        "saliency": lambda: at.saliency(model, variables, images, targets),
+        "smoothgrad": lambda: at.smoothgrad(model, variables, images, targets, samples=3),
+        "integrated_gradients": lambda: at.integrated_gradients(model, variables, images,
+                                                                targets, steps=4),
+        "occlusion": lambda: at.occlusion(model, variables, images, targets, patch=3,
+                                          stride=2, fill=0.5, batch_size=5),
+        "guided_backprop": lambda: at.guided_backprop(model, variables, images, targets),
+    }
+    expected = {name: method() for name, method in methods.items()}
+    with jax.enable_x64(True):
+        for name, method in methods.items():
+            np.testing.assert_allclose(method(), expected[name], atol=1e-6, err_msg=name)
