@@ -226,7 +226,8 @@ def summarize(record: dict) -> dict:
     relative drop from clean. Cells on file outside that grid (an earlier command's) are kept
     but not averaged, and while a requested cell is missing (an interrupted command) the
     headline is None and `complete` False: a partial mean would leave out the cells not yet
-    measured, whichever they are."""
+    measured, whichever they are. A corruption's mean is likewise left out until each of its
+    requested severities is measured."""
     requested = record.get("requested")
     if requested is None:  # written before "requested" existed
         grid = [(n, s) for n, per in record["cells"].items() for s in per]
@@ -238,7 +239,10 @@ def summarize(record: dict) -> dict:
     per_corruption: dict[str, list[float]] = {}
     for n, s in measured:
         per_corruption.setdefault(n, []).append(record["cells"][n][s])
-    record["per_corruption_mean_top1"] = {n: sum(v) / len(v) for n, v in per_corruption.items()}
+    # A corruption's mean, like the headline, once each of its requested severities is measured
+    wanted = {n: sum(1 for m, _ in grid if m == n) for n in per_corruption}
+    record["per_corruption_mean_top1"] = {n: sum(v) / len(v) for n, v in per_corruption.items()
+                                          if len(v) == wanted[n]}
     if not record["complete"] or not measured or "clean_top1" not in record:
         record["mean_corruption_top1"] = record["relative_drop"] = None
         return record
@@ -256,7 +260,7 @@ def table(record: dict) -> str:
     for name, per in record["cells"].items():
         row = "".join(f"{per[str(s)]:>8.4f}" if str(s) in per else f"{'-':>8}" for s in levels)
         mean = record.get("per_corruption_mean_top1", {}).get(name)
-        lines.append(f"{name:<18}{row}{mean:>8.4f}" if mean is not None else f"{name:<18}{row}")
+        lines.append(f"{name:<18}{row}" + (f"{mean:>8.4f}" if mean is not None else f"{'-':>8}"))
     if record.get("mean_corruption_top1") is None:
         lines.append(f"clean top-1 {record['clean_top1']:.4f}; incomplete: "
                      f"{record.get('measured_cells', '?')} requested cells measured (rerun the "

@@ -175,6 +175,26 @@ def test_the_headline_covers_the_requested_grid_once_it_is_complete():
         {**partial, "severities": [1, 5]})
 
 
+def test_a_corruptions_mean_waits_for_its_requested_severities():
+    """Like the headline, a corruption's mean covers its requested severities once every one
+    is measured: an interrupted command's record gave contrast 0.6 as its 'mean' over
+    severities 1 and 5 from severity 1 alone (the easy end), and the table printed it."""
+    record = {"clean_top1": 1.0, "severities": [1, 5],
+              "cells": {"fog": {"1": 0.8, "5": 0.2}, "contrast": {"1": 0.6}},
+              "requested": {"corruptions": ["fog", "contrast"], "severities": [1, 5]}}
+    partial = R.summarize(record)
+    assert partial["per_corruption_mean_top1"] == pytest.approx({"fog": 0.5})
+    rows = {line.split()[0]: line.split()[1:] for line in R.table(partial).splitlines()}
+    assert rows["fog"] == ["0.8000", "0.2000", "0.5000"]
+    assert rows["contrast"] == ["0.6000", "-", "-"]  # mean "-" until severity 5 is measured
+    # cells outside the requested grid (an earlier command's) are still not averaged
+    record["cells"]["contrast"]["3"] = 0.1
+    record["cells"]["contrast"]["5"] = 0.4
+    done = R.summarize(record)
+    assert done["complete"] and done["per_corruption_mean_top1"] == pytest.approx(
+        {"fog": 0.5, "contrast": 0.5})
+
+
 def test_a_second_command_on_the_same_run_is_refused(rgb_run):
     """Two robustness commands on one run would race on its JSON: the second is refused."""
     from cnnjax.utils.lock import DirectoryInUseError
