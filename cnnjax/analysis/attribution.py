@@ -883,6 +883,7 @@ def filter_grid(kernel: Any, columns: int | None = None, pad: int = 1) -> np.nda
     count = kernel.shape[-1]
     columns = check_positive_int(_OWNER, "columns", math.ceil(math.sqrt(count))
                                  if columns is None else columns)
+    pad = check_non_negative_int(_OWNER, "pad", pad)  # < 0 would overlap the filters
     filters = np.moveaxis(kernel, -1, 0)  # [C_out, kh, kw, C_in]
     if filters.shape[-1] != 3:
         filters = filters.mean(axis=-1, keepdims=True)
@@ -936,6 +937,9 @@ def displayable(images: Any, mean: Sequence[float] | None = None,
     """Preprocessed images back in [0, 1] for display: `x * std + mean` when the
     normalization is given, else each image min-max scaled; one channel becomes grey."""
     images = np.asarray(images, np.float64)
+    if images.ndim != 4:
+        raise invalid(_OWNER, "images", f"array of shape {images.shape}",
+                      "expected preprocessed images [N, H, W, C] (one image as images[None])")
     if mean is not None and std is not None:
         images = images * np.asarray(std) + np.asarray(mean)
     else:
@@ -998,6 +1002,10 @@ def plot_activations(activation: np.ndarray, path: str, title: str = "",
     import matplotlib.pyplot as plt
 
     activation = np.asarray(activation)
+    if activation.ndim != 3:
+        raise invalid(_OWNER, "activation", f"array of shape {activation.shape}",
+                      "expected one image's [h, w, C] feature maps (e.g. activations(...)[layer]"
+                      "[i])")
     channels = min(activation.shape[-1], check_positive_int(_OWNER, "max_channels",
                                                             max_channels))
     columns = math.ceil(math.sqrt(channels))

@@ -567,3 +567,26 @@ def test_every_method_runs_under_x64_and_agrees_with_x32(linear):
     with jax.enable_x64(True):
         for name, method in methods.items():
             np.testing.assert_allclose(method(), expected[name], atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    # pad -1 overlapped neighbouring filters and -3 painted all 4 on one 3x3 tile, silently
+    (lambda: at.filter_grid(np.ones((3, 3, 3, 4)), pad=-1),
+     r"^attribution: pad=-1 is invalid; expected an integer >= 0"),
+    (lambda: at.filter_grid(np.ones((3, 3, 3, 4)), pad=1.5),
+     r"^attribution: pad=1.5 is invalid; expected an integer >= 0"),
+    # matplotlib's 'TypeError: Invalid shape (4,) for image data', after the figure was made
+    (lambda: at.plot_activations(np.ones((4, 4)), "unused.png"),
+     r"^attribution: activation='array of shape \(4, 4\)' is invalid; expected one image's "
+     r"\[h, w, C\] feature maps"),
+    # NumPy's 'axis 3 is out of bounds for array of dimension 3'
+    (lambda: at.displayable(np.ones((4, 4, 3))),
+     r"^attribution: images='array of shape \(4, 4, 3\)' is invalid; expected preprocessed "
+     r"images \[N, H, W, C\]"),
+])
+def test_plot_helpers_name_a_bad_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+    # the valid forms: pad 0 tiles without gaps, one image's maps, a batch of images
+    assert at.filter_grid(np.ones((3, 3, 3, 4)), columns=2, pad=0).shape == (6, 6, 3)
+    assert at.displayable(np.ones((1, 4, 4, 3))).shape == (1, 4, 4, 3)
