@@ -139,7 +139,9 @@ def equivariance_error(
     """Deviation of `fn(shift(x))` from `shift(fn(x))`, ignoring `border` output pixels per side.
 
     The output is shifted by `shift / stride`, where `stride` (the network's output stride, per
-    axis) defaults to `input_size / output_size`; `shift` must be a multiple of it. In "zeros"
+    axis) defaults to `input_size / output_size`; `shift` must be a multiple of it. Along an
+    axis whose output is an integer multiple `u` of the input (an upsampling decoder) the
+    default shifts the output by `shift * u`. In "zeros"
     mode the output positions the translation leaves undefined are skipped as well.
     """
     owner = "equivariance_error"
@@ -157,14 +159,19 @@ def equivariance_error(
         raise invalid(owner, "fn(x).shape", y.shape,
                       f"expected a rank-{arr.ndim} output with the input's spatial axes")
     in_sizes, out_sizes = arr.shape[1:-1], y.shape[1:-1]
+    upsampling = (1,) * n
     if stride is None:
-        if any(o == 0 or i % o for i, o in zip(in_sizes, out_sizes, strict=True)):
+        sizes = list(zip(in_sizes, out_sizes, strict=True))
+        if any(o == 0 or (i % o and o % i) for i, o in sizes):
             raise invalid(owner, "stride", None,
-                          f"input size {in_sizes} is not a multiple of output size {out_sizes}; "
-                          "pass the network's output stride explicitly")
+                          f"input size {in_sizes} is not a multiple of output size {out_sizes} "
+                          "nor the output of the input; pass the network's output stride "
+                          "explicitly")
+        # per axis: a downsampling stride i / o, or an upsampling factor o / i (a decoder)
         stride = _output_stride(
-            owner, shift, tuple(i // o for i, o in zip(in_sizes, out_sizes, strict=True)), n)
-    out_shift = tuple(s // r for s, r in zip(shift, stride, strict=True))
+            owner, shift, tuple(1 if i % o else i // o for i, o in sizes), n)
+        upsampling = tuple(o // i if i % o else 1 for i, o in sizes)
+    out_shift = tuple(s // r * u for s, r, u in zip(shift, stride, upsampling, strict=True))
     reference = _translate(y, out_shift, mode)
     region = [slice(None)]
     for m, s, b in zip(out_sizes, out_shift, border, strict=True):

@@ -220,3 +220,33 @@ def test_a_bfloat16_batch_runs_in_bfloat16():
     assert invariance_error(lambda a: box(a).astype(np.float32).mean(axis=(1, 2)), x,
                             (-9, 13)).relative < 1e-2
     assert set(seen) == {x.dtype}
+
+
+def test_an_upsampling_map_shifts_its_output_by_the_upsampling_factor():
+    """An output larger than the input (a decoder, FCN's upsampling) was refused: 'input size
+    is not a multiple of output size; pass the network's output stride explicitly', and no
+    stride (an int >= 1) can say 1/2; stride=1, the only fitting one, compared the output
+    shifted by s instead of 2s and scored an exactly equivariant nearest upsampler as broken.
+    f(T_s x) = T_{s u} f(x) for an upsampling factor u: a nearest x2 (rows) and x3 (columns)
+    upsampler is exactly equivariant, circularly and with zero fill."""
+    x = RNG.normal(size=(2, 5, 4, 3))
+
+    def up(a):
+        return np.repeat(np.repeat(a, 2, axis=1), 3, axis=2)
+
+    for shift in [(1, -1), (3, 2), (-7, 9)]:
+        assert equivariance_error(up, x, shift) == (0.0, 0.0)
+    assert equivariance_error(up, x, (1, -2), mode="zeros") == (0.0, 0.0)
+    # an axis down and one up: rows x2 nearest, columns every other one (stride 2)
+    mixed = equivariance_error(lambda a: np.repeat(a, 2, axis=1)[:, :, ::2], x, (3, 2))
+    assert mixed == (0.0, 0.0)
+    # a position-dependent gain is not equivariant, and is scored so
+    ramp = np.arange(10.0)[None, :, None, None]
+    assert equivariance_error(lambda a: up(a) * ramp, x, (1, 0)).relative > 0.1
+    with pytest.raises(ValueError, match=r"shift=\(1, 1\) is invalid; expected multiples of the "
+                                         r"output stride \(1, 2\)"):
+        equivariance_error(lambda a: np.repeat(a, 2, axis=1)[:, :, ::2], x, (1, 1))
+    with pytest.raises(ValueError, match=r"^equivariance_error: stride=None is invalid; input "
+                                         r"size \(5, 4\) is not a multiple of output size "
+                                         r"\(7, 4\) nor the output of the input"):
+        equivariance_error(lambda a: np.repeat(a, 2, axis=1)[:, :7], x, (1, 1))
