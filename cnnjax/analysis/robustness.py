@@ -266,9 +266,10 @@ def table(record: dict) -> str:
                      f"{record.get('measured_cells', '?')} requested cells measured (rerun the "
                      "same command to finish; no mean until then)")
     else:
+        drop = record.get("relative_drop")  # None: undefined, the clean top-1 being 0
         lines.append(f"clean top-1 {record['clean_top1']:.4f}; mean corruption top-1 "
                      f"{record['mean_corruption_top1']:.4f}; relative drop "
-                     f"{record.get('relative_drop') or 0:.4f}")
+                     + (f"{drop:.4f}" if drop is not None else "n/a (clean top-1 is 0)"))
     return "\n".join(lines)
 
 

@@ -195,6 +195,16 @@ def test_a_corruptions_mean_waits_for_its_requested_severities():
         {"fog": 0.5, "contrast": 0.5})
 
 
+def test_the_table_does_not_print_an_undefined_drop_as_zero():
+    """With a clean top-1 of 0 the relative drop (clean - mean) / clean is undefined (None in
+    the record), and the table printed it as 'relative drop 0.0000': no drop at all."""
+    record = R.summarize({"clean_top1": 0.0, "severities": [1], "cells": {"fog": {"1": 0.0}},
+                          "requested": {"corruptions": ["fog"], "severities": [1]}})
+    assert record["relative_drop"] is None
+    last = R.table(record).splitlines()[-1]
+    assert "relative drop n/a (clean top-1 is 0)" in last and "0.0000;" not in last.split(";")[-1]
+
+
 def test_a_second_command_on_the_same_run_is_refused(rgb_run):
     """Two robustness commands on one run would race on its JSON: the second is refused."""
     from cnnjax.utils.lock import DirectoryInUseError
