@@ -2,7 +2,7 @@
 
     python -m experiments.robustness --workdir=workdirs/lenet5_digits [--corruptions=all|a,b]
         [--severities=1,2,3,4,5] [--split=test] [--max_examples=N] [--seed=0]
-        [--source=on_the_fly|tfds] [--step=N] [--eval_batch_size=256]
+        [--source=on_the_fly|tfds] [--step=N] [--eval_batch_size=256] [--baseline=<run>]
 
 Loads the run's best checkpoint (`load_trained`), reads its eval split (or --split) through the
 run's own eval transform up to the pixels before normalization (`Transforms.eval_pixels`, 32x32
@@ -48,8 +48,15 @@ configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.analysis.robustness import SOURCES, run_robustness, table  # noqa: E402
+from cnnjax.analysis.robustness import (  # noqa: E402
+    SOURCES,
+    corruption_errors,
+    read_baseline,
+    run_robustness,
+    table,
+)
 from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.files import write_json  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a trained classifier's run.")
 _CORRUPTIONS = flags.DEFINE_string("corruptions", "all", "'all' or comma-separated names.")
@@ -65,6 +72,10 @@ _SOURCE = flags.DEFINE_enum("source", "on_the_fly", list(SOURCES),
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _BATCH = flags.DEFINE_integer("eval_batch_size", 256, "Images per forward pass.")
 flags.DEFINE_alias("batch_size", "eval_batch_size")  # its first name; as experiments.evaluate's
+_BASELINE = flags.DEFINE_string(
+    "baseline", None, "Another run's workdir (or its robustness JSON), measured with the same "
+    "flags: adds the corruption errors normalized by it (CE, mCE, relative mCE; Hendrycks & "
+    "Dietterich use AlexNet).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -73,9 +84,16 @@ def main(argv: list[str]) -> None:
     # A tfds corrupted config that is not prepared is named by `run_robustness`, with how to
     # prepare that set.
     with one_line_errors():
+        if _BASELINE.value is not None and not os.path.exists(_BASELINE.value):
+            raise ValueError(f"robustness: baseline={_BASELINE.value!r} is invalid; it does not "
+                             "exist (expected another run's workdir or its robustness JSON)")
         record, path = run_robustness(
             _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
             _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)
+        if _BASELINE.value is not None:
+            baseline = read_baseline(_BASELINE.value, os.path.basename(path))
+            record["baseline_errors"] = corruption_errors(record, baseline)
+            write_json(path, record)
     print(table(record))
     for name, why in record["skipped"].items():
         print(f"skipped {name}: {why}")

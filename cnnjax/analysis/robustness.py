@@ -17,9 +17,12 @@ for runs trained on `imagenet2012` (`TFDS_CORRUPTED`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import time
+
+from cnnjax.utils.validation import invalid
 
 _OWNER = "robustness"
 SOURCES = ("on_the_fly", "tfds")
@@ -253,6 +256,78 @@ def summarize(record: dict) -> dict:
     return record
 
 
+#: Settings two records must share to be compared cell by cell: the same images, the same noise.
+_COMPARED_SETTINGS = ("source", "split", "seed", "max_examples", "clean")
+
+
+def corruption_errors(record: dict, baseline: dict) -> dict:
+    """Hendrycks & Dietterich's corruption errors of `record` against `baseline` (a record of
+    another run, their AlexNet, on the same images): with E = 1 - top-1 summed over the requested
+    severities s, CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} and relative CE_c =
+    sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean); mCE and relative mCE are
+    their means over the corruptions (None when a ratio is undefined: a zero denominator)."""
+    if not record.get("complete"):
+        raise ValueError(f"{_OWNER}: record is incomplete ({record.get('measured_cells', '?')} "
+                         "requested cells measured); rerun the same command to measure the rest "
+                         "before comparing with a baseline")
+    if not isinstance(baseline, dict) or "cells" not in baseline or "clean_top1" not in baseline:
+        raise invalid(_OWNER, "baseline", "a dict", "expected a robustness record")
+    where = baseline.get("workdir", "?")
+    mine, theirs = record.get("settings") or {}, baseline.get("settings") or {}
+    differ = [f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in _COMPARED_SETTINGS
+              if mine.get(k) != theirs.get(k)]
+    if differ:
+        raise invalid(_OWNER, "baseline", where,
+                      f"it was measured with other settings ({'; '.join(differ)}); measure both "
+                      "runs with the same --split, --max_examples, --seed and --source")
+    severities = [str(s) for s in record["requested"]["severities"]]
+    names = list(record["requested"]["corruptions"])
+    missing = [f"{n} severity {s}" for n in names for s in severities
+               if s not in baseline["cells"].get(n, {})]
+    if missing:
+        raise invalid(_OWNER, "baseline", where,
+                      f"the baseline lacks cells {', '.join(missing)}; run experiments.robustness "
+                      "on it with the same --corruptions and --severities")
+
+    def ratio(numerator: float, denominator: float) -> float | None:
+        return numerator / denominator if denominator else None
+
+    ce, relative = {}, {}
+    clean, base_clean = 1 - record["clean_top1"], 1 - baseline["clean_top1"]
+    for name in names:
+        errors = [1 - record["cells"][name][s] for s in severities]
+        base = [1 - baseline["cells"][name][s] for s in severities]
+        ce[name] = ratio(sum(errors), sum(base))
+        relative[name] = ratio(sum(e - clean for e in errors), sum(b - base_clean for b in base))
+
+    def mean(values: dict) -> float | None:
+        return None if any(v is None for v in values.values()) else sum(values.values()) / len(
+            values)
+
+    return {"baseline": {"workdir": where, "model": baseline.get("model"),
+                         "step": (baseline.get("settings") or {}).get("step")},
+            "corruption_error": ce, "mce": mean(ce),
+            "relative_corruption_error": relative, "relative_mce": mean(relative)}
+
+
+def read_baseline(given: str, file_name: str) -> dict:
+    """The baseline record `given` names: a robustness JSON file, or a run's workdir, whose
+    `robustness/<file_name>` (the file of the same flags as this command's) is read."""
+    path = given if os.path.isfile(given) else os.path.join(given, "robustness", file_name)
+    if not os.path.isfile(path):
+        raise invalid(_OWNER, "baseline", given,
+                      f"it has no robustness/{file_name}: run experiments.robustness on the "
+                      "baseline run first, with the same flags")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as err:
+        raise invalid(_OWNER, "baseline", given, f"{path!r} cannot be read ({err})") from None
+    if not isinstance(record, dict) or "cells" not in record:
+        raise invalid(_OWNER, "baseline", given, f"{path!r} is not a robustness record")
+    return record
+
+
 def table(record: dict) -> str:
     """The cells as a text table: one row per corruption, one column per severity."""
     levels = record["severities"]
@@ -270,6 +345,13 @@ def table(record: dict) -> str:
         lines.append(f"clean top-1 {record['clean_top1']:.4f}; mean corruption top-1 "
                      f"{record['mean_corruption_top1']:.4f}; relative drop "
                      + (f"{drop:.4f}" if drop is not None else "n/a (clean top-1 is 0)"))
+    errors = record.get("baseline_errors")
+    if errors:
+        def shown(value: float | None) -> str:
+            return "n/a (an error-free baseline cell)" if value is None else f"{value:.4f}"
+
+        lines.append(f"mCE {shown(errors['mce'])}, relative mCE {shown(errors['relative_mce'])} "
+                     f"against {errors['baseline']['model']} ({errors['baseline']['workdir']})")
     return "\n".join(lines)
 
 

@@ -368,6 +368,20 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
                         env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "contrast" in ok.stdout and "clean top-1" in ok.stdout and "Written to" in ok.stdout
+    # A run against itself as the baseline (its record of the same flags): every CE is 1.
+    same = subprocess.run([*command, "--corruptions=contrast", "--severities=5",
+                           f"--baseline={trained[1]}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "mCE 1.0000, relative mCE " in same.stdout and trained[1] in same.stdout
+    with open(os.path.join(trained[1], "robustness", "robustness.json")) as f:
+        record = json.load(f)
+    assert record["baseline_errors"]["corruption_error"] == {"contrast": 1.0}
+    missing = subprocess.run([*command, "--baseline=/nonexistent/run"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
+        "error: robustness: baseline='/nonexistent/run' is invalid; it does not exist (expected "
+        "another run's workdir or its robustness JSON)")
     bad = subprocess.run([*command, "--severities=7", "--batch_size=16"],  # the alias
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,82 @@
+"""`robustness.corruption_errors`: Hendrycks & Dietterich's (un)normalized corruption errors
+(CE, mCE, relative mCE) of one record against a baseline's, on hand-made numbers."""
+
+import json
+
+import pytest
+
+from cnnjax.analysis import robustness as R
+
+SETTINGS = {"source": "on_the_fly", "split": "test", "seed": 0, "max_examples": None,
+            "step": 40, "clean": "uint8"}
+
+
+def _record(clean, cells, **settings):
+    record = {"workdir": "/runs/x", "model": "m", "clean_top1": clean, "cells": cells,
+              "settings": {**SETTINGS, **settings},
+              "requested": {"corruptions": list(cells), "severities": [1, 2]}}
+    return R.summarize(record)
+
+
+MODEL = _record(0.9, {"fog": {"1": 0.8, "2": 0.6}, "contrast": {"1": 0.7, "2": 0.5}})
+BASE = _record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "contrast": {"1": 0.5, "2": 0.3}}, step=7)
+
+
+def test_the_papers_formulas_on_hand_numbers():
+    """E = 1 - top-1. fog: CE = (0.2 + 0.4) / (0.4 + 0.6) = 0.6; relative CE = ((0.2 - 0.1) +
+    (0.4 - 0.1)) / ((0.4 - 0.2) + (0.6 - 0.2)) = 0.4 / 0.6. contrast: CE = (0.3 + 0.5) /
+    (0.5 + 0.7) = 0.8 / 1.2; relative CE = (0.2 + 0.4) / (0.3 + 0.5) = 0.75."""
+    errors = R.corruption_errors(MODEL, BASE)
+    assert errors["corruption_error"] == pytest.approx({"fog": 0.6, "contrast": 0.8 / 1.2})
+    assert errors["relative_corruption_error"] == pytest.approx({"fog": 0.4 / 0.6,
+                                                                 "contrast": 0.75})
+    assert errors["mce"] == pytest.approx((0.6 + 0.8 / 1.2) / 2)
+    assert errors["relative_mce"] == pytest.approx((0.4 / 0.6 + 0.75) / 2)
+    assert errors["baseline"] == {"workdir": "/runs/x", "model": "m", "step": 7}
+    assert R.corruption_errors(BASE, BASE)["mce"] == pytest.approx(1.0)  # by definition
+
+
+def test_an_error_free_baseline_leaves_that_ratio_undefined():
+    perfect = _record(1.0, {"fog": {"1": 1.0, "2": 1.0}, "contrast": {"1": 0.5, "2": 0.3}})
+    errors = R.corruption_errors(MODEL, perfect)
+    assert errors["corruption_error"]["fog"] is None and errors["mce"] is None
+    assert errors["relative_mce"] is None
+    assert errors["corruption_error"]["contrast"] == pytest.approx(0.8 / 1.2)
+
+
+@pytest.mark.parametrize(("baseline", "message"), [
+    (_record(0.8, {"fog": {"1": 0.6, "2": 0.4}}),
+     "the baseline lacks cells contrast severity 1, contrast severity 2"),
+    (_record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "contrast": {"1": 0.5, "2": 0.3}}, seed=1),
+     "measured with other settings (seed: 0 here, 1 there)"),
+    (_record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "contrast": {"1": 0.5, "2": 0.3}},
+             max_examples=100, split="train"),
+     "(split: 'test' here, 'train' there; max_examples: None here, 100 there)"),
+])
+def test_a_baseline_of_other_images_or_cells_is_refused(baseline, message):
+    with pytest.raises(ValueError, match=r"^robustness: baseline=") as err:
+        R.corruption_errors(MODEL, baseline)
+    assert message in str(err.value)
+
+
+def test_an_incomplete_record_has_no_errors_yet():
+    partial = R.summarize({**MODEL, "requested": {"corruptions": ["fog", "contrast", "snow"],
+                                                  "severities": [1, 2]}})
+    with pytest.raises(ValueError, match=r"^robustness: record is incomplete \(4 of 6 "):
+        R.corruption_errors(partial, BASE)
+
+
+def test_the_baseline_is_read_from_a_workdir_or_a_json_file(tmp_path):
+    folder = tmp_path / "alexnet" / "robustness"
+    folder.mkdir(parents=True)
+    (folder / "robustness_seed1.json").write_text(json.dumps(BASE))
+    for given in (tmp_path / "alexnet", folder / "robustness_seed1.json"):
+        assert R.read_baseline(str(given), "robustness_seed1.json") == BASE
+    with pytest.raises(ValueError, match=r"^robustness: baseline='.*' is invalid; it has no "
+                                         r"robustness/robustness\.json: run experiments\."
+                                         r"robustness on the baseline run first, with the same "
+                                         r"flags"):
+        R.read_baseline(str(tmp_path / "alexnet"), "robustness.json")
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"is not a robustness record"):
+        R.read_baseline(str(tmp_path / "bad.json"), "robustness.json")
