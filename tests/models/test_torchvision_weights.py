@@ -327,3 +327,50 @@ def test_bfloat16_and_grad_tracking_tensors_convert_like_their_float32_values():
     got = flatten_dict(tvw.convert_state_dict("resnet18", tracking))
     want = flatten_dict(tvw.convert_state_dict("resnet18", _numpy_state_dict(model)))
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("name, torch_kwargs, model_kwargs", [
+    ("resnet18", {}, {}),
+    pytest.param("vgg11_bn", {"dropout": 0.0}, {"dropout_rate": 0.0},
+                 marks=pytest.mark.slow),  # ~19 s: converting and running its 25088x4096 fc6
+])
+def test_a_training_step_updates_running_statistics_as_documented(name, torch_kwargs,
+                                                                  model_kwargs):
+    """Train mode from converted weights: logits equal torchvision's, every running mean is
+    updated as torch's (flax momentum 0.9 = torch 0.1), and every running variance is
+    0.9 * old + 0.1 * the biased batch variance, where torch folds in the unbiased one
+    (`resnet.batch_norm`'s documented difference). The batch variances are computed
+    independently, in float64, from the inputs torch's BatchNorms receive."""
+    reference = _torchvision_model(name, **torch_kwargs).train()
+    before = {k: a.copy() for k, a in _numpy_state_dict(reference).items()}  # torch updates
+    inputs = {}                                                                # them in place
+    hooks = [module.register_forward_hook(
+        lambda mod, args, out, key=key: inputs.__setitem__(key, args[0].double().numpy()))
+        for key, module in reference.named_modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    x = np.random.default_rng(2).normal(size=(4, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    for hook in hooks:
+        hook.remove()
+    model = create_model(name, num_classes=NUM_CLASSES, **model_kwargs)
+    got, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        tvw.convert_state_dict(name, before), x.transpose(0, 2, 3, 1))
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max()
+    # The torch keys of each cnnjax statistic: convert torch's updated state dict alike.
+    torch_after = flatten_dict(tvw.convert_state_dict(name, _numpy_state_dict(reference)))
+    old = flatten_dict(tvw.convert_state_dict(name, before))
+    leaves = {leaf.target: leaf.torch_key for leaf in tvw._architecture(name).leaves(model)}
+    ours = flatten_dict({"batch_stats": updates["batch_stats"]})
+    assert len(ours) == 2 * len(inputs)
+    for path, value in ours.items():
+        value = np.asarray(value, np.float64)
+        if path[-1] == "mean":
+            np.testing.assert_allclose(value, torch_after[path], rtol=1e-5, atol=1e-6)
+            continue
+        module = leaves["/".join(path)].rsplit(".", 1)[0]
+        batch = inputs[module]  # (N, C, H, W), as torch's BatchNorm saw it
+        n = batch.size // batch.shape[1]
+        biased = batch.var(axis=(0, 2, 3))
+        np.testing.assert_allclose(value, 0.9 * old[path] + 0.1 * biased, rtol=1e-5)
+        torch_var = 0.9 * old[path] + 0.1 * biased * n / (n - 1)
+        np.testing.assert_allclose(torch_after[path], torch_var, rtol=1e-5)
