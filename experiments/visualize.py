@@ -112,7 +112,7 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     "predicted" or "true" (its label; e.g. what a misclassified image lacked). Every input is
     checked before anything is written."""
     from cnnjax.analysis import attribution
-    from cnnjax.train.trained import eval_examples
+    from cnnjax.train.trained import dataset_labels, eval_examples
     from cnnjax.utils.files import write_json
     from cnnjax.utils.validation import check_choice, check_positive_int, invalid
 
@@ -141,7 +141,7 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     rows = [{"label": int(y), "predicted": int(p.argmax()), "probability": float(p.max()),
              "explained": int(t)}
             for y, t, p in zip(labels, result.targets, result.probabilities, strict=True)]
-    classes = _dataset_labels(run, result.probabilities.shape[-1])
+    classes = dataset_labels(run, result.probabilities.shape[-1])
     titles = image_titles(rows, classes, target)
     name = f"{run.config.model} step {run.step}"
     files = {
@@ -169,12 +169,6 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
                "files": files, "notes": notes}
     write_json(os.path.join(out_dir, "visualize.json"), summary)
     return summary
-
-
-def _dataset_labels(run: Any, num_classes: int) -> list[int]:
-    """The dataset label of each model class: `data.classes` for a run on a class subset (its
-    model predicts 0..C-1 in that order), else the classes themselves."""
-    return [int(c) for c in (run.config.data.get("classes") or range(num_classes))]
 
 
 def image_titles(rows: Sequence[dict], classes: Sequence[int], target: str) -> list[str]:

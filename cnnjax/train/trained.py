@@ -283,6 +283,12 @@ def classifier_logits(run: TrainedRun, split: str | None = None,
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def dataset_labels(run: TrainedRun, num_classes: int) -> list[int]:
+    """The dataset label of each of the model's `num_classes` classes: `data.classes` for a run
+    on a class subset (its model predicts 0..C-1 in that order), else the classes themselves."""
+    return [int(c) for c in (run.config.data.get("classes") or range(num_classes))]
+
+
 def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
                      max_images: int = 16,
                      classified: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
@@ -313,8 +319,7 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
 
     logits, labels = classifier_logits(run, split) if classified is None else classified
     matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), int(logits.shape[-1]))
-    # A run on a class subset (data.classes) predicts 0..C-1; row i is dataset label classes[i].
-    classes = [int(c) for c in (run.config.data.get("classes") or range(matrix.shape[0]))]
+    classes = dataset_labels(run, matrix.shape[0])  # row i is dataset label classes[i]
     plot_confusion_matrix(matrix, path, title=title, class_labels=[str(c) for c in classes])
     return {"plot": path, "classes": classes,
             "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
