@@ -12,7 +12,9 @@ Transforms:
   size, random horizontal flip (an `image_size` of at most `crop_padding` is refused: such a crop
   can hold padding only).
 - `"random_resized_crop_flip"` (ImageNet-like): Inception-style crop covering 8%-100% of the image
-  area with aspect ratio 3/4-4/3, resized to `image_size`, random horizontal flip.
+  area with aspect ratio 3/4-4/3, resized to `image_size`, random horizontal flip. When 10
+  attempts find no such crop (a strip of extreme aspect ratio), torchvision's fallback: the
+  centred crop of the full short side with the aspect ratio clamped to 3/4-4/3.
 - eval `"resize"`: resize to `image_size` when it differs from the native size.
 - `"resize_center_crop"`: resize the shorter side to `round(image_size / crop_fraction)` (256 for
   224 with the usual 0.875), then center-crop `image_size` x `image_size`, with torchvision's

@@ -126,19 +126,54 @@ def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: floa
     return image[top:top + size, left:left + size, :]
 
 
-def _random_resized_crop(image: tf.Tensor, shape: tuple[int, int, int],
-                         seed: tf.Tensor) -> tf.Tensor:
-    """Inception crop: 8%-100% of the area, aspect ratio 3/4-4/3, resized to `shape[:2]`."""
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+# torchvision's `RandomResizedCrop` defaults (and Inception's): area and aspect-ratio ranges.
+_CROP_AREA = (0.08, 1.0)
+_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _fallback_crop(hw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """torchvision's `RandomResizedCrop.get_params` crop when all its attempts fail, as
+    `(begin [top, left], size [h, w])` of an image of int32 `hw`: the whole image if its aspect
+    ratio is within [3/4, 4/3], else a centred crop of the full short side with the nearest
+    aspect ratio in range (`h = round(w / (3/4))` for a tall image, `w = round(h * 4/3)` for a
+    wide one; 4n/3 is never a tie), at `(side - crop) // 2`."""
+    h, w = hw[0], hw[1]
+    tall, wide = 4 * w < 3 * h, 3 * w > 4 * h  # w/h < 3/4, w/h > 4/3, exactly
+    crop_h = tf.where(tall, (4 * w + 1) // 3, h)  # round(4w/3) in integers
+    crop_w = tf.where(wide, (4 * h + 1) // 3, w)
+    size = tf.stack([crop_h, crop_w])
+    return (hw - size) // 2, size
+
+
+def _random_resized_crop_box(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The Inception crop of an image of `shape` (`[H, W, C]`) as `(begin, size)`, `[3]` each:
+    TF's sampling of 8%-100% of the area at aspect ratio 3/4-4/3 (10 attempts); when every
+    attempt fails, torchvision's fallback (`_fallback_crop`), not the whole image TF returns."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         seed=seed,
         min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(0.08, 1.0),
+        aspect_ratio_range=_CROP_RATIO,
+        area_range=_CROP_AREA,
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
+    # TF gives the whole image when all attempts fail. A sampled crop is the whole image only
+    # when round(h * ratio) = w for a ratio in range (or w / ratio = h), and then torchvision's
+    # fallback is the whole image too: replacing every whole-image result changes failures only.
+    hw = tf.cast(shape[:2], tf.int32)
+    whole = tf.reduce_all(size[:2] == hw)
+    fallback_begin, fallback_size = _fallback_crop(hw)
+    begin = tf.where(whole, tf.concat([fallback_begin, [0]], 0), begin)
+    size = tf.where(whole, tf.concat([fallback_size, [-1]], 0), size)
+    return begin, size
+
+
+def _random_resized_crop(image: tf.Tensor, shape: tuple[int, int, int],
+                         seed: tf.Tensor) -> tf.Tensor:
+    """Inception crop (`_random_resized_crop_box`), resized to `shape[:2]`."""
+    begin, crop_size = _random_resized_crop_box(tf.shape(image), seed)
     # A slice with a runtime size loses the static channel count (RandAugment needs it).
     image = tf.ensure_shape(tf.slice(image, begin, crop_size), [None, None, shape[2]])
     return tf.image.resize(image, shape[:2], method="bilinear", antialias=True)
