@@ -1,7 +1,9 @@
 """The commands the documentation shows exist: every `python -m <module> --flag ...` in the README,
 docs/, the experiment and benchmark READMEs and the config docstrings names a module of this
 repository and only flags that module (or the libraries it parses flags with) defines. A renamed
-flag or script then fails here instead of in a newcomer's terminal."""
+flag or script then fails here instead of in a newcomer's terminal. Also: the config fields and
+repository paths the documents name exist, README links every docs/ page, and
+docs/architecture.md lists every module and states the import order the code keeps."""
 
 from __future__ import annotations
 
@@ -200,3 +202,84 @@ def test_config_docstrings_keep_their_line_continuations():
         if written.count("\n") != tree.body[0].value.value.count("\n"):
             joined.append(os.path.relpath(path, ROOT))
     assert not joined, f"docstrings whose lines a trailing backslash joins: {joined}"
+
+
+# Repository paths a document names (`cnnjax/train/loop.py`, `experiments/sweeps/<name>.py` is a
+# pattern and skipped: `<`, `$` or `*` precede or follow it).
+REPO_PATH = re.compile(r"(?<![\w/.<$*-])((?:cnnjax|experiments|launch|benchmarks|tests|docs|\.ci)"
+                       r"/[\w./-]*\w)(?![\w<*])")
+
+
+def test_every_repository_path_a_document_names_exists():
+    """A moved or renamed file fails here, not as `No such file` in a reader's terminal."""
+    missing = []
+    for path in DOCUMENTS:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for match in REPO_PATH.finditer(text):
+            if not os.path.exists(os.path.join(ROOT, match.group(1))):
+                missing.append(f"{os.path.relpath(path, ROOT)}:"
+                               f"{text.count(chr(10), 0, match.start()) + 1}: {match.group(1)}")
+    assert not missing, f"paths no file or folder of the repository has: {missing}"
+
+
+def test_the_readme_links_every_documentation_page():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Documentation", 1)[1]
+    pages = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))}
+    linked = set(re.findall(r"\]\(docs/(\w+\.md)\)", section))
+    assert linked == pages, (f"README's Documentation section: unlisted {sorted(pages - linked)}, "
+                             f"no such page {sorted(linked - pages)}")
+
+
+def _architecture_tree() -> dict[str, str]:
+    """docs/architecture.md's layout block: each top-level entry of `cnnjax/` (a package or a
+    module) -> the text of its lines, in the order listed."""
+    with open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8") as f:
+        block = f.read().split("```", 2)[1]
+    tree, current = {}, None
+    for line in block.splitlines():
+        top = re.match(r"^  (\w+)(?:/|\.py)", line)
+        if top:
+            current = top.group(1)
+            tree.setdefault(current, "")
+        elif not line.startswith("   "):
+            current = None  # experiments/, launch/, ... beside cnnjax/
+        if current is not None:
+            tree[current] += line + "\n"
+    return tree
+
+
+def test_the_architecture_page_lists_every_module():
+    """docs/architecture.md's layout names every module of cnnjax/ under its own package."""
+    tree = _architecture_tree()
+    unlisted = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "cnnjax", "**", "*.py"), recursive=True)):
+        relative = os.path.relpath(path, os.path.join(ROOT, "cnnjax"))
+        parts = relative.split(os.sep)
+        if parts[-1] == "__init__.py":
+            continue
+        package = parts[0].removesuffix(".py")
+        within = "/".join(parts[1:]) or parts[0]
+        named = rf"(?<![\w/])(?:{package}/)?{re.escape(within)}\b"
+        if not re.search(named, tree.get(package, "")):
+            unlisted.append(relative)
+    assert not unlisted, f"docs/architecture.md does not list {unlisted}"
+
+
+def test_the_architecture_layering_holds_for_module_level_imports():
+    """"Each package imports at module level only the ones above it in this list": a module's
+    top-level `import cnnjax.<package>` names its own package or one listed before it."""
+    order = list(_architecture_tree())
+    wrong = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "cnnjax", "**", "*.py"), recursive=True)):
+        relative = os.path.relpath(path, os.path.join(ROOT, "cnnjax"))
+        package = relative.split(os.sep)[0].removesuffix(".py")
+        if package not in order:
+            continue
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        for imported in re.findall(r"^(?:from|import) cnnjax\.(\w+)", source, re.M):
+            if imported in order and order.index(imported) > order.index(package):
+                wrong.append(f"cnnjax/{relative} imports cnnjax.{imported}")
+    assert not wrong, f"module-level imports against docs/architecture.md's order: {wrong}"
