@@ -24,7 +24,7 @@
 # 2-node job's tasks ran and which coordinator address they used, then preempts a 2-node job at
 # step 60 (USR1, requeue); both 2-node runs must end with the 1-node run's parameters bitwise.
 # Measured 2026-12-02 (slurm-wlm 22.05.8, 2 cores, jax 0.10.2): all pass (docs in
-# launch/README.md, "Tested on a local SLURM").
+# launch/README.md, "On a real (one-node) SLURM" and "On two SLURM nodes (one machine)").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}

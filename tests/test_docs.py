@@ -283,3 +283,36 @@ def test_the_architecture_layering_holds_for_module_level_imports():
             if imported in order and order.index(imported) > order.index(package):
                 wrong.append(f"cnnjax/{relative} imports cnnjax.{imported}")
     assert not wrong, f"module-level imports against docs/architecture.md's order: {wrong}"
+
+
+# `docs/performance.md, "Decision"` or `launch/README.md, "On a real (one-node) SLURM"`: a section
+# of another document (or a passage of a source file) cited by its title.
+CITED_SECTION = re.compile(r"([\w./-]+\.(?:md|py|sh))[`)\]]*,?\s+\"([^\"\n]{3,60})\"")
+
+
+def test_a_cited_section_exists():
+    """A section a document, script comment or docstring sends the reader to is a heading of
+    that markdown file (or a string in that source file): a renamed heading fails here."""
+    citing = sorted({*DOCUMENTS, *glob.glob(os.path.join(ROOT, "launch", "*.sh")),
+                     *glob.glob(os.path.join(ROOT, "benchmarks", "*.*")),
+                     *glob.glob(os.path.join(ROOT, "cnnjax", "**", "*.py"), recursive=True)})
+    dangling = []
+    for path in citing:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for match in CITED_SECTION.finditer(text):
+            named, section = match.groups()
+            candidates = [os.path.join(ROOT, named), os.path.join(os.path.dirname(path), named),
+                          os.path.join(ROOT, "docs", os.path.basename(named))]
+            target = next((c for c in candidates if os.path.isfile(c)), None)
+            where = f"{os.path.relpath(path, ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"
+            if target is None:
+                dangling.append(f"{where}: {named} (no such file)")
+                continue
+            with open(target, encoding="utf-8") as f:
+                cited = f.read()
+            found = (re.search(rf"^#+ .*{re.escape(section)}", cited, re.M)
+                     if target.endswith(".md") else section in cited)
+            if not found:
+                dangling.append(f'{where}: {named}, "{section}"')
+    assert not dangling, f"cited sections that do not exist: {dangling}"
