@@ -164,6 +164,14 @@ def eval_split_name(data_config: Any) -> str:
     return pipeline.eval_split_name(_split(data_config)[0])
 
 
+def check_train_epoch(data_config: Any, *, global_batch_size: int, process_count: int) -> int:
+    """`pipeline.check_train_epoch` of this task's data config (`check_config`'s check that
+    every process's shard of the train split holds a batch)."""
+    spec, source, _, _ = _open(data_config)
+    return pipeline.train_epoch_steps(spec, source, global_batch_size=global_batch_size,
+                                      process_count=process_count)
+
+
 def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
     """Classes (of `objects/label`), output image shape and split sizes, named after the tfds
     dataset when `tfds_name` overrides the preset's (e.g. `shapes_multi`)."""

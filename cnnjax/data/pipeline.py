@@ -237,6 +237,44 @@ def check_train_layout(global_batch_size: Any, num_devices: Any, seed: Any, star
     check_non_negative_int(_OWNER, "start_step", start_step)
 
 
+def train_epoch_steps(spec: Spec, source: Source, *, global_batch_size: int,
+                      process_count: int) -> int:
+    """The steps of each `epoch_dataset` epoch: `num_train // global_batch_size`, fewer when a
+    process's shard of a '+'-joined split is shorter than `num_train / process_count`. A
+    ValueError naming `global_batch_size` when an epoch would have no step."""
+    process_batch = global_batch_size // process_count
+    num_train = _non_empty(spec, source, "train_split")
+    steps = steps_per_epoch(num_train, global_batch_size)
+    if steps == 0:
+        raise invalid(_OWNER, "global_batch_size", global_batch_size,
+                      f"expected at most the {num_train} examples of {spec.preset.name!r} "
+                      f"split {spec.train_split!r} (an epoch would have no step)")
+    if process_count > 1:
+        # tfds shards a "train+validation" split part by part: a shard may fall short of
+        # num_train / processes. Every process ends its epochs at the smallest shard's last
+        # full batch, so epoch boundaries (and resume) agree on all of them.
+        n = process_count
+        sizes = [source.num_examples(spec.train_split, (p, n)) for p in range(n)]
+        steps = min(steps, min(sizes) // process_batch)
+        if steps == 0:
+            raise invalid(_OWNER, "global_batch_size", global_batch_size,
+                          f"expected at most {n * min(sizes)} ({n} processes * "
+                          f"{min(sizes)}): split {spec.train_split!r} of {spec.preset.name!r} "
+                          f"shards over {n} processes as {sizes} examples (tfds shards "
+                          "a '+'-joined split part by part), so a process batch of "
+                          f"{process_batch} leaves an epoch without a step")
+    return steps
+
+
+def check_train_epoch(data_config: Any, *, global_batch_size: int, process_count: int) -> int:
+    """`train_epoch_steps` of a data config, without building a pipeline: the error
+    `train_batches` would raise on every process for a batch that leaves an epoch without a
+    step, raised by `check_config` before the model is built, initialized or compiled."""
+    spec = resolve(data_config)
+    return train_epoch_steps(spec, sources.open_source(spec),
+                             global_batch_size=global_batch_size, process_count=process_count)
+
+
 def epoch_dataset(spec: Spec, source: Source,
                   preprocess: Callable[[dict[str, tf.Tensor], tf.Tensor], dict[str, tf.Tensor]],
                   *, global_batch_size: int, seed: int, start_step: int,
@@ -252,25 +290,8 @@ def epoch_dataset(spec: Spec, source: Source,
     Traced once for all epochs (no stall between them).
     """
     process_batch = global_batch_size // shard[1]
-    num_train = _non_empty(spec, source, "train_split")
-    steps = steps_per_epoch(num_train, global_batch_size)
-    if steps == 0:
-        raise invalid(_OWNER, "global_batch_size", global_batch_size,
-                      f"expected at most the {num_train} examples of {spec.preset.name!r} "
-                      f"split {spec.train_split!r} (an epoch would have no step)")
-    if shard[1] > 1:
-        # tfds shards a "train+validation" split part by part: a shard may fall short of
-        # num_train / processes. Every process ends its epochs at the smallest shard's last
-        # full batch, so epoch boundaries (and resume) agree on all of them.
-        sizes = [source.num_examples(spec.train_split, (p, shard[1])) for p in range(shard[1])]
-        steps = min(steps, min(sizes) // process_batch)
-        if steps == 0:
-            raise invalid(_OWNER, "global_batch_size", global_batch_size,
-                          f"expected at most {shard[1] * min(sizes)} ({shard[1]} processes * "
-                          f"{min(sizes)}): split {spec.train_split!r} of {spec.preset.name!r} "
-                          f"shards over {shard[1]} processes as {sizes} examples (tfds shards "
-                          "a '+'-joined split part by part), so a process batch of "
-                          f"{process_batch} leaves an epoch without a step")
+    steps = train_epoch_steps(spec, source, global_batch_size=global_batch_size,
+                              process_count=shard[1])
     base = source.read(spec.train_split, shard)
     decoded = spec.cache
     if decoded:

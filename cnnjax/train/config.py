@@ -528,7 +528,8 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     """Runs every check `train_and_evaluate` runs before compiling; raises the same ValueErrors.
 
     Fields and values (`validate_config`), model name and task, dataset and `num_classes`,
-    `num_devices` and batch divisibility over this host's devices, `model_kwargs`, the input
+    `num_devices` and batch divisibility over this host's devices (over several processes, that
+    each one's shard of the train split holds its batch), `model_kwargs`, the input
     resolution (an abstract trace, no compilation), the learning-rate schedule and optimizer, and
     `freeze`. Reads the dataset's metadata (cnnjax's offline datasets are generated on first
     use, as the run would) but builds no input pipeline, initializes no parameter and touches no
@@ -589,6 +590,12 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
             )
         devices = available[: config.num_devices]
     check_batch_divisible(config, len(devices or available) * jax.process_count())
+    if for_training and jax.process_count() > 1:
+        # Each process reads its own shard of the train split; a '+'-joined split's shards may
+        # be uneven, and one without a process batch is refused here, not by `train_batches`
+        # once the model is initialized (one process reads the whole split: checked above).
+        pipeline.check_train_epoch(config.data, global_batch_size=config.global_batch_size,
+                                   process_count=jax.process_count())
 
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     kwargs = model_kwargs(config)

@@ -7,6 +7,7 @@ Building `shapes_multi` (4,500 scenes) takes 10-30 s on 2 cores, so the tests th
 from __future__ import annotations
 
 import itertools
+import re
 import types
 
 import numpy as np
@@ -493,3 +494,18 @@ def test_the_head_of_a_sliced_or_joined_split_is_one_tfds_can_read(split, num, e
               for name, size in (("train", 100), ("test", 40))}
     assert detection.head_of(split, splits, num) == expected
     tfds.core.ReadInstruction.from_spec(expected)  # parses
+
+
+def test_voc2007_trainval_shards_without_a_process_batch_are_refused_by_check_train_epoch(
+        voc_dir):
+    """voc2007's train split is 'train+validation' (5 + 3 here), which tfds shards part by part:
+    over 2 processes 3+2 and 2+1 examples. A global batch of 8 fits the split but not the
+    shard of 3; `check_config` asks `check_train_epoch` before building the model."""
+    with pytest.raises(ValueError, match=re.escape(
+            "data: global_batch_size=8 is invalid; expected at most 6 (2 processes * 3): split "
+            "'train+validation' of 'voc2007' shards over 2 processes as [5, 3] examples")):
+        detection.check_train_epoch(_voc_config(voc_dir), global_batch_size=8, process_count=2)
+    assert detection.check_train_epoch(_voc_config(voc_dir), global_batch_size=6,
+                                       process_count=2) == 1
+    assert detection.check_train_epoch(_voc_config(voc_dir), global_batch_size=8,
+                                       process_count=1) == 1

@@ -288,3 +288,16 @@ def test_scale_range_without_augment_is_refused_before_the_dataset_is_opened(tmp
     assert segmentation.eval_split_name(_config(root)) == "test"
     assert not (tmp_path / "never_built").exists()
 
+
+
+def test_check_train_epoch_counts_each_process_shard(pets_dir):
+    """`check_config`'s multi-process check: 'train[:7]+test[:1]' (8 examples) shards over 2
+    processes as 4+1 and 3+0 examples, so a global batch of 8 (the whole split) is refused by
+    name and 6 fits (one step)."""
+    config = segmentation.default_data_config("oxford_iiit_pet")
+    config.data_dir, config.image_size, config.train_split = pets_dir, 40, "train[:7]+test[:1]"
+    with pytest.raises(ValueError, match=r"data: global_batch_size=8 is invalid; expected at "
+                       r"most 6 \(2 processes \* 3\): split 'train\[:7\]\+test\[:1\]' of "
+                       r"'oxford_iiit_pet' shards over 2 processes as \[5, 3\] examples"):
+        segmentation.check_train_epoch(config, global_batch_size=8, process_count=2)
+    assert segmentation.check_train_epoch(config, global_batch_size=6, process_count=2) == 1
