@@ -307,11 +307,13 @@ def _bilinear_weights(coord: jax.Array, size: int) -> jax.Array:
 
 def _host_samples(values: np.ndarray, real: type, scale: float, aligned: bool,
                   output_size: tuple[int, int], sampling_ratio: int, max_sampling_ratio: int | None,
+                  grid: int | None = None,
                   ) -> tuple[int, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """RoIAlign's sample grid of concrete boxes as torchvision computes it, in its dtype `real`
-    with one IEEE rounding per step (NumPy: no FMA, correctly rounded division): the grid size,
-    the per-box sample counts `[K, 2]` (height, width) and the sample coordinates per axis,
+    """RoIAlign's sample grid of boxes as torchvision computes it, in its dtype `real` with one
+    IEEE rounding per step (NumPy: no FMA, correctly rounded division): the grid size, the
+    per-box sample counts `[K, 2]` (height, width) and the sample coordinates per axis,
     `[K, out_h, grid]` and `[K, out_w, grid]` (slots past a box's count are never read).
+    `grid` fixes the grid size of adaptive sampling (traced boxes: `max_sampling_ratio`).
 
     torchvision places sample `g` of bin `p` at `(start + p * bin) + (g + 0.5) * bin / count`
     and reads it (clamped to the last cell) up to the map's far edge, `W` included, and not past
@@ -328,9 +330,10 @@ def _host_samples(values: np.ndarray, real: type, scale: float, aligned: bool,
         counts = np.full(sizes.shape, real(grid))
     else:
         counts = np.ceil(sizes / pooled)
-        grid = max(int(counts.max(initial=1)), 1)
-        if max_sampling_ratio is not None:
-            grid = min(grid, max_sampling_ratio)
+        if grid is None:
+            grid = max(int(counts.max(initial=1)), 1)
+            if max_sampling_ratio is not None:
+                grid = min(grid, max_sampling_ratio)
         counts = np.clip(counts, 0, grid)
     bins = sizes / pooled
     coords = []
@@ -342,6 +345,27 @@ def _host_samples(values: np.ndarray, real: type, scale: float, aligned: bool,
     return grid, counts, (coords[0], coords[1])
 
 
+def _traced_host_samples(boxes: jax.Array, spatial_scale: jax.Array, aligned: bool,
+                         output_size: tuple[int, int], grid: int, adaptive: bool,
+                         ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`_host_samples` of traced boxes `[K, 4]` (in the compute dtype), through a host callback:
+    the per-box counts `[K, 2]` and sample coordinates, torchvision's to the bit."""
+    real = np.float64 if boxes.dtype == np.float64 else np.float32
+    k = boxes.shape[0]
+    shapes = (jax.ShapeDtypeStruct((k, 2), boxes.dtype),
+              (jax.ShapeDtypeStruct((k, output_size[0], grid), boxes.dtype),
+               jax.ShapeDtypeStruct((k, output_size[1], grid), boxes.dtype)))
+
+    def host(values, scale):
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes: as the kernel
+            _, counts, (ys, xs) = _host_samples(
+                np.asarray(values), real, real(np.asarray(scale)), aligned, output_size,
+                0 if adaptive else grid, None, grid=grid)
+        return counts.astype(real), (ys.astype(real), xs.astype(real))
+
+    return jax.pure_callback(host, shapes, boxes, spatial_scale, vmap_method="sequential")
+
+
 @partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned"))
 def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid, adaptive,
                aligned, counts=None, samples=None):
@@ -351,32 +375,48 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
     offset = 0.5 if aligned else 0.0
     scaled = boxes.astype(compute) * spatial_scale - offset
 
-    def axis_weights(start, end, pooled, size, given_count, given_coords):
-        g = jnp.arange(grid, dtype=compute)[None, None, :]
-        if given_coords is not None:  # concrete boxes: torchvision's, from the host
-            count, coords = given_count.astype(compute), given_coords.astype(compute)
+    g = jnp.arange(grid, dtype=compute)[None, None, :]
+
+    def kernel_samples(start, end, pooled):  # [K], [K, pooled, grid]: differentiable in boxes
+        length = end - start
+        if not aligned:  # Legacy (Detectron) behaviour: force malformed RoIs to be 1x1.
+            length = jnp.maximum(length, 1.0)
+        bin_size = length / pooled
+        if adaptive:
+            count = jnp.clip(jnp.ceil(length / pooled), 0, grid)
         else:
-            length = end - start
-            if not aligned:  # Legacy (Detectron) behaviour: force malformed RoIs to be 1x1.
-                length = jnp.maximum(length, 1.0)
-            bin_size = length / pooled
-            if adaptive:
-                count = jnp.clip(jnp.ceil(length / pooled), 0, grid)
-            else:
-                count = jnp.full_like(length, grid)
-            step = bin_size / jnp.maximum(count, 1)
-            p = jnp.arange(pooled, dtype=compute)[None, :, None]
-            coords = (start[:, None, None] + p * bin_size[:, None, None]
-                      + (g + 0.5) * step[:, None, None])
+            count = jnp.full_like(length, grid)
+        step = bin_size / jnp.maximum(count, 1)
+        p = jnp.arange(pooled, dtype=compute)[None, :, None]
+        return count, (start[:, None, None] + p * bin_size[:, None, None]
+                       + (g + 0.5) * step[:, None, None])
+
+    if samples is not None:  # concrete boxes: torchvision's, from the host
+        counts = counts.astype(compute)
+        samples = tuple(coords.astype(compute) for coords in samples)
+    else:
+        (count_h, ys), (count_w, xs) = (kernel_samples(scaled[:, 1], scaled[:, 3], out_h),
+                                        kernel_samples(scaled[:, 0], scaled[:, 2], out_w))
+        counts, samples = jnp.stack([count_h, count_w], axis=1), (ys, xs)
+        if boxes.shape[0]:
+            # On CPU, the values of torchvision's host arithmetic (docstring of roi_align), the
+            # kernel's derivatives: host + (kernel - kernel) is the host's value exactly.
+            fixed = jax.lax.stop_gradient((boxes.astype(compute), spatial_scale))
+            host_counts, host_samples = jax.lax.platform_dependent(
+                *fixed, cpu=partial(_traced_host_samples, aligned=aligned,
+                                    output_size=output_size, grid=grid, adaptive=adaptive),
+                default=lambda *_: jax.lax.stop_gradient((counts, samples)))
+            counts = host_counts
+            samples = tuple(host + (kernel - jax.lax.stop_gradient(kernel))
+                            for host, kernel in zip(host_samples, samples, strict=True))
+
+    def axis_weights(count, coords, size):
         weights = _bilinear_weights(coords, size)  # [K, pooled, grid, size]
         used = (g < count[:, None, None])[..., None]
         return jnp.sum(jnp.where(used, weights, 0.0), axis=2), count  # [K, pooled, size], [K]
 
-    given = (None, None) if samples is None else samples
-    weights_h, count_h = axis_weights(scaled[:, 1], scaled[:, 3], out_h, h,
-                                      None if counts is None else counts[:, 0], given[0])
-    weights_w, count_w = axis_weights(scaled[:, 0], scaled[:, 2], out_w, w,
-                                      None if counts is None else counts[:, 1], given[1])
+    weights_h, count_h = axis_weights(counts[:, 0], samples[0], h)
+    weights_w, count_w = axis_weights(counts[:, 1], samples[1], w)
     # Select each box's image with a one-hot contraction instead of gathering [K, H, W, C].
     image = jax.nn.one_hot(batch_indices, n, dtype=compute)  # [K, N]
     weights_hn = weights_h[:, :, None, :] * image[:, None, :, None]  # [K, out_h, N, H]
@@ -420,16 +460,16 @@ def roi_align(
     dependent; JAX needs a static sample grid, so its size is the largest count over the boxes when
     they are concrete (exact torchvision results), or `max_sampling_ratio` when they are traced
     under jit (boxes needing more samples use `max_sampling_ratio`). Adaptive sampling of traced
-    boxes without `max_sampling_ratio` is an error. Concrete boxes get torchvision's per-box
-    counts and sample positions exactly (IEEE arithmetic on the host, in float64 for float64
-    features and float32 otherwise, as torchvision computes in the input's dtype); traced boxes
-    get them computed in the kernel, where XLA:CPU divides by the output size as a multiply by
-    its rounded reciprocal and may fuse the scaling into an FMA. There a box whose size on the
-    map lies within an ulp of a multiple of the output size may get one sample more or fewer per
-    bin side (about 15% of integer-tenth boxes of width 70k at scale 0.1 and output 7), and a
-    sample within an ulp of the map's far edge, which torchvision reads up to `W` included and
-    drops past it, may be read or dropped the other way (about 1 in 2,000 integer boxes past a
-    13-cell map at stride 16).
+    boxes without `max_sampling_ratio` is an error. Boxes get torchvision's per-box counts and
+    sample positions exactly (IEEE arithmetic on the host, in float64 for float64 features and
+    float32 otherwise, as torchvision computes in the input's dtype): concrete boxes before
+    tracing, traced boxes on CPU through a host callback (`jax.pure_callback`; the box gradient
+    is the kernel's). A sample exactly on the map's edges (x = -1 or x = W), where torchvision
+    switches from a cell's value to 0, depends on that rounding: XLA computing them in the
+    kernel (a multiply by a rounded reciprocal for the division, FMAs) moved samples an ulp
+    across and changed outputs by up to 2 (75 in 129,600 random boxes and settings). On other
+    platforms traced boxes keep the kernel's positions, with those rare ulp differences
+    (torchvision's CUDA kernel, compiled with FMAs, differs from its CPU one there too).
 
     Unlike torchvision's `roi_align` (default `aligned=False`), `aligned` defaults to True: pass
     `aligned=False` for code ported from torchvision's default. A NaN or inf reaches only the
