@@ -2,6 +2,7 @@
 
 Layout of a sweep directory:
     sweep.json            the space, its trials and the base config (refuses a different sweep)
+    sweep.lock            locked while a driver checks and writes sweep.json (one at a time)
     trials/<trial_id>/    the engine's workdir for that trial (checkpoints, metrics.jsonl,
                           summary.json) plus trial.json (status, reason, wall time)
     results.csv/.json     one row per trial, best first; rewritten atomically after every trial
@@ -18,13 +19,18 @@ always rebuilt from the trial directories, so concurrent array tasks and reruns 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import math
 import os
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from cnnjax.train import config as config_lib
@@ -50,6 +56,7 @@ from cnnjax.utils.lock import LOCK_FILE, DirectoryInUseError, directory_lock
 from cnnjax.utils.validation import check_choice, invalid
 
 SWEEP_FILE = "sweep.json"
+SWEEP_LOCK = "sweep.lock"  # held while sweep.json is checked and written
 TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 RESULTS_CSV = "results.csv"
@@ -237,10 +244,59 @@ def _prepare_sweep_dir(
     sweep_dir: str, space: SearchSpace, base_config: Any, metric: str, mode: str
 ) -> None:
     """Creates sweep.json, or checks (`check_sweep_dir`) that the existing one describes the
-    same sweep."""
-    current = check_sweep_dir(sweep_dir, space, base_config, metric, mode)
+    same sweep, as one step: two drivers started together on a new sweep_dir each found no
+    sweep.json, and the second's overwrote the first's while the first's trials ran. The check
+    and the write run under `<sweep_dir>/sweep.lock` (a blocking flock, held for milliseconds),
+    and a new sweep.json is created only where none exists (a hard link: atomic on a file
+    system without flock too), so one driver writes it and the other is refused by
+    `check_sweep_dir` (or, the same sweep, goes on with it)."""
+    check_sweep_dir(sweep_dir, space, base_config, metric, mode)  # refused: nothing created
     os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
-    atomic_write(os.path.join(sweep_dir, SWEEP_FILE), json.dumps(current, indent=2))
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    with _exclusive(os.path.join(sweep_dir, SWEEP_LOCK)):
+        current = check_sweep_dir(sweep_dir, space, base_config, metric, mode)
+        text = json.dumps(current, indent=2)
+        if not os.path.exists(path):
+            if not _create_new(path, text):  # another driver's, created since: the same sweep?
+                check_sweep_dir(sweep_dir, space, base_config, metric, mode)
+        elif read_json(path) != current:  # a grown random sweep, or another metric or mode
+            atomic_write(path, text)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str) -> Iterator[None]:
+    """Holds an exclusive flock on `lock_path` (created), waiting for another holder; without
+    flock support on the file system (ENOLCK, ...) the block runs unlocked."""
+    with open(lock_path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield  # closing the file releases the lock
+
+
+def _create_new(path: str, text: str) -> bool:
+    """Writes `text` to `path` only if no file is there, atomically (a complete file or none,
+    whoever reads it); False if one is."""
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+    try:
+        atomic_write(temporary, text)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: O_EXCL keeps the first writer's file
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 def check_sweep_dir(
@@ -252,13 +308,14 @@ def check_sweep_dir(
     The metric and mode may change between runs (they only re-rank); the space, the trials and
     every trajectory-defining base-config field (the engine's RUNTIME_FIELDS excepted) may not,
     except that a random sweep may grow: a larger `num_trials` with the same seed draws the same
-    first trials, so the finished ones stand and only the new ones run.
+    first trials, so the finished ones stand and only the new ones run. The refusal names each
+    field that differs, old -> new (`space_changes`, `config_changes`).
     """
     current = _sweep_description(space, base_config, metric, mode)
     path = os.path.join(sweep_dir, SWEEP_FILE)
     fresh = (
-        "to start fresh use a new --sweep_dir or delete this one; to rerun with this sweep "
-        "restore the original sweep/base config"
+        "to start fresh use a new --sweep_dir or delete this one; to resume this sweep run it "
+        "with its original sweep file and base config (sweep.json in it records them)"
     )
     if os.path.exists(path):
         with open(path) as f:
@@ -266,8 +323,7 @@ def check_sweep_dir(
         if not _same_or_grown(saved, current):
             raise ValueError(
                 f"sweep: sweep_dir={sweep_dir!r} holds a different search space "
-                f"(saved: {json.dumps(saved.get('space'))}; now: {json.dumps(current['space'])}); "
-                f"{fresh}."
+                f"({space_changes(saved.get('space') or {}, current['space'])}); {fresh}."
             )
         details = config_changes(saved.get("base_config", {}), current["base_config"])
         if details:
@@ -290,6 +346,57 @@ def _same_or_grown(saved: dict, current: dict) -> bool:
              and isinstance(old_space.get("num_trials"), int)
              and new_space["num_trials"] > old_space["num_trials"])
     return grown and new_trials[:len(old_trials)] == old_trials
+
+
+def space_changes(saved: dict, current: dict) -> str:
+    """What differs between two described spaces (`SearchSpace.describe()`), field by field as
+    "name: old -> new" ("kind: 'grid' -> 'random'", "parameters['x'].values: [1, 2] -> [1, 3]",
+    a parameter added or dropped, their order), long value lists shortened."""
+    parts = []
+    grids = "grid" in (saved.get("kind"), current.get("kind"))  # a grid records None for both
+    for key in ("kind",) if grids else ("kind", "seed", "num_trials"):
+        old, new = saved.get(key), current.get(key)
+        if old != new:
+            shrunk = (key == "num_trials" and isinstance(old, int) and isinstance(new, int)
+                      and new < old)
+            parts.append(f"{key}: {old!r} -> {new!r}" + (
+                " (a random sweep may grow, not shrink: run fewer with --max_trials)"
+                if shrunk else ""))
+    old_params = {p.get("field"): p for p in saved.get("parameters") or []}
+    new_params = {p["field"]: p for p in current.get("parameters") or []}
+    for field, new in new_params.items():
+        old = old_params.get(field)
+        name = f"parameters[{field!r}]"
+        if old is None:
+            parts.append(f"{name}: <not swept> -> {_param_text(new)}")
+        elif old.get("distribution") != new["distribution"]:
+            parts.append(f"{name}: {_param_text(old)} -> {_param_text(new)}")
+        else:
+            parts += [f"{name}.{key}: {_brief(old.get(key))} -> {_brief(new.get(key))}"
+                      for key in ("values", "low", "high") if old.get(key) != new.get(key)]
+    parts += [f"parameters[{field!r}]: {_param_text(old)} -> <not swept>"
+              for field, old in old_params.items() if field not in new_params]
+    if list(old_params) != list(new_params) and set(old_params) == set(new_params):
+        parts.append(f"parameter order: {list(old_params)} -> {list(new_params)} (it orders "
+                     "the trials)")
+    return "; ".join(parts) or ("the same space, but sweep.json lists other trials for it: it "
+                                "was written by another version of cnnjax")
+
+
+def _param_text(param: dict) -> str:
+    """`choice [0.1, 0.3]`, `log_uniform 0.001..0.1`: a described parameter, briefly."""
+    if param.get("distribution") == "choice":
+        return f"choice {_brief(param.get('values'))}"
+    return f"{param.get('distribution')} {param.get('low')!r}..{param.get('high')!r}"
+
+
+def _brief(value: Any, limit: int = 6) -> str:
+    """`repr(value)` (`<unset>` for None), a list of more than `limit` values shortened to its
+    first and last ones and its length."""
+    if isinstance(value, list) and len(value) > limit:
+        head = ", ".join(repr(v) for v in value[:limit - 2])
+        return f"[{head}, ..., {value[-1]!r}] ({len(value)} values)"
+    return "<unset>" if value is None else repr(value)
 
 
 def config_changes(saved: dict, current: dict, limit: int = 8) -> str:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import threading
 import time
 
 import ml_collections
@@ -340,7 +341,8 @@ def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(sweep_dir, sw.SWEEP_FILE))
     other = sp.grid({"optimizer.learning_rate": [0.05, 0.3]})
     with pytest.raises(ValueError, match=re.escape(
-            f"sweep: sweep_dir={sweep_dir!r} holds a different search space (saved: ")) as err:
+            f"sweep: sweep_dir={sweep_dir!r} holds a different search space (parameters["
+            "'optimizer.learning_rate'].values: [0.05, 0.01] -> [0.05, 0.3]); ")) as err:
         sw.run_sweep(_tiny_base(), other, sweep_dir, verbose=False)
     assert "to start fresh use a new --sweep_dir or delete this one" in str(err.value)
     base = _tiny_base().unlock()
@@ -557,3 +559,109 @@ def test_config_changes_names_each_trajectory_field_and_ignores_runtime_ones():
     current = {"optimizer.learning_rate": 0.2, "seed": 0, "progress_bar": False}
     assert sw.config_changes(saved, current) == "optimizer.learning_rate: 0.1 -> 0.2"
     assert sw.config_changes(saved, dict(saved, progress_bar=False)) == ""
+
+
+def test_two_sweeps_racing_on_a_fresh_sweep_dir_one_wins_the_other_is_refused(tmp_path,
+                                                                             monkeypatch):
+    """Two drivers of different spaces started together on a new sweep_dir: each checked that
+    no sweep.json existed, then each wrote its own, the second overwriting the first's spec while
+    the first's trials ran. The check-and-write is atomic now: one writes, the other is refused.
+    Driver A is held inside the check (after finding no sweep.json) while B runs its own; the
+    outcome is the same whichever reaches the write first."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    spaces = {"a": sp.grid({"optimizer.learning_rate": [0.05, 0.01]}),
+              "b": sp.grid({"optimizer.learning_rate": [0.05, 0.3]})}
+    a_checked, b_checked, release_a = (threading.Event() for _ in range(3))
+    check = sw.check_sweep_dir
+
+    def held_check(*args, **kwargs):
+        result = check(*args, **kwargs)
+        if threading.current_thread().name == "a" and not a_checked.is_set():
+            a_checked.set()
+            assert release_a.wait(60)
+        elif threading.current_thread().name == "b":
+            b_checked.set()
+        return result
+
+    outcome = {}
+
+    def drive(name):
+        try:
+            sw.run_sweep(_tiny_base(), spaces[name], sweep_dir, max_trials=0, verbose=False)
+            outcome[name] = "ran"
+        except Exception as err:  # noqa: BLE001 — asserted below
+            outcome[name] = err
+        finally:  # an error before the check must not leave the other side waiting
+            (a_checked if name == "a" else b_checked).set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sw, "check_sweep_dir", held_check)
+        a = threading.Thread(target=drive, args=("a",), name="a")
+        a.start()
+        assert a_checked.wait(60)
+        b = threading.Thread(target=drive, args=("b",), name="b")
+        b.start()
+        assert b_checked.wait(60)  # B found no sweep.json either (or waits for A's lock)
+        release_a.set()
+        a.join(60)
+        b.join(60)
+    assert sorted(outcome) == ["a", "b"]
+    winners = [name for name, result in outcome.items() if result == "ran"]
+    assert len(winners) == 1, outcome
+    (loser,) = set(outcome) - set(winners)
+    assert isinstance(outcome[loser], ValueError), outcome
+    message = str(outcome[loser])
+    assert message.startswith(f"sweep: sweep_dir={sweep_dir!r} holds a different search space")
+    assert "use a new --sweep_dir" in message
+    saved = _json(os.path.join(sweep_dir, sw.SWEEP_FILE))
+    assert saved["space"] == spaces[winners[0]].describe()
+
+
+def test_a_changed_space_is_refused_naming_only_the_fields_that_differ(tmp_path, monkeypatch):
+    """The refusal printed both spaces whole as JSON (every parameter, every value) for the user
+    to compare by eye; it names each difference, old -> new, and how to go on."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    params = (sp.choice("optimizer.learning_rate", (0.05, 0.01)),
+              sp.choice("optimizer.momentum", (0.0, 0.9)),
+              sp.choice("seed", tuple(range(12))))
+    sw.run_sweep(_tiny_base(), sp.grid(params), sweep_dir, max_trials=0, verbose=False)
+    fresh = ("; to start fresh use a new --sweep_dir or delete this one; to resume this sweep "
+             "run it with its original sweep file and base config (sweep.json in it records "
+             "them).")
+    head = f"sweep: sweep_dir={sweep_dir!r} holds a different search space ("
+    cases = {
+        "parameters['optimizer.learning_rate'].values: [0.05, 0.01] -> [0.05, 0.3]":
+            sp.grid((sp.choice("optimizer.learning_rate", (0.05, 0.3)), *params[1:])),
+        "parameters['optimizer.momentum']: choice [0.0, 0.9] -> <not swept>":
+            sp.grid((params[0], params[2])),
+        "kind: 'grid' -> 'random'; parameters['optimizer.momentum']: choice [0.0, 0.9] -> "
+        "uniform 0.0..0.9; parameters['seed'].values: [0, 1, 2, 3, ..., 11] (12 values) -> "
+        "[0, 1, 2, 3, ..., 12] (13 values); parameters['optimizer.nesterov']: <not swept> -> "
+        "choice [False, True]":
+            sp.random((params[0], sp.uniform("optimizer.momentum", 0.0, 0.9),
+                       sp.choice("seed", tuple(range(13))),
+                       sp.choice("optimizer.nesterov", (False, True))), 3),
+        "parameter order: ['optimizer.learning_rate', 'optimizer.momentum', 'seed'] -> "
+        "['optimizer.momentum', 'optimizer.learning_rate', 'seed'] (it orders the trials)":
+            sp.grid((params[1], params[0], params[2])),
+    }
+    for differences, space in cases.items():
+        with pytest.raises(ValueError) as err:
+            sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False)
+        assert str(err.value) == head + differences + ")" + fresh
+    lrs = (sp.log_uniform("optimizer.learning_rate", 0.005, 0.1),)
+    random_dir = str(tmp_path / "random")
+    sw.run_sweep(_tiny_base(), sp.random(lrs, 4, seed=3), random_dir, max_trials=0,
+                 verbose=False)
+    for space, differences in (
+            (sp.random(lrs, 3, seed=3), "num_trials: 4 -> 3 (a random sweep may grow, not "
+                                        "shrink: run fewer with --max_trials)"),
+            (sp.random(lrs, 4, seed=4), "seed: 3 -> 4"),
+            (sp.random((sp.log_uniform("optimizer.learning_rate", 0.001, 0.1),), 4, seed=3),
+             "parameters['optimizer.learning_rate'].low: 0.005 -> 0.001")):
+        with pytest.raises(ValueError) as err:
+            sw.run_sweep(_tiny_base(), space, random_dir, max_trials=0, verbose=False)
+        assert str(err.value) == (f"sweep: sweep_dir={random_dir!r} holds a different search "
+                                  f"space ({differences}){fresh}")
