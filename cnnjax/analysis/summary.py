@@ -22,11 +22,16 @@ Columns: `params` (count of the `params` collection, each shared parameter once)
 dense textbook count), `activation_bytes` (bytes of the row's output tensors: every value it
 passes on, e.g. all parts of a split; the table shows the first shape and "(+n)") and the receptive
 field (size, jump, start) of the row's output on the network input (`receptive_field.py`).
-Arithmetic on constants only (e.g. `jnp.take`'s index clamping in adaptive pooling) costs no
-FLOPs, as XLA folds it at compile time. XLA's count can still differ where its own rewrites
-change the work: XLA:CPU splits a reduction over more than 32 elements into a padded 32-wide
-reduce-window plus a small reduce and counts the padding (SPP level 3 on 224x224x64, 75-76 element
-bins: 3.27M FLOPs here, 4.14M in XLA), and it folds an explicit zero pad into the next conv.
+Pooling counts `window - 1` adds (or comparisons) per output, plus one division per output for
+an average: adaptive average pooling whose bins tile the map counts as `avg_pool2d` of the same
+windows (its separable sums add as many), 1x1 bins (the identity) count 0 as in XLA, and a
+global average the same as a 1-bin adaptive one (`H*W - 1` adds and one division per channel).
+These are FLOPs, not MACs: pooling has no MACs. Arithmetic on constants only (e.g. `jnp.take`'s
+index clamping in adaptive pooling) costs no FLOPs, as XLA folds it at compile time. XLA's count
+can still differ where its own rewrites change the work: XLA:CPU splits a reduction over more
+than 32 elements into a padded 32-wide reduce-window plus a small reduce and counts the padding
+(SPP level 3 on 224x224x64, 75-76 element bins: 3.27M FLOPs here, 4.14M in XLA), and it folds an
+explicit zero pad into the next conv.
 
 CLI: `python -m cnnjax.analysis.summary --model=alexnet --input_shape=224,224,3 [--csv=out.csv]`.
 """

@@ -261,22 +261,24 @@ def _bin_layout(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     return index, starts[:, None] + offsets < ends[:, None]
 
 
-def _adaptive_avg_axis(x: jax.Array, axis: int, out: int) -> jax.Array:
-    """Adaptive averaging along one axis; bins are intervals, so 2-D averaging is separable."""
+def _adaptive_sum_axis(x: jax.Array, axis: int, out: int) -> tuple[jax.Array, np.ndarray]:
+    """Sums over PyTorch's adaptive bins along one axis, and each bin's element count; bins are
+    intervals, so 2-D bin sums are separable and the average divides once, by the product of
+    the counts."""
     size = x.shape[axis]
-    if size % out == 0:  # Equal, non-overlapping bins: a plain pool with kernel = stride.
+    if size == out:  # Bins of one element: nothing to add.
+        return x, np.ones(out, np.int64)
+    if size % out == 0:  # Equal, non-overlapping bins: a window sum with kernel = stride.
         window = [1] * x.ndim
         window[axis] = size // out
-        summed = jax.lax.reduce_window(x, _zero(x.dtype), jax.lax.add, window, window,
-                                       "VALID")
-        return summed / (size // out)
+        return (jax.lax.reduce_window(x, _zero(x.dtype), jax.lax.add, window, window, "VALID"),
+                np.full(out, size // out))
     index, inside = _bin_layout(size, out)
     gathered = jnp.take(x, jnp.asarray(index.reshape(-1)), axis=axis)
     gathered = gathered.reshape(*x.shape[:axis], *index.shape, *x.shape[axis + 1:])
     trailing = (1,) * (x.ndim - axis - 1)
     mask = jnp.asarray(inside.reshape(index.shape + trailing))
-    counts = jnp.asarray(inside.sum(1).reshape((out,) + trailing), x.dtype)
-    return jnp.sum(jnp.where(mask, gathered, 0), axis=axis + 1) / counts
+    return jnp.sum(jnp.where(mask, gathered, 0), axis=axis + 1), inside.sum(1)
 
 
 def _adaptive_max(x: jax.Array, out_h: int, out_w: int) -> jax.Array:
@@ -341,14 +343,25 @@ def _even_bin_max_jvp(bin_size: tuple[int, int], primals: tuple[jax.Array],
 
 
 def _adaptive_pool2d(owner: str, x: jax.Array, output_size: IntPair, mode: str) -> jax.Array:
-    """Adaptive pooling: 2-D bins for max (`_adaptive_max`); separable averages, run in
-    `_sum_dtype` across both axes and cast back once."""
+    """Adaptive pooling: 2-D bins for max (`_adaptive_max`); averages sum each axis's bins in
+    turn (separable; in `_sum_dtype`) and divide once by the bin sizes, then cast back. Equal
+    bins so cost what `avg_pool2d` of the same windows costs (window - 1 adds and one division
+    per output; the map itself for 1x1 bins), as XLA and `cnnjax.analysis.summary` count it;
+    a division after each axis's sums counted (and computed) one more per intermediate
+    element."""
     check_nhwc_nonempty(owner, x)
     out_h, out_w = to_pair(owner, "output_size", output_size)
     if mode == "max":
         return _adaptive_max(x, out_h, out_w)
     wide = x.astype(_sum_dtype(x.dtype))
-    return _narrow(_adaptive_avg_axis(_adaptive_avg_axis(wide, 1, out_h), 2, out_w), x.dtype)
+    summed, rows = _adaptive_sum_axis(wide, 1, out_h)
+    summed, cols = _adaptive_sum_axis(summed, 2, out_w)
+    counts = np.outer(rows, cols)
+    if np.all(counts == 1) and jnp.issubdtype(x.dtype, jnp.floating):  # 1x1 bins: the identity
+        return x
+    if np.all(counts == counts.flat[0]):  # equal bins: avg_pool2d's window sums and division
+        return _narrow(summed / np.array(counts.flat[0], summed.dtype), x.dtype)
+    return _narrow(summed / jnp.asarray(counts[None, :, :, None], summed.dtype), x.dtype)
 
 
 def adaptive_avg_pool2d(x: jax.Array, output_size: IntPair) -> jax.Array:

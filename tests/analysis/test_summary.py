@@ -129,7 +129,8 @@ def _xla_flops(model, shape):
     x = jnp.zeros((1, *shape))
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, x).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"], variables
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return cost.get("flops", 0.0), variables  # no "flops" at all: nothing to compute
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -656,3 +657,37 @@ def test_apply_keywords_reach_apply_and_the_rest_the_called_method():
     with pytest.raises(ValueError, match=r"^summary: keyword arguments=\{'train': True\} is "
                        r"invalid; _TwoMethods.features\(self, x, scale: int = 1\) refuses them"):
         summary(_TwoMethods(), (6, 6, 2), method="features", train=True)
+
+
+class _Pool(nn.Module):
+    """One pooling function of the map, as a model."""
+
+    fn: object
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("shape,out", [((8, 8, 4), 4), ((8, 8, 4), (4, 2)), ((12, 12, 3), 4),
+                                       ((8, 8, 4), 1), ((7, 7, 8), 7), ((6, 9, 2), (3, 9))])
+def test_equal_bin_adaptive_avg_pool_counts_as_the_avg_pool_of_its_windows(shape, out):
+    """Adaptive average pooling whose bins tile the map (kernel = stride = size // out) is the
+    ordinary average pool of those windows, and its FLOPs are that pool's: window - 1 adds per
+    output and one division (for 8x8x4 -> 4x4: 16 * 4 * (3 + 1) = 256); out = 1 is global
+    pooling, a bin of 1x1 the identity (0, as XLA folds it). It counted a division after each
+    of its two separable sums: 384 for 256, 288 for global pooling's 256, and 2 per element for
+    the 7x7 -> 7x7 identity, which XLA computes as nothing."""
+    from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool
+
+    result = summary(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
+    xla, _ = _xla_flops(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
+    oh, ow = (out, out) if isinstance(out, int) else out
+    bh, bw = shape[0] // oh, shape[1] // ow
+    windows = oh * ow * shape[2]
+    by_hand = 0 if bh * bw == 1 else windows * (bh * bw - 1 + 1)
+    assert result.totals["flops"] == xla == by_hand
+    if bh * bw > 1:
+        pooled = summary(_Pool(lambda x: avg_pool2d(x, (bh, bw))), shape)
+        assert result.totals["flops"] == pooled.totals["flops"]
+    if (oh, ow) == (1, 1):
+        assert result.totals["flops"] == summary(_Pool(global_avg_pool), shape).totals["flops"]
