@@ -27,6 +27,7 @@ configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 
+from cnnjax.tune.space import sweep_file_parser  # noqa: E402
 from cnnjax.utils.cli import define_config_file, one_line_errors, parse_flags, start_command  # noqa: E402
 
 _CONFIG = define_config_file(
@@ -36,6 +37,8 @@ _SWEEP = define_config_file(
     "sweep", None, "Sweep config file: get_config() describes the search space.",
     lock_config=True,
 )
+# --sweep.metric/mode/seed=... set them also where the sweep file leaves them out
+flags.FLAGS[_SWEEP.name].parser = sweep_file_parser(_SWEEP.name)
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "Directory for trials and results.")
 _TRIAL_INDEX = flags.DEFINE_integer(
     "trial_index", None, "Run only this trial (0-based), e.g. $SLURM_ARRAY_TASK_ID."

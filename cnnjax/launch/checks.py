@@ -26,7 +26,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-from cnnjax.launch.spec import JobSpec, array_indices, validate_spec
+from cnnjax.launch.spec import JobSpec, array_indices, split_file_argument, validate_spec
 from cnnjax.utils.cli import NoneOverrideError, explain_flag_error, find_culprit, parse_with_none
 from cnnjax.utils.files import check_directory_kind
 from cnnjax.utils.validation import invalid
@@ -46,6 +46,10 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
     for flag in paths:
         config_flags.DEFINE_config_file(flag, None, f"{flag} file", flag_values=values,
                                         lock_config=True, sys_argv=argv)
+        if flag == "sweep":  # as experiments.sweep loads it: --sweep.metric=... always applies
+            from cnnjax.tune.space import sweep_file_parser
+
+            values[flag].parser = sweep_file_parser(flag)
     for flag, kind in (extra_flags or {}).items():  # plain flags the entry point also accepts
         _FLAG_DEFINERS[kind](flag, None, flag, flag_values=values)
     try:
@@ -110,8 +114,9 @@ def count_trials(spec: JobSpec) -> int:
     if spec.sweep is None:
         raise invalid(_OWNER, "sweep", None, "a sweep job needs --sweep=<file>")
     path = os.path.join(spec.submit_dir, spec.sweep)
-    if not os.path.isfile(path):
-        raise invalid(_OWNER, "sweep", spec.sweep, f"no such file ({os.path.normpath(path)})")
+    if not os.path.isfile(split_file_argument(path)[0]):
+        raise invalid(_OWNER, "sweep", spec.sweep,
+                      f"no such file ({os.path.normpath(split_file_argument(path)[0])})")
     sweep = load_files({"sweep": path}, spec.overrides_for("sweep"))["sweep"]
     return len(space_lib.from_config(sweep).trials)
 

@@ -31,6 +31,9 @@ DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 KINDS = ("grid", "random")
 #: Every field a sweep file's `get_config()` may set (metric and mode are read by the sweep).
 SWEEP_FIELDS = ("kind", "parameters", "num_trials", "seed", "metric", "mode")
+#: The sweep file fields a command line may set although the file leaves them out (or None):
+#: `{name: (type, default)}`, declared by `declare_optional_fields`.
+OPTIONAL_FIELDS = {"metric": (str, None), "mode": (str, None), "seed": (int, 0)}
 _OWNER = "sweep"
 # How many draws `random` may spend per requested trial looking for distinct points.
 _MAX_DRAWS_PER_TRIAL = 100
@@ -323,6 +326,41 @@ def check_sweep_fields(sweep_config: Any) -> None:
     raise invalid(_OWNER, "field" + plural, unknown if plural else unknown[0],
                   f"a sweep file has no such field{plural}{hint}; expected fields among "
                   f"{list(SWEEP_FIELDS)}")
+
+
+def declare_optional_fields(sweep_config: Any) -> Any:
+    """`sweep_config` (a ConfigDict, changed in place; anything else is returned as it is) with
+    each of `OPTIONAL_FIELDS` it lacks added with its default, and those it sets None, and a set
+    `metric` or `mode`, made typed None-able fields (`FieldReference`). ml_collections applies a
+    `--sweep.<field>=...` override only to a field the file has, and parses it by the field's
+    type, so `--sweep.metric=loss` was refused for a file leaving the metric to its default (no
+    such field) or setting it None (a NoneType field takes no override), and
+    `--sweep.metric=None` for one naming a metric (a str field cannot be None). Defaults are
+    what `from_config` and the sweep use for an unset field: the metric None (the base config's
+    `best_metric`), the mode None (the metric's), the seed 0. `num_trials` is not declared: a
+    grid has its size, and a random file states its count."""
+    if not isinstance(sweep_config, ml_collections.ConfigDict):
+        return sweep_config
+    with sweep_config.unlocked():
+        for name, (kind, default) in OPTIONAL_FIELDS.items():
+            value = sweep_config.get(name, default)
+            if name not in sweep_config or value is None or kind is str and isinstance(value,
+                                                                                       str):
+                sweep_config[name] = ml_collections.FieldReference(value, field_type=kind)
+    return sweep_config
+
+
+def sweep_file_parser(name: str = "sweep", lock_config: bool = True) -> Any:
+    """An ml_collections config-file parser for the `--<name>=<sweep file>` flag that applies
+    `declare_optional_fields` to the loaded file before the command line's `--<name>.<field>`
+    overrides are: set it as the flag's `parser` (experiments.sweep, launch.submit's checks)."""
+    from ml_collections.config_flags import config_flags
+
+    class SweepFileParser(config_flags.ConfigFileFlagParser):
+        def parse(self, path: str) -> Any:
+            return declare_optional_fields(super().parse(path))
+
+    return SweepFileParser(name=name, lock_config=lock_config)
 
 
 def check_grid_num_trials(num_trials: Any, space: SearchSpace) -> None:

@@ -104,6 +104,43 @@ def test_the_example_grid_refuses_a_num_trials_override(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_file_without_metric_mode_or_seed_takes_them_from_the_command_line(tmp_path):
+    """`--sweep.metric=loss` was refused ("the config has no field 'metric'") for a sweep file
+    that leaves the metric to its default, and `Type NoneType ... is not supported for
+    overriding` for one that sets it None; likewise `--sweep.mode`, `--sweep.seed` (a random
+    sweep without a seed draws with 0) and unsetting a file's metric with `--sweep.metric=None`
+    (its `best_metric`, top1)."""
+    lrs = "(log_uniform('optimizer.learning_rate', 0.01, 0.3),)"
+    files = {}
+    for name, body in (("bare", "    c.kind = 'random'\n    c.num_trials = 2\n"),
+                       ("none", "    c.kind = 'random'\n    c.num_trials = 2\n"
+                                "    c.metric = None\n    c.mode = None\n    c.seed = None\n"),
+                       ("set", "    c.kind = 'random'\n    c.num_trials = 2\n"
+                               "    c.metric = 'loss'\n    c.mode = 'min'\n")):
+        path = tmp_path / f"{name}.py"
+        path.write_text("import ml_collections\nfrom cnnjax.tune.space import log_uniform\n\n\n"
+                        "def get_config():\n    c = ml_collections.ConfigDict()\n"
+                        f"{body}    c.parameters = {lrs}\n    return c\n")
+        files[name] = str(path)
+    runs = {
+        "bare": (files["bare"], "--sweep.metric=loss", "--sweep.seed=3"),
+        "none": (files["none"], "--sweep.metric=loss", "--sweep.mode=min", "--sweep.seed=3"),
+        "unset": (files["set"], "--sweep.metric=None", "--sweep.mode=None"),
+    }
+    results = run_commands(
+        [_command(sweep, tmp_path / name, "--max_trials=0", *extra)[2:]
+         for name, (sweep, *extra) in runs.items()],
+        env=_env(), preimport=["cnnjax.data.pipeline"])
+    for name, result in zip(runs, results, strict=True):
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        with open(tmp_path / name / "sweep.json") as f:
+            saved = json.load(f)
+        expected = ("top1", "max", 0) if name == "unset" else ("loss", "min", 3)
+        assert (saved["metric"], saved["mode"], saved["space"]["seed"]) == expected, name
+    with open(tmp_path / "bare" / "results.json") as f:
+        assert json.load(f)["metric"] == "loss"
+
+
 @pytest.fixture(scope="module")
 def file_in_the_way(tmp_path_factory) -> dict:
     """{inside: (sweep_dir, result)}: the sweep_dir is a file, or inside one; both commands run

@@ -397,3 +397,30 @@ def test_a_grid_refuses_a_seed_it_would_ignore():
 )
 def test_error_messages(make, message):
     _raises(message, make)
+
+
+def test_metric_mode_and_seed_overrides_apply_where_the_sweep_file_leaves_them_out(tmp_path):
+    """launch.submit loads a sweep file with the entry point's overrides as experiments.sweep
+    does; `--sweep.metric=loss` was refused there too ("the config has no field 'metric'") for a
+    file without a metric, and for a file setting it None (a NoneType field takes no override)."""
+    from cnnjax.launch.checks import load_files
+
+    for body, overrides, expected in (
+        ("", ["--sweep.metric=loss", "--sweep.mode=min", "--sweep.seed=3"], ("loss", "min", 3)),
+        ("", [], (None, None, 0)),  # the defaults from_config and run_sweep use
+        ("    c.metric = None\n    c.seed = None\n", ["--sweep.metric=loss", "--sweep.seed=2"],
+         ("loss", None, 2)),
+        ("    c.metric = 'loss'\n    c.mode = 'min'\n", ["--sweep.metric=None",
+                                                         "--sweep.mode=None"],
+         (None, None, 0)),
+    ):
+        path = tmp_path / "sweep_file.py"
+        path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                        "    c = ml_collections.ConfigDict()\n    c.kind = 'grid'\n"
+                        f"{body}    c.parameters = {{'seed': (0, 1)}}\n    return c\n")
+        sweep = load_files({"sweep": str(path)}, overrides)["sweep"]
+        assert (sweep.metric, sweep.mode, sweep.seed) == expected, (body, overrides)
+        assert sweep.is_locked
+        with pytest.raises(AttributeError):
+            sweep.metirc = "loss"  # misspelt fields are still refused (locked, as before)
+    assert sp.declare_optional_fields({"kind": "grid"}) == {"kind": "grid"}  # a mapping: as is
