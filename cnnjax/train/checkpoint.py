@@ -22,6 +22,7 @@ them restore the same step or set aside the same ones.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging as std_logging
@@ -57,23 +58,81 @@ RESTORE_RETRY_DELAY_S = 0.5
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 #: The custom-metadata key of the arrays' digests (`array_digests`), kept out of `run_info`.
 _DIGESTS_KEY = "array_digests"
+#: The custom-metadata key of the digests' format (`DIGEST_FORMAT`); absent: format 1.
+_DIGEST_FORMAT_KEY = "array_digests_format"
+#: The custom-metadata key of the zero-size arrays (`{path: [shape, dtype name]}`), which orbax
+#: refuses to save ("Cannot save arrays with zero size") and which hold no data.
+_EMPTY_ARRAYS_KEY = "zero_size_arrays"
+#: How `array_digests` hashes an array's type: 1 (checkpoints saved before the format was
+#: recorded) hashed NumPy's dtype string alone, '<V1' for nearly every ml_dtypes 8-bit float and
+#: 4-bit int (float8_e4m3fn and float8_e4m3fnuz shared their digests); 2 adds the dtype's name.
+DIGEST_FORMAT = 2
+_DIGEST_FORMATS = (1, 2)
 
 
-def array_digests(tree: Any) -> dict[str, str]:
+def array_digests(tree: Any, digest_format: int = DIGEST_FORMAT) -> dict[str, str]:
     """`{"params/conv1/kernel": digest, ...}` for every array of the nested dict `tree`: the first
-    16 hex digits of the SHA-256 of its dtype, shape and bytes (~1.8 GB/s here), in native byte
-    order (orbax stores values, and restores a big-endian array as a native one). A None leaf (an
-    unset optional field of an optimizer state or struct) holds no array and has none."""
+    16 hex digits of the SHA-256 of its dtype (its exact name, e.g. float8_e4m3fn, and NumPy's
+    string), shape and bytes (~1.8 GB/s here), in native byte order (orbax stores values, and
+    restores a big-endian array as a native one). A None leaf (an unset optional field of an
+    optimizer state or struct) holds no array and has none. `digest_format` 1 is the digest of
+    checkpoints saved before `DIGEST_FORMAT` was recorded (no dtype name)."""
     digests = {}
     for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
         if leaf is None:
             continue
         array = np.asarray(leaf)
         array = np.ascontiguousarray(array, array.dtype.newbyteorder("="))
-        digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
+        kind = array.dtype.str if digest_format == 1 else f"{array.dtype.name} {array.dtype.str}"
+        digest = hashlib.sha256(f"{kind} {array.shape}".encode())
         digest.update(array.reshape(-1).view(np.uint8))
         digests[path] = digest.hexdigest()[:16]
     return digests
+
+
+def _is_empty_array(leaf: Any) -> bool:
+    return leaf is not None and hasattr(leaf, "shape") and math.prod(np.shape(leaf)) == 0
+
+
+def _split_empty_arrays(tree: Any) -> tuple[Any, dict[str, list]]:
+    """`tree` (nested dicts, as `to_state_dict` gives) without its zero-size arrays, and those
+    as `{"a/b": [shape, dtype name]}`."""
+    empties: dict[str, list] = {}
+
+    def walk(node: Any, prefix: str) -> Any:
+        if isinstance(node, dict):
+            kept = {}
+            for key, value in node.items():
+                path = f"{prefix}{key}"
+                if _is_empty_array(value):
+                    empties[path] = [list(np.shape(value)), np.asarray(value).dtype.name]
+                else:
+                    kept[key] = walk(value, path + "/")
+            return kept
+        return node
+
+    return walk(tree, ""), empties
+
+
+def _with_empty_arrays(tree: Any, empties: dict[str, Any]) -> Any:
+    """`tree` with the zero-size arrays of `empties` (`{"a/b": array}`) put back in place."""
+    out = dict(tree)
+    for path, array in empties.items():
+        *parents, last = path.split("/")
+        node = out
+        for key in parents:
+            node[key] = dict(node.get(key) or {})
+            node = node[key]
+        node[last] = array
+    return out
+
+
+def _empty_array(spec: list) -> np.ndarray:
+    """The zero-size array of a saved `[shape, dtype name]`."""
+    import ml_dtypes  # noqa: F401 — registers bfloat16, float8_* ... with NumPy by name
+
+    shape, dtype = spec
+    return np.zeros(tuple(shape), np.dtype(dtype))
 
 
 class CheckpointDigestError(Exception):
@@ -81,13 +140,20 @@ class CheckpointDigestError(Exception):
 
 
 def check_digests(restored: Any, saved: dict[str, str] | None, where: str,
-                  cast: frozenset[str] = frozenset()) -> None:
+                  cast: frozenset[str] = frozenset(), digest_format: int = DIGEST_FORMAT) -> None:
     """Raises `CheckpointDigestError` naming the first restored array (of `where`) whose digest
-    is not the one saved; checkpoints saved without digests (`saved` None) pass, and so do the
-    `cast` paths (orbax converted them to the template's dtype: other bytes by design)."""
+    is not the one saved (computed in `digest_format`, the one they were saved in); checkpoints
+    saved without digests (`saved` None) pass, and so do the `cast` paths (orbax converted them
+    to the template's dtype: other bytes by design). Digests of a format this version does not
+    know (a newer cnnjax's) cannot be checked: a warning, and the arrays' own reads decide."""
     if not saved:
         return
-    for path, digest in array_digests(restored).items():
+    if digest_format not in _DIGEST_FORMATS:
+        logging.warning("The array digests of %s are in format %r, which this version cannot "
+                        "check (it knows %s); restoring without them.", where, digest_format,
+                        _DIGEST_FORMATS)
+        return
+    for path, digest in array_digests(restored, digest_format).items():
         if path in saved and saved[path] != digest and path not in cast:
             raise CheckpointDigestError(
                 f"array {path} of {where} differs from the digest saved with it (its files "
@@ -290,7 +356,11 @@ class Checkpointer:
             metrics = {k: float(v) for k, v in metrics.items()}
         else:
             metrics = None
-        custom = {**(run_info or {}), _DIGESTS_KEY: array_digests(item)}
+        custom = {**(run_info or {}), _DIGESTS_KEY: array_digests(item),
+                  _DIGEST_FORMAT_KEY: DIGEST_FORMAT}
+        item, empties = _split_empty_arrays(item)  # orbax refuses them; they hold no data
+        if empties:
+            custom[_EMPTY_ARRAYS_KEY] = empties
         _drop_closed_loop_callbacks()
         with _without_missing_metrics_warning():  # periodic saves have no eval metrics
             self._manager.save(step, args=ocp.args.StandardSave(item), metrics=metrics,
@@ -304,7 +374,8 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001 — unreadable metadata only loses this information
             self._warn_run_info_lost(step, f"{type(err).__name__}: {str(err)[:200]}")
             return {}
-        info.pop(_DIGESTS_KEY, None)
+        for key in (_DIGESTS_KEY, _DIGEST_FORMAT_KEY, _EMPTY_ARRAYS_KEY):
+            info.pop(key, None)
         if not info:  # orbax reads a torn or empty metadata file as "no metadata"
             path = os.path.join(self.directory, str(step), _STEP_METADATA_FILE)
             try:
@@ -395,11 +466,17 @@ class Checkpointer:
         # written before the field existed) holds no array: it comes from the template.
         metadata = self._manager.item_metadata(step)
         metadata = getattr(metadata, "tree", metadata) or {}
+        saved = _saved_digests(self._manager, step)
+        # Zero-size arrays are not in orbax's files but in the step's metadata.
+        wanted, _ = _split_empty_arrays(full_target)
         on_disk = set(metadata)
         absent = {k: v for k, v in full_target.items()
-                  if k not in on_disk and not jax.tree.leaves(v)}
-        target = {k: v for k, v in full_target.items() if k not in absent}
+                  if k not in on_disk and not jax.tree.leaves(wanted.get(k))}
+        target = {k: v for k, v in wanted.items() if k not in absent}
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        restored = _with_empty_arrays(restored, {
+            path: _empty_array(spec) for path, spec in saved.empty_arrays.items()})
+        target = {k: v for k, v in full_target.items() if k not in absent}
         mismatched = _shape_mismatches(restored, target)
         if mismatched:
             raise CheckpointShapeError(
@@ -409,8 +486,8 @@ class Checkpointer:
                 "model or optimizer changed since it was saved; to start fresh use a new "
                 "--workdir or delete the checkpoints."
             )
-        check_digests(restored, _saved_digests(self._manager, step), f"step {step}",
-                      _cast_paths(metadata, restored))
+        check_digests(restored, saved.digests, f"step {step}", _cast_paths(metadata, restored),
+                      saved.digest_format)
         return serialization.from_state_dict(template, {**restored, **absent})
 
     def _wait_to_retry(self, attempt: int, what: str) -> None:
@@ -469,13 +546,26 @@ def _cast_paths(metadata: Any, restored: Any) -> frozenset[str]:
         and np.dtype(saved[path].dtype) != np.asarray(leaf).dtype)
 
 
-def _saved_digests(manager: Any, step: int) -> dict[str, str] | None:
+@dataclasses.dataclass(frozen=True)
+class _SavedDigests:
+    """What a step's metadata says about its arrays: their `digests` (None: none saved), the
+    `digest_format` they were computed in and the zero-size arrays orbax did not store."""
+
+    digests: dict[str, str] | None = None
+    digest_format: int = 1
+    empty_arrays: dict[str, list] = dataclasses.field(default_factory=dict)
+
+
+def _saved_digests(manager: Any, step: int) -> _SavedDigests:
     """The digests saved with `step` (None if it has none, or its metadata cannot be read: the
-    arrays' own reads are then the only check, as before digests were saved)."""
+    arrays' own reads are then the only check, as before digests were saved), their format and
+    the step's zero-size arrays."""
     try:
-        return (manager.metadata(step).custom_metadata or {}).get(_DIGESTS_KEY)
+        custom = manager.metadata(step).custom_metadata or {}
     except Exception:  # noqa: BLE001 — `run_info` warns about unreadable metadata
-        return None
+        return _SavedDigests()
+    return _SavedDigests(custom.get(_DIGESTS_KEY), custom.get(_DIGEST_FORMAT_KEY, 1),
+                         dict(custom.get(_EMPTY_ARRAYS_KEY) or {}))
 
 
 def _is_json(path: str) -> bool:
@@ -607,6 +697,9 @@ class SourceCheckpoints:
             raise ValueError(f"its tree metadata ({step}/default/_METADATA) is missing, so "
                              "which arrays it holds is unknown")
         tree = getattr(tree, "tree", tree) or {}
+        empties = {path: _empty_array(spec)
+                   for path, spec in _saved_digests(self._manager, step).empty_arrays.items()}
+        tree = _with_empty_arrays(tree, empties)
         return {
             name: jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree.get(name) or {}
@@ -621,15 +714,25 @@ class SourceCheckpoints:
         if not shapes:
             return {}
         item = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True
-            ),
-        )
+        item, empties = _split_empty_arrays(item)  # not in orbax's files: no data to read
+        item = {k: v for k, v in item.items() if jax.tree.leaves(v)}
+        saved = _saved_digests(self._manager, step)
+        restored = {}
+        if item:
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        item)
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        restored = _with_empty_arrays(restored, {
+            path: _empty_array(saved.empty_arrays[path]) if path in saved.empty_arrays
+            else _empty_array(spec) for path, spec in empties.items()})
         try:
-            check_digests(restored, _saved_digests(self._manager, step), f"step {step}")
+            check_digests(restored, saved.digests, f"step {step}",
+                          digest_format=saved.digest_format)
         except CheckpointDigestError as err:
             raise CorruptSourceCheckpointError(
                 f"{self.owner}: the checkpoint at step {step} in {self.directory} is corrupt: "

@@ -578,3 +578,143 @@ def test_load_trained_of_a_sweep_directory_names_its_runs(tmp_path):
             "(no readable config.json with a model in it); it holds runs with checkpoints: "
             f"{str(tmp_path / 'sweep' / 'trials' / '0002')!r}.")):
         load_trained(str(tmp_path / "sweep"))
+
+
+# ------------------------------------------------------------------ zero-size arrays, dtype names
+def _with_empty_arrays(value: float) -> dict:
+    """A state with zero-size leaves beside ordinary ones: a parameter with a 0 dimension, a
+    batch_stats leaf of 0 channels, an optimizer state whose only array is empty, and a
+    bfloat16 one."""
+    import ml_dtypes
+
+    return {
+        "params": {"w": np.full((2, 3), value, np.float32), "empty": np.zeros((0, 3), np.float32)},
+        "batch_stats": {"bn": {"mean": np.zeros((0,), np.float32)}},
+        "opt_state": [{"trace": np.zeros((4, 0), ml_dtypes.bfloat16)}, {"count": np.array(3)}],
+        "step": np.array(value, np.int32),
+    }
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_zero_size_arrays_round_trip(tmp_path, use_async):
+    """Orbax refuses to save an array with a 0 dimension ('Cannot save arrays with zero size:
+    ParamInfo: [name=params.empty...]'), so a state holding one could not be checkpointed at
+    all (asynchronously: the save failed in orbax's thread). They hold no data: their shape and
+    dtype are saved beside the others' digests and they restore as they were, resumed and as a
+    warm-start source."""
+    from cnnjax.train.checkpoint import SourceCheckpoints
+
+    checkpointer = Checkpointer(str(tmp_path), use_async=use_async, best_metric=None)
+    checkpointer.save(2, _with_empty_arrays(2))
+    checkpointer.save(4, _with_empty_arrays(4))
+    checkpointer.close()
+    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored, step = resumed.restore_latest(_with_empty_arrays(0))
+    resumed.close()
+    assert step == 4
+    expected = _with_empty_arrays(4)
+    assert jax.tree.structure(restored) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+        assert np.shape(got) == np.shape(want) and np.asarray(got).dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    source = SourceCheckpoints(str(tmp_path))
+    try:
+        shapes = source.shapes(2, ("params", "batch_stats"))
+        assert shapes["params"]["empty"].shape == (0, 3)
+        assert shapes["batch_stats"]["bn"]["mean"].shape == (0,)
+        variables = source.restore(2, shapes)
+    finally:
+        source.close()
+    assert variables["params"]["empty"].shape == (0, 3)
+    assert variables["batch_stats"]["bn"]["mean"].shape == (0,)
+    np.testing.assert_array_equal(variables["params"]["w"], np.full((2, 3), 2, np.float32))
+
+
+def test_a_zero_size_array_of_another_shape_now_is_refused_by_name(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
+    checkpointer.save(4, _with_empty_arrays(4))
+    checkpointer.close()
+    template = _with_empty_arrays(0)
+    template["params"]["empty"] = np.zeros((0, 5), np.float32)
+    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
+    with pytest.raises(CheckpointShapeError, match=re.escape(
+            "params/empty: saved (0, 3) vs now (0, 5)")):
+        resumed.restore_latest(template)
+    resumed.close()
+
+
+def test_same_size_dtypes_have_their_own_digests():
+    """The digest hashed NumPy's dtype string, which is '<V1' for nearly every ml_dtypes 8-bit
+    float and 4-bit int and '<V2' for bfloat16: an float8_e4m3fn array had the digest of the
+    same bytes read as float8_e4m3fnuz (other numbers), so a checkpoint whose dtype changed on
+    disk passed its digests. The exact dtype name is now hashed too."""
+    import ml_dtypes
+
+    from cnnjax.train.checkpoint import array_digests
+
+    bits = np.arange(16, dtype=np.uint8)
+    names = ["float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz", "float8_e5m2",
+             "float8_e5m2fnuz", "float8_e4m3", "float8_e3m4", "int4", "uint4", "uint8", "int8"]
+    digests = {name: array_digests({"a": bits.view(getattr(ml_dtypes, name, None)
+                                                   or np.dtype(name))})["a"]
+               for name in names}
+    assert len(set(digests.values())) == len(names), digests
+    halves = np.arange(4, dtype=np.uint16)
+    assert (array_digests({"a": halves.view(ml_dtypes.bfloat16)})
+            != array_digests({"a": halves.view(np.float16)}))
+
+
+def _digest_format_1(tree: dict) -> dict[str, str]:
+    """The digests checkpoints were saved with before the dtype's name was hashed (format 1,
+    no "array_digests_format" key): SHA-256 of '<dtype.str> <shape>' and the native bytes."""
+    import hashlib
+
+    from flax import traverse_util
+
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
+        if leaf is None:
+            continue
+        array = np.asarray(leaf)
+        array = np.ascontiguousarray(array, array.dtype.newbyteorder("="))
+        digest = hashlib.sha256(f"{array.dtype.str} {array.shape}".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+        out[path] = digest.hexdigest()[:16]
+    return out
+
+
+@pytest.mark.parametrize("tampered", [None, "params/conv/scale"])
+def test_checkpoints_with_format_1_digests_are_still_checked(tmp_path, tampered):
+    """A checkpoint saved before the format was versioned has the old digests and no format
+    key: it restores, and a changed array still fails its (old) digest."""
+    import json
+
+    from flax import serialization
+
+    checkpointer = Checkpointer(str(tmp_path), use_async=False, best_metric=None)
+    checkpointer.save(5, _every_leaf_kind())
+    checkpointer.close()
+    path = tmp_path / "checkpoints" / "5" / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    assert metadata["custom_metadata"]["array_digests_format"] == 2
+    del metadata["custom_metadata"]["array_digests_format"]
+    old = _digest_format_1(serialization.to_state_dict(_every_leaf_kind()))
+    assert old != metadata["custom_metadata"]["array_digests"]
+    if tampered:
+        old[tampered] = "0" * 16
+    metadata["custom_metadata"]["array_digests"] = old
+    path.write_text(json.dumps(metadata))
+    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
+    try:
+        if tampered is None:
+            restored, step = resumed.restore_latest(_every_leaf_kind())
+            assert step == 5
+            jax.tree.map(np.testing.assert_array_equal, restored, _every_leaf_kind())
+        else:
+            with pytest.warns(RuntimeWarning), pytest.raises(
+                    ValueError, match=f"CheckpointDigestError: array {tampered} of step 5"):
+                resumed.restore_latest(_every_leaf_kind())
+    finally:
+        resumed.close()
