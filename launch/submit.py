@@ -241,7 +241,7 @@ def sbatch(script_path: str, spec: JobSpec, record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # loading a config imports TensorFlow
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # for a config file importing TensorFlow
     try:
         spec = spec_from_flags(argv[1:])
         spec, num_trials, script = prepare(

@@ -8,7 +8,9 @@ devices (`entry_checks`: a sweep's metric and mode, a tune's recipe, a transfer'
 budgets) and the engine's value checks (`validate_config`) on every config the job will train,
 each trial of a sweep included: a misspelt field, a wrong type or a bad value fails here rather
 than after hours in the queue; it also checks that the batch splits evenly over the job's GPUs.
-Loading an experiment config imports TensorFlow (the data pipeline), ~5 s.
+It imports JAX and the engine's config checks (~5 s), not TensorFlow: the shipped configs load
+without it (`tests/experiments/test_configs.py`). A `<file>.py:<argument>` is loaded with its
+argument, as config_flags passes it to `get_config`.
 `check_array_size` compares a sweep's array with the cluster's `MaxArraySize`
 (`cluster_max_array_size` asks `scontrol`), which SLURM would otherwise enforce only at `sbatch`.
 """
@@ -27,7 +29,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, array_indices, split_file_argument, validate_spec
-from cnnjax.utils.cli import NoneOverrideError, explain_flag_error, find_culprit, parse_with_none
+from cnnjax.utils.cli import (
+    NoneOverrideError,
+    config_file_error,
+    explain_flag_error,
+    find_culprit,
+    parse_with_none,
+)
 from cnnjax.utils.files import check_directory_kind
 from cnnjax.utils.validation import invalid
 
@@ -58,6 +66,9 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
         raise invalid(_OWNER, "overrides", err.override.replace("'None'", "None"),
                       err.reason) from None
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
+        own = config_file_error(err) if isinstance(err, flags.Error) else None
+        if own is not None:  # the file's get_config(<argument>) raised: its own message
+            raise ValueError(f"{_OWNER}: {own}") from None
         culprit, reason = explain_flag_error(argv, err)  # names config-field overrides only
         culprit = culprit or find_culprit(overrides, err) or list(overrides)
         raise invalid(_OWNER, "overrides", culprit,

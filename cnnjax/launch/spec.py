@@ -321,8 +321,22 @@ def _check_files(spec: JobSpec, submit_dir: str) -> dict[str, str]:
             continue
         if value is None:
             raise invalid(_OWNER, flag, value, f"{spec.entry} needs --{flag}=<file>")
-        files[flag] = _check_path(flag, value, submit_dir, must_exist="file")
+        path, argument = split_file_argument(value)
+        checked = _check_path(flag, path, submit_dir, must_exist=None)
+        if not os.path.isfile(checked):
+            raise invalid(_OWNER, flag, value, f"no such file ({checked})")
+        if argument is not None and re.search(r"[\s%#'\"\\]", argument):
+            raise invalid(_OWNER, flag, value, "expected an argument after ':' without "
+                          "whitespace, quotes, backslashes, '%' or '#'")
+        files[flag] = checked if argument is None else f"{checked}:{argument}"
     return files
+
+
+def split_file_argument(value: str) -> tuple[str, str | None]:
+    """`<file>.py:<argument>` -> (file, argument), as ml_collections' config_flags splits it
+    (at the first colon: the text after it goes to the file's `get_config`); no colon: None."""
+    path, colon, argument = value.partition(":")
+    return path, (argument if colon else None)
 
 
 def _tasks_per_node(spec: JobSpec) -> int:

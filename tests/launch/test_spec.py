@@ -243,3 +243,16 @@ def test_scheduling_fields_are_fields_and_leave_what_decides_results():
     kept = without_scheduling({**spec.to_json(), "future_field": 1})
     assert set(kept) == fields - SCHEDULING_FIELDS | {"future_field"}
     assert kept["overrides"] == ["--config.seed=1"]
+
+
+def test_a_config_argument_is_kept_and_its_file_checked():
+    """`--config=<file>.py:<argument>` (ml_collections' config_flags, experiments/README.md:
+    `rcnn_shapes.py:selective_search`) reaches the entry point: the file before the first colon
+    must exist, the argument is kept. It was refused as 'no such file'."""
+    spec = validate_spec(_train(config="experiments/configs/rcnn_shapes.py:selective_search"))
+    assert spec.config == str(ROOT / "experiments" / "configs" / "rcnn_shapes.py") + \
+        ":selective_search"
+    assert validate_spec(spec) == spec
+    with pytest.raises(ValueError, match=r"^launch: config='experiments/configs/nope.py:plain' is "
+                                         r"invalid; no such file \(.*/nope.py\)"):
+        validate_spec(_train(config="experiments/configs/nope.py:plain"))

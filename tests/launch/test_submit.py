@@ -541,3 +541,38 @@ def test_the_entry_points_own_checks_refuse_a_job_before_it_is_queued(tmp_path, 
     assert "Traceback" not in result.stderr and not result.stdout
     assert not workdir.exists()
     assert not (tmp_path / "bin" / "sbatch.calls").exists()
+
+
+def test_a_config_argument_reaches_the_checks_and_the_script(tmp_path):
+    """`--config=<file>.py:<argument>` is loaded with its argument before queueing (here the
+    argument sets a batch the job's 8 devices cannot split) and passed on in the script."""
+    path = tmp_path / "light_arg.py"
+    path.write_text(
+        "from cnnjax.train.config import default_config\n\n\ndef get_config(batch='32'):\n"
+        "    config = default_config()\n"
+        "    config.model = 'lenet5'\n"
+        "    config.global_batch_size = int(batch)\n"
+        "    return config\n")
+    spec = JobSpec(entry="train", config=f"{path}:36", workdir=str(tmp_path / "w"), nodes=2,
+                   gpus_per_node=4, submit_dir=str(ROOT))
+    with pytest.raises(ValueError, match=r"config.global_batch_size=36 is invalid; expected a "
+                                         r"multiple of the job's 8 devices"):
+        check_configs(spec)
+    check_configs(JobSpec(**{**spec.__dict__, "config": f"{path}:64"}))
+    result = _submit(tmp_path, "--entry=train", f"--config={path}:64",
+                     f"--workdir={tmp_path / 'run'}", "--nodes=2", "--gpus_per_node=4",
+                     "--dry_run")
+    assert result.returncode == 0, result.stderr
+    assert f"    --config={path}:64 \\\n" in result.stdout
+
+
+def test_a_config_files_own_error_is_one_line_naming_the_file():
+    """A `get_config(<argument>)` that raises is reported as the entry point reports it, not as
+    `overrides=[] is invalid` over ml_collections' flattened traceback."""
+    config = str(ROOT / "experiments" / "configs" / "rcnn_shapes.py")
+    spec = JobSpec(entry="train", config=f"{config}:bogus", workdir="w", submit_dir=str(ROOT))
+    with pytest.raises(ValueError) as caught:
+        check_configs(spec)
+    assert str(caught.value) == (
+        f"launch: --config='{config}:bogus' is invalid; config: argument='bogus' is invalid; "
+        "expected one of ['windows', 'selective_search'].")
