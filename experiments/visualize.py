@@ -90,12 +90,15 @@ def _normalization(run: Any, channels: int) -> tuple[Any, Any]:
     from cnnjax.data.spec import resolve
 
     try:
-        preset = resolve(run.config.data).preset
+        spec = resolve(run.config.data)
     except (ValueError, KeyError, AttributeError):  # not a cnnjax dataset config
         return None, None
-    if len(preset.mean) != channels:  # the pipeline then centres with 0.5 / 0.5
+    mean, std = spec.preset.mean, spec.preset.std
+    if spec.grey_to_rgb and len(mean) == 1:  # grey images fed as RGB: the statistics repeated
+        mean, std = mean * 3, std * 3
+    if len(mean) != channels:  # the pipeline then centres with 0.5 / 0.5
         return (0.5,) * channels, (0.5,) * channels
-    return preset.mean, preset.std
+    return mean, std
 
 
 #: The most images one command explains: attributions.png has a row of maps per image.

@@ -66,8 +66,10 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     `train_examples_per_class` (None: all; else the first n train examples of each kept class);
     `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0..10,
     0: off, and their magnitude on the 0..10 scale; `cnnjax.data.randaugment`; needs `augment`);
-    and `fake_*`, the shape, classes and sizes of the `fake` dataset (random in-memory images for
-    benchmarks).
+    `grey_to_rgb` (True: grey images become RGB, their one channel repeated 3 times, and the
+    preset's one-channel mean/std with it, e.g. to fine-tune an ImageNet-pretrained RGB model on
+    mnist; refused for data that is not grey); and `fake_*`, the shape, classes and sizes of the
+    `fake` dataset (random in-memory images for benchmarks).
     """
     preset = presets.get_preset(name)
     fake = presets.get_preset("fake")
@@ -86,6 +88,7 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "train_examples_per_class": config_dict.placeholder(int),
             "randaugment_layers": 0,
             "randaugment_magnitude": 9.0,
+            "grey_to_rgb": False,
             "fake_image_shape": fake.image_shape,
             "fake_num_classes": fake.num_classes,
             "fake_num_train": 1024,
@@ -146,6 +149,7 @@ class Spec:
     train_examples_per_class: int | None
     randaugment_layers: int  # 0: off
     randaugment_magnitude: float
+    grey_to_rgb: bool  # 1-channel images fed as 3 (checked against the images in `transforms`)
     fake_image_shape: tuple[int, int, int]
     fake_num_classes: int
     fake_num_train: int
@@ -252,6 +256,7 @@ def resolve(data_config: Any) -> Spec:
         train_examples_per_class=None if per_class is None else int(per_class),
         randaugment_layers=ra_layers,
         randaugment_magnitude=ra_magnitude,
+        grey_to_rgb=_check_bool("grey_to_rgb", cfg["grey_to_rgb"]),
         fake_image_shape=tuple(int(v) for v in fake_shape),  # type: ignore[arg-type]
         fake_num_classes=int(cfg["fake_num_classes"]),
         fake_num_train=int(cfg["fake_num_train"]),

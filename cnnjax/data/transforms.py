@@ -28,6 +28,10 @@ class Transforms:
     With `randaugment_layers > 0`, `train` applies RandAugment to the 0..255 pixels after the
     crop and flip (after the resize for the augmentation "none"), before normalization; those
     pixels are rounded to whole levels first (RandAugment's ops are PIL's, on uint8).
+
+    `grey_to_rgb`: a decoded 1-channel image becomes 3 identical channels first (as PIL's
+    `convert("RGB")`), so every later step, `eval_pixels` included, sees an RGB image; `out_shape`,
+    `mean` and `std` then have 3 channels.
     """
 
     out_shape: tuple[int, int, int]
@@ -40,6 +44,7 @@ class Transforms:
     crop_fraction: float
     randaugment_layers: int = 0
     randaugment_magnitude: float = 9.0
+    grey_to_rgb: bool = False
 
     def normalize(self, image: tf.Tensor) -> tf.Tensor:
         """Pixels in [0, 1] (any leading axes) to what the model sees: minus mean, over std."""
@@ -48,6 +53,14 @@ class Transforms:
     def _finish(self, image: tf.Tensor) -> tf.Tensor:
         image = self.normalize(image)
         image.set_shape(self.out_shape)
+        return image
+
+    def _pixels(self, image: tf.Tensor) -> tf.Tensor:
+        """A decoded uint8 image as float32 in [0, 1], its grey channel repeated 3 times under
+        `grey_to_rgb`."""
+        image = tf.cast(image, tf.float32) / 255.0
+        if self.grey_to_rgb:
+            image = tf.tile(tf.ensure_shape(image, [None, None, 1]), [1, 1, 3])
         return image
 
     def _resize(self, image: tf.Tensor) -> tf.Tensor:
@@ -62,7 +75,7 @@ class Transforms:
     def eval_pixels(self, image: tf.Tensor) -> tf.Tensor:
         """The eval transform before normalization: float32 in [0, 1] (`eval` normalizes it;
         `experiments.robustness` corrupts it first)."""
-        image = tf.cast(image, tf.float32) / 255.0
+        image = self._pixels(image)
         if self.eval_transform == "resize_center_crop":
             return _resize_shorter_center_crop(image, self.out_shape[0], self.crop_fraction)
         return self._resize(image)
@@ -87,7 +100,7 @@ class Transforms:
     def _crop_flip(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """The preset's random crop and flip: float32 in [0, 1]."""
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        image = tf.cast(image, tf.float32) / 255.0
+        image = self._pixels(image)
         if self.train_augmentation == "pad_crop_flip":
             image = self._resize(image)
             p = self.crop_padding
@@ -185,13 +198,15 @@ def _normalization_mismatch(spec: Spec, channels: int) -> ValueError:
     matching = [name for name in presets.list_datasets()
                 if name != "fake" and len(presets.get_preset(name).mean) == channels]
     overridden = spec.tfds_name != preset.tfds_name
+    hint = (" (or data.grey_to_rgb=True to feed the grey images as RGB)"
+            if channels == 1 and len(preset.mean) == 3 else "")
     field, value = ("tfds_name", spec.tfds_name) if overridden else ("name", preset.name)
     return invalid(_OWNER, field, value,
                    f"tfds {spec.tfds_name!r} has {channels}-channel images but preset "
                    f"{preset.name!r} has {len(preset.mean)}-channel statistics (mean "
                    f"{preset.mean}, std {preset.std}); pick a data.name whose preset has "
                    f"{channels}-channel statistics ({matching}), or a tfds_name with "
-                   f"{len(preset.mean)}-channel images")
+                   f"{len(preset.mean)}-channel images{hint}")
 
 
 def make_transforms(spec: Spec, source: Source) -> Transforms:
@@ -204,12 +219,21 @@ def make_transforms(spec: Spec, source: Source) -> Transforms:
     else:  # Only a tfds_name override can lead here: presets of variable-size data have a size.
         raise invalid(_OWNER, "image_size", None,
                       f"{spec.tfds_name!r} has images of varying size; set data.image_size")
+    if spec.grey_to_rgb and channels != 1:
+        raise invalid(_OWNER, "grey_to_rgb", True,
+                      f"{spec.tfds_name or spec.preset.name!r} has {channels}-channel images; "
+                      "expected False (grey_to_rgb repeats the one channel of grey images 3 "
+                      "times)")
     if spec.randaugment_layers and channels not in (1, 3):
         raise invalid(_OWNER, "randaugment_layers", spec.randaugment_layers,
                       f"expected 0 for {channels}-channel images (RandAugment's ops are defined "
                       "on grey or RGB images)")
     preset = spec.preset
     mean, std = preset.mean, preset.std
+    if spec.grey_to_rgb:
+        channels = 3
+        if len(mean) == 1:  # the grey statistics hold for each of the 3 identical channels
+            mean, std = mean * 3, std * 3
     if len(mean) != channels:
         if preset.name != "fake":
             raise _normalization_mismatch(spec, channels)
@@ -225,5 +249,5 @@ def make_transforms(spec: Spec, source: Source) -> Transforms:
         crop_fraction=preset.crop_fraction,
         randaugment_layers=spec.randaugment_layers,
         randaugment_magnitude=spec.randaugment_magnitude,
+        grey_to_rgb=spec.grey_to_rgb,
     )
-

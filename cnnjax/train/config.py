@@ -53,7 +53,8 @@ MIXING_DEFAULTS = dataclasses.asdict(mixing_lib.Mixing())  # mixing off
 EMA_DEFAULTS = {"decay": None, "warmup": True}  # no weight average
 LEGACY_DEFAULTS = {"task": "classification", "grad_accum_steps": 1,
                    "ema": EMA_DEFAULTS, "mixing": MIXING_DEFAULTS,
-                   "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0},
+                   "data": {"randaugment_layers": 0, "randaugment_magnitude": 9.0,
+                            "grey_to_rgb": False},
                    "distill": distill_lib.DISTILL_DEFAULTS}
 # init_from.* fields added later, for `incompatible_fields` only (a config.json without an
 # init_from block must not gain a partial one: `with_legacy_defaults` leaves init_from alone).
@@ -674,7 +675,8 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     (e.g. a model's `model_kwargs` placeholders) does not orphan existing workdirs. The other
     `init_from.*` fields only matter when `init_from.workdir` is set on either side (workdirs
     saved before `init_from` existed lack its `exclude` default). Fields in `LEGACY_DEFAULTS`
-    (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, distill.*, init_from.ema)
+    (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, data.grey_to_rgb, distill.*,
+    init_from.ema)
     missing on one side take the value older workdirs implicitly had.
     """
     names = sorted(set(saved) | set(current))

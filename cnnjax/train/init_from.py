@@ -138,6 +138,37 @@ def check_exclude_names(exclude: tuple[str, ...], model: str, variable_shapes: M
     return unmatched
 
 
+def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
+                         exclude: tuple[str, ...], submodule: str | None, *, source_workdir: str,
+                         source_step: int, model: str) -> None:
+    """A source whose input layer takes RGB images for grey data: a convolution kernel (4-D,
+    `[h, w, in, out]`) the warm start would load, of 3 input channels in the source and 1 in the
+    new model (all else equal), is a ValueError naming `data.grey_to_rgb`, which feeds grey
+    images as RGB (`select_pretrained` would only suggest excluding the layer)."""
+    prefix = (submodule,) if submodule is not None else ()
+    new_flat = flatten_dict(dict(variable_shapes.get("params") or {}))
+    src_flat = flatten_dict(dict(source_shapes.get("params") or {}))
+    for path, leaf in new_flat.items():
+        if path[:len(prefix)] != prefix or any(module in exclude for module in path[:-1]):
+            continue  # as select_pretrained: outside `submodule`, or excluded
+        src_path = path[len(prefix):]
+        if src_path not in src_flat:
+            continue
+        new, src = tuple(leaf.shape), tuple(src_flat[src_path].shape)
+        if len(new) != 4 or new[2] != 1 or src != (*new[:2], 3, new[3]):
+            continue
+        top = src_path[0] if len(src_path) > 1 else None
+        name = "/".join(("params", *path))
+        exclude_hint = (f", or add {top!r} to init_from.exclude to train that layer from scratch"
+                        if top is not None else "")
+        raise invalid("init_from", "workdir", source_workdir,
+                      f"{name} has shape {src} in the checkpoint at step {source_step} of "
+                      f"{source_workdir!r} but {new} in the new model {model!r}: the source's "
+                      "input layer takes 3-channel (RGB) images and this run's have 1 channel "
+                      "(grey); set data.grey_to_rgb=True to feed them as RGB (the channel "
+                      f"repeated 3 times){exclude_hint}")
+
+
 def _frozen(fresh: list[str], variable_shapes: Mapping, freeze: str | None) -> list[str]:
     """The `fresh` (not loaded) modules whose every parameter `freeze` keeps fixed: they stay at
     their random initialization for the whole run."""
@@ -185,6 +216,9 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
                           "weights); set init_from.ema=False to load its weights")
         unmatched = check_exclude_names(tuple(init_from.exclude), config.model, variable_shapes,
                                         source_shapes)
+        check_input_channels(variable_shapes, source_shapes, tuple(init_from.exclude),
+                             init_from.get("submodule"), source_workdir=source.workdir,
+                             source_step=step, model=config.model)
         selected = select_pretrained(
             variable_shapes,
             source_shapes,

@@ -185,6 +185,11 @@ def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
     assert _normalization(run_of(default_data_config("shapes")), 3) == (preset.mean, preset.std)
     assert _normalization(run_of(default_data_config("fake")), 5) == ((0.5,) * 5, (0.5,) * 5)
     assert _normalization(run_of({"name": "synthetic"}), 1) == (None, None)
+    # data.grey_to_rgb: the grey statistics on each of the 3 channels, not 0.5 / 0.5
+    grey = get_preset("digits")
+    rgb = default_data_config("digits")
+    rgb.grey_to_rgb = True
+    assert _normalization(run_of(rgb), 3) == (grey.mean * 3, grey.std * 3)
 
 
 @pytest.mark.parametrize("where", ["output_dir", "out_dir", "default"])

@@ -466,7 +466,7 @@ def test_legacy_defaults_fill_old_config_json_at_any_depth():
     filled = with_legacy_defaults(old)
     assert filled["task"] == "classification" and filled["grad_accum_steps"] == 1
     assert filled["data"] == {"name": "digits", "augment": False, "randaugment_layers": 0,
-                              "randaugment_magnitude": 9.0}
+                              "randaugment_magnitude": 9.0, "grey_to_rgb": False}
     assert filled["ema"] == {"decay": None, "warmup": True}
     assert filled["mixing"]["mixup_alpha"] == 0.0
     assert old == {"model": "lenet5", "data": {"name": "digits", "augment": False}}

@@ -866,3 +866,22 @@ def test_init_from_ema_of_a_source_without_an_average_says_so_before_the_exclude
     config.init_from.ema = True
     _raises(config, tmp_path / "run", monkeypatch,
             "init_from: ema=True is invalid; the checkpoint at step 3 of")
+
+
+def test_an_rgb_source_for_grey_data_suggests_grey_to_rgb(tmp_path, monkeypatch):
+    """A source whose input layer takes 3 channels (an RGB run, ImageNet weights) and grey data
+    (the synthetic 1-channel images): the error says why the first kernel's shape differs and
+    names data.grey_to_rgb, which feeds the grey images as RGB, beside init_from.exclude."""
+    source = tmp_path / "source"
+    params, stats = _tiny_variables()
+    params["conv"]["kernel"] = np.zeros((3, 3, 3, 4), np.float32)  # takes RGB images
+    _handmade_source(source, helpers.TINY_MODEL, params, stats)
+    _raises(
+        _fine_tune_config(str(source)), tmp_path / "run", monkeypatch,
+        f"init_from: workdir={str(source)!r} is invalid; params/conv/kernel has shape "
+        f"(3, 3, 3, 4) in the checkpoint at step 3 of {str(source)!r} but (3, 3, 1, 4) in the "
+        f"new model '{helpers.TINY_MODEL}': the source's input layer takes 3-channel (RGB) "
+        "images and this run's have 1 channel (grey); set data.grey_to_rgb=True to feed them "
+        "as RGB (the channel repeated 3 times), or add 'conv' to init_from.exclude to train "
+        "that layer from scratch.",
+    )
