@@ -264,6 +264,11 @@ def test_the_architecture_page_lists_every_module():
         named = rf"(?<![\w/])(?:{package}/)?{re.escape(within)}\b"
         if not re.search(named, tree.get(package, "")):
             unlisted.append(relative)
+    with open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8") as f:
+        experiments = f.read().split("\nexperiments/", 1)[1].split("\nlaunch/", 1)[0]
+    for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "[a-z]*.py"))):
+        if not re.search(rf"\b{re.escape(os.path.basename(path))}", experiments):
+            unlisted.append(os.path.relpath(path, ROOT))
     assert not unlisted, f"docs/architecture.md does not list {unlisted}"
 
 
