@@ -363,7 +363,13 @@ def _traced_host_samples(boxes: jax.Array, spatial_scale: jax.Array, aligned: bo
                 0 if adaptive else grid, None, grid=grid)
         return counts.astype(real), (ys.astype(real), xs.astype(real))
 
-    return jax.pure_callback(host, shapes, boxes, spatial_scale, vmap_method="sequential")
+    out = jax.pure_callback(host, shapes, boxes, spatial_scale, vmap_method="sequential")
+    # Inside shard_map the callback's outputs vary over the mesh axes the boxes vary over
+    # (`manual_axis_type.varying` on jax 0.10, `vma` on others).
+    aval = jax.typeof(boxes)
+    manual = getattr(aval, "manual_axis_type", None)
+    axes = tuple(manual.varying if manual is not None else getattr(aval, "vma", ()))
+    return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), out) if axes else out
 
 
 @partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned"))

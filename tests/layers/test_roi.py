@@ -823,3 +823,26 @@ def test_traced_and_concrete_boxes_give_the_same_bits_gradients_and_vmap():
         numeric = [(total(box.at[0, i].add(step)) - total(box.at[0, i].add(-step))) / (2 * step)
                    for i in range(4)]
         np.testing.assert_allclose(grad[0], numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_traced_boxes_under_shard_map_and_pmap():
+    """The host samples of traced boxes come from a callback inside `platform_dependent`, whose
+    branches must agree on the mesh axes they vary over: under `jax.shard_map` (the engine's
+    `shard_map` data parallelism) roi_align raised 'switch branches must have equal output
+    types'. Each device's boxes give the outputs of concrete boxes, bit for bit."""
+    from jax.sharding import Mesh, PartitionSpec
+
+    feats = _features((2, 7, 9, 3), seed=35)
+    boxes = _random_boxes(np.random.default_rng(36), 10, 36.0, 28.0).reshape(1, 10, 4)
+    batch = np.array([0, 1] * 5, np.int32)
+
+    def per_device(f, b):
+        return roi_align(f, b[0], batch, 2, 0.25, 2)[None]
+
+    expected = roi_align(feats, boxes[0], batch, 2, 0.25, 2)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(
+        "data")), out_specs=PartitionSpec("data")))(feats, boxes)
+    np.testing.assert_array_equal(sharded[0], expected)
+    mapped = jax.pmap(per_device, in_axes=(None, 0))(feats, boxes[None])
+    np.testing.assert_array_equal(mapped[0, 0], expected)
