@@ -13,7 +13,8 @@ Rerunning the same command skips finished trials and resumes an interrupted one 
 checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job), with
 `--trial_count=k` trials i to i+k-1 (an array task running several);
 `--max_trials=0` only rebuilds the results table and plot from the trial directories.
-Exit status 1 if a trial failed (diverged trials are results, not failures).
+Exit status 1 if a trial failed (diverged trials are results, not failures); Ctrl-C stops the
+trial running (status interrupted) and exits 130 with one line saying where it stopped.
 """
 
 from __future__ import annotations
@@ -58,18 +59,24 @@ def main(argv: list[str]) -> None:
     from cnnjax.tune import sweep as sweep_lib
 
     sweep_config = _SWEEP.value
-    with one_line_errors():
-        space = space_lib.from_config(sweep_config)
-        rows = sweep_lib.run_sweep(
-            _CONFIG.value,
-            space,
-            _SWEEP_DIR.value,
-            metric=sweep_config.get("metric"),
-            mode=sweep_config.get("mode"),
-            trial_index=_TRIAL_INDEX.value,
-            trial_count=_TRIAL_COUNT.value,
-            max_trials=_MAX_TRIALS.value,
-        )
+    try:
+        with one_line_errors():
+            space = space_lib.from_config(sweep_config)
+            rows = sweep_lib.run_sweep(
+                _CONFIG.value,
+                space,
+                _SWEEP_DIR.value,
+                metric=sweep_config.get("metric"),
+                mode=sweep_config.get("mode"),
+                trial_index=_TRIAL_INDEX.value,
+                trial_count=_TRIAL_COUNT.value,
+                max_trials=_MAX_TRIALS.value,
+            )
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, as experiments.train, no traceback
+        if isinstance(err, SystemExit):  # SIGTERM's TrainingInterrupted: exits 143 silently
+            raise
+        sys.stderr.write(f"interrupted: {sweep_lib.interruption_message(_SWEEP_DIR.value)}\n")
+        sys.exit(130)  # 128 + SIGINT, the shell's status for a Ctrl-C'd command
     if _TRIAL_INDEX.value is not None:  # an array task answers for its own trials only
         first = _TRIAL_INDEX.value
         rows = [r for r in rows if first <= r["index"] < first + _TRIAL_COUNT.value]

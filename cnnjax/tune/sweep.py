@@ -681,6 +681,31 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
     return fig
 
 
+def interruption_message(sweep_dir: str) -> str:
+    """What a Ctrl-C'd `run_sweep` in `sweep_dir` stopped (read from the results it rewrote on
+    the way out): the interrupted trial and its engine's message (the step, the checkpoint a
+    rerun resumes from), and where the results so far are."""
+    results = read_json(os.path.join(sweep_dir, RESULTS_JSON)) or {}
+    rows = [r for r in results.get("trials") or []
+            if isinstance(r, dict) and r.get("status") == "interrupted"]
+
+    def started(row: dict) -> float:
+        try:
+            return os.stat(os.path.join(row["workdir"], TRIAL_FILE)).st_mtime
+        except (OSError, KeyError, TypeError):
+            return 0.0
+
+    where = f"Results so far: {os.path.join(sweep_dir, RESULTS_CSV)}"
+    if not rows:
+        return f"Ctrl-C; rerunning the same command resumes the sweep. {where}"
+    row = max(rows, key=started)  # this invocation's: the one recorded last
+    summary = read_json(os.path.join(row.get("workdir", ""), SUMMARY_FILE)) or {}
+    what = summary.get("message") or (f"{row.get('reason') or 'Ctrl-C'}; rerunning the same "
+                                      "command resumes it.")
+    return (f"trial {row.get('index')} ({row.get('trial_id')}, "
+            f"{_fmt(row.get('overrides') or {})}): {what} {where}")
+
+
 # -------------------------------------------------------------------------------- helpers
 def _in_use(err: DirectoryInUseError) -> str:
     """"its workdir '<path>' is in use by another run (<holder>)" from the lock's error, without

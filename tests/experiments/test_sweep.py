@@ -206,6 +206,43 @@ def test_sigkill_inside_a_trial_then_rerun_resumes_it(tmp_path):
     assert [r["rank"] for r in results["trials"]] == [1, 2]
 
 
+@pytest.mark.slow
+def test_ctrl_c_inside_a_trial_is_one_line_naming_it_and_how_to_resume(tmp_path):
+    """Ctrl-C ended the sweep with a ~60-line KeyboardInterrupt traceback (`experiments.train`
+    says one line since 5a06d73); it says which trial stopped where and exits 130."""
+    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.05, 0.1)),)")
+    sweep_dir = tmp_path / "sweep"
+    tiny = ["--config.num_train_steps=2000", "--config.global_batch_size=32",
+            "--config.checkpoint_every_steps=10", "--config.eval_every_steps=1000",
+            "--config.schedule.warmup_steps=10",
+            # orbax logs its own traceback when Ctrl-C lands while it finishes an async save
+            "--config.async_checkpoints=False"]
+    space = sp.grid({"optimizer.learning_rate": (0.05, 0.1)})
+    first = trial_workdir(str(sweep_dir), space.trials[0])
+    proc = subprocess.Popen(  # SIGINT as a terminal sends it (not ignored, as in a background job)
+        _command(sweep, sweep_dir, *tiny), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ckpt = os.path.join(first, "checkpoints")
+    deadline = time.time() + 280
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt) and any(n.isdigit() and int(n) >= 10 for n in os.listdir(ckpt)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    with open(os.path.join(first, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "interrupted"
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: trial 0 ({space.trials[0].trial_id}, {{optimizer.learning_rate=0.05}}): "
+        f"{summary['message']} Results so far: {sweep_dir / 'results.csv'}")
+    with open(sweep_dir / "results.csv") as f:
+        assert f.read().count(",interrupted,") == 1
+
+
 def _fake_srun(tmp_path) -> dict:
     """An environment whose `srun` just runs its arguments (what srun does for one task)."""
     bin_dir = tmp_path / "bin"
