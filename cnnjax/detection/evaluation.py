@@ -8,6 +8,12 @@ validity masks and padded ground truth, padded examples masked out) and computes
   ground-truth box it overlaps most if their IoU is `>= 0.5` (the devkit's `VOCevaldet.m`:
   `ovmax >= minoverlap`; py-faster-rcnn's `voc_eval.py` port uses `>`); if that box is already
   taken the detection is a false positive.
+- `map50_voc07`: the same matches scored with VOC2007's 11-point interpolated AP (the VOC2007
+  devkit's `VOCevaldet.m`, `voc_ap(use_07_metric=True)`; the metric of the VOC 2007 tables of
+  R-CNN, Fast/Faster R-CNN and YOLO): the mean over recall thresholds t = 0, 0.1, ..., 1 of the
+  highest precision at a recall >= t (0 where the recall never reaches t). The thresholds are
+  exactly k / 10, so a recall of 3/10, 6/10 or 7/10 reaches its threshold (py-faster-rcnn's
+  `np.arange(0., 1.1, 0.1)` puts those three an ulp above k / 10).
 - `map`: COCO AP averaged over IoU 0.50:0.05:0.95 with 101-point interpolated precision
   (pycocotools' `COCOeval` bbox, area "all", `maxDets` per image): a detection matches the
   highest-IoU still unmatched box with IoU `>= t`. `coco_map50` / `coco_map75` are its
@@ -37,6 +43,7 @@ from cnnjax.utils.validation import check_bool_array, check_positive_int, invali
 VOC_IOU = 0.5
 COCO_IOUS = np.linspace(0.5, 0.95, 10)  # pycocotools' iouThrs
 COCO_RECALLS = np.linspace(0.0, 1.0, 101)  # pycocotools' recThrs
+VOC07_RECALLS = np.arange(11) / 10  # 0, 0.1, ..., 1: exactly k / 10
 
 
 def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -63,15 +70,27 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
-def coco_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """101-point interpolated AP (pycocotools' `accumulate`): the envelope's precision at the
-    first point reaching each recall in 0, 0.01, ..., 1 (0 where never reached), averaged."""
+def _interpolated_ap(recall: np.ndarray, precision: np.ndarray, thresholds: np.ndarray) -> float:
+    """The envelope's precision (the highest at this recall or beyond) at the first point of the
+    non-decreasing `recall` reaching each of `thresholds` (0 where never reached), averaged."""
     if recall.size == 0:
         return 0.0
     envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    index = np.searchsorted(recall, COCO_RECALLS, side="left")
+    index = np.searchsorted(recall, thresholds, side="left")
     reached = index < recall.size
     return float(np.mean(np.where(reached, envelope[np.minimum(index, recall.size - 1)], 0.0)))
+
+
+def coco_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """101-point interpolated AP (pycocotools' `accumulate`): the envelope's precision at the
+    first point reaching each recall in 0, 0.01, ..., 1 (0 where never reached), averaged."""
+    return _interpolated_ap(recall, precision, COCO_RECALLS)
+
+
+def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC2007's 11-point interpolated AP (`voc_ap(use_07_metric=True)`): the mean over recall
+    thresholds t = 0, 0.1, ..., 1 of the highest precision at a recall >= t (0 if none)."""
+    return _interpolated_ap(recall, precision, VOC07_RECALLS)
 
 
 # A detection's outcome: a true positive, a false positive, or ignored (it found a difficult box).
@@ -228,9 +247,10 @@ class DetectionEvaluator:
                 self._coco[c].append(_coco_matches(iou[:self.max_detections], hard))
 
     def compute(self) -> dict[str, float]:
-        """`map50` (VOC), `map` (COCO 0.50:0.95), `coco_map50`, `coco_map75`, per-class VOC APs
-        as `ap50/<class>`; classes without ground truth are left out of every mean."""
-        voc, coco = {}, {}
+        """`map50` (VOC all-point), `map50_voc07` (VOC2007 11-point), `map` (COCO 0.50:0.95),
+        `coco_map50`, `coco_map75`, per-class VOC APs as `ap50/<class>` and
+        `ap50_voc07/<class>`; classes without ground truth are left out of every mean."""
+        voc, voc07, coco = {}, {}, {}
         for c in range(self.num_classes):
             if self._num_gt[c] == 0:
                 continue
@@ -244,7 +264,8 @@ class DetectionEvaluator:
             else:
                 voc_hits = np.zeros(0, np.int8)
                 coco_hits = np.zeros((len(COCO_IOUS), 0), np.int8)
-            voc[c] = voc_ap(*self._curve(voc_hits, self._num_gt[c]))
+            curve = self._curve(voc_hits, self._num_gt[c])
+            voc[c], voc07[c] = voc_ap(*curve), voc07_ap(*curve)
             coco[c] = [coco_ap(*self._curve(h, self._num_gt[c])) for h in coco_hits]
         if not voc:
             raise invalid("DetectionEvaluator.compute", "ground truth", "none",
@@ -252,11 +273,13 @@ class DetectionEvaluator:
         per_threshold = np.mean(np.array(list(coco.values())), axis=0)  # [T]
         result = {
             "map50": float(np.mean(list(voc.values()))),
+            "map50_voc07": float(np.mean(list(voc07.values()))),
             "map": float(np.mean(per_threshold)),
             "coco_map50": float(per_threshold[0]),
             "coco_map75": float(per_threshold[5]),
         }
         result.update({f"ap50/{c}": value for c, value in voc.items()})
+        result.update({f"ap50_voc07/{c}": value for c, value in voc07.items()})
         return result
 
     @staticmethod

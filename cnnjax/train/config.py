@@ -41,7 +41,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 TASKS = ("classification", "detection", "segmentation")
 # What `best_metric` may name, per task (the eval metrics the loop reports).
 EVAL_METRICS = ("loss", "top1", "top5")
-DETECTION_METRICS = ("map50", "map", "coco_map50", "coco_map75")
+DETECTION_METRICS = ("map50", "map", "coco_map50", "coco_map75", "map50_voc07")
 SEGMENTATION_METRICS = ("loss", "pixel_accuracy", "miou")
 TASK_METRICS = {"classification": EVAL_METRICS, "detection": DETECTION_METRICS,
                 "segmentation": SEGMENTATION_METRICS}

@@ -13,6 +13,10 @@ flips (the paper's random scaling, translation and HSV jitter are not implemente
 objects are left out of the training targets and ignored by the eval, as in the VOC devkit;
 boxes without area (x2 <= x1 or y2 <= y1) are left out of the training targets too, as in
 torchvision's references, and kept by the eval, as in pycocotools.
+Metrics: every eval reports `map50` (all-point AP, the VOC2010+ devkit) and `map50_voc07`
+(VOC2007's 11-point interpolated AP, the metric of the paper's VOC 2007 figures: compare that
+one), per class too (`ap50/<c>`, `ap50_voc07/<c>`); `--config.best_metric=map50_voc07` picks the
+best checkpoint by the paper's metric.
 Expected: not measured here (VOC cannot be downloaded offline). The paper's 63.4% mAP used
 ImageNet-pretrained convolutions and VOC 2007+2012 training; from scratch on 2007 alone expect
 clearly less. Budget: 10,570 steps of 64 448x448 images (~20 GFLOPs each forward), hours on one

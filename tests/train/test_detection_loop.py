@@ -229,7 +229,8 @@ def test_task_and_model_must_agree(tmp_path):
         loop.train_and_evaluate(_config(task="classification", best_metric="top1"),
                                 str(tmp_path / "a"))
     with pytest.raises(ValueError, match=r"config: best_metric='top1' is invalid; expected one of "
-                                         r"\['map50', 'map', 'coco_map50', 'coco_map75'\]"):
+                                         r"\['map50', 'map', 'coco_map50', 'coco_map75', "
+                                         r"'map50_voc07'\]"):
         loop.train_and_evaluate(_config(best_metric="top1"), str(tmp_path / "b"))
     with pytest.raises(ValueError, match=r"config: task='keypoints' is invalid; expected one "
                                          r"of \['classification', 'detection', 'segmentation'\]"):

@@ -36,6 +36,14 @@ def test_the_yolo_voc2007_config_passes_every_check(voc_root):
     assert (checked.data_info.name, checked.data_info.num_classes) == ("voc2007", 20)
     assert checked.data_info.image_shape == (448, 448, 3)
     assert (checked.data_info.num_train, checked.data_info.num_eval) == (8, 6)
+    # VOC2007's 11-point AP, the metric of the papers' VOC 2007 tables, can pick the best
+    # checkpoint; a misspelt metric is refused by name.
+    config.best_metric = "map50_voc07"
+    check_config(config)
+    config.best_metric = "map50_voc7"
+    with pytest.raises(ValueError, match=r"^config: best_metric='map50_voc7' is invalid; "
+                                         r"expected one of \[.*'map50_voc07'\]"):
+        check_config(config)
 
 
 @pytest.mark.slow
@@ -52,3 +60,8 @@ def test_a_detector_trains_and_evaluates_on_mocked_voc(voc_root, tmp_path):
     assert summary["final_eval"]["num_examples"] == 6
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals if r["split"] == "eval"] == [2]
+    # All-point and 11-point VOC AP side by side, each a mean of the per-class values.
+    final = summary["final_eval"]
+    for name, prefix in (("map50", "ap50/"), ("map50_voc07", "ap50_voc07/")):
+        per_class = [v for k, v in final.items() if k.startswith(prefix)]
+        assert per_class and final[name] == pytest.approx(sum(per_class) / len(per_class))

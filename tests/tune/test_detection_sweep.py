@@ -43,8 +43,9 @@ def test_tuning_recipe_ranks_detection_by_its_metrics(tmp_path):
     recipe = rc.Recipe(metric="top1", lr_min=1e-3, lr_max=1e-2, num_lrs=2, round1_steps=12,
                        max_steps=12, max_trials=2)
     with pytest.raises(ValueError, match=r"recipe: metric='top1' is invalid; expected one of "
-                                         r"\['map50', 'map', 'coco_map50', 'coco_map75'\] \(the "
-                                         r"eval metrics of config.task='detection'\)"):
+                                         r"\['map50', 'map', 'coco_map50', 'coco_map75', "
+                                         r"'map50_voc07'\] \(the eval metrics of "
+                                         r"config.task='detection'\)"):
         rc.run_tune(base, recipe, str(tmp_path / "tune"), verbose=False)
     assert not os.path.exists(tmp_path / "tune")
     assert rc.Recipe(metric="map").mode == "max"

@@ -457,7 +457,8 @@ def test_incumbent_ties_go_to_the_later_round():
     ({"max_trials": 2}, "recipe: max_trials=2 is invalid; expected at least num_lrs=3"),
     ({"metric": "acc"}, "recipe: metric='acc' is invalid; expected an eval metric of one of the "
                         "tasks: ['loss', 'top1', 'top5', 'map50', 'map', 'coco_map50', "
-                        "'coco_map75', 'pixel_accuracy', 'miou'], one of them prefixed 'ema_' (a "
+                        "'coco_map75', 'map50_voc07', 'pixel_accuracy', 'miou'], one of them "
+                        "prefixed 'ema_' (a "
                         "weight average's) or None (the base config's best_metric)."),
     ({"mode": "up"}, "recipe: mode='up' is invalid; expected one of ['max', 'min']."),
     ({"metric": "ema_loss", "mode": "max"},

@@ -450,18 +450,19 @@ def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path, monkeyp
 def test_default_mode_follows_the_metric():
     modes = {m: sw.default_mode(m) for ms in config_lib.TASK_METRICS.values() for m in ms}
     assert modes == {"loss": "min", "top1": "max", "top5": "max", "map50": "max", "map": "max",
-                     "coco_map50": "max", "coco_map75": "max", "pixel_accuracy": "max",
+                     "coco_map50": "max", "coco_map75": "max", "map50_voc07": "max",
+                     "pixel_accuracy": "max",
                      "miou": "max"}
 
 
 def test_metrics_are_the_tasks():
     detection = config_lib.default_config()
     detection.task = "detection"
-    for metric in ("map50", "map", "coco_map50", "coco_map75"):
+    for metric in ("map50", "map", "coco_map50", "coco_map75", "map50_voc07"):
         assert sw.check_metric("sweep", metric, detection) == metric
     with pytest.raises(ValueError, match=re.escape(
             "sweep: metric='top1' is invalid; expected one of ['map50', 'map', 'coco_map50', "
-            "'coco_map75'] (the eval metrics of config.task='detection').")):
+            "'coco_map75', 'map50_voc07'] (the eval metrics of config.task='detection').")):
         sw.check_metric("sweep", "top1", detection)
     detection.best_metric = "coco_map75"
     assert sw.check_metric("sweep", None, detection) == "coco_map75"  # unset: the best_metric
