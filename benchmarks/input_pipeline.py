@@ -13,8 +13,9 @@ well above both, input is not what limits training speed.
   python -m benchmarks.input_pipeline --dataset=fake --model=resnet18 --batch_size=128
   python -m benchmarks.input_pipeline --dataset=digits --image_size=32 --model=lenet5
 
-`--mock_examples=N` runs a catalogue dataset (e.g. cifar10) under `tfds.testing.mock_data`, so its
-decode and augmentation path is timed without the data. Figures are in docs/performance.md.
+`--mock_examples=N` runs a catalogue dataset (e.g. cifar10) on N random examples per split
+(`cnnjax.data.sources.mock_tfds_dataset`), so its decode and augmentation path is timed without
+the data. Figures are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -56,6 +57,37 @@ def data_config(dataset: str, image_size: int | None, fake_num_train: int,
     config.randaugment_layers = randaugment_layers
     config.randaugment_magnitude = randaugment_magnitude
     return config
+
+
+def enter_mock(stack: contextlib.ExitStack, config, num_examples: int) -> None:
+    """Reads `config`'s catalogue dataset as `num_examples` mocked examples per split until
+    `stack` closes (`cnnjax.data.sources.mock_tfds_dataset`, its split metadata in a temporary
+    folder that `config.data_dir` then names)."""
+    import tempfile
+
+    from cnnjax.data import sources
+    from cnnjax.data.spec import resolve
+
+    if config.name == "fake":
+        raise ValueError(f"--mock_examples={num_examples} is invalid with --dataset=fake, which "
+                         "is generated in memory; expected 0, or a tfds dataset such as cifar10")
+    config.data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mock_tfds_"))
+    stack.enter_context(sources.mock_tfds_dataset(resolve(config), num_examples))
+
+
+def check_batch_fits(batch_size: int, info: Any, mock_examples: int,
+                     fake_num_train: int) -> None:
+    """A ValueError naming --batch_size when the train split holds fewer examples than one batch
+    (train_batches would find an epoch without a step), before the step is built."""
+    if batch_size <= info.num_train:
+        return
+    fix = "lower --batch_size"
+    if mock_examples > 0:
+        fix = f"--mock_examples={mock_examples} mocks {mock_examples} per split: raise it, or {fix}"
+    elif info.name == "fake":
+        fix = f"--fake_num_train={fake_num_train}: raise it, or {fix}"
+    raise ValueError(f"--batch_size={batch_size} is invalid; expected at most the "
+                     f"{info.num_train} training examples of {info.name} ({fix})")
 
 
 def time_pipeline(batches: Iterator[dict], warmup: int, count: int) -> dict[str, float]:
@@ -110,18 +142,18 @@ def main(argv: list[str]) -> None:
         check_json_out(FLAGS.json_out)
         changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
     import jax
-    import tensorflow_datasets as tfds
 
     from cnnjax.data import pipeline
 
-    mock = (tfds.testing.mock_data(num_examples=FLAGS.mock_examples)
-            if FLAGS.mock_examples > 0 else contextlib.nullcontext())
     load_start = loadavg()
-    with mock:
+    with contextlib.ExitStack() as mock:
         with one_line_errors():
             config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train,
                                  FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
+            if FLAGS.mock_examples > 0:
+                enter_mock(mock, config, FLAGS.mock_examples)
             info = pipeline.get_dataset_info(config)
+            check_batch_fits(FLAGS.batch_size, info, FLAGS.mock_examples, FLAGS.fake_num_train)
             bench = build_jax_step(FLAGS.model, info.num_classes, FLAGS.batch_size,
                                    info.image_shape, FLAGS.num_devices, FLAGS.parallel,
                                    FLAGS.dtype)

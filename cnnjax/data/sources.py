@@ -1,4 +1,5 @@
-"""Where examples come from: a prepared tfds dataset, the in-memory `fake` set, or a class subset.
+"""Where examples come from: a prepared tfds dataset, the in-memory `fake` set, or a class subset
+(`mock_tfds_dataset`: random examples of a catalogue dataset, offline, for tests and benchmarks).
 
 Each is read by process shard in stored order as `{'image', 'label'}`, images as stored (tfds:
 encoded) until `decode`. Opening one is every pipeline's first TensorFlow work, so `open_source`
@@ -7,10 +8,12 @@ hides the GPUs from TensorFlow first (`hide_gpus_from_tensorflow`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
 import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -345,3 +348,54 @@ def open_source(spec: Spec) -> Source:
     if spec.classes is None and spec.train_examples_per_class is None:
         return source
     return _SubsetSource(source, spec)
+
+
+def write_split_metadata(data_dir: str, tfds_name: str, sizes: Mapping[str, int]) -> None:
+    """Makes `data_dir` look like a tfds data dir where `tfds_name` was prepared with `sizes`
+    examples per split: its `dataset_info.json` only, no records (for `mock_tfds_dataset`)."""
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(
+            name=split, shard_lengths=[int(n)], num_bytes=0,
+            filename_template=tfds.core.ShardedFileTemplate(
+                data_dir=builder.data_path, template=template, dataset_name=builder.name,
+                split=split, filetype_suffix="tfrecord"))
+        for split, n in sizes.items()
+    ]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+def split_names(split: str) -> list[str]:
+    """The named splits a split string reads: 'train[:90%]+test' -> ['train', 'test']."""
+    return list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+")))
+
+
+@contextlib.contextmanager
+def mock_tfds_dataset(spec: Spec, num_examples: int) -> Iterator[None]:
+    """Inside it, `spec`'s tfds dataset reads as `num_examples` random examples per split (of
+    the shapes and classes of its tfds features) through `tfds.testing.mock_data`, offline.
+
+    mock_data's default looks for split sizes in tfds's own `testing/metadata` folder, which
+    installed wheels may lack (the dataset then looks unprepared), so the sizes of the splits
+    `spec.train_split` and `spec.eval_split` name are written into `spec.data_dir` first: a
+    folder of its own (a dataset already prepared there is refused, not overwritten).
+    """
+    if spec.tfds_name is None:
+        raise invalid(_OWNER, "name", spec.preset.name,
+                      "expected a tfds dataset to mock (this one is generated in memory)")
+    if spec.data_dir is None:
+        raise invalid(_OWNER, "data_dir", None,
+                      "expected a folder for the mock's split metadata (e.g. a temporary one)")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise invalid(_OWNER, "num_examples", num_examples, "expected an integer >= 1")
+    if _open_builder(spec).is_prepared():
+        raise invalid(_OWNER, "data_dir", spec.data_dir,
+                      f"it holds a prepared {spec.tfds_name!r}, which the mock's metadata would "
+                      "overwrite; expected a folder without it")
+    splits = split_names(spec.train_split) + split_names(spec.eval_split)
+    write_split_metadata(spec.data_dir, spec.tfds_name, dict.fromkeys(splits, num_examples))
+    with tfds.testing.mock_data(num_examples=num_examples, data_dir=spec.data_dir,
+                                policy=tfds.testing.MockPolicy.USE_FILES):
+        yield

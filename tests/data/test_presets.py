@@ -26,21 +26,9 @@ from cnnjax.data.pipeline import (
 from cnnjax.data.presets import DatasetPreset, get_preset, list_datasets
 from cnnjax.data.spec import resolve
 
-
-def _write_metadata(root: str, tfds_name: str, sizes: dict[str, int]) -> None:
-    """Makes `root` look like a data dir where `tfds_name` was prepared with `sizes` examples."""
-    builder = tfds.builder(tfds_name, data_dir=root)
-    template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(
-            name=split, shard_lengths=[n], num_bytes=0,
-            filename_template=tfds.core.ShardedFileTemplate(
-                data_dir=builder.data_path, template=template, dataset_name=builder.name,
-                split=split, filetype_suffix="tfrecord"))
-        for split, n in sizes.items()
-    ]))
-    os.makedirs(builder.data_dir, exist_ok=True)
-    builder.info.write_to_directory(builder.data_dir)
+# Makes `root` look like a data dir where `tfds_name` was prepared with `sizes` examples (the
+# library's helper, which benchmarks.input_pipeline's --mock_examples uses too).
+_write_metadata = sources.write_split_metadata
 
 
 def _mock(root: str, num_examples: int, **kwargs):
