@@ -353,12 +353,12 @@ def _adaptive_pool2d(owner: str, x: jax.Array, output_size: IntPair, mode: str) 
     out_h, out_w = to_pair(owner, "output_size", output_size)
     if mode == "max":
         return _adaptive_max(x, out_h, out_w)
+    if (out_h, out_w) == x.shape[1:3] and jnp.issubdtype(x.dtype, jnp.floating):
+        return x  # 1x1 bins, one per pixel: the identity (bins of one pixel repeated are not)
     wide = x.astype(_sum_dtype(x.dtype))
     summed, rows = _adaptive_sum_axis(wide, 1, out_h)
     summed, cols = _adaptive_sum_axis(summed, 2, out_w)
     counts = np.outer(rows, cols)
-    if np.all(counts == 1) and jnp.issubdtype(x.dtype, jnp.floating):  # 1x1 bins: the identity
-        return x
     if np.all(counts == counts.flat[0]):  # equal bins: avg_pool2d's window sums and division
         return _narrow(summed / np.array(counts.flat[0], summed.dtype), x.dtype)
     return _narrow(summed / jnp.asarray(counts[None, :, :, None], summed.dtype), x.dtype)

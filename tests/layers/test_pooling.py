@@ -610,3 +610,14 @@ def test_global_pool_keepdims_must_be_a_bool(pool):
     with pytest.raises(ValueError, match=rf"^{pool.__name__}: keepdims='no' is invalid; expected "
                                          r"True or False"):
         pool(jnp.ones((1, 2, 2, 1)), keepdims="no")
+
+
+@pytest.mark.parametrize("shape,out", [((1, 1, 1, 2), 3), ((1, 2, 3, 2), (4, 6)),
+                                       ((1, 4, 4, 1), 4), ((1, 2, 2, 3), (2, 5))])
+def test_adaptive_avg_pool_of_one_pixel_bins_repeats_or_keeps_them(shape, out):
+    """Bins of one pixel each: the map itself when there is one bin per pixel, else pixels
+    repeated as PyTorch's bins repeat them (d847498 returned the unrepeated map for both)."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    pair = (out, out) if isinstance(out, int) else out
+    np.testing.assert_allclose(adaptive_avg_pool2d(x, out), _adaptive_reference(x, pair, "avg"),
+                               rtol=RTOL, atol=ATOL)
