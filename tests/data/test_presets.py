@@ -325,7 +325,9 @@ def test_images_with_other_channels_than_the_preset_are_refused(tmp_path, name, 
                f"{channels}-channel images but preset {name!r} has {preset_channels}-channel "
                f"statistics (mean {preset.mean}, std {preset.std}); pick a data.name whose "
                f"preset has {channels}-channel statistics ({matching}), or a tfds_name with "
-               f"{preset_channels}-channel images.")
+               f"{preset_channels}-channel images"
+               + (" (or data.grey_to_rgb=True to feed the grey images as RGB)" if channels == 1
+                  else "") + ".")
     config = _config(name, root, tfds_name=tfds_name, image_size=32)
     with _mock(root, 4):
         for call in (lambda: get_dataset_info(config),
