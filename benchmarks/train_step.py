@@ -335,9 +335,9 @@ def run_torch_steps(bench: dict[str, Any], steps: int) -> list[StepTime]:
 
 # ------------------------------------------------------------------------------------ reporting
 def loadavg() -> float | None:
-    """The 1-minute load average (None where the OS has none)."""
+    """The 1-minute load average to the kernel's two decimals (None where the OS has none)."""
     try:
-        return os.getloadavg()[0]
+        return round(os.getloadavg()[0], 2)  # 6.74, not its binary value 6.7421875
     except OSError:
         return None
 

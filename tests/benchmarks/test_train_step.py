@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.train_step import build_jax_step
+from benchmarks.train_step import build_jax_step, loadavg
 
 
 def test_accumulation_must_divide_the_per_device_batch():
@@ -185,3 +185,11 @@ def test_bad_flags_end_the_script_in_one_line_before_compiling(args, message):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
     assert "compile" not in result.stdout
+
+
+def test_the_load_average_prints_as_the_kernel_gives_it(monkeypatch):
+    """/proc/loadavg has two decimals; the report shows 6.74, not the float 6.7421875."""
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.7421875, 1.0, 1.0))
+    assert repr(loadavg()) == "6.74"
