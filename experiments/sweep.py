@@ -29,7 +29,13 @@ configure_entry_point()
 from absl import app, flags  # noqa: E402
 
 from cnnjax.tune.space import sweep_file_parser  # noqa: E402
-from cnnjax.utils.cli import define_config_file, one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    define_config_file,
+    exit_on_ctrl_c,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _CONFIG = define_config_file(
     "config", None, "Base experiment config file (ml_collections).", lock_config=True
@@ -59,24 +65,20 @@ def main(argv: list[str]) -> None:
     from cnnjax.tune import sweep as sweep_lib
 
     sweep_config = _SWEEP.value
-    try:
-        with one_line_errors():
-            space = space_lib.from_config(sweep_config)
-            rows = sweep_lib.run_sweep(
-                _CONFIG.value,
-                space,
-                _SWEEP_DIR.value,
-                metric=sweep_config.get("metric"),
-                mode=sweep_config.get("mode"),
-                trial_index=_TRIAL_INDEX.value,
-                trial_count=_TRIAL_COUNT.value,
-                max_trials=_MAX_TRIALS.value,
-            )
-    except KeyboardInterrupt as err:  # Ctrl-C: one line, as experiments.train, no traceback
-        if isinstance(err, SystemExit):  # SIGTERM's TrainingInterrupted: exits 143 silently
-            raise
-        sys.stderr.write(f"interrupted: {sweep_lib.interruption_message(_SWEEP_DIR.value)}\n")
-        sys.exit(130)  # 128 + SIGINT, the shell's status for a Ctrl-C'd command
+    # Ctrl-C: one line, as experiments.train, no traceback
+    with (exit_on_ctrl_c(lambda: sweep_lib.interruption_message(_SWEEP_DIR.value)),
+          one_line_errors()):
+        space = space_lib.from_config(sweep_config)
+        rows = sweep_lib.run_sweep(
+            _CONFIG.value,
+            space,
+            _SWEEP_DIR.value,
+            metric=sweep_config.get("metric"),
+            mode=sweep_config.get("mode"),
+            trial_index=_TRIAL_INDEX.value,
+            trial_count=_TRIAL_COUNT.value,
+            max_trials=_MAX_TRIALS.value,
+        )
     if _TRIAL_INDEX.value is not None:  # an array task answers for its own trials only
         first = _TRIAL_INDEX.value
         rows = [r for r in rows if first <= r["index"] < first + _TRIAL_COUNT.value]

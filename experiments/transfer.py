@@ -12,7 +12,8 @@ pretrained once in <transfer_dir>/trials/source/, then every arm x budget x seed
 `train_and_evaluate` run in <transfer_dir>/trials/<budget>-<arm>-s<seed>/; results.csv,
 results.json, transfer.png and report.md are rewritten after each. Rerunning the same command
 skips finished runs and resumes an interrupted one from its checkpoint.
-Exit status 1 if a run failed (diverged runs are results, not failures).
+Exit status 1 if a run failed (diverged runs are results, not failures); Ctrl-C stops the run
+in progress (status interrupted) and exits 130 with one line naming it and where it stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
+    exit_on_ctrl_c,
     one_line_errors,
     parse_flags,
     start_command,
@@ -45,7 +47,9 @@ def main(argv: list[str]) -> None:
     start_command(argv)
     from cnnjax.transfer import compare
 
-    with one_line_errors():
+    # Ctrl-C: one line naming the run and where it stopped, no traceback; exit status 130
+    with (exit_on_ctrl_c(lambda: compare.interruption_message(_TRANSFER_DIR.value)),
+          one_line_errors()):
         source, target, kwargs = compare.transfer_parts(_TRANSFER.value)
         rows = compare.run_transfer(source, target, _TRANSFER_DIR.value, **kwargs)
     message = compare.failure_message(rows, _TRANSFER_DIR.value)

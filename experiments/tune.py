@@ -14,7 +14,8 @@ Round k is a sweep in <tune_dir>/round_<k>/; recipe.json, report.md and tune.png
 trials and resumes an interrupted trial; a tune_dir made with another base config or recipe is
 refused (only --recipe.max_rounds may change, e.g. to continue a finished tune).
 Exit status 1 if a trial failed (rerun to retry it) or no trial completed (every one diverged:
-the tune has no result); diverged trials are otherwise results.
+the tune has no result); diverged trials are otherwise results. Ctrl-C stops the trial running
+(status interrupted) and exits 130 with one line naming the round and trial and where it stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
+    exit_on_ctrl_c,
     one_line_errors,
     parse_flags,
     start_command,
@@ -51,7 +53,9 @@ def main(argv: list[str]) -> None:
     from cnnjax.tune import recipe as recipe_lib
     from cnnjax.tune import report as report_lib
 
-    with one_line_errors():
+    # Ctrl-C: one line naming the round and trial, no traceback; exit status 130
+    with (exit_on_ctrl_c(lambda: recipe_lib.interruption_message(_TUNE_DIR.value)),
+          one_line_errors()):
         record = recipe_lib.run_tune(_CONFIG.value, _RECIPE.value, _TUNE_DIR.value)
     print(f"Report: {_TUNE_DIR.value}/{report_lib.REPORT_FILE}", flush=True)
     if record["status"] in ("failed", "no_result"):  # a script must not read success

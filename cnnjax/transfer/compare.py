@@ -43,10 +43,12 @@ from cnnjax.train import config as config_lib
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
+    TRIALS_DIR,
     check_metric,
     config_changes,
     default_mode,
     finished_status,
+    interrupted_trial,
     run_trial,
     start_trial,
     task_metrics,
@@ -471,9 +473,11 @@ def _run_plan(plan: TransferPlan, transfer_dir: str, sizes: dict[str, int],
     """`run_transfer` once `transfer_dir` is held: the source run, then every target run."""
     _prepare_dir(transfer_dir, plan)
 
-    source_status = _run_once(plan.source, plan.source_dir, _source_trial(), "source",
-                              verbose)
-    rows = write_results(transfer_dir, plan, sizes)
+    try:
+        source_status = _run_once(plan.source, plan.source_dir, _source_trial(), "source",
+                                  verbose)
+    finally:  # KeyboardInterrupt included: the table shows the source run interrupted
+        rows = write_results(transfer_dir, plan, sizes)
     for i, run in enumerate(plan.runs, start=1):
         trial, workdir = run["trial"], trial_workdir(transfer_dir, run["trial"])
         label = f"Run {i}/{len(plan.runs)} {trial.trial_id}"
@@ -492,6 +496,21 @@ def _run_plan(plan: TransferPlan, transfer_dir: str, sizes: dict[str, int],
         print(f"Results: {os.path.join(transfer_dir, RESULTS_CSV)}, "
               f"{os.path.join(transfer_dir, REPORT_FILE)}", flush=True)
     return rows
+
+
+def interruption_message(transfer_dir: str) -> str:
+    """What a Ctrl-C'd `run_transfer` in `transfer_dir` stopped: the interrupted run (the
+    source or a target run) and its engine's message (the step, the checkpoint a rerun resumes
+    from), and where the results so far are."""
+    where = f"Results so far: {os.path.join(transfer_dir, RESULTS_CSV)}"
+    trials_dir = os.path.join(transfer_dir, TRIALS_DIR)
+    stopped = interrupted_trial(trials_dir)
+    if stopped is None:
+        return f"Ctrl-C; rerunning the same command resumes the comparison. {where}"
+    record, what = stopped
+    run_id = record.get("trial_id")
+    label = "the source run" if run_id == SOURCE_ID else f"run {run_id}"
+    return f"{label} ({os.path.join(trials_dir, str(run_id))}): {what} {where}"
 
 
 def _run_once(config: Any, workdir: str, trial: space_lib.Trial, label: str,

@@ -88,12 +88,15 @@ from cnnjax.tune.regularizers import (
     task_regularizers,
 )
 from cnnjax.tune.sweep import (
+    TRIALS_DIR,
     check_metric,
     check_mode,
     config_changes,
+    interrupted_trial,
     run_sweep,
     trial_configs,
 )
+from cnnjax.tune.sweep import interruption_message as sweep_interruption_message
 from cnnjax.utils.files import atomic_write, check_directory_kind, read_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_bool, check_choice, invalid
@@ -771,6 +774,32 @@ def check_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> dict:
             raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different base "
                              f"config ({details}); {fresh} base config.")
     return current
+
+
+def interruption_message(tune_dir: str) -> str:
+    """What a Ctrl-C'd `run_tune` in `tune_dir` stopped: the round it was in, that round's
+    interrupted trial with its engine's message (the step, the checkpoint a rerun resumes from)
+    and the round's results so far (`sweep.interruption_message`); outside a trial (the range
+    test, between rounds), where the tune's report is."""
+    rounds = []
+    for name in _listdir(tune_dir):
+        index = name.removeprefix("round_")
+        if name.startswith("round_") and index.isdigit():
+            rounds.append(int(index))
+    if rounds:  # rounds run in order: the last one started is the one Ctrl-C stopped
+        last = max(rounds)
+        round_dir = os.path.join(tune_dir, f"round_{last}")
+        if interrupted_trial(os.path.join(round_dir, TRIALS_DIR)):
+            return f"round {last}: {sweep_interruption_message(round_dir)}"
+    return (f"Ctrl-C; rerunning the same command resumes the tune. Results so far: "
+            f"{os.path.join(tune_dir, report_lib.REPORT_FILE)}")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 # -------------------------------------------------------------------------------- outputs

@@ -682,28 +682,43 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
 
 
 def interruption_message(sweep_dir: str) -> str:
-    """What a Ctrl-C'd `run_sweep` in `sweep_dir` stopped (read from the results it rewrote on
-    the way out): the interrupted trial and its engine's message (the step, the checkpoint a
-    rerun resumes from), and where the results so far are."""
-    results = read_json(os.path.join(sweep_dir, RESULTS_JSON)) or {}
-    rows = [r for r in results.get("trials") or []
-            if isinstance(r, dict) and r.get("status") == "interrupted"]
-
-    def started(row: dict) -> float:
-        try:
-            return os.stat(os.path.join(row["workdir"], TRIAL_FILE)).st_mtime
-        except (OSError, KeyError, TypeError):
-            return 0.0
-
+    """What a Ctrl-C'd `run_sweep` in `sweep_dir` stopped: the interrupted trial and its
+    engine's message (the step, the checkpoint a rerun resumes from), and where the results so
+    far are."""
     where = f"Results so far: {os.path.join(sweep_dir, RESULTS_CSV)}"
-    if not rows:
+    stopped = interrupted_trial(os.path.join(sweep_dir, TRIALS_DIR))
+    if stopped is None:
         return f"Ctrl-C; rerunning the same command resumes the sweep. {where}"
-    row = max(rows, key=started)  # this invocation's: the one recorded last
-    summary = read_json(os.path.join(row.get("workdir", ""), SUMMARY_FILE)) or {}
-    what = summary.get("message") or (f"{row.get('reason') or 'Ctrl-C'}; rerunning the same "
-                                      "command resumes it.")
-    return (f"trial {row.get('index')} ({row.get('trial_id')}, "
-            f"{_fmt(row.get('overrides') or {})}): {what} {where}")
+    record, what = stopped
+    return (f"trial {record.get('index')} ({record.get('trial_id')}, "
+            f"{_fmt(record.get('overrides') or {})}): {what} {where}")
+
+
+def interrupted_trial(trials_dir: str) -> tuple[dict, str] | None:
+    """The trial.json record of the trial under `trials_dir` that a Ctrl-C stopped last (status
+    interrupted, recorded by `run_trial` on the way out) and what stopped: its engine's message
+    (the step, the checkpoint a rerun resumes from), or the reason; None when no trial there was
+    interrupted. The interruption messages of sweeps, tunes and transfer comparisons."""
+    found = []
+    try:
+        names = os.listdir(trials_dir)
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join(trials_dir, name, TRIAL_FILE)
+        record = read_json(path)
+        if isinstance(record, dict) and record.get("status") == "interrupted":
+            try:
+                found.append((os.stat(path).st_mtime, name, record))
+            except OSError:
+                continue
+    if not found:
+        return None
+    _, name, record = max(found, key=lambda f: f[:2])  # this invocation's: recorded last
+    summary = read_json(os.path.join(trials_dir, name, SUMMARY_FILE))
+    what = (summary.get("message") if isinstance(summary, dict) else None) or (
+        f"{record.get('reason') or 'Ctrl-C'}; rerunning the same command resumes it.")
+    return record, what
 
 
 # -------------------------------------------------------------------------------- helpers

@@ -413,6 +413,21 @@ def one_line_errors(hint: Callable[[Exception], str] | None = None) -> Iterator[
         sys.exit(f"error: {os_error_message(err)}{hint(err) if hint is not None else ''}")
 
 
+@contextlib.contextmanager
+def exit_on_ctrl_c(message: Callable[[], str]) -> Iterator[None]:
+    """Ends the command on Ctrl-C (a KeyboardInterrupt from the block) with one line,
+    `interrupted: <message()>` (where it stopped, how a rerun resumes), and exit status 130 (128 +
+    SIGINT, what a shell reports for a Ctrl-C'd command), not a ~60-line traceback. SIGTERM's
+    `TrainingInterrupted`, a KeyboardInterrupt that is also a SystemExit, goes on (exit 143)."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        if isinstance(err, SystemExit):
+            raise
+        sys.stderr.write(f"interrupted: {message()}\n")
+        sys.exit(130)
+
+
 def os_error_message(err: OSError) -> str:
     """`err` on one line naming its path(s), `cannot access '<path>': <reason>`, so the user
     knows which file or folder to fix (its text as it is when it names none)."""

@@ -7,8 +7,10 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -133,3 +135,42 @@ def test_the_script_leaves_an_unset_metric_to_the_target(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: transfer: budgets=() is invalid"), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_a_run_is_one_line_naming_it_and_the_results(tmp_path):
+    """Ctrl-C ended the comparison with a ~60-line KeyboardInterrupt traceback (the sweep and
+    experiments.train say one line); it names the run, where it stopped and the results so far
+    (which now list the interrupted source run too), and exits 130."""
+    out = tmp_path / "transfer"
+    command = [sys.executable, "-m", "experiments.transfer", f"--transfer={DIGITS}",
+               f"--transfer_dir={out}", "--transfer.source.num_train_steps=4000",
+               "--transfer.source.checkpoint_every_steps=10",
+               "--transfer.source.eval_every_steps=1000",
+               "--transfer.source.schedule.warmup_steps=2",
+               "--transfer.source.progress_bar=False",
+               # orbax logs its own traceback when Ctrl-C lands while it finishes an async save
+               "--transfer.source.async_checkpoints=False",
+               "--transfer.budgets=(1,)", "--transfer.seeds=(0,)"]
+    workdir = out / "trials" / compare.SOURCE_ID
+    proc = subprocess.Popen(  # SIGINT as a terminal sends it (not ignored, as in a background job)
+        command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ckpt = workdir / "checkpoints"
+    deadline = time.time() + 280
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_dir() and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: the source run ({workdir}): {summary['message']} "
+        f"Results so far: {out / compare.RESULTS_CSV}")
+    results = json.loads((out / compare.RESULTS_JSON).read_text())
+    assert results["source"]["status"] == "interrupted"
+    assert {r["status"] for r in results["runs"]} == {"pending"}

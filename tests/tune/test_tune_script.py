@@ -5,8 +5,10 @@ the SLURM script runs (and resumes) a tune."""
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -94,3 +96,44 @@ def test_sbatch_tune_without_arguments_prints_its_usage(tmp_path):
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "usage: sbatch launch/sbatch_tune.sh CONFIG RECIPE TUNE_DIR" in result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_a_trial_is_one_line_naming_the_round_and_trial(tmp_path):
+    """Ctrl-C ended the tune with a ~60-line KeyboardInterrupt traceback (the sweep and
+    experiments.train say one line); it names the round, the trial, where it stopped and the
+    results so far, and exits 130."""
+    tune_dir = tmp_path / "tune"
+    tiny = ["--recipe.num_lrs=2", "--recipe.round1_steps=4000", "--recipe.max_rounds=1",
+            "--recipe.max_trials=2", "--recipe.max_steps=4000", "--recipe.evals_per_trial=400",
+            "--recipe.logs_per_trial=400", "--config.schedule.warmup_steps=1",
+            "--config.global_batch_size=16", "--config.progress_bar=False",
+            "--config.tensorboard=False",
+            # orbax logs its own traceback when Ctrl-C lands while it finishes an async save
+            "--config.async_checkpoints=False"]
+    recipe = _load(RECIPES[0]).get_config()
+    recipe.update(num_lrs=2, round1_steps=4000, max_steps=4000, max_rounds=1, max_trials=2,
+                  evals_per_trial=400, logs_per_trial=400)
+    trial = rc.first_round(rc.Recipe.from_config(recipe)).space().trials[0]
+    workdir = tune_dir / "round_1" / "trials" / trial.trial_id
+    proc = subprocess.Popen(  # SIGINT as a terminal sends it (not ignored, as in a background job)
+        _command(tune_dir, *tiny), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ckpt = workdir / "checkpoints"
+    deadline = time.time() + 280
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_dir() and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: round 1: trial 0 ({trial.trial_id}, "
+        f"{{optimizer.learning_rate={trial.overrides['optimizer.learning_rate']:.3g}}}): "
+        f"{summary['message']} Results so far: {tune_dir / 'round_1' / 'results.csv'}")
+    assert json.loads((tune_dir / rc.RECIPE_FILE).read_text())["status"] == "interrupted"
