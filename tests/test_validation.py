@@ -21,6 +21,7 @@ from cnnjax.utils.validation import (
     check_positive_ints,
     concrete_value,
     given_dtype,
+    invalid,
     to_pair,
 )
 
@@ -205,3 +206,17 @@ def test_known_fields_name_the_first_unknown_key_and_list_the_valid_ones():
         check_known_fields("ema", block, ("decay", "warmup"))
     assert str(err.value) == ("ema: field='decy' is invalid; expected one of ['decay', "
                               "'warmup'].")
+
+
+@pytest.mark.parametrize("valid,ending", [
+    ("expected a positive int", "expected a positive int."),
+    ('the config has no field \'nam\'; Did you mean "name"?', 'Did you mean "name"?'),
+    ("expected 1, 2 or 3.", "expected 1, 2 or 3."),
+])
+def test_invalid_ends_with_one_stop(valid, ending):
+    """A `valid` text that already ends a sentence (a quoted suggestion's `?`) gets no `.` after
+    it: the launcher printed `Did you mean "learning_rate" ...?.`."""
+    message = str(invalid("launch", "overrides", "--config.x=1", valid))
+    assert message == f"launch: overrides='--config.x=1' is invalid; {valid}" + (
+        "" if valid.endswith(("?", ".")) else ".")
+    assert message.endswith(ending)

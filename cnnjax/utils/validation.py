@@ -15,8 +15,10 @@ import numpy as np
 
 
 def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
-    """Builds the standard error: `<owner>: <arg>=<value> is invalid; <valid>.`"""
-    return ValueError(f"{owner}: {arg}={value!r} is invalid; {valid}.")
+    """Builds the standard error: `<owner>: <arg>=<value> is invalid; <valid>.` (no second stop
+    after a `valid` that ends a sentence itself, e.g. a quoted `Did you mean "x"?`)."""
+    stop = "" if valid.endswith((".", "?", "!")) else "."
+    return ValueError(f"{owner}: {arg}={value!r} is invalid; {valid}{stop}")
 
 
 def check_bool(owner: str, arg: str, value: Any) -> bool:
