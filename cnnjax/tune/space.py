@@ -285,6 +285,11 @@ def random(params: Any, num_trials: int, seed: int = 0) -> SearchSpace:
     """`num_trials` distinct points drawn with `np.random.default_rng(seed)`, parameter by
     parameter in the given order; the same seed and parameters always give the same trials."""
     params = _params(params)
+    if num_trials is None:  # e.g. a grid file run with --sweep.kind=random
+        raise invalid(_OWNER, "num_trials", num_trials,
+                      "expected a positive integer: a random sweep draws num_trials points; set "
+                      "num_trials = N in the sweep file (--sweep.num_trials=N overrides a count "
+                      "the file sets)")
     if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials <= 0:
         raise invalid(_OWNER, "num_trials", num_trials, "expected a positive integer")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -424,3 +424,22 @@ def test_metric_mode_and_seed_overrides_apply_where_the_sweep_file_leaves_them_o
         with pytest.raises(AttributeError):
             sweep.metirc = "loss"  # misspelt fields are still refused (locked, as before)
     assert sp.declare_optional_fields({"kind": "grid"}) == {"kind": "grid"}  # a mapping: as is
+
+
+def test_a_grid_file_switched_to_random_says_num_trials_must_be_set(tmp_path):
+    """`--sweep.kind=random` on a grid file said only "num_trials=None is invalid; expected a
+    positive integer", not that a random sweep needs its count set, nor where."""
+    from cnnjax.launch.checks import load_files
+
+    path = tmp_path / "grid.py"
+    path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                    "    c = ml_collections.ConfigDict()\n    c.kind = 'grid'\n"
+                    "    c.parameters = {'seed': (0, 1, 2)}\n"
+                    "    return c\n")
+    sweep = load_files({"sweep": str(path)}, ["--sweep.kind=random"])["sweep"]
+    _raises("sweep: num_trials=None is invalid; expected a positive integer: a random sweep "
+            "draws num_trials points; set num_trials = N in the sweep file "
+            "(--sweep.num_trials=N overrides a count the file sets).",
+            lambda: sp.from_config(sweep))
+    _raises("sweep: num_trials=None is invalid; expected a positive integer: a random sweep",
+            sp.random, {"seed": (0, 1, 2)}, None)
