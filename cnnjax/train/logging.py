@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -87,6 +88,8 @@ class MetricLogger:
         self.plot_path = os.path.join(workdir, PLOT_FILE)
         self.records: list[dict] = []
         self._tb = None
+        self._plot_thread: threading.Thread | None = None  # plot(background=True)'s drawing
+        self._plot_error: BaseException | None = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -121,18 +124,50 @@ class MetricLogger:
         if self.enabled and self._tb is not None:
             self._tb.scalar("train/learning_rate", float(lr), int(step))
 
-    def plot(self) -> str | None:
-        """Redraws the learning-curve PNG from all records; returns its path."""
+    def plot(self, background: bool = False) -> str | None:
+        """Redraws the learning-curve PNG from all records; returns its path.
+
+        With `background` (the training loop's, at each eval) the drawing (0.2-0.5 s of
+        matplotlib) runs in a thread while the caller goes on, from the records as they are now;
+        the next `plot` and `close` wait for it first, so each call still leaves its PNG, in
+        order, and a failed drawing raises there."""
         if not self.enabled:
             return None
+        self._wait_plot()
+        records = list(self.records)  # this call's records: later ones are the next plot's
+        if not background:
+            return self._draw(records)
+
+        def draw() -> None:
+            try:
+                self._draw(records)
+            except BaseException as err:  # noqa: BLE001 — raised by the next plot / close
+                self._plot_error = err
+
+        self._plot_thread = threading.Thread(target=draw, name="cnnjax-plot", daemon=True)
+        self._plot_thread.start()
+        return self.plot_path
+
+    def _wait_plot(self) -> None:
+        """Waits for a background drawing; re-raises its error."""
+        thread, self._plot_thread = self._plot_thread, None
+        if thread is not None:
+            thread.join()
+        error, self._plot_error = self._plot_error, None
+        if error is not None:
+            raise error
+
+    def _draw(self, records: list[dict]) -> str:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object-oriented Figure, not pyplot's global figure registry: safe in a thread.
+        from matplotlib.figure import Figure
 
-        train = [r for r in self.records if r["split"] == "train"]
-        val = [r for r in self.records if r["split"] == "eval"]
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        train = [r for r in records if r["split"] == "train"]
+        val = [r for r in records if r["split"] == "eval"]
+        fig = Figure(figsize=(10, 4))
+        ax_loss, ax_acc = fig.subplots(1, 2)
         score = self.score_metric
         # (rows, label, marker style, metric-name prefix): `ema_` metrics are the eval of the
         # weight average (cnnjax.train.ema), drawn when the run keeps one.
@@ -160,9 +195,11 @@ class MetricLogger:
             self._tb.flush()
 
     def close(self) -> None:
+        """Closes TensorBoard's file; waits for a background plot (raising its error)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        self._wait_plot()
 
 
 class EventFileWriter:

@@ -716,7 +716,7 @@ class _Run:
                             raise TrainingDivergedError(done, eval_loss, which="eval loss")
                         logger.write_scalars(done, "eval", metrics_eval)
                         evals.append({"step": done, **metrics_eval})
-                        logger.plot()
+                        logger.plot(background=True)  # drawn while training goes on
                         logger.flush()
                         logging.info(
                             "eval at step %d: %s",

@@ -217,3 +217,48 @@ def test_every_command_begins_with_start_command_so_orbax_info_is_quiet(module, 
     with pytest.raises(_StartedError):
         importlib.import_module(module).main(["prog"])
     assert seen == [["prog"]]
+
+
+def test_plot_in_background_is_written_and_updated_at_each_eval_in_order(tmp_path, monkeypatch):
+    """`plot(background=True)` (the loop's, at each eval) draws off the training thread: every
+    call still leaves its own PNG, in call order, each drawn from the records at the call, and
+    `close()` waits for the last one."""
+    import threading
+
+    from cnnjax.train import logging as logging_lib
+
+    drawn = []  # (thread, val steps on the figure) per saved figure
+    real_save = logging_lib.save_figure
+    release = threading.Event()
+
+    def slow_save(fig, path, dpi):
+        release.wait(10)  # still drawing when the next eval's records arrive
+        drawn.append((threading.current_thread(), list(fig.axes[0].get_lines()[-1].get_xdata())))
+        return real_save(fig, path, dpi=dpi)
+
+    monkeypatch.setattr(logging_lib, "save_figure", slow_save)
+    logger = MetricLogger(str(tmp_path), tensorboard=False)
+    logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
+    assert logger.plot(background=True) == str(tmp_path / "learning_curves.png")
+    logger.write_scalars(6, "eval", {"loss": 0.3, "top1": 0.9})  # the caller goes on meanwhile
+    assert drawn == []
+    release.set()
+    logger.plot(background=True)  # waits for the first drawing, then starts its own
+    logger.close()  # waits for the last drawing
+    assert [steps for _, steps in drawn] == [[3], [3, 6]]
+    assert all(thread is not threading.main_thread() for thread, _ in drawn)
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_in_background_reports_a_failed_drawing(tmp_path, monkeypatch):
+    from cnnjax.train import logging as logging_lib
+
+    def broken_save(fig, path, dpi):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logging_lib, "save_figure", broken_save)
+    logger = MetricLogger(str(tmp_path), tensorboard=False)
+    logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
+    logger.plot(background=True)
+    with pytest.raises(OSError, match="disk full"):
+        logger.close()

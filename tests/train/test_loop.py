@@ -60,16 +60,21 @@ def _tensorboard_scalars(logdir):
 
 
 def test_run_writes_every_output(tmp_path, monkeypatch):
-    plotted_after_eval = []  # the newest eval step each time the PNG is redrawn
-    original_plot = loop.MetricLogger.plot
+    import threading
 
-    def spy_plot(self):
-        path = original_plot(self)
-        evals = [r["step"] for r in self.records if r["split"] == "eval"]
-        plotted_after_eval.append((evals[-1], Path(path).stat().st_size > 1000))
+    # The newest eval step each time the PNG is redrawn, whether it is a real image then, and
+    # whether it was drawn off the training thread (the loop's plot(background=True)).
+    plotted_after_eval = []
+    original_draw = loop.MetricLogger._draw
+
+    def spy_draw(self, records):
+        path = original_draw(self, records)
+        evals = [r["step"] for r in records if r["split"] == "eval"]
+        plotted_after_eval.append((evals[-1], Path(path).stat().st_size > 1000,
+                                   threading.current_thread() is not threading.main_thread()))
         return path
 
-    monkeypatch.setattr(loop.MetricLogger, "plot", spy_plot)
+    monkeypatch.setattr(loop.MetricLogger, "_draw", spy_draw)
     config = helpers.tiny_config(tensorboard=True)
     summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["status"] == "completed" and summary["step"] == 12
@@ -86,8 +91,9 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
         assert {"loss", "top1", "top5"} <= set(r)
         assert r["top1"] <= r["top5"] <= 1.0
     assert all("learning_rate" in r for r in records if r["split"] == "train")
-    # The PNG is redrawn after every eval (not only at the end), each time a real image.
-    assert plotted_after_eval == [(6, True), (12, True)]
+    # The PNG is redrawn after every eval (not only at the end), each time a real image, in a
+    # thread while training goes on; the run returns once the last one is written.
+    assert plotted_after_eval == [(6, True, True), (12, True, True)]
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
     # summary.json: best by top1 over the evals, final eval = the last one, final train metrics.
     best = max(evals, key=lambda r: (r["top1"], r["step"]))  # ties: the later eval
