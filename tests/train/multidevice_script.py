@@ -262,6 +262,6 @@ if __name__ == "__main__":
 
     # The learning-curve PNG (host-side matplotlib, ~0.5 s each eval; test_logging.py and
     # test_loop.py check it) does not depend on the device count, and nothing here reads it.
-    MetricLogger.plot = lambda self: None
+    MetricLogger.plot = lambda self, background=False: None
     with helpers.tiny_model_registered():
         main()
