@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +47,35 @@ def run_commands(commands: Sequence[Sequence[str]], env: Mapping[str, str] | Non
             results.append(subprocess.CompletedProcess([sys.executable, "-m", *command],
                                                        returncode, out, err))
         return results
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, checkpoints: str | os.PathLike, min_step: int,
+                        timeout_s: float = 280) -> None:
+    """Returns once `checkpoints` holds a step >= `min_step`, `proc` has ended or `timeout_s`
+    passed (the caller's next assertion says which)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(checkpoints) and any(
+                n.isdigit() and int(n) >= min_step for n in os.listdir(checkpoints)):
+            return
+        time.sleep(0.02)
+
+
+def ctrl_c_after_checkpoint(command: Sequence[str], env: Mapping[str, str],
+                            checkpoints: str | os.PathLike, min_step: int) -> str:
+    """Runs `command` from the repository root and presses Ctrl-C (SIGINT, not ignored as in a
+    background job) once `checkpoints` holds a step >= `min_step`; asserts the command exited
+    130 without a traceback and returns its stderr."""
+    proc = subprocess.Popen(
+        list(command), cwd=ROOT, env=dict(env), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for_checkpoint(proc, checkpoints, min_step)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return stderr
 
 
 def _read(path: str) -> str:

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cnnjax.tune import space as sp
 from cnnjax.tune.sweep import trial_workdir
-from tests.commands import run_commands
+from tests.commands import ctrl_c_after_checkpoint, run_commands, wait_for_checkpoint
 from tests.experiments.test_configs import _load
 from tests.experiments.test_train import _env
 
@@ -175,12 +174,7 @@ def test_sigkill_inside_a_trial_then_rerun_resumes_it(tmp_path):
     first, second = (trial_workdir(str(sweep_dir), t) for t in space.trials)
     proc = subprocess.Popen(_command(sweep, sweep_dir, *tiny), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = os.path.join(second, "checkpoints")
-    deadline = time.time() + 280
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpt) and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
+    wait_for_checkpoint(proc, os.path.join(second, "checkpoints"), 20)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the sweep finished before it could be killed"
     with open(os.path.join(first, "summary.json")) as f:
@@ -219,20 +213,8 @@ def test_ctrl_c_inside_a_trial_is_one_line_naming_it_and_how_to_resume(tmp_path)
             "--config.async_checkpoints=False"]
     space = sp.grid({"optimizer.learning_rate": (0.05, 0.1)})
     first = trial_workdir(str(sweep_dir), space.trials[0])
-    proc = subprocess.Popen(  # SIGINT as a terminal sends it (not ignored, as in a background job)
-        _command(sweep, sweep_dir, *tiny), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    ckpt = os.path.join(first, "checkpoints")
-    deadline = time.time() + 280
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpt) and any(n.isdigit() and int(n) >= 10 for n in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    stderr = ctrl_c_after_checkpoint(_command(sweep, sweep_dir, *tiny), _env(),
+                                     os.path.join(first, "checkpoints"), 10)
     with open(os.path.join(first, "summary.json")) as f:
         summary = json.load(f)
     assert summary["status"] == "interrupted"

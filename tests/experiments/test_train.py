@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.commands import wait_for_checkpoint
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,11 +76,7 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
         _command(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     ckpt = killed / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_dir() and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
+    wait_for_checkpoint(proc, ckpt, 20, timeout_s=240)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     steps_at_kill = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())

@@ -491,6 +491,24 @@ def _every_leaf_kind() -> dict:
     }
 
 
+def _restores_step_5_unless(tmp_path, tampered):
+    """Step 5 of `_every_leaf_kind()` restores bitwise, or, with the digest of array `tampered`
+    changed, is refused naming that array (a warning, then the error: no older step to fall
+    back to)."""
+    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
+    try:
+        if tampered is None:
+            restored, step = resumed.restore_latest(_every_leaf_kind())
+            assert step == 5
+            jax.tree.map(np.testing.assert_array_equal, restored, _every_leaf_kind())
+        else:
+            with pytest.warns(RuntimeWarning), pytest.raises(
+                    ValueError, match=f"CheckpointDigestError: array {tampered} of step 5"):
+                resumed.restore_latest(_every_leaf_kind())
+    finally:
+        resumed.close()
+
+
 @pytest.mark.parametrize("tampered", [None, "params/conv/scale", "params/conv/bias",
                                       "opt_state/1/count", "mask", "pixels", "step"])
 def test_digests_of_every_leaf_kind_pass_unchanged_and_catch_each_changed_array(tmp_path,
@@ -512,18 +530,7 @@ def test_digests_of_every_leaf_kind_pass_unchanged_and_catch_each_changed_array(
     if tampered is not None:
         digests[tampered] = "0" * 16
         path.write_text(json.dumps(metadata))
-    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
-    try:
-        if tampered is None:
-            restored, step = resumed.restore_latest(_every_leaf_kind())
-            assert step == 5
-            jax.tree.map(np.testing.assert_array_equal, restored, _every_leaf_kind())
-        else:
-            with pytest.warns(RuntimeWarning), pytest.raises(
-                    ValueError, match=f"CheckpointDigestError: array {tampered} of step 5"):
-                resumed.restore_latest(_every_leaf_kind())
-    finally:
-        resumed.close()
+    _restores_step_5_unless(tmp_path, tampered)
 
 
 def test_a_template_of_another_dtype_restores_cast_not_as_corrupt(tmp_path):
@@ -706,15 +713,4 @@ def test_checkpoints_with_format_1_digests_are_still_checked(tmp_path, tampered)
         old[tampered] = "0" * 16
     metadata["custom_metadata"]["array_digests"] = old
     path.write_text(json.dumps(metadata))
-    resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
-    try:
-        if tampered is None:
-            restored, step = resumed.restore_latest(_every_leaf_kind())
-            assert step == 5
-            jax.tree.map(np.testing.assert_array_equal, restored, _every_leaf_kind())
-        else:
-            with pytest.warns(RuntimeWarning), pytest.raises(
-                    ValueError, match=f"CheckpointDigestError: array {tampered} of step 5"):
-                resumed.restore_latest(_every_leaf_kind())
-    finally:
-        resumed.close()
+    _restores_step_5_unless(tmp_path, tampered)

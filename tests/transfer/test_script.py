@@ -7,14 +7,13 @@ import csv
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cnnjax.transfer import compare
+from tests.commands import ctrl_c_after_checkpoint
 from tests.experiments.test_configs import _load
 from tests.experiments.test_train import _env
 
@@ -153,19 +152,7 @@ def test_ctrl_c_inside_a_run_is_one_line_naming_it_and_the_results(tmp_path):
                "--transfer.source.async_checkpoints=False",
                "--transfer.budgets=(1,)", "--transfer.seeds=(0,)"]
     workdir = out / "trials" / compare.SOURCE_ID
-    proc = subprocess.Popen(  # SIGINT as a terminal sends it (not ignored, as in a background job)
-        command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    ckpt = workdir / "checkpoints"
-    deadline = time.time() + 280
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_dir() and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    stderr = ctrl_c_after_checkpoint(command, _env(), workdir / "checkpoints", 20)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert stderr.strip().splitlines()[-1] == (

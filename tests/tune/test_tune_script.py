@@ -5,15 +5,14 @@ the SLURM script runs (and resumes) a tune."""
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cnnjax.tune import recipe as rc
 from cnnjax.tune.sweep import trial_configs
+from tests.commands import ctrl_c_after_checkpoint
 from tests.experiments.test_configs import _load
 from tests.experiments.test_sweep import _fake_srun
 from tests.experiments.test_train import _env
@@ -116,20 +115,8 @@ def test_ctrl_c_inside_a_trial_is_one_line_naming_the_round_and_trial(tmp_path):
                   evals_per_trial=400, logs_per_trial=400)
     trial = rc.first_round(rc.Recipe.from_config(recipe)).space().trials[0]
     workdir = tune_dir / "round_1" / "trials" / trial.trial_id
-    proc = subprocess.Popen(  # SIGINT as a terminal sends it (not ignored, as in a background job)
-        _command(tune_dir, *tiny), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    ckpt = workdir / "checkpoints"
-    deadline = time.time() + 280
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_dir() and any(n.isdigit() and int(n) >= 20 for n in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
+    stderr = ctrl_c_after_checkpoint(_command(tune_dir, *tiny), _env(), workdir / "checkpoints",
+                                     20)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert stderr.strip().splitlines()[-1] == (
