@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
-import fcntl
 import io
 import json
 import math
@@ -30,7 +28,6 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 from cnnjax.train import config as config_lib
@@ -52,7 +49,7 @@ from cnnjax.utils.files import (
     retire_error_log,
     save_figure,
 )
-from cnnjax.utils.lock import LOCK_FILE, DirectoryInUseError, directory_lock
+from cnnjax.utils.lock import LOCK_FILE, DirectoryInUseError, directory_lock, waiting_lock
 from cnnjax.utils.validation import check_choice, invalid
 
 SWEEP_FILE = "sweep.json"
@@ -253,7 +250,7 @@ def _prepare_sweep_dir(
     check_sweep_dir(sweep_dir, space, base_config, metric, mode)  # refused: nothing created
     os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
     path = os.path.join(sweep_dir, SWEEP_FILE)
-    with _exclusive(os.path.join(sweep_dir, SWEEP_LOCK)):
+    with waiting_lock(os.path.join(sweep_dir, SWEEP_LOCK)):
         current = check_sweep_dir(sweep_dir, space, base_config, metric, mode)
         text = json.dumps(current, indent=2)
         if not os.path.exists(path):
@@ -261,19 +258,6 @@ def _prepare_sweep_dir(
                 check_sweep_dir(sweep_dir, space, base_config, metric, mode)
         elif read_json(path) != current:  # a grown random sweep, or another metric or mode
             atomic_write(path, text)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: str) -> Iterator[None]:
-    """Holds an exclusive flock on `lock_path` (created), waiting for another holder; without
-    flock support on the file system (ENOLCK, ...) the block runs unlocked."""
-    with open(lock_path, "a") as lock_file:
-        try:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        yield  # closing the file releases the lock
 
 
 def _create_new(path: str, text: str) -> bool:

@@ -96,6 +96,20 @@ def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
                     lock_file.close()  # closing the descriptor releases the flock
 
 
+@contextlib.contextmanager
+def waiting_lock(lock_path: str) -> Iterator[None]:
+    """Holds an exclusive flock on the file `lock_path` (created) for a short critical section,
+    waiting for another holder, unlike `directory_lock`, which refuses at once; on a file system
+    without flock the block runs unlocked, as `directory_lock` does."""
+    with open(lock_path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _UNSUPPORTED:
+                raise
+        yield  # closing the file releases the lock
+
+
 def _acquire(lock_path: str, flag: str, path: str):
     """The open, locked lock file with this process's details in it; None if unsupported."""
     try:
