@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import time
 import zipfile
 from typing import Any
@@ -36,6 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cnnjax.data.sources import split_names
 from cnnjax.data.spec import (  # noqa: F401 — the proposal settings live in spec.py
     DEFAULT_MAX_PROPOSALS,
     FIELDS,
@@ -183,8 +183,7 @@ def load_table(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable:
 def _whole_split_tables(builder: Any, split: str, spec: ProposalSpec) -> ProposalTable | None:
     """The cached tables of the whole splits `split` slices or joins, merged; None when it is
     a plain split name or one of them is not cached."""
-    names = list(dict.fromkeys(re.sub(r"\[.*?\]", "", part).strip()
-                               for part in split.split("+")))
+    names = split_names(split)
     if names == [split]:
         return None
     tables = []
