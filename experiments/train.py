@@ -22,7 +22,12 @@ configure_entry_point()
 
 from absl import app, flags, logging  # noqa: E402
 
-from cnnjax.utils.cli import define_config_file, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    define_config_file,
+    exit_on_ctrl_c,
+    parse_flags,
+    start_command,
+)
 
 _CONFIG = define_config_file(
     "config",
@@ -73,17 +78,10 @@ def main(argv: list[str]) -> None:
     )
     index = jax.process_index()
     try:
-        summary = train_and_evaluate(_CONFIG.value, workdir)
+        with exit_on_ctrl_c(lambda: _interrupted_message(workdir)):
+            summary = train_and_evaluate(_CONFIG.value, workdir)
     except DirectoryInUseError as err:  # the run holding the workdir keeps its summary.json
         _fail(f"error: {err}")
-    except KeyboardInterrupt as err:  # Ctrl-C: one line, not ~60 of traceback
-        if isinstance(err, SystemExit):  # SIGTERM's TrainingInterrupted: exits 143 silently
-            raise
-        recorded = read_json(os.path.join(workdir, "summary.json"))
-        ours = isinstance(recorded, dict) and recorded.get("error") == "KeyboardInterrupt"
-        message = recorded.get("message") if ours else None
-        sys.stderr.write(f"interrupted: {message or 'Ctrl-C'}\n")
-        sys.exit(130)  # 128 + SIGINT, the shell's status for a Ctrl-C'd command
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
         if index != 0:
             _fail(f"error: {err}\n(process {index} of {jax.process_count()}; process 0 writes "
@@ -108,6 +106,15 @@ def main(argv: list[str]) -> None:
         logging.info("An earlier invocation's traceback is kept as %s.", kept)
     if index == 0:
         _print_summary(summary)
+
+
+def _interrupted_message(workdir: str) -> str:
+    """Where a Ctrl-C'd run stopped, as its summary.json records it ('Ctrl-C' when it did not)."""
+    from cnnjax.utils.files import read_json
+
+    recorded = read_json(os.path.join(workdir, "summary.json"))
+    ours = isinstance(recorded, dict) and recorded.get("error") == "KeyboardInterrupt"
+    return (recorded.get("message") if ours else None) or "Ctrl-C"
 
 
 def _write_startup_error(workdir: str, message: str, process_id: object) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.commands import wait_for_checkpoint
+from tests.commands import ctrl_c_after_checkpoint, wait_for_checkpoint
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -252,3 +252,20 @@ def test_make_train_default_reaches_97_percent_and_says_where_outputs_are(tmp_pa
                         ("Checkpoints:", "checkpoints"), ("Metrics:", "metrics.jsonl")):
         line = next(x for x in out.splitlines() if x.startswith(label))
         assert str(workdir / path) in line and (workdir / path).exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_naming_the_step_and_the_checkpoint_a_rerun_resumes_from(tmp_path):
+    """Ctrl-C ends `experiments.train` with status 130 and one line, the message summary.json
+    records (where it stopped, what a rerun resumes from), not a traceback."""
+    workdir = tmp_path / "run"
+    command = _command(workdir, "--config.num_train_steps=2000", "--config.eval_every_steps=1000",
+                       "--config.checkpoint_every_steps=10",
+                       # orbax logs its own traceback when Ctrl-C lands while it finishes a save
+                       "--config.async_checkpoints=False")
+    stderr = ctrl_c_after_checkpoint(command, _env(), workdir / "checkpoints", 10)
+    with open(workdir / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["status"] == "interrupted" and summary["error"] == "KeyboardInterrupt"
+    assert "resume" in summary["message"], summary["message"]
+    assert stderr.strip().splitlines()[-1] == f"interrupted: {summary['message']}"
