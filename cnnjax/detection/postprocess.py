@@ -33,6 +33,12 @@ class Detections(NamedTuple):
     valid: jax.Array  # [..., K] bool
 
 
+# `jax.export` serializes the output tree of a program only with registered node types: a
+# detector's exported `detect` (roi_sample_positions="kernel" where it pools RoIs) returns these.
+jax.export.register_namedtuple_serialization(
+    Detections, serialized_name="cnnjax.detection.postprocess.Detections")
+
+
 def check_detection_settings(owner: str, module: Any) -> None:
     """Checks a detector's inference fields: `nms_iou` in [0, 1], `score_threshold` in [0, 1)
     and a positive int `max_detections` (every detector in `cnnjax.models` has all three)."""

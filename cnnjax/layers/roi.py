@@ -372,9 +372,24 @@ def _traced_host_samples(boxes: jax.Array, spatial_scale: jax.Array, aligned: bo
     return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), out) if axes else out
 
 
-@partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned"))
+SAMPLE_POSITIONS = ("torchvision", "kernel")
+
+
+def check_sample_positions(owner: str, arg: str, value: Any) -> str:
+    """`value` if it is one of `SAMPLE_POSITIONS` (roi_align's `sample_positions`), else a
+    ValueError naming `owner.arg`."""
+    if not isinstance(value, str) or value not in SAMPLE_POSITIONS:
+        raise invalid(owner, arg, value,
+                      "expected 'torchvision' (torchvision's positions, through a host callback "
+                      "for traced boxes on CPU) or 'kernel' (computed by XLA on every platform, "
+                      "which jax.export can serialize)")
+    return value
+
+
+@partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned",
+                                   "host_positions"))
 def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid, adaptive,
-               aligned, counts=None, samples=None):
+               aligned, counts=None, samples=None, host_positions=True):
     n, h, w, _ = features.shape
     out_h, out_w = output_size
     compute = jnp.promote_types(features.dtype, jnp.float32)
@@ -404,7 +419,7 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
         (count_h, ys), (count_w, xs) = (kernel_samples(scaled[:, 1], scaled[:, 3], out_h),
                                         kernel_samples(scaled[:, 0], scaled[:, 2], out_w))
         counts, samples = jnp.stack([count_h, count_w], axis=1), (ys, xs)
-        if boxes.shape[0]:
+        if boxes.shape[0] and host_positions:
             # On CPU, the values of torchvision's host arithmetic (docstring of roi_align), the
             # kernel's derivatives: host + (kernel - kernel) is the host's value exactly.
             fixed = jax.lax.stop_gradient((boxes.astype(compute), spatial_scale))
@@ -452,7 +467,7 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
 def roi_align(
     features: jax.Array, boxes: Any, batch_indices: Any, output_size: IntPair,
     spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True,
-    max_sampling_ratio: int | None = None,
+    max_sampling_ratio: int | None = None, sample_positions: str = "torchvision",
 ) -> jax.Array:
     """RoIAlign (He et al., Mask R-CNN) with torchvision's semantics.
 
@@ -477,6 +492,12 @@ def roi_align(
     platforms traced boxes keep the kernel's positions, with those rare ulp differences
     (torchvision's CUDA kernel, compiled with FMAs, differs from its CPU one there too).
 
+    `sample_positions="kernel"` gives traced boxes the kernel's positions on CPU too: no host
+    callback, so a function of traced boxes calling roi_align can be serialized by `jax.export`
+    (the default's callback cannot: "serialization of host_callbacks is not yet implemented"),
+    at the cost of those ulp differences at the map's edges. Concrete boxes get torchvision's
+    positions either way (computed before tracing, they are constants of the program).
+
     Unlike torchvision's `roi_align` (default `aligned=False`), `aligned` defaults to True: pass
     `aligned=False` for code ported from torchvision's default. A NaN or inf reaches only the
     outputs whose samples read it with non-zero weight; torchvision also reads the neighbour
@@ -494,6 +515,7 @@ def roi_align(
         raise invalid(owner, "aligned", aligned, "expected a bool")
     if max_sampling_ratio is not None:
         check_positive_int(owner, "max_sampling_ratio", max_sampling_ratio)
+    check_sample_positions(owner, "sample_positions", sample_positions)
     adaptive = sampling_ratio <= 0
     counts = samples = None
     if values is not None:
@@ -509,7 +531,7 @@ def roi_align(
                       "adaptive sampling (<= 0) needs concrete boxes to size its sample grid; "
                       "under jit pass sampling_ratio > 0 or max_sampling_ratio")
     return _roi_align(features, boxes, batch_indices, out, scale, grid, adaptive, aligned,
-                      counts, samples)
+                      counts, samples, host_positions=sample_positions == "torchvision")
 
 
 def box_iou(boxes1: Any, boxes2: Any) -> jax.Array:

@@ -50,7 +50,7 @@ from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
-from cnnjax.layers.roi import check_valid_boxes, roi_align
+from cnnjax.layers.roi import check_sample_positions, check_valid_boxes, roi_align
 from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
 from cnnjax.utils.validation import (
@@ -101,12 +101,14 @@ class BoxHead(nn.Module):
         return (*out, x.astype(jnp.float32)) if return_fc7 else out
 
 
-def pool_rois(features: Array, rois: Array, output_size: int, spatial_scale: float) -> Array:
+def pool_rois(features: Array, rois: Array, output_size: int, spatial_scale: float,
+              sample_positions: str = "torchvision") -> Array:
     """`roi_align` (2x2 samples per bin) of RoIs `[N, R, 4]` on their images: `[N * R, ...]`."""
     n, r = rois.shape[:2]
     batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
     return roi_align(features, rois.reshape(n * r, 4), batch_indices, output_size,
-                     spatial_scale=spatial_scale, sampling_ratio=2)
+                     spatial_scale=spatial_scale, sampling_ratio=2,
+                     sample_positions=sample_positions)
 
 
 def sample_training_rois(key: Array, proposals: Array, proposals_valid: Array, gt_boxes: Array,
@@ -252,6 +254,9 @@ class FasterRCNN(nn.Module):
       rpn_min_size: proposals narrower or lower than this are dropped (pixels).
       roi_samples: RoIs sampled per image for the box head (paper: 128), 25% foreground.
       roi_size: `roi_align` output side (paper: 7 for VGG-16's 7x7 pool5).
+      roi_sample_positions: `roi_align`'s `sample_positions`: "torchvision" (on CPU through a
+        host callback, bitwise torchvision's) or "kernel" (no callback, so `jax.export` can
+        serialize the detector; ulp-level differences at the map's edges).
       head_features: width of the two fcs of the box head (paper: 4096).
       score_threshold, nms_iou, max_detections: `detect`'s filtering.
       dtype: computation dtype (params float32); axis_name: BatchNorm's cross-device axis.
@@ -270,6 +275,7 @@ class FasterRCNN(nn.Module):
     rpn_min_size: float = 2.0
     roi_samples: int = 64
     roi_size: int = 4
+    roi_sample_positions: str = "torchvision"
     head_features: int = 256
     score_threshold: float = 0.05
     nms_iou: float = 0.5
@@ -285,6 +291,7 @@ class FasterRCNN(nn.Module):
             check_positive_int(owner, arg, getattr(self, arg))
         check_stages(owner, self.backbone_stages, "backbone_stages")
         check_detection_settings(owner, self)
+        check_sample_positions(owner, "roi_sample_positions", self.roi_sample_positions)
         check_number(owner, "rpn_min_size", self.rpn_min_size, "expected a finite number >= 0",
                      low=0.0, high_open=True, strings=False)
         check_anchor_settings(owner, self.stride, self.anchor_ratios, self.anchor_scales,
@@ -341,7 +348,8 @@ class FasterRCNN(nn.Module):
     def box_head(self, features: Array, rois: Array) -> tuple[Array, Array]:
         """Class logits `[N, R, C + 1]` and deltas `[N, R, C + 1, 4]` of RoIs `[N, R, 4]`."""
         n, r = rois.shape[:2]
-        logits, deltas = self.head(pool_rois(features, rois, self.roi_size, 1.0 / self.stride))
+        logits, deltas = self.head(pool_rois(features, rois, self.roi_size, 1.0 / self.stride,
+                                                self.roi_sample_positions))
         return logits.reshape(n, r, *logits.shape[1:]), deltas.reshape(n, r, *deltas.shape[1:])
 
     # ----------------------------------------------------------------------------- methods

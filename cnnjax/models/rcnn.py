@@ -50,7 +50,12 @@ import numpy as np
 from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.postprocess import Detections, check_detection_settings
 from cnnjax.layers.pooling import check_pyramid_levels
-from cnnjax.layers.roi import check_valid_boxes, roi_align, roi_spatial_pyramid_pool
+from cnnjax.layers.roi import (
+    check_sample_positions,
+    check_valid_boxes,
+    roi_align,
+    roi_spatial_pyramid_pool,
+)
 from cnnjax.models.faster_rcnn import (
     BoxHead,
     detect_from_head,
@@ -255,16 +260,21 @@ class _SharedMapDetector(_ProposalDetector):
 
 
 class FastRCNN(_SharedMapDetector):
-    """Fast R-CNN: the shared map, RoIAlign of each RoI to `roi_size x roi_size`, `BoxHead`."""
+    """Fast R-CNN: the shared map, RoIAlign of each RoI to `roi_size x roi_size`, `BoxHead`.
+    `roi_sample_positions` is `roi_align`'s `sample_positions` ("kernel": exportable, see
+    `FasterRCNN`)."""
 
     roi_size: int = 4
+    roi_sample_positions: str = "torchvision"
 
     def __post_init__(self) -> None:
         check_positive_int(type(self).__name__, "roi_size", self.roi_size)
+        check_sample_positions(type(self).__name__, "roi_sample_positions",
+                               self.roi_sample_positions)
         super().__post_init__()
 
     def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:
-        return pool_rois(features, rois, self.roi_size, spatial_scale)
+        return pool_rois(features, rois, self.roi_size, spatial_scale, self.roi_sample_positions)
 
 
 class SPPNet(_SharedMapDetector):
@@ -296,7 +306,8 @@ class SPPNet(_SharedMapDetector):
 class RCNN(_ProposalDetector):
     """R-CNN: each region warped from the image to `warp_size` and classified by its own CNN
     pass (`VGGFeatures(cnn_stages)` then `BoxHead`). `region_features` exposes pool5 and fc7 for
-    the paper's SVM + ridge stage (`cnnjax.detection.rcnn_svm`)."""
+    the paper's SVM + ridge stage (`cnnjax.detection.rcnn_svm`). `roi_sample_positions` is the
+    warp's `roi_align` `sample_positions` ("kernel": exportable, see `FasterRCNN`)."""
 
     proposal_stride: int = 8
     roi_samples: int = 32  # each RoI costs a whole CNN pass
@@ -304,9 +315,12 @@ class RCNN(_ProposalDetector):
     context_padding: int = 0  # warped pixels of context on each side (the paper: 16 of 227)
     cnn_stages: Sequence[Sequence[int]] = ((16,), (32,), (64,))
     head_features: int = 256
+    roi_sample_positions: str = "torchvision"
 
     def __post_init__(self) -> None:
         _check_common(self)
+        check_sample_positions(type(self).__name__, "roi_sample_positions",
+                               self.roi_sample_positions)
         check_stages(type(self).__name__, self.cnn_stages, "cnn_stages")
         check_positive_int(type(self).__name__, "warp_size", self.warp_size)
         if self.warp_size < 2 ** len(self.cnn_stages):  # else a max_pool2d error when traced
@@ -351,7 +365,8 @@ class RCNN(_ProposalDetector):
         batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
         images, boxes = self.context_boxes(jnp.asarray(images, jnp.float32), rois)
         warped = roi_align(images, boxes.reshape(n * r, 4), batch_indices, self.warp_size,
-                           spatial_scale=1.0, sampling_ratio=2)
+                           spatial_scale=1.0, sampling_ratio=2,
+                           sample_positions=self.roi_sample_positions)
         return self.cnn(warped.astype(self.dtype), train)[f"block{len(self.cnn_stages)}"]
 
     def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:

@@ -692,6 +692,9 @@ IDX = np.array([0], np.int32)
          "roi_align: aligned=1 is invalid; expected a bool."),
         (lambda: roi_align(F, B, IDX, 2, max_sampling_ratio=0),
          "roi_align: max_sampling_ratio=0 is invalid; expected a positive integer."),
+        (lambda: roi_align(F, B, IDX, 2, sample_positions="host"),
+         "roi_align: sample_positions='host' is invalid; expected 'torchvision' (torchvision's "
+         "positions, through a host callback for traced boxes on CPU) or 'kernel'"),
         (lambda: nms(B[0], np.ones(1), 0.5, 3),
          "nms: boxes.shape=(4,) is invalid; expected [K, 4] boxes"),
         (lambda: nms(np.array([[0.0, 3.0, 1.0, 2.0]]), np.ones(1), 0.5, 3),
@@ -846,3 +849,31 @@ def test_traced_boxes_under_shard_map_and_pmap():
     np.testing.assert_array_equal(sharded[0], expected)
     mapped = jax.pmap(per_device, in_axes=(None, 0))(feats, boxes[None])
     np.testing.assert_array_equal(mapped[0, 0], expected)
+
+
+def test_kernel_sample_positions_export_and_serialize_for_cpu():
+    """Traced boxes on CPU take their sample positions from a host callback, which `jax.export`
+    cannot serialize ('serialization of host_callbacks is not yet implemented'), so no function
+    of traced boxes calling roi_align could be exported. `sample_positions='kernel'` places them
+    in the kernel on every platform: exported, serialized, deserialized and called, it gives the
+    jitted kernel path's bits, and torchvision's values within the usual tolerance."""
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    feats = _features((2, 7, 9, 3), seed=37)
+    boxes = _random_boxes(np.random.default_rng(38), 20, 36.0, 28.0)
+    batch = np.array([0, 1] * 10, np.int32)
+    for sampling_ratio, max_ratio in ((2, None), (0, 12)):
+        def pooled(f, b, s=sampling_ratio, m=max_ratio):
+            return roi_align(f, b, batch, (3, 4), 0.25, s, True, m, sample_positions="kernel")
+
+        exported = jax.export.export(jax.jit(pooled), platforms=["cpu"])(feats, boxes)
+        restored = jax.export.deserialize(exported.serialize())
+        got = np.asarray(restored.call(feats, boxes))
+        np.testing.assert_array_equal(got, jax.jit(pooled)(feats, boxes))
+        rois = torch.from_numpy(np.concatenate([batch[:, None], boxes], axis=1).astype(np.float32))
+        expected = ops.roi_align(torch.from_numpy(np.asarray(feats).transpose(0, 3, 1, 2).copy()),
+                                 rois, (3, 4), 0.25, sampling_ratio, True).numpy()
+        np.testing.assert_allclose(got, expected.transpose(0, 2, 3, 1), rtol=RTOL, atol=ATOL)
+    with pytest.raises(NotImplementedError, match="host_callbacks"):  # the default's limit
+        jax.export.export(jax.jit(lambda f, b: roi_align(f, b, batch, 2, 0.25, 2)),
+                          platforms=["cpu"])(feats, boxes).serialize()

@@ -77,6 +77,11 @@ def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(  # was a max_pool2d error when traced
             "RCNN: warp_size=7 is invalid; expected at least 8 = 2**len(cnn_stages)")):
         RCNN(warp_size=7, context_padding=1)
+    for cls in (FastRCNN, RCNN, FasterRCNN):
+        with pytest.raises(ValueError, match=re.escape(
+                f"{cls.__name__}: roi_sample_positions='exact' is invalid; expected "
+                "'torchvision' (torchvision's positions, through a host callback")):
+            cls(roi_sample_positions="exact")
     for levels in ((2, 0), (), 3):
         with pytest.raises(ValueError, match=re.escape(
                 f"SPPNet: pyramid_levels={levels!r} is invalid; expected a non-empty sequence of "
@@ -480,3 +485,38 @@ def test_loss_checks_only_the_valid_ground_truth_rows(cls):
     valid = np.array([[True, False], [False, False]])
     (loss, _), _ = trace_loss(cls(num_classes=4), (boxes, labels, valid))
     assert loss.shape == ()
+
+
+_TINY = {FastRCNN: {"backbone_stages": ((4,), (8,)), "head_features": 8},
+         RCNN: {"cnn_stages": ((4,), (8,)), "warp_size": 8, "head_features": 8},
+         FasterRCNN: {"backbone_stages": ((4,), (8,)), "rpn_channels": 8, "rpn_pre_nms_test": 50,
+                      "rpn_post_nms_test": 8, "head_features": 8, "anchor_scales": (3.0,)}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [FastRCNN, RCNN, FasterRCNN])
+def test_detectors_with_kernel_roi_sample_positions_export_for_cpu(cls):
+    """roi_align of traced boxes on CPU takes torchvision's sample positions from a host
+    callback, so `jax.export` could not serialize a detector's `detect` (NotImplementedError:
+    'serialization of host_callbacks is not yet implemented'). `roi_sample_positions='kernel'`
+    (roi_align's `sample_positions`) serializes, and the deserialized program gives the jitted
+    detector's detections bit for bit (`Detections` is registered for export's serialization)."""
+    model = cls(num_classes=2, max_detections=5, roi_sample_positions="kernel", **_TINY[cls])
+    x = jax.random.normal(jax.random.key(0), (1, 24, 24, 3))
+    proposals = jnp.array([[[1.0, 2.0, 20.5, 13.0], [0.0, 0.0, 24.0, 24.0], [5.0, 7.0, 9.0, 8.0]]])
+    args = (x,) if cls is FasterRCNN else (x, proposals)
+    variables = jax.jit(model.init)(jax.random.key(1), x, **(
+        {} if cls is FasterRCNN else {"proposals": proposals}))
+
+    def detect(variables, *args):
+        return model.apply(variables, *args, method="detect")
+
+    exported = jax.export.export(jax.jit(detect), platforms=["cpu"])(variables, *args)
+    restored = jax.export.deserialize(exported.serialize())
+    got, expected = restored.call(variables, *args), jax.jit(detect)(variables, *args)
+    assert bool(expected.valid.any())
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    default = model.clone(roi_sample_positions="torchvision")
+    with pytest.raises(NotImplementedError, match="host_callbacks"):
+        jax.export.export(jax.jit(lambda v, *a: default.apply(v, *a, method="detect")),
+                          platforms=["cpu"])(variables, *args).serialize()
