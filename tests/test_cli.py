@@ -54,16 +54,6 @@ def test_the_override_that_failed_is_named():
     assert cli.describe_flag_error(["--config.bogus=1"], AttributeError(KeyError("'bogus'"))) \
         == "--config.bogus=1 is invalid; the config has no field 'bogus'"
     assert cli.describe_flag_error([], ValueError("bad")) == "bad"
-    assert cli.describe_flag_error(["--sweep.num_trials=2"], KeyError("'num_trials'")) == (
-        "--sweep.num_trials=2 is invalid; the config has no field 'num_trials'; a grid sweep "
-        "runs every combination of its values: pass --max_trials=N to run fewer (or set "
-        "kind='random' in the file)")
-    # --sweep.kind=random was given: "set kind='random'" would send the user in a circle
-    assert cli.describe_flag_error(["--sweep.kind=random", "--sweep.num_trials=2"],
-                                   KeyError("'num_trials'")).endswith(
-        "--sweep.kind=random cannot add the field a random sweep needs: write kind='random' and "
-        "num_trials in the sweep file (or drop --sweep.kind and pass --max_trials=N to run "
-        "fewer grid points)")
 
 
 def test_a_misspelt_model_kwargs_field_lists_the_models_fields():

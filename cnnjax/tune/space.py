@@ -33,7 +33,8 @@ KINDS = ("grid", "random")
 SWEEP_FIELDS = ("kind", "parameters", "num_trials", "seed", "metric", "mode")
 #: The sweep file fields a command line may set although the file leaves them out (or None):
 #: `{name: (type, default)}`, declared by `declare_optional_fields`.
-OPTIONAL_FIELDS = {"metric": (str, None), "mode": (str, None), "seed": (int, 0)}
+OPTIONAL_FIELDS = {"metric": (str, None), "mode": (str, None), "seed": (int, 0),
+                   "num_trials": (int, None)}
 _OWNER = "sweep"
 # How many draws `random` may spend per requested trial looking for distinct points.
 _MAX_DRAWS_PER_TRIAL = 100
@@ -288,8 +289,7 @@ def random(params: Any, num_trials: int, seed: int = 0) -> SearchSpace:
     if num_trials is None:  # e.g. a grid file run with --sweep.kind=random
         raise invalid(_OWNER, "num_trials", num_trials,
                       "expected a positive integer: a random sweep draws num_trials points; set "
-                      "num_trials = N in the sweep file (--sweep.num_trials=N overrides a count "
-                      "the file sets)")
+                      "num_trials = N in the sweep file or pass --sweep.num_trials=N")
     if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials <= 0:
         raise invalid(_OWNER, "num_trials", num_trials, "expected a positive integer")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -342,8 +342,10 @@ def declare_optional_fields(sweep_config: Any) -> Any:
     such field) or setting it None (a NoneType field takes no override), and
     `--sweep.metric=None` for one naming a metric (a str field cannot be None). Defaults are
     what `from_config` and the sweep use for an unset field: the metric None (the base config's
-    `best_metric`), the mode None (the metric's), the seed 0. `num_trials` is not declared: a
-    grid has its size, and a random file states its count."""
+    `best_metric`), the mode None (the metric's), the seed 0, `num_trials` None. A grid file's
+    `--sweep.num_trials=N` thus reaches `check_grid_num_trials`, which names the grid's size
+    (it was "the config has no field 'num_trials'"), and `--sweep.kind=random
+    --sweep.num_trials=N` draws N points of the grid's values."""
     if not isinstance(sweep_config, ml_collections.ConfigDict):
         return sweep_config
     with sweep_config.unlocked():
@@ -376,7 +378,7 @@ def check_grid_num_trials(num_trials: Any, space: SearchSpace) -> None:
     ignored, every trial still running and `launch.submit` still sizing the array to the whole
     grid. The grid's own size is accepted: it only restates the count. Fewer trials are run
     with `experiments.sweep --max_trials=N` (or `launch.submit --array=...`); `kind='random'`
-    samples `num_trials` points instead.
+    (`--sweep.kind=random`) samples `num_trials` points instead.
     """
     size = len(space.trials)
     if num_trials is None or (isinstance(num_trials, int) and not isinstance(num_trials, bool)
@@ -388,8 +390,8 @@ def check_grid_num_trials(num_trials: Any, space: SearchSpace) -> None:
     raise invalid(_OWNER, "num_trials", num_trials,
                   f"a grid has exactly {size} {trials}, the product of its value lists "
                   f"({product}), so expected {size} or unset; to run fewer pass --max_trials=N to "
-                  "experiments.sweep (--array=... to launch.submit), or set kind='random' to "
-                  "sample num_trials points")
+                  "experiments.sweep (--array=... to launch.submit), or sample num_trials points "
+                  "with a random sweep (--sweep.kind=random, or kind='random' in the file)")
 
 
 def from_config(sweep_config: Any) -> SearchSpace:

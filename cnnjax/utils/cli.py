@@ -228,8 +228,8 @@ def describe_flag_error(args: Sequence[str], err: Exception) -> str:
 
 def explain_flag_error(args: Sequence[str], err: Exception) -> tuple[str | None, str]:
     """`(culprit, reason)`: the flag or override of `args` that made loading the config files
-    fail (None when none can be named) and why, in words (a grid sweep's missing `num_trials`,
-    a value given fields, a file without `get_config`)."""
+    fail (None when none can be named) and why, in words (a misspelt model_kwargs field, a
+    value given fields, a file without `get_config`)."""
     missing = _NO_GET_CONFIG.match(error_message(err)) if isinstance(err, AttributeError) else None
     if missing is not None:  # e.g. --config=<a helper module>, not a config file
         flag = missing.group(1)
@@ -253,13 +253,6 @@ def explain_flag_error(args: Sequence[str], err: Exception) -> tuple[str | None,
                                                              else "")
             if path == f"config.model_kwargs.{field}":
                 message += model_kwargs_hint(args)
-            elif path == "sweep.num_trials" and flag_value(args, "sweep.kind") == "random":
-                message += ("; --sweep.kind=random cannot add the field a random sweep needs: "
-                            "write kind='random' and num_trials in the sweep file (or drop "
-                            "--sweep.kind and pass --max_trials=N to run fewer grid points)")
-            elif path == "sweep.num_trials":  # a grid file: its size is fixed
-                message += ("; a grid sweep runs every combination of its values: pass "
-                            "--max_trials=N to run fewer (or set kind='random' in the file)")
     return culprit, message
 
 

@@ -85,21 +85,26 @@ def test_a_grids_num_trials_override_is_refused_before_training(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
         "value lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to "
-        "experiments.sweep (--array=... to launch.submit), or set kind='random' to sample "
-        "num_trials points.")
+        "experiments.sweep (--array=... to launch.submit), or sample num_trials points with a "
+        "random sweep (--sweep.kind=random, or kind='random' in the file).")
     assert "Trial 1/" not in result.stdout
     assert not (tmp_path / "sweep").exists()
 
 
 def test_the_example_grid_refuses_a_num_trials_override(tmp_path):
-    """The newcomer's command: the shipped grid file has no num_trials to override."""
+    """The newcomer's command on the shipped grid file, which sets no num_trials: it said "the
+    config has no field 'num_trials'", not the grid's size, unlike a file restating its size
+    (above); both now say the same."""
     lr_sweep = os.path.join(ROOT, "experiments", "sweeps", "lenet5_digits_lr.py")
     tiny = ["--config.num_train_steps=40", "--config.eval_every_steps=20"]  # if it trained
     result = subprocess.run(_command(lr_sweep, tmp_path / "sweep", *tiny, "--sweep.num_trials=2"),
                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: --sweep.num_trials=2 is invalid;") and "num_trials" in last
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
+        "value lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to "
+        "experiments.sweep (--array=... to launch.submit), or sample num_trials points with a "
+        "random sweep (--sweep.kind=random, or kind='random' in the file).")
     assert not (tmp_path / "sweep").exists()
 
 

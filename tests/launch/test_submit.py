@@ -169,15 +169,16 @@ def test_a_grids_num_trials_override_is_refused_not_ignored(tmp_path):
     assert refused.stderr.strip().splitlines()[-1] == (
         "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
         "value lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to "
-        "experiments.sweep (--array=... to launch.submit), or set kind='random' to sample "
-        "num_trials points.")
+        "experiments.sweep (--array=... to launch.submit), or sample num_trials points with a "
+        "random sweep (--sweep.kind=random, or kind='random' in the file).")
     assert "#SBATCH" not in refused.stdout
-    # The shipped example grid sets no num_trials, so the override has nothing to apply to.
+    # The shipped example grid sets no num_trials: it said "overrides='--sweep.num_trials=2' is
+    # invalid; ... the config has no field 'num_trials'", not the grid's size; now the same line.
     example = _submit(tmp_path, "--entry=sweep", f"--config={CONFIG}", f"--sweep={SWEEP}",
                       f"--workdir={tmp_path / 'example'}", "--dry_run", "--",
                       "--sweep.num_trials=2")
     assert example.returncode == 1
-    assert "overrides='--sweep.num_trials=2' is invalid" in example.stderr
+    assert example.stderr.strip().splitlines()[-1] == refused.stderr.strip().splitlines()[-1]
     assert "#SBATCH" not in example.stdout
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "example").exists()
 
@@ -392,14 +393,14 @@ def test_check_configs_unsets_a_field_with_none_like_the_entry_point(tmp_path):
 
 
 def test_a_grid_sweeps_num_trials_override_is_explained_as_the_sweep_command_does(tmp_path):
-    """It read "loading ... failed: 'num_trials'"; `experiments.sweep` explained it."""
+    """It read "loading ... failed: 'num_trials'", then "the config has no field 'num_trials'";
+    now the grid's size, as `experiments.sweep` says it."""
     spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 32), sweep=SWEEP,
                    workdir=str(tmp_path / "w"), nodes=1, gpus_per_node=1, submit_dir=str(ROOT),
                    overrides=("--sweep.num_trials=5",))
-    with pytest.raises(ValueError, match=r"^launch: overrides='--sweep.num_trials=5' is invalid; "
-                                         r"loading .* with it failed: the config has no field "
-                                         r"'num_trials'; a grid sweep runs every combination of "
-                                         r"its values: pass --max_trials=N"):
+    with pytest.raises(ValueError, match=r"^sweep: num_trials=5 is invalid; a grid has exactly 4 "
+                                         r"trials, the product of its value lists \(4\), so "
+                                         r"expected 4 or unset; to run fewer pass --max_trials=N"):
         check_configs(spec)
 
 

@@ -260,7 +260,8 @@ def _grid_config(num_trials="unset", **params):
     (2, {"optimizer.learning_rate": (0.003, 0.03, 0.3, 3.0)},
      "sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its value "
      "lists (4), so expected 4 or unset; to run fewer pass --max_trials=N to experiments.sweep "
-     "(--array=... to launch.submit), or set kind='random' to sample num_trials points."),
+     "(--array=... to launch.submit), or sample num_trials points with a random sweep "
+     "(--sweep.kind=random, or kind='random' in the file)."),
     (4, {"ema.decay": (None, 0.99), "seed": (0, 1, 2)},
      "sweep: num_trials=4 is invalid; a grid has exactly 6 trials, the product of its value "
      "lists (2 x 3 = 6), so expected 6 or unset;"),
@@ -438,8 +439,35 @@ def test_a_grid_file_switched_to_random_says_num_trials_must_be_set(tmp_path):
                     "    return c\n")
     sweep = load_files({"sweep": str(path)}, ["--sweep.kind=random"])["sweep"]
     _raises("sweep: num_trials=None is invalid; expected a positive integer: a random sweep "
-            "draws num_trials points; set num_trials = N in the sweep file "
-            "(--sweep.num_trials=N overrides a count the file sets).",
+            "draws num_trials points; set num_trials = N in the sweep file or pass "
+            "--sweep.num_trials=N.",
             lambda: sp.from_config(sweep))
     _raises("sweep: num_trials=None is invalid; expected a positive integer: a random sweep",
             sp.random, {"seed": (0, 1, 2)}, None)
+
+
+def test_a_grid_files_num_trials_override_names_its_size_and_switched_to_random_draws(tmp_path):
+    """A grid file without num_trials refused `--sweep.num_trials=N` as "the config has no field
+    'num_trials'" (a file restating its size got the grid's size instead), and so refused
+    `--sweep.kind=random --sweep.num_trials=N` too: the count of a random sweep of the grid's
+    values could only be written into the file."""
+    from cnnjax.launch.checks import load_files
+
+    path = tmp_path / "grid.py"
+    path.write_text("import ml_collections\nfrom cnnjax.tune.space import choice\n\n\n"
+                    "def get_config():\n"
+                    "    c = ml_collections.ConfigDict()\n    c.kind = 'grid'\n"
+                    "    c.parameters = (choice('seed', (0, 1, 2)),\n"
+                    "                    choice('global_batch_size', (16, 32)))\n"
+                    "    return c\n")
+    sweep = load_files({"sweep": str(path)}, ["--sweep.num_trials=4"])["sweep"]
+    _raises("sweep: num_trials=4 is invalid; a grid has exactly 6 trials, the product of its "
+            "value lists (3 x 2 = 6), so expected 6 or unset; to run fewer pass --max_trials=N to "
+            "experiments.sweep (--array=... to launch.submit), or sample num_trials points with "
+            "a random sweep (--sweep.kind=random, or kind='random' in the file).",
+            lambda: sp.from_config(sweep))
+    assert len(sp.from_config(load_files({"sweep": str(path)}, [])["sweep"]).trials) == 6
+    sweep = load_files({"sweep": str(path)}, ["--sweep.kind=random", "--sweep.num_trials=4",
+                                              "--sweep.seed=3"])["sweep"]
+    assert sp.from_config(sweep) == sp.random(
+        (sp.choice("seed", (0, 1, 2)), sp.choice("global_batch_size", (16, 32))), 4, seed=3)
