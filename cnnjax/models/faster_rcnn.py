@@ -372,8 +372,7 @@ class FasterRCNN(nn.Module):
         owner = f"{type(self).__name__}.loss"
         check_ground_truth(owner, images, gt_boxes, gt_labels, gt_valid, self.num_classes)
         image_size = tuple(images.shape[1:3])
-        check_anchors_fit(type(self).__name__, image_size, self.stride, self.anchor_ratios,
-                          self.anchor_scales)
+        self.check_training_size(image_size)
         rpn_key, roi_key = jax.random.split(sample_key(self, owner, "anchors and RoIs"))
         rpn = self.rpn(images, train)
         rpn_keys = jax.random.split(rpn_key, images.shape[0])
@@ -390,6 +389,13 @@ class FasterRCNN(nn.Module):
                  **head_loss(logits, deltas, targets)}
         loss = sum(terms.values())
         return loss, {"loss": loss, **terms}
+
+    def check_training_size(self, image_size: tuple[int, int]) -> None:
+        """The static check `loss` makes of `(height, width)` images (`check_anchors_fit`),
+        callable on the unbound model: the engine's `check_config` makes it before anything
+        compiles (`checks.check_training_size`)."""
+        check_anchors_fit(type(self).__name__, tuple(image_size), self.stride,
+                          self.anchor_ratios, self.anchor_scales)
 
     def detect(self, images: Array) -> Detections:
         """Boxes, scores, classes and validity `[N, max_detections, ...]` (eval mode)."""

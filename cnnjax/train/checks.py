@@ -182,3 +182,13 @@ def check_external_proposals(model: nn.Module, model_name: str, proposals: Any) 
         raise invalid("config", "data.proposals.method", proposals.method,
                       f"expected None for model {model_name!r}, which makes its own proposals "
                       "(external proposals feed the R-CNN, SPP-net and Fast R-CNN models)")
+
+
+def check_training_size(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """A detector's own static checks of its training images (`input_shape`, H, W, C), which
+    its `loss` makes when traced, i.e. in the first train step: e.g. Faster R-CNN's anchors,
+    none of which may fit inside the image (`FasterRCNN.check_training_size`). A detector
+    without such checks has no `check_training_size` method."""
+    check = getattr(model, "check_training_size", None)
+    if check is not None:
+        check(tuple(input_shape[:2]))

@@ -531,7 +531,8 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     Fields and values (`validate_config`), model name and task, dataset and `num_classes`,
     `num_devices` and batch divisibility over this host's devices (over several processes, that
     each one's shard of the train split holds its batch), `model_kwargs`, the input
-    resolution (an abstract trace, no compilation), the learning-rate schedule and optimizer, and
+    resolution (an abstract trace, no compilation) and a detector's own checks of its training
+    images (Faster R-CNN's anchors), the learning-rate schedule and optimizer, and
     `freeze`. Reads the dataset's metadata (cnnjax's offline datasets are generated on first
     use, as the run would) but builds no input pipeline, initializes no parameter and touches no
     workdir. Not checked: `init_from.workdir`'s and `distill.teacher_workdir`'s checkpoints (the
@@ -618,6 +619,7 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
 
         checks.check_external_proposals(model, config.model,
                                         proposal_spec(config.data.get("proposals")))
+        checks.check_training_size(model, image_shape)
 
     if schedule is None:
         schedule = build_schedule(config)

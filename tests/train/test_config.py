@@ -575,6 +575,29 @@ def test_yolo_loss_settings_in_model_kwargs_are_refused_by_check_config(monkeypa
         assert str(err.value) == message
 
 
+def test_faster_rcnn_anchors_that_fit_no_image_are_refused_by_check_config(monkeypatch):
+    """`--config.model_kwargs.anchor_scales=(500,)` on 64x64 scenes: no anchor lies inside the
+    image (the RPN would never train). FasterRCNN.loss refuses that when traced, which was in
+    the first train step, after the workdir was written and the init had compiled (80 s into
+    `experiments.train`, summary.json 'failed'); `check_config` now refuses it first."""
+    monkeypatch.undo()  # the real detection pipeline module, with its dataset info stubbed
+    from cnnjax.data import detection, pipeline
+    from experiments.configs import faster_rcnn_shapes
+
+    monkeypatch.setattr(detection, "get_dataset_info", lambda data: pipeline.DatasetInfo(
+        "shapes_multi", 4, (64, 64, 3), 4000, 500))
+    config = faster_rcnn_shapes.get_config()
+    config.model_kwargs.anchor_scales = (500.0,)
+    with pytest.raises(ValueError) as err:
+        check_config(config)
+    assert str(err.value) == (
+        "FasterRCNN: anchor_scales=(500.0,) is invalid; no anchor (anchor_ratios=(0.5, 1.0, "
+        "2.0), stride 8) lies inside the 64x64 image, and the RPN trains only on anchors inside "
+        "it, so its losses would stay 0; expected smaller anchor_scales or larger images.")
+    config.model_kwargs.anchor_scales = (7.0,)  # 56-px anchors fit the 64x64 scenes
+    check_config(config)
+
+
 @pytest.mark.parametrize("value", [None, float("nan"), -0.1])
 def test_label_smoothing_that_is_not_a_number_in_0_1_is_a_named_value_error(value):
     """A config file's `label_smoothing: null` failed with float()'s bare TypeError,
