@@ -117,6 +117,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     # is written, so the run holding it is left alone.
     check_directory_kind(workdir, "training run", "workdir")
     with directory_lock(workdir) if is_primary else contextlib.nullcontext():
+        # Again once held: a sweep holds the lock while it checks and writes sweep.json, so one
+        # started with this run on a new workdir has written it by now or is refused.
+        check_directory_kind(workdir, "training run", "workdir")
         return _train_and_evaluate(config, workdir, started, is_primary)
 
 

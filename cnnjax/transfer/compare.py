@@ -465,6 +465,8 @@ def run_transfer(
     sizes = plan.check_data()
     check_directory_kind(transfer_dir, "transfer comparison", "transfer_dir")
     with directory_lock(transfer_dir, "transfer_dir"):  # one driver per transfer_dir
+        # again: a sweep holds the lock while it checks and writes sweep.json (tune/sweep.py)
+        check_directory_kind(transfer_dir, "transfer comparison", "transfer_dir")
         return _run_plan(plan, transfer_dir, sizes, verbose)
 
 

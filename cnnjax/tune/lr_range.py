@@ -185,6 +185,8 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
     is_primary = jax.process_index() == 0
     flat = config_lib.flatten(run_config)
     with directory_lock(workdir) if is_primary else contextlib.nullcontext():
+        # again: a sweep holds the lock while it checks and writes sweep.json (tune/sweep.py)
+        check_directory_kind(workdir, "learning-rate range test", "workdir")
         finished = _finished_record(workdir, settings, flat)
         if finished is not None:
             logging.info("%s already holds this test (%s); nothing to do.", workdir,

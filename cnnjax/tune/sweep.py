@@ -246,11 +246,19 @@ def _prepare_sweep_dir(
     and the write run under `<sweep_dir>/sweep.lock` (a blocking flock, held for milliseconds),
     and a new sweep.json is created only where none exists (a hard link: atomic on a file
     system without flock too), so one driver writes it and the other is refused by
-    `check_sweep_dir` (or, the same sweep, goes on with it)."""
+    `check_sweep_dir` (or, the same sweep, goes on with it).
+
+    They also run holding `<sweep_dir>/run.lock`, which a tune, training run, transfer
+    comparison or LR range test holds from before it writes its marker to its end, and the
+    directory's kind is checked again there, as those commands check it once they hold the
+    lock: a sweep and one of them started together on a new directory both passed
+    `check_directory_kind` before either wrote its marker, and both ran there. Now the one
+    that comes second is refused (the directory is in use, or holds the other's marker)."""
     check_sweep_dir(sweep_dir, space, base_config, metric, mode)  # refused: nothing created
     os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
     path = os.path.join(sweep_dir, SWEEP_FILE)
-    with waiting_lock(os.path.join(sweep_dir, SWEEP_LOCK)):
+    with waiting_lock(os.path.join(sweep_dir, SWEEP_LOCK)), directory_lock(sweep_dir, "sweep_dir"):
+        check_directory_kind(sweep_dir, "sweep", "sweep_dir")  # again, now that it is held
         current = check_sweep_dir(sweep_dir, space, base_config, metric, mode)
         text = json.dumps(current, indent=2)
         if not os.path.exists(path):

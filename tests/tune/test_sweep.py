@@ -1,6 +1,7 @@
 """run_sweep with the real engine: ranking, divergence and failures recorded, per-trial resume,
 one trial alone (array task), and refusal of a sweep_dir made by a different sweep."""
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -666,3 +667,92 @@ def test_a_changed_space_is_refused_naming_only_the_fields_that_differ(tmp_path,
             sw.run_sweep(_tiny_base(), space, random_dir, max_trials=0, verbose=False)
         assert str(err.value) == (f"sweep: sweep_dir={random_dir!r} holds a different search "
                                   f"space ({differences}){fresh}")
+
+
+
+class _StopError(Exception):
+    """Ends a command right after it wrote its directory's marker file."""
+
+
+def _other_commands(monkeypatch, base, directory):
+    """`{kind: command}` of a tune and a training run on `directory`, each ending with `_StopError`
+    once it has written its marker (tune.json, config.json)."""
+    from cnnjax.train import loop
+    from cnnjax.tune import recipe as rc
+
+    def stop(*args, **kwargs):
+        raise _StopError
+
+    prepare = loop._Run.prepare_workdir
+
+    def prepare_then_stop(self):
+        prepare(self)
+        raise _StopError
+
+    monkeypatch.setattr(rc, "run_sweep", stop)  # the tune's first round
+    monkeypatch.setattr(loop._Run, "prepare_workdir", prepare_then_stop)
+    return {"tune": (rc, lambda: rc.run_tune(base, rc.Recipe(num_lrs=2), directory,
+                                             verbose=False)),
+            "training run": (loop, lambda: loop.train_and_evaluate(base, directory))}
+
+
+@pytest.mark.parametrize("other", ["tune", "training run"])
+def test_a_sweep_and_another_command_started_together_on_a_new_dir_are_not_both_run(
+        tmp_path, monkeypatch, other):
+    """Each command checked the directory's kind (`check_directory_kind`) before any lock, so a
+    sweep and a tune (or a training run) started together on one new directory both passed the
+    check before either wrote its marker, and the directory held sweep.json and tune.json (or
+    config.json), their outputs mixed. Each order of events, played out in turn: the command
+    that comes second is refused and only the first one's marker is written."""
+    helpers.install_fake_pipeline(monkeypatch)
+    base = _tiny_base()
+    check = files.check_directory_kind
+    markers = {"sweep.json", "tune.json", "config.json"}
+
+    def sweep(directory):
+        return sw.run_sweep(base, sp.grid({"seed": (0,)}), directory, max_trials=0,
+                            verbose=False)
+
+    def then(command, module):
+        """`module`'s kind check, with `command` run to its end once the first check passed."""
+        ran = []
+
+        def check_then_run(path, kind, flag):
+            check(path, kind, flag)
+            if not ran:
+                ran.append(True)
+                with contextlib.suppress(_StopError):
+                    command()
+        monkeypatch.setattr(module, "check_directory_kind", check_then_run)
+
+    # 1. The other command passed its check, then a whole sweep ran before it went on.
+    first = str(tmp_path / "sweep_first")
+    module, command = _other_commands(monkeypatch, base, first)[other]
+    then(lambda: sweep(first), module)
+    with pytest.raises(ValueError, match=rf"it holds a sweep \(sweep.json\), not a {other}"):
+        command()
+    assert markers & set(os.listdir(first)) == {"sweep.json"}
+    monkeypatch.setattr(module, "check_directory_kind", check)
+
+    # 2. The sweep passed its check, then the other command wrote its marker.
+    second = str(tmp_path / "other_first")
+    module, command = _other_commands(monkeypatch, base, second)[other]
+    then(command, sw)
+    with pytest.raises(ValueError, match=rf"it holds a {other} \(\w+.json\), not a sweep"):
+        sweep(second)
+    assert markers & set(os.listdir(second)) == {"tune.json" if other == "tune" else "config.json"}
+    monkeypatch.setattr(sw, "check_directory_kind", check)
+
+
+def test_a_sweep_is_refused_a_dir_another_command_holds_before_its_marker(tmp_path,
+                                                                          monkeypatch):
+    """A tune, training run, transfer comparison or LR range test holds its directory's
+    run.lock from before it writes its marker (tune.json, config.json ...) to its end; the sweep
+    checked only the markers, so it took such a directory as new and wrote sweep.json there."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "shared")
+    with (helpers.locked_by_another_process(sweep_dir),
+          pytest.raises(ValueError, match=r"sweep_dir: .* is in use by another run")):
+        sw.run_sweep(_tiny_base(), sp.grid({"seed": (0,)}), sweep_dir, max_trials=0,
+                     verbose=False)
+    assert "sweep.json" not in os.listdir(sweep_dir)
