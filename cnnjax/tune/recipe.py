@@ -674,7 +674,8 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     _check_round(base_config, plan)  # the engine's checks (dataset, devices) on round 1
     check_directory_kind(tune_dir, "tune", "tune_dir")
     with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
-        check_directory_kind(tune_dir, "tune", "tune_dir")  # again: a sweep's since the first?
+        # again: a sweep holds the lock while it checks and writes sweep.json (tune/sweep.py)
+        check_directory_kind(tune_dir, "tune", "tune_dir")
         return _run_rounds(base_config, recipe, tune_dir, plan, verbose, diagnose_fn)
 
 
