@@ -17,15 +17,22 @@ Transforms:
   centred crop of the full short side with the aspect ratio clamped to 3/4-4/3.
 - eval `"resize"`: resize to `image_size` when it differs from the native size.
 - `"resize_center_crop"`: resize the shorter side to `round(image_size / crop_fraction)` (256 for
-  224 with the usual 0.875), then center-crop `image_size` x `image_size`, with torchvision's
-  `Resize` + `CenterCrop` sizes and offsets (the longer side truncated, offsets rounded).
+  224 with the usual 0.875; `crop_fraction` in (0, 1]), then center-crop `image_size` x
+  `image_size`, with torchvision's `Resize` + `CenterCrop` sizes and offsets (the longer side
+  truncated, offsets rounded).
+
+`DatasetPreset` checks every field when built (a ValueError naming it), before any tf.data map.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
-from cnnjax.utils.validation import invalid
+import numpy as np
+
+from cnnjax.utils.validation import check_number, invalid, is_integer
 
 TRAIN_AUGMENTATIONS = ("none", "pad_crop_flip", "random_resized_crop_flip")
 EVAL_TRANSFORMS = ("resize", "resize_center_crop")
@@ -67,13 +74,53 @@ class DatasetPreset:
         if self.eval_transform not in EVAL_TRANSFORMS:
             raise invalid(owner, "eval_transform", self.eval_transform,
                           f"expected one of {list(EVAL_TRANSFORMS)}")
-        channels = self.image_shape[2]
+        shape = self.image_shape
+        if (not isinstance(shape, tuple | list) or len(shape) != 3
+                or not all(v is None or (is_integer(v) and v > 0) for v in shape[:2])
+                or not (is_integer(shape[2]) and shape[2] > 0)):
+            raise invalid(owner, "image_shape", shape,
+                          "expected (height, width, channels): positive integers, height and "
+                          "width None for variable-size images")
+        channels = shape[2]
         if len(self.mean) != channels or len(self.std) != channels:
             raise invalid(owner, "mean/std", (self.mean, self.std),
                           f"expected {channels} values each (one per channel)")
-        if None in self.image_shape[:2] and self.default_image_size is None:
+        if not all(_finite(m) for m in self.mean):
+            raise invalid(owner, "mean", self.mean,
+                          f"expected {channels} finite numbers (per-channel means of [0, 1] "
+                          "pixels)")
+        if not all(_finite(s) and s > 0 for s in self.std):
+            raise invalid(owner, "std", self.std,
+                          f"expected {channels} finite numbers > 0 (per-channel standard "
+                          "deviations of [0, 1] pixels; the pipeline divides by them)")
+        for arg in ("num_classes", "shuffle_buffer"):
+            if not is_integer(getattr(self, arg)) or getattr(self, arg) <= 0:
+                raise invalid(owner, arg, getattr(self, arg), "expected a positive integer")
+        size = self.default_image_size
+        if size is not None and (not is_integer(size) or size <= 0):
+            raise invalid(owner, "default_image_size", size,
+                          "expected a positive integer, or None for fixed-size images")
+        if None in shape[:2] and size is None:
             raise invalid(owner, "default_image_size", None,
                           "variable-size datasets need a default image size")
+        if not is_integer(self.crop_padding) or self.crop_padding < 0:
+            raise invalid(owner, "crop_padding", self.crop_padding,
+                          "expected an integer >= 0 (zero pixels padded per side before "
+                          "pad_crop_flip's random crop)")
+        # Above 1 the resized shorter side, round(size / crop_fraction), is shorter than the
+        # crop (torchvision's CenterCrop would pad it with zeros).
+        check_number(owner, "crop_fraction", self.crop_fraction,
+                     "expected a number in (0, 1] (the eval centre crop's share of the resized "
+                     "shorter side, 0.875 for 224 of 256)", low=0.0, high=1.0, low_open=True,
+                     strings=False)
+        if not isinstance(self.cache, bool):
+            raise invalid(owner, "cache", self.cache, "expected True or False")
+
+
+def _finite(value: object) -> bool:
+    """A real number (not a bool), not NaN or infinite."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+            and math.isfinite(value))
 
 
 PRESETS: dict[str, DatasetPreset] = {

@@ -97,6 +97,46 @@ def test_preset_validation_errors():
         DatasetPreset(**base | {"image_shape": (None, None, 1)})
 
 
+_NAN = float("nan")
+
+
+@pytest.mark.parametrize("field, value, valid", [
+    ("crop_fraction", 0.0, r"expected a number in \(0, 1\]"),
+    ("crop_fraction", -0.5, r"expected a number in \(0, 1\]"),
+    ("crop_fraction", _NAN, r"expected a number in \(0, 1\]"),
+    ("crop_fraction", 1.5, r"expected a number in \(0, 1\]"),
+    ("crop_fraction", "0.875", r"expected a number in \(0, 1\]"),
+    ("crop_padding", -1, r"expected an integer >= 0"),
+    ("crop_padding", 1.5, r"expected an integer >= 0"),
+    ("default_image_size", 0, r"expected a positive integer"),
+    ("default_image_size", "224", r"expected a positive integer"),
+    ("num_classes", 0, r"expected a positive integer"),
+    ("shuffle_buffer", -1, r"expected a positive integer"),
+    ("std", (0.0,), r"expected 1 finite numbers > 0"),
+    ("std", (-0.2,), r"expected 1 finite numbers > 0"),
+    ("mean", (_NAN,), r"expected 1 finite numbers"),
+    ("image_shape", (0, 8, 1), r"expected \(height, width, channels\)"),
+    ("image_shape", (8, 8), r"expected \(height, width, channels\)"),
+    ("cache", 1, r"expected True or False"),
+])
+def test_preset_numeric_fields_are_checked(field, value, valid):
+    """Only the transform names, the mean/std lengths and a variable size's default were checked:
+    crop_fraction=0 passed and failed inside the tf.data map (ZeroDivisionError), std=0 gave
+    inf images, crop_padding=-1 failed in tf.pad, image_shape=(8, 8) raised IndexError."""
+    base = dict(name="x", tfds_name="x", num_classes=2, image_shape=(8, 8, 1),
+                train_split="train", eval_split="test", mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match=rf"^DatasetPreset\('x'\): {field}={re.escape(repr(value))}"
+                                         rf" is invalid; {valid}"):
+        DatasetPreset(**base | {field: value})
+
+
+def test_every_preset_passes_the_field_checks():
+    for name in list_datasets():
+        preset = get_preset(name)
+        fields = {f: getattr(preset, f) for f in preset.__dataclass_fields__}
+        assert DatasetPreset(**fields) == preset
+
+
 def test_digits_statistics_match_its_train_split(digits_dir):
     builder = tfds.builder("digits", data_dir=digits_dir)
     train = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1))["image"]
