@@ -68,12 +68,8 @@ class DatasetPreset:
 
     def __post_init__(self) -> None:
         owner = f"DatasetPreset({self.name!r})"
-        if self.train_augmentation not in TRAIN_AUGMENTATIONS:
-            raise invalid(owner, "train_augmentation", self.train_augmentation,
-                          f"expected one of {list(TRAIN_AUGMENTATIONS)}")
-        if self.eval_transform not in EVAL_TRANSFORMS:
-            raise invalid(owner, "eval_transform", self.eval_transform,
-                          f"expected one of {list(EVAL_TRANSFORMS)}")
+        check_transform_fields(owner, self.train_augmentation, self.eval_transform,
+                               self.crop_padding, self.crop_fraction)
         shape = self.image_shape
         if (not isinstance(shape, tuple | list) or len(shape) != 3
                 or not all(v is None or (is_integer(v) and v > 0) for v in shape[:2])
@@ -103,18 +99,30 @@ class DatasetPreset:
         if None in shape[:2] and size is None:
             raise invalid(owner, "default_image_size", None,
                           "variable-size datasets need a default image size")
-        if not is_integer(self.crop_padding) or self.crop_padding < 0:
-            raise invalid(owner, "crop_padding", self.crop_padding,
-                          "expected an integer >= 0 (zero pixels padded per side before "
-                          "pad_crop_flip's random crop)")
-        # Above 1 the resized shorter side, round(size / crop_fraction), is shorter than the
-        # crop (torchvision's CenterCrop would pad it with zeros).
-        check_number(owner, "crop_fraction", self.crop_fraction,
-                     "expected a number in (0, 1] (the eval centre crop's share of the resized "
-                     "shorter side, 0.875 for 224 of 256)", low=0.0, high=1.0, low_open=True,
-                     strings=False)
         if not isinstance(self.cache, bool):
             raise invalid(owner, "cache", self.cache, "expected True or False")
+
+
+def check_transform_fields(owner: str, train_augmentation: str, eval_transform: str,
+                           crop_padding: int, crop_fraction: float) -> None:
+    """The transform settings a `DatasetPreset` and `transforms.Transforms` share, else a
+    ValueError naming `owner` and the field."""
+    if train_augmentation not in TRAIN_AUGMENTATIONS:
+        raise invalid(owner, "train_augmentation", train_augmentation,
+                      f"expected one of {list(TRAIN_AUGMENTATIONS)}")
+    if eval_transform not in EVAL_TRANSFORMS:
+        raise invalid(owner, "eval_transform", eval_transform,
+                      f"expected one of {list(EVAL_TRANSFORMS)}")
+    if not is_integer(crop_padding) or crop_padding < 0:
+        raise invalid(owner, "crop_padding", crop_padding,
+                      "expected an integer >= 0 (zero pixels padded per side before "
+                      "pad_crop_flip's random crop)")
+    # Above 1 the resized shorter side, round(size / crop_fraction), is shorter than the crop
+    # (torchvision's CenterCrop would pad it with zeros).
+    check_number(owner, "crop_fraction", crop_fraction,
+                 "expected a number in (0, 1] (the eval centre crop's share of the resized "
+                 "shorter side, 0.875 for 224 of 256)", low=0.0, high=1.0, low_open=True,
+                 strings=False)
 
 
 def _finite(value: object) -> bool:

@@ -46,6 +46,14 @@ class Transforms:
     randaugment_magnitude: float = 9.0
     grey_to_rgb: bool = False
 
+    def __post_init__(self) -> None:
+        presets.check_transform_fields("Transforms", self.train_augmentation,
+                                       self.eval_transform, self.crop_padding,
+                                       self.crop_fraction)
+        randaugment.check_randaugment("Transforms", self.randaugment_layers,
+                                      self.randaugment_magnitude, layers_arg="randaugment_layers",
+                                      magnitude_arg="randaugment_magnitude")
+
     def normalize(self, image: tf.Tensor) -> tf.Tensor:
         """Pixels in [0, 1] (any leading axes) to what the model sees: minus mean, over std."""
         return (image - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
@@ -123,7 +131,7 @@ def _center_crop_geometry(hw: tf.Tensor, size: int,
     short, long = tf.reduce_min(hw), tf.reduce_max(hw)
     new_long = resize_to * long // short  # exact integer floor of n * long / short
     new_hw = tf.where(hw == short, resize_to, new_long)  # a square image: both sides n
-    new_hw = tf.maximum(new_hw, size)  # only binds for a crop_fraction > 1 (no preset has one)
+    new_hw = tf.maximum(new_hw, size)  # never binds: crop_fraction <= 1 (check_transform_fields)
     excess = new_hw - size
     half = excess // 2
     top_left = half + (excess % 2) * (half % 2)  # round(excess / 2), ties to the even one

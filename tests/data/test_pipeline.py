@@ -529,6 +529,26 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
                                 "shard": (0, 1)})]
 
 
+@pytest.mark.parametrize("field, value, valid", [
+    ("train_augmentation", "pad_crop", r"expected one of \['none', 'pad_crop_flip'"),
+    ("eval_transform", "resize_centre_crop", r"expected one of \['resize', 'resize_center_crop'"),
+    ("crop_padding", -2, r"expected an integer >= 0"),
+    ("crop_fraction", 0.0, r"expected a number in \(0, 1\]"),
+    ("randaugment_layers", 11, r"expected an integer in \[0, 10\]"),
+    ("randaugment_magnitude", -1.0, r"expected a number in \[0, 10\]"),
+])
+def test_transforms_fields_are_checked(field, value, valid):
+    """A misspelt augmentation fell through `train`'s else branch to the Inception crop, and a
+    misspelt eval transform to a plain resize, silently; crop_fraction=0 raised
+    ZeroDivisionError inside the map."""
+    fields = dict(out_shape=(8, 8, 3), native_hw=(8, 8), mean=(0.0,) * 3, std=(1.0,) * 3,
+                  train_augmentation="none", eval_transform="resize", crop_padding=0,
+                  crop_fraction=1.0)
+    with pytest.raises(ValueError, match=rf"^Transforms: {field}={re.escape(repr(value))} is "
+                                         rf"invalid; {valid}"):
+        Transforms(**fields | {field: value})
+
+
 # ------------------------------------------------------------------------------ RandAugment
 # `Transforms.train` digests recorded with the code before RandAugment existed (no resize in
 # either case, so the bytes only depend on exact elementwise float ops and the stateless draws).
