@@ -24,7 +24,6 @@ from absl import app, flags, logging  # noqa: E402
 
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
-    end_command,
     exit_on_ctrl_c,
     parse_flags,
     start_command,
@@ -107,7 +106,6 @@ def main(argv: list[str]) -> None:
         logging.info("An earlier invocation's traceback is kept as %s.", kept)
     if index == 0:
         _print_summary(summary)
-    end_command()  # the exit need not walk TF's, JAX's and orbax's objects again (~2 s CPU)
 
 
 def _interrupted_message(workdir: str) -> str:

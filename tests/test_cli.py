@@ -201,6 +201,44 @@ def test_a_command_ends_by_finalizing_its_garbage_and_freezing_the_rest():
     assert result.stdout.splitlines() == ["finalized dropped", "frozen kept False True"]
 
 
+# An exit handler registered before the command starts runs after those registered later.
+_STARTED_COMMAND = """
+import atexit, gc
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0, flush=True))
+from cnnjax.utils import cli
+cli.start_command(["prog"])
+cli.start_command(["prog"])  # a second command in one process: still one handler
+print("started", gc.get_freeze_count(), flush=True)
+"""
+
+
+def test_a_started_command_ends_its_process_with_end_command():
+    """start_command registers end_command at exit, so every command's exit (evaluate, sweep,
+    tune, ... as well as train, on success or error) skips the walk over what is alive."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _STARTED_COMMAND], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["started 0", "frozen at exit: True"]
+
+
+def test_a_command_that_loaded_triton_is_not_frozen_as_it_ends():
+    """torchvision imports triton, whose nanobind bindings print ~100 lines of "nanobind: leaked
+    ..." at exit for each of their objects still alive then, frozen ones included."""
+    pytest.importorskip("torchvision")
+    import subprocess
+    import sys
+
+    script = "import torchvision\n" + _STARTED_COMMAND
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["started 0", "frozen at exit: False"]
+    assert "leaked" not in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("err, line", [
     (ValueError("robustness: seed=-1 is invalid; expected a non-negative integer"),
      "error: robustness: seed=-1 is invalid; expected a non-negative integer"),

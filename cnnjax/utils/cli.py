@@ -7,12 +7,14 @@ one of them (an unknown flag, with absl's suggestion; a bad value; a missing req
 config file's error) into one `error: ...` line naming the flag, and `define_config_file` does
 the same for the errors raised while a default config file loads (at definition). Every other
 bad input to cnnjax's commands gets that line too: `start_command` begins a `main`, and
-`one_line_errors` ends the command on the errors of its work with it. `end_command` ends a
-`main` whose work is done, sparing the interpreter's exit a walk over everything still alive.
+`one_line_errors` ends the command on the errors of its work with it. `end_command`, which
+`start_command` registers to run at exit, spares the interpreter's exit a walk over everything
+still alive.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -384,8 +386,12 @@ def error_message(err: Exception) -> str:
 
 def start_command(argv: list[str]) -> None:
     """Refuses positional arguments (`argv` is absl's, program name first) in one `error:` line,
-    where absl's `app.UsageError` printed the whole flag help above its message, and quiets
-    library logs: how every command's `main` begins."""
+    where absl's `app.UsageError` printed the whole flag help above its message, quiets
+    library logs, and has the process end with `end_command` (an exit handler registered now
+    runs after those TensorFlow, JAX and orbax register later): how every command's `main`
+    begins."""
+    atexit.unregister(end_command)  # once, however many commands one process starts
+    atexit.register(end_command)
     if len(argv) > 1:
         sys.exit(f"error: unexpected argument{'s' if len(argv) > 2 else ''} {argv[1:]} (flags "
                  "are written --name=value; --helpshort lists them)")
@@ -395,20 +401,23 @@ def start_command(argv: list[str]) -> None:
 
 
 def end_command() -> None:
-    """How a command's `main` ends once its work is done and its outputs are written and
-    closed: collects the garbage there is (finalizers run as usual), then freezes everything
-    still alive (`gc.freeze`), so that the interpreter's exit does not walk it again.
+    """How a command's process ends (`start_command` registers it as an exit handler), its
+    work done and its outputs written and closed: collects the garbage there is (finalizers run
+    as usual), then freezes everything still alive (`gc.freeze`), so that the interpreter's
+    exit does not walk it again.
 
     Python's exit runs full collections. After make train they walked the ~580k objects that
     TensorFlow (with the keras it imports), JAX, tfds and orbax leave in ~5,000 modules, none of
     it garbage: 2.2-2.5 s of CPU after the last atexit handler, 0.25 s once frozen; the one
     collection here costs ~0.5 s (make train's last line to exit: median 4.4 -> 2.0 s at a
-    load of 10-12 on 2 cores). Library code never calls this: frozen objects are never
-    collected, so it is only for a process about to exit (a reference cycle left among them is
-    not finalized at exit, which Python does not promise anyway).
+    load of 10-12 on 2 cores). Only commands use it, through `start_command`: frozen objects
+    are never collected, so it is only for a process about to exit (a reference cycle left
+    among them is not finalized at exit, which Python does not promise anyway).
     """
     import gc
 
+    if "triton" in sys.modules:  # (torchvision imports it) its nanobind bindings would report
+        return  # each frozen object of theirs as a leak at exit, ~100 lines of "leaked ..."
     gc.collect()
     gc.freeze()
 
