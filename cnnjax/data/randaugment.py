@@ -139,6 +139,21 @@ def _check_static_range(arg: str, value: Any, low: int, high: int) -> None:
         raise invalid("randaugment", arg, static, f"expected an integer in [{low}, {high}]")
 
 
+def _check_static_finite(arg: str, value: Any) -> None:
+    """A ValueError if the scalar `value`, when known before the graph runs (a Python number or
+    a constant tensor), is NaN or infinite (PIL gives meaningless images for those: a NaN
+    rotation all fill, a NaN enhance factor all black)."""
+    static = tf.get_static_value(value) if tf.is_tensor(value) else value
+    if static is None or np.ndim(static):
+        return
+    try:
+        number = float(static)
+    except (TypeError, ValueError):
+        return  # not a number: TF's own cast reports it
+    if not math.isfinite(number):
+        raise invalid("randaugment", arg, number, "expected a finite number")
+
+
 def solarize(image: tf.Tensor, threshold: Any) -> tf.Tensor:
     """`ImageOps.solarize`: every pixel >= `threshold` (0..256) becomes 255 - pixel."""
     image = _checked(image)
@@ -159,6 +174,7 @@ def posterize(image: tf.Tensor, bits: Any) -> tf.Tensor:
 def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: Any) -> tf.Tensor:
     """PIL's `Image.blend(degenerate, image, factor)` on uint8: `d + factor * (x - d)` in
     float32, clipped to [0, 255] and truncated."""
+    _check_static_finite("factor", factor)
     d = tf.cast(degenerate, tf.float32)
     blended = d + tf.cast(factor, tf.float32) * (tf.cast(image, tf.float32) - d)
     return tf.cast(tf.clip_by_value(blended, 0.0, 255.0), tf.uint8)
@@ -213,6 +229,12 @@ def affine(image: tf.Tensor, matrix: Any) -> tf.Tensor:
     output pixel (x, y) (pixel-area coordinates, centres at i + 0.5) takes the input pixel
     under `(a x + b y + c, d x + e y + f)` for `matrix = (a, b, c, d, e, f)`; outside: grey."""
     image = _checked(image)
+    try:
+        entries = len(matrix)
+    except TypeError:
+        entries = None
+    if entries != 6:
+        raise invalid("randaugment", "matrix", matrix, "expected 6 numbers (a, b, c, d, e, f)")
     a, b, c, d, e, f = (tf.cast(v, tf.float64) for v in matrix)
     # PIL takes input pixel floor(q), q = A (x + 0.5) + t in area coordinates; TF takes
     # round(q') of its pixel-centre coordinate q' = A x + t', so t' = t + A (0.5, 0.5) - 0.5
@@ -236,6 +258,7 @@ def rotate(image: tf.Tensor, degrees: Any) -> tf.Tensor:
     """PIL's `image.rotate(degrees, NEAREST, fillcolor=128)`: counter-clockwise by `degrees`
     about the image centre, same size, corners filled with grey."""
     image = _checked(image)
+    _check_static_finite("degrees", degrees)
     h, w = _hw(image)
     radians = tf.cast(degrees, tf.float64) * (math.pi / 180.0)
     cos, sin = tf.cos(radians), tf.sin(radians)
@@ -246,21 +269,25 @@ def rotate(image: tf.Tensor, degrees: Any) -> tf.Tensor:
 
 def shear_x(image: tf.Tensor, shear: Any) -> tf.Tensor:
     """PIL AFFINE `(1, shear, 0, 0, 1, 0)` (timm's ShearX): row y shifts by `-shear * y`."""
+    _check_static_finite("shear", shear)
     return affine(image, (1.0, shear, 0.0, 0.0, 1.0, 0.0))
 
 
 def shear_y(image: tf.Tensor, shear: Any) -> tf.Tensor:
     """PIL AFFINE `(1, 0, 0, shear, 1, 0)` (timm's ShearY): column x shifts by `-shear * x`."""
+    _check_static_finite("shear", shear)
     return affine(image, (1.0, 0.0, 0.0, shear, 1.0, 0.0))
 
 
 def translate_x(image: tf.Tensor, pixels: Any) -> tf.Tensor:
     """Moves the content `pixels` (a float) to the right: PIL AFFINE `(1, 0, -pixels, 0, 1, 0)`."""
+    _check_static_finite("pixels", pixels)
     return affine(image, (1.0, 0.0, -tf.cast(pixels, tf.float64), 0.0, 1.0, 0.0))
 
 
 def translate_y(image: tf.Tensor, pixels: Any) -> tf.Tensor:
     """Moves the content `pixels` (a float) down: PIL AFFINE `(1, 0, 0, 0, 1, -pixels)`."""
+    _check_static_finite("pixels", pixels)
     return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, -tf.cast(pixels, tf.float64)))
 
 

@@ -360,3 +360,29 @@ def test_rand_augment_refuses_empty_images_whatever_the_draw(shape):
             ra.rand_augment(x, tf.constant([s, 1], tf.int64), 2, 9)
     with pytest.raises(ValueError, match=r"expected a non-empty"):
         ra.equalize(x)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: ra.rotate(x, float("nan")), r"degrees=nan"),
+    (lambda x: ra.rotate(x, float("inf")), r"degrees=inf"),
+    (lambda x: ra.shear_x(x, float("inf")), r"shear=inf"),
+    (lambda x: ra.shear_y(x, tf.constant(float("nan"))), r"shear=nan"),
+    (lambda x: ra.translate_x(x, float("nan")), r"pixels=nan"),
+    (lambda x: ra.translate_y(x, -float("inf")), r"pixels=-inf"),
+    (lambda x: ra.color(x, float("nan")), r"factor=nan"),
+    (lambda x: ra.contrast(x, float("inf")), r"factor=inf"),
+    (lambda x: ra.brightness(x, float("nan")), r"factor=nan"),
+    (lambda x: ra.sharpness(x, float("nan")), r"factor=nan"),
+])
+def test_known_non_finite_op_parameters_are_refused(call, message):
+    """PIL refuses none of these either, but its results are meaningless: a NaN rotation gave
+    an all-grey image (128) and a NaN colour factor an all-black one, without a word."""
+    with pytest.raises(ValueError, match=rf"^randaugment: {message} is invalid; expected a "
+                                         r"finite number"):
+        call(IMAGES["rgb0"])
+
+
+def test_affine_refuses_a_matrix_without_six_entries():
+    with pytest.raises(ValueError, match=r"^randaugment: matrix=\(1, 0, 0, 0, 1\) is invalid; "
+                                         r"expected 6 numbers \(a, b, c, d, e, f\)"):
+        ra.affine(IMAGES["rgb0"], (1, 0, 0, 0, 1))
