@@ -569,6 +569,16 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
             f"config: num_classes={num_classes!r} is invalid; dataset {data_info.name!r} has "
             f"{data_info.num_classes} classes (leave num_classes unset to use the dataset's)."
         )
+    if for_training and task == "classification" and data_info.num_classes < 2:
+        # One logit: log-softmax is 0, so the loss and its gradient are 0 for any weights
+        # (label smoothing and mixing too); the run would train nothing and report top-1 1.0.
+        classes = config.data.get("classes")
+        owner, field, value = (("data", "classes", tuple(classes)) if classes is not None
+                               else ("data", "name", data_info.name))
+        raise invalid(owner, field, value,
+                      f"a classifier needs at least 2 classes (softmax cross-entropy over one "
+                      f"class is 0 whatever the weights, so nothing would train); this keeps "
+                      f"{data_info.num_classes} class of {data_info.name!r}")
     if for_training and config.global_batch_size > data_info.num_train:  # full batches only
         raise ValueError(
             f"config: global_batch_size={config.global_batch_size!r} is invalid; expected at "

@@ -607,3 +607,24 @@ def test_label_smoothing_that_is_not_a_number_in_0_1_is_a_named_value_error(valu
     with pytest.raises(ValueError, match=r"^config: label_smoothing=.* is invalid; expected "
                                          r"0 <= label_smoothing < 1"):
         validate_config(config)
+
+
+def test_a_single_class_classifier_is_refused_before_compiling(tmp_path, monkeypatch):
+    """data.classes=(k,) left a one-class classifier: its softmax cross-entropy is 0 whatever the
+    weights (also with label smoothing or mixing), so the run trained nothing and reported top-1
+    1.0. Refused by check_config, the loop's pre-compilation check, naming data.classes; two
+    classes still train."""
+    monkeypatch.undo()  # the real pipeline: `digits` with a class subset
+    helpers.register_tiny_model(monkeypatch)
+    from experiments.configs import lenet5_digits
+
+    config = lenet5_digits.get_config()
+    config.data.classes = (3,)
+    message = ("data: classes=(3,) is invalid; a classifier needs at least 2 classes (softmax "
+               "cross-entropy over one class is 0 whatever the weights, so nothing would train)")
+    with pytest.raises(ValueError) as checked:
+        check_config(config)
+    assert message in str(checked.value)
+    _raises(config, tmp_path / "run", message)
+    config.data.classes = (3, 1)
+    assert check_config(config).data_info.num_classes == 2
