@@ -342,7 +342,8 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "conv3_3" in proc.stdout and "1x64x64x3" in proc.stdout
     assert "receptive field of the output" in proc.stdout
-    rows = list(csv.DictReader(out.open()))
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
     assert rows[-1]["name"] == "head" and rows[-1]["output_shape"] == "1x7"
 
     bad = subprocess.run(

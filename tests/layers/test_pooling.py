@@ -71,7 +71,7 @@ def _pool_reference(x, kernel, stride, padding, ceil_mode, mode, count_include_p
 
 
 def _adaptive_reference(x, out_size, mode):
-    x = x.astype(np.float64)
+    x = np.asarray(x, np.float64)  # a jax array's astype(float64) stays float32 without x64
     n, h, w, c = x.shape
     oh, ow = out_size
     out = np.zeros((n, oh, ow, c))

@@ -363,7 +363,7 @@ def test_forward_backward_jit_small_bottleneck_network():
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     (value, state), grads = loss_and_grad(variables["params"])
-    assert np.isfinite(float(value)) and float(optax.global_norm(grads)) > 0
+    assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
     old, new = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(state["batch_stats"])
     assert len(old) == 2 * (3 * 3 + 1)  # mean and var of 3 BNs in each of 3 blocks, bn_final

@@ -94,7 +94,7 @@ def _forward_backward(model, shape):
     loss, logits, grads = step(variables["params"], variables["batch_stats"])
     assert logits.shape == (shape[0], model.num_classes)
     assert np.isfinite(float(loss))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     assert np.isfinite(float(grad_norm)) and float(grad_norm) > 0
     # Every parameter gets a gradient of the right shape.
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
