@@ -6,11 +6,10 @@ Command (what `make train` runs):
 Model hyperparameters: `--config.model_kwargs.activation=relu` (also `subsampling`, `c3_table`;
 unset = the model's default).
 
-Expected (measured with `make train`, 2 CPU cores, load average ~2, JAX 0.10.2): 98.05% test
-top-1 (359 held-out scans; 97.8% already at step 100), final test loss 0.086; 24-32 s wall for
-the whole command (19-20 s inside the training loop, compilation included; ~4,700 train
-images/s; the rest is start-up and the interpreter's exit, which vary; cli.end_command
-since took ~1.5 s of CPU off the exit).
+Expected (measured with `make train`, 2 CPU cores, load average ~1, JAX 0.10.2): 98.05% test
+top-1 (359 held-out scans; 97.8% already at step 100), final test loss 0.086; 23-31 s wall for
+the whole command (19-21 s inside the training loop, compilation included; ~4,800 train
+images/s; the rest is start-up and the interpreter's exit, which vary).
 The first ever run also builds `digits` into the tfds data dir (~5 s).
 """
 
