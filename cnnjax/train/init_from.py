@@ -140,11 +140,12 @@ def check_exclude_names(exclude: tuple[str, ...], model: str, variable_shapes: M
 
 def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
                          exclude: tuple[str, ...], submodule: str | None, *, source_workdir: str,
-                         source_step: int, model: str) -> None:
+                         source_step: int, model: str, grey_to_rgb: bool = False) -> None:
     """A source whose input layer takes RGB images for grey data: a convolution kernel (4-D,
     `[h, w, in, out]`) the warm start would load, of 3 input channels in the source and 1 in the
     new model (all else equal), is a ValueError naming `data.grey_to_rgb`, which feeds grey
-    images as RGB (`select_pretrained` would only suggest excluding the layer)."""
+    images as RGB (`select_pretrained` would only suggest excluding the layer). So is the
+    converse, 1 in the source and 3 in a run with `grey_to_rgb` (a grey source: unset it)."""
     prefix = (submodule,) if submodule is not None else ()
     new_flat = flatten_dict(dict(variable_shapes.get("params") or {}))
     src_flat = flatten_dict(dict(source_shapes.get("params") or {}))
@@ -155,7 +156,17 @@ def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
         if src_path not in src_flat:
             continue
         new, src = tuple(leaf.shape), tuple(src_flat[src_path].shape)
-        if len(new) != 4 or new[2] != 1 or src != (*new[:2], 3, new[3]):
+        if len(new) != 4 or src[:2] + src[3:] != new[:2] + new[3:]:
+            continue
+        if (src[2], new[2]) == (3, 1):
+            why = ("the source's input layer takes 3-channel (RGB) images and this run's have 1 "
+                   "channel (grey); set data.grey_to_rgb=True to feed them as RGB (the channel "
+                   "repeated 3 times)")
+        elif (src[2], new[2]) == (1, 3) and grey_to_rgb:
+            why = ("the source's input layer takes 1-channel (grey) images and this run feeds "
+                   "its grey images as RGB (data.grey_to_rgb=True); set data.grey_to_rgb=False "
+                   "to feed them as the source saw them")
+        else:
             continue
         top = src_path[0] if len(src_path) > 1 else None
         name = "/".join(("params", *path))
@@ -163,10 +174,8 @@ def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
                         if top is not None else "")
         raise invalid("init_from", "workdir", source_workdir,
                       f"{name} has shape {src} in the checkpoint at step {source_step} of "
-                      f"{source_workdir!r} but {new} in the new model {model!r}: the source's "
-                      "input layer takes 3-channel (RGB) images and this run's have 1 channel "
-                      "(grey); set data.grey_to_rgb=True to feed them as RGB (the channel "
-                      f"repeated 3 times){exclude_hint}")
+                      f"{source_workdir!r} but {new} in the new model {model!r}: {why}"
+                      f"{exclude_hint}")
 
 
 def _frozen(fresh: list[str], variable_shapes: Mapping, freeze: str | None) -> list[str]:
@@ -218,7 +227,8 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
                                         source_shapes)
         check_input_channels(variable_shapes, source_shapes, tuple(init_from.exclude),
                              init_from.get("submodule"), source_workdir=source.workdir,
-                             source_step=step, model=config.model)
+                             source_step=step, model=config.model,
+                             grey_to_rgb=bool(config.data.get("grey_to_rgb", False)))
         selected = select_pretrained(
             variable_shapes,
             source_shapes,

@@ -885,3 +885,35 @@ def test_an_rgb_source_for_grey_data_suggests_grey_to_rgb(tmp_path, monkeypatch)
         "as RGB (the channel repeated 3 times), or add 'conv' to init_from.exclude to train "
         "that layer from scratch.",
     )
+
+
+def test_a_grey_source_for_grey_data_fed_as_rgb_suggests_unsetting_grey_to_rgb(
+        tmp_path, monkeypatch):
+    """The converse: a source trained on the grey images (a 1-channel input layer) and a run
+    that feeds them as RGB (data.grey_to_rgb=True): the error names data.grey_to_rgb (it
+    suggested only init_from.exclude, which would drop the first layer's trained weights)."""
+    source = tmp_path / "source"
+    params, stats = _tiny_variables()
+    assert params["conv"]["kernel"].shape == (3, 3, 1, 4)  # takes grey images
+    _handmade_source(source, helpers.TINY_MODEL, params, stats)
+    import cnnjax.data
+
+    fake, grey_info = cnnjax.data.pipeline, cnnjax.data.pipeline.get_dataset_info
+
+    def info(data_config):  # as the real pipeline's: grey images fed as RGB have 3 channels
+        grey = grey_info(data_config)
+        return helpers.DatasetInfo(grey.name, grey.num_classes, (*grey.image_shape[:2], 3),
+                                   grey.num_train, grey.num_eval)
+
+    monkeypatch.setattr(fake, "get_dataset_info", info)
+    config = _fine_tune_config(str(source))
+    config.data.grey_to_rgb = True
+    _raises(
+        config, tmp_path / "run", monkeypatch,
+        f"init_from: workdir={str(source)!r} is invalid; params/conv/kernel has shape "
+        f"(3, 3, 1, 4) in the checkpoint at step 3 of {str(source)!r} but (3, 3, 3, 4) in the "
+        f"new model '{helpers.TINY_MODEL}': the source's input layer takes 1-channel (grey) "
+        "images and this run feeds its grey images as RGB (data.grey_to_rgb=True); set "
+        "data.grey_to_rgb=False to feed them as the source saw them, or add 'conv' to "
+        "init_from.exclude to train that layer from scratch.",
+    )
