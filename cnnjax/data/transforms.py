@@ -126,12 +126,12 @@ def _center_crop_geometry(hw: tf.Tensor, size: int,
 
     `Resize(n)` makes the shorter side n and the longer `int(n * long / short)` (truncated);
     `CenterCrop` starts at `int(round((side - size) / 2))` (Python's round: half to even).
+    With `crop_fraction` in (0, 1] (`Transforms` checks it) both resized sides are >= `size`.
     """
     resize_to = int(round(size / crop_fraction))
     short, long = tf.reduce_min(hw), tf.reduce_max(hw)
     new_long = resize_to * long // short  # exact integer floor of n * long / short
     new_hw = tf.where(hw == short, resize_to, new_long)  # a square image: both sides n
-    new_hw = tf.maximum(new_hw, size)  # never binds: crop_fraction <= 1 (check_transform_fields)
     excess = new_hw - size
     half = excess // 2
     top_left = half + (excess % 2) * (half % 2)  # round(excess / 2), ties to the even one
