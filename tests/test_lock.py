@@ -127,3 +127,41 @@ def test_a_directory_that_cannot_be_written_is_a_clear_error_naming_the_flag(tmp
         pass
     assert isinstance(err.value, ValueError)
     assert lock._held == {}
+
+
+def test_kind_refuses_another_commands_directory_before_creating_anything(tmp_path):
+    (tmp_path / "sweep.json").write_text("{}")
+    with (pytest.raises(ValueError, match=r"^sweep_dir=.* it holds a sweep \(sweep.json\), not a "
+                                          r"training run: use a new directory\.$"),
+          directory_lock(str(tmp_path), "sweep_dir", kind="training run")):
+        pass
+    assert not (tmp_path / lock.LOCK_FILE).exists()  # refused before the lock file was made
+
+
+def test_kind_is_checked_again_once_the_lock_is_held(tmp_path, monkeypatch):
+    """A marker written between the first check and the lock (by a sweep holding the lock while
+    it writes sweep.json, say) is seen by the second check, made while holding it."""
+    check = lock.check_directory_kind
+    calls = []
+
+    def check_then_write_marker(path, kind, flag):
+        check(path, kind, flag)
+        calls.append(kind)
+        if len(calls) == 1:
+            (tmp_path / "tune.json").write_text("{}")
+
+    monkeypatch.setattr(lock, "check_directory_kind", check_then_write_marker)
+    with (pytest.raises(ValueError, match=r"it holds a tune \(tune.json\), not a training run"),
+          directory_lock(str(tmp_path), kind="training run")):
+        pass
+    assert calls == ["training run"]  # the second call raised
+    assert _can_lock_from_another_process(tmp_path) and lock._held == {}
+
+
+def test_hold_false_checks_the_kind_but_takes_no_lock(tmp_path):
+    with locked_by_another_process(tmp_path), directory_lock(str(tmp_path), hold=False):
+        pass  # a multi-host run's other processes leave the directory to process 0
+    (tmp_path / "tune.json").write_text("{}")
+    with (pytest.raises(ValueError, match=r"holds a tune"),
+          directory_lock(str(tmp_path), kind="training run", hold=False)):
+        pass

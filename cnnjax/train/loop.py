@@ -60,7 +60,7 @@ from cnnjax.train.step import (
     make_steps,
     proposal_kwargs,
 )
-from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, write_json
+from cnnjax.utils.files import atomic_write, read_json, write_json
 from cnnjax.utils.lock import directory_lock
 
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
@@ -115,11 +115,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     is_primary = jax.process_index() == 0
     # Process 0 owns the workdir; a busy one is refused before anything (summary.json included)
     # is written, so the run holding it is left alone.
-    check_directory_kind(workdir, "training run", "workdir")
-    with directory_lock(workdir) if is_primary else contextlib.nullcontext():
-        # Again once held: a sweep holds the lock while it checks and writes sweep.json, so one
-        # started with this run on a new workdir has written it by now or is refused.
-        check_directory_kind(workdir, "training run", "workdir")
+    with directory_lock(workdir, kind="training run", hold=is_primary):
         return _train_and_evaluate(config, workdir, started, is_primary)
 
 

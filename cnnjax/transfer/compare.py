@@ -56,7 +56,7 @@ from cnnjax.tune.sweep import (
     trial_workdir,
 )
 from cnnjax.tune.sweep import failure_message as sweep_failure_message
-from cnnjax.utils.files import atomic_write, check_directory_kind, read_json, save_figure
+from cnnjax.utils.files import atomic_write, read_json, save_figure
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import invalid
 
@@ -463,10 +463,7 @@ def run_transfer(
     plan = TransferPlan(source_config, target_config, transfer_dir, budget_field, budgets, arms,
                         seeds, arm_overrides, metric)
     sizes = plan.check_data()
-    check_directory_kind(transfer_dir, "transfer comparison", "transfer_dir")
-    with directory_lock(transfer_dir, "transfer_dir"):  # one driver per transfer_dir
-        # again: a sweep holds the lock while it checks and writes sweep.json (tune/sweep.py)
-        check_directory_kind(transfer_dir, "transfer comparison", "transfer_dir")
+    with directory_lock(transfer_dir, "transfer_dir", kind="transfer comparison"):
         return _run_plan(plan, transfer_dir, sizes, verbose)
 
 

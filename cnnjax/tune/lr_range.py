@@ -23,7 +23,6 @@ workdir is refused.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -43,7 +42,7 @@ from cnnjax.train.preemption import StopRequest, TrainingInterrupted
 from cnnjax.train.state import warm_start
 from cnnjax.train.step import BATCH_STATS_FINITE, PARAMS_FINITE
 from cnnjax.tune.space import apply_overrides
-from cnnjax.utils.files import check_directory_kind, read_json, save_figure, write_json
+from cnnjax.utils.files import read_json, save_figure, write_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_number, check_positive_float, invalid
 
@@ -181,12 +180,9 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
     teacher = None  # config.distill's teacher, checked like the engine checks it
     if distill_lib.distill_settings(run_config) is not None:
         teacher = distill_lib.load_teacher(run_config, checked.data_info)
-    check_directory_kind(workdir, "learning-rate range test", "workdir")
     is_primary = jax.process_index() == 0
     flat = config_lib.flatten(run_config)
-    with directory_lock(workdir) if is_primary else contextlib.nullcontext():
-        # again: a sweep holds the lock while it checks and writes sweep.json (tune/sweep.py)
-        check_directory_kind(workdir, "learning-rate range test", "workdir")
+    with directory_lock(workdir, kind="learning-rate range test", hold=is_primary):
         finished = _finished_record(workdir, settings, flat)
         if finished is not None:
             logging.info("%s already holds this test (%s); nothing to do.", workdir,

@@ -97,7 +97,7 @@ from cnnjax.tune.sweep import (
     trial_configs,
 )
 from cnnjax.tune.sweep import interruption_message as sweep_interruption_message
-from cnnjax.utils.files import atomic_write, check_directory_kind, read_json
+from cnnjax.utils.files import atomic_write, read_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_bool, check_choice, invalid
 
@@ -672,10 +672,7 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     """
     recipe, plan = check_tune(base_config, recipe)
     _check_round(base_config, plan)  # the engine's checks (dataset, devices) on round 1
-    check_directory_kind(tune_dir, "tune", "tune_dir")
-    with directory_lock(tune_dir, "tune_dir"):  # one driver per tune_dir
-        # again: a sweep holds the lock while it checks and writes sweep.json (tune/sweep.py)
-        check_directory_kind(tune_dir, "tune", "tune_dir")
+    with directory_lock(tune_dir, "tune_dir", kind="tune"):  # one driver per tune_dir
         return _run_rounds(base_config, recipe, tune_dir, plan, verbose, diagnose_fn)
 
 

@@ -257,8 +257,8 @@ def _prepare_sweep_dir(
     check_sweep_dir(sweep_dir, space, base_config, metric, mode)  # refused: nothing created
     os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
     path = os.path.join(sweep_dir, SWEEP_FILE)
-    with waiting_lock(os.path.join(sweep_dir, SWEEP_LOCK)), directory_lock(sweep_dir, "sweep_dir"):
-        check_directory_kind(sweep_dir, "sweep", "sweep_dir")  # again, now that it is held
+    with (waiting_lock(os.path.join(sweep_dir, SWEEP_LOCK)),
+          directory_lock(sweep_dir, "sweep_dir", kind="sweep")):
         current = check_sweep_dir(sweep_dir, space, base_config, metric, mode)
         text = json.dumps(current, indent=2)
         if not os.path.exists(path):

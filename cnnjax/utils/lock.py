@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from cnnjax.utils.files import check_output_dir
+from cnnjax.utils.files import check_directory_kind, check_output_dir
 
 LOCK_FILE = "run.lock"
 
@@ -66,13 +66,35 @@ def _holder(lock_path: str) -> str:
 
 
 @contextlib.contextmanager
-def directory_lock(path: str, flag: str = "workdir") -> Iterator[None]:
+def directory_lock(path: str, flag: str = "workdir", *, kind: str | None = None,
+                   hold: bool = True) -> Iterator[None]:
     """Holds the exclusive lock on `<path>/run.lock` (creating `path`) for the block.
 
     Raises `DirectoryInUseError` (naming `flag`, the path and the holder) if another process
     holds it, and `DirectoryNotWritableError` if the directory or its lock file cannot be
     created (e.g. a read-only file system). Re-entrant within a process.
+
+    With `kind` (a key of `files.DIRECTORY_MARKERS`, e.g. "training run") a directory holding
+    another command's outputs is refused, before anything is created and again once the lock
+    is held: commands write their marker holding the lock, so of two started together on a new
+    directory (a sweep and a training run) the second sees the first's marker or is refused.
+    `hold=False` (a multi-host run's other processes, which leave the directory to process 0)
+    only checks the kind.
     """
+    if kind is not None:
+        check_directory_kind(path, kind, flag)
+    if not hold:
+        yield
+        return
+    with _locked(path, flag):
+        if kind is not None:
+            check_directory_kind(path, kind, flag)
+        yield
+
+
+@contextlib.contextmanager
+def _locked(path: str, flag: str) -> Iterator[None]:
+    """`directory_lock`'s lock itself: created, acquired (or re-entered), released."""
     try:
         os.makedirs(check_output_dir(path, flag), exist_ok=True)
     except OSError as err:

@@ -679,6 +679,7 @@ def _other_commands(monkeypatch, base, directory):
     once it has written its marker (tune.json, config.json)."""
     from cnnjax.train import loop
     from cnnjax.tune import recipe as rc
+    from cnnjax.utils import lock  # both check their kind in `directory_lock(..., kind=...)`
 
     def stop(*args, **kwargs):
         raise _StopError
@@ -691,9 +692,9 @@ def _other_commands(monkeypatch, base, directory):
 
     monkeypatch.setattr(rc, "run_sweep", stop)  # the tune's first round
     monkeypatch.setattr(loop._Run, "prepare_workdir", prepare_then_stop)
-    return {"tune": (rc, lambda: rc.run_tune(base, rc.Recipe(num_lrs=2), directory,
-                                             verbose=False)),
-            "training run": (loop, lambda: loop.train_and_evaluate(base, directory))}
+    return {"tune": (lock, lambda: rc.run_tune(base, rc.Recipe(num_lrs=2), directory,
+                                               verbose=False)),
+            "training run": (lock, lambda: loop.train_and_evaluate(base, directory))}
 
 
 @pytest.mark.parametrize("other", ["tune", "training run"])
