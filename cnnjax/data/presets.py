@@ -70,37 +70,58 @@ class DatasetPreset:
         owner = f"DatasetPreset({self.name!r})"
         check_transform_fields(owner, self.train_augmentation, self.eval_transform,
                                self.crop_padding, self.crop_fraction)
-        shape = self.image_shape
-        if (not isinstance(shape, tuple | list) or len(shape) != 3
-                or not all(v is None or (is_integer(v) and v > 0) for v in shape[:2])
-                or not (is_integer(shape[2]) and shape[2] > 0)):
-            raise invalid(owner, "image_shape", shape,
-                          "expected (height, width, channels): positive integers, height and "
-                          "width None for variable-size images")
-        channels = shape[2]
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise invalid(owner, "mean/std", (self.mean, self.std),
-                          f"expected {channels} values each (one per channel)")
-        if not all(_finite(m) for m in self.mean):
-            raise invalid(owner, "mean", self.mean,
-                          f"expected {channels} finite numbers (per-channel means of [0, 1] "
-                          "pixels)")
-        if not all(_finite(s) and s > 0 for s in self.std):
-            raise invalid(owner, "std", self.std,
-                          f"expected {channels} finite numbers > 0 (per-channel standard "
-                          "deviations of [0, 1] pixels; the pipeline divides by them)")
+        channels = _check_image_shape(owner, self.image_shape)
+        _check_normalization(owner, self.mean, self.std, channels)
         for arg in ("num_classes", "shuffle_buffer"):
-            if not is_integer(getattr(self, arg)) or getattr(self, arg) <= 0:
-                raise invalid(owner, arg, getattr(self, arg), "expected a positive integer")
-        size = self.default_image_size
-        if size is not None and (not is_integer(size) or size <= 0):
-            raise invalid(owner, "default_image_size", size,
-                          "expected a positive integer, or None for fixed-size images")
-        if None in shape[:2] and size is None:
-            raise invalid(owner, "default_image_size", None,
-                          "variable-size datasets need a default image size")
+            _check_positive_integer(owner, arg, getattr(self, arg))
+        _check_default_image_size(owner, self.default_image_size, self.image_shape)
         if not isinstance(self.cache, bool):
             raise invalid(owner, "cache", self.cache, "expected True or False")
+
+
+def _check_image_shape(owner: str, shape: object) -> int:
+    """The stored `(height, width, channels)` (sides None for variable-size images); returns the
+    channel count the mean/std must match."""
+    if (not isinstance(shape, tuple | list) or len(shape) != 3
+            or not all(v is None or (is_integer(v) and v > 0) for v in shape[:2])
+            or not (is_integer(shape[2]) and shape[2] > 0)):
+        raise invalid(owner, "image_shape", shape,
+                      "expected (height, width, channels): positive integers, height and "
+                      "width None for variable-size images")
+    return shape[2]
+
+
+def _check_normalization(owner: str, mean: tuple[float, ...], std: tuple[float, ...],
+                         channels: int) -> None:
+    """One finite mean and one finite std > 0 per channel: the pipeline divides by the std."""
+    if len(mean) != channels or len(std) != channels:
+        raise invalid(owner, "mean/std", (mean, std),
+                      f"expected {channels} values each (one per channel)")
+    if not all(_finite(m) for m in mean):
+        raise invalid(owner, "mean", mean,
+                      f"expected {channels} finite numbers (per-channel means of [0, 1] "
+                      "pixels)")
+    if not all(_finite(s) and s > 0 for s in std):
+        raise invalid(owner, "std", std,
+                      f"expected {channels} finite numbers > 0 (per-channel standard "
+                      "deviations of [0, 1] pixels; the pipeline divides by them)")
+
+
+def _check_positive_integer(owner: str, arg: str, value: object) -> None:
+    """A count (classes, shuffle buffer entries) that must be a positive integer."""
+    if not is_integer(value) or value <= 0:
+        raise invalid(owner, arg, value, "expected a positive integer")
+
+
+def _check_default_image_size(owner: str, size: object,
+                              shape: tuple[int | None, int | None, int]) -> None:
+    """A positive integer, or None for fixed-size images: variable-size ones need it."""
+    if size is not None and (not is_integer(size) or size <= 0):
+        raise invalid(owner, "default_image_size", size,
+                      "expected a positive integer, or None for fixed-size images")
+    if None in shape[:2] and size is None:
+        raise invalid(owner, "default_image_size", None,
+                      "variable-size datasets need a default image size")
 
 
 def check_transform_fields(owner: str, train_augmentation: str, eval_transform: str,
