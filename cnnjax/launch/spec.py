@@ -53,15 +53,17 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
 }
 FILE_FLAGS = ("config", "sweep", "recipe", "transfer")
 
-# SLURM time limits: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+# SLURM time limits: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S. Numbers are ASCII digits (re.ASCII):
+# `\d` and `int` also take e.g. Arabic-Indic ones, which sbatch refuses.
 _TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
-_MEM = re.compile(r"^(0|[1-9]\d*)[KMGTkmgt]?$")  # sbatch's --mem; 0: all of the node's memory
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$", re.ASCII)
+# sbatch's --mem; 0: all of the node's memory
+_MEM = re.compile(r"^(0|[1-9]\d*)[KMGTkmgt]?$", re.ASCII)
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)$",
                        re.DOTALL)
-_ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
+_ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$", re.ASCII)
 #: `--signal`'s largest lead time (SLURM stores it in 16 bits).
 MAX_SIGNAL_SECONDS = 65535
 

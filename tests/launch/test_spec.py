@@ -58,6 +58,11 @@ def test_memory_takes_what_sbatch_takes(mem):
     assert validate_spec(_train(mem=mem)).mem == mem
 
 
+def test_memory_with_non_ascii_digits_is_refused():
+    with pytest.raises(ValueError, match="launch: mem='1\u0664G' is invalid"):
+        validate_spec(_train(mem="1\u0664G"))  # '14G' with an Arabic-Indic 4
+
+
 def test_cpu_only_train_runs_one_task_per_node():
     assert validate_spec(_train(gpus_per_node=0, nodes=2)).tasks_per_node == 1
 
@@ -75,6 +80,21 @@ def test_slurm_time_formats(value, seconds):
 def test_bad_time_limits_are_refused(value):
     with pytest.raises(ValueError, match=r"launch: time=.* is invalid; expected a SLURM time"):
         time_limit_seconds(value)
+
+
+@pytest.mark.parametrize("value", [
+    "\u0664", "\u0664\u0660\u0660", "1-\u0660\u0660", "\uff13\uff10"])
+def test_time_limits_with_non_ascii_digits_are_refused(value):
+    """Python's `\\d` and `int` take Arabic-Indic or fullwidth digits ('\u0664\u0660\u0660' = 400),
+    sbatch does not: such a --time passed every check and was written and submitted."""
+    with pytest.raises(ValueError, match=r"launch: time=.* is invalid; expected a SLURM time"):
+        time_limit_seconds(value)
+
+
+def test_array_indices_with_non_ascii_digits_are_refused():
+    for bad in ("\u0660-\u0661", "\u0661", "0,\uff12"):  # '0-1', '1', '0,2' in other digits
+        with pytest.raises(ValueError, match="launch: array="):
+            array_indices(bad, 4)
 
 
 def test_array_indices():
