@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -30,20 +31,27 @@ _JAX_GRACE_S = 30
 EXIT_STATUS = 1
 
 
-def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+def _env_int(environ: Mapping[str, str], name: str, valid: str = "expected an integer"
+             ) -> int | None:
+    """The integer in `environ[name]` (None if unset or empty); ASCII digits only, since `int`
+    also reads '2_0' as 20, and Arabic-Indic or fullwidth digits."""
     value = environ.get(name)
     if value is None or value == "":
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise invalid(_OWNER, name, value, "expected an integer") from None
+    if re.fullmatch(r"[+-]?[0-9]+", value.strip()) is None:
+        raise invalid(_OWNER, name, value, valid)
+    return int(value)
 
 
 def should_initialize(requested: bool, environ: Mapping[str, str] | None = None) -> bool:
-    """True when asked (`--distributed`) or when launched under SLURM with `SLURM_NTASKS` > 1."""
+    """True when asked (`--distributed`) or when launched under SLURM with `SLURM_NTASKS` > 1.
+    Raises ValueError for a `SLURM_NTASKS` that is not a positive integer (0 ran one process)."""
     env = os.environ if environ is None else environ
-    return bool(requested) or (_env_int(env, "SLURM_NTASKS") or 1) > 1
+    valid = "expected a positive integer (the job step's task count)"
+    tasks = _env_int(env, "SLURM_NTASKS", valid)
+    if tasks is not None and tasks < 1:
+        raise invalid(_OWNER, "SLURM_NTASKS", env["SLURM_NTASKS"], valid)
+    return bool(requested) or (tasks or 1) > 1
 
 
 def explicit_params(environ: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -61,7 +69,8 @@ def explicit_params(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     if pid is not None:
         if pid < 0 or (num is not None and pid >= num):
             raise invalid(_OWNER, PROCESS_ID_ENV, pid,
-                          f"expected 0 <= {PROCESS_ID_ENV} < {NUM_PROCESSES_ENV}={num}")
+                          "expected an integer >= 0" if num is None
+                          else f"expected 0 <= {PROCESS_ID_ENV} < {NUM_PROCESSES_ENV}={num}")
         params["process_id"] = pid
     return params
 

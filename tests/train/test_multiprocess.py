@@ -439,6 +439,17 @@ def test_should_initialize_from_flag_or_slurm_tasks():
         distributed.should_initialize(False, {"SLURM_NTASKS": "two"})
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "\u0662", "2_0"])
+def test_a_malformed_slurm_task_count_is_a_clear_error(value):
+    """SLURM_NTASKS of 0 or below ran the job as one process, silently, and Python's int read
+    '\u0662' (an Arabic-Indic 2) and '2_0' (20) as numbers; each is refused naming the variable,
+    with or without --distributed."""
+    for requested in (False, True):
+        with pytest.raises(ValueError, match=r"distributed: SLURM_NTASKS=.* is invalid; expected "
+                                              r"a positive integer"):
+            distributed.should_initialize(requested, {"SLURM_NTASKS": value})
+
+
 def test_explicit_params_from_jax_env_variables():
     assert distributed.explicit_params({}) == {}
     env = {"JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
@@ -449,6 +460,11 @@ def test_explicit_params_from_jax_env_variables():
         distributed.explicit_params({"JAX_NUM_PROCESSES": "0"})
     with pytest.raises(ValueError, match=r"JAX_PROCESS_ID='x' is invalid; expected an integer"):
         distributed.explicit_params({"JAX_PROCESS_ID": "x"})
+    with pytest.raises(ValueError,
+                       match=r"JAX_PROCESS_ID=-1 is invalid; expected an integer >= 0\.$"):
+        distributed.explicit_params({"JAX_PROCESS_ID": "-1"})  # JAX_NUM_PROCESSES unset
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='\uff14' is invalid; expected an int"):
+        distributed.explicit_params({"JAX_NUM_PROCESSES": "\uff14"})  # a fullwidth 4
 
 
 def test_initialize_rejects_non_positive_timeout():
