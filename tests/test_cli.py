@@ -443,3 +443,22 @@ def test_an_output_folder_that_cannot_be_made_ends_the_command_in_one_line(
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/proc/cnnjax_test" in last, last
+
+
+@pytest.mark.parametrize("args", [
+    ("--config=experiments/configs/nope.py", "--config.seed=1"),
+    ("--config", "experiments/configs/nope.py", "--config.seed=1"),
+])
+def test_a_missing_config_file_given_with_overrides_is_named(args, monkeypatch):
+    """The override's parse failed first with ml_collections' OSError, reported as
+    "Configuration is not available ... config_config ..." without the flag's name."""
+    argv = ["prog", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "an ordinary flag", flag_values=values)
+    monkeypatch.setattr(cli.flags, "FLAGS", values)
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    assert caught.value.code == (
+        "error: --config='experiments/configs/nope.py' is invalid; no such config file")

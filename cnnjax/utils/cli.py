@@ -45,7 +45,11 @@ def parse_flags(argv: list[str],
                    or absl_flag_error(err, unknown_flag_hint))
         sys.exit(f"error: {message}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
-        sys.exit(f"error: {describe_flag_error(argv[1:], err)}")
+        # A missing file given with overrides fails at the first override, before absl marks
+        # the file's flag parsed: name the flag, not ml_collections' "config_config" module.
+        message = (missing_config_argument(flags.FLAGS, argv[1:])
+                   or describe_flag_error(argv[1:], err))
+        sys.exit(f"error: {message}")
     missing = missing_config_file(flags.FLAGS)
     if missing:  # ml_collections would only fail at the first use of the flag's value
         sys.exit(f"error: {missing}")
@@ -216,6 +220,19 @@ def missing_config_file(values: flags.FlagValues) -> str | None:
             return f"--{name}={spec!r} is invalid; no such config file"
         return (f"--{name} (default {spec!r}) is invalid; no such config file in "
                 f"{os.getcwd()!r} (run from the repository root, or pass --{name}=<file>)")
+    return None
+
+
+def missing_config_argument(values: flags.FlagValues, args: Sequence[str]) -> str | None:
+    """The error for the first config-file flag of `values` that `args` give a file that does
+    not exist, else None: read from `args`, as a parse that failed at an override
+    (`--config=nope.py --config.seed=1`: ml_collections' OSError) left the flag unparsed."""
+    for name in values:
+        if not hasattr(type(values[name]), "config_filename"):  # not an ml_collections flag
+            continue
+        spec = flag_value(args, name)
+        if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
+            return f"--{name}={spec!r} is invalid; no such config file"
     return None
 
 
