@@ -32,6 +32,11 @@ TRIAL=${SLURM_ARRAY_TASK_ID:?"run with sbatch --array=0-N (one task per trial)"}
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON=${PYTHON:-.venv/bin/python}
+# srun of SLURM 22.05-23.02 does not inherit sbatch's --cpus-per-task (one CPU per task,
+# starving the input pipeline); it reads SRUN_CPUS_PER_TASK instead.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+  export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+fi
 
 srun "$PYTHON" -m experiments.sweep --config="$CONFIG" --sweep="$SWEEP" \
   --sweep_dir="$SWEEP_DIR" --trial_index="$TRIAL" "$@"

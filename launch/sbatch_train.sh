@@ -29,6 +29,11 @@ shift 2
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON=${PYTHON:-.venv/bin/python}
+# srun of SLURM 22.05-23.02 does not inherit sbatch's --cpus-per-task (one CPU per task,
+# starving the input pipeline); it reads SRUN_CPUS_PER_TASK instead.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+  export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+fi
 
 srun --kill-on-bad-exit=1 "$PYTHON" -m experiments.train \
   --config="$CONFIG" --workdir="$WORKDIR" "$@"

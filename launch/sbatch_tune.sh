@@ -27,6 +27,11 @@ shift 3
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON=${PYTHON:-.venv/bin/python}
+# srun of SLURM 22.05-23.02 does not inherit sbatch's --cpus-per-task (one CPU per task,
+# starving the input pipeline); it reads SRUN_CPUS_PER_TASK instead.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+  export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+fi
 
 srun "$PYTHON" -m experiments.tune --config="$CONFIG" --recipe="$RECIPE" \
   --tune_dir="$TUNE_DIR" "$@"
