@@ -1,11 +1,13 @@
 """Run by test_parallel.py in a subprocess with 4 fake CPU devices; prints one JSON line of diffs.
 
-Also runs the detection task (YOLO on in-memory boxes) on 1 and 4 devices (pmap, shard_map).
+`multidevice_script.py ROOT steps` trains the tiny BatchNorm model for a few steps on the same
+global batches with: 1 device (pmap), 4 devices (pmap), 4 devices (shard_map), 1 device
+(shard_map); with dropout, 4-device pmap vs 4-device shard_map; and with the matmul BatchNorm on 4
+devices. Reports the max absolute parameter/batch-stat differences.
 
-Trains the tiny BatchNorm model for a few steps on the same global batches with: 1 device (pmap),
-4 devices (pmap), 4 devices (shard_map), 1 device (shard_map); with dropout, 4-device pmap vs
-4-device shard_map; and with the matmul BatchNorm on 4 devices. Reports the max absolute
-parameter/batch-stat differences.
+`multidevice_script.py ROOT runs` runs whole `train_and_evaluate` runs on 1 and 4 devices:
+classification (padded eval, EMA, resuming on another device count) and the detection task (YOLO
+on in-memory boxes). Most of its time is compiling their programs (test_parallel.py has figures).
 """
 
 import json
@@ -171,18 +173,10 @@ def grouped_batch_norm(impl: str):
     return jax.device_get(grads)
 
 
-def main():
-    assert jax.device_count() == 4, jax.devices()
+def steps_part() -> dict:
+    """Single train steps: 4 devices == 1 device, pmap == shard_map, synced BatchNorm, dropout
+    keys, and the config refusals (nothing compiles for those)."""
     with tempfile.TemporaryDirectory() as tmp:
-        detection = [run_detection_loop(tmp, num_devices=1),
-                     run_detection_loop(tmp, num_devices=4),
-                     run_detection_loop(tmp, num_devices=4, parallel="shard_map")]
-        loop_one = run_loop(tmp, num_devices=1)
-        loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
-        loop_four_pmap = run_loop(tmp, num_devices=4)
-        resumed = [run_resumed_loop(tmp, 4, 1), run_resumed_loop(tmp, 1, 4)]
-        ema_one = run_loop(tmp, num_devices=1, **{"ema.decay": 0.9})
-        ema_four = run_loop(tmp, num_devices=4, **{"ema.decay": 0.9})
         accum_error = loop_error(tmp, grad_accum_steps=8)
         batch_error = loop_error(tmp, global_batch_size=18)
         eval_batch_error = loop_error(tmp, eval_batch_size=10)
@@ -201,60 +195,78 @@ def main():
     same_data_four = train_same_data_per_device(4, dropout=0.5)
     same_data_four_no_dropout = train_same_data_per_device(4, dropout=0.0)
     same_data_one_no_dropout = train_same_data_per_device(1, dropout=0.0)
-    print(
-        json.dumps(
-            {
-                "pmap4_vs_1": max_diff(one, four_pmap),
-                "shard4_vs_1": max_diff(one, four_shard),
-                "shard1_vs_pmap1": max_diff(one, one_shard),
-                "matmul_bn_pmap4_vs_flax1": max_diff(one, matmul_four_pmap),
-                "matmul_bn_shard4_vs_flax1": max_diff(one, matmul_four_shard),
-                "grouped_bn_matmul_vs_flax": max_diff(grouped_matmul, grouped_flax) / max(
-                    float(np.abs(leaf).max()) for leaf in jax.tree.leaves(grouped_flax)),
-                "grouped_bn_within_group": float(np.abs(grouped_means[0]
-                                                        - grouped_means[1]).max()),
-                "grouped_bn_across_groups": float(np.abs(grouped_means[0]
-                                                         - grouped_means[2]).max()),
-                "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
-                "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
-                "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
-                "dropout_same_data_4_vs_1": max_diff(same_data_one, same_data_four),
-                "no_dropout_same_data_4_vs_1": max_diff(
-                    same_data_one_no_dropout, same_data_four_no_dropout
-                ),
-                "batch_error": batch_error,
-                "accum_error": accum_error,
-                "ema_eval_loss_4_vs_1": abs(ema_four["final_eval"]["ema_loss"]
-                                            - ema_one["final_eval"]["ema_loss"]),
-                "ema_vs_raw_loss": abs(ema_one["final_eval"]["ema_loss"]
-                                       - ema_one["final_eval"]["loss"]),
-                "eval_batch_error": eval_batch_error,
-                "loop_eval_loss_4_vs_1": abs(
-                    loop_four["final_eval"]["loss"] - loop_one["final_eval"]["loss"]
-                ),
-                "loop_eval_top1": [
-                    loop_one["final_eval"]["top1"],
-                    loop_four["final_eval"]["top1"],
-                    loop_four_pmap["final_eval"]["top1"],
-                ],
-                "loop_eval_count": [
-                    loop_one["final_eval"]["num_examples"],
-                    loop_four["final_eval"]["num_examples"],
-                ],
-                "loop_num_devices": [loop_one["num_devices"], loop_four["num_devices"]],
-                "resumed_eval_loss_vs_1": [abs(r["final_eval"]["loss"]
-                                               - loop_one["final_eval"]["loss"])
-                                           for r in resumed],
-                "resumed_from": [[r["resumed_from_step"], r["device_counts"]] for r in resumed],
-                "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
-                "detection_eval": [
-                    [r["final_eval"][k] for k in ("map50", "map", "num_examples")]
-                    for r in detection
-                ],
-                "detection_train_loss": [r["final_train"]["loss"] for r in detection],
-            }
-        )
-    )
+    return {
+        "pmap4_vs_1": max_diff(one, four_pmap),
+        "shard4_vs_1": max_diff(one, four_shard),
+        "shard1_vs_pmap1": max_diff(one, one_shard),
+        "matmul_bn_pmap4_vs_flax1": max_diff(one, matmul_four_pmap),
+        "matmul_bn_shard4_vs_flax1": max_diff(one, matmul_four_shard),
+        "grouped_bn_matmul_vs_flax": max_diff(grouped_matmul, grouped_flax) / max(
+            float(np.abs(leaf).max()) for leaf in jax.tree.leaves(grouped_flax)),
+        "grouped_bn_within_group": float(np.abs(grouped_means[0] - grouped_means[1]).max()),
+        "grouped_bn_across_groups": float(np.abs(grouped_means[0] - grouped_means[2]).max()),
+        "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
+        "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
+        "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),
+        "dropout_same_data_4_vs_1": max_diff(same_data_one, same_data_four),
+        "no_dropout_same_data_4_vs_1": max_diff(
+            same_data_one_no_dropout, same_data_four_no_dropout
+        ),
+        "batch_error": batch_error,
+        "accum_error": accum_error,
+        "eval_batch_error": eval_batch_error,
+        "loss_diff": max(abs(a - b) for a, b in zip(one_losses, four_losses, strict=True)),
+    }
+
+
+def runs_part() -> dict:
+    """Whole `train_and_evaluate` runs: classification (padded eval, EMA, resuming on another
+    device count) and detection, on 1 and 4 devices."""
+    with tempfile.TemporaryDirectory() as tmp:
+        detection = [run_detection_loop(tmp, num_devices=1),
+                     run_detection_loop(tmp, num_devices=4),
+                     run_detection_loop(tmp, num_devices=4, parallel="shard_map")]
+        loop_one = run_loop(tmp, num_devices=1)
+        loop_four = run_loop(tmp, num_devices=4, parallel="shard_map")
+        loop_four_pmap = run_loop(tmp, num_devices=4)
+        resumed = [run_resumed_loop(tmp, 4, 1), run_resumed_loop(tmp, 1, 4)]
+        ema_one = run_loop(tmp, num_devices=1, **{"ema.decay": 0.9})
+        ema_four = run_loop(tmp, num_devices=4, **{"ema.decay": 0.9})
+    return {
+        "ema_eval_loss_4_vs_1": abs(ema_four["final_eval"]["ema_loss"]
+                                    - ema_one["final_eval"]["ema_loss"]),
+        "ema_vs_raw_loss": abs(ema_one["final_eval"]["ema_loss"]
+                               - ema_one["final_eval"]["loss"]),
+        "loop_eval_loss_4_vs_1": abs(
+            loop_four["final_eval"]["loss"] - loop_one["final_eval"]["loss"]
+        ),
+        "loop_eval_top1": [
+            loop_one["final_eval"]["top1"],
+            loop_four["final_eval"]["top1"],
+            loop_four_pmap["final_eval"]["top1"],
+        ],
+        "loop_eval_count": [
+            loop_one["final_eval"]["num_examples"],
+            loop_four["final_eval"]["num_examples"],
+        ],
+        "loop_num_devices": [loop_one["num_devices"], loop_four["num_devices"]],
+        "resumed_eval_loss_vs_1": [abs(r["final_eval"]["loss"] - loop_one["final_eval"]["loss"])
+                                   for r in resumed],
+        "resumed_from": [[r["resumed_from_step"], r["device_counts"]] for r in resumed],
+        "detection_eval": [
+            [r["final_eval"][k] for k in ("map50", "map", "num_examples")]
+            for r in detection
+        ],
+        "detection_train_loss": [r["final_train"]["loss"] for r in detection],
+    }
+
+
+PARTS = {"steps": steps_part, "runs": runs_part}
+
+
+def main(part: str):
+    assert jax.device_count() == 4, jax.devices()
+    print(json.dumps(PARTS[part]()))
 
 
 if __name__ == "__main__":
@@ -264,4 +276,4 @@ if __name__ == "__main__":
     # test_loop.py check it) does not depend on the device count, and nothing here reads it.
     MetricLogger.plot = lambda self, background=False: None
     with helpers.tiny_model_registered():
-        main()
+        main(sys.argv[2])

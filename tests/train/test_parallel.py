@@ -1,4 +1,6 @@
-"""Data parallelism on 4 fake CPU devices (subprocess): 4 devices == 1 device; pmap == shard_map."""
+"""Data parallelism on 4 fake CPU devices (subprocess): 4 devices == 1 device; pmap == shard_map.
+
+Train steps run in the default suite, whole runs (slow) in a second subprocess."""
 
 import json
 import os
@@ -10,8 +12,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def diffs():
+# Both parts are compile-bound. From an empty XLA cache on 2 cores, `steps` costs 24 s of CPU (16 s
+# with the cache warm) and `runs` 53 s (the 3 detection runs about 30 s of it); at load 13-14 they
+# took 90 s and 178-187 s of wall time (the single fixture they replace, 237 s at load 12 under a
+# 300 s timeout). The timeout leaves room for a CI machine loaded several times over.
+TIMEOUT_S = 900
+
+
+def _run_part(part: str) -> dict:
+    """The JSON diffs multidevice_script.py prints for `part`, run on 4 fake CPU devices."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -19,15 +28,27 @@ def diffs():
     env["JAX_PLATFORMS"] = "cpu"
     script = os.path.join(ROOT, "tests", "train", "multidevice_script.py")
     result = subprocess.run(
-        [sys.executable, script, ROOT],
+        [sys.executable, script, ROOT, part],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=TIMEOUT_S,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def diffs():
+    """Single train steps (the default suite)."""
+    return _run_part("steps")
+
+
+@pytest.fixture(scope="module")
+def run_diffs():
+    """Whole train_and_evaluate runs (slow)."""
+    return _run_part("runs")
 
 
 def test_four_devices_match_one_device_with_batchnorm(diffs):
@@ -62,27 +83,30 @@ def test_pmap_and_shard_map_agree(diffs):
     assert diffs["dropout_vs_no_dropout"] > 1e-4  # dropout really is active in training
 
 
-def test_whole_run_on_four_devices_matches_one(diffs):
+@pytest.mark.slow
+def test_whole_run_on_four_devices_matches_one(run_diffs):
     """train_and_evaluate end to end: padded eval over 4 devices counts every example once."""
-    assert diffs["loop_num_devices"] == [1, 4]
-    assert diffs["loop_eval_count"] == [27, 27]
-    assert diffs["loop_eval_loss_4_vs_1"] < 1e-4
-    assert len(set(diffs["loop_eval_top1"])) == 1
+    assert run_diffs["loop_num_devices"] == [1, 4]
+    assert run_diffs["loop_eval_count"] == [27, 27]
+    assert run_diffs["loop_eval_loss_4_vs_1"] < 1e-4
+    assert len(set(run_diffs["loop_eval_top1"])) == 1
 
 
-def test_a_shard_map_run_resumes_on_another_device_count(diffs):
+@pytest.mark.slow
+def test_a_shard_map_run_resumes_on_another_device_count(run_diffs):
     """shard_map runs checkpointed at step 6 on 4 devices resume on 1, and on 1 resume on 4: the
     data order continues and BatchNorm is synced, so each ends as an uninterrupted 1-device run
     does, and summary.json records both counts."""
-    assert diffs["resumed_from"] == [[6, [4, 1]], [6, [1, 4]]]
-    assert max(diffs["resumed_eval_loss_vs_1"]) < 1e-4
+    assert run_diffs["resumed_from"] == [[6, [4, 1]], [6, [1, 4]]]
+    assert max(run_diffs["resumed_eval_loss_vs_1"]) < 1e-4
 
 
-def test_the_weight_average_is_the_same_on_four_devices(diffs):
+@pytest.mark.slow
+def test_the_weight_average_is_the_same_on_four_devices(run_diffs):
     """config.ema on 4 devices: the averaged model evaluates as on 1 device (and is not simply
     the trained weights)."""
-    assert diffs["ema_eval_loss_4_vs_1"] < 1e-4
-    assert diffs["ema_vs_raw_loss"] > 1e-4
+    assert run_diffs["ema_eval_loss_4_vs_1"] < 1e-4
+    assert run_diffs["ema_vs_raw_loss"] > 1e-4
 
 
 def test_accumulation_must_divide_the_per_device_batch(diffs):
@@ -108,13 +132,14 @@ def test_batch_not_divisible_by_the_device_count_is_refused(diffs):
     )
 
 
-def test_detection_runs_match_across_device_counts(diffs):
+@pytest.mark.slow
+def test_detection_runs_match_across_device_counts(run_diffs):
     # Detection training and mAP over the padded eval split (every device's detections gathered
     # to the host): 1 device, 4 pmap, 4 shard_map agree up to float32 summation order.
-    (one, pmap4, shard4) = diffs["detection_eval"]
+    (one, pmap4, shard4) = run_diffs["detection_eval"]
     assert one[2] == pmap4[2] == shard4[2] == 21  # every eval example counted once
     assert one[0] > 0.5  # trained: a non-trivial mAP to compare
     for other in (pmap4, shard4):
         assert abs(other[0] - one[0]) < 1e-3 and abs(other[1] - one[1]) < 1e-3
-    losses = diffs["detection_train_loss"]
+    losses = run_diffs["detection_train_loss"]
     assert max(losses) - min(losses) < 1e-3 * max(losses)
