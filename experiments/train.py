@@ -58,9 +58,11 @@ def main(argv: list[str]) -> None:
 
     workdir = _WORKDIR.value
     try:
+        # Checked in every run, not only multi-process ones, naming the flag.
+        timeout_s = distributed.check_timeout(_DISTRIBUTED_TIMEOUT.value, "distributed_timeout")
         if distributed.should_initialize(_DISTRIBUTED.value or bool(_CONFIG.value.distributed)):
             distributed.initialize(
-                _DISTRIBUTED_TIMEOUT.value,
+                timeout_s,
                 on_timeout=lambda message, pid: _write_startup_error(workdir, message, pid),
             )
     except ValueError as err:

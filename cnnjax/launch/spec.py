@@ -268,6 +268,7 @@ def check_override(spec_entry: str, override: Any) -> str:
     if flag in entry.file_flags and field:
         return override
     if flag in entry.extra_flags and not field:
+        _check_extra_value(flag, entry.extra_flags[flag], match.group("value"), override)
         return override
     set_by_launcher = {entry.dir_flag: "--workdir",
                        **{f: f"its own --{f}" for f in entry.file_flags}}
@@ -277,6 +278,21 @@ def check_override(spec_entry: str, override: Any) -> str:
     if source is not None and not field:
         valid = f"--{flag} is set by the launcher (from {source}); {valid}"
     raise invalid(_OWNER, "overrides", override, valid)
+
+
+def _check_extra_value(flag: str, kind: type, value: str, override: str) -> None:
+    """Raises unless `value` suits the entry point's plain flag `flag`. Its float flags
+    (train's `--distributed_timeout`) are seconds, which the entry point checks only once the
+    job runs (and only with several processes): a positive, finite number."""
+    if kind is not float:
+        return
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise invalid(_OWNER, "overrides", override,
+                      f"--{flag} takes a positive, finite number of seconds")
 
 
 def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:

@@ -75,6 +75,12 @@ def explicit_params(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     return params
 
 
+def check_timeout(timeout_s: Any, name: str = "timeout_s") -> float:
+    """`timeout_s` as float if it is a positive, finite number of seconds, else ValueError naming
+    `name` (the entry point's flag: `--distributed_timeout`)."""
+    return check_positive_float(_OWNER, name, timeout_s)
+
+
 def _job_state() -> tuple[Any, Any, str | None]:
     """(process id, process count, coordinator address) as JAX resolved them (best effort)."""
     try:
@@ -134,7 +140,7 @@ def initialize(timeout_s: float = DEFAULT_TIMEOUT_S, *,
     """
     import jax
 
-    timeout_s = check_positive_float(_OWNER, "timeout_s", timeout_s)
+    timeout_s = check_timeout(timeout_s)
     params = explicit_params(environ)
     formed = threading.Event()
 

@@ -193,6 +193,14 @@ BAD = [
     (dict(overrides=("--config=other.py",)),
      r".*--config is set by the launcher \(from its own --config\)"),
     (dict(overrides=("--distributed_timeout.x=1",)), r"overrides='--distributed_timeout.x=1'"),
+    # The job would start, queue time spent, and end with "timeout_s=0 is invalid" (multi-node).
+    (dict(overrides=("--distributed_timeout=0",)),
+     r"overrides='--distributed_timeout=0' is invalid; --distributed_timeout takes a positive, "
+     r"finite number of seconds"),
+    (dict(overrides=("--distributed_timeout=-5",)), r"overrides='--distributed_timeout=-5'"),
+    (dict(overrides=("--distributed_timeout=nan",)), r"overrides='--distributed_timeout=nan'"),
+    (dict(overrides=("--distributed_timeout=inf",)), r"overrides='--distributed_timeout=inf'"),
+    (dict(overrides=("--distributed_timeout=ten",)), r"overrides='--distributed_timeout=ten'"),
     # train has no --trial_index: not "set by the launcher", just not a train flag
     (dict(overrides=("--trial_index=3",)),
      r"overrides='--trial_index=3' is invalid; train accepts --config.<field>=<value>, "

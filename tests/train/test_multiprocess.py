@@ -532,6 +532,23 @@ def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(tmp_path):
     assert "JAX_COORDINATOR_ADDRESS=host:port" in recorded
 
 
+def test_a_bad_distributed_timeout_is_refused_naming_the_flag(tmp_path):
+    """--distributed_timeout=0 (or -5, nan, inf) was ignored by a one-process run, which trained,
+    and under SLURM with several tasks refused as 'timeout_s=0', a name the user never gave. It
+    is refused in every run, naming the flag, before anything is loaded or compiled."""
+    workdir, value = tmp_path / "w", "0"
+    result = subprocess.run(
+        _train_command(workdir) + [f"--distributed_timeout={value}"], cwd=ROOT, env=_env(1),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = (f"error: distributed: distributed_timeout={float(value)!r} is invalid; expected a "
+            "positive finite number.")
+    assert result.stderr.strip().splitlines()[-1] == line, result.stderr[-2000:]
+    assert (workdir / "error.startup.log").read_text() == line + "\n"
+    assert not (workdir / "summary.json").exists()
+
+
 def test_timeout_message_when_processes_are_missing():
     message = distributed.timeout_message(5, 0, 3, "node1:6000", coordinator_reachable=True)
     assert message == (
