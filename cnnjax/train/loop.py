@@ -594,185 +594,192 @@ class _Run:
 
     # --------------------------------------------------------------------------------- main
     def run(self) -> dict:
+        """Resumes the run from its latest checkpoint (or starts it), trains to
+        `num_train_steps` with periodic evals and checkpoints, and returns summary.json."""
         self.setup()
-        config, parallel = self.config, self.parallel
-        total_steps = int(config.num_train_steps)
-        checkpointer = Checkpointer(
-            self.workdir,
-            keep=config.keep_checkpoints,
-            best_metric=config.best_metric,
-            best_mode=config.best_mode,
-            use_async=config.async_checkpoints,
-        )
-        _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
-        pretrained = self.pretrained if not checkpointer.all_steps() else None
-        if (pretrained is None and config_lib.init_from_workdir(config) is not None
-                and not checkpointer.all_steps()):  # e.g. after `restart` emptied the workdir
-            try:  # own checkpoints win: then init_from is ignored (exact resume)
-                pretrained = init_from_lib.load_init_from(config, self.variable_shapes)
-            except BaseException:
-                checkpointer.close()
-                raise
-        if self.teacher is not None:
-            try:  # a resume must distill from the teacher it started with
-                distill_lib.check_teacher_record(self.workdir, self.teacher.record,
-                                                 bool(checkpointer.all_steps()), self.is_primary)
-            except BaseException:
-                checkpointer.close()
-                raise
+        total_steps = int(self.config.num_train_steps)
+        # Any exit closes what was opened: the prefetch thread, the progress bar, the metric
+        # files and, last, the checkpoints (waiting for the pending, e.g. the stop step's, save).
+        with contextlib.ExitStack() as opened:
+            checkpointer = opened.enter_context(contextlib.closing(Checkpointer(
+                self.workdir,
+                keep=self.config.keep_checkpoints,
+                best_metric=self.config.best_metric,
+                best_mode=self.config.best_mode,
+                use_async=self.config.async_checkpoints,
+            )))
+            _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
+            host_state, start_step, resumed_info = self.initial_state(checkpointer)
+            finished = _completed_summary(self.workdir) if start_step >= total_steps else None
+            if finished is not None and finished.get("step") == total_steps:
+                logging.info("%s already completed all %d steps; nothing to do (its "
+                             "summary.json is left as it is).", self.workdir, total_steps)
+                return finished
+            evals, stopped = self.train(host_state, start_step, resumed_info, checkpointer,
+                                        opened)
+        if stopped is not None:
+            self.interrupted(*stopped, evals, start_step)
+        return self.finish(evals, start_step, total_steps)
+
+    def initial_state(self, checkpointer: Checkpointer) -> tuple[TrainState, int, dict]:
+        """The host state to train from, its step and its checkpoint's run_info: the run's
+        latest checkpoint (a resume), else a fresh state, warm-started from `init_from`'s."""
+        config = self.config
+        pretrained = self.warm_start_source(checkpointer)
+        if self.teacher is not None:  # a resume must distill from the teacher it started with
+            distill_lib.check_teacher_record(self.workdir, self.teacher.record,
+                                             bool(checkpointer.all_steps()), self.is_primary)
         host_state = fresh_state(config, self.model, self.tx, self.image_shape)
         try:
             restored = checkpointer.restore_latest(host_state)
         except ValueError as err:
-            checkpointer.close()
             if not config.restart:
                 raise
             raise ValueError(f"{err} (restart=True only empties a workdir whose run has another "
                              "config; delete its checkpoints to start this one over)") from None
-        # Until the loop's own try/finally: any error closes what was opened (the async
-        # checkpoint manager, the metric files, the prefetch thread).
-        logger = device_batches = None
-        try:
-            start_step = 0
-            resumed_info: dict = {}
-            if restored is not None:
-                host_state, start_step = restored
-                resumed_info = checkpointer.run_info(start_step)
-                self.warn_if_devices_changed(resumed_info)
-                self.earlier_wall_time_s = _earlier_wall_time(resumed_info)
-                logging.info(
-                    "Resuming from the checkpoint at step %d in %s%s",
-                    start_step,
-                    checkpointer.directory,
-                    " (init_from is ignored: the run's own checkpoint wins)"
-                    if config_lib.init_from_workdir(config) is not None
-                    else "",
-                )
-            elif pretrained is not None:
-                host_state = warm_start(host_state, pretrained[0])
-                if self.is_primary:
-                    write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
-            if not self.device_counts:  # a new run, or a checkpoint written without run_info
-                self.device_counts = [self.total_devices]
-            finished = _completed_summary(self.workdir) if start_step >= total_steps else None
-            if finished is not None and finished.get("step") == total_steps:
-                checkpointer.close()
-                logging.info("%s already completed all %d steps; nothing to do (its "
-                             "summary.json is left as it is).", self.workdir, total_steps)
-                return finished
-            self.training_started = True
-            state = parallel.replicate(host_state)
-            logger = MetricLogger(
-                self.workdir,
-                resume_step=start_step,
-                enabled=self.is_primary,
-                tensorboard=config.tensorboard,
-                score_metric=config_lib.TASK_PLOT_METRIC[self.task],
+        start_step, resumed_info = 0, {}
+        if restored is not None:
+            host_state, start_step = restored
+            resumed_info = checkpointer.run_info(start_step)
+            self.warn_if_devices_changed(resumed_info)
+            self.earlier_wall_time_s = _earlier_wall_time(resumed_info)
+            logging.info(
+                "Resuming from the checkpoint at step %d in %s%s",
+                start_step,
+                checkpointer.directory,
+                " (init_from is ignored: the run's own checkpoint wins)"
+                if config_lib.init_from_workdir(config) is not None
+                else "",
             )
-            # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
-            evals = [
-                {k: v for k, v in r.items() if k != "split"}
-                for r in logger.records
-                if r["split"] == "eval"
-            ]
-            p_train, p_eval = self.steps()
-            batches = self.pipeline.train_batches(
-                config.data,
-                global_batch_size=config.global_batch_size,
-                num_devices=parallel.local_device_count,
-                seed=config.seed,
-                start_step=start_step,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-            device_batches = _prefetch(batches, parallel.shard_batch)
-            bar = ProgressBar(
-                total_steps,
-                start_step=start_step,
-                enabled=self.is_primary and config.progress_bar,
-                log_every=config.log_every_steps,
-            )
-            images_per_step = config.global_batch_size
-            # The steps since the last train log, continued across a resume from a checkpoint
-            # between two log steps (older checkpoints: from the checkpoint's step).
-            self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
-            # A resumed run's last train record so far (summary.json's `final_train` when it logs
-            # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
-            self.last_train: dict = next(
-                ({k: v for k, v in r.items() if k not in ("step", "split")}
-                 for r in reversed(logger.records) if r["split"] == "train"), {})
-            self.clock = _Throughput(images_per_step)
-            pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
-            stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop
-        except BaseException:
-            for opened in (device_batches, logger):
-                if opened is not None:
-                    opened.close()
-            checkpointer.close()
-            raise
-        try:
-            for step in range(start_step, total_steps):
-                state, metrics = p_train(state, next(device_batches))
-                done = self.steps_done = step + 1
-                if pending is not None:  # host sync on the previous step keeps one step queued
-                    self.record(*pending, logger, bar)
-                pending = (done, metrics)
-                is_eval = done % config.eval_every_steps == 0 or done == total_steps
-                is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps
-                # Every process polls at every step (multi-process: a collective at log steps).
-                signal_name = (
-                    self.stop.should_stop(done, config.log_every_steps)
-                    if done < total_steps
-                    else None
-                )
-                if signal_name is not None:
-                    stopped = (done, signal_name)
-                if not (is_eval or is_ckpt or stopped):
-                    continue
-                self.record(*pending, logger, bar)  # never evaluate or save a diverged state
-                pending = None
-                with self.clock.paused():
-                    metrics_eval = None
-                    if is_eval:
-                        metrics_eval = self.evaluate(state, p_eval)
-                        eval_loss = metrics_eval.get("loss", 0.0)
-                        if not math.isfinite(eval_loss):  # this step's update broke the model:
-                            # neither log nor save it (it must never become the "best").
-                            raise TrainingDivergedError(done, eval_loss, which="eval loss")
-                        logger.write_scalars(done, "eval", metrics_eval)
-                        evals.append({"step": done, **metrics_eval})
-                        logger.plot(background=True)  # drawn while training goes on
-                        logger.flush()
-                        logging.info(
-                            "eval at step %d: %s",
-                            done,
-                            {k: round(v, 4) for k, v in metrics_eval.items()},
-                        )
-                    checkpointer.save(done, parallel.unreplicate(state), metrics_eval,
-                                      run_info={"num_devices": self.total_devices,
-                                                "device_counts": self.device_counts,
-                                                "process_count": jax.process_count(),
-                                                TRAIN_WINDOW: _window_to_json(self.window),
-                                                TOTAL_WALL_TIME: _wall_times(
-                                                    self, self.started)[TOTAL_WALL_TIME]})
-                if stopped:
-                    break
-            if pending is not None:
+        elif pretrained is not None:
+            host_state = warm_start(host_state, pretrained[0])
+            if self.is_primary:
+                write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
+        if not self.device_counts:  # a new run, or a checkpoint written without run_info
+            self.device_counts = [self.total_devices]
+        return host_state, start_step, resumed_info
+
+    def warm_start_source(self, checkpointer: Checkpointer) -> tuple[dict, dict] | None:
+        """`init_from`'s (variables, record) for a run without checkpoints of its own (its own
+        checkpoints win: an exact resume), read by `setup` or, after `restart` emptied the
+        workdir, now."""
+        if checkpointer.all_steps():
+            return None
+        if self.pretrained is None and config_lib.init_from_workdir(self.config) is not None:
+            return init_from_lib.load_init_from(self.config, self.variable_shapes)
+        return self.pretrained
+
+    def train(self, host_state: TrainState, start_step: int, resumed_info: dict,
+              checkpointer: Checkpointer, opened: contextlib.ExitStack
+              ) -> tuple[list[dict], tuple[int, str] | None]:
+        """The training loop from `start_step`: every eval is logged and every eval or
+        checkpoint step saved. Returns the evals so far (earlier invocations' included) and
+        the (step, signal) of a SIGTERM stop, if any; what it opens goes on `opened`."""
+        config, parallel = self.config, self.parallel
+        total_steps = int(config.num_train_steps)
+        self.training_started = True
+        state = parallel.replicate(host_state)
+        logger = opened.enter_context(contextlib.closing(MetricLogger(
+            self.workdir,
+            resume_step=start_step,
+            enabled=self.is_primary,
+            tensorboard=config.tensorboard,
+            score_metric=config_lib.TASK_PLOT_METRIC[self.task],
+        )))
+        # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
+        evals = [{k: v for k, v in r.items() if k != "split"}
+                 for r in logger.records if r["split"] == "eval"]
+        p_train, p_eval = self.steps()
+        batches = self.pipeline.train_batches(
+            config.data,
+            global_batch_size=config.global_batch_size,
+            num_devices=parallel.local_device_count,
+            seed=config.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        device_batches = opened.enter_context(contextlib.closing(
+            _prefetch(batches, parallel.shard_batch)))
+        bar = opened.enter_context(contextlib.closing(ProgressBar(
+            total_steps,
+            start_step=start_step,
+            enabled=self.is_primary and config.progress_bar,
+            log_every=config.log_every_steps,
+        )))
+        # The steps since the last train log, continued across a resume from a checkpoint
+        # between two log steps (older checkpoints: from the checkpoint's step).
+        self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
+        # A resumed run's last train record so far (summary.json's `final_train` when it logs
+        # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
+        self.last_train: dict = next(
+            ({k: v for k, v in r.items() if k not in ("step", "split")}
+             for r in reversed(logger.records) if r["split"] == "train"), {})
+        self.clock = _Throughput(config.global_batch_size)
+        pending: tuple[int, Any] | None = None  # (step, device metrics): fetched one step late
+        stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop
+        for step in range(start_step, total_steps):
+            state, metrics = p_train(state, next(device_batches))
+            done = self.steps_done = step + 1
+            if pending is not None:  # host sync on the previous step keeps one step queued
                 self.record(*pending, logger, bar)
-        finally:
-            device_batches.close()  # stops the prefetch thread
-            bar.close()
-            checkpointer.close()  # waits for the pending (e.g. the stop step's) save
-            logger.close()
+            pending = (done, metrics)
+            is_eval = done % config.eval_every_steps == 0 or done == total_steps
+            is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps
+            # Every process polls at every step (multi-process: a collective at log steps).
+            signal_name = (self.stop.should_stop(done, config.log_every_steps)
+                           if done < total_steps else None)
+            if signal_name is not None:
+                stopped = (done, signal_name)
+            if not (is_eval or is_ckpt or stopped):
+                continue
+            self.record(*pending, logger, bar)  # never evaluate or save a diverged state
+            pending = None
+            with self.clock.paused():
+                metrics_eval = self.log_eval(state, done, p_eval, logger) if is_eval else None
+                if metrics_eval is not None:
+                    evals.append({"step": done, **metrics_eval})
+                self.save(checkpointer, done, state, metrics_eval)
+            if stopped:
+                break
+        if pending is not None:
+            self.record(*pending, logger, bar)
+        return evals, stopped
 
-        if stopped is not None:
-            self.interrupted(*stopped, evals, start_step)
+    def log_eval(self, state: Any, step: int, p_eval, logger: MetricLogger) -> dict:
+        """Evaluates `state` at `step` and logs the metrics (and redraws the plot); a non-finite
+        eval loss raises `TrainingDivergedError`, so such a state is never logged nor saved
+        (it must never become the "best")."""
+        metrics_eval = self.evaluate(state, p_eval)
+        eval_loss = metrics_eval.get("loss", 0.0)
+        if not math.isfinite(eval_loss):  # this step's update broke the model
+            raise TrainingDivergedError(step, eval_loss, which="eval loss")
+        logger.write_scalars(step, "eval", metrics_eval)
+        logger.plot(background=True)  # drawn while training goes on
+        logger.flush()
+        logging.info("eval at step %d: %s", step,
+                     {k: round(v, 4) for k, v in metrics_eval.items()})
+        return metrics_eval
 
+    def save(self, checkpointer: Checkpointer, step: int, state: Any,
+             metrics_eval: dict | None) -> None:
+        """Checkpoints `state` at `step` (async when configured) with what a resume needs:
+        the device counts, the train-log window and the wall time so far."""
+        checkpointer.save(step, self.parallel.unreplicate(state), metrics_eval,
+                          run_info={"num_devices": self.total_devices,
+                                    "device_counts": self.device_counts,
+                                    "process_count": jax.process_count(),
+                                    TRAIN_WINDOW: _window_to_json(self.window),
+                                    TOTAL_WALL_TIME: _wall_times(
+                                        self, self.started)[TOTAL_WALL_TIME]})
+
+    def finish(self, evals: list[dict], start_step: int, total_steps: int) -> dict:
+        """summary.json of a completed run (written by process 0), with the warm-start and
+        teacher records (the warm-start one read back from its file, also after a resume)."""
         summary = self.summarize(
             evals, self.last_train, start_step, total_steps, self.clock.images_per_sec()
         )
-        # Also after a resume: the warm-start record is read back from its file.
-        if config_lib.init_from_workdir(config) is not None:
+        if config_lib.init_from_workdir(self.config) is not None:
             record_path = os.path.join(self.workdir, INIT_FROM_FILE)
             if os.path.exists(record_path):
                 with open(record_path) as f:
