@@ -92,42 +92,77 @@ def _output_hint(err: Exception) -> str:
             if isinstance(err, OSError) and _OUTPUT.value is None else "")
 
 
+def _flag_error() -> str | None:
+    """What is wrong with the flags, checked before anything loads (None: nothing)."""
+    if _TEMPERATURE_SPLIT.value is not None and not _CALIBRATION.value:
+        return "--temperature_split is invalid with --nocalibration; drop one of them"
+    if _PLOT.value and _PLOT_IMAGES.value < 1:
+        return f"--plot_images={_PLOT_IMAGES.value} is invalid; expected at least 1 (or --noplot)"
+    if _STEP.value is not None and _STEP.value < 1:  # load_trained would name its argument
+        return (f"--step={_STEP.value} is invalid; expected a checkpoint step >= 1 (or leave it "
+                "out: the best checkpoint, else the newest)")
+    if _DEVICES.value is not None and _DEVICES.value < 0:
+        return (f"--num_devices={_DEVICES.value} is invalid; expected 0 (every local device) or "
+                "a positive count")
+    if _N_BINS.value < 1:
+        return f"--n_bins={_N_BINS.value} is invalid; expected at least 1 (Guo et al. use 15)"
+    if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
+        return f"--output={_OUTPUT.value!r} is invalid; expected a JSON file path, not a directory"
+    if _OUTPUT.value and _OUTPUT.value.lower().endswith(".png"):  # the plot's own path
+        return (f"--output={_OUTPUT.value!r} is invalid; expected a JSON file path (the plot is "
+                "written beside it, with the suffix .png)")
+    return None
+
+
+def _calibrate(run, result: dict, same_split: bool) -> tuple[tuple | None, str | None]:
+    """Adds a classifier's `calibration` (and temperature scaling) to `result`; returns the
+    (logits, labels) pass it made, shared with the confusion plot, and why the temperature
+    could not be fitted (the scores at T = 1 are kept then), or None."""
+    from cnnjax.train.trained import calibrate_run, classifier_logits
+
+    classified = None
+    try:  # one pass of the model for calibration and the confusion matrix
+        classified = classifier_logits(run, result["split"], _BATCH.value or 64)
+        result["calibration"] = calibrate_run(
+            run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
+            same_split=same_split)
+    except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
+        result["calibration_error"] = str(err)
+        if classified is not None:  # only the fit failed: the scores at T = 1 stand
+            result["calibration"] = calibrate_run(run, *classified, _N_BINS.value)
+        return classified, str(err)
+    return classified, None
+
+
+def _plot_reliability(run, result: dict, path: str) -> str:
+    """The reliability diagram of `result`'s calibration (before and after temperature
+    scaling, when fitted) at `path`."""
+    from cnnjax.analysis.calibration import plot_reliability
+
+    record = result["calibration"]
+    scaled = record.get("temperature_scaling")
+    panels = [("before temperature scaling" if scaled else "", record)]
+    if scaled:
+        panels.append((f"T = {scaled['temperature']:.3f} (fitted on {scaled['split']})", scaled))
+    return plot_reliability(panels, path,
+                            title=f"{run.config.model} step {run.step}, {result['split']}")
+
+
 def main(argv: list[str]) -> None:
     start_command(argv)
-    from cnnjax.analysis.calibration import plot_reliability
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import (
         NoWeightAverageError,
-        calibrate_run,
         check_split,
         check_temperature_split,
-        classifier_logits,
         evaluate_run,
         load_trained,
         plot_predictions,
     )
     from cnnjax.utils.files import write_json
 
-    if _TEMPERATURE_SPLIT.value is not None and not _CALIBRATION.value:
-        sys.exit("error: --temperature_split is invalid with --nocalibration; drop one of them")
-    if _PLOT.value and _PLOT_IMAGES.value < 1:
-        sys.exit(f"error: --plot_images={_PLOT_IMAGES.value} is invalid; expected at least 1 "
-                 "(or --noplot)")
-    if _STEP.value is not None and _STEP.value < 1:  # load_trained would name its argument
-        sys.exit(f"error: --step={_STEP.value} is invalid; expected a checkpoint step >= 1 (or "
-                 "leave it out: the best checkpoint, else the newest)")
-    if _DEVICES.value is not None and _DEVICES.value < 0:
-        sys.exit(f"error: --num_devices={_DEVICES.value} is invalid; expected 0 (every local "
-                 "device) or a positive count")
-    if _N_BINS.value < 1:
-        sys.exit(f"error: --n_bins={_N_BINS.value} is invalid; expected at least 1 (Guo et al. "
-                 "use 15)")
-    if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
-        sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path, "
-                 "not a directory")
-    if _OUTPUT.value and _OUTPUT.value.lower().endswith(".png"):  # the plot's own path
-        sys.exit(f"error: --output={_OUTPUT.value!r} is invalid; expected a JSON file path (the "
-                 "plot is written beside it, with the suffix .png)")
+    if (error := _flag_error()) is not None:
+        sys.exit(f"error: {error}")
     with one_line_errors(_hint):
         if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
             check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")
@@ -151,29 +186,12 @@ def main(argv: list[str]) -> None:
         stem = os.path.splitext(output)[0]
         classified, failure = None, None
         if config_task(run.config) == "classification" and _CALIBRATION.value:
-            try:  # one pass of the model for calibration and the confusion matrix
-                classified = classifier_logits(run, result["split"], _BATCH.value or 64)
-                result["calibration"] = calibrate_run(
-                    run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
-                    same_split=same_split)
-            except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
-                failure = str(err)
-                result["calibration_error"] = failure
-                if classified is not None:  # only the fit failed: the scores at T = 1 stand
-                    result["calibration"] = calibrate_run(run, *classified, _N_BINS.value)
+            classified, failure = _calibrate(run, result, same_split)
         if _PLOT.value and (classified is not None or failure is None):
             result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
                                        classified=classified)
         if _PLOT.value and "calibration" in result:
-            record = result["calibration"]
-            scaled = record.get("temperature_scaling")
-            panels = [("before temperature scaling" if scaled else "", record)]
-            if scaled:
-                panels.append((f"T = {scaled['temperature']:.3f} (fitted on {scaled['split']})",
-                               scaled))
-            result["reliability_plot"] = plot_reliability(
-                panels, stem + "_reliability.png",
-                title=f"{run.config.model} step {run.step}, {result['split']}")
+            result["reliability_plot"] = _plot_reliability(run, result, stem + "_reliability.png")
         write_json(output, result)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "calibration")}
     print(json.dumps(shown, indent=2, default=float))  # all of it is in the file
