@@ -31,9 +31,10 @@ def stand_in_slurm(bin_dir: Path) -> Path:
     write_executable(bin_dir / "srun", (
         "#!/usr/bin/env bash\n"
         'while [[ "${1:-}" == --* ]]; do shift; done  # srun options\n'
-        '"$@" &\n'
+        # The task is registered before it runs (as slurmstepd knows its tasks before they
+        # start), so a scancel that comes once the program has started always reaches it.
+        f'(echo "$BASHPID" >> {here}/srun.tasks; exec "$@") &\n'
         "child=$!\n"
-        f'echo "$child" >> {here}/srun.tasks\n'
         # the step dies with its srun (slurmstepd's cleanup when srun is gone, even by KILL)
         '(while kill -0 $$ 2>/dev/null; do sleep 0.1; done; kill -KILL "$child" 2>/dev/null) &\n'
         "trap 'echo \"srun: forcing job termination\" >&2; kill -KILL \"$child\"' TERM\n"
