@@ -145,11 +145,24 @@ _SPEC_DEFAULTS = json_ready({f.name: f.default for f in dataclasses.fields(JobSp
                              if f.default is not dataclasses.MISSING})
 
 
-def _read_record(path: str) -> dict[str, Any] | None:
+def _read_record(path: str, workdir: str) -> dict[str, Any] | None:
+    """The launch record at `path` (None if there is none); ValueError naming it when it is not
+    one this command writes (truncated, hand-edited)."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as err:
+            reason = f"not valid JSON ({err})"
+        else:
+            if (isinstance(record, dict) and isinstance(record.get("spec"), dict)
+                    and isinstance(record.get("jobs"), list)):
+                return record
+            reason = ("not what launch.submit writes (an object with a 'spec' object and a "
+                      "'jobs' list)")
+    raise invalid(_OWNER, "workdir", workdir, f"its launch record {path} is {reason}; repair "
+                  "it, or move it away to submit as if the workdir were new")
 
 
 #: Scheduling fields only a sweep (an array job) takes.
@@ -190,7 +203,7 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     """
     directory = slurm.slurm_dir(spec)
     record_path = os.path.join(directory, RECORD_FILE)
-    record = _read_record(record_path)
+    record = _read_record(record_path, spec.workdir)
     new = spec.to_json()
     if record is not None:  # fields added since it was written read as their defaults
         record["spec"] = {**_SPEC_DEFAULTS, **record["spec"]}

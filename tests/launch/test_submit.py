@@ -4,6 +4,7 @@ anything is written, and `check_configs` (overrides loaded against the config fi
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,30 @@ def test_force_replaces_a_record_with_a_field_this_version_does_not_know(tmp_pat
     forced = _submit(tmp_path, *_train_args(workdir, "--force"))
     assert forced.returncode == 0, forced.stderr
     assert "future_field" not in json.loads(path.read_text())["spec"]
+
+
+@pytest.mark.parametrize("text,reason", [
+    ('{"spec": ', r"not valid JSON \(Expecting value: line 1 column 10 \(char 9\)\)"),
+    ('{"jobs": []}', r"not what launch.submit writes \(an object with a 'spec' object and a "
+                     r"'jobs' list\)"),
+    ("[1]", r"not what launch.submit writes \(.*\)"),
+])
+def test_an_unreadable_launch_record_is_named_and_nothing_is_written(tmp_path, text, reason):
+    """A truncated or hand-edited launch.json gave 'error: Expecting value: line 1 column 10'
+    (no file named) or a KeyError/TypeError traceback."""
+    workdir = tmp_path / "run"
+    (workdir / "slurm").mkdir(parents=True)
+    (workdir / "slurm" / "launch.json").write_text(text)
+    result = _submit(tmp_path, *_train_args(workdir))
+    assert result.returncode == 1
+    path = workdir / "slurm" / "launch.json"
+    assert re.fullmatch(
+        rf"error: launch: workdir='{workdir}' is invalid; its launch record {path} is "
+        rf"{reason}; repair it, or move it away to submit as if the workdir were new\.\n",
+        result.stderr), result.stderr
+    assert os.listdir(workdir / "slurm") == ["launch.json"]
+    assert path.read_text() == text
+    assert not (tmp_path / "bin" / "sbatch.calls").exists()
 
 
 def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
@@ -436,8 +461,10 @@ def test_check_configs_types_the_entry_points_plain_flags(tmp_path):
     spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
                    submit_dir=str(ROOT), overrides=("--distributed_timeout=600",))
     check_configs(spec)
+    # (refused by validate_spec, which check_configs runs first, naming what is valid)
     with pytest.raises(ValueError, match=r"^launch: overrides='--distributed_timeout=abc' is "
-                                         r"invalid; .*could not convert string to float"):
+                                         r"invalid; --distributed_timeout takes a positive, "
+                                         r"finite number of seconds"):
         check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--distributed_timeout=abc",)}))
 
 
