@@ -10,7 +10,8 @@ dtype and its outputs are compared in float64.
 Shifts act on the spatial axes `1 .. x.ndim - 2` of a channels-last batch (NHWC for images).
 `mode="circular"` rolls the image around (the exact symmetry of circular convolution);
 `mode="zeros"` translates it and fills the vacated border with zeros (the comparison then skips
-the output positions the translation left undefined).
+the output positions the translation left undefined). A NaN or inf in the input (refused
+before `fn` runs) or in an output is a ValueError: no deviation can be measured through it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,27 @@ def _check_input(owner: str, x: Any) -> np.ndarray:
             or low_precision_float):
         raise invalid(owner, "x.dtype", str(arr.dtype), "expected a numeric array")
     return arr
+
+
+def _check_finite(owner: str, arr: np.ndarray) -> None:
+    """A NaN or inf pixel is refused before fn runs: its deviations are NaN, which no score
+    can report as a distance from equivariance."""
+    wide = widen_low_precision(arr)
+    if wide.dtype.kind == "f" and not np.all(np.isfinite(wide)):
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(wide))[0])
+        raise invalid(owner, f"x[{', '.join(map(str, bad))}]", float(wide[bad]),
+                      "expected finite values")
+
+
+def _output(owner: str, name: str, out: Any) -> np.ndarray:
+    """`fn`'s output `name` in float64, refused when it holds a NaN or inf (a diverged model):
+    its deviations would be NaN, and a NaN reference scale read as a relative error of 0."""
+    y = np.asarray(out, dtype=np.float64)
+    if not np.all(np.isfinite(y)):
+        kinds = sorted({"NaN" if np.isnan(v) else "inf" for v in y[~np.isfinite(y)][:1000]})
+        raise invalid(owner, name, f"an array of shape {y.shape} holding {' and '.join(kinds)}",
+                      "expected finite outputs")
+    return y
 
 
 def _check_fits(owner: str, shift: tuple[int, ...], arr: np.ndarray, mode: str) -> None:
@@ -150,11 +172,12 @@ def equivariance_error(
     n = arr.ndim - 2
     shift = _shift_vector(owner, shift, n)
     _check_fits(owner, shift, arr, mode)
+    _check_finite(owner, arr)
     border_arg, border = border, _per_axis(owner, "border", border, n, minimum=0)
     if stride is not None:  # a given stride is checked before fn runs (compiles)
         stride = _output_stride(owner, shift, stride, n)
-    y = np.asarray(fn(arr), dtype=np.float64)
-    y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
+    y = _output(owner, "fn(x)", fn(arr))
+    y_shifted = _output(owner, "fn(shifted x)", fn(_translate(arr, shift, mode)))
     if y.ndim != arr.ndim:
         raise invalid(owner, "fn(x).shape", y.shape,
                       f"expected a rank-{arr.ndim} output with the input's spatial axes")
@@ -199,6 +222,7 @@ def invariance_error(
     check_choice(owner, "mode", mode, MODES)
     shift = _shift_vector(owner, shift, arr.ndim - 2)
     _check_fits(owner, shift, arr, mode)
-    y = np.asarray(fn(arr), dtype=np.float64)
-    y_shifted = np.asarray(fn(_translate(arr, shift, mode)), dtype=np.float64)
+    _check_finite(owner, arr)
+    y = _output(owner, "fn(x)", fn(arr))
+    y_shifted = _output(owner, "fn(shifted x)", fn(_translate(arr, shift, mode)))
     return _error(y_shifted, y)

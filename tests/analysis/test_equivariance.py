@@ -250,3 +250,34 @@ def test_an_upsampling_map_shifts_its_output_by_the_upsampling_factor():
                                          r"size \(5, 4\) is not a multiple of output size "
                                          r"\(7, 4\) nor the output of the input"):
         equivariance_error(lambda a: np.repeat(a, 2, axis=1)[:, :7], x, (1, 1))
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_is_refused_before_fn_runs(probe, bad):
+    """A NaN pixel scored ShiftError(max_abs=nan, relative=0.0): max|reference| was NaN, so the
+    'scale > 0' test failed and the relative error read as a perfect 0."""
+    x = X.copy()
+    x[1, 5, 7, 2] = bad
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: x\[1, 5, 7, 2\]={bad} is "
+                                         r"invalid; expected finite values"):
+        probe(lambda a: pytest.fail("fn ran"), x, (2, 2))
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
+def test_a_non_finite_output_is_refused_not_scored_as_equivariant(probe):
+    """A map that returns NaN (a diverged model) was scored relative=0.0, the value of an exactly
+    equivariant one; an inf gave NaN - inf differences. Which output failed is named."""
+    def breaks_on_shifted(a):  # finite on x, NaN once shifted (the top-left pixel moved)
+        return np.where(a[:, :1, :1] == X[:, :1, :1], a[:, :1, :1], np.nan) * np.ones_like(a)
+
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: fn\(shifted x\)=.*NaN.* is "
+                                         r"invalid; expected finite outputs"):
+        probe(breaks_on_shifted, X, (2, 2))
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: fn\(x\)=.*inf.* is invalid; "
+                                         r"expected finite outputs"):
+        probe(lambda a: np.full_like(a, np.inf), X, (2, 2))
+    # a finite map is still scored: a pointwise square is exactly equivariant under circular
+    # shifts, and the mean of its channels exactly invariant (float32, so to rounding)
+    assert probe(lambda a: a * a if probe is equivariance_error else (a * a).mean((1, 2)),
+                 X, (2, 2)).relative < 1e-6
