@@ -622,6 +622,11 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
             f"accept them ({err.keyword!r} is unknown, or fixed by the model's name); its "
             f"settable fields are {sorted(model_kwargs_config(config.model))}."
         ) from None
+    if getattr(model, "features_only", False):  # ResNet's backbone switch: no head, no logits
+        raise invalid("config", "model_kwargs.features_only", True,
+                      f"expected False ({config.model} with features_only=True is a backbone "
+                      f"that returns a dict of feature maps, not the outputs a {task} run "
+                      "trains on; it failed in the first train step)")
     image_shape = tuple(data_info.image_shape)
     checks.check_input_size(model, config.model, image_shape, info.min_input_size)
     if task == "detection":

@@ -628,3 +628,25 @@ def test_a_single_class_classifier_is_refused_before_compiling(tmp_path, monkeyp
     _raises(config, tmp_path / "run", message)
     config.data.classes = (3, 1)
     assert check_config(config).data_info.num_classes == 2
+
+
+def test_a_backbone_only_resnet_is_refused_by_check_config(monkeypatch):
+    """`--config.model=resnet18 --config.model_kwargs.features_only=True` (a settable field, so
+    model_kwargs_config declares it) builds a backbone whose output is a dict of feature maps:
+    check_config passed it and the classification run failed in its first train step
+    ("'dict' object has no attribute 'astype'"), after the workdir was written."""
+    monkeypatch.undo()  # the real digits config (generated offline)
+    from cnnjax.train.config import model_kwargs_config
+    from experiments.configs import lenet5_digits
+
+    config = lenet5_digits.get_config()
+    config.model = "resnet18"
+    config.model_kwargs = model_kwargs_config("resnet18")
+    config.data.grey_to_rgb = True
+    check_config(config)  # the classifier itself is fine on these images
+    config.model_kwargs.features_only = True
+    with pytest.raises(ValueError) as err:
+        check_config(config)
+    assert str(err.value).startswith(
+        "config: model_kwargs.features_only=True is invalid; expected False (resnet18 with "
+        "features_only=True is a backbone")
