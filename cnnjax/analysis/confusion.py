@@ -45,8 +45,27 @@ def _check_class_indices(name: str, values: np.ndarray) -> None:
                       "expected integer class indices (argmax the scores first)")
 
 
-def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+def _check_counts(owner: str, matrix: Any) -> np.ndarray:
+    """`matrix` as float64 after checking it is a square matrix of finite counts >= 0 (a
+    negative entry could cancel a row or a union to 0, read as 'no example')."""
+    try:
+        matrix = np.asarray(widen_low_precision(np.asarray(matrix)), np.float64)
+    except (TypeError, ValueError):
+        raise invalid(owner, "matrix", matrix,
+                      "expected a square [C, C] confusion matrix of counts") from None
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise invalid(owner, "matrix.shape", matrix.shape,
+                      "expected a square [C, C] confusion matrix")
+    if not np.all(np.isfinite(matrix) & (matrix >= 0)):
+        bad = tuple(int(i) for i in np.argwhere(~(np.isfinite(matrix) & (matrix >= 0)))[0])
+        raise invalid(owner, f"matrix[{bad[0]}, {bad[1]}]", float(matrix[bad]),
+                      "expected counts: finite and >= 0")
+    return matrix
+
+
+def per_class_accuracy(matrix: Any) -> np.ndarray:
     """Recall of each class (diagonal over row sums); NaN for a class with no example."""
+    matrix = _check_counts("per_class_accuracy", matrix)
     totals = matrix.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, np.diag(matrix) / totals, np.nan)
@@ -57,18 +76,7 @@ def intersection_over_union(matrix: Any) -> dict[str, float]:
     `pixel_accuracy`, correct pixels over all counted pixels (FCN's "pixel accuracy"); `miou`,
     the mean over classes present in the truth or the predictions of `TP / (TP + FP + FN)`
     (PASCAL VOC's and Cityscapes' mean IoU), and `iou/<c>` per such class."""
-    try:
-        matrix = np.asarray(widen_low_precision(np.asarray(matrix)), np.float64)
-    except (TypeError, ValueError):
-        raise invalid("intersection_over_union", "matrix", matrix,
-                      "expected a square [C, C] confusion matrix of counts") from None
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise invalid("intersection_over_union", "matrix.shape", matrix.shape,
-                      "expected a square [C, C] confusion matrix")
-    if not np.all(np.isfinite(matrix) & (matrix >= 0)):  # else a union can cancel to 0
-        bad = tuple(int(i) for i in np.argwhere(~(np.isfinite(matrix) & (matrix >= 0)))[0])
-        raise invalid("intersection_over_union", f"matrix[{bad[0]}, {bad[1]}]",
-                      float(matrix[bad]), "expected counts: finite and >= 0")
+    matrix = _check_counts("intersection_over_union", matrix)
     hits = np.diag(matrix)
     union = matrix.sum(axis=0) + matrix.sum(axis=1) - hits
     present = np.flatnonzero(union > 0)

@@ -162,3 +162,19 @@ def test_plot_refuses_class_labels_of_another_length(tmp_path):
         plot_confusion_matrix(confusion_matrix([0, 1, 2], [0, 2, 2], 3),
                               str(tmp_path / "never.png"), class_labels=["5", "6"])
     assert not (tmp_path / "never.png").exists()
+
+
+@pytest.mark.parametrize(("matrix", "message"), [
+    (np.array([3, 1]), r"matrix.shape=\(2,\) is invalid; expected a square \[C, C\]"),
+    (np.ones((2, 3)), r"matrix.shape=\(2, 3\) is invalid; expected a square \[C, C\]"),
+    (np.array([[1, -2], [0, 1]]), r"matrix\[0, 1\]=-2.0 is invalid; expected counts"),
+    (np.array([[1, np.nan], [0, 1]]), r"matrix\[0, 1\]=nan is invalid; expected counts"),
+])
+def test_per_class_accuracy_refuses_what_is_not_a_confusion_matrix(matrix, message):
+    """A [2, 3] matrix returned the diagonal over 3-entry rows (1/3, 1/3) as two recalls; a
+    negative count made a row total < 1 read as 'no example' (NaN), and a 1-D array failed in
+    NumPy with an AxisError naming no argument."""
+    with pytest.raises(ValueError, match=r"^per_class_accuracy: " + message):
+        per_class_accuracy(matrix)
+    # counts still score as sklearn's recall (hand reference: row 0 1/3, row 1 empty -> NaN)
+    np.testing.assert_array_equal(per_class_accuracy([[1, 2], [0, 0]]), [1 / 3, np.nan])
