@@ -145,7 +145,7 @@ def test_calibration_shares_one_pass_with_the_confusion_matrix(run_dir, tmp_path
     monkeypatch.setattr(trained, "classifier_logits", with_mistakes)
     scaled = calibrate_run(run, logits, labels, n_bins=10, temperature_split="train",
                            batch_size=8)["temperature_scaling"]
-    fit_logits, fit_labels = with_mistakes(run, "train")
+    fit_logits, fit_labels = with_mistakes(run, "train", batch_size=8)  # as calibrate_run read it
     assert scaled["temperature"] == cal.fit_temperature(fit_logits, fit_labels) > 1
     assert (scaled["split"], scaled["same_split"], scaled["num_fit_examples"]) == (
         "train", False, helpers.NUM_EVAL)
