@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from cnnjax.utils.validation import check_non_negative_int, check_positive_int, invalid
@@ -545,6 +545,279 @@ def _concatenate_flattened(pieces: Sequence[AxisField], on_dim: Sequence[AxisFie
     return dataclasses.replace(whole, jump=jumps.pop() if len(jumps) == 1 else 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Equation:
+    """One primitive application as `propagate` sees it, with the helpers its rules share."""
+
+    prim: str
+    params: dict[str, Any]
+    in_infos: Sequence[Info | None]
+    in_shapes: Sequence[Sequence[int]]
+    out_shapes: Sequence[Sequence[int]]
+    notes: list[str]
+    where: str
+    first_k: int = dataclasses.field(init=False)  # index of the first activation input
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "first_k", next(k for k, info in enumerate(self.in_infos) if info is not None))
+
+    @property
+    def first(self) -> Info:
+        """Fields of the first activation input."""
+        return self.in_infos[self.first_k]
+
+    @property
+    def ndim(self) -> int:
+        """Rank of the first activation input."""
+        return len(self.in_shapes[self.first_k])
+
+    @property
+    def n_out(self) -> int:
+        """Number of outputs."""
+        return len(self.out_shapes)
+
+    def finish(self, infos: Sequence[Info]) -> list[Info]:
+        """Output fields with their position counts filled in from the output shapes."""
+        return [with_counts(info, shape) for info, shape in zip(infos, self.out_shapes,
+                                                                strict=True)]
+
+    def also_global(self, info: Info, extra: Sequence[Info | None]) -> Info:
+        """Merges inputs whose every element reaches every output (dynamic kernels, indices)."""
+        extra = [e for e in extra if e is not None]
+        if not extra:
+            return info
+        self.notes.append(f"{self.where}: an operand computed from the input (a data-dependent "
+                          "kernel, padding value or index) reaches every output; field treated "
+                          "as global")
+        glob = _globalize(extra)
+        info = with_counts(info, self.out_shapes[0])  # the positions the union runs over
+        return tuple(union([f, g])[0] for f, g in zip(info, glob, strict=True))
+
+
+def _elementwise_rule(eq: _Equation) -> list[Info]:
+    """Elementwise ops: every output gets the union of the activation inputs' fields."""
+    return eq.finish([_merge(eq.in_infos, eq.notes, eq.where)] * eq.n_out)
+
+
+def _optimization_barrier_rule(eq: _Equation) -> list[Info]:
+    """`optimization_barrier`: each operand's fields pass through to its own output."""
+    return [None if info is None else with_counts(info, shape)
+            for info, shape in zip(eq.in_infos, eq.out_shapes, strict=True)]
+
+
+def _conv_rule(eq: _Equation) -> list[Info]:
+    """`conv_general_dilated`: the window recurrence on each spatial axis (global if the kernel
+    is data-dependent or batch groups are used)."""
+    params, in_infos, notes, where = eq.params, eq.in_infos, eq.notes, eq.where
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    if in_infos[0] is None or params.get("batch_group_count", 1) != 1:
+        notes.append(f"{where}: convolution with a data-dependent kernel or batch groups; "
+                     "field treated as global")
+        kept = None  # where the input's spatial axes lie in the output
+        if in_infos[0] is not None:
+            kept = _apply(in_infos[0], {a: (o, None) for a, o in
+                                        zip(lhs_spec[2:], out_spec[2:], strict=True)})
+        return eq.finish([_globalize(in_infos, kept)])
+    rules: Rules = {lhs_spec[0]: (out_spec[0], None)}
+    for i, (a, o) in enumerate(zip(lhs_spec[2:], out_spec[2:], strict=True)):
+        lhs_dilation = params["lhs_dilation"][i]
+        if lhs_dilation > 1:
+            notes.append(f"{where}: input dilation {lhs_dilation} (transposed convolution) "
+                         "makes the grid non-uniform; later field sizes are upper bounds")
+        rules[a] = (o, (eq.in_shapes[1][rhs_spec[2 + i]], params["window_strides"][i],
+                        params["padding"][i][0], params["rhs_dilation"][i], lhs_dilation))
+    return eq.finish([eq.also_global(_apply(in_infos[0], rules, notes, where), in_infos[1:])])
+
+
+def _window_reduction_rule(eq: _Equation) -> list[Info]:
+    """`reduce_window*` (pooling): the window recurrence on every axis of each operand."""
+    params, first = eq.params, eq.first
+    if any(f.axis is not None and params["base_dilation"][f.axis] > 1 for f in first):
+        eq.notes.append(f"{eq.where}: base dilation (zero insertion) makes the grid non-uniform; "
+                        "later field sizes are upper bounds")
+    rules = {
+        a: (a, (params["window_dimensions"][a], params["window_strides"][a],
+                params["padding"][a][0], params["window_dilation"][a],
+                params["base_dilation"][a]))
+        for a in range(eq.ndim)
+    }
+    return eq.finish([_apply(eq.in_infos[k] or first, rules, eq.notes, eq.where)
+                      for k in range(eq.n_out)])
+
+
+def _pad_rule(eq: _Equation) -> list[Info]:
+    """`pad`: a 1-wide window shifted by the low padding, interior padding as input dilation."""
+    rules = {a: (a, (1, 1, lo, 1, interior + 1))
+             for a, (lo, _, interior) in enumerate(eq.params["padding_config"])}
+    return eq.finish([eq.also_global(_apply(eq.first, rules, eq.notes, eq.where),
+                                     eq.in_infos[1:])])
+
+
+def _slice_rule(eq: _Equation) -> list[Info]:
+    """`slice`: a 1-wide window starting at the start index, with the slice's strides."""
+    ndim = eq.ndim
+    strides = eq.params["strides"] or (1,) * ndim
+    rules = {a: (a, (1, strides[a], -eq.params["start_indices"][a], 1, 1)) for a in range(ndim)}
+    return eq.finish([_apply(eq.first, rules, eq.notes, eq.where)])
+
+
+def _split_rule(eq: _Equation) -> list[Info]:
+    """`split`: each piece is a slice starting at its offset along the split axis."""
+    axis, outs, offset = eq.params["axis"], [], 0
+    for shape in eq.out_shapes:
+        rules = _identity_rules(eq.ndim)
+        rules[axis] = (axis, (1, 1, -offset, 1, 1))
+        outs.append(_apply(eq.first, rules, eq.notes, eq.where))
+        offset += shape[axis]
+    return eq.finish(outs)
+
+
+def _rev_rule(eq: _Equation) -> list[Info]:
+    """`rev`: a reversed axis starts at the old last position and has the opposite jump."""
+    out = []
+    for f in eq.first:
+        if f.axis in eq.params["dimensions"] and f.count > 1:
+            out.append(dataclasses.replace(f, start=f.start + (f.count - 1) * f.jump,
+                                           jump=-f.jump))
+        else:
+            out.append(f)
+    return eq.finish([tuple(out)])
+
+
+def _transpose_rule(eq: _Equation) -> list[Info]:
+    """`transpose`: fields move to their permuted array axes."""
+    perm = eq.params["permutation"]
+    return eq.finish([_apply(eq.first, {perm[k]: (k, None) for k in range(len(perm))})])
+
+
+def _squeeze_rule(eq: _Equation) -> list[Info]:
+    """`squeeze`: fields move down past the removed axes (a field on one is collapsed)."""
+    ndim = eq.ndim
+    dims = {d % ndim for d in eq.params["dimensions"]}
+    kept = [a for a in range(ndim) if a not in dims]
+    return eq.finish([_apply(eq.first, {a: (k, None) for k, a in enumerate(kept)})])
+
+
+def _broadcast_in_dim_rule(eq: _Equation) -> list[Info]:
+    """`broadcast_in_dim`: fields move to their broadcast axes (see `_broadcast`)."""
+    return eq.finish([_broadcast(eq.first, eq.in_shapes[eq.first_k], eq.out_shapes[0],
+                                 eq.params["broadcast_dimensions"])])
+
+
+def _reshape_rule(eq: _Equation) -> list[Info]:
+    """`reshape`: fields follow kept, merged or split axes (see `_reshape`)."""
+    return eq.finish([_reshape(eq.first, eq.in_shapes[eq.first_k], eq.out_shapes[0], eq.notes,
+                               eq.where)])
+
+
+def _concatenate_rule(eq: _Equation) -> list[Info]:
+    """`concatenate`: channel paths merged, spatial pieces as padding (see `_concatenate`)."""
+    return eq.finish([_concatenate(eq.in_infos, eq.in_shapes, eq.params["dimension"], eq.notes,
+                                   eq.where)])
+
+
+def _reduction_rule(eq: _Equation) -> list[Info]:
+    """`reduce_*` and `argmax`/`argmin`: fields on reduced axes collapse, the rest move down."""
+    axes = set(eq.params["axes"])
+    kept = [a for a in range(eq.ndim) if a not in axes]
+    rules = {a: (k, None) for k, a in enumerate(kept)}
+    return eq.finish([_apply(eq.first, rules)] * eq.n_out)
+
+
+def _dot_general_rule(eq: _Equation) -> list[Info]:
+    """`dot_general`: batch and free axes move to their result axes, contracted ones collapse
+    (spread over the other operand's free axis when that operand is a constant); operands
+    merged."""
+    in_infos, in_shapes = eq.in_infos, eq.in_shapes
+    (lc, rc), (lb, rb) = eq.params["dimension_numbers"]
+    nb = len(lb)
+    lfree = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
+    rfree = [a for a in range(len(in_shapes[1])) if a not in rc and a not in rb]
+    lrules = {a: (k, None) for k, a in enumerate(lb)}
+    lrules |= {a: (nb + k, None) for k, a in enumerate(lfree)}
+    rrules = {a: (k, None) for k, a in enumerate(rb)}
+    rrules |= {a: (nb + len(lfree) + k, None) for k, a in enumerate(rfree)}
+    # Output axes of each operand's free axes, to place a spatial axis contracted against
+    # the other operand when that one is a constant or a parameter (resize, dense over space).
+    free_out = ([nb + k for k, a in enumerate(lfree) if in_shapes[0][a] > 1],
+                [nb + len(lfree) + k for k, a in enumerate(rfree) if in_shapes[1][a] > 1])
+    parts = []
+    for k, (info, rules, contracted) in enumerate(((in_infos[0], lrules, lc),
+                                                   (in_infos[1], rrules, rc))):
+        if info is None:
+            continue
+        moved = list(_apply(info, rules))
+        if in_infos[1 - k] is None and free_out[1 - k]:
+            for d, f in enumerate(info):
+                if f.axis in contracted and f.exclusive and f.count > 1:
+                    moved[d] = _contracted_against_constant(f, d, free_out[1 - k], eq.notes,
+                                                            eq.where)
+        parts.append(tuple(moved))
+    return eq.finish([_merge(parts, eq.notes, eq.where)])
+
+
+def _dynamic_slice_rule(eq: _Equation) -> list[Info]:
+    """`dynamic_slice`: fields on axes taken whole stay, sliced axes collapse; indices global."""
+    sizes = eq.params["slice_sizes"]
+    rules = {a: (a, None) for a in range(eq.ndim) if sizes[a] == eq.in_shapes[0][a]}
+    return eq.finish([eq.also_global(_apply(eq.first, rules), eq.in_infos[1:])])
+
+
+def _along_axis_rule(eq: _Equation) -> list[Info]:
+    """Cumulative ops and `sort`: the field on the scanned or sorted axis collapses."""
+    axis = eq.params.get("axis", eq.params.get("dimension"))
+    rules = {a: (a, None) for a in range(eq.ndim) if a != axis}
+    return eq.finish([_apply(eq.first, rules)] * eq.n_out)
+
+
+def _control_flow_rule(eq: _Equation) -> list[Info]:
+    """Opaque control flow (`scan`, `while`, `cond`): every position assumed to mix."""
+    eq.notes.append(f"{eq.where}: control flow '{eq.prim}' treated as mixing all positions")
+    return eq.finish([_globalize(eq.in_infos, _same_layout(eq.in_infos, eq.in_shapes, shape))
+                      for shape in eq.out_shapes])
+
+
+def _unknown_rule(eq: _Equation) -> list[Info]:
+    """Unregistered primitives: elementwise when all shapes agree, else mixing all positions."""
+    out_shape = tuple(eq.out_shapes[0])
+    same_shape = all(
+        tuple(eq.in_shapes[k]) == out_shape for k, i in enumerate(eq.in_infos) if i is not None
+    ) and all(tuple(s) == out_shape for s in eq.out_shapes)
+    if same_shape:
+        eq.notes.append(f"{eq.where}: unknown primitive '{eq.prim}' treated as elementwise")
+        return eq.finish([_merge(eq.in_infos, eq.notes, eq.where)] * eq.n_out)
+    eq.notes.append(f"{eq.where}: primitive '{eq.prim}' treated as mixing all positions "
+                    "(global field)")
+    return eq.finish([_globalize(eq.in_infos, _same_layout(eq.in_infos, eq.in_shapes, shape))
+                      for shape in eq.out_shapes])
+
+
+_Rule = Callable[[_Equation], list[Info]]
+# Primitive name -> rule, as JAX registers its own per-primitive rules; the name sets are
+# disjoint, so the order of the entries does not matter.
+_RULES: dict[str, _Rule] = {
+    **dict.fromkeys(ELEMENTWISE, _elementwise_rule),
+    "optimization_barrier": _optimization_barrier_rule,
+    "conv_general_dilated": _conv_rule,
+    **dict.fromkeys(WINDOW_REDUCTIONS, _window_reduction_rule),
+    "pad": _pad_rule,
+    "slice": _slice_rule,
+    "split": _split_rule,
+    "rev": _rev_rule,
+    "transpose": _transpose_rule,
+    "squeeze": _squeeze_rule,
+    "broadcast_in_dim": _broadcast_in_dim_rule,
+    "reshape": _reshape_rule,
+    "concatenate": _concatenate_rule,
+    **dict.fromkeys(REDUCTIONS, _reduction_rule),
+    "dot_general": _dot_general_rule,
+    "dynamic_slice": _dynamic_slice_rule,
+    **dict.fromkeys(CUMULATIVE | {"sort"}, _along_axis_rule),
+    **dict.fromkeys(("scan", "while", "cond"), _control_flow_rule),
+}
+
+
 def propagate(
     prim: str,
     params: dict[str, Any],
@@ -559,152 +832,8 @@ def propagate(
     Unknown primitives are treated conservatively: as elementwise when every activation input has
     the output's shape, else as mixing all positions (a note says so).
     """
-    n_out = len(out_shapes)
-    first_k = next(k for k, info in enumerate(in_infos) if info is not None)
-    first = in_infos[first_k]
-    ndim = len(in_shapes[first_k])
-
-    def finish(infos: Sequence[Info]) -> list[Info]:
-        return [with_counts(info, shape) for info, shape in zip(infos, out_shapes, strict=True)]
-
-    def also_global(info: Info, extra: Sequence[Info | None]) -> Info:
-        """Merges inputs whose every element reaches every output (dynamic kernels, indices)."""
-        extra = [e for e in extra if e is not None]
-        if not extra:
-            return info
-        notes.append(f"{where}: an operand computed from the input (a data-dependent kernel, "
-                     "padding value or index) reaches every output; field treated as global")
-        glob = _globalize(extra)
-        info = with_counts(info, out_shapes[0])  # the positions the union runs over
-        return tuple(union([f, g])[0] for f, g in zip(info, glob, strict=True))
-
-    if prim in ELEMENTWISE:
-        return finish([_merge(in_infos, notes, where)] * n_out)
-    if prim == "optimization_barrier":
-        return [None if info is None else with_counts(info, shape)  # operands pass through
-                for info, shape in zip(in_infos, out_shapes, strict=True)]
-    if prim == "conv_general_dilated":
-        lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-        if in_infos[0] is None or params.get("batch_group_count", 1) != 1:
-            notes.append(f"{where}: convolution with a data-dependent kernel or batch groups; "
-                         "field treated as global")
-            kept = None  # where the input's spatial axes lie in the output
-            if in_infos[0] is not None:
-                kept = _apply(in_infos[0], {a: (o, None) for a, o in
-                                            zip(lhs_spec[2:], out_spec[2:], strict=True)})
-            return finish([_globalize(in_infos, kept)])
-        rules: Rules = {lhs_spec[0]: (out_spec[0], None)}
-        for i, (a, o) in enumerate(zip(lhs_spec[2:], out_spec[2:], strict=True)):
-            lhs_dilation = params["lhs_dilation"][i]
-            if lhs_dilation > 1:
-                notes.append(f"{where}: input dilation {lhs_dilation} (transposed convolution) "
-                             "makes the grid non-uniform; later field sizes are upper bounds")
-            rules[a] = (o, (in_shapes[1][rhs_spec[2 + i]], params["window_strides"][i],
-                            params["padding"][i][0], params["rhs_dilation"][i], lhs_dilation))
-        return finish([also_global(_apply(in_infos[0], rules, notes, where), in_infos[1:])])
-    if prim in WINDOW_REDUCTIONS:
-        if any(f.axis is not None and params["base_dilation"][f.axis] > 1 for f in first):
-            notes.append(f"{where}: base dilation (zero insertion) makes the grid non-uniform; "
-                         "later field sizes are upper bounds")
-        n = len(out_shapes)
-        rules = {
-            a: (a, (params["window_dimensions"][a], params["window_strides"][a],
-                    params["padding"][a][0], params["window_dilation"][a],
-                    params["base_dilation"][a]))
-            for a in range(ndim)
-        }
-        return finish([_apply(in_infos[k] or first, rules, notes, where) for k in range(n)])
-    if prim == "pad":
-        rules = {a: (a, (1, 1, lo, 1, interior + 1))
-                 for a, (lo, _, interior) in enumerate(params["padding_config"])}
-        return finish([also_global(_apply(first, rules, notes, where), in_infos[1:])])
-    if prim == "slice":
-        strides = params["strides"] or (1,) * ndim
-        rules = {a: (a, (1, strides[a], -params["start_indices"][a], 1, 1)) for a in range(ndim)}
-        return finish([_apply(first, rules, notes, where)])
-    if prim == "split":
-        axis, outs, offset = params["axis"], [], 0
-        for shape in out_shapes:
-            rules = _identity_rules(ndim)
-            rules[axis] = (axis, (1, 1, -offset, 1, 1))
-            outs.append(_apply(first, rules, notes, where))
-            offset += shape[axis]
-        return finish(outs)
-    if prim == "rev":
-        out = []
-        for f in first:
-            if f.axis in params["dimensions"] and f.count > 1:
-                out.append(dataclasses.replace(f, start=f.start + (f.count - 1) * f.jump,
-                                               jump=-f.jump))
-            else:
-                out.append(f)
-        return finish([tuple(out)])
-    if prim == "transpose":
-        perm = params["permutation"]
-        return finish([_apply(first, {perm[k]: (k, None) for k in range(len(perm))})])
-    if prim == "squeeze":
-        dims = {d % ndim for d in params["dimensions"]}
-        kept = [a for a in range(ndim) if a not in dims]
-        return finish([_apply(first, {a: (k, None) for k, a in enumerate(kept)})])
-    if prim == "broadcast_in_dim":
-        return finish([_broadcast(first, in_shapes[first_k], out_shapes[0],
-                                  params["broadcast_dimensions"])])
-    if prim == "reshape":
-        return finish([_reshape(first, in_shapes[first_k], out_shapes[0], notes, where)])
-    if prim == "concatenate":
-        return finish([_concatenate(in_infos, in_shapes, params["dimension"], notes, where)])
-    if prim in REDUCTIONS:
-        axes = set(params["axes"])
-        kept = [a for a in range(ndim) if a not in axes]
-        rules = {a: (k, None) for k, a in enumerate(kept)}
-        return finish([_apply(first, rules)] * n_out)
-    if prim == "dot_general":
-        (lc, rc), (lb, rb) = params["dimension_numbers"]
-        nb = len(lb)
-        lfree = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
-        rfree = [a for a in range(len(in_shapes[1])) if a not in rc and a not in rb]
-        lrules = {a: (k, None) for k, a in enumerate(lb)}
-        lrules |= {a: (nb + k, None) for k, a in enumerate(lfree)}
-        rrules = {a: (k, None) for k, a in enumerate(rb)}
-        rrules |= {a: (nb + len(lfree) + k, None) for k, a in enumerate(rfree)}
-        # Output axes of each operand's free axes, to place a spatial axis contracted against
-        # the other operand when that one is a constant or a parameter (resize, dense over space).
-        free_out = ([nb + k for k, a in enumerate(lfree) if in_shapes[0][a] > 1],
-                    [nb + len(lfree) + k for k, a in enumerate(rfree) if in_shapes[1][a] > 1])
-        parts = []
-        for k, (info, rules, contracted) in enumerate(((in_infos[0], lrules, lc),
-                                                       (in_infos[1], rrules, rc))):
-            if info is None:
-                continue
-            moved = list(_apply(info, rules))
-            if in_infos[1 - k] is None and free_out[1 - k]:
-                for d, f in enumerate(info):
-                    if f.axis in contracted and f.exclusive and f.count > 1:
-                        moved[d] = _contracted_against_constant(f, d, free_out[1 - k], notes,
-                                                                where)
-            parts.append(tuple(moved))
-        return finish([_merge(parts, notes, where)])
-    if prim == "dynamic_slice":
-        sizes = params["slice_sizes"]
-        rules = {a: (a, None) for a in range(ndim) if sizes[a] == in_shapes[0][a]}
-        return finish([also_global(_apply(first, rules), in_infos[1:])])
-    if prim in CUMULATIVE or prim == "sort":
-        axis = params.get("axis", params.get("dimension"))
-        rules = {a: (a, None) for a in range(ndim) if a != axis}
-        return finish([_apply(first, rules)] * n_out)
-    if prim in {"scan", "while", "cond"}:  # opaque control flow: assume every position mixes
-        notes.append(f"{where}: control flow '{prim}' treated as mixing all positions")
-        return finish([_globalize(in_infos, _same_layout(in_infos, in_shapes, shape))
-                       for shape in out_shapes])
-    same_shape = all(
-        tuple(in_shapes[k]) == tuple(out_shapes[0]) for k, i in enumerate(in_infos) if i is not None
-    ) and all(tuple(s) == tuple(out_shapes[0]) for s in out_shapes)
-    if same_shape:
-        notes.append(f"{where}: unknown primitive '{prim}' treated as elementwise")
-        return finish([_merge(in_infos, notes, where)] * n_out)
-    notes.append(f"{where}: primitive '{prim}' treated as mixing all positions (global field)")
-    return finish([_globalize(in_infos, _same_layout(in_infos, in_shapes, shape))
-                   for shape in out_shapes])
+    eq = _Equation(prim, params, in_infos, in_shapes, out_shapes, notes, where)
+    return _RULES.get(prim, _unknown_rule)(eq)
 
 
 def _broadcast(info: Info, in_shape: Sequence[int], out_shape: Sequence[int],
