@@ -32,7 +32,7 @@ import numbers
 
 import numpy as np
 
-from cnnjax.utils.validation import check_number, invalid, is_integer
+from cnnjax.utils.validation import check_number, check_positive_int, invalid, is_integer
 
 TRAIN_AUGMENTATIONS = ("none", "pad_crop_flip", "random_resized_crop_flip")
 EVAL_TRANSFORMS = ("resize", "resize_center_crop")
@@ -73,7 +73,7 @@ class DatasetPreset:
         channels = _check_image_shape(owner, self.image_shape)
         _check_normalization(owner, self.mean, self.std, channels)
         for arg in ("num_classes", "shuffle_buffer"):
-            _check_positive_integer(owner, arg, getattr(self, arg))
+            check_positive_int(owner, arg, getattr(self, arg))
         _check_default_image_size(owner, self.default_image_size, self.image_shape)
         if not isinstance(self.cache, bool):
             raise invalid(owner, "cache", self.cache, "expected True or False")
@@ -105,12 +105,6 @@ def _check_normalization(owner: str, mean: tuple[float, ...], std: tuple[float, 
         raise invalid(owner, "std", std,
                       f"expected {channels} finite numbers > 0 (per-channel standard "
                       "deviations of [0, 1] pixels; the pipeline divides by them)")
-
-
-def _check_positive_integer(owner: str, arg: str, value: object) -> None:
-    """A count (classes, shuffle buffer entries) that must be a positive integer."""
-    if not is_integer(value) or value <= 0:
-        raise invalid(owner, arg, value, "expected a positive integer")
 
 
 def _check_default_image_size(owner: str, size: object,
