@@ -47,7 +47,7 @@ def parse_flags(argv: list[str],
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         # A missing file given with overrides fails at the first override, before absl marks
         # the file's flag parsed: name the flag, not ml_collections' "config_config" module.
-        message = (missing_config_argument(flags.FLAGS, argv[1:])
+        message = (missing_config_file(flags.FLAGS, argv[1:])
                    or describe_flag_error(argv[1:], err))
         sys.exit(f"error: {message}")
     missing = missing_config_file(flags.FLAGS)
@@ -204,36 +204,34 @@ def config_file_error(err: flags.Error) -> str | None:
     return f"{match.group(1)}={match.group(2)!r} is invalid; {reason}"
 
 
-def missing_config_file(values: flags.FlagValues) -> str | None:
+def missing_config_file(values: flags.FlagValues, args: Sequence[str] | None = None
+                        ) -> str | None:
     """The error for the first config-file flag (`--config=<file>.py[:arg]`, in either flag
     syntax, or a default file when the flag is not given) of the parsed `values` whose file does
-    not exist, else None."""
+    not exist, else None. With `args`, each flag's file is read from them instead: a parse that
+    failed at an override (`--config=nope.py --config.seed=1`: ml_collections' OSError) left the
+    flag unparsed."""
     for name in values:
         flag = values[name]
-        try:
-            spec = getattr(flag, "config_filename", None)  # an ml_collections flag
-        except flags.Error:  # ml_collections' UnparsedFlagError: no file given, no default
-            spec = None
+        if not hasattr(type(flag), "config_filename"):  # not an ml_collections flag
+            continue
+        spec, given = ((_parsed_config_file(flag), flag.present) if args is None
+                       else (flag_value(args, name), True))
         if not spec or os.path.isfile(spec.split(":", 1)[0]):
             continue
-        if flag.present:
+        if given:
             return f"--{name}={spec!r} is invalid; no such config file"
         return (f"--{name} (default {spec!r}) is invalid; no such config file in "
                 f"{os.getcwd()!r} (run from the repository root, or pass --{name}=<file>)")
     return None
 
 
-def missing_config_argument(values: flags.FlagValues, args: Sequence[str]) -> str | None:
-    """The error for the first config-file flag of `values` that `args` give a file that does
-    not exist, else None: read from `args`, as a parse that failed at an override
-    (`--config=nope.py --config.seed=1`: ml_collections' OSError) left the flag unparsed."""
-    for name in values:
-        if not hasattr(type(values[name]), "config_filename"):  # not an ml_collections flag
-            continue
-        spec = flag_value(args, name)
-        if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
-            return f"--{name}={spec!r} is invalid; no such config file"
-    return None
+def _parsed_config_file(flag: flags.Flag) -> str | None:
+    """The `<file>.py[:arg]` of a parsed ml_collections config-file flag; None without one."""
+    try:
+        return flag.config_filename
+    except flags.Error:  # ml_collections' UnparsedFlagError: no file given, no default
+        return None
 
 
 # ml_collections loads `--<flag>=<file>.py` as a module named `<flag>_config`.
