@@ -20,6 +20,7 @@ from typing import Any
 from cnnjax.utils.validation import (
     check_choice,
     check_non_negative_int,
+    check_positive_float,
     check_positive_int,
     invalid,
 )
@@ -287,12 +288,10 @@ def _check_extra_value(flag: str, kind: type, value: str, override: str) -> None
     if kind is not float:
         return
     try:
-        seconds = float(value)
+        check_positive_float(_OWNER, flag, value)
     except ValueError:
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
         raise invalid(_OWNER, "overrides", override,
-                      f"--{flag} takes a positive, finite number of seconds")
+                      f"--{flag} takes a positive, finite number of seconds") from None
 
 
 def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
