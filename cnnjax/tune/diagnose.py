@@ -3,11 +3,11 @@
 `diagnose(curves)` returns a `Diagnosis`: the findings that hold, most urgent first, each a
 verdict with the numbers behind it and the config changes it recommends. Verdicts (`VERDICTS`):
 
-    diverged          NaN/inf loss (the engine stopped the run) or a loss explosion: a logged
-                      train loss above `explosion_factor` x the first one (for a classifier,
-                      x ln(num_classes), its initial loss, if that is lower), or a smoothed one
-                      ending above `relapse_factor` x its minimum (a collapse after learning,
-                      e.g. back to chance). Step given.
+    diverged          NaN/inf train or eval loss (the engine stops such a run) or a loss
+                      explosion: a logged train loss above `explosion_factor` x the first one
+                      (for a classifier, x ln(num_classes), its initial loss, if that is
+                      lower), or a smoothed one ending above `relapse_factor` x its minimum (a
+                      collapse after learning, e.g. back to chance). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
                       value over the whole run, and not fast at first and then hardly at all
@@ -37,12 +37,18 @@ average (`ema`, TensorBoard's smoothing) for trends and with a trailing windowed
 spikes; eval accuracy changes are compared with its binomial standard error on the eval set.
 Thresholds live in `Thresholds` (defaults with their reasons), so a caller can tune them.
 
+A NaN/inf accuracy, mAP, mIoU or eval-set size (which the engine never writes: it stops a run at
+its first NaN/inf loss) is refused with a ValueError naming the metrics.jsonl line and field
+(`load_curves`) or the metric and step (`diagnose`): unlike a loss it is no sign of divergence,
+only of a broken file, and as a number it would read as a change of "+nan" (converged).
+
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -306,6 +312,7 @@ def load_curves(workdir: str) -> Curves:
                       "(a sweep's runs are its trials/<trial_id> folders, a tune's "
                       "round_<k>/trials/<trial_id>)")
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
+    _check_finite_scores(os.path.join(workdir, METRICS_FILE), records)
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     curves = Curves.from_records(records, summary, config.get("num_train_steps"))
@@ -317,6 +324,46 @@ def load_curves(workdir: str) -> Curves:
                       f"the error its {SUMMARY_FILE} holds and rerun it: "
                       f"{error.rstrip('.') or 'no message'}")
     return curves
+
+
+def _scores(record: Mapping[str, Any]) -> list[str]:
+    """The fields of a metrics.jsonl record that the diagnosis reads as scores (not a loss,
+    whose NaN/inf is a divergence): train top-1; every eval metric and the eval-set size."""
+    if record.get("split") == "train":
+        return ["top1"] if "top1" in record and "loss" in record else []
+    if record.get("split") == "eval":
+        return [k for k in record if k not in ("step", "split")
+                and not config_lib.lower_is_better(k)]
+    return []
+
+
+def _check_finite_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Refuses a NaN/inf (or non-numeric) score in `records`, read from `path`, naming the line
+    (counted in the file, whose torn lines `read_metrics` skipped) and the field."""
+    for index, record in enumerate(records):
+        for field in _scores(record):
+            value = record[field]
+            if not math.isfinite(_float(value)):
+                raise invalid(_OWNER, field, value,
+                              f"{path} line {_line_number(path, index)} ({record['split']} "
+                              f"record of step {record.get('step')}) holds it, expected a "
+                              "finite number: the training engine never writes a NaN or inf "
+                              "score, so the file was edited or written by another program")
+
+
+def _line_number(path: str, index: int) -> int:
+    """The 1-based line of `path` holding the `index`-th record `read_metrics` returned."""
+    parsed = 0
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:  # read_metrics skips it
+                continue
+            if parsed == index:
+                return number
+            parsed += 1
+    raise AssertionError(f"{path} holds fewer than {index + 1} records")  # pragma: no cover
 
 
 def diagnose_workdir(workdir: str, metric: str | None = None,
@@ -373,6 +420,7 @@ def diagnose(curves: Curves, metric: str = "top1",
     if curves.eval_metrics and metric not in curves.eval_metrics:
         raise invalid(_OWNER, "metric", metric,
                       f"the run's evals report {sorted(curves.eval_metrics)}")
+    _check_finite_curves(curves, metric)
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
     if diverged:
@@ -398,6 +446,31 @@ def diagnose(curves: Curves, metric: str = "top1",
         findings = [f for f in findings if f.verdict != "converged"]  # not converged: a problem
     findings.sort(key=lambda f: VERDICTS.index(f.verdict))
     return Diagnosis(tuple(findings), curves.status)
+
+
+def _check_finite_curves(curves: Curves, metric: str) -> None:
+    """Refuses a NaN/inf among the scores the verdicts read (train and eval top-1, the judged
+    `metric` unless it is a loss, the eval-set size): curves built without `load_curves`."""
+    scores = {f"eval {name}": (curves.eval_steps, curves.eval_metrics[name])
+              for name in dict.fromkeys(("top1", metric))
+              if name in curves.eval_metrics and not config_lib.lower_is_better(name)}
+    if curves.train_top1 is not None:
+        scores["train top1"] = (curves.train_steps, curves.train_top1)
+    for name, (steps, values) in scores.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise invalid(_OWNER, f"{name} at step {steps[bad[0]]}", float(values[bad[0]]),
+                          "expected a finite number (a missing or NaN/inf score)")
+    if curves.eval_examples is not None and not math.isfinite(curves.eval_examples):
+        raise invalid(_OWNER, "eval_examples", curves.eval_examples, "expected a finite number")
+
+
+def _nonfinite_eval_loss(curves: Curves) -> tuple[int, str, float] | None:
+    """(step, name, value) of the first NaN/inf eval loss (`loss`, `ema_loss`), if any."""
+    found = [(int(curves.eval_steps[i]), name, float(values[i]))
+             for name, values in curves.eval_metrics.items() if config_lib.lower_is_better(name)
+             for i in np.flatnonzero(~np.isfinite(values))[:1]]
+    return min(found) if found else None
 
 
 def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
@@ -441,10 +514,15 @@ def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
         reference, what = curves.initial_loss, "ln(num_classes), a classifier's initial loss,"
     exploded = (np.flatnonzero(loss > t.explosion_factor * reference) if first is not None
                 else np.array([], dtype=np.int64))
+    # A NaN/inf eval loss stops the engine's run as diverged too (loop.log_eval).
+    eval_bad = _nonfinite_eval_loss(curves)
     if curves.status == "diverged":
         step, why = curves.diverged_step, "the engine stopped the run: NaN/inf or max_loss"
-    elif len(bad):
+    elif len(bad) and (eval_bad is None or curves.train_steps[bad[0]] <= eval_bad[0]):
         step, why = int(curves.train_steps[bad[0]]), f"a non-finite train loss ({loss[bad[0]]})"
+    elif eval_bad is not None:
+        step, name, value = eval_bad
+        why = f"a non-finite eval {name.replace('_', ' ')} ({value})"
     elif len(exploded):
         i = int(exploded[0])
         step = int(curves.train_steps[i])

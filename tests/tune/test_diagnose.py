@@ -108,6 +108,78 @@ def test_nan_loss_in_metrics_is_divergence_at_that_step():
     assert d.verdicts == ["diverged"] and d.findings[0].evidence["step"] == 150
 
 
+def _workdir(path, records, status="completed", steps=STEPS):
+    """A run's work dir holding `records` as its metrics.jsonl (json.dumps writes NaN/Infinity)."""
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "summary.json").write_text(json.dumps({"status": status, "step": steps}))
+    (path / "config.json").write_text(json.dumps({"num_train_steps": steps}))
+    return str(path)
+
+
+@pytest.mark.parametrize("metric", ["top1", "loss"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_eval_loss_is_divergence_at_that_eval(tmp_path, metric, bad):
+    """The engine stops a run whose eval loss is NaN/inf as diverged (loop.log_eval) and never
+    logs it; a metrics.jsonl holding one (edited, or written by another program) is diagnosed
+    the same way, at that eval's step, not as converged with a change of '+nan'."""
+    records = _records(**_converged(eval_loss=lambda s: bad if s >= 300 else 0.1))
+    d = dg.diagnose_workdir(_workdir(tmp_path, records), metric)
+    assert d.verdicts == ["diverged"]
+    assert d.findings[0].evidence["step"] == 300
+    assert d.findings[0].message == f"diverged at step 300: a non-finite eval loss ({bad})."
+    assert [r.field for r in d.findings[0].recommendations] == [
+        "optimizer.learning_rate", "schedule.warmup_steps", "optimizer.grad_clip_norm"]
+
+
+def test_a_non_finite_ema_eval_loss_is_divergence_too():
+    records = _records(**_converged())
+    for r in records:
+        if r["split"] == "eval":
+            r["ema_loss"], r["ema_top1"] = (math.inf if r["step"] >= 350 else 0.1), 0.97
+    d = dg.diagnose(dg.Curves.from_records(records, {"status": "completed"}, STEPS), "ema_top1")
+    assert d.verdicts == ["diverged"] and d.findings[0].evidence["step"] == 350
+
+
+@pytest.mark.parametrize("split, field", [("eval", "top1"), ("eval", "top5"),
+                                          ("eval", "num_examples"), ("train", "top1")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_score_in_metrics_jsonl_is_refused_naming_its_line(tmp_path, split, field,
+                                                                         bad):
+    """An accuracy (or eval-set size) is a count's fraction: NaN/inf is no learning signal but a
+    broken file, so it is refused naming the file, line and field (as a number it read as
+    'changed +nan' and converged, or 'improved inf')."""
+    records = _records(**_converged())
+    line = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] <= 300) + 1
+    records[line - 1][field] = bad
+    path = _workdir(tmp_path, records)
+    message = (rf"diagnose: {field}={bad!r} is invalid; .*metrics.jsonl line {line} \({split} "
+               rf"record of step 300\) holds it, expected a finite number.*never writes")
+    with pytest.raises(ValueError, match=message):
+        dg.load_curves(path)
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(path)
+
+
+def test_a_torn_line_does_not_shift_the_line_number_named(tmp_path):
+    records = _records(**_converged())
+    records[-1]["top1"] = math.nan
+    lines = [json.dumps(r) for r in records]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(['{"step": 1, "spl', *lines]) + "\n")
+    with pytest.raises(ValueError, match=rf"metrics.jsonl line {len(lines) + 1} \(eval record"):
+        dg.load_curves(str(tmp_path))
+
+
+@pytest.mark.parametrize("metric", ["top1", "top5", "loss"])
+def test_diagnose_refuses_curves_with_a_non_finite_score_it_reads(metric):
+    """Curves built from records (not a file) are checked by `diagnose`: the eval top-1 (read
+    for overfitting and underfitting, whatever the judged metric) and the judged metric."""
+    records = _records(**_converged())
+    records[-1]["top1"] = math.nan
+    with pytest.raises(ValueError, match=r"diagnose: eval top1 at step 400=nan is invalid; "
+                                         r"expected a finite number"):
+        dg.diagnose(dg.Curves.from_records(records, {"status": "completed"}, STEPS), metric)
+
+
 @pytest.mark.parametrize("factor, exploded", [(1.9, False), (2.1, True)])
 def test_loss_explosion_threshold(factor, exploded):
     """A logged loss above 2x the first one (2.3 at step 10) is an explosion; 1.9x is not."""

@@ -164,6 +164,27 @@ def test_unstable_incumbent_is_stabilized(verdict):
     assert plan.fixed[rc.CLIP] == 1.0 and plan.fixed[rc.WARMUP] == 5  # 5% of 100 steps
 
 
+def test_an_incumbent_whose_eval_loss_turned_nan_is_stabilized_not_stopped(tmp_path):
+    """A NaN eval loss in the incumbent's metrics.jsonl is a divergence (the real diagnosis, not
+    a scripted one): the tune stabilizes it instead of stopping it as converged with '+nan'."""
+    records = []
+    for step in range(10, 101, 10):
+        records.append({"step": step, "split": "train", "loss": 2.3 * math.exp(-0.03 * step),
+                        "top1": 0.99, "learning_rate": 0.1})
+        if step % 20 == 0:
+            records.append({"step": step, "split": "eval", "num_examples": 1000.0,
+                            "loss": math.nan if step >= 80 else 0.1, "top1": 0.97})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "step": 100}))
+    recipe = _recipe()
+    plan = rc.first_round(recipe)
+    rows = [_row(i, v, b, workdir=str(tmp_path))
+            for i, (v, b) in enumerate(zip(plan.values, [0.5, 0.9, 0.3], strict=True))]
+    d = rc.decide([rc.RoundResult(plan, rows)], recipe, _base())
+    assert d.diagnosis.verdicts == ["diverged"] and d.action == "stabilize"
+    assert "a non-finite eval loss (nan)" in d.reason and "+nan" not in d.reason
+
+
 def test_too_slow_raises_the_rate():
     recipe = _recipe()
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "too_slow")
