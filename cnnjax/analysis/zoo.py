@@ -267,11 +267,11 @@ Columns:
   (the MACs of the forward convolution it transposes, fvcore's and `torch.utils.flop_counter`'s
   count), not the zeros inserted between inputs, nor, at stride 1, the full padding it is lowered
   with (DCGAN's first layer, 1x1x100 -> 4x4x512, reads 0.82 M MACs at any stride).
-- **FLOPs**: floating-point operations as XLA's cost analysis counts them: 2 per multiply-add
-  that touches real data, plus 1 per element for bias adds, activations, BatchNorm arithmetic and
-  pooling comparisons; transcendental functions (exp, rsqrt, tanh) are not counted. So FLOPs are
-  about 2 × MACs for plain convolutional networks (for a transposed convolution, 2 × MACs less
-  the taps scattered outside the cropped output).
+- **FLOPs**: floating-point operations as XLA's cost analysis counts them (before optimisation): 2
+  per multiply-add that touches real data, plus 1 per element for bias adds, activations,
+  BatchNorm arithmetic and pooling comparisons; transcendental functions (exp, rsqrt, tanh) are
+  not counted. So FLOPs are about 2 × MACs for plain convolutional networks (for a transposed
+  convolution, 2 × MACs less the taps scattered outside the cropped output).
 - **Activations**: bytes of all layer outputs of one forward pass (float32), i.e. the
   "forward-pass size": the sum over the rows of the summary, not the peak memory of a compiled
   program (XLA fuses and frees buffers), and without the weights (4 bytes per parameter).
