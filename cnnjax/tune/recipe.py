@@ -117,6 +117,11 @@ STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "f
 # Clipping threshold for an unstable run: the global-norm clip most CNN recipes use.
 CLIP_NORM = 1.0
 _OWNER = "recipe"
+# The smallest value of each integer recipe field: round 1 needs two rates to compare, a trial
+# at least the evals and logs a trend is read from (the thresholds' defaults may ask for more).
+_COUNT_MINIMUMS = {"num_lrs": 2, "round1_steps": 1, "max_steps": 1, "max_rounds": 1,
+                   "max_trials": 1, "trials_per_round": 1, "evals_per_trial": 3,
+                   "logs_per_trial": 5}
 
 
 # --------------------------------------------------------------------------------- recipe
@@ -173,21 +178,33 @@ class Recipe:
     def __post_init__(self):
         # A mapping of some threshold fields (as recipe files and from_config give) is accepted.
         object.__setattr__(self, "thresholds", as_thresholds(self.thresholds, _OWNER))
-        # Any task's metric here; run_tune checks it against its base config's task.
+        object.__setattr__(self, "mode", self._checked_mode())
+        self._check_lr_range()
+        self._check_counts()
+        object.__setattr__(self, "regularizers", _regularizer_names(self.regularizers))
+        check_bool(_OWNER, "lengthen_regularizers", self.lengthen_regularizers)
+        check_bool(_OWNER, "lr_range_test", self.lr_range_test)
+        self._check_grid()
+        self._check_judged()
+
+    def _checked_mode(self) -> str | None:
+        """`mode` after checking `metric` (any task's, or a weight average's: run_tune checks
+        it against its base config's task and config.ema); by the metric when None."""
         metrics = list(dict.fromkeys(m for ms in config_lib.TASK_METRICS.values() for m in ms))
-        # ... or a weight average's (`ema_top1`, ...), which run_tune checks against config.ema
         if self.metric is not None and (not isinstance(self.metric, str)
                                         or self.metric.removeprefix(METRIC_PREFIX) not in metrics):
             raise invalid(_OWNER, "metric", self.metric,
                           f"expected an eval metric of one of the tasks: {metrics}, one of them "
                           f"prefixed {METRIC_PREFIX!r} (a weight average's) or None (the base "
                           "config's best_metric)")
-        mode = self.mode
         if self.metric is not None:
-            mode = check_mode(_OWNER, self.metric, mode)
-        elif mode is not None:
-            check_choice(_OWNER, "mode", mode, ("max", "min"))
-        object.__setattr__(self, "mode", mode)
+            return check_mode(_OWNER, self.metric, self.mode)
+        if self.mode is not None:
+            check_choice(_OWNER, "mode", self.mode, ("max", "min"))
+        return self.mode
+
+    def _check_lr_range(self) -> None:
+        """lr_min and lr_max: positive finite rates, lr_min < lr_max."""
         for name in ("lr_min", "lr_max"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, int | float)
@@ -196,36 +213,20 @@ class Recipe:
         if self.lr_min >= self.lr_max:
             raise invalid(_OWNER, "lr_min", self.lr_min,
                           f"expected lr_min < lr_max (lr_max={self.lr_max!r})")
-        minimum = {"num_lrs": 2, "round1_steps": 1, "max_steps": 1, "max_rounds": 1,
-                   "max_trials": 1, "trials_per_round": 1, "evals_per_trial": 3,
-                   "logs_per_trial": 5}
-        for name, low in minimum.items():
+
+    def _check_counts(self) -> None:
+        """The integer budgets and per-trial counts have their minimums; max_steps >=
+        round1_steps."""
+        for name, low in _COUNT_MINIMUMS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise invalid(_OWNER, name, value, f"expected an integer >= {low}")
         if self.max_steps < self.round1_steps:
             raise invalid(_OWNER, "max_steps", self.max_steps,
                           f"expected max_steps >= round1_steps={self.round1_steps}")
-        regularizers = self.regularizers
-        if isinstance(regularizers, str):
-            regularizers = (regularizers,)
-        if not isinstance(regularizers, list | tuple):
-            raise invalid(_OWNER, "regularizers", regularizers,
-                          f"expected a sequence of names from {list(REGULARIZERS)}")
-        # `--recipe.regularizers=weight_decay,mixup` arrives as ('weight_decay,mixup',); an
-        # empty value (`--recipe.regularizers=`) means no knob
-        regularizers = tuple(n.strip() if isinstance(n, str) else n
-                             for item in regularizers for n in
-                             (item.split(",") if isinstance(item, str) else [item])
-                             if not isinstance(n, str) or n.strip())
-        for name in regularizers:
-            check_choice(_OWNER, "regularizers", name, REGULARIZERS)
-        if len(set(regularizers)) < len(regularizers):
-            raise invalid(_OWNER, "regularizers", tuple(regularizers),
-                          "expected each name at most once")
-        object.__setattr__(self, "regularizers", tuple(regularizers))
-        check_bool(_OWNER, "lengthen_regularizers", self.lengthen_regularizers)
-        check_bool(_OWNER, "lr_range_test", self.lr_range_test)
+
+    def _check_grid(self) -> None:
+        """Round 1's grid holds num_lrs distinct rates, and max_trials has room for them."""
         grid = self.lr_grid()
         if len(set(grid)) < len(grid):
             raise invalid(_OWNER, "num_lrs", self.num_lrs,
@@ -235,6 +236,9 @@ class Recipe:
         if self.max_trials < self.num_lrs:
             raise invalid(_OWNER, "max_trials", self.max_trials,
                           f"expected at least num_lrs={self.num_lrs} (round 1's trials)")
+
+    def _check_judged(self) -> None:
+        """Every trial logs and evaluates often enough for the diagnosis (its thresholds)."""
         if self.thresholds.min_evals > self.evals_per_trial:
             raise invalid(_OWNER, "evals_per_trial", self.evals_per_trial,
                           f"expected >= thresholds.min_evals={self.thresholds.min_evals}")
@@ -277,6 +281,26 @@ class Recipe:
             half = math.sqrt(high / low)
             low, high = centre / half, centre * half
         return tuple(round_value(v) for v in np.geomspace(low, high, self.num_lrs))
+
+
+def _regularizer_names(value: Any) -> tuple[str, ...]:
+    """`recipe.regularizers` as a tuple of known names, each at most once."""
+    regularizers = (value,) if isinstance(value, str) else value
+    if not isinstance(regularizers, list | tuple):
+        raise invalid(_OWNER, "regularizers", regularizers,
+                      f"expected a sequence of names from {list(REGULARIZERS)}")
+    # `--recipe.regularizers=weight_decay,mixup` arrives as ('weight_decay,mixup',); an
+    # empty value (`--recipe.regularizers=`) means no knob
+    regularizers = tuple(n.strip() if isinstance(n, str) else n
+                         for item in regularizers for n in
+                         (item.split(",") if isinstance(item, str) else [item])
+                         if not isinstance(n, str) or n.strip())
+    for name in regularizers:
+        check_choice(_OWNER, "regularizers", name, REGULARIZERS)
+    if len(set(regularizers)) < len(regularizers):
+        raise invalid(_OWNER, "regularizers", tuple(regularizers),
+                      "expected each name at most once")
+    return tuple(regularizers)
 
 
 # ----------------------------------------------------------------------------- the rounds
@@ -460,102 +484,185 @@ def _warms_up(base: Any) -> bool:
     return space_lib.get_field(base, "schedule.name") != "one_cycle"
 
 
-def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: RoundResult,
-             row: dict, diagnosis: Diagnosis, diagnose_fn: DiagnoseFn) -> _Proposal:
-    """The next round the incumbent's diagnosis asks for (see the module docstring)."""
-    overrides = result.overrides(row)
-    value = lambda field: overrides.get(field, space_lib.get_field(base, field))  # noqa: E731
-    lr, steps = value(LR), value(STEPS)
-    verdict = diagnosis.primary
-    fixed = dict(overrides)
-    evidence = diagnosis.findings[0].message
-    # Rates that diverged with the incumbent's settings (a divergence caused by, say, a strong
-    # weight decay in a regularization round says nothing about the incumbent's lr).
+@dataclasses.dataclass(frozen=True)
+class _Incumbent:
+    """The best trial as `_propose` reads it: the rounds so far, its settings and diagnosis."""
+
+    history: Sequence[RoundResult]
+    recipe: Recipe
+    base: Any
+    row: dict
+    overrides: dict  # everything it changed from the base config
+    diagnosis: Diagnosis
+    diagnose_fn: DiagnoseFn
+    lr_cap: float  # the lowest rate that diverged with its settings (`_lr_cap`)
+
+    def value(self, field: str) -> Any:
+        """Its `field`: its override, else the base config's."""
+        return self.overrides.get(field, space_lib.get_field(self.base, field))
+
+    @property
+    def fixed(self) -> dict:
+        return dict(self.overrides)
+
+    @property
+    def lr(self) -> float:
+        return self.value(LR)
+
+    @property
+    def steps(self) -> int:
+        return self.value(STEPS)
+
+    @property
+    def evidence(self) -> str:
+        return self.diagnosis.findings[0].message
+
+    def lrs(self, *factors: float) -> tuple[float, ...]:
+        """Its lr times `factors`, below every rate that diverged with its settings."""
+        return tuple(round_value(self.lr * f) for f in factors if self.lr * f < self.lr_cap)
+
+    def longer(self, why: str, lr_factors: tuple[float, ...]) -> _Proposal | None:
+        """A train_longer round (2x steps, at most max_steps; the lr times `lr_factors`), or
+        None at max_steps."""
+        steps, recipe = self.steps, self.recipe
+        if steps >= recipe.max_steps:
+            return None
+        new_steps = min(2 * steps, recipe.max_steps)
+        new_fixed = {**self.fixed, **logging_overrides(new_steps, recipe)}
+        if _warms_up(self.base) and WARMUP in self.overrides:
+            new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
+        return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
+                         f"{_short(self.lr)}", new_fixed, LR, self.lrs(*lr_factors))
+
+
+def _lr_cap(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> float:
+    """The lowest rate that diverged with the settings of `overrides` (inf if none): a
+    divergence caused by, say, a strong weight decay in a regularization round says nothing
+    about the incumbent's lr."""
     same = _settings_key(overrides)
     diverged = [r.overrides(x)[LR] for r in history for x in r.rows
                 if x["status"] == "diverged" and LR in r.overrides(x)
                 and _settings_key(r.overrides(x)) == same]
-    lr_cap = min(diverged) if diverged else math.inf
+    return min(diverged) if diverged else math.inf
 
-    def lrs(*factors: float) -> tuple[float, ...]:
-        return tuple(round_value(lr * f) for f in factors if lr * f < lr_cap)
 
-    def longer(why: str, lr_factors: tuple[float, ...]) -> _Proposal | None:
-        if steps >= recipe.max_steps:
-            return None
-        new_steps = min(2 * steps, recipe.max_steps)
-        new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}
-        if _warms_up(base) and WARMUP in overrides:
-            new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
-        return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
-                         f"{_short(lr)}", new_fixed, LR, lrs(*lr_factors))
-
+def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: RoundResult,
+             row: dict, diagnosis: Diagnosis, diagnose_fn: DiagnoseFn) -> _Proposal:
+    """The next round the incumbent's diagnosis asks for (see the module docstring)."""
+    overrides = result.overrides(row)
+    best = _Incumbent(history, recipe, base, row, overrides, diagnosis, diagnose_fn,
+                      _lr_cap(history, overrides))
+    verdict = diagnosis.primary
     if verdict in ("diverged", "unstable"):
-        stable = {**fixed, CLIP: CLIP_NORM}
-        if _warms_up(base):
-            stable[WARMUP] = max(value(WARMUP), round(WARMUP_FRACTION * steps))
-        return _Proposal("stabilize", f"the best trial is {verdict} ({evidence}): lower lr, "
-                         f"clip gradients at {CLIP_NORM:g}", stable, LR, lrs(0.5, 1.0, 0.25))
-    edge, ratio = _lr_edge(history, overrides, row["best"])
-    if edge:
-        # Half a grid step and a full one past the edge: the optimum may lie in either.
-        factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)
-        candidates = lrs(*factors)
-        if any(_config_key({**fixed, LR: v}) not in _seen(history) for v in candidates):
-            return _Proposal("lr_search", f"the best lr {_short(lr)} is the {edge}est rate "
-                             "tried with these settings: extend the grid past it", fixed, LR,
-                             candidates)
-    if verdict == "converged":
-        return _stop(f"the best trial has converged ({evidence})", "converged")
-    if verdict == "too_slow":
-        proposal = _Proposal("lr_search", f"the best trial learns too slowly ({evidence}): "
-                             "raise lr", fixed, LR, lrs(2.0, 4.0))
-        if all(_config_key({**fixed, LR: v}) in _seen(history) for v in lrs(2.0, 4.0)):
-            proposal = longer("too slow even at the best lr", (1.0, 2.0)) or proposal
+        return _stabilize(best, verdict)
+    return _past_the_edge(best) or _BY_VERDICT.get(verdict, _cannot_judge)(best)
+
+
+def _stabilize(best: _Incumbent, verdict: str) -> _Proposal:
+    """diverged / unstable: lower lr with gradient clipping and a 5% warmup."""
+    stable = {**best.fixed, CLIP: CLIP_NORM}
+    if _warms_up(best.base):
+        stable[WARMUP] = max(best.value(WARMUP), round(WARMUP_FRACTION * best.steps))
+    return _Proposal("stabilize", f"the best trial is {verdict} ({best.evidence}): lower lr, "
+                     f"clip gradients at {CLIP_NORM:g}", stable, LR, best.lrs(0.5, 1.0, 0.25))
+
+
+def _past_the_edge(best: _Incumbent) -> _Proposal | None:
+    """An lr_search past the grid's edge when the best lr is at it, unless every candidate ran."""
+    edge, ratio = _lr_edge(best.history, best.overrides, best.row["best"])
+    if not edge:
+        return None
+    # Half a grid step and a full one past the edge: the optimum may lie in either.
+    factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)
+    candidates = best.lrs(*factors)
+    if all(_config_key({**best.fixed, LR: v}) in _seen(best.history) for v in candidates):
+        return None
+    return _Proposal("lr_search", f"the best lr {_short(best.lr)} is the {edge}est rate "
+                     "tried with these settings: extend the grid past it", best.fixed, LR,
+                     candidates)
+
+
+def _converged(best: _Incumbent) -> _Proposal:
+    return _stop(f"the best trial has converged ({best.evidence})", "converged")
+
+
+def _too_slow(best: _Incumbent) -> _Proposal:
+    """lr x(2, 4); if both ran already, train longer."""
+    proposal = _Proposal("lr_search", f"the best trial learns too slowly ({best.evidence}): "
+                         "raise lr", best.fixed, LR, best.lrs(2.0, 4.0))
+    if all(_config_key({**best.fixed, LR: v}) in _seen(best.history) for v in best.lrs(2.0, 4.0)):
+        proposal = best.longer("too slow even at the best lr", (1.0, 2.0)) or proposal
+    return proposal
+
+
+def _overfitting(best: _Incumbent) -> _Proposal:
+    """The first knob of recipe.regularizers that has a round to run, else stop."""
+    swept = {r.plan.field for r in best.history}
+    for name in task_regularizers(best.recipe.regularizers, config_lib.config_task(best.base)):
+        proposal = _knob_round(best, REGULARIZERS[name], swept)
+        if proposal is not None:
+            return proposal
+    return _stop(f"the best trial overfits ({best.evidence}) and every knob of "
+                 f"recipe.regularizers={list(best.recipe.regularizers)} has been swept or is at "
+                 "its strongest", "exhausted")
+
+
+def _knob_round(best: _Incumbent, knob: Regularizer, swept: set[str]) -> _Proposal | None:
+    """`knob`'s round: a swept knob's lengthening (`_lengthen`), an unswept one turned up from
+    the incumbent's value; None when it has none (off and optional, or at its strongest)."""
+    current = knob_value(best.base, best.overrides, knob.field)
+    if knob.field in swept:
+        if not best.recipe.lengthen_regularizers:
+            return None
+        return _lengthen(knob, current, best.history, best.recipe, best.base, best.fixed,
+                         best.evidence, best.diagnose_fn)
+    if knob.optional and current is None:
+        return None
+    candidates = knob.stronger(current)
+    if not candidates:
+        return None
+    needs = {AUGMENT: True} if knob.needs_augment and not best.value(AUGMENT) else {}
+    return _Proposal("regularize", f"the best trial overfits ({best.evidence}): sweep "
+                     f"{knob.field}", {**best.fixed, **needs}, knob.field, candidates)
+
+
+def _underfitting(best: _Incumbent) -> _Proposal:
+    """Train longer with lr x(1, 2, 0.5); at max_steps, or at once when the train loss
+    plateaued, weight decay x(0.3, 0.1); with no weight decay left, stop."""
+    # A train loss that plateaued while the rate was high is not short of steps.
+    plateaued = best.diagnosis.findings[0].evidence.get("train_loss_plateaued")
+    proposal = None if plateaued else best.longer(f"the best trial underfits ({best.evidence})",
+                                                  (1.0, 2.0, 0.5))
+    if proposal:
         return proposal
-    if verdict == "overfitting":
-        swept = {r.plan.field for r in history}
-        for name in task_regularizers(recipe.regularizers, config_lib.config_task(base)):
-            knob = REGULARIZERS[name]
-            current = knob_value(base, overrides, knob.field)
-            if knob.field in swept and recipe.lengthen_regularizers:
-                proposal = _lengthen(knob, current, history, recipe, base, fixed, evidence,
-                                     diagnose_fn)
-                if proposal is not None:
-                    return proposal
-            if knob.field in swept or (knob.optional and current is None):
-                continue
-            candidates = knob.stronger(current)
-            if not candidates:
-                continue
-            needs = {AUGMENT: True} if knob.needs_augment and not value(AUGMENT) else {}
-            return _Proposal("regularize", f"the best trial overfits ({evidence}): sweep "
-                             f"{knob.field}", {**fixed, **needs}, knob.field, candidates)
-        return _stop(f"the best trial overfits ({evidence}) and every knob of "
-                     f"recipe.regularizers={list(recipe.regularizers)} has been swept or is at "
-                     "its strongest", "exhausted")
-    if verdict == "underfitting":
-        # A train loss that plateaued while the rate was high is not short of steps.
-        plateaued = diagnosis.findings[0].evidence.get("train_loss_plateaued")
-        proposal = None if plateaued else longer(f"the best trial underfits ({evidence})",
-                                                 (1.0, 2.0, 0.5))
-        if proposal:
-            return proposal
-        wd = value(WEIGHT_DECAY)
-        if wd > 0:
-            where = "with a plateaued train loss" if plateaued else "at max_steps"
-            return _Proposal("less_regularization", f"the best trial underfits {where} "
-                             f"({evidence}): lower the weight decay", fixed, WEIGHT_DECAY,
-                             (round_value(wd * 0.3), round_value(wd * 0.1)))
-        return _stop(f"the best trial underfits at max_steps with no weight decay ({evidence}): "
-                     "a larger model is needed", "exhausted")
-    if verdict == "still_improving":
-        proposal = longer(f"the best trial is still improving ({evidence})", (1.0, 0.5, 2.0))
-        if proposal:
-            return proposal
-        return _stop(f"still improving at max_steps={recipe.max_steps} ({evidence}): raise "
-                     "recipe.max_steps to continue", "budget_spent")
-    return _stop(f"cannot judge the best trial ({evidence})", "exhausted")
+    wd = best.value(WEIGHT_DECAY)
+    if wd > 0:
+        where = "with a plateaued train loss" if plateaued else "at max_steps"
+        return _Proposal("less_regularization", f"the best trial underfits {where} "
+                         f"({best.evidence}): lower the weight decay", best.fixed, WEIGHT_DECAY,
+                         (round_value(wd * 0.3), round_value(wd * 0.1)))
+    return _stop(f"the best trial underfits at max_steps with no weight decay ({best.evidence}): "
+                 "a larger model is needed", "exhausted")
+
+
+def _still_improving(best: _Incumbent) -> _Proposal:
+    """Train longer with lr x(1, 0.5, 2); at max_steps, stop."""
+    proposal = best.longer(f"the best trial is still improving ({best.evidence})",
+                           (1.0, 0.5, 2.0))
+    if proposal:
+        return proposal
+    return _stop(f"still improving at max_steps={best.recipe.max_steps} ({best.evidence}): raise "
+                 "recipe.max_steps to continue", "budget_spent")
+
+
+def _cannot_judge(best: _Incumbent) -> _Proposal:
+    return _stop(f"cannot judge the best trial ({best.evidence})", "exhausted")
+
+
+# The round each verdict asks for (after diverged/unstable and an lr at the grid's edge).
+_BY_VERDICT: dict[str, Callable[[_Incumbent], _Proposal]] = {
+    "converged": _converged, "too_slow": _too_slow, "overfitting": _overfitting,
+    "underfitting": _underfitting, "still_improving": _still_improving}
 
 
 def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], recipe: Recipe,
