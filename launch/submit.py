@@ -12,7 +12,8 @@ the overrides (`--nocheck_configs` skips that, ~5 s); nothing is written when a 
 is safe (the job resumes from the work directory), also with other scheduling settings
 (`SCHEDULING_FIELDS`: `--array=1,3` reruns chosen trials, `--time` or `--max_requeues` extend a
 job); a spec that would compute something else in a work directory that already has one is
-refused unless `--force`. `--dry_run` prints the script and submits nothing.
+refused unless `--force`. `--dry_run` prints the script and writes and submits nothing; it
+refuses what submitting would.
 """
 
 from __future__ import annotations
@@ -190,20 +191,15 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
-              force: bool = False) -> tuple[str, dict[str, Any]]:
-    """Writes `<workdir>/slurm/job.sbatch` and the launch record; returns (script path, record).
-
-    Refuses (ValueError, nothing written) when the record holds a spec that differs in more than
-    `SCHEDULING_FIELDS`, unless `force`: then the old spec is kept in the record's `replaced`
-    list. A spec differing only in those (`--array=1,3` to rerun two trials of a sweep, a longer
-    `--time`) is the same job queued differently: its script is rewritten and the record holds
-    the new spec. A record without jobs (`sbatch` refused it, or was not found) is replaced
-    freely: nothing ran under it.
-    """
-    directory = slurm.slurm_dir(spec)
-    record_path = os.path.join(directory, RECORD_FILE)
-    record = _read_record(record_path, spec.workdir)
+def planned_record(spec: JobSpec, num_trials: int | None, *,
+                   force: bool = False) -> dict[str, Any]:
+    """The launch record submitting `spec` writes: ValueError when the work directory's record
+    holds a spec that differs in more than `SCHEDULING_FIELDS`, unless `force`: then the old spec
+    is kept in the record's `replaced` list. A spec differing only in those (`--array=1,3` to
+    rerun two trials of a sweep, a longer `--time`) is the same job queued differently. A record
+    without jobs (`sbatch` refused it, or was not found) is replaced freely: nothing ran under
+    it. Reads only, so a dry run refuses what submitting would."""
+    record = _read_record(os.path.join(slurm.slurm_dir(spec), RECORD_FILE), spec.workdir)
     new = spec.to_json()
     if record is not None:  # fields added since it was written read as their defaults
         record["spec"] = {**_SPEC_DEFAULTS, **record["spec"]}
@@ -223,12 +219,21 @@ def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
     if record is None:
         record = {"spec": new, "jobs": []}
     record.update(spec=new, num_trials=num_trials, script=SCRIPT_FILE)
+    return record
+
+
+def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
+              force: bool = False) -> tuple[str, dict[str, Any]]:
+    """Writes `<workdir>/slurm/job.sbatch` and the launch record (`planned_record`, whose
+    refusal writes nothing); returns (script path, record)."""
+    record = planned_record(spec, num_trials, force=force)
+    directory = slurm.slurm_dir(spec)
     os.makedirs(directory, exist_ok=True)
     script_path = os.path.join(directory, SCRIPT_FILE)
     with open(script_path, "w") as f:
         f.write(script)
     os.chmod(script_path, 0o755)
-    _write_json(record_path, record)
+    _write_json(os.path.join(directory, RECORD_FILE), record)
     return script_path, record
 
 
@@ -261,6 +266,7 @@ def main(argv: list[str]) -> None:
             spec, check_configs=_CHECK_CONFIGS.value,
             max_array_size=checks.cluster_max_array_size() if spec.entry == "sweep" else None)
         if _DRY_RUN.value:
+            planned_record(spec, num_trials, force=_FORCE.value)  # refuses as submitting would
             print(script, end="")
             return
         script_path, record = write_job(spec, num_trials, script, force=_FORCE.value)

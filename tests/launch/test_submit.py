@@ -157,6 +157,29 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     assert "#SBATCH --time=08:00:00\n" in (workdir / "slurm" / "job.sbatch").read_text()
 
 
+def test_a_dry_run_refuses_what_submitting_would_refuse(tmp_path):
+    """A dry run printed the script of a spec the work directory's launch record refuses (and
+    of one whose record is unreadable), so it said yes where submitting says no."""
+    workdir = tmp_path / "run"
+    assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
+    record = (workdir / "slurm" / "launch.json").read_text()
+    changed = _submit(tmp_path, *_train_args(workdir, "--dry_run", "--", "--config.seed=2"))
+    assert changed.returncode == 1 and changed.stdout == ""
+    assert (f"error: launch: workdir='{workdir}' is invalid; it holds a job with a different "
+            "spec (overrides: [] -> ['--config.seed=2'])") in changed.stderr
+    forced = _submit(tmp_path, *_train_args(workdir, "--dry_run", "--force", "--",
+                                            "--config.seed=2"))
+    assert forced.returncode == 0 and forced.stdout.startswith("#!/usr/bin/env bash\n")
+    rescheduled = _submit(tmp_path, *_train_args(workdir, "--dry_run", "--time=08:00:00"))
+    assert rescheduled.returncode == 0, rescheduled.stderr
+    assert "#SBATCH --time=08:00:00\n" in rescheduled.stdout
+    assert (workdir / "slurm" / "launch.json").read_text() == record  # dry runs write nothing
+    (workdir / "slurm" / "launch.json").write_text('{"spec": ')
+    broken = _submit(tmp_path, *_train_args(workdir, "--dry_run"))
+    assert broken.returncode == 1 and "its launch record" in broken.stderr
+    assert len((tmp_path / "bin" / "sbatch.calls").read_text().splitlines()) == 1
+
+
 def test_a_sweep_is_submitted_as_an_array_over_its_trials(tmp_path):
     workdir = tmp_path / "sweep"
     result = _submit(tmp_path, "--entry=sweep", f"--config={CONFIG}", f"--sweep={SWEEP}",
