@@ -267,7 +267,7 @@ def test_patch_gather_layers_count_only_their_dense_macs():
     assert [r.params for r in result.rows] == [8 * 8 * (36 * 5 + 5), 2 * 3 * (45 * 6 + 6)]
     assert result.notes == []
     # FLOPs stay XLA's count, which includes the gathers' one-hot products.
-    xla, _ = _xla_flops(_LocalAndTiled(), (10, 10, 4))
+    xla, _, _ = _xla_flops(_LocalAndTiled(), (10, 10, 4))
     assert result.totals["flops"] == pytest.approx(xla, rel=0.01)
 
 
@@ -504,7 +504,7 @@ def test_arithmetic_on_constants_is_not_counted_as_xla_folds_it(levels, shape):
     (lt/add/select_n on a constant index array) XLA computes at compile time: the FLOPs total
     equals XLA's exactly (it counted 210 for 162 at levels=(2,) on 7x7x3)."""
     result = summary(_Pyramid(levels), shape)
-    xla, _ = _xla_flops(_Pyramid(levels), shape)
+    xla, _, _ = _xla_flops(_Pyramid(levels), shape)
     assert result.totals["flops"] == xla
     assert all(r.flops == 0 for r in result.rows if r.type == "take")
 
@@ -640,7 +640,7 @@ def test_discarded_work_is_dead_code_and_not_counted():
     assert result.totals["params"] == 12 * 7 + 7 + 12 * 5 + 5
     assert result.notes == ["91 parameters take no part in this call's outputs (e.g. auxiliary "
                             "heads in eval mode): in the total, in no row"]
-    xla, _ = _xla_flops(model, (2, 2, 3))
+    xla, _, _ = _xla_flops(model, (2, 2, 3))
     assert result.totals["flops"] == xla == 2 * 12 * 5 + 5
 
 
@@ -689,7 +689,7 @@ def test_equal_bin_adaptive_avg_pool_counts_as_the_avg_pool_of_its_windows(shape
     from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool
 
     result = summary(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
-    xla, _ = _xla_flops(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
+    xla, _, _ = _xla_flops(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
     oh, ow = (out, out) if isinstance(out, int) else out
     bh, bw = shape[0] // oh, shape[1] // ow
     windows = oh * ow * shape[2]
