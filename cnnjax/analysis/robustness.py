@@ -383,14 +383,51 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                    log=print) -> tuple[dict, str]:
     """Measures (or resumes, or reprints) the record of the flags above; returns it and its
     JSON path."""
-    import numpy as np
-
     from cnnjax.analysis import corruptions as corruptions_lib
-    from cnnjax.train.config import config_task
-    from cnnjax.train.trained import check_split, load_trained, with_split
-    from cnnjax.utils.files import check_output_dir, read_json, write_json
     from cnnjax.utils.lock import directory_lock
-    from cnnjax.utils.validation import check_choice, check_positive_int, invalid
+
+    levels = _check_arguments(severities, max_examples, batch_size, seed, source)
+    run = _load_classifier(workdir, step)
+    tfds_set = corrupted_set(run.config.data.name) if source == "tfds" else None
+    config, spec, transforms = _evaluated_config(run, split, tfds_set)
+    _check_image_size(workdir, transforms.out_shape, tfds_set)
+    # The table the cells use: a tfds set's images were made with the table of its size
+    # (cifar10_corrupted: CIFAR-10-C's whatever the run's size); on the fly, the one for the
+    # run's size.
+    table = corruptions_lib.parameters(tfds_set.size if tfds_set else transforms.out_shape[0])
+    names, skipped = parse_corruptions(corruptions, transforms.out_shape[2],
+                                       on_the_fly=tfds_set is None,
+                                       tfds_dataset=tfds_set.tfds_name if tfds_set else None)
+    clean, labels, transforms = eval_pixels(config, max_examples)
+    settings = {"source": source, "split": spec.eval_split, "seed": seed,
+                "max_examples": max_examples, "step": run.step,
+                "clean": "uint8"}  # clean top-1 through the cells' storage (older: unquantized)
+    out_dir, stem = _output_dir(workdir), _file_stem(source, split, seed, max_examples,
+                                                     run.step if step is not None else None)
+    path = os.path.join(out_dir, stem + ".json")
+    old = _previous_record(out_dir, stem, settings, log)
+    record = _new_record(run, spec, tfds_set, settings, labels, skipped, table,
+                         old.get("cells", {}), names, levels)
+    todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
+    if not todo and "clean_top1" in old:
+        log(f"All {len(names) * len(levels)} cells already measured in {path}:")
+        return summarize({**record, "clean_top1": old["clean_top1"]}), path
+    if tfds_set:  # every config still needed is named before anything is written
+        _check_tfds_configs_prepared(config, todo, tfds_set)
+    with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
+        classify = make_classify(run, transforms, batch_size)
+        _measure_clean(record, classify, clean, labels, tfds_set, log)
+        _measure_cells(record, path, todo, classify, log,
+                       lambda name, severity: _cell_chunks(config, clean, labels, name, severity,
+                                                           seed, max_examples, tfds_set))
+        return _finish(record, path), path
+
+
+def _check_arguments(severities: str, max_examples: int | None, batch_size: int, seed: int,
+                     source: str) -> list[int]:
+    """The severities as integers, once every argument checkable without the run is checked
+    (before the run is loaded, so a typo costs no checkpoint read)."""
+    from cnnjax.utils.validation import check_choice, check_positive_int
 
     levels = parse_severities(severities)
     if max_examples is not None:
@@ -399,13 +436,28 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
     check_choice(_OWNER, "source", source, SOURCES)
+    return levels
+
+
+def _load_classifier(workdir: str, step: int | None):
+    """The run at `workdir` (`load_trained`), refused unless it trained a classifier."""
+    from cnnjax.train.config import config_task
+    from cnnjax.train.trained import load_trained
+
     run = load_trained(workdir, step)
     task = config_task(run.config)
     if task != "classification":
         raise invalid(_OWNER, "workdir", workdir, f"expected a classifier's run, not a {task} "
                       "run (corruption top-1 is defined for classifiers)")
-    dataset = run.config.data.name
-    tfds_set = corrupted_set(dataset) if source == "tfds" else None
+    return run
+
+
+def _evaluated_config(run, split: str | None,
+                      tfds_set: CorruptedSet | None) -> tuple:
+    """`(config, spec, transforms)` of the split the clean top-1 is measured on: `split` (None:
+    the run's eval split), refused when tfds's corrupted set holds other images."""
+    from cnnjax.train.trained import check_split, with_split
+
     if tfds_set is None:  # (a tfds set's split is checked against that set's, below)
         check_split(run, split, f"{_OWNER}: split")  # not tfds's raw error at the first read
     config = with_split(run.config, split)
@@ -415,8 +467,16 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                       f"{tfds_set.tfds_name} holds {tfds_set.holds} only, so clean and "
                       "corrupted top-1 would come from different images; evaluate "
                       f"split={tfds_set.split!r}")
-    size, channels = transforms.out_shape[:2], transforms.out_shape[2]
-    if size[0] != size[1] or size[0] not in corruptions_lib.IMAGE_SIZES:
+    return config, spec, transforms
+
+
+def _check_image_size(workdir: str, out_shape: tuple, tfds_set: CorruptedSet | None) -> None:
+    """Refuses a model whose images have no corruption table, or (a tfds set read as stored)
+    differ in size from the set's."""
+    from cnnjax.analysis.corruptions import IMAGE_SIZES
+
+    size = out_shape[:2]
+    if size[0] != size[1] or size[0] not in IMAGE_SIZES:
         raise invalid(_OWNER, "workdir", workdir,
                       f"its model sees {size[0]}x{size[1]} images; the corruption tables are for "
                       "32x32 (CIFAR-10-C's) and 224x224 (ImageNet-C's)")
@@ -425,94 +485,142 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                       f"its model sees {size[0]}x{size[1]} images, and {tfds_set.tfds_name} "
                       f"stores {tfds_set.size}x{tfds_set.size} centre crops, read as stored; "
                       "use source='on_the_fly'")
-    # The table the cells use: a tfds set's images were made with the table of its size
-    # (cifar10_corrupted: CIFAR-10-C's whatever the run's size); on the fly, the one for the
-    # run's size.
-    table = corruptions_lib.parameters(tfds_set.size if tfds_set else size[0])
-    names, skipped = parse_corruptions(corruptions, channels, on_the_fly=tfds_set is None,
-                                       tfds_dataset=tfds_set.tfds_name if tfds_set else None)
-    clean, labels, transforms = eval_pixels(config, max_examples)
-    settings = {"source": source, "split": spec.eval_split, "seed": seed,
-                "max_examples": max_examples, "step": run.step,
-                "clean": "uint8"}  # clean top-1 through the cells' storage (older: unquantized)
-    out_dir = check_output_dir(os.path.join(workdir, "robustness"),  # a file in its way:
-                               "--workdir's robustness folder")  # named, not as the workdir
-    # One file per choice of split, seed, example cap and explicit step, so a quick check never
-    # replaces a long measurement: robustness[_tfds][_<those settings>].json.
+
+
+def _output_dir(workdir: str) -> str:
+    """`<workdir>/robustness`, created; a file in its way is named as that folder, not as the
+    workdir."""
+    from cnnjax.utils.files import check_output_dir
+
+    return check_output_dir(os.path.join(workdir, "robustness"), "--workdir's robustness folder")
+
+
+def _file_stem(source: str, split: str | None, seed: int, max_examples: int | None,
+               explicit_step: int | None) -> str:
+    """robustness[_tfds][_<settings>]: one file per choice of split, seed, example cap and
+    explicit step, so a quick check never replaces a long measurement."""
     chosen = [f"split-{re.sub(r'[^A-Za-z0-9.-]+', '-', split)}" if split else "",
               f"seed{seed}" if seed else "", f"max{max_examples}" if max_examples else "",
-              f"step{run.step}" if step is not None else ""]
-    stem = "_".join(["robustness", *(["tfds"] if source == "tfds" else []),
+              f"step{explicit_step}" if explicit_step is not None else ""]
+    return "_".join(["robustness", *(["tfds"] if source == "tfds" else []),
                      *(part for part in chosen if part)])
+
+
+def _previous_record(out_dir: str, stem: str, settings: dict, log) -> dict:
+    """The record on file at `<out_dir>/<stem>.json` ({} if none); one of other settings (the
+    run's best/latest step moved on, say) is kept beside it, with its plot, and {} returned."""
+    from cnnjax.utils.files import read_json
+    from cnnjax.utils.lock import directory_lock
+
     path = os.path.join(out_dir, stem + ".json")
     old = read_json(path) or {}
-    if old and old.get("settings") != settings:  # the run's best/latest step moved on, say
-        kept = os.path.join(out_dir, f"{stem}_step{old.get('step', 'old')}.json")
-        png = os.path.splitext(path)[0] + ".png"
-        with directory_lock(out_dir, "workdir"):
-            os.replace(path, kept)
-            if os.path.exists(png):
-                os.replace(png, os.path.splitext(kept)[0] + ".png")
-        log(f"{path} held other settings ({old.get('settings')}); kept as {kept}, measuring "
-            "these afresh")
-        old = {}
-    done = old.get("cells", {})
-    record = {"workdir": run.workdir, "model": run.config.model, "dataset": dataset,
-              "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
-              "source": source, "tfds_dataset": tfds_set.tfds_name if tfds_set else None,
-              "settings": settings, "num_examples": int(len(labels)),
-              "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
-              "skipped": skipped,
-              "parameters": {n: [list(c) if isinstance(c, tuple) else c
-                                 for c in table[n]]
-                             for n in {*done, *names}},
-              "cells": {n: dict(done.get(n, {})) for n in [*done, *names]},
-              "requested": {"corruptions": names, "severities": levels}}
-    todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
-    if not todo and "clean_top1" in old:
-        log(f"All {len(names) * len(levels)} cells already measured in {path}:")
-        return summarize({**record, "clean_top1": old["clean_top1"]}), path
-    if tfds_set:  # every config still needed is named before anything is written
-        from cnnjax.data.sources import DatasetNotPreparedError
+    if not old or old.get("settings") == settings:
+        return old
+    kept = os.path.join(out_dir, f"{stem}_step{old.get('step', 'old')}.json")
+    png = os.path.splitext(path)[0] + ".png"
+    with directory_lock(out_dir, "workdir"):
+        os.replace(path, kept)
+        if os.path.exists(png):
+            os.replace(png, os.path.splitext(kept)[0] + ".png")
+    log(f"{path} held other settings ({old.get('settings')}); kept as {kept}, measuring "
+        "these afresh")
+    return {}
 
-        for name, severity in todo:
-            try:
-                eval_pipeline(corrupted_config(config, name, severity))
-            except DatasetNotPreparedError as e:
-                raise DatasetNotPreparedError(
-                    f"{e} For source='tfds', prepare each `{tfds_set.tfds_name}/<corruption>_"
-                    f"<severity>` config you evaluate ({tfds_set.build}), or use "
-                    "source='on_the_fly'.") from None
-    with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
-        classify = make_classify(run, transforms, batch_size)
+
+def _new_record(run, spec, tfds_set: CorruptedSet | None, settings: dict, labels, skipped: dict,
+                table: dict, done: dict, names: list[str], levels: list[int]) -> dict:
+    """The record of this command before it measures: the cells `done` on file (this request's
+    corruptions added, empty), the severities of both, and the table parameters of each."""
+    return {"workdir": run.workdir, "model": run.config.model, "dataset": run.config.data.name,
+            "split": spec.eval_split, "step": run.step, "checkpoint": run.how,
+            "source": settings["source"],
+            "tfds_dataset": tfds_set.tfds_name if tfds_set else None,
+            "settings": settings, "num_examples": int(len(labels)),
+            "severities": sorted({*levels, *(int(s) for per in done.values() for s in per)}),
+            "skipped": skipped,
+            "parameters": {n: [list(c) if isinstance(c, tuple) else c
+                               for c in table[n]]
+                           for n in {*done, *names}},
+            "cells": {n: dict(done.get(n, {})) for n in [*done, *names]},
+            "requested": {"corruptions": names, "severities": levels}}
+
+
+def _check_tfds_configs_prepared(config, todo: list[tuple[str, int]],
+                                 tfds_set: CorruptedSet) -> None:
+    """Names the first tfds config of `todo` not prepared, with how to prepare the set."""
+    from cnnjax.data.sources import DatasetNotPreparedError
+
+    for name, severity in todo:
+        try:
+            eval_pipeline(corrupted_config(config, name, severity))
+        except DatasetNotPreparedError as e:
+            raise DatasetNotPreparedError(
+                f"{e} For source='tfds', prepare each `{tfds_set.tfds_name}/<corruption>_"
+                f"<severity>` config you evaluate ({tfds_set.build}), or use "
+                "source='on_the_fly'.") from None
+
+
+def _measure_clean(record: dict, classify, clean, labels, tfds_set: CorruptedSet | None,
+                   log) -> None:
+    """Sets and logs the record's clean top-1, stored as every cell is (uint8, truncated): a
+    no-op for native 32x32 data, and for resized data (digits) the drop then measures the
+    corruption alone."""
+    import numpy as np
+
+    from cnnjax.analysis.corruptions import quantize
+
+    started = time.time()
+    record["clean_top1"] = float(np.mean(classify(quantize(clean)) == labels))
+    log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
+        f"{record['split']!r} ({time.time() - started:.1f} s, compilation included)"
+        + (f"; corrupted cells from tfds's {tfds_set.tfds_name}" if tfds_set else ""))
+
+
+def _cell_chunks(config, clean, labels, name: str, severity: int, seed: int,
+                 max_examples: int | None, tfds_set: CorruptedSet | None):
+    """The cell's `(pixels, labels)` a chunk at a time: a cell never holds more than one chunk's
+    corrupted copy (a float64 one of all 50,000 ImageNet images would be 60 GB)."""
+    from cnnjax.analysis.corruptions import corrupt, quantize
+
+    if tfds_set:
+        chunks, _ = eval_pixel_batches(corrupted_config(config, name, severity), max_examples,
+                                       tfds_set.stored_as_eval_crop)
+        return chunks
+    # per-example noise (first_index): the same draws as one whole-split call
+    return ((quantize(corrupt(clean[i:i + _CHUNK], name, severity, seed, first_index=i)),
+             labels[i:i + _CHUNK]) for i in range(0, len(labels), _CHUNK))
+
+
+def _measure_cells(record: dict, path: str, todo: list[tuple[str, int]], classify, log,
+                   cell_chunks) -> None:
+    """Measures the cells of `todo` into the record, each written to `path` atomically as it is
+    measured (an interrupted command resumes at the first missing one)."""
+    from cnnjax.utils.files import write_json
+
+    for k, (name, severity) in enumerate(todo, 1):
         started = time.time()
-        # Stored as every cell is (uint8, truncated): a no-op for native 32x32 data, and for
-        # resized data (digits) the drop then measures the corruption alone.
-        record["clean_top1"] = float(np.mean(
-            classify(corruptions_lib.quantize(clean)) == labels))
-        log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
-            f"{spec.eval_split!r} ({time.time() - started:.1f} s, compilation included)"
-            + (f"; corrupted cells from tfds's {tfds_set.tfds_name}" if tfds_set else ""))
-        for k, (name, severity) in enumerate(todo, 1):
-            started = time.time()
-            # A chunk at a time: a cell never holds more than one chunk's corrupted copy (a
-            # float64 one of all 50,000 ImageNet images would be 60 GB).
-            if tfds_set:
-                chunks, _ = eval_pixel_batches(corrupted_config(config, name, severity),
-                                               max_examples, tfds_set.stored_as_eval_crop)
-            else:  # per-example noise (first_index): the same draws as one whole-split call
-                chunks = ((corruptions_lib.quantize(corruptions_lib.corrupt(
-                    clean[i:i + _CHUNK], name, severity, seed, first_index=i)),
-                    labels[i:i + _CHUNK]) for i in range(0, len(labels), _CHUNK))
-            correct = total = 0
-            for pixels, cell_labels in chunks:
-                correct += int(np.sum(classify(pixels) == cell_labels))
-                total += len(cell_labels)
-            record["cells"][name][str(severity)] = correct / total
-            write_json(path, summarize(record))
-            log(f"[{k}/{len(todo)}] {name} severity {severity}: top-1 "
-                f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")
-        record = summarize(record)
-        record["plot"] = plot(record, os.path.splitext(path)[0] + ".png")
-        write_json(path, record)
-        return record, path
+        record["cells"][name][str(severity)] = _top1(classify, cell_chunks(name, severity))
+        write_json(path, summarize(record))
+        log(f"[{k}/{len(todo)}] {name} severity {severity}: top-1 "
+            f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")
+
+
+def _top1(classify, chunks) -> float:
+    """The fraction of `chunks`' images `classify` gets right."""
+    import numpy as np
+
+    correct = total = 0
+    for pixels, cell_labels in chunks:
+        correct += int(np.sum(classify(pixels) == cell_labels))
+        total += len(cell_labels)
+    return correct / total
+
+
+def _finish(record: dict, path: str) -> dict:
+    """The measured record summarized, with its plot beside `path`, written to `path`."""
+    from cnnjax.utils.files import write_json
+
+    record = summarize(record)
+    record["plot"] = plot(record, os.path.splitext(path)[0] + ".png")
+    write_json(path, record)
+    return record
