@@ -83,15 +83,18 @@ def pad_nhwc(
     check_nhwc(owner, x)
     check_choice(owner, "padding_mode", mode, PADDING_MODES)
     pads = normalize_padding(owner, padding)
-    if mode == "reflect":
-        for axis_name, size, pair in zip(("height", "width"), x.shape[1:3], pads, strict=True):
-            if max(pair) >= size:
-                raise invalid(
-                    owner, "padding", padding,
-                    f"reflect padding must be smaller than the input {axis_name} {size} on each "
-                    f"side (got {pair}); a reflection cannot reach past the opposite edge, so use "
-                    "less padding or padding_mode 'replicate'/'circular'",
-                )
+    for axis_name, size, pair in zip(("height", "width"), x.shape[1:3], pads, strict=True):
+        if mode in ("replicate", "circular") and size == 0 and max(pair) > 0:
+            raise invalid(owner, "padding", padding,
+                          f"{mode} padding needs a non-empty input {axis_name} (got 0): it "
+                          "repeats the input's values, and there are none")
+        if mode == "reflect" and max(pair) >= size:
+            raise invalid(
+                owner, "padding", padding,
+                f"reflect padding must be smaller than the input {axis_name} {size} on each "
+                f"side (got {pair}); a reflection cannot reach past the opposite edge, so use "
+                "less padding or padding_mode 'replicate'/'circular'",
+            )
     if pads == ((0, 0), (0, 0)):
         return x
     return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), mode=_JNP_MODES[mode])

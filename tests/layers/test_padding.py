@@ -136,3 +136,14 @@ def test_input_must_be_nhwc():
     with pytest.raises(ValueError, match=r"pad_nhwc: input.shape=\(4, 4, 1\) is invalid; expected "
                                          r"a rank-4 NHWC array"):
         pad_nhwc(jnp.zeros((4, 4, 1)), 1)
+
+
+@pytest.mark.parametrize("mode", ["replicate", "circular"])
+def test_edge_modes_refuse_padding_an_empty_axis(mode):
+    # jnp.pad raised "Cannot apply 'edge' padding to empty axis", naming neither layer nor arg.
+    x = jnp.zeros((1, 0, 3, 1))
+    with pytest.raises(ValueError, match=rf"MyLayer: padding=\(1, 0\) is invalid; {mode} padding "
+                                         r"needs a non-empty input height \(got 0\)"):
+        pad_nhwc(x, (1, 0), mode, owner="MyLayer")
+    assert pad_nhwc(x, (0, 2), mode).shape == (1, 0, 7, 1)  # the empty axis is not padded
+    assert pad_nhwc(x, (1, 0), "zeros").shape == (1, 2, 3, 1)  # zeros need no edge
