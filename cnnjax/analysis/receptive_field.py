@@ -489,13 +489,8 @@ def _concatenate(
     jnp.pad's wrap/reflect/edge modes are built) the largest piece is the data and the others are
     treated as padding around it; along a flattened axis every piece's field is merged. Empty
     pieces are ignored."""
-    offsets, total = [], 0
-    for shape in in_shapes:
-        offsets.append(total)
-        total += shape[dim]
-    present = [k for k, info in enumerate(in_infos) if info is not None]
-    filled = [k for k in present if 0 not in in_shapes[k]]
-    present = filled or present  # empty pieces (jnp.pad's edge mode makes some) hold no data
+    offsets, total = _offsets_along(in_shapes, dim)
+    present = _pieces_with_data(in_infos, in_shapes)
     out = []
     for d in range(len(in_infos[present[0]])):
         located_on_dim = [k for k in present if in_infos[k][d].axis == dim]
@@ -503,31 +498,66 @@ def _concatenate(
             out.append(_concatenate_flattened([in_infos[k][d] for k in present],
                                               [in_infos[k][d] for k in located_on_dim],
                                               notes, where, d))
-            continue
-        if located_on_dim:
-            main = max(located_on_dim, key=lambda k: in_shapes[k][dim])
-            if sum(in_shapes[k][dim] == in_shapes[main][dim] for k in located_on_dim) > 1:
-                # jnp.pad's wrap mode with padding >= the input: whole copies tie, and which one
-                # is the data is not recorded (the field's size holds; its start may not).
-                notes.append(f"{where}: padding at least as large as the input wraps whole "
-                             f"copies of it along spatial axis {d}; the field start there is "
-                             "ambiguous")
-            f = in_infos[main][d]
-            if f.exclusive:
-                out.append(windowed(f, 1, 1, offsets[main], out_axis=dim, out_count=total))
-            else:
-                out.append(collapse(f))
-            continue
-        fields = [in_infos[k][d] for k in present]
-        field, misaligned = union(fields)
-        if misaligned and _mixes_global(fields):
-            notes.append(_global_mix_note(where, "concatenated", d))
-        elif misaligned and _counts_differ(fields):
-            notes.append(_count_mix_note(where, "concatenated", d))
-        elif misaligned:
-            notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
-        out.append(field)
+        elif located_on_dim:
+            out.append(_concatenate_along_spatial(
+                [in_infos[k][d] for k in located_on_dim],
+                [in_shapes[k][dim] for k in located_on_dim],
+                [offsets[k] for k in located_on_dim], dim, total, notes, where, d))
+        else:
+            out.append(_concatenate_paths([in_infos[k][d] for k in present], notes, where, d))
     return tuple(out)
+
+
+def _offsets_along(in_shapes: Sequence[Sequence[int]], dim: int) -> tuple[list[int], int]:
+    """Where each concatenated piece starts along `dim`, and the concatenation's length."""
+    offsets, total = [], 0
+    for shape in in_shapes:
+        offsets.append(total)
+        total += shape[dim]
+    return offsets, total
+
+
+def _pieces_with_data(in_infos: Sequence[Info | None],
+                      in_shapes: Sequence[Sequence[int]]) -> list[int]:
+    """The indices of the concatenated pieces that carry fields (activations, not constants),
+    leaving out empty ones (jnp.pad's edge mode makes some) unless every such piece is empty."""
+    present = [k for k, info in enumerate(in_infos) if info is not None]
+    filled = [k for k in present if 0 not in in_shapes[k]]
+    return filled or present
+
+
+def _concatenate_along_spatial(
+    pieces: Sequence[AxisField], lengths: Sequence[int], offsets: Sequence[int], dim: int,
+    total: int, notes: list[str], where: str, d: int,
+) -> AxisField:
+    """Concatenation along the array axis `dim` holding spatial axis `d` (jnp.pad's wrap, reflect
+    and edge modes): the first longest piece is the data, placed at its offset in the `total`
+    positions, and the others are padding around it."""
+    main = max(range(len(pieces)), key=lambda i: lengths[i])
+    if lengths.count(lengths[main]) > 1:
+        # jnp.pad's wrap mode with padding >= the input: whole copies tie, and which one
+        # is the data is not recorded (the field's size holds; its start may not).
+        notes.append(f"{where}: padding at least as large as the input wraps whole "
+                     f"copies of it along spatial axis {d}; the field start there is "
+                     "ambiguous")
+    f = pieces[main]
+    if f.exclusive:
+        return windowed(f, 1, 1, offsets[main], out_axis=dim, out_count=total)
+    return collapse(f)
+
+
+def _concatenate_paths(fields: Sequence[AxisField], notes: list[str], where: str,
+                       d: int) -> AxisField:
+    """Concatenation along an axis other than spatial axis `d`'s (channels): the paths' fields on
+    `d` are merged, with a note saying why when they are misaligned."""
+    field, misaligned = union(fields)
+    if misaligned and _mixes_global(fields):
+        notes.append(_global_mix_note(where, "concatenated", d))
+    elif misaligned and _counts_differ(fields):
+        notes.append(_count_mix_note(where, "concatenated", d))
+    elif misaligned:
+        notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
+    return field
 
 
 def _concatenate_flattened(pieces: Sequence[AxisField], on_dim: Sequence[AxisField],
