@@ -484,106 +484,23 @@ def main(argv: list[str]) -> None:
 
     start_command(argv)  # positional arguments: one error line
     norm_impls = list(dict.fromkeys(FLAGS.batch_norm_impl))
-    lowerings = {(conv if len(norm_impls) == 1 else f"{conv}/bn={norm}"): (conv, norm)
-                 for conv in dict.fromkeys(FLAGS.conv_impl) for norm in norm_impls}
+    lowerings = lowerings_to_time(norm_impls)
     impls = list(lowerings)
-    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
-    benches: dict[str, dict[str, Any]] = {}
     with one_line_errors():  # bad flags: one line, before anything is compiled
         check_flags()
         changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
-        options = train_options()
-        if FLAGS.torch and options:
-            raise ValueError("--torch times the plain step: leave --grad_accum_steps, "
-                             "--ema_decay, --mixup_alpha and --cutmix_alpha at their defaults.")
-        for impl, (_, norm) in lowerings.items():
-            benches[impl] = build_jax_step(
-                FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
-                (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices, FLAGS.parallel,
-                FLAGS.dtype, {**options, "batch_norm_impl": norm}, **overrides)
+        options = checked_train_options()
+        benches = build_jax_steps(lowerings, options)
     load_start = loadavg()
-    compile_s: dict[str, float] = {}
-    runners: dict[str, Callable] = {}
-    for impl, (conv, _) in lowerings.items():
-        bench = benches[impl]
-        compile_s[impl] = compile_jax_step(bench, conv)
-        runners[f"jax_{impl}"] = lambda k, b=bench: run_jax_steps(b, k)
+    compile_s, runners = compile_jax_runners(benches, lowerings)
+    bench = benches[impls[-1]]  # the last one built: its device count, platform and size
     torch_bench = None
     if FLAGS.torch:
-        torch_bench = build_torch_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
-                                       FLAGS.image_size, FLAGS.dtype, FLAGS.torch_channels_last,
-                                       FLAGS.stem or "imagenet", FLAGS.torch_device)
-        if torch_bench["num_params"] != bench["num_params"]:
-            raise RuntimeError(f"PyTorch network has {torch_bench['num_params']} parameters, the "
-                               f"cnnjax one {bench['num_params']}: not the same architecture.")
-        runners["torch"] = lambda k: run_torch_steps(torch_bench, k)
+        torch_bench, runners["torch"] = torch_runner(bench)
     usage: dict[str, list[dict[str, float]]] = {}
     rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners, usage)
-
-    result: dict[str, Any] = {
-        "model": FLAGS.model, "stem": FLAGS.stem, "batch_size": FLAGS.batch_size,
-        "image_size": FLAGS.image_size, "num_devices": bench["num_devices"],
-        "parallel": FLAGS.parallel, "dtype": FLAGS.dtype, "platform": bench["platform"],
-        "num_params": bench["num_params"], "xla_defaults_added": changed, **environment(),
-        "compile_s": compile_s, "conv_impls": impls, "batch_norm_impls": norm_impls,
-        "train_options": {name: str(value) for name, value in options.items()},
-    }
-    lines = [
-        f"model={FLAGS.model} stem={FLAGS.stem or 'default'} params={bench['num_params']:,} "
-        f"batch={FLAGS.batch_size} image={FLAGS.image_size} devices={bench['num_devices']} "
-        f"({bench['platform']}, {FLAGS.parallel}) dtype={FLAGS.dtype}"
-        + (f" train options {result['train_options']}" if options else ""),
-        f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r} "
-        f"(added by cnnjax: {sorted(changed) or 'none'})",
-        "compile: " + ", ".join(f"{impl} {s:.1f} s" for impl, s in compile_s.items()),
-    ]
-    for impl in impls:
-        name = f"jax_{impl}"
-        result[name] = summarize(sum(rounds[name], []), FLAGS.batch_size)
-        result[f"{name}_rounds_images_per_s"] = round_images_per_s(rounds[name], FLAGS.batch_size)
-        result[name].update(usage_summary(usage.get(name, [])))
-        lines.append(
-            f"jax ({impl:6s}): {result[name]['images_per_s']:8.1f} img/s (median step "
-            f"{result[name]['median_step_s'] * 1e3:.0f} ms, CPU "
-            f"{result[name]['median_cpu_s_per_step']:.2f} s/step; per round "
-            f"{', '.join(f'{v:.1f}' for v in result[f'{name}_rounds_images_per_s'])}"
-            f"{usage_phrase(result[name])})")
-    result["jax"] = result[f"jax_{impls[0]}"]  # the first impl, for older readers of the JSON
-    for impl in impls:
-        losses = benches[impl].get("losses", [])
-        result[f"jax_{impl}_loss_first_last"] = [losses[0], losses[-1]] if losses else None
-        if losses:
-            lines.append(f"jax ({impl:6s}) training loss on the repeated batch: {losses[0]:.4f} "
-                         f"-> {losses[-1]:.4f} over {len(losses)} steps")
-    result["peak_device_bytes"] = peak_device_memory()
-    if result["peak_device_bytes"] is not None:
-        lines.append(f"peak device memory: {result['peak_device_bytes'] / 2**30:.2f} GiB")
-    if torch_bench is not None:
-        result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
-        result["torch_rounds_images_per_s"] = round_images_per_s(rounds["torch"],
-                                                                 FLAGS.batch_size)
-        result["torch_version"] = torch_bench["version"]
-        result["torch_threads"] = torch_bench["threads"]
-        result["torch_device"] = torch_bench["device"]
-        result["torch_channels_last"] = FLAGS.torch_channels_last
-        result["torch"].update(usage_summary(usage.get("torch", [])))
-        lines.append(
-            f"torch:        {result['torch']['images_per_s']:8.1f} img/s (median step "
-            f"{result['torch']['median_step_s'] * 1e3:.0f} ms, CPU "
-            f"{result['torch']['median_cpu_s_per_step']:.2f} s/step; per round "
-            f"{', '.join(f'{v:.1f}' for v in result['torch_rounds_images_per_s'])}"
-            f"{usage_phrase(result['torch'])}; torch "
-            f"{torch_bench['version']} on {torch_bench['device']}, {torch_bench['threads']} "
-            "threads)")
-        for impl in impls:
-            name = f"jax_{impl}"
-            ratio = result[name]["images_per_s"] / result["torch"]["images_per_s"]
-            round_ratios = [j / t for j, t in zip(result[f"{name}_rounds_images_per_s"],
-                                                  result["torch_rounds_images_per_s"], strict=True)]
-            result[f"ratio_{impl}"], result[f"round_ratios_{impl}"] = ratio, round_ratios
-            lines.append(f"ratio jax ({impl}) / torch: {ratio:.2f}x (per round "
-                         f"{', '.join(f'{r:.2f}' for r in round_ratios)})")
-        result["ratio"] = result[f"ratio_{impls[0]}"]
+    result = run_settings(bench, changed, compile_s, impls, norm_impls, options)
+    lines = report_lines(result, rounds, usage, benches, impls, torch_bench)
     result["loadavg_start"], result["loadavg_end"] = load_start, loadavg()
     lines.append(f"load average (1 min): {load_start} -> {result['loadavg_end']}")
     print("\n".join(lines))
@@ -591,6 +508,172 @@ def main(argv: list[str]) -> None:
         write_json_out(FLAGS.json_out, result)
     sys.stdout.flush()
 
+
+def lowerings_to_time(norm_impls: list[str]) -> dict[str, tuple[str, str]]:
+    """`{label: (conv_impl, batch_norm_impl)}` for every pair of the --conv_impl and the
+    `norm_impls` lowerings; a label names the conv lowering alone when one BatchNorm one is
+    timed."""
+    return {(conv if len(norm_impls) == 1 else f"{conv}/bn={norm}"): (conv, norm)
+            for conv in dict.fromkeys(FLAGS.conv_impl) for norm in norm_impls}
+
+
+def checked_train_options() -> dict[str, Any]:
+    """`train_options()`, refused with --torch (which times the plain step only)."""
+    options = train_options()
+    if FLAGS.torch and options:
+        raise ValueError("--torch times the plain step: leave --grad_accum_steps, "
+                         "--ema_decay, --mixup_alpha and --cutmix_alpha at their defaults.")
+    return options
+
+
+def build_jax_steps(lowerings: dict[str, tuple[str, str]],
+                    options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The engine's step built (not yet compiled) once per lowering, with the train options."""
+    overrides = {} if FLAGS.stem is None else {"stem": FLAGS.stem}
+    return {impl: build_jax_step(
+        FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+        (FLAGS.image_size, FLAGS.image_size, 3), FLAGS.num_devices, FLAGS.parallel,
+        FLAGS.dtype, {**options, "batch_norm_impl": norm}, **overrides)
+        for impl, (_, norm) in lowerings.items()}
+
+
+def compile_jax_runners(benches: dict[str, dict[str, Any]], lowerings: dict[str, tuple[str, str]],
+                        ) -> tuple[dict[str, float], dict[str, Callable]]:
+    """Compiles each lowering's step under its conv lowering; returns the compile seconds and
+    the runners `interleaved_rounds` times (`jax_<label>`)."""
+    compile_s: dict[str, float] = {}
+    runners: dict[str, Callable] = {}
+    for impl, (conv, _) in lowerings.items():
+        bench = benches[impl]
+        compile_s[impl] = compile_jax_step(bench, conv)
+        runners[f"jax_{impl}"] = lambda k, b=bench: run_jax_steps(b, k)
+    return compile_s, runners
+
+
+def torch_runner(jax_bench: dict[str, Any]) -> tuple[dict[str, Any], Callable]:
+    """PyTorch's step of the same network and its runner; a RuntimeError when its parameter
+    count differs from `jax_bench`'s (not the same architecture)."""
+    torch_bench = build_torch_step(FLAGS.model, FLAGS.num_classes, FLAGS.batch_size,
+                                   FLAGS.image_size, FLAGS.dtype, FLAGS.torch_channels_last,
+                                   FLAGS.stem or "imagenet", FLAGS.torch_device)
+    if torch_bench["num_params"] != jax_bench["num_params"]:
+        raise RuntimeError(f"PyTorch network has {torch_bench['num_params']} parameters, the "
+                           f"cnnjax one {jax_bench['num_params']}: not the same architecture.")
+    return torch_bench, lambda k: run_torch_steps(torch_bench, k)
+
+
+def run_settings(bench: dict[str, Any], changed: dict[str, str], compile_s: dict[str, float],
+                 impls: list[str], norm_impls: list[str],
+                 options: dict[str, Any]) -> dict[str, Any]:
+    """The JSON result's first entries: what was timed, where, and the compile times."""
+    return {
+        "model": FLAGS.model, "stem": FLAGS.stem, "batch_size": FLAGS.batch_size,
+        "image_size": FLAGS.image_size, "num_devices": bench["num_devices"],
+        "parallel": FLAGS.parallel, "dtype": FLAGS.dtype, "platform": bench["platform"],
+        "num_params": bench["num_params"], "xla_defaults_added": changed, **environment(),
+        "compile_s": compile_s, "conv_impls": impls, "batch_norm_impls": norm_impls,
+        "train_options": {name: str(value) for name, value in options.items()},
+    }
+
+
+def report_lines(result: dict[str, Any], rounds: dict[str, list[list[StepTime]]],
+                 usage: dict[str, list[dict[str, float]]], benches: dict[str, dict[str, Any]],
+                 impls: list[str], torch_bench: dict[str, Any] | None) -> list[str]:
+    """Adds the timings of every runner and the peak device memory to `result`; returns the
+    report's lines, the load average's excepted."""
+    lines = header_lines(result)
+    lines += jax_lines(result, rounds, usage, benches, impls)
+    lines += peak_memory_lines(result)
+    if torch_bench is not None:
+        lines += torch_lines(result, rounds, usage, torch_bench)
+        lines += ratio_lines(result, impls)
+    return lines
+
+
+def header_lines(result: dict[str, Any]) -> list[str]:
+    """The report's first lines: what was timed, JAX and its XLA flags, the compile times."""
+    return [
+        f"model={FLAGS.model} stem={FLAGS.stem or 'default'} params={result['num_params']:,} "
+        f"batch={FLAGS.batch_size} image={FLAGS.image_size} devices={result['num_devices']} "
+        f"({result['platform']}, {FLAGS.parallel}) dtype={FLAGS.dtype}"
+        + (f" train options {result['train_options']}" if result["train_options"] else ""),
+        f"jax {result['jax_version']}, XLA_FLAGS={result['xla_flags']!r} "
+        f"(added by cnnjax: {sorted(result['xla_defaults_added']) or 'none'})",
+        "compile: " + ", ".join(f"{impl} {s:.1f} s" for impl, s in result["compile_s"].items()),
+    ]
+
+
+def timing_phrase(summary: dict[str, float], per_round: list[float]) -> str:
+    """`<images/s> img/s (median step, CPU per step, images/s per round[, usage]` of one timed
+    step, its closing parenthesis left to the caller."""
+    return (f"{summary['images_per_s']:8.1f} img/s (median step "
+            f"{summary['median_step_s'] * 1e3:.0f} ms, CPU "
+            f"{summary['median_cpu_s_per_step']:.2f} s/step; per round "
+            f"{', '.join(f'{v:.1f}' for v in per_round)}"
+            f"{usage_phrase(summary)}")
+
+
+def jax_lines(result: dict[str, Any], rounds: dict[str, list[list[StepTime]]],
+              usage: dict[str, list[dict[str, float]]], benches: dict[str, dict[str, Any]],
+              impls: list[str]) -> list[str]:
+    """Adds each lowering's timing and first and last training loss to `result`; returns their
+    lines."""
+    lines = []
+    for impl in impls:
+        name = f"jax_{impl}"
+        result[name] = summarize(sum(rounds[name], []), FLAGS.batch_size)
+        result[f"{name}_rounds_images_per_s"] = round_images_per_s(rounds[name], FLAGS.batch_size)
+        result[name].update(usage_summary(usage.get(name, [])))
+        lines.append(f"jax ({impl:6s}): "
+                     f"{timing_phrase(result[name], result[f'{name}_rounds_images_per_s'])})")
+    result["jax"] = result[f"jax_{impls[0]}"]  # the first impl, for older readers of the JSON
+    for impl in impls:
+        losses = benches[impl].get("losses", [])
+        result[f"jax_{impl}_loss_first_last"] = [losses[0], losses[-1]] if losses else None
+        if losses:
+            lines.append(f"jax ({impl:6s}) training loss on the repeated batch: {losses[0]:.4f} "
+                         f"-> {losses[-1]:.4f} over {len(losses)} steps")
+    return lines
+
+
+def peak_memory_lines(result: dict[str, Any]) -> list[str]:
+    """Adds the peak device memory to `result`; its line where the backend keeps one."""
+    result["peak_device_bytes"] = peak_device_memory()
+    if result["peak_device_bytes"] is None:
+        return []
+    return [f"peak device memory: {result['peak_device_bytes'] / 2**30:.2f} GiB"]
+
+
+def torch_lines(result: dict[str, Any], rounds: dict[str, list[list[StepTime]]],
+                usage: dict[str, list[dict[str, float]]],
+                torch_bench: dict[str, Any]) -> list[str]:
+    """Adds PyTorch's timing and setup to `result`; returns its line."""
+    result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
+    result["torch_rounds_images_per_s"] = round_images_per_s(rounds["torch"], FLAGS.batch_size)
+    result["torch_version"] = torch_bench["version"]
+    result["torch_threads"] = torch_bench["threads"]
+    result["torch_device"] = torch_bench["device"]
+    result["torch_channels_last"] = FLAGS.torch_channels_last
+    result["torch"].update(usage_summary(usage.get("torch", [])))
+    return [f"torch:        {timing_phrase(result['torch'], result['torch_rounds_images_per_s'])}"
+            f"; torch {torch_bench['version']} on {torch_bench['device']}, "
+            f"{torch_bench['threads']} threads)"]
+
+
+def ratio_lines(result: dict[str, Any], impls: list[str]) -> list[str]:
+    """Adds each lowering's images/s over PyTorch's (overall and per round) to `result`;
+    returns their lines."""
+    lines = []
+    for impl in impls:
+        name = f"jax_{impl}"
+        ratio = result[name]["images_per_s"] / result["torch"]["images_per_s"]
+        round_ratios = [j / t for j, t in zip(result[f"{name}_rounds_images_per_s"],
+                                              result["torch_rounds_images_per_s"], strict=True)]
+        result[f"ratio_{impl}"], result[f"round_ratios_{impl}"] = ratio, round_ratios
+        lines.append(f"ratio jax ({impl}) / torch: {ratio:.2f}x (per round "
+                     f"{', '.join(f'{r:.2f}' for r in round_ratios)})")
+    result["ratio"] = result[f"ratio_{impls[0]}"]
+    return lines
 
 if __name__ == "__main__":
     define_flags()
