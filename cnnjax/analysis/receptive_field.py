@@ -284,23 +284,26 @@ CUMULATIVE = frozenset(["cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"]
 def _merge(infos: Sequence[Info | None], notes: list[str], where: str) -> Info:
     """Union of the activation inputs' fields, dim by dim."""
     present = [i for i in infos if i is not None]
-    out = []
-    for d in range(len(present[0])):
-        fields = [i[d] for i in present]
-        field, misaligned = union(fields)
-        if misaligned and _mixes_global(fields):
-            notes.append(_global_mix_note(where, "merged", d))
-        elif misaligned and _counts_differ(fields):
-            notes.append(_count_mix_note(where, "merged", d))
-        elif misaligned:
-            starts = sorted({float(f.start) for f in fields})
-            jumps = sorted({float(f.jump) for f in fields})
-            notes.append(
-                f"{where}: paths merged on spatial axis {d} are misaligned "
-                f"(starts {starts}, jumps {jumps}); the union of their fields is reported"
-            )
-        out.append(field)
-    return tuple(out)
+    return tuple(_union_of_paths([i[d] for i in present], notes, where, d, "merged")
+                 for d in range(len(present[0])))
+
+
+def _union_of_paths(fields: Sequence[AxisField], notes: list[str], where: str, d: int,
+                    how: str) -> AxisField:
+    """The union of several paths' fields on spatial axis `d` (`how` they meet: "merged" by
+    an elementwise op, "concatenated" along channels), with a note saying why when they are
+    misaligned."""
+    field, misaligned = union(fields)
+    if misaligned and _mixes_global(fields):
+        notes.append(_global_mix_note(where, how, d))
+    elif misaligned and _counts_differ(fields):
+        notes.append(_count_mix_note(where, how, d))
+    elif misaligned:
+        starts = sorted({float(f.start) for f in fields})
+        jumps = sorted({float(f.jump) for f in fields})
+        notes.append(f"{where}: paths {how} on spatial axis {d} are misaligned (starts "
+                     f"{starts}, jumps {jumps}); the union of their fields is reported")
+    return field
 
 
 def _mixes_global(fields: Sequence[AxisField]) -> bool:
@@ -504,7 +507,8 @@ def _concatenate(
                 [in_shapes[k][dim] for k in located_on_dim],
                 [offsets[k] for k in located_on_dim], dim, total, notes, where, d))
         else:
-            out.append(_concatenate_paths([in_infos[k][d] for k in present], notes, where, d))
+            out.append(_union_of_paths([in_infos[k][d] for k in present], notes, where, d,
+                                       "concatenated"))
     return tuple(out)
 
 
@@ -544,20 +548,6 @@ def _concatenate_along_spatial(
     if f.exclusive:
         return windowed(f, 1, 1, offsets[main], out_axis=dim, out_count=total)
     return collapse(f)
-
-
-def _concatenate_paths(fields: Sequence[AxisField], notes: list[str], where: str,
-                       d: int) -> AxisField:
-    """Concatenation along an axis other than spatial axis `d`'s (channels): the paths' fields on
-    `d` are merged, with a note saying why when they are misaligned."""
-    field, misaligned = union(fields)
-    if misaligned and _mixes_global(fields):
-        notes.append(_global_mix_note(where, "concatenated", d))
-    elif misaligned and _counts_differ(fields):
-        notes.append(_count_mix_note(where, "concatenated", d))
-    elif misaligned:
-        notes.append(f"{where}: concatenated paths are misaligned on spatial axis {d}")
-    return field
 
 
 def _concatenate_flattened(pieces: Sequence[AxisField], on_dim: Sequence[AxisField],

@@ -164,6 +164,32 @@ def test_misaligned_paths_union_matches_gradient():
     assert rows == cols == (4, 8)
 
 
+class _TwoPathsConcatenated(nn.Module):
+    """`_TwoPaths`' misaligned paths concatenated along channels, then mixed by a 1x1 conv."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        a = nn.Conv(1, (3, 3), padding="VALID", use_bias=False, kernel_init=ONES)(x)
+        shifted = jnp.pad(x, ((0, 0), (2, 0), (2, 0), (0, 0)))[:, : x.shape[1], : x.shape[2]]
+        both = jnp.concatenate([a, nn.avg_pool(shifted, (3, 3), (1, 1))], axis=-1)
+        return nn.Conv(1, (1, 1), use_bias=False, kernel_init=ONES)(both)
+
+
+def test_misaligned_concatenated_paths_are_noted_with_their_offsets():
+    """As a sum of misaligned paths: the union, and a note giving each axis' starts and jumps."""
+    model, shape = _TwoPathsConcatenated(), (15, 15, 1)
+    result = summary(model, shape)
+    assert result.receptive_field.size == (5, 5) and result.receptive_field.start == (0, 0)
+    concatenate = [n for n in result.notes if "concatenate" in n.split(":")[0]]
+    assert [n.split(": ", 1)[1] for n in concatenate] == [
+        f"paths concatenated on spatial axis {d} are misaligned (starts [-1.0, 1.0], jumps "
+        "[1.0]); the union of their fields is reported" for d in (0, 1)]
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    rows, cols = _support(lambda x: model.apply(variables, x), x, (0, 6, 6, 0))
+    assert rows == cols == (4, 8)
+
+
 def _assert_field_holds_support(model, shape, positions):
     """Each output unit in `positions` depends only on input pixels inside its reported field
     (centre start + p * jump, `size` wide): the field may be an upper bound, never too small.
