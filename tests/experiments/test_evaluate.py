@@ -164,6 +164,7 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(t
         "to create, but a file is in the way.")
 
 
+@pytest.mark.slow  # 17 s in CI: trains a run first
 def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp_path):
     """--split is checked against the run's dataset before anything compiles, and named as the
     flag (not the config's data.eval_split); --ema on a run without a weight average says to

@@ -108,6 +108,7 @@ def test_the_example_grid_refuses_a_num_trials_override(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # 15 s in CI: a whole sweep in a subprocess
 def test_a_sweep_file_without_metric_mode_or_seed_takes_them_from_the_command_line(tmp_path):
     """`--sweep.metric=loss` was refused ("the config has no field 'metric'") for a sweep file
     that leaves the metric to its default, and `Type NoneType ... is not supported for

@@ -100,6 +100,7 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
         np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+@pytest.mark.slow  # 19 s in CI; divergence itself is tested in-process in tests/train/test_loop.py
 def test_divergence_exits_nonzero_with_message(tmp_path):
     result = subprocess.run(
         _command(
@@ -187,6 +188,7 @@ _CRASH = ("import sys; import cnnjax.train.loop as loop\n"
           "import runpy; runpy.run_module('experiments.train', run_name='__main__')")
 
 
+@pytest.mark.slow  # 24 s in CI: two training subprocesses
 def test_an_unexpected_error_keeps_its_traceback_until_a_rerun_succeeds(tmp_path):
     """A bug's traceback goes to <workdir>/error.log; once a rerun completes it is kept aside as
     error.previous.log, so the workdir no longer looks failed."""

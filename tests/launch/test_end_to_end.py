@@ -98,6 +98,7 @@ def test_preempted_job_requeues_itself_and_the_rerun_resumes(tmp_path):
     ]
 
 
+@pytest.mark.slow  # 34 s in CI; test_slurm.py checks the script's trial arithmetic unrun
 def test_a_sweep_array_task_runs_its_consecutive_trials(tmp_path):
     """`--trials_per_task=2` over the 4-trial LeNet sweep: the generated script, run as array
     task 1, trains trials 2 and 3 (only them) and answers for them in its exit status."""

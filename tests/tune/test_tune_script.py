@@ -54,6 +54,7 @@ def test_bad_recipe_value_is_a_one_line_error_before_anything_is_written(tmp_pat
     assert not (tmp_path / "tune").exists()
 
 
+@pytest.mark.slow  # 20 s in CI: a whole tune in a subprocess
 def test_a_tune_whose_every_trial_diverged_exits_nonzero(tmp_path):
     """Status no_result (no trial completed) exited 0: a script or SLURM read success and found
     no best config."""
