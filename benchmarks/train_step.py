@@ -603,6 +603,16 @@ def header_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def record_timing(result: dict[str, Any], name: str, rounds: dict[str, list[list[StepTime]]],
+                  usage: dict[str, list[dict[str, float]]]) -> str:
+    """Adds runner `name`'s timing (with its CPU usage) and images/s per round to `result`;
+    returns its `timing_phrase`."""
+    result[name] = summarize(sum(rounds[name], []), FLAGS.batch_size)
+    result[f"{name}_rounds_images_per_s"] = round_images_per_s(rounds[name], FLAGS.batch_size)
+    result[name].update(usage_summary(usage.get(name, [])))
+    return timing_phrase(result[name], result[f"{name}_rounds_images_per_s"])
+
+
 def timing_phrase(summary: dict[str, float], per_round: list[float]) -> str:
     """`<images/s> img/s (median step, CPU per step, images/s per round[, usage]` of one timed
     step, its closing parenthesis left to the caller."""
@@ -620,12 +630,7 @@ def jax_lines(result: dict[str, Any], rounds: dict[str, list[list[StepTime]]],
     lines."""
     lines = []
     for impl in impls:
-        name = f"jax_{impl}"
-        result[name] = summarize(sum(rounds[name], []), FLAGS.batch_size)
-        result[f"{name}_rounds_images_per_s"] = round_images_per_s(rounds[name], FLAGS.batch_size)
-        result[name].update(usage_summary(usage.get(name, [])))
-        lines.append(f"jax ({impl:6s}): "
-                     f"{timing_phrase(result[name], result[f'{name}_rounds_images_per_s'])})")
+        lines.append(f"jax ({impl:6s}): {record_timing(result, f'jax_{impl}', rounds, usage)})")
     result["jax"] = result[f"jax_{impls[0]}"]  # the first impl, for older readers of the JSON
     for impl in impls:
         losses = benches[impl].get("losses", [])
@@ -648,14 +653,12 @@ def torch_lines(result: dict[str, Any], rounds: dict[str, list[list[StepTime]]],
                 usage: dict[str, list[dict[str, float]]],
                 torch_bench: dict[str, Any]) -> list[str]:
     """Adds PyTorch's timing and setup to `result`; returns its line."""
-    result["torch"] = summarize(sum(rounds["torch"], []), FLAGS.batch_size)
-    result["torch_rounds_images_per_s"] = round_images_per_s(rounds["torch"], FLAGS.batch_size)
+    timing = record_timing(result, "torch", rounds, usage)
     result["torch_version"] = torch_bench["version"]
     result["torch_threads"] = torch_bench["threads"]
     result["torch_device"] = torch_bench["device"]
     result["torch_channels_last"] = FLAGS.torch_channels_last
-    result["torch"].update(usage_summary(usage.get("torch", [])))
-    return [f"torch:        {timing_phrase(result['torch'], result['torch_rounds_images_per_s'])}"
+    return [f"torch:        {timing}"
             f"; torch {torch_bench['version']} on {torch_bench['device']}, "
             f"{torch_bench['threads']} threads)"]
 
@@ -674,6 +677,7 @@ def ratio_lines(result: dict[str, Any], impls: list[str]) -> list[str]:
                      f"{', '.join(f'{r:.2f}' for r in round_ratios)})")
     result["ratio"] = result[f"ratio_{impls[0]}"]
     return lines
+
 
 if __name__ == "__main__":
     define_flags()
