@@ -40,7 +40,11 @@ Thresholds live in `Thresholds` (defaults with their reasons), so a caller can t
 A NaN/inf accuracy, mAP, mIoU or eval-set size (which the engine never writes: it stops a run at
 its first NaN/inf loss) is refused with a ValueError naming the metrics.jsonl line and field
 (`load_curves`) or the metric and step (`diagnose`): unlike a loss it is no sign of divergence,
-only of a broken file, and as a number it would read as a change of "+nan" (converged).
+only of a broken file, and as a number it would read as a change of "+nan" (converged). So is
+an accuracy, mAP or IoU outside [0, 1] (a percent, 97.0 for 97%: the engine writes fractions),
+and an eval record lacking a field the engine writes in every eval (`EVERY_EVAL_FIELDS`: loss,
+top1, num_examples and their `ema_` twins) that the run's other eval records hold: as NaN, a
+missing eval loss would read as a divergence.
 
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
 """
@@ -78,6 +82,15 @@ VERDICTS = (
 ACCURACY_METRICS = ("top1", "top5")
 # Eval metrics in [0, 1] whose gains are judged against a binomial noise level (higher: better).
 FRACTION_METRICS = (*ACCURACY_METRICS, *config_lib.DETECTION_METRICS, "pixel_accuracy", "miou")
+# Per-class scores (`ap50/<class>`, `ap50_voc07/<class>`, `iou/<class>`), fractions in [0, 1] too.
+PER_CLASS_FRACTIONS = ("ap50", "ap50_voc07", "iou")
+# Eval fields the engine has written in every eval record since it began (the `ema_` ones in
+# every eval of a weight-averaged run) and that the verdicts read whatever the judged metric.
+# One that some eval records of a run hold and another lacks reads as NaN there: a loss as a
+# divergence. Others may be absent from some: per-class scores (a class only predicted in some
+# evals), metrics added later (`map50_voc07`) in the records of runs resumed across that change.
+EVERY_EVAL_FIELDS = ("loss", "top1", "num_examples", METRIC_PREFIX + "loss",
+                     METRIC_PREFIX + "top1")
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 _OWNER = "diagnose"
@@ -271,6 +284,11 @@ class Curves:
                      num_train_steps: int | None = None) -> Curves:
         """From metrics.jsonl records (`{'step', 'split', 'loss', 'top1', ...}`) and summary."""
         summary = summary or {}
+        missing = _missing_eval_field(records)
+        if missing is not None:
+            index, field = missing
+            raise invalid(_OWNER, field, "missing", f"records[{index}] "
+                          f"{_lacks(records[index])}")
         train = sorted((r for r in records if r.get("split") == "train" and "loss" in r),
                        key=lambda r: r["step"])
         evals = sorted((r for r in records if r.get("split") == "eval"), key=lambda r: r["step"])
@@ -312,7 +330,7 @@ def load_curves(workdir: str) -> Curves:
                       "(a sweep's runs are its trials/<trial_id> folders, a tune's "
                       "round_<k>/trials/<trial_id>)")
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
-    _check_finite_scores(os.path.join(workdir, METRICS_FILE), records)
+    _check_scores(os.path.join(workdir, METRICS_FILE), records)
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     curves = Curves.from_records(records, summary, config.get("num_train_steps"))
@@ -337,18 +355,53 @@ def _scores(record: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _check_finite_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """Refuses a NaN/inf (or non-numeric) score in `records`, read from `path`, naming the line
-    (counted in the file, whose torn lines `read_metrics` skipped) and the field."""
+def _check_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Refuses an eval record lacking a field of `EVERY_EVAL_FIELDS` that others hold, and a
+    NaN/inf (or non-numeric) score or a fraction outside [0, 1] (a percent: 97.0 for 97%) in
+    `records`, read from `path`, naming the line (counted in the file, whose torn lines
+    `read_metrics` skipped) and the field."""
+    missing = _missing_eval_field(records)
+    if missing is not None:
+        index, field = missing
+        raise invalid(_OWNER, field, "missing", f"{path} line {_line_number(path, index)} "
+                      f"{_lacks(records[index])}")
     for index, record in enumerate(records):
         for field in _scores(record):
             value = record[field]
+            where = (f"{path} line {_line_number(path, index)} ({record['split']} record of "
+                     f"step {record.get('step')}) holds it")
             if not math.isfinite(_float(value)):
                 raise invalid(_OWNER, field, value,
-                              f"{path} line {_line_number(path, index)} ({record['split']} "
-                              f"record of step {record.get('step')}) holds it, expected a "
-                              "finite number: the training engine never writes a NaN or inf "
-                              "score, so the file was edited or written by another program")
+                              f"{where}, expected a finite number: the training engine never "
+                              "writes a NaN or inf score, so the file was edited or written by "
+                              "another program")
+            if is_fraction(field) and not 0 <= _float(value) <= 1:
+                raise invalid(_OWNER, field, value,
+                              f"{where}, expected a fraction in [0, 1]: the training engine "
+                              "writes accuracies, mAP and IoU as fractions (0.97, not 97 for "
+                              "97%), so the file was edited or written by another program")
+
+
+def is_fraction(field: str) -> bool:
+    """Whether metrics.jsonl `field` is a score in [0, 1]: an accuracy, mAP or IoU (mean or
+    per class, of the weights or their `ema_` average)."""
+    name = field.removeprefix(METRIC_PREFIX)
+    return name in FRACTION_METRICS or ("/" in name and name.split("/")[0] in PER_CLASS_FRACTIONS)
+
+
+def _missing_eval_field(records: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    """(index, field) of the first eval record lacking a field of `EVERY_EVAL_FIELDS` that
+    another eval record holds, if any."""
+    evals = [(i, r) for i, r in enumerate(records) if r.get("split") == "eval"]
+    held = [name for name in EVERY_EVAL_FIELDS if any(name in r for _, r in evals)]
+    return next(((i, name) for i, r in evals for name in held if name not in r), None)
+
+
+def _lacks(record: Mapping[str, Any]) -> str:
+    """Why a record missing a field of `EVERY_EVAL_FIELDS` is refused (after where it is)."""
+    return (f"(eval record of step {record.get('step')}) lacks it, which the run's other eval "
+            "records hold; expected a number: the training engine writes it in every eval, so "
+            "the file was edited or written by another program")
 
 
 def _line_number(path: str, index: int) -> int:
@@ -450,19 +503,28 @@ def diagnose(curves: Curves, metric: str = "top1",
 
 def _check_finite_curves(curves: Curves, metric: str) -> None:
     """Refuses a NaN/inf among the scores the verdicts read (train and eval top-1, the judged
-    `metric` unless it is a loss, the eval-set size): curves built without `load_curves`."""
-    scores = {f"eval {name}": (curves.eval_steps, curves.eval_metrics[name])
-              for name in dict.fromkeys(("top1", metric))
-              if name in curves.eval_metrics and not config_lib.lower_is_better(name)}
+    `metric` unless it is a loss, the eval-set size), and such a fraction outside [0, 1] (a
+    percent): curves built without `load_curves`."""
+    for name in dict.fromkeys(("top1", metric)):
+        if name in curves.eval_metrics and not config_lib.lower_is_better(name):
+            _check_score_curve("eval", name, curves.eval_steps, curves.eval_metrics[name])
     if curves.train_top1 is not None:
-        scores["train top1"] = (curves.train_steps, curves.train_top1)
-    for name, (steps, values) in scores.items():
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            raise invalid(_OWNER, f"{name} at step {steps[bad[0]]}", float(values[bad[0]]),
-                          "expected a finite number (a missing or NaN/inf score)")
+        _check_score_curve("train", "top1", curves.train_steps, curves.train_top1)
     if curves.eval_examples is not None and not math.isfinite(curves.eval_examples):
         raise invalid(_OWNER, "eval_examples", curves.eval_examples, "expected a finite number")
+
+
+def _check_score_curve(split: str, name: str, steps: np.ndarray, values: np.ndarray) -> None:
+    """Refuses the first NaN/inf of score `name`'s `values`, or one outside [0, 1] of a
+    fraction (`is_fraction`), naming its split and step."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise invalid(_OWNER, f"{split} {name} at step {steps[bad[0]]}", float(values[bad[0]]),
+                      "expected a finite number (a missing or NaN/inf score)")
+    bad = np.flatnonzero((values < 0) | (values > 1)) if is_fraction(name) else []
+    if len(bad):
+        raise invalid(_OWNER, f"{split} {name} at step {steps[bad[0]]}", float(values[bad[0]]),
+                      "expected a fraction in [0, 1] (0.97, not 97 for 97%)")
 
 
 def _nonfinite_eval_loss(curves: Curves) -> tuple[int, str, float] | None:

@@ -160,6 +160,94 @@ def test_a_non_finite_score_in_metrics_jsonl_is_refused_naming_its_line(tmp_path
         dg.diagnose_workdir(path)
 
 
+@pytest.mark.parametrize("field", ["loss", "top1", "num_examples", "ema_loss", "ema_top1"])
+def test_an_eval_record_missing_a_field_every_eval_holds_is_refused_naming_its_line(tmp_path,
+                                                                                    field):
+    """The engine writes loss, top-1 and num_examples (and their ema_ twins, with a weight
+    average) in every eval record: one that lacks a field its run's other evals hold is a
+    hand-made or broken file. As NaN a missing eval loss read as 'diverged at step 300', a
+    missing last num_examples silently dropped the noise level to its 0.2-point floor."""
+    records = _records(**_converged())
+    for r in records:
+        if r["split"] == "eval":
+            r["ema_loss"], r["ema_top1"] = r["loss"], r["top1"]
+    line = max(i for i, r in enumerate(records) if r["split"] == "eval" and r["step"] <= 300) + 1
+    del records[line - 1][field]
+    path = _workdir(tmp_path, records)
+    message = (rf"diagnose: {field}='missing' is invalid; .*metrics.jsonl line {line} \(eval "
+               rf"record of step 300\) lacks it, which the run's other eval records hold; "
+               rf"expected a number: the training engine writes it in every eval")
+    with pytest.raises(ValueError, match=message):
+        dg.load_curves(path)
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(path)
+    with pytest.raises(ValueError, match=rf"diagnose: {field}='missing' is invalid; "
+                                         rf"records\[{line - 1}\] \(eval record of step 300\)"):
+        dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+
+
+def test_fields_only_some_evals_hold_are_accepted(tmp_path):
+    """Fields an engine-written file may hold in only some eval records: a per-class IoU (a class
+    predicted in some evals only), a metric added after a resumed run's first evals (map50_voc07);
+    a detector logs no eval loss nor top-1 at all. The diagnosis is that of the same file without
+    those fields."""
+    records = _detection_records(_decay(0.1, 0.5, 0.01))
+    for r in records:
+        if r["split"] == "eval" and r["step"] >= 200:
+            r["map50_voc07"], r["iou/3"] = r["map50"] - 0.01, 0.2
+    plain = [{k: v for k, v in r.items() if k not in ("map50_voc07", "iou/3")} for r in records]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    got = dg.diagnose_workdir(_workdir(tmp_path / "a", records), "map50")
+    assert got.verdicts == ["converged"]
+    assert got == dg.diagnose_workdir(_workdir(tmp_path / "b", plain), "map50")
+
+
+@pytest.mark.parametrize("split, field, value", [
+    ("eval", "top1", 97.0), ("eval", "top5", 100.0), ("eval", "pixel_accuracy", 1.01),
+    ("eval", "map50", 40.0), ("eval", "miou", -0.1), ("eval", "ap50/0", 55.0),
+    ("eval", "ema_iou/2", 1.5), ("train", "top1", 99.0)])
+def test_a_fraction_written_as_a_percent_is_refused_naming_its_line(tmp_path, split, field,
+                                                                    value):
+    """The engine writes accuracies, mAP and IoU as fractions in [0, 1]; a percent (97.0 for
+    97%) read as a top-1 that 'improved 0.0102 (96.99 -> 97)': still_improving, not converged."""
+    records = _records(**_converged())
+    line = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] <= 300) + 1
+    records[line - 1][field] = value
+    path = _workdir(tmp_path, records)
+    message = (rf"diagnose: {field}={value!r} is invalid; .*metrics.jsonl line {line} \({split} "
+               rf"record of step 300\) holds it, expected a fraction in \[0, 1\]")
+    with pytest.raises(ValueError, match=message):
+        dg.load_curves(path)
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(path)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_fractions_at_the_ends_of_their_range_are_accepted(tmp_path, value):
+    """0 and 1 are valid scores (a blank or a perfect eval), and not a percent."""
+    records = _records(**_converged())
+    for r in records:
+        if r["split"] == "eval":
+            r["top5"] = value
+    assert dg.diagnose_workdir(_workdir(tmp_path, records)).verdicts == ["converged"]
+
+
+@pytest.mark.parametrize("split", ["eval", "train"])
+def test_diagnose_refuses_curves_with_a_top1_in_percent(split):
+    """Curves built from records (not a file) are checked by `diagnose`: top-1 must be a
+    fraction (eval 97 against train 0.99 read as no train-eval gap at all)."""
+    records = _records(**_converged())
+    for r in records:
+        if r["split"] == split:
+            r["top1"] *= 100
+    curves = dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+    with pytest.raises(ValueError, match=rf"diagnose: {split} top1 at step (10|50)=\d+\.\d+ is "
+                                         r"invalid; expected a fraction in \[0, 1\] \(0.97, "
+                                         r"not 97 for 97%\)\."):
+        dg.diagnose(curves)
+
+
 def test_a_torn_line_does_not_shift_the_line_number_named(tmp_path):
     records = _records(**_converged())
     records[-1]["top1"] = math.nan
