@@ -543,17 +543,30 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     loading a finished run's model, or for a caller that checks it with its own hint
     (`cnnjax.transfer`'s label budgets).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from cnnjax.models import ModelArgumentError, create_model, list_models, model_info
-    from cnnjax.train import checks
-    from cnnjax.train.optim import build_optimizer, build_schedule
-    from cnnjax.train.parallel import AXIS_NAME
-    from cnnjax.train.state import freeze_optimizer, init_variables
-
     validate_config(config)
     task = config_task(config)
+    info = _task_model_info(config, task)
+    pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
+    data_info = pipeline.get_dataset_info(config.data)
+    _check_classes(config, task, data_info, for_training)
+    if for_training and config.global_batch_size > data_info.num_train:  # full batches only
+        raise ValueError(
+            f"config: global_batch_size={config.global_batch_size!r} is invalid; expected at "
+            f"most the {data_info.num_train} examples of the train split of {data_info.name!r} "
+            "(an epoch would have no step)."
+        )
+    devices = _checked_devices(config, pipeline, for_training)
+    image_shape = tuple(data_info.image_shape)
+    model = _checked_model(config, task, info, image_shape, data_info.num_classes)
+    schedule, tx, variable_shapes = _checked_optimizer(config, schedule, model, image_shape)
+    return CheckedConfig(task, pipeline, data_info, devices, model, schedule, tx, variable_shapes)
+
+
+def _task_model_info(config: Any, task: str) -> Any:
+    """The registry's `ModelInfo` of `config.model`, refused when the model is not one of
+    `task`'s (a detector in a classification run)."""
+    from cnnjax.models import list_models, model_info
+
     info = model_info(config.model)  # unknown model -> ValueError listing names
     if info.task != task:
         raise ValueError(
@@ -561,8 +574,11 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
             f"config.task={task!r} (set config.task={info.task!r}, or pick one of "
             f"{list_models(task=task)})."
         )
-    pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
-    data_info = pipeline.get_dataset_info(config.data)
+    return info
+
+
+def _check_classes(config: Any, task: str, data_info: Any, for_training: bool) -> None:
+    """`num_classes` must be the dataset's, and a classifier to train needs two classes."""
     num_classes = config.get("num_classes")
     if num_classes is not None and num_classes != data_info.num_classes:
         raise ValueError(
@@ -579,12 +595,12 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
                       f"a classifier needs at least 2 classes (softmax cross-entropy over one "
                       f"class is 0 whatever the weights, so nothing would train); this keeps "
                       f"{data_info.num_classes} class of {data_info.name!r}")
-    if for_training and config.global_batch_size > data_info.num_train:  # full batches only
-        raise ValueError(
-            f"config: global_batch_size={config.global_batch_size!r} is invalid; expected at "
-            f"most the {data_info.num_train} examples of the train split of {data_info.name!r} "
-            "(an epoch would have no step)."
-        )
+
+
+def _checked_devices(config: Any, pipeline: Any, for_training: bool) -> list | None:
+    """The local devices `config.num_devices` picks (None: all), with the batches checked to
+    split over every device of every process."""
+    import jax
 
     devices = None
     available = jax.local_devices()
@@ -608,13 +624,39 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
         # once the model is initialized (one process reads the whole split: checked above).
         pipeline.check_train_epoch(config.data, global_batch_size=config.global_batch_size,
                                    process_count=jax.process_count())
+    return devices
+
+
+def _checked_model(config: Any, task: str, info: Any, image_shape: tuple[int, ...],
+                   num_classes: int) -> Any:
+    """The flax module the run trains, built from `model_kwargs` and traced abstractly on
+    `image_shape` images, so a bad keyword or a too-small input is refused before compiling."""
+    from cnnjax.train import checks
+
+    model = _create_model(config, task, num_classes)
+    checks.check_input_size(model, config.model, image_shape, info.min_input_size)
+    if task == "detection":
+        from cnnjax.data.spec import proposal_spec
+
+        checks.check_external_proposals(model, config.model,
+                                        proposal_spec(config.data.get("proposals")))
+        checks.check_training_size(model, image_shape)
+    return model
+
+
+def _create_model(config: Any, task: str, num_classes: int) -> Any:
+    """`create_model` with the engine's axis name and compute dtype; a keyword the model does
+    not take, or a backbone-only model (no outputs to train on), is a ValueError."""
+    import jax.numpy as jnp
+
+    from cnnjax.models import ModelArgumentError, create_model
+    from cnnjax.train.parallel import AXIS_NAME
 
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     kwargs = model_kwargs(config)
     try:
         model = create_model(
-            config.model, num_classes=data_info.num_classes, axis_name=AXIS_NAME, dtype=dtype,
-            **kwargs,
+            config.model, num_classes=num_classes, axis_name=AXIS_NAME, dtype=dtype, **kwargs,
         )
     except ModelArgumentError as err:  # a keyword the model does not have, or fixes
         raise ValueError(
@@ -627,26 +669,30 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
                       f"expected False ({config.model} with features_only=True is a backbone "
                       f"that returns a dict of feature maps, not the outputs a {task} run "
                       "trains on; it failed in the first train step)")
-    image_shape = tuple(data_info.image_shape)
-    checks.check_input_size(model, config.model, image_shape, info.min_input_size)
-    if task == "detection":
-        from cnnjax.data.spec import proposal_spec
+    return model
 
-        checks.check_external_proposals(model, config.model,
-                                        proposal_spec(config.data.get("proposals")))
-        checks.check_training_size(model, image_shape)
+
+def _checked_optimizer(config: Any, schedule: Any, model: Any, image_shape: tuple[int, ...],
+                       ) -> tuple[Any, Any, Any]:
+    """`(schedule, tx, variable_shapes)`: the schedule (`config.schedule`'s when None), the
+    optimizer with `freeze` applied, and the variables' shapes, traced (not compiled) only for
+    init_from / freeze."""
+    import jax
+
+    from cnnjax.train.optim import build_optimizer, build_schedule
+    from cnnjax.train.state import freeze_optimizer, init_variables
 
     if schedule is None:
         schedule = build_schedule(config)
     tx = build_optimizer(config, schedule)
-    variable_shapes = None  # traced (not compiled) only for init_from / freeze
+    variable_shapes = None
     if init_from_workdir(config) is not None or config.get("freeze") is not None:
         variable_shapes = jax.eval_shape(
             lambda r: init_variables(model, r, (1, *image_shape)), jax.random.PRNGKey(0)
         )
     if config.get("freeze") is not None:
         tx = freeze_optimizer(tx, variable_shapes["params"], config.freeze)
-    return CheckedConfig(task, pipeline, data_info, devices, model, schedule, tx, variable_shapes)
+    return schedule, tx, variable_shapes
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
