@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.utils.validation import invalid
+from cnnjax.utils.validation import check_non_negative_int, invalid
 
 _OWNER = "corruptions"
 IMAGE_SIZE = 32  # CIFAR-10-C's side (PARAMETERS' size)
@@ -692,16 +692,15 @@ def corrupt(images: Any, name: str, severity: int, seed: int = 0,
     noise from `example_rng(seed, name, severity, first_index + i)`, so the result does not
     depend on how a split is batched."""
     check_corruption(name, severity)
-    for arg, value in (("seed", seed), ("first_index", first_index)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-            raise invalid(_OWNER, arg, value, "expected a non-negative integer")
+    seed = check_non_negative_int(_OWNER, "seed", seed)
+    first_index = check_non_negative_int(_OWNER, "first_index", first_index)
     batch = _check_images(images)
     check_corruption(name, severity, batch.shape[-1])
     check_computable(name)
     c = parameters(batch.shape[1])[name][int(severity) - 1]
     out = np.empty_like(batch)
     for i, image in enumerate(batch):
-        rng = example_rng(int(seed), name, int(severity), int(first_index) + i)
+        rng = example_rng(seed, name, int(severity), first_index + i)
         if name in _PIL_OPS:
             pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
             out[i] = _PIL_OPS[name](pixels, c, rng)

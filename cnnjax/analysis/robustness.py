@@ -386,7 +386,8 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     from cnnjax.analysis import corruptions as corruptions_lib
     from cnnjax.utils.lock import directory_lock
 
-    levels = _check_arguments(severities, max_examples, batch_size, seed, source)
+    levels, max_examples, batch_size, seed = _check_arguments(severities, max_examples,
+                                                              batch_size, seed, source)
     run = _load_classifier(workdir, step)
     tfds_set = corrupted_set(run.config.data.name) if source == "tfds" else None
     config, spec, transforms = _evaluated_config(run, split, tfds_set)
@@ -424,19 +425,19 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
 
 
 def _check_arguments(severities: str, max_examples: int | None, batch_size: int, seed: int,
-                     source: str) -> list[int]:
-    """The severities as integers, once every argument checkable without the run is checked
-    (before the run is loaded, so a typo costs no checkpoint read)."""
-    from cnnjax.utils.validation import check_choice, check_positive_int
+                     source: str) -> tuple[list[int], int | None, int, int]:
+    """`(severities, max_examples, batch_size, seed)` as Python ints (a NumPy integer too: the
+    record's JSON holds them), once every argument checkable without the run is checked (before
+    the run is loaded, so a typo costs no checkpoint read)."""
+    from cnnjax.utils.validation import check_choice, check_non_negative_int, check_positive_int
 
     levels = parse_severities(severities)
     if max_examples is not None:
-        check_positive_int(_OWNER, "max_examples", max_examples)
-    check_positive_int(_OWNER, "batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise invalid(_OWNER, "seed", seed, "expected a non-negative integer")
+        max_examples = check_positive_int(_OWNER, "max_examples", max_examples)
+    batch_size = check_positive_int(_OWNER, "batch_size", batch_size)
+    seed = check_non_negative_int(_OWNER, "seed", seed)
     check_choice(_OWNER, "source", source, SOURCES)
-    return levels
+    return levels, max_examples, batch_size, seed
 
 
 def _load_classifier(workdir: str, step: int | None):

@@ -25,7 +25,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.utils.validation import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+    invalid,
+)
 
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 KINDS = ("grid", "random")
@@ -290,10 +295,9 @@ def random(params: Any, num_trials: int, seed: int = 0) -> SearchSpace:
         raise invalid(_OWNER, "num_trials", num_trials,
                       "expected a positive integer: a random sweep draws num_trials points; set "
                       "num_trials = N in the sweep file or pass --sweep.num_trials=N")
-    if isinstance(num_trials, bool) or not isinstance(num_trials, int) or num_trials <= 0:
-        raise invalid(_OWNER, "num_trials", num_trials, "expected a positive integer")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise invalid(_OWNER, "seed", seed, "expected an integer >= 0")
+    # Python ints from here (a NumPy one too): describe() writes both to the sweep's JSON.
+    num_trials = check_positive_int(_OWNER, "num_trials", num_trials)
+    seed = check_non_negative_int(_OWNER, "seed", seed)
     size = math.prod(p.num_points() for p in params)
     if num_trials > size:
         raise invalid(_OWNER, "num_trials", num_trials,

@@ -775,11 +775,11 @@ def test_quantize_truncates_as_cifar10c_was_stored():
     (lambda x: C.corrupt(x, "contrast", np.float64(2.0)), r"severity=(np.float64\()?2.0\)? is "
                                                           r"invalid"),
     (lambda x: C.corrupt(x, "contrast", 1, first_index=-1),
-     r"corruptions: first_index=-1 is invalid; expected a non-negative integer\."),
+     r"corruptions: first_index=-1 is invalid; expected an integer >= 0\."),
     (lambda x: C.corrupt(x, "contrast", 1, first_index=1.5), r"first_index=1.5 is invalid"),
     (lambda x: C.corrupt(x, "contrast", 1, first_index=True), r"first_index=True is invalid"),
     (lambda x: C.corrupt(x, "contrast", 1, seed=-1),
-     r"corruptions: seed=-1 is invalid; expected a non-negative integer\."),
+     r"corruptions: seed=-1 is invalid; expected an integer >= 0\."),
     (lambda x: C.corrupt(np.zeros((64, 64, 3)), "contrast", 1),
      r"corruptions: images='<array of shape \(64, 64, 3\)>' is invalid; expected \[S, S, C\] "
      r"or \[N, S, S, C\] with C = 1 or 3 and S = 32 \(CIFAR-10-C's table, make_cifar_c.py\) "
@@ -803,6 +803,15 @@ def test_quantize_truncates_as_cifar10c_was_stored():
 def test_bad_inputs_name_the_argument_value_and_choices(call, message):
     with pytest.raises(ValueError, match=message):
         call(_images(1)[0].astype(np.float64))
+
+
+def test_numpy_integer_seed_and_first_index_draw_the_noise_of_the_python_ints():
+    """A NumPy integer seed/first_index (from an array of settings) is the same seed."""
+    x = np.full((2, 32, 32, 3), 128.0)
+    want = C.corrupt(x, "gaussian_noise", 3, seed=5, first_index=7)
+    got = C.corrupt(x, "gaussian_noise", 3, seed=np.int64(5), first_index=np.uint32(7))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want, C.corrupt(x, "gaussian_noise", 3, seed=6, first_index=7))
 
 
 def test_the_opencv_corruptions_are_refused_without_opencv(monkeypatch):

@@ -312,7 +312,7 @@ def test_a_corruption_a_tfds_set_lacks_is_skipped_by_all_and_refused_by_name(mon
     (dict(corruptions=" , "), r"robustness: corruptions=' , ' is invalid; expected 'all' or "
                               r"some of \['gaussian_noise'"),
     (dict(max_examples=0), r"robustness: max_examples=0 is invalid"),
-    (dict(seed=-2), r"robustness: seed=-2 is invalid; expected a non-negative integer"),
+    (dict(seed=-2), r"robustness: seed=-2 is invalid; expected an integer >= 0\."),
     (dict(source="tfds"), r"robustness: source='tfds' is invalid; tfds has corrupted copies "
                           r"of 'cifar10' \(cifar10_corrupted: CIFAR-10's test split\) and "
                           r"'imagenet2012' \(imagenet2012_corrupted: ImageNet's validation "

@@ -2,6 +2,7 @@
 ids, dotted-field checks against a base config, and every ValueError message."""
 
 import hashlib
+import json
 import math
 import re
 
@@ -85,6 +86,28 @@ def test_random_is_reproducible_from_the_seed():
         "kind": "random", "seed": 3, "num_trials": 20,
         "parameters": [p.describe() for p in _params()],
     }
+
+
+def test_random_takes_numpy_integers_as_the_same_seed_and_count():
+    """A NumPy seed/num_trials (np.random.default_rng takes one) draws the trials of the Python
+    int; describe() (the sweep's JSON) holds Python ints."""
+    a = sp.random(_params(), np.int64(5), seed=np.int64(3))
+    assert a.trials == sp.random(_params(), 5, seed=3).trials
+    assert json.loads(json.dumps(a.describe()))["seed"] == 3
+    assert type(a.seed) is int and type(a.num_trials) is int
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=True), "sweep: seed=True is invalid; expected an integer >= 0."),
+    (dict(seed=-1), "sweep: seed=-1 is invalid; expected an integer >= 0."),
+    (dict(seed=1.0), "sweep: seed=1.0 is invalid; expected an integer >= 0."),
+    (dict(num_trials=True), "sweep: num_trials=True is invalid; expected a positive integer."),
+    (dict(num_trials=2.0), "sweep: num_trials=2.0 is invalid; expected a positive integer."),
+    (dict(num_trials=np.int64(0)),
+     "sweep: num_trials=np.int64(0) is invalid; expected a positive integer."),
+])
+def test_random_refuses_a_seed_or_count_that_is_no_integer_in_range(kwargs, message):
+    _raises(message, sp.random, _params(), **{"num_trials": 2, **kwargs})
 
 
 def test_random_samples_stay_in_bounds_and_are_python_scalars():
