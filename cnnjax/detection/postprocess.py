@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.layers.roi import check_valid_boxes, greedy_nms
+from cnnjax.layers.roi import check_float_scores, check_valid_boxes, greedy_nms
 from cnnjax.utils.validation import (
     check_number,
     check_positive_int,
@@ -67,6 +67,7 @@ def batched_nms(
     """
     owner = "batched_nms"
     boxes = jnp.asarray(boxes)
+    check_float_scores(owner, scores)  # before jnp.asarray narrows a 64-bit dtype's name
     scores = jnp.asarray(scores)
     class_dtype = given_dtype(classes)
     classes = jnp.asarray(classes)

@@ -37,6 +37,7 @@ from cnnjax.utils.validation import (
     check_positive_float,
     check_positive_int,
     concrete_value,
+    given_dtype,
     invalid,
     to_pair,
 )
@@ -63,6 +64,16 @@ def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
         values = values.astype(np.float64)
         check_valid_boxes(owner, "boxes", values)
     return boxes, values
+
+
+def check_float_scores(owner: str, scores: Any) -> None:
+    """Refuses `scores` given with a bool or integer dtype, naming it: as ranks they tie boxes a
+    real score would order (a bool keeps every True box), and torchvision's `nms` and
+    `batched_nms` refuse them ("nms_kernel" not implemented for 'Long', 'Bool', ...)."""
+    dtype = given_dtype(scores)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise invalid(owner, "scores.dtype", str(dtype),
+                      "expected a floating-point array (e.g. float32 probabilities or logits)")
 
 
 def indexed(arg: str, index: tuple[int, ...]) -> str:
@@ -605,6 +616,7 @@ def nms(
     """
     owner = "nms"
     boxes, _ = _check_boxes(owner, boxes)
+    check_float_scores(owner, scores)
     scores = jnp.asarray(scores)
     if scores.shape != (boxes.shape[0],):
         raise invalid(owner, "scores.shape", tuple(scores.shape),

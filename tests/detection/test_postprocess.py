@@ -89,6 +89,44 @@ def test_bad_arguments(call, message):
     assert str(err.value) == message
 
 
+@pytest.mark.parametrize("dtype", [np.bool_, np.int64, np.int32, np.uint8])
+def test_bool_and_integer_scores_are_refused_as_torchvision_refuses_them(dtype):
+    """A bool score kept every True box as a score-1 tie and integer scores tied equal ranks;
+    torchvision's nms and batched_nms refuse both (float scores only), and so do these, naming
+    the dtype given (int64, not the int32 jnp.asarray narrows it to)."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    scores, classes = np.array([1, 0, 1]).astype(dtype), np.array([0, 0, 1])
+    for torch_boxes in (torch.from_numpy(boxes), torch.from_numpy(boxes.astype(dtype))):
+        with pytest.raises(RuntimeError):
+            torchvision.ops.nms(torch_boxes, torch.from_numpy(scores), 0.5)
+        with pytest.raises(RuntimeError):
+            torchvision.ops.batched_nms(torch_boxes, torch.from_numpy(scores),
+                                        torch.from_numpy(classes), 0.5)
+    name = np.dtype(dtype).name
+    with pytest.raises(ValueError) as err:
+        nms(boxes, scores, 0.5, 3)
+    assert str(err.value) == (f"nms: scores.dtype='{name}' is invalid; expected a floating-point "
+                              "array (e.g. float32 probabilities or logits).")
+    with pytest.raises(ValueError) as err:
+        batched_nms(boxes, scores, classes, 0.5, 3)
+    assert str(err.value) == (f"batched_nms: scores.dtype='{name}' is invalid; expected a "
+                              "floating-point array (e.g. float32 probabilities or logits).")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, jax.numpy.bfloat16])
+def test_every_float_score_dtype_ranks_as_float32(dtype):
+    """Half, bfloat16 and float64 scores are accepted (torchvision's CUDA nms takes half too)
+    and keep what float32 scores keep."""
+    boxes, scores, classes = _candidates(2)
+    want = batched_nms(boxes, scores, classes, 0.4, 64)
+    got = batched_nms(boxes, scores.astype(dtype), classes, 0.4, 64)
+    np.testing.assert_array_equal(np.asarray(got.boxes), np.asarray(want.boxes))
+    np.testing.assert_array_equal(np.asarray(nms(boxes, scores.astype(dtype), 0.4, 64)[0]),
+                                  np.asarray(nms(boxes, scores, 0.4, 64)[0]))
+
+
 def _candidates(seed, m=20):
     """`2 m` boxes: `m` random ones and a jittered copy of each (same class), distinct scores."""
     rng = np.random.default_rng(seed)
