@@ -142,23 +142,7 @@ def run_sweep(
     config is checked before anything trains.
     """
     metric, mode = check_ranking(base_config, metric, mode)
-    if trial_index is not None and (
-        isinstance(trial_index, bool)
-        or not isinstance(trial_index, int)
-        or not 0 <= trial_index < len(space.trials)
-    ):
-        raise invalid(_OWNER, "trial_index", trial_index,
-                      f"expected an integer in [0, {len(space.trials) - 1}] (the space has "
-                      f"{len(space.trials)} trials)")
-    if isinstance(trial_count, bool) or not isinstance(trial_count, int) or trial_count < 1:
-        raise invalid(_OWNER, "trial_count", trial_count, "expected an integer >= 1")
-    if trial_count > 1 and trial_index is None:
-        raise invalid(_OWNER, "trial_count", trial_count,
-                      "expected 1 without trial_index (it counts the trials from trial_index)")
-    if max_trials is not None and (
-        isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 0
-    ):
-        raise invalid(_OWNER, "max_trials", max_trials, "expected an integer >= 0 or None")
+    _check_selection(space, trial_index, trial_count, max_trials)
     configs = trial_configs(base_config, space)
     check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")  # a file in the way: one line, no traceback
     check_directory_kind(sweep_dir, "sweep", "sweep_dir")
@@ -179,32 +163,75 @@ def run_sweep(
         try:
             with directory_lock(workdir):  # the engine takes it again (re-entrant)
                 started += 1
-                _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
-                              f"{_fmt(trial.overrides)} -> {workdir}")
-                record = start_trial(trial, workdir)
-                write_results(sweep_dir, space, metric, mode)  # the table shows it incomplete
-                try:
-                    record = run_trial(configs[trial.trial_id], workdir, record)
-                finally:  # KeyboardInterrupt included: the table shows what has finished so far
-                    write_results(sweep_dir, space, metric, mode)
+                record = _run_and_tabulate(trial, configs[trial.trial_id], workdir, sweep_dir,
+                                           space, metric, mode, verbose)
         except DirectoryInUseError as err:  # another array task or driver is running it
-            busy = _in_use(err)
-            if trial_index is not None:  # asked for these trials: say one was not run
-                raise DirectoryInUseError(
-                    f"{_OWNER}: trial_index={trial.index} (trial {trial.trial_id}): {busy}; "
-                    "another task or driver of this sweep is running it: wait for it to finish "
-                    "or stop it, then rerun.") from None
-            _say(verbose, f"Trial {trial.trial_id}: skipped, {busy}.")
+            _skip_busy_trial(trial, err, trial_index, verbose)
             continue
         _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
                       + (f" ({record['reason']})" if record["reason"] else ""))
     rows = write_results(sweep_dir, space, metric, mode)
     if verbose:
-        print(format_table(rows, space, metric), flush=True)
-        print(f"Results: {os.path.join(sweep_dir, RESULTS_CSV)}", flush=True)
-        if os.path.exists(os.path.join(sweep_dir, PLOT_FILE)):
-            print(f"Plot:    {os.path.join(sweep_dir, PLOT_FILE)}", flush=True)
+        _print_results(rows, space, metric, sweep_dir)
     return rows
+
+
+def _check_selection(space: SearchSpace, trial_index: Any, trial_count: Any,
+                     max_trials: Any) -> None:
+    """Refuses a `trial_index` outside the space, a `trial_count` below 1 (or above 1 without
+    `trial_index`) and a negative `max_trials`, before any trial config is built."""
+    if trial_index is not None and (
+        isinstance(trial_index, bool)
+        or not isinstance(trial_index, int)
+        or not 0 <= trial_index < len(space.trials)
+    ):
+        raise invalid(_OWNER, "trial_index", trial_index,
+                      f"expected an integer in [0, {len(space.trials) - 1}] (the space has "
+                      f"{len(space.trials)} trials)")
+    if isinstance(trial_count, bool) or not isinstance(trial_count, int) or trial_count < 1:
+        raise invalid(_OWNER, "trial_count", trial_count, "expected an integer >= 1")
+    if trial_count > 1 and trial_index is None:
+        raise invalid(_OWNER, "trial_count", trial_count,
+                      "expected 1 without trial_index (it counts the trials from trial_index)")
+    if max_trials is not None and (
+        isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 0
+    ):
+        raise invalid(_OWNER, "max_trials", max_trials, "expected an integer >= 0 or None")
+
+
+def _run_and_tabulate(trial: Trial, config: Any, workdir: str, sweep_dir: str,
+                      space: SearchSpace, metric: str, mode: str, verbose: bool) -> dict:
+    """Starts and runs one trial (its workdir locked by the caller), rewriting the results
+    table when it starts (shown incomplete) and when it ends, however it ends."""
+    _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                  f"{_fmt(trial.overrides)} -> {workdir}")
+    record = start_trial(trial, workdir)
+    write_results(sweep_dir, space, metric, mode)  # the table shows it incomplete
+    try:
+        return run_trial(config, workdir, record)
+    finally:  # KeyboardInterrupt included: the table shows what has finished so far
+        write_results(sweep_dir, space, metric, mode)
+
+
+def _skip_busy_trial(trial: Trial, err: DirectoryInUseError, trial_index: int | None,
+                     verbose: bool) -> None:
+    """Says a trial whose workdir another process holds is skipped; with `trial_index` (these
+    trials were asked for) that is an error naming the trial instead."""
+    busy = _in_use(err)
+    if trial_index is not None:  # asked for these trials: say one was not run
+        raise DirectoryInUseError(
+            f"{_OWNER}: trial_index={trial.index} (trial {trial.trial_id}): {busy}; "
+            "another task or driver of this sweep is running it: wait for it to finish "
+            "or stop it, then rerun.") from None
+    _say(verbose, f"Trial {trial.trial_id}: skipped, {busy}.")
+
+
+def _print_results(rows: list[dict], space: SearchSpace, metric: str, sweep_dir: str) -> None:
+    """Prints the ranked table and where the results and the plot are."""
+    print(format_table(rows, space, metric), flush=True)
+    print(f"Results: {os.path.join(sweep_dir, RESULTS_CSV)}", flush=True)
+    if os.path.exists(os.path.join(sweep_dir, PLOT_FILE)):
+        print(f"Plot:    {os.path.join(sweep_dir, PLOT_FILE)}", flush=True)
 
 
 def trial_configs(base_config: Any, space: SearchSpace) -> dict[str, Any]:
