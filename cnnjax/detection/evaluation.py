@@ -33,7 +33,7 @@ regular box matches, any number of times, the detection then ignored), with the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -160,6 +160,59 @@ def _flags(owner: str, arg: str, values: Any, shape: tuple[int, ...]) -> np.ndar
     return values
 
 
+class _Batch(NamedTuple):
+    """One `DetectionEvaluator.add` batch, checked and flattened to N images."""
+
+    boxes: np.ndarray  # [N, K, 4] float64
+    scores: np.ndarray  # [N, K] float64
+    classes: np.ndarray  # [N, K]
+    valid: np.ndarray  # [N, K] bool
+    gt_boxes: np.ndarray  # [N, G, 4] float64
+    gt_labels: np.ndarray  # [N, G]
+    gt_valid: np.ndarray  # [N, G] bool
+    difficult: np.ndarray  # [N, G] bool
+    mask: np.ndarray  # [N] bool: a real example
+
+
+def _checked_batch(owner: str, detections: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
+                   mask: Any, gt_difficult: Any) -> _Batch:
+    """`DetectionEvaluator.add`'s arguments checked (shapes, flags, valid boxes, scores not NaN)
+    and flattened to N images; raises naming the first argument that is wrong."""
+    boxes = _boxes(owner, "detections.boxes", detections.boxes)
+    lead, k = boxes.shape[:-2], boxes.shape[-2]
+    scores = _matching(owner, "detections.scores", detections.scores, boxes.shape[:-1])
+    classes = _matching(owner, "detections.classes", detections.classes, boxes.shape[:-1])
+    valid = _flags(owner, "detections.valid", detections.valid, boxes.shape[:-1])
+    n = int(np.prod(lead))
+    gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
+    if int(np.prod(gt_boxes.shape[:-2])) != n:
+        raise invalid(owner, "gt_boxes.shape", gt_boxes.shape,
+                      f"expected {n} images, as many as the detections")
+    g = gt_boxes.shape[-2]
+    gt_labels = _matching(owner, "gt_labels", gt_labels, gt_boxes.shape[:-1])
+    gt_valid = _flags(owner, "gt_valid", gt_valid, gt_boxes.shape[:-1])
+    difficult = (np.zeros(gt_valid.shape, bool) if gt_difficult is None else
+                 _flags(owner, "gt_difficult", gt_difficult, gt_boxes.shape[:-1]))
+    mask = (np.ones(n, bool) if mask is None
+            else _matching(owner, "mask", mask, gt_boxes.shape[:-2]))
+    check_valid_boxes(owner, "detections.boxes", boxes, valid)
+    check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
+    _check_scores(owner, scores, valid)
+    return _Batch(boxes.reshape(n, k, 4), scores.astype(np.float64).reshape(n, k),
+                  classes.reshape(n, k), valid.reshape(n, k), gt_boxes.reshape(n, g, 4),
+                  gt_labels.reshape(n, g), gt_valid.reshape(n, g), difficult.reshape(n, g),
+                  mask.reshape(n) != 0)
+
+
+def _check_scores(owner: str, scores: np.ndarray, valid: np.ndarray) -> None:
+    """Refuses a NaN score of a valid detection, naming its index (padded rows may hold NaN)."""
+    bad = valid & np.isnan(scores.astype(np.float64))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise invalid(owner, f"detections.scores[{', '.join(map(str, index))}]",
+                      float(scores[index]), "expected a number (not NaN) for a valid detection")
+
+
 class DetectionEvaluator:
     """Accumulates detections and ground truth over batches; `compute()` gives the mAPs.
 
@@ -191,60 +244,41 @@ class DetectionEvaluator:
         finite with x1 <= x2 and y1 <= y2 and valid scores not NaN; padded rows may hold
         anything."""
         owner = "DetectionEvaluator.add"
-        boxes = _boxes(owner, "detections.boxes", detections.boxes)
-        lead, k = boxes.shape[:-2], boxes.shape[-2]
-        scores = _matching(owner, "detections.scores", detections.scores, boxes.shape[:-1])
-        classes = _matching(owner, "detections.classes", detections.classes, boxes.shape[:-1])
-        valid = _flags(owner, "detections.valid", detections.valid, boxes.shape[:-1])
-        n = int(np.prod(lead))
-        gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
-        if int(np.prod(gt_boxes.shape[:-2])) != n:
-            raise invalid(owner, "gt_boxes.shape", gt_boxes.shape,
-                          f"expected {n} images, as many as the detections")
-        g = gt_boxes.shape[-2]
-        gt_labels = _matching(owner, "gt_labels", gt_labels, gt_boxes.shape[:-1])
-        gt_valid = _flags(owner, "gt_valid", gt_valid, gt_boxes.shape[:-1])
-        difficult = (np.zeros(gt_valid.shape, bool) if gt_difficult is None else
-                     _flags(owner, "gt_difficult", gt_difficult, gt_boxes.shape[:-1]))
-        mask = (np.ones(n, bool) if mask is None
-                else _matching(owner, "mask", mask, gt_boxes.shape[:-2]))
-        check_valid_boxes(owner, "detections.boxes", boxes, valid)
-        check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
-        bad = valid & np.isnan(scores.astype(np.float64))
+        batch = _checked_batch(owner, detections, gt_boxes, gt_labels, gt_valid, mask,
+                               gt_difficult)
+        for arg, labels, ok in (("gt_labels", batch.gt_labels, batch.gt_valid),
+                                ("detections.classes", batch.classes, batch.valid)):
+            self._check_class_ids(owner, arg, labels, ok)
+        for i in np.flatnonzero(batch.mask):
+            self._add_image(batch, i)
+
+    def _check_class_ids(self, owner: str, arg: str, labels: np.ndarray, ok: np.ndarray,
+                         ) -> None:
+        """Refuses a non-integer label array, or a set (`ok`) label outside `[0, C)`."""
+        if not np.issubdtype(labels.dtype, np.integer):  # a float class never equals c
+            raise invalid(owner, f"{arg}.dtype", str(labels.dtype), "expected an integer array")
+        bad = ok & ((labels < 0) | (labels >= self.num_classes))
         if bad.any():
-            index = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise invalid(owner, f"detections.scores[{', '.join(map(str, index))}]",
-                          float(scores[index]), "expected a number (not NaN) for a valid detection")
-        boxes, gt_boxes = boxes.reshape(n, k, 4), gt_boxes.reshape(n, g, 4)
-        scores = scores.astype(np.float64).reshape(n, k)
-        classes, valid = classes.reshape(n, k), valid.reshape(n, k)
-        gt_labels, gt_valid = gt_labels.reshape(n, g), gt_valid.reshape(n, g)
-        difficult, mask = difficult.reshape(n, g), mask.reshape(n) != 0
-        for arg, labels, ok in (("gt_labels", gt_labels, gt_valid),
-                                ("detections.classes", classes, valid)):
-            if not np.issubdtype(labels.dtype, np.integer):  # a float class never equals c
-                raise invalid(owner, f"{arg}.dtype", str(labels.dtype),
-                              "expected an integer array")
-            bad = ok & ((labels < 0) | (labels >= self.num_classes))
-            if bad.any():
-                raise invalid(owner, arg, int(labels[bad][0]),
-                              f"expected a class in [0, {self.num_classes})")
-        for i in np.flatnonzero(mask):
-            self.num_images += 1
-            for c in range(self.num_classes):
-                of_class = gt_valid[i] & (gt_labels[i] == c)
-                truth, hard = gt_boxes[i][of_class], difficult[i][of_class]
-                self._num_gt[c] += int(np.sum(~hard))
-                mine = valid[i] & (classes[i] == c)
-                if not mine.any():
-                    continue
-                order = np.argsort(-scores[i][mine], kind="stable")
-                iou = box_iou_np(boxes[i][mine][order], truth)
-                self._scores[c].append(scores[i][mine][order])
-                self._voc[c].append(_voc_matches(iou, hard))
-                # Greedy matching never looks ahead: matching the first max_detections alone
-                # gives the same outcomes as this list's prefix.
-                self._coco[c].append(_coco_matches(iou[:self.max_detections], hard))
+            raise invalid(owner, arg, int(labels[bad][0]),
+                          f"expected a class in [0, {self.num_classes})")
+
+    def _add_image(self, batch: _Batch, i: int) -> None:
+        """Counts image `i`'s ground truth and matches its detections, class by class."""
+        self.num_images += 1
+        for c in range(self.num_classes):
+            of_class = batch.gt_valid[i] & (batch.gt_labels[i] == c)
+            truth, hard = batch.gt_boxes[i][of_class], batch.difficult[i][of_class]
+            self._num_gt[c] += int(np.sum(~hard))
+            mine = batch.valid[i] & (batch.classes[i] == c)
+            if not mine.any():
+                continue
+            order = np.argsort(-batch.scores[i][mine], kind="stable")
+            iou = box_iou_np(batch.boxes[i][mine][order], truth)
+            self._scores[c].append(batch.scores[i][mine][order])
+            self._voc[c].append(_voc_matches(iou, hard))
+            # Greedy matching never looks ahead: matching the first max_detections alone
+            # gives the same outcomes as this list's prefix.
+            self._coco[c].append(_coco_matches(iou[:self.max_detections], hard))
 
     def compute(self) -> dict[str, float]:
         """`map50` (VOC all-point), `map50_voc07` (VOC2007 11-point), `map` (COCO 0.50:0.95),
