@@ -44,7 +44,8 @@ only of a broken file, and as a number it would read as a change of "+nan" (conv
 an accuracy, mAP or IoU outside [0, 1] (a percent, 97.0 for 97%: the engine writes fractions),
 and an eval record lacking a field the engine writes in every eval (`EVERY_EVAL_FIELDS`: loss,
 top1, num_examples and their `ema_` twins) that the run's other eval records hold: as NaN, a
-missing eval loss would read as a divergence.
+missing eval loss would read as a divergence. A loss that is no number (a string, null), an
+eval-set size of 0 or less and a record without an integer step are refused the same way.
 
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
 """
@@ -66,7 +67,7 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.tune.space import get_field
 from cnnjax.utils.files import DIRECTORY_MARKERS, read_json
-from cnnjax.utils.validation import check_choice, invalid
+from cnnjax.utils.validation import check_choice, invalid, is_integer
 
 #: Every verdict, most urgent first (`Diagnosis.primary` is the first that holds).
 VERDICTS = (
@@ -356,30 +357,54 @@ def _scores(record: Mapping[str, Any]) -> list[str]:
 
 
 def _check_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """Refuses an eval record lacking a field of `EVERY_EVAL_FIELDS` that others hold, and a
-    NaN/inf (or non-numeric) score or a fraction outside [0, 1] (a percent: 97.0 for 97%) in
-    `records`, read from `path`, naming the line (counted in the file, whose torn lines
-    `read_metrics` skipped) and the field."""
+    """Refuses a record of `records` (read from `path`) that the engine never writes, naming its
+    line (counted in the file, whose torn lines `read_metrics` skipped) and field: not an object
+    with an integer step, an eval record lacking a field of `EVERY_EVAL_FIELDS` that others hold,
+    a loss that is no number, a NaN/inf (or non-numeric) score, a fraction outside [0, 1] (a
+    percent: 97.0 for 97%) or an eval-set size of 0 or less."""
+    for index, record in enumerate(records):  # the checks below index records by field
+        if not isinstance(record, Mapping) or (record.get("split") in ("train", "eval")
+                                               and not is_integer(record.get("step"))):
+            raise invalid(_OWNER, "record", record,
+                          f"{path} line {_line_number(path, index)} holds it, expected an object "
+                          "with an integer 'step' and its 'split' (train or eval) as the "
+                          "training engine writes, so the file was edited or written by another "
+                          "program")
     missing = _missing_eval_field(records)
     if missing is not None:
         index, field = missing
         raise invalid(_OWNER, field, "missing", f"{path} line {_line_number(path, index)} "
                       f"{_lacks(records[index])}")
     for index, record in enumerate(records):
-        for field in _scores(record):
-            value = record[field]
-            where = (f"{path} line {_line_number(path, index)} ({record['split']} record of "
-                     f"step {record.get('step')}) holds it")
-            if not math.isfinite(_float(value)):
-                raise invalid(_OWNER, field, value,
-                              f"{where}, expected a finite number: the training engine never "
-                              "writes a NaN or inf score, so the file was edited or written by "
-                              "another program")
-            if is_fraction(field) and not 0 <= _float(value) <= 1:
-                raise invalid(_OWNER, field, value,
-                              f"{where}, expected a fraction in [0, 1]: the training engine "
-                              "writes accuracies, mAP and IoU as fractions (0.97, not 97 for "
-                              "97%), so the file was edited or written by another program")
+        problem = _value_problem(record)
+        if problem is not None:
+            field, expected = problem
+            raise invalid(_OWNER, field, record[field],
+                          f"{path} line {_line_number(path, index)} ({record['split']} record of "
+                          f"step {record['step']}) holds it, expected {expected}, so the file was "
+                          "edited or written by another program")
+
+
+def _value_problem(record: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(field, what was expected) of the first value of `record` the engine never writes."""
+    losses = ([k for k in record if config_lib.lower_is_better(k)]
+              if record.get("split") == "eval" else ["loss"] if "loss" in record else [])
+    for field in losses:  # NaN/inf is a divergence, a string or null no loss at all
+        if isinstance(record[field], bool) or not isinstance(record[field], int | float):
+            return field, ("a number (NaN/inf if the run diverged): the training engine writes "
+                           "every loss as one")
+    for field in _scores(record):
+        value = _float(record[field])
+        if not math.isfinite(value):
+            return field, ("a finite number: the training engine never writes a NaN or inf "
+                           "score")
+        if is_fraction(field) and not 0 <= value <= 1:
+            return field, ("a fraction in [0, 1]: the training engine writes accuracies, mAP and "
+                           "IoU as fractions (0.97, not 97 for 97%)")
+        if field == "num_examples" and value <= 0:
+            return field, ("a count > 0: the training engine stops a run whose eval split "
+                           "yields no examples")
+    return None
 
 
 def is_fraction(field: str) -> bool:

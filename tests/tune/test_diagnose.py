@@ -4,6 +4,7 @@ either side of a threshold, noise that must not flip a verdict, and real LeNet-5
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -184,6 +185,35 @@ def test_an_eval_record_missing_a_field_every_eval_holds_is_refused_naming_its_l
     with pytest.raises(ValueError, match=rf"diagnose: {field}='missing' is invalid; "
                                          rf"records\[{line - 1}\] \(eval record of step 300\)"):
         dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+
+
+@pytest.mark.parametrize("split, field, value, expected", [
+    ("train", "loss", "abc", "a number (NaN/inf if the run diverged)"),
+    ("eval", "loss", None, "a number (NaN/inf if the run diverged)"),
+    ("eval", "num_examples", 0.0, "a count > 0"),
+    ("eval", "num_examples", -5.0, "a count > 0")])
+def test_a_loss_that_is_no_number_or_an_empty_eval_set_is_refused_naming_its_line(
+        tmp_path, split, field, value, expected):
+    """A string or null loss read as NaN, 'diverged'; an eval-set size of 0 dropped the noise
+    level to its floor, a negative one raised 'math domain error'. The engine writes neither."""
+    records = _records(**_converged())
+    line = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] <= 300) + 1
+    records[line - 1][field] = value
+    message = (rf"diagnose: {field}={value!r} is invalid; .*metrics.jsonl line {line} \({split} "
+               rf"record of step 300\) holds it, expected {re.escape(expected)}")
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(_workdir(tmp_path, records))
+
+
+@pytest.mark.parametrize("record", [[1, 2], {"split": "eval", "loss": 0.1},
+                                    {"step": "30", "split": "train", "loss": 0.1}])
+def test_a_record_without_an_integer_step_is_refused_naming_its_line(tmp_path, record):
+    """It raised KeyError 'step', TypeError (str < int) or AttributeError ('list'.get)."""
+    records = _records(**_converged())
+    records.insert(6, record)
+    with pytest.raises(ValueError, match=r"diagnose: record=.* is invalid; .*metrics.jsonl line 7 "
+                                         r"holds it, expected an object with an integer 'step'"):
+        dg.diagnose_workdir(_workdir(tmp_path, records))
 
 
 def test_fields_only_some_evals_hold_are_accepted(tmp_path):
