@@ -54,11 +54,25 @@ def main(argv: list[str]) -> None:
     start_command(argv)
     import jax
 
+    workdir = _WORKDIR.value
+    _start_distributed(workdir)
+    summary = _train(workdir)
+    from cnnjax.utils.files import retire_error_log
+
+    index = jax.process_index()
+    kept = retire_error_log(workdir, "error.log" if index == 0 else f"error.process{index}.log")
+    if kept:
+        logging.info("An earlier invocation's traceback is kept as %s.", kept)
+    if index == 0:
+        _print_summary(summary)
+
+
+def _start_distributed(workdir: str) -> None:
+    """Checks --distributed_timeout (in every run, naming the flag) and connects the processes
+    of a multi-process job; a refusal is recorded in the workdir and ends the process."""
     from cnnjax.train import distributed
 
-    workdir = _WORKDIR.value
     try:
-        # Checked in every run, not only multi-process ones, naming the flag.
         timeout_s = distributed.check_timeout(_DISTRIBUTED_TIMEOUT.value, "distributed_timeout")
         if distributed.should_initialize(_DISTRIBUTED.value or bool(_CONFIG.value.distributed)):
             distributed.initialize(
@@ -68,8 +82,14 @@ def main(argv: list[str]) -> None:
     except ValueError as err:
         _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")
+
+
+def _train(workdir: str) -> dict:
+    """`train_and_evaluate` on --config in `workdir` (the devices logged first); returns its
+    summary, or exits with a one-line error (an unexpected one's traceback kept in the workdir)."""
+    import jax
+
     from cnnjax.train.loop import TrainingDivergedError, train_and_evaluate
-    from cnnjax.utils.files import read_json, retire_error_log
     from cnnjax.utils.lock import DirectoryInUseError
 
     logging.info(
@@ -81,33 +101,42 @@ def main(argv: list[str]) -> None:
     index = jax.process_index()
     try:
         with exit_on_ctrl_c(lambda: _interrupted_message(workdir)):
-            summary = train_and_evaluate(_CONFIG.value, workdir)
+            return train_and_evaluate(_CONFIG.value, workdir)
     except DirectoryInUseError as err:  # the run holding the workdir keeps its summary.json
         _fail(f"error: {err}")
     except (ValueError, TrainingDivergedError, FileNotFoundError) as err:
         if index != 0:
             _fail(f"error: {err}\n(process {index} of {jax.process_count()}; process 0 writes "
                   "summary.json)")
-        summary_path = os.path.join(workdir, "summary.json")
-        recorded = read_json(summary_path)  # refusals leave another run's summary.json alone
-        recorded = isinstance(recorded, dict) and recorded.get("message") == str(err)
-        _fail(f"error: {err}" + (f"\n(details in {summary_path})" if recorded else ""))
+        _fail_pointing_to_summary(err, workdir)
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
-        log = os.path.join(workdir, "error.log" if index == 0 else f"error.process{index}.log")
-        try:
-            os.makedirs(workdir, exist_ok=True)
-            with open(log, "w") as f:
-                f.write(traceback.format_exc())
-        except OSError as log_err:  # a full disk, a read-only workdir: say so, traceback here
-            traceback.print_exc()
-            _fail(f"error: {type(err).__name__}: {err}\n(traceback above: it could not be "
-                  f"written to {log}: {log_err})")
-        _fail(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
-    kept = retire_error_log(workdir, "error.log" if index == 0 else f"error.process{index}.log")
-    if kept:
-        logging.info("An earlier invocation's traceback is kept as %s.", kept)
-    if index == 0:
-        _print_summary(summary)
+        _fail_keeping_traceback(err, workdir, index)
+
+
+def _fail_pointing_to_summary(err: Exception, workdir: str) -> None:
+    """Exits with `err`, pointing to summary.json when it records this error (a refusal leaves
+    another run's summary.json alone, and is not pointed to)."""
+    from cnnjax.utils.files import read_json
+
+    summary_path = os.path.join(workdir, "summary.json")
+    recorded = read_json(summary_path)  # refusals leave another run's summary.json alone
+    recorded = isinstance(recorded, dict) and recorded.get("message") == str(err)
+    _fail(f"error: {err}" + (f"\n(details in {summary_path})" if recorded else ""))
+
+
+def _fail_keeping_traceback(err: Exception, workdir: str, index: int) -> None:
+    """Exits with an unexpected `err`, its traceback written to this process's error log in the
+    workdir (printed instead when it cannot be written, saying why)."""
+    log = os.path.join(workdir, "error.log" if index == 0 else f"error.process{index}.log")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(log, "w") as f:
+            f.write(traceback.format_exc())
+    except OSError as log_err:  # a full disk, a read-only workdir: say so, traceback here
+        traceback.print_exc()
+        _fail(f"error: {type(err).__name__}: {err}\n(traceback above: it could not be "
+              f"written to {log}: {log_err})")
+    _fail(f"error: {type(err).__name__}: {err}\n(traceback in {log})")
 
 
 def _interrupted_message(workdir: str) -> str:
