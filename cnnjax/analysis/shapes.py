@@ -50,7 +50,14 @@ def conv_output_size(
     check_positive_int(owner, "dilation", dilation)
     check_bool(owner, "ceil_mode", ceil_mode)
     check_bool(owner, "exact", exact)
-    before, after = _padding_pair(owner, padding)
+    return _output_size(owner, size, kernel, stride, _padding_pair(owner, padding), dilation,
+                        ceil_mode, exact)
+
+
+def _output_size(owner: str, size: int, kernel: int, stride: int, padding: tuple[int, int],
+                 dilation: int, ceil_mode: bool, exact: bool) -> int:
+    """`conv_output_size` on checked arguments; `owner` (the public caller) names errors."""
+    before, after = padding
     effective_kernel = dilation * (kernel - 1) + 1
     padded = size + before + after
     if effective_kernel > padded:
@@ -185,12 +192,12 @@ def pool_output_size(
     if stride is not None:
         check_positive_int(owner, "stride", stride)
     check_bool(owner, "ceil_mode", ceil_mode)
-    if 2 * max(_padding_pair(owner, padding)) > kernel:
+    pair = _padding_pair(owner, padding)
+    if 2 * max(pair) > kernel:
         raise invalid(owner, "padding", padding,
                       f"expected at most half the kernel size {kernel}, as max_pool2d")
-    return conv_output_size(
-        size, kernel, kernel if stride is None else stride, padding, 1, ceil_mode=ceil_mode
-    )
+    return _output_size(owner, size, kernel, kernel if stride is None else stride, pair, 1,
+                        ceil_mode, exact=False)
 
 
 def same_padding(size: int, kernel: int, stride: int = 1, dilation: int = 1) -> tuple[int, int]:

@@ -108,8 +108,12 @@ def test_ceil_mode_still_refuses_a_kernel_larger_than_the_padded_input():
         max_pool2d(jnp.zeros((1, 2, 2, 1)), 3, 2, ceil_mode=True)
     with pytest.raises(ValueError, match=r"^conv_output_size: kernel=3 is invalid"):
         conv_output_size(2, 3, 2, ceil_mode=True)
-    with pytest.raises(ValueError, match=r"^conv_output_size: kernel=3 is invalid"):
+    # named as pool_output_size, the function called (it named conv_output_size, which it uses)
+    with pytest.raises(ValueError, match=r"^pool_output_size: kernel=3 is invalid; .* must fit "
+                                         r"in the padded input size\+padding=2"):
         pool_output_size(2, 3, 2, ceil_mode=True)
+    with pytest.raises(ValueError, match=r"^pool_output_size: kernel=3 is invalid"):
+        pool_output_size(1, 3)
 
 
 def test_transpose_size_formula_and_xla():
