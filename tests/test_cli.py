@@ -323,8 +323,9 @@ def test_the_command_reports_flag_errors_in_one_line():
     assert group.returncode == 1 and group.stderr.strip().splitlines()[-1].startswith(
         "error: --config.optimizer='adam' is invalid; config.optimizer is a group of fields (b1,")
     assert typo.returncode == 1
-    assert typo.stderr.strip().splitlines()[-1] == (
-        "error: --config.bogus=1 is invalid; the config has no field 'bogus'")
+    assert typo.stderr.strip().splitlines()[-1].startswith(
+        "error: --config.bogus=1 is invalid; the config has no field 'bogus'; config has fields "
+        "['async_checkpoints', ")
     # the default config file is loaded, with the overrides, when the flag is defined: that
     # was a traceback at import
     assert default.returncode == 1 and "Traceback" not in default.stderr
@@ -385,6 +386,26 @@ def test_an_override_below_a_plain_value_names_that_value():
     assert cli.value_not_group(args, "--config.optimizer.name=adam") == ""  # a real field
     assert cli.value_not_group(args, "--config.nope.x=1") == ""  # missing: KeyError's message
     assert cli.value_not_group(["--config=nowhere.py"], "--config.model.x=1") == ""
+
+
+def test_a_misspelt_field_without_a_close_match_lists_its_groups_fields():
+    """ml_collections suggests a field only when one is close (`mixupp` is not close to
+    `mixup_alpha`): the error then named the typo but nothing valid."""
+    from experiments.configs import lenet5_digits
+
+    config = lenet5_digits.get_config()
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.mixing.name=mixup"]
+    assert cli.describe_flag_error(args, AttributeError(KeyError("'name'"))) == (
+        "--config.mixing.name=mixup is invalid; the config has no field 'name'; config.mixing "
+        f"has fields {sorted(config.mixing)}")
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.zzz.yyy=1"]
+    assert cli.describe_flag_error(args, AttributeError(KeyError("'zzz'"))) == (
+        "--config.zzz.yyy=1 is invalid; the config has no field 'zzz'; config has fields "
+        f"{sorted(config)}")
+    suggested = AttributeError(KeyError("'nam'\nDid you mean \"name\" instead of \"nam\"?"))
+    args = ["--config=experiments/configs/lenet5_digits.py", "--config.optimizer.nam=sgd"]
+    assert "has fields" not in cli.describe_flag_error(args, suggested)  # the suggestion is
+    assert cli.missing_field_hint(["--config=nowhere.py"], "--config.x=1") == ""  # enough
 
 
 def test_a_misspelt_group_on_the_path_is_named():

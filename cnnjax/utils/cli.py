@@ -271,6 +271,8 @@ def explain_flag_error(args: Sequence[str], err: Exception) -> tuple[str | None,
                                                              else "")
             if path == f"config.model_kwargs.{field}":
                 message += model_kwargs_hint(args)
+            elif not suggestion:  # nothing close to suggest: list what the group does hold
+                message += missing_field_hint(args, culprit)
     return culprit, message
 
 
@@ -282,6 +284,27 @@ def load_config_file(spec: str) -> Any:
     path, _, argument = spec.partition(":")
     get_config = runpy.run_path(path)["get_config"]
     return get_config(argument) if argument else get_config()
+
+
+def missing_field_hint(args: Sequence[str], override: str) -> str:
+    """`; config.mixing has fields [...]`: the group in which `override` (`--config.a.b=v`)
+    names a field it lacks, and the fields it has, so that a misspelling ml_collections finds
+    nothing close to is answered with what is valid; '' when the file cannot be loaded or every
+    field on the path exists."""
+    from ml_collections import ConfigDict
+
+    flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
+    try:
+        node = load_config_file(flag_value(args, flag) or "")
+    except Exception:  # noqa: BLE001 — only a hint: the error stands without it
+        return ""
+    for depth, part in enumerate(path):
+        if not isinstance(node, ConfigDict):
+            return ""
+        if part not in node:
+            return f"; {'.'.join([flag, *path[:depth]])} has fields {sorted(node)}"
+        node = node[part]
+    return ""
 
 
 def value_not_group(args: Sequence[str], override: str) -> str:
