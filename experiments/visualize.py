@@ -25,6 +25,9 @@ eval images, preprocessed as its evaluation sees them, and writes to --output_di
 --pointing_game instead scores each method on the whole eval split of a dataset with object boxes
 (tfds `objects/bbox`, e.g. `shapes`): the share of images whose map for the true class peaks
 inside that class's box (Zhang et al. 2018), beside the image centre's, in pointing_game.json.
+Its own flags, --tolerance and --max_images, are refused without it, and --num_images and
+--target=predicted with it (it explains the true class of every eval image, or of the first
+--max_images).
 See `cnnjax.analysis.attribution` for the methods.
 """
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -275,6 +278,28 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
             "accuracy": {name: float(np.mean(h)) for name, h in hits.items()}}
 
 
+#: Flags only the pointing game reads, and those only the attribution figure reads.
+POINTING_GAME_FLAGS = ("tolerance", "max_images")
+
+
+def conflicting_flags(given: Collection[str], pointing_game: bool, target: str) -> str | None:
+    """Why flags given on the command line (`given`: their names) do not go with the chosen
+    mode, which would ignore them silently, as one line; None when they do."""
+    if not pointing_game:
+        for name in POINTING_GAME_FLAGS:
+            if name in given:
+                return (f"--{name} is invalid without --pointing_game (only the pointing game "
+                        f"reads it); pass --pointing_game or drop --{name}")
+        return None
+    if "num_images" in given:
+        return ("--num_images is invalid with --pointing_game; it scores every eval image, or "
+                "the first --max_images=N")
+    if "target" in given and target != "true":
+        return (f"--target={target!r} is invalid with --pointing_game; it explains each "
+                "image's true class, the one whose box it scores")
+    return None
+
+
 def _out_dir() -> str:
     """The output folder, checked up front: `--output_dir`, else `<workdir>/visualize`."""
     if _OUTPUT_DIR.value:
@@ -290,6 +315,10 @@ def main(argv: list[str]) -> None:
     from cnnjax.train.trained import NoWeightAverageError, load_trained
     from cnnjax.utils.files import write_json
 
+    given = {name for name in (*POINTING_GAME_FLAGS, "num_images", "target")
+             if flags.FLAGS[name].present}
+    if (error := conflicting_flags(given, _POINTING.value, _TARGET.value)) is not None:
+        sys.exit(f"error: {error}")
     with one_line_errors():
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work
         try:

@@ -220,3 +220,26 @@ def test_titles_name_a_class_subsets_dataset_labels():
                                                           "true 6, pred 6 (0.88)"]
     assert image_titles(rows, [5, 6, 7], "true")[0] == "true 5, pred 7 (0.50), maps for 5"
     assert image_titles(rows, [0, 1, 2], "predicted")[0] == "true 0, pred 2 (0.50)"
+
+
+def test_flags_the_chosen_mode_would_ignore_are_refused():
+    """`--tolerance=2` without `--pointing_game` ran the attribution figure and dropped it, and
+    `--num_images=10 --pointing_game` scored the whole eval split: each is one line now."""
+    from experiments.visualize import conflicting_flags
+
+    assert conflicting_flags({"tolerance"}, pointing_game=False, target="predicted") == (
+        "--tolerance is invalid without --pointing_game (only the pointing game reads it); "
+        "pass --pointing_game or drop --tolerance")
+    assert conflicting_flags({"workdir", "max_images"}, False, "predicted").startswith(
+        "--max_images is invalid without --pointing_game")
+    assert conflicting_flags({"num_images"}, True, "predicted") == (
+        "--num_images is invalid with --pointing_game; it scores every eval image, or the first "
+        "--max_images=N")
+    assert conflicting_flags({"target"}, True, "predicted") == (
+        "--target='predicted' is invalid with --pointing_game; it explains each image's true "
+        "class, the one whose box it scores")
+    for given, pointing_game, target in [({"target"}, True, "true"),  # what it does anyway
+                                         ({"tolerance", "max_images"}, True, "predicted"),
+                                         ({"num_images", "target"}, False, "true"), (set(), True,
+                                                                                     "predicted")]:
+        assert conflicting_flags(given, pointing_game, target) is None
