@@ -249,8 +249,11 @@ def receptive_field(model: Any, input_shape: Sequence[int], **kwargs: Any) -> Re
 
     Equivalent to `summary(model, input_shape, **kwargs).receptive_field`.
     """
-    from cnnjax.analysis.summary import summary  # summary depends on this module
+    # summary depends on this module
+    from cnnjax.analysis.summary import check_model, checked_input_shape, summary
 
+    check_model("receptive_field", model)
+    checked_input_shape("receptive_field", input_shape)
     return summary(model, input_shape, **kwargs).receptive_field
 
 

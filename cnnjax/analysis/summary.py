@@ -540,6 +540,33 @@ def _check_call_kwargs(owner: str, model: nn.Module, call_kwargs: dict[str, Any]
                       f"{name}{signature} refuses them ({err})") from None
 
 
+def check_model(owner: str, model: Any) -> None:
+    """A ValueError naming `owner` when `model` is no Flax module (a zoo name, which
+    `cnnjax.models.create_model` builds, raised AttributeError in the trace)."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, str):
+        raise invalid(owner, "model", model, "expected a flax.linen Module, e.g. "
+                      f"cnnjax.models.create_model({model!r}) for a registered model")
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise invalid(owner, "model", model.__name__, "it is a Module class; expected an "
+                      f"instance, e.g. {model.__name__}()")
+    raise invalid(owner, "model", type(model).__name__, "expected a flax.linen Module")
+
+
+def checked_input_shape(owner: str, input_shape: Any) -> tuple[int, ...]:
+    """`input_shape` (spatial..., channels) as positive ints, else a ValueError naming `owner`."""
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        raise invalid(owner, "input_shape", input_shape,
+                      "expected a sequence like (H, W, C)") from None
+    if len(shape) < 2 or not all(is_integer(s) and s > 0 for s in shape):
+        raise invalid(owner, "input_shape", input_shape,
+                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
+    return tuple(int(s) for s in shape)
+
+
 def summary(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -554,18 +581,11 @@ def summary(
     model is traced abstractly, so ImageNet-size models summarize in seconds.
     """
     owner = "summary"
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        raise invalid(owner, "input_shape", input_shape,
-                      "expected a sequence like (H, W, C)") from None
-    if len(shape) < 2 or not all(is_integer(s) and s > 0 for s in shape):
-        raise invalid(owner, "input_shape", input_shape,
-                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
+    check_model(owner, model)
+    shape = checked_input_shape(owner, input_shape)
     check_positive_int(owner, "batch_size", batch_size)
     check_float_dtype(owner, "dtype", dtype, allow_none=False)
     _check_call_kwargs(owner, model, call_kwargs)
-    shape = tuple(int(s) for s in shape)
     from cnnjax.train.checks import LayerCallError  # trace_model imports it too: no extra cost
 
     try:

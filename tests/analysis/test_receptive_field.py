@@ -379,6 +379,20 @@ def test_errors(layers, message):
         stack_receptive_field(layers)
 
 
+def test_receptive_field_names_itself_for_a_bad_model_or_shape():
+    """Its own arguments' errors name receptive_field (they named summary, which it calls; a
+    zoo name raised AttributeError)."""
+    with pytest.raises(ValueError, match=r"^receptive_field: model='vgg16' is invalid; expected "
+                                         r"a flax.linen Module, e.g. cnnjax.models.create_model"):
+        receptive_field("vgg16", (32, 32, 3))
+    with pytest.raises(ValueError, match=r"^receptive_field: input_shape=\(0, 32, 3\) is "
+                                         r"invalid; expected positive ints"):
+        receptive_field(VGGLike(), (0, 32, 3))
+    with pytest.raises(ValueError, match=r"^receptive_field: input_shape=None is invalid; "
+                                         r"expected a sequence like \(H, W, C\)"):
+        receptive_field(VGGLike(), None)
+
+
 def _assert_support_is_field(model, shape, positions):
     """Every output in `positions` depends on exactly the input rows/columns of its field
     (all-ones kernels on positive inputs: no cancellation), and the trace adds no note."""

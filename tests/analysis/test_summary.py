@@ -393,6 +393,22 @@ def test_errors(kwargs, message):
         summary(VGGLike(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        # a zoo name raised AttributeError ('str' object has no attribute 'init') in the trace
+        ("resnet18", r"^summary: model='resnet18' is invalid; expected a flax.linen Module, e.g. "
+                     r"cnnjax.models.create_model\('resnet18'\) for a registered model\.$"),
+        (VGGLike, r"^summary: model='VGGLike' is invalid; it is a Module class; expected an "
+                  r"instance, e.g. VGGLike\(\)\.$"),
+        (None, r"^summary: model='NoneType' is invalid; expected a flax.linen Module\.$"),
+    ],
+)
+def test_a_model_that_is_no_module_is_named(model, message):
+    with pytest.raises(ValueError, match=message):
+        summary(model, (32, 32, 3))
+
+
 def test_cli_model_loading_errors():
     from cnnjax.analysis.summary import load_model, parse_shape
 
