@@ -742,6 +742,16 @@ def _seen(history: Sequence[RoundResult]) -> set[str]:
 
 
 # --------------------------------------------------------------------------------- driver
+def _same_refusal(base_config: Any, err: ValueError) -> bool:
+    """Whether `base_config` as given is refused with `err`'s message too: then the fields
+    the recipe fixes (steps, intervals) are not what is wrong, and the recipe is not blamed."""
+    try:
+        config_lib.validate_config(base_config)
+    except ValueError as own:
+        return str(own) == str(err)
+    return False
+
+
 def check_tune(base_config: Any, recipe: Recipe | Any) -> tuple[Recipe, RoundPlan]:
     """The recipe (checked against `base_config`: metric, regularizers, tuned fields) and its
     round 1, with every round-1 trial config through `validate_config`: the checks that need
@@ -753,6 +763,8 @@ def check_tune(base_config: Any, recipe: Recipe | Any) -> tuple[Recipe, RoundPla
     try:
         config_lib.validate_config(plan.base_config(base_config))
     except ValueError as err:  # name the recipe's fields, not only the config's they set
+        if _same_refusal(base_config, err):  # the base's own fault, whatever the steps
+            raise
         fixed = ", ".join(f"{k}={v!r}" for k, v in plan.fixed.items())
         raise ValueError(f"recipe: round 1 trains the base config with {fixed} (from "
                          f"recipe.round1_steps={recipe.round1_steps!r}, evals_per_trial and "

@@ -707,8 +707,12 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path, monkeypatch):
                                          r"invalid; expected 0 <= warmup_steps < "
                                          r"num_train_steps=100"):
         _tune(tmp_path, monkeypatch, trainer, base=base)
-    with pytest.raises(ValueError, match=r"optimizer: learning_rate=-1.0 is invalid"):
+    # A base config that is invalid whatever the steps is its own fault, not the recipe's: the
+    # message blamed recipe.round1_steps for --config.optimizer.learning_rate=-1.
+    with pytest.raises(ValueError, match=r"^optimizer: learning_rate=-1.0 is invalid"):
         _tune(tmp_path, monkeypatch, trainer, base=_base(**{LR: -1.0}))
+    with pytest.raises(ValueError, match=r"^schedule: name='cosin' is invalid"):
+        rc.check_tune(_base(**{"schedule.name": "cosin"}), _recipe())
     with pytest.raises(ValueError, match=r"recipe: num_lrs=0 is invalid"):
         rc.run_tune(_base(), {"num_lrs": 0}, str(tmp_path / "tune"))
     assert trainer.calls == [] and not (tmp_path / "tune").exists()
