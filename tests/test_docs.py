@@ -1,11 +1,11 @@
 """The commands the documentation shows exist: every `python -m <module> --flag ...` in the README,
-docs/, the experiment and benchmark READMEs and the config docstrings names a module of this
-repository and only flags that module (or the libraries it parses flags with) defines. A renamed
-flag or script then fails here instead of in a newcomer's terminal. Also: the config fields and
-repository paths the documents name exist, README links every docs/ page,
-docs/architecture.md lists every module and states the import order the code keeps, the
-`cnnjax.*` names and snippet imports the documents cite are defined, their relative links and
-anchors resolve, and README's Python snippet runs as printed (slow)."""
+docs/, the experiment and benchmark READMEs and the config docstrings (also one wrapped over
+lines of a paragraph) names a module of this repository and only flags that module (or the
+libraries it parses flags with) defines. A renamed flag or script then fails here instead of in
+a newcomer's terminal. Also: the config fields and repository paths the documents name exist,
+README links every docs/ page, docs/architecture.md lists every module and states the import
+order the code keeps, the `cnnjax.*` names and snippet imports the documents cite are defined,
+their relative links and anchors resolve, and README's Python snippet runs as printed (slow)."""
 
 from __future__ import annotations
 
@@ -30,11 +30,23 @@ ABSL_FLAGS = {"helpfull", "help", "helpshort", "verbosity", "v", "logtostderr", 
               "flagfile", "undefok"}
 
 
+# An inline code span (`...`, not a ``` fence) may wrap onto the next lines of a paragraph.
+INLINE_CODE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
+
+
+def _unwrapped(text: str) -> str:
+    """`text` with the line breaks inside inline code spans made spaces, so a command wrapped in
+    a paragraph (`python -m experiments.evaluate --workdir=<run> [--split=test]` then `[--ema]`
+    on the next line) is read whole."""
+    return INLINE_CODE.sub(lambda m: m.group(0) if "\n\n" in m.group(1)
+                           else m.group(0).replace("\n", " "), text)
+
+
 def _commands() -> list[tuple[str, str, str]]:
     found = []
     for path in DOCUMENTS:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = _unwrapped(f.read())
         for match in COMMAND.finditer(text):
             found.append((os.path.relpath(path, ROOT), match.group(1), match.group(2)))
     return found
