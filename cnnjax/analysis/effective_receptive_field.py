@@ -146,8 +146,21 @@ def theoretical_bounds(
 ) -> tuple[tuple[float, float], ...]:
     """Input coordinates `(first, last)` of the pixel centres in the theoretical field of the
     unit at feature-map `position`, per axis (they may lie outside the input)."""
+    owner = "theoretical_bounds"
+    if not isinstance(field, ReceptiveField):
+        raise invalid(owner, "field", type(field).__name__,
+                      "expected a ReceptiveField (e.g. receptive_field(model, input_shape))")
+    try:
+        pos = tuple(position)
+    except TypeError:
+        pos = None
+    if pos is None or len(pos) != len(field.size) or not all(
+        isinstance(p, int | np.integer) and not isinstance(p, bool) and p >= 0 for p in pos
+    ):
+        raise invalid(owner, "position", position,
+                      f"expected {len(field.size)} ints >= 0, one per spatial axis of the field")
     out = []
-    for size, jump, start, p in zip(field.size, field.jump, field.start, position, strict=True):
+    for size, jump, start, p in zip(field.size, field.jump, field.start, pos, strict=True):
         centre = start + p * jump
         out.append((centre - (size - 1) / 2, centre + (size - 1) / 2))
     return tuple(out)
@@ -200,10 +213,11 @@ class _Target:
 
 
 def _choose_target(model: nn.Module, feature: str | None, variables: Any,
-                   shape: tuple[int, ...]) -> tuple[_Target, tuple[int, ...]]:
+                   shape: tuple[int, ...], owner: str = _OWNER
+                   ) -> tuple[_Target, tuple[int, ...]]:
     """Resolves `feature` on an abstract evaluation of the model (nothing is compiled); returns
-    the target and the chosen map's shape. Unknown or non-spatial names raise, listing the
-    spatial maps the model exposes."""
+    the target and the chosen map's shape. Unknown or non-spatial names raise, naming `owner`
+    and listing the spatial maps the model exposes."""
     rank = len(shape) + 1
     with_features = _accepts(model, "return_features")
     probe = _Target(model, None, with_features)
@@ -222,7 +236,7 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
         out = jax.eval_shape(forward, variables, x)
     except (TypeError, ValueError, FlaxError) as err:  # e.g. variables of another input shape
         given = " with the given variables" if variables is not None else ""
-        raise invalid(_OWNER, "input_shape", shape,
+        raise invalid(owner, "input_shape", shape,
                       f"the model{given} does not run on a {shape} input "
                       f"({type(err).__name__}: {str(err)[:300].rstrip('.')})") from None
     output, features = _split_output(out, with_features)
@@ -233,16 +247,16 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
         elif spatial:
             feature, chosen = spatial[-1], features[spatial[-1]]
         elif output is None:  # a dict of outputs (a detector's), none of them a spatial map
-            raise invalid(_OWNER, "feature", None,
+            raise invalid(owner, "feature", None,
                           f"the model returns a dict of {sorted(features)}, none a spatial map; "
                           "expected a model with a spatial output or spatial feature maps")
         else:
-            raise invalid(_OWNER, "feature", None,
+            raise invalid(owner, "feature", None,
                           f"the model's output {getattr(output, 'shape', None)} has no spatial "
                           "axes and it exposes no spatial feature maps (return_features=True)")
     elif feature not in spatial:
         why = "is not a spatial map" if feature in features else "is not a feature of the model"
-        raise invalid(_OWNER, "feature", feature,
+        raise invalid(owner, "feature", feature,
                       f"it {why}; expected one of {spatial}" if spatial else
                       f"it {why}; the model exposes no spatial feature maps "
                       "(return_features=True); pass feature=None for its output")
@@ -250,7 +264,7 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
         chosen = features[feature]
     map_shape = tuple(int(s) for s in chosen.shape)
     if any(s == 0 for s in map_shape[1:-1]):
-        raise invalid(_OWNER, "input_shape", shape,
+        raise invalid(owner, "input_shape", shape,
                       f"too small: the {'output' if feature is None else repr(feature)} map "
                       f"has shape {map_shape}, no spatial positions")
     return _Target(model, feature, with_features and feature is not None), map_shape
@@ -267,16 +281,16 @@ def _check_rng(rng: Any) -> jax.Array:
     raise invalid(_OWNER, "rng", rng, "expected an int seed or a JAX PRNG key")
 
 
-def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+def _check_input_shape(input_shape: Any, owner: str = _OWNER) -> tuple[int, ...]:
     try:
         shape = tuple(input_shape)
     except TypeError:
-        raise invalid(_OWNER, "input_shape", input_shape,
+        raise invalid(owner, "input_shape", input_shape,
                       "expected a sequence like (H, W, C)") from None
     if len(shape) < 2 or not all(
         isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape
     ):
-        raise invalid(_OWNER, "input_shape", input_shape,
+        raise invalid(owner, "input_shape", input_shape,
                       "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
     return tuple(int(s) for s in shape)
 
@@ -440,14 +454,18 @@ def feature_receptive_field(model: nn.Module, input_shape: Sequence[int],
     """Theoretical receptive field (`receptive_field`) of `model`'s feature map `feature` (a
     `return_features=True` name; None: as in `effective_receptive_field`, the output if it is
     spatial, else the last spatial feature), traced with `train=False`."""
-    from cnnjax.analysis.summary import summary
+    from cnnjax.analysis.summary import check_model, summary
 
-    shape = _check_input_shape(input_shape)
-    target, _ = _choose_target(model, feature, None, shape)  # names a bad `feature`
+    owner = "feature_receptive_field"
+    check_model(owner, model)
+    shape = _check_input_shape(input_shape, owner)
+    if feature is not None and not isinstance(feature, str):
+        raise invalid(owner, "feature", feature, "expected a feature name or None")
+    target, _ = _choose_target(model, feature, None, shape, owner)  # names a bad `feature`
     wrapped = _FeatureOf(model, target.feature, target.with_features)
     field = summary(wrapped, shape).receptive_field
     if field is None:
-        raise invalid(_OWNER, "feature", feature, "its receptive field could not be traced")
+        raise invalid(owner, "feature", feature, "its receptive field could not be traced")
     return field
 
 

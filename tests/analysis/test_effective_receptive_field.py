@@ -20,6 +20,7 @@ from cnnjax.analysis.effective_receptive_field import (
     feature_receptive_field,
     map_statistics,
     plot_effective_receptive_field,
+    theoretical_bounds,
 )
 from cnnjax.analysis.receptive_field import (
     ReceptiveField,
@@ -375,6 +376,66 @@ def test_cli_loads_a_training_runs_weights_and_image_shape(monkeypatch, tmp_path
     with pytest.raises(ValueError, match=r"CLI: --model='lenet5' is invalid; expected exactly "
                                          r"one of --model"):
         erf_module._load("lenet5", str(tmp_path), None, None)
+
+
+def test_theoretical_bounds_are_the_gradient_support_of_an_interior_unit():
+    """Two VALID 3x3 convs with dilation 2 then stride 2 (all-ones kernels, positive inputs: no
+    cancellation): the unit's nonzero input gradient spans exactly the returned bounds."""
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(1, (3, 3), kernel_dilation=2, padding="VALID", use_bias=False,
+                        kernel_init=nn.initializers.ones)(x)
+            return nn.Conv(1, (3, 3), strides=2, padding="VALID", use_bias=False,
+                           kernel_init=nn.initializers.ones)(x)
+
+    model, shape = Stack(), (21, 23, 1)
+    field = receptive_field(model, shape)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+    for position in [(0, 0), (3, 5), (6, 7)]:
+        grad = jax.grad(lambda x, p=position: model.apply(variables, x)[(0, *p, 0)])(
+            jnp.ones((1, *shape)))
+        rows, cols = (np.nonzero(np.abs(grad[0, ..., 0]).sum(axis=a))[0] for a in (1, 0))
+        support = ((rows.min(), rows.max()), (cols.min(), cols.max()))
+        assert theoretical_bounds(field, position) == support
+
+
+@pytest.mark.parametrize(
+    ("field", "position", "message"),
+    [
+        # a short position was zip's bare "argument 4 is shorter than arguments 1-3", a string
+        # a TypeError, a tuple for the field an AttributeError, NaN or 1.5 a NaN/fractional bound
+        (ReceptiveField((3, 3), (1, 1), (0, 0)), (1,),
+         r"^theoretical_bounds: position=\(1,\) is invalid; expected 2 ints >= 0, one per "
+         r"spatial axis of the field\.$"),
+        (ReceptiveField((3, 3), (1, 1), (0, 0)), "ab", r"^theoretical_bounds: position='ab'"),
+        (ReceptiveField((3, 3), (1, 1), (0, 0)), (1.5, float("nan")),
+         r"^theoretical_bounds: position=\(1.5, nan\) is invalid"),
+        (ReceptiveField((3,), (1,), (0,)), (-1,), r"^theoretical_bounds: position=\(-1,\)"),
+        (ReceptiveField((3,), (1,), (0,)), 2, r"^theoretical_bounds: position=2 is invalid"),
+        ((3, 1, 0), (1,), r"^theoretical_bounds: field='tuple' is invalid; expected a "
+                          r"ReceptiveField"),
+    ],
+)
+def test_theoretical_bounds_errors(field, position, message):
+    with pytest.raises(ValueError, match=message):
+        theoretical_bounds(field, position)
+
+
+def test_feature_receptive_field_names_itself():
+    """Its errors named effective_receptive_field; a zoo name raised AttributeError."""
+    model = create_model("lenet5")
+    with pytest.raises(ValueError, match=r"^feature_receptive_field: model='lenet5' is invalid; "
+                                         r"expected a flax.linen Module"):
+        feature_receptive_field("lenet5", (32, 32, 1))
+    with pytest.raises(ValueError, match=r"^feature_receptive_field: input_shape=\(0, 32, 1\)"):
+        feature_receptive_field(model, (0, 32, 1))
+    with pytest.raises(ValueError, match=r"^feature_receptive_field: feature=3 is invalid; "
+                                         r"expected a feature name or None"):
+        feature_receptive_field(model, (32, 32, 1), 3)
+    with pytest.raises(ValueError, match=r"^feature_receptive_field: feature='c9' is invalid; it "
+                                         r"is not a feature of the model; expected one of"):
+        feature_receptive_field(model, (32, 32, 1), "c9")
 
 
 def test_backbone_dict_without_return_features():
