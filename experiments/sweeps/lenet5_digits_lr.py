@@ -9,6 +9,9 @@ Command:
 Expected (measured with this command, 2 CPU cores, JAX 0.10.2, 2026-11-29): 23 s wall for the
 whole sweep (4-5 s per trial, compilation included); test top-1 after 200 steps, ranked:
     lr=0.3: 0.9805   lr=0.03: 0.9749   lr=0.003: 0.9192   lr=3.0: 0.4958 (unstable)
+lr=3.0 is chaotic: its loss climbs into the hundreds and where it lands at step 200 follows float
+rounding, so only its last place is reproducible (rerun 2026-12-03 on a 2-core AMD EPYC: the
+other three exactly as above, lr=3.0 0.1003, chance, in two runs).
 Rerunning the command skips the 4 finished trials (~7 s, just the table); results.csv and
 sweep.png (top-1 against the learning rate, log x) are in --sweep_dir. A grid runs one trial per
 combination of its values (here 4), so it sets no `num_trials`; to run fewer, `--max_trials=2`
