@@ -104,6 +104,9 @@ def _flag_error() -> str | None:
     if _DEVICES.value is not None and _DEVICES.value < 0:
         return (f"--num_devices={_DEVICES.value} is invalid; expected 0 (every local device) or "
                 "a positive count")
+    if _BATCH.value is not None and _BATCH.value < 1:  # evaluate_run would name its argument
+        return (f"--eval_batch_size={_BATCH.value} is invalid; expected a positive batch size "
+                "(or leave it out: the run's eval batch size)")
     if _N_BINS.value < 1:
         return f"--n_bins={_N_BINS.value} is invalid; expected at least 1 (Guo et al. use 15)"
     if _OUTPUT.value and os.path.isdir(_OUTPUT.value):

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -233,25 +231,28 @@ def test_a_run_without_a_weight_average_is_refused_for_python_and_for_the_flag(r
 
 
 def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.evaluate",
-                             f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
+    """Flag errors are one line naming the flag, before the run loads (nothing compiles): the
+    workdir holds no run, so each flag's own message is the one printed."""
+    from tests.commands import run_commands
+
+    no_run, png_output, no_bins, no_batch = run_commands(
+        [("experiments.evaluate", f"--workdir={tmp_path}", *flag) for flag in (
+            # The plot goes to <output stem>.png: an --output of that name would be
+            # overwritten by the JSON, so it is refused before anything loads.
+            (), ("--output=results/eval.png",), ("--n_bins=0",), ("--eval_batch_size=0",))])
+    for result in (no_run, png_output, no_bins, no_batch):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert no_run.stderr.strip().splitlines()[-1].startswith(
         f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
-    # The plot goes to <output stem>.png: an --output of that name would be overwritten by the
-    # JSON, so it is refused before anything loads.
-    result = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
-                             "--output=results/eval.png"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+    assert png_output.stderr.strip().splitlines()[-1] == (
         "error: --output='results/eval.png' is invalid; expected a JSON file path (the plot is "
         "written beside it, with the suffix .png)")
-    # --n_bins is checked before the run loads (before anything compiles).
-    result = subprocess.run([sys.executable, "-m", "experiments.evaluate", f"--workdir={tmp_path}",
-                             "--n_bins=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+    assert no_bins.stderr.strip().splitlines()[-1] == (
         "error: --n_bins=0 is invalid; expected at least 1 (Guo et al. use 15)")
+    # named as the flag (evaluate_run's eval_batch_size was refused only after the run loaded)
+    assert no_batch.stderr.strip().splitlines()[-1] == (
+        "error: --eval_batch_size=0 is invalid; expected a positive batch size (or leave it out: "
+        "the run's eval batch size)")
 
 
 def test_a_proposal_trained_detector_refuses_detect_without_proposals():
