@@ -37,7 +37,12 @@ from flax.errors import FlaxError
 
 from cnnjax.analysis.receptive_field import ReceptiveField
 from cnnjax.utils.files import check_figure_path, save_figure
-from cnnjax.utils.validation import check_number, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_number,
+    check_positive_int,
+    checked_input_shape,
+    invalid,
+)
 
 _OWNER = "effective_receptive_field"
 #: Slack on the mass fraction, so float rounding of a map that sums to 1 never pushes the
@@ -281,20 +286,6 @@ def _check_rng(rng: Any) -> jax.Array:
     raise invalid(_OWNER, "rng", rng, "expected an int seed or a JAX PRNG key")
 
 
-def _check_input_shape(input_shape: Any, owner: str = _OWNER) -> tuple[int, ...]:
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        raise invalid(owner, "input_shape", input_shape,
-                      "expected a sequence like (H, W, C)") from None
-    if len(shape) < 2 or not all(
-        isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape
-    ):
-        raise invalid(owner, "input_shape", input_shape,
-                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
-    return tuple(int(s) for s in shape)
-
-
 def _check_position(position: Any, map_shape: tuple[int, ...]) -> tuple[int, ...]:
     spatial = map_shape[1:-1]
     if position is None:
@@ -386,7 +377,7 @@ def effective_receptive_field(
     random initialisation from `rng` (the paper's "random weights"). Arguments are checked, and
     `feature` resolved on an abstract trace, before anything compiles.
     """
-    shape = _check_input_shape(input_shape)
+    shape = checked_input_shape(_OWNER, input_shape)
     images = _check_inputs(inputs, shape)
     num_samples = (len(images) if images is not None
                    else check_positive_int(_OWNER, "num_samples", num_samples))
@@ -458,7 +449,7 @@ def feature_receptive_field(model: nn.Module, input_shape: Sequence[int],
 
     owner = "feature_receptive_field"
     check_model(owner, model)
-    shape = _check_input_shape(input_shape, owner)
+    shape = checked_input_shape(owner, input_shape)
     if feature is not None and not isinstance(feature, str):
         raise invalid(owner, "feature", feature, "expected a feature name or None")
     target, _ = _choose_target(model, feature, None, shape, owner)  # names a bad `feature`

@@ -33,7 +33,12 @@ import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
-from cnnjax.utils.validation import check_non_negative_int, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_non_negative_int,
+    check_positive_int,
+    checked_input_shape,
+    invalid,
+)
 
 
 class ReceptiveField(NamedTuple):
@@ -250,7 +255,7 @@ def receptive_field(model: Any, input_shape: Sequence[int], **kwargs: Any) -> Re
     Equivalent to `summary(model, input_shape, **kwargs).receptive_field`.
     """
     # summary depends on this module
-    from cnnjax.analysis.summary import check_model, checked_input_shape, summary
+    from cnnjax.analysis.summary import check_model, summary
 
     check_model("receptive_field", model)
     checked_input_shape("receptive_field", input_shape)

@@ -64,7 +64,12 @@ from cnnjax.analysis.receptive_field import (
     with_counts,
 )
 from cnnjax.analysis.trace import Trace, trace_model
-from cnnjax.utils.validation import check_float_dtype, check_positive_int, invalid, is_integer
+from cnnjax.utils.validation import (
+    check_float_dtype,
+    check_positive_int,
+    checked_input_shape,
+    invalid,
+)
 
 ANCHORS = frozenset({"conv_general_dilated", "dot_general", *WINDOW_REDUCTIONS})
 STRUCTURAL = frozenset(
@@ -552,19 +557,6 @@ def check_model(owner: str, model: Any) -> None:
         raise invalid(owner, "model", model.__name__, "it is a Module class; expected an "
                       f"instance, e.g. {model.__name__}()")
     raise invalid(owner, "model", type(model).__name__, "expected a flax.linen Module")
-
-
-def checked_input_shape(owner: str, input_shape: Any) -> tuple[int, ...]:
-    """`input_shape` (spatial..., channels) as positive ints, else a ValueError naming `owner`."""
-    try:
-        shape = tuple(input_shape)
-    except TypeError:
-        raise invalid(owner, "input_shape", input_shape,
-                      "expected a sequence like (H, W, C)") from None
-    if len(shape) < 2 or not all(is_integer(s) and s > 0 for s in shape):
-        raise invalid(owner, "input_shape", input_shape,
-                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
-    return tuple(int(s) for s in shape)
 
 
 def summary(

@@ -172,6 +172,19 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def checked_input_shape(owner: str, input_shape: Any) -> tuple[int, ...]:
+    """`input_shape` (spatial..., channels) as positive ints, else a ValueError naming `owner`."""
+    try:
+        shape = tuple(input_shape)
+    except TypeError:
+        raise invalid(owner, "input_shape", input_shape,
+                      "expected a sequence like (H, W, C)") from None
+    if len(shape) < 2 or not all(is_integer(s) and s > 0 for s in shape):
+        raise invalid(owner, "input_shape", input_shape,
+                      "expected positive ints (spatial..., channels), e.g. (224, 224, 3)")
+    return tuple(int(s) for s in shape)
+
+
 def to_pair(
     owner: str, arg: str, value: int | Sequence[int], *, minimum: int = 1
 ) -> tuple[int, int]:
