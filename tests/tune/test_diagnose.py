@@ -149,12 +149,19 @@ def test_a_non_finite_score_in_metrics_jsonl_is_refused_naming_its_line(tmp_path
     """An accuracy (or eval-set size) is a count's fraction: NaN/inf is no learning signal but a
     broken file, so it is refused naming the file, line and field (as a number it read as
     'changed +nan' and converged, or 'improved inf')."""
+    _assert_refused_at_step_300(tmp_path, split, field, bad,
+                                r"expected a finite number.*never writes")
+
+
+def _assert_refused_at_step_300(tmp_path, split: str, field: str, value, expected: str) -> None:
+    """`field` of the converged run's `split` record of step 300 set to `value` is refused by
+    `load_curves` and `diagnose_workdir`, naming the value, the file's line and `expected`."""
     records = _records(**_converged())
     line = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] <= 300) + 1
-    records[line - 1][field] = bad
+    records[line - 1][field] = value
     path = _workdir(tmp_path, records)
-    message = (rf"diagnose: {field}={bad!r} is invalid; .*metrics.jsonl line {line} \({split} "
-               rf"record of step 300\) holds it, expected a finite number.*never writes")
+    message = (rf"diagnose: {field}={value!r} is invalid; .*metrics.jsonl line {line} \({split} "
+               rf"record of step 300\) holds it, {expected}")
     with pytest.raises(ValueError, match=message):
         dg.load_curves(path)
     with pytest.raises(ValueError, match=message):
@@ -241,16 +248,8 @@ def test_a_fraction_written_as_a_percent_is_refused_naming_its_line(tmp_path, sp
                                                                     value):
     """The engine writes accuracies, mAP and IoU as fractions in [0, 1]; a percent (97.0 for
     97%) read as a top-1 that 'improved 0.0102 (96.99 -> 97)': still_improving, not converged."""
-    records = _records(**_converged())
-    line = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] <= 300) + 1
-    records[line - 1][field] = value
-    path = _workdir(tmp_path, records)
-    message = (rf"diagnose: {field}={value!r} is invalid; .*metrics.jsonl line {line} \({split} "
-               rf"record of step 300\) holds it, expected a fraction in \[0, 1\]")
-    with pytest.raises(ValueError, match=message):
-        dg.load_curves(path)
-    with pytest.raises(ValueError, match=message):
-        dg.diagnose_workdir(path)
+    _assert_refused_at_step_300(tmp_path, split, field, value,
+                                r"expected a fraction in \[0, 1\]")
 
 
 @pytest.mark.parametrize("value", [0.0, 1.0])
