@@ -28,6 +28,7 @@ if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
 configure_cpu_defaults(TEST_XLA_FLAGS)
 
 
+
 def _private_cache_dir() -> str | None:
     """Makes this pytest run's own XLA cache directory (mode 0700) unless one is set; returns it.
 
