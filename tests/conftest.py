@@ -1,6 +1,5 @@
-"""Test-session setup: cnnjax's XLA CPU defaults, a faster-compiling LLVM level, and an XLA
-compilation cache of the run's own (shared by its workers, removed at its end), all set before any
-test module starts a JAX backend.
+"""Test-session setup: cnnjax's XLA CPU defaults, a faster-compiling LLVM level, and one shared
+XLA compilation cache, all set before any test module starts a JAX backend.
 
 `configure_cpu_defaults()` only adds flags absent from `XLA_FLAGS` (yours win). docs/performance.md
 has the measurements (e.g. VGG-16 forward passes at 224x224, which the slow tests run, take ~1.8x
@@ -15,7 +14,6 @@ environment.
 """
 
 import os
-import shutil
 import tempfile
 from importlib.metadata import version
 
@@ -27,29 +25,10 @@ if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
     TEST_XLA_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
 configure_cpu_defaults(TEST_XLA_FLAGS)
 
-
-
-def _private_cache_dir() -> str | None:
-    """Makes this pytest run's own XLA cache directory (mode 0700) unless one is set; returns it.
-
-    JAX runs what it finds in the cache, so a fixed path in the shared temp dir let anyone who
-    made it first supply the tests' executables; it also grew without bound (126 MB in a day)
-    and hid compile time from later runs. xdist workers inherit the controller's environment,
-    so they share its directory (the point: the same tiny steps compile in every worker and
-    subprocess); only the process that made it removes it.
-    """
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # yours, or the controller's in a worker
-        return None
-    path = tempfile.mkdtemp(prefix="cnnjax_test_jax_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    return path
-
-
 # JAX reads these when it is imported, here and in every subprocess a test starts (the tests
-# build subprocess environments from os.environ); a value you set wins. Starting empty, the cache
-# halved the CPU time of tests/train/test_loop.py + test_distill.py on 2 workers (292-318 s
-# without it, 170-203 s with it).
-OWNED_CACHE_DIR = _private_cache_dir()
+# build subprocess environments from os.environ); a value you set wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
@@ -79,9 +58,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"{len(skipped)} tests comparing against PyTorch/torchvision were skipped (not "
             "installed): pip install -e '.[test,torchvision]' runs them, as CI does.",
             yellow=True)
-
-
-def pytest_unconfigure(config) -> None:
-    """Removes the XLA cache directory this process made (after the xdist workers have ended)."""
-    if OWNED_CACHE_DIR is not None:
-        shutil.rmtree(OWNED_CACHE_DIR, ignore_errors=True)
