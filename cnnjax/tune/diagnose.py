@@ -56,7 +56,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -284,12 +284,15 @@ class Curves:
     def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
                      num_train_steps: int | None = None) -> Curves:
         """From metrics.jsonl records (`{'step', 'split', 'loss', 'top1', ...}`) and summary."""
+        _check_records(records, lambda index: f"records[{index}]")
+        return cls._from_checked_records(records, summary, num_train_steps)
+
+    @classmethod
+    def _from_checked_records(cls, records: Sequence[Mapping[str, Any]],
+                              summary: Mapping | None, num_train_steps: int | None) -> Curves:
+        """`from_records` for records `_check_records` accepted (`load_curves` checks them
+        itself, naming the file's lines)."""
         summary = summary or {}
-        missing = _missing_eval_field(records)
-        if missing is not None:
-            index, field = missing
-            raise invalid(_OWNER, field, "missing", f"records[{index}] "
-                          f"{_lacks(records[index])}")
         train = sorted((r for r in records if r.get("split") == "train" and "loss" in r),
                        key=lambda r: r["step"])
         evals = sorted((r for r in records if r.get("split") == "eval"), key=lambda r: r["step"])
@@ -334,7 +337,7 @@ def load_curves(workdir: str) -> Curves:
     _check_scores(os.path.join(workdir, METRICS_FILE), records)
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
-    curves = Curves.from_records(records, summary, config.get("num_train_steps"))
+    curves = Curves._from_checked_records(records, summary, config.get("num_train_steps"))
     if curves.status == "failed" and not len(curves.train_steps):
         # "log more often" (insufficient_data) would hide the error that stopped it.
         error = ": ".join(str(summary[k]) for k in ("error", "message") if summary.get(k))
@@ -370,11 +373,7 @@ def _check_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
                           "with an integer 'step' and its 'split' (train or eval) as the "
                           "training engine writes, so the file was edited or written by another "
                           "program")
-    missing = _missing_eval_field(records)
-    if missing is not None:
-        index, field = missing
-        raise invalid(_OWNER, field, "missing", f"{path} line {_line_number(path, index)} "
-                      f"{_lacks(records[index])}")
+    _check_records(records, lambda index: f"{path} line {_line_number(path, index)}")
     for index, record in enumerate(records):
         problem = _value_problem(record)
         if problem is not None:
@@ -412,6 +411,15 @@ def is_fraction(field: str) -> bool:
     per class, of the weights or their `ema_` average)."""
     name = field.removeprefix(METRIC_PREFIX)
     return name in FRACTION_METRICS or ("/" in name and name.split("/")[0] in PER_CLASS_FRACTIONS)
+
+
+def _check_records(records: Sequence[Mapping[str, Any]], where: Callable[[int], str]) -> None:
+    """Refuses the first record of `records` that the engine would have written differently
+    (`_missing_eval_field`), placed by `where(index)` (a file's line or a list index)."""
+    missing = _missing_eval_field(records)
+    if missing is not None:
+        index, field = missing
+        raise invalid(_OWNER, field, "missing", f"{where(index)} {_lacks(records[index])}")
 
 
 def _missing_eval_field(records: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
