@@ -14,10 +14,10 @@ environment.
 """
 
 import os
-import tempfile
 from importlib.metadata import version
 
 from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
+from tests.compilation_cache import private_cache_dir
 
 TEST_XLA_FLAGS = {**CPU_DEFAULT_FLAGS, "xla_backend_optimization_level": "1"}
 if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
@@ -27,8 +27,9 @@ configure_cpu_defaults(TEST_XLA_FLAGS)
 
 # JAX reads these when it is imported, here and in every subprocess a test starts (the tests
 # build subprocess environments from os.environ); a value you set wins.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "cnnjax_test_jax_cache"))
+# The cache is kept across runs in a directory only this user can write (JAX runs what it finds).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = private_cache_dir()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
