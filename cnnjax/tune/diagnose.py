@@ -44,7 +44,9 @@ only of a broken file, and as a number it would read as a change of "+nan" (conv
 an accuracy, mAP or IoU outside [0, 1] (a percent, 97.0 for 97%: the engine writes fractions),
 and an eval record lacking a field the engine writes in every eval (`EVERY_EVAL_FIELDS`: loss,
 top1, num_examples and their `ema_` twins) that the run's other eval records hold: as NaN, a
-missing eval loss would read as a divergence. A loss that is no number (a string, null), an
+missing eval loss would read as a divergence. So is a train log lacking its top-1 or learning
+rate (`EVERY_TRAIN_FIELDS`) that other train logs hold: either would silently turn off the
+train-eval gap or the plateau test for the whole run. A loss that is no number (a string, null), an
 eval-set size of 0 or less and a record without an integer step are refused the same way.
 
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
@@ -92,6 +94,10 @@ PER_CLASS_FRACTIONS = ("ap50", "ap50_voc07", "iou")
 # evals), metrics added later (`map50_voc07`) in the records of runs resumed across that change.
 EVERY_EVAL_FIELDS = ("loss", "top1", "num_examples", METRIC_PREFIX + "loss",
                      METRIC_PREFIX + "top1")
+# Train-log fields the engine has written in every train log since it began (top-1 in every
+# one of a classifier's, none of a detector's or segmenter's) and that the verdicts read:
+# top-1 for the train-eval gap, the learning rate for the plateau test (`_plateaued`).
+EVERY_TRAIN_FIELDS = ("top1", "learning_rate")
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 _OWNER = "diagnose"
@@ -415,26 +421,39 @@ def is_fraction(field: str) -> bool:
 
 def _check_records(records: Sequence[Mapping[str, Any]], where: Callable[[int], str]) -> None:
     """Refuses the first record of `records` that the engine would have written differently
-    (`_missing_eval_field`), placed by `where(index)` (a file's line or a list index)."""
-    missing = _missing_eval_field(records)
+    (`_missing_field`), placed by `where(index)` (a file's line or a list index)."""
+    missing = _missing_field(records)
     if missing is not None:
         index, field = missing
         raise invalid(_OWNER, field, "missing", f"{where(index)} {_lacks(records[index])}")
 
 
-def _missing_eval_field(records: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
-    """(index, field) of the first eval record lacking a field of `EVERY_EVAL_FIELDS` that
-    another eval record holds, if any."""
-    evals = [(i, r) for i, r in enumerate(records) if r.get("split") == "eval"]
-    held = [name for name in EVERY_EVAL_FIELDS if any(name in r for _, r in evals)]
-    return next(((i, name) for i, r in evals for name in held if name not in r), None)
+def _split_read(record: Mapping[str, Any]) -> str | None:
+    """The split as which the diagnosis reads `record`: train (a log with a loss), eval, none."""
+    if record.get("split") == "train":
+        return "train" if "loss" in record else None
+    return "eval" if record.get("split") == "eval" else None
+
+
+def _missing_field(records: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
+    """(index, field) of the first train log or eval record lacking a field of
+    `EVERY_TRAIN_FIELDS` or `EVERY_EVAL_FIELDS` that another record of its split holds."""
+    found = []
+    for split, fields in (("train", EVERY_TRAIN_FIELDS), ("eval", EVERY_EVAL_FIELDS)):
+        read = [(i, r) for i, r in enumerate(records) if _split_read(r) == split]
+        held = [name for name in fields if any(name in r for _, r in read)]
+        found.append(next(((i, name) for i, r in read for name in held if name not in r), None))
+    return min((f for f in found if f is not None), default=None)
 
 
 def _lacks(record: Mapping[str, Any]) -> str:
-    """Why a record missing a field of `EVERY_EVAL_FIELDS` is refused (after where it is)."""
-    return (f"(eval record of step {record.get('step')}) lacks it, which the run's other eval "
-            "records hold; expected a number: the training engine writes it in every eval, so "
-            "the file was edited or written by another program")
+    """Why a record missing a field of `EVERY_TRAIN_FIELDS` or `EVERY_EVAL_FIELDS` is refused
+    (after where it is)."""
+    split = record["split"]
+    return (f"({split} record of step {record.get('step')}) lacks it, which the run's other "
+            f"{split} records hold; expected a number: the training engine writes it in every "
+            f"{'eval' if split == 'eval' else 'train log'}, so the file was edited or written "
+            "by another program")
 
 
 def _line_number(path: str, index: int) -> int:

@@ -168,30 +168,48 @@ def _assert_refused_at_step_300(tmp_path, split: str, field: str, value, expecte
         dg.diagnose_workdir(path)
 
 
-@pytest.mark.parametrize("field", ["loss", "top1", "num_examples", "ema_loss", "ema_top1"])
-def test_an_eval_record_missing_a_field_every_eval_holds_is_refused_naming_its_line(tmp_path,
-                                                                                    field):
+@pytest.mark.parametrize("split, field", [
+    ("eval", "loss"), ("eval", "top1"), ("eval", "num_examples"), ("eval", "ema_loss"),
+    ("eval", "ema_top1"), ("train", "top1"), ("train", "learning_rate")])
+def test_a_record_missing_a_field_every_record_of_its_split_holds_is_refused_naming_its_line(
+        tmp_path, split, field):
     """The engine writes loss, top-1 and num_examples (and their ema_ twins, with a weight
-    average) in every eval record: one that lacks a field its run's other evals hold is a
-    hand-made or broken file. As NaN a missing eval loss read as 'diverged at step 300', a
-    missing last num_examples silently dropped the noise level to its 0.2-point floor."""
+    average) in every eval record, and the learning rate (and a classifier's top-1) in every
+    train log: one that lacks a field its run's other records of that split hold is a hand-made
+    or broken file. As NaN a missing eval loss read as 'diverged at step 300', a missing last
+    num_examples silently dropped the noise level to its 0.2-point floor; one train log without
+    top-1 turned off the train-eval gap (an overfitting run read as converged), one without its
+    learning rate the plateau test's per-lr measure."""
     records = _records(**_converged())
     for r in records:
         if r["split"] == "eval":
             r["ema_loss"], r["ema_top1"] = r["loss"], r["top1"]
-    line = max(i for i, r in enumerate(records) if r["split"] == "eval" and r["step"] <= 300) + 1
+    line = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] <= 300) + 1
     del records[line - 1][field]
     path = _workdir(tmp_path, records)
-    message = (rf"diagnose: {field}='missing' is invalid; .*metrics.jsonl line {line} \(eval "
-               rf"record of step 300\) lacks it, which the run's other eval records hold; "
-               rf"expected a number: the training engine writes it in every eval")
+    every = "eval" if split == "eval" else "train log"
+    message = (rf"diagnose: {field}='missing' is invalid; .*metrics.jsonl line {line} \({split} "
+               rf"record of step 300\) lacks it, which the run's other {split} records hold; "
+               rf"expected a number: the training engine writes it in every {every}, so")
     with pytest.raises(ValueError, match=message):
         dg.load_curves(path)
     with pytest.raises(ValueError, match=message):
         dg.diagnose_workdir(path)
     with pytest.raises(ValueError, match=rf"diagnose: {field}='missing' is invalid; "
-                                         rf"records\[{line - 1}\] \(eval record of step 300\)"):
+                                         rf"records\[{line - 1}\] \({split} record of step "
+                                         r"300\)"):
         dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+
+
+def test_one_train_log_without_top1_does_not_hide_overfitting(tmp_path):
+    """Train top-1 99%, eval 80%: overfitting; without the top-1 of one train log the gap was
+    not measured at all and the run read as converged."""
+    records = _records(**_converged(eval_top1=lambda s: 0.8))
+    assert dg.diagnose_workdir(_workdir(tmp_path, records)).verdicts == ["overfitting"]
+    del next(r for r in records if r["split"] == "train" and r["step"] == 200)["top1"]
+    with pytest.raises(ValueError, match=r"top1='missing' is invalid; .*metrics.jsonl line 23 "
+                                         r"\(train record of step 200\) lacks it"):
+        dg.diagnose_workdir(_workdir(tmp_path, records))
 
 
 @pytest.mark.parametrize("split, field, value, expected", [
