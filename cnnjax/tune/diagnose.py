@@ -32,6 +32,10 @@ the train split, which the engine does not run); read the learning curves for th
 Segmentation runs are diagnosed the same way on `miou` or `pixel_accuracy` (noise level as for
 an accuracy over the eval images).
 
+A classifier's train logs without top-1 (its evals hold top1), or train logs without the
+learning rate (the engine writes both in every train log), are diagnosed on what they hold, and
+`Diagnosis.notes` names the checks that skipped or approximated for want of them.
+
 Noisy curves are smoothed explicitly: the train loss with a bias-corrected exponential moving
 average (`ema`, TensorBoard's smoothing) for trends and with a trailing windowed median for
 spikes; eval accuracy changes are compared with its binomial standard error on the eval set.
@@ -239,10 +243,12 @@ class Finding:
 
 @dataclasses.dataclass(frozen=True)
 class Diagnosis:
-    """All findings of one run, most urgent first (`VERDICTS` order)."""
+    """All findings of one run, most urgent first (`VERDICTS` order), and notes naming the
+    checks it reached but could not run as the engine's logs would allow (`_notes`)."""
 
     findings: tuple[Finding, ...]
     status: str
+    notes: tuple[str, ...] = ()
 
     @property
     def verdicts(self) -> list[str]:
@@ -257,7 +263,7 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         return {"status": self.status, "primary": self.primary,
-                "findings": [f.to_dict() for f in self.findings]}
+                "findings": [f.to_dict() for f in self.findings], "notes": list(self.notes)}
 
     def format(self) -> str:
         """Human-readable: one block per finding with its recommendations."""
@@ -265,6 +271,7 @@ class Diagnosis:
         for f in self.findings:
             lines.append(f"- {f.verdict}: {f.message}")
             lines.extend(f"    -> {r.describe()}" for r in f.recommendations)
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -529,20 +536,21 @@ def diagnose(curves: Curves, metric: str = "top1",
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
     if diverged:
-        return Diagnosis((diverged,), curves.status)
+        return Diagnosis((diverged,), curves.status, _notes(curves, "diverged"))
     if len(curves.train_steps) < t.min_train_logs:
         return Diagnosis((_insufficient(curves, t, "train logs", len(curves.train_steps),
-                                        t.min_train_logs),), curves.status)
+                                        t.min_train_logs),), curves.status,
+                         _notes(curves, "diverged"))
     smooth = ema(curves.train_loss, t.ema_weight)
     relapsed = _relapsed(curves, smooth, t)
     if relapsed:  # the loss fell, then blew up: "too slow" or "underfitting" would mislead
-        return Diagnosis((relapsed,), curves.status)
+        return Diagnosis((relapsed,), curves.status, _notes(curves, "diverged"))
     for check in (_unstable(curves, t), _too_slow(curves, smooth, t)):
         if check:
             findings.append(check)
     if len(curves.eval_steps) < t.min_evals:
         findings.append(_insufficient(curves, t, "evals", len(curves.eval_steps), t.min_evals))
-        return Diagnosis(tuple(findings), curves.status)
+        return Diagnosis(tuple(findings), curves.status, _notes(curves, "too_slow"))
     for check in (_overfitting(curves, t), _underfitting(curves, smooth, t)):
         if check:
             findings.append(check)
@@ -550,7 +558,32 @@ def diagnose(curves: Curves, metric: str = "top1",
     if any(f.verdict not in ("still_improving", "converged") for f in findings):
         findings = [f for f in findings if f.verdict != "converged"]  # not converged: a problem
     findings.sort(key=lambda f: VERDICTS.index(f.verdict))
-    return Diagnosis(tuple(findings), curves.status)
+    return Diagnosis(tuple(findings), curves.status, _notes(curves, "overfitting"))
+
+
+def _notes(curves: Curves, reached: str) -> tuple[str, ...]:
+    """What the diagnosis, up to the verdict `reached` (diverged, too_slow, overfitting), could
+    not check as it would on the engine's logs: train logs without the top-1 (of a classifier:
+    the evals hold top1) or the learning rate that the engine writes in every one. Such logs
+    are no engine's, but the rest of the diagnosis still holds; saying what was skipped keeps
+    a reader from taking e.g. 'converged' for 'not overfitting'."""
+    notes = []
+    if curves.train_top1 is None and "top1" in curves.eval_metrics:
+        skipped = ([] if curves.initial_loss is not None else
+                   ["a loss explosion was judged against the first logged loss only, not "
+                    "ln(num_classes)"])
+        if reached == "overfitting":
+            skipped.append("overfitting's train-eval top-1 gap and underfitting were not "
+                           "checked")
+        if skipped:
+            notes.append("no train log holds top1 while the evals do (the training engine logs "
+                         f"a classifier's top-1 in both): {', and '.join(skipped)}.")
+    if curves.train_lr is None and reached in ("too_slow", "overfitting"):
+        notes.append("no train log holds learning_rate (the training engine logs it in every "
+                     "one): too_slow's plateau test assumed a constant rate, so a loss that "
+                     "flattens as the schedule decays the rate reads as a plateau, not as too "
+                     "slow.")
+    return tuple(notes)
 
 
 def _check_finite_curves(curves: Curves, metric: str) -> None:

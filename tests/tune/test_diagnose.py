@@ -1,6 +1,7 @@
 """Learning-curve diagnosis: each verdict on synthetic curves built to be that case, curves just
 either side of a threshold, noise that must not flip a verdict, and real LeNet-5 runs."""
 
+import dataclasses
 import json
 import math
 import os
@@ -817,3 +818,85 @@ def test_a_metric_the_run_does_not_report_is_named_whatever_the_verdict(status, 
         dg.diagnose(curves, metric="map50")
     assert dg.diagnose(curves).primary == ("insufficient_data" if status == "completed"
                                            else "diverged")
+
+
+def _real_curves(name: str, drop_train: str | None = None) -> "dg.Curves":
+    """The real run `name`'s curves, with `drop_train` left out of every train log."""
+    records = dg.read_metrics(os.path.join(DATA, name, "metrics.jsonl"))
+    records = [{k: v for k, v in r.items() if not (r["split"] == "train" and k == drop_train)}
+               for r in records]
+    config = dg.read_json(os.path.join(DATA, name, "config.json"))
+    return dg.Curves.from_records(records, dg.read_json(os.path.join(DATA, name, "summary.json")),
+                                  config["num_train_steps"])
+
+
+NO_LR_NOTE = ("no train log holds learning_rate (the training engine logs it in every one): "
+              "too_slow's plateau test assumed a constant rate, so a loss that flattens as the "
+              "schedule decays the rate reads as a plateau, not as too slow.")
+
+
+def test_a_run_without_logged_learning_rates_says_its_plateau_test_assumed_a_constant_one():
+    """lr 1e-4 with a cosine schedule is too slow; without the logged rates its flattening as the
+    rate decays reads as a plateau (per step) and too_slow silently went away. The engine logs
+    the rate in every train log, so the diagnosis says what it assumed."""
+    logged = dg.diagnose(_real_curves("lenet5_digits_lr0.0001"))
+    assert logged.verdicts == ["too_slow", "underfitting"] and logged.notes == ()
+    d = dg.diagnose(_real_curves("lenet5_digits_lr0.0001", drop_train="learning_rate"))
+    assert d.verdicts == ["underfitting"]
+    assert d.notes == (NO_LR_NOTE,)
+    assert d.format().splitlines()[-1] == f"note: {NO_LR_NOTE}"
+    assert d.to_dict()["notes"] == [NO_LR_NOTE]
+
+
+NO_TOP1 = ("no train log holds top1 while the evals do (the training engine logs a classifier's "
+           "top-1 in both): a loss explosion was judged against the first logged loss only, not "
+           "ln(num_classes)")
+NO_TOP1_NOTE = NO_TOP1 + (", and overfitting's train-eval top-1 gap and underfitting were not "
+                          "checked.")
+
+
+@pytest.mark.parametrize("name, verdicts", [("lenet5_digits_4pct", ["converged"]),
+                                            ("lenet5_digits_lr5_nowarmup", ["still_improving"]),
+                                            ("lenet5_digits_lr0.0001", ["too_slow"])])
+def test_a_classifier_without_train_top1_says_which_checks_it_skipped(name, verdicts):
+    """Train top-1 absent from every train log while the evals hold top-1 (the engine writes a
+    classifier's in both): the 4%-subset run's overfitting read as converged and lr 5's
+    divergence as still improving, without a word. The verdicts stay what the curves allow, and
+    the notes name the checks that could not run."""
+    assert dg.diagnose(_real_curves(name)).notes == ()
+    d = dg.diagnose(_real_curves(name, drop_train="top1"))
+    assert d.verdicts == verdicts
+    assert d.notes == (NO_TOP1_NOTE,)
+
+
+def test_notes_name_only_the_checks_the_diagnosis_reached():
+    """A run stopped by divergence reaches neither the plateau test nor the gap checks; one with
+    too few evals the plateau test but no gap check: only what was skipped on the way is named."""
+    records = [{k: v for k, v in r.items() if k not in ("top1", "learning_rate")
+                or r["split"] == "eval"} for r in _records(**_converged())]
+    curves = dg.Curves.from_records(records, {"status": "diverged", "step": 200}, STEPS)
+    assert dg.diagnose(curves).notes == (NO_TOP1 + ".",)
+    curves = dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+    d = dg.diagnose(curves, thresholds={"min_evals": 9})
+    assert d.verdicts == ["insufficient_data"]
+    assert d.notes == (NO_TOP1 + ".", NO_LR_NOTE)
+    assert dg.diagnose(curves).notes == (NO_TOP1_NOTE, NO_LR_NOTE)
+
+
+def test_runs_that_log_no_top1_at_all_get_no_note():
+    """A detector or segmenter logs no top-1 anywhere: nothing was skipped for want of it."""
+    records = _detection_records(lambda s: 0.4)
+    curves = dg.Curves.from_records(records, {"status": "completed", "step": STEPS}, STEPS)
+    assert dg.diagnose(curves, "map50").notes == ()
+
+
+def test_curves_given_their_initial_loss_note_only_the_gap_checks():
+    """Curves built with `initial_loss` (not from records) keep the ln(num_classes) reference."""
+    records = [{k: v for k, v in r.items() if k != "top1" or r["split"] == "eval"}
+               for r in _records(**_converged())]
+    curves = dg.Curves.from_records(records, {"status": "diverged", "step": 200}, STEPS)
+    assert dg.diagnose(dataclasses.replace(curves, initial_loss=math.log(10))).notes == ()
+    curves = dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+    assert dg.diagnose(dataclasses.replace(curves, initial_loss=math.log(10))).notes == (
+        "no train log holds top1 while the evals do (the training engine logs a classifier's "
+        "top-1 in both): overfitting's train-eval top-1 gap and underfitting were not checked.",)
