@@ -62,6 +62,22 @@ _TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+)
 _MEM = re.compile(r"^(0|[1-9]\d*)[KMGTkmgt]?$", re.ASCII)
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Partition, account and QOS names: sbatch takes them verbatim ('%' is a file-name pattern only
+# in --output/--error), a list of partitions (or QOS) comma-separated. A constraint is node
+# features joined by its operators: & (and), | (or), , (and), * (count), ! (not), [] and ().
+_SLURM_NAME = r"[A-Za-z0-9_.-]+"
+_NAME_CHARS = "letters, digits, '_', '.' and '-'"
+_SCHEDULER_NAMES = {
+    "partition": (re.compile(rf"^{_SLURM_NAME}(,{_SLURM_NAME})*$", re.ASCII),
+                  f"SLURM partition names of {_NAME_CHARS}, comma-separated (e.g. gpu,gpu-long),"),
+    "account": (re.compile(rf"^{_SLURM_NAME}$", re.ASCII),
+                f"a SLURM account name of {_NAME_CHARS} (one account),"),
+    "qos": (re.compile(rf"^{_SLURM_NAME}(,{_SLURM_NAME})*$", re.ASCII),
+            f"SLURM QOS names of {_NAME_CHARS}, comma-separated,"),
+    "constraint": (re.compile(r"^[A-Za-z0-9_.:&|,*!\[\]()-]+$", re.ASCII),
+                   "SLURM node features (letters, digits, '_', '.', '-', ':') joined by its "
+                   "operators & | , * ! [ ] ( ) (e.g. a100&ib),"),
+}
 _OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)$",
                        re.DOTALL)
 _ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$", re.ASCII)
@@ -396,8 +412,8 @@ def _check_schedule(spec: JobSpec) -> None:
     check_non_negative_int(_OWNER, "max_requeues", spec.max_requeues)
     _check_word("mem", spec.mem, _MEM,
                 "a size in MB or with a K/M/G/T suffix (e.g. 64G; 0: all of the node's memory),")
-    for name in ("partition", "account", "qos", "constraint"):
-        _check_word(name, getattr(spec, name))
+    for name, (pattern, what) in _SCHEDULER_NAMES.items():
+        _check_word(name, getattr(spec, name), pattern, what)
 
 
 def _check_array(spec: JobSpec, num_trials: int | None) -> None:

@@ -58,6 +58,16 @@ def test_memory_takes_what_sbatch_takes(mem):
     assert validate_spec(_train(mem=mem)).mem == mem
 
 
+@pytest.mark.parametrize("field,value", [
+    ("partition", "gpu"), ("partition", "gpu,gpu-long"), ("partition", "a100_80gb.q"),
+    ("account", "proj-123"), ("account", "Lab_A.1"), ("qos", "high"), ("qos", "normal,low"),
+    ("constraint", "a100"), ("constraint", "a100&ib"), ("constraint", "[rack1|rack2]"),
+    ("constraint", "(a100|h100)&ib*2"), ("constraint", "!knl,gpu:v100"),
+])
+def test_slurm_names_and_constraints_that_sbatch_takes(field, value):
+    assert getattr(validate_spec(_train(**{field: value})), field) == value
+
+
 def test_memory_with_non_ascii_digits_is_refused():
     with pytest.raises(ValueError, match="launch: mem='1\u0664G' is invalid"):
         validate_spec(_train(mem="1\u0664G"))  # '14G' with an Arabic-Indic 4
@@ -166,11 +176,25 @@ BAD = [
     (dict(signal_seconds=70000, time="2-00"), r"signal_seconds=70000 is invalid; expected "
                                               r"1..65535"),
     (dict(max_requeues=-1), r"max_requeues=-1 is invalid; expected an integer >= 0"),
-    (dict(partition="gpu a100"), r"partition='gpu a100' is invalid; expected a SLURM name "
-                                 "without spaces"),
+    (dict(partition="gpu a100"), r"partition='gpu a100' is invalid; expected SLURM partition "
+                                 r"names .* without spaces"),
     (dict(account=""), r"account='' is invalid"),
     (dict(qos="high#1"), r"qos='high#1' is invalid"),
     (dict(constraint="a100'"), r"constraint=\"a100'\" is invalid"),
+    # sbatch reads '%' as a file-name pattern only in --output/--error; no name holds one.
+    (dict(partition="gpu%j"), r"partition='gpu%j' is invalid; expected SLURM partition names of "
+                              r"letters, digits, '_', '.' and '-', comma-separated"),
+    (dict(partition="gpu,"), r"partition='gpu,' is invalid"),  # an empty name in the list
+    (dict(partition="gpu;rm"), r"partition='gpu;rm' is invalid"),
+    (dict(account="proj%1"), r"account='proj%1' is invalid; expected a SLURM account name of "
+                             r"letters, digits, '_', '.' and '-'"),
+    (dict(account="a,b"), r"account='a,b' is invalid"),  # one account per job
+    (dict(qos="high%"), r"qos='high%' is invalid; expected SLURM QOS names of letters, digits, "
+                        r"'_', '.' and '-', comma-separated"),
+    (dict(constraint="a100%"), r"constraint='a100%' is invalid; expected SLURM node features "
+                               r"\(letters, digits, '_', '.', '-', ':'\) joined by its operators "
+                               r"& \| , \* ! \[ \] \( \)"),
+    (dict(constraint="a100$HOME"), r"constraint='a100\$HOME' is invalid"),
     (dict(job_name="my job"), r"job_name='my job' is invalid"),
     (dict(array="0-3"), r"array='0-3' is invalid; only a sweep is an array job"),
     (dict(max_parallel=2), r"max_parallel=2 is invalid; only a sweep is an array job"),
