@@ -50,8 +50,10 @@ and an eval record lacking a field the engine writes in every eval (`EVERY_EVAL_
 top1, num_examples and their `ema_` twins) that the run's other eval records hold: as NaN, a
 missing eval loss would read as a divergence. So is a train log lacking its top-1 or learning
 rate (`EVERY_TRAIN_FIELDS`) that other train logs hold: either would silently turn off the
-train-eval gap or the plateau test for the whole run. A loss that is no number (a string, null), an
-eval-set size of 0 or less and a record without an integer step are refused the same way.
+train-eval gap or the plateau test for the whole run. A loss that is no number (a string,
+null), an eval-set size of 0 or less, a record without an integer step and a step logged twice
+in one split (the engine logs each once: a resumed run first drops the records past its
+checkpoint) are refused the same way.
 
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
 """
@@ -428,11 +430,37 @@ def is_fraction(field: str) -> bool:
 
 def _check_records(records: Sequence[Mapping[str, Any]], where: Callable[[int], str]) -> None:
     """Refuses the first record of `records` that the engine would have written differently
-    (`_missing_field`), placed by `where(index)` (a file's line or a list index)."""
+    (`_missing_field`, `_repeated_step`), placed by `where(index)` (a file's line or a list
+    index)."""
     missing = _missing_field(records)
     if missing is not None:
         index, field = missing
         raise invalid(_OWNER, field, "missing", f"{where(index)} {_lacks(records[index])}")
+    repeated = _repeated_step(records)
+    if repeated is not None:
+        index, first = repeated
+        split, step = records[index]["split"], records[index]["step"]
+        raise invalid(_OWNER, "step", step,
+                      f"{where(index)} ({split} record) repeats the {split} record of step "
+                      f"{step} at {where(first)}; expected one {split} record per step: the "
+                      "training engine writes each once (a resumed run drops the records past "
+                      "its checkpoint first), so the file was edited, concatenated or written by "
+                      "another program")
+
+
+def _repeated_step(records: Sequence[Mapping[str, Any]]) -> tuple[int, int] | None:
+    """(index, index of the first) of the first train log or eval record whose step an earlier
+    record of its split already logged. The engine logs each step once: a resumed run drops the
+    records past its checkpoint (`MetricLogger`) and goes on from the step after it, so a
+    repeat is no re-evaluation but a broken file, and "last record wins" would hide it."""
+    seen: dict[tuple[str, int], int] = {}
+    for index, record in enumerate(records):
+        split = _split_read(record)
+        if split is not None:
+            first = seen.setdefault((split, record["step"]), index)
+            if first != index:
+                return index, first
+    return None
 
 
 def _split_read(record: Mapping[str, Any]) -> str | None:

@@ -900,3 +900,30 @@ def test_curves_given_their_initial_loss_note_only_the_gap_checks():
     assert dg.diagnose(dataclasses.replace(curves, initial_loss=math.log(10))).notes == (
         "no train log holds top1 while the evals do (the training engine logs a classifier's "
         "top-1 in both): overfitting's train-eval top-1 gap and underfitting were not checked.",)
+
+
+@pytest.mark.parametrize("split", ["eval", "train"])
+def test_a_step_logged_twice_is_refused_naming_both_lines(tmp_path, split):
+    """The engine logs each step once: a resumed run first drops the records past the checkpoint
+    it resumes from (`MetricLogger(resume_step=...)`) and goes on from the step after it, so it
+    never repeats one. A repeat (two files concatenated, an edit) was read as two evals of that
+    step: here a last eval top-1 of 0.5 after 0.97 read as overfitting, not as a broken file."""
+    records = _records(**_converged())
+    first = max(i for i, r in enumerate(records) if r["split"] == split and r["step"] == 400)
+    records.append({**records[first], "top1": 0.5})
+    path = _workdir(tmp_path, records)
+    message = (rf"diagnose: step=400 is invalid; .*metrics.jsonl line {len(records)} \({split} "
+               rf"record\) repeats the {split} record of step 400 at .*metrics.jsonl line "
+               rf"{first + 1}; expected one {split} record per step: the training engine writes "
+               r"each once \(a resumed run drops the records past its checkpoint first\), so the "
+               r"file was edited, concatenated or written by another program\.")
+    with pytest.raises(ValueError, match=message):
+        dg.load_curves(path)
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(path)
+    last = len(records) - 1
+    with pytest.raises(ValueError, match=rf"diagnose: step=400 is invalid; records\[{last}\] "
+                                         rf"\({split} record\) repeats the {split} record of "
+                                         rf"step 400 at records\[{first}\]; expected one"):
+        dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+
