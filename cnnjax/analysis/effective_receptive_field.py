@@ -445,7 +445,7 @@ def feature_receptive_field(model: nn.Module, input_shape: Sequence[int],
     """Theoretical receptive field (`receptive_field`) of `model`'s feature map `feature` (a
     `return_features=True` name; None: as in `effective_receptive_field`, the output if it is
     spatial, else the last spatial feature), traced with `train=False`."""
-    from cnnjax.analysis.summary import check_model, summary
+    from cnnjax.analysis.summary import check_model, summarize
 
     owner = "feature_receptive_field"
     check_model(owner, model)
@@ -454,7 +454,7 @@ def feature_receptive_field(model: nn.Module, input_shape: Sequence[int],
         raise invalid(owner, "feature", feature, "expected a feature name or None")
     target, _ = _choose_target(model, feature, None, shape, owner)  # names a bad `feature`
     wrapped = _FeatureOf(model, target.feature, target.with_features)
-    field = summary(wrapped, shape).receptive_field
+    field = summarize(owner, wrapped, shape).receptive_field
     if field is None:
         raise invalid(owner, "feature", feature, "its receptive field could not be traced")
     return field

@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 from cnnjax.utils.validation import (
     check_non_negative_int,
     check_positive_int,
-    checked_input_shape,
     invalid,
 )
 
@@ -252,14 +251,13 @@ def stack_receptive_field(layers: Sequence[Sequence[int]]) -> tuple[float, float
 def receptive_field(model: Any, input_shape: Sequence[int], **kwargs: Any) -> ReceptiveField:
     """Final (size, jump, start) of `model`'s (first) output on its input, per spatial axis.
 
-    Equivalent to `summary(model, input_shape, **kwargs).receptive_field`.
+    Equivalent to `summary(model, input_shape, **kwargs).receptive_field`; errors name
+    receptive_field.
     """
     # summary depends on this module
-    from cnnjax.analysis.summary import check_model, summary
+    from cnnjax.analysis.summary import summarize
 
-    check_model("receptive_field", model)
-    checked_input_shape("receptive_field", input_shape)
-    return summary(model, input_shape, **kwargs).receptive_field
+    return summarize("receptive_field", model, input_shape, **kwargs).receptive_field
 
 
 # ----------------------------------------------------------------------------------------------

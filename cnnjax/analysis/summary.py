@@ -572,7 +572,14 @@ def summary(
     Extra keyword arguments go to `model.apply` (e.g. `train=False`). Nothing is computed: the
     model is traced abstractly, so ImageNet-size models summarize in seconds.
     """
-    owner = "summary"
+    return summarize("summary", model, input_shape, batch_size=batch_size, dtype=dtype,
+                     **call_kwargs)
+
+
+def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 1,
+              dtype: Any = jnp.float32, **call_kwargs: Any) -> Summary:
+    """`summary` for a function built on it (`receptive_field`): its argument errors name
+    `owner`, the function the user called (positional-only, so any keyword reaches the model)."""
     check_model(owner, model)
     shape = checked_input_shape(owner, input_shape)
     check_positive_int(owner, "batch_size", batch_size)

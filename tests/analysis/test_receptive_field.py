@@ -393,6 +393,20 @@ def test_receptive_field_names_itself_for_a_bad_model_or_shape():
         receptive_field(VGGLike(), None)
 
 
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((4, 4, 3), {}, r"input_shape=\(4, 4, 3\) is invalid; in VGGLike, layer fc \(Dense\) fails"),
+    ((32, 32, 3), {"trian": True},
+     r"keyword arguments=\{'trian': True\} is invalid; VGGLike.__call__\(self, x"),
+    ((32, 32, 3), {"batch_size": 0}, r"batch_size=0 is invalid"),
+    ((32, 32, 3), {"dtype": "foo"}, r"dtype='foo' is invalid; expected a floating-point dtype"),
+])
+def test_receptive_field_names_itself_for_what_summary_refuses(args, kwargs, message):
+    """The keywords it passes on to summary, and an input too small for the model, are the
+    caller's arguments of receptive_field: their errors name it (they named summary)."""
+    with pytest.raises(ValueError, match=r"^receptive_field: " + message):
+        receptive_field(VGGLike(), args, **kwargs)
+
+
 def _assert_support_is_field(model, shape, positions):
     """Every output in `positions` depends on exactly the input rows/columns of its field
     (all-ones kernels on positive inputs: no cancellation), and the trace adds no note."""
