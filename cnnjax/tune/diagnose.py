@@ -53,7 +53,9 @@ rate (`EVERY_TRAIN_FIELDS`) that other train logs hold: either would silently tu
 train-eval gap or the plateau test for the whole run. A loss that is no number (a string,
 null), an eval-set size of 0 or less, a record without an integer step and a step logged twice
 in one split (the engine logs each once: a resumed run first drops the records past its
-checkpoint) are refused the same way.
+checkpoint) are refused the same way. So is a judged `metric` the evals do not report, or that
+some of them lack, naming the metrics.jsonl (and the line of the first eval without it) when
+the curves were read from one (`Curves.source`).
 
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
 """
@@ -294,6 +296,8 @@ class Curves:
     # ln(num_classes), a classifier's loss at initialization (None: unknown or not one): the
     # first logged loss, a mean over the first log's steps, may already have blown up.
     initial_loss: float | None = None
+    # The metrics.jsonl the curves were read from (`load_curves`), named in `diagnose`'s errors.
+    source: str | None = None
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
@@ -304,7 +308,8 @@ class Curves:
 
     @classmethod
     def _from_checked_records(cls, records: Sequence[Mapping[str, Any]],
-                              summary: Mapping | None, num_train_steps: int | None) -> Curves:
+                              summary: Mapping | None, num_train_steps: int | None,
+                              source: str | None = None) -> Curves:
         """`from_records` for records `_check_records` accepted (`load_curves` checks them
         itself, naming the file's lines)."""
         summary = summary or {}
@@ -330,6 +335,7 @@ class Curves:
             train_lr=(np.array([_float(r["learning_rate"]) for r in train], dtype=np.float64)
                       if train and all("learning_rate" in r for r in train) else None),
             initial_loss=_initial_loss(train, summary),
+            source=source,
         )
 
 
@@ -348,11 +354,12 @@ def load_curves(workdir: str) -> Curves:
                       f"it holds {what}, not a training run; expected the --workdir of one run "
                       "(a sweep's runs are its trials/<trial_id> folders, a tune's "
                       "round_<k>/trials/<trial_id>)")
-    records = read_metrics(os.path.join(workdir, METRICS_FILE))
-    _check_scores(os.path.join(workdir, METRICS_FILE), records)
+    path = os.path.join(workdir, METRICS_FILE)
+    records = read_metrics(path)
+    _check_scores(path, records)
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
-    curves = Curves._from_checked_records(records, summary, config.get("num_train_steps"))
+    curves = Curves._from_checked_records(records, summary, config.get("num_train_steps"), path)
     if curves.status == "failed" and not len(curves.train_steps):
         # "log more often" (insufficient_data) would hide the error that stopped it.
         error = ": ".join(str(summary[k]) for k in ("error", "message") if summary.get(k))
@@ -558,8 +565,10 @@ def diagnose(curves: Curves, metric: str = "top1",
     check_choice(_OWNER, "metric", metric, (*judged, *(METRIC_PREFIX + m for m in judged)))
     # Before any verdict: a diverged or barely logged run must not hide a metric it never reports.
     if curves.eval_metrics and metric not in curves.eval_metrics:
+        where = f" in {curves.source}" if curves.source else ""
         raise invalid(_OWNER, "metric", metric,
-                      f"the run's evals report {sorted(curves.eval_metrics)}")
+                      f"the run's evals{where} report {sorted(curves.eval_metrics)}")
+    _check_judged_in_every_eval(curves, metric, judged)
     _check_finite_curves(curves, metric)
     findings: list[Finding] = []
     diverged = _diverged(curves, t)
@@ -612,6 +621,44 @@ def _notes(curves: Curves, reached: str) -> tuple[str, ...]:
                      "flattens as the schedule decays the rate reads as a plateau, not as too "
                      "slow.")
     return tuple(notes)
+
+
+def _check_judged_in_every_eval(curves: Curves, metric: str, judged: Sequence[str]) -> None:
+    """Refuses a judged score `metric` that some evals of the file the curves were read from
+    lack (a NaN there: `load_curves` refused NaN scores), naming the line of the first and the
+    `judged` metrics every eval holds; curves from no file are left to `_check_finite_curves`."""
+    if curves.source is None or config_lib.lower_is_better(metric):
+        return
+    missing = np.flatnonzero(np.isnan(curves.eval_metrics[metric]))
+    if not len(missing):
+        return
+    step = int(curves.eval_steps[missing[0]])
+    every = sorted(name for name, values in curves.eval_metrics.items()
+                   if name.removeprefix(METRIC_PREFIX) in judged
+                   and (config_lib.lower_is_better(name) or not np.isnan(values).any()))
+    raise invalid(_OWNER, "metric", metric,
+                  f"{curves.source}{_line_of(curves.source, 'eval', step)} (eval record of step "
+                  f"{step}) lacks it, which the run's other eval records hold; expected a metric "
+                  f"every eval reports: {every}")
+
+
+def _line_of(path: str, split: str, step: int) -> str:
+    """' line <n>' of `path`'s `split` record of `step` (one: `_repeated_step`), or '' if the
+    file no longer holds it."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:  # gone since the curves were read: the error still names the file
+        return ""
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (record.get("split"), record.get("step")) == (split,
+                                                                                        step):
+            return f" line {number}"
+    return ""
 
 
 def _check_finite_curves(curves: Curves, metric: str) -> None:

@@ -771,10 +771,36 @@ def test_a_workdir_is_judged_by_its_own_best_metric_and_a_missing_metric_is_name
                                                       "num_train_steps": STEPS}))
     d = dg.diagnose_workdir(str(tmp_path))
     assert d.verdicts == ["converged"] and d.findings[0].evidence["metric"] == "map50"
-    with pytest.raises(ValueError, match=r"diagnose: metric='top1' is invalid; the run's evals "
-                                         r"report \['ap50/0', 'coco_map50', 'coco_map75', "
-                                         r"'map', 'map50'\]"):
+    message = (rf"diagnose: metric='top1' is invalid; the run's evals in "
+               rf"{re.escape(str(tmp_path / 'metrics.jsonl'))} report \['ap50/0', 'coco_map50', "
+               r"'coco_map75', 'map', 'map50'\]\.$")
+    with pytest.raises(ValueError, match=message):
         dg.diagnose_workdir(str(tmp_path), metric="top1")
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose(dg.load_curves(str(tmp_path)), metric="top1")
+
+
+def test_a_judged_metric_only_some_evals_of_a_file_hold_is_refused_naming_the_line(tmp_path):
+    """A metric added after a resumed run's first evals (map50_voc07 from step 200 on) may be
+    absent from the earlier ones, but cannot be judged over the run: refused naming the file's
+    line of the first eval without it and the metrics every eval holds (it was 'eval
+    map50_voc07 at step 50=nan ... a missing or NaN/inf score', without the file)."""
+    records = _detection_records(_decay(0.1, 0.5, 0.01))
+    for r in records:
+        if r["split"] == "eval" and r["step"] >= 200:
+            r["map50_voc07"] = r["map50"] - 0.01
+    path = _workdir(tmp_path, records)
+    message = (rf"diagnose: metric='map50_voc07' is invalid; "
+               rf"{re.escape(str(tmp_path / 'metrics.jsonl'))} line 6 \(eval record of step 50\) "
+               r"lacks it, which the run's other eval records hold; expected a metric every eval "
+               r"reports: \['coco_map50', 'coco_map75', 'map', 'map50'\]\.$")
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(path, "map50_voc07")
+    with pytest.raises(ValueError, match=r"diagnose: eval map50_voc07 at step 50=nan is invalid; "
+                                         r"expected a finite number \(a missing or NaN/inf"):
+        dg.diagnose(dg.Curves.from_records(records, {"status": "completed"}, STEPS),
+                    "map50_voc07")
+    assert dg.diagnose_workdir(path, "map50").verdicts == ["converged"]
 
 
 def test_a_run_that_failed_before_its_first_log_is_refused_with_its_error(tmp_path):
