@@ -51,11 +51,12 @@ top1, num_examples and their `ema_` twins) that the run's other eval records hol
 missing eval loss would read as a divergence. So is a train log lacking its top-1 or learning
 rate (`EVERY_TRAIN_FIELDS`) that other train logs hold: either would silently turn off the
 train-eval gap or the plateau test for the whole run. A loss that is no number (a string,
-null), an eval-set size of 0 or less, a record without an integer step and a step logged twice
-in one split (the engine logs each once: a resumed run first drops the records past its
-checkpoint) are refused the same way. So is a judged `metric` the evals do not report, or that
-some of them lack, naming the metrics.jsonl (and the line of the first eval without it) when
-the curves were read from one (`Curves.source`).
+null), a learning rate that is no finite number >= 0, an eval-set size of 0 or less, a record
+without an integer step and a step logged twice in one split (the engine logs each once: a
+resumed run first drops the records past its checkpoint) are refused the same way. So is a
+judged `metric` the evals do not report, or that some of them lack, naming the metrics.jsonl
+(and the line of the first eval without it) when the curves were read from one
+(`Curves.source`).
 
     python -m cnnjax.tune.diagnose --workdir=workdirs/lenet5_digits
 """
@@ -384,9 +385,9 @@ def _scores(record: Mapping[str, Any]) -> list[str]:
 def _check_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     """Refuses a record of `records` (read from `path`) that the engine never writes, naming its
     line (counted in the file, whose torn lines `read_metrics` skipped) and field: not an object
-    with an integer step, an eval record lacking a field of `EVERY_EVAL_FIELDS` that others hold,
-    a loss that is no number, a NaN/inf (or non-numeric) score, a fraction outside [0, 1] (a
-    percent: 97.0 for 97%) or an eval-set size of 0 or less."""
+    with an integer step, one `_check_records` refuses, a loss that is no number, a NaN/inf (or
+    non-numeric) score, a fraction outside [0, 1] (a percent: 97.0 for 97%), an eval-set size
+    of 0 or less or a learning rate that is no finite number >= 0."""
     for index, record in enumerate(records):  # the checks below index records by field
         if not isinstance(record, Mapping) or (record.get("split") in ("train", "eval")
                                                and not is_integer(record.get("step"))):
@@ -414,6 +415,12 @@ def _value_problem(record: Mapping[str, Any]) -> tuple[str, str] | None:
         if isinstance(record[field], bool) or not isinstance(record[field], int | float):
             return field, ("a number (NaN/inf if the run diverged): the training engine writes "
                            "every loss as one")
+    if _split_read(record) == "train" and "learning_rate" in record:  # read by the plateau test
+        rate = record["learning_rate"]
+        if (isinstance(rate, bool) or not isinstance(rate, int | float)
+                or not math.isfinite(rate) or rate < 0):
+            return "learning_rate", ("a finite number >= 0: the training engine logs the "
+                                     "schedule's rate")
     for field in _scores(record):
         value = _float(record[field])
         if not math.isfinite(value):
@@ -663,13 +670,21 @@ def _line_of(path: str, split: str, step: int) -> str:
 
 def _check_finite_curves(curves: Curves, metric: str) -> None:
     """Refuses a NaN/inf among the scores the verdicts read (train and eval top-1, the judged
-    `metric` unless it is a loss, the eval-set size), and such a fraction outside [0, 1] (a
-    percent): curves built without `load_curves`."""
+    `metric` unless it is a loss, the eval-set size), such a fraction outside [0, 1] (a
+    percent) and a logged learning rate that is NaN/inf or negative: curves built without
+    `load_curves`."""
     for name in dict.fromkeys(("top1", metric)):
         if name in curves.eval_metrics and not config_lib.lower_is_better(name):
             _check_score_curve("eval", name, curves.eval_steps, curves.eval_metrics[name])
     if curves.train_top1 is not None:
         _check_score_curve("train", "top1", curves.train_steps, curves.train_top1)
+    if curves.train_lr is not None:  # a NaN turned off the plateau test (`_plateaued`)
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(curves.train_lr) | (curves.train_lr < 0))
+        if len(bad):
+            raise invalid(_OWNER, f"train learning_rate at step {curves.train_steps[bad[0]]}",
+                          float(curves.train_lr[bad[0]]),
+                          "expected a finite number >= 0 (the schedule's rate)")
     if curves.eval_examples is not None and not math.isfinite(curves.eval_examples):
         raise invalid(_OWNER, "eval_examples", curves.eval_examples, "expected a finite number")
 

@@ -953,3 +953,18 @@ def test_a_step_logged_twice_is_refused_naming_both_lines(tmp_path, split):
                                          rf"step 400 at records\[{first}\]; expected one"):
         dg.Curves.from_records(records, {"status": "completed"}, STEPS)
 
+
+
+@pytest.mark.parametrize("value", ["abc", None, math.nan, math.inf, -0.1])
+def test_a_learning_rate_that_is_no_rate_is_refused_naming_its_line(tmp_path, value):
+    """The engine logs the schedule's rate, a finite number >= 0. One string, null or NaN rate
+    (read as NaN) turned off the plateau test for the whole run: the weight-decay-0.3 run's
+    plateau read as too_slow (lr x3) besides underfitting."""
+    _assert_refused_at_step_300(tmp_path, "train", "learning_rate", value,
+                                r"expected a finite number >= 0: the training engine logs the "
+                                r"schedule's rate")
+    records = _records(**_converged())
+    next(r for r in records if r["split"] == "train" and r["step"] == 300)["learning_rate"] = value
+    with pytest.raises(ValueError, match=r"diagnose: train learning_rate at step 300=.* is "
+                                         r"invalid; expected a finite number >= 0"):
+        dg.diagnose(dg.Curves.from_records(records, {"status": "completed"}, STEPS))
