@@ -181,13 +181,18 @@ def _check_classes(value: Any) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value)
 
 
+def check_name(name: Any) -> str:
+    """`name` if cnnjax has a preset for it (the names `resolve` accepts), else a ValueError
+    listing them; without TensorFlow, so a config check refuses a typo before the pipeline."""
+    return check_choice(_OWNER, "name", name, presets.list_datasets())
+
+
 def resolve(data_config: Any) -> Spec:
     """Fills missing fields from `default_data_config(name)` and validates every field."""
     fields = dict(data_config.items()) if hasattr(data_config, "items") else None
     if fields is None:
         raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
-    name = fields.get("name")
-    check_choice(_OWNER, "name", name, presets.list_datasets())
+    name = check_name(fields.get("name"))
     preset = presets.get_preset(name)
     defaults = dict(default_data_config(name).items())
     unknown = sorted(set(fields) - set(defaults))

@@ -524,6 +524,16 @@ def data_pipeline(config: Any) -> Any:
     return pipeline
 
 
+def check_data_name(config: Any) -> None:
+    """`config.data.name` as every task's data module checks it (`spec.check_name`), but before
+    `data_pipeline` imports TensorFlow (~6-9 s), so an unknown dataset is refused at once."""
+    from cnnjax.data.spec import check_name
+
+    data = _field(config, "data")
+    if hasattr(data, "items"):  # else the data module refuses the block itself
+        check_name(_field(data, "name"))
+
+
 def check_config(config: Any, schedule: Any = None, *, for_training: bool = True,
                  ) -> CheckedConfig:
     """Runs every check `train_and_evaluate` runs before compiling; raises the same ValueErrors.
@@ -546,6 +556,7 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     validate_config(config)
     task = config_task(config)
     info = _task_model_info(config, task)
+    check_data_name(config)
     pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
     data_info = pipeline.get_dataset_info(config.data)
     _check_classes(config, task, data_info, for_training)

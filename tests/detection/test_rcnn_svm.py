@@ -277,6 +277,7 @@ def tiny_workdir(tmp_path, monkeypatch, request):
     module.eval_split_name = lambda data_config: data_config.get("eval_split") or "test"
     monkeypatch.setitem(sys.modules, "cnnjax.data.detection", module)
     monkeypatch.setattr(cnnjax.data, "detection", module, raising=False)
+    helpers.accept_stand_in_data_names(monkeypatch)  # its 'boxes'
 
     config = default_config()
     config.task, config.model, config.best_metric = "detection", "rcnn_small", "map50"

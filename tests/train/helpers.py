@@ -181,14 +181,23 @@ def fake_pipeline_module() -> types.ModuleType:
 
 
 def install_fake_pipeline(monkeypatch) -> None:
-    """Routes `from cnnjax.data import pipeline` to the synthetic source and registers
-    `TINY_MODEL`, both for this test only."""
+    """Routes `from cnnjax.data import pipeline` to the synthetic source (its names accepted
+    by `check_config`) and registers `TINY_MODEL`, all for this test only."""
     import cnnjax.data
 
     register_tiny_model(monkeypatch)
     module = fake_pipeline_module()
     monkeypatch.setitem(sys.modules, "cnnjax.data.pipeline", module)
     monkeypatch.setattr(cnnjax.data, "pipeline", module, raising=False)
+    accept_stand_in_data_names(monkeypatch)
+
+
+def accept_stand_in_data_names(monkeypatch) -> None:
+    """Turns off `check_config`'s early check of `data.name` against the presets: a stand-in data
+    module (`synthetic`, `boxes`) checks its own names when it is called."""
+    from cnnjax.train import config as config_lib
+
+    monkeypatch.setattr(config_lib, "check_data_name", lambda config: None)
 
 
 def tiny_config(**overrides):

@@ -14,10 +14,12 @@ import json
 import os
 import sys
 import tempfile
+import types
 
 import jax
 import numpy as np
 import optax
+import pytest
 
 sys.path.insert(0, sys.argv[1])
 from cnnjax.train.parallel import DataParallel  # noqa: E402
@@ -80,14 +82,22 @@ def max_diff(a, b):
     )
 
 
-def run_loop(tmp: str, **overrides) -> dict:
-    """Whole `train_and_evaluate` runs (padded eval batches, checkpoints) on the synthetic data."""
+def _install_fake_pipeline() -> types.ModuleType:
+    """The synthetic data module, installed for the rest of this process (no test undoes it)."""
     import cnnjax.data
-    from cnnjax.train.loop import train_and_evaluate
 
     module = helpers.fake_pipeline_module()
     sys.modules["cnnjax.data.pipeline"] = module
     cnnjax.data.pipeline = module
+    helpers.accept_stand_in_data_names(pytest.MonkeyPatch())
+    return module
+
+
+def run_loop(tmp: str, **overrides) -> dict:
+    """Whole `train_and_evaluate` runs (padded eval batches, checkpoints) on the synthetic data."""
+    from cnnjax.train.loop import train_and_evaluate
+
+    _install_fake_pipeline()
     name = "_".join(f"{k}{v}" for k, v in overrides.items())
     # one eval and one checkpoint, at the end: only the final eval is compared (the step-6 eval
     # and the step-4/8 checkpoints of tiny_config cost ~0.6 s a run here)
@@ -99,12 +109,9 @@ def run_loop(tmp: str, **overrides) -> dict:
 def run_resumed_loop(tmp: str, first_devices: int, then_devices: int) -> dict:
     """A `shard_map` run that dies after its step-6 checkpoint on `first_devices` devices, then
     is run again to its end on `then_devices` (a requeued job landing on another machine)."""
-    import cnnjax.data
     from cnnjax.train.loop import train_and_evaluate
 
-    module = helpers.fake_pipeline_module()
-    sys.modules["cnnjax.data.pipeline"] = module
-    cnnjax.data.pipeline = module
+    module = _install_fake_pipeline()
     workdir = os.path.join(tmp, f"resume_{first_devices}to{then_devices}")
 
     def config(num_devices: int):
@@ -126,8 +133,6 @@ def run_resumed_loop(tmp: str, first_devices: int, then_devices: int) -> dict:
 
 def run_detection_loop(tmp: str, **overrides) -> dict:
     """A whole detection run (YOLO, in-memory boxes, padded eval split, mAP on the host)."""
-    import types
-
     import cnnjax.data
     from cnnjax.train.loop import train_and_evaluate
     from tests.train import test_detection_loop as boxes
@@ -138,6 +143,7 @@ def run_detection_loop(tmp: str, **overrides) -> dict:
     module.eval_batches = boxes._eval_batches
     sys.modules["cnnjax.data.detection"] = module
     cnnjax.data.detection = module
+    helpers.accept_stand_in_data_names(pytest.MonkeyPatch())  # its 'boxes'
     name = "det_" + "_".join(f"{k}{v}" for k, v in overrides.items())
     # one checkpoint and a few log lines: _config's checkpoint every 4th step cost about a
     # quarter of these three runs (55 -> 40 s measured)

@@ -56,6 +56,7 @@ def _install(monkeypatch):
     module = _pipeline()
     monkeypatch.setitem(sys.modules, "cnnjax.data.pipeline", module)
     monkeypatch.setattr(cnnjax.data, "pipeline", module, raising=False)
+    helpers.accept_stand_in_data_names(monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -353,6 +353,7 @@ def test_a_detection_config_ramps_its_detectors_own_loss(tmp_path, monkeypatch):
     module.eval_split_name = lambda data_config: "eval"
     monkeypatch.setitem(sys.modules, "cnnjax.data.detection", module)
     monkeypatch.setattr(cnnjax.data, "detection", module, raising=False)
+    helpers.accept_stand_in_data_names(monkeypatch)
     record = lr_range.run_lr_range(detection._config(), str(tmp_path), lr_min=1e-5, lr_max=1e-2,
                                    steps=6, smoothing=0.5)
     assert record["status"] == "completed" and record["model"] == "yolo_v1_small"
