@@ -491,6 +491,16 @@ def test_check_configs_types_the_entry_points_plain_flags(tmp_path):
         check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--distributed_timeout=abc",)}))
 
 
+def test_check_configs_refuses_a_dataset_the_pipeline_would_not_know(tmp_path):
+    """An unknown `data.name` is refused as `check_config` refuses it at start (which is before
+    TensorFlow loads), not after the job waited in the queue."""
+    spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
+                   submit_dir=str(ROOT), overrides=("--config.data.name=cifar",))
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start: data: "
+                                         r"name='cifar' is invalid; expected one of \['cifar10'"):
+        check_configs(spec)
+
+
 def test_check_configs_runs_the_engine_value_checks_on_every_trial(tmp_path):
     """A bad value, or a batch one trial sets that the job's GPUs cannot split, is refused at
     submission instead of failing every array task at start."""
