@@ -356,8 +356,7 @@ def load_curves(workdir: str) -> Curves:
                       "(a sweep's runs are its trials/<trial_id> folders, a tune's "
                       "round_<k>/trials/<trial_id>)")
     path = os.path.join(workdir, METRICS_FILE)
-    records = read_metrics(path)
-    _check_scores(path, records)
+    records = read_checked_metrics(path)
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     curves = Curves._from_checked_records(records, summary, config.get("num_train_steps"), path)
@@ -371,6 +370,16 @@ def load_curves(workdir: str) -> Curves:
     return curves
 
 
+def read_checked_metrics(path: str, owner: str = _OWNER) -> list[dict]:
+    """The records of the metrics.jsonl at `path` (`read_metrics`: none while it does not exist,
+    a torn last line of a running or killed run skipped), each one the engine writes: others are
+    refused naming the line and field (`_check_scores`), under `owner`'s name. The sweep's
+    ranking and the tune's figure read it too, so a repeated or percent eval is not counted."""
+    records = read_metrics(path)
+    _check_scores(path, records, owner)
+    return records
+
+
 def _scores(record: Mapping[str, Any]) -> list[str]:
     """The fields of a metrics.jsonl record that the diagnosis reads as scores (not a loss,
     whose NaN/inf is a divergence): train top-1; every eval metric and the eval-set size."""
@@ -382,7 +391,8 @@ def _scores(record: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _check_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+def _check_scores(path: str, records: Sequence[Mapping[str, Any]], owner: str = _OWNER
+                  ) -> None:
     """Refuses a record of `records` (read from `path`) that the engine never writes, naming its
     line (counted in the file, whose torn lines `read_metrics` skipped) and field: not an object
     with an integer step, one `_check_records` refuses, a loss that is no number, a NaN/inf (or
@@ -391,17 +401,17 @@ def _check_scores(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     for index, record in enumerate(records):  # the checks below index records by field
         if not isinstance(record, Mapping) or (record.get("split") in ("train", "eval")
                                                and not is_integer(record.get("step"))):
-            raise invalid(_OWNER, "record", record,
+            raise invalid(owner, "record", record,
                           f"{path} line {_line_number(path, index)} holds it, expected an object "
                           "with an integer 'step' and its 'split' (train or eval) as the "
                           "training engine writes, so the file was edited or written by another "
                           "program")
-    _check_records(records, lambda index: f"{path} line {_line_number(path, index)}")
+    _check_records(records, lambda index: f"{path} line {_line_number(path, index)}", owner)
     for index, record in enumerate(records):
         problem = _value_problem(record)
         if problem is not None:
             field, expected = problem
-            raise invalid(_OWNER, field, record[field],
+            raise invalid(owner, field, record[field],
                           f"{path} line {_line_number(path, index)} ({record['split']} record of "
                           f"step {record['step']}) holds it, expected {expected}, so the file was "
                           "edited or written by another program")
@@ -442,19 +452,20 @@ def is_fraction(field: str) -> bool:
     return name in FRACTION_METRICS or ("/" in name and name.split("/")[0] in PER_CLASS_FRACTIONS)
 
 
-def _check_records(records: Sequence[Mapping[str, Any]], where: Callable[[int], str]) -> None:
+def _check_records(records: Sequence[Mapping[str, Any]], where: Callable[[int], str],
+                   owner: str = _OWNER) -> None:
     """Refuses the first record of `records` that the engine would have written differently
     (`_missing_field`, `_repeated_step`), placed by `where(index)` (a file's line or a list
-    index)."""
+    index), under `owner`'s name."""
     missing = _missing_field(records)
     if missing is not None:
         index, field = missing
-        raise invalid(_OWNER, field, "missing", f"{where(index)} {_lacks(records[index])}")
+        raise invalid(owner, field, "missing", f"{where(index)} {_lacks(records[index])}")
     repeated = _repeated_step(records)
     if repeated is not None:
         index, first = repeated
         split, step = records[index]["split"], records[index]["step"]
-        raise invalid(_OWNER, "step", step,
+        raise invalid(owner, "step", step,
                       f"{where(index)} ({split} record) repeats the {split} record of step "
                       f"{step} at {where(first)}; expected one {split} record per step: the "
                       "training engine writes each once (a resumed run drops the records past "

@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.train.logging import METRICS_FILE, read_metrics
-from cnnjax.tune.diagnose import ema
+from cnnjax.train.logging import METRICS_FILE
+from cnnjax.tune.diagnose import ema, read_checked_metrics
 from cnnjax.utils.files import save_figure
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "tune.png"
 _LR = "optimizer.learning_rate"  # the x axis of tune.png's first panel (recipe.LR)
+_OWNER = "tune"  # tune.png is drawn by the tuning command (cnnjax.tune.recipe)
 
 
 def format_summary(record: dict) -> str:
@@ -119,7 +120,7 @@ def tune_figure(record: dict, ema_weight: float = 0.6):
                                   s=120, zorder=4, label="best")
             elif lr is not None and t["status"] == "diverged":
                 ax_lr.scatter([lr], [worst], color="tab:red", marker="x", zorder=3)
-            records = read_metrics(os.path.join(t["workdir"], METRICS_FILE))
+            records = read_checked_metrics(os.path.join(t["workdir"], METRICS_FILE), _OWNER)
             evals = [x for x in records if x.get("split") == "eval" and metric in x]
             train = [x for x in records if x.get("split") == "train" and "loss" in x]
             style = {"color": "black" if is_best else color, "lw": 2.0 if is_best else 0.8,

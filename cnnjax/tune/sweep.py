@@ -32,13 +32,14 @@ from typing import Any
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
-from cnnjax.train.logging import METRICS_FILE, read_metrics
+from cnnjax.train.logging import METRICS_FILE
 from cnnjax.train.loop import (
     CONFIG_FILE,
     SUMMARY_FILE,
     TrainingDivergedError,
     train_and_evaluate,
 )
+from cnnjax.tune.diagnose import read_checked_metrics
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
 from cnnjax.utils.files import (
@@ -536,15 +537,15 @@ def failure_message(rows: list[dict], what: str = "trial") -> str | None:
 
 
 def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
-    """One result row, read from the trial's summary.json, trial.json and metrics.jsonl."""
+    """One result row, read from the trial's summary.json, trial.json and metrics.jsonl (whose
+    records the diagnosis's checks accept: a repeated or percent eval is refused, not ranked)."""
     workdir = trial_workdir(sweep_dir, trial)
     summary_path = os.path.join(workdir, SUMMARY_FILE)
     summary = read_json(summary_path)
     record = read_json(os.path.join(workdir, TRIAL_FILE))
-    evals = [
-        r for r in read_metrics(os.path.join(workdir, METRICS_FILE))
-        if r.get("split") == "eval" and isinstance(r.get(metric), int | float)
-    ]
+    records = read_checked_metrics(os.path.join(workdir, METRICS_FILE), _OWNER)
+    evals = [r for r in records
+             if r.get("split") == "eval" and isinstance(r.get(metric), int | float)]
     summary_status = (summary or {}).get("status")
     if summary_status == "completed":
         status = "completed"
@@ -568,8 +569,7 @@ def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:
     ):  # the engine's step (a SIGTERM stop's checkpoint), not the last one logged
         steps = int(summary["step"])
     else:
-        steps = max((int(r["step"]) for r in read_metrics(os.path.join(workdir, METRICS_FILE))),
-                    default=0)
+        steps = max((int(r["step"]) for r in records), default=0)
     reason = (record or {}).get("reason") or ""
     if not reason and status != "completed" and summary:
         reason = summary.get("message", "")

@@ -757,3 +757,74 @@ def test_a_sweep_is_refused_a_dir_another_command_holds_before_its_marker(tmp_pa
         sw.run_sweep(_tiny_base(), sp.grid({"seed": (0,)}), sweep_dir, max_trials=0,
                      verbose=False)
     assert "sweep.json" not in os.listdir(sweep_dir)
+
+
+def _logged_trial(tmp_path, records, torn="", status="completed"):
+    """A trial whose metrics.jsonl holds `records` (then `torn`, a killed write's partial line),
+    recorded `status` in trial.json (incomplete: still running since now)."""
+    trial = sp.Trial(0, "t0", {"optimizer.learning_rate": 0.1})
+    workdir = sw.trial_workdir(str(tmp_path), trial)
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records) + torn)
+    files.atomic_write(os.path.join(workdir, sw.TRIAL_FILE), json.dumps(
+        {**trial.describe(), "status": status, "wall_time_s": 1.0, "reason": "",
+         **({"started_at": time.time()} if status == "incomplete" else {})}))
+    return trial, os.path.join(workdir, "metrics.jsonl")
+
+
+_TRAIN = {"step": 5, "split": "train", "loss": 2.0, "top1": 0.2, "learning_rate": 0.1}
+
+
+def _eval(step, top1, **fields):
+    return {"step": step, "split": "eval", "loss": 1.0, "top1": top1, "num_examples": 100,
+            **fields}
+
+
+@pytest.mark.parametrize("records, message", [
+    # One eval logged twice (a concatenated file): it was counted as two evals.
+    ([_TRAIN, _eval(5, 0.5), _eval(10, 0.9), _eval(10, 0.6)],
+     r"sweep: step=10 is invalid; {path} line 4 \(eval record\) repeats the eval record of "
+     r"step 10 at {path} line 3; expected one eval record per step"),
+    # A percent: 97.0 ranked this trial above every trial at 0.97.
+    ([_TRAIN, _eval(5, 0.5), _eval(10, 97.0)],
+     r"sweep: top1=97\.0 is invalid; {path} line 3 \(eval record of step 10\) holds it, "
+     r"expected a fraction in \[0, 1\]"),
+    # An eval without the loss the others hold.
+    ([_TRAIN, _eval(5, 0.5), {"step": 10, "split": "eval", "top1": 0.6, "num_examples": 100}],
+     r"sweep: loss='missing' is invalid; {path} line 3 \(eval record of step 10\) lacks it"),
+])
+def test_a_trials_metrics_the_engine_never_writes_are_refused_not_ranked(tmp_path, records,
+                                                                          message):
+    trial, path = _logged_trial(tmp_path, records)
+    with pytest.raises(ValueError, match="^" + message.format(path=re.escape(path))):
+        sw.trial_result(str(tmp_path), trial, "top1", "max")
+
+
+def test_a_running_trials_torn_last_line_is_skipped_as_before(tmp_path):
+    """A trial being written (or killed mid-write) ends in a partial line: its complete records
+    are ranked and counted, as the engine's resume keeps them."""
+    trial, _ = _logged_trial(tmp_path, [_TRAIN, _eval(5, 0.5), _eval(10, 0.7)],
+                             torn='{"step": 15, "split": "eval", "loss": 0.9, "to',
+                             status="incomplete")
+    row = sw.trial_result(str(tmp_path), trial, "top1", "max")
+    assert (row["status"], row["best"], row["best_step"], row["steps"]) == (
+        "incomplete", 0.7, 10, 10)
+
+
+def test_detection_and_segmentation_records_rank_on_their_metrics(tmp_path):
+    """No top-1 and per-class scores only some evals hold: accepted, ranked by map50."""
+    train = {"step": 5, "split": "train", "loss": 3.0, "learning_rate": 0.01}
+    evals = [{"step": 5, "split": "eval", "map50": 0.2, "map": 0.1, "num_examples": 50},
+             {"step": 10, "split": "eval", "map50": 0.4, "map": 0.2, "num_examples": 50,
+              "ap50/square": 0.4}]
+    trial, path = _logged_trial(tmp_path / "det", [train, *evals])
+    row = sw.trial_result(str(tmp_path / "det"), trial, "map50", "max")
+    assert (row["best"], row["best_step"], row["steps"]) == (0.4, 10, 10)
+    segment = [{"step": 5, "split": "eval", "loss": 0.8, "miou": 0.3, "pixel_accuracy": 0.7,
+                "num_examples": 50, "iou/road": 40.0}]
+    trial, path = _logged_trial(tmp_path / "seg", [train, *segment])
+    with pytest.raises(ValueError, match=r"^sweep: iou/road=40\.0 is invalid; "
+                                         + re.escape(path) + r" line 2 \(eval record of step "
+                                         r"5\) holds it, expected a fraction in \[0, 1\]"):
+        sw.trial_result(str(tmp_path / "seg"), trial, "miou", "max")
