@@ -75,12 +75,16 @@ def format_report(record: dict) -> str:
 
 
 def _diagnosis_lines(diagnosis: dict) -> list[str]:
+    """A diagnosis (`Diagnosis.to_dict`) as list items: each finding with its recommendations,
+    then the notes naming checks the run's logs kept from running (a record from before notes
+    has none)."""
     lines = []
     for f in diagnosis["findings"]:
         lines.append(f"- **{f['verdict']}**: {f['message']}")
         lines.extend(f"  - recommend `{r['field']}` "
                      + (f"x{r['value']:g}" if r["change"] == "multiply" else f"= {r['value']!r}")
                      + f" ({r['reason']})" for r in f["recommendations"])
+    lines.extend(f"- note: {note}" for note in diagnosis.get("notes", ()))
     return lines
 
 

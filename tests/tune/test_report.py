@@ -61,3 +61,16 @@ def test_the_figure_refuses_a_trials_records_the_engine_never_writes(tmp_path, e
     path = _write_metrics(workdir, [*_TRAIN, *evals])
     with pytest.raises(ValueError, match="^" + message.format(path=re.escape(path))):
         rp.tune_figure(_record(workdir))
+
+
+def test_the_report_prints_the_diagnosis_notes_recipe_json_holds(tmp_path):
+    """A check the run's logs kept from running is named under the finding (and in the best
+    round's), as `Diagnosis.format` prints it; a record from before notes reads as before."""
+    note = "train logs without learning_rate: the plateau test assumed a constant rate"
+    diagnosis = {"status": "completed", "primary": "converged", "notes": [note], "findings": [
+        {"verdict": "converged", "message": "flat.", "evidence": {}, "recommendations": []}]}
+    text = rp.format_report(_record(str(tmp_path), diagnosis))
+    assert text.count(f"- **converged**: flat.\n- note: {note}\n") == 2
+    del diagnosis["notes"]
+    text = rp.format_report(_record(str(tmp_path), diagnosis))
+    assert text.count("- **converged**: flat.\n") == 2 and "note:" not in text
