@@ -50,10 +50,11 @@ and an eval record lacking a field the engine writes in every eval (`EVERY_EVAL_
 top1, num_examples and their `ema_` twins) that the run's other eval records hold: as NaN, a
 missing eval loss would read as a divergence. So is a train log lacking its top-1 or learning
 rate (`EVERY_TRAIN_FIELDS`) that other train logs hold: either would silently turn off the
-train-eval gap or the plateau test for the whole run. A loss that is no number (a string,
-null), a learning rate that is no finite number >= 0, an eval-set size of 0 or less, a record
-without an integer step and a step logged twice in one split (the engine logs each once: a
-resumed run first drops the records past its checkpoint) are refused the same way. So is a
+train-eval gap or the plateau test for the whole run; so is any train log lacking its loss
+(`ALWAYS_TRAIN_FIELDS`: it was left out of the curves unsaid). A loss that is no number (a
+string, null), a learning rate that is no finite number >= 0, an eval-set size of 0 or less, a
+record without an integer step and a step logged twice in one split (the engine logs each once:
+a resumed run first drops the records past its checkpoint) are refused the same way. So is a
 judged `metric` the evals do not report, or that some of them lack, naming the metrics.jsonl
 (and the line of the first eval without it) when the curves were read from one
 (`Curves.source`).
@@ -107,6 +108,10 @@ EVERY_EVAL_FIELDS = ("loss", "top1", "num_examples", METRIC_PREFIX + "loss",
 # one of a classifier's, none of a detector's or segmenter's) and that the verdicts read:
 # top-1 for the train-eval gap, the learning rate for the plateau test (`_plateaued`).
 EVERY_TRAIN_FIELDS = ("top1", "learning_rate")
+# The train-log field of every run, whatever its task, so required even where no other train log
+# holds it: the loss every verdict reads (a log without one was left out of the curves unsaid,
+# a file of such logs read as '0 train logs: log more often').
+ALWAYS_TRAIN_FIELDS = ("loss",)
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 _OWNER = "diagnose"
@@ -314,8 +319,7 @@ class Curves:
         """`from_records` for records `_check_records` accepted (`load_curves` checks them
         itself, naming the file's lines)."""
         summary = summary or {}
-        train = sorted((r for r in records if r.get("split") == "train" and "loss" in r),
-                       key=lambda r: r["step"])
+        train = sorted((r for r in records if r.get("split") == "train"), key=lambda r: r["step"])
         evals = sorted((r for r in records if r.get("split") == "eval"), key=lambda r: r["step"])
         eval_names = sorted({k for r in evals for k in r} - {"step", "split", "num_examples"})
         status = summary.get("status", "incomplete")
@@ -384,7 +388,7 @@ def _scores(record: Mapping[str, Any]) -> list[str]:
     """The fields of a metrics.jsonl record that the diagnosis reads as scores (not a loss,
     whose NaN/inf is a divergence): train top-1; every eval metric and the eval-set size."""
     if record.get("split") == "train":
-        return ["top1"] if "top1" in record and "loss" in record else []
+        return ["top1"] if "top1" in record else []
     if record.get("split") == "eval":
         return [k for k in record if k not in ("step", "split")
                 and not config_lib.lower_is_better(k)]
@@ -460,7 +464,7 @@ def _check_records(records: Sequence[Mapping[str, Any]], where: Callable[[int], 
     missing = _missing_field(records)
     if missing is not None:
         index, field = missing
-        raise invalid(owner, field, "missing", f"{where(index)} {_lacks(records[index])}")
+        raise invalid(owner, field, "missing", f"{where(index)} {_lacks(records, index, field)}")
     repeated = _repeated_step(records)
     if repeated is not None:
         index, first = repeated
@@ -489,29 +493,31 @@ def _repeated_step(records: Sequence[Mapping[str, Any]]) -> tuple[int, int] | No
 
 
 def _split_read(record: Mapping[str, Any]) -> str | None:
-    """The split as which the diagnosis reads `record`: train (a log with a loss), eval, none."""
-    if record.get("split") == "train":
-        return "train" if "loss" in record else None
-    return "eval" if record.get("split") == "eval" else None
+    """The split as which the diagnosis reads `record`: train, eval or none (another split)."""
+    return record.get("split") if record.get("split") in ("train", "eval") else None
 
 
 def _missing_field(records: Sequence[Mapping[str, Any]]) -> tuple[int, str] | None:
     """(index, field) of the first train log or eval record lacking a field of
-    `EVERY_TRAIN_FIELDS` or `EVERY_EVAL_FIELDS` that another record of its split holds."""
+    `ALWAYS_TRAIN_FIELDS`, or of `EVERY_TRAIN_FIELDS` or `EVERY_EVAL_FIELDS` that another record
+    of its split holds."""
     found = []
-    for split, fields in (("train", EVERY_TRAIN_FIELDS), ("eval", EVERY_EVAL_FIELDS)):
+    for split, always, fields in (("train", ALWAYS_TRAIN_FIELDS, EVERY_TRAIN_FIELDS),
+                                  ("eval", (), EVERY_EVAL_FIELDS)):
         read = [(i, r) for i, r in enumerate(records) if _split_read(r) == split]
-        held = [name for name in fields if any(name in r for _, r in read)]
+        held = [*always, *(name for name in fields if any(name in r for _, r in read))]
         found.append(next(((i, name) for i, r in read for name in held if name not in r), None))
     return min((f for f in found if f is not None), default=None)
 
 
-def _lacks(record: Mapping[str, Any]) -> str:
-    """Why a record missing a field of `EVERY_TRAIN_FIELDS` or `EVERY_EVAL_FIELDS` is refused
-    (after where it is)."""
-    split = record["split"]
-    return (f"({split} record of step {record.get('step')}) lacks it, which the run's other "
-            f"{split} records hold; expected a number: the training engine writes it in every "
+def _lacks(records: Sequence[Mapping[str, Any]], index: int, field: str) -> str:
+    """Why `records[index]`, missing `field` (`_missing_field`), is refused (after where it
+    is)."""
+    split = records[index]["split"]
+    held = any(field in r for r in records if _split_read(r) == split)
+    others = f", which the run's other {split} records hold" if held else ""
+    return (f"({split} record of step {records[index].get('step')}) lacks it{others}; expected "
+            f"a number: the training engine writes it in every "
             f"{'eval' if split == 'eval' else 'train log'}, so the file was edited or written "
             "by another program")
 

@@ -171,7 +171,7 @@ def _assert_refused_at_step_300(tmp_path, split: str, field: str, value, expecte
 
 @pytest.mark.parametrize("split, field", [
     ("eval", "loss"), ("eval", "top1"), ("eval", "num_examples"), ("eval", "ema_loss"),
-    ("eval", "ema_top1"), ("train", "top1"), ("train", "learning_rate")])
+    ("eval", "ema_top1"), ("train", "top1"), ("train", "learning_rate"), ("train", "loss")])
 def test_a_record_missing_a_field_every_record_of_its_split_holds_is_refused_naming_its_line(
         tmp_path, split, field):
     """The engine writes loss, top-1 and num_examples (and their ema_ twins, with a weight
@@ -199,6 +199,24 @@ def test_a_record_missing_a_field_every_record_of_its_split_holds_is_refused_nam
     with pytest.raises(ValueError, match=rf"diagnose: {field}='missing' is invalid; "
                                          rf"records\[{line - 1}\] \({split} record of step "
                                          r"300\)"):
+        dg.Curves.from_records(records, {"status": "completed"}, STEPS)
+
+
+def test_train_logs_without_a_loss_are_refused_even_when_none_holds_one(tmp_path):
+    """The engine writes the loss in every train log of every task: a file of train logs
+    without one read as '0 train logs logged ... log_every_steps x0.25' (and a note that no
+    train log holds the top-1 they all held), one such log was left out of the curves."""
+    records = _records(**_converged())
+    for r in records:
+        if r["split"] == "train":
+            del r["loss"]
+    message = (r"^diagnose: loss='missing' is invalid; .*metrics.jsonl line 1 \(train record of "
+               r"step 10\) lacks it; expected a number: the training engine writes it in every "
+               r"train log, so the file was edited or written by another program\.$")
+    with pytest.raises(ValueError, match=message):
+        dg.diagnose_workdir(_workdir(tmp_path, records))
+    with pytest.raises(ValueError, match=r"^diagnose: loss='missing' is invalid; records\[0\] "
+                                         r"\(train record of step 10\) lacks it; expected"):
         dg.Curves.from_records(records, {"status": "completed"}, STEPS)
 
 
