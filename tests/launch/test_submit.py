@@ -17,6 +17,7 @@ from cnnjax.launch.checks import (
     load_files,
 )
 from cnnjax.launch.spec import JobSpec, validate_spec
+from tests.commands import run_commands
 from tests.launch.conftest import (
     CONFIG,
     RECIPE,
@@ -566,7 +567,7 @@ def _bad_metric_sweep(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("entry,args,message", [
+_ENTRY_CHECK_CASES = [
     ("sweep", lambda tmp: [f"--config={CONFIG}", f"--sweep={_bad_metric_sweep(tmp)}"],
      "sweep: metric='accuracy' is invalid; expected one of ['loss', 'top1', 'top5']"),
     ("sweep", lambda tmp: [f"--config={CONFIG}", f"--sweep={SWEEP}", "--",
@@ -587,21 +588,33 @@ def _bad_metric_sweep(tmp_path):
      "arms from ['scratch', 'finetune', 'linear_probe']"),
     ("transfer", lambda tmp: [f"--transfer={TRANSFER}", "--", "--transfer.seeds=(0, 0)"],
      "transfer: seeds=(0, 0) is invalid; expected a non-empty list of distinct integers"),
-])
-def test_the_entry_points_own_checks_refuse_a_job_before_it_is_queued(tmp_path, entry, args,
-                                                                       message):
+]
+
+
+def test_the_entry_points_own_checks_refuse_a_job_before_it_is_queued(tmp_path):
     """A sweep's metric/mode, a tune's recipe and a transfer's arms/seeds are checked as the
     entry point checks them, so a job that would fail at start is never queued."""
-    workdir = tmp_path / "w"
-    result = _submit(tmp_path, f"--entry={entry}", f"--workdir={workdir}", "--dry_run",
-                     *args(tmp_path))
-    assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert errors[0].startswith(f"error: launch: the job would fail at start: {message}")
-    assert "Traceback" not in result.stderr and not result.stdout
-    assert not workdir.exists()
-    assert not (tmp_path / "bin" / "sbatch.calls").exists()
+    # one interpreter forking a child per command (tests/commands.py), the entry points'
+    # modules imported once: 7 process starts importing JAX and the tune/transfer code cost
+    # ~60 s of a cold 2-core run more
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    workdirs = [tmp_path / f"w{i}" for i in range(len(_ENTRY_CHECK_CASES))]
+    results = run_commands(
+        [("launch.submit", f"--entry={entry}", f"--workdir={workdir}", "--dry_run",
+          *args(tmp_path))
+         for (entry, args, _), workdir in zip(_ENTRY_CHECK_CASES, workdirs, strict=True)],
+        env=path_with(bin_dir) | {"PYTHONPATH": str(ROOT)},
+        preimport=["cnnjax.tune.recipe", "cnnjax.transfer.compare"])
+    for (entry, _, message), workdir, result in zip(_ENTRY_CHECK_CASES, workdirs, results,
+                                                    strict=True):
+        assert result.returncode == 1, (entry, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, result.stderr
+        assert errors[0].startswith(f"error: launch: the job would fail at start: {message}"), (
+            errors[0])
+        assert "Traceback" not in result.stderr and not result.stdout
+        assert not workdir.exists()
+    assert not (bin_dir / "sbatch.calls").exists()
 
 
 def test_a_config_argument_reaches_the_checks_and_the_script(tmp_path):
