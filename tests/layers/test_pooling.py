@@ -139,10 +139,11 @@ def test_pooling_matches_numpy_reference(size, kernel, stride, padding, ceil_mod
     pair = lambda v: v if isinstance(v, tuple) else (v, v)
     x = _random((2, *hw, 3), seed=3)
     args = (pair(kernel), pair(stride), pair(padding), ceil_mode)
-    got = max_pool2d(x, kernel, stride, padding, ceil_mode)
-    np.testing.assert_allclose(got, _pool_reference(x, *args, "max"), rtol=RTOL, atol=ATOL)
-    for include in (True, False):
-        got = avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad=include)
+    got_max, *got_avg = jax.jit(lambda v: [max_pool2d(v, kernel, stride, padding, ceil_mode)] + [
+        avg_pool2d(v, kernel, stride, padding, ceil_mode, count_include_pad=include)
+        for include in (True, False)])(x)
+    np.testing.assert_allclose(got_max, _pool_reference(x, *args, "max"), rtol=RTOL, atol=ATOL)
+    for include, got in zip((True, False), got_avg, strict=True):
         expected = _pool_reference(x, *args, "avg", count_include_pad=include)
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
@@ -218,10 +219,9 @@ def test_max_pool_is_invariant_to_shifts_within_its_window():
                                     ((5, 3), (7, 2)), ((12, 9), (4, 3))])
 def test_adaptive_pooling_matches_numpy_reference(hw, out):
     x = _random((2, *hw, 3), seed=4)
-    np.testing.assert_allclose(adaptive_avg_pool2d(x, out), _adaptive_reference(x, out, "avg"),
-                               rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(adaptive_max_pool2d(x, out), _adaptive_reference(x, out, "max"),
-                               rtol=RTOL, atol=ATOL)
+    avg, max_ = jax.jit(lambda v: (adaptive_avg_pool2d(v, out), adaptive_max_pool2d(v, out)))(x)
+    np.testing.assert_allclose(avg, _adaptive_reference(x, out, "avg"), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(max_, _adaptive_reference(x, out, "max"), rtol=RTOL, atol=ATOL)
 
 
 def test_adaptive_pooling_reduces_to_plain_pooling_when_divisible():
@@ -239,7 +239,7 @@ def test_adaptive_pooling_reduces_to_plain_pooling_when_divisible():
 def test_spatial_pyramid_pool_fixed_length_and_values(hw, mode):
     channels, levels = 3, (1, 2, 4)
     x = _random((2, *hw, channels), seed=7)
-    got = spatial_pyramid_pool(x, levels, mode)
+    got = jax.jit(lambda v: spatial_pyramid_pool(v, levels, mode))(x)
     assert got.shape == (2, channels * (1 + 4 + 16))
     expected = np.concatenate(
         [_adaptive_reference(x, (lv, lv), mode).reshape(2, -1) for lv in levels], axis=1)
@@ -386,8 +386,9 @@ def test_float32_and_integer_averages_keep_their_dtypes():
     # Narrow integers are summed in int32: a uint8 window of 200s wrapped around to 8.
     for dtype, value in ((np.uint8, 200), (np.int8, -100), (np.int16, 30000)):
         full = jnp.full((1, 4, 4, 1), value, dtype)
-        for pooled in (avg_pool2d(full, 2), adaptive_avg_pool2d(full, 1), global_avg_pool(full),
-                       spatial_pyramid_pool(full, (1, 2), "avg")):
+        for pooled in jax.jit(lambda v: (avg_pool2d(v, 2), adaptive_avg_pool2d(v, 1),
+                                         global_avg_pool(v),
+                                         spatial_pyramid_pool(v, (1, 2), "avg")))(full):
             np.testing.assert_array_equal(pooled, np.full(pooled.shape, value, np.float32))
 
 
@@ -403,22 +404,24 @@ def test_boolean_maps_pool_like_their_0_1_values():
     # logical or (kept bool, as global_max_pool does) and their average the fraction of True.
     mask = np.random.default_rng(14).uniform(size=(2, 9, 11, 3)) > 0.7
     ones = mask.astype(np.float64)
-    got = max_pool2d(jnp.asarray(mask), 3, 2, 1, ceil_mode=True)
+    outs = ((4, 3), (3, 11))
+    got, averaged, adaptive, pyramid = jax.jit(lambda m: (
+        max_pool2d(m, 3, 2, 1, ceil_mode=True), avg_pool2d(m, 3, 2, 1, count_include_pad=False),
+        [(adaptive_max_pool2d(m, out), adaptive_avg_pool2d(m, out)) for out in outs],
+        spatial_pyramid_pool(m)))(jnp.asarray(mask))
     assert got.dtype == jnp.bool_
     np.testing.assert_array_equal(
         got, _pool_reference(ones, (3, 3), (2, 2), (1, 1), True, "max") > 0)
-    np.testing.assert_allclose(avg_pool2d(jnp.asarray(mask), 3, 2, 1, count_include_pad=False),
-                               _pool_reference(ones, (3, 3), (2, 2), (1, 1), False, "avg",
-                                               False), rtol=RTOL, atol=ATOL)
-    for out in ((4, 3), (3, 11)):
-        maxed = adaptive_max_pool2d(jnp.asarray(mask), out)
+    np.testing.assert_allclose(averaged, _pool_reference(ones, (3, 3), (2, 2), (1, 1), False,
+                                                         "avg", False), rtol=RTOL, atol=ATOL)
+    for out, (maxed, mean) in zip(outs, adaptive, strict=True):
         assert maxed.dtype == jnp.bool_
         np.testing.assert_array_equal(maxed, _adaptive_reference(ones, out, "max") > 0)
-        np.testing.assert_allclose(adaptive_avg_pool2d(jnp.asarray(mask), out),
-                                   _adaptive_reference(ones, out, "avg"), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(mean, _adaptive_reference(ones, out, "avg"), rtol=RTOL,
+                                   atol=ATOL)
     expected = np.concatenate(
         [_adaptive_reference(ones, (lv, lv), "max").reshape(2, -1) > 0 for lv in (1, 2, 4)], 1)
-    np.testing.assert_array_equal(spatial_pyramid_pool(jnp.asarray(mask)), expected)
+    np.testing.assert_array_equal(pyramid, expected)
 
 
 # ------------------------------------------------------------------ max-pool gradient on CPU
@@ -427,6 +430,13 @@ def test_boolean_maps_pool_like_their_0_1_values():
 _GEOMETRIES = [((16, 16), 3, 2, 1, False), ((13, 11), 3, 2, 0, True), ((9, 9), 2, 2, 0, False),
                ((10, 12), (3, 2), (1, 2), (1, 0), False), ((11, 11), 2, 3, 1, True),
                ((7, 7), 3, 1, 1, False)]
+
+
+def _value_and_pullback(fn, x, cotangent):
+    """`fn(x)` and its pullback of `cotangent`, for one jitted program (an eager vjp compiles
+    each primitive on its own)."""
+    y, pullback = jax.vjp(fn, x)
+    return y, pullback(cotangent)[0]
 
 
 def _select_and_scatter_pool(x, kernel, stride, padding, ceil_mode):
@@ -474,13 +484,13 @@ def test_max_pool_gradient_matches_torch(size, kernel, stride, padding, ceil_mod
     maximum too), on tie-free inputs."""
     torch = pytest.importorskip("torch")
     x = _random((2, *size, 3), seed=13)
-    y = max_pool2d(x, kernel, stride, padding, ceil_mode)
+    y = jax.eval_shape(lambda v: max_pool2d(v, kernel, stride, padding, ceil_mode), x)
     cotangent = _random(y.shape, seed=14)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     yt = torch.nn.functional.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
     (yt * torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy())).sum().backward()
-    got = jax.grad(lambda v: jnp.sum(max_pool2d(v, kernel, stride, padding, ceil_mode)
-                                     * cotangent))(x)
+    got = jax.jit(jax.grad(lambda v: jnp.sum(max_pool2d(v, kernel, stride, padding, ceil_mode)
+                                             * cotangent)))(x)
     np.testing.assert_array_equal(got, xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
@@ -492,7 +502,7 @@ def test_a_window_whose_maximum_is_minus_inf_gives_its_gradient_to_a_real_elemen
     torch = pytest.importorskip("torch")
     x = _random((1, *size, 2), seed=15)
     x[:, : size[0] // 2] = -np.inf  # the top half: windows of -inf only, some over padding
-    y = max_pool2d(x, kernel, stride, padding, ceil_mode)
+    y = jax.eval_shape(lambda v: max_pool2d(v, kernel, stride, padding, ceil_mode), x)
     cotangent = np.ones(y.shape, np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     yt = torch.nn.functional.max_pool2d(xt, kernel, stride, padding, ceil_mode=ceil_mode)
@@ -520,19 +530,20 @@ def test_max_pool_forward_mode_and_second_order():
     gradient differentiates again (`check_grads` to second order, forward and reverse)."""
     x = _random((2, 9, 9, 3), seed=15)
     t = _random(x.shape, seed=16)
-    y, y_dot = jax.jvp(lambda v: max_pool2d(v, 3, 2, 1), (x,), (t,))
-    want_y, want_dot = jax.jvp(lambda v: _select_and_scatter_pool(v, 3, 2, 1, False), (x,), (t,))
+    pool = jax.jit(lambda v: max_pool2d(v, 3, 2, 1))
+    y, y_dot = jax.jit(lambda v, t: jax.jvp(pool, (v,), (t,)))(x, t)
+    want_y, want_dot = jax.jit(lambda v, t: jax.jvp(
+        lambda u: _select_and_scatter_pool(u, 3, 2, 1, False), (v,), (t,)))(x, t)
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(y_dot, want_dot)
-    check_grads(lambda v: max_pool2d(v, 3, 2, 1), (x,), order=2, modes=("fwd", "rev"),
-                atol=1e-2, rtol=1e-2)
+    check_grads(pool, (x,), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
 
 
 def test_bfloat16_max_pool_gradient_equals_select_and_scatter():
     x = jnp.asarray(_random((2, 12, 12, 3), seed=17), jnp.bfloat16)
-    got = jax.grad(lambda v: jnp.sum(max_pool2d(v, 3, 2, 1).astype(jnp.float32)))(x)
-    want = jax.grad(lambda v: jnp.sum(
-        _select_and_scatter_pool(v, 3, 2, 1, False).astype(jnp.float32)))(x)
+    got = jax.jit(jax.grad(lambda v: jnp.sum(max_pool2d(v, 3, 2, 1).astype(jnp.float32))))(x)
+    want = jax.jit(jax.grad(lambda v: jnp.sum(
+        _select_and_scatter_pool(v, 3, 2, 1, False).astype(jnp.float32))))(x)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
@@ -553,9 +564,10 @@ def test_adaptive_max_pool_gradient_matches_torch(size, out, ties):
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     yt = torch.nn.functional.adaptive_max_pool2d(xt, out)
     (yt * torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy())).sum().backward()
-    y, pullback = jax.vjp(lambda v: adaptive_max_pool2d(v, out), x)
+    y, grad = jax.jit(lambda v, c: _value_and_pullback(lambda u: adaptive_max_pool2d(u, out), v,
+                                                       c))(x, cotangent)
     np.testing.assert_array_equal(y, yt.detach().numpy().transpose(0, 2, 3, 1))
-    np.testing.assert_array_equal(pullback(cotangent)[0], xt.grad.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(grad, xt.grad.numpy().transpose(0, 2, 3, 1))
 
 
 def test_adaptive_max_pool_tie_gradient_by_hand():
@@ -563,10 +575,10 @@ def test_adaptive_max_pool_tie_gradient_by_hand():
     (rows first: (0, 1), not (1, 0)) and uneven bins of [1, 1, 0, 0, 0] (no double weight on
     a repeated element, no split between ties)."""
     x = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32).reshape(1, 2, 2, 1)
-    grad = jax.grad(lambda v: jnp.sum(adaptive_max_pool2d(v, 1)))(x)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(adaptive_max_pool2d(v, 1))))(x)
     np.testing.assert_array_equal(grad.reshape(2, 2), [[0, 1], [0, 0]])
     x = np.array([1.0, 1.0, 0.0, 0.0, 0.0], np.float32).reshape(1, 5, 1, 1)
-    grad = jax.grad(lambda v: jnp.sum(adaptive_max_pool2d(v, (3, 1))[:, 0]))(x)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(adaptive_max_pool2d(v, (3, 1))[:, 0])))(x)
     np.testing.assert_array_equal(grad.ravel(), [1, 0, 0, 0, 0])
 
 
@@ -577,16 +589,16 @@ def test_spatial_pyramid_max_differentiates_without_windowed_reductions():
     jaxpr = str(jax.make_jaxpr(jax.grad(
         lambda v: jnp.sum(spatial_pyramid_pool(v, (1, 2, 4), "max") ** 2)))(x))
     assert "select_and_scatter" not in jaxpr and "scatter" not in jaxpr
-    check_grads(lambda v: spatial_pyramid_pool(v, (1, 2, 3), "max"), (x,), order=2,
+    check_grads(jax.jit(lambda v: spatial_pyramid_pool(v, (1, 2, 3), "max")), (x,), order=2,
                 modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
 
 
 def test_adaptive_max_pool_nan_wins_and_takes_the_gradient():
     x = np.zeros((1, 4, 4, 1), np.float32)
     x[0, 1, 2, 0] = np.nan
-    y, pullback = jax.vjp(lambda v: adaptive_max_pool2d(v, 2), x)
+    y, grad = jax.jit(lambda v: _value_and_pullback(lambda u: adaptive_max_pool2d(u, 2), v,
+                                                    jnp.ones((1, 2, 2, 1))))(x)
     assert np.isnan(y[0, 0, 1, 0]) and not np.isnan(np.delete(y.ravel(), 1)).any()
-    grad = pullback(np.ones_like(y))[0]
     assert grad[0, 1, 2, 0] == 1 and grad[0, :2, 2:].sum() == 1
 
 
@@ -596,8 +608,9 @@ def test_max_pool_gradient_reaches_a_nan_in_its_window():
     torch = pytest.importorskip("torch")
     x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
     x[0, 1, 1, 0] = np.nan
-    y, pullback = jax.vjp(lambda v: max_pool2d(v, 2, 2), jnp.asarray(x))
-    grad = np.asarray(pullback(jnp.ones_like(y))[0])  # (nansum's own gradient skips NaNs)
+    y, grad = jax.jit(lambda v: _value_and_pullback(lambda u: max_pool2d(u, 2, 2), v,
+                                                    jnp.ones((1, 2, 2, 1))))(x)
+    grad = np.asarray(grad)  # (nansum's own gradient skips NaNs)
     tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     out = torch.nn.functional.max_pool2d(tx, 2, 2)
     out.backward(torch.ones_like(out))
