@@ -19,6 +19,7 @@ from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
 from cnnjax.layers.pooling import spatial_pyramid_pool
 from cnnjax.models.fcn import bilinear_transposed_conv
+from tests.commands import run_commands
 from tests.examples import (
     EXAMPLES,
     AlexNetLike,
@@ -548,7 +549,7 @@ def test_a_row_with_several_outputs_counts_them_all():
     assert result.to_dict()["rows"][0]["output_shapes"] == [[1, 8, 8, 3], [1, 8, 8, 3]]
 
 
-@pytest.mark.parametrize("args", [
+_BAD_INPUTS = [
     ("--model=bogus",),
     ("--model=examples.vgg_like", "--input_shape=a,b"),
     ("--model=examples.vgg_like", "--csv={file}/x.csv"),
@@ -557,33 +558,40 @@ def test_a_row_with_several_outputs_counts_them_all():
     # an empty value summarized the native shape; a directory failed after the table printed
     ("--model=lenet5", "--input_shape="),
     ("--model=lenet5", "--csv={tmp}"),
-])
-def test_cli_bad_input_is_one_line(tmp_path, args):
+]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    # one interpreter forking a child per command (tests/commands.py): 7 process starts took
+    # ~40 s of the cold suite
     (tmp_path / "file").write_text("")
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
            "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnnjax.analysis.summary",
-         *(a.format(file=tmp_path / "file", tmp=tmp_path) for a in args)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ")
-    assert {"--model=bogus": "unknown model name='bogus'", "--input_shape=a,b": "'a,b' is invalid",
-            "--csv={file}/x.csv": f"--csv's folder={str(tmp_path / 'file')!r} is invalid; "
-                                  "expected a directory",
-            # the engine's check (training says it of data.image_size), not a Conv2D error
-            "--input_shape=8,8,1": "summary CLI: --input_shape='8,8,1' is invalid; lenet5: the "
-                                   "model needs inputs of at least 32x32.",
-            # H,W without C parsed, then failed inside the model with a rank error
-            "--input_shape=32,32": "summary CLI: --input_shape='32,32' is invalid; expected "
-                                   "positive ints H,W,C, e.g. 224,224,3.",
-            "--input_shape=": "--input_shape='' is invalid; expected a value, or leave the flag "
-                              "out",
-            "--csv={tmp}": f"--csv={str(tmp_path)!r} is invalid; it is a directory, expected a "
-                           "file name"}[args[-1]] in line
-    assert not proc.stdout  # refused before the table
+    procs = run_commands(
+        [("cnnjax.analysis.summary",
+          *(a.format(file=tmp_path / "file", tmp=tmp_path) for a in args))
+         for args in _BAD_INPUTS], env=env)
+    expected = {
+        "--model=bogus": "unknown model name='bogus'", "--input_shape=a,b": "'a,b' is invalid",
+        "--csv={file}/x.csv": f"--csv's folder={str(tmp_path / 'file')!r} is invalid; "
+                              "expected a directory",
+        # the engine's check (training says it of data.image_size), not a Conv2D error
+        "--input_shape=8,8,1": "summary CLI: --input_shape='8,8,1' is invalid; lenet5: the "
+                               "model needs inputs of at least 32x32.",
+        # H,W without C parsed, then failed inside the model with a rank error
+        "--input_shape=32,32": "summary CLI: --input_shape='32,32' is invalid; expected "
+                               "positive ints H,W,C, e.g. 224,224,3.",
+        "--input_shape=": "--input_shape='' is invalid; expected a value, or leave the flag "
+                          "out",
+        "--csv={tmp}": f"--csv={str(tmp_path)!r} is invalid; it is a directory, expected a "
+                       "file name"}
+    for args, proc in zip(_BAD_INPUTS, procs, strict=True):
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, (args,
+                                                                          proc.stderr[-2000:])
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: "), (args, line)
+        assert expected[args[-1]] in line, (args, line)
+        assert not proc.stdout, args  # refused before the table
 
 
 def _torch_macs(layer, shape):
