@@ -60,10 +60,41 @@ def test_sweep_configs_document_their_command_and_fit_their_base(path):
     assert sweep_config.metric in ("loss", "top1", "top5")
 
 
-def test_misspelt_field_is_a_one_line_error_before_training(tmp_path):
-    sweep = _sweep_file(tmp_path, "(choice('optimizer.learnig_rate', (0.1, 0.2)),)")
-    result = subprocess.run(_command(sweep, tmp_path / "sweep"), cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """{case: (tmp_path, result)} of the commands refused before training, run by one
+    interpreter forking a child each (tests/commands.py: one process start, not five)."""
+    root = tmp_path_factory.mktemp("refused")
+    tiny = ["--config.num_train_steps=40", "--config.eval_every_steps=20"]  # if it trained
+    commands = {}
+    tmp = root / "misspelt"
+    tmp.mkdir()
+    sweep = _sweep_file(tmp, "(choice('optimizer.learnig_rate', (0.1, 0.2)),)")
+    commands["misspelt"] = (tmp, _command(sweep, tmp / "sweep"))
+    tmp = root / "num_trials"
+    tmp.mkdir()
+    sweep = _sweep_file(tmp, "(choice('optimizer.learning_rate', (0.003, 0.03, 0.3, 3.0)),)",
+                        extra="    c.num_trials = 4\n")
+    commands["num_trials"] = (tmp, _command(sweep, tmp / "sweep", *tiny, "--sweep.num_trials=2"))
+    tmp = root / "example_num_trials"
+    tmp.mkdir()
+    lr_sweep = os.path.join(ROOT, "experiments", "sweeps", "lenet5_digits_lr.py")
+    commands["example_num_trials"] = (
+        tmp, _command(lr_sweep, tmp / "sweep", *tiny, "--sweep.num_trials=2"))
+    tmp = root / "file_in_the_way"
+    tmp.mkdir()
+    (tmp / "file").write_text("")
+    sweep = _sweep_file(tmp, "(choice('optimizer.learning_rate', (0.1, 0.2)),)")
+    for inside, sweep_dir in ((False, tmp / "file"), (True, tmp / "file" / "x")):
+        commands[("in_the_way", inside)] = (sweep_dir, _command(sweep, sweep_dir))
+    results = run_commands([command[2:] for _, command in commands.values()], env=_env(),
+                           preimport=["cnnjax.data.pipeline"])
+    return {case: (path, result)
+            for (case, (path, _)), result in zip(commands.items(), results, strict=True)}
+
+
+def test_misspelt_field_is_a_one_line_error_before_training(refused):
+    tmp_path, result = refused["misspelt"]
     assert result.returncode == 1
     assert (
         "error: sweep: parameters['optimizer.learnig_rate'].field='optimizer.learnig_rate' is "
@@ -74,13 +105,9 @@ def test_misspelt_field_is_a_one_line_error_before_training(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_grids_num_trials_override_is_refused_before_training(tmp_path):
+def test_a_grids_num_trials_override_is_refused_before_training(refused):
     """`--sweep.num_trials=2` on a 4-trial grid was ignored: all 4 trials ran, unannounced."""
-    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.003, 0.03, 0.3, 3.0)),)",
-                        extra="    c.num_trials = 4\n")
-    tiny = ["--config.num_train_steps=40", "--config.eval_every_steps=20"]  # if it trained
-    result = subprocess.run(_command(sweep, tmp_path / "sweep", *tiny, "--sweep.num_trials=2"),
-                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    tmp_path, result = refused["num_trials"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
@@ -91,14 +118,11 @@ def test_a_grids_num_trials_override_is_refused_before_training(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_the_example_grid_refuses_a_num_trials_override(tmp_path):
+def test_the_example_grid_refuses_a_num_trials_override(refused):
     """The newcomer's command on the shipped grid file, which sets no num_trials: it said "the
     config has no field 'num_trials'", not the grid's size, unlike a file restating its size
     (above); both now say the same."""
-    lr_sweep = os.path.join(ROOT, "experiments", "sweeps", "lenet5_digits_lr.py")
-    tiny = ["--config.num_train_steps=40", "--config.eval_every_steps=20"]  # if it trained
-    result = subprocess.run(_command(lr_sweep, tmp_path / "sweep", *tiny, "--sweep.num_trials=2"),
-                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    tmp_path, result = refused["example_num_trials"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: sweep: num_trials=2 is invalid; a grid has exactly 4 trials, the product of its "
@@ -146,23 +170,9 @@ def test_a_sweep_file_without_metric_mode_or_seed_takes_them_from_the_command_li
         assert json.load(f)["metric"] == "loss"
 
 
-@pytest.fixture(scope="module")
-def file_in_the_way(tmp_path_factory) -> dict:
-    """{inside: (sweep_dir, result)}: the sweep_dir is a file, or inside one; both commands run
-    by one interpreter forking a child each (tests/commands.py: one process start, not two)."""
-    tmp_path = tmp_path_factory.mktemp("file_in_the_way")
-    (tmp_path / "file").write_text("")
-    sweep = _sweep_file(tmp_path, "(choice('optimizer.learning_rate', (0.1, 0.2)),)")
-    dirs = {False: tmp_path / "file", True: tmp_path / "file" / "x"}
-    results = run_commands([_command(sweep, d)[2:] for d in dirs.values()], env=_env(),
-                           preimport=["cnnjax.data.pipeline"])
-    return {inside: (dirs[inside], result) for inside, result in zip(dirs, results, strict=True)}
-
-
 @pytest.mark.parametrize("inside", [False, True])
-def test_a_sweep_dir_a_file_is_in_the_way_of_is_one_line_before_training(file_in_the_way,
-                                                                        inside):
-    sweep_dir, result = file_in_the_way[inside]
+def test_a_sweep_dir_a_file_is_in_the_way_of_is_one_line_before_training(refused, inside):
+    sweep_dir, result = refused[("in_the_way", inside)]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: sweep: sweep_dir={str(sweep_dir)!r} is invalid; expected a directory or a path "
