@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.commands import ctrl_c_after_checkpoint, wait_for_checkpoint
+from tests.commands import ctrl_c_after_checkpoint, run_commands, wait_for_checkpoint
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,35 +123,7 @@ def test_divergence_exits_nonzero_with_message(tmp_path):
     assert summary["status"] == "diverged" and summary["step"] >= 1
 
 
-def test_bad_config_is_a_one_line_error(tmp_path):
-    result = subprocess.run(
-        _command(tmp_path, "--config.optimizer.name=lamb"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
-    assert "error: optimizer: name='lamb' is invalid; expected one of" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().endswith(f"(details in {tmp_path / 'summary.json'})")
-    assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
-
-
-def test_a_refused_workdir_is_not_pointed_to_for_details(tmp_path):
-    """A refusal leaves the directory's files alone, so the error must not send the user to a
-    summary.json that does not hold it."""
-    (tmp_path / "tune.json").write_text("{}")
-    result = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), capture_output=True,
-                            text=True, timeout=300)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1 and last.startswith(f"error: workdir={str(tmp_path)!r} is "
-                                                      "invalid; it holds a tune (tune.json)")
-    assert not (tmp_path / "summary.json").exists()
-
-
-@pytest.mark.parametrize(("script", "args", "message"), [
+_MISSPELT = [
     ("train", ["--config=experiments/configs/lenet5_digits.py", "--workdir={tmp}",
                "--config.optimizer.learnin_rate=0.1"],
      "error: --config.optimizer.learnin_rate=0.1 is invalid; the config has no field "
@@ -166,17 +138,61 @@ def test_a_refused_workdir_is_not_pointed_to_for_details(tmp_path):
               "--recipe=experiments/recipes/lenet5_digits.py", "--recipe.lr_mx=0.1"],
      "error: --recipe.lr_mx=0.1 is invalid; the config has no field 'lr_mx'; Did you mean "
      "\"lr_max\" instead of \"lr_mx\"?"),
-])
-def test_a_misspelt_override_or_missing_config_file_is_one_line(tmp_path, script, args, message):
+]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """{case: (workdir, result)} of the commands that end with a one-line error before
+    training, run by one interpreter forking a child each (tests/commands.py): 7 process starts
+    importing JAX and the entry points cost ~11 s more of a cold run."""
+    root = tmp_path_factory.mktemp("refused")
+    commands = {}
+    for case in ("bad_config", "refused_workdir", "in_use"):
+        (root / case).mkdir()
+        commands[case] = (root / case, _command(root / case)[2:])
+    commands["bad_config"][1].append("--config.optimizer.name=lamb")
+    (root / "refused_workdir" / "tune.json").write_text("{}")
+    for i, (script, args, _) in enumerate(_MISSPELT):
+        workdir = root / f"misspelt{i}" / "out"
+        workdir.parent.mkdir()
+        commands[("misspelt", i)] = (
+            workdir, [f"experiments.{script}", *(a.format(tmp=workdir) for a in args)])
+    with helpers.locked_by_another_process(root / "in_use") as holder:
+        results = run_commands([command for _, command in commands.values()], env=_env())
+    refused = {case: (workdir, result)
+               for (case, (workdir, _)), result in zip(commands.items(), results, strict=True)}
+    refused["in_use_holder_pid"] = holder.pid
+    return refused
+
+
+def test_bad_config_is_a_one_line_error(refused):
+    tmp_path, result = refused["bad_config"]
+    assert result.returncode != 0
+    assert "error: optimizer: name='lamb' is invalid; expected one of" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith(f"(details in {tmp_path / 'summary.json'})")
+    assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_refused_workdir_is_not_pointed_to_for_details(refused):
+    """A refusal leaves the directory's files alone, so the error must not send the user to a
+    summary.json that does not hold it."""
+    tmp_path, result = refused["refused_workdir"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and last.startswith(f"error: workdir={str(tmp_path)!r} is "
+                                                      "invalid; it holds a tune (tune.json)")
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("case", range(len(_MISSPELT)),
+                         ids=[f"{script}{i}" for i, (script, _, _) in enumerate(_MISSPELT)])
+def test_a_misspelt_override_or_missing_config_file_is_one_line(refused, case):
     """ml_collections raises these from inside absl's parser; the entry points' `parse_flags`
     turns them into the usual one-line error, before anything is written."""
-    workdir = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", f"experiments.{script}",
-         *(a.format(tmp=workdir) for a in args)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    workdir, result = refused[("misspelt", case)]
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == message
+    assert result.stderr.strip().splitlines()[-1] == _MISSPELT[case][2]
     assert not workdir.exists()
 
 
@@ -241,12 +257,11 @@ def test_a_finished_run_leaves_the_exit_nothing_to_collect(tmp_path):
     assert result.stdout.splitlines()[-1] == "frozen at exit: True"
 
 
-def test_a_workdir_in_use_is_a_one_line_error_and_left_untouched(tmp_path):
-    with helpers.locked_by_another_process(tmp_path) as holder:
-        result = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), capture_output=True,
-                                text=True, timeout=300)
+def test_a_workdir_in_use_is_a_one_line_error_and_left_untouched(refused):
+    tmp_path, result = refused["in_use"]
+    holder_pid = refused["in_use_holder_pid"]
     assert result.returncode == 1
-    assert (f"error: workdir: {str(tmp_path)!r} is in use by another run (pid {holder.pid} "
+    assert (f"error: workdir: {str(tmp_path)!r} is in use by another run (pid {holder_pid} "
             in result.stderr)
     assert "summary.json" not in result.stderr and "Traceback" not in result.stderr
     assert os.listdir(tmp_path) == ["run.lock"]
