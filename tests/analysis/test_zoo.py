@@ -15,6 +15,7 @@ from cnnjax.analysis import zoo
 from cnnjax.analysis.summary import summary
 from cnnjax.analysis.zoo import is_stale, render_markdown, zoo_table
 from cnnjax.models import create_model, list_models, model_info
+from tests.commands import run_commands
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
@@ -27,6 +28,12 @@ SLOW_MODELS = {"densenet121", "densenet161", "densenet169", "densenet201", "resn
                "densenet100_k24_cifar", "densenet_bc100_cifar", "densenet_bc190_cifar",
                "densenet_bc250_cifar", "preact_resnet110_cifar", "preact_resnet164_cifar",
                "preact_resnet1001_cifar"}
+# Deeper (or batch-normalized) members of families whose other members the default suite sweeps
+# (googlenet, resnet20_cifar, plain20/32_cifar, wrn16_4/16_8_cifar, vgg11_bn/vgg13_bn): the same
+# layer types at more depth, ~30% of the sweep's time; breadth left to `-m slow`.
+BREADTH_MODELS = {"googlenet_bn", "resnet32_cifar", "resnet44_cifar", "resnet56_cifar",
+                  "plain44_cifar", "plain56_cifar", "wrn28_10_cifar", "wrn40_4_cifar",
+                  "vgg16_bn", "vgg19_bn"}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -43,12 +50,13 @@ def _init_param_count(model, shape) -> int:
 
 
 def test_slow_models_are_registered():
-    assert set(list_models()) >= SLOW_MODELS
+    assert set(list_models()) >= SLOW_MODELS | BREADTH_MODELS
 
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n for n in list_models()],
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS | BREADTH_MODELS else n
+     for n in list_models()],
 )
 def test_summary_runs_on_every_model_at_its_smallest_input(name):
     info = model_info(name)
@@ -248,15 +256,40 @@ def test_is_stale(tmp_path):
     assert is_stale(path, text)
 
 
-def test_cli_writes_and_checks(tmp_path):
-    out = tmp_path / "models.md"
-    wrote = _run("cnnjax.analysis.zoo", "--models=lenet5", f"--output={out}")
-    assert wrote.returncode == 0, wrote.stderr
+_BAD_ARGS = [("--models=bogus", "--output={tmp}/z.md"),
+             ("--models=lenet5", "--output={tmp}/file/zoo.md")]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The CLI runs of the tests below, in one interpreter forking a child per command
+    (tests/commands.py; 5 interpreter starts took ~15 s): the folder and each run by name."""
+    tmp = tmp_path_factory.mktemp("zoo_cli")
+    (tmp / "file").write_text("")
+    # a stale file for --check: what the generator writes for lenet5, one digit changed
+    text = render_markdown(zoo_table(["lenet5"]))
+    assert "61,706" in text
+    (tmp / "stale.md").write_text(text.replace("61,706", "61,707"), encoding="utf-8")
+    commands = {
+        "write": ("cnnjax.analysis.zoo", "--models=lenet5", f"--output={tmp / 'models.md'}"),
+        "check": ("cnnjax.analysis.zoo", "--models=lenet5", f"--output={tmp / 'stale.md'}",
+                  "--check"),
+        **{f"bad{i}": ("cnnjax.analysis.zoo", *(a.format(tmp=tmp) for a in args))
+           for i, args in enumerate(_BAD_ARGS)},
+        "vgg16": ("cnnjax.analysis.summary", "--model=vgg16", "--input_shape=224,224,3"),
+    }
+    return tmp, dict(zip(commands, run_commands(list(commands.values()), env=ENV),
+                         strict=True))
+
+
+def test_cli_writes_and_checks(cli):
+    tmp, runs = cli
+    out = tmp / "models.md"
+    assert runs["write"].returncode == 0, runs["write"].stderr
     assert "| `lenet5` | 32×32×1 | 10 | 61,706 |" in out.read_text(encoding="utf-8")
-    out.write_text(out.read_text(encoding="utf-8").replace("61,706", "61,707"), encoding="utf-8")
-    check = _run("cnnjax.analysis.zoo", "--models=lenet5", f"--output={out}", "--check")
-    assert check.returncode == 1
-    assert f"{out} is stale; regenerate it with `python -m cnnjax.analysis.zoo" in check.stdout
+    assert runs["check"].returncode == 1
+    assert (f"{tmp / 'stale.md'} is stale; regenerate it with `python -m cnnjax.analysis.zoo"
+            in runs["check"].stdout)
 
 
 @pytest.mark.slow
@@ -267,8 +300,8 @@ def test_docs_models_md_is_up_to_date():
     assert "docs/models.md is up to date" in check.stdout
 
 
-def test_summary_cli_prints_vgg16_at_224():
-    proc = _run("cnnjax.analysis.summary", "--model=vgg16", "--input_shape=224,224,3")
+def test_summary_cli_prints_vgg16_at_224(cli):
+    proc = cli[1]["vgg16"]
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "vgg16 on input (1, 224, 224, 3)"
@@ -287,11 +320,10 @@ def test_summary_cli_prints_vgg16_at_224():
     assert "receptive field of the output: ReceptiveField(size=(404, 404)" in proc.stdout
 
 
-@pytest.mark.parametrize("args", [("--models=bogus", "--output={tmp}/z.md"),
-                                  ("--models=lenet5", "--output={tmp}/file/zoo.md")])
-def test_cli_bad_input_is_one_line(tmp_path, args):
-    (tmp_path / "file").write_text("")
-    proc = _run("cnnjax.analysis.zoo", *(a.format(tmp=tmp_path) for a in args))
+@pytest.mark.parametrize("index", range(len(_BAD_ARGS)))
+def test_cli_bad_input_is_one_line(cli, index):
+    tmp_path, runs = cli
+    args, proc = _BAD_ARGS[index], runs[f"bad{index}"]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ")
