@@ -12,11 +12,12 @@ import jax.numpy as jnp
 
 def abstract_forward(model: Any, size: int = 32, batch: int = 2) -> tuple[Any, Any, Any]:
     """`(variables, logits, features)` of `model` on `[batch, size, size, 3]` inputs, as shapes
-    only (`jax.eval_shape`: nothing is computed, so the largest networks stay cheap)."""
+    only (`jax.eval_shape`: nothing is computed, so the largest networks stay cheap). One trace
+    (`init_with_output`: init's own forward pass gives the outputs), not an init and an apply:
+    tracing a deep network is most of such a test's time."""
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    logits, feats = jax.eval_shape(
-        lambda v, x: model.apply(v, x, return_features=True), variables, x
+    (logits, feats), variables = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x, return_features=True), x
     )
     return variables, logits, feats
 

@@ -69,8 +69,8 @@ def test_dense_block_concatenates_inputs_and_new_channels():
     conv, norm = _parts()
     block = DenseBlock(3, growth_rate=5, conv=conv, norm=norm)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 7))
-    variables = block.init(jax.random.key(1), x)
-    y = block.apply(variables, x)
+    variables = jax.jit(block.init)(jax.random.key(1), x)  # eager ops compile one by one
+    y = jax.jit(block.apply)(variables, x)
     assert y.shape == (2, 6, 6, 7 + 3 * 5)
     np.testing.assert_array_equal(y[..., :7], x)  # the block input is passed through unchanged
     # Layer i sees all earlier channels: 7, 12, 17 inputs; bottleneck 4k = 20 channels.
@@ -83,7 +83,7 @@ def test_dense_block_concatenates_inputs_and_new_channels():
     assert params["layer3"]["conv2"]["kernel"].shape == (3, 3, 20, 5)
     # The last 5 channels are exactly layer3 applied to the first 17.
     layer = DenseLayer(5, conv=conv, norm=norm)
-    ref = layer.apply(
+    ref = jax.jit(layer.apply)(
         {"params": params["layer3"], "batch_stats": variables["batch_stats"]["layer3"]}, y[..., :17]
     )
     np.testing.assert_allclose(y[..., 17:], ref, rtol=1e-6)
@@ -118,10 +118,11 @@ def test_features_and_channel_counts_densenet121():
 def test_forward_backward_jit_small():
     model = DenseNet(block_sizes=(2, 2), num_classes=3, growth_rate=8, num_init_features=16)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
 
     @jax.jit
-    def loss_and_grad(params):
+    def loss_and_grad(x):  # init and step in one program: one compilation
+        variables = model.init(jax.random.key(1), x)
+
         def loss(p):
             logits, _ = model.apply(
                 {"params": p, "batch_stats": variables["batch_stats"]},
@@ -131,9 +132,9 @@ def test_forward_backward_jit_small():
             )
             return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 2])).mean()
 
-        return jax.value_and_grad(loss)(params)
+        return jax.value_and_grad(loss)(variables["params"])
 
-    value, grads = loss_and_grad(variables["params"])
+    value, grads = loss_and_grad(x)
     assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
 
 
@@ -161,16 +162,22 @@ def test_dense_layer_dropout_only_in_training():
     conv, norm = _parts()
     layer = DenseLayer(6, conv=conv, norm=norm, drop_rate=0.5)
     x = jax.random.normal(jax.random.key(0), (2, 4, 4, 5))
-    variables = layer.init(jax.random.key(1), x)
-    evaluated = layer.apply(variables, x)  # no 'dropout' RNG needed (flax would raise)
-    a = layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=True)[0]
-    b = layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)}, mutable=True)[0]
+    plain = DenseLayer(6, conv=conv, norm=norm)
+
+    @jax.jit  # one program (eager ops compile one by one)
+    def run(x):
+        variables = layer.init(jax.random.key(1), x)
+        evaluated = layer.apply(variables, x)  # no 'dropout' RNG needed (flax would raise)
+        a, b = (layer.apply(variables, x, train=True, rngs={"dropout": jax.random.key(k)},
+                            mutable=True)[0] for k in (2, 3))
+        return evaluated, a, b, plain.apply(variables, x, train=True, mutable=True)[0]
+
+    evaluated, a, b, ref = run(x)
     assert not np.array_equal(a, b)
     dropped = np.asarray(a) == 0
     assert 0.3 < dropped.mean() < 0.7  # rate 0.5 over 192 values
     # Kept values are the dropout-free output scaled by 1 / (1 - rate).
-    plain = DenseLayer(6, conv=conv, norm=norm)
-    ref = np.asarray(plain.apply(variables, x, train=True, mutable=True)[0])
+    ref = np.asarray(ref)
     np.testing.assert_allclose(np.asarray(a)[~dropped], 2 * ref[~dropped], rtol=1e-5, atol=1e-6)
     assert evaluated.shape == (2, 4, 4, 6)
 
@@ -378,10 +385,11 @@ def test_cifar_forward_backward_jit_with_dropout_and_bare_stem():
     no pooling, no dropout): it is `stem` and the first channels of `stage1`."""
     model = cifar_densenet(7, 4, bottleneck=False, drop_rate=0.2, num_classes=3)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
 
     @jax.jit
-    def loss_and_grad(params, key):
+    def loss_and_grad(key):  # init and step in one program: one compilation
+        variables = model.init(jax.random.key(1), x)
+
         def loss(p):
             (logits, feats), _ = model.apply(
                 {"params": p, "batch_stats": variables["batch_stats"]},
@@ -394,10 +402,10 @@ def test_cifar_forward_backward_jit_with_dropout_and_bare_stem():
             labels = jnp.array([0, 2])
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), feats
 
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return variables, jax.value_and_grad(loss, has_aux=True)(variables["params"])
 
-    (value, feats), grads = loss_and_grad(variables["params"], jax.random.key(2))
-    (other, _), _ = loss_and_grad(variables["params"], jax.random.key(3))
+    variables, ((value, feats), grads) = loss_and_grad(jax.random.key(2))
+    _, ((other, _), _) = loss_and_grad(jax.random.key(3))
     assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
     assert float(value) != float(other)  # dropout masks come from the 'dropout' stream
     # 16 stem channels, + 4 per block, theta = 1.
