@@ -241,7 +241,7 @@ def test_context_manager_on_resnet_grads():
     """
     model = ResNet(stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, num_classes=3)
     x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 32, 32, 3)), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)  # one compile, not one per op
 
     def loss(params):
         logits = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
@@ -377,7 +377,7 @@ def test_auto_with_stored_inputs_matches_xla_on_large_maps():
     a stored input: losses and gradients of a train-mode residual stack equal plain XLA's."""
     model = nn.Sequential([ResidualBlock(), ResidualBlock()])
     x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 8, 8, 4)), jnp.float32)
-    variables = model.init(jax.random.key(0), x)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
 
     def loss(params):
         out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
