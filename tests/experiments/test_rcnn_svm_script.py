@@ -11,6 +11,7 @@ import sys
 import jax
 import pytest
 
+from tests.commands import run_commands
 from tests.experiments.test_train import _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,39 +22,66 @@ def _script(*args, timeout=120):
                           env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-# Each refused before the workdir is opened (the script starts no TensorFlow: ~2 s each; the
-# other settings' checks are tested on `Settings.check` in tests/detection/test_rcnn_svm.py).
-@pytest.mark.parametrize(("args", "message"), [
+_BAD_FLAGS = [
     (["--svm_c=0"], "error: rcnn_svm: svm_c=0.0 is invalid; expected a positive finite number."),
     (["--positive_iou=1.5"],
      "error: rcnn_svm: positive_iou=1.5 is invalid; expected None or an IoU in [0.3, 1]."),
     ([], "error: rcnn_svm: workdir='{workdir}' is invalid; expected the --workdir of a "
          "finished R-CNN run."),
-])
-def test_a_bad_flag_is_a_one_line_error(tmp_path, args, message):
-    workdir = tmp_path / "run"  # does not exist
-    result = _script(f"--workdir={workdir}", *args)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == message.format(workdir=workdir)
-    assert result.stdout == "" and os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize(("args", "message"), [
+]
+_MALFORMED = [
     (["--svm_c=1e-3"], "error: --workdir is required"),
     (["--workdir=x", "--svm_c=abc"],
      "error: --svm_c='abc' is invalid; could not convert string to float: 'abc'"),
-])
-def test_a_missing_or_malformed_flag_is_refused_in_one_line(args, message):
+]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """{case: (tmp_path, result)} of the commands refused in one line, run by one interpreter
+    forking a child each (tests/commands.py): 7 process starts importing JAX cost ~12 s more
+    of a cold run."""
+    root = tmp_path_factory.mktemp("refused")
+    commands = {}
+    for i, (args, _) in enumerate(_BAD_FLAGS):
+        tmp = root / f"bad_flag{i}"
+        tmp.mkdir()
+        commands[("bad_flag", i)] = (tmp, [f"--workdir={tmp / 'run'}", *args])  # no such dir
+    for i, (args, _) in enumerate(_MALFORMED):
+        commands[("malformed", i)] = (None, args)
+    commands["positional"] = (None, ["--workdir=x", "extra"])
+    (root / "no_run").mkdir()
+    commands["no_run"] = (root / "no_run", [f"--workdir={root / 'no_run'}"])
+    results = run_commands([("experiments.rcnn_svm", *args) for _, args in commands.values()],
+                           env=_env(), timeout=120)
+    return {case: (tmp, result)
+            for (case, (tmp, _)), result in zip(commands.items(), results, strict=True)}
+
+
+# Each refused before the workdir is opened (the script starts no TensorFlow: ~2 s each; the
+# other settings' checks are tested on `Settings.check` in tests/detection/test_rcnn_svm.py).
+@pytest.mark.parametrize("case", range(len(_BAD_FLAGS)),
+                         ids=["svm_c", "positive_iou", "workdir"])
+def test_a_bad_flag_is_a_one_line_error(refused, case):
+    tmp_path, result = refused[("bad_flag", case)]
+    message = _BAD_FLAGS[case][1]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == message.format(workdir=tmp_path / "run")
+    assert result.stdout == "" and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", range(len(_MALFORMED)), ids=["missing", "malformed"])
+def test_a_missing_or_malformed_flag_is_refused_in_one_line(refused, case):
     """absl's own parse errors (cnnjax.utils.cli.parse_flags): exit status 1, one line."""
-    result = _script(*args)
+    _, result = refused[("malformed", case)]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FATAL" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == message
+    assert result.stderr.strip().splitlines()[-1] == _MALFORMED[case][1]
 
 
-def test_a_positional_argument_is_refused():
-    result = _script("--workdir=x", "extra")
+def test_a_positional_argument_is_refused(refused):
+    _, result = refused["positional"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unexpected argument ['extra'] (flags are written --name=value; --helpshort "
@@ -61,8 +89,8 @@ def test_a_positional_argument_is_refused():
     assert "--helpfull" not in result.stderr  # absl's usage text is not printed
 
 
-def test_a_directory_without_a_run_is_a_one_line_error_and_left_empty(tmp_path):
-    result = _script(f"--workdir={tmp_path}")
+def test_a_directory_without_a_run_is_a_one_line_error_and_left_empty(refused):
+    tmp_path, result = refused["no_run"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: load_trained: workdir={str(tmp_path)!r} is invalid; expected the --workdir of a "
