@@ -1,6 +1,7 @@
 """The `resize_center_crop` eval transform against torchvision's `Resize(n)` + `CenterCrop(size)`
-(the transform torchvision's ImageNet weights were evaluated with), run in a subprocess by
-`tests.data.torchvision_center_crop` (torch cannot be imported after TensorFlow here).
+(the transform torchvision's ImageNet weights were evaluated with), computed by
+`tests.data.torchvision_center_crop` (in this process: tests/conftest.py imports torchvision
+before TensorFlow, the order that works).
 
 Geometry is compared exactly: the resized size (torchvision truncates `int(n * long / short)`)
 and the crop's top/left corner (`int(round((side - size) / 2))`, Python's round: ties to even),
@@ -12,9 +13,6 @@ levels); a resized side one pixel long, or an offset off by one, is off by >= 9e
 """
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -52,7 +50,7 @@ def torchvision_reference(tmp_path_factory) -> tuple[list, dict]:
         for j, image in enumerate(_images(h, w, rng)):
             images[(k, j)] = image
     root = tmp_path_factory.mktemp("torchvision_center_crop")
-    # The script takes one image per case: one run (torch's import is most of its ~6 s) with
+    # The script takes one image per case: one run with
     # the PIXEL_CASES repeated after `cases` for the noise images, the ramps on the first ones.
     first, second = 0, len(cases)
     data["cases"] = np.array(cases + PIXEL_CASES)
@@ -60,8 +58,11 @@ def torchvision_reference(tmp_path_factory) -> tuple[list, dict]:
     np.savez(src, **data, **{f"image_{start + k}": images[(k, j)]
                              for j, start in enumerate((first, second))
                              for k in range(len(PIXEL_CASES))})
-    subprocess.run([sys.executable, "-m", "tests.data.torchvision_center_crop", str(src),
-                    str(dst)], check=True, capture_output=True)
+    # In this process: tests/conftest.py imports torchvision before TensorFlow, the order that
+    # works (a subprocess spent ~6-15 s of the cold suite importing torch again).
+    from tests.data import torchvision_center_crop
+
+    torchvision_center_crop.main(str(src), str(dst))
     out = dict(np.load(dst))
     outputs = {j: {"resized": out["resized"][:second], "offsets": out["offsets"][:second],
                    **{f"crop_{k}": out[f"crop_{start + k}"] for k in range(len(PIXEL_CASES))}}

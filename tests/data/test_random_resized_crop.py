@@ -1,6 +1,7 @@
 """The `random_resized_crop_flip` training crop against torchvision's
-`RandomResizedCrop.get_params` where sampling cannot succeed, run in a subprocess by
-`tests.data.torchvision_resized_crop` (torch cannot be imported after TensorFlow here).
+`RandomResizedCrop.get_params` where sampling cannot succeed, computed by
+`tests.data.torchvision_resized_crop` (in this process: tests/conftest.py imports torchvision
+before TensorFlow, the order that works).
 
 On an image of extreme aspect ratio no crop of 8%-100% of its area with an aspect ratio in
 [3/4, 4/3] fits, so all 10 attempts fail for any seed; torchvision then takes a centred crop whose
@@ -8,9 +9,6 @@ aspect ratio is clamped to that range (the full short side), not the whole image
 """
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,8 +30,11 @@ def torchvision_boxes(tmp_path_factory) -> np.ndarray:
     root = tmp_path_factory.mktemp("torchvision_resized_crop")
     src, dst = root / "in.npz", root / "out.npz"
     np.savez(src, shapes=np.array(EXTREME_SHAPES), seeds=np.array(SEEDS))
-    subprocess.run([sys.executable, "-m", "tests.data.torchvision_resized_crop", str(src),
-                    str(dst)], check=True, capture_output=True)
+    # In this process: tests/conftest.py imports torchvision before TensorFlow, the order that
+    # works (a subprocess spent ~4-8 s of the cold suite importing torch again).
+    from tests.data import torchvision_resized_crop
+
+    torchvision_resized_crop.main(str(src), str(dst))
     return np.load(dst)["boxes"]
 
 
