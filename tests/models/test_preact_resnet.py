@@ -242,8 +242,13 @@ def test_network_is_stem_conv_blocks_then_final_bn_relu_pool_head():
     sees the mean of ReLU(BN(stage3))."""
     model = wide_resnet(10, 1, num_classes=3)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
-    logits, feats = jax.jit(functools.partial(model.apply, return_features=True))(variables, x)
+
+    @jax.jit
+    def run(x):  # init and apply in one program: one compilation
+        variables = model.init(jax.random.key(1), x)
+        return variables, model.apply(variables, x, return_features=True)
+
+    variables, (logits, feats) = run(x)
     stem = jax.lax.conv_general_dilated(x, variables["params"]["conv_init"]["kernel"], (1, 1),
                                         ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -272,12 +277,16 @@ def test_only_the_first_block_splits_after_its_bn_relu(build):
     copy their input."""
     model = build()
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
     last = "conv3" if model.bottleneck else "conv2"
-    params = {k: ({**v, last: {"kernel": jnp.zeros_like(v[last]["kernel"])}}
-                  if k.startswith("stage") else v) for k, v in variables["params"].items()}
-    _, feats = jax.jit(functools.partial(model.apply, return_features=True))(
-        {**variables, "params": params}, x)
+
+    @jax.jit
+    def run(x):  # init, zeroing and apply in one program: one compilation
+        variables = model.init(jax.random.key(1), x)
+        params = {k: ({**v, last: {"kernel": jnp.zeros_like(v[last]["kernel"])}}
+                      if k.startswith("stage") else v) for k, v in variables["params"].items()}
+        return variables, model.apply({**variables, "params": params}, x, return_features=True)[1]
+
+    variables, feats = run(x)
     p = jax.tree.map(lambda v: np.asarray(v, np.float64), variables)
     preact = _np_bn_relu(np.asarray(feats["stem"], np.float64),
                          p["params"]["stage1_block1"]["bn1"],
@@ -330,17 +339,18 @@ def test_dropout_only_in_training_with_the_dropout_stream():
     model = wide_resnet(10, 2, drop_rate=0.5, num_classes=4)
     plain = wide_resnet(10, 2, num_classes=4)
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
-    def run(m, key, train):
-        if not train:
-            return m.apply(variables, x)  # no 'dropout' RNG: flax would raise if one were used
-        return m.apply(variables, x, train=True, rngs={"dropout": jax.random.key(key)},
-                       mutable=["batch_stats"])[0]
+    @jax.jit
+    def run(key_a, key_b):  # one program (one compilation); called twice for `again`
+        variables = model.init(jax.random.key(1), x)
+        evals = [m.apply(variables, x) for m in (model, plain)]  # no 'dropout' RNG: flax
+        trains = [model.apply(variables, x, train=True, rngs={"dropout": k},  # would raise
+                              mutable=["batch_stats"])[0] for k in (key_a, key_b)]
+        return evals, trains
 
-    np.testing.assert_array_equal(run(model, None, False), run(plain, None, False))
-    a, b, again = run(model, 2, True), run(model, 3, True), run(model, 2, True)
+    (evaluated, evaluated_plain), (a, b) = run(jax.random.key(2), jax.random.key(3))
+    np.testing.assert_array_equal(evaluated, evaluated_plain)
+    _, (again, _) = run(jax.random.key(2), jax.random.key(4))
     np.testing.assert_array_equal(a, again)  # masks come from the 'dropout' key
     assert not np.allclose(a, b)
 
@@ -350,19 +360,20 @@ def test_forward_backward_jit_small_bottleneck_network():
     bfloat16 computation keeps float32 parameters and float32 logits."""
     model = preact_resnet_cifar(11, bottleneck=True, num_classes=3)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x)
 
     @jax.jit
-    def loss_and_grad(params):
+    def loss_and_grad(x):  # init and step in one program: one compilation
+        variables = model.init(jax.random.key(1), x)
+
         def loss(p):
             logits, state = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
                                         train=True, mutable=["batch_stats"])
             labels = jnp.array([0, 2])
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
 
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return variables, jax.value_and_grad(loss, has_aux=True)(variables["params"])
 
-    (value, state), grads = loss_and_grad(variables["params"])
+    variables, ((value, state), grads) = loss_and_grad(x)
     assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
     old, new = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(state["batch_stats"])
@@ -499,15 +510,20 @@ def test_bottleneck_defaults_are_expansion_4_and_stride_in_1x1():
     """None means 4 and the stride on the first 1x1: same parameters and outputs as explicit."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     default = preact_resnet_cifar(11, bottleneck=True, num_classes=3)
-    variables = default.init(jax.random.key(1), x)
-    assert default.out_widths == (64, 128, 256)
-    assert variables["params"]["stage3_block1"]["conv3"]["kernel"].shape == (1, 1, 64, 256)
-    out = default.apply(variables, x)
     explicit = preact_resnet_cifar(11, bottleneck=True, num_classes=3, expansion=4,
                                    stride_in_1x1=True)
-    np.testing.assert_array_equal(explicit.apply(variables, x), out)
     moved = preact_resnet_cifar(11, bottleneck=True, num_classes=3, stride_in_1x1=False)
-    assert not np.allclose(moved.apply(variables, x), out)
+
+    @jax.jit
+    def run(x):  # one program (eager ops would compile one by one)
+        variables = default.init(jax.random.key(1), x)
+        return variables, [m.apply(variables, x) for m in (default, explicit, moved)]
+
+    variables, (out, out_explicit, out_moved) = run(x)
+    assert default.out_widths == (64, 128, 256)
+    assert variables["params"]["stage3_block1"]["conv3"]["kernel"].shape == (1, 1, 64, 256)
+    np.testing.assert_array_equal(out_explicit, out)
+    assert not np.allclose(out_moved, out)
 
 
 @pytest.mark.parametrize("value", ["0.3", None, float("nan")])
@@ -559,15 +575,18 @@ def test_drop_path_drops_the_branch_before_the_addition(bottleneck):
         PreActBasicBlock, 16)
     plain, sd = block(conv=conv, norm=norm), block(conv=conv, norm=norm, drop_path_rate=0.5)
     x = jax.random.normal(jax.random.key(0), (16, 6, 6, 16))
-    variables = plain.init(jax.random.key(1), x)
 
-    @functools.partial(jax.jit, static_argnums=(0, 1))
-    def apply(module, train):
-        return module.apply(variables, x, train, rngs={"dropout": jax.random.key(2)},
-                            mutable=["batch_stats"])[0]
+    @jax.jit
+    def run_all(x):  # init and the four applications in one program: one compilation
+        variables = plain.init(jax.random.key(1), x)
+        return {(m, train): module.apply(variables, x, train, rngs={"dropout": jax.random.key(2)},
+                                         mutable=["batch_stats"])[0]
+                for m, module in (("plain", plain), ("sd", sd)) for train in (True, False)}
+
+    outputs = run_all(x)
 
     def run(module, train):
-        return np.asarray(apply(module, train))
+        return np.asarray(outputs["plain" if module is plain else "sd", train])
 
     branch = run(plain, True) - np.asarray(x)
     y = run(sd, True)
