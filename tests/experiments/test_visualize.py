@@ -10,10 +10,12 @@ import pytest
 from cnnjax.train import loop
 from cnnjax.train.trained import load_trained
 from experiments.visualize import image_titles, write_visualizations
+from tests.commands import run_commands
 from tests.train import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG = b"\x89PNG\r\n\x1a\n"
+_IN_THE_WAY = ["output_dir", "out_dir", "default"]
 
 
 def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypatch):
@@ -54,10 +56,31 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     assert not (tmp_path / "none").exists()
 
 
-def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.visualize",
-                             f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """{case: (tmp_path, result)} of the commands refused in one line, run by one interpreter
+    forking a child each (tests/commands.py): one process start, not four."""
+    root = tmp_path_factory.mktemp("refused")
+    commands = {}
+    (root / "no_run").mkdir()
+    commands["no_run"] = (root / "no_run", [f"--workdir={root / 'no_run'}"])
+    for where in _IN_THE_WAY:
+        tmp = root / where
+        tmp.mkdir()
+        (tmp / "file").write_text("")
+        if where == "default":
+            (tmp / "visualize").write_text("")
+        args = [] if where == "default" else [f"--{where}={tmp / 'file' / 'x'}"]
+        commands[where] = (tmp, [f"--workdir={tmp}", *args])
+    # JAX and the engine, imported once (experiments.visualize imports them only once running)
+    results = run_commands([("experiments.visualize", *args) for _, args in commands.values()],
+                           timeout=120, preimport=["cnnjax.train.trained"])
+    return {case: (tmp, result)
+            for (case, (tmp, _)), result in zip(commands.items(), results, strict=True)}
+
+
+def test_the_command_says_what_is_wrong_in_one_line(refused):
+    tmp_path, result = refused["no_run"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
@@ -192,20 +215,15 @@ def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
     assert _normalization(run_of(rgb), 3) == (grey.mean * 3, grey.std * 3)
 
 
-@pytest.mark.parametrize("where", ["output_dir", "out_dir", "default"])
-def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_any_work(tmp_path, where):
+@pytest.mark.parametrize("where", _IN_THE_WAY)
+def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_any_work(refused, where):
     """Checked before the run is loaded (the workdir here holds no run at all); `--out_dir`, the
     flag's first name, is an alias of `--output_dir`."""
-    (tmp_path / "file").write_text("")
+    tmp_path, result = refused[where]
     if where != "default":
-        args, label, path = [f"--{where}={tmp_path / 'file' / 'x'}"], "--output_dir", \
-            str(tmp_path / "file" / "x")
+        label, path = "--output_dir", str(tmp_path / "file" / "x")
     else:
-        (tmp_path / "visualize").write_text("")
-        args, label, path = [], "--workdir's visualize folder", str(tmp_path / "visualize")
-    result = subprocess.run([sys.executable, "-m", "experiments.visualize",
-                             f"--workdir={tmp_path}", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+        label, path = "--workdir's visualize folder", str(tmp_path / "visualize")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {label}={path!r} is invalid; expected a directory or a path to create, but a "
