@@ -13,6 +13,12 @@ from cnnjax.detection.yolo import yolo_v1_loss, yolo_v1_loss_terms, yolo_v1_targ
 from tests.detection.reference import iou_ref
 
 
+def _once(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` compiled as one program (an eager call compiles each operation on
+    its own); the arguments stay concrete, as in an eager call, so its checks still run."""
+    return jax.jit(lambda: fn(*args, **kwargs))()
+
+
 def _targets_ref(boxes, labels, valid, image_size, s, c):
     height, width = image_size
     out = np.zeros((s, s, 5 + c))
@@ -130,23 +136,23 @@ def test_loss_hand_case():
     # Predictor 0: same centre, 0.0625 wide (sqrt 0.25): inside the gt, IoU 1/16. Predictor 1: a
     # tiny box far away, IoU 0.
     pred = np.array([[[0.5, 0.5, 0.25, 0.25, 0.5, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.6]]])
-    terms = yolo_v1_loss_terms(pred, targets)
+    terms = _once(yolo_v1_loss_terms, pred, targets)
     np.testing.assert_allclose(np.asarray(terms), [0.0, 5 * 2 * 0.25 ** 2, (0.5 - 1 / 16) ** 2,
                                                    0.5 * 0.2 ** 2, 0.3 ** 2 + 0.4 ** 2],
                                rtol=1e-6)
-    assert float(yolo_v1_loss(pred, targets)) == pytest.approx(1.08640625, rel=1e-6)
-    assert float(yolo_v1_loss(pred, targets, confidence_target="one")) == pytest.approx(
+    assert float(_once(yolo_v1_loss, pred, targets)) == pytest.approx(1.08640625, rel=1e-6)
+    assert float(_once(yolo_v1_loss, pred, targets, confidence_target="one")) == pytest.approx(
         1.08640625 - (0.5 - 1 / 16) ** 2 + 0.25, rel=1e-6)
     # No IoU anywhere: the predictor closer to the gt (1, centred at 0.3) is responsible.
     far = np.array([[[0.05, 0.05, 0.1, 0.1, 0.5, 0.3, 0.3, 0.1, 0.1, 0.2, 0.3, 0.6]]])
-    terms = yolo_v1_loss_terms(far, targets)
+    terms = _once(yolo_v1_loss_terms, far, targets)
     np.testing.assert_allclose(np.asarray(terms[0]), 5 * 2 * 0.2 ** 2, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(terms[2:4]), [0.2 ** 2, 0.5 * 0.5 ** 2], rtol=1e-6)
     # An empty 2 x 2 grid costs only lambda_noobj * sum of squared confidences.
     empty = yolo_v1_targets(np.zeros((1, 4)), np.zeros(1, np.int32), np.array([False]),
                             (10, 10), 2, 2)
     conf = np.tile(pred, (2, 2, 1))
-    assert float(yolo_v1_loss(conf, empty, lambda_noobj=0.25)) == pytest.approx(
+    assert float(_once(yolo_v1_loss, conf, empty, lambda_noobj=0.25)) == pytest.approx(
         4 * 0.25 * (0.5 ** 2 + 0.2 ** 2), rel=1e-6)
 
 
@@ -163,11 +169,13 @@ def test_loss_matches_eq3_loop_reference(seed, b, rescore, lambdas):
     assert targets[..., 4].sum() >= 4 and fallbacks >= 1  # both rules of choice are exercised
     option = "iou" if rescore else "one"
     with jax.enable_x64(True):
-        terms = yolo_v1_loss_terms(pred, targets, *lambdas, confidence_target=option)
+        terms, explicit = _once(lambda: (
+            yolo_v1_loss_terms(pred, targets, *lambdas, confidence_target=option),
+            yolo_v1_loss_terms(pred, targets, *lambdas, option, num_boxes=b)))
         np.testing.assert_allclose(np.asarray(terms), expected, rtol=1e-12, atol=1e-12)
-        explicit = yolo_v1_loss_terms(pred, targets, *lambdas, option, num_boxes=b)
         np.testing.assert_array_equal(np.asarray(explicit), np.asarray(terms))
-    got = yolo_v1_loss(pred.astype(np.float32), targets.astype(np.float32), *lambdas, option)
+    got = _once(yolo_v1_loss, pred.astype(np.float32), targets.astype(np.float32), *lambdas,
+                option)
     np.testing.assert_allclose(float(got), expected.sum(), rtol=1e-5)
 
 
@@ -197,7 +205,7 @@ def test_jit_vmap_over_a_batch_and_finite_gradients():
     with jax.enable_x64(True):
         targets = yolo_v1_targets(boxes[1].astype(np.float64), labels[1], valid[1], (64, 64),
                                   4, 3)
-        check_grads(lambda p: yolo_v1_loss(p, targets, confidence_target="one"),
+        check_grads(jax.jit(lambda p: yolo_v1_loss(p, targets, confidence_target="one")),
                     (pred[1].astype(np.float64),), order=1, modes=["rev"], eps=1e-6)
 
 
