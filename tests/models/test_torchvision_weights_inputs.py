@@ -308,8 +308,11 @@ def test_a_run_without_the_settings_converted_weights_need_is_refused(tmp_path):
     from cnnjax.train.init_from import check_pretrained_model_kwargs
 
     workdir = str(tmp_path / "pretrained")
-    variables = jax.jit(create_model("googlenet_bn").init)(
-        jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    # The check reads the workdir's config, not the values: zeros of the model's shapes (no
+    # compile of googlenet_bn's init, ~30 s on 2 CPUs)
+    variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), jax.eval_shape(
+        create_model("googlenet_bn").init, jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)))
     tvw.write_warm_start_workdir(workdir, "googlenet_bn", variables,
                                  {"weights": "/data/googlenet.pth", "sha256": "cd" * 32})
     source_config = json.loads((tmp_path / "pretrained" / "config.json").read_text())
