@@ -34,6 +34,10 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv: list[str]) -> None:
     start_command(argv)
+    from cnnjax.data.spec import check_proposals_set
+
+    with one_line_errors():  # before TensorFlow starts (~6 s): nothing to prepare is one line
+        check_proposals_set(_CONFIG.value.data)
     from cnnjax.data import detection
 
     logging.set_verbosity(logging.INFO)

@@ -33,7 +33,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -42,30 +41,12 @@ from cnnjax.data import pipeline
 from cnnjax.data import proposals as proposals_lib
 from cnnjax.data.proposals import ProposalSpec
 from cnnjax.data.sources import TfdsSource
-from cnnjax.data.spec import DEFAULT_MAX_BOXES, resolve
+from cnnjax.data.spec import check_proposals_set, resolve, split_detection_fields
 from cnnjax.data.spec import detection_data_config as default_data_config  # noqa: F401 (API)
-from cnnjax.utils.validation import check_positive_int, invalid
+from cnnjax.utils.validation import invalid
 
 _OWNER = "data"
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def _split(data_config: Any) -> tuple[ml_collections.ConfigDict, int, ProposalSpec | None]:
-    """`(the classification data config, max_boxes, proposals)`; validates the last two."""
-    if not hasattr(data_config, "items"):
-        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
-    fields = dict(data_config.items())
-    max_boxes = check_positive_int(_OWNER, "max_boxes", fields.pop("max_boxes",
-                                                                   DEFAULT_MAX_BOXES))
-    proposals = proposals_lib.proposal_spec(fields.pop("proposals", None))
-    if fields.get("name") == "fake":
-        raise invalid(_OWNER, "name", "fake",
-                      "detection needs a tfds dataset with `objects` boxes, e.g. shapes")
-    for arg in ("classes", "train_examples_per_class"):  # class subsets: classification only
-        if fields.get(arg) is not None:
-            raise invalid(_OWNER, arg, fields[arg],
-                          "expected None: class subsets are not supported for detection")
-    return ml_collections.ConfigDict(fields), max_boxes, proposals
 
 
 class _DetectionSource(TfdsSource):
@@ -108,7 +89,7 @@ class _DetectionSource(TfdsSource):
 
 def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     """`(spec, source, transforms, max_boxes)` of a detection data config."""
-    config, max_boxes, proposals = _split(data_config)
+    config, max_boxes, proposals = split_detection_fields(data_config)
     spec = resolve(config)
     source, transforms = pipeline.open_whole_image_source(
         spec, lambda spec: _DetectionSource(spec, proposals))
@@ -119,9 +100,7 @@ def prepare_proposals(data_config: Any) -> dict[str, str]:
     """Computes (or finds) the cached external proposals of the config's train and eval splits
     ahead of training, e.g. as a cluster job of its own (`python -m experiments.proposals`);
     returns `{split: cache file}`. A ValueError if `data.proposals` is unset."""
-    if _split(data_config)[2] is None:
-        raise invalid(_OWNER, "proposals.method", None,
-                      f"expected one of {list(proposals_lib.METHODS)} (nothing to prepare)")
+    check_proposals_set(data_config)
     spec, source, _, _ = _open(data_config)
     splits = list(dict.fromkeys((spec.train_split, spec.eval_split)))
     for split in splits:  # an unknown split: the usual ValueError, before any split's work
@@ -161,7 +140,7 @@ def head_of(split: str, splits: Any, num_examples: int) -> str:
 
 def eval_split_name(data_config: Any) -> str:
     """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
-    return pipeline.eval_split_name(_split(data_config)[0])
+    return pipeline.eval_split_name(split_detection_fields(data_config)[0])
 
 
 def check_train_epoch(data_config: Any, *, global_batch_size: int, process_count: int) -> int:

@@ -325,3 +325,33 @@ def proposal_spec(config: Any) -> ProposalSpec | None:
                       f"expected at most {MAX_PROPOSALS_LIMIT:,} (R-CNN uses ~2,000; the cache "
                       "holds max_proposals boxes per image)")
     return ProposalSpec(fields["method"], strategy, float(scale), max_proposals)
+
+
+def split_detection_fields(data_config: Any,
+                           ) -> tuple[ml_collections.ConfigDict, int, ProposalSpec | None]:
+    """`(the classification data config, max_boxes, proposals)` of a detection data config;
+    validates the last two and the fields detection refuses, without TensorFlow."""
+    if not hasattr(data_config, "items"):
+        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    fields = dict(data_config.items())
+    max_boxes = check_positive_int(_OWNER, "max_boxes", fields.pop("max_boxes",
+                                                                   DEFAULT_MAX_BOXES))
+    proposals = proposal_spec(fields.pop("proposals", None))
+    if fields.get("name") == "fake":
+        raise invalid(_OWNER, "name", "fake",
+                      "detection needs a tfds dataset with `objects` boxes, e.g. shapes")
+    for arg in ("classes", "train_examples_per_class"):  # class subsets: classification only
+        if fields.get(arg) is not None:
+            raise invalid(_OWNER, arg, fields[arg],
+                          "expected None: class subsets are not supported for detection")
+    return ml_collections.ConfigDict(fields), max_boxes, proposals
+
+
+def check_proposals_set(data_config: Any) -> ProposalSpec:
+    """The `ProposalSpec` of a detection data config that asks for external proposals, else a
+    ValueError (nothing to prepare); checked before TensorFlow starts."""
+    proposals = split_detection_fields(data_config)[2]
+    if proposals is None:
+        raise invalid(_OWNER, "proposals.method", None,
+                      f"expected one of {list(METHODS)} (nothing to prepare)")
+    return proposals

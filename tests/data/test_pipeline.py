@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from cnnjax.data import pipeline, presets
 from cnnjax.data.pipeline import eval_batches, get_dataset_info, train_batches
 from cnnjax.data.sources import open_source
-from cnnjax.data.spec import resolve
+from cnnjax.data.spec import resolve, split_detection_fields
 from cnnjax.data.transforms import Transforms, _random_resized_crop
 
 # digits: 1,438 train examples; a global batch of 128 gives 11 steps per epoch.
@@ -518,7 +518,7 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pipeline, "epoch_dataset", spy)
     monkeypatch.setattr(detection, "_open", lambda config: (
-        resolve(detection._split(config)[0]), None,
+        resolve(split_detection_fields(config)[0]), None,
         Transforms((8, 8, 3), (8, 8), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0),
         4))
     config = detection.default_data_config("shapes")
