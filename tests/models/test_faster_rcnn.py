@@ -254,8 +254,9 @@ def test_detect_from_head_ignores_whatever_invalid_rows_hold(garbage):
     valid = np.arange(42)[None] < 40
     run = jax.jit(lambda lg, d, p: detect_from_head(lg, d, p, valid, (64, 64), 0.05, 0.5, 100))
     clean = run(logits, deltas, props)
-    alone = detect_from_head(logits[:, :40], deltas[:, :40], props[:, :40], valid[:, :40],
-                             (64, 64), 0.05, 0.5, 100)
+    alone = jax.jit(  # one compile (eagerly, each op compiles on its own)
+        lambda lg, d, p: detect_from_head(lg, d, p, valid[:, :40], (64, 64), 0.05, 0.5, 100))(
+        logits[:, :40], deltas[:, :40], props[:, :40])
     dirty_props, dirty_logits, dirty_deltas = props.copy(), logits.copy(), deltas.copy()
     dirty_props[0, 40] = [garbage, -garbage, garbage, garbage]
     dirty_props[0, 41] = [0, 0, garbage, garbage]
