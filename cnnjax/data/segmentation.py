@@ -24,52 +24,20 @@ with `augment=False`, which would drop it).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from cnnjax.data import pipeline
 from cnnjax.data.sources import TfdsSource
-from cnnjax.data.spec import resolve
 from cnnjax.data.spec import segmentation_data_config as default_data_config  # noqa: F401 (API)
+from cnnjax.data.spec import split_segmentation_fields
 from cnnjax.utils.validation import invalid
 
 _OWNER = "data"
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def _split(data_config: Any) -> tuple[Any, tuple[float, float] | None]:
-    """`(the resolved spec of the pipeline's fields, scale_range)`; validates the
-    segmentation-only fields. `scale_range` with `augment=False` is refused, as `resolve`
-    refuses RandAugment then: it is a training augmentation, which augment=False turns off, so
-    the setting would be silently dropped."""
-    if not hasattr(data_config, "items"):
-        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
-    fields = dict(data_config.items())
-    scale_range = fields.pop("scale_range", None)
-    if scale_range is not None:
-        ok = (isinstance(scale_range, tuple | list) and len(scale_range) == 2
-              and all(isinstance(v, int | float) and not isinstance(v, bool)
-                      and 0 < v < math.inf for v in scale_range)
-              and scale_range[0] <= scale_range[1])
-        if not ok:
-            raise invalid(_OWNER, "scale_range", scale_range,
-                          "expected None or (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
-        scale_range = (float(scale_range[0]), float(scale_range[1]))
-    for arg in ("classes", "train_examples_per_class"):  # class subsets: classification only
-        if fields.get(arg) is not None:
-            raise invalid(_OWNER, arg, fields[arg],
-                          "expected None: class subsets are not supported for segmentation")
-    spec = resolve(ml_collections.ConfigDict(fields))
-    if scale_range is not None and not spec.augment:
-        raise invalid(_OWNER, "scale_range", scale_range,
-                      "expected None when augment=False (the random scale and crop is a "
-                      "training augmentation: set augment=True, or scale_range=None)")
-    return spec, scale_range
 
 
 IGNORE_LABEL = 255
@@ -145,15 +113,15 @@ class _SegmentationSource(TfdsSource):
 
 def _open(data_config: Any) -> tuple[Any, _SegmentationSource, Any, tuple[float, float] | None]:
     """`(spec, source, transforms, scale_range)` of a segmentation data config (`resolve` and
-    `_split` check it)."""
-    spec, scale_range = _split(data_config)
+    `split_segmentation_fields` check it)."""
+    spec, scale_range = split_segmentation_fields(data_config)
     source, transforms = pipeline.open_whole_image_source(spec, _SegmentationSource)
     return spec, source, transforms, scale_range
 
 
 def eval_split_name(data_config: Any) -> str:
     """The split `eval_batches` reads: `data.eval_split`, else the dataset preset's."""
-    return _split(data_config)[0].eval_split
+    return split_segmentation_fields(data_config)[0].eval_split
 
 
 def check_train_epoch(data_config: Any, *, global_batch_size: int, process_count: int) -> int:

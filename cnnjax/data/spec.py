@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from typing import Any
@@ -345,6 +346,47 @@ def split_detection_fields(data_config: Any,
             raise invalid(_OWNER, arg, fields[arg],
                           "expected None: class subsets are not supported for detection")
     return ml_collections.ConfigDict(fields), max_boxes, proposals
+
+
+def split_segmentation_fields(data_config: Any) -> tuple[Spec, tuple[float, float] | None]:
+    """`(the resolved spec of the pipeline's fields, scale_range)` of a segmentation data config;
+    validates the segmentation-only fields, without TensorFlow. `scale_range` with
+    `augment=False` is refused, as `resolve` refuses RandAugment then: it is a training
+    augmentation, which augment=False turns off, so the setting would be silently dropped."""
+    if not hasattr(data_config, "items"):
+        raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
+    fields = dict(data_config.items())
+    scale_range = fields.pop("scale_range", None)
+    if scale_range is not None:
+        ok = (isinstance(scale_range, tuple | list) and len(scale_range) == 2
+              and all(isinstance(v, int | float) and not isinstance(v, bool)
+                      and 0 < v < math.inf for v in scale_range)
+              and scale_range[0] <= scale_range[1])
+        if not ok:
+            raise invalid(_OWNER, "scale_range", scale_range,
+                          "expected None or (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
+        scale_range = (float(scale_range[0]), float(scale_range[1]))
+    for arg in ("classes", "train_examples_per_class"):  # class subsets: classification only
+        if fields.get(arg) is not None:
+            raise invalid(_OWNER, arg, fields[arg],
+                          "expected None: class subsets are not supported for segmentation")
+    spec = resolve(ml_collections.ConfigDict(fields))
+    if scale_range is not None and not spec.augment:
+        raise invalid(_OWNER, "scale_range", scale_range,
+                      "expected None when augment=False (the random scale and crop is a "
+                      "training augmentation: set augment=True, or scale_range=None)")
+    return spec, scale_range
+
+
+def resolve_for_task(data_config: Any, task: str) -> Spec:
+    """The `Spec` of `task`'s data config (classification, detection or segmentation) with the
+    task's own fields checked, as its input module resolves it but without TensorFlow, so a
+    config check refuses a bad field before the pipeline starts."""
+    if task == "segmentation":
+        return split_segmentation_fields(data_config)[0]
+    if task == "detection":
+        return resolve(split_detection_fields(data_config)[0])
+    return resolve(data_config)
 
 
 def check_proposals_set(data_config: Any) -> ProposalSpec:

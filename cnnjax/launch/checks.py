@@ -140,11 +140,11 @@ def _batch_fields(config: Any) -> dict[str, int]:
 def check_configs(spec: JobSpec) -> None:
     """Loads the (validated) spec's config files with its overrides; raises ValueError for an
     override the file refuses, a sweep field the base config lacks, a value the engine's
-    `validate_config` refuses, an unknown `data.name` (`check_data_name`), or a batch size that
-    does not split evenly over the devices the engine will use (`job_devices`) or into
-    `grad_accum_steps` micro-batches. A sweep's checks run on every trial's config, since a
-    trial may set the batch size or any other field."""
-    from cnnjax.train.config import check_batch_divisible, check_data_name, validate_config
+    `validate_config` refuses, a data field its input module refuses (`check_data_fields`),
+    or a batch size that does not split evenly over the devices the engine will use
+    (`job_devices`) or into `grad_accum_steps` micro-batches. A sweep's checks run on every
+    trial's config, since a trial may set the batch size or any other field."""
+    from cnnjax.train.config import check_batch_divisible, check_data_fields, validate_config
 
     spec = validate_spec(spec, count_trials(spec) if spec.entry == "sweep" else None)
     entry = spec.entry_point
@@ -157,7 +157,7 @@ def check_configs(spec: JobSpec) -> None:
         where = f" (in {which})" if which else ""
         try:
             validate_config(config)
-            check_data_name(config)  # the dataset `check_config` looks up first at start
+            check_data_fields(config)  # as `check_config` checks it at start
         except ValueError as err:
             raise ValueError(f"launch: the job would fail at start{where}: {err}") from None
         devices, layout = job_devices(spec, config, where)

@@ -524,14 +524,13 @@ def data_pipeline(config: Any) -> Any:
     return pipeline
 
 
-def check_data_name(config: Any) -> None:
-    """`config.data.name` as every task's data module checks it (`spec.check_name`), but before
-    `data_pipeline` imports TensorFlow (~6-9 s), so an unknown dataset is refused at once."""
-    from cnnjax.data.spec import check_name
+def check_data_fields(config: Any) -> None:
+    """`config.data` as its task's input module checks it (`spec.resolve_for_task`: the
+    dataset name, sizes, augmentations, the task's own fields), but before `data_pipeline`
+    imports TensorFlow (~6-9 s), so a bad data field is refused at once."""
+    from cnnjax.data.spec import resolve_for_task
 
-    data = _field(config, "data")
-    if hasattr(data, "items"):  # else the data module refuses the block itself
-        check_name(_field(data, "name"))
+    resolve_for_task(_field(config, "data"), config_task(config))
 
 
 def check_config(config: Any, schedule: Any = None, *, for_training: bool = True,
@@ -556,7 +555,7 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     validate_config(config)
     task = config_task(config)
     info = _task_model_info(config, task)
-    check_data_name(config)
+    check_data_fields(config)
     pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
     data_info = pipeline.get_dataset_info(config.data)
     _check_classes(config, task, data_info, for_training)

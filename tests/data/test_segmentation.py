@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline, presets, segmentation
+from cnnjax.data.spec import split_segmentation_fields
 from cnnjax.data.transforms import Transforms
 from tests.data.layouts import LAYOUTS, assert_refused_before_opening
 
@@ -281,9 +282,9 @@ def test_scale_range_without_augment_is_refused_before_the_dataset_is_opened(tmp
         with pytest.raises(ValueError) as err:
             call()
         assert str(err.value) == message
-    spec, scale_range = segmentation._split(_config(root, augment=True, scale_range=(0.5, 2)))
+    spec, scale_range = split_segmentation_fields(_config(root, augment=True, scale_range=(0.5, 2)))
     assert spec.augment and scale_range == (0.5, 2.0)
-    spec, scale_range = segmentation._split(_config(root, augment=False))  # unset: fine
+    spec, scale_range = split_segmentation_fields(_config(root, augment=False))  # unset: fine
     assert not spec.augment and scale_range is None
     assert segmentation.eval_split_name(_config(root)) == "test"
     assert not (tmp_path / "never_built").exists()

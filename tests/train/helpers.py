@@ -193,11 +193,11 @@ def install_fake_pipeline(monkeypatch) -> None:
 
 
 def accept_stand_in_data_names(monkeypatch) -> None:
-    """Turns off `check_config`'s early check of `data.name` against the presets: a stand-in data
-    module (`synthetic`, `boxes`) checks its own names when it is called."""
+    """Turns off `check_config`'s early check of `config.data` (`check_data_fields`, against the
+    presets): a stand-in data module (`synthetic`, `boxes`) checks its own config when called."""
     from cnnjax.train import config as config_lib
 
-    monkeypatch.setattr(config_lib, "check_data_name", lambda config: None)
+    monkeypatch.setattr(config_lib, "check_data_fields", lambda config: None)
 
 
 def tiny_config(**overrides):
