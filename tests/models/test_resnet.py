@@ -78,22 +78,20 @@ def test_registry_lists_all_resnets():
 def _forward_backward(model, shape):
     x = jax.random.normal(jax.random.key(1), shape)
     labels = jnp.arange(shape[0]) % model.num_classes
+    variables = model.init(jax.random.key(0), x)
 
     @jax.jit
-    def step(x):  # init and step in one program (eager init compiles op by op)
-        variables = model.init(jax.random.key(0), x)
-
+    def step(params, batch_stats):
         def loss_fn(p):
             logits, updates = model.apply(
-                {"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                mutable=["batch_stats"]
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
             )
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        return variables, loss, logits, grads
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, logits, grads
 
-    variables, loss, logits, grads = step(x)
+    loss, logits, grads = step(variables["params"], variables["batch_stats"])
     assert logits.shape == (shape[0], model.num_classes)
     assert np.isfinite(float(loss))
     grad_norm = optax.tree.norm(grads)
@@ -225,17 +223,10 @@ def test_bfloat16_compute_keeps_float32_params():
 def test_batchnorm_running_stats_update_in_train_mode():
     model = create_model("resnet20_cifar")
     x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3)) * 2.0 + 1.0
-
-    @jax.jit
-    def run(x):  # one program (eager ops compile one by one)
-        variables = model.init(jax.random.key(0), x)
-        _, state = model.apply(
-            variables, x, train=True, mutable=["batch_stats"], capture_intermediates=True
-        )
-        _, eval_state = model.apply(variables, x, train=False, mutable=["batch_stats"])
-        return variables, state, eval_state
-
-    variables, state, eval_state = run(x)
+    variables = model.init(jax.random.key(0), x)
+    _, state = model.apply(
+        variables, x, train=True, mutable=["batch_stats"], capture_intermediates=True
+    )
     conv_out = np.asarray(state["intermediates"]["conv_init"]["__call__"][0], np.float64)
     new = state["batch_stats"]["bn_init"]
     # flax momentum 0.9: running = 0.9 * running + 0.1 * batch statistic (init mean 0, var 1).
@@ -246,6 +237,7 @@ def test_batchnorm_running_stats_update_in_train_mode():
         new["var"], 0.9 + 0.1 * conv_out.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
     )
     # Eval mode does not touch the statistics.
+    _, eval_state = model.apply(variables, x, train=False, mutable=["batch_stats"])
     for a, b in zip(
         jax.tree.leaves(eval_state["batch_stats"]),
         jax.tree.leaves(variables["batch_stats"]),
@@ -282,23 +274,17 @@ def test_batch_norm_running_variance_is_biased_unlike_pytorch():
 def test_eval_uses_running_averages_train_uses_batch_stats():
     model = create_model("resnet20_cifar")
     x = jax.random.normal(jax.random.key(4), (4, 16, 16, 3))
-
-    @jax.jit
-    def run(x):  # one program (eager ops compile one by one)
-        variables = model.init(jax.random.key(0), x)
-        shifted = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
-        return (model.apply(variables, x), model.apply(variables, x[:1]),
-                model.apply(variables, x, train=True, mutable=["batch_stats"])[0],
-                model.apply(variables, x[:2], train=True, mutable=["batch_stats"])[0],
-                model.apply({**variables, "batch_stats": shifted}, x))
-
-    full, one, train_full, train_one, full_shifted = run(x)
+    variables = model.init(jax.random.key(0), x)
     # Eval: each example's output is independent of the rest of the batch.
-    np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-6)
+    full = model.apply(variables, x)
+    np.testing.assert_allclose(full[:1], model.apply(variables, x[:1]), rtol=1e-5, atol=1e-6)
     # Train: batch statistics couple the examples.
+    train_full, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    train_one, _ = model.apply(variables, x[:2], train=True, mutable=["batch_stats"])
     assert not np.allclose(train_full[:1], train_one[:1], atol=1e-4)
     # Eval output changes when the running statistics change.
-    assert not np.allclose(full, full_shifted, atol=1e-4)
+    shifted = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+    assert not np.allclose(full, model.apply({**variables, "batch_stats": shifted}, x), atol=1e-4)
 
 
 # --- Blocks, shortcuts, options ------------------------------------------------------------------
@@ -474,7 +460,7 @@ def _overfit(name: str, steps: int, size: int, batch: int = 8) -> tuple[float, f
     model = create_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     y = jnp.arange(batch) % 10
-    variables = jax.jit(model.init)(jax.random.key(1), x)  # eager init compiles op by op
+    variables = model.init(jax.random.key(1), x)
     tx = optax.adam(3e-3)
     params, stats = variables["params"], variables["batch_stats"]
     opt_state = tx.init(params)
@@ -497,8 +483,10 @@ def _overfit(name: str, steps: int, size: int, batch: int = 8) -> tuple[float, f
     for _ in range(steps):
         params, stats, opt_state, loss = step(params, stats, opt_state)
         first = float(loss) if first is None else first
-    # The loss of the trained parameters (train mode, as before the next update): `step`'s own.
-    final = float(step(params, stats, opt_state)[3])
+    logits = model.apply(
+        {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+    )[0]
+    final = float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean())
     return first, final
 
 
@@ -520,14 +508,14 @@ def test_cifar_stem_keeps_resolution_and_differs_only_in_stem_kernel():
     cifar = create_model("resnet18", num_classes=5, stem="cifar")
     shapes = {k: v.shape for k, v in flatten_dict(jax.eval_shape(
         lambda: imagenet.init(jax.random.key(0), x))["params"]).items()}
-    (_, feats), cifar_vars = jax.jit(  # one program (eager ops compile one by one)
-        lambda x: cifar.init_with_output(jax.random.key(0), x, return_features=True))(x)
+    cifar_vars = cifar.init(jax.random.key(0), x)
     cifar_shapes = {k: v.shape for k, v in flatten_dict(cifar_vars["params"]).items()}
     assert set(shapes) == set(cifar_shapes)
     assert {k for k in shapes if shapes[k] != cifar_shapes[k]} == {("conv_init", "kernel")}
     assert cifar_shapes[("conv_init", "kernel")] == (3, 3, 3, 64)
     assert n_params(cifar, x.shape) == IMAGENET_COUNTS["resnet18"] - 1000 * 513 + 5 * 513 - (
         49 - 9) * 3 * 64
+    _, feats = cifar.apply(cifar_vars, x, return_features=True)
     assert [feats[k].shape[1] for k in ("stem", "stage1", "stage2", "stage3", "stage4")] == [
         16, 16, 8, 4, 2]
     # The stem is exactly conv(3x3, pad 1) -> BN (eval: running stats 0/1) -> ReLU.
