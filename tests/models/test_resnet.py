@@ -100,7 +100,9 @@ def _forward_backward(model, shape):
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
 
 
-# ResNet-20 forward+backward under jit is exercised by the overfit test below.
+# ResNet-20 forward+backward under jit is exercised by the overfit test below; ResNet-18's
+# forward by test_torchvision_weights' logits check, so its backward is -m slow (CI time).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_forward_backward_small_input(name):
     _forward_backward(create_model(name, num_classes=7), (2, *_small_input(name)))
