@@ -300,6 +300,10 @@ def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_s
 
     torch.manual_seed(0)
     where = torch.device(device)
+    if where.type == "cuda":
+        # Let cuDNN time its convolution algorithms on the first steps (the warmup), as XLA:GPU
+        # autotunes its own; PyTorch's default picks by heuristic and would be the handicapped side.
+        torch.backends.cudnn.benchmark = True
     model = build_torch_resnet(model_name, num_classes, stem).train().to(where)
     images = torch.randn(batch_size, 3, image_size, image_size).to(where)
     if channels_last:
@@ -320,7 +324,8 @@ def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_s
 
     num_params = sum(p.numel() for p in model.parameters())
     return {"step": step, "num_params": num_params, "threads": torch.get_num_threads(),
-            "version": torch.__version__, "device": device}
+            "version": torch.__version__, "device": device,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
 
 
 def run_torch_steps(bench: dict[str, Any], steps: int) -> list[StepTime]:
@@ -658,6 +663,7 @@ def torch_lines(result: dict[str, Any], rounds: dict[str, list[list[StepTime]]],
     result["torch_threads"] = torch_bench["threads"]
     result["torch_device"] = torch_bench["device"]
     result["torch_channels_last"] = FLAGS.torch_channels_last
+    result["torch_cudnn_benchmark"] = torch_bench["cudnn_benchmark"]
     return [f"torch:        {timing}"
             f"; torch {torch_bench['version']} on {torch_bench['device']}, "
             f"{torch_bench['threads']} threads)"]
