@@ -318,12 +318,14 @@ class TiledConv2D(nn.Module):
     kernel sets).
 
     Cost: the multiply-accumulates of one ordinary convolution, `N·H_out·W_out·C_in·k_h·k_w·
-    features` (no `t²` redundant convolutions). The input patches are gathered once; kernel set
-    `(a, b)` contracts only its positions `(a::t_h, b::t_w)` (a strided slice), and the `t_h·t_w`
-    results are interleaved by zero-dilating pads and `t_h + t_w − 2` output-sized adds.
-    The arrangement keeps every op a plain window op, so `cnnjax.analysis` traces the exact
-    receptive field; for tiles near the output size prefer `LocallyConnected2D` (one contraction
-    instead of `t_h·t_w`).
+    features` (no `t²` redundant convolutions). Kernel set `(a, b)` is an ordinary convolution
+    evaluated only at its positions `(a::t_h, b::t_w)`: windows from offset `(a·s_h, b·s_w)` of
+    the padded input, strides `(t_h·s_h, t_w·s_w)`; the `t_h·t_w` results are interleaved by
+    zero-dilating pads and `t_h + t_w − 2` output-sized adds. Every op is a plain window op, so
+    `cnnjax.analysis` traces the exact receptive field, and there is no patch matrix: XLA:GPU
+    (jaxlib 0.11.2) aborted compiling the gradient of the earlier patches-times-kernel form
+    (docs/performance.md, "Backend parity"). For tiles near the output size prefer
+    `LocallyConnected2D` (one contraction instead of `t_h·t_w`).
     """
 
     features: int
@@ -371,27 +373,30 @@ class TiledConv2D(nn.Module):
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if geo.mode != "zeros":
             x, pads = pad_nhwc(x, pads, geo.mode, owner=owner), ((0, 0), (0, 0))
-        # Patch extraction is an exact gather (one-hot conv), so it runs at full precision.
-        patches = lax.conv_general_dilated_patches(
-            x, geo.kernel, geo.strides, pads, rhs_dilation=geo.dilation,
-            dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST,
-        )  # (N, H_out, W_out, C_in·k_h·k_w), features ordered (C_in, k_h, k_w)
-        weights = kernel.transpose(0, 1, 4, 2, 3, 5).reshape(th, tw, -1, self.features)
         rows = []
         for a in range(th):
-            columns = [_tile_phase(patches, weights, bias, (a, b), (th, tw), self.precision)
+            columns = [_tile_phase(x, pads, kernel, bias, (a, b), (th, tw), geo, self.precision)
                        for b in range(tw)]
             rows.append(_interleave(columns, axis=2, size=out_w))
         return _interleave(rows, axis=1, size=out_h)
 
 
-def _tile_phase(patches: Array, weights: Array, bias: Array | None, phase: tuple[int, int],
-                tile: tuple[int, int], precision: Any) -> Array:
-    """Outputs `(a::t_h, b::t_w)` of a tiled convolution: those patches times kernel set (a, b)."""
+def _tile_phase(x: Array, pads: Pads, kernel: Array, bias: Array | None, phase: tuple[int, int],
+                tile: tuple[int, int], geo: _Geometry, precision: Any) -> Array:
+    """Outputs `(a::t_h, b::t_w)` of a tiled convolution: kernel set (a, b) as an ordinary
+    convolution whose windows start at `(a·s_h, b·s_w)` of the zero-padded input, strides `t·s`.
+
+    The start is a slice of `x` where it lies past the low pad, else a smaller low pad, so zero
+    padding stays the convolution's own (its taps count no FLOPs, as in `Conv2D`)."""
     (a, b), (th, tw) = phase, tile
-    n, h, w, f = patches.shape
-    part = lax.slice(patches, (0, a, b, 0), (n, h, w, f), (1, th, tw, 1))
-    y = lax.dot_general(part, weights[a, b], (((3,), (0,)), ((), ())), precision=precision)
+    starts, conv_pads = [0], []
+    for offset, (low, high) in zip((a * geo.strides[0], b * geo.strides[1]), pads, strict=True):
+        starts.append(max(offset - low, 0))
+        conv_pads.append((max(low - offset, 0), high))
+    part = lax.slice(x, (*starts, 0), x.shape)
+    y = lax.conv_general_dilated(part, kernel[a, b], (th * geo.strides[0], tw * geo.strides[1]),
+                                 conv_pads, rhs_dilation=geo.dilation,
+                                 dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
     return y if bias is None else y + bias[a, b]
 
 
