@@ -5,6 +5,8 @@
 #       (downloads the ml_collections wheel the device image lacks into .whl/, git-ignored)
 #   then the device tool:     run(command="bash benchmarks/device_check.sh", carry=[".whl"],
 #                                 timeout_s=540), and give_back unless you rerun at once
+#   backend parity:           run(command="bash benchmarks/device_check.sh --parity", ...):
+#                                 cnnjax's layers and models on the GPU against the CPU
 #
 # The device image (docs: /work/.library/device/KINDS.md) has Python 3.12 with jax 0.11 (CUDA),
 # flax, optax, orbax, torch and pytest, but no TensorFlow. These checks therefore use synthetic
@@ -27,6 +29,15 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 OUT=${OUT:-/tmp/device_check}
+if [[ "${1:-}" == "--parity" ]]; then  # layers and models on the GPU against the CPU (~5 min)
+  export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "carry .whl (run --prepare here first)"; exit 2; }
+  set -o pipefail
+  timeout 480 python3 -m benchmarks.backend_parity --max_seconds="${PARITY_SECONDS:-360}" \
+    --json_out="$OUT/backend_parity.json" 2>&1 | grep -v -e '^[WI][01]' | tee "$OUT/backend_parity.log"
+  exit
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

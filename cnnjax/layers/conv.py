@@ -324,7 +324,7 @@ class TiledConv2D(nn.Module):
     zero-dilating pads and `t_h + t_w − 2` output-sized adds. Every op is a plain window op, so
     `cnnjax.analysis` traces the exact receptive field, and there is no patch matrix: XLA:GPU
     (jaxlib 0.11.2) aborted compiling the gradient of the earlier patches-times-kernel form
-    (docs/performance.md, "Backend parity"). For tiles near the output size prefer
+    (docs/performance.md, "First GPU figures"). For tiles near the output size prefer
     `LocallyConnected2D` (one contraction instead of `t_h·t_w`).
     """
 

@@ -1,0 +1,67 @@
+"""benchmarks.backend_parity: its error measure, its case list and the command's refusals."""
+
+import numpy as np
+import pytest
+
+from benchmarks.backend_parity import Case, Outcome, compare, layer_cases, select_cases
+from tests.commands import run_commands
+
+
+def test_compare_is_the_relative_two_norm_over_all_leaves():
+    want = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float32)}
+    got = {"a": np.array([3.0, 0.5], np.float32), "b": np.array([[4.0]], np.float32)}
+    assert compare(want, want) == (0.0, 0.0)
+    rel, worst = compare(got, want)
+    assert rel == pytest.approx(0.5 / 5.0) and worst == pytest.approx(0.5)
+
+
+def test_compare_wants_integers_exact_and_refuses_non_finite_and_other_shapes():
+    kept = np.array([4, 1, 7], np.int32)
+    assert compare(kept, kept) == (0.0, 0.0)
+    assert compare(np.array([4, 2, 7], np.int32), kept) == (float("inf"), 1.0)
+    rel, _ = compare(np.array([np.nan], np.float32), np.array([1.0], np.float32))
+    assert np.isnan(rel)
+    with pytest.raises(ValueError, match=r"output shape \(2,\) against \(3,\)"):
+        compare(np.zeros(2, np.float32), np.zeros(3, np.float32))
+
+
+def test_an_outcome_passes_only_without_error_and_within_its_kinds_tolerance():
+    assert Outcome("conv", "forward", 5e-5, 1e-6, 0.1).passed(1e-4, 1e-3)
+    assert not Outcome("conv", "forward", 5e-4, 1e-6, 0.1).passed(1e-4, 1e-3)
+    assert Outcome("conv", "grad", 5e-4, 1e-6, 0.1).passed(1e-4, 1e-3)
+    assert not Outcome("conv", "grad", None, None, 0.1, "XlaRuntimeError: ...").passed(1, 1)
+    assert not Outcome("conv", "grad", float("nan"), 0.0, 0.1).passed(1e-4, 1e-3)
+
+
+def test_layer_cases_cover_every_layer_forward_and_backward():
+    cases = layer_cases(batch=2)
+    names = {c.name for c in cases}
+    for layer in ("conv_reflect", "conv_replicate", "conv_circular", "conv_dilated",
+                  "conv_grouped", "locally_connected", "tiled_conv", "conv_transpose_s2",
+                  "local_response_norm", "max_pool_ceil", "spatial_pyramid_pool", "roi_pool",
+                  "roi_align", "nms"):
+        assert layer in names
+    kinds = {(c.name, c.kind) for c in cases}
+    assert ("tiled_conv", "grad") in kinds and ("nms", "grad") not in kinds
+
+
+def test_skip_drops_a_case_or_one_kind_and_refuses_what_matches_nothing():
+    cases = [Case("tiled_conv", kind, abs, ()) for kind in ("forward", "grad")]
+    assert [c.kind for c in select_cases(cases, ["tiled_conv:grad"])] == ["forward"]
+    assert select_cases(cases, ["tiled_conv"]) == []
+    with pytest.raises(ValueError, match=r"--skip: \['tiled:grad'\] match no case"):
+        select_cases(cases, ["tiled:grad"])
+
+
+def test_the_command_compares_and_refuses_in_one_line():
+    ok, on_cpu, unknown = run_commands([
+        ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
+         "--nomodel_grads"),
+        ("benchmarks.backend_parity", "--nolayers", "--models=lenet5"),
+        ("benchmarks.backend_parity", "--models=lenet6"),
+    ])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "1 of 1 cases within tolerance" in ok.stdout
+    assert on_cpu.returncode != 0
+    assert "the default backend is the CPU, so there is nothing to compare" in on_cpu.stderr
+    assert unknown.returncode != 0 and "--models: unknown ['lenet6']" in unknown.stderr
