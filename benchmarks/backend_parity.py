@@ -44,24 +44,29 @@ DEFAULT_MODELS = (
     "preact_resnet164_cifar",
 )
 
-flags.DEFINE_list("models", list(DEFAULT_MODELS),
-                  "Registered model names to check, or 'all'; empty for none.")
-flags.DEFINE_bool("layers", True, "Check the layer cases (cnnjax.layers).")
-flags.DEFINE_bool("model_grads", True,
-                  "Also compare each model's train-mode parameter gradient, not only its forward.")
-flags.DEFINE_integer("batch_size", 2, "Batch size of every case's input.")
-flags.DEFINE_integer("image_size", 32, "Input side of the model cases (raised to a model's "
-                     "smallest admitted input where that is larger).")
-flags.DEFINE_float("tolerance", 1e-4, "Largest relative error a forward case may show.")
-flags.DEFINE_float("grad_tolerance", 1e-3, "Largest relative error a gradient case may show.")
-flags.DEFINE_bool("allow_cpu", False, "Run even when the default backend is the CPU (the CPU is "
-                  "then compared with itself: a check of this script only).")
-flags.DEFINE_list("skip", [], "Cases to leave out, as `name` or `name:kind` (kind forward or "
-                  "grad), e.g. one that crashes a backend's compiler.")
-flags.DEFINE_float("max_seconds", 0, "Start no case after this many seconds (0: no limit); the "
-                   "cases left are listed as not run, so a time-boxed run still reports.")
-flags.DEFINE_string("json_out", None, "Write every case's figures to this JSON file.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines this script's command-line flags (only when run as a script: the tests import
+    the module beside other commands' flags)."""
+    flags.DEFINE_list("models", list(DEFAULT_MODELS),
+                      "Registered model names to check, or 'all'; empty for none.")
+    flags.DEFINE_bool("layers", True, "Check the layer cases (cnnjax.layers).")
+    flags.DEFINE_bool("model_grads", True, "Also compare each model's train-mode parameter "
+                      "gradient, not only its forward.")
+    flags.DEFINE_integer("batch_size", 2, "Batch size of every case's input.")
+    flags.DEFINE_integer("image_size", 32, "Input side of the model cases (raised to a model's "
+                         "smallest admitted input where that is larger).")
+    flags.DEFINE_float("tolerance", 1e-4, "Largest relative error a forward case may show.")
+    flags.DEFINE_float("grad_tolerance", 1e-3, "Largest relative error a gradient case may show.")
+    flags.DEFINE_bool("allow_cpu", False, "Run even when the default backend is the CPU (the "
+                      "CPU is then compared with itself: a check of this script only).")
+    flags.DEFINE_list("skip", [], "Cases to leave out, as `name` or `name:kind` (kind forward or "
+                      "grad), e.g. one that crashes a backend's compiler.")
+    flags.DEFINE_float("max_seconds", 0, "Start no case after this many seconds (0: no limit); the "
+                       "cases left are listed as not run, so a time-boxed run still reports.")
+    flags.DEFINE_string("json_out", None, "Write every case's figures to this JSON file.")
 
 
 @dataclass(frozen=True)
@@ -355,4 +360,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
