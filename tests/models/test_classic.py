@@ -594,10 +594,11 @@ def test_forward_backward_traces_for_every_model(name):
 
 # Concretely under jit in the default suite: every model but the VGGs (100M+ parameters, ~10 s
 # each to draw and differentiate on 2 CPU cores; their code runs in the default suite through
-# the reduced-width VGG tests below), the GoogLeNets (~60 convolutions: XLA's CPU compile of
-# their init and gradient takes ~30 s) and the ImageNet NiN (breadth: nin_cifar runs the same
-# NiN/NiNStage/MLPConv code, max and average pools and dropout, in the default suite). Those run
-# with `-m slow`.
+# test_batchnorm_uses_axis_name_for_cross_device_statistics's BN VGG and test_fcn's VGG-16
+# dropout test; the reduced-width VGG-11 step below is -m slow), the GoogLeNets (~60
+# convolutions: XLA's CPU compile of their init and gradient takes ~30 s) and the ImageNet NiN
+# (breadth: nin_cifar runs the same NiN/NiNStage/MLPConv code, max and average pools and
+# dropout, in the default suite). Those run with `-m slow`.
 # Breadth kept to -m slow for CI time: alexnet stays (zfnet is its layout with a 7x7/2 first
 # conv; alexnet_2tower's grouped convolutions are tested in tests/layers), nin_cifar runs NiN.
 _SLOW_AT_MIN_SIZE = ({n for n in CLASSIC if n.startswith("vgg")}
@@ -644,8 +645,11 @@ def test_forward_backward_jit_at_min_input_size(name):
     _check_forward_backward(model, min_shape(name), name != "lenet5", name in BN_MODELS)
 
 
-# Without BN under -m slow (CI time); test_forward_backward_traces_for_every_model[vgg11] traces it.
-@pytest.mark.parametrize("batch_norm", [pytest.param(False, marks=pytest.mark.slow), True])
+# Under -m slow (CI time). test_forward_backward_traces_for_every_model[vgg11, vgg11_bn] trace
+# both; test_batchnorm_uses_axis_name_for_cross_device_statistics runs a BN VGG and test_fcn's
+# dropout test VGG-16 (its convolution and pooling stages).
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_norm", [False, True])
 def test_forward_backward_jit_reduced_width_vgg11(batch_norm):
     """VGG-11's layout with 1/16 of the conv widths and 64-wide fc6/fc7, at CIFAR size."""
     stages = tuple(tuple(c // 16 for c in block) for block in VGG_CONFIGS[11])

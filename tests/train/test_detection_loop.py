@@ -108,7 +108,7 @@ def _config(**overrides):
     return apply_overrides(config, overrides)
 
 
-def test_detection_run_reports_map(tmp_path):
+def test_detection_run_reports_map_and_its_checkpoint_evaluates_to_it(tmp_path):
     summary = loop.train_and_evaluate(_config(), str(tmp_path))
     assert summary["status"] == "completed" and summary["step"] == 12
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -123,12 +123,13 @@ def test_detection_run_reports_map(tmp_path):
     assert summary["best"] == {"metric": "map50", "value": best["map50"], "step": best["step"]}
     assert str(best["step"]) in [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+    _check_the_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path, summary)
 
 
-def test_a_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path):
+def _check_the_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path, summary):
+    """Part of the test above, on its run (one training instead of two: CI time)."""
     from cnnjax.train.trained import evaluate_trained, load_trained
 
-    summary = loop.train_and_evaluate(_config(), str(tmp_path))
     result = evaluate_trained(str(tmp_path))
     assert (result["step"], result["checkpoint"]) == (summary["best"]["step"], "best")
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
