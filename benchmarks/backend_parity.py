@@ -71,12 +71,17 @@ def define_flags() -> None:
 
 @dataclass(frozen=True)
 class Case:
-    """One check: `fn(*args)` returns a pytree of arrays; `kind` is "forward" or "grad"."""
+    """One check: `fn(*args)` returns a pytree of arrays; `kind` is "forward" or "grad".
+    `args` may be a function that makes them, called when the case runs (a model's variables:
+    initializing every model up front would spend a time-boxed run before its first case)."""
 
     name: str
     kind: str
     fn: Callable[..., Any]
-    args: tuple[Any, ...]
+    args: tuple[Any, ...] | Callable[[], tuple[Any, ...]]
+
+    def arguments(self) -> tuple[Any, ...]:
+        return self.args() if callable(self.args) else self.args
 
 
 @dataclass(frozen=True)
@@ -236,23 +241,39 @@ def model_cases(names: list[str], batch: int, image_size: int, grads: bool) -> l
         x = np.random.default_rng(1).standard_normal(
             (batch, size, size, info.input_shape[2])).astype(np.float32)
         model = create_model(name)
-        key = jax.random.key(0)
-        variables = jax.device_get(model.init({"params": key, "dropout": key}, x))
+        variables = _initializer(model, x)
 
         def forward(variables, x, model=model):
             return model.apply(variables, x, train=False)
 
-        cases.append(Case(name, "forward", forward, (variables, x)))
+        cases.append(Case(name, "forward", forward, lambda v=variables, x=x: (v(), x)))
         if grads:
             def train_output(params, rest, x, model=model):
                 out, _ = model.apply({"params": params, **rest}, x, train=True,
                                      rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
                 return out
 
-            rest = {k: v for k, v in variables.items() if k != "params"}
+            def train_args(v=variables, x=x):
+                params, rest = v()["params"], {k: u for k, u in v().items() if k != "params"}
+                return params, rest, x
+
             cases.append(Case(name, "grad", _projection_grad(train_output, (0,), seed=4),
-                              (variables["params"], rest, x)))
+                              train_args))
     return cases
+
+
+def _initializer(model: Any, x: np.ndarray) -> Callable[[], Any]:
+    """`model`'s variables for input `x` on the host, made (jitted) on the first call only."""
+    import functools
+
+    import jax
+
+    @functools.cache
+    def variables():
+        key = jax.random.key(0)
+        return jax.device_get(jax.jit(model.init)({"params": key, "dropout": key}, x))
+
+    return variables
 
 
 def run_case(case: Case, accelerator: Any, cpu: Any) -> Outcome:
@@ -261,10 +282,10 @@ def run_case(case: Case, accelerator: Any, cpu: Any) -> Outcome:
 
     start = time.perf_counter()
     try:
-        fn = jax.jit(case.fn)
+        fn, args = jax.jit(case.fn), case.arguments()
         with jax.default_matmul_precision("highest"):
-            got = jax.device_get(fn(*jax.device_put(case.args, accelerator)))
-            want = jax.device_get(fn(*jax.device_put(case.args, cpu)))
+            got = jax.device_get(fn(*jax.device_put(args, accelerator)))
+            want = jax.device_get(fn(*jax.device_put(args, cpu)))
         rel, worst = compare(got, want)
     except Exception as err:  # noqa: BLE001 - a case that cannot run is reported, not fatal
         return Outcome(case.name, case.kind, None, None, time.perf_counter() - start,

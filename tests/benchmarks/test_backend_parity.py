@@ -65,3 +65,13 @@ def test_the_command_compares_and_refuses_in_one_line():
     assert on_cpu.returncode != 0
     assert "the default backend is the CPU, so there is nothing to compare" in on_cpu.stderr
     assert unknown.returncode != 0 and "--models: unknown ['lenet6']" in unknown.stderr
+
+
+def test_model_variables_are_made_when_the_case_runs_and_once_per_model():
+    from benchmarks.backend_parity import model_cases
+
+    forward, grad = model_cases(["lenet5"], batch=1, image_size=32, grads=True)
+    assert callable(forward.args) and callable(grad.args)  # nothing initialized yet
+    variables, x = forward.arguments()
+    params, rest, x_again = grad.arguments()
+    assert params is variables["params"] and x_again is x and x.shape == (1, 32, 32, 1)
