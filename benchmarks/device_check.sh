@@ -34,7 +34,7 @@ if [[ "${1:-}" == "--parity" ]]; then  # layers and models on the GPU against th
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "carry .whl (run --prepare here first)"; exit 2; }
   set -o pipefail
-  timeout 480 python3 -m benchmarks.backend_parity --max_seconds="${PARITY_SECONDS:-360}" \
+  timeout 480 python3 -m benchmarks.backend_parity --max_seconds="${PARITY_SECONDS:-300}" \
     --json_out="$OUT/backend_parity.json" 2>&1 | grep -v -e '^[WI][01]' | tee "$OUT/backend_parity.log"
   exit
 fi
