@@ -21,7 +21,6 @@ with itself (a check of this script, not of a backend).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from benchmarks.train_step import check_json_out, write_json_out
 from cnnjax.platform import configure_cpu_defaults
 
 #: Registered models checked by default: one or two of each family and every layer type they use
@@ -115,6 +115,7 @@ def check_flags() -> list[str]:
     for flag in ("tolerance", "grad_tolerance"):
         if not getattr(FLAGS, flag) > 0:
             raise ValueError(f"--{flag}={getattr(FLAGS, flag)} is invalid; expected > 0")
+    check_json_out(FLAGS.json_out)
     return list(names)
 
 
@@ -254,8 +255,9 @@ def model_cases(names: list[str], batch: int, image_size: int, grads: bool) -> l
                 return out
 
             def train_args(v=variables, x=x):
-                params, rest = v()["params"], {k: u for k, u in v().items() if k != "params"}
-                return params, rest, x
+                variables = v()
+                return variables["params"], {k: u for k, u in variables.items()
+                                             if k != "params"}, x
 
             cases.append(Case(name, "grad", _projection_grad(train_output, (0,), seed=4),
                               train_args))
@@ -349,12 +351,12 @@ def main(argv: list[str]) -> None:
             raise ValueError("backend_parity: the default backend is the CPU, so there is "
                              "nothing to compare; run it where JAX sees a GPU/TPU, or pass "
                              "--allow_cpu to check the script against itself")
+        cases = layer_cases(FLAGS.batch_size) if FLAGS.layers else []
+        cases += model_cases(names, FLAGS.batch_size, FLAGS.image_size, FLAGS.model_grads)
+        cases = select_cases(cases, FLAGS.skip)  # a bad --skip: one line, before any case runs
     print(f"jax {jax.__version__}: {accelerator.device_kind} ({accelerator.platform}) against "
           f"{cpu.device_kind} (cpu)", flush=True)
-    cases = layer_cases(FLAGS.batch_size) if FLAGS.layers else []
-    cases += model_cases(names, FLAGS.batch_size, FLAGS.image_size, FLAGS.model_grads)
-    cases = select_cases(cases, FLAGS.skip)
-    outcomes, start = [], time.perf_counter()
+    outcomes, not_run, start = [], [], time.perf_counter()
     for i, case in enumerate(cases):
         if FLAGS.max_seconds and time.perf_counter() - start > FLAGS.max_seconds:
             not_run = [f"{c.name} {c.kind}" for c in cases[i:]]
@@ -364,18 +366,15 @@ def main(argv: list[str]) -> None:
         print(f"  {o.name} {o.kind}: "
               + (o.error or f"rel {o.rel_error:.2e}, max abs {o.max_abs_error:.2e}"),
               flush=True)
-    else:
-        not_run = []
     lines = report(outcomes, FLAGS.tolerance, FLAGS.grad_tolerance)
     if not_run:
         lines.append(f"not run (--max_seconds={FLAGS.max_seconds:g}): {', '.join(not_run)}")
     print("\n".join(lines))
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump({"jax_version": jax.__version__, "accelerator": accelerator.device_kind,
-                       "tolerance": FLAGS.tolerance, "grad_tolerance": FLAGS.grad_tolerance,
-                       "cases": [o.__dict__ for o in outcomes], "not_run": not_run}, f,
-                      indent=1)
+        write_json_out(FLAGS.json_out, {
+            "jax_version": jax.__version__, "accelerator": accelerator.device_kind,
+            "tolerance": FLAGS.tolerance, "grad_tolerance": FLAGS.grad_tolerance,
+            "cases": [o.__dict__ for o in outcomes], "not_run": not_run})
     if any(not o.passed(FLAGS.tolerance, FLAGS.grad_tolerance) for o in outcomes):
         sys.exit(1)
 

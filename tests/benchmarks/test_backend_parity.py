@@ -53,18 +53,26 @@ def test_skip_drops_a_case_or_one_kind_and_refuses_what_matches_nothing():
         select_cases(cases, ["tiled:grad"])
 
 
-def test_the_command_compares_and_refuses_in_one_line():
-    ok, on_cpu, unknown = run_commands([
+def test_the_command_compares_and_refuses_in_one_line(tmp_path):
+    ok, on_cpu, unknown, bad_skip, json_dir = run_commands([
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          "--nomodel_grads"),
         ("benchmarks.backend_parity", "--nolayers", "--models=lenet5"),
         ("benchmarks.backend_parity", "--models=lenet6"),
+        ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
+         "--skip=lenet6"),
+        ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
+         f"--json_out={tmp_path}"),
     ])
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "1 of 1 cases within tolerance" in ok.stdout
     assert on_cpu.returncode != 0
     assert "the default backend is the CPU, so there is nothing to compare" in on_cpu.stderr
     assert unknown.returncode != 0 and "--models: unknown ['lenet6']" in unknown.stderr
+    assert bad_skip.returncode != 0 and "--skip: ['lenet6'] match no case" in bad_skip.stderr
+    assert "Traceback" not in bad_skip.stderr and "lenet5 forward" not in bad_skip.stdout
+    assert json_dir.returncode != 0 and "--json_out" in json_dir.stderr
+    assert "Traceback" not in json_dir.stderr and "lenet5 forward" not in json_dir.stdout
 
 
 def test_model_variables_are_made_when_the_case_runs_and_once_per_model():
