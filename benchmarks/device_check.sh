@@ -29,15 +29,6 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 OUT=${OUT:-/tmp/device_check}
-if [[ "${1:-}" == "--parity" ]]; then  # layers and models on the GPU against the CPU (~5 min)
-  export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || { echo "carry .whl (run --prepare here first)"; exit 2; }
-  set -o pipefail
-  timeout 480 python3 -m benchmarks.backend_parity --max_seconds="${PARITY_SECONDS:-300}" \
-    --json_out="$OUT/backend_parity.json" 2>&1 | grep -v -e '^[WI][01]' | tee "$OUT/backend_parity.log"
-  exit
-fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -45,6 +36,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi -L
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
+
+if [[ "${1:-}" == "--parity" ]]; then  # layers and models on the GPU against the CPU (~5 min)
+  timeout 480 python3 -m benchmarks.backend_parity --max_seconds="${PARITY_SECONDS:-300}" \
+    --json_out="$OUT/backend_parity.json" 2>&1 | grep -v -e '^[WI][01]' |
+    tee "$OUT/backend_parity.log"
+  exit "${PIPESTATUS[0]}"  # the script's (or timeout's 124), not grep's or tee's
+fi
 
 # At most 8 files come back from $OUT: one JSON per check (6) and one log of them all.
 LOG="$OUT/device_check.log"
