@@ -24,8 +24,8 @@ XLA's fusion duplicates or folds elementwise work, e.g. -1.3% on resnet20_cifar 
   module (`Call.transposed`) it is counted the same way, per input element, so its MACs do not
   depend on the stride (DCGAN's 1x1x100 -> 4x4x512 layer: 0.82 M, not 13.1 M over the padding).
   Patch extraction (`lax.conv_general_dilated_patches`, as in `LocallyConnected2D`) is an
-  exact gather written as a convolution with a constant one-hot kernel: it
-  has 0 MACs (see `is_patch_extraction`); its FLOPs stay, as XLA counts them.
+  exact gather written as a convolution with a constant one-hot kernel: it has 0 MACs (see
+  `is_patch_extraction`); its FLOPs stay, as XLA counts them.
 - `flops`: 2 per multiply-add that touches real data (taps that fall on zero padding or on the
   zeros inserted by input dilation are not counted), plus 1 per element for elementwise
   arithmetic (bias add, ReLU, BatchNorm arithmetic), `window - 1` per pooled output and
