@@ -655,6 +655,12 @@ class _Run:
             host_state = warm_start(host_state, pretrained[0])
             if self.is_primary:
                 write_json(os.path.join(self.workdir, INIT_FROM_FILE), pretrained[1])
+        elif config.get("freeze") is not None:  # as init_from's frozen_fresh_modules warning
+            logging.warning(
+                "freeze=%r without init_from.workdir keeps the whole backbone at its random "
+                "initialization: only the head trains, on random features (set "
+                "init_from.workdir to probe a trained backbone, or leave freeze unset to train "
+                "every layer).", config.get("freeze"))
         if not self.device_counts:  # a new run, or a checkpoint written without run_info
             self.device_counts = [self.total_devices]
         return host_state, start_step, resumed_info

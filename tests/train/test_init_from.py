@@ -266,13 +266,18 @@ def test_a_frozen_module_left_out_of_the_warm_start_is_named(source, tmp_path, c
     assert "random initialization" not in caplog.text
 
 
-def test_freeze_without_init_from_trains_only_the_head(tmp_path, initial_states):
+def test_freeze_without_init_from_trains_only_the_head(tmp_path, initial_states, caplog):
+    """Allowed (a random-feature baseline), but said, as for a frozen module the warm start left
+    out: the whole backbone stays at its random initialization. It passed silently before."""
     config = helpers.tiny_config(num_train_steps=4, eval_every_steps=4, freeze="backbone")
-    loop.train_and_evaluate(config, str(tmp_path))
+    with caplog.at_level("WARNING"):
+        loop.train_and_evaluate(config, str(tmp_path))
     start, final = _flat(initial_states[0].params), _flat(_stored(str(tmp_path))["params"])
     for name in start:
         changed = bool(np.any(start[name] != final[name]))
         assert changed == name.startswith("head/"), name
+    assert ("freeze='backbone' without init_from.workdir keeps the whole backbone at its "
+            "random initialization" in caplog.text)
 
 
 def test_resume_beats_init_from(source, tmp_path, monkeypatch):
