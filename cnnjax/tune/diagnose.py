@@ -304,6 +304,10 @@ class Curves:
     initial_loss: float | None = None
     # The metrics.jsonl the curves were read from (`load_curves`), named in `diagnose`'s errors.
     source: str | None = None
+    # The run's schedule name and warmup steps (config.json, by `load_curves`; None: unknown),
+    # so a warmup is advised only where it lengthens the run's own.
+    schedule: str | None = None
+    warmup_steps: int | None = None
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
@@ -364,6 +368,13 @@ def load_curves(workdir: str) -> Curves:
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     curves = Curves._from_checked_records(records, summary, config.get("num_train_steps"), path)
+    schedule = config.get("schedule")
+    if isinstance(schedule, dict):
+        warmup = schedule.get("warmup_steps")
+        curves = dataclasses.replace(
+            curves, schedule=schedule.get("name") if isinstance(schedule.get("name"), str)
+            else None, warmup_steps=warmup if isinstance(warmup, int)
+            and not isinstance(warmup, bool) else None)
     if curves.status == "failed" and not len(curves.train_steps):
         # "log more often" (insufficient_data) would hide the error that stopped it.
         error = ": ".join(str(summary[k]) for k in ("error", "message") if summary.get(k))
@@ -731,8 +742,8 @@ def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
     """What a diverged run should change: a smaller rate, a warmup and gradient clipping."""
     return (Recommendation("optimizer.learning_rate", "multiply", 0.3,
                            "the step size blew the loss up"),
-            Recommendation("schedule.warmup_steps", "set", _warmup(curves),
-                           "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
+            *_warmup_advice(curves,
+                            "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
             Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap the update size"))
 
 
@@ -814,8 +825,7 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
          "median_before": float(median[worst])},
         (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
          Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap rare huge updates"),
-         Recommendation("schedule.warmup_steps", "set", _warmup(curves),
-                        "a warmup over 5% of the run calms the early steps")),
+         *_warmup_advice(curves, "a warmup over 5% of the run calms the early steps")),
     )
 
 
@@ -1030,6 +1040,17 @@ def _warmup(curves: Curves) -> int:
     total = curves.num_train_steps or (int(curves.train_steps[-1]) if len(curves.train_steps)
                                        else 0)
     return max(1, round(WARMUP_FRACTION * total))
+
+
+def _warmup_advice(curves: Curves, reason: str) -> tuple[Recommendation, ...]:
+    """`schedule.warmup_steps` = `_warmup`, unless the run's own schedule already warms up at
+    least that long (the advice would shorten it) or is one_cycle (which warms up by itself; the
+    engine refuses warmup_steps there), as the recipe's stabilizing round does."""
+    steps = _warmup(curves)
+    if curves.schedule == "one_cycle" or (curves.warmup_steps is not None
+                                          and curves.warmup_steps >= steps):
+        return ()
+    return (Recommendation("schedule.warmup_steps", "set", steps, reason),)
 
 
 def _initial_loss(train: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]

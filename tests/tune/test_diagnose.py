@@ -133,6 +133,29 @@ def test_a_non_finite_eval_loss_is_divergence_at_that_eval(tmp_path, metric, bad
         "optimizer.learning_rate", "schedule.warmup_steps", "optimizer.grad_clip_norm"]
 
 
+@pytest.mark.parametrize("schedule, warmup, advised", [
+    ("warmup_cosine", 0, 20),  # none yet: 5% of the 400 steps
+    ("warmup_cosine", 10, 20),  # a shorter one: lengthened to 5%
+    ("warmup_cosine", 100, None),  # already longer than 5%: "set 20" would shorten it
+    ("one_cycle", 0, None),  # warms up by itself; the engine refuses warmup_steps there
+])
+def test_divergence_advises_a_warmup_only_where_it_lengthens_the_runs(tmp_path, schedule,
+                                                                      warmup, advised):
+    """The warmup advice of a diverged run reads the run's own schedule (config.json): it
+    recommended `schedule.warmup_steps = 5%` of the run also to a run that already warmed up
+    longer (lenet5_digits at 40 steps, warmup 30: "set 2") and to one_cycle, which has none."""
+    records = _records(**_converged(), steps=120)
+    path = _workdir(tmp_path, records, status="diverged", steps=STEPS)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "diverged", "step": 120}))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_train_steps": STEPS, "schedule": {"name": schedule, "warmup_steps": warmup}}))
+    d = dg.diagnose_workdir(path)
+    assert d.verdicts == ["diverged"]
+    fields = {r.field: r.value for r in d.findings[0].recommendations}
+    assert fields.get("schedule.warmup_steps") == advised
+    assert fields["optimizer.learning_rate"] == 0.3 and fields["optimizer.grad_clip_norm"] == 1.0
+
+
 def test_a_non_finite_ema_eval_loss_is_divergence_too():
     records = _records(**_converged())
     for r in records:
