@@ -636,12 +636,13 @@ def _underfitting(best: _Incumbent) -> _Proposal:
     if proposal:
         return proposal
     wd = best.value(WEIGHT_DECAY)
+    where = "with a plateaued train loss" if plateaued else "at max_steps"
     if wd > 0:
-        where = "with a plateaued train loss" if plateaued else "at max_steps"
         return _Proposal("less_regularization", f"the best trial underfits {where} "
                          f"({best.evidence}): lower the weight decay", best.fixed, WEIGHT_DECAY,
                          (round_value(wd * 0.3), round_value(wd * 0.1)))
-    return _stop(f"the best trial underfits at max_steps with no weight decay ({best.evidence}): "
+    joined = "and" if plateaued else "with"
+    return _stop(f"the best trial underfits {where} {joined} no weight decay ({best.evidence}): "
                  "a larger model is needed", "exhausted")
 
 

@@ -427,6 +427,23 @@ def test_underfitting_with_a_plateaued_train_loss_lowers_weight_decay_at_once():
                    base).action == "train_longer"  # without the plateau: as before
 
 
+def test_underfitting_without_weight_decay_says_why_it_stops():
+    """No weight decay left to lower: the tune stops. It said "underfits at max_steps" also
+    when the stop came from a plateaued train loss at 100 of max_steps 400 (seen on
+    lenet5_digits with --config.optimizer.weight_decay=0: "at max_steps" at 40 of 80)."""
+    recipe = _recipe()  # round 1 at 100 of max_steps 400
+    plateau = dg.Diagnosis((dg.Finding("underfitting", "synthetic", {
+        "train_loss_plateaued": True}),), "completed")
+    d = rc.decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, _base(**{WD: 0.0}),
+                  lambda *a: plateau)
+    assert d.status == "exhausted" and d.next_round is None
+    assert "underfits with a plateaued train loss and no weight decay" in d.reason
+    assert "max_steps" not in d.reason
+    at_max = _recipe(round1_steps=400)
+    d = _decide([_round1(at_max, [0.5, 0.9, 0.3])], at_max, "underfitting", _base(**{WD: 0.0}))
+    assert d.status == "exhausted" and "underfits at max_steps with no weight decay" in d.reason
+
+
 def test_underfitting_at_max_steps_lowers_weight_decay():
     recipe = _recipe(round1_steps=400)
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "underfitting", _base(**{WD: 1e-3}))
