@@ -114,6 +114,10 @@ EVERY_TRAIN_FIELDS = ("top1", "learning_rate")
 ALWAYS_TRAIN_FIELDS = ("loss",)
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
+WARMUP_FIELD = "schedule.warmup_steps"
+WEIGHT_DECAY_FIELD = "optimizer.weight_decay"
+# The weight decay advised to a run without any (the recipe's first step up from zero).
+WEIGHT_DECAY_FROM_ZERO = 1e-4
 _OWNER = "diagnose"
 
 
@@ -304,10 +308,6 @@ class Curves:
     initial_loss: float | None = None
     # The metrics.jsonl the curves were read from (`load_curves`), named in `diagnose`'s errors.
     source: str | None = None
-    # The run's schedule name and warmup steps (config.json, by `load_curves`; None: unknown),
-    # so a warmup is advised only where it lengthens the run's own.
-    schedule: str | None = None
-    warmup_steps: int | None = None
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]], summary: Mapping | None = None,
@@ -368,13 +368,6 @@ def load_curves(workdir: str) -> Curves:
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     curves = Curves._from_checked_records(records, summary, config.get("num_train_steps"), path)
-    schedule = config.get("schedule")
-    if isinstance(schedule, dict):
-        warmup = schedule.get("warmup_steps")
-        curves = dataclasses.replace(
-            curves, schedule=schedule.get("name") if isinstance(schedule.get("name"), str)
-            else None, warmup_steps=warmup if isinstance(warmup, int)
-            and not isinstance(warmup, bool) else None)
     if curves.status == "failed" and not len(curves.train_steps):
         # "log more often" (insufficient_data) would hide the error that stopped it.
         error = ": ".join(str(summary[k]) for k in ("error", "message") if summary.get(k))
@@ -551,8 +544,12 @@ def _line_number(path: str, index: int) -> int:
 def diagnose_workdir(workdir: str, metric: str | None = None,
                      thresholds: Thresholds | Mapping[str, Any] | None = None) -> Diagnosis:
     """`diagnose(load_curves(workdir), ...)`; `metric` None: the run's own `best_metric`
-    (config.json; top1 for runs that do not record one). Recommendations to set a field to the
-    value the run already had (`data.augment = True` on an augmented run) are left out."""
+    (config.json; top1 for runs that do not record one). Recommendations that would change
+    nothing or undo what they ask for are left out: setting a field to the value the run
+    already had (`data.augment = True` on an augmented run), multiplying a field that is 0
+    (weight decay x0.3 of a run without any; x3 becomes the recipe's first step from zero,
+    1e-4), and a warmup where the run already warms up at least as long or runs `one_cycle`
+    (which warms up by itself; the engine refuses warmup_steps there)."""
     curves = load_curves(workdir)  # checks workdir first
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     if metric is None:
@@ -562,11 +559,30 @@ def diagnose_workdir(workdir: str, metric: str | None = None,
 
 def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any]) -> Diagnosis:
     def in_effect(rec: Recommendation) -> bool:  # a "set" value is never None
-        return rec.change == "set" and get_field(config, rec.field) == rec.value
+        current = get_field(config, rec.field)
+        if rec.field == WARMUP_FIELD and rec.change == "set":
+            return (get_field(config, "schedule.name") == "one_cycle"
+                    or (_is_count(current) and current >= rec.value))
+        return rec.change == "set" and current == rec.value
+
+    def from_zero(rec: Recommendation) -> Recommendation | None:
+        """`rec`, or for a multiple of a field that is 0 the step up from zero (weight decay)
+        or None (a smaller multiple, or a field with no such step)."""
+        if rec.change != "multiply" or get_field(config, rec.field) != 0:
+            return rec
+        if rec.field == WEIGHT_DECAY_FIELD and rec.value > 1:
+            return Recommendation(rec.field, "set", WEIGHT_DECAY_FROM_ZERO,
+                                  f"{rec.reason}; the run has none")
+        return None
 
     findings = tuple(dataclasses.replace(f, recommendations=tuple(
-        r for r in f.recommendations if not in_effect(r))) for f in diagnosis.findings)
+        r for r in map(from_zero, f.recommendations) if r is not None and not in_effect(r)))
+        for f in diagnosis.findings)
     return dataclasses.replace(diagnosis, findings=findings)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------ smoothing
@@ -742,8 +758,8 @@ def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
     """What a diverged run should change: a smaller rate, a warmup and gradient clipping."""
     return (Recommendation("optimizer.learning_rate", "multiply", 0.3,
                            "the step size blew the loss up"),
-            *_warmup_advice(curves,
-                            "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
+            Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+                           "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
             Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap the update size"))
 
 
@@ -825,7 +841,8 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
          "median_before": float(median[worst])},
         (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
          Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap rare huge updates"),
-         *_warmup_advice(curves, "a warmup over 5% of the run calms the early steps")),
+         Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+                        "a warmup over 5% of the run calms the early steps")),
     )
 
 
@@ -1040,17 +1057,6 @@ def _warmup(curves: Curves) -> int:
     total = curves.num_train_steps or (int(curves.train_steps[-1]) if len(curves.train_steps)
                                        else 0)
     return max(1, round(WARMUP_FRACTION * total))
-
-
-def _warmup_advice(curves: Curves, reason: str) -> tuple[Recommendation, ...]:
-    """`schedule.warmup_steps` = `_warmup`, unless the run's own schedule already warms up at
-    least that long (the advice would shorten it) or is one_cycle (which warms up by itself; the
-    engine refuses warmup_steps there), as the recipe's stabilizing round does."""
-    steps = _warmup(curves)
-    if curves.schedule == "one_cycle" or (curves.warmup_steps is not None
-                                          and curves.warmup_steps >= steps):
-        return ()
-    return (Recommendation("schedule.warmup_steps", "set", steps, reason),)
 
 
 def _initial_loss(train: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]

@@ -156,6 +156,32 @@ def test_divergence_advises_a_warmup_only_where_it_lengthens_the_runs(tmp_path, 
     assert fields["optimizer.learning_rate"] == 0.3 and fields["optimizer.grad_clip_norm"] == 1.0
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
+def test_weight_decay_advice_to_a_run_without_any(tmp_path, weight_decay):
+    """'optimizer.weight_decay x0.3' (underfitting) and 'x3' (overfitting) changed nothing for a
+    run without weight decay (lenet5_digits with --config.optimizer.weight_decay=0 was told
+    'x0.3 (less regularization)'): the first is left out, the second becomes 1e-4."""
+    def advice(records, name):
+        (tmp_path / "config.json").write_text(json.dumps({
+            "num_train_steps": STEPS, "optimizer": {"weight_decay": weight_decay}}))
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / "summary.json").write_text(json.dumps({"status": "completed",
+                                                           "step": STEPS}))
+        return {r.field: (r.change, r.value) for r in
+                dg.diagnose_workdir(str(tmp_path)).finding(name).recommendations}
+
+    under = advice(_records(**_converged(train_loss=_decay(2.3, 1.0, 0.03),
+                                         train_top1=_decay(0.1, 0.7, 0.03),
+                                         eval_top1=_decay(0.1, 0.69, 0.03))), "underfitting")
+    over = advice(_records(**_overfit(0.12)), "overfitting")
+    if weight_decay:
+        assert under["optimizer.weight_decay"] == ("multiply", 0.3)
+        assert over["optimizer.weight_decay"] == ("multiply", 3.0)
+    else:
+        assert "optimizer.weight_decay" not in under and "model" in under
+        assert over["optimizer.weight_decay"] == ("set", 1e-4)
+
+
 def test_a_non_finite_ema_eval_loss_is_divergence_too():
     records = _records(**_converged())
     for r in records:
