@@ -5,7 +5,7 @@ for a network of output stride r, and shift-invariant when f(T_s x) = f(x). Conv
 equivariant away from the borders (exactly, everywhere, with circular padding); pooling buys
 invariance only to shifts that keep each maximum inside its window (Goodfellow et al., Deep
 Learning §9.3-9.4). These probes measure both on concrete inputs: the map runs in the input's
-dtype and its outputs are compared in float64.
+dtype and its output (one numeric array) is compared in float64, or complex128 if complex.
 
 Shifts act on the spatial axes `1 .. x.ndim - 2` of a channels-last batch (NHWC for images).
 `mode="circular"` rolls the image around (the exact symmetry of circular convolution);
@@ -78,10 +78,34 @@ def _check_finite(owner: str, arr: np.ndarray) -> None:
                       "expected finite values")
 
 
+def _describe(out: Any) -> str:
+    """A short description of an `fn` output that is not one numeric array, for an error."""
+    if isinstance(out, str):
+        return f"the str {out!r}"
+    if isinstance(out, dict):
+        return f"a dict with keys {sorted(map(str, out))}"
+    if isinstance(out, tuple | list):
+        return f"a {type(out).__name__} of {len(out)} items"
+    if out is None:
+        return "None"
+    return f"a {type(out).__name__}"
+
+
 def _output(owner: str, name: str, out: Any) -> np.ndarray:
-    """`fn`'s output `name` in float64, refused when it holds a NaN or inf (a diverged model):
-    its deviations would be NaN, and a NaN reference scale read as a relative error of 0."""
-    y = np.asarray(out, dtype=np.float64)
+    """`fn`'s output `name` in float64 (complex128 if complex), refused when it is not one
+    numeric array (None from a forgotten `return` was reported as "holding NaN", a tuple or dict
+    failed in NumPy's words) or holds a NaN or inf (a diverged model): its deviations would be
+    NaN, and a NaN reference scale read as a relative error of 0."""
+    try:
+        y = np.asarray(out)
+    except (TypeError, ValueError):  # ragged: a (logits, features) tuple
+        y = None
+    if y is None or not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_
+                         or widen_low_precision(y.reshape(-1)[:0]).dtype != y.dtype):
+        raise invalid(owner, name, _describe(out),
+                      "expected fn to return one numeric array (e.g. the logits or one feature "
+                      "map)")
+    y = y.astype(np.complex128 if np.iscomplexobj(y) else np.float64)
     if not np.all(np.isfinite(y)):
         kinds = sorted({"NaN" if np.isnan(v) else "inf" for v in y[~np.isfinite(y)][:1000]})
         raise invalid(owner, name, f"an array of shape {y.shape} holding {' and '.join(kinds)}",

@@ -1,6 +1,8 @@
 """Shift equivariance of convolutions (exact with circular padding, broken at zero-padded borders)
 and shift invariance of max pooling (only within a pooling window)."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -281,3 +283,28 @@ def test_a_non_finite_output_is_refused_not_scored_as_equivariant(probe):
     # shifts, and the mean of its channels exactly invariant (float32, so to rounding)
     assert probe(lambda a: a * a if probe is equivariance_error else (a * a).mean((1, 2)),
                  X, (2, 2)).relative < 1e-6
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
+@pytest.mark.parametrize("result, shown", [
+    (lambda a: None, "None"),  # a forgotten `return`: was reported as an output "holding NaN"
+    (lambda a: (a, a.sum()), "a tuple of 2 items"),  # (logits, features): numpy's own message
+    (lambda a: {"logits": a}, "a dict with keys ['logits']"),  # was a TypeError from float()
+    (lambda a: "logits", "the str 'logits'"),  # was "could not convert string to float"
+])
+def test_an_output_that_is_not_one_numeric_array_is_named(probe, result, shown):
+    with pytest.raises(ValueError, match=rf"^{probe.__name__}: fn\(x\)={re.escape(repr(shown))} "
+                                         r"is invalid; expected fn to return one numeric array"):
+        probe(result, X, (2, 2))
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
+def test_a_complex_output_keeps_its_imaginary_part(probe):
+    """The output was cast to float64, dropping the imaginary part (with only a NumPy warning):
+    a map whose imaginary part alone is shift-dependent scored 0."""
+    def fn(a):  # real part exactly equivariant; imaginary part fixed to the image grid
+        grid = np.arange(a.shape[1])[None, :, None, None] * np.ones_like(a)
+        y = a + 1j * grid * a
+        return y if probe is equivariance_error else y.sum((1, 2, 3))
+    err = probe(fn, X, (2, 0))
+    assert err.max_abs > 0.1
