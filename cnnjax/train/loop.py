@@ -64,6 +64,9 @@ from cnnjax.utils.files import atomic_write, read_json, write_json
 from cnnjax.utils.lock import directory_lock
 
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
+# What experiments.evaluate, .visualize, .robustness and .rcnn_svm measured of the run's
+# checkpoints (named by step only): `restart` removes them with the run they describe.
+MEASUREMENT_DIRS = ("eval", "visualize", "robustness", "rcnn_svm")
 DIVERGENCE_HINT = "learning rate too high or bad initialization"
 BATCH_STATS_HINT = ("activations too large for their dtype (unnormalized or extreme inputs, a "
                     "learning rate too high)")
@@ -472,7 +475,8 @@ class _Run:
                          "(delete the workdir to start it over).", workdir)
         elif config.restart:
             if self.is_primary:
-                for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR):
+                for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR,
+                             *MEASUREMENT_DIRS):
                     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
                 for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE,
                              distill_lib.DISTILL_FILE):

@@ -473,6 +473,24 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
     assert summary["resumed_from_step"] == 0 and summary["status"] == "completed"
 
 
+def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
+    """`restart` empties the workdir (docs/training.md): the outputs experiments.evaluate,
+    .visualize, .robustness and .rcnn_svm wrote from the discarded run's checkpoints go too.
+    They stayed, named by checkpoint step only, so eval/test_step4.json read as the new run's
+    step 4, and a robustness rerun of the new run (same settings, same step) reprinted the old
+    model's table. The launcher's slurm/ folder (the running job's script and logs) stays."""
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    outputs = ("eval/test_step4.json", "visualize/visualize.json",
+               "robustness/robustness.json", "rcnn_svm/results.json", "slurm/job.sbatch")
+    for name in outputs:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    changed = helpers.tiny_config(num_train_steps=4, restart=True,
+                                  **{"optimizer.name": "adam"})
+    assert loop.train_and_evaluate(changed, str(tmp_path))["resumed_from_step"] == 0
+    assert [n for n in outputs if (tmp_path / n).exists()] == ["slurm/job.sbatch"]
+
+
 def test_restart_never_discards_a_run_of_the_same_config(tmp_path, monkeypatch):
     """A job requeued with `--config.restart=True` still on its command line resumes."""
     from cnnjax.train.preemption import StopRequest, TrainingInterrupted
