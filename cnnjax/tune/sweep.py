@@ -690,6 +690,8 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
         for i, r in enumerate(bad):
             ax.axvline(position(r["overrides"][param.field]), color="tab:red", linestyle=":",
                        label=r["status"] if i == 0 else None)
+        if param.numeric and param.log_scale:
+            _without_crowded_minor_labels(ax)
         ax.set_xlabel(param.field)
         ax.set_ylabel(f"best eval {metric}")
         ax.grid(True, alpha=0.3)
@@ -698,6 +700,17 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
     fig.suptitle(f"{len(done)} of {len(rows)} trials completed")
     fig.tight_layout()
     return fig
+
+
+def _without_crowded_minor_labels(ax) -> None:
+    """Drops the minor-tick labels (2x10^-2, 3x10^-2, ...) matplotlib puts on a log x axis that
+    spans under about two decades, printed over each other in a 4-inch panel, when a decade's
+    own label is in view (within one decade they are the only labels: kept)."""
+    from matplotlib.ticker import NullFormatter
+
+    low, high = ax.get_xlim()
+    if low > 0 and math.floor(math.log10(high)) >= math.ceil(math.log10(low)):
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def interruption_message(sweep_dir: str) -> str:

@@ -512,6 +512,28 @@ def test_figure_has_a_panel_per_field_log_x_where_values_span_decades():
     assert sw.results_figure(rows[:0], log_space, "loss").axes[0].get_xscale() == "log"
 
 
+@pytest.mark.parametrize("values", [(0.0186, 0.0343, 0.701), (0.0021, 0.0048)])
+def test_log_axis_tick_labels_do_not_overlap(values):
+    """A log-uniform lr drawn over less than ~2 decades (0.0186..0.701, a 3-trial random sweep
+    of lenet5_digits) got matplotlib's minor-tick labels (2x10^-2, 3x10^-2, ...) in the 4-inch
+    panel, printed over each other; within one decade they are the only labels and stay."""
+    space = sp.random([sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0)], 3)
+    rows = [{"index": i, "trial_id": f"t{i}", "status": "completed", "best": 0.5,
+             "overrides": {"optimizer.learning_rate": v}} for i, v in enumerate(values)]
+    fig = sw.results_figure(rows, space, "top1")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    low, high = ax.get_xlim()
+    boxes = [label.get_window_extent(renderer)
+             for tick in (*ax.xaxis.get_major_ticks(), *ax.xaxis.get_minor_ticks())
+             for label in (tick.label1,)
+             if label.get_visible() and label.get_text() and low <= tick.get_loc() <= high]
+    assert boxes  # the axis is labelled
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not overlaps
+
+
 def test_trial_recorded_completed_without_a_summary_reads_as_completed(tmp_path):
     # A process killed between trial.json and summary.json (or a stand-in engine) leaves this.
     trial = sp.Trial(0, "t0", {"optimizer.learning_rate": 0.1})
