@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -467,9 +468,10 @@ def feature_receptive_field(model: nn.Module, input_shape: Sequence[int],
 def plot_effective_receptive_field(result: EffectiveReceptiveField, path: str,
                                    theoretical: ReceptiveField | None = None,
                                    title: str = "") -> str:
-    """Heat map of `result.map` saved to `path` (PNG, written atomically), with the centre of
-    mass, the effective `square` (dashed) and, given `theoretical` (the unit's map's
-    `ReceptiveField`), the theoretical field's box. Uses the Agg backend; returns `path`."""
+    """Heat map of `result.map` saved to `path` (PNG, written atomically; a missing folder is
+    created, as the CLI's `--output` check expects), with the centre of mass, the effective
+    `square` (dashed) and, given `theoretical` (the unit's map's `ReceptiveField`), the
+    theoretical field's box. Uses the Agg backend; returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -479,6 +481,7 @@ def plot_effective_receptive_field(result: EffectiveReceptiveField, path: str,
     if result.map.ndim != 2:
         raise invalid("plot_effective_receptive_field", "result.map.shape", result.map.shape,
                       "expected a 2-D map (image inputs)")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 5))
     h, w = result.map.shape
     image = ax.imshow(result.map, cmap="viridis", extent=(-0.5, w - 0.5, h - 0.5, -0.5))

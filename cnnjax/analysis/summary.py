@@ -191,10 +191,12 @@ class Summary:
         }
 
     def to_csv(self, path_or_buffer: str | os.PathLike | io.TextIOBase) -> None:
-        """Writes one CSV line per row (receptive field split per spatial axis)."""
+        """Writes one CSV line per row (receptive field split per spatial axis); a path's
+        missing folder is created (the CLI's `--csv` check accepts one still to be made)."""
         rows = [_row_csv(r) for r in self.rows]
         fields = list(rows[0]) if rows else ["name"]
         if isinstance(path_or_buffer, str | os.PathLike):
+            os.makedirs(os.path.dirname(os.path.abspath(path_or_buffer)), exist_ok=True)
             with open(path_or_buffer, "w", newline="") as f:
                 _write_csv(f, fields, rows)
         else:

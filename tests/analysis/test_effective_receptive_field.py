@@ -247,6 +247,15 @@ def test_plot_writes_png(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_plot_into_a_folder_not_yet_made_creates_it(tmp_path):
+    """The CLI's up-front check (`check_figure_path`) accepts an --output whose folder is still
+    to be created; nothing created it, so the CLI ended in a FileNotFoundError traceback after
+    computing the map."""
+    path = tmp_path / "figures" / "new" / "erf.png"
+    plot_effective_receptive_field(_linear_erf(1, KERNEL, 5, num_samples=1), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -344,8 +344,16 @@ def test_text_dict_and_csv(tmp_path):
     assert int(records[1]["params"]) == 8 * (8 * 9 + 1)
 
 
+def test_csv_into_a_folder_not_yet_made_creates_it(tmp_path):
+    """The CLI's up-front check accepts a --csv whose folder is still to be created; nothing
+    created it, so the write failed after the table with a bare "[Errno 2] No such file"."""
+    path = tmp_path / "tables" / "new" / "rows.csv"
+    summary(ResidualNet(), (16, 16, 3)).to_csv(str(path))
+    assert next(csv.DictReader(path.open()))["name"] == "stem"
+
+
 def test_cli_prints_table_and_writes_csv(tmp_path):
-    out = tmp_path / "vgg.csv"
+    out = tmp_path / "tables" / "vgg.csv"  # a folder still to be made, as --csv's check accepts
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
