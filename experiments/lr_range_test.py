@@ -24,7 +24,13 @@ configure_entry_point()
 from absl import app, flags  # noqa: E402
 
 from cnnjax.tune import lr_range  # noqa: E402
-from cnnjax.utils.cli import define_config_file, one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    define_config_file,
+    exit_on_ctrl_c,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 
 _CONFIG = define_config_file(
     "config",
@@ -49,9 +55,16 @@ _SMOOTHING = flags.DEFINE_float(
 flags.mark_flags_as_required(["workdir"])
 
 
+def _interrupted_message() -> str:
+    return (f"Ctrl-C; the LR range test in {_WORKDIR.value!r} has no checkpoint to resume (its "
+            f"{lr_range.RECORD_FILE} records it as interrupted): rerunning the same command "
+            "redoes it.")
+
+
 def main(argv: list[str]) -> None:
     start_command(argv)
-    with one_line_errors():
+    # Ctrl-C: one line, exit status 130, as experiments.train (SIGTERM still exits 143)
+    with exit_on_ctrl_c(_interrupted_message), one_line_errors():
         record = lr_range.run_lr_range(
             _CONFIG.value, _WORKDIR.value, lr_min=_LR_MIN.value, lr_max=_LR_MAX.value,
             steps=_STEPS.value, divergence_factor=_DIVERGENCE_FACTOR.value,

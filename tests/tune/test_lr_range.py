@@ -303,6 +303,36 @@ def test_script_bad_flag_is_a_one_line_error_before_anything_is_written(tmp_path
     assert not (tmp_path / "lrr").exists()
 
 
+_CTRL_C_DURING_THE_TEST = """
+import sys
+from absl import app
+from cnnjax.tune import lr_range
+from cnnjax.utils.cli import parse_flags
+
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+lr_range.run_lr_range = ctrl_c
+from experiments import lr_range_test
+app.run(lr_range_test.main, flags_parser=parse_flags)
+"""
+
+
+def test_script_ctrl_c_is_one_line_saying_the_rerun_redoes_the_test(tmp_path):
+    """Ctrl-C ended `experiments.lr_range_test` with a ~40-line KeyboardInterrupt traceback
+    (from inside the jitted step); train, sweep and tune print one `interrupted:` line."""
+    workdir = tmp_path / "lrr"
+    result = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_DURING_THE_TEST, f"--config={CONFIG}",
+         f"--workdir={workdir}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"interrupted: Ctrl-C; the LR range test in {str(workdir)!r} has no checkpoint to "
+        f"resume (its {lr_range.RECORD_FILE} records it as interrupted): rerunning the same "
+        "command redoes it.")
+
+
 @pytest.mark.slow
 def test_script_end_to_end_on_digits_then_rerun_reprints_and_other_settings_refused(tmp_path):
     """LeNet-5 on the real `digits` pipeline, 30 steps from 1e-4 to 1e2 (it diverges)."""
