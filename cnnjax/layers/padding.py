@@ -88,7 +88,7 @@ def pad_nhwc(
             raise invalid(owner, "padding", padding,
                           f"{mode} padding needs a non-empty input {axis_name} (got 0): it "
                           "repeats the input's values, and there are none")
-        if mode == "reflect" and max(pair) >= size:
+        if mode == "reflect" and max(pair) > 0 and max(pair) >= size:
             raise invalid(
                 owner, "padding", padding,
                 f"reflect padding must be smaller than the input {axis_name} {size} on each "

@@ -147,3 +147,15 @@ def test_edge_modes_refuse_padding_an_empty_axis(mode):
         pad_nhwc(x, (1, 0), mode, owner="MyLayer")
     assert pad_nhwc(x, (0, 2), mode).shape == (1, 0, 7, 1)  # the empty axis is not padded
     assert pad_nhwc(x, (1, 0), "zeros").shape == (1, 2, 3, 1)  # zeros need no edge
+
+
+def test_reflect_leaves_an_unpadded_empty_axis_alone():
+    # A zero pad of an empty axis needs no reflection: np.pad and jnp.pad accept it, as
+    # pad_nhwc does for replicate/circular; reflect refused it ("padding must be smaller than
+    # the input height 0 ... (got (0, 0))").
+    x = jnp.zeros((1, 0, 3, 1))
+    assert pad_nhwc(x, (0, 1), "reflect").shape == (1, 0, 5, 1)
+    assert pad_nhwc(x, 0, "reflect").shape == (1, 0, 3, 1)
+    with pytest.raises(ValueError, match=r"MyLayer: padding=\(1, 0\) is invalid; reflect padding "
+                                         r"must be smaller than the input height 0"):
+        pad_nhwc(x, (1, 0), "reflect", owner="MyLayer")
