@@ -202,6 +202,8 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
                        "wall_time_s": time.time() - started}
             if is_primary:
                 write_json(os.path.join(workdir, RECORD_FILE), record)
+            if isinstance(err, TrainingInterrupted):  # it exits 143: say why, as training does
+                logging.warning("LR range test: %s", err)
             raise
         record["wall_time_s"] = time.time() - started
         if is_primary:

@@ -143,9 +143,11 @@ def test_the_ramp_replaces_any_schedule(fake_engine, tmp_path, schedule):
 
 
 def test_a_sigterm_is_recorded_as_interrupted_and_a_rerun_redoes_the_test(fake_engine,
-                                                                         tmp_path, monkeypatch):
+                                                                         tmp_path, monkeypatch,
+                                                                         caplog):
     """scancel and SLURM's time limit send SIGTERM: the test used to die at once (exit 143)
-    leaving no lr_range.json, so neither the user nor a tune knew why it stopped."""
+    leaving no lr_range.json, so neither the user nor a tune knew why it stopped; then it
+    exited 143 printing nothing (experiments.train logs why it stopped)."""
     import signal
 
     from cnnjax.train.preemption import EXIT_CODE, TrainingInterrupted
@@ -160,9 +162,11 @@ def test_a_sigterm_is_recorded_as_interrupted_and_a_rerun_redoes_the_test(fake_e
     monkeypatch.setattr(lr_range, "stop_reason", term_at_step_3)
     workdir = str(tmp_path / "run")
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted) as info:
+    with pytest.raises(TrainingInterrupted) as info, caplog.at_level("WARNING"):
         lr_range.run_lr_range(_config(), workdir, **SETTINGS)
     assert info.value.code == EXIT_CODE and info.value.step == 3
+    assert ("LR range test: Stopped by SIGTERM at step 3 (nothing to resume); rerun the same "
+            "command to redo it." in caplog.text)
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
     with open(os.path.join(workdir, lr_range.RECORD_FILE)) as f:
         record = json.load(f)
