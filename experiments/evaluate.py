@@ -35,7 +35,12 @@ configure_entry_point()
 
 from absl import app, flags  # noqa: E402
 
-from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
+from cnnjax.utils.cli import (  # noqa: E402
+    exit_on_ctrl_c,
+    one_line_errors,
+    parse_flags,
+    start_command,
+)
 from cnnjax.utils.files import check_output_dir  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
@@ -153,6 +158,13 @@ def _plot_reliability(run, result: dict, path: str) -> str:
 
 def main(argv: list[str]) -> None:
     start_command(argv)
+    # Ctrl-C: one line, exit status 130, as experiments.train
+    with exit_on_ctrl_c(lambda: f"Ctrl-C; evaluate only reads the run in {_WORKDIR.value!r}: "
+                                "rerun the command to evaluate it."):
+        _evaluate()
+
+
+def _evaluate() -> None:
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import (
         NoWeightAverageError,

@@ -189,3 +189,29 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp
     assert bad_flags.returncode == 1 and bad_flags.stderr.strip().splitlines()[-1] == (
         "error: --step=0 is invalid; expected a checkpoint step >= 1 (or leave it out: the best "
         "checkpoint, else the newest)")
+
+
+_CTRL_C_WHILE_LOADING = """
+from absl import app
+from cnnjax.train import trained
+
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+trained.load_trained = ctrl_c
+from experiments import evaluate
+app.run(evaluate.main)
+"""
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    """Ctrl-C ended `experiments.evaluate` with a KeyboardInterrupt traceback; train, sweep,
+    tune and the LR range test print one `interrupted:` line (exit status 130)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_LOADING,
+                             f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"interrupted: Ctrl-C; evaluate only reads the run in {str(tmp_path)!r}: rerun the "
+        "command to evaluate it.")
