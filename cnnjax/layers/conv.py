@@ -511,6 +511,7 @@ def bilinear_kernel_1d(size: int) -> np.ndarray:
     `f[i] = 1 − |i − c|/m` with `m = ceil(size/2)`, `c = m − 1` (odd size) or `m − 0.5` (even);
     e.g. size 4 (stride 2) gives `[0.25, 0.75, 0.75, 0.25]`.
     """
+    size = check_positive_int("bilinear_kernel_1d", "size", size)
     factor = (size + 1) // 2
     center = factor - 1 if size % 2 == 1 else factor - 0.5
     return 1.0 - np.abs(np.arange(size) - center) / factor

@@ -375,6 +375,14 @@ def test_conv_transpose_is_adjoint_of_conv2d():
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
 
 
+@pytest.mark.parametrize("size", [0, -2, 2.5, True])
+def test_bilinear_kernel_refuses_a_non_positive_int_size(size):
+    # bilinear_kernel_1d(2.5) returned [0.5, 0.5, -0.5] and (0) an empty filter, silently.
+    with pytest.raises(ValueError, match=rf"bilinear_kernel_1d: size={size!r} is invalid; "
+                                         r"expected a positive integer"):
+        bilinear_kernel_1d(size)
+
+
 def test_bilinear_kernel_values():
     np.testing.assert_allclose(bilinear_kernel_1d(4), [0.25, 0.75, 0.75, 0.25])
     np.testing.assert_allclose(bilinear_kernel_1d(5), [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
