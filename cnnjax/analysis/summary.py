@@ -63,7 +63,7 @@ from cnnjax.analysis.receptive_field import (
     to_receptive_field,
     with_counts,
 )
-from cnnjax.analysis.trace import Trace, trace_model
+from cnnjax.analysis.trace import Trace, is_prng_key, trace_model
 from cnnjax.utils.validation import (
     check_float_dtype,
     check_positive_int,
@@ -533,7 +533,16 @@ def _check_call_kwargs(owner: str, model: nn.Module, call_kwargs: dict[str, Any]
     """Keyword arguments the called method (`__call__`, or apply's `method=`) does not take are
     refused before tracing, naming them and the method's signature."""
     kwargs = {k: v for k, v in call_kwargs.items() if k not in _APPLY_KWARGS}
+    rngs = call_kwargs.get("rngs")
+    if rngs is not None and not isinstance(rngs, dict) and not is_prng_key(rngs):
+        raise invalid(owner, "rngs", rngs, "expected a dict of PRNG keys by stream name (e.g. "
+                      "{'dropout': jax.random.key(0)}) or one PRNG key (for 'params'), as "
+                      "model.apply takes")
     method = call_kwargs.get("method") or "__call__"
+    if not isinstance(method, str) and not callable(method):
+        raise invalid(owner, "method", method, f"expected the name of a method of "
+                      f"{type(model).__name__} or a function of (module, x, ...), as "
+                      "model.apply takes")
     fn = getattr(type(model), method, None) if isinstance(method, str) else method
     try:
         signature = inspect.signature(fn)

@@ -391,6 +391,14 @@ class _Flattener:
         return None
 
 
+def is_prng_key(value: Any) -> bool:
+    """Whether `value` is one PRNG key as flax's `apply(rngs=...)` takes it: a typed key or a
+    raw uint32 key of shape (2,)."""
+    return isinstance(value, jax.Array | np.ndarray) and (
+        jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+        or (value.dtype == np.uint32 and value.shape == (2,)))
+
+
 def _init_shapes(model: nn.Module, x: Any, rngs: dict[str, Any],
                  call_kwargs: dict[str, Any]) -> Any:
     """The variables' shapes, from an abstract `model.init` watched by the input-size check's
@@ -415,7 +423,11 @@ def trace_model(
     Raises `cnnjax.train.checks.LayerCallError` naming the layer where `model.init` fails on
     this input."""
     x = jax.ShapeDtypeStruct((batch_size, *input_shape), dtype)
-    user_rngs = call_kwargs.pop("rngs", None) or {}
+    user_rngs = call_kwargs.pop("rngs", None)
+    if user_rngs is None:
+        user_rngs = {}
+    elif not isinstance(user_rngs, dict):  # one key: flax's apply reads it as {'params': key}
+        user_rngs = {"params": user_rngs}
     streams = {"params", "dropout", *user_rngs}
 
     def rngs() -> dict[str, Any]:

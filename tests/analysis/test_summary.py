@@ -705,6 +705,21 @@ def test_apply_keywords_reach_apply_and_the_rest_the_called_method():
         summary(_TwoMethods(), (6, 6, 2), method="features", train=True)
 
 
+def test_apply_rngs_and_method_are_checked_as_apply_takes_them():
+    """`rngs=` as one PRNG key (flax's apply takes it for {'params': key}) failed with "TypeError:
+    key array cannot be converted to boolean"; an int, with "'int' object is not iterable"; a
+    `method=` that is no name or function, with flax's ApplyModuleInvalidMethodError."""
+    plain = summary(_TwoMethods(), (6, 6, 2)).totals
+    assert summary(_TwoMethods(), (6, 6, 2), rngs=jax.random.key(3)).totals == plain
+    assert summary(_TwoMethods(), (6, 6, 2), rngs={"dropout": jax.random.key(3)}).totals == plain
+    with pytest.raises(ValueError, match=r"^summary: rngs=5 is invalid; expected a dict of PRNG "
+                                         r"keys by stream name .* or one PRNG key"):
+        summary(_TwoMethods(), (6, 6, 2), rngs=5)
+    with pytest.raises(ValueError, match=r"^summary: method=3 is invalid; expected the name of "
+                                         r"a method of _TwoMethods or a function"):
+        summary(_TwoMethods(), (6, 6, 2), method=3)
+
+
 class _Pool(nn.Module):
     """One pooling function of the map, as a model."""
 
