@@ -149,6 +149,34 @@ def _check_dtypes(module: nn.Module) -> None:
     check_float_dtype(owner, "param_dtype", module.param_dtype, allow_none=False)
 
 
+def _precision_name(value: Any) -> bool:
+    """Whether `value` is a `lax.Precision` or one of its names ("highest", "float32", ...)."""
+    if isinstance(value, lax.Precision):
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        lax.Precision(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_precision(module: nn.Module) -> None:
+    """`precision` must be a form `lax` accepts: a misspelt one ("hihgest") failed only when
+    traced, in lax's words and without the layer's name."""
+    value = module.precision
+    if (value is None or _precision_name(value)
+            or isinstance(value, lax.DotAlgorithm | lax.DotAlgorithmPreset)
+            or (isinstance(value, str) and value in lax.DotAlgorithmPreset.__members__)
+            or (isinstance(value, list | tuple) and len(value) == 2
+                and all(_precision_name(v) for v in value))):
+        return
+    raise invalid(type(module).__name__, "precision", value,
+                  "expected None, a lax.Precision or its name ('default', 'high', 'highest', "
+                  "...), a pair of those, or a lax.DotAlgorithmPreset or its name")
+
+
 def _check_conv_input(owner: str, x: Array) -> None:
     """A rank-4 NHWC input with a non-empty map and at least one channel (a kernel over 0 input
     channels has no fan-in: flax's initializer would divide by zero)."""
@@ -209,6 +237,7 @@ class Conv2D(nn.Module):
                   self.padding_mode, self.dilation)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
         _check_dtypes(self)
+        _check_precision(self)
         super().__post_init__()
 
     def setup(self) -> None:
@@ -265,6 +294,7 @@ class LocallyConnected2D(nn.Module):
                   self.padding_mode, self.dilation)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
         _check_dtypes(self)
+        _check_precision(self)
         super().__post_init__()
 
     def setup(self) -> None:
@@ -350,6 +380,7 @@ class TiledConv2D(nn.Module):
                   self.dilation)
         check_bool(owner, "use_bias", self.use_bias)
         _check_dtypes(self)
+        _check_precision(self)
         super().__post_init__()
 
     @nn.compact
@@ -448,6 +479,7 @@ class ConvTranspose2D(nn.Module):
         _transpose_geometry(self)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
         _check_dtypes(self)
+        _check_precision(self)
         super().__post_init__()
 
     @nn.compact

@@ -375,6 +375,20 @@ def test_conv_transpose_is_adjoint_of_conv2d():
     np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layer", [Conv2D, LocallyConnected2D, TiledConv2D, ConvTranspose2D])
+def test_precision_checked_at_construction(layer):
+    # A misspelt precision raised only at init, in lax's words ("Precision argument must be one
+    # of ...") without the layer's name.
+    with pytest.raises(ValueError, match=rf"{layer.__name__}: precision='hihgest' is invalid; "
+                                         r"expected None, a lax.Precision"):
+        layer(2, 3, precision="hihgest")
+    with pytest.raises(ValueError, match=rf"{layer.__name__}: precision=3 is invalid"):
+        layer(2, 3, precision=3)
+    for ok in (None, "highest", "tensorfloat32", jax.lax.Precision.HIGH, ("high", "default"),
+               "F32_F32_F32", jax.lax.DotAlgorithmPreset.DEFAULT):
+        layer(2, 3, precision=ok)
+
+
 @pytest.mark.parametrize("size", [0, -2, 2.5, True])
 def test_bilinear_kernel_refuses_a_non_positive_int_size(size):
     # bilinear_kernel_1d(2.5) returned [0.5, 0.5, -0.5] and (0) an empty filter, silently.
