@@ -47,7 +47,9 @@ def format_report(record: dict) -> str:
         out += ["## Best trial", "",
                 f"Eval {metric} {best['value']:.4f} at step {best['step']} (round "
                 f"{best['round']}, trial `{best['trial_id']}`, `{best['workdir']}`). "
-                "Config overrides:", "", "```",
+                "Config overrides on top of the tune's base config (`tune.json`, with any "
+                "`--config.*` given to the tune); the trial's whole resolved config is its "
+                "workdir's `config.json`:", "", "```",
                 " ".join(f"--config.{k}={_cli(v)}" for k, v in best["overrides"].items()),
                 "```", ""]
         if record.get("diagnosis"):

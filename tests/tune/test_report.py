@@ -74,3 +74,12 @@ def test_the_report_prints_the_diagnosis_notes_recipe_json_holds(tmp_path):
     del diagnosis["notes"]
     text = rp.format_report(_record(str(tmp_path), diagnosis))
     assert text.count("- **converged**: flat.\n") == 2 and "note:" not in text
+
+
+def test_the_best_trials_overrides_say_what_they_are_relative_to(tmp_path):
+    """The overrides printed for the best trial are the recipe's only; the report says where the
+    rest of its config is (the tune's base config, the trial's own resolved config.json)."""
+    text = rp.format_report(_record(str(tmp_path)))
+    said = text.split("## Best trial", 1)[1].split("```", 1)[0]
+    assert "`tune.json`" in said and "`config.json`" in said
+    assert "--config.optimizer.learning_rate=0.1" in text
