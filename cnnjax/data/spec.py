@@ -70,7 +70,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     `grey_to_rgb` (True: grey images become RGB, their one channel repeated 3 times, and the
     preset's one-channel mean/std with it, e.g. to fine-tune an ImageNet-pretrained RGB model on
     mnist; refused for data that is not grey); and `fake_*`, the shape, classes and sizes of the
-    `fake` dataset (random in-memory images for benchmarks).
+    `fake` dataset (random in-memory images for benchmarks; with any other `name` they must
+    keep these defaults, as they would do nothing).
     """
     preset = presets.get_preset(name)
     fake = presets.get_preset("fake")
@@ -182,6 +183,26 @@ def _check_classes(value: Any) -> tuple[int, ...] | None:
     return tuple(int(v) for v in value)
 
 
+FAKE_FIELDS = ("fake_image_shape", "fake_num_classes", "fake_num_train", "fake_num_eval")
+
+
+def _check_fake_fields_unset(name: str, cfg: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The `fake_*` fields shape the in-memory `fake` set only: beside a real dataset a value
+    other than the default (which every config carries) would be silently ignored."""
+    for arg in FAKE_FIELDS:
+        value, default = cfg[arg], defaults[arg]
+        if arg == "fake_image_shape":  # a config.json's list is the same shape
+            same = tuple(int(v) for v in value) == tuple(default)
+        else:
+            same = int(value) == default
+        if not same:
+            raise invalid(_OWNER, arg, value,
+                          f"expected the default {default!r} for name={name!r}: the fake_* "
+                          "fields shape the in-memory 'fake' dataset only (the size and classes "
+                          f"of {name!r} come from its tfds data); set data.name='fake' to use "
+                          "them, or leave them unset")
+
+
 def check_name(name: Any) -> str:
     """`name` if cnnjax has a preset for it (the names `resolve` accepts), else a ValueError
     listing them; without TensorFlow, so a config check refuses a typo before the pipeline."""
@@ -220,6 +241,8 @@ def resolve(data_config: Any) -> Spec:
     for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
         if not is_integer(cfg[arg]) or cfg[arg] <= 0:
             raise invalid(_OWNER, arg, cfg[arg], "expected a positive integer")
+    if name != "fake":
+        _check_fake_fields_unset(name, cfg, defaults)
     per_class = cfg["train_examples_per_class"]
     if per_class is not None and (not is_integer(per_class) or per_class <= 0):
         raise invalid(_OWNER, "train_examples_per_class", per_class,

@@ -300,6 +300,31 @@ def test_fake_dataset(tmp_path):
     assert [e["mask"].sum() for e in evals] == [4, 4, 1]
 
 
+@pytest.mark.parametrize("name", ["digits", "cifar10", "imagenette"])
+@pytest.mark.parametrize("field,value", [
+    ("fake_num_classes", 7), ("fake_num_train", 40), ("fake_num_eval", 9),
+    ("fake_image_shape", (12, 10, 3)),
+])
+def test_fake_fields_are_refused_for_a_real_dataset(name, field, value):
+    """The `fake_*` fields shape the in-memory `fake` set only: a changed one beside a tfds
+    dataset did nothing (digits kept its 10 classes under fake_num_classes=7), silently. It is
+    refused by name before any I/O; the defaults every config carries, and values equal to
+    them (a config.json's list for the shape), still resolve."""
+    config = pipeline.default_data_config(name)
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: {field}={value!r} is invalid; expected the default "
+            f"{getattr(pipeline.default_data_config('fake'), field)!r} for name={name!r}: the "
+            "fake_* fields shape the in-memory 'fake' dataset only")):
+        resolve(config)
+    config = pipeline.default_data_config(name)
+    config.fake_image_shape = list(config.fake_image_shape)
+    assert resolve(config).preset.name == name
+    fake = pipeline.default_data_config("fake")
+    setattr(fake, field, value)
+    assert getattr(resolve(fake), field) == value
+
+
 # ------------------------------------------------------------------------------------ errors
 def _expect(match, fn, *args, **kwargs):
     with pytest.raises(ValueError, match=match):
