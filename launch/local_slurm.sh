@@ -148,12 +148,29 @@ stop() {  # the daemons of either layout, by their pid files; then node2's names
   net_down
 }
 
+need_slurm() {  # need_slurm <command>: the SLURM client commands it uses are on the PATH
+  local tool
+  for tool in sbatch squeue scancel scontrol; do
+    if ! command -v "$tool" >/dev/null; then
+      echo "error: local_slurm.sh $1: $tool is not on the PATH; start SLURM first" \
+        "(sudo launch/local_slurm.sh start, or start_two_node for two_node)" >&2
+      exit 2
+    fi
+  done
+}
+
 submit() {  # submit <workdir> <launch.submit flags...> -- <overrides>; prints the job id
-  local workdir=$1
+  local workdir=$1 out job
   shift
   rm -rf "$workdir"
-  "$PYTHON" -m launch.submit --workdir="$workdir" --gpus_per_node=0 --cpus_per_task=1 \
-    --time=00:30:00 "$@" 2>/dev/null | sed -n 's/^Submitted .* job \([0-9]*\).*/\1/p'
+  out=$("$PYTHON" -m launch.submit --workdir="$workdir" --gpus_per_node=0 --cpus_per_task=1 \
+    --time=00:30:00 "$@" 2>&1) || true
+  job=$(sed -n 's/^Submitted .* job \([0-9]*\).*/\1/p' <<<"$out")
+  if [[ -z $job ]]; then  # stop here: the checks would wait for a job that never ran
+    echo "error: local_slurm.sh: submitting $workdir failed: $(tail -n 1 <<<"$out")" >&2
+    exit 1
+  fi
+  echo "$job"
 }
 
 wait_for() {  # wait_for <job id>: until it has left the queue
@@ -171,6 +188,7 @@ result() {  # result <name> <python expression over json summaries>; PASS or FAI
 
 check() {
   FAILED=0
+  need_slurm check
   local digits=(--config=experiments/configs/lenet5_digits.py)
   local short=(-- --config.num_train_steps=200 --config.eval_every_steps=100)
   local plain preempted sweep
@@ -214,6 +232,7 @@ EOF
 
 time_limit() {
   FAILED=0
+  need_slurm time_limit
   local job events
   job=$(submit "$OUT/time_limit" --entry=train --config=experiments/configs/lenet5_digits.py \
     --time=00:03:00 --signal_seconds=90 --max_requeues=1 -- --config.num_train_steps=100000)
@@ -253,6 +272,7 @@ wait_log() {  # wait_log <workdir> <text> <job id>: until the job's log has the 
 
 two_node() {  # after start_two_node
   FAILED=0
+  need_slurm two_node
   local digits=(--entry=train --config=experiments/configs/lenet5_digits.py)
   local short=(-- --config.num_train_steps=200 --config.eval_every_steps=100)
   local one two preempted coordinators port

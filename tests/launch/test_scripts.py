@@ -1,12 +1,23 @@
 """The hand-written examples `launch/sbatch_{train,sweep,tune}.sh`, run with a stand-in `srun`:
-the command they start, and the CPUs their job step gets."""
+the command they start, and the CPUs their job step gets; `launch/local_slurm.sh`'s checks
+where SLURM is missing or refuses a job."""
 
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import CONFIG, RECIPE, ROOT, SWEEP, path_with, write_executable
+from tests.launch.conftest import (
+    CONFIG,
+    RECIPE,
+    ROOT,
+    SWEEP,
+    path_with,
+    stand_in_slurm,
+    write_executable,
+)
 
 SCRIPTS = {
     "train": (["work"], {}, "experiments.train",
@@ -56,3 +67,37 @@ def test_outside_a_job_srun_keeps_its_own_default(tmp_path: Path):
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cpus").read_text() == "unset\n"
+
+
+def test_local_slurm_checks_without_slurm_say_so(tmp_path: Path):
+    """`launch/local_slurm.sh check` before `start` (no SLURM commands) exited 1 without a word:
+    launch.submit's error was sent to /dev/null. It names the missing command and `start`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    for command in ("check", "time_limit", "two_node"):
+        result = subprocess.run(
+            [shutil.which("bash"), str(ROOT / "launch" / "local_slurm.sh"), command],
+            env={"PATH": str(bin_dir), "OUT": str(tmp_path / "out")}, capture_output=True,
+            text=True, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [
+            f"error: local_slurm.sh {command}: sbatch is not on the PATH; start SLURM first "
+            "(sudo launch/local_slurm.sh start, or start_two_node for two_node)"]
+        assert not (tmp_path / "out").exists()
+
+
+def test_local_slurm_check_reports_a_failed_submission(tmp_path: Path):
+    """A submission SLURM refuses stopped `check` silently (exit 1, launch.submit's error
+    discarded); it now prints that error and stops before waiting for a job."""
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    (bin_dir / "sbatch.fail").touch()
+    write_executable(bin_dir / "squeue", "#!/usr/bin/env bash\n")
+    env = path_with(bin_dir) | {"OUT": str(tmp_path / "out"),
+                                "PYTHON": str(Path(sys.executable))}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "check"],
+                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: local_slurm.sh: submitting {tmp_path}/out/train failed: error: sbatch "
+        "failed (exit 1): sbatch: error: invalid partition"]
