@@ -236,6 +236,10 @@ def fast_rcnn_loss(
     regression = jnp.asarray(regression)
     if labels.ndim != 1:
         raise invalid(owner, "targets.labels.shape", tuple(labels.shape), "expected [S]")
+    label_dtype = given_dtype(labels_in)
+    if not np.issubdtype(label_dtype, np.integer):  # a float class would be truncated
+        raise invalid(owner, "targets.labels.dtype", str(label_dtype),
+                      "expected an integer array (classes in [0, C + 1), 0: background)")
     rows = labels.shape[0]
     if regression.shape != (rows, 4):
         raise invalid(owner, "targets.regression_targets.shape", tuple(regression.shape),

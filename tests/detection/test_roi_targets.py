@@ -372,6 +372,10 @@ def _targets(rows=3):
      "fast_rcnn_loss: beta=-1 is invalid; expected a finite number >= 0."),
     (lambda: fast_rcnn_loss(np.zeros((3, 2)), np.zeros((3, 2, 4)), _targets()),
      "fast_rcnn_loss: targets.labels[2]=2 is invalid; expected a class in [0, 2)"),
+    # float labels were truncated silently (1.7 -> class 1), as check_ground_truth refuses
+    (lambda: fast_rcnn_loss(np.zeros((3, 3)), np.zeros((3, 3, 4)),
+                            _targets()._replace(labels=np.array([0.0, 1.7, 2.0]))),
+     "fast_rcnn_loss: targets.labels.dtype='float64' is invalid; expected an integer array"),
 ])
 def test_errors(call, message):
     with pytest.raises(ValueError) as err:
