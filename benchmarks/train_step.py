@@ -86,8 +86,9 @@ def check_json_out(path: str | None) -> None:
 
 def write_json_out(path: str, result: dict[str, Any]) -> None:
     """Writes `result` to `path` (its folder created if missing)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    from cnnjax.utils.files import make_parent_dir
+
+    with open(make_parent_dir(path), "w") as f:
         json.dump(result, f, indent=1)
 
 

@@ -41,7 +41,7 @@ from cnnjax.utils.cli import (  # noqa: E402
     parse_flags,
     start_command,
 )
-from cnnjax.utils.files import check_output_dir  # noqa: E402
+from cnnjax.utils.files import check_output_dir, make_parent_dir  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -195,7 +195,7 @@ def _evaluate() -> None:
                                            f"{result['split']}_step{result['step']}"
                                            f"{'_ema' if run.ema else ''}.json")
     with one_line_errors(_output_hint):  # e.g. a folder it may not write: one line naming it
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # checked above
+        make_parent_dir(output)  # checked above
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
         stem = os.path.splitext(output)[0]

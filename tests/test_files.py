@@ -118,3 +118,11 @@ def test_a_figure_path_that_could_not_be_written_is_refused_before_the_work(tmp_
     (tmp_path / "plots.png").mkdir()
     with pytest.raises(ValueError, match=r"is invalid; it is a directory, expected a file name"):
         check_figure_path(str(tmp_path / "plots.png"), "--output")
+
+
+def test_make_parent_dir_creates_the_folders_of_a_path_and_returns_it(tmp_path):
+    path = str(tmp_path / "a" / "b" / "table.csv")
+    assert files.make_parent_dir(path) == path
+    assert os.path.isdir(tmp_path / "a" / "b") and not os.path.exists(path)
+    assert files.make_parent_dir(path) == path  # an existing folder is fine
+    assert files.make_parent_dir("table.csv") == "table.csv"  # the current folder: nothing made

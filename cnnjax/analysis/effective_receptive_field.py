@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -37,7 +36,7 @@ import numpy as np
 from flax.errors import FlaxError
 
 from cnnjax.analysis.receptive_field import ReceptiveField
-from cnnjax.utils.files import check_figure_path, save_figure
+from cnnjax.utils.files import check_figure_path, make_parent_dir, save_figure
 from cnnjax.utils.validation import (
     check_number,
     check_positive_int,
@@ -481,7 +480,7 @@ def plot_effective_receptive_field(result: EffectiveReceptiveField, path: str,
     if result.map.ndim != 2:
         raise invalid("plot_effective_receptive_field", "result.map.shape", result.map.shape,
                       "expected a 2-D map (image inputs)")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_parent_dir(path)
     fig, ax = plt.subplots(figsize=(6, 5))
     h, w = result.map.shape
     image = ax.imshow(result.map, cmap="viridis", extent=(-0.5, w - 0.5, h - 0.5, -0.5))

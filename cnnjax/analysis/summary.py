@@ -64,6 +64,7 @@ from cnnjax.analysis.receptive_field import (
     with_counts,
 )
 from cnnjax.analysis.trace import Trace, is_prng_key, trace_model
+from cnnjax.utils.files import make_parent_dir
 from cnnjax.utils.validation import (
     check_float_dtype,
     check_positive_int,
@@ -196,8 +197,7 @@ class Summary:
         rows = [_row_csv(r) for r in self.rows]
         fields = list(rows[0]) if rows else ["name"]
         if isinstance(path_or_buffer, str | os.PathLike):
-            os.makedirs(os.path.dirname(os.path.abspath(path_or_buffer)), exist_ok=True)
-            with open(path_or_buffer, "w", newline="") as f:
+            with open(make_parent_dir(path_or_buffer), "w", newline="") as f:
                 _write_csv(f, fields, rows)
         else:
             _write_csv(path_or_buffer, fields, rows)

@@ -527,7 +527,7 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
     from cnnjax.utils.cli import one_line_errors, start_command
-    from cnnjax.utils.files import atomic_write, check_output_dir
+    from cnnjax.utils.files import atomic_write, check_output_dir, make_parent_dir
 
     start_command(list(argv))
     f = flags.FLAGS
@@ -545,8 +545,7 @@ def main(argv: Sequence[str]) -> None:
                 raise SystemExit(1)
             print(f"{f.output} is up to date.")
             return
-        os.makedirs(os.path.dirname(os.path.abspath(f.output)), exist_ok=True)
-        atomic_write(f.output, text)
+        atomic_write(make_parent_dir(f.output), text)
     print(f"wrote {f.output} ({math.ceil(len(text) / 1024)} KiB)")
 
 

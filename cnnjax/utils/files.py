@@ -28,6 +28,13 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
             os.remove(tmp)
 
 
+def make_parent_dir(path: str | os.PathLike) -> str | os.PathLike:
+    """Creates the folder `path` is to be written in (and its parents) if missing; returns
+    `path`. Output flags accept a folder still to be made (`check_output_file` checks it)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
+
+
 def atomic_write(path: str, text: str) -> None:
     """Writes `text` to `path` through `atomic_file`."""
     with atomic_file(path) as f:
