@@ -568,9 +568,11 @@ def test_block_drop_rates_decay_linearly_with_depth(name, size, blocks):
     assert rates[blocks[-1]] == 0.3
 
 
-#: Small residual networks by label, built with extra keywords.
+#: Small residual networks by label, built with extra keywords. "cifar8" is the CifarResNet class
+#: of resnet20_cifar at depth 8 (one block per stage, 1/4 width): its DropPath wiring at a third
+#: of the compile (test_block_drop_rates_decay_linearly_with_depth checks resnet20_cifar's rates).
 TINY_RESNETS = {
-    "resnet20_cifar": lambda **kw: create_model("resnet20_cifar", num_classes=3, **kw),
+    "cifar8": lambda **kw: CifarResNet(depth=8, widths=(4, 8, 16), num_classes=3, **kw),
     "basic": lambda **kw: ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=8,
                                  num_classes=3, stem="cifar", **kw),
     "bottleneck": lambda **kw: ResNet(stage_sizes=(2, 1), block_cls=BottleneckBlock,
