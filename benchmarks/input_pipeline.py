@@ -46,14 +46,21 @@ from benchmarks.train_step import (
 FLAGS = flags.FLAGS
 
 
-def data_config(dataset: str, image_size: int | None, fake_num_train: int,
+def data_config(dataset: str, image_size: int | None, fake_num_train: int | None,
                 randaugment_layers: int = 0, randaugment_magnitude: float = 9.0):
-    """The pipeline's data config for `dataset`, with the benchmark's overrides."""
+    """The pipeline's data config for `dataset`, with the benchmark's overrides;
+    `fake_num_train` sizes the `fake` set only (the data config refuses it for another
+    dataset): it is given to `fake`, and must be None for any other."""
     from cnnjax.data import pipeline
 
     config = pipeline.default_data_config(dataset)
     config.image_size = image_size
-    config.fake_num_train = fake_num_train
+    if dataset == "fake":
+        config.fake_num_train = fake_num_train
+    elif fake_num_train is not None:
+        raise ValueError(f"--fake_num_train={fake_num_train} is invalid with "
+                         f"--dataset={dataset}: it sizes the in-memory `fake` set only; "
+                         "expected it unset, or --dataset=fake")
     config.randaugment_layers = randaugment_layers
     config.randaugment_magnitude = randaugment_magnitude
     return config
@@ -148,7 +155,9 @@ def main(argv: list[str]) -> None:
     load_start = loadavg()
     with contextlib.ExitStack() as mock:
         with one_line_errors():
-            config = data_config(FLAGS.dataset, FLAGS.image_size, FLAGS.fake_num_train,
+            fake_num_train = (FLAGS.fake_num_train if FLAGS.dataset == "fake"
+                              or FLAGS["fake_num_train"].present else None)
+            config = data_config(FLAGS.dataset, FLAGS.image_size, fake_num_train,
                                  FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
             if FLAGS.mock_examples > 0:
                 enter_mock(mock, config, FLAGS.mock_examples)

@@ -51,6 +51,10 @@ def test_mock_examples_times_a_catalogue_dataset_offline(tmp_path):
      "(--fake_num_train=8: raise it, or lower --batch_size)"),
     (["--dataset=fake", "--mock_examples=8"],
      "error: --mock_examples=8 is invalid with --dataset=fake"),
+    # It sized nothing beside a tfds dataset (the data config now refuses a changed fake_*).
+    (["--dataset=cifar10", "--mock_examples=8", "--fake_num_train=8"],
+     "error: --fake_num_train=8 is invalid with --dataset=cifar10: it sizes the in-memory "
+     "`fake` set only; expected it unset, or --dataset=fake"),
 ])
 def test_a_batch_larger_than_the_train_split_is_one_line_before_compiling(args, message):
     """README's `--dataset=cifar10 --mock_examples=64` at the default --batch_size=128 ended in
