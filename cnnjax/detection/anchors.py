@@ -18,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_number, check_positive_int, invalid, to_pair
+from cnnjax.utils.validation import (
+    check_number,
+    check_positive_int,
+    concrete_value,
+    invalid,
+    to_pair,
+)
 
 
 def _positive_numbers(owner: str, arg: str, values: Any) -> np.ndarray:
@@ -119,12 +125,19 @@ def _grid(base_anchors: jax.Array, height: int, width: int, stride: int) -> jax.
 
 
 def image_size_pair(owner: str, image_size: Any) -> tuple[Any, Any]:
-    """`(height, width)` of an image: a pair of positive Python numbers (checked), or a traced or
-    concrete array of shape `[2]` (e.g. per-image sizes under `vmap`, trusted)."""
+    """`(height, width)` of an image: a pair of positive Python numbers (checked), or an array
+    of shape `[2]`: checked the same way when concrete, trusted when traced (e.g. per-image
+    sizes under `vmap`)."""
     if hasattr(image_size, "shape"):
         if tuple(image_size.shape) != (2,):
             raise invalid(owner, "image_size.shape", tuple(image_size.shape),
                           "expected (2,): (height, width)")
+        values = concrete_value(image_size)
+        # A zero, negative or NaN side would divide into inf / NaN or clip every box to nothing.
+        if values is not None and (values.dtype == np.bool_ or not np.issubdtype(
+                values.dtype, np.number) or not np.all((values > 0) & np.isfinite(values))):
+            raise invalid(owner, "image_size", values.tolist(),
+                          "expected (height, width), two positive numbers")
         return image_size[0], image_size[1]
     try:
         pair = tuple(image_size)

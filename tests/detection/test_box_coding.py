@@ -150,6 +150,12 @@ def test_min_size_mask():
     (lambda: clip_boxes(np.zeros((2, 4)), (10,)),
      "clip_boxes: image_size=(10,) is invalid; expected (height, width)"),
     (lambda: clip_boxes(np.zeros((2, 4)), (10, -1)), "clip_boxes: image_size=(10, -1) is invalid"),
+    # a concrete [2] array was trusted: (10, 0) clipped every box to zero width silently
+    (lambda: clip_boxes(np.zeros((2, 4)), np.array([10.0, 0.0])),
+     "clip_boxes: image_size=[10.0, 0.0] is invalid; expected (height, width), two positive "
+     "numbers."),
+    (lambda: clip_boxes(np.zeros((2, 4)), jnp.array([np.nan, 8.0])),
+     "clip_boxes: image_size=[nan, 8.0] is invalid"),
     (lambda: clip_boxes(np.zeros((2, 2)), (10, 10)), "clip_boxes: boxes.shape=(2, 2) is invalid"),
     (lambda: min_size_mask(np.zeros((2, 4)), -1), "min_size_mask: min_size=-1 is invalid; "
                                                   "expected a finite number >= 0."),

@@ -223,6 +223,11 @@ def test_jit_vmap_over_a_batch_and_finite_gradients():
      "yolo_v1_targets: gt_valid.dtype='float64' is invalid; expected a bool array."),
     (lambda: yolo_v1_targets(np.zeros((2, 4)), np.zeros(2, np.int32), np.ones(2, bool), (8,),
                              2, 3), "yolo_v1_targets: image_size=(8,) is invalid"),
+    # a concrete [2] array was trusted: a zero side gave inf / NaN targets
+    (lambda: yolo_v1_targets(np.zeros((2, 4)), np.zeros(2, np.int32), np.ones(2, bool),
+                             np.array([8, 0]), 2, 3),
+     "yolo_v1_targets: image_size=[8, 0] is invalid; expected (height, width), two positive "
+     "numbers."),
     (lambda: yolo_v1_targets(np.zeros((2, 4)), np.zeros(2, np.int32), np.ones(2, bool), (8, 8),
                              0, 3), "yolo_v1_targets: grid_size=0 is invalid"),
     (lambda: yolo_v1_targets(np.zeros((2, 4)), np.zeros(2, np.int32), np.ones(2, bool), (8, 8),
