@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from cnnjax.utils.files import save_figure
-from cnnjax.utils.validation import check_number, check_positive_int
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 
 def _displayable(image: np.ndarray) -> np.ndarray:
@@ -17,6 +17,32 @@ def _displayable(image: np.ndarray) -> np.ndarray:
     low, high = image.min(), image.max()
     image = (image - low) / (high - low) if high > low else np.zeros_like(image)
     return image[..., 0] if image.shape[-1] == 1 else image
+
+
+def _check_batch(images: Any, detections: Any, gt_boxes: Any, gt_valid: Any) -> None:
+    """A ValueError naming the first argument whose shape does not fit `images` `[N, H, W, C]`
+    (N >= 1): an empty batch or a shorter ground truth failed mid-drawing, not by name."""
+    shape = tuple(np.shape(images))
+    if len(shape) != 4 or min(shape) < 1:
+        raise invalid("plot_detections", "images.shape", shape,
+                      "expected [N, H, W, C] with N >= 1 images")
+    n = shape[0]
+    box_shape = tuple(np.shape(getattr(detections, "boxes", None)))
+    if len(box_shape) != 3 or box_shape[0] != n or box_shape[2] != 4:
+        raise invalid("plot_detections", "detections.boxes.shape", box_shape,
+                      f"expected ({n}, K, 4), as many images as images.shape[0]")
+    for field in ("scores", "classes", "valid"):
+        got = tuple(np.shape(getattr(detections, field)))
+        if got != box_shape[:2]:
+            raise invalid("plot_detections", f"detections.{field}.shape", got,
+                          f"expected {box_shape[:2]}, one per detection")
+    gt_shape = tuple(np.shape(gt_boxes))
+    if len(gt_shape) != 3 or gt_shape[0] != n or gt_shape[2] != 4:
+        raise invalid("plot_detections", "gt_boxes.shape", gt_shape,
+                      f"expected ({n}, M, 4), as many images as images.shape[0]")
+    if tuple(np.shape(gt_valid)) != gt_shape[:2]:
+        raise invalid("plot_detections", "gt_valid.shape", tuple(np.shape(gt_valid)),
+                      f"expected {gt_shape[:2]}, one per ground-truth box")
 
 
 def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
@@ -35,6 +61,7 @@ def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
 
     score_threshold = check_number("plot_detections", "score_threshold", score_threshold,
                                    "expected a number in [0, 1]", low=0.0, high=1.0)
+    _check_batch(images, detections, gt_boxes, gt_valid)
     count = min(check_positive_int("plot_detections", "max_images", max_images), len(images))
     columns = min(4, count)
     rows = max(1, math.ceil(count / columns))

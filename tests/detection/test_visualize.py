@@ -64,3 +64,29 @@ def test_boxes_and_pixels_share_continuous_coordinates(tmp_path, monkeypatch):
     assert left + 4 * (right - left) / 12 == 4.0 and top + 8 * (bottom - top) / 16 == 8.0
     rect = [p for p in ax.patches if isinstance(p, Rectangle)][1]
     assert rect.get_xy() == (4.0, 4.0) and rect.get_width() == 4.0
+
+
+def _detections(n, k=1):
+    return Detections(np.zeros((n, k, 4)), np.zeros((n, k)), np.zeros((n, k), int),
+                      np.zeros((n, k), bool))
+
+
+@pytest.mark.parametrize("images, detections, gt_boxes, message", [
+    # no image: a ZeroDivisionError from the grid layout
+    (np.zeros((0, 8, 8, 3)), _detections(0), np.zeros((0, 1, 4)),
+     r"^plot_detections: images.shape=\(0, 8, 8, 3\) is invalid; expected \[N, H, W, C\] with "
+     r"N >= 1"),
+    (np.zeros((8, 8, 3)), _detections(1), np.zeros((1, 1, 4)),
+     r"^plot_detections: images.shape=\(8, 8, 3\) is invalid"),
+    # fewer ground-truth rows or detections than images: an IndexError mid-drawing
+    (np.zeros((2, 8, 8, 3)), _detections(2), np.zeros((1, 1, 4)),
+     r"^plot_detections: gt_boxes.shape=\(1, 1, 4\) is invalid; expected \(2, M, 4\)"),
+    (np.zeros((2, 8, 8, 3)), _detections(1), np.zeros((2, 1, 4)),
+     r"^plot_detections: detections.boxes.shape=\(1, 1, 4\) is invalid; expected \(2, K, 4\)"),
+])
+def test_bad_batches_are_a_value_error(tmp_path, images, detections, gt_boxes, message):
+    n = gt_boxes.shape[0]
+    with pytest.raises(ValueError, match=message):
+        visualize.plot_detections(images, detections, gt_boxes, np.zeros((n, 1), int),
+                                  np.zeros((n, 1), bool), str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
