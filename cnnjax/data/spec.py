@@ -368,7 +368,18 @@ def split_detection_fields(data_config: Any,
         if fields.get(arg) is not None:
             raise invalid(_OWNER, arg, fields[arg],
                           "expected None: class subsets are not supported for detection")
+    _check_no_randaugment(fields)
     return ml_collections.ConfigDict(fields), max_boxes, proposals
+
+
+def _check_no_randaugment(fields: dict[str, Any]) -> None:
+    """The dense-target pipelines (boxes, class maps) take no RandAugment: refused here, before
+    TensorFlow, with the message `pipeline.open_whole_image_source` gives."""
+    layers = fields.get("randaugment_layers", 0)
+    if layers is not None and not (is_integer(layers) and layers == 0):
+        raise invalid(_OWNER, "randaugment_layers", layers,
+                      "expected 0: RandAugment is for classification (its geometric ops would "
+                      "have to move the boxes or class maps too)")
 
 
 def split_segmentation_fields(data_config: Any) -> tuple[Spec, tuple[float, float] | None]:
@@ -393,6 +404,11 @@ def split_segmentation_fields(data_config: Any) -> tuple[Spec, tuple[float, floa
         if fields.get(arg) is not None:
             raise invalid(_OWNER, arg, fields[arg],
                           "expected None: class subsets are not supported for segmentation")
+    if fields.get("name") == "fake" and fields.get("tfds_name") is None:
+        raise invalid(_OWNER, "name", "fake",
+                      "expected a tfds dataset: segmentation needs a `segmentation_mask`, e.g. "
+                      "name='shapes' with tfds_name='shapes_segmentation'")
+    _check_no_randaugment(fields)
     spec = resolve(ml_collections.ConfigDict(fields))
     if scale_range is not None and not spec.augment:
         raise invalid(_OWNER, "scale_range", scale_range,

@@ -720,6 +720,26 @@ def test_randaugment_is_refused_for_dense_targets(tmp_path):
                 r"classification", module.get_dataset_info, config)
 
 
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_dense_task_fields_are_refused_by_resolve_for_task(task, monkeypatch):
+    """`spec.resolve_for_task` (check_config's data check, before TensorFlow) refuses what the
+    dense-target pipelines refuse: RandAugment and the in-memory `fake` set (segmentation let
+    both through to `open_whole_image_source`, after TensorFlow and JAX had started). Nothing
+    is opened: the source is never reached."""
+    from cnnjax.data import spec
+
+    monkeypatch.setattr(pipeline.sources, "open_source", None)  # any I/O would fail loudly
+    config = (spec.detection_data_config if task == "detection"
+              else spec.segmentation_data_config)("shapes")
+    config.randaugment_layers = 1
+    _expect(r"data: randaugment_layers=1 is invalid; expected 0: RandAugment is for "
+            r"classification", spec.resolve_for_task, config, task)
+    config = (spec.detection_data_config if task == "detection"
+              else spec.segmentation_data_config)("fake")
+    _expect(r"data: name='fake' is invalid; .*(tfds dataset|boxes)", spec.resolve_for_task,
+            config, task)
+
+
 def test_workdirs_from_before_randaugment_still_resume():
     """A config.json written before the RandAugment fields existed lacks them; LEGACY_DEFAULTS
     says it had them off, so it stays compatible with today's default data config."""
