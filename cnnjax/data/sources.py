@@ -372,6 +372,18 @@ def split_names(split: str) -> list[str]:
     return list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+")))
 
 
+def _box_features(feature: Any, path: str = "") -> list[str]:
+    """The paths ('objects/bbox') of the `BBoxFeature`s in a tfds feature tree."""
+    if isinstance(feature, tfds.features.BBoxFeature):
+        return [path]
+    if isinstance(feature, tfds.features.Sequence):
+        return _box_features(feature.feature, path)
+    if isinstance(feature, tfds.features.FeaturesDict):
+        return [box for key, value in feature.items()
+                for box in _box_features(value, f"{path}/{key}" if path else key)]
+    return []
+
+
 @contextlib.contextmanager
 def mock_tfds_dataset(spec: Spec, num_examples: int) -> Iterator[None]:
     """Inside it, `spec`'s tfds dataset reads as `num_examples` random examples per split (of
@@ -380,7 +392,9 @@ def mock_tfds_dataset(spec: Spec, num_examples: int) -> Iterator[None]:
     mock_data's default looks for split sizes in tfds's own `testing/metadata` folder, which
     installed wheels may lack (the dataset then looks unprepared), so the sizes of the splits
     `spec.train_split` and `spec.eval_split` name are written into `spec.data_dir` first: a
-    folder of its own (a dataset already prepared there is refused, not overwritten).
+    folder of its own (a dataset already prepared there is refused, not overwritten). A
+    dataset with box features (oxford_iiit_pet, voc) is refused: mock_data draws boxes with
+    min > max, which tfds refuses at the first read.
     """
     if spec.tfds_name is None:
         raise invalid(_OWNER, "name", spec.preset.name,
@@ -390,10 +404,20 @@ def mock_tfds_dataset(spec: Spec, num_examples: int) -> Iterator[None]:
                       "expected a folder for the mock's split metadata (e.g. a temporary one)")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise invalid(_OWNER, "num_examples", num_examples, "expected an integer >= 1")
-    if _open_builder(spec).is_prepared():
+    builder = _open_builder(spec)
+    if builder.is_prepared():
         raise invalid(_OWNER, "data_dir", spec.data_dir,
                       f"it holds a prepared {spec.tfds_name!r}, which the mock's metadata would "
                       "overwrite; expected a folder without it")
+    boxes = _box_features(builder.info.features)
+    if boxes:  # else a TensorFlow error at the first example read
+        overridden = spec.tfds_name != spec.preset.tfds_name
+        field, value = ("tfds_name", spec.tfds_name) if overridden else ("name", spec.preset.name)
+        raise invalid(_OWNER, field, value,
+                      f"tfds.testing.mock_data cannot mock its box features {boxes} (it draws "
+                      "each coordinate on its own, so a box's min exceeds its max, which tfds "
+                      "refuses when it reads the example); expected a dataset without boxes to "
+                      "mock, e.g. cifar10 or imagenette")
     splits = split_names(spec.train_split) + split_names(spec.eval_split)
     write_split_metadata(spec.data_dir, spec.tfds_name, dict.fromkeys(splits, num_examples))
     with tfds.testing.mock_data(num_examples=num_examples, data_dir=spec.data_dir,

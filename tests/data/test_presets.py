@@ -438,3 +438,20 @@ def test_missing_imagenet_mentions_manual_download(tmp_path):
     with pytest.raises(DatasetNotPreparedError, match=r"needs a manual download first: put its "
                                                       r"archives in '.*downloads/manual'"):
         train_batches(_config("imagenet2012", root), global_batch_size=8, num_devices=1, seed=0)
+
+
+@pytest.mark.parametrize("name, boxes", [("oxford_iiit_pet", ["head_bbox"]),
+                                         ("voc2007", ["objects/bbox"])])
+def test_mocking_a_dataset_with_box_features_is_refused_by_name(tmp_path, name, boxes):
+    """tfds.testing.mock_data draws each box coordinate on its own (min > max), which tfds
+    refuses when it reads the example: `--dataset=oxford_iiit_pet --mock_examples=8` ended in a
+    TensorFlow traceback from the first batch. `mock_tfds_dataset` refuses such a set by name,
+    before writing or mocking anything; a set without boxes still mocks (cifar10 above)."""
+    config = default_data_config(name)
+    config.data_dir = str(tmp_path)
+    mock = sources.mock_tfds_dataset(resolve(config), 4)
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: name={name!r} is invalid; tfds.testing.mock_data cannot mock its box "
+            f"features {boxes}")):
+        mock.__enter__()
+    assert os.listdir(tmp_path) == []
