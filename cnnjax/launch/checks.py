@@ -202,7 +202,8 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
     """Runs the entry point's own pre-training checks that need neither the dataset nor the
     job's devices (sweep: space, fields, metric and mode; tune: `recipe.check_tune`; transfer:
     `compare.check_transfer`), and its checks of the job's directory (another command's outputs;
-    a sweep's or tune's record of another space, base config or recipe), which would otherwise
+    a sweep's or tune's record of another space, base config or recipe; a train run's
+    checkpoints of an incompatible config without `restart`), which would otherwise
     end every task at start; returns `{where: config}` of every config the job will train."""
     check_directory_kind(spec.workdir, spec.entry_point.directory_kind, "workdir")
     if spec.entry == "sweep":
@@ -233,4 +234,7 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
         return {"the transfer's " + ("source config" if run_id == compare.SOURCE_ID
                                      else f"run {run_id}"): config
                 for run_id, config in configs.items()}
+    from cnnjax.train.loop import check_workdir_resumes
+
+    check_workdir_resumes(spec.workdir, loaded["config"])  # a rerun of another config
     return {"": loaded["config"]}

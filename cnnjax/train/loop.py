@@ -166,6 +166,40 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
         raise
 
 
+def incompatible_saved_fields(workdir: str, config: Any) -> list[tuple[str, Any, Any]]:
+    """`(field, saved, new)` for each trajectory-defining field in which `config` differs from
+    the config.json of the checkpoints `workdir` holds ([] without checkpoints or a config.json:
+    nothing to resume). Refuses (ValueError) a workdir of converted torchvision weights, which
+    `restart` does not empty either."""
+    saved_path = os.path.join(workdir, CONFIG_FILE)
+    if not (_has_checkpoints(workdir) and os.path.exists(saved_path)):
+        return []
+    with open(saved_path) as f:
+        raw = json.load(f)
+    if init_from_lib.holds_converted_weights(workdir, raw):  # even with restart=True
+        raise ValueError(
+            f"workdir: {workdir!r} holds converted torchvision weights (see its "
+            "summary.json), not a training run: pass it as --config.init_from.workdir "
+            "and train into a new --workdir.")
+    saved, current = config_lib.flatten(raw), config_lib.flatten(config)
+    return [(n, saved.get(n, "<unset>"), current.get(n, "<unset>"))
+            for n in config_lib.incompatible_fields(saved, current)]
+
+
+def check_workdir_resumes(workdir: str, config: Any) -> None:
+    """Refuses (ValueError, as the run itself would at start) a `workdir` holding checkpoints
+    of a config incompatible with `config`, unless `config.restart` (which empties it)."""
+    differ = incompatible_saved_fields(workdir, config)
+    if differ and not config.restart:
+        raise ValueError(_incompatible_message(workdir, differ))
+
+
+def _incompatible_message(workdir: str, differ: list[tuple[str, Any, Any]]) -> str:
+    details = ", ".join(f"{n}: {old!r} -> {new!r}" for n, old, new in differ[:8])
+    return (f"workdir: {workdir!r} holds checkpoints of an incompatible config ({details}); to "
+            "start fresh use a new --workdir, pass --config.restart=True, or delete the workdir.")
+
+
 def _has_checkpoints(workdir: str) -> bool:
     """Whether `workdir` holds a checkpoint step folder of its own (read without orbax)."""
     return _latest_checkpoint_step(workdir) is not None
@@ -455,20 +489,9 @@ class _Run:
         same command line (`--config.restart=True` included) resumes instead of starting over;
         delete the workdir to repeat a run from scratch."""
         config, workdir = self.config, self.workdir
-        current = config_lib.flatten(config)
         saved_path = os.path.join(workdir, CONFIG_FILE)
         has_checkpoints = _has_checkpoints(workdir)
-        differ: list[str] = []
-        if has_checkpoints and os.path.exists(saved_path):
-            with open(saved_path) as f:
-                raw = json.load(f)
-            if init_from_lib.holds_converted_weights(workdir, raw):  # even with restart=True
-                raise ValueError(
-                    f"workdir: {workdir!r} holds converted torchvision weights (see its "
-                    "summary.json), not a training run: pass it as --config.init_from.workdir "
-                    "and train into a new --workdir.")
-            saved = config_lib.flatten(raw)
-            differ = config_lib.incompatible_fields(saved, current)
+        differ = incompatible_saved_fields(workdir, config)
         resumable = has_checkpoints and os.path.exists(saved_path) and not differ
         if config.restart and resumable:
             logging.info("restart=True: %s holds a run of this same config, which resumes "
@@ -484,15 +507,7 @@ class _Run:
                     if os.path.exists(path):
                         os.remove(path)
         elif differ:
-            details = ", ".join(
-                f"{n}: {saved.get(n, '<unset>')!r} -> {current.get(n, '<unset>')!r}"
-                for n in differ[:8]
-            )
-            raise ValueError(
-                f"workdir: {workdir!r} holds checkpoints of an incompatible config "
-                f"({details}); to start fresh use a new --workdir, pass "
-                "--config.restart=True, or delete the workdir."
-            )
+            raise ValueError(_incompatible_message(workdir, differ))
         finished = _completed_summary(workdir) if resumable else None
         if finished is not None and finished.get("step") == config.num_train_steps:
             return  # a no-op rerun: config.json keeps the settings the run trained with

@@ -556,6 +556,32 @@ def test_check_configs_refuses_a_workdir_the_entry_point_would_refuse_at_start(t
     check_configs(JobSpec(**{**spec.__dict__, "workdir": str(tmp_path / "same")}))
 
 
+def test_check_configs_refuses_a_train_workdir_of_an_incompatible_config(tmp_path):
+    """A train job queued on a workdir holding checkpoints of another config (here another
+    learning rate) was accepted and then exited at start, after its time in the queue, with
+    `holds checkpoints of an incompatible config`; it is refused before queueing, with the
+    engine's own message. The same config (a resubmission that resumes) and `restart=True`
+    (which empties the workdir) are accepted."""
+    from cnnjax.train.config import flatten
+
+    config = _light_config(tmp_path, 32)
+    workdir = tmp_path / "w"
+    spec = JobSpec(entry="train", config=config, workdir=str(workdir), submit_dir=str(ROOT))
+    saved = load_files(spec.files, ())["config"]
+    (workdir / "checkpoints" / "100").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(saved.to_dict()))
+    assert "optimizer.learning_rate" in flatten(saved.to_dict())
+    check_configs(spec)  # the same config: the job resumes
+    other = JobSpec(**{**spec.__dict__, "overrides": ("--config.optimizer.learning_rate=0.5",)})
+    with pytest.raises(ValueError, match=(
+            r"^launch: the job would fail at start: workdir: '.*/w' holds checkpoints of an "
+            r"incompatible config \(optimizer.learning_rate: 0.1 -> 0.5\); to start fresh use "
+            r"a new --workdir, pass --config.restart=True, or delete the workdir.$")):
+        check_configs(other)
+    check_configs(JobSpec(**{**other.__dict__, "overrides": (
+        "--config.optimizer.learning_rate=0.5", "--config.restart=True")}))
+
+
 def _bad_metric_sweep(tmp_path):
     path = tmp_path / "bad_metric_sweep.py"
     path.write_text(
