@@ -515,7 +515,8 @@ class _Incumbent:
 
     @property
     def evidence(self) -> str:
-        return self.diagnosis.findings[0].message
+        """The diagnosis's finding, quoted in brackets in a reason: without its full stop."""
+        return self.diagnosis.findings[0].message.rstrip(".")
 
     def lrs(self, *factors: float) -> tuple[float, ...]:
         """Its lr times `factors`, below every rate that diverged with its settings."""

@@ -154,6 +154,20 @@ def test_still_improving_at_max_steps_stops_with_the_budget_spent():
     assert d.status == "budget_spent" and "raise recipe.max_steps" in d.reason
 
 
+@pytest.mark.parametrize(("verdict", "round1_steps"), [("still_improving", 100),
+                                                       ("still_improving", 400),
+                                                       ("converged", 100)])
+def test_the_diagnosis_quoted_in_a_reason_is_not_a_sentence_in_brackets(verdict, round1_steps):
+    """The diagnosis's finding is a sentence ("... of the run."); quoted in brackets inside the
+    decision's reason it printed as "(... of the run.): 80 steps" in the tune's log and
+    report.md."""
+    recipe = _recipe(round1_steps=round1_steps)
+    message = "eval loss fell 22% (0.351 -> 0.2741) in the last 25% of the run."
+    d = rc.decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, _base(),
+                  lambda *a: dg.Diagnosis((dg.Finding(verdict, message, {}),), "completed"))
+    assert f"({message[:-1]})" in d.reason and ".)" not in d.reason, d.reason
+
+
 @pytest.mark.parametrize("verdict", ["unstable", "diverged"])
 def test_unstable_incumbent_is_stabilized(verdict):
     recipe = _recipe()
