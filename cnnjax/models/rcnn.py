@@ -183,7 +183,11 @@ class _ProposalDetector(nn.Module):
         # Padded proposals may hold anything (even inf/NaN): zero them before any pooling.
         return jnp.where(valid[..., None], jnp.asarray(proposals, jnp.float32), 0.0), valid
 
-    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+    def score(self, images: Array, rois: Array, train: bool,
+              valid: Array | None = None) -> tuple[Array, Array]:
+        """`(logits [N, R, C + 1], deltas [N, R, C + 1, 4])` of `rois` `[N, R, 4]`; `valid`
+        `[N, R]` (None: all) marks the real rows, for the statistics of a per-region
+        BatchNorm (R-CNN's)."""
         raise NotImplementedError
 
     def __call__(self, x: Array, train: bool = False, return_features: bool = False,
@@ -191,8 +195,8 @@ class _ProposalDetector(nn.Module):
         """`(class_logits [N, P, C + 1], box_deltas [N, P, C + 1, 4], rois [N, P, 4])` of the
         external `proposals` (`windows`)."""
         train = check_call(self, x, train, return_features)
-        rois, _ = self.windows(x, proposals, proposal_valid)
-        logits, deltas = self.score(x, rois, train)
+        rois, valid = self.windows(x, proposals, proposal_valid)
+        logits, deltas = self.score(x, rois, train, valid)
         out = (logits, deltas, rois)
         return (out, {}) if return_features else out
 
@@ -209,7 +213,7 @@ class _ProposalDetector(nn.Module):
         rois, valid = self.windows(images, proposals, proposal_valid)
         targets = sample_training_rois(key, rois, valid, gt_boxes, gt_labels, gt_valid,
                                        self.roi_samples)
-        logits, deltas = self.score(images, targets.rois, train)
+        logits, deltas = self.score(images, targets.rois, train, targets.valid)
         terms = head_loss(logits, deltas, targets)
         loss = terms["classification"] + terms["box"]
         return loss, {"loss": loss, **terms}
@@ -246,7 +250,9 @@ class _SharedMapDetector(_ProposalDetector):
         """Fixed-size features `[N * R, ...]` of RoIs `[N, R, 4]` on the shared map."""
         raise NotImplementedError
 
-    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+    def score(self, images: Array, rois: Array, train: bool,
+              valid: Array | None = None) -> tuple[Array, Array]:
+        # `valid` is unused: the BatchNorm runs on the images, the per-RoI head has none.
         stride = 2 ** len(self.backbone_stages)
         if min(images.shape[1:3]) < stride:  # else a max_pool2d error from the backbone
             raise invalid(type(self).__name__, "input.shape", tuple(images.shape),
@@ -354,9 +360,12 @@ class RCNN(_ProposalDetector):
         images = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         return images, jnp.concatenate([centre - half, centre + half], axis=-1) + pad
 
-    def warped_features(self, images: Array, rois: Array, train: bool) -> Array:
+    def warped_features(self, images: Array, rois: Array, train: bool,
+                        valid: Array | None = None) -> Array:
         """The CNN's last block (the paper's pool5) of every RoI `[N, R, 4]` warped from its
-        image (with `context_padding`): `[N * R, h, w, C]`."""
+        image (with `context_padding`): `[N * R, h, w, C]`. In training, the CNN's BatchNorm
+        statistics come from the `valid` `[N, R]` rows alone (None: every row; none valid:
+        every row too), not from `sample_rois`' padding rows (warps of a zero box)."""
         n, r = rois.shape[:2]
         if train and n * r == 0:  # the CNN would train its BatchNorm on a batch of no warps
             raise invalid(type(self).__name__, "train", True, "0 regions (proposals.shape="
@@ -367,11 +376,17 @@ class RCNN(_ProposalDetector):
         warped = roi_align(images, boxes.reshape(n * r, 4), batch_indices, self.warp_size,
                            spatial_scale=1.0, sampling_ratio=2,
                            sample_positions=self.roi_sample_positions)
-        return self.cnn(warped.astype(self.dtype), train)[f"block{len(self.cnn_stages)}"]
+        mask = None
+        if valid is not None:
+            mask = jnp.asarray(valid, bool).reshape(n * r)
+            mask = mask | ~jnp.any(mask)  # no real row: every row, as without a mask
+        return self.cnn(warped.astype(self.dtype), train, mask)[
+            f"block{len(self.cnn_stages)}"]
 
-    def score(self, images: Array, rois: Array, train: bool) -> tuple[Array, Array]:
+    def score(self, images: Array, rois: Array, train: bool,
+              valid: Array | None = None) -> tuple[Array, Array]:
         n, r = rois.shape[:2]
-        logits, deltas = self.head(self.warped_features(images, rois, train))
+        logits, deltas = self.head(self.warped_features(images, rois, train, valid))
         return logits.reshape(n, r, *logits.shape[1:]), deltas.reshape(n, r, *deltas.shape[1:])
 
     def region_features(self, images: Array, rois: Array) -> RegionFeatures:

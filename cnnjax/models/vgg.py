@@ -149,9 +149,16 @@ class VGGFeatures(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
+    def __call__(self, x: Array, train: bool = False, mask: Array | None = None,
+                 ) -> dict[str, Array]:
+        """`mask` `[N]` bool (None: every image) picks the images whose BatchNorm statistics
+        count in training (R-CNN's warps: the sampled regions, not the padding rows); the
+        others are normalized with those statistics too."""
         train = check_call(self, x, train)  # it is used on its own too (the detectors' trunk)
         x = jnp.asarray(x, self.dtype)
+        if mask is not None and tuple(jnp.shape(mask)) != x.shape[:1]:
+            raise invalid(type(self).__name__, "mask.shape", tuple(jnp.shape(mask)),
+                          f"expected ({x.shape[0]},), one flag per image")
         outputs: dict[str, Array] = {}
         kernel_sizes = self.kernel_sizes or [[3] * len(block) for block in self.stages]
         for b, (block, sizes) in enumerate(zip(self.stages, kernel_sizes, strict=True), start=1):
@@ -159,9 +166,12 @@ class VGGFeatures(nn.Module):
                 x = Conv2D(features, k, padding=k // 2, dtype=self.dtype,
                            kernel_init=conv_kernel_init, name=f"conv{b}_{i}")(x)
                 if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                     dtype=self.dtype, axis_name=self.axis_name,
-                                     name=f"bn{b}_{i}")(x)
+                    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                      epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name,
+                                      name=f"bn{b}_{i}")
+                    x = bn(x) if mask is None or not train else bn(
+                        x, mask=jnp.broadcast_to(jnp.asarray(mask, bool)[:, None, None, None],
+                                                 x.shape))
                 x = nn.relu(x)
                 if self.lrn and b == i == 1:
                     x = LocalResponseNorm(dtype=self.dtype, name="lrn1")(x)

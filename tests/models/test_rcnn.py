@@ -520,3 +520,30 @@ def test_detectors_with_kernel_roi_sample_positions_export_for_cpu(cls):
     with pytest.raises(NotImplementedError, match="host_callbacks"):
         jax.export.export(jax.jit(lambda v, *a: default.apply(v, *a, method="detect")),
                           platforms=["cpu"])(variables, *args).serialize()
+
+
+def test_rcnn_batch_norm_statistics_come_from_the_sampled_regions_only():
+    """R-CNN's CNN runs in training on every row `sample_rois` returns, padding included: with
+    selective search (~40 boxes a scene) ~18 of rcnn_shapes' 32 rows per image were padding, all
+    warps of a zero box, and they made up more than half of the BatchNorm statistics (and the
+    running means and variances the eval normalizes with). Here 3 candidates fill 3 of 8 rows
+    (the 2 foreground fit the 25% cap, deterministic for any key): the training step's BatchNorm
+    update must be that of the 3 sampled warps alone."""
+    model = RCNN(num_classes=2, roi_samples=8, context_padding=2, cnn_stages=((4,), (8,)),
+                 head_features=8)
+    x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))
+    variables = model.init(jax.random.key(1), x, proposals=jnp.zeros((1, 1, 4)))
+    gt = jnp.array([[[4.0, 5, 20, 22]]])
+    proposals = jnp.array([[[5.0, 5, 20, 21], [22, 2, 31, 12]]])  # foreground, background
+    _, trained = model.apply(variables, x, gt, jnp.array([[0]]), jnp.array([[True]]), True,
+                             proposals, method="loss", mutable=["batch_stats"],
+                             rngs={"sample": jax.random.key(2)})
+    sampled = jnp.concatenate([proposals[:, :1], gt, proposals[:, 1:]], axis=1)  # fg, gt, bg
+    _, alone = model.apply(variables, x, sampled, True, method="warped_features",
+                           mutable=["batch_stats"])
+    for path, value in jax.tree_util.tree_leaves_with_path(trained["batch_stats"]):
+        expected = alone["batch_stats"]
+        for key in path:
+            expected = expected[key.key]
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
