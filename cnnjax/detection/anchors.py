@@ -110,6 +110,14 @@ def anchor_grid(
     if len(shape) != 2 or shape[1] != 4 or shape[0] == 0:
         raise invalid(owner, "base_anchors.shape", tuple(shape),
                       "expected [A, 4] boxes (x1, y1, x2, y2) with A >= 1")
+    values = concrete_value(base_anchors)
+    if values is not None:  # box_coding.check_anchor_sizes' rule (box_coding imports this module)
+        values = np.asarray(values, np.float64)
+        sizes = values[:, 2:] - values[:, :2]
+        bad = np.flatnonzero(~np.all((sizes > 0) & np.isfinite(sizes), axis=1))
+        if bad.size:
+            raise invalid(owner, f"base_anchors[{int(bad[0])}]", values[bad[0]].tolist(),
+                          "expected a positive finite width and height (x1 < x2, y1 < y2)")
     return _grid(jnp.asarray(base_anchors, dtype=dtype), height, width, stride)
 
 

@@ -4,6 +4,7 @@ re-implementation of its reference code (inclusive pixel coordinates, converted 
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -155,6 +156,12 @@ def test_anchors_inside_matches_reference_filter():
                                                    "positive integer."),
     (lambda: anchor_grid(4, 16, np.zeros(4)), "anchor_grid: base_anchors.shape=(4,) is invalid"),
     (lambda: anchor_grid(4, 16, []), "anchor_grid: base_anchors.shape=(0,) is invalid"),
+    # NaN or inverted base anchors gave a grid of NaN or inverted anchors silently
+    (lambda: anchor_grid(4, 16, np.array([[0.0, 0, 8, 8], [0, 0, np.nan, 4]])),
+     "anchor_grid: base_anchors[1]=[0.0, 0.0, nan, 4.0] is invalid; expected a positive finite "
+     "width and height (x1 < x2, y1 < y2)."),
+    (lambda: anchor_grid(4, 16, jnp.array([[4.0, 4, 0, 0]])),
+     "anchor_grid: base_anchors[0]=[4.0, 4.0, 0.0, 0.0] is invalid"),
     (lambda: anchors_inside(np.zeros((3, 3)), (4, 4)), "anchors_inside: boxes.shape=(3, 3) is "
                                                        "invalid"),
     (lambda: anchors_inside(np.zeros((3, 4)), (4, 0)), "anchors_inside: image_size=(4, 0) is "
