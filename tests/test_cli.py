@@ -487,3 +487,35 @@ def test_a_missing_config_file_given_with_overrides_is_named(args, monkeypatch):
         cli.parse_flags(argv)
     assert caught.value.code == (
         "error: --config='experiments/configs/nope.py' is invalid; no such config file")
+
+
+def _alias_flags():
+    values = flags.FlagValues()
+    flags.DEFINE_string("output_dir", None, "Where.", flag_values=values)
+    flags.DEFINE_alias("out_dir", "output_dir", flag_values=values)
+    flags.DEFINE_integer("eval_batch_size", 256, "Batch.", flag_values=values)
+    flags.DEFINE_alias("batch_size", "eval_batch_size", flag_values=values)
+    return values
+
+
+@pytest.mark.parametrize("args", [["--output_dir=a", "--out_dir=b"],
+                                  ["--out_dir=b", "--output_dir=a"],
+                                  ["--out_dir=a", "--output_dir=a"]])
+def test_a_flag_and_its_alias_given_together_are_refused(args, monkeypatch):
+    """`experiments.visualize --output_dir=a --out_dir=b` wrote to b and ignored a without a
+    word (absl parses both names into one flag, the last one winning); so did robustness's
+    --eval_batch_size/--batch_size and the ERF tool's --output/--out."""
+    monkeypatch.setattr(flags, "FLAGS", _alias_flags())
+    with pytest.raises(SystemExit, match=r"^error: --out_dir and --output_dir are invalid "
+                                         r"together; --out_dir is another name for "
+                                         r"--output_dir: give one of them$"):
+        cli.parse_flags(["prog", *args])
+
+
+@pytest.mark.parametrize("args", [["--out_dir=b"], ["--output_dir=a"], [],
+                                  ["--out_dir=a", "--out_dir=b", "--batch_size=8"]])
+def test_a_flag_or_its_alias_alone_is_accepted(args, monkeypatch):
+    values = _alias_flags()
+    monkeypatch.setattr(flags, "FLAGS", values)
+    assert cli.parse_flags(["prog", *args]) == ["prog"]
+    assert cli.alias_and_original_given(values) == ""

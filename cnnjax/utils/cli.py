@@ -53,7 +53,29 @@ def parse_flags(argv: list[str],
     missing = missing_config_file(flags.FLAGS)
     if missing:  # ml_collections would only fail at the first use of the flag's value
         sys.exit(f"error: {missing}")
+    both = alias_and_original_given(flags.FLAGS)
+    if both:  # absl keeps the last of the two and drops the other without a word
+        sys.exit(f"error: {both}")
     return args
+
+
+_ALIAS_HELP = re.compile(r"^Alias for --(\w+)\.$")  # absl's DEFINE_alias help text
+
+
+def alias_and_original_given(flag_values: flags.FlagValues) -> str:
+    """A message when a flag and its `DEFINE_alias` (`--out_dir` of `--output_dir`) were both
+    given, else "": absl parses both into the one flag, so the earlier value was ignored."""
+    for name in list(flag_values):
+        flag = flag_values[name]
+        match = _ALIAS_HELP.match(flag.help or "")
+        if (match is None or name != flag.name or not flag.present
+                or match.group(1) not in flag_values):
+            continue
+        original = match.group(1)
+        if flag_values[original].present > flag.present:
+            return (f"--{name} and --{original} are invalid together; --{name} is another "
+                    f"name for --{original}: give one of them")
+    return ""
 
 
 class NoneOverrideError(ValueError):
