@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Collection
 
 from cnnjax.platform import configure_entry_point
 
@@ -122,6 +123,34 @@ def _flag_error() -> str | None:
     return None
 
 
+def ignored_flags(given: Collection[str], task: str | None, plot: bool, calibration: bool,
+                  temperature_split: str | None) -> str | None:
+    """Why a flag given on the command line (`given`: their names) would be ignored, silently,
+    as one line; None when every one is read. `task` is the run's (None: not loaded yet, only
+    the flags' own combinations are checked)."""
+    if "plot_images" in given and not plot:
+        return "--plot_images is invalid with --noplot (it sets the plot's images); drop one"
+    if "n_bins" in given and not calibration:
+        return "--n_bins is invalid with --nocalibration (it sets calibration's bins); drop one"
+    if "allow_same_split" in given and temperature_split is None:
+        return ("--allow_same_split is invalid without --temperature_split (it allows that "
+                "split to be the evaluated one); pass --temperature_split or drop it")
+    if "plot_images" in given and task == "classification":
+        return ("--plot_images is invalid for a classification run; a classifier's plot is its "
+                "confusion matrix over every example (the flag sets the images a detector's or "
+                "a dense predictor's plot draws)")
+    if "n_bins" in given and task not in (None, "classification"):
+        return (f"--n_bins is invalid for a {task} run; calibration (ECE, MCE, reliability "
+                "diagram) is reported for classifiers only")
+    return None
+
+
+def _given() -> set[str]:
+    """The names of the flags given on the command line that `ignored_flags` checks."""
+    return {name for name in ("plot_images", "n_bins", "allow_same_split")
+            if flags.FLAGS[name].present}
+
+
 def _calibrate(run, result: dict, same_split: bool) -> tuple[tuple | None, str | None]:
     """Adds a classifier's `calibration` (and temperature scaling) to `result`; returns the
     (logits, labels) pass it made, shared with the confusion plot, and why the temperature
@@ -176,7 +205,8 @@ def _evaluate() -> None:
     )
     from cnnjax.utils.files import write_json
 
-    if (error := _flag_error()) is not None:
+    if (error := _flag_error() or ignored_flags(
+            _given(), None, _PLOT.value, _CALIBRATION.value, _TEMPERATURE_SPLIT.value)):
         sys.exit(f"error: {error}")
     with one_line_errors(_hint):
         if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
@@ -187,6 +217,9 @@ def _evaluate() -> None:
             run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         except NoWeightAverageError as err:
             sys.exit(f"error: {err.flag_message('--ema')}")
+        if (error := ignored_flags(_given(), config_task(run.config), _PLOT.value,
+                                   _CALIBRATION.value, _TEMPERATURE_SPLIT.value)):
+            sys.exit(f"error: {error}")
         check_split(run, _SPLIT.value, "--split")  # before anything compiles
         same_split, warnings = check_temperature_split(
             run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value)

@@ -215,3 +215,49 @@ def test_ctrl_c_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"interrupted: Ctrl-C; evaluate only reads the run in {str(tmp_path)!r}: rerun the "
         "command to evaluate it.")
+
+
+_IGNORED_FLAGS = """
+import json
+from experiments.evaluate import ignored_flags
+
+cases = [({"plot_images"}, "classification", True, True, None),
+         ({"plot_images"}, "detection", True, True, None),
+         ({"plot_images"}, "segmentation", True, True, None),
+         ({"plot_images"}, None, False, True, None),
+         ({"n_bins"}, "detection", True, True, None),
+         ({"n_bins"}, "classification", True, True, None),
+         ({"n_bins"}, None, True, False, None),
+         ({"allow_same_split"}, "classification", True, True, None),
+         ({"allow_same_split"}, "classification", True, True, "test"),
+         (set(), "classification", True, True, None)]
+print(json.dumps([ignored_flags(*case) for case in cases]))
+"""
+
+
+def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(tmp_path):
+    """`--plot_images=4` on a classifier (whose plot is the confusion matrix), `--n_bins` on a
+    detector or with --nocalibration, --plot_images with --noplot and --allow_same_split
+    without --temperature_split were accepted and silently ignored."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", _IGNORED_FLAGS], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [
+        "--plot_images is invalid for a classification run; a classifier's plot is its "
+        "confusion matrix over every example (the flag sets the images a detector's or a dense "
+        "predictor's plot draws)",
+        None, None,
+        "--plot_images is invalid with --noplot (it sets the plot's images); drop one",
+        "--n_bins is invalid for a detection run; calibration (ECE, MCE, reliability diagram) is "
+        "reported for classifiers only",
+        None,
+        "--n_bins is invalid with --nocalibration (it sets calibration's bins); drop one",
+        "--allow_same_split is invalid without --temperature_split (it allows that split to be "
+        "the evaluated one); pass --temperature_split or drop it",
+        None, None]
+    # the command checks the flags' own combinations before it loads anything (no run here)
+    command = _command("experiments.evaluate", f"--workdir={tmp_path}", "--allow_same_split")
+    assert command.returncode == 1 and command.stderr.strip().splitlines()[-1] == (
+        "error: --allow_same_split is invalid without --temperature_split (it allows that split "
+        "to be the evaluated one); pass --temperature_split or drop it")
