@@ -280,11 +280,19 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
 
 #: Flags only the pointing game reads, and those only the attribution figure reads.
 POINTING_GAME_FLAGS = ("tolerance", "max_images")
+OCCLUSION_FLAGS = ("patch", "stride")
 
 
-def conflicting_flags(given: Collection[str], pointing_game: bool, target: str) -> str | None:
+def conflicting_flags(given: Collection[str], pointing_game: bool, target: str,
+                      methods: Collection[str] | None = None) -> str | None:
     """Why flags given on the command line (`given`: their names) do not go with the chosen
-    mode, which would ignore them silently, as one line; None when they do."""
+    mode or `methods` (None: all of them), which would ignore them silently, as one line; None
+    when they do."""
+    if methods is not None and "occlusion" not in methods:
+        for name in OCCLUSION_FLAGS:
+            if name in given:
+                return (f"--{name} is invalid without occlusion in --methods (only the "
+                        f"occluder reads it); add occlusion to --methods or drop --{name}")
     if not pointing_game:
         for name in POINTING_GAME_FLAGS:
             if name in given:
@@ -315,9 +323,10 @@ def main(argv: list[str]) -> None:
     from cnnjax.train.trained import NoWeightAverageError, load_trained
     from cnnjax.utils.files import write_json
 
-    given = {name for name in (*POINTING_GAME_FLAGS, "num_images", "target")
+    given = {name for name in (*POINTING_GAME_FLAGS, *OCCLUSION_FLAGS, "num_images", "target")
              if flags.FLAGS[name].present}
-    if (error := conflicting_flags(given, _POINTING.value, _TARGET.value)) is not None:
+    if (error := conflicting_flags(given, _POINTING.value, _TARGET.value,
+                                   _METHODS.value)) is not None:
         sys.exit(f"error: {error}")
     with one_line_errors():
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work

@@ -261,3 +261,18 @@ def test_flags_the_chosen_mode_would_ignore_are_refused():
                                          ({"num_images", "target"}, False, "true"), (set(), True,
                                                                                      "predicted")]:
         assert conflicting_flags(given, pointing_game, target) is None
+
+
+def test_occluder_flags_without_occlusion_among_the_methods_are_refused():
+    """`--methods=saliency --patch=4` ran without an occluder and dropped --patch silently."""
+    from experiments.visualize import conflicting_flags
+
+    for name in ("patch", "stride"):
+        assert conflicting_flags({name}, False, "predicted", ["saliency", "grad_cam"]) == (
+            f"--{name} is invalid without occlusion in --methods (only the occluder reads it); "
+            f"add occlusion to --methods or drop --{name}")
+        assert conflicting_flags({name}, True, "predicted", ["saliency"]).startswith(
+            f"--{name} is invalid without occlusion in --methods")
+        for methods in (None, ["occlusion"], ["saliency", "occlusion"]):  # None: every method
+            assert conflicting_flags({name}, False, "predicted", methods) is None
+    assert conflicting_flags(set(), False, "predicted", ["saliency"]) is None
