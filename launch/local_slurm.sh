@@ -196,7 +196,7 @@ check() {
   wait_for "$plain"
   preempted=$(submit "$OUT/preempted" --entry=train "${digits[@]}" --tasks_per_node=2 \
     "${short[@]}")
-  until grep -qs "step 60/200" "$OUT"/preempted/slurm/*.out; do sleep 2; done
+  wait_log "$OUT/preempted" "step 60/200" "$preempted"
   scancel --signal=USR1 --batch "$preempted"
   wait_for "$preempted"
   sleep 5
@@ -265,7 +265,10 @@ placement() {  # placement <job id> <port>: per task "<procid> <node> <hostname>
 
 wait_log() {  # wait_log <workdir> <text> <job id>: until the job's log has the text; 1 if it ended
   until grep -qs "$2" "$1"/slurm/*.out; do
-    squeue -h -j "$3" 2>/dev/null | grep -q . || return 1
+    if ! squeue -h -j "$3" 2>/dev/null | grep -q .; then
+      echo "FAIL job $3 ended before its log showed '$2'; see $1/slurm/" >&2
+      return 1
+    fi
     sleep 2
   done
 }

@@ -101,3 +101,19 @@ def test_local_slurm_check_reports_a_failed_submission(tmp_path: Path):
     assert result.stderr.splitlines() == [
         f"error: local_slurm.sh: submitting {tmp_path}/out/train failed: error: sbatch "
         "failed (exit 1): sbatch: error: invalid partition"]
+
+
+def test_local_slurm_check_stops_when_the_job_to_preempt_ends_early(tmp_path):
+    """`check` waited for the second job's log to reach step 60 with no end: a job that failed
+    or ended earlier (here: submitted, gone from the queue at once, no log) hung it forever.
+    It now says which job ended before what, and fails."""
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    write_executable(bin_dir / "squeue", "#!/usr/bin/env bash\n")  # no job is queued
+    env = path_with(bin_dir) | {"OUT": str(tmp_path / "out"),
+                                "PYTHON": str(Path(sys.executable))}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "check"],
+                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"FAIL job 4242 ended before its log showed 'step 60/200'; see {tmp_path}/out/preempted"
+        "/slurm/"]
