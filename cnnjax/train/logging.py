@@ -263,7 +263,9 @@ def read_metrics(path: str) -> list[dict]:
 class ProgressBar:
     """A one-line progress display (steps, loss, images/s, ETA) when `stream` is a terminal.
 
-    Off a terminal it logs a line through absl every `log_every` steps instead.
+    Off a terminal it logs a line through absl every `log_every` steps instead; given the train
+    log's `mean_loss` (the loss metrics.jsonl records: the mean since the previous log), that
+    line shows it, so the log and the metrics file agree at the same step.
     """
 
     def __init__(
@@ -286,17 +288,22 @@ class ProgressBar:
         self._t0 = time.perf_counter()
         self._last_draw = 0.0
 
-    def update(self, step: int, loss: float, images_per_sec: float | None) -> None:
+    def update(self, step: int, loss: float, images_per_sec: float | None,
+               mean_loss: tuple[float, int] | None = None) -> None:
         """Shows progress after `step` completed steps (`images_per_sec` None: not measured
-        yet, shown as '?')."""
+        yet, shown as '?'); `mean_loss` `(loss, steps)`: the train log's mean loss over its
+        window of `steps` steps, which the line logged off a terminal shows instead of `loss`."""
         if not self.enabled:
             return
         now = time.perf_counter()
         done = step - self.start
         rate = done / max(now - self._t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else math.inf
+        loss_text = f"loss {loss:.4f}"
+        if mean_loss is not None and not self.tty:
+            loss_text = f"mean loss {mean_loss[0]:.4f} over {mean_loss[1]} steps"
         text = (
-            f"step {step}/{self.total} | loss {loss:.4f} | "
+            f"step {step}/{self.total} | {loss_text} | "
             f"{'?' if images_per_sec is None else format(images_per_sec, ',.0f')} img/s | "
             f"ETA {_format_seconds(eta)}"
         )

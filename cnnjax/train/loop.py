@@ -887,15 +887,17 @@ class _Run:
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))
         images_per_sec = self.clock.images_per_sec()
-        bar.update(step, loss, images_per_sec)
-        if step % self.config.log_every_steps == 0 or step == self.config.num_train_steps:
-            train = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in host}
-            train["learning_rate"] = float(host["learning_rate"])
-            if images_per_sec is not None:  # none measured yet: no figure, not a false 0
-                train["images_per_sec"] = images_per_sec
-            logger.write_scalars(step, "train", train)
-            self.last_train = train
-            self.window = []
+        if not (step % self.config.log_every_steps == 0 or step == self.config.num_train_steps):
+            bar.update(step, loss, images_per_sec)
+            return
+        train = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in host}
+        train["learning_rate"] = float(host["learning_rate"])
+        if images_per_sec is not None:  # none measured yet: no figure, not a false 0
+            train["images_per_sec"] = images_per_sec
+        logger.write_scalars(step, "train", train)
+        bar.update(step, loss, images_per_sec, mean_loss=(train["loss"], len(self.window)))
+        self.last_train = train
+        self.window = []
 
     def summarize(
         self,

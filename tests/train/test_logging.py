@@ -101,6 +101,9 @@ def test_progress_bar_on_a_terminal_shows_steps_loss_rate_eta():
     text = stream.getvalue()
     assert text.startswith("\r[" + "#" * 30 + "]")
     assert "step 100/100 | loss 0.1234 | 2,500 img/s | ETA 0:00:00" in text
+    bar = ProgressBar(100, stream=stream)  # live: the step's loss, not the train log's mean
+    bar.update(100, 0.5, 2500.0, mean_loss=(0.75, 10))
+    assert "step 100/100 | loss 0.5000 | " in stream.getvalue()
 
 
 def test_progress_bar_shows_an_unmeasured_rate_as_a_question_mark():
@@ -125,6 +128,11 @@ def test_progress_bar_logs_through_absl_off_a_terminal(caplog):
     assert len(lines) == 2  # steps 5 and 10 only
     assert lines[0].startswith("step 5/10 | loss 0.2000 | 10 img/s | ETA ")
     assert lines[1].startswith("step 10/10 | loss 0.1000 | 10 img/s | ETA 0:00:00")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):  # given the train log's mean: that, named
+        ProgressBar(10, stream=stream, log_every=5).update(5, 0.2, 10.0, mean_loss=(0.4567, 5))
+    assert caplog.records[-1].getMessage().startswith(
+        "step 5/10 | mean loss 0.4567 over 5 steps | 10 img/s | ETA ")
 
 
 def test_disabled_progress_bar_neither_draws_nor_logs(caplog):

@@ -123,6 +123,27 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
     assert 12 in Checkpointer(str(tmp_path), use_async=False).all_steps()
 
 
+def test_the_log_line_off_a_terminal_shows_the_loss_metrics_jsonl_records(tmp_path, caplog):
+    """Off a terminal the progress line is logged at each train-log step. It gave the last
+    step's loss while metrics.jsonl (and TensorBoard) recorded the mean over the steps since the
+    previous log, so the two disagreed at the same step (17.67 against 35.79 in a YOLO run)."""
+    config = helpers.tiny_config(eval_every_steps=12)
+    config.progress_bar = True  # a pytest run is not a terminal: the bar logs through absl
+    with caplog.at_level("INFO", logger="absl"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    recorded = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    logged = {}
+    for record in caplog.records:
+        text = record.getMessage()
+        if text.startswith("step ") and "| mean loss " in text:
+            step = int(text.split()[1].split("/")[0])
+            logged[step] = float(text.split("| mean loss ")[1].split()[0])
+    assert sorted(logged) == sorted(recorded) == [2, 4, 6, 8, 10, 12]
+    for step, loss in recorded.items():
+        assert logged[step] == pytest.approx(loss, abs=1e-4)  # printed with 4 decimals
+
+
 def test_learns_the_synthetic_task(tmp_path):
     config = helpers.tiny_config(num_train_steps=40, eval_every_steps=40)
     summary = loop.train_and_evaluate(config, str(tmp_path))
