@@ -134,10 +134,12 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     if len(images) < count:  # was cut silently to the split's size
         raise invalid("visualize", "num_images", num_images,
                       f"expected at most the {len(images)} examples of the run's eval split")
+    methods = attribution.METHODS if methods is None else methods
     result = attribution.explain(run.model, run.variables, images,
-                                 labels if target == "true" else None,
-                                 methods=attribution.METHODS if methods is None else methods,
-                                 layer=layer, patch=patch, stride=stride)
+                                 labels if target == "true" else None, methods=methods,
+                                 # without Grad-CAM, --layer is the activations' alone
+                                 layer=layer if "grad_cam" in methods else None,
+                                 patch=patch, stride=stride)
     shown = result.layer or layer or attribution.last_conv_layer(run.model, run.variables,
                                                                  images.shape[1:])
     filter_path, kernel = attribution.first_layer_filters(run.model, run.variables,

@@ -813,16 +813,24 @@ class Explanation(NamedTuple):
 def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
             methods: Sequence[str] = METHODS, layer: str | None = None,
             patch: int | None = None, stride: int | None = None,
-            ig_steps: int = 32) -> Explanation:
+            ig_steps: int | None = None) -> Explanation:
     """The `methods` (of `METHODS`) for the same images and targets (None: predicted classes);
     `layer` is Grad-CAM's, `patch` and `stride` the occluder's, `ig_steps` the path points of
-    integrated gradients (whose map is |sum over channels| of its attributions)."""
+    integrated gradients (None: 32; its map is |sum over channels| of its attributions). A
+    setting given for a method not in `methods` is refused, not ignored."""
     if isinstance(methods, str):
         methods = tuple(m for m in methods.split(",") if m)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):
         raise invalid(_OWNER, "methods", methods,
                       f"expected distinct names from {list(METHODS)}, at least one")
+    for arg, value, method in (("layer", layer, "grad_cam"), ("patch", patch, "occlusion"),
+                               ("stride", stride, "occlusion"),
+                               ("ig_steps", ig_steps, "integrated_gradients")):
+        if value is not None and method not in methods:
+            raise invalid(_OWNER, arg, value, f"only {method} reads it, and methods="
+                          f"{tuple(methods)!r} lacks it; add {method} or drop {arg}")
+    ig_steps = 32 if ig_steps is None else ig_steps
     batch = _Batch(model, variables, images, targets)
     # Every argument is checked before any method runs (each compiles its own function).
     if targets is not None:

@@ -443,7 +443,7 @@ def test_a_model_with_a_list_field_is_explained_too():
 def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
     model, variables, images = resnet
     result = at.explain(model, variables, images, methods="grad_cam,integrated_gradients,saliency",
-                        patch=8, ig_steps=4)
+                        ig_steps=4)
     assert list(result.maps) == ["saliency", "integrated_gradients", "grad_cam"]
     assert list(at.explain(model, variables, images[:1], methods="smoothgrad").maps) == [
         "smoothgrad"]
@@ -608,3 +608,20 @@ def test_plot_helpers_name_a_bad_argument(call, message):
     # the valid forms: pad 0 tiles without gaps, one image's maps, a batch of images
     assert at.filter_grid(np.ones((3, 3, 3, 4)), columns=2, pad=0).shape == (6, 6, 3)
     assert at.displayable(np.ones((1, 4, 4, 3))).shape == (1, 4, 4, 3)
+
+
+def test_explain_refuses_a_setting_of_a_method_it_does_not_run(linear, monkeypatch):
+    """layer (Grad-CAM's), patch and stride (the occluder's) and ig_steps (integrated
+    gradients') were silently ignored when their method was not among `methods`: refused, naming
+    the method to add, before any method runs."""
+    model, variables, images, *_ = linear
+    for name in ("_saliency", "_smoothgrad", "_guided_backprop", "_integrated_gradients",
+                 "_occlusion", "_grad_cam"):
+        monkeypatch.setattr(at, name, lambda *a, _name=name, **k: pytest.fail(_name + " ran"))
+    for kwargs, method in [({"layer": "head"}, "grad_cam"), ({"patch": 4}, "occlusion"),
+                           ({"stride": 2}, "occlusion"), ({"ig_steps": 8}, "integrated_gradients")]:
+        (arg, value), = kwargs.items()
+        with pytest.raises(ValueError, match=rf"^attribution: {arg}={value!r} is invalid; only "
+                                             rf"{method} reads it, and methods=\('saliency',\) "
+                                             rf"lacks it; add {method} or drop {arg}\.$"):
+            at.explain(model, variables, images, methods=("saliency",), **kwargs)
