@@ -27,7 +27,8 @@ eval images, preprocessed as its evaluation sees them, and writes to --output_di
 inside that class's box (Zhang et al. 2018), beside the image centre's, in pointing_game.json.
 Its own flags, --tolerance and --max_images, are refused without it, and --num_images and
 --target=predicted with it (it explains the true class of every eval image, or of the first
---max_images).
+--max_images); --layer is refused with it when --methods lacks grad_cam (the figure reads
+--layer for its activations too).
 See `cnnjax.analysis.attribution` for the methods.
 """
 
@@ -301,6 +302,9 @@ def conflicting_flags(given: Collection[str], pointing_game: bool, target: str,
                 return (f"--{name} is invalid without --pointing_game (only the pointing game "
                         f"reads it); pass --pointing_game or drop --{name}")
         return None
+    if "layer" in given and methods is not None and "grad_cam" not in methods:
+        return ("--layer is invalid with --pointing_game without grad_cam in --methods (only "
+                "Grad-CAM reads it there); add grad_cam to --methods or drop --layer")
     if "num_images" in given:
         return ("--num_images is invalid with --pointing_game; it scores every eval image, or "
                 "the first --max_images=N")
@@ -325,7 +329,8 @@ def main(argv: list[str]) -> None:
     from cnnjax.train.trained import NoWeightAverageError, load_trained
     from cnnjax.utils.files import write_json
 
-    given = {name for name in (*POINTING_GAME_FLAGS, *OCCLUSION_FLAGS, "num_images", "target")
+    given = {name for name in (*POINTING_GAME_FLAGS, *OCCLUSION_FLAGS, "num_images", "target",
+                               "layer")
              if flags.FLAGS[name].present}
     if (error := conflicting_flags(given, _POINTING.value, _TARGET.value,
                                    _METHODS.value)) is not None:

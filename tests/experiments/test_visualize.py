@@ -276,3 +276,16 @@ def test_occluder_flags_without_occlusion_among_the_methods_are_refused():
         for methods in (None, ["occlusion"], ["saliency", "occlusion"]):  # None: every method
             assert conflicting_flags({name}, False, "predicted", methods) is None
     assert conflicting_flags(set(), False, "predicted", ["saliency"]) is None
+
+
+def test_a_grad_cam_layer_without_grad_cam_in_the_pointing_game_is_refused():
+    """`--pointing_game --methods=saliency --layer=x` scored saliency and dropped --layer (the
+    pointing game draws no activations, the figure's other reader of --layer); the figure still
+    takes --layer without grad_cam, for its activations."""
+    from experiments.visualize import conflicting_flags
+
+    assert conflicting_flags({"layer"}, True, "true", ["saliency", "occlusion"]) == (
+        "--layer is invalid with --pointing_game without grad_cam in --methods (only Grad-CAM "
+        "reads it there); add grad_cam to --methods or drop --layer")
+    for pointing_game, methods in [(True, None), (True, ["grad_cam"]), (False, ["saliency"])]:
+        assert conflicting_flags({"layer"}, pointing_game, "true", methods) is None
