@@ -88,9 +88,14 @@ def train_step(
     the mean `total_loss`, `(1 - alpha) * loss + alpha * distill_loss`; `loss` stays the hard
     cross-entropy a plain run reports, and `distill_loss` and `total_loss` are added.
     A `label_smoothing` outside [0, 1) or a negative or non-finite `aux_loss_weight` is refused
-    (ValueError naming it) while the step is traced, before anything compiles.
+    (ValueError naming it) while the step is traced, before anything compiles; so are an `ema`
+    that `state` keeps no average for (or an average without `ema`, which would never move),
+    and a `distill` without a `teacher` and its `teacher_variables` (or a teacher without
+    `distill`, which would never run).
     """
     label_smoothing = losses.check_label_smoothing("train_step", label_smoothing)
+    _check_average("train_step", state, ema)
+    _check_teacher(distill, teacher, teacher_variables)
     aux_loss_weight = check_number("train_step", "aux_loss_weight", aux_loss_weight,
                                    "expected a finite number >= 0", low=0.0, high=math.inf,
                                    high_open=True, strings=False)
@@ -123,6 +128,37 @@ def train_step(
     # The main head's loss (with label smoothing) and accuracies, averaged over devices.
     metrics = {name: jnp.mean(value) for name, value in per_example.items()}
     return _apply_gradients(state, grads, batch_stats, metrics, tx, schedule, axis_name, ema)
+
+
+def _check_average(owner: str, state: TrainState, ema: ExponentialMovingAverage | None) -> None:
+    """Refuses (while tracing) an `ema` rule for a `state` without a weight average, and a
+    `state` holding one without a rule: that average would stay the initial weights while every
+    eval scores it as `ema_*`."""
+    if ema is not None and not state.ema:
+        raise invalid(owner, "ema", ema, "the state keeps no weight average to update; build it "
+                      "with create_train_state(..., ema=True), or pass ema=None")
+    if ema is None and state.ema:
+        raise invalid(owner, "ema", None, "the state keeps a weight average (state.ema), which "
+                      "would never move from its start; pass the averaging rule "
+                      "(ExponentialMovingAverage), or a state built with ema=False")
+
+
+def _check_teacher(distill: Distillation | None, teacher: nn.Module | None,
+                   teacher_variables: dict | None) -> None:
+    """Refuses (while tracing) `distill` without a teacher module and its variables, and a
+    teacher without `distill`, which the step would never run."""
+    if distill is None and teacher is not None:
+        raise invalid("train_step", "teacher", type(teacher).__name__,
+                      "no distillation rule reads it; pass distill=Distillation(...) to distill "
+                      "from it, or teacher=None")
+    if distill is not None and teacher is None:
+        raise invalid("train_step", "teacher", None,
+                      f"distill={distill!r} needs the teacher module (and its variables, the "
+                      "step's third argument)")
+    if distill is not None and teacher_variables is None:
+        raise invalid("train_step", "teacher_variables", None,
+                      f"distill={distill!r} needs the teacher's variables ({{'params', "
+                      "'batch_stats'}), the step's third argument")
 
 
 def _teacher_logits(teacher: nn.Module, variables: dict, images: jax.Array,
@@ -311,6 +347,8 @@ def segmentation_train_step(
     torchvision's reference takes (`CrossEntropyLoss(ignore_index=255)`), nor Caffe FCN's sum.
     """
 
+    _check_average("segmentation_train_step", state, ema)
+
     def loss_fn(params, batch_stats, batch, rng):
         logits, updates = _apply_training(model, params, batch_stats, (batch["image"],),
                                           {"dropout": rng}, conv_impl, batch_norm_impl)
@@ -394,6 +432,7 @@ def detection_train_step(
     model may draw from the `dropout` and `sample` (e.g. RoI sampling) RNG streams, both derived
     from `(rng, step, device)`.
     """
+    _check_average("detection_train_step", state, ema)
 
     def loss_fn(params, batch_stats, batch, rng):
         (loss, terms), updates = _apply_training(

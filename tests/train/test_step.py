@@ -137,3 +137,41 @@ def test_batch_stats_finite_is_zero_on_every_device_when_one_devices_statistic_i
         stats = {"bn": {"mean": np.zeros((2, 2), np.float32), "var": var}}  # row: device
         _, metrics = apply(*devices, stats)
         assert metrics[BATCH_STATS_FINITE].tolist() == [finite, finite]
+
+
+def _trace_one_step(keep_average, **options):
+    """Traces (never compiles) one train step of TinyNet whose state keeps a weight average
+    iff `keep_average`, with the step's `options`."""
+    model = helpers.TinyNet(axis_name="data")
+    tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE),
+                               ema=keep_average)
+    train_step, _ = make_steps(model, tx, schedule, "data", **options)
+    batch = {"image": np.zeros((4, *helpers.IMAGE_SHAPE), np.float32),
+             "label": np.zeros((4,), np.int32)}
+    teacher_variables = {"params": state.params, "batch_stats": state.batch_stats}
+    jax.eval_shape(jax.vmap(train_step, axis_name="data"),
+                   *jax.tree.map(lambda x: x[None], (state, batch, teacher_variables)))
+
+
+@pytest.mark.parametrize(("keep_average", "options", "message"), [
+    # A state with an average and no rule: the average stayed the initial weights, scored
+    # every eval as `ema_*`.
+    (True, {}, r"train_step: ema=None is invalid; .*state\.ema"),
+    # A rule and no average in the state: an anonymous pytree-structure error.
+    (False, {"ema": "rule"}, r"train_step: ema=ExponentialMovingAverage.* is invalid; "
+                             r".*create_train_state\(\.\.\., ema=True\)"),
+    # distill without a teacher: AttributeError 'NoneType' object has no attribute 'apply'.
+    (False, {"distill": "rule"}, r"train_step: teacher=None is invalid; .*distill"),
+    # A teacher without distill: silently never run.
+    (False, {"teacher": "model"}, r"train_step: teacher='TinyNet' is invalid; no distillation"),
+])
+def test_a_train_step_refuses_options_its_state_or_other_options_contradict(
+        keep_average, options, message):
+    from cnnjax.train.distill import Distillation
+    from cnnjax.train.ema import ExponentialMovingAverage
+
+    values = {"ema": ExponentialMovingAverage(0.9), "distill": Distillation(),
+              "teacher": helpers.TinyNet(axis_name="data")}
+    with pytest.raises(ValueError, match=message):
+        _trace_one_step(keep_average, **{name: values[name] for name in options})
