@@ -158,8 +158,23 @@ def plot_segmentation(images: Any, labels: Any, predictions: Any, path: str, num
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    images = np.asarray(images, np.float64)[:max_images]
-    n = check_positive_int("plot_segmentation", "images", len(images))
+    owner = "plot_segmentation"
+    num_classes = check_positive_int(owner, "num_classes", num_classes)
+    max_images = check_positive_int(owner, "max_images", max_images)
+    images = np.asarray(images, np.float64)
+    if images.ndim != 4:
+        raise invalid(owner, "images.shape", images.shape,
+                      "expected [N, H, W, C] images as fed to the model")
+    check_positive_int(owner, "images", len(images))
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    if labels.ndim != 3 or len(labels) != len(images):
+        raise invalid(owner, "labels.shape", labels.shape,
+                      f"expected [N, h, w] class maps, one per image (N = {len(images)})")
+    if predictions.shape != labels.shape:
+        raise invalid(owner, "predictions.shape", predictions.shape,
+                      f"expected the labels' shape {labels.shape}, one prediction per pixel")
+    images = images[:max_images]
+    n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     class_maps = {"cmap": _class_colours(num_classes), "vmin": -0.5, "vmax": num_classes - 0.5,
                   "interpolation": "nearest"}

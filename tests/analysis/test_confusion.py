@@ -178,3 +178,27 @@ def test_per_class_accuracy_refuses_what_is_not_a_confusion_matrix(matrix, messa
         per_class_accuracy(matrix)
     # counts still score as sklearn's recall (hand reference: row 0 1/3, row 1 empty -> NaN)
     np.testing.assert_array_equal(per_class_accuracy([[1, 2], [0, 0]]), [1 / 3, np.nan])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_classes": 0}, r"num_classes=0 is invalid; expected a positive integer"),
+    ({"num_classes": -1}, r"num_classes=-1 is invalid; expected a positive integer"),
+    ({"num_classes": 2.5}, r"num_classes=2.5 is invalid; expected a positive integer"),
+    ({"max_images": 0}, r"max_images=0 is invalid; expected a positive integer"),
+    ({"labels": np.zeros((1, 4, 4), int)}, r"labels.shape=\(1, 4, 4\) is invalid; expected "
+                                           r"\[N, h, w\] class maps, one per image \(N = 2\)"),
+    ({"predictions": np.zeros((2, 4, 5), int)}, r"predictions.shape=\(2, 4, 5\) is invalid; "
+                                                r"expected the labels' shape \(2, 4, 4\)"),
+])
+def test_plot_segmentation_names_a_bad_argument(tmp_path, kwargs, message):
+    """num_classes=0 drew every pixel as 'no class' (blank maps) and -1 or 2.5 failed in
+    matplotlib's words; class maps fewer than the images failed with an IndexError, and
+    max_images=0 was reported as images=0."""
+    from cnnjax.analysis.confusion import plot_segmentation
+
+    args = {"images": np.zeros((2, 4, 4, 3)), "labels": np.zeros((2, 4, 4), int),
+            "predictions": np.zeros((2, 4, 4), int), "path": str(tmp_path / "s.png"),
+            "num_classes": 3, **kwargs}
+    with pytest.raises(ValueError, match="^plot_segmentation: " + message):
+        plot_segmentation(**args)
+    assert not (tmp_path / "s.png").exists()
