@@ -354,6 +354,16 @@ class Checkpointer:
         item = serialization.to_state_dict(state)
         if metrics is not None and self.best_metric:
             metrics = {k: float(v) for k, v in metrics.items()}
+            score = metrics.get(self.best_metric)
+            if score is not None and not math.isfinite(score):
+                # orbax ranks a NaN neither above nor below the best, and deleted the best
+                # for it: kept as a recent checkpoint, never a candidate for "best".
+                message = (f"Checkpoint at step {step}: {self.best_metric}={score} is not "
+                           "finite, so it is not ranked as the best checkpoint (it is kept "
+                           "only while among the most recent).")
+                logging.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                metrics = None
         else:
             metrics = None
         custom = {**(run_info or {}), _DIGESTS_KEY: array_digests(item),
@@ -568,6 +578,14 @@ def _saved_digests(manager: Any, step: int) -> _SavedDigests:
                          dict(custom.get(_EMPTY_ARRAYS_KEY) or {}))
 
 
+def _finite(value: Any) -> bool:
+    """Whether `value` is a finite number (a metric that can rank checkpoints)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _is_json(path: str) -> bool:
     """Whether the file at `path` can be read and parsed as JSON."""
     try:
@@ -681,6 +699,7 @@ class SourceCheckpoints:
                 r["step"]: r[best_metric]
                 for r in read_metrics(os.path.join(self.workdir, METRICS_FILE))
                 if r.get("split") == "eval" and r.get("step") in self.steps and best_metric in r
+                and _finite(r[best_metric])  # a NaN would win `max` by coming first
             }
             if evals:
                 sign = -1.0 if best_mode == "min" else 1.0

@@ -714,3 +714,23 @@ def test_checkpoints_with_format_1_digests_are_still_checked(tmp_path, tampered)
     metadata["custom_metadata"]["array_digests"] = old
     path.write_text(json.dumps(metadata))
     _restores_step_5_unless(tmp_path, tampered)
+
+
+@pytest.mark.parametrize("mode, values", [("max", (0.5, 0.2, 0.3)), ("min", (0.2, 0.5, 0.4))])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_best_metric_never_replaces_the_best_checkpoint(tmp_path, mode, values,
+                                                                     bad):
+    """A checkpoint whose `best_metric` is NaN or infinite (a detector's mAP with no ground
+    truth, a broken average's `ema_loss`) is kept as a recent one but never ranked: a NaN took
+    the best's place and deleted it (orbax compares it as neither better nor worse)."""
+    checkpointer = Checkpointer(str(tmp_path), keep=1, best_metric="m", best_mode=mode,
+                                use_async=False)
+    best, *later = values
+    checkpointer.save(1, _state(1), {"m": best})
+    with pytest.warns(RuntimeWarning, match=r"step 2: m=-?(nan|inf) is not finite"):
+        checkpointer.save(2, _state(2), {"m": bad})
+    assert checkpointer.all_steps() == [1, 2]
+    for step, value in enumerate(later, start=3):
+        checkpointer.save(step, _state(step), {"m": value})
+    assert checkpointer.all_steps() == [1, 4]  # the best and the latest
+    checkpointer.close()

@@ -923,3 +923,17 @@ def test_a_grey_source_for_grey_data_fed_as_rgb_suggests_unsetting_grey_to_rgb(
         "data.grey_to_rgb=False to feed them as the source saw them, or add 'conv' to "
         "init_from.exclude to train that layer from scratch.",
     )
+
+
+def test_choose_step_never_picks_a_non_finite_metric(tmp_path):
+    """A NaN eval metric (json's NaN in metrics.jsonl) is not the best: `max` kept a NaN
+    that came first as the maximum whatever followed it."""
+    _checkpoints(tmp_path, [4, 8, 12])
+    records = [{"split": "eval", "step": 4, "map50": float("nan")},
+               {"split": "eval", "step": 8, "map50": 0.5},
+               {"split": "eval", "step": 12, "map50": float("inf")}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = SourceCheckpoints(str(tmp_path))
+    assert source.choose_step(None, "map50", "max") == (8, "best")
+    assert source.choose_step(None, "map50", "min") == (8, "best")
+    source.close()
