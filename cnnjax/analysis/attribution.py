@@ -943,11 +943,16 @@ def pointing_game(maps: Any, boxes: Any, tolerance: float = 0.0) -> np.ndarray:
 def displayable(images: Any, mean: Sequence[float] | None = None,
                 std: Sequence[float] | None = None) -> np.ndarray:
     """Preprocessed images back in [0, 1] for display: `x * std + mean` when the
-    normalization is given, else each image min-max scaled; one channel becomes grey."""
+    normalization is given (both, or neither), else each image min-max scaled; one channel
+    becomes grey."""
     images = np.asarray(images, np.float64)
     if images.ndim != 4:
         raise invalid(_OWNER, "images", f"array of shape {images.shape}",
                       "expected preprocessed images [N, H, W, C] (one image as images[None])")
+    for name, value, other in (("mean", mean, std), ("std", std, mean)):
+        if value is not None and other is None:
+            raise invalid(_OWNER, name, value, f"expected {'std' if name == 'mean' else 'mean'}"
+                          " too (x * std + mean), or neither (each image min-max scaled)")
     if mean is not None and std is not None:
         images = images * np.asarray(std) + np.asarray(mean)
     else:

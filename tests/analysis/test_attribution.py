@@ -3,6 +3,7 @@ linear classifier (whose gradient is its weight), Grad-CAM of a global-average-p
 (where it equals the class activation map, Selvaraju et al. 2017 §3.1), plus layers, filters, the
 pointing game, plots and every refused input."""
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -625,3 +626,16 @@ def test_explain_refuses_a_setting_of_a_method_it_does_not_run(linear, monkeypat
                                              rf"{method} reads it, and methods=\('saliency',\) "
                                              rf"lacks it; add {method} or drop {arg}\.$"):
             at.explain(model, variables, images, methods=("saliency",), **kwargs)
+
+
+@pytest.mark.parametrize("given", [{"mean": (0.5,)}, {"std": (0.25,)}])
+def test_displayable_refuses_half_a_normalization(given):
+    """A mean without its std (or the reverse) was dropped silently: each image was min-max
+    scaled instead of un-normalized, with nothing said."""
+    (name, value), = given.items()
+    other = "std" if name == "mean" else "mean"
+    with pytest.raises(ValueError, match=rf"^attribution: {name}={re.escape(repr(value))} is "
+                                         rf"invalid; expected "
+                                         rf"{other} too \(x \* std \+ mean\), or neither"):
+        at.displayable(np.ones((1, 4, 4, 1)), **given)
+    np.testing.assert_allclose(at.displayable(np.ones((1, 4, 4, 1)), (0.5,), (0.25,)), 0.75)
