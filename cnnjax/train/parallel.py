@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cnnjax.utils.validation import check_choice
+from cnnjax.utils.validation import check_choice, invalid
 
 AXIS_NAME = "data"
 MODES = ("pmap", "shard_map")
@@ -32,6 +32,7 @@ class DataParallel:
             devices = jax.local_devices() if self.mode == "pmap" else jax.devices()
             self._pmap_devices = None  # let pmap span every process in a multi-host run
         else:
+            devices = _checked_devices(devices)
             self._pmap_devices = list(devices)
         self.devices = list(devices)
         self.num_devices = len(self.devices)
@@ -138,6 +139,24 @@ class DataParallel:
             return np.asarray(x.addressable_data(0)).reshape(shape)
 
         return jax.tree.map(first, metrics)
+
+
+def _checked_devices(devices: Sequence[Any]) -> list[jax.Device]:
+    """`devices` as a list if it holds at least one `jax.Device`, each once, else a ValueError:
+    an empty list or a repeated device failed only in the first step, on a bare JAX error."""
+    devices = list(devices)
+    if not devices:
+        raise invalid("DataParallel", "devices", devices,
+                      "expected at least one device (or None: all of them)")
+    if not all(isinstance(d, jax.Device) for d in devices):
+        raise invalid("DataParallel", "devices", devices,
+                      "expected jax.Device objects (e.g. jax.local_devices()[:n])")
+    repeated = [d for d in dict.fromkeys(devices) if devices.count(d) > 1]
+    if repeated:
+        raise invalid("DataParallel", "devices", devices,
+                      f"expected distinct devices ({repeated[0]} is listed "
+                      f"{devices.count(repeated[0])} times)")
+    return devices
 
 
 def _squeeze_batch(fn: Callable) -> Callable:

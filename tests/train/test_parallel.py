@@ -143,3 +143,24 @@ def test_detection_runs_match_across_device_counts(run_diffs):
         assert abs(other[0] - one[0]) < 1e-3 and abs(other[1] - one[1]) < 1e-3
     losses = run_diffs["detection_train_loss"]
     assert max(losses) - min(losses) < 1e-3 * max(losses)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_no_devices_or_a_device_twice_is_refused_by_name(mode):
+    """`DataParallel(mode, [])` and a device listed twice were accepted and failed in the
+    first step ("need at least one array to stack", "safe_zip() argument 1 has length 2")."""
+    import jax
+
+    from cnnjax.train.parallel import DataParallel
+
+    device = jax.devices()[0]
+    with pytest.raises(ValueError, match=r"DataParallel: devices=\[\] is invalid; expected at "
+                                         r"least one"):
+        DataParallel(mode, [])
+    with pytest.raises(ValueError, match=r"DataParallel: devices=\[.*\] is invalid; expected "
+                                         r"distinct devices .*listed 2 times"):
+        DataParallel(mode, [device, device])
+    with pytest.raises(ValueError, match=r"DataParallel: devices=\['cpu'\] is invalid; "
+                                         r"expected jax.Device"):
+        DataParallel(mode, ["cpu"])
+    assert DataParallel(mode, [device]).num_devices == 1
