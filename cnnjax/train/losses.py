@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax.utils.validation import check_number, check_positive_int
+from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 LABEL_SMOOTHING_RANGE = "expected a number 0 <= label_smoothing < 1 (0: off)"
 
@@ -27,6 +27,22 @@ def check_label_smoothing(owner: str, label_smoothing: Any) -> float:
                         low=0.0, high=1.0, high_open=True, strings=False)
 
 
+def _check_labels(owner: str, logits: jnp.ndarray, labels: jnp.ndarray, *, ids: bool = True,
+                  targets: bool = True) -> None:
+    """Refuses (statically, while tracing) `labels` that are neither class ids of the logits'
+    leading shape (`ids`) nor targets of the logits' own shape (`targets`): ids `[N, 1]`
+    broadcast against `[N, C]` logits into wrong numbers without an error."""
+    shapes = ([tuple(logits.shape[:-1])] if ids else []) + (
+        [tuple(logits.shape)] if targets else [])
+    if tuple(labels.shape) in shapes:
+        return
+    kinds = [f"class ids of shape {shapes[0]} (the logits' {tuple(logits.shape)} without "
+             "their class axis)"] if ids else []
+    if targets:
+        kinds.append(f"targets of the logits' shape {tuple(logits.shape)}")
+    raise invalid(owner, "labels.shape", tuple(labels.shape), "expected " + " or ".join(kinds))
+
+
 def soft_cross_entropy(
     logits: jnp.ndarray, targets: jnp.ndarray, label_smoothing: float = 0.0
 ) -> jnp.ndarray:
@@ -34,6 +50,7 @@ def soft_cross_entropy(
     `targets [N, C]` (e.g. mixup/CutMix soft targets). Smoothing the mixed targets is the same as
     mixing smoothed one-hots (it is linear), which is how timm combines the two."""
     label_smoothing = check_label_smoothing("soft_cross_entropy", label_smoothing)
+    _check_labels("soft_cross_entropy", logits, targets, ids=False)
     targets = targets.astype(jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
@@ -46,6 +63,7 @@ def cross_entropy(
     """Per-example softmax cross-entropy (float32) of `logits [N, C]` against int `labels [N]`
     or soft targets `[N, C]` (mixup/CutMix, `soft_cross_entropy`)."""
     label_smoothing = check_label_smoothing("cross_entropy", label_smoothing)
+    _check_labels("cross_entropy", logits, labels)
     if labels.ndim < logits.ndim:
         labels = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     return soft_cross_entropy(logits, labels, label_smoothing)
@@ -59,6 +77,7 @@ def topk_correct(logits: jnp.ndarray, labels: jnp.ndarray, k: int) -> jnp.ndarra
     diverged model must not score 100%), nor one whose label is not a class index in [0, C)
     (indexing would read NaN past the end, or wrap a negative label to the last class)."""
     k = min(check_positive_int("topk_correct", "k", k), logits.shape[-1])
+    _check_labels("topk_correct", logits, labels, targets=False)
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     index = jnp.arange(logits.shape[-1])
     ahead = (logits > label_logit) | ((logits == label_logit) & (index < labels[..., None]))
@@ -76,6 +95,7 @@ def example_metrics(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: f
     lower class on a tie): a mixed image has no single true class, and the label with the larger
     share is the usual stand-in (train accuracy under mixing is therefore a rough signal)."""
     label_smoothing = check_label_smoothing("example_metrics", label_smoothing)
+    _check_labels("example_metrics", logits, labels)
     logits = logits.astype(jnp.float32)
     loss = cross_entropy(logits, labels, label_smoothing)
     if labels.ndim == logits.ndim:
