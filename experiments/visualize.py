@@ -21,7 +21,8 @@ eval images, preprocessed as its evaluation sees them, and writes to --output_di
   dataset label of each model class: `data.classes` of a run on a class subset, which the
   titles show), and `notes`: e.g. that guided
   backpropagation equals saliency on a model without ReLUs (LeNet-5's tanh), also printed.
---list_layers prints every module with its output shape (the names --layer takes) and exits.
+--list_layers prints every module with its output shape (the names --layer takes) and exits
+(the flags it would not read are refused with it; --step and --ema choose the weights).
 --pointing_game instead scores each method on the whole eval split of a dataset with object boxes
 (tfds `objects/bbox`, e.g. `shapes`): the share of images whose map for the true class peaks
 inside that class's box (Zhang et al. 2018), beside the image centre's, in pointing_game.json.
@@ -314,6 +315,21 @@ def conflicting_flags(given: Collection[str], pointing_game: bool, target: str,
     return None
 
 
+#: Flags --list_layers leaves unread (it prints the modules and exits): refused with it.
+LIST_LAYERS_IGNORES = ("pointing_game", "num_images", "methods", "layer", "patch", "stride",
+                       "target", "tolerance", "max_images", "output_dir")
+
+
+def list_layers_conflict(given: Collection[str]) -> str | None:
+    """Why a flag given with --list_layers (`given`: their names) would be ignored, as one
+    line; None when every one is read (--workdir, --step, --ema choose the model)."""
+    for name in LIST_LAYERS_IGNORES:
+        if name in given:
+            return (f"--{name} is invalid with --list_layers, which only prints the model's "
+                    "modules and exits; drop one of them")
+    return None
+
+
 def _out_dir() -> str:
     """The output folder, checked up front: `--output_dir`, else `<workdir>/visualize`."""
     if _OUTPUT_DIR.value:
@@ -332,8 +348,12 @@ def main(argv: list[str]) -> None:
     given = {name for name in (*POINTING_GAME_FLAGS, *OCCLUSION_FLAGS, "num_images", "target",
                                "layer")
              if flags.FLAGS[name].present}
-    if (error := conflicting_flags(given, _POINTING.value, _TARGET.value,
-                                   _METHODS.value)) is not None:
+    if _LIST_LAYERS.value:
+        error = list_layers_conflict({name for name in LIST_LAYERS_IGNORES
+                                      if flags.FLAGS[name].present})
+    else:
+        error = conflicting_flags(given, _POINTING.value, _TARGET.value, _METHODS.value)
+    if error is not None:
         sys.exit(f"error: {error}")
     with one_line_errors():
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work

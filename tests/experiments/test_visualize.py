@@ -289,3 +289,17 @@ def test_a_grad_cam_layer_without_grad_cam_in_the_pointing_game_is_refused():
         "reads it there); add grad_cam to --methods or drop --layer")
     for pointing_game, methods in [(True, None), (True, ["grad_cam"]), (False, ["saliency"])]:
         assert conflicting_flags({"layer"}, pointing_game, "true", methods) is None
+
+
+def test_flags_list_layers_would_ignore_are_refused():
+    """`--list_layers --pointing_game` (or --methods, --num_images, ...) printed the layers and
+    exited, dropping the rest unannounced; --step and --ema, which choose the weights, stay."""
+    from experiments.visualize import LIST_LAYERS_IGNORES, list_layers_conflict
+
+    assert list_layers_conflict({"pointing_game", "workdir"}) == (
+        "--pointing_game is invalid with --list_layers, which only prints the model's modules and "
+        "exits; drop one of them")
+    for name in LIST_LAYERS_IGNORES:
+        assert list_layers_conflict({name}).startswith(f"--{name} is invalid with --list_layers")
+    assert {"num_images", "methods", "layer", "output_dir"} <= set(LIST_LAYERS_IGNORES)
+    assert list_layers_conflict({"workdir", "step", "ema"}) is None
