@@ -109,7 +109,8 @@ def distill_settings(config: Any) -> dict | None:
 def validate_distill(config: Any, task: str) -> None:
     """Types and ranges of `config.distill` (the teacher run itself is checked by
     `load_teacher`): a classification student, a workdir string, step >= 0, bool ema,
-    T > 0, alpha in [0, 1]."""
+    T > 0, alpha in [0, 1]; a step, ema, T or alpha other than the defaults needs a
+    teacher_workdir (without one nothing reads them)."""
     block = config.get("distill")
     if block is None:
         return
@@ -134,6 +135,11 @@ def validate_distill(config: Any, task: str) -> None:
     if settings["ema"] and workdir is None:
         raise invalid(OWNER, "ema", True, "it needs distill.teacher_workdir (the teacher whose "
                       "weight average to use)")
+    for name in ("temperature", "alpha"):  # range-checked above: numbers
+        if workdir is None and float(settings[name]) != DISTILL_DEFAULTS[name]:
+            raise invalid(OWNER, name, settings[name],
+                          "it needs distill.teacher_workdir (without a teacher the run trains "
+                          "without distillation and nothing reads it)")
     if workdir is not None and task != "classification":
         raise invalid(OWNER, "teacher_workdir", workdir,
                       f"distillation trains classifiers only (config.task='classification', not "

@@ -266,6 +266,12 @@ def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
     ({"distill.teacher_workdir": None, "distill.ema": True},
      "distill: ema=True is invalid; it needs distill.teacher_workdir (the teacher whose weight "
      "average to use)."),
+    # A soft-target setting without a teacher was silently ignored (a plain run trained).
+    ({"distill.teacher_workdir": None, "distill.temperature": 8.0},
+     "distill: temperature=8.0 is invalid; it needs distill.teacher_workdir (without a teacher "
+     "the run trains without distillation and nothing reads it)."),
+    ({"distill.teacher_workdir": None, "distill.alpha": 0.5},
+     "distill: alpha=0.5 is invalid; it needs distill.teacher_workdir"),
     ({"distill.teacher_workdir": ""}, "distill: teacher_workdir='' is invalid; expected the "
                                       "--workdir of a trained classification run, or None (off)."),
     # --config.distill.teacher_workdir=None (documented "None: off") was taken as a path
