@@ -35,6 +35,11 @@ def _check_labels(owner: str, logits: jnp.ndarray, labels: jnp.ndarray, *, ids: 
     shapes = ([tuple(logits.shape[:-1])] if ids else []) + (
         [tuple(logits.shape)] if targets else [])
     if tuple(labels.shape) in shapes:
+        if ids and labels.shape == logits.shape[:-1] and not jnp.issubdtype(labels.dtype,
+                                                                              jnp.integer):
+            # one_hot(1.5) is all zeros: a loss of 0, no error
+            raise invalid(owner, "labels.dtype", labels.dtype,
+                          "expected integer class ids (or targets of the logits' shape)")
         return
     kinds = [f"class ids of shape {shapes[0]} (the logits' {tuple(logits.shape)} without "
              "their class axis)"] if ids else []

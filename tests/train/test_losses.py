@@ -298,3 +298,13 @@ def test_the_train_step_refuses_labels_of_another_shape_while_tracing():
     with pytest.raises(ValueError, match=r"labels\.shape=\(4, 1\) is invalid"):
         jax.eval_shape(jax.vmap(train_step, axis_name="data"),
                        jax.tree.map(lambda x: x[None], state), batch)
+
+
+@pytest.mark.parametrize("call", ["cross_entropy", "example_metrics", "topk_correct"])
+def test_class_ids_that_are_not_integers_are_refused(call):
+    """Float ids: `cross_entropy` one-hot encoded 1.5 as all zeros (loss 0, no error) and
+    `example_metrics` failed in `take_along_axis` with a TypeError."""
+    args = (jnp.zeros((3, 4)), jnp.array([0.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=rf"{call}: labels\.dtype=dtype\('float32'\) is "
+                                         r"invalid; expected integer class ids"):
+        getattr(losses, call)(*args, *((1,) if call == "topk_correct" else ()))
