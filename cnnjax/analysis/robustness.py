@@ -8,10 +8,11 @@ split through the run's own eval transform up to the pixels before normalization
 stores the result as CIFAR-10-C does (uint8, truncated), then normalizes it as the run's eval
 does (`Transforms.normalize`), and measures top-1 per corruption x severity into
 `<workdir>/robustness/robustness.json`, atomically after every cell (an interrupted command
-resumes; a finished one is reprinted). With source='tfds' each cell reads tfds's corrupted copy
-of the run's eval split instead: `cifar10_corrupted/<corruption>_<severity>`'s test split for
-runs trained on `cifar10`, `imagenet2012_corrupted/<corruption>_<severity>`'s validation split
-for runs trained on `imagenet2012` (`TFDS_CORRUPTED`).
+resumes; a finished one is reprinted, its headline written back for the cells requested).
+With source='tfds' each cell reads tfds's corrupted copy of the run's eval split instead:
+`cifar10_corrupted/<corruption>_<severity>`'s test split for runs trained on `cifar10`,
+`imagenet2012_corrupted/<corruption>_<severity>`'s validation split for runs trained on
+`imagenet2012` (`TFDS_CORRUPTED`).
 """
 
 from __future__ import annotations
@@ -412,7 +413,10 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
     todo = [(n, s) for n in names for s in levels if str(s) not in record["cells"][n]]
     if not todo and "clean_top1" in old:
         log(f"All {len(names) * len(levels)} cells already measured in {path}:")
-        return summarize({**record, "clean_top1": old["clean_top1"]}), path
+        # written back with this request's headline (fewer cells than the file's request: their
+        # mean), as a command measuring a new cell would, so the file holds what is printed
+        with directory_lock(out_dir, "workdir"):
+            return _finish({**record, "clean_top1": old["clean_top1"]}, path), path
     if tfds_set:  # every config still needed is named before anything is written
         _check_tfds_configs_prepared(config, todo, tfds_set)
     with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time

@@ -644,3 +644,25 @@ def test_an_imagenet2012_run_not_at_224_is_refused_for_tfds(trained, monkeypatch
                                          r"source='on_the_fly'\.$"):
         R.run_robustness(workdir, "contrast", "1", split="validation", source="tfds",
                          log=lambda _: None)
+
+
+def test_a_reprint_of_fewer_cells_writes_the_headline_it_prints(rgb_run, monkeypatch):
+    """A finished grid reprinted for a subset (--corruptions=contrast after contrast,brightness)
+    printed the subset's mean and 'Written to <path>', while the file kept the whole grid's
+    headline and request: the JSON now holds what was printed (as after a measuring command
+    asking for fewer), with its plot."""
+    record, path = R.run_robustness(str(rgb_run), "contrast,brightness", "2,4")
+
+    def no_model(*_):
+        raise AssertionError("a finished record is reprinted, not measured again")
+    monkeypatch.setattr(R, "make_classify", no_model)
+    subset, same_path = R.run_robustness(str(rgb_run), "contrast", "4", log=lambda _: None)
+    assert same_path == path
+    assert subset["mean_corruption_top1"] == pytest.approx(record["cells"]["contrast"]["4"])
+    with open(path) as f:
+        on_file = json.load(f)
+    assert on_file == subset
+    assert on_file["requested"] == {"corruptions": ["contrast"], "severities": [4]}
+    assert on_file["cells"] == record["cells"]  # every measured cell is kept
+    with open(subset["plot"], "rb") as f:
+        assert f.read(8) == PNG
