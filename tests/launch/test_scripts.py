@@ -87,16 +87,24 @@ def test_local_slurm_checks_without_slurm_say_so(tmp_path: Path):
         assert not (tmp_path / "out").exists()
 
 
-def test_local_slurm_check_reports_a_failed_submission(tmp_path: Path):
-    """A submission SLURM refuses stopped `check` silently (exit 1, launch.submit's error
-    discarded); it now prints that error and stops before waiting for a job."""
+def _local_slurm_check_with_no_job_queued(tmp_path: Path, sbatch_fails: bool = False,
+                                          ) -> subprocess.CompletedProcess:
+    """`local_slurm.sh check` against the stand-in SLURM, its squeue listing no job (and its
+    sbatch refusing every submission when `sbatch_fails`), writing under `tmp_path/out`."""
     bin_dir = stand_in_slurm(tmp_path / "bin")
-    (bin_dir / "sbatch.fail").touch()
+    if sbatch_fails:
+        (bin_dir / "sbatch.fail").touch()
     write_executable(bin_dir / "squeue", "#!/usr/bin/env bash\n")
     env = path_with(bin_dir) | {"OUT": str(tmp_path / "out"),
                                 "PYTHON": str(Path(sys.executable))}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "check"],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "check"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_local_slurm_check_reports_a_failed_submission(tmp_path: Path):
+    """A submission SLURM refuses stopped `check` silently (exit 1, launch.submit's error
+    discarded); it now prints that error and stops before waiting for a job."""
+    result = _local_slurm_check_with_no_job_queued(tmp_path, sbatch_fails=True)
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         f"error: local_slurm.sh: submitting {tmp_path}/out/train failed: error: sbatch "
@@ -107,12 +115,7 @@ def test_local_slurm_check_stops_when_the_job_to_preempt_ends_early(tmp_path):
     """`check` waited for the second job's log to reach step 60 with no end: a job that failed
     or ended earlier (here: submitted, gone from the queue at once, no log) hung it forever.
     It now says which job ended before what, and fails."""
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    write_executable(bin_dir / "squeue", "#!/usr/bin/env bash\n")  # no job is queued
-    env = path_with(bin_dir) | {"OUT": str(tmp_path / "out"),
-                                "PYTHON": str(Path(sys.executable))}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "check"],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = _local_slurm_check_with_no_job_queued(tmp_path)
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         f"FAIL job 4242 ended before its log showed 'step 60/200'; see {tmp_path}/out/preempted"
