@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax.layers.roi import indexed
 from cnnjax.utils.validation import (
     check_number,
     check_positive_int,
@@ -110,14 +111,7 @@ def anchor_grid(
     if len(shape) != 2 or shape[1] != 4 or shape[0] == 0:
         raise invalid(owner, "base_anchors.shape", tuple(shape),
                       "expected [A, 4] boxes (x1, y1, x2, y2) with A >= 1")
-    values = concrete_value(base_anchors)
-    if values is not None:  # box_coding.check_anchor_sizes' rule (box_coding imports this module)
-        values = np.asarray(values, np.float64)
-        sizes = values[:, 2:] - values[:, :2]
-        bad = np.flatnonzero(~np.all((sizes > 0) & np.isfinite(sizes), axis=1))
-        if bad.size:
-            raise invalid(owner, f"base_anchors[{int(bad[0])}]", values[bad[0]].tolist(),
-                          "expected a positive finite width and height (x1 < x2, y1 < y2)")
+    check_anchor_sizes(owner, base_anchors, "base_anchors")
     return _grid(jnp.asarray(base_anchors, dtype=dtype), height, width, stride)
 
 
@@ -130,6 +124,21 @@ def _grid(base_anchors: jax.Array, height: int, width: int, stride: int) -> jax.
     xs, ys = jnp.meshgrid(shift_x, shift_y)  # [H, W] each, rows = y
     shifts = jnp.stack([xs, ys, xs, ys], axis=-1).reshape(height * width, 1, 4)
     return (shifts + base_anchors[None]).reshape(-1, 4)
+
+
+def check_anchor_sizes(owner: str, anchors: Any, arg: str = "anchors") -> None:
+    """When `anchors` `[..., 4]` are concrete, raises (naming `arg`) on the first one without a
+    positive finite width and height (it would give infinite or NaN targets, or a grid of them)."""
+    values = concrete_value(anchors)
+    if values is None:
+        return
+    values = np.asarray(values, np.float64)
+    sizes = values[..., 2:] - values[..., :2]
+    bad = ~np.all((sizes > 0) & np.isfinite(sizes), axis=-1)
+    if bad.any():
+        index = tuple(np.argwhere(bad)[0])
+        raise invalid(owner, indexed(arg, index), values[index].tolist(),
+                      "expected a positive finite width and height (x1 < x2, y1 < y2)")
 
 
 def image_size_pair(owner: str, image_size: Any) -> tuple[Any, Any]:

@@ -19,11 +19,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cnnjax.detection.anchors import image_size_pair
-from cnnjax.layers.roi import indexed
-from cnnjax.utils.validation import check_number, concrete_value, invalid
+from cnnjax.detection.anchors import check_anchor_sizes, image_size_pair
+from cnnjax.utils.validation import check_number, invalid
 
 # torchvision's `bbox_xform_clip`: decoded sizes grow at most 1000/16 = 62.5x their anchor's.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -66,21 +64,6 @@ def _broadcast(owner: str, a: jax.Array, b: jax.Array, names: tuple[str, str]) -
         raise invalid(owner, f"{names[0]}.shape", tuple(a.shape),
                       f"expected a shape that broadcasts with {names[1]}.shape="
                       f"{tuple(b.shape)}") from None
-
-
-def check_anchor_sizes(owner: str, anchors: Any) -> None:
-    """When `anchors` `[..., 4]` are concrete, raises on the first one without a positive
-    finite width and height (it would give infinite or NaN targets)."""
-    values = concrete_value(anchors)
-    if values is None:
-        return
-    values = np.asarray(values, np.float64)
-    sizes = values[..., 2:] - values[..., :2]
-    bad = ~np.all((sizes > 0) & np.isfinite(sizes), axis=-1)
-    if bad.any():
-        index = tuple(np.argwhere(bad)[0])
-        raise invalid(owner, indexed("anchors", index), values[index].tolist(),
-                      "expected a positive finite width and height (x1 < x2, y1 < y2)")
 
 
 def _centres(boxes: jax.Array) -> tuple[jax.Array, ...]:

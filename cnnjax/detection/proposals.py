@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.detection.anchors import image_size_pair
+from cnnjax.detection.anchors import check_anchor_sizes, image_size_pair
 from cnnjax.detection.box_coding import (
     DEFAULT_SCALE_CLAMP,
-    check_anchor_sizes,
     check_box_weights,
     check_scale_clamp,
     clip_boxes,
