@@ -150,22 +150,26 @@ def image_size_pair(owner: str, image_size: Any) -> tuple[Any, Any]:
             raise invalid(owner, "image_size.shape", tuple(image_size.shape),
                           "expected (2,): (height, width)")
         values = concrete_value(image_size)
-        # A zero, negative or NaN side would divide into inf / NaN or clip every box to nothing.
-        if values is not None and (values.dtype == np.bool_ or not np.issubdtype(
-                values.dtype, np.number) or not np.all((values > 0) & np.isfinite(values))):
-            raise invalid(owner, "image_size", values.tolist(),
-                          "expected (height, width), two positive numbers")
+        if values is not None:  # the tuple's rule, on its values (shown as a list)
+            _check_positive_pair(owner, values.tolist(), values.tolist())
         return image_size[0], image_size[1]
     try:
         pair = tuple(image_size)
     except TypeError:
         pair = ()
+    _check_positive_pair(owner, pair, image_size)
+    return pair
+
+
+def _check_positive_pair(owner: str, pair: Any, shown: Any) -> None:
+    """Refuses (naming `image_size`, shown as `shown`) a `pair` that is not two positive finite
+    Python numbers: a zero, negative or NaN side would divide into inf / NaN or clip every box
+    to nothing."""
     if len(pair) != 2 or not all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < float("inf")
             for v in pair):
-        raise invalid(owner, "image_size", image_size,
+        raise invalid(owner, "image_size", shown,
                       "expected (height, width), two positive numbers")
-    return pair
 
 
 def anchors_inside(boxes: Any, image_size: Any, border: float = 0.0) -> jax.Array:
