@@ -50,7 +50,7 @@ from cnnjax.train.logging import (
     ProgressBar,
 )
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
-from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted
+from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted, take_pending
 from cnnjax.train.state import TrainState, create_train_state, seed_key, warm_start
 from cnnjax.train.step import (
     BATCH_STATS_FINITE,
@@ -127,6 +127,11 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
     run: _Run | None = None
     try:
         with StopRequest() as stop:
+            if stop.requested is not None:
+                take_pending()
+                # SIGTERM arrived after the previous run's last step (a sweep's trial): stop
+                # before this one trains; its summary.json (a resume's step) stays as it is.
+                raise TrainingInterrupted(0, stop.requested, checkpointed=False, started=False)
             run = _Run(config, workdir, started, stop)
             return run.run()
     except TrainingInterrupted:

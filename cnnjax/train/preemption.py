@@ -7,6 +7,10 @@ between steps, saves a checkpoint of that step, writes summary.json with status 
 and raises `TrainingInterrupted`. Multi-process: the flags are combined with one tiny allgather
 every `sync_every` steps, so every process stops at the same step (latency <= sync_every steps).
 SIGINT (Ctrl-C) keeps Python's KeyboardInterrupt: an immediate stop without a final checkpoint.
+A SIGTERM that arrives after a run's last poll (during its final eval and checkpoint) cannot stop
+that run; it stays pending for the process, so the next run of a sweep, tune or transfer
+comparison stops before training (`TrainingInterrupted` with `started=False`) instead of the
+signal being dropped with the finished run's handler.
 """
 
 from __future__ import annotations
@@ -31,13 +35,18 @@ class TrainingInterrupted(KeyboardInterrupt, SystemExit):
     `EXIT_CODE`, so when nothing catches it the process exits with the conventional 143.
     """
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", checkpointed: bool = True):
+    def __init__(self, step: int, signal_name: str = "SIGTERM", checkpointed: bool = True,
+                 started: bool = True):
         SystemExit.__init__(self, EXIT_CODE)
         self.step = step
         self.signal_name = signal_name
         self.checkpointed = checkpointed  # False: a short run that a rerun redoes (LR range test)
+        self.started = started  # False: stopped before its first step by a pending signal
 
     def __str__(self) -> str:
+        if not self.started:
+            return (f"Stopped by {self.signal_name} before training (it arrived as the previous "
+                    "run finished); rerun the same command to run or resume it.")
         if not self.checkpointed:
             return (f"Stopped by {self.signal_name} at step {self.step} (nothing to resume); "
                     "rerun the same command to redo it.")
@@ -45,8 +54,23 @@ class TrainingInterrupted(KeyboardInterrupt, SystemExit):
                 "checkpoint of that step; rerun the same command to resume.")
 
 
+#: The signal a `StopRequest` caught that no loop has acted on yet (`should_stop` returned it,
+#: or `take_pending`): the next `StopRequest` of the process starts with it.
+_pending: str | None = None
+
+
+def take_pending() -> str | None:
+    """The pending signal's name (None if none), which is then acted on: no longer pending."""
+    global _pending
+    name, _pending = _pending, None
+    return name
+
+
 class StopRequest:
-    """Context manager: while active, SIGTERM sets `requested` instead of killing the process."""
+    """Context manager: while active, SIGTERM sets `requested` instead of killing the process.
+
+    It starts with the process's pending signal, one an earlier `StopRequest` caught after its
+    loop's last poll."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
         self.signals = signals
@@ -54,9 +78,12 @@ class StopRequest:
         self._previous: dict[signal.Signals, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = signal.Signals(signum).name
+        global _pending
+        self.requested = _pending = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
+        if self.requested is None:
+            self.requested = _pending
         # signal.signal only works in the main thread; elsewhere the default behaviour stays.
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
@@ -76,8 +103,12 @@ class StopRequest:
         they reach the collective together); any process's flag stops them all.
         """
         if jax.process_count() == 1:
-            return self.requested
-        if step % sync_every:
+            name = self.requested
+        elif step % sync_every:
             return None
-        flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
-        return (self.requested or "SIGTERM") if np.any(np.asarray(flags)) else None
+        else:
+            flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
+            name = (self.requested or "SIGTERM") if np.any(np.asarray(flags)) else None
+        if name is not None:  # the caller stops on it
+            take_pending()
+        return name

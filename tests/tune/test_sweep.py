@@ -212,6 +212,45 @@ def test_a_sigterm_stopped_trial_records_the_signal_and_the_checkpointed_step(tm
     assert row["status"] == "interrupted" and row["steps"] == str(summary["step"])
 
 
+def test_a_sigterm_during_a_trials_final_save_stops_the_sweep_before_the_next_trial(
+        tmp_path, monkeypatch):
+    """SIGTERM after the engine's last poll (during trial 0's final checkpoint) cannot stop
+    that trial, which completes; it used to be dropped with the engine's handler, so the sweep
+    trained trial 1 until the cluster's SIGKILL. Now trial 1 is recorded interrupted before it
+    trains, the sweep raises TrainingInterrupted (exit 143), and a rerun runs trial 1 only."""
+    import signal
+
+    from cnnjax.train import loop
+    from cnnjax.train.preemption import TrainingInterrupted
+
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.02]})
+    save = loop.Checkpointer.save
+    saved = []
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        saved.append(step)
+        if step == 12 and saved.count(12) == 1:  # trial 0's final save
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop.Checkpointer, "save", save_then_sigterm)
+    with pytest.raises(TrainingInterrupted) as info:
+        sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert info.value.code == 143
+    assert saved.count(12) == 1 and max(saved) == 12 and len(saved) == saved.index(12) + 1
+    rows = _csv_rows(sweep_dir)
+    assert [row["status"] for row in rows] == ["completed", "interrupted"]
+    second = sw.trial_workdir(sweep_dir, space.trials[1])
+    assert not os.path.exists(os.path.join(second, "checkpoints"))
+    record = _json(os.path.join(second, "trial.json"))
+    assert record["status"] == "interrupted" and "SIGTERM" in record["reason"]
+
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)  # nothing pending now
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert saved.count(12) == 2
+
 def test_a_diverged_trial_is_retried_under_another_max_loss(tmp_path):
     """max_loss may change on a rerun (a runtime field); a trial that diverged by the old limit
     was kept as diverged, so one sweep folder mixed two settings."""
