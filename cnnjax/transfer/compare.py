@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.preemption import StopRequest
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
     TRIAL_FILE,
@@ -472,23 +473,26 @@ def _run_plan(plan: TransferPlan, transfer_dir: str, sizes: dict[str, int],
     """`run_transfer` once `transfer_dir` is held: the source run, then every target run."""
     _prepare_dir(transfer_dir, plan)
 
-    try:
-        source_status = _run_once(plan.source, plan.source_dir, _source_trial(), "source",
-                                  verbose)
-    finally:  # KeyboardInterrupt included: the table shows the source run interrupted
-        rows = write_results(transfer_dir, plan, sizes)
-    for i, run in enumerate(plan.runs, start=1):
-        trial, workdir = run["trial"], trial_workdir(transfer_dir, run["trial"])
-        label = f"Run {i}/{len(plan.runs)} {trial.trial_id}"
-        if run["arm"] != "scratch" and source_status != "completed":
-            if not finished_status(workdir, run["config"]):
-                _record_not_run(trial, workdir, f"not run: the source run {source_status}")
-                _say(verbose, f"{label}: not run (the source run {source_status}).")
-            continue
+    # SIGTERM between runs (no run holds a handler then) is kept pending, not the default
+    # kill: the next run stops before training, recorded as interrupted (exit 143).
+    with StopRequest():
         try:
-            _run_once(run["config"], workdir, trial, label, verbose)
-        finally:  # KeyboardInterrupt included: the table shows what has finished so far
+            source_status = _run_once(plan.source, plan.source_dir, _source_trial(), "source",
+                                      verbose)
+        finally:  # KeyboardInterrupt included: the table shows the source run interrupted
             rows = write_results(transfer_dir, plan, sizes)
+        for i, run in enumerate(plan.runs, start=1):
+            trial, workdir = run["trial"], trial_workdir(transfer_dir, run["trial"])
+            label = f"Run {i}/{len(plan.runs)} {trial.trial_id}"
+            if run["arm"] != "scratch" and source_status != "completed":
+                if not finished_status(workdir, run["config"]):
+                    _record_not_run(trial, workdir, f"not run: the source run {source_status}")
+                    _say(verbose, f"{label}: not run (the source run {source_status}).")
+                continue
+            try:
+                _run_once(run["config"], workdir, trial, label, verbose)
+            finally:  # KeyboardInterrupt included: the table shows what has finished so far
+                rows = write_results(transfer_dir, plan, sizes)
     rows = write_results(transfer_dir, plan, sizes)
     if verbose:
         print(format_table(summarize(rows, plan.metric)), flush=True)

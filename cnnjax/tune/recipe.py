@@ -64,6 +64,7 @@ import numpy as np
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
+from cnnjax.train.preemption import StopRequest
 from cnnjax.tune import lr_range
 from cnnjax.tune import report as report_lib
 from cnnjax.tune import space as space_lib
@@ -806,42 +807,45 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
     decisions: list[Decision] = []
     status, reason = "running", ""
     checked = plan  # `run_tune` checked round 1 before taking the lock
-    try:
-        if recipe.lr_range_test and plan is not None:
-            plan = range_test_round(base_config, recipe, tune_dir, verbose)
-        while plan is not None:
-            if plan is not checked:
-                _check_round(base_config, plan)
-            _say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
-            rows = run_sweep(plan.base_config(base_config), plan.space(),
-                             os.path.join(tune_dir, plan.dirname), recipe.metric, recipe.mode,
-                             verbose=verbose)
-            history.append(RoundResult(plan, sorted(rows, key=lambda r: r["index"])))
-            failed = [r for r in rows if r["status"] not in ("completed", "diverged")]
-            if failed:
-                status = "failed"
-                reason = (f"round {plan.index}: {len(failed)} trial(s) did not finish ("
-                          + "; ".join(f"{r['trial_id']}: {r['status']} {r['reason']}"
-                                      for r in failed[:3])
-                          + "); rerun the command to retry them")
-                break
-            decision = decide(history, recipe, base_config, diagnose_fn)
-            decisions.append(decision)
-            _say(verbose, f"=== After round {plan.index}: {decision.action}: {decision.reason}")
-            status, reason, plan = decision.status, decision.reason, decision.next_round
-            if plan is not None:  # the last round's outputs are written once, below
-                _write_outputs(tune_dir, recipe, history, decisions, "running", reason,
-                               time.time() - started, diagnose_fn)
-    except BaseException as err:  # why it stopped goes to recipe.json, then the error goes on
-        stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        why = f"{stopped} ({type(err).__name__}: {err}); rerun the command to continue"
+    # SIGTERM between rounds (no run holds a handler then) is kept pending, not the default
+    # kill: the next round's first trial stops before training and recipe.json says why.
+    with StopRequest():
         try:
-            _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
-                           time.time() - started, diagnose_fn)
-        except Exception:  # noqa: BLE001 — e.g. the diagnosis itself failed: record without it
-            _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
-                           time.time() - started, None)
-        raise
+            if recipe.lr_range_test and plan is not None:
+                plan = range_test_round(base_config, recipe, tune_dir, verbose)
+            while plan is not None:
+                if plan is not checked:
+                    _check_round(base_config, plan)
+                _say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
+                rows = run_sweep(plan.base_config(base_config), plan.space(),
+                                 os.path.join(tune_dir, plan.dirname), recipe.metric, recipe.mode,
+                                 verbose=verbose)
+                history.append(RoundResult(plan, sorted(rows, key=lambda r: r["index"])))
+                failed = [r for r in rows if r["status"] not in ("completed", "diverged")]
+                if failed:
+                    status = "failed"
+                    reason = (f"round {plan.index}: {len(failed)} trial(s) did not finish ("
+                              + "; ".join(f"{r['trial_id']}: {r['status']} {r['reason']}"
+                                          for r in failed[:3])
+                              + "); rerun the command to retry them")
+                    break
+                decision = decide(history, recipe, base_config, diagnose_fn)
+                decisions.append(decision)
+                _say(verbose, f"=== After round {plan.index}: {decision.action}: {decision.reason}")
+                status, reason, plan = decision.status, decision.reason, decision.next_round
+                if plan is not None:  # the last round's outputs are written once, below
+                    _write_outputs(tune_dir, recipe, history, decisions, "running", reason,
+                                   time.time() - started, diagnose_fn)
+        except BaseException as err:  # why it stopped goes to recipe.json, then the error goes on
+            stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            why = f"{stopped} ({type(err).__name__}: {err}); rerun the command to continue"
+            try:
+                _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
+                               time.time() - started, diagnose_fn)
+            except Exception:  # noqa: BLE001 — e.g. the diagnosis itself failed: record without it
+                _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
+                               time.time() - started, None)
+            raise
     record = _write_outputs(tune_dir, recipe, history, decisions, status, reason,
                             time.time() - started, diagnose_fn)
     if verbose:

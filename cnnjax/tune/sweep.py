@@ -39,6 +39,7 @@ from cnnjax.train.loop import (
     TrainingDivergedError,
     train_and_evaluate,
 )
+from cnnjax.train.preemption import StopRequest, TrainingInterrupted, take_pending
 from cnnjax.tune.diagnose import read_checked_metrics
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
@@ -152,25 +153,28 @@ def run_sweep(
     selected = (space.trials if trial_index is None
                 else space.trials[trial_index:trial_index + trial_count])
     started = 0
-    for trial in selected:
-        workdir = trial_workdir(sweep_dir, trial)
-        finished = finished_status(workdir, configs[trial.trial_id])
-        if finished:
-            _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
-                          f"{_fmt(trial.overrides)}: already {finished}, skipped.")
-            continue
-        if max_trials is not None and started >= max_trials:
-            break
-        try:
-            with directory_lock(workdir):  # the engine takes it again (re-entrant)
-                started += 1
-                record = _run_and_tabulate(trial, configs[trial.trial_id], workdir, sweep_dir,
-                                           space, metric, mode, verbose)
-        except DirectoryInUseError as err:  # another array task or driver is running it
-            _skip_busy_trial(trial, err, trial_index, verbose)
-            continue
-        _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
-                      + (f" ({record['reason']})" if record["reason"] else ""))
+    # SIGTERM between trials (no run holds a handler then) is kept pending, not the default
+    # kill: the next trial stops before it trains, recorded as interrupted (exit 143).
+    with StopRequest():
+        for trial in selected:
+            workdir = trial_workdir(sweep_dir, trial)
+            finished = finished_status(workdir, configs[trial.trial_id])
+            if finished:
+                _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                              f"{_fmt(trial.overrides)}: already {finished}, skipped.")
+                continue
+            if max_trials is not None and started >= max_trials:
+                break
+            try:
+                with directory_lock(workdir):  # the engine takes it again (re-entrant)
+                    started += 1
+                    record = _run_and_tabulate(trial, configs[trial.trial_id], workdir, sweep_dir,
+                                               space, metric, mode, verbose)
+            except DirectoryInUseError as err:  # another array task or driver is running it
+                _skip_busy_trial(trial, err, trial_index, verbose)
+                continue
+            _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
+                          + (f" ({record['reason']})" if record["reason"] else ""))
     rows = write_results(sweep_dir, space, metric, mode)
     if verbose:
         _print_results(rows, space, metric, sweep_dir)
@@ -505,6 +509,9 @@ def run_trial(config: Any, workdir: str, record: dict) -> dict:
     path = os.path.join(workdir, TRIAL_FILE)
     started = time.time()
     try:
+        pending = take_pending()  # a SIGTERM since the last run: stop before this one trains
+        if pending is not None:
+            raise TrainingInterrupted(0, pending, checkpointed=False, started=False)
         train_and_evaluate(config, workdir)
         record["status"] = "completed"
         retire_error_log(workdir)  # an earlier failed try's traceback is not this outcome

@@ -689,6 +689,42 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, mo
     assert trainer.calls == []  # a finished tune trains nothing
 
 
+def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tmp_path,
+                                                                               monkeypatch):
+    """SIGTERM while the tune plans round 2 (no run holds a handler then): the default used to
+    kill it with recipe.json still "running" (here a caller's handler took the signal and round
+    2 trained). Now round 2's first trial stops before training and recipe.json says
+    interrupted; the rerun finishes as an uninterrupted tune."""
+    import signal
+
+    from cnnjax.train.preemption import TrainingInterrupted
+
+    reference = _tune(tmp_path, monkeypatch, FakeTrainer(), name="reference")
+    decide = rc.decide
+
+    def decide_then_sigterm(history, *args, **kwargs):
+        decision = decide(history, *args, **kwargs)
+        if len(history) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return decision
+
+    caught = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    trainer = FakeTrainer()
+    try:
+        monkeypatch.setattr(rc, "decide", decide_then_sigterm)
+        with pytest.raises(TrainingInterrupted):
+            _tune(tmp_path, monkeypatch, trainer)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert caught == [] and len(trainer.calls) == 3  # round 1 only
+    saved = json.loads((tmp_path / "tune" / "recipe.json").read_text())
+    assert saved["status"] == "interrupted" and "SIGTERM" in saved["reason"]
+    monkeypatch.setattr(rc, "decide", decide)
+    strip = lambda r: json.loads(json.dumps(_without_times(r)).replace("/reference/", "/tune/"))  # noqa: E731
+    assert strip(_tune(tmp_path, monkeypatch, FakeTrainer())) == strip(reference)
+
+
 def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
     _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
     trainer = FakeTrainer()

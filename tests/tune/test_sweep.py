@@ -251,6 +251,43 @@ def test_a_sigterm_during_a_trials_final_save_stops_the_sweep_before_the_next_tr
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert saved.count(12) == 2
 
+def test_a_sigterm_between_trials_stops_the_sweep_before_the_next_trial(tmp_path,
+                                                                        monkeypatch):
+    """SIGTERM while the sweep rewrites its table after trial 0, outside any run: the driver
+    had no handler then (the default killed it with no record; here a caller's handler took
+    the signal and trial 1 trained on). Now trial 1 is recorded interrupted before it trains
+    and the sweep raises TrainingInterrupted (exit 143)."""
+    import signal
+
+    from cnnjax.train.preemption import TrainingInterrupted
+
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.02]})
+    write_results = sw.write_results
+    calls = []
+
+    def write_then_sigterm(*args, **kwargs):
+        rows = write_results(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the table after trial 0 ended
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rows
+
+    caught = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        monkeypatch.setattr(sw, "write_results", write_then_sigterm)
+        with pytest.raises(TrainingInterrupted):
+            sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert caught == []
+    second = sw.trial_workdir(sweep_dir, space.trials[1])
+    assert not os.path.exists(os.path.join(second, "checkpoints"))
+    assert [row["status"] for row in _csv_rows(sweep_dir)] == ["completed", "interrupted"]
+
+
 def test_a_diverged_trial_is_retried_under_another_max_loss(tmp_path):
     """max_loss may change on a rerun (a runtime field); a trial that diverged by the old limit
     was kept as diverged, so one sweep folder mixed two settings."""
