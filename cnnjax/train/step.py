@@ -74,8 +74,10 @@ def train_step(
     `PARAMS_FINITE` and `BATCH_STATS_FINITE` (whether the updated parameters and BatchNorm
     statistics are all finite).
     A model with auxiliary classifiers (GoogLeNet with `aux_logits=True`) adds
-    `aux_loss_weight` x their cross-entropy to the optimized loss (0.3 in Szegedy et al. 2014);
-    their mean loss is reported as `aux_loss`. `conv_impl` picks how `nn.Conv` layers are
+    `aux_loss_weight` x each one's cross-entropy to the optimized loss (0.3 in Szegedy et al.
+    2014); `aux_loss` reports the batch mean of their cross-entropies summed (GoogLeNet's two:
+    about 2 ln(num_classes) at chance), so the optimized loss is `loss` (with `distill`,
+    `total_loss`) `+ aux_loss_weight * aux_loss`. `conv_impl` picks how `nn.Conv` layers are
     lowered while this function is traced (`cnnjax.layers.conv_impl`: same math, faster on CPU),
     `batch_norm_impl` how training-mode BatchNorms are (`cnnjax.layers.batch_norm_impl`:
     "matmul" channel sums as matrix-vector products, faster on CPU; "auto" that on CPU, flax's

@@ -229,6 +229,52 @@ def test_auxiliary_loss_and_label_smoothing_in_the_gradient(weight, smoothing):
     np.testing.assert_allclose(metrics["aux_loss"], aux_loss.mean(), rtol=1e-5)
 
 
+class _TwoAuxNet(nn.Module):
+    """GoogLeNet's output layout on linear heads: `GoogLeNetOutputs(logits, aux1, aux2)`."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        from cnnjax.models.googlenet import GoogLeNetOutputs
+
+        x = x.reshape(x.shape[0], -1)
+        heads = [nn.Dense(4, name=name)(x) for name in ("head", "aux1", "aux2")]
+        return GoogLeNetOutputs(*heads) if train else heads[0]
+
+
+def test_two_auxiliary_heads_each_weigh_0_3_and_aux_loss_is_their_summed_cross_entropy():
+    """GoogLeNet's two auxiliary classifiers: one SGD step equals a float64 NumPy step on
+    CE(main) + 0.3 * CE(aux1) + 0.3 * CE(aux2) (Szegedy et al.: each weighted by 0.3), and the
+    reported `aux_loss` is the batch mean of CE(aux1) + CE(aux2), so the optimized loss is
+    `loss + aux_loss_weight * aux_loss` (rtol 1e-5: float32 against float64)."""
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(6, 2, 2, 1)).astype(np.float32)
+    labels = rng.integers(0, 4, 6).astype(np.int32)
+    model, lr, weight = _TwoAuxNet(), 0.5, 0.3
+    tx, schedule = optax.sgd(lr), optax.constant_schedule(lr)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, 2, 2, 1))
+    parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
+    train_step, _ = make_steps(model, tx, schedule, "data", aux_loss_weight=weight)
+    params = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(state.params))
+    batch = parallel.shard_batch({"image": images[None], "label": labels[None]})
+    new_state, metrics = parallel.wrap_train(train_step)(parallel.replicate(state), batch)
+    metrics = parallel.metrics_to_host(metrics)
+
+    x = images.reshape(6, -1).astype(np.float64)
+    targets = np.eye(4)[labels]
+    ce, got = {}, parallel.unreplicate(new_state.params)
+    for name, scale in (("head", 1.0), ("aux1", weight), ("aux2", weight)):
+        p = params[name]
+        z = x @ p["kernel"] + p["bias"]
+        prob = np.exp(z - z.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        dz = (prob - targets) / len(x)
+        ce[name] = _np_cross_entropy(z, labels, 0.0)
+        for k, g in (("kernel", x.T @ dz), ("bias", dz.sum(0))):
+            np.testing.assert_allclose(got[name][k], p[k] - lr * scale * g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], ce["head"].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["aux_loss"], (ce["aux1"] + ce["aux2"]).mean(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("smoothing", [1.0, 1.5, -0.2, float("nan"), float("inf"), True, "0.1",
                                        None])
 def test_a_bad_label_smoothing_is_named_not_trained_with(smoothing):
