@@ -243,8 +243,11 @@ def _roi_pool_tangent(output_size, primals, tangents):
     found = argmax < h * w
     cell = jnp.where(found, argmax, 0)
     image = batch_indices[:, None, None, None]
-    picked = tangents[0][image, cell // w, cell % w, jnp.arange(channels)]
-    return pooled, jnp.where(found, picked, jnp.zeros_like(picked))
+    # Gathered in at least float32, so that reverse mode's scatter-add (every bin adds its
+    # cotangent to its cell) sums in float32: in bfloat16 a cell's sum stalled at 256.
+    wide = tangents[0].astype(jnp.promote_types(tangents[0].dtype, jnp.float32))
+    picked = wide[image, cell // w, cell % w, jnp.arange(channels)]
+    return pooled, jnp.where(found, picked, jnp.zeros_like(picked)).astype(pooled.dtype)
 
 
 @partial(jax.jit, static_argnames=("output_size",))

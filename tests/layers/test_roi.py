@@ -415,6 +415,31 @@ def test_roi_pool_a_nan_bin_gives_no_gradient_on_either_path(roi_pool_path):
     np.testing.assert_array_equal(grad, np.zeros_like(feats))
 
 
+def test_bfloat16_roi_pool_gradient_is_summed_in_float32():
+    """Every bin whose max is a cell adds its cotangent to that cell. With bfloat16 features
+    that scatter-add ran in bfloat16 and stalled at 256: a cell that 2,770 bins (512 boxes,
+    7x7 bins, roi_spatial_pyramid_pool's level too) take got 256, 91% low. Summed in float32
+    the only error is rounding each cell's sum to bfloat16 (2**-9; 2**-8 allowed), and for the
+    pyramid rounding its L = 4 levels' sums and adding them in bfloat16 ((2L - 1) * 2**-9).
+    Reference: float64 counts of the bins whose output is each cell's value (distinct values,
+    exact in bfloat16, so bfloat16 and float32 pick the same cells)."""
+    rng = np.random.default_rng(21)
+    feats = (rng.permutation(256) + 1).reshape(1, 8, 8, 4) / 256.0
+    corner = rng.uniform(0, 3, (512, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(3, 5, (512, 2))], 1).astype(np.float32)
+    batch = np.zeros(512, np.int32)
+    for pool, rtol in ((lambda f: roi_pool(f, boxes, batch, 7), 2.0**-8),
+                       (lambda f: roi_spatial_pyramid_pool(f, boxes, batch, (1, 2, 4, 7)),
+                        7 * 2.0**-9)):
+        low = jnp.asarray(feats, jnp.bfloat16)
+        grad = jax.jit(jax.grad(lambda f, pool=pool: jnp.sum(pool(f).astype(jnp.float32))))(low)
+        outputs = np.asarray(pool(low), np.float64).reshape(512, -1, 4)
+        want = np.stack([(outputs[:, :, c].ravel()[:, None] == feats[0, :, :, c].ravel()).sum(0)
+                         for c in range(4)], axis=-1).reshape(feats.shape)
+        assert grad.dtype == jnp.bfloat16 and want.max() > 2000
+        np.testing.assert_allclose(np.asarray(grad, np.float64), want, rtol=rtol)
+
+
 def test_roi_pool_under_jit_and_empty_box_sets():
     feats = _features((2, 7, 9, 2), seed=10)
     boxes = _random_boxes(np.random.default_rng(11), 3, 9.0, 7.0)
