@@ -55,7 +55,7 @@ CHECKPOINT_DIR = "checkpoints"
 RESTORE_ATTEMPTS = 3
 RESTORE_RETRY_DELAY_S = 0.5
 #: Orbax's per-step metadata file, which holds cnnjax's `run_info` as its custom metadata.
-_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 #: The custom-metadata key of the arrays' digests (`array_digests`), kept out of `run_info`.
 _DIGESTS_KEY = "array_digests"
 #: The custom-metadata key of the digests' format (`DIGEST_FORMAT`); absent: format 1.
@@ -387,7 +387,7 @@ class Checkpointer:
         for key in (_DIGESTS_KEY, _DIGEST_FORMAT_KEY, _EMPTY_ARRAYS_KEY):
             info.pop(key, None)
         if not info:  # orbax reads a torn or empty metadata file as "no metadata"
-            path = os.path.join(self.directory, str(step), _STEP_METADATA_FILE)
+            path = os.path.join(self.directory, str(step), STEP_METADATA_FILE)
             try:
                 if os.path.isfile(path):
                     with open(path) as f:

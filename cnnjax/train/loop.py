@@ -39,7 +39,7 @@ from cnnjax.train import config as config_lib
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import init_from as init_from_lib
-from cnnjax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from cnnjax.train.checkpoint import CHECKPOINT_DIR, STEP_METADATA_FILE, Checkpointer
 from cnnjax.train.logging import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -77,6 +77,9 @@ TRAIN_WINDOW = "train_window"
 #: so far (each earlier one up to the checkpoint the next resumed from); summary.json's
 #: `wall_time_s` is the last invocation's alone.
 TOTAL_WALL_TIME = "total_wall_time_s"
+#: Checkpoint `run_info` key: the run's config as config.json holds it, so a workdir whose
+#: config.json is lost still refuses a rerun of an incompatible config (and restores the file).
+CONFIG_RECORD = "config"
 #: The largest eval split (this process's padded batches, bytes) the first eval keeps in host
 #: memory for the later ones (`_Run.eval_batches`): CIFAR-10's test split at 32x32 fits; larger
 #: splits are read again at each eval.
@@ -173,14 +176,12 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
 
 def incompatible_saved_fields(workdir: str, config: Any) -> list[tuple[str, Any, Any]]:
     """`(field, saved, new)` for each trajectory-defining field in which `config` differs from
-    the config.json of the checkpoints `workdir` holds ([] without checkpoints or a config.json:
-    nothing to resume). Refuses (ValueError) a workdir of converted torchvision weights, which
-    `restart` does not empty either."""
-    saved_path = os.path.join(workdir, CONFIG_FILE)
-    if not (_has_checkpoints(workdir) and os.path.exists(saved_path)):
+    the config of the checkpoints `workdir` holds (`_saved_config`; [] without checkpoints or
+    a record of their config: nothing to compare). Refuses (ValueError) a workdir of converted
+    torchvision weights, which `restart` does not empty either."""
+    raw = _saved_config(workdir)
+    if raw is None:
         return []
-    with open(saved_path) as f:
-        raw = json.load(f)
     if init_from_lib.holds_converted_weights(workdir, raw):  # even with restart=True
         raise ValueError(
             f"workdir: {workdir!r} holds converted torchvision weights (see its "
@@ -189,6 +190,25 @@ def incompatible_saved_fields(workdir: str, config: Any) -> list[tuple[str, Any,
     saved, current = config_lib.flatten(raw), config_lib.flatten(config)
     return [(n, saved.get(n, "<unset>"), current.get(n, "<unset>"))
             for n in config_lib.incompatible_fields(saved, current)]
+
+
+def _saved_config(workdir: str) -> dict | None:
+    """The config of the run whose checkpoints `workdir` holds: its config.json, or, when that
+    is lost, the one its newest checkpoint recorded (`CONFIG_RECORD`); None without checkpoints
+    or without either record (checkpoints saved before the config was kept in them)."""
+    if not _has_checkpoints(workdir):
+        return None
+    saved_path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            return json.load(f)
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    for step in sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True):
+        metadata = read_json(os.path.join(ckpt_dir, str(step), STEP_METADATA_FILE))
+        custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
+        if isinstance(custom, dict) and isinstance(custom.get(CONFIG_RECORD), dict):
+            return custom[CONFIG_RECORD]
+    return None
 
 
 def check_workdir_resumes(workdir: str, config: Any) -> None:
@@ -495,9 +515,12 @@ class _Run:
         delete the workdir to repeat a run from scratch."""
         config, workdir = self.config, self.workdir
         saved_path = os.path.join(workdir, CONFIG_FILE)
-        has_checkpoints = _has_checkpoints(workdir)
         differ = incompatible_saved_fields(workdir, config)
-        resumable = has_checkpoints and os.path.exists(saved_path) and not differ
+        saved = _saved_config(workdir)
+        if saved is not None and not os.path.exists(saved_path):
+            logging.warning("%s holds checkpoints but no %s: the config recorded with its "
+                            "newest checkpoint stands in for it.", workdir, CONFIG_FILE)
+        resumable = saved is not None and not differ
         if config.restart and resumable:
             logging.info("restart=True: %s holds a run of this same config, which resumes "
                          "(delete the workdir to start it over).", workdir)
@@ -515,6 +538,8 @@ class _Run:
             raise ValueError(_incompatible_message(workdir, differ))
         finished = _completed_summary(workdir) if resumable else None
         if finished is not None and finished.get("step") == config.num_train_steps:
+            if self.is_primary and not os.path.exists(saved_path):  # lost: the run's own back
+                atomic_write(saved_path, json.dumps(saved, indent=2, sort_keys=True))
             return  # a no-op rerun: config.json keeps the settings the run trained with
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
@@ -800,6 +825,7 @@ class _Run:
                                     "device_counts": self.device_counts,
                                     "process_count": jax.process_count(),
                                     TRAIN_WINDOW: _window_to_json(self.window),
+                                    CONFIG_RECORD: json.loads(config_lib.to_json(self.config)),
                                     TOTAL_WALL_TIME: _wall_times(
                                         self, self.started)[TOTAL_WALL_TIME]})
 

@@ -208,8 +208,10 @@ def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monke
         finally:
             checkpoints.close()
         assert loop.TRAIN_WINDOW in info and info["process_count"] == 1
+        assert info[loop.CONFIG_RECORD]["model"] == config.model
         return {k: v for k, v in info.items()
-                if k not in (loop.TRAIN_WINDOW, "process_count", loop.TOTAL_WALL_TIME)}
+                if k not in (loop.TRAIN_WINDOW, "process_count", loop.TOTAL_WALL_TIME,
+                             loop.CONFIG_RECORD)}
 
     config = helpers.tiny_config()
     pipeline = sys.modules["cnnjax.data.pipeline"]
@@ -492,6 +494,34 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
     changed.restart = True
     summary = loop.train_and_evaluate(changed, str(tmp_path))
     assert summary["resumed_from_step"] == 0 and summary["status"] == "completed"
+
+
+def test_a_lost_config_json_is_recovered_from_the_checkpoints_not_replaced_by_the_rerun(
+        tmp_path):
+    """config.json lost beside the checkpoints: a rerun with another learning rate resumed the
+    run under it and wrote its config.json as the run's, with nothing said. The checkpoints
+    record the config: the change is refused by name, the same config resumes and config.json
+    is the run's again; restart still discards a run of another config."""
+    config = helpers.tiny_config(num_train_steps=4)
+    loop.train_and_evaluate(config, str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for name in ("config.json", "summary.json"):
+        (tmp_path / name).unlink()
+    lr = config.optimizer.learning_rate
+    changed = helpers.tiny_config(num_train_steps=4, **{"optimizer.learning_rate": 2 * lr})
+    with pytest.raises(ValueError, match=(r"holds checkpoints of an incompatible config "
+                                          rf"\(optimizer.learning_rate: {lr!r} -> {2 * lr!r}")):
+        loop.train_and_evaluate(changed, str(tmp_path))
+    assert not (tmp_path / "config.json").exists()
+    same = helpers.tiny_config(num_train_steps=4, log_every_steps=1)  # a runtime field
+    assert loop.train_and_evaluate(same, str(tmp_path))["resumed_from_step"] == 4
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"] == saved["optimizer"]
+    (tmp_path / "config.json").unlink()  # a finished run's no-op rerun puts it back too
+    assert loop.train_and_evaluate(same, str(tmp_path))["resumed_from_step"] == 4
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"] == saved["optimizer"]
+    (tmp_path / "config.json").unlink()
+    changed.restart = True
+    assert loop.train_and_evaluate(changed, str(tmp_path))["resumed_from_step"] == 0
 
 
 def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
