@@ -1,0 +1,64 @@
+"""bfloat16 models: no gradient sum over a feature map runs in bfloat16.
+
+A sum of bfloat16 terms accumulated in bfloat16 stalls once its ulp exceeds twice a term (at
+256 for terms below 1): the conv bias gradients, sums of the output cotangent over every
+position, were 78-98% low on XLA:CPU (tests/layers/test_conv.py). The traced gradient of each
+model with biased convolutions is searched for a bfloat16 `reduce_sum` of more than 256 terms;
+nothing is compiled.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.models import create_model, model_info
+
+MAX_BFLOAT16_TERMS = 256
+
+
+def _bfloat16_sums(jaxpr, found):
+    """(shape, terms, where) of each reduce_sum over more than MAX_BFLOAT16_TERMS bfloat16
+    terms in `jaxpr` and the jaxprs nested in its equations."""
+    for eqn in jaxpr.eqns:
+        operand = eqn.invars[0].aval if eqn.invars else None
+        if (eqn.primitive.name == "reduce_sum" and operand.dtype == jnp.bfloat16
+                and np.prod([operand.shape[a] for a in eqn.params["axes"]]) > MAX_BFLOAT16_TERMS):
+            found.append((operand.shape, str(eqn.source_info.name_stack)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _bfloat16_sums(inner, found)
+    return found
+
+
+@pytest.mark.parametrize("name", ["lenet5", "alexnet", "vgg11", "nin_cifar", "googlenet",
+                                  "fcn8s_vgg16"])
+def test_no_bfloat16_sum_over_a_map_in_the_gradient(name):
+    info = model_info(name)
+    size = 64 if info.task != "classification" else max(32, info.min_input_size)
+    x = jnp.zeros((2, size, size, info.input_shape[2]))
+    model = create_model(name, num_classes=4, dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, x, train=True,
+                          rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0]
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
+    assert _bfloat16_sums(jaxpr, []) == []
+
+
+def test_the_search_finds_flaxs_bfloat16_bias_sum():
+    """The check itself: flax's own nn.Conv sums its bias gradient in bfloat16."""
+    import flax.linen as nn
+
+    conv = nn.Conv(4, (3, 3), dtype=jnp.bfloat16)
+    x = jnp.zeros((2, 32, 32, 3))
+    params = conv.init(jax.random.key(0), x)["params"]
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda p: jnp.sum(conv.apply({"params": p}, x).astype(jnp.float32))))(params).jaxpr
+    assert [shape for shape, _ in _bfloat16_sums(jaxpr, [])] == [(2, 32, 32, 4)]
