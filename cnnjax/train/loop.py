@@ -199,15 +199,20 @@ def _saved_config(workdir: str) -> dict | None:
     if not _has_checkpoints(workdir):
         return None
     saved_path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(saved_path):
-        with open(saved_path) as f:
-            return json.load(f)
+    saved = read_json(saved_path)
+    if isinstance(saved, dict):
+        return saved
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     for step in sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True):
         metadata = read_json(os.path.join(ckpt_dir, str(step), STEP_METADATA_FILE))
         custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
         if isinstance(custom, dict) and isinstance(custom.get(CONFIG_RECORD), dict):
             return custom[CONFIG_RECORD]
+    if os.path.exists(saved_path):  # cut short, and no checkpoint records the config
+        raise ValueError(
+            f"workdir: {saved_path!r} is unreadable (not a JSON config) and no checkpoint in "
+            f"{ckpt_dir!r} records the config, so a rerun cannot be checked against the run's; "
+            "restore it, or delete it to resume without that check.")
     return None
 
 
@@ -517,9 +522,10 @@ class _Run:
         saved_path = os.path.join(workdir, CONFIG_FILE)
         differ = incompatible_saved_fields(workdir, config)
         saved = _saved_config(workdir)
-        if saved is not None and not os.path.exists(saved_path):
-            logging.warning("%s holds checkpoints but no %s: the config recorded with its "
-                            "newest checkpoint stands in for it.", workdir, CONFIG_FILE)
+        on_disk = os.path.exists(saved_path) and read_json(saved_path) is not None
+        if saved is not None and not on_disk:
+            logging.warning("%s holds checkpoints but no readable %s: the config recorded with "
+                            "its newest checkpoint stands in for it.", workdir, CONFIG_FILE)
         resumable = saved is not None and not differ
         if config.restart and resumable:
             logging.info("restart=True: %s holds a run of this same config, which resumes "
@@ -538,7 +544,7 @@ class _Run:
             raise ValueError(_incompatible_message(workdir, differ))
         finished = _completed_summary(workdir) if resumable else None
         if finished is not None and finished.get("step") == config.num_train_steps:
-            if self.is_primary and not os.path.exists(saved_path):  # lost: the run's own back
+            if self.is_primary and not on_disk:  # lost or cut short: the run's own back
                 atomic_write(saved_path, json.dumps(saved, indent=2, sort_keys=True))
             return  # a no-op rerun: config.json keeps the settings the run trained with
         if self.is_primary:

@@ -342,8 +342,14 @@ def check_sweep_dir(
         "with its original sweep file and base config (sweep.json in it records them)"
     )
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except ValueError as err:  # cut short (a disk error): say which file, and what to do
+            raise ValueError(
+                f"sweep: {path!r} is unreadable ({type(err).__name__}: {err}); it records "
+                "which sweep sweep_dir holds: restore it, or delete it and rerun the sweep's own "
+                "command (its finished trials are kept).") from None
         if not _same_or_grown(saved, current):
             raise ValueError(
                 f"sweep: sweep_dir={sweep_dir!r} holds a different search space "

@@ -524,6 +524,21 @@ def test_a_lost_config_json_is_recovered_from_the_checkpoints_not_replaced_by_th
     assert loop.train_and_evaluate(changed, str(tmp_path))["resumed_from_step"] == 0
 
 
+def test_an_unreadable_config_json_is_replaced_by_the_checkpoints_record(tmp_path):
+    """A config.json cut short ended every rerun with JSON's bare "Expecting ..." error, naming
+    no file; the checkpoints' record of the config now stands in for it, as for a lost one."""
+    config = helpers.tiny_config(num_train_steps=4)
+    loop.train_and_evaluate(config, str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(saved[:len(saved) // 2])
+    (tmp_path / "summary.json").unlink()
+    changed = helpers.tiny_config(num_train_steps=4, **{"optimizer.name": "adam"})
+    with pytest.raises(ValueError, match=r"incompatible config \(optimizer.name: 'sgd' -> 'adam'"):
+        loop.train_and_evaluate(changed, str(tmp_path))
+    assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 4
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(saved)
+
+
 def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
     """`restart` empties the workdir (docs/training.md): the outputs experiments.evaluate,
     .visualize, .robustness and .rcnn_svm wrote from the discarded run's checkpoints go too.

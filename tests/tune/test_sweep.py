@@ -434,6 +434,27 @@ def test_sweep_dir_of_a_different_sweep_is_refused(tmp_path, monkeypatch):
     sw.run_sweep(base, space, sweep_dir, metric="loss", max_trials=0, verbose=False)
 
 
+def test_an_unreadable_sweep_json_is_refused_naming_the_file(tmp_path, monkeypatch):
+    """A sweep.json cut short (a disk error) ended the sweep with JSON's bare "Expecting ...:
+    line 83 column 3", naming neither the file nor what to do."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False)
+    path = os.path.join(sweep_dir, sw.SWEEP_FILE)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[:len(text) // 2])
+    with pytest.raises(ValueError, match=re.escape(
+            f"sweep: {path!r} is unreadable (JSONDecodeError: ")) as err:
+        sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    assert "delete it and rerun the sweep's own command" in str(err.value)
+    os.remove(path)  # the same sweep's command writes it again
+    sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=0, verbose=False)
+    assert files.read_json(path) is not None
+
+
 def test_a_random_sweep_grows_by_raising_num_trials(tmp_path, monkeypatch):
     """The same seed draws the same first trials whatever num_trials is, so a random sweep asked
     for more trials keeps its finished ones and runs only the new; fewer trials, another seed or
