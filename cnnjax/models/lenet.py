@@ -86,7 +86,12 @@ class TrainableSubsampling(nn.Module):
         # A NumPy init value keeps reduce_window's sum monoid (and so its gradient) under jit.
         summed = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add,
                                        (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-        return summed * coef.astype(self.dtype) + bias.astype(self.dtype)
+        # In at least float32 (the parameters rounded to the compute dtype first): the gradients
+        # of coef and bias are sums over every position, which stall at 256 in bfloat16.
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        y = (summed.astype(wide) * coef.astype(self.dtype).astype(wide)
+             + bias.astype(self.dtype).astype(wide))
+        return y.astype(x.dtype)
 
 
 class ConnectionTableConv(nn.Module):
@@ -112,7 +117,9 @@ class ConnectionTableConv(nn.Module):
         kernel = (kernel * jnp.asarray(mask)).astype(self.dtype)
         y = jax.lax.conv_general_dilated(jnp.asarray(x, self.dtype), kernel, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias.astype(self.dtype)
+        # Added in at least float32: the bias gradient sums over every position (as Conv2D).
+        wide = jnp.promote_types(y.dtype, jnp.float32)
+        return (y.astype(wide) + bias.astype(self.dtype).astype(wide)).astype(y.dtype)
 
 
 class LeNet5(nn.Module):

@@ -33,13 +33,17 @@ def _bfloat16_sums(jaxpr, found):
     return found
 
 
-@pytest.mark.parametrize("name", ["lenet5", "alexnet", "vgg11", "nin_cifar", "googlenet",
-                                  "fcn8s_vgg16"])
-def test_no_bfloat16_sum_over_a_map_in_the_gradient(name):
+@pytest.mark.parametrize("name, kwargs", [
+    ("lenet5", {}), ("lenet5", {"subsampling": "trainable", "c3_table": "paper"}),
+    ("alexnet", {}), ("vgg11", {}), ("nin_cifar", {}), ("googlenet", {}), ("fcn8s_vgg16", {}),
+], ids=["lenet5", "lenet5-paper", "alexnet", "vgg11", "nin_cifar", "googlenet", "fcn8s_vgg16"])
+def test_no_bfloat16_sum_over_a_map_in_the_gradient(name, kwargs):
+    """LeNet-5's paper options (trainable subsampling's coefficient and bias, the C3 table's
+    bias) summed over the map in bfloat16 too (their 2 x 14 x 14 and 2 x 10 x 10 sums)."""
     info = model_info(name)
     size = 64 if info.task != "classification" else max(32, info.min_input_size)
     x = jnp.zeros((2, size, size, info.input_shape[2]))
-    model = create_model(name, num_classes=4, dtype=jnp.bfloat16)
+    model = create_model(name, num_classes=4, dtype=jnp.bfloat16, **kwargs)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
