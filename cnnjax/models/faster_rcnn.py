@@ -50,6 +50,7 @@ from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
+from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.roi import check_sample_positions, check_valid_boxes, roi_align
 from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
@@ -308,12 +309,14 @@ class FasterRCNN(nn.Module):
                                     dtype=self.dtype, axis_name=self.axis_name)
         anchors_per_cell = len(self.anchor_scales) * len(self.anchor_ratios)
         head_init = nn.initializers.normal(0.01)  # the paper's N(0, 0.01) for new layers
-        self.rpn_conv = nn.Conv(self.rpn_channels, (3, 3), padding="SAME", dtype=self.dtype,
-                                kernel_init=head_init)
-        self.rpn_objectness = nn.Conv(anchors_per_cell, (1, 1), dtype=self.dtype,
-                                      kernel_init=head_init)
-        self.rpn_deltas = nn.Conv(4 * anchors_per_cell, (1, 1), dtype=self.dtype,
-                                  kernel_init=head_init)
+        # Conv2D, not nn.Conv: its bias gradient (a sum over every anchor position) is summed
+        # in float32 under bfloat16; flax's stalls at 256 (cnnjax.layers.conv._add_bias).
+        self.rpn_conv = Conv2D(self.rpn_channels, 3, padding="SAME", dtype=self.dtype,
+                               kernel_init=head_init)
+        self.rpn_objectness = Conv2D(anchors_per_cell, 1, dtype=self.dtype,
+                                     kernel_init=head_init)
+        self.rpn_deltas = Conv2D(4 * anchors_per_cell, 1, dtype=self.dtype,
+                                 kernel_init=head_init)
         self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
 
     # ------------------------------------------------------------------------------ stages

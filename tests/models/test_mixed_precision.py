@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cnnjax.models import create_model, model_info
+from tests.models.detectors import GT_BOXES, GT_LABELS, GT_VALID
 
 MAX_BFLOAT16_TERMS = 256
 
@@ -33,23 +34,28 @@ def _bfloat16_sums(jaxpr, found):
     return found
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("lenet5", {}), ("lenet5", {"subsampling": "trainable", "c3_table": "paper"}),
-    ("alexnet", {}), ("vgg11", {}), ("nin_cifar", {}), ("googlenet", {}), ("fcn8s_vgg16", {}),
-], ids=["lenet5", "lenet5-paper", "alexnet", "vgg11", "nin_cifar", "googlenet", "fcn8s_vgg16"])
-def test_no_bfloat16_sum_over_a_map_in_the_gradient(name, kwargs):
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("lenet5", {}, 32), ("lenet5", {"subsampling": "trainable", "c3_table": "paper"}, 32),
+    ("alexnet", {}, 63), ("vgg11", {}, 32), ("nin_cifar", {}, 32), ("googlenet", {}, 47),
+    ("fcn8s_vgg16", {}, 64), ("faster_rcnn_small", {}, 128),
+], ids=["lenet5", "lenet5-paper", "alexnet", "vgg11", "nin_cifar", "googlenet", "fcn8s_vgg16",
+        "faster_rcnn_small"])
+def test_no_bfloat16_sum_over_a_map_in_the_gradient(name, kwargs, size):
     """LeNet-5's paper options (trainable subsampling's coefficient and bias, the C3 table's
-    bias) summed over the map in bfloat16 too (their 2 x 14 x 14 and 2 x 10 x 10 sums)."""
+    bias) summed over the map in bfloat16 too (their 2 x 14 x 14 and 2 x 10 x 10 sums), and
+    Faster R-CNN's RPN convolutions (flax's nn.Conv: 2 x 16 x 16 positions here)."""
     info = model_info(name)
-    size = 64 if info.task != "classification" else max(32, info.min_input_size)
     x = jnp.zeros((2, size, size, info.input_shape[2]))
     model = create_model(name, num_classes=4, dtype=jnp.bfloat16, **kwargs)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def loss(params):
-        out = model.apply({**variables, "params": params}, x, train=True,
-                          rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0]
+        args, method = ((GT_BOXES, GT_LABELS, GT_VALID), "loss") if info.task == "detection" \
+            else ((), None)
+        out = model.apply({**variables, "params": params}, x, *args, method=method, train=True,
+                          rngs={"dropout": jax.random.key(1), "sample": jax.random.key(2)},
+                          mutable=["batch_stats"])[0]
         return sum(jnp.sum(o.astype(jnp.float32)) for o in jax.tree.leaves(out))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
