@@ -337,6 +337,37 @@ def test_failed_run_is_recorded_the_rest_continue_and_a_rerun_retries_it(tmp_pat
     assert helpers.finished_run_files(rows[1]["workdir"]) == before
 
 
+def test_a_sigterm_between_runs_stops_the_comparison_before_the_next_run_trains(tmp_path,
+                                                                                monkeypatch):
+    """SIGTERM after the source run returned, before the first target run: no run held a
+    handler, so the default killed the driver unrecorded (here a caller's handler took it and
+    every target run trained). Now the next run is recorded interrupted before it trains."""
+    import signal
+
+    from cnnjax.train.preemption import TrainingInterrupted
+
+    real, trained = sweep.train_and_evaluate, []
+
+    def source_then_sigterm(config, workdir):
+        trained.append(os.path.basename(workdir))
+        summary = real(config, workdir)
+        if len(trained) == 1:  # the source
+            os.kill(os.getpid(), signal.SIGTERM)
+        return summary
+
+    caught = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        monkeypatch.setattr(sweep, "train_and_evaluate", source_then_sigterm)
+        with pytest.raises(TrainingInterrupted):
+            _run(tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert caught == [] and len(trained) == 1
+    first = _json(str(tmp_path / "transfer" / "trials" / "8-scratch-s0" / "trial.json"))
+    assert first["status"] == "interrupted" and "SIGTERM" in first["reason"]
+
+
 def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):
     real = sweep.train_and_evaluate
 
