@@ -142,8 +142,9 @@ def _check_groups(owner: str, features: int, groups: int) -> None:
 
 
 def _check_dtypes(module: nn.Module) -> None:
-    """`dtype` (None: the input's) and `param_dtype` must be floating: flax would fail only at
-    `init`, without naming the layer."""
+    """`dtype` (None: flax's rule, the input's and the parameters' dtypes promoted together, so
+    a bfloat16 input with float32 parameters computes and returns float32) and `param_dtype`
+    must be floating: flax would fail only at `init`, without naming the layer."""
     owner = type(module).__name__
     check_float_dtype(owner, "dtype", module.dtype)
     check_float_dtype(owner, "param_dtype", module.param_dtype, allow_none=False)
