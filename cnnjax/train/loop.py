@@ -26,6 +26,7 @@ import queue
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -844,8 +845,14 @@ class _Run:
         if config_lib.init_from_workdir(self.config) is not None:
             record_path = os.path.join(self.workdir, INIT_FROM_FILE)
             if os.path.exists(record_path):
-                with open(record_path) as f:
-                    summary["init_from"] = json.load(f)
+                record = read_json(record_path)
+                if record is not None:
+                    summary["init_from"] = record
+                else:  # informational only: the trained run must not fail on it
+                    message = (f"{record_path} is unreadable (cut short?): summary.json omits "
+                               "where the warm start came from.")
+                    logging.warning(message)
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
         if self.teacher is not None:
             summary["distill"] = self.teacher.record
         if self.is_primary:

@@ -299,6 +299,21 @@ def test_resume_beats_init_from(source, tmp_path, monkeypatch):
         jax.tree.map(np.testing.assert_array_equal, a[part], b[part])
 
 
+def test_an_unreadable_init_from_record_does_not_fail_the_finished_run(source, tmp_path,
+                                                                        monkeypatch):
+    """init_from.json cut short (a disk error): every attempt trained to the end and then failed
+    in summary.json with JSON's bare "Expecting value" (a rerun again: the run could never
+    complete). The record is only informational: the run completes, warning that it is lost."""
+    config = _fine_tune_config(source)
+    killed = tmp_path / "killed"
+    helpers.run_until_crash(config, killed, monkeypatch)
+    (killed / "init_from.json").write_text('{"workdir": ')
+    with pytest.warns(RuntimeWarning, match="init_from.json.*unreadable"):
+        summary = loop.train_and_evaluate(config, str(killed))
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 8
+    assert "init_from" not in summary
+
+
 def test_architecture_name_may_differ_when_every_shape_matches(source, tmp_path):
     renamed = tmp_path / "renamed"
     shutil.copytree(source, renamed)
