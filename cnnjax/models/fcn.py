@@ -58,7 +58,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, bilinear_kernel_1d, bilinear_upsample_init
@@ -119,20 +118,30 @@ def bilinear_upsample(x: Array, factor: int, corner_aligned: bool = False) -> Ar
 
 def bilinear_transposed_conv(x: Array, factor: int, corner_aligned: bool = False) -> Array:
     """`bilinear_upsample`'s depthwise transposed convolution alone: zeros beyond the map, so
-    the outermost outputs blend the edge with zero (`factor * n` outputs for `n` inputs)."""
+    the outermost outputs blend the edge with zero (`factor * n` outputs for `n` inputs).
+
+    Written for XLA:CPU's speed, same outputs (to float rounding): the bilinear kernel is the
+    outer product of two 1-D ones, so it runs as two 1-D transposed convolutions (height, then
+    width; `2k` rather than `k²` taps per output), each channel as its own image of one channel
+    (a grouped convolution with input dilation runs near 1 MFLOP/s there). 32x on a 7x7x21 map:
+    22 s per image as one depthwise 2-D convolution, 0.76 s as two 1-D ones, 0.03 s as these.
+    """
     k, p, op = _upsample_geometry(factor, corner_aligned)
-    channels = x.shape[-1]
-    filt = np.outer(bilinear_kernel_1d(k), bilinear_kernel_1d(k))
-    kernel = jnp.asarray(np.broadcast_to(filt[:, :, None, None], (k, k, 1, channels)), x.dtype)
-    return lax.conv_general_dilated(
-        x,
-        kernel[::-1, ::-1],
-        window_strides=(1, 1),
-        padding=[(k - 1 - p, k - 1 - p + op)] * 2,
-        lhs_dilation=(factor, factor),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=channels,
-    )
+    n, h, w, channels = x.shape
+    taps = bilinear_kernel_1d(k)[::-1]  # symmetric; flipped as a transposed convolution flips
+    pads, none = (k - 1 - p, k - 1 - p + op), (0, 0)
+    y = jnp.transpose(x, (0, 3, 1, 2)).reshape(n * channels, h, w, 1)
+    for window, padding, dilation in (((k, 1), [pads, none], (factor, 1)),
+                                      ((1, k), [none, pads], (1, factor))):
+        y = lax.conv_general_dilated(
+            y,
+            jnp.asarray(taps.reshape(*window, 1, 1), x.dtype),
+            window_strides=(1, 1),
+            padding=padding,
+            lhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    return jnp.transpose(y.reshape(n, channels, *y.shape[1:3]), (0, 2, 3, 1))
 
 
 def edge_clamped(upsample: Callable[[Array], Array], x: Array, factor: int) -> Array:

@@ -230,18 +230,21 @@ def test_transposed_conv_macs_count_real_input_elements_only():
     assert up.rows[0].output_shape == (1, 10, 12, 4)
     forward = summary(Conv2D(3, 3, 2, 1), (10, 12, 4))
     assert up.totals["macs"] == 5 * 6 * 9 * 3 * 4 == forward.totals["macs"]
-    # A 32x depthwise bilinear upsampling of a 2x3x5 map: 2*3 inputs * 63*63 taps * 1 * 5
-    # (corner-aligned kernel 63), or 64*64 taps (half-pixel kernel 64); not 64*96*63*63*5.
+    # A 32x depthwise bilinear upsampling of a 2x3x5 map runs as two 1-D passes (the kernel is
+    # separable): rows, 2*3 inputs * k taps * 5 channels; then columns, the 64*3 outputs of the
+    # rows pass * k taps * 5 (corner-aligned kernel k = 63, half-pixel 64); not the dilated
+    # input counted densely (64*3*k*5 + 64*96*k*5).
     for corner, k in ((True, 63), (False, 64)):
         result = summary(_Upsample(32, corner), (2, 3, 5))
         assert result.rows[-1].output_shape == (1, 64, 96, 5)
-        assert result.totals["macs"] == 2 * 3 * k * k * 5
+        assert result.totals["macs"] == 2 * 3 * k * 5 + 64 * 3 * k * 5
         if corner:
             corner_flops = result.totals["flops"]
     # FLOPs stay XLA's (2 per multiply-add on real data inside the cropped output): with the
     # corner-aligned kernel input 0 reaches outputs -31..31, 32 of them kept, and inputs 1, 2
-    # all 63 (outputs 1..63, 33..95): (32 + 63) rows * (32 + 63 + 63) columns * 5 channels.
-    assert corner_flops == 2 * (32 + 63) * (32 + 63 + 63) * 5
+    # all 63 (outputs 1..63, 33..95). Rows pass: (32 + 63) outputs per column, 3 columns;
+    # columns pass: (32 + 63 + 63) per row, 64 rows; 5 channels each.
+    assert corner_flops == 2 * ((32 + 63) * 3 + (32 + 63 + 63) * 64) * 5
 
 
 class _LocalAndTiled(nn.Module):

@@ -130,11 +130,12 @@ def test_zoo_table_fcn_flags_transposed_convolutions(small_rows):
     # 32 i + 15.5, and the half-pixel 32x bilinear upsampling maps output u to (u + 0.5) / 32 - 0.5.
     assert r["rf_start"] == (0, 0) and r["rf_jump"] == (1, 1)
     assert any("transposed convolution" in n for n in r["notes"])
-    # The fixed 32x bilinear upsampling: each of the 9x9x21 scores (the 7x7 map with its edge
-    # rows and columns repeated once beyond it) times the depthwise 64x64 kernel. FLOPs: per axis
-    # the 9 * 64 taps less the 16 cropped at each end (padding 16).
-    assert r["transposed_macs"] == 9 * 9 * 21 * 64 * 64
-    assert r["transposed_flops"] == 2 * (9 * 64 - 2 * 16) ** 2 * 21
+    # The fixed 32x bilinear upsampling of the 9x9x21 scores (the 7x7 map with its edge rows and
+    # columns repeated once beyond it), as two 1-D passes of the separable 64-tap kernel: rows,
+    # each of the 9x9x21 scores times 64 taps; columns, each of the rows pass's 288x9x21 outputs
+    # times 64. FLOPs: per line the 9 * 64 taps less the 16 cropped at each end (padding 16).
+    assert r["transposed_macs"] == 9 * 9 * 21 * 64 + 288 * 9 * 21 * 64
+    assert r["transposed_flops"] == 2 * (9 * 64 - 2 * 16) * (9 + 288) * 21
     assert r["fc_params"] == 0  # fully convolutional
 
 
