@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -266,3 +267,16 @@ def locked_by_another_process(path: str) -> Iterator[subprocess.Popen]:
     finally:
         holder.kill()
         holder.wait()
+
+
+@contextlib.contextmanager
+def sigterm_fallback() -> Iterator[list[int]]:
+    """Installs a SIGTERM handler of the test's own for the block and yields the signals that
+    reach it: a driver under test that handles SIGTERM itself leaves the list empty (without
+    it, the default action would kill the test process). The previous handler comes back."""
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -355,14 +355,9 @@ def test_a_sigterm_between_runs_stops_the_comparison_before_the_next_run_trains(
             os.kill(os.getpid(), signal.SIGTERM)
         return summary
 
-    caught = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
-    try:
-        monkeypatch.setattr(sweep, "train_and_evaluate", source_then_sigterm)
-        with pytest.raises(TrainingInterrupted):
-            _run(tmp_path)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(sweep, "train_and_evaluate", source_then_sigterm)
+    with helpers.sigterm_fallback() as caught, pytest.raises(TrainingInterrupted):
+        _run(tmp_path)
     assert caught == [] and len(trained) == 1
     first = _json(str(tmp_path / "transfer" / "trials" / "8-scratch-s0" / "trial.json"))
     assert first["status"] == "interrupted" and "SIGTERM" in first["reason"]

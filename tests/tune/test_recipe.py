@@ -708,15 +708,10 @@ def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tm
             os.kill(os.getpid(), signal.SIGTERM)
         return decision
 
-    caught = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
     trainer = FakeTrainer()
-    try:
-        monkeypatch.setattr(rc, "decide", decide_then_sigterm)
-        with pytest.raises(TrainingInterrupted):
-            _tune(tmp_path, monkeypatch, trainer)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(rc, "decide", decide_then_sigterm)
+    with helpers.sigterm_fallback() as caught, pytest.raises(TrainingInterrupted):
+        _tune(tmp_path, monkeypatch, trainer)
     assert caught == [] and len(trainer.calls) == 3  # round 1 only
     saved = json.loads((tmp_path / "tune" / "recipe.json").read_text())
     assert saved["status"] == "interrupted" and "SIGTERM" in saved["reason"]

@@ -274,14 +274,9 @@ def test_a_sigterm_between_trials_stops_the_sweep_before_the_next_trial(tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
         return rows
 
-    caught = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
-    try:
-        monkeypatch.setattr(sw, "write_results", write_then_sigterm)
-        with pytest.raises(TrainingInterrupted):
-            sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.setattr(sw, "write_results", write_then_sigterm)
+    with helpers.sigterm_fallback() as caught, pytest.raises(TrainingInterrupted):
+        sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     assert caught == []
     second = sw.trial_workdir(sweep_dir, space.trials[1])
     assert not os.path.exists(os.path.join(second, "checkpoints"))
