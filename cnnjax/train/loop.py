@@ -180,7 +180,12 @@ def incompatible_saved_fields(workdir: str, config: Any) -> list[tuple[str, Any,
     the config of the checkpoints `workdir` holds (`_saved_config`; [] without checkpoints or
     a record of their config: nothing to compare). Refuses (ValueError) a workdir of converted
     torchvision weights, which `restart` does not empty either."""
-    raw = _saved_config(workdir)
+    return _fields_differing(workdir, _saved_config(workdir), config)
+
+
+def _fields_differing(workdir: str, raw: dict | None,
+                      config: Any) -> list[tuple[str, Any, Any]]:
+    """`incompatible_saved_fields` against `raw`, the saved config `_saved_config` read."""
     if raw is None:
         return []
     if init_from_lib.holds_converted_weights(workdir, raw):  # even with restart=True
@@ -521,9 +526,9 @@ class _Run:
         delete the workdir to repeat a run from scratch."""
         config, workdir = self.config, self.workdir
         saved_path = os.path.join(workdir, CONFIG_FILE)
-        differ = incompatible_saved_fields(workdir, config)
-        saved = _saved_config(workdir)
-        on_disk = os.path.exists(saved_path) and read_json(saved_path) is not None
+        saved = _saved_config(workdir)  # read once: config.json, else the checkpoints' record
+        differ = _fields_differing(workdir, saved, config)
+        on_disk = read_json(saved_path) is not None
         if saved is not None and not on_disk:
             logging.warning("%s holds checkpoints but no readable %s: the config recorded with "
                             "its newest checkpoint stands in for it.", workdir, CONFIG_FILE)
