@@ -51,7 +51,7 @@ from cnnjax.train.logging import (
     ProgressBar,
 )
 from cnnjax.train.parallel import AXIS_NAME, DataParallel
-from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted, take_pending
+from cnnjax.train.preemption import EXIT_CODE, StopRequest, TrainingInterrupted, stop_if_pending
 from cnnjax.train.state import TrainState, create_train_state, seed_key, warm_start
 from cnnjax.train.step import (
     BATCH_STATS_FINITE,
@@ -131,11 +131,9 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
     run: _Run | None = None
     try:
         with StopRequest() as stop:
-            if stop.requested is not None:
-                take_pending()
-                # SIGTERM arrived after the previous run's last step (a sweep's trial): stop
-                # before this one trains; its summary.json (a resume's step) stays as it is.
-                raise TrainingInterrupted(0, stop.requested, checkpointed=False, started=False)
+            # SIGTERM arrived after the previous run's last step (a sweep's trial): stop before
+            # this one trains; its summary.json (a resume's step) stays as it is.
+            stop_if_pending()
             run = _Run(config, workdir, started, stop)
             return run.run()
     except TrainingInterrupted:

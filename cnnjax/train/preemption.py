@@ -66,6 +66,14 @@ def take_pending() -> str | None:
     return name
 
 
+def stop_if_pending() -> None:
+    """Raises `TrainingInterrupted` (`started=False`) for a pending signal, taking it: a run
+    about to start stops before it trains."""
+    name = take_pending()
+    if name is not None:
+        raise TrainingInterrupted(0, name, checkpointed=False, started=False)
+
+
 class StopRequest:
     """Context manager: while active, SIGTERM sets `requested` instead of killing the process.
 

@@ -39,7 +39,7 @@ from cnnjax.train.loop import (
     TrainingDivergedError,
     train_and_evaluate,
 )
-from cnnjax.train.preemption import StopRequest, TrainingInterrupted, take_pending
+from cnnjax.train.preemption import StopRequest, stop_if_pending
 from cnnjax.tune.diagnose import read_checked_metrics
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
@@ -515,9 +515,7 @@ def run_trial(config: Any, workdir: str, record: dict) -> dict:
     path = os.path.join(workdir, TRIAL_FILE)
     started = time.time()
     try:
-        pending = take_pending()  # a SIGTERM since the last run: stop before this one trains
-        if pending is not None:
-            raise TrainingInterrupted(0, pending, checkpointed=False, started=False)
+        stop_if_pending()  # a SIGTERM since the last run: stop before this one trains
         train_and_evaluate(config, workdir)
         record["status"] = "completed"
         retire_error_log(workdir)  # an earlier failed try's traceback is not this outcome
