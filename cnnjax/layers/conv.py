@@ -196,7 +196,7 @@ def _check_input_groups(owner: str, x: Array, groups: int) -> None:
         )
 
 
-def _add_bias(y: Array, bias: Array) -> Array:
+def add_bias(y: Array, bias: Array) -> Array:
     """`y + bias` in `y`'s dtype, added in at least float32. The bias gradient is the output
     cotangent summed over every position the bias is broadcast to; added in bfloat16, XLA:CPU
     summed it in bfloat16, whose running sum stalls once its ulp exceeds twice a term (a
@@ -210,7 +210,7 @@ def _add_bias(y: Array, bias: Array) -> Array:
 def _promote_with_wide_bias(*args: Any, dtype: Any = None, inexact: bool = True) -> list:
     """flax's `promote_dtype` for `nn.Conv`/`nn.ConvLocal`, except that the bias comes back
     widened to at least float32 (after rounding to the compute dtype, as flax rounds it): the
-    layer's `y += bias` then runs in float32 and its gradient sums in float32 (see `_add_bias`);
+    layer's `y += bias` then runs in float32 and its gradient sums in float32 (see `add_bias`);
     the wrapping layer casts the output back to the compute dtype."""
     inputs, kernel, bias = promote_dtype(*args, dtype=dtype, inexact=inexact)
     if bias is not None:
@@ -461,7 +461,7 @@ def _tile_phase(x: Array, pads: Pads, kernel: Array, bias: Array | None, phase: 
     y = lax.conv_general_dilated(part, kernel[a, b], (th * geo.strides[0], tw * geo.strides[1]),
                                  conv_pads, rhs_dilation=geo.dilation,
                                  dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
-    return y if bias is None else _add_bias(y, bias[a, b])
+    return y if bias is None else add_bias(y, bias[a, b])
 
 
 def _interleave(parts: Sequence[Array], axis: int, size: int) -> Array:
@@ -547,7 +547,7 @@ class ConvTranspose2D(nn.Module):
             precision=self.precision,
         )
         if bias is not None:
-            y = _add_bias(y, bias)
+            y = add_bias(y, bias)
         return y
 
 

@@ -310,7 +310,7 @@ class FasterRCNN(nn.Module):
         anchors_per_cell = len(self.anchor_scales) * len(self.anchor_ratios)
         head_init = nn.initializers.normal(0.01)  # the paper's N(0, 0.01) for new layers
         # Conv2D, not nn.Conv: its bias gradient (a sum over every anchor position) is summed
-        # in float32 under bfloat16; flax's stalls at 256 (cnnjax.layers.conv._add_bias).
+        # in float32 under bfloat16; flax's stalls at 256 (cnnjax.layers.conv.add_bias).
         self.rpn_conv = Conv2D(self.rpn_channels, 3, padding="SAME", dtype=self.dtype,
                                kernel_init=head_init)
         self.rpn_objectness = Conv2D(anchors_per_cell, 1, dtype=self.dtype,

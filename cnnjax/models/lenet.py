@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.conv import Conv2D, add_bias
 from cnnjax.layers.pooling import avg_pool2d
 from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.vgg import flatten
@@ -118,8 +118,7 @@ class ConnectionTableConv(nn.Module):
         y = jax.lax.conv_general_dilated(jnp.asarray(x, self.dtype), kernel, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         # Added in at least float32: the bias gradient sums over every position (as Conv2D).
-        wide = jnp.promote_types(y.dtype, jnp.float32)
-        return (y.astype(wide) + bias.astype(self.dtype).astype(wide)).astype(y.dtype)
+        return add_bias(y, bias.astype(self.dtype))
 
 
 class LeNet5(nn.Module):
