@@ -26,6 +26,7 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from cnnjax.layers.conv_impl import lowerings_suspended
 from cnnjax.layers.padding import (
     PADDING_MODES,
     PaddingSpec,
@@ -491,7 +492,13 @@ class ConvTranspose2D(nn.Module):
 
     Computed as `lax.conv_transpose` does — a stride-1 convolution of the `s`-dilated input with
     the spatially flipped kernel — via `lax.conv_general_dilated` directly, because
-    `lax.conv_transpose` has no `feature_group_count` for `groups`.
+    `lax.conv_transpose` has no `feature_group_count` for `groups`. With a stride > 1 it is
+    instead `s_h·s_w` ordinary convolutions of the undilated input, one per output phase
+    (`_transposed_phases`), interleaved as `TiledConv2D`'s, while `s_h·s_w` is at most
+    `MAX_PHASES` (`MAX_PHASES_GROUPED` with `groups` > 1): on XLA:CPU the input-dilated form's
+    kernel gradient is ~7x slower, and with groups its forward pass 4-30x (docs/performance.md);
+    more phases compile too slowly (64: 5 s). Same sums; `cnnjax.analysis` traces the
+    input-dilated form (`conv_impl.xla_convolutions`), whose receptive field it knows exactly.
     """
 
     features: int
@@ -540,15 +547,96 @@ class ConvTranspose2D(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = lax.conv_general_dilated(
-            x, kernel[::-1, ::-1], window_strides=(1, 1), padding=conv_pads,
-            lhs_dilation=geo.strides, rhs_dilation=geo.dilation,
-            dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=self.groups,
-            precision=self.precision,
-        )
+        if _use_phases(geo.strides, out_size, self.groups):
+            y = _transposed_phases(x, kernel, geo, out_size, self.groups, self.precision)
+        else:
+            y = lax.conv_general_dilated(
+                x, kernel[::-1, ::-1], window_strides=(1, 1), padding=conv_pads,
+                lhs_dilation=geo.strides, rhs_dilation=geo.dilation,
+                dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=self.groups,
+                precision=self.precision,
+            )
         if bias is not None:
             y = add_bias(y, bias)
         return y
+
+
+#: `ConvTranspose2D` runs as one convolution per output phase up to this many phases (s_h·s_w).
+MAX_PHASES = 16
+#: The same with `groups` > 1, whose input-dilated form XLA:CPU runs 4-30x slower even forward.
+MAX_PHASES_GROUPED = 64
+
+
+def _use_phases(strides: Sequence[int], out_size: Sequence[int], groups: int) -> bool:
+    """Whether a transposed convolution runs as per-phase convolutions (`_transposed_phases`):
+    on the CPU (accelerator libraries have their own transposed kernels), outside
+    `xla_convolutions()`, strided, every output dimension at least its stride (each phase has
+    an output) and not more phases than `MAX_PHASES` / `MAX_PHASES_GROUPED` allow."""
+    phases = strides[0] * strides[1]
+    limit = MAX_PHASES_GROUPED if groups > 1 else MAX_PHASES
+    if lowerings_suspended() or jax.default_backend() != "cpu":
+        return False
+    return 1 < phases <= limit and all(o >= s for o, s in zip(out_size, strides, strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Phase:
+    """The kernel taps reaching one output phase of a transposed convolution along one axis:
+    `taps` (a range of tap indices; empty if none), the input offset of the last tap `low`
+    (outputs `m` of the phase read inputs `m − low + u·step`) and the phase's output count."""
+
+    taps: range
+    step: int  # input distance between consecutive taps: d / gcd(s, d)
+    low: int
+    size: int
+
+
+def _phases(n: int, k: int, s: int, d: int, lo: int, out: int) -> list[_Phase]:
+    """Per output phase `p` (outputs `p, p + s, ...`) the taps reaching it: input `i` and tap `a`
+    scatter to output `i·s + a·d − lo`, so the phase gets the taps with `a·d ≡ p + lo (mod s)`,
+    spaced `s / gcd(s, d)` apart, each reading input `m + (p + lo − a·d)/s` for output `m`."""
+    g = np.gcd(s, d)
+    phases = []
+    for p in range(s):
+        c = p + lo
+        first = next((a for a in range(min(k, s // g)) if (a * d - c) % s == 0), None)
+        taps = range(0) if first is None else range(first, k, s // g)
+        low = 0 if not taps else (taps[-1] * d - c) // s
+        phases.append(_Phase(taps, d // g, low, -(-(out - p) // s)))
+    return phases
+
+
+def _transposed_phases(x: Array, kernel: Array, geo: _Geometry, out_size: Sequence[int],
+                       groups: int, precision: Any) -> Array:
+    """A transposed convolution (scatter kernel `kernel`, geometry `geo`, output `out_size` after
+    cropping, every output dimension at least its stride) as one ordinary stride-1 convolution
+    of the undilated input per output phase: phase `(p, q)` sums the taps of `_phases`, in
+    reverse (the last tap reads the lowest input), and the phases are interleaved."""
+    per_axis = [
+        _phases(n, k, s, d, lo, out)
+        for n, k, s, d, (lo, _), out in zip(x.shape[1:3], geo.kernel, geo.strides, geo.dilation,
+                                             geo.padding, out_size, strict=True)
+    ]
+    rows = []
+    for ph in per_axis[0]:
+        columns = []
+        for pw in per_axis[1]:
+            if not ph.taps or not pw.taps:
+                columns.append(jnp.zeros((x.shape[0], ph.size, pw.size, kernel.shape[-1]),
+                                         x.dtype))
+                continue
+            taps = [(t.taps[0], t.taps[-1] + 1, t.taps.step) for t in (ph, pw)]
+            sub = lax.rev(lax.slice(kernel, (taps[0][0], taps[1][0], 0, 0),
+                                    (taps[0][1], taps[1][1], *kernel.shape[2:]),
+                                    (taps[0][2], taps[1][2], 1, 1)), (0, 1))
+            pads = [(t.low, t.size - n - t.low + t.step * (len(t.taps) - 1))
+                    for t, n in zip((ph, pw), x.shape[1:3], strict=True)]
+            columns.append(lax.conv_general_dilated(
+                x, sub, (1, 1), pads, rhs_dilation=(ph.step, pw.step),
+                dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups,
+                precision=precision))
+        rows.append(_interleave(columns, axis=2, size=out_size[1]))
+    return _interleave(rows, axis=1, size=out_size[0])
 
 
 def _transpose_geometry(layer: ConvTranspose2D) -> tuple[_Geometry, tuple[int, int]]:

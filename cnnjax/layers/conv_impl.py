@@ -247,11 +247,18 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
         yield
 
 
+def lowerings_suspended() -> bool:
+    """Whether the caller runs inside `xla_convolutions()`: layers with a faster lowering of
+    their own (`ConvTranspose2D`'s per-phase form) then emit their canonical convolution."""
+    return _SUSPENDED.get()
+
+
 @contextlib.contextmanager
 def xla_convolutions() -> Iterator[None]:
     """Within the block, every enclosing `conv_impl` is suspended: `nn.Conv` runs XLA's own
-    convolution. `cnnjax.analysis` traces under it, so a summary describes the network's
-    convolutions (exact receptive fields and MACs), not their patches + matmul lowering."""
+    convolution, and `ConvTranspose2D` its input-dilated one (`lowerings_suspended`).
+    `cnnjax.analysis` traces under it, so a summary describes the network's convolutions (exact
+    receptive fields and MACs), not their patches + matmul or per-phase lowering."""
     token = _SUSPENDED.set(True)
     try:
         yield

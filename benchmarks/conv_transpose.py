@@ -1,0 +1,92 @@
+r"""Transposed convolution on the CPU: `ConvTranspose2D`'s per-phase form against the
+input-dilated one (`lax.conv_transpose`'s), forward and forward + backward, dense and grouped.
+
+  python -m benchmarks.conv_transpose --batch=8 --size=28 --channels=64 --kernel=4 --stride=2
+
+Builds one `ConvTranspose2D` per `--groups` value (default: 1 and depthwise), times a jitted
+forward and a jitted forward + backward (gradients of a squared-sum loss with respect to the
+input and the kernel), and prints the backward's ahead-of-time compile time and the median wall
+time per call, in the layer's default form and in the input-dilated one (what the layer emits
+inside `cnnjax.layers.conv_impl.xla_convolutions()`). The per-phase form is the CPU default
+while `stride²` is at most `MAX_PHASES` (`MAX_PHASES_GROUPED` with groups); the script says
+which form the layer picks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+from absl import app, flags
+
+from cnnjax.platform import configure_cpu_defaults
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs."""
+    flags.DEFINE_integer("batch", 8, "Batch size.")
+    flags.DEFINE_integer("size", 28, "Side of the square input map.")
+    flags.DEFINE_integer("channels", 64, "Input and output channels.")
+    flags.DEFINE_integer("kernel", 4, "Kernel side.")
+    flags.DEFINE_integer("stride", 2, "Stride (the upsampling factor).")
+    flags.DEFINE_integer("padding", 1, "Padding cropped from each side of the full output.")
+    flags.DEFINE_list("groups", ["1", "depthwise"], "Group counts to time ('depthwise': "
+                      "--channels).")
+    flags.DEFINE_integer("repeats", 5, "Timed calls per form.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.layers.conv import ConvTranspose2D, _use_phases
+    from cnnjax.layers.conv_impl import xla_convolutions
+    from cnnjax.utils.validation import invalid
+
+    opts = flags.FLAGS
+    c = opts.channels
+    x = jax.random.normal(jax.random.key(0), (opts.batch, opts.size, opts.size, c))
+    for value in opts.groups:
+        if value != "depthwise" and not value.isdigit():
+            raise invalid("benchmarks.conv_transpose", "--groups", value,
+                          "expected positive integers or 'depthwise'")
+        groups = c if value == "depthwise" else int(value)
+        layer = ConvTranspose2D(c, opts.kernel, strides=opts.stride, padding=opts.padding,
+                                groups=groups, use_bias=False)
+        variables = layer.init(jax.random.key(1), x)
+        out = jax.eval_shape(layer.apply, variables, x).shape
+        picks = "per-phase" if _use_phases((opts.stride,) * 2, out[1:3], groups) else \
+            "input-dilated"
+        print(f"{tuple(x.shape)} -> {tuple(out)}, kernel {opts.kernel}, stride {opts.stride}, "
+              f"groups {groups}: ConvTranspose2D uses the {picks} form here")
+
+        def loss(v, xs, m=layer):
+            return jnp.sum(m.apply(v, xs) ** 2)
+
+        for name, ctx in (("layer default", contextlib.nullcontext()),
+                          ("input-dilated", xla_convolutions())):
+            with ctx:  # the form is chosen while tracing, i.e. at lowering
+                start = time.perf_counter()
+                backward = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables, x).compile()
+                compile_s = time.perf_counter() - start
+                forward = jax.jit(layer.apply).lower(variables, x).compile()
+            times = {}
+            for kind, fn in (("forward", forward), ("forward+backward", backward)):
+                jax.block_until_ready(fn(variables, x))
+                walls = []
+                for _ in range(opts.repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(variables, x))
+                    walls.append(time.perf_counter() - start)
+                times[kind] = statistics.median(walls)
+            print(f"{name:>14}: forward {times['forward'] * 1e3:8.1f} ms, forward+backward "
+                  f"{times['forward+backward'] * 1e3:8.1f} ms (backward compiled in "
+                  f"{compile_s:.2f} s)")
+
+
+if __name__ == "__main__":
+    configure_cpu_defaults()
+    _define_flags()
+    app.run(main)
