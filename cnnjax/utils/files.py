@@ -17,15 +17,35 @@ from typing import IO, Any
 def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
     """A temp file next to `path`, open for the block and renamed over `path` when it ends
     without an error (removed if it raises): readers never see a half-written file, and
-    concurrent writers each leave a complete one."""
+    concurrent writers each leave a complete one. The data and then the rename are fsynced, so
+    after a power loss or a host crash `path` holds the old or the new contents, not an empty
+    file (ext4/XFS may commit a rename before the data it points to)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, mode) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_directory(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Makes a rename in `directory` durable; a no-op where directories cannot be opened or
+    synced (Windows, some network file systems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def make_parent_dir(path: str | os.PathLike) -> str | os.PathLike:
