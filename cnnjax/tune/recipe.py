@@ -64,6 +64,7 @@ import numpy as np
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
+from cnnjax.train.loop import TOTAL_WALL_TIME
 from cnnjax.train.preemption import StopRequest
 from cnnjax.tune import lr_range
 from cnnjax.tune import report as report_lib
@@ -803,6 +804,7 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
     """`run_tune` once `tune_dir` is held: each round a sweep, planned from the rounds before."""
     _prepare_tune_dir(tune_dir, base_config, recipe)
     started = time.time()
+    earlier = _earlier_wall_time(tune_dir)
     history: list[RoundResult] = []
     decisions: list[Decision] = []
     status, reason = "running", ""
@@ -835,19 +837,19 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
                 status, reason, plan = decision.status, decision.reason, decision.next_round
                 if plan is not None:  # the last round's outputs are written once, below
                     _write_outputs(tune_dir, recipe, history, decisions, "running", reason,
-                                   time.time() - started, diagnose_fn)
+                                   (time.time() - started, earlier), diagnose_fn)
         except BaseException as err:  # why it stopped goes to recipe.json, then the error goes on
             stopped = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             why = f"{stopped} ({type(err).__name__}: {err}); rerun the command to continue"
             try:
                 _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
-                               time.time() - started, diagnose_fn)
+                               (time.time() - started, earlier), diagnose_fn)
             except Exception:  # noqa: BLE001 — e.g. the diagnosis itself failed: record without it
                 _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
-                               time.time() - started, None)
+                               (time.time() - started, earlier), None)
             raise
     record = _write_outputs(tune_dir, recipe, history, decisions, status, reason,
-                            time.time() - started, diagnose_fn)
+                            (time.time() - started, earlier), diagnose_fn)
     if verbose:
         print(report_lib.format_summary(record), flush=True)
     return record
@@ -928,10 +930,11 @@ def _listdir(path: str) -> list[str]:
 
 # -------------------------------------------------------------------------------- outputs
 def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult],
-                   decisions: Sequence[Decision], status: str, reason: str, wall: float,
-                   diagnose_fn: DiagnoseFn | None) -> dict:
+                   decisions: Sequence[Decision], status: str, reason: str,
+                   wall: tuple[float, float], diagnose_fn: DiagnoseFn | None) -> dict:
     """Writes recipe.json, report.md and tune.png (atomically) and returns the record; each
-    round's best trial is diagnosed with `diagnose_fn` (None: left out)."""
+    round's best trial is diagnosed with `diagnose_fn` (None: left out). `wall`: this
+    invocation's seconds so far and the earlier invocations' (`_earlier_wall_time`)."""
     rounds = []
     for i, result in enumerate(history):
         found = incumbent([result], recipe.mode)
@@ -957,7 +960,7 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
         "recipe": recipe.describe(), "num_rounds": len(history),
         "num_trials": sum(len(r.rows) for r in history),
         "trial_wall_time_s": sum(t["wall_time_s"] or 0.0 for r in history for t in r.rows),
-        "wall_time_s": wall, "best": final,
+        "wall_time_s": wall[0], TOTAL_WALL_TIME: wall[0] + wall[1], "best": final,
         "diagnosis": decisions[-1].diagnosis.to_dict() if decisions and final else None,
         "rounds": rounds,
     }))
@@ -970,6 +973,14 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
 
 
 # -------------------------------------------------------------------------------- helpers
+def _earlier_wall_time(tune_dir: str) -> float:
+    """Seconds the tune's earlier invocations ran, from its recipe.json (each up to its last
+    write; 0 for a new tune). A record from before `total_wall_time_s` has only its last
+    invocation's `wall_time_s`."""
+    record = read_json(os.path.join(tune_dir, RECIPE_FILE)) or {}
+    return float(record.get(TOTAL_WALL_TIME, record.get("wall_time_s", 0.0)) or 0.0)
+
+
 def _tuned(overrides: Mapping[str, Any]) -> dict:
     """The overrides without the engine's runtime fields (intervals): the config that matters."""
     return {k: v for k, v in overrides.items() if k not in config_lib.RUNTIME_FIELDS}

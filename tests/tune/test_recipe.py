@@ -611,6 +611,7 @@ def _without_times(record):
     text = json.dumps(record)
     record = json.loads(text)
     record.pop("wall_time_s")
+    record.pop("total_wall_time_s")
     record.pop("trial_wall_time_s")
     for r in record["rounds"]:
         for t in r["trials"]:
@@ -687,6 +688,28 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, mo
     trainer = FakeTrainer()
     assert strip(_tune(tmp_path, monkeypatch, trainer)) == strip(reference)
     assert trainer.calls == []  # a finished tune trains nothing
+
+
+def test_recipe_json_sums_the_wall_time_of_every_invocation(tmp_path, monkeypatch):
+    """`wall_time_s` is this invocation's; `total_wall_time_s` adds the earlier ones' (recipe.json
+    had only the last invocation's, so a tune resumed three times looked seconds long)."""
+    trainer = FakeTrainer(interrupt_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tmp_path, monkeypatch, trainer)
+    path = tmp_path / "tune" / "recipe.json"
+    saved = json.loads(path.read_text())
+    assert saved["total_wall_time_s"] == saved["wall_time_s"] > 0
+    saved["total_wall_time_s"] = 1000.0  # as if the first invocation had run that long
+    path.write_text(json.dumps(saved))
+    record = _tune(tmp_path, monkeypatch, FakeTrainer())
+    assert record["status"] == "converged" and 0 < record["wall_time_s"] < 1000
+    assert record["total_wall_time_s"] == pytest.approx(1000.0 + record["wall_time_s"])
+    # A recipe.json from before the total existed: its wall_time_s was all it had.
+    del record["total_wall_time_s"]
+    record["wall_time_s"] = 50.0
+    path.write_text(json.dumps(record))
+    again = _tune(tmp_path, monkeypatch, FakeTrainer())
+    assert again["total_wall_time_s"] == pytest.approx(50.0 + again["wall_time_s"])
 
 
 def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tmp_path,
