@@ -71,7 +71,9 @@ def main(argv: list[str]) -> None:
                 start = time.perf_counter()
                 backward = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables, x).compile()
                 compile_s = time.perf_counter() - start
-                forward = jax.jit(layer.apply).lower(variables, x).compile()
+                # A fresh function per form: jit would replay the first form's cached trace.
+                forward = jax.jit(lambda v, xs, m=layer: m.apply(v, xs)).lower(
+                    variables, x).compile()
             times = {}
             for kind, fn in (("forward", forward), ("forward+backward", backward)):
                 jax.block_until_ready(fn(variables, x))

@@ -428,13 +428,14 @@ def test_conv_transpose_phases_match_numpy_scatter_and_input_dilated_form(k, s, 
                                 groups=g, dtype=jnp.float64, param_dtype=jnp.float64,
                                 bias_init=nn.initializers.normal(1.0))
         variables = layer.init(jax.random.key(0), x)
-        got = jax.jit(layer.apply)(variables, x)
+        # A fresh function per form: jit replays a function's cached trace whatever the context.
+        got = jax.jit(lambda v, xs: layer.apply(v, xs))(variables, x)
         pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
         assert _use_phases(pair(s), got.shape[1:3], g)
-        assert _input_dilated_convs(layer.apply, variables, x) == []
+        assert _input_dilated_convs(lambda v, xs: layer.apply(v, xs), variables, x) == []
         with xla_convolutions():
-            assert len(_input_dilated_convs(layer.apply, variables, x)) == 1
-            canonical = jax.jit(layer.apply)(variables, x)
+            assert len(_input_dilated_convs(lambda v, xs: layer.apply(v, xs), variables, x)) == 1
+            canonical = jax.jit(lambda v, xs: layer.apply(v, xs))(variables, x)
         pads = (pair(p), pair(p)) if isinstance(p, int) else p
         params = variables["params"]
         want = _np_conv_transpose(x, params["kernel"], np.asarray(params["bias"]), pair(s),
@@ -473,9 +474,13 @@ def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries():
                 y, vjp = jax.vjp(m.apply, v, xs)
                 return y, vjp(c)
 
-            got = jax.jit(value_and_grads)(variables, x)
+            # A fresh function per form: jit replays a function's cached trace whatever the
+            # context, which made the two forms compare equal by construction.
+            got = jax.jit(lambda v, xs, f=value_and_grads: f(v, xs))(variables, x)
             with xla_convolutions():
-                want = jax.jit(value_and_grads)(variables, x)
+                want = jax.jit(lambda v, xs, f=value_and_grads: f(v, xs))(variables, x)
+                dilated = _input_dilated_convs(lambda v, xs, m=layer: m.apply(v, xs), variables, x)
+            assert bool(dilated) == (max(s) > 1)  # the reference is the input-dilated form
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11),
                          got, want)
     assert phased >= 30  # most of them exercised the per-phase form
