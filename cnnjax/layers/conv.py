@@ -16,6 +16,7 @@ divisible by groups, effective kernel larger than the padded input) run at the s
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -496,7 +497,7 @@ class ConvTranspose2D(nn.Module):
     instead `s_h·s_w` ordinary convolutions of the undilated input, one per output phase
     (`_transposed_phases`), interleaved as `TiledConv2D`'s, while `s_h·s_w` is at most
     `MAX_PHASES` (`MAX_PHASES_GROUPED` with `groups` > 1): on XLA:CPU the input-dilated form's
-    kernel gradient is ~7x slower, and with groups its forward pass 4-30x (docs/performance.md);
+    kernel gradient is 7-18x slower, and with groups its forward pass 2-30x (docs/performance.md);
     more phases compile too slowly (64: 5 s). Same sums; `cnnjax.analysis` traces the
     input-dilated form (`conv_impl.xla_convolutions`), whose receptive field it knows exactly.
     """
@@ -595,7 +596,7 @@ def _phases(n: int, k: int, s: int, d: int, lo: int, out: int) -> list[_Phase]:
     """Per output phase `p` (outputs `p, p + s, ...`) the taps reaching it: input `i` and tap `a`
     scatter to output `i·s + a·d − lo`, so the phase gets the taps with `a·d ≡ p + lo (mod s)`,
     spaced `s / gcd(s, d)` apart, each reading input `m + (p + lo − a·d)/s` for output `m`."""
-    g = np.gcd(s, d)
+    g = math.gcd(s, d)
     phases = []
     for p in range(s):
         c = p + lo
