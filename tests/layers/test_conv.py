@@ -445,12 +445,12 @@ def test_conv_transpose_phases_match_numpy_scatter_and_input_dilated_form(k, s, 
 
 
 def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries():
-    """60 seeded random geometries (strides 1-5, kernels 1-6, dilations 1-3, crops, output
+    """30 seeded random geometries (strides 1-5, kernels 1-6, dilations 1-3, crops, output
     padding, 1-3 groups): forward and both gradients equal the input-dilated form's (float64)."""
     rng = np.random.default_rng(41)
     checked = phased = 0
     with jax.enable_x64(True):
-        while checked < 60:
+        while checked < 30:
             k, s, d = (tuple(int(v) for v in rng.integers(1, hi, 2)) for hi in (7, 6, 4))
             pads = tuple(tuple(int(v) for v in rng.integers(0, d[i] * (k[i] - 1) + 3, 2))
                          for i in range(2))
@@ -470,20 +470,22 @@ def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries():
             phased += _use_phases(s, out, g)
             cotangent = jnp.asarray(_random((shape[0], *out, layer.features), 7, np.float64))
 
-            def value_and_grads(v, xs, c=cotangent, m=layer):
-                y, vjp = jax.vjp(m.apply, v, xs)
-                return y, vjp(c)
+            def both_forms(v, xs, c=cotangent, m=layer):
+                def value_and_grads():
+                    y, vjp = jax.vjp(m.apply, v, xs)
+                    return y, vjp(c)
 
-            # A fresh function per form: jit replays a function's cached trace whatever the
-            # context, which made the two forms compare equal by construction.
-            got = jax.jit(lambda v, xs, f=value_and_grads: f(v, xs))(variables, x)
+                per_phase = value_and_grads()
+                with xla_convolutions():  # the form is chosen while tracing: one program
+                    return per_phase, value_and_grads()
+
+            got, want = jax.jit(both_forms)(variables, x)
             with xla_convolutions():
-                want = jax.jit(lambda v, xs, f=value_and_grads: f(v, xs))(variables, x)
                 dilated = _input_dilated_convs(lambda v, xs, m=layer: m.apply(v, xs), variables, x)
             assert bool(dilated) == (max(s) > 1)  # the reference is the input-dilated form
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11),
                          got, want)
-    assert phased >= 30  # most of them exercised the per-phase form
+    assert phased >= 15  # most of them exercised the per-phase form
 
 
 def test_conv_transpose_is_adjoint_of_conv2d():
