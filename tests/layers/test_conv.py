@@ -444,13 +444,15 @@ def test_conv_transpose_phases_match_numpy_scatter_and_input_dilated_form(k, s, 
         np.testing.assert_allclose(got, canonical, rtol=1e-12, atol=1e-12)
 
 
-def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries():
-    """30 seeded random geometries (strides 1-5, kernels 1-6, dilations 1-3, crops, output
-    padding, 1-3 groups): forward and both gradients equal the input-dilated form's (float64)."""
+@pytest.mark.parametrize("count", [
+    10, pytest.param(60, marks=pytest.mark.slow)])  # 60: 28 s idle, 84 s in a loaded CI run
+def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries(count):
+    """Seeded random geometries (strides 1-5, kernels 1-6, dilations 1-3, crops, output padding,
+    1-3 groups): forward and both gradients equal the input-dilated form's (float64)."""
     rng = np.random.default_rng(41)
     checked = phased = 0
     with jax.enable_x64(True):
-        while checked < 30:
+        while checked < count:
             k, s, d = (tuple(int(v) for v in rng.integers(1, hi, 2)) for hi in (7, 6, 4))
             pads = tuple(tuple(int(v) for v in rng.integers(0, d[i] * (k[i] - 1) + 3, 2))
                          for i in range(2))
@@ -485,7 +487,7 @@ def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries():
             assert bool(dilated) == (max(s) > 1)  # the reference is the input-dilated form
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11),
                          got, want)
-    assert phased >= 15  # most of them exercised the per-phase form
+    assert phased >= count // 2  # most of them exercised the per-phase form
 
 
 def test_conv_transpose_is_adjoint_of_conv2d():
