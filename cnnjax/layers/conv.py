@@ -564,7 +564,7 @@ class ConvTranspose2D(nn.Module):
 
 #: `ConvTranspose2D` runs as one convolution per output phase up to this many phases (s_h·s_w).
 MAX_PHASES = 16
-#: The same with `groups` > 1, whose input-dilated form XLA:CPU runs 4-30x slower even forward.
+#: The same with `groups` > 1, whose input-dilated form XLA:CPU runs 2-30x slower even forward.
 MAX_PHASES_GROUPED = 64
 
 
@@ -573,11 +573,11 @@ def _use_phases(strides: Sequence[int], out_size: Sequence[int], groups: int) ->
     on the CPU (accelerator libraries have their own transposed kernels), outside
     `xla_convolutions()`, strided, every output dimension at least its stride (each phase has
     an output) and not more phases than `MAX_PHASES` / `MAX_PHASES_GROUPED` allow."""
-    phases = strides[0] * strides[1]
-    limit = MAX_PHASES_GROUPED if groups > 1 else MAX_PHASES
     if lowerings_suspended() or jax.default_backend() != "cpu":
         return False
-    return 1 < phases <= limit and all(o >= s for o, s in zip(out_size, strides, strict=True))
+    limit = MAX_PHASES_GROUPED if groups > 1 else MAX_PHASES
+    return 1 < strides[0] * strides[1] <= limit and all(
+        o >= s for o, s in zip(out_size, strides, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -626,10 +626,9 @@ def _transposed_phases(x: Array, kernel: Array, geo: _Geometry, out_size: Sequen
                 columns.append(jnp.zeros((x.shape[0], ph.size, pw.size, kernel.shape[-1]),
                                          x.dtype))
                 continue
-            taps = [(t.taps[0], t.taps[-1] + 1, t.taps.step) for t in (ph, pw)]
-            sub = lax.rev(lax.slice(kernel, (taps[0][0], taps[1][0], 0, 0),
-                                    (taps[0][1], taps[1][1], *kernel.shape[2:]),
-                                    (taps[0][2], taps[1][2], 1, 1)), (0, 1))
+            sub = lax.rev(lax.slice(kernel, (ph.taps.start, pw.taps.start, 0, 0),
+                                    (ph.taps[-1] + 1, pw.taps[-1] + 1, *kernel.shape[2:]),
+                                    (ph.taps.step, pw.taps.step, 1, 1)), (0, 1))
             pads = [(t.low, t.size - n - t.low + t.step * (len(t.taps) - 1))
                     for t, n in zip((ph, pw), x.shape[1:3], strict=True)]
             columns.append(lax.conv_general_dilated(
