@@ -106,6 +106,16 @@ def _np_tiled(x, kernel, bias, strides, dilation, pads, mode):
     return np.stack([np.stack([ys[i, j] for j in range(out_w)], 1) for i in range(out_h)], 1)
 
 
+def _pair(v):
+    """An int hyperparameter as the (height, width) pair the layers read it as."""
+    return (v, v) if isinstance(v, int) else v
+
+
+def _full_pads(p):
+    """An int padding as ((top, bottom), (left, right)); explicit pads unchanged."""
+    return (_pair(p), _pair(p)) if isinstance(p, int) else p
+
+
 def _np_conv_transpose(x, kernel, bias, strides, dilation, pads, output_padding, groups):
     """Scatter definition: x[i, j] adds x·kernel[a, b] at (i·s + a·d, j·s + b·d), then crop."""
     x = np.asarray(x, np.float64)
@@ -361,8 +371,7 @@ def test_conv_transpose_matches_tf(in_hw, k, s, p, op):
     x = _random((2, *in_hw, 3), 9)
     layer = ConvTranspose2D(4, k, strides=s, padding=p, output_padding=op)
     params, got = _apply(layer, x)
-    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
-    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = pair(k), pair(s), pair(p), pair(op)
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = _pair(k), _pair(s), _pair(p), _pair(op)
     out = ((in_hw[0] - 1) * sh - 2 * ph + (kh - 1) + oh + 1,
            (in_hw[1] - 1) * sw - 2 * pw + (kw - 1) + ow + 1)
     assert got.shape == (2, *out, 4)  # (in−1)·s − 2p + d·(k−1) + output_padding + 1
@@ -391,12 +400,10 @@ def test_conv_transpose_dilation_groups_match_numpy_scatter(kwargs):
     x = _random((2, 4, 5, 4), 11)
     layer = ConvTranspose2D(6, **kwargs)
     params, got = _apply(layer, x)
-    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
-    p = kwargs.get("padding", 0)
-    pads = (pair(p), pair(p)) if isinstance(p, int) else p
     want = _np_conv_transpose(x, params["kernel"], np.asarray(params["bias"]),
-                              pair(kwargs["strides"]), pair(kwargs.get("dilation", 1)), pads,
-                              pair(kwargs.get("output_padding", 0)), kwargs.get("groups", 1))
+                              _pair(kwargs["strides"]), _pair(kwargs.get("dilation", 1)),
+                              _full_pads(kwargs.get("padding", 0)),
+                              _pair(kwargs.get("output_padding", 0)), kwargs.get("groups", 1))
     assert_close(got, want)
 
 
@@ -420,8 +427,8 @@ def _input_dilated_convs(fn, *args):
 @pytest.mark.parametrize("k,s,d,p,op,g", PHASE_CASES)
 def test_conv_transpose_phases_match_numpy_scatter_and_input_dilated_form(k, s, d, p, op, g):
     """A strided ConvTranspose2D runs as ordinary convolutions of the undilated input, one per
-    output phase (XLA:CPU's input-dilated form: kernel gradient ~7x slower, grouped forward
-    4-30x); float64, against the scatter definition and the input-dilated form."""
+    output phase (XLA:CPU's input-dilated form: kernel gradient 7-18x slower, grouped forward
+    2-30x); float64, against the scatter definition and the input-dilated form."""
     with jax.enable_x64(True):
         x = jnp.asarray(_random((2, 5, 6, 4), 21, np.float64))
         layer = ConvTranspose2D(8, k, strides=s, dilation=d, padding=p, output_padding=op,
@@ -430,16 +437,14 @@ def test_conv_transpose_phases_match_numpy_scatter_and_input_dilated_form(k, s, 
         variables = layer.init(jax.random.key(0), x)
         # A fresh function per form: jit replays a function's cached trace whatever the context.
         got = jax.jit(lambda v, xs: layer.apply(v, xs))(variables, x)
-        pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
-        assert _use_phases(pair(s), got.shape[1:3], g)
+        assert _use_phases(_pair(s), got.shape[1:3], g)
         assert _input_dilated_convs(lambda v, xs: layer.apply(v, xs), variables, x) == []
         with xla_convolutions():
             assert len(_input_dilated_convs(lambda v, xs: layer.apply(v, xs), variables, x)) == 1
             canonical = jax.jit(lambda v, xs: layer.apply(v, xs))(variables, x)
-        pads = (pair(p), pair(p)) if isinstance(p, int) else p
         params = variables["params"]
-        want = _np_conv_transpose(x, params["kernel"], np.asarray(params["bias"]), pair(s),
-                                  pair(d), pads, pair(op), g)
+        want = _np_conv_transpose(x, params["kernel"], np.asarray(params["bias"]), _pair(s),
+                                  _pair(d), _full_pads(p), _pair(op), g)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(got, canonical, rtol=1e-12, atol=1e-12)
 
