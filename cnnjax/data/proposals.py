@@ -212,6 +212,7 @@ class ProposalLookup:
         self._counts = tf.constant(table.counts, tf.int32)
 
     def __call__(self, tfds_id: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The example's cached `(boxes [P, 4], count)`; fails in the graph for an unknown id."""
         row = self._rows.lookup(tfds_id)
         tf.debugging.assert_non_negative(row, message="an example without cached proposals")
         return tf.gather(self._boxes, row), tf.gather(self._counts, row)

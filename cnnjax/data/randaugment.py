@@ -89,6 +89,7 @@ def _grey(image: tf.Tensor) -> tf.Tensor:
 
 
 def identity(image: tf.Tensor) -> tf.Tensor:
+    """RandAugment's `Identity` op: `image` unchanged."""
     return image
 
 

@@ -63,9 +63,11 @@ class Source:
     storage_key: tuple
 
     def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        """How many examples shard `(index, count)` of `split` holds."""
         raise NotImplementedError
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        """The shard's raw examples in stored order, images not yet decoded (see `decode`)."""
         raise NotImplementedError
 
     def decode(self, image: tf.Tensor) -> tf.Tensor:
@@ -125,6 +127,8 @@ class TfdsSource(Source):
         return split if count == 1 else tfds.even_splits(split, n=count)[index]
 
     def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
+        """The shard's tfds example count; a ValueError naming the split's config field for an
+        unknown split or a reversed slice (tfds fails on those only when reading)."""
         try:
             parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(
                 self.builder.info.splits)
@@ -155,10 +159,12 @@ class TfdsSource(Source):
         )
 
     def read(self, split: str, shard: tuple[int, int]) -> tf.data.Dataset:
+        """`stored_examples` reduced to `{'image', 'label'}`, images still encoded."""
         return self.stored_examples(split, shard).map(
             lambda ex: {"image": ex["image"], "label": ex["label"]})
 
     def decode(self, image: tf.Tensor) -> tf.Tensor:
+        """Decodes a stored image with the dataset's own tfds image feature."""
         return self._image_feature.decode_example(image)
 
 

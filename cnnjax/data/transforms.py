@@ -89,6 +89,7 @@ class Transforms:
         return self._resize(image)
 
     def eval(self, image: tf.Tensor) -> tf.Tensor:
+        """The deterministic eval transform: `eval_pixels`, normalized, with the static shape."""
         return self._finish(self.eval_pixels(image))
 
     def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:

@@ -28,6 +28,7 @@ CACHE_DIR = "jax_cache"
 
 
 def slurm_dir(spec: JobSpec) -> str:
+    """The job's `slurm` directory under its work directory (script, record, logs, events)."""
     return os.path.join(spec.workdir, SLURM_DIR)
 
 

@@ -120,6 +120,7 @@ class JobSpec:
 
     @property
     def entry_point(self) -> EntryPoint:
+        """How to run the spec's `entry` script (its `ENTRY_POINTS` record)."""
         return ENTRY_POINTS[self.entry]
 
     @property
@@ -129,6 +130,8 @@ class JobSpec:
 
     @property
     def num_tasks(self) -> int:
+        """Processes in the job, `nodes * tasks_per_node` (needs a spec from `validate_spec`,
+        which sets `tasks_per_node`)."""
         return self.nodes * self.tasks_per_node  # type: ignore[operator]
 
     def num_array_tasks(self, num_trials: int) -> int:
@@ -145,6 +148,7 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> JobSpec:
+        """The spec `to_json` wrote (lists back to tuples); a ValueError for unknown fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

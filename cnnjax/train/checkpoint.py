@@ -777,4 +777,5 @@ class SourceCheckpoints:
         return self.restore(step, {"ema": shapes}).get("ema", {})
 
     def close(self) -> None:
+        """Closes the underlying checkpoint manager (waits for pending saves)."""
         self._manager.close()

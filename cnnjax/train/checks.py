@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -68,7 +69,10 @@ class LayerWatcher:
     def __init__(self):
         self.last: tuple[str, tuple] | None = None  # (layer, output shape) of the newest call
 
-    def __call__(self, next_fun, args, kwargs, context):
+    def __call__(self, next_fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                 context: Any) -> Any:
+        """Runs one intercepted module method (`context`: flax's `InterceptorContext`), raising
+        `LayerCallError` for an input with no features, a failing call or an empty output."""
         kind = type(context.module).__name__
         if context.method_name != "__call__":  # a helper method, e.g. a model's pooling stage
             kind += f".{context.method_name}"

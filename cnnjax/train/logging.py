@@ -46,7 +46,8 @@ class QuietLibraries:
     _EXPECTED_WARNINGS = ("Given directory is read only",)
     _JAX_NO_TPU = "Unable to initialize backend 'tpu'"
 
-    def filter(self, record) -> bool:
+    def filter(self, record: Any) -> bool:
+        """Whether `record` (a standard-library `LogRecord`) is shown; False drops it."""
         path = record.pathname.replace("\\", "/")
         if "/tensorflow_datasets/" in path:
             return record.levelno >= 30
@@ -191,6 +192,7 @@ class MetricLogger:
         return save_figure(fig, self.plot_path, dpi=100)
 
     def flush(self) -> None:
+        """Flushes TensorBoard's events to disk (each metrics.jsonl record is closed on write)."""
         if self._tb is not None:
             self._tb.flush()
 
@@ -227,6 +229,7 @@ class EventFileWriter:
         self._writer.write(event.SerializeToString())
 
     def scalar(self, tag: str, value: float, step: int) -> None:
+        """Writes one scalar event, `tag` = `value` at `step`."""
         summary = self._summary_pb2.Summary(
             value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]
         )
@@ -240,9 +243,11 @@ class EventFileWriter:
         self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), session_log=log))
 
     def flush(self) -> None:
+        """Flushes the events written so far to the file."""
         self._writer.flush()
 
     def close(self) -> None:
+        """Closes the event file; no events can be written after."""
         self._writer.close()
 
 
@@ -319,6 +324,7 @@ class ProgressBar:
             logging.info(text)
 
     def close(self) -> None:
+        """Ends the terminal's progress line (nothing to do off a terminal)."""
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

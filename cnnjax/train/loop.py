@@ -27,8 +27,8 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -394,7 +394,7 @@ def _check_same_checkpoints(steps: list[int], directory: str) -> None:
         )
 
 
-def _prefetch(iterator: Iterator, transform, size: int = 2) -> Iterator:
+def _prefetch(iterator: Iterator, transform: Callable[[Any], Any], size: int = 2) -> Iterator:
     """Runs `transform(next(iterator))` (host->device copy) in a background thread, `size` ahead."""
     buffer: queue.Queue = queue.Queue(maxsize=size)
     sentinel = object()
@@ -410,7 +410,7 @@ def _prefetch(iterator: Iterator, transform, size: int = 2) -> Iterator:
                 continue
         return False
 
-    def producer():
+    def producer() -> None:
         try:
             for item in iterator:
                 if not put(transform(item)):
@@ -451,7 +451,7 @@ class _Throughput:
         self._last = now
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         yield
         if self._last is not None:
             self._last = time.perf_counter()
@@ -594,7 +594,7 @@ class _Run:
         if kept is not None:  # a complete pass
             self._eval_cache = kept
 
-    def evaluate(self, state: Any, p_eval) -> dict:
+    def evaluate(self, state: Any, p_eval: Callable) -> dict:
         """Metrics over the whole eval split; with a weight average (`config.ema`) also its
         metrics, prefixed `ema_`."""
         metrics = self.evaluate_once(state, p_eval)
@@ -602,7 +602,7 @@ class _Run:
             metrics |= ema_lib.prefixed(self.evaluate_once(ema_lib.averaged(state), p_eval))
         return metrics
 
-    def evaluate_once(self, state: Any, p_eval) -> dict:
+    def evaluate_once(self, state: Any, p_eval: Callable) -> dict:
         """Metrics of `state`'s variables over the whole eval split: masked sums over all
         batches, divided once (mAP for detection)."""
         if self.task == "detection":
@@ -624,7 +624,7 @@ class _Run:
             metrics |= intersection_over_union(confusion)
         return metrics | {"num_examples": count}
 
-    def evaluate_detection(self, state: Any, p_predict) -> dict:
+    def evaluate_detection(self, state: Any, p_predict: Callable) -> dict:
         """mAP over the whole eval split: every device's detections and the ground truth go to
         the host (all processes' in a multi-host run); padded examples are masked out."""
         from cnnjax.detection.evaluation import DetectionEvaluator
@@ -811,7 +811,7 @@ class _Run:
             self.record(*pending, logger, bar)
         return evals, stopped
 
-    def log_eval(self, state: Any, step: int, p_eval, logger: MetricLogger) -> dict:
+    def log_eval(self, state: Any, step: int, p_eval: Callable, logger: MetricLogger) -> dict:
         """Evaluates `state` at `step` and logs the metrics (and redraws the plot); a non-finite
         eval loss raises `TrainingDivergedError`, so such a state is never logged nor saved
         (it must never become the "best")."""
@@ -895,7 +895,8 @@ class _Run:
             counts.append(self.total_devices)
         self.device_counts = counts
 
-    def interrupted(self, step: int, signal_name: str, evals: list[dict], start_step: int):
+    def interrupted(self, step: int, signal_name: str, evals: list[dict],
+                    start_step: int) -> NoReturn:
         """Writes summary.json for a run stopped by `signal_name` after checkpointing `step`, and
         raises `TrainingInterrupted`."""
         err = TrainingInterrupted(step, signal_name)

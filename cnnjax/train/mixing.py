@@ -51,10 +51,12 @@ class Mixing:
 
     @property
     def enabled(self) -> bool:
+        """Whether these settings ever mix a batch (`mixing_enabled`)."""
         return mixing_enabled(self.mixup_alpha, self.cutmix_alpha, self.prob)
 
     def __call__(self, rng: jax.Array, images: jnp.ndarray, labels: jnp.ndarray,
                  num_classes: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """`mix_batch` with these settings: `(mixed images, soft targets, lam)`."""
         return mix_batch(rng, images, labels, num_classes, **dataclasses.asdict(self))
 
 

@@ -107,7 +107,8 @@ def train_step(
         images, targets, _ = mixing(mix_rng, batch["image"], batch["label"], model.num_classes)
         batch = {**batch, "image": images, "label": targets}
 
-    def loss_fn(params, batch_stats, batch, rng):
+    def loss_fn(params: Any, batch_stats: Any, batch: dict,
+                rng: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
         outputs, updates = _apply_training(
             model, params, batch_stats, (batch["image"],), {"dropout": rng}, conv_impl,
             batch_norm_impl,
@@ -207,7 +208,8 @@ def _gradients(
     def split(x: jax.Array) -> jax.Array:
         return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
 
-    def micro_step(carry, inputs):
+    def micro_step(carry: tuple[Any, Any],
+                   inputs: tuple[jax.Array, dict]) -> tuple[tuple[Any, Any], dict]:
         grad_sum, batch_stats = carry
         index, micro_batch = inputs
         grads, (metrics, updates) = grad_fn(
@@ -351,7 +353,8 @@ def segmentation_train_step(
 
     _check_average("segmentation_train_step", state, ema)
 
-    def loss_fn(params, batch_stats, batch, rng):
+    def loss_fn(params: Any, batch_stats: Any, batch: dict,
+                rng: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
         logits, updates = _apply_training(model, params, batch_stats, (batch["image"],),
                                           {"dropout": rng}, conv_impl, batch_norm_impl)
         per_image = _pixel_metrics(logits, batch["labels"])
@@ -436,7 +439,8 @@ def detection_train_step(
     """
     _check_average("detection_train_step", state, ema)
 
-    def loss_fn(params, batch_stats, batch, rng):
+    def loss_fn(params: Any, batch_stats: Any, batch: dict,
+                rng: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
         (loss, terms), updates = _apply_training(
             model,
             params,

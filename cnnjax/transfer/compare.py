@@ -705,7 +705,7 @@ def plot_results(table: list[dict], source: dict, metric: str, path: str) -> str
     return save_figure(results_figure(table, source, metric), path)
 
 
-def results_figure(table: list[dict], source: dict, metric: str):
+def results_figure(table: list[dict], source: dict, metric: str) -> Any:
     """Final eval metric against training examples (log x), one line per arm, error bars = the
     std over seeds. Uses the Agg backend."""
     import matplotlib

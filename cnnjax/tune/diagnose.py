@@ -237,6 +237,7 @@ class Recommendation:
     reason: str
 
     def describe(self) -> str:
+        """One line, e.g. `optimizer.learning_rate x0.3 (reason)` or `field = value (reason)`."""
         what = f"x{self.value:g}" if self.change == "multiply" else f"= {self.value!r}"
         return f"{self.field} {what} ({self.reason})"
 
@@ -251,6 +252,7 @@ class Finding:
     recommendations: tuple[Recommendation, ...] = ()
 
     def to_dict(self) -> dict:
+        """The finding as JSON-able data, its recommendations as dicts."""
         return {"verdict": self.verdict, "message": self.message, "evidence": self.evidence,
                 "recommendations": [dataclasses.asdict(r) for r in self.recommendations]}
 
@@ -266,16 +268,20 @@ class Diagnosis:
 
     @property
     def verdicts(self) -> list[str]:
+        """The findings' verdicts, most urgent first."""
         return [f.verdict for f in self.findings]
 
     @property
     def primary(self) -> str:
+        """The most urgent verdict (every diagnosis holds at least one finding)."""
         return self.findings[0].verdict
 
     def finding(self, verdict: str) -> Finding | None:
+        """The finding with `verdict`, or None if the run did not get it."""
         return next((f for f in self.findings if f.verdict == verdict), None)
 
     def to_dict(self) -> dict:
+        """The diagnosis as JSON-able data: status, primary verdict, findings and notes."""
         return {"status": self.status, "primary": self.primary,
                 "findings": [f.to_dict() for f in self.findings], "notes": list(self.notes)}
 

@@ -273,6 +273,7 @@ class Recipe:
         return dataclasses.replace(self, metric=check_metric(_OWNER, self.metric, base_config))
 
     def describe(self) -> dict:
+        """The recipe's fields as JSON-ready data (tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def lr_grid(self, centre: float | None = None) -> tuple[float, ...]:
@@ -319,15 +320,19 @@ class RoundPlan:
 
     @property
     def dirname(self) -> str:
+        """The round's sweep directory name, `round_<index>`."""
         return f"round_{self.index}"
 
     def space(self) -> space_lib.SearchSpace:
+        """A grid over `field`'s `values`: one trial per value."""
         return space_lib.grid([space_lib.choice(self.field, self.values)])
 
     def base_config(self, base: Any) -> Any:
+        """A copy of `base` with the round's `fixed` overrides applied."""
         return space_lib.apply_overrides(base, self.fixed)
 
     def describe(self) -> dict:
+        """JSON-ready description of the round: index, directory, action, reason and fields."""
         return json.loads(json.dumps({
             "index": self.index, "dir": self.dirname, "action": self.action,
             "reason": self.reason, "field": self.field, "values": list(self.values),
@@ -359,6 +364,8 @@ class Decision:
     status: str = "running"
 
     def describe(self) -> dict:
+        """JSON-ready description: the action, reason, status, incumbent, the diagnosis that
+        led there and the next round's plan."""
         return {"after_round": self.after_round, "action": self.action, "reason": self.reason,
                 "status": self.status,
                 "incumbent": self.incumbent,

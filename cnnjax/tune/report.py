@@ -95,7 +95,7 @@ def plot_tune(record: dict, path: str, ema_weight: float = 0.6) -> str:
     return save_figure(tune_figure(record, ema_weight), path)
 
 
-def tune_figure(record: dict, ema_weight: float = 0.6):
+def tune_figure(record: dict, ema_weight: float = 0.6) -> Any:
     """Three panels: best eval metric against the learning rate (all rounds; diverged trials as
     red crosses at the worst score: the bottom, or the top for a metric to minimize), then the
     eval-metric curves and the EMA-smoothed train-loss curves of every trial, coloured by round,

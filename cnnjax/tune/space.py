@@ -218,6 +218,7 @@ class Trial:
     overrides: OrderedDict
 
     def describe(self) -> dict:
+        """JSON-ready description: index, trial_id and the overrides."""
         return {"index": self.index, "trial_id": self.trial_id,
                 "overrides": _canonical(dict(self.overrides))}
 
@@ -234,6 +235,7 @@ class SearchSpace:
 
     @property
     def fields(self) -> list[str]:
+        """The config fields the space varies, in parameter order."""
         return [p.field for p in self.params]
 
     def describe(self) -> dict:

@@ -117,6 +117,7 @@ def check_ranking(base_config: Any, metric: Any, mode: Any) -> tuple[str, str]:
 
 
 def trial_workdir(sweep_dir: str, trial: Trial) -> str:
+    """The work directory of `trial`: `<sweep_dir>/trials/<trial_id>`."""
     return os.path.join(sweep_dir, TRIALS_DIR, trial.trial_id)
 
 
@@ -672,7 +673,7 @@ def plot_results(rows: list[dict], space: SearchSpace, metric: str, path: str) -
     return save_figure(results_figure(rows, space, metric), path)
 
 
-def results_figure(rows: list[dict], space: SearchSpace, metric: str):
+def results_figure(rows: list[dict], space: SearchSpace, metric: str) -> Any:
     """One panel per swept field: best eval metric of completed trials against the value (log x
     for log-uniform or decade-spanning values, categories in listed order for non-numeric ones);
     values of diverged/failed trials as red dotted lines. Uses the Agg backend."""
@@ -713,7 +714,7 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str):
     return fig
 
 
-def _without_crowded_minor_labels(ax) -> None:
+def _without_crowded_minor_labels(ax: Any) -> None:
     """Drops the minor-tick labels (2x10^-2, 3x10^-2, ...) matplotlib puts on a log x axis that
     spans under about two decades, printed over each other in a 4-inch panel, when a decade's
     own label is in view (within one decade they are the only labels: kept)."""

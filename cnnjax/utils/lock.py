@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TextIO
 
 from absl import logging
 
@@ -132,7 +133,7 @@ def waiting_lock(lock_path: str) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def _acquire(lock_path: str, flag: str, path: str):
+def _acquire(lock_path: str, flag: str, path: str) -> TextIO | None:
     """The open, locked lock file with this process's details in it; None if unsupported."""
     try:
         lock_file = open(lock_path, "a+")  # noqa: SIM115 — held open for the lock's lifetime

@@ -18,6 +18,9 @@ Pixels are the scans' 0..16 block counts rescaled to uint8 0..255 with exact int
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -91,7 +94,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             citation=_CITATION,
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager,
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # The scans ship with scikit-learn: nothing to download.
         images, labels = load_scans()
         return {
@@ -99,6 +104,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             for name, indices in split_indices(labels).items()
         }
 
-    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray):
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray,
+                           ) -> Iterator[tuple[int, dict[str, Any]]]:
         for i in indices:
             yield int(i), {"image": images[i], "label": int(labels[i]), "index": int(i)}

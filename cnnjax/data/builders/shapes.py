@@ -18,6 +18,9 @@ Splits: `train` 2,000 examples (500 per class, split seed 1), `test` 400 (100 pe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -71,7 +74,7 @@ def _colour_apart(background: np.ndarray, rng: np.random.RandomState) -> np.ndar
     return colour
 
 
-def generate(split: str):
+def generate(split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields `(key, example)` for every example of `split`, in order."""
     num_examples, split_seed = SPLITS[split]
     for i in range(num_examples):
@@ -111,11 +114,13 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"),
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager,
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # Generated locally: nothing to download.
         return {split: self._generate_examples(split) for split in SPLITS}
 
-    def _generate_examples(self, split: str):
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from generate(split)
 
 
@@ -171,7 +176,7 @@ def render_scene(rng: np.random.RandomState,
             np.array(labels, np.int64), class_map)
 
 
-def generate_multi(split: str):
+def generate_multi(split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields `(key, example)` for every `shapes_multi` example of `split`, in order."""
     num_examples, split_seed = MULTI_SPLITS[split]
     for i in range(num_examples):
@@ -201,11 +206,13 @@ class ShapesMulti(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"),
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager,
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # Generated locally: nothing to download.
         return {split: self._generate_examples(split) for split in MULTI_SPLITS}
 
-    def _generate_examples(self, split: str):
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from generate_multi(split)
 
 
@@ -214,7 +221,7 @@ SEGMENTATION_CLASSES = ("background", *CLASS_NAMES)  # class_map value i is clas
 SEGMENTATION_SPLITS = {"train": (2000, 21), "test": (500, 22)}  # name: (examples, split seed)
 
 
-def generate_segmentation(split: str):
+def generate_segmentation(split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields `(key, example)` for every `shapes_segmentation` example of `split`, in order:
     `shapes_multi`-style scenes (other seeds) with their per-pixel class map."""
     num_examples, split_seed = SEGMENTATION_SPLITS[split]
@@ -247,9 +254,11 @@ class ShapesSegmentation(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(segmentation_classes=list(SEGMENTATION_CLASSES)),
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _split_generators(
+        self, dl_manager: tfds.download.DownloadManager,
+    ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager  # Generated locally: nothing to download.
         return {split: self._generate_examples(split) for split in SEGMENTATION_SPLITS}
 
-    def _generate_examples(self, split: str):
+    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from generate_segmentation(split)
