@@ -274,6 +274,7 @@ class Conv2D(nn.Module):
         super().__post_init__()
 
     def setup(self) -> None:
+        """Builds the wrapped `nn.Conv`, its scope shared so `kernel`/`bias` are this module's."""
         geo = _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
         self.conv = nn.Conv(
@@ -287,6 +288,7 @@ class Conv2D(nn.Module):
         nn.share_scope(self, self.conv)  # params stay `kernel`/`bias` of this module
 
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C_in]` -> `[N, H_out, W_out, features]`; non-zero modes pad `x` first."""
         owner = type(self).__name__
         geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
@@ -332,6 +334,7 @@ class LocallyConnected2D(nn.Module):
         super().__post_init__()
 
     def setup(self) -> None:
+        """Builds the wrapped `nn.ConvLocal`, its scope shared: the parameters are this module's."""
         geo = _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
         self.conv = nn.ConvLocal(
@@ -344,6 +347,8 @@ class LocallyConnected2D(nn.Module):
         nn.share_scope(self, self.conv)
 
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C_in]` -> `[N, H_out, W_out, features]`, for the input size the per-position
+        parameters were created for."""
         owner = type(self).__name__
         geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
@@ -420,6 +425,8 @@ class TiledConv2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C_in]` -> `[N, H_out, W_out, features]`: one strided convolution per kernel
+        set, interleaved."""
         owner = type(self).__name__
         geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
@@ -525,6 +532,8 @@ class ConvTranspose2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C_in]` -> `[N, H_out, W_out, features]` (output size in the class docstring),
+        per output phase or as one input-dilated convolution."""
         owner = type(self).__name__
         _check_conv_input(owner, x)  # an empty map would give an output of only the bias
         geo, out_pad = _transpose_geometry(self)

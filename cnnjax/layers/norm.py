@@ -83,6 +83,7 @@ class LocalResponseNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes NHWC `x` across channels: same shape, in `dtype` (None: the input's)."""
         check_nhwc("LocalResponseNorm", x)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise invalid("LocalResponseNorm", "input.dtype", str(x.dtype),

@@ -71,6 +71,8 @@ class DropPath(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool | None = None) -> Array:
+        """`x` with each example dropped (zeros) with probability `rate` and the kept ones scaled by
+        1 / (1 - rate); `x` itself when deterministic or `rate` is 0."""
         check_optional_bool(type(self).__name__, "deterministic", deterministic)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or self.rate == 0:

@@ -149,7 +149,10 @@ def _box_dtype(features: jax.Array) -> type:
     return np.float64 if features.dtype == np.float64 else np.float32
 
 
-def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_scale):
+def _roi_pool_with_argmax(
+    features: jax.Array, boxes: jax.Array, batch_indices: jax.Array,
+    output_size: tuple[int, int], spatial_scale: float,
+) -> tuple[jax.Array, jax.Array]:
     """Each bin's max `[K, out_h, out_w, C]` and where it is: the flat cell `h * W + w` of the
     bin's first maximal cell in row-major order (torchvision's argmax), `H * W` where there is
     none (an empty bin, or a NaN max)."""
@@ -159,7 +162,8 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
                                ).astype(jnp.int32)
     x1, y1, x2, y2 = (corners[:, i] for i in range(4))
 
-    def bin_masks(start, end, pooled, size):
+    def bin_masks(start: jax.Array, end: jax.Array, pooled: int, size: int,
+                  ) -> tuple[jax.Array, jax.Array]:
         # Bin edges floor(p * len / pooled) and ceil((p + 1) * len / pooled) in exact integer
         # arithmetic (torchvision uses floats, which agree except for rounding at exact edges).
         length = jnp.maximum(end - start + 1, 1)[:, None]
@@ -195,8 +199,9 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
     else:
         # One feature row/column per loop step: memory O(K * out_h * W * C) instead of
         # O(K * out_h * H * W * C) (2 GB for 128 boxes on a 38x50x256 map).
-        def max_over_rows(i, carry):  # rows, first_row: [K, out_h, W, C]
-            rows, first_row = carry
+        def max_over_rows(i: jax.Array, carry: tuple[jax.Array, jax.Array],
+                          ) -> tuple[jax.Array, jax.Array]:
+            rows, first_row = carry  # [K, out_h, W, C]
             line = features[batch_indices, i][:, None]  # [K, 1, W, C]
             in_row = mask_h[:, :, i, None, None]
             takes = in_row & ((first_row == h) | (line > rows))
@@ -207,8 +212,9 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
         rows, first_row = jax.lax.fori_loop(
             0, h, max_over_rows, (jnp.full(shape, lowest), jnp.full(shape, h, jnp.int32)))
 
-        def max_over_columns(j, carry):  # pooled, argmax: [K, out_h, out_w, C]
-            pooled, argmax = carry
+        def max_over_columns(j: jax.Array, carry: tuple[jax.Array, jax.Array],
+                             ) -> tuple[jax.Array, jax.Array]:
+            pooled, argmax = carry  # [K, out_h, out_w, C]
             value = rows[:, :, None, j]  # [K, out_h, 1, C]
             candidate = first_row[:, :, None, j] * w + j
             in_column = mask_w[:, None, :, j, None]
@@ -227,12 +233,14 @@ def _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_s
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _roi_pool_first_max(features, boxes, batch_indices, output_size, spatial_scale):
+def _roi_pool_first_max(features: jax.Array, boxes: jax.Array, batch_indices: jax.Array,
+                        output_size: tuple[int, int], spatial_scale: float) -> jax.Array:
     return _roi_pool_with_argmax(features, boxes, batch_indices, output_size, spatial_scale)[0]
 
 
 @_roi_pool_first_max.defjvp
-def _roi_pool_tangent(output_size, primals, tangents):
+def _roi_pool_tangent(output_size: tuple[int, int], primals: tuple[Any, ...],
+                      tangents: tuple[Any, ...]) -> tuple[jax.Array, jax.Array]:
     """Each bin's tangent is its argmax cell's (torchvision's rule; reverse mode transposes the
     gather into a scatter-add, so tied cells other than the first get no gradient). Boxes have
     no tangent effect: the output is piecewise constant in them."""
@@ -251,7 +259,8 @@ def _roi_pool_tangent(output_size, primals, tangents):
 
 
 @partial(jax.jit, static_argnames=("output_size",))
-def _roi_pool(features, boxes, batch_indices, output_size, spatial_scale):
+def _roi_pool(features: jax.Array, boxes: jax.Array, batch_indices: jax.Array,
+              output_size: tuple[int, int], spatial_scale: float) -> jax.Array:
     return _roi_pool_first_max(features, boxes, batch_indices, output_size, spatial_scale)
 
 
@@ -370,7 +379,8 @@ def _traced_host_samples(boxes: jax.Array, spatial_scale: jax.Array, aligned: bo
               (jax.ShapeDtypeStruct((k, output_size[0], grid), boxes.dtype),
                jax.ShapeDtypeStruct((k, output_size[1], grid), boxes.dtype)))
 
-    def host(values, scale):
+    def host(values: np.ndarray, scale: np.ndarray,
+             ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes: as the kernel
             _, counts, (ys, xs) = _host_samples(
                 np.asarray(values), real, real(np.asarray(scale)), aligned, output_size,
@@ -402,8 +412,11 @@ def check_sample_positions(owner: str, arg: str, value: Any) -> str:
 
 @partial(jax.jit, static_argnames=("output_size", "grid", "adaptive", "aligned",
                                    "host_positions"))
-def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid, adaptive,
-               aligned, counts=None, samples=None, host_positions=True):
+def _roi_align(features: jax.Array, boxes: jax.Array, batch_indices: jax.Array,
+               output_size: tuple[int, int], spatial_scale: float, grid: int, adaptive: bool,
+               aligned: bool, counts: np.ndarray | None = None,
+               samples: tuple[np.ndarray, np.ndarray] | None = None,
+               host_positions: bool = True) -> jax.Array:
     n, h, w, _ = features.shape
     out_h, out_w = output_size
     compute = jnp.promote_types(features.dtype, jnp.float32)
@@ -412,7 +425,9 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
 
     g = jnp.arange(grid, dtype=compute)[None, None, :]
 
-    def kernel_samples(start, end, pooled):  # [K], [K, pooled, grid]: differentiable in boxes
+    # The counts [K] and coordinates [K, pooled, grid] of an axis: differentiable in boxes
+    def kernel_samples(start: jax.Array, end: jax.Array, pooled: int,
+                       ) -> tuple[jax.Array, jax.Array]:
         length = end - start
         if not aligned:  # Legacy (Detectron) behaviour: force malformed RoIs to be 1x1.
             length = jnp.maximum(length, 1.0)
@@ -445,7 +460,8 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
             samples = tuple(host + (kernel - jax.lax.stop_gradient(kernel))
                             for host, kernel in zip(host_samples, samples, strict=True))
 
-    def axis_weights(count, coords, size):
+    def axis_weights(count: jax.Array, coords: jax.Array, size: int,
+                     ) -> tuple[jax.Array, jax.Array]:
         weights = _bilinear_weights(coords, size)  # [K, pooled, grid, size]
         used = (g < count[:, None, None])[..., None]
         return jnp.sum(jnp.where(used, weights, 0.0), axis=2), count  # [K, pooled, size], [K]
@@ -456,7 +472,7 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
     image = jax.nn.one_hot(batch_indices, n, dtype=compute)  # [K, N]
     weights_hn = weights_h[:, :, None, :] * image[:, None, :, None]  # [K, out_h, N, H]
 
-    def contract(by_row, by_column, maps):
+    def contract(by_row: jax.Array, by_column: jax.Array, maps: jax.Array) -> jax.Array:
         rows = jnp.einsum("kpnh,nhwc->kpwc", by_row, maps, precision=_HIGHEST)
         return jnp.einsum("kqw,kpwc->kpqc", by_column, rows, precision=_HIGHEST)
 
@@ -466,7 +482,7 @@ def _roi_align(features, boxes, batch_indices, output_size, spatial_scale, grid,
     # the finite values, then give the outputs that read a non-finite cell its value.
     out = contract(weights_hn, weights_w, jnp.where(finite, feats, 0.0))
 
-    def non_finite(out):
+    def non_finite(out: jax.Array) -> jax.Array:
         reads = (weights_hn > 0).astype(compute), (weights_w > 0).astype(compute)
         nan, pos, neg = (contract(*reads, m.astype(compute)) > 0
                          for m in (jnp.isnan(feats), feats == jnp.inf, feats == -jnp.inf))
@@ -561,7 +577,7 @@ def _box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
     a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
     b = b.astype(jnp.promote_types(b.dtype, jnp.float32))
 
-    def area(x):
+    def area(x: jax.Array) -> jax.Array:
         return jnp.maximum(x[:, 2] - x[:, 0], 0) * jnp.maximum(x[:, 3] - x[:, 1], 0)
 
     top_left = jnp.maximum(a[:, None, :2], b[None, :, :2])
@@ -590,7 +606,7 @@ def greedy_nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_ou
         ious = jnp.where(groups[order][:, None] == groups[order][None, :], ious, 0.0)
     candidate = scores[order] > score_threshold
 
-    def visit(i, keep):
+    def visit(i: jax.Array, keep: jax.Array) -> jax.Array:
         suppressed = jnp.any(keep & (ious[:, i] > iou_threshold))
         return keep.at[i].set(candidate[i] & ~suppressed)
 
