@@ -22,8 +22,19 @@ import json
 import os
 import re
 import time
+from typing import TYPE_CHECKING
 
 from cnnjax.utils.validation import invalid
+
+if TYPE_CHECKING:  # numpy, ml_collections and the data pipeline load lazily, when used
+    from collections.abc import Callable, Iterable, Iterator
+
+    import ml_collections
+    import numpy as np
+
+    from cnnjax.data.spec import Spec
+    from cnnjax.data.transforms import Transforms
+    from cnnjax.train.trained import TrainedRun
 
 _OWNER = "robustness"
 SOURCES = ("on_the_fly", "tfds")
@@ -109,7 +120,7 @@ def parse_severities(value: str) -> list[int]:
     return levels
 
 
-def eval_pipeline(config) -> tuple:
+def eval_pipeline(config: ml_collections.ConfigDict) -> tuple:
     """`(spec, source, transforms)` of `config`'s eval split, as `pipeline.eval_batches` builds
     them."""
     from cnnjax.data import sources
@@ -121,8 +132,8 @@ def eval_pipeline(config) -> tuple:
     return spec, source, make_transforms(spec, source)
 
 
-def eval_pixel_batches(config, max_examples: int | None, as_stored: bool = False,
-                       chunk: int = _CHUNK) -> tuple:
+def eval_pixel_batches(config: ml_collections.ConfigDict, max_examples: int | None,
+                       as_stored: bool = False, chunk: int = _CHUNK) -> tuple:
     """`(batches, transforms)`: `batches` iterates `(float32 [n, H, W, C] pixels in [0, 255],
     int labels [n])` chunks (n <= `chunk`) of the first `max_examples` (None: all) of `config`'s
     eval split in stored order, through the eval transform up to normalization (whole levels
@@ -143,7 +154,7 @@ def eval_pixel_batches(config, max_examples: int | None, as_stored: bool = False
         return {"image": image * 255.0,
                 "label": tf.cast(ex["label"], tf.int32)}
 
-    def batches():
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         empty = True
         for batch in ds.map(pixels).batch(chunk).as_numpy_iterator():
             empty = False
@@ -155,7 +166,8 @@ def eval_pixel_batches(config, max_examples: int | None, as_stored: bool = False
     return batches(), transforms
 
 
-def eval_pixels(config, max_examples: int | None, as_stored: bool = False) -> tuple:
+def eval_pixels(config: ml_collections.ConfigDict, max_examples: int | None,
+                as_stored: bool = False) -> tuple:
     """`(float32 [N, H, W, C] pixels in [0, 255], int labels [N], transforms)`: all of
     `eval_pixel_batches` at once."""
     import numpy as np
@@ -165,7 +177,8 @@ def eval_pixels(config, max_examples: int | None, as_stored: bool = False) -> tu
     return np.concatenate(images), np.concatenate(labels), transforms
 
 
-def make_classify(run, transforms, batch_size: int):
+def make_classify(run: TrainedRun, transforms: Transforms,
+                  batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
     """`classify(pixels [N, H, W, C] in [0, 255]) -> predicted classes [N]`: normalized as the run's
     eval does, in padded batches of `batch_size` (one compilation), under the run's conv
     lowering."""
@@ -202,7 +215,8 @@ def corrupted_set(dataset: str) -> CorruptedSet:
     return TFDS_CORRUPTED[dataset]
 
 
-def corrupted_config(config, name: str, severity: int):
+def corrupted_config(config: ml_collections.ConfigDict, name: str,
+                     severity: int) -> ml_collections.ConfigDict:
     """`config` (a run's, trained on a dataset of `TFDS_CORRUPTED`) reading its tfds corrupted
     set's `<name>_<severity>` config instead: `cifar10_corrupted`'s test split or
     `imagenet2012_corrupted`'s validation split (each set's only split, so also as the train
@@ -381,7 +395,7 @@ def plot(record: dict, path: str) -> str:
 def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,2,3,4,5",
                    split: str | None = None, max_examples: int | None = None, seed: int = 0,
                    source: str = "on_the_fly", step: int | None = None, batch_size: int = 256,
-                   log=print) -> tuple[dict, str]:
+                   log: Callable[[str], None] = print) -> tuple[dict, str]:
     """Measures (or resumes, or reprints) the record of the flags above; returns it and its
     JSON path."""
     from cnnjax.analysis import corruptions as corruptions_lib
@@ -444,7 +458,7 @@ def _check_arguments(severities: str, max_examples: int | None, batch_size: int,
     return levels, max_examples, batch_size, seed
 
 
-def _load_classifier(workdir: str, step: int | None):
+def _load_classifier(workdir: str, step: int | None) -> TrainedRun:
     """The run at `workdir` (`load_trained`), refused unless it trained a classifier."""
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import load_trained
@@ -457,7 +471,7 @@ def _load_classifier(workdir: str, step: int | None):
     return run
 
 
-def _evaluated_config(run, split: str | None,
+def _evaluated_config(run: TrainedRun, split: str | None,
                       tfds_set: CorruptedSet | None) -> tuple:
     """`(config, spec, transforms)` of the split the clean top-1 is measured on: `split` (None:
     the run's eval split), refused when tfds's corrupted set holds other images."""
@@ -511,7 +525,7 @@ def _file_stem(source: str, split: str | None, seed: int, max_examples: int | No
                      *(part for part in chosen if part)])
 
 
-def _previous_record(out_dir: str, stem: str, settings: dict, log) -> dict:
+def _previous_record(out_dir: str, stem: str, settings: dict, log: Callable[[str], None]) -> dict:
     """The record on file at `<out_dir>/<stem>.json` ({} if none); one of other settings (the
     run's best/latest step moved on, say) is kept beside it, with its plot, and {} returned."""
     from cnnjax.utils.files import read_json
@@ -532,8 +546,9 @@ def _previous_record(out_dir: str, stem: str, settings: dict, log) -> dict:
     return {}
 
 
-def _new_record(run, spec, tfds_set: CorruptedSet | None, settings: dict, labels, skipped: dict,
-                table: dict, done: dict, names: list[str], levels: list[int]) -> dict:
+def _new_record(run: TrainedRun, spec: Spec, tfds_set: CorruptedSet | None, settings: dict,
+                labels: np.ndarray, skipped: dict, table: dict, done: dict, names: list[str],
+                levels: list[int]) -> dict:
     """The record of this command before it measures: the cells `done` on file (this request's
     corruptions added, empty), the severities of both, and the table parameters of each."""
     return {"workdir": run.workdir, "model": run.config.model, "dataset": run.config.data.name,
@@ -550,7 +565,7 @@ def _new_record(run, spec, tfds_set: CorruptedSet | None, settings: dict, labels
             "requested": {"corruptions": names, "severities": levels}}
 
 
-def _check_tfds_configs_prepared(config, todo: list[tuple[str, int]],
+def _check_tfds_configs_prepared(config: ml_collections.ConfigDict, todo: list[tuple[str, int]],
                                  tfds_set: CorruptedSet) -> None:
     """Names the first tfds config of `todo` not prepared, with how to prepare the set."""
     from cnnjax.data.sources import DatasetNotPreparedError
@@ -565,8 +580,9 @@ def _check_tfds_configs_prepared(config, todo: list[tuple[str, int]],
                 "source='on_the_fly'.") from None
 
 
-def _measure_clean(record: dict, classify, clean, labels, tfds_set: CorruptedSet | None,
-                   log) -> None:
+def _measure_clean(record: dict, classify: Callable[[np.ndarray], np.ndarray],
+                   clean: np.ndarray, labels: np.ndarray, tfds_set: CorruptedSet | None,
+                   log: Callable[[str], None]) -> None:
     """Sets and logs the record's clean top-1, stored as every cell is (uint8, truncated): a
     no-op for native 32x32 data, and for resized data (digits) the drop then measures the
     corruption alone."""
@@ -581,8 +597,9 @@ def _measure_clean(record: dict, classify, clean, labels, tfds_set: CorruptedSet
         + (f"; corrupted cells from tfds's {tfds_set.tfds_name}" if tfds_set else ""))
 
 
-def _cell_chunks(config, clean, labels, name: str, severity: int, seed: int,
-                 max_examples: int | None, tfds_set: CorruptedSet | None):
+def _cell_chunks(config: ml_collections.ConfigDict, clean: np.ndarray, labels: np.ndarray,
+                 name: str, severity: int, seed: int, max_examples: int | None,
+                 tfds_set: CorruptedSet | None) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """The cell's `(pixels, labels)` a chunk at a time: a cell never holds more than one chunk's
     corrupted copy (a float64 one of all 50,000 ImageNet images would be 60 GB)."""
     from cnnjax.analysis.corruptions import corrupt, quantize
@@ -596,8 +613,10 @@ def _cell_chunks(config, clean, labels, name: str, severity: int, seed: int,
              labels[i:i + _CHUNK]) for i in range(0, len(labels), _CHUNK))
 
 
-def _measure_cells(record: dict, path: str, todo: list[tuple[str, int]], classify, log,
-                   cell_chunks) -> None:
+def _measure_cells(record: dict, path: str, todo: list[tuple[str, int]],
+                   classify: Callable[[np.ndarray], np.ndarray], log: Callable[[str], None],
+                   cell_chunks: Callable[[str, int], Iterable[tuple[np.ndarray, np.ndarray]]],
+                   ) -> None:
     """Measures the cells of `todo` into the record, each written to `path` atomically as it is
     measured (an interrupted command resumes at the first missing one)."""
     from cnnjax.utils.files import write_json
@@ -610,7 +629,8 @@ def _measure_cells(record: dict, path: str, todo: list[tuple[str, int]], classif
             f"{record['cells'][name][str(severity)]:.4f} ({time.time() - started:.1f} s)")
 
 
-def _top1(classify, chunks) -> float:
+def _top1(classify: Callable[[np.ndarray], np.ndarray],
+          chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     """The fraction of `chunks`' images `classify` gets right."""
     import numpy as np
 
