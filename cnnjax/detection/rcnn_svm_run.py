@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -146,7 +147,8 @@ def train_split(detector: TrainedDetector, num_images: int) -> str:
     return f"{name}[:{num_images}]"
 
 
-def _region_batches(detector: TrainedDetector, split: str | None, batch_size: int):
+def _region_batches(detector: TrainedDetector, split: str | None, batch_size: int,
+                    ) -> Iterator[tuple[dict, Any, np.ndarray, np.ndarray]]:
     """`(images' batch dict without padding, RegionFeatures of windows + gt boxes, windows
     [n, P, 4], window validity [n, P])` of each batch of `split` (stored order, no augmentation;
     `trained.predictions`). The windows are the run's: its dense windows, or each image's
@@ -156,7 +158,7 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
     from cnnjax.train.step import proposal_kwargs
     from cnnjax.train.trained import predictions
 
-    def features(run, batch):
+    def features(run: Any, batch: dict) -> tuple[Any, Any, Any]:
         windows, valid = run.model.apply(run.variables, batch["image"], method="windows",
                                          **proposal_kwargs(batch))
         rois = jnp.concatenate([windows, batch["boxes"]], axis=1)
@@ -313,7 +315,8 @@ def load_npz(path: str, key: dict) -> tuple[dict[str, np.ndarray], dict] | None:
         return None
 
 
-def _cached(path: str, key: dict, make, stage: str, status_path: str):
+def _cached(path: str, key: dict, make: Callable[[], tuple[dict[str, Any], dict]], stage: str,
+            status_path: str) -> tuple[dict[str, Any], dict, bool]:
     """`(arrays, meta, reused)`: the cache at `path` if its key matches, else `make()` saved."""
     found = load_npz(path, key)
     if found is not None:
@@ -374,7 +377,7 @@ def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
         lambda: (extract_test_features(detector, settings.batch_size), {}),
         "test features", status_path)
 
-    def make_models():
+    def make_models() -> tuple[dict[str, Any], dict[str, Any]]:
         models = train_models(train, detector.data_info.num_classes, settings)
         records = {k: models.pop(k) for k in ("mining", "regression_pairs")}
         return models, records
