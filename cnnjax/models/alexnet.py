@@ -138,6 +138,8 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `layer1`..`layer5` and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
@@ -197,6 +199,8 @@ class ZFNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `layer1`..`layer5` and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)

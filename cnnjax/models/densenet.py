@@ -103,6 +103,7 @@ class DenseLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """The k new channels `[N, H, W, growth_rate]` of `x` `[N, H, W, C]` (not concatenated)."""
         def dropout(y: Array) -> Array:
             if self.drop_rate > 0:
                 y = nn.Dropout(self.drop_rate, deterministic=not train)(y)
@@ -137,6 +138,7 @@ class DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """`x` `[N, H, W, C]` and every layer's new channels: `[N, H, W, C + num_layers * k]`."""
         for i in range(self.num_layers):
             new = DenseLayer(
                 self.growth_rate,
@@ -168,6 +170,7 @@ class Transition(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """`[N, H, W, C]` -> `[N, H // 2, W // 2, features]`."""
         y = self.act(self.norm(name="bn")(x))
         y = self.conv(self.features, (1, 1), padding="VALID", name="conv")(y)
         if self.drop_rate > 0:
@@ -255,6 +258,8 @@ class DenseNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `stem`, `stage1`..`stageN` and `pre_logits`."""
         train = check_call(self, x, train, return_features, drop_rate=self.drop_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init

@@ -90,6 +90,8 @@ class BoxHead(nn.Module):
 
     @nn.compact
     def __call__(self, pooled: Array, return_fc7: bool = False) -> tuple[Array, ...]:
+        """`(logits [R, C + 1], deltas [R, C + 1, 4])` of pooled RoIs `[R, h, w, C]`, and fc7
+        `[R, features]` after them with `return_fc7`."""
         x = pooled.reshape(pooled.shape[0], math.prod(pooled.shape[1:]))  # R may be 0
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc6")(x))
         x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc7")(x))
@@ -305,6 +307,7 @@ class FasterRCNN(nn.Module):
         return 2 ** len(self.backbone_stages)
 
     def setup(self) -> None:
+        """The backbone, the RPN's 3x3 conv and 1x1 objectness and delta convs, and the box head."""
         self.backbone = VGGFeatures(stages=self.backbone_stages, batch_norm=True,
                                     dtype=self.dtype, axis_name=self.axis_name)
         anchors_per_cell = len(self.anchor_scales) * len(self.anchor_ratios)

@@ -212,6 +212,8 @@ class FCN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Scores `[N, H, W, num_classes]` (float32) of NHWC images `x` of any size; with
+        `return_features` `(scores, features)` (see the class docstring)."""
         check_nhwc(type(self).__name__, x)
         if min(x.shape[1:]) < 1:  # the backbone's first pool or initializer would fail instead
             raise invalid(type(self).__name__, "input.shape", tuple(x.shape),

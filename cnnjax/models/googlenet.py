@@ -168,6 +168,7 @@ class Inception(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C]` -> `[N, H, W, features_1x1 + features_3x3 + features_5x5 + pool_proj]`."""
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=caffe_xavier_init,
                                  bias_init=caffe_bias_init)
         b1 = nn.relu(conv(self.features_1x1, 1, name="branch1x1")(x))
@@ -190,6 +191,7 @@ class InceptionAux(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """Auxiliary logits `[N, num_classes]` (float32) of a map of at least 5x5."""
         if x.shape[1] < 5 or x.shape[2] < 5:
             raise invalid(type(self).__name__, "input.shape", tuple(x.shape),
                           "expected a map of at least 5x5 for the 5x5/3 average pool; use a "
@@ -231,6 +233,9 @@ class GoogLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32; in training with `aux_logits`, `GoogLeNetOutputs`
+        with the auxiliary logits); with `return_features` `(logits, features)`, the
+        features `stem`, `inception3`..`inception5` and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate,
                            aux_dropout_rate=self.aux_dropout_rate if self.aux_logits else 0)
         x = jnp.asarray(x, self.dtype)
@@ -268,7 +273,7 @@ class GoogLeNet(nn.Module):
 
 
 def _classify(module: nn.Module, x: Array, features: dict[str, Array], aux: tuple,
-              train: bool, return_features: bool, **head_kwargs: Any):
+              train: bool, return_features: bool, **head_kwargs: Any) -> Any:
     """Both GoogLeNets' end, called from their `__call__`: global average pool, dropout and the
     linear `head` (`head_kwargs`, e.g. its `kernel_init`, go to its `nn.Dense`); with
     `aux_logits`, in training, the auxiliary heads' logits too."""
@@ -304,6 +309,7 @@ class BasicConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """Conv, BatchNorm (batch statistics when `train`), ReLU: `[N, H_out, W_out, features]`."""
         x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
                    use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON,
@@ -319,6 +325,7 @@ class InceptionBN(Inception):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """`[N, H, W, C]` -> `[N, H, W, features_1x1 + features_3x3 + features_5x5 + pool_proj]`."""
         conv = functools.partial(BasicConv2d, dtype=self.dtype, axis_name=self.axis_name)
         b1 = conv(self.features_1x1, 1, name="branch1x1")(x, train)
         b3 = conv(self.reduce_3x3, 1, name="branch3x3_reduce")(x, train)
@@ -342,6 +349,7 @@ class InceptionAuxBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """Auxiliary logits `[N, num_classes]` (float32) of a map of any size."""
         x = adaptive_avg_pool2d(x, 4)
         x = BasicConv2d(128, 1, dtype=self.dtype, axis_name=self.axis_name, name="conv")(x, train)
         x = flatten(x)
@@ -394,6 +402,9 @@ class GoogLeNetBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32; in training with `aux_logits`, `GoogLeNetOutputs`
+        with the auxiliary logits); with `return_features` `(logits, features)`, the
+        features `stem`, `inception3`..`inception5` and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate,
                            aux_dropout_rate=self.aux_dropout_rate if self.aux_logits else 0)
         x = jnp.asarray(x, self.dtype)

@@ -79,6 +79,7 @@ class TrainableSubsampling(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H // 2, W // 2, C]`: each 2x2 block's sum times `coef`, plus `bias`."""
         channels = x.shape[-1]
         coef = self.param("coef", nn.initializers.constant(0.25), (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -107,6 +108,8 @@ class ConnectionTableConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """The VALID convolution, no activation: `[N, H, W, C_in]` ->
+        `[N, H - k + 1, W - k + 1, len(connections)]`."""
         k, in_features = self.kernel_size, x.shape[-1]
         mask = np.zeros((in_features, len(self.connections)), np.float32)
         for j, inputs in enumerate(self.connections):
@@ -156,6 +159,8 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `c1`, `s2`, `c3`, `s4`, `c5` and `pre_logits`."""
         train = check_call(self, x, train, return_features)
         act = _ACTIVATION_FNS[self.activation]
         x = jnp.asarray(x, self.dtype)

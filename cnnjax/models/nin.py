@@ -76,6 +76,7 @@ class MLPConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C]` -> `[N, H_out, W_out, features[-1]]`, a ReLU after every convolution."""
         conv = functools.partial(Conv2D, dtype=self.dtype, kernel_init=conv_kernel_init)
         x = nn.relu(conv(self.features[0], self.kernel_size, strides=self.strides,
                          padding=self.padding, name="conv")(x))
@@ -148,6 +149,8 @@ class NiN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `block1`..`blockN` and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}

@@ -82,7 +82,7 @@ def _drop_path(y: Array, rate: float, train: bool) -> Array:
     return DropPath(rate, deterministic=not train, name="drop_path")(y) if rate > 0 else y
 
 
-def _shortcut(x: Array, preact: Array, out_features: int, strides: int, conv,
+def _shortcut(x: Array, preact: Array, out_features: int, strides: int, conv: ModuleDef,
               preact_identity: bool = False) -> Array:
     """Identity when the shape is kept (of `preact` with `preact_identity`, else of `x`), else a
     1x1/`strides` projection of the pre-activated input (no BN: the block's output is a sum
@@ -128,6 +128,8 @@ class PreActBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """`[N, H, W, C]` -> `[N, H / strides, W / strides, filters]`: the residual sum, which the
+        next block normalizes."""
         s = (self.strides, self.strides)
         preact = self.act(self.norm(name="bn1")(x))
         shortcut = _shortcut(x, preact, self.filters, self.strides, self.conv, self.first)
@@ -173,6 +175,8 @@ class PreActBottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        """`[N, H, W, C]` -> `[N, H / strides, W / strides, filters * expansion]`: the residual sum,
+        which the next block normalizes."""
         s = (self.strides, self.strides)
         s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
         out = self.filters * self.expansion
@@ -267,6 +271,8 @@ class PreActResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `stem`, `stage1`..`stageN` and `pre_logits`."""
         train = check_call(self, x, train, return_features, drop_rate=self.drop_rate,
                            drop_path_rate=self.drop_path_rate)
         conv = functools.partial(

@@ -280,6 +280,7 @@ class FastRCNN(_SharedMapDetector):
         super().__post_init__()
 
     def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:
+        """RoIAlign of RoIs `[N, R, 4]` to `[N * R, roi_size, roi_size, C]`."""
         return pool_rois(features, rois, self.roi_size, spatial_scale, self.roi_sample_positions)
 
 
@@ -303,6 +304,7 @@ class SPPNet(_SharedMapDetector):
         super().__post_init__()
 
     def pool(self, features: Array, rois: Array, spatial_scale: float) -> Array:
+        """The spatial pyramid of each RoI `[N, R, 4]`: `[N * R, C * sum(l * l)]`."""
         n, r = rois.shape[:2]
         batch_indices = jnp.repeat(jnp.arange(n, dtype=jnp.int32), r)
         return roi_spatial_pyramid_pool(features, rois.reshape(n * r, 4), batch_indices,
@@ -342,6 +344,7 @@ class RCNN(_ProposalDetector):
         super().__post_init__()
 
     def setup(self) -> None:
+        """The per-region CNN (`cnn`) and the box head (`head`)."""
         self.cnn = VGGFeatures(stages=self.cnn_stages, batch_norm=True, dtype=self.dtype,
                                axis_name=self.axis_name)
         self.head = BoxHead(self.num_classes, self.head_features, dtype=self.dtype)
@@ -385,6 +388,8 @@ class RCNN(_ProposalDetector):
 
     def score(self, images: Array, rois: Array, train: bool,
               valid: Array | None = None) -> tuple[Array, Array]:
+        """`(logits [N, R, C + 1], deltas [N, R, C + 1, 4])`, one CNN pass per warped RoI; in
+        training only the `valid` rows feed the CNN's BatchNorm statistics."""
         n, r = rois.shape[:2]
         logits, deltas = self.head(self.warped_features(images, rois, train, valid))
         return logits.reshape(n, r, *logits.shape[1:]), deltas.reshape(n, r, *deltas.shape[1:])

@@ -105,7 +105,8 @@ class _ResidualMixin:
             return y
         return DropPath(rate, deterministic=deterministic, name="drop_path")(y)
 
-    def shortcut_path(self, x: Array, out_features: int, strides: int, conv, norm) -> Array | None:
+    def shortcut_path(self, x: Array, out_features: int, strides: int, conv: ModuleDef,
+                      norm: ModuleDef) -> Array | None:
         """The shortcut branch for input `x`, or None for a plain (shortcut="none") block."""
         shortcut = self.shortcut  # type: ignore[attr-defined]
         if shortcut == "none":
@@ -159,6 +160,7 @@ class BasicBlock(_ResidualMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C]` -> `[N, H / strides, W / strides, filters]`: act(F(x) + shortcut(x))."""
         s = (self.strides, self.strides)
         y = self.conv(self.filters, (3, 3), s, padding=_pad(3), name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
@@ -201,6 +203,7 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        """`[N, H, W, C]` -> `[N, H / strides, W / strides, filters * expansion]`."""
         s = (self.strides, self.strides)
         s1, s3 = (s, (1, 1)) if self.stride_in_1x1 else ((1, 1), s)
         out = self.filters * self.expansion
@@ -320,6 +323,9 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `stem`, `stage1`..`stageN` and `pre_logits`.
+        With `features_only`, just the features dict (no `pre_logits`)."""
         train = check_call(self, x, train, return_features, drop_path_rate=self.drop_path_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init

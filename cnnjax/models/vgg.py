@@ -224,6 +224,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
+        """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
+        `(logits, features)`, the features `block1`..`blockN` (`VGGFeatures`) and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         features = VGGFeatures(stages=self.stages, batch_norm=self.batch_norm, dtype=self.dtype,
                                axis_name=self.axis_name, kernel_sizes=self.kernel_sizes,

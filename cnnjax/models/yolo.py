@@ -35,6 +35,7 @@ from cnnjax.detection.anchors import image_size_pair
 from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
 from cnnjax.detection.yolo import (
+    YoloV1LossTerms,
     check_yolo_v1_loss_settings,
     yolo_v1_loss_terms,
     yolo_v1_targets,
@@ -148,6 +149,8 @@ class YOLOv1(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False) -> Any:
+        """Predictions `[N, S, S, B * 5 + C]` (float32) of NHWC images `x`; with `return_features`
+        `(out, features)`, the features `trunk` and `pre_logits`."""
         train = check_call(self, x, train, return_features, dropout_rate=self.dropout_rate)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}
@@ -190,7 +193,7 @@ class YOLOv1(nn.Module):
         outputs = self(images, train=train)
         size = tuple(images.shape[1:3])
 
-        def one(pred, boxes, labels, valid):
+        def one(pred: Array, boxes: Array, labels: Array, valid: Array) -> YoloV1LossTerms:
             targets = yolo_v1_targets(boxes, labels, valid, size, self.grid_size,
                                       self.num_classes)
             return yolo_v1_loss_terms(pred, targets, self.lambda_coord, self.lambda_noobj,
