@@ -394,6 +394,26 @@ def _check_same_checkpoints(steps: list[int], directory: str) -> None:
         )
 
 
+#: A close at the end of a run (input pipeline, metric files, checkpoints) slower than this many
+#: seconds is logged with its name: fcn_shapes' 1,000-step run sometimes waited 11-34 s between
+#: its final checkpoint and summary.json inside one of these closes, which one unknown.
+SLOW_CLOSE_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def _closing(thing: Any, what: str) -> Iterator[Any]:
+    """`contextlib.closing(thing)` that logs a warning naming `what` when `thing.close()` takes
+    over `SLOW_CLOSE_SECONDS`, so a slow exit says where its time went."""
+    try:
+        yield thing
+    finally:
+        started = time.perf_counter()
+        thing.close()
+        seconds = time.perf_counter() - started
+        if seconds > SLOW_CLOSE_SECONDS:
+            logging.warning("Closing %s took %.1f s.", what, seconds)
+
+
 def _prefetch(iterator: Iterator, transform: Callable[[Any], Any], size: int = 2) -> Iterator:
     """Runs `transform(next(iterator))` (host->device copy) in a background thread, `size` ahead."""
     buffer: queue.Queue = queue.Queue(maxsize=size)
@@ -660,13 +680,13 @@ class _Run:
         # Any exit closes what was opened: the prefetch thread, the progress bar, the metric
         # files and, last, the checkpoints (waiting for the pending, e.g. the stop step's, save).
         with contextlib.ExitStack() as opened:
-            checkpointer = opened.enter_context(contextlib.closing(Checkpointer(
+            checkpointer = opened.enter_context(_closing(Checkpointer(
                 self.workdir,
                 keep=self.config.keep_checkpoints,
                 best_metric=self.config.best_metric,
                 best_mode=self.config.best_mode,
                 use_async=self.config.async_checkpoints,
-            )))
+            ), "the checkpoints (waiting for the pending save)"))
             _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)
             host_state, start_step, resumed_info = self.initial_state(checkpointer)
             finished = _completed_summary(self.workdir) if start_step >= total_steps else None
@@ -744,13 +764,13 @@ class _Run:
         total_steps = int(config.num_train_steps)
         self.training_started = True
         state = parallel.replicate(host_state)
-        logger = opened.enter_context(contextlib.closing(MetricLogger(
+        logger = opened.enter_context(_closing(MetricLogger(
             self.workdir,
             resume_step=start_step,
             enabled=self.is_primary,
             tensorboard=config.tensorboard,
             score_metric=config_lib.TASK_PLOT_METRIC[self.task],
-        )))
+        ), "the metric files"))
         # Evals before the restored step (from metrics.jsonl) count for best/final metrics.
         evals = [{k: v for k, v in r.items() if k != "split"}
                  for r in logger.records if r["split"] == "eval"]
@@ -764,14 +784,14 @@ class _Run:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        device_batches = opened.enter_context(contextlib.closing(
-            _prefetch(batches, parallel.shard_batch)))
-        bar = opened.enter_context(contextlib.closing(ProgressBar(
+        device_batches = opened.enter_context(_closing(
+            _prefetch(batches, parallel.shard_batch), "the input pipeline"))
+        bar = opened.enter_context(_closing(ProgressBar(
             total_steps,
             start_step=start_step,
             enabled=self.is_primary and config.progress_bar,
             log_every=config.log_every_steps,
-        )))
+        ), "the progress bar"))
         # The steps since the last train log, continued across a resume from a checkpoint
         # between two log steps (older checkpoints: from the checkpoint's step).
         self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))

@@ -849,3 +849,41 @@ def test_a_small_eval_split_is_read_once_per_run(tmp_path, monkeypatch):
 
     assert [r["step"] for r in evals("kept")] == [4, 8, 12]
     assert evals("kept") == evals("read")
+
+
+def test_a_slow_close_at_the_end_of_a_run_is_logged_with_its_name(monkeypatch, caplog):
+    """A close over SLOW_CLOSE_SECONDS names what was closed and its seconds; a quicker one logs
+    nothing, and the object is closed either way (a fake clock: nothing sleeps)."""
+
+    class Slow:
+        def __init__(self, seconds):
+            self.seconds, self.closed = seconds, False
+
+        def close(self):
+            clock[0] += self.seconds
+            self.closed = True
+
+    clock = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    slow, quick = Slow(loop.SLOW_CLOSE_SECONDS + 2), Slow(loop.SLOW_CLOSE_SECONDS - 1)
+    with caplog.at_level("WARNING", logger="absl"):
+        with loop._closing(slow, "the slow thing") as entered:
+            assert entered is slow
+        with loop._closing(quick, "the quick thing"):
+            pass
+    assert slow.closed and quick.closed
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [f"Closing the slow thing took {loop.SLOW_CLOSE_SECONDS + 2:.1f} s."]
+
+
+def test_every_close_at_the_end_of_a_run_is_timed(tmp_path, monkeypatch, caplog):
+    """With a threshold below zero every close at the end of a real run is reported: the input
+    pipeline, the progress bar, the metric files and the checkpoints each by name."""
+    monkeypatch.setattr(loop, "SLOW_CLOSE_SECONDS", -1.0)
+    with caplog.at_level("WARNING", logger="absl"):
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=2), str(tmp_path))
+    closed = [r.getMessage().split(" took ")[0] for r in caplog.records
+              if r.getMessage().startswith("Closing ")]
+    assert closed == ["Closing the progress bar", "Closing the input pipeline",
+                      "Closing the metric files",
+                      "Closing the checkpoints (waiting for the pending save)"]
