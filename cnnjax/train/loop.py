@@ -395,8 +395,9 @@ def _check_same_checkpoints(steps: list[int], directory: str) -> None:
 
 
 #: A close at the end of a run (input pipeline, metric files, checkpoints) slower than this many
-#: seconds is logged with its name: fcn_shapes' 1,000-step run sometimes waited 11-34 s between
-#: its final checkpoint and summary.json inside one of these closes, which one unknown.
+#: seconds is logged with its name. fcn_shapes' 1,000-step run waited 11-36 s before summary.json
+#: in 3 of 9 runs (2026-12-05): closing the input pipeline, i.e. tf.data's native iterator
+#: teardown after the prefetch thread had ended; not reproduced with the pipeline alone.
 SLOW_CLOSE_SECONDS = 5.0
 
 
