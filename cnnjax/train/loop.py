@@ -395,9 +395,9 @@ def _check_same_checkpoints(steps: list[int], directory: str) -> None:
 
 
 #: A close at the end of a run (input pipeline, metric files, checkpoints) slower than this many
-#: seconds is logged with its name. fcn_shapes' 1,000-step run waited 11-36 s before summary.json
-#: in 3 of 9 runs (2026-12-05): closing the input pipeline, i.e. tf.data's native iterator
-#: teardown after the prefetch thread had ended; not reproduced with the pipeline alone.
+#: seconds is logged with its name. Its first catch (2026-12-05): closing the input pipeline
+#: waited for tf.data's autotune thread (11-36 s after some 1,000-step runs, 8.6 s in `make
+#: train`), which `cnnjax.data.pipeline` has since turned off.
 SLOW_CLOSE_SECONDS = 5.0
 
 

@@ -7,9 +7,10 @@ Model hyperparameters: `--config.model_kwargs.activation=relu` (also `subsamplin
 unset = the model's default).
 
 Expected (measured with `make train`, 2 CPU cores, load average ~1, JAX 0.10.2): 98.05% test
-top-1 (359 held-out scans; 97.8% already at step 100), final test loss 0.086; 23-31 s wall for
-the whole command (19-21 s inside the training loop, compilation included; ~4,800 train
-images/s; the rest is start-up and the interpreter's exit, which vary).
+top-1 (359 held-out scans; 97.8% already at step 100), final test loss 0.086; 18-19 s wall for
+the whole command (16-17 s inside the training loop, compilation included; ~5,400 train
+images/s; the rest is start-up and the interpreter's exit; 2026-12-05, Zen 2). Before tf.data
+autotuning was turned off the end of the loop waited ~8.6 s more for its thread.
 The first ever run also builds `digits` into the tfds data dir (~5 s).
 """
 
