@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import matplotlib
 import pytest
@@ -142,7 +146,64 @@ def test_atomic_file_syncs_the_data_before_the_rename_and_the_folder_after(tmp_p
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     files.atomic_write(str(tmp_path / "a.txt"), "12345")
-    tmp_name = f"a.txt.{os.getpid()}.tmp"
+    tmp_name = os.path.basename(files.temporary_path(str(tmp_path / "a.txt")))
     assert synced[0] == (tmp_name, 5, False)  # the whole data, before the rename
     assert synced[1][0] == tmp_path.name and synced[1][2]  # the folder, after it
     assert len(synced) == 2
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has already exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _aged(path, seconds: float = files.STALE_TEMPORARY_SECONDS + 5):
+    """Sets `path`'s mtime `seconds` in the past."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_temporary_a_sigkilled_writer_left_is_removed_at_the_next_write(tmp_path):
+    """A writer killed inside `atomic_file` left `<path>.<pid>-<thread>@<host>.tmp` for good."""
+    path = tmp_path / "summary.json"
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from cnnjax.utils import files\n"
+         f"with files.atomic_file({str(path)!r}) as f:\n"
+         "    f.write('half'); f.flush(); print('writing', flush=True); time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert writer.stdout.readline() == "writing\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    (left,) = os.listdir(tmp_path)
+    assert left.startswith(f"summary.json.{writer.pid}-") and left.endswith(".tmp")
+    _aged(tmp_path / left)
+    files.write_json(str(path), {"status": "completed"})
+    assert os.listdir(tmp_path) == ["summary.json"]
+    assert files.read_json(str(path)) == {"status": "completed"}
+
+
+def test_only_old_temporaries_of_gone_writers_on_this_host_are_removed(tmp_path):
+    path = str(tmp_path / "r.json")
+    host = files.temporary_path(path).rsplit("@", 1)[1].removesuffix(".tmp")
+    dead, alive = _dead_pid(), os.getppid()
+    old = files.STALE_TEMPORARY_SECONDS + 5
+
+    def make(name: str, age: float = old):
+        (tmp_path / name).write_text("x")
+        return _aged(tmp_path / name, age)
+
+    removed = make(f"r.json.{dead}-7@{host}.tmp")
+    keep = {
+        make(f"r.json.{alive}-7@{host}.tmp").name,  # its writer still runs
+        make(f"r.json.{dead}-8@{host}.tmp", age=0).name,  # too recent to judge
+        make(f"r.json.{dead}-7@other-{host}.tmp").name,  # another host's pid
+        make(f"q.json.{dead}-7@{host}.tmp").name,  # another file's
+        make("r.json.notes@x.tmp").name,  # not a writer's name
+    }
+    assert files.remove_stale_temporaries(path) == [str(removed)]
+    assert set(os.listdir(tmp_path)) == keep

@@ -25,7 +25,6 @@ import io
 import json
 import math
 import os
-import threading
 import time
 import traceback
 from typing import Any
@@ -48,8 +47,10 @@ from cnnjax.utils.files import (
     check_directory_kind,
     check_output_dir,
     read_json,
+    remove_stale_temporaries,
     retire_error_log,
     save_figure,
+    temporary_path,
 )
 from cnnjax.utils.lock import LOCK_FILE, DirectoryInUseError, directory_lock, waiting_lock
 from cnnjax.utils.validation import check_choice, invalid
@@ -304,7 +305,8 @@ def _prepare_sweep_dir(
 def _create_new(path: str, text: str) -> bool:
     """Writes `text` to `path` only if no file is there, atomically (a complete file or none,
     whoever reads it); False if one is."""
-    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+    remove_stale_temporaries(path)  # a killed driver's temporary
+    temporary = temporary_path(path)
     try:
         atomic_write(temporary, text)
         try:

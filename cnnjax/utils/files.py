@@ -9,18 +9,29 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import IO, Any
+
+#: A temporary file a killed writer left is removed once it is this old (seconds) and its
+#: process is gone; the age also spares a live writer in another container with our hostname.
+STALE_TEMPORARY_SECONDS = 60.0
 
 
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
     """A temp file next to `path`, open for the block and renamed over `path` when it ends
     without an error (removed if it raises): readers never see a half-written file, and
-    concurrent writers each leave a complete one. The data and then the rename are fsynced, so
-    after a power loss or a host crash `path` holds the old or the new contents, not an empty
-    file (ext4/XFS may commit a rename before the data it points to)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    concurrent writers (processes or threads) each leave a complete one. The data and then the
+    rename are fsynced, so after a power loss or a host crash `path` holds the old or the new
+    contents, not an empty file (ext4/XFS may commit a rename before the data it points to).
+
+    The temp file is `<path>.<pid>-<thread>@<host>.tmp`; one a SIGKILLed writer on this host
+    left behind is removed the next time `path` is written (`remove_stale_temporaries`)."""
+    remove_stale_temporaries(path)
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -31,6 +42,56 @@ def atomic_file(path: str, mode: str = "w") -> Iterator[IO]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def temporary_path(path: str) -> str:
+    """`<path>.<pid>-<thread>@<host>.tmp`: this writer's own temp file for `path`, which
+    `remove_stale_temporaries` recognizes once its writer is gone."""
+    return f"{path}.{os.getpid()}-{threading.get_ident()}@{_host()}.tmp"
+
+
+def _host() -> str:
+    """This host's name as temp-file names carry it ('@' cannot occur in a hostname)."""
+    return socket.gethostname().replace("/", "_")
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Removes the temp files of `path` that `atomic_file` writers on this host left when they
+    were killed mid-write (SIGKILL, the OOM killer): their process is gone and the file is
+    older than `STALE_TEMPORARY_SECONDS`. Other hosts' files are left alone (their pids mean
+    nothing here). Returns the removed paths."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix, suffix = os.path.basename(path) + ".", f"@{_host()}.tmp"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix):-len(suffix)].split("-", 1)[0]
+        stale = os.path.join(directory, name)
+        try:
+            old = time.time() - os.path.getmtime(stale) > STALE_TEMPORARY_SECONDS
+        except OSError:  # removed meanwhile
+            continue
+        if pid.isdigit() and old and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+                removed.append(stale)
+    return removed
 
 
 def _fsync_directory(directory: str) -> None:
