@@ -167,6 +167,9 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
                     "message": (_interrupt_message(run, workdir)
                                 if isinstance(err, KeyboardInterrupt) and not str(err)
                                 else str(err)),
+                    # Ctrl-C: the steps trained (a sweep table's), not a checkpoint's
+                    **({"step": run.steps_finished} if isinstance(err, KeyboardInterrupt)
+                       and run is not None and run.steps_finished is not None else {}),
                     **_wall_times(run, started),
                 },
             )
@@ -249,8 +252,9 @@ def _latest_checkpoint_step(workdir: str) -> int | None:
 
 def _interrupt_message(run: _Run | None, workdir: str) -> str:
     """summary.json's message for a KeyboardInterrupt (Ctrl-C), which stops at once, without
-    a checkpoint of its own: where it stopped and what a rerun resumes from."""
-    at = f" at step {run.steps_done}" if run is not None and run.steps_done is not None else ""
+    a checkpoint of its own: the last finished step and what a rerun resumes from."""
+    at = (f" after step {run.steps_finished}"
+          if run is not None and run.steps_finished is not None else "")
     latest = _latest_checkpoint_step(workdir)
     resume = (f"resumes from the checkpoint of step {latest}" if latest is not None
               else "starts over (no checkpoint yet)")
@@ -500,7 +504,9 @@ class _Run:
         # Ctrl-C in setup) leaves a completed run's summary.json as it is; the error still
         # reaches the caller.
         self.training_started = False
-        self.steps_done: int | None = None  # the last step the loop ran (for a Ctrl-C message)
+        # The last step whose metrics reached the host, checked (a Ctrl-C's summary step);
+        # the loop dispatches one step ahead of it.
+        self.steps_finished: int | None = None
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
         self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
         # config.init_from's (variables, record), read by setup when the workdir has no
@@ -796,6 +802,7 @@ class _Run:
         # The steps since the last train log, continued across a resume from a checkpoint
         # between two log steps (older checkpoints: from the checkpoint's step).
         self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
+        self.steps_finished = start_step
         # A resumed run's last train record so far (summary.json's `final_train` when it logs
         # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
         self.last_train: dict = next(
@@ -806,7 +813,7 @@ class _Run:
         stopped: tuple[int, str] | None = None  # (step, signal) of a SIGTERM stop
         for step in range(start_step, total_steps):
             state, metrics = p_train(state, next(device_batches))
-            done = self.steps_done = step + 1
+            done = step + 1
             if pending is not None:  # host sync on the previous step keeps one step queued
                 self.record(*pending, logger, bar)
             pending = (done, metrics)
@@ -952,6 +959,7 @@ class _Run:
                 step, loss, hint=BATCH_STATS_HINT,
                 what=("the BatchNorm statistics (batch_stats: running mean/variance) became "
                       f"non-finite (NaN or inf) while the loss was {loss:.6g}"))
+        self.steps_finished = step
         self.clock.tick()
         self.window.append(host)
         logger.write_learning_rate(step, float(host["learning_rate"]))

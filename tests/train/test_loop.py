@@ -664,9 +664,11 @@ def test_ctrl_c_records_where_it_stopped_and_what_a_rerun_resumes_from(tmp_path,
         loop.train_and_evaluate(config, str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"] == "KeyboardInterrupt"
-    # step 5's metrics are fetched one step late, at step 6; the last checkpoint is step 4
-    assert summary["message"] == ("Interrupted (Ctrl-C) at step 6; rerunning the same command "
-                                  "resumes from the checkpoint of step 4.")
+    # step 5's metrics never reached the host (the loop had dispatched step 6); the last
+    # checkpoint is step 4. A sweep's table takes the step (it said 4 while this said "at 6").
+    assert summary["message"] == ("Interrupted (Ctrl-C) after step 4; rerunning the same "
+                                  "command resumes from the checkpoint of step 4.")
+    assert summary["step"] == 4
     monkeypatch.setattr(loop._Run, "record", record)
     assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 4
 
