@@ -208,14 +208,15 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
     check_directory_kind(spec.workdir, spec.entry_point.directory_kind, "workdir")
     if spec.entry == "sweep":
         from cnnjax.tune import space as space_lib
-        from cnnjax.tune.sweep import check_ranking, check_sweep_dir
+        from cnnjax.tune.sweep import check_ranking, check_sweep_dir, check_swept_fields_are_read
 
         base, sweep = loaded["config"], loaded["sweep"]
         metric, mode = check_ranking(base, sweep.get("metric"), sweep.get("mode"))
         space = space_lib.from_config(sweep)
         check_sweep_dir(spec.workdir, space, base, metric, mode)  # a rerun of another sweep
-        return {f"trial {t.index} {dict(t.overrides)}": config
-                for t, config in space_lib.trial_configs(base, space)}
+        trials = space_lib.trial_configs(base, space)
+        check_swept_fields_are_read(space, {t.trial_id: config for t, config in trials})
+        return {f"trial {t.index} {dict(t.overrides)}": config for t, config in trials}
     if spec.entry == "tune":
         from cnnjax.tune import space as space_lib
         from cnnjax.tune.recipe import check_tune, check_tune_dir

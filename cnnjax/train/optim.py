@@ -410,3 +410,55 @@ def check_optimization(config: Any) -> None:
     """Raises the ValueError `build_optimizer(config)` would (schedule included): builds both,
     which is pure Python (no tracing, no compilation), so config validation can call it."""
     build_optimizer(config)
+
+
+#: The `optimizer` fields each optimizer reads besides `_EVERY_OPTIMIZER_READS`.
+OPTIMIZER_READS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "nesterov"),
+    "adam": ("b1", "b2", "eps"),
+    "adamw": ("b1", "b2", "eps"),
+    "rmsprop": ("decay", "eps", "momentum", "nesterov"),
+}
+_EVERY_OPTIMIZER_READS = ("name", "learning_rate", "weight_decay", "grad_clip_norm")
+#: The `schedule` fields each schedule reads besides its `name` (`init_value` only when
+#: `warmup_steps` > 0: the rate a warmup starts from).
+SCHEDULE_READS: dict[str, tuple[str, ...]] = {
+    "constant": ("warmup_steps", "init_value"),
+    "piecewise": ("warmup_steps", "init_value", "boundaries", "decay_factor"),
+    "exponential": ("warmup_steps", "init_value", "transition_steps", "decay_rate", "staircase"),
+    "cosine": ("warmup_steps", "init_value", "alpha"),
+    "linear": ("warmup_steps", "init_value", "end_value"),
+    "warmup_cosine": ("warmup_steps", "init_value", "end_value"),
+    "one_cycle": ("pct_start", "div_factor", "final_div_factor"),
+}
+
+
+def unread_fields(config: Any) -> dict[str, str]:
+    """`{dotted field: why}` for each `optimizer.*` / `schedule.*` field of `config` that its
+    chosen optimizer and schedule do not read, so changing it changes nothing in the run (a
+    sweep over it trains the same network again); none for a group whose `name` is unknown."""
+    unread = {}
+    groups = (("optimizer", OPTIMIZER_READS, _EVERY_OPTIMIZER_READS),
+              ("schedule", SCHEDULE_READS, ("name",)))
+    for group, reads, every in groups:
+        cfg = config[group] if isinstance(config, dict) else getattr(config, group)
+        name = _get(cfg, "name", "sgd" if group == "optimizer" else "constant")
+        if not isinstance(name, str) or name not in reads:
+            continue  # an unknown name, which the builders' own check names
+        read = {*every, *reads[name]}
+        readers = {field: [n for n, fields in reads.items() if field in fields]
+                   for field in {f for fields in reads.values() for f in fields}}
+        for field in cfg:
+            if field not in read:
+                others = [repr(n) for n in readers.get(field, [])]
+                verb = "does" if len(others) == 1 else "do"
+                unread[f"{group}.{field}"] = f"{group} {name!r} does not read it" + (
+                    f" (only {' and '.join(others)} {verb})" if others else f" (no {group} does)")
+    schedule = config["schedule"] if isinstance(config, dict) else config.schedule
+    warmup = _get(schedule, "warmup_steps", 0)
+    if "schedule.init_value" not in unread and "init_value" in schedule and _get(
+            schedule, "name", "constant") in SCHEDULE_READS and not (
+            isinstance(warmup, numbers.Integral) and warmup > 0):
+        unread["schedule.init_value"] = ("it is the rate a warmup starts from, read only with "
+                                         "schedule.warmup_steps > 0")
+    return unread

@@ -29,6 +29,8 @@ import time
 import traceback
 from typing import Any
 
+from absl import logging
+
 from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE
@@ -38,6 +40,7 @@ from cnnjax.train.loop import (
     TrainingDivergedError,
     train_and_evaluate,
 )
+from cnnjax.train.optim import unread_fields
 from cnnjax.train.preemption import StopRequest, stop_if_pending
 from cnnjax.tune.diagnose import read_checked_metrics
 from cnnjax.tune.space import SearchSpace, Trial
@@ -254,7 +257,37 @@ def trial_configs(base_config: Any, space: SearchSpace) -> dict[str, Any]:
                 f"invalid config: {err}"
             ) from None
         configs[trial.trial_id] = config
+    check_swept_fields_are_read(space, configs)
     return configs
+
+
+def check_swept_fields_are_read(space: SearchSpace, configs: dict[str, Any]) -> None:
+    """Refuses a swept `optimizer.*`/`schedule.*` field that no trial's optimizer or schedule
+    reads (`momentum` under adam: every trial would train the same network), and logs the
+    trials that repeat another's training because they differ only in fields their own
+    optimizer/schedule ignores (a grid over `optimizer.name` x `optimizer.momentum`)."""
+    unread = {trial.trial_id: unread_fields(configs[trial.trial_id]) for trial in space.trials}
+    for field in space.fields:
+        reasons = {unread[trial.trial_id].get(field) for trial in space.trials}
+        if None not in reasons:
+            why = "; ".join(sorted(reasons))
+            raise invalid(_OWNER, "parameters", field,
+                          f"expected a field some trial reads: {why}, so every trial would "
+                          "train alike; sweep a field the chosen optimizer and schedule read, "
+                          "or sweep optimizer.name / schedule.name with it")
+    trainings: dict[str, list[Trial]] = {}
+    for trial in space.trials:
+        read = {f: v for f, v in trial.overrides.items() if f not in unread[trial.trial_id]}
+        trainings.setdefault(json.dumps(read, sort_keys=True, default=repr), []).append(trial)
+    repeats = [same for same in trainings.values() if len(same) > 1]
+    if repeats:
+        example = repeats[0]
+        ignored = sorted({f for t in example for f in t.overrides if f in unread[t.trial_id]})
+        logging.warning(
+            "sweep: %d of %d trials train the same network as another trial: they differ only "
+            "in fields their optimizer/schedule does not read, e.g. trials %s differ only in %s "
+            "(%s).", sum(len(s) - 1 for s in repeats), len(space.trials),
+            [t.index for t in example], ignored, unread[example[0].trial_id][ignored[0]])
 
 
 # ------------------------------------------------------------------------------ sweep.json

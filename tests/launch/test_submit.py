@@ -676,3 +676,25 @@ def test_a_config_files_own_error_is_one_line_naming_the_file():
     assert str(caught.value) == (
         f"launch: --config='{config}:bogus' is invalid; config: argument='bogus' is invalid; "
         "expected one of ['windows', 'selective_search'].")
+
+
+def test_a_sweep_over_a_field_the_optimizer_ignores_is_refused_before_submitting(tmp_path):
+    """Sweeping adam's momentum would queue an array job of identical trainings."""
+    path = tmp_path / "momentum_sweep.py"
+    path.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.metric, c.mode = 'grid', 0, 'top1', 'max'\n"
+        "    c.parameters = (choice('optimizer.momentum', (0.5, 0.9)),)\n"
+        "    return c\n")
+    refused = _submit(tmp_path, "--entry=sweep", f"--config={CONFIG}", f"--sweep={path}",
+                      f"--workdir={tmp_path / 'sweep'}", "--dry_run", "--",
+                      "--config.optimizer.name=adam")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: launch: the job would fail at start: sweep: parameters='optimizer.momentum' "
+        "is invalid; expected a field some trial "
+        "reads: optimizer 'adam' does not read it (only 'sgd' and 'rmsprop' do), so every trial "
+        "would train alike; sweep a field the chosen optimizer and schedule read, or sweep "
+        "optimizer.name / schedule.name with it.")
+    assert "#SBATCH" not in refused.stdout and not (tmp_path / "sweep").exists()

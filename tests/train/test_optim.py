@@ -8,7 +8,14 @@ import optax
 import pytest
 
 from cnnjax.train.config import default_config
-from cnnjax.train.optim import build_optimizer, build_schedule, weight_decay_mask
+from cnnjax.train.optim import (
+    OPTIMIZER_READS,
+    SCHEDULE_READS,
+    build_optimizer,
+    build_schedule,
+    unread_fields,
+    weight_decay_mask,
+)
 
 STEPS = (0, 1, 7, 30, 55, 99, 100)
 
@@ -584,3 +591,72 @@ def test_plain_dict_config_is_accepted():
         }
     )
     np.testing.assert_allclose(build_schedule(config)(5), 5e-4, rtol=1e-6)
+
+
+# A value each field can take that differs from `_READ_BASE`'s and that its readers accept.
+_OPTIMIZER_CHANGES = {"momentum": 0.5, "nesterov": True, "b1": 0.5, "b2": 0.9, "eps": 0.1,
+                      "decay": 0.5, "weight_decay": 0.1, "grad_clip_norm": 0.5,
+                      "learning_rate": 0.05}
+_SCHEDULE_CHANGES = {"warmup_steps": 10, "init_value": 0.01, "boundaries": (60,),
+                     "decay_factor": 0.5, "transition_steps": 10, "decay_rate": 0.5,
+                     "staircase": True, "alpha": 0.1, "end_value": 0.01, "pct_start": 0.5,
+                     "div_factor": 10.0, "final_div_factor": 100.0}
+
+
+def _read_base(schedule="constant", optimizer="sgd"):
+    """A config in which every field matters to the optimizer/schedule that reads it (momentum
+    for Nesterov, a boundary for decay_factor, a warmup for init_value)."""
+    config = _config(schedule, optimizer)
+    config.optimizer.momentum = 0.9
+    if schedule == "piecewise":
+        config.schedule.boundaries = (30,)
+    if schedule != "one_cycle":
+        config.schedule.warmup_steps = 5
+    return config
+
+
+def _outcome(config, what):
+    """The trained params (optimizer) or the rates at every step (schedule), or 'refused'."""
+    try:
+        if what == "optimizer":
+            return np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+                _run(build_optimizer(config)))])
+        schedule = build_schedule(config)
+        return np.array([schedule(s) for s in range(config.num_train_steps + 1)])
+    except ValueError:
+        return "refused"
+
+
+@pytest.mark.parametrize("group,reads,changes", [
+    ("optimizer", OPTIMIZER_READS, _OPTIMIZER_CHANGES),
+    ("schedule", SCHEDULE_READS, _SCHEDULE_CHANGES),
+])
+def test_unread_fields_are_exactly_those_whose_change_changes_nothing(group, reads, changes):
+    """The read tables behind the sweep's refusal, checked against the builders: changing a
+    field listed as read changes the trained params (or the rates); changing an unread one
+    leaves them bitwise equal or is refused by the builder."""
+    assert set(changes) >= set(default_config()[group]) - {"name"}
+    for name in reads:
+        base = _read_base(**{group: name})
+        unread = unread_fields(base)
+        want = _outcome(base, group)
+        for field, value in changes.items():
+            changed = _read_base(**{group: name})
+            changed[group][field] = value
+            got = _outcome(changed, group)
+            if f"{group}.{field}" in unread:
+                assert isinstance(got, str) or np.array_equal(got, want), (name, field)
+            else:
+                assert not isinstance(got, str), (name, field)
+                assert not np.array_equal(got, want), (name, field)
+
+
+def test_init_value_is_unread_without_a_warmup():
+    config = _config("cosine")
+    assert "schedule.init_value" in unread_fields(config)
+    config.schedule.warmup_steps = 5
+    assert "schedule.init_value" not in unread_fields(config)
+    assert unread_fields(_config("cosine", "adam"))["optimizer.momentum"] == (
+        "optimizer 'adam' does not read it (only 'sgd' and 'rmsprop' do)")
+    # an unknown name is the builders' to refuse: no field of its group is called unread
+    assert not any(f.startswith("optimizer.") for f in unread_fields(_config("cosine", "sgdd")))

@@ -942,3 +942,44 @@ def test_detection_and_segmentation_records_rank_on_their_metrics(tmp_path):
                                          + re.escape(path) + r" line 2 \(eval record of step "
                                          r"5\) holds it, expected a fraction in \[0, 1\]"):
         sw.trial_result(str(tmp_path / "seg"), trial, "miou", "max")
+
+
+def test_a_swept_field_no_trial_reads_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    """A sweep over adam's momentum trained the same network once per value."""
+    helpers.install_fake_pipeline(monkeypatch)
+    base = helpers.tiny_config()
+    base.optimizer.name = "adam"
+    space = sp.grid({"optimizer.momentum": [0.5, 0.9]})
+    with pytest.raises(ValueError, match=re.escape(
+            "sweep: parameters='optimizer.momentum' is invalid; expected a field some trial "
+            "reads: optimizer 'adam' does not read it (only 'sgd' and 'rmsprop' do), so every "
+            "trial would train alike")):
+        sw.run_sweep(base, space, str(tmp_path / "sweep"), verbose=False)
+    assert not (tmp_path / "sweep").exists()
+    base.schedule.name = "cosine"
+    with pytest.raises(ValueError, match=re.escape(
+            "schedule.decay_rate' is invalid; expected a field some trial reads: schedule "
+            "'cosine' does not read it (only 'exponential' does), so")):
+        sw.trial_configs(base, sp.grid({"schedule.decay_rate": [0.5, 0.1]}))
+    # read by some trials: allowed (the others repeat a training, which is logged)
+    sw.trial_configs(base, sp.grid({"schedule.name": ["cosine", "exponential"],
+                                    "schedule.decay_rate": [0.5, 0.1]}))
+
+
+def test_trials_that_repeat_another_training_are_named_in_a_warning(monkeypatch):
+    helpers.install_fake_pipeline(monkeypatch)
+    base = helpers.tiny_config()
+    space = sp.grid({"optimizer.name": ["sgd", "adam"], "optimizer.b1": [0.8, 0.9],
+                     "optimizer.momentum": [0.5, 0.9]})
+    warnings = []
+    monkeypatch.setattr(sw.logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    configs = sw.trial_configs(base, space)
+    assert len(configs) == 8
+    # sgd ignores b1 (trials 0-3: two trainings), adam ignores momentum (4-7: two)
+    assert warnings == [
+        "sweep: 4 of 8 trials train the same network as another trial: they differ only in "
+        "fields their optimizer/schedule does not read, e.g. trials [0, 2] differ only in "
+        "['optimizer.b1'] (optimizer 'sgd' does not read it (only 'adam' and 'adamw' do))."]
+    warnings.clear()
+    sw.trial_configs(base, sp.grid({"optimizer.name": ["sgd", "adam"]}))
+    assert warnings == []
