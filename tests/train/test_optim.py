@@ -621,8 +621,8 @@ def _outcome(config, what):
         if what == "optimizer":
             return np.concatenate([np.ravel(x) for x in jax.tree.leaves(
                 _run(build_optimizer(config)))])
-        schedule = build_schedule(config)
-        return np.array([schedule(s) for s in range(config.num_train_steps + 1)])
+        steps = jnp.arange(config.num_train_steps + 1)
+        return np.asarray(jax.vmap(build_schedule(config))(steps))
     except ValueError:
         return "refused"
 
