@@ -1,5 +1,5 @@
-"""CNN building blocks in NHWC: convolutions, pooling, RoI ops, local response normalization and
-stochastic depth."""
+"""CNN building blocks in NHWC: convolutions, pooling, RoI ops, local response normalization,
+stochastic depth and a fully connected layer whose bias gradient sums in float32."""
 
 from cnnjax.layers.conv import (
     Conv2D,
@@ -9,6 +9,7 @@ from cnnjax.layers.conv import (
     bilinear_kernel_1d,
     bilinear_upsample_init,
 )
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.padding import PADDING_MODES, pad_nhwc
 from cnnjax.layers.pooling import (
@@ -27,6 +28,7 @@ __all__ = [
     "PADDING_MODES",
     "Conv2D",
     "ConvTranspose2D",
+    "Dense",
     "DropPath",
     "LocalResponseNorm",
     "LocallyConnected2D",

@@ -209,7 +209,7 @@ def add_bias(y: Array, bias: Array) -> Array:
     return (y.astype(wide) + bias.astype(wide)).astype(y.dtype)
 
 
-def _promote_with_wide_bias(*args: Any, dtype: Any = None, inexact: bool = True) -> list:
+def promote_with_wide_bias(*args: Any, dtype: Any = None, inexact: bool = True) -> list:
     """flax's `promote_dtype` for `nn.Conv`/`nn.ConvLocal`, except that the bias comes back
     widened to at least float32 (after rounding to the compute dtype, as flax rounds it): the
     layer's `y += bias` then runs in float32 and its gradient sums in float32 (see `add_bias`);
@@ -220,7 +220,7 @@ def _promote_with_wide_bias(*args: Any, dtype: Any = None, inexact: bool = True)
     return [inputs, kernel, bias]
 
 
-def _output_dtype(module: nn.Module, x: Array) -> Any:
+def output_dtype(module: nn.Module, x: Array) -> Any:
     """The dtype flax's `promote_dtype` computes a conv in: `dtype`, else that of the input and
     the parameters together."""
     if module.dtype is not None:
@@ -283,7 +283,7 @@ class Conv2D(nn.Module):
             feature_group_count=self.groups, use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=self.param_dtype, precision=self.precision,
             kernel_init=self.kernel_init, bias_init=self.bias_init,
-            promote_dtype=_promote_with_wide_bias,
+            promote_dtype=promote_with_wide_bias,
         )
         nn.share_scope(self, self.conv)  # params stay `kernel`/`bias` of this module
 
@@ -296,7 +296,7 @@ class Conv2D(nn.Module):
         _check_input_groups(owner, x, self.groups)
         if geo.mode != "zeros":
             x = pad_nhwc(x, pads, geo.mode, owner=owner)
-        return self.conv(x).astype(_output_dtype(self, x))
+        return self.conv(x).astype(output_dtype(self, x))
 
 
 class LocallyConnected2D(nn.Module):
@@ -342,7 +342,7 @@ class LocallyConnected2D(nn.Module):
             padding=_flax_padding(geo), kernel_dilation=geo.dilation, use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
             kernel_init=self.kernel_init, bias_init=self.bias_init,
-            promote_dtype=_promote_with_wide_bias,
+            promote_dtype=promote_with_wide_bias,
         )
         nn.share_scope(self, self.conv)
 
@@ -356,7 +356,7 @@ class LocallyConnected2D(nn.Module):
         self._check_input_matches_parameters(x, out, geo.kernel)
         if geo.mode != "zeros":
             x = pad_nhwc(x, pads, geo.mode, owner=owner)
-        return self.conv(x).astype(_output_dtype(self, x))
+        return self.conv(x).astype(output_dtype(self, x))
 
     def _check_input_matches_parameters(self, x: Array, out: tuple[int, int],
                                         kernel: tuple[int, int]) -> None:

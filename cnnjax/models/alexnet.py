@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import build_variant, check_call, register_model
@@ -80,7 +81,7 @@ def _check_five(owner: str, arg: str, value: Any) -> tuple[int, ...]:
 
 def _classifier(module: nn.Module, x: Array, train: bool, dropout_before_fc: bool) -> Array:
     """fc6 and fc7 (ReLU, dropout) of AlexNet-family nets; returns the head's input."""
-    dense = functools.partial(nn.Dense, dtype=module.dtype, kernel_init=dense_kernel_init)
+    dense = functools.partial(Dense, dtype=module.dtype, kernel_init=dense_kernel_init)
     x = flatten(x)
     for name in ("fc6", "fc7"):
         if dropout_before_fc:
@@ -164,7 +165,7 @@ class AlexNet(nn.Module):
             x = adaptive_avg_pool2d(x, self.pool_size)
         x = _classifier(self, x, train, self.dropout_before_fc)
         features["pre_logits"] = x
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
+        logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
                           name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits
@@ -218,7 +219,7 @@ class ZFNet(nn.Module):
 
         x = _classifier(self, x, train, dropout_before_fc=False)
         features["pre_logits"] = x
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
+        logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
                           name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits

@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import build_variant, check_call, register_model
 from cnnjax.models.resnet import batch_norm
@@ -308,7 +309,7 @@ class DenseNet(nn.Module):
         x = self.act(norm(name="bn_final")(x))
         x = jnp.mean(x, axis=(1, 2))
         features["pre_logits"] = x
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        logits = Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits
 

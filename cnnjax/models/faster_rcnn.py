@@ -51,6 +51,7 @@ from cnnjax.detection.postprocess import Detections, batched_nms, check_detectio
 from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.roi import check_sample_positions, check_valid_boxes, roi_align
 from cnnjax.models.registry import check_call, check_images, check_train, register_model
 from cnnjax.models.vgg import VGGFeatures, check_stages
@@ -93,11 +94,11 @@ class BoxHead(nn.Module):
         """`(logits [R, C + 1], deltas [R, C + 1, 4])` of pooled RoIs `[R, h, w, C]`, and fc7
         `[R, features]` after them with `return_fc7`."""
         x = pooled.reshape(pooled.shape[0], math.prod(pooled.shape[1:]))  # R may be 0
-        x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc6")(x))
-        x = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="fc7")(x))
-        logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
+        x = nn.relu(Dense(self.features, dtype=self.dtype, name="fc6")(x))
+        x = nn.relu(Dense(self.features, dtype=self.dtype, name="fc7")(x))
+        logits = Dense(self.num_classes + 1, dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.01), name="class_logits")(x)
-        deltas = nn.Dense(4 * (self.num_classes + 1), dtype=self.dtype,
+        deltas = Dense(4 * (self.num_classes + 1), dtype=self.dtype,
                           kernel_init=nn.initializers.normal(0.001), name="box_deltas")(x)
         out = (logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(
             x.shape[0], self.num_classes + 1, 4))

@@ -70,6 +70,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool, max_pool2d
 from cnnjax.models.registry import check_call, register_model
@@ -201,7 +202,7 @@ class InceptionAux(nn.Module):
         x = nn.relu(Conv2D(128, 1, dtype=self.dtype, kernel_init=caffe_xavier_init,
                            bias_init=caffe_bias_init, name="conv")(x))
         x = flatten(x)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=caffe_xavier_init)
+        dense = functools.partial(Dense, dtype=self.dtype, kernel_init=caffe_xavier_init)
         x = nn.relu(dense(1024, bias_init=caffe_bias_init, name="fc")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return jnp.asarray(dense(self.num_classes, name="head")(x), jnp.float32)
@@ -275,12 +276,12 @@ class GoogLeNet(nn.Module):
 def _classify(module: nn.Module, x: Array, features: dict[str, Array], aux: tuple,
               train: bool, return_features: bool, **head_kwargs: Any) -> Any:
     """Both GoogLeNets' end, called from their `__call__`: global average pool, dropout and the
-    linear `head` (`head_kwargs`, e.g. its `kernel_init`, go to its `nn.Dense`); with
+    linear `head` (`head_kwargs`, e.g. its `kernel_init`, go to its `Dense`); with
     `aux_logits`, in training, the auxiliary heads' logits too."""
     x = global_avg_pool(x)
     features["pre_logits"] = x
     x = nn.Dropout(module.dropout_rate, deterministic=not train)(x)
-    logits = jnp.asarray(nn.Dense(module.num_classes, dtype=module.dtype, name="head",
+    logits = jnp.asarray(Dense(module.num_classes, dtype=module.dtype, name="head",
                                   **head_kwargs)(x), jnp.float32)
     if module.aux_logits and train:
         logits = GoogLeNetOutputs(logits, *aux)
@@ -353,9 +354,9 @@ class InceptionAuxBN(nn.Module):
         x = adaptive_avg_pool2d(x, 4)
         x = BasicConv2d(128, 1, dtype=self.dtype, axis_name=self.axis_name, name="conv")(x, train)
         x = flatten(x)
-        x = nn.relu(nn.Dense(1024, dtype=self.dtype, name="fc")(x))
+        x = nn.relu(Dense(1024, dtype=self.dtype, name="fc")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
+        return jnp.asarray(Dense(self.num_classes, dtype=self.dtype, name="head")(x),
                            jnp.float32)
 
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.layers.conv import Conv2D, add_bias
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.pooling import avg_pool2d
 from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.vgg import flatten
@@ -176,8 +177,8 @@ class LeNet5(nn.Module):
         features["s4"] = x = self._subsample(x, "s4")
         features["c5"] = x = act(Conv2D(120, 5, dtype=self.dtype, name="c5")(x))
         x = flatten(x)
-        features["pre_logits"] = x = act(nn.Dense(84, dtype=self.dtype, name="f6")(x))
-        logits = jnp.asarray(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x),
+        features["pre_logits"] = x = act(Dense(84, dtype=self.dtype, name="f6")(x))
+        logits = jnp.asarray(Dense(self.num_classes, dtype=self.dtype, name="head")(x),
                              jnp.float32)
         return (logits, features) if return_features else logits
 

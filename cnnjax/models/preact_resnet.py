@@ -44,6 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.resnet import batch_norm, conv_kernel_init
@@ -309,7 +310,7 @@ class PreActResNet(nn.Module):
         x = self.act(norm(name="bn_final")(x))
         x = jnp.mean(x, axis=(1, 2))
         features["pre_logits"] = x
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        logits = Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits
 

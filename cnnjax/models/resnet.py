@@ -31,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
 from cnnjax.models.registry import build_variant, check_call, register_model
@@ -366,7 +367,7 @@ class ResNet(nn.Module):
 
         x = jnp.mean(x, axis=(1, 2))
         features["pre_logits"] = x
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        logits = Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits
 

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.regularization import stochastic_depth_rates
 from cnnjax.models.registry import check_call, register_model
 from cnnjax.models.resnet import (
@@ -121,7 +122,7 @@ class CifarResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         features["pre_logits"] = x
         logits = jnp.asarray(
-            nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x), jnp.float32
+            Dense(self.num_classes, dtype=self.dtype, name="head")(x), jnp.float32
         )
         return (logits, features) if return_features else logits
 

@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import check_call, register_model
@@ -234,7 +235,7 @@ class VGG(nn.Module):
         if self.pool_size is not None:
             x = adaptive_avg_pool2d(x, self.pool_size)
         x = flatten(x)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=dense_kernel_init)
+        dense = functools.partial(Dense, dtype=self.dtype, kernel_init=dense_kernel_init)
         for name in ("fc6", "fc7"):
             x = nn.relu(dense(self.hidden_features, name=name)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -41,6 +41,7 @@ from cnnjax.detection.yolo import (
     yolo_v1_targets,
 )
 from cnnjax.layers.conv import Conv2D
+from cnnjax.layers.dense import Dense
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import check_call, check_train, register_model
 from cnnjax.models.vgg import check_dropout_rate, flatten
@@ -170,12 +171,12 @@ class YOLOv1(nn.Module):
             x = nn.leaky_relu(x, self.negative_slope)
         features["trunk"] = x
         x = flatten(x)
-        x = nn.Dense(self.hidden_features, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.hidden_features, dtype=self.dtype, name="fc1")(x)
         x = nn.leaky_relu(x, self.negative_slope)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         features["pre_logits"] = x
         s = self.grid_size
-        x = nn.Dense(s * s * self.cell_outputs, dtype=self.dtype, name="head")(x)
+        x = Dense(s * s * self.cell_outputs, dtype=self.dtype, name="head")(x)
         out = x.reshape(x.shape[0], s, s, self.cell_outputs).astype(jnp.float32)
         return (out, features) if return_features else out
 
