@@ -37,9 +37,12 @@ def _bfloat16_sums(jaxpr, found):
 @pytest.mark.parametrize("name, kwargs, size", [
     ("lenet5", {}, 32), ("lenet5", {"subsampling": "trainable", "c3_table": "paper"}, 32),
     ("alexnet", {}, 63), ("vgg11", {}, 32), ("nin_cifar", {}, 32), ("googlenet", {}, 47),
-    ("fcn8s_vgg16", {}, 64), ("faster_rcnn_small", {}, 128),
+    ("fcn8s_vgg16", {}, 64), ("faster_rcnn_small", {}, 128), ("resnet20_cifar", {}, 32),
+    ("preact_resnet110_cifar", {}, 32), ("densenet40_cifar", {}, 32),
+    ("yolo_v1_small", {}, 64),
 ], ids=["lenet5", "lenet5-paper", "alexnet", "vgg11", "nin_cifar", "googlenet", "fcn8s_vgg16",
-        "faster_rcnn_small"])
+        "faster_rcnn_small", "resnet20_cifar", "preact_resnet110_cifar", "densenet40_cifar",
+        "yolo_v1_small"])
 def test_no_bfloat16_sum_over_a_map_in_the_gradient(name, kwargs, size):
     """LeNet-5's paper options (trainable subsampling's coefficient and bias, the C3 table's
     bias) summed over the map in bfloat16 too (their 2 x 14 x 14 and 2 x 10 x 10 sums), and
