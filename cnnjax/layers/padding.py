@@ -97,4 +97,10 @@ def pad_nhwc(
             )
     if pads == ((0, 0), (0, 0)):
         return x
-    return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)), mode=_JNP_MODES[mode])
+    widths = ((0, 0), pads[0], pads[1], (0, 0))
+    if mode != "zeros" and jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        # The gradient of a repeated pixel sums the cotangent of its copies ((p + 1)^2 at a
+        # replicate corner): in bfloat16 that sum ran 1.3% low at pad 9. Padded in float32 (the
+        # values are exact), the sum is float32 and rounds to bfloat16 once.
+        return jnp.pad(x.astype(jnp.float32), widths, mode=_JNP_MODES[mode]).astype(x.dtype)
+    return jnp.pad(x, widths, mode=_JNP_MODES[mode])

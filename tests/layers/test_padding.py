@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -159,3 +160,28 @@ def test_reflect_leaves_an_unpadded_empty_axis_alone():
     with pytest.raises(ValueError, match=r"MyLayer: padding=\(1, 0\) is invalid; reflect padding "
                                          r"must be smaller than the input height 0"):
         pad_nhwc(x, (1, 0), "reflect", owner="MyLayer")
+
+
+@pytest.mark.parametrize("mode", ["replicate", "circular", "reflect"])
+def test_bfloat16_gradient_sums_the_copies_in_float32(mode):
+    """A replicate corner's gradient sums (pad + 1)^2 cotangents: at pad 9, 100 bfloat16 terms
+    summed in bfloat16 were 1.3% off. Now each is the float64 sum rounded to bfloat16 once."""
+    pad = 9 if mode != "reflect" else 3
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 4, 2)), jnp.bfloat16)
+    padded_shape = (1, 4 + 2 * pad, 4 + 2 * pad, 2)
+    cotangent = np.random.default_rng(1).uniform(0.5, 1.5, padded_shape).astype(ml_dtypes.bfloat16)
+    grad = jax.grad(lambda v: jnp.sum(pad_nhwc(v, pad, mode).astype(jnp.float32)
+                                      * jnp.asarray(cotangent, jnp.float32)))(x)
+    assert grad.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(pad_nhwc(x, pad, mode)),
+                          np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                                 mode={"replicate": "edge", "circular": "wrap",
+                                       "reflect": "reflect"}[mode]))
+    # float64 reference: the transpose of the same padding, summed exactly
+    with jax.enable_x64(True):
+        exact = np.asarray(jax.vjp(lambda v: pad_nhwc(v, pad, mode),
+                                   jnp.zeros((1, 4, 4, 2), jnp.float64))[1](
+                                       jnp.asarray(cotangent, jnp.float64))[0])
+    want = exact.astype(ml_dtypes.bfloat16).astype(np.float64)
+    ulp = np.spacing(np.abs(exact).astype(ml_dtypes.bfloat16)).astype(np.float64)
+    assert np.all(np.abs(np.asarray(grad, np.float64) - want) <= ulp)
