@@ -210,10 +210,10 @@ def add_bias(y: Array, bias: Array) -> Array:
 
 
 def promote_with_wide_bias(*args: Any, dtype: Any = None, inexact: bool = True) -> list:
-    """flax's `promote_dtype` for `nn.Conv`/`nn.ConvLocal`, except that the bias comes back
-    widened to at least float32 (after rounding to the compute dtype, as flax rounds it): the
-    layer's `y += bias` then runs in float32 and its gradient sums in float32 (see `add_bias`);
-    the wrapping layer casts the output back to the compute dtype."""
+    """flax's `promote_dtype` for `nn.Conv`/`nn.ConvLocal`/`nn.Dense`, except that the bias
+    comes back widened to at least float32 (after rounding to the compute dtype, as flax rounds
+    it): the layer's `y += bias` then runs in float32 and its gradient sums in float32 (see
+    `add_bias`); the wrapping layer casts the output back to the compute dtype."""
     inputs, kernel, bias = promote_dtype(*args, dtype=dtype, inexact=inexact)
     if bias is not None:
         bias = bias.astype(jnp.promote_types(bias.dtype, jnp.float32))
@@ -221,8 +221,8 @@ def promote_with_wide_bias(*args: Any, dtype: Any = None, inexact: bool = True) 
 
 
 def output_dtype(module: nn.Module, x: Array) -> Any:
-    """The dtype flax's `promote_dtype` computes a conv in: `dtype`, else that of the input and
-    the parameters together."""
+    """The dtype flax's `promote_dtype` computes a layer (conv or dense) in: `dtype`, else that
+    of the input and the parameters together."""
     if module.dtype is not None:
         return jnp.dtype(module.dtype)
     return jnp.dtype(jnp.result_type(x.dtype, module.param_dtype))

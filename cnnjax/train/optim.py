@@ -222,13 +222,37 @@ def _warmup_cosine(sched: Any, lr: float, total: int, warmup: int) -> optax.Sche
     )
 
 
+#: The `optimizer` fields each optimizer reads besides `_EVERY_OPTIMIZER_READS`.
+OPTIMIZER_READS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "nesterov"),
+    "adam": ("b1", "b2", "eps"),
+    "adamw": ("b1", "b2", "eps"),
+    "rmsprop": ("decay", "eps", "momentum", "nesterov"),
+}
+_EVERY_OPTIMIZER_READS = ("name", "learning_rate", "weight_decay", "grad_clip_norm")
+#: The `schedule` fields each schedule reads besides its `name` (`init_value` only when
+#: `warmup_steps` > 0: the rate a warmup starts from).
+SCHEDULE_READS: dict[str, tuple[str, ...]] = {
+    "constant": ("warmup_steps", "init_value"),
+    "piecewise": ("warmup_steps", "init_value", "boundaries", "decay_factor"),
+    "exponential": ("warmup_steps", "init_value", "transition_steps", "decay_rate", "staircase"),
+    "cosine": ("warmup_steps", "init_value", "alpha"),
+    "linear": ("warmup_steps", "init_value", "end_value"),
+    "warmup_cosine": ("warmup_steps", "init_value", "end_value"),
+    "one_cycle": ("pct_start", "div_factor", "final_div_factor"),
+}
+
+
+def _readers(reads: dict[str, tuple[str, ...]], field: str) -> tuple[str, ...]:
+    """The choices in `reads` (`OPTIMIZER_READS` or `SCHEDULE_READS`) that read `field`."""
+    return tuple(name for name, fields in reads.items() if field in fields)
+
+
 #: The schedule fields that set where the rate starts or ends, and the schedules that read them
 #: (`init_value` only with a warmup: optax's warmup_cosine starts at the peak without one): a
 #: non-zero one the chosen schedule would ignore is refused, not silently dropped.
 _ENDPOINT_READERS: dict[str, tuple[str, ...]] = {
-    "alpha": ("cosine",),
-    "end_value": ("linear", "warmup_cosine"),
-    "init_value": ("constant", "piecewise", "exponential", "cosine", "linear", "warmup_cosine"),
+    field: _readers(SCHEDULE_READS, field) for field in ("alpha", "end_value", "init_value")
 }
 _ENDPOINT_HINTS = {
     "alpha": "the cosine floor as a fraction of the peak",
@@ -412,27 +436,6 @@ def check_optimization(config: Any) -> None:
     build_optimizer(config)
 
 
-#: The `optimizer` fields each optimizer reads besides `_EVERY_OPTIMIZER_READS`.
-OPTIMIZER_READS: dict[str, tuple[str, ...]] = {
-    "sgd": ("momentum", "nesterov"),
-    "adam": ("b1", "b2", "eps"),
-    "adamw": ("b1", "b2", "eps"),
-    "rmsprop": ("decay", "eps", "momentum", "nesterov"),
-}
-_EVERY_OPTIMIZER_READS = ("name", "learning_rate", "weight_decay", "grad_clip_norm")
-#: The `schedule` fields each schedule reads besides its `name` (`init_value` only when
-#: `warmup_steps` > 0: the rate a warmup starts from).
-SCHEDULE_READS: dict[str, tuple[str, ...]] = {
-    "constant": ("warmup_steps", "init_value"),
-    "piecewise": ("warmup_steps", "init_value", "boundaries", "decay_factor"),
-    "exponential": ("warmup_steps", "init_value", "transition_steps", "decay_rate", "staircase"),
-    "cosine": ("warmup_steps", "init_value", "alpha"),
-    "linear": ("warmup_steps", "init_value", "end_value"),
-    "warmup_cosine": ("warmup_steps", "init_value", "end_value"),
-    "one_cycle": ("pct_start", "div_factor", "final_div_factor"),
-}
-
-
 def unread_fields(config: Any) -> dict[str, str]:
     """`{dotted field: why}` for each `optimizer.*` / `schedule.*` field of `config` that its
     chosen optimizer and schedule do not read, so changing it changes nothing in the run (a
@@ -441,24 +444,20 @@ def unread_fields(config: Any) -> dict[str, str]:
     groups = (("optimizer", OPTIMIZER_READS, _EVERY_OPTIMIZER_READS),
               ("schedule", SCHEDULE_READS, ("name",)))
     for group, reads, every in groups:
-        cfg = config[group] if isinstance(config, dict) else getattr(config, group)
+        cfg = config[group]
         name = _get(cfg, "name", "sgd" if group == "optimizer" else "constant")
         if not isinstance(name, str) or name not in reads:
             continue  # an unknown name, which the builders' own check names
         read = {*every, *reads[name]}
-        readers = {field: [n for n, fields in reads.items() if field in fields]
-                   for field in {f for fields in reads.values() for f in fields}}
         for field in cfg:
             if field not in read:
-                others = [repr(n) for n in readers.get(field, [])]
+                others = [repr(n) for n in _readers(reads, field)]
                 verb = "does" if len(others) == 1 else "do"
                 unread[f"{group}.{field}"] = f"{group} {name!r} does not read it" + (
                     f" (only {' and '.join(others)} {verb})" if others else f" (no {group} does)")
-    schedule = config["schedule"] if isinstance(config, dict) else config.schedule
-    warmup = _get(schedule, "warmup_steps", 0)
-    if "schedule.init_value" not in unread and "init_value" in schedule and _get(
-            schedule, "name", "constant") in SCHEDULE_READS and not (
-            isinstance(warmup, numbers.Integral) and warmup > 0):
-        unread["schedule.init_value"] = ("it is the rate a warmup starts from, read only with "
-                                         "schedule.warmup_steps > 0")
+        warmup = _get(cfg, "warmup_steps", 0)
+        if "init_value" in cfg and "init_value" in read and not (
+                isinstance(warmup, numbers.Integral) and warmup > 0):
+            unread[f"{group}.init_value"] = ("it is the rate a warmup starts from, read only "
+                                             "with schedule.warmup_steps > 0")
     return unread
