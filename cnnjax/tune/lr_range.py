@@ -192,23 +192,27 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
                   "model": run_config.model, "dataset": checked.data_info.name,
                   "config": flat, "outputs": _outputs(workdir)}
         started = time.time()
-        try:
-            record |= _train(run_config, checked, schedule, settings, teacher)
-        except BaseException as err:  # recorded (a rerun redoes it), then raised
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            record |= {"status": status, "stop": {"reason": status,
-                                                  "step": getattr(err, "step", None),
-                                                  "message": f"{type(err).__name__}: {err}"},
-                       "wall_time_s": time.time() - started}
+        # Held past the ramp's own handler: a SIGTERM while the record and plot are written
+        # stays pending (as after a training run's last poll) instead of killing the process
+        # with the finished test unrecorded.
+        with StopRequest():
+            try:
+                record |= _train(run_config, checked, schedule, settings, teacher)
+            except BaseException as err:  # recorded (a rerun redoes it), then raised
+                status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                record |= {"status": status, "stop": {"reason": status,
+                                                      "step": getattr(err, "step", None),
+                                                      "message": f"{type(err).__name__}: {err}"},
+                           "wall_time_s": time.time() - started}
+                if is_primary:
+                    write_json(os.path.join(workdir, RECORD_FILE), record)
+                if isinstance(err, TrainingInterrupted):  # it exits 143: say why, as training does
+                    logging.warning("LR range test: %s", err)
+                raise
+            record["wall_time_s"] = time.time() - started
             if is_primary:
+                plot(record, os.path.join(workdir, PLOT_FILE))
                 write_json(os.path.join(workdir, RECORD_FILE), record)
-            if isinstance(err, TrainingInterrupted):  # it exits 143: say why, as training does
-                logging.warning("LR range test: %s", err)
-            raise
-        record["wall_time_s"] = time.time() - started
-        if is_primary:
-            plot(record, os.path.join(workdir, PLOT_FILE))
-            write_json(os.path.join(workdir, RECORD_FILE), record)
     return record
 
 

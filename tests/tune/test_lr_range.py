@@ -176,6 +176,41 @@ def test_a_sigterm_is_recorded_as_interrupted_and_a_rerun_redoes_the_test(fake_e
     assert lr_range.run_lr_range(_config(), workdir, **SETTINGS)["status"] in lr_range.FINISHED
 
 
+def test_a_sigterm_while_the_finished_record_is_written_stays_pending(fake_engine, tmp_path,
+                                                                      monkeypatch):
+    """A SIGTERM in the moment between the ramp's last step and lr_range.json used to reach
+    the process's own handler (by default: killed, the finished test unrecorded, a rerun
+    redoing it). It is now held like one after a training run's last poll: the record is
+    written and the signal stays pending, so a tune's next round stops before it trains."""
+    import signal
+
+    from cnnjax.train import preemption
+
+    def reached_the_outer_handler(signum, frame):
+        raise AssertionError("the SIGTERM reached the handler outside run_lr_range")
+
+    real_plot = lr_range.plot
+
+    def term_then_plot(record, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_plot(record, path)
+
+    monkeypatch.setattr(lr_range, "plot", term_then_plot)
+    workdir = str(tmp_path / "run")
+    previous = signal.signal(signal.SIGTERM, reached_the_outer_handler)
+    try:
+        record = lr_range.run_lr_range(_config(), workdir, **SETTINGS)
+        assert signal.getsignal(signal.SIGTERM) is reached_the_outer_handler  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pending = preemption.take_pending()
+    assert pending == "SIGTERM"
+    assert record["status"] in lr_range.FINISHED
+    with open(os.path.join(workdir, lr_range.RECORD_FILE)) as f:
+        assert json.load(f)["status"] == record["status"]
+    assert os.path.exists(os.path.join(workdir, lr_range.PLOT_FILE))
+
+
 def test_rerun_with_the_same_settings_returns_the_record_untouched(ramp, monkeypatch):
     workdir, record = ramp
     path = os.path.join(workdir, lr_range.RECORD_FILE)
