@@ -1,6 +1,8 @@
 """CNN building blocks in NHWC: convolutions, pooling, RoI ops, local response normalization,
-stochastic depth and a fully connected layer whose bias gradient sums in float32."""
+a masked BatchNorm synced by counts, stochastic depth and a fully connected layer whose bias
+gradient sums in float32."""
 
+from cnnjax.layers.batch_norm import MaskedBatchNorm
 from cnnjax.layers.conv import (
     Conv2D,
     ConvTranspose2D,
@@ -32,6 +34,7 @@ __all__ = [
     "DropPath",
     "LocalResponseNorm",
     "LocallyConnected2D",
+    "MaskedBatchNorm",
     "TiledConv2D",
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax.layers.batch_norm import MaskedBatchNorm
 from cnnjax.utils.validation import invalid
 
 Array = Any
@@ -195,7 +196,9 @@ def _training_call(module: nn.BatchNorm, args: tuple, kwargs: dict) -> Array | N
 def _matmul_batch_norm(next_fun: Callable, args: tuple, kwargs: dict,
                        context: nn.module.InterceptorContext) -> Any:
     module = context.module
-    if context.method_name != "__call__" or type(module) is not nn.BatchNorm:
+    # Exactly these classes: a subclass may compute something else (MaskedBatchNorm's unmasked
+    # calls are nn.BatchNorm's; its masked ones return None from _training_call).
+    if context.method_name != "__call__" or type(module) not in (nn.BatchNorm, MaskedBatchNorm):
         return next_fun(*args, **kwargs)
     y = _training_call(module, args, kwargs)
     return next_fun(*args, **kwargs) if y is None else y
@@ -203,9 +206,10 @@ def _matmul_batch_norm(next_fun: Callable, args: tuple, kwargs: dict,
 
 @contextlib.contextmanager
 def batch_norm_impl(impl: str = "auto") -> Iterator[None]:
-    """Within the block, every `nn.BatchNorm` (exactly that class) called in training mode on
-    float32 input with float32 parameters, feature axis last and no mask computes through
-    `batch_norm_train` when `impl` is "matmul" ("auto": on CPU); other calls run flax's code.
+    """Within the block, every `nn.BatchNorm` (that class, or `MaskedBatchNorm`) called in
+    training mode on float32 input with float32 parameters, feature axis last and no mask
+    computes through `batch_norm_train` when `impl` is "matmul" ("auto": on CPU); other calls
+    run flax's code (or MaskedBatchNorm's own, for a mask).
 
     Like `cnnjax.layers.conv_impl`, the choice is made when a function is traced, so wrap the
     tracing. Variables, their names, initialization and the running-average update are flax's.

@@ -379,10 +379,8 @@ class RCNN(_ProposalDetector):
         warped = roi_align(images, boxes.reshape(n * r, 4), batch_indices, self.warp_size,
                            spatial_scale=1.0, sampling_ratio=2,
                            sample_positions=self.roi_sample_positions)
-        mask = None
-        if valid is not None:
-            mask = jnp.asarray(valid, bool).reshape(n * r)
-            mask = mask | ~jnp.any(mask)  # no real row: every row, as without a mask
+        # No valid row in the whole (synced) batch: every row, as without a mask.
+        mask = None if valid is None else jnp.asarray(valid, bool).reshape(n * r)
         return self.cnn(warped.astype(self.dtype), train, mask)[
             f"block{len(self.cnn_stages)}"]
 

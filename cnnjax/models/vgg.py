@@ -48,6 +48,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.batch_norm import MaskedBatchNorm
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
@@ -153,8 +154,9 @@ class VGGFeatures(nn.Module):
     def __call__(self, x: Array, train: bool = False, mask: Array | None = None,
                  ) -> dict[str, Array]:
         """`mask` `[N]` bool (None: every image) picks the images whose BatchNorm statistics
-        count in training (R-CNN's warps: the sampled regions, not the padding rows); the
-        others are normalized with those statistics too."""
+        count in training (R-CNN's warps: the sampled regions, not the padding rows), pooled
+        over `axis_name`'s devices by count (`MaskedBatchNorm`; none anywhere: every image);
+        the others are normalized with those statistics too."""
         train = check_call(self, x, train)  # it is used on its own too (the detectors' trunk)
         x = jnp.asarray(x, self.dtype)
         if mask is not None and tuple(jnp.shape(mask)) != x.shape[:1]:
@@ -167,9 +169,9 @@ class VGGFeatures(nn.Module):
                 x = Conv2D(features, k, padding=k // 2, dtype=self.dtype,
                            kernel_init=conv_kernel_init, name=f"conv{b}_{i}")(x)
                 if self.batch_norm:
-                    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                      epsilon=1e-5, dtype=self.dtype, axis_name=self.axis_name,
-                                      name=f"bn{b}_{i}")
+                    bn = MaskedBatchNorm(use_running_average=not train, momentum=0.9,
+                                         epsilon=1e-5, dtype=self.dtype,
+                                         axis_name=self.axis_name, name=f"bn{b}_{i}")
                     x = bn(x) if mask is None or not train else bn(
                         x, mask=jnp.broadcast_to(jnp.asarray(mask, bool)[:, None, None, None],
                                                  x.shape))

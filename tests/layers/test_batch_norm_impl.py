@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnjax.layers.batch_norm import MaskedBatchNorm
 from cnnjax.layers.batch_norm_impl import (
     batch_norm_impl,
     batch_norm_train,
@@ -151,6 +152,30 @@ def test_other_dtypes_and_masks_keep_flax():
                                  x.astype(jnp.float32), mask=jnp.ones(x.shape, bool),
                                  mutable=["batch_stats"])
     assert y.shape == x.shape
+
+
+def test_masked_batch_norm_takes_the_matmul_path_only_without_a_mask():
+    """VGGFeatures' BatchNorms are MaskedBatchNorm (R-CNN's warps): unmasked training calls
+    must still run the CPU's matmul lowering, masked ones MaskedBatchNorm's own statistics."""
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 3, 3, 2)), jnp.float32)
+    model = MaskedBatchNorm(use_running_average=False)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    mask = jnp.asarray([True, False, True, True])[:, None, None, None]
+
+    def traced(mask):
+        def f(v):
+            with batch_norm_impl("matmul"):
+                return model.apply(v, x, mask=mask, mutable=["batch_stats"])
+        return str(jax.make_jaxpr(f)(variables)), f(variables)
+
+    unmasked, (y, _) = traced(None)
+    assert "custom_vjp_call" in unmasked
+    masked, (y_masked, stats) = traced(mask)
+    assert "custom_vjp_call" not in masked
+    rows = np.asarray(x, np.float64)[[0, 2, 3]]
+    np.testing.assert_allclose(stats["batch_stats"]["mean"], 0.01 * rows.mean((0, 1, 2)),
+                               rtol=1e-5)  # momentum 0.99 from zeros
+    assert not np.allclose(y, y_masked)
 
 
 def test_resnet_training_step_matches_flax():

@@ -553,3 +553,31 @@ def test_rcnn_batch_norm_statistics_come_from_the_sampled_regions_only():
             expected = expected[key.key]
         np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_rcnn_batch_norm_statistics_do_not_depend_on_the_device_count():
+    """R-CNN's CNN counts only the sampled warps in its BatchNorm statistics. Across devices
+    flax averaged each device's masked mean with equal weight, and a device without a valid
+    row fell back to all of its padding rows, so 2 devices trained other statistics than 1
+    device holding the same global batch. Devices are simulated with vmap's named axis."""
+    kwargs = dict(num_classes=2, warp_size=8, cnn_stages=((4,),), head_features=8)
+    sharded, single = RCNN(axis_name="devices", **kwargs), RCNN(**kwargs)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 2, 32, 32, 3)).astype(np.float32)  # [shards, N, H, W, C]
+    corners = rng.uniform(0, 14, (2, 2, 5, 2))
+    rois = np.concatenate([corners, corners + rng.uniform(4, 16, (2, 2, 5, 2))], -1)
+    valid = np.zeros((2, 2, 5), bool)
+    valid[1, 0, :3] = valid[1, 1, :1] = True  # shard 0: none valid; shard 1: 4 of 10
+    variables = single.init(jax.random.key(0), jnp.asarray(images[0]))
+
+    def stats(model, images, rois, valid):
+        _, state = model.apply(variables, images, rois, True, valid, method="warped_features",
+                               mutable=["batch_stats"])
+        return state["batch_stats"]
+
+    per_device = jax.vmap(lambda *a: stats(sharded, *a), axis_name="devices")(
+        jnp.asarray(images), jnp.asarray(rois, jnp.float32), jnp.asarray(valid))
+    whole = stats(single, *(jnp.asarray(a.reshape(4, *a.shape[2:])) for a in
+                            (images, rois.astype(np.float32), valid)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6),
+                 per_device, whole)

@@ -1,0 +1,119 @@
+"""MaskedBatchNorm: masked statistics of the whole synced batch (float64 NumPy reference), the
+same gradients sharded over a named axis as on one device, and nn.BatchNorm unchanged without
+a mask. Devices are simulated with `jax.vmap(axis_name=...)`, whose `psum` is the collective's."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax.layers import MaskedBatchNorm
+
+SHARDS, ROWS, FEATURES = 4, 8, 5
+COUNTS = (3, 0, 7, 1)  # masked-in rows per shard: unequal, one shard with none
+RTOL = 1e-5  # float32 sums of 32 values against float64
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(2.0, 3.0, (SHARDS, ROWS, 3, 3, FEATURES)).astype(np.float32)
+    mask = np.zeros((SHARDS, ROWS), bool)
+    for shard, count in enumerate(COUNTS):
+        mask[shard, rng.choice(ROWS, count, replace=False)] = True
+    return x, mask
+
+
+def _sharded(module, variables, x, mask):
+    """The module applied per shard under a named axis; `(y, updated batch_stats)`."""
+    def apply(x, mask):
+        return module.apply(variables, x, mask=mask[:, None, None, None],
+                            mutable=["batch_stats"])
+    y, state = jax.vmap(apply, axis_name="devices")(jnp.asarray(x), jnp.asarray(mask))
+    return y, jax.tree.map(lambda s: s[0], state["batch_stats"])
+
+
+def _reference(x, mask):
+    """float64 mean and (biased) variance per feature of the masked-in rows of every shard."""
+    rows = x.astype(np.float64)[mask]
+    return rows.mean(axis=(0, 1, 2)), rows.var(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("fast_variance", [True, False])
+def test_masked_statistics_are_the_whole_batchs_masked_rows(fast_variance):
+    x, mask = _data()
+    module = MaskedBatchNorm(use_running_average=False, momentum=0.0, epsilon=1e-5,
+                             axis_name="devices", use_fast_variance=fast_variance)
+    variables = module.init(jax.random.key(0), x[0])
+    y, stats = _sharded(module, variables, x, mask)
+    mean, var = _reference(x, mask)
+    np.testing.assert_allclose(stats["mean"], mean, rtol=RTOL)
+    np.testing.assert_allclose(stats["var"], var, rtol=RTOL)
+    expected = (x.astype(np.float64) - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)
+    # flax's own BatchNorm averages the shards' means with equal weight (and the empty
+    # shard's is NaN): the quantity this layer exists to replace.
+    flax_module = nn.BatchNorm(use_running_average=False, momentum=0.0, axis_name="devices")
+    _, flax_stats = _sharded(flax_module, variables, x, mask)
+    assert not np.allclose(flax_stats["mean"], mean, rtol=1e-2)
+
+
+def test_sharded_gradients_equal_one_device_holding_the_global_batch():
+    x, mask = _data(1)
+    module = MaskedBatchNorm(use_running_average=False, axis_name="devices")
+    single = MaskedBatchNorm(use_running_average=False)
+    variables = module.init(jax.random.key(0), x[0])
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=x.shape[1:]), jnp.float32)
+
+    def loss(params, x, mask, bn):
+        y, _ = bn.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                        mask=mask[:, None, None, None], mutable=["batch_stats"])
+        return jnp.sum(y * jnp.tile(weights, (x.shape[0] // ROWS, 1, 1, 1)))
+
+    def per_shard(x, mask):
+        grads, dx = jax.grad(loss, argnums=(0, 1))(variables["params"], x, mask, module)
+        return jax.lax.psum(grads, "devices"), dx
+
+    grads, dx = jax.vmap(per_shard, axis_name="devices")(jnp.asarray(x), jnp.asarray(mask))
+    flat_x, flat_mask = x.reshape(SHARDS * ROWS, *x.shape[2:]), mask.reshape(-1)
+    ref_grads, ref_dx = jax.grad(loss, argnums=(0, 1))(variables["params"], flat_x, flat_mask,
+                                                       single)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5),
+                 grads, ref_grads)
+    np.testing.assert_allclose(dx.reshape(flat_x.shape), ref_dx, rtol=1e-4, atol=1e-5)
+
+
+def test_no_masked_in_position_anywhere_uses_every_position():
+    x, _ = _data(3)
+    module = MaskedBatchNorm(use_running_average=False, momentum=0.0, axis_name="devices")
+    variables = module.init(jax.random.key(0), x[0])
+    _, stats = _sharded(module, variables, x, np.zeros((SHARDS, ROWS), bool))
+    mean, var = _reference(x, np.ones((SHARDS, ROWS), bool))
+    np.testing.assert_allclose(stats["mean"], mean, rtol=RTOL)
+    np.testing.assert_allclose(stats["var"], var, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_without_a_mask_it_is_flax_batch_norm(dtype):
+    x, mask = _data(4)
+    kwargs = dict(use_running_average=False, momentum=0.9, dtype=dtype)
+    ours, theirs = MaskedBatchNorm(**kwargs), nn.BatchNorm(**kwargs)
+    variables = theirs.init(jax.random.key(0), x[0])
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x[0])) == jax.tree.map(
+        jnp.shape, variables)
+    np.testing.assert_array_equal(  # eval mode: the running statistics, as flax
+        np.asarray(MaskedBatchNorm(use_running_average=True, dtype=dtype).apply(
+            variables, x[0], mask=mask[0][:, None, None, None]), np.float32),
+        np.asarray(nn.BatchNorm(use_running_average=True, dtype=dtype).apply(variables, x[0]),
+                   np.float32))
+    y, s = ours.apply(variables, x[0], mutable=["batch_stats"])
+    y_ref, s_ref = theirs.apply(variables, x[0], mutable=["batch_stats"])
+    assert y.dtype == y_ref.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    jax.tree.map(np.testing.assert_array_equal, s, s_ref)
+    # a masked call in bf16 returns flax's output dtype too
+    y_masked, _ = ours.apply(variables, x[0], mask=mask[0][:, None, None, None] | True,
+                             mutable=["batch_stats"])
+    assert y_masked.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y_masked, np.float32), np.asarray(y, np.float32),
+                               rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-2)
