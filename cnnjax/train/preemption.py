@@ -7,6 +7,9 @@ between steps, saves a checkpoint of that step, writes summary.json with status 
 and raises `TrainingInterrupted`. Multi-process: the flags are combined with one tiny allgather
 every `sync_every` steps, so every process stops at the same step (latency <= sync_every steps).
 SIGINT (Ctrl-C) keeps Python's KeyboardInterrupt: an immediate stop without a final checkpoint.
+One that lands inside a callback whose errors Python only reports (JAX's garbage-collection
+callback: "Exception ignored in ... KeyboardInterrupt") would be lost; while a `StopRequest` is
+active `sys.unraisablehook` notes it, and the next poll raises the KeyboardInterrupt instead.
 A SIGTERM that arrives after a run's last poll (during its final eval and checkpoint) cannot stop
 that run; it stays pending for the process, so the next run of a sweep, tune or transfer
 comparison stops before training (`TrainingInterrupted` with `started=False`) instead of the
@@ -16,6 +19,7 @@ signal being dropped with the finished run's handler.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -59,6 +63,31 @@ class TrainingInterrupted(KeyboardInterrupt, SystemExit):
 _pending: str | None = None
 
 
+#: A Ctrl-C that Python swallowed (raised inside a callback, reported to `sys.unraisablehook`)
+#: and no poll has raised yet; cleared when the outermost `StopRequest` exits.
+_swallowed_interrupt = False
+_active_requests = 0  # StopRequests entered and not yet exited (nested: sweep, then run)
+_previous_unraisablehook: object = None
+
+
+def _note_unraisable(unraisable: object) -> None:
+    """`sys.unraisablehook` while a StopRequest is active: notes a swallowed KeyboardInterrupt,
+    then reports it as the previous hook would."""
+    global _swallowed_interrupt
+    exc_type = getattr(unraisable, "exc_type", None)
+    if isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt):
+        _swallowed_interrupt = True
+    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+
+
+def raise_swallowed_interrupt() -> None:
+    """Raises the KeyboardInterrupt of a Ctrl-C that Python swallowed, once."""
+    global _swallowed_interrupt
+    if _swallowed_interrupt:
+        _swallowed_interrupt = False
+        raise KeyboardInterrupt
+
+
 def take_pending() -> str | None:
     """The pending signal's name (None if none), which is then acted on: no longer pending."""
     global _pending
@@ -90,8 +119,12 @@ class StopRequest:
         self.requested = _pending = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
+        global _active_requests, _previous_unraisablehook
         if self.requested is None:
             self.requested = _pending
+        if _active_requests == 0:
+            _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, _note_unraisable
+        _active_requests += 1
         # signal.signal only works in the main thread; elsewhere the default behaviour stays.
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
@@ -99,17 +132,24 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        global _active_requests, _swallowed_interrupt
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        _active_requests -= 1
+        if _active_requests == 0:
+            sys.unraisablehook = _previous_unraisablehook
+            _swallowed_interrupt = False
 
     def should_stop(self, step: int, sync_every: int) -> str | None:
         """The signal name if every process must stop after `step`, else None.
 
         One process: as soon as its flag is set. Several: only at multiples of `sync_every`,
         where all processes allgather their flags (every process calls this at every step, so
-        they reach the collective together); any process's flag stops them all.
+        they reach the collective together); any process's flag stops them all. A Ctrl-C that
+        Python swallowed since the last poll is raised here (KeyboardInterrupt).
         """
+        raise_swallowed_interrupt()
         if jax.process_count() == 1:
             name = self.requested
         elif step % sync_every:

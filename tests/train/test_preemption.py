@@ -108,6 +108,65 @@ def test_a_sigterm_no_loop_acted_on_stops_the_next_run_before_it_trains(tmp_path
     assert loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))["status"] == "completed"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # reported, as meant
+def test_a_ctrl_c_python_swallowed_in_a_gc_callback_stops_at_the_next_poll(tmp_path,
+                                                                          monkeypatch):
+    """Ctrl-C's KeyboardInterrupt raised inside a garbage-collection callback (JAX registers
+    one) is only reported by Python ("Exception ignored in ..."), and training went on; the
+    loop's next poll now raises it, so the run stops as on any Ctrl-C."""
+    import gc
+
+    def interrupted_collection(phase, info):
+        if phase == "start":
+            raise KeyboardInterrupt
+
+    record = loop._Run.record
+
+    def ctrl_c_in_gc_at_step_3(self, step, *args):
+        if step == 3:
+            gc.callbacks.append(interrupted_collection)
+            try:
+                gc.collect()  # the KeyboardInterrupt is swallowed here, as in JAX's callback
+            finally:
+                gc.callbacks.remove(interrupted_collection)
+        return record(self, step, *args)
+
+    monkeypatch.setattr(loop._Run, "record", ctrl_c_in_gc_at_step_3)
+    hook = sys.unraisablehook
+    with pytest.raises(KeyboardInterrupt) as info:
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=12), str(tmp_path))
+    assert not isinstance(info.value, preemption.TrainingInterrupted)
+    assert sys.unraisablehook is hook  # restored
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "KeyboardInterrupt"
+    assert 3 <= summary["step"] < 12
+    preemption.raise_swallowed_interrupt()  # raised once: nothing left for the next run
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # reported, as meant
+def test_a_swallowed_ctrl_c_is_forgotten_when_the_outermost_request_exits():
+    """Noted only while a StopRequest is active; one no poll raised (it arrived after a run's
+    last step) stops the next run of the same sweep, not a later, unrelated command."""
+    with preemption.StopRequest():
+        with preemption.StopRequest():
+            sys.unraisablehook(_unraisable(KeyboardInterrupt()))
+        with preemption.StopRequest() as stop, pytest.raises(KeyboardInterrupt):
+            stop.should_stop(1, sync_every=1)  # the sweep's next run
+        sys.unraisablehook(_unraisable(KeyboardInterrupt()))
+    with preemption.StopRequest() as stop:
+        assert stop.should_stop(1, sync_every=1) is None
+    sys.unraisablehook(_unraisable(ValueError()))  # outside any request: not noted
+    with preemption.StopRequest() as stop:
+        assert stop.should_stop(1, sync_every=1) is None
+
+
+def _unraisable(error: BaseException):
+    """What Python passes `sys.unraisablehook` for an error it cannot raise."""
+    return type("UnraisableHookArgs", (), {"exc_type": type(error), "exc_value": error,
+                                           "exc_traceback": None, "err_msg": "Exception ignored",
+                                           "object": None})()
+
+
 def test_processes_agree_only_at_sync_steps(monkeypatch):
     """Two processes, only the other one signalled: no collective off sync steps, and at a sync
     step the other's flag stops this one too."""
