@@ -3,7 +3,8 @@
 `multidevice_script.py ROOT steps` trains the tiny BatchNorm model for a few steps on the same
 global batches with: 1 device (pmap), 4 devices (pmap), 4 devices (shard_map), 1 device
 (shard_map); with dropout, 4-device pmap vs 4-device shard_map; and with the matmul BatchNorm on 4
-devices. Reports the max absolute parameter/batch-stat differences.
+devices; and R-CNN's MaskedBatchNorm with unevenly masked shards, 4 devices vs 1. Reports the
+max absolute parameter/batch-stat differences.
 
 `multidevice_script.py ROOT runs` runs whole `train_and_evaluate` runs on 1 and 4 devices:
 classification (padded eval, EMA, resuming on another device count) and the detection task (YOLO
@@ -179,6 +180,51 @@ def grouped_batch_norm(impl: str):
     return jax.device_get(grads)
 
 
+def masked_batch_norm(mode: str, num_devices: int):
+    """MaskedBatchNorm over a global batch of 16 rows with 6 masked in, unevenly (3, 0, 2, 1
+    per 4-row shard): `(param grads, input grads, new statistics)` of a loss on the global
+    batch, its rows split over `num_devices` (`mode`: pmap or shard_map, axis "data")."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec
+
+    from cnnjax.layers import MaskedBatchNorm
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((16, 3, 3, 2)) * 2 + 1).astype(np.float32)
+    mask = np.zeros(16, bool)
+    mask[[0, 1, 3, 8, 9, 14]] = True
+    weights = rng.standard_normal(x.shape).astype(np.float32)
+    model = MaskedBatchNorm(use_running_average=False, axis_name="data")
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def grads(params, xi, mi, wi):
+        def loss(params, xi):
+            y, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                     xi, mask=mi[:, None, None, None], mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y) * wi), updates
+        (g, dx), updates = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, xi)
+        return jax.lax.psum(g, "data"), dx, updates
+
+    split = lambda a: a.reshape(num_devices, -1, *a.shape[1:])  # noqa: E731
+    # A copy of the parameters per device, as the engine replicates them: each device's
+    # gradient is its own, summed by the psum above (under shard_map a replicated input's
+    # gradient would already be summed over the axis).
+    copies = jax.tree.map(lambda v: np.stack([v] * num_devices), variables["params"])
+    if mode == "pmap":
+        g, dx, updates = jax.pmap(grads, axis_name="data")(
+            copies, split(x), split(mask), split(weights))
+        g, updates = jax.tree.map(lambda v: v[0], (g, updates))  # the same on every device
+        dx = dx.reshape(x.shape)
+    else:
+        mesh = Mesh(np.array(jax.devices()[:num_devices]), ("data",))
+        rows = PartitionSpec("data")
+        g, dx, updates = jax.jit(jax.shard_map(
+            lambda p, *a: grads(jax.tree.map(lambda v: v[0], p), *a), mesh=mesh,
+            in_specs=(rows, rows, rows, rows),
+            out_specs=(PartitionSpec(), rows, PartitionSpec())))(copies, x, mask, weights)
+    return jax.device_get((g, dx, updates))
+
+
 def steps_part() -> dict:
     """Single train steps: 4 devices == 1 device, pmap == shard_map, synced BatchNorm, dropout
     keys, and the config refusals (nothing compiles for those)."""
@@ -197,6 +243,8 @@ def steps_part() -> dict:
     matmul_four_shard, _ = train("shard_map", 4, batch_norm_impl="matmul")
     drop_pmap, _ = train("pmap", 4, dropout=0.5)
     drop_shard, _ = train("shard_map", 4, dropout=0.5)
+    masked_one = masked_batch_norm("pmap", 1)
+    masked_pmap, masked_shard = masked_batch_norm("pmap", 4), masked_batch_norm("shard_map", 4)
     same_data_one = train_same_data_per_device(1, dropout=0.5)
     same_data_four = train_same_data_per_device(4, dropout=0.5)
     same_data_four_no_dropout = train_same_data_per_device(4, dropout=0.0)
@@ -211,6 +259,8 @@ def steps_part() -> dict:
             float(np.abs(leaf).max()) for leaf in jax.tree.leaves(grouped_flax)),
         "grouped_bn_within_group": float(np.abs(grouped_means[0] - grouped_means[1]).max()),
         "grouped_bn_across_groups": float(np.abs(grouped_means[0] - grouped_means[2]).max()),
+        "masked_bn_pmap4_vs_1": max_diff(masked_one, masked_pmap),
+        "masked_bn_shard4_vs_1": max_diff(masked_one, masked_shard),
         "pmap4_vs_shard4": max_diff(four_pmap, four_shard),
         "dropout_pmap4_vs_shard4": max_diff(drop_pmap, drop_shard),
         "dropout_vs_no_dropout": max_diff(drop_pmap, four_pmap),

@@ -75,6 +75,14 @@ def test_matmul_batch_norm_syncs_only_within_axis_index_groups(diffs):
     assert diffs["grouped_bn_across_groups"] > 1e-3
 
 
+def test_masked_batch_norm_pools_uneven_shards_like_one_device(diffs):
+    """R-CNN's BatchNorm counts only the sampled warps; with 3, 0, 2 and 1 of them on the four
+    devices its statistics and gradients are those of one device holding all 16 rows (flax's
+    own masked BatchNorm averaged the devices' means, and the empty one's was NaN)."""
+    assert diffs["masked_bn_pmap4_vs_1"] < 1e-5
+    assert diffs["masked_bn_shard4_vs_1"] < 1e-5
+
+
 def test_pmap_and_shard_map_agree(diffs):
     assert diffs["shard1_vs_pmap1"] < 1e-6
     assert diffs["pmap4_vs_shard4"] < 1e-6
