@@ -164,17 +164,18 @@ class VGGFeatures(nn.Module):
                           f"expected ({x.shape[0]},), one flag per image")
         outputs: dict[str, Array] = {}
         kernel_sizes = self.kernel_sizes or [[3] * len(block) for block in self.stages]
+        # Same variables either way; without a mask (a classifier, eval) flax's own BatchNorm.
+        row_mask, norm_cls = None, nn.BatchNorm
+        if mask is not None and train:
+            row_mask, norm_cls = jnp.asarray(mask, bool)[:, None, None, None], MaskedBatchNorm
         for b, (block, sizes) in enumerate(zip(self.stages, kernel_sizes, strict=True), start=1):
             for i, (features, k) in enumerate(zip(block, sizes, strict=True), start=1):
                 x = Conv2D(features, k, padding=k // 2, dtype=self.dtype,
                            kernel_init=conv_kernel_init, name=f"conv{b}_{i}")(x)
                 if self.batch_norm:
-                    bn = MaskedBatchNorm(use_running_average=not train, momentum=0.9,
-                                         epsilon=1e-5, dtype=self.dtype,
-                                         axis_name=self.axis_name, name=f"bn{b}_{i}")
-                    x = bn(x) if mask is None or not train else bn(
-                        x, mask=jnp.broadcast_to(jnp.asarray(mask, bool)[:, None, None, None],
-                                                 x.shape))
+                    bn = norm_cls(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                  dtype=self.dtype, axis_name=self.axis_name, name=f"bn{b}_{i}")
+                    x = bn(x, mask=row_mask)
                 x = nn.relu(x)
                 if self.lrn and b == i == 1:
                     x = LocalResponseNorm(dtype=self.dtype, name="lrn1")(x)
