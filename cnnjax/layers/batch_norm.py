@@ -68,14 +68,13 @@ class MaskedBatchNorm(nn.BatchNorm):
         x = x.astype(dtype)
         none_in = self._psum(jnp.sum(mask, axes, dtype=dtype)) == 0
         mask = mask | jnp.expand_dims(none_in, axes)
-        count, total, squares = self._psum(jnp.stack([
-            jnp.sum(mask, axes, dtype=dtype),
-            jnp.sum(jnp.where(mask, x, 0), axes),
-            jnp.sum(jnp.where(mask, x * x, 0), axes) if self.use_fast_variance
-            else jnp.zeros(none_in.shape, dtype)]))
+        sums = [jnp.sum(mask, axes, dtype=dtype), jnp.sum(jnp.where(mask, x, 0), axes)]
+        if self.use_fast_variance:
+            sums.append(jnp.sum(jnp.where(mask, x * x, 0), axes))
+        count, total, *squares = self._psum(jnp.stack(sums))  # one collective
         mean = total / count
         if self.use_fast_variance:
-            return mean, jnp.maximum(0.0, squares / count - mean * mean)
+            return mean, jnp.maximum(0.0, squares[0] / count - mean * mean)
         centred = x - jnp.expand_dims(mean, axes)
         return mean, self._psum(jnp.sum(jnp.where(mask, centred * centred, 0), axes)) / count
 
