@@ -192,12 +192,12 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
                   "model": run_config.model, "dataset": checked.data_info.name,
                   "config": flat, "outputs": _outputs(workdir)}
         started = time.time()
-        # Held past the ramp's own handler: a SIGTERM while the record and plot are written
-        # stays pending (as after a training run's last poll) instead of killing the process
-        # with the finished test unrecorded.
-        with StopRequest():
+        # SIGTERM (scancel, preemption): polled by the ramp, recorded, exit 143. Held until the
+        # record and plot are written: one arriving after the ramp's last poll stays pending
+        # (as after a training run's) instead of killing the process, the test unrecorded.
+        with StopRequest() as stop_request:
             try:
-                record |= _train(run_config, checked, schedule, settings, teacher)
+                record |= _train(run_config, checked, schedule, settings, stop_request, teacher)
             except BaseException as err:  # recorded (a rerun redoes it), then raised
                 status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 record |= {"status": status, "stop": {"reason": status,
@@ -242,10 +242,10 @@ def _finished_record(workdir: str, settings: dict, flat: dict) -> dict | None:
 
 
 def _train(config: Any, checked: Any, schedule: optax.Schedule, settings: dict[str, Any],
-           teacher: distill_lib.Teacher | None = None) -> dict:
+           stop_request: StopRequest, teacher: distill_lib.Teacher | None = None) -> dict:
     """The ramp itself: the engine's train step (distilling from `teacher` if given), step by
-    step, until the end or divergence; returns the record's `records`, `stop`, `status` and
-    `suggestions`."""
+    step, until the end, divergence or a signal `stop_request` caught; returns the record's
+    `records`, `stop`, `status` and `suggestions`."""
     parallel = DataParallel(config.parallel, checked.devices)
     p_train, _ = wrap_steps(config, checked.task, checked.model, checked.tx, schedule, parallel,
                             teacher)
@@ -262,28 +262,27 @@ def _train(config: Any, checked: Any, schedule: optax.Schedule, settings: dict[s
     smoothing, factor = settings["smoothing"], settings["divergence_factor"]
     records: list[dict] = []
     acc, minimum, reason = 0.0, math.inf, None
-    with StopRequest() as stop_request:  # SIGTERM (scancel, preemption): recorded, exit 143
-        for step in range(settings["steps"]):
-            state, metrics = p_train(state, parallel.shard_batch(next(batches)))
-            host = parallel.metrics_to_host(metrics)
-            loss = float(host.get("total_loss", host["loss"]))  # the objective the rate steps
-            lr = float(host["learning_rate"])
-            if math.isfinite(loss):  # diagnose.ema's bias-corrected average, kept online
-                acc = smoothing * acc + (1.0 - smoothing) * loss
-                smoothed = acc / (1.0 - smoothing ** (step + 1))
-                minimum = min(minimum, smoothed)
-                records.append({"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed})
-            else:
-                smoothed = math.nan
-            reason = stop_reason(step, lr, loss, smoothed, minimum, factor,
-                                 float(host.get(PARAMS_FINITE, 1.0)) == 1.0,
-                                 float(host.get(BATCH_STATS_FINITE, 1.0)) == 1.0)
-            if reason is not None:
-                logging.info("LR range test: %s", reason)
-                break
-            signal_name = stop_request.should_stop(step, 1)
-            if signal_name is not None:  # run_lr_range records it as "interrupted"
-                raise TrainingInterrupted(step, signal_name, checkpointed=False)
+    for step in range(settings["steps"]):
+        state, metrics = p_train(state, parallel.shard_batch(next(batches)))
+        host = parallel.metrics_to_host(metrics)
+        loss = float(host.get("total_loss", host["loss"]))  # the objective the rate steps
+        lr = float(host["learning_rate"])
+        if math.isfinite(loss):  # diagnose.ema's bias-corrected average, kept online
+            acc = smoothing * acc + (1.0 - smoothing) * loss
+            smoothed = acc / (1.0 - smoothing ** (step + 1))
+            minimum = min(minimum, smoothed)
+            records.append({"step": step, "lr": lr, "loss": loss, "smoothed_loss": smoothed})
+        else:
+            smoothed = math.nan
+        reason = stop_reason(step, lr, loss, smoothed, minimum, factor,
+                             float(host.get(PARAMS_FINITE, 1.0)) == 1.0,
+                             float(host.get(BATCH_STATS_FINITE, 1.0)) == 1.0)
+        if reason is not None:
+            logging.info("LR range test: %s", reason)
+            break
+        signal_name = stop_request.should_stop(step, 1)
+        if signal_name is not None:  # run_lr_range records it as "interrupted"
+            raise TrainingInterrupted(step, signal_name, checkpointed=False)
     status = "completed" if reason is None else "diverged"
     stop = {"reason": status, "step": step,
             "message": reason or f"completed all {settings['steps']} steps without diverging "
