@@ -166,7 +166,7 @@ class AlexNet(nn.Module):
         x = _classifier(self, x, train, self.dropout_before_fc)
         features["pre_logits"] = x
         logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
-                          name="head")(x)
+                       name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits
 
@@ -220,7 +220,7 @@ class ZFNet(nn.Module):
         x = _classifier(self, x, train, dropout_before_fc=False)
         features["pre_logits"] = x
         logits = Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
-                          name="head")(x)
+                       name="head")(x)
         logits = jnp.asarray(logits, jnp.float32)
         return (logits, features) if return_features else logits
 

@@ -97,9 +97,9 @@ class BoxHead(nn.Module):
         x = nn.relu(Dense(self.features, dtype=self.dtype, name="fc6")(x))
         x = nn.relu(Dense(self.features, dtype=self.dtype, name="fc7")(x))
         logits = Dense(self.num_classes + 1, dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(0.01), name="class_logits")(x)
+                       kernel_init=nn.initializers.normal(0.01), name="class_logits")(x)
         deltas = Dense(4 * (self.num_classes + 1), dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(0.001), name="box_deltas")(x)
+                       kernel_init=nn.initializers.normal(0.001), name="box_deltas")(x)
         out = (logits.astype(jnp.float32), deltas.astype(jnp.float32).reshape(
             x.shape[0], self.num_classes + 1, 4))
         return (*out, x.astype(jnp.float32)) if return_fc7 else out

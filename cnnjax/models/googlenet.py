@@ -282,7 +282,7 @@ def _classify(module: nn.Module, x: Array, features: dict[str, Array], aux: tupl
     features["pre_logits"] = x
     x = nn.Dropout(module.dropout_rate, deterministic=not train)(x)
     logits = jnp.asarray(Dense(module.num_classes, dtype=module.dtype, name="head",
-                                  **head_kwargs)(x), jnp.float32)
+                               **head_kwargs)(x), jnp.float32)
     if module.aux_logits and train:
         logits = GoogLeNetOutputs(logits, *aux)
     return (logits, features) if return_features else logits
