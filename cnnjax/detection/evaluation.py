@@ -178,11 +178,16 @@ def _checked_batch(owner: str, detections: Any, gt_boxes: Any, gt_labels: Any, g
                    mask: Any, gt_difficult: Any) -> _Batch:
     """`DetectionEvaluator.add`'s arguments checked (shapes, flags, valid boxes, scores not NaN)
     and flattened to N images; raises naming the first argument that is wrong."""
-    boxes = _boxes(owner, "detections.boxes", detections.boxes)
+    try:
+        fields = (detections.boxes, detections.scores, detections.classes, detections.valid)
+    except AttributeError:
+        raise invalid(owner, "detections", type(detections).__name__,
+                      "expected a Detections (boxes, scores, classes, valid)") from None
+    boxes = _boxes(owner, "detections.boxes", fields[0])
     lead, k = boxes.shape[:-2], boxes.shape[-2]
-    scores = _matching(owner, "detections.scores", detections.scores, boxes.shape[:-1])
-    classes = _matching(owner, "detections.classes", detections.classes, boxes.shape[:-1])
-    valid = _flags(owner, "detections.valid", detections.valid, boxes.shape[:-1])
+    scores = _matching(owner, "detections.scores", fields[1], boxes.shape[:-1])
+    classes = _matching(owner, "detections.classes", fields[2], boxes.shape[:-1])
+    valid = _flags(owner, "detections.valid", fields[3], boxes.shape[:-1])
     n = int(np.prod(lead))
     gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
     if int(np.prod(gt_boxes.shape[:-2])) != n:
@@ -195,6 +200,12 @@ def _checked_batch(owner: str, detections: Any, gt_boxes: Any, gt_labels: Any, g
                  _flags(owner, "gt_difficult", gt_difficult, gt_boxes.shape[:-1]))
     mask = (np.ones(n, bool) if mask is None
             else _matching(owner, "mask", mask, gt_boxes.shape[:-2]))
+    if mask.dtype.kind not in "biuf":
+        raise invalid(owner, "mask.dtype", str(mask.dtype),
+                      "expected bool or numbers (0: a padded example, nonzero: a real one)")
+    if mask.dtype.kind == "f" and not np.isfinite(mask).all():  # NaN != 0 would count as real
+        raise invalid(owner, "mask", "an array with NaN or infinite values",
+                      "expected 0 (a padded example) or nonzero (a real one)")
     check_valid_boxes(owner, "detections.boxes", boxes, valid)
     check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid)
     _check_scores(owner, scores, valid)

@@ -20,6 +20,8 @@ from cnnjax.utils.validation import (
     check_bool_array,
     check_number,
     check_positive_int,
+    check_prng_key,
+    concrete_value,
     given_dtype,
     invalid,
 )
@@ -149,6 +151,13 @@ def sample_balanced(
     if not np.issubdtype(dtype, np.integer):
         raise invalid(owner, "labels.dtype", str(dtype),
                       "expected an integer array of 1 / 0 / -1")
+    values = concrete_value(labels)
+    if values is not None:  # a class id (2, 3, ...) is neither positive nor negative
+        bad = np.flatnonzero((values != POSITIVE) & (values != NEGATIVE) & (values != IGNORE))
+        if bad.size:
+            raise invalid(owner, f"labels[{bad[0]}]", int(values[bad[0]]),
+                          "expected 1 (positive), 0 (negative) or -1 (ignored)")
+    check_prng_key(owner, key)
     check_positive_int(owner, "num_samples", num_samples)
     fraction = check_number(owner, "positive_fraction", positive_fraction, _UNIT, low=0.0, high=1.0)
     return _sample(key, labels, num_samples, int(num_samples * fraction))

@@ -27,6 +27,7 @@ from cnnjax.utils.validation import (
     check_bool_array,
     check_number,
     check_positive_int,
+    check_prng_key,
     concrete_value,
     given_dtype,
     invalid,
@@ -126,6 +127,7 @@ def sample_rois(
     gt_labels = _vector(owner, "gt_labels", gt_labels, count, "integer")
     gt_valid_in = gt_valid
     gt_valid = _vector(owner, "gt_valid", gt_valid, count, "bool")
+    check_prng_key(owner, key)
     samples = check_positive_int(owner, "num_samples", num_samples)
     unit = "expected a number in [0, 1]"
     fraction = check_number(owner, "fg_fraction", fg_fraction, unit, low=0.0, high=1.0)

@@ -56,9 +56,9 @@ def check_settings(owner: str, strategy: Any, scale: Any) -> None:
 
 
 def _check_pixels(array: np.ndarray, scale: float) -> None:
-    """A ValueError unless `array` holds real, finite pixel values and stays at least 2 pixels
-    per side once scaled (cv2.resize fails on an empty result; NaN and complex values were cast
-    to uint8 silently)."""
+    """A ValueError unless `array` holds real, finite pixel values in [0, 255] and stays at least
+    2 pixels per side once scaled (cv2.resize fails on an empty result; NaN, complex and
+    out-of-range values were cast to uint8 silently)."""
     dtype = array.dtype
     if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer)
                                  or np.issubdtype(dtype, np.floating)):
@@ -67,6 +67,10 @@ def _check_pixels(array: np.ndarray, scale: float) -> None:
     if np.issubdtype(dtype, np.floating) and not np.isfinite(array).all():
         raise invalid(_OWNER, "image", "an array with NaN or infinite values",
                       "expected finite values in [0, 255]")
+    # A normalized or 16-bit image would be clipped to uint8 and segmented as a near-flat one.
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise invalid(_OWNER, "image", f"<values in [{array.min()}, {array.max()}]>",
+                      "expected values in [0, 255] (pixel levels, not normalized or 16-bit)")
     height, width = array.shape[:2]
     scaled = [int(np.rint(side * scale)) for side in (height, width)]  # cv2.resize's rounding
     if min(scaled) < 2:
@@ -97,7 +101,7 @@ def selective_search(image: Any, *, strategy: str = "fast", scale: float = 1.0,
                       "expected [H, W, 3], [H, W, 1] or [H, W] with H, W >= 2")
     _check_pixels(array, scale)
     cv2 = _cv2()
-    bgr = np.ascontiguousarray(np.clip(array, 0, 255).astype(np.uint8)[..., ::-1])
+    bgr = np.ascontiguousarray(array.astype(np.uint8)[..., ::-1])
     if scale != 1:
         bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()

@@ -121,6 +121,23 @@ def concrete_value(x: Any) -> np.ndarray | None:
         return None
 
 
+def check_prng_key(owner: str, key: Any) -> None:
+    """Raises unless `key` is a JAX PRNG key: a typed key (`jax.random.key`) or a raw uint32 one
+    (`jax.random.PRNGKey`); an int seed failed deep inside `jax.random` naming neither."""
+    import jax  # deferred, as in concrete_value
+
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype == np.uint32 and np.ndim(key) >= 1:
+        return
+    shown = key if np.ndim(key) == 0 and not hasattr(key, "shape") else (
+        f"array of dtype {dtype} and shape {tuple(np.shape(key))}")
+    raise invalid(owner, "key", shown,
+                  "expected a JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+                  "not a seed")
+
+
 def given_dtype(x: Any) -> np.dtype:
     """The dtype `x` was given with (before `jnp.asarray` narrows 64-bit types)."""
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype

@@ -345,6 +345,10 @@ def _one(ev, box=(0, 0, 10, 10), score=0.9, gt_box=(0, 0, 10, 10), gt_labels=((0
     ({"gt_labels": ((0, 1),)},
      "DetectionEvaluator.add: gt_labels.shape=(1, 2) is invalid; expected (1, 1)."),
     ({"mask": np.ones(3)}, "DetectionEvaluator.add: mask.shape=(3,) is invalid; expected (1,)."),
+    ({"mask": np.array([np.nan])}, "DetectionEvaluator.add: mask='an array with NaN or infinite "
+     "values' is invalid; expected 0 (a padded example) or nonzero (a real one)."),
+    ({"mask": np.array(["1"])}, "DetectionEvaluator.add: mask.dtype='<U1' is invalid; expected "
+     "bool or numbers (0: a padded example, nonzero: a real one)."),
     ({"gt_labels": ((0.7,),)},
      "DetectionEvaluator.add: gt_labels.dtype='float64' is invalid; expected an integer array."),
     ({"classes": ((0.0,),)},
@@ -370,6 +374,17 @@ def test_bad_boxes_scores_and_shapes_are_named(kwargs, message):
         _one(ev, **kwargs)
     assert str(err.value) == message
     assert ev.num_images == 0
+
+
+def test_detections_without_the_fields_are_named():
+    """A dict of the four arrays was an AttributeError ('dict' object has no attribute 'boxes')."""
+    fields = {"boxes": np.zeros((1, 1, 4)), "scores": np.zeros((1, 1)),
+              "classes": np.zeros((1, 1), int), "valid": np.zeros((1, 1), bool)}
+    with pytest.raises(ValueError, match=re.escape(
+            "DetectionEvaluator.add: detections='dict' is invalid; expected a Detections (boxes, "
+            "scores, classes, valid).")):
+        DetectionEvaluator(num_classes=2).add(fields, np.zeros((1, 1, 4)), np.zeros((1, 1), int),
+                                              np.zeros((1, 1), bool))
 
 
 def test_bad_detection_shapes_are_named():

@@ -243,8 +243,29 @@ def test_sampler_is_uniform_under_vmap():
      "sample_balanced: num_samples=0 is invalid; expected a positive integer."),
     (lambda: sample_balanced(jax.random.key(0), np.zeros(3, np.int32), 8, 1.5),
      "sample_balanced: positive_fraction=1.5 is invalid; expected a number in [0, 1]."),
+    # Class ids passed by mistake were neither positive nor negative: mostly empty masks.
+    (lambda: sample_balanced(jax.random.key(0), np.array([1, 0, 2, -1], np.int32)),
+     "sample_balanced: labels[2]=2 is invalid; expected 1 (positive), 0 (negative) or -1 "
+     "(ignored)."),
+    # A seed for a key failed inside jax.random ("invalid PRNG key data"), naming neither.
+    (lambda: sample_balanced(0, np.zeros(3, np.int32)),
+     "sample_balanced: key=0 is invalid; expected a JAX PRNG key (jax.random.key(seed) or "
+     "jax.random.PRNGKey(seed)), not a seed."),
+    (lambda: sample_balanced(np.zeros(2, np.int32), np.zeros(3, np.int32)),
+     "sample_balanced: key='array of dtype int32 and shape (2,)' is invalid"),
 ])
 def test_errors(call, message):
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+def test_raw_keys_and_traced_labels_are_taken():
+    """A raw uint32 key samples as its typed twin does; under jit the labels' values are not
+    checked (they are unknown) and the masks are the same."""
+    labels = np.array([1, 0, -1, 1, 0, 0], np.int32)
+    typed = sample_balanced(jax.random.key(3), labels, 4)
+    raw = sample_balanced(jax.random.PRNGKey(3), labels, 4)
+    jitted = jax.jit(lambda k, lab: sample_balanced(k, lab, 4))(jax.random.key(3), labels)
+    for got in (raw, jitted):
+        np.testing.assert_array_equal(np.stack(got), np.stack(typed))

@@ -94,6 +94,12 @@ def test_grey_images_are_searched_as_rgb():
     ({"image": np.full((8, 8, 3), np.nan)},
      "selective_search: image='an array with NaN or infinite values' is invalid; expected "
      "finite values in [0, 255]."),
+    # A normalized image and a 16-bit one were clipped to uint8 and segmented as near-flat.
+    ({"image": np.linspace(-2.0, 2.0, 192).reshape(8, 8, 3)},
+     "selective_search: image='<values in [-2.0, 2.0]>' is invalid; expected values in [0, 255] "
+     "(pixel levels, not normalized or 16-bit)."),
+    ({"image": np.full((8, 8, 3), 1000, np.uint16)},
+     "selective_search: image='<values in [1000, 1000]>' is invalid; expected values in [0, 255]"),
     ({"image": np.ones((8, 8, 3), complex)},
      "selective_search: image.dtype='complex128' is invalid; expected uint8"),
     ({"image": np.ones((8, 8, 3), bool)}, "selective_search: image.dtype='bool' is invalid"),
