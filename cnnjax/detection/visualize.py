@@ -19,7 +19,8 @@ def _displayable(image: np.ndarray) -> np.ndarray:
     return image[..., 0] if image.shape[-1] == 1 else image
 
 
-def _check_batch(images: Any, detections: Any, gt_boxes: Any, gt_valid: Any) -> None:
+def _check_batch(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
+                 gt_valid: Any) -> None:
     """A ValueError naming the first argument whose shape does not fit `images` `[N, H, W, C]`
     (N >= 1): an empty batch or a shorter ground truth failed mid-drawing, not by name."""
     shape = tuple(np.shape(images))
@@ -40,18 +41,20 @@ def _check_batch(images: Any, detections: Any, gt_boxes: Any, gt_valid: Any) -> 
     if len(gt_shape) != 3 or gt_shape[0] != n or gt_shape[2] != 4:
         raise invalid("plot_detections", "gt_boxes.shape", gt_shape,
                       f"expected ({n}, M, 4), as many images as images.shape[0]")
-    if tuple(np.shape(gt_valid)) != gt_shape[:2]:
-        raise invalid("plot_detections", "gt_valid.shape", tuple(np.shape(gt_valid)),
-                      f"expected {gt_shape[:2]}, one per ground-truth box")
+    for name, value in (("gt_labels", gt_labels), ("gt_valid", gt_valid)):
+        if tuple(np.shape(value)) != gt_shape[:2]:
+            raise invalid("plot_detections", f"{name}.shape", tuple(np.shape(value)),
+                          f"expected {gt_shape[:2]}, one per ground-truth box")
 
 
 def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any, gt_valid: Any,
                     path: str, score_threshold: float = 0.5, max_images: int = 16,
                     title: str = "") -> str:
-    """Draws up to `max_images` images with the ground-truth boxes (dashed white) and the
-    valid detections scoring at least `score_threshold` (solid, one colour per class, labelled
-    `class:score`); saves the grid to `path` (PNG) and returns it. Inputs are NumPy batches:
-    images `[N, H, W, C]`, `Detections` fields `[N, K, ...]`, ground truth `[N, M, ...]`.
+    """Draws up to `max_images` images with the ground-truth boxes (dashed white, their class
+    below the left corner) and the valid detections scoring at least `score_threshold` (solid,
+    one colour per class, labelled `class:score`); saves the grid to `path` (PNG) and returns
+    it. Inputs are NumPy batches: images `[N, H, W, C]`, `Detections` fields `[N, K, ...]`,
+    ground truth `[N, M, ...]`.
     Boxes are continuous `(x1, y1, x2, y2)` pixels: pixel `i` spans `[i, i + 1]` on the axes."""
     import matplotlib
 
@@ -61,7 +64,7 @@ def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
 
     score_threshold = check_number("plot_detections", "score_threshold", score_threshold,
                                    "expected a number in [0, 1]", low=0.0, high=1.0)
-    _check_batch(images, detections, gt_boxes, gt_valid)
+    _check_batch(images, detections, gt_boxes, gt_labels, gt_valid)
     count = min(check_positive_int("plot_detections", "max_images", max_images), len(images))
     columns = min(4, count)
     rows = max(1, math.ceil(count / columns))
@@ -75,11 +78,13 @@ def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
         # Boxes are continuous pixels (pixel i covers [i, i + 1]); imshow's default extent
         # centres pixel i on i, which would draw every box half a pixel off.
         ax.imshow(image, cmap="gray", extent=(0, image.shape[1], image.shape[0], 0))
-        for box, valid in zip(gt_boxes[index], gt_valid[index], strict=True):
+        for box, label, valid in zip(gt_boxes[index], gt_labels[index], gt_valid[index],
+                                     strict=True):
             if valid:
                 x1, y1, x2, y2 = box
                 ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white",
                                        ls="--", lw=1.0))
+                ax.text(x1, y2, f"{int(label)}", color="white", fontsize=7, va="top")
         for box, score, cls, valid in zip(detections.boxes[index], detections.scores[index],
                                           detections.classes[index], detections.valid[index],
                                           strict=True):

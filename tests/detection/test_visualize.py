@@ -1,5 +1,7 @@
 """plot_detections draws exactly the ground truth and the detections above the threshold."""
 
+import re
+
 import numpy as np
 import pytest
 from matplotlib.patches import Rectangle
@@ -21,7 +23,7 @@ def test_draws_valid_gt_and_confident_detections_only(tmp_path, monkeypatch):
         valid=np.array([[True, True, True], [True, False, True], [False, False, False]]))
     gt_boxes = np.tile(np.array([[1.0, 1, 9, 9], [0, 0, 0, 0]]), (3, 1, 1))
     gt_valid = np.array([[True, False]] * 3)
-    path = visualize.plot_detections(images, detections, gt_boxes, np.zeros((3, 2), int),
+    path = visualize.plot_detections(images, detections, gt_boxes, np.full((3, 2), 4),
                                      gt_valid, str(tmp_path / "d.png"), score_threshold=0.5)
     assert (tmp_path / "d.png").stat().st_size > 1000 and path.endswith("d.png")
     (fig,) = figures
@@ -30,7 +32,8 @@ def test_draws_valid_gt_and_confident_detections_only(tmp_path, monkeypatch):
     # Image 0: gt + 2 detections >= 0.5; image 1: gt + 1 (the 0.6 one is not valid); image 2: gt.
     assert [len(d) for d in drawn] == [3, 2, 1]
     assert drawn[0][1].get_xy() == (1.0, 2.0) and drawn[0][1].get_width() == 7.0
-    assert [t.get_text() for t in axes[0].texts] == ["0:0.90", "1:0.60"]
+    assert [t.get_text() for t in axes[0].texts] == ["4", "0:0.90", "1:0.60"]
+    assert axes[0].texts[0].get_position() == (1.0, 9.0)  # the gt class below its box
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -90,3 +93,13 @@ def test_bad_batches_are_a_value_error(tmp_path, images, detections, gt_boxes, m
         visualize.plot_detections(images, detections, gt_boxes, np.zeros((n, 1), int),
                                   np.zeros((n, 1), bool), str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_gt_labels_of_another_shape_are_named(tmp_path):
+    """The labels are drawn now, so a shorter row was an IndexError mid-drawing."""
+    with pytest.raises(ValueError, match=re.escape(
+            "plot_detections: gt_labels.shape=(1,) is invalid; expected (1, 1), one per "
+            "ground-truth box")):
+        visualize.plot_detections(np.zeros((1, 8, 8, 3)), _detections(1), np.zeros((1, 1, 4)),
+                                  np.zeros(1, int), np.ones((1, 1), bool),
+                                  str(tmp_path / "x.png"))
