@@ -23,7 +23,7 @@ from cnnjax.models.registry import ENGINE_MODEL_FIELDS
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
-from cnnjax.train.optim import OPTIMIZERS, SCHEDULES, check_optimization
+from cnnjax.train.optim import MAX_STEPS, OPTIMIZERS, SCHEDULES, check_optimization
 from cnnjax.utils import callables
 from cnnjax.utils.validation import (
     check_bool,
@@ -357,7 +357,10 @@ def validate_config(config: Any) -> None:
     check_positive_int("config", "global_batch_size", config.global_batch_size)
     if config.get("eval_batch_size") is not None:
         check_positive_int("config", "eval_batch_size", config.eval_batch_size)
-    check_positive_int("config", "num_train_steps", config.num_train_steps)
+    if check_positive_int("config", "num_train_steps", config.num_train_steps) > MAX_STEPS:
+        raise invalid("config", "num_train_steps", config.num_train_steps,
+                      f"expected a positive integer <= {MAX_STEPS} (2**31 - 1: the step counter "
+                      "is int32)")
     seed = config.seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise invalid("config", "seed", seed, "expected an integer 0 <= seed < 2**63")

@@ -38,6 +38,9 @@ SCHEDULES = (
     "linear",
     "one_cycle",
 )
+#: The largest step number a run can reach: the step counters (`TrainState.step`, optax's
+#: `count`) are int32, and a larger number in a schedule overflowed when the step compiled.
+MAX_STEPS = 2**31 - 1
 # Leaf names that never get weight decay: biases and the affine parameters of normalization layers.
 NO_DECAY_NAMES = ("bias", "scale")
 
@@ -97,6 +100,10 @@ def _piecewise(sched: Any, lr: float, total: int, warmup: int) -> optax.Schedule
     except (TypeError, ValueError):
         raise invalid("schedule", "boundaries", value,
                       "expected a sequence of integer step numbers") from None
+    if any(b > MAX_STEPS for b in boundaries):
+        raise invalid("schedule", "boundaries", value,
+                      f"expected step numbers <= {MAX_STEPS} (2**31 - 1: the step counter is "
+                      "int32)")
     first = f"warmup_steps={warmup}" if warmup else "0"
     if any(b <= a for a, b in zip([warmup, *boundaries], boundaries, strict=False)):
         raise invalid("schedule", "boundaries", value,
@@ -118,8 +125,12 @@ def _decay_factor(sched: Any) -> float:
 
 def _exponential_fields(sched: Any, total: int) -> tuple[int, float, bool]:
     """`(transition_steps, decay_rate, staircase)`, checked."""
-    steps = check_positive_int("schedule", "transition_steps",
-                               _get(sched, "transition_steps", total))
+    value = _get(sched, "transition_steps", total)
+    steps = check_positive_int("schedule", "transition_steps", value)
+    if steps > MAX_STEPS:
+        raise invalid("schedule", "transition_steps", value,
+                      f"expected a positive integer <= {MAX_STEPS} (2**31 - 1: the schedule "
+                      "divides the int32 step counter by it)")
     rate = check_number("schedule", "decay_rate", _get(sched, "decay_rate", 0.1),
                         "expected 0 < decay_rate <= 1 (above 1 the rate would grow "
                         "exponentially)", low=0.0, high=1.0, low_open=True)

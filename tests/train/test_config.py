@@ -60,6 +60,9 @@ def _raises(config, tmp_path, message):
         ),
         ("global_batch_size", -8, "config: global_batch_size=-8 is invalid"),
         ("num_train_steps", 0, "config: num_train_steps=0 is invalid"),
+        # Past int32's range the step counter overflowed when the first step compiled.
+        ("num_train_steps", 2**31, "config: num_train_steps=2147483648 is invalid; expected a "
+         "positive integer <= 2147483647 (2**31 - 1: the step counter is int32)."),
         (
             "parallel",
             "pjit",

@@ -123,6 +123,13 @@ def test_bad_optimizer_fields(optimizer, fields, message):
          "decay_rate <= 1 (above 1 the rate would grow exponentially)."),
         ("exponential", {"transition_steps": 0},
          "transition_steps=0 is invalid; expected a positive integer."),
+        # "Practically no decay" as a huge period overflowed the int32 step arithmetic when the
+        # first step compiled (an OverflowError naming no field).
+        ("exponential", {"transition_steps": 3_000_000_000},
+         "transition_steps=3000000000 is invalid; expected a positive integer <= 2147483647 "
+         "(2**31 - 1: the schedule divides the int32 step counter by it)."),
+        ("piecewise", {"boundaries": (30, 2**31)}, "boundaries=(30, 2147483648) is invalid; "
+         "expected step numbers <= 2147483647 (2**31 - 1: the step counter is int32)."),
         ("piecewise", {"boundaries": (30,), "decay_factor": -1.0}, "decay_factor=-1.0 is "
          "invalid; expected 0 < decay_factor <= 1 (the rate is multiplied by it at each "
          "boundary)."),
