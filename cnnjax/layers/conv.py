@@ -43,6 +43,7 @@ from cnnjax.utils.validation import (
     check_nhwc_nonempty,
     check_positive_int,
     invalid,
+    is_integer,
     to_pair,
 )
 
@@ -444,7 +445,11 @@ class TiledConv2D(nn.Module):
         bias = (self.param("bias", self.bias_init, (th, tw, self.features), self.param_dtype)
                 if self.use_bias else None)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if geo.mode != "zeros":
+        # A kernel set whose windows start at or past the input's end (a high pad wider than
+        # the input) cannot start on a slice of `x`: its zeros are padded in explicitly.
+        past_end = any((t - 1) * s - low >= n for t, s, (low, _), n in
+                       zip((th, tw), geo.strides, pads, x.shape[1:3], strict=True))
+        if geo.mode != "zeros" or past_end:
             x, pads = pad_nhwc(x, pads, geo.mode, owner=owner), ((0, 0), (0, 0))
         rows = []
         for a in range(th):
@@ -560,15 +565,29 @@ class ConvTranspose2D(nn.Module):
         if _use_phases(geo.strides, out_size, self.groups):
             y = _transposed_phases(x, kernel, geo, out_size, self.groups, self.precision)
         else:
-            y = lax.conv_general_dilated(
-                x, kernel[::-1, ::-1], window_strides=(1, 1), padding=conv_pads,
-                lhs_dilation=geo.strides, rhs_dilation=geo.dilation,
-                dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=self.groups,
-                precision=self.precision,
-            )
+            y = _conv_cropping(x, kernel[::-1, ::-1], conv_pads, lhs_dilation=geo.strides,
+                               rhs_dilation=geo.dilation, feature_group_count=self.groups,
+                               precision=self.precision)
         if bias is not None:
             y = add_bias(y, bias)
         return y
+
+
+def _conv_cropping(x: Array, kernel: Array, pads: Sequence[tuple[int, int]],
+                   **kwargs: Any) -> Array:
+    """A stride-1 `lax.conv_general_dilated` whose `pads` may be negative (a crop), computed with
+    the negative entries as 0 and its output cropped instead: a stride-1 output shifts by one
+    position per padded row. XLA:CPU's convolution read outside its input for a negative low
+    pad beside a positive high one (openxla/xla#48713; wrong values, even uninitialised ones)."""
+    clamped = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+    y = lax.conv_general_dilated(x, kernel, (1, 1), clamped,
+                                 dimension_numbers=_DIMENSION_NUMBERS, **kwargs)
+    if clamped == [tuple(p) for p in pads]:
+        return y
+    (lo_h, hi_h), (lo_w, hi_w) = pads
+    return lax.slice(y, (0, -min(lo_h, 0), -min(lo_w, 0), 0),
+                     (y.shape[0], y.shape[1] + min(hi_h, 0), y.shape[2] + min(hi_w, 0),
+                      y.shape[3]))
 
 
 #: `ConvTranspose2D` runs as one convolution per output phase up to this many phases (s_h·s_w).
@@ -640,10 +659,8 @@ def _transposed_phases(x: Array, kernel: Array, geo: _Geometry, out_size: Sequen
                                     (ph.taps.step, pw.taps.step, 1, 1)), (0, 1))
             pads = [(t.low, t.size - n - t.low + t.step * (len(t.taps) - 1))
                     for t, n in zip((ph, pw), x.shape[1:3], strict=True)]
-            columns.append(lax.conv_general_dilated(
-                x, sub, (1, 1), pads, rhs_dilation=(ph.step, pw.step),
-                dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups,
-                precision=precision))
+            columns.append(_conv_cropping(x, sub, pads, rhs_dilation=(ph.step, pw.step),
+                                          feature_group_count=groups, precision=precision))
         rows.append(_interleave(columns, axis=2, size=out_size[1]))
     return _interleave(rows, axis=1, size=out_size[0])
 
@@ -698,6 +715,9 @@ def bilinear_upsample_init(key: Array, shape: Sequence[int], dtype: Dtype = jnp.
         raise invalid("bilinear_upsample_init", "shape", tuple(shape),
                       "expected a 4-D kernel shape (k_h, k_w, C_in/groups, C_out)")
     kh, kw, c_in, c_out = shape
+    if not all(is_integer(n) and n > 0 for n in shape):  # C_in 0 was a ZeroDivisionError
+        raise invalid("bilinear_upsample_init", "shape", tuple(shape),
+                      "expected positive integers (k_h, k_w, C_in/groups, C_out)")
     if c_out % c_in:
         raise invalid(
             "bilinear_upsample_init", "shape", tuple(shape),

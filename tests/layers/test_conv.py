@@ -334,6 +334,18 @@ def test_tiled_matches_numpy(kwargs, pads):
     assert_close(got, want)
 
 
+def test_tiled_with_a_high_pad_past_the_input_matches_numpy():
+    """Kernel sets whose windows start past the input's end (a bottom pad wider than the input)
+    were a raw TypeError from lax.slice; Conv2D takes the same padding."""
+    x = _random((2, 1, 3, 2), 12)
+    layer = TiledConv2D(3, (1, 2), tile_size=(3, 2), padding=((0, 2), (1, 1)))
+    params, got = _apply(layer, x)
+    assert got.shape == (2, 3, 4, 3)
+    want = _np_tiled(x, np.asarray(params["kernel"]), np.asarray(params["bias"]), (1, 1), (1, 1),
+                     ((0, 2), (1, 1)), "zeros")
+    assert_close(got, want)
+
+
 def test_tiled_with_tile_1_is_ordinary_convolution():
     x = _random((2, 9, 7, 3), 7)
     tiled = TiledConv2D(4, 3, tile_size=1, strides=2, padding=1, padding_mode="replicate")
@@ -405,6 +417,30 @@ def test_conv_transpose_dilation_groups_match_numpy_scatter(kwargs):
                               _full_pads(kwargs.get("padding", 0)),
                               _pair(kwargs.get("output_padding", 0)), kwargs.get("groups", 1))
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(kernel_size=2, padding=((2, 0), (2, 0))),  # one convolution, input-dilated form
+    dict(kernel_size=3, padding=((3, 1), (0, 4))),
+    dict(kernel_size=(1, 3), strides=(5, 1), padding=((3, 2), (3, 1))),  # per output phase
+    dict(kernel_size=2, strides=2, padding=((3, 0), (0, 3)), output_padding=1),
+])
+def test_conv_transpose_crops_past_the_kernel_float32(kwargs):
+    """A crop wider than d·(k−1) on one side only is a negative pad on one side of the
+    convolution beside a positive one: XLA:CPU's float32 convolution read outside its input
+    there (errors up to 0.8, or uninitialised memory: openxla/xla#48713). Now a padded
+    convolution cropped afterwards; float32, 3 channels (the float64 tests never hit it)."""
+    x = _random((1, 7, 7, 3), 13)
+    layer = ConvTranspose2D(2, **kwargs)
+    params, got = _apply(layer, x)
+    want = _np_conv_transpose(x, params["kernel"], np.asarray(params["bias"]),
+                              _pair(kwargs.get("strides", 1)), (1, 1), kwargs["padding"],
+                              _pair(kwargs.get("output_padding", 0)), 1)
+    assert_close(got, want)
+    jaxpr = jax.make_jaxpr(lambda v, xs: layer.apply(v, xs))({"params": params}, x)
+    pads = [p for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"
+            for side in e.params["padding"] for p in side]
+    assert pads and min(pads) >= 0
 
 
 # (kernel, strides, dilation, padding, output_padding, groups) run as one conv per output phase.
@@ -820,3 +856,7 @@ def test_bilinear_init_errors():
     with pytest.raises(ValueError, match=r"bilinear_upsample_init: shape=\(4, 4, 3, 4\) is "
                                          r"invalid; expected C_out divisible by C_in/groups"):
         bilinear_upsample_init(None, (4, 4, 3, 4))
+    # C_in 0 was a ZeroDivisionError (C_out % C_in).
+    with pytest.raises(ValueError, match=r"bilinear_upsample_init: shape=\(4, 4, 0, 3\) is "
+                                         r"invalid; expected positive integers"):
+        bilinear_upsample_init(None, (4, 4, 0, 3))
