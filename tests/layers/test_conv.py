@@ -441,6 +441,16 @@ def test_conv_transpose_crops_past_the_kernel_float32(kwargs):
     pads = [p for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"
             for side in e.params["padding"] for p in side]
     assert pads and min(pads) >= 0
+    # The gradients' convolutions too (old code: input gradients off by up to 1.4e7).
+    loss = lambda v, xs: jnp.sum(jnp.sin(layer.apply(v, xs)))  # noqa: E731
+    got_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))({"params": params}, x)
+    with jax.enable_x64(True):
+        params64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+        want_grads = jax.jit(jax.grad(loss, argnums=(0, 1)))({"params": params64},
+                                                             jnp.asarray(x, jnp.float64))
+    for got_leaf, want_leaf in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads),
+                                   strict=True):
+        assert_close(got_leaf, want_leaf)
 
 
 # (kernel, strides, dilation, padding, output_padding, groups) run as one conv per output phase.
