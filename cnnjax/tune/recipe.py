@@ -11,7 +11,9 @@ order:
     diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping and a 5% warmup (any
                           schedule but one_cycle, which warms up by itself)
     best lr at an edge    two rates past that edge, half and one grid step (never at or above
-                          an lr that diverged); a rate tied with another one is no edge
+                          an lr that diverged); a rate tied with another one is no edge, nor
+                          the low edge when the verdict is too_slow or underfitting (both ask
+                          for more learning, which lower rates would not give)
     converged             stop
     too_slow              lr x(2, 4); if both ran already, train longer
     overfitting           sweep the first knob of `recipe.regularizers` not swept yet and not
@@ -577,10 +579,16 @@ def _stabilize(best: _Incumbent, verdict: str) -> _Proposal:
                      f"clip gradients at {CLIP_NORM:g}", stable, LR, best.lrs(0.5, 1.0, 0.25))
 
 
+# Verdicts whose own round raises the rate or trains longer: a best lr at the low edge of the
+# grid (say, every higher rate diverged) is no reason to try lower rates for them.
+_WANTS_MORE_LEARNING = ("too_slow", "underfitting")
+
+
 def _past_the_edge(best: _Incumbent) -> _Proposal | None:
-    """An lr_search past the grid's edge when the best lr is at it, unless every candidate ran."""
+    """An lr_search past the grid's edge when the best lr is at it, unless every candidate ran
+    or the edge is the low one and the verdict asks for faster learning."""
     edge, ratio = _lr_edge(best.history, best.overrides, best.row["best"])
-    if not edge:
+    if not edge or (edge == "low" and best.diagnosis.primary in _WANTS_MORE_LEARNING):
         return None
     # Half a grid step and a full one past the edge: the optimum may lie in either.
     factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)

@@ -138,6 +138,21 @@ def test_best_lr_at_the_low_edge_extends_downwards():
     assert d.action == "lr_search" and d.next_round.values == (0.001, 0.00316)
 
 
+def test_too_slow_at_the_low_edge_raises_the_rate_below_the_diverged_ones():
+    """Every rate above the lowest diverged and the lowest learns too slowly: the edge rule
+    tried 1e-4 and 3e-4 (predictably worse, a real tune's round 2 scored at chance); the
+    verdict's own round raises the rate, below the lowest that diverged."""
+    recipe = _recipe(lr_min=0.001, lr_max=1.0, num_lrs=4)
+    history = [_round1(recipe, [0.4, None, None, None],
+                       ["completed", "diverged", "diverged", "diverged"])]
+    d = _decide(history, recipe, "too_slow")
+    assert d.action == "lr_search" and d.next_round.values == (0.002, 0.004)
+    assert "raise lr" in d.reason
+    # underfitting's own round (train longer around the best lr) instead of lower rates.
+    d = _decide(history, recipe, "underfitting")
+    assert d.action == "train_longer" and max(d.next_round.values) >= 0.001
+
+
 def test_still_improving_trains_longer_around_the_best_lr():
     recipe = _recipe()
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
