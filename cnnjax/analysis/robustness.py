@@ -20,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from typing import TYPE_CHECKING
 
+from cnnjax.utils.files import distinct_name
 from cnnjax.utils.validation import invalid
 
 if TYPE_CHECKING:  # numpy, ml_collections and the data pipeline load lazily, when used
@@ -273,6 +273,8 @@ def summarize(record: dict) -> dict:
 
 #: Settings two records must share to be compared cell by cell: the same images, the same noise.
 _COMPARED_SETTINGS = ("source", "split", "seed", "max_examples", "clean")
+#: The record fields saying which images those were (a record without one is not checked on it).
+_COMPARED_DATA = ("dataset", "num_examples")
 
 
 def corruption_errors(record: dict, baseline: dict) -> dict:
@@ -291,12 +293,20 @@ def corruption_errors(record: dict, baseline: dict) -> dict:
     mine, theirs = record.get("settings") or {}, baseline.get("settings") or {}
     differ = [f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in _COMPARED_SETTINGS
               if mine.get(k) != theirs.get(k)]
+    # The same split name and seed on another dataset (or image size) are other images.
+    differ += [f"{k}: {record.get(k)!r} here, {baseline.get(k)!r} there"
+               for k in _COMPARED_DATA if k in baseline and record.get(k) != baseline.get(k)]
+    severities = [str(s) for s in record["requested"]["severities"]]
+    names = list(record["requested"]["corruptions"])
+    mine_table, their_table = record.get("parameters") or {}, baseline.get("parameters") or {}
+    differ += [f"{n}'s parameters: {mine_table[n]!r} here, {their_table[n]!r} there"
+               for n in names if n in mine_table and n in their_table
+               and mine_table[n] != their_table[n]]
     if differ:
         raise invalid(_OWNER, "baseline", where,
                       f"it was measured with other settings ({'; '.join(differ)}); measure both "
-                      "runs with the same --split, --max_examples, --seed and --source")
-    severities = [str(s) for s in record["requested"]["severities"]]
-    names = list(record["requested"]["corruptions"])
+                      "runs on the same dataset and image size, with the same --split, "
+                      "--max_examples, --seed and --source")
     missing = [f"{n} severity {s}" for n in names for s in severities
                if s not in baseline["cells"].get(n, {})]
     if missing:
@@ -517,8 +527,9 @@ def _output_dir(workdir: str) -> str:
 def _file_stem(source: str, split: str | None, seed: int, max_examples: int | None,
                explicit_step: int | None) -> str:
     """robustness[_tfds][_<settings>]: one file per choice of split, seed, example cap and
-    explicit step, so a quick check never replaces a long measurement."""
-    chosen = [f"split-{re.sub(r'[^A-Za-z0-9.-]+', '-', split)}" if split else "",
+    explicit step, so a quick check never replaces a long measurement. A split with characters
+    a file name leaves out (`test[:50%]`, `test[50%:]`) adds a hash, so slices stay apart."""
+    chosen = [f"split-{distinct_name(split, '-')}" if split else "",
               f"seed{seed}" if seed else "", f"max{max_examples}" if max_examples else "",
               f"step{explicit_step}" if explicit_step is not None else ""]
     return "_".join(["robustness", *(["tfds"] if source == "tfds" else []),
@@ -527,7 +538,8 @@ def _file_stem(source: str, split: str | None, seed: int, max_examples: int | No
 
 def _previous_record(out_dir: str, stem: str, settings: dict, log: Callable[[str], None]) -> dict:
     """The record on file at `<out_dir>/<stem>.json` ({} if none); one of other settings (the
-    run's best/latest step moved on, say) is kept beside it, with its plot, and {} returned."""
+    run's best/latest step moved on, say) is kept beside it under a name no file has, with its
+    plot, and {} returned."""
     from cnnjax.utils.files import read_json
     from cnnjax.utils.lock import directory_lock
 
@@ -535,14 +547,20 @@ def _previous_record(out_dir: str, stem: str, settings: dict, log: Callable[[str
     old = read_json(path) or {}
     if not old or old.get("settings") == settings:
         return old
-    kept = os.path.join(out_dir, f"{stem}_step{old.get('step', 'old')}.json")
+    theirs = old.get("settings") or {}
+    differ = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here"
+                       for k in sorted({*theirs, *settings}) if theirs.get(k) != settings.get(k))
     png = os.path.splitext(path)[0] + ".png"
     with directory_lock(out_dir, "workdir"):
-        os.replace(path, kept)
+        kept_stem = base = os.path.join(out_dir, f"{stem}_step{old.get('step', 'old')}")
+        copy = 2
+        while os.path.exists(kept_stem + ".json"):  # never replace a record kept before
+            kept_stem, copy = f"{base}_{copy}", copy + 1
+        os.replace(path, kept_stem + ".json")
         if os.path.exists(png):
-            os.replace(png, os.path.splitext(kept)[0] + ".png")
-    log(f"{path} held other settings ({old.get('settings')}); kept as {kept}, measuring "
-        "these afresh")
+            os.replace(png, kept_stem + ".png")
+    log(f"{path} was measured with other settings ({differ}); kept as {kept_stem}.json, "
+        "measuring these afresh")
     return {}
 
 

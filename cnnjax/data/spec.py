@@ -7,10 +7,8 @@ and `segmentation` resolve their configs here, and the sources and transforms re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
-import re
 from typing import Any
 
 import ml_collections
@@ -19,6 +17,7 @@ from ml_collections import config_dict
 
 from cnnjax.data import presets
 from cnnjax.detection.selective_search import check_settings
+from cnnjax.utils.files import distinct_name
 from cnnjax.utils.validation import (
     check_choice,
     check_number,
@@ -317,10 +316,7 @@ class ProposalSpec:
         """`<data dir>/proposals/<split>-<settings>.npz`; a split string with characters a file
         name cannot hold (a slice such as `train[:90%]`) gets a hash of its exact text, so
         `train[:90%]` and `train[90%:]` never share a file."""
-        split_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
-        if split_name != split:
-            split_name += "-" + hashlib.sha1(split.encode()).hexdigest()[:8]
-        name = (f"{split_name}-{self.method}-{self.strategy}-x{self.scale:.10g}"
+        name = (f"{distinct_name(split)}-{self.method}-{self.strategy}-x{self.scale:.10g}"
                 f"-max{self.max_proposals}.npz")
         return os.path.join(builder.data_dir, "proposals", name)
 

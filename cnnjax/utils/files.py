@@ -7,8 +7,10 @@ target and renamed over it, so a reader (or a rerun after a kill) never sees hal
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -107,6 +109,16 @@ def _fsync_directory(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def distinct_name(text: str, replacement: str = "_") -> str:
+    """`text` as part of a file name: each run of characters other than letters, digits, '_',
+    '.' and '-' becomes `replacement`, and when any did, 8 hex digits of the text's SHA-1
+    follow, so texts that read alike (the splits `train[:90%]` and `train[90%:]`) stay apart."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", replacement, text)
+    if readable == text:
+        return text
+    return f"{readable}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
 def make_parent_dir(path: str | os.PathLike) -> str | os.PathLike:

@@ -18,8 +18,11 @@ def _record(clean, cells, **settings):
     return R.summarize(record)
 
 
-MODEL = _record(0.9, {"fog": {"1": 0.8, "2": 0.6}, "contrast": {"1": 0.7, "2": 0.5}})
-BASE = _record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "contrast": {"1": 0.5, "2": 0.3}}, step=7)
+MODEL = {**_record(0.9, {"fog": {"1": 0.8, "2": 0.6}, "contrast": {"1": 0.7, "2": 0.5}}),
+         "dataset": "cifar10", "num_examples": 10000,
+         "parameters": {"fog": [[0.2, 3.0], [0.5, 3.0], [0.75, 2.5], [1.0, 2.0], [1.5, 1.75]]}}
+BASE = {**_record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "contrast": {"1": 0.5, "2": 0.3}}, step=7),
+        "dataset": "cifar10", "num_examples": 10000}
 
 
 def test_the_papers_formulas_on_hand_numbers():
@@ -52,6 +55,12 @@ def test_an_error_free_baseline_leaves_that_ratio_undefined():
     (_record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "contrast": {"1": 0.5, "2": 0.3}},
              max_examples=100, split="train"),
      "(split: 'test' here, 'train' there; max_examples: None here, 100 there)"),
+    # The same split name and seed on another dataset were compared (an mCE across datasets).
+    ({**BASE, "dataset": "digits", "num_examples": 360},
+     "(dataset: 'cifar10' here, 'digits' there; num_examples: 10000 here, 360 there)"),
+    ({**BASE, "parameters": {"fog": [[1.5, 2.0]] * 5, "contrast": [0.75] * 5}},
+     "fog's parameters: [[0.2, 3.0], [0.5, 3.0], [0.75, 2.5], [1.0, 2.0], [1.5, 1.75]] here, "
+     "[[1.5, 2.0], [1.5, 2.0], [1.5, 2.0], [1.5, 2.0], [1.5, 2.0]] there"),
 ])
 def test_a_baseline_of_other_images_or_cells_is_refused(baseline, message):
     with pytest.raises(ValueError, match=r"^robustness: baseline=") as err:
