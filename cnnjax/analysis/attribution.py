@@ -250,6 +250,9 @@ def _check_images(images: Any) -> np.ndarray:
                       "expected real numbers (preprocessed images)")
     if not np.all(np.isfinite(array)):
         raise invalid(_OWNER, "images", "an array with NaN or inf", "expected finite values")
+    if array.size and np.abs(array).max() > _FLOAT32_MAX:  # finite here, inf in float32
+        raise invalid(_OWNER, "images", f"<values up to {np.abs(array).max():.3g} in magnitude>",
+                      f"expected finite float32 values (magnitude <= {_FLOAT32_MAX:.3g})")
     return array.astype(np.float32)
 
 

@@ -105,12 +105,12 @@ def check_logits_and_labels(owner: str, logits: Any, labels: Any
                           "expected integer class indices")
     elif labels.dtype.kind not in "iu":
         raise invalid(owner, "labels.dtype", str(labels.dtype), "expected integer class indices")
-    labels = labels.astype(np.int64)
+    # Range first: a float label past int64's range (1e20) would wrap in the cast.
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise invalid(owner, "labels", f"values in [{labels.min()}, {labels.max()}]",
                       f"expected class indices in [0, {logits.shape[1]}) for "
                       f"{logits.shape[1]}-class logits")
-    return logits, labels
+    return logits, labels.astype(np.int64)
 
 
 def _check_temperature(owner: str, temperature: Any) -> float:

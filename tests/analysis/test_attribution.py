@@ -497,6 +497,11 @@ def test_bad_inputs_are_named(resnet, linear):
         at.occlusion(model, variables, images, patch=8, stride=9)
     with pytest.raises(ValueError, match=r"images='array of shape \(32, 32\)' is invalid"):
         at.saliency(model, variables, images[0, ..., 0])
+    huge = np.asarray(images, np.float64)
+    huge[0, 0, 0, 0] = 1e39  # finite in float64, inf once cast: inf logits and attributions
+    with pytest.raises(ValueError, match=r"images='<values up to 1e\+39 in magnitude>' is "
+                                         r"invalid; expected finite float32 values"):
+        at.saliency(model, variables, huge)
     with pytest.raises(ValueError, match=r"input_shape=\(16, 16, 1\) is invalid; the model with "
                                          r"these variables does not run on a \(16, 16, 1\) input"):
         at.module_outputs(model, variables, (16, 16, 1))

@@ -197,6 +197,9 @@ def test_bad_inputs_are_named():
          r"indices in \[0, 3\) for 3-class logits\.$"),
         (lambda: cal.brier_score(logits, -labels - 1),
          r"^brier_score: labels='values in \[-3, -1\]' is invalid"),
+        # A float label past int64's range wrapped in the cast: the error showed -2**63.
+        (lambda: cal.brier_score(logits, np.where(np.arange(5) == 2, 1e20, labels)),
+         r"^brier_score: labels='values in \[0.0, 1e\+20\]' is invalid"),
         (lambda: cal.brier_score(logits, labels + 0.5),
          r"^brier_score: labels='values like \[.*\]' is invalid; expected integer class"),
         (lambda: cal.fit_temperature(np.where(np.eye(5, 3) > 0, np.nan, logits), labels),
