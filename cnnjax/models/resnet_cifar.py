@@ -15,6 +15,7 @@ ResNet-110 with a final rate of 0.5 on CIFAR): see `CifarResNet`.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +79,12 @@ class CifarResNet(nn.Module):
         check_depth(name, self.depth, per_block, 2,
                     f"{len(self.widths)} stages of widths {tuple(self.widths)}",
                     (per_block * n + 2 for n in (3, 5, 7, 9)))
+        widths = tuple(self.widths)
+        if self.shortcut == "A" and any(b < a for a, b in itertools.pairwise(widths)):
+            # Caught here, not at the first narrowing block's trace (which names neither).
+            raise invalid(name, "widths", self.widths,
+                          "expected widths that never decrease with shortcut 'A' (it zero-pads "
+                          "channels, so it can only widen); use shortcut 'B' or 'C'")
         check_drop_path_rate(name, self.drop_path_rate, self.shortcut)
         super().__post_init__()
 

@@ -347,6 +347,15 @@ def test_option_a_cannot_shrink_channels():
         block.init(jax.random.key(0), jnp.ones((1, 4, 4, 16)))
 
 
+def test_a_cifar_resnet_narrowing_with_option_a_is_refused_by_its_widths():
+    """It was accepted and failed at the first trace, naming the block, not the model's field."""
+    with pytest.raises(ValueError, match=re.escape(
+            "CifarResNet: widths=(32, 16, 8) is invalid; expected widths that never decrease "
+            "with shortcut 'A'")):
+        create_model("resnet20_cifar", widths=(32, 16, 8))
+    create_model("resnet20_cifar", widths=(32, 16, 8), shortcut="B")  # projections may narrow
+
+
 @pytest.mark.parametrize("block_cls", [BasicBlock, BottleneckBlock])
 def test_zero_init_last_bn_makes_identity_blocks_identity(block_cls):
     conv, norm = _block_parts()
