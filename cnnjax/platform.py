@@ -14,7 +14,6 @@ run both through `configure_entry_point()`.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -38,24 +37,53 @@ TF_LOG_LEVEL_QUIET = "1"
 _FALSY = ("0", "false", "no", "off")
 
 
-def parse_xla_flags(value: str) -> dict[str, str | None]:
-    """Maps each flag named in an `XLA_FLAGS` string to its value (None for a bare `--flag`).
+def read_xla_flags(value: str) -> tuple[dict[str, str | None], str]:
+    """The flags XLA reads from an `XLA_FLAGS` string, `{name: value}` (None for a bare
+    `--flag`), and the text it leaves unread ('' when it reads it all).
 
-    Tokens are split like a shell would (XLA accepts quoted values); anything not starting with
-    `--` is ignored, as XLA itself only reads `--name[=value]` tokens.
+    Read as XLA's own parser reads it (`parse_flags_from_env.cc`): whitespace-separated tokens
+    while each starts with '-'; a value that opens with a quote right after '=' runs to the
+    closing quote (a backslash escapes the next character inside double quotes) and may hold
+    spaces. The first token not starting with '-' (a stray word, a bool flag's separate value)
+    ends the reading, and XLA ignores everything from there on without a word.
     """
-    try:
-        tokens = shlex.split(value)
-    except ValueError:  # an unbalanced quote: fall back to plain whitespace splitting
-        tokens = value.split()
     flags: dict[str, str | None] = {}
-    for token in tokens:
-        if not token.startswith("--"):
-            continue
-        name, sep, flag_value = token[2:].partition("=")
+    position, size = 0, len(value)
+    while True:
+        while position < size and value[position].isspace():
+            position += 1
+        if position == size or value[position] != "-":
+            return flags, value[position:]
+        end = position
+        while end < size and (value[end] in "-_" or (value[end].isascii()
+                                                     and value[end].isalnum())):
+            end += 1
+        token_name = value[position:end]
+        if end + 1 < size and value[end] == "=" and value[end + 1] in "'\"":
+            quote, end, chars = value[end + 1], end + 2, []
+            while end < size and value[end] != quote:
+                if quote == '"' and value[end] == "\\" and end + 1 < size:
+                    end += 1
+                chars.append(value[end])
+                end += 1
+            end = min(end + 1, size)  # past the closing quote, if there is one
+            name = token_name[2:] if token_name.startswith("--") else ""
+            flag_value: str | None = "".join(chars)
+        else:  # the token runs to the next whitespace: --name, --name=value
+            while end < size and not value[end].isspace():
+                end += 1
+            token = value[position:end]
+            name, sep, text = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+            flag_value = text if sep else None
         if name:
-            flags[name] = flag_value if sep else None
-    return flags
+            flags[name] = flag_value
+        position = end
+
+
+def parse_xla_flags(value: str) -> dict[str, str | None]:
+    """Maps each flag XLA reads from an `XLA_FLAGS` string to its value (None for a bare
+    `--flag`): `read_xla_flags` without the unread text."""
+    return read_xla_flags(value)[0]
 
 
 def jax_backend_initialized() -> bool:
@@ -71,7 +99,12 @@ def jax_backend_initialized() -> bool:
 
 
 def _format_flag(name: str, value: str) -> str:
-    return f"--{name}={shlex.quote(value) if value else ''}"
+    """`--name=value`, the value double-quoted (XLA's quoting, `read_xla_flags`) when it holds
+    whitespace or starts with a quote."""
+    if any(c.isspace() for c in value) or value[:1] in ("'", '"'):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'--{name}="{escaped}"'
+    return f"--{name}={value}"
 
 
 def configure_cpu_defaults(
@@ -87,6 +120,8 @@ def configure_cpu_defaults(
     which XLA reads as a path: appending to it would break it), or it was too late). If JAX's
     backend is already initialized the flags could no longer take effect, so it warns
     (`RuntimeWarning`) and changes nothing.
+    A flag counts as set when XLA reads it (`read_xla_flags`); where XLA stops reading before the
+    end (a stray word), the flags go before that word, with a `RuntimeWarning`.
     Calling it twice adds nothing the second time. `environ` (default `os.environ`) is for tests
     and for building a subprocess environment; an explicit mapping is edited whatever the state
     of this process's backend.
@@ -98,7 +133,7 @@ def configure_cpu_defaults(
     current = env.get("XLA_FLAGS", "")
     if current.strip() and not current.lstrip().startswith("-"):
         return {}  # XLA reads such a value as the path of a file of flags: the user's own set
-    already = parse_xla_flags(current)
+    already, unread = read_xla_flags(current)
     added = {name: value for name, value in wanted.items() if name not in already}
     if not added:
         return {}
@@ -112,7 +147,16 @@ def configure_cpu_defaults(
         )
         return {}
     extra = " ".join(_format_flag(name, value) for name, value in added.items())
-    env["XLA_FLAGS"] = f"{current} {extra}".strip()
+    if unread:
+        # XLA stops reading at `unread`: flags appended after it would be ignored, so they go
+        # first (none of them is set by the user, so no precedence changes).
+        warnings.warn(
+            f"cnnjax.platform.configure_cpu_defaults: XLA stops reading XLA_FLAGS at "
+            f"{unread.split()[0]!r} (not a --flag) and ignores the rest, {unread!r}; the cnnjax "
+            "defaults are put before it.", RuntimeWarning, stacklevel=2)
+        env["XLA_FLAGS"] = f"{extra} {current}".strip()
+    else:
+        env["XLA_FLAGS"] = f"{current} {extra}".strip()
     return added
 
 

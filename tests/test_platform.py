@@ -44,10 +44,33 @@ def _run(code: str, **env_overrides: str) -> dict:
 
 def test_parse_xla_flags_reads_values_bare_flags_and_quotes():
     parsed = platform.parse_xla_flags(
-        "--a=1  --b= --c 'ignored' --d='x y' --a=2 --e=k=v")
-    assert parsed == {"a": "2", "b": "", "c": None, "d": "x y", "e": "k=v"}
+        "--a=1  --b= --c --d='x y' --a=2 --e=k=v --f=\"say \\\"hi\\\"\" --g=it's")
+    assert parsed == {"a": "2", "b": "", "c": None, "d": "x y", "e": "k=v", "f": 'say "hi"',
+                      "g": "it's"}
     assert platform.parse_xla_flags("") == {}
-    assert platform.parse_xla_flags("--unbalanced='x") == {"unbalanced": "'x"}
+    assert platform.parse_xla_flags("--unbalanced='x y") == {"unbalanced": "x y"}
+
+
+def test_xla_stops_reading_at_the_first_token_that_is_no_flag():
+    """XLA's parser ends at a stray word (or a bool flag's separate value) and ignores the
+    rest: a flag after it is not set, whatever the string says."""
+    assert platform.read_xla_flags("--a=1 --c 'ignored' --d=2") == (
+        {"a": "1", "c": None}, "'ignored' --d=2")
+    assert platform.read_xla_flags("--a=1 false --b") == ({"a": "1"}, "false --b")
+    assert platform.read_xla_flags("  --a  ") == ({"a": None}, "")
+
+
+def test_defaults_go_before_a_stray_token_with_a_warning():
+    """Appended after it, they were reported as added and never read (YNN fusions stayed on);
+    a flag of the user's after it is not set either, so the default is added."""
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 stray --{YNN}=reduce"}
+    with pytest.warns(RuntimeWarning, match=r"XLA stops reading XLA_FLAGS at 'stray'"):
+        added = platform.configure_cpu_defaults(environ=env)
+    assert added == {YNN: ""}
+    assert env["XLA_FLAGS"] == (f"--{YNN}= --xla_force_host_platform_device_count=2 stray "
+                                f"--{YNN}=reduce")
+    assert platform.parse_xla_flags(env["XLA_FLAGS"]) == {
+        YNN: "", "xla_force_host_platform_device_count": "2"}
 
 
 def test_adds_defaults_to_an_empty_environment():
@@ -190,3 +213,17 @@ print(json.dumps({"added": added, "count": added_count, "devices": devices, "ynn
     assert not out["ynn"], "YNN fusions still compiled in with the cnnjax CPU defaults"
     assert out["late"] == {}
     assert len(out["warnings"]) == 1 and "already initialized" in out["warnings"][0]
+
+
+def test_defaults_before_a_stray_token_reach_xla():
+    """The same in a fresh process: the flag put before the stray word takes effect."""
+    out = _run(_HLO_PROBE + """
+import json, warnings
+from cnnjax.platform import configure_cpu_defaults
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    added = configure_cpu_defaults()
+print(json.dumps({"added": added, "devices": jax.device_count(),
+                  "ynn": "__ynn_fusion" in compiled_hlo(), "warned": len(caught)}))
+""", XLA_FLAGS="--xla_force_host_platform_device_count=2 stray")
+    assert out == {"added": platform.CPU_DEFAULT_FLAGS, "devices": 2, "ynn": False, "warned": 1}
