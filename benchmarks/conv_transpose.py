@@ -25,15 +25,16 @@ from cnnjax.platform import configure_cpu_defaults
 
 def _define_flags() -> None:
     """The command's flags, defined only when it runs."""
-    flags.DEFINE_integer("batch", 8, "Batch size.")
-    flags.DEFINE_integer("size", 28, "Side of the square input map.")
-    flags.DEFINE_integer("channels", 64, "Input and output channels.")
-    flags.DEFINE_integer("kernel", 4, "Kernel side.")
-    flags.DEFINE_integer("stride", 2, "Stride (the upsampling factor).")
-    flags.DEFINE_integer("padding", 1, "Padding cropped from each side of the full output.")
+    flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1)
+    flags.DEFINE_integer("size", 28, "Side of the square input map.", lower_bound=1)
+    flags.DEFINE_integer("channels", 64, "Input and output channels.", lower_bound=1)
+    flags.DEFINE_integer("kernel", 4, "Kernel side.", lower_bound=1)
+    flags.DEFINE_integer("stride", 2, "Stride (the upsampling factor).", lower_bound=1)
+    flags.DEFINE_integer("padding", 1, "Padding cropped from each side of the full output.",
+                         lower_bound=0)
     flags.DEFINE_list("groups", ["1", "depthwise"], "Group counts to time ('depthwise': "
                       "--channels).")
-    flags.DEFINE_integer("repeats", 5, "Timed calls per form.")
+    flags.DEFINE_integer("repeats", 5, "Timed calls per form.", lower_bound=1)
 
 
 def main(argv: list[str]) -> None:
@@ -43,18 +44,24 @@ def main(argv: list[str]) -> None:
 
     from cnnjax.layers.conv import ConvTranspose2D, _use_phases
     from cnnjax.layers.conv_impl import xla_convolutions
+    from cnnjax.utils.cli import one_line_errors
     from cnnjax.utils.validation import invalid
 
     opts = flags.FLAGS
     c = opts.channels
     x = jax.random.normal(jax.random.key(0), (opts.batch, opts.size, opts.size, c))
-    for value in opts.groups:
-        if value != "depthwise" and not value.isdigit():
-            raise invalid("benchmarks.conv_transpose", "--groups", value,
-                          "expected positive integers or 'depthwise'")
-        groups = c if value == "depthwise" else int(value)
-        layer = ConvTranspose2D(c, opts.kernel, strides=opts.stride, padding=opts.padding,
-                                groups=groups, use_bias=False)
+    layers = []
+    with one_line_errors():  # every group count and layer checked before anything is timed
+        for value in opts.groups:
+            if value != "depthwise" and not (value.isdigit() and int(value) > 0):
+                raise invalid("benchmarks.conv_transpose", "--groups", value,
+                              "expected positive integers or 'depthwise'")
+            groups = c if value == "depthwise" else int(value)
+            layer = ConvTranspose2D(c, opts.kernel, strides=opts.stride, padding=opts.padding,
+                                    groups=groups, use_bias=False)
+            jax.eval_shape(layer.init, jax.random.key(1), x)  # the layer's own input checks
+            layers.append((groups, layer))
+    for groups, layer in layers:
         variables = layer.init(jax.random.key(1), x)
         out = jax.eval_shape(layer.apply, variables, x).shape
         picks = "per-phase" if _use_phases((opts.stride,) * 2, out[1:3], groups) else \

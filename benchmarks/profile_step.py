@@ -178,12 +178,23 @@ def define_flags() -> None:
                         "it); default: a temporary directory, deleted afterwards.")
 
 
+def build_step(model: str = "resnet18", batch_size: int = 128, image_size: int = 32,
+               num_classes: int = 10, stem: str | None = None,
+               batch_norm_impl: str = "auto") -> dict:
+    """The one-device train step to profile, built (not compiled): a bad model argument (a
+    `stem` the model does not take) is a ValueError here, before anything compiles."""
+    overrides = {} if stem is None else {"stem": stem}
+    return build_jax_step(model, num_classes, batch_size, (image_size, image_size, 3), 1, "pmap",
+                          "float32", {"batch_norm_impl": batch_norm_impl}, **overrides)
+
+
 def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32,
             num_classes: int = 10, stem: str | None = None, conv_impl: str = "auto",
             steps: int = 2, top: int = 15, trace_dir: str | None = None,
-            batch_norm_impl: str = "auto") -> str:
-    """Compiles the step, runs one untimed step, then `steps` steps under `jax.profiler.trace`;
-    returns the printed text (a header, then `report`).
+            batch_norm_impl: str = "auto", bench: dict | None = None) -> str:
+    """Compiles the step (`bench`, or `build_step`'s of these arguments), runs one untimed step,
+    then `steps` steps under `jax.profiler.trace`; returns the printed text (a header, then
+    `report`).
 
     The wall time per step is the mean of the steps' own times (`run_jax_steps`, results ready):
     starting the profiler and stopping it, which writes and converts the trace, take longer than
@@ -191,9 +202,8 @@ def profile(model: str = "resnet18", batch_size: int = 128, image_size: int = 32
     """
     import jax
 
-    overrides = {} if stem is None else {"stem": stem}
-    bench = build_jax_step(model, num_classes, batch_size, (image_size, image_size, 3), 1, "pmap",
-                           "float32", {"batch_norm_impl": batch_norm_impl}, **overrides)
+    if bench is None:
+        bench = build_step(model, batch_size, image_size, num_classes, stem, batch_norm_impl)
     compile_s = compile_jax_step(bench, conv_impl)
     run_jax_steps(bench, 1)
     with tempfile.TemporaryDirectory() as scratch:
@@ -218,9 +228,12 @@ def main(argv: list[str]) -> None:
         check_model(FLAGS.model, FLAGS.image_size)
         if FLAGS.trace_dir is not None:
             check_output_dir(FLAGS.trace_dir, "--trace_dir")
-    prepare_platform(True, 1)
+        prepare_platform(True, 1)
+        bench = build_step(FLAGS.model, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes,
+                           FLAGS.stem, FLAGS.batch_norm_impl)
     print(profile(FLAGS.model, FLAGS.batch_size, FLAGS.image_size, FLAGS.num_classes, FLAGS.stem,
-                  FLAGS.conv_impl, FLAGS.steps, FLAGS.top, FLAGS.trace_dir, FLAGS.batch_norm_impl))
+                  FLAGS.conv_impl, FLAGS.steps, FLAGS.top, FLAGS.trace_dir, FLAGS.batch_norm_impl,
+                  bench))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,32 @@ import time
 
 from absl import app, flags
 
-_DATASET = flags.DEFINE_string("dataset", "shapes_multi", "tfds dataset with objects/bbox.")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to read.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir (None: tfds' default).")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 500, "Images read from the split's start.")
-_STRATEGIES = flags.DEFINE_list("strategies", ["fast", "quality"], "Selective search modes.")
-_SCALES = flags.DEFINE_list("scales", ["1", "2"], "Upsampling before segmenting.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs (importing the module defines none, so
+    it clashes with no other command's `--dataset`)."""
+    flags.DEFINE_string("dataset", "shapes_multi", "tfds dataset with objects/bbox.")
+    flags.DEFINE_string("split", "test", "Split to read.")
+    flags.DEFINE_string("data_dir", None, "tfds data_dir (None: tfds' default).")
+    flags.DEFINE_integer("num_images", 500, "Images read from the split's start.", lower_bound=1)
+    flags.DEFINE_list("strategies", ["fast", "quality"], "Selective search modes.")
+    flags.DEFINE_list("scales", ["1", "2"], "Upsampling before segmenting.")
+
+
+def _settings() -> list[tuple[str, float]]:
+    """(strategy, scale) pairs of --strategies x --scales, each checked against what
+    selective_search takes (a ValueError naming the flag), before any image is read."""
+    from cnnjax.detection.selective_search import STRATEGIES
+    from cnnjax.utils.validation import check_choice, check_number
+
+    owner = "benchmarks.proposals"
+    strategies = [check_choice(owner, "--strategies", s, STRATEGIES) for s in FLAGS.strategies]
+    scales = [check_number(owner, "--scales", s, "expected numbers in [0.25, 8] (the upsampling "
+                           "applied before segmenting)", low=0.25, high=8.0)
+              for s in FLAGS.scales]
+    return [(strategy, scale) for strategy in strategies for scale in scales]
 
 
 def _recall(proposals: list, truth: list, threshold: float) -> float:
@@ -52,29 +72,32 @@ def main(argv: list[str]) -> None:
     from cnnjax.detection.selective_search import selective_search
     from cnnjax.models import create_model
     from cnnjax.models.rcnn import window_proposals
+    from cnnjax.utils.cli import one_line_errors
 
-    split = f"{_SPLIT.value}[:{_NUM_IMAGES.value}]"
-    dataset = tfds.load(_DATASET.value, split=split, data_dir=_DATA_DIR.value)
+    with one_line_errors():
+        settings = _settings()
+    split = f"{FLAGS.split}[:{FLAGS.num_images}]"
+    dataset = tfds.load(FLAGS.dataset, split=split, data_dir=FLAGS.data_dir)
     images, truth = [], []
     for example in tfds.as_numpy(dataset):
         height, width = example["image"].shape[:2]
         images.append(example["image"])
         ymin, xmin, ymax, xmax = example["objects"]["bbox"].T
         truth.append(np.stack([xmin * width, ymin * height, xmax * width, ymax * height], 1))
-    print(f"{_DATASET.value}[{split}]: {len(images)} images, {sum(map(len, truth))} objects, "
+    print(f"{FLAGS.dataset}[{split}]: {len(images)} images, {sum(map(len, truth))} objects, "
           f"image {images[0].shape}")
     for name in ("fast_rcnn_small", "rcnn_small"):
         model = create_model(name)
         windows = [window_proposals(im.shape[:2], model.proposal_sizes, model.proposal_stride)
                    for im in images]
         _report(f"dense windows ({name})", windows, truth, 0.0)
-    for strategy in _STRATEGIES.value:
-        for scale in (float(s) for s in _SCALES.value):
-            started = time.perf_counter()
-            boxes = [selective_search(im, strategy=strategy, scale=scale) for im in images]
-            _report(f"selective search {strategy} x{scale:g}", boxes, truth,
-                    time.perf_counter() - started)
+    for strategy, scale in settings:
+        started = time.perf_counter()
+        boxes = [selective_search(im, strategy=strategy, scale=scale) for im in images]
+        _report(f"selective search {strategy} x{scale:g}", boxes, truth,
+                time.perf_counter() - started)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

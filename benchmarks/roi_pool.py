@@ -22,12 +22,13 @@ from cnnjax.platform import configure_cpu_defaults
 def _define_flags() -> None:
     """The command's flags, defined when it runs (importing `median_times` defines none, so it
     clashes with no other command's `--stride`)."""
-    flags.DEFINE_integer("boxes", 1024, "RoIs (e.g. 16 images x 64 sampled RoIs).")
-    flags.DEFINE_integer("map", 8, "Side of the square feature map.")
-    flags.DEFINE_integer("channels", 128, "Feature channels.")
-    flags.DEFINE_integer("stride", 8, "Image pixels per feature cell.")
+    flags.DEFINE_integer("boxes", 1024, "RoIs (e.g. 16 images x 64 sampled RoIs).",
+                         lower_bound=1)
+    flags.DEFINE_integer("map", 8, "Side of the square feature map.", lower_bound=1)
+    flags.DEFINE_integer("channels", 128, "Feature channels.", lower_bound=1)
+    flags.DEFINE_integer("stride", 8, "Image pixels per feature cell.", lower_bound=1)
     flags.DEFINE_list("levels", ["1", "2", "4"], "Output sizes (pyramid levels).")
-    flags.DEFINE_integer("repeats", 10, "Timed calls per path.")
+    flags.DEFINE_integer("repeats", 10, "Timed calls per path.", lower_bound=1)
 
 
 def median_times(times: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -45,8 +46,14 @@ def main(argv: list[str]) -> None:
     import numpy as np
 
     from cnnjax.layers import roi
+    from cnnjax.utils.cli import one_line_errors
+    from cnnjax.utils.validation import invalid
 
     opts = flags.FLAGS
+    with one_line_errors():  # before anything compiles
+        if not all(v.isdigit() and int(v) > 0 for v in opts.levels) or not opts.levels:
+            raise invalid("benchmarks.roi_pool", "--levels", ",".join(opts.levels),
+                          "expected positive integers (output sizes), e.g. 1,2,4")
     levels = [int(v) for v in opts.levels]
     images, side = 16, opts.map * opts.stride
     rng = np.random.default_rng(0)
@@ -65,19 +72,23 @@ def main(argv: list[str]) -> None:
     print(f"{opts.boxes} boxes on {images}x{opts.map}x{opts.map}x{opts.channels}, levels "
           f"{levels}: roi_pool uses the {'vectorized' if largest <= budget else 'loop'} path "
           f"({largest:,} masked values at the largest level, limit {budget:,})")
-    for name, limit in (("vectorized", 2**62), ("loop", 0)):
-        roi._VECTORIZED_ROI_POOL_ELEMENTS = limit
-        roi._roi_pool.clear_cache()
-        step = jax.jit(jax.value_and_grad(loss))
-        jax.block_until_ready(step(features))
-        times = []
-        for _ in range(opts.repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        for name, limit in (("vectorized", 2**62), ("loop", 0)):
+            roi._VECTORIZED_ROI_POOL_ELEMENTS = limit
+            roi._roi_pool.clear_cache()
+            step = jax.jit(jax.value_and_grad(loss))
             jax.block_until_ready(step(features))
-            times.append((time.perf_counter() - wall, time.process_time() - cpu))
-        wall, cpu = median_times(times)
-        print(f"{name:>10}: forward+backward {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU")
-    roi._VECTORIZED_ROI_POOL_ELEMENTS = budget
+            times = []
+            for _ in range(opts.repeats):
+                wall, cpu = time.perf_counter(), time.process_time()
+                jax.block_until_ready(step(features))
+                times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            wall, cpu = median_times(times)
+            print(f"{name:>10}: forward+backward {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms "
+                  "CPU")
+    finally:  # the module's limit as it was, whatever happened
+        roi._VECTORIZED_ROI_POOL_ELEMENTS = budget
+        roi._roi_pool.clear_cache()
 
 
 if __name__ == "__main__":

@@ -33,3 +33,50 @@ def test_bad_flags_are_one_line_before_any_work(script, args, message):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
     assert result.stdout == ""
+
+
+def test_layer_and_model_arguments_are_one_line_before_any_work():
+    """Each was a traceback: profile_step's build of a model that takes no --stem ran outside the
+    error handler; conv_transpose and roi_pool checked nothing, some only after timing a first
+    form; proposals took any --num_images into a tfds slice (-498: all but the last 498) and
+    --strategies/--scales only after reading the images."""
+    from tests.commands import run_commands
+
+    cases = [
+        (["benchmarks.profile_step", "--model=lenet5", "--stem=cifar", "--steps=1"],
+         "error: create_model: stem='cifar' is invalid; model 'lenet5' does not take 'stem'"),
+        (["benchmarks.conv_transpose", "--groups=1,3", "--repeats=1"],
+         "error: ConvTranspose2D: groups=3 is invalid; the output channels (features=64) must "
+         "be divisible by groups."),
+        (["benchmarks.conv_transpose", "--groups=0"],
+         "error: benchmarks.conv_transpose: --groups='0' is invalid; expected positive integers "
+         "or 'depthwise'."),
+        (["benchmarks.roi_pool", "--levels=1,x"],
+         "error: benchmarks.roi_pool: --levels='1,x' is invalid; expected positive integers"),
+        (["benchmarks.proposals", "--strategies=fast,bogus"],
+         "error: benchmarks.proposals: --strategies='bogus' is invalid; expected one of "
+         "['fast', 'quality']."),
+        (["benchmarks.proposals", "--scales=1,abc"],
+         "error: benchmarks.proposals: --scales='abc' is invalid; expected numbers in [0.25, 8]"),
+    ]
+    results = run_commands([command for command, _ in cases])
+    for (command, message), result in zip(cases, results, strict=True):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (command,
+                                                                            result.stderr[-2000:])
+        assert result.stderr.strip().splitlines()[-1].startswith(message), (command,
+                                                                            result.stderr[-2000:])
+        assert result.stdout == "", command
+    bounded = run_commands([["benchmarks.proposals", "--num_images=-498"],
+                            ["benchmarks.roi_pool", "--repeats=0"]])
+    for result in bounded:
+        assert result.returncode == 1 and "is not a positive integer" in result.stderr, (
+            result.stderr[-2000:])
+
+
+def test_importing_the_proposals_benchmark_defines_no_flags():
+    """Its module-level flags clashed with input_pipeline's `--dataset` in one process."""
+    from absl import flags
+
+    import benchmarks.proposals  # noqa: F401
+
+    assert "num_images" not in flags.FLAGS and "strategies" not in flags.FLAGS
