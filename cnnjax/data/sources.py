@@ -109,9 +109,26 @@ class TfdsSource(Source):
         self.storage_key = ("tfds", builder.data_dir)  # <data_dir>/<name>/<config>/<version>
         self._spec = spec
         features = builder.info.features
-        self._image_feature = features["image"]
+        self._image_feature = self._checked_image(spec, features)
         self.num_classes = self._num_classes(spec, features)
         self.native_shape = tuple(self._image_feature.shape)  # type: ignore[assignment]
+
+    @staticmethod
+    def _checked_image(spec: Spec, features: Any) -> Any:
+        """The dataset's `image` feature; a ValueError naming `tfds_name` unless it is a uint8
+        tfds Image (eurosat/all keeps its pixels under `sentinel2`; a uint16 image would be
+        scaled by 1/255 like a uint8 one)."""
+        image = features["image"] if "image" in features else None  # noqa: SIM401 (no .get)
+        if not isinstance(image, tfds.features.Image):
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          f"expected a dataset with an `image` feature (a tfds Image); it has "
+                          f"{sorted(features)}")
+        dtype = np.dtype(getattr(image.dtype, "as_numpy_dtype", image.dtype))
+        if dtype != np.uint8:
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          f"expected uint8 images (pixels are scaled by 1/255); its `image` is "
+                          f"{dtype}")
+        return image
 
     def _num_classes(self, spec: Spec, features: Any) -> int:
         """The classes of the image-level `label` (a ValueError for a set without one)."""
@@ -120,6 +137,10 @@ class TfdsSource(Source):
                           "expected a dataset with an image-level `label` (it has "
                           f"{sorted(features)}; a detection set such as voc/2007 needs "
                           "config.task='detection')")
+        if not isinstance(features["label"], tfds.features.ClassLabel):
+            raise invalid(_OWNER, "tfds_name", spec.tfds_name,
+                          f"expected its `label` to be a tfds ClassLabel (class ids with a class "
+                          f"count); it is a {type(features['label']).__name__}")
         return int(features["label"].num_classes)
 
     def _shard_split(self, split: str, shard: tuple[int, int]) -> Any:
