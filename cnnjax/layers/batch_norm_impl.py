@@ -159,9 +159,21 @@ def _float32(*dtypes: Any) -> bool:
     return all(d is None or jnp.dtype(d) == jnp.float32 for d in dtypes)
 
 
+def _varying_manual_axes(x: Array) -> frozenset:
+    """The mesh axes `x` varies over inside a `jax.shard_map` that checks them (`check_vma`,
+    its default); empty elsewhere (pmap, shard_map(check_vma=False), plain jit)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; earlier: `aval.vma`
+    varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma",
+                                                                                  None)
+    return frozenset(varying or ())
+
+
 def _training_call(module: nn.BatchNorm, args: tuple, kwargs: dict) -> Array | None:
     """`module(*args, **kwargs)` through `batch_norm_train`, or None where that would not be
-    the same computation (eval mode, initialization, a mask, other feature axes or dtypes)."""
+    the same computation (eval mode, initialization, a mask, other feature axes or dtypes) or
+    could not be differentiated: inside a vma-checking shard_map, whose typing refuses the
+    hand-written backward's per-device parameter sums (flax's autodiff sums them itself)."""
     if not args or set(kwargs) - {"use_running_average", "mask"} or len(args) > 2:
         return None
     x = args[0]
@@ -171,7 +183,8 @@ def _training_call(module: nn.BatchNorm, args: tuple, kwargs: dict) -> Array | N
     axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
     if (use_running_average or module.is_initializing() or kwargs.get("mask") is not None
             or not hasattr(x, "ndim") or [a % x.ndim for a in axes] != [x.ndim - 1]
-            or not _float32(x.dtype, module.dtype, module.param_dtype)):
+            or not _float32(x.dtype, module.dtype, module.param_dtype)
+            or _varying_manual_axes(x)):
         return None
     features = (x.shape[-1],)
     ra_mean = module.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
@@ -214,7 +227,10 @@ def batch_norm_impl(impl: str = "auto") -> Iterator[None]:
     Like `cnnjax.layers.conv_impl`, the choice is made when a function is traced, so wrap the
     tracing. Variables, their names, initialization and the running-average update are flax's.
     Reverse-mode derivatives (of any order) work; forward-mode ones (`jax.jvp`, `jax.jacfwd`)
-    do not pass a `custom_vjp`, so trace those under "flax".
+    do not pass a `custom_vjp`, so trace those under "flax". So does a gradient through an
+    `axis_name` bound by `jax.vmap` (a collective in a custom_vjp's backward finds the vmap axis
+    unbound: a NameError); pmap's and shard_map's names work, and inside a shard_map that checks
+    varying axes (`check_vma=True`, its default) flax's code runs (the engine's has it off).
     """
     impl = resolve_batch_norm_impl(impl, jax.default_backend())
     function = batch_norm_function(impl)

@@ -7,7 +7,13 @@ from typing import Any
 import flax.linen as nn
 from jax import Array
 
-from cnnjax.layers.conv import output_dtype, promote_with_wide_bias
+from cnnjax.layers.conv import (
+    _check_dtypes,
+    _check_precision,
+    output_dtype,
+    promote_with_wide_bias,
+)
+from cnnjax.utils.validation import check_bool, check_positive_int
 
 
 class Dense(nn.Dense):
@@ -18,6 +24,16 @@ class Dense(nn.Dense):
     dtype."""
 
     promote_dtype: Any = promote_with_wide_bias
+
+    def __post_init__(self) -> None:
+        """Bad hyperparameters named at construction, as the convolutions do (features=0 was a
+        ZeroDivisionError in the initializer, -1 a broadcasting TypeError)."""
+        owner = type(self).__name__
+        check_positive_int(owner, "features", self.features)
+        check_bool(owner, "use_bias", self.use_bias)
+        _check_dtypes(self)
+        _check_precision(self)
+        super().__post_init__()
 
     def __call__(self, inputs: Array) -> Array:
         """`[..., in_features]` -> `[..., features]` in the compute dtype."""

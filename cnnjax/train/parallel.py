@@ -8,7 +8,7 @@ a leading device axis; under `shard_map` it is one array replicated over the mes
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -144,6 +144,9 @@ class DataParallel:
 def _checked_devices(devices: Sequence[Any]) -> list[jax.Device]:
     """`devices` as a list if it holds at least one `jax.Device`, each once, else a ValueError:
     an empty list or a repeated device failed only in the first step, on a bare JAX error."""
+    if isinstance(devices, jax.Device) or not isinstance(devices, Iterable):
+        raise invalid("DataParallel", "devices", devices,
+                      "expected a sequence of jax.Device objects (one device: [device])")
     devices = list(devices)
     if not devices:
         raise invalid("DataParallel", "devices", devices,

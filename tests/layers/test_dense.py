@@ -1,10 +1,13 @@
 """cnnjax.layers.Dense: flax's nn.Dense, with its bias gradient summed in float32 under bfloat16."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 
 from cnnjax.layers import Dense
 
@@ -42,3 +45,16 @@ def test_bfloat16_bias_gradient_is_the_exact_sum_rounded_once():
     exact = np.sum(np.asarray(cotangent.astype(jnp.bfloat16), np.float64), axis=0)
     ulp = np.spacing(np.abs(exact).astype(ml_dtypes.bfloat16)).astype(np.float64)
     assert np.all(np.abs(grad - exact) <= ulp), np.max(np.abs(grad - exact) / ulp)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"features": 0}, "Dense: features=0 is invalid; expected a positive integer."),  # was a
+    ({"features": -1}, "Dense: features=-1 is invalid"),  # ZeroDivisionError / TypeError at init
+    ({"features": 2.5}, "Dense: features=2.5 is invalid"),
+    ({"features": 2, "use_bias": "yes"}, "Dense: use_bias='yes' is invalid"),
+    ({"features": 2, "dtype": jnp.int32}, "Dense: dtype="),
+    ({"features": 2, "precision": "hihgest"}, "Dense: precision='hihgest' is invalid"),
+])
+def test_bad_hyperparameters_are_named_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        Dense(**kwargs)

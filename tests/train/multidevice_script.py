@@ -180,6 +180,34 @@ def grouped_batch_norm(impl: str):
     return jax.device_get(grads)
 
 
+def vma_checked_batch_norm(impl: str):
+    """flax BatchNorm synced over "d" inside a jax.shard_map with its default check_vma=True (the
+    engine's has it off): the parameter gradient of a global loss under `impl` (the matmul
+    path's hand-written backward returned per-device sums there, which the typing refused)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec
+
+    from cnnjax.layers.batch_norm_impl import batch_norm_impl
+
+    x = (np.random.default_rng(7).standard_normal((16, 3, 3, 2)) * 2 + 1).astype(np.float32)
+    model = nn.BatchNorm(use_running_average=False, axis_name="d")
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def grads(params, xi):
+        def loss(p):
+            with batch_norm_impl(impl):
+                y, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, xi,
+                                   mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(y))
+        return jax.grad(loss)(params)
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+    return jax.device_get(jax.jit(jax.shard_map(
+        grads, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("d")),
+        out_specs=PartitionSpec()))(variables["params"], x))
+
+
 def masked_batch_norm(mode: str, num_devices: int):
     """MaskedBatchNorm over a global batch of 16 rows with 6 masked in, unevenly (3, 0, 2, 1
     per 4-row shard): `(param grads, input grads, new statistics)` of a loss on the global
@@ -243,6 +271,7 @@ def steps_part() -> dict:
     matmul_four_shard, _ = train("shard_map", 4, batch_norm_impl="matmul")
     drop_pmap, _ = train("pmap", 4, dropout=0.5)
     drop_shard, _ = train("shard_map", 4, dropout=0.5)
+    vma_matmul, vma_flax = vma_checked_batch_norm("matmul"), vma_checked_batch_norm("flax")
     masked_one = masked_batch_norm("pmap", 1)
     masked_pmap, masked_shard = masked_batch_norm("pmap", 4), masked_batch_norm("shard_map", 4)
     same_data_one = train_same_data_per_device(1, dropout=0.5)
@@ -259,6 +288,7 @@ def steps_part() -> dict:
             float(np.abs(leaf).max()) for leaf in jax.tree.leaves(grouped_flax)),
         "grouped_bn_within_group": float(np.abs(grouped_means[0] - grouped_means[1]).max()),
         "grouped_bn_across_groups": float(np.abs(grouped_means[0] - grouped_means[2]).max()),
+        "vma_checked_bn_matmul_vs_flax": max_diff(vma_matmul, vma_flax),
         "masked_bn_pmap4_vs_1": max_diff(masked_one, masked_pmap),
         "masked_bn_shard4_vs_1": max_diff(masked_one, masked_shard),
         "pmap4_vs_shard4": max_diff(four_pmap, four_shard),

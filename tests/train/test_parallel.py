@@ -75,6 +75,12 @@ def test_matmul_batch_norm_syncs_only_within_axis_index_groups(diffs):
     assert diffs["grouped_bn_across_groups"] > 1e-3
 
 
+def test_matmul_batch_norm_under_a_vma_checking_shard_map_runs_flax_code(diffs):
+    """A user's own jax.shard_map (check_vma=True) around a BatchNorm under batch_norm_impl
+    ("auto" is matmul on CPU): its gradient was a JAX type error; now flax's computation."""
+    assert diffs["vma_checked_bn_matmul_vs_flax"] == 0.0
+
+
 def test_masked_batch_norm_pools_uneven_shards_like_one_device(diffs):
     """R-CNN's BatchNorm counts only the sampled warps; with 3, 0, 2 and 1 of them on the four
     devices its statistics and gradients are those of one device holding all 16 rows (flax's
@@ -171,4 +177,9 @@ def test_no_devices_or_a_device_twice_is_refused_by_name(mode):
     with pytest.raises(ValueError, match=r"DataParallel: devices=\['cpu'\] is invalid; "
                                          r"expected jax.Device"):
         DataParallel(mode, ["cpu"])
+    # One device for a list: list(device) was a TypeError ("'Device' object is not iterable").
+    with pytest.raises(ValueError, match=r"DataParallel: devices=.* is invalid; expected a "
+                                         r"sequence of jax.Device objects \(one device: "
+                                         r"\[device\]\)"):
+        DataParallel(mode, device)
     assert DataParallel(mode, [device]).num_devices == 1
