@@ -42,7 +42,11 @@ from cnnjax.utils.cli import (  # noqa: E402
     parse_flags,
     start_command,
 )
-from cnnjax.utils.files import check_output_dir, make_parent_dir  # noqa: E402
+from cnnjax.utils.files import (  # noqa: E402
+    check_output_dir,
+    check_outside_run,
+    make_parent_dir,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -210,6 +214,7 @@ def _evaluate() -> None:
         sys.exit(f"error: {error}")
     with one_line_errors(_hint):
         if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
+            check_outside_run(_OUTPUT.value, _WORKDIR.value, "--output", folder=False)
             check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")
         else:
             check_output_dir(os.path.join(_WORKDIR.value, "eval"), "--workdir's eval folder")

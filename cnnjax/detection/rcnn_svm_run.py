@@ -38,7 +38,13 @@ from absl import logging
 
 from cnnjax.detection import rcnn_svm
 from cnnjax.detection.ground_truth import has_area
-from cnnjax.utils.files import atomic_file, atomic_write, write_json
+from cnnjax.utils.files import (
+    atomic_file,
+    atomic_write,
+    check_directory_kind,
+    check_outside_run,
+    write_json,
+)
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import (
     check_number,
@@ -340,6 +346,9 @@ def run_rcnn_svm(workdir: str, output_dir: str | None = None,
     settings.check()
     if not isinstance(workdir, str) or not os.path.isdir(workdir):
         raise invalid(OWNER, "workdir", workdir, "expected the --workdir of a finished R-CNN run")
+    if output_dir is not None:  # never among the run's own files or another command's
+        check_outside_run(output_dir, workdir, "output_dir", folder=True)
+        check_directory_kind(output_dir, "R-CNN SVM stage", "output_dir")
     output_dir = output_dir or os.path.join(workdir, OUTPUT_SUBDIR)
     detector = restore_detector(workdir, settings.step)
     if settings.train_images > detector.data_info.num_train:

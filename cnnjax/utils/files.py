@@ -177,6 +177,21 @@ DIRECTORY_MARKERS = {"training run": "config.json", "sweep": "sweep.json", "tune
                      "learning-rate range test": "lr_range.json"}
 
 
+def check_outside_run(path: str, workdir: str, flag: str, *, folder: bool) -> None:
+    """Refuses (a ValueError naming `flag`) an output that would land among a training run's own
+    files: the workdir itself (`folder`) or a file directly in it (its config.json,
+    summary.json, metrics.jsonl), or anything under its checkpoints. A command that reads a run
+    (evaluate, rcnn_svm) overwrote them when pointed there, and the run could no longer be
+    evaluated or resumed. The run's subfolders (eval/, visualize/, rcnn_svm/) are fine."""
+    target, run = os.path.realpath(path), os.path.realpath(workdir)
+    checkpoints = os.path.join(run, "checkpoints")  # checkpoint.CHECKPOINT_DIR
+    home = target if folder else os.path.dirname(target)
+    if home == run or target == checkpoints or target.startswith(checkpoints + os.sep):
+        raise ValueError(f"{flag}={path!r} is invalid; it would write among the run's own files "
+                         f"in {workdir!r} (its config, summary and checkpoints): use a subfolder "
+                         "or another directory.")
+
+
 def check_directory_kind(path: str, kind: str, flag: str) -> None:
     """Refuses `path` (a ValueError naming `flag`) when it holds another command's outputs, e.g.
     a sweep aimed at a training run's workdir: their results and trials would mix."""

@@ -358,6 +358,18 @@ def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, cap
     with pytest.raises(ValueError, match=r"load_trained: step=7 is invalid; .* has checkpoints "
                                          r"at steps \[3\]"):
         run_lib.run_rcnn_svm(str(tiny_workdir), None, run_lib.Settings(step=7))
+    # Among the run's own files, or in another command's directory, outputs overwrote them (a
+    # sweep's results.json; 0.2 GB of features beside the checkpoints).
+    for inside in (tiny_workdir, tiny_workdir / "checkpoints" / "svm"):
+        with pytest.raises(ValueError, match=r"output_dir=.* is invalid; it would write among "
+                                             r"the run's own files"):
+            run_lib.run_rcnn_svm(str(tiny_workdir), str(inside), settings)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"output_dir=.* is invalid; it holds a sweep "
+                                         r"\(sweep.json\), not a R-CNN SVM stage"):
+        run_lib.run_rcnn_svm(str(tiny_workdir), str(tmp_path / "sweep"), settings)
+    assert not (tiny_workdir / "results.json").exists()
     empty = tmp_path / "no_checkpoints"
     empty.mkdir()
     (empty / "config.json").write_text((tiny_workdir / "config.json").read_text())

@@ -164,6 +164,20 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(t
         "to create, but a file is in the way.")
 
 
+def test_an_output_among_the_runs_own_files_is_refused_before_evaluating(tmp_path):
+    """--output=<workdir>/config.json replaced the run's training config with eval metrics: it
+    could no longer be evaluated, resumed or warm-started from."""
+    (tmp_path / "config.json").write_text("{}")
+    result = _command("experiments.evaluate", f"--workdir={tmp_path}",
+                      f"--output={tmp_path / 'config.json'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --output={str(tmp_path / 'config.json')!r} is invalid; it would write among the "
+        f"run's own files in {str(tmp_path)!r} (its config, summary and checkpoints): use a "
+        "subfolder or another directory.")
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
 @pytest.mark.slow  # 17 s in CI: trains a run first
 def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp_path):
     """--split is checked against the run's dataset before anything compiles, and named as the
