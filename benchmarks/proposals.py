@@ -31,13 +31,14 @@ def _define_flags() -> None:
 def _settings() -> list[tuple[str, float]]:
     """(strategy, scale) pairs of --strategies x --scales, each checked against what
     selective_search takes (a ValueError naming the flag), before any image is read."""
-    from cnnjax.detection.selective_search import STRATEGIES
+    from cnnjax.detection.selective_search import SCALE_RANGE, STRATEGIES
     from cnnjax.utils.validation import check_choice, check_number
 
     owner = "benchmarks.proposals"
     strategies = [check_choice(owner, "--strategies", s, STRATEGIES) for s in FLAGS.strategies]
-    scales = [check_number(owner, "--scales", s, "expected numbers in [0.25, 8] (the upsampling "
-                           "applied before segmenting)", low=0.25, high=8.0)
+    low, high = SCALE_RANGE  # selective_search's, as strings (flags) rather than numbers
+    scales = [check_number(owner, "--scales", s, f"expected numbers in [{low:g}, {high:g}] (the "
+                           "upsampling applied before segmenting)", low=low, high=high)
               for s in FLAGS.scales]
     return [(strategy, scale) for strategy in strategies for scale in scales]
 

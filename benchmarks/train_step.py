@@ -497,16 +497,15 @@ def main(argv: list[str]) -> None:
         changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
         options = checked_train_options()
         benches = build_jax_steps(lowerings, options)
-        last = benches[impls[-1]]
-        if FLAGS.torch and last["platform"] != "cpu" and last["num_devices"] > 1:
+        bench = benches[impls[-1]]  # the last one built: its device count, platform and size
+        if FLAGS.torch and bench["platform"] != "cpu" and bench["num_devices"] > 1:
             # PyTorch's step runs on one device: a ratio against several would mean nothing.
             raise ValueError(
                 f"--num_devices: --torch compares with one PyTorch device, and JAX would run on "
-                f"{last['num_devices']} {last['platform']} devices; use --num_devices=1 with "
+                f"{bench['num_devices']} {bench['platform']} devices; use --num_devices=1 with "
                 "--torch (host devices on a CPU share its cores, so there any count compares)")
     load_start = loadavg()
     compile_s, runners = compile_jax_runners(benches, lowerings)
-    bench = benches[impls[-1]]  # the last one built: its device count, platform and size
     torch_bench = None
     if FLAGS.torch:
         torch_bench, runners["torch"] = torch_runner(bench)

@@ -179,15 +179,16 @@ def _checked_batch(owner: str, detections: Any, gt_boxes: Any, gt_labels: Any, g
     """`DetectionEvaluator.add`'s arguments checked (shapes, flags, valid boxes, scores not NaN)
     and flattened to N images; raises naming the first argument that is wrong."""
     try:
-        fields = (detections.boxes, detections.scores, detections.classes, detections.valid)
+        boxes, scores, classes, valid = (detections.boxes, detections.scores,
+                                         detections.classes, detections.valid)
     except AttributeError:
         raise invalid(owner, "detections", type(detections).__name__,
                       "expected a Detections (boxes, scores, classes, valid)") from None
-    boxes = _boxes(owner, "detections.boxes", fields[0])
+    boxes = _boxes(owner, "detections.boxes", boxes)
     lead, k = boxes.shape[:-2], boxes.shape[-2]
-    scores = _matching(owner, "detections.scores", fields[1], boxes.shape[:-1])
-    classes = _matching(owner, "detections.classes", fields[2], boxes.shape[:-1])
-    valid = _flags(owner, "detections.valid", fields[3], boxes.shape[:-1])
+    scores = _matching(owner, "detections.scores", scores, boxes.shape[:-1])
+    classes = _matching(owner, "detections.classes", classes, boxes.shape[:-1])
+    valid = _flags(owner, "detections.valid", valid, boxes.shape[:-1])
     n = int(np.prod(lead))
     gt_boxes = _boxes(owner, "gt_boxes", gt_boxes)
     if int(np.prod(gt_boxes.shape[:-2])) != n:

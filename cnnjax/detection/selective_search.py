@@ -22,6 +22,8 @@ import numpy as np
 from cnnjax.utils.validation import check_choice, check_number, check_positive_int, invalid
 
 STRATEGIES = ("fast", "quality")
+#: The upsampling factors `scale` may take (both ends included).
+SCALE_RANGE = (0.25, 8.0)
 _OWNER = "selective_search"
 
 
@@ -51,8 +53,9 @@ def check_settings(owner: str, strategy: Any, scale: Any) -> None:
     """A ValueError naming `owner` unless `strategy` is one of STRATEGIES and `scale` in
     [0.25, 8]."""
     check_choice(owner, "strategy", strategy, STRATEGIES)
-    check_number(owner, "scale", scale, "expected a number in [0.25, 8] (the upsampling applied "
-                 "before segmenting)", low=0.25, high=8.0, strings=False)
+    low, high = SCALE_RANGE
+    check_number(owner, "scale", scale, f"expected a number in [{low:g}, {high:g}] (the "
+                 "upsampling applied before segmenting)", low=low, high=high, strings=False)
 
 
 def _check_pixels(array: np.ndarray, scale: float) -> None:
