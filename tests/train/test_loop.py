@@ -572,6 +572,29 @@ def test_restart_never_discards_a_run_of_the_same_config(tmp_path, monkeypatch):
     assert summary["resumed_from_step"] == 4 and summary["status"] == "completed"
 
 
+def test_restart_refuses_checkpoints_whose_config_is_unknown(tmp_path):
+    """Checkpoints that record no config, beside no config.json (written before configs were
+    kept with them): restart emptied the workdir, though the run might be this config's (a
+    requeued job). Now it is refused and nothing is deleted; without restart it resumes."""
+    config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=4, eval_every_steps=8)
+    loop.train_and_evaluate(config, str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "summary.json").unlink()
+    for step in ("4", "8"):
+        path = tmp_path / "checkpoints" / step / loop.STEP_METADATA_FILE
+        metadata = json.loads(path.read_text())
+        del metadata["custom_metadata"][loop.CONFIG_RECORD]
+        path.write_text(json.dumps(metadata))
+    config.restart = True
+    with pytest.raises(ValueError, match=r"^restart=True: '.*' holds checkpoints that record no "
+                                         r"config .* drop --config.restart to resume it, or "
+                                         r"delete the workdir to start over"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+    config.restart = False
+    assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 8
+
+
 def test_a_workdir_another_process_trains_in_is_refused_and_left_untouched(tmp_path):
     running = '{"status": "running"}'  # what the holder's summary might say
     (tmp_path / "summary.json").write_text(running)
