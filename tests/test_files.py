@@ -83,6 +83,20 @@ def test_an_output_folder_behind_a_file_is_refused_and_nothing_is_created(tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_nothing_can_be_created_in_is_refused_by_its_flag(tmp_path):
+    """`--sweep_dir=/proc/x` (and a read-only file system) passed the check and failed later
+    with a bare OS error naming the path but not the flag; the folder is now probed by creating
+    (and removing) an empty one. A read-only data_dir, which is only read, is not probed."""
+    with pytest.raises(ValueError, match=r"^--out='/proc/x/y' is invalid; nothing can be created "
+                                         r"in '/proc' \(.*\); expected a directory this process "
+                                         r"can write \(is the file system read-only"):
+        files.check_output_dir("/proc/x/y", "--out")
+    assert files.check_output_dir("/proc/x/y", "data_dir", writable=False) == "/proc/x/y"
+    assert files.check_output_dir(str(tmp_path), "--out") == str(tmp_path)
+    assert os.listdir(tmp_path) == []  # the probe is gone
+
+
 def test_an_earlier_traceback_is_kept_aside_after_a_success(tmp_path):
     assert files.retire_error_log(str(tmp_path)) is None
     (tmp_path / "error.log").write_text("old traceback")

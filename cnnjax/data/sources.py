@@ -81,7 +81,7 @@ class TfdsSource(Source):
     def __init__(self, spec: Spec):
         if spec.data_dir is not None:  # tfds would fail deep in a first-use build instead
             try:
-                check_output_dir(spec.data_dir, "data_dir")
+                check_output_dir(spec.data_dir, "data_dir", writable=False)  # may be read-only
             except ValueError:
                 raise invalid(_OWNER, "data_dir", spec.data_dir,
                               "expected a directory (tfds reads datasets from it and builds "

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -201,11 +202,15 @@ def check_directory_kind(path: str, kind: str, flag: str) -> None:
                              f"{kind}: use a new directory.")
 
 
-def check_output_dir(path: str, label: str) -> str:
+def check_output_dir(path: str, label: str, *, writable: bool = True) -> str:
     """Refuses (a ValueError naming `label`, e.g. `--output_dir`) an output folder `path` that could
     not be created because a file is in its way (at `path` or a parent), creating nothing;
     returns `path`. Commands call it before their work, so the error comes at once, not after.
-    An empty path (e.g. `--workdir=$WORKDIR` with the variable unset) is refused too."""
+    An empty path (e.g. `--workdir=$WORKDIR` with the variable unset) is refused too.
+
+    With `writable` it also refuses a folder nothing can be created in (a read-only file system,
+    another user's directory, /proc): an empty folder is made and removed in `path`, or in its
+    nearest existing parent, as the probe."""
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"{label}={path!r} is invalid; expected a directory path.")
     probe = os.path.abspath(path)
@@ -217,6 +222,14 @@ def check_output_dir(path: str, label: str) -> str:
     if os.path.exists(probe) and not os.path.isdir(probe):
         raise ValueError(f"{label}={path!r} is invalid; expected a directory or a path to "
                          "create, but a file is in the way.")
+    if writable and os.path.isdir(probe):
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".cnnjax-write-check-", dir=probe))
+        except OSError as err:
+            raise ValueError(
+                f"{label}={path!r} is invalid; nothing can be created in {probe!r} "
+                f"({err.strerror or err}); expected a directory this process can write (is the "
+                "file system read-only or full, or the directory another user's?)") from None
     return path
 
 

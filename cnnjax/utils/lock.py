@@ -97,7 +97,7 @@ def directory_lock(path: str, flag: str = "workdir", *, kind: str | None = None,
 def _locked(path: str, flag: str) -> Iterator[None]:
     """`directory_lock`'s lock itself: created, acquired (or re-entered), released."""
     try:
-        os.makedirs(check_output_dir(path, flag), exist_ok=True)
+        os.makedirs(check_output_dir(path, flag, writable=False), exist_ok=True)
     except OSError as err:
         raise _not_writable(flag, path, err) from None
     key = os.path.realpath(path)
