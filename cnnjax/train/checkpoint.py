@@ -285,6 +285,7 @@ class Checkpointer:
             "expected a finite number of seconds >= 0", low=0.0, high=math.inf, high_open=True,
             strings=False)
         self.best_metric = best_metric
+        self.keep = keep
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
             policies.append(
@@ -346,6 +347,19 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
         return sorted(self._manager.all_steps())
+
+    def prune(self) -> list[int]:
+        """Deletes the checkpoints the keep policy (the last `keep` plus the best) no longer
+        holds, and returns their steps. Orbax prunes only after a later save commits, so a run
+        killed between its final save and that pruning would otherwise keep one too many."""
+        steps = self.all_steps()
+        kept = set(steps[-self.keep:])
+        if self.best_metric and self._manager.best_step() is not None:
+            kept.add(self._manager.best_step())
+        dropped = [step for step in steps if step not in kept]
+        for step in dropped:
+            self._manager.delete(step)
+        return dropped
 
     def save(self, step: int, state: Any, metrics: dict | None = None,
              run_info: dict | None = None) -> None:

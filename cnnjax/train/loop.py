@@ -707,6 +707,8 @@ class _Run:
                 logging.info("%s already completed all %d steps; nothing to do (its "
                              "summary.json is left as it is).", self.workdir, total_steps)
                 return finished
+            if start_step >= total_steps:  # killed after its final save: orbax had not pruned
+                checkpointer.prune()
             evals, stopped = self.train(host_state, start_step, resumed_info, checkpointer,
                                         opened)
         if stopped is not None:

@@ -49,6 +49,21 @@ def test_best_survives_a_resume(tmp_path, mode, first, later):
     resumed.close()
 
 
+@pytest.mark.parametrize("best_metric, kept", [("top1", [20, 40, 50]), (None, [40, 50])])
+def test_prune_applies_the_keep_policy_orbax_had_not_applied_yet(tmp_path, best_metric, kept):
+    """Orbax prunes only once a later save commits: a run killed between its final save and
+    the pruning kept one checkpoint too many for good. `prune` applies the policy at once."""
+    before = Checkpointer(str(tmp_path), keep=5, best_metric="top1")
+    for step, top1 in {10: 0.5, 20: 0.9, 30: 0.6, 40: 0.7, 50: 0.65}.items():
+        before.save(step, _state(step), {"top1": top1})
+    before.close()
+    after = Checkpointer(str(tmp_path), keep=2, best_metric=best_metric)
+    assert after.all_steps() == [10, 20, 30, 40, 50]
+    assert after.prune() == sorted({10, 20, 30} - set(kept))
+    assert after.all_steps() == kept and after.prune() == []
+    after.close()
+
+
 def test_saves_without_metrics_do_not_warn(tmp_path, caplog):
     checkpointer = Checkpointer(str(tmp_path), keep=2, best_metric="top1", use_async=False)
     with caplog.at_level("WARNING"):

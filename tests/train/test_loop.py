@@ -595,6 +595,20 @@ def test_restart_refuses_checkpoints_whose_config_is_unknown(tmp_path):
     assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 8
 
 
+def test_a_rerun_after_the_final_save_prunes_what_orbax_had_not(tmp_path):
+    """Killed after its final checkpoint committed but before orbax pruned the older ones (and
+    before summary.json), the rerun had nothing to train and kept one checkpoint too many."""
+    config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=2, eval_every_steps=8,
+                                 keep_checkpoints=3)
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert sorted(map(int, os.listdir(tmp_path / "checkpoints"))) == [4, 6, 8]
+    (tmp_path / "summary.json").unlink()
+    config.keep_checkpoints = 1  # as if one more than `keep` had been left behind
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == 8
+    assert os.listdir(tmp_path / "checkpoints") == ["8"]  # the latest, also the best
+
+
 def test_a_workdir_another_process_trains_in_is_refused_and_left_untouched(tmp_path):
     running = '{"status": "running"}'  # what the holder's summary might say
     (tmp_path / "summary.json").write_text(running)
