@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -504,10 +505,25 @@ class _Grouper:
             self.claimed_eqns |= eqns
         row.output = e.outputs[0]
 
+    def _before_widening(self, value: int, r: _RowBuilder) -> int:
+        """The value a row hands on, seen through a widening cast it feeds another row: an
+        average pool widens its bfloat16 input to float32 inside itself, and that cast, folded
+        into the producing row as one-input elementwise, doubled the row's bytes. A model's
+        own output keeps its dtype (logits returned in float32)."""
+        if value in self.t.output_ids:
+            return value
+        e = next(self.t.eqns[q] for q in r.eqns if value in self.t.eqns[q].outputs)
+        if e.prim != "convert_element_type" or self.producer.get(e.inputs[0]) != r.key:
+            return value
+        source = e.inputs[0]
+        wider = self.t.avals[value].dtype.itemsize > self.t.avals[source].dtype.itemsize
+        return source if wider else value
+
     def _finish(self, r: _RowBuilder, leaving: set[int]) -> LayerRow:
         """The row's record; its outputs are the values it passes on (all parts of a split),
         else its last equation's first output."""
-        outputs = [o for q in r.eqns for o in self.t.eqns[q].outputs if o in leaving]
+        outputs = [self._before_widening(o, r) for q in r.eqns for o in self.t.eqns[q].outputs
+                   if o in leaving]
         avals = [self.t.avals[o] for o in outputs or [r.output]]
         shapes = tuple(tuple(int(s) for s in a.shape) for a in avals)
         return LayerRow(
@@ -595,6 +611,10 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
     shape = checked_input_shape(owner, input_shape)
     check_positive_int(owner, "batch_size", batch_size)
     check_float_dtype(owner, "dtype", dtype, allow_none=False)
+    if jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):  # float64 traced as float32
+        raise invalid(owner, "dtype", jnp.dtype(dtype).name,
+                      "expected a dtype JAX computes in: float64 needs "
+                      "jax.config.update('jax_enable_x64', True) first")
     _check_call_kwargs(owner, model, call_kwargs)
     from cnnjax.train.checks import LayerCallError  # trace_model imports it too: no extra cost
 

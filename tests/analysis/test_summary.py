@@ -17,7 +17,7 @@ import pytest
 
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
-from cnnjax.layers.pooling import spatial_pyramid_pool
+from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d, spatial_pyramid_pool
 from cnnjax.models.fcn import bilinear_transposed_conv
 from tests.commands import run_commands
 from tests.examples import (
@@ -403,11 +403,40 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
          r"^summary: keyword arguments=\{'trian': True\} is invalid; VGGLike.__call__\(self, x"),
         ({"input_shape": (32, 32, 3), "dtype": "foo"},
          r"^summary: dtype='foo' is invalid; expected a floating-point dtype"),
+        # traced as float32 without x64, so every byte count was half what it said
+        ({"input_shape": (32, 32, 3), "dtype": "float64"},
+         r"^summary: dtype='float64' is invalid; expected a dtype JAX computes in: float64 "
+         r"needs jax.config.update\('jax_enable_x64', True\) first"),
     ],
 )
 def test_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with jax.enable_x64(False), pytest.raises(ValueError, match=message):
         summary(VGGLike(), **kwargs)
+
+
+@pytest.mark.parametrize("pool", [max_pool2d, avg_pool2d, global_avg_pool])
+def test_a_bfloat16_row_before_an_average_pool_counts_bfloat16_bytes(pool):
+    """avg_pool2d widens its input to float32 inside itself; that cast was folded into the conv's
+    row, which then reported its output at 4 bytes per element instead of bfloat16's 2. The
+    model's own float32 output (the logits) keeps its 4 bytes."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(Conv2D(8, 3, padding=1, dtype=jnp.bfloat16)(x))
+            return pool(x) if pool is global_avg_pool else pool(x, 2)
+
+    rows = summary(Net(), (16, 16, 3), dtype=jnp.bfloat16).rows
+    assert rows[0].name == "Conv2D_0" and rows[0].activation_bytes == 16 * 16 * 8 * 2
+    output = jax.eval_shape(Net().apply, Net().init(jax.random.key(0), jnp.zeros(
+        (1, 16, 16, 3), jnp.bfloat16)), jnp.zeros((1, 16, 16, 3), jnp.bfloat16))
+    assert rows[-1].activation_bytes == output.size * output.dtype.itemsize
+
+
+def test_float64_is_traced_as_float64_with_x64():
+    with jax.enable_x64(True):
+        rows = summary(VGGLike(), (32, 32, 3), dtype="float64").rows
+    assert rows[0].activation_bytes == 32 * 32 * 16 * 8  # conv1_1: 16 channels, 8 bytes
 
 
 @pytest.mark.parametrize(
@@ -741,7 +770,7 @@ def test_equal_bin_adaptive_avg_pool_counts_as_the_avg_pool_of_its_windows(shape
     pooling, a bin of 1x1 the identity (0, as XLA folds it). It counted a division after each
     of its two separable sums: 384 for 256, 288 for global pooling's 256, and 2 per element for
     the 7x7 -> 7x7 identity, which XLA computes as nothing."""
-    from cnnjax.layers.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool
+    from cnnjax.layers.pooling import adaptive_avg_pool2d
 
     result = summary(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
     xla, _, _ = _xla_flops(_Pool(lambda x: adaptive_avg_pool2d(x, out)), shape)
