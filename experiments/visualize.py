@@ -49,7 +49,7 @@ configure_entry_point()
 from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
-from cnnjax.utils.files import check_output_dir  # noqa: E402
+from cnnjax.utils.files import check_output_dir, check_outside_run  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -332,7 +332,8 @@ def list_layers_conflict(given: Collection[str]) -> str | None:
 
 def _out_dir() -> str:
     """The output folder, checked up front: `--output_dir`, else `<workdir>/visualize`."""
-    if _OUTPUT_DIR.value:
+    if _OUTPUT_DIR.value:  # not among the run's own files, as evaluate's --output
+        check_outside_run(_OUTPUT_DIR.value, _WORKDIR.value, "--output_dir", folder=True)
         return check_output_dir(_OUTPUT_DIR.value, "--output_dir")
     return check_output_dir(os.path.join(_WORKDIR.value, "visualize"),
                             "--workdir's visualize folder")

@@ -277,6 +277,9 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
 
 def _check_rng(rng: Any) -> jax.Array:
     if isinstance(rng, int | np.integer) and not isinstance(rng, bool):
+        if not 0 <= int(rng) < 2**63:  # jax.random.key's OverflowError was a traceback
+            raise invalid(_OWNER, "rng", rng, "expected an int seed in [0, 2**63) or a JAX "
+                          "PRNG key")
         return jax.random.key(int(rng))
     if isinstance(rng, jax.Array) and (
         jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)

@@ -103,6 +103,12 @@ def check_images(owner: str, x: Any) -> None:
     and a detector's `loss` and `detect`): integer images (uint8 0..255) went silently through
     `jnp.asarray(x, dtype)` as unnormalized floats."""
     check_nhwc_nonempty(owner, x)
+    _, height, width, channels = x.shape
+    if height in (1, 3, 4) and channels > 4 and height < width == channels:  # (N, 3, 224, 224)
+        raise invalid(owner, "input.shape", tuple(x.shape),
+                      "expected NHWC images (batch, height, width, channels), but this looks "
+                      "like NCHW (channels first, PyTorch's layout): pass "
+                      "x.transpose(0, 2, 3, 1)")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise invalid(owner, "input.dtype", str(x.dtype),
                       "expected floating-point images, normalized as the model was trained "

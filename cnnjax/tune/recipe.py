@@ -790,7 +790,7 @@ def check_tune(base_config: Any, recipe: Recipe | Any) -> tuple[Recipe, RoundPla
                          f"logs_per_trial), which it refuses: {err}") from None
     # The fields later rounds may set must exist now, not after hours of round 1.
     space_lib.check_fields(base_config, space_lib.grid({f: (None,) for f in TUNED_FIELDS}))
-    check_regularizers(recipe, base_config)
+    check_regularizers(recipe, plan.base_config(base_config))  # at round 1's step counts
     for trial, config in space_lib.trial_configs(plan.base_config(base_config), plan.space()):
         try:
             config_lib.validate_config(config)

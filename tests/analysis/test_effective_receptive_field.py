@@ -276,6 +276,10 @@ def test_plot_into_a_folder_not_yet_made_creates_it(tmp_path):
         ({"position": (1, 0)}, r"position=\(1, 0\) is invalid; expected 2 indices into the "
                                r"map's spatial shape \(1, 1\)"),
         ({"rng": "seed"}, r"rng='seed' is invalid; expected an int seed or a JAX PRNG key"),
+        # jax.random.key's OverflowError, a traceback from the CLI's --seed
+        ({"rng": 10**20}, r"rng=100000000000000000000 is invalid; expected an int seed in "
+                          r"\[0, 2\*\*63\)"),
+        ({"rng": -1}, r"rng=-1 is invalid; expected an int seed in \[0, 2\*\*63\)"),
     ],
 )
 def test_errors_before_compilation(monkeypatch, kwargs, message):

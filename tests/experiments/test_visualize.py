@@ -72,6 +72,10 @@ def refused(tmp_path_factory) -> dict:
             (tmp / "visualize").write_text("")
         args = [] if where == "default" else [f"--{where}={tmp / 'file' / 'x'}"]
         commands[where] = (tmp, [f"--workdir={tmp}", *args])
+    for case, output in (("into_run", ""), ("into_checkpoints", "checkpoints")):
+        (root / case).mkdir()
+        commands[case] = (root / case, [f"--workdir={root / case}",
+                                        f"--output_dir={root / case / output}"])
     # JAX and the engine, imported once (experiments.visualize imports them only once running)
     results = run_commands([("experiments.visualize", *args) for _, args in commands.values()],
                            timeout=120, preimport=["cnnjax.train.trained"])
@@ -228,6 +232,20 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_any_work(ref
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {label}={path!r} is invalid; expected a directory or a path to create, but a "
         "file is in the way.")
+
+
+@pytest.mark.parametrize("case", ["into_run", "into_checkpoints"])
+def test_an_output_folder_among_the_runs_own_files_is_refused_as_evaluate_refuses_it(refused,
+                                                                                     case):
+    """The maps were written beside the run's config.json or among its checkpoints, where
+    evaluate --output and rcnn_svm --output_dir are refused."""
+    tmp_path, result = refused[case]
+    path = str(tmp_path / ("" if case == "into_run" else "checkpoints"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir={path!r} is invalid; it would write among the run's own files in "
+        f"{str(tmp_path)!r} (its config, summary and checkpoints): use a subfolder or another "
+        "directory.")
 
 
 def test_titles_name_a_class_subsets_dataset_labels():

@@ -634,3 +634,15 @@ def test_adaptive_avg_pool_of_one_pixel_bins_repeats_or_keeps_them(shape, out):
     pair = (out, out) if isinstance(out, int) else out
     np.testing.assert_allclose(adaptive_avg_pool2d(x, out), _adaptive_reference(x, pair, "avg"),
                                rtol=RTOL, atol=ATOL)
+
+
+def test_avg_pool_builds_no_map_sized_array_on_the_host():
+    """The divisor was a NumPy outer product of the window counts: 18.6 GB for a 100000-pixel
+    image during the engine's shape-only size check, which the kernel killed with no record.
+    It is a product inside the graph now; the traced function holds only per-axis counts."""
+    x = jax.ShapeDtypeStruct((1, 4096, 4096, 1), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: avg_pool2d(x, 2))(x)
+    assert max((np.size(c) for c in jaxpr.consts), default=0) <= 2048
+    out = jax.eval_shape(lambda x: avg_pool2d(x, 2), jax.ShapeDtypeStruct((1, 100_000, 100_000,
+                                                                           1), jnp.float32))
+    assert out.shape == (1, 50_000, 50_000, 1)

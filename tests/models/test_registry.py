@@ -271,6 +271,25 @@ def test_integer_images_are_refused(name, dtype):
 
 
 @pytest.mark.parametrize("name", ONE_PER_CLASS)
+def test_channels_first_images_are_refused_by_their_layout(name):
+    """NCHW images (PyTorch's layout) were read as 3 rows of 224 channels: resnet18 built a
+    (7, 7, 224, 64) first kernel and gave logits; others failed on a pooling size. Refused
+    before tracing, naming the layout; the same images in NHWC still build."""
+    import jax
+
+    model = create_model(name)
+    nhwc = _native_spec(name).shape
+    nchw = (nhwc[0], nhwc[3], nhwc[1], nhwc[2])
+    x = jax.ShapeDtypeStruct(nchw, "float32")
+    with pytest.raises(ValueError, match=rf"^{type(model).__name__}: input\.shape="
+                                         rf"\({nchw[0]}, {nchw[1]}, {nchw[2]}, {nchw[3]}\) is "
+                                         r"invalid; expected NHWC images .* looks like NCHW"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                   jax.ShapeDtypeStruct(nhwc, "float32"))
+
+
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
 def test_training_on_a_batch_of_no_images_is_refused(name):
     """BatchNorm's batch statistics of 0 images are NaN (0/0) and replaced the running ones
     (`vgg11_bn` below); a batch of 0 has nothing to train on in any model. Eval on it works

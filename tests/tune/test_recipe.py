@@ -419,6 +419,20 @@ def test_bad_regularizer_lists(regularizers, message):
     assert message in str(err.value)
 
 
+def test_regularizers_are_checked_on_the_base_as_round_1_trains_it():
+    """A base of 5 steps with a 30-step warmup is valid for a tune (round 1 trains
+    round1_steps=100), but the regularizer check ran on the raw base and blamed
+    'weight_decay' for the warmup."""
+    import runpy
+
+    base = runpy.run_path("experiments/configs/lenet5_digits.py")["get_config"]()
+    recipe = runpy.run_path("experiments/recipes/lenet5_digits.py")["get_config"]()
+    base.num_train_steps = 5
+    recipe.regularizers = ("weight_decay",)
+    _, plan = rc.check_tune(base, recipe)
+    assert plan.base_config(base).num_train_steps == 100
+
+
 def test_regularizers_that_do_not_fit_the_base_config_are_refused_before_training():
     with pytest.raises(ValueError, match=r"recipe: regularizers='drop_path' is invalid; it sweeps "
                                          r"model_kwargs.drop_path_rate, which the base config "
