@@ -94,4 +94,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     configure_cpu_defaults()
     _define_flags()
-    app.run(main)
+    from cnnjax.utils.cli import parse_flags  # flag errors: one `error:` line, as elsewhere
+
+    app.run(main, flags_parser=parse_flags)

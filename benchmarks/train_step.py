@@ -694,4 +694,6 @@ def ratio_lines(result: dict[str, Any], impls: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    from cnnjax.utils.cli import parse_flags  # flag errors: one `error:` line, as elsewhere
+
+    app.run(main, flags_parser=parse_flags)

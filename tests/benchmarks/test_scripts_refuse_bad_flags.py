@@ -81,3 +81,20 @@ def test_importing_the_proposals_benchmark_defines_no_flags():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_every_benchmark_reports_a_flag_error_in_one_line():
+    """absl's own `FATAL Flags parsing error` and help pointer, in place of the `error:` line
+    every other entry point prints (bad values too: --batch_size=0)."""
+    from tests.commands import run_commands
+
+    scripts = ("backend_parity", "conv_transpose", "input_pipeline", "profile_step", "proposals",
+               "roi_pool", "train_step")
+    results = run_commands([[f"benchmarks.{s}", "--no_such_flag=1"] for s in scripts]
+                           + [["benchmarks.train_step", "--batch_size=0"]])
+    for script, result in zip(scripts, results, strict=False):
+        assert result.returncode == 1 and "FATAL" not in result.stderr, (script, result.stderr)
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "error: Unknown command line flag 'no_such_flag'"), (script, result.stderr)
+    assert results[-1].stderr.strip().splitlines()[-1] == (
+        "error: --batch_size='0' is invalid; 0 is not a positive integer")
