@@ -527,13 +527,18 @@ def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
     from cnnjax.utils.cli import one_line_errors, start_command
-    from cnnjax.utils.files import atomic_write, check_output_dir, make_parent_dir
+    from cnnjax.utils.files import atomic_write, check_output_file, make_parent_dir
 
     start_command(list(argv))
     f = flags.FLAGS
     with one_line_errors():
-        if not f.check:  # before the tracing: a file in the way of its folder is reported now
-            check_output_dir(os.path.dirname(os.path.abspath(f.output)), "--output's folder")
+        # before the tracing: a directory, or a file in the way of its folder, is reported now
+        if not f.check:
+            check_output_file(f.output, "--output", "--output's folder")
+        elif not os.path.isfile(f.output):
+            raise ValueError(f"--output={f.output!r} is invalid; --check compares an existing "
+                             f"file, and there is none: write it with `python -m "
+                             f"cnnjax.analysis.zoo --output={f.output}` first")
         start = time.perf_counter()
         rows = zoo_table(f.models,
                          progress=lambda n, s: logging.info("%s: traced in %.2f s", n, s))
@@ -541,7 +546,9 @@ def main(argv: Sequence[str]) -> None:
         print(f"analysed {len(rows)} models in {time.perf_counter() - start:.1f} s")
         if f.check:
             if is_stale(f.output, text):
-                print(f"{f.output} is stale; regenerate it with `{COMMAND}`.")
+                command = (COMMAND if f.output == DEFAULT_OUTPUT
+                           else f"python -m cnnjax.analysis.zoo --output={f.output}")
+                print(f"{f.output} is stale; regenerate it with `{command}`.")
                 raise SystemExit(1)
             print(f"{f.output} is up to date.")
             return

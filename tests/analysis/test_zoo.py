@@ -258,7 +258,9 @@ def test_is_stale(tmp_path):
 
 
 _BAD_ARGS = [("--models=bogus", "--output={tmp}/z.md"),
-             ("--models=lenet5", "--output={tmp}/file/zoo.md")]
+             ("--models=lenet5", "--output={tmp}/file/zoo.md"),
+             ("--models=lenet5", "--output={tmp}"),  # a directory: refused only after tracing
+             ("--models=lenet5", "--output={tmp}/z.md", "--check")]  # "stale", of no file
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +291,8 @@ def test_cli_writes_and_checks(cli):
     assert runs["write"].returncode == 0, runs["write"].stderr
     assert "| `lenet5` | 32×32×1 | 10 | 61,706 |" in out.read_text(encoding="utf-8")
     assert runs["check"].returncode == 1
-    assert (f"{tmp / 'stale.md'} is stale; regenerate it with `python -m cnnjax.analysis.zoo"
-            in runs["check"].stdout)
+    assert (f"{tmp / 'stale.md'} is stale; regenerate it with `python -m cnnjax.analysis.zoo "
+            f"--output={tmp / 'stale.md'}`" in runs["check"].stdout)
 
 
 @pytest.mark.slow
@@ -330,6 +332,13 @@ def test_cli_bad_input_is_one_line(cli, index):
     assert line.startswith("error: ")
     if args[0] == "--models=bogus":
         assert "'bogus'" in line
+    elif args[-1] == "--check":
+        assert line == (f"error: --output={str(tmp_path / 'z.md')!r} is invalid; --check "
+                        "compares an existing file, and there is none: write it with `python "
+                        f"-m cnnjax.analysis.zoo --output={tmp_path / 'z.md'}` first")
+    elif args[1] == "--output={tmp}":
+        assert line == (f"error: --output={str(tmp_path)!r} is invalid; it is a directory, "
+                        "expected a file name")
     else:
         assert line == (f"error: --output's folder={str(tmp_path / 'file')!r} is invalid; "
                         "expected a directory or a path to create, but a file is in the way.")
