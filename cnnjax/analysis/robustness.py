@@ -524,6 +524,16 @@ def _output_dir(workdir: str) -> str:
     return check_output_dir(os.path.join(workdir, "robustness"), "--workdir's robustness folder")
 
 
+def record_file_name(severities: str = "1,2,3,4,5", split: str | None = None,
+                     max_examples: int | None = None, seed: int = 0, source: str = "on_the_fly",
+                     step: int | None = None, batch_size: int = 256) -> str:
+    """The JSON file name under `<workdir>/robustness/` that `run_robustness` with these
+    arguments writes: known before any work, so a `--baseline` lacking it is refused first."""
+    _, max_examples, _, seed = _check_arguments(severities, max_examples, batch_size, seed,
+                                                source)
+    return _file_stem(source, split, seed, max_examples, step) + ".json"
+
+
 def _file_stem(source: str, split: str | None, seed: int, max_examples: int | None,
                explicit_step: int | None) -> str:
     """robustness[_tfds][_<settings>]: one file per choice of split, seed, example cap and

@@ -382,6 +382,18 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == (
         "error: robustness: baseline='/nonexistent/run' is invalid; it does not exist (expected "
         "another run's workdir or its robustness JSON)")
+    # A baseline without the record of these flags: refused before the measurement (it was
+    # refused after all the cells), so the run gets no robustness_seed3.json.
+    empty = os.path.join(os.path.dirname(trained[1]), "no_robustness_run")
+    os.makedirs(empty, exist_ok=True)
+    late = subprocess.run([*command, "--corruptions=contrast", "--severities=5", "--seed=3",
+                           f"--baseline={empty}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert late.returncode == 1 and late.stderr.strip().splitlines()[-1] == (
+        f"error: robustness: baseline={empty!r} is invalid; it has no "
+        "robustness/robustness_seed3.json: run experiments.robustness on the baseline run "
+        "first, with the same flags.")
+    assert not os.path.exists(os.path.join(trained[1], "robustness", "robustness_seed3.json"))
     bad = subprocess.run([*command, "--severities=7", "--batch_size=16"],  # the alias
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
