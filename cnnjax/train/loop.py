@@ -825,6 +825,11 @@ class _Run:
             if pending is not None:  # host sync on the previous step keeps one step queued
                 self.record(*pending, logger, bar)
             pending = (done, metrics)
+            if step == start_step:  # the clock starts once the compiling first step is done;
+                # one step late, it started after the second (CPU runs may execute a step
+                # inside its call), and the last interval read ~0 s: images/s too high
+                self.record(*pending, logger, bar)
+                pending = None
             is_eval = done % config.eval_every_steps == 0 or done == total_steps
             is_ckpt = done % config.checkpoint_every_steps == 0 or done == total_steps
             # Every process polls at every step (multi-process: a collective at log steps).
@@ -834,7 +839,8 @@ class _Run:
                 stopped = (done, signal_name)
             if not (is_eval or is_ckpt or stopped):
                 continue
-            self.record(*pending, logger, bar)  # never evaluate or save a diverged state
+            if pending is not None:  # never evaluate or save a diverged state
+                self.record(*pending, logger, bar)
             pending = None
             with self.clock.paused():
                 metrics_eval = self.log_eval(state, done, p_eval, logger) if is_eval else None

@@ -609,6 +609,25 @@ def test_a_rerun_after_the_final_save_prunes_what_orbax_had_not(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["8"]  # the latest, also the best
 
 
+def test_the_throughput_clock_starts_when_the_first_step_is_done(tmp_path, monkeypatch):
+    """The first step's metrics were read one step late, after the second step's call. On CPU a
+    call may run its step before returning, so the clock started after step 2, the last
+    interval read ~0 s, and a 6-step detector run reported 60 images/s for 48. The first
+    step's tick now comes before the second step is dispatched."""
+    events = []
+    steps, tick = loop._Run.steps, loop._Throughput.tick
+
+    def recorded_steps(self):
+        p_train, p_eval = steps(self)
+        return (lambda *args: (events.append("step"), p_train(*args))[1]), p_eval
+
+    monkeypatch.setattr(loop._Run, "steps", recorded_steps)
+    monkeypatch.setattr(loop._Throughput, "tick", lambda self: (events.append("tick"),
+                                                                tick(self))[1])
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    assert events[:3] == ["step", "tick", "step"] and events.count("tick") == 4
+
+
 def test_a_workdir_another_process_trains_in_is_refused_and_left_untouched(tmp_path):
     running = '{"status": "running"}'  # what the holder's summary might say
     (tmp_path / "summary.json").write_text(running)
