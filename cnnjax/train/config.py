@@ -569,10 +569,27 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
             "(an epoch would have no step)."
         )
     devices = _checked_devices(config, pipeline, for_training)
+    _check_eval_batch_fits(config, data_info, devices)
     image_shape = tuple(data_info.image_shape)
     model = _checked_model(config, task, info, image_shape, data_info.num_classes)
     schedule, tx, variable_shapes = _checked_optimizer(config, schedule, model, image_shape)
     return CheckedConfig(task, pipeline, data_info, devices, model, schedule, tx, variable_shapes)
+
+
+def _check_eval_batch_fits(config: Any, data_info: Any, devices: list | None) -> None:
+    """An explicit `eval_batch_size` past the eval split (rounded up to whole device batches)
+    holds only padding; a huge one trained for hours and then died at the first eval, out of
+    memory."""
+    import jax
+
+    num_devices = len(devices or jax.local_devices()) * jax.process_count()
+    value = config.get("eval_batch_size")
+    cap = -(-data_info.num_eval // num_devices) * num_devices
+    if value is not None and value > cap:
+        raise invalid("config", "eval_batch_size", value,
+                      f"expected at most {cap}: the eval split of {data_info.name!r} has "
+                      f"{data_info.num_eval} examples (rounded up to a multiple of the "
+                      f"{num_devices} devices), and a larger batch holds only padding")
 
 
 def _task_model_info(config: Any, task: str) -> Any:

@@ -400,6 +400,11 @@ def _unknown_kwarg():
          f"config: global_batch_size={2 * helpers.NUM_TRAIN} is invalid; expected at most the "
          f"{helpers.NUM_TRAIN} examples of the train split of 'synthetic' (an epoch would "
          "have no step)."),
+        # a batch of only padding: a huge one trained and then died at the first eval
+        (lambda: helpers.tiny_config(eval_batch_size=10**8),
+         f"config: eval_batch_size=100000000 is invalid; expected at most {helpers.NUM_EVAL}: "
+         f"the eval split of 'synthetic' has {helpers.NUM_EVAL} examples (rounded up to a "
+         "multiple of the 1 devices), and a larger batch holds only padding"),
         (lambda: helpers.tiny_config(num_devices=64), "config: num_devices=64 is invalid"),
         (lambda: helpers.tiny_config(**{"data.name": "nope"}), "data: name='nope' is invalid"),
         (lambda: helpers.tiny_config(model=_COLLAPSING), "too small: layer conv2 (Conv) fails"),
