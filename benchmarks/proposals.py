@@ -75,10 +75,19 @@ def main(argv: list[str]) -> None:
     from cnnjax.models.rcnn import window_proposals
     from cnnjax.utils.cli import one_line_errors
 
-    with one_line_errors():
+    with one_line_errors():  # a bad dataset or split: one line, before any image is read
         settings = _settings()
-    split = f"{FLAGS.split}[:{FLAGS.num_images}]"
-    dataset = tfds.load(FLAGS.dataset, split=split, data_dir=FLAGS.data_dir)
+        if "[" in FLAGS.split:
+            raise ValueError(f"benchmarks.proposals: --split={FLAGS.split!r} is invalid; expected "
+                             "a split name without a slice (--num_images takes its first N)")
+        split = f"{FLAGS.split}[:{FLAGS.num_images}]"
+        builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)  # unknown: tfds's error
+        features = builder.info.features
+        if "objects" not in features or "bbox" not in features["objects"]:
+            raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is invalid; "
+                             "expected a detection dataset with objects/bbox boxes (e.g. "
+                             "shapes_multi, voc/2007)")
+        dataset = tfds.load(FLAGS.dataset, split=split, data_dir=FLAGS.data_dir)
     images, truth = [], []
     for example in tfds.as_numpy(dataset):
         height, width = example["image"].shape[:2]

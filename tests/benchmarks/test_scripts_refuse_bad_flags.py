@@ -58,6 +58,13 @@ def test_layer_and_model_arguments_are_one_line_before_any_work():
          "['fast', 'quality']."),
         (["benchmarks.proposals", "--scales=1,abc"],
          "error: benchmarks.proposals: --scales='abc' is invalid; expected numbers in [0.25, 8]"),
+        # tracebacks: a KeyError on 'objects', and tfds's "test[:5][:500]" parse error
+        (["benchmarks.proposals", "--dataset=digits"],
+         "error: benchmarks.proposals: --dataset='digits' is invalid; expected a detection "
+         "dataset with objects/bbox boxes"),
+        (["benchmarks.proposals", "--split=test[:5]"],
+         "error: benchmarks.proposals: --split='test[:5]' is invalid; expected a split name "
+         "without a slice"),
     ]
     results = run_commands([command for command, _ in cases])
     for (command, message), result in zip(cases, results, strict=True):
