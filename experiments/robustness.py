@@ -88,16 +88,16 @@ def main(argv: list[str]) -> None:
         if _BASELINE.value is not None and not os.path.exists(_BASELINE.value):
             raise ValueError(f"robustness: baseline={_BASELINE.value!r} is invalid; it does not "
                              "exist (expected another run's workdir or its robustness JSON)")
-        name = record_file_name(_SEVERITIES.value, _SPLIT.value, _MAX_EXAMPLES.value,
-                                _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)
-        # before the measurement: a baseline without this file was refused only after it
-        baseline = None if _BASELINE.value is None else read_baseline(_BASELINE.value, name)
+        # Read before the measurement: a baseline without the record of these flags was
+        # refused only after every cell had been measured.
+        baseline = None if _BASELINE.value is None else read_baseline(
+            _BASELINE.value, record_file_name(_SEVERITIES.value, _SPLIT.value, _MAX_EXAMPLES.value,
+                                              _SEED.value, _SOURCE.value, _STEP.value,
+                                              _BATCH.value))
         record, path = run_robustness(
             _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
             _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)
         if baseline is not None:
-            if os.path.basename(path) != name:  # the same rule: never, but read the right one
-                baseline = read_baseline(_BASELINE.value, os.path.basename(path))
             record["baseline_errors"] = corruption_errors(record, baseline)
             write_json(path, record)
     print(table(record))

@@ -560,10 +560,11 @@ class _Run:
         resumable = saved is not None and not differ
         if config.restart and saved is None and _has_checkpoints(workdir):
             raise ValueError(
-                f"restart=True: {workdir!r} holds checkpoints that record no config (written "
-                "before configs were kept with them) and no readable config.json, so restart "
-                "cannot tell a requeued run of this config (which must resume) from another "
-                "run; drop --config.restart to resume it, or delete the workdir to start over.")
+                f"config: restart=True is invalid; {workdir!r} holds checkpoints that record "
+                "no config (written before configs were kept with them) and no readable "
+                "config.json, so restart cannot tell a requeued run of this config (which must "
+                "resume) from another run; drop --config.restart to resume it, or delete the "
+                "workdir to start over.")
         if config.restart and resumable:
             logging.info("restart=True: %s holds a run of this same config, which resumes "
                          "(delete the workdir to start it over).", workdir)

@@ -586,9 +586,10 @@ def test_restart_refuses_checkpoints_whose_config_is_unknown(tmp_path):
         del metadata["custom_metadata"][loop.CONFIG_RECORD]
         path.write_text(json.dumps(metadata))
     config.restart = True
-    with pytest.raises(ValueError, match=r"^restart=True: '.*' holds checkpoints that record no "
-                                         r"config .* drop --config.restart to resume it, or "
-                                         r"delete the workdir to start over"):
+    with pytest.raises(ValueError, match=r"^config: restart=True is invalid; '.*' holds "
+                                         r"checkpoints that record no config .* drop "
+                                         r"--config.restart to resume it, or delete the "
+                                         r"workdir to start over"):
         loop.train_and_evaluate(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
     config.restart = False
