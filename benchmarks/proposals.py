@@ -87,7 +87,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is invalid; "
                              "expected a detection dataset with objects/bbox boxes (e.g. "
                              "shapes_multi, voc/2007)")
-        dataset = tfds.load(FLAGS.dataset, split=split, data_dir=FLAGS.data_dir)
+        builder.download_and_prepare()  # what tfds.load does: cnnjax's offline sets build here
+        dataset = builder.as_dataset(split=split)
     images, truth = [], []
     for example in tfds.as_numpy(dataset):
         height, width = example["image"].shape[:2]

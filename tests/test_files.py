@@ -90,7 +90,7 @@ def test_an_output_folder_nothing_can_be_created_in_is_refused_by_its_flag(tmp_p
     (and removing) an empty one. A read-only data_dir, which is only read, is not probed."""
     with pytest.raises(ValueError, match=r"^--out='/proc/x/y' is invalid; nothing can be created "
                                          r"in '/proc' \(.*\); expected a directory this process "
-                                         r"can write \(is the file system read-only"):
+                                         r"can create files in \(is the file system read-only"):
         files.check_output_dir("/proc/x/y", "--out")
     assert files.check_output_dir("/proc/x/y", "data_dir", writable=False) == "/proc/x/y"
     assert files.check_output_dir(str(tmp_path), "--out") == str(tmp_path)

@@ -531,14 +531,14 @@ def main(argv: Sequence[str]) -> None:
 
     start_command(list(argv))
     f = flags.FLAGS
+    regenerate = f"python -m cnnjax.analysis.zoo --output={f.output}"  # COMMAND for the default
     with one_line_errors():
         # before the tracing: a directory, or a file in the way of its folder, is reported now
         if not f.check:
             check_output_file(f.output, "--output", "--output's folder")
         elif not os.path.isfile(f.output):
             raise ValueError(f"--output={f.output!r} is invalid; --check compares an existing "
-                             f"file, and there is none: write it with `python -m "
-                             f"cnnjax.analysis.zoo --output={f.output}` first")
+                             f"file, and there is none: write it with `{regenerate}` first")
         start = time.perf_counter()
         rows = zoo_table(f.models,
                          progress=lambda n, s: logging.info("%s: traced in %.2f s", n, s))
@@ -546,9 +546,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"analysed {len(rows)} models in {time.perf_counter() - start:.1f} s")
         if f.check:
             if is_stale(f.output, text):
-                command = (COMMAND if f.output == DEFAULT_OUTPUT
-                           else f"python -m cnnjax.analysis.zoo --output={f.output}")
-                print(f"{f.output} is stale; regenerate it with `{command}`.")
+                print(f"{f.output} is stale; regenerate it with `{regenerate}`.")
                 raise SystemExit(1)
             print(f"{f.output} is up to date.")
             return

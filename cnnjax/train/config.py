@@ -576,13 +576,19 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     return CheckedConfig(task, pipeline, data_info, devices, model, schedule, tx, variable_shapes)
 
 
+def _total_devices(devices: list | None) -> int:
+    """Devices of every process the run's batches split over: `devices` (None: every local
+    device) on each process."""
+    import jax
+
+    return len(devices or jax.local_devices()) * jax.process_count()
+
+
 def _check_eval_batch_fits(config: Any, data_info: Any, devices: list | None) -> None:
     """An explicit `eval_batch_size` past the eval split (rounded up to whole device batches)
     holds only padding; a huge one trained for hours and then died at the first eval, out of
     memory."""
-    import jax
-
-    num_devices = len(devices or jax.local_devices()) * jax.process_count()
+    num_devices = _total_devices(devices)
     value = config.get("eval_batch_size")
     cap = -(-data_info.num_eval // num_devices) * num_devices
     if value is not None and value > cap:
@@ -647,7 +653,7 @@ def _checked_devices(config: Any, pipeline: Any, for_training: bool) -> list | N
                 f"{len(available)} local devices are available."
             )
         devices = available[: config.num_devices]
-    check_batch_divisible(config, len(devices or available) * jax.process_count())
+    check_batch_divisible(config, _total_devices(devices))
     if for_training and jax.process_count() > 1:
         # Each process reads its own shard of the train split; a '+'-joined split's shards may
         # be uneven, and one without a process batch is refused here, not by `train_batches`

@@ -202,6 +202,11 @@ def check_directory_kind(path: str, kind: str, flag: str) -> None:
                              f"{kind}: use a new directory.")
 
 
+#: What a folder nothing can be created in needs to be, for the errors that refuse one.
+NOT_WRITABLE_HINT = ("expected a directory this process can create files in (is the file system "
+                     "read-only or full, or the directory another user's?)")
+
+
 def check_output_dir(path: str, label: str, *, writable: bool = True) -> str:
     """Refuses (a ValueError naming `label`, e.g. `--output_dir`) an output folder `path` that could
     not be created because a file is in its way (at `path` or a parent), creating nothing;
@@ -228,8 +233,7 @@ def check_output_dir(path: str, label: str, *, writable: bool = True) -> str:
         except OSError as err:
             raise ValueError(
                 f"{label}={path!r} is invalid; nothing can be created in {probe!r} "
-                f"({err.strerror or err}); expected a directory this process can write (is the "
-                "file system read-only or full, or the directory another user's?)") from None
+                f"({err.strerror or err}); {NOT_WRITABLE_HINT}") from None
     return path
 
 

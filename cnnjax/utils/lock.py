@@ -29,7 +29,7 @@ from typing import TextIO
 
 from absl import logging
 
-from cnnjax.utils.files import check_directory_kind, check_output_dir
+from cnnjax.utils.files import NOT_WRITABLE_HINT, check_directory_kind, check_output_dir
 
 LOCK_FILE = "run.lock"
 
@@ -50,9 +50,8 @@ class DirectoryNotWritableError(ValueError):
 def _not_writable(flag: str, path: str, err: OSError) -> DirectoryNotWritableError:
     where = f": {err.filename!r}" if err.filename else ""
     return DirectoryNotWritableError(
-        f"{flag}: {path!r} cannot be written ({err.strerror or err}{where}); expected a "
-        f"directory this process can create files in (is the file system read-only or full, "
-        f"or the directory another user's?); pass a different --{flag}.")
+        f"{flag}: {path!r} cannot be written ({err.strerror or err}{where}); "
+        f"{NOT_WRITABLE_HINT}; pass a different --{flag}.")
 
 
 def _holder(lock_path: str) -> str:
