@@ -1,8 +1,8 @@
 """CNN building blocks in NHWC: convolutions, pooling, RoI ops, local response normalization,
-a masked BatchNorm synced by counts, stochastic depth and a fully connected layer whose bias
-gradient sums in float32."""
+BatchNorm (checked for one value per channel; a masked variant synced by counts), stochastic
+depth and a fully connected layer whose bias gradient sums in float32."""
 
-from cnnjax.layers.batch_norm import MaskedBatchNorm
+from cnnjax.layers.batch_norm import BatchNorm, MaskedBatchNorm
 from cnnjax.layers.conv import (
     Conv2D,
     ConvTranspose2D,
@@ -28,6 +28,7 @@ from cnnjax.layers.roi import box_iou, nms, roi_align, roi_pool, roi_spatial_pyr
 
 __all__ = [
     "PADDING_MODES",
+    "BatchNorm",
     "Conv2D",
     "ConvTranspose2D",
     "Dense",

@@ -1,4 +1,11 @@
-"""BatchNorm whose masked statistics are those of the whole synced batch's masked-in positions.
+"""flax's BatchNorm with a check for one value per channel, and a masked BatchNorm whose
+statistics are those of the whole synced batch's masked-in positions.
+
+`BatchNorm` is `nn.BatchNorm` that refuses, when training, an input holding one value per
+channel over the whole (synced) batch: a batch of 1 reaching a 1x1 map, e.g. ResNet-18's last
+stage on a 32x32 image. There the batch mean is the value itself, so the output is the bias
+alone and every layer before it gets an exactly zero gradient, silently (PyTorch's BatchNorm
+raises for the same input). Every cnnjax model's BatchNorm is this one.
 
 flax's `nn.BatchNorm(axis_name=...)` called with a `mask` takes each device's masked mean and
 averages the devices with equal weight (`pmean` of per-device means), so a device holding 3
@@ -11,12 +18,15 @@ position counts (the unmasked statistics), not NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
+
+from cnnjax.utils.validation import invalid
 
 Array = Any
 
@@ -25,11 +35,57 @@ def _axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in (axis if isinstance(axis, Sequence) else (axis,))))
 
 
-class MaskedBatchNorm(nn.BatchNorm):
-    """`nn.BatchNorm` (same fields, variables and unmasked behaviour) whose masked training
+def _values_per_channel(module: nn.BatchNorm, x: Array) -> int | None:
+    """How many values each channel's training statistics reduce over: this device's positions
+    times the devices of `axis_name` (None where jax gives no static axis size)."""
+    feature_axes = _axes(module.axis, x.ndim)
+    local = math.prod(x.shape[a] for a in range(x.ndim) if a not in feature_axes)
+    if module.axis_name is None:
+        return local
+    if module.axis_index_groups is not None:
+        return local * len(module.axis_index_groups[0])
+    devices = lax.psum(1, module.axis_name)  # a Python int inside pmap, shard_map and vmap
+    return local * devices if isinstance(devices, int) else None
+
+
+def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> None:
+    """Raises if `module`, training (`running` False: the merged `use_running_average`) on `x`,
+    would normalize each channel over a single value (its output would be the bias alone: no
+    gradient reaches anything before it). Initialization (a one-image dummy batch) is not
+    checked."""
+    if running or module.is_initializing() or not hasattr(x, "shape"):
+        return
+    if _values_per_channel(module, x) != 1:
+        return
+    path = "/".join(module.scope.path) if module.scope is not None else ""
+    owner = f"{type(module).__name__} {path}" if path else type(module).__name__
+    raise invalid(
+        owner, "input.shape", tuple(x.shape),
+        "in training it normalizes each channel over a single value (batch x height x width"
+        + ("" if module.axis_name is None else f", over every device of {module.axis_name!r}")
+        + "), so its output is the bias alone and no gradient reaches the layers before it; "
+        "train on more than one value per channel (a larger batch or input image), or use the "
+        "running statistics (use_running_average=True, train=False)")
+
+
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` (same fields, variables and results) that refuses, in training, an input
+    with a single value per channel over the whole batch (`check_values_per_channel`)."""
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None, *,
+                 mask: Array | None = None) -> Array:
+        """Normalizes `x` as `nn.BatchNorm` does, after the one-value check."""
+        check_values_per_channel(self, x, nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average))
+        return super().__call__(x, use_running_average, mask=mask)
+
+
+class MaskedBatchNorm(BatchNorm):
+    """`BatchNorm` (same fields, variables and unmasked behaviour) whose masked training
     statistics pool sums and counts over `axis_name` instead of averaging per-device means.
 
-    Without a mask, in eval mode and at initialization it is `nn.BatchNorm` itself. With a mask
+    Without a mask, in eval mode and at initialization it is `BatchNorm` itself. With a mask
     in training, statistics are computed in at least float32, with the same fast (E[x^2] -
     E[x]^2) or two-pass variance as `use_fast_variance` selects, and gradients flow through them
     as through flax's.
@@ -44,6 +100,7 @@ class MaskedBatchNorm(nn.BatchNorm):
                                  use_running_average)
         if mask is None or running or self.is_initializing():
             return super().__call__(x, use_running_average, mask=mask)
+        check_values_per_channel(self, x, running)
         feature_axes = _axes(self.axis, x.ndim)
         reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
         features = tuple(x.shape[a] for a in feature_axes)

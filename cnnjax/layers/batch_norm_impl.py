@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax.layers.batch_norm import MaskedBatchNorm
+from cnnjax.layers.batch_norm import BatchNorm, MaskedBatchNorm, check_values_per_channel
 from cnnjax.utils.validation import invalid
 
 Array = Any
@@ -186,6 +186,8 @@ def _training_call(module: nn.BatchNorm, args: tuple, kwargs: dict) -> Array | N
             or not _float32(x.dtype, module.dtype, module.param_dtype)
             or _varying_manual_axes(x)):
         return None
+    if isinstance(module, BatchNorm):  # this path bypasses its __call__ and so its check
+        check_values_per_channel(module, x, running=False)
     features = (x.shape[-1],)
     ra_mean = module.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = module.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
@@ -206,12 +208,16 @@ def _training_call(module: nn.BatchNorm, args: tuple, kwargs: dict) -> Array | N
     return y
 
 
+_MATMUL_CLASSES = (nn.BatchNorm, BatchNorm, MaskedBatchNorm)
+
+
 def _matmul_batch_norm(next_fun: Callable, args: tuple, kwargs: dict,
                        context: nn.module.InterceptorContext) -> Any:
     module = context.module
-    # Exactly these classes: a subclass may compute something else (MaskedBatchNorm's unmasked
-    # calls are nn.BatchNorm's; its masked ones return None from _training_call).
-    if context.method_name != "__call__" or type(module) not in (nn.BatchNorm, MaskedBatchNorm):
+    # Exactly these classes: a subclass may compute something else (BatchNorm and
+    # MaskedBatchNorm's unmasked calls are nn.BatchNorm's; masked ones return None from
+    # _training_call).
+    if context.method_name != "__call__" or type(module) not in _MATMUL_CLASSES:
         return next_fun(*args, **kwargs)
     y = _training_call(module, args, kwargs)
     return next_fun(*args, **kwargs) if y is None else y
@@ -219,10 +225,10 @@ def _matmul_batch_norm(next_fun: Callable, args: tuple, kwargs: dict,
 
 @contextlib.contextmanager
 def batch_norm_impl(impl: str = "auto") -> Iterator[None]:
-    """Within the block, every `nn.BatchNorm` (that class, or `MaskedBatchNorm`) called in
-    training mode on float32 input with float32 parameters, feature axis last and no mask
-    computes through `batch_norm_train` when `impl` is "matmul" ("auto": on CPU); other calls
-    run flax's code (or MaskedBatchNorm's own, for a mask).
+    """Within the block, every `nn.BatchNorm` (that class, cnnjax's `BatchNorm` or
+    `MaskedBatchNorm`) called in training mode on float32 input with float32 parameters, feature
+    axis last and no mask computes through `batch_norm_train` when `impl` is "matmul" ("auto":
+    on CPU); other calls run flax's code (or MaskedBatchNorm's own, for a mask).
 
     Like `cnnjax.layers.conv_impl`, the choice is made when a function is traced, so wrap the
     tracing. Variables, their names, initialization and the running-average update are flax's.

@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.batch_norm import BatchNorm
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
@@ -313,7 +314,7 @@ class BasicConv2d(nn.Module):
         """Conv, BatchNorm (batch statistics when `train`), ReLU: `[N, H_out, W_out, features]`."""
         x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
                    use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON,
+        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON,
                          dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
         return nn.relu(x)
 

@@ -31,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cnnjax.layers.batch_norm import BatchNorm
 from cnnjax.layers.dense import Dense
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.layers.regularization import DropPath, check_drop_rate, stochastic_depth_rates
@@ -220,8 +221,9 @@ class BottleneckBlock(_ResidualMixin, nn.Module):
 
 
 def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> ModuleDef:
-    """The BatchNorm factory every cnnjax ResNet-family model injects: flax's `nn.BatchNorm`
-    with epsilon 1e-5 and PyTorch's default momentum.
+    """The BatchNorm factory every cnnjax ResNet-family model injects: `cnnjax.layers.BatchNorm`
+    (flax's, refusing one value per channel in training) with epsilon 1e-5 and PyTorch's
+    default momentum.
 
     momentum 0.9 in flax (running = 0.9 * running + 0.1 * batch) is PyTorch's momentum 0.1. In
     training both normalize with the batch mean and the biased batch variance, and both update
@@ -234,7 +236,7 @@ def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> ModuleDef:
     torchvision weights carry PyTorch's running statistics as they are.
     """
     return functools.partial(
-        nn.BatchNorm,
+        BatchNorm,
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,

@@ -48,7 +48,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnnjax.layers.batch_norm import MaskedBatchNorm
+from cnnjax.layers.batch_norm import BatchNorm, MaskedBatchNorm
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
@@ -164,8 +164,8 @@ class VGGFeatures(nn.Module):
                           f"expected ({x.shape[0]},), one flag per image")
         outputs: dict[str, Array] = {}
         kernel_sizes = self.kernel_sizes or [[3] * len(block) for block in self.stages]
-        # Same variables either way; without a mask (a classifier, eval) flax's own BatchNorm.
-        row_mask, norm_cls = None, nn.BatchNorm
+        # Same variables either way; without a mask (a classifier, eval) the plain BatchNorm.
+        row_mask, norm_cls = None, BatchNorm
         if mask is not None and train:
             row_mask, norm_cls = jnp.asarray(mask, bool)[:, None, None, None], MaskedBatchNorm
         for b, (block, sizes) in enumerate(zip(self.stages, kernel_sizes, strict=True), start=1):

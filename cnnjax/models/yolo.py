@@ -40,6 +40,7 @@ from cnnjax.detection.yolo import (
     yolo_v1_loss_terms,
     yolo_v1_targets,
 )
+from cnnjax.layers.batch_norm import BatchNorm
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.dense import Dense
 from cnnjax.layers.pooling import max_pool2d
@@ -166,7 +167,7 @@ class YOLOv1(nn.Module):
             x = Conv2D(width, kernel, strides=stride, padding=kernel // 2,
                        use_bias=not self.batch_norm, dtype=self.dtype, name=f"conv{index}")(x)
             if self.batch_norm:
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=self.dtype, axis_name=self.axis_name, name=f"bn{index}")(x)
             x = nn.leaky_relu(x, self.negative_slope)
         features["trunk"] = x

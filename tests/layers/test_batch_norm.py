@@ -1,6 +1,8 @@
 """MaskedBatchNorm: masked statistics of the whole synced batch (float64 NumPy reference), the
 same gradients sharded over a named axis as on one device, and nn.BatchNorm unchanged without
-a mask. Devices are simulated with `jax.vmap(axis_name=...)`, whose `psum` is the collective's."""
+a mask. BatchNorm: flax's results, and training on one value per channel refused (the input
+PyTorch's BatchNorm refuses too). Devices are simulated with `jax.vmap(axis_name=...)`, whose
+`psum` is the collective's."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax.layers import MaskedBatchNorm
+from cnnjax import models
+from cnnjax.layers import BatchNorm, MaskedBatchNorm
+from cnnjax.layers.batch_norm_impl import batch_norm_impl
 
 SHARDS, ROWS, FEATURES = 4, 8, 5
 COUNTS = (3, 0, 7, 1)  # masked-in rows per shard: unequal, one shard with none
@@ -117,3 +121,97 @@ def test_without_a_mask_it_is_flax_batch_norm(dtype):
     assert y_masked.dtype == dtype
     np.testing.assert_allclose(np.asarray(y_masked, np.float32), np.asarray(y, np.float32),
                                rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-2)
+
+
+ONE_VALUE = "normalizes each channel over a single value"
+
+
+def test_one_value_per_channel_gives_flax_a_zero_input_gradient():
+    """The failure the check exists for: flax's training BatchNorm on one value per channel
+    returns its bias whatever the input, so the input gradient is exactly zero."""
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 1, 1, 4)), jnp.float32)
+    bn = nn.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+
+    def loss(x):
+        return jnp.sum(bn.apply(variables, x, mutable=["batch_stats"])[0] * jnp.arange(4.0))
+
+    np.testing.assert_array_equal(jax.grad(loss)(x), np.zeros_like(x))
+
+
+@pytest.mark.parametrize("impl", ["flax", "matmul"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 4), (1, 4)])
+def test_batch_norm_refuses_one_value_per_channel_in_training(impl, shape):
+    x = jnp.ones(shape, jnp.float32)
+    bn = BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)  # initialization is not checked
+    with batch_norm_impl(impl), pytest.raises(ValueError, match=ONE_VALUE) as err:
+        bn.apply(variables, x, mutable=["batch_stats"])
+    assert str(err.value).startswith(f"BatchNorm: input.shape={shape} is invalid;")
+    # eval mode reads the running statistics: nothing to refuse
+    BatchNorm(use_running_average=True).apply(variables, x)
+
+
+def test_pytorch_refuses_the_same_inputs():
+    """The reference behaviour: torch's training BatchNorm raises on one value per channel and
+    accepts two, in either place (batch or map)."""
+    torch = pytest.importorskip("torch")
+    bn = torch.nn.BatchNorm2d(4).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.ones(1, 4, 1, 1))
+    bn(torch.ones(2, 4, 1, 1))
+    bn(torch.ones(1, 4, 1, 2))
+
+
+@pytest.mark.parametrize("impl", ["flax", "matmul"])
+@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (1, 1, 2, 4), (2, 4)])
+def test_batch_norm_is_flax_batch_norm_on_more_than_one_value(impl, shape):
+    x = jnp.asarray(np.random.default_rng(6).normal(size=shape), jnp.float32)
+    variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    with batch_norm_impl(impl):
+        y, s = BatchNorm(use_running_average=False).apply(variables, x, mutable=["batch_stats"])
+        y_ref, s_ref = nn.BatchNorm(use_running_average=False).apply(variables, x,
+                                                                     mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, y_ref)
+    jax.tree.map(np.testing.assert_array_equal, s, s_ref)
+
+
+@pytest.mark.parametrize("devices, refused", [(1, True), (2, False)])
+def test_one_value_per_device_counts_every_device_of_the_axis(devices, refused):
+    """Synced statistics reduce over every device of `axis_name`: one value on each of two
+    devices is two values per channel; on a one-device axis it is still one."""
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(devices, 1, 1, 1, 4)), jnp.float32)
+    bn = BatchNorm(use_running_average=False, axis_name="devices")
+    variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x[0])
+
+    def apply(x):
+        return bn.apply(variables, x, mutable=["batch_stats"])[0]
+
+    if refused:
+        with pytest.raises(ValueError, match=f"{ONE_VALUE} .*every device of 'devices'"):
+            jax.vmap(apply, axis_name="devices")(x)
+    else:
+        y = jax.vmap(apply, axis_name="devices")(x)
+        mean, var = x.mean(axis=0), x.var(axis=0)  # the two devices' values per channel
+        np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_masked_batch_norm_refuses_one_value_per_channel_with_a_mask():
+    x = jnp.ones((1, 1, 1, 4), jnp.float32)
+    bn = MaskedBatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=ONE_VALUE):
+        bn.apply(variables, x, mask=np.ones((1, 1, 1, 1), bool), mutable=["batch_stats"])
+
+
+def test_a_model_names_its_layer_that_sees_one_value_per_channel():
+    """resnet20_cifar (CIFAR layout, /4 overall) on one 4x4 image reaches a 1x1 map in stage 3; the
+    error names the first BatchNorm there, before anything is compiled (a shape-only trace)."""
+    model = models.create_model("resnet20_cifar", num_classes=10)
+    image = jax.ShapeDtypeStruct((1, 4, 4, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, image)  # eval: fine
+    expected = r"^BatchNorm stage3_block1/\w+: input.shape=\(1, 1, 1, "
+    with pytest.raises(ValueError, match=expected):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                       variables, image)
