@@ -45,10 +45,17 @@ def _empty_spatial(tree: Any) -> tuple | None:
     return None
 
 
+def _is_flax_layer(module: nn.Module) -> bool:
+    """A flax layer (Dense, Conv, BatchNorm, ...) or a subclass of one (cnnjax's BatchNorm),
+    not a model or block built on `nn.Module` alone."""
+    return any(cls.__module__.startswith("flax.linen") and cls.__module__ != nn.Module.__module__
+               for cls in type(module).__mro__)
+
+
 def _empty_input(module: nn.Module, args: tuple) -> tuple | None:
     """The shape of a flax layer's (Dense, Conv, ...) input that holds examples but no
     features (a 0 in a non-batch axis: pooling or flattening an already 1x1 map), else None."""
-    if not type(module).__module__.startswith("flax.linen") or not args:
+    if not _is_flax_layer(module) or not args:
         return None
     shape = getattr(args[0], "shape", None)
     if shape is not None and len(shape) >= 2 and shape[0] > 0 and 0 in shape[1:]:

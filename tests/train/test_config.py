@@ -6,6 +6,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+from cnnjax.layers import BatchNorm
 from cnnjax.models import registry
 from cnnjax.train import checks, loop
 from cnnjax.train.config import (
@@ -172,6 +173,30 @@ def test_input_too_small_names_the_layer():
     )
     with pytest.raises(ValueError, match="layer conv1 \\(Conv\\) fails"):
         checks.check_input_size(_ValidConvNet(), "validnet", (4, 4, 1))
+
+
+class _SlicingBatchNormNet(nn.Module):
+    """A map emptied by a slice in the model's own code, then fed to cnnjax's BatchNorm (a flax
+    layer's subclass, so checked for an input with no features as flax's own layers are)."""
+    num_classes: int = 3
+    dtype: object = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train=False, return_features=False):
+        x = nn.Conv(4, (3, 3), strides=2, padding="VALID", name="conv1")(x)
+        x = BatchNorm(use_running_average=not train, name="bn1")(x[:, 1:-1, 1:-1])
+        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_a_batch_norm_given_an_empty_map_is_named_with_what_fed_it():
+    checks.check_input_size(_SlicingBatchNormNet(), "slicenet", (9, 9, 1))  # 4x4 -> 2x2: fine
+    with pytest.raises(ValueError) as err:
+        checks.check_input_size(_SlicingBatchNormNet(), "slicenet", (5, 5, 1))  # 2x2 -> 0x0
+    assert str(err.value).startswith(
+        "slicenet: input resolution='5x5' is invalid; too small: layer bn1 (BatchNorm) fails "
+        "(its input has shape (1, 0, 0, 4), no features; the input came from layer conv1 (Conv), "
+        "shape (1, 2, 2, 4))")
 
 
 def test_input_too_small_for_a_pooling_function_names_what_fed_it():
