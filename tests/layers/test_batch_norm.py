@@ -215,3 +215,24 @@ def test_a_model_names_its_layer_that_sees_one_value_per_channel():
     with pytest.raises(ValueError, match=expected):
         jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
                        variables, image)
+
+
+@pytest.mark.parametrize("cls", [BatchNorm, MaskedBatchNorm])
+def test_one_call_is_one_intercepted_call_and_one_intermediate(cls):
+    """The subclasses run flax's body inside their own call: method interceptors and
+    `capture_intermediates` see each layer call once, as for `nn.BatchNorm`."""
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(4, 2, 2, 3)), jnp.float32)
+    bn = cls(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        seen.append((type(context.module).__name__, context.method_name))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        y, state = bn.apply(variables, x, capture_intermediates=True,
+                            mutable=["batch_stats", "intermediates"])
+    assert seen == [(cls.__name__, "__call__")]
+    (captured,) = state["intermediates"]["__call__"]
+    np.testing.assert_array_equal(captured, y)
