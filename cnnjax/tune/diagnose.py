@@ -116,6 +116,8 @@ ALWAYS_TRAIN_FIELDS = ("loss",)
 WARMUP_FRACTION = 0.05
 WARMUP_FIELD = "schedule.warmup_steps"
 WEIGHT_DECAY_FIELD = "optimizer.weight_decay"
+CLIP_FIELD = "optimizer.grad_clip_norm"
+LABEL_SMOOTHING_FIELD = "label_smoothing"
 # The weight decay advised to a run without any (the recipe's first step up from zero).
 WEIGHT_DECAY_FROM_ZERO = 1e-4
 _OWNER = "diagnose"
@@ -554,8 +556,10 @@ def diagnose_workdir(workdir: str, metric: str | None = None,
     nothing or undo what they ask for are left out: setting a field to the value the run
     already had (`data.augment = True` on an augmented run), multiplying a field that is 0
     (weight decay x0.3 of a run without any; x3 becomes the recipe's first step from zero,
-    1e-4), and a warmup where the run already warms up at least as long or runs `one_cycle`
-    (which warms up by itself; the engine refuses warmup_steps there)."""
+    1e-4), a warmup where the run already warms up at least as long or runs `one_cycle`
+    (which warms up by itself; the engine refuses warmup_steps there), a gradient clip where
+    the run already clips at least as tightly, and label smoothing where the run already
+    smooths at least as much (either "set" would loosen what it asks to tighten)."""
     curves = load_curves(workdir)  # checks workdir first
     config = read_json(os.path.join(workdir, CONFIG_FILE)) or {}
     if metric is None:
@@ -569,6 +573,10 @@ def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any])
         if rec.field == WARMUP_FIELD and rec.change == "set":
             return (get_field(config, "schedule.name") == "one_cycle"
                     or (_is_count(current) and current >= rec.value))
+        if rec.field == CLIP_FIELD and rec.change == "set":
+            return _is_number(current) and current <= rec.value
+        if rec.field == LABEL_SMOOTHING_FIELD and rec.change == "set":
+            return _is_number(current) and current >= rec.value
         return rec.change == "set" and current == rec.value
 
     def from_zero(rec: Recommendation) -> Recommendation | None:
@@ -589,6 +597,10 @@ def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any])
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # ------------------------------------------------------------------------------ smoothing
@@ -766,7 +778,7 @@ def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
                            "the step size blew the loss up"),
             Recommendation("schedule.warmup_steps", "set", _warmup(curves),
                            "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
-            Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap the update size"))
+            Recommendation(CLIP_FIELD, "set", 1.0, "cap the update size"))
 
 
 def _relapsed(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
@@ -846,7 +858,7 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
          "worst_step": int(curves.train_steps[worst]), "worst_loss": float(loss[worst]),
          "median_before": float(median[worst])},
         (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
-         Recommendation("optimizer.grad_clip_norm", "set", 1.0, "cap rare huge updates"),
+         Recommendation(CLIP_FIELD, "set", 1.0, "cap rare huge updates"),
          Recommendation("schedule.warmup_steps", "set", _warmup(curves),
                         "a warmup over 5% of the run calms the early steps")),
     )
@@ -934,7 +946,7 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
         return None
     # Label smoothing needs class labels: a run without top-1 (detection, segmentation) is
     # not a classifier, and the engine refuses the setting there.
-    smoothing = ((Recommendation("label_smoothing", "set", 0.1, "softer targets"),)
+    smoothing = ((Recommendation(LABEL_SMOOTHING_FIELD, "set", 0.1, "softer targets"),)
                  if eval_top1 is not None else ())
     return Finding(
         "overfitting", "; ".join(reasons) + ".", evidence,

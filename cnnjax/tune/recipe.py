@@ -571,12 +571,14 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
 
 
 def _stabilize(best: _Incumbent, verdict: str) -> _Proposal:
-    """diverged / unstable: lower lr with gradient clipping and a 5% warmup."""
-    stable = {**best.fixed, CLIP: CLIP_NORM}
+    """diverged / unstable: lower lr with gradient clipping (at 1, or the run's own tighter
+    clip) and a 5% warmup (or the run's own longer one)."""
+    clip = best.value(CLIP)
+    stable = {**best.fixed, CLIP: CLIP_NORM if clip is None else min(clip, CLIP_NORM)}
     if _warms_up(best.base):
         stable[WARMUP] = max(best.value(WARMUP), round(WARMUP_FRACTION * best.steps))
     return _Proposal("stabilize", f"the best trial is {verdict} ({best.evidence}): lower lr, "
-                     f"clip gradients at {CLIP_NORM:g}", stable, LR, best.lrs(0.5, 1.0, 0.25))
+                     f"clip gradients at {stable[CLIP]:g}", stable, LR, best.lrs(0.5, 1.0, 0.25))
 
 
 # Verdicts whose own round raises the rate or trains longer: a best lr at the low edge of the

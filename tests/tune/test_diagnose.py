@@ -156,6 +156,20 @@ def test_divergence_advises_a_warmup_only_where_it_lengthens_the_runs(tmp_path, 
     assert fields["optimizer.learning_rate"] == 0.3 and fields["optimizer.grad_clip_norm"] == 1.0
 
 
+@pytest.mark.parametrize("clip, advised", [(None, 1.0), (5.0, 1.0), (1.0, None), (0.25, None)])
+def test_divergence_advises_a_clip_only_where_it_tightens_the_runs(tmp_path, clip, advised):
+    """A run already clipping at 0.25 was told `optimizer.grad_clip_norm = 1.0`: a looser clip
+    than it had, against the advice's own point (cap the update size)."""
+    records = _records(**_converged(), steps=120)
+    path = _workdir(tmp_path, records, status="diverged", steps=STEPS)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "diverged", "step": 120}))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_train_steps": STEPS, "optimizer": {"grad_clip_norm": clip}}))
+    fields = {r.field: r.value for r in dg.diagnose_workdir(path).findings[0].recommendations}
+    assert fields.get("optimizer.grad_clip_norm") == advised
+    assert fields["optimizer.learning_rate"] == 0.3
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
 def test_weight_decay_advice_to_a_run_without_any(tmp_path, weight_decay):
     """'optimizer.weight_decay x0.3' (underfitting) and 'x3' (overfitting) changed nothing for a
@@ -180,6 +194,21 @@ def test_weight_decay_advice_to_a_run_without_any(tmp_path, weight_decay):
     else:
         assert "optimizer.weight_decay" not in under and "model" in under
         assert over["optimizer.weight_decay"] == ("set", 1e-4)
+
+
+@pytest.mark.parametrize("smoothing, advised", [(0.0, 0.1), (0.05, 0.1), (0.1, None),
+                                                (0.2, None)])
+def test_overfitting_advises_label_smoothing_only_where_it_softens_the_targets(
+        tmp_path, smoothing, advised):
+    """An overfitting run smoothing labels by 0.2 was told `label_smoothing = 0.1` ("softer
+    targets"), which halves the smoothing: harder targets."""
+    path = _workdir(tmp_path, _records(**_overfit(0.12)))
+    (tmp_path / "config.json").write_text(json.dumps({"num_train_steps": STEPS,
+                                                      "label_smoothing": smoothing}))
+    fields = {r.field: r.value for r in
+              dg.diagnose_workdir(path).finding("overfitting").recommendations}
+    assert fields.get("label_smoothing") == advised
+    assert fields["optimizer.weight_decay"] == 3.0
 
 
 def test_a_non_finite_ema_eval_loss_is_divergence_too():

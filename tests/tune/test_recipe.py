@@ -193,6 +193,18 @@ def test_unstable_incumbent_is_stabilized(verdict):
     assert plan.fixed[rc.CLIP] == 1.0 and plan.fixed[rc.WARMUP] == 5  # 5% of 100 steps
 
 
+@pytest.mark.parametrize("clip, expected", [(0.25, 0.25), (5.0, 1.0)])
+def test_stabilize_never_loosens_the_runs_own_clip(clip, expected):
+    """A base clipping at 0.25 was "stabilized" with a clip at 1, four times looser than the
+    run it diagnosed; a looser clip is tightened to 1 as before."""
+    recipe = _recipe()
+    base = _base(**{"schedule.name": "warmup_cosine", "schedule.warmup_steps": 2,
+                    "optimizer.grad_clip_norm": clip})
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "unstable", base)
+    assert d.action == "stabilize" and d.next_round.fixed[rc.CLIP] == expected
+    assert d.reason.endswith(f"clip gradients at {expected:g}"), d.reason
+
+
 def test_an_incumbent_whose_eval_loss_turned_nan_is_stabilized_not_stopped(tmp_path):
     """A NaN eval loss in the incumbent's metrics.jsonl is a divergence (the real diagnosis, not
     a scripted one): the tune stabilizes it instead of stopping it as converged with '+nan'."""
