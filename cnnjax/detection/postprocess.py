@@ -23,6 +23,10 @@ from cnnjax.utils.validation import (
     invalid,
 )
 
+#: Detections narrower or lower than this (pixels, after clipping to the image) are dropped, as
+#: torchvision's: a box moved off the image is a sure false positive, not a detection.
+MIN_BOX_SIZE = 1e-2
+
 
 class Detections(NamedTuple):
     """`K` detections per image, in decreasing-score order; padding rows are 0 and not `valid`."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
 from cnnjax.detection.evaluation import box_iou_np
-from cnnjax.detection.postprocess import Detections, batched_nms
+from cnnjax.detection.postprocess import MIN_BOX_SIZE, Detections, batched_nms
 from cnnjax.layers.roi import check_valid_boxes
 from cnnjax.utils.validation import (
     check_non_negative_int,
@@ -372,10 +372,13 @@ def regressed_deltas(features: Any, regressors: LinearModels) -> np.ndarray:
 def detect_with_scores(scores: Any, boxes: Any, image_size: tuple[int, int], nms_iou: float,
                        max_detections: int, score_threshold: float | None = None) -> Detections:
     """Per-class NMS (`postprocess.batched_nms`) of class scores `[N, P, C]` with their
-    class-specific boxes `[N, P, C, 4]` (clipped to the image), `max_detections` per image.
-    `score_threshold` None keeps every candidate (SVM scores have no natural floor)."""
-    scores = jnp.asarray(scores, jnp.float32)
+    class-specific boxes `[N, P, C, 4]` (clipped to the image; those then narrower or lower
+    than `MIN_BOX_SIZE` dropped, as `faster_rcnn.detect_from_head` drops them), `max_detections`
+    per image. `score_threshold` None keeps every candidate (SVM scores have no natural floor)."""
     boxes = clip_boxes(jnp.asarray(boxes, jnp.float32), image_size)
+    sides = boxes[..., 2:] - boxes[..., :2]
+    scores = jnp.where(jnp.all(sides >= MIN_BOX_SIZE, axis=-1),
+                       jnp.asarray(scores, jnp.float32), -jnp.inf)
     floor = float(np.finfo(np.float32).min) if score_threshold is None else score_threshold
     labels = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
     return jax.vmap(lambda b, s, c: batched_nms(

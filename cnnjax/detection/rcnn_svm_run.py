@@ -55,7 +55,7 @@ from cnnjax.utils.validation import (
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
-FEATURE_VERSION = 4  # bump when what extract_*_features store changes (4: no gt without area)
+FEATURE_VERSION = 5  # bump when what extract_*_features store changes (5: int32 class ids)
 ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
 ARM_LABELS = {
     "softmax": "softmax head (the engine's detector)",
@@ -198,12 +198,13 @@ def extract_train_features(detector: TrainedDetector, split: str, batch_size: in
             out["fc7"].append(regions.fc7[i][rows])
             out["overlaps"].append(rcnn_svm.class_overlaps(
                 boxes, gt, labels, np.ones(len(gt), bool), num_classes).astype(np.float32))
-            out["gt_class"].append(np.concatenate([np.full(len(kept), -1), labels]).astype(np.int8))
+            out["gt_class"].append(
+                np.concatenate([np.full(len(kept), -1), labels]).astype(np.int32))
             out["image"].append(np.full(len(rows), count, np.int32))
             selected, classes, targets = rcnn_svm.regression_targets(
                 windows[i][kept], gt, labels, np.ones(len(gt), bool))
             out["reg_pool5"].append(regions.pool5[i][kept][selected])
-            out["reg_classes"].append(classes[selected].astype(np.int8))
+            out["reg_classes"].append(classes[selected].astype(np.int32))
             out["reg_targets"].append(targets[selected].astype(np.float32))
             count += 1
     if count == 0:
@@ -234,6 +235,19 @@ def extract_test_features(detector: TrainedDetector, batch_size: int) -> dict[st
 
 
 # ------------------------------------------------------------------------- training/eval
+def check_every_class_has_boxes(gt_class: np.ndarray, num_classes: int, split: str,
+                                train_images: int) -> None:
+    """A ValueError naming `train_images` if a class has no ground-truth box in the extracted
+    scenes: its SVM would have no positive (R-CNN's positives are the gt boxes only)."""
+    counts = np.bincount(gt_class[gt_class >= 0], minlength=num_classes)
+    missing = [int(c) for c in np.flatnonzero(counts == 0)]
+    if missing:
+        raise invalid(OWNER, "train_images", train_images,
+                      f"the train scenes it selects ({split}) hold no ground-truth box of "
+                      f"class{'es' if len(missing) > 1 else ''} {missing}, so no SVM positive; "
+                      "use more train scenes")
+
+
 def train_models(train: dict[str, np.ndarray], num_classes: int, settings: Settings,
                  ) -> dict[str, Any]:
     """The SVMs (fc7) and ridge regressors (pool5), with their feature scales and records."""
@@ -244,7 +258,9 @@ def train_models(train: dict[str, np.ndarray], num_classes: int, settings: Setti
         positive_weight=settings.positive_weight,
         initial_negatives=settings.initial_negatives, max_rounds=settings.mining_rounds,
         seed=settings.seed)
-    pool5_scale = rcnn_svm.feature_scale(train["reg_pool5"], settings.feature_norm)
+    # No window at IoU >= 0.6 in any scene: every class gets the zero regressor (no pairs).
+    pool5_scale = (rcnn_svm.feature_scale(train["reg_pool5"], settings.feature_norm)
+                   if len(train["reg_pool5"]) else 1.0)
     regressors, pairs = rcnn_svm.train_box_regressors(
         train["reg_pool5"] * np.float32(pool5_scale), train["reg_classes"],
         train["reg_targets"], num_classes, settings.ridge_lambda)
@@ -341,8 +357,9 @@ def _cached(path: str, key: dict, make: Callable[[], tuple[dict[str, Any], dict]
 def run_rcnn_svm(workdir: str, output_dir: str | None = None,
                  settings: Settings = Settings()) -> dict:
     """Trains and evaluates the SVM + ridge stage on the run in `workdir`; returns (and writes
-    to `<output_dir>/results.json`, default `<workdir>/rcnn_svm`) the results. Every input
-    check runs before anything is compiled or extracted."""
+    to `<output_dir>/results.json`, default `<workdir>/rcnn_svm`) the results. Every check of
+    the arguments runs before anything is compiled or extracted; that every class has a
+    ground-truth box in the selected train scenes, right after their extraction (cached)."""
     settings.check()
     if not isinstance(workdir, str) or not os.path.isdir(workdir):
         raise invalid(OWNER, "workdir", workdir, "expected the --workdir of a finished R-CNN run")
@@ -385,6 +402,9 @@ def _run(detector: TrainedDetector, output_dir: str, settings: Settings,
         os.path.join(output_dir, "features_test.npz"), test_key,
         lambda: (extract_test_features(detector, settings.batch_size), {}),
         "test features", status_path)
+
+    check_every_class_has_boxes(train["gt_class"], detector.data_info.num_classes, split,
+                                settings.train_images)
 
     def make_models() -> tuple[dict[str, Any], dict[str, Any]]:
         models = train_models(train, detector.data_info.num_classes, settings)

@@ -47,7 +47,12 @@ from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
 from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
-from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
+from cnnjax.detection.postprocess import (
+    MIN_BOX_SIZE,
+    Detections,
+    batched_nms,
+    check_detection_settings,
+)
 from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
 from cnnjax.layers.conv import Conv2D
@@ -68,7 +73,6 @@ _PAPER = ("Ren et al. 2015, Faster R-CNN: Towards Real-Time Object Detection wit
           "Proposal Networks (NeurIPS)")
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the box head's target scaling (Detectron, torchvision)
-MIN_BOX_SIZE = 1e-2  # detections narrower or lower (pixels) are dropped, as torchvision's
 
 
 class RpnOutputs(NamedTuple):

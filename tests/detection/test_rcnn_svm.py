@@ -4,6 +4,7 @@ hand-computed float64 IoUs, ridge against the float64 closed form and sklearn, `
 against the model's own outputs, and the whole stage on a tiny randomly initialised rcnn_small
 workdir with in-memory scenes (rerun reuses the cache, changed flags remake what they change)."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -396,6 +397,72 @@ def test_train_features_leave_out_gt_boxes_without_area(tiny_workdir, monkeypatc
     gt = train["gt_class"] >= 0
     assert int(gt.sum()) == 2  # scenes 1 and 3's second box; the four flattened ones left out
     np.testing.assert_array_equal(train["overlaps"][gt].max(axis=1), [1.0, 1.0])
+
+
+def test_train_features_keep_class_ids_past_127(tiny_workdir, monkeypatch):
+    """Class ids were stored as int8: class 150 of a 200-class set (the paper's ILSVRC2013)
+    wrapped to -106, so it lost its positives and the ridge refused its pairs."""
+    fake = sys.modules["cnnjax.data.detection"]
+    original = fake.eval_batches
+
+    def shifted(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            batch["labels"] = batch["labels"] + 150
+            yield batch
+
+    monkeypatch.setattr(fake, "eval_batches", shifted)
+    detector = run_lib.restore_detector(str(tiny_workdir))
+    detector = dataclasses.replace(
+        detector, data_info=detector.data_info._replace(num_classes=200))
+    train = run_lib.extract_train_features(detector, "train[:4]", 4)
+    assert sorted(set(train["gt_class"][train["gt_class"] >= 0].tolist())) == [150, 151]
+    assert set(train["reg_classes"].tolist()) <= {150, 151}
+    gt = train["gt_class"] >= 0
+    np.testing.assert_array_equal(
+        train["overlaps"][gt, train["gt_class"][gt]], 1.0)  # each gt box is its class's positive
+
+
+def test_a_class_without_train_boxes_names_train_images(tiny_workdir, tmp_path):
+    """The first train scene holds class 0 only: class 1's SVM would have no positive. It was
+    refused after extraction as `train_class_svms: gt_class='class 1'`, naming no flag."""
+    settings = run_lib.Settings(train_images=1, initial_negatives=20, batch_size=4)
+    with pytest.raises(ValueError, match=r"^rcnn_svm: train_images=1 is invalid; the train "
+                                         r"scenes it selects \(.*\) hold no ground-truth box of "
+                                         r"class \[1\], so no SVM positive; use more"):
+        run_lib.run_rcnn_svm(str(tiny_workdir), str(tmp_path / "one"), settings)
+    status = json.loads((tmp_path / "one" / "status.json").read_text())
+    assert status["status"] == "failed" and "train_images=1" in status["message"]
+
+
+def test_no_regression_pair_gives_zero_regressors():
+    """Without a window at IoU >= 0.6 in any scene, the ridge stage has no pair; the feature
+    scale of its empty matrix raised instead of giving every class the zero regressor."""
+    rng = np.random.default_rng(3)
+    fc7 = rng.normal(size=(40, 6)).astype(np.float32)
+    gt_class = np.full(40, -1, np.int32)
+    gt_class[:4] = [0, 1, 0, 1]
+    overlaps = np.zeros((40, 2), np.float32)
+    overlaps[np.arange(4), gt_class[:4]] = 1.0
+    train = {"fc7": fc7, "overlaps": overlaps, "gt_class": gt_class,
+             "image": np.repeat(np.arange(4), 10).astype(np.int32),
+             "reg_pool5": np.zeros((0, 8), np.float32), "reg_classes": np.zeros(0, np.int32),
+             "reg_targets": np.zeros((0, 4), np.float32)}
+    models = run_lib.train_models(train, 2, run_lib.Settings(initial_negatives=10))
+    assert models["pool5_scale"] == 1.0 and list(models["regression_pairs"]) == [0, 0]
+    np.testing.assert_array_equal(models["ridge_weights"], 0.0)
+    np.testing.assert_array_equal(models["ridge_bias"], 0.0)
+
+
+def test_svm_detections_drop_boxes_without_area_after_clipping():
+    """A box moved entirely off the image clips to zero width: a sure false positive that the
+    SVM arms kept (with its score) where the softmax arm (`detect_from_head`) drops it."""
+    scores = np.array([[[2.5], [1.0]]], np.float32)  # [N=1, P=2, C=1]
+    boxes = np.array([[[[70.0, 10, 90, 30]], [[5.0, 5, 20, 20]]]], np.float32)
+    found = rcnn_svm.detect_with_scores(scores, boxes, (64, 64), 0.5, 4)
+    kept = np.asarray(found.valid[0])
+    assert kept.sum() == 1
+    np.testing.assert_allclose(np.asarray(found.boxes[0][kept]), [[5.0, 5, 20, 20]])
+    np.testing.assert_allclose(np.asarray(found.scores[0][kept]), [1.0])
 
 
 def test_softmax_arm_is_the_engines_eval(tiny_workdir):
