@@ -27,6 +27,9 @@ def _check_batch(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
     if len(shape) != 4 or min(shape) < 1:
         raise invalid("plot_detections", "images.shape", shape,
                       "expected [N, H, W, C] with N >= 1 images")
+    if shape[3] not in (1, 3):  # matplotlib fails on 2 channels and reads 4 as alpha
+        raise invalid("plot_detections", "images.shape", shape,
+                      "expected 1 (grey) or 3 (RGB) channels")
     n = shape[0]
     box_shape = tuple(np.shape(getattr(detections, "boxes", None)))
     if len(box_shape) != 3 or box_shape[0] != n or box_shape[2] != 4:
@@ -95,7 +98,8 @@ def plot_detections(images: Any, detections: Any, gt_boxes: Any, gt_labels: Any,
                                        lw=1.5))
                 ax.text(x1, y1, f"{int(cls)}:{score:.2f}", color=colour, fontsize=7,
                         va="bottom")
-    fig.suptitle(f"{title} (dashed: ground truth; solid: detections, score >= "
-                 f"{score_threshold:g})".strip(), fontsize=9)
+    # One line per part: in one line the legend outgrew a one-column grid (3 in) and was cut.
+    legend = ["dashed: ground truth", f"solid: detections, score >= {score_threshold:g}"]
+    fig.suptitle("\n".join([title] * bool(title) + legend), fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

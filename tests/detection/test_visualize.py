@@ -86,6 +86,11 @@ def _detections(n, k=1):
      r"^plot_detections: gt_boxes.shape=\(1, 1, 4\) is invalid; expected \(2, M, 4\)"),
     (np.zeros((2, 8, 8, 3)), _detections(1), np.zeros((2, 1, 4)),
      r"^plot_detections: detections.boxes.shape=\(1, 1, 4\) is invalid; expected \(2, K, 4\)"),
+    # 2 channels: matplotlib's TypeError mid-drawing; 4: drawn as RGBA, silently
+    (np.zeros((1, 8, 8, 2)), _detections(1), np.zeros((1, 1, 4)),
+     r"^plot_detections: images.shape=\(1, 8, 8, 2\) is invalid; expected 1 \(grey\) or 3"),
+    (np.zeros((1, 8, 8, 4)), _detections(1), np.zeros((1, 1, 4)),
+     r"^plot_detections: images.shape=\(1, 8, 8, 4\) is invalid; expected 1 \(grey\) or 3"),
 ])
 def test_bad_batches_are_a_value_error(tmp_path, images, detections, gt_boxes, message):
     n = gt_boxes.shape[0]
@@ -103,3 +108,20 @@ def test_gt_labels_of_another_shape_are_named(tmp_path):
         visualize.plot_detections(np.zeros((1, 8, 8, 3)), _detections(1), np.zeros((1, 1, 4)),
                                   np.zeros(1, int), np.ones((1, 1), bool),
                                   str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_the_title_fits_the_figure(tmp_path, monkeypatch, count):
+    """With one image the figure is 3 in wide, and the title with its legend on one line (about
+    4.5 in) was cut on both sides."""
+    figures = []
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: figures.append(fig) or path)
+    visualize.plot_detections(np.zeros((count, 8, 8, 3)), _detections(count),
+                              np.zeros((count, 1, 4)), np.zeros((count, 1), int),
+                              np.zeros((count, 1), bool), str(tmp_path / "d.png"),
+                              title="rcnn_small, step 1000 (best map50)")
+    (fig,) = figures
+    fig.canvas.draw()
+    box = fig._suptitle.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    assert fig._suptitle.get_text().splitlines()[0] == "rcnn_small, step 1000 (best map50)"
