@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax.utils.validation import invalid
+from cnnjax.utils.validation import check_layer_dtypes, invalid
 
 Array = Any
 
@@ -76,7 +76,12 @@ def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> N
 
 class BatchNorm(nn.BatchNorm):
     """`nn.BatchNorm` (same fields, variables and results) that refuses, in training, an input
-    with a single value per channel over the whole batch (`check_values_per_channel`)."""
+    with a single value per channel over the whole batch (`check_values_per_channel`), and a
+    `dtype` or `param_dtype` that is no float of 16 bits or more at construction."""
+
+    def __post_init__(self) -> None:
+        check_layer_dtypes(self)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *,

@@ -39,7 +39,7 @@ from cnnjax.layers.padding import (
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
-    check_float_dtype,
+    check_layer_dtypes,
     check_nhwc_nonempty,
     check_positive_int,
     invalid,
@@ -142,15 +142,6 @@ def _check_groups(owner: str, features: int, groups: int) -> None:
             owner, "groups", groups,
             f"the output channels (features={features}) must be divisible by groups",
         )
-
-
-def _check_dtypes(module: nn.Module) -> None:
-    """`dtype` (None: flax's rule, the input's and the parameters' dtypes promoted together, so
-    a bfloat16 input with float32 parameters computes and returns float32) and `param_dtype`
-    must be floating: flax would fail only at `init`, without naming the layer."""
-    owner = type(module).__name__
-    check_float_dtype(owner, "dtype", module.dtype)
-    check_float_dtype(owner, "param_dtype", module.param_dtype, allow_none=False)
 
 
 def _precision_name(value: Any) -> bool:
@@ -270,7 +261,7 @@ class Conv2D(nn.Module):
         _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                   self.padding_mode, self.dilation)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
-        _check_dtypes(self)
+        check_layer_dtypes(self)
         _check_precision(self)
         super().__post_init__()
 
@@ -330,7 +321,7 @@ class LocallyConnected2D(nn.Module):
         _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                   self.padding_mode, self.dilation)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
-        _check_dtypes(self)
+        check_layer_dtypes(self)
         _check_precision(self)
         super().__post_init__()
 
@@ -420,7 +411,7 @@ class TiledConv2D(nn.Module):
         _geometry(owner, self.kernel_size, self.strides, self.padding, self.padding_mode,
                   self.dilation)
         check_bool(owner, "use_bias", self.use_bias)
-        _check_dtypes(self)
+        check_layer_dtypes(self)
         _check_precision(self)
         super().__post_init__()
 
@@ -531,7 +522,7 @@ class ConvTranspose2D(nn.Module):
     def __post_init__(self) -> None:
         _transpose_geometry(self)
         check_bool(type(self).__name__, "use_bias", self.use_bias)
-        _check_dtypes(self)
+        check_layer_dtypes(self)
         _check_precision(self)
         super().__post_init__()
 

@@ -7,13 +7,8 @@ from typing import Any
 import flax.linen as nn
 from jax import Array
 
-from cnnjax.layers.conv import (
-    _check_dtypes,
-    _check_precision,
-    output_dtype,
-    promote_with_wide_bias,
-)
-from cnnjax.utils.validation import check_bool, check_positive_int
+from cnnjax.layers.conv import _check_precision, output_dtype, promote_with_wide_bias
+from cnnjax.utils.validation import check_bool, check_layer_dtypes, check_positive_int
 
 
 class Dense(nn.Dense):
@@ -31,7 +26,7 @@ class Dense(nn.Dense):
         owner = type(self).__name__
         check_positive_int(owner, "features", self.features)
         check_bool(owner, "use_bias", self.use_bias)
-        _check_dtypes(self)
+        check_layer_dtypes(self)
         _check_precision(self)
         super().__post_init__()
 

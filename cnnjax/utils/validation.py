@@ -230,14 +230,16 @@ def check_nhwc(owner: str, x: Any) -> None:
 
 
 def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = True) -> None:
-    """Raises unless `value` names a floating-point dtype (or is None, when `allow_none`): an
-    integer compute dtype would truncate, and a misspelt name would fail only when traced, in
-    flax's words and without the layer's name."""
+    """Raises unless `value` names a floating-point dtype of 16 bits or more (or is None, when
+    `allow_none`): an integer compute dtype would truncate, a float8 one has no promotion path
+    to float32 parameters, and a misspelt name would fail only when traced, in flax's words and
+    without the layer's name."""
     import jax.numpy as jnp  # NumPy alone does not count bfloat16 as floating
 
     try:
         floating = (value is None and allow_none) or (
-            value is not None and jnp.issubdtype(jnp.dtype(value), jnp.floating))
+            value is not None and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            and jnp.dtype(value).itemsize >= 2)
     except TypeError:
         floating = False
     if not floating:
@@ -245,9 +247,19 @@ def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = Tr
             shown = value if value is None else jnp.dtype(value).name
         except TypeError:
             shown = value
-        expected = "a floating-point dtype (e.g. jnp.float32, jnp.bfloat16)"
+        expected = ("a floating-point dtype of 16 bits or more (jnp.float16, jnp.bfloat16, "
+                    "jnp.float32, jnp.float64)")
         raise invalid(owner, arg, shown, f"expected None or {expected}" if allow_none
                       else f"expected {expected}")
+
+
+def check_layer_dtypes(module: Any) -> None:
+    """A layer's `dtype` (None: flax's rule, the input's and the parameters' dtypes promoted
+    together, so a bfloat16 input with float32 parameters computes and returns float32) and
+    `param_dtype` must be floating: flax would fail only at `init`, without naming the layer."""
+    owner = type(module).__name__
+    check_float_dtype(owner, "dtype", module.dtype)
+    check_float_dtype(owner, "param_dtype", module.param_dtype, allow_none=False)
 
 
 def check_nhwc_nonempty(owner: str, x: Any) -> None:

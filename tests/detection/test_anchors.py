@@ -162,6 +162,13 @@ def test_anchors_inside_matches_reference_filter():
      "width and height (x1 < x2, y1 < y2)."),
     (lambda: anchor_grid(4, 16, jnp.array([[4.0, 4, 0, 0]])),
      "anchor_grid: base_anchors[0]=[4.0, 4.0, 0.0, 0.0] is invalid"),
+    # uint8 wrapped past 255 px, int32 truncated the .5 corners, bfloat16 rounded them
+    (lambda: anchor_grid(28, 8, np.array([[0.0, 0, 8, 8]]), dtype=jnp.uint8),
+     "anchor_grid: dtype='uint8' is invalid; expected float32 or float64."),
+    (lambda: anchor_grid(28, 8, np.array([[0.0, 0, 8, 8]]), dtype=jnp.bfloat16),
+     "anchor_grid: dtype='bfloat16' is invalid"),
+    (lambda: anchor_grid(28, 8, np.array([[0.0, 0, 8, 8]]), dtype="float8"),
+     "anchor_grid: dtype='float8' is invalid"),
     (lambda: anchors_inside(np.zeros((3, 3)), (4, 4)), "anchors_inside: boxes.shape=(3, 3) is "
                                                        "invalid"),
     (lambda: anchors_inside(np.zeros((3, 4)), (4, 0)), "anchors_inside: image_size=(4, 0) is "

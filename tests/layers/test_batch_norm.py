@@ -236,3 +236,17 @@ def test_one_call_is_one_intercepted_call_and_one_intermediate(cls):
     assert seen == [(cls.__name__, "__call__")]
     (captured,) = state["intermediates"]["__call__"]
     np.testing.assert_array_equal(captured, y)
+
+
+@pytest.mark.parametrize("cls", [BatchNorm, MaskedBatchNorm])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dtype": jnp.int32}, "dtype='int32' is invalid; expected None or a floating-point dtype"),
+    ({"dtype": "float8"}, "dtype='float8' is invalid"),
+    ({"dtype": jnp.float8_e4m3fn}, "dtype='float8_e4m3fn' is invalid"),
+    ({"param_dtype": jnp.int8}, "param_dtype='int8' is invalid"),
+])
+def test_dtypes_are_checked_at_construction(cls, kwargs, message):
+    """flax failed only at init, in its words ('Dtype must be inexact', a TypeError for an
+    unknown name, a TypePromotionError for float8), naming neither the layer nor the field."""
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
+        cls(use_running_average=False, **kwargs)

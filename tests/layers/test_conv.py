@@ -796,6 +796,10 @@ def test_an_input_without_channels_is_refused(layer):
     (dict(dtype="flot32"), "dtype='flot32' is invalid; expected None or a floating-point dtype"),
     (dict(param_dtype=jnp.int8), "param_dtype='int8' is invalid; expected a floating-point"),
     (dict(param_dtype=None), "param_dtype=None is invalid; expected a floating-point dtype"),
+    # float8: no promotion path to float32 parameters (a TypePromotionError at init)
+    (dict(dtype=jnp.float8_e4m3fn), "dtype='float8_e4m3fn' is invalid; expected None or a "
+                                    "floating-point dtype of 16 bits or more"),
+    (dict(param_dtype=jnp.float8_e5m2), "param_dtype='float8_e5m2' is invalid"),
 ])
 def test_dtypes_are_checked_at_construction(cls, kwargs, message):
     """flax failed only at init, in its own words ('Dtype must be inexact', 'data type 'flot32'

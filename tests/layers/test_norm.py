@@ -122,6 +122,7 @@ def test_gradients():
         ({"dtype": "foo"}, "LocalResponseNorm: dtype='foo' is invalid; expected None or a "
                            "floating-point dtype"),
         ({"dtype": bool}, "LocalResponseNorm: dtype='bool' is invalid; expected None"),
+        ({"dtype": jnp.float8_e4m3fn}, "LocalResponseNorm: dtype='float8_e4m3fn' is invalid"),
     ],
 )
 def test_construction_errors(kwargs, message):

@@ -143,6 +143,7 @@ def test_stride_in_1x1_is_refused_for_basic_blocks():
     ("resnet20_cifar", {"dtype": "float33"}, "resnet20_cifar: dtype='float33' is invalid; "
                                              "expected None or a floating-point dtype"),
     ("resnet18", {"dtype": "int32"}, "resnet18: dtype='int32' is invalid"),
+    ("lenet5", {"dtype": "float8_e4m3fn"}, "lenet5: dtype='float8_e4m3fn' is invalid"),
     ("fast_rcnn_small", {"backbone_stages": "abc"}, "FastRCNN: backbone_stages='abc' is invalid; "
                                                     "expected a non-empty sequence of non-empty"),
     ("sppnet_small", {"backbone_stages": 5}, "SPPNet: backbone_stages=5 is invalid"),
