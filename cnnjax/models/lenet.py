@@ -85,13 +85,14 @@ class TrainableSubsampling(nn.Module):
         coef = self.param("coef", nn.initializers.constant(0.25), (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         x = jnp.asarray(x, self.dtype)
-        # A NumPy init value keeps reduce_window's sum monoid (and so its gradient) under jit.
-        summed = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add,
-                                       (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-        # In at least float32 (the parameters rounded to the compute dtype first): the gradients
-        # of coef and bias are sums over every position, which stall at 256 in bfloat16.
+        # In at least float32 (the parameters rounded to the compute dtype first): the window
+        # sums, so the output is rounded once, as cnnjax.layers.avg_pool2d's; and the gradients
+        # of coef and bias, sums over every position, which stall at 256 in bfloat16.
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        y = (summed.astype(wide) * coef.astype(self.dtype).astype(wide)
+        # A NumPy init value keeps reduce_window's sum monoid (and so its gradient) under jit.
+        summed = jax.lax.reduce_window(x.astype(wide), np.zeros((), wide), jax.lax.add,
+                                       (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        y = (summed * coef.astype(self.dtype).astype(wide)
              + bias.astype(self.dtype).astype(wide))
         return y.astype(x.dtype)
 
