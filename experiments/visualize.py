@@ -137,6 +137,8 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
         raise invalid("visualize", "num_images", num_images,
                       f"expected at most the {len(images)} examples of the run's eval split")
     methods = attribution.METHODS if methods is None else methods
+    if layer is not None and "grad_cam" not in methods:  # explain checks it for Grad-CAM
+        attribution.check_layer(run.model, run.variables, images.shape[1:], layer)
     result = attribution.explain(run.model, run.variables, images,
                                  labels if target == "true" else None, methods=methods,
                                  # without Grad-CAM, --layer is the activations' alone

@@ -32,10 +32,11 @@ module's output through `flax.linen.intercept_methods`, so no model needs changi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -205,6 +206,15 @@ def _check_layers(outputs: Sequence[ModuleOutput], layers: Sequence[str], rank: 
                           f"it {why}; expected one of the feature-map layers {valid[-8:]}"
                           + (f" (last 8 of {len(valid)}; module_outputs lists all)"
                              if len(valid) > 8 else ""))
+
+
+def check_layer(model: nn.Module, variables: Any, input_shape: Sequence[int],
+                layer: str) -> None:
+    """A ValueError naming `layer` unless it is a feature-map module of `model` that runs once
+    per forward pass on `input_shape` images: what `grad_cam` and `activations` accept. Traced
+    abstractly; a command checks its flag with it before running any method."""
+    shape = _check_shape(input_shape)
+    _check_layers(module_outputs(model, variables, shape), (layer,), len(shape) + 1)
 
 
 def _default_layer(outputs: Sequence[ModuleOutput], rank: int) -> str:
@@ -594,7 +604,8 @@ def _grad_cam(batch: _Batch, layer: str | None = None, after_relu: bool = True) 
     targets = batch.targets
     zeros = np.zeros((len(images), *shape[1:]), np.float32)
     fn = _grad_cam_fn(batch.model, layer, images.shape[1:3], after_relu)
-    maps, up, out, rectified = fn(batch.variables, images, targets, zeros)
+    with _read_out_of_transforms("layer", layer):
+        maps, up, out, rectified = fn(batch.variables, images, targets, zeros)
     return GradCam(layer, np.asarray(maps), np.asarray(up), targets, np.asarray(out),
                    bool(rectified))
 
@@ -609,13 +620,29 @@ def activations(model: nn.Module, variables: Any, images: Any,
     outputs = module_outputs(model, variables, images.shape[1:])
     _check_layers(outputs, tuple(layers), images.ndim, arg="layers")
     forward = _forward(model, tuple(layers))
-    captured = jax.jit(lambda v, x: forward(v, x)[1])(variables, images)
+    with _read_out_of_transforms("layers", tuple(layers)):
+        captured = jax.jit(lambda v, x: forward(v, x)[1])(variables, images)
     return {name: np.asarray(captured[name], np.float32) for name in layers}
 
 
+@contextlib.contextmanager
+def _read_out_of_transforms(arg: str, layers: Any) -> Iterator[None]:
+    """Turns jax's UnexpectedTracerError from reading a layer's output out of a lifted
+    transform (its value belongs to the transform's own trace) into a ValueError naming it."""
+    try:
+        yield
+    except jax.errors.UnexpectedTracerError:
+        raise invalid(_OWNER, arg, layers,
+                      "it is, or runs inside, a module wrapped in a lifted transform (nn.remat, "
+                      "nn.scan, nn.vmap, ...), whose values cannot be read out of it; choose a "
+                      "layer that runs outside every such module") from None
+
+
 # ----------------------------------------------------------------------- guided backprop
-#: Calls `guided_backprop` inlines when it rewrites a traced model (their bodies are evaluated).
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "named_call"})
+#: Calls `guided_backprop` inlines when it rewrites a traced model (their bodies are evaluated;
+#: `nn.remat`'s checkpoint primitive is "checkpoint", "remat" or "remat2" by jax version).
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "named_call",
+                    "checkpoint", "remat", "remat2"})
 #: How a ReLU passes the gradient back: only where the incoming gradient is positive and, for
 #: "guided", where the ReLU's input was positive too.
 RELU_RULES = ("guided", "deconvnet")
@@ -766,6 +793,7 @@ def _guided_backprop(batch: _Batch, rule: str = "guided") -> np.ndarray:
         return _class_score(forward(jax.tree.unflatten(tree, leaves), x)[0], targets)
 
     closed = jax.make_jaxpr(score)(leaves, images, targets)
+    _count_relus(closed.jaxpr, batch.model)  # refuses ReLUs it could not rewrite
     relu = _rectifier(rule)
 
     def rewritten(leaves: Any, x: Any, targets: Any) -> Any:
@@ -787,11 +815,13 @@ def count_relus(model: nn.Module, variables: Any, images: Any) -> int:
     images = _check_images(images)
     forward = _forward(model, ())
     closed = jax.make_jaxpr(lambda v, x: forward(v, x)[0])(variables, images)
-    return _count_relus(closed.jaxpr)
+    return _count_relus(closed.jaxpr, model)
 
 
-def _count_relus(jaxpr: Any) -> int:
-    """The ReLUs `_evaluate` replaces in `jaxpr`, through nested calls (`count_relus`)."""
+def _count_relus(jaxpr: Any, model: nn.Module) -> int:
+    """The ReLUs `_evaluate` replaces in `jaxpr`, through nested calls (`count_relus`); a
+    ValueError naming `model` where a ReLU sits in a body `_evaluate` does not inline (a scan's,
+    a loop's, a cond's branch, a custom_vjp function's): it would keep its plain gradient."""
     clamps = _variance_clamps(jaxpr)
     count = 0
     for index, eqn in enumerate(jaxpr.eqns):
@@ -800,8 +830,25 @@ def _count_relus(jaxpr: Any) -> int:
         if relu_call or (index not in clamps and _rectified_operand(eqn) is not None):
             count += 1
         elif body is not None:
-            count += _count_relus(body[0])
+            count += _count_relus(body[0], model)
+        elif any(_count_relus(inner, model) for inner in _sub_jaxprs(eqn)):
+            raise invalid(_OWNER, "model", type(model).__name__,
+                          f"it applies a ReLU inside a {eqn.primitive.name!r} (a jax.lax "
+                          "control-flow body such as nn.scan's, or a custom_vjp function), "
+                          "which guided backprop cannot rewrite: its map would mix guided and "
+                          "plain gradients")
     return count
+
+
+def _sub_jaxprs(eqn: Any) -> list[Any]:
+    """Every jaxpr among `eqn`'s parameters (a scan's or loop's body, a cond's branches)."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                found.append(inner)
+    return found
 
 
 class Explanation(NamedTuple):

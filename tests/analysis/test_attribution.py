@@ -4,7 +4,7 @@ linear classifier (whose gradient is its weight), Grad-CAM of a global-average-p
 pointing game, plots and every refused input."""
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -205,6 +205,69 @@ def test_count_relus_finds_the_relus_guided_backprop_rewrites(linear, resnet):
     images = np.zeros((1, 4, 4, 1), np.float32)
     model = Normalized()
     assert at.count_relus(model, model.init(jax.random.key(0), images), images) == 1
+
+
+class _ConvRelu(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Conv(4, (3, 3), name="conv")(x))
+
+
+class _TwoBlocks(nn.Module):
+    """Two conv-ReLU blocks, each wrapped by `wrap` (identity or nn.remat), and a linear head."""
+
+    wrap: Callable = staticmethod(lambda module: module)
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.wrap(_ConvRelu)(name="b2")(self.wrap(_ConvRelu)(name="b1")(x))
+        return nn.Dense(CLASSES, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_relus_inside_nn_remat_are_rewritten_too():
+    """nn.remat traces its module into a checkpoint primitive, whose body guided backprop did
+    not enter: it counted 0 ReLUs and returned the plain gradient (a CLI said "no ReLU")."""
+    images = np.random.RandomState(0).randn(2, 6, 6, 2).astype(np.float32)
+    plain, remat = _TwoBlocks(), _TwoBlocks(wrap=nn.remat)
+    variables = plain.init(jax.random.key(0), images)
+    assert at.count_relus(remat, variables, images) == at.count_relus(plain, variables, images) == 2
+    np.testing.assert_array_equal(at.guided_backprop(remat, variables, images, [0, 2]),
+                                  at.guided_backprop(plain, variables, images, [0, 2]))
+    # Its layers' values live in the checkpoint's own trace: refused by name, not jax's
+    # UnexpectedTracerError.
+    for layer in ("b1", "b1/conv"):
+        with pytest.raises(ValueError, match=rf"^attribution: layer='{layer}' is invalid; it is, "
+                                             r"or runs inside, a module wrapped in a lifted"):
+            at.grad_cam(remat, variables, images, [0, 2], layer=layer)
+    with pytest.raises(ValueError, match=r"^attribution: layers=\('b2',\) is invalid; it is, or"):
+        at.activations(remat, variables, images, ["b2"])
+
+
+def test_relus_inside_a_scan_are_refused_by_guided_backprop():
+    """A ReLU in nn.scan's body cannot be rewritten (the body is not inlined): it counted 0
+    and guided backprop silently returned the plain gradient there."""
+
+    class Scanned(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            def body(cell, carry, _):
+                return nn.relu(nn.Dense(carry.shape[-1], name="dense")(carry)), None
+
+            scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                           length=3)
+            x, _ = scan(self, x.reshape(x.shape[0], -1), None)
+            return nn.Dense(CLASSES, name="head")(x)
+
+    images = np.random.RandomState(1).randn(2, 2, 2, 1).astype(np.float32)
+    model = Scanned()
+    variables = model.init(jax.random.key(0), images)
+    message = (r"^attribution: model='Scanned' is invalid; it applies a ReLU inside a 'scan' "
+               r"\(a jax.lax control-flow body")
+    with pytest.raises(ValueError, match=message):
+        at.count_relus(model, variables, images)
+    with pytest.raises(ValueError, match=message):
+        at.guided_backprop(model, variables, images, [0, 1])
+    np.testing.assert_array_equal(at.saliency(model, variables, images, [0, 1]).shape, (2, 2, 2))
 
 
 def test_guided_backprop_changes_only_relus(linear, resnet):

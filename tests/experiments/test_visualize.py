@@ -53,7 +53,16 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
         write_visualizations(run, str(tmp_path / "none"), num_images=65)
     with pytest.raises(ValueError, match=r"attribution: methods=\['lime'\] is invalid"):
         write_visualizations(run, str(tmp_path / "none"), methods=["lime"])
-    assert not (tmp_path / "none").exists()
+    # Without grad_cam, a bad --layer (the activations') was refused only after every method
+    # had run, and as `layers=('bogus',)`.
+    from cnnjax.analysis import attribution
+
+    ran = []
+    monkeypatch.setattr(attribution, "explain", lambda *a, **k: ran.append(1))
+    with pytest.raises(ValueError, match=r"^attribution: layer='bogus' is invalid; it is not a "
+                                         r"module of the model"):
+        write_visualizations(run, str(tmp_path / "none"), methods=["saliency"], layer="bogus")
+    assert not ran and not (tmp_path / "none").exists()
 
 
 @pytest.fixture(scope="module")
