@@ -84,25 +84,37 @@ def replace_head(
         candidates = [jnp.zeros((1, *shape), jnp.float32) for shape in _native_input_shapes(model)]
     else:
         candidates = [sample_input]
-    collections = None
+    expected: dict = {}
     for x in candidates:  # the input the variables were initialized for
         expected = _shapes(jax.eval_shape(model.init, rng, x))
         if expected == old_shapes:
             sample_input = x
             break
-        collections = sorted({k[0] for k in expected})
     else:
-        if collections is not None and collections != sorted(variables):
+        collections = sorted({k[0] for k in expected})
+        if expected and collections != sorted(variables):
             raise invalid(  # e.g. params alone for a BatchNorm model: not an input-shape issue
                 "replace_head", "variables", f"collections {sorted(variables)}",
                 f"expected the model's collections {collections} (all of model.init's output)")
+        missing = sorted(set(expected) - set(old_shapes))
+        extra = sorted(set(old_shapes) - set(expected))
+        if missing or extra:  # other leaves at any input size: another architecture
+            leaf, where = (missing[0], "the model has but the variables lack") if missing else (
+                extra[0], "the variables have but the model lacks")
+            raise invalid(
+                "replace_head", "variables", type(model).__name__,
+                f"they are not this model's: {'/'.join(leaf)} is a leaf {where} "
+                f"({len(missing)} such, {len(extra)} the other way); pass the model the "
+                "variables came from")
         tried = [tuple(x.shape) for x in candidates]
+        differing = next(k for k in sorted(expected) if expected[k] != old_shapes[k])
         raise invalid(
             "replace_head",
             "variables",
             type(model).__name__,
-            f"they do not match the model at input shapes {tried}; pass the sample_input the "
-            "model was initialized with",
+            f"they do not match the model at input shapes {tried} ({'/'.join(differing)}: "
+            f"{old_shapes[differing]} in the variables, {expected[differing]} in the model); "
+            "pass the sample_input the model was initialized with",
         )
 
     new_model = model.clone(num_classes=num_classes)

@@ -43,10 +43,13 @@ class ExponentialMovingAverage:
 
     def update(self, average: dict, variables: dict, step: jax.Array) -> dict:
         """`average` moved towards `variables` (both `{'params', 'batch_stats'}`) by step
-        `step`'s decay; leaves keep their dtype."""
+        `step`'s decay; leaves keep their dtype. Written as `old + (1 - decay) * (new - old)`:
+        the same average, and exactly `old` where the value did not move (a frozen parameter's
+        average stays bitwise equal to it; `decay * old + (1 - decay) * old` can be an ulp
+        off)."""
         decay = self.decay_at(step)
         return jax.tree.map(
-            lambda old, new: (decay * old + (1.0 - decay) * new).astype(old.dtype),
+            lambda old, new: (old + (1.0 - decay) * (new - old)).astype(old.dtype),
             average, variables)
 
 

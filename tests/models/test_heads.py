@@ -145,11 +145,23 @@ def test_replace_head_errors(resnet20):
         ValueError, match=r"replace_head: variables=.* is invalid; expected a 'head'"
     ):
         replace_head(model, no_head, 3, jax.random.key(0), sample_input=x)
-    deeper = create_model("resnet32_cifar")
+    deeper = create_model("resnet32_cifar")  # blamed the input shape, naming no leaf
     with pytest.raises(
-        ValueError, match=r"replace_head: variables='CifarResNet' is invalid; they do not"
+        ValueError, match=r"^replace_head: variables='CifarResNet' is invalid; they are not "
+                          r"this model's: batch_stats/\S+ is a leaf the model has but the "
+                          r"variables lack \(\d+ such, 0 the other way\); pass the model the"
     ):
         replace_head(deeper, variables, 3, jax.random.key(0), sample_input=x)
+    lenet = create_model("lenet5")  # flattens its map: its f6 kernel depends on the input size
+    grey = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+    lenet_variables = jax.eval_shape(lambda x: lenet.init(jax.random.key(0), x), grey)
+    with pytest.raises(  # the same model at another input size: the shape that differs
+        ValueError, match=re.escape(
+            "replace_head: variables='LeNet5' is invalid; they do not match the model at input "
+            "shapes [(1, 36, 36, 1)] (params/f6/kernel: (120, 84) in the variables, (480, 84) in "
+            "the model); pass the sample_input")):
+        replace_head(lenet, lenet_variables, 3, jax.random.key(0),
+                     sample_input=jnp.zeros((1, 36, 36, 1)))
     with pytest.raises(ValueError, match=re.escape(
             "replace_head: variables=\"collections ['params']\" is invalid; expected the model's "
             "collections ['batch_stats', 'params'] (all of model.init's output).")):

@@ -48,6 +48,20 @@ def test_the_average_follows_the_float64_recursion(warmup):
                                      parallel.unreplicate(state).ema["params"]["head"]["kernel"])
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_average_of_a_value_that_never_moves_is_that_value_bitwise(warmup):
+    """A frozen parameter (a linear probe's backbone) stays bitwise equal to itself; its
+    average drifted by an ulp (decay * x + (1 - decay) * x is not always x in float32), so
+    `--ema` scored, and `init_from.ema` loaded, a backbone slightly off the frozen one."""
+    rule = ExponentialMovingAverage(0.999, warmup=warmup)
+    values = {"params": {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)}}
+    update = jax.jit(rule.update)
+    average = jax.tree.map(np.copy, values)
+    for step in range(50):
+        average = update(average, values, np.int32(step))
+    np.testing.assert_array_equal(average["params"]["w"], values["params"]["w"])
+
+
 def test_decay_zero_scores_the_trained_weights_and_a_run_reports_ema_metrics(tmp_path,
                                                                             monkeypatch):
     """decay 0: the average is the current weights, so `ema_*` equals the raw eval exactly;
