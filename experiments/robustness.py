@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
             _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
             _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)
         if baseline is not None:
-            record["baseline_errors"] = corruption_errors(record, baseline)
+            record["baseline_errors"] = corruption_errors(record, baseline, _BASELINE.value)
             write_json(path, record)
     print(table(record))
     for name, why in record["skipped"].items():

@@ -277,19 +277,21 @@ _COMPARED_SETTINGS = ("source", "split", "seed", "max_examples", "clean")
 _COMPARED_DATA = ("dataset", "num_examples")
 
 
-def corruption_errors(record: dict, baseline: dict) -> dict:
+def corruption_errors(record: dict, baseline: dict, given_as: str | None = None) -> dict:
     """Hendrycks & Dietterich's corruption errors of `record` against `baseline` (a record of
     another run, their AlexNet, on the same images): with E = 1 - top-1 summed over the requested
     severities s, CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} and relative CE_c =
     sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean); mCE and relative mCE are
-    their means over the corruptions (None when a ratio is undefined: a zero denominator)."""
+    their means over the corruptions (None when a ratio is undefined: a zero denominator).
+    `given_as`: how the baseline was named (a workdir or a record's JSON path), for errors;
+    default its record's workdir."""
     if not record.get("complete"):
         raise ValueError(f"{_OWNER}: record is incomplete ({record.get('measured_cells', '?')} "
                          "requested cells measured); rerun the same command to measure the rest "
                          "before comparing with a baseline")
     if not isinstance(baseline, dict) or "cells" not in baseline or "clean_top1" not in baseline:
         raise invalid(_OWNER, "baseline", "a dict", "expected a robustness record")
-    where = baseline.get("workdir", "?")
+    where = given_as or baseline.get("workdir", "?")
     mine, theirs = record.get("settings") or {}, baseline.get("settings") or {}
     differ = [f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in _COMPARED_SETTINGS
               if mine.get(k) != theirs.get(k)]
@@ -329,7 +331,7 @@ def corruption_errors(record: dict, baseline: dict) -> dict:
         return None if any(v is None for v in values.values()) else sum(values.values()) / len(
             values)
 
-    return {"baseline": {"workdir": where, "model": baseline.get("model"),
+    return {"baseline": {"workdir": baseline.get("workdir", where), "model": baseline.get("model"),
                          "step": (baseline.get("settings") or {}).get("step")},
             "corruption_error": ce, "mce": mean(ce),
             "relative_corruption_error": relative, "relative_mce": mean(relative)}
@@ -425,9 +427,15 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                                        on_the_fly=tfds_set is None,
                                        tfds_dataset=tfds_set.tfds_name if tfds_set else None)
     clean, labels, transforms = eval_pixels(config, max_examples)
+    # Stored once as every cell is (uint8, truncated), and corrupted from that: the clean top-1
+    # and the cells then start from the same images (for resized data, digits' upsampled scans,
+    # the float pixels differ from the stored ones by a level in a third of the pixels).
+    clean = corruptions_lib.quantize(clean)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step,
-                "clean": "uint8"}  # clean top-1 through the cells' storage (older: unquantized)
+                # older records: "uint8" (cells corrupted from the unquantized pixels), or none
+                # (the clean top-1 unquantized too)
+                "clean": "uint8, corrupted from it"}
     out_dir, stem = _output_dir(workdir), _file_stem(source, split, seed, max_examples,
                                                      run.step if step is not None else None)
     path = os.path.join(out_dir, stem + ".json")
@@ -439,8 +447,11 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
         log(f"All {len(names) * len(levels)} cells already measured in {path}:")
         # written back with this request's headline (fewer cells than the file's request: their
         # mean), as a command measuring a new cell would, so the file holds what is printed
+        kept = {"clean_top1": old["clean_top1"]}
+        if "baseline_errors" in old and old.get("requested") == record["requested"]:
+            kept["baseline_errors"] = old["baseline_errors"]  # of these very cells: not lost
         with directory_lock(out_dir, "workdir"):
-            return _finish({**record, "clean_top1": old["clean_top1"]}, path), path
+            return _finish({**record, **kept}, path), path
     if tfds_set:  # every config still needed is named before anything is written
         _check_tfds_configs_prepared(config, todo, tfds_set)
     with directory_lock(out_dir, "workdir"):  # one robustness command per run at a time
@@ -611,15 +622,12 @@ def _check_tfds_configs_prepared(config: ml_collections.ConfigDict, todo: list[t
 def _measure_clean(record: dict, classify: Callable[[np.ndarray], np.ndarray],
                    clean: np.ndarray, labels: np.ndarray, tfds_set: CorruptedSet | None,
                    log: Callable[[str], None]) -> None:
-    """Sets and logs the record's clean top-1, stored as every cell is (uint8, truncated): a
-    no-op for native 32x32 data, and for resized data (digits) the drop then measures the
-    corruption alone."""
+    """Sets and logs the record's clean top-1 of `clean`, the stored images (uint8) every
+    on-the-fly cell is corrupted from, so the drop measures the corruption alone."""
     import numpy as np
 
-    from cnnjax.analysis.corruptions import quantize
-
     started = time.time()
-    record["clean_top1"] = float(np.mean(classify(quantize(clean)) == labels))
+    record["clean_top1"] = float(np.mean(classify(clean) == labels))
     log(f"clean top-1 {record['clean_top1']:.4f} over {len(labels)} examples of "
         f"{record['split']!r} ({time.time() - started:.1f} s, compilation included)"
         + (f"; corrupted cells from tfds's {tfds_set.tfds_name}" if tfds_set else ""))

@@ -68,6 +68,18 @@ def test_a_baseline_of_other_images_or_cells_is_refused(baseline, message):
     assert message in str(err.value)
 
 
+def test_a_refused_baseline_is_named_as_it_was_given():
+    """A baseline given as its record's JSON path was named by the workdir stored inside it."""
+    other = {**BASE, "dataset": "digits"}
+    with pytest.raises(ValueError, match=r"^robustness: baseline='/tmp/b/robustness\.json' is "
+                                         r"invalid; it was measured with other settings"):
+        R.corruption_errors(MODEL, other, "/tmp/b/robustness.json")
+    with pytest.raises(ValueError, match=r"^robustness: baseline='/runs/x' is invalid"):
+        R.corruption_errors(MODEL, other)  # without it: the record's own workdir
+    assert R.corruption_errors(MODEL, BASE, "/tmp/b/robustness.json")["baseline"]["workdir"] == (
+        "/runs/x")
+
+
 def test_an_incomplete_record_has_no_errors_yet():
     partial = R.summarize({**MODEL, "requested": {"corruptions": ["fog", "contrast", "snow"],
                                                   "severities": [1, 2]}})

@@ -106,6 +106,60 @@ def test_cells_are_the_models_top1_on_independently_corrupted_images(rgb_run, mo
     assert "saturate" in R.table(record) and "relative drop" in R.table(record)
 
 
+def test_cells_are_corrupted_from_the_stored_images_the_clean_top1_scores(rgb_run,
+                                                                          monkeypatch):
+    """Resized data (digits' upsampled scans) has pixels between levels: the clean top-1 was
+    measured on them stored (uint8, truncated) while each cell corrupted the unstored floats,
+    so the PIL corruptions (which round) scored above the clean top-1 at their mildest."""
+    original = R.eval_pixels
+
+    def between_levels(*args, **kwargs):
+        pixels, labels, transforms = original(*args, **kwargs)
+        return np.clip(pixels + 0.6, 0, 255).astype(np.float32), labels, transforms
+
+    corrupted, classified = [], []
+
+    def identity(images, name, severity, seed=0, first_index=0):
+        corrupted.append(np.array(images))
+        return np.asarray(images, np.float64)
+
+    original_classify = R.make_classify
+
+    def recording(*args, **kwargs):
+        classify = original_classify(*args, **kwargs)
+        return lambda images: classified.append(np.array(images)) or classify(images)
+
+    monkeypatch.setattr(R, "eval_pixels", between_levels)
+    monkeypatch.setattr(C, "corrupt", identity)
+    monkeypatch.setattr(R, "make_classify", recording)
+    record, _ = R.run_robustness(str(rgb_run), "contrast", "1", log=lambda _: None)
+    stored = classified[0]  # the clean top-1's images
+    assert stored.dtype == np.uint8
+    np.testing.assert_array_equal(np.concatenate(corrupted), stored)
+    assert record["cells"]["contrast"]["1"] == record["clean_top1"]
+
+
+def test_a_rerun_without_baseline_keeps_the_errors_of_the_same_cells(rgb_run):
+    """`--baseline` adds baseline_errors to the record; the same command without it rewrote the
+    record and dropped them (they are kept while the requested cells are the same)."""
+    args = (str(rgb_run), "contrast", "1")
+    _, path = R.run_robustness(*args, log=lambda _: None)
+    with open(path) as f:
+        record = json.load(f)
+    errors = {"mce": 0.5, "baseline": {"workdir": "/elsewhere"}}
+    with open(path, "w") as f:
+        json.dump({**record, "baseline_errors": errors}, f)
+    again, _ = R.run_robustness(*args, log=lambda _: None)
+    assert again["baseline_errors"] == errors
+    with open(path) as f:
+        assert json.load(f)["baseline_errors"] == errors
+    fewer, _ = R.run_robustness(str(rgb_run), "contrast", "1", max_examples=None,
+                                log=lambda _: None)
+    assert fewer["baseline_errors"] == errors
+    other, _ = R.run_robustness(str(rgb_run), "contrast,brightness", "1", log=lambda _: None)
+    assert "baseline_errors" not in other  # other cells: those errors are not theirs
+
+
 class _StopError(Exception):
     pass
 
