@@ -123,7 +123,8 @@ class TfdsSource(Source):
             raise invalid(_OWNER, "tfds_name", spec.tfds_name,
                           f"expected a dataset with an `image` feature (a tfds Image); it has "
                           f"{sorted(features)}")
-        dtype = np.dtype(getattr(image.dtype, "as_numpy_dtype", image.dtype))
+        # np_dtype: `FeatureConnector.dtype` is deprecated (tfds logs it on every read)
+        dtype = np.dtype(getattr(image, "np_dtype", None) or image.dtype.as_numpy_dtype)
         if dtype != np.uint8:
             raise invalid(_OWNER, "tfds_name", spec.tfds_name,
                           f"expected uint8 images (pixels are scaled by 1/255); its `image` is "

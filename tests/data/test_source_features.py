@@ -81,3 +81,13 @@ def test_a_catalogue_set_with_its_images_under_another_name_is_refused(tmp_path)
             "data: tfds_name='eurosat/all' is invalid; expected a dataset with an `image` "
             "feature (a tfds Image); it has ['filename', 'label', 'sentinel2'].")):
         get_dataset_info(config)
+
+
+def test_opening_a_source_reads_no_deprecated_feature_attribute(digits_config, monkeypatch):
+    """`FeatureConnector.dtype` is deprecated (tfds logs a warning each time, ~3 per training
+    run, and will remove it): the image's dtype is read from `np_dtype`."""
+    def deprecated(self):
+        raise AssertionError("FeatureConnector.dtype read")
+
+    monkeypatch.setattr(tfds.features.FeatureConnector, "dtype", property(deprecated))
+    assert get_dataset_info(digits_config()).num_classes == 10
