@@ -54,6 +54,10 @@ def _values_per_channel(module: nn.BatchNorm, x: Array) -> int | None:
     return local * devices if isinstance(devices, int) else None
 
 
+class OneValuePerChannelError(ValueError):
+    """A training BatchNorm given one value per channel (`check_values_per_channel`)."""
+
+
 def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> None:
     """Raises if `module`, training (`running` False: the merged `use_running_average`) on `x`,
     would normalize each channel over a single value (its output would be the bias alone: no
@@ -65,13 +69,14 @@ def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> N
         return
     path = "/".join(module.scope.path) if module.scope is not None else ""
     owner = f"{type(module).__name__} {path}" if path else type(module).__name__
-    raise invalid(
+    raise OneValuePerChannelError(str(invalid(
         owner, "input.shape", tuple(x.shape),
         "in training it normalizes each channel over a single value (batch x height x width"
         + ("" if module.axis_name is None else f", over every device of {module.axis_name!r}")
         + "), so its output is the bias alone and no gradient reaches the layers before it; "
-        "train on more than one value per channel (a larger batch or input image), or use the "
-        "running statistics (use_running_average=True, train=False)")
+        "train on more than one value per channel (a larger batch per device and per "
+        "accumulation micro-batch, or a larger input image), or use the running statistics "
+        "(use_running_average=True, train=False)")))
 
 
 class BatchNorm(nn.BatchNorm):

@@ -185,6 +185,32 @@ def _trace_failure(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCallE
     return None
 
 
+def one_value_batch_norm(model: nn.Module, micro_batch: int, devices: int,
+                         input_shape: tuple[int, ...]) -> str | None:
+    """The BatchNorm layer (as its error names it) that a train step of `micro_batch` images
+    per device and accumulation micro-batch on `devices` devices would give one value per
+    channel, which `cnnjax.layers.BatchNorm` refuses in the first step (after the workdir is
+    written); None if none would. Only one image on one device can: otherwise every synced
+    statistic has at least two values. Traced abstractly, in train mode."""
+    if micro_batch * devices > 1:
+        return None
+    from cnnjax.layers.batch_norm import OneValuePerChannelError
+
+    dummy = jax.ShapeDtypeStruct((1, micro_batch, *input_shape), jnp.float32)
+    rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+
+    def train_forward(x: jax.Array) -> Any:
+        variables = model.init(rngs, x, train=False)
+        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs=rngs)
+
+    try:  # the axis the engine binds (pmap/shard_map), as a one-device vmap
+        jax.eval_shape(jax.vmap(train_forward, axis_name=getattr(model, "axis_name", None)),
+                       dummy)
+    except OneValuePerChannelError as err:
+        return str(err).split(": input.shape=")[0]
+    return None
+
+
 def check_external_proposals(model: nn.Module, model_name: str, proposals: Any) -> None:
     """A ValueError if the data config asks for external proposals (`data.proposals`, a
     `cnnjax.data.proposals.ProposalSpec`) and the detector makes its own (an RPN, YOLO's grid),

@@ -572,6 +572,8 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     _check_eval_batch_fits(config, data_info, devices)
     image_shape = tuple(data_info.image_shape)
     model = _checked_model(config, task, info, image_shape, data_info.num_classes)
+    if for_training and task != "detection":  # detectors train through `loss`, masked
+        _check_batch_statistics(config, model, image_shape, _total_devices(devices))
     schedule, tx, variable_shapes = _checked_optimizer(config, schedule, model, image_shape)
     return CheckedConfig(task, pipeline, data_info, devices, model, schedule, tx, variable_shapes)
 
@@ -661,6 +663,26 @@ def _checked_devices(config: Any, pipeline: Any, for_training: bool) -> list | N
         pipeline.check_train_epoch(config.data, global_batch_size=config.global_batch_size,
                                    process_count=jax.process_count())
     return devices
+
+
+def _check_batch_statistics(config: Any, model: Any, image_shape: tuple[int, ...],
+                            devices: int) -> None:
+    """Refuses, by the batch fields, a train step whose BatchNorm would see one value per
+    channel: the layer's own error came in the first step, after the workdir was written, and
+    under gradient accumulation advised a larger batch where fewer micro-batches were meant."""
+    from cnnjax.train import checks
+
+    accum = config.get("grad_accum_steps", 1)
+    micro_batch = config.global_batch_size // devices // accum
+    layer = checks.one_value_batch_norm(model, micro_batch, devices, image_shape)
+    if layer is not None:
+        raise ValueError(
+            f"config: global_batch_size={config.global_batch_size!r} is invalid; with "
+            f"grad_accum_steps={accum} on {devices} device each train micro-batch holds "
+            f"{micro_batch} image, and {layer} then normalizes each channel over a single "
+            "value (its output is its bias alone: no gradient reaches the layers before it); "
+            "use a larger global_batch_size, fewer grad_accum_steps or a larger "
+            "data.image_size.")
 
 
 def _checked_model(config: Any, task: str, info: Any, image_shape: tuple[int, ...],

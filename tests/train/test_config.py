@@ -1,6 +1,7 @@
 """Every bad-input path of the engine raises a ValueError with a clear message before compiling."""
 
 import json
+import re
 
 import flax.linen as nn
 import numpy as np
@@ -197,6 +198,44 @@ def test_a_batch_norm_given_an_empty_map_is_named_with_what_fed_it():
         "slicenet: input resolution='5x5' is invalid; too small: layer bn1 (BatchNorm) fails "
         "(its input has shape (1, 0, 0, 4), no features; the input came from layer conv1 (Conv), "
         "shape (1, 2, 2, 4))")
+
+
+class _OnePixelNet(nn.Module):
+    """An 8x8 conv to a 1x1 map, then cnnjax's BatchNorm: one value per channel per image."""
+    num_classes: int = helpers.NUM_CLASSES
+    dtype: object = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train=False, return_features=False):
+        x = nn.Conv(4, (8, 8), padding="VALID", name="conv")(x)
+        x = BatchNorm(use_running_average=not train, axis_name=self.axis_name, name="bn")(x)
+        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("batch, accum, refused", [(1, 1, True), (4, 4, True), (2, 1, False),
+                                                   (4, 2, False)])
+def test_one_image_per_batch_norm_step_is_refused_by_the_batch_fields(monkeypatch, batch, accum,
+                                                                      refused):
+    """One image per device and accumulation micro-batch at a 1x1 map gives a BatchNorm one
+    value per channel: the layer refused it only in the first train step (after the workdir was
+    written) and, under accumulation, advised a larger batch where fewer micro-batches were
+    meant. Refused before anything is written, naming the batch fields."""
+    from cnnjax.train.config import check_config
+
+    helpers.install_fake_pipeline(monkeypatch)
+    with registry.registered_model("one_pixel_net", _OnePixelNet, **helpers.TINY_MODEL_INFO):
+        config = helpers.tiny_config(model="one_pixel_net", global_batch_size=batch,
+                                     grad_accum_steps=accum)
+        if not refused:
+            check_config(config)
+            return
+        with pytest.raises(ValueError, match=re.escape(
+                f"config: global_batch_size={batch} is invalid; with grad_accum_steps={accum} "
+                "on 1 device each train micro-batch holds 1 image, and BatchNorm bn then "
+                "normalizes each channel over a single value")):
+            check_config(config)
+        check_config(config, for_training=False)  # loading a finished run's model: no step
 
 
 def test_input_too_small_for_a_pooling_function_names_what_fed_it():
