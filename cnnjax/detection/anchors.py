@@ -23,6 +23,7 @@ from cnnjax.utils.validation import (
     check_number,
     check_positive_int,
     concrete_value,
+    dtype_name,
     invalid,
     to_pair,
 )
@@ -112,16 +113,9 @@ def anchor_grid(
         raise invalid(owner, "base_anchors.shape", tuple(shape),
                       "expected [A, 4] boxes (x1, y1, x2, y2) with A >= 1")
     check_anchor_sizes(owner, base_anchors, "base_anchors")
-    if _dtype_name(dtype) not in ("float32", "float64"):  # others wrap or round off pixels
-        raise invalid(owner, "dtype", _dtype_name(dtype), "expected float32 or float64")
+    if dtype_name(dtype) not in ("float32", "float64"):  # others wrap or round off pixels
+        raise invalid(owner, "dtype", dtype_name(dtype), "expected float32 or float64")
     return _grid(jnp.asarray(base_anchors, dtype=dtype), height, width, stride)
-
-
-def _dtype_name(dtype: Any) -> Any:
-    try:
-        return jnp.dtype(dtype).name
-    except TypeError:
-        return dtype
 
 
 @partial(jax.jit, static_argnames=("height", "width", "stride"))

@@ -28,6 +28,13 @@ from cnnjax.utils.validation import (
 MIN_BOX_SIZE = 1e-2
 
 
+def has_min_size(boxes: jax.Array) -> jax.Array:
+    """`[...]` bool: whether each (clipped) box `[..., 4]` is at least `MIN_BOX_SIZE` wide and
+    high, i.e. a detection rather than a box moved off the image."""
+    sides = boxes[..., 2:] - boxes[..., :2]
+    return jnp.all(sides >= MIN_BOX_SIZE, axis=-1)
+
+
 class Detections(NamedTuple):
     """`K` detections per image, in decreasing-score order; padding rows are 0 and not `valid`."""
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from cnnjax.detection.box_coding import clip_boxes, decode_boxes, encode_boxes
 from cnnjax.detection.evaluation import box_iou_np
-from cnnjax.detection.postprocess import MIN_BOX_SIZE, Detections, batched_nms
+from cnnjax.detection.postprocess import Detections, batched_nms, has_min_size
 from cnnjax.layers.roi import check_valid_boxes
 from cnnjax.utils.validation import (
     check_non_negative_int,
@@ -376,9 +376,7 @@ def detect_with_scores(scores: Any, boxes: Any, image_size: tuple[int, int], nms
     than `MIN_BOX_SIZE` dropped, as `faster_rcnn.detect_from_head` drops them), `max_detections`
     per image. `score_threshold` None keeps every candidate (SVM scores have no natural floor)."""
     boxes = clip_boxes(jnp.asarray(boxes, jnp.float32), image_size)
-    sides = boxes[..., 2:] - boxes[..., :2]
-    scores = jnp.where(jnp.all(sides >= MIN_BOX_SIZE, axis=-1),
-                       jnp.asarray(scores, jnp.float32), -jnp.inf)
+    scores = jnp.where(has_min_size(boxes), jnp.asarray(scores, jnp.float32), -jnp.inf)
     floor = float(np.finfo(np.float32).min) if score_threshold is None else score_threshold
     labels = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
     return jax.vmap(lambda b, s, c: batched_nms(

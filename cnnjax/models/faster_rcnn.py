@@ -48,10 +48,10 @@ from cnnjax.detection.ground_truth import check_ground_truth
 from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import POSITIVE, label_anchors, sample_balanced
 from cnnjax.detection.postprocess import (
-    MIN_BOX_SIZE,
     Detections,
     batched_nms,
     check_detection_settings,
+    has_min_size,
 )
 from cnnjax.detection.proposals import check_min_size_fits, rpn_proposals
 from cnnjax.detection.roi_targets import fast_rcnn_loss, sample_rois
@@ -239,8 +239,7 @@ def detect_from_head(
     proposals = jnp.where(valid[..., None], proposals, 0.0)
     boxes = decode_boxes(deltas[:, :, 1:], proposals[:, :, None, :], BOX_WEIGHTS)
     boxes = jnp.where(valid[..., None, None], clip_boxes(boxes, image_size), 0.0)  # [N, P, C, 4]
-    sides = boxes[..., 2:] - boxes[..., :2]
-    scores = jnp.where(valid[..., None] & jnp.all(sides >= MIN_BOX_SIZE, axis=-1), probs, 0.0)
+    scores = jnp.where(valid[..., None] & has_min_size(boxes), probs, 0.0)
     labels = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.int32), scores.shape)
     return jax.vmap(lambda b, s, c: batched_nms(
         b.reshape(-1, 4), s.reshape(-1), c.reshape(-1), nms_iou, max_detections,

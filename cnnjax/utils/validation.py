@@ -243,14 +243,22 @@ def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = Tr
     except TypeError:
         floating = False
     if not floating:
-        try:  # jnp.int32 reads as 'int32', not "<class 'jax.numpy.int32'>"
-            shown = value if value is None else jnp.dtype(value).name
-        except TypeError:
-            shown = value
+        shown = dtype_name(value)
         expected = ("a floating-point dtype of 16 bits or more (jnp.float16, jnp.bfloat16, "
                     "jnp.float32, jnp.float64)")
         raise invalid(owner, arg, shown, f"expected None or {expected}" if allow_none
                       else f"expected {expected}")
+
+
+def dtype_name(value: Any) -> Any:
+    """`value`'s dtype name for an error (jnp.int32 reads as 'int32', not "<class
+    'jax.numpy.int32'>"), else `value` itself (None, a misspelt name)."""
+    import jax.numpy as jnp  # NumPy alone does not know bfloat16
+
+    try:
+        return value if value is None else jnp.dtype(value).name
+    except TypeError:
+        return value
 
 
 def check_layer_dtypes(module: Any) -> None:
