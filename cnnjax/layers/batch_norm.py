@@ -55,7 +55,12 @@ def _values_per_channel(module: nn.BatchNorm, x: Array) -> int | None:
 
 
 class OneValuePerChannelError(ValueError):
-    """A training BatchNorm given one value per channel (`check_values_per_channel`)."""
+    """A training BatchNorm given one value per channel (`check_values_per_channel`); `layer`
+    names it as the message does (e.g. "BatchNorm stage4_block1/bn1")."""
+
+    def __init__(self, message: str, layer: str):
+        super().__init__(message)
+        self.layer = layer
 
 
 def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> None:
@@ -76,7 +81,7 @@ def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> N
         + "), so its output is the bias alone and no gradient reaches the layers before it; "
         "train on more than one value per channel (a larger batch per device and per "
         "accumulation micro-batch, or a larger input image), or use the running statistics "
-        "(use_running_average=True, train=False)")))
+        "(use_running_average=True, train=False)")), owner)
 
 
 class BatchNorm(nn.BatchNorm):

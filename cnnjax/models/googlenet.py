@@ -315,7 +315,7 @@ class BasicConv2d(nn.Module):
         x = Conv2D(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
                    use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init, name="conv")(x)
         x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=BN_EPSILON,
-                         dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
+                      dtype=self.dtype, axis_name=self.axis_name, name="bn")(x)
         return nn.relu(x)
 
 

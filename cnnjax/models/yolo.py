@@ -168,7 +168,7 @@ class YOLOv1(nn.Module):
                        use_bias=not self.batch_norm, dtype=self.dtype, name=f"conv{index}")(x)
             if self.batch_norm:
                 x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=self.dtype, axis_name=self.axis_name, name=f"bn{index}")(x)
+                              dtype=self.dtype, axis_name=self.axis_name, name=f"bn{index}")(x)
             x = nn.leaky_relu(x, self.negative_slope)
         features["trunk"] = x
         x = flatten(x)

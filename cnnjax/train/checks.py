@@ -207,7 +207,7 @@ def one_value_batch_norm(model: nn.Module, micro_batch: int, devices: int,
         jax.eval_shape(jax.vmap(train_forward, axis_name=getattr(model, "axis_name", None)),
                        dummy)
     except OneValuePerChannelError as err:
-        return str(err).split(": input.shape=")[0]
+        return err.layer
     return None
 
 
