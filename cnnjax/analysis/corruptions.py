@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.utils.validation import check_non_negative_int, invalid
+from cnnjax.utils.validation import check_non_negative_int, invalid, widen_low_precision
 
 _OWNER = "corruptions"
 IMAGE_SIZE = 32  # CIFAR-10-C's side (PARAMETERS' size)
@@ -164,7 +164,8 @@ NEEDS_OPENCV = ("defocus_blur", "elastic_transform", "snow", "spatter")
 #: (frost too, which cnnjax does not compute). `cifar10_corrupted` is read from the released
 #: CIFAR-10-C .npy files and names glass_blur.npy and elastic_transform.npy otherwise;
 #: `imagenet2012_corrupted` (tfds 3.1.0, its own regeneration of ImageNet-C from ImageNet's
-#: validation images with the authors' code and table) keeps the authors' names.
+#: validation images with the authors' table and, but for fog, motion_blur, pixelate and
+#: rounding (docs/robustness.md), their code) keeps the authors' names.
 TFDS_CONFIG_NAMES: dict[str, dict[str, str]] = {
     "cifar10_corrupted": {**{n: n for n in CORRUPTIONS}, "glass_blur": "frosted_glass_blur",
                           "elastic_transform": "elastic"},
@@ -665,7 +666,7 @@ def check_computable(name: str) -> None:
 def _check_images(images: Any) -> np.ndarray:
     """`images` as a float64 `[N, S, S, C]` array (S = 32 or 224), or a ValueError saying what
     is wrong."""
-    array = np.asarray(images)
+    array = widen_low_precision(np.asarray(images))  # bfloat16 (NumPy kind 'V') is a float
     shape = tuple(array.shape)
     if array.ndim not in (3, 4) or shape[-3] != shape[-2] or shape[-3] not in TABLES or (
             shape[-1] not in (1, 3)):

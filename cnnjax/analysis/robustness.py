@@ -316,16 +316,28 @@ def corruption_errors(record: dict, baseline: dict, given_as: str | None = None)
                       f"the baseline lacks cells {', '.join(missing)}; run experiments.robustness "
                       "on it with the same --corruptions and --severities")
 
+    def misclassified(top1: float, of: dict) -> float:
+        """The error `1 - top1` in images (exact: a top-1 is k / num_examples), so that equal
+        errors cancel exactly in the relative CE's differences (in float rates, a residue of
+        1e-17 left a ratio of 1e14 where it is undefined); a rate where the count is unknown."""
+        count = of.get("num_examples")
+        return round((1 - top1) * count) if count else 1 - top1
+
     def ratio(numerator: float, denominator: float) -> float | None:
         return numerator / denominator if denominator else None
 
     ce, relative = {}, {}
-    clean, base_clean = 1 - record["clean_top1"], 1 - baseline["clean_top1"]
+    clean, base_clean = misclassified(record["clean_top1"], record), misclassified(
+        baseline["clean_top1"], baseline)
+    # per-image error rates' ratio: the counts' ratio times the baseline's image count over
+    # this record's (equal, the two being refused above otherwise, unless either lacks it)
+    scale = (baseline.get("num_examples") or 1) / (record.get("num_examples") or 1)
     for name in names:
-        errors = [1 - record["cells"][name][s] for s in severities]
-        base = [1 - baseline["cells"][name][s] for s in severities]
-        ce[name] = ratio(sum(errors), sum(base))
-        relative[name] = ratio(sum(e - clean for e in errors), sum(b - base_clean for b in base))
+        errors = [misclassified(record["cells"][name][s], record) for s in severities]
+        base = [misclassified(baseline["cells"][name][s], baseline) for s in severities]
+        ce[name] = ratio(scale * sum(errors), sum(base))
+        relative[name] = ratio(scale * sum(e - clean for e in errors),
+                               sum(b - base_clean for b in base))
 
     def mean(values: dict) -> float | None:
         return None if any(v is None for v in values.values()) else sum(values.values()) / len(
@@ -374,10 +386,13 @@ def table(record: dict) -> str:
                      + (f"{drop:.4f}" if drop is not None else "n/a (clean top-1 is 0)"))
     errors = record.get("baseline_errors")
     if errors:
-        def shown(value: float | None) -> str:
-            return "n/a (an error-free baseline cell)" if value is None else f"{value:.4f}"
+        def shown(value: float | None, undefined_when: str) -> str:
+            return f"n/a ({undefined_when})" if value is None else f"{value:.4f}"
 
-        lines.append(f"mCE {shown(errors['mce'])}, relative mCE {shown(errors['relative_mce'])} "
+        mce = shown(errors["mce"], "a corruption the baseline classifies without error")
+        relative_mce = shown(errors["relative_mce"], "a corruption whose baseline errors average "
+                                                     "its clean error")
+        lines.append(f"mCE {mce}, relative mCE {relative_mce} "
                      f"against {errors['baseline']['model']} ({errors['baseline']['workdir']})")
     return "\n".join(lines)
 
@@ -427,15 +442,18 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                                        on_the_fly=tfds_set is None,
                                        tfds_dataset=tfds_set.tfds_name if tfds_set else None)
     clean, labels, transforms = eval_pixels(config, max_examples)
-    # Stored once as every cell is (uint8, truncated), and corrupted from that: the clean top-1
-    # and the cells then start from the same images (for resized data, digits' upsampled scans,
-    # the float pixels differ from the stored ones by a level in a third of the pixels).
-    clean = corruptions_lib.quantize(clean)
+    if tfds_set is None:
+        # Stored once as every cell is (uint8, truncated), and corrupted from that: the clean
+        # top-1 and the cells then start from the same images (for resized data, digits'
+        # upsampled scans, the float pixels differ from the stored ones by a level in a third
+        # of the pixels). A tfds set's cells are its own images, so its clean top-1 is the
+        # run's evaluation as it is (truncating ImageNet's resized crops took half a level).
+        clean = corruptions_lib.quantize(clean)
     settings = {"source": source, "split": spec.eval_split, "seed": seed,
                 "max_examples": max_examples, "step": run.step,
                 # older records: "uint8" (cells corrupted from the unquantized pixels), or none
-                # (the clean top-1 unquantized too)
-                "clean": "uint8, corrupted from it"}
+                # (the clean top-1 unquantized too); tfds ones before session 48 truncated it
+                "clean": "the run's evaluation" if tfds_set else "uint8, corrupted from it"}
     out_dir, stem = _output_dir(workdir), _file_stem(source, split, seed, max_examples,
                                                      run.step if step is not None else None)
     path = os.path.join(out_dir, stem + ".json")

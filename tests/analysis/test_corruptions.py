@@ -754,6 +754,17 @@ def test_grey_images_take_every_corruption_but_saturate():
         C.corrupt(grey, "saturate", 1)
 
 
+def test_bfloat16_and_float16_images_are_floats_too():
+    """bfloat16 (an ml_dtypes float, NumPy kind 'V') was refused as "expected uint8 or float
+    values"; it and float16 corrupt as the same values in float64 do."""
+    import ml_dtypes
+
+    images = np.round(_images(2))  # integers <= 255 are exact in bfloat16's 8-bit mantissa
+    expected = C.corrupt(images, "contrast", 3)
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        np.testing.assert_array_equal(C.corrupt(images.astype(dtype), "contrast", 3), expected)
+
+
 def test_quantize_truncates_as_cifar10c_was_stored():
     values = np.array([0.0, 0.99, 1.0, 254.999, 255.0, 300.0, -3.0])
     np.testing.assert_array_equal(C.quantize(values), [0, 0, 1, 254, 255, 255, 0])

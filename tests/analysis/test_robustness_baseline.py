@@ -47,6 +47,26 @@ def test_an_error_free_baseline_leaves_that_ratio_undefined():
     assert errors["corruption_error"]["contrast"] == pytest.approx(0.8 / 1.2)
 
 
+def test_a_relative_ce_whose_baseline_errors_cancel_is_undefined_not_huge():
+    """A baseline on 359 images with clean top-1 300/359 and fog cells 299/359 and 301/359:
+    its relative CE's denominator is exactly 0 (in images), where float rates left a residue
+    of ~1e-17 and a relative CE of ~1e14. The table says why each undefined value is."""
+    n = 359
+    cells = {"fog": {"1": 299 / n, "2": 301 / n}}
+    model = {**_record(250 / n, {"fog": {"1": 200 / n, "2": 210 / n}}), "num_examples": n}
+    base = {**_record(300 / n, cells), "num_examples": n}
+    errors = R.corruption_errors(model, base)
+    assert errors["relative_corruption_error"]["fog"] is None and errors["relative_mce"] is None
+    assert errors["mce"] == pytest.approx((159 + 149) / (60 + 58))
+    text = R.table({**model, "severities": [1, 2], "baseline_errors": errors})
+    assert (f"mCE {errors['mce']:.4f}, relative mCE n/a (a corruption whose baseline errors "
+            "average its clean error)") in text
+    perfect = {**_record(1.0, {"fog": {"1": 1.0, "2": 1.0}}), "num_examples": n}
+    text = R.table({**model, "severities": [1, 2],
+                    "baseline_errors": R.corruption_errors(model, perfect)})
+    assert "mCE n/a (a corruption the baseline classifies without error)" in text
+
+
 @pytest.mark.parametrize(("baseline", "message"), [
     (_record(0.8, {"fog": {"1": 0.6, "2": 0.4}}),
      "the baseline lacks cells contrast severity 1, contrast severity 2"),

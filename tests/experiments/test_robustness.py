@@ -624,6 +624,14 @@ def test_tfds_source_reads_imagenet2012_corrupted_as_stored(tmp_path, monkeypatc
         return iter(batches), transforms
 
     monkeypatch.setattr(R, "eval_pixel_batches", recorded)
+    classified_clean = []  # the clean pixels the clean top-1 is measured on
+    real_measure_clean = R._measure_clean
+
+    def measure_clean(record, classify, clean, *args):
+        classified_clean.append(clean)
+        return real_measure_clean(record, classify, clean, *args)
+
+    monkeypatch.setattr(R, "_measure_clean", measure_clean)
     labels = {}
     with _mock(root, 6, as_dataset_fn=_imagenet_as_dataset(labels)):
         workdir = _train(str(tmp_path / "run"), data)
@@ -669,6 +677,12 @@ def test_tfds_source_reads_imagenet2012_corrupted_as_stored(tmp_path, monkeypatc
     assert "corrupted cells from tfds's imagenet2012_corrupted" in lines[0]
     assert record["split"] == "validation" and record["num_examples"] == 6
     assert record["clean_top1"] == pytest.approx(clean_top1, abs=1e-9)
+    # ... on the evaluation's own (resized, non-integer) pixels: truncated to uint8 as an
+    # on-the-fly cell's source is, they were half a level darker on average.
+    clean_pixels = read[None][0]  # imagenet2012 itself: its config names no tfds_name
+    assert np.mean(clean_pixels != np.round(clean_pixels)) > 0.5
+    np.testing.assert_array_equal(classified_clean[-1], clean_pixels)
+    assert record["settings"]["clean"] == "the run's evaluation"
     # ImageNet-C's table: the one imagenet2012_corrupted's images were made with.
     assert record["parameters"]["contrast"] == list(C.IMAGENET_PARAMETERS["contrast"])
     assert record["cells"] == {"contrast": {"1": 0.5}, "glass_blur": {"5": 0.5}}
