@@ -258,8 +258,9 @@ def _params(params: Any) -> tuple[Param, ...]:
                       "fields as keys: list choice('optimizer.learning_rate', ...) there)")
     else:
         items = [parse_param(p) for p in params]
-    if not items:
-        raise invalid(_OWNER, "parameters", params, "expected at least one parameter to sweep")
+    if not items:  # a ConfigDict's repr ends in a newline: shown as the mapping it holds
+        shown = params.to_dict() if isinstance(params, ml_collections.ConfigDict) else params
+        raise invalid(_OWNER, "parameters", shown, "expected at least one parameter to sweep")
     fields = [p.field for p in items]
     repeated = sorted({f for f in fields if fields.count(f) > 1})
     if repeated:

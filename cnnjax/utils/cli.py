@@ -308,6 +308,19 @@ def load_config_file(spec: str) -> Any:
     return get_config(argument) if argument else get_config()
 
 
+def load_flag_config(args: Sequence[str], flag: str) -> Any:
+    """The config `--<flag>=<file>.py[:<argument>]` of `args` names, loaded by the flag's own
+    parser where it is a config-file flag (the sweep flag's adds the fields a file may leave
+    out, which its overrides can set), else by `load_config_file`."""
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    spec = flag_value(args, flag) or ""
+    parser = flags.FLAGS[flag].parser if flag in flags.FLAGS else None
+    if isinstance(parser, ConfigFileFlagParser):
+        return parser.parse(spec)
+    return load_config_file(spec)
+
+
 def missing_field_hint(args: Sequence[str], override: str) -> str:
     """`; config.mixing has fields [...]`: the group in which `override` (`--config.a.b=v`)
     names a field it lacks, and the fields it has, so that a misspelling ml_collections finds
@@ -317,7 +330,7 @@ def missing_field_hint(args: Sequence[str], override: str) -> str:
 
     flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
     try:
-        node = load_config_file(flag_value(args, flag) or "")
+        node = load_flag_config(args, flag)
     except Exception:  # noqa: BLE001 — only a hint: the error stands without it
         return ""
     for depth, part in enumerate(path):
@@ -340,7 +353,7 @@ def value_not_group(args: Sequence[str], override: str) -> str:
     if spec is None or len(path) < 2:
         return ""
     try:
-        node = load_config_file(spec)
+        node = load_flag_config(args, flag)
     except Exception:  # noqa: BLE001 — only an explanation: the original error stands
         return ""
     for depth, part in enumerate(path[:-1], start=1):
@@ -373,7 +386,7 @@ def group_not_value(args: Sequence[str], err: flags.Error) -> str:
     flag, *path = override.lstrip("-").split(".")
     fields = ""
     try:
-        node = load_config_file(flag_value(args, flag) or "")
+        node = load_flag_config(args, flag)
         for part in path:
             node = node[part]
         if isinstance(node, ConfigDict):

@@ -81,6 +81,16 @@ def refused(tmp_path_factory) -> dict:
     lr_sweep = os.path.join(ROOT, "experiments", "sweeps", "lenet5_digits_lr.py")
     commands["example_num_trials"] = (
         tmp, _command(lr_sweep, tmp / "sweep", *tiny, "--sweep.num_trials=2"))
+    tmp = root / "unknown_field"
+    tmp.mkdir()
+    commands["unknown_field"] = (tmp, _command(lr_sweep, tmp / "sweep", "--sweep.foo=1"))
+    tmp = root / "empty_mapping"
+    tmp.mkdir()
+    empty = tmp / "empty_sweep.py"
+    empty.write_text("import ml_collections\n\n\ndef get_config():\n"
+                     "    c = ml_collections.ConfigDict()\n    c.kind = 'grid'\n"
+                     "    c.parameters = ml_collections.ConfigDict()\n    return c\n")
+    commands["empty_mapping"] = (tmp, _command(str(empty), tmp / "sweep"))
     tmp = root / "file_in_the_way"
     tmp.mkdir()
     (tmp / "file").write_text("")
@@ -130,6 +140,25 @@ def test_the_example_grid_refuses_a_num_trials_override(refused):
         "experiments.sweep (--array=... to launch.submit), or sample num_trials points with a "
         "random sweep (--sweep.kind=random, or kind='random' in the file).")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_an_unknown_sweep_field_lists_every_field_the_command_line_can_set(refused):
+    """The hint listed the fields of the file as written, leaving out `num_trials` (which the
+    shipped grid file does not set, and `--sweep.num_trials=N` can)."""
+    tmp_path, result = refused["unknown_field"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --sweep.foo=1 is invalid; the config has no field 'foo'; sweep has fields "
+        "['kind', 'metric', 'mode', 'num_trials', 'parameters', 'seed']")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_an_empty_parameters_mapping_is_a_one_line_error(refused):
+    """A ConfigDict's repr ends in a newline, which split the error over two lines."""
+    _, result = refused["empty_mapping"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: sweep: parameters={} is invalid; expected at least one parameter to sweep.")
 
 
 @pytest.mark.slow  # 15 s in CI: a whole sweep in a subprocess
