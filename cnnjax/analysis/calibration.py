@@ -81,7 +81,11 @@ def check_logits_and_labels(owner: str, logits: Any, labels: Any
                             ) -> tuple[np.ndarray, np.ndarray]:
     """`(logits, labels)` as float64 `[N, C]` and int64 `[N]` after checking them, so a bad
     input fails with its name instead of a silently wrong score."""
-    logits = widen_low_precision(np.asarray(logits))  # a bfloat16 model's logits
+    try:
+        logits = widen_low_precision(np.asarray(logits))  # a bfloat16 model's logits
+    except (TypeError, ValueError):  # ragged rows: NumPy's "inhomogeneous shape"
+        raise invalid(owner, "logits", f"<ragged {type(logits).__name__}>",
+                      "expected an [N, C] array of logits (every row of C classes)") from None
     if logits.ndim != 2 or logits.shape[0] < 1 or logits.shape[1] < 2:
         raise invalid(owner, "logits.shape", logits.shape,
                       "expected [N, C] with N >= 1 examples and C >= 2 classes (flatten "
@@ -93,7 +97,11 @@ def check_logits_and_labels(owner: str, logits: Any, labels: Any
         bad = np.argwhere(~np.isfinite(logits))[0]
         raise invalid(owner, f"logits[{bad[0]}, {bad[1]}]", float(logits[tuple(bad)]),
                       "expected finite logits (a NaN or inf means the model diverged)")
-    labels = widen_low_precision(np.asarray(labels))
+    try:
+        labels = widen_low_precision(np.asarray(labels))
+    except (TypeError, ValueError):
+        raise invalid(owner, "labels", f"<ragged {type(labels).__name__}>",
+                      "expected an [N] array of class indices") from None
     if labels.shape != logits.shape[:1]:
         raise invalid(owner, "labels.shape", labels.shape,
                       f"expected ({logits.shape[0]},), one class index per row of the logits "

@@ -293,7 +293,8 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
                      max_images: int = 16,
                      classified: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The run's predictions on `split` as a PNG at `path`: a classifier's confusion matrix over
-    every example (also returned as `per_class_top1`), a detector's boxes or a dense predictor's
+    every example (also returned as `per_class_top1`, None for a class without examples), a
+    detector's boxes or a dense predictor's
     class maps on the first `max_images` images. Returns `{"plot": path, ...}`. A classifier's
     `classified` (`classifier_logits` of that split) saves running the model again."""
     title = f"{run.config.model} step {run.step}"
@@ -322,7 +323,9 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
     classes = dataset_labels(run, matrix.shape[0])  # row i is dataset label classes[i]
     plot_confusion_matrix(matrix, path, title=title, class_labels=[str(c) for c in classes])
     return {"plot": path, "classes": classes,
-            "per_class_top1": [float(a) for a in per_class_accuracy(matrix)],
+            # None, not NaN, for a class the split lacks: NaN is not JSON (strict readers fail)
+            "per_class_top1": [None if np.isnan(a) else float(a)
+                               for a in per_class_accuracy(matrix)],
             "confusion_matrix": matrix.tolist()}
 
 

@@ -193,6 +193,12 @@ def check_settings(source: Any, target: Any, budget_field: str, budgets: Sequenc
     except ValueError as err:
         raise ValueError(f"transfer: budget_field={budget_field!r} / budgets={budgets!r} "
                          f"do not fit the target config: {err}") from None
+    for value in values:  # each value's type too, named as the user gave it
+        try:
+            space_lib.apply_overrides(target, {budget_field: value})
+        except ValueError as err:
+            raise ValueError(f"transfer: budgets value {value!r} does not fit the target "
+                             f"config's {budget_field}: {err}") from None
     return TransferSettings(metric, default_mode(metric), source_metric, arms, seeds,
                             budget_field, values, dict(zip(slugs, values, strict=True)),
                             _check_overrides(overrides, arms, target, budget_field))
@@ -350,8 +356,14 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
                               "every arm trains and is evaluated on the same data (set data "
                               "fields on the target config); expected a training field such "
                               "as 'optimizer.learning_rate'")
-        if fields:
-            space_lib.check_fields(target, space_lib.grid({k: [v] for k, v in fields.items()}))
+        try:  # named as the user gave it, not as the sweep's parameters it is checked as
+            if fields:
+                space_lib.check_fields(target, space_lib.grid({k: [v] for k, v in
+                                                               fields.items()}))
+                space_lib.apply_overrides(target, fields)
+        except ValueError as err:
+            raise ValueError(f"transfer: arm_overrides[{arm!r}] does not fit the target config: "
+                             f"{err}") from None
         checked[arm] = fields
     return checked
 

@@ -216,6 +216,12 @@ def test_bad_inputs_are_named():
         (lambda: cal.temperature_scaling(logits[:, :2], labels % 2, logits, labels),
          r"^temperature_scaling: fit_logits.shape=\(5, 2\) is invalid; expected 3 classes"),
         (lambda: cal.plot_reliability([], "x.png"), r"^plot_reliability: records=\[\] is"),
+        # Ragged rows failed in NumPy's words ("inhomogeneous shape"), naming no argument.
+        (lambda: cal.calibration_metrics([[1, 2], [3]], [0, 1]),
+         r"^calibration_metrics: logits='<ragged list>' is invalid; expected an \[N, C\] "
+         r"array of logits"),
+        (lambda: cal.brier_score(logits, [[0], [1, 2], [0], [1], [2]]),
+         r"^brier_score: labels='<ragged list>' is invalid; expected an \[N\] array"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

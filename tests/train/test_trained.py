@@ -88,6 +88,18 @@ def test_predictions_cover_the_split_once_and_agree_with_the_engines_top1(run_di
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_a_class_without_examples_has_no_top1_and_the_record_is_strict_json(run_dir, tmp_path):
+    """`per_class_top1` held NaN for a class the split lacks, which `json` writes as a bare
+    `NaN` that strict JSON readers refuse; it is None (null), as empty calibration bins are."""
+    import json
+
+    run = load_trained(str(run_dir))
+    logits = np.eye(helpers.NUM_CLASSES)[[0, 0, 1]] * 5.0  # examples of classes 0 and 1 only
+    plotted = plot_predictions(run, str(tmp_path / "c.png"), classified=(logits, [0, 1, 1]))
+    assert plotted["per_class_top1"] == [1.0, 0.5] + [None] * (helpers.NUM_CLASSES - 2)
+    json.dumps(plotted, allow_nan=False)
+
+
 def test_a_class_subset_run_reports_its_rows_dataset_labels(run_dir, tmp_path):
     """With `data.classes` the model's class i is dataset label classes[i]: the JSON says so
     (`classes`) and the plot's ticks show those labels (they showed 0..C-1 before)."""

@@ -460,6 +460,20 @@ def _bad(**changes):
         ({}, {"arm_overrides": {"finetune": {"data.classes": (0, 1)}}},
          "transfer: arm_overrides['finetune']='data.classes' is invalid; every arm trains and "
          "is evaluated on the same data"),
+        # A misspelt field or a value of the wrong type in a transfer file was reported as
+        # the sweep's parameters, naming neither arm_overrides nor budgets.
+        ({}, {"arm_overrides": {"finetune": {"optimizer.lr": 0.005}}},
+         "transfer: arm_overrides['finetune'] does not fit the target config: sweep: "
+         "parameters['optimizer.lr'].field='optimizer.lr' is invalid; the base config has no "
+         "such field"),
+        ({}, {"arm_overrides": {"finetune": {"optimizer.learning_rate": "fast"}}},
+         "transfer: arm_overrides['finetune'] does not fit the target config: sweep: "
+         "parameters['optimizer.learning_rate'] value='fast' is invalid; the base config "
+         "refuses it"),
+        ({}, {"budgets": ("5",)},
+         "transfer: budgets value '5' does not fit the target config's "
+         "data.train_examples_per_class: sweep: parameters['data.train_examples_per_class'] "
+         "value='5' is invalid; the base config refuses it"),
         ({}, {"arm_overrides": {"probe": {}}},
          "transfer: arm_overrides='probe' is invalid; expected an arm of ['scratch', "
          "'finetune', 'linear_probe']."),
