@@ -201,13 +201,6 @@ def render(spec: JobSpec, num_trials: int | None = None) -> str:
     ]
     lines += [f"#SBATCH {d}" for d in directives(spec, num_trials)]
     lines += ["set -o pipefail", "", f"cd {q(spec.submit_dir)}"]
-    # Site setup (`module load ...`) and older virtualenv activate scripts may read unset
-    # variables, so `set -u` starts only after them.
-    lines += list(spec.setup)
-    if spec.venv is not None:
-        lines.append(f"source {q(os.path.join(spec.venv, 'bin', 'activate'))}")
-    lines.append("set -u")
-    lines += [f"export {k}={v}" for k, v in environment(spec)]
     # Most of the warning for the stop (a multi-process run stops at its next log step, then
     # checkpoints), keeping 30 s (or half of a short warning) for the requeue.
     stop_grace = max(1, spec.signal_seconds - min(30, spec.signal_seconds // 2))
@@ -219,7 +212,18 @@ def render(spec: JobSpec, num_trials: int | None = None) -> str:
         "RESTARTS=${SLURM_RESTART_COUNT:-0}",
         'mkdir -p "$(dirname "$EVENTS")"',
     ]
+    # The traps come before the site setup: a USR1 during a slow `module load` (preemption can
+    # signal at once, and a time limit barely above signal_seconds does) killed this shell,
+    # unrequeued, where now it requeues the job once the setup command returns.
     lines += _PREEMPTION.replace("SIGNAL_SECONDS", str(spec.signal_seconds)).splitlines()
+    lines.append("")
+    # Site setup (`module load ...`) and older virtualenv activate scripts may read unset
+    # variables, so `set -u` starts only after them.
+    lines += list(spec.setup)
+    if spec.venv is not None:
+        lines.append(f"source {q(os.path.join(spec.venv, 'bin', 'activate'))}")
+    lines.append("set -u")
+    lines += [f"export {k}={v}" for k, v in environment(spec)]
     lines += [
         "",
         'event "started on $(hostname) (restart $RESTARTS)"',

@@ -222,6 +222,28 @@ def test_usr1_stops_the_step_and_requeues_at_most_max_requeues_times(tmp_path, r
     assert "finished with exit status" not in events
 
 
+def test_usr1_during_the_site_setup_requeues_the_job(tmp_path):
+    """The traps were installed after the setup lines: a USR1 during a slow `module load`
+    killed the batch shell (exit 138), unrequeued, with nothing in events.log."""
+    started = tmp_path / "setup.started"
+    _, script = _job(tmp_path, setup=(f"touch {started}", "sleep 2"))
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    env = path_with(bin_dir) | {"SLURM_JOB_ID": "99"}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert (bin_dir / "scontrol.calls").read_text() == "requeue 99\n"
+    assert not (tmp_path / "program.log").exists()  # the program never started
+    events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
+    assert "USR1: time limit or preemption ahead" in events and "requeued (restart 1" in events
+
+
 @pytest.mark.parametrize("when", ["before scontrol returns", "after"])
 def test_the_term_slurm_sends_as_it_requeues_is_not_a_cancellation(tmp_path, when):
     """Real SLURM (slurm-wlm 22.05, launch/local_slurm.sh) TERMs the batch shell as it requeues
