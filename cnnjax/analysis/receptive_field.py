@@ -16,19 +16,23 @@ align; misaligned merges are reported.
 Upsampling (input dilation l, as in transposed convolutions) puts l - 1 zeros between inputs, so
 different outputs see different numbers of real inputs. The size is then the exact maximum over
 output phases, the jump the fractional j * s / l and the start the phase-averaged centre; the grid
-is no longer uniform, so the sizes of later layers are upper bounds (a note says so).
+is no longer uniform: neighbouring outputs' fields move in whole steps of the real inputs' grid,
+not by the fractional jump, so a later window of span t adds the most its ends can move over t
+positions (`AxisField.lattice`), and the sizes of later layers are upper bounds (a note says so).
 Zero insertion written as `lax.pad` with interior padding gets the plain recurrence on the
-fractional jump and no note (an upper bound too; it is also how `TiledConv2D` interleaves its
-phases, exactly). A path reduced over the map (global pooling) merged into a positioned one
-gives every unit the whole union, with jump 0 (a note says so). Jump 0 on an axis the output still
-has means that every position there sees the same field: it is also how a positioned axis is
-reported once positions no longer map to input pixels linearly (a resize, a gather, a window over
-an axis a flatten or `jnp.repeat` merged with another), an upper bound.
+fractional jump and no note (an upper bound too, the inserted zeros having no field; it is also
+how `TiledConv2D` interleaves its phases, exactly). A path reduced over the map (global
+pooling) merged into a positioned one gives every unit the whole union, with jump 0 (a note says
+so). Jump 0 on an axis the output still has means that every position there sees the same
+field: it is also how a positioned axis is reported once positions no longer map to input pixels
+linearly (a resize, a gather, a window over an axis a flatten or `jnp.repeat` merged with
+another), an upper bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -56,6 +60,11 @@ class AxisField:
     global pool or a dense layer), `count` the number of positions along it and `exclusive`
     whether that array axis holds this input axis alone (False after a flatten merged it with
     others, when window ops over it no longer act spatially).
+
+    `lattice` is 0 where the fields of neighbouring positions are shifted by exactly `|jump|`.
+    After a transposed convolution they are not: their ends lie on the grid of the real inputs
+    and move, over u >= 1 positions, by at most `lattice * ceil(u * |jump| / lattice + slack)`
+    input pixels (`reach`), more than `u * |jump|` for some u.
     """
 
     size: float
@@ -64,6 +73,15 @@ class AxisField:
     axis: int | None
     count: int
     exclusive: bool = True
+    lattice: float = 0.0
+    slack: float = 0.0
+
+    def reach(self, positions: int) -> float:
+        """The most (input pixels) the ends of two fields `positions` apart are apart."""
+        if positions == 0 or not self.lattice:
+            return positions * abs(self.jump)
+        steps = positions * abs(self.jump) / self.lattice + self.slack
+        return self.lattice * math.ceil(steps - 1e-9 * max(1.0, steps))  # 1e-9: float ratios
 
     def interval(self) -> tuple[float, float]:
         """Input coordinates of the first and last pixel centre of the first feature's field."""
@@ -101,19 +119,65 @@ def windowed(
     """The Araujo et al. recurrence for one window op (convolution, pooling, pad, slice)."""
     jump = f.jump / input_dilation
     span = dilation * (kernel - 1)
+    lattice, slack = f.lattice, f.slack
     if input_dilation > 1:
-        size = f.size + _dilated_span(kernel, stride, pad_before, dilation, input_dilation) * abs(
-            f.jump)
+        size = f.size + f.reach(_dilated_span(kernel, stride, pad_before, dilation,
+                                              input_dilation))
+        if kernel > 1:  # the outputs' fields now move in whole steps of the real inputs' grid
+            lattice, slack = _upsampled_lattice(f, stride, input_dilation)
     else:
-        size = f.size + span * abs(jump)
+        size = f.size + f.reach(span)
+    jump *= stride
+    if lattice and slack == 0 and _is_whole(abs(jump) / lattice):
+        lattice = 0.0  # every position moves by whole lattice steps: uniform again
     return AxisField(
         size=size,
-        jump=jump * stride,
-        start=f.start + (span / 2 - pad_before) * jump,
+        jump=jump,
+        start=f.start + (span / 2 - pad_before) * f.jump / input_dilation,
         axis=out_axis,
         count=out_count,
         exclusive=True,
+        lattice=lattice,
+        slack=slack,
     )
+
+
+def _is_whole(x: float) -> bool:
+    return abs(x - round(x)) <= 1e-9 * max(1.0, abs(x))
+
+
+def _upsampled_lattice(f: AxisField, stride: int, lhs: int) -> tuple[float, float]:
+    """`(lattice, slack)` of the outputs of a window of `stride` over `f`'s positions dilated by
+    `lhs`. Output o's first real input is ceil((o * stride - pad) / lhs), which moves by at most
+    ceil(u * stride / lhs) <= u * stride / lhs + (lhs - 1) / lhs inputs over u outputs. From a
+    uniform field (each input a whole step of |jump|) that is exactly `lattice = |jump|`, slack 0;
+    from a non-uniform one, `f.reach` of that many inputs, whose excess over u outputs' average
+    is kept as slack."""
+    if not f.lattice:
+        return abs(f.jump), 0.0
+    ratio = abs(f.jump) / f.lattice
+    if f.slack == 0 and _is_whole(ratio):
+        return abs(f.jump), 0.0
+    if _is_whole(1 / ratio) and _is_whole(f.slack / ratio):
+        # ceil(ceil(x) / m + c) = ceil(x / m + c) for whole m and m * c: no ceiling to keep
+        # (FCN's decoder: each 2x up-conv halves the jump on the coarsest path's lattice)
+        return f.lattice, f.slack
+    return f.lattice, f.slack + ratio * (lhs - 1) / lhs
+
+
+def _merged_lattice(fields: Sequence[AxisField]) -> tuple[float, float]:
+    """`(lattice, slack)` bounding the moves of every one of `fields` (of one jump): the
+    coarsest lattice, each finer one's slack rescaled to it (+1 where it does not divide it)."""
+    lattice = max(f.lattice for f in fields)
+    if not lattice:
+        return 0.0, 0.0
+    slack = 0.0
+    for f in fields:
+        if f.lattice:
+            fine = f.lattice / lattice
+            slack = max(slack, f.slack * fine if _is_whole(lattice / f.lattice)
+                        else (f.slack + 1) * fine)
+    return lattice, slack
 
 
 def _dilated_span(kernel: int, stride: int, pad_before: int, dilation: int, lhs: int) -> int:
@@ -187,6 +251,7 @@ def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
     if not located:
         return AxisField(hi - lo + 1, fields[0].jump, (lo + hi) / 2, None, 1), False
     first = located[0]
+    lattice, slack = _merged_lattice(located)
     return (
         AxisField(
             size=hi - lo + 1,
@@ -195,6 +260,8 @@ def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
             axis=first.axis,
             count=first.count,
             exclusive=all(f.exclusive for f in located),
+            lattice=lattice,
+            slack=slack,
         ),
         misaligned,
     )

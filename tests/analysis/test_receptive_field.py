@@ -582,3 +582,66 @@ def test_spatial_pyramid_jump_is_common_to_every_level(levels, jump):
     assert result.receptive_field.size == (17, 17)
     assert result.receptive_field.jump == (jump, jump)
     assert any("different jumps" in n for n in result.notes) == (jump == 0)
+
+
+class _Chain1D(nn.Module):
+    """Transposed ('T') and plain ('C') convs along the rows, all-ones kernels (no
+    cancellation: the Jacobian's support is exactly each output's field)."""
+
+    layers: tuple[tuple[str, int, int, str], ...]  # (kind, kernel, stride, padding)
+
+    @nn.compact
+    def __call__(self, x):
+        for kind, kernel, stride, padding in self.layers:
+            layer = nn.ConvTranspose if kind == "T" else nn.Conv
+            x = layer(1, (kernel, 1), (stride, 1), padding=padding, use_bias=False,
+                      kernel_init=ONES)(x)
+        return x
+
+
+def _widest_interior_support(model: nn.Module, rows: int) -> int:
+    """The most input rows any output row away from the borders depends on."""
+    x = jnp.ones((1, rows, 1, 1))
+    variables = model.init(jax.random.key(0), x)
+    jac = np.asarray(jax.jacfwd(lambda x: model.apply(variables, x)[0, :, 0, 0])(x))
+    widths = [idx[-1] - idx[0] + 1 for idx in (np.nonzero(row)[0] for row in jac[:, 0, :, 0, 0])
+              if len(idx) and idx[0] > 0 and idx[-1] < rows - 1]
+    return max(widths)
+
+
+@pytest.mark.parametrize(("layers", "expected"), [
+    # U-Net's up-conv (k2 s2: each output sees one input) and a conv over two of its outputs,
+    # which may come from two inputs: 2, where the fractional jump alone gave 1.5.
+    ((("T", 2, 2, "VALID"), ("C", 2, 1, "VALID")), 2),
+    ((("T", 2, 2, "VALID"), ("C", 4, 1, "VALID")), 3),   # 2.5 before
+    ((("T", 2, 3, "VALID"), ("C", 3, 1, "VALID")), 2),   # 1.667 before
+    ((("T", 3, 3, "SAME"), ("C", 2, 1, "VALID")), 2),    # 1.333 before
+    ((("C", 1, 4, "VALID"), ("T", 2, 2, "VALID"), ("C", 2, 1, "SAME")), 5),  # 3 before
+    ((("T", 2, 2, "VALID"), ("C", 3, 1, "SAME"), ("C", 2, 1, "SAME")), 3),   # 2.5 before
+    ((("T", 2, 2, "VALID"), ("C", 2, 1, "SAME"), ("T", 2, 2, "VALID")), 2),  # 1.5 before
+    # A strided conv over the upsampled map lands back on the inputs' grid: exact again.
+    ((("T", 4, 2, "SAME"), ("C", 3, 2, "SAME")), 3),
+    # FCN-8s' decoder pattern: up x2, add a skip, up x2 again, then a window.
+    ((("T", 4, 2, "SAME"), ("C", 3, 1, "SAME"), ("T", 4, 2, "SAME"), ("C", 3, 1, "SAME")), 4),
+])
+def test_fields_after_a_transposed_conv_are_upper_bounds(layers, expected):
+    """After a transposed conv, neighbouring outputs' fields move in whole input steps, not by
+    the fractional jump: a later window's field was under the true one (1.5 for 2 inputs). The
+    field holds the widest support measured by the Jacobian, equals it where the grid is
+    uniform, and is never more than one input step over it in these chains."""
+    model = _Chain1D(layers)
+    size = receptive_field(model, (48, 1, 1)).size[0]
+    true = _widest_interior_support(model, 48)
+    assert true == expected
+    assert expected <= size <= expected + 1, size
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_every_transposed_conv_then_conv_field_holds_the_support(kernel, stride):
+    for after in (2, 3, 4, 5):
+        for padding in ("SAME", "VALID"):
+            model = _Chain1D((("T", kernel, stride, padding), ("C", after, 1, "SAME")))
+            size = receptive_field(model, (24, 1, 1)).size[0]
+            true = _widest_interior_support(model, 24)
+            assert true <= size <= true + 1, (kernel, stride, after, padding, size, true)

@@ -234,11 +234,25 @@ def test_comparison_refuses_numbers_that_contradict_the_prose(lecture_rows):
                   r"e.g. \['vgg16'\]\."),
         ([], r"zoo_table: names=\[\] is invalid; expected at least one registered model name\."),
         (["vgg61"], r"create_model: unknown model name='vgg61'; did you mean"),
+        # A detector was filed under "Dense prediction (segmentation)" by its output's rank.
+        (["lenet5", "yolo_v1"], r"zoo_table: names=\['yolo_v1'\] is invalid; expected "
+                                r"classification or segmentation models; the detectors are "
+                                r"compared in docs/detection\.md"),
     ],
 )
 def test_zoo_table_errors(names, message):
     with pytest.raises(ValueError, match=message):
         zoo_table(names)
+
+
+def test_a_selection_is_one_row_per_model_and_says_it_is_a_selection():
+    """`--models=lenet5,lenet5` listed lenet5 twice, under "Every ... model registered"."""
+    rows = zoo_table(["lenet5", "lenet5"])
+    assert [r["name"] for r in rows] == ["lenet5"]
+    text = render_markdown(rows)
+    assert "A selection of the classification and segmentation models in `cnnjax.models` (1\n" \
+        "models;" in text
+    assert "Every classification" not in text
 
 
 def test_render_markdown_needs_rows():
