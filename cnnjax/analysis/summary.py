@@ -560,6 +560,10 @@ def _check_call_kwargs(owner: str, model: nn.Module, call_kwargs: dict[str, Any]
                       f"{type(model).__name__} or a function of (module, x, ...), as "
                       "model.apply takes")
     fn = getattr(type(model), method, None) if isinstance(method, str) else method
+    if fn is None:  # flax looks the name up on the unbound module: setup's are not there either
+        raise invalid(owner, "method", method, f"{type(model).__name__} has no such method; "
+                      "expected the name of one of its methods or a function of (module, x, "
+                      "...), as model.apply takes")
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # not introspectable: let the call itself decide
@@ -609,7 +613,7 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
     `owner`, the function the user called (positional-only, so any keyword reaches the model)."""
     check_model(owner, model)
     shape = checked_input_shape(owner, input_shape)
-    check_positive_int(owner, "batch_size", batch_size)
+    batch_size = check_positive_int(owner, "batch_size", batch_size)  # a NumPy int: Python's
     check_float_dtype(owner, "dtype", dtype, allow_none=False)
     if jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):  # float64 traced as float32
         raise invalid(owner, "dtype", jnp.dtype(dtype).name,

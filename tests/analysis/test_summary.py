@@ -750,6 +750,19 @@ def test_apply_rngs_and_method_are_checked_as_apply_takes_them():
     with pytest.raises(ValueError, match=r"^summary: method=3 is invalid; expected the name of "
                                          r"a method of _TwoMethods or a function"):
         summary(_TwoMethods(), (6, 6, 2), method=3)
+    # A name the module lacks failed in flax's words (AttributeError), naming no argument.
+    with pytest.raises(ValueError, match=r"^summary: method='nope' is invalid; _TwoMethods has "
+                                         r"no such method"):
+        summary(_TwoMethods(), (6, 6, 2), method="nope")
+
+
+def test_a_numpy_batch_size_gives_a_json_ready_summary():
+    """`batch_size=np.int64(2)` was accepted and kept as NumPy's int in `input_shape`, so
+    `to_dict()` (documented JSON-serializable) failed in json.dumps."""
+
+    result = summary(_TwoMethods(), (6, 6, 2), batch_size=np.int64(2))
+    assert result.input_shape == (2, 6, 6, 2) and type(result.input_shape[0]) is int
+    json.dumps(result.to_dict())
 
 
 class _Pool(nn.Module):
