@@ -95,13 +95,16 @@ def batched_nms(
     check_positive_int(owner, "max_detections", max_detections)
     floor = check_number(owner, "score_threshold", score_threshold, "expected a finite number",
                          high_open=True, low_open=True)
+    # float32 at least, float64 kept (under x64: ranked as float32, scores 1e-12 apart tied
+    # and the lower index, not the higher score, was kept), as `nms` does
+    score_dtype = jnp.promote_types(scores.dtype, jnp.float32)
     values = concrete_value(scores)
-    if values is not None:  # in float32, as `_batched_nms` compares
+    if values is not None:  # in the dtype `_batched_nms` compares in
         with np.errstate(over="ignore"):
-            candidate = np.asarray(values, np.float32) > np.float32(floor)
+            candidate = np.asarray(values, score_dtype) > np.asarray(floor, score_dtype)
         check_valid_boxes(owner, "boxes", boxes, candidate)
     return _batched_nms(boxes.astype(jnp.promote_types(boxes.dtype, jnp.float32)),
-                        scores.astype(jnp.float32), classes.astype(jnp.int32), thresh,
+                        scores.astype(score_dtype), classes.astype(jnp.int32), thresh,
                         max_detections, floor)
 
 

@@ -127,6 +127,23 @@ def test_every_float_score_dtype_ranks_as_float32(dtype):
                                   np.asarray(nms(boxes, scores, 0.4, 64)[0]))
 
 
+def test_float64_scores_rank_in_float64_under_x64():
+    """Under x64, float64 scores were cast to float32: 0.5 + 1e-12 tied 0.5 and the lower index
+    (the lower score) was kept, where `nms` and torchvision keep the higher; a score just above
+    the threshold was dropped as equal to it."""
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 9]], np.float64)  # IoU 0.9
+    with jax.enable_x64(True):
+        scores = np.array([0.5, 0.5 + 1e-12])
+        kept = batched_nms(boxes, scores, np.array([0, 0]), 0.5, 2)
+        assert kept.scores.dtype == np.float64
+        np.testing.assert_array_equal(np.asarray(kept.boxes[0]), boxes[1])
+        np.testing.assert_array_equal(np.asarray(kept.valid), [True, False])
+        np.testing.assert_array_equal(np.asarray(nms(boxes, scores, 0.5, 2)[0])[:1], [1])
+        above = batched_nms(boxes, np.array([0.3 + 1e-12, 0.0]), np.array([0, 1]), 0.5, 2,
+                            score_threshold=0.3)
+        np.testing.assert_array_equal(np.asarray(above.valid), [True, False])
+
+
 def _candidates(seed, m=20):
     """`2 m` boxes: `m` random ones and a jittered copy of each (same class), distinct scores."""
     rng = np.random.default_rng(seed)
