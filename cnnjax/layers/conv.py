@@ -286,9 +286,22 @@ class Conv2D(nn.Module):
                         self.padding_mode, self.dilation)
         pads, _ = geo.resolve(owner, x)
         _check_input_groups(owner, x, self.groups)
+        _check_kernel_channels(self, x, self.groups)
         if geo.mode != "zeros":
             x = pad_nhwc(x, pads, geo.mode, owner=owner)
         return self.conv(x).astype(output_dtype(self, x))
+
+
+def _check_kernel_channels(layer: nn.Module, x: Array, groups: int = 1) -> None:
+    """Refuses an input whose channels differ from those the layer's kernel (input channels on
+    its second-to-last axis) was created for: flax's ScopeParamShapeError names neither."""
+    if not layer.has_variable("params", "kernel"):
+        return  # Initialization: the kernel is created for this input.
+    built = layer.get_variable("params", "kernel").shape[-2] * groups
+    if built != x.shape[-1]:
+        raise invalid(type(layer).__name__, "input.shape", tuple(x.shape),
+                      f"its kernel was created for {built} input channels, this input has "
+                      f"{x.shape[-1]}; a layer takes the channel count it was initialized with")
 
 
 class LocallyConnected2D(nn.Module):
@@ -431,6 +444,7 @@ class TiledConv2D(nn.Module):
                 "kernel sets that no output position uses",
             )
         (kh, kw), c_in = geo.kernel, x.shape[-1]
+        _check_kernel_channels(self, x)
         kernel = self.param("kernel", self.kernel_init, (th, tw, kh, kw, c_in, self.features),
                             self.param_dtype)
         bias = (self.param("bias", self.bias_init, (th, tw, self.features), self.param_dtype)
@@ -548,6 +562,7 @@ class ConvTranspose2D(nn.Module):
                 "output_padding + 1 must be >= 1",
             )
         kh, kw = geo.kernel
+        _check_kernel_channels(self, x, self.groups)
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, x.shape[-1] // self.groups, self.features), self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)

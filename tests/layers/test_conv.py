@@ -829,6 +829,18 @@ def test_locally_connected_refuses_an_input_other_than_its_initialization_one():
             layer.apply({"params": params}, jnp.zeros(shape))
 
 
+@pytest.mark.parametrize(("cls", "groups"), [(Conv2D, 1), (Conv2D, 2), (TiledConv2D, 1),
+                                             (ConvTranspose2D, 1), (ConvTranspose2D, 2)])
+def test_a_layer_refuses_other_channels_than_its_kernel_was_built_for(cls, groups):
+    """flax raised a ScopeParamShapeError naming neither the layer nor the input."""
+    layer = cls(4, 3, groups=groups) if groups > 1 else cls(4, 3)
+    params = _init_params(layer, X)  # 4 input channels
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: input.shape=\(1, 7, 7, 6\) is "
+                                         r"invalid; its kernel was created for 4 input "
+                                         r"channels, this input has 6; a layer takes"):
+        layer.apply({"params": params}, jnp.zeros((1, 7, 7, 6)))
+
+
 def test_tiled_errors():
     with pytest.raises(ValueError, match=r"TiledConv2D: tile_size=0 is invalid; expected every "
                                          r"entry >= 1"):
