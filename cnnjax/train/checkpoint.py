@@ -429,7 +429,12 @@ class Checkpointer:
         corrupt: list[int] = []
         digest_failures: list[str] = []
         result = None
-        for step in reversed(self.all_steps()):
+        newest_first = list(reversed(self.all_steps()))
+        # A step whose metadata file is damaged has lost its arrays' digests (orbax reads a torn
+        # file as "no metadata"), so its arrays cannot be checked: it is tried only after every
+        # checked one, and quarantined, as unreadable, when an older checked one restores.
+        unchecked = [s for s in newest_first if self._metadata_damaged(s)]
+        for step in [s for s in newest_first if s not in unchecked] + unchecked:
             restored, why = self._restore_step(step, template, full_target)
             if restored is not None:
                 result = restored, step
@@ -458,9 +463,25 @@ class Checkpointer:
                 "be restored into the current state structure; to start fresh use a new "
                 "--workdir or delete the checkpoints."
             )
+        passed_over = [s for s in unchecked if result is not None and s > result[1]]
+        for step in passed_over:
+            message = (f"Checkpoint at step {step} in {self.directory} has a damaged metadata "
+                       f"file ({STEP_METADATA_FILE}), so its arrays cannot be checked against "
+                       f"their digests; resuming from step {result[1]}, the newest checked "
+                       f"checkpoint (the damaged one is moved to {self.quarantine}).")
+            logging.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        corrupt += passed_over
         if corrupt:  # an older one restored, so the newer ones really are unreadable
             self._quarantine(corrupt)
         return result
+
+    def _metadata_damaged(self, step: int) -> bool:
+        """Whether `step`'s metadata file exists but is not JSON (torn or garbled on disk:
+        orbax writes it before the step's atomic rename). A step without one (written before
+        orbax kept it) is not damaged."""
+        path = os.path.join(self.directory, str(step), STEP_METADATA_FILE)
+        return os.path.isfile(path) and not _is_json(path)
 
     def _restore_step(self, step: int, template: Any,
                       full_target: dict) -> tuple[Any, str | None]:

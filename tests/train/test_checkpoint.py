@@ -432,6 +432,29 @@ def test_a_flipped_bit_in_a_compressed_chunk_is_not_restored(tmp_path, waits):
     resumed.close()
 
 
+def test_changed_arrays_behind_a_torn_metadata_file_are_not_restored(tmp_path, waits):
+    """Orbax reads a torn metadata file as "no metadata", which lost the digests too: the
+    changed arrays of step 4 restored unchecked (and the train-log window was lost). Now the
+    newest checked checkpoint restores and step 4 is quarantined; a run whose only checkpoint
+    lost its metadata still resumes from it (above, with the run_info warning)."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2))
+    checkpointer.save(4, _state(4))
+    checkpointer.close()
+    _replace_arrays(tmp_path, 4, 9)
+    (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").write_text('{"custom_met')
+    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* has a damaged metadata file "
+                                            r"\(_CHECKPOINT_METADATA\), so its arrays cannot be "
+                                            r"checked .* resuming from step 2"):
+        restored, step = resumed.restore_latest(_state(0))
+    assert step == 2
+    np.testing.assert_array_equal(restored["params"]["w"], _state(2)["params"]["w"])
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
+    assert resumed.all_steps() == [2]
+    resumed.close()
+
+
 def test_when_every_checkpoint_fails_its_digests_the_error_says_corrupt(tmp_path, waits):
     checkpointer = Checkpointer(str(tmp_path), use_async=False)
     checkpointer.save(4, _state(4))
