@@ -114,6 +114,14 @@ def _extras(name: str, result: Summary) -> dict[str, int]:
     }
 
 
+def zoo_models() -> list[str]:
+    """The models the page compares: the classifiers and the dense predictors (FCN); not the
+    detectors, whose outputs are box sets."""
+    from cnnjax.models import list_models
+
+    return list_models() + list_models(task="segmentation")
+
+
 def zoo_table(
     names: Iterable[str] | None = None, *, progress: Callable[[str, float], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -129,9 +137,8 @@ def zoo_table(
     """
     from cnnjax.models import list_models
 
-    zoo = list_models() + list_models(task="segmentation")  # not the detectors
     if names is None:
-        names = zoo
+        names = zoo_models()
     elif isinstance(names, str):
         raise invalid("zoo_table", "names", names, "expected a list of model names, "
                       f"e.g. [{names!r}]")
@@ -467,11 +474,8 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
         groups.setdefault(_group(row), []).append(row)
     ordered = [title for title in _GROUP_ORDER if title in groups]
     refs = _references([r for title in ordered for r in groups[title]])
-    from cnnjax.models import list_models
-
-    every = set(list_models() + list_models(task="segmentation"))
     which = ("Every classification and segmentation model registered in `cnnjax.models`"
-             if {r["name"] for r in rows} == every else
+             if {r["name"] for r in rows} == set(zoo_models()) else
              "A selection of the classification and segmentation models in `cnnjax.models`")
     lines = _INTRO.format(command=COMMAND, which=which, n_models=len(rows)).splitlines()
     for title in ordered:
