@@ -463,7 +463,9 @@ class Checkpointer:
                 "be restored into the current state structure; to start fresh use a new "
                 "--workdir or delete the checkpoints."
             )
-        passed_over = [s for s in unchecked if result is not None and s > result[1]]
+        # untried: newer than the checked one that restored (tried ones that failed are corrupt)
+        passed_over = [s for s in unchecked
+                       if result is not None and s > result[1] and s not in corrupt]
         for step in passed_over:
             message = (f"Checkpoint at step {step} in {self.directory} has a damaged metadata "
                        f"file ({STEP_METADATA_FILE}), so its arrays cannot be checked against "
