@@ -504,7 +504,9 @@ def test_variables_that_do_not_fit_the_input_are_a_named_error():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
     with pytest.raises(ValueError, match=r"^effective_receptive_field: input_shape=\(32, 32, 3\) "
                                          r"is invalid; the model with the given variables does "
-                                         r"not run on a \(32, 32, 3\) input \(Scope"):
+                                         r"not run on a \(32, 32, 3\) input \(ValueError: "
+                                         r"Conv2D: input.shape=\(1, 32, 32, 3\) is invalid; "
+                                         r"its kernel was created for 1 input channels"):
         effective_receptive_field(model, (32, 32, 3), variables=variables)
 
 
