@@ -401,11 +401,15 @@ def test_arrays_changed_on_disk_fail_their_digests_and_the_previous_step_restore
     with pytest.warns(RuntimeWarning, match=r"step 4 .* could not be restored \("
                       r"CheckpointDigestError: array params/w of step 4 differs from the digest "
                       r"saved with it \(its files changed on disk after the save\)"):
-        restored, step = resumed.restore_latest(_state(0))
+        _assert_step_2_restored_and_4_quarantined(tmp_path, resumed)
+    resumed.close()
+
+
+def _assert_step_2_restored_and_4_quarantined(tmp_path, resumed: Checkpointer) -> None:
+    restored, step = resumed.restore_latest(_state(0))
     assert step == 2
     np.testing.assert_array_equal(restored["params"]["w"], _state(2)["params"]["w"])
     assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
-    resumed.close()
 
 
 def test_a_flipped_bit_in_a_compressed_chunk_is_not_restored(tmp_path, waits):
@@ -437,20 +441,13 @@ def test_changed_arrays_behind_a_torn_metadata_file_are_not_restored(tmp_path, w
     changed arrays of step 4 restored unchecked (and the train-log window was lost). Now the
     newest checked checkpoint restores and step 4 is quarantined; a run whose only checkpoint
     lost its metadata still resumes from it (above, with the run_info warning)."""
-    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
-    checkpointer.save(2, _state(2))
-    checkpointer.save(4, _state(4))
-    checkpointer.close()
+    resumed = _two_checkpoints(tmp_path)
     _replace_arrays(tmp_path, 4, 9)
     (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").write_text('{"custom_met')
-    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
     with pytest.warns(RuntimeWarning, match=r"step 4 .* has a damaged metadata file "
                                             r"\(_CHECKPOINT_METADATA\), so its arrays cannot be "
                                             r"checked .* resuming from step 2"):
-        restored, step = resumed.restore_latest(_state(0))
-    assert step == 2
-    np.testing.assert_array_equal(restored["params"]["w"], _state(2)["params"]["w"])
-    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
+        _assert_step_2_restored_and_4_quarantined(tmp_path, resumed)
     assert resumed.all_steps() == [2]
     resumed.close()
 
