@@ -77,6 +77,7 @@ from cnnjax.train import config as config_lib
 from cnnjax.train.ema import METRIC_PREFIX
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.loop import CONFIG_FILE, SUMMARY_FILE
+from cnnjax.tune.regularizers import LABEL_SMOOTHING, WEIGHT_DECAY
 from cnnjax.tune.space import get_field
 from cnnjax.utils.files import DIRECTORY_MARKERS, read_json
 from cnnjax.utils.validation import check_choice, invalid, is_integer
@@ -115,9 +116,7 @@ ALWAYS_TRAIN_FIELDS = ("loss",)
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 WARMUP_FIELD = "schedule.warmup_steps"
-WEIGHT_DECAY_FIELD = "optimizer.weight_decay"
 CLIP_FIELD = "optimizer.grad_clip_norm"
-LABEL_SMOOTHING_FIELD = "label_smoothing"
 # The weight decay advised to a run without any (the recipe's first step up from zero).
 WEIGHT_DECAY_FROM_ZERO = 1e-4
 _OWNER = "diagnose"
@@ -575,7 +574,7 @@ def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any])
                     or (_is_count(current) and current >= rec.value))
         if rec.field == CLIP_FIELD and rec.change == "set":
             return _is_number(current) and current <= rec.value
-        if rec.field == LABEL_SMOOTHING_FIELD and rec.change == "set":
+        if rec.field == LABEL_SMOOTHING and rec.change == "set":
             return _is_number(current) and current >= rec.value
         return rec.change == "set" and current == rec.value
 
@@ -584,7 +583,7 @@ def _without_settings_in_effect(diagnosis: Diagnosis, config: Mapping[str, Any])
         or None (a smaller multiple, or a field with no such step)."""
         if rec.change != "multiply" or get_field(config, rec.field) != 0:
             return rec
-        if rec.field == WEIGHT_DECAY_FIELD and rec.value > 1:
+        if rec.field == WEIGHT_DECAY and rec.value > 1:
             return Recommendation(rec.field, "set", WEIGHT_DECAY_FROM_ZERO,
                                   f"{rec.reason}; the run has none")
         return None
@@ -776,7 +775,7 @@ def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
     """What a diverged run should change: a smaller rate, a warmup and gradient clipping."""
     return (Recommendation("optimizer.learning_rate", "multiply", 0.3,
                            "the step size blew the loss up"),
-            Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+            Recommendation(WARMUP_FIELD, "set", _warmup(curves),
                            "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
             Recommendation(CLIP_FIELD, "set", 1.0, "cap the update size"))
 
@@ -859,7 +858,7 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
          "median_before": float(median[worst])},
         (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
          Recommendation(CLIP_FIELD, "set", 1.0, "cap rare huge updates"),
-         Recommendation("schedule.warmup_steps", "set", _warmup(curves),
+         Recommendation(WARMUP_FIELD, "set", _warmup(curves),
                         "a warmup over 5% of the run calms the early steps")),
     )
 
@@ -946,7 +945,7 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
         return None
     # Label smoothing needs class labels: a run without top-1 (detection, segmentation) is
     # not a classifier, and the engine refuses the setting there.
-    smoothing = ((Recommendation(LABEL_SMOOTHING_FIELD, "set", 0.1, "softer targets"),)
+    smoothing = ((Recommendation(LABEL_SMOOTHING, "set", 0.1, "softer targets"),)
                  if eval_top1 is not None else ())
     return Finding(
         "overfitting", "; ".join(reasons) + ".", evidence,

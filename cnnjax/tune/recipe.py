@@ -72,6 +72,8 @@ from cnnjax.tune import lr_range
 from cnnjax.tune import report as report_lib
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.diagnose import (
+    CLIP_FIELD,
+    WARMUP_FIELD,
     WARMUP_FRACTION,
     Diagnosis,
     Thresholds,
@@ -110,11 +112,9 @@ LR_RANGE_DIR = "lr_range"  # recipe.lr_range_test's range test, inside the tune_
 RECIPE_FILE = "recipe.json"
 LR = "optimizer.learning_rate"
 STEPS = "num_train_steps"
-CLIP = "optimizer.grad_clip_norm"
-WARMUP = "schedule.warmup_steps"
 #: Fields the recipe sets or sweeps; each must exist in the base config.
-TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP, WARMUP, "log_every_steps",
-                "eval_every_steps", "checkpoint_every_steps")
+TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP_FIELD, WARMUP_FIELD,
+                "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
 #: How a tune ended (`recipe.json` "status"); "running" while rounds remain.
 STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "failed",
             "interrupted")
@@ -541,8 +541,8 @@ class _Incumbent:
             return None
         new_steps = min(2 * steps, recipe.max_steps)
         new_fixed = {**self.fixed, **logging_overrides(new_steps, recipe)}
-        if _warms_up(self.base) and WARMUP in self.overrides:
-            new_fixed[WARMUP] = min(new_fixed[WARMUP], new_steps - 1)
+        if _warms_up(self.base) and WARMUP_FIELD in self.overrides:
+            new_fixed[WARMUP_FIELD] = min(new_fixed[WARMUP_FIELD], new_steps - 1)
         return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
                          f"{_short(self.lr)}", new_fixed, LR, self.lrs(*lr_factors))
 
@@ -573,12 +573,13 @@ def _propose(history: Sequence[RoundResult], recipe: Recipe, base: Any, result: 
 def _stabilize(best: _Incumbent, verdict: str) -> _Proposal:
     """diverged / unstable: lower lr with gradient clipping (at 1, or the run's own tighter
     clip) and a 5% warmup (or the run's own longer one)."""
-    clip = best.value(CLIP)
-    stable = {**best.fixed, CLIP: CLIP_NORM if clip is None else min(clip, CLIP_NORM)}
+    clip = best.value(CLIP_FIELD)
+    stable = {**best.fixed, CLIP_FIELD: CLIP_NORM if clip is None else min(clip, CLIP_NORM)}
     if _warms_up(best.base):
-        stable[WARMUP] = max(best.value(WARMUP), round(WARMUP_FRACTION * best.steps))
+        stable[WARMUP_FIELD] = max(best.value(WARMUP_FIELD), round(WARMUP_FRACTION * best.steps))
     return _Proposal("stabilize", f"the best trial is {verdict} ({best.evidence}): lower lr, "
-                     f"clip gradients at {stable[CLIP]:g}", stable, LR, best.lrs(0.5, 1.0, 0.25))
+                     f"clip gradients at {stable[CLIP_FIELD]:g}", stable, LR,
+                     best.lrs(0.5, 1.0, 0.25))
 
 
 # Verdicts whose own round raises the rate or trains longer: a best lr at the low edge of the
@@ -727,7 +728,7 @@ def _settings_key(overrides: Mapping[str, Any]) -> str:
     """The config key of `overrides` without the lr and the fields stabilizing or lengthening
     a run sets (steps, warmup, clipping): trials with the same key differ only in those."""
     return _config_key({k: v for k, v in overrides.items()
-                        if k not in (LR, STEPS, WARMUP, CLIP)})
+                        if k not in (LR, STEPS, WARMUP_FIELD, CLIP_FIELD)})
 
 
 def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any],

@@ -190,7 +190,7 @@ def test_unstable_incumbent_is_stabilized(verdict):
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, verdict, base)
     plan = d.next_round
     assert d.action == "stabilize" and plan.values == (0.025, 0.05, 0.1)
-    assert plan.fixed[rc.CLIP] == 1.0 and plan.fixed[rc.WARMUP] == 5  # 5% of 100 steps
+    assert plan.fixed[rc.CLIP_FIELD] == 1.0 and plan.fixed[rc.WARMUP_FIELD] == 5  # 5% of 100 steps
 
 
 @pytest.mark.parametrize("clip, expected", [(0.25, 0.25), (5.0, 1.0)])
@@ -201,7 +201,7 @@ def test_stabilize_never_loosens_the_runs_own_clip(clip, expected):
     base = _base(**{"schedule.name": "warmup_cosine", "schedule.warmup_steps": 2,
                     "optimizer.grad_clip_norm": clip})
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "unstable", base)
-    assert d.action == "stabilize" and d.next_round.fixed[rc.CLIP] == expected
+    assert d.action == "stabilize" and d.next_round.fixed[rc.CLIP_FIELD] == expected
     assert d.reason.endswith(f"clip gradients at {expected:g}"), d.reason
 
 
