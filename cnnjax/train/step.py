@@ -295,18 +295,19 @@ def _step_rng(state: TrainState, axis_name: str) -> jax.Array:
 
 
 def _pixel_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """Per image `[B]`: mean per-pixel cross-entropy and pixel accuracy of `logits [B, H, W, C]`
-    against class maps `labels [B, H, W]`, over the pixels whose label is a class (`0 <= label
-    < C`; others, `data.segmentation.IGNORE_LABEL`, count nowhere; an image without any scores
-    0)."""
+    """Per image `[B]`: mean per-pixel cross-entropy `loss` of `logits [B, H, W, C]` against
+    class maps `labels [B, H, W]` over the pixels whose label is a class (`0 <= label < C`;
+    others, `data.segmentation.IGNORE_LABEL`, count nowhere; an image without any scores 0), and
+    the int32 counts of those `scored` pixels and of the `correct` ones among them."""
     logits = logits.astype(jnp.float32)
     scored = (labels >= 0) & (labels < logits.shape[-1])
     safe = jnp.where(scored, labels, 0)
     per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
     correct = jnp.argmax(logits, axis=-1) == labels
-    count = jnp.maximum(jnp.sum(scored, axis=(1, 2)), 1).astype(jnp.float32)
-    return {"loss": jnp.sum(jnp.where(scored, per_pixel, 0.0), axis=(1, 2)) / count,
-            "pixel_accuracy": jnp.sum(correct & scored, axis=(1, 2)) / count}
+    count = jnp.sum(scored, axis=(1, 2), dtype=jnp.int32)
+    return {"loss": (jnp.sum(jnp.where(scored, per_pixel, 0.0), axis=(1, 2))
+                     / jnp.maximum(count, 1).astype(jnp.float32)),
+            "scored": count, "correct": jnp.sum(correct & scored, axis=(1, 2), dtype=jnp.int32)}
 
 
 def _class_maps(owner: str, batch: dict) -> jax.Array:
@@ -340,8 +341,9 @@ def segmentation_train_step(
     ema: ExponentialMovingAverage | None = None,
 ) -> tuple[TrainState, dict]:
     """One step of a dense predictor (an FCN) on `batch` {'image' [B, H, W, C], 'labels'
-    [B, H, W]} (`cnnjax.data.segmentation`); metrics `loss`, `pixel_accuracy` (device-averaged)
-    and the `learning_rate`.
+    [B, H, W]} (`cnnjax.data.segmentation`); metrics `loss` (device-averaged), `pixel_accuracy`
+    (correct over scored pixels of the whole global batch, as eval counts it) and the
+    `learning_rate`.
 
     The loss is a mean of per-image means: each image's per-pixel cross-entropy is averaged over
     that image's scored pixels (labels in `[0, C)`; `IGNORE_LABEL` pixels count nowhere), then
@@ -363,7 +365,12 @@ def segmentation_train_step(
     batch = {**batch, "labels": _class_maps("segmentation_train_step", batch)}
     grads, per_image, batch_stats = _gradients(
         loss_fn, state, batch, _step_rng(state, axis_name), accum_steps)
-    metrics = {name: jnp.mean(value) for name, value in per_image.items()}
+    # Pixel accuracy over every scored pixel of the global batch, as eval's confusion matrix
+    # counts it (a mean of per-image accuracies would not be comparable with eval's figure).
+    pixels = lax.psum({"correct": jnp.sum(per_image["correct"]),
+                       "scored": jnp.sum(per_image["scored"])}, axis_name)
+    metrics = {"loss": jnp.mean(per_image["loss"]),
+               "pixel_accuracy": pixels["correct"] / jnp.maximum(pixels["scored"], 1)}
     return _apply_gradients(state, grads, batch_stats, metrics, tx, schedule, axis_name, ema)
 
 

@@ -56,9 +56,9 @@ def test_pixel_metrics_skip_ignored_pixels():
         safe = np.where(scored, labels[i], 0)[..., None]
         picked = np.take_along_axis(_log_softmax(logits[i]), safe, -1)[..., 0]
         np.testing.assert_allclose(got["loss"][i], -picked[scored].mean(), rtol=1e-5)
-        np.testing.assert_allclose(got["pixel_accuracy"][i],
-                                   (logits[i].argmax(-1) == labels[i])[scored].mean(), rtol=1e-6)
-    assert got["loss"][2] == 0.0 and got["pixel_accuracy"][2] == 0.0
+        assert got["scored"][i] == scored.sum()
+        assert got["correct"][i] == (logits[i].argmax(-1) == labels[i])[scored].sum()
+    assert got["loss"][2] == 0.0 and got["scored"][2] == 0 and got["correct"][2] == 0
 
 
 def _on_one_device(fn, *args):
@@ -134,8 +134,10 @@ def test_train_step_loss_is_the_mean_of_per_image_means():
     batch = {"image": jnp.asarray(images)[None], "labels": jnp.asarray(labels)[None]}
     _, metrics = step(jax.tree.map(lambda x: x[None], state), batch)
     np.testing.assert_allclose(float(metrics["loss"][0]), np.log(2.0), rtol=1e-6)
-    # pixel accuracy likewise per image: 1/2, 0/1 (argmax class 0, label 1), 0 (none scored)
-    np.testing.assert_allclose(float(metrics["pixel_accuracy"][0]), 0.5 / 3, rtol=1e-6)
+    # pixel accuracy over the batch's 3 scored pixels, as eval counts it: image 0 has 1 of 2
+    # right, image 1 0 of 1 (argmax class 0, label 1); the mean of per-image accuracies
+    # (1/2, 0, 0) would be 1/6.
+    np.testing.assert_allclose(float(metrics["pixel_accuracy"][0]), 1 / 3, rtol=1e-6)
 
 
 def test_confusion_counts_past_2_to_the_24_pixels():
@@ -209,3 +211,20 @@ def test_class_maps_of_another_shape_or_dtype_are_named(labels, detail, step):
                                schedule=optax.constant_schedule(0.0), axis_name="data")
     with pytest.raises(ValueError, match=rf"batch\['labels'\]\.{detail}=.*is invalid; expected"):
         _on_one_device(fn, batch)
+
+
+def test_train_pixel_accuracy_counts_every_device_s_pixels():
+    """On 2 devices the pixel accuracy is over all scored pixels of both: device 0's 1 x 2 image
+    has 1 of 1 scored pixel right, device 1's 0 of 2 (the devices' mean accuracy would be 1/2)."""
+
+    images = np.zeros((2, 1, 1, 2, 2), np.float32)  # [devices, batch, H, W, classes]
+    images[..., 0] = 1.0  # class 0 predicted everywhere
+    labels = np.array([[[[0, IGNORE_LABEL]]], [[[1, 1]]]], np.int32)
+    model, tx = _ImageIsLogits(), optax.sgd(0.0)
+    state = create_train_state(model, tx, jax.random.key(0), (1, 1, 2, 2))
+    step = jax.vmap(lambda s, b: segmentation_train_step(
+        s, b, model=model, tx=tx, schedule=optax.constant_schedule(0.0), axis_name="data"),
+        axis_name="data")
+    states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    _, metrics = step(states, {"image": jnp.asarray(images), "labels": jnp.asarray(labels)})
+    np.testing.assert_allclose(np.asarray(metrics["pixel_accuracy"]), [1 / 3, 1 / 3], rtol=1e-6)
