@@ -15,8 +15,12 @@ compare them): AutoContrast and Equalize are PIL's per-channel lookup tables, gr
 its own dtype.
 
 Magnitude `M` -> op parameter (`m = M / 10`; +- is a random sign, probability 1/2 each), as timm's
-`rand_augment_transform` ("increasing" ops, PyTorch Image Models `timm/data/auto_augment.py`) and
-torchvision's `RandAugment` map it, so that a larger M is always a stronger distortion:
+`rand_augment_transform` maps it ("increasing" ops, PyTorch Image Models
+`timm/data/auto_augment.py`), so that a larger M is always a stronger distortion. torchvision's
+`RandAugment` has the same end points for rotate, shear, the enhance ops and posterize but its
+own scale: its magnitude runs over `num_magnitude_bins` (0..30 by default), so its M = 9 is
+M = 3 here, and it translates by up to 150/331 of the size, solarizes from threshold 255 at
+M = 0 and fills with black.
 
     Identity, AutoContrast, Equalize   no parameter
     Rotate              +-30 m degrees, counter-clockwise about the image centre (PIL's rotate)
@@ -27,7 +31,7 @@ torchvision's `RandAugment` map it, so that a larger M is always a stronger dist
     Solarize            inverts pixels >= threshold 256 - int(256 m) (256: none; timm's
                         SolarizeIncreasing)
     Posterize           keeps 8 - round(4 m) bits (8 at M=0 down to 4: torchvision's RandAugment;
-                        timm's PosterizeIncreasing goes on down to 0 bits)
+                        timm's PosterizeIncreasing keeps 4 - int(4 m), from 4 bits down to 0)
     Color, Contrast,    PIL enhance factor 1 +- 0.9 m (0.1..1.9; timm's *Increasing ops: 1 is the
     Brightness,         image itself, 0 the degenerate image: grey, mean grey, black, smoothed)
     Sharpness
@@ -35,11 +39,14 @@ torchvision's `RandAugment` map it, so that a larger M is always a stronger dist
 At M = 0 every op but AutoContrast and Equalize is the identity. Geometric ops sample the input
 nearest to each output pixel (`tf.raw_ops.ImageProjectiveTransformV3`, NEAREST; core TF) and fill
 pixels from outside the image with grey `FILL_VALUE` = 128, as TF-models
-(`official/vision/ops/augment.py`) and timm do. They follow PIL's pixel-area coordinates (pixel i
-covers [i, i + 1)), so they equal PIL's `Image.transform` except where an input coordinate falls
-near a pixel boundary: TF samples in float32, and PIL's coordinates drift from the exact ones
-along a row (about 1e-3 px at 224x224, 2e-3 px at 375x500; 0.1-0.2% of the pixels of a rotation
-pick the other neighbour there, mostly where PIL, not TF, departs from the float64 coordinate).
+(`official/vision/ops/augment.py`) does (timm resamples bilinearly or bicubically at random and
+fills with 128 under its default hparams, the dataset mean through `create_transform`). They follow
+PIL's pixel-area coordinates (pixel i covers [i, i + 1)), so they equal PIL's `Image.transform`
+except where an input coordinate falls near a pixel boundary: TF samples in float32, and PIL's
+coordinates drift from the exact ones along a row (about 1e-3 px at 224x224, 2e-3 px at 375x500;
+0.1-0.2% of the pixels of a rotation pick the other neighbour there, mostly where PIL, not TF,
+departs from the float64 coordinate; on odd sizes and at half-pixel shifts whole columns are such
+ties: 3-8% of the pixels).
 """
 
 from __future__ import annotations
