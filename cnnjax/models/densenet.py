@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cnnjax.layers.dense import Dense
-from cnnjax.layers.pooling import max_pool2d
+from cnnjax.layers.pooling import avg_pool2d, max_pool2d
 from cnnjax.models.registry import build_variant, check_call, register_model
 from cnnjax.models.resnet import batch_norm
 from cnnjax.utils.validation import (
@@ -180,7 +180,7 @@ class Transition(nn.Module):
             raise invalid(f"DenseNet {self.name}", "input map", "x".join(map(str, y.shape[1:3])),
                           "expected at least 2x2 for its 2x2/2 average pool: the network's input "
                           "is too small for this depth (see the model's min_input_size)")
-        return nn.avg_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+        return avg_pool2d(y, 2, 2)
 
 
 class DenseNet(nn.Module):

@@ -566,3 +566,20 @@ def test_compression_must_keep_a_channel_at_every_transition():
 def test_rates_are_numbers_in_range(field, value, valid):
     with pytest.raises(ValueError, match=rf"^DenseNet: {field}={value!r} is invalid; {valid}\.$"):
         DenseNet(block_sizes=(1, 1), **{field: value})
+
+
+def test_transition_pool_averages_bfloat16_in_float32():
+    """The transition's 2x2 average pool (flax's nn.avg_pool) summed bfloat16 windows in
+    bfloat16, a rounding per add. Reference: float64 window means of the conv's bfloat16 output,
+    rounded once (as LeNet-5's subsampling and PyTorch's bfloat16 avg_pool2d do)."""
+    import ml_dtypes
+
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=jnp.bfloat16)
+    t = Transition(16, conv=conv, norm=batch_norm(False, jnp.bfloat16, None))
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 8)) + 3.0
+    variables = t.init(jax.random.key(1), x)
+    y, state = t.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    z = np.asarray(state["intermediates"]["conv"]["__call__"][0]).astype(np.float64)
+    ref = z.reshape(4, 8, 2, 8, 2, 16).mean(axis=(2, 4)).astype(ml_dtypes.bfloat16)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y), ref)
