@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core.tracers import current_trace
 
 from cnnjax.analysis.trace import is_literal
 from cnnjax.utils.files import save_figure
@@ -72,6 +73,7 @@ class ModuleOutput(NamedTuple):
     kind: str
     shape: tuple[int, ...] | None  # None: the output is not one array (a tuple, a dict)
     calls: int  # how often the module ran in one forward pass (a shared module: more than 1)
+    lifted: bool = False  # it runs inside a lifted transform (nn.remat, nn.scan, ...)
 
 
 class GradCam(NamedTuple):
@@ -149,20 +151,26 @@ def _forward(model: nn.Module, layers: Sequence[str],
 def module_outputs(model: nn.Module, variables: Any,
                    input_shape: Sequence[int]) -> list[ModuleOutput]:
     """Every module of `model` with its output shape for a batch of one `input_shape` image, in
-    the order the calls return (children before their parent; the model itself last). Traced
-    abstractly (`jax.eval_shape`): nothing is compiled."""
+    the order the calls return (children before their parent; the model itself last), and
+    whether it runs inside a lifted transform (its call returns under another trace than the
+    model's: its values cannot be read out). Traced abstractly (`jax.eval_shape`): nothing is
+    compiled."""
     shape = _check_shape(input_shape)
     seen: dict[str, list] = {}
     kwargs = _call_kwargs(model)
+    outer: list[Any] = []
 
     def on_return(name: str, module: Any, out: Any) -> Any:
-        entry = seen.pop(name, [type(module).__name__, None, 0])  # re-inserted: last return
+        # re-inserted: last return
+        entry = seen.pop(name, [type(module).__name__, None, 0, False])
         entry[1] = tuple(out.shape) if hasattr(out, "shape") else None
         entry[2] += 1
+        entry[3] = entry[3] or current_trace() != outer[0]
         seen[name] = entry
         return out
 
     def run(variables: Any, images: Any) -> Any:
+        outer.append(current_trace())
         with nn.intercept_methods(_outermost_calls(on_return)):
             return model.apply(variables, images, **kwargs)
 
@@ -172,8 +180,8 @@ def module_outputs(model: nn.Module, variables: Any,
         raise invalid(_OWNER, "input_shape", shape,
                       f"the model with these variables does not run on a {shape} input "
                       f"({type(err).__name__}: {str(err)[:300].rstrip('.')})") from None
-    return [ModuleOutput(path, kind, out_shape, calls)
-            for path, (kind, out_shape, calls) in seen.items()]
+    return [ModuleOutput(path, kind, out_shape, calls, lifted)
+            for path, (kind, out_shape, calls, lifted) in seen.items()]
 
 
 def _logits_of(outputs: Sequence[ModuleOutput]) -> ModuleOutput:
@@ -188,9 +196,10 @@ def _logits_of(outputs: Sequence[ModuleOutput]) -> ModuleOutput:
 
 def spatial_layers(outputs: Sequence[ModuleOutput], rank: int) -> list[str]:
     """Paths of the modules whose output is a feature map (`rank` axes: N, spatial..., C) and
-    that run once per forward pass: the layers `grad_cam` and `activations` accept."""
-    return [o.path for o in outputs
-            if o.path and o.shape is not None and len(o.shape) == rank and o.calls == 1]
+    that run once per forward pass, outside lifted transforms: the layers `grad_cam` and
+    `activations` accept."""
+    return [o.path for o in outputs if o.path and o.shape is not None and len(o.shape) == rank
+            and o.calls == 1 and not o.lifted]
 
 
 def _check_layers(outputs: Sequence[ModuleOutput], layers: Sequence[str], rank: int,
@@ -201,11 +210,14 @@ def _check_layers(outputs: Sequence[ModuleOutput], layers: Sequence[str], rank: 
             known = {o.path: o for o in outputs}
             why = ("is not a module of the model" if layer not in known else
                    f"runs {known[layer].calls} times per forward pass" if known[layer].calls > 1
+                   else _LIFTED if known[layer].lifted
                    else f"outputs {known[layer].shape}, not a feature map")
-            raise invalid(_OWNER, arg, layer,
-                          f"it {why}; expected one of the feature-map layers {valid[-8:]}"
-                          + (f" (last 8 of {len(valid)}; module_outputs lists all)"
-                             if len(valid) > 8 else ""))
+            expected = ("and the model has no layer that could be (a feature-map module run "
+                        "once per forward pass, outside lifted transforms)" if not valid else
+                        f"expected one of the feature-map layers {valid[-8:]}"
+                        + (f" (last 8 of {len(valid)}; module_outputs lists all)"
+                           if len(valid) > 8 else ""))
+            raise invalid(_OWNER, arg, layer, f"it {why}; {expected}")
 
 
 def check_layer(model: nn.Module, variables: Any, input_shape: Sequence[int],
@@ -221,7 +233,9 @@ def _default_layer(outputs: Sequence[ModuleOutput], rank: int) -> str:
     """The last feature-map module with more than one position (else the last one)."""
     layers = spatial_layers(outputs, rank)
     if not layers:
-        raise invalid(_OWNER, "layer", None, "the model has no module with a feature-map output")
+        raise invalid(_OWNER, "layer", None,
+                      "the model has no module with a feature-map output that runs once per "
+                      "forward pass outside lifted transforms (nn.remat, nn.scan, ...)")
     shapes = {o.path: o.shape for o in outputs}
     wide = [p for p in layers if math.prod(shapes[p][1:-1]) > 1]  # type: ignore[index]
     return (wide or layers)[-1]
@@ -417,8 +431,11 @@ def integrated_gradients(model: nn.Module, variables: Any, images: Any, targets:
 def _integrated_gradients(batch: _Batch, baseline: Any = 0.0, steps: int = 32) -> np.ndarray:
     images = batch.images
     steps = check_positive_int(_OWNER, "steps", steps)
-    try:
-        baseline = np.asarray(baseline, np.float32)
+    try:  # real numbers only: None, strings and objects would cast to NaN or parse as text
+        given = np.asarray(baseline)
+        if given.dtype.kind not in "iuf" and given.dtype != jnp.bfloat16:
+            raise TypeError
+        baseline = given.astype(np.float32)
     except (TypeError, ValueError):
         raise invalid(_OWNER, "baseline", baseline,
                       "expected a number or an array of numbers (0: the dataset mean)") from None
@@ -632,10 +649,13 @@ def _read_out_of_transforms(arg: str, layers: Any) -> Iterator[None]:
     try:
         yield
     except jax.errors.UnexpectedTracerError:
-        raise invalid(_OWNER, arg, layers,
-                      "it is, or runs inside, a module wrapped in a lifted transform (nn.remat, "
-                      "nn.scan, nn.vmap, ...), whose values cannot be read out of it; choose a "
-                      "layer that runs outside every such module") from None
+        raise invalid(_OWNER, arg, layers, f"it {_LIFTED}") from None
+
+
+#: Why a layer inside a lifted transform is refused.
+_LIFTED = ("is, or runs inside, a module wrapped in a lifted transform (nn.remat, nn.scan, "
+           "nn.vmap, ...), whose values cannot be read out of it; choose a layer that runs "
+           "outside every such module")
 
 
 # ----------------------------------------------------------------------- guided backprop
@@ -885,8 +905,9 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
     # Every argument is checked before any method runs (each compiles its own function).
     if targets is not None:
         _ = batch.targets  # checks the given targets; nothing compiles
-    if "grad_cam" in methods and layer is not None:
-        _check_layers(batch.outputs, (layer,), batch.images.ndim)
+    if "grad_cam" in methods:
+        _check_layers(batch.outputs, (layer or _default_layer(batch.outputs, batch.images.ndim),),
+                      batch.images.ndim)
     if "occlusion" in methods:
         _occluder(*batch.images.shape[1:3], patch, stride)
     if "integrated_gradients" in methods:

@@ -239,8 +239,43 @@ def test_relus_inside_nn_remat_are_rewritten_too():
         with pytest.raises(ValueError, match=rf"^attribution: layer='{layer}' is invalid; it is, "
                                              r"or runs inside, a module wrapped in a lifted"):
             at.grad_cam(remat, variables, images, [0, 2], layer=layer)
-    with pytest.raises(ValueError, match=r"^attribution: layers=\('b2',\) is invalid; it is, or"):
+    with pytest.raises(ValueError, match=r"^attribution: layers='b2' is invalid; it is, or"):
         at.activations(remat, variables, images, ["b2"])
+
+
+class _StemThenRemat(nn.Module):
+    """A plain conv-ReLU stem, then a remat-wrapped conv-ReLU block (whose output is the last
+    feature map), and a linear head."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.remat(_ConvRelu)(name="block")(_ConvRelu(name="stem")(x))
+        return nn.Dense(CLASSES, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_default_grad_cam_layer_skips_lifted_modules():
+    """Grad-CAM's default layer was the last feature map even inside nn.remat, which Grad-CAM
+    then refused, naming a layer the caller never passed; `explain` refused it only after its
+    other methods had run."""
+    images = np.random.RandomState(0).randn(2, 6, 6, 2).astype(np.float32)
+    model = _StemThenRemat()
+    variables = model.init(jax.random.key(0), images)
+    outputs = {o.path: o for o in at.module_outputs(model, variables, (6, 6, 2))}
+    assert outputs["block"].lifted and outputs["block/conv"].lifted
+    assert not outputs["stem"].lifted and not outputs[""].lifted
+    assert at.last_conv_layer(model, variables, (6, 6, 2)) == "stem"
+    assert at.grad_cam(model, variables, images, [0, 2]).layer == "stem"
+    assert at.explain(model, variables, images, methods=("grad_cam",)).layer == "stem"
+
+
+def test_explain_checks_the_default_grad_cam_layer_before_any_method(monkeypatch):
+    images = np.random.RandomState(0).randn(2, 6, 6, 2).astype(np.float32)
+    remat = _TwoBlocks(wrap=nn.remat)
+    variables = _TwoBlocks().init(jax.random.key(0), images)
+    monkeypatch.setattr(at, "_saliency", lambda batch: pytest.fail("saliency ran first"))
+    with pytest.raises(ValueError, match=r"^attribution: layer=None is invalid; the model has no "
+                                         r"module with a feature-map output that runs once"):
+        at.explain(remat, variables, images, methods=("saliency", "grad_cam"))
 
 
 def test_relus_inside_a_scan_are_refused_by_guided_backprop():
@@ -624,9 +659,12 @@ def test_image_dtypes_baselines_and_columns_are_checked(linear):
     np.testing.assert_allclose(at.saliency(model, variables, low, targets=1),
                                at.saliency(model, variables, low.astype(np.float32), targets=1),
                                rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"^attribution: baseline='zero' is invalid; expected a "
-                                         r"number or an array of numbers"):
-        at.integrated_gradients(model, variables, images, baseline="zero")
+    # None (cast to NaN) was refused as 'an array with NaN or inf', numeric text was read
+    for baseline in ("zero", None, "0.5", [True], [[1, "a"]]):
+        with pytest.raises(ValueError, match=rf"^attribution: baseline={re.escape(repr(baseline))}"
+                                             r" is invalid; expected a number or an array of "
+                                             r"numbers"):
+            at.integrated_gradients(model, variables, images, baseline=baseline)
     with pytest.raises(ValueError, match=r"^attribution: columns=0 is invalid; expected a "
                                          r"positive integer"):
         at.filter_grid(np.zeros((3, 3, 1, 4)), columns=0)
