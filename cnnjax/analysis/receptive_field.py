@@ -243,8 +243,8 @@ def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
             if not same_axis:
                 return dataclasses.replace(whole, jump=0.0), lost
             return collapse_in_place(whole, first.axis, first.count), lost
-        if not same_axis:
-            return union([collapse(f) for f in fields])[0], True
+        if not same_axis:  # no position is on both axes: every unit may see the union
+            return dataclasses.replace(union([collapse(f) for f in fields])[0], jump=0.0), True
         misaligned = any(f.jump != first.jump or f.start != first.start for f in located)
     lo = min(f.interval()[0] for f in fields)
     hi = max(f.interval()[1] for f in fields)
@@ -371,6 +371,11 @@ def _union_of_paths(fields: Sequence[AxisField], notes: list[str], where: str, d
         notes.append(_global_mix_note(where, how, d))
     elif misaligned and _counts_differ(fields):
         notes.append(_count_mix_note(where, how, d))
+    elif misaligned and len({f.axis for f in fields if f.axis is not None}) > 1:
+        notes.append(f"{where}: paths {how} on spatial axis {d} lie on different array axes "
+                     f"{sorted({f.axis for f in fields if f.axis is not None})} (e.g. attention "
+                     "scores of every position against every other); every unit is given the "
+                     "union of their fields over all positions (jump 0)")
     elif misaligned:
         starts = sorted({float(f.start) for f in fields})
         jumps = sorted({float(f.jump) for f in fields})
@@ -501,7 +506,8 @@ def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int], note
             if 0 not in in_shape and f.jump != 0:  # empty, or the same field everywhere: no loss
                 notes.append(f"{where}: spatial axis {d} is split across array axes {big_out}; "
                              "its field is taken as the whole axis (an upper bound)")
-            out.append(collapse(f))
+            # Jump 0: the whole field no longer moves with a unit of a later spatial axis.
+            out.append(dataclasses.replace(collapse(f), jump=0.0))
     return tuple(out)
 
 

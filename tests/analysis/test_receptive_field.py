@@ -495,6 +495,42 @@ def test_splitting_a_spatial_axis_is_noted_not_silent():
     assert any("split across array axes" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("kind", ["reshape_pool", "self_attention"])
+def test_a_split_axis_s_whole_field_does_not_move_with_the_unit(kind):
+    """After a split (2x2 mean pooling written as reshape + mean, a non-local block's attention
+    over the flattened map reshaped back), every unit may see the whole axis: the field kept the
+    axis's old jump, so `theoretical_bounds` moved it with the unit and missed the true support
+    (the gradient's, on positive all-ones weights) of units away from the centre."""
+    from cnnjax.analysis.effective_receptive_field import theoretical_bounds
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            n, h, w, _ = x.shape
+            if kind == "reshape_pool":
+                y = nn.Conv(2, (3, 3), strides=2, kernel_init=ONES)(x)
+                y = y.reshape(n, h // 4, 2, w // 4, 2, 2).mean(axis=(2, 4))
+                return nn.Conv(1, (3, 3), kernel_init=ONES)(y)
+            flat = x.reshape(n, h * w, -1)
+            attention = jax.nn.softmax(jnp.einsum("nic,njc->nij", flat, flat), -1)
+            return jnp.einsum("nij,njc->nic", attention, flat).reshape(n, h, w, -1)
+
+    shape = (16, 16, 1) if kind == "reshape_pool" else (6, 6, 1)
+    model = Net()
+    x = jnp.ones((1, *shape)) * 0.1
+    variables = model.init(jax.random.key(0), x)
+    field = receptive_field(model, shape)
+    out_hw = model.apply(variables, x).shape[1:3]
+    for position in [(0, 0), (out_hw[0] - 1, out_hw[1] - 1), (1, out_hw[1] // 2)]:
+        support = _support(lambda x: model.apply(variables, x), x, (0, *position))
+        bounds = theoretical_bounds(field, position)
+        for (lo, hi), (first, last) in zip(support, bounds, strict=True):
+            assert first <= lo and hi <= last, (position, support, bounds)
+    if kind == "self_attention":
+        notes = summary(model, shape).notes
+        assert any("lie on different array axes [1, 2]" in n for n in notes), notes
+
+
 class _ConvStride2(nn.Module):
     @nn.compact
     def __call__(self, x):
