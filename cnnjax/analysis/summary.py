@@ -501,6 +501,7 @@ class _Grouper:
             for q in eqns - self.claimed_eqns:
                 if not self.t.eqns[q].static:  # constant-only (take's index arithmetic): folded
                     row.flops += self.t.eqns[q].flops
+                    row.macs += self.t.eqns[q].macs
             self.claimed_params |= params
             self.claimed_eqns |= eqns
         row.output = e.outputs[0]
@@ -632,7 +633,15 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
     out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None
     if out_info is not None:  # a merged axis left in the output has no uniform grid
         out_info = output_info(out_info, grouper.notes)
-    unused = trace.total_params - sum(r.params for r in rows)
+    # Parameters of outputs computed without the input are in no row, yet not unused.
+    unclaimed = set().union(*(grouper.deps.get(o, ((),))[0] for o in trace.output_ids))
+    unclaimed -= grouper.claimed_params
+    constant = sum(trace.param_leaves[p][1] for p in unclaimed)
+    if constant:
+        grouper.notes.append(f"{constant:,} parameters reach the outputs without the input "
+                             "(an output computed from parameters alone): in the total, in no "
+                             "row")
+    unused = trace.total_params - sum(r.params for r in rows) - constant
     if unused:
         grouper.notes.append(f"{unused:,} parameters take no part in this call's outputs (e.g. "
                              "auxiliary heads in eval mode): in the total, in no row")

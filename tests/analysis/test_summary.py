@@ -797,3 +797,37 @@ def test_equal_bin_adaptive_avg_pool_counts_as_the_avg_pool_of_its_windows(shape
         assert result.totals["flops"] == pooled.totals["flops"]
     if (oh, ow) == (1, 1):
         assert result.totals["flops"] == summary(_Pool(global_avg_pool), shape).totals["flops"]
+
+
+class _LearnedPositionMap(nn.Module):
+    """A learned 16x16x8 map run through its own 3x3 conv (no input in that branch), added to
+    the image's 3x3 conv."""
+
+    constant_output: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        position = self.param("position", nn.initializers.normal(1.0), (1, 16, 16, 8))
+        position = nn.Conv(16, (3, 3), name="position_conv")(position)
+        if self.constant_output:
+            return position * 2.0
+        return nn.Conv(16, (3, 3), name="image_conv")(x) + position
+
+
+def test_a_branch_without_the_input_counts_its_macs():
+    """A branch that never meets the input is charged to the row it feeds: its params and FLOPs
+    were, its convolution's MACs were lost (110,592 reported for 405,504)."""
+    result = summary(_LearnedPositionMap(), (16, 16, 3))
+    assert result.totals["macs"] == 16 * 16 * 16 * 9 * (3 + 8)
+    assert result.totals["flops"] == _xla_flops(_LearnedPositionMap(), (16, 16, 3))[0]
+    assert sum(r.params for r in result.rows) == result.total_params
+    assert not any("take no part" in n for n in result.notes)
+
+
+def test_parameters_reaching_an_input_independent_output_are_not_called_unused():
+    """An output computed from parameters alone: its parameters reach it, so the note called
+    them unused ("take no part in this call's outputs") wrongly."""
+    result = summary(_LearnedPositionMap(constant_output=True), (16, 16, 3))
+    assert not any("take no part" in n for n in result.notes), result.notes
+    assert any(f"{16 * 16 * 8 + 16 * 8 * 9 + 16:,} parameters reach the outputs without the "
+               "input" in n for n in result.notes), result.notes
