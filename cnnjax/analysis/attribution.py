@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -45,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core.tracers import current_trace
 
-from cnnjax.analysis.trace import is_literal
+from cnnjax.analysis.trace import eval_call_kwargs, is_literal
 from cnnjax.utils.files import save_figure
 from cnnjax.utils.validation import (
     check_bool,
@@ -88,16 +87,6 @@ class GradCam(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- model calls
-def _call_kwargs(model: nn.Module) -> dict[str, Any]:
-    """`{'train': False}` for a model whose `__call__` takes `train` (eval mode), else `{}`."""
-    try:
-        params = inspect.signature(model.__call__).parameters
-    except (TypeError, ValueError):
-        return {}
-    takes = "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return {"train": False} if takes else {}
-
-
 def _path(context: Any) -> str:
     return "/".join(str(p) for p in context.module.path)
 
@@ -127,7 +116,7 @@ def _forward(model: nn.Module, layers: Sequence[str],
     """`f(variables, images, delta=None) -> (logits, {layer: output})`: the model in eval mode,
     capturing the outputs of `layers` and adding `delta` to `perturb`'s output (so the gradient
     with respect to `delta` at zero is the gradient with respect to that activation)."""
-    kwargs = _call_kwargs(model)
+    kwargs = eval_call_kwargs(model)
     wanted = set(layers) | ({perturb} if perturb is not None else set())
 
     def forward(variables: Any, images: Any, delta: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -157,7 +146,7 @@ def module_outputs(model: nn.Module, variables: Any,
     compiled."""
     shape = _check_shape(input_shape)
     seen: dict[str, list] = {}
-    kwargs = _call_kwargs(model)
+    kwargs = eval_call_kwargs(model)
     outer: list[Any] = []
 
     def on_return(name: str, module: Any, out: Any) -> Any:

@@ -24,7 +24,6 @@ CLI (random weights, the paper's "random init" case, or a training run's, "after
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -33,9 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.errors import FlaxError
+from flax.errors import FlaxError, InvalidRngError, ModifyScopeVariableError
 
 from cnnjax.analysis.receptive_field import ReceptiveField
+from cnnjax.analysis.trace import declares_keyword, eval_call_kwargs
 from cnnjax.utils.files import check_figure_path, make_parent_dir, save_figure
 from cnnjax.utils.validation import (
     check_number,
@@ -175,15 +175,6 @@ def theoretical_bounds(
 # The gradient map.
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether `model.__call__` takes the keyword `name` (or any keyword)."""
-    try:
-        params = inspect.signature(model.__call__).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _split_output(out: Any, with_features: bool) -> tuple[Any, Mapping[str, Any]]:
     """`(output, features)` of a model call: `(logits, dict)` with `return_features=True`, or a
     backbone's plain dict (`features_only=True`)."""
@@ -203,9 +194,7 @@ class _Target:
 
     def __init__(self, model: nn.Module, feature: str | None, with_features: bool):
         self.model, self.feature, self.with_features = model, feature, with_features
-        self.kwargs: dict[str, Any] = {}
-        if _accepts(model, "train"):
-            self.kwargs["train"] = False
+        self.kwargs: dict[str, Any] = eval_call_kwargs(model)
         if with_features:
             self.kwargs["return_features"] = True
 
@@ -224,21 +213,28 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
     the target and the chosen map's shape. Unknown or non-spatial names raise, naming `owner`
     and listing the spatial maps the model exposes."""
     rank = len(shape) + 1
-    with_features = _accepts(model, "return_features")
+    with_features = declares_keyword(model, "return_features")
     probe = _Target(model, None, with_features)
     x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     order: list[str] = []  # the features' order: eval_shape returns their dict sorted by name
 
     def forward(v: Any, x: Any) -> Any:
-        if v is None:
-            out = model.init_with_output(jax.random.key(0), x, **probe.kwargs)[0]
-        else:
-            out = model.apply(v, x, **probe.kwargs)
+        if v is None:  # init may update state and draw from any stream; the eval call may not
+            v = model.init(jax.random.key(0), x, **probe.kwargs)
+        out = model.apply(v, x, **probe.kwargs)
         order.extend(_split_output(out, with_features)[1])
         return out
 
     try:
         out = jax.eval_shape(forward, variables, x)
+    except (ModifyScopeVariableError, InvalidRngError) as err:
+        call = "train=False" if probe.kwargs.get("train") is False else "no `train` argument"
+        raise invalid(owner, "model", type(model).__name__,
+                      f"called with {call} it still updates state or draws random numbers "
+                      f"({type(err).__name__}: {str(err).split(' (https://')[0]}); expected "
+                      "a deterministic call: a `train` parameter of __call__ that turns "
+                      "BatchNorm's running averages and Dropout's determinism on, or a model "
+                      "built in eval mode") from None
     except (TypeError, ValueError, FlaxError) as err:  # e.g. variables of another input shape
         given = " with the given variables" if variables is not None else ""
         raise invalid(owner, "input_shape", shape,

@@ -745,3 +745,17 @@ def test_displayable_refuses_half_a_normalization(given):
                                          rf"{other} too \(x \* std \+ mean\), or neither"):
         at.displayable(np.ones((1, 4, 4, 1)), **given)
     np.testing.assert_allclose(at.displayable(np.ones((1, 4, 4, 1)), (0.5,), (0.25,)), 0.75)
+
+
+def test_sequential_classifiers_are_called_without_train():
+    """nn.Sequential's `**kwargs` was read as taking `train`, handed on to its first layer:
+    every method refused the model. Reference: a linear model's saliency is |weight|, max over
+    channels."""
+    model = nn.Sequential([lambda x: x.reshape(x.shape[0], -1), nn.Dense(CLASSES)])
+    images = np.random.RandomState(0).randn(2, 4, 5, 2).astype(np.float32)
+    variables = model.init(jax.random.key(0), images)
+    kernel = np.asarray(variables["params"]["layers_1"]["kernel"])
+    expected = np.abs(kernel[:, 1].reshape(4, 5, 2)).max(-1)
+    np.testing.assert_allclose(at.saliency(model, variables, images, targets=1),
+                               np.stack([expected, expected]), rtol=1e-6)
+

@@ -598,3 +598,43 @@ def test_cli_data_inputs_are_the_runs_eval_images(monkeypatch, tmp_path):
         None, global_batch_size=27, num_devices=1)])[:27]
     np.testing.assert_array_equal(images, expected)
     np.testing.assert_array_equal(erf_module.eval_images(run, 3), expected[:3])
+
+
+def test_sequential_models_are_called_without_train():
+    """nn.Sequential's `**kwargs` was read as taking `train`, which it handed to its first
+    nn.Conv: both functions refused the model as not running on `input_shape`. Reference: two
+    3x3 convs give a 5x5 field."""
+    model = nn.Sequential([nn.Conv(4, (3, 3)), nn.relu, nn.Conv(4, (3, 3))])
+    result = effective_receptive_field(model, (16, 16, 3), num_samples=2)
+    assert result.size == (5, 5) and result.position == (8, 8)
+    assert feature_receptive_field(model, (16, 16, 3)) == receptive_field(model, (16, 16, 3))
+
+
+class _AlwaysBatchStats(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.BatchNorm(use_running_average=False)(nn.Conv(4, (3, 3))(x))
+
+
+class _DropoutByAttribute(nn.Module):
+    deterministic: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dropout(0.5, deterministic=self.deterministic)(nn.Conv(4, (3, 3))(x))
+
+
+@pytest.mark.parametrize("model, need", [(_AlwaysBatchStats(), "ModifyScopeVariableError"),
+                                         (_DropoutByAttribute(), "InvalidRngError")])
+@pytest.mark.parametrize("with_variables", [False, True])
+def test_a_model_whose_eval_call_is_not_deterministic_is_named(model, need, with_variables):
+    """Without variables flax's error escaped from the jitted gradient as a traceback (the
+    abstract init may update state and draw numbers); with them the model was refused as not
+    running on `input_shape`."""
+    variables = (model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                            jnp.zeros((1, 12, 12, 3))) if with_variables else None)
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=rf"^effective_receptive_field: model='{name}' is "
+                                         rf"invalid; called with no `train` argument it still "
+                                         rf"updates state or draws random numbers \({need}"):
+        effective_receptive_field(model, (12, 12, 3), variables=variables, num_samples=2)
