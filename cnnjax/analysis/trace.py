@@ -35,6 +35,10 @@ XLA's fusion duplicates or folds elementwise work, e.g. -1.3% on resnet20_cifar 
   the taps scattered outside the cropped output), beside the non-MAC arithmetic.
 - `static`: every input of the equation is a constant (index arithmetic, a fixed kernel built
   in the model); XLA computes these at compile time, so `summary` does not count their FLOPs.
+  The PRNG keys are traced arguments, as in a train step, so work on random bits (Dropout's
+  conversion to uniform floats and its mask) counts; generating the bits (`random_bits`:
+  threefry's integer hash rounds, or XLA's RngBitGenerator) counts 0, where XLA's figure
+  depends on the PRNG implementation.
 """
 
 from __future__ import annotations
@@ -465,16 +469,17 @@ def trace_model(
         with jax.named_scope(f"{_TOKEN}{idx}"):
             return next_fun(*args, **kwargs)
 
-    def forward(variables: Any, x: Any) -> Any:
+    # The keys are arguments, as in a train step: made inside, Dropout's random bits would be
+    # constant work that XLA folds, and summary would charge them nothing.
+    keys = {k: v for k, v in rngs().items() if k != "params"}
+
+    def forward(variables: Any, keys: dict[str, Any], x: Any) -> Any:
         with nn.intercept_methods(interceptor):
-            out = model.apply(
-                variables, x, rngs={k: v for k, v in rngs().items() if k != "params"},
-                mutable=mutable or False, **call_kwargs,
-            )
+            out = model.apply(variables, x, rngs=keys, mutable=mutable or False, **call_kwargs)
         return out  # with the updated state, when mutable: its updates are live work too
 
     with xla_convolutions():
-        closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(variables, x)
+        closed, out_shapes = jax.make_jaxpr(forward, return_shape=True)(variables, keys, x)
     n_outputs = len(jax.tree_util.tree_leaves(out_shapes[0] if mutable else out_shapes))
     flat = _Flattener(calls)
     leaves = jax.tree_util.tree_flatten_with_path(variables)[0]

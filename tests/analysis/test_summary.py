@@ -831,3 +831,21 @@ def test_parameters_reaching_an_input_independent_output_are_not_called_unused()
     assert not any("take no part" in n for n in result.notes), result.notes
     assert any(f"{16 * 16 * 8 + 16 * 8 * 9 + 16:,} parameters reach the outputs without the "
                "input" in n for n in result.notes), result.notes
+
+
+class _Dropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dropout(0.5, deterministic=not train)(x)
+
+
+def test_dropout_work_on_random_bits_counts_in_training():
+    """The PRNG keys were constants in summary's trace, so everything computed from them (the
+    bits' conversion to uniform floats and the mask) was 'static', counted 0, though a train
+    step takes its keys as arguments and computes it. Hand count per element of flax's Dropout
+    (jax.random.bernoulli): shift, or, sub, mul, add, max (the uniform draw), lt (the mask),
+    div (1 / keep) and select: 9; the random bits themselves count 0 (module docstring)."""
+    def flops(train):
+        return summary(_Dropout(), (10, 10, 4), batch_size=2, train=train).totals["flops"]
+
+    assert flops(True) == 9 * 2 * 10 * 10 * 4 and flops(False) == 0
