@@ -411,13 +411,14 @@ def _globalize(infos: Sequence[Info | None], located: Info | None = None) -> Inf
     """Every input position may influence every output: union of all fields, all collapsed.
 
     `located` holds, per spatial axis, a field whose `axis` is where that axis still lies in the
-    output (None where unknown or gone): every position there gets the whole union (jump 0), so
-    no unit is reported with a field that moves with it.
+    output (None where unknown or gone): every position there gets the whole union. The jump is
+    0 either way, so no unit is reported with a field that moves with it (also where a later op
+    brings the axis back, e.g. a mean over the axis `jnp.stack` added).
     """
     present = [i for i in infos if i is not None]
     out = []
     for d in range(len(present[0])):
-        whole = union([collapse(i[d]) for i in present])[0]
+        whole = dataclasses.replace(union([collapse(i[d]) for i in present])[0], jump=0.0)
         if located is not None and located[d].axis is not None:
             whole = collapse_in_place(whole, located[d].axis, located[d].count)
         out.append(whole)
@@ -816,6 +817,17 @@ def _concatenate_rule(eq: _Equation) -> list[Info]:
                                    eq.where)])
 
 
+def _stack_rule(eq: _Equation) -> list[Info]:
+    """`stack` (`jnp.stack`): every input gains the new axis, then they are concatenated along
+    it, which holds no spatial axis: the paths' fields merge, as channel paths do."""
+    axis = eq.params["axis"]
+    infos = [None if info is None else
+             _apply(info, {a: (a + (a >= axis), None) for a in range(len(shape))})
+             for info, shape in zip(eq.in_infos, eq.in_shapes, strict=True)]
+    shapes = [(*shape[:axis], 1, *shape[axis:]) for shape in eq.in_shapes]
+    return eq.finish([_concatenate(infos, shapes, axis, eq.notes, eq.where)])
+
+
 def _reduction_rule(eq: _Equation) -> list[Info]:
     """`reduce_*` and `argmax`/`argmin`: fields on reduced axes collapse, the rest move down."""
     axes = set(eq.params["axes"])
@@ -909,6 +921,7 @@ _RULES: dict[str, _Rule] = {
     "broadcast_in_dim": _broadcast_in_dim_rule,
     "reshape": _reshape_rule,
     "concatenate": _concatenate_rule,
+    "stack": _stack_rule,
     **dict.fromkeys(REDUCTIONS, _reduction_rule),
     "dot_general": _dot_general_rule,
     "dynamic_slice": _dynamic_slice_rule,

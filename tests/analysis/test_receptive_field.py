@@ -681,3 +681,39 @@ def test_every_transposed_conv_then_conv_field_holds_the_support(kernel, stride)
             size = receptive_field(model, (24, 1, 1)).size[0]
             true = _widest_interior_support(model, 24)
             assert true <= size <= true + 1, (kernel, stride, after, padding, size, true)
+
+
+def test_stacked_paths_merge_like_channel_paths():
+    """`jnp.stack` is its own primitive (`stack`) in jax >= 0.10: it had no rule and was taken
+    as mixing all positions (size 18 on 16x16 for a 3x3 and a 1x1 path, which see 3 pixels)."""
+
+    class StackMean(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a = nn.Conv(4, (3, 3), padding="SAME", kernel_init=ONES)(x)
+            b = nn.Conv(4, (1, 1), kernel_init=ONES)(x)
+            return jnp.stack([a, b], axis=-1).mean(-1)
+
+    model, shape = StackMean(), (16, 16, 3)
+    result = summary(model, shape)
+    assert result.receptive_field.size == (3, 3) and result.receptive_field.jump == (1, 1)
+    assert not any("mixing all positions" in n for n in result.notes), result.notes
+    x = jnp.ones((1, *shape))
+    variables = model.init(jax.random.key(0), x)
+    assert _support(lambda x: model.apply(variables, x), x, (0, 7, 7)) == ((6, 8), (6, 8))
+
+
+def test_a_globally_mixed_field_does_not_move_when_its_axis_comes_back():
+    """An unknown primitive mixing all positions into an output of another rank collapsed the
+    fields but kept their jump; when a later op brought the spatial axes back (a mean over an
+    added axis), `theoretical_bounds` slid the whole field with the unit."""
+    from cnnjax.analysis.effective_receptive_field import theoretical_bounds
+    from cnnjax.analysis.receptive_field import propagate, to_receptive_field
+
+    info = (AxisField(3.0, 1.0, 0.0, axis=1, count=16), AxisField(3.0, 1.0, 0.0, axis=2, count=16))
+    notes = []
+    (mixed,) = propagate("some_new_primitive", {}, [info], [(1, 16, 16, 4)], [(1, 16, 16, 4, 2)],
+                         notes, "here")
+    assert all(f.jump == 0 for f in mixed) and "mixing all positions" in notes[0]
+    bounds = theoretical_bounds(to_receptive_field(mixed), (15, 0))
+    assert bounds[0][0] <= 0 and bounds[0][1] >= 15
