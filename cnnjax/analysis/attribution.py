@@ -44,7 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core.tracers import current_trace
 
-from cnnjax.analysis.trace import eval_call_kwargs, is_literal
+from cnnjax.analysis.trace import (
+    NONDETERMINISTIC_CALL_ERRORS,
+    eval_call_kwargs,
+    is_literal,
+    nondeterministic_call,
+)
 from cnnjax.utils.files import save_figure
 from cnnjax.utils.validation import (
     check_bool,
@@ -165,6 +170,8 @@ def module_outputs(model: nn.Module, variables: Any,
 
     try:
         jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    except NONDETERMINISTIC_CALL_ERRORS as err:
+        raise nondeterministic_call(_OWNER, model, err) from None
     except Exception as err:  # flax/jax raise many kinds for variables of another shape
         raise invalid(_OWNER, "input_shape", shape,
                       f"the model with these variables does not run on a {shape} input "

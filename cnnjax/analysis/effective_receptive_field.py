@@ -32,10 +32,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.errors import FlaxError, InvalidRngError, ModifyScopeVariableError
+from flax.errors import FlaxError
 
 from cnnjax.analysis.receptive_field import ReceptiveField
-from cnnjax.analysis.trace import declares_keyword, eval_call_kwargs
+from cnnjax.analysis.trace import (
+    NONDETERMINISTIC_CALL_ERRORS,
+    declares_keyword,
+    eval_call_kwargs,
+    nondeterministic_call,
+)
 from cnnjax.utils.files import check_figure_path, make_parent_dir, save_figure
 from cnnjax.utils.validation import (
     check_number,
@@ -230,14 +235,8 @@ def _choose_target(model: nn.Module, feature: str | None, variables: Any,
 
     try:
         out = jax.eval_shape(forward, variables, x)
-    except (ModifyScopeVariableError, InvalidRngError) as err:
-        call = "train=False" if probe.kwargs.get("train") is False else "no `train` argument"
-        raise invalid(owner, "model", type(model).__name__,
-                      f"called with {call} it still updates state or draws random numbers "
-                      f"({type(err).__name__}: {str(err).split(' (https://')[0]}); expected "
-                      "a deterministic call: a `train` parameter of __call__ that turns "
-                      "BatchNorm's running averages and Dropout's determinism on, or a model "
-                      "built in eval mode") from None
+    except NONDETERMINISTIC_CALL_ERRORS as err:
+        raise nondeterministic_call(owner, model, err) from None
     except (TypeError, ValueError, FlaxError) as err:  # e.g. variables of another input shape
         given = " with the given variables" if variables is not None else ""
         raise invalid(owner, "input_shape", shape,

@@ -54,10 +54,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.errors import InvalidRngError, ModifyScopeVariableError
 
 from cnnjax.analysis.receptive_field import CUMULATIVE, ELEMENTWISE, REDUCTIONS, WINDOW_REDUCTIONS
 from cnnjax.layers.conv import ConvTranspose2D
 from cnnjax.layers.conv_impl import xla_convolutions
+from cnnjax.utils.validation import invalid
 
 _TOKEN = "cnnjax_call"
 _TOKEN_RE = re.compile(_TOKEN + r"(\d+)")
@@ -288,6 +290,21 @@ def declares_keyword(model: nn.Module, name: str) -> bool:
 def eval_call_kwargs(model: nn.Module) -> dict[str, Any]:
     """`{'train': False}` for a model whose `__call__` declares `train` (eval mode), else `{}`."""
     return {"train": False} if declares_keyword(model, "train") else {}
+
+
+#: Flax's errors for an eval-mode call that still updates state or draws random numbers.
+NONDETERMINISTIC_CALL_ERRORS = (ModifyScopeVariableError, InvalidRngError)
+
+
+def nondeterministic_call(owner: str, model: nn.Module, err: Exception) -> ValueError:
+    """The ValueError for a `model` whose eval call (`eval_call_kwargs`) raised one of
+    `NONDETERMINISTIC_CALL_ERRORS`: the analysis needs a deterministic forward pass."""
+    call = "train=False" if eval_call_kwargs(model) else "no `train` argument"
+    return invalid(owner, "model", type(model).__name__,
+                   f"called with {call} it still updates state or draws random numbers "
+                   f"({type(err).__name__}: {str(err).split(' (https://')[0]}); expected a "
+                   "deterministic call: a `train` parameter of __call__ that turns BatchNorm's "
+                   "running averages and Dropout's determinism on, or a model built in eval mode")
 
 
 def is_literal(v: Any) -> bool:

@@ -759,3 +759,22 @@ def test_sequential_classifiers_are_called_without_train():
     np.testing.assert_allclose(at.saliency(model, variables, images, targets=1),
                                np.stack([expected, expected]), rtol=1e-6)
 
+
+
+def test_a_model_whose_eval_call_updates_state_is_named():
+    """A BatchNorm that always normalizes by batch statistics updates 'batch_stats' even in the
+    eval call: it was refused as not running on `input_shape`."""
+
+    class AlwaysBatchStats(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.BatchNorm(use_running_average=False)(x)
+            return nn.Dense(CLASSES)(x.reshape(x.shape[0], -1))
+
+    model = AlwaysBatchStats()
+    images = np.ones((2, 4, 5, 2), np.float32)
+    variables = model.init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match=r"^attribution: model='AlwaysBatchStats' is invalid; "
+                                         r"called with no `train` argument it still updates "
+                                         r"state .*ModifyScopeVariableError"):
+        at.saliency(model, variables, images, targets=1)
