@@ -64,11 +64,11 @@ INIT_FROM_FIELDS = ("workdir", "step", "exclude", "submodule", "ema")
 # Fields that may change between a run and its resumption. They do not alter what is trained,
 # except that a different device count (num_devices, or the machine's when it is 0) changes the
 # per-device details of the trajectory (dropout keys, the detectors' anchor/RoI sampling keys,
-# mixing pairs, accumulation micro-batches, float summation order): allowed (a requeued job may land on another machine), and warned about
-# on resume (`_Run.warn_if_devices_changed`, summary.json's `device_counts`). `batch_norm_impl`
-# changes float summation order only: workdirs saved before it existed ran flax's BatchNorm,
-# and those saved with "auto" in session 20 did too (flax's was "auto" then); they resume under
-# today's "auto" (the matmul sums on CPU).
+# mixing pairs, accumulation micro-batches, float summation order): allowed (a requeued job may
+# land on another machine), and warned about on resume (`_Run.warn_if_devices_changed`,
+# summary.json's `device_counts`). `batch_norm_impl` changes float summation order only: workdirs
+# saved before it existed ran flax's BatchNorm, and those saved with "auto" in session 20 did too
+# (flax's was "auto" then); they resume under today's "auto" (the matmul sums on CPU).
 RUNTIME_FIELDS = frozenset(
     {
         "restart",
