@@ -4,14 +4,14 @@
         --workdir=workdirs/lr_range --lr_min=1e-5 --lr_max=10 --steps=100 \\
         [--config.<field>=<value> ...]
 
-Trains the config's model with the engine's own step (its optimizer, momentum, weight decay,
-batch size, augmentation) for --steps steps while the learning rate grows exponentially from
---lr_min to --lr_max (the config's schedule and warmup are replaced), stopping early once the
-smoothed loss exceeds --divergence_factor times its minimum. Prints the suggested learning rate
-(the steepest descent of the smoothed loss), the lr at the minimum and a tenth of it, and writes
-lr_range.json and lr_range.png in --workdir. Rerunning the same command reprints the finished
-test; other settings in the same workdir are refused (use a new --workdir, or delete its
-lr_range.json). Errors end the process with a one-line message.
+Trains the config's model with the engine's own step (its optimizer, momentum, weight decay, batch
+size, augmentation) for --steps steps while the learning rate grows exponentially from --lr_min to
+--lr_max (the config's schedule and warmup are replaced), stopping early once the smoothed loss
+exceeds --divergence_factor times its minimum. Prints the suggested learning rate (the steepest
+descent of the smoothed loss), the lr at the minimum and a tenth of it, and writes lr_range.json
+and lr_range.png in --workdir. Rerunning the same command reprints the finished test and starts an
+interrupted one over (it keeps no checkpoint); other settings in the same workdir are refused (use
+a new --workdir, or delete its lr_range.json). Errors end the process with a one-line message.
 """
 
 from __future__ import annotations
