@@ -531,9 +531,10 @@ class _Run:
         self.parallel = DataParallel(self.config.parallel, checked.devices)
         self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
         if prepare_workdir:  # training: the teacher and the warm start are checked (read)
-            if distill_lib.distill_settings(self.config) is not None:  # before the workdir
-                self.teacher = distill_lib.load_teacher(self.config, self.data_info,
-                                                        self.workdir)
+            # Before the workdir; a completed run's rerun is a no-op that needs no teacher (one
+            # retrained or deleted since must not fail it).
+            if distill_lib.distill_settings(self.config) is not None and not self.completed():
+                self.load_teacher()
             if (config_lib.init_from_workdir(self.config) is not None
                     and not _has_checkpoints(self.workdir)):
                 self.pretrained = init_from_lib.load_init_from(self.config,
@@ -541,6 +542,22 @@ class _Run:
             self.prepare_workdir()
             # Multi-host: no process looks for checkpoints before process 0 applied `restart`.
             _sync_processes("cnnjax:workdir_prepared")
+
+    def completed(self) -> bool:
+        """Whether the workdir holds this config's run, completed at `num_train_steps`."""
+        finished = _completed_summary(self.workdir)
+        saved = _saved_config(self.workdir)
+        return (finished is not None and finished.get("step") == self.config.num_train_steps
+                and saved is not None and not _fields_differing(self.workdir, saved, self.config))
+
+    def load_teacher(self) -> None:
+        """Reads the distillation teacher (`config.distill`), checked against the data."""
+        self.teacher = distill_lib.load_teacher(self.config, self.data_info, self.workdir)
+
+    def check_teacher(self, checkpointer: Checkpointer) -> None:
+        """A resume must distill from the teacher it started with (`distill.json`)."""
+        distill_lib.check_teacher_record(self.workdir, self.teacher.record,
+                                         bool(checkpointer.all_steps()), self.is_primary)
 
     def prepare_workdir(self) -> None:
         """Refuses checkpoints of an incompatible config (with `restart`: deletes that run and
@@ -580,8 +597,7 @@ class _Run:
                         os.remove(path)
         elif differ:
             raise ValueError(_incompatible_message(workdir, differ))
-        finished = _completed_summary(workdir) if resumable else None
-        if finished is not None and finished.get("step") == config.num_train_steps:
+        if resumable and self.completed():
             if self.is_primary and not on_disk:  # lost or cut short: the run's own back
                 atomic_write(saved_path, json.dumps(saved, indent=2, sort_keys=True))
             return  # a no-op rerun: config.json keeps the settings the run trained with
@@ -708,6 +724,11 @@ class _Run:
                 logging.info("%s already completed all %d steps; nothing to do (its "
                              "summary.json is left as it is).", self.workdir, total_steps)
                 return finished
+            if self.teacher is None and distill_lib.distill_settings(self.config) is not None:
+                # Skipped as a completed run's (`setup`), yet steps are left (its final
+                # checkpoint is gone): read and checked now, never trained without.
+                self.load_teacher()
+                self.check_teacher(checkpointer)
             if start_step >= total_steps:  # killed after its final save: orbax had not pruned
                 checkpointer.prune()
             evals, stopped = self.train(host_state, start_step, resumed_info, checkpointer,
@@ -721,9 +742,8 @@ class _Run:
         latest checkpoint (a resume), else a fresh state, warm-started from `init_from`'s."""
         config = self.config
         pretrained = self.warm_start_source(checkpointer)
-        if self.teacher is not None:  # a resume must distill from the teacher it started with
-            distill_lib.check_teacher_record(self.workdir, self.teacher.record,
-                                             bool(checkpointer.all_steps()), self.is_primary)
+        if self.teacher is not None:
+            self.check_teacher(checkpointer)
         host_state = fresh_state(config, self.model, self.tx, self.image_shape)
         try:
             restored = checkpointer.restore_latest(host_state)

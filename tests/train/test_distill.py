@@ -248,6 +248,27 @@ def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
     assert Checkpointer(str(tmp_path / "student")).all_steps() == [4]
 
 
+def test_a_finished_students_rerun_needs_no_teacher(tmp_path, monkeypatch):
+    """Rerunning a completed run changes nothing (docs/training.md), but a distilled one read
+    and checked its teacher first: one retrained since, or deleted, failed the no-op rerun (a
+    requeued job that had finished). Its checkpoints deleted, the run would have to train on,
+    and without a teacher that is refused, not done without distillation."""
+    copy = str(tmp_path / "teacher")
+    _train_teacher(copy)
+    config = _student(copy)
+    student = str(tmp_path / "student")
+    first = loop.train_and_evaluate(config, student)
+    shutil.rmtree(copy)
+    _train_teacher(copy, seed=1)  # retrained: other variables
+    assert loop.train_and_evaluate(config, student) == first
+    shutil.rmtree(copy)  # gone
+    assert loop.train_and_evaluate(config, student) == first
+    shutil.rmtree(os.path.join(student, "checkpoints"))
+    refusal = f"distill: teacher_workdir={copy!r} is invalid"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        loop.train_and_evaluate(config, student)
+
+
 def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
     """config.json written before `distill` existed lacks the block: it meant no teacher."""
     run = tmp_path / "run"
