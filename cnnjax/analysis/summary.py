@@ -549,6 +549,10 @@ _APPLY_KWARGS = frozenset({"rngs", "method", "capture_intermediates"})
 def _check_call_kwargs(owner: str, model: nn.Module, call_kwargs: dict[str, Any]) -> None:
     """Keyword arguments the called method (`__call__`, or apply's `method=`) does not take are
     refused before tracing, naming them and the method's signature."""
+    if "mutable" in call_kwargs:
+        raise invalid(owner, "mutable", call_kwargs["mutable"],
+                      "summary makes every collection but 'params' mutable itself (a training "
+                      "call's BatchNorm updates count as its work); drop the argument")
     kwargs = {k: v for k, v in call_kwargs.items() if k not in _APPLY_KWARGS}
     rngs = call_kwargs.get("rngs")
     if rngs is not None and not isinstance(rngs, dict) and not is_prng_key(rngs):

@@ -401,6 +401,10 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
         # A keyword the model does not take (was flax's TypeError) or a dtype that is no float.
         ({"input_shape": (32, 32, 3), "trian": True},
          r"^summary: keyword arguments=\{'trian': True\} is invalid; VGGLike.__call__\(self, x"),
+        # summary sets `mutable` itself: the model was blamed for refusing it
+        ({"input_shape": (32, 32, 3), "mutable": ["batch_stats"]},
+         r"^summary: mutable=\['batch_stats'\] is invalid; summary makes every collection but "
+         r"'params' mutable itself"),
         ({"input_shape": (32, 32, 3), "dtype": "foo"},
          r"^summary: dtype='foo' is invalid; expected a floating-point dtype"),
         # traced as float32 without x64, so every byte count was half what it said
