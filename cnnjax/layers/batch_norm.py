@@ -26,7 +26,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from cnnjax.utils.validation import check_layer_dtypes, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_layer_dtypes,
+    check_number,
+    check_optional_bool,
+    invalid,
+    is_integer,
+)
 
 Array = Any
 
@@ -84,19 +91,65 @@ def check_values_per_channel(module: nn.BatchNorm, x: Array, running: bool) -> N
         "(use_running_average=True, train=False)")), owner)
 
 
+def _check_fields(module: nn.BatchNorm) -> None:
+    """The fields flax takes as they come: a string flag ('False') read as True (eval mode,
+    silently), a momentum outside [0, 1] or a negative epsilon ran with drifting or NaN
+    statistics, a bad axis failed as a bare IndexError."""
+    owner = type(module).__name__
+    check_optional_bool(owner, "use_running_average", module.use_running_average)
+    check_number(owner, "momentum", module.momentum, "expected a number in [0, 1] (the running "
+                 "averages' decay)", low=0.0, high=1.0, strings=False)
+    check_number(owner, "epsilon", module.epsilon, "expected a positive number (added to the "
+                 "variance)", low=0.0, low_open=True, strings=False)
+    for arg in ("use_bias", "use_scale", "use_fast_variance"):
+        check_bool(owner, arg, getattr(module, arg))
+    axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    if not axes or not all(is_integer(a) for a in axes):
+        raise invalid(owner, "axis", module.axis, "expected an int or a sequence of ints (the "
+                      "feature axes; -1: channels last)")
+
+
+def _check_input(module: nn.BatchNorm, x: Array, mask: Array | None) -> None:
+    """Feature axes within `x`'s rank, the channels the statistics were created for, and a
+    mask that broadcasts to `x`: flax failed on each with an error naming no layer."""
+    owner = type(module).__name__
+    axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    if not hasattr(x, "shape") or any(not -x.ndim <= a < x.ndim for a in axes):
+        raise invalid(owner, "input.shape", tuple(getattr(x, "shape", ())),
+                      f"expected an array with axis {module.axis} (the feature axes)")
+    if module.has_variable("batch_stats", "mean"):
+        built = tuple(module.get_variable("batch_stats", "mean").shape)
+        features = tuple(x.shape[a] for a in _axes(module.axis, x.ndim))
+        if built != features:
+            raise invalid(owner, "input.shape", tuple(x.shape),
+                          f"its statistics were created for {built} features, this input has "
+                          f"{features}; a layer takes the channel count it was initialized with")
+    if mask is not None:
+        try:
+            jnp.broadcast_shapes(jnp.shape(mask), x.shape)
+        except ValueError:
+            raise invalid(owner, "mask.shape", tuple(jnp.shape(mask)),
+                          f"expected a shape that broadcasts to the input's {tuple(x.shape)}"
+                          ) from None
+
+
 class BatchNorm(nn.BatchNorm):
     """`nn.BatchNorm` (same fields, variables and results) that refuses, in training, an input
-    with a single value per channel over the whole batch (`check_values_per_channel`), and a
-    `dtype` or `param_dtype` that is no float of 16 bits or more at construction."""
+    with a single value per channel over the whole batch (`check_values_per_channel`), and at
+    construction a `dtype` or `param_dtype` that is no float of 16 bits or more and fields flax
+    does not check (`_check_fields`)."""
 
     def __post_init__(self) -> None:
         check_layer_dtypes(self)
+        _check_fields(self)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None) -> Array:
-        """Normalizes `x` as `nn.BatchNorm` does, after the one-value check."""
+        """Normalizes `x` as `nn.BatchNorm` does, after the input and one-value checks."""
+        check_optional_bool(type(self).__name__, "use_running_average", use_running_average)
+        _check_input(self, x, mask)
         check_values_per_channel(self, x, nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average))
         return _flax_batch_norm(self, x, use_running_average, mask=mask)
@@ -117,6 +170,8 @@ class MaskedBatchNorm(BatchNorm):
                  mask: Array | None = None) -> Array:
         """Normalizes `x`; in training, statistics over the positions `mask` (broadcastable to
         `x`) marks, summed over every device of `axis_name`."""
+        check_optional_bool(type(self).__name__, "use_running_average", use_running_average)
+        _check_input(self, x, mask)
         running = nn.merge_param("use_running_average", self.use_running_average,
                                  use_running_average)
         check_values_per_channel(self, x, running)

@@ -250,3 +250,42 @@ def test_dtypes_are_checked_at_construction(cls, kwargs, message):
     unknown name, a TypePromotionError for float8), naming neither the layer nor the field."""
     with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
         cls(use_running_average=False, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [BatchNorm, MaskedBatchNorm])
+@pytest.mark.parametrize("kwargs, message", [
+    # a string flag read as True: eval mode (running averages, never updated), silently
+    ({"use_running_average": "False"}, r"use_running_average='False' is invalid; expected True, "
+                                       r"False or None"),
+    ({"momentum": 1.5}, r"momentum=1.5 is invalid; expected a number in \[0, 1\]"),  # drifted
+    ({"momentum": "0.9"}, r"momentum='0.9' is invalid"),
+    ({"epsilon": -1.0}, r"epsilon=-1.0 is invalid; expected a positive number"),  # NaN outputs
+    ({"epsilon": "1e-5"}, r"epsilon='1e-5' is invalid"),  # a bare TypeError at the call
+    ({"axis": 2.0}, r"axis=2.0 is invalid; expected an int or a sequence of ints"),
+    ({"use_bias": 0}, r"use_bias=0 is invalid; expected True or False"),
+])
+def test_fields_flax_takes_as_they_come_are_checked_at_construction(cls, kwargs, message):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: {message}"):
+        cls(**{"use_running_average": False, **kwargs})
+
+
+@pytest.mark.parametrize("cls", [BatchNorm, MaskedBatchNorm])
+def test_bad_inputs_name_the_layer(cls):
+    """flax failed as a bare IndexError (an axis beyond the input's rank), a TypeError or
+    ScopeParamShapeError (other channels than the statistics were made for), or a broadcasting
+    error (a mask of another shape), none naming the layer."""
+    x = jnp.ones((8, 4, 4, 3))
+    layer = cls(use_running_average=False)
+    variables = layer.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: input.shape=\(8, 4, 4, 2\) is "
+                                         r"invalid; its statistics were created for \(3,\)"):
+        layer.apply(variables, x[..., :2], mutable=["batch_stats"])
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: use_running_average='no' is "
+                                         r"invalid"):
+        cls().apply(variables, x, use_running_average="no")
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: input.shape=\(8, 4, 4, 3\) is "
+                                         r"invalid; expected an array with axis 4"):
+        cls(use_running_average=True, axis=4).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: mask.shape=\(8, 4\) is invalid; "
+                                         r"expected a shape that broadcasts"):
+        layer.apply(variables, x, mask=jnp.ones((8, 4), bool), mutable=["batch_stats"])
