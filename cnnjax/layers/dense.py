@@ -7,8 +7,13 @@ from typing import Any
 import flax.linen as nn
 from jax import Array
 
-from cnnjax.layers.conv import _check_precision, output_dtype, promote_with_wide_bias
-from cnnjax.utils.validation import check_bool, check_layer_dtypes, check_positive_int
+from cnnjax.layers.conv import (
+    _check_kernel_channels,
+    _check_precision,
+    output_dtype,
+    promote_with_wide_bias,
+)
+from cnnjax.utils.validation import check_bool, check_layer_dtypes, check_positive_int, invalid
 
 
 class Dense(nn.Dense):
@@ -32,4 +37,15 @@ class Dense(nn.Dense):
 
     def __call__(self, inputs: Array) -> Array:
         """`[..., in_features]` -> `[..., features]` in the compute dtype."""
+        _check_inputs(self, inputs)
         return super().__call__(inputs).astype(output_dtype(self, inputs))
+
+
+def _check_inputs(layer: Dense, inputs: Array) -> None:
+    """At least one input feature, and those the kernel was made for: flax failed with a
+    ZeroDivisionError (no features), an IndexError (a scalar) or a ScopeParamShapeError."""
+    shape = tuple(getattr(inputs, "shape", ()))
+    if not shape or shape[-1] < 1:
+        raise invalid(type(layer).__name__, "input.shape", shape,
+                      "expected [..., in_features] with at least one feature")
+    _check_kernel_channels(layer, inputs)  # the kernel's [in, out]: channels on axis -2

@@ -91,9 +91,12 @@ class LocalResponseNorm(nn.Module):
         out_dtype = x.dtype if self.dtype is None else self.dtype
         compute = jnp.promote_types(out_dtype, jnp.float32)
         a = x.astype(compute)
-        below, above = self.size // 2, (self.size - 1) // 2
+        # Window reach beyond the C - 1 other channels only adds zeros: clamped, so a huge
+        # `size` (2**40) does not make XLA sum a window of that many padded channels.
+        reach = x.shape[-1] - 1
+        below, above = min(self.size // 2, reach), min((self.size - 1) // 2, reach)
         window_sum = jax.lax.reduce_window(
-            a * a, np.array(0, compute), jax.lax.add, (1, 1, 1, self.size), (1, 1, 1, 1),
+            a * a, np.array(0, compute), jax.lax.add, (1, 1, 1, below + above + 1), (1, 1, 1, 1),
             ((0, 0), (0, 0), (0, 0), (below, above)))
         scale = (self.k + self.effective_alpha * window_sum) ** (-self.beta)
         return (a * scale).astype(out_dtype)

@@ -19,7 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.utils.validation import check_number, check_optional_bool, check_positive_int
+from cnnjax.utils.validation import (
+    check_number,
+    check_optional_bool,
+    check_positive_int,
+    invalid,
+)
 
 Array = Any
 
@@ -74,6 +79,9 @@ class DropPath(nn.Module):
         """`x` with each example dropped (zeros) with probability `rate` and the kept ones scaled by
         1 / (1 - rate); `x` itself when deterministic or `rate` is 0."""
         check_optional_bool(type(self).__name__, "deterministic", deterministic)
+        if not getattr(x, "ndim", 0):  # training failed on a scalar with a bare IndexError
+            raise invalid(type(self).__name__, "input.shape", tuple(getattr(x, "shape", ())),
+                          "expected an array with a leading batch axis (one draw per example)")
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or self.rate == 0:
             return x

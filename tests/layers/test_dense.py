@@ -58,3 +58,17 @@ def test_bfloat16_bias_gradient_is_the_exact_sum_rounded_once():
 def test_bad_hyperparameters_are_named_at_construction(kwargs, message):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         Dense(**kwargs)
+
+
+def test_inputs_without_features_or_of_other_features_name_the_layer():
+    """flax failed with a ZeroDivisionError (no input features, in the initializer), an
+    IndexError (a scalar) and a ScopeParamShapeError (other features than the kernel's)."""
+    for x in (jnp.ones((2, 0)), jnp.float32(1.0)):
+        with pytest.raises(ValueError, match=rf"^Dense: input.shape={re.escape(str(x.shape))} is "
+                                             r"invalid; expected \[\.\.\., in_features\] with at "
+                                             r"least one feature"):
+            Dense(3).init(jax.random.key(0), x)
+    variables = Dense(3).init(jax.random.key(0), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"^Dense: input.shape=\(2, 5\) is invalid; its kernel "
+                                         r"was created for 4 input channels, this input has 5"):
+        Dense(3).apply(variables, jnp.ones((2, 5)))

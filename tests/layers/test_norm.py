@@ -72,6 +72,19 @@ def test_matches_float64_formula(size, divide_alpha_by_size):
     np.testing.assert_allclose(_apply(layer, x), expected, rtol=RTOL, atol=ATOL)
 
 
+def test_a_window_wider_than_the_channels_is_clamped():
+    """Channels beyond the map add zeros: the window is clamped to them, same values. A size of
+    2**40 made XLA sum windows of that many padded channels (over ten minutes on 6 channels)."""
+    x = _random((1, 2, 3, 6), seed=3)
+    expected = _lrn_reference(x, 10**6, 1.0, 0.05, 0.6, False)
+    np.testing.assert_allclose(_apply(LocalResponseNorm(10**6, 1.0, 0.05, 0.6), x), expected,
+                               rtol=RTOL, atol=ATOL)
+    jaxpr = jax.make_jaxpr(lambda x: _apply(LocalResponseNorm(2**40), x))(x)
+    windows = [e.params["window_dimensions"] for e in jaxpr.jaxpr.eqns
+               if e.primitive.name.startswith("reduce_window")]
+    assert windows == [(1, 1, 1, 11)]  # 5 channels on either side and the channel itself
+
+
 def test_even_size_window_by_hand():
     # size=2 sums channels c-1 and c (PyTorch's convention). k=1, alpha=1, beta=1, channels 1,2,3:
     # b0 = 1 / (1 + 1), b1 = 2 / (1 + 1 + 4), b2 = 3 / (1 + 4 + 9).

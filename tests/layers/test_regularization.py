@@ -144,3 +144,11 @@ def test_rates_reject_bad_arguments():
     with pytest.raises(ValueError, match=r"^stochastic_depth_rates: max_rate=1.0 is invalid; "
                                          r"expected 0 <= max_rate < 1\.$"):
         stochastic_depth_rates(3, 1.0)
+
+
+def test_a_scalar_input_is_a_named_error():
+    """Training drew one value per example along axis 0: a scalar failed as a bare IndexError."""
+    with pytest.raises(ValueError, match=r"^DropPath: input.shape=\(\) is invalid; expected an "
+                                         r"array with a leading batch axis"):
+        DropPath(0.1).apply({}, jnp.float32(1.0), deterministic=False,
+                            rngs={"dropout": jax.random.key(0)})
