@@ -110,7 +110,7 @@ def check_flags() -> list[str]:
     for flag in ("batch_size", "image_size"):
         if getattr(FLAGS, flag) < 1:
             raise ValueError(f"--{flag}={getattr(FLAGS, flag)} is invalid; expected >= 1")
-    if FLAGS.max_seconds < 0:
+    if not FLAGS.max_seconds >= 0:  # NaN too: every comparison with it is False
         raise ValueError(f"--max_seconds={FLAGS.max_seconds} is invalid; expected >= 0 (0: none)")
     for flag in ("tolerance", "grad_tolerance"):
         if not getattr(FLAGS, flag) > 0:

@@ -38,13 +38,14 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    from cnnjax.utils.cli import one_line_errors, start_command
+
+    start_command(argv)
     import jax
     import jax.numpy as jnp
 
     from cnnjax.layers.conv import ConvTranspose2D, _use_phases
     from cnnjax.layers.conv_impl import xla_convolutions
-    from cnnjax.utils.cli import one_line_errors
     from cnnjax.utils.validation import invalid
 
     opts = flags.FLAGS
@@ -52,6 +53,9 @@ def main(argv: list[str]) -> None:
     x = jax.random.normal(jax.random.key(0), (opts.batch, opts.size, opts.size, c))
     layers = []
     with one_line_errors():  # every group count and layer checked before anything is timed
+        if not opts.groups:
+            raise invalid("benchmarks.conv_transpose", "--groups", "",
+                          "expected positive integers or 'depthwise' (nothing to time)")
         for value in opts.groups:
             if value != "depthwise" and not (value.isdigit() and int(value) > 0):
                 raise invalid("benchmarks.conv_transpose", "--groups", value,

@@ -162,6 +162,12 @@ def main(argv: list[str]) -> None:
             if FLAGS.mock_examples > 0:
                 enter_mock(mock, config, FLAGS.mock_examples)
             info = pipeline.get_dataset_info(config)
+            if FLAGS.image_size is None:  # the dataset's native size, known only now
+                try:
+                    check_model(FLAGS.model, min(info.image_shape[:2]))
+                except ValueError as err:
+                    raise ValueError(f"{err} (unset, the dataset's native size; set a larger "
+                                     "--image_size)") from None
             check_batch_fits(FLAGS.batch_size, info, FLAGS.mock_examples, FLAGS.fake_num_train)
             bench = build_jax_step(FLAGS.model, info.num_classes, FLAGS.batch_size,
                                    info.image_shape, FLAGS.num_devices, FLAGS.parallel,

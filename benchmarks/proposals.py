@@ -35,6 +35,10 @@ def _settings() -> list[tuple[str, float]]:
     from cnnjax.utils.validation import check_choice, check_number
 
     owner = "benchmarks.proposals"
+    for flag in ("strategies", "scales"):
+        if not FLAGS[flag].value:
+            raise ValueError(f"{owner}: --{flag}='' is invalid; expected at least one value "
+                             "(nothing to run)")
     strategies = [check_choice(owner, "--strategies", s, STRATEGIES) for s in FLAGS.strategies]
     low, high = SCALE_RANGE  # selective_search's, as strings (flags) rather than numbers
     scales = [check_number(owner, "--scales", s, f"expected numbers in [{low:g}, {high:g}] (the "
@@ -65,7 +69,9 @@ def _report(name: str, proposals: list, truth: list, seconds: float) -> None:
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    from cnnjax.utils.cli import one_line_errors, start_command
+
+    start_command(argv)
     import numpy as np
     import tensorflow_datasets as tfds
 
@@ -73,7 +79,6 @@ def main(argv: list[str]) -> None:
     from cnnjax.detection.selective_search import selective_search
     from cnnjax.models import create_model
     from cnnjax.models.rcnn import window_proposals
-    from cnnjax.utils.cli import one_line_errors
 
     with one_line_errors():  # a bad dataset or split: one line, before any image is read
         settings = _settings()
@@ -81,8 +86,11 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"benchmarks.proposals: --split={FLAGS.split!r} is invalid; expected "
                              "a split name without a slice (--num_images takes its first N)")
         split = f"{FLAGS.split}[:{FLAGS.num_images}]"
-        builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)  # unknown: tfds's error
-        features = builder.info.features
+        try:  # tfds's own error lists its whole catalogue (hundreds of lines)
+            builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            builder = None
+        features = builder.info.features if builder is not None else {}
         if "objects" not in features or "bbox" not in features["objects"]:
             raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is invalid; "
                              "expected a detection dataset with objects/bbox boxes (e.g. "

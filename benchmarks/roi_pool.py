@@ -40,13 +40,14 @@ def median_times(times: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def main(argv: list[str]) -> None:
-    del argv
+    from cnnjax.utils.cli import one_line_errors, start_command
+
+    start_command(argv)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from cnnjax.layers import roi
-    from cnnjax.utils.cli import one_line_errors
     from cnnjax.utils.validation import invalid
 
     opts = flags.FLAGS

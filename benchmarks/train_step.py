@@ -146,6 +146,7 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     import numpy as np
 
     from cnnjax.models import create_model
+    from cnnjax.train.checks import one_value_batch_norm
     from cnnjax.train.config import default_config
     from cnnjax.train.optim import build_optimizer, build_schedule
     from cnnjax.train.parallel import AXIS_NAME, DataParallel
@@ -176,6 +177,14 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
         raise ValueError(f"train_step: grad_accum_steps={train_options['accum_steps']} is "
                          f"invalid; expected a divisor of the per-device batch {per_device} "
                          f"(batch_size {batch_size} / {n} devices).")
+    accum = train_options.get("accum_steps", 1)
+    layer = one_value_batch_norm(model, per_device // accum, n, image_shape)
+    if layer is not None:  # else the BatchNorm's own refusal, as a traceback from `.lower()`
+        raise ValueError(f"train_step: batch_size={batch_size} is invalid; with "
+                         f"grad_accum_steps={accum} on {n} device each micro-batch holds one "
+                         f"image, and {layer} then normalizes each channel over a single value; "
+                         "use a larger --batch_size, fewer --grad_accum_steps or a larger "
+                         "--image_size.")
     train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME, **train_options)
     step = dp.wrap_train(train_fn)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (per_device, *image_shape),

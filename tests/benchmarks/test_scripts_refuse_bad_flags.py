@@ -65,6 +65,22 @@ def test_layer_and_model_arguments_are_one_line_before_any_work():
         (["benchmarks.proposals", "--split=test[:5]"],
          "error: benchmarks.proposals: --split='test[:5]' is invalid; expected a split name "
          "without a slice"),
+        # empty lists ran nothing and exited 0; positional arguments were ignored; an unknown
+        # dataset printed tfds's whole catalogue; NaN passed as 'no limit'
+        (["benchmarks.conv_transpose", "--groups="],
+         "error: benchmarks.conv_transpose: --groups='' is invalid; expected positive integers"),
+        (["benchmarks.proposals", "--strategies="],
+         "error: benchmarks.proposals: --strategies='' is invalid; expected at least one value"),
+        (["benchmarks.roi_pool", "levels=7"], "error: unexpected argument ['levels=7']"),
+        (["benchmarks.proposals", "--dataset=no_such_dataset"],
+         "error: benchmarks.proposals: --dataset='no_such_dataset' is invalid; expected a "
+         "detection dataset"),
+        (["benchmarks.backend_parity", "--max_seconds=nan", "--allow_cpu"],
+         "error: --max_seconds=nan is invalid; expected >= 0"),
+        # the model was checked against --image_size only, not the dataset's native 8x8
+        (["benchmarks.input_pipeline", "--dataset=digits", "--model=lenet5"],
+         "error: --image_size=8 is invalid; lenet5 takes inputs of at least 32x32 (unset, the "
+         "dataset's native size; set a larger --image_size)"),
     ]
     results = run_commands([command for command, _ in cases])
     for (command, message), result in zip(cases, results, strict=True):

@@ -12,6 +12,16 @@ def test_accumulation_must_divide_the_per_device_batch():
         build_jax_step("lenet5", 10, 8, (32, 32, 1), 1, "pmap", "float32", {"accum_steps": 3})
 
 
+def test_one_image_per_batch_norm_channel_names_the_flags():
+    """ResNet-18's stage 4 is 1x1 at 32x32: one image per device left its BatchNorm one value
+    per channel, refused by the layer as a traceback from the step's compilation."""
+    for batch, options in ((1, {}), (2, {"accum_steps": 2})):
+        with pytest.raises(ValueError, match=rf"^train_step: batch_size={batch} is invalid; with "
+                                             r"grad_accum_steps=\d on 1 device each micro-batch "
+                                             r"holds one image, and BatchNorm stage4_block1/bn1"):
+            build_jax_step("resnet18", 10, batch, (32, 32, 3), 1, "pmap", "float32", options)
+
+
 def test_the_options_reach_the_state():
     from cnnjax.train.ema import ExponentialMovingAverage
 
