@@ -689,9 +689,9 @@ def check_input_shape(model: nn.Module, name: str, shape: tuple[int, ...], text:
 
     minimum = None
     if not name.startswith(_EXAMPLES_PREFIX):
-        from cnnjax.models import model_info
+        from cnnjax.models.registry import min_input_size
 
-        minimum = model_info(name).min_input_size
+        minimum = min_input_size(name, model)
     try:
         check_input_size(model, name, tuple(shape), minimum)
     except ValueError as err:  # "<name>: input resolution='HxW' is invalid; <why>."

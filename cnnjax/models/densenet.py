@@ -179,7 +179,7 @@ class Transition(nn.Module):
         if min(y.shape[1:3]) < 2:  # the VALID pool would give an empty map, the GAP a NaN
             raise invalid(f"DenseNet {self.name}", "input map", "x".join(map(str, y.shape[1:3])),
                           "expected at least 2x2 for its 2x2/2 average pool: the network's input "
-                          "is too small for this depth (see the model's min_input_size)")
+                          "is too small (each transition before it halves the map)")
         return avg_pool2d(y, 2, 2)
 
 
@@ -256,6 +256,13 @@ class DenseNet(nn.Module):
                     f"that keeps at least one channel there (>= {1 / channels:.4g})",
                 )
         super().__post_init__()
+
+    def smallest_input(self) -> int:
+        """The smallest input side: each of the t transitions' 2x2/2 pools needs a 2x2 map, so
+        the stem must leave 2**t; the CIFAR stem keeps the size, the ImageNet stem (7x7/2 conv,
+        3x3/2 pool) takes ceil(ceil(n / 2) / 2), so n >= 4 (2**t - 1) + 1 (29 for 3)."""
+        needed = 2 ** (len(self.block_sizes) - 1)
+        return needed if self.stem == "cifar" else 4 * (needed - 1) + 1
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):

@@ -172,6 +172,14 @@ def model_info(name: str) -> ModelInfo:
     return _lookup(name)
 
 
+def min_input_size(name: str, model: nn.Module) -> int:
+    """The smallest square input side `model`, built by `create_model(name, ...)`, admits: its
+    own `smallest_input()` where its settings decide (DenseNet's stem), else the registry's
+    figure for `name`'s default settings."""
+    own = getattr(model, "smallest_input", None)
+    return int(own()) if callable(own) else _lookup(name).min_input_size
+
+
 class ModelArgumentError(ValueError):
     """A keyword `create_model` was given that the model does not take or its name fixes."""
 

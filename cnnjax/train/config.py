@@ -689,10 +689,11 @@ def _checked_model(config: Any, task: str, info: Any, image_shape: tuple[int, ..
                    num_classes: int) -> Any:
     """The flax module the run trains, built from `model_kwargs` and traced abstractly on
     `image_shape` images, so a bad keyword or a too-small input is refused before compiling."""
+    from cnnjax.models.registry import min_input_size
     from cnnjax.train import checks
 
     model = _create_model(config, task, num_classes)
-    checks.check_input_size(model, config.model, image_shape, info.min_input_size)
+    checks.check_input_size(model, config.model, image_shape, min_input_size(config.model, model))
     if task == "detection":
         from cnnjax.data.spec import proposal_spec
 

@@ -350,6 +350,29 @@ def test_cifar_min_input_size_is_exact(name):
         abstract_forward(model, size=3, batch=1)
 
 
+@pytest.mark.parametrize("name, kwargs, smallest", [
+    ("densenet121", {}, 29), ("densenet121", {"stem": "cifar"}, 8),
+    ("densenet40_cifar", {}, 4), ("densenet121", {"block_sizes": (2, 2)}, 5),
+])
+def test_the_minimum_follows_the_stem_and_the_transitions(name, kwargs, smallest):
+    """The registry's 29 is the ImageNet stem's: with stem="cifar" DenseNet-121 takes 8x8 and up
+    (its three 2x2/2 pools), which the engine refused below 29. Reference: the abstract trace
+    runs at the minimum and fails one pixel below."""
+    from cnnjax.models.registry import min_input_size
+
+    if "block_sizes" in kwargs:
+        from cnnjax.models.densenet import DenseNet
+
+        model = DenseNet(num_classes=10, **kwargs)
+    else:
+        model = create_model(name, num_classes=10, **kwargs)
+    assert min_input_size(name, model) == smallest
+    abstract_forward(model, size=smallest, batch=1)
+    with pytest.raises(ValueError, match="expected at least 2x2 for its 2x2/2 average pool"):
+        abstract_forward(model, size=smallest - 1, batch=1)
+    check_input_size(model, name, (smallest, smallest, 3), smallest)
+
+
 def _dropout_paths(model, x, train: bool):
     """The module paths of the Dropout layers `model.apply` calls."""
     seen = []
