@@ -139,9 +139,22 @@ _REGISTER = functools.partial(
 )
 
 
-def _plain(depth: int, kwargs: dict[str, Any]) -> CifarResNet:
+def _check_stages(name: str, depth: int, kwargs: dict[str, Any]) -> None:
+    """`widths` whose stage count the name's fixed `depth` cannot split evenly, named as such:
+    CifarResNet's own check blamed `depth`, which the name fixes."""
+    widths = kwargs.get("widths")
+    if not isinstance(widths, tuple | list) or not widths or (depth - 2) % (2 * len(widths)) == 0:
+        return  # the model's own checks speak for other values
+    fits = [n for n in range(1, depth // 2 + 1) if (depth - 2) % (2 * n) == 0]
+    raise invalid(name, "widths", widths,
+                  f"depth {depth} (fixed by {name}) is 2·stages·n + 2, so it takes {fits} stages, "
+                  f"not {len(widths)}")
+
+
+def _plain(name: str, depth: int, kwargs: dict[str, Any]) -> CifarResNet:
     """A plain net: its name fixes `shortcut="none"` (passing `shortcut` is a
     `ModelArgumentError`: plain20_cifar with shortcut A is resnet20_cifar)."""
+    _check_stages(name, depth, kwargs)
     return CifarResNet(depth=depth, shortcut="none", **kwargs)
 
 
@@ -152,6 +165,7 @@ def _residual(name: str, depth: int, kwargs: dict[str, Any]) -> CifarResNet:
         residual = [s for s in SHORTCUTS if s != "none"]
         raise invalid(name, "shortcut", "none", f"expected one of {residual} "
                       f"(without shortcuts it is plain{depth}_cifar)")
+    _check_stages(name, depth, kwargs)
     return CifarResNet(depth=depth, **kwargs)
 
 
@@ -188,28 +202,28 @@ def resnet110_cifar(**kwargs: Any) -> CifarResNet:
 @_REGISTER("plain20_cifar")
 def plain20_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR plain-20: ResNet-20 without shortcuts (the degradation experiment)."""
-    return _plain(20, kwargs)
+    return _plain("plain20_cifar", 20, kwargs)
 
 
 @_REGISTER("plain32_cifar")
 def plain32_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR plain-32: ResNet-32 without shortcuts (the degradation experiment)."""
-    return _plain(32, kwargs)
+    return _plain("plain32_cifar", 32, kwargs)
 
 
 @_REGISTER("plain44_cifar")
 def plain44_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR plain-44: ResNet-44 without shortcuts (the degradation experiment)."""
-    return _plain(44, kwargs)
+    return _plain("plain44_cifar", 44, kwargs)
 
 
 @_REGISTER("plain56_cifar")
 def plain56_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR plain-56: ResNet-56 without shortcuts (the degradation experiment)."""
-    return _plain(56, kwargs)
+    return _plain("plain56_cifar", 56, kwargs)
 
 
 @_REGISTER("plain110_cifar")
 def plain110_cifar(**kwargs: Any) -> CifarResNet:
     """CIFAR plain-110: ResNet-110 without shortcuts (the degradation experiment)."""
-    return _plain(110, kwargs)
+    return _plain("plain110_cifar", 110, kwargs)

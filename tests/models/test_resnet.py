@@ -695,3 +695,16 @@ def test_a_plain_net_with_zero_initialized_last_bn_is_refused():
                                              r"expected False with shortcut='none'"):
             build()
     assert create_model("resnet20_cifar", zero_init_last_bn=True).zero_init_last_bn
+
+
+@pytest.mark.parametrize("name, depth, fits", [
+    ("resnet20_cifar", 20, [1, 3, 9]), ("plain56_cifar", 56, [1, 3, 9, 27]),
+])
+def test_widths_the_names_depth_cannot_split_are_named(name, depth, fits):
+    """CifarResNet refused them by `depth` (suggesting depths of 26, 42, ...), which the name
+    fixes: following the hint was refused in turn."""
+    with pytest.raises(ValueError, match=rf"^{name}: widths=\(16, 32, 64, 128\) is invalid; "
+                                         rf"depth {depth} \(fixed by {name}\) is 2·stages·n \+ 2, "
+                                         rf"so it takes {re.escape(str(fits))} stages, not 4"):
+        create_model(name, widths=(16, 32, 64, 128))
+    create_model(name, widths=(8,) * fits[1])  # a stage count that fits builds
