@@ -144,6 +144,9 @@ def test_stride_in_1x1_is_refused_for_basic_blocks():
                                              "expected None or a floating-point dtype"),
     ("resnet18", {"dtype": "int32"}, "resnet18: dtype='int32' is invalid"),
     ("lenet5", {"dtype": "float8_e4m3fn"}, "lenet5: dtype='float8_e4m3fn' is invalid"),
+    # without x64 it computed in float32, silently
+    ("lenet5", {"dtype": "float64"}, "lenet5: dtype='float64' is invalid; expected a dtype JAX "
+                                     "computes in: float64 needs"),
     ("fast_rcnn_small", {"backbone_stages": "abc"}, "FastRCNN: backbone_stages='abc' is invalid; "
                                                     "expected a non-empty sequence of non-empty"),
     ("sppnet_small", {"backbone_stages": 5}, "SPPNet: backbone_stages=5 is invalid"),

@@ -213,8 +213,9 @@ def test_a_bfloat16_train_step_matches_float32_and_float64():
 
     bf16, params, batch, loss_bf16 = _lenet_gradient(jnp.bfloat16)
     f32, _, _, loss_f32 = _lenet_gradient(jnp.float32)
-    model = create_model("lenet5", dtype=jnp.float64)
     with jax.enable_x64(True):
+        model = create_model("lenet5", dtype=jnp.float64)  # refused without x64
+
         def loss(p):
             logits = model.apply({"params": p}, jnp.asarray(batch["image"][0], jnp.float64),
                                  train=True, rngs={"dropout": jax.random.PRNGKey(0)})
