@@ -116,6 +116,8 @@ ALWAYS_TRAIN_FIELDS = ("loss",)
 # Recommended warmup: 5% of the run, a common choice (e.g. Goyal et al. 2017 warm up ~5 epochs).
 WARMUP_FRACTION = 0.05
 WARMUP_FIELD = "schedule.warmup_steps"
+LR_FIELD = "optimizer.learning_rate"
+STEPS_FIELD = "num_train_steps"
 CLIP_FIELD = "optimizer.grad_clip_norm"
 # The weight decay advised to a run without any (the recipe's first step up from zero).
 WEIGHT_DECAY_FROM_ZERO = 1e-4
@@ -773,7 +775,7 @@ def _nonfinite_eval_loss(curves: Curves) -> tuple[int, str, float] | None:
 
 def _divergence_advice(curves: Curves) -> tuple[Recommendation, ...]:
     """What a diverged run should change: a smaller rate, a warmup and gradient clipping."""
-    return (Recommendation("optimizer.learning_rate", "multiply", 0.3,
+    return (Recommendation(LR_FIELD, "multiply", 0.3,
                            "the step size blew the loss up"),
             Recommendation(WARMUP_FIELD, "set", _warmup(curves),
                            "ramp the rate up over 5% of the run (schedule warmup_cosine)"),
@@ -856,7 +858,7 @@ def _unstable(curves: Curves, t: Thresholds) -> Finding | None:
         {"num_spikes": len(starts), "spike_steps": curves.train_steps[starts].tolist(),
          "worst_step": int(curves.train_steps[worst]), "worst_loss": float(loss[worst]),
          "median_before": float(median[worst])},
-        (Recommendation("optimizer.learning_rate", "multiply", 0.5, "smaller steps"),
+        (Recommendation(LR_FIELD, "multiply", 0.5, "smaller steps"),
          Recommendation(CLIP_FIELD, "set", 1.0, "cap rare huge updates"),
          Recommendation(WARMUP_FIELD, "set", _warmup(curves),
                         "a warmup over 5% of the run calms the early steps")),
@@ -873,9 +875,9 @@ def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
         f"smoothed train loss fell only {100 * drop:.1f}% ({first:.4g} -> {last:.4g}) over "
         f"{curves.train_steps[-1]} steps (< {100 * t.slow_min_drop:.0f}%).",
         {"first_loss": float(first), "last_loss": float(last), "relative_drop": float(drop)},
-        (Recommendation("optimizer.learning_rate", "multiply", 3.0,
+        (Recommendation(LR_FIELD, "multiply", 3.0,
                         "the loss barely moves: the rate is too low"),
-         Recommendation("num_train_steps", "multiply", 2.0, "if a larger rate does worse")),
+         Recommendation(STEPS_FIELD, "multiply", 2.0, "if a larger rate does worse")),
     )
 
 
@@ -949,10 +951,10 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
                  if eval_top1 is not None else ())
     return Finding(
         "overfitting", "; ".join(reasons) + ".", evidence,
-        (Recommendation("optimizer.weight_decay", "multiply", 3.0, "stronger L2 penalty"),
+        (Recommendation(WEIGHT_DECAY, "multiply", 3.0, "stronger L2 penalty"),
          *smoothing,
          Recommendation("data.augment", "set", True, "more varied training images"),
-         Recommendation("num_train_steps", "multiply", 0.5,
+         Recommendation(STEPS_FIELD, "multiply", 0.5,
                         "or stop earlier (the best checkpoint is kept)")),
     )
 
@@ -966,10 +968,10 @@ def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding 
         return None
     relation = (f"within {100 * gap:.1f} points of" if gap >= 0
                 else f"{100 * -gap:.1f} points below")
-    longer = (Recommendation("num_train_steps", "multiply", 2.0, "more training"),
-              Recommendation("optimizer.learning_rate", "multiply", 2.0,
+    longer = (Recommendation(STEPS_FIELD, "multiply", 2.0, "more training"),
+              Recommendation(LR_FIELD, "multiply", 2.0,
                              "if the loss flattened only because the schedule decayed the rate"))
-    capacity = (Recommendation("optimizer.weight_decay", "multiply", 0.3, "less regularization"),
+    capacity = (Recommendation(WEIGHT_DECAY, "multiply", 0.3, "less regularization"),
                 Recommendation("model", "set", "a larger model", "more capacity"))
     # A loss that flattened while the rate was still high is held by regularization or
     # capacity: more steps come last (the recipe then lowers the weight decay first).
@@ -1048,7 +1050,7 @@ def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Fin
             "still_improving",
             " and ".join(reasons) + f" in the last {100 * t.tail_fraction:.0f}% of the run.",
             evidence,
-            (Recommendation("num_train_steps", "multiply", 2.0, "it has not plateaued"),),
+            (Recommendation(STEPS_FIELD, "multiply", 2.0, "it has not plateaued"),),
         )
     return Finding(
         "converged",

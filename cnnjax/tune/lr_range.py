@@ -41,6 +41,7 @@ from cnnjax.train.parallel import DataParallel
 from cnnjax.train.preemption import StopRequest, TrainingInterrupted
 from cnnjax.train.state import warm_start
 from cnnjax.train.step import BATCH_STATS_FINITE, PARAMS_FINITE
+from cnnjax.tune.diagnose import LR_FIELD, STEPS_FIELD, WARMUP_FIELD
 from cnnjax.tune.space import apply_overrides
 from cnnjax.utils.files import read_json, save_figure, write_json
 from cnnjax.utils.lock import directory_lock
@@ -103,8 +104,8 @@ def ramp_overrides(settings: dict[str, Any], config: Any = None) -> dict[str, An
     schedule = None if config is None else config.get("schedule")
     clears = {f"schedule.{name}": value for name, value in _RAMP_CLEARS.items()
               if schedule is None or name in schedule}
-    return {"num_train_steps": settings["steps"], "optimizer.learning_rate": settings["lr_max"],
-            "schedule.name": "constant", "schedule.warmup_steps": 0, **clears}
+    return {STEPS_FIELD: settings["steps"], LR_FIELD: settings["lr_max"],
+            "schedule.name": "constant", WARMUP_FIELD: 0, **clears}
 
 
 def skipped_steps(steps: int) -> int:

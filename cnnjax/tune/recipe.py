@@ -73,6 +73,8 @@ from cnnjax.tune import report as report_lib
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.diagnose import (
     CLIP_FIELD,
+    LR_FIELD,
+    STEPS_FIELD,
     WARMUP_FIELD,
     WARMUP_FRACTION,
     Diagnosis,
@@ -110,10 +112,8 @@ from cnnjax.utils.validation import check_bool, check_choice, invalid
 TUNE_FILE = "tune.json"
 LR_RANGE_DIR = "lr_range"  # recipe.lr_range_test's range test, inside the tune_dir
 RECIPE_FILE = "recipe.json"
-LR = "optimizer.learning_rate"
-STEPS = "num_train_steps"
 #: Fields the recipe sets or sweeps; each must exist in the base config.
-TUNED_FIELDS = (LR, STEPS, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP_FIELD, WARMUP_FIELD,
+TUNED_FIELDS = (LR_FIELD, STEPS_FIELD, WEIGHT_DECAY, LABEL_SMOOTHING, CLIP_FIELD, WARMUP_FIELD,
                 "log_every_steps", "eval_every_steps", "checkpoint_every_steps")
 #: How a tune ended (`recipe.json` "status"); "running" while rounds remain.
 STATUSES = ("running", "converged", "budget_spent", "exhausted", "no_result", "failed",
@@ -398,7 +398,7 @@ def _stop(reason: str, status: str) -> _Proposal:
 def logging_overrides(steps: int, recipe: Recipe) -> dict:
     """num_train_steps and the log/eval/checkpoint intervals that give the diagnosis its points."""
     every_eval = max(1, steps // recipe.evals_per_trial)
-    return {STEPS: steps, "log_every_steps": max(1, steps // recipe.logs_per_trial),
+    return {STEPS_FIELD: steps, "log_every_steps": max(1, steps // recipe.logs_per_trial),
             "eval_every_steps": every_eval, "checkpoint_every_steps": every_eval}
 
 
@@ -411,7 +411,7 @@ def first_round(recipe: Recipe, centre: float | None = None) -> RoundPlan:
     return RoundPlan(1, "lr_search",
                      f"coarse learning-rate search{where}: {len(grid)} log-spaced rates "
                      f"{_short(grid[0])}..{_short(grid[-1])} at {recipe.round1_steps} steps",
-                     logging_overrides(recipe.round1_steps, recipe), LR, grid)
+                     logging_overrides(recipe.round1_steps, recipe), LR_FIELD, grid)
 
 
 def range_test_round(base: Any, recipe: Recipe, tune_dir: str, verbose: bool) -> RoundPlan:
@@ -518,11 +518,11 @@ class _Incumbent:
 
     @property
     def lr(self) -> float:
-        return self.value(LR)
+        return self.value(LR_FIELD)
 
     @property
     def steps(self) -> int:
-        return self.value(STEPS)
+        return self.value(STEPS_FIELD)
 
     @property
     def evidence(self) -> str:
@@ -544,7 +544,7 @@ class _Incumbent:
         if _warms_up(self.base) and WARMUP_FIELD in self.overrides:
             new_fixed[WARMUP_FIELD] = min(new_fixed[WARMUP_FIELD], new_steps - 1)
         return _Proposal("train_longer", f"{why}: {new_steps} steps (was {steps}), lr around "
-                         f"{_short(self.lr)}", new_fixed, LR, self.lrs(*lr_factors))
+                         f"{_short(self.lr)}", new_fixed, LR_FIELD, self.lrs(*lr_factors))
 
 
 def _lr_cap(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> float:
@@ -552,8 +552,8 @@ def _lr_cap(history: Sequence[RoundResult], overrides: Mapping[str, Any]) -> flo
     divergence caused by, say, a strong weight decay in a regularization round says nothing
     about the incumbent's lr."""
     same = _settings_key(overrides)
-    diverged = [r.overrides(x)[LR] for r in history for x in r.rows
-                if x["status"] == "diverged" and LR in r.overrides(x)
+    diverged = [r.overrides(x)[LR_FIELD] for r in history for x in r.rows
+                if x["status"] == "diverged" and LR_FIELD in r.overrides(x)
                 and _settings_key(r.overrides(x)) == same]
     return min(diverged) if diverged else math.inf
 
@@ -578,7 +578,7 @@ def _stabilize(best: _Incumbent, verdict: str) -> _Proposal:
     if _warms_up(best.base):
         stable[WARMUP_FIELD] = max(best.value(WARMUP_FIELD), round(WARMUP_FRACTION * best.steps))
     return _Proposal("stabilize", f"the best trial is {verdict} ({best.evidence}): lower lr, "
-                     f"clip gradients at {stable[CLIP_FIELD]:g}", stable, LR,
+                     f"clip gradients at {stable[CLIP_FIELD]:g}", stable, LR_FIELD,
                      best.lrs(0.5, 1.0, 0.25))
 
 
@@ -596,10 +596,10 @@ def _past_the_edge(best: _Incumbent) -> _Proposal | None:
     # Half a grid step and a full one past the edge: the optimum may lie in either.
     factors = (ratio**0.5, ratio) if edge == "high" else (ratio**-0.5, 1 / ratio)
     candidates = best.lrs(*factors)
-    if all(_config_key({**best.fixed, LR: v}) in _seen(best.history) for v in candidates):
+    if all(_config_key({**best.fixed, LR_FIELD: v}) in _seen(best.history) for v in candidates):
         return None
     return _Proposal("lr_search", f"the best lr {_short(best.lr)} is the {edge}est rate "
-                     "tried with these settings: extend the grid past it", best.fixed, LR,
+                     "tried with these settings: extend the grid past it", best.fixed, LR_FIELD,
                      candidates)
 
 
@@ -610,8 +610,9 @@ def _converged(best: _Incumbent) -> _Proposal:
 def _too_slow(best: _Incumbent) -> _Proposal:
     """lr x(2, 4); if both ran already, train longer."""
     proposal = _Proposal("lr_search", f"the best trial learns too slowly ({best.evidence}): "
-                         "raise lr", best.fixed, LR, best.lrs(2.0, 4.0))
-    if all(_config_key({**best.fixed, LR: v}) in _seen(best.history) for v in best.lrs(2.0, 4.0)):
+                         "raise lr", best.fixed, LR_FIELD, best.lrs(2.0, 4.0))
+    if all(_config_key({**best.fixed, LR_FIELD: v}) in _seen(best.history)
+           for v in best.lrs(2.0, 4.0)):
         proposal = best.longer("too slow even at the best lr", (1.0, 2.0)) or proposal
     return proposal
 
@@ -704,14 +705,14 @@ def _lengthen(knob: Regularizer, current: Any, history: Sequence[RoundResult], r
         return None
     row = max(tried, key=lambda x: (sign * x["best"],
                                     strength(knob_round.overrides(x)[knob.field])))
-    steps = knob_round.overrides(row).get(STEPS, space_lib.get_field(base, STEPS))
+    steps = knob_round.overrides(row).get(STEPS_FIELD, space_lib.get_field(base, STEPS_FIELD))
     if steps >= recipe.max_steps:
         return None
     verdict = diagnose_fn(row["workdir"], recipe.metric, recipe.thresholds)
     if verdict.primary not in ("too_slow", "underfitting", "still_improving"):
         return None
     value = knob_round.overrides(row)[knob.field]
-    incumbent_steps = fixed.get(STEPS, space_lib.get_field(base, STEPS))
+    incumbent_steps = fixed.get(STEPS_FIELD, space_lib.get_field(base, STEPS_FIELD))
     new_steps = max(min(2 * steps, recipe.max_steps), incumbent_steps)
     new_fixed = {**fixed, **logging_overrides(new_steps, recipe)}  # steps only grow: warmup fits
     both = ""
@@ -728,7 +729,7 @@ def _settings_key(overrides: Mapping[str, Any]) -> str:
     """The config key of `overrides` without the lr and the fields stabilizing or lengthening
     a run sets (steps, warmup, clipping): trials with the same key differ only in those."""
     return _config_key({k: v for k, v in overrides.items()
-                        if k not in (LR, STEPS, WARMUP_FIELD, CLIP_FIELD)})
+                        if k not in (LR_FIELD, STEPS_FIELD, WARMUP_FIELD, CLIP_FIELD)})
 
 
 def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any],
@@ -737,16 +738,16 @@ def _lr_edge(history: Sequence[RoundResult], overrides: Mapping[str, Any],
     of the rates tried (diverged ones included) with otherwise the same settings, and beats
     them: another rate with the same `score` (a saturated metric) makes the optimum flat, not
     an edge to extend past."""
-    same = _config_key({k: v for k, v in overrides.items() if k != LR})
+    same = _config_key({k: v for k, v in overrides.items() if k != LR_FIELD})
     rows = [(r.overrides(x), x) for r in history for x in r.rows]
     rows = [(o, x) for o, x in rows
-            if LR in o and _config_key({k: v for k, v in o.items() if k != LR}) == same]
-    rates = sorted({o[LR] for o, _ in rows})
-    if LR not in overrides or len(rates) < 2:
+            if LR_FIELD in o and _config_key({k: v for k, v in o.items() if k != LR_FIELD}) == same]
+    rates = sorted({o[LR_FIELD] for o, _ in rows})
+    if LR_FIELD not in overrides or len(rates) < 2:
         return None, 0.0
-    lr = overrides[LR]
+    lr = overrides[LR_FIELD]
     edge = "low" if lr == rates[0] else "high" if lr == rates[-1] else None
-    if edge and score is not None and any(o[LR] != lr and x["status"] == "completed"
+    if edge and score is not None and any(o[LR_FIELD] != lr and x["status"] == "completed"
                                           and x["best"] == score for o, x in rows):
         edge = None
     return edge, _spacing(rates)

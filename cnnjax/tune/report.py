@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 
 from cnnjax.train.logging import METRICS_FILE
-from cnnjax.tune.diagnose import ema, read_checked_metrics
+from cnnjax.tune.diagnose import LR_FIELD, ema, read_checked_metrics
 from cnnjax.utils.files import save_figure
 
 REPORT_FILE = "report.md"
 PLOT_FILE = "tune.png"
-_LR = "optimizer.learning_rate"  # the x axis of tune.png's first panel (recipe.LR)
 _OWNER = "tune"  # tune.png is drawn by the tuning command (cnnjax.tune.recipe)
 
 
@@ -116,7 +115,7 @@ def tune_figure(record: dict, ema_weight: float = 0.6) -> Any:
     for r, color in zip(record["rounds"], colors, strict=True):
         label = f"round {r['index']} ({r['action']})"
         for t in r["trials"]:
-            lr = {**r["fixed"], r["field"]: t["value"]}.get(_LR)
+            lr = {**r["fixed"], r["field"]: t["value"]}.get(LR_FIELD)
             is_best = t["workdir"] == best.get("workdir")
             if lr is not None and t["status"] == "completed" and t["best"] is not None:
                 ax_lr.scatter([lr], [t["best"]], color=color, zorder=3, label=label, s=25)
@@ -137,7 +136,7 @@ def tune_figure(record: dict, ema_weight: float = 0.6) -> Any:
             if finite:
                 ax_loss.plot([x["step"] for x in finite],
                              ema(np.array([x["loss"] for x in finite]), ema_weight), **style)
-    ax_lr.set(xscale="log", xlabel=_LR, ylabel=f"best eval {metric}",
+    ax_lr.set(xscale="log", xlabel=LR_FIELD, ylabel=f"best eval {metric}",
               title="metric vs learning rate (x: diverged)")
     ax_eval.set(xlabel="step", ylabel=f"eval {metric}", title="eval curves (black: best)")
     ax_loss.set(xlabel="step", ylabel="train loss (EMA)", yscale="log",

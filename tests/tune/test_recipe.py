@@ -20,7 +20,7 @@ from cnnjax.tune import report as rp
 from cnnjax.tune import sweep as sw
 from tests.train import helpers
 
-LR, STEPS, WD = rc.LR, rc.STEPS, rg.WEIGHT_DECAY
+LR, STEPS, WD = rc.LR_FIELD, rc.STEPS_FIELD, rg.WEIGHT_DECAY
 
 
 def _base(**overrides):
@@ -302,7 +302,7 @@ def test_a_regularizer_that_lost_while_still_learning_gets_twice_the_steps():
             workdir = f"w{plan.index}_{v}"
             rows.append(_row(i, v, b, field=plan.field, workdir=workdir))
             verdicts[workdir] = "too_slow" if v else "overfitting"
-        assert plan.fixed[rc.STEPS] == steps
+        assert plan.fixed[rc.STEPS_FIELD] == steps
         return rc.RoundResult(plan, rows)
 
     history = [_round1(recipe, [0.5, 0.9, 0.3])]
@@ -311,17 +311,17 @@ def test_a_regularizer_that_lost_while_still_learning_gets_twice_the_steps():
                                                                    (1, 2, 3))
     history.append(run(d.next_round, [0.40, 0.45, 0.42], 100))
     d = decide(history)
-    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS]) == (
+    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS_FIELD]) == (
         "regularize_longer", (0, 2), 200)
     assert "data.randaugment_layers=2 lost at 100 steps while still learning (too_slow): " \
         "compare it with 0 at 200 steps" in d.reason
     history.append(run(d.next_round, [0.95, 0.92], 200))  # the control wins again at 200
     d = decide(history)
-    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS]) == (
+    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS_FIELD]) == (
         "regularize_longer", (0, 2), 400)
     history.append(run(d.next_round, [0.96, 0.93], 400))
     d = decide(history)  # max_steps reached: the next knob, at the incumbent's 400 steps
-    assert (d.action, d.next_round.field, d.next_round.fixed[rc.STEPS]) == (
+    assert (d.action, d.next_round.field, d.next_round.fixed[rc.STEPS_FIELD]) == (
         "regularize", rg.CUTMIX, 400)
     # Without the option the recipe moves on after the first RandAugment round.
     plain = dataclasses.replace(recipe, lengthen_regularizers=False)
@@ -368,7 +368,7 @@ def test_only_values_stronger_than_the_incumbents_are_lengthened():
     history = [_round1(recipe, [0.5, 0.9, 0.3])]
     history.append(run(decide(history).next_round, [0.95, 0.93, 0.94]))  # 1 / 2 / 3 layers
     d = decide(history)
-    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS]) == (
+    assert (d.action, d.next_round.values, d.next_round.fixed[rc.STEPS_FIELD]) == (
         "regularize_longer", (1, 3), 200)
     history.append(run(d.next_round, [0.96, 0.98]))  # 3 wins at 200 steps
     d = decide(history)
