@@ -32,10 +32,9 @@ module's output through `flax.linen.intercept_methods`, so no model needs changi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -196,6 +195,13 @@ def spatial_layers(outputs: Sequence[ModuleOutput], rank: int) -> list[str]:
     `activations` accept."""
     return [o.path for o in outputs if o.path and o.shape is not None and len(o.shape) == rank
             and o.calls == 1 and not o.lifted]
+
+
+#: Why a layer inside a lifted transform (`ModuleOutput.lifted`) is refused: its value, read
+#: out of the transform's own trace, would be jax's UnexpectedTracerError.
+_LIFTED = ("is, or runs inside, a module wrapped in a lifted transform (nn.remat, nn.scan, "
+           "nn.vmap, ...), whose values cannot be read out of it; choose a layer that runs "
+           "outside every such module")
 
 
 def _check_layers(outputs: Sequence[ModuleOutput], layers: Sequence[str], rank: int,
@@ -617,8 +623,7 @@ def _grad_cam(batch: _Batch, layer: str | None = None, after_relu: bool = True) 
     targets = batch.targets
     zeros = np.zeros((len(images), *shape[1:]), np.float32)
     fn = _grad_cam_fn(batch.model, layer, images.shape[1:3], after_relu)
-    with _read_out_of_transforms("layer", layer):
-        maps, up, out, rectified = fn(batch.variables, images, targets, zeros)
+    maps, up, out, rectified = fn(batch.variables, images, targets, zeros)
     return GradCam(layer, np.asarray(maps), np.asarray(up), targets, np.asarray(out),
                    bool(rectified))
 
@@ -633,25 +638,8 @@ def activations(model: nn.Module, variables: Any, images: Any,
     outputs = module_outputs(model, variables, images.shape[1:])
     _check_layers(outputs, tuple(layers), images.ndim, arg="layers")
     forward = _forward(model, tuple(layers))
-    with _read_out_of_transforms("layers", tuple(layers)):
-        captured = jax.jit(lambda v, x: forward(v, x)[1])(variables, images)
+    captured = jax.jit(lambda v, x: forward(v, x)[1])(variables, images)
     return {name: np.asarray(captured[name], np.float32) for name in layers}
-
-
-@contextlib.contextmanager
-def _read_out_of_transforms(arg: str, layers: Any) -> Iterator[None]:
-    """Turns jax's UnexpectedTracerError from reading a layer's output out of a lifted
-    transform (its value belongs to the transform's own trace) into a ValueError naming it."""
-    try:
-        yield
-    except jax.errors.UnexpectedTracerError:
-        raise invalid(_OWNER, arg, layers, f"it {_LIFTED}") from None
-
-
-#: Why a layer inside a lifted transform is refused.
-_LIFTED = ("is, or runs inside, a module wrapped in a lifted transform (nn.remat, nn.scan, "
-           "nn.vmap, ...), whose values cannot be read out of it; choose a layer that runs "
-           "outside every such module")
 
 
 # ----------------------------------------------------------------------- guided backprop
