@@ -47,7 +47,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -619,11 +618,7 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
     check_model(owner, model)
     shape = checked_input_shape(owner, input_shape)
     batch_size = check_positive_int(owner, "batch_size", batch_size)  # a NumPy int: Python's
-    check_float_dtype(owner, "dtype", dtype, allow_none=False)
-    if jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):  # float64 traced as float32
-        raise invalid(owner, "dtype", jnp.dtype(dtype).name,
-                      "expected a dtype JAX computes in: float64 needs "
-                      "jax.config.update('jax_enable_x64', True) first")
+    check_float_dtype(owner, "dtype", dtype, allow_none=False, computable=True)
     _check_call_kwargs(owner, model, call_kwargs)
     from cnnjax.train.checks import LayerCallError  # trace_model imports it too: no extra cost
 

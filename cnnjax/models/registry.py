@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -234,13 +233,7 @@ def create_model(name: str, /, **overrides) -> nn.Module:
     # Fields every architecture passes down unchecked: a bad one failed only at init, in flax's
     # or Python's words ("'str' object is not callable"), naming neither the model nor the field.
     if "dtype" in overrides:
-        check_float_dtype(name, "dtype", overrides["dtype"])
-        dtype = overrides["dtype"]
-        if dtype is not None and jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):
-            raise invalid(name, "dtype", jnp.dtype(dtype).name,
-                          "expected a dtype JAX computes in: float64 needs "
-                          "jax.config.update('jax_enable_x64', True) first (else the model "
-                          "computes in float32)")
+        check_float_dtype(name, "dtype", overrides["dtype"], computable=True)
     if "act" in overrides and not callable(overrides["act"]):
         raise invalid(name, "act", overrides["act"],
                       "expected a callable activation such as flax.linen.relu (a Python "

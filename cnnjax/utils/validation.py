@@ -229,11 +229,14 @@ def check_nhwc(owner: str, x: Any) -> None:
         )
 
 
-def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = True) -> None:
+def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = True,
+                      computable: bool = False) -> None:
     """Raises unless `value` names a floating-point dtype of 16 bits or more (or is None, when
     `allow_none`): an integer compute dtype would truncate, a float8 one has no promotion path
     to float32 parameters, and a misspelt name would fail only when traced, in flax's words and
-    without the layer's name."""
+    without the layer's name. With `computable`, also unless JAX computes in it now: float64
+    without x64 would silently be float32."""
+    import jax
     import jax.numpy as jnp  # NumPy alone does not count bfloat16 as floating
 
     try:
@@ -248,6 +251,12 @@ def check_float_dtype(owner: str, arg: str, value: Any, *, allow_none: bool = Tr
                     "jnp.float32, jnp.float64)")
         raise invalid(owner, arg, shown, f"expected None or {expected}" if allow_none
                       else f"expected {expected}")
+    if computable and value is not None and (
+            jax.dtypes.canonicalize_dtype(value) != jnp.dtype(value)):
+        raise invalid(owner, arg, jnp.dtype(value).name,
+                      "expected a dtype JAX computes in: float64 needs "
+                      "jax.config.update('jax_enable_x64', True) first (else it computes in "
+                      "float32)")
 
 
 def dtype_name(value: Any) -> Any:
