@@ -38,8 +38,13 @@ from cnnjax.utils.validation import (
 Array = Any
 
 
+def _given_axes(axis: int | Sequence[int]) -> tuple[Any, ...]:
+    """The feature axes as given: one int or a sequence."""
+    return tuple(axis) if isinstance(axis, Sequence) else (axis,)
+
+
 def _axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
-    return tuple(sorted(a % ndim for a in (axis if isinstance(axis, Sequence) else (axis,))))
+    return tuple(sorted(a % ndim for a in _given_axes(axis)))
 
 
 #: flax's BatchNorm body without its method wrapper, called from inside the subclasses' own
@@ -103,18 +108,20 @@ def _check_fields(module: nn.BatchNorm) -> None:
                  "variance)", low=0.0, low_open=True, strings=False)
     for arg in ("use_bias", "use_scale", "use_fast_variance"):
         check_bool(owner, arg, getattr(module, arg))
-    axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    axes = _given_axes(module.axis)
     if not axes or not all(is_integer(a) for a in axes):
         raise invalid(owner, "axis", module.axis, "expected an int or a sequence of ints (the "
                       "feature axes; -1: channels last)")
 
 
-def _check_input(module: nn.BatchNorm, x: Array, mask: Array | None) -> None:
-    """Feature axes within `x`'s rank, the channels the statistics were created for, and a
-    mask that broadcasts to `x`: flax failed on each with an error naming no layer."""
+def _check_call(module: nn.BatchNorm, x: Array, use_running_average: Any,
+                mask: Array | None) -> None:
+    """A call's flag (a string would read as True), feature axes within `x`'s rank, the
+    channels the statistics were created for, and a mask that broadcasts to `x`: flax failed on
+    each with an error naming no layer."""
     owner = type(module).__name__
-    axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-    if not hasattr(x, "shape") or any(not -x.ndim <= a < x.ndim for a in axes):
+    check_optional_bool(owner, "use_running_average", use_running_average)
+    if not hasattr(x, "shape") or any(not -x.ndim <= a < x.ndim for a in _given_axes(module.axis)):
         raise invalid(owner, "input.shape", tuple(getattr(x, "shape", ())),
                       f"expected an array with axis {module.axis} (the feature axes)")
     if module.has_variable("batch_stats", "mean"):
@@ -148,8 +155,7 @@ class BatchNorm(nn.BatchNorm):
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
                  mask: Array | None = None) -> Array:
         """Normalizes `x` as `nn.BatchNorm` does, after the input and one-value checks."""
-        check_optional_bool(type(self).__name__, "use_running_average", use_running_average)
-        _check_input(self, x, mask)
+        _check_call(self, x, use_running_average, mask)
         check_values_per_channel(self, x, nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average))
         return _flax_batch_norm(self, x, use_running_average, mask=mask)
@@ -170,8 +176,7 @@ class MaskedBatchNorm(BatchNorm):
                  mask: Array | None = None) -> Array:
         """Normalizes `x`; in training, statistics over the positions `mask` (broadcastable to
         `x`) marks, summed over every device of `axis_name`."""
-        check_optional_bool(type(self).__name__, "use_running_average", use_running_average)
-        _check_input(self, x, mask)
+        _check_call(self, x, use_running_average, mask)
         running = nn.merge_param("use_running_average", self.use_running_average,
                                  use_running_average)
         check_values_per_channel(self, x, running)
