@@ -9,6 +9,7 @@ import pytest
 
 from cnnjax.layers.pooling import max_pool2d
 from cnnjax.utils.validation import (
+    check_bool,
     check_bool_array,
     check_depth,
     check_known_fields,
@@ -136,12 +137,25 @@ def test_check_positive_float_accepts_positive_numbers(value, expected):
     assert check_positive_float("optimizer", "learning_rate", value) == expected
 
 
-@pytest.mark.parametrize("value", [True, False, None])
+@pytest.mark.parametrize("value", [True, False, None, np.bool_(True), np.bool_(False)])
 def test_check_optional_bool_accepts_bools_and_none(value):
-    assert check_optional_bool("f", "flag", value) is value
+    """NumPy's bools too (a flag read from an array or a NumPy config), returned as Python's."""
+    got = check_optional_bool("f", "flag", value)
+    assert got is (None if value is None else bool(value))
 
 
-@pytest.mark.parametrize("value", ["no", 0, 1.0, np.bool_(False)])
+@pytest.mark.parametrize("value", [True, False, np.bool_(True), np.bool_(False)])
+def test_check_bool_accepts_python_and_numpy_bools(value):
+    assert check_bool("f", "flag", value) is bool(value)
+
+
+@pytest.mark.parametrize("value", ["False", 0, 1, 1.0, None, np.array([True]), np.int8(1)])
+def test_check_bool_refuses_everything_else(value):
+    with pytest.raises(ValueError, match=r"^f: flag=.* is invalid; expected True or False\.$"):
+        check_bool("f", "flag", value)
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1.0, np.int8(0)])
 def test_check_optional_bool_refuses_everything_else(value):
     with pytest.raises(ValueError, match=r"^f: flag=.* is invalid; expected True, False or "
                                          r"None\.$"):

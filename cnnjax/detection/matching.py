@@ -17,6 +17,7 @@ import numpy as np
 
 from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import (
+    check_bool,
     check_bool_array,
     check_number,
     check_positive_int,
@@ -89,8 +90,7 @@ def label_anchors(
     if fg < bg:
         raise invalid(owner, "fg_thresh", fg_thresh,
                       f"expected fg_thresh >= bg_thresh={bg_thresh!r}")
-    if not isinstance(force_best, bool):
-        raise invalid(owner, "force_best", force_best, "expected a bool")
+    force_best = check_bool(owner, "force_best", force_best)
     if anchors.shape[0] == 0:  # forcing each gt's best anchor needs one
         raise invalid(owner, "anchors.shape", tuple(anchors.shape),
                       "expected [A, 4] with A >= 1 anchors to label")

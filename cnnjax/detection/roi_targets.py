@@ -24,6 +24,7 @@ from cnnjax.detection.losses import masked_mean, smooth_l1
 from cnnjax.detection.matching import NEGATIVE, POSITIVE, sample_balanced
 from cnnjax.layers.roi import box_iou, check_valid_boxes
 from cnnjax.utils.validation import (
+    check_bool,
     check_bool_array,
     check_number,
     check_positive_int,
@@ -141,8 +142,7 @@ def sample_rois(
     if lo > hi:
         raise invalid(owner, "bg_thresh_lo", bg_thresh_lo,
                       f"expected bg_thresh_lo <= bg_thresh_hi={bg_thresh_hi!r}")
-    if not isinstance(append_gt, bool):
-        raise invalid(owner, "append_gt", append_gt, "expected a bool")
+    append_gt = check_bool(owner, "append_gt", append_gt)
     weights = check_box_weights(owner, "box_weights", box_weights)
     check_valid_boxes(owner, "proposals", proposals, proposals_valid)
     check_valid_boxes(owner, "gt_boxes", gt_boxes, gt_valid_in)

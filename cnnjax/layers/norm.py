@@ -29,17 +29,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.utils.validation import check_float_dtype, check_nhwc, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_float_dtype,
+    check_nhwc,
+    check_number,
+    check_positive_int,
+    invalid,
+)
 
 
 def _check_number(owner: str, arg: str, value: Any, positive: bool) -> None:
-    """Raises unless `value` is a real number, finite and > 0 (`positive`) or >= 0."""
-    is_number = isinstance(value, int | float | np.integer | np.floating) \
-        and not isinstance(value, bool)
-    if positive and not (is_number and 0 < value < float("inf")):
-        raise invalid(owner, arg, value, "expected a positive finite number")
-    if not positive and not (is_number and 0 <= value < float("inf")):
-        raise invalid(owner, arg, value, "expected a finite number >= 0")
+    """Raises unless `value` is a real number (a NumPy or JAX scalar too, not a string), finite
+    and > 0 (`positive`) or >= 0."""
+    valid = "expected a positive finite number" if positive else "expected a finite number >= 0"
+    check_number(owner, arg, value, valid, low=0.0, low_open=positive, high=float("inf"),
+                 high_open=True, strings=False)
 
 
 class LocalResponseNorm(nn.Module):
@@ -70,9 +75,7 @@ class LocalResponseNorm(nn.Module):
         _check_number(owner, "k", self.k, positive=True)
         _check_number(owner, "alpha", self.alpha, positive=False)
         _check_number(owner, "beta", self.beta, positive=True)
-        if not isinstance(self.divide_alpha_by_size, bool):
-            raise invalid(owner, "divide_alpha_by_size", self.divide_alpha_by_size,
-                          "expected a bool")
+        check_bool(owner, "divide_alpha_by_size", self.divide_alpha_by_size)
         check_float_dtype(owner, "dtype", self.dtype)
         super().__post_init__()
 

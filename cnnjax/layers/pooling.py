@@ -88,8 +88,7 @@ def _window_geometry(
     kernel = to_pair(owner, "kernel_size", kernel_size)
     strides = kernel if stride is None else to_pair(owner, "stride", stride)
     pads = to_pair(owner, "padding", padding, minimum=0)
-    if not isinstance(ceil_mode, bool):
-        raise invalid(owner, "ceil_mode", ceil_mode, "expected a bool")
+    ceil_mode = check_bool(owner, "ceil_mode", ceil_mode)
     if any(2 * p > k for p, k in zip(pads, kernel, strict=True)):
         raise invalid(owner, "padding", padding,
                       f"expected at most half the kernel size {kernel} in each dimension")
@@ -220,8 +219,7 @@ def avg_pool2d(
     owner = "avg_pool2d"
     kernel, strides, pads, outs, extra = _window_geometry(
         owner, x, kernel_size, stride, padding, ceil_mode)
-    if not isinstance(count_include_pad, bool):
-        raise invalid(owner, "count_include_pad", count_include_pad, "expected a bool")
+    count_include_pad = check_bool(owner, "count_include_pad", count_include_pad)
     wide = x.astype(_sum_dtype(x.dtype))
     summed = jax.lax.reduce_window(
         wide, _zero(wide.dtype), jax.lax.add, (1, *kernel, 1), (1, *strides, 1),

@@ -32,6 +32,7 @@ import numpy as np
 
 from cnnjax.layers.pooling import check_pyramid_levels
 from cnnjax.utils.validation import (
+    check_bool,
     check_nhwc_nonempty,
     check_number,
     check_positive_float,
@@ -541,8 +542,7 @@ def roi_align(
         raise invalid(owner, "sampling_ratio", sampling_ratio,
                       "expected an int (> 0 fixed samples per bin side, <= 0 adaptive)")
     sampling_ratio = int(sampling_ratio)  # a NumPy integer too
-    if not isinstance(aligned, bool):
-        raise invalid(owner, "aligned", aligned, "expected a bool")
+    aligned = check_bool(owner, "aligned", aligned)
     if max_sampling_ratio is not None:
         check_positive_int(owner, "max_sampling_ratio", max_sampling_ratio)
     check_sample_positions(owner, "sample_positions", sample_positions)

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_float_dtype,
     check_nhwc_nonempty,
@@ -75,21 +75,13 @@ def register_model(
     return decorator
 
 
-def _check_flag(owner: str, arg: str, value: Any) -> bool:
-    """`value` as a bool, else the standard ValueError: a call flag such as `train` or
-    `return_features`, where a string such as "False" is truthy."""
-    if not isinstance(value, bool | np.bool_):
-        raise invalid(owner, arg, value, "expected True or False")
-    return bool(value)
-
-
 def check_train(module: nn.Module, train: Any, **rates: float) -> bool:
     """`train` as a bool, checked where a model's `__call__` begins: a string such as "False" is
     truthy and would train. In training, a rate in `rates` (e.g. `dropout_rate=0.5`) above 0
     draws random masks, which needs a 'dropout' PRNG key: without one flax fails inside the
     layer, naming neither the model nor the setting."""
     owner = type(module).__name__
-    train = _check_flag(owner, "train", train)
+    train = check_bool(owner, "train", train)
     drawn = [f"{field}={rate}" for field, rate in rates.items() if rate > 0]
     if train and drawn and not module.has_rng("dropout"):
         verb = "draws" if len(drawn) == 1 else "draw"
@@ -127,7 +119,7 @@ def check_call(module: nn.Module, x: Any, train: Any, return_features: Any = Fal
     BatchNorm's statistics of no images are NaN, which replaced the running ones)."""
     owner = type(module).__name__
     check_images(owner, x)
-    _check_flag(owner, "return_features", return_features)
+    check_bool(owner, "return_features", return_features)
     train = check_train(module, train, **rates)
     if train and x.shape[0] == 0:
         raise invalid(owner, "train", True, "a batch of 0 images has nothing to train on (and "

@@ -47,6 +47,7 @@ from cnnjax.layers.pooling import max_pool2d
 from cnnjax.models.registry import check_call, check_train, register_model
 from cnnjax.models.vgg import check_dropout_rate, flatten
 from cnnjax.utils.validation import (
+    check_bool,
     check_number,
     check_positive_int,
     invalid,
@@ -140,8 +141,7 @@ class YOLOv1(nn.Module):
         # create_model / config validation instead of inside the first compiled train step.
         check_yolo_v1_loss_settings(owner, self.lambda_coord, self.lambda_noobj,
                                     self.confidence_target)
-        if not isinstance(self.batch_norm, bool):
-            raise invalid(owner, "batch_norm", self.batch_norm, "expected a bool")
+        check_bool(owner, "batch_norm", self.batch_norm)
         super().__post_init__()
 
     @property

@@ -22,18 +22,20 @@ def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
 
 
 def check_bool(owner: str, arg: str, value: Any) -> bool:
-    """Returns `value` if it is a bool (so a stray 0/1 or string never means True silently)."""
-    if not isinstance(value, bool):
+    """Returns `value` as a bool if it is one (NumPy's `np.bool_` too), so a stray 0/1 or string
+    never means True silently."""
+    if not isinstance(value, bool | np.bool_):
         raise invalid(owner, arg, value, "expected True or False")
-    return value
+    return bool(value)
 
 
 def check_optional_bool(owner: str, arg: str, value: Any) -> bool | None:
-    """Returns `value` if it is None or a bool: a flag such as `deterministic` that may be left
-    for call time (`nn.merge_param`), where a stray string must not read as True."""
-    if value is not None and not isinstance(value, bool):
+    """Returns `value` if it is None, else as `check_bool` has it: a flag such as `deterministic`
+    that may be left for call time (`nn.merge_param`), where a stray string must not read as
+    True."""
+    if value is not None and not isinstance(value, bool | np.bool_):
         raise invalid(owner, arg, value, "expected True, False or None")
-    return value
+    return None if value is None else bool(value)
 
 
 def check_depth(owner: str, depth: Any, per_unit: int, offset: int, context: str,

@@ -221,7 +221,7 @@ def test_sampler_is_uniform_under_vmap():
                            anchor_valid=np.ones(2, bool)),
      "label_anchors: anchor_valid.shape=(2,) is invalid; expected (3,)."),
     (lambda: label_anchors(np.zeros((3, 4)), np.zeros((2, 4)), np.ones(2, bool), force_best=1),
-     "label_anchors: force_best=1 is invalid; expected a bool."),
+     "label_anchors: force_best=1 is invalid; expected True or False."),
     # These named box_iou's `boxes`, or failed in a zero-size reduction (no anchor).
     (lambda: label_anchors(np.zeros((3, 4)), np.array([[0, 0, 4, 4], [5, 5, 1, 1.0]]),
                            np.ones(2, bool)),

@@ -344,7 +344,7 @@ def _targets(rows=3):
      "expected bg_thresh_hi <= fg_thresh=0.4."),
     (_sr(bg_thresh_lo=0.3, bg_thresh_hi=0.2),
      "sample_rois: bg_thresh_lo=0.3 is invalid; expected bg_thresh_lo <= bg_thresh_hi=0.2."),
-    (_sr(append_gt=1), "sample_rois: append_gt=1 is invalid; expected a bool."),
+    (_sr(append_gt=1), "sample_rois: append_gt=1 is invalid; expected True or False."),
     (lambda: sample_rois(0, np.zeros((1, 4)), np.ones(1, bool), np.zeros((1, 4)),
                          np.ones(1, np.int32), np.ones(1, bool)),
      "sample_rois: key=0 is invalid; expected a JAX PRNG key"),

@@ -85,6 +85,15 @@ def test_a_window_wider_than_the_channels_is_clamped():
     assert windows == [(1, 1, 1, 11)]  # 5 channels on either side and the channel itself
 
 
+@pytest.mark.parametrize("k", [np.float32(1.0), jnp.float32(1.0), np.int64(1)])
+def test_numpy_and_jax_scalar_constants_are_accepted(k):
+    """A constant read from an array (np.float32, a JAX scalar) was refused as not a number."""
+    layer = LocalResponseNorm(2, k=k, alpha=np.float32(1.0), beta=jnp.asarray(1.0),
+                              divide_alpha_by_size=np.bool_(False))
+    x = np.array([1.0, 2.0, 3.0], np.float32).reshape(1, 1, 1, 3)
+    np.testing.assert_allclose(_apply(layer, x).reshape(-1), [0.5, 1 / 3, 3 / 14], rtol=1e-6)
+
+
 def test_even_size_window_by_hand():
     # size=2 sums channels c-1 and c (PyTorch's convention). k=1, alpha=1, beta=1, channels 1,2,3:
     # b0 = 1 / (1 + 1), b1 = 2 / (1 + 1 + 4), b2 = 3 / (1 + 4 + 9).
@@ -126,7 +135,7 @@ def test_gradients():
         ({"alpha": None}, "LocalResponseNorm: alpha=None is invalid; expected a finite number"),
         ({"k": float("inf")}, "LocalResponseNorm: k=inf is invalid; expected a positive finite"),
         ({"divide_alpha_by_size": "yes"},
-         "LocalResponseNorm: divide_alpha_by_size='yes' is invalid; expected a bool."),
+         "LocalResponseNorm: divide_alpha_by_size='yes' is invalid; expected True or False."),
         # An integer dtype silently gave zeros; an unknown name failed only when traced.
         ({"dtype": jnp.int32}, "LocalResponseNorm: dtype='int32' is invalid; "
                                "expected None or a floating-point dtype"),

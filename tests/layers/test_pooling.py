@@ -293,9 +293,9 @@ X = jnp.zeros((1, 5, 5, 2))
          "avg_pool2d: kernel_size=(2, 8) is invalid; expected at most the padded input size "
          "(7, 7)"),
         (lambda: max_pool2d(X, 2, ceil_mode="yes"),
-         "max_pool2d: ceil_mode='yes' is invalid; expected a bool"),
+         "max_pool2d: ceil_mode='yes' is invalid; expected True or False"),
         (lambda: avg_pool2d(X, 2, count_include_pad=1),
-         "avg_pool2d: count_include_pad=1 is invalid; expected a bool"),
+         "avg_pool2d: count_include_pad=1 is invalid; expected True or False"),
         (lambda: global_avg_pool(jnp.zeros((2, 3))),
          "global_avg_pool: input.shape=(2, 3) is invalid"),
         (lambda: global_max_pool(jnp.zeros((2, 3))),

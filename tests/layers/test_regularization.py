@@ -110,7 +110,7 @@ def test_invalid_rate_is_a_named_error(rate):
         DropPath(rate)
 
 
-@pytest.mark.parametrize("value", ["no", 0, 1, np.bool_(True)])
+@pytest.mark.parametrize("value", ["no", 0, 1, np.int8(1)])
 def test_deterministic_must_be_a_bool_or_none(value):
     # A non-empty string is truthy, so DropPath(deterministic="no") used to be the identity.
     message = rf"^DropPath: deterministic={re.escape(repr(value))} is invalid; expected True, " \
@@ -119,8 +119,10 @@ def test_deterministic_must_be_a_bool_or_none(value):
         DropPath(0.5, deterministic=value)
     with pytest.raises(ValueError, match=message):
         DropPath(0.5).apply({}, jnp.ones((2, 3)), deterministic=value)
-    for flag in (True, False, None):
+    for flag in (True, False, None, np.bool_(True)):
         DropPath(0.5, deterministic=flag)
+    x = jnp.ones((2, 3))
+    assert DropPath(0.5).apply({}, x, deterministic=np.bool_(True)) is x
 
 
 # ----------------------------------------------------------------- stochastic_depth_rates

@@ -3,6 +3,7 @@
 import re
 
 import flax.linen as nn
+import numpy as np
 import pytest
 
 from cnnjax.models import (
@@ -126,6 +127,21 @@ def test_a_switch_given_a_non_bool_is_refused(name, field):
         with pytest.raises(ValueError, match=rf"^AlexNet: {field}='False' is invalid; expected "
                                              "True or False"):
             AlexNet(**{field: "False"})
+
+
+@pytest.mark.parametrize("name,field", [
+    ("nin", "relu_logits"), ("yolo_v1_small", "batch_norm"), ("alexnet_2tower", "lrn"),
+])
+def test_a_switch_given_a_numpy_bool_is_taken(name, field):
+    """np.bool_ (a flag read from an array) was refused by some fields while the call flags
+    (`train`) took it."""
+    for value in (np.bool_(True), np.bool_(False)):
+        try:
+            model = create_model(name, **{field: value})
+        except ValueError as error:  # a field the name fixes: the class's own check then
+            assert "fixed by its name" in str(error)
+            model = type(create_model(name))(**{field: value})
+        assert getattr(model, field) == value
 
 
 def test_stride_in_1x1_is_refused_for_basic_blocks():
