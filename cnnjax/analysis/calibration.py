@@ -5,7 +5,7 @@ logits `[N, C]` (any log-probabilities work: softmax only needs them up to a per
 and integer labels `[N]`, and scores `softmax(logits / temperature)` in float64 on the host:
 
 - reliability bins: the confidences (the top softmax probability) split into `n_bins`
-  equal-width bins (lo, hi] over [0, 1] (edges `linspace(0, 1, n_bins + 1)`; a confidence equal
+  equal-width bins (lo, hi] over [0, 1] (edges k / n_bins, k = 0..n_bins; a confidence equal
   to an edge belongs to the bin it closes, and the first bin also takes 0); per bin, the count,
   mean confidence and accuracy (top-1 of the examples in it), as in Guo et al.'s Figure 1;
 - ECE = sum_b n_b / N * |accuracy_b - confidence_b| (Guo et al.'s eq. 3, 15 bins by default as
@@ -47,7 +47,7 @@ TEMPERATURE_BOUNDS = (1e-3, 1e3)
 class ReliabilityBins:
     """Per-bin count, mean confidence and accuracy (NaN for an empty bin) over bins (lo, hi]."""
 
-    edges: np.ndarray  # [n_bins + 1], linspace(0, 1, n_bins + 1)
+    edges: np.ndarray  # [n_bins + 1], k / n_bins for k = 0..n_bins
     count: np.ndarray  # [n_bins] int64
     confidence: np.ndarray  # [n_bins] float64, mean top softmax probability; NaN if empty
     accuracy: np.ndarray  # [n_bins] float64, fraction of top-1 hits; NaN if empty
@@ -158,7 +158,9 @@ def _bins(logits: np.ndarray, labels: np.ndarray, n_bins: int,
     # exp(-log(8)) = 0.12500000000000003 would fall into the next bin.
     confidence = 1.0 / np.sum(np.exp(_shifted(logits, temperature)), axis=1)
     hits = (np.argmax(logits, axis=1) == labels).astype(np.float64)  # T > 0 keeps the argmax
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # k / n correctly rounded: linspace's k * (1 / n) falls below fl(k / n) for some k (7 / 35),
+    # which put a confidence of exactly 0.2 (five tied classes) in the bin above the one it closes.
+    edges = np.arange(n_bins + 1) / n_bins
     # searchsorted 'left' gives i with edges[i - 1] < c <= edges[i]: bin i - 1 is (lo, hi].
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
     count = np.bincount(index, minlength=n_bins)

@@ -157,6 +157,9 @@ TABLE_NAMES = {IMAGE_SIZE: "CIFAR-10-C (make_cifar_c.py)",
                IMAGENET_SIZE: "ImageNet-C (make_imagenet_c.py)"}
 CORRUPTIONS = tuple(PARAMETERS)
 COLOR_ONLY = ("saturate",)
+#: The four Hendrycks & Dietterich hold out for validation (Section 3): their mCE averages the
+#: other 15, the benchmark corruptions (frost among them, which cnnjax does not compute).
+VALIDATION_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 #: Corruptions computed with OpenCV, as the authors' are (the `robustness` extra installs it).
 NEEDS_OPENCV = ("defocus_blur", "elastic_transform", "snow", "spatter")
 #: tfds's config prefix (`<prefix>_<severity>`, severities 1-5) of each corruption, per tfds

@@ -282,7 +282,9 @@ def corruption_errors(record: dict, baseline: dict, given_as: str | None = None)
     another run, their AlexNet, on the same images): with E = 1 - top-1 summed over the requested
     severities s, CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} and relative CE_c =
     sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean); mCE and relative mCE are
-    their means over the corruptions (None when a ratio is undefined: a zero denominator).
+    their means over the corruptions (None when a ratio is undefined: a zero denominator), and
+    `benchmark_mce` / `benchmark_relative_mce` over the requested benchmark corruptions only
+    (the paper's mCE leaves out its four validation ones; None when none was requested).
     `given_as`: how the baseline was named (a workdir or a record's JSON path), for errors;
     default its record's workdir."""
     if not record.get("complete"):
@@ -339,14 +341,18 @@ def corruption_errors(record: dict, baseline: dict, given_as: str | None = None)
         relative[name] = ratio(scale * sum(e - clean for e in errors),
                                sum(b - base_clean for b in base))
 
-    def mean(values: dict) -> float | None:
-        return None if any(v is None for v in values.values()) else sum(values.values()) / len(
-            values)
+    def mean(values: dict, only: list[str] = names) -> float | None:
+        chosen = [values[name] for name in only]
+        return None if not chosen or None in chosen else sum(chosen) / len(chosen)
 
+    from cnnjax.analysis.corruptions import VALIDATION_CORRUPTIONS
+    benchmark = [name for name in names if name not in VALIDATION_CORRUPTIONS]
     return {"baseline": {"workdir": baseline.get("workdir", where), "model": baseline.get("model"),
                          "step": (baseline.get("settings") or {}).get("step")},
             "corruption_error": ce, "mce": mean(ce),
-            "relative_corruption_error": relative, "relative_mce": mean(relative)}
+            "relative_corruption_error": relative, "relative_mce": mean(relative),
+            "benchmark_corruptions": benchmark, "benchmark_mce": mean(ce, benchmark),
+            "benchmark_relative_mce": mean(relative, benchmark)}
 
 
 def read_baseline(given: str, file_name: str) -> dict:
@@ -394,6 +400,14 @@ def table(record: dict) -> str:
                                                      "its clean error")
         lines.append(f"mCE {mce}, relative mCE {relative_mce} "
                      f"against {errors['baseline']['model']} ({errors['baseline']['workdir']})")
+        benchmark = errors.get("benchmark_corruptions")  # absent from records before session 50
+        if benchmark is not None and len(benchmark) < len(errors["corruption_error"]):
+            lines.append(
+                f"over the {len(benchmark)} benchmark corruptions (the paper's mCE leaves out "
+                "its validation ones): " + (
+                    f"mCE {shown(errors['benchmark_mce'], 'see above')}, relative mCE "
+                    f"{shown(errors['benchmark_relative_mce'], 'see above')}" if benchmark
+                    else "none requested"))
     return "\n".join(lines)
 
 

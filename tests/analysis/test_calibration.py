@@ -2,6 +2,7 @@
 calibration, and a dense grid search of the temperature."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -274,6 +275,21 @@ def test_a_confidence_exactly_on_an_edge_closes_its_bin(classes):
         assert np.flatnonzero(bins.count).tolist() == [expected]
         assert bins.confidence[expected] == 1.0 / classes  # exact
         np.testing.assert_allclose(bins.ece, 1.0 - 1.0 / classes, rtol=1e-15)
+
+
+def test_tied_classes_land_in_the_bin_their_exact_confidence_closes():
+    """k tied top logits give confidence fl(1/k); linspace's edge 7 * (1/35) rounds below
+    fl(7/35) = fl(1/5), so five tied classes landed in bin 7 of 35 instead of bin 6. Reference:
+    the bin b with b/n < 1/k <= (b + 1)/n in exact rational arithmetic."""
+    wrong = []
+    for n_bins in range(1, 41):
+        for classes in range(2, 41):
+            bins = cal.reliability_bins(np.zeros((1, classes)), [0], n_bins=n_bins)
+            exact = next(b for b in range(n_bins)
+                         if Fraction(b, n_bins) < Fraction(1, classes) <= Fraction(b + 1, n_bins))
+            if np.flatnonzero(bins.count).tolist() != [exact]:
+                wrong.append((n_bins, classes))
+    assert not wrong
 
 
 def test_a_tiny_positive_temperature_gives_the_limit_not_nan():

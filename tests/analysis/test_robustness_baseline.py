@@ -39,6 +39,29 @@ def test_the_papers_formulas_on_hand_numbers():
     assert R.corruption_errors(BASE, BASE)["mce"] == pytest.approx(1.0)  # by definition
 
 
+def test_the_benchmark_mce_leaves_out_the_papers_validation_corruptions():
+    """Hendrycks & Dietterich hold out speckle_noise, gaussian_blur, spatter and saturate for
+    validation; their mCE averages the benchmark corruptions. mce averages all requested ones.
+    speckle_noise: CE = (0.5 + 0.7) / (0.6 + 0.8) = 1.2 / 1.4."""
+    cells = {"fog": {"1": 0.8, "2": 0.6}, "speckle_noise": {"1": 0.5, "2": 0.3}}
+    model = {**_record(0.9, cells), "dataset": "cifar10", "num_examples": 10000}
+    base = {**_record(0.8, {"fog": {"1": 0.6, "2": 0.4}, "speckle_noise": {"1": 0.4, "2": 0.2}}),
+            "dataset": "cifar10", "num_examples": 10000}
+    errors = R.corruption_errors(model, base)
+    assert errors["mce"] == pytest.approx((0.6 + 1.2 / 1.4) / 2)
+    assert errors["benchmark_corruptions"] == ["fog"]
+    assert errors["benchmark_mce"] == pytest.approx(0.6)
+    assert errors["benchmark_relative_mce"] == pytest.approx(0.4 / 0.6)
+    shown = R.table({**model, "severities": [1, 2], "baseline_errors": errors})
+    assert "over the 1 benchmark corruptions" in shown and "mCE 0.6000" in shown
+    only_validation = R.corruption_errors(
+        {**model, "cells": {"speckle_noise": cells["speckle_noise"]},
+         "requested": {"corruptions": ["speckle_noise"], "severities": [1, 2]}}, base)
+    assert only_validation["benchmark_mce"] is None and only_validation["mce"] is not None
+    assert MODEL["requested"]["corruptions"] == R.corruption_errors(MODEL, BASE)[
+        "benchmark_corruptions"]  # fog and contrast are both benchmark corruptions
+
+
 def test_an_error_free_baseline_leaves_that_ratio_undefined():
     perfect = _record(1.0, {"fog": {"1": 1.0, "2": 1.0}, "contrast": {"1": 0.5, "2": 0.3}})
     errors = R.corruption_errors(MODEL, perfect)
