@@ -50,10 +50,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _VECTORIZED_ROI_POOL_ELEMENTS = 2**26
 
 
+def _no_items(value: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """`value`, or an empty array of `shape` where it is an empty list or tuple: no boxes, which
+    `jnp.asarray` would make a float32 array of shape (0,)."""
+    return np.zeros(shape, dtype) if isinstance(value, list | tuple) and not value else value
 
 
 def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
     """Checks the `[K, 4]` shape and, when concrete, that x1 <= x2 and y1 <= y2."""
+    boxes = _no_items(boxes, (0, 4), np.float32)
     values = concrete_value(boxes)
     boxes = jnp.asarray(boxes)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -114,6 +119,7 @@ def _check_roi_args(
     boxes, values = _check_boxes(owner, boxes)
     out = to_pair(owner, "output_size", output_size)
     scale = check_positive_float(owner, "spatial_scale", spatial_scale)
+    batch_indices = _no_items(batch_indices, (0,), np.int32)
     indices = concrete_value(batch_indices)
     batch_indices = jnp.asarray(batch_indices)
     if batch_indices.shape != (boxes.shape[0],):

@@ -450,6 +450,10 @@ def test_roi_pool_under_jit_and_empty_box_sets():
     none, no_index = np.zeros((0, 4), np.float32), np.zeros(0, np.int32)
     assert roi_pool(feats, none, no_index, (2, 3)).shape == (0, 2, 3, 2)
     assert roi_align(feats, none, no_index, (2, 3)).shape == (0, 2, 3, 2)
+    for op in (roi_pool, roi_align):  # [] was refused as float32 (jnp.asarray's dtype for it)
+        assert op(feats, [], [], (2, 3)).shape == (0, 2, 3, 2)
+        with pytest.raises(ValueError, match="batch_indices.dtype='float32' is invalid"):
+            op(feats, boxes, [0.0, 1.0, 1.0], (2, 3))
 
 
 # ---------------------------------------------------------------- roi_spatial_pyramid_pool
