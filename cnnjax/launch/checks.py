@@ -176,16 +176,20 @@ def job_devices(spec: JobSpec, config: Any, where: str = "") -> tuple[int, str]:
     """The number of devices the engine will train `config` on in this (validated) job, counted
     as `train.config.check_config` will at start, and how they are laid out (for messages).
     Each task is one JAX process; a multi-process entry point's task owns one GPU (numbered by
-    `SLURM_LOCALID`), a single-process one all `gpus_per_node`; a CPU task is one device.
-    `config.num_devices` (> 0) picks that many local devices of a single-process job."""
+    `SLURM_LOCALID`), a single-process one all `gpus_per_node`; a CPU task is one device, or
+    as many as XLA_FLAGS forces (`forced_host_devices`). `config.num_devices` (> 0) picks that
+    many local devices of a single-process job."""
     processes = spec.num_tasks
     gpus = spec.gpus_per_node
     local = gpus if gpus and not spec.entry_point.multi_process else 1
+    host_devices = forced_host_devices(spec)
     requested = config.get("num_devices") or 0
     if not requested:
         if gpus:
             return processes * local, f"{spec.nodes} node(s) x {gpus} GPU(s)"
-        return processes, f"{spec.nodes} node(s) x {spec.tasks_per_node} CPU task(s)"
+        per_task = f" x {host_devices} host device(s)" if host_devices > 1 else ""
+        return processes * host_devices, (f"{spec.nodes} node(s) x {spec.tasks_per_node} CPU "
+                                          f"task(s){per_task}")
     if processes > 1:
         raise invalid(_OWNER, "config.num_devices", requested,
                       f"this job runs {processes} processes ({spec.nodes} node(s) x "
@@ -195,7 +199,25 @@ def job_devices(spec: JobSpec, config: Any, where: str = "") -> tuple[int, str]:
         raise invalid(_OWNER, "config.num_devices", requested,
                       f"expected at most the job's {local} GPU(s) (gpus_per_node){where}, or 0 "
                       "for all of them")
+    if not gpus and requested > host_devices:
+        raise invalid(_OWNER, "config.num_devices", requested,
+                      f"a CPU task has {host_devices} device(s){where}: expected 0 or at most "
+                      f"{host_devices}, or more host devices through XLA_FLAGS="
+                      f"--xla_force_host_platform_device_count={requested} (in --env, or "
+                      "exported where you submit: sbatch passes your environment on)")
     return requested, f"config.num_devices={requested}"
+
+
+_HOST_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def forced_host_devices(spec: JobSpec) -> int:
+    """The CPU devices each task of `spec`'s job will have: the last
+    `--xla_force_host_platform_device_count` in the XLA_FLAGS it runs with (its `--env`, else
+    the submitting environment, which sbatch exports to the job), else 1."""
+    given = dict(spec.env).get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    counts = _HOST_DEVICE_COUNT.findall(given)
+    return max(int(counts[-1]), 1) if counts else 1
 
 
 def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:

@@ -481,6 +481,32 @@ def test_check_configs_counts_devices_as_the_engine_will(tmp_path):
         check_configs(JobSpec(**{**train.__dict__, "overrides": ("--config.grad_accum_steps=32",)}))
 
 
+def test_a_cpu_job_may_use_more_than_one_device_only_with_forced_host_devices(tmp_path,
+                                                                            monkeypatch):
+    """A CPU task is one device unless XLA_FLAGS forces more; num_devices=2 passed every launch
+    check, then failed at start ("only 1 local devices are available") after the queue."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
+                   gpus_per_node=0, submit_dir=str(ROOT), overrides=("--config.num_devices=2",))
+    with pytest.raises(ValueError, match=r"^launch: config.num_devices=2 is invalid; a CPU task "
+                                         r"has 1 device\(s\): expected 0 or at most 1, or more "
+                                         r"host devices through XLA_FLAGS=--xla_force_host_"
+                                         r"platform_device_count=2"):
+        check_configs(spec)
+    forced = "--xla_force_host_platform_device_count=4"
+    check_configs(JobSpec(**{**spec.__dict__, "env": (("XLA_FLAGS", forced),)}))
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_foo=1 {forced}")  # sbatch exports it
+    check_configs(spec)
+    with pytest.raises(ValueError, match=r"a CPU task has 1 device"):  # --env wins
+        check_configs(JobSpec(**{**spec.__dict__, "env": (("XLA_FLAGS", ""),)}))
+    check_configs(JobSpec(**{**spec.__dict__, "overrides": ("--config.num_devices=1",)}))
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    with pytest.raises(ValueError, match=r"^launch: config.global_batch_size=32 is invalid; "
+                                         r"expected a multiple of the job's 3 devices \(1 "
+                                         r"node\(s\) x 1 CPU task\(s\) x 3 host device"):
+        check_configs(JobSpec(**{**spec.__dict__, "overrides": ()}))  # all 3, as at start
+
+
 def test_check_configs_types_the_entry_points_plain_flags(tmp_path):
     spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
                    submit_dir=str(ROOT), overrides=("--distributed_timeout=600",))
