@@ -173,11 +173,19 @@ def freeze_backbone(
     params: Mapping[str, Any],
     head_names: Sequence[str] = HEAD_MODULES,
 ) -> optax.GradientTransformation:
-    """Wraps `tx` so only the head is updated; backbone updates are exactly zero.
+    """Wraps `tx` so only the head is updated; backbone updates are exactly zero, so
+    `optax.apply_updates` leaves the backbone bitwise unchanged.
 
     (Backbone BatchNorm statistics still update in `train=True` mode; evaluate the backbone with
     `train=False` or keep the old `batch_stats` to freeze those too.)
     """
     mask = trainable_mask(params, train_backbone=False, head_names=head_names)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": tx, "freeze": _keep()}, labels)
+
+
+def _keep() -> optax.GradientTransformation:
+    """Updates of -0.0: p + (-0.0) is p bitwise for every p, where optax.set_to_zero's +0.0
+    turned a parameter of -0.0 into +0.0 (IEEE: -0.0 + 0.0 = +0.0)."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(
+        lambda u: jnp.full_like(u, -0.0), updates))

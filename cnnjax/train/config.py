@@ -226,8 +226,8 @@ def default_config() -> ml_collections.ConfigDict:
     # cnnjax.models.heads.HEAD_MODULES, i.e. `head`; FCN's score/upsampling layers; and nested
     # `head`s: GoogLeNet's auxiliary classifiers' aux1/head, aux2/head), i.e. a
     # linear probe: every other parameter, BatchNorm scale/bias included, gets an exactly zero
-    # update (optax.set_to_zero via heads.freeze_backbone). Backbone BatchNorm *running
-    # statistics* are not frozen: the train step runs the model in train mode, so BatchNorm
+    # update (-0.0, via heads.freeze_backbone, so it stays bitwise equal). Backbone BatchNorm
+    # *running statistics* are not frozen: the train step runs the model in train mode, so BatchNorm
     # normalizes with batch statistics and keeps updating its running averages (as PyTorch does
     # with requires_grad=False but model.train()); eval uses those running averages.
     c.freeze = ml_collections.FieldReference(None, field_type=str)

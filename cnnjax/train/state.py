@@ -352,8 +352,9 @@ def freeze_optimizer(
             "config", "freeze", freeze,
             "expected None (train every parameter) or 'backbone' (train only the head)",
         )
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_heads(params))
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    from cnnjax.models.heads import freeze_backbone  # deferred: imports the model registry
+
+    return freeze_backbone(tx, params)
 
 
 def trainable_heads(params: Any) -> Any:

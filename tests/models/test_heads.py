@@ -206,6 +206,28 @@ def test_freeze_backbone_updates_only_the_head(resnet20):
         assert changed == (key[0] == "head"), key
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_frozen_negative_zero_stays_bitwise(dtype):
+    """optax.set_to_zero's +0.0 update turned a frozen -0.0 into +0.0 (-0.0 + 0.0 = +0.0), so
+    frozen parameters were not bitwise unchanged; the engine's freeze_optimizer is the same."""
+    from cnnjax.train.state import freeze_optimizer
+
+    params = {"conv": {"bias": jnp.asarray([-0.0, 0.0, 1.0, -2.0], dtype)},
+              "head": {"kernel": jnp.ones((4, 2), dtype)}}
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.1, momentum=0.9))
+    for frozen in (freeze_backbone(tx, params), freeze_optimizer(tx, params, "backbone")):
+        new, state = params, frozen.init(params)
+        for _ in range(3):
+            updates, state = frozen.update(grads, state, new)
+            new = optax.apply_updates(new, updates)
+        bits = np.asarray(jax.lax.bitcast_convert_type(new["conv"]["bias"], jnp.uint16
+                                                       if dtype == jnp.bfloat16 else jnp.uint32))
+        before = np.asarray(jax.lax.bitcast_convert_type(params["conv"]["bias"], bits.dtype))
+        np.testing.assert_array_equal(bits, before)
+        assert not np.array_equal(new["head"]["kernel"], params["head"]["kernel"])
+
+
 def test_trainable_mask_counts_nested_heads_as_heads():
     # GoogLeNet's auxiliary classifiers end in `aux1/head`, `aux2/head` (shapes follow num_classes).
     params = {"head": {"kernel": 0}, "conv": {"kernel": 0},
