@@ -15,8 +15,9 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
                       learning rate is too low.
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
                       given), or the train-eval top-1 gap is large and growing, or very large.
-    underfitting      train top-1 below `underfit_train_top1` and at most `overfit_gap` above
-                      eval top-1 (eval may be higher: augmented or mixed train images).
+    underfitting      train top-1 at the end (smoothed, or the last log where higher) below
+                      `underfit_train_top1` and at most `overfit_gap` above eval top-1 (eval
+                      may be higher: augmented or mixed train images).
     still_improving   over the last quarter, the eval metric improved by more than its noise
                       or the eval loss fell by more than `tail_loss_drop`.
     converged         none of the above: the eval metric is flat at the end.
@@ -696,8 +697,10 @@ def _notes(curves: Curves, reached: str) -> tuple[str, ...]:
 def _check_judged_in_every_eval(curves: Curves, metric: str, judged: Sequence[str]) -> None:
     """Refuses a judged score `metric` that some evals of the file the curves were read from
     lack (a NaN there: `load_curves` refused NaN scores), naming the line of the first and the
-    `judged` metrics every eval holds; curves from no file are left to `_check_finite_curves`."""
-    if curves.source is None or config_lib.lower_is_better(metric):
+    `judged` metrics every eval holds; curves from no file are left to `_check_finite_curves`,
+    and a run with no eval yet (train logs only, or stopped before its first) to the verdicts."""
+    if (curves.source is None or metric not in curves.eval_metrics
+            or config_lib.lower_is_better(metric)):
         return
     missing = np.flatnonzero(np.isnan(curves.eval_metrics[metric]))
     if not len(missing):
@@ -959,12 +962,22 @@ def _overfitting(curves: Curves, t: Thresholds) -> Finding | None:
     )
 
 
-def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
-    train_top1, eval_top1 = _aligned_train_top1(curves, t), curves.eval_metrics.get("top1")
-    if train_top1 is None or eval_top1 is None:
+def _final_train_top1(curves: Curves, t: Thresholds) -> float | None:
+    """Train top-1 where the run ends: the smoothed value, or the last log where that is higher.
+    The EMA lags a rising curve: on 5 logs it read 87% where the last two logs were 93% and
+    96%, which called a run underfitting at 90%. (One batch's log alone is too noisy a figure
+    to call a run underfitting by.)"""
+    if curves.train_top1 is None:
         return None
-    gap = train_top1[-1] - eval_top1[-1]
-    if train_top1[-1] >= t.underfit_train_top1 or gap > t.overfit_gap:
+    return float(max(ema(curves.train_top1, t.ema_weight)[-1], curves.train_top1[-1]))
+
+
+def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
+    final_train, eval_top1 = _final_train_top1(curves, t), curves.eval_metrics.get("top1")
+    if final_train is None or eval_top1 is None:
+        return None
+    gap = final_train - eval_top1[-1]
+    if final_train >= t.underfit_train_top1 or gap > t.overfit_gap:
         return None
     relation = (f"within {100 * gap:.1f} points of" if gap >= 0
                 else f"{100 * -gap:.1f} points below")
@@ -978,10 +991,10 @@ def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding 
     plateaued = _plateaued(curves, smooth, t)
     return Finding(
         "underfitting",
-        f"train top-1 {100 * train_top1[-1]:.2f}% (< {100 * t.underfit_train_top1:.0f}%) and "
+        f"train top-1 {100 * final_train:.2f}% (< {100 * t.underfit_train_top1:.0f}%) and "
         f"{relation} eval top-1 {100 * eval_top1[-1]:.1f}%"
         + ("; the train loss plateaued (per unit of lr)." if plateaued else "."),
-        {"train_top1": float(train_top1[-1]), "eval_top1": float(eval_top1[-1]),
+        {"train_top1": final_train, "eval_top1": float(eval_top1[-1]),
          "gap": float(gap), "train_loss_plateaued": plateaued},
         capacity + longer if plateaued else longer + capacity,
     )
@@ -1036,7 +1049,9 @@ def _tail(curves: Curves, smooth: np.ndarray, metric: str, t: Thresholds) -> Fin
     if gain > noise:
         reasons.append(f"eval {metric} improved {gain:.4g} (> noise {noise:.3g}) "
                        f"({best_before:.4g} -> {best_tail:.4g})")
-    loss = curves.eval_metrics.get("loss")
+    # The judged weights' loss: the weight average's (ema_loss) for an ema_ metric
+    prefix = METRIC_PREFIX if metric.startswith(METRIC_PREFIX) else ""
+    loss = curves.eval_metrics.get(prefix + "loss")
     before_and_tail = (steps > start).any() and (steps <= start).any()
     if not config_lib.lower_is_better(metric) and loss is not None and before_and_tail:
         before_loss, tail_loss = np.min(loss[steps <= start]), np.min(loss[steps > start])
