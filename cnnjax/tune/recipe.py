@@ -43,7 +43,8 @@ resumes an interrupted trial; decisions are recomputed from the results on disk 
 and recorded in recipe.json. Layout of a tune directory:
 
     tune.json     the base config and the recipe (a different one is refused; only
-                  max_rounds may change, e.g. to continue a finished tune)
+                  max_rounds may change, e.g. raised to continue a finished tune, never
+                  below a round already started)
     round_<k>/    one sweep directory per round (sweep.json, trials/, results.csv, sweep.png)
     recipe.json   rounds, trials, diagnoses, decisions, the best trial and its config overrides
     report.md     the same for people; tune.png: metric vs lr and the learning curves of all rounds
@@ -918,6 +919,11 @@ def check_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> dict:
         if details:
             raise ValueError(f"recipe: tune_dir={tune_dir!r} was created with a different base "
                              f"config ({details}); {fresh} base config.")
+        started = max(_started_rounds(tune_dir), default=0)
+        if recipe.max_rounds < started:  # the record would be rebuilt without the later rounds
+            raise invalid(_OWNER, "max_rounds", recipe.max_rounds,
+                          f"tune_dir={tune_dir!r} holds round {started} already, which a smaller "
+                          f"max_rounds would drop from the record; expected at least {started}")
     return current
 
 
@@ -926,11 +932,7 @@ def interruption_message(tune_dir: str) -> str:
     interrupted trial with its engine's message (the step, the checkpoint a rerun resumes from)
     and the round's results so far (`sweep.interruption_message`); outside a trial (the range
     test, between rounds), where the tune's report is."""
-    rounds = []
-    for name in _listdir(tune_dir):
-        index = name.removeprefix("round_")
-        if name.startswith("round_") and index.isdigit():
-            rounds.append(int(index))
+    rounds = _started_rounds(tune_dir)
     if rounds:  # rounds run in order: the last one started is the one Ctrl-C stopped
         last = max(rounds)
         round_dir = os.path.join(tune_dir, f"round_{last}")
@@ -938,6 +940,12 @@ def interruption_message(tune_dir: str) -> str:
             return f"round {last}: {sweep_interruption_message(round_dir)}"
     return (f"Ctrl-C; rerunning the same command resumes the tune. Results so far: "
             f"{os.path.join(tune_dir, report_lib.REPORT_FILE)}")
+
+
+def _started_rounds(tune_dir: str) -> list[int]:
+    """The indices of the `round_<k>` directories in `tune_dir`: the rounds that started."""
+    return [int(name.removeprefix("round_")) for name in _listdir(tune_dir)
+            if name.startswith("round_") and name.removeprefix("round_").isdigit()]
 
 
 def _listdir(path: str) -> list[str]:

@@ -803,6 +803,12 @@ def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
     record = _tune(tmp_path, monkeypatch, trainer, max_rounds=4)
     assert record["status"] == "converged" and record["num_rounds"] == 3
     assert len(trainer.calls) == 3
+    # A smaller one rewrote recipe.json and report.md without the rounds past it, still on disk.
+    with pytest.raises(ValueError, match=r"^recipe: max_rounds=2 is invalid; tune_dir=.* holds "
+                                         r"round 3 already, .* expected at least 3\.$"):
+        _tune(tmp_path, monkeypatch, trainer, max_rounds=2)
+    assert len(trainer.calls) == 3
+    assert _tune(tmp_path, monkeypatch, trainer, max_rounds=3)["num_rounds"] == 3
 
 
 def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_path,
