@@ -414,15 +414,20 @@ def _check_source_fits(source_model: str, source_shapes: Any, config: Any, check
                        run_id: str) -> None:
     """Before the source trains: its variables fill the warm-started run `config` as the engine
     will require when that run starts (`check_exclude_names`: every `init_from.exclude` name
-    is a module's; `select_pretrained`: same names and shapes, and every source variable loaded,
-    with `init_from.exclude` and `init_from.submodule` applied)."""
-    from cnnjax.train.init_from import check_exclude_names
+    is a module's; `check_input_channels`: grey and RGB input layers named by
+    `data.grey_to_rgb`; `select_pretrained`: same names and shapes, and every source variable
+    loaded, with `init_from.exclude` and `init_from.submodule` applied)."""
+    from cnnjax.train.init_from import check_exclude_names, check_input_channels
     from cnnjax.train.state import select_pretrained
 
     init_from = config.init_from
     try:
         check_exclude_names(tuple(init_from.exclude), config.model, checked.variable_shapes,
                             source_shapes)
+        check_input_channels(checked.variable_shapes, source_shapes, tuple(init_from.exclude),
+                             init_from.get("submodule"), source_workdir=init_from.workdir,
+                             source_step=init_from.step, model=config.model,
+                             grey_to_rgb=bool(config.data.get("grey_to_rgb", False)))
         select_pretrained(checked.variable_shapes, source_shapes, tuple(init_from.exclude),
                           source_workdir=init_from.workdir, source_step=init_from.step,
                           model=config.model, source_model=source_model,

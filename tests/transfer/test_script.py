@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -50,6 +51,24 @@ def test_segmentation_target_reports_its_classifier_source_by_top1(tmp_path):
         "Source resnet18 on shapes; target fcn8s_resnet18 on shapes_segmentation, warm-started "
         "arms load the source into its `backbone`.")
     assert plan.check_data()["train_200-finetune-s0"] == 200
+
+
+@pytest.mark.parametrize("fed_rgb,message", [
+    ("source", "the source's input layer takes 3-channel (RGB) images and this run's have 1 "
+               "channel (grey); set data.grey_to_rgb=True"),
+    ("target", "the source's input layer takes 1-channel (grey) images and this run feeds its "
+               "grey images as RGB (data.grey_to_rgb=True); set data.grey_to_rgb=False"),
+])
+def test_grey_and_rgb_input_layers_are_named_by_grey_to_rgb_before_the_source_trains(
+        tmp_path, fed_rgb, message):
+    """The check said to add the input layer to init_from.exclude (which the user never set);
+    the engine names data.grey_to_rgb for the same mismatch, and so does the check now."""
+    c = _load(DIGITS).get_config()
+    c[fed_rgb].data.grey_to_rgb = True
+    with pytest.raises(ValueError, match=r"^transfer: the source run's weights cannot "
+                                         r"warm-start run .*" + re.escape(message)):
+        compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, c.budgets,
+                             c.arms, c.seeds, c.arm_overrides, c.metric)
 
 
 def test_digits_transfer_tasks_are_disjoint_halves():
