@@ -278,8 +278,9 @@ class TransferPlan:
 
     def check_data(self) -> dict[str, int]:
         """Training examples of the source and of every run (`{trial_id: n}`); raises if one is
-        smaller than that run's global batch (an epoch would have no step). Reads labels,
-        trains nothing."""
+        smaller than that run's global batch (an epoch would have no step), or if two budgets of
+        `data.train_examples_per_class` give the same examples (each class's first n: both
+        above every class's count). Reads labels, trains nothing."""
         known: dict[str, int] = {}  # task + data config (JSON) -> examples: one per budget
         sizes = {}
         for run_id, config in [(SOURCE_ID, self.source)] + [
@@ -295,7 +296,25 @@ class TransferPlan:
                 raise invalid(_OWNER, "global_batch_size", config.global_batch_size,
                               f"{what} has {num_train} training examples; expected a global "
                               "batch of at most that many (lower it or raise the budget)")
+        if self.budget_field == DEFAULT_BUDGET_FIELD:
+            self._check_budgets_differ(sizes)
         return sizes
+
+    def _check_budgets_differ(self, sizes: dict[str, int]) -> None:
+        """Raises if two per-class budgets train on the same examples: the same count means the
+        same first n of each class, so the two would compare arms on identical data."""
+        budgets_of: dict[int, list[Any]] = {}
+        for run in self.runs:
+            same = budgets_of.setdefault(sizes[run["trial"].trial_id], [])
+            if run["budget"] not in same:
+                same.append(run["budget"])
+        for num_train, budgets in budgets_of.items():
+            if len(budgets) > 1:
+                raise invalid(_OWNER, "budgets", tuple(self.budgets),
+                              f"{self.budget_field} values {budgets} give the same {num_train} "
+                              "training examples (a class with fewer than a budget gives all of "
+                              "its own), so their runs would train on identical data; expected "
+                              "budgets that give different numbers of examples")
 
     def describe(self) -> dict:
         """What must not change between reruns of one transfer directory."""

@@ -71,6 +71,21 @@ def test_grey_and_rgb_input_layers_are_named_by_grey_to_rgb_before_the_source_tr
                              c.arms, c.seeds, c.arm_overrides, c.metric)
 
 
+def test_budgets_that_give_the_same_examples_are_refused(tmp_path):
+    """Digits 5-9 hold ~143 train images per class: budgets 200 and 1000 both train on all 717,
+    so every arm ran twice on identical data under two labels (a warning only)."""
+    c = _load(DIGITS).get_config()
+    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, (10, 200, 1000),
+                                c.arms, c.seeds, c.arm_overrides, c.metric)
+    with pytest.raises(ValueError, match=r"^transfer: budgets=\(10, 200, 1000\) is invalid; "
+                                         r"data.train_examples_per_class values \[200, 1000\] "
+                                         r"give the same 717 training examples"):
+        plan.check_data()
+    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, (10, 1000),
+                                c.arms, c.seeds, c.arm_overrides, c.metric)
+    assert plan.check_data()["1000-scratch-s0"] == 717
+
+
 def test_digits_transfer_tasks_are_disjoint_halves():
     c = _load(DIGITS).get_config()
     assert set(c.source.data.classes) | set(c.target.data.classes) == set(range(10))
