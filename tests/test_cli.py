@@ -100,6 +100,35 @@ def _parsed_with_none(*args):
     return values
 
 
+def _config_flag(argv):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    return values
+
+
+def test_a_tuple_field_given_twice_is_refused_not_joined(monkeypatch):
+    """ml_collections joins a tuple field's repeated values ((0, 1) then (2,) gave classes
+    (0, 1, 2)), where any other field keeps the last: refused, naming the field."""
+    argv = ["prog", "--config=experiments/transfers/digits_0to4_to_5to9.py",
+            "--config.source.data.classes=(0, 1)", "--config.target.seed=1",
+            "--config.source.data.classes=(2,)", "--config.target.seed=2"]
+    values = _config_flag(argv)
+    values(argv)
+    assert values["config"].value.source.data.classes == (0, 1, 2)  # what ml_collections does
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flag(argv))
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    assert caught.value.code == (
+        "error: --config.source.data.classes is invalid given 2 times; ml_collections would "
+        "join their values into one tuple, not keep the last as for other fields: give it once, "
+        "with every value (e.g. --config.source.data.classes='(1, 2)')")
+    once = [*argv[:2], "--config.source.data.classes=(0, 1, 2)", argv[3], argv[5]]
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flag(once))
+    cli.parse_flags(once)
+    assert cli.flags.FLAGS["config"].value.target.seed == 2  # the last wins
+
+
 def test_none_unsets_a_field_the_config_declares_none_able():
     """ml_collections parsed `None` by the field's type: the string 'None' for
     `init_from.workdir` (a warm start from a folder named None) and an error for `ema.decay`."""

@@ -56,6 +56,9 @@ def parse_flags(argv: list[str],
     both = alias_and_original_given(flags.FLAGS)
     if both:  # absl keeps the last of the two and drops the other without a word
         sys.exit(f"error: {both}")
+    repeated = repeated_tuple_field(flags.FLAGS, argv[1:])
+    if repeated:  # ml_collections joins the values where any other field keeps the last
+        sys.exit(f"error: {repeated}")
     return args
 
 
@@ -78,6 +81,22 @@ def alias_and_original_given(flag_values: flags.FlagValues) -> str:
     return ""
 
 
+def repeated_tuple_field(flag_values: flags.FlagValues, args: Sequence[str]) -> str:
+    """A message when a config's tuple field (`--transfer.budgets`, `--config.data.classes`)
+    was given more than once in `args`, else "": ml_collections parses a tuple field as a
+    multi-flag and joins the values ((1,) then (5,) gave (1, 5)), where any other field keeps
+    the last."""
+    given = [arg.partition("=")[0].lstrip("-") for arg in args if arg.startswith("-")]
+    for name in list(flag_values):
+        flag = flag_values[name]
+        times = given.count(name)
+        if "." in name and isinstance(flag, flags.MultiFlag) and times > 1:
+            return (f"--{name} is invalid given {times} times; ml_collections would join their "
+                    "values into one tuple, not keep the last as for other fields: give it "
+                    f"once, with every value (e.g. --{name}='(1, 2)')")
+    return ""
+
+
 class NoneOverrideError(ValueError):
     """A `--<config flag>.<field>=None` override that cannot be applied; `override` names it and
     `reason` says why."""
@@ -95,7 +114,8 @@ def parse_with_none(values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
 
     Only a field that can hold None takes it: one the config declares None-able (a
     `FieldReference(None, field_type=...)`, as cnnjax's configs do) or holds None now. A later
-    override of the same field wins, as for any other value. Raises `NoneOverrideError`."""
+    override of the same field wins, as for any other value (a tuple field given twice is
+    refused by `parse_flags`: ml_collections joins its values). Raises `NoneOverrideError`."""
     rest: list[str] = []
     unset: list[tuple[str, str]] = []  # (flag, field path)
     skip_next = False
