@@ -988,7 +988,9 @@ class _Run:
         if not math.isfinite(loss) or (max_loss is not None and loss > max_loss):
             raise TrainingDivergedError(step, loss, max_loss)
         if float(host.pop(PARAMS_FINITE, 1.0)) < 1.0:  # never save such a state
-            raise TrainingDivergedError(step, math.nan, which="a parameter after the update")
+            raise TrainingDivergedError(  # the step's loss predates the update: finite here
+                step, loss, what=("a parameter became non-finite (NaN or inf) after the update, "
+                                  f"while the step's loss was {loss:.6g}"))
         if float(host.pop(BATCH_STATS_FINITE, 1.0)) < 1.0:  # nor one that would eval as junk
             raise TrainingDivergedError(
                 step, loss, hint=BATCH_STATS_HINT,

@@ -1,6 +1,7 @@
 """`train_and_evaluate` end to end on synthetic data: outputs, exact resume, divergence, workdir."""
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -317,9 +318,12 @@ def test_an_update_that_breaks_the_model_is_divergence_not_a_checkpoint(tmp_path
     config = helpers.tiny_config(eval_every_steps=eval_every, checkpoint_every_steps=3,
                                  max_loss=None)
     with pytest.raises(loop.TrainingDivergedError,
-                       match="diverged at step 3: a parameter after the update is nan"):
+                       match=r"diverged at step 3: a parameter became non-finite \(NaN or inf\) "
+                             r"after the update, while the step's loss was \d"):
         loop.train_and_evaluate(config, str(tmp_path))
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert math.isfinite(float(summary["loss"]))  # the step's own (it was recorded as "nan")
     assert not (tmp_path / "checkpoints" / "3").exists()
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records and not [r for r in records if r["split"] == "eval"]
