@@ -115,12 +115,13 @@ def _train(workdir: str) -> dict:
 
 def _fail_pointing_to_summary(err: Exception, workdir: str) -> None:
     """Exits with `err`, pointing to summary.json when it records this error (a refusal leaves
-    another run's summary.json alone, and is not pointed to)."""
+    a finished run's summary.json alone, and notes itself as `refused` in a stopped one's)."""
     from cnnjax.utils.files import read_json
 
     summary_path = os.path.join(workdir, "summary.json")
-    recorded = read_json(summary_path)  # refusals leave another run's summary.json alone
-    recorded = isinstance(recorded, dict) and recorded.get("message") == str(err)
+    recorded = read_json(summary_path)  # a refusal only notes itself in a stopped run's
+    recorded = isinstance(recorded, dict) and str(err) in (
+        recorded.get("message"), (recorded.get("refused") or {}).get("message"))
     _fail(f"error: {err}" + (f"\n(details in {summary_path})" if recorded else ""))
 
 

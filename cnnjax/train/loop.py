@@ -157,6 +157,8 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
         # A refusal before training (a ValueError: an incompatible config, a typo) leaves the
         # summary of the run whose checkpoints the workdir holds (interrupted at step N) alone.
         refused = isinstance(err, ValueError) and _has_checkpoints(workdir)
+        if is_primary and refused and not trained:
+            _note_refusal(workdir, err)
         if is_primary and (trained or (_completed_summary(workdir) is None and not refused)):
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             _write_summary(
@@ -365,6 +367,19 @@ def _completed_summary(workdir: str) -> dict | None:
     """The workdir's summary.json if it records a completed run, else None."""
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
     return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
+
+
+def _note_refusal(workdir: str, err: ValueError) -> None:
+    """Adds `refused` (time, error, message) to the summary.json of an unfinished run whose
+    rerun was refused before training, keeping the rest: its "rerun the same command to
+    resume" may no longer hold (every checkpoint corrupt), and the reason was written nowhere
+    in the workdir. The next run's own summary replaces it."""
+    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    if not isinstance(summary, dict) or summary.get("status") == "completed":
+        return
+    summary["refused"] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                          "error": type(err).__name__, "message": str(err)}
+    _write_summary(workdir, summary)
 
 
 def _write_summary(workdir: str, summary: dict) -> None:
