@@ -35,7 +35,8 @@ class QuietLibraries:
     - orbax: its INFO lines (one per file it touches) and its warning `Given directory is read
       only=<dir>`, which cnnjax causes on purpose: it opens a finished run's checkpoints read-only
       (`load_trained`, a warm start's source), so the warning would only make a user look for a
-      fault. orbax's other warnings pass.
+      fault. orbax's other warnings pass; its errors pass without their tracebacks (a failed
+      async save logged four, ~300 lines, before cnnjax re-raised that error in one line).
     - tensorflow-datasets: its INFO lines (`Load dataset info from ...`, `Constructing
       tf.data.Dataset ...`, four per split opened); its warnings pass.
     - JAX: the INFO line saying the TPU backend is absent (`Unable to initialize backend 'tpu'`),
@@ -57,6 +58,11 @@ class QuietLibraries:
             return True
         if record.levelno < 30:
             return False
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            first = (str(error).strip().splitlines() or [""])[0]
+            record.msg, record.args = f"{record.getMessage()} ({type(error).__name__}: {first})", ()
+            record.exc_info, record.exc_text = None, None
         return not (record.levelno == 30
                     and str(record.getMessage()).startswith(self._EXPECTED_WARNINGS))
 

@@ -169,9 +169,12 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
                     "message": (_interrupt_message(run, workdir)
                                 if isinstance(err, KeyboardInterrupt) and not str(err)
                                 else str(err)),
-                    # Ctrl-C: the steps trained (a sweep table's), not a checkpoint's
-                    **({"step": run.steps_finished} if isinstance(err, KeyboardInterrupt)
-                       and run is not None and run.steps_finished is not None else {}),
+                    # the steps trained (a sweep table's), not a checkpoint's; after a failure
+                    # in training, also the checkpoint a rerun resumes from (None: none yet)
+                    **({"step": run.steps_finished} if run is not None
+                       and run.steps_finished is not None else {}),
+                    **({"resumes_from_step": _latest_checkpoint_step(workdir)}
+                       if trained and not isinstance(err, KeyboardInterrupt) else {}),
                     **_wall_times(run, started),
                 },
             )

@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,27 @@ def test_quiet_libraries_drops_orbax_info_and_its_read_only_warning_but_keeps_ot
     assert quiet.filter(_record("/repo/cnnjax/train/loop.py", logging.INFO, "step %d", 1))
     assert quiet.filter(_record("/repo/cnnjax/train/loop.py", logging.WARNING,
                                 "Given directory is read only=%s", "/x"))
+
+
+def test_quiet_libraries_keeps_orbax_errors_without_their_tracebacks():
+    """A failed async save (a full disk) logged four orbax errors with tracebacks, ~300 lines,
+    before cnnjax re-raised the same error in one line."""
+    orbax = "/venv/site-packages/orbax/checkpoint/async_checkpointer.py"
+    try:
+        raise OSError("RESOURCE_EXHAUSTED: No space left on device\n  deep details")
+    except OSError:
+        record = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Save of step %d failed",
+                                   (30,), sys.exc_info())
+    assert QuietLibraries().filter(record)
+    assert record.exc_info is None and record.exc_text is None
+    assert logging.Formatter().format(record) == (
+        "Save of step 30 failed (OSError: RESOURCE_EXHAUSTED: No space left on device)")
+    other = "/repo/cnnjax/train/loop.py"  # others' tracebacks are theirs to print
+    try:
+        raise ValueError("x")
+    except ValueError:
+        mine = logging.LogRecord("absl", logging.ERROR, other, 1, "failed", (), sys.exc_info())
+    assert QuietLibraries().filter(mine) and mine.exc_info is not None
 
 
 def test_quiet_libraries_drops_tfds_info_and_jax_missing_tpu_line_but_keeps_their_warnings():

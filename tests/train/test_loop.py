@@ -406,6 +406,8 @@ def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeyp
     helpers.run_until_crash(config, resumed, monkeypatch)
     crashed = json.loads((resumed / "summary.json").read_text())
     assert crashed["status"] == "failed"
+    # where it stopped and what a rerun resumes from (a failed summary had neither)
+    assert (crashed["step"], crashed["resumes_from_step"]) == (8, 8)
     assert crashed["total_wall_time_s"] == crashed["wall_time_s"] > 0
     checkpoints = Checkpointer(str(resumed))
     try:
