@@ -178,9 +178,23 @@ SCHEDULING_FIELDS = frozenset({
 
 def without_scheduling(spec_json: Mapping[str, Any]) -> dict[str, Any]:
     """A spec's JSON (`JobSpec.to_json`, or a launch record's, which may hold fields of another
-    cnnjax version) without `SCHEDULING_FIELDS`: what a resubmission into the same work
-    directory must keep to resume the job there."""
-    return {k: v for k, v in spec_json.items() if k not in SCHEDULING_FIELDS}
+    cnnjax version) without `SCHEDULING_FIELDS` and without the overrides that cannot change
+    results (`runtime_override`): what a resubmission into the same work directory must keep
+    to resume the job there."""
+    kept = {k: v for k, v in spec_json.items() if k not in SCHEDULING_FIELDS}
+    if isinstance(kept.get("overrides"), list | tuple):
+        kept["overrides"] = [o for o in kept["overrides"] if not runtime_override(o)]
+    return kept
+
+
+def runtime_override(override: Any) -> bool:
+    """Whether `override` only sets how a run runs, not what it computes: the entry points'
+    `--distributed_timeout`, or a `--config.<field>` the engine lets change on resume
+    (`train.config.RUNTIME_FIELDS`: progress bar, log and checkpoint cadence, data_dir, ...)."""
+    from cnnjax.train.config import RUNTIME_FIELDS  # deferred: imports the model registry
+
+    name = str(override).partition("=")[0]
+    return name == "--distributed_timeout" or name.removeprefix("--config.") in RUNTIME_FIELDS
 
 
 def json_ready(value: Any) -> Any:

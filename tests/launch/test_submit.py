@@ -156,6 +156,14 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     assert record["replaced"][0]["spec"]["time"] == "04:00:00"
     assert len(record["jobs"]) == 2
     assert "#SBATCH --time=08:00:00\n" in (workdir / "slurm" / "job.sbatch").read_text()
+    # Overrides that cannot change results (the README's "--distributed_timeout=600 to change
+    # it", the engine's RUNTIME_FIELDS) were refused as a different spec too.
+    neutral = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--", "--config.seed=2",
+                                             "--distributed_timeout=600",
+                                             "--config.progress_bar=False"))
+    assert neutral.returncode == 0, neutral.stderr
+    assert json.loads((workdir / "slurm" / "launch.json").read_text())["spec"]["overrides"] == [
+        "--config.seed=2", "--distributed_timeout=600", "--config.progress_bar=False"]
 
 
 def test_a_dry_run_refuses_what_submitting_would_refuse(tmp_path):
