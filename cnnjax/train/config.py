@@ -473,10 +473,12 @@ def _validate_init_from(config: Any) -> None:
         )
 
 
-def check_batch_divisible(config: Any, num_devices: int) -> None:
+def check_batch_divisible(config: Any, num_devices: int, for_training: bool = True) -> None:
     """Global (and eval) batch must split evenly over all devices of all processes, and each
-    device's train batch into `grad_accum_steps` micro-batches."""
-    for name in ("global_batch_size", "eval_batch_size"):
+    device's train batch into `grad_accum_steps` micro-batches. Not `for_training` (a finished
+    run evaluated), only an explicit eval batch: without one `eval_batch` rounds the training
+    batch up to the devices, which it need not divide."""
+    for name in ("global_batch_size", "eval_batch_size") if for_training else ("eval_batch_size",):
         value = config.get(name)
         if value is not None and value % num_devices:
             raise invalid(
@@ -488,12 +490,21 @@ def check_batch_divisible(config: Any, num_devices: int) -> None:
             )
     accum_steps = config.get("grad_accum_steps", 1)
     per_device = config.global_batch_size // num_devices
-    if per_device % accum_steps:
+    if for_training and per_device % accum_steps:
         raise invalid(
             "config", "grad_accum_steps", accum_steps,
             f"expected a divisor of the per-device batch {per_device} (global_batch_size "
             f"{config.global_batch_size} / {num_devices} devices), so that micro-batches are equal",
         )
+
+
+def eval_batch(config: Any, num_devices: int) -> int:
+    """The eval batch over `num_devices`: `eval_batch_size`, else the global batch rounded up to
+    a multiple of them (a no-op in training, where it divides them; eval pads and masks, so a
+    finished run evaluates on a machine whose device count its training batch does not
+    divide)."""
+    rounded_up = -(-config.global_batch_size // num_devices) * num_devices
+    return config.get("eval_batch_size") or rounded_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -655,7 +666,7 @@ def _checked_devices(config: Any, pipeline: Any, for_training: bool) -> list | N
                 f"{len(available)} local devices are available."
             )
         devices = available[: config.num_devices]
-    check_batch_divisible(config, _total_devices(devices))
+    check_batch_divisible(config, _total_devices(devices), for_training)
     if for_training and jax.process_count() > 1:
         # Each process reads its own shard of the train split; a '+'-joined split's shards may
         # be uneven, and one without a process batch is refused here, not by `train_batches`

@@ -547,7 +547,7 @@ class _Run:
         self.model, self.schedule, self.tx = checked.model, checked.schedule, checked.tx
         self.variable_shapes = checked.variable_shapes
         self.parallel = DataParallel(self.config.parallel, checked.devices)
-        self.eval_batch_size = self.config.get("eval_batch_size") or self.config.global_batch_size
+        self.eval_batch_size = config_lib.eval_batch(self.config, self.total_devices)
         if prepare_workdir:  # training: the teacher and the warm start are checked (read)
             # Before the workdir; a completed run's rerun is a no-op that needs no teacher (one
             # retrained or deleted since must not fail it).

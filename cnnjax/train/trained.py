@@ -88,8 +88,9 @@ def load_trained(workdir: str, step: int | None = None,
     with `ema`, the checkpoint's weight average instead (a run with `config.ema.decay` set).
     "Best" is judged by the loaded weights' own eval metric (`ema_top1` for the average).
 
-    The run's config is checked on this machine as the engine would; `num_devices` (0: all)
-    replaces the run's own, e.g. when its batch does not divide this machine's device count.
+    The run's config is checked on this machine as the engine would for evaluation (its
+    training batch need not divide this machine's device count: `config.eval_batch` rounds it
+    up); `num_devices` (0: all) replaces the run's own, e.g. one this machine does not have.
     Raises a ValueError naming the problem if `workdir` is not a training run's, its config no
     longer checks, or it has no (such) checkpoint.
     """
@@ -112,7 +113,6 @@ def load_trained(workdir: str, step: int | None = None,
     config = ml_collections.ConfigDict(config_lib.with_legacy_defaults(saved))
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
-    config.grad_accum_steps = 1  # a training setting: it need not divide this machine's batch
     try:
         checked = config_lib.check_config(config, for_training=False)
     except (AttributeError, KeyError) as err:  # ConfigDict's missing field, e.g. "'optimizer'"

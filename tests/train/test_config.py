@@ -14,6 +14,7 @@ from cnnjax.train.config import (
     check_batch_divisible,
     check_config,
     default_config,
+    eval_batch,
     validate_config,
 )
 from tests.train import helpers
@@ -146,6 +147,22 @@ def test_batch_not_divisible_by_devices():
     ):
         check_batch_divisible(config, 4)
     check_batch_divisible(default_config(), 4)  # 128 splits evenly
+
+
+def test_a_finished_run_evaluates_on_devices_its_training_batch_does_not_divide():
+    """A run trained with batch 30 on one device was refused by evaluate on a 4-device machine
+    ("global_batch_size=30 ... expected a multiple of the device count 4"), though evaluation
+    pads and masks: its eval batch is the training batch rounded up to the devices."""
+    config = default_config()
+    config.global_batch_size, config.grad_accum_steps = 30, 4
+    with pytest.raises(ValueError, match="global_batch_size=30 is invalid"):
+        check_batch_divisible(config, 4)
+    check_batch_divisible(config, 4, for_training=False)  # nor grad_accum_steps (7 per device)
+    assert (eval_batch(config, 4), eval_batch(config, 1), eval_batch(config, 3)) == (32, 30, 30)
+    config.eval_batch_size = 6  # an explicit one is used as given, and so checked
+    assert eval_batch(config, 4) == 6
+    with pytest.raises(ValueError, match="eval_batch_size=6 is invalid"):
+        check_batch_divisible(config, 4, for_training=False)
 
 
 def test_default_config_is_valid():
