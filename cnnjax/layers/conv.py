@@ -288,7 +288,7 @@ class Conv2D(nn.Module):
         _check_input_groups(owner, x, self.groups)
         _check_kernel_channels(self, x, self.groups)
         if geo.mode != "zeros":
-            x = pad_nhwc(x, pads, geo.mode, owner=owner)
+            x = pad_nhwc(x, pads, geo.mode, owner=owner, given=self.padding)
         return self.conv(x).astype(output_dtype(self, x))
 
 
@@ -360,7 +360,7 @@ class LocallyConnected2D(nn.Module):
         pads, out = geo.resolve(owner, x)
         self._check_input_matches_parameters(x, out, geo.kernel)
         if geo.mode != "zeros":
-            x = pad_nhwc(x, pads, geo.mode, owner=owner)
+            x = pad_nhwc(x, pads, geo.mode, owner=owner, given=self.padding)
         return self.conv(x).astype(output_dtype(self, x))
 
     def _check_input_matches_parameters(self, x: Array, out: tuple[int, int],
@@ -455,7 +455,7 @@ class TiledConv2D(nn.Module):
         past_end = any((t - 1) * s - low >= n for t, s, (low, _), n in
                        zip((th, tw), geo.strides, pads, x.shape[1:3], strict=True))
         if geo.mode != "zeros" or past_end:
-            x, pads = pad_nhwc(x, pads, geo.mode, owner=owner), ((0, 0), (0, 0))
+            x, pads = pad_nhwc(x, pads, geo.mode, owner=owner, given=self.padding), ((0, 0), (0, 0))
         rows = []
         for a in range(th):
             columns = [_tile_phase(x, pads, kernel, bias, (a, b), (th, tw), geo, self.precision)

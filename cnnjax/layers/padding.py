@@ -73,27 +73,32 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
 
 
 def pad_nhwc(
-    x: jax.Array, padding: PaddingSpec, mode: str = "zeros", *, owner: str = "pad_nhwc"
+    x: jax.Array, padding: PaddingSpec, mode: str = "zeros", *, owner: str = "pad_nhwc",
+    given: Any = None,
 ) -> jax.Array:
     """Pads the spatial (H, W) axes of an NHWC array with one of `PADDING_MODES`.
 
     `padding` is an int, `(pad_h, pad_w)` or `((top, bottom), (left, right))`. Output shape is
-    `(N, H + top + bottom, W + left + right, C)`. Errors name `owner` (the calling layer).
+    `(N, H + top + bottom, W + left + right, C)`. Errors name `owner` (the calling layer) and
+    `given`, the padding as the caller's user wrote it (e.g. "SAME", which the layer resolved
+    to `padding`), if not `padding` itself.
     """
     check_nhwc(owner, x)
     check_choice(owner, "padding_mode", mode, PADDING_MODES)
     pads = normalize_padding(owner, padding)
+    quoted = padding if given is None else given
+    resolved = "" if given is None else f"; it resolves to {pads} here"
     for axis_name, size, pair in zip(("height", "width"), x.shape[1:3], pads, strict=True):
         if mode in ("replicate", "circular") and size == 0 and max(pair) > 0:
-            raise invalid(owner, "padding", padding,
+            raise invalid(owner, "padding", quoted,
                           f"{mode} padding needs a non-empty input {axis_name} (got 0): it "
                           "repeats the input's values, and there are none")
         if mode == "reflect" and max(pair) > 0 and max(pair) >= size:
             raise invalid(
-                owner, "padding", padding,
+                owner, "padding", quoted,
                 f"reflect padding must be smaller than the input {axis_name} {size} on each "
-                f"side (got {pair}); a reflection cannot reach past the opposite edge, so use "
-                "less padding or padding_mode 'replicate'/'circular'",
+                f"side (got {pair}{resolved}); a reflection cannot reach past the opposite "
+                "edge, so use less padding or padding_mode 'replicate'/'circular'",
             )
     if pads == ((0, 0), (0, 0)):
         return x

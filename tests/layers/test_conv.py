@@ -755,11 +755,16 @@ def test_errors_raise_in_python_before_tracing():
         jax.jit(layer.apply)(params, X)
 
 
-def test_conv2d_reflect_padding_too_large_names_the_layer():
-    with pytest.raises(ValueError, match=r"Conv2D: padding=\(\(7, 7\), \(7, 7\)\) is invalid; "
-                                         r"reflect padding must be smaller than the input height "
-                                         r"7 on each side"):
+def test_conv2d_reflect_padding_too_large_names_the_layer_and_the_padding_as_given():
+    """It quoted the resolved pads (((7, 7), (7, 7)) for padding=7; for "SAME" pads the user never
+    wrote); now the padding as given, and what it resolves to."""
+    with pytest.raises(ValueError, match=r"^Conv2D: padding=7 is invalid; reflect padding must "
+                                         r"be smaller than the input height 7 on each side \(got "
+                                         r"\(7, 7\); it resolves to \(\(7, 7\), \(7, 7\)\) here\)"):
         Conv2D(4, 3, padding=7, padding_mode="reflect").init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=r"^Conv2D: padding='SAME' is invalid; .* \(got \(7, 8\); "
+                                         r"it resolves to \(\(7, 8\), \(7, 8\)\) here\)"):
+        Conv2D(4, 16, padding="SAME", padding_mode="reflect").init(jax.random.key(0), X)
 
 
 def test_conv2d_input_rank():
