@@ -155,6 +155,15 @@ def test_check_bool_refuses_everything_else(value):
         check_bool("f", "flag", value)
 
 
+def test_to_pair_refuses_entries_xla_cannot_hold():
+    """strides=2**63 was an OverflowError from inside the lowering ("Python int too large to
+    convert to C long"); 2**63 - 1 is the largest int64."""
+    assert to_pair("f", "strides", 2**63 - 1) == (2**63 - 1, 2**63 - 1)
+    with pytest.raises(ValueError, match=r"^f: strides=\(1, 9223372036854775808\) is invalid; "
+                                         r"expected every entry below 2\*\*63"):
+        to_pair("f", "strides", (1, 2**63))
+
+
 @pytest.mark.parametrize("value", ["no", 0, 1.0, np.int8(0)])
 def test_check_optional_bool_refuses_everything_else(value):
     with pytest.raises(ValueError, match=r"^f: flag=.* is invalid; expected True, False or "

@@ -208,7 +208,8 @@ def to_pair(
     owner: str, arg: str, value: int | Sequence[int], *, minimum: int = 1
 ) -> tuple[int, int]:
     """Normalizes an int or a pair of ints (NumPy integers too, never bools) to `(h, w)` of
-    Python ints, each at least `minimum`."""
+    Python ints, each at least `minimum` and below 2**63 (XLA's sizes are int64: a larger one
+    was an OverflowError from deep inside the lowering)."""
     pair = (value, value) if is_integer(value) else value
     try:
         pair = tuple(pair)
@@ -218,6 +219,8 @@ def to_pair(
         raise invalid(owner, arg, value, "expected an int or a pair of ints")
     if any(v < minimum for v in pair):
         raise invalid(owner, arg, value, f"expected every entry >= {minimum}")
+    if any(v >= 2**63 for v in pair):
+        raise invalid(owner, arg, value, "expected every entry below 2**63 (XLA's int64 sizes)")
     return int(pair[0]), int(pair[1])
 
 
