@@ -35,6 +35,7 @@ from cnnjax.utils.cli import (
     explain_flag_error,
     find_culprit,
     parse_with_none,
+    repeated_tuple_field,
 )
 from cnnjax.utils.files import check_directory_kind
 from cnnjax.utils.validation import invalid
@@ -73,6 +74,9 @@ def load_files(paths: dict[str, str], overrides: Sequence[str],
         culprit = culprit or find_culprit(overrides, err) or list(overrides)
         raise invalid(_OWNER, "overrides", culprit,
                       f"loading {', '.join(paths.values())} with it failed: {reason}") from None
+    repeated = repeated_tuple_field(values, overrides)  # the entry point refuses it at start
+    if repeated:
+        raise ValueError(f"{_OWNER}: the job would fail at start: {repeated}")
     return {flag: values[flag].value for flag in paths}
 
 

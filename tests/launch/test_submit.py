@@ -515,6 +515,17 @@ def test_a_cpu_job_may_use_more_than_one_device_only_with_forced_host_devices(tm
         check_configs(JobSpec(**{**spec.__dict__, "overrides": ()}))  # all 3, as at start
 
 
+def test_a_tuple_field_given_twice_is_refused_before_submission(tmp_path):
+    """The entry point refuses it at start (ml_collections would join the values); the launch
+    checks loaded the joined tuple and queued the job."""
+    spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
+                   submit_dir=str(ROOT), overrides=("--config.init_from.exclude=('head',)",
+                                                    "--config.init_from.exclude=('fc',)"))
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start: "
+                                         r"--config.init_from.exclude is invalid given 2 times"):
+        check_configs(spec)
+
+
 def test_check_configs_types_the_entry_points_plain_flags(tmp_path):
     spec = JobSpec(entry="train", config=_light_config(tmp_path, 32), workdir=str(tmp_path / "w"),
                    submit_dir=str(ROOT), overrides=("--distributed_timeout=600",))
