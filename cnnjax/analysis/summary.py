@@ -406,6 +406,14 @@ class _Grouper:
                         if i in table:
                             table[o] = table[i]
                 continue
+            if (e.prim == "convert_element_type" and in_infos[0] is not None
+                    and self.producer.get(e.inputs[0]) is None):
+                # A cast of the model's input is no layer (a bfloat16 pool's widening, a float32
+                # image into a bfloat16 conv): it passes the input to the row that reads it, as
+                # `_before_widening` does a row's output; as its own row it charged the input's
+                # bytes again (in float32) to a phantom layer.
+                self.info[e.outputs[0]] = in_infos[0]
+                continue
             if all(i is None for i in in_infos):
                 deps_p, deps_e = frozenset(), frozenset([e.index])
                 for i in e.inputs:
@@ -522,8 +530,10 @@ class _Grouper:
     def _finish(self, r: _RowBuilder, leaving: set[int]) -> LayerRow:
         """The row's record; its outputs are the values it passes on (all parts of a split),
         else its last equation's first output."""
-        outputs = [self._before_widening(o, r) for q in r.eqns for o in self.t.eqns[q].outputs
-                   if o in leaving]
+        # once each: a value handed on both as it is and widened (to a bfloat16 block's conv
+        # branch and to its pool branch) was charged twice
+        outputs = list(dict.fromkeys(self._before_widening(o, r) for q in r.eqns
+                                     for o in self.t.eqns[q].outputs if o in leaving))
         avals = [self.t.avals[o] for o in outputs or [r.output]]
         shapes = tuple(tuple(int(s) for s in a.shape) for a in avals)
         return LayerRow(

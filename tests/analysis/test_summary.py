@@ -437,6 +437,33 @@ def test_a_bfloat16_row_before_an_average_pool_counts_bfloat16_bytes(pool):
     assert rows[-1].activation_bytes == output.size * output.dtype.itemsize
 
 
+def test_a_bfloat16_value_handed_on_widened_and_as_it_is_counts_once():
+    """An Inception-like block: the conv's bfloat16 output feeds a pool branch (widened inside
+    it) and a 1x1 conv; mapped back through the cast, it was listed twice (1,024 bytes where the
+    tensor holds 512). A pool on the bfloat16 input itself made its cast a float32 row of its
+    own (420 of a 426-byte total where the pooled output holds 6)."""
+
+    class Branches(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = Conv2D(4, 3, padding=1, dtype=jnp.bfloat16)(x)
+            a, b = avg_pool2d(y, 3, 1, padding=1), Conv2D(4, 1, dtype=jnp.bfloat16)(y)
+            return jnp.concatenate([a.astype(b.dtype), b], -1)
+
+    row = summary(Branches(), (8, 8, 3), dtype=jnp.bfloat16).rows[0]
+    assert row.output_shapes == ((1, 8, 8, 4),) and row.activation_bytes == 8 * 8 * 4 * 2
+
+    class Pooled(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return global_avg_pool(x)
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        table = summary(Pooled(), (5, 7, 3), dtype=dtype)
+        assert [(r.name, r.activation_bytes) for r in table.rows] == [
+            ("global_avg_pool_0", 3 * jnp.dtype(dtype).itemsize)]
+
+
 def test_float64_is_traced_as_float64_with_x64():
     with jax.enable_x64(True):
         rows = summary(VGGLike(), (32, 32, 3), dtype="float64").rows
