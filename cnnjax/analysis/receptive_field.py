@@ -125,6 +125,8 @@ def windowed(
                                               input_dilation))
         if kernel > 1:  # the outputs' fields now move in whole steps of the real inputs' grid
             lattice, slack = _upsampled_lattice(f, stride, input_dilation)
+            slack += _backward_excess(kernel, stride, pad_before, dilation,
+                                      input_dilation) * abs(f.jump) / lattice
     else:
         size = f.size + f.reach(span)
     jump *= stride
@@ -180,13 +182,41 @@ def _merged_lattice(fields: Sequence[AxisField]) -> tuple[float, float]:
     return lattice, slack
 
 
+def _real_inputs(o: int, kernel: int, stride: int, pad_before: int, dilation: int,
+                 lhs: int) -> list[int]:
+    """The real (undilated) input positions output `o` of the window reads."""
+    taps = (o * stride + t * dilation - pad_before for t in range(kernel))
+    return [q // lhs for q in taps if q % lhs == 0]
+
+
+def _backward_excess(kernel: int, stride: int, pad_before: int, dilation: int,
+                     lhs: int) -> float:
+    """Real-input steps by which the inputs u + 1 consecutive outputs read can spread beyond
+    one output's widest span plus u * stride / lhs (what `_upsampled_lattice` allows). With a
+    dilated kernel an output's first real input can step back: k=3, stride 3, dilation 2 over
+    inputs dilated by 3 has outputs 0..8 read 0, -, 0, 1, 0, 1, 2, 1, 2, and the field after a
+    3-wide window was reported 2 inputs wide where it is 3."""
+    if dilation == 1:
+        return 0.0
+    span = _dilated_span(kernel, stride, pad_before, dilation, lhs)
+    excess = 0.0
+    for first in range(lhs):  # the reads repeat every lhs outputs, stride inputs on
+        low, high = math.inf, -math.inf
+        for u in range(3 * lhs):
+            real = _real_inputs(first + u, kernel, stride, pad_before, dilation, lhs)
+            if real:
+                low, high = min(low, *real), max(high, *real)
+            if real or low < math.inf:
+                excess = max(excess, high - low - span - u * stride / lhs)
+    return excess
+
+
 def _dilated_span(kernel: int, stride: int, pad_before: int, dilation: int, lhs: int) -> int:
     """Largest distance, in input positions, between real inputs one output sees when the input
     is dilated by `lhs` (maximum over the `lhs` output phases; image borders ignored)."""
     best = 0
     for o in range(lhs):
-        taps = (o * stride + t * dilation - pad_before for t in range(kernel))
-        real = [q // lhs for q in taps if q % lhs == 0]
+        real = _real_inputs(o, kernel, stride, pad_before, dilation, lhs)
         if real:
             best = max(best, max(real) - min(real))
     return best

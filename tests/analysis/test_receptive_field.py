@@ -717,3 +717,27 @@ def test_a_globally_mixed_field_does_not_move_when_its_axis_comes_back():
     assert all(f.jump == 0 for f in mixed) and "mixing all positions" in notes[0]
     bounds = theoretical_bounds(to_receptive_field(mixed), (15, 0))
     assert bounds[0][0] <= 0 and bounds[0][1] >= 15
+
+
+@pytest.mark.parametrize("stride,dilation,kernel,then", [
+    (3, 2, 3, 3), (2, 3, 2, 2), (3, 2, 3, 4), (4, 3, 3, 3), (2, 1, 3, 3), (3, 3, 2, 2),
+])
+def test_a_dilated_strided_transposed_conv_bounds_the_fields_that_follow_it(
+        stride, dilation, kernel, then):
+    """With a dilated kernel the first input an upsampled output reads can step back (k=3,
+    stride 3, dilation 2: outputs 0..8 read inputs 0, -, 0, 1, 0, 1, 2, 1, 2), so a window over
+    3 outputs was reported to see 2 inputs where it sees 3. Reference: the widest gradient
+    support of any unit (all-positive weights, average pooling: no cancellation)."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = ConvTranspose2D(1, (kernel, 1), strides=(stride, 1), dilation=(dilation, 1))(x)
+            return nn.avg_pool(x, (then, 1), (1, 1))
+
+    n = 12
+    x = jnp.asarray(np.random.default_rng(0).uniform(0.1, 1.0, (1, n, 1, 1)), jnp.float32)
+    variables = jax.tree.map(lambda p: jnp.abs(p) + 0.1, Net().init(jax.random.key(0), x))
+    jacobian = np.asarray(jax.jacrev(lambda x: Net().apply(variables, x)[0, :, 0, 0])(x))
+    widest = max(np.ptp(np.flatnonzero(row)) + 1 for row in jacobian.reshape(-1, n) if row.any())
+    assert summary(Net(), (n, 1, 1)).receptive_field.size[0] >= widest
