@@ -192,7 +192,7 @@ def _real_inputs(o: int, kernel: int, stride: int, pad_before: int, dilation: in
 def _backward_excess(kernel: int, stride: int, pad_before: int, dilation: int,
                      lhs: int) -> float:
     """Real-input steps by which the inputs u + 1 consecutive outputs read can spread beyond
-    one output's widest span plus u * stride / lhs (what `_upsampled_lattice` allows). With a
+    one output's widest span plus ceil(u * stride / lhs) (what `_upsampled_lattice` allows). With a
     dilated kernel an output's first real input can step back: k=3, stride 3, dilation 2 over
     inputs dilated by 3 has outputs 0..8 read 0, -, 0, 1, 0, 1, 2, 1, 2, and the field after a
     3-wide window was reported 2 inputs wide where it is 3."""
@@ -207,7 +207,7 @@ def _backward_excess(kernel: int, stride: int, pad_before: int, dilation: int,
             if real:
                 low, high = min(low, *real), max(high, *real)
             if real or low < math.inf:
-                excess = max(excess, high - low - span - u * stride / lhs)
+                excess = max(excess, high - low - span - math.ceil(u * stride / lhs - 1e-9))
     return excess
 
 
