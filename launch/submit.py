@@ -212,7 +212,9 @@ def planned_record(spec: JobSpec, num_trials: int | None, *,
             raise invalid(
                 _OWNER, "workdir", spec.workdir,
                 f"it holds a job with a different spec ({'; '.join(changes)}); resubmit the "
-                f"recorded spec to resume it (only {scheduling} may change), choose a new "
+                f"recorded spec to resume it (only {scheduling} and overrides that cannot change "
+                "results, --distributed_timeout and --config.<runtime field>, may change), "
+                "choose a new "
                 f"--workdir, or pass --force to replace it ({_REPLACE_HINTS[spec.entry]})")
         record = {**record, "replaced": [*record.get("replaced", []),
                                          {"spec": record["spec"], "until": _now()}]}

@@ -187,8 +187,8 @@ class Recipe:
         self._check_lr_range()
         self._check_counts()
         object.__setattr__(self, "regularizers", _regularizer_names(self.regularizers))
-        check_bool(_OWNER, "lengthen_regularizers", self.lengthen_regularizers)
-        check_bool(_OWNER, "lr_range_test", self.lr_range_test)
+        for flag in ("lengthen_regularizers", "lr_range_test"):  # a NumPy bool as Python's (JSON)
+            object.__setattr__(self, flag, check_bool(_OWNER, flag, getattr(self, flag)))
         self._check_grid()
         self._check_judged()
 

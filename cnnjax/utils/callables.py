@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import numpy as np
+
 PREFIX = "callable:"
 
 #: Public modules tried first, so a name survives a library moving its private module.
@@ -52,7 +54,10 @@ def callable_path(fn: Any) -> str | None:
 
 def encode(value: Any) -> Any:
     """`value` (nested dicts/lists/tuples) with each importable function or class replaced by
-    "callable:<path>"; other values unchanged."""
+    "callable:<path>" and each NumPy scalar by its Python value (np.True_ as True: JSON wrote
+    it as the string "unserializable object: True"); other values unchanged."""
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, dict):
         return {key: encode(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

@@ -143,7 +143,8 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     assert (f"error: launch: workdir='{workdir}' is invalid; it holds a job with a different "
             "spec (overrides: [] -> ['--config.seed=2']); resubmit the recorded spec to resume "
             "it (only --account, --job_name, --max_requeues, --mem, --qos, --signal_seconds, "
-            "--time may change), choose a new "
+            "--time and overrides that cannot change results, --distributed_timeout and "
+            "--config.<runtime field>, may change), choose a new "
             "--workdir, or pass --force to replace it (if the config changed, also pass "
             "--config.restart=True: experiments.train refuses checkpoints of an incompatible "
             "config") in changed.stderr
@@ -282,7 +283,8 @@ def test_a_sweep_resubmitted_with_array_reruns_chosen_trials(tmp_path):
     assert ("it holds a job with a different spec (overrides: [] -> "
             "['--config.num_train_steps=5']); resubmit the recorded spec to resume it (only "
             "--account, --array, --job_name, --max_parallel, --max_requeues, --mem, --qos, "
-            "--signal_seconds, --time, --trials_per_task may change)" in changed.stderr)
+            "--signal_seconds, --time, --trials_per_task and overrides that cannot change "
+            "results") in changed.stderr
     assert ("pass --force to replace it (experiments.sweep still refuses a --sweep_dir holding "
             "another search space or base config; for those choose a new --workdir)"
             in changed.stderr)

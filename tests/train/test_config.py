@@ -546,6 +546,22 @@ def test_an_unaccepted_model_kwarg_lists_the_fields_of_a_model_that_pins_some(tm
     assert "['drop_path_rate', 'shortcut', 'widths', 'zero_init_last_bn']" in message
 
 
+def test_numpy_scalars_in_model_kwargs_are_saved_as_their_python_values():
+    """A model now takes np.True_ for a bool field (as the call flags did); config.json wrote it
+    as the string "unserializable object: True", which a reload then refused, and a rerun's
+    comparison read as a changed config."""
+    from cnnjax.train.config import flatten, to_json
+
+    config = default_config()
+    config.model = "nin_cifar"
+    config.model_kwargs.relu_logits = np.True_
+    config.model_kwargs.dropout_rate = np.float32(0.25)
+    saved = json.loads(to_json(config))["model_kwargs"]
+    assert saved == {"relu_logits": True, "dropout_rate": 0.25}
+    assert flatten(json.loads(to_json(config)))["model_kwargs.relu_logits"] is True
+    assert flatten(config)["model_kwargs.relu_logits"] is True
+
+
 def test_legacy_defaults_fill_old_config_json_at_any_depth():
     """An old config.json lacks the fields added since: they take their old implicit values,
     inside a saved block too (its own fields win)."""

@@ -1016,3 +1016,11 @@ def test_recipe_thresholds_may_be_a_mapping_of_some_fields():
     with pytest.raises(ValueError, match=r"^recipe: thresholds=3 is invalid; expected a "
                                          r"Thresholds, a mapping of some of its fields or None"):
         rc.Recipe(thresholds=3)
+
+
+def test_numpy_bool_switches_are_kept_as_python_bools():
+    """check_bool takes np.bool_ since session 50; the recipe kept it as given, and describe()
+    (tune.json, recipe.json) then failed: "Object of type bool is not JSON serializable"."""
+    recipe = _recipe(lengthen_regularizers=np.True_, lr_range_test=np.False_)
+    assert recipe.lengthen_regularizers is True and recipe.lr_range_test is False
+    assert json.loads(json.dumps(recipe.describe()))["lengthen_regularizers"] is True
