@@ -258,16 +258,21 @@ class EventFileWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Parses metrics.jsonl, skipping a torn last line left by a killed process."""
+    """Parses metrics.jsonl, skipping a torn last line left by a killed process, and any other
+    unreadable line with a warning naming it (a resume rewrites the file without it: those
+    records were dropped without a word)."""
     if not os.path.exists(path):
         return []
     records = []
     with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        lines = f.readlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) and line.strip():
+                logging.warning("%s: line %d is not a JSON record; it is skipped (a resume "
+                                "rewrites the file without it)", path, number)
     return records
 
 

@@ -27,6 +27,20 @@ def test_resume_drops_records_after_checkpoint_and_torn_lines(tmp_path):
     ]
 
 
+def test_an_unreadable_middle_line_is_skipped_with_a_warning_naming_it(tmp_path, monkeypatch):
+    """A garbled line inside the file was dropped without a word (and a resume rewrote the file
+    without it); a torn last line is a killed write, skipped quietly."""
+    from cnnjax.train import logging as logging_lib
+
+    warned = []
+    monkeypatch.setattr(logging_lib.logging, "warning", lambda *args: warned.append(args))
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "split": "train", "loss": 1.0}) for s in (10, 20)]
+    path.write_text(f"{good[0]}\n{{garbled\n{good[1]}\n{{\"step\": 3")
+    assert [r["step"] for r in read_metrics(str(path))] == [10, 20]
+    assert len(warned) == 1 and warned[0][1:] == (str(path), 2)
+
+
 def test_tensorboard_event_file_is_readable(tmp_path):
     logger = MetricLogger(str(tmp_path))
     logger.write_scalars(5, "eval", {"top1": 0.75})
