@@ -29,6 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cnnjax.launch.spec import JobSpec, array_indices, split_file_argument, validate_spec
+from cnnjax.platform import parse_xla_flags
 from cnnjax.utils.cli import (
     NoneOverrideError,
     config_file_error,
@@ -212,16 +213,13 @@ def job_devices(spec: JobSpec, config: Any, where: str = "") -> tuple[int, str]:
     return requested, f"config.num_devices={requested}"
 
 
-_HOST_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
-
-
 def forced_host_devices(spec: JobSpec) -> int:
-    """The CPU devices each task of `spec`'s job will have: the last
-    `--xla_force_host_platform_device_count` in the XLA_FLAGS it runs with (its `--env`, else
-    the submitting environment, which sbatch exports to the job), else 1."""
+    """The CPU devices each task of `spec`'s job will have: the
+    `--xla_force_host_platform_device_count` XLA reads from the XLA_FLAGS it runs with (its
+    `--env`, else the submitting environment, which sbatch exports to the job), else 1."""
     given = dict(spec.env).get("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-    counts = _HOST_DEVICE_COUNT.findall(given)
-    return max(int(counts[-1]), 1) if counts else 1
+    count = parse_xla_flags(given).get("xla_force_host_platform_device_count") or ""
+    return max(int(count), 1) if count.isdigit() else 1
 
 
 def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
