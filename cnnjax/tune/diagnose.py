@@ -222,11 +222,17 @@ class Thresholds:
 def as_thresholds(value: Thresholds | Mapping[str, Any] | None, owner: str = _OWNER
                   ) -> Thresholds:
     """`value` as `Thresholds`: None gives the defaults, a mapping (or ConfigDict) of some
-    fields replaces those (`Thresholds.from_mapping`); anything else is refused by name."""
+    fields replaces those (`Thresholds.from_mapping`); anything else is refused by name. Errors
+    name `owner` (e.g. `recipe: thresholds.overfit_gap=...`)."""
     if value is None or isinstance(value, Thresholds):
         return value or Thresholds()
     if isinstance(value, Mapping) or hasattr(value, "items"):
-        return Thresholds.from_mapping(value)
+        try:
+            return Thresholds.from_mapping(value)
+        except ValueError as error:  # named by its owner, as its flag is (`--recipe.thresholds.x`)
+            if owner == _OWNER:
+                raise
+            raise ValueError(f"{owner}: {str(error).removeprefix(f'{_OWNER}: ')}") from None
     raise invalid(owner, "thresholds", value,
                   "expected a Thresholds, a mapping of some of its fields or None (defaults)")
 

@@ -582,8 +582,14 @@ def test_recipe_config_fields_are_checked():
     assert rc.Recipe.from_config(config) == rc.Recipe()
     with pytest.raises(ValueError, match=r"recipe: field='lr' is invalid; expected one of"):
         rc.Recipe.from_config({"lr": 0.1})
-    with pytest.raises(ValueError, match=r"diagnose: thresholds field='gap' is invalid"):
+    with pytest.raises(ValueError, match=r"^recipe: thresholds field='gap' is invalid"):
         rc.Recipe.from_config({"thresholds": {"gap": 0.1}})
+    # A bad value is named as its flag is (--recipe.thresholds.overfit_gap), not as diagnose's.
+    with pytest.raises(ValueError, match=r"^recipe: thresholds.overfit_gap=2 is invalid; expected "
+                                         r"a fraction of top-1"):
+        rc.Recipe.from_config({"thresholds": {"overfit_gap": 2}})
+    with pytest.raises(ValueError, match=r"^diagnose: thresholds.overfit_gap=2 is invalid"):
+        dg.as_thresholds({"overfit_gap": 2})
     assert rc.Recipe.from_config({"thresholds": {"overfit_gap": 0.1}}).thresholds.overfit_gap \
         == 0.1
 
