@@ -14,6 +14,7 @@ environment.
 """
 
 import os
+import signal
 from importlib.metadata import version
 
 from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
@@ -59,3 +60,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
             f"{len(skipped)} tests comparing against PyTorch/torchvision were skipped (not "
             "installed): pip install -e '.[test,torchvision]' runs them, as CI does.",
             yellow=True)
+
+
+def pytest_sessionfinish(session) -> None:
+    """An xdist worker ignores SIGINT once its tests are done: execnet SIGINTs a worker still
+    busy 5 s after being told to exit, and a worker's end-of-session garbage collection (pytest
+    runs gc twice there) can take that long on 2 cores, so the KeyboardInterrupt landed in a
+    weakref callback and was reported as an unraisable-exception warning after the last test.
+    A worker that really hangs is still killed by xdist after its own timeout."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
