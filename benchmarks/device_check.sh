@@ -20,6 +20,15 @@ cd "$(dirname "$0")/.."
 
 ML_COLLECTIONS=ml_collections==1.1.0
 
+case "${1:-}" in  # an unknown argument (a typo of --parity) must not spend the device's minutes
+  "" | --prepare | --parity) ;;
+  *)
+    echo "device_check.sh: unknown argument '$1'; expected none (the GPU checks), --prepare or" \
+      "--parity" >&2
+    exit 2
+    ;;
+esac
+
 if [[ "${1:-}" == "--prepare" ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
