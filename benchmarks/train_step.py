@@ -180,11 +180,13 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     accum = train_options.get("accum_steps", 1)
     layer = one_value_batch_norm(model, per_device // accum, n, image_shape)
     if layer is not None:  # else the BatchNorm's own refusal, as a traceback from `.lower()`
-        raise ValueError(f"train_step: batch_size={batch_size} is invalid; with "
-                         f"grad_accum_steps={accum} on {n} device each micro-batch holds one "
-                         f"image, and {layer} then normalizes each channel over a single value; "
-                         "use a larger --batch_size, fewer --grad_accum_steps or a larger "
-                         "--image_size.")
+        accumulated = f" and --grad_accum_steps={accum}" if accum > 1 else ""
+        devices_ = f"{n} device{'s' if n > 1 else ''}"
+        raise ValueError(f"--batch_size={batch_size} is invalid; on {devices_}{accumulated} "
+                         f"each {'micro-' if accum > 1 else ''}batch holds one image, and "
+                         f"{layer} then normalizes each channel over a single value; use a "
+                         f"larger --batch_size{', fewer --grad_accum_steps' if accum > 1 else ''}"
+                         " or a larger --image_size.")
     train_fn, _ = make_steps(model, tx, schedule, AXIS_NAME, **train_options)
     step = dp.wrap_train(train_fn)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), (per_device, *image_shape),
