@@ -6,16 +6,19 @@ difference): once with its arguments on the default device and once on the CPU. 
 are the ones the default test suite checks against TensorFlow, PyTorch and float64 NumPy, so a
 case that agrees here is checked on the accelerator too. It prints each case's relative error
 `|accel - cpu| / |cpu|` (2-norm over all outputs) and its worst absolute error, and exits 1 when a
-case exceeds `--tolerance` (`--grad_tolerance` for gradients) or fails to run.
+case exceeds `--tolerance` (`--grad_tolerance` for gradients) or fails to run. A layer that
+picks its lowering from `jax.default_backend()` (max pooling's custom JVP, the per-phase
+transposed convolution, the "auto" convolution and BatchNorm lowerings) is traced once, in the
+accelerator's form, which the CPU then runs too: the CPU's own forms are left to the test suite.
 
   python -m benchmarks.backend_parity                       # on a machine with a GPU/TPU
   python -m benchmarks.backend_parity --models=all --json_out=/tmp/parity.json
 
 Layer cases run each layer forward and take the gradient of a fixed random projection of its
-output with respect to its input and parameters (the custom JVPs of max pooling and RoI pooling
-included); model cases run each registered model forward in eval mode and, with `--model_grads`,
-the gradient of a projection of its train-mode output (BatchNorm on batch statistics) with
-respect to its parameters. On a machine without an accelerator, `--allow_cpu` compares the CPU
+output with respect to its input and parameters (RoI pooling's custom JVP included); model
+cases run each registered model forward in eval mode and, with `--model_grads`, the gradient
+of a projection of its train-mode output (BatchNorm on batch statistics) with respect to its
+parameters. On a machine without an accelerator, `--allow_cpu` compares the CPU
 with itself (a check of this script, not of a backend).
 """
 
@@ -107,6 +110,9 @@ def check_flags() -> list[str]:
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; expected 'all' or names from {known}")
+    if not names and not FLAGS.layers:
+        raise ValueError("--models is empty and --layers=false: there is nothing to compare; "
+                         "name a model or leave --layers on")
     for flag in ("batch_size", "image_size"):
         if getattr(FLAGS, flag) < 1:
             raise ValueError(f"--{flag}={getattr(FLAGS, flag)} is invalid; expected >= 1")
@@ -127,7 +133,10 @@ def select_cases(cases: list[Case], skip: list[str]) -> list[Case]:
     if unmatched:
         raise ValueError(f"--skip: {unmatched} match no case; expected `name` or `name:kind` "
                          f"of {sorted({c.name for c in cases})}")
-    return [c for c in cases if c.name not in skip and f"{c.name}:{c.kind}" not in skip]
+    kept = [c for c in cases if c.name not in skip and f"{c.name}:{c.kind}" not in skip]
+    if not kept:
+        raise ValueError(f"--skip={','.join(skip)} leaves no case to compare")
+    return kept
 
 
 def _projection_grad(apply: Callable[..., Any], wrt: tuple[int, ...], seed: int) -> Callable:

@@ -48,13 +48,14 @@ def test_layer_cases_cover_every_layer_forward_and_backward():
 def test_skip_drops_a_case_or_one_kind_and_refuses_what_matches_nothing():
     cases = [Case("tiled_conv", kind, abs, ()) for kind in ("forward", "grad")]
     assert [c.kind for c in select_cases(cases, ["tiled_conv:grad"])] == ["forward"]
-    assert select_cases(cases, ["tiled_conv"]) == []
+    with pytest.raises(ValueError, match=r"^--skip=tiled_conv leaves no case to compare$"):
+        select_cases(cases, ["tiled_conv"])
     with pytest.raises(ValueError, match=r"--skip: \['tiled:grad'\] match no case"):
         select_cases(cases, ["tiled:grad"])
 
 
 def test_the_command_compares_and_refuses_in_one_line(tmp_path):
-    ok, on_cpu, unknown, bad_skip, json_dir = run_commands([
+    ok, on_cpu, unknown, bad_skip, json_dir, nothing = run_commands([
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          "--nomodel_grads"),
         ("benchmarks.backend_parity", "--nolayers", "--models=lenet5"),
@@ -63,6 +64,7 @@ def test_the_command_compares_and_refuses_in_one_line(tmp_path):
          "--skip=lenet6"),
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          f"--json_out={tmp_path}"),
+        ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models="),
     ])
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "1 of 1 cases within tolerance" in ok.stdout
@@ -73,6 +75,8 @@ def test_the_command_compares_and_refuses_in_one_line(tmp_path):
     assert "Traceback" not in bad_skip.stderr and "lenet5 forward" not in bad_skip.stdout
     assert json_dir.returncode != 0 and "--json_out" in json_dir.stderr
     assert "Traceback" not in json_dir.stderr and "lenet5 forward" not in json_dir.stdout
+    assert nothing.returncode != 0 and "Traceback" not in nothing.stderr  # it passed, 0 of 0
+    assert "--models is empty and --layers=false: there is nothing to compare" in nothing.stderr
 
 
 def test_model_variables_are_made_when_the_case_runs_and_once_per_model():
