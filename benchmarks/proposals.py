@@ -10,6 +10,7 @@ Reads `shapes_multi` (generated offline on first use) or any tfds set with `obje
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app, flags
@@ -75,10 +76,11 @@ def main(argv: list[str]) -> None:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    import cnnjax.data.builders  # noqa: F401  (registers the offline datasets)
+    from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
     from cnnjax.detection.selective_search import selective_search
     from cnnjax.models import create_model
     from cnnjax.models.rcnn import window_proposals
+    from cnnjax.utils.files import check_output_dir
 
     with one_line_errors():  # a bad dataset or split: one line, before any image is read
         settings = _settings()
@@ -86,6 +88,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"benchmarks.proposals: --split={FLAGS.split!r} is invalid; expected "
                              "a split name without a slice (--num_images takes its first N)")
         split = f"{FLAGS.split}[:{FLAGS.num_images}]"
+        if FLAGS.data_dir is not None:  # tfds would print its build banner, then fail inside it
+            check_output_dir(FLAGS.data_dir, "--data_dir", writable=False)
         try:  # tfds's own error lists its whole catalogue (hundreds of lines)
             builder = tfds.builder(FLAGS.dataset, data_dir=FLAGS.data_dir)
         except tfds.core.registered.DatasetNotFoundError:
@@ -95,6 +99,11 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is invalid; "
                              "expected a detection dataset with objects/bbox boxes (e.g. "
                              "shapes_multi, voc/2007)")
+        if not builder.is_prepared() and not isinstance(builder, LOCAL_BUILDERS):
+            raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is not prepared "
+                             f"in {os.path.dirname(builder.data_dir)!r} and cnnjax never "
+                             "downloads data; prepare it with `tfds build` where there is "
+                             "internet, or pass the --data_dir holding it")
         builder.download_and_prepare()  # what tfds.load does: cnnjax's offline sets build here
         dataset = builder.as_dataset(split=split)
     images, truth = [], []

@@ -35,7 +35,7 @@ def test_bad_flags_are_one_line_before_any_work(script, args, message):
     assert result.stdout == ""
 
 
-def test_layer_and_model_arguments_are_one_line_before_any_work():
+def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
     """Each was a traceback: profile_step's build of a model that takes no --stem ran outside the
     error handler; conv_transpose and roi_pool checked nothing, some only after timing a first
     form; proposals took any --num_images into a tfds slice (-498: all but the last 498) and
@@ -77,6 +77,14 @@ def test_layer_and_model_arguments_are_one_line_before_any_work():
          "detection dataset"),
         (["benchmarks.backend_parity", "--max_seconds=nan", "--allow_cpu"],
          "error: --max_seconds=nan is invalid; expected >= 0"),
+        # tfds printed its build banner and failed in it ("cannot access 'README.md/downloads'");
+        # a catalogue dataset not prepared went on to download it
+        (["benchmarks.proposals", "--data_dir=README.md"],
+         "error: --data_dir='README.md' is invalid; expected a directory or a path to create, "
+         "but a file is in the way."),
+        (["benchmarks.proposals", "--dataset=voc/2007", f"--data_dir={tmp_path}"],
+         f"error: benchmarks.proposals: --dataset='voc/2007' is not prepared in "
+         f"'{tmp_path}/voc/2007' and cnnjax never downloads data"),
         # the model was checked against --image_size only, not the dataset's native 8x8
         (["benchmarks.input_pipeline", "--dataset=digits", "--model=lenet5"],
          "error: --image_size=8 is invalid; lenet5 takes inputs of at least 32x32 (unset, the "
