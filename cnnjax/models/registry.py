@@ -108,23 +108,41 @@ def check_images(owner: str, x: Any) -> None:
 
 
 def check_call(module: nn.Module, x: Any, train: Any, return_features: Any = False,
-               **rates: float) -> bool:
+               stem: str | None = None, **rates: float) -> bool:
     """A model's call, checked where its `__call__` begins (before anything is traced):
     `x` a floating-point NHWC batch with pixels, `train` as `check_train` has it, and
     `return_features` a bool (a trunk without that flag, such as `VGGFeatures`, leaves it
-    False). Returns `train` as a bool.
+    False). Returns `train` as a bool. `stem`: the name of a model's first convolution when it
+    is a plain `nn.Conv` (see `_check_stem_channels`).
 
     Refused: integer images (uint8 0..255 went silently through `jnp.asarray(x, dtype)` as
     unnormalized floats), and training on a batch of 0 images (nothing to learn from, and
     BatchNorm's statistics of no images are NaN, which replaced the running ones)."""
     owner = type(module).__name__
     check_images(owner, x)
+    if stem is not None:
+        _check_stem_channels(module, x, stem)
     check_bool(owner, "return_features", return_features)
     train = check_train(module, train, **rates)
     if train and x.shape[0] == 0:
         raise invalid(owner, "train", True, "a batch of 0 images has nothing to train on (and "
                       "BatchNorm's statistics of no images are NaN): pass train=False")
     return train
+
+
+def _check_stem_channels(module: nn.Module, x: Any, stem: str) -> None:
+    """Refuses images whose channels differ from those the model's first convolution `stem`
+    (a flax `nn.Conv` submodule) was initialized for: flax's ScopeParamShapeError, no
+    ValueError, named neither the model nor the channels (cnnjax's `Conv2D` checks itself)."""
+    if not module.has_variable("params", stem):
+        return  # Initialization: the stem is created for this input.
+    built = module.get_variable("params", stem)["kernel"].shape[-2]
+    if built != x.shape[-1]:
+        raise invalid(type(module).__name__, "input.shape", tuple(x.shape),
+                      f"its parameters were initialized for {built}-channel images (stem "
+                      f"{stem!r}), this input has {x.shape[-1]}; a model takes the channel "
+                      "count it was initialized with (a config's data.grey_to_rgb feeds grey "
+                      "images as 3 channels)")
 
 
 def unregister_model(name: str) -> ModelInfo:

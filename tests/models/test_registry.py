@@ -310,6 +310,30 @@ def test_channels_first_images_are_refused_by_their_layout(name):
 
 
 @pytest.mark.parametrize("name", ONE_PER_CLASS)
+def test_images_of_another_channel_count_than_initialized_are_a_value_error(name):
+    """ResNets, CIFAR nets, DenseNets and the FCN-ResNets (a flax nn.Conv stem) gave flax's
+    ScopeParamShapeError, no ValueError, naming neither the model nor the channels; the others
+    (a cnnjax Conv2D first) name the layer. Grey images into an RGB-initialized model, or RGB
+    into a grey one (lenet5)."""
+    import jax
+
+    model = create_model(name)
+    native = _native_spec(name)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), native)
+    built = native.shape[3]
+    other = 1 if built == 3 else 3
+    x = jax.ShapeDtypeStruct((*native.shape[:3], other), native.dtype)
+    with pytest.raises(ValueError, match=rf"^\w+: input\.shape=\(\d+, \d+, \d+, {other}\) is "
+                                         rf"invalid; its (kernel was created for {built} input "
+                                         rf"channels|parameters were initialized for "
+                                         rf"{built}-channel images \(stem 'conv_init'\)), this "
+                                         rf"input has {other}; "
+                                         r"a (layer|model) takes the channel count it was "
+                                         r"initialized with"):
+        jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+
+
+@pytest.mark.parametrize("name", ONE_PER_CLASS)
 def test_training_on_a_batch_of_no_images_is_refused(name):
     """BatchNorm's batch statistics of 0 images are NaN (0/0) and replaced the running ones
     (`vgg11_bn` below); a batch of 0 has nothing to train on in any model. Eval on it works
