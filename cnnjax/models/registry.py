@@ -28,6 +28,8 @@ from cnnjax.utils.validation import (
 
 #: Constructor fields the caller (the engine) or flax sets, never offered as hyperparameters.
 ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
+# ... of which `create_model` callers set these (the engine too: from the dataset and config).
+_ENGINE_KEYWORDS = ("num_classes", "dtype", "axis_name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,10 +258,13 @@ def create_model(name: str, /, **overrides) -> nn.Module:
             raise
     # Outside the `except`: there CPython 3.11 turns the probes' duplicate-keyword TypeErrors
     # into KeyErrors.
+    settable = [*sorted(settable_fields(name)), *_ENGINE_KEYWORDS]
+    close = difflib.get_close_matches(bad, settable, n=1)
+    hint = f' Did you mean "{close[0]}"?' if close else ""
     raise ModelArgumentError(str(invalid(
         "create_model", bad, overrides[bad],
-        f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); its settable "
-        f"fields are {sorted(settable_fields(name))}")), bad)
+        f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); it takes "
+        f"{settable}.{hint}")), bad)
 
 
 def _rejected_keyword(message: str, overrides: dict) -> str | None:

@@ -19,8 +19,12 @@ from cnnjax.models.registry import registered_model
 
 @pytest.mark.parametrize(("name", "kwargs", "message"), [
     ("resnet18", {"widht": 3}, r"create_model: widht=3 is invalid; model 'resnet18' does not "
-                               r"take 'widht' \(unknown, or fixed by its name\); its settable "
-                               r"fields are \['act', 'drop_path_rate', 'features_only'"),
+                               r"take 'widht' \(unknown, or fixed by its name\); it takes "
+                               r"\['act', 'drop_path_rate', 'features_only'"),
+    # the keywords every model takes were left out of the list, and nothing was suggested
+    ("resnet18", {"num_clases": 3}, r"model 'resnet18' does not take 'num_clases' .*; it takes "
+                                    r"\[.*'zero_init_last_bn', 'num_classes', 'dtype', "
+                                    r"'axis_name'\]\. Did you mean \"num_classes\"\?$"),
     ("resnet20_cifar", {"depth": 32}, r"create_model: depth=32 is invalid; model "
                                       r"'resnet20_cifar' does not take 'depth'"),
 ])
