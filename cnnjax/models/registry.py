@@ -110,20 +110,20 @@ def check_images(owner: str, x: Any) -> None:
 
 
 def check_call(module: nn.Module, x: Any, train: Any, return_features: Any = False,
-               stem: str | None = None, **rates: float) -> bool:
+               first_conv: str | None = None, **rates: float) -> bool:
     """A model's call, checked where its `__call__` begins (before anything is traced):
     `x` a floating-point NHWC batch with pixels, `train` as `check_train` has it, and
     `return_features` a bool (a trunk without that flag, such as `VGGFeatures`, leaves it
-    False). Returns `train` as a bool. `stem`: the name of a model's first convolution when it
-    is a plain `nn.Conv` (see `_check_stem_channels`).
+    False). Returns `train` as a bool. `first_conv`: the name of a model's first convolution
+    when it is a plain `nn.Conv` (see `_check_first_conv_channels`).
 
     Refused: integer images (uint8 0..255 went silently through `jnp.asarray(x, dtype)` as
     unnormalized floats), and training on a batch of 0 images (nothing to learn from, and
     BatchNorm's statistics of no images are NaN, which replaced the running ones)."""
     owner = type(module).__name__
     check_images(owner, x)
-    if stem is not None:
-        _check_stem_channels(module, x, stem)
+    if first_conv is not None:
+        _check_first_conv_channels(module, x, first_conv)
     check_bool(owner, "return_features", return_features)
     train = check_train(module, train, **rates)
     if train and x.shape[0] == 0:
@@ -132,19 +132,19 @@ def check_call(module: nn.Module, x: Any, train: Any, return_features: Any = Fal
     return train
 
 
-def _check_stem_channels(module: nn.Module, x: Any, stem: str) -> None:
-    """Refuses images whose channels differ from those the model's first convolution `stem`
-    (a flax `nn.Conv` submodule) was initialized for: flax's ScopeParamShapeError, no
-    ValueError, named neither the model nor the channels (cnnjax's `Conv2D` checks itself)."""
-    if not module.has_variable("params", stem):
-        return  # Initialization: the stem is created for this input.
-    built = module.get_variable("params", stem)["kernel"].shape[-2]
+def _check_first_conv_channels(module: nn.Module, x: Any, first_conv: str) -> None:
+    """Refuses images whose channels differ from those the model's first convolution (a flax
+    `nn.Conv` submodule named `first_conv`) was initialized for: flax's ScopeParamShapeError,
+    no ValueError, named neither the model nor the channels (cnnjax's `Conv2D` checks itself)."""
+    if not module.has_variable("params", first_conv):
+        return  # Initialization: the convolution is created for this input.
+    built = module.get_variable("params", first_conv)["kernel"].shape[-2]
     if built != x.shape[-1]:
         raise invalid(type(module).__name__, "input.shape", tuple(x.shape),
-                      f"its parameters were initialized for {built}-channel images (stem "
-                      f"{stem!r}), this input has {x.shape[-1]}; a model takes the channel "
-                      "count it was initialized with (a config's data.grey_to_rgb feeds grey "
-                      "images as 3 channels)")
+                      f"its parameters were initialized for {built}-channel images (first "
+                      f"convolution {first_conv!r}), this input has {x.shape[-1]}; a model takes "
+                      "the channel count it was initialized with (a config's data.grey_to_rgb "
+                      "feeds grey images as 3 channels)")
 
 
 def unregister_model(name: str) -> ModelInfo:
@@ -246,7 +246,7 @@ def create_model(name: str, /, **overrides) -> nn.Module:
     # or Python's words ("'str' object is not callable"), naming neither the model nor the field.
     if "dtype" in overrides:
         check_float_dtype(name, "dtype", overrides["dtype"], computable=True)
-    if "act" in overrides and not callable(overrides["act"]):
+    if "act" in overrides and not callable(overrides["act"]) and "act" in settable_fields(name):
         raise invalid(name, "act", overrides["act"],
                       "expected a callable activation such as flax.linen.relu (a Python "
                       "function: it cannot come from a command line or JSON config)")
@@ -259,7 +259,7 @@ def create_model(name: str, /, **overrides) -> nn.Module:
     # Outside the `except`: there CPython 3.11 turns the probes' duplicate-keyword TypeErrors
     # into KeyErrors.
     settable = [*sorted(settable_fields(name)), *_ENGINE_KEYWORDS]
-    close = difflib.get_close_matches(bad, settable, n=1)
+    close = difflib.get_close_matches(bad, settable, n=1, cutoff=0.8)  # not param_dtype -> dtype
     hint = f' Did you mean "{close[0]}"?' if close else ""
     raise ModelArgumentError(str(invalid(
         "create_model", bad, overrides[bad],

@@ -97,7 +97,7 @@ class CifarResNet(nn.Module):
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
         """Logits `[N, num_classes]` (float32) of NHWC images `x`; with `return_features`
         `(logits, features)`, the features `stem`, `stage1`..`stage3` and `pre_logits`."""
-        train = check_call(self, x, train, return_features, stem="conv_init",
+        train = check_call(self, x, train, return_features, first_conv="conv_init",
                            drop_path_rate=self.drop_path_rate)
         conv = functools.partial(
             nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init

@@ -21,10 +21,14 @@ from cnnjax.models.registry import registered_model
     ("resnet18", {"widht": 3}, r"create_model: widht=3 is invalid; model 'resnet18' does not "
                                r"take 'widht' \(unknown, or fixed by its name\); it takes "
                                r"\['act', 'drop_path_rate', 'features_only'"),
-    # the keywords every model takes were left out of the list, and nothing was suggested
+    # the keywords every model takes were left out of the list, and nothing was suggested ...
     ("resnet18", {"num_clases": 3}, r"model 'resnet18' does not take 'num_clases' .*; it takes "
                                     r"\[.*'zero_init_last_bn', 'num_classes', 'dtype', "
                                     r"'axis_name'\]\. Did you mean \"num_classes\"\?$"),
+    # ... but a name merely like another is not one: param_dtype is not the compute dtype
+    ("resnet18", {"param_dtype": "float32"}, r"does not take 'param_dtype' .*'axis_name'\]\.$"),
+    # a keyword the model does not have is named as such, whatever its value
+    ("lenet5", {"act": None}, r"model 'lenet5' does not take 'act'"),
     ("resnet20_cifar", {"depth": 32}, r"create_model: depth=32 is invalid; model "
                                       r"'resnet20_cifar' does not take 'depth'"),
 ])
@@ -330,8 +334,8 @@ def test_images_of_another_channel_count_than_initialized_are_a_value_error(name
     with pytest.raises(ValueError, match=rf"^\w+: input\.shape=\(\d+, \d+, \d+, {other}\) is "
                                          rf"invalid; its (kernel was created for {built} input "
                                          rf"channels|parameters were initialized for "
-                                         rf"{built}-channel images \(stem 'conv_init'\)), this "
-                                         rf"input has {other}; "
+                                         rf"{built}-channel images \(first convolution "
+                                         rf"'conv_init'\)), this input has {other}; "
                                          r"a (layer|model) takes the channel count it was "
                                          r"initialized with"):
         jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
