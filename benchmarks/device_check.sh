@@ -20,6 +20,10 @@ cd "$(dirname "$0")/.."
 
 ML_COLLECTIONS=ml_collections==1.1.0
 
+if (($# > 1)); then  # a second argument would be dropped silently
+  echo "device_check.sh: takes at most one argument (none, --prepare or --parity), got: $*" >&2
+  exit 2
+fi
 case "${1:-}" in  # an unknown argument (a typo of --parity) must not spend the device's minutes
   "" | --prepare | --parity) ;;
   *)

@@ -180,9 +180,9 @@ def build_jax_step(model_name: str, num_classes: int, batch_size: int,
     accum = train_options.get("accum_steps", 1)
     layer = one_value_batch_norm(model, per_device // accum, n, image_shape)
     if layer is not None:  # else the BatchNorm's own refusal, as a traceback from `.lower()`
+        # (Only on one device: on more, BatchNorm's statistics span every device's images.)
         accumulated = f" and --grad_accum_steps={accum}" if accum > 1 else ""
-        devices_ = f"{n} device{'s' if n > 1 else ''}"
-        raise ValueError(f"--batch_size={batch_size} is invalid; on {devices_}{accumulated} "
+        raise ValueError(f"--batch_size={batch_size} is invalid; on 1 device{accumulated} "
                          f"each {'micro-' if accum > 1 else ''}batch holds one image, and "
                          f"{layer} then normalizes each channel over a single value; use a "
                          f"larger --batch_size{', fewer --grad_accum_steps' if accum > 1 else ''}"

@@ -55,7 +55,7 @@ def test_skip_drops_a_case_or_one_kind_and_refuses_what_matches_nothing():
 
 
 def test_the_command_compares_and_refuses_in_one_line(tmp_path):
-    ok, on_cpu, unknown, bad_skip, json_dir, nothing = run_commands([
+    ok, on_cpu, unknown, bad_skip, json_dir, nothing, at_once = run_commands([
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          "--nomodel_grads"),
         ("benchmarks.backend_parity", "--nolayers", "--models=lenet5"),
@@ -65,6 +65,8 @@ def test_the_command_compares_and_refuses_in_one_line(tmp_path):
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          f"--json_out={tmp_path}"),
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models="),
+        ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
+         "--nomodel_grads", "--max_seconds=1e-9"),
     ])
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "1 of 1 cases within tolerance" in ok.stdout
@@ -77,6 +79,8 @@ def test_the_command_compares_and_refuses_in_one_line(tmp_path):
     assert "Traceback" not in json_dir.stderr and "lenet5 forward" not in json_dir.stdout
     assert nothing.returncode != 0 and "Traceback" not in nothing.stderr  # it passed, 0 of 0
     assert "--models is empty and --layers=false: there is nothing to compare" in nothing.stderr
+    # a limit reached before the first case still runs that one (it passed as 0 of 0)
+    assert at_once.returncode == 0 and "1 of 1 cases within tolerance" in at_once.stdout
 
 
 def test_model_variables_are_made_when_the_case_runs_and_once_per_model():
