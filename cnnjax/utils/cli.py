@@ -533,14 +533,29 @@ def exit_on_ctrl_c(message: Callable[[], str]) -> Iterator[None]:
     """Ends the command on Ctrl-C (a KeyboardInterrupt from the block) with one line,
     `interrupted: <message()>` (where it stopped, how a rerun resumes), and exit status 130 (128 +
     SIGINT, what a shell reports for a Ctrl-C'd command), not a ~60-line traceback. SIGTERM's
-    `TrainingInterrupted`, a KeyboardInterrupt that is also a SystemExit, goes on (exit 143)."""
+    `TrainingInterrupted`, a KeyboardInterrupt that is also a SystemExit, goes on (exit 143).
+    The process ends through `exit_after_exit_handlers`: a Ctrl-C may leave an XLA compile
+    running."""
     try:
         yield
     except KeyboardInterrupt as err:
         if isinstance(err, SystemExit):
             raise
         sys.stderr.write(f"interrupted: {message()}\n")
-        sys.exit(130)
+        exit_after_exit_handlers(130)
+
+
+def exit_after_exit_handlers(status: int) -> None:
+    """Ends the process with `status` once its `atexit` handlers (JAX's, TensorFlow's,
+    logging's, `end_command`) have run, skipping the interpreter's finalization and C++'s static
+    destructors. A Ctrl-C raises its KeyboardInterrupt out of JAX's wait for an XLA compile while
+    the compile goes on in XLA's threads; `sys.exit` then tore LLVM's and XLA's globals down under
+    those threads, and 8 of 10 commands Ctrl-C'd mid-compile died with SIGSEGV or SIGABRT ("pure
+    virtual method called") after their `interrupted:` line (session 51)."""
+    atexit._run_exitfuncs()  # what sys.exit runs first  # noqa: SLF001
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def os_error_message(err: OSError) -> str:
