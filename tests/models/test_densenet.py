@@ -518,8 +518,8 @@ def test_basic_models_have_no_bn_size(name):
     """bn_size sizes the bottleneck's 1x1 conv, which basic dense layers lack: not offered."""
     settable = model_kwargs_config(name)
     assert "bn_size" not in settable and "bottleneck" not in settable
-    with pytest.raises(ValueError, match=r"create_model: bn_size=4 is invalid; .* its settable "
-                       r"fields are \['act', 'compression'"):
+    with pytest.raises(ValueError, match=r"create_model: bn_size=4 is invalid; .* it takes "
+                       r"\['act', 'compression'"):
         create_model(name, bn_size=4)
     assert create_model(name).bn_size is None
 
