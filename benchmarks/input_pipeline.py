@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -139,6 +139,15 @@ def define_flags() -> None:
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
 
 
+def check_model_at_native_size(model: str, native_hw: Sequence[int]) -> None:
+    """`check_model` at the dataset's native size, which --image_size left unset."""
+    try:
+        check_model(model, min(native_hw))
+    except ValueError as err:
+        raise ValueError(f"{err} (unset, the dataset's native size; set a larger "
+                         "--image_size)") from None
+
+
 def main(argv: list[str]) -> None:
     from cnnjax.utils.cli import one_line_errors, start_command
 
@@ -151,6 +160,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from cnnjax.data import pipeline
+    from cnnjax.data.spec import resolve
 
     load_start = loadavg()
     with contextlib.ExitStack() as mock:
@@ -159,15 +169,16 @@ def main(argv: list[str]) -> None:
                               or FLAGS["fake_num_train"].present else None)
             config = data_config(FLAGS.dataset, FLAGS.image_size, fake_num_train,
                                  FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
+            # The native size of a fixed-size preset is known before its data is read (or,
+            # for cnnjax's offline sets, generated); a variable-size dataset's only after.
+            native_hw = resolve(config).known_output_hw()
+            if FLAGS.image_size is None and native_hw is not None:
+                check_model_at_native_size(FLAGS.model, native_hw)
             if FLAGS.mock_examples > 0:
                 enter_mock(mock, config, FLAGS.mock_examples)
             info = pipeline.get_dataset_info(config)
-            if FLAGS.image_size is None:  # the dataset's native size, known only now
-                try:
-                    check_model(FLAGS.model, min(info.image_shape[:2]))
-                except ValueError as err:
-                    raise ValueError(f"{err} (unset, the dataset's native size; set a larger "
-                                     "--image_size)") from None
+            if FLAGS.image_size is None and native_hw is None:
+                check_model_at_native_size(FLAGS.model, info.image_shape[:2])
             check_batch_fits(FLAGS.batch_size, info, FLAGS.mock_examples, FLAGS.fake_num_train)
             bench = build_jax_step(FLAGS.model, info.num_classes, FLAGS.batch_size,
                                    info.image_shape, FLAGS.num_devices, FLAGS.parallel,

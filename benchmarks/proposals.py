@@ -10,7 +10,6 @@ Reads `shapes_multi` (generated offline on first use) or any tfds set with `obje
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import app, flags
@@ -77,6 +76,7 @@ def main(argv: list[str]) -> None:
     import tensorflow_datasets as tfds
 
     from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
+    from cnnjax.data.sources import missing_dataset_message
     from cnnjax.detection.selective_search import selective_search
     from cnnjax.models import create_model
     from cnnjax.models.rcnn import window_proposals
@@ -100,10 +100,9 @@ def main(argv: list[str]) -> None:
                              "expected a detection dataset with objects/bbox boxes (e.g. "
                              "shapes_multi, voc/2007)")
         if not builder.is_prepared() and not isinstance(builder, LOCAL_BUILDERS):
-            raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is not prepared "
-                             f"in {os.path.dirname(builder.data_dir)!r} and cnnjax never "
-                             "downloads data; prepare it with `tfds build` where there is "
-                             "internet, or pass the --data_dir holding it")
+            raise ValueError(missing_dataset_message(
+                f"benchmarks.proposals: --dataset={FLAGS.dataset!r}",
+                FLAGS.dataset, builder, "--data_dir"))
         builder.download_and_prepare()  # what tfds.load does: cnnjax's offline sets build here
         dataset = builder.as_dataset(split=split)
     images, truth = [], []

@@ -91,7 +91,9 @@ class TfdsSource(Source):
             # By the dataset named, not the preset: `name='shapes', tfds_name='voc/2007'` reads
             # a catalogue dataset, which must never be downloaded here.
             if not isinstance(builder, LOCAL_BUILDERS):
-                raise DatasetNotPreparedError(_missing_dataset_message(spec, builder))
+                raise DatasetNotPreparedError(missing_dataset_message(
+                    f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r})", spec.tfds_name,
+                    builder, "data.data_dir"))
             logging.info("cnnjax.data: generating %r into %s (offline, first use)",
                          spec.tfds_name, builder.data_dir)
             try:
@@ -230,18 +232,21 @@ def _builder_choices(name: str) -> str:
     return f"; {name!r} has " + " and ".join(parts) if parts else ""
 
 
-def _missing_dataset_message(spec: Spec, builder: Any) -> str:
+def missing_dataset_message(what: str, tfds_name: str, builder: Any, data_dir_setting: str
+                            ) -> str:
+    """Why tfds dataset `tfds_name` (`builder`, not prepared) cannot be read, and how to prepare
+    it where there is internet; `what` names it (`data: dataset 'voc' (tfds 'voc/2007')`),
+    `data_dir_setting` is the config field or flag that points elsewhere (`data.data_dir`)."""
     version_dir = str(builder.data_dir)
     root = version_dir
     for _ in builder.info.full_name.split("/"):
         root = os.path.dirname(root)
     message = (
-        f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r}) is not prepared in the "
-        f"tfds data_dir {root!r}; its files would be in {version_dir!r}. cnnjax never downloads "
-        f"data. Prepare it on a machine with internet access: `tfds build {spec.tfds_name} "
-        f"--data_dir=<dir>` (or `tfds.builder({spec.tfds_name!r}, data_dir=<dir>)"
-        f".download_and_prepare()`), then copy <dir>/{spec.tfds_name.split('/')[0]} into "
-        f"{root!r}, or set data.data_dir to the directory holding it."
+        f"{what} is not prepared in the tfds data_dir {root!r}; its files would be in "
+        f"{version_dir!r}. cnnjax never downloads data. Prepare it on a machine with internet "
+        f"access: `tfds build {tfds_name} --data_dir=<dir>` (or `tfds.builder({tfds_name!r}, "
+        f"data_dir=<dir>).download_and_prepare()`), then copy <dir>/{tfds_name.split('/')[0]} "
+        f"into {root!r}, or set {data_dir_setting} to the directory holding it."
     )
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
         message += (f" This dataset needs a manual download first: put its archives in "

@@ -156,6 +156,19 @@ class Spec:
     fake_num_train: int
     fake_num_eval: int
 
+    def known_output_hw(self) -> tuple[int, int] | None:
+        """The output (height, width), when known before any I/O: the configured size, else the
+        preset's fixed native size (the `fake` shape); None for variable-size images or a
+        `tfds_name` other than the preset's, whose images only the dataset itself knows."""
+        if self.size is not None:
+            return self.size
+        if self.preset.name == "fake":
+            return self.fake_image_shape[0], self.fake_image_shape[1]
+        height, width, _ = self.preset.image_shape
+        if self.tfds_name != self.preset.tfds_name or height is None or width is None:
+            return None
+        return height, width
+
 
 def _optional_str(arg: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):

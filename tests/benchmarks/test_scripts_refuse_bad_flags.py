@@ -83,8 +83,9 @@ def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
          "error: --data_dir='README.md' is invalid; expected a directory or a path to create, "
          "but a file is in the way."),
         (["benchmarks.proposals", "--dataset=voc/2007", f"--data_dir={tmp_path}"],
-         f"error: benchmarks.proposals: --dataset='voc/2007' is not prepared in "
-         f"'{tmp_path}/voc/2007' and cnnjax never downloads data"),
+         f"error: benchmarks.proposals: --dataset='voc/2007' is not prepared in the tfds "
+         f"data_dir "
+         f"'{tmp_path}'; its files would be in '{tmp_path}/voc/2007/"),
         # the model was checked against --image_size only, not the dataset's native 8x8
         (["benchmarks.input_pipeline", "--dataset=digits", "--model=lenet5"],
          "error: --image_size=8 is invalid; lenet5 takes inputs of at least 32x32 (unset, the "

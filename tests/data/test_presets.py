@@ -165,6 +165,25 @@ def test_cifar10_info_and_split_slices(cifar_dir):
             get_dataset_info(_config("cifar10", cifar_dir, eval_split="valid"))
 
 
+def test_known_output_hw_is_the_size_the_pipeline_produces(cifar_dir, digits_config):
+    """What scripts check a model against before reading (or generating) any data."""
+    def assert_known(config):
+        known = resolve(config).known_output_hw()
+        assert known == get_dataset_info(config).image_shape[:2], config
+
+    fake = default_data_config("fake")
+    fake.fake_image_shape = (12, 16, 3)  # not the preset's 32x32
+    for config in (digits_config(), digits_config(image_size=20), fake):
+        assert_known(config)
+    with _mock(cifar_dir, 12):
+        assert_known(_config("cifar10", cifar_dir))
+        assert_known(_config("cifar10", cifar_dir, image_size=24))
+        # Another tfds dataset under the preset: only its files know its size (28x28 here).
+        other = _config("cifar10", cifar_dir, tfds_name="mnist")
+        assert resolve(other).known_output_hw() is None
+    assert resolve(_config("imagenette", cifar_dir)).known_output_hw() == (224, 224)
+
+
 def test_cifar10_eval_is_normalized_raw_images(cifar_dir):
     with _mock(cifar_dir, 12):
         raw = _raw("cifar10", "test", cifar_dir)
