@@ -1,12 +1,14 @@
-"""Where the test session keeps XLA's persistent compilation cache: a directory kept across runs
-(a warm cache halves the default suite's time) that only the current user can write, since JAX
-runs the executables it finds there."""
+"""Where the test session keeps XLA's persistent compilation cache and its tfds data dir:
+directories kept across runs (a warm cache halves the default suite's time; the offline datasets
+are generated once) that only the current user can write, since JAX runs the executables it finds
+there and the tests trust the records they read."""
 
 import os
 import stat
 import tempfile
 
 CACHE_NAME = "cnnjax_test_jax_cache"
+TFDS_DIR_NAME = "cnnjax_test_tfds"
 
 
 def is_private_dir(path: str) -> bool:
@@ -26,11 +28,16 @@ def is_private_dir(path: str) -> bool:
     return True
 
 
-def private_cache_dir(base: str | None = None) -> str:
-    """`<base>/cnnjax_test_jax_cache` if this user owns it (or can make it), else a per-user
-    `<base>/cnnjax_test_jax_cache-<uid>`, else a fresh private temp dir; base is `$TMPDIR`."""
+def private_dir(name: str, base: str | None = None) -> str:
+    """`<base>/<name>` if this user owns it (or can make it), else a per-user
+    `<base>/<name>-<uid>`, else a fresh private temp dir; base is `$TMPDIR`."""
     base = tempfile.gettempdir() if base is None else base
-    for path in (os.path.join(base, CACHE_NAME), os.path.join(base, f"{CACHE_NAME}-{os.getuid()}")):
+    for path in (os.path.join(base, name), os.path.join(base, f"{name}-{os.getuid()}")):
         if is_private_dir(path):
             return path
-    return tempfile.mkdtemp(prefix=f"{CACHE_NAME}-", dir=base)
+    return tempfile.mkdtemp(prefix=f"{name}-", dir=base)
+
+
+def private_cache_dir(base: str | None = None) -> str:
+    """The compilation cache's `private_dir`, `<base>/cnnjax_test_jax_cache`."""
+    return private_dir(CACHE_NAME, base)

@@ -18,7 +18,7 @@ import signal
 from importlib.metadata import version
 
 from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
-from tests.compilation_cache import private_cache_dir
+from tests.compilation_cache import TFDS_DIR_NAME, private_cache_dir, private_dir
 
 TEST_XLA_FLAGS = {**CPU_DEFAULT_FLAGS, "xla_backend_optimization_level": "1"}
 if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
@@ -33,6 +33,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = private_cache_dir()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+# Hermetic: tfds's default data dir is the user's ~/tensorflow_datasets (or $TFDS_DATA_DIR, perhaps
+# a read-only shared store); the tests generate cnnjax's offline datasets into their own dir
+# instead, kept across runs. A test passed only when ~/tensorflow_datasets/digits already existed
+# (tfds's build banner reached a refusal's stdout), and tests wrote ~28 MB into the user's HOME.
+# Catalogue datasets are always mocked (`tfds.testing.mock_data`). Set before tfds is imported.
+os.environ["TFDS_DATA_DIR"] = private_dir(TFDS_DIR_NAME)
+
+# Inside a SLURM allocation (`salloc`, an sbatch job) the SLURM_* variables would make every
+# training subprocess a test starts try to join a multi-process JAX job; the tests that launch
+# SLURM jobs set the variables they need themselves.
+for _name in [name for name in os.environ if name.startswith("SLURM_")]:
+    del os.environ[_name]
 
 # torchvision 0.29 segfaults when imported after TensorFlow 2.21 (the other order works), and
 # test modules import TensorFlow through cnnjax.data long before the torchvision tests run.

@@ -507,20 +507,29 @@ UNWRITABLE_OUTPUT_COMMANDS = [
     ("experiments.tune", "--config=experiments/configs/lenet5_digits.py",
      "--recipe=experiments/recipes/lenet5_digits.py", "--tune_dir=/proc/cnnjax_test/tune"),
     ("launch.submit", "--entry=train", "--config=experiments/configs/lenet5_digits.py",
-     "--workdir=/proc/cnnjax_test/job", "--gpus_per_node=0", "--nocheck_configs"),
+     "--workdir=/proc/cnnjax_test/job", "--gpus_per_node=0", "--nocheck_configs",
+     "--venv="),  # no venv: the repository's .venv is absent where tests run from another
     ("experiments.transfer", "--transfer=experiments/transfers/digits_0to4_to_5to9.py",
      "--transfer_dir=/proc/cnnjax_test/transfer"),
     ("experiments.proposals", "--config=experiments/configs/rcnn_shapes.py:selective_search",
      "--config.data.data_dir=/proc/cnnjax_test/data"),
+    ("experiments.sweep", "--config=experiments/configs/lenet5_digits.py",
+     "--sweep=experiments/sweeps/lenet5_digits_lr.py", "--sweep_dir=/proc/cnnjax_test/sweep"),
 ]
 
 
 @pytest.fixture(scope="module")
-def unwritable_output_results() -> dict:
-    """The four commands run by one interpreter forking a child each (tests/commands.py: one
-    process start and TensorFlow import instead of four)."""
-    results = run_commands(UNWRITABLE_OUTPUT_COMMANDS, preimport=["cnnjax.data.pipeline"])
-    return dict(zip(UNWRITABLE_OUTPUT_COMMANDS, results, strict=True))
+def unwritable_output_results(tmp_path_factory) -> dict:
+    """The commands run by one interpreter forking a child each (tests/commands.py: one process
+    start and TensorFlow import instead of five), with an empty tfds data dir of their own under
+    the key "tfds_data_dir"."""
+    import os
+
+    tfds_dir = tmp_path_factory.mktemp("tfds_untouched")
+    env = {**os.environ, "PYTHONPATH": ROOT, "TFDS_DATA_DIR": str(tfds_dir)}
+    results = run_commands(UNWRITABLE_OUTPUT_COMMANDS, env=env, preimport=["cnnjax.data.pipeline"])
+    return {**dict(zip(UNWRITABLE_OUTPUT_COMMANDS, results, strict=True)),
+            "tfds_data_dir": tfds_dir}
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
@@ -533,6 +542,10 @@ def test_an_output_folder_that_cannot_be_made_ends_the_command_in_one_line(
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/proc/cnnjax_test" in last, last
+    # Refused before reading data: sweep, tune and transfer generated `digits` first (tfds's
+    # build banner on stdout) wherever the data dir did not hold it yet.
+    assert result.stdout == "", result.stdout
+    assert not any(unwritable_output_results["tfds_data_dir"].iterdir())
 
 
 @pytest.mark.parametrize("args", [

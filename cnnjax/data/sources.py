@@ -94,6 +94,7 @@ class TfdsSource(Source):
                 raise DatasetNotPreparedError(missing_dataset_message(
                     f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r})", spec.tfds_name,
                     builder, "data.data_dir"))
+            _check_can_generate(spec, builder)
             logging.info("cnnjax.data: generating %r into %s (offline, first use)",
                          spec.tfds_name, builder.data_dir)
             try:
@@ -232,15 +233,39 @@ def _builder_choices(name: str) -> str:
     return f"; {name!r} has " + " and ".join(parts) if parts else ""
 
 
+def _data_root(builder: Any) -> str:
+    """The tfds data dir `builder` reads: its version dir `<root>/<name>[/<config>]/<version>`
+    less the dataset's full name."""
+    root = str(builder.data_dir)
+    for _ in builder.info.full_name.split("/"):
+        root = os.path.dirname(root)
+    return root
+
+
+def _check_can_generate(spec: Spec, builder: Any) -> None:
+    """Refuses a data dir nothing can be created in (read-only, another user's, a typo under
+    /proc) before an offline dataset's first-use build: tfds printed its build banner, then
+    failed with a bare OSError naming neither data.data_dir nor $TFDS_DATA_DIR."""
+    root = _data_root(builder)
+    try:
+        check_output_dir(root, "data_dir")
+    except ValueError as err:
+        where = ("" if spec.data_dir is not None
+                 else f" (unset: tfds's default data dir {root!r}, from $TFDS_DATA_DIR or "
+                      "~/tensorflow_datasets)")
+        reason = str(err).split(" is invalid; ", 1)[-1].rstrip(".")
+        raise invalid(_OWNER, "data_dir", spec.data_dir,
+                      f"cnnjax generates {spec.tfds_name!r} there on first use{where}, but "
+                      f"{reason}; set data.data_dir to a writable directory") from None
+
+
 def missing_dataset_message(what: str, tfds_name: str, builder: Any, data_dir_setting: str
                             ) -> str:
     """Why tfds dataset `tfds_name` (`builder`, not prepared) cannot be read, and how to prepare
     it where there is internet; `what` names it (`data: dataset 'voc' (tfds 'voc/2007')`),
     `data_dir_setting` is the config field or flag that points elsewhere (`data.data_dir`)."""
     version_dir = str(builder.data_dir)
-    root = version_dir
-    for _ in builder.info.full_name.split("/"):
-        root = os.path.dirname(root)
+    root = _data_root(builder)
     message = (
         f"{what} is not prepared in the tfds data_dir {root!r}; its files would be in "
         f"{version_dir!r}. cnnjax never downloads data. Prepare it on a machine with internet "

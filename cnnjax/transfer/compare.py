@@ -57,7 +57,7 @@ from cnnjax.tune.sweep import (
     trial_workdir,
 )
 from cnnjax.tune.sweep import failure_message as sweep_failure_message
-from cnnjax.utils.files import atomic_write, read_json, save_figure
+from cnnjax.utils.files import atomic_write, check_output_dir, read_json, save_figure
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import invalid
 
@@ -497,6 +497,7 @@ def run_transfer(
     (arms, seeds, budgets, arm overrides, every run's config, the data sizes and the transfer
     directory) is checked before anything trains.
     """
+    check_output_dir(transfer_dir, "transfer: transfer_dir")  # before the plan's checks read data
     plan = TransferPlan(source_config, target_config, transfer_dir, budget_field, budgets, arms,
                         seeds, arm_overrides, metric)
     sizes = plan.check_data()

@@ -106,7 +106,7 @@ from cnnjax.tune.sweep import (
     trial_configs,
 )
 from cnnjax.tune.sweep import interruption_message as sweep_interruption_message
-from cnnjax.utils.files import atomic_write, read_json
+from cnnjax.utils.files import atomic_write, check_output_dir, read_json
 from cnnjax.utils.lock import directory_lock
 from cnnjax.utils.validation import check_bool, check_choice, invalid
 
@@ -813,6 +813,7 @@ def run_tune(base_config: Any, recipe: Recipe | Any, tune_dir: str, *, verbose: 
     recipe tunes and every round-1 trial config; a `tune_dir` made with another base config or
     recipe is refused. Each later round's trial configs are checked before that round trains.
     """
+    check_output_dir(tune_dir, "recipe: tune_dir")  # before round 1 reads (or generates) data
     recipe, plan = check_tune(base_config, recipe)
     _check_round(base_config, plan)  # the engine's checks (dataset, devices) on round 1
     with directory_lock(tune_dir, "tune_dir", kind="tune"):  # one driver per tune_dir

@@ -150,9 +150,10 @@ def run_sweep(
     """
     metric, mode = check_ranking(base_config, metric, mode)
     _check_selection(space, trial_index, trial_count, max_trials)
-    configs = trial_configs(base_config, space)
-    check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")  # a file in the way: one line, no traceback
+    # A file in the way: one line, no traceback, before the trial configs read (or generate) data.
+    check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")
     check_directory_kind(sweep_dir, "sweep", "sweep_dir")
+    configs = trial_configs(base_config, space)
     _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
 
     selected = (space.trials if trial_index is None

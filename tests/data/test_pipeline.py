@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import pipeline, presets
+from cnnjax.data import pipeline, presets, sources
 from cnnjax.data.pipeline import eval_batches, get_dataset_info, train_batches
 from cnnjax.data.sources import open_source
 from cnnjax.data.spec import resolve, split_detection_fields
@@ -390,6 +390,21 @@ def test_config_type_and_name_errors(digits_dir, tmp_path):
                 r"reads datasets from it and builds cnnjax's offline ones there\), but a file is "
                 r"in the way", get_dataset_info,
                 ml_collections.ConfigDict({"name": "digits", "data_dir": path}))
+    if os.path.isdir("/proc/self"):  # Linux: nothing can be created under /proc, even by root
+        # An offline dataset's first-use build into such a dir: tfds printed its build banner,
+        # then a bare "[Errno 2] No such file or directory: '/proc/...'".
+        cannot = (r"is invalid; cnnjax generates 'digits' there on first use{}, but nothing can "
+                  r"be created in '/proc' \(.*\); expected a directory this process can create "
+                  r"files in .*; set data.data_dir to a writable directory\.$")
+        _expect(r"data: data_dir='/proc/cnnjax_test/tfds' " + cannot.format(""), get_dataset_info,
+                ml_collections.ConfigDict({"name": "digits", "data_dir": "/proc/cnnjax_test/tfds"}))
+        # data_dir unset: tfds's default, here as a process whose $TFDS_DATA_DIR is that dir
+        # sees it (tfds also finds the copies in the data dirs it registered at import).
+        unset = resolve(ml_collections.ConfigDict({"name": "digits"}))
+        _expect(r"data: data_dir=None " + cannot.format(
+            r" \(unset: tfds's default data dir '/proc/cnnjax_test/default', from "
+            r"\$TFDS_DATA_DIR or ~/tensorflow_datasets\)"), sources._check_can_generate,
+            unset, tfds.builder("digits", data_dir="/proc/cnnjax_test/default"))
     _expect(r"data: tfds_name='no_such_dataset' is invalid; tfds does not know this dataset",
             get_dataset_info, ml_collections.ConfigDict(
                 {"name": "digits", "data_dir": digits_dir, "tfds_name": "no_such_dataset"}))
