@@ -208,6 +208,22 @@ def test_the_temperature_split_is_checked_before_anything_compiles(run_dir):
         classifier_logits(detector)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_data_dir_error_is_not_reported_as_the_splits(monkeypatch):
+    """check_split rewrote any `data: <field>=... is invalid; <why>` as the split's error:
+    `--split='test' is invalid; cnnjax generates 'digits' there on first use, ...`."""
+    from cnnjax.train.trained import TrainedRun, check_split
+    from experiments.configs import lenet5_digits
+
+    monkeypatch.undo()  # the real data pipeline, not this module's stand-in
+    config = lenet5_digits.get_config()
+    config.data.data_dir = "/proc/cnnjax_test/t"  # nothing can be created there, even by root
+    run = TrainedRun("w", config, model=None, variables={}, step=1, how="best")
+    with pytest.raises(ValueError, match=r"^data: data_dir='/proc/cnnjax_test/t' is invalid; "
+                                         r"cnnjax generates 'digits' there on first use"):
+        check_split(run, "test", "--split")
+
+
 def test_bad_workdirs_and_steps_are_named(run_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(ValueError, match=r"^load_trained: workdir=.* is invalid; expected the "
