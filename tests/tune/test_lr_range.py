@@ -375,11 +375,11 @@ def test_script_ctrl_c_is_one_line_saying_the_rerun_redoes_the_test(tmp_path):
 @pytest.mark.slow
 def test_script_end_to_end_on_digits_then_rerun_reprints_and_other_settings_refused(tmp_path):
     """LeNet-5 on the real `digits` pipeline, 30 steps from 1e-4 to 1e2 (it diverges)."""
-    from cnnjax.data import pipeline
+    from cnnjax.data import sources, spec  # not `pipeline`: `fake_engine` may stand in for it
 
     # digits generated first (into the test session's tfds data dir, which the commands share):
     # on its first use tfds prints a build banner, which only the first run's stdout would hold.
-    pipeline.get_dataset_info(pipeline.default_data_config("digits"))
+    sources.open_source(spec.resolve(spec.default_data_config("digits")))
     workdir = tmp_path / "lrr"
     command = [sys.executable, "-m", "experiments.lr_range_test", f"--config={CONFIG}",
                f"--workdir={workdir}", "--lr_min=1e-4", "--lr_max=100", "--steps=30",
