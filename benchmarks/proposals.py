@@ -75,8 +75,7 @@ def main(argv: list[str]) -> None:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
-    from cnnjax.data.sources import missing_dataset_message
+    from cnnjax.data.sources import prepared_builder  # its module registers cnnjax's datasets
     from cnnjax.detection.selective_search import selective_search
     from cnnjax.models import create_model
     from cnnjax.models.rcnn import window_proposals
@@ -99,11 +98,11 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"benchmarks.proposals: --dataset={FLAGS.dataset!r} is invalid; "
                              "expected a detection dataset with objects/bbox boxes (e.g. "
                              "shapes_multi, voc/2007)")
-        if not builder.is_prepared() and not isinstance(builder, LOCAL_BUILDERS):
-            raise ValueError(missing_dataset_message(
-                f"benchmarks.proposals: --dataset={FLAGS.dataset!r}",
-                FLAGS.dataset, builder, "--data_dir"))
-        builder.download_and_prepare()  # what tfds.load does: cnnjax's offline sets build here
+        # what tfds.load does, but never downloading: cnnjax's offline sets build here
+        builder = prepared_builder(
+            builder, FLAGS.dataset, FLAGS.data_dir,
+            what=f"benchmarks.proposals: --dataset={FLAGS.dataset!r}",
+            data_dir_label="--data_dir", data_dir_setting="--data_dir")
         dataset = builder.as_dataset(split=split)
     images, truth = [], []
     for example in tfds.as_numpy(dataset):

@@ -86,27 +86,12 @@ class TfdsSource(Source):
                 raise invalid(_OWNER, "data_dir", spec.data_dir,
                               "expected a directory (tfds reads datasets from it and builds "
                               "cnnjax's offline ones there), but a file is in the way") from None
-        builder = _open_builder(spec)
-        if not builder.is_prepared():
-            # By the dataset named, not the preset: `name='shapes', tfds_name='voc/2007'` reads
-            # a catalogue dataset, which must never be downloaded here.
-            if not isinstance(builder, LOCAL_BUILDERS):
-                raise DatasetNotPreparedError(missing_dataset_message(
-                    f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r})", spec.tfds_name,
-                    builder, "data.data_dir"))
-            _check_can_generate(spec, builder)
-            logging.info("cnnjax.data: generating %r into %s (offline, first use)",
-                         spec.tfds_name, builder.data_dir)
-            try:
-                builder.download_and_prepare()
-            except FileExistsError:
-                # Another process of a multi-host job built it into the same data dir first
-                # (tfds renames a finished build into place; the later rename fails).
-                builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
-                if not builder.is_prepared():
-                    raise
-                logging.info("cnnjax.data: another process finished building %r first; "
-                             "using its copy", spec.tfds_name)
+        # By the dataset named, not the preset: `name='shapes', tfds_name='voc/2007'` reads a
+        # catalogue dataset, which must never be downloaded here.
+        builder = prepared_builder(
+            _open_builder(spec), spec.tfds_name, spec.data_dir,
+            what=f"data: dataset {spec.preset.name!r} (tfds {spec.tfds_name!r})",
+            data_dir_label="data: data_dir", data_dir_setting="data.data_dir")
         self.builder = builder
         self.name = spec.preset.name
         self.storage_key = ("tfds", builder.data_dir)  # <data_dir>/<name>/<config>/<version>
@@ -242,21 +227,51 @@ def _data_root(builder: Any) -> str:
     return root
 
 
-def _check_can_generate(spec: Spec, builder: Any) -> None:
+def prepared_builder(builder: Any, tfds_name: str, data_dir: str | None, *, what: str,
+                     data_dir_label: str, data_dir_setting: str) -> Any:
+    """`builder` (of `tfds_name` in `data_dir`, None: tfds's default) ready to read: a catalogue
+    dataset must be prepared already (`DatasetNotPreparedError`: cnnjax never downloads), and
+    cnnjax's offline ones are generated on first use, into a data dir checked to be writable
+    first. `what` names the dataset in errors (`data: dataset 'voc' (tfds 'voc/2007')`);
+    `data_dir_label` is how the data dir is named (`data: data_dir`, `--data_dir`) and
+    `data_dir_setting` the config field or flag that points elsewhere (`data.data_dir`)."""
+    if builder.is_prepared():
+        return builder
+    if not isinstance(builder, LOCAL_BUILDERS):
+        raise DatasetNotPreparedError(missing_dataset_message(what, tfds_name, builder,
+                                                              data_dir_setting))
+    _check_can_generate(builder, tfds_name, data_dir, data_dir_label, data_dir_setting)
+    logging.info("cnnjax.data: generating %r into %s (offline, first use)", tfds_name,
+                 builder.data_dir)
+    try:
+        builder.download_and_prepare()
+    except FileExistsError:
+        # Another process of a multi-host job built it into the same data dir first (tfds
+        # renames a finished build into place; the later rename fails).
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise
+        logging.info("cnnjax.data: another process finished building %r first; using its copy",
+                     tfds_name)
+    return builder
+
+
+def _check_can_generate(builder: Any, tfds_name: str, data_dir: str | None, data_dir_label: str,
+                        data_dir_setting: str) -> None:
     """Refuses a data dir nothing can be created in (read-only, another user's, a typo under
     /proc) before an offline dataset's first-use build: tfds printed its build banner, then
-    failed with a bare OSError naming neither data.data_dir nor $TFDS_DATA_DIR."""
+    failed with a bare OSError naming neither the data dir setting nor $TFDS_DATA_DIR."""
     root = _data_root(builder)
     try:
         check_output_dir(root, "data_dir")
     except ValueError as err:
-        where = ("" if spec.data_dir is not None
+        where = ("" if data_dir is not None
                  else f" (unset: tfds's default data dir {root!r}, from $TFDS_DATA_DIR or "
                       "~/tensorflow_datasets)")
         reason = str(err).split(" is invalid; ", 1)[-1].rstrip(".")
-        raise invalid(_OWNER, "data_dir", spec.data_dir,
-                      f"cnnjax generates {spec.tfds_name!r} there on first use{where}, but "
-                      f"{reason}; set data.data_dir to a writable directory") from None
+        raise ValueError(f"{data_dir_label}={data_dir!r} is invalid; cnnjax generates "
+                         f"{tfds_name!r} there on first use{where}, but {reason}; set "
+                         f"{data_dir_setting} to a writable directory.") from None
 
 
 def missing_dataset_message(what: str, tfds_name: str, builder: Any, data_dir_setting: str

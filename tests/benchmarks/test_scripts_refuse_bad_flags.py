@@ -86,6 +86,11 @@ def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
          f"error: benchmarks.proposals: --dataset='voc/2007' is not prepared in the tfds "
          f"data_dir "
          f"'{tmp_path}'; its files would be in '{tmp_path}/voc/2007/"),
+        # an offline set's first-use build into a dir nothing can be created in (/proc):
+        # tfds's build banner, then a bare "[Errno 2] No such file or directory"
+        (["benchmarks.proposals", "--data_dir=/proc/cnnjax_test/tfds"],
+         "error: --data_dir='/proc/cnnjax_test/tfds' is invalid; cnnjax generates "
+         "'shapes_multi' there on first use, but nothing can be created in '/proc'"),
         # the model was checked against --image_size only, not the dataset's native 8x8
         (["benchmarks.input_pipeline", "--dataset=digits", "--model=lenet5"],
          "error: --image_size=8 is invalid; lenet5 takes inputs of at least 32x32 (unset, the "

@@ -400,11 +400,11 @@ def test_config_type_and_name_errors(digits_dir, tmp_path):
                 ml_collections.ConfigDict({"name": "digits", "data_dir": "/proc/cnnjax_test/tfds"}))
         # data_dir unset: tfds's default, here as a process whose $TFDS_DATA_DIR is that dir
         # sees it (tfds also finds the copies in the data dirs it registered at import).
-        unset = resolve(ml_collections.ConfigDict({"name": "digits"}))
         _expect(r"data: data_dir=None " + cannot.format(
             r" \(unset: tfds's default data dir '/proc/cnnjax_test/default', from "
             r"\$TFDS_DATA_DIR or ~/tensorflow_datasets\)"), sources._check_can_generate,
-            unset, tfds.builder("digits", data_dir="/proc/cnnjax_test/default"))
+            tfds.builder("digits", data_dir="/proc/cnnjax_test/default"), "digits", None,
+            "data: data_dir", "data.data_dir")
     _expect(r"data: tfds_name='no_such_dataset' is invalid; tfds does not know this dataset",
             get_dataset_info, ml_collections.ConfigDict(
                 {"name": "digits", "data_dir": digits_dir, "tfds_name": "no_such_dataset"}))
