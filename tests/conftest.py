@@ -17,7 +17,7 @@ import os
 import signal
 from importlib.metadata import version
 
-from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults
+from cnnjax.platform import CPU_DEFAULT_FLAGS, configure_cpu_defaults, quiet_tensorflow_info
 from tests.compilation_cache import TFDS_DIR_NAME, private_cache_dir, private_dir
 
 TEST_XLA_FLAGS = {**CPU_DEFAULT_FLAGS, "xla_backend_optimization_level": "1"}
@@ -25,6 +25,10 @@ if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
     # jaxlib 0.11 removed the flag, and XLA aborts on an unknown flag
     TEST_XLA_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
 configure_cpu_defaults(TEST_XLA_FLAGS)
+# TF's C++ INFO lines off, as every `experiments.*` entry point does, for the whole session and
+# its subprocesses alike (a test module setting it at import made a subprocess's stderr depend on
+# which files were collected).
+quiet_tensorflow_info()
 
 # JAX reads these when it is imported, here and in every subprocess a test starts (the tests
 # build subprocess environments from os.environ); a value you set wins.

@@ -3,10 +3,6 @@
 Tolerance (float32): |got − want| <= 1e-4·|want| + 1e-5·max|want| (see `assert_close`).
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import math
 import re
 

@@ -1,9 +1,5 @@
 """LocalResponseNorm checked against tf.nn.local_response_normalization and a float64 formula."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,9 +1,5 @@
 """pad_nhwc checked against tf.pad and np.pad; padding normalization and SAME split by hand."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes

@@ -1,9 +1,6 @@
 """Pooling checked against TensorFlow's pooling ops and float64 NumPy loop references."""
 
 import math
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax
 import jax.numpy as jnp

@@ -2,10 +2,7 @@
 re-implementations of torchvision's roi_align and roi_pool kernels."""
 
 import math
-import os
 from fractions import Fraction
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax
 import jax.numpy as jnp
