@@ -148,6 +148,8 @@ def _train_and_evaluate(config: Any, workdir: str, started: float, is_primary: b
                     "loss": str(err.loss),
                     "message": str(err),
                     "hint": err.hint,
+                    # the last checkpoint, saved before the divergence (None: none yet)
+                    "resumes_from_step": _latest_checkpoint_step(workdir),
                     **_wall_times(run, started),
                 },
             )

@@ -280,6 +280,7 @@ def test_divergence_is_reported(tmp_path):
     assert summary["status"] == "diverged"
     assert summary["hint"] == "learning rate too high or bad initialization"
     assert 1 <= summary["step"] <= 30
+    assert summary["resumes_from_step"] in (None, 4, 8, 12, 16, 20, 24, 28)
     assert f"Training diverged at step {summary['step']}" in summary["message"]
 
 
@@ -294,9 +295,12 @@ def test_nan_loss_is_divergence(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(sys.modules["cnnjax.data.pipeline"], "train_batches", poisoned)
+    config = helpers.tiny_config(checkpoint_every_steps=2)
     with pytest.raises(loop.TrainingDivergedError, match="diverged at step 3: loss is nan"):
-        loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+        loop.train_and_evaluate(config, str(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # the checkpoint before the NaN is the one a rerun continues from (docs/training.md)
+    assert (summary["status"], summary["step"], summary["resumes_from_step"]) == ("diverged", 3, 2)
     assert not (tmp_path / "checkpoints" / "4").exists()
 
 
