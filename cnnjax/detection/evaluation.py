@@ -315,7 +315,8 @@ class DetectionEvaluator:
             coco[c] = [coco_ap(*self._curve(h, self._num_gt[c])) for h in coco_hits]
         if not voc:
             raise invalid("DetectionEvaluator.compute", "ground truth", "none",
-                          "expected at least one valid ground-truth box in the added images")
+                          "expected at least one valid ground-truth box that is not marked "
+                          "difficult in the added images (difficult boxes are not scored)")
         per_threshold = np.mean(np.array(list(coco.values())), axis=0)  # [T]
         result = {
             "map50": float(np.mean(list(voc.values()))),

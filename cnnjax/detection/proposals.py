@@ -123,7 +123,8 @@ def _proposals(
     """`rpn_proposals` after validation (`pre <= N`)."""
     boxes = clip_boxes(decode_boxes(deltas, anchors, weights, clamp), size_hw)
     keep = min_size_mask(boxes, min_size)
-    ranking = jnp.where(keep, objectness, -jnp.inf)
+    # -0.0 as +0.0: top_k ranks +0.0 first, which broke "ties keep the lower index" (nms's rule)
+    ranking = jnp.where(keep, jnp.where(objectness == 0, 0.0, objectness), -jnp.inf)
     top_scores, top = jax.lax.top_k(ranking, pre)  # masked boxes rank last
     top_boxes = boxes[top]
     # -inf (masked) never passes nms's default score_threshold of -inf, so it is never kept.

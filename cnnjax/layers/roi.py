@@ -87,10 +87,17 @@ def indexed(arg: str, index: tuple[int, ...]) -> str:
     return f"{arg}[{', '.join(str(int(i)) for i in index)}]" if index else arg
 
 
-def check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any = None) -> None:
+#: What roi_pool/roi_align ask of a box's near corner (they do not know the image's far edge).
+INSIDE_IMAGE = ("boxes must lie inside the image, x1 >= 0 and y1 >= 0 (image pixel coordinates); "
+                "clip them to the image first")
+
+
+def check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any = None,
+                      inside_image: bool = False) -> None:
     """When `boxes` `[..., 4]` (and `valid` `[...]` bool, None: every row) are concrete, raises
-    on the first valid box that is not finite or has x2 < x1 or y2 < y1. Rows not `valid` may
-    hold anything (padding); traced inputs are not checked (nothing can raise under jit)."""
+    on the first valid box that is not finite or has x2 < x1 or y2 < y1 (with `inside_image`,
+    also x1 < 0 or y1 < 0: boxes a model pools with roi_align). Rows not `valid` may hold
+    anything (padding); traced inputs are not checked (nothing can raise under jit)."""
     values = concrete_value(boxes)
     mask = None if valid is None else concrete_value(valid)
     if values is None or (valid is not None and mask is None):
@@ -99,9 +106,11 @@ def check_valid_boxes(owner: str, arg: str, boxes: Any, valid: Any = None) -> No
     mask = np.ones(values.shape[:-1], bool) if mask is None else np.asarray(mask, bool)
     finite = np.all(np.isfinite(values), axis=-1)
     inverted = (values[..., 2] < values[..., 0]) | (values[..., 3] < values[..., 1])
+    outside = (values[..., 0] < 0) | (values[..., 1] < 0) if inside_image else np.zeros_like(mask)
     for bad, valid_text in ((mask & ~finite, "expected finite coordinates"),
                             (mask & inverted, "expected x1 <= x2 and y1 <= y2 (boxes are "
-                                              "(x1, y1, x2, y2))")):
+                                              "(x1, y1, x2, y2))"),
+                            (mask & outside, INSIDE_IMAGE)):
         if bad.any():
             index = tuple(np.argwhere(bad)[0])
             raise invalid(owner, indexed(arg, index), values[index].tolist(), valid_text)
@@ -139,9 +148,7 @@ def _check_roi_args(
         bad = np.flatnonzero((values[:, 0] < 0) | (values[:, 1] < 0))
         if bad.size:
             i = int(bad[0])
-            raise invalid(owner, f"boxes[{i}]", values[i].tolist(),
-                          "boxes must lie inside the image, x1 >= 0 and y1 >= 0 (image pixel "
-                          "coordinates); clip them to the image first")
+            raise invalid(owner, f"boxes[{i}]", values[i].tolist(), INSIDE_IMAGE)
     return boxes, batch_indices.astype(jnp.int32), out, scale, values
 
 
@@ -517,9 +524,10 @@ def roi_align(
     adaptive count `gh = ceil(box_h / out_h)` (box size on the feature map), which is data
     dependent; JAX needs a static sample grid, so its size is the largest count over the boxes when
     they are concrete (exact torchvision results), or `max_sampling_ratio` when they are traced
-    under jit (boxes needing more samples use `max_sampling_ratio`). Adaptive sampling of traced
-    boxes without `max_sampling_ratio` is an error. Boxes get torchvision's per-box counts and
-    sample positions exactly (IEEE arithmetic on the host, in float64 for float64 features and
+    under jit. Boxes needing more samples than `max_sampling_ratio`, when given, use that many,
+    concrete boxes too (so eager and jit agree; torchvision has no cap). Adaptive sampling of
+    traced boxes without `max_sampling_ratio` is an error. Boxes get torchvision's per-box counts
+    and sample positions exactly (IEEE arithmetic on the host, in float64 for float64 features and
     float32 otherwise, as torchvision computes in the input's dtype): concrete boxes before
     tracing, traced boxes on CPU through a host callback (`jax.pure_callback`; the box gradient
     is the kernel's). A sample exactly on the map's edges (x = -1 or x = W), where torchvision

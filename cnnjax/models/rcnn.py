@@ -178,7 +178,8 @@ class _ProposalDetector(nn.Module):
             raise invalid(owner, "proposal_valid", f"array of shape {tuple(proposal_valid.shape)}",
                           f"expected {tuple(proposals.shape[:2])}, one flag per proposal")
         check_bool_array(owner, "proposal_valid", proposal_valid)
-        check_valid_boxes(owner, "proposals", proposals, given_valid)
+        # x1, y1 >= 0 too: else roi_align refuses them by its own name and flat index
+        check_valid_boxes(owner, "proposals", proposals, given_valid, inside_image=True)
         valid = jnp.asarray(proposal_valid, bool)
         # Padded proposals may hold anything (even inf/NaN): zero them before any pooling.
         return jnp.where(valid[..., None], jnp.asarray(proposals, jnp.float32), 0.0), valid

@@ -227,6 +227,12 @@ def test_bad_input():
                np.array([[True]]))
     with pytest.raises(ValueError, match="expected at least one valid ground-truth box"):
         ev.compute()
+    # one valid box, difficult: it does not count, and the message says why
+    only_difficult = DetectionEvaluator(num_classes=1)
+    only_difficult.add(_detections([[0, 0, 1, 1]], [1.0], [0]), np.array([[[0.0, 0, 1, 1]]]),
+                       np.array([[0]]), np.array([[True]]), gt_difficult=np.array([[True]]))
+    with pytest.raises(ValueError, match="box that is not marked difficult"):
+        only_difficult.compute()
     with pytest.raises(ValueError, match="DetectionEvaluator: num_classes=0 is invalid"):
         DetectionEvaluator(num_classes=0)
 

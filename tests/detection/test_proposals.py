@@ -124,6 +124,17 @@ def test_overlapping_boxes_hand_case():
     np.testing.assert_allclose(np.asarray(clipped.boxes)[:2], [[2.5, 0, 12.5, 8], [0, 0, 10, 8]])
 
 
+@pytest.mark.parametrize("logits", [[0.0, 0.0], [-0.0, 0.0], [0.0, -0.0]])
+def test_tied_logits_keep_the_lower_index(logits):
+    """Equal logits, +0.0 and -0.0 included (lax.top_k ranks +0.0 above -0.0): the box of the
+    lower index is kept, as py-faster-rcnn's stable argsort and torchvision's nms keep it."""
+    anchors = np.array([[0, 0, 10, 10], [1, 0, 11, 10]], np.float32)  # IoU 0.82 > 0.7
+    got = rpn_proposals(np.array(logits, np.float32), np.zeros((2, 4), np.float32), anchors,
+                        (20, 20), min_size=0.0, post_nms_top_n=2)
+    np.testing.assert_array_equal(np.asarray(got.valid), [True, False])
+    np.testing.assert_array_equal(np.asarray(got.boxes)[0], anchors[0])
+
+
 def test_jit_and_vmap_over_images_of_different_sizes():
     scenes = [_scene(seed) for seed in (5, 6)]
     anchors = scenes[0][2]

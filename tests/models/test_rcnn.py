@@ -303,6 +303,10 @@ PROPOSALS = np.array([[[2.0, 2, 22, 22], [3, 3, 23, 23]], [[1, 1, 9, 12], [0, 0,
      "proposals[0, 0]=[2.0, 2.0, nan, 22.0] is invalid; expected finite coordinates."),
     (64, PROPOSALS[..., ::-1], np.array([[False, False], [True, False]]),
      "proposals[1, 0]=[12.0, 9.0, 1.0, 1.0] is invalid; expected x1 <= x2"),
+    # was roi_align's (roi_spatial_pyramid_pool's) error on `boxes[3]` of the flattened RoIs
+    (64, np.where(np.arange(4) == 1, -2.0, PROPOSALS), None,
+     "proposals[0, 0]=[2.0, -2.0, 22.0, 22.0] is invalid; boxes must lie inside the image, "
+     "x1 >= 0 and y1 >= 0"),
 ])
 def test_detect_checks_the_regions(cls, size, proposals, valid, message):
     """Eager (concrete) proposals are checked as gt boxes are; under jit they went to roi_align
