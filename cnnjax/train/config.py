@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -801,6 +802,22 @@ def with_legacy_defaults(saved: dict) -> dict:
     return merge(LEGACY_DEFAULTS, saved)
 
 
+#: Fields naming another run's directory: equal when both name the same existing directory,
+#: however spelled (a symlink, shared storage mounted under another path), so that a run reached
+#: by another path (a transfer comparison's arms name their source by absolute path) resumes.
+DIRECTORY_FIELDS = frozenset({"init_from.workdir", "distill.teacher_workdir"})
+
+
+def _same_directory(saved: Any, current: Any) -> bool:
+    """Whether two paths name the same existing directory (False if either is unset or gone)."""
+    if not (isinstance(saved, str) and isinstance(current, str)):
+        return False
+    try:
+        return os.path.isdir(current) and os.path.samefile(saved, current)
+    except OSError:
+        return False
+
+
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
     """Dotted names of trajectory-defining fields that differ between two flattened configs.
 
@@ -810,7 +827,8 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     saved before `init_from` existed lack its `exclude` default). Fields in `LEGACY_DEFAULTS`
     (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, data.grey_to_rgb, distill.*,
     init_from.ema)
-    missing on one side take the value older workdirs implicitly had.
+    missing on one side take the value older workdirs implicitly had. `DIRECTORY_FIELDS` that
+    name the same existing directory by different paths are equal.
     """
     names = sorted(set(saved) | set(current))
     legacy = {**flatten(LEGACY_DEFAULTS), **WARM_START_LEGACY_DEFAULTS}
@@ -823,4 +841,5 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
         if n not in RUNTIME_FIELDS
         and saved.get(n) != current.get(n)
         and (warm or not n.startswith("init_from."))
+        and not (n in DIRECTORY_FIELDS and _same_directory(saved.get(n), current.get(n)))
     ]

@@ -671,6 +671,24 @@ def test_workdirs_from_before_init_from_still_resume():
     assert incompatible_fields(current, dict(current, freeze="backbone")) == ["freeze"]
 
 
+def test_a_source_reached_by_another_path_is_the_same_source(tmp_path):
+    """A warm-started run (a transfer comparison's arm) resumes when its source, or the folder
+    holding both, is reached through a symlink or another mount; another folder still differs.
+    The rerun through the link was refused as an incompatible config (review BE)."""
+    source, other = tmp_path / "runs" / "source", tmp_path / "runs" / "other"
+    source.mkdir(parents=True)
+    other.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    for field in ("init_from.workdir", "distill.teacher_workdir"):
+        saved = {field: str(source)}
+        assert incompatible_fields(saved, {field: str(tmp_path / "link" / "source")}) == []
+        assert incompatible_fields(saved, {field: str(tmp_path / "link" / ".." / "runs" /
+                                                      "source")}) == []
+        assert incompatible_fields(saved, {field: str(other)}) == [field]
+        assert incompatible_fields(saved, {field: str(tmp_path / "gone")}) == [field]
+        assert incompatible_fields(saved, {field: None}) == [field]
+
+
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_fine_tune_through_the_experiment_script(tmp_path):
