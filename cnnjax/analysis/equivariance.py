@@ -181,14 +181,16 @@ def equivariance_error(
     border: int | Sequence[int] = 0,
     mode: str = "circular",
     stride: int | Sequence[int] | None = None,
+    upsampling: int | Sequence[int] | None = None,
 ) -> ShiftError:
     """Deviation of `fn(shift(x))` from `shift(fn(x))`, ignoring `border` output pixels per side.
 
-    The output is shifted by `shift / stride`, where `stride` (the network's output stride, per
-    axis) defaults to `input_size / output_size`; `shift` must be a multiple of it. Along an
-    axis whose output is an integer multiple `u` of the input (an upsampling decoder) the
-    default shifts the output by `shift * u`. In "zeros"
-    mode the output positions the translation leaves undefined are skipped as well.
+    The output is shifted by `shift / stride * upsampling`. By default (both None) `stride` (the
+    network's output stride, per axis) is `input_size / output_size`, and along an axis whose
+    output is an integer multiple `u` of the input (an upsampling decoder) `upsampling` is `u`.
+    Give them when the sizes do not divide (`upsampling=2` for a VALID stride-2 transposed
+    conv, 8 -> 17 pixels; `stride` then defaults to 1). `shift` must be a multiple of `stride`.
+    In "zeros" mode the output positions the translation leaves undefined are skipped as well.
     """
     owner = "equivariance_error"
     arr = _check_input(owner, x)
@@ -198,22 +200,28 @@ def equivariance_error(
     _check_fits(owner, shift, arr, mode)
     _check_finite(owner, arr)
     border_arg, border = border, _per_axis(owner, "border", border, n, minimum=0)
-    if stride is not None:  # a given stride is checked before fn runs (compiles)
+    # given ones are checked before fn runs (compiles)
+    if upsampling is not None:
+        upsampling = _per_axis(owner, "upsampling", upsampling, n, minimum=1)
+        stride = 1 if stride is None else stride
+    if stride is not None:
         stride = _output_stride(owner, shift, stride, n)
     y = _output(owner, "fn(x)", fn(arr))
     y_shifted = _output(owner, "fn(shifted x)", fn(_translate(arr, shift, mode)))
     if y.ndim != arr.ndim:
         raise invalid(owner, "fn(x).shape", y.shape,
                       f"expected a rank-{arr.ndim} output with the input's spatial axes")
+    _check_same_shape(owner, y, y_shifted)
     in_sizes, out_sizes = arr.shape[1:-1], y.shape[1:-1]
-    upsampling = (1,) * n
+    upsampling = (1,) * n if upsampling is None else upsampling
     if stride is None:
         sizes = list(zip(in_sizes, out_sizes, strict=True))
         if any(o == 0 or (i % o and o % i) for i, o in sizes):
             raise invalid(owner, "stride", None,
                           f"input size {in_sizes} is not a multiple of output size {out_sizes} "
-                          "nor the output of the input; pass the network's output stride "
-                          "explicitly")
+                          "nor the output of the input; pass the network's output `stride` "
+                          "(downsampling) or `upsampling` factor (a decoder, e.g. a VALID "
+                          "transposed conv) explicitly")
         # per axis: a downsampling stride i / o, or an upsampling factor o / i (a decoder)
         stride = _output_stride(
             owner, shift, tuple(1 if i % o else i // o for i, o in sizes), n)
@@ -249,4 +257,13 @@ def invariance_error(
     _check_finite(owner, arr)
     y = _output(owner, "fn(x)", fn(arr))
     y_shifted = _output(owner, "fn(shifted x)", fn(_translate(arr, shift, mode)))
+    _check_same_shape(owner, y, y_shifted)
     return _error(y_shifted, y)
+
+
+def _check_same_shape(owner: str, y: np.ndarray, y_shifted: np.ndarray) -> None:
+    """Refuses outputs of different shapes (NumPy would broadcast them into a number)."""
+    if y_shifted.shape != y.shape:
+        raise invalid(owner, "fn(shifted x).shape", y_shifted.shape,
+                      f"expected fn(x)'s shape {y.shape}: fn's output shape must not depend on "
+                      "the input's values")

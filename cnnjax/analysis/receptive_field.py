@@ -254,9 +254,11 @@ def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
     reduced away (`axis=None`) see the whole input range they cover and are merged as intervals.
     A positioned field meeting a position-independent one (reduced, or located with jump 0: a
     squeeze-excitation gate, an image-pooling branch, an SE branch plus its shortcut), or fields
-    on the same axis whose positions differ in number (one of them merged or resampled), are
-    collapsed first: every output position then sees the union over all positions, which does not
-    move with the unit (jump 0 on the output's grid), and the merge is reported as misaligned.
+    on the same axis whose positions differ in number (one of them merged or resampled) or that
+    move by different jumps (unit i's field then spans both paths' i-th fields, which grows with
+    i), are collapsed first: every output position then sees the union over all positions, which
+    does not move with the unit (jump 0 on the output's grid; an upper bound), and the merge is
+    reported as misaligned.
     """
     if len(fields) == 1:
         return fields[0], False
@@ -267,7 +269,8 @@ def union(fields: Sequence[AxisField]) -> tuple[AxisField, bool]:
         same_axis = all(f.axis == first.axis for f in located)
         same_count = all(f.count == first.count for f in located)
         positioned = [f for f in fields if is_positioned(f)]
-        if len(positioned) < len(fields) or (same_axis and not same_count):
+        same_jump = all(f.jump == first.jump for f in located)
+        if len(positioned) < len(fields) or (same_axis and not (same_count and same_jump)):
             whole = union([collapse(f) for f in fields])[0]
             lost = bool(positioned)  # positioned fields were spread over all positions
             if not same_axis:
@@ -401,17 +404,32 @@ def _union_of_paths(fields: Sequence[AxisField], notes: list[str], where: str, d
         notes.append(_global_mix_note(where, how, d))
     elif misaligned and _counts_differ(fields):
         notes.append(_count_mix_note(where, how, d))
+    elif misaligned and _jumps_differ(fields):
+        notes.append(f"{where}: paths {how} on spatial axis {d} move by different jumps "
+                     f"({_start_jump_pairs(fields)}), so a unit's field grows with its "
+                     "position; every output position is given the union of their fields over "
+                     "all positions (jump 0), an upper bound")
     elif misaligned and len({f.axis for f in fields if f.axis is not None}) > 1:
         notes.append(f"{where}: paths {how} on spatial axis {d} lie on different array axes "
                      f"{sorted({f.axis for f in fields if f.axis is not None})} (e.g. attention "
                      "scores of every position against every other); every unit is given the "
                      "union of their fields over all positions (jump 0)")
     elif misaligned:
-        starts = sorted({float(f.start) for f in fields})
-        jumps = sorted({float(f.jump) for f in fields})
-        notes.append(f"{where}: paths {how} on spatial axis {d} are misaligned (starts "
-                     f"{starts}, jumps {jumps}); the union of their fields is reported")
+        notes.append(f"{where}: paths {how} on spatial axis {d} are misaligned "
+                     f"({_start_jump_pairs(fields)}); the union of their fields is reported")
     return field
+
+
+def _start_jump_pairs(fields: Sequence[AxisField]) -> str:
+    """`(start, jump)` of each distinct path, e.g. `(start, jump) = (0.5, 2.0), (1.0, 1.0)`."""
+    pairs = sorted({(float(f.start), float(f.jump)) for f in fields})
+    return "(start, jump) = " + ", ".join(f"({s}, {j})" for s, j in pairs)
+
+
+def _jumps_differ(fields: Sequence[AxisField]) -> bool:
+    """Whether positioned fields on one array axis move by different jumps (as `union` sees)."""
+    located = [f for f in fields if f.axis is not None]
+    return len({f.axis for f in located}) == 1 and len({f.jump for f in located}) > 1
 
 
 def _mixes_global(fields: Sequence[AxisField]) -> bool:

@@ -227,7 +227,8 @@ class Summary:
         out = [render(header), rule, *(render(row) for row in lines), rule, render(total)]
         out.append(
             "MACs: dense multiply-accumulates of conv/dense layers (padding taps included). "
-            "FLOPs: XLA cost-analysis count (2 per multiply-add on real data + elementwise ops)."
+            "FLOPs: XLA cost-analysis count (2 per multiply-add on real data, 1 per elementwise "
+            "op, window - 1 per pooled output, in - out per reduction; transcendentals excluded)."
         )
         out.append(
             "RF: receptive field size, jump (effective stride) and start (centre of the first "

@@ -254,6 +254,45 @@ def test_an_upsampling_map_shifts_its_output_by_the_upsampling_factor():
         equivariance_error(lambda a: np.repeat(a, 2, axis=1)[:, :7], x, (1, 1))
 
 
+def test_a_given_upsampling_factor_probes_a_valid_transposed_conv():
+    """A VALID stride-2 transposed conv maps 8 -> 17 rows: the default refused it ("pass the
+    network's output stride", which cannot say 1/2) and stride=1 scored it broken (max_abs 2.1).
+    With upsampling=2 the output is shifted by 2s; in zeros mode only the 17th row, which the
+    kernel's tail adds, differs, so border=1 leaves an exact 0 (review BD)."""
+    layer = nn.ConvTranspose(3, (3, 3), strides=(2, 2), padding="VALID")
+    x = RNG.normal(size=(1, 8, 8, 2)).astype(np.float32)
+    variables = layer.init(jax.random.key(0), x)
+
+    def fn(a):
+        return layer.apply(variables, a)
+
+    assert fn(x).shape == (1, 17, 17, 3)
+    assert equivariance_error(fn, x, (1, 1), mode="zeros", upsampling=2, border=1) == (0.0, 0.0)
+    assert equivariance_error(fn, x, (1, 1), mode="zeros", upsampling=2).max_abs > 0.1
+    assert equivariance_error(fn, x, (1, 1), mode="zeros", stride=1, border=1).max_abs > 0.1
+    with pytest.raises(ValueError, match=r"pass the network's output `stride` \(downsampling\) "
+                                         r"or `upsampling` factor"):
+        equivariance_error(fn, x, (1, 1), mode="zeros")
+    with pytest.raises(ValueError, match=r"^equivariance_error: upsampling=0 is invalid; "
+                                         r"expected every entry >= 1"):
+        equivariance_error(lambda a: pytest.fail("fn ran"), x, (1, 1), upsampling=0)
+
+
+@pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
+def test_outputs_of_different_shapes_are_refused_not_broadcast(probe):
+    """fn(x) of shape (2, 1, 1, 3) and fn(shifted x) of (2, 1, 1, 1) gave a number (NumPy
+    broadcast them) instead of an error."""
+    calls = []
+
+    def fn(a):
+        calls.append(a)
+        return a.sum(axis=(1, 2), keepdims=True)[..., : 3 if len(calls) == 1 else 1]
+
+    with pytest.raises(ValueError, match=r"fn\(shifted x\).shape=\(2, 1, 1, 1\) is invalid; "
+                                         r"expected fn\(x\)'s shape \(2, 1, 1, 3\)"):
+        probe(fn, X, (1, 1))
+
+
 @pytest.mark.parametrize("probe", [equivariance_error, invariance_error])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_input_is_refused_before_fn_runs(probe, bad):

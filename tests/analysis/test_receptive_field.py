@@ -164,6 +164,41 @@ def test_misaligned_paths_union_matches_gradient():
     assert rows == cols == (4, 8)
 
 
+class _PooledPlusCropped(nn.Module):
+    """Adds a 2-row average pool (jump 2) and the first half of the rows (jump 1, offset
+    `offset`): output row i reads rows {2i, 2i + 1} and {i + offset}."""
+
+    offset: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        half = x.shape[1] // 2
+        return nn.avg_pool(x, (2, 1), (2, 1)) + x[:, self.offset:self.offset + half]
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_paths_moving_by_different_jumps_get_an_upper_bound(offset):
+    """Unit 0's union (2 rows, jump 2) stood for every unit, while unit 31 reads rows 31..63
+    (33 rows); the note listed starts and jumps apart, pairing one path's start with the other's
+    jump. Now: the union over all positions (jump 0), which holds every unit's support, and a
+    note pairing each path's (start, jump) (review BD)."""
+    model, shape = _PooledPlusCropped(offset=offset), (64, 1, 1)
+    result = summary(model, shape)
+    field = result.receptive_field
+    assert (field.size[0], field.jump[0], field.start[0]) == (64, 0, 31.5)
+    x = jnp.ones((1, *shape))
+    for i in (0, 15, 31):
+        rows, _ = _support(lambda x: model.apply({}, x), x, (0, i, 0, 0))
+        assert rows == (min(2 * i, i + offset), max(2 * i + 1, i + offset))
+        assert field.start[0] - (field.size[0] - 1) / 2 <= rows[0]
+        assert rows[1] <= field.start[0] + (field.size[0] - 1) / 2
+    pairs = ", ".join(map(str, sorted([(float(offset), 1.0), (0.5, 2.0)])))
+    assert [n.split(": ", 1)[1] for n in result.notes] == [
+        f"paths merged on spatial axis 0 move by different jumps ((start, jump) = {pairs}), so a "
+        "unit's field grows with its position; every output position is given the union of "
+        "their fields over all positions (jump 0), an upper bound"]
+
+
 class _TwoPathsConcatenated(nn.Module):
     """`_TwoPaths`' misaligned paths concatenated along channels, then mixed by a 1x1 conv."""
 
@@ -182,8 +217,8 @@ def test_misaligned_concatenated_paths_are_noted_with_their_offsets():
     assert result.receptive_field.size == (5, 5) and result.receptive_field.start == (0, 0)
     concatenate = [n for n in result.notes if "concatenate" in n.split(":")[0]]
     assert [n.split(": ", 1)[1] for n in concatenate] == [
-        f"paths concatenated on spatial axis {d} are misaligned (starts [-1.0, 1.0], jumps "
-        "[1.0]); the union of their fields is reported" for d in (0, 1)]
+        f"paths concatenated on spatial axis {d} are misaligned ((start, jump) = (-1.0, 1.0), "
+        "(1.0, 1.0)); the union of their fields is reported" for d in (0, 1)]
     x = jnp.ones((1, *shape))
     variables = model.init(jax.random.key(0), x)
     rows, cols = _support(lambda x: model.apply(variables, x), x, (0, 6, 6, 0))
