@@ -377,6 +377,7 @@ def padded_eval_batches(spec: Spec, source: Source,
     collectives line up across hosts. The layout and split sizes are checked on the call, not at
     the first batch."""
     process_batch = _check_layout(global_batch_size, num_devices, process_index, process_count)
+    _non_empty(spec, source, "eval_split")  # else zero batches: metrics averaged over nothing
     shard = (process_index, process_count)
     largest_shard = max(source.num_examples(spec.eval_split, (i, process_count))
                         for i in range(process_count))

@@ -35,7 +35,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from cnnjax.data.sources import split_names
 from cnnjax.data.spec import (  # noqa: F401 — the proposal settings live in spec.py
     DEFAULT_MAX_PROPOSALS,
     FIELDS,
@@ -44,6 +43,7 @@ from cnnjax.data.spec import (  # noqa: F401 — the proposal settings live in s
     ProposalSpec,
     default_proposals_config,
     proposal_spec,
+    split_names,
 )
 from cnnjax.detection.selective_search import opencv_version, selective_search
 from cnnjax.utils.files import atomic_file

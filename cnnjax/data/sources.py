@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
-from cnnjax.data.spec import Spec
+from cnnjax.data.spec import Spec, split_names
 from cnnjax.utils.files import check_output_dir
 from cnnjax.utils.validation import invalid
 
@@ -438,11 +438,6 @@ def write_split_metadata(data_dir: str, tfds_name: str, sizes: Mapping[str, int]
     ]))
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
-
-
-def split_names(split: str) -> list[str]:
-    """The named splits a split string reads: 'train[:90%]+test' -> ['train', 'test']."""
-    return list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+")))
 
 
 def _box_features(feature: Any, path: str = "") -> list[str]:

@@ -13,9 +13,11 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from ml_collections import config_dict
 
 from cnnjax.data import presets
+from cnnjax.data.builders import LOCAL_BUILDERS
 from cnnjax.detection.selective_search import check_settings
 from cnnjax.utils.files import distinct_name
 from cnnjax.utils.validation import (
@@ -176,6 +178,32 @@ def _optional_str(arg: str, value: Any) -> str | None:
     return value
 
 
+def split_names(split: str) -> list[str]:
+    """The named splits a split string reads: 'train[:90%]+test' -> ['train', 'test']."""
+    return list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+")))
+
+
+def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
+    """A split string's syntax (tfds's own parser, no I/O) and, for cnnjax's offline datasets,
+    its split names, before the dataset is generated on first use (seconds to build)."""
+    split = _optional_str(arg, value)
+    if split is None:
+        return None
+    local = {builder.name: builder.SPLIT_NAMES for builder in LOCAL_BUILDERS}.get(tfds_name)
+    has = "" if local is None else f"{tfds_name!r} has splits {list(local)}; "
+    try:
+        tfds.core.ReadInstruction.from_spec(split)
+    except (ValueError, TypeError, AssertionError):
+        raise invalid(_OWNER, arg, split,
+                      f"{has}expected a tfds split string such as 'train', 'test[:10%]', "
+                      "'train[100:200]' or 'train[:90%]+test' "
+                      "(https://www.tensorflow.org/datasets/splits)") from None
+    if local is not None and any(name not in local for name in split_names(split)):
+        raise invalid(_OWNER, arg, split,
+                      f"{has.removesuffix('; ')} (slices like 'train[:90%]' also work)")
+    return split
+
+
 def _check_bool(arg: str, value: Any) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise invalid(_OWNER, arg, value, "expected True or False")
@@ -289,8 +317,9 @@ def resolve(data_config: Any) -> Spec:
         data_dir=_optional_str("data_dir", cfg["data_dir"]),
         size=size,
         augment=augment,
-        train_split=_optional_str("train_split", cfg["train_split"]) or preset.train_split,
-        eval_split=_optional_str("eval_split", cfg["eval_split"]) or preset.eval_split,
+        train_split=_check_split("train_split", cfg["train_split"], tfds_name)
+        or preset.train_split,
+        eval_split=_check_split("eval_split", cfg["eval_split"], tfds_name) or preset.eval_split,
         cache=_check_bool("cache", cfg["cache"]),
         shuffle_buffer=int(cfg["shuffle_buffer"]),
         classes=_check_classes(cfg["classes"]),

@@ -755,6 +755,37 @@ def test_dense_task_fields_are_refused_by_resolve_for_task(task, monkeypatch):
             config, task)
 
 
+@pytest.mark.parametrize("name, field, split, message", [
+    ("digits", "train_split", "train[:abc]", r"'digits' has splits \['train', 'test'\]; expected "
+                                             r"a tfds split string such as 'train'"),
+    ("digits", "eval_split", " test", r"'digits' has splits"),
+    ("digits", "train_split", "train[:150%]", r"'digits' has splits .*; expected a tfds split"),
+    ("shapes", "eval_split", "tset", r"'shapes' has splits \['train', 'test'\] \(slices like"),
+    ("shapes", "train_split", "train[:90%]+valid", r"'shapes' has splits \['train', 'test'\]"),
+    ("cifar10", "eval_split", "test[1:x]", r"expected a tfds split string such as 'train'"),
+])
+def test_a_bad_split_is_refused_before_the_dataset_is_opened(name, field, split, message,
+                                                              monkeypatch):
+    """A split tfds cannot parse, or a split name an offline dataset lacks, was refused only
+    by the source's split count, after a first use had generated the dataset (10 s for
+    shapes_multi, review BF); `resolve` refuses it without I/O."""
+    from cnnjax.data import spec
+
+    monkeypatch.setattr(pipeline.sources, "open_source", None)  # any I/O would fail loudly
+    config = spec.default_data_config(name)
+    config[field] = split
+    _expect(rf"^data: {field}={re.escape(repr(split))} is invalid; {message}", spec.resolve,
+            config)
+
+
+def test_eval_batches_refuse_an_empty_eval_split(digits_config):
+    """Called directly (the engine checks get_dataset_info first), eval_batches on an empty
+    split yielded no batch and no error (review BF)."""
+    _expect(r"^data: eval_split='test\[:0\]' is invalid; it holds no examples of 'digits'",
+            pipeline.eval_batches, digits_config(eval_split="test[:0]"), global_batch_size=8,
+            num_devices=1)
+
+
 def test_workdirs_from_before_randaugment_still_resume():
     """A config.json written before the RandAugment fields existed lacks them; LEGACY_DEFAULTS
     says it had them off, so it stays compatible with today's default data config."""

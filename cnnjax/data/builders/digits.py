@@ -76,6 +76,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: 1,438 train / 359 test, stratified, seed 0."}
+    SPLIT_NAMES = ("train", "test")  # split_indices' keys: known before the data is generated
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

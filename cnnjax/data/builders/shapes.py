@@ -104,6 +104,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     """tfds builder for synthetic one-shape images (registered as `shapes`)."""
 
     VERSION = tfds.core.Version("1.0.0")
+    SPLIT_NAMES = tuple(SPLITS)  # known before the data is generated
     RELEASE_NOTES = {"1.0.0": "Initial release: 2,000 train / 400 test, 4 balanced classes."}
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -196,6 +197,7 @@ class ShapesMulti(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
+    SPLIT_NAMES = tuple(MULTI_SPLITS)  # known before the data is generated
     RELEASE_NOTES = {"1.0.0": "Initial release: 4,000 train / 500 test scenes of 1-4 shapes."}
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -240,6 +242,7 @@ class ShapesSegmentation(tfds.core.GeneratorBasedBuilder):
     `objects` and image `label` as `shapes_multi`."""
 
     VERSION = tfds.core.Version("1.0.0")
+    SPLIT_NAMES = tuple(SEGMENTATION_SPLITS)  # known before the data is generated
     RELEASE_NOTES = {"1.0.0": "Initial release: 2,000 train / 500 test scenes, 5 classes."}
 
     def _info(self) -> tfds.core.DatasetInfo:
