@@ -203,6 +203,7 @@ def _evaluate() -> None:
         NoWeightAverageError,
         check_split,
         check_temperature_split,
+        classifier_confusion,
         evaluate_run,
         load_trained,
         plot_predictions,
@@ -243,6 +244,9 @@ def _evaluate() -> None:
         if _PLOT.value and (classified is not None or failure is None):
             result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
                                        classified=classified)
+        elif config_task(run.config) == "classification" and (
+                classified is not None or failure is None):  # the JSON's matrix, drawn or not
+            result |= classifier_confusion(run, result["split"], classified)
         if _PLOT.value and "calibration" in result:
             result["reliability_plot"] = _plot_reliability(run, result, stem + "_reliability.png")
         write_json(output, result)

@@ -814,8 +814,9 @@ def count_relus(model: nn.Module, variables: Any, images: Any) -> int:
     model that `guided_backprop` replaces, found by the same rules (a `jax.nn.relu` call, a
     `max(x, 0)` with a literal zero unless it clamps a normalization's variance), each counted
     once per place in the trace. 0 means `guided_backprop` is the plain gradient, so its map
-    equals saliency's: a command says so rather than show two identical maps as two methods
-    (e.g. LeNet-5, whose units are tanh). Traces only (`jax.make_jaxpr`): nothing compiles."""
+    equals saliency's (e.g. LeNet-5, whose units are tanh): `experiments.visualize` still draws
+    both, and adds a note saying so to its output and `visualize.json`. Traces only
+    (`jax.make_jaxpr`): nothing compiles."""
     images = _check_images(images)
     forward = _forward(model, ())
     closed = jax.make_jaxpr(lambda v, x: forward(v, x)[0])(variables, images)

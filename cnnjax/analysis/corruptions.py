@@ -635,6 +635,11 @@ _PIL_OPS = {"jpeg_compression": _jpeg_compression, "pixelate": _pixelate,
 def check_corruption(name: Any, severity: Any, channels: int | None = None) -> None:
     """ValueErrors for an unknown `name`, a severity outside 1-5, or a corruption undefined for
     `channels`-channel images."""
+    if name == "frost":  # a real ImageNet-C corruption, not a typo: say why it is missing
+        raise invalid(_OWNER, "name", name,
+                      "cnnjax does not compute frost (it blends crops of the ImageNet-C authors' "
+                      "frost photographs, which cnnjax does not ship); expected one of "
+                      f"{list(CORRUPTIONS)}")
     if name not in CORRUPTIONS:
         raise invalid(_OWNER, "name", name, f"expected one of {list(CORRUPTIONS)}")
     if (isinstance(severity, bool) or not isinstance(severity, int | np.integer)

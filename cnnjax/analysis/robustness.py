@@ -374,10 +374,15 @@ def read_baseline(given: str, file_name: str) -> dict:
 
 
 def table(record: dict) -> str:
-    """The cells as a text table: one row per corruption, one column per severity."""
-    levels = record["severities"]
+    """The cells as a text table: one row per corruption, one column per severity, of the
+    requested grid the means cover (cells an earlier command measured stay in the record only:
+    shown beside a mean that leaves them out, they read as averaged)."""
+    requested = record.get("requested")  # None: written before "requested" existed
+    levels = record["severities"] if requested is None else requested["severities"]
+    names = list(record["cells"]) if requested is None else requested["corruptions"]
     lines = [f"{'corruption':<18}" + "".join(f"{'s' + str(s):>8}" for s in levels) + f"{'mean':>8}"]
-    for name, per in record["cells"].items():
+    for name in names:
+        per = record["cells"].get(name, {})
         row = "".join(f"{per[str(s)]:>8.4f}" if str(s) in per else f"{'-':>8}" for s in levels)
         mean = record.get("per_corruption_mean_top1", {}).get(name)
         lines.append(f"{name:<18}{row}" + (f"{mean:>8.4f}" if mean is not None else f"{'-':>8}"))

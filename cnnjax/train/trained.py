@@ -314,17 +314,24 @@ def plot_predictions(run: TrainedRun, path: str, split: str | None = None,
         plot_detections(batch["image"], found, batch["boxes"], batch["labels"],
                         batch["box_valid"], path, max_images=max_images, title=title)
         return {"plot": path}
-    from cnnjax.analysis.confusion import (
-        confusion_matrix,
-        per_class_accuracy,
-        plot_confusion_matrix,
-    )
+    from cnnjax.analysis.confusion import plot_confusion_matrix
+
+    confusion = classifier_confusion(run, split, classified)
+    plot_confusion_matrix(np.asarray(confusion["confusion_matrix"]), path, title=title,
+                          class_labels=[str(c) for c in confusion["classes"]])
+    return {"plot": path, **confusion}
+
+
+def classifier_confusion(run: TrainedRun, split: str | None = None,
+                         classified: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """A classifier's `confusion_matrix` over every example of `split` (rows: true class),
+    its `classes` (row i is dataset label classes[i]) and `per_class_top1` (None for a class
+    without examples), as JSON-ready lists. `classified`: `classifier_logits` of that split."""
+    from cnnjax.analysis.confusion import confusion_matrix, per_class_accuracy
 
     logits, labels = classifier_logits(run, split) if classified is None else classified
     matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), int(logits.shape[-1]))
-    classes = dataset_labels(run, matrix.shape[0])  # row i is dataset label classes[i]
-    plot_confusion_matrix(matrix, path, title=title, class_labels=[str(c) for c in classes])
-    return {"plot": path, "classes": classes,
+    return {"classes": dataset_labels(run, matrix.shape[0]),
             # None, not NaN, for a class the split lacks: NaN is not JSON (strict readers fail)
             "per_class_top1": [None if np.isnan(a) else float(a)
                                for a in per_class_accuracy(matrix)],

@@ -772,10 +772,15 @@ def test_quantize_truncates_as_cifar10c_was_stored():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda x: C.corrupt(x, "frost", 1),
-     r"corruptions: name='frost' is invalid; expected one of \['gaussian_noise', 'shot_noise'"
+    (lambda x: C.corrupt(x, "fros", 1),
+     r"corruptions: name='fros' is invalid; expected one of \['gaussian_noise', 'shot_noise'"
      r".*'pixelate', 'glass_blur', 'motion_blur', 'zoom_blur', 'fog', 'elastic_transform', "
      r"'snow', 'spatter'\]"),
+    # a real ImageNet-C corruption: the message said only "expected one of", as for a typo
+    (lambda x: C.corrupt(x, "frost", 1),
+     r"corruptions: name='frost' is invalid; cnnjax does not compute frost \(it blends crops of "
+     r"the ImageNet-C authors' frost photographs, which cnnjax does not ship\); expected one of "
+     r"\['gaussian_noise'"),
     (lambda x: C.corrupt(x, "contrast", 0),
      r"corruptions: severity=0 is invalid; expected an integer from 1 to 5\."),
     (lambda x: C.corrupt(x, "contrast", 6), r"severity=6 is invalid"),
