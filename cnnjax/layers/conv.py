@@ -37,6 +37,7 @@ from cnnjax.layers.padding import (
     same_padding,
 )
 from cnnjax.utils.validation import (
+    INPUT_TOO_SMALL_HINT,
     check_bool,
     check_choice,
     check_layer_dtypes,
@@ -106,7 +107,7 @@ class _Geometry:
                     owner, "kernel_size", self.kernel,
                     f"the effective kernel {axis} {ek} (dilation·(kernel−1)+1 with "
                     f"dilation={self.dilation}) must not exceed the padded input {axis} "
-                    f"{padded} (input {n} + padding {lo} + {hi})",
+                    f"{padded} (input {n} + padding {lo} + {hi}){INPUT_TOO_SMALL_HINT}",
                 )
             out.append((padded - ek) // s + 1)
         return pads, (out[0], out[1])

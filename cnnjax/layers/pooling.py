@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax.utils.validation import (
+    INPUT_TOO_SMALL_HINT,
     check_bool,
     check_choice,
     check_nhwc_nonempty,
@@ -97,7 +98,7 @@ def _window_geometry(
     if any(k > n for k, n in zip(kernel, padded, strict=True)):
         raise invalid(owner, "kernel_size", kernel_size,
                       f"expected at most the padded input size {padded} (input {sizes}, "
-                      f"padding {pads})")
+                      f"padding {pads}){INPUT_TOO_SMALL_HINT}")
     outs, overhang = [], []
     for n, k, s, p in zip(sizes, kernel, strides, pads, strict=True):
         span = n + 2 * p - k

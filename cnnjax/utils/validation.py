@@ -13,6 +13,12 @@ from typing import Any
 
 import numpy as np
 
+#: Appended to a layer's "window larger than its input" error: inside a model (called directly,
+#: not through the engine, which checks the model first) the model's input is what is too small.
+INPUT_TOO_SMALL_HINT = ("; inside a network this means its input is too small "
+                        "(cnnjax.models.registry.min_input_size gives a registered model's "
+                        "smallest input side)")
+
 
 def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
     """Builds the standard error: `<owner>: <arg>=<value> is invalid; <valid>.` (no second stop

@@ -432,3 +432,22 @@ def test_name_keyword_names_the_flax_module():
     model = create_model("lenet5", name="backbone")
     assert model.name == "backbone"
     assert type(model).__name__ == "LeNet5"
+
+
+@pytest.mark.parametrize("name", ["vgg11", "lenet5", "nin_cifar"])
+def test_a_model_called_directly_below_its_smallest_input_says_the_input_is_too_small(name):
+    """Called directly (the engine refuses the size first, naming the model), a model one
+    pixel below its smallest input got only its layer's complaint about a window larger than
+    its input, which reads as a bad layer setting (reviews BA, BH): the message now says what
+    that means inside a network and where a model's smallest input is found."""
+    import jax
+    import jax.numpy as jnp
+
+    size = model_info(name).min_input_size - 1
+    model = create_model(name)
+    images = jax.ShapeDtypeStruct((1, size, size, model_info(name).input_shape[2]), jnp.float32)
+    with pytest.raises(ValueError, match=r"kernel_size=.* is invalid; .*; inside a network this "
+                                         r"means its input is too small \(cnnjax\.models\.registry"
+                                         r"\.min_input_size gives a registered model's smallest "
+                                         r"input side\)\."):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
