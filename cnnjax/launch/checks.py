@@ -146,10 +146,16 @@ def check_configs(spec: JobSpec) -> None:
     """Loads the (validated) spec's config files with its overrides; raises ValueError for an
     override the file refuses, a sweep field the base config lacks, a value the engine's
     `validate_config` refuses, a data field its input module refuses (`check_data_fields`),
+    an unknown model or a `model_kwargs` field it does not take (`check_model_fields`),
     or a batch size that does not split evenly over the devices the engine will use
     (`job_devices`) or into `grad_accum_steps` micro-batches. A sweep's checks run on every
     trial's config, since a trial may set the batch size or any other field."""
-    from cnnjax.train.config import check_batch_divisible, check_data_fields, validate_config
+    from cnnjax.train.config import (
+        check_batch_divisible,
+        check_data_fields,
+        check_model_fields,
+        validate_config,
+    )
 
     spec = validate_spec(spec, count_trials(spec) if spec.entry == "sweep" else None)
     entry = spec.entry_point
@@ -163,6 +169,7 @@ def check_configs(spec: JobSpec) -> None:
         try:
             validate_config(config)
             check_data_fields(config)  # as `check_config` checks it at start
+            check_model_fields(config)  # the model's name and model_kwargs, without tracing
         except ValueError as err:
             raise ValueError(f"launch: the job would fail at start{where}: {err}") from None
         devices, layout = job_devices(spec, config, where)

@@ -715,6 +715,16 @@ def _checked_model(config: Any, task: str, info: Any, image_shape: tuple[int, ..
     return model
 
 
+def check_model_fields(config: Any) -> None:
+    """Refuses an unknown `config.model` or `model_kwargs` it does not take, as `check_config`
+    does at start, without the dataset (the registry's class count stands in for the dataset's)
+    and without tracing: for a launcher to check before queueing a job."""
+    from cnnjax.models.registry import model_info
+
+    num_classes = config.get("num_classes") or model_info(config.model).num_classes
+    _create_model(config, config_task(config), num_classes)
+
+
 def _create_model(config: Any, task: str, num_classes: int) -> Any:
     """`create_model` with the engine's axis name and compute dtype; a keyword the model does
     not take, or a backbone-only model (no outputs to train on), is a ValueError."""

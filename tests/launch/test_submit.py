@@ -549,6 +549,24 @@ def test_check_configs_refuses_a_dataset_the_pipeline_would_not_know(tmp_path):
         check_configs(spec)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (("--config.model=resnet99",), r"create_model: unknown model name='resnet99'; did you mean"),
+    # lenet5_digits.py declares LeNet-5's model_kwargs; another model does not take them
+    (("--config.model=resnet20_cifar", "--config.model_kwargs.activation=relu"),
+     r"config: model_kwargs=\{'activation': 'relu'\} is invalid; model 'resnet20_cifar' does "
+     r"not accept them"),
+])
+def test_check_configs_refuses_a_model_the_entry_point_would_refuse(tmp_path, overrides,
+                                                                   message):
+    """An unknown model name, or a model_kwargs field the model does not take, passed every
+    launch check and failed at start, after the queue (review BI)."""
+    spec = JobSpec(entry="train", config=str(ROOT / "experiments/configs/lenet5_digits.py"),
+                   workdir=str(tmp_path / "w"), submit_dir=str(ROOT), overrides=overrides)
+    check_configs(JobSpec(**{**spec.__dict__, "overrides": ()}))
+    with pytest.raises(ValueError, match=r"^launch: the job would fail at start: " + message):
+        check_configs(spec)
+
+
 def test_check_configs_runs_the_engine_value_checks_on_every_trial(tmp_path):
     """A bad value, or a batch one trial sets that the job's GPUs cannot split, is refused at
     submission instead of failing every array task at start."""
