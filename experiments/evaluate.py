@@ -241,12 +241,12 @@ def _evaluate() -> None:
         classified, failure = None, None
         if config_task(run.config) == "classification" and _CALIBRATION.value:
             classified, failure = _calibrate(run, result, same_split)
-        if _PLOT.value and (classified is not None or failure is None):
-            result |= plot_predictions(run, stem + ".png", result["split"], _PLOT_IMAGES.value,
-                                       classified=classified)
-        elif config_task(run.config) == "classification" and (
-                classified is not None or failure is None):  # the JSON's matrix, drawn or not
-            result |= classifier_confusion(run, result["split"], classified)
+        if classified is not None or failure is None:
+            if _PLOT.value:
+                result |= plot_predictions(run, stem + ".png", result["split"],
+                                           _PLOT_IMAGES.value, classified=classified)
+            elif config_task(run.config) == "classification":  # the JSON's matrix, not drawn
+                result |= classifier_confusion(run, result["split"], classified)
         if _PLOT.value and "calibration" in result:
             result["reliability_plot"] = _plot_reliability(run, result, stem + "_reliability.png")
         write_json(output, result)

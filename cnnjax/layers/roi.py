@@ -56,8 +56,10 @@ def _no_items(value: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     return np.zeros(shape, dtype) if isinstance(value, list | tuple) and not value else value
 
 
-def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
-    """Checks the `[K, 4]` shape and, when concrete, that x1 <= x2 and y1 <= y2."""
+def _check_boxes(owner: str, boxes: Any,
+                 inside_image: bool = False) -> tuple[jax.Array, np.ndarray | None]:
+    """Checks the `[K, 4]` shape and, when concrete, that x1 <= x2 and y1 <= y2 (with
+    `inside_image`, also x1, y1 >= 0: `check_valid_boxes`)."""
     boxes = _no_items(boxes, (0, 4), np.float32)
     values = concrete_value(boxes)
     boxes = jnp.asarray(boxes)
@@ -68,7 +70,7 @@ def _check_boxes(owner: str, boxes: Any) -> tuple[jax.Array, np.ndarray | None]:
         boxes = boxes.astype(jnp.float32)
     if values is not None:
         values = values.astype(np.float64)
-        check_valid_boxes(owner, "boxes", values)
+        check_valid_boxes(owner, "boxes", values, inside_image=inside_image)
     return boxes, values
 
 
@@ -125,7 +127,8 @@ def _check_roi_args(
     if not jnp.issubdtype(features.dtype, jnp.floating):
         raise invalid(owner, "features.dtype", str(features.dtype),
                       "expected a floating-point array")
-    boxes, values = _check_boxes(owner, boxes)
+    # (the image's far edge is unknown here: module docstring)
+    boxes, values = _check_boxes(owner, boxes, inside_image=True)
     out = to_pair(owner, "output_size", output_size)
     scale = check_positive_float(owner, "spatial_scale", spatial_scale)
     batch_indices = _no_items(batch_indices, (0,), np.int32)
@@ -144,11 +147,6 @@ def _check_roi_args(
             i = int(bad[0])
             raise invalid(owner, f"batch_indices[{i}]", int(indices[i]),
                           f"expected 0 <= index < {n} (the batch size of features)")
-    if values is not None:  # (the image's far edge is unknown here: module docstring)
-        bad = np.flatnonzero((values[:, 0] < 0) | (values[:, 1] < 0))
-        if bad.size:
-            i = int(bad[0])
-            raise invalid(owner, f"boxes[{i}]", values[i].tolist(), INSIDE_IMAGE)
     return boxes, batch_indices.astype(jnp.int32), out, scale, values
 
 
