@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
-from cnnjax.data.spec import Spec, split_names
+from cnnjax.data.spec import Spec, split_names, splits_named
 from cnnjax.utils.files import check_output_dir
 from cnnjax.utils.validation import invalid
 
@@ -145,7 +145,7 @@ class TfdsSource(Source):
             count = int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
         except (KeyError, ValueError, TypeError, AssertionError) as e:
             raise invalid(_OWNER, _split_field(self._spec, split), split,
-                          f"{self.builder.name!r} has splits {list(self.builder.info.splits)} "
+                          f"{splits_named(self.builder.name, self.builder.info.splits)} "
                           f"(slices like 'train[:90%]' also work) [{e}]") from None
         for part in parts:
             # tfds counts a reversed slice ('test[5:2]': -3 examples) and fails only on reading.

@@ -183,6 +183,12 @@ def split_names(split: str) -> list[str]:
     return list(dict.fromkeys(part.split("[")[0].strip() for part in split.split("+")))
 
 
+def splits_named(tfds_name: str, splits: Any) -> str:
+    """`'digits' has splits ['train', 'test']`: what a split field may name (slices of them too),
+    for a split error."""
+    return f"{tfds_name!r} has splits {list(splits)}"
+
+
 def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
     """A split string's syntax (tfds's own parser, no I/O) and, for cnnjax's offline datasets,
     its split names, before the dataset is generated on first use (seconds to build)."""
@@ -190,7 +196,7 @@ def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
     if split is None:
         return None
     local = {builder.name: builder.SPLIT_NAMES for builder in LOCAL_BUILDERS}.get(tfds_name)
-    has = "" if local is None else f"{tfds_name!r} has splits {list(local)}; "
+    has = "" if local is None else f"{splits_named(tfds_name, local)}; "
     try:
         tfds.core.ReadInstruction.from_spec(split)
     except (ValueError, TypeError, AssertionError):
@@ -200,7 +206,7 @@ def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
                       "(https://www.tensorflow.org/datasets/splits)") from None
     if local is not None and any(name not in local for name in split_names(split)):
         raise invalid(_OWNER, arg, split,
-                      f"{has.removesuffix('; ')} (slices like 'train[:90%]' also work)")
+                      f"{splits_named(tfds_name, local)} (slices like 'train[:90%]' also work)")
     return split
 
 
