@@ -246,6 +246,8 @@ def create_model(name: str, /, **overrides) -> nn.Module:
     # or Python's words ("'str' object is not callable"), naming neither the model nor the field.
     if "dtype" in overrides:
         check_float_dtype(name, "dtype", overrides["dtype"], computable=True)
+    if "axis_name" in overrides:
+        _check_axis_name(name, overrides["axis_name"])
     if "act" in overrides and not callable(overrides["act"]) and "act" in settable_fields(name):
         raise invalid(name, "act", overrides["act"],
                       "expected a callable activation such as flax.linen.relu (a Python "
@@ -265,6 +267,16 @@ def create_model(name: str, /, **overrides) -> nn.Module:
         "create_model", bad, overrides[bad],
         f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); it takes "
         f"{settable}.{hint}")), bad)
+
+
+def _check_axis_name(model: str, axis_name: object) -> None:
+    """BatchNorm's cross-device axis must be None or a mapped axis's name: an int was taken as an
+    array axis at the first train-mode call ("axis 5 is out of bounds for array of dimension 0")."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if axis_name is not None and not (names and all(isinstance(n, str) and n for n in names)):
+        raise invalid(model, "axis_name", axis_name,
+                      'expected None (no cross-device BatchNorm sync) or the name of the pmap / '
+                      'shard_map axis, a non-empty str such as "batch" (or a tuple of them)')
 
 
 def _rejected_keyword(message: str, overrides: dict) -> str | None:

@@ -168,6 +168,12 @@ def test_stride_in_1x1_is_refused_for_basic_blocks():
                                              "expected None or a floating-point dtype"),
     ("resnet18", {"dtype": "int32"}, "resnet18: dtype='int32' is invalid"),
     ("lenet5", {"dtype": "float8_e4m3fn"}, "lenet5: dtype='float8_e4m3fn' is invalid"),
+    # an int was an array axis at the first train-mode call: "axis 5 is out of bounds"
+    ("resnet20_cifar", {"axis_name": 5}, "resnet20_cifar: axis_name=5 is invalid; expected None "
+                                         "(no cross-device BatchNorm sync) or the name of"),
+    ("resnet18", {"axis_name": ""}, "resnet18: axis_name='' is invalid"),
+    ("densenet40_cifar", {"axis_name": ("batch", 0)}, "densenet40_cifar: axis_name=('batch', 0) "
+                                                      "is invalid"),
     # without x64 it computed in float32, silently
     ("lenet5", {"dtype": "float64"}, "lenet5: dtype='float64' is invalid; expected a dtype JAX "
                                      "computes in: float64 needs"),
