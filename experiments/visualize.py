@@ -360,6 +360,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {error}")
     with one_line_errors():
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work
+        if _METHODS.value is not None:  # names only: the checkpoint takes seconds to load
+            attribution.check_methods(_METHODS.value, "visualize", "--methods")
         try:
             run = load_trained(_WORKDIR.value, _STEP.value, ema=_EMA.value)
         except NoWeightAverageError as err:

@@ -865,6 +865,20 @@ class Explanation(NamedTuple):
     layer: str | None  # Grad-CAM's layer (None without grad_cam)
 
 
+def check_methods(methods: Sequence[str] | str, owner: str = _OWNER,
+                  arg: str = "methods") -> tuple[str, ...]:
+    """`methods` as a tuple (a str is split at commas) if they are distinct names of `METHODS`,
+    at least one; else raises naming `owner` and `arg` (a command checks its flag before it
+    loads a checkpoint)."""
+    if isinstance(methods, str):
+        methods = tuple(m for m in methods.split(",") if m)
+    if (not isinstance(methods, Sequence) or not methods or len(set(methods)) != len(methods)
+            or not all(m in METHODS for m in methods)):
+        raise invalid(owner, arg, methods,
+                      f"expected distinct names from {list(METHODS)}, at least one")
+    return tuple(methods)
+
+
 def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
             methods: Sequence[str] = METHODS, layer: str | None = None,
             patch: int | None = None, stride: int | None = None,
@@ -873,12 +887,7 @@ def explain(model: nn.Module, variables: Any, images: Any, targets: Any = None, 
     `layer` is Grad-CAM's, `patch` and `stride` the occluder's, `ig_steps` the path points of
     integrated gradients (None: 32; its map is |sum over channels| of its attributions). A
     setting given for a method not in `methods` is refused, not ignored."""
-    if isinstance(methods, str):
-        methods = tuple(m for m in methods.split(",") if m)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise invalid(_OWNER, "methods", methods,
-                      f"expected distinct names from {list(METHODS)}, at least one")
+    methods = check_methods(methods)
     for arg, value, method in (("layer", layer, "grad_cam"), ("patch", patch, "occlusion"),
                                ("stride", stride, "occlusion"),
                                ("ig_steps", ig_steps, "integrated_gradients")):

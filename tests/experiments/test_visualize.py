@@ -73,6 +73,9 @@ def refused(tmp_path_factory) -> dict:
     commands = {}
     (root / "no_run").mkdir()
     commands["no_run"] = (root / "no_run", [f"--workdir={root / 'no_run'}"])
+    (root / "unknown_method").mkdir()  # no run in it: the names are checked before loading
+    commands["unknown_method"] = (root / "unknown_method", [f"--workdir={root / 'unknown_method'}",
+                                                            "--methods=saliency,lime"])
     for where in _IN_THE_WAY:
         tmp = root / where
         tmp.mkdir()
@@ -226,6 +229,15 @@ def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
     rgb = default_data_config("digits")
     rgb.grey_to_rgb = True
     assert _normalization(run_of(rgb), 3) == (grey.mean * 3, grey.std * 3)
+
+
+def test_an_unknown_method_is_refused_by_its_flag_before_the_checkpoint_loads(refused):
+    """It was refused as `attribution: methods=...` once the checkpoint had loaded (6-7 s)."""
+    _, result = refused["unknown_method"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: visualize: --methods=['saliency', 'lime'] is invalid; expected distinct names "
+        "from ['saliency', 'smoothgrad', ")
 
 
 @pytest.mark.parametrize("where", _IN_THE_WAY)
