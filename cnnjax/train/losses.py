@@ -12,9 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from cnnjax.utils.validation import check_number, check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, concrete_value, invalid
 
 LABEL_SMOOTHING_RANGE = "expected a number 0 <= label_smoothing < 1 (0: off)"
 
@@ -48,6 +49,20 @@ def _check_labels(owner: str, logits: jnp.ndarray, labels: jnp.ndarray, *, ids: 
     raise invalid(owner, "labels.shape", tuple(labels.shape), "expected " + " or ".join(kinds))
 
 
+def _check_class_ids(owner: str, labels: jnp.ndarray, num_classes: int) -> None:
+    """Refuses concrete class ids outside [0, num_classes): `one_hot` makes them all-zero rows,
+    a loss of 0 that drops the example from the loss and its gradient without an error. Traced
+    ids (inside jit) cannot be checked; the engine checks num_classes against the dataset."""
+    ids = concrete_value(labels)
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        outside = np.argwhere((ids < 0) | (ids >= num_classes))
+        first = tuple(int(i) for i in outside[0])
+        raise invalid(owner, f"labels[{', '.join(map(str, first))}]", int(ids[first]),
+                      f"expected class ids in [0, {num_classes}) for logits of {num_classes} "
+                      f"classes ({len(outside)} of {ids.size} labels are outside; one_hot makes "
+                      "them all-zero rows, a loss of 0 without an error)")
+
+
 def soft_cross_entropy(
     logits: jnp.ndarray, targets: jnp.ndarray, label_smoothing: float = 0.0
 ) -> jnp.ndarray:
@@ -70,6 +85,7 @@ def cross_entropy(
     label_smoothing = check_label_smoothing("cross_entropy", label_smoothing)
     _check_labels("cross_entropy", logits, labels)
     if labels.ndim < logits.ndim:
+        _check_class_ids("cross_entropy", labels, logits.shape[-1])
         labels = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     return soft_cross_entropy(logits, labels, label_smoothing)
 

@@ -1,5 +1,7 @@
 """Loss and metrics against float64 NumPy; the padded/masked eval step against unpadded NumPy."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -354,3 +356,25 @@ def test_class_ids_that_are_not_integers_are_refused(call):
     with pytest.raises(ValueError, match=rf"{call}: labels\.dtype=dtype\('float32'\) is "
                                          r"invalid; expected integer class ids"):
         getattr(losses, call)(*args, *((1,) if call == "topk_correct" else ()))
+
+
+@pytest.mark.parametrize("call", ["cross_entropy", "example_metrics"])
+@pytest.mark.parametrize("labels,first,outside", [([0, 3, 1], "labels[1]=3", 1),
+                                                   ([-1, 0, 7], "labels[0]=-1", 2)])
+def test_concrete_class_ids_outside_the_classes_are_refused_not_a_loss_of_0(call, labels, first,
+                                                                             outside):
+    """One-hot of id 3 (or -1) of 3 classes is an all-zero row: the example had loss 0 and no
+    gradient, silently (a num_classes below the labels' range trained on part of the data)."""
+    logits = jnp.asarray([[2.0, 0.0, -1.0]] * 3)
+    with pytest.raises(ValueError, match=rf"^cross_entropy: {re.escape(first)} is invalid; "
+                                         rf"expected class ids in \[0, 3\) for logits of 3 "
+                                         rf"classes \({outside} of 3 labels are outside"):
+        getattr(losses, call)(logits, jnp.asarray(labels))
+
+
+def test_traced_class_ids_are_not_checked_so_jit_still_compiles():
+    """Inside jit the ids are tracers: no check, and in-range ids give numpy's loss."""
+    logits = jnp.asarray([[2.0, 0.0, -1.0]])
+    loss = jax.jit(losses.cross_entropy)(logits, jnp.asarray([0]))
+    expected = -np.log(np.exp(2.0) / np.exp([2.0, 0.0, -1.0]).sum())
+    np.testing.assert_allclose(loss, [expected], rtol=1e-6)
