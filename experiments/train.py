@@ -3,8 +3,9 @@
     python -m experiments.train --config=experiments/configs/lenet5_digits.py \\
         --config.optimizer.learning_rate=0.05 --workdir=workdirs/lenet5
 
-Rerunning the same command resumes from the newest checkpoint in --workdir. Under SLURM with more
-than one task (or with --distributed) `jax.distributed.initialize()` connects the processes first;
+Rerunning the same command resumes from the newest checkpoint in --workdir. In a task of an srun
+step with more than one task (or with --distributed; --nodistributed refuses it)
+`jax.distributed.initialize()` connects the processes first;
 a process that cannot reach the others within --distributed_timeout seconds exits with a message.
 Errors end the process with a one-line message (also written to <workdir>/summary.json).
 """
@@ -39,7 +40,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
-    "Call jax.distributed.initialize() (multi-host). Automatic under SLURM with >1 task.",
+    "Call jax.distributed.initialize() (multi-host). Default: automatic in a task of an srun "
+    "step with more than one task; --nodistributed runs one process even there.",
 )
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
     "distributed_timeout",
@@ -74,11 +76,19 @@ def _start_distributed(workdir: str) -> None:
 
     try:
         timeout_s = distributed.check_timeout(_DISTRIBUTED_TIMEOUT.value, "distributed_timeout")
-        if distributed.should_initialize(_DISTRIBUTED.value or bool(_CONFIG.value.distributed)):
+        # --distributed / --nodistributed decide; else config.distributed=True forces it; else
+        # automatic (a task of an srun step with more than one task)
+        requested = (_DISTRIBUTED.value if flags.FLAGS["distributed"].present
+                     else True if _CONFIG.value.distributed else None)
+        if distributed.should_initialize(requested):
             distributed.initialize(
                 timeout_s,
                 on_timeout=lambda message, pid: _write_startup_error(workdir, message, pid),
             )
+        elif requested is None and distributed.slurm_tasks() > 1:
+            logging.warning("SLURM_NTASKS=%d outside an srun job step: training as one process "
+                            "(launch with srun for a %d-process JAX job).",
+                            distributed.slurm_tasks(), distributed.slurm_tasks())
     except ValueError as err:
         _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")

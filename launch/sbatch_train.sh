@@ -6,7 +6,8 @@
 #   sbatch launch/sbatch_train.sh experiments/configs/resnet50_imagenet.py workdirs/resnet50 \
 #       --config.data.data_dir=/datasets/tfds
 #
-# experiments.train calls jax.distributed.initialize() itself when SLURM_NTASKS > 1 (JAX reads the
+# experiments.train calls jax.distributed.initialize() itself in an srun step of SLURM_NTASKS > 1
+# (a python run outside srun stays one process, with a warning; JAX reads the
 # coordinator address, process count and index from the SLURM environment). Under SLURM JAX gives
 # each process only GPU number SLURM_LOCALID, so run one task per GPU (a single task per node would
 # use one GPU of eight); don't bind GPUs to tasks (--gpus-per-task) as JAX selects them itself.

@@ -195,7 +195,7 @@ def default_config() -> ml_collections.ConfigDict:
     # requeued job keeps its progress; delete the workdir to repeat a run from scratch.
     c.restart = False
     # True: jax.distributed.initialize() before anything else (as experiments.train's
-    # --distributed flag; automatic under SLURM with more than one task).
+    # --distributed flag; automatic in a task of an srun step with more than one task).
     c.distributed = False
     # Warm start / fine-tuning: a NEW run whose parameters and BatchNorm statistics come from
     # another run's checkpoint (optimizer state and step do not: they start fresh). Ignored when

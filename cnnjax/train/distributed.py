@@ -43,15 +43,38 @@ def _env_int(environ: Mapping[str, str], name: str, valid: str = "expected an in
     return int(value)
 
 
-def should_initialize(requested: bool, environ: Mapping[str, str] | None = None) -> bool:
-    """True when asked (`--distributed`) or when launched under SLURM with `SLURM_NTASKS` > 1.
-    Raises ValueError for a `SLURM_NTASKS` that is not a positive integer (0 ran one process)."""
+#: What `srun` sets in each task of a job step, and JAX's SLURM detection reads (an `salloc`
+#: shell or a batch script outside `srun` has SLURM_NTASKS but not these).
+SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def slurm_tasks(environ: Mapping[str, str] | None = None) -> int:
+    """`SLURM_NTASKS` (1 when unset or empty); ValueError for one that is not a positive integer
+    (0 ran one process)."""
     env = os.environ if environ is None else environ
     valid = "expected a positive integer (the job step's task count)"
     tasks = _env_int(env, "SLURM_NTASKS", valid)
     if tasks is not None and tasks < 1:
         raise invalid(_OWNER, "SLURM_NTASKS", env["SLURM_NTASKS"], valid)
-    return bool(requested) or (tasks or 1) > 1
+    return tasks or 1
+
+
+def in_slurm_step(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is a task of an `srun` job step (JAX then finds the job itself)."""
+    env = os.environ if environ is None else environ
+    return all(env.get(name) for name in SLURM_STEP_VARIABLES)
+
+
+def should_initialize(requested: bool | None, environ: Mapping[str, str] | None = None) -> bool:
+    """`requested` when given (`--distributed` / `--nodistributed`); None (automatic) is True in
+    a task of an `srun` step with `SLURM_NTASKS` > 1. A one-process run in an allocation of more
+    tasks (an `salloc -n 4` shell, a batch script outside `srun`) stays one process: JAX could
+    not find the job there. Raises ValueError for a malformed `SLURM_NTASKS`, in every case."""
+    env = os.environ if environ is None else environ
+    tasks = slurm_tasks(env)
+    if requested is not None:
+        return bool(requested)
+    return tasks > 1 and in_slurm_step(env)
 
 
 def explicit_params(environ: Mapping[str, str] | None = None) -> dict[str, int]:

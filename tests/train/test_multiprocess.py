@@ -430,11 +430,28 @@ def test_batchnorm_statistics_are_synced_across_processes(tmp_path):
 
 
 # ------------------------------------------------------------------------- fast (default suite)
-def test_should_initialize_from_flag_or_slurm_tasks():
-    assert not distributed.should_initialize(False, {})
-    assert not distributed.should_initialize(False, {"SLURM_NTASKS": "1"})
-    assert distributed.should_initialize(False, {"SLURM_NTASKS": "2"})
+_SRUN_TASK = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1",
+              "SLURM_LOCALID": "0"}
+
+
+def test_should_initialize_from_flag_or_an_srun_step_of_several_tasks():
+    assert not distributed.should_initialize(None, {})
+    assert not distributed.should_initialize(None, {**_SRUN_TASK, "SLURM_NTASKS": "1"})
+    assert distributed.should_initialize(None, {**_SRUN_TASK, "SLURM_NTASKS": "2"})
     assert distributed.should_initialize(True, {})
+    # --nodistributed: one process even in a step
+    assert not distributed.should_initialize(False, {**_SRUN_TASK, "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.parametrize("missing", distributed.SLURM_STEP_VARIABLES)
+def test_an_allocation_of_several_tasks_outside_an_srun_step_stays_one_process(missing):
+    """An `salloc -n 2` shell (or a batch script running python without srun) has SLURM_NTASKS=2
+    but not the step's variables JAX needs: initialize() failed ("coordinator_address should be
+    defined") and even --nodistributed could not run the one process."""
+    env = {**_SRUN_TASK, "SLURM_NTASKS": "2"}
+    del env[missing]
+    assert not distributed.in_slurm_step(env)
+    assert not distributed.should_initialize(None, env)
     with pytest.raises(ValueError, match=r"distributed: SLURM_NTASKS='two' is invalid; expected"):
         distributed.should_initialize(False, {"SLURM_NTASKS": "two"})
 
@@ -444,7 +461,7 @@ def test_a_malformed_slurm_task_count_is_a_clear_error(value):
     """SLURM_NTASKS of 0 or below ran the job as one process, silently, and Python's int read
     '\u0662' (an Arabic-Indic 2) and '2_0' (20) as numbers; each is refused naming the variable,
     with or without --distributed."""
-    for requested in (False, True):
+    for requested in (None, False, True):
         with pytest.raises(ValueError, match=r"distributed: SLURM_NTASKS=.* is invalid; expected "
                                               r"a positive integer"):
             distributed.should_initialize(requested, {"SLURM_NTASKS": value})
@@ -530,6 +547,23 @@ def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(tmp_path):
     recorded = (workdir / "error.startup.log").read_text()
     assert recorded.startswith("error: distributed: could not set up the multi-process JAX job")
     assert "JAX_COORDINATOR_ADDRESS=host:port" in recorded
+
+
+def test_a_run_in_an_allocation_of_two_tasks_outside_srun_trains_as_one_process(tmp_path):
+    """`python -m experiments.train` in an `salloc -n 2` shell: it failed in initialize()
+    ("coordinator_address should be defined"), with or without --nodistributed."""
+    env = {**_env(1), "SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node1"}
+    result = subprocess.run(
+        _train_command(tmp_path / "w", [*FLAGS[:1], "--config.num_train_steps=2",
+                                        "--config.eval_every_steps=2", *FLAGS[2:3],
+                                        "--config.log_every_steps=1",
+                                        "--config.schedule.warmup_steps=0", *FLAGS[-1:]]),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("SLURM_NTASKS=2 outside an srun job step: training as one process (launch with srun "
+            "for a 2-process JAX job).") in result.stderr
+    assert json.loads((tmp_path / "w" / "summary.json").read_text())["status"] == "completed"
 
 
 def test_a_bad_distributed_timeout_is_refused_naming_the_flag(tmp_path):
