@@ -277,9 +277,11 @@ def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) ->
     if not isinstance(value, str) or not value:
         raise invalid(_OWNER, field, value, "expected a path")
     if re.search(r"[\s%#'\"\\]", value):
+        where = ("; submit_dir is the repository the job runs in (launch.submit's own "
+                 "checkout): clone or move it to such a path" if field == "submit_dir" else "")
         raise invalid(_OWNER, field, value,
                       "expected a path without whitespace, quotes, backslashes, '%' or '#' "
-                      "(SLURM directives cannot carry them)")
+                      f"(SLURM directives cannot carry them){where}")
     path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
     if must_exist == "file" and not os.path.isfile(path):
         raise invalid(_OWNER, field, value, f"no such file ({path})")

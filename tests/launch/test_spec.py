@@ -230,6 +230,11 @@ BAD = [
      r"overrides='--trial_index=3' is invalid; train accepts --config.<field>=<value>, "
      r"--distributed_timeout=<value> \(note the '='\)\.$"),
     (dict(submit_dir="/no/such/dir"), r"submit_dir='/no/such/dir' is invalid; no such dir"),
+    # launch.submit sets it to its checkout, which the message names as the thing to move
+    (dict(submit_dir="/a clone/repo"), r"submit_dir='/a clone/repo' is invalid; expected a path "
+                                       r"without whitespace.*\(SLURM directives cannot carry "
+                                       r"them\); submit_dir is the repository the job runs in "
+                                       r"\(launch\.submit's own checkout\): clone or move it"),
 ]
 
 
