@@ -173,7 +173,9 @@ def open_whole_image_source(spec: Spec, make_source: Callable[[Spec], Source],
 
 def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
     """Training steps in one epoch of `train_batches` (the remainder of each epoch is dropped)."""
-    return num_train // global_batch_size
+    check_non_negative_int("steps_per_epoch", "num_train", num_train)
+    check_positive_int("steps_per_epoch", "global_batch_size", global_batch_size)
+    return int(num_train) // int(global_batch_size)
 
 
 def _device_reshape(batch: Batch, num_devices: int) -> Batch:

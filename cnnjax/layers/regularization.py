@@ -85,6 +85,13 @@ class DropPath(nn.Module):
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or self.rate == 0:
             return x
+        # flax's make_rng falls back to 'params' (init); with neither it said only 'None needs
+        # PRNG for "dropout"'
+        if not (self.has_rng(self.rng_collection) or self.has_rng("params")):
+            raise invalid(type(self).__name__, "deterministic", deterministic,
+                          f"rate={self.rate} draws random masks in training: pass "
+                          f"rngs={{{self.rng_collection!r}: key}} to apply (or "
+                          "deterministic=True to evaluate)")
         keep = 1.0 - self.rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = jax.random.bernoulli(self.make_rng(self.rng_collection), keep, shape)

@@ -51,6 +51,16 @@ def test_dataset_info(digits_config):
     assert pipeline.steps_per_epoch(info.num_train, 128) == STEPS_PER_EPOCH
 
 
+@pytest.mark.parametrize("args,message", [
+    ((1024, 0), "global_batch_size=0 is invalid; expected a positive integer"),  # ZeroDivision
+    ((1024, -3), "global_batch_size=-3 is invalid"),  # was -342
+    ((-5, 8), "num_train=-5 is invalid; expected an integer >= 0"),  # was -1
+])
+def test_steps_per_epoch_refuses_counts_that_are_not_counts(args, message):
+    with pytest.raises(ValueError, match=rf"^steps_per_epoch: {message}"):
+        pipeline.steps_per_epoch(*args)
+
+
 @pytest.mark.parametrize("split", ["test[:0]", "test[100%:]", "train[5:5]"])
 def test_empty_eval_split_is_refused_at_info_time(digits_config, split):
     """`get_dataset_info` (what the trainer calls before compiling) refuses an eval split with

@@ -2,7 +2,6 @@
 
 import re
 
-import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +75,15 @@ def test_deterministic_given_the_dropout_rng():
 
 def test_training_needs_the_dropout_stream_and_keeps_the_dtype():
     x = jnp.asarray(_positive((8, 2, 2, 3)), jnp.bfloat16)
-    with pytest.raises(flax.errors.InvalidRngError, match="dropout"):
+    # flax's 'None needs PRNG for "dropout"' named neither the layer nor what to pass
+    with pytest.raises(ValueError, match=r"^DropPath: deterministic=False is invalid; rate=0\.5 "
+                                         r"draws random masks in training: pass "
+                                         r"rngs=\{'dropout': key\} to apply \(or "
+                                         r"deterministic=True to evaluate\)\."):
         DropPath(0.5).apply({}, x, deterministic=False)
+    with pytest.raises(ValueError, match=r"rngs=\{'drop_path': key\}"):
+        DropPath(0.5, rng_collection="drop_path").apply({}, x, deterministic=False,
+                                                        rngs={"dropout": jax.random.key(0)})
     y = DropPath(0.5).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
     assert y.dtype == jnp.bfloat16
     custom = DropPath(0.5, rng_collection="drop_path")
@@ -154,3 +160,12 @@ def test_a_scalar_input_is_a_named_error():
                                          r"array with a leading batch axis"):
         DropPath(0.1).apply({}, jnp.float32(1.0), deterministic=False,
                             rngs={"dropout": jax.random.key(0)})
+
+
+def test_init_in_training_mode_draws_from_the_params_stream_as_flax_does():
+    """flax's make_rng falls back to 'params' when the stream is missing (init with one key):
+    the missing-stream check must not refuse that."""
+    x = jnp.ones((16, 3))
+    assert DropPath(0.5).init(jax.random.key(0), x, deterministic=False) == {}
+    y = DropPath(0.5).apply({}, x, deterministic=False, rngs={"params": jax.random.key(1)})
+    assert 0 < int((y == 0).all(axis=1).sum()) < 16
