@@ -292,6 +292,19 @@ def _check_endpoints(sched: Any, name: str, warmup: int) -> None:
                       f"applies with {needs}, so set it to 0")
 
 
+def _check_attribute_config(owner: str, config: Any, fields: tuple[str, ...]) -> None:
+    """Refuses a `config` without the attribute `fields` (a plain dict failed with a bare
+    AttributeError naming neither the function nor the fix)."""
+    missing = [f for f in fields if not hasattr(config, f)]
+    if missing:
+        kind = type(config).__name__
+        fix = (" (wrap a dict: ml_collections.ConfigDict(d))" if isinstance(config, dict)
+               else "")
+        raise invalid(owner, "config", f"<{kind} without {', '.join(missing)}>",
+                      f"expected a config read by attribute with fields {list(fields)}, e.g. "
+                      f"cnnjax.train.config.default_config(){fix}")
+
+
 def build_schedule(config: Any) -> optax.Schedule:
     """Returns the optax schedule `step -> learning rate` described by `config.schedule`.
 
@@ -305,7 +318,10 @@ def build_schedule(config: Any) -> optax.Schedule:
     `exponential`, `cosine` and `linear` are joined after the warmup (`optax.join_schedules`) and
     run over the remaining `num_train_steps - W` steps (piecewise boundaries stay absolute, so
     they must lie after W); `one_cycle` refuses W > 0, as it warms up over `pct_start` itself.
+    `config` is read by attribute: an `ml_collections.ConfigDict` such as
+    `cnnjax.train.config.default_config()` (a plain dict is refused, naming the fix).
     """
+    _check_attribute_config("build_schedule", config, ("schedule", "optimizer", "num_train_steps"))
     sched = config.schedule
     name = check_choice("schedule", "name", _get(sched, "name", "constant"), SCHEDULES)
     lr = check_positive_float("optimizer", "learning_rate", config.optimizer.learning_rate)
@@ -416,8 +432,11 @@ def build_optimizer(
     decay is optax's own (`optax.adamw(..., mask=...)`); for sgd/adam/rmsprop weight decay is the
     classic L2 term `optax.add_decayed_weights` applied to the gradient before the update rule.
     Every field is checked (NaN, inf, range) before anything is built, those the chosen optimizer
-    does not read included.
+    does not read included. `config` is read by attribute, as in `build_schedule`.
     """
+    _check_attribute_config("build_optimizer", config,
+                            ("optimizer",) if schedule is not None
+                            else ("schedule", "optimizer", "num_train_steps"))
     opt = config.optimizer
     name = check_choice("optimizer", "name", _get(opt, "name", "sgd"), OPTIMIZERS)
     _check_every_optimizer_field(opt)

@@ -330,3 +330,19 @@ def test_exponential_without_the_field_spans_the_run():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_shipped_config_builds_its_optimizer(path):
     build_optimizer(_load(path).get_config())
+
+
+@pytest.mark.parametrize("build", ["build_schedule", "build_optimizer"])
+def test_a_plain_dict_config_is_refused_naming_the_builder_and_the_fix(build):
+    """A dict failed with a bare `AttributeError: 'dict' object has no attribute 'schedule'`;
+    the same content as a ConfigDict builds."""
+    from cnnjax.train import optim
+
+    content = {"schedule": {"name": "constant"}, "num_train_steps": 10,
+               "optimizer": {"name": "sgd", "learning_rate": 0.1}}
+    with pytest.raises(ValueError, match=rf"^{build}: config='<dict without schedule, optimizer, "
+                                         r"num_train_steps>' is invalid; .* \(wrap a dict: "
+                                         r"ml_collections\.ConfigDict\(d\)\)\.$"):
+        getattr(optim, build)(content)
+    built = getattr(optim, build)(ml_collections.ConfigDict(content))
+    assert built is not None
