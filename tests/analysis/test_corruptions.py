@@ -907,6 +907,46 @@ def test_imagenet_table_is_make_imagenet_cs():
     assert C.IMAGE_SIZES == (32, 224)
 
 
+def test_cifar_table_is_make_cifar_cs():
+    """Typed from the authors' ImageNet-C/create_c/make_cifar_c.py (hendrycks/robustness),
+    function by function (the CIFAR tests read `C.PARAMETERS` itself, so a typo there passed
+    them); zoom_blur's entries are the stop of their np.arange(1, stop, 0.01); frost is not
+    implemented (their frost photos are not shipped)."""
+    size = 32  # their IMSIZE
+    authors = {
+        "gaussian_noise": [0.04, 0.06, .08, .09, .10],
+        "shot_noise": [500, 250, 100, 75, 50],
+        "impulse_noise": [.01, .02, .03, .05, .07],
+        "speckle_noise": [.06, .1, .12, .16, .2],
+        "gaussian_blur": [.4, .6, 0.7, .8, 1],
+        "glass_blur": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
+        "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+        "motion_blur": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+        "zoom_blur": [1.06, 1.11, 1.16, 1.21, 1.26],
+        "fog": [(.2, 3), (.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+        "snow": [(0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+                 (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+                 (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)],
+        "spatter": [(0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0),
+                    (0.65, 0.3, 1, 0.69, 0.5, 0), (0.65, 0.1, 0.7, 0.69, 0.6, 1),
+                    (0.65, 0.1, 0.5, 0.68, 0.6, 1)],
+        "contrast": [.75, .5, .4, .3, 0.15],
+        "brightness": [.05, .1, .15, .2, .3],
+        "saturate": [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
+        "jpeg_compression": [80, 65, 58, 50, 40],
+        "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
+        "elastic_transform": [(size * 0, size * 0, size * 0.08),
+                              (size * 0.05, size * 0.2, size * 0.07),
+                              (size * 0.08, size * 0.06, size * 0.06),
+                              (size * 0.1, size * 0.04, size * 0.05),
+                              (size * 0.1, size * 0.03, size * 0.03)],
+    }
+    assert set(C.PARAMETERS) == set(authors) == set(C.CORRUPTIONS)
+    for name, row in authors.items():
+        assert list(C.PARAMETERS[name]) == row, name
+    assert size == C.IMAGE_SIZE
+
+
 @pytest.mark.parametrize("severity", C.SEVERITIES)
 def test_224_noises_match_the_formulas_with_the_same_draws(severity):
     """The noises are size-generic; at 224 they take ImageNet-C's c (1e-9)."""
