@@ -15,12 +15,15 @@ from cnnjax.utils import lock
 from cnnjax.utils.lock import DirectoryInUseError, directory_lock
 from tests.train.helpers import locked_by_another_process
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _can_lock_from_another_process(path) -> bool:
     code = ("import sys\nfrom cnnjax.utils.lock import directory_lock, DirectoryInUseError\n"
             "try:\n    with directory_lock(sys.argv[1]): pass\n"
             "except DirectoryInUseError:\n    sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True)
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                            cwd=ROOT)  # this checkout's cnnjax, wherever pytest started
     assert result.returncode in (0, 3), result.stderr
     return result.returncode == 0
 

@@ -248,6 +248,7 @@ def finished_run_files(workdir: str) -> dict:
     return state
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _HOLDER = """import sys
 from cnnjax.utils.lock import directory_lock
 with directory_lock(sys.argv[1]):
@@ -260,7 +261,8 @@ with directory_lock(sys.argv[1]):
 def locked_by_another_process(path: str) -> Iterator[subprocess.Popen]:
     """A second Python process holding `directory_lock(path)` for the block (killed after)."""
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=_ROOT)  # this checkout's cnnjax, wherever pytest started
     try:
         assert holder.stdout.readline().strip() == "locked"
         yield holder
