@@ -130,6 +130,35 @@ def test_forced_positives_include_ties_and_low_iou():
     np.testing.assert_array_equal(np.asarray(none.labels), [0, 0, 0, 0])
 
 
+@pytest.mark.parametrize("force_best", [False, True])
+def test_an_iou_exactly_at_a_threshold_falls_on_its_documented_side(force_best):
+    """IoU `>= fg_thresh` is positive and `< bg_thresh` negative. The reference tests' random
+    boxes never land exactly on a threshold, so labelling an IoU equal to fg_thresh ignored
+    (`>` for `>=`) or one equal to bg_thresh negative (`<=` for `<`) went unnoticed. Anchors
+    sharing the gt's corner, 10 px wide and 7.5, 20, 40, 80 px tall against a 10 x 10 gt, have
+    IoUs 75/100, 100/200, 100/400, 100/800: exact in float32, as the thresholds are."""
+    anchors = np.array([[0, 0, 10, 7.5], [0, 0, 10, 20], [0, 0, 10, 40], [0, 0, 10, 80],
+                        [0, 0, 10, 10]], np.float32)
+    gt = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32)  # the second overlaps nothing
+    valid = np.array([True, True])
+    with_gt = label_anchors(anchors[:4], gt, valid, 0.5, 0.25, force_best)
+    assert np.asarray(with_gt.max_iou).tolist() == [0.75, 0.5, 0.25, 0.125]  # exactly
+    np.testing.assert_array_equal(np.asarray(with_gt.labels),
+                                  [POSITIVE, POSITIVE, IGNORE, NEGATIVE])
+    np.testing.assert_array_equal(np.asarray(label_anchors(anchors[:4], gt, valid, 0.75, 0.5,
+                                                           force_best).labels),
+                                  [POSITIVE, IGNORE, NEGATIVE, NEGATIVE])
+    # fg_thresh == bg_thresh leaves nothing ignored: IoU at the threshold is positive.
+    np.testing.assert_array_equal(np.asarray(label_anchors(anchors[:4], gt, valid, 0.5, 0.5,
+                                                           force_best).labels),
+                                  [POSITIVE, POSITIVE, NEGATIVE, NEGATIVE])
+    # fg_thresh 1 (allowed: "(0, 1]") keeps exact matches positive, whether forced or not.
+    exact = label_anchors(anchors, gt, valid, 1.0, 0.25, force_best)
+    assert float(exact.max_iou[4]) == 1.0
+    np.testing.assert_array_equal(np.asarray(exact.labels),
+                                  [IGNORE, IGNORE, IGNORE, NEGATIVE, POSITIVE])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_label_anchors_half_precision_boxes_get_float32_ious(dtype):
     # 300 x 300 boxes: areas of 90000 px^2 overflow float16 (max 65504). Reference: iou_ref in

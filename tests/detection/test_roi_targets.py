@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax.detection.roi_targets import RoiTargets, fast_rcnn_loss, sample_rois
+from cnnjax.layers.roi import box_iou
 from tests.detection.reference import iou_ref
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -181,6 +182,39 @@ def test_gt_boxes_are_appended_as_foreground():
         out = sample_rois(jax.random.key(0), proposals, p_valid, gt, labels, g_valid,
                           num_samples=80, fg_fraction=1.0, append_gt=False)
     assert _rows(out)[3].tolist() == [True] * 2 + [False] * 78 and not out.labels.any()
+
+
+def test_an_iou_exactly_at_a_threshold_falls_on_its_documented_side():
+    """Foreground is IoU `>= fg_thresh`, background IoU in `[bg_thresh_lo, bg_thresh_hi)`. The
+    reference tests keep every IoU 1e-4 away from the thresholds, so taking an IoU equal to
+    fg_thresh as not foreground (`>` for `>=`), or one equal to bg_thresh_hi as background
+    (`<=` for `<`), went unnoticed; and with fg_thresh 1 (allowed: "(0, 1]") the appended gt
+    boxes, IoU exactly 1 with themselves, were then no longer foreground. Proposals sharing the
+    gt's corner, 10 px wide and 7.5, 20, 40, 80 px tall against a 10 x 10 gt, have IoUs 75/100,
+    100/200, 100/400, 100/800: exact in float32, as the thresholds are."""
+    gt = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32)  # the second overlaps nothing
+    labels = np.array([3, 2], np.int32)
+    g_valid = np.array([True, True])
+    proposals = np.array([[0, 0, 10, 7.5], [0, 0, 10, 20], [0, 0, 10, 40], [0, 0, 10, 80]],
+                         np.float32)
+    p_valid = np.ones(4, bool)
+    assert np.asarray(box_iou(proposals, gt[:1]))[:, 0].tolist() == [0.75, 0.5, 0.25, 0.125]
+
+    def sample(fg, hi, lo, append_gt=False):
+        out = sample_rois(jax.random.key(0), proposals, p_valid, gt, labels, g_valid,
+                          num_samples=8, fg_fraction=1.0, fg_thresh=fg, bg_thresh_hi=hi,
+                          bg_thresh_lo=lo, append_gt=append_gt)
+        rois, got_labels, _, valid = _rows(out)
+        return rois[valid].tolist(), got_labels[valid].tolist()
+
+    p = proposals.tolist()
+    # At fg_thresh: foreground; at bg_thresh_hi (== fg_thresh here): not background.
+    assert sample(0.5, 0.5, 0.0) == (p, [3, 3, 0, 0])
+    # At bg_thresh_hi < fg_thresh: neither, never sampled; at bg_thresh_lo: background.
+    assert sample(0.75, 0.5, 0.25) == ([p[0], p[2]], [3, 0])
+    assert sample(0.75, 0.25, 0.125) == ([p[0], p[3]], [3, 0])
+    # fg_thresh 1: the appended gt boxes (and nothing else) are foreground, of their class.
+    assert sample(1.0, 0.5, 0.0, append_gt=True) == (gt.tolist() + p[2:], [3, 2, 0, 0])
 
 
 def test_padded_gt_is_ignored_and_empty_cases():

@@ -903,3 +903,35 @@ def test_kernel_sample_positions_export_and_serialize_for_cpu():
     with pytest.raises(NotImplementedError, match="host_callbacks"):  # the default's limit
         jax.export.export(jax.jit(lambda f, b: roi_align(f, b, batch, 2, 0.25, 2)),
                           platforms=["cpu"])(feats, boxes).serialize()
+
+
+def test_kernel_sample_positions_of_legacy_aligned_false_force_sub_pixel_boxes_to_one_cell():
+    """`aligned=False` (torchvision's default, Detectron's legacy RoIAlign) forces a box smaller
+    than a cell on the map to 1 x 1 before placing its samples and counting them. The kernel
+    path (`sample_positions='kernel'`, every non-CPU platform's) was only tested with
+    aligned=True, so dropping that clamp from the kernel went unnoticed: a 0.4 x 0.3 box then
+    sampled its own tiny extent (off by up to 1.5 here). Reference: torchvision.ops.roi_align
+    itself, aligned=False, float32, fixed and adaptive sampling, traced boxes."""
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("torchvision.ops")
+    feats = _features((2, 8, 9, 3), seed=39)
+    boxes = np.array([
+        [2.0, 2.0, 2.4, 2.3],  # 0.4 x 0.3 cells at scale 1
+        [4.5, 1.25, 4.5, 3.75],  # zero width, 2.5 tall
+        [1.0, 5.0, 6.5, 5.5],  # 5.5 wide, half a cell tall
+        [3.0, 3.0, 3.0, 3.0],  # a point
+        [6.2, 0.7, 7.1, 1.6],  # 0.9 x 0.9
+        [1.0, 3.0, 5.0, 7.0],  # an ordinary 4 x 4 box
+        [0.5, 0.5, 7.5, 6.0],  # an ordinary 7 x 5.5 box
+    ], np.float32)
+    batch = np.array([0, 1, 0, 1, 1, 0, 1], np.int32)
+    rois = torch.from_numpy(np.concatenate([batch[:, None].astype(np.float32), boxes], axis=1))
+    torch_feats = torch.from_numpy(feats.transpose(0, 3, 1, 2).copy())
+    for scale in (1.0, 0.5):
+        for sampling_ratio, max_ratio in ((2, None), (0, 4)):
+            expected = ops.roi_align(torch_feats, rois, (2, 3), scale, sampling_ratio,
+                                     False).numpy().transpose(0, 2, 3, 1)
+            got = jax.jit(lambda b, s=scale, r=sampling_ratio, m=max_ratio: roi_align(
+                feats, b, batch, (2, 3), s, r, False, m, sample_positions="kernel"))(boxes)
+            np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{scale=} {sampling_ratio=}")
