@@ -157,3 +157,53 @@ def test_accumulation_on_four_devices_equals_one_device_whole_batch_with_the_eng
     expected = [0.0, 0.05] + [0.05 * (1 + np.cos(np.pi * t / 8)) for t in (0, 1)]
     for name, rates in report["rates"].items():
         np.testing.assert_allclose(rates, expected, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+class _DropoutNet(nn.Module):
+    """dense -> relu -> dropout(0.5) -> dense: dropout but no BatchNorm, so micro-batches only
+    differ by their inputs and their dropout keys."""
+
+    num_classes: int = helpers.NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def test_each_micro_batch_draws_its_own_dropout_mask():
+    """A batch of two identical halves with accum_steps=2: the step's gradient is the mean of
+    the two halves' gradients with dropout keys fold_in(key, 0) and fold_in(key, 1), where key is
+    the step's key (state.rng folded with the step, 0, then the device, 0). Every micro-batch
+    used to be able to share one key unnoticed (the other tests have no dropout): then both
+    halves drop the same units and the gradient is one half's. Reference: plain flax apply and
+    jax.grad outside the engine; SGD at rate 1, so the update is minus the gradient (float32
+    sums in another order: 1e-5 relative, 1e-6 absolute)."""
+    model = _DropoutNet()
+    tx = optax.sgd(1.0)
+    initial = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    half = next(helpers.train_batches(None, global_batch_size=8, num_devices=1, seed=0))
+    batch = {k: np.concatenate([v, v], axis=1) for k, v in half.items()}  # [1, 16, ...]
+
+    train_step, _ = make_steps(model, tx, optax.constant_schedule(1.0), "data", accum_steps=2)
+    parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
+    state, _ = parallel.wrap_train(train_step)(parallel.replicate(initial),
+                                               parallel.shard_batch(batch))
+    state = parallel.unreplicate(state)
+
+    def loss(params, images, labels, key):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    step_key = jax.random.fold_in(jax.random.fold_in(initial.rng, 0), 0)  # (rng, step, device)
+    images, labels = half["image"][0], half["label"][0]
+    grads = [jax.grad(loss)(initial.params, images, labels, jax.random.fold_in(step_key, i))
+             for i in (0, 1)]
+    # The two masks really differ: the halves' gradients are far apart (not a vacuous check).
+    gap = max(float(np.max(np.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True))
+    assert gap > 1e-2, gap
+    expected = jax.tree.map(lambda p, a, b: p - (a + b) / 2, initial.params, *grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 state.params, expected)

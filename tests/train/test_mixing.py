@@ -269,6 +269,37 @@ def test_cutmix_box_and_lam_follow_the_exact_law_of_the_reference_rule(alpha, ru
         assert chisquare(obs, exp).pvalue > 1e-4, ("yx"[axis], chisquare(obs, exp))
 
 
+def test_with_both_methods_on_each_draws_lam_from_its_own_alpha():
+    """mixup_alpha=5 and cutmix_alpha=0.1 (switch_prob 0.5, 4000 batches of two 16x12 images):
+    the lam of the mixup batches has the first two moments of Beta(5, 5) (closed form:
+    E[lam^k] = prod_{j<k} (5 + j) / (10 + j)) and the corrected lam of the CutMix batches those of
+    the exact law of the clipped box with lam ~ Beta(0.1, 0.1) (`_exact_box_law`), each within
+    4.5 exact standard errors. The other tests turn one method on at a time or give both the
+    same alpha, so a step that swapped the alphas (mixup from Beta(0.1): E[lam^2] 0.458 instead
+    of 0.273; CutMix from Beta(5): 0.494 instead of 0.601; here ~44 and ~13 standard errors
+    off) went unnoticed. A batch is CutMix's when every pixel is its own or its partner's:
+    mixup's Beta(5, 5) lam (in [0.01, 0.99] but for ~3e-8 of draws) blends every pixel."""
+    n, size_hw = 4000, (16, 12)
+    images, labels = _batch(shape=(2, *size_hw, 1))
+    mixed, _, lam = _mix_many(_keys(n), images, labels, mixup_alpha=5.0, cutmix_alpha=0.1)
+    lam = lam.astype(np.float64)
+    copied = np.all((mixed == images) | (mixed == images[::-1]), axis=(1, 2, 3, 4))
+
+    mixup_moments = [np.prod([(5.0 + j) / (10.0 + j) for j in range(k)]) for k in range(5)]
+    cutmix_moments = np.zeros(5)  # E[lam^k] of the corrected lam, k = 0..4, exactly
+    for p, (ya, yb), (xa, xb) in _exact_box_law(size_hw, 0.1, _cnnjax_box):
+        left = 1 - (yb - ya)[:, None] * (xb - xa)[None, :] / np.prod(size_hw)  # every centre
+        cutmix_moments += p * np.array([np.mean(left ** k) for k in range(5)])
+    for method, draws, moments in (("mixup", lam[~copied], mixup_moments),
+                                   ("cutmix", lam[copied], cutmix_moments)):
+        for k in (2, 1):  # the mean square and the mean, against their exact values
+            std_error = np.sqrt((moments[2 * k] - moments[k] ** 2) / draws.size)
+            observed = np.mean(draws ** k)
+            assert abs(observed - moments[k]) < 4.5 * std_error, (method, k, observed,
+                                                                 moments[k], std_error)
+    assert 0.45 < copied.mean() < 0.55  # switch_prob 0.5 (4000 draws: 6 standard deviations)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_dtypes_are_kept(dtype):
     images, labels = _batch()

@@ -77,6 +77,50 @@ def test_piecewise_values_by_hand():
     )
 
 
+def _after_warmup_by_hand(name, t, span):
+    """The docstrings' rate `t` steps after the warmup (float64), the schedule built over the
+    `span` = num_train_steps - W steps after it, at peak 0.1 and the fields of
+    `test_warmup_then_each_schedule_at_every_step_matches_a_closed_form`."""
+    lr = 0.1
+    if name == "constant":
+        return np.full_like(t, lr)
+    if name == "piecewise":  # absolute boundaries 9 and 14 (steps t = 4 and 9), factor 0.5
+        return lr * 0.5 ** ((t + 5 >= 9).astype(float) + (t + 5 >= 14))
+    if name == "exponential":  # lr * decay_rate ** (t / transition_steps)
+        return lr * 0.5 ** (t / 4)
+    frac = np.minimum(t, span) / span
+    if name == "cosine":  # from lr down to alpha * lr, alpha = 0.1
+        return lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+    assert name == "linear"  # from lr to end_value = 0.01
+    return lr + (0.01 - lr) * frac
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("constant", {}),
+    ("cosine", {"schedule__alpha": 0.1}),
+    ("linear", {"schedule__end_value": 0.01}),
+    ("piecewise", {"schedule__boundaries": (9, 14), "schedule__decay_factor": 0.5}),
+    ("exponential", {"schedule__transition_steps": 4, "schedule__decay_rate": 0.5}),
+])
+def test_warmup_then_each_schedule_at_every_step_matches_a_closed_form(name, fields):
+    """W = 5 warmup steps from init_value 0.02 to the peak 0.1 of a 20-step run, at every step
+    0..20 (float32, as a run uses it): init + (peak - init) * s / W for s < W, then the named
+    schedule at s - W over the 15 remaining steps. A warmup that reached the peak a step late
+    (over W + 1 steps: 0.0733 instead of 0.084 at step 4) went unnoticed: the other tests
+    compare schedules with optax's own pieces or have no warmup. float32 rounding: 1e-6
+    relative."""
+    total, warmup, init = 20, 5, 0.02
+    config = _config(name, schedule__warmup_steps=warmup, schedule__init_value=init, **fields)
+    config.num_train_steps = total
+    steps = np.arange(total + 1)
+    got = np.asarray(jax.vmap(build_schedule(config))(jnp.asarray(steps)))
+    ramp = init + (0.1 - init) * steps / warmup
+    want = np.where(steps < warmup, ramp,
+                    _after_warmup_by_hand(name, np.maximum(steps - warmup, 0).astype(float),
+                                          total - warmup))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
 def _torch_one_cycle(total, pct_start, peak, div_factor, final_div_factor):
     """torch.optim.lr_scheduler.OneCycleLR's rate at each step 0..total-1 (float64)."""
     torch = pytest.importorskip("torch")
@@ -461,6 +505,25 @@ def test_weight_decay_mask_excludes_biases_and_norm_params():
         "bn": {"scale": False, "bias": False},
         "head": {"kernel": True, "bias": False},
     }
+
+
+def test_weight_decay_mask_excludes_vectors_whatever_their_name():
+    """Rank <= 1 parameters are biases or scales under any name (LeNet-5's trainable `coef`):
+    the mask's tests held only `kernel`/`bias`/`scale`, so the rank rule decided nothing."""
+    from cnnjax.models import create_model
+
+    params = {"pool": {"coef": jnp.ones((6,)), "weight": jnp.ones((3, 3))},
+              "gain": jnp.ones(()), "embedding": jnp.ones((4, 2, 3))}
+    assert weight_decay_mask(params) == {"pool": {"coef": False, "weight": True}, "gain": False,
+                                         "embedding": True}
+    model = create_model("lenet5", subsampling="trainable")
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)), train=False))
+    decays = {"/".join(str(k.key) for k in path): d
+              for path, d in jax.tree_util.tree_leaves_with_path(
+                  weight_decay_mask(variables["params"]))}
+    coefs = [p for p in decays if p.endswith("/coef")]
+    assert coefs and not any(decays[p] for p in coefs)
 
 
 @pytest.mark.parametrize(
