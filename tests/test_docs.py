@@ -12,6 +12,8 @@ from __future__ import annotations
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -467,3 +469,18 @@ def test_the_readme_snippet_runs_as_written(capsys):
     assert "Total" in capsys.readouterr().out
     assert namespace["conv_output_size"](224, kernel=11, stride=4, padding=2) == 55
     assert namespace["logits"].shape == (1, 10) and "stage4" in namespace["features"]
+
+
+def test_the_train_step_on_your_own_arrays_runs_as_written():
+    """docs/reusing.md's engine-without-the-loop snippet, executed as printed on two CPU devices
+    (a subprocess: the device count is fixed when JAX starts). It replicated a state built from
+    `jax.random.key`, which `np.asarray` refuses, until `DataParallel` kept typed keys."""
+    blocks = [b for b in _python_blocks(os.path.join(ROOT, "docs", "reusing.md"))
+              if "DataParallel" in b]
+    assert len(blocks) == 1
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", blocks[0]], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"loss \d\.\d{3}, top-1 0\.\d{3}\n", result.stdout), result.stdout

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -47,15 +48,16 @@ class DataParallel:
         if self.mode == "pmap":
             n = self.num_devices
             return jax.tree.map(
-                lambda x: jax.device_put(np.stack([np.asarray(x)] * n), self._sharded), tree
+                lambda x: jax.device_put(_stack_on_host([x] * n), self._sharded), tree
             )
-        return jax.tree.map(lambda x: jax.device_put(np.asarray(x), self._replicated), tree)
+        return jax.tree.map(lambda x: jax.device_put(_on_host(x), self._replicated), tree)
 
     def unreplicate(self, tree: Any) -> Any:
-        """Host numpy copy of a replicated pytree (device 0's copy under pmap)."""
+        """Host copy of a replicated pytree (device 0's copy under pmap): NumPy arrays, and
+        typed PRNG keys (`jax.random.key`) as key arrays, which NumPy cannot hold."""
         if self.mode == "pmap":
-            return jax.tree.map(lambda x: np.asarray(jax.device_get(x[0])), tree)
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+            return jax.tree.map(lambda x: _on_host(jax.device_get(x[0])), tree)
+        return jax.tree.map(lambda x: _on_host(x.addressable_data(0)), tree)
 
     def shard_batch(self, batch: dict) -> dict:
         """Moves this process's batch `[local_devices, per_device, ...]` onto its devices."""
@@ -139,6 +141,21 @@ class DataParallel:
             return np.asarray(x.addressable_data(0)).reshape(shape)
 
         return jax.tree.map(first, metrics)
+
+
+def _is_typed_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _on_host(x: Any) -> Any:
+    """`x` as a NumPy array; a typed PRNG key (`jax.random.key`, which `np.asarray` refuses)
+    stays a JAX key array (a raw `PRNGKey` is plain uint32 data and becomes NumPy)."""
+    return x if _is_typed_key(x) else np.asarray(x)
+
+
+def _stack_on_host(xs: list[Any]) -> Any:
+    """`np.stack(xs)`, or `jnp.stack` for typed PRNG keys."""
+    return jnp.stack(xs) if _is_typed_key(xs[0]) else np.stack([np.asarray(x) for x in xs])
 
 
 def _checked_devices(devices: Sequence[Any]) -> list[jax.Device]:

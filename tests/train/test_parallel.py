@@ -183,3 +183,25 @@ def test_no_devices_or_a_device_twice_is_refused_by_name(mode):
                                          r"\[device\]\)"):
         DataParallel(mode, device)
     assert DataParallel(mode, [device]).num_devices == 1
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_a_typed_prng_key_is_replicated_and_unreplicated_as_a_key(mode):
+    """A state built from `jax.random.key(0)` (not `PRNGKey`) failed in `replicate`: NumPy
+    cannot hold a typed key. Raw keys and arrays still come back as NumPy."""
+    import jax
+    import numpy as np
+
+    from cnnjax.train.parallel import DataParallel
+
+    parallel = DataParallel(mode, jax.devices()[:1])
+    tree = {"key": jax.random.key(3), "raw": jax.random.PRNGKey(3), "w": np.arange(4.0)}
+    back = parallel.unreplicate(parallel.replicate(tree))
+    assert jax.dtypes.issubdtype(back["key"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(jax.random.key_data(back["key"]),
+                                  jax.random.key_data(tree["key"]))
+    assert isinstance(back["raw"], np.ndarray) and isinstance(back["w"], np.ndarray)
+    np.testing.assert_array_equal(back["raw"], tree["raw"])
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    if mode == "pmap":
+        assert parallel.replicate(tree)["key"].shape == (1,)
