@@ -207,26 +207,37 @@ def _fields_differing(workdir: str, raw: dict | None,
 
 
 def _saved_config(workdir: str) -> dict | None:
-    """The config of the run whose checkpoints `workdir` holds: its config.json, or, when that
-    is lost, the one its newest checkpoint recorded (`CONFIG_RECORD`); None without checkpoints
-    or without either record (checkpoints saved before the config was kept in them)."""
+    """The config of the run whose checkpoints `workdir` holds: the one its newest checkpoint
+    recorded (`CONFIG_RECORD`), else its config.json (checkpoints saved before the config was
+    kept in them); None without checkpoints or without either record. The checkpoints' record
+    comes first: an edited config.json made the original command look incompatible (and
+    `restart` delete the run), and the edit's values resume it."""
     if not _has_checkpoints(workdir):
         return None
+    recorded = _checkpoint_config(workdir)
+    if recorded is not None:
+        return recorded
     saved_path = os.path.join(workdir, CONFIG_FILE)
     saved = read_json(saved_path)
     if isinstance(saved, dict):
         return saved
+    if os.path.exists(saved_path):  # cut short, and no checkpoint records the config
+        raise ValueError(
+            f"workdir: {saved_path!r} is unreadable (not a JSON config) and no checkpoint in "
+            f"{os.path.join(workdir, CHECKPOINT_DIR)!r} records the config, so a rerun cannot "
+            "be checked against the run's; restore it, or delete it to resume without that check.")
+    return None
+
+
+def _checkpoint_config(workdir: str) -> dict | None:
+    """The config the newest checkpoint with a readable record of it saved (read without
+    orbax); None when none has one."""
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
     for step in sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True):
         metadata = read_json(os.path.join(ckpt_dir, str(step), STEP_METADATA_FILE))
         custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
         if isinstance(custom, dict) and isinstance(custom.get(CONFIG_RECORD), dict):
             return custom[CONFIG_RECORD]
-    if os.path.exists(saved_path):  # cut short, and no checkpoint records the config
-        raise ValueError(
-            f"workdir: {saved_path!r} is unreadable (not a JSON config) and no checkpoint in "
-            f"{ckpt_dir!r} records the config, so a rerun cannot be checked against the run's; "
-            "restore it, or delete it to resume without that check.")
     return None
 
 
@@ -588,12 +599,20 @@ class _Run:
         delete the workdir to repeat a run from scratch."""
         config, workdir = self.config, self.workdir
         saved_path = os.path.join(workdir, CONFIG_FILE)
-        saved = _saved_config(workdir)  # read once: config.json, else the checkpoints' record
+        saved = _saved_config(workdir)  # read once: the checkpoints' record, else config.json
         differ = _fields_differing(workdir, saved, config)
-        on_disk = read_json(saved_path) is not None
-        if saved is not None and not on_disk:
+        on_disk = read_json(saved_path)
+        if saved is not None and on_disk is None:
             logging.warning("%s holds checkpoints but no readable %s: the config recorded with "
                             "its newest checkpoint stands in for it.", workdir, CONFIG_FILE)
+        elif isinstance(on_disk, dict) and saved is not on_disk:
+            edited = config_lib.incompatible_fields(config_lib.flatten(saved),
+                                                    config_lib.flatten(on_disk))
+            if edited:
+                logging.warning("%s differs from the config its checkpoints recorded in %s "
+                                "(edited?): the checkpoints' record is the run's config; %s is "
+                                "rewritten with this run's.", saved_path, edited[:8],
+                                CONFIG_FILE)
         resumable = saved is not None and not differ
         if config.restart and saved is None and _has_checkpoints(workdir):
             raise ValueError(

@@ -1,6 +1,7 @@
 """`train_and_evaluate` end to end on synthetic data: outputs, exact resume, divergence, workdir."""
 
 import json
+import logging
 import math
 import os
 import sys
@@ -547,6 +548,30 @@ def test_an_unreadable_config_json_is_replaced_by_the_checkpoints_record(tmp_pat
         loop.train_and_evaluate(changed, str(tmp_path))
     assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 4
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(saved)
+
+
+def test_an_edited_config_json_does_not_override_the_checkpoints_record(tmp_path, caplog):
+    """config.json edited by hand (learning rate 0.05 -> 0.2) after checkpoints trained at
+    0.05: the original command was refused with the values backwards, with restart=True it
+    deleted the run, and the edited value resumed it silently. The checkpoints' record wins."""
+    config = helpers.tiny_config(num_train_steps=4)
+    loop.train_and_evaluate(config, str(tmp_path))
+    lr = config.optimizer.learning_rate
+    saved = json.loads((tmp_path / "config.json").read_text())
+    edited = json.loads(json.dumps(saved))
+    edited["optimizer"]["learning_rate"] = 4 * lr
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    (tmp_path / "summary.json").unlink()
+    changed = helpers.tiny_config(num_train_steps=4, **{"optimizer.learning_rate": 4 * lr})
+    with pytest.raises(ValueError, match=(r"holds checkpoints of an incompatible config "
+                                          rf"\(optimizer.learning_rate: {lr!r} -> {4 * lr!r}")):
+        loop.train_and_evaluate(changed, str(tmp_path))
+    config.restart = True  # a requeued job's command line: resumes, never deletes the run
+    with caplog.at_level(logging.WARNING):
+        assert loop.train_and_evaluate(config, str(tmp_path))["resumed_from_step"] == 4
+    assert "differs from the config its checkpoints recorded in ['optimizer.learning_rate']" in (
+        caplog.text)
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"] == saved["optimizer"]
 
 
 def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
