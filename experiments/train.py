@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import traceback
 
 # XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
@@ -118,9 +120,21 @@ def _train(workdir: str) -> dict:
         if index != 0:
             _fail(f"error: {err}\n(process {index} of {jax.process_count()}; process 0 writes "
                   "summary.json)")
+        if not isinstance(err, TrainingDivergedError) and _failed_in_training(err, workdir):
+            _fail_keeping_traceback(err, workdir, index)  # not a refusal: e.g. a bad record
         _fail_pointing_to_summary(err, workdir)
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
         _fail_keeping_traceback(err, workdir, index)
+
+
+def _failed_in_training(err: Exception, workdir: str) -> bool:
+    """Whether summary.json records `err` as a failure after training started (it then names
+    the checkpoint a rerun resumes from), unlike a refusal of the config or workdir."""
+    from cnnjax.utils.files import read_json
+
+    recorded = read_json(os.path.join(workdir, "summary.json"))
+    return (isinstance(recorded, dict) and recorded.get("status") == "failed"
+            and recorded.get("message") == str(err) and "resumes_from_step" in recorded)
 
 
 def _fail_pointing_to_summary(err: Exception, workdir: str) -> None:
@@ -171,16 +185,38 @@ def _write_startup_error(workdir: str, message: str, process_id: object) -> None
 def _fail(message: str) -> None:
     """Exits with status 1 and `message`. In a multi-process job it skips JAX's graceful
     distributed shutdown: that would wait for processes that may be blocked in a collective
-    forever; exiting abruptly lets the coordinator stop them (missed heartbeats, ~100 s)."""
+    forever; exiting abruptly lets the coordinator stop them (missed heartbeats, ~100 s). A
+    process whose background threads are stuck (`_stuck_threads`) leaves abruptly too."""
     import jax
 
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 and not _stuck_threads():
         sys.exit(message)
     logging.flush()
     sys.stdout.flush()
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
     os._exit(1)
+
+
+#: How long a failed run waits for its background threads before leaving without them.
+STUCK_THREAD_WAIT_S = 10.0
+
+
+def _stuck_threads() -> list[threading.Thread]:
+    """Non-daemon threads still running `STUCK_THREAD_WAIT_S` after a failure. A checkpoint
+    save that failed to create its step folder (no space, no permission) leaves orbax's
+    signalling threads waiting 300 s for it, and Python waits for them before exiting; the
+    run's error and summary.json are written by then, so the process may leave without them."""
+    deadline = time.monotonic() + STUCK_THREAD_WAIT_S
+    alive = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for thread in alive:  # Thread's own join: orbax's raises TimeoutError (or its error)
+        threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in alive if t.is_alive()]
+    if stuck:
+        logging.warning("Leaving %d background thread(s) that did not finish (%s).", len(stuck),
+                        ", ".join(t.name for t in stuck[:4]))
+    return stuck
 
 
 def _print_summary(summary: dict) -> None:

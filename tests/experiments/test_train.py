@@ -237,6 +237,54 @@ def test_an_unexpected_error_whose_log_cannot_be_written_still_says_why(tmp_path
     assert "RuntimeError: stand-in bug" in failed.stderr.split("error: RuntimeError")[0]
 
 
+# experiments.train (imported, so a test can set its constants) with train_and_evaluate replaced
+_STAND_IN = ("import json, os, sys, threading\n"
+             "from absl import app\n"
+             "import cnnjax.train.loop as loop\n"
+             "from cnnjax.utils.cli import parse_flags\n"
+             "sys.argv = sys.argv[1:]\n"
+             "import experiments.train as T\n"
+             "T.STUCK_THREAD_WAIT_S = 0.5\n"
+             "{body}\n"
+             "loop.train_and_evaluate = stand_in\n"
+             "app.run(T.main, flags_parser=parse_flags)")
+_FAILED_IN_TRAINING = (
+    "def stand_in(config, workdir):\n"
+    "    message = 'bad record in the input pipeline'\n"
+    "    with open(os.path.join(workdir, 'summary.json'), 'w') as f:  # as the loop records it\n"
+    "        json.dump({'status': 'failed', 'error': 'ValueError', 'message': message,\n"
+    "                   'step': 12, 'resumes_from_step': 10}, f)\n"
+    "    raise ValueError(message)")
+_STUCK = ("def stand_in(config, workdir):\n"
+          "    threading.Thread(target=threading.Event().wait, name='stuck_saver').start()\n"
+          "    raise RuntimeError('save failed')")
+
+
+def test_a_value_error_after_training_started_keeps_its_traceback(tmp_path):
+    """Every ValueError was taken for a refusal of the config: one raised in training (a bad
+    record, a library's) left no traceback anywhere. summary.json recording where a rerun
+    resumes from tells it apart."""
+    code = _STAND_IN.format(body=_FAILED_IN_TRAINING)
+    failed = subprocess.run([sys.executable, "-c", code, *_command(tmp_path)[2:]], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    log = tmp_path / "error.log"
+    assert failed.stderr.strip().splitlines()[-2:] == [
+        "error: ValueError: bad record in the input pipeline", f"(traceback in {log})"]
+    assert "ValueError: bad record in the input pipeline" in log.read_text()
+
+
+def test_a_failure_leaves_without_waiting_for_stuck_background_threads(tmp_path):
+    """A checkpoint save that could not create its step folder left orbax's threads waiting
+    300 s for it: the error was printed, then the process hung 5 minutes before exiting."""
+    code = _STAND_IN.format(body=_STUCK)
+    failed = subprocess.run([sys.executable, "-c", code, *_command(tmp_path)[2:]], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert "Leaving 1 background thread(s) that did not finish (stuck_saver)." in failed.stderr
+    assert failed.stderr.strip().splitlines()[-2] == "error: RuntimeError: save failed"
+
+
 # experiments.train with an exit handler registered before it (so run after its own): what the
 # interpreter's exit is left to collect once the command has ended
 _AT_EXIT = ("import atexit, gc, sys\n"
