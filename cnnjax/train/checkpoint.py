@@ -427,6 +427,7 @@ class Checkpointer:
         """
         full_target = serialization.to_state_dict(template)
         corrupt: list[int] = []
+        reasons: dict[int, str] = {}
         digest_failures: list[str] = []
         result = None
         newest_first = list(reversed(self.all_steps()))
@@ -440,6 +441,7 @@ class Checkpointer:
                 result = restored, step
                 break
             corrupt.append(step)
+            reasons[step] = why
             if why.startswith(CheckpointDigestError.__name__):
                 digest_failures.append(why)
             message = (
@@ -458,10 +460,12 @@ class Checkpointer:
         if corrupt and result is None:
             # Nothing restores: more likely a template/code mismatch than corruption of every
             # checkpoint, so leave the files alone and stop.
+            newest = max(corrupt)  # its error says which: a structure mismatch or bad files
             raise ValueError(
                 f"checkpoint: no checkpoint in {self.directory} (steps {sorted(corrupt)}) could "
-                "be restored into the current state structure; to start fresh use a new "
-                "--workdir or delete the checkpoints."
+                f"be restored into the current state structure (step {newest}: "
+                f"{reasons[newest][:300]}); to start fresh use a new --workdir or delete the "
+                "checkpoints."
             )
         # untried: newer than the checked one that restored (tried ones that failed are corrupt)
         passed_over = [s for s in unchecked

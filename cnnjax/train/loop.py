@@ -389,8 +389,16 @@ def _note_refusal(workdir: str, err: ValueError) -> None:
     """Adds `refused` (time, error, message) to the summary.json of an unfinished run whose
     rerun was refused before training, keeping the rest: its "rerun the same command to
     resume" may no longer hold (every checkpoint corrupt), and the reason was written nowhere
-    in the workdir. The next run's own summary replaces it."""
-    summary = read_json(os.path.join(workdir, SUMMARY_FILE))
+    in the workdir. A run that stopped without a summary (killed: SIGKILL, out of memory) gets
+    one saying so, with the refusal. The next run's own summary replaces it."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    summary = read_json(path)
+    if (summary is None and not os.path.exists(path) and not init_from_lib.holds_converted_weights(
+            workdir, read_json(os.path.join(workdir, CONFIG_FILE)))):
+        summary = {"status": "interrupted",
+                   "message": "the run stopped without writing a summary (killed?), and its "
+                              "rerun was refused (see refused)",
+                   "resumes_from_step": _latest_checkpoint_step(workdir)}
     if not isinstance(summary, dict) or summary.get("status") == "completed":
         return
     summary["refused"] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -100,7 +100,7 @@ def test_nothing_restorable_raises_and_keeps_files(tmp_path):
     }
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
         checkpointer.restore_latest(wrong)
-    assert "could be restored into the current state structure" in str(err.value)
+    assert "could be restored into the current state structure (step 5: " in str(err.value)
     assert "use a new --workdir or delete the checkpoints" in str(err.value)
     assert checkpointer.all_steps() == [5]
     checkpointer.close()
@@ -464,6 +464,23 @@ def test_when_every_checkpoint_fails_its_digests_the_error_says_corrupt(tmp_path
         f"checkpoint: every checkpoint in {resumed.directory} (steps [4]) is corrupt "
         "(CheckpointDigestError: array params/w of step 4 differs")
     assert resumed.all_steps() == [4]  # nothing moved when nothing restores
+    resumed.close()
+
+
+def test_when_no_checkpoint_can_be_read_the_error_carries_the_read_error(tmp_path, waits):
+    """Every checkpoint's data cut short: the error said only that none fit "the current state
+    structure" (a code mismatch, to a reader); the read error itself, the real cause, was in
+    the warnings alone."""
+    _two_checkpoints(tmp_path).close()
+    for step in ("2", "4"):
+        (tmp_path / "checkpoints" / step / "default" / "manifest.ocdbt").unlink()
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
+        resumed.restore_latest(_state(0))
+    message = str(err.value)
+    assert message.startswith(f"checkpoint: no checkpoint in {resumed.directory} (steps [2, 4]) "
+                              "could be restored into the current state structure (step 4: ")
+    assert "NOT_FOUND" in message  # tensorstore: the missing manifest
     resumed.close()
 
 

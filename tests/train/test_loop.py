@@ -726,6 +726,21 @@ def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path):
     assert refused["error"] == "ValueError" and refused["message"] == str(err.value)
 
 
+def test_a_refused_rerun_of_a_killed_run_writes_why_in_the_workdir(tmp_path):
+    """A run killed without a summary (SIGKILL, out of memory) whose rerun is refused (every
+    checkpoint corrupt, another config): the reason went to the terminal only."""
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    (tmp_path / "summary.json").unlink()
+    with pytest.raises(ValueError, match="holds checkpoints of an incompatible config") as err:
+        loop.train_and_evaluate(
+            helpers.tiny_config(num_train_steps=4, **{"optimizer.learning_rate": 0.5}),
+            str(tmp_path))
+    noted = json.loads((tmp_path / "summary.json").read_text())
+    assert noted["status"] == "interrupted" and noted["resumes_from_step"] == 4
+    assert noted["message"].startswith("the run stopped without writing a summary (killed?)")
+    assert noted["refused"]["message"] == str(err.value)
+
+
 @pytest.mark.parametrize("restart", [False, True])
 @pytest.mark.parametrize("summary", [True, False])  # False: an interrupted conversion
 def test_training_into_a_workdir_of_converted_weights_is_refused(tmp_path, restart, summary):
@@ -743,6 +758,7 @@ def test_training_into_a_workdir_of_converted_weights_is_refused(tmp_path, resta
         loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4, restart=restart),
                                 str(tmp_path))
     assert (tmp_path / "checkpoints" / "0").is_dir()
+    assert (tmp_path / "summary.json").exists() == summary  # no training run's summary added
 
 
 def test_ctrl_c_records_where_it_stopped_and_what_a_rerun_resumes_from(tmp_path, monkeypatch):
