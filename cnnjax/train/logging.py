@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -101,6 +102,11 @@ class MetricLogger:
             return
         os.makedirs(workdir, exist_ok=True)
         self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        cut = _torn_last_step(self.path)
+        if cut is not None and cut <= resume_step:  # not a killed run's last write: lost lines
+            logging.warning("%s ends in a record of step %d cut short, though the run resumes "
+                            "from step %d: the records after it up to step %d are lost (the "
+                            "file was truncated?).", self.path, cut, resume_step, resume_step)
         # Rewrite (atomically): drop records past the checkpoint we resume from.
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
         if tensorboard:
@@ -274,6 +280,23 @@ def read_metrics(path: str) -> list[dict]:
                 logging.warning("%s: line %d is not a JSON record; it is skipped (a resume "
                                 "rewrites the file without it)", path, number)
     return records
+
+
+def _torn_last_step(path: str) -> int | None:
+    """The step of metrics.jsonl's last line when that line is cut short (not JSON) and its
+    start still names a step; None otherwise."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        json.loads(lines[-1])
+    except json.JSONDecodeError:
+        match = re.match(r'\s*\{\s*"step":\s*(\d+)\s*,', lines[-1])
+        return int(match.group(1)) if match else None
+    return None
 
 
 class ProgressBar:

@@ -41,6 +41,26 @@ def test_an_unreadable_middle_line_is_skipped_with_a_warning_naming_it(tmp_path,
     assert len(warned) == 1 and warned[0][1:] == (str(path), 2)
 
 
+@pytest.mark.parametrize("resume_step,warns", [(40, True), (30, False)])
+def test_a_file_cut_before_the_resumed_step_warns_that_records_are_lost(tmp_path, monkeypatch,
+                                                                        resume_step, warns):
+    """metrics.jsonl cut inside the record of step 20, resumed from the checkpoint of step 40:
+    steps 20-40 vanished without a word, as a killed run's last write does. A cut at a record
+    past the checkpoint (here step 40, resumed from 30) is that killed write: no warning."""
+    from cnnjax.train import logging as logging_lib
+
+    warned = []
+    monkeypatch.setattr(logging_lib.logging, "warning", lambda *args: warned.append(args))
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps({"step": 10, "split": "train", "loss": 1.0})
+    cut = 20 if warns else 40
+    path.write_text(f'{good}\n{{"step": {cut}, "split": "tr')
+    MetricLogger(str(tmp_path), resume_step=resume_step, tensorboard=False)
+    assert [w[1:3] for w in warned] == ([(str(path), 20)] if warns else [])
+    if warns:
+        assert "the records after it up to step %d are lost" in warned[0][0]
+
+
 def test_tensorboard_event_file_is_readable(tmp_path):
     logger = MetricLogger(str(tmp_path))
     logger.write_scalars(5, "eval", {"top1": 0.75})
