@@ -770,7 +770,9 @@ def interruption_message(sweep_dir: str) -> str:
     if stopped is None:
         return f"Ctrl-C; rerunning the same command resumes the sweep. {where}"
     record, what = stopped
-    return (f"trial {record.get('index')} ({record.get('trial_id')}, "
+    # by its id, as the progress lines ("Trial 2/4 <id>") and results.csv name it; index is
+    # results.csv's 0-based column (and --trial_index's), not the progress line's count
+    return (f"trial {record.get('trial_id')} (index {record.get('index')}, "
             f"{_fmt(record.get('overrides') or {})}): {what} {where}")
 
 

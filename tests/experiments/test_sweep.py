@@ -264,7 +264,8 @@ def test_ctrl_c_inside_a_trial_is_one_line_naming_it_and_how_to_resume(tmp_path)
         summary = json.load(f)
     assert summary["status"] == "interrupted"
     assert stderr.strip().splitlines()[-1] == (
-        f"interrupted: trial 0 ({space.trials[0].trial_id}, {{optimizer.learning_rate=0.05}}): "
+        f"interrupted: trial {space.trials[0].trial_id} (index 0, "
+        "{optimizer.learning_rate=0.05}): "
         f"{summary['message']} Results so far: {sweep_dir / 'results.csv'}")
     with open(sweep_dir / "results.csv") as f:
         assert f.read().count(",interrupted,") == 1

@@ -121,7 +121,7 @@ def test_ctrl_c_inside_a_trial_is_one_line_naming_the_round_and_trial(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert stderr.strip().splitlines()[-1] == (
-        f"interrupted: round 1: trial 0 ({trial.trial_id}, "
+        f"interrupted: round 1: trial {trial.trial_id} (index 0, "
         f"{{optimizer.learning_rate={trial.overrides['optimizer.learning_rate']:.3g}}}): "
         f"{summary['message']} Results so far: {tune_dir / 'round_1' / 'results.csv'}")
     assert json.loads((tune_dir / rc.RECIPE_FILE).read_text())["status"] == "interrupted"
