@@ -92,6 +92,8 @@ class LocalResponseNorm(nn.Module):
             raise invalid("LocalResponseNorm", "input.dtype", str(x.dtype),
                           "expected a floating-point array")
         out_dtype = x.dtype if self.dtype is None else self.dtype
+        if x.shape[-1] == 0:  # nothing to normalize (a window of -1 channels failed in lax)
+            return x.astype(out_dtype)
         compute = jnp.promote_types(out_dtype, jnp.float32)
         a = x.astype(compute)
         # Window reach beyond the C - 1 other channels only adds zeros: clamped, so a huge

@@ -8,7 +8,9 @@ their convolution with VALID padding, so all layers share one definition of each
   ``tf.pad(..., "REFLECT")`` and PyTorch ``padding_mode="reflect"``; needs pad < size.
 - ``"replicate"``: repeat the edge value (``[a b c] -> a a | a b c | c c``), ``np.pad`` ``edge``.
   Note this is *not* TensorFlow's ``SYMMETRIC`` (which mirrors including the edge).
-- ``"circular"``: periodic extension (``[a b c] -> c | a b c | a``), ``np.pad`` ``wrap``.
+- ``"circular"``: periodic extension (``[a b c] -> c | a b c | a``), ``np.pad`` ``wrap``; a pad
+  wider than the input wraps around more than once (PyTorch refuses that), as a convolution on
+  the torus would.
 """
 
 from __future__ import annotations

@@ -82,6 +82,10 @@ class DropPath(nn.Module):
         if not getattr(x, "ndim", 0):  # training failed on a scalar with a bare IndexError
             raise invalid(type(self).__name__, "input.shape", tuple(getattr(x, "shape", ())),
                           "expected an array with a leading batch axis (one draw per example)")
+        if self.deterministic is None and deterministic is None:  # flax's message names no layer
+            raise invalid(type(self).__name__, "deterministic", None,
+                          "expected True (evaluation: identity) or False (training) here or "
+                          "at construction")
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or self.rate == 0:
             return x

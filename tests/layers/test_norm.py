@@ -154,6 +154,14 @@ def test_floating_dtypes_are_accepted(dtype):
     assert LocalResponseNorm(dtype=dtype).dtype is dtype
 
 
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_an_input_without_channels_is_returned_empty(dtype):
+    """C=0 made a window of -1 channels: lax's bare TypeError naming no layer; pooling returns
+    such inputs empty, and so does LRN."""
+    y = _apply(LocalResponseNorm(dtype=dtype), np.ones((1, 2, 2, 0), np.float32))
+    assert y.shape == (1, 2, 2, 0) and y.dtype == (dtype or jnp.float32)
+
+
 def test_call_errors():
     with pytest.raises(ValueError, match=r"^LocalResponseNorm: input.shape=\(3, 3, 5\) is invalid; "
                                          r"expected a rank-4 NHWC array"):

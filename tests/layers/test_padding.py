@@ -34,6 +34,13 @@ def test_matches_np_pad(np_mode, mode):
     np.testing.assert_array_equal(got, want)
 
 
+def test_circular_padding_wider_than_the_input_wraps_around_again():
+    """Documented (PyTorch refuses it): [1 2 3] padded by 5 is the periodic extension."""
+    row = jnp.asarray([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)
+    got = pad_nhwc(row, ((0, 0), (5, 4)), "circular").ravel().tolist()
+    assert got == [2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1]
+
+
 def test_modes_on_a_hand_example():
     """[1 2 3] padded by 2: replicate is edge repetition, not TF's SYMMETRIC mirror."""
     row = jnp.asarray([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)

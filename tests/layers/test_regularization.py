@@ -92,7 +92,10 @@ def test_training_needs_the_dropout_stream_and_keeps_the_dtype():
 
 
 def test_deterministic_must_be_given():
-    with pytest.raises(ValueError, match="deterministic"):
+    """flax's 'Parameter "deterministic" must be passed ...' named neither the layer nor the
+    values."""
+    with pytest.raises(ValueError, match=r"^DropPath: deterministic=None is invalid; expected "
+                                         r"True \(evaluation: identity\) or False \(training\)"):
         DropPath(0.5).apply({}, jnp.ones((2, 3)))
 
 
