@@ -19,8 +19,6 @@ trial running (status interrupted) and exits 130 with one line saying where it s
 
 from __future__ import annotations
 
-import sys
-
 # XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
 from cnnjax.platform import configure_entry_point
 
@@ -31,6 +29,7 @@ from absl import app, flags  # noqa: E402
 from cnnjax.tune.space import sweep_file_parser  # noqa: E402
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
+    exit_command,
     exit_on_ctrl_c,
     one_line_errors,
     parse_flags,
@@ -84,7 +83,7 @@ def main(argv: list[str]) -> None:
         rows = [r for r in rows if first <= r["index"] < first + _TRIAL_COUNT.value]
     message = sweep_lib.failure_message(rows)
     if message:
-        sys.exit(f"error: {message}")
+        exit_command(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
-import time
 import traceback
 
 # XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
@@ -27,6 +25,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
+    exit_command,
     exit_on_ctrl_c,
     parse_flags,
     start_command,
@@ -185,38 +184,17 @@ def _write_startup_error(workdir: str, message: str, process_id: object) -> None
 def _fail(message: str) -> None:
     """Exits with status 1 and `message`. In a multi-process job it skips JAX's graceful
     distributed shutdown: that would wait for processes that may be blocked in a collective
-    forever; exiting abruptly lets the coordinator stop them (missed heartbeats, ~100 s). A
-    process whose background threads are stuck (`_stuck_threads`) leaves abruptly too."""
+    forever; exiting abruptly lets the coordinator stop them (missed heartbeats, ~100 s). One
+    process leaves without the background threads a failed save left stuck (`exit_command`)."""
     import jax
 
-    if jax.process_count() == 1 and not _stuck_threads():
-        sys.exit(message)
+    if jax.process_count() == 1:
+        exit_command(message)  # leaves without background threads a failed save left stuck
     logging.flush()
     sys.stdout.flush()
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
     os._exit(1)
-
-
-#: How long a failed run waits for its background threads before leaving without them.
-STUCK_THREAD_WAIT_S = 10.0
-
-
-def _stuck_threads() -> list[threading.Thread]:
-    """Non-daemon threads still running `STUCK_THREAD_WAIT_S` after a failure. A checkpoint
-    save that failed to create its step folder (no space, no permission) leaves orbax's
-    signalling threads waiting 300 s for it, and Python waits for them before exiting; the
-    run's error and summary.json are written by then, so the process may leave without them."""
-    deadline = time.monotonic() + STUCK_THREAD_WAIT_S
-    alive = [t for t in threading.enumerate()
-             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    for thread in alive:  # Thread's own join: orbax's raises TimeoutError (or its error)
-        threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
-    stuck = [t for t in alive if t.is_alive()]
-    if stuck:
-        logging.warning("Leaving %d background thread(s) that did not finish (%s).", len(stuck),
-                        ", ".join(t.name for t in stuck[:4]))
-    return stuck
 
 
 def _print_summary(summary: dict) -> None:

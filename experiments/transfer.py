@@ -18,8 +18,6 @@ in progress (status interrupted) and exits 130 with one line naming it and where
 
 from __future__ import annotations
 
-import sys
-
 # XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
 from cnnjax.platform import configure_entry_point
 
@@ -29,6 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
+    exit_command,
     exit_on_ctrl_c,
     one_line_errors,
     parse_flags,
@@ -54,7 +53,7 @@ def main(argv: list[str]) -> None:
         rows = compare.run_transfer(source, target, _TRANSFER_DIR.value, **kwargs)
     message = compare.failure_message(rows, _TRANSFER_DIR.value)
     if message:
-        sys.exit(f"error: {message}")
+        exit_command(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ the tune has no result); diverged trials are otherwise results. Ctrl-C stops the
 
 from __future__ import annotations
 
-import sys
-
 # XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
 from cnnjax.platform import configure_entry_point
 
@@ -31,6 +29,7 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
+    exit_command,
     exit_on_ctrl_c,
     one_line_errors,
     parse_flags,
@@ -59,7 +58,7 @@ def main(argv: list[str]) -> None:
         record = recipe_lib.run_tune(_CONFIG.value, _RECIPE.value, _TUNE_DIR.value)
     print(f"Report: {_TUNE_DIR.value}/{report_lib.REPORT_FILE}", flush=True)
     if record["status"] in ("failed", "no_result"):  # a script must not read success
-        sys.exit(f"error: {record['reason']}")
+        exit_command(f"error: {record['reason']}")
 
 
 if __name__ == "__main__":

@@ -597,3 +597,32 @@ def test_a_flag_or_its_alias_alone_is_accepted(args, monkeypatch):
     monkeypatch.setattr(flags, "FLAGS", values)
     assert cli.parse_flags(["prog", *args]) == ["prog"]
     assert cli.alias_and_original_given(values) == ""
+
+
+def test_exit_command_exits_as_sys_exit_without_stuck_threads():
+    from cnnjax.utils import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.exit_command("error: x")
+    assert exited.value.code == "error: x"
+
+
+def test_exit_command_leaves_without_a_stuck_thread(monkeypatch, capsys):
+    """A failed checkpoint save left orbax's threads waiting 300 s: sys.exit waited for them
+    (a sweep or a run said why, then hung 5 minutes). The command now ends past them."""
+    import threading
+
+    from cnnjax.utils import cli
+
+    left = []
+    monkeypatch.setattr(cli, "STUCK_THREAD_WAIT_S", 0.2)
+    monkeypatch.setattr(cli, "exit_after_exit_handlers", left.append)
+    release = threading.Event()
+    stuck = threading.Thread(target=release.wait, name="stuck_saver")
+    stuck.start()
+    try:
+        cli.exit_command("error: save failed")
+    finally:
+        release.set()
+        stuck.join()
+    assert left == [1] and capsys.readouterr().err.endswith("error: save failed\n")

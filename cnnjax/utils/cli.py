@@ -19,6 +19,8 @@ import contextlib
 import os
 import re
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -556,6 +558,39 @@ def exit_after_exit_handlers(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+#: How long a command ending waits for its background threads before leaving without them.
+STUCK_THREAD_WAIT_S = 10.0
+
+
+def stuck_threads(wait_s: float | None = None) -> list[threading.Thread]:
+    """Non-daemon threads still running `wait_s` (None: `STUCK_THREAD_WAIT_S`) after a command's
+    work ended, with a warning naming them. A checkpoint save that could not create its step
+    folder (no space, no permission) leaves orbax's signalling threads waiting 300 s for it,
+    and Python waits for them before exiting (the run had said why and written summary.json)."""
+    deadline = time.monotonic() + (STUCK_THREAD_WAIT_S if wait_s is None else wait_s)
+    alive = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    for thread in alive:  # Thread's own join: orbax's raises TimeoutError (or its error)
+        threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in alive if t.is_alive()]
+    if stuck:
+        from absl import logging
+
+        logging.warning("Leaving %d background thread(s) that did not finish (%s).", len(stuck),
+                        ", ".join(t.name for t in stuck[:4]))
+    return stuck
+
+
+def exit_command(status: str | int | None = None) -> None:
+    """`sys.exit(status)` (a message: printed, status 1), but without waiting for stuck
+    background threads (`stuck_threads`): then the process ends once its exit handlers ran."""
+    if not stuck_threads():
+        sys.exit(status)
+    if isinstance(status, str):
+        sys.stderr.write(status + "\n")
+    exit_after_exit_handlers(status if isinstance(status, int) else 0 if status is None else 1)
 
 
 def os_error_message(err: OSError) -> str:
