@@ -4,7 +4,9 @@
 Command (voc/2007 must be prepared in the tfds data dir by hand; cnnjax never downloads):
     python -m experiments.train --config=experiments/configs/yolo_voc2007.py \\
         --workdir=workdirs/yolo_voc2007 --config.data.data_dir=$TFDS_DATA_DIR
-On a cluster: `python -m launch.submit` with the same flags (launch/README.md).
+On a cluster (launch/README.md; the overrides go after `--`):
+    python -m launch.submit --entry=train --config=experiments/configs/yolo_voc2007.py \\
+        --workdir=workdirs/yolo_voc2007 --gpus_per_node=1 -- --config.data.data_dir=$TFDS_DATA_DIR
 
 Recipe, the paper's section 2.2 where cnnjax has it: trainval (5,011 images), 135 epochs of
 batch 64, SGD momentum 0.9, weight decay 5e-4, a warmup to 1e-2 then decay (cosine here instead

@@ -12,10 +12,11 @@ excluded) into the FCN's ResNet trunk. The linear probe trains only FCN's score 
 layers on the frozen trunk. The shapes in both datasets have the same pixel sizes, so what the
 classifier learnt (edges, corners, colour contrast at those scales) is what the FCN's trunk needs.
 
-Measured with this command (2 CPU cores shared with test runs, JAX 0.10.2): 34 min wall (source
-600 steps in 140 s, then 9 target runs of 400 steps, 1.5-5.5 min each); a rerun skips everything
-(8 s). Source: 98.25% top-1 on the 400 test shapes. Target: final mean IoU on the 500 test
-scenes, seed 0:
+Measured with this command on 2026-12-01, before FCN's upsamplings clamped at the borders
+(commit 840eaf7; not rerun since), 2 CPU cores shared with test runs, JAX 0.10.2: 34 min wall
+(source 600 steps in 140 s, then 9 target runs of 400 steps, 1.5-5.5 min each); a rerun skips
+everything (8 s). Source: 98.25% top-1 on the 400 test shapes. Target: final mean IoU on the 500
+test scenes, seed 0:
     scenes   scratch   fine-tune   linear probe
     50       0.272     0.545       0.401
     200      0.447     0.736       0.405
@@ -24,8 +25,9 @@ Fine-tuning the pretrained trunk gains +0.26 to +0.29 mIoU at every budget; at 2
 beats scratch on five times the data. The frozen trunk (linear probe) stays near 0.41 whatever
 the budget: 1x1 score layers on frozen classifier features (strides 8, 16 and 32) do not
 delineate the shapes. All arms train 400 steps; from scratch on all 2,000 scenes for 1,000 steps
-the same FCN reaches 0.797 (experiments/configs/fcn_shapes.py), so at this length the gain is
-likely more a faster start than a better end point (not measured with longer target runs).
+the same FCN reached 0.797 then (0.804 with the clamped upsampling,
+experiments/configs/fcn_shapes.py), so at this length the gain is likely more a faster start
+than a better end point (not measured with longer target runs).
 """
 
 import ml_collections
