@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 WORKDIR ?= workdirs/lenet5_digits
 PYTEST_WORKERS ?= 2
 
-.PHONY: install train test test-all lint clean
+.PHONY: install train test test-all lint clean help
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+
+help:
+	@echo "make install   create $(VENV) and install cnnjax with its test extras"
+	@echo "make train     the default experiment: LeNet-5 on digits into WORKDIR=$(WORKDIR)"
+	@echo "make test      the default (fast) test suite on PYTEST_WORKERS=$(PYTEST_WORKERS) workers"
+	@echo "make test-all  every test, the slow ones included"
+	@echo "make lint      ruff check ."
+	@echo "make clean     remove $(VENV) and the caches"
