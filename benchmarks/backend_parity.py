@@ -244,6 +244,7 @@ def model_cases(names: list[str], batch: int, image_size: int, grads: bool) -> l
     import jax
 
     from cnnjax.models.registry import create_model, model_info
+    from cnnjax.train.checks import one_value_batch_norm
 
     cases = []
     for name in names:
@@ -253,6 +254,14 @@ def model_cases(names: list[str], batch: int, image_size: int, grads: bool) -> l
             (batch, size, size, info.input_shape[2])).astype(np.float32)
         model = create_model(name)
         variables = _initializer(model, x)
+        if grads:  # one image through a 1x1 map: flax's check would fail the case, not the flag
+            layer = one_value_batch_norm(model, batch, 1, x.shape[1:])
+            if layer is not None:
+                raise ValueError(
+                    f"--batch_size={batch} is invalid with --model_grads for {name}: in "
+                    f"training mode its {layer} would see one value per channel at "
+                    f"--image_size={image_size}; use --batch_size >= 2, a larger --image_size, "
+                    "or --nomodel_grads")
 
         def forward(variables, x, model=model):
             return model.apply(variables, x, train=False)

@@ -38,6 +38,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
+# The tests are CPU tests (XLA CPU flags above; the benchmark scripts' tests expect the CPU as
+# the default backend), so a machine with a GPU runs them on its CPU too; a value you set wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # Hermetic: tfds's default data dir is the user's ~/tensorflow_datasets (or $TFDS_DATA_DIR, perhaps
 # a read-only shared store); the tests generate cnnjax's offline datasets into their own dir
 # instead, kept across runs. A test passed only when ~/tensorflow_datasets/digits already existed

@@ -55,7 +55,7 @@ def test_skip_drops_a_case_or_one_kind_and_refuses_what_matches_nothing():
 
 
 def test_the_command_compares_and_refuses_in_one_line(tmp_path):
-    ok, on_cpu, unknown, bad_skip, json_dir, nothing, at_once = run_commands([
+    ok, on_cpu, unknown, bad_skip, json_dir, nothing, at_once, one_image = run_commands([
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          "--nomodel_grads"),
         ("benchmarks.backend_parity", "--nolayers", "--models=lenet5"),
@@ -67,6 +67,8 @@ def test_the_command_compares_and_refuses_in_one_line(tmp_path):
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models="),
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",
          "--nomodel_grads", "--max_seconds=1e-9"),
+        ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5,resnet18",
+         "--batch_size=1"),
     ])
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "1 of 1 cases within tolerance" in ok.stdout
@@ -81,6 +83,12 @@ def test_the_command_compares_and_refuses_in_one_line(tmp_path):
     assert "--models is empty and --layers=false: there is nothing to compare" in nothing.stderr
     # a limit reached before the first case still runs that one (it passed as 0 of 0)
     assert at_once.returncode == 0 and "1 of 1 cases within tolerance" in at_once.stdout
+    # one image: resnet18's 1x1 last stage failed its grad case as a parity FAIL; lenet5 is fine
+    assert one_image.returncode == 1 and "Traceback" not in one_image.stderr
+    assert one_image.stderr.strip().splitlines()[-1] == (
+        "error: --batch_size=1 is invalid with --model_grads for resnet18: in training mode its "
+        "BatchNorm stage4_block1/bn1 would see one value per channel at --image_size=32; use "
+        "--batch_size >= 2, a larger --image_size, or --nomodel_grads")
 
 
 def test_model_variables_are_made_when_the_case_runs_and_once_per_model():
