@@ -58,11 +58,13 @@ def _recall(proposals: list, truth: list, threshold: float) -> float:
     return hits / max(total, 1)
 
 
-def _report(name: str, proposals: list, truth: list, seconds: float) -> None:
+def _report(name: str, proposals: list, truth: list, seconds: float | None) -> None:
+    """One line per proposal method; `seconds` None: not timed (shown as "-")."""
     import numpy as np
 
     counts = np.array([len(p) for p in proposals])
-    print(f"{name:<32} {1e3 * seconds / len(proposals):8.1f} ms/img   proposals/img median "
+    rate = "-" if seconds is None else f"{1e3 * seconds / len(proposals):.1f}"
+    print(f"{name:<32} {rate:>8} ms/img   proposals/img median "
           f"{np.median(counts):5.0f} mean {counts.mean():6.1f} max {counts.max():5d}   "
           f"recall@0.5 {_recall(proposals, truth, 0.5):.3f}  @0.7 "
           f"{_recall(proposals, truth, 0.7):.3f}")
@@ -116,7 +118,7 @@ def main(argv: list[str]) -> None:
         model = create_model(name)
         windows = [window_proposals(im.shape[:2], model.proposal_sizes, model.proposal_stride)
                    for im in images]
-        _report(f"dense windows ({name})", windows, truth, 0.0)
+        _report(f"dense windows ({name})", windows, truth, None)  # a grid: not timed
     for strategy, scale in settings:
         started = time.perf_counter()
         boxes = [selective_search(im, strategy=strategy, scale=scale) for im in images]

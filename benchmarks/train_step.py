@@ -494,6 +494,11 @@ def check_flags() -> None:
     check_json_out(FLAGS.json_out)
     if FLAGS.torch:
         check_torch(FLAGS.model, FLAGS.torch_device)
+    else:  # read only by the PyTorch step: ignored silently without it
+        for name in ("torch_device", "torch_channels_last"):
+            if FLAGS[name].present:
+                raise ValueError(f"--{name} is invalid without --torch (only the PyTorch step "
+                                 f"reads it); pass --torch or drop --{name}")
 
 
 def main(argv: list[str]) -> None:

@@ -124,6 +124,18 @@ def test_torch_on_cuda_without_a_gpu_is_refused_before_compiling():
     assert _COMPILED not in result.stderr  # nothing was built
 
 
+@pytest.mark.parametrize("flag", ["--torch_device=cpu", "--torch_channels_last"])
+def test_a_pytorch_flag_without_torch_is_refused_before_compiling(flag):
+    """They were read only by the PyTorch step, and ignored silently without --torch."""
+    result = _run("--model=lenet5", flag)
+    name = flag.split("=")[0]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {name} is invalid without --torch (only the PyTorch step reads it); pass "
+        f"--torch or drop {name}")
+    assert _COMPILED not in result.stderr
+
+
 def test_extra_host_devices_hold_without_cnnjax_cpu_defaults(tmp_path):
     """--num_devices=2 asked for host devices through cnnjax's XLA_FLAGS defaults, which
     CNNJAX_CPU_DEFAULTS=0 turns off: the run then found one device."""
