@@ -448,7 +448,14 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     try:  # weights_only: a file that pickles whole objects is refused, never executed
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — torch raises many kinds (KeyError on some junk)
-        why = (str(err).splitlines() or [""])[0][:160]
+        why = (str(err).splitlines() or [""])[0]
+        if "zip archive" in why or "central directory" in why:  # torch.save's zip, cut short
+            raise invalid("torchvision_weights", "weights", path,
+                          "the file is not a complete torch.save archive (a truncated or "
+                          "corrupted download?); fetch it again and compare its SHA-256 with "
+                          f"the digits in its name ({type(err).__name__}: "
+                          f"{why.split('. ')[0][:200]})") from None
+        why = why[:300]
         raise invalid("torchvision_weights", "weights", path,
                       "expected a state_dict saved with torch.save(model.state_dict(), path) "
                       "(a file holding a whole pickled model is not read, since unpickling it "

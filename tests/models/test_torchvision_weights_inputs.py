@@ -249,6 +249,20 @@ def test_a_whole_pickled_model_is_refused_with_the_state_dict_hint(tmp_path):
         tvw.load_torch_state_dict(str(tmp_path / "empty.pth"))
 
 
+def test_a_truncated_download_is_named_as_one(tmp_path):
+    """Half of a state_dict file was refused as "expected a state_dict ... (a whole pickled
+    model is not read ...)", with torch's own explanation cut mid-sentence."""
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "lin.pth"
+    torch.save(torch.nn.Linear(64, 64).state_dict(), path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"^torchvision_weights: weights='.*lin.pth' is invalid; "
+                                         r"the file is not a complete torch.save archive \(a "
+                                         r"truncated or corrupted download\?\); fetch it again"):
+        tvw.load_torch_state_dict(str(path))
+
+
 # ----------------------------------------------------------------------- warm-start workdir
 def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
     workdir = str(tmp_path / "pretrained")
