@@ -44,6 +44,7 @@ import os
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -449,7 +450,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 — torch raises many kinds (KeyError on some junk)
         why = (str(err).splitlines() or [""])[0]
-        if "zip archive" in why or "central directory" in why:  # torch.save's zip, cut short
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        if zipped and not zipfile.is_zipfile(path):  # its start, but no end: cut short
             raise invalid("torchvision_weights", "weights", path,
                           "the file is not a complete torch.save archive (a truncated or "
                           "corrupted download?); fetch it again and compare its SHA-256 with "
