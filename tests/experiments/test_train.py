@@ -204,17 +204,24 @@ _CRASH = ("import sys; import cnnjax.train.loop as loop\n"
           "import runpy; runpy.run_module('experiments.train', run_name='__main__')")
 
 
+def _fails_keeping_traceback(code: str, workdir: Path, error: str) -> Path:
+    """Runs experiments.train through `code` (a stand-in driver) into `workdir`; checks it ends
+    with `error: <error>` and its traceback in error.log, whose path it returns."""
+    failed = subprocess.run([sys.executable, "-c", code, *_command(workdir)[2:]], cwd=ROOT,
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    log = workdir / "error.log"
+    assert failed.stderr.strip().splitlines()[-2:] == [f"error: {error}",
+                                                       f"(traceback in {log})"]
+    assert error in log.read_text()
+    return log
+
+
 @pytest.mark.slow  # 24 s in CI: two training subprocesses
 def test_an_unexpected_error_keeps_its_traceback_until_a_rerun_succeeds(tmp_path):
     """A bug's traceback goes to <workdir>/error.log; once a rerun completes it is kept aside as
     error.previous.log, so the workdir no longer looks failed."""
-    failed = subprocess.run([sys.executable, "-c", _CRASH, *_command(tmp_path)[2:]], cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert failed.returncode == 1
-    log = tmp_path / "error.log"
-    assert failed.stderr.strip().splitlines()[-2:] == [
-        "error: RuntimeError: stand-in bug", f"(traceback in {log})"]
-    assert "RuntimeError: stand-in bug" in log.read_text()
+    log = _fails_keeping_traceback(_CRASH, tmp_path, "RuntimeError: stand-in bug")
     rerun = subprocess.run(_command(tmp_path, "--config.num_train_steps=2",
                                     "--config.schedule.warmup_steps=0"),
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -265,14 +272,8 @@ def test_a_value_error_after_training_started_keeps_its_traceback(tmp_path):
     """Every ValueError was taken for a refusal of the config: one raised in training (a bad
     record, a library's) left no traceback anywhere. summary.json recording where a rerun
     resumes from tells it apart."""
-    code = _STAND_IN.format(body=_FAILED_IN_TRAINING)
-    failed = subprocess.run([sys.executable, "-c", code, *_command(tmp_path)[2:]], cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=300)
-    assert failed.returncode == 1
-    log = tmp_path / "error.log"
-    assert failed.stderr.strip().splitlines()[-2:] == [
-        "error: ValueError: bad record in the input pipeline", f"(traceback in {log})"]
-    assert "ValueError: bad record in the input pipeline" in log.read_text()
+    _fails_keeping_traceback(_STAND_IN.format(body=_FAILED_IN_TRAINING), tmp_path,
+                             "ValueError: bad record in the input pipeline")
 
 
 def test_a_failure_leaves_without_waiting_for_stuck_background_threads(tmp_path):

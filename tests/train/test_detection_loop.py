@@ -255,16 +255,28 @@ def test_external_proposals_need_a_model_that_reads_them(tmp_path):
     assert not Path(tmp_path / "checkpoints").exists()
 
 
+def _set_saved_task(workdir, task):
+    """The run's recorded config (config.json and each checkpoint's record) with `task` set,
+    or without it (None: as written before the field existed)."""
+    records = [workdir / "config.json"] + sorted((workdir / "checkpoints").glob(
+        f"*/{loop.STEP_METADATA_FILE}"))
+    for path in records:
+        data = json.loads(path.read_text())
+        config = data if path.name == "config.json" else data["custom_metadata"][
+            loop.CONFIG_RECORD]
+        config.pop("task", None)
+        if task is not None:
+            config["task"] = task
+        path.write_text(json.dumps(data))
+
+
 def test_workdirs_from_before_the_task_field_still_resume(tmp_path):
-    """config.json written before `task` existed lacks it: it meant classification."""
+    """A config written before `task` existed lacks it: it meant classification."""
     loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
-    saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["task"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _set_saved_task(tmp_path, None)
     summary = loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
     assert summary["status"] == "completed" and summary["step"] == 12  # finished: left as is
-    saved["task"] = "detection"  # a real difference is still refused
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _set_saved_task(tmp_path, "detection")  # a real difference is still refused
     with pytest.raises(ValueError, match=r"incompatible config \(task: 'detection' -> "
                                          r"'classification'\)"):
         loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
