@@ -473,8 +473,7 @@ def test_the_readme_snippet_runs_as_written(capsys):
 
 def test_the_train_step_on_your_own_arrays_runs_as_written():
     """docs/reusing.md's engine-without-the-loop snippet, executed as printed on two CPU devices
-    (a subprocess: the device count is fixed when JAX starts). It replicated a state built from
-    `jax.random.key`, which `np.asarray` refuses, until `DataParallel` kept typed keys."""
+    (a subprocess: the device count is fixed when JAX starts)."""
     blocks = [b for b in _python_blocks(os.path.join(ROOT, "docs", "reusing.md"))
               if "DataParallel" in b]
     assert len(blocks) == 1

@@ -464,8 +464,8 @@ class Checkpointer:
             raise ValueError(
                 f"checkpoint: no checkpoint in {self.directory} (steps {sorted(corrupt)}) could "
                 f"be restored into the current state structure (step {newest}: "
-                f"{reasons[newest][:300]}); to start fresh use a new --workdir or delete the "
-                "checkpoints."
+                f"{' '.join(reasons[newest].split())[:200]}); to start fresh use a new "
+                "--workdir or delete the checkpoints."
             )
         # untried: newer than the checked one that restored (tried ones that failed are corrupt)
         passed_over = [s for s in unchecked

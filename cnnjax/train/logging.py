@@ -105,7 +105,7 @@ class MetricLogger:
         cut = _torn_last_step(self.path)
         if cut is not None and cut <= resume_step:  # not a killed run's last write: lost lines
             logging.warning("%s ends in a record of step %d cut short, though the run resumes "
-                            "from step %d: the records after it up to step %d are lost (the "
+                            "from step %d: the records from it up to step %d are lost (the "
                             "file was truncated?).", self.path, cut, resume_step, resume_step)
         # Rewrite (atomically): drop records past the checkpoint we resume from.
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records))

@@ -616,11 +616,12 @@ class _Run:
         elif isinstance(on_disk, dict) and saved is not on_disk:
             edited = config_lib.incompatible_fields(config_lib.flatten(saved),
                                                     config_lib.flatten(on_disk))
-            if edited:
+            if edited:  # restored now: evaluate, init_from, sweeps read config.json
                 logging.warning("%s differs from the config its checkpoints recorded in %s "
-                                "(edited?): the checkpoints' record is the run's config; %s is "
-                                "rewritten with this run's.", saved_path, edited[:8],
-                                CONFIG_FILE)
+                                "(edited?): the checkpoints' record is the run's config, and "
+                                "%s is restored from it.", saved_path, edited[:8], CONFIG_FILE)
+                if self.is_primary:
+                    atomic_write(saved_path, json.dumps(saved, indent=2, sort_keys=True))
         resumable = saved is not None and not differ
         if config.restart and saved is None and _has_checkpoints(workdir):
             raise ValueError(

@@ -58,7 +58,7 @@ def test_a_file_cut_before_the_resumed_step_warns_that_records_are_lost(tmp_path
     MetricLogger(str(tmp_path), resume_step=resume_step, tensorboard=False)
     assert [w[1:3] for w in warned] == ([(str(path), 20)] if warns else [])
     if warns:
-        assert "the records after it up to step %d are lost" in warned[0][0]
+        assert "the records from it up to step %d are lost" in warned[0][0]
 
 
 def test_tensorboard_event_file_is_readable(tmp_path):

@@ -572,6 +572,16 @@ def test_an_edited_config_json_does_not_override_the_checkpoints_record(tmp_path
     assert "differs from the config its checkpoints recorded in ['optimizer.learning_rate']" in (
         caplog.text)
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"] == saved["optimizer"]
+    # a finished run's no-op rerun and a refused one restore it too (other commands read it)
+    for refused in (False, True):
+        (tmp_path / "config.json").write_text(json.dumps(edited))
+        if refused:
+            with pytest.raises(ValueError, match="incompatible config"):
+                loop.train_and_evaluate(changed, str(tmp_path))
+        else:
+            assert loop.train_and_evaluate(config, str(tmp_path))["status"] == "completed"
+        restored = json.loads((tmp_path / "config.json").read_text())
+        assert restored["optimizer"] == saved["optimizer"]
 
 
 def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
