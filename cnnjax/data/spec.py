@@ -255,6 +255,24 @@ def check_name(name: Any) -> str:
     return check_choice(_OWNER, "name", name, presets.list_datasets())
 
 
+#: TensorFlow counts a tensor's values in int32: one image of more fails deep in tf.image with an
+#: overflow naming no field (2**31 pixels per side, session 53), or cannot be allocated.
+MAX_IMAGE_VALUES = 2**31 - 1
+
+
+def _check_image_values(name: str, image_size: int | None, size: tuple[int, int], cfg: dict,
+                        preset: presets.DatasetPreset, fake_shape: Any) -> None:
+    """Refuses an `image_size` whose one image holds more values than TensorFlow can count."""
+    channels = (3 if cfg["grey_to_rgb"] is True else
+                int(fake_shape[2]) if name == "fake" else preset.image_shape[2])
+    if size[0] * size[1] * channels > MAX_IMAGE_VALUES:
+        largest = math.isqrt(MAX_IMAGE_VALUES // channels)
+        raise invalid(_OWNER, "image_size", image_size,
+                      f"expected at most {largest} for {name!r} ({channels} channel(s)): one "
+                      f"image of {size[0]}x{size[1]}x{channels} values is beyond TensorFlow's "
+                      "int32 tensor sizes")
+
+
 def resolve(data_config: Any) -> Spec:
     """Fills missing fields from `default_data_config(name)` and validates every field."""
     fields = dict(data_config.items()) if hasattr(data_config, "items") else None
@@ -294,6 +312,9 @@ def resolve(data_config: Any) -> Spec:
         raise invalid(_OWNER, "train_examples_per_class", per_class,
                       "expected a positive integer (examples kept per class in the train split), "
                       "or None for all of them")
+
+    if size is not None:
+        _check_image_values(name, image_size, size, cfg, preset, fake_shape)
 
     augment = _check_bool("augment", cfg["augment"])
     if (augment and preset.train_augmentation == "pad_crop_flip" and size is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import re
 
@@ -384,6 +385,25 @@ def test_image_size_within_the_crop_padding_is_refused(name):
     assert resolve(config).size == (4, 4)
     config.augment, config.image_size = True, 5
     assert resolve(config).size == (5, 5)
+
+
+@pytest.mark.parametrize("name,grey_to_rgb,largest", [("digits", False, 46340),
+                                                      ("cifar10", False, 26754),
+                                                      ("mnist", True, 26754)])
+def test_an_image_size_beyond_tensorflows_int32_sizes_is_refused(name, grey_to_rgb, largest):
+    """image_size=2**31 failed in tf.image with an int32 overflow naming no field (the engine
+    only caught it through the model's trace). The bound is floor(sqrt((2**31 - 1) / C)) for
+    the C channels the pipeline makes (grey_to_rgb: 3)."""
+    assert largest == math.isqrt((2**31 - 1) // (1 if name == "digits" else 3))
+    config = pipeline.default_data_config(name)
+    config.grey_to_rgb = grey_to_rgb
+    config.image_size = largest + 1
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: image_size={largest + 1} is invalid; expected at most {largest} for "
+            f"{name!r} (")):
+        resolve(config)
+    config.image_size = largest
+    assert resolve(config).size == (largest, largest)
 
 
 def test_config_type_and_name_errors(digits_dir, tmp_path):
