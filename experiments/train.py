@@ -86,10 +86,9 @@ def _start_distributed(workdir: str) -> None:
                 timeout_s,
                 on_timeout=lambda message, pid: _write_startup_error(workdir, message, pid),
             )
-        elif requested is None and distributed.slurm_tasks() > 1:
+        elif requested is None and (tasks := distributed.slurm_tasks()) > 1:
             logging.warning("SLURM_NTASKS=%d outside an srun job step: training as one process "
-                            "(launch with srun for a %d-process JAX job).",
-                            distributed.slurm_tasks(), distributed.slurm_tasks())
+                            "(launch with srun for a %d-process JAX job).", tasks, tasks)
     except ValueError as err:
         _write_startup_error(workdir, str(err), None)
         sys.exit(f"error: {err}")
@@ -119,32 +118,26 @@ def _train(workdir: str) -> dict:
         if index != 0:
             _fail(f"error: {err}\n(process {index} of {jax.process_count()}; process 0 writes "
                   "summary.json)")
-        if not isinstance(err, TrainingDivergedError) and _failed_in_training(err, workdir):
-            _fail_keeping_traceback(err, workdir, index)  # not a refusal: e.g. a bad record
-        _fail_pointing_to_summary(err, workdir)
+        _fail_pointing_to_summary(err, workdir, index)
     except Exception as err:  # noqa: BLE001 — unexpected: keep the traceback in the workdir
         _fail_keeping_traceback(err, workdir, index)
 
 
-def _failed_in_training(err: Exception, workdir: str) -> bool:
-    """Whether summary.json records `err` as a failure after training started (it then names
-    the checkpoint a rerun resumes from), unlike a refusal of the config or workdir."""
-    from cnnjax.utils.files import read_json
-
-    recorded = read_json(os.path.join(workdir, "summary.json"))
-    return (isinstance(recorded, dict) and recorded.get("status") == "failed"
-            and recorded.get("message") == str(err) and "resumes_from_step" in recorded)
-
-
-def _fail_pointing_to_summary(err: Exception, workdir: str) -> None:
+def _fail_pointing_to_summary(err: Exception, workdir: str, index: int) -> None:
     """Exits with `err`, pointing to summary.json when it records this error (a refusal leaves
-    a finished run's summary.json alone, and notes itself as `refused` in a stopped one's)."""
+    a finished run's summary.json alone, and notes itself as `refused` in a stopped one's). An
+    error it records as a failure after training started (it then names the checkpoint a rerun
+    resumes from: not a refusal, e.g. a bad record) keeps its traceback instead."""
+    from cnnjax.train.loop import TrainingDivergedError
     from cnnjax.utils.files import read_json
 
     summary_path = os.path.join(workdir, "summary.json")
-    recorded = read_json(summary_path)  # a refusal only notes itself in a stopped run's
-    recorded = isinstance(recorded, dict) and str(err) in (
-        recorded.get("message"), (recorded.get("refused") or {}).get("message"))
+    summary = read_json(summary_path)  # a refusal only notes itself in a stopped run's
+    summary = summary if isinstance(summary, dict) else {}
+    if (not isinstance(err, TrainingDivergedError) and summary.get("status") == "failed"
+            and summary.get("message") == str(err) and "resumes_from_step" in summary):
+        _fail_keeping_traceback(err, workdir, index)
+    recorded = str(err) in (summary.get("message"), (summary.get("refused") or {}).get("message"))
     _fail(f"error: {err}" + (f"\n(details in {summary_path})" if recorded else ""))
 
 
