@@ -101,8 +101,8 @@ class MetricLogger:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self.records = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        cut = _torn_last_step(self.path)
+        records, cut = _parse_metrics(self.path)
+        self.records = [r for r in records if r["step"] <= resume_step]
         if cut is not None and cut <= resume_step:  # not a killed run's last write: lost lines
             logging.warning("%s ends in a record of step %d cut short, though the run resumes "
                             "from step %d: the records from it up to step %d are lost (the "
@@ -267,36 +267,28 @@ def read_metrics(path: str) -> list[dict]:
     """Parses metrics.jsonl, skipping a torn last line left by a killed process, and any other
     unreadable line with a warning naming it (a resume rewrites the file without it: those
     records were dropped without a word)."""
+    return _parse_metrics(path)[0]
+
+
+def _parse_metrics(path: str) -> tuple[list[dict], int | None]:
+    """`read_metrics`' records, and the step its torn last line still names (its start
+    `{"step": N,` survived the cut; None when the last line is whole or names none)."""
     if not os.path.exists(path):
-        return []
-    records = []
+        return [], None
+    records, torn_step = [], None
     with open(path) as f:
         lines = f.readlines()
     for number, line in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number < len(lines) and line.strip():
+            if number == len(lines):
+                match = re.match(r'\s*\{\s*"step":\s*(\d+)\s*,', line)
+                torn_step = int(match.group(1)) if match else None
+            elif line.strip():
                 logging.warning("%s: line %d is not a JSON record; it is skipped (a resume "
                                 "rewrites the file without it)", path, number)
-    return records
-
-
-def _torn_last_step(path: str) -> int | None:
-    """The step of metrics.jsonl's last line when that line is cut short (not JSON) and its
-    start still names a step; None otherwise."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    if not lines:
-        return None
-    try:
-        json.loads(lines[-1])
-    except json.JSONDecodeError:
-        match = re.match(r'\s*\{\s*"step":\s*(\d+)\s*,', lines[-1])
-        return int(match.group(1)) if match else None
-    return None
+    return records, torn_step
 
 
 class ProgressBar:
