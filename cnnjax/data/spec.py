@@ -189,13 +189,17 @@ def splits_named(tfds_name: str, splits: Any) -> str:
     return f"{tfds_name!r} has splits {list(splits)}"
 
 
+#: The split names of cnnjax's offline datasets, known before they are generated.
+_LOCAL_SPLITS = {builder.name: builder.SPLIT_NAMES for builder in LOCAL_BUILDERS}
+
+
 def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
     """A split string's syntax (tfds's own parser, no I/O) and, for cnnjax's offline datasets,
     its split names, before the dataset is generated on first use (seconds to build)."""
     split = _optional_str(arg, value)
     if split is None:
         return None
-    local = {builder.name: builder.SPLIT_NAMES for builder in LOCAL_BUILDERS}.get(tfds_name)
+    local = _LOCAL_SPLITS.get(tfds_name)
     has = "" if local is None else f"{splits_named(tfds_name, local)}; "
     try:
         tfds.core.ReadInstruction.from_spec(split)

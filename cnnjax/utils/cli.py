@@ -564,12 +564,12 @@ def exit_after_exit_handlers(status: int) -> None:
 STUCK_THREAD_WAIT_S = 10.0
 
 
-def stuck_threads(wait_s: float | None = None) -> list[threading.Thread]:
-    """Non-daemon threads still running `wait_s` (None: `STUCK_THREAD_WAIT_S`) after a command's
-    work ended, with a warning naming them. A checkpoint save that could not create its step
+def stuck_threads() -> list[threading.Thread]:
+    """Non-daemon threads still running `STUCK_THREAD_WAIT_S` after a command's work ended,
+    with a warning naming them. A checkpoint save that could not create its step
     folder (no space, no permission) leaves orbax's signalling threads waiting 300 s for it,
     and Python waits for them before exiting (the run had said why and written summary.json)."""
-    deadline = time.monotonic() + (STUCK_THREAD_WAIT_S if wait_s is None else wait_s)
+    deadline = time.monotonic() + STUCK_THREAD_WAIT_S
     alive = [t for t in threading.enumerate()
              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     for thread in alive:  # Thread's own join: orbax's raises TimeoutError (or its error)
