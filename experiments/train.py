@@ -4,7 +4,7 @@
         --config.optimizer.learning_rate=0.05 --workdir=workdirs/lenet5
 
 Rerunning the same command resumes from the newest checkpoint in --workdir. In a task of an srun
-step with more than one task (or with --distributed; --nodistributed refuses it)
+step with more than one task (or with --distributed; --nodistributed keeps one process)
 `jax.distributed.initialize()` connects the processes first;
 a process that cannot reach the others within --distributed_timeout seconds exits with a message.
 Errors end the process with a one-line message (also written to <workdir>/summary.json).
