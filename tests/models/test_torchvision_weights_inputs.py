@@ -263,6 +263,35 @@ def test_a_truncated_download_is_named_as_one(tmp_path):
         tvw.load_torch_state_dict(str(path))
 
 
+def test_a_truncated_legacy_format_download_is_named_by_its_digest(tmp_path):
+    """A pre-zip file (`_use_new_zipfile_serialization=False`: no end marker) cut anywhere was
+    refused as "expected a state_dict ... (a whole pickled model ...)"; torch raises EOFError,
+    struct.error, RuntimeError or UnpicklingError on such cuts. torch.hub names a published file
+    by its SHA-256's first digits, which tell the cut; a whole pickled model named right keeps
+    its own message."""
+    torch = pytest.importorskip("torch")
+    scratch = tmp_path / "scratch.pth"
+    torch.save(torch.nn.Linear(8, 4).state_dict(), scratch, _use_new_zipfile_serialization=False)
+    whole = scratch.read_bytes()
+    path = tmp_path / f"lin-{tvw.file_sha256(str(scratch))[:8]}.pth"
+    for cut in (3, 15, 40, 120, 200, len(whole) // 2, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=r"^torchvision_weights: weights='.*lin-[0-9a-f]{8}"
+                                             r"\.pth' is invalid; its SHA-256 starts [0-9a-f]{8}, "
+                                             r"not the [0-9a-f]{8} its name carries: a truncated "
+                                             r"or corrupted download; fetch it again"):
+            tvw.load_torch_state_dict(str(path))
+    path.write_bytes(whole)
+    assert set(tvw.load_torch_state_dict(str(path))) == {"weight", "bias"}
+    torch.save(torch.nn.Linear(2, 2), scratch, _use_new_zipfile_serialization=False)
+    named = tmp_path / f"model-{tvw.file_sha256(str(scratch))[:8]}.pth"
+    scratch.rename(named)
+    with pytest.raises(ValueError, match=r"expected a state_dict saved with "
+                                         r"torch.save\(model.state_dict\(\), path\) \(a file "
+                                         r"holding a whole pickled model is not read"):
+        tvw.load_torch_state_dict(str(named))
+
+
 # ----------------------------------------------------------------------- warm-start workdir
 def test_workdir_is_read_by_the_engines_init_from_path(tmp_path, resnet18_vars):
     workdir = str(tmp_path / "pretrained")
