@@ -11,7 +11,8 @@ be overridden, e.g.
 pretrained once in <transfer_dir>/trials/source/, then every arm x budget x seed is one
 `train_and_evaluate` run in <transfer_dir>/trials/<budget>-<arm>-s<seed>/; results.csv,
 results.json, transfer.png and report.md are rewritten after each. Rerunning the same command
-skips finished runs and resumes an interrupted one from its checkpoint.
+skips finished runs and resumes an interrupted one from its checkpoint (a moved or renamed
+transfer directory too, given as the new --transfer_dir).
 Exit status 1 if a run failed (diverged runs are results, not failures); Ctrl-C stops the run
 in progress (status interrupted) and exits 130 with one line naming it and where it stopped.
 """

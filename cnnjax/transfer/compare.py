@@ -19,7 +19,8 @@ Layout of a transfer directory:
     report.md                       the table, each arm's gain over scratch, the best arm per budget
 
 Runs go one after another; rerunning the same command skips finished runs and resumes an
-interrupted one from its own checkpoint (the sweep's per-trial bookkeeping, cnnjax.tune.sweep).
+interrupted one from its own checkpoint (the sweep's per-trial bookkeeping, cnnjax.tune.sweep),
+also in a transfer directory moved or renamed since (given by its new path).
 A failed or diverged run is recorded and the others go on; if the source run does not complete,
 the arms that need it are recorded as failed. Budgets, arms and seeds may grow between reruns
 (each run has its own directory); the configs may not change. The final eval (at the last step)
@@ -40,6 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.loop import incompatible_saved_fields
 from cnnjax.train.preemption import StopRequest
 from cnnjax.tune import space as space_lib
 from cnnjax.tune.sweep import (
@@ -526,8 +528,9 @@ def _run_plan(plan: TransferPlan, transfer_dir: str, sizes: dict[str, int],
                     _record_not_run(trial, workdir, f"not run: the source run {source_status}")
                     _say(verbose, f"{label}: not run (the source run {source_status}).")
                 continue
+            config = _with_recorded_source(run["config"], workdir, plan.source_dir)
             try:
-                _run_once(run["config"], workdir, trial, label, verbose)
+                _run_once(config, workdir, trial, label, verbose)
             finally:  # KeyboardInterrupt included: the table shows what has finished so far
                 rows = write_results(transfer_dir, plan, sizes)
     rows = write_results(transfer_dir, plan, sizes)
@@ -565,6 +568,23 @@ def _run_once(config: Any, workdir: str, trial: space_lib.Trial, label: str,
     _say(verbose, f"{label}: {record['status']}"
                   + (f" ({record['reason']})" if record["reason"] else ""))
     return record["status"]
+
+
+def _with_recorded_source(config: Any, workdir: str, source_dir: str) -> Any:
+    """`config` with the `init_from.workdir` that the checkpoints in `workdir` recorded, when that
+    is this comparison's source before the transfer directory was moved (or copied): its
+    absolute path ends in trials/source but is not `source_dir`'s. The run resumes from its own
+    checkpoint (init_from unread), so the engine must not refuse the changed path."""
+    try:
+        differ = incompatible_saved_fields(workdir, config)
+    except ValueError:  # an unreadable record: the run itself says so (recorded as failed)
+        return config
+    for name, saved, current in differ:
+        if (name == "init_from.workdir" and current == os.path.abspath(source_dir)
+                and isinstance(saved, str)
+                and saved.split(os.sep)[-2:] == [TRIALS_DIR, SOURCE_ID]):
+            return space_lib.apply_overrides(config, {name: saved})
+    return config
 
 
 def _record_not_run(trial: space_lib.Trial, workdir: str, reason: str) -> None:

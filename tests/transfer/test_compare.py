@@ -312,6 +312,35 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert _json(os.path.join(out, "trials", "8-finetune-s0", "trial.json"))["invocations"] == 2
 
 
+@pytest.mark.slow  # 3 tiny training runs
+def test_a_moved_transfer_dir_resumes_its_warm_started_run(tmp_path, monkeypatch):
+    """`mv` of a transfer directory: its fine-tune run's checkpoints recorded the source's old
+    absolute path as init_from.workdir, which the engine refused as an incompatible config (the
+    run failed); the rerun under the new name resumes it from its step-4 checkpoint."""
+    from cnnjax.train import loop
+
+    save, calls = loop.Checkpointer.save, []
+
+    def save_then_interrupt(self, step, *args, **kwargs):
+        save(self, step, *args, **kwargs)
+        calls.append(step)
+        if calls.count(4) == 2:  # the source, then the fine-tune run save at step 4
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Checkpointer, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "old", arms=("finetune",))
+    monkeypatch.setattr(loop.Checkpointer, "save", save)
+    os.rename(tmp_path / "old", tmp_path / "new")
+
+    rows = _run(tmp_path / "new", arms=("finetune",))
+    assert [(r["arm"], r["status"], r["reason"]) for r in rows] == [("finetune", "completed", "")]
+    run_dir = os.path.join(tmp_path, "new", "transfer", "trials", "8-finetune-s0")
+    resumed = _json(os.path.join(run_dir, "summary.json"))
+    assert resumed["resumed_from_step"] == 4 and resumed["step"] == 12
+    assert _json(os.path.join(run_dir, "trial.json"))["invocations"] == 2
+
+
 @pytest.mark.slow  # 8+ tiny training runs
 def test_failed_run_is_recorded_the_rest_continue_and_a_rerun_retries_it(tmp_path, monkeypatch):
     real, failed_once = sweep.train_and_evaluate, []
