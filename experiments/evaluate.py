@@ -21,6 +21,9 @@ unless --allow_same_split: the scores would then be measured on the examples T w
 Calibration costs one prediction pass over --split (shared with the confusion matrix);
 --nocalibration skips it. If T cannot be fitted, the JSON is still written (with
 `calibration_error`) before the command exits with the reason.
+
+A plot this evaluation does not draw (--noplot, --nocalibration) but an earlier one wrote beside
+the same JSON is removed, so that the PNGs beside a JSON are always of its evaluation.
 """
 
 from __future__ import annotations
@@ -117,6 +120,10 @@ def _flag_error() -> str | None:
     if _BATCH.value is not None and _BATCH.value < 1:  # evaluate_run would name its argument
         return (f"--eval_batch_size={_BATCH.value} is invalid; expected a positive batch size "
                 "(or leave it out: the run's eval batch size)")
+    for split in (_SPLIT, _TEMPERATURE_SPLIT):  # the rest is checked against the run's dataset
+        if split.value is not None and not split.value.strip():
+            return (f"--{split.name}={split.value!r} is invalid; expected a tfds split such as "
+                    "'test'")
     if _N_BINS.value < 1:
         return f"--n_bins={_N_BINS.value} is invalid; expected at least 1 (Guo et al. use 15)"
     if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
@@ -125,6 +132,28 @@ def _flag_error() -> str | None:
         return (f"--output={_OUTPUT.value!r} is invalid; expected a JSON file path (the plot is "
                 "written beside it, with the suffix .png)")
     return None
+
+
+def _flag_named(err: ValueError) -> ValueError:
+    """`err`, from loading the run, naming the flag the user gave (`--step=5 is invalid; ...`)
+    where it names load_trained's argument or the run's config field that the flag set."""
+    for prefix, flag in (("load_trained: workdir=", _WORKDIR), ("load_trained: step=", _STEP),
+                         ("config: num_devices=", _DEVICES)):
+        if str(err).startswith(prefix) and flag.present:
+            return ValueError(f"--{flag.name}={str(err).removeprefix(prefix)}")
+    return err
+
+
+def _remove_stale_plots(stem: str, result: dict) -> list[str]:
+    """Removes the plots at `stem` (the JSON's path without .json) that this evaluation did not
+    draw (--noplot, --nocalibration, a failed prediction pass): an earlier evaluation's, they
+    would be read as this one's. Returns their paths."""
+    drawn = {result.get("plot"), result.get("reliability_plot")}
+    stale = [path for path in (stem + ".png", stem + "_reliability.png")
+             if path not in drawn and os.path.isfile(path)]
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def ignored_flags(given: Collection[str], task: str | None, plot: bool, calibration: bool,
@@ -166,7 +195,7 @@ def _calibrate(run, result: dict, same_split: bool) -> tuple[tuple | None, str |
         classified = classifier_logits(run, result["split"], _BATCH.value or 64)
         result["calibration"] = calibrate_run(
             run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
-            same_split=same_split)
+            same_split=same_split, name="--temperature_split")
     except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
         result["calibration_error"] = str(err)
         if classified is not None:  # only the fit failed: the scores at T = 1 stand
@@ -223,12 +252,15 @@ def _evaluate() -> None:
             run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         except NoWeightAverageError as err:
             sys.exit(f"error: {err.flag_message('--ema')}")
+        except ValueError as err:
+            raise _flag_named(err) from None
         if (error := ignored_flags(_given(), config_task(run.config), _PLOT.value,
                                    _CALIBRATION.value, _TEMPERATURE_SPLIT.value)):
             sys.exit(f"error: {error}")
         check_split(run, _SPLIT.value, "--split")  # before anything compiles
         same_split, warnings = check_temperature_split(
-            run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value)
+            run, _SPLIT.value, _TEMPERATURE_SPLIT.value, _ALLOW_SAME_SPLIT.value,
+            name="--temperature_split", allow="--allow_same_split")
         result = evaluate_run(run, _SPLIT.value, _BATCH.value)
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "eval",
                                            f"{result['split']}_step{result['step']}"
@@ -250,11 +282,14 @@ def _evaluate() -> None:
         if _PLOT.value and "calibration" in result:
             result["reliability_plot"] = _plot_reliability(run, result, stem + "_reliability.png")
         write_json(output, result)
+        removed = _remove_stale_plots(stem, result)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "calibration")}
     print(json.dumps(shown, indent=2, default=float))  # all of it is in the file
     if "calibration" in result:
         print(_calibration_line(result["calibration"]))
     print(f"Written to {output}")
+    for path in removed:
+        print(f"Removed {path}: an earlier evaluation's plot, which this one did not draw")
     if failure is not None:
         sys.exit(f"error: {failure} (the other metrics are written to {output})")
 

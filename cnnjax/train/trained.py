@@ -36,6 +36,8 @@ from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
 _OWNER = "load_trained"
+#: How `check_temperature_split` and `calibrate_run` name their split for a Python caller.
+_TEMPERATURE_SPLIT = "evaluate: temperature_split"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,7 +403,8 @@ def _train_split(data_config: Any) -> str:
 
 
 def check_temperature_split(run: TrainedRun, split: str | None, temperature_split: str | None,
-                            allow_same_split: bool = False) -> tuple[bool, list[str]]:
+                            allow_same_split: bool = False, name: str = _TEMPERATURE_SPLIT,
+                            allow: str = "allow_same_split=True") -> tuple[bool, list[str]]:
     """Checks `temperature_split` (None: no temperature scaling) for `run` evaluated on `split`
     (None: its eval split) before anything compiles: a classifier's run, an existing non-empty
     split, and not one holding the evaluated examples unless `allow_same_split` (T fitted to the
@@ -409,35 +412,38 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
     warnings: that, or a split sharing examples with the run's training split, where the fitted
     T is biased low. Shared examples are found by tfds's own slice arithmetic over the dataset's
     split sizes (overlapping slices of one split, `+` joins); for a dataset without tfds split
-    sizes, only the same split or a whole split and a slice of it count."""
+    sizes, only the same split or a whole split and a slice of it count. `name` and `allow` are
+    how the caller's user sets the split and allows it to be the evaluated one (a command's
+    flags, e.g. "--temperature_split" and "--allow_same_split"): its errors and warnings say
+    them."""
     if temperature_split is None:
         return False, []
     task = config_lib.config_task(run.config)
     if task != "classification":
-        raise invalid("evaluate", "temperature_split", temperature_split,
-                      f"temperature scaling is for classifiers, and this is a {task} run")
+        raise ValueError(f"{name}={temperature_split!r} is invalid; temperature scaling is for "
+                         f"classifiers, and this is a {task} run.")
     if not isinstance(temperature_split, str) or not temperature_split.strip():
-        raise invalid("evaluate", "temperature_split", temperature_split,
-                      "expected a tfds split such as 'train[90%:]'")
+        raise ValueError(f"{name}={temperature_split!r} is invalid; expected a tfds split such "
+                         "as 'train[90%:]'.")
     check_bool("evaluate", "allow_same_split", allow_same_split)
     pipeline = config_lib.data_pipeline(run.config)
     evaluated = pipeline.eval_split_name(with_split(run.config, split).data)
-    check_split(run, temperature_split, "evaluate: temperature_split")
+    check_split(run, temperature_split, name)
     splits = _split_infos(run.config.data)
     same_split = _overlap(temperature_split, evaluated, splits)
     warnings = []
     if same_split:
         if not allow_same_split:
-            raise invalid("evaluate", "temperature_split", temperature_split,
-                          f"it holds the evaluated split {evaluated!r}, so T would be fitted to "
-                          "the very examples it is scored on (an optimistic ECE); pass a held-out "
-                          "split (e.g. 'train[90%:]' of a run trained on 'train[:90%]'), or "
-                          "allow_same_split (--allow_same_split) for that oracle on purpose")
+            raise ValueError(f"{name}={temperature_split!r} is invalid; it holds the evaluated "
+                             f"split {evaluated!r}, so T would be fitted to the very examples it "
+                             "is scored on (an optimistic ECE); pass a held-out split (e.g. "
+                             "'train[90%:]' of a run trained on 'train[:90%]'), or "
+                             f"{allow} for that oracle on purpose.")
         warnings.append(f"T is fitted on examples of the evaluated split {evaluated!r}: its "
-                        "calibration after scaling is optimistic (allow_same_split)")
+                        f"calibration after scaling is optimistic ({allow})")
     train = _normalized(_train_split(run.config.data))
     if train and _overlap(temperature_split, train, splits):
-        warnings.append(f"temperature_split={temperature_split!r} shares examples with the "
+        warnings.append(f"{name}={temperature_split!r} shares examples with the "
                         f"run's training split {train!r}: a model is more confident on examples it "
                         "learned than on new ones, so the T fitted there is biased low; train "
                         "on a slice (--config.data.train_split='train[:90%]') and fit on the "
@@ -447,11 +453,12 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
 
 def calibrate_run(run: TrainedRun, logits: np.ndarray, labels: np.ndarray, n_bins: int = 15,
                   temperature_split: str | None = None, batch_size: int = 64,
-                  same_split: bool = False) -> dict:
+                  same_split: bool = False, name: str = _TEMPERATURE_SPLIT) -> dict:
     """The `calibration` record of a classifier's `logits` and `labels` (`classifier_logits` of
     the evaluated split): ECE, MCE, NLL, Brier score and bins at T = 1, plus, with
     `temperature_split` (checked by `check_temperature_split`), `temperature_scaling`: T fitted
-    on that split's logits (one more pass of the model) and the same scores at T."""
+    on that split's logits (one more pass of the model) and the same scores at T. `name`: how
+    the caller's user set the split, as its error for a split no temperature fits says it."""
     from cnnjax.analysis.calibration import calibration_metrics, temperature_scaling
 
     record = calibration_metrics(logits, labels, n_bins)
@@ -460,8 +467,8 @@ def calibrate_run(run: TrainedRun, logits: np.ndarray, labels: np.ndarray, n_bin
         try:
             scaled = temperature_scaling(fit_logits, fit_labels, logits, labels, n_bins)
         except ValueError as err:
-            raise invalid("evaluate", "temperature_split", temperature_split,
-                          f"no temperature fits it: {str(err).rstrip('.')}") from None
+            raise ValueError(f"{name}={temperature_split!r} is invalid; no temperature fits it: "
+                             f"{str(err).rstrip('.')}.") from None
         record["temperature_scaling"] = {
             "split": temperature_split, "same_split": same_split,
             **{k: scaled[k] for k in ("temperature", "at_bound", "num_fit_examples",

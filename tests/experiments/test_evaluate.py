@@ -4,6 +4,7 @@ errors, --n_bins) and of the functions it calls are in tests/train/test_trained.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,12 +68,12 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
     same = _command("experiments.evaluate", f"--workdir={workdir}", "--temperature_split=test")
     assert same.returncode == 1 and "Traceback" not in same.stderr
     assert same.stderr.strip().splitlines()[-1].startswith(
-        "error: evaluate: temperature_split='test' is invalid; it holds the evaluated split")
+        "error: --temperature_split='test' is invalid; it holds the evaluated split")
     missing = _command("experiments.evaluate", f"--workdir={workdir}",
                        "--temperature_split=validation")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     line = missing.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: evaluate: temperature_split='validation' is invalid; ")
+    assert line.startswith("error: --temperature_split='validation' is invalid; ")
     assert "'digits' has splits ['train', 'test']" in line, line
     # --split is checked the same way, slices included, on one line naming the flag (tfds's
     # parse error spans two lines).
@@ -89,7 +90,8 @@ def test_calibration_and_temperature_scaling_of_a_trained_lenet(tmp_path):
                        "--temperature_split=train[:2%]", f"--output={output}")
     assert perfect.returncode == 1 and "Traceback" not in perfect.stderr, perfect.stderr[-3000:]
     last = perfect.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: evaluate: temperature_split='train[:2%]' is invalid")
+    assert last.startswith("error: --temperature_split='train[:2%]' is invalid; no temperature "
+                           "fits it")
     assert last.endswith(f"(the other metrics are written to {output})")
     written = json.loads(output.read_text())
     assert written["top1"] == record["top1"] and written["calibration_error"] in last
@@ -125,12 +127,12 @@ def test_overlapping_slices_and_joins_are_refused_or_warned_about(tmp_path):
                       "--temperature_split=train[60%:]+test")
     assert joined.returncode == 1 and "Traceback" not in joined.stderr
     assert joined.stderr.strip().splitlines()[-1].startswith(
-        "error: evaluate: temperature_split='train[60%:]+test' is invalid; it holds the "
+        "error: --temperature_split='train[60%:]+test' is invalid; it holds the "
         "evaluated split 'test'")
     sliced = _command("experiments.evaluate", f"--workdir={workdir}", "--noplot",
                       "--temperature_split=train[50%:]", f"--output={tmp_path / 'e.json'}")
     assert "Traceback" not in sliced.stderr, sliced.stderr[-3000:]
-    assert ("warning: temperature_split='train[50%:]' shares examples with the run's training "
+    assert ("warning: --temperature_split='train[50%:]' shares examples with the run's training "
             "split 'train[:60%]'") in sliced.stderr
     # Results it may not write (the writer refused, as in a read-only workdir even for root):
     # one line naming the file, and where else they can go.
@@ -185,19 +187,26 @@ def test_an_output_among_the_runs_own_files_is_refused_before_evaluating(tmp_pat
     assert (tmp_path / "config.json").read_text() == "{}"
 
 
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory) -> str:
+    """LeNet-5 trained 2 steps on the in-memory `fake` set (splits train and test)."""
+    from tests.experiments.test_robustness import _fake, _train
+
+    return _train(str(tmp_path_factory.mktemp("fake") / "run"), _fake(1))
+
+
 @pytest.mark.slow  # 17 s in CI: trains a run first
-def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp_path):
+def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(fake_run):
     """--split is checked against the run's dataset before anything compiles, and named as the
     flag (not the config's data.eval_split); --ema on a run without a weight average says to
     drop --ema (not the Python API's ema=False)."""
-    from tests.experiments.test_robustness import _fake, _train
-
-    workdir = _train(str(tmp_path / "run"), _fake(1))  # 'fake' has splits train and test
+    workdir = fake_run
     # one interpreter forking a child per command (tests/commands.py): 3 process starts cost
     # ~12 s more; test_an_output_folder_a_file_is_in_the_way_of... starts the real command
-    bad_split, no_average, bad_flags = run_commands(
+    bad_split, no_average, bad_flags, no_step, no_devices, no_fit_split = run_commands(
         [("experiments.evaluate", f"--workdir={workdir}", flag)
-         for flag in ("--split=validation", "--ema", "--step=0")],
+         for flag in ("--split=validation", "--ema", "--step=0", "--step=5",
+                      "--num_devices=4096", "--temperature_split=validation")],
         preimport=["cnnjax.data.pipeline"])
     assert bad_split.returncode == 1 and "Traceback" not in bad_split.stderr
     assert bad_split.stderr.strip().splitlines()[-1] == (
@@ -210,6 +219,46 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(tmp
     assert bad_flags.returncode == 1 and bad_flags.stderr.strip().splitlines()[-1] == (
         "error: --step=0 is invalid; expected a checkpoint step >= 1 (or leave it out: the best "
         "checkpoint, else the newest)")
+    # load_trained's step, the config's num_devices and check_temperature_split's
+    # temperature_split were named as the library's arguments, not as the flags that set them
+    for result in (no_step, no_devices, no_fit_split):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert no_step.stderr.strip().splitlines()[-1] == (
+        f"error: --step=5 is invalid; {os.path.join(workdir, 'checkpoints')!r} has checkpoints "
+        "at steps [2].")
+    assert no_devices.stderr.strip().splitlines()[-1].startswith(
+        "error: --num_devices=4096 is invalid; only ")
+    assert no_fit_split.stderr.strip().splitlines()[-1] == (
+        "error: --temperature_split='validation' is invalid; 'fake' has splits ['train', 'test'].")
+
+
+@pytest.mark.slow  # ~20 s: trains a run (shared) and evaluates it 3 times
+def test_plots_an_evaluation_did_not_draw_are_removed_not_left_stale(fake_run, tmp_path):
+    """Rerun with --noplot (or --nocalibration) into the same eval folder, an evaluation left
+    the earlier run's PNGs beside its new JSON, to be taken for its own plots."""
+    workdir = shutil.copytree(fake_run, tmp_path / "run")
+    stem = workdir / "eval" / "test_step2"
+    plotted, uncalibrated, unplotted = run_commands(
+        [("experiments.evaluate", f"--workdir={workdir}", *flags)
+         for flags in ((), ("--nocalibration",), ("--noplot",))],
+        preimport=["cnnjax.data.pipeline"])
+    for result in (plotted, uncalibrated, unplotted):
+        assert result.returncode == 0, result.stderr[-3000:]
+    confusion, reliability = f"{stem}.png", f"{stem}_reliability.png"
+    assert "Removed" not in plotted.stdout
+    assert uncalibrated.stdout.strip().splitlines()[-1] == (
+        f"Removed {reliability}: an earlier evaluation's plot, which this one did not draw")
+    assert unplotted.stdout.strip().splitlines()[-1] == (
+        f"Removed {confusion}: an earlier evaluation's plot, which this one did not draw")
+    assert sorted(os.listdir(workdir / "eval")) == ["test_step2.json"]
+    record = json.loads((workdir / "eval" / "test_step2.json").read_text())
+    assert "plot" not in record and "reliability_plot" not in record
+    # a rerun that draws them writes them again
+    again, = run_commands([("experiments.evaluate", f"--workdir={workdir}")])
+    assert again.returncode == 0 and "Removed" not in again.stdout, again.stderr[-3000:]
+    for path in (confusion, reliability):
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG
 
 
 _CTRL_C_WHILE_LOADING = """

@@ -143,6 +143,9 @@ def test_calibration_shares_one_pass_with_the_confusion_matrix(run_dir, tmp_path
                                          r"temperature fits it: fit_temperature: labels='27 "
                                          r"examples all classified correctly' is invalid"):
         calibrate_run(run, logits, labels, temperature_split="train")
+    with pytest.raises(ValueError, match=r"^--temperature_split='train' is invalid; no "
+                                         r"temperature fits it: "):  # as a command names it
+        calibrate_run(run, logits, labels, temperature_split="train", name="--temperature_split")
     # A fitting split with mistakes (some labels moved): T is fitted to it and the evaluated
     # logits are scored at that T.
     real = trained.classifier_logits
@@ -181,7 +184,11 @@ def test_the_temperature_split_is_checked_before_anything_compiles(run_dir):
             check_temperature_split(run, evaluated, fitted)
     same, warnings = check_temperature_split(run, "eval", "eval", allow_same_split=True)
     assert same and warnings == ["T is fitted on examples of the evaluated split 'eval': its "
-                                 "calibration after scaling is optimistic (allow_same_split)"]
+                                 "calibration after scaling is optimistic "
+                                 "(allow_same_split=True)"]
+    with pytest.raises(ValueError, match=r", or allow_same_split=True for that oracle on "
+                                         r"purpose\.$"):
+        check_temperature_split(run, None, "eval")
     with pytest.raises(ValueError, match=r"^evaluate: temperature_split='' is invalid; expected "
                                          r"a tfds split"):
         check_temperature_split(run, None, "")
@@ -190,12 +197,14 @@ def test_the_temperature_split_is_checked_before_anything_compiles(run_dir):
         run.model, run.variables, run.step, run.how)
     same, warnings = check_temperature_split(trained_on_all, None, "train[90%:]")
     assert not same and len(warnings) == 1 and warnings[0].startswith(
-        "temperature_split='train[90%:]' shares examples with the run's training split 'train'")
+        "evaluate: temperature_split='train[90%:]' shares examples with the run's training split "
+        "'train'")
     trained_on_a_slice = TrainedRun(run.workdir, ml_collections.ConfigDict(
         {**run.config.to_dict(), "data": {"name": "synthetic", "train_split": "train[:90%]"}}),
         run.model, run.variables, run.step, run.how)
     assert check_temperature_split(trained_on_a_slice, None, "train")[1][0].startswith(
-        "temperature_split='train' shares examples with the run's training split 'train[:90%]'")
+        "evaluate: temperature_split='train' shares examples with the run's training split "
+        "'train[:90%]'")
     assert check_temperature_split(trained_on_a_slice, None, "train[90%:]") == (False, [])
     detector = TrainedRun("w", ml_collections.ConfigDict({"task": "detection"}), model=None,
                           variables={}, step=1, how="best")
@@ -263,15 +272,18 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
     workdir holds no run, so each flag's own message is the one printed."""
     from tests.commands import run_commands
 
-    no_run, png_output, no_bins, no_batch = run_commands(
+    no_run, png_output, no_bins, no_batch, no_split, no_fit_split = run_commands(
         [("experiments.evaluate", f"--workdir={tmp_path}", *flag) for flag in (
             # The plot goes to <output stem>.png: an --output of that name would be
             # overwritten by the JSON, so it is refused before anything loads.
-            (), ("--output=results/eval.png",), ("--n_bins=0",), ("--eval_batch_size=0",))])
-    for result in (no_run, png_output, no_bins, no_batch):
+            (), ("--output=results/eval.png",), ("--n_bins=0",), ("--eval_batch_size=0",),
+            ("--split= ",), ("--temperature_split=",))])
+    for result in (no_run, png_output, no_bins, no_batch, no_split, no_fit_split):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    # the flag the user typed, not load_trained's argument
     assert no_run.stderr.strip().splitlines()[-1].startswith(
-        f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
+        f"error: --workdir={str(tmp_path)!r} is invalid; expected the --workdir of a training "
+        "run")
     assert png_output.stderr.strip().splitlines()[-1] == (
         "error: --output='results/eval.png' is invalid; expected a JSON file path (the plot is "
         "written beside it, with the suffix .png)")
@@ -281,6 +293,10 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
     assert no_batch.stderr.strip().splitlines()[-1] == (
         "error: --eval_batch_size=0 is invalid; expected a positive batch size (or leave it out: "
         "the run's eval batch size)")
+    # an empty split is refused before the run loads, named as the flag
+    for result, flag in ((no_split, "--split=' '"), (no_fit_split, "--temperature_split=''")):
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: {flag} is invalid; expected a tfds split such as 'test'")
 
 
 def test_a_proposal_trained_detector_refuses_detect_without_proposals():

@@ -91,7 +91,7 @@ def test_overlapping_slices_and_joins_of_digits_are_found():
     run = _digits_run(train_split="train[:60%]")
     same, warnings = check_temperature_split(run, None, "train[50%:]")
     assert not same and len(warnings) == 1 and warnings[0].startswith(
-        "temperature_split='train[50%:]' shares examples with the run's training split "
+        "evaluate: temperature_split='train[50%:]' shares examples with the run's training split "
         "'train[:60%]': a model is more confident on examples it learned")
     assert check_temperature_split(run, None, "train[60%:]") == (False, [])
     assert check_temperature_split(run, None, "train[-40%:]") == (False, [])
@@ -108,3 +108,23 @@ def test_overlapping_slices_and_joins_of_digits_are_found():
     same, warnings = check_temperature_split(run, "test[:50%]", "test[40%:] + train[:10]",
                                              allow_same_split=True)
     assert same and len(warnings) == 2
+
+
+def test_a_command_has_its_errors_and_warnings_name_its_flags():
+    """experiments.evaluate's user typed --temperature_split and --allow_same_split: its
+    errors and warnings said `evaluate: temperature_split=...` and `allow_same_split`."""
+    run = _digits_run(train_split="train[:60%]")
+    flags = {"name": "--temperature_split", "allow": "--allow_same_split"}
+    with pytest.raises(ValueError, match=r"^--temperature_split='validation' is invalid; "
+                                         r"'digits' has splits \['train', 'test'\]"):
+        check_temperature_split(run, None, "validation", **flags)
+    with pytest.raises(ValueError, match=r"^--temperature_split='test' is invalid; it holds the "
+                                         r"evaluated split 'test', .*, or --allow_same_split for "
+                                         r"that oracle on purpose\.$"):
+        check_temperature_split(run, None, "test", **flags)
+    same, warnings = check_temperature_split(run, None, "test + train[50%:]", True, **flags)
+    assert same and len(warnings) == 2
+    assert warnings[0] == ("T is fitted on examples of the evaluated split 'test': its "
+                           "calibration after scaling is optimistic (--allow_same_split)")
+    assert warnings[1].startswith("--temperature_split='test + train[50%:]' shares examples with "
+                                  "the run's training split 'train[:60%]'")
