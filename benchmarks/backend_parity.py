@@ -6,7 +6,8 @@ difference): once with its arguments on the default device and once on the CPU. 
 are the ones the default test suite checks against TensorFlow, PyTorch and float64 NumPy, so a
 case that agrees here is checked on the accelerator too. It prints each case's relative error
 `|accel - cpu| / |cpu|` (2-norm over all outputs) and its worst absolute error, and exits 1 when a
-case exceeds `--tolerance` (`--grad_tolerance` for gradients) or fails to run. A layer that
+case exceeds `--tolerance` (`--grad_tolerance` for gradients) or fails to run, and 3 when none
+failed but `--max_seconds` left cases unrun (not every case was checked). A layer that
 picks its lowering from `jax.default_backend()` (max pooling's custom JVP, the per-phase
 transposed convolution, the "auto" convolution and BatchNorm lowerings) is traced once, in the
 accelerator's form, which the CPU then runs too: the CPU's own forms are left to the test suite.
@@ -49,6 +50,10 @@ DEFAULT_MODELS = (
 
 FLAGS = flags.FLAGS
 
+#: The exit status when every case run passed but `--max_seconds` left some unrun: not 0 (not
+#: everything was checked), nor 1 (no case failed), nor 124 (`timeout`'s) or device_check.sh's 2.
+INCOMPLETE_EXIT = 3
+
 
 def define_flags() -> None:
     """Defines this script's command-line flags (only when run as a script: the tests import
@@ -69,7 +74,8 @@ def define_flags() -> None:
                       "grad), e.g. one that crashes a backend's compiler.")
     flags.DEFINE_float("max_seconds", 0, "Start no case after this many seconds (0: no limit; the "
                        "first always runs); the cases left are listed as not run, so a "
-                       "time-boxed run still reports.")
+                       f"time-boxed run still reports (and exits {INCOMPLETE_EXIT} if none "
+                       "failed).")
     flags.DEFINE_string("json_out", None, "Write every case's figures to this JSON file.")
 
 
@@ -387,7 +393,8 @@ def main(argv: list[str]) -> None:
               flush=True)
     lines = report(outcomes, FLAGS.tolerance, FLAGS.grad_tolerance)
     if not_run:
-        lines.append(f"not run (--max_seconds={FLAGS.max_seconds:g}): {', '.join(not_run)}")
+        lines.append(f"{len(not_run)} of {len(cases)} cases not run (--max_seconds="
+                     f"{FLAGS.max_seconds:g}): {', '.join(not_run)}")
     print("\n".join(lines))
     if FLAGS.json_out:
         write_json_out(FLAGS.json_out, {
@@ -396,6 +403,8 @@ def main(argv: list[str]) -> None:
             "cases": [o.__dict__ for o in outcomes], "not_run": not_run})
     if any(not o.passed(FLAGS.tolerance, FLAGS.grad_tolerance) for o in outcomes):
         sys.exit(1)
+    if not_run:
+        sys.exit(INCOMPLETE_EXIT)
 
 
 if __name__ == "__main__":

@@ -50,21 +50,34 @@ def main(argv: list[str]) -> None:
 
     opts = flags.FLAGS
     c = opts.channels
-    x = jax.random.normal(jax.random.key(0), (opts.batch, opts.size, opts.size, c))
+    shape = (opts.batch, opts.size, opts.size, c)
     layers = []
-    with one_line_errors():  # every group count and layer checked before anything is timed
+    owner = "benchmarks.conv_transpose"
+    with one_line_errors():  # every flag and layer checked before anything compiles
+        # The layer's own refusals name its arguments (`features=`), not the flags: these first.
+        side = (opts.size - 1) * opts.stride + opts.kernel - 2 * opts.padding
+        if side < 1:
+            raise invalid(owner, "--padding", opts.padding,
+                          f"the output would be {side}x{side} for --size={opts.size}, "
+                          f"--kernel={opts.kernel} and --stride={opts.stride}; expected at most "
+                          f"{((opts.size - 1) * opts.stride + opts.kernel - 1) // 2}")
         if not opts.groups:
-            raise invalid("benchmarks.conv_transpose", "--groups", "",
+            raise invalid(owner, "--groups", "",
                           "expected positive integers or 'depthwise' (nothing to time)")
         for value in opts.groups:
             if value != "depthwise" and not (value.isdigit() and int(value) > 0):
-                raise invalid("benchmarks.conv_transpose", "--groups", value,
+                raise invalid(owner, "--groups", value,
                               "expected positive integers or 'depthwise'")
             groups = c if value == "depthwise" else int(value)
+            if c % groups:
+                raise invalid(owner, "--groups", value,
+                              f"expected divisors of --channels={c}, or 'depthwise'")
             layer = ConvTranspose2D(c, opts.kernel, strides=opts.stride, padding=opts.padding,
                                     groups=groups, use_bias=False)
-            jax.eval_shape(layer.init, jax.random.key(1), x)  # the layer's own input checks
+            # the layer's remaining input checks, on shapes only
+            jax.eval_shape(layer.init, jax.random.key(1), jax.ShapeDtypeStruct(shape, jnp.float32))
             layers.append((groups, layer))
+    x = jax.random.normal(jax.random.key(0), shape)
     for groups, layer in layers:
         variables = layer.init(jax.random.key(1), x)
         out = jax.eval_shape(layer.apply, variables, x).shape

@@ -2,7 +2,8 @@
 # The GPU checks for a session that is lent a device machine, as one prepared call (~6 min).
 #
 #   here, once per checkout:  bash benchmarks/device_check.sh --prepare
-#       (downloads the ml_collections wheel the device image lacks into .whl/, git-ignored)
+#       (downloads the ml_collections wheel the device image lacks into .whl/, which
+#       .gitignore lists: the tool copies it only when carried)
 #   then the device tool:     run(command="bash benchmarks/device_check.sh", carry=[".whl"],
 #                                 timeout_s=540), and give_back unless you rerun at once
 #   backend parity:           run(command="bash benchmarks/device_check.sh --parity", ...):
@@ -12,7 +13,9 @@
 # flax, optax, orbax, torch and pytest, but no TensorFlow. These checks therefore use synthetic
 # batches through the engine's own train step (benchmarks.train_step), never the tf.data
 # pipeline. Each check prints its figures (JAX next to PyTorch on the same GPU, the training loss
-# on the repeated batch as a smoke check, peak device memory) and leaves JSON under $OUT. The
+# on the repeated batch as a smoke check, peak device memory) and leaves JSON under $OUT; each
+# round's figures reach the log in $OUT as they are measured, so a check cut off by its cap (or
+# the tool's timeout) still leaves what it measured. The
 # loss is printed, not asserted: ResNet-50 at the benchmark's lr 0.1 can rise over its first
 # steps, so check a rise against the CPU before reading it as an engine bug.
 set -uo pipefail
@@ -34,7 +37,6 @@ case "${1:-}" in  # an unknown argument (a typo of --parity) must not spend the 
 esac
 
 if [[ "${1:-}" == "--prepare" ]]; then
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation py --platform any -d .whl "$ML_COLLECTIONS" &&
     ls -l .whl
@@ -53,9 +55,11 @@ python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.
 if [[ "${1:-}" == "--parity" ]]; then  # layers and models on the GPU against the CPU (~5 min)
   # 420 s: inside the tool's timeout_s=450, so a case that overruns still leaves the log.
   timeout 420 python3 -m benchmarks.backend_parity --max_seconds="${PARITY_SECONDS:-300}" \
-    --json_out="$OUT/backend_parity.json" 2>&1 | grep -v -e '^[WI][01]' |
+    --json_out="$OUT/backend_parity.json" 2>&1 | grep --line-buffered -v -e '^[WI][01]' |
     tee "$OUT/backend_parity.log"
-  exit "${PIPESTATUS[0]}"  # the script's (or timeout's 124), not grep's or tee's
+  # The script's status, not grep's or tee's: 1 a case failed, 3 none failed but
+  # PARITY_SECONDS left cases unrun (listed in the log), 124 the 420 s timeout.
+  exit "${PIPESTATUS[0]}"
 fi
 
 # At most 8 files come back from $OUT: one JSON per check (6) and one log of them all.
@@ -66,7 +70,7 @@ check() {  # check NAME ARGS...: one benchmark (at most 80 s), its JSON in $OUT,
   shift
   echo "=== $name: python3 -m benchmarks.train_step $*" | tee -a "$LOG"
   timeout 80 python3 -m benchmarks.train_step "$@" --json_out="$OUT/$name.json" 2>&1 |
-    grep -v -e '^W0' -e '^W1' -e '^I0' -e '^I1' | tee -a "$LOG"
+    grep --line-buffered -v -e '^W0' -e '^W1' -e '^I0' -e '^I1' | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}  # the benchmark's (or timeout's 124), not grep's or tee's
   if ((rc == 124)); then
     echo "=== $name: stopped at the 80 s limit" | tee -a "$LOG"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -109,6 +109,33 @@ def time_pipeline(batches: Iterator[dict], warmup: int, count: int) -> dict[str,
     return {"images_per_s": images / seconds, "batch_ms": 1e3 * seconds / count}
 
 
+class FedBatches:
+    """The pipeline-fed step's batches: each call takes the next host batch and copies it to the
+    devices, timing the wait and the copy. Passed to `interleaved_rounds` as `on_timed`,
+    `keep_timed` keeps the timed steps' figures in `timed` and drops the warm-up's, as the step
+    times do."""
+
+    def __init__(self, host: Iterator[dict], shard: Callable[[dict], Any],
+                 runner: str = "pipeline"):
+        self.host, self.shard, self.runner = host, shard, runner
+        self.timed: list[tuple[float, float]] = []  # (wait, copy) seconds of each timed step
+        self._pending: list[tuple[float, float]] = []  # since the runner's last timed steps
+
+    def __call__(self) -> Any:
+        import jax
+
+        start = time.perf_counter()
+        host = next(self.host)
+        wait = time.perf_counter() - start
+        device = jax.block_until_ready(self.shard(host))
+        self._pending.append((wait, time.perf_counter() - start - wait))
+        return device
+
+    def keep_timed(self, name: str, _round: int, times: list) -> None:
+        if name == self.runner:  # one batch a step: the last len(times) fed the timed steps
+            self.timed += self._pending[len(self._pending) - len(times):]
+            self._pending.clear()
+
 
 def define_flags() -> None:
     """Defines this script's command-line flags (only when run as a script)."""
@@ -139,6 +166,18 @@ def define_flags() -> None:
     flags.DEFINE_string("json_out", None, "Also write the results as JSON to this path.")
 
 
+def check_data_flags(dataset: str, randaugment_layers: int, randaugment_magnitude: float) -> None:
+    """`--dataset` and the RandAugment flags against what the data config takes, up front: its
+    own refusals name its fields (`data: name='x'`), not the flags."""
+    from cnnjax.data.presets import list_datasets
+    from cnnjax.data.spec import check_randaugment
+
+    if dataset not in list_datasets():
+        raise ValueError(f"--dataset={dataset!r} is invalid; expected one of {list_datasets()}")
+    check_randaugment("benchmarks.input_pipeline", randaugment_layers, randaugment_magnitude,
+                      layers_arg="--randaugment_layers", magnitude_arg="--randaugment_magnitude")
+
+
 def check_model_at_native_size(model: str, native_hw: Sequence[int]) -> None:
     """`check_model` at the dataset's native size, which --image_size left unset."""
     try:
@@ -154,11 +193,10 @@ def main(argv: list[str]) -> None:
     start_command(argv)  # positional arguments: one error line
     with one_line_errors():  # bad flags: one line, before the dataset is read or a step compiled
         check_model(FLAGS.model, FLAGS.image_size)
+        check_data_flags(FLAGS.dataset, FLAGS.randaugment_layers, FLAGS.randaugment_magnitude)
         check_devices(FLAGS.batch_size, FLAGS.num_devices)
         check_json_out(FLAGS.json_out)
         changed = prepare_platform(FLAGS.xla_defaults, FLAGS.num_devices)
-    import jax
-
     from cnnjax.data import pipeline
     from cnnjax.data.spec import resolve
 
@@ -194,21 +232,11 @@ def main(argv: list[str]) -> None:
         # The synthetic batch is a real one, kept on the devices: same shapes, dtypes, values.
         bench["batch"] = dp.shard_batch(next(feed))
         compile_s = compile_jax_step(bench)
-        waits: list[float] = []
-        copies: list[float] = []
-
-        def next_device_batch() -> Any:
-            start = time.perf_counter()
-            host = next(feed)
-            waits.append(time.perf_counter() - start)
-            device = jax.block_until_ready(dp.shard_batch(host))
-            copies.append(time.perf_counter() - start - waits[-1])
-            return device
-
+        fed_batches = FedBatches(feed, dp.shard_batch)
         rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, {
             "synthetic": lambda k: run_jax_steps(bench, k),
-            "pipeline": lambda k: run_jax_steps(bench, k, next_device_batch),
-        })
+            "pipeline": lambda k: run_jax_steps(bench, k, fed_batches),
+        }, on_timed=fed_batches.keep_timed)
 
     synthetic = summarize(sum(rounds["synthetic"], []), FLAGS.batch_size)
     fed = summarize(sum(rounds["pipeline"], []), FLAGS.batch_size)
@@ -219,8 +247,8 @@ def main(argv: list[str]) -> None:
         "randaugment": [FLAGS.randaugment_layers, FLAGS.randaugment_magnitude],
         "xla_defaults_added": changed, **environment(), "compile_s": compile_s,
         "pipeline_only": raw, "synthetic": synthetic, "with_pipeline": fed,
-        "median_wait_for_batch_ms": 1e3 * statistics.median(waits),
-        "median_copy_to_device_ms": 1e3 * statistics.median(copies),
+        "median_wait_for_batch_ms": 1e3 * statistics.median(w for w, _ in fed_batches.timed),
+        "median_copy_to_device_ms": 1e3 * statistics.median(c for _, c in fed_batches.timed),
         "slowdown": synthetic["images_per_s"] / fed["images_per_s"],
         "loadavg_start": load_start, "loadavg_end": loadavg(),
     }

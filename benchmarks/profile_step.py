@@ -225,7 +225,7 @@ def main(argv: list[str]) -> None:
 
     start_command(argv)  # positional arguments: one error line
     with one_line_errors():  # bad flags: one line, before anything is compiled
-        check_model(FLAGS.model, FLAGS.image_size)
+        check_model(FLAGS.model, FLAGS.image_size, FLAGS.stem)
         if FLAGS.trace_dir is not None:
             check_output_dir(FLAGS.trace_dir, "--trace_dir")
         prepare_platform(True, 1)

@@ -5,6 +5,8 @@ with pmap or shard_map) on a synthetic in-memory batch: compile time, then the m
 over `--steps` steps after `--warmup`. With `--torch` it also builds the same architecture in
 torch.nn (same layer shapes, checked by parameter count) and times SGD+momentum steps in eager
 mode, interleaving JAX and PyTorch rounds in this one process so both see the same machine load.
+Each round's images/s is printed as soon as it is timed (a run cut off by a time cap keeps them),
+the whole report at the end.
 
   python -m benchmarks.train_step --model=resnet18 --batch_size=128 --image_size=32 --torch
 
@@ -46,11 +48,13 @@ MOMENTUM = 0.9
 
 
 # ------------------------------------------------------------------------------------ flag checks
-def check_model(model_name: str, image_size: int | None) -> None:
-    """Refuses (a one-line ValueError naming `--model` / `--image_size`) a model the benchmark
-    cannot time: not registered, not a classifier (the step is the classification step), or
-    given inputs smaller than its design admits. Cheap: no JAX backend, nothing compiled."""
+def check_model(model_name: str, image_size: int | None, stem: str | None = None) -> None:
+    """Refuses (a one-line ValueError naming `--model` / `--image_size` / `--stem`) a model the
+    benchmark cannot time: not registered, not a classifier (the step is the classification
+    step), given inputs smaller than its design admits, or a `--stem` it has no field for.
+    Cheap: no JAX backend, nothing compiled."""
     from cnnjax.models import list_models, model_info
+    from cnnjax.models.registry import settable_fields
 
     classifiers = list_models()
     if model_name not in classifiers:
@@ -60,6 +64,10 @@ def check_model(model_name: str, image_size: int | None) -> None:
     if image_size is not None and image_size < smallest:
         raise ValueError(f"--image_size={image_size} is invalid; {model_name} takes inputs of at "
                          f"least {smallest}x{smallest}")
+    if stem is not None and "stem" not in settable_fields(model_name):
+        raise ValueError(f"--stem={stem!r} is invalid with --model={model_name}, which has no "
+                         "stem to swap; expected it unset, or a model that takes one (e.g. "
+                         "resnet18)")
 
 
 def check_devices(batch_size: int, num_devices: int, accum_steps: int = 1) -> None:
@@ -388,16 +396,19 @@ def round_images_per_s(rounds: list[list[StepTime]], batch_size: int) -> list[fl
 
 
 def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, Callable],
-                       usage: dict[str, list[dict[str, float]]] | None = None):
+                       usage: dict[str, list[dict[str, float]]] | None = None,
+                       on_timed: Callable[[str, int, list[StepTime]], None] | None = None):
     """Runs each runner's `steps` in turn, `rounds` times; returns {name: [times per round]}.
 
     With a `usage` dict it also records, per runner and round, the process's page faults and
     system CPU seconds per timed step (`getrusage`, all threads). Freshly mapped memory shows
     here: XLA's and PyTorch's large blocks are unmapped and faulted in again every step.
+    `on_timed(name, round_index, times)` is called after each runner's timed steps (never after
+    its warm-up), e.g. to print figures as they are measured.
     """
     results: dict[str, list[list[float]]] = {name: [] for name in runners}
     measure = usage is not None and resource is not None
-    for _ in range(rounds):
+    for index in range(rounds):
         for name, run in runners.items():
             if warmup:
                 run(warmup)
@@ -409,7 +420,16 @@ def interleaved_rounds(rounds: int, steps: int, warmup: int, runners: dict[str, 
                     "page_faults_per_step": (after.ru_minflt + after.ru_majflt - before.ru_minflt
                                              - before.ru_majflt) / steps,
                     "system_cpu_s_per_step": (after.ru_stime - before.ru_stime) / steps})
+            if on_timed is not None:
+                on_timed(name, index, results[name][-1])
     return results
+
+
+def print_round(name: str, index: int, times: list[StepTime]) -> None:
+    """Prints one runner's round as soon as it is timed, so a run cut off later (a time cap, as
+    device_check.sh's) still shows what it measured; the report at the end repeats it."""
+    print(f"round {index + 1}/{FLAGS.rounds} {name}: "
+          f"{round_images_per_s([times], FLAGS.batch_size)[0]:.1f} img/s", flush=True)
 
 
 def usage_summary(per_round: list[dict[str, float]]) -> dict[str, float]:
@@ -489,9 +509,17 @@ def train_options() -> dict[str, Any]:
 def check_flags() -> None:
     """Every check of the flags that needs no JAX backend (one-line ValueErrors naming the flag,
     before anything is built or compiled)."""
-    check_model(FLAGS.model, FLAGS.image_size)
+    check_model(FLAGS.model, FLAGS.image_size, FLAGS.stem)
     check_devices(FLAGS.batch_size, FLAGS.num_devices, FLAGS.grad_accum_steps)
     check_json_out(FLAGS.json_out)
+    # The ranges ExponentialMovingAverage and Mixing take, checked here to name the flags.
+    if FLAGS.ema_decay is not None and not 0 <= FLAGS.ema_decay < 1:  # NaN too
+        raise ValueError(f"--ema_decay={FLAGS.ema_decay} is invalid; expected 0 <= --ema_decay "
+                         "< 1, e.g. 0.999")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if not 0 <= FLAGS[name].value < float("inf"):
+            raise ValueError(f"--{name}={FLAGS[name].value} is invalid; expected a finite "
+                             "number >= 0 (0: off)")
     if FLAGS.torch:
         check_torch(FLAGS.model, FLAGS.torch_device)
     else:  # read only by the PyTorch step: ignored silently without it
@@ -522,11 +550,14 @@ def main(argv: list[str]) -> None:
                 "--torch (host devices on a CPU share its cores, so there any count compares)")
     load_start = loadavg()
     compile_s, runners = compile_jax_runners(benches, lowerings)
+    print("compile: " + ", ".join(f"{impl} {s:.1f} s" for impl, s in compile_s.items()),
+          flush=True)
     torch_bench = None
     if FLAGS.torch:
         torch_bench, runners["torch"] = torch_runner(bench)
     usage: dict[str, list[dict[str, float]]] = {}
-    rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners, usage)
+    rounds = interleaved_rounds(FLAGS.rounds, FLAGS.steps, FLAGS.warmup, runners, usage,
+                                print_round)
     result = run_settings(bench, changed, compile_s, impls, norm_impls, options)
     lines = report_lines(result, rounds, usage, benches, impls, torch_bench)
     result["loadavg_start"], result["loadavg_end"] = load_start, loadavg()

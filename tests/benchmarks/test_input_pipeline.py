@@ -94,3 +94,36 @@ def test_the_mock_writes_the_split_sizes_it_reads_and_never_over_a_prepared_data
     config.data_dir = None
     with pytest.raises(ValueError, match=r"^data: data_dir=None is invalid; expected a folder"):
         sources.mock_tfds_dataset(resolve(config), 6).__enter__()
+
+
+def test_fed_batch_waits_and_copies_leave_the_warmup_out(monkeypatch):
+    """The wait/copy medians took every fed batch, warm-up ones too. A fake clock: each warm-up
+    batch waits 100 s and copies in 10 s, each timed one 1 s and 0.1 s; 3 warm-up and 2 timed
+    steps a round, so the old medians were the warm-up's."""
+    from benchmarks import input_pipeline
+    from benchmarks.train_step import interleaved_rounds
+
+    clock = [0.0]
+    warm = [True]
+
+    def host():
+        while True:
+            clock[0] += 100.0 if warm[0] else 1.0
+            yield {}
+
+    def shard(batch):
+        clock[0] += 10.0 if warm[0] else 0.1
+        return batch
+
+    monkeypatch.setattr(input_pipeline.time, "perf_counter", lambda: clock[0])
+    fed = input_pipeline.FedBatches(host(), shard)
+
+    def runner(steps):
+        warm[0] = steps == 3  # the warm-up's count
+        for _ in range(steps):
+            fed()
+        return [(0.0, 0.0)] * steps
+
+    interleaved_rounds(2, 2, 3, {"synthetic": lambda k: [(0.0, 0.0)] * k, "pipeline": runner},
+                       on_timed=fed.keep_timed)
+    assert fed.timed == [pytest.approx((1.0, 0.1))] * 4

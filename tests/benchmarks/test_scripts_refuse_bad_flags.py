@@ -43,11 +43,31 @@ def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
     from tests.commands import run_commands
 
     cases = [
+        # these named the library's arguments (create_model's stem=, the layer's features=,
+        # ExponentialMovingAverage's decay=, Mixing's, the data config's name=), not the flags
         (["benchmarks.profile_step", "--model=lenet5", "--stem=cifar", "--steps=1"],
-         "error: create_model: stem='cifar' is invalid; model 'lenet5' does not take 'stem'"),
+         "error: --stem='cifar' is invalid with --model=lenet5, which has no stem to swap; "
+         "expected it unset, or a model that takes one (e.g. resnet18)"),
+        (["benchmarks.train_step", "--model=lenet5", "--stem=cifar", "--steps=1"],
+         "error: --stem='cifar' is invalid with --model=lenet5"),
+        (["benchmarks.train_step", "--model=lenet5", "--ema_decay=2"],
+         "error: --ema_decay=2.0 is invalid; expected 0 <= --ema_decay < 1, e.g. 0.999"),
+        (["benchmarks.train_step", "--model=lenet5", "--mixup_alpha=-1"],
+         "error: --mixup_alpha=-1.0 is invalid; expected a finite number >= 0 (0: off)"),
+        (["benchmarks.train_step", "--model=lenet5", "--cutmix_alpha=nan"],
+         "error: --cutmix_alpha=nan is invalid; expected a finite number >= 0 (0: off)"),
+        (["benchmarks.input_pipeline", "--model=lenet5", "--dataset=bogus"],
+         "error: --dataset='bogus' is invalid; expected one of ['cifar10', "),
+        (["benchmarks.input_pipeline", "--model=lenet5", "--image_size=32",
+          "--randaugment_layers=2", "--randaugment_magnitude=11"],
+         "error: benchmarks.input_pipeline: --randaugment_magnitude=11.0 is invalid; expected a "
+         "number in [0, 10]"),
         (["benchmarks.conv_transpose", "--groups=1,3", "--repeats=1"],
-         "error: ConvTranspose2D: groups=3 is invalid; the output channels (features=64) must "
-         "be divisible by groups."),
+         "error: benchmarks.conv_transpose: --groups='3' is invalid; expected divisors of "
+         "--channels=64, or 'depthwise'."),
+        (["benchmarks.conv_transpose", "--size=1", "--kernel=1", "--padding=5"],
+         "error: benchmarks.conv_transpose: --padding=5 is invalid; the output would be -9x-9 "
+         "for --size=1, --kernel=1 and --stride=2; expected at most 0."),
         (["benchmarks.conv_transpose", "--groups=0"],
          "error: benchmarks.conv_transpose: --groups='0' is invalid; expected positive integers "
          "or 'depthwise'."),

@@ -57,6 +57,25 @@ def test_the_script_reports_throughput_and_the_falling_training_loss(tmp_path):
     assert report["peak_device_bytes"] is None
     assert "training loss on the repeated batch" in result.stdout
     assert report["jax"]["page_faults_per_step"] >= 0 and "page faults per step" in result.stdout
+    # each round printed as it was timed, before the report (a capped run keeps them)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("compile: auto ") and lines[1].startswith("round 1/1 jax_auto: ")
+    assert float(lines[1].split()[-2]) == pytest.approx(report["jax_auto_rounds_images_per_s"][0],
+                                                        abs=0.05)
+
+
+def test_on_timed_sees_each_runners_timed_steps_and_not_its_warmup():
+    from benchmarks.train_step import interleaved_rounds
+
+    def runner(steps):  # a warm-up of 1 step and 3 timed ones: told apart by their length
+        return [(float(steps), 0.0)] * steps
+
+    seen = []
+    rounds = interleaved_rounds(2, 3, 1, {"a": runner, "b": runner},
+                                on_timed=lambda *call: seen.append(call))
+    assert seen == [("a", 0, rounds["a"][0]), ("b", 0, rounds["b"][0]),
+                    ("a", 1, rounds["a"][1]), ("b", 1, rounds["b"][1])]
+    assert all(times == [(3.0, 0.0)] * 3 for _, _, times in seen)
 
 
 def test_rounds_record_the_page_faults_of_freshly_mapped_memory():
