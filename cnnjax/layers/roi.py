@@ -652,9 +652,14 @@ def nms(
     if scores.shape != (boxes.shape[0],):
         raise invalid(owner, "scores.shape", tuple(scores.shape),
                       f"expected ({boxes.shape[0]},), one score per box")
-    threshold = check_number(owner, "iou_threshold", iou_threshold,
-                             "expected a number in [0, 1]", low=0.0, high=1.0)
+    # The kernel takes traced thresholds (e.g. vmapped over a sweep of them): checked if concrete.
+    threshold, floor = iou_threshold, score_threshold
+    if concrete_value(iou_threshold) is not None:
+        threshold = check_number(owner, "iou_threshold", iou_threshold,
+                                 "expected a number in [0, 1]", low=0.0, high=1.0)
     check_positive_int(owner, "max_output_size", max_output_size)
-    floor = check_number(owner, "score_threshold", score_threshold, "expected a number (not NaN)")
+    if concrete_value(score_threshold) is not None:
+        floor = check_number(owner, "score_threshold", score_threshold,
+                             "expected a number (not NaN)")
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     return greedy_nms(boxes, scores, threshold, max_output_size, floor)

@@ -93,11 +93,21 @@ def check_positive_float(owner: str, arg: str, value: Any) -> float:
         raise invalid(owner, arg, value, "expected a positive number, not a bool")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise invalid(owner, arg, value, "expected a positive number") from None
+    except (TypeError, ValueError) as err:
+        raise invalid(owner, arg, value, _traced(err) or "expected a positive number") from None
     if not number > 0 or number == float("inf"):
         raise invalid(owner, arg, value, "expected a positive finite number")
     return number
+
+
+def _traced(err: Exception) -> str | None:
+    """What to say when `float(value)` raised `err` because the value is traced (inside
+    jit/vmap/grad), where a range check needs it concrete; None for any other failure."""
+    if type(err).__name__ != "ConcretizationTypeError":  # jax.errors', without importing jax
+        return None
+    return ("expected a concrete number, not a value traced by jit/vmap/grad: the argument is "
+            "checked (and used) in Python, so pass it as a Python number, e.g. closed over or a "
+            "static argument")
 
 
 def check_number(owner: str, arg: str, value: Any, valid: str, *, low: float = -np.inf,
@@ -108,7 +118,9 @@ def check_number(owner: str, arg: str, value: Any, valid: str, *, low: float = -
     string ("0.5") counts unless `strings=False` (for a value used as-is, e.g. a module field)."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as err:
+        if (traced := _traced(err)):
+            raise invalid(owner, arg, value, traced) from None
         number = float("nan")
     above = low < number if low_open else low <= number
     below = number < high if high_open else number <= high

@@ -538,6 +538,28 @@ def test_nms_matches_tensorflow(iou_threshold, max_output_size, score_threshold)
     assert np.all(np.asarray(indices)[~valid] == 0)
 
 
+def test_nms_takes_traced_thresholds_and_refuses_a_traced_scale_by_name():
+    """Thresholds vmapped over a sweep (or jitted) were refused as "expected a number in [0, 1]"
+    though the kernel takes them traced; each lane matches the concrete call. A traced
+    `spatial_scale`, which roi_align uses in Python, is refused as traced, not as not a number."""
+    rng = np.random.default_rng(3)
+    boxes = _random_boxes(rng, 30, 32.0, 32.0)
+    scores = rng.uniform(size=30).astype(np.float32)
+    thresholds = np.array([0.1, 0.5, 0.9], np.float32)
+    floors = np.array([-np.inf, 0.3, 0.6], np.float32)
+    indices, valid = jax.vmap(lambda t, f: nms(boxes, scores, t, 12, f))(thresholds, floors)
+    for lane, (t, f) in enumerate(zip(thresholds, floors, strict=True)):
+        expected = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores, 12, t, f).numpy()
+        np.testing.assert_array_equal(np.asarray(indices[lane])[np.asarray(valid[lane])], expected)
+    with pytest.raises(ValueError, match=r"^nms: iou_threshold=1.5 is invalid; expected a number "
+                                         r"in \[0, 1\]"):
+        nms(boxes, scores, 1.5, 12)
+    with pytest.raises(ValueError, match=r"^roi_align: spatial_scale=.*Tracer.* is invalid; "
+                                         r"expected a concrete number, not a value traced by "
+                                         r"jit/vmap/grad"):
+        jax.jit(lambda scale: roi_align(F, B, IDX, 2, spatial_scale=scale))(0.5)
+
+
 def test_nms_never_keeps_a_nan_score_as_tensorflow():
     """The docstring's rule 'score > score_threshold': NaN is not, so it is never kept, as in
     tf.image.non_max_suppression (torchvision's nms ranks NaN first and keeps it)."""
