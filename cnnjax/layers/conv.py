@@ -27,7 +27,7 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from cnnjax.layers.conv_impl import lowerings_suspended
+from cnnjax.layers.conv_impl import INTERCEPTED_CONV_CLASSES, lowerings_suspended
 from cnnjax.layers.padding import (
     PADDING_MODES,
     PaddingSpec,
@@ -230,6 +230,29 @@ def _flax_padding(geo: _Geometry) -> str | list[tuple[int, int]]:
     return [tuple(p) for p in geo.padding]
 
 
+class _OneRecordPerCall:
+    """Mixin for the flax layer a cnnjax layer wraps with its scope shared: its own output (before
+    the wrapper's cast) is not recorded by `capture_intermediates`, which then sees one entry per
+    layer call, the wrapper's output (as `BatchNorm` and `Dense`, which call flax's body)."""
+
+    @nn.nowrap
+    def sow(self, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
+        if col == "intermediates" and name == "__call__":
+            return False
+        return super().sow(col, name, value, *args, **kwargs)
+
+
+class _WrappedConv(_OneRecordPerCall, nn.Conv):
+    """`nn.Conv` inside `Conv2D`."""
+
+
+INTERCEPTED_CONV_CLASSES.add(_WrappedConv)
+
+
+class _WrappedConvLocal(_OneRecordPerCall, nn.ConvLocal):
+    """`nn.ConvLocal` inside `LocallyConnected2D`."""
+
+
 class Conv2D(nn.Module):
     """2-D convolution over `flax.linen.Conv`, adding padding modes, explicit pads and groups.
 
@@ -270,7 +293,7 @@ class Conv2D(nn.Module):
         """Builds the wrapped `nn.Conv`, its scope shared so `kernel`/`bias` are this module's."""
         geo = _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
-        self.conv = nn.Conv(
+        self.conv = _WrappedConv(
             features=self.features, kernel_size=geo.kernel, strides=geo.strides,
             padding=_flax_padding(geo), kernel_dilation=geo.dilation,
             feature_group_count=self.groups, use_bias=self.use_bias, dtype=self.dtype,
@@ -343,7 +366,7 @@ class LocallyConnected2D(nn.Module):
         """Builds the wrapped `nn.ConvLocal`, its scope shared: the parameters are this module's."""
         geo = _geometry(type(self).__name__, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
-        self.conv = nn.ConvLocal(
+        self.conv = _WrappedConvLocal(
             features=self.features, kernel_size=geo.kernel, strides=geo.strides,
             padding=_flax_padding(geo), kernel_dilation=geo.dilation, use_bias=self.use_bias,
             dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,

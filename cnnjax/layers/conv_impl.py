@@ -43,6 +43,10 @@ AUTO_MAX_OUTPUT_POSITIONS = 4
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
+#: The classes whose convolution `conv_impl` swaps: flax's `nn.Conv` exactly (a subclass may
+#: compute otherwise) and the one `Conv2D` wraps (`conv.py` adds it).
+INTERCEPTED_CONV_CLASSES: set[type] = {nn.Conv}
+
 _SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("conv_impl_suspended",
                                                                   default=False)
 
@@ -212,8 +216,8 @@ def resolve_conv_impl(impl: str, backend: str) -> str:
 
 @contextlib.contextmanager
 def conv_impl(impl: str = "auto") -> Iterator[None]:
-    """Within the block, every `nn.Conv` (exactly that class, shared weights, no custom
-    `conv_general_dilated`) computes its convolution with `impl`'s function.
+    """Within the block, every `nn.Conv` (exactly that class or `Conv2D`'s, shared weights, no
+    custom `conv_general_dilated`) computes its convolution with `impl`'s function.
 
     Works on modules built outside the block and under `jit` tracing; `xla_convolutions()`
     suspends it (`cnnjax.analysis` traces the network, not its CPU lowering). The choice is made
@@ -232,7 +236,8 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict,
                     context: nn.module.InterceptorContext) -> Any:
         module = context.module
-        if (_SUSPENDED.get() or context.method_name != "__call__" or type(module) is not nn.Conv
+        if (_SUSPENDED.get() or context.method_name != "__call__"
+                or type(module) not in INTERCEPTED_CONV_CLASSES
                 or module.conv_general_dilated is not None
                 or module.conv_general_dilated_cls is not None):
             return next_fun(*args, **kwargs)

@@ -15,6 +15,10 @@ from cnnjax.layers.conv import (
 )
 from cnnjax.utils.validation import check_bool, check_layer_dtypes, check_positive_int, invalid
 
+#: flax's Dense body without its method wrapper, called from inside `Dense.__call__` (itself
+#: wrapped): interceptors and `capture_intermediates` see one call per layer, not two.
+_flax_dense = getattr(nn.Dense.__call__, "__wrapped__", nn.Dense.__call__)
+
 
 class Dense(nn.Dense):
     """`flax.linen.Dense` (same parameters, names and float32 outputs) whose bias is added in at
@@ -35,10 +39,11 @@ class Dense(nn.Dense):
         _check_precision(self)
         super().__post_init__()
 
+    @nn.compact
     def __call__(self, inputs: Array) -> Array:
         """`[..., in_features]` -> `[..., features]` in the compute dtype."""
         _check_inputs(self, inputs)
-        return super().__call__(inputs).astype(output_dtype(self, inputs))
+        return _flax_dense(self, inputs).astype(output_dtype(self, inputs))
 
 
 def _check_inputs(layer: Dense, inputs: Array) -> None:

@@ -887,3 +887,20 @@ def test_bilinear_init_errors():
     with pytest.raises(ValueError, match=r"bilinear_upsample_init: shape=\(4, 4, 0, 3\) is "
                                          r"invalid; expected positive integers"):
         bilinear_upsample_init(None, (4, 4, 0, 3))
+
+
+@pytest.mark.parametrize("make", [lambda: Conv2D(4, 3, padding=1, padding_mode="reflect",
+                                                 dtype=jnp.bfloat16),
+                                  lambda: LocallyConnected2D(4, 3, dtype=jnp.bfloat16)])
+def test_capture_intermediates_records_the_layers_output_once(make):
+    """The wrapped flax layer shares the layer's scope: its own call was recorded too, first, as
+    its float32 result before the cast to a bfloat16 `dtype` (two entries per call). Parameters
+    keep their names."""
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 6, 6, 3)), jnp.float32)
+    layer = make()
+    variables = layer.init(jax.random.key(0), x)
+    assert set(variables["params"]) == {"kernel", "bias"}
+    y, state = layer.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    (captured,) = state["intermediates"]["__call__"]
+    assert captured.dtype == y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(captured, y)

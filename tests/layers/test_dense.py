@@ -72,3 +72,23 @@ def test_inputs_without_features_or_of_other_features_name_the_layer():
     with pytest.raises(ValueError, match=r"^Dense: input.shape=\(2, 5\) is invalid; its kernel "
                                          r"was created for 4 input channels, this input has 5"):
         Dense(3).apply(variables, jnp.ones((2, 5)))
+
+
+def test_one_call_is_one_intercepted_call_and_one_intermediate():
+    """`Dense` called flax's wrapped `__call__`: `capture_intermediates` recorded two entries per
+    call, the first flax's float32 result before the cast to a bfloat16 `dtype`."""
+    x, _ = _inputs(8)
+    dense = Dense(10, dtype=jnp.bfloat16)
+    variables = dense.init(jax.random.key(2), x)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        seen.append((type(context.module).__name__, context.method_name))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        y, state = dense.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    assert seen == [("Dense", "__call__")]
+    (captured,) = state["intermediates"]["__call__"]
+    assert captured.dtype == y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(captured, y)
