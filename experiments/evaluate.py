@@ -22,8 +22,9 @@ Calibration costs one prediction pass over --split (shared with the confusion ma
 --nocalibration skips it. If T cannot be fitted, the JSON is still written (with
 `calibration_error`) before the command exits with the reason.
 
-A plot this evaluation does not draw (--noplot, --nocalibration) but an earlier one wrote beside
-the same JSON is removed, so that the PNGs beside a JSON are always of its evaluation.
+A plot this evaluation does not draw (--noplot, --nocalibration) but the earlier evaluation into
+the same JSON drew (named in that JSON) is removed, so that the PNGs a JSON names or sits beside
+are of its evaluation; other files are never touched.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from cnnjax.utils.files import (  # noqa: E402
     check_output_dir,
     check_outside_run,
     make_parent_dir,
+    read_json,
 )
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
@@ -134,23 +136,24 @@ def _flag_error() -> str | None:
     return None
 
 
-def _flag_named(err: ValueError) -> ValueError:
-    """`err`, from loading the run, naming the flag the user gave (`--step=5 is invalid; ...`)
-    where it names load_trained's argument or the run's config field that the flag set."""
-    for prefix, flag in (("load_trained: workdir=", _WORKDIR), ("load_trained: step=", _STEP),
-                         ("config: num_devices=", _DEVICES)):
-        if str(err).startswith(prefix) and flag.present:
-            return ValueError(f"--{flag.name}={str(err).removeprefix(prefix)}")
-    return err
+def _earlier_plots(output: str) -> set[str]:
+    """The plots the earlier evaluation's JSON at `output` names (none if there is none)."""
+    earlier = read_json(output)
+    if not isinstance(earlier, dict):
+        return set()
+    return {earlier[key] for key in ("plot", "reliability_plot")
+            if isinstance(earlier.get(key), str)}
 
 
-def _remove_stale_plots(stem: str, result: dict) -> list[str]:
-    """Removes the plots at `stem` (the JSON's path without .json) that this evaluation did not
-    draw (--noplot, --nocalibration, a failed prediction pass): an earlier evaluation's, they
-    would be read as this one's. Returns their paths."""
+def _remove_stale_plots(stem: str, earlier: set[str], result: dict) -> list[str]:
+    """Removes the plots at `stem` (the JSON's path without .json) that an earlier evaluation into
+    the same JSON drew (`earlier`) and this one did not (--noplot, --nocalibration, a failed
+    prediction pass): they would be read as this one's. Files the command never wrote are left
+    alone. Returns the removed paths."""
     drawn = {result.get("plot"), result.get("reliability_plot")}
+    named = {os.path.abspath(path) for path in earlier}
     stale = [path for path in (stem + ".png", stem + "_reliability.png")
-             if path not in drawn and os.path.isfile(path)]
+             if path not in drawn and os.path.abspath(path) in named and os.path.isfile(path)]
     for path in stale:
         os.remove(path)
     return stale
@@ -242,7 +245,8 @@ def _evaluate() -> None:
     if (error := _flag_error() or ignored_flags(
             _given(), None, _PLOT.value, _CALIBRATION.value, _TEMPERATURE_SPLIT.value)):
         sys.exit(f"error: {error}")
-    with one_line_errors(_hint):
+    with one_line_errors(_hint, {"load_trained: workdir=": _WORKDIR, "load_trained: step=": _STEP,
+                                 "config: num_devices=": _DEVICES}):
         if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
             check_outside_run(_OUTPUT.value, _WORKDIR.value, "--output", folder=False)
             check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")
@@ -252,8 +256,6 @@ def _evaluate() -> None:
             run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)
         except NoWeightAverageError as err:
             sys.exit(f"error: {err.flag_message('--ema')}")
-        except ValueError as err:
-            raise _flag_named(err) from None
         if (error := ignored_flags(_given(), config_task(run.config), _PLOT.value,
                                    _CALIBRATION.value, _TEMPERATURE_SPLIT.value)):
             sys.exit(f"error: {error}")
@@ -281,8 +283,9 @@ def _evaluate() -> None:
                 result |= classifier_confusion(run, result["split"], classified)
         if _PLOT.value and "calibration" in result:
             result["reliability_plot"] = _plot_reliability(run, result, stem + "_reliability.png")
+        earlier = _earlier_plots(output)
         write_json(output, result)
-        removed = _remove_stale_plots(stem, result)
+        removed = _remove_stale_plots(stem, earlier, result)
     shown = {k: v for k, v in result.items() if k not in ("confusion_matrix", "calibration")}
     print(json.dumps(shown, indent=2, default=float))  # all of it is in the file
     if "calibration" in result:

@@ -235,7 +235,8 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(fak
 @pytest.mark.slow  # ~20 s: trains a run (shared) and evaluates it 3 times
 def test_plots_an_evaluation_did_not_draw_are_removed_not_left_stale(fake_run, tmp_path):
     """Rerun with --noplot (or --nocalibration) into the same eval folder, an evaluation left
-    the earlier run's PNGs beside its new JSON, to be taken for its own plots."""
+    the earlier run's PNGs beside its new JSON, to be taken for its own plots; only those the
+    earlier JSON names are removed, never a file no evaluation drew."""
     workdir = shutil.copytree(fake_run, tmp_path / "run")
     stem = workdir / "eval" / "test_step2"
     plotted, uncalibrated, unplotted = run_commands(
@@ -253,6 +254,13 @@ def test_plots_an_evaluation_did_not_draw_are_removed_not_left_stale(fake_run, t
     assert sorted(os.listdir(workdir / "eval")) == ["test_step2.json"]
     record = json.loads((workdir / "eval" / "test_step2.json").read_text())
     assert "plot" not in record and "reliability_plot" not in record
+    # a file there that no evaluation drew (its JSON names none) is the user's: left alone
+    with open(confusion, "wb") as f:
+        f.write(b"mine")
+    mine, = run_commands([("experiments.evaluate", f"--workdir={workdir}", "--noplot")])
+    assert mine.returncode == 0 and "Removed" not in mine.stdout, mine.stderr[-3000:]
+    with open(confusion, "rb") as f:
+        assert f.read() == b"mine"
     # a rerun that draws them writes them again
     again, = run_commands([("experiments.evaluate", f"--workdir={workdir}")])
     assert again.returncode == 0 and "Removed" not in again.stdout, again.stderr[-3000:]
