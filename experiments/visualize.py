@@ -358,7 +358,8 @@ def main(argv: list[str]) -> None:
         error = conflicting_flags(given, _POINTING.value, _TARGET.value, _METHODS.value)
     if error is not None:
         sys.exit(f"error: {error}")
-    with one_line_errors():
+    with one_line_errors(flags_named={"load_trained: workdir=": _WORKDIR,
+                                      "load_trained: step=": _STEP}):
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work
         if _METHODS.value is not None:  # names only: the checkpoint takes seconds to load
             attribution.check_methods(_METHODS.value, "visualize", "--methods")

@@ -328,6 +328,23 @@ def test_the_hint_follows_the_error_and_other_errors_pass_through():
         raise KeyError("a bug is a traceback")
 
 
+def test_a_library_argument_set_by_a_given_flag_is_named_by_the_flag():
+    """evaluate and visualize printed `load_trained: step=5 is invalid` for `--step=5`."""
+    values = flags.FlagValues()
+    step = flags.DEFINE_integer("step", None, "", flag_values=values)
+    workdir = flags.DEFINE_string("workdir", None, "", flag_values=values)
+    values(["prog", "--step=5"])
+    named = {"load_trained: step=": step, "load_trained: workdir=": workdir}
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors(flags_named=named):
+        raise ValueError("load_trained: step=5 is invalid; it has checkpoints [2, 4]")
+    assert exited.value.code == "error: --step=5 is invalid; it has checkpoints [2, 4]"
+    # a flag left out (the library chose the value) keeps the library's words, as other errors
+    for err in ("load_trained: workdir='x' is invalid; no run", "data: name='x' is invalid"):
+        with pytest.raises(SystemExit) as exited, cli.one_line_errors(flags_named=named):
+            raise ValueError(err)
+        assert exited.value.code == f"error: {err}"
+
+
 @pytest.mark.parametrize("err, line", [
     (PermissionError(13, "Permission denied", "/runs/a/robustness"),
      "error: cannot access '/runs/a/robustness': Permission denied"),

@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import flags
@@ -518,14 +518,24 @@ def end_command() -> None:
 
 
 @contextlib.contextmanager
-def one_line_errors(hint: Callable[[Exception], str] | None = None) -> Iterator[None]:
+def one_line_errors(hint: Callable[[Exception], str] | None = None,
+                    flags_named: Mapping[str, Any] | None = None) -> Iterator[None]:
     """Ends the command with `error: <err><hint(err)>` and exit status 1 on a ValueError or
     OSError in the block (`os_error_message`, but for a FileNotFoundError's own text): bad input
-    or a path it cannot read or write is reported as one line, not a traceback."""
+    or a path it cannot read or write is reported as one line, not a traceback.
+
+    `flags_named` maps how a library's error names an argument (`"load_trained: step="`) to the
+    flag (absl FlagHolder) that set it: where the user gave that flag, the line names it instead
+    (`--step=5 is invalid; ...`)."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}{hint(err) if hint is not None else ''}")
+        text = str(err)
+        for prefix, flag in (flags_named or {}).items():
+            if isinstance(err, ValueError) and text.startswith(prefix) and flag.present:
+                text = f"--{flag.name}={text.removeprefix(prefix)}"
+                break
+        sys.exit(f"error: {text}{hint(err) if hint is not None else ''}")
     except OSError as err:  # e.g. PermissionError on a read-only workdir
         sys.exit(f"error: {os_error_message(err)}{hint(err) if hint is not None else ''}")
 

@@ -99,7 +99,7 @@ def test_the_command_says_what_is_wrong_in_one_line(refused):
     tmp_path, result = refused["no_run"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: load_trained: workdir={str(tmp_path)!r} is invalid")
+        f"error: --workdir={str(tmp_path)!r} is invalid")
 
 
 @pytest.mark.slow
