@@ -231,15 +231,27 @@ def _flax_padding(geo: _Geometry) -> str | list[tuple[int, int]]:
 
 
 class _OneRecordPerCall:
-    """Mixin for the flax layer a cnnjax layer wraps with its scope shared: its own output (before
-    the wrapper's cast) is not recorded by `capture_intermediates`, which then sees one entry per
-    layer call, the wrapper's output (as `BatchNorm` and `Dense`, which call flax's body)."""
+    """Mixin for the flax layer a cnnjax layer wraps with its scope shared: where
+    `capture_intermediates` records the wrapper's output too (in the same scope), its own output
+    (before the wrapper's cast) is not recorded, so there is one entry per layer call (as for
+    `BatchNorm` and `Dense`, which call flax's body). A filter that selects only the flax layer
+    (`isinstance(m, nn.Conv)`) still gets its output."""
 
     @nn.nowrap
     def sow(self, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> bool:
-        if col == "intermediates" and name == "__call__":
+        if col == "intermediates" and name == "__call__" and _captured(self.parent, name):
             return False
         return super().sow(col, name, value, *args, **kwargs)
+
+
+def _captured(module: Any, method_name: str) -> bool:
+    """Whether the active `capture_intermediates` filter records `module`'s `method_name` (flax
+    keeps the filter in its module context; False where that is not found)."""
+    from flax.linen import module as flax_module
+
+    stack = getattr(getattr(flax_module, "_context", None), "capture_stack", None)
+    selects = stack[-1] if stack else None
+    return bool(selects and isinstance(module, nn.Module) and selects(module, method_name))
 
 
 class _WrappedConv(_OneRecordPerCall, nn.Conv):

@@ -904,3 +904,10 @@ def test_capture_intermediates_records_the_layers_output_once(make):
     (captured,) = state["intermediates"]["__call__"]
     assert captured.dtype == y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(captured, y)
+    # a filter selecting only flax's layer still gets its (float32, pre-cast) output
+    flax_class = nn.Conv if isinstance(layer, Conv2D) else nn.ConvLocal
+    _, state = layer.apply(variables, x, capture_intermediates=lambda m, _: isinstance(
+        m, flax_class), mutable=["intermediates"])
+    (inner,) = state["intermediates"]["__call__"]
+    assert inner.dtype == jnp.float32
+    np.testing.assert_allclose(inner.astype(jnp.bfloat16), y)
