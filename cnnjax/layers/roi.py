@@ -631,6 +631,17 @@ def greedy_nms(boxes: jax.Array, scores: jax.Array, iou_threshold: float, max_ou
     return indices, valid
 
 
+def _threshold(owner: str, arg: str, value: Any, valid: str, **bounds: float) -> Any:
+    """`value` checked by `check_number` if concrete; if traced, only that it is one real number
+    (the kernel broadcasts an array against the boxes, silently)."""
+    if concrete_value(value) is not None:
+        return check_number(owner, arg, value, valid, **bounds)
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+        raise invalid(owner, arg, value, f"{valid}; a traced value must be a float scalar, got "
+                      f"shape {jnp.shape(value)} {jnp.result_type(value)}")
+    return value
+
+
 def nms(
     boxes: Any, scores: Any, iou_threshold: float, max_output_size: int,
     score_threshold: float = float("-inf"),
@@ -652,14 +663,11 @@ def nms(
     if scores.shape != (boxes.shape[0],):
         raise invalid(owner, "scores.shape", tuple(scores.shape),
                       f"expected ({boxes.shape[0]},), one score per box")
-    # The kernel takes traced thresholds (e.g. vmapped over a sweep of them): checked if concrete.
-    threshold, floor = iou_threshold, score_threshold
-    if concrete_value(iou_threshold) is not None:
-        threshold = check_number(owner, "iou_threshold", iou_threshold,
-                                 "expected a number in [0, 1]", low=0.0, high=1.0)
+    # The kernel takes traced thresholds (e.g. vmapped over a sweep of them): their values are
+    # checked when concrete, their shape and kind always.
+    threshold = _threshold(owner, "iou_threshold", iou_threshold, "expected a number in [0, 1]",
+                           low=0.0, high=1.0)
     check_positive_int(owner, "max_output_size", max_output_size)
-    if concrete_value(score_threshold) is not None:
-        floor = check_number(owner, "score_threshold", score_threshold,
-                             "expected a number (not NaN)")
+    floor = _threshold(owner, "score_threshold", score_threshold, "expected a number (not NaN)")
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     return greedy_nms(boxes, scores, threshold, max_output_size, floor)

@@ -554,6 +554,11 @@ def test_nms_takes_traced_thresholds_and_refuses_a_traced_scale_by_name():
     with pytest.raises(ValueError, match=r"^nms: iou_threshold=1.5 is invalid; expected a number "
                                          r"in \[0, 1\]"):
         nms(boxes, scores, 1.5, 12)
+    # a traced array was broadcast against the boxes, silently
+    with pytest.raises(ValueError, match=r"^nms: score_threshold=.* is invalid; expected a number "
+                                         r"\(not NaN\); a traced value must be a float scalar, "
+                                         r"got shape \(30,\) float32"):
+        jax.jit(lambda f: nms(boxes, scores, 0.5, 12, f))(scores)
     with pytest.raises(ValueError, match=r"^roi_align: spatial_scale=.*Tracer.* is invalid; "
                                          r"expected a concrete number, not a value traced by "
                                          r"jit/vmap/grad"):
