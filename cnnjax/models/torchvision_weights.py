@@ -428,8 +428,9 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
 
 # ----------------------------------------------------------------------------- torch files
 #: torch.hub's naming of a published file, `<name>-<first hex digits of its SHA-256>.<ext>`
-#: (`resnet18-f37072fd.pth`), which torch.hub checks after a download.
-_NAMED_DIGEST = re.compile(r"-([0-9a-f]{6,64})\.[^.-]+$")
+#: (`resnet18-f37072fd.pth`), which torch.hub checks after a download; at least one letter, so
+#: a date or step number (`ckpt-001000.pth`) is not taken for one.
+_NAMED_DIGEST = re.compile(r"-(?=[0-9]*[a-f])([0-9a-f]{6,64})\.[^.-]+$")
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -463,14 +464,15 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
                           "corrupted download?); fetch it again and compare its SHA-256 with "
                           f"the digits in its name ({type(err).__name__}: "
                           f"{why.split('. ')[0][:200]})") from None
-        named = _NAMED_DIGEST.search(os.path.basename(path))
-        if named and not file_sha256(path).startswith(named.group(1)):
+        named = None if zipped else _NAMED_DIGEST.search(os.path.basename(path))
+        digest = file_sha256(path) if named else ""
+        if named and not digest.startswith(named.group(1)):
             # The legacy (pre-zip) format has no end marker; the name's digest tells a cut or
             # corrupted download of it (torch then raises EOFError, struct.error, even
             # UnpicklingError) from a file refused for what it holds.
             raise invalid("torchvision_weights", "weights", path,
-                          f"its SHA-256 starts {file_sha256(path)[:len(named.group(1))]}, not "
-                          f"the {named.group(1)} its name carries: a truncated or corrupted "
+                          f"its SHA-256 starts {digest[:len(named.group(1))]}, not the "
+                          f"{named.group(1)} its name carries: a truncated or corrupted "
                           f"download; fetch it again ({type(err).__name__}: "
                           f"{why.split('. ')[0][:200]})") from None
         why = why[:300]

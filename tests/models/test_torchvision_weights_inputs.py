@@ -283,13 +283,19 @@ def test_a_truncated_legacy_format_download_is_named_by_its_digest(tmp_path):
             tvw.load_torch_state_dict(str(path))
     path.write_bytes(whole)
     assert set(tvw.load_torch_state_dict(str(path))) == {"weight", "bias"}
+    # whole pickled models: named by their digest, by a step number, and a zip-format one (its
+    # end marker tells it is complete) whatever its name
     torch.save(torch.nn.Linear(2, 2), scratch, _use_new_zipfile_serialization=False)
     named = tmp_path / f"model-{tvw.file_sha256(str(scratch))[:8]}.pth"
     scratch.rename(named)
-    with pytest.raises(ValueError, match=r"expected a state_dict saved with "
-                                         r"torch.save\(model.state_dict\(\), path\) \(a file "
-                                         r"holding a whole pickled model is not read"):
-        tvw.load_torch_state_dict(str(named))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "ckpt-001000.pth",
+               _use_new_zipfile_serialization=False)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model-abcdef12.pth")
+    for path in (named, tmp_path / "ckpt-001000.pth", tmp_path / "model-abcdef12.pth"):
+        with pytest.raises(ValueError, match=r"expected a state_dict saved with "
+                                             r"torch.save\(model.state_dict\(\), path\) \(a "
+                                             r"file holding a whole pickled model is not read"):
+            tvw.load_torch_state_dict(str(path))
 
 
 # ----------------------------------------------------------------------- warm-start workdir
