@@ -1,6 +1,7 @@
 """benchmarks/device_check.sh refuses an unknown argument before it installs or runs anything."""
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -44,16 +45,17 @@ def _stub_python3(tmp_path, body: str) -> dict[str, str]:
 def test_a_checks_printed_figures_reach_the_log_before_a_kill(tmp_path):
     """grep (dropping JAX's log lines) held a check's output in its block buffer: when the
     device tool's timeout killed the whole script, the figures printed so far never reached
-    $OUT. A stand-in benchmark prints a figure, then kills the script's whole session."""
-    # The stand-in waits (up to 20 s) for its line to reach the log, then kills regardless.
+    $OUT. A stand-in benchmark prints a figure, waits (up to 20 s) for it to reach the log, then
+    kills the script's whole session (its id from /proc: no `ps` needed)."""
     env = _stub_python3(tmp_path, 'if [[ "$*" == *benchmarks.train_step* ]]; then\n'
                         '  echo "round 1/2 jax_auto: 123.4 img/s"\n'
                         '  for _ in $(seq 200); do grep -q 123.4 "$OUT/device_check.log" '
                         '&& break; sleep 0.1; done\n'
-                        '  kill -KILL -- -"$(ps -o sid= $$ | tr -d " ")"\nfi')
+                        '  kill -KILL -- -"$(cut -d" " -f6 /proc/$$/stat)"\nfi')
     out = tmp_path / "out"
-    subprocess.run(["bash", SCRIPT], capture_output=True, text=True, start_new_session=True,
-                   env={**env, "OUT": str(out)}, timeout=60)
+    result = subprocess.run(["bash", SCRIPT], capture_output=True, text=True,
+                            start_new_session=True, env={**env, "OUT": str(out)}, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr  # killed, not run to its end
     log = (out / "device_check.log").read_text()
     assert "round 1/2 jax_auto: 123.4 img/s" in log, log
 
