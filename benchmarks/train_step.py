@@ -21,7 +21,6 @@ this script are in docs/performance.md.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -93,11 +92,11 @@ def check_json_out(path: str | None) -> None:
 
 
 def write_json_out(path: str, result: dict[str, Any]) -> None:
-    """Writes `result` to `path` (its folder created if missing)."""
-    from cnnjax.utils.files import make_parent_dir
+    """Writes `result` to `path` atomically (its folder created if missing): a check killed by
+    its time cap mid-write leaves the whole file or none."""
+    from cnnjax.utils.files import make_parent_dir, write_json
 
-    with open(make_parent_dir(path), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(make_parent_dir(path), result)
 
 
 def check_torch(model_name: str, device: str) -> None:

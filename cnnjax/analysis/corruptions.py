@@ -153,8 +153,6 @@ IMAGENET_PARAMETERS: dict[str, tuple[Any, ...]] = {
 #: The table for each accepted image side: CIFAR-10-C's for 32, ImageNet-C's for 224.
 TABLES = {IMAGE_SIZE: PARAMETERS, IMAGENET_SIZE: IMAGENET_PARAMETERS}
 IMAGE_SIZES = tuple(TABLES)
-TABLE_NAMES = {IMAGE_SIZE: "CIFAR-10-C (make_cifar_c.py)",
-               IMAGENET_SIZE: "ImageNet-C (make_imagenet_c.py)"}
 CORRUPTIONS = tuple(PARAMETERS)
 COLOR_ONLY = ("saturate",)
 #: The four Hendrycks & Dietterich hold out for validation (Section 3): their mCE averages the
@@ -679,9 +677,8 @@ def _check_images(images: Any) -> np.ndarray:
     if array.ndim not in (3, 4) or shape[-3] != shape[-2] or shape[-3] not in TABLES or (
             shape[-1] not in (1, 3)):
         raise invalid(_OWNER, "images", f"<array of shape {shape}>",
-                      "expected [S, S, C] or [N, S, S, C] with C = 1 or 3 and S = 32 "
-                      "(CIFAR-10-C's table, make_cifar_c.py) or 224 (ImageNet-C's, "
-                      "make_imagenet_c.py); each table is tuned for its size, so resize first")
+                      "expected [S, S, C] or [N, S, S, C] with C = 1 or 3 and S = "
+                      + _SIZES_EXPECTED.removeprefix("expected "))
     if not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
         raise invalid(_OWNER, "images", f"<{array.dtype} array>",
                       "expected uint8 or float values in [0, 255]")

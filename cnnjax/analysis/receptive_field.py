@@ -490,19 +490,6 @@ def _same_layout(
     )
 
 
-def _move(info: Info, mapping: dict[int, int | None]) -> Info:
-    """Relocates fields to new array axes (None drops the location, keeping the field)."""
-    out = []
-    for f in info:
-        if f.axis is None:
-            out.append(f)
-        elif mapping.get(f.axis) is None:
-            out.append(collapse(f))
-        else:
-            out.append(dataclasses.replace(f, axis=mapping[f.axis]))
-    return tuple(out)
-
-
 def _reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int], list[int]]]:
     """Groups of input and output axes whose sizes multiply to the same number."""
     groups, i, j = [], 0, 0

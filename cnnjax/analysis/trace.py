@@ -191,12 +191,11 @@ def is_patch_extraction(
 
 def eqn_cost(
     prim: str, params: dict[str, Any], in_avals: list[Any], out_avals: list[Any],
-    *, static_kernel: bool = False, kernel_value: np.ndarray | None = None,
-    patches: bool | None = None, transposed: bool = False,
+    *, static_kernel: bool = False, patches: bool | None = None, transposed: bool = False,
 ) -> tuple[int, int]:
     """(flops, macs) of one primitive under the conventions in the module docstring;
-    `static_kernel`: the second operand is a constant, `kernel_value` its value where known
-    (both for `is_patch_extraction`); `patches`: that function's answer, when already known;
+    `static_kernel`: the second operand is a constant (for `is_patch_extraction`); `patches`:
+    that function's answer, when already known (with the constant's value);
     `transposed`: a convolution inside a transposed-convolution module (MACs per input element)."""
     out_size = _size(out_avals[0].shape) if out_avals else 0
     if prim == "conv_general_dilated":
@@ -214,7 +213,7 @@ def eqn_cost(
             taps *= _valid_taps(*axis)
             mac_taps *= _macs_taps(*axis, transposed=transposed)
         if patches is None:
-            patches = is_patch_extraction(prim, params, in_avals, static_kernel, kernel_value)
+            patches = is_patch_extraction(prim, params, in_avals, static_kernel)
         return 2 * batch * per_tap * taps, 0 if patches else batch * per_tap * mac_taps
     if prim == "dot_general":
         (lc, _), _ = params["dimension_numbers"]

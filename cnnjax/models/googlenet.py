@@ -14,7 +14,8 @@ cnnjax registers as `googlenet_bn`).
 Auxiliary classifiers (`aux_logits=True`, Section 5): on the outputs of 4a and 4d, average pool
 5x5/3 (4x4 maps at 224x224), conv 128@1x1 + ReLU, fc 1024 + ReLU, dropout 0.7, linear (named
 `head` inside `aux1`/`aux2`). They exist to add gradient to the middle of the net in training
-(the paper weights their losses by 0.3, `AUX_LOSS_WEIGHT`) and are discarded at inference.
+(the paper weights their losses by 0.3, the engine's `config.aux_loss_weight`) and are discarded
+at inference.
 
 Return type: as every cnnjax model (`logits`, or `(logits, features)` with `return_features`),
 except that with `aux_logits=True` and `train=True` the `logits` slot holds a
@@ -83,8 +84,6 @@ Array = Any
 _PAPER = "Szegedy et al. 2015, Going Deeper with Convolutions (CVPR)"
 _PAPER_BN = _PAPER + "; layout of torchvision's googlenet (BatchNorm, 3x3 \"5x5\" branches)"
 
-#: Weight of each auxiliary classifier's loss in the total training loss (paper, Section 5).
-AUX_LOSS_WEIGHT = 0.3
 
 #: The smallest input side of `GoogLeNet(aux_logits=True)` (4x4 maps at 4a below it, too small
 #: for the auxiliary heads' 5x5/3 pool); the registered `min_input_size`, 47, is for

@@ -259,7 +259,9 @@ class ResNet(nn.Module):
     `__call__` returns just the dict `{stem, stage1, ..., stageN}` (used by FCN).
 
     Attributes:
-      stage_sizes: blocks per stage ((2, 2, 2, 2) for ResNet-18); stage i has 64 * 2**i filters.
+      stage_sizes: blocks per stage ((2, 2, 2, 2) for ResNet-18); stage i has
+        `num_filters` * 2**i filters.
+      num_filters: the stem's and first stage's width (64).
       block_cls: `BasicBlock` or `BottleneckBlock` (or a compatible module / partial).
       stride_in_1x1: bottleneck stride on the first 1x1 (v1, paper) instead of the 3x3 (v1.5,
         default False).

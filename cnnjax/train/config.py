@@ -20,11 +20,12 @@ from ml_collections import config_dict
 
 from cnnjax.layers.batch_norm_impl import BATCH_NORM_IMPLS
 from cnnjax.layers.conv_impl import CONV_IMPLS
-from cnnjax.models.registry import ENGINE_MODEL_FIELDS
+from cnnjax.models.registry import ENGINE_MODEL_FIELDS, TASKS
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import MAX_STEPS, OPTIMIZERS, SCHEDULES, check_optimization
+from cnnjax.train.parallel import MODES as PARALLEL_MODES
 from cnnjax.utils import callables
 from cnnjax.utils.validation import (
     check_bool,
@@ -36,10 +37,8 @@ from cnnjax.utils.validation import (
     invalid,
 )
 
-PARALLEL_MODES = ("pmap", "shard_map")
 FREEZE_MODES = (None, "backbone")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-TASKS = ("classification", "detection", "segmentation")
 # What `best_metric` may name, per task (the eval metrics the loop reports).
 EVAL_METRICS = ("loss", "top1", "top5")
 DETECTION_METRICS = ("map50", "map", "coco_map50", "coco_map75", "map50_voc07")

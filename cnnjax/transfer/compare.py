@@ -53,6 +53,7 @@ from cnnjax.tune.sweep import (
     finished_status,
     interrupted_trial,
     run_trial,
+    say,
     start_trial,
     task_metrics,
     trial_result,
@@ -526,7 +527,7 @@ def _run_plan(plan: TransferPlan, transfer_dir: str, sizes: dict[str, int],
             if run["arm"] != "scratch" and source_status != "completed":
                 if not finished_status(workdir, run["config"]):
                     _record_not_run(trial, workdir, f"not run: the source run {source_status}")
-                    _say(verbose, f"{label}: not run (the source run {source_status}).")
+                    say(verbose, f"{label}: not run (the source run {source_status}).")
                 continue
             config = _with_recorded_source(run["config"], workdir, plan.source_dir)
             try:
@@ -561,11 +562,11 @@ def _run_once(config: Any, workdir: str, trial: space_lib.Trial, label: str,
     """Runs (or resumes) one trial unless it already finished; returns its status."""
     finished = finished_status(workdir, config)
     if finished:
-        _say(verbose, f"{label}: already {finished}, skipped.")
+        say(verbose, f"{label}: already {finished}, skipped.")
         return finished
-    _say(verbose, f"{label} -> {workdir}")
+    say(verbose, f"{label} -> {workdir}")
     record = run_trial(config, workdir, start_trial(trial, workdir))
-    _say(verbose, f"{label}: {record['status']}"
+    say(verbose, f"{label}: {record['status']}"
                   + (f" ({record['reason']})" if record["reason"] else ""))
     return record["status"]
 
@@ -794,9 +795,3 @@ def results_figure(table: list[dict], source: dict, metric: str) -> Any:
 # --------------------------------------------------------------------------------- helpers
 def _blank(value: Any, empty: str = "") -> Any:
     return empty if value is None else value
-
-
-def _say(verbose: bool, message: str) -> None:
-    if verbose:
-        print(message, flush=True)
-

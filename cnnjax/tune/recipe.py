@@ -103,6 +103,7 @@ from cnnjax.tune.sweep import (
     config_changes,
     interrupted_trial,
     run_sweep,
+    say,
     trial_configs,
 )
 from cnnjax.tune.sweep import interruption_message as sweep_interruption_message
@@ -422,7 +423,7 @@ def range_test_round(base: Any, recipe: Recipe, tune_dir: str, verbose: bool) ->
     record = lr_range.run_lr_range(base, os.path.join(tune_dir, LR_RANGE_DIR),
                                    lr_range.DEFAULT_LR_MIN, lr_range.DEFAULT_LR_MAX,
                                    lr_range.DEFAULT_STEPS)
-    _say(verbose, lr_range.format_summary(record))
+    say(verbose, lr_range.format_summary(record))
     return first_round(recipe, record["suggestions"]["suggested"])
 
 
@@ -839,7 +840,7 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
             while plan is not None:
                 if plan is not checked:
                     _check_round(base_config, plan)
-                _say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
+                say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
                 rows = run_sweep(plan.base_config(base_config), plan.space(),
                                  os.path.join(tune_dir, plan.dirname), recipe.metric, recipe.mode,
                                  verbose=verbose)
@@ -854,7 +855,7 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
                     break
                 decision = decide(history, recipe, base_config, diagnose_fn)
                 decisions.append(decision)
-                _say(verbose, f"=== After round {plan.index}: {decision.action}: {decision.reason}")
+                say(verbose, f"=== After round {plan.index}: {decision.action}: {decision.reason}")
                 status, reason, plan = decision.status, decision.reason, decision.next_round
                 if plan is not None:  # the last round's outputs are written once, below
                     _write_outputs(tune_dir, recipe, history, decisions, "running", reason,
@@ -1038,8 +1039,3 @@ def _preview(values: Sequence[Any], head: int = 3) -> str:
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _say(verbose: bool, message: str) -> None:
-    if verbose:
-        print(message, flush=True)

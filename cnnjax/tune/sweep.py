@@ -166,7 +166,7 @@ def run_sweep(
             workdir = trial_workdir(sweep_dir, trial)
             finished = finished_status(workdir, configs[trial.trial_id])
             if finished:
-                _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
                               f"{_fmt(trial.overrides)}: already {finished}, skipped.")
                 continue
             if max_trials is not None and started >= max_trials:
@@ -179,7 +179,7 @@ def run_sweep(
             except DirectoryInUseError as err:  # another array task or driver is running it
                 _skip_busy_trial(trial, err, trial_index, verbose)
                 continue
-            _say(verbose, f"Trial {trial.trial_id}: {record['status']}"
+            say(verbose, f"Trial {trial.trial_id}: {record['status']}"
                           + (f" ({record['reason']})" if record["reason"] else ""))
     rows = write_results(sweep_dir, space, metric, mode)
     if verbose:
@@ -214,7 +214,7 @@ def _run_and_tabulate(trial: Trial, config: Any, workdir: str, sweep_dir: str,
                       space: SearchSpace, metric: str, mode: str, verbose: bool) -> dict:
     """Starts and runs one trial (its workdir locked by the caller), rewriting the results
     table when it starts (shown incomplete) and when it ends, however it ends."""
-    _say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+    say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
                   f"{_fmt(trial.overrides)} -> {workdir}")
     record = start_trial(trial, workdir)
     write_results(sweep_dir, space, metric, mode)  # the table shows it incomplete
@@ -234,7 +234,7 @@ def _skip_busy_trial(trial: Trial, err: DirectoryInUseError, trial_index: int | 
             f"{_OWNER}: trial_index={trial.index} (trial {trial.trial_id}): {busy}; "
             "another task or driver of this sweep is running it: wait for it to finish "
             "or stop it, then rerun.") from None
-    _say(verbose, f"Trial {trial.trial_id}: skipped, {busy}.")
+    say(verbose, f"Trial {trial.trial_id}: skipped, {busy}.")
 
 
 def _print_results(rows: list[dict], space: SearchSpace, metric: str, sweep_dir: str) -> None:
@@ -827,6 +827,7 @@ def _fmt(overrides: dict) -> str:
     return "{" + ", ".join(f"{k}={_short(v)}" for k, v in overrides.items()) + "}"
 
 
-def _say(verbose: bool, message: str) -> None:
+def say(verbose: bool, message: str) -> None:
+    """Prints a progress line (flushed: a cluster job's log shows it at once) when `verbose`."""
     if verbose:
         print(message, flush=True)

@@ -799,7 +799,7 @@ def test_quantize_truncates_as_cifar10c_was_stored():
     (lambda x: C.corrupt(np.zeros((64, 64, 3)), "contrast", 1),
      r"corruptions: images='<array of shape \(64, 64, 3\)>' is invalid; expected \[S, S, C\] "
      r"or \[N, S, S, C\] with C = 1 or 3 and S = 32 \(CIFAR-10-C's table, make_cifar_c.py\) "
-     r"or 224 \(ImageNet-C's, make_imagenet_c.py\); each table is tuned for its size, so "
+     r"or 224 \(ImageNet-C's, make_imagenet_c.py\): each table is tuned for its size, so "
      r"resize first\.$"),
     (lambda x: C.corrupt(np.zeros((2, 224, 32, 3)), "contrast", 1),
      r"images='<array of shape \(2, 224, 32, 3\)>' is invalid; expected \[S, S, C\]"),

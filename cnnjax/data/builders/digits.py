@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-NUM_EXAMPLES = 1797
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
