@@ -13,6 +13,7 @@ import pytest
 from cnnjax import models
 from cnnjax.layers import BatchNorm, MaskedBatchNorm
 from cnnjax.layers.batch_norm_impl import batch_norm_impl
+from tests.layers.calls import calls_and_intermediates
 
 SHARDS, ROWS, FEATURES = 4, 8, 5
 COUNTS = (3, 0, 7, 1)  # masked-in rows per shard: unequal, one shard with none
@@ -223,16 +224,8 @@ def test_one_call_is_one_intercepted_call_and_one_intermediate(cls):
     `capture_intermediates` see each layer call once, as for `nn.BatchNorm`."""
     x = jnp.asarray(np.random.default_rng(8).normal(size=(4, 2, 2, 3)), jnp.float32)
     bn = cls(use_running_average=False)
-    variables = bn.init(jax.random.key(0), x)
-    seen = []
-
-    def record(next_fun, args, kwargs, context):
-        seen.append((type(context.module).__name__, context.method_name))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        y, state = bn.apply(variables, x, capture_intermediates=True,
-                            mutable=["batch_stats", "intermediates"])
+    seen, y, state = calls_and_intermediates(bn, bn.init(jax.random.key(0), x), x,
+                                             mutable=("batch_stats",))
     assert seen == [(cls.__name__, "__call__")]
     (captured,) = state["intermediates"]["__call__"]
     np.testing.assert_array_equal(captured, y)

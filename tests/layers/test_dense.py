@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax.layers import Dense
+from tests.layers.calls import calls_and_intermediates
 
 
 def _inputs(rows=512):
@@ -79,15 +80,7 @@ def test_one_call_is_one_intercepted_call_and_one_intermediate():
     call, the first flax's float32 result before the cast to a bfloat16 `dtype`."""
     x, _ = _inputs(8)
     dense = Dense(10, dtype=jnp.bfloat16)
-    variables = dense.init(jax.random.key(2), x)
-    seen = []
-
-    def record(next_fun, args, kwargs, context):
-        seen.append((type(context.module).__name__, context.method_name))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        y, state = dense.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    seen, y, state = calls_and_intermediates(dense, dense.init(jax.random.key(2), x), x)
     assert seen == [("Dense", "__call__")]
     (captured,) = state["intermediates"]["__call__"]
     assert captured.dtype == y.dtype == jnp.bfloat16
