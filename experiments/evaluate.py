@@ -151,9 +151,11 @@ def _remove_stale_plots(stem: str, earlier: set[str], result: dict) -> list[str]
     prediction pass): they would be read as this one's. Files the command never wrote are left
     alone. Returns the removed paths."""
     drawn = {result.get("plot"), result.get("reliability_plot")}
-    named = {os.path.abspath(path) for path in earlier}
+    # by file name: plots are written beside their JSON, whose earlier paths may be relative
+    # to another working folder
+    named = {os.path.basename(path) for path in earlier}
     stale = [path for path in (stem + ".png", stem + "_reliability.png")
-             if path not in drawn and os.path.abspath(path) in named and os.path.isfile(path)]
+             if path not in drawn and os.path.basename(path) in named and os.path.isfile(path)]
     for path in stale:
         os.remove(path)
     return stale

@@ -235,7 +235,8 @@ class _OneRecordPerCall:
     `capture_intermediates` records the wrapper's output too (in the same scope), its own output
     (before the wrapper's cast) is not recorded, so there is one entry per layer call (as for
     `BatchNorm` and `Dense`, which call flax's body). A filter that selects only the flax layer
-    (`isinstance(m, nn.Conv)`) still gets its output."""
+    (`isinstance(m, nn.Conv)`) still gets its output. The filter is asked about the wrapper
+    once more per call, so a filter that counts its calls sees that one too."""
 
     @nn.nowrap
     def sow(self, col: str, name: str, value: Any, *args: Any, **kwargs: Any) -> bool:

@@ -428,9 +428,9 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
 
 # ----------------------------------------------------------------------------- torch files
 #: torch.hub's naming of a published file, `<name>-<first hex digits of its SHA-256>.<ext>`
-#: (`resnet18-f37072fd.pth`), which torch.hub checks after a download; at least one letter, so
-#: a date or step number (`ckpt-001000.pth`) is not taken for one.
-_NAMED_DIGEST = re.compile(r"-(?=[0-9]*[a-f])([0-9a-f]{6,64})\.[^.-]+$")
+#: (`resnet18-f37072fd.pth`), which torch.hub checks after a download. Digits only may be one
+#: (`vgg13-19584684.pth`) or a date or step number (`ckpt-001000.pth`): a mismatch is then a hint.
+_NAMED_DIGEST = re.compile(r"-([0-9a-f]{6,64})\.[^.-]+$")
 
 
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -466,7 +466,7 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
                           f"{why.split('. ')[0][:200]})") from None
         named = None if zipped else _NAMED_DIGEST.search(os.path.basename(path))
         digest = file_sha256(path) if named else ""
-        if named and not digest.startswith(named.group(1)):
+        if named and not digest.startswith(named.group(1)) and not named.group(1).isdigit():
             # The legacy (pre-zip) format has no end marker; the name's digest tells a cut or
             # corrupted download of it (torch then raises EOFError, struct.error, even
             # UnpicklingError) from a file refused for what it holds.
@@ -476,11 +476,16 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
                           f"download; fetch it again ({type(err).__name__}: "
                           f"{why.split('. ')[0][:200]})") from None
         why = why[:300]
+        cut = ""  # digits only: a digest (vgg13-19584684.pth) or a date or step number
+        if named and not digest.startswith(named.group(1)):
+            cut = (f"; if {named.group(1)} begins its SHA-256, as in torch.hub's names, the "
+                   f"file (SHA-256 {digest[:len(named.group(1))]}...) is a truncated or "
+                   "corrupted download: fetch it again")
         raise invalid("torchvision_weights", "weights", path,
                       "expected a state_dict saved with torch.save(model.state_dict(), path) "
                       "(a file holding a whole pickled model is not read, since unpickling it "
                       f"could run arbitrary code; {type(err).__name__}"
-                      f"{': ' + why if why else ''})") from None
+                      f"{': ' + why if why else ''}){cut}") from None
     if not isinstance(loaded, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         keys = sorted(loaded)[:5] if isinstance(loaded, Mapping) else type(loaded).__name__

@@ -339,3 +339,26 @@ def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(tmp_path):
     assert command.returncode == 1 and command.stderr.strip().splitlines()[-1] == (
         "error: --allow_same_split is invalid without --temperature_split (it allows that split "
         "to be the evaluated one); pass --temperature_split or drop it")
+
+
+_STALE_PLOTS = """
+from experiments.evaluate import _remove_stale_plots
+
+print(_remove_stale_plots("res", {"sub/res.png", "sub/elsewhere.png"},
+                          {"reliability_plot": "res_reliability.png"}))
+"""
+
+
+def test_stale_plots_are_matched_by_name_beside_the_json(tmp_path):
+    """The earlier JSON names its plots as its run built the paths, relative to that run's
+    folder (`sub/res.png`): a rerun from elsewhere left them, matching whole paths. (In a
+    subprocess: importing the command configures this process's XLA flags.)"""
+    (tmp_path / "sub").mkdir()
+    for name in ("res.png", "res_reliability.png", "other.png"):
+        (tmp_path / "sub" / name).write_bytes(b"png")
+    result = subprocess.run([sys.executable, "-c", _STALE_PLOTS], capture_output=True, text=True,
+                            cwd=tmp_path / "sub", env={**os.environ, "PYTHONPATH": ROOT},
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['res.png']"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["other.png", "res_reliability.png"]

@@ -283,6 +283,14 @@ def test_a_truncated_legacy_format_download_is_named_by_its_digest(tmp_path):
             tvw.load_torch_state_dict(str(path))
     path.write_bytes(whole)
     assert set(tvw.load_torch_state_dict(str(path))) == {"weight", "bias"}
+    # a digest of digits only (torchvision's vgg13-19584684.pth) may be a date: a hint
+    digits = tmp_path / "vgg13-19584684.pth"
+    digits.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"expected a state_dict .*\); if 19584684 begins its "
+                                         r"SHA-256, as in torch.hub's names, the file \(SHA-256 "
+                                         r"[0-9a-f]{8}\.\.\.\) is a truncated or corrupted "
+                                         r"download: fetch it again\.$"):
+        tvw.load_torch_state_dict(str(digits))
     # whole pickled models: named by their digest, by a step number, and a zip-format one (its
     # end marker tells it is complete) whatever its name
     torch.save(torch.nn.Linear(2, 2), scratch, _use_new_zipfile_serialization=False)
