@@ -116,7 +116,8 @@ def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
          "error: --image_size=8 is invalid; lenet5 takes inputs of at least 32x32 (unset, the "
          "dataset's native size; set a larger --image_size)"),
     ]
-    results = run_commands([command for command, _ in cases])
+    results = run_commands([command for command, _ in cases],
+                           preimport=["cnnjax.models", "cnnjax.data.pipeline", "cnnjax.train.step"])
     for (command, message), result in zip(cases, results, strict=True):
         assert result.returncode == 1 and "Traceback" not in result.stderr, (command,
                                                                             result.stderr[-2000:])
