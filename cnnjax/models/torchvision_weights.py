@@ -465,22 +465,21 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
                           f"the digits in its name ({type(err).__name__}: "
                           f"{why.split('. ')[0][:200]})") from None
         named = None if zipped else _NAMED_DIGEST.search(os.path.basename(path))
-        digest = file_sha256(path) if named else ""
-        if named and not digest.startswith(named.group(1)) and not named.group(1).isdigit():
+        prefix = named.group(1) if named else ""  # the digest the name carries, if any
+        digest = file_sha256(path)[:len(prefix)] if prefix else ""
+        if digest != prefix and not prefix.isdigit():
             # The legacy (pre-zip) format has no end marker; the name's digest tells a cut or
             # corrupted download of it (torch then raises EOFError, struct.error, even
             # UnpicklingError) from a file refused for what it holds.
             raise invalid("torchvision_weights", "weights", path,
-                          f"its SHA-256 starts {digest[:len(named.group(1))]}, not the "
-                          f"{named.group(1)} its name carries: a truncated or corrupted "
-                          f"download; fetch it again ({type(err).__name__}: "
-                          f"{why.split('. ')[0][:200]})") from None
+                          f"its SHA-256 starts {digest}, not the {prefix} its name carries: a "
+                          f"truncated or corrupted download; fetch it again "
+                          f"({type(err).__name__}: {why.split('. ')[0][:200]})") from None
         why = why[:300]
         cut = ""  # digits only: a digest (vgg13-19584684.pth) or a date or step number
-        if named and not digest.startswith(named.group(1)):
-            cut = (f"; if {named.group(1)} begins its SHA-256, as in torch.hub's names, the "
-                   f"file (SHA-256 {digest[:len(named.group(1))]}...) is a truncated or "
-                   "corrupted download: fetch it again")
+        if digest != prefix:
+            cut = (f"; if {prefix} begins its SHA-256, as in torch.hub's names, the file "
+                   f"(SHA-256 {digest}...) is a truncated or corrupted download: fetch it again")
         raise invalid("torchvision_weights", "weights", path,
                       "expected a state_dict saved with torch.save(model.state_dict(), path) "
                       "(a file holding a whole pickled model is not read, since unpickling it "
