@@ -137,25 +137,24 @@ def _flag_error() -> str | None:
 
 
 def _earlier_plots(output: str) -> set[str]:
-    """The plots the earlier evaluation's JSON at `output` names (none if there is none)."""
+    """The file names of the plots the earlier evaluation's JSON at `output` names (none if there
+    is none): by name, since plots are written beside their JSON and its paths may be relative
+    to another working folder."""
     earlier = read_json(output)
     if not isinstance(earlier, dict):
         return set()
-    return {earlier[key] for key in ("plot", "reliability_plot")
+    return {os.path.basename(earlier[key]) for key in ("plot", "reliability_plot")
             if isinstance(earlier.get(key), str)}
 
 
 def _remove_stale_plots(stem: str, earlier: set[str], result: dict) -> list[str]:
     """Removes the plots at `stem` (the JSON's path without .json) that an earlier evaluation into
-    the same JSON drew (`earlier`) and this one did not (--noplot, --nocalibration, a failed
-    prediction pass): they would be read as this one's. Files the command never wrote are left
-    alone. Returns the removed paths."""
+    the same JSON drew (`earlier`: their file names) and this one did not (--noplot,
+    --nocalibration, a failed prediction pass): they would be read as this one's. Files the
+    command never wrote are left alone. Returns the removed paths."""
     drawn = {result.get("plot"), result.get("reliability_plot")}
-    # by file name: plots are written beside their JSON, whose earlier paths may be relative
-    # to another working folder
-    named = {os.path.basename(path) for path in earlier}
     stale = [path for path in (stem + ".png", stem + "_reliability.png")
-             if path not in drawn and os.path.basename(path) in named and os.path.isfile(path)]
+             if path not in drawn and os.path.basename(path) in earlier and os.path.isfile(path)]
     for path in stale:
         os.remove(path)
     return stale

@@ -342,9 +342,13 @@ def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(tmp_path):
 
 
 _STALE_PLOTS = """
-from experiments.evaluate import _remove_stale_plots
+import json
 
-print(_remove_stale_plots("res", {"sub/res.png", "sub/elsewhere.png"},
+from experiments.evaluate import _earlier_plots, _remove_stale_plots
+
+with open("res.json", "w") as f:  # as an earlier run from the parent folder wrote it
+    json.dump({"plot": "sub/res.png", "reliability_plot": "sub/elsewhere.png"}, f)
+print(_remove_stale_plots("res", _earlier_plots("res.json"),
                           {"reliability_plot": "res_reliability.png"}))
 """
 
@@ -361,4 +365,5 @@ def test_stale_plots_are_matched_by_name_beside_the_json(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "['res.png']"
-    assert sorted(os.listdir(tmp_path / "sub")) == ["other.png", "res_reliability.png"]
+    assert sorted(os.listdir(tmp_path / "sub")) == ["other.png", "res.json",
+                                                    "res_reliability.png"]
