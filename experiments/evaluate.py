@@ -234,6 +234,7 @@ def _evaluate() -> None:
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import (
         NoWeightAverageError,
+        argument_prefix,
         check_split,
         check_temperature_split,
         classifier_confusion,
@@ -242,12 +243,14 @@ def _evaluate() -> None:
         plot_predictions,
     )
     from cnnjax.utils.files import write_json
+    from cnnjax.utils.validation import error_prefix
 
     if (error := _flag_error() or ignored_flags(
             _given(), None, _PLOT.value, _CALIBRATION.value, _TEMPERATURE_SPLIT.value)):
         sys.exit(f"error: {error}")
-    with one_line_errors(_hint, {"load_trained: workdir=": _WORKDIR, "load_trained: step=": _STEP,
-                                 "config: num_devices=": _DEVICES}):
+    with one_line_errors(_hint, {argument_prefix("workdir"): _WORKDIR,
+                                 argument_prefix("step"): _STEP,
+                                 error_prefix("config", "num_devices"): _DEVICES}):
         if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
             check_outside_run(_OUTPUT.value, _WORKDIR.value, "--output", folder=False)
             check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")

@@ -345,7 +345,7 @@ def main(argv: list[str]) -> None:
     start_command(argv)
     from cnnjax.analysis import attribution
     from cnnjax.analysis.effective_receptive_field import eval_images
-    from cnnjax.train.trained import NoWeightAverageError, load_trained
+    from cnnjax.train.trained import NoWeightAverageError, argument_prefix, load_trained
     from cnnjax.utils.files import write_json
 
     given = {name for name in (*POINTING_GAME_FLAGS, *OCCLUSION_FLAGS, "num_images", "target",
@@ -358,8 +358,8 @@ def main(argv: list[str]) -> None:
         error = conflicting_flags(given, _POINTING.value, _TARGET.value, _METHODS.value)
     if error is not None:
         sys.exit(f"error: {error}")
-    with one_line_errors(flags_named={"load_trained: workdir=": _WORKDIR,
-                                      "load_trained: step=": _STEP}):
+    with one_line_errors(flags_named={argument_prefix("workdir"): _WORKDIR,
+                                      argument_prefix("step"): _STEP}):
         out_dir = None if _LIST_LAYERS.value else _out_dir()  # before loading and model work
         if _METHODS.value is not None:  # names only: the checkpoint takes seconds to load
             attribution.check_methods(_METHODS.value, "visualize", "--methods")

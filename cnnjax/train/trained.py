@@ -33,11 +33,17 @@ from cnnjax.train.state import WARM_START_COLLECTIONS
 from cnnjax.train.step import proposal_kwargs
 from cnnjax.utils import callables
 from cnnjax.utils.files import read_json
-from cnnjax.utils.validation import check_bool, check_positive_int, invalid
+from cnnjax.utils.validation import check_bool, check_positive_int, error_prefix, invalid
 
 _OWNER = "load_trained"
 #: How `check_temperature_split` and `calibrate_run` name their split for a Python caller.
 _TEMPERATURE_SPLIT = "evaluate: temperature_split"
+
+
+def argument_prefix(argument: str) -> str:
+    """How `load_trained`'s error about `argument` starts (`"load_trained: step="`): a command
+    maps it to its flag with `cli.one_line_errors(flags_named=)`."""
+    return error_prefix(_OWNER, argument)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,13 @@ def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
     """Builds the standard error: `<owner>: <arg>=<value> is invalid; <valid>.` (no second stop
     after a `valid` that ends a sentence itself, e.g. a quoted `Did you mean "x"?`)."""
     stop = "" if valid.endswith((".", "?", "!")) else "."
-    return ValueError(f"{owner}: {arg}={value!r} is invalid; {valid}{stop}")
+    return ValueError(f"{error_prefix(owner, arg)}{value!r} is invalid; {valid}{stop}")
+
+
+def error_prefix(owner: str, arg: str) -> str:
+    """How `invalid(owner, arg, ...)`'s message starts, for a command that renames the argument
+    to its flag (`cli.one_line_errors(flags_named=)`)."""
+    return f"{owner}: {arg}="
 
 
 def check_bool(owner: str, arg: str, value: Any) -> bool:
