@@ -47,9 +47,9 @@ and Cityscapes' convention."""
 
 @dataclasses.dataclass(frozen=True)
 class ClassMapLabels:
-    """What the values of a stored uint8 class map mean: `classes[i]` is class `i`, and stored
-    value `v` is class `classes.index(names[v])`, or `IGNORE_LABEL` where `names[v]` is None or
-    `v >= len(names)`."""
+    """What the values of a stored uint8 class map mean: `classes[i]` is class `i` (each name
+    once), and stored value `v` is class `classes.index(names[v])`, or `IGNORE_LABEL` where
+    `names[v]` is None or `v >= len(names)`."""
 
     classes: tuple[str, ...]
     names: tuple[str | None, ...]
@@ -60,6 +60,10 @@ class ClassMapLabels:
             raise invalid(owner, "classes", f"{len(self.classes)} classes",
                           f"expected at most {IGNORE_LABEL}: class indices are 0..num_classes-1 "
                           f"and {IGNORE_LABEL} is IGNORE_LABEL, which no step scores")
+        repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if repeated:  # else the repeat is a class no stored value maps to (`lookup`)
+            raise invalid(owner, "classes", self.classes,
+                          f"expected each class name at most once; repeated: {repeated}")
         if len(self.names) > 256:
             raise invalid(owner, "names", f"{len(self.names)} stored values",
                           "expected at most 256: class maps are stored as uint8")

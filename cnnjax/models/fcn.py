@@ -185,8 +185,12 @@ class FCN(nn.Module):
         super().__post_init__()
 
     @property
-    def _vgg_dropout_rate(self) -> float:
-        """Dropout after the VGG-16 backbone's fc6 and fc7 (None: the paper's 0.5)."""
+    def effective_dropout_rate(self) -> float:
+        """The dropout rate training applies: `dropout_rate` after VGG-16's fc6 and fc7 (unset:
+        the paper's 0.5); 0 on a ResNet backbone, which has no dropout layer. The tuning
+        recipe's dropout knob reads it (`cnnjax.tune.regularizers.knob_value`)."""
+        if self.backbone != "vgg16":
+            return 0.0
         return 0.5 if self.dropout_rate is None else self.dropout_rate
 
     def _backbone(self, x: Array, train: bool) -> tuple[dict[str, Array], tuple[Array, ...]]:
@@ -198,7 +202,7 @@ class FCN(nn.Module):
             y = feats["block5"]
             for name, kernel in (("fc6", 7), ("fc7", 1)):
                 y = Conv2D(4096, kernel, padding=kernel // 2, dtype=self.dtype, name=name)(y)
-                y = nn.Dropout(self._vgg_dropout_rate, deterministic=not train)(nn.relu(y))
+                y = nn.Dropout(self.effective_dropout_rate, deterministic=not train)(nn.relu(y))
             feats["fc7"] = y
             return feats, (feats["block3"], feats["block4"], y)
         feats = RESNET_BACKBONES[self.backbone](
@@ -218,8 +222,8 @@ class FCN(nn.Module):
         if min(x.shape[1:]) < 1:  # the backbone's first pool or initializer would fail instead
             raise invalid(type(self).__name__, "input.shape", tuple(x.shape),
                           "expected height, width and channels >= 1 in an NHWC array")
-        train = check_call(self, x, train, return_features, dropout_rate=self._vgg_dropout_rate
-                           if self.backbone == "vgg16" else 0.0)
+        train = check_call(self, x, train, return_features,
+                           dropout_rate=self.effective_dropout_rate)
         _, h, w, _ = x.shape
         pad_h, pad_w = (-h) % OUTPUT_STRIDE, (-w) % OUTPUT_STRIDE
         x = jnp.pad(jnp.asarray(x, self.dtype), ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))

@@ -32,9 +32,10 @@ order:
 dropout (models with that field); each is checked against the base config before any training.
 
 `recipe.metric` must be an eval metric of the base config's task (`config_lib.TASK_METRICS`):
-loss, top1 or top5 for classification, map50, map, coco_map50 or coco_map75 for detection (whose
-diagnosis judges the mAP's progress and the train loss; see `cnnjax.tune.diagnose`). Unset
-(None), it is the base config's `best_metric`: top1, or map50 in the detection configs.
+loss, top1 or top5 for classification; map50, map, coco_map50, coco_map75 or map50_voc07 for
+detection (whose diagnosis judges the mAP's progress and the train loss; see
+`cnnjax.tune.diagnose`); loss, pixel_accuracy or miou for segmentation. Unset (None), it is the
+base config's `best_metric`: top1, map50 in the detection configs, miou in the segmentation ones.
 
 A round holds at most `trials_per_round` new trials (configs already run are skipped) and the
 recipe at most `max_trials` in all and `max_rounds` rounds. Every round is a `run_sweep` in

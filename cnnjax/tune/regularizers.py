@@ -108,13 +108,20 @@ def strength(value: Any) -> float:
 
 
 def knob_value(base: Any, overrides: Mapping[str, Any], field: str) -> Any:
-    """The incumbent's value of `field`; an unset `model_kwargs.<name>` is the model's default."""
+    """The incumbent's value of `field`. An unset `model_kwargs.<name>` is what the incumbent's
+    model uses: its `effective_<name>` where the model resolves the field itself (FCN's unset
+    dropout_rate is 0.5 on VGG-16, so "stronger" means above 0.5), else the field's default."""
     value = overrides.get(field, space_lib.get_field(base, field))
     if value is None and field.startswith("model_kwargs."):
-        from cnnjax.models import settable_fields  # deferred: imports every architecture
+        from cnnjax.models import create_model  # deferred: imports every architecture
 
-        found = settable_fields(base.model).get(field.split(".", 1)[1])
-        value = found.default if found is not None else None
+        config = space_lib.apply_overrides(base, overrides)
+        name = field.split(".", 1)[1]
+        try:
+            model = create_model(config.model, **config_lib.model_kwargs(config))
+        except ValueError:  # the base's own problem: check_config reports it, in its own words
+            return None
+        value = getattr(model, f"effective_{name}", getattr(model, name, None))
     return value
 
 

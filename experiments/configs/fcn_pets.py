@@ -1,6 +1,8 @@
 """FCN-8s (ResNet-18 backbone, ImageNet-pretrained) semantic segmentation of Oxford-IIIT Pet's
 trimaps (Parkhi et al. 2012): background vs pet, the unclassified outline band ignored; mean
-IoU on the 3,669 test images.
+IoU on the 3,669 test images, scored on trimaps resized to 224x224 (`data.image_size`) by
+nearest neighbour, not at each image's original resolution as the VOC protocol and the FCN
+paper score, so not directly comparable with published figures.
 
 Commands (oxford_iiit_pet must be prepared in the tfds data dir and the torchvision file on disk;
 cnnjax never downloads). Convert the backbone's weights once, then train from them:

@@ -203,6 +203,17 @@ def test_class_map_labels_that_collide_with_the_ignore_label_are_refused(classes
         segmentation.ClassMapLabels(classes=classes, names=names)
 
 
+def test_class_map_labels_with_a_repeated_class_are_refused():
+    """classes=("cat", "cat") made 2 classes, but `lookup` maps every "cat" to class 0: class 1
+    was counted (and scored) yet no stored value could reach it. Repeated names are fine."""
+    with pytest.raises(ValueError, match=r"^ClassMapLabels: classes=\('bg', 'cat', 'cat'\) is "
+                                         r"invalid; expected each class name at most once; "
+                                         r"repeated: \['cat'\]"):
+        segmentation.ClassMapLabels(classes=("bg", "cat", "cat"), names=("bg", "cat"))
+    labels = segmentation.ClassMapLabels(classes=("bg", "cat"), names=("cat", "bg", "cat"))
+    assert labels.lookup()[:3].tolist() == [1, 0, 1]
+
+
 def _scaled(root, scale_range, **overrides):
     return _config(root, augment=True, scale_range=scale_range, shuffle_buffer=1, **overrides)
 

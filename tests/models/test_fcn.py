@@ -305,6 +305,14 @@ def test_dropout_rate_is_refused_on_a_resnet_backbone_and_applied_on_vgg16():
     assert create_model("fcn32s_vgg16").dropout_rate is None  # the paper's 0.5 when built
 
 
+def test_effective_dropout_rate_is_the_rate_training_applies():
+    """Unset, dropout_rate is the paper's 0.5 on VGG-16 and nothing on a ResNet backbone (no
+    dropout layer): the tuning recipe's dropout knob reads this rather than the None."""
+    assert create_model("fcn8s_vgg16").effective_dropout_rate == 0.5
+    assert create_model("fcn32s_vgg16", dropout_rate=0.2).effective_dropout_rate == 0.2
+    assert create_model("fcn8s_resnet18").effective_dropout_rate == 0.0
+
+
 @pytest.mark.parametrize("shape", [(1, 0, 40, 3), (1, 40, 0, 3), (1, 40, 40, 0)])
 def test_an_empty_input_map_is_named_as_the_fcns(shape):
     """An input without pixels or channels is refused by FCN itself, naming the shape, before any

@@ -994,6 +994,47 @@ def test_a_mixing_knob_the_base_config_never_applies_is_refused(name, overrides,
                                                                if name == "cutmix" else {}))
 
 
+def _fcn_base(model):
+    """The Pets segmentation config on FCN `model`, its model_kwargs declared and unset."""
+    from cnnjax.train.config import model_kwargs_config
+    from experiments.configs import fcn_pets
+
+    config = fcn_pets.get_config()
+    config.model = model
+    config.model_kwargs = model_kwargs_config(model)
+    config.lock()
+    return config
+
+
+def test_the_dropout_knob_turns_up_the_rate_fcn_vgg16_trains_with():
+    """FCN's unset dropout_rate is the paper's 0.5 on VGG-16. The knob read the None as off and
+    proposed 0.3, 0.5 and 0.1 as stronger, and the lengthening filter (None the weakest) agreed;
+    it now reads the model's effective rate. A ResNet-backbone FCN (no dropout) stays refused."""
+    base = _fcn_base("fcn8s_vgg16")
+    assert rg.knob_value(base, {}, rg.DROPOUT) == 0.5
+    recipe = _recipe(regularizers=("dropout",), lengthen_regularizers=True, max_rounds=8,
+                     max_trials=30)
+    rg.check_regularizers(recipe, base)
+    history = [_round1(recipe, [0.5, 0.9, 0.3])]
+    d = _decide(history, recipe, "overfitting", base)
+    assert (d.action, d.next_round.field, d.next_round.values) == (
+        "regularize", rg.DROPOUT, (0.6, 0.7))
+    # Both rates lost still learning; 0.3 (weaker than the incumbent's 0.5) scored higher but is
+    # not the regularizer to rerun longer: 0.6 is, against the incumbent's 0.5.
+    plan = dataclasses.replace(d.next_round, values=(0.3, 0.6))
+    history.append(rc.RoundResult(plan, [_row(0, 0.3, 0.85, field=rg.DROPOUT),
+                                         _row(1, 0.6, 0.8, field=rg.DROPOUT)]))
+    d = rc.decide(history, recipe, base, lambda w, *a: _diagnosis(
+        "too_slow" if w.startswith(f"w_{rg.DROPOUT}") else "overfitting"))
+    assert (d.action, d.next_round.values) == ("regularize_longer", (0.5, 0.6))
+    assert f"{rg.DROPOUT}=0.6 lost at 100 steps while still learning" in d.reason
+    with pytest.raises(ValueError, match=r"^recipe: regularizers='dropout' is invalid; the base "
+                                         r"config with \{'model_kwargs.dropout_rate': 0.3\} is "
+                                         r"refused \(FCN: dropout_rate=0.3 is invalid; the "
+                                         r"resnet18 backbone has no dropout"):
+        rg.check_regularizers(_recipe(regularizers=("dropout",)), _fcn_base("fcn8s_resnet18"))
+
+
 def test_a_drop_path_knob_a_plain_network_refuses_is_refused_before_round_1():
     """plain20_cifar declares drop_path_rate but refuses any value > 0 (no residual branch):
     `validate_config` never builds the model, so the knob passed and the tune died when its
