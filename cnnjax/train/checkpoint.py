@@ -209,6 +209,7 @@ def _drop_closed_loop_callbacks() -> None:
             previous(unraisable)
 
     hook._cnnjax_drops_closed_loop_callbacks = True  # type: ignore[attr-defined]
+    hook.__wrapped__ = previous  # type: ignore[attr-defined]  # lets a StopRequest find its own
     sys.unraisablehook = hook
 
 

@@ -179,13 +179,26 @@ def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
 
 
 def _frozen(fresh: list[str], variable_shapes: Mapping, freeze: str | None) -> list[str]:
-    """The `fresh` (not loaded) modules whose every parameter `freeze` keeps fixed: they stay at
-    their random initialization for the whole run."""
+    """The outermost parts of the `fresh` (not loaded) modules whose every parameter `freeze`
+    keeps fixed: they stay at their random initialization for the whole run. A fresh module
+    that trains a nested head (GoogLeNet's `aux1`) is named by its frozen parts (`aux1/conv`,
+    `aux1/fc`)."""
     if freeze is None or not fresh:
         return []
-    trainable = flatten_dict(dict(trainable_heads(variable_shapes["params"])), sep="/")
-    return [module for module in fresh
-            if not any(on for path, on in trainable.items() if path.startswith(module + "/"))]
+    trainable = flatten_dict(dict(trainable_heads(variable_shapes["params"])))
+    frozen: list[str] = []
+
+    def visit(prefix: tuple[str, ...]) -> None:
+        inside = {path: on for path, on in trainable.items() if path[:len(prefix)] == prefix}
+        if not any(inside.values()):
+            frozen.append("/".join(prefix))
+            return
+        for child in sorted({path[len(prefix)] for path in inside if len(path) > len(prefix)}):
+            visit((*prefix, child))
+
+    for module in fresh:
+        visit(tuple(module.split("/")))
+    return frozen
 
 
 def _leaf_paths(tree: Any) -> list[tuple[str, ...]]:

@@ -548,8 +548,8 @@ class _Run:
         self.steps_finished: int | None = None
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
         self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
-        # config.init_from's (variables, record), read by setup when the workdir has no
-        # checkpoint of its own, so a refused warm start writes nothing there.
+        # config.init_from's (variables, record), read by setup when the run starts fresh
+        # (before `restart` empties the workdir), so a refused warm start changes nothing there.
         self.pretrained: tuple[dict, dict] | None = None
         # Wall time of the run's earlier invocations, up to the checkpoint this one resumed from.
         self.earlier_wall_time_s = 0.0
@@ -574,8 +574,7 @@ class _Run:
             # retrained or deleted since must not fail it).
             if distill_lib.distill_settings(self.config) is not None and not self.completed():
                 self.load_teacher()
-            if (config_lib.init_from_workdir(self.config) is not None
-                    and not _has_checkpoints(self.workdir)):
+            if config_lib.init_from_workdir(self.config) is not None and self.starts_fresh():
                 self.pretrained = init_from_lib.load_init_from(self.config,
                                                                self.variable_shapes)
             self.prepare_workdir()
@@ -588,6 +587,14 @@ class _Run:
         saved = _saved_config(self.workdir)
         return (finished is not None and finished.get("step") == self.config.num_train_steps
                 and saved is not None and not _fields_differing(self.workdir, saved, self.config))
+
+    def starts_fresh(self) -> bool:
+        """Whether the run starts at step 0: its workdir holds no checkpoints, or `restart`
+        will delete them (`prepare_workdir`: a run of another config)."""
+        if not _has_checkpoints(self.workdir):
+            return True
+        return bool(self.config.restart) and bool(
+            _fields_differing(self.workdir, _saved_config(self.workdir), self.config))
 
     def load_teacher(self) -> None:
         """Reads the distillation teacher (`config.distill`), checked against the data."""
@@ -830,8 +837,8 @@ class _Run:
 
     def warm_start_source(self, checkpointer: Checkpointer) -> tuple[dict, dict] | None:
         """`init_from`'s (variables, record) for a run without checkpoints of its own (its own
-        checkpoints win: an exact resume), read by `setup` or, after `restart` emptied the
-        workdir, now."""
+        checkpoints win: an exact resume), read by `setup` for a run that starts fresh, else now
+        (step folders setup counted that hold no complete checkpoint)."""
         if checkpointer.all_steps():
             return None
         if self.pretrained is None and config_lib.init_from_workdir(self.config) is not None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,17 +69,33 @@ _pending: str | None = None
 #: and no poll has raised yet; cleared when the outermost `StopRequest` exits.
 _swallowed_interrupt = False
 _active_requests = 0  # StopRequests entered and not yet exited (nested: sweep, then run)
-_previous_unraisablehook: object = None
+_noting_hook: Callable[[Any], None] | None = None  # the hook `_notes_interrupts` last made
 
 
-def _note_unraisable(unraisable: object) -> None:
-    """`sys.unraisablehook` while a StopRequest is active: notes a swallowed KeyboardInterrupt,
-    then reports it as the previous hook would."""
-    global _swallowed_interrupt
-    exc_type = getattr(unraisable, "exc_type", None)
-    if isinstance(exc_type, type) and issubclass(exc_type, KeyboardInterrupt):
-        _swallowed_interrupt = True
-    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+def _notes_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A `sys.unraisablehook` that notes a swallowed KeyboardInterrupt while a StopRequest is
+    active, then reports every error as `previous` would; `__wrapped__` names `previous`."""
+
+    def hook(unraisable: Any) -> None:
+        global _swallowed_interrupt
+        exc_type = getattr(unraisable, "exc_type", None)
+        if (_active_requests and isinstance(exc_type, type)
+                and issubclass(exc_type, KeyboardInterrupt)):
+            _swallowed_interrupt = True
+        previous(unraisable)
+
+    hook.__wrapped__ = previous  # type: ignore[attr-defined]
+    return hook
+
+
+def _hook_installed(hook: Callable[[Any], None] | None) -> bool:
+    """Whether `hook` is `sys.unraisablehook` or a hook it reaches through `__wrapped__`."""
+    current = sys.unraisablehook
+    while hook is not None and current is not None:
+        if current is hook:
+            return True
+        current = getattr(current, "__wrapped__", None)
+    return False
 
 
 def raise_swallowed_interrupt() -> None:
@@ -119,11 +137,11 @@ class StopRequest:
         self.requested = _pending = signal.Signals(signum).name
 
     def __enter__(self) -> StopRequest:
-        global _active_requests, _previous_unraisablehook
+        global _active_requests, _noting_hook
         if self.requested is None:
             self.requested = _pending
-        if _active_requests == 0:
-            _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, _note_unraisable
+        if _active_requests == 0 and not _hook_installed(_noting_hook):
+            _noting_hook = sys.unraisablehook = _notes_interrupts(sys.unraisablehook)
         _active_requests += 1
         # signal.signal only works in the main thread; elsewhere the default behaviour stays.
         if threading.current_thread() is threading.main_thread():
@@ -132,13 +150,17 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        global _active_requests, _swallowed_interrupt
+        """Restores the signal handlers, and the unraisable hook unless one installed inside the
+        request wraps ours (the checkpoints' filter of late tensorstore callbacks, which must
+        outlive the failed read that raised out of here): ours then stays, noting nothing."""
+        global _active_requests, _swallowed_interrupt, _noting_hook
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
         _active_requests -= 1
         if _active_requests == 0:
-            sys.unraisablehook = _previous_unraisablehook
+            if _noting_hook is not None and sys.unraisablehook is _noting_hook:
+                sys.unraisablehook, _noting_hook = _noting_hook.__wrapped__, None
             _swallowed_interrupt = False
 
     def should_stop(self, step: int, sync_every: int) -> str | None:

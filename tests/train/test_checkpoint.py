@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax.train.checkpoint import Checkpointer, CheckpointShapeError
+from cnnjax.train.checkpoint import Checkpointer, CheckpointShapeError, SourceCheckpoints
+from cnnjax.train.preemption import StopRequest
 
 
 def _state(value):
@@ -375,6 +376,34 @@ def test_a_save_installs_the_closed_loop_filter_before_it_can_fail(tmp_path, mon
     late_write = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
     sys.unraisablehook(late_write)
     assert seen == []
+
+
+def test_the_closed_loop_filter_outlives_the_stop_request_it_was_installed_in(tmp_path,
+                                                                              monkeypatch):
+    """A run (and a sweep) trains inside a `StopRequest`, which put back the unraisable hook it
+    found on exit and so dropped the filter a read inside it installed: a damaged init_from
+    source's late callbacks, arriving after the error raised out of the request, printed dozens
+    of bare "Event loop is closed" tracebacks around the one-line error."""
+    import sys
+    import types
+
+    _two_checkpoints(tmp_path).close()  # before the hook below, as by another process
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    late_read = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    with pytest.raises(ValueError, match="damaged"), StopRequest():  # as `_train_and_evaluate`
+        SourceCheckpoints(str(tmp_path)).close()  # as load_init_from: installs the filter
+        raise ValueError("the source's checkpoint is damaged")
+    sys.unraisablehook(late_read)
+    sys.unraisablehook(other)
+    assert seen == [other.exc_value]
+    hook = sys.unraisablehook
+    with StopRequest():  # the next run of the process (a sweep's) stacks no further hooks
+        checkpointer = Checkpointer(str(tmp_path / "next"), use_async=False)
+        checkpointer.save(2, _state(2))  # installs the filter if it is not on top
+        checkpointer.close()
+    assert sys.unraisablehook is hook
 
 
 # ------------------------------------------------------------------ digests of the saved arrays

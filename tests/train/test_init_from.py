@@ -21,7 +21,7 @@ from flax.traverse_util import flatten_dict
 from cnnjax.train import loop
 from cnnjax.train.checkpoint import Checkpointer, SourceCheckpoints
 from cnnjax.train.config import default_config, incompatible_fields, validate_config
-from cnnjax.train.init_from import check_exclude_names
+from cnnjax.train.init_from import _frozen, check_exclude_names
 from cnnjax.train.state import freeze_optimizer, select_pretrained
 from tests.train import helpers
 
@@ -269,6 +269,24 @@ def test_a_frozen_module_left_out_of_the_warm_start_is_named(source, tmp_path, c
     assert "random initialization" not in caplog.text
 
 
+def test_the_frozen_parts_of_a_fresh_module_with_a_trained_nested_head_are_named():
+    """GoogLeNet with aux classifiers, init_from.exclude=('head', 'aux1') (as the docs advise)
+    and freeze='backbone': aux1's conv and fc start random and stay frozen, but aux1 was not
+    named, because its nested head trains; its frozen parts are named now."""
+    def dense(*shape):
+        return {"kernel": np.zeros(shape, np.float32), "bias": np.zeros(shape[-1:], np.float32)}
+
+    params = {"conv1": dense(3, 8), "inception3a": {"b1": dense(8, 8)},
+              "aux1": {"conv": {"conv": dense(8, 4), "bn": {"scale": np.zeros(4, np.float32)}},
+                       "fc": dense(4, 4), "head": dense(4, 10)},
+              "head": dense(8, 10)}
+    shapes = {"params": params}
+    assert _frozen(["aux1", "head"], shapes, "backbone") == ["aux1/conv", "aux1/fc"]
+    assert _frozen(["aux1/head", "head"], shapes, "backbone") == []  # only heads are fresh
+    assert _frozen(["head", "inception3a"], shapes, "backbone") == ["inception3a"]
+    assert _frozen(["aux1", "head"], shapes, None) == []
+
+
 def test_freeze_without_init_from_trains_only_the_head(tmp_path, initial_states, caplog):
     """Allowed (a random-feature baseline), but said, as for a frozen module the warm start left
     out: the whole backbone stays at its random initialization. It passed silently before."""
@@ -344,6 +362,24 @@ def test_missing_source_workdir(tmp_path, monkeypatch):
         f"in {os.path.join(missing, 'checkpoints')!r}); expected the --workdir of a run that "
         "saved checkpoints.",
     )
+
+
+def test_a_refused_warm_start_leaves_the_run_restart_would_replace(source, tmp_path,
+                                                                   monkeypatch):
+    """restart=True over a run of another config deleted that run (checkpoints, metrics,
+    config.json) before the init_from source was read, so a missing source emptied the workdir
+    for nothing; the source is now read first, and the refusal changes no file there."""
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+
+    def files():  # but the lock each run takes on the workdir
+        return {str(p.relative_to(workdir)): p.read_bytes() if p.is_file() else None
+                for p in workdir.rglob("*") if p.name != "run.lock"}
+
+    before = files()
+    config = _fine_tune_config(str(tmp_path / "nope"), restart=True)
+    _raises(config, workdir, monkeypatch, "init_from: workdir=")
+    assert files() == before
 
 
 def test_source_workdir_without_checkpoints(tmp_path, monkeypatch):

@@ -160,6 +160,34 @@ def test_a_swallowed_ctrl_c_is_forgotten_when_the_outermost_request_exits():
         assert stop.should_stop(1, sync_every=1) is None
 
 
+def test_a_hook_installed_inside_a_request_outlives_it_and_ctrl_c_is_still_noted(monkeypatch):
+    """A hook installed inside a request (the checkpoints' filter of late tensorstore callbacks)
+    wraps the request's own; restoring the hook found on entry dropped it. It stays now, and the
+    request's hook under it notes a swallowed Ctrl-C only inside the next request, unstacked."""
+    seen: list[type] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+
+    def wrapping(previous):
+        def hook(unraisable):
+            previous(unraisable)
+
+        hook.__wrapped__ = previous
+        return hook
+
+    with preemption.StopRequest():
+        sys.unraisablehook = inner = wrapping(sys.unraisablehook)
+    assert sys.unraisablehook is inner
+    sys.unraisablehook(_unraisable(KeyboardInterrupt()))  # between runs: reported, not noted
+    with preemption.StopRequest() as stop:
+        assert sys.unraisablehook is inner  # the hook under `inner` is reused, not stacked
+        assert stop.should_stop(1, sync_every=1) is None
+        sys.unraisablehook(_unraisable(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            stop.should_stop(2, sync_every=1)
+    assert sys.unraisablehook is inner
+    assert seen == [KeyboardInterrupt, KeyboardInterrupt]
+
+
 def _unraisable(error: BaseException):
     """What Python passes `sys.unraisablehook` for an error it cannot raise."""
     return type("UnraisableHookArgs", (), {"exc_type": type(error), "exc_value": error,
