@@ -267,7 +267,8 @@ def _architecture_tree() -> dict[str, str]:
 
 
 def test_the_architecture_page_lists_every_module():
-    """docs/architecture.md's layout names every module of cnnjax/ under its own package."""
+    """docs/architecture.md's layout names every module of cnnjax/ under its own package, every
+    experiment script and every top-level file of tests/."""
     tree = _architecture_tree()
     unlisted = []
     for path in sorted(glob.glob(os.path.join(ROOT, "cnnjax", "**", "*.py"), recursive=True)):
@@ -281,9 +282,15 @@ def test_the_architecture_page_lists_every_module():
         if not re.search(named, tree.get(package, "")):
             unlisted.append(relative)
     with open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8") as f:
-        experiments = f.read().split("\nexperiments/", 1)[1].split("\nlaunch/", 1)[0]
+        layout = f.read()
+    experiments = layout.split("\nexperiments/", 1)[1].split("\nlaunch/", 1)[0]
     for path in sorted(glob.glob(os.path.join(ROOT, "experiments", "[a-z]*.py"))):
         if not re.search(rf"\b{re.escape(os.path.basename(path))}", experiments):
+            unlisted.append(os.path.relpath(path, ROOT))
+    tests = layout.split("\ntests/", 1)[1].split("\ndocs/", 1)[0]
+    for path in sorted(glob.glob(os.path.join(ROOT, "tests", "[a-z]*.py"))):  # the top level
+        name = os.path.basename(path).removesuffix(".py")
+        if name != "conftest" and not re.search(rf"\b{name}\b", tests):
             unlisted.append(os.path.relpath(path, ROOT))
     assert not unlisted, f"docs/architecture.md does not list {unlisted}"
 
