@@ -159,44 +159,51 @@ def get_dataset_info(data_config: Any) -> pipeline.DatasetInfo:
                                  data_config.get("tfds_name") or spec.preset.name)
 
 
-def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: int,
-                 flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The first `count` normalized `[ymin, xmin, ymax, xmax]` rows of `bbox` as `(x1, y1, x2,
-    y2)` pixels of the `hw` output image (mirrored with `flip`), zero-padded to `rows`, and
-    their validity `[rows]`."""
-    bbox = tf.cast(bbox[:count], tf.float32)
+def _to_pixels(bbox: tf.Tensor, hw: tuple[int, int], flip: tf.Tensor) -> tf.Tensor:
+    """Normalized `[ymin, xmin, ymax, xmax]` rows of `bbox` as `(x1, y1, x2, y2)` pixels of the
+    `hw` output image (mirrored with `flip`)."""
+    bbox = tf.cast(bbox, tf.float32)
     height, width = float(hw[0]), float(hw[1])
     x1, x2 = bbox[:, 1] * width, bbox[:, 3] * width
     x1, x2 = tf.where(flip, width - x2, x1), tf.where(flip, width - x1, x2)
-    boxes = tf.stack([x1, bbox[:, 0] * height, x2, bbox[:, 2] * height], axis=1)
-    boxes = tf.pad(boxes, [[0, rows - count], [0, 0]])
+    return tf.stack([x1, bbox[:, 0] * height, x2, bbox[:, 2] * height], axis=1)
+
+
+def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: int,
+                 flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The first `count` rows of `bbox` as `_to_pixels` boxes, zero-padded to `rows`, and their
+    validity `[rows]`."""
+    boxes = tf.pad(_to_pixels(bbox[:count], hw, flip), [[0, rows - count], [0, 0]])
     boxes.set_shape((rows, 4))
     return boxes, tf.range(rows) < count
 
 
 def _targets(ex: dict[str, tf.Tensor], hw: tuple[int, int], max_boxes: int,
              flip: tf.Tensor, training: bool) -> dict[str, tf.Tensor]:
-    """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example; for a set that
-    marks difficult objects, their flags (`box_difficult`, eval) or their removal from the
-    targets (training); its external proposals (`proposals`, `proposal_valid`) when the source
-    reads them. Training also drops boxes without area (x2 <= x1 or y2 <= y1), as torchvision's
-    detection references do: no anchor or RoI can match one (IoU 0/0) and its regression target
-    would be log(0/0); the eval keeps them, as pycocotools and the VOC devkit do."""
-    classes = ex["classes"]
+    """Padded `(x1, y1, x2, y2)` pixel boxes, labels and validity of one example, its first
+    `max_boxes` objects; for a set that marks difficult objects, their flags (`box_difficult`,
+    eval) or their removal from the targets (training); its external proposals (`proposals`,
+    `proposal_valid`) when the source reads them. Training also drops boxes without area (x2 <=
+    x1 or y2 <= y1), as torchvision's detection references do: no anchor or RoI can match one
+    (IoU 0/0) and its regression target would be log(0/0); it drops them (and difficult ones)
+    before taking the first `max_boxes`, so they take no slot from a later object. The eval
+    keeps them, as pycocotools and the VOC devkit do."""
+    bbox, classes = ex["bbox"], ex["classes"]
+    difficult = tf.cast(ex["difficult"], tf.bool) if "difficult" in ex else None
+    if training:
+        pixels = _to_pixels(bbox, hw, flip)  # the same arithmetic as the kept rows' below
+        keep = (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
+        if difficult is not None:
+            keep &= ~difficult
+        bbox, classes = tf.boolean_mask(bbox, keep), tf.boolean_mask(classes, keep)
     count = tf.minimum(tf.shape(classes)[0], max_boxes)
-    boxes, valid = _pixel_boxes(ex["bbox"], count, hw, max_boxes, flip)
+    boxes, valid = _pixel_boxes(bbox, count, hw, max_boxes, flip)
     labels = tf.pad(tf.cast(classes[:count], tf.int32), [[0, max_boxes - count]])
     labels.set_shape((max_boxes,))
-    if training:
-        valid &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     out = {"boxes": boxes, "labels": labels, "box_valid": valid}
-    if "difficult" in ex:
-        difficult = tf.pad(tf.cast(ex["difficult"][:count], tf.bool), [[0, max_boxes - count]])
-        difficult.set_shape((max_boxes,))
-        if training:
-            out["box_valid"] = valid & ~difficult
-        else:
-            out["box_difficult"] = difficult
+    if difficult is not None and not training:
+        out["box_difficult"] = tf.pad(difficult[:count], [[0, max_boxes - count]])
+        out["box_difficult"].set_shape((max_boxes,))
     if "proposals" in ex:
         rows = ex["proposals"].shape[0]
         out["proposals"], out["proposal_valid"] = _pixel_boxes(

@@ -14,9 +14,10 @@ with BatchNorm, fc 512 (`hidden_features=512`), no dropout, an 8x8 grid.
 Output: `[N, S, S, B * 5 + C]`, per cell `B` groups `(x, y, sqrt_w, sqrt_h, confidence)` then `C`
 class scores, the layout `cnnjax.detection.yolo.yolo_v1_loss` expects (raw linear outputs, as in
 the paper). `loss(images, gt_boxes, gt_labels, gt_valid)` is eq. 3 summed over the grid and
-averaged over the images; `detect(images)` decodes every predictor to a box with class-specific
-score `confidence * P(class)` (the paper's test-time score), keeps its best class, and applies
-per-class NMS down to `max_detections` per image (`cnnjax.detection.postprocess`).
+averaged over the images; `detect(images)` decodes every predictor to a box scored
+`confidence * P(c)` for every class `c` (the paper's "class-specific confidence scores for each
+box", as darknet's v1), drops boxes clipped to under `MIN_BOX_SIZE` (wholly off the image), and
+applies per-class NMS down to `max_detections` per image (`cnnjax.detection.postprocess`).
 
 Parameter names: `conv{i}` (and `bn{i}`) for the i-th convolution (1-based, as listed), `fc1`,
 `head` (the final fc).
@@ -33,7 +34,12 @@ import jax.numpy as jnp
 
 from cnnjax.detection.anchors import image_size_pair
 from cnnjax.detection.ground_truth import check_ground_truth
-from cnnjax.detection.postprocess import Detections, batched_nms, check_detection_settings
+from cnnjax.detection.postprocess import (
+    Detections,
+    batched_nms,
+    check_detection_settings,
+    has_min_size,
+)
 from cnnjax.detection.yolo import (
     YoloV1LossTerms,
     check_yolo_v1_loss_settings,
@@ -221,8 +227,10 @@ def decode_yolo_v1(
     """One image's `[S, S, B * 5 + C]` output as `Detections` (see the module docstring).
 
     A predictor's box is centred at `((col + x) / S, (row + y) / S)` of the image with size
-    `(sqrt_w**2, sqrt_h**2)` image widths/heights, clipped to the image; its score for class `c`
-    is `confidence * P(c)`; only its best class is kept, then per-class NMS.
+    `(sqrt_w**2, sqrt_h**2)` image widths/heights, clipped to the image; every (predictor, class
+    `c`) pair is a candidate scored `confidence * P(c)` (so a runner-up class is still found),
+    boxes under `MIN_BOX_SIZE` dropped, then per-class NMS. `image_size` may be a traced `[2]`
+    array (per-image sizes under `vmap`).
     """
     owner = "decode_yolo_v1"
     output = jnp.asarray(output)
@@ -230,22 +238,26 @@ def decode_yolo_v1(
     if output.ndim != 3 or output.shape[2] <= 5 * count:
         raise invalid(owner, "output.shape", tuple(output.shape),
                       f"expected [S, S, B * 5 + C] with B = boxes_per_cell = {count} and C >= 1")
-    height, width = (float(v) for v in image_size_pair(owner, image_size))
+    dtype = output.dtype if jnp.issubdtype(output.dtype, jnp.floating) else jnp.float32
+    output = output.astype(dtype)
+    height, width = (jnp.asarray(v, dtype) for v in image_size_pair(owner, image_size))
     rows, cols, _ = output.shape
-    boxes = output[..., :5 * boxes_per_cell].reshape(rows, cols, boxes_per_cell, 5)
-    col = jnp.arange(cols, dtype=output.dtype)[None, :, None]
-    row = jnp.arange(rows, dtype=output.dtype)[:, None, None]
+    boxes = output[..., :5 * count].reshape(rows, cols, count, 5)
+    col = jnp.arange(cols, dtype=dtype)[None, :, None]
+    row = jnp.arange(rows, dtype=dtype)[:, None, None]
     cx = (col + boxes[..., 0]) / cols * width
     cy = (row + boxes[..., 1]) / rows * height
     w = boxes[..., 2] ** 2 * width
     h = boxes[..., 3] ** 2 * height
     corners = jnp.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
-    corners = jnp.clip(corners, 0.0, jnp.asarray([width, height, width, height], output.dtype))
-    class_scores = boxes[..., 4:5] * output[..., None, 5 * boxes_per_cell:]  # [S, S, B, C]
-    best = jnp.argmax(class_scores, axis=-1)
-    score = jnp.max(class_scores, axis=-1)
-    return batched_nms(corners.reshape(-1, 4), score.reshape(-1), best.reshape(-1), nms_iou,
-                       max_detections, score_threshold)
+    corners = jnp.clip(corners, 0.0, jnp.stack([width, height, width, height]))  # [S, S, B, 4]
+    class_scores = boxes[..., 4:5] * output[..., None, 5 * count:]  # [S, S, B, C]
+    class_scores = jnp.where(has_min_size(corners)[..., None], class_scores, 0.0)
+    classes = jnp.broadcast_to(jnp.arange(class_scores.shape[-1], dtype=jnp.int32),
+                               class_scores.shape)
+    candidates = jnp.broadcast_to(corners[..., None, :], (*class_scores.shape, 4))
+    return batched_nms(candidates.reshape(-1, 4), class_scores.reshape(-1), classes.reshape(-1),
+                       nms_iou, max_detections, score_threshold)
 
 
 @register_model("yolo_v1", input_shape=(448, 448, 3), min_input_size=31, num_classes=20,

@@ -188,6 +188,34 @@ def test_flipped_boxes_are_the_numpy_mirror_and_cover_the_flipped_pixels():
         np.testing.assert_array_equal(flip_image == value, inside)
 
 
+def test_training_drops_unused_boxes_before_taking_max_boxes():
+    """Fast (no dataset): training removes difficult and area-less boxes *before* taking the
+    first `max_boxes`, so they take no slot from a later object (they used to: objects [ok,
+    zero-height, difficult, ok, ok] with max_boxes=3 left one valid box); the eval keeps the
+    first `max_boxes` objects as stored, difficult ones flagged."""
+    bbox = np.array([[0.1, 0.1, 0.3, 0.3], [0.2, 0.2, 0.2, 0.5], [0.5, 0.5, 0.9, 0.9],
+                     [0.4, 0.6, 0.8, 0.9], [0.0, 0.25, 0.5, 1.0]], np.float32)
+    example = {"bbox": tf.constant(bbox), "classes": tf.constant([0, 1, 2, 3, 4], tf.int64),
+               "difficult": tf.constant([False, False, True, False, False])}
+
+    def pixels(rows):  # [ymin, xmin, ymax, xmax] of a 40 x 80 image -> (x1, y1, x2, y2)
+        return bbox[rows][:, [1, 0, 3, 2]] * np.float32([80, 40, 80, 40])
+
+    train = detection._targets(example, (40, 80), 3, tf.constant(False), training=True)
+    np.testing.assert_array_equal(train["box_valid"], [True, True, True])
+    np.testing.assert_array_equal(train["labels"], [0, 3, 4])
+    np.testing.assert_allclose(train["boxes"], pixels([0, 3, 4]), atol=1e-5)
+    assert "box_difficult" not in train
+    roomy = detection._targets(example, (40, 80), 4, tf.constant(False), training=True)
+    np.testing.assert_array_equal(roomy["box_valid"], [True, True, True, False])
+    assert not roomy["boxes"].numpy()[3].any() and roomy["labels"].numpy()[3] == 0
+    evaluated = detection._targets(example, (40, 80), 3, tf.constant(False), training=False)
+    np.testing.assert_array_equal(evaluated["box_valid"], [True, True, True])
+    np.testing.assert_array_equal(evaluated["labels"], [0, 1, 2])
+    np.testing.assert_array_equal(evaluated["box_difficult"], [False, False, True])
+    np.testing.assert_allclose(evaluated["boxes"], pixels([0, 1, 2]), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_resume_replays_the_same_batches(data_dir):
     kwargs = {"global_batch_size": 16, "num_devices": 2, "seed": 5}
@@ -411,10 +439,11 @@ def test_voc2007_boxes_classes_and_difficult_flags(voc_dir):
     assert not batch["box_difficult"][0][~batch["box_valid"][0]].any()
     removed = 0
     for i, example in enumerate(train):  # shuffle_buffer=1: the stored order
-        hard = example["objects"]["is_difficult"][:6]
-        expected = np.zeros(6, bool)
-        expected[:len(hard)] = ~hard
-        np.testing.assert_array_equal(trained["box_valid"][0, i], expected)
+        hard = example["objects"]["is_difficult"]
+        n = min(int((~hard).sum()), 6)  # the first 6 objects that are not difficult
+        assert trained["box_valid"][0, i].tolist() == [True] * n + [False] * (6 - n)
+        np.testing.assert_array_equal(trained["labels"][0, i, :n],
+                                      example["objects"]["label"][~hard][:n])
         removed += int(hard.sum())
     assert removed > 0 and "box_difficult" not in trained
 
@@ -442,11 +471,12 @@ def test_boxes_without_area_are_dropped_from_training_targets_only(voc_dir):
         batch = next(detection.eval_batches(_voc_config(voc_dir), global_batch_size=6,
                                             num_devices=1))
     for i, example in enumerate(flattened("train+validation")):
-        n = min(len(example["objects"]["label"]), 6)
-        expected = np.zeros(6, bool)
-        expected[:n] = ~example["objects"]["is_difficult"][:n]
-        expected[:min(n, 2)] = False  # the two flattened boxes
-        np.testing.assert_array_equal(trained["box_valid"][0, i], expected)
+        kept = ~example["objects"]["is_difficult"]
+        kept[:2] = False  # the two flattened boxes
+        n = min(int(kept.sum()), 6)
+        assert trained["box_valid"][0, i].tolist() == [True] * n + [False] * (6 - n)
+        np.testing.assert_array_equal(trained["labels"][0, i, :n],
+                                      example["objects"]["label"][kept][:n])
     for i, example in enumerate(flattened("test")):
         n = min(len(example["objects"]["label"]), 6)
         assert batch["box_valid"][0, i].tolist() == [True] * n + [False] * (6 - n)

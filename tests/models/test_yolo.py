@@ -88,7 +88,9 @@ def test_loss_is_the_batch_mean_of_eq3(small):
 
 
 def _decode_ref(out, size, b, score_threshold, iou, k):
-    """Float64 loop over cells and predictors (paper sec. 2: class score = conf * P(c))."""
+    """Float64 loop over cells, predictors and classes: the paper's decode (sec. 2, "class-specific
+    confidence scores for each box" conf * P(c); darknet v1 scores every class of every box),
+    boxes clipped to under 1e-2 px dropped, then per-class NMS."""
     s = out.shape[0]
     h, w = size
     boxes, scores, classes = [], [], []
@@ -99,25 +101,78 @@ def _decode_ref(out, size, b, score_threshold, iou, k):
                 cx, cy, bw, bh = (col + x) / s * w, (row + y) / s * h, sw * sw * w, sh * sh * h
                 corners = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
                 box = [min(max(v, 0), lim) for v, lim in zip(corners, [w, h, w, h], strict=True)]
-                probs = conf * out[row, col, 5 * b:]
-                boxes.append(box)
-                scores.append(probs.max())
-                classes.append(int(probs.argmax()))
+                if box[2] - box[0] < 1e-2 or box[3] - box[1] < 1e-2:
+                    continue  # wholly off the image
+                for c, p in enumerate(out[row, col, 5 * b:]):
+                    boxes.append(box)
+                    scores.append(conf * p)
+                    classes.append(c)
     boxes, scores, classes = np.array(boxes), np.array(scores), np.array(classes)
     keep = batched_nms_ref(boxes, scores, classes, iou, k, score_threshold)
     return boxes[keep], scores[keep], classes[keep]
 
 
+def _assert_decodes_like_ref(out, size, b, score_threshold, iou, k):
+    got = decode_yolo_v1(jnp.asarray(out), size, b, score_threshold, iou, k)
+    boxes, scores, classes = _decode_ref(out.astype(np.float64), size, b, score_threshold, iou, k)
+    n = len(scores)
+    assert int(got.valid.sum()) == n and not np.asarray(got.valid[n:]).any()
+    np.testing.assert_allclose(np.asarray(got.boxes[:n]), boxes.reshape(n, 4), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got.scores[:n]), scores, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.classes[:n]), classes)
+    return n
+
+
 def test_decode_matches_float64_loop():
     rng = np.random.default_rng(0)
     out = rng.uniform(0, 1, (4, 4, 2 * 5 + 3)).astype(np.float32)
-    got = decode_yolo_v1(jnp.asarray(out), (48, 64), 2, 0.1, 0.5, 20)
-    boxes, scores, classes = _decode_ref(out.astype(np.float64), (48, 64), 2, 0.1, 0.5, 20)
-    n = len(scores)
-    assert 0 < n <= 20 and int(got.valid.sum()) == n
-    np.testing.assert_allclose(np.asarray(got.boxes[:n]), boxes, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(got.scores[:n]), scores, rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(got.classes[:n]), classes)
+    assert 0 < _assert_decodes_like_ref(out, (48, 64), 2, 0.1, 0.5, 20) <= 20
+
+
+def test_decode_scores_every_class_of_every_predictor():
+    """A predictor (conf 0.9) in a cell with P = (0.50, 0.45), over an object of class 1, gives a
+    class-1 detection (0.405) besides class 0's (0.45): each box has a score per class, and boxes
+    of different classes never suppress each other. Keeping only a predictor's best class (the
+    old decode) never found that object. The cell's second predictor, the same box with conf 0.5,
+    is suppressed in each class by the first."""
+    out = np.zeros((2, 2, 2 * 5 + 2), np.float32)
+    out[0, 0, :10] = [0.5, 0.5, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5]
+    out[0, 0, 10:] = [0.50, 0.45]
+    out[1, 1, :5] = [0.2, 0.7, 0.3, 0.6, 0.8]  # a separate box, class 0 only scores
+    out[1, 1, 10:] = [0.7, 0.0]
+    assert _assert_decodes_like_ref(out, (32, 32), 2, 0.005, 0.5, 10) == 3
+    got = decode_yolo_v1(jnp.asarray(out), (32, 32), 2, 0.005, 0.5, 10)
+    np.testing.assert_allclose(np.asarray(got.scores[:3]), [0.56, 0.45, 0.405], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got.classes[:3]), [0, 0, 1])
+    np.testing.assert_allclose(np.asarray(got.boxes[1:3]), [[4, 4, 12, 12]] * 2, atol=1e-5)
+
+
+def test_decode_drops_predictors_clipped_off_the_image():
+    """A box wholly off the image clips to zero width: a sure false positive, dropped (as the
+    R-CNN family's `detect_from_head` drops it), however well it scores."""
+    out = np.zeros((2, 2, 5 + 2), np.float32)
+    out[0, 0, :5] = [-3.0, 0.5, 0.3, 0.3, 0.9]  # centre 1.25 cells left of the image
+    out[1, 1, :5] = [0.5, 0.5, 0.3, 0.3, 0.6]
+    out[..., 5:] = [0.9, 0.1]
+    assert _assert_decodes_like_ref(out, (64, 64), 1, 0.005, 0.5, 10) == 2
+    got = decode_yolo_v1(jnp.asarray(out), (64, 64), 1, 0.005, 0.5, 10)
+    np.testing.assert_allclose(np.asarray(got.boxes[:2, 2] - got.boxes[:2, 0]), 0.09 * 64,
+                               rtol=1e-5)  # (sqrt_w = 0.3)**2 image widths
+
+
+def test_decode_takes_traced_image_sizes_under_vmap():
+    """Per-image sizes under `vmap` (as `yolo_v1_targets` takes them) decode as separate calls
+    with Python sizes do."""
+    rng = np.random.default_rng(2)
+    outs = jnp.asarray(rng.uniform(0, 1, (2, 3, 3, 2 * 5 + 2)).astype(np.float32))
+    sizes = jnp.array([[48, 64], [30, 20]])
+    got = jax.vmap(lambda o, s: decode_yolo_v1(o, s, 2, 0.1, 0.5, 12))(outs, sizes)
+    for i, size in enumerate([(48, 64), (30, 20)]):
+        want = decode_yolo_v1(outs[i], size, 2, 0.1, 0.5, 12)
+        assert int(want.valid.sum()) > 0
+        for field in ("boxes", "scores", "classes", "valid"):
+            np.testing.assert_allclose(getattr(got, field)[i], getattr(want, field), rtol=1e-6)
+        assert got.boxes.dtype == want.boxes.dtype == jnp.float32
 
 
 def test_detect_shapes_under_jit(small):
@@ -170,11 +225,11 @@ def test_decode_ignores_whatever_unscored_cells_hold():
     rng = np.random.default_rng(1)
     out = rng.uniform(0, 1, (4, 4, 2 * 5 + 3)).astype(np.float32)
     out[0, :, [4, 9]] = 0.0  # row 0: both predictors' confidence 0, score 0 <= 0.1
-    clean = decode_yolo_v1(jnp.asarray(out), (48, 64), 2, 0.1, 0.5, 40)
+    clean = decode_yolo_v1(jnp.asarray(out), (48, 64), 2, 0.1, 0.5, 100)
     dirty = out.copy()
     dirty[0, :, [0, 1, 2, 3, 5, 6, 7, 8]] = np.nan
-    got = decode_yolo_v1(jnp.asarray(dirty), (48, 64), 2, 0.1, 0.5, 40)
-    assert 0 < int(clean.valid.sum()) < 32
+    got = decode_yolo_v1(jnp.asarray(dirty), (48, 64), 2, 0.1, 0.5, 100)
+    assert 0 < int(clean.valid.sum()) < 72  # of 3 classes x 24 scored predictors
     for field in ("boxes", "scores", "classes", "valid"):
         np.testing.assert_array_equal(getattr(got, field), getattr(clean, field))
 
