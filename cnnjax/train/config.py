@@ -403,10 +403,9 @@ def validate_config(config: Any) -> None:
         raise invalid("config", "label_smoothing", config.label_smoothing,
                       f"label smoothing needs class labels (config.task='classification', not "
                       f"{task!r}); set label_smoothing=0")
-    aux_weight = config.aux_loss_weight
-    if (isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float)
-            or not 0 <= aux_weight < math.inf):
-        raise invalid("config", "aux_loss_weight", aux_weight, "expected a finite number >= 0")
+    check_number("config", "aux_loss_weight", config.aux_loss_weight,
+                 "expected a finite number >= 0", low=0.0, high=math.inf, high_open=True,
+                 strings=False)  # make_steps reads it as-is: no numeric string
     if (
         isinstance(config.num_devices, bool)
         or not isinstance(config.num_devices, int)
@@ -442,18 +441,14 @@ def _validate_init_from(config: Any) -> None:
     if init_from is None:
         return
     check_known_fields("init_from", init_from, INIT_FROM_FIELDS)
-    workdir, step = init_from.get("workdir"), init_from.get("step")
-    if workdir is not None and (not isinstance(workdir, str) or not workdir):
-        raise invalid("init_from", "workdir", workdir, "expected the source run's --workdir")
-    if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise invalid("init_from", "step", step, "expected a checkpoint step >= 0 or None")
-        if workdir is None:
-            raise invalid("init_from", "step", step, "it needs init_from.workdir to be set")
-    check_bool("init_from", "ema", init_from.get("ema", False))
-    if init_from.get("ema", False) and workdir is None:
-        raise invalid("init_from", "ema", True, "it needs init_from.workdir to be set (the run "
-                      "whose weight average to load)")
+    # Step 0 is a converted-weights source's one checkpoint (cnnjax.models.torchvision_weights).
+    distill_lib.check_source_run(
+        "init_from", ("workdir", init_from.get("workdir")), ("step", init_from.get("step")),
+        init_from.get("ema", False), first_step=0,
+        valid_workdir="expected the source run's --workdir",
+        valid_step="expected a checkpoint step >= 0 or None",
+        needs_workdir="it needs init_from.workdir to be set",
+        ema_source="the run whose weight average to load")
     submodule = init_from.get("submodule")
     if submodule is not None and (not isinstance(submodule, str) or not submodule
                                   or "/" in submodule):

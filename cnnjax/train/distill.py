@@ -126,9 +126,28 @@ def distill_settings(config: Any) -> dict | None:
     return {**DISTILL_DEFAULTS, **dict(block)}
 
 
+def check_source_run(owner: str, workdir: tuple[str, Any], step: tuple[str, Any], ema: Any, *,
+                     first_step: int, valid_workdir: str, valid_step: str, needs_workdir: str,
+                     ema_source: str) -> None:
+    """The fields naming a run to load weights from (`init_from`'s, `distill`'s), each a
+    `(field, value)`: the workdir a non-empty string or None, the step an int >= `first_step` or
+    None, a bool `ema`; a step or ema=True without the workdir is refused (nothing would read
+    it). The messages are `owner`'s: `valid_*`, `needs_workdir` and, for ema, `ema_source`."""
+    (workdir_field, workdir), (step_field, step) = workdir, step
+    if workdir is not None and (not isinstance(workdir, str) or not workdir):
+        raise invalid(owner, workdir_field, workdir, valid_workdir)
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int) or step < first_step:
+            raise invalid(owner, step_field, step, valid_step)
+        if workdir is None:
+            raise invalid(owner, step_field, step, needs_workdir)
+    if check_bool(owner, "ema", ema) and workdir is None:
+        raise invalid(owner, "ema", True, f"{needs_workdir} ({ema_source})")
+
+
 def validate_distill(config: Any, task: str) -> None:
     """Types and ranges of `config.distill` (the teacher run itself is checked by
-    `load_teacher`): a classification student, a workdir string, step >= 0, bool ema,
+    `load_teacher`): a classification student, a workdir string, step >= 1, bool ema,
     T > 0, alpha in [0, 1]; a step, ema, T or alpha other than the defaults needs a
     teacher_workdir (without one nothing reads them)."""
     block = config.get("distill")
@@ -137,24 +156,19 @@ def validate_distill(config: Any, task: str) -> None:
     check_known_fields(OWNER, block, DISTILL_DEFAULTS)
     settings = {**DISTILL_DEFAULTS, **dict(block)}
     check_distillation(OWNER, settings["temperature"], settings["alpha"])
-    check_bool(OWNER, "ema", settings["ema"])
-    workdir, step = settings["teacher_workdir"], settings["teacher_step"]
-    if workdir is not None and (not isinstance(workdir, str) or not workdir):
+    workdir = settings["teacher_workdir"]
+    # A trained run's steps start at 1 (step 0 is only a converted-weights source's, init_from's).
+    check_source_run(
+        OWNER, ("teacher_workdir", workdir), ("teacher_step", settings["teacher_step"]),
+        settings["ema"], first_step=1,
+        valid_workdir="expected the --workdir of a trained classification run, or None (off)",
+        valid_step="expected a checkpoint step >= 1, or None (the teacher's best)",
+        needs_workdir="it needs distill.teacher_workdir",
+        ema_source="the teacher whose weight average to use")
+    if workdir in ("None", "none") and not os.path.isdir(workdir):  # e.g. a config file's "None"
         raise invalid(OWNER, "teacher_workdir", workdir,
-                      "expected the --workdir of a trained classification run, or None (off)")
-    if workdir in ("None", "none") and not os.path.isdir(workdir):  # --...teacher_workdir=None
-        raise invalid(OWNER, "teacher_workdir", workdir,
-                      "a command line gives the string 'None', not None: to train without a "
-                      "teacher leave distill.teacher_workdir out, or set None in the config file")
-    if step is not None:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise invalid(OWNER, "teacher_step", step,
-                          "expected a checkpoint step >= 0, or None (the teacher's best)")
-        if workdir is None:
-            raise invalid(OWNER, "teacher_step", step, "it needs distill.teacher_workdir")
-    if settings["ema"] and workdir is None:
-        raise invalid(OWNER, "ema", True, "it needs distill.teacher_workdir (the teacher whose "
-                      "weight average to use)")
+                      "the string 'None' names no run; use None (not the string) to train "
+                      "without a teacher")
     for name in ("temperature", "alpha"):  # range-checked above: numbers
         if workdir is None and float(settings[name]) != DISTILL_DEFAULTS[name]:
             raise invalid(OWNER, name, settings[name],
@@ -196,7 +210,7 @@ def load_teacher(config: Any, student: DatasetInfo, student_workdir: str | None 
     checkpoints and the teacher's dataset metadata only: nothing is compiled."""
     from cnnjax.train import config as config_lib
     from cnnjax.train.logging import CONFIG_FILE
-    from cnnjax.train.trained import load_trained
+    from cnnjax.train.trained import argument_prefix, load_trained
 
     settings = distill_settings(config)
     workdir = settings["teacher_workdir"]
@@ -219,7 +233,7 @@ def load_teacher(config: Any, student: DatasetInfo, student_workdir: str | None 
                            num_devices=1 if jax.process_count() == 1 else None)
     except ValueError as err:
         field = next((name for name in ("step", "ema") if str(err).startswith(
-            f"load_trained: {name}=")), "workdir")
+            argument_prefix(name))), "workdir")
         name, value = {"step": ("teacher_step", settings["teacher_step"]),
                        "ema": ("ema", settings["ema"])}.get(field, ("teacher_workdir", workdir))
         raise invalid(OWNER, name, value, f"the teacher run cannot be loaded ({err})") from None

@@ -1,12 +1,19 @@
 """The per-device train and eval steps, written once with named-axis collectives.
 
-Classification steps compute cross-entropy and accuracy here; detection steps call the
-detector's own `loss` and `detect` methods (`config.task = "detection"`).
+Three families, each with a `make_*` factory that binds the model and optimizer:
 
-Both functions run on one device's shard of the batch inside `jax.pmap` or `jax.shard_map` (see
-`parallel.py`), where `axis_name` names the data-parallel axis: gradients and metrics are averaged
-with `lax.pmean`, BatchNorm statistics are synced by the model's own `axis_name`, and each device
-folds its index into the dropout key. With one device the collectives are identities.
+- classification, `train_step` / `eval_step` (`make_steps`): cross-entropy and accuracy, with
+  optional mixing, distillation and auxiliary classifiers;
+- segmentation, `segmentation_train_step` / `segmentation_eval_step` (`make_segmentation_steps`):
+  per-pixel cross-entropy, pixel accuracy and a confusion matrix;
+- detection, `detection_train_step` / `detection_predict_step` (`make_detection_steps`): the
+  detector's own `loss` and `detect` methods (mAP is computed on the host).
+
+Every step runs on one device's shard of the batch inside `jax.pmap` or `jax.shard_map` (see
+`parallel.py`), where `axis_name` names the data-parallel axis: gradients and train metrics are
+averaged with `lax.pmean` (eval sums with `lax.psum`), BatchNorm statistics are synced by the
+model's own `axis_name`, and each device folds its index into the dropout key. With one device
+the collectives are identities.
 """
 
 from __future__ import annotations
@@ -97,7 +104,7 @@ def train_step(
     """
     label_smoothing = losses.check_label_smoothing("train_step", label_smoothing)
     _check_average("train_step", state, ema)
-    _check_teacher(distill, teacher, teacher_variables)
+    _check_teacher("train_step", distill, teacher, teacher_variables)
     aux_loss_weight = check_number("train_step", "aux_loss_weight", aux_loss_weight,
                                    "expected a finite number >= 0", low=0.0, high=math.inf,
                                    high_open=True, strings=False)
@@ -146,20 +153,20 @@ def _check_average(owner: str, state: TrainState, ema: ExponentialMovingAverage 
                       "(ExponentialMovingAverage), or a state built with ema=False")
 
 
-def _check_teacher(distill: Distillation | None, teacher: nn.Module | None,
+def _check_teacher(owner: str, distill: Distillation | None, teacher: nn.Module | None,
                    teacher_variables: dict | None) -> None:
     """Refuses (while tracing) `distill` without a teacher module and its variables, and a
     teacher without `distill`, which the step would never run."""
     if distill is None and teacher is not None:
-        raise invalid("train_step", "teacher", type(teacher).__name__,
+        raise invalid(owner, "teacher", type(teacher).__name__,
                       "no distillation rule reads it; pass distill=Distillation(...) to distill "
                       "from it, or teacher=None")
     if distill is not None and teacher is None:
-        raise invalid("train_step", "teacher", None,
+        raise invalid(owner, "teacher", None,
                       f"distill={distill!r} needs the teacher module (and its variables, the "
                       "step's third argument)")
     if distill is not None and teacher_variables is None:
-        raise invalid("train_step", "teacher_variables", None,
+        raise invalid(owner, "teacher_variables", None,
                       f"distill={distill!r} needs the teacher's variables ({{'params', "
                       "'batch_stats'}), the step's third argument")
 

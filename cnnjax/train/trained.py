@@ -178,9 +178,10 @@ def check_split(run: TrainedRun, split: str | None, name: str = "evaluate: split
     try:
         pipeline.get_dataset_info(config.data)
     except ValueError as err:  # "data: eval_split='x' is invalid; <valid>.": keep <valid>
-        if not str(err).startswith("data: eval_split="):
+        prefix = error_prefix("data", "eval_split")
+        if not str(err).startswith(prefix):
             raise  # not the split's fault (e.g. a data_dir the dataset cannot be built in)
-        valid = re.sub(r"^data: eval_split=.*? is invalid; ", "", str(err)).rstrip(".")
+        valid = re.sub(rf"^{re.escape(prefix)}.*? is invalid; ", "", str(err)).rstrip(".")
         valid = re.sub(r" \[Unknown split .*\]$", "", " ".join(valid.split()))  # one line;
         # tfds's "Unknown split" repeats the splits named before it
         raise ValueError(f"{name}={split!r} is invalid; {valid}.") from None

@@ -82,6 +82,8 @@ def _raises(config, tmp_path, message):
          "config: aux_loss_weight=-0.3 is invalid; expected a finite number >= 0"),
         ("aux_loss_weight", float("nan"),
          "config: aux_loss_weight=nan is invalid; expected a finite number >= 0"),
+        ("aux_loss_weight", float("inf"),
+         "config: aux_loss_weight=inf is invalid; expected a finite number >= 0"),
         (
             "best_metric",
             "f1",

@@ -298,7 +298,11 @@ def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
     ({"distill.temperature": -2.0}, "distill: temperature=-2.0 is invalid"),
     ({"distill.temperature": float("nan")}, "distill: temperature=nan is invalid"),
     ({"distill.teacher_step": -1}, "distill: teacher_step=-1 is invalid; expected a checkpoint "
-                                   "step >= 0, or None (the teacher's best)."),
+                                   "step >= 1, or None (the teacher's best)."),
+    # Step 0 (init_from's converted weights) is no trained run's: was refused only when loading,
+    # in load_trained's words.
+    ({"distill.teacher_step": 0}, "distill: teacher_step=0 is invalid; expected a checkpoint "
+                                  "step >= 1, or None (the teacher's best)."),
     ({"distill.teacher_workdir": None, "distill.teacher_step": 3},
      "distill: teacher_step=3 is invalid; it needs distill.teacher_workdir."),
     ({"distill.teacher_workdir": None, "distill.ema": True},
@@ -312,9 +316,11 @@ def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
      "distill: alpha=0.5 is invalid; it needs distill.teacher_workdir"),
     ({"distill.teacher_workdir": ""}, "distill: teacher_workdir='' is invalid; expected the "
                                       "--workdir of a trained classification run, or None (off)."),
-    # --config.distill.teacher_workdir=None (documented "None: off") was taken as a path
-    ({"distill.teacher_workdir": "None"}, "distill: teacher_workdir='None' is invalid; a command "
-                                          "line gives the string 'None', not None"),
+    # The string (a config file's; --config.distill.teacher_workdir=None gives None) was taken as
+    # a path
+    ({"distill.teacher_workdir": "None"}, "distill: teacher_workdir='None' is invalid; the string "
+                                          "'None' names no run; use None (not the string) to "
+                                          "train without a teacher."),
     ({"task": "segmentation"}, "distill: teacher_workdir='t' is invalid; distillation trains "
                                "classifiers only (config.task='classification', not "
                                "'segmentation'); set distill.teacher_workdir=None."),
