@@ -70,6 +70,20 @@ DIGEST_FORMAT = 2
 _DIGEST_FORMATS = (1, 2)
 
 
+def step_folders(directory: str) -> list[int]:
+    """The steps of the step folders (named by step) in the checkpoint `directory`, ascending,
+    complete or not (read without orbax); [] when it does not exist."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def quarantine_dir(directory: str) -> str:
+    """Where the unreadable checkpoints of the checkpoint `directory` are moved
+    (`Checkpointer.quarantine`), beside it: a `restart` deletes it with the run."""
+    return directory + "_corrupt"
+
+
 def array_digests(tree: Any, digest_format: int = DIGEST_FORMAT) -> dict[str, str]:
     """`{"params/conv1/kernel": digest, ...}` for every array of the nested dict `tree`: the first
     16 hex digits of the SHA-256 of its dtype (its exact name, e.g. float8_e4m3fn, and NumPy's
@@ -319,11 +333,10 @@ class Checkpointer:
         one, so such a checkpoint is treated like any other unreadable checkpoint before that.
         """
         paths = {}
-        if os.path.isdir(self.directory):
-            for name in os.listdir(self.directory):
-                path = os.path.join(self.directory, name, "metrics", "metrics")
-                if name.isdigit() and os.path.isfile(path):
-                    paths[int(name)] = path
+        for step in step_folders(self.directory):
+            path = os.path.join(self.directory, str(step), "metrics", "metrics")
+            if os.path.isfile(path):
+                paths[step] = path
         broken = []
         for attempt in range(1, self.restore_attempts + 1):  # local files: no agreement needed
             broken = [step for step in sorted(paths) if not _is_json(paths[step])]
@@ -552,7 +565,7 @@ class Checkpointer:
     @property
     def quarantine(self) -> str:
         """Where unreadable checkpoints are moved, so training can save those steps again."""
-        return self.directory + "_corrupt"
+        return quarantine_dir(self.directory)
 
     def _quarantine(self, steps: list[int]) -> None:
         """Moves `steps` aside (process 0) and, once every process knows they are gone, drops

@@ -26,6 +26,7 @@ from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
 from cnnjax.train.optim import MAX_STEPS, OPTIMIZERS, SCHEDULES, check_optimization
 from cnnjax.train.parallel import MODES as PARALLEL_MODES
+from cnnjax.train.state import check_freeze
 from cnnjax.utils import callables
 from cnnjax.utils.validation import (
     check_bool,
@@ -37,7 +38,6 @@ from cnnjax.utils.validation import (
     invalid,
 )
 
-FREEZE_MODES = (None, "backbone")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # What `best_metric` may name, per task (the eval metrics the loop reports).
 EVAL_METRICS = ("loss", "top1", "top5")
@@ -429,14 +429,7 @@ def _validate_init_from(config: Any) -> None:
     """`init_from.*` and `freeze` (types only; the source run is checked by the loop). A key
     of `init_from` that is not in `INIT_FROM_FIELDS` is refused: a typo such as `use_ema=True`
     would else load the source's raw weights instead of its average, silently."""
-    freeze = config.get("freeze")
-    if freeze not in FREEZE_MODES:
-        raise invalid(
-            "config",
-            "freeze",
-            freeze,
-            "expected None (train every parameter) or 'backbone' (train only the head)",
-        )
+    check_freeze("config", config.get("freeze"))
     init_from = config.get("init_from")
     if init_from is None:
         return

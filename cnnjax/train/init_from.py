@@ -27,7 +27,9 @@ from cnnjax.train.logging import CONFIG_FILE, SUMMARY_FILE
 from cnnjax.train.state import (
     WARM_START_COLLECTIONS,
     excluded_source_modules,
+    matched_leaves,
     module_paths,
+    outermost_module,
     select_pretrained,
     trainable_heads,
     under_submodule,
@@ -36,6 +38,7 @@ from cnnjax.utils.files import read_json
 from cnnjax.utils.validation import invalid
 
 CONVERTED_STATUS = "converted"  # summary.json's status in a workdir of converted weights
+_OWNER = "init_from"  # names the config block in errors (`invalid`'s owner)
 
 
 def holds_converted_weights(workdir: str, saved_config: Mapping[str, Any] | None) -> bool:
@@ -59,7 +62,7 @@ def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_confi
     mine = config_lib.model_kwargs(config)
     for key, value in sorted((source_config.get("model_kwargs") or {}).items()):
         if mine.get(key) != value:
-            raise invalid("init_from", "workdir", source_workdir,
+            raise invalid(_OWNER, "workdir", source_workdir,
                           f"its converted torchvision weights need model_kwargs.{key}={value!r} "
                           f"(torchvision sets it when it loads them) and this run has "
                           f"{mine.get(key)!r}; pass --config.model_kwargs.{key}={value}")
@@ -79,7 +82,7 @@ def _source_config(workdir: str, path_workdir: str) -> dict:
     if not isinstance(saved, dict):
         what = (f"{type(saved).__name__}: {saved}" if isinstance(saved, Exception)
                 else f"it holds a {type(saved).__name__}")
-        raise invalid("init_from", "workdir", workdir,
+        raise invalid(_OWNER, "workdir", workdir,
                       f"its {path!r} is not a run's config (not a JSON object: {what}); "
                       "expected the --workdir of a training run or of converted weights")
     return saved
@@ -96,7 +99,7 @@ def _readable(workdir: str, source: SourceCheckpoints, step: int, how: str) -> I
     except CorruptSourceCheckpointError as err:  # read, but its arrays fail their digests
         raise _unreadable(workdir, source, step, how, f"is corrupt ({err.reason})") from None
     except Exception as err:
-        if isinstance(err, ValueError) and str(err).startswith("init_from: "):
+        if isinstance(err, ValueError) and str(err).startswith(f"{_OWNER}: "):
             raise
         raise _unreadable(workdir, source, step, how,
                           f"could not be read ({read_error(err)})") from None
@@ -110,10 +113,10 @@ def _unreadable(workdir: str, source: SourceCheckpoints, step: int, how: str,
     instead = (f"another of its steps {others}" if others
                else "another step: it keeps no other checkpoint")
     if how == "requested":
-        return invalid("init_from", "step", step,
+        return invalid(_OWNER, "step", step,
                        f"the checkpoint at step {step} of {workdir!r} {problem}; expected "
                        f"{instead} (or check its files)")
-    return invalid("init_from", "workdir", workdir,
+    return invalid(_OWNER, "workdir", workdir,
                    f"its {how} checkpoint (step {step}) {problem}; set init_from.step to "
                    f"{instead} (or check its files)")
 
@@ -131,7 +134,7 @@ def check_exclude_names(exclude: tuple[str, ...], model: str, variable_shapes: M
     if typos:
         top = sorted({m[0] for m in named})
         examples = top if len(top) <= 12 else [*top[:12], "..."]
-        raise invalid("init_from", "exclude", exclude,
+        raise invalid(_OWNER, "exclude", exclude,
                       f"{', '.join(map(repr, typos))} name{'' if len(typos) > 1 else 's'} no "
                       f"module of model {model!r} nor of its source; expected module names "
                       f"such as {examples} (a name matches a module at any depth)")
@@ -146,16 +149,11 @@ def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
     new model (all else equal), is a ValueError naming `data.grey_to_rgb`, which feeds grey
     images as RGB (`select_pretrained` would only suggest excluding the layer). So is the
     converse, 1 in the source and 3 in a run with `grey_to_rgb` (a grey source: unset it)."""
-    prefix = (submodule,) if submodule is not None else ()
-    new_flat = flatten_dict(dict(variable_shapes.get("params") or {}))
-    src_flat = flatten_dict(dict(source_shapes.get("params") or {}))
-    for path, leaf in new_flat.items():
-        if path[:len(prefix)] != prefix or any(module in exclude for module in path[:-1]):
-            continue  # as select_pretrained: outside `submodule`, or excluded
-        src_path = path[len(prefix):]
-        if src_path not in src_flat:
+    for path, leaf, src_path, src_leaf in matched_leaves(
+            variable_shapes.get("params"), source_shapes.get("params"), exclude, submodule):
+        if src_leaf is None:
             continue
-        new, src = tuple(leaf.shape), tuple(src_flat[src_path].shape)
+        new, src = tuple(leaf.shape), tuple(src_leaf.shape)
         if len(new) != 4 or src[:2] + src[3:] != new[:2] + new[3:]:
             continue
         if (src[2], new[2]) == (3, 1):
@@ -168,11 +166,11 @@ def check_input_channels(variable_shapes: Mapping, source_shapes: Mapping,
                    "to feed them as the source saw them")
         else:
             continue
-        top = src_path[0] if len(src_path) > 1 else None
+        top = outermost_module(src_path)
         name = "/".join(("params", *path))
         exclude_hint = (f", or add {top!r} to init_from.exclude to train that layer from scratch"
                         if top is not None else "")
-        raise invalid("init_from", "workdir", source_workdir,
+        raise invalid(_OWNER, "workdir", source_workdir,
                       f"{name} has shape {src} in the checkpoint at step {source_step} of "
                       f"{source_workdir!r} but {new} in the new model {model!r}: {why}"
                       f"{exclude_hint}")
@@ -218,7 +216,7 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
     anything is compiled; only params and batch_stats are read, never the optimizer state.
     """
     init_from = config.init_from
-    source = SourceCheckpoints(init_from.workdir)
+    source = SourceCheckpoints(init_from.workdir, owner=_OWNER)
     try:
         source_config = _source_config(init_from.workdir, source.workdir)
         check_pretrained_model_kwargs(config, source.workdir, source_config)
@@ -232,7 +230,7 @@ def load_init_from(config: Any, variable_shapes: dict) -> tuple[dict, dict]:
         with _readable(init_from.workdir, source, step, how):
             source_shapes = source.variable_shapes(step, ema=average)
         if average and not jax.tree.leaves(source_shapes):
-            raise invalid("init_from", "ema", True,
+            raise invalid(_OWNER, "ema", True,
                           f"the checkpoint at step {step} of {source.workdir!r} holds no "
                           "weight average (a run with config.ema.decay None, or converted "
                           "weights); set init_from.ema=False to load its weights")

@@ -40,7 +40,13 @@ from cnnjax.train import config as config_lib
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import init_from as init_from_lib
-from cnnjax.train.checkpoint import CHECKPOINT_DIR, STEP_METADATA_FILE, Checkpointer
+from cnnjax.train.checkpoint import (
+    CHECKPOINT_DIR,
+    STEP_METADATA_FILE,
+    Checkpointer,
+    quarantine_dir,
+    step_folders,
+)
 from cnnjax.train.logging import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -233,7 +239,7 @@ def _checkpoint_config(workdir: str) -> dict | None:
     """The config the newest checkpoint with a readable record of it saved (read without
     orbax); None when none has one."""
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    for step in sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), reverse=True):
+    for step in reversed(step_folders(ckpt_dir)):
         metadata = read_json(os.path.join(ckpt_dir, str(step), STEP_METADATA_FILE))
         custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
         if isinstance(custom, dict) and isinstance(custom.get(CONFIG_RECORD), dict):
@@ -262,10 +268,7 @@ def _has_checkpoints(workdir: str) -> bool:
 
 def _latest_checkpoint_step(workdir: str) -> int | None:
     """The newest checkpoint step folder of `workdir` (read without orbax), None if none."""
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()] if os.path.isdir(ckpt_dir) \
-        else []
-    return max(steps, default=None)
+    return max(step_folders(os.path.join(workdir, CHECKPOINT_DIR)), default=None)
 
 
 def _interrupt_message(run: _Run | None, workdir: str) -> str:
@@ -302,7 +305,7 @@ def evaluate_variables(config: Any, variables: dict) -> dict:
     masked; the metrics of its task (`config_lib.TASK_METRICS`). Checks the config first;
     writes nothing."""
     run = _Run(config, workdir="", started=time.time())
-    run.setup(prepare_workdir=False)
+    run.setup(for_training=False)
     return run.evaluate_variables(variables)
 
 
@@ -554,13 +557,29 @@ class _Run:
         # Wall time of the run's earlier invocations, up to the checkpoint this one resumed from.
         self.earlier_wall_time_s = 0.0
         self._eval_cache: list[dict] | None = None  # the eval split's batches, once read
+        # Built by `setup` from `config_lib.check_config`'s `CheckedConfig`:
+        self.task: str | None = None  # "classification", "detection" or "segmentation"
+        self.pipeline: Any = None  # the task's input module (`config_lib.data_pipeline`)
+        self.data_info: Any = None  # the dataset's DatasetInfo (classes, image shape, splits)
+        self.num_classes: int | None = None
+        self.image_shape: tuple[int, ...] | None = None  # one input image's (H, W, C)
+        self.model: Any = None  # the flax module
+        self.schedule: Any = None  # the optax learning-rate schedule
+        self.tx: Any = None  # the optax optimizer (the backbone frozen with config.freeze)
+        self.variable_shapes: Any = None  # the model's variables, abstract (init_from)
+        self.parallel: DataParallel | None = None  # replication and sharding over the devices
+        self.eval_batch_size: int | None = None  # global eval batch (`config_lib.eval_batch`)
+        # Set by `train`:
+        self.window: list[dict] = []  # train metrics of the steps since the last train log
+        self.last_train: dict = {}  # the last train log's metrics (summary's final_train)
+        self.clock: _Throughput | None = None  # this invocation's training images/s
 
     # ------------------------------------------------------------------------------- setup
-    def setup(self, prepare_workdir: bool = True) -> None:
-        """Every pre-compilation check (`config.check_config`), then the workdir (unless
-        `prepare_workdir` is False: evaluating a finished run writes nothing there, nor needs
-        its train split to hold a batch)."""
-        checked = config_lib.check_config(self.config, for_training=prepare_workdir)
+    def setup(self, for_training: bool = True) -> None:
+        """Every pre-compilation check (`config.check_config`); `for_training`, also the
+        teacher, the warm start and the workdir (False: evaluating a finished run writes
+        nothing there, nor needs its train split to hold a batch)."""
+        checked = config_lib.check_config(self.config, for_training=for_training)
         self.task, self.pipeline = checked.task, checked.pipeline
         self.data_info = checked.data_info
         self.num_classes = self.data_info.num_classes
@@ -569,7 +588,7 @@ class _Run:
         self.variable_shapes = checked.variable_shapes
         self.parallel = DataParallel(self.config.parallel, checked.devices)
         self.eval_batch_size = config_lib.eval_batch(self.config, self.total_devices)
-        if prepare_workdir:  # training: the teacher and the warm start are checked (read)
+        if for_training:  # the teacher and the warm start are checked (read)
             # Before the workdir; a completed run's rerun is a no-op that needs no teacher (one
             # retrained or deleted since must not fail it).
             if distill_lib.distill_settings(self.config) is not None and not self.completed():
@@ -617,18 +636,7 @@ class _Run:
         saved = _saved_config(workdir)  # read once: the checkpoints' record, else config.json
         differ = _fields_differing(workdir, saved, config)
         on_disk = read_json(saved_path)
-        if saved is not None and on_disk is None:
-            logging.warning("%s holds checkpoints but no readable %s: the config recorded with "
-                            "its newest checkpoint stands in for it.", workdir, CONFIG_FILE)
-        elif isinstance(on_disk, dict) and saved is not on_disk:
-            edited = config_lib.incompatible_fields(config_lib.flatten(saved),
-                                                    config_lib.flatten(on_disk))
-            if edited:  # restored now: evaluate, init_from, sweeps read config.json
-                logging.warning("%s differs from the config its checkpoints recorded in %s "
-                                "(edited?): the checkpoints' record is the run's config, and "
-                                "%s is restored from it.", saved_path, edited[:8], CONFIG_FILE)
-                if self.is_primary:
-                    atomic_write(saved_path, json.dumps(saved, indent=2, sort_keys=True))
+        self._restore_config_json(saved, on_disk)
         resumable = saved is not None and not differ
         if config.restart and saved is None and _has_checkpoints(workdir):
             raise ValueError(
@@ -641,15 +649,7 @@ class _Run:
             logging.info("restart=True: %s holds a run of this same config, which resumes "
                          "(delete the workdir to start it over).", workdir)
         elif config.restart:
-            if self.is_primary:
-                for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + "_corrupt", TENSORBOARD_DIR,
-                             *MEASUREMENT_DIRS):
-                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-                for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE,
-                             distill_lib.DISTILL_FILE):
-                    path = os.path.join(workdir, name)
-                    if os.path.exists(path):
-                        os.remove(path)
+            self._empty_for_restart()
         elif differ:
             raise ValueError(_incompatible_message(workdir, differ))
         if resumable and self.completed():
@@ -659,6 +659,39 @@ class _Run:
         if self.is_primary:
             os.makedirs(workdir, exist_ok=True)
             atomic_write(saved_path, config_lib.to_json(config))
+
+    def _restore_config_json(self, saved: dict | None, on_disk: Any) -> None:
+        """Reconciles config.json (`on_disk`, as read) with `saved`, the config of the
+        workdir's checkpoints (`_saved_config`): a lost or unreadable one is logged (the
+        checkpoints' record stands in), an edited one is rewritten from `saved` (evaluate,
+        init_from and sweeps read config.json)."""
+        saved_path = os.path.join(self.workdir, CONFIG_FILE)
+        if saved is not None and on_disk is None:
+            logging.warning("%s holds checkpoints but no readable %s: the config recorded with "
+                            "its newest checkpoint stands in for it.", self.workdir, CONFIG_FILE)
+        elif isinstance(on_disk, dict) and saved is not on_disk:
+            edited = config_lib.incompatible_fields(config_lib.flatten(saved),
+                                                    config_lib.flatten(on_disk))
+            if edited:
+                logging.warning("%s differs from the config its checkpoints recorded in %s "
+                                "(edited?): the checkpoints' record is the run's config, and "
+                                "%s is restored from it.", saved_path, edited[:8], CONFIG_FILE)
+                if self.is_primary:
+                    atomic_write(saved_path, json.dumps(saved, indent=2, sort_keys=True))
+
+    def _empty_for_restart(self) -> None:
+        """`restart` of a run of another config: process 0 deletes that run's checkpoints
+        (the quarantined ones too), logs, measurements, summary and records."""
+        if not self.is_primary:
+            return
+        for name in (CHECKPOINT_DIR, quarantine_dir(CHECKPOINT_DIR), TENSORBOARD_DIR,
+                     *MEASUREMENT_DIRS):
+            shutil.rmtree(os.path.join(self.workdir, name), ignore_errors=True)
+        for name in (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, CONFIG_FILE, INIT_FROM_FILE,
+                     distill_lib.DISTILL_FILE):
+            path = os.path.join(self.workdir, name)
+            if os.path.exists(path):
+                os.remove(path)
 
     # --------------------------------------------------------------------------------- steps
     def steps(self) -> tuple[Any, Any]:
@@ -885,11 +918,11 @@ class _Run:
         ), "the progress bar"))
         # The steps since the last train log, continued across a resume from a checkpoint
         # between two log steps (older checkpoints: from the checkpoint's step).
-        self.window: list[dict] = _window_from_json(resumed_info.get(TRAIN_WINDOW))
+        self.window = _window_from_json(resumed_info.get(TRAIN_WINDOW))
         self.steps_finished = start_step
         # A resumed run's last train record so far (summary.json's `final_train` when it logs
         # none itself, e.g. rerun after dying between the final checkpoint and summary.json).
-        self.last_train: dict = next(
+        self.last_train = next(
             ({k: v for k, v in r.items() if k not in ("step", "split")}
              for r in reversed(logger.records) if r["split"] == "train"), {})
         self.clock = _Throughput(config.global_batch_size)
@@ -960,9 +993,7 @@ class _Run:
     def finish(self, evals: list[dict], start_step: int, total_steps: int) -> dict:
         """summary.json of a completed run (written by process 0), with the warm-start and
         teacher records (the warm-start one read back from its file, also after a resume)."""
-        summary = self.summarize(
-            evals, self.last_train, start_step, total_steps, self.clock.images_per_sec()
-        )
+        summary = self.summarize(evals, start_step, total_steps)
         if config_lib.init_from_workdir(self.config) is not None:
             record_path = os.path.join(self.workdir, INIT_FROM_FILE)
             if os.path.exists(record_path):
@@ -1020,9 +1051,7 @@ class _Run:
         err = TrainingInterrupted(step, signal_name)
         logging.warning("%s", err)
         if self.is_primary:
-            summary = self.summarize(
-                evals, self.last_train, start_step, step, self.clock.images_per_sec()
-            )
+            summary = self.summarize(evals, start_step, step)
             summary.update(
                 status="interrupted",
                 signal=signal_name,
@@ -1068,14 +1097,10 @@ class _Run:
         self.last_train = train
         self.window = []
 
-    def summarize(
-        self,
-        evals: list[dict],
-        last_train: dict,
-        start_step: int,
-        total_steps: int,
-        images_per_sec: float | None,
-    ) -> dict:
+    def summarize(self, evals: list[dict], start_step: int, total_steps: int) -> dict:
+        """summary.json of a run that trained from `start_step` to `total_steps` ("completed";
+        an interruption updates it): final and best eval of `evals`, the last train log, this
+        invocation's throughput and wall time, the devices and where the outputs are."""
         config = self.config
         key, sign = config.best_metric, (1 if config.best_mode == "max" else -1)
         # Ties go to the later eval: the checkpoint orbax keeps as "best" (and init_from picks).
@@ -1089,12 +1114,12 @@ class _Run:
             "step": total_steps,
             "resumed_from_step": start_step,
             "final_eval": {k: v for k, v in final.items() if k != "step"},
-            "final_train": last_train,
+            "final_train": self.last_train,
             "best": ({"metric": key, "value": best[key], "step": best["step"]} if best else None),
             # This invocation's wall time and throughput; `total_wall_time_s` adds the earlier
             # invocations' (`TOTAL_WALL_TIME`).
             **_wall_times(self, self.started),
-            "images_per_sec": images_per_sec,
+            "images_per_sec": self.clock.images_per_sec(),
             "num_devices": self.total_devices,
             "parallel": config.parallel,
             **({"device_counts": self.device_counts} if len(self.device_counts) > 1 else {}),

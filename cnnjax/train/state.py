@@ -9,7 +9,7 @@ training to the head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -101,6 +101,37 @@ def create_train_state(
     )
 
 
+def in_excluded(path: tuple[str, ...], exclude: Collection[str]) -> bool:
+    """Whether the leaf at `path` lies in a module named in `exclude`, at any depth (a
+    warm start leaves it freshly initialized)."""
+    return any(module in exclude for module in path[:-1])
+
+
+def outermost_module(src_path: tuple[str, ...]) -> str | None:
+    """The outermost module holding the source leaf at `src_path`, the name to add to
+    `init_from.exclude` to skip it; None for a top-level leaf, which no exclusion can skip."""
+    return src_path[0] if len(src_path) > 1 else None
+
+
+def matched_leaves(
+    new_tree: Mapping[str, Any] | None,
+    source_tree: Mapping[str, Any] | None,
+    exclude: Collection[str],
+    submodule: str | None = None,
+) -> Iterator[tuple[tuple[str, ...], Any, tuple[str, ...], Any]]:
+    """`(path, leaf, src_path, src_leaf)` for each leaf of `new_tree` (one collection's nested
+    dict of shaped leaves) a warm start loads from `source_tree`'s: those in `submodule` (all
+    when None) outside the modules of `exclude`, with their source path (`path` less
+    `submodule`) and the source's leaf there (None when it has none)."""
+    prefix = (submodule,) if submodule is not None else ()
+    src_flat = flatten_dict(dict(source_tree or {}))
+    for path, leaf in flatten_dict(dict(new_tree or {})).items():
+        if path[:len(prefix)] != prefix or in_excluded(path, exclude):
+            continue
+        src_path = path[len(prefix):]
+        yield path, leaf, src_path, src_flat.get(src_path)
+
+
 def select_pretrained(
     new_shapes: Mapping[str, Any],
     source_shapes: Mapping[str, Any],
@@ -136,42 +167,36 @@ def select_pretrained(
     result keeps the source's paths (what `SourceCheckpoints.restore` reads): nest it under
     `submodule` with `under_submodule` before `warm_start`.
     """
-    prefix: tuple[str, ...] = ()
-    if submodule is not None:
-        if submodule not in (new_shapes.get("params") or {}):
-            raise invalid("init_from", "submodule", submodule,
-                          f"model {model!r} has no such top-level module; it has "
-                          f"{sorted(new_shapes.get('params') or {})}")
-        prefix = (submodule,)  # the architectures differ on purpose
+    if submodule is not None and submodule not in (new_shapes.get("params") or {}):
+        raise invalid("init_from", "submodule", submodule,
+                      f"model {model!r} has no such top-level module; it has "
+                      f"{sorted(new_shapes.get('params') or {})}")
     excluded = tuple(exclude)
     source = f"the checkpoint at step {source_step} of {source_workdir!r}"
     selected: dict[str, Any] = {}
-    # (what is wrong, the outermost module below `prefix` holding the leaf: the name to exclude,
-    # or None for a leaf directly in the model / the submodule, which no exclusion can skip)
+    # (what is wrong, `outermost_module` of the leaf below `submodule`: the name to exclude, or
+    # None for a leaf directly in the model / the submodule, which no exclusion can skip)
     problem: tuple[str, str | None] | None = None
     for collection in WARM_START_COLLECTIONS:
-        new_flat = flatten_dict(dict(new_shapes.get(collection) or {}))
-        src_flat = flatten_dict(dict(source_shapes.get(collection) or {}))
         chosen = {}
-        for path, leaf in new_flat.items():
-            if path[:len(prefix)] != prefix or any(module in excluded for module in path[:-1]):
-                continue  # outside `submodule`, or in an excluded (top-level or nested) module
+        # With `submodule` the architectures differ on purpose: only its leaves are matched.
+        for path, leaf, src_path, src_leaf in matched_leaves(
+                new_shapes.get(collection), source_shapes.get(collection), excluded, submodule):
             name = "/".join((collection, *path))
-            src_path = path[len(prefix):]
-            if src_path not in src_flat:
+            if src_leaf is None:
                 problem = problem or (
                     f"the new model needs {name} but {source} (model {source_model!r}) has no "
-                    f"such variable{' as ' + '/'.join(src_path) if prefix else ''}",
-                    src_path[0] if len(src_path) > 1 else None,
+                    f"such variable{' as ' + '/'.join(src_path) if submodule is not None else ''}",
+                    outermost_module(src_path),
                 )
-            elif tuple(src_flat[src_path].shape) != tuple(leaf.shape):
+            elif tuple(src_leaf.shape) != tuple(leaf.shape):
                 problem = problem or (
-                    f"{name} has shape {tuple(src_flat[src_path].shape)} in {source} but "
+                    f"{name} has shape {tuple(src_leaf.shape)} in {source} but "
                     f"{tuple(leaf.shape)} in the new model {model!r}",
-                    src_path[0] if len(src_path) > 1 else None,
+                    outermost_module(src_path),
                 )
             else:
-                chosen[src_path] = src_flat[src_path]
+                chosen[src_path] = src_leaf
         selected[collection] = unflatten_dict(chosen) if chosen else {}
     if problem is not None:
         what, top = problem
@@ -240,7 +265,7 @@ def unused_source_modules(
     for collection in WARM_START_COLLECTIONS:
         chosen = set(flatten_dict(dict(selected.get(collection) or {})))
         for path in flatten_dict(dict(source_shapes.get(collection) or {})):
-            if path in chosen or any(module in excluded for module in path[:-1]):
+            if path in chosen or in_excluded(path, excluded):
                 continue
             module = next((path[:i] for i in range(1, len(path))
                            if path[:i] not in loaded_modules), None)
@@ -257,7 +282,7 @@ def excluded_source_modules(source_shapes: Mapping[str, Any], exclude: Sequence[
         "/".join(path[:next(i for i in range(len(path) - 1) if path[i] in excluded) + 1])
         for collection in WARM_START_COLLECTIONS
         for path in flatten_dict(dict(source_shapes.get(collection) or {}))
-        if any(module in excluded for module in path[:-1])
+        if in_excluded(path, excluded)
     })
 
 
@@ -331,6 +356,17 @@ def warm_start(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:
     return state.replace(**updated)
 
 
+#: `config.freeze`'s values: None trains every parameter, 'backbone' only the head.
+FREEZE_MODES = (None, "backbone")
+
+
+def check_freeze(owner: str, value: Any) -> None:
+    """Refuses (a ValueError naming `owner`'s `freeze`) a value not in `FREEZE_MODES`."""
+    if value not in FREEZE_MODES:
+        raise invalid(owner, "freeze", value,
+                      "expected None (train every parameter) or 'backbone' (train only the head)")
+
+
 def freeze_optimizer(
     tx: optax.GradientTransformation, params: Any, freeze: str | None
 ) -> optax.GradientTransformation:
@@ -345,13 +381,9 @@ def freeze_optimizer(
     statistics and keep updating their running averages, which eval then uses (PyTorch's
     `requires_grad=False` with `model.train()`). `params` may hold `jax.ShapeDtypeStruct` leaves.
     """
+    check_freeze("config", freeze)
     if freeze is None:
         return tx
-    if freeze != "backbone":
-        raise invalid(
-            "config", "freeze", freeze,
-            "expected None (train every parameter) or 'backbone' (train only the head)",
-        )
     from cnnjax.models.heads import freeze_backbone  # deferred: imports the model registry
 
     return freeze_backbone(tx, params)

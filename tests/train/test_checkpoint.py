@@ -7,7 +7,12 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax.train.checkpoint import Checkpointer, CheckpointShapeError, SourceCheckpoints
+from cnnjax.train.checkpoint import (
+    Checkpointer,
+    CheckpointShapeError,
+    SourceCheckpoints,
+    step_folders,
+)
 from cnnjax.train.preemption import StopRequest
 
 
@@ -138,6 +143,15 @@ def test_unreadable_metrics_file_quarantines_that_checkpoint(tmp_path):
     assert step == 2 and resumed.all_steps() == [2]
     assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
     resumed.close()
+
+
+def test_step_folders_lists_the_step_named_folders_complete_or_not(tmp_path):
+    """The loop reads a workdir's checkpoints without orbax (its newest step, the recorded
+    config): every folder named by a step counts, in step order, not orbax's temporary ones."""
+    assert step_folders(str(tmp_path / "missing")) == []
+    for name in ("10", "2", "8.orbax-checkpoint-tmp-1", "tmp", "1e3"):
+        (tmp_path / name).mkdir()
+    assert step_folders(str(tmp_path)) == [2, 10]
 
 
 def test_close_awaits_the_temporary_directory_cleanup_orbax_starts_on_open(tmp_path):

@@ -589,12 +589,14 @@ def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(
     .visualize, .robustness and .rcnn_svm wrote from the discarded run's checkpoints go too.
     They stayed, named by checkpoint step only, so eval/test_step4.json read as the new run's
     step 4, and a robustness rerun of the new run (same settings, same step) reprinted the old
-    model's table. The launcher's slurm/ folder (the running job's script and logs) stays."""
+    model's table. The launcher's slurm/ folder (the running job's script and logs) stays, and
+    the checkpoints `Checkpointer` quarantined (unreadable) go with the run's own."""
     loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
     outputs = ("eval/test_step4.json", "visualize/visualize.json",
-               "robustness/robustness.json", "rcnn_svm/results.json", "slurm/job.sbatch")
+               "robustness/robustness.json", "rcnn_svm/results.json", "slurm/job.sbatch",
+               "checkpoints_corrupt/2.1700000000/_CHECKPOINT_METADATA")
     for name in outputs:
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     changed = helpers.tiny_config(num_train_steps=4, restart=True,
                                   **{"optimizer.name": "adam"})
