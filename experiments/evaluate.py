@@ -195,11 +195,13 @@ def _calibrate(run, result: dict, same_split: bool) -> tuple[tuple | None, str |
     from cnnjax.train.trained import calibrate_run, classifier_logits
 
     classified = None
+    # --eval_batch_size, else the prediction batch these functions default to
+    batch = {} if _BATCH.value is None else {"batch_size": _BATCH.value}
     try:  # one pass of the model for calibration and the confusion matrix
-        classified = classifier_logits(run, result["split"], _BATCH.value or 64)
+        classified = classifier_logits(run, result["split"], **batch)
         result["calibration"] = calibrate_run(
-            run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value, _BATCH.value or 64,
-            same_split=same_split, name="--temperature_split")
+            run, *classified, _N_BINS.value, _TEMPERATURE_SPLIT.value,
+            same_split=same_split, name="--temperature_split", **batch)
     except ValueError as err:  # e.g. no temperature fits: keep the metrics, then say why
         result["calibration_error"] = str(err)
         if classified is not None:  # only the fit failed: the scores at T = 1 stand

@@ -50,6 +50,7 @@ from absl import app, flags  # noqa: E402
 
 from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 from cnnjax.utils.files import check_output_dir, check_outside_run  # noqa: E402
+from cnnjax.utils.validation import invalid  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
@@ -85,8 +86,8 @@ def _check_classifier(run: Any) -> None:
 
     task = config_lib.config_task(run.config)
     if task != "classification":
-        raise ValueError(f"visualize: workdir={run.workdir!r} is invalid; it holds a {task} run, "
-                         "and the attribution maps explain a classifier's class scores")
+        raise invalid("visualize", "workdir", run.workdir, f"it holds a {task} run, and the "
+                      "attribution maps explain a classifier's class scores")
 
 
 def _normalization(run: Any, channels: int) -> tuple[Any, Any]:
@@ -122,7 +123,7 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     from cnnjax.analysis import attribution
     from cnnjax.train.trained import dataset_labels, eval_examples
     from cnnjax.utils.files import write_json
-    from cnnjax.utils.validation import check_choice, check_positive_int, invalid
+    from cnnjax.utils.validation import check_choice, check_positive_int
 
     _check_classifier(run)
     count = check_positive_int("visualize", "num_images", num_images)
@@ -206,13 +207,13 @@ def _eval_objects(run: Any, count: int) -> list[dict]:
     hide_gpus_from_tensorflow()  # as every pipeline entry point: TF must not take JAX's GPU
     spec = resolve(run.config.data)
     if spec.tfds_name is None:
-        raise ValueError(f"visualize: pointing_game=True is invalid; dataset "
-                         f"{run.config.data.name!r} is not read from tfds, so it has no boxes")
+        raise invalid("visualize", "pointing_game", True, f"dataset {run.config.data.name!r} is "
+                      "not read from tfds, so it has no boxes")
     builder = tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
     features = builder.info.features
     if "objects" not in features or "bbox" not in features["objects"]:
-        raise ValueError(f"visualize: pointing_game=True is invalid; tfds {spec.tfds_name!r} has "
-                         "no objects/bbox feature (shapes has)")
+        raise invalid("visualize", "pointing_game", True, f"tfds {spec.tfds_name!r} has no "
+                      "objects/bbox feature (shapes has)")
     dataset = builder.as_dataset(split=eval_split_name(run.config.data), shuffle_files=False)
     examples = []
     for example in tfds.as_numpy(dataset.take(count)):
@@ -222,6 +223,28 @@ def _eval_objects(run: Any, count: int) -> list[dict]:
         examples.append({"image": example["image"], "label": int(example["label"]),
                          "boxes": objects["bbox"][keep]})
     return examples
+
+
+def _check_stored_order(images: np.ndarray, labels: np.ndarray, stored: list[dict]) -> None:
+    """Raises unless the pipeline's eval `images` and `labels` are the `stored` tfds examples
+    (`_eval_objects`'), one for one at their stored size: only then are the stored boxes
+    theirs."""
+    for i, (image, example) in enumerate(zip(images, stored, strict=True)):
+        if example["image"].shape != image.shape:
+            raise invalid("visualize", "pointing_game", True, f"the run's eval images are "
+                          f"{image.shape}, resized from the stored {example['image'].shape}: "
+                          "boxes need images at the stored size")
+        same = [np.nan_to_num(np.corrcoef(image[..., c].ravel(),  # nan: a flat channel
+                                          example["image"][..., c].ravel())[0, 1], nan=1.0)
+                for c in range(image.shape[-1])]
+        if example["label"] != labels[i] or not min(same) > 0.99:  # the pipeline's order
+            raise invalid("visualize", "pointing_game", True, f"eval example {i} of the "
+                          f"pipeline is not the stored example {i} (a class subset or "
+                          "reordering): boxes cannot be matched")
+
+
+#: Eval images read, and explained, per step of the pointing game.
+_POINTING_GAME_BATCH = 64
 
 
 def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
@@ -242,7 +265,7 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
         check_number("visualize", "tolerance", tolerance, "expected pixels >= 0", low=0.0,
                      strings=False)
     images, labels = [], []
-    for batch in eval_examples(run, batch_size=64):
+    for batch in eval_examples(run, batch_size=_POINTING_GAME_BATCH):
         images.extend(batch["image"])
         labels.extend(batch["label"])
         if max_images is not None and len(images) >= max_images:
@@ -250,24 +273,13 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
     images, labels = np.stack(images[:max_images]), np.asarray(labels[:max_images])
     height, width = images.shape[1:3]
     stored = _eval_objects(run, len(images))
-    for i, (image, example) in enumerate(zip(images, stored, strict=True)):
-        if example["image"].shape != image.shape:
-            raise ValueError(f"visualize: pointing_game=True is invalid; the run's eval images "
-                             f"are {image.shape}, resized from the stored "
-                             f"{example['image'].shape}: boxes need images at the stored size")
-        same = [np.nan_to_num(np.corrcoef(image[..., c].ravel(),  # nan: a flat channel
-                                          example["image"][..., c].ravel())[0, 1], nan=1.0)
-                for c in range(image.shape[-1])]
-        if example["label"] != labels[i] or not min(same) > 0.99:  # the pipeline's order
-            raise ValueError(f"visualize: pointing_game=True is invalid; eval example {i} of "
-                             f"the pipeline is not the stored example {i} (a class subset or "
-                             "reordering): boxes cannot be matched")
+    _check_stored_order(images, labels, stored)
     boxes = [e["boxes"] * [height, width, height, width] for e in stored]
     if tolerance is None:
         tolerance = 15.0 * min(height, width) / 224
     hits: dict[str, list[bool]] = {}
-    for start in range(0, len(images), 64):
-        chunk = slice(start, start + 64)
+    for start in range(0, len(images), _POINTING_GAME_BATCH):
+        chunk = slice(start, start + _POINTING_GAME_BATCH)
         result = attribution.explain(
             run.model, run.variables, images[chunk], labels[chunk],
             methods=attribution.METHODS if methods is None else methods, layer=layer,
@@ -279,6 +291,8 @@ def pointing_game_run(run: Any, methods: Sequence[str] | None = None,
                 hit = any(attribution.pointing_game(m[None], box[None], tolerance)[0]
                           for box in b)
                 hits.setdefault(name, []).append(bool(hit))
+        # The Grad-CAM layer `explain` chose when `layer` is None: the later chunks explain at
+        # it too (not resolving it again), and the summary names it.
         layer = result.layer or layer
     return {"images": len(images), "tolerance_px": tolerance, "grad_cam_layer": layer,
             "accuracy": {name: float(np.mean(h)) for name, h in hits.items()}}

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cnnjax.utils.files import distinct_name
 from cnnjax.utils.validation import invalid
@@ -277,22 +277,21 @@ _COMPARED_SETTINGS = ("source", "split", "seed", "max_examples", "clean")
 _COMPARED_DATA = ("dataset", "num_examples")
 
 
-def corruption_errors(record: dict, baseline: dict, given_as: str | None = None) -> dict:
-    """Hendrycks & Dietterich's corruption errors of `record` against `baseline` (a record of
-    another run, their AlexNet, on the same images): with E = 1 - top-1 summed over the requested
-    severities s, CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} and relative CE_c =
-    sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean); mCE and relative mCE are
-    their means over the corruptions (None when a ratio is undefined: a zero denominator), and
-    `benchmark_mce` / `benchmark_relative_mce` over the requested benchmark corruptions only
-    (the paper's mCE leaves out its four validation ones; None when none was requested).
-    `given_as`: how the baseline was named (a workdir or a record's JSON path), for errors;
-    default its record's workdir."""
+def _check_comparable(record: dict, baseline: Any, given_as: str | None) -> None:
+    """Raises unless `record` is complete and `baseline` is a robustness record of the same
+    images and noise (settings, dataset, corruption parameters) holding each requested cell;
+    `given_as` (default: the baseline's workdir) names the baseline in the errors."""
     if not record.get("complete"):
-        raise ValueError(f"{_OWNER}: record is incomplete ({record.get('measured_cells', '?')} "
-                         "requested cells measured); rerun the same command to measure the rest "
-                         "before comparing with a baseline")
-    if not isinstance(baseline, dict) or "cells" not in baseline or "clean_top1" not in baseline:
-        raise invalid(_OWNER, "baseline", "a dict", "expected a robustness record")
+        raise invalid(_OWNER, "record", record.get("workdir", "?"),
+                      f"it is incomplete ({record.get('measured_cells', '?')} requested cells "
+                      "measured); rerun the same command to measure the rest before comparing "
+                      "with a baseline")
+    if not isinstance(baseline, dict):
+        raise invalid(_OWNER, "baseline", type(baseline), "expected a robustness record (a dict)")
+    if (lacking := [k for k in ("cells", "clean_top1") if k not in baseline]):
+        raise invalid(_OWNER, "baseline", sorted(baseline, key=str), "expected a robustness "
+                      f"record (with 'cells' and 'clean_top1'); it lacks "
+                      f"{' and '.join(map(repr, lacking))}")
     where = given_as or baseline.get("workdir", "?")
     mine, theirs = record.get("settings") or {}, baseline.get("settings") or {}
     differ = [f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in _COMPARED_SETTINGS
@@ -317,6 +316,21 @@ def corruption_errors(record: dict, baseline: dict, given_as: str | None = None)
         raise invalid(_OWNER, "baseline", where,
                       f"the baseline lacks cells {', '.join(missing)}; run experiments.robustness "
                       "on it with the same --corruptions and --severities")
+
+
+def corruption_errors(record: dict, baseline: dict, given_as: str | None = None) -> dict:
+    """Hendrycks & Dietterich's corruption errors of `record` against `baseline` (a record of
+    another run, their AlexNet, on the same images): with E = 1 - top-1 summed over the requested
+    severities s, CE_c = sum_s E_{s,c} / sum_s E^base_{s,c} and relative CE_c =
+    sum_s (E_{s,c} - E_clean) / sum_s (E^base_{s,c} - E^base_clean); mCE and relative mCE are
+    their means over the corruptions (None when a ratio is undefined: a zero denominator), and
+    `benchmark_mce` / `benchmark_relative_mce` over the requested benchmark corruptions only
+    (the paper's mCE leaves out its four validation ones; None when none was requested).
+    `given_as`: how the baseline was named (a workdir or a record's JSON path), for errors;
+    default its record's workdir."""
+    _check_comparable(record, baseline, given_as)
+    severities = [str(s) for s in record["requested"]["severities"]]
+    names = list(record["requested"]["corruptions"])
 
     def misclassified(top1: float, of: dict) -> float:
         """The error `1 - top1` in images (exact: a top-1 is k / num_examples), so that equal
@@ -347,7 +361,8 @@ def corruption_errors(record: dict, baseline: dict, given_as: str | None = None)
 
     from cnnjax.analysis.corruptions import VALIDATION_CORRUPTIONS
     benchmark = [name for name in names if name not in VALIDATION_CORRUPTIONS]
-    return {"baseline": {"workdir": baseline.get("workdir", where), "model": baseline.get("model"),
+    return {"baseline": {"workdir": baseline.get("workdir", given_as or "?"),
+                         "model": baseline.get("model"),
                          "step": (baseline.get("settings") or {}).get("step")},
             "corruption_error": ce, "mce": mean(ce),
             "relative_corruption_error": relative, "relative_mce": mean(relative),

@@ -35,7 +35,13 @@ import numbers
 
 import numpy as np
 
-from cnnjax.utils.validation import check_number, check_positive_int, invalid, is_integer
+from cnnjax.utils.validation import (
+    check_bool,
+    check_number,
+    check_positive_int,
+    invalid,
+    is_integer,
+)
 
 TRAIN_AUGMENTATIONS = ("none", "pad_crop_flip", "random_resized_crop_flip")
 EVAL_TRANSFORMS = ("resize", "resize_center_crop")
@@ -78,8 +84,7 @@ class DatasetPreset:
         for arg in ("num_classes", "shuffle_buffer"):
             check_positive_int(owner, arg, getattr(self, arg))
         _check_default_image_size(owner, self.default_image_size, self.image_shape)
-        if not isinstance(self.cache, bool):
-            raise invalid(owner, "cache", self.cache, "expected True or False")
+        object.__setattr__(self, "cache", check_bool(owner, "cache", self.cache))  # np.bool_ too
 
 
 def _check_image_shape(owner: str, shape: object) -> int:

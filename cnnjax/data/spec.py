@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
 import tensorflow_datasets as tfds
 from ml_collections import config_dict
 
@@ -21,6 +20,7 @@ from cnnjax.data.builders import LOCAL_BUILDERS
 from cnnjax.detection.selective_search import check_settings
 from cnnjax.utils.files import distinct_name
 from cnnjax.utils.validation import (
+    check_bool,
     check_choice,
     check_number,
     check_positive_int,
@@ -214,12 +214,6 @@ def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
     return split
 
 
-def _check_bool(arg: str, value: Any) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise invalid(_OWNER, arg, value, "expected True or False")
-    return bool(value)
-
-
 def _check_classes(value: Any) -> tuple[int, ...] | None:
     """`data.classes`: None, or a non-empty sequence of distinct labels >= 0 (range checked once
     the dataset's class count is known, in `sources._SubsetSource`)."""
@@ -307,8 +301,7 @@ def resolve(data_config: Any) -> Spec:
         raise invalid(_OWNER, "fake_image_shape", fake_shape,
                       "expected three positive integers (height, width, channels)")
     for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
-        if not is_integer(cfg[arg]) or cfg[arg] <= 0:
-            raise invalid(_OWNER, arg, cfg[arg], "expected a positive integer")
+        check_positive_int(_OWNER, arg, cfg[arg])
     if name != "fake":
         _check_fake_fields_unset(name, cfg, defaults)
     per_class = cfg["train_examples_per_class"]
@@ -320,7 +313,7 @@ def resolve(data_config: Any) -> Spec:
     if size is not None:
         _check_image_values(name, image_size, size, cfg, preset, fake_shape)
 
-    augment = _check_bool("augment", cfg["augment"])
+    augment = check_bool(_OWNER, "augment", cfg["augment"])
     if (augment and preset.train_augmentation == "pad_crop_flip" and size is not None
             and min(size) <= preset.crop_padding):
         # A crop of s <= p pixels from an image padded by p can hold padding only (offset 0).
@@ -351,13 +344,13 @@ def resolve(data_config: Any) -> Spec:
         train_split=_check_split("train_split", cfg["train_split"], tfds_name)
         or preset.train_split,
         eval_split=_check_split("eval_split", cfg["eval_split"], tfds_name) or preset.eval_split,
-        cache=_check_bool("cache", cfg["cache"]),
+        cache=check_bool(_OWNER, "cache", cfg["cache"]),
         shuffle_buffer=int(cfg["shuffle_buffer"]),
         classes=_check_classes(cfg["classes"]),
         train_examples_per_class=None if per_class is None else int(per_class),
         randaugment_layers=ra_layers,
         randaugment_magnitude=ra_magnitude,
-        grey_to_rgb=_check_bool("grey_to_rgb", cfg["grey_to_rgb"]),
+        grey_to_rgb=check_bool(_OWNER, "grey_to_rgb", cfg["grey_to_rgb"]),
         fake_image_shape=tuple(int(v) for v in fake_shape),  # type: ignore[arg-type]
         fake_num_classes=int(cfg["fake_num_classes"]),
         fake_num_train=int(cfg["fake_num_train"]),

@@ -48,6 +48,44 @@ def _shapes(tree: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in flatten_dict(unfreeze(tree)).items()}
 
 
+def _matching_sample_input(model: nn.Module, variables: Mapping[str, Any], rng: Array,
+                           candidates: Sequence[Array]) -> Array:
+    """The first of `candidates` at which `model.init` gives `variables`' leaves and shapes (the
+    input they were initialized for), else a ValueError saying what differs: the collections,
+    the leaves (another architecture) or only their shapes (another input shape)."""
+    old_shapes = _shapes(variables)
+    expected: dict = {}
+    for x in candidates:
+        expected = _shapes(jax.eval_shape(model.init, rng, x))
+        if expected == old_shapes:
+            return x
+    collections = sorted({k[0] for k in expected})
+    if expected and collections != sorted(variables):
+        raise invalid(  # e.g. params alone for a BatchNorm model: not an input-shape issue
+            "replace_head", "variables", f"collections {sorted(variables)}",
+            f"expected the model's collections {collections} (all of model.init's output)")
+    missing = sorted(set(expected) - set(old_shapes))
+    extra = sorted(set(old_shapes) - set(expected))
+    if missing or extra:  # other leaves at any input size: another architecture
+        leaf, where = (missing[0], "the model has but the variables lack") if missing else (
+            extra[0], "the variables have but the model lacks")
+        raise invalid(
+            "replace_head", "variables", type(model).__name__,
+            f"they are not this model's: {'/'.join(leaf)} is a leaf {where} "
+            f"({len(missing)} such, {len(extra)} the other way); pass the model the "
+            "variables came from")
+    tried = [tuple(x.shape) for x in candidates]
+    differing = next(k for k in sorted(expected) if expected[k] != old_shapes[k])
+    raise invalid(
+        "replace_head",
+        "variables",
+        type(model).__name__,
+        f"they do not match the model at input shapes {tried} ({'/'.join(differing)}: "
+        f"{old_shapes[differing]} in the variables, {expected[differing]} in the model); "
+        "pass the sample_input the model was initialized with",
+    )
+
+
 def replace_head(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -79,46 +117,15 @@ def replace_head(
             f"params keys {sorted(params)}",
             "expected a 'head' submodule (the final classifier) in variables['params']",
         )
-    old_shapes = _shapes(variables)
     if sample_input is None:
         candidates = [jnp.zeros((1, *shape), jnp.float32) for shape in _native_input_shapes(model)]
     else:
         candidates = [sample_input]
-    expected: dict = {}
-    for x in candidates:  # the input the variables were initialized for
-        expected = _shapes(jax.eval_shape(model.init, rng, x))
-        if expected == old_shapes:
-            sample_input = x
-            break
-    else:
-        collections = sorted({k[0] for k in expected})
-        if expected and collections != sorted(variables):
-            raise invalid(  # e.g. params alone for a BatchNorm model: not an input-shape issue
-                "replace_head", "variables", f"collections {sorted(variables)}",
-                f"expected the model's collections {collections} (all of model.init's output)")
-        missing = sorted(set(expected) - set(old_shapes))
-        extra = sorted(set(old_shapes) - set(expected))
-        if missing or extra:  # other leaves at any input size: another architecture
-            leaf, where = (missing[0], "the model has but the variables lack") if missing else (
-                extra[0], "the variables have but the model lacks")
-            raise invalid(
-                "replace_head", "variables", type(model).__name__,
-                f"they are not this model's: {'/'.join(leaf)} is a leaf {where} "
-                f"({len(missing)} such, {len(extra)} the other way); pass the model the "
-                "variables came from")
-        tried = [tuple(x.shape) for x in candidates]
-        differing = next(k for k in sorted(expected) if expected[k] != old_shapes[k])
-        raise invalid(
-            "replace_head",
-            "variables",
-            type(model).__name__,
-            f"they do not match the model at input shapes {tried} ({'/'.join(differing)}: "
-            f"{old_shapes[differing]} in the variables, {expected[differing]} in the model); "
-            "pass the sample_input the model was initialized with",
-        )
+    sample_input = _matching_sample_input(model, variables, rng, candidates)
 
     new_model = model.clone(num_classes=num_classes)
     new_shapes = _shapes(jax.eval_shape(new_model.init, rng, sample_input))
+    old_shapes = _shapes(variables)
     fresh_keys = sorted(
         k
         for k, shape in new_shapes.items()

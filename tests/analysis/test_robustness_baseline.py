@@ -126,8 +126,24 @@ def test_a_refused_baseline_is_named_as_it_was_given():
 def test_an_incomplete_record_has_no_errors_yet():
     partial = R.summarize({**MODEL, "requested": {"corruptions": ["fog", "contrast", "snow"],
                                                   "severities": [1, 2]}})
-    with pytest.raises(ValueError, match=r"^robustness: record is incomplete \(4 of 6 "):
+    with pytest.raises(ValueError, match=r"^robustness: record='/runs/x' is invalid; it is "
+                                         r"incomplete \(4 of 6 requested cells measured\); "):
         R.corruption_errors(partial, BASE)
+
+
+@pytest.mark.parametrize("baseline, shown", [
+    (["not", "a", "record"], "baseline=<class 'list'> is invalid; expected a robustness record "
+                             "(a dict)."),
+    ({"cells": {}}, "baseline=['cells'] is invalid; expected a robustness record (with 'cells' "
+                    "and 'clean_top1'); it lacks 'clean_top1'."),
+    ({}, "baseline=[] is invalid; expected a robustness record (with 'cells' and 'clean_top1'); "
+         "it lacks 'cells' and 'clean_top1'."),
+])
+def test_a_baseline_that_is_no_record_is_named_by_what_it_is(baseline, shown):
+    """The error showed the literal 'a dict' for any value, a list included."""
+    with pytest.raises(ValueError) as err:
+        R.corruption_errors(MODEL, baseline)
+    assert str(err.value) == f"robustness: {shown}"
 
 
 def test_the_baseline_is_read_from_a_workdir_or_a_json_file(tmp_path):

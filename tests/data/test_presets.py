@@ -150,6 +150,17 @@ def test_preset_numeric_fields_are_checked(field, value, valid):
         DatasetPreset(**base | {field: value})
 
 
+def test_a_numpy_bool_cache_is_taken_as_a_bool():
+    """`cache=np.True_` (e.g. read from an array of settings) was refused, though `data.cache`
+    and every other flag check take NumPy's bool."""
+    base = dict(name="x", tfds_name="x", num_classes=2, image_shape=(8, 8, 1),
+                train_split="train", eval_split="test", mean=(0.5,), std=(0.5,))
+    for value in (np.True_, np.False_):
+        preset = DatasetPreset(**base, cache=value)
+        assert preset.cache is bool(value)
+        assert preset == DatasetPreset(**base, cache=bool(value))
+
+
 def test_every_preset_passes_the_field_checks():
     for name in list_datasets():
         preset = get_preset(name)

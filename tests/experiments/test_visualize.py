@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cnnjax.train import loop
@@ -177,6 +178,32 @@ def test_a_detector_is_refused_in_one_line():
                                              r"holds a detection run, and the attribution maps "
                                              r"explain a classifier's class scores"):
             call(run, *(("out",) if call is write_visualizations else ()))
+
+
+def test_the_pointing_game_refuses_eval_images_that_are_not_the_stored_ones():
+    """Boxes are the stored tfds examples': a resized, relabelled or reordered eval image would
+    be scored against another image's boxes."""
+    from experiments.visualize import _check_stored_order
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 8, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2])
+    stored = [{"image": (image * 0.5).astype(np.uint8), "label": int(label)}  # the same pixels
+              for image, label in zip(images, labels, strict=True)]  # up to scale and type
+    _check_stored_order(images, labels, stored)
+    with pytest.raises(ValueError) as err:
+        _check_stored_order(images[:, :4, :4], labels, stored)
+    assert str(err.value) == (
+        "visualize: pointing_game=True is invalid; the run's eval images are (4, 4, 3), resized "
+        "from the stored (8, 8, 3): boxes need images at the stored size.")
+    for order, given_labels, first_wrong in [([0, 2, 1], labels[[0, 2, 1]], 1),  # reordered
+                                             ([0, 1, 2], np.array([0, 1, 1]), 2)]:  # relabelled
+        with pytest.raises(ValueError) as err:
+            _check_stored_order(images[order], given_labels, stored)
+        assert str(err.value) == (
+            f"visualize: pointing_game=True is invalid; eval example {first_wrong} of the "
+            f"pipeline is not the stored example {first_wrong} (a class subset or reordering): "
+            "boxes cannot be matched.")
 
 
 @pytest.mark.slow
