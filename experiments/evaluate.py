@@ -56,7 +56,9 @@ from cnnjax.utils.files import (  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _SPLIT = flags.DEFINE_string("split", None, "tfds split, e.g. 'test' (default: the run's).")
-_BATCH = flags.DEFINE_integer("eval_batch_size", None, "Default: the run's eval batch size.")
+_BATCH = flags.DEFINE_integer(
+    "eval_batch_size", None, "Images per forward pass. Default: the run's eval batch size for the "
+    "metrics, cnnjax.train.trained.PREDICTION_BATCH (64) for the calibration and confusion passes.")
 _DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to evaluate on (0: all; default: "
                                 "the run's config.num_devices).")
 _EMA = flags.DEFINE_bool("ema", False, "Evaluate the run's weight average (a run trained with "

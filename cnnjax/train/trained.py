@@ -38,6 +38,9 @@ from cnnjax.utils.validation import check_bool, check_positive_int, error_prefix
 _OWNER = "load_trained"
 #: How `check_temperature_split` and `calibrate_run` name their split for a Python caller.
 _TEMPERATURE_SPLIT = "evaluate: temperature_split"
+#: Images per forward pass of the prediction helpers (`predictions`, `eval_examples`,
+#: `classifier_logits`, `calibrate_run`) when the caller names no batch size.
+PREDICTION_BATCH = 64
 
 
 def argument_prefix(argument: str) -> str:
@@ -197,7 +200,7 @@ def default_outputs(config: Any) -> Callable[[TrainedRun, dict], Any]:
     return lambda run, batch: run.apply(batch["image"])
 
 
-def predictions(run: TrainedRun, split: str | None = None, batch_size: int = 64,
+def predictions(run: TrainedRun, split: str | None = None, batch_size: int = PREDICTION_BATCH,
                 outputs: Callable[[TrainedRun, dict], Any] | None = None,
                 ) -> Iterator[tuple[dict, Any]]:
     """`(batch, output)` over `split` of the run's dataset (None: its eval split) in stored
@@ -243,7 +246,7 @@ def _padded_batches(config: Any, batch_size: int) -> Iterator[dict]:
 
 
 def eval_examples(run: TrainedRun, split: str | None = None,
-                  batch_size: int = 64) -> Iterator[dict]:
+                  batch_size: int = PREDICTION_BATCH) -> Iterator[dict]:
     """The batches of `predictions` without running the model: `split` of the run's dataset
     (None: its eval split) in stored order, as its evaluation preprocesses them, padding
     removed."""
@@ -277,7 +280,7 @@ def evaluate_run(run: TrainedRun, split: str | None = None,
 
 
 def classifier_logits(run: TrainedRun, split: str | None = None,
-                      batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                      batch_size: int = PREDICTION_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """A classifier's `(logits [N, C], labels [N])` over `split` (None: its eval split) in
     stored order, from one `predictions` pass: what the confusion matrix and the calibration
     scores of `experiments.evaluate` share."""
@@ -459,7 +462,7 @@ def check_temperature_split(run: TrainedRun, split: str | None, temperature_spli
 
 
 def calibrate_run(run: TrainedRun, logits: np.ndarray, labels: np.ndarray, n_bins: int = 15,
-                  temperature_split: str | None = None, batch_size: int = 64,
+                  temperature_split: str | None = None, batch_size: int = PREDICTION_BATCH,
                   same_split: bool = False, name: str = _TEMPERATURE_SPLIT) -> dict:
     """The `calibration` record of a classifier's `logits` and `labels` (`classifier_logits` of
     the evaluated split): ECE, MCE, NLL, Brier score and bins at T = 1, plus, with
