@@ -268,7 +268,7 @@ def _train(config: Any, checked: Any, schedule: optax.Schedule, settings: dict[s
         host = parallel.metrics_to_host(metrics)
         loss = float(host.get("total_loss", host["loss"]))  # the objective the rate steps
         lr = float(host["learning_rate"])
-        if math.isfinite(loss):  # diagnose.ema's bias-corrected average, kept online
+        if math.isfinite(loss):  # diagnose.exponential_smoothing, kept online
             acc = smoothing * acc + (1.0 - smoothing) * loss
             smoothed = acc / (1.0 - smoothing ** (step + 1))
             minimum = min(minimum, smoothed)

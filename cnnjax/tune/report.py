@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from cnnjax.train.logging import METRICS_FILE
-from cnnjax.tune.diagnose import LR_FIELD, ema, read_checked_metrics
+from cnnjax.tune.diagnose import LR_FIELD, exponential_smoothing
+from cnnjax.tune.metrics_file import read_checked_metrics
 from cnnjax.utils.files import save_figure
 
 REPORT_FILE = "report.md"
@@ -134,8 +135,8 @@ def tune_figure(record: dict, ema_weight: float = 0.6) -> Any:
                 ax_eval.plot([x["step"] for x in evals], [x[metric] for x in evals], **style)
             finite = [x for x in train if math.isfinite(x["loss"])]
             if finite:
-                ax_loss.plot([x["step"] for x in finite],
-                             ema(np.array([x["loss"] for x in finite]), ema_weight), **style)
+                smooth = exponential_smoothing(np.array([x["loss"] for x in finite]), ema_weight)
+                ax_loss.plot([x["step"] for x in finite], smooth, **style)
     ax_lr.set(xscale="log", xlabel=LR_FIELD, ylabel=f"best eval {metric}",
               title="metric vs learning rate (x: diverged)")
     ax_eval.set(xlabel="step", ylabel=f"eval {metric}", title="eval curves (black: best)")

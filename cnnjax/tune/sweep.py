@@ -42,7 +42,7 @@ from cnnjax.train.loop import (
 )
 from cnnjax.train.optim import unread_fields
 from cnnjax.train.preemption import StopRequest, stop_if_pending
-from cnnjax.tune.diagnose import read_checked_metrics
+from cnnjax.tune.metrics_file import read_checked_metrics
 from cnnjax.tune.space import SearchSpace, Trial
 from cnnjax.tune.space import trial_configs as space_trial_configs
 from cnnjax.utils.files import (

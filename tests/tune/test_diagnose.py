@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from cnnjax.train.logging import read_metrics
 from cnnjax.tune import diagnose as dg
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -503,13 +504,13 @@ def test_too_slow_threshold(end, slow):
         assert f.recommendations[0].value == 3.0
 
 
-def test_ema_matches_the_weighted_average_definition():
+def test_exponential_smoothing_matches_the_weighted_average_definition():
     """Bias-corrected EMA = sum_i w^i x_{t-i} / sum_i w^i (float64 loop reference)."""
     x = np.random.default_rng(0).normal(size=30)
     w = 0.6
     reference = [sum(w**i * x[t - i] for i in range(t + 1)) / sum(w**i for i in range(t + 1))
                  for t in range(len(x))]
-    np.testing.assert_allclose(dg.ema(x, w), reference, rtol=1e-12)
+    np.testing.assert_allclose(dg.exponential_smoothing(x, w), reference, rtol=1e-12)
     assert dg.trailing_median(np.arange(8.0), 3)[5] == 3.0  # median of x[2:5]
 
 
@@ -783,7 +784,7 @@ def test_real_lenet_run_blown_up_within_its_first_log_is_diverged():
     # Every other real run, with its 10 classes known, is judged as before.
     for name in ("lenet5_digits_lr0.05", "lenet5_digits_lr0.0005", "lenet5_digits_4pct",
                  "lenet5_digits_wd0.3", "lenet5_digits_lr0.0001"):
-        records = dg.read_metrics(os.path.join(DATA, name, "metrics.jsonl"))
+        records = read_metrics(os.path.join(DATA, name, "metrics.jsonl"))
         summary = dg.read_json(os.path.join(DATA, name, "summary.json"))
         plain = dg.diagnose(dg.Curves.from_records(records, summary)).verdicts
         known = dg.diagnose(dg.Curves.from_records(records, {**summary, "num_classes": 10}))
@@ -992,7 +993,7 @@ def test_a_metric_the_run_does_not_report_is_named_whatever_the_verdict(status, 
 
 def _real_curves(name: str, drop_train: str | None = None) -> "dg.Curves":
     """The real run `name`'s curves, with `drop_train` left out of every train log."""
-    records = dg.read_metrics(os.path.join(DATA, name, "metrics.jsonl"))
+    records = read_metrics(os.path.join(DATA, name, "metrics.jsonl"))
     records = [{k: v for k, v in r.items() if not (r["split"] == "train" and k == drop_train)}
                for r in records]
     config = dg.read_json(os.path.join(DATA, name, "config.json"))

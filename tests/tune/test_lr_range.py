@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnnjax.tune import lr_range
-from cnnjax.tune.diagnose import ema
+from cnnjax.tune.diagnose import exponential_smoothing
 from tests.experiments.test_train import _env
 from tests.train import helpers
 
@@ -75,7 +75,8 @@ def test_smoothed_loss_is_the_bias_corrected_ema(ramp):
     _, record = ramp
     losses, smoothed = _curve(record, "loss"), _curve(record, "smoothed_loss")
     np.testing.assert_allclose(smoothed, _reference_ema(losses, 0.98), rtol=1e-12)
-    np.testing.assert_allclose(smoothed, ema(losses, 0.98), rtol=1e-12)  # the diagnosis' EMA
+    # the diagnosis' smoothing
+    np.testing.assert_allclose(smoothed, exponential_smoothing(losses, 0.98), rtol=1e-12)
     assert smoothed[0] == losses[0]  # bias-corrected: the first point is the first loss
 
 
