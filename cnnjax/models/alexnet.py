@@ -4,21 +4,26 @@
 256@5x5/p2, conv3 384@3x3/p1, conv4 384@3x3/p1, conv5 256@3x3/p1; the two GPU towers are grouped
 convolutions (groups=2) in conv2, conv4 and conv5, whose kernels see only their own tower's half
 of the input channels, while conv3 connects across towers; local response normalization
-(k=2, n=5, alpha=1e-4, beta=0.75, alpha not divided by n) after the ReLU of conv1 and conv2;
-overlapping 3x3/s2 max pooling after conv1, conv2 and conv5; fc6 4096, fc7 4096 with dropout 0.5
-after their ReLUs; then the linear `head`. 60,965,224 parameters at 1000 classes (the figure of
-Caffe's grouped reference AlexNet; the paper says "60 million").
+(k=2, n=5, alpha=1e-4, beta=0.75, alpha not divided by n) after the ReLU of conv1 and conv2, over
+all 96/256 maps as in Caffe's reference AlexNet, so maps 46-49 (126-129) see across the tower
+boundary (the paper's GPUs each normalize their own maps, cuda-convnet2's rnorm1a/rnorm1b, which
+differs only there: `lrn_groups=2`); overlapping 3x3/s2 max pooling after conv1, conv2 and conv5;
+fc6 4096, fc7 4096 with dropout 0.5 after their ReLUs; then the linear `head`. 60,965,224
+parameters at 1000 classes (the figure of Caffe's grouped reference AlexNet; the paper says "60
+million").
 
 The paper's "224x224" input is a known inconsistency: (224 - 11) / 4 + 1 = 54.25 is not an
 integer, and only a 227x227 input (or 224 padded by 3) gives the 55x55x96 conv1 map of Figure 2.
 This implementation uses no conv1 padding and a native input of 227x227, which yields the
 6x6x256 pool5 map (9216 fc6 inputs) behind the published count. Other input sizes run (down to
-67x67) but change fc6's fan-in, unless `pool_size=6` adds torchvision's adaptive pooling.
+67x67) but change fc6's fan-in; the class `AlexNet(pool_size=6)` adds torchvision's adaptive
+pooling (the registered name fixes the paper's flatten, so `create_model` refuses `pool_size`).
 
-`alexnet` is the single-tower layout of torchvision's `alexnet` ("One weird trick", Krizhevsky
-2014): 64-192-384-256-256 filters, conv1 11x11/4 with padding 2, no LRN, no groups, adaptive
-average pooling to 6x6 before the classifier (so any input of at least 63x63 gives the same
-parameters), dropout before fc6 and fc7; 61,100,840 parameters at 1000 classes.
+`alexnet` is torchvision's single-tower layout (cuda-convnet2's one-GPU config; the "One weird
+trick" paper, Krizhevsky 2014, has 384 filters in conv4): 64-192-384-256-256 filters, conv1
+11x11/4 with padding 2, no LRN, no groups, adaptive average pooling to 6x6 before the classifier
+(so any input of at least 63x63 gives the same parameters), dropout before fc6 and fc7;
+61,100,840 parameters at 1000 classes.
 
 `zfnet` is Zeiler & Fergus's network (Figure 3): conv1 96@7x7/2 (padding 1), 3x3/s2 max pool,
 contrast normalization, conv2 256@5x5/2, 3x3/s2 max pool, contrast normalization, conv3-5 3x3/p1,
@@ -79,6 +84,19 @@ def _check_five(owner: str, arg: str, value: Any) -> tuple[int, ...]:
     return values
 
 
+def _check_lrn_groups(owner: str, lrn_groups: Any, lrn: bool, widths: Sequence[int]) -> None:
+    """`lrn_groups` must split conv1's and conv2's maps evenly, and needs `lrn`."""
+    check_positive_int(owner, "lrn_groups", lrn_groups)
+    if lrn_groups == 1:
+        return
+    if not lrn:
+        raise invalid(owner, "lrn_groups", lrn_groups, "expected 1 with lrn=False (no LRN to "
+                      "group)")
+    if widths[0] % lrn_groups or widths[1] % lrn_groups:
+        raise invalid(owner, "lrn_groups", lrn_groups, f"expected a divisor of conv1's and "
+                      f"conv2's widths {widths[0]} and {widths[1]}")
+
+
 def _classifier(module: nn.Module, x: Array, train: bool, dropout_before_fc: bool) -> Array:
     """fc6 and fc7 (ReLU, dropout) of AlexNet-family nets; returns the head's input."""
     dense = functools.partial(Dense, dtype=module.dtype, kernel_init=dense_kernel_init)
@@ -101,6 +119,8 @@ class AlexNet(nn.Module):
       groups: feature groups of conv1 .. conv5 (2 = the paper's two towers; all 1 = one tower).
       conv1_padding: zero padding of conv1 (paper: 0 at 227x227; torchvision: 2 at 224x224).
       lrn: local response normalization after the ReLU of conv1 and conv2 (before their pools).
+      lrn_groups: channel groups each LRN normalizes separately: 1 = across all maps (Caffe's
+        reference AlexNet), 2 = per tower (the paper's two GPUs); must divide widths[0] and [1].
       pool_size: side of an adaptive average pool before fc6 (torchvision: 6); None flattens
         pool5 as it is (the paper).
       dropout_before_fc: False = dropout after the ReLUs of fc6 and fc7 (paper, Caffe);
@@ -116,6 +136,7 @@ class AlexNet(nn.Module):
     groups: Sequence[int] = (1, 2, 1, 2, 2)
     conv1_padding: int = 0
     lrn: bool = True
+    lrn_groups: int = 1
     pool_size: int | None = None
     dropout_before_fc: bool = False
     dropout_rate: float = 0.5
@@ -130,12 +151,21 @@ class AlexNet(nn.Module):
         _check_five(owner, "groups", self.groups)
         check_non_negative_int(owner, "conv1_padding", self.conv1_padding)
         check_bool(owner, "lrn", self.lrn)
+        _check_lrn_groups(owner, self.lrn_groups, self.lrn, self.widths)
         check_bool(owner, "dropout_before_fc", self.dropout_before_fc)
         check_dropout_rate(owner, self.dropout_rate)
         check_positive_int(owner, "hidden_features", self.hidden_features)
         if self.pool_size is not None:
             check_positive_int(owner, "pool_size", self.pool_size)
         super().__post_init__()
+
+    def _lrn(self, x: Array) -> Array:
+        """AlexNet's LRN over each of the `lrn_groups` channel groups separately."""
+        lrn = LocalResponseNorm(dtype=self.dtype)  # parameter-free: one instance serves all
+        if self.lrn_groups == 1:
+            return lrn(x)
+        return jnp.concatenate([lrn(part) for part in jnp.split(x, self.lrn_groups, axis=-1)],
+                               axis=-1)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_features: bool = False):
@@ -150,11 +180,11 @@ class AlexNet(nn.Module):
         x = nn.relu(conv(w[0], 11, strides=4, padding=self.conv1_padding, groups=g[0],
                          name="conv1")(x))
         if self.lrn:
-            x = LocalResponseNorm(dtype=self.dtype)(x)
+            x = self._lrn(x)
         features["layer1"] = x = max_pool2d(x, 3, 2)
         x = nn.relu(conv(w[1], 5, padding=2, groups=g[1], name="conv2")(x))
         if self.lrn:
-            x = LocalResponseNorm(dtype=self.dtype)(x)
+            x = self._lrn(x)
         features["layer2"] = x = max_pool2d(x, 3, 2)
         features["layer3"] = x = nn.relu(conv(w[2], 3, padding=1, groups=g[2], name="conv3")(x))
         features["layer4"] = x = nn.relu(conv(w[3], 3, padding=1, groups=g[3], name="conv4")(x))
@@ -225,13 +255,14 @@ class ZFNet(nn.Module):
         return (logits, features) if return_features else logits
 
 
-# What each name fixes (`build_variant`): the layer layout; dropout and fc width stay settable.
+# What each name fixes (`build_variant`): the layer layout; dropout, fc width and the paper
+# net's `lrn_groups` stay settable.
 _ALEXNET_2TOWER = functools.partial(
     AlexNet, widths=(96, 256, 384, 384, 256), groups=(1, 2, 1, 2, 2), conv1_padding=0, lrn=True,
     pool_size=None, dropout_before_fc=False)
 _ALEXNET_TORCHVISION = functools.partial(
     AlexNet, widths=(64, 192, 384, 256, 256), groups=(1, 1, 1, 1, 1), conv1_padding=2, lrn=False,
-    pool_size=6, dropout_before_fc=True)
+    lrn_groups=1, pool_size=6, dropout_before_fc=True)
 
 
 @register_model("alexnet_2tower", input_shape=(227, 227, 3), min_input_size=67, num_classes=1000,
@@ -242,7 +273,8 @@ def alexnet_2tower(**kwargs: Any) -> AlexNet:
 
 
 @register_model("alexnet", input_shape=(224, 224, 3), min_input_size=63, num_classes=1000,
-                paper=_ALEXNET_PAPER + "; layout of torchvision's alexnet (Krizhevsky 2014)")
+                paper=_ALEXNET_PAPER + "; torchvision's layout (cuda-convnet2's one-GPU config; "
+                "the 'One weird trick' paper's conv4 has 384)")
 def alexnet(**kwargs: Any) -> AlexNet:
     """Single-tower AlexNet in torchvision's layout; 61,100,840 parameters at 1000 classes."""
     return build_variant(_ALEXNET_TORCHVISION, kwargs)

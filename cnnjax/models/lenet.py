@@ -16,12 +16,15 @@ Options:
   see 3 contiguous S2 maps, 6-11 four contiguous, 12-14 four non-contiguous, 15 all six; 60
   connections, 1,516 effective parameters). The partial table is a fixed 0/1 mask on a full
   5x5x6x16 kernel, so the stored kernel still has 2,400 entries but the 900 masked ones never
-  influence the output and get zero gradient.
+  influence the output and get zero gradient. That dense convolution is what runs, and what
+  `cnnjax.analysis.summary` counts: 240,000 MACs for C3 with either table (the paper's 60
+  connections are 150,000 MACs, its "151,600 connections" with the biases).
 
 With the defaults and 10 classes the model has 61,706 parameters. Not reproduced: the output
 layer of Euclidean RBF units with fixed 7x12 bitmap codes (a linear `head` with softmax
 cross-entropy replaces it) and the paper's scaled-uniform initialization (flax's LeCun-normal is
-its modern form).
+its modern form; with the partial C3 table each map's kernel is scaled by its own fan-in, 75, 100
+or 150, as the paper scales each unit's).
 
 Features (`return_features=True`): `c1`, `s2`, `c3`, `s4`, `c5` (after their activations), and
 `pre_logits` (F6's activated output).
@@ -102,6 +105,7 @@ class ConnectionTableConv(nn.Module):
 
     Implemented as a full `[k, k, in, out]` kernel times a fixed 0/1 `[in, out]` mask (LeNet-5's
     C3 with Table I): masked kernel entries never affect the output and receive zero gradient.
+    The kernel is LeCun-normal for each output map's own fan-in, k * k * len(connections[j]).
     """
 
     connections: tuple[tuple[int, ...], ...]
@@ -116,7 +120,12 @@ class ConnectionTableConv(nn.Module):
         mask = np.zeros((in_features, len(self.connections)), np.float32)
         for j, inputs in enumerate(self.connections):
             mask[list(inputs), j] = 1.0
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+        # LeCun-normal draws for the full fan-in k*k*in, rescaled per map to its own fan-in (a
+        # factor of exactly 1 for a full table, so those draws stay flax's; a map without inputs
+        # keeps 1, not inf, which the mask's zeros would turn into NaN).
+        scale = jnp.asarray(np.sqrt(in_features / np.maximum(mask.sum(axis=0), 1)), jnp.float32)
+        kernel = self.param("kernel",
+                            lambda *a: nn.initializers.lecun_normal()(*a) * scale,
                             (k, k, in_features, len(self.connections)), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (len(self.connections),), jnp.float32)
         kernel = (kernel * jnp.asarray(mask)).astype(self.dtype)

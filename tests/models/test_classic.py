@@ -21,7 +21,7 @@ import pytest
 
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D
-from cnnjax.models import create_model, list_models, model_info
+from cnnjax.models import create_model, list_models, model_info, settable_fields
 from cnnjax.models.alexnet import AlexNet, ZFNet
 from cnnjax.models.googlenet import (
     AUX_MIN_INPUT_SIZE,
@@ -452,6 +452,47 @@ def test_alexnet_at_224_shows_the_paper_size_inconsistency():
     # torchvision's layout pads conv1 by 2 and pools adaptively, so 224 works.
     _, features = _feature_shapes(create_model("alexnet"), (1, 224, 224, 3))
     assert features["layer5"] == (1, 6, 6, 256)
+    # The paper's net with the class's adaptive pool (the docstring's advice; the registered name
+    # fixes pool_size): fc6 keeps the 9216 inputs of the published count.
+    params = init_shapes(AlexNet(pool_size=6), (1, 224, 224, 3))["params"]
+    assert params["fc6"]["kernel"].shape == (9216, 4096)
+
+
+def _lrn_then_pool(relu: np.ndarray, groups: int) -> np.ndarray:
+    """float64 reference of AlexNet's LRN (n=5, k=2, alpha=1e-4, beta=0.75; the window clipped at
+    each group's edges) over `groups` channel groups separately, then 3x3/s2 max pooling."""
+    parts = []
+    for part in np.split(relu, groups, axis=-1):
+        padded = np.pad(part * part, ((0, 0), (0, 0), (0, 0), (2, 2)))
+        window = sum(padded[..., j:j + part.shape[-1]] for j in range(5))
+        parts.append(part / (2.0 + 1e-4 * window) ** 0.75)
+    lrn = np.concatenate(parts, axis=-1)
+    windows = np.lib.stride_tricks.sliding_window_view(lrn, (3, 3), axis=(1, 2))
+    return windows[:, ::2, ::2].max(axis=(-2, -1))
+
+
+def test_alexnet_lrn_groups_normalizes_each_tower_separately():
+    """`lrn_groups=2` is the paper's per-GPU LRN (cuda-convnet2's rnorm1a/rnorm1b), default 1
+    Caffe's across all maps: layer1/layer2 against float64 NumPy from the captured conv outputs,
+    and the two differ exactly at the 2 maps each side of the tower boundary. Widths 8, 67x67."""
+    kwargs = dict(widths=(8, 8, 8, 8, 8), hidden_features=4, num_classes=3)
+    x = jax.random.normal(jax.random.key(5), (2, 67, 67, 3)) * 30  # LRN's sum matters
+    variables = jinit(AlexNet(**kwargs), x)
+    layers = {}
+    for groups in (1, 2):
+        model = AlexNet(**kwargs) if groups == 1 else AlexNet(**kwargs, lrn_groups=groups)
+        (_, feats), inter = japply(model, variables, x, return_features=True,
+                                   capture_intermediates=lambda m, _: isinstance(m, Conv2D),
+                                   mutable=["intermediates"])
+        for conv, layer in (("conv1", "layer1"), ("conv2", "layer2")):
+            out = np.asarray(inter["intermediates"][conv]["__call__"][0], np.float64)
+            expected = _lrn_then_pool(np.maximum(out, 0), groups)
+            np.testing.assert_allclose(np.asarray(feats[layer]), expected, rtol=1e-5, atol=1e-5)
+        layers[groups] = np.asarray(feats["layer1"])
+    changed = np.abs(layers[2] - layers[1]).max(axis=(0, 1, 2)) > 1e-6
+    np.testing.assert_array_equal(changed, [0, 0, 1, 1, 1, 1, 0, 0])  # 2, 3 | 4, 5
+    assert create_model("alexnet_2tower", lrn_groups=2).lrn_groups == 2
+    assert "lrn_groups" not in settable_fields("alexnet")  # fixed with its lrn=False
 
 
 def test_alexnet_two_towers_are_grouped_convolutions():
@@ -830,6 +871,30 @@ def test_connection_table_conv_ignores_unconnected_inputs():
     np.testing.assert_array_equal(changed, [c == "X" for c in TABLE_I.split()[0]])
 
 
+class _LecunKernel(nn.Module):
+    """Only a `kernel` parameter drawn by flax's LeCun-normal, at ConnectionTableConv's path."""
+
+    @nn.compact
+    def __call__(self, x):
+        return self.param("kernel", nn.initializers.lecun_normal(), (5, 5, 6, 16), jnp.float32)
+
+
+def test_connection_table_conv_init_uses_each_maps_own_fan_in():
+    """Over 400 seeds, each C3 map's connected kernel entries have std sqrt(1 / (25 * inputs))
+    (fan-in 75, 100 or 150; within 3%, ~7 standard errors); a full table keeps flax's draws."""
+    layer = ConnectionTableConv(C3_CONNECTIONS, 5)
+    x = jnp.zeros((1, 14, 14, 6))
+    keys = jax.random.split(jax.random.key(11), 400)
+    kernels = np.asarray(jax.jit(jax.vmap(lambda k: layer.init(k, x)["params"]["kernel"]))(keys))
+    for j, inputs in enumerate(C3_CONNECTIONS):
+        std = kernels[..., list(inputs), j].std()
+        assert abs(std * np.sqrt(25 * len(inputs)) - 1) < 0.03, (j, std)
+    full = ConnectionTableConv((tuple(range(6)),) * 16, 5)
+    key = jax.random.key(12)
+    np.testing.assert_array_equal(np.asarray(full.init(key, x)["params"]["kernel"]),
+                                  np.asarray(_LecunKernel().init(key, x)["params"]["kernel"]))
+
+
 def test_lenet5_trainable_subsampling_matches_numpy():
     model = LeNet5(subsampling="trainable", activation="relu")
     x = jax.random.normal(jax.random.key(9), (2, 32, 32, 1))
@@ -1167,6 +1232,16 @@ INVALID = [
     (lambda: AlexNet(dropout_rate=-0.1), "AlexNet: dropout_rate=-0.1 is invalid"),
     (lambda: AlexNet(hidden_features=0), "AlexNet: hidden_features=0 is invalid"),
     (lambda: AlexNet(pool_size=0), "AlexNet: pool_size=0 is invalid"),
+    (lambda: AlexNet(lrn_groups=0), "AlexNet: lrn_groups=0 is invalid"),
+    (
+        lambda: AlexNet(lrn_groups=5),
+        "AlexNet: lrn_groups=5 is invalid; expected a divisor of conv1's and conv2's widths 96 "
+        "and 256",
+    ),
+    (
+        lambda: AlexNet(lrn=False, lrn_groups=2),
+        "AlexNet: lrn_groups=2 is invalid; expected 1 with lrn=False",
+    ),
     (lambda: ZFNet(widths=(96, 256)), "ZFNet: widths=(96, 256) is invalid"),
     (lambda: ZFNet(num_classes=0), "ZFNet: num_classes=0 is invalid"),
     (lambda: ZFNet(dropout_rate=2), "ZFNet: dropout_rate=2 is invalid"),
