@@ -82,7 +82,8 @@ _MAX_REQUEUES = flags.DEFINE_integer(
     "max_requeues", 3, "Requeue at most this many times (then resubmit by hand).")
 _VENV = flags.DEFINE_string(
     "venv", os.path.join(REPOSITORY, ".venv"), "Virtual environment to activate ('' for none).")
-_PYTHON = flags.DEFINE_string("python", "python", "Python command (after the venv).")
+_PYTHON = flags.DEFINE_string(
+    "python", "python", "Python command (after the venv): a name looked up in PATH, or a path.")
 _ENV = flags.DEFINE_multi_string("env", [], "NAME=value exported in the job (repeatable).")
 _SETUP = flags.DEFINE_multi_string(
     "setup", [], "A shell line run first, e.g. 'module load cuda/12.4' (repeatable).")
@@ -108,6 +109,12 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None or path == "" else os.path.abspath(os.path.expanduser(path))
 
 
+def _python_command(python: str) -> str:
+    """`--python` as a path against the current directory if it holds a '/'; a bare command
+    name (`python3`) stays one, looked up in the job's PATH."""
+    return _absolute(python) if os.sep in python else python
+
+
 def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
     """The JobSpec the command line describes (not yet validated): relative paths are taken
     from the current directory; the job runs in the repository holding this script."""
@@ -123,7 +130,8 @@ def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
         constraint=_CONSTRAINT.value, job_name=_JOB_NAME.value, array=_ARRAY.value,
         max_parallel=_MAX_PARALLEL.value, trials_per_task=_TRIALS_PER_TASK.value,
         signal_seconds=_SIGNAL_SECONDS.value,
-        max_requeues=_MAX_REQUEUES.value, venv=_absolute(_VENV.value), python=_PYTHON.value,
+        max_requeues=_MAX_REQUEUES.value, venv=_absolute(_VENV.value),
+        python=_python_command(_PYTHON.value),
         env=_env_pairs(_ENV.value), setup=tuple(_SETUP.value), submit_dir=REPOSITORY,
     )
 

@@ -7,8 +7,10 @@ SLURM warn the batch shell `s` seconds ahead, the shell stops the job step (SIGT
 a grace period) and runs `scontrol requeue $JOB_REF` unless the job was already requeued
 `max_requeues` times (`JOB_REF` is `<array job>_<task>` in an array task, so only that task is
 stopped and requeued; otherwise `$SLURM_JOB_ID`). The requeued job reruns the same command,
-which resumes from the newest checkpoint. A plain SIGTERM (scancel) stops the step without
-requeueing. Every start, signal and stop is appended to `<workdir>/slurm/events.log`. Pure
+which resumes from the newest checkpoint; a step that finished or failed during the stop is not
+requeued. A plain SIGTERM (scancel, preemption without the user signal) is not a graceful stop:
+SLURM signals srun too, which kills the tasks at once, so the rerun resumes from the newest
+periodic checkpoint. Every start, signal and stop is appended to `<workdir>/slurm/events.log`. Pure
 functions: nothing is written or submitted here.
 """
 
@@ -112,10 +114,16 @@ def environment(spec: JobSpec) -> list[tuple[str, str]]:
 _PREEMPTION = r"""
 # Preemption and time limits: SLURM sends USR1 to this shell SIGNAL_SECONDS s before the end.
 # Stop the job step, then requeue this job (same id, same command) unless it was requeued
-# MAX_REQUEUES times already; the rerun resumes from the newest checkpoint in the work directory.
-# TERM alone (scancel) stops the step without requeueing. The step's tasks get their TERM through
-# `scancel --signal=TERM` (every step of the job, not this shell): srun itself answers a TERM by
-# SIGKILLing its tasks ("forcing job termination"), which would lose the step in progress.
+# MAX_REQUEUES times already, or the step finished or failed by itself during the stop (any exit
+# status but 143, the tasks' answer to the TERM, or 137, the KILL after the grace period); the
+# rerun resumes from the newest checkpoint in the work directory. The step's tasks get their TERM
+# through `scancel --signal=TERM` (every step of the job, not this shell): srun itself answers a
+# TERM by SIGKILLing its tasks ("forcing job termination"), which would lose the step in progress.
+# For that reason a TERM to the whole job (plain `scancel <job>`, preemption that does not send
+# the user signal first) cannot be a graceful stop: SLURM TERMs srun as well, which kills the
+# tasks, likely before they checkpoint, and the rerun resumes from the newest periodic checkpoint.
+# This shell then only logs it and stops what is left, without requeueing (SLURM requeues the job
+# where its preemption mode says so). A graceful stop is `scancel --signal=USR1 --batch <job>`.
 # scancel and scontrol get JOB_REF: in an array task `<array job>_<task>`, since a bare array job
 # id means every task of the array and one task's SLURM_JOB_ID is that id (the one SLURM
 # started last, seen on slurm-wlm 22.05; the others get ids of their own). Events name JOB_REF
@@ -129,7 +137,8 @@ event() {
   printf '%s job %s: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "${JOB_REF:-?}" "$1" \
     | tee -a "$EVENTS" >&2
 }
-stop_step() {  # TERM to the tasks, KILL after STOP_GRACE_SECONDS; STOPPED=0 if it had ended
+stop_step() {  # TERM to the tasks, KILL after STOP_GRACE_SECONDS. STOPPED=1 if the signals
+  # stopped it (or it had not started), 0 if it ended by itself (STEP_STATUS: its exit status)
   STOPPED=1
   [[ -n "${STEP_PID:-}" ]] || return 0
   if kill -0 "$STEP_PID" 2>/dev/null; then
@@ -140,18 +149,18 @@ stop_step() {  # TERM to the tasks, KILL after STOP_GRACE_SECONDS; STOPPED=0 if 
       waited=$((waited + 1))
     done
     kill -KILL "$STEP_PID" 2>/dev/null
-  else
-    STOPPED=0
   fi
   wait "$STEP_PID" 2>/dev/null
   STEP_STATUS=$?
+  ((STEP_STATUS == 143 || STEP_STATUS == 137)) || STOPPED=0
   return 0
 }
 on_usr1() {
   event "USR1: time limit or preemption ahead; stopping the job step"
   stop_step
   if ((STOPPED == 0)); then
-    event "the job step had already ended (exit status $STEP_STATUS); not requeued"
+    event "the job step ended by itself (exit status $STEP_STATUS: finished or failed, not \
+stopped by the signal); not requeued"
     exit "$STEP_STATUS"
   fi
   if ((RESTARTS >= MAX_REQUEUES)); then
@@ -178,7 +187,8 @@ on_term() {
   if ((REQUEUING)); then
     requeued
   fi
-  event "TERM (scancel or preemption without requeue): stopping the job step; not requeued"
+  event "TERM (scancel or preemption): stopping the job step; this script does not requeue \
+(SLURM does where the job's preemption mode requeues it)"
   stop_step
   exit 143
 }

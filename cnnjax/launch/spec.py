@@ -113,7 +113,7 @@ class JobSpec:
     signal_seconds: int = 300  # USR1 this long before the time limit: stop, requeue
     max_requeues: int = 3
     venv: str | None = ".venv"  # activated before running; None: `python` from PATH
-    python: str = "python"
+    python: str = "python"  # a command (PATH lookup) or, with a '/', a path (made absolute)
     env: tuple[tuple[str, str], ...] = ()  # exported after the defaults (yours win)
     setup: tuple[str, ...] = ()  # shell lines run first, e.g. "module load cuda/12.4"
     submit_dir: str = "."  # the repository root the job runs in (relative paths start here)
@@ -355,8 +355,9 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
         job_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"cnnjax-{entry_name}-"
                           f"{os.path.basename(workdir)}")
     _check_word("job_name", job_name, _JOB_NAME, "letters, digits, '.', '_', '-'")
-    venv = _check_environment(spec, submit_dir)
+    venv, python = _check_environment(spec, submit_dir)
     return dataclasses.replace(spec, submit_dir=submit_dir, workdir=workdir, venv=venv,
+                               python=python,
                                tasks_per_node=tasks, job_name=job_name, **files)
 
 
@@ -452,8 +453,9 @@ def _check_array(spec: JobSpec, num_trials: int | None) -> None:
         check_positive_int(_OWNER, "max_parallel", spec.max_parallel)
 
 
-def _check_environment(spec: JobSpec, submit_dir: str) -> str | None:
-    """Checks venv, python, env and setup; returns the venv's absolute path (or None)."""
+def _check_environment(spec: JobSpec, submit_dir: str) -> tuple[str | None, str]:
+    """Checks venv, python, env and setup; returns the venv's absolute path (or None) and the
+    python command, made absolute against `submit_dir` if it is a path (holds a '/')."""
     venv = spec.venv
     if venv is not None:
         venv = _check_path("venv", venv, submit_dir, must_exist="dir")
@@ -462,6 +464,9 @@ def _check_environment(spec: JobSpec, submit_dir: str) -> str | None:
                           f"expected a virtual environment ({venv}/bin/activate is missing)")
     if not isinstance(spec.python, str) or not spec.python or re.search(r"\s", spec.python):
         raise invalid(_OWNER, "python", spec.python, "expected a command without whitespace")
+    python = spec.python
+    if os.sep in python:  # a path: the job runs in submit_dir; a bare name is looked up in PATH
+        python = os.path.normpath(os.path.join(submit_dir, os.path.expanduser(python)))
     if not isinstance(spec.env, tuple):
         raise invalid(_OWNER, "env", spec.env, "expected a tuple of (NAME, value) pairs")
     for pair in spec.env:
@@ -475,4 +480,4 @@ def _check_environment(spec: JobSpec, submit_dir: str) -> str | None:
     for line in spec.setup:
         if not isinstance(line, str) or not line.strip() or "\n" in line or "\0" in line:
             raise invalid(_OWNER, "setup", line, "expected one non-empty shell line")
-    return venv
+    return venv, python

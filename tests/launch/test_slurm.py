@@ -284,6 +284,8 @@ def test_usr1_stops_and_requeues_only_this_array_task(tmp_path, array_env, ref):
 
 
 def test_term_stops_the_step_without_requeueing(tmp_path):
+    """The script cannot tell a cancellation from a preemption SLURM requeues itself
+    (PreemptMode=REQUEUE): events.log said "not requeued" for both."""
     _, script = _job(tmp_path)
     bin_dir = stand_in_slurm(tmp_path / "bin")
     proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "5"}, tmp_path)
@@ -292,8 +294,33 @@ def test_term_stops_the_step_without_requeueing(tmp_path):
     assert proc.returncode == 143
     assert (tmp_path / "program.log").read_text() == "started\nTERM\n"
     assert not (bin_dir / "scontrol.calls").exists()
-    assert "TERM (scancel or preemption without requeue)" in \
-        (tmp_path / "wd" / "slurm" / "events.log").read_text()
+    events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
+    assert ("job 5: TERM (scancel or preemption): stopping the job step; this script does not "
+            "requeue (SLURM does where the job's preemption mode requeues it)\n") in events
+    assert "not requeued" not in events
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_a_step_that_ends_by_itself_during_the_stop_is_not_requeued(tmp_path, status):
+    """A step that finished (0) or failed (1) while USR1 stopped it, rather than stopping on
+    the TERM (143), was requeued all the same: a finished run reran, a broken one looped."""
+    _, script = _job(tmp_path)
+    write_executable(tmp_path / "fake_python", (
+        "#!/usr/bin/env bash\n"
+        f"trap 'echo TERM >> {tmp_path}/program.log; exit {status}' TERM\n"
+        f"echo started >> {tmp_path}/program.log\n"
+        "for _ in $(seq 600); do sleep 0.05; done\n"))
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "6"}, tmp_path)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == status, stderr
+    assert (tmp_path / "program.log").read_text() == "started\nTERM\n"
+    assert not (bin_dir / "scontrol.calls").exists()
+    events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
+    assert (f"job 6: the job step ended by itself (exit status {status}: finished or failed, "
+            "not stopped by the signal); not requeued\n") in events
+    assert "requeued (restart" not in events
 
 
 def test_failed_requeue_is_reported(tmp_path):

@@ -286,6 +286,21 @@ def test_relative_paths_start_at_the_submit_dir(tmp_path):
     assert os.getcwd() != str(repo)
 
 
+@pytest.mark.parametrize("python,expected", [
+    ("env/bin/python", "{repo}/env/bin/python"), ("./env/bin/python", "{repo}/env/bin/python"),
+    ("/opt/py/bin/python3", "/opt/py/bin/python3"), ("python3", "python3")])
+def test_a_python_path_starts_at_the_submit_dir_and_a_command_name_stays(tmp_path, python,
+                                                                        expected):
+    """The job runs `cd <submit_dir>`, so a relative path to python means one there; a bare name
+    is looked up in the job's PATH (after the venv's activation)."""
+    repo = tmp_path / "repo"
+    (repo / "cfg").mkdir(parents=True)
+    (repo / "cfg" / "c.py").write_text("")
+    spec = validate_spec(dataclasses.replace(_train(), config="cfg/c.py", workdir="w",
+                                             venv=None, python=python, submit_dir=str(repo)))
+    assert spec.python == expected.format(repo=repo)
+
+
 def test_scheduling_fields_are_fields_and_leave_what_decides_results():
     """A misspelt name would silently compare a field meant to be free; and the config, its
     overrides, the process layout, the hardware and the software must stay compared."""

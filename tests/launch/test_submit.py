@@ -78,6 +78,23 @@ def test_submit_writes_the_script_and_record_and_resubmits_safely(tmp_path):
     assert script.read_text() == first
 
 
+@pytest.mark.parametrize("python,expected", [("./myenv/bin/python", "{cwd}/myenv/bin/python"),
+                                             ("myenv/bin/python", "{cwd}/myenv/bin/python"),
+                                             ("python3", "python3")])
+def test_a_relative_python_path_is_taken_from_the_current_directory(tmp_path, python,
+                                                                     expected):
+    """`--python=./myenv/bin/python` was written as given, so the job (running in the
+    repository) looked for it there, not where the user was; a bare name stays a PATH lookup."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    result = _submit(tmp_path, *_train_args(tmp_path / "run", "--dry_run", f"--python={python}"),
+                     cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    srun = [line for line in result.stdout.splitlines() if line.startswith("srun ")]
+    assert srun == [f"srun --cpus-per-task=8 --kill-on-bad-exit=1 {expected.format(cwd=cwd)} "
+                    "-m experiments.train \\"]
+
+
 def test_a_record_written_before_a_spec_field_existed_still_resubmits(tmp_path):
     """launch.json of an older cnnjax (no `trials_per_task`): the same job resubmits."""
     workdir = tmp_path / "run"
