@@ -242,8 +242,8 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
         from cnnjax.tune.sweep import check_ranking, check_sweep_dir, check_swept_fields_are_read
 
         base, sweep = loaded["config"], loaded["sweep"]
-        metric, mode = check_ranking(base, sweep.get("metric"), sweep.get("mode"))
         space = space_lib.from_config(sweep)
+        metric, mode = check_ranking(base, space, sweep.get("metric"), sweep.get("mode"))
         check_sweep_dir(spec.workdir, space, base, metric, mode)  # a rerun of another sweep
         trials = space_lib.trial_configs(base, space)
         check_swept_fields_are_read(space, {t.trial_id: config for t, config in trials})

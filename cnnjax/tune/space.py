@@ -77,7 +77,17 @@ class Param:
             if isinstance(values, str | bytes) or not isinstance(values, Iterable):
                 raise invalid(_OWNER, f"{name}.values", values,
                               "expected a list or tuple of values to choose from")
-            if isinstance(values, Set | Mapping):  # str hashing differs per process
+            if isinstance(values, Mapping | ml_collections.ConfigDict):  # a nested field
+                keys = list(values.keys())
+                example = f"{self.field}.{keys[0]}" if keys else "optimizer.learning_rate"
+                shown = (values.to_dict() if isinstance(values, ml_collections.ConfigDict)
+                         else values)
+                raise invalid(_OWNER, f"{name}.values", shown,
+                              "expected a list or tuple of values, not a mapping: a nested field "
+                              f"is named by its dotted path, {{{example!r}: (...)}} in a dict or "
+                              f"choice({example!r}, (...)) in a list (a sweep file's ConfigDict "
+                              "cannot hold dotted keys)")
+            if isinstance(values, Set):  # str hashing differs per process
                 raise invalid(_OWNER, f"{name}.values", values,
                               "expected a list or tuple: a set's order changes from one process "
                               "to the next, and with it which trial each index is, so a rerun "
@@ -248,9 +258,14 @@ def _params(params: Any) -> tuple[Param, ...]:
     """Accepts a sequence of Params/specs, or a mapping `{field: values | Param}` (a sweep
     file's ConfigDict too, whose keys cannot hold dotted fields)."""
     if isinstance(params, Mapping | ml_collections.ConfigDict):
-        items = [
-            p if isinstance(p, Param) else choice(f, p) for f, p in params.items()
-        ]
+        items = [p if isinstance(p, Param) else choice(f, p) for f, p in params.items()]
+        for key, param in zip(params.keys(), items, strict=True):
+            if param.field != key:  # one of the two names would be silently ignored
+                raise invalid(_OWNER, f"parameters[{key!r}].field", param.field,
+                              f"expected the field to be its key {key!r}: key it "
+                              f"{param.field!r} in a dict, or list it in parameters = "
+                              f"(choice({param.field!r}, ...), ...) (a sweep file's ConfigDict "
+                              "cannot hold dotted keys)")
     elif isinstance(params, str) or not isinstance(params, Iterable):
         raise invalid(_OWNER, "parameters", params,
                       "expected a list of parameters (choice(...), log_uniform(...), ...) or a "
@@ -424,7 +439,8 @@ def from_config(sweep_config: Any) -> SearchSpace:
                           "0 or unset (the trials' training seed is --config.seed; sweep it as a "
                           "parameter to repeat each point)")
         return space
-    return random(params, get("num_trials"), get("seed", 0))
+    seed = get("seed")  # unset or None: 0, as declare_optional_fields documents
+    return random(params, get("num_trials"), 0 if seed is None else seed)
 
 
 def _leaf_paths(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -448,6 +464,12 @@ def check_fields(base_config: Any, space: SearchSpace) -> None:
     for param in space.params:
         if param.field in leaves:
             continue
+        members = sorted(n for n in leaves if n.startswith(param.field + "."))
+        if members:  # a sub-config: its fields are swept one by one, by their dotted paths
+            raise invalid(_OWNER, f"parameters[{param.field!r}].field", param.field,
+                          f"the base config's {param.field!r} is a group of settings, not one "
+                          "setting; sweep its fields by their dotted paths: "
+                          f"{members[:12]}{' ...' if len(members) > 12 else ''}")
         group, _, last = param.field.rpartition(".")
         siblings = sorted(n for n in leaves if group and n.rpartition(".")[0] == group)
         if siblings:

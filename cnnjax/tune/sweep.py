@@ -113,10 +113,22 @@ def check_mode(owner: str, metric: str, mode: Any) -> str:
     return mode
 
 
-def check_ranking(base_config: Any, metric: Any, mode: Any) -> tuple[str, str]:
-    """`(metric, mode)` the trials are ranked by, checked against `base_config`'s task (None:
-    its best_metric, and the metric's default mode); run_sweep and launch.submit both call it."""
-    metric = check_metric(_OWNER, metric, base_config)
+def check_ranking(base_config: Any, space: SearchSpace, metric: Any,
+                  mode: Any) -> tuple[str, str]:
+    """`(metric, mode)` the trials are ranked by (None: the base config's best_metric, and the
+    metric's default mode), checked against every trial's config, not the base's: a trial that
+    cannot report the metric (e.g. one without ema.decay for ema_top1) would train and stay
+    unranked. run_sweep and launch's entry checks both call it, before anything trains."""
+    if metric is None:
+        metric = base_config.best_metric
+    configs = space_trial_configs(base_config, space)
+    unranked = [(trial, config) for trial, config in configs
+                if metric not in task_metrics(config)]
+    if unranked and len(unranked) == len(configs):  # no trial reports it: the sweep's metric
+        check_metric(_OWNER, metric, unranked[0][1])
+    for trial, config in unranked[:1]:  # some do: name the first that does not
+        check_metric(f"{_OWNER}: trial {trial.index} ({trial.trial_id}, "
+                     f"{dict(trial.overrides)}) would be left unranked", metric, config)
     return metric, check_mode(_OWNER, metric, mode)
 
 
@@ -148,7 +160,7 @@ def run_sweep(
     trials this call starts (0: only rewrite results and plot). Every field, value and trial
     config is checked before anything trains.
     """
-    metric, mode = check_ranking(base_config, metric, mode)
+    metric, mode = check_ranking(base_config, space, metric, mode)
     _check_selection(space, trial_index, trial_count, max_trials)
     # A file in the way: one line, no traceback, before the trial configs read (or generate) data.
     check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")
@@ -690,10 +702,11 @@ def format_table(rows: list[dict], space: SearchSpace, metric: str) -> str:
     header = ["rank", "trial", *space.fields, "status", f"best {metric}", "final", "steps",
               "wall s"]
     lines = [header]
-    for r in rows:
+    columns = [_labels([r["overrides"][f] for r in rows]) for f in space.fields]
+    for i, r in enumerate(rows):
         lines.append([
             "-" if r["rank"] is None else str(r["rank"]), r["trial_id"],
-            *(_short(r["overrides"][f]) for f in space.fields), r["status"],
+            *(column[i] for column in columns), r["status"],
             "-" if r["best"] is None else f"{r['best']:.4f}",
             "-" if r["final"] is None else f"{r['final']:.4f}", str(r["steps"]),
             "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.1f}",
@@ -728,8 +741,8 @@ def results_figure(rows: list[dict], space: SearchSpace, metric: str) -> Any:
             if param.log_scale:
                 ax.set_xscale("log")
         else:  # categorical: the choices in their listed order
-            labels = [_short(v) for v in param.values]
-            position = lambda v, labels=labels: labels.index(_short(v))  # noqa: E731
+            labels = _labels(param.values)
+            position = param.values.index  # the trials' values are the choice's own
             ax.set_xticks(range(len(labels)), labels)
             ax.set_xlim(-0.5, len(labels) - 0.5)
         xs = [position(r["overrides"][param.field]) for r in done]
@@ -817,10 +830,21 @@ def _blank(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
     return str(value)
+
+
+def _labels(values: list | tuple) -> list[str]:
+    """`_short` labels of `values`, with as many significant digits as it takes for different
+    values to get different labels (0.99995 and 0.99999 are both "1" at 4), else their reprs."""
+    distinct = len({json.dumps(v, sort_keys=True, default=repr) for v in values})
+    for digits in range(4, 18):
+        labels = [_short(v, digits) for v in values]
+        if len(set(labels)) == distinct:
+            return labels
+    return [repr(v) for v in values]  # e.g. the string "1" beside the integer 1
 
 
 def _fmt(overrides: dict) -> str:

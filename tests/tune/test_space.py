@@ -214,8 +214,33 @@ def test_an_unknown_field_of_the_real_config_names_the_fields_it_may_mean(field,
 
 
 def test_a_sub_config_is_not_a_field():
-    _raises("sweep: parameters['optimizer'].field='optimizer' is invalid",
+    """It is named a group with its fields, not "no such field" with look-alike leaves."""
+    _raises("sweep: parameters['optimizer'].field='optimizer' is invalid; the base config's "
+            "'optimizer' is a group of settings, not one setting; sweep its fields by their "
+            "dotted paths: ['optimizer.learning_rate', 'optimizer.momentum', 'optimizer.name'].",
             sp.check_fields, _base(), sp.grid({"optimizer": ["adam"]}))
+
+
+@pytest.mark.parametrize("nested", [
+    {"optimizer": {"learning_rate": (0.01, 0.1)}},
+    ml_collections.ConfigDict({"optimizer": {"learning_rate": (0.01, 0.1)}}),  # a sweep file's
+])
+def test_a_nested_mapping_of_parameters_names_the_dotted_field(nested):
+    """It was read as a choice over the group's keys (trials optimizer='learning_rate')."""
+    _raises("sweep: parameters['optimizer'].values={'learning_rate': (0.01, 0.1)} is invalid; "
+            "expected a list or tuple of values, not a mapping: a nested field is named by its "
+            "dotted path, {'optimizer.learning_rate': (...)} in a dict or "
+            "choice('optimizer.learning_rate', (...)) in a list", sp.grid, nested)
+
+
+def test_a_mapping_key_other_than_its_params_field_is_refused():
+    """{"x": choice("optimizer.learning_rate", ...)} swept the field and dropped the key."""
+    _raises("sweep: parameters['x'].field='optimizer.learning_rate' is invalid; expected the "
+            "field to be its key 'x'", sp.grid,
+            ml_collections.ConfigDict({"seed": (0, 1),
+                                       "x": sp.choice("optimizer.learning_rate", (0.1,))}))
+    same = {"optimizer.learning_rate": sp.choice("optimizer.learning_rate", (0.1, 0.2))}
+    assert sp.grid(same).trials == sp.grid({"optimizer.learning_rate": (0.1, 0.2)}).trials
 
 
 def test_apply_overrides_copies_and_sets_typed_fields():
@@ -310,6 +335,16 @@ def test_a_grid_accepts_num_trials_unset_none_or_its_size_and_records_none():
     assert [len(s.trials) for s in spaces] == [4, 4, 4]
     assert all(s.describe() == sp.grid(lrs).describe() for s in spaces)
     assert spaces[0].describe()["num_trials"] is None
+
+
+def test_a_random_sweep_files_seed_none_is_seed_0():
+    """declare_optional_fields documents None as the default 0 (a grid accepted it); a random
+    file's `seed = None` was refused."""
+    lrs = (sp.log_uniform("optimizer.learning_rate", 1e-3, 1.0),)
+    config = sp.declare_optional_fields(ml_collections.ConfigDict(
+        {"kind": "random", "num_trials": 3, "seed": None, "parameters": lrs}))
+    space = sp.from_config(config)
+    assert space.seed == 0 and space.trials == sp.random(lrs, 3, seed=0).trials
 
 
 def test_a_grid_refuses_a_seed_it_would_ignore():

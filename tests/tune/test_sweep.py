@@ -526,6 +526,27 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, kwargs, message
     assert not os.path.exists(tmp_path / "sweep")
 
 
+def test_the_metric_is_checked_against_every_trial_not_the_base(tmp_path):
+    """A trial that cannot report the ranking metric (ema_top1 without ema.decay) is refused
+    by name before anything is written, even when the base reports it; a base without it is
+    fine when every trial sets it."""
+    base = helpers.tiny_config(**{"ema.decay": 0.5})
+    space = sp.grid((sp.choice("ema.decay", (0.9, None)),))
+    with pytest.raises(ValueError, match=re.escape(
+            f"sweep: trial 1 ({space.trials[1].trial_id}, {{'ema.decay': None}}) would be left "
+            "unranked: metric='ema_top1' is invalid; expected one of ['loss', 'top1', 'top5'] "
+            "(the eval metrics of config.task='classification' and ema.decay unset")):
+        sw.run_sweep(base, space, str(tmp_path / "sweep"), "ema_top1", verbose=False)
+    assert not os.path.exists(tmp_path / "sweep")
+    every = sp.grid((sp.choice("ema.decay", (0.9, 0.99)),))
+    assert sw.check_ranking(helpers.tiny_config(), every, "ema_top1", None) == ("ema_top1", "max")
+    # the base's best_metric when unset, checked against the trials too
+    base.best_metric = "ema_top1"
+    with pytest.raises(ValueError, match=r"^sweep: trial 1 .* would be left unranked: "
+                                         r"metric='ema_top1' is invalid"):
+        sw.check_ranking(base, space, None, None)
+
+
 def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     space = sp.grid({"optimizer.learning_rate": [0.05, 0.0]})
@@ -602,6 +623,22 @@ def test_figure_has_a_panel_per_field_log_x_where_values_span_decades():
     assert lr.get_ylabel() == "best eval top1"
     log_space = sp.random([sp.log_uniform("optimizer.learning_rate", 1e-3, 1e-2)], 2)
     assert sw.results_figure(rows[:0], log_space, "loss").axes[0].get_xscale() == "log"
+
+
+def test_categories_that_agree_to_4_digits_keep_their_own_labels_and_places():
+    """0.99995 and 0.99999 were both labelled "1", and both plotted at the first "1"."""
+    space = sp.grid({"ema.decay": [None, 0.99995, 0.99999], "model_kwargs.activation": ["1", 1]})
+    rows = [{"rank": i + 1, "index": i, "trial_id": t.trial_id, "overrides": t.overrides,
+             "status": "completed", "best": 0.5, "final": 0.5, "steps": 1, "wall_time_s": 1.0}
+            for i, t in enumerate(space.trials)]
+    decay, activation = sw.results_figure(rows, space, "top1").axes
+    assert [t.get_text() for t in decay.get_xticklabels()] == ["None", "0.99995", "0.99999"]
+    assert [x for x, _ in decay.collections[0].get_offsets()] == [0, 0, 1, 1, 2, 2]
+    assert [t.get_text() for t in activation.get_xticklabels()] == ["'1'", "1"]
+    assert [x for x, _ in activation.collections[0].get_offsets()] == [0, 1, 0, 1, 0, 1]
+    table = [line.split()[2:4] for line in sw.format_table(rows, space, "top1").splitlines()[2:]]
+    assert table == [[d, a] for d in ("None", "0.99995", "0.99999") for a in ("'1'", "1")]
+    assert sw._labels([0.1234567, 0.25, 0.1234567]) == ["0.1235", "0.25", "0.1235"]  # 4 suffice
 
 
 @pytest.mark.parametrize("values", [(0.0186, 0.0343, 0.701), (0.0021, 0.0048)])
