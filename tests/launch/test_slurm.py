@@ -152,6 +152,16 @@ def _stand_in_program(tmp_path):
         'if [ -n "${FAKE_WORK:-}" ]; then for _ in $(seq 600); do sleep 0.05; done; fi\n'))
 
 
+def _program_answering_term(tmp_path, on_term: str):
+    """Replaces `_job`'s 'python' with one that runs `on_term` (shell) on TERM, else works ~30 s;
+    each line it logs goes to program.log."""
+    write_executable(tmp_path / "fake_python", (
+        "#!/usr/bin/env bash\n"
+        f"trap '{on_term}' TERM\n"
+        f"echo started >> {tmp_path}/program.log\n"
+        "for _ in $(seq 600); do sleep 0.05; done\n"))
+
+
 def _job(tmp_path, entry="train", **kw):
     files = {"train": {"config": CONFIG}, "sweep": {"config": CONFIG, "sweep": SWEEP}}[entry]
     spec = validate_spec(JobSpec(entry=entry, workdir=str(tmp_path / "wd"), venv=None,
@@ -305,11 +315,7 @@ def test_a_step_that_ends_by_itself_during_the_stop_is_not_requeued(tmp_path, st
     """A step that finished (0) or failed (1) while USR1 stopped it, rather than stopping on
     the TERM (143), was requeued all the same: a finished run reran, a broken one looped."""
     _, script = _job(tmp_path)
-    write_executable(tmp_path / "fake_python", (
-        "#!/usr/bin/env bash\n"
-        f"trap 'echo TERM >> {tmp_path}/program.log; exit {status}' TERM\n"
-        f"echo started >> {tmp_path}/program.log\n"
-        "for _ in $(seq 600); do sleep 0.05; done\n"))
+    _program_answering_term(tmp_path, f"echo TERM >> {tmp_path}/program.log; exit {status}")
     bin_dir = stand_in_slurm(tmp_path / "bin")
     proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "6"}, tmp_path)
     proc.send_signal(signal.SIGUSR1)
@@ -348,11 +354,7 @@ def test_a_step_that_ignores_term_is_killed_after_the_grace_period(tmp_path):
     """A process stuck (e.g. in a collective) must not hold up the requeue past the time limit:
     with signal_seconds=2 the grace is 1 s, then SIGKILL, then the requeue."""
     _, script = _job(tmp_path, signal_seconds=2, time="1")
-    write_executable(tmp_path / "fake_python", (
-        "#!/usr/bin/env bash\n"
-        f"trap 'echo TERM ignored >> {tmp_path}/program.log' TERM\n"
-        f"echo started >> {tmp_path}/program.log\n"
-        "for _ in $(seq 600); do sleep 0.05; done\n"))
+    _program_answering_term(tmp_path, f"echo TERM ignored >> {tmp_path}/program.log")
     bin_dir = stand_in_slurm(tmp_path / "bin")
     proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "8"}, tmp_path)
     proc.send_signal(signal.SIGUSR1)
