@@ -243,9 +243,9 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
 
         base, sweep = loaded["config"], loaded["sweep"]
         space = space_lib.from_config(sweep)
-        metric, mode = check_ranking(base, space, sweep.get("metric"), sweep.get("mode"))
-        check_sweep_dir(spec.workdir, space, base, metric, mode)  # a rerun of another sweep
         trials = space_lib.trial_configs(base, space)
+        metric, mode = check_ranking(base, trials, sweep.get("metric"), sweep.get("mode"))
+        check_sweep_dir(spec.workdir, space, base, metric, mode)  # a rerun of another sweep
         check_swept_fields_are_read(space, {t.trial_id: config for t, config in trials})
         return {f"trial {t.index} {dict(t.overrides)}": config for t, config in trials}
     if spec.entry == "tune":

@@ -27,6 +27,7 @@ import math
 import os
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
@@ -113,18 +114,18 @@ def check_mode(owner: str, metric: str, mode: Any) -> str:
     return mode
 
 
-def check_ranking(base_config: Any, space: SearchSpace, metric: Any,
+def check_ranking(base_config: Any, trials: Sequence[tuple[Trial, Any]], metric: Any,
                   mode: Any) -> tuple[str, str]:
     """`(metric, mode)` the trials are ranked by (None: the base config's best_metric, and the
-    metric's default mode), checked against every trial's config, not the base's: a trial that
-    cannot report the metric (e.g. one without ema.decay for ema_top1) would train and stay
-    unranked. run_sweep and launch's entry checks both call it, before anything trains."""
+    metric's default mode), checked against every trial's config (`trials`, as
+    `space.trial_configs` builds them), not the base's: a trial that cannot report the metric
+    (e.g. one without ema.decay for ema_top1) would train and stay unranked. run_sweep and
+    launch's entry checks both call it, before anything trains."""
     if metric is None:
         metric = base_config.best_metric
-    configs = space_trial_configs(base_config, space)
-    unranked = [(trial, config) for trial, config in configs
+    unranked = [(trial, config) for trial, config in trials
                 if metric not in task_metrics(config)]
-    if unranked and len(unranked) == len(configs):  # no trial reports it: the sweep's metric
+    if unranked and len(unranked) == len(trials):  # no trial reports it: the sweep's metric
         check_metric(_OWNER, metric, unranked[0][1])
     for trial, config in unranked[:1]:  # some do: name the first that does not
         check_metric(f"{_OWNER}: trial {trial.index} ({trial.trial_id}, "
@@ -160,12 +161,13 @@ def run_sweep(
     trials this call starts (0: only rewrite results and plot). Every field, value and trial
     config is checked before anything trains.
     """
-    metric, mode = check_ranking(base_config, space, metric, mode)
+    trials = space_trial_configs(base_config, space)
+    metric, mode = check_ranking(base_config, trials, metric, mode)
     _check_selection(space, trial_index, trial_count, max_trials)
     # A file in the way: one line, no traceback, before the trial configs read (or generate) data.
     check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")
     check_directory_kind(sweep_dir, "sweep", "sweep_dir")
-    configs = trial_configs(base_config, space)
+    configs = _checked_configs(space, trials)
     _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
 
     selected = (space.trials if trial_index is None
@@ -260,8 +262,13 @@ def _print_results(rows: list[dict], space: SearchSpace, metric: str, sweep_dir:
 def trial_configs(base_config: Any, space: SearchSpace) -> dict[str, Any]:
     """`{trial_id: base + overrides}`, each checked by the engine's `check_config` (fields,
     values, model, dataset, schedule ...), so a bad trial is refused before any trial trains."""
+    return _checked_configs(space, space_trial_configs(base_config, space))
+
+
+def _checked_configs(space: SearchSpace, trials: Sequence[tuple[Trial, Any]]) -> dict[str, Any]:
+    """`trial_configs` of the `(trial, config)` pairs `space.trial_configs` built."""
     configs = {}
-    for trial, config in space_trial_configs(base_config, space):
+    for trial, config in trials:
         try:
             config_lib.check_config(config)  # the engine's own pre-compilation checks
         except ValueError as err:

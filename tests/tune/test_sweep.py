@@ -539,12 +539,13 @@ def test_the_metric_is_checked_against_every_trial_not_the_base(tmp_path):
         sw.run_sweep(base, space, str(tmp_path / "sweep"), "ema_top1", verbose=False)
     assert not os.path.exists(tmp_path / "sweep")
     every = sp.grid((sp.choice("ema.decay", (0.9, 0.99)),))
-    assert sw.check_ranking(helpers.tiny_config(), every, "ema_top1", None) == ("ema_top1", "max")
+    assert sw.check_ranking(helpers.tiny_config(), sp.trial_configs(helpers.tiny_config(), every),
+                            "ema_top1", None) == ("ema_top1", "max")
     # the base's best_metric when unset, checked against the trials too
     base.best_metric = "ema_top1"
     with pytest.raises(ValueError, match=r"^sweep: trial 1 .* would be left unranked: "
                                          r"metric='ema_top1' is invalid"):
-        sw.check_ranking(base, space, None, None)
+        sw.check_ranking(base, sp.trial_configs(base, space), None, None)
 
 
 def test_every_trial_config_is_validated_before_any_trial_runs(tmp_path, monkeypatch):
