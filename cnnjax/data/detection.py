@@ -169,11 +169,9 @@ def _to_pixels(bbox: tf.Tensor, hw: tuple[int, int], flip: tf.Tensor) -> tf.Tens
     return tf.stack([x1, bbox[:, 0] * height, x2, bbox[:, 2] * height], axis=1)
 
 
-def _pixel_boxes(bbox: tf.Tensor, count: tf.Tensor, hw: tuple[int, int], rows: int,
-                 flip: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The first `count` rows of `bbox` as `_to_pixels` boxes, zero-padded to `rows`, and their
-    validity `[rows]`."""
-    boxes = tf.pad(_to_pixels(bbox[:count], hw, flip), [[0, rows - count], [0, 0]])
+def _padded_rows(boxes: tf.Tensor, count: tf.Tensor, rows: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The first `count` rows of `boxes` zero-padded to `rows`, and their validity `[rows]`."""
+    boxes = tf.pad(boxes[:count], [[0, rows - count], [0, 0]])
     boxes.set_shape((rows, 4))
     return boxes, tf.range(rows) < count
 
@@ -188,16 +186,15 @@ def _targets(ex: dict[str, tf.Tensor], hw: tuple[int, int], max_boxes: int,
     (IoU 0/0) and its regression target would be log(0/0); it drops them (and difficult ones)
     before taking the first `max_boxes`, so they take no slot from a later object. The eval
     keeps them, as pycocotools and the VOC devkit do."""
-    bbox, classes = ex["bbox"], ex["classes"]
+    pixels, classes = _to_pixels(ex["bbox"], hw, flip), ex["classes"]
     difficult = tf.cast(ex["difficult"], tf.bool) if "difficult" in ex else None
     if training:
-        pixels = _to_pixels(bbox, hw, flip)  # the same arithmetic as the kept rows' below
         keep = (pixels[:, 2] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 1])
         if difficult is not None:
             keep &= ~difficult
-        bbox, classes = tf.boolean_mask(bbox, keep), tf.boolean_mask(classes, keep)
+        pixels, classes = tf.boolean_mask(pixels, keep), tf.boolean_mask(classes, keep)
     count = tf.minimum(tf.shape(classes)[0], max_boxes)
-    boxes, valid = _pixel_boxes(bbox, count, hw, max_boxes, flip)
+    boxes, valid = _padded_rows(pixels, count, max_boxes)
     labels = tf.pad(tf.cast(classes[:count], tf.int32), [[0, max_boxes - count]])
     labels.set_shape((max_boxes,))
     out = {"boxes": boxes, "labels": labels, "box_valid": valid}
@@ -206,8 +203,8 @@ def _targets(ex: dict[str, tf.Tensor], hw: tuple[int, int], max_boxes: int,
         out["box_difficult"].set_shape((max_boxes,))
     if "proposals" in ex:
         rows = ex["proposals"].shape[0]
-        out["proposals"], out["proposal_valid"] = _pixel_boxes(
-            ex["proposals"], ex["proposal_count"], hw, rows, flip)
+        out["proposals"], out["proposal_valid"] = _padded_rows(
+            _to_pixels(ex["proposals"], hw, flip), ex["proposal_count"], rows)
     return out
 
 
