@@ -270,6 +270,11 @@ def _check_word(field: str, value: Any, pattern: re.Pattern | None = None,
                       f"expected {what} without spaces, quotes, '#' or backslashes")
 
 
+def _absolute(path: str, base: str) -> str:
+    """`path` (`~` expanded) made absolute against `base`, normalized."""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
 def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) -> str:
     """`value` made absolute against `base`; it may not hold whitespace, '%' (SLURM reads `%`
     in log paths as a pattern) or '#' (a `#SBATCH` line ends at it) and must exist as
@@ -282,7 +287,7 @@ def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) ->
         raise invalid(_OWNER, field, value,
                       "expected a path without whitespace, quotes, backslashes, '%' or '#' "
                       f"(SLURM directives cannot carry them){where}")
-    path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+    path = _absolute(value, base)
     if must_exist == "file" and not os.path.isfile(path):
         raise invalid(_OWNER, field, value, f"no such file ({path})")
     if must_exist == "dir" and not os.path.isdir(path):
@@ -466,7 +471,7 @@ def _check_environment(spec: JobSpec, submit_dir: str) -> tuple[str | None, str]
         raise invalid(_OWNER, "python", spec.python, "expected a command without whitespace")
     python = spec.python
     if os.sep in python:  # a path: the job runs in submit_dir; a bare name is looked up in PATH
-        python = os.path.normpath(os.path.join(submit_dir, os.path.expanduser(python)))
+        python = _absolute(python, submit_dir)
     if not isinstance(spec.env, tuple):
         raise invalid(_OWNER, "env", spec.env, "expected a tuple of (NAME, value) pairs")
     for pair in spec.env:
