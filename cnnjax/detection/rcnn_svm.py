@@ -10,11 +10,13 @@ regions with IoU >= 0.6 to a ground-truth box; (3) scores every region with ever
 with the regressor and runs per-class NMS.
 
 Conventions of the paper's code (rcnn, `rcnn_train.m`): features are scaled so that their mean
-L2 norm over the training set is 20 (`feature_scale`), liblinear's L2-regularized hinge loss with
-`C = 1e-3`, positive class weight 2 and bias multiplier 10 (sklearn `LinearSVC`, liblinear
-itself), ridge `lambda = 1000`. The ridge intercept is not penalized here (sklearn `Ridge`'s
-convention; rcnn penalized an appended ones column). Everything is NumPy float64 on the host
-except decoding and NMS, which reuse `box_coding` and `postprocess` (JAX).
+L2 norm is 20 (`feature_scale`; rcnn measures it on regions sampled from the whole training set,
+`rcnn_feature_stats`; `rcnn_svm_run` on all its training regions for fc7 and on the regression
+pairs only for pool5), liblinear's L2-regularized hinge loss with `C = 1e-3`, positive class
+weight 2 and bias multiplier 10 (sklearn `LinearSVC`, liblinear itself), ridge `lambda = 1000`.
+The ridge intercept is not penalized here (sklearn `Ridge`'s convention; rcnn penalized an
+appended ones column). Everything is NumPy float64 on the host except decoding and NMS, which
+reuse `box_coding` and `postprocess` (JAX).
 """
 
 from __future__ import annotations

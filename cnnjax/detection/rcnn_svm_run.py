@@ -13,8 +13,8 @@ the same windows and the same NMS / mAP code (`DetectionEvaluator`):
     svm_ridge_box  SVM scores, the ridge regressors' boxes (the paper's R-CNN BB)
 
 Memory: every one of the 149 windows (or ~40 selective-search boxes) of a train scene is kept
-(fc7 only; pool5 only for the regression pairs), ~0.15 GB of features per 1,000 scenes, and
-mining scans all of them.
+(fc7 only; pool5 only for the regression pairs, so pool5's feature scale is measured on those),
+~0.15 GB of features per 1,000 scenes, and mining scans all of them.
 
 Output directory (nothing else in the run's workdir is written; checkpoints are read-only):
     features_train.npz  features_test.npz  models.npz   cached artifacts, each holding the
@@ -55,7 +55,7 @@ from cnnjax.utils.validation import (
 
 OWNER = "rcnn_svm"
 OUTPUT_SUBDIR = "rcnn_svm"
-FEATURE_VERSION = 5  # bump when what extract_*_features store changes (5: int32 class ids)
+FEATURE_VERSION = 6  # bump when what extract_*_features store changes (6: no difficult gt)
 ARMS = ("softmax", "svm", "svm_head_box", "svm_ridge_box")
 ARM_LABELS = {
     "softmax": "softmax head (the engine's detector)",
@@ -178,10 +178,15 @@ def _region_batches(detector: TrainedDetector, split: str | None, batch_size: in
 
 def extract_train_features(detector: TrainedDetector, split: str, batch_size: int,
                            ) -> dict[str, np.ndarray]:
-    """SVM and ridge training data of `split`: every valid window and valid gt box with an area
-    (those the detector's training keeps) of every scene (`fc7`, `overlaps` [M, C] by
-    `class_overlaps`, `gt_class` (-1: a window), `image`), and the regression pairs among the
-    windows (`reg_pool5`, `reg_classes`, `reg_targets`)."""
+    """SVM and ridge training data of `split`: every valid window and the gt boxes the detector's
+    training keeps (valid, with an area, not VOC "difficult") of every scene (`fc7`, `overlaps`
+    [M, C] by `class_overlaps`, `gt_class` (-1: a window), `image`), and the regression pairs
+    among the windows (`reg_pool5`, `reg_classes`, `reg_targets`).
+
+    The scenes come from the eval pipeline, which takes a scene's first `data.max_boxes` objects
+    before difficult and area-less ones are dropped (training drops them first): a scene with
+    more objects than that can lose one training keeps; the pipeline warns then, naming the
+    `data.max_boxes` that would keep all."""
     num_classes = detector.data_info.num_classes
     out: dict[str, list] = {k: [] for k in ("fc7", "overlaps", "gt_class", "image", "reg_pool5",
                                             "reg_classes", "reg_targets")}
@@ -189,8 +194,14 @@ def extract_train_features(detector: TrainedDetector, split: str, batch_size: in
     for batch, regions, windows, window_valid in _region_batches(detector, split, batch_size):
         p = windows.shape[1]
         for i in range(len(batch["image"])):
-            # The eval pipeline keeps boxes without area (pycocotools does); training drops them
+            # The eval pipeline keeps boxes without area (pycocotools does) and VOC difficult ones
+            # (flagged, for the devkit's ignore rule); training drops both. A difficult box is
+            # left out entirely, as the roidbs of SPP-net (roidb_from_voc) and Fast R-CNN
+            # (pascal_voc.py, use_diff=False) do: no positive, no regression target and no
+            # overlap, so a region over it can be a negative. (R-CNN's own roidb kept it.)
             valid = batch["box_valid"][i] & has_area(batch["boxes"][i])
+            if "box_difficult" in batch:
+                valid &= ~batch["box_difficult"][i]
             gt, labels = batch["boxes"][i][valid], batch["labels"][i][valid]
             kept = np.flatnonzero(window_valid[i])
             rows = np.concatenate([kept, p + np.flatnonzero(valid)])
@@ -250,7 +261,11 @@ def check_every_class_has_boxes(gt_class: np.ndarray, num_classes: int, split: s
 
 def train_models(train: dict[str, np.ndarray], num_classes: int, settings: Settings,
                  ) -> dict[str, Any]:
-    """The SVMs (fc7) and ridge regressors (pool5), with their feature scales and records."""
+    """The SVMs (fc7) and ridge regressors (pool5), with their feature scales and records.
+
+    fc7 is scaled to mean norm `feature_norm` over every training region, pool5 over the
+    regression pairs only (the only pool5 kept); rcnn measured both on regions sampled from the
+    whole training set (`rcnn_feature_stats`). The pool5 scale sets what `ridge_lambda` means."""
     fc7_scale = rcnn_svm.feature_scale(train["fc7"], settings.feature_norm)
     svms, histories = rcnn_svm.train_class_svms(
         train["fc7"] * np.float32(fc7_scale), train["overlaps"], train["gt_class"],
@@ -486,7 +501,8 @@ def report(results: dict) -> str:
         f"negatives, fits per class {rounds}, final cache per class "
         f"{[h[-1]['cache'] for h in results['mining']]}, converged (no new margin violator) "
         f"{[h[-1].get('added') == 0 for h in results['mining']]}.",
-        f"Ridge: lambda={s['ridge_lambda']:g} on pool5.",
+        f"Ridge: lambda={s['ridge_lambda']:g} on pool5 scaled to mean norm "
+        f"{s['feature_norm']:g} over the regression pairs.",
         "",
         "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items())
         + f" (reused: {', '.join(k for k, v in results['reused'].items() if v) or 'nothing'}).",

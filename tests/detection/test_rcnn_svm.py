@@ -399,6 +399,38 @@ def test_train_features_leave_out_gt_boxes_without_area(tiny_workdir, monkeypatc
     np.testing.assert_array_equal(train["overlaps"][gt].max(axis=1), [1.0, 1.0])
 
 
+def test_train_features_leave_out_difficult_gt_boxes(tiny_workdir, monkeypatch):
+    """The eval pipeline keeps VOC difficult objects (flagged `box_difficult`); each was an SVM
+    positive, a regression target and an overlap that kept regions over it from being negatives,
+    where the detector's training (and Fast R-CNN's roidb) leaves it out entirely."""
+    fake = sys.modules["cnnjax.data.detection"]
+    original = fake.eval_batches
+
+    def flagged(*args, **kwargs):  # box 1 (scenes 1 and 3, class 0): difficult
+        for batch in original(*args, **kwargs):
+            batch["box_difficult"] = np.zeros_like(batch["box_valid"])
+            batch["box_difficult"][..., 1] = batch["box_valid"][..., 1]
+            yield batch
+
+    monkeypatch.setattr(fake, "eval_batches", flagged)
+    detector = run_lib.restore_detector(str(tiny_workdir))
+    train = run_lib.extract_train_features(detector, "train[:4]", 4)
+    scenes = list(run_lib._region_batches(detector, "train[:4]", 4))
+    assert len(scenes) == 1 and scenes[0][0]["box_difficult"][:, 1].sum() == 2
+    batch, _, windows, window_valid = scenes[0]
+    assert train["gt_class"][train["gt_class"] >= 0].tolist() == [0, 1, 0, 1]  # box 0 only
+    pairs = 0
+    for i in range(4):  # float64 IoUs against the scene's one non-difficult box (box 0)
+        gt, label = batch["boxes"][i][0], int(batch["labels"][i][0])
+        boxes = np.concatenate([windows[i][window_valid[i]], gt[None]])
+        want = np.zeros((len(boxes), CLASSES))
+        want[:, label] = [iou_ref(b, gt) for b in boxes]
+        np.testing.assert_allclose(train["overlaps"][train["image"] == i], want, atol=1e-6)
+        pairs += sum(iou_ref(w, gt) >= rcnn_svm.REGRESSION_IOU
+                     for w in windows[i][window_valid[i]])
+    assert len(train["reg_classes"]) == pairs
+
+
 def test_train_features_keep_class_ids_past_127(tiny_workdir, monkeypatch):
     """Class ids were stored as int8: class 150 of a 200-class set (the paper's ILSVRC2013)
     wrapped to -106, so it lost its positives and the ridge refused its pairs."""
