@@ -17,8 +17,9 @@ is `epoch_dataset`, which takes the per-example `preprocess` (classification: au
 Class subsets (transfer learning): `classes=(5, 6, 7, 8, 9)` keeps only those labels, remapped to
 0..k-1 in the given order, in both splits; `train_examples_per_class=n` keeps the first `n`
 examples of each kept class of the train split in its stored order (a fixed, balanced label
-budget). Both are filters over the stored order, so batches stay a function of `(config, seed,
-k)`; the split sizes they leave are counted with one pass over the split's labels (then cached).
+budget; the eval split is never cut, even when it names the same split). Both are filters over
+the stored order, so batches stay a function of `(config, seed, k)`; the split sizes they leave
+are counted with one pass over the split's labels (then cached).
 
 Multi-host: each process reads its own contiguous shard of the split (`tfds.even_splits`) and
 yields its `global_batch_size / process_count` examples per step, reshaped to
@@ -32,8 +33,9 @@ that TF never allocates GPU memory that JAX needs.
 
 Files are always read in their stored order (tfds writes examples pre-shuffled by hashed key) and
 shuffled with a buffer of `shuffle_buffer` examples. So `cache` (decode once and keep the split
-in memory) only changes speed, never the batches. Orders are reproducible for a given TensorFlow
-version; TF's global seed (`tf.random.set_seed`, never set by cnnjax) also enters the shuffle.
+in memory) only changes speed, never the batches; both are the preset's when unset (None).
+Orders are reproducible for a given TensorFlow version; TF's global seed (`tf.random.set_seed`,
+never set by cnnjax) also enters the shuffle.
 """
 
 from __future__ import annotations
@@ -139,9 +141,11 @@ def dataset_info(spec: Spec, source: Source, transforms: Transforms,
 
 
 def _non_empty(spec: Spec, source: Source, field: str) -> int:
-    """The examples of the split in `spec.<field>` (whole, all processes); a ValueError naming
-    the field when it holds none."""
+    """The examples of the split in `spec.<field>` (whole, all processes, as its role reads it:
+    `Source.for_training` for `train_split`); a ValueError naming the field when it holds none."""
     split = getattr(spec, field)
+    if field == "train_split":
+        source = source.for_training()
     count = source.num_examples(split)
     if count == 0:
         if spec.classes is None:
@@ -261,7 +265,8 @@ def train_epoch_steps(spec: Spec, source: Source, *, global_batch_size: int,
         # num_train / processes. Every process ends its epochs at the smallest shard's last
         # full batch, so epoch boundaries (and resume) agree on all of them.
         n = process_count
-        sizes = [source.num_examples(spec.train_split, (p, n)) for p in range(n)]
+        train_source = source.for_training()
+        sizes = [train_source.num_examples(spec.train_split, (p, n)) for p in range(n)]
         steps = min(steps, min(sizes) // process_batch)
         if steps == 0:
             raise invalid(_OWNER, "global_batch_size", global_batch_size,
@@ -299,7 +304,7 @@ def epoch_dataset(spec: Spec, source: Source,
     process_batch = global_batch_size // shard[1]
     steps = train_epoch_steps(spec, source, global_batch_size=global_batch_size,
                               process_count=shard[1])
-    base = source.read(spec.train_split, shard)
+    base = source.for_training().read(spec.train_split, shard)
     decoded = spec.cache
     if decoded:
         base = base.map(lambda ex: {**ex, "image": source.decode(ex["image"])},

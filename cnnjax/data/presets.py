@@ -17,7 +17,7 @@ Transforms:
   centred crop of the full short side with the aspect ratio clamped to 3/4-4/3. The crops are
   drawn by TF's `sample_distorted_bounding_box` (big_vision's and the TF Inception recipes'),
   whose distribution is not torchvision's: on a 224x224 image the mean crop covers 40% of it
-  (torchvision 48%), and 43% of crops cover under 30% (torchvision 28%; session 45).
+  (torchvision 48%), and 41% of crops cover under 30% (torchvision 28%; session 45).
 - eval `"resize"`: resize to `image_size` when it differs from the native size.
 - `"resize_center_crop"`: resize the shorter side to `round(image_size / crop_fraction)` (256 for
   224 with the usual 0.875; `crop_fraction` in (0, 1]), then center-crop `image_size` x

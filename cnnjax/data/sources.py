@@ -74,6 +74,11 @@ class Source:
         """Turns a stored image into a uint8 `[H, W, C]` tensor."""
         return image
 
+    def for_training(self) -> Source:
+        """The source as training reads its train split: a class subset's per-class limit
+        applies there only, never to an eval split, even one spelled as the train split."""
+        return self
+
 
 class TfdsSource(Source):
     """A prepared tfds dataset; images stay encoded until `decode` (cheap shuffles and skips)."""
@@ -289,8 +294,11 @@ def missing_dataset_message(what: str, tfds_name: str, builder: Any, data_dir_se
         f"into {root!r}, or set {data_dir_setting} to the directory holding it."
     )
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-        message += (f" This dataset needs a manual download first: put its archives in "
-                    f"{os.path.join(root, 'downloads', 'manual')!r} (see the tfds catalogue).")
+        # `tfds build --data_dir=<dir>` reads them from <dir>/downloads/manual (tfds' default).
+        message += (" This dataset needs a manual download first: put its archives in "
+                    "<dir>/downloads/manual before building "
+                    f"({os.path.join(root, 'downloads', 'manual')!r} to build in {root!r} "
+                    "itself; see the tfds catalogue).")
     return message
 
 
@@ -334,16 +342,17 @@ class _FakeSource(Source):
 
 
 class _SubsetSource(Source):
-    """`inner` restricted to `spec.classes` (relabelled 0..k-1 in their order) and, in the train
-    split, to the first `spec.train_examples_per_class` examples of each class (stored order).
+    """`inner` restricted to `spec.classes` (relabelled 0..k-1 in their order) and, read
+    `for_training`, to the first `spec.train_examples_per_class` examples of each class (stored
+    order); by role, not by split string, so an eval split equal to the train split is whole.
 
     Both are deterministic filters over the stored order. A shard `(i, n)` of the filtered split
     is its every n-th example from the i-th (`Dataset.shard`), so shard sizes differ by at most
     one, as with `tfds.even_splits`; every process reads (but does not decode) the whole split.
     """
 
-    def __init__(self, inner: Source, spec: Spec):
-        self.inner, self.spec = inner, spec
+    def __init__(self, inner: Source, spec: Spec, *, training: bool = False):
+        self.inner, self.spec, self._training = inner, spec, training
         self.name = inner.name
         self.native_shape = inner.native_shape
         self.storage_key = inner.storage_key
@@ -358,8 +367,11 @@ class _SubsetSource(Source):
         new_label[list(classes)] = np.arange(len(classes))
         self._new_label = new_label
 
-    def _limit(self, split: str) -> int | None:
-        return self.spec.train_examples_per_class if split == self.spec.train_split else None
+    def for_training(self) -> Source:
+        return _SubsetSource(self.inner, self.spec, training=True)
+
+    def _limit(self) -> int | None:
+        return self.spec.train_examples_per_class if self._training else None
 
     def class_counts(self, split: str) -> np.ndarray:
         """Examples of each original label in the whole `split` (one pass, cached per stored
@@ -376,7 +388,7 @@ class _SubsetSource(Source):
 
     def num_examples(self, split: str, shard: tuple[int, int] = (0, 1)) -> int:
         counts = self.class_counts(split)[list(self.classes)]
-        limit = self._limit(split)
+        limit = self._limit()
         if limit is not None:
             short = [c for c, n in zip(self.classes, counts, strict=True) if n < limit]
             if short:
@@ -392,7 +404,7 @@ class _SubsetSource(Source):
         ds = self.inner.read(split, (0, 1)).map(
             lambda ex: {"image": ex["image"], "label": tf.gather(new_label, ex["label"])})
         ds = ds.filter(lambda ex: ex["label"] >= 0)
-        limit = self._limit(split)
+        limit = self._limit()
         if limit is not None:
             def within_limit(seen: tf.Tensor, ex: dict) -> tuple[tf.Tensor, dict]:
                 seen_now = seen + tf.one_hot(ex["label"], self.num_classes, dtype=tf.int64)

@@ -63,9 +63,11 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     Fields: `name`; `data_dir` (None: tfds's default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets);
     `tfds_name` (None: the preset's, e.g. `imagenette/320px-v2`); `image_size` (None: native size,
     224 for ImageNet-like data); `augment`; `train_split` / `eval_split` (None: the preset's, any
-    tfds split string such as `train[:90%]` works); `cache`; `shuffle_buffer`; `classes` (None:
-    every class; else the labels to keep, remapped to 0..k-1 in the given order);
-    `train_examples_per_class` (None: all; else the first n train examples of each kept class);
+    tfds split string such as `train[:90%]` works); `cache` / `shuffle_buffer` (None: the
+    preset's, so that changing `name` alone, e.g. `--config.data.name=imagenet2012`, also takes
+    that dataset's; `pipeline`); `classes` (None: every class; else the labels to keep, remapped
+    to 0..k-1 in the given order); `train_examples_per_class` (None: all; else the first n
+    examples of each kept class in the train split, never cut in the eval split);
     `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0..10,
     0: off, and their magnitude on the 0..10 scale; `cnnjax.data.randaugment`; needs `augment`);
     `grey_to_rgb` (True: grey images become RGB, their one channel repeated 3 times, and the
@@ -74,7 +76,7 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     `fake` dataset (random in-memory images for benchmarks; with any other `name` they must
     keep these defaults, as they would do nothing).
     """
-    preset = presets.get_preset(name)
+    presets.get_preset(name)  # an unknown name: a ValueError listing the presets
     fake = presets.get_preset("fake")
     return ml_collections.ConfigDict(
         {
@@ -85,8 +87,8 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
             "augment": True,
             "train_split": config_dict.placeholder(str),
             "eval_split": config_dict.placeholder(str),
-            "cache": preset.cache,
-            "shuffle_buffer": preset.shuffle_buffer,
+            "cache": config_dict.placeholder(bool),
+            "shuffle_buffer": config_dict.placeholder(int),
             "classes": config_dict.placeholder(tuple),
             "train_examples_per_class": config_dict.placeholder(int),
             "randaugment_layers": 0,
@@ -300,8 +302,12 @@ def resolve(data_config: Any) -> Spec:
             or not all(is_integer(v) and v > 0 for v in fake_shape)):
         raise invalid(_OWNER, "fake_image_shape", fake_shape,
                       "expected three positive integers (height, width, channels)")
-    for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval", "shuffle_buffer"):
+    for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval"):
         check_positive_int(_OWNER, arg, cfg[arg])
+    # Unset: the preset's, whichever preset `name` names now (not the config's first one).
+    shuffle_buffer = (preset.shuffle_buffer if cfg["shuffle_buffer"] is None
+                      else check_positive_int(_OWNER, "shuffle_buffer", cfg["shuffle_buffer"]))
+    cache = preset.cache if cfg["cache"] is None else check_bool(_OWNER, "cache", cfg["cache"])
     if name != "fake":
         _check_fake_fields_unset(name, cfg, defaults)
     per_class = cfg["train_examples_per_class"]
@@ -344,8 +350,8 @@ def resolve(data_config: Any) -> Spec:
         train_split=_check_split("train_split", cfg["train_split"], tfds_name)
         or preset.train_split,
         eval_split=_check_split("eval_split", cfg["eval_split"], tfds_name) or preset.eval_split,
-        cache=check_bool(_OWNER, "cache", cfg["cache"]),
-        shuffle_buffer=int(cfg["shuffle_buffer"]),
+        cache=cache,
+        shuffle_buffer=shuffle_buffer,
         classes=_check_classes(cfg["classes"]),
         train_examples_per_class=None if per_class is None else int(per_class),
         randaugment_layers=ra_layers,

@@ -799,6 +799,24 @@ def with_legacy_defaults(saved: dict) -> dict:
     return merge(LEGACY_DEFAULTS, saved)
 
 
+#: `data` fields whose unset value (None, or missing) stands for the value of the preset
+#: `data.name` names: workdirs saved before they were placeholders hold that value itself.
+PRESET_DATA_FIELDS = ("cache", "shuffle_buffer")
+
+
+def _with_preset_values(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config with its unset `PRESET_DATA_FIELDS` filled in from its preset (as
+    `cnnjax.data.spec.resolve` fills them), so that a concrete preset value compares equal."""
+    from cnnjax.data import presets
+
+    name = flat.get("data.name")
+    if name not in presets.list_datasets():  # no data config, or one `resolve` refuses
+        return flat
+    preset = presets.get_preset(name)
+    return {**flat, **{f"data.{field}": getattr(preset, field) for field in PRESET_DATA_FIELDS
+                       if flat.get(f"data.{field}") is None}}
+
+
 #: Fields naming another run's directory: equal when both name the same existing directory,
 #: however spelled (a symlink, shared storage mounted under another path), so that a run reached
 #: by another path (a transfer comparison's arms name their source by absolute path) resumes.
@@ -824,13 +842,14 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     saved before `init_from` existed lack its `exclude` default). Fields in `LEGACY_DEFAULTS`
     (task, grad_accum_steps, ema.*, mixing.*, data.randaugment_*, data.grey_to_rgb, distill.*,
     init_from.ema)
-    missing on one side take the value older workdirs implicitly had. `DIRECTORY_FIELDS` that
-    name the same existing directory by different paths are equal.
+    missing on one side take the value older workdirs implicitly had, and unset
+    `PRESET_DATA_FIELDS` their preset's. `DIRECTORY_FIELDS` that name the same existing
+    directory by different paths are equal.
     """
     names = sorted(set(saved) | set(current))
     legacy = {**flatten(LEGACY_DEFAULTS), **WARM_START_LEGACY_DEFAULTS}
-    saved = {**legacy, **saved}
-    current = {**legacy, **current}
+    saved = _with_preset_values({**legacy, **saved})
+    current = _with_preset_values({**legacy, **current})
     warm = any(side.get("init_from.workdir") is not None for side in (saved, current))
     return [
         n

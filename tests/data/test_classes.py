@@ -110,6 +110,18 @@ def test_one_epoch_is_exactly_the_first_examples_of_each_class(digits_config, di
     assert sorted(two[12:]) == sorted(expected) and two[12:] != two[:12]
 
 
+def test_budget_never_cuts_an_eval_split_named_as_the_train_split(digits_config, digits_dir):
+    """`train_examples_per_class` limits what training reads, not a split string: an eval split
+    spelled 'train' (as train_split) was cut to the budget too, while 'train[:100%]' was not."""
+    config = digits_config(classes=TARGET, train_examples_per_class=4, eval_split="train")
+    whole = _reference(digits_dir, "train", list(TARGET))
+    info = get_dataset_info(config)
+    assert (info.num_train, info.num_eval) == (12, len(whole))
+    assert _eval_examples(config) == whole
+    epoch = _epoch(config, batch_size=4, steps=3)
+    assert sorted(epoch) == sorted(_reference(digits_dir, "train", list(TARGET), per_class=4))
+
+
 def test_subset_batches_are_deterministic_and_resume_exactly(digits_config):
     config = digits_config(classes=TARGET, train_examples_per_class=10, cache=False)
     full = _epoch(config, batch_size=6, steps=9)  # 5 steps per epoch: crosses an epoch boundary

@@ -484,10 +484,18 @@ def test_fake_refuses_a_tfds_name():
 
 
 def test_missing_imagenet_mentions_manual_download(tmp_path):
+    """The archives go under the data dir the user builds in (`tfds build --data_dir=<dir>`
+    reads `<dir>/downloads/manual`), which the message also suggests may be another machine's:
+    it named only this data dir's folder."""
     root = str(tmp_path)
-    with pytest.raises(DatasetNotPreparedError, match=r"needs a manual download first: put its "
-                                                      r"archives in '.*downloads/manual'"):
+    manual = os.path.join(root, "downloads", "manual")
+    with pytest.raises(DatasetNotPreparedError) as err:
         train_batches(_config("imagenet2012", root), global_batch_size=8, num_devices=1, seed=0)
+    message = str(err.value)
+    assert "`tfds build imagenet2012 --data_dir=<dir>`" in message
+    assert (f"needs a manual download first: put its archives in <dir>/downloads/manual before "
+            f"building ({manual!r} to build in {root!r} itself; see the tfds catalogue)"
+            in message)
 
 
 @pytest.mark.parametrize("name, boxes", [("oxford_iiit_pet", ["head_bbox"]),
