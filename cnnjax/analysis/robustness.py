@@ -221,7 +221,7 @@ def corrupted_config(config: ml_collections.ConfigDict, name: str,
     set's `<name>_<severity>` config instead: `cifar10_corrupted`'s test split or
     `imagenet2012_corrupted`'s validation split (each set's only split, so also as the train
     split: the config stays a whole one the engine can evaluate; a per-class train limit is
-    lifted so every image is scored). tfds's config names are
+    lifted, as it would be checked against this split). tfds's config names are
     `corruptions.tfds_config_name`'s (cifar10_corrupted renames two corruptions)."""
     import ml_collections
 
@@ -232,8 +232,8 @@ def corrupted_config(config: ml_collections.ConfigDict, name: str,
     config.data.tfds_name = (f"{tfds_set.tfds_name}/{tfds_config_name(name, tfds_set.tfds_name)}"
                              f"_{severity}")
     config.data.eval_split = config.data.train_split = tfds_set.split
-    # A low-data run's per-class limit applies to the train split, now this one: every image
-    # is scored, as in the clean top-1.
+    # A low-data run's per-class limit would be checked against the train split, now this one
+    # (a class with fewer images would be refused); the eval split is never cut by it.
     config.data.train_examples_per_class = None
     return config
 
