@@ -26,7 +26,9 @@ pooling) merged into a positioned one gives every unit the whole union, with jum
 so). Jump 0 on an axis the output still has means that every position there sees the same
 field: it is also how a positioned axis is reported once positions no longer map to input pixels
 linearly (a resize, a gather, a window over an axis a flatten or `jnp.repeat` merged with
-another), an upper bound.
+another), an upper bound. A field reduced away (global pooling, a Dense layer) keeps the last
+jump on an output without the axis (`[N, classes]`); a reshape splitting an axis into several (a
+Dense layer's output made a grid, YOLO v1's head) gives it jump 0: every cell sees it whole.
 """
 
 from __future__ import annotations
@@ -519,12 +521,19 @@ def _reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int],
 def _reshape(info: Info, in_shape: Sequence[int], out_shape: Sequence[int], notes: list[str],
              where: str) -> Info:
     """Follows spatial axes through a reshape: kept, merged (flatten) or split (then collapsed,
-    an upper bound that a note reports: positions no longer lie on one axis)."""
+    an upper bound that a note reports: positions no longer lie on one axis). A field already
+    reduced away keeps its last jump, unless the reshape splits an axis into several of an output
+    shaped like a map: the new positions (a Dense layer's output made a grid, as in YOLO v1) all
+    see it whole, so jump 0."""
     out = []
     groups = _reshape_groups(in_shape, out_shape)
+    # Only an output shaped like a map ([N, *spatial, C]) gets new positions: a GroupNorm's
+    # [N, C] -> [N, G, C/G] on pooled features splits an axis too, and keeps the last jump.
+    splits = len(out_shape) == len(info) + 2 and any(
+        sum(out_shape[k] > 1 for k in jb) > 1 for _, jb in groups)
     for d, f in enumerate(info):
         if f.axis is None:
-            out.append(f)
+            out.append(dataclasses.replace(f, jump=0.0) if splits else f)
             continue
         ia, jb = next(g for g in groups if f.axis in g[0])
         big_in = [k for k in ia if in_shape[k] > 1]

@@ -9,14 +9,15 @@ twice stay distinguishable. Sub-jaxprs (`jit`, `custom_jvp_call`, `custom_vjp_ca
 `closed_call`) are inlined.
 
 Cost conventions (those of XLA's HloCostAnalysis, so totals agree with its count of the module
-before optimisation, `jax.jit(f).lower(...).cost_analysis()["flops"]`, to 1e-6 on the registered
-models in float32 at their native sizes; the compiled module's count, `.compile().cost_analysis()`,
-can differ by about 1% where XLA's fusion duplicates or folds elementwise work, e.g. -1.3% on
-resnet20_cifar on XLA:CPU). Two departures from XLA's count: dtype casts (`convert_element_type`)
-cost 0 where XLA charges 1 per element, so a bfloat16 model's total equals its float32 one and is
-2-60% below XLA's; and adaptive pooling whose bins do not tile the map (`jnp.take` gathers, e.g.
-AlexNet's 6x6 pool of a 13x13 map at 63x63 inputs) matches neither XLA figure (XLA's lowering of
-the gather adds bounds arithmetic), a few 1e-5 of a model's total:
+before optimisation, `jax.jit(f).lower(...).cost_analysis()["flops"]`, to a few 1e-6 on the
+registered models in float32 at their native sizes, the rounding of XLA's float32 sum of its per-op
+counts (densenet121: +3.1e-6 at 224x224, exact at 32x32); the compiled module's count,
+`.compile().cost_analysis()`, can differ by about 1% where XLA's fusion duplicates or folds
+elementwise work, e.g. -1.3% on resnet20_cifar on XLA:CPU). Two departures from XLA's count: dtype
+casts (`convert_element_type`) cost 0 where XLA charges 1 per element, so a bfloat16 model's total
+equals its float32 one and is 2-60% below XLA's; and adaptive pooling whose bins do not tile the
+map (`jnp.take` gathers, e.g. AlexNet's 6x6 pool of a 13x13 map at 63x63 inputs) matches neither
+XLA figure (XLA's lowering of the gather adds bounds arithmetic), a few 1e-5 of a model's total:
 - `macs`: dense multiply-accumulates of convolutions and dot products, the figure papers quote:
   `N * prod(out_spatial) * C_out * C_in/groups * prod(kernel)`, taps over padding included.
   Along an axis with input dilation > 1 (a transposed convolution) only the taps on real input

@@ -776,3 +776,38 @@ def test_a_dilated_strided_transposed_conv_bounds_the_fields_that_follow_it(
     jacobian = np.asarray(jax.jacrev(lambda x: Net().apply(variables, x)[0, :, 0, 0])(x))
     widest = max(np.ptp(np.flatnonzero(row)) + 1 for row in jacobian.reshape(-1, n) if row.any())
     assert summary(Net(), (n, 1, 1)).receptive_field.size[0] >= widest
+
+
+class _DenseGrid(nn.Module):
+    """YOLO v1's head in small: a 3x3/2 conv (8x8 -> 4x4, jump 2), flatten, a Dense layer whose
+    output is reshaped into a 4x4 grid; `then_conv` reads the grid with a 3x3 conv (a decoder)."""
+
+    then_conv: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(2, (3, 3), strides=2, padding=1)(x)
+        x = nn.Dense(4 * 4 * 2)(x.reshape(len(x), -1)).reshape(len(x), 4, 4, 2)
+        return nn.Conv(2, (3, 3), padding=1)(x) if self.then_conv else x
+
+
+@pytest.mark.parametrize("then_conv", [False, True], ids=["grid", "grid_then_conv"])
+def test_a_dense_output_reshaped_into_a_grid_gives_every_cell_the_whole_field(then_conv):
+    """Every cell of a grid made from a Dense layer's output sees the whole image: jump 0. The
+    field kept the conv's jump 2, so cell (3, 3)'s field was placed on rows 5-13 while its
+    gradient reaches rows 0-7."""
+    corners = [(0, 0), (3, 3), (0, 3), (2, 1)]
+    result = _assert_field_holds_support(_DenseGrid(then_conv), (8, 8, 1), corners)
+    assert result.receptive_field == ((9, 9), (0, 0), (3, 3))
+
+
+def test_yolo_v1_grid_cells_see_the_whole_image():
+    """yolo_v1_small's S x S grid is its Dense head reshaped: every cell's theoretical field is
+    the one union of the trunk's fields (it was jump 8: cell (7, 7) at rows 33-142 of 64)."""
+    from cnnjax.analysis.effective_receptive_field import theoretical_bounds
+    from cnnjax.models import create_model
+
+    field = receptive_field(create_model("yolo_v1_small"), (64, 64, 3))
+    assert field.jump == (0, 0)
+    for cell in [(0, 0), (7, 7)]:
+        assert all(lo <= 0 and hi >= 63 for lo, hi in theoretical_bounds(field, cell))

@@ -321,6 +321,29 @@ def test_batchnorm_in_training_mode_and_anisotropic_kernel():
     assert trained.receptive_field.size == (9, 11)
 
 
+def test_table_prints_field_numbers_in_full():
+    """A 2x2/2 conv, then a global mean over a 40,000 x 6 map: the field's start is exactly
+    (19,999.5, 2.5), printed as such (to 4 significant digits it was 2e+04). A 3x zero insertion
+    after it gives jump 2/3 on rows, which has no end: rounded to 4 decimals."""
+
+    class Net(nn.Module):
+        upsample: bool = False
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(1, (2, 2), strides=2, padding="VALID")(x)
+            if self.upsample:
+                return jax.lax.pad(x, 0.0, [(0, 0, 0), (0, 0, 2), (0, 0, 0), (0, 0, 0)])
+            return x.mean(axis=(1, 2))
+
+    result = summary(Net(), (40_000, 6, 1))
+    assert result.receptive_field == ((40_000, 6), (2, 2), (19_999.5, 2.5))
+    assert str(result).splitlines()[3].split()[-3:] == ["40,000x6", "2", "19,999.5x2.5"]
+    upsampled = summary(Net(upsample=True), (6, 6, 1))
+    assert upsampled.rows[-1].field.jump == (2 / 3, 2)
+    assert str(upsampled).splitlines()[3].split()[-3:] == ["2", "0.6667x2", "0.5"]
+
+
 def test_text_dict_and_csv(tmp_path):
     result = summary(ResidualNet(), (16, 16, 3))
     text = str(result).splitlines()
