@@ -411,6 +411,19 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any]) -> dict[s
                       f"it has keys torchvision's {builder} does not: {details}{more}; "
                       "is this the right model name?")
 
+    # num_classes came from the head weight's first dim: check its second before trusting it.
+    head = next(leaf for leaf in leaves if leaf.torch_key == head_key)
+    features = head.layout.torch_shape(expected[head.target])[1]
+    found = _shape(tensors[head_key])
+    if found[1] != features:
+        transposed = (f"; it looks transposed, (features, num_classes) as JAX/Keras store a "
+                      f"dense kernel: transpose it to {(found[1], found[0])}"
+                      if found[0] == features else "")
+        raise invalid(owner, head_key, f"array of shape {found}",
+                      f"torchvision's {builder} classifier weight has shape "
+                      f"(num_classes, {features}) (torch's nn.Linear stores (out, in))"
+                      f"{transposed}")
+
     flat: dict[tuple[str, ...], np.ndarray] = {}
     for leaf in leaves:
         value = tensors[leaf.torch_key]

@@ -60,12 +60,19 @@ def check_pretrained_model_kwargs(config: Any, source_workdir: str, source_confi
             or source_config.get("model") != config.model):
         return
     mine = config_lib.model_kwargs(config)
+    declared = config.get("model_kwargs") or {}
     for key, value in sorted((source_config.get("model_kwargs") or {}).items()):
         if mine.get(key) != value:
+            # The command line can only set a field the config file declared (for its own model).
+            declare = ("" if key in declared else
+                       f" in a config whose model_kwargs declares {config.model}'s fields "
+                       f"(this one's does not have {key!r}: in the config file, "
+                       f"config.model_kwargs = model_kwargs_config({config.model!r}) from "
+                       "cnnjax.train.config)")
             raise invalid(_OWNER, "workdir", source_workdir,
                           f"its converted torchvision weights need model_kwargs.{key}={value!r} "
                           f"(torchvision sets it when it loads them) and this run has "
-                          f"{mine.get(key)!r}; pass --config.model_kwargs.{key}={value}")
+                          f"{mine.get(key)!r}; pass --config.model_kwargs.{key}={value}{declare}")
 
 
 def _source_config(workdir: str, path_workdir: str) -> dict:

@@ -4,7 +4,9 @@ One source run is pretrained once; then, for every label budget of the target ta
 train on the target, each one ordinary `train_and_evaluate` run:
     scratch        the target config as it is (random initialization)
     finetune       every layer trained, starting from the source's final checkpoint (head excluded)
-    linear_probe   the same start, only the new head trained (`freeze='backbone'`)
+    linear_probe   the same start, only the new head trained (`freeze='backbone'`): the backbone's
+                   weights stay fixed, but it runs in train mode, so its BatchNorm statistics are
+                   re-estimated on the target data and its dropout is on (docs/training.md)
 Source and target share one architecture, or the target's `init_from.submodule` names the module
 of the target the source's weights fill (e.g. a ResNet classifier's weights in an FCN's
 `backbone`); either way the fit is checked on abstract shapes before the source trains.
@@ -66,7 +68,7 @@ from cnnjax.utils.validation import invalid
 
 ARMS = ("scratch", "finetune", "linear_probe")
 ARM_LABELS = {"scratch": "from scratch", "finetune": "fine-tune all layers",
-              "linear_probe": "linear probe (frozen backbone)"}
+              "linear_probe": "linear probe (frozen backbone weights, BN stats adapt)"}
 SOURCE_ID = "source"
 #: What a comparison varies by default (`budgets` of it), and its default seeds.
 DEFAULT_BUDGET_FIELD = "data.train_examples_per_class"
@@ -748,7 +750,12 @@ def report_markdown(table: list[dict], source: dict, metric: str, budget_field: 
             cells.append(cell)
         out.append(f"| {line['budget']} | {_blank(line['num_train'], '?')} | "
                    + " | ".join(cells) + " |")
-    out += ["", "In parentheses: the gain over training from scratch at the same budget.", ""]
+    out += ["", "In parentheses: the gain over training from scratch at the same budget."]
+    if "linear_probe" in arms:
+        out += ["", "Linear probe: the backbone's weights stay fixed, but it trains in train mode "
+                "(BatchNorm statistics re-estimated on the target data, dropout on; "
+                "docs/training.md, `freeze`)."]
+    out.append("")
     for line in lines:
         done = [(line[a]["mean"], a) for a in arms if line[a]["mean"] is not None]
         if done:

@@ -7,8 +7,9 @@ downloads). First convert the weights into a warm-start workdir, then fine-tune 
     python -m experiments.train --config=experiments/configs/resnet50_imagenette_pretrained.py \\
         --workdir=workdirs/resnet50_imagenette_pretrained --config.data.data_dir=$TFDS_DATA_DIR \\
         --config.init_from.workdir=workdirs/pretrained/resnet50
-Adding `--config.freeze=backbone` makes it a linear probe; leaving out `init_from` trains the
-same recipe from scratch (the from-scratch arm of a comparison; the config itself sets no
+Adding `--config.freeze=backbone` makes it a linear probe (backbone weights frozen, BatchNorm
+statistics still adapt: docs/training.md); leaving out `init_from` trains the same recipe from
+scratch (the from-scratch arm of a comparison; the config itself sets no
 init_from). The head (1000 ImageNet classes) is re-initialized for Imagenette's 10
 (`init_from.exclude=('head',)`, the default).
 

@@ -9,8 +9,10 @@ Across architectures: the source is the registry `resnet18` classifying single s
 scenes (64x64, 1-4 shapes, background + 4 classes) trained on the first 50, 200 or 1,000 of its
 2,000 training scenes; `init_from.submodule = 'backbone'` loads the classifier (its `head`
 excluded) into the FCN's ResNet trunk. The linear probe trains only FCN's score and upsampling
-layers on the frozen trunk. The shapes in both datasets have the same pixel sizes, so what the
-classifier learnt (edges, corners, colour contrast at those scales) is what the FCN's trunk needs.
+layers on the trunk's frozen weights (its BatchNorm statistics are still re-estimated on the
+target scenes: docs/training.md, `freeze`). The shapes in both datasets have the same pixel
+sizes, so what the classifier learnt (edges, corners, colour contrast at those scales) is what
+the FCN's trunk needs.
 
 Measured with this command on 2026-12-01, before FCN's upsamplings clamped at the borders
 (commit 840eaf7; not rerun since), 2 CPU cores shared with test runs, JAX 0.10.2: 34 min wall
@@ -22,12 +24,13 @@ test scenes, seed 0:
     200      0.447     0.736       0.405
     1000     0.479     0.738       0.414
 Fine-tuning the pretrained trunk gains +0.26 to +0.29 mIoU at every budget; at 200 scenes it
-beats scratch on five times the data. The frozen trunk (linear probe) stays near 0.41 whatever
-the budget: 1x1 score layers on frozen classifier features (strides 8, 16 and 32) do not
-delineate the shapes. All arms train 400 steps; from scratch on all 2,000 scenes for 1,000 steps
-the same FCN reached 0.797 then (0.804 with the clamped upsampling,
-experiments/configs/fcn_shapes.py), so at this length the gain is likely more a faster start
-than a better end point (not measured with longer target runs).
+beats scratch on five times the data. The linear probe (trunk weights frozen, BatchNorm
+statistics re-estimated) stays near 0.41 whatever the budget: 1x1 score layers on the
+classifier's fixed convolutions (strides 8, 16 and 32) do not delineate the shapes. All arms
+train 400 steps; from scratch on all 2,000 scenes for 1,000 steps the same FCN reached 0.797
+then (0.804 with the clamped upsampling, experiments/configs/fcn_shapes.py), so at this length
+the gain is likely more a faster start than a better end point (not measured with longer target
+runs).
 """
 
 import ml_collections

@@ -200,10 +200,24 @@ def test_a_prefix_on_only_some_keys_is_not_stripped(resnet18_sd):
 def test_a_resnet50_checkpoint_is_not_a_resnet18(resnet18_sd):
     sd = dict(resnet18_sd, **{"fc.weight": np.zeros((7, 2048), np.float32)})
     with pytest.raises(ValueError, match=(
-            r"fc.weight=.array of shape \(7, 2048\). is invalid; cnnjax's params/head/kernel "
-            r"needs shape \(512, 7\) \(linear \(out, in\) -> \(in, out\)\), i.e. a torch tensor "
-            r"of shape \(7, 512\)")):
+            r"fc.weight=.array of shape \(7, 2048\). is invalid; torchvision's resnet18 "
+            r"classifier weight has shape \(num_classes, 512\) \(torch's nn.Linear stores "
+            r"\(out, in\)\)\.$")):
         tvw.convert_state_dict("resnet18", sd)
+
+
+def test_a_transposed_classifier_weight_is_named_as_one(resnet18_sd):
+    """num_classes is read from the head weight's first dim; a (features, num_classes) weight
+    once made that 512 and asked for a (512, 512) tensor, a shape no valid file has."""
+    sd = dict(resnet18_sd, **{"fc.weight": resnet18_sd["fc.weight"].T})
+    with pytest.raises(ValueError) as error:
+        tvw.convert_state_dict("resnet18", sd)
+    assert str(error.value) == (
+        "torchvision_weights('resnet18'): fc.weight='array of shape (512, 7)' is invalid; "
+        "torchvision's resnet18 classifier weight has shape (num_classes, 512) (torch's "
+        "nn.Linear stores (out, in)); it looks transposed, (features, num_classes) as JAX/Keras "
+        "store a dense kernel: transpose it to (7, 512).")
+    assert "(512, 512)" not in str(error.value)
 
 
 def test_wrong_conv_shape_is_named(resnet18_sd):
@@ -379,8 +393,18 @@ def test_a_run_without_the_settings_converted_weights_need_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"init_from: workdir=.* is invalid; its converted "
                                          r"torchvision weights need model_kwargs\."
                                          r"transform_input=True .* this run has None; pass "
-                                         r"--config.model_kwargs.transform_input=True"):
+                                         r"--config.model_kwargs.transform_input=True\.$"):
         check_pretrained_model_kwargs(config, workdir, source_config)
+    # A config file written for another model (lenet5_digits.py with --config.model=googlenet_bn)
+    # has no such field, so that flag alone would fail: the message says how to declare it.
+    other = ml_collections.ConfigDict({"model": "googlenet_bn",
+                                       "model_kwargs": model_kwargs_config("lenet5")})
+    with pytest.raises(ValueError, match=(
+            r"pass --config.model_kwargs.transform_input=True in a config whose model_kwargs "
+            r"declares googlenet_bn's fields \(this one's does not have 'transform_input': in the "
+            r"config file, config.model_kwargs = model_kwargs_config\('googlenet_bn'\) from "
+            r"cnnjax.train.config\)\.$")):
+        check_pretrained_model_kwargs(other, workdir, source_config)
     config.model_kwargs.transform_input = True
     check_pretrained_model_kwargs(config, workdir, source_config)
     # A run of another model (a submodule warm start) is not this model's input: no check.

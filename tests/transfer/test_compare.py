@@ -249,7 +249,8 @@ def test_results_table_plot_and_report(tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, compare.PLOT_FILE)) > 1000
     with open(os.path.join(out, compare.REPORT_FILE)) as f:
         report = f.read()
-    assert "| budget | examples | from scratch | linear probe (frozen backbone) |" in report
+    assert ("| budget | examples | from scratch | linear probe (frozen backbone weights, BN "
+            "stats adapt) |") in report
     assert f"{summary[1]['mean']:.4f} ± {summary[1]['std']:.4f} " \
            f"({summary[1]['gain_over_scratch']:+.4f})" in report
     assert re.search(r"^- budget 4 \(16 examples\): best arm ", report, re.M)
@@ -275,6 +276,25 @@ def test_results_figure_has_one_line_per_arm_against_examples():
     bars = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: (data line, caps, bars)
     assert list(bars["from scratch"].get_xdata()) == [25, 250]
     assert list(bars["fine-tune all layers"].get_ydata()) == [0.9, 0.9]
+
+
+def _report(arms):
+    table = compare.summarize([
+        {"budget": 5, "num_train": 25, "arm": a, "seed": 0, "status": "completed", "final": 0.5}
+        for a in arms], "top1")
+    return compare.report_markdown(table, {"final": 0.99, "status": "completed", "steps": 10},
+                                   "top1", compare.DEFAULT_BUDGET_FIELD)
+
+
+def test_the_report_says_the_linear_probe_freezes_only_the_backbone_weights():
+    """freeze='backbone' trains in train mode (tests/train/test_init_from.py): the report must
+    not call the probe's backbone simply frozen."""
+    report = _report(["scratch", "linear_probe"])
+    assert "| from scratch | linear probe (frozen backbone weights, BN stats adapt) |" in report
+    assert ("Linear probe: the backbone's weights stay fixed, but it trains in train mode "
+            "(BatchNorm statistics re-estimated on the target data, dropout on; "
+            "docs/training.md, `freeze`).") in report
+    assert "Linear probe:" not in _report(["scratch", "finetune"])
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
