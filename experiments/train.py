@@ -80,7 +80,7 @@ def _start_distributed(workdir: str) -> None:
         # --distributed / --nodistributed decide; else config.distributed=True forces it; else
         # automatic (a task of an srun step with more than one task)
         requested = (_DISTRIBUTED.value if flags.FLAGS["distributed"].present
-                     else True if _CONFIG.value.distributed else None)
+                     else True if _CONFIG.value.get("distributed") else None)
         if distributed.should_initialize(requested):
             distributed.initialize(
                 timeout_s,

@@ -344,8 +344,31 @@ def mixing_rule(config: Any) -> mixing_lib.Mixing | None:
     return rule if rule.enabled else None
 
 
+#: Fields every config has had (`LEGACY_DEFAULTS` fills in those added since): the engine reads
+#: them as they are, so a config lacking one is refused by `check_required_fields` first.
+REQUIRED_FIELDS = ("model", "data", "optimizer", "schedule", "global_batch_size",
+                   "num_train_steps", "seed", "log_every_steps", "eval_every_steps",
+                   "checkpoint_every_steps", "keep_checkpoints", "parallel", "compute_dtype",
+                   "conv_impl", "best_metric", "best_mode", "label_smoothing", "aux_loss_weight",
+                   "num_devices")
+_MISSING = object()
+
+
+def check_required_fields(config: Any) -> None:
+    """Refuses a config lacking any of `REQUIRED_FIELDS` (one written from scratch, e.g.
+    `ConfigDict(dict(model="lenet5"))`) with a ValueError naming them all, where the first read
+    of one raised a bare AttributeError."""
+    missing = [name for name in REQUIRED_FIELDS if _field(config, name, _MISSING) is _MISSING]
+    if missing:
+        raise ValueError(
+            f"config: fields {missing} are missing; a config file starts from "
+            "cnnjax.train.config.default_config(), which declares every field with its "
+            "default (config = default_config(); config.model = ...; return config)")
+
+
 def validate_config(config: Any) -> None:
     """Raises a ValueError for any invalid engine field (names, rates, sizes, intervals)."""
+    check_required_fields(config)
     task = config_task(config)
     if not isinstance(_field(config, "model"), str) or not config.model:
         raise invalid(

@@ -37,7 +37,9 @@ def parse_flags(argv: list[str],
     wrapped by ml_collections and then by absl into a flag error carrying a Python traceback;
     it is reported as `--config='<file>.py:<argument>' is invalid; <the error's message>`.
     `unknown_flag_hint(name)` adds a command's own advice to an unknown flag's message (pass it
-    with `functools.partial`). `--config.<field>=None` unsets a field (`parse_with_none`)."""
+    with `functools.partial`). `--config.<field>=None` unsets a field (`parse_with_none`); a
+    value starting with `~` is the home folder (`expand_home`)."""
+    argv = expand_home(argv)
     try:
         args = parse_with_none(flags.FLAGS, argv)
     except NoneOverrideError as err:
@@ -62,6 +64,19 @@ def parse_flags(argv: list[str],
     if repeated:  # ml_collections joins the values where any other field keeps the last
         sys.exit(f"error: {repeated}")
     return args
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """`argv` with each `--<flag>=~/<path>` (or `~user/...`) value's `~` expanded, as the shell
+    expands it in `--<flag> ~/<path>` but not after `=`: `--workdir=~/runs/x` made a folder
+    named `~` in the current one, as `launch.submit` (which expands it) did not."""
+    expanded = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if arg.startswith("-") and eq and value.startswith("~"):
+            arg = f"{name}={os.path.expanduser(value)}"
+        expanded.append(arg)
+    return expanded
 
 
 _ALIAS_HELP = re.compile(r"^Alias for --(\w+)\.$")  # absl's DEFINE_alias help text
@@ -117,7 +132,9 @@ def parse_with_none(values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
     Only a field that can hold None takes it: one the config declares None-able (a
     `FieldReference(None, field_type=...)`, as cnnjax's configs do) or holds None now. A later
     override of the same field wins, as for any other value (a tuple field given twice is
-    refused by `parse_flags`: ml_collections joins its values). Raises `NoneOverrideError`."""
+    refused by `parse_flags`: ml_collections joins its values). Raises `NoneOverrideError`,
+    and absl's flag error for any error a config file raised as it loaded (`config_file_failure`:
+    ml_collections and absl wrap only a TypeError or ValueError so)."""
     rest: list[str] = []
     unset: list[tuple[str, str]] = []  # (flag, field path)
     skip_next = False
@@ -133,7 +150,13 @@ def parse_with_none(values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
         flag, path = target
         if not any(_overrides(later, flag, path) for later in argv[i + 1 + skip_next:]):
             unset.append(target)
-    args = values(rest)
+    try:
+        args = values(rest)
+    except Exception as err:  # noqa: BLE001 — re-raised unless a config file raised it
+        failure = None if isinstance(err, flags.Error) else config_file_failure(err)
+        if failure is None:
+            raise
+        raise failure from err
     for flag, path in unset:
         _set_none(values[flag].value, flag, path)
     return args
@@ -198,7 +221,12 @@ def define_config_file(name: str, default: str | None, help_string: str,
         return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
     except flags.Error as err:
         sys.exit(f"error: {config_file_error(err) or absl_flag_error(err)}")
-    except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 — re-raised unless a config file or override failed
+        failure = config_file_failure(err)
+        if failure is not None:
+            sys.exit(f"error: {config_file_error(failure)}")
+        if not isinstance(err, KeyError | AttributeError | TypeError | ValueError | OSError):
+            raise
         args = sys.argv[1:]
         if default is not None and not any(a.startswith(f"--{name}=") for a in args):
             args = [f"--{name}={default}", *args]  # the file the overrides apply to
@@ -224,9 +252,13 @@ def absl_flag_error(err: flags.Error,
         return f"{flag}={value!r} is invalid; {why}"
     if isinstance(err, flags.UnrecognizedFlagError) and unknown_flag_hint is not None:
         text += unknown_flag_hint(err.flagname)
+    order = _OVERRIDE_FIRST.match(text)
+    if order is not None:  # ml_collections' FlagOrderError
+        return f"{text}: put the overrides after {order.group(1)}=<file>"
     return f"{text} (--helpshort lists the flags)"
 
 
+_OVERRIDE_FIRST = re.compile(r"^Found \S+ in argv before a value for (--\w+) was specified$")
 _CONFIG_FILE_ERROR = re.compile(r"^flag (--[^=\s]+)=(.*?): Error whilst parsing config file",
                                 re.DOTALL)
 
@@ -240,12 +272,72 @@ def config_file_error(err: flags.Error) -> str | None:
     inner = err.__context__
     while inner is not None and str(inner).startswith("Error whilst parsing config file"):
         inner = inner.__context__  # ml_collections re-raises type(e)(<text with traceback>)
-    if inner is not None:
+    if isinstance(inner, ValueError):  # the file's own refusal: its message says it all
         reason = error_message(inner)
+    elif inner is not None:  # a NameError, ImportError, ...: what and where, in the user's file
+        path = match.group(2).split(":", 1)[0]
+        line = config_file_line(inner, path)
+        message = inner.msg if isinstance(inner, SyntaxError) else error_message(inner)
+        reason = f"{type(inner).__name__}: {message}"
+        if line is not None:
+            reason += f" (line {line})"
+        reason += _argument_hint(match.group(2), inner)
     else:  # no chained cause: the traceback text's last line, `ValueError: <message>`
         lines = [line for line in str(err).splitlines() if line.strip()]
         reason = lines[-1].split(": ", 1)[-1].strip()
     return f"{match.group(1)}={match.group(2)!r} is invalid; {reason}"
+
+
+def config_file_failure(err: Exception) -> flags.IllegalFlagValueError | None:
+    """absl's flag error `--<flag>=<file>.py: Error whilst parsing config file: ...` (its
+    context `err`, read by `config_file_error`) for `err`, raised while ml_collections loaded a
+    config file, when the file itself raised it (or a module it imports: the traceback passes
+    through the file) or it is the file's SyntaxError; else None. ml_collections and absl
+    wrap so only a TypeError or ValueError: a NameError, ImportError or SyntaxError in a config
+    file reached the user as a traceback. An error raised elsewhere (cnnjax's own) stays one."""
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    tb = err.__traceback__
+    while tb is not None:  # the (outermost) parser's call that loaded the file
+        parser, spec = tb.tb_frame.f_locals.get("self"), tb.tb_frame.f_locals.get("path")
+        if isinstance(parser, ConfigFileFlagParser) and isinstance(spec, str):
+            break
+        tb = tb.tb_next
+    if tb is None or config_file_line(err, spec.split(":", 1)[0]) is None:
+        return None
+    failure = flags.IllegalFlagValueError(
+        f"flag --{parser.name}={spec}: Error whilst parsing config file: "
+        f"{type(err).__name__}: {err}")
+    failure.__context__ = err
+    return failure
+
+
+def config_file_line(err: BaseException, path: str) -> int | None:
+    """The line of the config file at `path` where `err` was raised (the file's own SyntaxError,
+    or its deepest frame in `err`'s traceback); None when the file is not involved."""
+    def same(filename: str | None) -> bool:
+        return bool(filename) and os.path.realpath(filename) == os.path.realpath(path)
+
+    if isinstance(err, SyntaxError) and same(err.filename):
+        return err.lineno
+    lines = []
+    tb = err.__traceback__
+    while tb is not None:
+        if same(tb.tb_frame.f_code.co_filename):
+            lines.append(tb.tb_lineno)
+        tb = tb.tb_next
+    return lines[-1] if lines else None
+
+
+def _argument_hint(spec: str, err: BaseException) -> str:
+    """What a `--config=<file>.py:<argument>` whose get_config() takes no argument means (a
+    trailing ':' passes '' to it), for ml_collections' TypeError; else ''."""
+    file, colon, argument = spec.partition(":")
+    if not (colon and isinstance(err, TypeError)
+            and re.match(r"get_config\(\) takes 0 positional arguments", str(err))):
+        return ""
+    return (f"; the part after ':' ({argument!r}) is passed to get_config() as its argument, "
+            f"and {file}'s get_config() takes none: drop the ':'")
 
 
 def missing_config_file(values: flags.FlagValues, args: Sequence[str] | None = None
