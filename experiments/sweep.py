@@ -13,7 +13,9 @@ Rerunning the same command skips finished trials and resumes an interrupted one 
 checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job), with
 `--trial_count=k` trials i to i+k-1 (an array task running several);
 `--max_trials=0` only rebuilds the results table and plot from the trial directories.
-Exit status 1 if a trial failed (diverged trials are results, not failures); Ctrl-C stops the
+Exit status 1 if a trial failed, or if every trial has finished and none completed (all
+diverged: nothing to rank; an array task's own diverged trials are not an error); diverged
+trials beside completed ones are results, not failures. Ctrl-C stops the
 trial running (status interrupted) and exits 130 with one line saying where it stopped.
 """
 
@@ -82,6 +84,8 @@ def main(argv: list[str]) -> None:
         first = _TRIAL_INDEX.value
         rows = [r for r in rows if first <= r["index"] < first + _TRIAL_COUNT.value]
     message = sweep_lib.failure_message(rows)
+    if not message and _TRIAL_INDEX.value is None:  # other tasks' trials may complete
+        message = sweep_lib.no_result_error(rows)
     if message:
         exit_command(f"error: {message}")
 

@@ -550,7 +550,9 @@ def main(argv: Sequence[str]) -> None:
 
     start_command(list(argv))
     f = flags.FLAGS
-    regenerate = f"python -m cnnjax.analysis.zoo --output={f.output}"  # COMMAND for the default
+    # COMMAND for the default; a selection's page is regenerated for the same selection
+    regenerate = (f"python -m cnnjax.analysis.zoo --output={f.output}"
+                  + (f" --models={','.join(f.models)}" if f.models else ""))
     with one_line_errors():
         # before the tracing: a directory, or a file in the way of its folder, is reported now
         if not f.check:

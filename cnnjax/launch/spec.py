@@ -471,7 +471,11 @@ def _check_environment(spec: JobSpec, submit_dir: str) -> tuple[str | None, str]
         raise invalid(_OWNER, "python", spec.python, "expected a command without whitespace")
     python = spec.python
     if os.sep in python:  # a path: the job runs in submit_dir; a bare name is looked up in PATH
-        python = _absolute(python, submit_dir)
+        # checked here as the venv and config files are: the cluster's filesystem is shared
+        python = _check_path("python", python, submit_dir, must_exist="file")
+        if not os.access(python, os.X_OK):
+            raise invalid(_OWNER, "python", spec.python,
+                          f"expected an executable python ({python} is not executable)")
     if not isinstance(spec.env, tuple):
         raise invalid(_OWNER, "env", spec.env, "expected a tuple of (NAME, value) pairs")
     for pair in spec.env:

@@ -172,11 +172,24 @@ def _lookup(name: str) -> ModelInfo:
         raise ValueError(f"create_model: name={name!r} is invalid; expected a str, one of "
                          f"{sorted(_REGISTRY)}")
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        close = _close_names(name)
         hint = f"did you mean {close}? " if close else ""
         raise ValueError(f"create_model: unknown model name={name!r}; {hint}"
                          f"valid names: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def _close_names(name: str) -> list[str]:
+    """Up to 5 registered names like `name`, compared lowercased without '-' and '_' (so
+    `ResNet-18` finds `resnet18`), keeping only the best and near-best matches: a looser cutoff
+    offered alexnet, googlenet and two densenets for `lenet6`."""
+    def key(text: str) -> str:
+        return re.sub(r"[-_]", "", text.lower())
+
+    scored = sorted(((difflib.SequenceMatcher(None, key(name), key(n)).ratio(), n)
+                     for n in _REGISTRY), key=lambda pair: (-pair[0], pair[1]))
+    best = scored[0][0] if scored else 0.0
+    return [n for ratio, n in scored if ratio >= max(0.7, best - 0.05)][:5]
 
 
 def model_info(name: str) -> ModelInfo:

@@ -28,6 +28,7 @@ import json
 import logging as std_logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -68,6 +69,12 @@ _EMPTY_ARRAYS_KEY = "zero_size_arrays"
 #: 4-bit int (float8_e4m3fn and float8_e4m3fnuz shared their digests); 2 adds the dtype's name.
 DIGEST_FORMAT = 2
 _DIGEST_FORMATS = (1, 2)
+#: A restore failure that is a failed file read (tensorstore's status codes for damaged or
+#: missing data, an OS error, a torn JSON file, another process's failed read), not a state
+#: structure mismatch.
+_READ_FAILURE = re.compile(
+    r"\w+: (NOT_FOUND|OUT_OF_RANGE|DATA_LOSS): |(OSError|FileNotFoundError|PermissionError"
+    r"|IsADirectoryError|TimeoutError|JSONDecodeError): |another process could not read it")
 
 
 def step_folders(directory: str) -> list[int]:
@@ -347,10 +354,13 @@ class Checkpointer:
         multi = jax.process_count() > 1
         if multi:  # every process has scanned before any file moves: they agree on `broken`
             multihost_utils.sync_global_devices("cnnjax_checkpoint_scan")
+        readable = [step for step in step_folders(self.directory) if step not in broken]
+        fallback = (f"falling back to the checkpoint at step {max(readable)}" if readable
+                    else "there is no other checkpoint to fall back to")
         for step in sorted(broken):
             message = (f"Checkpoint at step {step} in {self.directory} could not be restored (its "
-                       "metrics file is unreadable); falling back to the previous checkpoint (the "
-                       f"unreadable one is moved to {self.quarantine}).")
+                       f"metrics file is unreadable); {fallback} (the unreadable one is moved to "
+                       f"{self.quarantine}).")
             logging.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         if broken:
@@ -449,7 +459,8 @@ class Checkpointer:
         # file as "no metadata"), so its arrays cannot be checked: it is tried only after every
         # checked one, and quarantined, as unreadable, when an older checked one restores.
         unchecked = [s for s in newest_first if self._metadata_damaged(s)]
-        for step in [s for s in newest_first if s not in unchecked] + unchecked:
+        order = [s for s in newest_first if s not in unchecked] + unchecked
+        for index, step in enumerate(order):
             restored, why = self._restore_step(step, template, full_target)
             if restored is not None:
                 result = restored, step
@@ -458,29 +469,37 @@ class Checkpointer:
             reasons[step] = why
             if why.startswith(CheckpointDigestError.__name__):
                 digest_failures.append(why)
+            fallback = (
+                f"falling back to the checkpoint at step {order[index + 1]} (this one is moved "
+                f"to {self.quarantine} once another one restores)" if index + 1 < len(order)
+                else "there is no other checkpoint to fall back to")
             message = (
                 f"Checkpoint at step {step} in {self.directory} could not be restored "
-                f"({why}; tried {self.restore_attempts} time(s)); falling back to the previous "
-                f"checkpoint (the unreadable one is moved to {self.quarantine})."
+                f"({why}; tried {self.restore_attempts} time(s)); {fallback}."
             )
             logging.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-        if corrupt and result is None and len(digest_failures) == len(corrupt):
-            # Every one read back other numbers than it saved: corrupt, not a code mismatch.
-            raise ValueError(
-                f"checkpoint: every checkpoint in {self.directory} (steps {sorted(corrupt)}) is "
-                f"corrupt ({digest_failures[0]}); to start fresh use a new --workdir or delete "
-                "the checkpoints.")
         if corrupt and result is None:
-            # Nothing restores: more likely a template/code mismatch than corruption of every
-            # checkpoint, so leave the files alone and stop.
-            newest = max(corrupt)  # its error says which: a structure mismatch or bad files
+            # Nothing restores: leave the files alone and stop, saying what the newest failure
+            # points to (its first line): changed arrays, damaged files, or else, more likely,
+            # a state structure (code or config) other than the one saved.
+            steps, newest = sorted(corrupt), max(corrupt)
+            first_line = (reasons[newest].splitlines() or [""])[0][:200]
+            start_fresh = "to start fresh use a new --workdir or delete the checkpoints."
+            if len(digest_failures) == len(corrupt):
+                # Every one read back other numbers than it saved: corrupt, not a code mismatch.
+                raise ValueError(
+                    f"checkpoint: every checkpoint in {self.directory} (steps {steps}) is "
+                    f"corrupt ({digest_failures[0]}); {start_fresh}")
+            if all(_READ_FAILURE.match(reasons[s]) for s in corrupt):
+                raise ValueError(
+                    f"checkpoint: no checkpoint in {self.directory} (steps {steps}) can be read: "
+                    f"their files are damaged or missing (step {newest}: {first_line}); "
+                    f"{start_fresh}")
             raise ValueError(
-                f"checkpoint: no checkpoint in {self.directory} (steps {sorted(corrupt)}) could "
-                f"be restored into the current state structure (step {newest}: "
-                f"{' '.join(reasons[newest].split())[:200]}); to start fresh use a new "
-                "--workdir or delete the checkpoints."
-            )
+                f"checkpoint: no checkpoint in {self.directory} (steps {steps}) could be "
+                f"restored into the current state structure (step {newest}: {first_line}); "
+                f"{start_fresh}")
         # untried: newer than the checked one that restored (tried ones that failed are corrupt)
         passed_over = [s for s in unchecked
                        if result is not None and s > result[1] and s not in corrupt]
@@ -658,14 +677,16 @@ _RUN_SEARCH_DEPTH = 3
 def where_the_runs_are(path: str) -> str:
     """The end of a "has no checkpoints" error for a `path` next to runs: a run's own
     `checkpoints/` folder names its run; a sweep, tuning or transfer directory names the runs
-    inside it (at most 5, up to `_RUN_SEARCH_DEPTH` levels down); else nothing."""
+    inside it whose `checkpoints/` holds a step (at most 5, up to `_RUN_SEARCH_DEPTH` levels
+    down: a trial that diverged before its first save has none); else nothing."""
     if os.path.basename(path) == CHECKPOINT_DIR and os.path.isdir(path):
         return f"; it is the checkpoints folder of the run {os.path.dirname(path)!r}: pass that"
     runs = []
     for root, dirs, _ in os.walk(path):
         depth = os.path.relpath(root, path).count(os.sep) + (root != path)
         if CHECKPOINT_DIR in dirs and root != path:
-            runs.append(root)
+            if step_folders(os.path.join(root, CHECKPOINT_DIR)):
+                runs.append(root)
             dirs.clear()  # a run's own folders hold no further runs
         elif depth >= _RUN_SEARCH_DEPTH:
             dirs.clear()

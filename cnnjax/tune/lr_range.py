@@ -123,7 +123,8 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 0) -> dict[
     where the network learns fastest: Smith's and fast.ai's choice, as the minimum itself
     already sits at the edge of divergence. `min_loss`: the lr of the minimum smoothed loss;
     `min_loss_over_10`: a tenth of it, the common rule of thumb. `suggested` is None where the
-    curve has no descent after `skip_start` (its minimum comes before step `skip_start + 1`).
+    curve has no descent after `skip_start` (its minimum comes before step `skip_start + 1`), and
+    so is `min_loss_over_10`: a tenth of a minimum at the start is a rate below the range tested.
     """
     lrs, smoothed = np.asarray(lrs, np.float64), np.asarray(smoothed, np.float64)
     out: dict[str, Any] = {"suggested": None, "steepest": None, "steepest_slope": None,
@@ -132,10 +133,10 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 0) -> dict[
     if len(smoothed) == 0:
         return out
     best = int(np.argmin(smoothed))
-    out.update(min_loss=float(lrs[best]), min_loss_step=best,
-               min_loss_over_10=float(lrs[best]) / 10.0)
+    out.update(min_loss=float(lrs[best]), min_loss_step=best)
     if best <= skip_start:
         return out
+    out["min_loss_over_10"] = float(lrs[best]) / 10.0
     span = slice(skip_start, best + 1)
     slopes = np.diff(smoothed[span]) / np.diff(np.log(lrs[span]))
     steep = skip_start + int(np.argmin(slopes))
@@ -343,8 +344,11 @@ def format_summary(record: dict) -> str:
     else:
         lines.append("No suggestion: the smoothed loss did not fall after the first "
                      f"{tips['skip_start']} steps (lower --lr_min, or more --steps).")
-    if tips["min_loss"] is not None:
+    if tips["min_loss_over_10"] is not None:
         lines.append(f"Minimum smoothed loss at lr={tips['min_loss']:.3g}; "
                      f"min/10 rule: {tips['min_loss_over_10']:.3g}")
+    elif tips["min_loss"] is not None:  # no descent: a tenth of it was never tested
+        lines.append(f"Minimum smoothed loss at lr={tips['min_loss']:.3g} (step "
+                     f"{tips['min_loss_step']}, before any descent).")
     lines += [f"Plot:   {record['outputs']['plot']}", f"Record: {record['outputs']['record']}"]
     return "\n".join(lines)

@@ -255,7 +255,10 @@ def _print_results(rows: list[dict], space: SearchSpace, metric: str, sweep_dir:
     """Prints the ranked table and where the results and the plot are."""
     print(format_table(rows, space, metric), flush=True)
     print(f"Results: {os.path.join(sweep_dir, RESULTS_CSV)}", flush=True)
-    if os.path.exists(os.path.join(sweep_dir, PLOT_FILE)):
+    nothing = no_result_message(rows)
+    if nothing:
+        print(f"{nothing[0].upper()}{nothing[1:]}.", flush=True)
+    elif os.path.exists(os.path.join(sweep_dir, PLOT_FILE)):
         print(f"Plot:    {os.path.join(sweep_dir, PLOT_FILE)}", flush=True)
 
 
@@ -601,6 +604,31 @@ def failure_message(rows: list[dict], what: str = "trial") -> str | None:
     return (f"{len(failed)} {what}(s) failed: "
             + "; ".join(f"{r['trial_id']}: {r['reason']}" for r in failed[:3])
             + f" (tracebacks in <{what} workdir>/error.log; rerun the command to retry them)")
+
+
+def no_result_message(rows: list[dict]) -> str | None:
+    """A line saying no trial has completed, with the count of each status, or None if one
+    has: nothing is ranked then, and `sweep.png` (it plots completed trials) is not drawn."""
+    if not rows or any(r["status"] == "completed" for r in rows):
+        return None
+    return (f"no trial has completed ({_status_counts(rows)}): nothing is ranked and "
+            f"{PLOT_FILE} is not drawn (it plots the completed trials)")
+
+
+def no_result_error(rows: list[dict]) -> str | None:
+    """The error of a sweep whose every trial has finished (diverged or failed) without one
+    completing: a sweep with no result. None while one completed or one may still (pending,
+    incomplete, interrupted)."""
+    if not rows or any(r["status"] not in ("diverged", "failed") for r in rows):
+        return None
+    return (f"the sweep has no result: none of its {len(rows)} trials completed "
+            f"({_status_counts(rows)}; each one's reason is in {RESULTS_CSV})")
+
+
+def _status_counts(rows: list[dict]) -> str:
+    """'2 diverged, 1 pending': how many rows have each status, in `STATUSES` order."""
+    counts = {status: sum(r["status"] == status for r in rows) for status in STATUSES}
+    return ", ".join(f"{n} {status}" for status, n in counts.items() if n)
 
 
 def trial_result(sweep_dir: str, trial: Trial, metric: str, mode: str) -> dict:

@@ -305,8 +305,9 @@ def test_cli_writes_and_checks(cli):
     assert runs["write"].returncode == 0, runs["write"].stderr
     assert "| `lenet5` | 32×32×1 | 10 | 61,706 |" in out.read_text(encoding="utf-8")
     assert runs["check"].returncode == 1
+    # the selection checked is the one regenerated (without --models: every model, still stale)
     assert (f"{tmp / 'stale.md'} is stale; regenerate it with `python -m cnnjax.analysis.zoo "
-            f"--output={tmp / 'stale.md'}`" in runs["check"].stdout)
+            f"--output={tmp / 'stale.md'} --models=lenet5`" in runs["check"].stdout)
 
 
 @pytest.mark.slow
@@ -349,7 +350,8 @@ def test_cli_bad_input_is_one_line(cli, index):
     elif args[-1] == "--check":
         assert line == (f"error: --output={str(tmp_path / 'z.md')!r} is invalid; --check "
                         "compares an existing file, and there is none: write it with `python "
-                        f"-m cnnjax.analysis.zoo --output={tmp_path / 'z.md'}` first")
+                        f"-m cnnjax.analysis.zoo --output={tmp_path / 'z.md'} --models=lenet5` "
+                        "first")
     elif args[1] == "--output={tmp}":
         assert line == (f"error: --output={str(tmp_path)!r} is invalid; it is a directory, "
                         "expected a file name")

@@ -288,7 +288,7 @@ def test_relative_paths_start_at_the_submit_dir(tmp_path):
 
 @pytest.mark.parametrize("python,expected", [
     ("env/bin/python", "{repo}/env/bin/python"), ("./env/bin/python", "{repo}/env/bin/python"),
-    ("/opt/py/bin/python3", "/opt/py/bin/python3"), ("python3", "python3")])
+    ("/opt/py/bin/python3", "{tmp}/opt/py/bin/python3"), ("python3", "python3")])
 def test_a_python_path_starts_at_the_submit_dir_and_a_command_name_stays(tmp_path, python,
                                                                         expected):
     """The job runs `cd <submit_dir>`, so a relative path to python means one there; a bare name
@@ -296,9 +296,41 @@ def test_a_python_path_starts_at_the_submit_dir_and_a_command_name_stays(tmp_pat
     repo = tmp_path / "repo"
     (repo / "cfg").mkdir(parents=True)
     (repo / "cfg" / "c.py").write_text("")
+    if python.startswith("/"):
+        python = str(tmp_path) + python
+    if "/" in python:
+        _executable(repo / python)
     spec = validate_spec(dataclasses.replace(_train(), config="cfg/c.py", workdir="w",
                                              venv=None, python=python, submit_dir=str(repo)))
-    assert spec.python == expected.format(repo=repo)
+    assert spec.python == expected.format(repo=repo, tmp=tmp_path)
+
+
+def _executable(path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("python,executable,message", [
+    ("/nonexistent/python", False, "no such file (/nonexistent/python)"),
+    ("env/bin/python", False, "no such file ({repo}/env/bin/python)"),
+    ("env/bin/python", True, "expected an executable python ({repo}/env/bin/python is not "
+                             "executable)"),
+])
+def test_a_python_path_that_is_missing_or_not_executable_is_refused(tmp_path, python,
+                                                                    executable, message):
+    """`--venv=/nonexistent` was refused while `--python=/nonexistent/python` was accepted,
+    and the job failed on the cluster instead; both are paths on the shared filesystem."""
+    repo = tmp_path / "repo"
+    (repo / "cfg").mkdir(parents=True)
+    (repo / "cfg" / "c.py").write_text("")
+    if executable:  # there, but not executable
+        (repo / "env" / "bin").mkdir(parents=True)
+        (repo / "env" / "bin" / "python").write_text("")
+    with pytest.raises(ValueError, match=re.escape(
+            f"python={python!r} is invalid; {message.format(repo=repo)}")):
+        validate_spec(dataclasses.replace(_train(), config="cfg/c.py", workdir="w", venv=None,
+                                          python=python, submit_dir=str(repo)))
 
 
 def test_scheduling_fields_are_fields_and_leave_what_decides_results():

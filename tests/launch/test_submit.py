@@ -86,7 +86,9 @@ def test_a_relative_python_path_is_taken_from_the_current_directory(tmp_path, py
     """`--python=./myenv/bin/python` was written as given, so the job (running in the
     repository) looked for it there, not where the user was; a bare name stays a PATH lookup."""
     cwd = tmp_path / "elsewhere"
-    cwd.mkdir()
+    (cwd / "myenv" / "bin").mkdir(parents=True)
+    (cwd / "myenv" / "bin" / "python").write_text("#!/bin/sh\n")
+    (cwd / "myenv" / "bin" / "python").chmod(0o755)  # checked as --venv is: it must be there
     result = _submit(tmp_path, *_train_args(tmp_path / "run", "--dry_run", f"--python={python}"),
                      cwd=cwd)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,6 @@
 """The model registry: keywords a model does not take are named errors, not TypeErrors."""
 
+import ast
 import re
 
 import flax.linen as nn
@@ -457,3 +458,26 @@ def test_a_model_called_directly_below_its_smallest_input_says_the_input_is_too_
                                          r"\.min_input_size gives a registered model's smallest "
                                          r"input side\)\."):
         jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+
+
+@pytest.mark.parametrize("typo,expected", [
+    ("lenet6", ["lenet5"]),  # not alexnet, googlenet, densenet169, densenet161 as well
+    ("lenet", ["lenet5"]),
+    ("resnet-18", ["resnet18"]),
+    ("ResNet50", ["resnet50"]),
+    ("vgg_16", ["vgg16"]),
+    ("googlnet", ["googlenet"]),
+    ("resnet18_cifar", ["resnet110_cifar", "resnet20_cifar", "resnet32_cifar",
+                        "resnet44_cifar", "resnet56_cifar"]),
+    ("mobilenet_v2", None),  # nothing like it: no "did you mean"
+])
+def test_an_unknown_model_name_suggests_only_plausible_names(typo, expected):
+    with pytest.raises(ValueError) as err:
+        create_model(typo)
+    message = str(err.value)
+    assert message.startswith(f"create_model: unknown model name={typo!r}; ")
+    if expected is None:
+        assert "did you mean" not in message
+    else:
+        suggested = re.search(r"did you mean (\[.*?\])\?", message).group(1)
+        assert sorted(ast.literal_eval(suggested)) == sorted(expected)

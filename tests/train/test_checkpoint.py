@@ -137,12 +137,23 @@ def test_unreadable_metrics_file_quarantines_that_checkpoint(tmp_path):
     checkpointer.save(4, _state(4), {"top1": 0.7})
     checkpointer.close()
     (tmp_path / "checkpoints" / "4" / "metrics" / "metrics").write_text("{not json")
-    with pytest.warns(RuntimeWarning, match=r"step 4 .* \(its metrics file is unreadable\)"):
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* \(its metrics file is unreadable\); "
+                                            r"falling back to the checkpoint at step 2 \("):
         resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
     restored, step = resumed.restore_latest(_state(0))
     assert step == 2 and resumed.all_steps() == [2]
     assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["4"]
     resumed.close()
+
+
+def test_an_only_checkpoint_with_an_unreadable_metrics_file_promises_no_fallback(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(4, _state(4), {"top1": 0.7})
+    checkpointer.close()
+    (tmp_path / "checkpoints" / "4" / "metrics" / "metrics").write_text("{not json")
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* \(its metrics file is unreadable\); "
+                                            r"there is no other checkpoint to fall back to \("):
+        Checkpointer(str(tmp_path), use_async=False).close()
 
 
 def test_step_folders_lists_the_step_named_folders_complete_or_not(tmp_path):
@@ -273,7 +284,8 @@ def test_a_checkpoint_that_never_reads_is_quarantined_after_the_retries(tmp_path
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             truncated += 1
     assert truncated
-    with pytest.warns(RuntimeWarning, match=r"step 4 .* could not be restored .*tried 3 time"):
+    with pytest.warns(RuntimeWarning, match=r"step 4 .* could not be restored .*tried 3 time.*"
+                      r"; falling back to the checkpoint at step 2 \(this one is moved to "):
         restored, step = resumed.restore_latest(_state(0))
     assert step == 2 and waits == [0.5, 1.0]
     assert resumed.all_steps() == [2]
@@ -522,8 +534,31 @@ def test_when_no_checkpoint_can_be_read_the_error_carries_the_read_error(tmp_pat
         resumed.restore_latest(_state(0))
     message = str(err.value)
     assert message.startswith(f"checkpoint: no checkpoint in {resumed.directory} (steps [2, 4]) "
-                              "could be restored into the current state structure (step 4: ")
+                              "can be read: their files are damaged or missing (step 4: ")
     assert "NOT_FOUND" in message  # tensorstore: the missing manifest
+    resumed.close()
+
+
+def test_a_damaged_only_checkpoint_is_reported_as_unreadable_with_no_fallback(tmp_path, waits):
+    """A run's only checkpoint cut short: the warning promised a fallback to "the previous
+    checkpoint" and a move to quarantine (neither happened), and the error blamed "the current
+    state structure" (a code mismatch) for what is a truncated file."""
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(4, _state(4))
+    checkpointer.close()
+    for path in (tmp_path / "checkpoints" / "4" / "default" / "d").iterdir():
+        path.write_bytes(path.read_bytes()[:100])
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    with pytest.warns(RuntimeWarning) as caught, pytest.raises(ValueError) as err:
+        resumed.restore_latest(_state(0))
+    [warning] = [str(w.message) for w in caught if "could not be restored" in str(w.message)]
+    assert warning.endswith("tried 3 time(s)); there is no other checkpoint to fall back to.")
+    message = str(err.value)
+    assert message.startswith(f"checkpoint: no checkpoint in {resumed.directory} (steps [4]) "
+                              "can be read: their files are damaged or missing (step 4: ")
+    assert "OUT_OF_RANGE" in message and "\n" not in message  # the read error's first line
+    assert message.endswith("; to start fresh use a new --workdir or delete the checkpoints.")
+    assert resumed.all_steps() == [4] and not (tmp_path / "checkpoints_corrupt").exists()
     resumed.close()
 
 
@@ -655,7 +690,8 @@ def test_a_source_path_beside_a_run_says_where_the_runs_are(tmp_path):
 
     trials = tmp_path / "sweep" / "trials"
     for trial in ("0003", "0001"):
-        (trials / trial / "checkpoints").mkdir(parents=True)
+        (trials / trial / "checkpoints" / "6").mkdir(parents=True)
+    (trials / "0002" / "checkpoints").mkdir(parents=True)  # diverged before its first save
     with pytest.raises(ValueError) as err:
         SourceCheckpoints(str(tmp_path / "sweep"))
     assert "it has no checkpoints" in str(err.value)
@@ -674,7 +710,7 @@ def test_a_source_path_beside_a_run_says_where_the_runs_are(tmp_path):
 def test_load_trained_of_a_sweep_directory_names_its_runs(tmp_path):
     from cnnjax.train.trained import load_trained
 
-    (tmp_path / "sweep" / "trials" / "0002" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "sweep" / "trials" / "0002" / "checkpoints" / "6").mkdir(parents=True)
     (tmp_path / "sweep" / "sweep.json").write_text("{}")
     with pytest.raises(ValueError, match=re.escape(
             "(no readable config.json with a model in it); it holds runs with checkpoints: "

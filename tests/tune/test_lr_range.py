@@ -317,6 +317,7 @@ def test_suggest_on_curves_with_a_known_answer(shape):
         tips = lr_range.suggest(lrs, 1.0 + lrs)
         assert tips["suggested"] is None and tips["steepest"] is None
         assert tips["min_loss"] == 1e-6 and tips["min_loss_step"] == 0
+        assert tips["min_loss_over_10"] is None  # 1e-7: below every rate tested
     assert lr_range.suggest(np.array([]), np.array([]))["min_loss"] is None
 
 
@@ -499,6 +500,21 @@ def test_plot_and_summary_of_a_test_whose_first_loss_was_not_finite(tmp_path):
         "the loss is nan.",
         "No suggestion: the smoothed loss did not fall after the first 10 steps (lower "
         "--lr_min, or more --steps)."]
+
+
+def test_a_curve_that_never_falls_gets_no_rule_of_thumb_rate_in_the_summary():
+    """The loss rose from the start: the summary said "No suggestion" and then offered
+    "min/10 rule: 1e-06", a tenth of lr_min, a rate the test never tried."""
+    lrs = np.geomspace(1e-5, 10.0, 100)
+    record = {"model": "m", "dataset": "d",
+              "settings": {"lr_min": 1e-5, "lr_max": 10.0, "steps": 100},
+              "stop": {"message": "diverged at step 99 (lr 10)"},
+              "suggestions": lr_range.suggest(lrs, 1.0 + lrs, 10),
+              "outputs": {"record": "r.json", "plot": "p.png"}}
+    lines = lr_range.format_summary(record).splitlines()
+    assert lines[1].startswith("No suggestion: ")
+    assert lines[2] == "Minimum smoothed loss at lr=1e-05 (step 0, before any descent)."
+    assert "min/10" not in lr_range.format_summary(record)
 
 
 def test_stop_reasons():

@@ -1021,3 +1021,72 @@ def test_trials_that_repeat_another_training_are_named_in_a_warning(monkeypatch)
     warnings.clear()
     sw.trial_configs(base, sp.grid({"optimizer.name": ["sgd", "adam"]}))
     assert warnings == []
+
+
+def test_a_sweep_where_no_trial_completed_says_so_and_why_there_is_no_plot(tmp_path,
+                                                                           monkeypatch, capsys):
+    """Every trial diverged: the sweep printed its table and no "Plot:" line, and said nothing
+    about the missing sweep.png or that nothing was ranked (tune stops, saying so)."""
+    helpers.install_fake_pipeline(monkeypatch)
+    base = helpers.tiny_config(max_loss=1e-6)  # any first loss is "diverged"
+    base.lock()
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    rows = sw.run_sweep(base, space, sweep_dir)
+    assert [r["status"] for r in rows] == ["diverged", "diverged"]
+    assert not os.path.exists(os.path.join(sweep_dir, sw.PLOT_FILE))
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ("No trial has completed (2 diverged): nothing is ranked and sweep.png is "
+                       "not drawn (it plots the completed trials).")
+    assert sw.no_result_error(rows) == (
+        "the sweep has no result: none of its 2 trials completed (2 diverged; each one's "
+        "reason is in results.csv)")
+
+
+@pytest.mark.parametrize("statuses,error", [
+    (["diverged", "failed"], "none of its 2 trials completed (1 diverged, 1 failed; "),
+    (["diverged", "pending"], None),  # the pending one may still complete
+    (["diverged", "interrupted"], None),
+    (["diverged", "completed"], None),
+    ([], None),
+])
+def test_a_sweep_is_an_error_only_once_every_trial_finished_without_completing(statuses, error):
+    rows = [{"status": status} for status in statuses]
+    message = sw.no_result_error(rows)
+    assert (message is None) if error is None else (error in message)
+    assert (sw.no_result_message(rows) is None) == ("completed" in statuses or not statuses)
+
+
+@pytest.mark.slow
+def test_the_sweep_command_exits_1_when_no_trial_completed_but_an_array_task_does_not(tmp_path):
+    """Every trial diverged: `experiments.sweep` exited 0, so a script chaining sweeps could not
+    tell it had no result. An array task answers for its own trials only: its diverged trial
+    is a result, as before."""
+    import subprocess
+    import sys
+
+    from tests.experiments.test_train import _env
+
+    sweep = tmp_path / "all_diverge.py"
+    sweep.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\n"
+        "def get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.metric, c.mode = 'grid', 0, 'top1', 'max'\n"
+        "    c.parameters = (choice('optimizer.learning_rate', (0.1, 0.2)),)\n"
+        "    return c\n")
+    command = [sys.executable, "-m", "experiments.sweep",
+               f"--config={os.path.join(ROOT, 'experiments', 'configs', 'lenet5_digits.py')}",
+               f"--sweep={sweep}", f"--sweep_dir={tmp_path / 'sweep'}",
+               "--config.progress_bar=False", "--config.max_loss=1e-6",
+               "--config.num_train_steps=4", "--config.eval_every_steps=4",
+               "--config.checkpoint_every_steps=4", "--config.schedule.warmup_steps=0"]
+    whole = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert whole.returncode == 1, whole.stderr[-2000:]
+    assert "No trial has completed (2 diverged): nothing is ranked" in whole.stdout
+    assert whole.stderr.strip().splitlines()[-1] == (
+        "error: the sweep has no result: none of its 2 trials completed (2 diverged; each "
+        "one's reason is in results.csv)")
+    task = subprocess.run(command + ["--trial_index=0"], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT)
+    assert task.returncode == 0, task.stderr[-2000:]
