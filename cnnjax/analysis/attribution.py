@@ -32,6 +32,7 @@ module's output through `flax.linen.intercept_methods`, so no model needs changi
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -872,10 +873,16 @@ def check_methods(methods: Sequence[str] | str, owner: str = _OWNER,
     loads a checkpoint)."""
     if isinstance(methods, str):
         methods = tuple(m for m in methods.split(",") if m)
-    if (not isinstance(methods, Sequence) or not methods or len(set(methods)) != len(methods)
-            or not all(m in METHODS for m in methods)):
-        raise invalid(owner, arg, methods,
-                      f"expected distinct names from {list(METHODS)}, at least one")
+    expected = f"expected distinct names from {list(METHODS)}, at least one"
+    if isinstance(methods, Sequence):
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), METHODS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise invalid(owner, arg, methods,
+                          f"{expected}; {unknown[0]!r} is not one{hint}")
+    if not isinstance(methods, Sequence) or not methods or len(set(methods)) != len(methods):
+        raise invalid(owner, arg, methods, expected)
     return tuple(methods)
 
 

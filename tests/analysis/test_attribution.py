@@ -778,3 +778,20 @@ def test_a_model_whose_eval_call_updates_state_is_named():
                                          r"called with no `train` argument it still updates "
                                          r"state .*ModifyScopeVariableError"):
         at.saliency(model, variables, images, targets=1)
+
+
+@pytest.mark.parametrize("methods, named", [
+    ("saliency,gradcam", "'gradcam' is not one (did you mean 'grad_cam'?)."),
+    (("occlusion", "lime"), "'lime' is not one."),
+])
+def test_an_unknown_method_is_named_with_its_close_match(methods, named):
+    """It was refused only as 'expected distinct names from [...]', leaving the reader to find
+    which name was wrong."""
+    with pytest.raises(ValueError, match=re.escape(named) + "$"):
+        at.check_methods(methods, "visualize", "--methods")
+
+
+def test_a_repeated_or_empty_method_list_is_refused_without_naming_an_unknown_one():
+    for methods in ("saliency,saliency", ""):
+        with pytest.raises(ValueError, match=r"at least one\.$"):
+            at.check_methods(methods)

@@ -262,9 +262,10 @@ def test_an_unknown_method_is_refused_by_its_flag_before_the_checkpoint_loads(re
     """It was refused as `attribution: methods=...` once the checkpoint had loaded (6-7 s)."""
     _, result = refused["unknown_method"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
         "error: visualize: --methods=['saliency', 'lime'] is invalid; expected distinct names "
-        "from ['saliency', 'smoothgrad', ")
+        "from ['saliency', 'smoothgrad', ") and last.endswith("'lime' is not one.")
 
 
 @pytest.mark.parametrize("where", _IN_THE_WAY)
