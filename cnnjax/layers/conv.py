@@ -552,8 +552,10 @@ class ConvTranspose2D(nn.Module):
     (`_transposed_phases`), interleaved as `TiledConv2D`'s, while `s_h·s_w` is at most
     `MAX_PHASES` (`MAX_PHASES_GROUPED` with `groups` > 1): on XLA:CPU the input-dilated form's
     kernel gradient is 7-18x slower, and with groups its forward pass 2-30x (docs/performance.md);
-    more phases compile too slowly (64: 5 s). Same sums; `cnnjax.analysis` traces the
-    input-dilated form (`conv_impl.xla_convolutions`), whose receptive field it knows exactly.
+    more phases compile too slowly (64: 5 s). An output side below its stride (no phase form)
+    has its input dilated by `lax.pad` on the CPU instead: XLA:CPU aborted the process on some
+    such input-dilated convolutions. Same sums; `cnnjax.analysis` traces the input-dilated form
+    (`conv_impl.xla_convolutions`), whose receptive field it knows exactly.
     """
 
     features: int
@@ -580,7 +582,8 @@ class ConvTranspose2D(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """`[N, H, W, C_in]` -> `[N, H_out, W_out, features]` (output size in the class docstring),
-        per output phase or as one input-dilated convolution."""
+        per output phase or as one convolution of the (explicitly or `lhs_dilation`-) dilated
+        input."""
         owner = type(self).__name__
         _check_conv_input(owner, x)  # an empty map would give an output of only the bias
         geo, out_pad = _transpose_geometry(self)
@@ -607,6 +610,11 @@ class ConvTranspose2D(nn.Module):
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if _use_phases(geo.strides, out_size, self.groups):
             y = _transposed_phases(x, kernel, geo, out_size, self.groups, self.precision)
+        elif _dilates_input_explicitly(geo.strides, out_size):
+            y = _explicitly_dilated_conv(x, kernel[::-1, ::-1], conv_pads, geo.strides,
+                                         rhs_dilation=geo.dilation,
+                                         feature_group_count=self.groups,
+                                         precision=self.precision)
         else:
             y = _conv_cropping(x, kernel[::-1, ::-1], conv_pads, lhs_dilation=geo.strides,
                                rhs_dilation=geo.dilation, feature_group_count=self.groups,
@@ -631,6 +639,30 @@ def _conv_cropping(x: Array, kernel: Array, pads: Sequence[tuple[int, int]],
     return lax.slice(y, (0, -min(lo_h, 0), -min(lo_w, 0), 0),
                      (y.shape[0], y.shape[1] + min(hi_h, 0), y.shape[2] + min(hi_w, 0),
                       y.shape[3]))
+
+
+def _dilates_input_explicitly(strides: Sequence[int], out_size: Sequence[int]) -> bool:
+    """Whether a transposed convolution with no per-phase form (an output side below its stride)
+    dilates its input with `lax.pad` instead of `lhs_dilation`: on the CPU, outside
+    `xla_convolutions()`. XLA:CPU aborts the process on some such input-dilated convolutions
+    (algebraic_simplifier "Window dimensions do not match RHS shape", jax 0.10-0.11; e.g. kernel
+    (2, 4), stride 2, padding ((3, 2), (2, 1)), output_padding (0, 1) on a 3x2 input); outputs
+    this small cost nothing either way."""
+    if lowerings_suspended() or jax.default_backend() != "cpu":
+        return False
+    return any(o < s for o, s in zip(out_size, strides, strict=True))
+
+
+def _explicitly_dilated_conv(x: Array, kernel: Array, pads: Sequence[tuple[int, int]],
+                             strides: Sequence[int], **kwargs: Any) -> Array:
+    """`lax.conv_general_dilated(x, kernel, 1, pads, lhs_dilation=strides)` as `lax.pad` (zeros
+    between inputs, `pads` around them; a negative entry crops, as `lax.pad` does exactly) and
+    an unpadded stride-1 convolution."""
+    config = [(0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(pads, strides, strict=True)),
+              (0, 0, 0)]
+    dilated = lax.pad(x, jnp.zeros((), x.dtype), config)
+    return lax.conv_general_dilated(dilated, kernel, (1, 1), "VALID",
+                                    dimension_numbers=_DIMENSION_NUMBERS, **kwargs)
 
 
 #: `ConvTranspose2D` runs as one convolution per output phase up to this many phases (s_h·s_w).

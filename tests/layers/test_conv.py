@@ -449,6 +449,56 @@ def test_conv_transpose_crops_past_the_kernel_float32(kwargs):
         assert_close(got_leaf, want_leaf)
 
 
+# A process of its own: the old input-dilated convolution aborted it inside XLA:CPU.
+_ABORTING_TRANSPOSE = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from cnnjax.layers import ConvTranspose2D
+layer = ConvTranspose2D(2, (2, 4), strides=2, padding=((3, 2), (2, 1)), output_padding=(0, 1))
+x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 2, 1)), jnp.float32)
+params = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+params = {"kernel": jnp.asarray(np.random.default_rng(1).normal(size=params["kernel"].shape),
+                                jnp.float32), "bias": jnp.asarray([0.5, -0.25], jnp.float32)}
+loss = lambda p, xs: jnp.sum(jnp.sin(layer.apply({"params": p}, xs)))
+y = jax.jit(layer.apply)({"params": params}, x)
+grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+np.savez(sys.argv[1], x=x, kernel=params["kernel"], bias=params["bias"], y=y,
+         grad_kernel=grads[0]["kernel"], grad_x=grads[1])
+"""
+
+
+def test_conv_transpose_with_an_output_below_its_stride_runs_where_xla_cpu_aborted(tmp_path):
+    """Kernel (2, 4), stride 2, padding ((3, 2), (2, 1)), output_padding (0, 1) on a 3x2 input
+    (a 1x4 output): its input-dilated convolution aborted the process in XLA:CPU's algebraic
+    simplifier (jax 0.10-0.11), init included. Output against the float64 scatter definition,
+    gradients against its central differences."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "convT.npz"
+    result = subprocess.run([sys.executable, "-c", _ABORTING_TRANSPOSE, str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = np.load(out)
+    geometry = ((2, 2), (1, 1), ((3, 2), (2, 1)), (0, 1), 1)
+
+    def reference_loss(x, kernel):
+        return np.sin(_np_conv_transpose(x, kernel, got["bias"], *geometry)).sum()
+
+    x, kernel = got["x"].astype(np.float64), got["kernel"].astype(np.float64)
+    assert_close(got["y"], _np_conv_transpose(x, kernel, got["bias"], *geometry))
+    for name, value, grad in (("x", x, got["grad_x"]), ("kernel", kernel, got["grad_kernel"])):
+        want = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            step = np.zeros_like(value)
+            step[i] = 1e-6
+            args = {"x": x, "kernel": kernel}
+            up = reference_loss(**{**args, name: value + step})
+            down = reference_loss(**{**args, name: value - step})
+            want[i] = (up - down) / 2e-6
+        assert_close(grad, want)
+
+
 # (kernel, strides, dilation, padding, output_padding, groups) run as one conv per output phase.
 PHASE_CASES = [
     (4, 2, 1, 1, 0, 1),  # 2x upsampling (FCN's upscore2, DCGAN)
