@@ -161,7 +161,8 @@ def conv_general_dilated_matmul(
     `max_output_positions` is given, outputs with more than that many spatial positions are
     passed to `lax.conv_general_dilated` unchanged (with `store_delegated_input`, its input
     wrapped in `stored_input`). An empty output (a window larger than the padded input, or a
-    zero-size dimension) is an empty array of that shape, as in `lax`.
+    zero-size dimension) is an empty array of that shape, as in `lax`; negative pads cropping
+    more than the input holds are passed to `lax`, which refuses them.
     """
     def delegate() -> Array:
         return lax.conv_general_dilated(
@@ -181,6 +182,8 @@ def conv_general_dilated_matmul(
         pads = lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding)
     else:
         pads = tuple(tuple(p) for p in padding)
+    if any(size + lo + hi < 0 for size, (lo, hi) in zip(lhs.shape[1:3], pads, strict=True)):
+        return delegate()  # a crop past the input: lax's error, not an empty output
     if max_output_positions is not None:
         h_out, w_out = (
             (size + lo + hi - d * (k - 1) - 1) // s + 1

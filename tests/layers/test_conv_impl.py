@@ -394,3 +394,14 @@ def test_auto_with_stored_inputs_matches_xla_on_large_maps():
                 >= compiled_divisions(reference, variables["params"]) + 4)
     assert_close(value, ref_value, rtol=1e-6)
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-5), grads, ref_grads)
+
+
+def test_a_crop_past_the_input_is_refused_as_lax_refuses_it():
+    """Negative pads cropping more rows than the input has gave an empty output; lax refuses
+    them ("Negative padding is larger than the size of the corresponding dimension")."""
+    x, kernel = jnp.ones((1, 2, 3, 1)), jnp.ones((1, 1, 1, 1))
+    pads = [(-2, -1), (0, 0)]
+    with pytest.raises(Exception) as lax_error:
+        lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=NHWC)
+    with pytest.raises(type(lax_error.value), match="Negative padding"):
+        conv_general_dilated_matmul(x, kernel, (1, 1), pads, dimension_numbers=NHWC)
