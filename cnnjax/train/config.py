@@ -354,11 +354,16 @@ REQUIRED_FIELDS = ("model", "data", "optimizer", "schedule", "global_batch_size"
 _MISSING = object()
 
 
+def missing_required_fields(config: Any) -> list[str]:
+    """The `REQUIRED_FIELDS` `config` lacks, in their order."""
+    return [name for name in REQUIRED_FIELDS if _field(config, name, _MISSING) is _MISSING]
+
+
 def check_required_fields(config: Any) -> None:
     """Refuses a config lacking any of `REQUIRED_FIELDS` (one written from scratch, e.g.
     `ConfigDict(dict(model="lenet5"))`) with a ValueError naming them all, where the first read
     of one raised a bare AttributeError."""
-    missing = [name for name in REQUIRED_FIELDS if _field(config, name, _MISSING) is _MISSING]
+    missing = missing_required_fields(config)
     if missing:
         raise ValueError(
             f"config: fields {missing} are missing; a config file starts from "

@@ -124,13 +124,18 @@ def load_trained(workdir: str, step: int | None = None,
     config = ml_collections.ConfigDict(config_lib.with_legacy_defaults(saved))
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
+    def incomplete(field: str) -> ValueError:
+        return invalid(_OWNER, "workdir", workdir,
+                       f"its {CONFIG_FILE} is not a complete training config (it lacks "
+                       f"{field!r}); expected the --workdir of a training run")
+
+    missing = config_lib.missing_required_fields(config)
+    if missing:
+        raise incomplete(missing[0])
     try:
         checked = config_lib.check_config(config, for_training=False)
-    except (AttributeError, KeyError) as err:  # ConfigDict's missing field, e.g. "'optimizer'"
-        field = (str(err).splitlines() or [""])[0].strip("\"' ")
-        raise invalid(_OWNER, "workdir", workdir,
-                      f"its {CONFIG_FILE} is not a complete training config (it lacks "
-                      f"{field!r}); expected the --workdir of a training run") from None
+    except (AttributeError, KeyError) as err:  # a nested ConfigDict's missing field
+        raise incomplete((str(err).splitlines() or [""])[0].strip("\"' ")) from None
     check_bool(_OWNER, "ema", ema)
     if ema and config_lib.ema_rule(config) is None:
         raise NoWeightAverageError(workdir)

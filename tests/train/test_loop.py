@@ -834,7 +834,8 @@ def test_restart_with_checkpoints_that_no_longer_restore_says_to_delete_them(tmp
                 f.write(b"garbage")
     config.restart = True
     with (pytest.warns(RuntimeWarning, match=r"could not be restored"),
-          pytest.raises(ValueError, match=r"could be restored .* \(restart=True only empties a "
+          pytest.raises(ValueError, match=r"can be read: their files are damaged or missing .* "
+                                          r"\(restart=True only empties a "
                                           r"workdir whose run has another config; delete its "
                                           r"checkpoints to start this one over\)")):
         loop.train_and_evaluate(config, str(tmp_path))
