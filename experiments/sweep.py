@@ -12,7 +12,8 @@ random search, metric, mode, parameters: see experiments/sweeps/; a grid runs ev
 Rerunning the same command skips finished trials and resumes an interrupted one from its
 checkpoint. `--trial_index=i` runs trial i alone (one task of a cluster array job), with
 `--trial_count=k` trials i to i+k-1 (an array task running several);
-`--max_trials=0` only rebuilds the results table and plot from the trial directories.
+`--max_trials=0` only rebuilds the results table and plot from the trial directories (it
+refuses a larger random `--sweep.num_trials` than the sweep holds rather than grow it).
 Exit status 1 if a trial failed, or if every trial has finished and none completed (all
 diverged: nothing to rank; an array task's own diverged trials are not an error); diverged
 trials beside completed ones are results, not failures. Ctrl-C stops the

@@ -489,29 +489,46 @@ def _validate_init_from(config: Any) -> None:
         )
 
 
-def check_batch_divisible(config: Any, num_devices: int, for_training: bool = True) -> None:
+def check_batch_divisible(config: Any, num_devices: int, for_training: bool = True,
+                          local_devices: int | None = None) -> None:
     """Global (and eval) batch must split evenly over all devices of all processes, and each
     device's train batch into `grad_accum_steps` micro-batches. Not `for_training` (a finished
     run evaluated), only an explicit eval batch: without one `eval_batch` rounds the training
-    batch up to the devices, which it need not divide."""
+    batch up to the devices, which it need not divide. `local_devices` (a single process's, which
+    `num_devices` picks from) makes the refusal name the `num_devices` that would split it: a
+    runtime field, the way out for a run resumed on a machine with another device count."""
+    problem = _batch_split_problem(config, num_devices, for_training)
+    if problem is None:
+        return
+    name, value, valid = problem
+    usable = [n for n in range(1, (local_devices or 0) + 1)
+              if _batch_split_problem(config, n, for_training) is None]
+    if usable:
+        counts = ", ".join(map(str, usable[:-1])) + (" or " if len(usable) > 1 else "")
+        lead = (f"; num_devices=0 took every local device ({num_devices}): set"
+                if not config.get("num_devices") else "; or set")
+        valid += (f"{lead} --config.num_devices={counts}{usable[-1]} to split it (a runtime "
+                  "field: a resumed run may change it)")
+    raise invalid("config", name, value, valid)
+
+
+def _batch_split_problem(config: Any, num_devices: int,
+                         for_training: bool) -> tuple[str, int, str] | None:
+    """`(field, value, what would be valid)` of the first batch field that does not split over
+    `num_devices` as `check_batch_divisible` requires, or None."""
     for name in ("global_batch_size", "eval_batch_size") if for_training else ("eval_batch_size",):
         value = config.get(name)
         if value is not None and value % num_devices:
-            raise invalid(
-                "config",
-                name,
-                value,
-                f"expected a multiple of the device count {num_devices} "
-                f"(per-device batch = {name} / {num_devices})",
-            )
+            return (name, value, f"expected a multiple of the device count {num_devices} "
+                                 f"(per-device batch = {name} / {num_devices})")
     accum_steps = config.get("grad_accum_steps", 1)
     per_device = config.global_batch_size // num_devices
     if for_training and per_device % accum_steps:
-        raise invalid(
-            "config", "grad_accum_steps", accum_steps,
-            f"expected a divisor of the per-device batch {per_device} (global_batch_size "
-            f"{config.global_batch_size} / {num_devices} devices), so that micro-batches are equal",
-        )
+        return ("grad_accum_steps", accum_steps,
+                f"expected a divisor of the per-device batch {per_device} (global_batch_size "
+                f"{config.global_batch_size} / {num_devices} devices), so that micro-batches "
+                "are equal")
+    return None
 
 
 def eval_batch(config: Any, num_devices: int) -> int:
@@ -682,7 +699,8 @@ def _checked_devices(config: Any, pipeline: Any, for_training: bool) -> list | N
                 f"{len(available)} local devices are available."
             )
         devices = available[: config.num_devices]
-    check_batch_divisible(config, _total_devices(devices), for_training)
+    check_batch_divisible(config, _total_devices(devices), for_training,
+                          local_devices=len(available) if jax.process_count() == 1 else None)
     if for_training and jax.process_count() > 1:
         # Each process reads its own shard of the train split; a '+'-joined split's shards may
         # be uneven, and one without a process batch is refused here, not by `train_batches`

@@ -158,8 +158,9 @@ def run_sweep(
     metric) rank the trials by their best eval value. `trial_index` runs only that trial (array
     jobs), or with `trial_count` the trials `trial_index ... trial_index + trial_count - 1` (those
     that exist) one after another (an array task running several); `max_trials` caps how many
-    trials this call starts (0: only rewrite results and plot). Every field, value and trial
-    config is checked before anything trains.
+    trials this call starts (0: only rewrite results and plot; a random sweep's num_trials
+    above the one sweep_dir holds is refused, not recorded). Every field, value and trial config
+    is checked before anything trains.
     """
     trials = space_trial_configs(base_config, space)
     metric, mode = check_ranking(base_config, trials, metric, mode)
@@ -168,7 +169,7 @@ def run_sweep(
     check_output_dir(sweep_dir, f"{_OWNER}: sweep_dir")
     check_directory_kind(sweep_dir, "sweep", "sweep_dir")
     configs = _checked_configs(space, trials)
-    _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode)
+    _prepare_sweep_dir(sweep_dir, space, base_config, metric, mode, may_grow=max_trials != 0)
 
     selected = (space.trials if trial_index is None
                 else space.trials[trial_index:trial_index + trial_count])
@@ -328,7 +329,8 @@ def _sweep_description(space: SearchSpace, base_config: Any, metric: str, mode: 
 
 
 def _prepare_sweep_dir(
-    sweep_dir: str, space: SearchSpace, base_config: Any, metric: str, mode: str
+    sweep_dir: str, space: SearchSpace, base_config: Any, metric: str, mode: str,
+    *, may_grow: bool = True,
 ) -> None:
     """Creates sweep.json, or checks (`check_sweep_dir`) that the existing one describes the
     same sweep, as one step: two drivers started together on a new sweep_dir each found no
@@ -343,7 +345,10 @@ def _prepare_sweep_dir(
     directory's kind is checked again there, as those commands check it once they hold the
     lock: a sweep and one of them started together on a new directory both passed
     `check_directory_kind` before either wrote its marker, and both ran there. Now the one
-    that comes second is refused (the directory is in use, or holds the other's marker)."""
+    that comes second is refused (the directory is in use, or holds the other's marker).
+
+    Without `may_grow` (max_trials=0: only the table is rebuilt) a grown random sweep is refused,
+    not recorded: a look at more trials must not make the sweep's own command a "shrink"."""
     check_sweep_dir(sweep_dir, space, base_config, metric, mode)  # refused: nothing created
     os.makedirs(os.path.join(sweep_dir, TRIALS_DIR), exist_ok=True)
     path = os.path.join(sweep_dir, SWEEP_FILE)
@@ -354,8 +359,24 @@ def _prepare_sweep_dir(
         if not os.path.exists(path):
             if not _create_new(path, text):  # another driver's, created since: the same sweep?
                 check_sweep_dir(sweep_dir, space, base_config, metric, mode)
-        elif read_json(path) != current:  # a grown random sweep, or another metric or mode
-            atomic_write(path, text)
+        else:
+            saved = read_json(path)
+            if saved != current:  # a grown random sweep, or another metric or mode
+                if not may_grow and saved["space"] != current["space"]:
+                    raise _growth_refused(sweep_dir, saved["space"], current["space"])
+                atomic_write(path, text)
+
+
+def _growth_refused(sweep_dir: str, saved: dict, current: dict) -> ValueError:
+    """The error of max_trials=0 (rebuild the table) with a larger random sweep's num_trials
+    than `sweep_dir` holds (`saved`, `current`: described spaces `check_sweep_dir` accepted)."""
+    old, new = saved["num_trials"], current["num_trials"]
+    return invalid(_OWNER, "max_trials", 0,
+                   f"with num_trials={new} it would grow the random sweep in "
+                   f"sweep_dir={sweep_dir!r} from its {old} trials, and max_trials=0 only "
+                   f"rebuilds the results table of the trials it holds: rerun with "
+                   f"num_trials={old} to rebuild the table, or with max_trials unset or >= 1 "
+                   f"to grow the sweep to {new} trials")
 
 
 def _create_new(path: str, text: str) -> bool:

@@ -151,6 +151,49 @@ def test_batch_not_divisible_by_devices():
     check_batch_divisible(default_config(), 4)  # 128 splits evenly
 
 
+def test_a_batch_the_devices_do_not_split_names_the_num_devices_that_would():
+    """A run resumed on a machine with 3 devices (num_devices=0: all of them) was told to change
+    global_batch_size, which a resume refuses; num_devices, a runtime field, is the way out.
+    The counts offered split every batch field: 16 over 1, 2, 4; eval 12 over 1, 2, 3, 4; and
+    grad_accum_steps=8 each device's 16, 8 (not 4)."""
+    config = default_config()
+    config.global_batch_size, config.num_devices = 16, 0
+    with pytest.raises(ValueError) as err:
+        check_batch_divisible(config, 3, local_devices=3)
+    assert str(err.value) == (
+        "config: global_batch_size=16 is invalid; expected a multiple of the device count 3 "
+        "(per-device batch = global_batch_size / 3); num_devices=0 took every local device "
+        "(3): set --config.num_devices=1 or 2 to split it (a runtime field: a resumed run may "
+        "change it).")
+    config.num_devices, config.eval_batch_size = 3, 12
+    with pytest.raises(ValueError) as err:
+        check_batch_divisible(config, 3, local_devices=4)
+    assert str(err.value).endswith(
+        "(per-device batch = global_batch_size / 3); or set --config.num_devices=1, 2 or 4 to "
+        "split it (a runtime field: a resumed run may change it).")
+    config.grad_accum_steps = 8
+    with pytest.raises(ValueError) as err:
+        check_batch_divisible(config, 3, local_devices=4)
+    assert "; or set --config.num_devices=1 or 2 to split it" in str(err.value)
+    config.grad_accum_steps = 32  # no device count splits it: no advice to follow
+    with pytest.raises(ValueError) as err:
+        check_batch_divisible(config, 3, local_devices=4)
+    assert "num_devices" not in str(err.value)
+
+
+def test_train_and_evaluate_names_num_devices_for_a_batch_all_local_devices_do_not_split(
+        tmp_path, monkeypatch):
+    """Through the engine, on a machine with 3 local devices and num_devices=0."""
+    import jax
+
+    devices = jax.local_devices()
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: devices[:1] * 3)
+    config = helpers.tiny_config()
+    config.global_batch_size, config.num_devices = 16, 0
+    _raises(config, tmp_path, "num_devices=0 took every local device (3): set "
+                              "--config.num_devices=1 or 2 to split it")
+
+
 def test_a_finished_run_evaluates_on_devices_its_training_batch_does_not_divide():
     """A run trained with batch 30 on one device was refused by evaluate on a 4-device machine
     ("global_batch_size=30 ... expected a multiple of the device count 4"), though evaluation

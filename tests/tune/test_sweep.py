@@ -474,6 +474,33 @@ def test_a_random_sweep_grows_by_raising_num_trials(tmp_path, monkeypatch):
             sw.run_sweep(_tiny_base(), other, sweep_dir, max_trials=0, verbose=False)
 
 
+def test_max_trials_0_refuses_to_grow_a_random_sweep(tmp_path, monkeypatch):
+    """max_trials=0 (only rebuild the table) with a larger num_trials wrote the grown space to
+    sweep.json, after which the sweep's own command was refused as a shrink; it is refused,
+    and sweep.json and the table stay as they were."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    lrs = (sp.log_uniform("optimizer.learning_rate", 0.005, 0.1),)
+    small, large = sp.random(lrs, 2, seed=3), sp.random(lrs, 3, seed=3)
+    rows = sw.run_sweep(_tiny_base(), small, sweep_dir, max_trials=0, verbose=False)
+    paths = [tmp_path / "sweep" / name for name in (sw.SWEEP_FILE, sw.RESULTS_CSV)]
+    before = [path.read_text() for path in paths]
+    with pytest.raises(ValueError) as err:
+        sw.run_sweep(_tiny_base(), large, sweep_dir, max_trials=0, verbose=False)
+    assert str(err.value) == (
+        f"sweep: max_trials=0 is invalid; with num_trials=3 it would grow the random sweep in "
+        f"sweep_dir={sweep_dir!r} from its 2 trials, and max_trials=0 only rebuilds the results "
+        "table of the trials it holds: rerun with num_trials=2 to rebuild the table, or with "
+        "max_trials unset or >= 1 to grow the sweep to 3 trials.")
+    assert [path.read_text() for path in paths] == before
+    assert sw.run_sweep(_tiny_base(), small, sweep_dir, max_trials=0, verbose=False) == rows
+    # A driver that may start trials grows it, as before.
+    rows = sw.run_sweep(_tiny_base(), large, sweep_dir, max_trials=1, verbose=False)
+    assert [r["status"] for r in sorted(rows, key=lambda r: r["index"])] == [
+        "completed", "pending", "pending"]
+    assert _json(os.path.join(sweep_dir, sw.SWEEP_FILE))["space"]["num_trials"] == 3
+
+
 def test_a_grid_sweep_dir_resumes_whether_its_file_sets_num_trials_or_not(tmp_path, monkeypatch):
     """Grids now refuse a num_trials other than their size; a sweep dir created before (sweep.json
     of a grid records num_trials=None, whatever the file said) still resumes from a file that
