@@ -195,9 +195,12 @@ def _print_summary(summary: dict) -> None:
     outputs = summary["outputs"]
     rate = summary.get("images_per_sec")  # null: this invocation timed no step
     throughput = "train images/s not measured" if rate is None else f"{rate:,.0f} train images/s"
+    start, wall = summary.get("resumed_from_step") or 0, summary["wall_time_s"]
+    span = (f"steps {start}->{summary['step']} in {wall:.1f} s, "
+            f"{summary.get('total_wall_time_s', wall):.1f} s with the earlier runs" if start
+            else f"{summary['step']} steps in {wall:.1f} s")
     lines = [
-        f"Finished {summary['model']} on {summary['dataset']}: {summary['step']} steps in "
-        f"{summary['wall_time_s']:.1f} s ({throughput}).",
+        f"Finished {summary['model']} on {summary['dataset']}: {span} ({throughput}).",
         "Final eval: "
         + ", ".join(
             f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float) and k != "num_examples"
