@@ -7,7 +7,10 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
                       explosion: a logged train loss above `explosion_factor` x the first one
                       (for a classifier, x ln(num_classes), its initial loss, if that is
                       lower), or a smoothed one ending above `relapse_factor` x its minimum (a
-                      collapse after learning, e.g. back to chance). Step given.
+                      collapse after learning, e.g. back to chance), or one that rose above its
+                      first log and ended no lower than its start or chance, ln(num_classes)
+                      (a network the rate stopped learning, e.g. dead ReLUs: `spike_min_rise`,
+                      `min_loss_delta`). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
                       value over the whole run, and not fast at first and then hardly at all
@@ -16,8 +19,9 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
                       given), or the train-eval top-1 gap is large and growing, or very large.
     underfitting      train top-1 at the end (smoothed, or the last log where higher) below
-                      `underfit_train_top1` and at most `overfit_gap` above eval top-1 (eval
-                      may be higher: augmented or mixed train images).
+                      `underfit_train_top1`, and no overfitting: eval top-1 within
+                      `overfit_gap` of it or above it (augmented or mixed train images), or
+                      further below but neither growing apart nor `large_gap` away.
     still_improving   over the last quarter, the eval metric improved by more than its noise
                       or the eval loss fell by more than `tail_loss_drop`.
     converged         none of the above: the eval metric is flat at the end.
@@ -373,16 +377,21 @@ def diagnose(curves: Curves, metric: str = "top1",
                                         t.min_train_logs),), curves.status,
                          _notes(curves, "diverged"))
     smooth = exponential_smoothing(curves.train_loss, t.ema_weight)
-    relapsed = _relapsed(curves, smooth, t)
-    if relapsed:  # the loss fell, then blew up: "too slow" or "underfitting" would mislead
-        return Diagnosis((relapsed,), curves.status, _notes(curves, "diverged"))
+    # The loss fell and then blew up, or rose and never fell below where it started: the rate
+    # is too high, and "too slow" or "underfitting" (raise it, train longer) would mislead.
+    wrecked = _relapsed(curves, smooth, t) or _stalled_after_rise(curves, smooth, t)
+    if wrecked:
+        return Diagnosis((wrecked,), curves.status, _notes(curves, "diverged"))
     for check in (_unstable(curves, t), _too_slow(curves, smooth, t)):
         if check:
             findings.append(check)
     if len(curves.eval_steps) < t.min_evals:
         findings.append(_insufficient(curves, t, "evals", len(curves.eval_steps), t.min_evals))
         return Diagnosis(tuple(findings), curves.status, _notes(curves, "too_slow"))
-    for check in (_overfitting(curves, t), _underfitting(curves, smooth, t)):
+    overfitting = _overfitting(curves, t)
+    # A train top-1 below the line is underfitting unless its gap to eval is overfitting's: a
+    # steady moderate gap (train 85%, eval 78%) fell between the two and read as converged.
+    for check in (overfitting, None if overfitting else _underfitting(curves, smooth, t)):
         if check:
             findings.append(check)
     findings.append(_tail(curves, smooth, metric, t))  # still_improving or converged
@@ -455,6 +464,44 @@ def _relapsed(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
     )
 
 
+def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
+    """`diverged` for a run the rate stopped from learning at all: the smoothed train loss rose
+    above its first log (by more than the `spike_min_rise` jitter floor) and ended no lower
+    (within `min_loss_delta`) than its start, the lower of that log and a classifier's chance
+    level ln(C); or the first log is already that far above ln(C) (the jump came within it) and
+    the loss settled at ln(C) with a flat tail (within `min_loss_delta`): a network predicting
+    the class prior whatever the input (e.g. dead ReLUs). A rate too low leaves the loss near
+    its start too (`too_slow`), but never lifts it first."""
+    first, last, chance = smooth[0], smooth[-1], curves.initial_loss
+    start = first if chance is None else min(first, chance)
+    above = smooth - first > t.spike_min_rise * first
+    rose = first > 0 and bool(above.any()) and last >= (1 - t.min_loss_delta) * start
+    settled = (chance is not None and first - chance > t.spike_min_rise * chance
+               and abs(last - chance) <= t.min_loss_delta * chance
+               and _train_tail_drop(curves, smooth, t) <= t.min_loss_delta)
+    if not (rose or settled):
+        return None
+    i_up = int(np.argmax(above)) if rose else 0
+    level = "" if chance is None else f" (chance level ln(C) {chance:.4g})"
+    how = (f"the smoothed train loss rose from its first log {first:.4g} to {np.max(smooth):.4g} "
+           f"and ended at {last:.4g}, no lower than its start{level}" if rose else
+           f"the first logged train loss {first:.4g} is already {100 * (first / chance - 1):.0f}% "
+           f"above chance level ln(C) {chance:.4g} (the jump came within that log) and the "
+           f"smoothed loss settled at chance ({last:.4g})")
+    eval_top1 = curves.eval_metrics.get("top1")
+    accuracy = (f"; eval top-1 {100 * eval_top1[-1]:.1f}%" if eval_top1 is not None
+                and len(eval_top1) else "")
+    return Finding(
+        "diverged",
+        f"diverged at step {curves.train_steps[i_up]}: {how}{accuracy}: the rate is too high "
+        "and stopped the network learning (not too low).",
+        {"step": int(curves.train_steps[i_up]), "first_loss": float(first),
+         "max_loss": float(np.max(smooth)), "final_loss": float(last),
+         "chance_loss": _num(chance)},
+        _divergence_advice(curves),
+    )
+
+
 def _diverged(curves: Curves, t: Thresholds) -> Finding | None:
     loss = curves.train_loss
     bad = np.flatnonzero(~np.isfinite(loss))
@@ -522,9 +569,10 @@ def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
     drop = (first - last) / first if first > 0 else 0.0
     if drop >= t.slow_min_drop or _plateaued(curves, smooth, t):
         return None
+    moved = f"fell only {100 * drop:.1f}%" if drop >= 0 else f"did not fall (+{-100 * drop:.1f}%)"
     return Finding(
         "too_slow",
-        f"smoothed train loss fell only {100 * drop:.1f}% ({first:.4g} -> {last:.4g}) over "
+        f"smoothed train loss {moved} ({first:.4g} -> {last:.4g}) over "
         f"{curves.train_steps[-1]} steps (< {100 * t.slow_min_drop:.0f}%).",
         {"first_loss": float(first), "last_loss": float(last), "relative_drop": float(drop)},
         (Recommendation(LR_FIELD, "multiply", 3.0,
@@ -623,14 +671,18 @@ def _final_train_top1(curves: Curves, t: Thresholds) -> float | None:
 
 
 def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
+    """Train top-1 below the line, whatever its gap to eval (the caller asks only when the run
+    does not overfit)."""
     final_train, eval_top1 = _final_train_top1(curves, t), curves.eval_metrics.get("top1")
     if final_train is None or eval_top1 is None:
         return None
     gap = final_train - eval_top1[-1]
-    if final_train >= t.underfit_train_top1 or gap > t.overfit_gap:
+    if final_train >= t.underfit_train_top1:
         return None
-    relation = (f"within {100 * gap:.1f} points of" if gap >= 0
-                else f"{100 * -gap:.1f} points below")
+    relation = (f"{100 * -gap:.1f} points below" if gap < 0 else
+                f"within {100 * gap:.1f} points of" if gap <= t.overfit_gap else
+                f"{100 * gap:.1f} points above")
+    steady = ", a gap that does not grow" if gap > t.overfit_gap else ""
     longer = (Recommendation(STEPS_FIELD, "multiply", 2.0, "more training"),
               Recommendation(LR_FIELD, "multiply", 2.0,
                              "if the loss flattened only because the schedule decayed the rate"))
@@ -642,7 +694,7 @@ def _underfitting(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding 
     return Finding(
         "underfitting",
         f"train top-1 {100 * final_train:.2f}% (< {100 * t.underfit_train_top1:.0f}%) and "
-        f"{relation} eval top-1 {100 * eval_top1[-1]:.1f}%"
+        f"{relation} eval top-1 {100 * eval_top1[-1]:.1f}%{steady}"
         + ("; the train loss plateaued (per unit of lr)." if plateaued else "."),
         {"train_top1": final_train, "eval_top1": float(eval_top1[-1]),
          "gap": float(gap), "train_loss_plateaued": plateaued},

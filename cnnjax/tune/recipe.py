@@ -9,7 +9,8 @@ range test of the base config suggests (`cnnjax.tune.lr_range`, run first in
 order:
 
     diverged / unstable   lr x(0.5, 1, 0.25) with gradient clipping and a 5% warmup (any
-                          schedule but one_cycle, which warms up by itself)
+                          schedule but one_cycle, which warms up by itself); diverged includes
+                          a completed run whose loss the rate lifted and left at chance
     best lr at an edge    two rates past that edge, half and one grid step (never at or above
                           an lr that diverged); a rate tied with another one is no edge, nor
                           the low edge when the verdict is too_slow or underfitting (both ask
@@ -985,12 +986,15 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
             "decision": decisions[i].describe() if i < len(decisions) else None,
         })
     final = decisions[-1].incumbent if decisions else None
+    trial_wall = sum(t["wall_time_s"] or 0.0 for r in history for t in r.rows)
     record = json.loads(json.dumps({
         "status": status, "reason": reason, "metric": recipe.metric, "mode": recipe.mode,
         "recipe": recipe.describe(), "num_rounds": len(history),
-        "num_trials": sum(len(r.rows) for r in history),
-        "trial_wall_time_s": sum(t["wall_time_s"] or 0.0 for r in history for t in r.rows),
-        "wall_time_s": wall[0], TOTAL_WALL_TIME: wall[0] + wall[1], "best": final,
+        "num_trials": sum(len(r.rows) for r in history), "trial_wall_time_s": trial_wall,
+        # The trials ran inside the tune's invocations: a killed one, counted only up to its
+        # last write of this record, counts at least up to its trials' last checkpoint.
+        "wall_time_s": wall[0], TOTAL_WALL_TIME: max(wall[0] + wall[1], trial_wall),
+        "best": final,
         "diagnosis": decisions[-1].diagnosis.to_dict() if decisions and final else None,
         "rounds": rounds,
     }))
@@ -1005,8 +1009,9 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
 # -------------------------------------------------------------------------------- helpers
 def _earlier_wall_time(tune_dir: str) -> float:
     """Seconds the tune's earlier invocations ran, from its recipe.json (each up to its last
-    write; 0 for a new tune). A record from before `total_wall_time_s` has only its last
-    invocation's `wall_time_s`."""
+    write, and in all at least their trials' training time: `_write_outputs`; 0 for a new
+    tune). A record from before `total_wall_time_s` has only its last invocation's
+    `wall_time_s`."""
     record = read_json(os.path.join(tune_dir, RECIPE_FILE)) or {}
     return float(record.get(TOTAL_WALL_TIME, record.get("wall_time_s", 0.0)) or 0.0)
 

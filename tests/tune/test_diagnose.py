@@ -492,6 +492,76 @@ def test_ordinary_minibatch_noise_is_not_instability(seed):
     assert d.verdicts == ["converged"]
 
 
+def _ten_classes(**kw):
+    """Curves of a 10-class classifier (its summary's num_classes: initial loss ln(10))."""
+    return dg.Curves.from_records(_records(**kw), {"status": "completed", "step": STEPS,
+                                                   "num_classes": 10}, STEPS)
+
+
+CHANCE = math.log(10)
+_AT_CHANCE = dict(train_top1=lambda s: 0.1, eval_loss=lambda s: CHANCE, eval_top1=lambda s: 0.1)
+
+
+@pytest.mark.parametrize("name, loss, killed", [
+    # The loss jumps 15% above its first log, then sits at chance to the end.
+    ("rose, then chance", lambda s: 2.63 if s == 20 else CHANCE, True),
+    # ... or stays above where it started (worse than chance).
+    ("rose, stays up", lambda s: 2.3 if s == 10 else 2.6, True),
+    # The jump fell within the first log (2.9), then the loss settled at chance.
+    ("first log above chance", lambda s: 2.9 if s == 10 else CHANCE + 0.005, True),
+    # A rate too low: near its start, gently falling, never lifted above it.
+    ("too low", lambda s: 2.3 - 0.0004 * s, False),
+    # A too-low rate from a bad init (4.0, far above ln(10)) never settles at chance.
+    ("bad init, too low", lambda s: 4.0 - 0.0025 * s, False),
+    # A warmup bump, then real learning.
+    ("bump, then learns", lambda s: 2.63 if s == 20 else _decay(2.3, 0.3, 0.01)(s), False),
+])
+def test_a_loss_the_rate_lifted_and_stalled_is_divergence_not_too_slow(name, loss, killed):
+    """A network the rate kills (LeNet-5 relu at lr 0.5: the loss jumps, then sits at
+    ln(10) with chance top-1) was read as too_slow, "fell only -0.4%", raise the lr x3. A loss
+    that rose above its start and never fell below it (or chance) is a rate too high."""
+    d = dg.diagnose(_ten_classes(train_loss=loss, **_AT_CHANCE))
+    assert (d.verdicts == ["diverged"]) is killed, (name, d.format())
+    if killed:
+        advice = d.findings[0].recommendations[0]
+        assert (advice.field, advice.value) == ("optimizer.learning_rate", 0.3)
+        assert "the rate is too high" in d.findings[0].message
+    else:
+        assert "diverged" not in d.verdicts, (name, d.format())
+
+
+def test_a_loss_that_rose_a_little_is_too_slow_without_saying_it_fell():
+    """A flat loss drifting 3% up (under the 5% rise that reads as a rate too high) is still
+    too slow, but "fell only -3.0%" said the opposite of what it did."""
+    d = dg.diagnose(_ten_classes(train_loss=lambda s: 2.3 * (1 + 0.03 * s / STEPS),
+                                 **_AT_CHANCE))
+    f = d.finding("too_slow")
+    assert f is not None and "fell" not in f.message
+    assert f.message.startswith("smoothed train loss did not fall (+"), f.message
+
+
+@pytest.mark.parametrize("name, step", [("lenet5_digits_relu_lr0.5_dead", 8),
+                                        ("lenet5_digits_relu_lr0.5_dead_first_log", 10)])
+def test_real_lenet_run_killed_by_its_rate_is_diverged_not_too_slow(name, step):
+    """LeNet-5 (relu) on digits at lr 0.5, 80 steps: the train loss jumps (2.30 -> 2.63 at step
+    8; or within the first log, 2.87 at step 10) and then sits at 2.30-2.33 = ln(10) with eval
+    top-1 10.0% at every eval. It read as too_slow (lr x3) and underfitting, and a tune with
+    rates 0.5..2 trained longer at 0.5 instead of trying lower rates. Made with
+    `experiments.sweep` (`--config.num_train_steps=80 --config.eval_every_steps=10
+    --config.log_every_steps=4 --config.schedule.warmup_steps=4
+    --config.model_kwargs.activation=relu`, lr 0.5) and round 2 of `experiments.tune`
+    (`--recipe.lr_min=0.5 --recipe.lr_max=2.0`, warmup 5, 80 steps logged every 10); trimmed
+    as the other runs here."""
+    d = dg.diagnose_workdir(os.path.join(DATA, name))
+    assert d.verdicts == ["diverged"], d.format()
+    f = d.findings[0]
+    assert f.evidence["step"] == step and f.evidence["chance_loss"] == pytest.approx(CHANCE)
+    assert f.evidence["final_loss"] == pytest.approx(CHANCE, rel=0.01)
+    assert f.recommendations[0].field == "optimizer.learning_rate"
+    assert f.recommendations[0].value < 1 and "fell" not in f.message
+    assert "eval top-1 10.0%" in f.message
+
+
 @pytest.mark.parametrize("end, slow", [(1.66, True), (1.56, False)])
 def test_too_slow_threshold(end, slow):
     """A linear loss from 2.3 that ends 28% (1.66) vs 32% (1.56) lower: only the first is slow
@@ -630,6 +700,22 @@ def test_an_ema_metric_is_still_improving_while_the_averages_loss_falls():
     assert f.evidence["eval_loss_tail_drop"] == pytest.approx(
         (0.9 * math.exp(-300 / 120) - 0.9 * math.exp(-400 / 120)) / (0.1 + 0.9 * math.exp(-2.5)))
     assert dg.diagnose(curves, "top1").verdicts == ["converged"]  # the raw weights are flat
+
+
+@pytest.mark.parametrize("eval_top1, verdicts", [(0.78, ["underfitting"]),
+                                                  (0.70, ["overfitting"])])
+def test_a_steady_moderate_gap_below_the_underfit_line_is_underfitting(eval_top1, verdicts):
+    """Train 85%, eval 78%, both flat: below the 90% line, a 7-point gap that does not grow
+    (under large_gap) fell between underfitting (gap <= 5) and overfitting and read as
+    converged. A 15-point gap is overfitting's, and only overfitting's."""
+    d = dg.diagnose(_curves(**_converged(train_loss=_decay(2.3, 0.5, 0.03),
+                                         train_top1=_decay(0.1, 0.85, 0.03),
+                                         eval_top1=_decay(0.1, eval_top1, 0.03))))
+    assert d.verdicts == verdicts
+    if verdicts == ["underfitting"]:
+        assert d.findings[0].message.startswith(
+            "train top-1 85.00% (< 90%) and 7.0 points above eval top-1 78.0%, a gap that does "
+            "not grow")
 
 
 def test_underfitting_with_eval_above_train_says_so():

@@ -226,6 +226,24 @@ def test_an_incumbent_whose_eval_loss_turned_nan_is_stabilized_not_stopped(tmp_p
     assert "a non-finite eval loss (nan)" in d.reason and "+nan" not in d.reason
 
 
+def test_a_network_the_lowest_rate_killed_gets_lower_rates_not_more_steps():
+    """A tune over lr 0.5..2 (LeNet-5 relu on digits): 1.0 and 2.0 diverged and 0.5 sat at
+    chance (its real metrics.jsonl). Diagnosed too_slow, the low edge was not extended and the
+    tune trained longer at 0.5 to the end of its budget at 10% top-1; diagnosed as the rate's
+    fault (the real diagnosis), the next round tries rates below the grid's."""
+    recipe = _recipe(lr_min=0.5, lr_max=2.0, round1_steps=80, evals_per_trial=8,
+                     logs_per_trial=20)
+    plan = rc.first_round(recipe)
+    assert plan.values == (0.5, 1.0, 2.0)
+    dead = os.path.join(os.path.dirname(__file__), "data", "lenet5_digits_relu_lr0.5_dead")
+    rows = [_row(0, 0.5, 0.1003, workdir=dead), _row(1, 1.0, None, status="diverged"),
+            _row(2, 2.0, None, status="diverged")]
+    d = rc.decide([rc.RoundResult(plan, rows)], recipe, _base())
+    assert d.diagnosis.primary == "diverged" and "raise" not in d.reason
+    assert d.next_round.fixed[STEPS] == 80 and min(d.next_round.values) < 0.5
+    assert max(d.next_round.values) <= 0.5
+
+
 def test_too_slow_raises_the_rate():
     recipe = _recipe()
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "too_slow")
@@ -757,6 +775,28 @@ def test_recipe_json_sums_the_wall_time_of_every_invocation(tmp_path, monkeypatc
     path.write_text(json.dumps(record))
     again = _tune(tmp_path, monkeypatch, FakeTrainer())
     assert again["total_wall_time_s"] == pytest.approx(50.0 + again["wall_time_s"])
+
+
+def test_the_tunes_total_wall_time_is_never_below_its_trials(tmp_path, monkeypatch):
+    """A SIGKILLed invocation is counted up to its last write of recipe.json, while the trial
+    it killed counts its training up to its last checkpoint: the rerun's total (73.7 s) came
+    out below the trials' 81.2 s. Here the killed invocation's record says 0 s and the trial
+    it stopped 500 s."""
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tmp_path, monkeypatch, FakeTrainer(interrupt_at=5))
+    tune_dir = tmp_path / "tune"
+    path = tune_dir / "recipe.json"
+    saved = json.loads(path.read_text())
+    saved["total_wall_time_s"] = 0.0
+    path.write_text(json.dumps(saved))
+    stopped = [t for t in (tune_dir / "round_2" / "trials").glob("*/trial.json")
+               if json.loads(t.read_text())["status"] == "interrupted"]
+    assert len(stopped) == 1
+    trial = json.loads(stopped[0].read_text())
+    stopped[0].write_text(json.dumps({**trial, "wall_time_s": 500.0}))
+    record = _tune(tmp_path, monkeypatch, FakeTrainer())
+    assert record["status"] == "converged" and 500 < record["trial_wall_time_s"] < 600
+    assert record["total_wall_time_s"] == record["trial_wall_time_s"] > record["wall_time_s"]
 
 
 def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tmp_path,
