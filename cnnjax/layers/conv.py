@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +27,13 @@ from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from cnnjax.layers.conv_impl import INTERCEPTED_CONV_CLASSES, lowerings_suspended
+from cnnjax.layers.conv_impl import (
+    INTERCEPTED_CONV_CLASSES,
+    conv_general_dilated,
+    input_gradient_sliced,
+    input_patches,
+    lowerings_suspended,
+)
 from cnnjax.layers.padding import (
     PADDING_MODES,
     PaddingSpec,
@@ -256,7 +262,10 @@ def _captured(module: Any, method_name: str) -> bool:
 
 
 class _WrappedConv(_OneRecordPerCall, nn.Conv):
-    """`nn.Conv` inside `Conv2D`."""
+    """`nn.Conv` inside `Conv2D`, convolving with `conv_impl.conv_general_dilated` (lax's, with
+    an input derivative XLA:CPU compiles for every geometry)."""
+
+    conv_general_dilated: Callable[..., Array] | None = conv_general_dilated
 
 
 INTERCEPTED_CONV_CLASSES.add(_WrappedConv)
@@ -387,10 +396,21 @@ class LocallyConnected2D(nn.Module):
             promote_dtype=promote_with_wide_bias,
         )
         nn.share_scope(self, self.conv)
+        # The same layer as a 1x1 one over the input's patches: the same parameters (shapes,
+        # (C, k_h, k_w) order, initial values), for the geometries `__call__` routes to it.
+        self.conv_on_patches = _WrappedConvLocal(
+            features=self.features, kernel_size=(1, 1), padding="VALID", use_bias=self.use_bias,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
+            kernel_init=self.kernel_init, bias_init=self.bias_init,
+            promote_dtype=promote_with_wide_bias,
+        )
+        nn.share_scope(self, self.conv_on_patches)
 
     def __call__(self, x: Array) -> Array:
         """`[N, H, W, C_in]` -> `[N, H_out, W_out, features]`, for the input size the per-position
-        parameters were created for."""
+        parameters were created for. Where lax's input gradient of the patch extraction would
+        abort XLA:CPU (`conv_impl.input_gradient_sliced`), the patches come from
+        `conv_impl.input_patches` and a 1x1 locally connected layer weighs them."""
         owner = type(self).__name__
         geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
@@ -398,7 +418,17 @@ class LocallyConnected2D(nn.Module):
         self._check_input_matches_parameters(x, out, geo.kernel)
         if geo.mode != "zeros":
             x = pad_nhwc(x, pads, geo.mode, owner=owner, given=self.padding)
-        return self.conv(x).astype(output_dtype(self, x))
+            pads = ((0, 0), (0, 0))
+        patches = jax.ShapeDtypeStruct((*geo.kernel, 1, x.shape[-1] * math.prod(geo.kernel)),
+                                       x.dtype)
+        if input_gradient_sliced(x, patches, geo.strides, pads, rhs_dilation=geo.dilation,
+                                 dimension_numbers=_DIMENSION_NUMBERS,
+                                 feature_group_count=x.shape[-1]):
+            y = self.conv_on_patches(input_patches(x, geo.kernel, geo.strides, pads,
+                                                   geo.dilation, self.precision))
+        else:
+            y = self.conv(x)
+        return y.astype(output_dtype(self, x))
 
     def _check_input_matches_parameters(self, x: Array, out: tuple[int, int],
                                         kernel: tuple[int, int]) -> None:
@@ -660,7 +690,8 @@ def _explicitly_dilated_conv(x: Array, kernel: Array, pads: Sequence[tuple[int, 
     an unpadded stride-1 convolution."""
     config = [(0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(pads, strides, strict=True)),
               (0, 0, 0)]
-    dilated = lax.pad(x, jnp.zeros((), x.dtype), config)
+    # The barrier keeps XLA from folding the zeros back into `lhs_dilation` (FoldConvInputPad).
+    dilated = lax.optimization_barrier(lax.pad(x, jnp.zeros((), x.dtype), config))
     return lax.conv_general_dilated(dilated, kernel, (1, 1), "VALID",
                                     dimension_numbers=_DIMENSION_NUMBERS, **kwargs)
 

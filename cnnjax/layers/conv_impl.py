@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from cnnjax.utils.validation import invalid
 
@@ -148,6 +152,143 @@ def stored_input(x: Array, kernel: Array) -> Array:
     return x / (1 + 0 * anchor)
 
 
+def _spatial_dims(lhs: Array, rhs: Array, dimension_numbers: Any) -> Any:
+    """`lax.ConvDimensionNumbers` for these operands or their shapes (`jax.ShapeDtypeStruct`;
+    None: lax's default NCHW/OIHW order)."""
+    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+
+
+def input_gradient_sliced(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                          padding: str | Sequence[tuple[int, int]],
+                          lhs_dilation: Sequence[int] | None = None,
+                          rhs_dilation: Sequence[int] | None = None,
+                          dimension_numbers: Any = None, feature_group_count: int = 1,
+                          batch_group_count: int = 1) -> bool:
+    """Whether `conv_general_dilated` differentiates this convolution's input through a
+    stride-1 convolution and a strided slice: on the CPU, outside `xla_convolutions()`, for a
+    strided convolution (no input dilation, one batch group, no cropping pads) whose output is
+    shorter than its dilated kernel along some spatial axis. XLA:CPU's algebraic simplifier
+    aborts the process ("Window dimensions do not match RHS shape", jax 0.10-0.11) on some such
+    input gradients, e.g. a (2, 3) kernel, stride 2, padding ((1, 1), (0, 0)) on a 6x6 map; in
+    6,000 random geometries every abort (15) had both properties, and such outputs are small."""
+    if lowerings_suspended() or jax.default_backend() != "cpu" or batch_group_count != 1:
+        return False
+    if not any(s > 1 for s in window_strides) or any(d != 1 for d in lhs_dilation or ()):
+        return False
+    dn = _spatial_dims(lhs, rhs, dimension_numbers)
+    sizes = [lhs.shape[i] for i in dn.lhs_spec[2:]]
+    kernel = [rhs.shape[i] for i in dn.rhs_spec[2:]]
+    dilation = tuple(rhs_dilation or (1,) * len(kernel))
+    window = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+    pads = (lax.padtype_to_pads(sizes, window, window_strides, padding)
+            if isinstance(padding, str) else padding)
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        return False
+    return any((n + lo + hi - w) // s + 1 < w
+               for n, (lo, hi), w, s in zip(sizes, pads, window, window_strides, strict=True))
+
+
+def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision: Any = None, preferred_element_type: Any = None) -> Array:
+    """`lax.conv_general_dilated` (same signature and values) whose input derivative avoids the
+    XLA:CPU abort `input_gradient_sliced` describes: there, the input's tangent goes through a
+    stride-1 convolution and a strided slice, which transpose to zeros between the output
+    gradient's entries (`lax.pad`) and a stride-1 convolution instead of an input-dilated one.
+    The primal is lax's strided convolution; the kernel's derivative is lax's."""
+    kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                  dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                  batch_group_count=batch_group_count, precision=precision,
+                  preferred_element_type=preferred_element_type)
+    if not input_gradient_sliced(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                 dimension_numbers, feature_group_count, batch_group_count):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    if isinstance(padding, str):
+        dn = _spatial_dims(lhs, rhs, dimension_numbers)
+        window = [d * (jnp.shape(rhs)[i] - 1) + 1
+                  for d, i in zip(rhs_dilation or (1,) * len(window_strides), dn.rhs_spec[2:],
+                                  strict=True)]
+        padding = lax.padtype_to_pads([jnp.shape(lhs)[i] for i in dn.lhs_spec[2:]], window,
+                                      window_strides, padding)
+    static = _StaticConv(tuple(window_strides), tuple(tuple(p) for p in padding),
+                         tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
+    return _conv_sliced_input_tangent(lhs, rhs, static)
+
+
+def patch_kernel(kernel_size: Sequence[int], channels: int, dtype: Any) -> Array:
+    """The HWIO kernel (`feature_group_count=channels`) whose convolution gathers each output
+    position's `k_h·k_w` inputs per channel, ordered `(C, k_h, k_w)` as in
+    `lax.conv_general_dilated_patches`: output channel `c·k_h·k_w + a·k_w + b` is tap (a, b)
+    of input channel c."""
+    taps = math.prod(kernel_size)
+    one_tap_each = jnp.eye(taps, dtype=dtype).reshape(*kernel_size, 1, taps)
+    return jnp.tile(one_tap_each, (1, 1, 1, channels))
+
+
+def input_patches(x: Array, kernel_size: Sequence[int], strides: Sequence[int],
+                  pads: Sequence[tuple[int, int]], dilation: Sequence[int],
+                  precision: Any = None) -> Array:
+    """`[N, H, W, C]` -> `[N, H_out, W_out, C·k_h·k_w]`, `lax.conv_general_dilated_patches`'
+    values and order through `conv_general_dilated` (its input gradient XLA:CPU compiles)."""
+    return conv_general_dilated(x, patch_kernel(kernel_size, x.shape[-1], x.dtype), strides,
+                                pads, rhs_dilation=dilation, dimension_numbers=_NHWC,
+                                feature_group_count=x.shape[-1], precision=precision)
+
+
+def _hashable(value: Any) -> Any:
+    """`value` as a hashable static argument: lists (of pads, dilations) become tuples."""
+    if isinstance(value, list) or type(value) is tuple:
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticConv:
+    """The static arguments of a `_conv_sliced_input_tangent` call (explicit pads)."""
+
+    strides: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    options: tuple[tuple[str, Any], ...]
+
+    def conv(self, lhs: Array, rhs: Array, strides: Sequence[int] | None = None) -> Array:
+        return lax.conv_general_dilated(lhs, rhs, strides or self.strides, self.pads,
+                                        **dict(self.options))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _conv_sliced_input_tangent(lhs: Array, rhs: Array, static: _StaticConv) -> Array:
+    return static.conv(lhs, rhs)
+
+
+def _conv_sliced_input_tangent_jvp(static: _StaticConv, primals: tuple, tangents: tuple
+                                   ) -> tuple[Array, Array]:
+    """Tangent: the input's through a stride-1 convolution sliced every `stride` outputs (the
+    same numbers as the strided convolution), the kernel's through lax's strided one; a
+    symbolic-zero tangent (an operand not differentiated) adds no convolution."""
+    lhs, rhs = primals
+    lhs_dot, rhs_dot = tangents
+    y = static.conv(lhs, rhs)
+    terms = []
+    if not isinstance(lhs_dot, SymbolicZero):
+        dn = _spatial_dims(lhs, rhs, dict(static.options)["dimension_numbers"])
+        full = static.conv(lhs_dot, rhs, (1,) * len(static.strides))
+        step = [1] * y.ndim
+        for axis, s in zip(dn.out_spec[2:], static.strides, strict=True):
+            step[axis] = s
+        # The barrier keeps XLA from folding the transpose's zeros (`lax.pad`) back into an
+        # input-dilated convolution (FoldConvInputPad), the form that aborts.
+        terms.append(lax.slice(lax.optimization_barrier(full), (0,) * y.ndim, full.shape, step))
+    if not isinstance(rhs_dot, SymbolicZero):  # this function again: its own derivatives safe
+        terms.append(_conv_sliced_input_tangent(lhs, rhs_dot, static))
+    return y, functools.reduce(lax.add, terms) if terms else jnp.zeros_like(y)
+
+
+_conv_sliced_input_tangent.defjvp(_conv_sliced_input_tangent_jvp, symbolic_zeros=True)
+
+
 def conv_general_dilated_matmul(
     lhs: Array, rhs: Array, window_strides: Sequence[int], padding: str | Sequence[tuple[int, int]],
     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
@@ -165,7 +306,7 @@ def conv_general_dilated_matmul(
     more than the input holds are passed to `lax`, which refuses them.
     """
     def delegate() -> Array:
-        return lax.conv_general_dilated(
+        return conv_general_dilated(
             stored_input(lhs, rhs) if store_delegated_input else lhs, rhs, window_strides,
             padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
             dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -220,7 +361,8 @@ def resolve_conv_impl(impl: str, backend: str) -> str:
 @contextlib.contextmanager
 def conv_impl(impl: str = "auto") -> Iterator[None]:
     """Within the block, every `nn.Conv` (exactly that class or `Conv2D`'s, shared weights, no
-    custom `conv_general_dilated`) computes its convolution with `impl`'s function.
+    custom `conv_general_dilated` other than this module's) computes its convolution with
+    `impl`'s function.
 
     Works on modules built outside the block and under `jit` tracing; `xla_convolutions()`
     suspends it (`cnnjax.analysis` traces the network, not its CPU lowering). The choice is made
@@ -241,15 +383,16 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
         module = context.module
         if (_SUSPENDED.get() or context.method_name != "__call__"
                 or type(module) not in INTERCEPTED_CONV_CLASSES
-                or module.conv_general_dilated is not None
+                or module.conv_general_dilated not in (None, conv_general_dilated)
                 or module.conv_general_dilated_cls is not None):
             return next_fun(*args, **kwargs)
         # Modules are frozen dataclasses; set the field for this one call and restore it.
+        own = module.conv_general_dilated
         object.__setattr__(module, "conv_general_dilated", function)
         try:
             return next_fun(*args, **kwargs)
         finally:
-            object.__setattr__(module, "conv_general_dilated", None)
+            object.__setattr__(module, "conv_general_dilated", own)
 
     with nn.intercept_methods(interceptor):
         yield

@@ -19,6 +19,7 @@ from cnnjax.layers.conv import (
     ConvTranspose2D,
     LocallyConnected2D,
     TiledConv2D,
+    _geometry,
     _use_phases,
     bilinear_kernel_1d,
     bilinear_upsample_init,
@@ -79,11 +80,12 @@ def _np_windows(x, kernel_hw, strides, dilation, pads, mode):
                            j * sw: j * sw + dw * (kw - 1) + 1: dw, :]
 
 
-def _np_local(x, kernel, bias, strides, dilation, pads, mode):
-    """Locally connected: kernel (OH, OW, C·kh·kw, F) ordered (C, kh, kw), bias (OH, OW, F)."""
+def _np_local(x, kernel, bias, strides, dilation, pads, mode, kernel_hw=None):
+    """Locally connected: kernel (OH, OW, C·kh·kw, F) ordered (C, kh, kw), bias (OH, OW, F);
+    `kernel_hw` (kh, kw), square if not given."""
     out_h, out_w, _, f = kernel.shape
     c = x.shape[-1]
-    kh = kw = round(math.sqrt(kernel.shape[2] // c))
+    kh, kw = kernel_hw or (round(math.sqrt(kernel.shape[2] // c)),) * 2
     k = np.asarray(kernel, np.float64).reshape(out_h, out_w, c, kh, kw, f)
     y = np.zeros((x.shape[0], out_h, out_w, f))
     for i, j, win in _np_windows(x, (kh, kw), strides, dilation, pads, mode):
@@ -497,6 +499,115 @@ def test_conv_transpose_with_an_output_below_its_stride_runs_where_xla_cpu_abort
             down = reference_loss(**{**args, name: value - step})
             want[i] = (up - down) / 2e-6
         assert_close(grad, want)
+
+
+# A process of its own: lax's input gradient of these convolutions aborts it inside XLA:CPU.
+_ABORTING_INPUT_GRADIENT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from cnnjax.layers import Conv2D, LocallyConnected2D
+from cnnjax.layers.conv_impl import conv_impl
+kernel_size, strides, padding, dilation, impl, shape = eval(sys.argv[2])
+layer = (LocallyConnected2D if impl == "local" else Conv2D)(
+    2, kernel_size, strides=strides, padding=padding, dilation=dilation)
+impl = "xla" if impl == "local" else impl
+x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *shape)), jnp.float32)
+shapes = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+params = {name: jnp.asarray(np.random.default_rng(i).normal(size=shapes[name].shape),
+                            jnp.float32) for i, name in enumerate(("kernel", "bias"), 1)}
+loss = lambda p, xs: jnp.sum(jnp.sin(layer.apply({"params": p}, xs)))
+with conv_impl(impl):
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    hessian_x = jax.jit(jax.hessian(loss, argnums=1))(params, x)
+np.savez(sys.argv[1], x=x, kernel=params["kernel"], bias=params["bias"],
+         grad_kernel=grads[0]["kernel"], grad_x=grads[1], hessian_x=hessian_x)
+"""
+
+
+@pytest.mark.parametrize("geometry", [
+    ((2, 3), 2, ((1, 1), (0, 0)), 1, "xla", (6, 6, 1)),  # a 4x2 output beside a 3-wide kernel
+    ((3, 2), 2, 1, (2, 1), "xla", (6, 6, 1)),  # dilated: a 2x4 output beside a 5-tall window
+    ((3, 2), 2, 1, (2, 1), "auto", (6, 6, 1)),  # 8 positions: "auto" delegates to lax too
+    # XLA folded the zeros of this one's sliced input gradient back into an input dilation.
+    ((5, 2), (1, 2), ((0, 0), (1, 1)), 1, "xla", (8, 4, 3)),
+    # LocallyConnected2D: lax's gradient of its patch extraction aborted the same way.
+    ((2, 3), 2, ((1, 1), (0, 0)), 1, "local", (6, 6, 1)),
+    ((3, 2), 2, 1, (2, 1), "local", (6, 6, 2)),
+])
+def test_conv_input_gradient_runs_where_xla_cpu_aborted(tmp_path, geometry):
+    """Strided convolutions (and locally connected layers) whose output is shorter than the
+    (dilated) kernel along an axis: lax's input gradient aborted the process in XLA:CPU's
+    algebraic simplifier (jax 0.10-0.11). Both gradients and the input Hessian against central
+    differences of the float64 NumPy layer (the Hessian: d2/dx2 of sum(sin(y)))."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "conv.npz"
+    result = subprocess.run([sys.executable, "-c", _ABORTING_INPUT_GRADIENT, str(out),
+                             repr(geometry)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = np.load(out)
+    kernel_size, strides, padding, dilation, kind, _ = geometry
+    geo = _geometry("Conv2D", kernel_size, strides, padding, "zeros", dilation)
+
+    def reference_y(x, kernel):
+        if kind == "local":
+            return _np_local(x, kernel, got["bias"], geo.strides, geo.dilation, geo.padding,
+                             "zeros", geo.kernel)
+        y = np.zeros((x.shape[0], *_np_out(x, geo), kernel.shape[-1]))
+        for i, j, win in _np_windows(x, geo.kernel, geo.strides, geo.dilation, geo.padding,
+                                     "zeros"):
+            y[:, i, j] = np.einsum("nabc,abcf->nf", win, kernel) + got["bias"]
+        return y
+
+    x, kernel = got["x"].astype(np.float64), got["kernel"].astype(np.float64)
+    for name, value, grad in (("x", x, got["grad_x"]), ("kernel", kernel, got["grad_kernel"])):
+        want = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            step = np.zeros_like(value)
+            step[i] = 1e-6
+            args = {"x": x, "kernel": kernel}
+            up = np.sin(reference_y(**{**args, name: value + step})).sum()
+            down = np.sin(reference_y(**{**args, name: value - step})).sum()
+            want[i] = (up - down) / 2e-6
+        assert_close(grad, want)
+    # d2/dx_a dx_b sum(sin(y)) = -sum(sin(y) * dy/dx_a * dy/dx_b); y is affine in x.
+    y = reference_y(x, kernel)
+    columns = []
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = 1.0
+        columns.append((reference_y(x + step, kernel) - y).ravel())
+    jacobian = np.stack(columns, axis=1)
+    want_hessian = -(jacobian.T * np.sin(y).ravel()) @ jacobian
+    assert_close(got["hessian_x"].reshape(want_hessian.shape), want_hessian)
+
+
+def test_locally_connected_over_patches_has_the_same_parameters_and_values():
+    """A geometry `LocallyConnected2D` computes as a 1x1 layer over `input_patches` on the CPU:
+    the same parameter tree and initial values as flax's `ConvLocal` path (taken under
+    `xla_convolutions()`, which suspends the routing), and the same outputs."""
+    layer = LocallyConnected2D(3, (2, 3), strides=2, padding=((1, 1), (0, 0)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 2)), jnp.float32)
+    routed = layer.init(jax.random.key(0), x)
+    with xla_convolutions():
+        plain = layer.init(jax.random.key(0), x)
+        want = layer.apply(plain, x)
+    assert jax.tree.structure(routed) == jax.tree.structure(plain)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(routed), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(got_leaf, want_leaf)
+    np.testing.assert_allclose(layer.apply(routed, x), want, rtol=1e-6, atol=1e-6)
+    # The first init and apply took the patches path (its tangent rule), the second flax's.
+    assert "custom_jvp_call" in str(jax.make_jaxpr(layer.apply)(routed, x))
+    with xla_convolutions():
+        assert "custom_jvp_call" not in str(jax.make_jaxpr(layer.apply)(routed, x))
+
+
+def _np_out(x, geo):
+    """Output (H, W) of a zero-padded convolution of `x` with `geo` (the formula of Conv2D)."""
+    return tuple((n + lo + hi - d * (k - 1) - 1) // s + 1 for n, (lo, hi), k, s, d in
+                 zip(x.shape[1:3], geo.padding, geo.kernel, geo.strides, geo.dilation,
+                     strict=True))
 
 
 # (kernel, strides, dilation, padding, output_padding, groups) run as one conv per output phase.
