@@ -1,6 +1,6 @@
 """Show what a trained classifier looks at: attribution maps, first-layer filters, activations.
 
-    python -m experiments.visualize --workdir=workdirs/lenet5_digits [--num_images=8]
+    python -m experiments.visualize --workdir=workdirs/lenet5_digits [--num_images=6]
         [--layer=<module path>] [--methods=saliency,smoothgrad,integrated_gradients,...]
         [--step=N] [--ema]
     python -m experiments.visualize --workdir=... --list_layers

@@ -481,12 +481,15 @@ def test_the_readme_snippet_runs_as_written(capsys):
 def test_the_train_step_on_your_own_arrays_runs_as_written():
     """docs/reusing.md's engine-without-the-loop snippet, executed as printed on two CPU devices
     (a subprocess: the device count is fixed when JAX starts)."""
-    blocks = [b for b in _python_blocks(os.path.join(ROOT, "docs", "reusing.md"))
-              if "DataParallel" in b]
-    assert len(blocks) == 1
+    blocks = _python_blocks(os.path.join(ROOT, "docs", "reusing.md"))
+    engine = [i for i, b in enumerate(blocks) if "DataParallel" in b]
+    assert len(engine) == 1
+    # The next block ("CPU speed in your own training loop") continues it.
+    assert "conv_impl(" in blocks[engine[0] + 1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", blocks[0]], cwd=ROOT, env=env,
+    script = blocks[engine[0]] + "\n" + blocks[engine[0] + 1] + "\nprint(int(state.step[0]))\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.fullmatch(r"loss \d\.\d{3}, top-1 0\.\d{3}\n", result.stdout), result.stdout
+    assert re.fullmatch(r"loss \d\.\d{3}, top-1 0\.\d{3}\n4\n", result.stdout), result.stdout

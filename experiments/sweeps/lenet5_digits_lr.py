@@ -7,7 +7,8 @@ Command:
         --config.num_train_steps=200 --config.eval_every_steps=100
 
 Expected (measured with this command, 2 CPU cores, JAX 0.10.2, 2026-11-29): 23 s wall for the
-whole sweep (4-5 s per trial, compilation included); test top-1 after 200 steps, ranked:
+whole sweep (4-5 s per trial, compilation included; 33 s and 5-8 s per trial on 2026-12-06, a
+2-core AMD EPYC Zen 4 at load 1.5: the machine's speed varies); test top-1 after 200 steps, ranked:
     lr=0.3: 0.9805   lr=0.03: 0.9749   lr=0.003: 0.9192   lr=3.0: 0.4958 (unstable)
 lr=3.0 is chaotic: its loss climbs into the hundreds and where it lands at step 200 follows float
 rounding, so only its last place is reproducible (rerun 2026-12-03 on a 2-core AMD EPYC: the
