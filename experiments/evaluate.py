@@ -258,10 +258,7 @@ def _evaluate() -> None:
         if _OUTPUT.value:  # before the evaluation: a file in the way of its folder ends it now
             check_outside_run(_OUTPUT.value, _WORKDIR.value, "--output", folder=False)
             check_output_dir(os.path.dirname(os.path.abspath(_OUTPUT.value)), "--output's folder")
-        elif os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
-            raise ValueError(f"--workdir={_WORKDIR.value!r} is invalid; it is a file, not a "
-                             "training run's directory")
-        else:
+        elif os.path.isdir(_WORKDIR.value):  # anything else: load_trained says what it is
             check_output_dir(os.path.join(_WORKDIR.value, "eval"), "--workdir's eval folder")
         try:
             run = load_trained(_WORKDIR.value, _STEP.value, _DEVICES.value, ema=_EMA.value)

@@ -107,6 +107,8 @@ def load_trained(workdir: str, step: int | None = None,
     """
     if step is not None:
         step = check_positive_int(_OWNER, "step", step)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise invalid(_OWNER, "workdir", workdir, "it is a file, not a training run's directory")
     saved = read_json(os.path.join(workdir, CONFIG_FILE))
     if not isinstance(saved, dict) or "model" not in saved:
         raise invalid(_OWNER, "workdir", workdir,

@@ -155,4 +155,4 @@ def test_evaluate_on_a_workdir_that_is_a_file_names_the_workdir(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --workdir={str(tmp_path / 'run')!r} is invalid; it is a file, not a training "
-        "run's directory")
+        "run's directory.")
