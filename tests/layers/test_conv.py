@@ -489,16 +489,22 @@ def test_conv_transpose_with_an_output_below_its_stride_runs_where_xla_cpu_abort
 
     x, kernel = got["x"].astype(np.float64), got["kernel"].astype(np.float64)
     assert_close(got["y"], _np_conv_transpose(x, kernel, got["bias"], *geometry))
-    for name, value, grad in (("x", x, got["grad_x"]), ("kernel", kernel, got["grad_kernel"])):
-        want = np.zeros_like(value)
+    want = _central_differences(reference_loss, {"x": x, "kernel": kernel})
+    assert_close(got["grad_x"], want["x"])
+    assert_close(got["grad_kernel"], want["kernel"])
+
+
+def _central_differences(loss, args, step=1e-6):
+    """d loss / d each float64 array of the dict `args`, by central differences."""
+    grads = {}
+    for name, value in args.items():
+        grads[name] = np.zeros_like(value)
         for i in np.ndindex(value.shape):
-            step = np.zeros_like(value)
-            step[i] = 1e-6
-            args = {"x": x, "kernel": kernel}
-            up = reference_loss(**{**args, name: value + step})
-            down = reference_loss(**{**args, name: value - step})
-            want[i] = (up - down) / 2e-6
-        assert_close(grad, want)
+            delta = np.zeros_like(value)
+            delta[i] = step
+            up, down = (loss(**{**args, name: value + sign * delta}) for sign in (1, -1))
+            grads[name][i] = (up - down) / (2 * step)
+    return grads
 
 
 # A process of its own: lax's input gradient of these convolutions aborts it inside XLA:CPU.
@@ -561,16 +567,10 @@ def test_conv_input_gradient_runs_where_xla_cpu_aborted(tmp_path, geometry):
         return y
 
     x, kernel = got["x"].astype(np.float64), got["kernel"].astype(np.float64)
-    for name, value, grad in (("x", x, got["grad_x"]), ("kernel", kernel, got["grad_kernel"])):
-        want = np.zeros_like(value)
-        for i in np.ndindex(value.shape):
-            step = np.zeros_like(value)
-            step[i] = 1e-6
-            args = {"x": x, "kernel": kernel}
-            up = np.sin(reference_y(**{**args, name: value + step})).sum()
-            down = np.sin(reference_y(**{**args, name: value - step})).sum()
-            want[i] = (up - down) / 2e-6
-        assert_close(grad, want)
+    want = _central_differences(lambda x, kernel: np.sin(reference_y(x, kernel)).sum(),
+                                {"x": x, "kernel": kernel})
+    assert_close(got["grad_x"], want["x"])
+    assert_close(got["grad_kernel"], want["kernel"])
     # d2/dx_a dx_b sum(sin(y)) = -sum(sin(y) * dy/dx_a * dy/dx_b); y is affine in x.
     y = reference_y(x, kernel)
     columns = []
