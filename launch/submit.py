@@ -34,6 +34,7 @@ from cnnjax.launch.spec import (
     ENTRY_POINTS,
     SCHEDULING_FIELDS,
     JobSpec,
+    absolute_path_overrides,
     json_ready,
     validate_spec,
     without_scheduling,
@@ -116,14 +117,16 @@ def _python_command(python: str) -> str:
 
 
 def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
-    """The JobSpec the command line describes (not yet validated): relative paths are taken
-    from the current directory; the job runs in the repository holding this script."""
+    """The JobSpec the command line describes (not yet validated): relative paths, those of
+    the path-valued overrides (`PATH_FIELDS`) too, are taken from the current directory; the job
+    runs in the repository holding this script."""
     return JobSpec(
         # An empty --workdir= (an unset $WORKDIR) stays '' so the refusal quotes what was given.
         entry=_ENTRY.value, workdir=_absolute(_WORKDIR.value) or _WORKDIR.value,
         config=_absolute(_CONFIG.value),
         sweep=_absolute(_SWEEP.value), recipe=_absolute(_RECIPE.value),
-        transfer=_absolute(_TRANSFER.value), overrides=tuple(overrides),
+        transfer=_absolute(_TRANSFER.value),
+        overrides=absolute_path_overrides(tuple(overrides), os.getcwd()),
         nodes=_NODES.value, gpus_per_node=_GPUS.value, tasks_per_node=_TASKS.value,
         cpus_per_task=_CPUS.value, mem=_MEM.value, time=_TIME.value,
         partition=_PARTITION.value, account=_ACCOUNT.value, qos=_QOS.value,
@@ -182,7 +185,9 @@ _REPLACE_HINTS = {
     "train": "if the config changed, also pass --config.restart=True: experiments.train refuses "
              "checkpoints of an incompatible config, and restart deletes them",
     "sweep": "experiments.sweep still refuses a --sweep_dir holding another search space or "
-             "base config; for those choose a new --workdir",
+             "base config; for those choose a new --workdir. A random sweep grown with a "
+             "larger --sweep.num_trials (same seed) is one --force submits: its finished "
+             "trials stand and only the new ones run",
     "tune": "experiments.tune still refuses a --tune_dir made with another base config or "
             "recipe (only --recipe.max_rounds may change); for those choose a new --workdir",
     "transfer": "experiments.transfer still refuses a --transfer_dir made with other configs, "
@@ -220,8 +225,8 @@ def planned_record(spec: JobSpec, num_trials: int | None, *,
             raise invalid(
                 _OWNER, "workdir", spec.workdir,
                 f"it holds a job with a different spec ({'; '.join(changes)}); resubmit the "
-                f"recorded spec to resume it (only {scheduling} and overrides that cannot change "
-                "results, --distributed_timeout and --config.<runtime field>, may change), "
+                f"recorded spec to resume it (only {scheduling} and the overrides a resumed run "
+                "accepts, --distributed_timeout and --config.<runtime field>, may change), "
                 "choose a new "
                 f"--workdir, or pass --force to replace it ({_REPLACE_HINTS[spec.entry]})")
         record = {**record, "replaced": [*record.get("replaced", []),

@@ -187,13 +187,13 @@ def check_configs(spec: JobSpec) -> None:
 def job_devices(spec: JobSpec, config: Any, where: str = "") -> tuple[int, str]:
     """The number of devices the engine will train `config` on in this (validated) job, counted
     as `train.config.check_config` will at start, and how they are laid out (for messages).
-    Each task is one JAX process; a multi-process entry point's task owns one GPU (numbered by
-    `SLURM_LOCALID`), a single-process one all `gpus_per_node`; a CPU task is one device, or
-    as many as XLA_FLAGS forces (`forced_host_devices`). `config.num_devices` (> 0) picks that
-    many local devices of a single-process job."""
+    Each task is one JAX process; a task of a job of several owns one GPU (numbered by
+    `SLURM_LOCALID`), the one task of a single-process job all `gpus_per_node`; a CPU task is
+    one device, or as many as XLA_FLAGS forces (`forced_host_devices`). `config.num_devices`
+    (> 0) picks that many local devices of a single-process job."""
     processes = spec.num_tasks
     gpus = spec.gpus_per_node
-    local = gpus if gpus and not spec.entry_point.multi_process else 1
+    local = gpus if gpus and processes == 1 else 1
     host_devices = forced_host_devices(spec)
     requested = config.get("num_devices") or 0
     if not requested:

@@ -1,17 +1,17 @@
 """Render a complete, preemption-safe sbatch script for a validated `JobSpec`.
 
-The script runs the entry point with `srun` (one task per GPU for train, one task otherwise; a
-sweep is an array job, task i runs trial i, or trials i*k ... i*k+k-1 with `trials_per_task` k),
-logs to `<workdir>/slurm/`, and survives preemption and time limits: `--signal=B:USR1@<s>` makes
-SLURM warn the batch shell `s` seconds ahead, the shell stops the job step (SIGTERM, SIGKILL after
-a grace period) and runs `scontrol requeue $JOB_REF` unless the job was already requeued
-`max_requeues` times (`JOB_REF` is `<array job>_<task>` in an array task, so only that task is
-stopped and requeued; otherwise `$SLURM_JOB_ID`). The requeued job reruns the same command,
-which resumes from the newest checkpoint; a step that finished or failed during the stop is not
-requeued. A plain SIGTERM (scancel, preemption without the user signal) is not a graceful stop:
-SLURM signals srun too, which kills the tasks at once, so the rerun resumes from the newest
-periodic checkpoint. Every start, signal and stop is appended to `<workdir>/slurm/events.log`. Pure
-functions: nothing is written or submitted here.
+The script runs the entry point with `srun` (one task per GPU for train, or one task on one node
+using them all; one task otherwise; a sweep is an array job, task i runs trial i, or trials i*k ...
+i*k+k-1 with `trials_per_task` k), logs to `<workdir>/slurm/`, and survives preemption and time
+limits: `--signal=B:USR1@<s>` makes SLURM warn the batch shell `s` seconds ahead, the shell stops
+the job step (SIGTERM, SIGKILL after a grace period) and runs `scontrol requeue $JOB_REF` unless
+the job was already requeued `max_requeues` times (`JOB_REF` is `<array job>_<task>` in an array
+task, so only that task is stopped and requeued; otherwise `$SLURM_JOB_ID`). The requeued job
+reruns the same command, which resumes from the newest checkpoint; a step that finished or failed
+during the stop is not requeued. A plain SIGTERM (scancel, preemption without the user signal) is
+not a graceful stop: SLURM signals srun too, which kills the tasks at once, so the rerun resumes
+from the newest periodic checkpoint. Every start, signal and stop is appended to
+`<workdir>/slurm/events.log`. Pure functions: nothing is written or submitted here.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """What a cluster job runs and on what: `JobSpec`, and its checks before anything is written.
 
 A spec names one entry point (`ENTRY_POINTS`: train, sweep, tune, transfer), its config files, the
-directory it works in and `--<file>.<field>=<value>` overrides passed through verbatim, plus the
-SLURM resources and the preemption settings. `validate_spec` checks every field without touching
-the cluster (a `ValueError` naming the field, the value and what is valid) and returns the spec
-with absolute paths, so the same job described from another directory compares equal. Nothing here
+directory it works in and `--<file>.<field>=<value>` overrides passed through verbatim (but a
+relative path in one of `PATH_FIELDS`, made absolute), plus the SLURM resources and the
+preemption settings. `validate_spec` checks every field without touching the cluster (a
+`ValueError` naming the field, the value and what is valid) and returns the spec with absolute
+paths, so the same job described from another directory compares equal. Nothing here
 imports JAX or loads an experiment config; `cnnjax.launch.checks` does that.
 """
 
@@ -81,6 +82,10 @@ _SCHEDULER_NAMES = {
 _OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)$",
                        re.DOTALL)
 _ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$", re.ASCII)
+#: Config fields whose value is a path: another run's directory (`train.config.DIRECTORY_FIELDS`)
+#: and the tfds data directory (`data.spec.default_data_config`). Spelled out here, since this
+#: module imports no engine code; tests/launch/test_spec.py fails if the configs gain another.
+PATH_FIELDS = ("init_from.workdir", "distill.teacher_workdir", "data.data_dir")
 #: `--signal`'s largest lead time (SLURM stores it in 16 bits).
 MAX_SIGNAL_SECONDS = 65535
 
@@ -178,9 +183,9 @@ SCHEDULING_FIELDS = frozenset({
 
 def without_scheduling(spec_json: Mapping[str, Any]) -> dict[str, Any]:
     """A spec's JSON (`JobSpec.to_json`, or a launch record's, which may hold fields of another
-    cnnjax version) without `SCHEDULING_FIELDS` and without the overrides that cannot change
-    results (`runtime_override`): what a resubmission into the same work directory must keep
-    to resume the job there."""
+    cnnjax version) without `SCHEDULING_FIELDS` and without the overrides a resumed run accepts
+    (`runtime_override`): what a resubmission into the same work directory must keep to resume
+    the job there."""
     kept = {k: v for k, v in spec_json.items() if k not in SCHEDULING_FIELDS}
     if isinstance(kept.get("overrides"), list | tuple):
         kept["overrides"] = [o for o in kept["overrides"] if not runtime_override(o)]
@@ -188,9 +193,11 @@ def without_scheduling(spec_json: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def runtime_override(override: Any) -> bool:
-    """Whether `override` only sets how a run runs, not what it computes: the entry points'
+    """Whether `override` sets how a run runs rather than what it trains: the entry points'
     `--distributed_timeout`, or a `--config.<field>` the engine lets change on resume
-    (`train.config.RUNTIME_FIELDS`: progress bar, log and checkpoint cadence, data_dir, ...)."""
+    (`train.config.RUNTIME_FIELDS`: progress bar, log and checkpoint cadence, data_dir, ...;
+    some, such as num_devices, parallel or batch_norm_impl, can change the numbers through the
+    device layout or float summation order)."""
     from cnnjax.train.config import RUNTIME_FIELDS  # deferred: imports the model registry
 
     name = str(override).partition("=")[0]
@@ -242,6 +249,9 @@ def array_indices(value: str, num_trials: int, trials_per_task: int = 1) -> list
     example = f"'0-{count - 1}'" + (f" or '0,{count - 1}'" if count > 1 else "")
     valid = (f"expected comma-separated indices or ranges a-b (a <= b) of {tasks}, "
              f"0-{count - 1}, e.g. {example}")
+    if isinstance(value, str) and "%" in value:
+        raise invalid(_OWNER, "array", value, f"{valid}; for sbatch's '%N' throttle (at most N "
+                      "tasks at once) pass --max_parallel=N")
     indices: list[int] = []
     for item in value.split(",") if isinstance(value, str) else [None]:
         match = _ARRAY_ITEM.match(item) if item is not None else None
@@ -295,6 +305,25 @@ def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) ->
     return path
 
 
+def absolute_path_overrides(overrides: Any, base: str) -> Any:
+    """`overrides` with the relative value of each `PATH_FIELDS` override (of any config file,
+    e.g. `--transfer.source.data.data_dir=tfds`) made absolute against `base`, `~` expanded: the
+    job runs in the repository, not where the path was typed. Absolute paths, None (unset) and
+    '' stay as given, as does anything that is not a tuple of overrides (`check_override` says
+    why)."""
+    if not isinstance(overrides, tuple):
+        return overrides
+    out = []
+    for override in overrides:
+        match = _OVERRIDE.match(override) if isinstance(override, str) else None
+        value = match.group("value") if match else ""
+        if (match and value not in ("", "None") and not os.path.isabs(value)
+                and any(match.group("field").endswith(f".{name}") for name in PATH_FIELDS)):
+            override = override[:match.start("value")] + _absolute(value, base)
+        out.append(override)
+    return tuple(out)
+
+
 def check_override(spec_entry: str, override: Any) -> str:
     """Raises unless `override` is `--<file flag>.<field>=<value>` for one of the entry point's
     config files, or `--<extra flag>=<value>` for one it accepts (e.g. train's
@@ -336,7 +365,8 @@ def _check_extra_value(flag: str, kind: type, value: str, override: str) -> None
 
 
 def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
-    """Checks every field of `spec`; returns it with absolute paths and defaults filled in.
+    """Checks every field of `spec`; returns it with absolute paths (those of the path-valued
+    overrides too, `absolute_path_overrides`) and defaults filled in.
 
     `num_trials` (the sweep's size, `cnnjax.launch.checks.count_trials`) is required for a sweep:
     the array may not name a trial past the last one. Config files must exist; whether the work
@@ -352,6 +382,7 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
         raise invalid(_OWNER, "overrides", spec.overrides, "expected a tuple of strings")
     for override in spec.overrides:
         check_override(entry_name, override)
+    overrides = absolute_path_overrides(spec.overrides, submit_dir)
     tasks = _tasks_per_node(spec)
     _check_schedule(spec)
     _check_array(spec, num_trials)
@@ -362,7 +393,7 @@ def validate_spec(spec: JobSpec, num_trials: int | None = None) -> JobSpec:
     _check_word("job_name", job_name, _JOB_NAME, "letters, digits, '.', '_', '-'")
     venv, python = _check_environment(spec, submit_dir)
     return dataclasses.replace(spec, submit_dir=submit_dir, workdir=workdir, venv=venv,
-                               python=python,
+                               python=python, overrides=overrides,
                                tasks_per_node=tasks, job_name=job_name, **files)
 
 
@@ -400,7 +431,8 @@ def split_file_argument(value: str) -> tuple[str, str | None]:
 
 def _tasks_per_node(spec: JobSpec) -> int:
     """Checks nodes, GPUs and tasks; returns tasks per node (default: one per GPU for a
-    multi-process entry point, else 1)."""
+    multi-process entry point, else 1). A multi-process entry point's job of one task in all is
+    one process using every GPU of its node, as on one machine."""
     entry = ENTRY_POINTS[spec.entry]
     for name in ("nodes", "cpus_per_task"):
         check_positive_int(_OWNER, name, getattr(spec, name))
@@ -412,10 +444,12 @@ def _tasks_per_node(spec: JobSpec) -> int:
         tasks = gpus if entry.multi_process and gpus > 0 else 1
     check_positive_int(_OWNER, "tasks_per_node", tasks)
     if entry.multi_process:
-        if gpus > 0 and tasks != gpus:
+        if gpus > 0 and tasks != gpus and spec.nodes * tasks > 1:
             raise invalid(_OWNER, "tasks_per_node", tasks,
-                          f"expected one task per GPU, {gpus} (gpus_per_node): under SLURM each "
-                          "JAX process uses the GPU numbered by its SLURM_LOCALID")
+                          f"expected one task per GPU, {gpus} (gpus_per_node), or 1 on one node "
+                          f"(one process using all its GPUs): this job's {spec.nodes} node(s) x "
+                          f"{tasks} task(s) would join {spec.nodes * tasks} JAX processes, each "
+                          "of which uses only the GPU numbered by its SLURM_LOCALID")
         return tasks
     if spec.nodes != 1:
         raise invalid(_OWNER, "nodes", spec.nodes,

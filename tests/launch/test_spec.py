@@ -9,6 +9,7 @@ import pytest
 
 from cnnjax.launch.checks import count_trials
 from cnnjax.launch.spec import (
+    PATH_FIELDS,
     SCHEDULING_FIELDS,
     JobSpec,
     array_indices,
@@ -162,8 +163,10 @@ BAD = [
     (dict(nodes=0), r"nodes=0 is invalid; expected a positive integer"),
     (dict(nodes=1.5), r"nodes=1.5 is invalid; expected a positive integer"),
     (dict(gpus_per_node=-1), r"gpus_per_node=-1 is invalid; expected an integer >= 0"),
-    (dict(gpus_per_node=4, tasks_per_node=1), r"tasks_per_node=1 is invalid; expected one task "
-                                              r"per GPU, 4 \(gpus_per_node\)"),
+    (dict(gpus_per_node=4, tasks_per_node=2), r"tasks_per_node=2 is invalid; expected one task "
+                                              r"per GPU, 4 \(gpus_per_node\), or 1 on one node"),
+    (dict(nodes=2, gpus_per_node=4, tasks_per_node=1), r"tasks_per_node=1 is invalid; expected "
+     r"one task per GPU, 4 .*: this job's 2 node\(s\) x 1 task\(s\) would join 2 JAX processes"),
     (dict(tasks_per_node=0, gpus_per_node=0), r"tasks_per_node=0 is invalid; expected a positive"),
     (dict(cpus_per_task=0), r"cpus_per_task=0 is invalid; expected a positive integer"),
     (dict(mem="64 GB"), r"mem='64 GB' is invalid; expected a size in MB or with a K/M/G/T"),
@@ -360,3 +363,67 @@ def test_a_config_argument_is_kept_and_its_file_checked():
     with pytest.raises(ValueError, match=r"^launch: config='experiments/configs/nope.py:plain' is "
                                          r"invalid; no such file \(.*/nope.py\)"):
         validate_spec(_train(config="experiments/configs/nope.py:plain"))
+
+
+def test_path_valued_overrides_are_made_absolute_against_the_repository():
+    """The job `cd`s into submit_dir, so a relative `init_from.workdir` or `data.data_dir` is
+    read from there; the spec says so (and launch.submit makes them absolute from the user's
+    directory first). They were passed verbatim, so the login node's checks read another path."""
+    home = os.path.expanduser("~")
+    given = ("--config.init_from.workdir=runs/pre", "--config.data.data_dir=~/tfds",
+             "--config.distill.teacher_workdir=/abs/../teacher", "--config.data.data_dir=None",
+             "--config.data.train_split=train[:10%]", "--config.seed=1")
+    spec = validate_spec(_train(overrides=given))
+    assert spec.overrides == (f"--config.init_from.workdir={ROOT}/runs/pre",
+                              f"--config.data.data_dir={home}/tfds",
+                              "--config.distill.teacher_workdir=/abs/../teacher",  # as given
+                              "--config.data.data_dir=None", *given[4:])
+    assert validate_spec(spec) == spec
+    transfer = validate_spec(JobSpec(entry="transfer", workdir="w", transfer=TRANSFER,
+                                     submit_dir=str(ROOT),
+                                     overrides=("--transfer.source.data.data_dir=d",)))
+    assert transfer.overrides == (f"--transfer.source.data.data_dir={ROOT}/d",)
+
+
+def _leaf_names(config, prefix=""):
+    for name, value in config.items():
+        if hasattr(value, "items"):
+            yield from _leaf_names(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_path_fields_name_every_path_like_field_of_the_configs():
+    """`PATH_FIELDS` is spelled out in the launcher (which imports no engine code): a path-like
+    field added to the engine's or a data config would reach the job relative to the repository
+    rather than to where the user typed it."""
+    from cnnjax.data import spec as data_spec
+    from cnnjax.train.config import DIRECTORY_FIELDS, default_config
+
+    names = set(_leaf_names(default_config()))
+    for data_config in (data_spec.default_data_config(), data_spec.detection_data_config(),
+                        data_spec.segmentation_data_config()):
+        names |= {f"data.{name}" for name in _leaf_names(data_config)}
+    path_like = {n for n in names if re.search(r"(dir|path|file|folder)s?$", n.split(".")[-1])}
+    assert path_like == set(PATH_FIELDS)
+    assert set(PATH_FIELDS) >= DIRECTORY_FIELDS
+
+
+def test_one_train_task_on_one_node_uses_all_its_gpus():
+    """A one-task step never joins jax.distributed (`should_initialize`): the one process uses
+    every GPU of the node, as on one machine. It was refused as 'expected one task per GPU'."""
+    from cnnjax.launch.checks import job_devices
+
+    spec = validate_spec(_train(gpus_per_node=4, tasks_per_node=1))
+    assert spec.tasks_per_node == 1 and spec.num_tasks == 1
+    assert job_devices(spec, {}) == (4, "1 node(s) x 4 GPU(s)")
+    several = validate_spec(_train(nodes=2, gpus_per_node=4))
+    assert job_devices(several, {}) == (8, "2 node(s) x 4 GPU(s)")
+
+
+def test_an_array_throttle_is_pointed_to_max_parallel():
+    with pytest.raises(ValueError, match=re.escape(
+            "launch: array='0-3%2' is invalid; expected comma-separated indices or ranges a-b "
+            "(a <= b) of the sweep's 4 trials, 0-3, e.g. '0-3' or '0,3'; for sbatch's '%N' "
+            "throttle (at most N tasks at once) pass --max_parallel=N")):
+        array_indices("0-3%2", 4)

@@ -97,6 +97,23 @@ def test_a_relative_python_path_is_taken_from_the_current_directory(tmp_path, py
                     "-m experiments.train \\"]
 
 
+def test_path_valued_overrides_are_taken_from_the_current_directory(tmp_path):
+    """`-- --config.init_from.workdir=pretrained_run` was passed verbatim, so the job (which
+    `cd`s into the repository) read <repo>/pretrained_run, and the checks the login shell's
+    ./pretrained_run. The script now holds the path where the user typed it."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    result = _submit(tmp_path, *_train_args("run1", "--dry_run", "--",
+                                            "--config.init_from.workdir=pretrained_run",
+                                            "--config.data.data_dir=tfds", "--config.seed=1"),
+                     cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert f"    --workdir={cwd}/run1 \\\n" in result.stdout
+    assert f"    --config.init_from.workdir={cwd}/pretrained_run \\\n" in result.stdout
+    assert f"    --config.data.data_dir={cwd}/tfds \\\n" in result.stdout
+    assert "    --config.seed=1 &\n" in result.stdout
+
+
 def test_a_record_written_before_a_spec_field_existed_still_resubmits(tmp_path):
     """launch.json of an older cnnjax (no `trials_per_task`): the same job resubmits."""
     workdir = tmp_path / "run"
@@ -162,7 +179,7 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     assert (f"error: launch: workdir='{workdir}' is invalid; it holds a job with a different "
             "spec (overrides: [] -> ['--config.seed=2']); resubmit the recorded spec to resume "
             "it (only --account, --job_name, --max_requeues, --mem, --qos, --signal_seconds, "
-            "--time and overrides that cannot change results, --distributed_timeout and "
+            "--time and the overrides a resumed run accepts, --distributed_timeout and "
             "--config.<runtime field>, may change), choose a new "
             "--workdir, or pass --force to replace it (if the config changed, also pass "
             "--config.restart=True: experiments.train refuses checkpoints of an incompatible "
@@ -176,8 +193,8 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
     assert record["replaced"][0]["spec"]["time"] == "04:00:00"
     assert len(record["jobs"]) == 2
     assert "#SBATCH --time=08:00:00\n" in (workdir / "slurm" / "job.sbatch").read_text()
-    # Overrides that cannot change results (the README's "--distributed_timeout=600 to change
-    # it", the engine's RUNTIME_FIELDS) were refused as a different spec too.
+    # Overrides a resumed run accepts (the README's "--distributed_timeout=600 to change it",
+    # the engine's RUNTIME_FIELDS) were refused as a different spec too.
     neutral = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--", "--config.seed=2",
                                              "--distributed_timeout=600",
                                              "--config.progress_bar=False"))
@@ -217,6 +234,31 @@ def test_a_sweep_is_submitted_as_an_array_over_its_trials(tmp_path):
     assert "Submitted sweep job 4242 (4 trials)" in result.stdout
     assert "#SBATCH --array=0-3%2\n" in (workdir / "slurm" / "job.sbatch").read_text()
     assert json.loads((workdir / "slurm" / "launch.json").read_text())["num_trials"] == 4
+
+
+def test_growing_a_random_sweep_is_pointed_to_force(tmp_path):
+    """docs/sweeps_and_tuning.md: a random sweep may grow (a larger num_trials, same seed). Its
+    resubmission was refused with only "choose a new --workdir" for a sweep; --force submits it
+    and the finished trials stand."""
+    sweep = tmp_path / "random_sweep.py"
+    sweep.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import log_uniform\n\n\n"
+        "def get_config():\n    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.num_trials, c.metric, c.mode = 'random', 0, 2, 'top1', 'max'\n"
+        "    c.parameters = (log_uniform('optimizer.learning_rate', 1e-3, 1.0),)\n"
+        "    return c\n")
+    workdir = tmp_path / "sweep"
+    args = ["--entry=sweep", f"--config={CONFIG}", f"--sweep={sweep}", f"--workdir={workdir}",
+            "--nocheck_configs"]
+    assert _submit(tmp_path, *args).returncode == 0
+    grown = _submit(tmp_path, *args, "--", "--sweep.num_trials=4")
+    assert grown.returncode == 1
+    assert grown.stderr.strip().endswith(
+        "A random sweep grown with a larger --sweep.num_trials (same seed) is one --force "
+        "submits: its finished trials stand and only the new ones run).")
+    forced = _submit(tmp_path, *args, "--force", "--", "--sweep.num_trials=4")
+    assert forced.returncode == 0, forced.stderr
+    assert "#SBATCH --array=0-3\n" in (workdir / "slurm" / "job.sbatch").read_text()
 
 
 def _grid_sweep_with_num_trials(tmp_path):
@@ -302,11 +344,11 @@ def test_a_sweep_resubmitted_with_array_reruns_chosen_trials(tmp_path):
     assert ("it holds a job with a different spec (overrides: [] -> "
             "['--config.num_train_steps=5']); resubmit the recorded spec to resume it (only "
             "--account, --array, --job_name, --max_parallel, --max_requeues, --mem, --qos, "
-            "--signal_seconds, --time, --trials_per_task and overrides that cannot change "
-            "results") in changed.stderr
+            "--signal_seconds, --time, --trials_per_task and the overrides a resumed run "
+            "accepts") in changed.stderr
     assert ("pass --force to replace it (experiments.sweep still refuses a --sweep_dir holding "
-            "another search space or base config; for those choose a new --workdir)"
-            in changed.stderr)
+            "another search space or base config; for those choose a new --workdir. A random "
+            "sweep grown") in changed.stderr
     assert "restart" not in changed.stderr
     assert "#SBATCH --array=1,3\n" in script.read_text()
     assert len(json.loads((workdir / "slurm" / "launch.json").read_text())["jobs"]) == 3
