@@ -6,12 +6,14 @@ re-initializes the head (`head`; FCN's skip-score and upsampling layers; GoogLeN
 heads) with the model's own initializers, and copies every other parameter and all BatchNorm
 statistics unchanged. `trainable_mask` / `freeze_backbone`
 then restrict training to the new head (linear probing) or leave everything trainable
-(fine-tuning).
+(fine-tuning); `backbone_eval_mode` also runs the backbone's BatchNorm and dropout layers in eval
+mode while the model trains (the linear-evaluation protocol's frozen backbone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +23,7 @@ import optax
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from cnnjax.layers.regularization import DropPath
 from cnnjax.models.registry import list_models, model_info
 from cnnjax.utils.validation import check_bool, check_positive_int, invalid
 
@@ -172,7 +175,61 @@ def trainable_mask(
 def _in_head(path: tuple[str, ...], head_names: Sequence[str]) -> bool:
     """Whether the parameter at `path` belongs to the head: a top-level module in `head_names`
     or any nested module named `head` (GoogLeNet's `aux1/head`, `aux2/head`)."""
-    return path[0] in head_names or "head" in path[1:-1]
+    return path[0] in head_names or in_head_module(path[:-1], head_names)
+
+
+def in_head_module(module_path: Sequence[str], head_names: Sequence[str] = HEAD_MODULES) -> bool:
+    """Whether the module at `module_path` (its names from the model's root, flax's
+    `Module.path`) is a head module of `trainable_mask` or lies inside one."""
+    return bool(module_path) and (module_path[0] in head_names or "head" in module_path[1:])
+
+
+#: The layers whose training behaviour `backbone_eval_mode` switches off, with the flag (a
+#: field or the call's second argument) that puts each in eval mode when True.
+EVAL_MODE_FLAGS: tuple[tuple[type, str], ...] = (
+    (nn.BatchNorm, "use_running_average"),  # cnnjax's BatchNorm and MaskedBatchNorm included
+    (nn.Dropout, "deterministic"),
+    (DropPath, "deterministic"),
+)
+
+
+@contextlib.contextmanager
+def backbone_eval_mode(head_names: Sequence[str] = HEAD_MODULES) -> Iterator[None]:
+    """Within the block, every BatchNorm, Dropout and DropPath outside the head modules
+    (`in_head_module`) runs in eval mode even when the model is applied with `train=True`:
+    BatchNorm normalizes with its running statistics and leaves them unchanged, dropout and
+    stochastic depth are identities. The head's own layers keep the model's mode.
+
+    This is a linear probe's frozen backbone in the linear-evaluation protocol (MoCo's
+    `main_lincls.py`: `model.eval()`, only the classifier trained). Like `conv_impl`, it acts
+    when a function is traced, so wrap the tracing; the flag is set for each call only (a field
+    given at construction is restored afterwards, one given as the call's argument replaced).
+    """
+
+    def interceptor(next_fun: Callable, args: tuple, kwargs: dict,
+                    context: nn.module.InterceptorContext) -> Any:
+        module = context.module
+        flag = next((name for cls, name in EVAL_MODE_FLAGS if isinstance(module, cls)), None)
+        if (flag is None or context.method_name != "__call__"
+                or in_head_module(module.path, head_names)):
+            return next_fun(*args, **kwargs)
+        # flax's merge_param refuses a flag given both as field and argument: set whichever
+        # of the two the model gave (both left None is flax's own error, unchanged).
+        if len(args) > 1 and args[1] is not None:
+            args = (args[0], True, *args[2:])
+        elif kwargs.get(flag) is not None:
+            kwargs = {**kwargs, flag: True}
+        own = getattr(module, flag)
+        if own is None:
+            return next_fun(*args, **kwargs)
+        object.__setattr__(module, flag, True)  # modules are frozen dataclasses; restored below
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, flag, own)
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def freeze_backbone(
@@ -183,8 +240,8 @@ def freeze_backbone(
     """Wraps `tx` so only the head is updated; backbone updates are exactly zero, so
     `optax.apply_updates` leaves the backbone bitwise unchanged.
 
-    (Backbone BatchNorm statistics still update in `train=True` mode; evaluate the backbone with
-    `train=False` or keep the old `batch_stats` to freeze those too.)
+    (Backbone BatchNorm statistics still update in `train=True` mode, and backbone dropout stays
+    on; apply the model inside `backbone_eval_mode` to freeze those too.)
     """
     mask = trainable_mask(params, train_backbone=False, head_names=head_names)
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)

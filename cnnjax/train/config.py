@@ -230,6 +230,9 @@ def default_config() -> ml_collections.ConfigDict:
     # *running statistics* are not frozen: the train step runs the model in train mode, so BatchNorm
     # normalizes with batch statistics and keeps updating its running averages (as PyTorch does
     # with requires_grad=False but model.train()); eval uses those running averages.
+    # 'backbone_eval': the same head-only training with every BatchNorm, Dropout and DropPath
+    # outside the head in eval mode (heads.backbone_eval_mode): running statistics used and left
+    # unchanged, no dropout, i.e. the linear-evaluation protocol (MoCo's main_lincls.py).
     c.freeze = ml_collections.FieldReference(None, field_type=str)
     return c
 

@@ -322,7 +322,8 @@ def wrap_steps(config: Any, task: str, model: Any, tx: Any, schedule: Any,
     conv_impl = config.conv_impl  # "auto" is resolved per backend by the lowering contexts
     options = {"accum_steps": int(config.get("grad_accum_steps", 1)),
                "ema": config_lib.ema_rule(config),
-               "batch_norm_impl": config.get("batch_norm_impl", "auto")}
+               "batch_norm_impl": config.get("batch_norm_impl", "auto"),
+               "backbone_eval": config.get("freeze") == "backbone_eval"}
     if task == "detection":
         train_step, predict_step = make_detection_steps(
             model, tx, schedule, AXIS_NAME, conv_impl, **options

@@ -4,7 +4,7 @@ Holding `step`, `params`, `batch_stats`, `opt_state` and the base `rng` together
 one object and resuming exact: the step's dropout key is derived from `(rng, step, device)`, never
 carried as mutable host state. Warm starts (`config.init_from`) replace the fresh variables with
 another run's (`select_pretrained` checks, `warm_start` substitutes); `freeze_optimizer` restricts
-training to the head.
+training to the head (with the backbone in eval mode for 'backbone_eval').
 """
 
 from __future__ import annotations
@@ -356,30 +356,41 @@ def warm_start(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:
     return state.replace(**updated)
 
 
-#: `config.freeze`'s values: None trains every parameter, 'backbone' only the head.
-FREEZE_MODES = (None, "backbone")
+#: `config.freeze`'s values: None trains every parameter, 'backbone' only the head (the backbone
+#: in train mode), 'backbone_eval' only the head with the backbone in eval mode.
+FREEZE_MODES = (None, "backbone", "backbone_eval")
 
 
 def check_freeze(owner: str, value: Any) -> None:
     """Refuses (a ValueError naming `owner`'s `freeze`) a value not in `FREEZE_MODES`."""
     if value not in FREEZE_MODES:
         raise invalid(owner, "freeze", value,
-                      "expected None (train every parameter) or 'backbone' (train only the head)")
+                      "expected None (train every parameter), 'backbone' (train only the head; "
+                      "backbone BatchNorm and dropout in train mode) or 'backbone_eval' (train "
+                      "only the head; backbone BatchNorm and dropout in eval mode)")
+
+
 
 
 def freeze_optimizer(
     tx: optax.GradientTransformation, params: Any, freeze: str | None
 ) -> optax.GradientTransformation:
-    """`tx` for `config.freeze`: None returns it unchanged; 'backbone' trains only the head.
+    """`tx` for `config.freeze`: None returns it unchanged; 'backbone' and 'backbone_eval' train
+    only the head.
 
-    'backbone' gives `tx`'s updates to the leaves of `trainable_heads` (the top-level modules in
+    Both give `tx`'s updates to the leaves of `trainable_heads` (the top-level modules in
     `heads.HEAD_MODULES`: `head`, FCN's score/upsampling layers; and nested `head` modules:
     GoogLeNet's auxiliary classifiers' `aux1/head`, `aux2/head`), every other
     parameter (BatchNorm scale/bias included) an exactly zero update, so it stays bitwise equal
-    to its initial (e.g. warm-started) value. Frozen BatchNorm *statistics*: not frozen — the
-    train step runs the model in train mode, so backbone BatchNorm layers normalize with batch
-    statistics and keep updating their running averages, which eval then uses (PyTorch's
-    `requires_grad=False` with `model.train()`). `params` may hold `jax.ShapeDtypeStruct` leaves.
+    to its initial (e.g. warm-started) value. They differ in the backbone's BatchNorm statistics
+    and dropout. 'backbone': the train step runs the model in train mode, so backbone BatchNorm
+    layers normalize with batch statistics and keep updating their running averages, which eval
+    then uses, and backbone dropout / stochastic depth stay on (PyTorch's `requires_grad=False`
+    with `model.train()`). 'backbone_eval': the train steps (`backbone_eval`, set by
+    `loop.wrap_steps`) run every BatchNorm, Dropout and DropPath outside the head modules in
+    eval mode: running statistics used and left bitwise unchanged, no dropout (the
+    linear-evaluation protocol, MoCo's `main_lincls.py`). `params` may hold
+    `jax.ShapeDtypeStruct` leaves.
     """
     check_freeze("config", freeze)
     if freeze is None:
@@ -390,9 +401,10 @@ def freeze_optimizer(
 
 
 def trainable_heads(params: Any) -> Any:
-    """The `freeze='backbone'` mask (a pytree of bools like `params`), `heads.trainable_mask`:
-    True for the head modules (`head`, FCN's score/upsampling layers) and for every nested module
-    named `head`, i.e. GoogLeNet's auxiliary classifiers' final layers `aux1/head`, `aux2/head`.
+    """The `freeze='backbone'` / `'backbone_eval'` mask (a pytree of bools like `params`),
+    `heads.trainable_mask`: True for the head modules (`head`, FCN's score/upsampling layers) and
+    for every nested module named `head`, i.e. GoogLeNet's auxiliary classifiers' final layers
+    `aux1/head`, `aux2/head`.
 
     Those are classifier heads too: their shape follows num_classes, a warm start leaves them
     freshly initialized (`init_from.exclude` ('head',)), so frozen they would stay random and

@@ -18,6 +18,7 @@ the collectives are identities.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from jax import lax
 
 from cnnjax.layers.batch_norm_impl import batch_norm_impl as batch_norm_impl_context
 from cnnjax.layers.conv_impl import conv_impl as conv_impl_context
+from cnnjax.models.heads import backbone_eval_mode
 from cnnjax.train import losses
 from cnnjax.train.distill import Distillation, distillation_metrics
 from cnnjax.train.ema import ExponentialMovingAverage
@@ -73,6 +75,7 @@ def train_step(
     mixing: Mixing | None = None,
     distill: Distillation | None = None,
     teacher: nn.Module | None = None,
+    backbone_eval: bool = False,
 ) -> tuple[TrainState, dict]:
     """One SGD step on this device's `batch` {'image': [B, H, W, C], 'label': [B]}.
 
@@ -89,7 +92,9 @@ def train_step(
     `batch_norm_impl` how training-mode BatchNorms are (`cnnjax.layers.batch_norm_impl`:
     "matmul" channel sums as matrix-vector products, faster on CPU; "auto" that on CPU, flax's
     own elsewhere).
-    `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`. An enabled `mixing`
+    `accum_steps` and `ema`: see `_gradients` and `_apply_gradients`. `backbone_eval` (with a
+    `freeze_optimizer(..., 'backbone_eval')` `tx`) runs the backbone's BatchNorm and dropout in
+    eval mode (`_apply_training`). An enabled `mixing`
     (mixup / CutMix, `cnnjax.train.mixing`) mixes this device's batch with its own key first;
     the loss is then against the soft targets and top-1/top-5 score their dominant label.
     With `distill` (knowledge distillation, `cnnjax.train.distill`) the `teacher` module with
@@ -118,7 +123,7 @@ def train_step(
                 rng: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
         outputs, updates = _apply_training(
             model, params, batch_stats, (batch["image"],), {"dropout": rng}, conv_impl,
-            batch_norm_impl,
+            batch_norm_impl, backbone_eval=backbone_eval,
         )
         logits, aux_logits = losses.split_auxiliary(outputs)
         per_example = losses.example_metrics(logits, batch["label"], label_smoothing)
@@ -277,11 +282,15 @@ def _apply_training(
     conv_impl: str,
     batch_norm_impl: str,
     method: str | None = None,
+    backbone_eval: bool = False,
     **kwargs: Any,
 ) -> tuple[Any, dict]:
     """`model.apply(..., train=True)` with `params` and `batch_stats`, its convolutions lowered
     by `conv_impl` and its BatchNorms by `batch_norm_impl`; returns `(outputs, updates)`, where
-    `updates` holds the new BatchNorm statistics (empty for a model without any)."""
+    `updates` holds the new BatchNorm statistics (empty for a model without any). With
+    `backbone_eval` (`config.freeze='backbone_eval'`) the
+    BatchNorm, Dropout and DropPath layers outside the head run in eval mode
+    (`heads.backbone_eval_mode`), so backbone statistics come back unchanged."""
     variables = {"params": params}
     mutable: list[str] | bool = False
     if batch_stats:
@@ -289,7 +298,9 @@ def _apply_training(
         mutable = ["batch_stats"]
     if method is not None:
         kwargs["method"] = method
-    with conv_impl_context(conv_impl), batch_norm_impl_context(batch_norm_impl):
+    # Outermost, so the BatchNorm lowering below sees the eval-mode flag it sets.
+    eval_mode = backbone_eval_mode() if backbone_eval else contextlib.nullcontext()
+    with eval_mode, conv_impl_context(conv_impl), batch_norm_impl_context(batch_norm_impl):
         out = model.apply(variables, *args, train=True, mutable=mutable, rngs=rngs, **kwargs)
     return out if mutable else (out, {})
 
@@ -346,6 +357,7 @@ def segmentation_train_step(
     batch_norm_impl: str = "flax",
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
+    backbone_eval: bool = False,
 ) -> tuple[TrainState, dict]:
     """One step of a dense predictor (an FCN) on `batch` {'image' [B, H, W, C], 'labels'
     [B, H, W]} (`cnnjax.data.segmentation`); metrics `loss` (device-averaged), `pixel_accuracy`
@@ -365,7 +377,8 @@ def segmentation_train_step(
     def loss_fn(params: Any, batch_stats: Any, batch: dict,
                 rng: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
         logits, updates = _apply_training(model, params, batch_stats, (batch["image"],),
-                                          {"dropout": rng}, conv_impl, batch_norm_impl)
+                                          {"dropout": rng}, conv_impl, batch_norm_impl,
+                                          backbone_eval=backbone_eval)
         per_image = _pixel_metrics(logits, batch["labels"])
         return jnp.mean(per_image["loss"]), (per_image, updates)
 
@@ -442,6 +455,7 @@ def detection_train_step(
     batch_norm_impl: str = "flax",
     accum_steps: int = 1,
     ema: ExponentialMovingAverage | None = None,
+    backbone_eval: bool = False,
 ) -> tuple[TrainState, dict]:
     """One step of a detector on `batch` {'image', 'boxes', 'labels', 'box_valid'} and maybe
     {'proposals', 'proposal_valid'} (`cnnjax.data.detection`): the model's own `loss` method,
@@ -464,6 +478,7 @@ def detection_train_step(
             conv_impl,
             batch_norm_impl,
             method="loss",
+            backbone_eval=backbone_eval,
             **proposal_kwargs(batch),
         )
         return loss, (terms, updates)

@@ -639,8 +639,9 @@ def test_leaves_no_module_exclusion_can_skip_get_their_own_hint():
         (
             "freeze",
             "all",
-            "config: freeze='all' is invalid; expected None (train every parameter) or "
-            "'backbone' (train only the head).",
+            "config: freeze='all' is invalid; expected None (train every parameter), "
+            "'backbone' (train only the head; backbone BatchNorm and dropout in train mode) or "
+            "'backbone_eval' (train only the head; backbone BatchNorm and dropout in eval mode).",
         ),
         (
             "init_from.step",
