@@ -63,6 +63,7 @@ from cnnjax.utils.validation import (
     check_non_negative_int,
     check_positive_int,
     invalid,
+    is_integer,
 )
 
 Array = Any
@@ -78,8 +79,7 @@ def _check_five(owner: str, arg: str, value: Any) -> tuple[int, ...]:
         values = tuple(value)
     except TypeError:
         values = ()
-    if len(values) != 5 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                   for v in values):
+    if len(values) != 5 or not all(is_integer(v) and v > 0 for v in values):
         raise invalid(owner, arg, value, "expected five positive ints, one per conv layer")
     return values
 

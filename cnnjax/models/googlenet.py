@@ -131,9 +131,7 @@ def _check_classifier_fields(module: nn.Module) -> None:
     check_positive_int(owner, "num_classes", module.num_classes)
     check_bool(owner, "aux_logits", module.aux_logits)
     check_dropout_rate(owner, module.dropout_rate)
-    rate = module.aux_dropout_rate
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
-        raise invalid(owner, "aux_dropout_rate", rate, "expected a number in [0, 1)")
+    check_dropout_rate(owner, module.aux_dropout_rate, "aux_dropout_rate")
 
 
 class GoogLeNetOutputs(NamedTuple):

@@ -45,6 +45,7 @@ from cnnjax.utils.validation import (
     check_choice,
     check_positive_int,
     invalid,
+    is_integer,
 )
 
 Array = Any
@@ -66,7 +67,7 @@ class MLPConv(nn.Module):
         owner = type(self).__name__
         try:
             ok = len(self.features) > 0 and all(
-                isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in self.features)
+                is_integer(f) and f > 0 for f in self.features)
         except TypeError:
             ok = False
         if not ok:

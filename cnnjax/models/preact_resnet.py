@@ -77,6 +77,10 @@ DEFAULT_STRIDE_IN_1X1 = True
 #: on a basic `PreActResNet` they are a ValueError.
 _BOTTLENECK_ONLY = {"expansion": None, "stride_in_1x1": None}
 
+#: Likewise the option only basic blocks have (dropout between their two convs), pinned to 0 on
+#: the registered bottleneck networks.
+_BASIC_ONLY = {"drop_rate": 0.0}
+
 
 def _drop_path(y: Array, rate: float, train: bool) -> Array:
     """The residual branch `y` through `DropPath` (training only) when `rate` > 0."""
@@ -365,14 +369,14 @@ def preact_resnet110_cifar(**kwargs: Any) -> PreActResNet:
 def preact_resnet164_cifar(**kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-164 (bottleneck blocks, n=18); 1,703,258 parameters at 10 classes
     (the paper: 1.7M, 5.46% CIFAR-10 error)."""
-    return preact_resnet_cifar(164, bottleneck=True, **kwargs)
+    return preact_resnet_cifar(164, bottleneck=True, **_BASIC_ONLY, **kwargs)
 
 
 @_REGISTER_PREACT("preact_resnet1001_cifar")
 def preact_resnet1001_cifar(**kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-1001 (bottleneck blocks, n=111); 10,327,706 parameters at 10
     classes, 10,178,490 without BatchNorm's (the paper: 10.2M, 4.92% CIFAR-10 error)."""
-    return preact_resnet_cifar(1001, bottleneck=True, **kwargs)
+    return preact_resnet_cifar(1001, bottleneck=True, **_BASIC_ONLY, **kwargs)
 
 
 @_REGISTER_WRN("wrn28_10_cifar")

@@ -384,8 +384,12 @@ def _unwrap(factory: Any) -> Any:
     return factory
 
 
-ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
-ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+# The basic-block nets pin `stride_in_1x1` (a bottleneck-block option) to its only valid value,
+# so `create_model` refuses it as fixed by the name and `model_kwargs_config` does not offer it.
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock,
+                             stride_in_1x1=False)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock,
+                             stride_in_1x1=False)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)

@@ -54,7 +54,13 @@ from cnnjax.layers.dense import Dense
 from cnnjax.layers.norm import LocalResponseNorm
 from cnnjax.layers.pooling import adaptive_avg_pool2d, max_pool2d
 from cnnjax.models.registry import check_call, register_model
-from cnnjax.utils.validation import check_bool, check_positive_int, invalid
+from cnnjax.utils.validation import (
+    check_bool,
+    check_number,
+    check_positive_int,
+    invalid,
+    is_integer,
+)
 
 Array = Any
 
@@ -84,11 +90,11 @@ def flatten(x: Array) -> Array:
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
-def check_dropout_rate(owner: str, rate: Any) -> float:
-    """Returns `rate` if it is a number in [0, 1), else raises the standard ValueError."""
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate < 1:
-        raise invalid(owner, "dropout_rate", rate, "expected a number in [0, 1)")
-    return float(rate)
+def check_dropout_rate(owner: str, rate: Any, arg: str = "dropout_rate") -> float:
+    """Returns `rate` as a float if it is a number in [0, 1) (a NumPy scalar too; not a bool or a
+    string), else raises the standard ValueError naming `arg`."""
+    return check_number(owner, arg, rate, "expected a number in [0, 1)", low=0.0, high=1.0,
+                        high_open=True, strings=False)
 
 
 def check_stages(owner: str, stages: Any, arg: str = "stages") -> None:
@@ -96,8 +102,7 @@ def check_stages(owner: str, stages: Any, arg: str = "stages") -> None:
     (`VGGFeatures`'s blocks; detectors pass their own field name as `arg`)."""
     try:
         ok = len(stages) > 0 and all(
-            len(block) > 0 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0
-                                   for c in block)
+            len(block) > 0 and all(is_integer(c) and c > 0 for c in block)
             for block in stages)
     except TypeError:
         ok = False
@@ -114,7 +119,7 @@ def check_kernel_sizes(owner: str, stages: Sequence[Sequence[int]], kernel_sizes
     try:
         ok = len(kernel_sizes) == len(stages) and all(
             len(sizes) == len(block) and all(
-                isinstance(k, int) and not isinstance(k, bool) and k > 0 and k % 2 == 1
+                is_integer(k) and k > 0 and k % 2 == 1
                 for k in sizes)
             for sizes, block in zip(kernel_sizes, stages, strict=False))
     except TypeError:

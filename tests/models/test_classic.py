@@ -1312,6 +1312,45 @@ def test_invalid_hyperparameters_raise_before_tracing(build, message):
         build()
 
 
+NUMPY_SCALARS = [  # (model, field, NumPy value, the same value as a Python number)
+    ("vgg16", "dropout_rate", np.float32(0.5), 0.5),
+    ("vgg16_bn", "dropout_rate", np.float64(0.25), 0.25),
+    ("alexnet", "dropout_rate", np.float32(0.5), 0.5),
+    ("zfnet", "dropout_rate", np.float32(0.5), 0.5),
+    ("nin", "dropout_rate", np.float32(0.5), 0.5),
+    ("googlenet", "aux_dropout_rate", np.float32(0.7), 0.7),
+    ("googlenet_bn", "dropout_rate", np.float32(0.2), 0.2),
+    ("zfnet", "widths", tuple(np.array([8, 16, 16, 16, 8])), (8, 16, 16, 16, 8)),
+]
+
+
+@pytest.mark.parametrize("name, field, value, python", NUMPY_SCALARS,
+                         ids=[f"{n}-{f}" for n, f, *_ in NUMPY_SCALARS])
+def test_numpy_scalars_are_accepted_like_python_numbers(name, field, value, python):
+    """A NumPy scalar (e.g. read from an array or a sweep) is the number it holds, as in the
+    rest of the zoo (`check_number`, `check_positive_int`); it was refused as "not a number"."""
+    model = create_model(name, **{field: value})
+    reference = create_model(name, **{field: python})
+    size = model_info(name).input_shape[0]
+    shapes = [jax.tree_util.tree_map(lambda a: a.shape, init_shapes(m, (1, size, size, 3)))
+              for m in (model, reference)]
+    assert shapes[0] == shapes[1]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: VGG(stages=STAGES, dropout_rate="0.5"), "VGG: dropout_rate='0.5' is invalid"),
+    (lambda: VGG(stages=STAGES, dropout_rate=np.bool_(True)),
+     "VGG: dropout_rate=np.True_ is invalid; expected a number in [0, 1)"),
+    (lambda: GoogLeNet(aux_dropout_rate=np.float32(1.0)),
+     "GoogLeNet: aux_dropout_rate=np.float32(1.0) is invalid; expected a number in [0, 1)"),
+    (lambda: ZFNet(widths=(96, 256, 384, 384, np.bool_(True))), "ZFNet: widths=(96, 256"),
+    (lambda: VGG(stages=((np.int64(8), True),)), "VGG: stages=((np.int64(8), True),) is invalid"),
+])
+def test_numpy_bools_strings_and_out_of_range_scalars_are_still_refused(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
 @pytest.mark.parametrize("name", CLASSIC)
 def test_non_nhwc_input_is_rejected(name):
     model = create_model(name)

@@ -428,7 +428,7 @@ def test_invalid_arguments():
          r"^PreActResNet: drop_rate=1.0 is invalid; expected 0 <= drop_rate < 1\.$"),
         (lambda: create_model("wrn16_4_cifar", drop_rate=-0.1),
          r"^PreActResNet: drop_rate=-0.1 is invalid"),
-        (lambda: create_model("preact_resnet164_cifar", drop_rate=0.3),
+        (lambda: preact_resnet_cifar(164, bottleneck=True, drop_rate=0.3),
          r"^PreActResNet: drop_rate=0.3 is invalid; expected 0 with bottleneck=True"),
         (lambda: create_model("preact_resnet110_cifar", num_classes=0),
          r"^PreActResNet: num_classes=0 is invalid; expected a positive integer\.$"),

@@ -16,6 +16,7 @@ from cnnjax.models import (
 )
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.registry import registered_model
+from cnnjax.models.resnet import ResNet18
 
 
 @pytest.mark.parametrize(("name", "kwargs", "message"), [
@@ -156,8 +157,21 @@ def test_a_switch_given_a_numpy_bool_is_taken(name, field):
 def test_stride_in_1x1_is_refused_for_basic_blocks():
     with pytest.raises(ValueError, match=r"^ResNet: stride_in_1x1=True is invalid; expected False "
                                          r"with basic blocks .*BasicBlock would ignore it"):
-        create_model("resnet18", stride_in_1x1=True)
+        ResNet18(stride_in_1x1=True)
     assert create_model("resnet50", stride_in_1x1=True).stride_in_1x1
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("resnet18", "stride_in_1x1", True), ("resnet34", "stride_in_1x1", True),
+    ("preact_resnet164_cifar", "drop_rate", 0.3), ("preact_resnet1001_cifar", "drop_rate", 0.3),
+])
+def test_a_field_whose_only_valid_value_is_the_default_is_not_offered(name, field, value):
+    """A block-type option the registered net's blocks lack (resnet18's `stride_in_1x1`, a
+    bottleneck net's `drop_rate`) was listed settable, so `model_kwargs_config` offered a knob
+    that every non-default value broke; the name now fixes it."""
+    assert field not in settable_fields(name)
+    with pytest.raises(ModelArgumentError, match=rf"model '{name}' does not take '{field}'"):
+        create_model(name, **{field: value})
 
 
 @pytest.mark.parametrize("name,kwargs,message", [
