@@ -757,6 +757,9 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Call
     for index, eqn in enumerate(jaxpr.eqns):
         ins = [read(v) for v in eqn.invars]
         body = _body(eqn) if eqn.primitive.name in _CALLS else None
+        if body is not None and eqn.primitive.name == "custom_jvp_call" and not _count_relus(
+                body[0]):
+            body = None  # no ReLU inside: bound as it is, keeping its own derivative rule
         rectified = None if index in clamps else _rectified_operand(eqn)
         if eqn.primitive.name == "custom_jvp_call" and _is_relu(eqn):
             outs = [relu(ins[-1])]
@@ -764,8 +767,8 @@ def _evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], relu: Call
             outs = [relu(ins[rectified])]
         elif body is not None:
             outs = _evaluate(body[0], body[1], ins, relu)
-        else:
-            out = eqn.primitive.bind(*ins, **eqn.params)
+        else:  # as jax.core.eval_jaxpr binds (a call's body becomes a function again)
+            out = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
             outs = out if eqn.primitive.multiple_results else [out]
         if after is not None:
             outs = after(index, outs)
@@ -824,10 +827,12 @@ def count_relus(model: nn.Module, variables: Any, images: Any) -> int:
     return _count_relus(closed.jaxpr, model)
 
 
-def _count_relus(jaxpr: Any, model: nn.Module) -> int:
+def _count_relus(jaxpr: Any, model: nn.Module | None = None) -> int:
     """The ReLUs `_evaluate` replaces in `jaxpr`, through nested calls (`count_relus`); a
     ValueError naming `model` where a ReLU sits in a body `_evaluate` does not inline (a scan's,
-    a loop's, a cond's branch, a custom_vjp function's): it would keep its plain gradient."""
+    a loop's, a cond's branch, a custom_vjp function's): it would keep its plain gradient.
+    `_evaluate` binds a custom_jvp function whose body holds none as it is (e.g.
+    `conv_impl.conv_general_dilated`'s input-gradient rule, which XLA:CPU needs)."""
     clamps = _variance_clamps(jaxpr)
     count = 0
     for index, eqn in enumerate(jaxpr.eqns):
@@ -838,7 +843,7 @@ def _count_relus(jaxpr: Any, model: nn.Module) -> int:
         elif body is not None:
             count += _count_relus(body[0], model)
         elif any(_count_relus(inner, model) for inner in _sub_jaxprs(eqn)):
-            raise invalid(_OWNER, "model", type(model).__name__,
+            raise invalid(_OWNER, "model", type(model).__name__ if model else "the model",
                           f"it applies a ReLU inside a {eqn.primitive.name!r} (a jax.lax "
                           "control-flow body such as nn.scan's, or a custom_vjp function), "
                           "which guided backprop cannot rewrite: its map would mix guided and "

@@ -795,3 +795,48 @@ def test_a_repeated_or_empty_method_list_is_refused_without_naming_an_unknown_on
     for methods in ("saliency,saliency", ""):
         with pytest.raises(ValueError, match=r"at least one\.$"):
             at.check_methods(methods)
+
+
+# A process of its own: lax's input gradient of this Conv2D aborts XLA:CPU (conv_impl routes it).
+_ROUTED_CONV_NET = """
+import sys
+import flax.linen as nn, jax, numpy as np
+from cnnjax.analysis import attribution
+from cnnjax.layers import Conv2D
+from cnnjax.layers.conv_impl import conv_impl
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, images, train=False):
+        x = nn.relu(Conv2D(4, 3, padding=1, name="conv1")(images))
+        x = nn.relu(Conv2D(4, (2, 3), strides=2, padding=((1, 1), (0, 0)), name="conv2")(x))
+        return nn.Dense(3, name="head")(x.reshape(x.shape[0], -1))
+
+net, x = Net(), np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)
+variables = net.init(jax.random.key(0), x)
+maps = {}
+for impl in ("auto", "matmul"):  # "matmul": patches + matmul, no convolution to route
+    with conv_impl(impl):
+        maps[f"guided_{impl}"] = attribution.guided_backprop(net, variables, x)
+        maps[f"cam_{impl}"] = attribution.grad_cam(net, variables, x, layer="conv1").maps
+np.savez(sys.argv[1], **maps)
+"""
+
+
+def test_guided_backprop_and_grad_cam_keep_the_routed_convolutions_gradient(tmp_path):
+    """`_evaluate` inlined every custom_jvp body but ReLU's, dropping
+    `conv_impl.conv_general_dilated`'s input-gradient rule: guided backprop and Grad-CAM at a
+    layer before a routed Conv2D aborted the process in XLA:CPU. They run, and match the same
+    maps computed with every convolution as patches + matmul."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "maps.npz"
+    result = subprocess.run([sys.executable, "-c", _ROUTED_CONV_NET, str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    maps = np.load(out)
+    for name in ("guided", "cam"):
+        assert np.abs(maps[f"{name}_auto"]).max() > 0
+        np.testing.assert_allclose(maps[f"{name}_auto"], maps[f"{name}_matmul"], rtol=1e-4,
+                                   atol=1e-6 * np.abs(maps[f"{name}_matmul"]).max())
