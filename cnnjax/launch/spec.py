@@ -308,9 +308,9 @@ def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) ->
 def absolute_path_overrides(overrides: Any, base: str) -> Any:
     """`overrides` with the relative value of each `PATH_FIELDS` override (of any config file,
     e.g. `--transfer.source.data.data_dir=tfds`) made absolute against `base`, `~` expanded: the
-    job runs in the repository, not where the path was typed. Absolute paths, None (unset) and
-    '' stay as given, as does anything that is not a tuple of overrides (`check_override` says
-    why)."""
+    job runs in the repository, not where the path was typed. Absolute paths, URLs
+    (`gs://...`), None (unset) and '' stay as given, as does anything that is not a tuple of
+    overrides (`check_override` says why)."""
     if not isinstance(overrides, tuple):
         return overrides
     out = []
@@ -318,6 +318,7 @@ def absolute_path_overrides(overrides: Any, base: str) -> Any:
         match = _OVERRIDE.match(override) if isinstance(override, str) else None
         value = match.group("value") if match else ""
         if (match and value not in ("", "None") and not os.path.isabs(value)
+                and "://" not in value  # a URL (tfds reads gs://...) is no local path
                 and any(match.group("field").endswith(f".{name}") for name in PATH_FIELDS)):
             override = override[:match.start("value")] + _absolute(value, base)
         out.append(override)

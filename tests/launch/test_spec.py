@@ -372,12 +372,13 @@ def test_path_valued_overrides_are_made_absolute_against_the_repository():
     home = os.path.expanduser("~")
     given = ("--config.init_from.workdir=runs/pre", "--config.data.data_dir=~/tfds",
              "--config.distill.teacher_workdir=/abs/../teacher", "--config.data.data_dir=None",
+             "--config.data.data_dir=gs://bucket/tfds",
              "--config.data.train_split=train[:10%]", "--config.seed=1")
     spec = validate_spec(_train(overrides=given))
     assert spec.overrides == (f"--config.init_from.workdir={ROOT}/runs/pre",
                               f"--config.data.data_dir={home}/tfds",
                               "--config.distill.teacher_workdir=/abs/../teacher",  # as given
-                              "--config.data.data_dir=None", *given[4:])
+                              "--config.data.data_dir=None", *given[4:])  # a URL as given
     assert validate_spec(spec) == spec
     transfer = validate_spec(JobSpec(entry="transfer", workdir="w", transfer=TRANSFER,
                                      submit_dir=str(ROOT),
