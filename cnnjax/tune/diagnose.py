@@ -10,7 +10,7 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
                       collapse after learning, e.g. back to chance), or one that rose above its
                       first log and ended no lower than its start or chance, ln(num_classes)
                       (a network the rate stopped learning, e.g. dead ReLUs: `spike_min_rise`,
-                      `min_loss_delta`). Step given.
+                      `rise_noise_factor`, `min_loss_delta`). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
                       value over the whole run, and not fast at first and then hardly at all
@@ -122,6 +122,10 @@ class Thresholds:
     spike_factor: float = 1.5
     # ... and rises by at least 5% of the first loss (ignores jitter once the loss is ~0).
     spike_min_rise: float = 0.05
+    # A rise that stopped a network learning (`diverged`) also exceeds 5x the train loss's
+    # log-to-log noise (robust standard deviation): on flat noisy curves (40 logs at ln 10,
+    # noise 2.6%) a smoothed log lands 5% above a low first log in ~1 run in 4, 5 sds ~1 in 700.
+    rise_noise_factor: float = 5.0
     # Two spikes are a pattern; a single one (even spanning consecutive logs) may be one bad batch.
     min_spikes: int = 2
     # Learning has barely started if the smoothed loss fell by < 30% of its first value ...
@@ -466,17 +470,20 @@ def _relapsed(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
 
 def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
     """`diverged` for a run the rate stopped from learning at all: the smoothed train loss rose
-    above its first log (by more than the `spike_min_rise` jitter floor) and ended no lower
-    (within `min_loss_delta`) than its start, the lower of that log and a classifier's chance
-    level ln(C); or the first log is already that far above ln(C) (the jump came within it) and
-    the loss settled at ln(C) with a flat tail (within `min_loss_delta`): a network predicting
-    the class prior whatever the input (e.g. dead ReLUs). A rate too low leaves the loss near
-    its start too (`too_slow`), but never lifts it first."""
+    above its first log (by more than the `spike_min_rise` jitter floor and `rise_noise_factor`
+    x the logs' noise) and ended no lower (within `min_loss_delta`) than its start, the lower
+    of that log and a classifier's chance level ln(C); or the first log is already that far
+    above ln(C) (the jump came within it) and the loss settled at ln(C) with a flat tail
+    (within `min_loss_delta`): a network predicting the class prior whatever the input (e.g.
+    dead ReLUs). A rate too low leaves the loss near its start too (`too_slow`), but never
+    lifts it first."""
     first, last, chance = smooth[0], smooth[-1], curves.initial_loss
     start = first if chance is None else min(first, chance)
-    above = smooth - first > t.spike_min_rise * first
+    # Both jumps must beat the noise too: a low (or high) first log of a flat noisy run is no jump.
+    noise = t.rise_noise_factor * _log_noise(curves.train_loss)
+    above = smooth - first > max(t.spike_min_rise * first, noise)
     rose = first > 0 and bool(above.any()) and last >= (1 - t.min_loss_delta) * start
-    settled = (chance is not None and first - chance > t.spike_min_rise * chance
+    settled = (chance is not None and first - chance > max(t.spike_min_rise * chance, noise)
                and abs(last - chance) <= t.min_loss_delta * chance
                and _train_tail_drop(curves, smooth, t) <= t.min_loss_delta)
     if not (rose or settled):
@@ -500,6 +507,16 @@ def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Fi
          "chance_loss": _num(chance)},
         _divergence_advice(curves),
     )
+
+
+def _log_noise(loss: np.ndarray) -> float:
+    """Robust standard deviation of the logged losses' noise about their trend: the median
+    absolute deviation of log-to-log changes (x 1.4826, a Gaussian's sd; / sqrt 2, as each
+    change holds two logs' noise), which a jump or two and a steady trend leave alone."""
+    changes = np.diff(loss)
+    if not len(changes):
+        return 0.0
+    return float(1.4826 * np.median(np.abs(changes - np.median(changes))) / math.sqrt(2))
 
 
 def _diverged(curves: Curves, t: Thresholds) -> Finding | None:

@@ -909,8 +909,10 @@ def check_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> dict:
         old = config_lib.flatten({"regularizers": list(DEFAULT_REGULARIZERS),
                                   "lengthen_regularizers": False, "lr_range_test": False,
                                   **saved.get("recipe", {})})
-        # ... and one from before thresholds.plateau_ratio existed, its default.
-        old.setdefault("thresholds.plateau_ratio", Thresholds().plateau_ratio)
+        # ... and one from before thresholds.plateau_ratio or rise_noise_factor existed, their
+        # defaults.
+        for field in ("plateau_ratio", "rise_noise_factor"):
+            old.setdefault(f"thresholds.{field}", getattr(Thresholds(), field))
         new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)
                          if k != "max_rounds" and old.get(k) != new.get(k))

@@ -530,6 +530,22 @@ def test_a_loss_the_rate_lifted_and_stalled_is_divergence_not_too_slow(name, los
         assert "diverged" not in d.verdicts, (name, d.format())
 
 
+@pytest.mark.parametrize("drift, sd", [(0.0, 0.03), (0.0, 0.06), (0.05, 0.06)])
+def test_a_noisy_flat_or_slowly_falling_loss_is_not_divergence(drift, sd):
+    """A rate too low: 40 logs at chance ln(10), flat or falling 5%, with Gaussian noise of sd
+    0.03 or 0.06 (1.3%, 2.6%). A low first log made later smoothed logs "rise" 5% above it, and
+    45 in 200 such flat runs at sd 0.06 read as diverged (lower the rate), the wrong way."""
+    wrong = []
+    for seed in range(100):
+        noise = np.random.default_rng(seed).normal(0.0, sd, STEPS // 10)
+        loss = {s: CHANCE * (1 - drift * s / STEPS) + noise[s // 10 - 1]
+                for s in range(10, STEPS + 1, 10)}
+        d = dg.diagnose(_ten_classes(train_loss=loss.__getitem__, **_AT_CHANCE))
+        if "diverged" in d.verdicts:
+            wrong.append((seed, d.format()))
+    assert not wrong, wrong[:2]
+
+
 def test_a_loss_that_rose_a_little_is_too_slow_without_saying_it_fell():
     """A flat loss drifting 3% up (under the 5% rise that reads as a rate too high) is still
     too slow, but "fell only -3.0%" said the opposite of what it did."""

@@ -864,7 +864,8 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
     saved = json.loads(path.read_text())
     assert saved["recipe"].pop("regularizers") == list(rg.DEFAULT_REGULARIZERS)
     assert saved["recipe"].pop("lengthen_regularizers") is False
-    assert saved["recipe"]["thresholds"].pop("plateau_ratio") == 0.5  # nor this threshold
+    assert saved["recipe"]["thresholds"].pop("plateau_ratio") == 0.5  # nor these thresholds
+    assert saved["recipe"]["thresholds"].pop("rise_noise_factor") == 5.0
     path.write_text(json.dumps(saved))  # as an older cnnjax wrote it
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match=r"different recipe \(regularizers: \['weight_decay', "
