@@ -360,15 +360,3 @@ def test_ctrl_c_is_one_line_naming_the_step_and_the_checkpoint_a_rerun_resumes_f
     assert "resume" in summary["message"], summary["message"]
     assert stderr.strip().splitlines()[-1] == f"interrupted: {summary['message']}"
 
-
-def test_the_summary_line_of_a_fresh_run_counts_all_its_steps(capsys):
-    """A run that started at step 0 prints its step count with its own wall time."""
-    import experiments.train as train_script
-
-    train_script._print_summary({
-        "model": "lenet5", "dataset": "digits", "step": 40, "resumed_from_step": None,
-        "wall_time_s": 12.34, "total_wall_time_s": 12.34, "images_per_sec": 100.0,
-        "final_eval": {"top1": 0.5}, "best": None,
-        "outputs": {"plot": "p", "checkpoints": "c", "metrics": "m", "tensorboard": "t"}})
-    assert "Finished lenet5 on digits: 40 steps in 12.3 s (100 train images/s)." in (
-        capsys.readouterr().out)
