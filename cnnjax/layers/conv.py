@@ -30,9 +30,9 @@ from jax import lax
 from cnnjax.layers.conv_impl import (
     INTERCEPTED_CONV_CLASSES,
     conv_general_dilated,
+    cpu_lowerings_apply,
     input_gradient_sliced,
     input_patches,
-    lowerings_suspended,
 )
 from cnnjax.layers.padding import (
     PADDING_MODES,
@@ -419,9 +419,9 @@ class LocallyConnected2D(nn.Module):
         if geo.mode != "zeros":
             x = pad_nhwc(x, pads, geo.mode, owner=owner, given=self.padding)
             pads = ((0, 0), (0, 0))
-        patches = jax.ShapeDtypeStruct((*geo.kernel, 1, x.shape[-1] * math.prod(geo.kernel)),
-                                       x.dtype)
-        if input_gradient_sliced(x, patches, geo.strides, pads, rhs_dilation=geo.dilation,
+        patch_kernel = jax.ShapeDtypeStruct(  # `conv_impl.patch_kernel`'s shape
+            (*geo.kernel, 1, x.shape[-1] * math.prod(geo.kernel)), x.dtype)
+        if input_gradient_sliced(x, patch_kernel, geo.strides, pads, rhs_dilation=geo.dilation,
                                  dimension_numbers=_DIMENSION_NUMBERS,
                                  feature_group_count=x.shape[-1]):
             y = self.conv_on_patches(input_patches(x, geo.kernel, geo.strides, pads,
@@ -678,7 +678,7 @@ def _dilates_input_explicitly(strides: Sequence[int], out_size: Sequence[int]) -
     (algebraic_simplifier "Window dimensions do not match RHS shape", jax 0.10-0.11; e.g. kernel
     (2, 4), stride 2, padding ((3, 2), (2, 1)), output_padding (0, 1) on a 3x2 input); outputs
     this small cost nothing either way."""
-    if lowerings_suspended() or jax.default_backend() != "cpu":
+    if not cpu_lowerings_apply():
         return False
     return any(o < s for o, s in zip(out_size, strides, strict=True))
 
@@ -707,7 +707,7 @@ def _use_phases(strides: Sequence[int], out_size: Sequence[int], groups: int) ->
     on the CPU (accelerator libraries have their own transposed kernels), outside
     `xla_convolutions()`, strided, every output dimension at least its stride (each phase has
     an output) and not more phases than `MAX_PHASES` / `MAX_PHASES_GROUPED` allow."""
-    if lowerings_suspended() or jax.default_backend() != "cpu":
+    if not cpu_lowerings_apply():
         return False
     limit = MAX_PHASES_GROUPED if groups > 1 else MAX_PHASES
     return 1 < strides[0] * strides[1] <= limit and all(

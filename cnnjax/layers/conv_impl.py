@@ -158,6 +158,22 @@ def _spatial_dims(lhs: Array, rhs: Array, dimension_numbers: Any) -> Any:
     return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
 
 
+def _window_and_pads(lhs: Array, rhs: Array, window_strides: Sequence[int],
+                     padding: str | Sequence[tuple[int, int]],
+                     rhs_dilation: Sequence[int] | None, dimension_numbers: Any
+                     ) -> tuple[list[int], list[int], Sequence[tuple[int, int]]]:
+    """The input's spatial sizes, the dilated kernel's window and the explicit pads ("SAME" /
+    "VALID" resolved as lax does) of a convolution."""
+    dn = _spatial_dims(lhs, rhs, dimension_numbers)
+    sizes = [lhs.shape[i] for i in dn.lhs_spec[2:]]
+    kernel = [rhs.shape[i] for i in dn.rhs_spec[2:]]
+    dilation = tuple(rhs_dilation or (1,) * len(kernel))
+    window = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+    pads = (lax.padtype_to_pads(sizes, window, window_strides, padding)
+            if isinstance(padding, str) else padding)
+    return sizes, window, pads
+
+
 def input_gradient_sliced(lhs: Array, rhs: Array, window_strides: Sequence[int],
                           padding: str | Sequence[tuple[int, int]],
                           lhs_dilation: Sequence[int] | None = None,
@@ -172,17 +188,12 @@ def input_gradient_sliced(lhs: Array, rhs: Array, window_strides: Sequence[int],
     input gradients, e.g. a (2, 3) kernel, stride 2, padding ((1, 1), (0, 0)) on a 6x6 map; in
     3,000 random geometries and a 1,728-case grid every abort (11 and 8) had both properties
     (docs/performance.md), and such outputs are small."""
-    if lowerings_suspended() or jax.default_backend() != "cpu" or batch_group_count != 1:
+    if not cpu_lowerings_apply() or batch_group_count != 1:
         return False
     if not any(s > 1 for s in window_strides) or any(d != 1 for d in lhs_dilation or ()):
         return False
-    dn = _spatial_dims(lhs, rhs, dimension_numbers)
-    sizes = [lhs.shape[i] for i in dn.lhs_spec[2:]]
-    kernel = [rhs.shape[i] for i in dn.rhs_spec[2:]]
-    dilation = tuple(rhs_dilation or (1,) * len(kernel))
-    window = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
-    pads = (lax.padtype_to_pads(sizes, window, window_strides, padding)
-            if isinstance(padding, str) else padding)
+    sizes, window, pads = _window_and_pads(lhs, rhs, window_strides, padding, rhs_dilation,
+                                           dimension_numbers)
     if any(lo < 0 or hi < 0 for lo, hi in pads):
         return False
     return any((n + lo + hi - w) // s + 1 < w
@@ -207,14 +218,9 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int],
     if not input_gradient_sliced(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                  dimension_numbers, feature_group_count, batch_group_count):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    if isinstance(padding, str):
-        dn = _spatial_dims(lhs, rhs, dimension_numbers)
-        window = [d * (jnp.shape(rhs)[i] - 1) + 1
-                  for d, i in zip(rhs_dilation or (1,) * len(window_strides), dn.rhs_spec[2:],
-                                  strict=True)]
-        padding = lax.padtype_to_pads([jnp.shape(lhs)[i] for i in dn.lhs_spec[2:]], window,
-                                      window_strides, padding)
-    static = _StaticConv(tuple(window_strides), tuple(tuple(p) for p in padding),
+    _, _, pads = _window_and_pads(lhs, rhs, window_strides, padding, rhs_dilation,
+                                  dimension_numbers)
+    static = _StaticConv(tuple(window_strides), tuple(tuple(p) for p in pads),
                          tuple(sorted((k, _hashable(v)) for k, v in kwargs.items())))
     return _conv_sliced_input_tangent(lhs, rhs, static)
 
@@ -397,6 +403,13 @@ def conv_impl(impl: str = "auto") -> Iterator[None]:
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+def cpu_lowerings_apply() -> bool:
+    """Whether layers take their CPU-specific lowering (`ConvTranspose2D`'s phases or explicit
+    dilation, `conv_general_dilated`'s sliced input gradient): on the CPU backend, outside
+    `xla_convolutions()`."""
+    return not lowerings_suspended() and jax.default_backend() == "cpu"
 
 
 def lowerings_suspended() -> bool:

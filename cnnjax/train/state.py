@@ -370,8 +370,6 @@ def check_freeze(owner: str, value: Any) -> None:
                       "only the head; backbone BatchNorm and dropout in eval mode)")
 
 
-
-
 def freeze_optimizer(
     tx: optax.GradientTransformation, params: Any, freeze: str | None
 ) -> optax.GradientTransformation:

@@ -288,9 +288,9 @@ def _apply_training(
     """`model.apply(..., train=True)` with `params` and `batch_stats`, its convolutions lowered
     by `conv_impl` and its BatchNorms by `batch_norm_impl`; returns `(outputs, updates)`, where
     `updates` holds the new BatchNorm statistics (empty for a model without any). With
-    `backbone_eval` (`config.freeze='backbone_eval'`) the
-    BatchNorm, Dropout and DropPath layers outside the head run in eval mode
-    (`heads.backbone_eval_mode`), so backbone statistics come back unchanged."""
+    `backbone_eval` (`config.freeze='backbone_eval'`) the BatchNorm, Dropout and DropPath layers
+    outside the head run in eval mode (`heads.backbone_eval_mode`), so backbone statistics come
+    back unchanged."""
     variables = {"params": params}
     mutable: list[str] | bool = False
     if batch_stats:

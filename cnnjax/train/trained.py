@@ -126,6 +126,7 @@ def load_trained(workdir: str, step: int | None = None,
     config = ml_collections.ConfigDict(config_lib.with_legacy_defaults(saved))
     if num_devices is not None:
         config.num_devices = num_devices  # checked with the rest by check_config
+
     def incomplete(field: str) -> ValueError:
         return invalid(_OWNER, "workdir", workdir,
                        f"its {CONFIG_FILE} is not a complete training config (it lacks "
