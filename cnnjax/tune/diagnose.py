@@ -10,12 +10,12 @@ verdict with the numbers behind it and the config changes it recommends. Verdict
                       collapse after learning, e.g. back to chance), or one that rose above its
                       first log and ended no lower than its start or chance, ln(num_classes)
                       (a network the rate stopped learning, e.g. dead ReLUs: `spike_min_rise`,
-                      `rise_noise_factor`, `min_loss_delta`). Step given.
+                      `jump_noise_factor`, `min_loss_delta`). Step given.
     unstable          repeated train-loss spikes above a windowed median of the preceding logs.
     too_slow          the smoothed train loss fell by less than `slow_min_drop` of its first
-                      value over the whole run, and not fast at first and then hardly at all
-                      (`plateau_ratio`, measured per unit of the logged learning rate): the
-                      learning rate is too low.
+                      value over the whole run, and not fast at first (beyond the logs' noise,
+                      `jump_noise_factor`) and then hardly at all (`plateau_ratio`, measured
+                      per unit of the logged learning rate): the learning rate is too low.
     overfitting       eval loss rose `eval_loss_rise` above its minimum (step of the minimum
                       given), or the train-eval top-1 gap is large and growing, or very large.
     underfitting      train top-1 at the end (smoothed, or the last log where higher) below
@@ -122,10 +122,12 @@ class Thresholds:
     spike_factor: float = 1.5
     # ... and rises by at least 5% of the first loss (ignores jitter once the loss is ~0).
     spike_min_rise: float = 0.05
-    # A rise that stopped a network learning (`diverged`) also exceeds 5x the train loss's
-    # log-to-log noise (robust standard deviation): on flat noisy curves (40 logs at ln 10,
-    # noise 2.6%) a smoothed log lands 5% above a low first log in ~1 run in 4, 5 sds ~1 in 700.
-    rise_noise_factor: float = 5.0
+    # A jump a verdict rests on, the rise of a network the rate stopped learning (`diverged`)
+    # or a plateau's early fall (no `too_slow`), also exceeds 5x the train loss's log-to-log
+    # noise (robust standard deviation): on flat noisy curves (40 logs at ln 10, noise 2.6%) a
+    # smoothed log lands 5% above a low first log in ~1 run in 4, 5 sds ~1 in 700; a high
+    # first log made 4% of them (sd 0.06) a "plateau".
+    jump_noise_factor: float = 5.0
     # Two spikes are a pattern; a single one (even spanning consecutive logs) may be one bad batch.
     min_spikes: int = 2
     # Learning has barely started if the smoothed loss fell by < 30% of its first value ...
@@ -470,7 +472,7 @@ def _relapsed(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
 
 def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | None:
     """`diverged` for a run the rate stopped from learning at all: the smoothed train loss rose
-    above its first log (by more than the `spike_min_rise` jitter floor and `rise_noise_factor`
+    above its first log (by more than the `spike_min_rise` jitter floor and `jump_noise_factor`
     x the logs' noise) and ended no lower (within `min_loss_delta`) than its start, the lower
     of that log and a classifier's chance level ln(C); or the first log is already that far
     above ln(C) (the jump came within it) and the loss settled at ln(C) with a flat tail
@@ -480,7 +482,7 @@ def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Fi
     first, last, chance = smooth[0], smooth[-1], curves.initial_loss
     start = first if chance is None else min(first, chance)
     # Both jumps must beat the noise too: a low (or high) first log of a flat noisy run is no jump.
-    noise = t.rise_noise_factor * _log_noise(curves.train_loss)
+    noise = t.jump_noise_factor * _log_noise(curves.train_loss)
     above = smooth - first > max(t.spike_min_rise * first, noise)
     rose = first > 0 and bool(above.any()) and last >= (1 - t.min_loss_delta) * start
     settled = (chance is not None and first - chance > max(t.spike_min_rise * chance, noise)
@@ -599,11 +601,12 @@ def _too_slow(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Finding | No
 
 
 def _plateaued(curves: Curves, smooth: np.ndarray, t: Thresholds) -> bool:
-    """Whether the smoothed train loss fell (by more than the `spike_min_rise` jitter floor)
-    over the first half of the lr budget and then slowed to under `plateau_ratio` of that rate
-    per unit of lr: a plateau, not a rate that is too low; never while it still falls by more
-    than `tail_loss_drop` over the run's last `tail_fraction`. Without logged rates, a constant
-    rate is assumed (the budget is the steps)."""
+    """Whether the smoothed train loss fell (by more than the `spike_min_rise` jitter floor
+    and `jump_noise_factor` x the logs' noise: a high first log is no fall) over the first half
+    of the lr budget and then slowed to under `plateau_ratio` of that rate per unit of lr: a
+    plateau, not a rate that is too low; never while it still falls by more than
+    `tail_loss_drop` over the run's last `tail_fraction`. Without logged rates, a constant rate
+    is assumed (the budget is the steps)."""
     steps = curves.train_steps.astype(np.float64)
     lr = curves.train_lr if curves.train_lr is not None else np.ones_like(steps)
     if not np.isfinite(lr).all():
@@ -613,7 +616,8 @@ def _plateaued(curves: Curves, smooth: np.ndarray, t: Thresholds) -> bool:
     if budget[-1] <= 0 or not 0 < half < len(smooth) - 1:
         return False
     early, late = smooth[0] - smooth[half], smooth[half] - smooth[-1]
-    if early <= t.spike_min_rise * smooth[0]:  # it never really fell: too slow, not a plateau
+    noise = t.jump_noise_factor * _log_noise(curves.train_loss)
+    if early <= max(t.spike_min_rise * smooth[0], noise):  # never really fell: not a plateau
         return False
     # Still falling by more than `tail_loss_drop` over the last quarter (a rate annealing to 0
     # after a high-lr phase at the noise floor, which per unit of lr looks flat): no plateau.

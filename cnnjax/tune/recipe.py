@@ -909,9 +909,11 @@ def check_tune_dir(tune_dir: str, base: Any, recipe: Recipe) -> dict:
         old = config_lib.flatten({"regularizers": list(DEFAULT_REGULARIZERS),
                                   "lengthen_regularizers": False, "lr_range_test": False,
                                   **saved.get("recipe", {})})
-        # ... and one from before thresholds.plateau_ratio or rise_noise_factor existed, their
-        # defaults.
-        for field in ("plateau_ratio", "rise_noise_factor"):
+        # ... and one from before thresholds.plateau_ratio or jump_noise_factor existed, their
+        # defaults (jump_noise_factor was rise_noise_factor, and judged only rises, in 12fddea).
+        if "thresholds.rise_noise_factor" in old:
+            old["thresholds.jump_noise_factor"] = old.pop("thresholds.rise_noise_factor")
+        for field in ("plateau_ratio", "jump_noise_factor"):
             old.setdefault(f"thresholds.{field}", getattr(Thresholds(), field))
         new = config_lib.flatten(current["recipe"])
         changed = sorted(k for k in set(old) | set(new)

@@ -531,17 +531,18 @@ def test_a_loss_the_rate_lifted_and_stalled_is_divergence_not_too_slow(name, los
 
 
 @pytest.mark.parametrize("drift, sd", [(0.0, 0.03), (0.0, 0.06), (0.05, 0.06)])
-def test_a_noisy_flat_or_slowly_falling_loss_is_not_divergence(drift, sd):
+def test_a_noisy_flat_or_slowly_falling_loss_is_too_slow(drift, sd):
     """A rate too low: 40 logs at chance ln(10), flat or falling 5%, with Gaussian noise of sd
     0.03 or 0.06 (1.3%, 2.6%). A low first log made later smoothed logs "rise" 5% above it, and
-    45 in 200 such flat runs at sd 0.06 read as diverged (lower the rate), the wrong way."""
+    45 in 200 such flat runs at sd 0.06 read as diverged (lower the rate), the wrong way; a
+    high first log made 9 in 200 a plateau's early fall, and too_slow went unsaid."""
     wrong = []
     for seed in range(100):
         noise = np.random.default_rng(seed).normal(0.0, sd, STEPS // 10)
         loss = {s: CHANCE * (1 - drift * s / STEPS) + noise[s // 10 - 1]
                 for s in range(10, STEPS + 1, 10)}
         d = dg.diagnose(_ten_classes(train_loss=loss.__getitem__, **_AT_CHANCE))
-        if "diverged" in d.verdicts:
+        if "diverged" in d.verdicts or "too_slow" not in d.verdicts:
             wrong.append((seed, d.format()))
     assert not wrong, wrong[:2]
 

@@ -865,7 +865,7 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
     assert saved["recipe"].pop("regularizers") == list(rg.DEFAULT_REGULARIZERS)
     assert saved["recipe"].pop("lengthen_regularizers") is False
     assert saved["recipe"]["thresholds"].pop("plateau_ratio") == 0.5  # nor these thresholds
-    assert saved["recipe"]["thresholds"].pop("rise_noise_factor") == 5.0
+    assert saved["recipe"]["thresholds"].pop("jump_noise_factor") == 5.0
     path.write_text(json.dumps(saved))  # as an older cnnjax wrote it
     trainer = FakeTrainer()
     with pytest.raises(ValueError, match=r"different recipe \(regularizers: \['weight_decay', "
@@ -874,6 +874,26 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
         _tune(tmp_path, monkeypatch, trainer, max_rounds=2, regularizers=("label_smoothing",))
     _tune(tmp_path, monkeypatch, trainer, max_rounds=2)
     assert trainer.calls == []
+
+
+def test_a_tune_dir_with_the_old_rise_noise_factor_name_resumes(tmp_path, monkeypatch):
+    """thresholds.jump_noise_factor was rise_noise_factor (12fddea): such a tune.json resumes,
+    and a different value under the old name is still a different recipe."""
+    _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
+    path = tmp_path / "tune" / rc.TUNE_FILE
+    saved = json.loads(path.read_text())
+    thresholds = saved["recipe"]["thresholds"]
+    thresholds["rise_noise_factor"] = thresholds.pop("jump_noise_factor")
+    path.write_text(json.dumps(saved))
+    trainer = FakeTrainer()
+    _tune(tmp_path, monkeypatch, trainer, max_rounds=3)
+    assert trainer.calls and all("round_3" in call for call in trainer.calls)  # resumed
+    saved = json.loads(path.read_text())
+    saved["recipe"]["thresholds"]["rise_noise_factor"] = 3.0
+    del saved["recipe"]["thresholds"]["jump_noise_factor"]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"thresholds\.jump_noise_factor: 3\.0 -> 5\.0"):
+        _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=3)
 
 
 def test_bad_inputs_fail_before_anything_is_written(tmp_path, monkeypatch):
