@@ -152,11 +152,17 @@ def _check_stages(name: str, depth: int, kwargs: dict[str, Any]) -> None:
                   f"not {len(widths)}")
 
 
+#: The residual-branch options a plain net has no branch for, pinned to their only valid value,
+#: so `create_model` refuses them as fixed by the name and `model_kwargs_config` (hence a sweep
+#: or the tuning recipe's drop_path knob) does not offer them.
+_RESIDUAL_ONLY = {"zero_init_last_bn": False, "drop_path_rate": 0.0}
+
+
 def _plain(name: str, depth: int, kwargs: dict[str, Any]) -> CifarResNet:
     """A plain net: its name fixes `shortcut="none"` (passing `shortcut` is a
     `ModelArgumentError`: plain20_cifar with shortcut A is resnet20_cifar)."""
     _check_stages(name, depth, kwargs)
-    return CifarResNet(depth=depth, shortcut="none", **kwargs)
+    return CifarResNet(depth=depth, shortcut="none", **_RESIDUAL_ONLY, **kwargs)
 
 
 def _residual(name: str, depth: int, kwargs: dict[str, Any]) -> CifarResNet:

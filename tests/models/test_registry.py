@@ -164,11 +164,13 @@ def test_stride_in_1x1_is_refused_for_basic_blocks():
 @pytest.mark.parametrize("name, field, value", [
     ("resnet18", "stride_in_1x1", True), ("resnet34", "stride_in_1x1", True),
     ("preact_resnet164_cifar", "drop_rate", 0.3), ("preact_resnet1001_cifar", "drop_rate", 0.3),
+    ("plain20_cifar", "drop_path_rate", 0.1), ("plain110_cifar", "zero_init_last_bn", True),
 ])
 def test_a_field_whose_only_valid_value_is_the_default_is_not_offered(name, field, value):
     """A block-type option the registered net's blocks lack (resnet18's `stride_in_1x1`, a
-    bottleneck net's `drop_rate`) was listed settable, so `model_kwargs_config` offered a knob
-    that every non-default value broke; the name now fixes it."""
+    bottleneck net's `drop_rate`, a plain net's residual-branch options) was listed settable,
+    so `model_kwargs_config` offered a knob that every non-default value broke; the name now
+    fixes it."""
     assert field not in settable_fields(name)
     with pytest.raises(ModelArgumentError, match=rf"model '{name}' does not take '{field}'"):
         create_model(name, **{field: value})

@@ -666,7 +666,7 @@ def test_invalid_drop_path_rates_raise_documented_errors():
          r"^CifarResNet: drop_path_rate=-0.1 is invalid; expected 0 <= drop_path_rate < 1\.$"),
         (lambda: create_model("resnet20_cifar", drop_path_rate="0.1"),
          r"^CifarResNet: drop_path_rate='0.1' is invalid"),
-        (lambda: create_model("plain20_cifar", drop_path_rate=0.1),
+        (lambda: CifarResNet(depth=20, shortcut="none", drop_path_rate=0.1),
          r"^CifarResNet: drop_path_rate=0.1 is invalid; expected 0 with shortcut='none'"),
         (lambda: create_model("resnet18", shortcut="none", drop_path_rate=0.1),
          r"^ResNet: drop_path_rate=0.1 is invalid; expected 0 with shortcut='none'"),
@@ -680,15 +680,15 @@ def test_invalid_drop_path_rates_raise_documented_errors():
     for build, message in cases:
         with pytest.raises(ValueError, match=message):
             build()
-    # The plain nets accept the (default) 0.
-    assert create_model("plain20_cifar", drop_path_rate=0.0).drop_path_rate == 0.0
+    # The registered plain nets fix it at 0 (tests/models/test_registry.py).
+    assert create_model("plain20_cifar").drop_path_rate == 0.0
 
 
 def test_a_plain_net_with_zero_initialized_last_bn_is_refused():
     """Every block of a plain net would output relu(0) = 0: the logits are the same for every
     image and only the head's bias ever gets a gradient (measured before this refusal)."""
-    for build, owner in ((lambda: create_model("plain20_cifar", zero_init_last_bn=True),
-                          "CifarResNet"),
+    for build, owner in ((lambda: CifarResNet(depth=20, shortcut="none",
+                                              zero_init_last_bn=True), "CifarResNet"),
                          (lambda: create_model("resnet18", shortcut="none",
                                                zero_init_last_bn=True), "ResNet")):
         with pytest.raises(ValueError, match=rf"^{owner}: zero_init_last_bn=True is invalid; "

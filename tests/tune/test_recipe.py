@@ -1097,24 +1097,32 @@ def test_the_dropout_knob_turns_up_the_rate_fcn_vgg16_trains_with():
 
 
 def test_a_drop_path_knob_a_plain_network_refuses_is_refused_before_round_1():
-    """plain20_cifar declares drop_path_rate but refuses any value > 0 (no residual branch):
+    """A network without shortcuts refuses drop_path_rate > 0 (no residual branch to drop):
     `validate_config` never builds the model, so the knob passed and the tune died when its
     round's `check_config` ran, after round 1 had trained. Now the model is constructed (no
-    parameters initialized) with the knob's first value; the residual twin still passes."""
+    parameters initialized) with the knob's first value; the residual twin still passes. The
+    registered plain nets pin drop_path_rate, so their configs do not declare it at all."""
     from cnnjax.train.config import model_kwargs_config
 
-    def base(model):
+    def base(model, **model_kwargs):
         config = helpers.tiny_config(model=model)
         config.model_kwargs = model_kwargs_config(model)
+        config.model_kwargs.update(model_kwargs)
         config.lock()
         return config
 
     with pytest.raises(ValueError) as err:
-        rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("plain20_cifar"))
+        rg.check_regularizers(_recipe(regularizers=("drop_path",)),
+                              base("resnet18", shortcut="none"))
     assert str(err.value).startswith(
         "recipe: regularizers='drop_path' is invalid; the base config with "
-        "{'model_kwargs.drop_path_rate': 0.1} is refused (CifarResNet: drop_path_rate=0.1 is "
+        "{'model_kwargs.drop_path_rate': 0.1} is refused (ResNet: drop_path_rate=0.1 is "
         "invalid; expected 0 with shortcut='none'")
+    rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("resnet18"))
+    with pytest.raises(ValueError, match=r"it sweeps model_kwargs.drop_path_rate, which the "
+                                         r"base config lacks \(model 'plain20_cifar' has no "
+                                         r"such field"):
+        rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("plain20_cifar"))
     rg.check_regularizers(_recipe(regularizers=("drop_path",)), base("resnet20_cifar"))
 
 
