@@ -611,6 +611,19 @@ def eval_images(run: Any, count: int) -> np.ndarray:
     return np.stack(images)
 
 
+def _check_number_flags(f: Any) -> None:
+    """The numeric flags' ranges, named as flags (`effective_receptive_field` names its
+    arguments: `num_samples=0` is not what the user typed)."""
+    owner = f"{_OWNER} CLI"
+    check_positive_int(owner, "--num_samples", f.num_samples)
+    check_positive_int(owner, "--batch_size", f.batch_size)
+    check_number(owner, "--fraction", f.fraction, "expected a number in (0, 1]", low=0.0,
+                 high=1.0, low_open=True)
+    if f.channel is not None and f.channel < 0:
+        raise invalid(owner, "--channel", f.channel, "expected a channel index >= 0 (or no "
+                      "--channel: all channels summed)")
+
+
 def main(argv: Sequence[str]) -> None:
     """Prints the effective and theoretical receptive field sizes (and writes `--output`)."""
     import sys
@@ -624,6 +637,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         if f.output is not None:  # before the model compiles, not after the maps are computed
             check_figure_path(f.output, "--output")
+        _check_number_flags(f)
         model, variables, shape, name, run = _load(f.model, f.workdir, f.step, f.input_shape)
         inputs = None
         if f.inputs == "data":

@@ -640,8 +640,13 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
     try:
         trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
     except LayerCallError as err:
+        # (1, 32, 32, 3) for (32, 32, 3): the batch axis is `batch_size`'s, not input_shape's
+        batch = (f"; input_shape excludes the batch axis (batch_size sets it): did you mean "
+                 f"{shape[1:]}?"
+                 if len(shape) > 3 and shape[0] == 1 else "")
         raise invalid(owner, "input_shape", shape, f"in {type(model).__name__}, {err}; a larger "
-                      "input, another rank or other model settings may be needed") from None
+                      f"input, another rank or other model settings may be needed{batch}"
+                      ) from None
     grouper = _Grouper(trace, len(shape) - 1)
     rows = grouper.run()
     out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None

@@ -15,6 +15,7 @@ CLI:
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -122,6 +123,30 @@ def zoo_models() -> list[str]:
     return list_models() + list_models(task="segmentation")
 
 
+def check_zoo_names(names: Iterable[str], owner: str = "zoo_table", field: str = "names"
+                    ) -> list[str]:
+    """`names` without repeats (a name given twice is one row), each a model the page compares
+    (`zoo_models()`); errors name `owner` and `field` (the CLI's `--models`)."""
+    from cnnjax.models import list_models
+
+    if isinstance(names, str):
+        raise invalid(owner, field, names, f"expected a list of model names, e.g. [{names!r}]")
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise invalid(owner, field, names, "expected at least one registered model name")
+    detectors = [n for n in names if n in list_models(task="detection")]
+    if detectors:  # their outputs are box sets, not a class map: the page's tables mislabel them
+        raise invalid(owner, field, detectors, "expected classification or segmentation "
+                      "models; the detectors are compared in docs/detection.md (a per-layer "
+                      "table: python -m cnnjax.analysis.summary --model=<name>)")
+    unknown = [n for n in names if n not in zoo_models()]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], zoo_models(), n=3)
+        hint = f"did you mean {close}? " if close else ""
+        raise invalid(owner, field, unknown, f"{hint}expected names from {zoo_models()}")
+    return names
+
+
 def zoo_table(
     names: Iterable[str] | None = None, *, progress: Callable[[str, float], None] | None = None
 ) -> list[dict[str, Any]]:
@@ -135,21 +160,7 @@ def zoo_table(
     output), `rf_upper_bound`, `rf_misaligned`, `notes` (the analysis' notes), `paper` and `extra`
     (figures the comparison quotes). `progress(name, seconds)` is called after each model.
     """
-    from cnnjax.models import list_models
-
-    if names is None:
-        names = zoo_models()
-    elif isinstance(names, str):
-        raise invalid("zoo_table", "names", names, "expected a list of model names, "
-                      f"e.g. [{names!r}]")
-    names = list(dict.fromkeys(names))  # a name given twice is one row
-    if not names:
-        raise invalid("zoo_table", "names", names, "expected at least one registered model name")
-    detectors = [n for n in names if n in list_models(task="detection")]
-    if detectors:  # their outputs are box sets, not a class map: the page's tables mislabel them
-        raise invalid("zoo_table", "names", detectors, "expected classification or segmentation "
-                      "models; the detectors are compared in docs/detection.md (a per-layer "
-                      "table: python -m cnnjax.analysis.summary --model=<name>)")
+    names = zoo_models() if names is None else check_zoo_names(names)
     rows = []
     for name in names:
         start = time.perf_counter()
@@ -560,6 +571,8 @@ def main(argv: Sequence[str]) -> None:
         elif not os.path.isfile(f.output):
             raise ValueError(f"--output={f.output!r} is invalid; --check compares an existing "
                              f"file, and there is none: write it with `{regenerate}` first")
+        if f.models is not None:
+            check_zoo_names(f.models, "zoo", "--models")
         start = time.perf_counter()
         rows = zoo_table(f.models,
                          progress=lambda n, s: logging.info("%s: traced in %.2f s", n, s))

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -638,3 +639,20 @@ def test_a_model_whose_eval_call_is_not_deterministic_is_named(model, need, with
                                          rf"invalid; called with no `train` argument it still "
                                          rf"updates state or draws random numbers \({need}"):
         effective_receptive_field(model, (12, 12, 3), variables=variables, num_samples=2)
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("num_samples", 0, "expected a positive integer"),
+    ("batch_size", -2, "expected a positive integer"),
+    ("fraction", 2.0, r"expected a number in \(0, 1\]"),
+    ("channel", -1, "expected a channel index >= 0"),
+])
+def test_cli_number_flags_are_named_as_flags(flag, value, why):
+    """The CLI passed --num_samples=0 on and the error named the function's argument
+    (`effective_receptive_field: num_samples=0`), not the flag the user typed."""
+    flags = types.SimpleNamespace(num_samples=4, batch_size=2, fraction=0.9, channel=None)
+    erf_module._check_number_flags(flags)
+    setattr(flags, flag, value)
+    with pytest.raises(ValueError, match=rf"^effective_receptive_field CLI: --{flag}={value} is "
+                                         rf"invalid; {why}"):
+        erf_module._check_number_flags(flags)

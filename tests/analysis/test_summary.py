@@ -18,6 +18,7 @@ import pytest
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
 from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d, spatial_pyramid_pool
+from cnnjax.models import create_model
 from cnnjax.models.fcn import bilinear_transposed_conv
 from tests.commands import run_commands
 from tests.examples import (
@@ -903,3 +904,17 @@ def test_dropout_work_on_random_bits_counts_in_training():
         return summary(_Dropout(), (10, 10, 4), batch_size=2, train=train).totals["flops"]
 
     assert flops(True) == 9 * 2 * 10 * 10 * 4 and flops(False) == 0
+
+
+def test_an_input_shape_with_the_batch_axis_is_told_to_drop_it():
+    """(1, 32, 32, 1) reached the model as a rank-5 array, and the message never said that
+    input_shape excludes the batch axis; a shape the model refuses for another reason does
+    not get the hint."""
+    with pytest.raises(ValueError, match=r"^summary: input_shape=\(1, 32, 32, 1\) is invalid; "
+                                         r"in LeNet5, .*rank-4 NHWC.*; input_shape excludes the "
+                                         r"batch axis \(batch_size sets it\): did you mean "
+                                         r"\(32, 32, 1\)\?$"):
+        summary(create_model("lenet5"), (1, 32, 32, 1))
+    with pytest.raises(ValueError) as err:
+        summary(create_model("lenet5"), (2, 32, 32, 1))
+    assert "batch axis" not in str(err.value)

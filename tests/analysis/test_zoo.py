@@ -13,7 +13,7 @@ import pytest
 
 from cnnjax.analysis import zoo
 from cnnjax.analysis.summary import summary
-from cnnjax.analysis.zoo import is_stale, render_markdown, zoo_table
+from cnnjax.analysis.zoo import check_zoo_names, is_stale, render_markdown, zoo_table
 from cnnjax.models import create_model, list_models, model_info
 from tests.commands import run_commands
 
@@ -233,7 +233,9 @@ def test_comparison_refuses_numbers_that_contradict_the_prose(lecture_rows):
         ("vgg16", r"zoo_table: names='vgg16' is invalid; expected a list of model names, "
                   r"e.g. \['vgg16'\]\."),
         ([], r"zoo_table: names=\[\] is invalid; expected at least one registered model name\."),
-        (["vgg61"], r"create_model: unknown model name='vgg61'; did you mean"),
+        # an unknown name was create_model's error, whose list held the detectors it refuses
+        (["vgg61"], r"zoo_table: names=\['vgg61'\] is invalid; did you mean \[.*'vgg16'.*\]\? "
+                    r"expected names from \['alexnet', "),
         # A detector was filed under "Dense prediction (segmentation)" by its output's rank.
         (["lenet5", "yolo_v1"], r"zoo_table: names=\['yolo_v1'\] is invalid; expected "
                                 r"classification or segmentation models; the detectors are "
@@ -241,8 +243,14 @@ def test_comparison_refuses_numbers_that_contradict_the_prose(lecture_rows):
     ],
 )
 def test_zoo_table_errors(names, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         zoo_table(names)
+    assert "yolo_v1'," not in str(err.value)  # never offered
+
+
+def test_the_cli_names_its_models_flag():
+    with pytest.raises(ValueError, match=r"^zoo: --models=\['nosuch'\] is invalid; expected "):
+        check_zoo_names(["lenet5", "nosuch"], "zoo", "--models")
 
 
 def test_a_selection_is_one_row_per_model_and_says_it_is_a_selection():
