@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -28,6 +27,7 @@ from cnnjax.train.optim import MAX_STEPS, OPTIMIZERS, SCHEDULES, check_optimizat
 from cnnjax.train.parallel import MODES as PARALLEL_MODES
 from cnnjax.train.state import check_freeze
 from cnnjax.utils import callables
+from cnnjax.utils.files import same_directory
 from cnnjax.utils.validation import (
     check_bool,
     check_choice,
@@ -872,16 +872,6 @@ def _with_preset_values(flat: dict[str, Any]) -> dict[str, Any]:
 DIRECTORY_FIELDS = frozenset({"init_from.workdir", "distill.teacher_workdir"})
 
 
-def _same_directory(saved: Any, current: Any) -> bool:
-    """Whether two paths name the same existing directory (False if either is unset or gone)."""
-    if not (isinstance(saved, str) and isinstance(current, str)):
-        return False
-    try:
-        return os.path.isdir(current) and os.path.samefile(saved, current)
-    except OSError:
-        return False
-
-
 def incompatible_fields(saved: dict, current: dict) -> list[str]:
     """Dotted names of trajectory-defining fields that differ between two flattened configs.
 
@@ -906,5 +896,5 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
         if n not in RUNTIME_FIELDS
         and saved.get(n) != current.get(n)
         and (warm or not n.startswith("init_from."))
-        and not (n in DIRECTORY_FIELDS and _same_directory(saved.get(n), current.get(n)))
+        and not (n in DIRECTORY_FIELDS and same_directory(saved.get(n), current.get(n)))
     ]

@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from flax.traverse_util import flatten_dict
 
-from cnnjax.utils.files import read_json, write_json
+from cnnjax.utils.files import read_json, same_directory, write_json
 from cnnjax.utils.validation import check_bool, check_known_fields, check_number, invalid
 
 if TYPE_CHECKING:
@@ -279,13 +279,18 @@ def check_teacher_record(workdir: str, record: dict, resuming: bool, write: bool
     recorded = read_json(path) if resuming else None
     if isinstance(recorded, dict):
         keys = ("workdir", "step", "ema", "fingerprint")
-        if any(recorded.get(k) != record[k] for k in keys):
+        # The same directory reached by another path (a symlink, storage mounted elsewhere on
+        # the node a requeued job lands on) is the same teacher, as the config check says.
+        moved = (recorded.get("workdir") != record["workdir"]
+                 and not same_directory(recorded.get("workdir"), record["workdir"]))
+        if moved or any(recorded.get(k) != record[k] for k in keys[1:]):
             was = ", ".join(f"{k}={recorded.get(k)!r}" for k in keys[:3])
+            now = f"workdir={record['workdir']!r}, " if moved else ""
             raise invalid(OWNER, "teacher_workdir", record["workdir"],
                           f"this run started with another teacher ({was}, fingerprint "
-                          f"{str(recorded.get('fingerprint'))[:12]}; now step={record['step']}, "
-                          f"fingerprint {record['fingerprint'][:12]}) and would not resume "
-                          f"exactly; restore that teacher, pin --config.distill.teacher_step, or "
-                          "use a new --workdir")
+                          f"{str(recorded.get('fingerprint'))[:12]}; now {now}"
+                          f"step={record['step']}, fingerprint {record['fingerprint'][:12]}) and "
+                          "would not resume exactly; restore that teacher, pin "
+                          "--config.distill.teacher_step, or use a new --workdir")
     if write:
         write_json(path, record)

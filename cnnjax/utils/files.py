@@ -259,3 +259,13 @@ def check_output_file(path: str, label: str, folder_label: str) -> str:
     check_output_dir(os.path.dirname(os.path.abspath(path)), folder_label)
     return path
 
+
+def same_directory(a: Any, b: Any) -> bool:
+    """Whether two paths name the same existing directory, however spelled (a symlink, shared
+    storage mounted under another path); False if either is unset or gone."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return os.path.isdir(b) and os.path.samefile(a, b)
+    except OSError:
+        return False

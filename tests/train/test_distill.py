@@ -479,3 +479,29 @@ def test_a_distillation_rule_refuses_a_string_it_would_use_as_is(field):
     with pytest.raises(ValueError, match=rf"^Distillation: {field}='0.5' is invalid; expected"):
         distill.Distillation(**{field: "0.5"})
     assert distill.check_distillation("distill", "0.5", "0.5") == (0.5, 0.5)
+
+
+def test_a_teacher_reached_by_another_path_resumes(tmp_path):
+    """A requeued student whose teacher is the same directory under another path (a symlink,
+    storage mounted elsewhere) was refused as "another teacher" with identical fingerprints:
+    the record compared the workdir strings, while the config check compares directories."""
+    student = tmp_path / "student"
+    student.mkdir()
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "teacher")
+    (tmp_path / "other").mkdir()
+
+    def record(workdir):
+        return {"workdir": str(workdir), "step": 40, "checkpoint": "best", "ema": False,
+                "model": "lenet5", "dataset": "digits", "fingerprint": "d5e5171b6b70aa"}
+
+    distill.check_teacher_record(str(student), record(tmp_path / "teacher"), False, True)
+    distill.check_teacher_record(str(student), record(tmp_path / "link"), True, False)
+    with pytest.raises(ValueError, match=re.escape(
+            f"distill: teacher_workdir={str(tmp_path / 'other')!r} is invalid; this run started "
+            f"with another teacher (workdir={str(tmp_path / 'teacher')!r}, step=40, ema=False, "
+            f"fingerprint d5e5171b6b70; now workdir={str(tmp_path / 'other')!r}, step=40")):
+        distill.check_teacher_record(str(student), record(tmp_path / "other"), True, False)
+    changed = {**record(tmp_path / "link"), "fingerprint": "0123456789abcd"}
+    with pytest.raises(ValueError, match=r"; now step=40, fingerprint 0123456789ab\) and would"):
+        distill.check_teacher_record(str(student), changed, True, False)
