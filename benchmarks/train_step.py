@@ -511,14 +511,17 @@ def check_flags() -> None:
     check_model(FLAGS.model, FLAGS.image_size, FLAGS.stem)
     check_devices(FLAGS.batch_size, FLAGS.num_devices, FLAGS.grad_accum_steps)
     check_json_out(FLAGS.json_out)
+    from cnnjax.train.mixing import MIN_ALPHA  # no backend: XLA's flags are not read yet
+
     # The ranges ExponentialMovingAverage and Mixing take, checked here to name the flags.
     if FLAGS.ema_decay is not None and not 0 <= FLAGS.ema_decay < 1:  # NaN too
         raise ValueError(f"--ema_decay={FLAGS.ema_decay} is invalid; expected 0 <= --ema_decay "
                          "< 1, e.g. 0.999")
     for name in ("mixup_alpha", "cutmix_alpha"):
-        if not 0 <= FLAGS[name].value < float("inf"):
-            raise ValueError(f"--{name}={FLAGS[name].value} is invalid; expected a finite "
-                             "number >= 0 (0: off)")
+        value = FLAGS[name].value
+        if not (value == 0 or MIN_ALPHA <= value < float("inf")):
+            raise ValueError(f"--{name}={value} is invalid; expected 0 (off) or a finite number "
+                             f">= {MIN_ALPHA:g} (mixing.MIN_ALPHA)")
     if FLAGS.torch:
         check_torch(FLAGS.model, FLAGS.torch_device)
     else:  # read only by the PyTorch step: ignored silently without it

@@ -9,8 +9,8 @@ their train splits (the tests recompute them).
 Transforms:
 - train augmentation `"none"`: resize to `image_size` when it differs from the native size.
 - `"pad_crop_flip"` (CIFAR): zero-pad `crop_padding` pixels per side, random crop back to the image
-  size, random horizontal flip (an `image_size` of at most `crop_padding` is refused: such a crop
-  can hold padding only).
+  size, random horizontal flip (an `image_size` of at most `crop_padding` is refused: then some
+  crops, those offset more than `image_size - 1` from the centre, hold padding only).
 - `"random_resized_crop_flip"` (ImageNet-like): Inception-style crop covering 8%-100% of the image
   area with aspect ratio 3/4-4/3, resized to `image_size`, random horizontal flip. When 10
   attempts find no such crop (a strip of extreme aspect ratio), torchvision's fallback: the

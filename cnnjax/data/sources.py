@@ -240,24 +240,28 @@ def prepared_builder(builder: Any, tfds_name: str, data_dir: str | None, *, what
     first. `what` names the dataset in errors (`data: dataset 'voc' (tfds 'voc/2007')`);
     `data_dir_label` is how the data dir is named (`data: data_dir`, `--data_dir`) and
     `data_dir_setting` the config field or flag that points elsewhere (`data.data_dir`)."""
-    if builder.is_prepared():
-        return builder
-    if not isinstance(builder, LOCAL_BUILDERS):
-        raise DatasetNotPreparedError(missing_dataset_message(what, tfds_name, builder,
-                                                              data_dir_setting))
-    _check_can_generate(builder, tfds_name, data_dir, data_dir_label, data_dir_setting)
-    logging.info("cnnjax.data: generating %r into %s (offline, first use)", tfds_name,
-                 builder.data_dir)
-    try:
-        builder.download_and_prepare()
-    except FileExistsError:
-        # Another process of a multi-host job built it into the same data dir first (tfds
-        # renames a finished build into place; the later rename fails).
+    if not builder.is_prepared():
+        if not isinstance(builder, LOCAL_BUILDERS):
+            raise DatasetNotPreparedError(missing_dataset_message(what, tfds_name, builder,
+                                                                  data_dir_setting))
+        _check_can_generate(builder, tfds_name, data_dir, data_dir_label, data_dir_setting)
+        logging.info("cnnjax.data: generating %r into %s (offline, first use)", tfds_name,
+                     builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except FileExistsError:
+            # Another process of a multi-host job built it into the same data dir first (tfds
+            # renames a finished build into place; the later rename fails).
+            builder = tfds.builder(tfds_name, data_dir=data_dir)
+            if not builder.is_prepared():
+                raise
+            logging.info("cnnjax.data: another process finished building %r first; using its "
+                         "copy", tfds_name)
+    if not builder.info.initialized:
+        # Opened before the data existed: its info has no splits, even when the data landed
+        # since (another process's build, which tfds' `download_and_prepare` then just reuses).
+        # Reopened, it reads the prepared copy, as every later run will.
         builder = tfds.builder(tfds_name, data_dir=data_dir)
-        if not builder.is_prepared():
-            raise
-        logging.info("cnnjax.data: another process finished building %r first; using its copy",
-                     tfds_name)
     return builder
 
 

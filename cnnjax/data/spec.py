@@ -322,11 +322,15 @@ def resolve(data_config: Any) -> Spec:
     augment = check_bool(_OWNER, "augment", cfg["augment"])
     if (augment and preset.train_augmentation == "pad_crop_flip" and size is not None
             and min(size) <= preset.crop_padding):
-        # A crop of s <= p pixels from an image padded by p can hold padding only (offset 0).
+        # A crop of s pixels at a uniform offset in [0, 2p] of an image padded by p overlaps it
+        # at 2s - 1 of the 2p + 1 offsets per axis: at all of them only when s > p.
+        pad = preset.crop_padding
+        blank = 1 - math.prod(min(2 * s - 1, 2 * pad + 1) / (2 * pad + 1) for s in size)
         raise invalid(_OWNER, "image_size", image_size,
-                      f"expected more than {preset.crop_padding} pixels for {name!r}: its "
-                      f"training crop pads {preset.crop_padding} pixels per side, so a smaller "
-                      "random crop can hold no image pixel (or set augment=False)")
+                      f"expected more than {pad} pixels for {name!r}: its training crop pads "
+                      f"{pad} pixels per side, so {blank:.0%} of its random crops would be "
+                      "padding only, examples showing nothing of their class (or set "
+                      "augment=False)")
     ra_layers, ra_magnitude = check_randaugment(
         _OWNER, cfg["randaugment_layers"], cfg["randaugment_magnitude"],
         layers_arg="randaugment_layers", magnitude_arg="randaugment_magnitude")

@@ -17,14 +17,27 @@ import jax.numpy as jnp
 
 from cnnjax.utils.validation import check_nhwc, check_number, check_positive_int, invalid
 
+#: The smallest alpha > 0 allowed: `jax.random.beta` draws log Gamma(alpha) with a log(u) / alpha
+#: term (|log u| <= 23 ln 2 in float32), which overflows to -inf below alpha ~4.7e-38; two -inf
+#: draws make lam NaN, so NaN images and targets (measured: NaN in nearly every draw at 1e-38).
+#: Any alpha this small draws lam 0 or 1 anyway, which mixes nothing.
+MIN_ALPHA = 1e-37
+
 
 def check_mixing(owner: str, mixup_alpha: float, cutmix_alpha: float, switch_prob: float = 0.5,
                  prob: float = 1.0) -> tuple[float, float, float, float]:
-    """The four settings as floats if each alpha is a finite number >= 0 (0 turns that method off)
-    and each probability is in [0, 1], else a ValueError naming `owner`, the field and its value."""
-    alphas = [check_number(owner, name, value, "expected a finite number >= 0 (0 = off)", low=0.0,
-                           high=math.inf, high_open=True, strings=False)
-              for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha))]
+    """The four settings as floats if each alpha is 0 (that method off) or a finite number >=
+    `MIN_ALPHA` and each probability is in [0, 1], else a ValueError naming `owner`, the field
+    and its value."""
+    valid = f"expected 0 (off) or a finite number >= {MIN_ALPHA:g}"
+    alphas = []
+    for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+        alpha = check_number(owner, name, value, valid, low=0.0, high=math.inf, high_open=True,
+                             strings=False)
+        if 0 < alpha < MIN_ALPHA:
+            raise invalid(owner, name, value, f"{valid} (a smaller one overflows the float32 "
+                          "Beta(alpha, alpha) draw of lam: NaN images and targets)")
+        alphas.append(alpha)
     probs = [check_number(owner, name, value, f"expected 0 <= {name} <= 1", low=0.0, high=1.0,
                           strings=False)
              for name, value in (("switch_prob", switch_prob), ("prob", prob))]
@@ -153,4 +166,6 @@ def _cutmix(
     inside = (((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :])
     mixed = jnp.where(inside[None, :, :, None], partner, images)
     area = ((y1 - y0) * (x1 - x0)).astype(jnp.float32)
-    return mixed, 1.0 - area / (height * width)
+    # (HW - area) / HW, not 1 - area / HW: XLA multiplies by 1/HW, and a whole-image box then
+    # left lam at +-6e-8 instead of 0 (HW - area is exact in float32 below 2**24 pixels).
+    return mixed, (height * width - area) / (height * width)

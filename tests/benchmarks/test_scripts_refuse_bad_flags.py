@@ -53,9 +53,13 @@ def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
         (["benchmarks.train_step", "--model=lenet5", "--ema_decay=2"],
          "error: --ema_decay=2.0 is invalid; expected 0 <= --ema_decay < 1, e.g. 0.999"),
         (["benchmarks.train_step", "--model=lenet5", "--mixup_alpha=-1"],
-         "error: --mixup_alpha=-1.0 is invalid; expected a finite number >= 0 (0: off)"),
+         "error: --mixup_alpha=-1.0 is invalid; expected 0 (off) or a finite number >= 1e-37 "
+         "(mixing.MIN_ALPHA)"),
+        (["benchmarks.train_step", "--model=lenet5", "--cutmix_alpha=1e-38"],
+         "error: --cutmix_alpha=1e-38 is invalid; expected 0 (off) or a finite number >= 1e-37 "
+         "(mixing.MIN_ALPHA)"),
         (["benchmarks.train_step", "--model=lenet5", "--cutmix_alpha=nan"],
-         "error: --cutmix_alpha=nan is invalid; expected a finite number >= 0 (0: off)"),
+         "error: --cutmix_alpha=nan is invalid; expected 0 (off) or a finite number >= 1e-37"),
         (["benchmarks.input_pipeline", "--model=lenet5", "--dataset=bogus"],
          "error: --dataset='bogus' is invalid; expected one of ['cifar10', "),
         (["benchmarks.input_pipeline", "--model=lenet5", "--image_size=32",

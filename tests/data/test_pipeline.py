@@ -371,18 +371,29 @@ def test_config_field_errors(digits_config):
             get_dataset_info, digits_config(eval_split="validation"))
 
 
+def _padding_only_crops(size: int, padding: int) -> float:
+    """The fraction of the (2 * padding + 1)**2 crop offsets of a `size`-pixel square padded by
+    `padding` whose `size`-pixel crop holds no image pixel, counted on a mask."""
+    mask = np.pad(np.ones((size, size), bool), padding)
+    offsets = range(2 * padding + 1)
+    return np.mean([not mask[y:y + size, x:x + size].any() for y in offsets for x in offsets])
+
+
 @pytest.mark.parametrize("name", ["cifar10", "shapes"])
-def test_image_size_within_the_crop_padding_is_refused(name):
-    """pad_crop_flip pads 4 pixels per side: a crop of 4 or fewer pixels at offset 0 holds only
-    padding, so such an image size is refused before anything is read (unless augment=False)."""
+@pytest.mark.parametrize("size", [1, 4])
+def test_image_size_within_the_crop_padding_is_refused(name, size):
+    """pad_crop_flip pads 4 pixels per side: a crop of 4 or fewer pixels at the offsets farthest
+    from the centre holds only padding (40% of crops at 4 pixels), so such an image size is
+    refused before anything is read (unless augment=False)."""
     config = pipeline.default_data_config(name)
-    config.image_size = 4
+    config.image_size = size
     with pytest.raises(ValueError, match=re.escape(
-            f"data: image_size=4 is invalid; expected more than 4 pixels for {name!r}: its "
-            "training crop pads 4 pixels per side")):
+            f"data: image_size={size} is invalid; expected more than 4 pixels for {name!r}: its "
+            f"training crop pads 4 pixels per side, so {_padding_only_crops(size, 4):.0%} of its "
+            "random crops would be padding only")):
         resolve(config)
     config.augment = False
-    assert resolve(config).size == (4, 4)
+    assert resolve(config).size == (size, size)
     config.augment, config.image_size = True, 5
     assert resolve(config).size == (5, 5)
 

@@ -71,6 +71,19 @@ def test_cutmix_pastes_one_rectangle_of_area_one_minus_lam():
     assert len(set(areas)) > 10  # boxes of many sizes (some empty, when lam rounds to 1)
 
 
+def test_cutmix_lam_is_the_uncovered_fraction_to_the_last_bit():
+    """Under jit, 1 - area / (H W) was computed with a multiply by 1/(H W): a 7x7 image wholly
+    covered left lam = 2e-8 (negative at other sizes), never 0; lam is (H W - area) / (H W)
+    now, within float32's rounding of the fraction and exactly 0 for a whole-image box."""
+    images = jnp.ones((2, 7, 7, 1))
+    partner = jnp.zeros_like(images)
+    cut = jax.jit(jax.vmap(lambda key: mixing._cutmix(key, images, partner, jnp.float32(0.0))))
+    mixed, lam = cut(jax.random.split(jax.random.key(0), 4000))
+    uncovered = np.asarray(mixed[:, 0]).sum(axis=(1, 2, 3))  # ones left where no box was pasted
+    np.testing.assert_allclose(np.asarray(lam), uncovered / 49, rtol=2.5e-7, atol=0)
+    assert (uncovered == 0).any()  # whole-image boxes were drawn: lam exactly 0
+
+
 @pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
 def test_switch_prob_is_the_cutmix_frequency(switch_prob):
     images, labels = _batch()
@@ -341,11 +354,19 @@ def test_check_mixing_returns_floats_and_accepts_the_ends():
     assert mixing.check_mixing("config", **GOOD) == (0.2, 1.0, 0.5, 1.0)
 
 
+ALPHA_RANGE = "expected 0 (off) or a finite number >= 1e-37"
+TINY_ALPHA = (f"{ALPHA_RANGE} (a smaller one overflows the float32 Beta(alpha, alpha) draw of "
+              "lam: NaN images and targets)")
+
+
 @pytest.mark.parametrize("field,value,valid", [
-    ("mixup_alpha", -0.1, "expected a finite number >= 0 (0 = off)"),
-    ("mixup_alpha", math.nan, "expected a finite number >= 0 (0 = off)"),
-    ("cutmix_alpha", math.inf, "expected a finite number >= 0 (0 = off)"),
-    ("cutmix_alpha", True, "expected a finite number >= 0 (0 = off)"),
+    ("mixup_alpha", -0.1, ALPHA_RANGE),
+    ("mixup_alpha", math.nan, ALPHA_RANGE),
+    ("cutmix_alpha", math.inf, ALPHA_RANGE),
+    ("cutmix_alpha", True, ALPHA_RANGE),
+    ("mixup_alpha", 1e-38, TINY_ALPHA),
+    ("cutmix_alpha", 5e-45, TINY_ALPHA),
+    ("cutmix_alpha", 9.9e-38, TINY_ALPHA),
     ("switch_prob", 1.5, "expected 0 <= switch_prob <= 1"),
     ("switch_prob", -0.01, "expected 0 <= switch_prob <= 1"),
     ("prob", 2, "expected 0 <= prob <= 1"),
@@ -360,3 +381,19 @@ def test_each_bad_setting_is_named(field, value, valid):
     images, labels = _batch()
     with pytest.raises(ValueError, match=f"mix_batch: {field}="):
         mixing.mix_batch(jax.random.PRNGKey(0), images, labels, K, **settings)
+
+
+def test_the_smallest_alpha_mixes_finite_values_and_a_smaller_one_would_not():
+    """jax.random.beta draws log Gamma(alpha) with a log(1 - u) / alpha term; float32 u is at most
+    1 - 2**-23, so the term is finite at MIN_ALPHA for every draw (NumPy float32), while at 1e-38
+    (refused) the draws give NaN lams."""
+    worst = np.float32(23 * math.log(2)) / np.float32(mixing.MIN_ALPHA)
+    assert np.isfinite(worst) and worst < np.finfo(np.float32).max / 2
+    assert np.isnan(np.asarray(jax.random.beta(jax.random.PRNGKey(0), 1e-38, 1e-38, (100,)))).all()
+    images, labels = _batch()
+    for settings in ({"mixup_alpha": mixing.MIN_ALPHA, "cutmix_alpha": 0.0},
+                     {"mixup_alpha": 0.0, "cutmix_alpha": mixing.MIN_ALPHA}):
+        mixed, targets, lam = _mix_many(_keys(500), images, labels, **settings)
+        assert np.isfinite(mixed).all() and np.isfinite(targets).all() and np.isfinite(lam).all()
+    assert set(np.unique(_lams(500, (2, 1, 1, 1), mixup_alpha=mixing.MIN_ALPHA,
+                                cutmix_alpha=0.0))) == {0.0, 1.0}  # Beta(1e-37, 1e-37)'s ends

@@ -57,7 +57,11 @@ def test_a_run_with_cutmix_learns_and_logs_train_metrics(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"mixing.mixup_alpha": -1.0}, r"mixing: mixup_alpha=-1.0 is invalid; expected a finite"),
+    ({"mixing.mixup_alpha": -1.0},
+     r"mixing: mixup_alpha=-1.0 is invalid; expected 0 \(off\) or a finite number >= 1e-37\.$"),
+    ({"mixing.cutmix_alpha": 1e-38},  # a NaN lam in nearly every float32 draw
+     r"mixing: cutmix_alpha=1e-38 is invalid; expected 0 \(off\) or a finite number >= 1e-37 "
+     r"\(a smaller one overflows"),
     ({"mixing.cutmix_alpha": 1.0, "mixing.prob": 1.5}, r"mixing: prob=1.5 is invalid"),
     ({"mixing.cutmix_alpha": 1.0, "task": "segmentation"},
      r"mixing: mixup_alpha/cutmix_alpha=\(0.0, 1.0\) is invalid; mixing needs class labels"),
