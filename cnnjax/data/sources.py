@@ -145,6 +145,8 @@ class TfdsSource(Source):
         """The shard's tfds example count; a ValueError naming the split's config field for an
         unknown split or a reversed slice (tfds fails on those only when reading)."""
         try:
+            relative = {part: tfds.core.ReadInstruction.from_spec(part)
+                        for part in map(str.strip, split.split("+"))}
             parts = tfds.core.ReadInstruction.from_spec(split).to_absolute(
                 self.builder.info.splits)
             count = int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
@@ -152,6 +154,13 @@ class TfdsSource(Source):
             raise invalid(_OWNER, _split_field(self._spec, split), split,
                           f"{splits_named(self.builder.name, self.builder.info.splits)} "
                           f"(slices like 'train[:90%]' also work) [{e}]") from None
+        for part, instruction in relative.items():
+            # tfds reads a slice ending at shard 0 ('train[:0shard]') as the whole split.
+            if instruction.unit == "shard" and instruction.to == 0:
+                raise invalid(_OWNER, _split_field(self._spec, split), split,
+                              f"{part!r} ends at shard 0, so it holds no example, and tfds would "
+                              "read the whole split instead; expected a slice ending at shard 1 "
+                              "or later (or no end)")
         for part in parts:
             # tfds counts a reversed slice ('test[5:2]': -3 examples) and fails only on reading.
             if part.from_ is not None and part.to is not None and part.from_ > part.to:

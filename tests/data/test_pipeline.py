@@ -86,6 +86,20 @@ def test_empty_train_split_is_refused_by_name(digits_config, split):
         train_batches(config, global_batch_size=4, num_devices=1, seed=0)
 
 
+@pytest.mark.parametrize("split, part", [("train[:0shard]", "train[:0shard]"),
+                                         ("test[:5] + train[1shard:0shard]",
+                                          "train[1shard:0shard]")])
+def test_a_slice_ending_at_shard_0_is_refused_not_read_whole(digits_config, split, part):
+    """tfds reads a slice ending at shard 0 as the whole split: 'train[:0shard]' trained on all
+    1,438 examples, while 'train[:0]' is refused as empty."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: train_split={split!r} is invalid; {part!r} ends at shard 0, so it holds no "
+            "example, and tfds would read the whole split instead; expected a slice ending at "
+            "shard 1 or later (or no end).")):
+        get_dataset_info(digits_config(train_split=split))
+    assert get_dataset_info(digits_config(train_split="train[:1shard]")).num_train == 1438
+
+
 @pytest.mark.parametrize("field", ["train_split", "eval_split"])
 @pytest.mark.parametrize("split,start,end", [("test[5:2]", 5, 2), ("test[50%:10%]", 180, 36),
                                              ("test[-2:5]", 357, 5),
