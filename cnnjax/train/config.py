@@ -382,6 +382,7 @@ def validate_config(config: Any) -> None:
         raise invalid(
             "config", "model", _field(config, "model"), "expected a registered model name"
         )
+    _check_task_of_known_model(config, task)
     check_choice("optimizer", "name", config.optimizer.name, OPTIMIZERS)
     check_choice("schedule", "name", config.schedule.name, SCHEDULES)
     check_positive_float("optimizer", "learning_rate", config.optimizer.learning_rate)
@@ -645,6 +646,16 @@ def _check_eval_batch_fits(config: Any, data_info: Any, devices: list | None) ->
                       f"expected at most {cap}: the eval split of {data_info.name!r} has "
                       f"{data_info.num_eval} examples (rounded up to a multiple of the "
                       f"{num_devices} devices), and a larger batch holds only padding")
+
+
+def _check_task_of_known_model(config: Any, task: str) -> None:
+    """A registered model of another task is refused before the task's own fields: a classifier
+    under --config.task=detection was told its best_metric='top1' was no detection metric, as if
+    that were the fault. An unknown name is left to `check_config` (and its list of names)."""
+    from cnnjax.models import list_models
+
+    if config.model in list_models(task=None):
+        _task_model_info(config, task)
 
 
 def _task_model_info(config: Any, task: str) -> Any:

@@ -800,3 +800,17 @@ def test_a_backbone_only_resnet_is_refused_by_check_config(monkeypatch):
     assert str(err.value).startswith(
         "config: model_kwargs.features_only=True is invalid; expected False (resnet18 with "
         "features_only=True is a backbone")
+
+
+@pytest.mark.parametrize("task, model", [("detection", "lenet5"),
+                                         ("classification", "yolo_v1_small")])
+def test_a_model_of_another_task_is_named_before_the_tasks_own_fields(task, model):
+    """--config.task=detection on lenet5_digits was refused for best_metric='top1' (no
+    detection metric), as if the metric were the fault; the model's task is checked first."""
+    config = default_config()
+    config.model, config.task = model, task
+    other = "classification" if task == "detection" else "detection"
+    with pytest.raises(ValueError, match=rf"^config: model={model!r} is invalid; it is a "
+                                         rf"{other} model and config.task={task!r} "
+                                         rf"\(set config.task={other!r}, or pick one of \["):
+        validate_config(config)
