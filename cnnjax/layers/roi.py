@@ -123,7 +123,7 @@ def _check_roi_args(
     spatial_scale: float,
 ) -> tuple[jax.Array, jax.Array, tuple[int, int], float, np.ndarray | None]:
     """Shared validation of roi_pool/roi_align arguments (see the module docstring)."""
-    check_nhwc_nonempty(owner, features)
+    check_nhwc_nonempty(owner, features, "features")
     if not jnp.issubdtype(features.dtype, jnp.floating):
         raise invalid(owner, "features.dtype", str(features.dtype),
                       "expected a floating-point array")

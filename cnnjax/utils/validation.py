@@ -248,12 +248,12 @@ def to_pair(
     return int(pair[0]), int(pair[1])
 
 
-def check_nhwc(owner: str, x: Any) -> None:
-    """Raises unless `x` is a rank-4 NHWC array."""
+def check_nhwc(owner: str, x: Any, arg: str = "input") -> None:
+    """Raises unless `x`, the argument `arg`, is a rank-4 NHWC array."""
     if getattr(x, "ndim", None) != 4:
         shape = getattr(x, "shape", None)
         raise invalid(
-            owner, "input.shape", shape,
+            owner, f"{arg}.shape", shape,
             "expected a rank-4 NHWC array (batch, height, width, channels)",
         )
 
@@ -308,10 +308,11 @@ def check_layer_dtypes(module: Any) -> None:
     check_float_dtype(owner, "param_dtype", module.param_dtype, allow_none=False)
 
 
-def check_nhwc_nonempty(owner: str, x: Any) -> None:
-    """Raises unless `x` is a rank-4 NHWC array with height and width >= 1 (a batch of 0 is
-    fine), for reductions over the map that have no value on an empty one (a mean is NaN)."""
-    check_nhwc(owner, x)
+def check_nhwc_nonempty(owner: str, x: Any, arg: str = "input") -> None:
+    """Raises unless `x` (the argument `arg`) is a rank-4 NHWC array with height and width >= 1
+    (a batch of 0 is fine), for reductions over the map that have no value on an empty one (a
+    mean is NaN)."""
+    check_nhwc(owner, x, arg)
     if min(x.shape[1:3]) < 1:
-        raise invalid(owner, "input.shape", tuple(x.shape),
+        raise invalid(owner, f"{arg}.shape", tuple(x.shape),
                       "expected height and width >= 1 in an NHWC array")

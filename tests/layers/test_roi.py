@@ -709,7 +709,7 @@ IDX = np.array([0], np.int32)
     "call,message",
     [
         (lambda: roi_align(F[0], B, IDX, 2),
-         "roi_align: input.shape=(8, 8, 3) is invalid; expected a rank-4 NHWC array"),
+         "roi_align: features.shape=(8, 8, 3) is invalid; expected a rank-4 NHWC array"),
         (lambda: roi_pool(F.astype(np.int32), B, IDX, 2),
          "roi_pool: features.dtype='int32' is invalid; expected a floating-point array."),
         (lambda: roi_align(F, B[0], IDX, 2),
@@ -796,7 +796,7 @@ def test_a_non_finite_cell_reaches_only_the_outputs_that_sample_it(aligned):
 
 @pytest.mark.parametrize("op", [roi_align, roi_pool])
 def test_an_empty_map_is_refused(op):
-    with pytest.raises(ValueError, match=rf"^{op.__name__}: input.shape=\(1, 0, 4, 2\) is "
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: features.shape=\(1, 0, 4, 2\) is "
                                          r"invalid; expected height and width >= 1"):
         op(jnp.zeros((1, 0, 4, 2)), np.array([[0.0, 0.0, 1.0, 1.0]]), np.array([0]), (2, 2))
 
