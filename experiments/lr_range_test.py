@@ -1,4 +1,4 @@
-"""Smith's learning-rate range test ("LR finder") of an experiment config (cnnjax.tune.lr_range).
+"""The learning-rate range test ("LR finder") of an experiment config (cnnjax.tune.lr_range).
 
     python -m experiments.lr_range_test --config=experiments/configs/lenet5_digits.py \\
         --workdir=workdirs/lr_range --lr_min=1e-5 --lr_max=10 --steps=100 \\

@@ -503,6 +503,10 @@ def resolve_for_task(data_config: Any, task: str) -> Spec:
 def check_proposals_set(data_config: Any) -> ProposalSpec:
     """The `ProposalSpec` of a detection data config that asks for external proposals, else a
     ValueError (nothing to prepare); checked before TensorFlow starts."""
+    if "proposals" not in data_config:  # a classification or segmentation config
+        raise invalid(_OWNER, "proposals", None, "expected a detection config with "
+                      "data.proposals set (nothing to prepare), e.g. "
+                      "experiments/configs/rcnn_shapes.py:selective_search")
     proposals = split_detection_fields(data_config)[2]
     if proposals is None:
         raise invalid(_OWNER, "proposals.method", None,

@@ -1,6 +1,7 @@
-"""Smith's learning-rate range test ("LR finder"): train briefly while the rate grows
-exponentially, and read a good learning rate off the loss curve (Smith, "Cyclical Learning Rates
-for Training Neural Networks", 2017; the smoothed-loss variant popularized by fast.ai).
+"""The learning-rate range test ("LR finder"): train briefly while the rate grows exponentially,
+and read a good learning rate off the smoothed loss curve: fast.ai's form of Smith's test
+(Smith, "Cyclical Learning Rates for Training Neural Networks", 2017, section 3.3, ramps the
+rate linearly and reads the bounds off the accuracy).
 
 `run_lr_range(config, workdir, lr_min, lr_max, steps)` runs the engine's own training step (the
 config's model, input pipeline, optimizer with its momentum, weight decay and clipping, batch
@@ -52,7 +53,7 @@ PLOT_FILE = "lr_range.png"
 MIN_STEPS = 2  # the ramp's exponent divides by steps - 1; a slope needs two points
 DEFAULT_LR_MIN, DEFAULT_LR_MAX, DEFAULT_STEPS = 1e-5, 10.0, 100  # 6 decades, ~16 steps each
 DEFAULT_SMOOTHING = 0.98  # fast.ai's beta: the loss averaged over roughly the last 50 steps
-DEFAULT_DIVERGENCE_FACTOR = 4.0  # fast.ai / Smith: stop once the loss is 4x its best
+DEFAULT_DIVERGENCE_FACTOR = 4.0  # fast.ai: stop once the smoothed loss is 4x its best
 FINISHED = ("completed", "diverged")  # statuses a rerun returns instead of redoing
 _OWNER = "lr_range"
 
@@ -120,7 +121,7 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 0) -> dict[
 
     `steepest`: the lr at the start of the steepest descent of the smoothed loss (the most
     negative forward difference d loss / d ln lr between steps `skip_start` and the minimum),
-    where the network learns fastest: Smith's and fast.ai's choice, as the minimum itself
+    where the network learns fastest: fast.ai's choice, as the minimum itself
     already sits at the edge of divergence. `min_loss`: the lr of the minimum smoothed loss;
     `min_loss_over_10`: a tenth of it, the common rule of thumb. `suggested` is None where the
     curve has no descent after `skip_start` (its minimum comes before step `skip_start + 1`), and

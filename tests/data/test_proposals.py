@@ -277,3 +277,15 @@ def test_a_cache_of_another_opencv_is_used_where_opencv_lacks_its_contrib_module
     assert pl.opencv_version() is None
     pl.load_table(builder, "train", spec)
     assert calls == ["train"]
+
+
+def test_a_config_without_a_proposals_field_is_told_which_config_has_one():
+    """experiments.proposals on lenet5_digits said proposals.method=None, and setting
+    --config.data.proposals.method was then refused: the config has no such field."""
+    from cnnjax.data.spec import check_proposals_set
+    from experiments.configs import lenet5_digits
+
+    with pytest.raises(ValueError, match=re.escape(
+            "data: proposals=None is invalid; expected a detection config with data.proposals "
+            "set (nothing to prepare), e.g. experiments/configs/rcnn_shapes.py:selective_search")):
+        check_proposals_set(lenet5_digits.get_config().data)
