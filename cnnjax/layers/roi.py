@@ -491,8 +491,10 @@ def _roi_align(features: jax.Array, boxes: jax.Array, batch_indices: jax.Array,
     feats = features.astype(compute)
     finite = jnp.isfinite(feats)
     # Dense weights would spread one NaN/inf (0 * inf) to every output of every image: contract
-    # the finite values, then give the outputs that read a non-finite cell its value.
-    out = contract(weights_hn, weights_w, jnp.where(finite, feats, 0.0))
+    # the finite values, then give the outputs that read a non-finite cell its value. Both
+    # steps pass the cotangent through unmasked: the op is linear in the features, so their
+    # gradient is the bilinear weights whatever they hold (torchvision's).
+    out = contract(weights_hn, weights_w, _finite_or_zero(feats))
 
     def non_finite(out: jax.Array) -> jax.Array:
         reads = (weights_hn > 0).astype(compute), (weights_w > 0).astype(compute)
@@ -501,9 +503,23 @@ def _roi_align(features: jax.Array, boxes: jax.Array, batch_indices: jax.Array,
         return jnp.where(nan | (pos & neg), jnp.nan,
                          jnp.where(pos, jnp.inf, jnp.where(neg, -jnp.inf, out)))
 
-    out = jax.lax.cond(jnp.all(finite), lambda out: out, non_finite, out)
+    out = jax.lax.cond(jnp.all(finite), lambda out: out,
+                       lambda out: out + jax.lax.stop_gradient(non_finite(out) - out), out)
     count = jnp.maximum(count_h * count_w, 1.0)
     return (out / count[:, None, None, None]).astype(features.dtype)
+
+
+@jax.custom_jvp
+def _finite_or_zero(x: jax.Array) -> jax.Array:
+    """`x` with its NaN/inf entries zeroed, whose derivative is the identity (not zero at
+    those entries): what a linear map of `x` computed from it needs for its gradient."""
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+@_finite_or_zero.defjvp
+def _finite_or_zero_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array],
+                        ) -> tuple[jax.Array, jax.Array]:
+    return _finite_or_zero(primals[0]), tangents[0]
 
 
 def roi_align(
@@ -545,7 +561,8 @@ def roi_align(
     `aligned=False` for code ported from torchvision's default. A NaN or inf reaches only the
     outputs whose samples read it with non-zero weight; torchvision also reads the neighbour
     of a sample that falls exactly on a pixel (weight 0), so a NaN there is NaN in its output
-    (0 * NaN) and 0 here.
+    (0 * NaN) and 0 here. The feature gradient is the bilinear weights whatever the features
+    hold, NaN/inf included, as torchvision's.
     """
     owner = "roi_align"
     boxes, batch_indices, out, scale, values = _check_roi_args(

@@ -794,6 +794,29 @@ def test_a_non_finite_cell_reaches_only_the_outputs_that_sample_it(aligned):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)  # NaN where NaN, same infs
 
 
+def test_a_non_finite_cell_keeps_the_feature_gradient_the_bilinear_weights():
+    """roi_align is linear in the features, so its feature gradient is the bilinear weights
+    whatever they hold (torchvision's): the outputs reading an inf or NaN cell, replaced by a
+    constant, passed no gradient back to any cell of their bins."""
+    features = _features((2, 12, 12, 3), seed=5)
+    bad = features.copy()
+    bad[1, 7, 7, 0], bad[1, 6, 6, 1], bad[0, 2, 2, 2] = np.inf, np.nan, -np.inf
+    boxes = np.array([[5.3, 5.2, 9.1, 9.4], [0.6, 0.7, 4.1, 3.8], [1.0, 1.0, 8.0, 8.0]],
+                     np.float32)
+    batch = np.array([1, 0, 1])
+    cotangent = jnp.asarray(np.random.default_rng(6).normal(size=(3, 2, 2, 3)), jnp.float32)
+
+    def grad(maps):
+        return np.asarray(jax.grad(lambda f: jnp.sum(
+            roi_align(f, boxes, batch, (2, 2), 1.0, 2, True) * cotangent))(jnp.asarray(maps)))
+
+    want = grad(features)
+    assert np.count_nonzero(want[1, 7, 7]) and np.count_nonzero(want[0, 2, 2])  # cells read
+    np.testing.assert_array_equal(grad(bad), want)
+    out = np.asarray(roi_align(jnp.asarray(bad), boxes, batch, (2, 2), 1.0, 2, True))
+    assert np.isnan(out).any() and np.isneginf(out).any()  # the values keep their NaN/inf
+
+
 @pytest.mark.parametrize("op", [roi_align, roi_pool])
 def test_an_empty_map_is_refused(op):
     with pytest.raises(ValueError, match=rf"^{op.__name__}: features.shape=\(1, 0, 4, 2\) is "
