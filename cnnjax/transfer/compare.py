@@ -17,7 +17,9 @@ Layout of a transfer directory:
     trials/source/                  the source pretraining run (plus trial.json)
     trials/<budget>-<arm>-s<seed>/  one target run per budget, arm and seed (plus trial.json)
     results.csv/.json               one row per target run; results.json adds the mean/std table
-    transfer.png                    final target metric against training examples, one line per arm
+    transfer.png                    final target metric against training examples (or against
+                                    the budget values, when their examples are all the same), one
+                                    line per arm
     report.md                       the table, each arm's gain over scratch, the best arm per budget
 
 Runs go one after another; rerunning the same command skips finished runs and resumes an
@@ -41,6 +43,8 @@ import statistics
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from absl import logging
 
 from cnnjax.train import config as config_lib
 from cnnjax.train.loop import incompatible_saved_fields
@@ -154,7 +158,7 @@ class TransferSettings:
     budget_field: str
     budgets: list
     slugs: dict  # {directory name: budget}
-    overrides: dict  # {arm: OrderedDict of dotted fields}
+    overrides: dict  # {arm: OrderedDict of dotted fields}, arms not run included
 
     def run_fields(self, source_dir: str,
                    source_steps: int) -> Iterator[tuple[str, str, Any, str, int, OrderedDict]]:
@@ -225,7 +229,7 @@ def check_transfer(source: Any, target: Any, transfer_dir: str, *,
             config_lib.validate_config(config)
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
-    _check_roles(source, target)
+    _check_roles(source, target, settings)
     source_dir = trial_workdir(transfer_dir, _source_trial())
     configs = {SOURCE_ID: source}
     for run_id, _, budget, arm, seed, fields in settings.run_fields(source_dir,
@@ -260,7 +264,7 @@ class TransferPlan:
         self.arms, self.seeds = settings.arms, settings.seeds
         self.budget_field, self.budgets = settings.budget_field, settings.budgets
         self.slugs, self.overrides = settings.slugs, settings.overrides
-        checked_source = _check_configs(source, target)
+        checked_source = _check_configs(source, target, settings)
         self.source, self.target = source, target
         self.source_dir = trial_workdir(transfer_dir, _source_trial())
         self.runs: list[dict] = []  # {trial, budget, slug, arm, seed, config}
@@ -357,7 +361,9 @@ def _check_seeds(seeds: Any) -> tuple[int, ...]:
 def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
                      budget_field: str) -> dict[str, OrderedDict]:
     """`{arm: {dotted field: value}}`, e.g. a lower learning rate for `finetune`; nested mappings
-    (a config file's `arm_overrides.finetune.optimizer.learning_rate = 0.005`) are flattened."""
+    (a config file's `arm_overrides.finetune.optimizer.learning_rate = 0.005`) are flattened.
+    An arm that `arms` leaves out keeps its overrides, checked and recorded (transfer.json must
+    not change with the arms run) but applied to no run; a name that is no arm is refused."""
     if overrides is None:
         return {}
     if not hasattr(overrides, "items"):
@@ -365,8 +371,8 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
                       "expected a mapping {arm: {dotted config field: value}}")
     checked = {}
     for arm, fields in overrides.items():
-        if arm not in arms:
-            raise invalid(_OWNER, "arm_overrides", arm, f"expected an arm of {list(arms)}")
+        if arm not in ARMS:
+            raise invalid(_OWNER, "arm_overrides", arm, f"expected an arm of {list(ARMS)}")
         if not hasattr(fields, "items"):
             raise invalid(_OWNER, f"arm_overrides[{arm!r}]", fields,
                           "expected a mapping {dotted config field: value}")
@@ -389,26 +395,31 @@ def _check_overrides(overrides: Any, arms: tuple[str, ...], target: Any,
             raise ValueError(f"transfer: arm_overrides[{arm!r}] does not fit the target config: "
                              f"{err}") from None
         checked[arm] = fields
+    unrun = [arm for arm in checked if arm not in arms]
+    if unrun:  # e.g. --transfer.arms="('scratch',)" on a file that overrides finetune
+        logging.info("transfer: arm_overrides of %s not applied: arms=%s does not run them "
+                     "(still checked, and recorded in %s).", unrun, list(arms), TRANSFER_FILE)
     return checked
 
 
-def _check_configs(source: Any, target: Any) -> Any:
-    """The engine's pre-compilation checks on both configs, the fields the arms own unset, and
-    source and target of one architecture unless `target.init_from.submodule` names the target
-    module the source's weights fill. Returns the source's `CheckedConfig`."""
+def _check_configs(source: Any, target: Any, settings: TransferSettings) -> Any:
+    """The engine's pre-compilation checks on both configs, then `_check_roles`. Returns the
+    source's `CheckedConfig`."""
     checked = {}
     for role, config in (("source", source), ("target", target)):
         try:
             checked[role] = config_lib.check_config(config, for_training=False)  # check_data
         except ValueError as err:
             raise ValueError(f"transfer: the {role} config is invalid: {err}") from None
-    _check_roles(source, target)
+    _check_roles(source, target, settings)
     return checked["source"]
 
 
-def _check_roles(source: Any, target: Any) -> None:
-    """The fields the arms own are unset in `target`, and source and target share one
-    architecture unless `target.init_from.submodule` names the module the source fills."""
+def _check_roles(source: Any, target: Any, settings: TransferSettings) -> None:
+    """The fields the arms own are unset in `target`; source and target share one architecture
+    unless `target.init_from.submodule` names the module the source fills; and a warm-started
+    arm that loads the source's weight average (`init_from.ema`) has a source that keeps one
+    (else every such run would fail when it starts, after the source trained)."""
     for name in _ARM_FIELDS:
         value = space_lib.get_field(target, name)
         if value is not None:
@@ -421,6 +432,14 @@ def _check_roles(source: Any, target: Any) -> None:
                       "weights fit the target network), or target.init_from.submodule naming "
                       "the target module they fill (e.g. 'backbone': an FCN's ResNet trunk "
                       "from a ResNet classifier)")
+    if config_lib.ema_rule(source) is not None:
+        return
+    for arm in settings.arms:  # the target's own init_from.ema=True fails its validation
+        if arm != "scratch" and settings.overrides.get(arm, {}).get("init_from.ema") is True:
+            raise invalid(_OWNER, f"arm_overrides[{arm!r}].init_from.ema", True,
+                          "the source config keeps no weight average (source.ema.decay is "
+                          "None), so its checkpoints hold none to load; set source.ema.decay "
+                          "(e.g. 0.999) or drop the override")
 
 
 def _variable_shapes(checked: Any) -> Any:
@@ -621,7 +640,8 @@ def write_results(transfer_dir: str, plan: TransferPlan, sizes: Mapping[str, int
                   report_markdown(table, source, plan.metric, plan.budget_field,
                                   setup=describe_setup(plan.source, plan.target)))
     if any(r["final"] is not None for r in rows):
-        plot_results(table, source, plan.metric, os.path.join(transfer_dir, PLOT_FILE))
+        plot_results(table, source, plan.metric, os.path.join(transfer_dir, PLOT_FILE),
+                     plan.budget_field)
     return rows
 
 
@@ -765,30 +785,37 @@ def report_markdown(table: list[dict], source: dict, metric: str, budget_field: 
     return "\n".join(out) + "\n"
 
 
-def plot_results(table: list[dict], source: dict, metric: str, path: str) -> str:
+def plot_results(table: list[dict], source: dict, metric: str, path: str,
+                 budget_field: str | None = None) -> str:
     """Writes `results_figure` to `path` (PNG, atomically) and returns `path`."""
-    return save_figure(results_figure(table, source, metric), path)
+    return save_figure(results_figure(table, source, metric, budget_field), path)
 
 
-def results_figure(table: list[dict], source: dict, metric: str) -> Any:
-    """Final eval metric against training examples (log x), one line per arm, error bars = the
-    std over seeds. Uses the Agg backend."""
+def results_figure(table: list[dict], source: dict, metric: str,
+                   budget_field: str | None = None) -> Any:
+    """Final eval metric against the budgets (`_budget_axis`), one line per arm, error bars =
+    the std over seeds. Uses the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines, arms = _pivot(table)
+    xs_of_budget, label, scale, ticks = _budget_axis(lines, budget_field)
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     for arm in arms:
-        points = sorted((line["num_train"], line[arm]["mean"], line[arm]["std"] or 0.0)
-                        for line in lines
-                        if line[arm]["mean"] is not None and line["num_train"] is not None)
+        points = sorted((x, line[arm]["mean"], line[arm]["std"] or 0.0)
+                        for x, line in zip(xs_of_budget, lines, strict=True)
+                        if line[arm]["mean"] is not None)
         if points:
             xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=ARM_LABELS[arm])
-    ax.set_xscale("log")
-    ax.set_xlabel("target training examples")
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=ARM_LABELS[arm],
+                        linestyle="-" if ticks is None else "none")  # no trend across categories
+    ax.set_xscale(scale)
+    if ticks is not None:
+        ax.set_xticks(range(len(ticks)), ticks)
+        ax.set_xlim(-0.5, len(ticks) - 0.5)
+    ax.set_xlabel(label)
     ax.set_ylabel(f"final eval {metric}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
@@ -797,6 +824,24 @@ def results_figure(table: list[dict], source: dict, metric: str) -> Any:
                  f"({source['status']})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _budget_axis(lines: list[dict],
+                 budget_field: str | None) -> tuple[list[float], str, str, list[str] | None]:
+    """`(x of each budget, axis label, scale, tick labels or None)` for `results_figure`: the
+    budgets' training examples (log axis) when those tell every budget apart, as a data-size
+    budget's do; else (a budget of num_train_steps, of a learning rate, two train_split slices
+    of one size) the budget values themselves, numbers on their own axis (log if all positive),
+    anything else one evenly spaced tick per budget in run order. Decided from the examples, not
+    the field's name: a field's name does not say whether it changes the data's size."""
+    sizes = [line["num_train"] for line in lines]
+    if None not in sizes and len(set(sizes)) == len(sizes):
+        return sizes, "target training examples", "log", None
+    label = f"budget: {budget_field}" if budget_field else "budget"
+    values = [line["budget"] for line in lines]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return values, label, "log" if all(v > 0 for v in values) else "linear", None
+    return list(range(len(values))), label, "linear", [str(v) for v in values]
 
 
 # --------------------------------------------------------------------------------- helpers

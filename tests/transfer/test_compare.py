@@ -278,6 +278,38 @@ def test_results_figure_has_one_line_per_arm_against_examples():
     assert list(bars["fine-tune all layers"].get_ydata()) == [0.9, 0.9]
 
 
+@pytest.mark.parametrize(
+    ("budget_field", "budgets", "xs", "scale", "ticks"),
+    [
+        # Not a data size: every budget trains on the same 717 examples.
+        ("num_train_steps", (20, 10), [10, 20], "log", []),
+        ("optimizer.learning_rate", (0.0, 0.1), [0.0, 0.1], "linear", []),
+        # Two slices of one size: one tick per budget, in run order.
+        ("data.train_split", ("train[50:100]", "train[:50]"), [0, 1], "linear",
+         ["train[50:100]", "train[:50]"]),
+    ],
+)
+def test_budgets_of_one_size_are_plotted_at_their_own_values(budget_field, budgets, xs, scale,
+                                                             ticks):
+    """All budgets plotted at x = 717 examples made each arm's line a vertical segment."""
+    table = compare.summarize([
+        {"budget": b, "num_train": 717, "arm": a, "seed": 0, "status": "completed", "final": f}
+        for b, finals in zip(budgets, ((0.8, 0.5), (0.9, 0.7)), strict=True)
+        for a, f in zip(("scratch", "finetune"), finals, strict=True)
+    ], "top1")
+    fig = compare.results_figure(table, {"final": 0.97, "status": "completed"}, "top1",
+                                 budget_field)
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == f"budget: {budget_field}" and ax.get_xscale() == scale
+    assert [t.get_text() for t in ax.get_xticklabels()][:len(ticks)] == ticks
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}
+    finetune = dict(zip(budgets, (0.5, 0.7), strict=True))
+    for label, line in lines.items():
+        assert list(line.get_xdata()) == xs, label
+    assert list(lines["fine-tune all layers"].get_ydata()) == [
+        finetune[budgets[x] if ticks else x] for x in xs]
+
+
 def _report(arms):
     table = compare.summarize([
         {"budget": 5, "num_train": 25, "arm": a, "seed": 0, "status": "completed", "final": 0.5}
@@ -527,6 +559,19 @@ def _bad(**changes):
         ({}, {"arm_overrides": {"probe": {}}},
          "transfer: arm_overrides='probe' is invalid; expected an arm of ['scratch', "
          "'finetune', 'linear_probe']."),
+        # A name that is no arm is refused even when it could be one left out by `arms`.
+        ({}, {"arms": ("scratch",), "arm_overrides": {"probe": {}}},
+         "transfer: arm_overrides='probe' is invalid; expected an arm of ['scratch', "
+         "'finetune', 'linear_probe']."),
+        ({}, {"arms": ("scratch",),
+              "arm_overrides": {"finetune": {"optimizer.lr": 0.005}}},
+         "transfer: arm_overrides['finetune'] does not fit the target config: sweep: "
+         "parameters['optimizer.lr'].field='optimizer.lr' is invalid"),
+        # The source keeps no weight average: every such run would fail once the source trained.
+        ({}, {"arm_overrides": {"linear_probe": {"init_from.ema": True}}},
+         "transfer: arm_overrides['linear_probe'].init_from.ema=True is invalid; the source "
+         "config keeps no weight average (source.ema.decay is None), so its checkpoints hold "
+         "none to load; set source.ema.decay (e.g. 0.999) or drop the override."),
         ({}, {"arm_overrides": {"finetune": {"optimizer.learning_rate": 0.0}}},
          "transfer: run 8-finetune-s0 (budgets value 8 for data.train_examples_per_class, arm "
          "'finetune', seed 0) has an invalid config: optimizer: learning_rate=0.0 is invalid"),
@@ -561,6 +606,52 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path, target_changes,
     with pytest.raises(ValueError, match=re.escape(message)):
         _run(tmp_path, target=_target(**target_changes), **kwargs)
     assert not os.path.exists(tmp_path / "transfer")
+
+
+def test_an_ema_override_needs_a_source_that_keeps_an_average_on_the_login_node_too(tmp_path):
+    """launch.submit's pre-check (`check_transfer`) refuses what run_transfer does; with a
+    source that keeps a weight average the same override is a valid plan."""
+    overrides = {"finetune": {"init_from.ema": True}}
+    with pytest.raises(ValueError, match=re.escape(
+            "transfer: arm_overrides['finetune'].init_from.ema=True is invalid; the source "
+            "config keeps no weight average")):
+        compare.check_transfer(_source(), _target(), str(tmp_path), budgets=(8,),
+                               arm_overrides=overrides)
+    source = _source()
+    source.ema.decay = 0.9
+    configs = compare.check_transfer(source, _target(), str(tmp_path), budgets=(8,),
+                                     arm_overrides=overrides)
+    assert [c.init_from.ema for c in configs.values()] == [False, False, True, False]
+    plan = compare.TransferPlan(source, _target(), str(tmp_path), compare.DEFAULT_BUDGET_FIELD,
+                                (8,), compare.ARMS, (0,), overrides, None)
+    assert [run["config"].init_from.ema for run in plan.runs] == [False, True, False]
+
+
+def test_overrides_of_arms_left_out_are_kept_but_not_applied(tmp_path, monkeypatch, caplog):
+    """A transfer file's override of an arm that `arms` (e.g. narrowed on the command line)
+    leaves out: no run gets it, and transfer.json records it, so the same file with other arms
+    resumes the same directory and one with other overrides is refused."""
+    def engine_down(config, workdir):
+        raise RuntimeError("stand-in: nothing trains")
+
+    monkeypatch.setattr(sweep, "train_and_evaluate", engine_down)
+    overrides = {"finetune": {"optimizer.learning_rate": 0.005}}
+    with caplog.at_level("INFO"):
+        rows = _run(tmp_path, arms=("scratch",), arm_overrides=overrides)
+    assert [r["trial_id"] for r in rows] == ["8-scratch-s0"]
+    assert ("transfer: arm_overrides of ['finetune'] not applied: arms=['scratch'] does not "
+            "run them") in caplog.text
+    out = tmp_path / "transfer"
+    scratch = _json(out / "trials" / "8-scratch-s0" / "trial.json")
+    assert scratch["overrides"] == {"data.train_examples_per_class": 8, "seed": 0}
+    assert _json(out / compare.TRANSFER_FILE)["arm_overrides"] == overrides
+    rows = _run(tmp_path, arms=("scratch", "finetune"), arm_overrides=overrides)
+    finetune = _json(out / "trials" / "8-finetune-s0" / "trial.json")
+    assert finetune["overrides"]["optimizer.learning_rate"] == 0.005
+    with pytest.raises(ValueError, match=re.escape(
+            f"transfer: transfer_dir={str(out)!r} was made with "
+            "arm_overrides={'finetune': {'optimizer.learning_rate': 0.005}}, now {}")):
+        _run(tmp_path, arms=("scratch",))
 
 
 def test_a_transfer_dir_another_driver_holds_is_refused_untouched(tmp_path, monkeypatch):

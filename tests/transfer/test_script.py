@@ -37,6 +37,19 @@ def test_transfer_configs_document_their_command_and_are_valid(path, tmp_path):
     assert len(plan.runs) == len(c.budgets) * len(c.arms) * len(c.seeds)
 
 
+def test_a_file_with_an_arm_override_runs_with_other_arms(tmp_path):
+    """--transfer.arms="('scratch',)" on a file that overrides finetune was refused, and the
+    command line cannot empty its arm_overrides: the override now applies to no run."""
+    c = _load(os.path.join(ROOT, "experiments", "transfers",
+                           "digits_0to4_to_5to9_finetune_lr.py")).get_config()
+    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, c.budgets,
+                                ("scratch",), c.seeds, c.arm_overrides, c.metric)
+    assert {run["arm"] for run in plan.runs} == {"scratch"}
+    assert {run["config"].optimizer.learning_rate for run in plan.runs} == {
+        c.target.optimizer.learning_rate}
+    assert plan.describe()["arm_overrides"] == {"finetune": {"optimizer.learning_rate": 0.005}}
+
+
 def test_segmentation_target_reports_its_classifier_source_by_top1(tmp_path):
     """shapes_to_segmentation: a resnet18 classifier fills an FCN's trunk; the target runs are
     compared by mIoU, the source (which has no mIoU) is reported by its own top-1."""
