@@ -314,7 +314,10 @@ def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_s
                      dtype: str, channels_last: bool, stem: str = "imagenet",
                      device: str = "cpu") -> dict[str, Any]:
     """A PyTorch eager SGD+momentum step on the same network and a synthetic batch, on `device`
-    ("cpu" or "cuda"; a CUDA step waits for the GPU before it counts as done)."""
+    ("cpu" or "cuda"; a CUDA step waits for the GPU before it counts as done).
+
+    The returned `model`, `images` and `labels` are the ones `step` trains on, so a test can load
+    the cnnjax network's weights and batch into them (tests/benchmarks/test_torch_twin.py)."""
     import torch
 
     torch.manual_seed(0)
@@ -342,7 +345,8 @@ def build_torch_step(model_name: str, num_classes: int, batch_size: int, image_s
             torch.cuda.synchronize()
 
     num_params = sum(p.numel() for p in model.parameters())
-    return {"step": step, "num_params": num_params, "threads": torch.get_num_threads(),
+    return {"step": step, "model": model, "images": images, "labels": labels,
+            "num_params": num_params, "threads": torch.get_num_threads(),
             "version": torch.__version__, "device": device,
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
 
