@@ -143,10 +143,11 @@ def _check_record(found: Any, expected: dict[str, Any]) -> None:
         raise StaleCacheError("it was computed with " + ", ".join(differ))
 
 
-def _read_cache(path: str, expected: dict[str, Any]) -> ProposalTable | None:
-    """The table cached at `path` if its record is `expected`; None (with a warning) for a file
-    that is unreadable (a partial copy) or stale (another version, OpenCV, setting, split or
-    dataset)."""
+def _read_cache(path: str, expected: dict[str, Any], then: str = _RECOMPUTE
+                ) -> ProposalTable | None:
+    """The table cached at `path` if its record is `expected`; None (with a warning ending in
+    what happens `then`) for a file that is unreadable (a partial copy) or stale (another
+    version, OpenCV, setting, split or dataset)."""
     try:
         with np.load(path) as cached:
             record = json.loads(str(cached["record"])) if "record" in cached else None
@@ -154,10 +155,10 @@ def _read_cache(path: str, expected: dict[str, Any]) -> ProposalTable | None:
             return ProposalTable(cached["keys"], cached["boxes"], cached["counts"])
     except StaleCacheError as err:
         logging.warning("cnnjax.data: the proposals cache %s is stale (%s); %s.", path, err,
-                        _RECOMPUTE)
+                        then)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         logging.warning("cnnjax.data: ignoring the proposals cache %s (%s: %s); %s.",
-                        path, type(err).__name__, err, _RECOMPUTE)
+                        path, type(err).__name__, err, then)
     return None
 
 
@@ -190,7 +191,10 @@ def _whole_split_tables(builder: Any, split: str, spec: ProposalSpec) -> Proposa
     for name in names:
         path = spec.cache_path(builder, name)
         record = cache_record(builder, name, spec)
-        table = _read_cache(path, record) if os.path.exists(path) else None
+        # This slice's own table is computed instead; the whole split's stays as it is until
+        # a run (or experiments.proposals) reads that split itself.
+        table = (_read_cache(path, record, f"computing {split!r} on its own instead")
+                 if os.path.exists(path) else None)
         if table is None:
             return None
         tables.append(table)

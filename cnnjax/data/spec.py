@@ -409,6 +409,17 @@ def proposal_spec(config: Any) -> ProposalSpec | None:
     for name in fields:
         check_choice(_PROPOSALS_OWNER, "field", name, list(FIELDS))
     if fields.get("method") is None:
+        # Settings of no method were ignored: the run trained on the model's own proposals
+        # while its config.json recorded e.g. strategy='quality', scale=2.
+        for name in ("strategy", "scale", "max_proposals"):
+            if fields.get(name) is not None:
+                raise invalid(_PROPOSALS_OWNER, name, fields[name],
+                              f"expected it unset while method is unset (the model's own "
+                              f"proposals or dense windows); set method to one of "
+                              f"{list(METHODS)} to use it (as the shapes detection configs "
+                              f"do given ':selective_search', e.g. "
+                              f"experiments/configs/rcnn_shapes.py:selective_search), or unset "
+                              f"{name}")
         return None
     check_choice(_PROPOSALS_OWNER, "method", fields["method"], METHODS)
     unset = {"strategy": "fast", "scale": 1.0, "max_proposals": DEFAULT_MAX_PROPOSALS}

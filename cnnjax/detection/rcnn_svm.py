@@ -15,7 +15,11 @@ L2 norm is 20 (`feature_scale`; rcnn measures it on regions sampled from the who
 pairs only for pool5), liblinear's L2-regularized hinge loss with `C = 1e-3`, positive class
 weight 2 and bias multiplier 10 (sklearn `LinearSVC`, liblinear itself), ridge `lambda = 1000`.
 The ridge intercept is not penalized here (sklearn `Ridge`'s convention; rcnn penalized an
-appended ones column). Everything is NumPy float64 on the host except decoding and NMS, which
+appended ones column). Two more departures from `rcnn_train_bbox_regressor.m`, whose pairs are
+every box of `d.boxes` with IoU > 0.6, the ground-truth boxes among them (IoU 1, target 0):
+here the pairs are the proposal regions only (a ground-truth box is no region a detector
+moves; their pool5 is not extracted), and IoU >= 0.6 (the paper's text) rather than > 0.6.
+Everything is NumPy float64 on the host except decoding and NMS, which
 reuse `box_coding` and `postprocess` (JAX).
 """
 

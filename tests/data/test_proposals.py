@@ -56,6 +56,12 @@ def test_unset_means_no_proposals_and_defaults_fill_in():
      "data.proposals: max_proposals=1000000000 is invalid; expected at most 10,000"),
     ({"method": "selective_search", "strategy": ""},
      "data.proposals: strategy='' is invalid; expected one of ['fast', 'quality']."),
+    # settings of no method were ignored (the run used its own proposals and recorded these)
+    ({"strategy": "quality"}, "data.proposals: strategy='quality' is invalid; expected it unset "
+                              "while method is unset (the model's own proposals or dense "
+                              "windows); set method to one of ['selective_search'] to use it"),
+    ({"scale": 2.0, "max_proposals": -5}, "data.proposals: scale=2.0 is invalid; expected it "
+                                          "unset while method is unset"),
 ])
 def test_bad_settings(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -247,6 +253,9 @@ def test_a_stale_whole_split_table_does_not_serve_a_slice(counted, caplog):
     _old_format_cache(spec.cache_path(builder, "train"), _table(3), "train")
     pl.load_table(builder, "train[0:6]", spec)
     assert calls == ["train[0:6]"] and "is stale" in caplog.text
+    # The warning said "recomputing it" of the whole split's file, which stays as it is.
+    assert "computing 'train[0:6]' on its own instead" in caplog.text
+    assert "recomputing it" not in caplog.text
 
 
 def test_numpy_integer_max_proposals_is_cached(counted):

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from cnnjax.detection.selective_search import selective_search
+from cnnjax.detection.selective_search import pixel_levels, selective_search
 
 # Three flat-coloured rectangles (x1, y1, x2, y2) on a dark, slightly textured background.
 OBJECTS = np.array([[4, 6, 24, 30], [34, 8, 58, 22], [20, 38, 50, 60]], np.float64)
@@ -96,10 +96,15 @@ def test_grey_images_are_searched_as_rgb():
      "finite values in [0, 255]."),
     # A normalized image and a 16-bit one were clipped to uint8 and segmented as near-flat.
     ({"image": np.linspace(-2.0, 2.0, 192).reshape(8, 8, 3)},
-     "selective_search: image='<values in [-2.0, 2.0]>' is invalid; expected values in [0, 255] "
-     "(pixel levels, not normalized or 16-bit)."),
+     "selective_search: image='<float64 values in [-2.0, 2.0]>' is invalid; expected values in "
+     "[0, 255] (pixel levels, not normalized to [0, 1] or [-1, 1], nor 16-bit)."),
     ({"image": np.full((8, 8, 3), 1000, np.uint16)},
-     "selective_search: image='<values in [1000, 1000]>' is invalid; expected values in [0, 255]"),
+     "selective_search: image='<uint16 values in [1000, 1000]>' is invalid; expected values in "
+     "[0, 255]"),
+    # ... and a [0, 1] float image passed, segmented as 0/1 levels (one box for three objects)
+    ({"image": np.linspace(0.0, 1.0, 192, dtype=np.float32).reshape(8, 8, 3)},
+     "selective_search: image='<float32 values in [0.0, 1.0]>' is invalid; expected values in "
+     "[0, 255] (pixel levels, not normalized to [0, 1]"),
     ({"image": np.ones((8, 8, 3), complex)},
      "selective_search: image.dtype='complex128' is invalid; expected uint8"),
     ({"image": np.ones((8, 8, 3), bool)}, "selective_search: image.dtype='bool' is invalid"),
@@ -109,6 +114,17 @@ def test_bad_settings(kwargs, message):
     image = kwargs.pop("image", _scene())
     with pytest.raises(ValueError, match=re.escape(message)):
         selective_search(image, **kwargs)
+
+
+def test_float_pixel_levels_are_rounded_not_truncated():
+    """254.9 was cast to 254; a float image of levels is searched as its rounded uint8 twin (and
+    an all-zero float image is no normalized one: searched, not refused)."""
+    np.testing.assert_array_equal(pixel_levels(np.array([254.9, 0.4, 127.5, 3.0])),
+                                  np.array([255, 0, 128, 3], np.uint8))
+    scene = _scene()
+    jittered = scene.astype(np.float64) + np.where(scene > 127, -0.4, 0.4)
+    np.testing.assert_array_equal(selective_search(jittered), selective_search(scene))
+    selective_search(np.zeros((16, 16, 3), np.float32))
 
 
 def test_a_numpy_float32_scale_is_a_number():
