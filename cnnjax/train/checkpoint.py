@@ -47,6 +47,7 @@ from orbax.checkpoint import checkpoint_managers
 from cnnjax.train.ema import metric_scoring
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
+from cnnjax.utils.files import write_json
 from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 CHECKPOINT_DIR = "checkpoints"
@@ -334,10 +335,12 @@ class Checkpointer:
             self.directory, item_handlers=ocp.StandardCheckpointHandler(), options=options)
 
     def _quarantine_unreadable_metrics(self) -> None:
-        """Moves away checkpoints whose metrics file is not valid JSON, with a warning.
+        """Rewrites, or else moves away, checkpoints' metrics files that are not valid JSON.
 
         Orbax reads every checkpoint's metrics when the manager starts and fails on a corrupt
-        one, so such a checkpoint is treated like any other unreadable checkpoint before that.
+        one. The file holds the step's eval, which metrics.jsonl holds too: rewritten from
+        there, the checkpoint stays (an older one may be the best, which summary.json names);
+        without that eval it is treated like any other unreadable checkpoint, with a warning.
         """
         paths = {}
         for step in step_folders(self.directory):
@@ -354,19 +357,46 @@ class Checkpointer:
         multi = jax.process_count() > 1
         if multi:  # every process has scanned before any file moves: they agree on `broken`
             multihost_utils.sync_global_devices("cnnjax_checkpoint_scan")
-        readable = [step for step in step_folders(self.directory) if step not in broken]
-        fallback = (f"falling back to the checkpoint at step {max(readable)}" if readable
-                    else "there is no other checkpoint to fall back to")
-        for step in sorted(broken):
-            message = (f"Checkpoint at step {step} in {self.directory} could not be restored (its "
-                       f"metrics file is unreadable); {fallback} (the unreadable one is moved to "
-                       f"{self.quarantine}).")
+        evals = self._logged_evals(broken)
+        for step in sorted(evals):
+            message = (f"The metrics file of the checkpoint at step {step} in {self.directory} "
+                       f"is unreadable; it is rewritten from that step's eval in {METRICS_FILE}.")
+            logging.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            if jax.process_index() == 0:
+                write_json(paths[step], evals[step])
+        broken = [step for step in broken if step not in evals]
+        kept = [step for step in step_folders(self.directory) if step not in broken]
+        for step in broken:
+            if kept and step < max(kept):  # a newer one is kept: nothing falls back
+                message = (f"Checkpoint at step {step} in {self.directory} has an unreadable "
+                           f"metrics file, and {METRICS_FILE} no eval of that step to rewrite it "
+                           f"from; it is moved to {self.quarantine}.")
+            else:
+                fallback = (f"falling back to the checkpoint at step {max(kept)}" if kept
+                            else "there is no other checkpoint to fall back to")
+                message = (f"Checkpoint at step {step} in {self.directory} could not be restored "
+                           f"(its metrics file is unreadable); {fallback} (the unreadable one is "
+                           f"moved to {self.quarantine}).")
             logging.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         if broken:
             self._move_to_quarantine(broken)
         if multi:  # all processes, whatever they found: nobody starts orbax before the move
             multihost_utils.sync_global_devices("cnnjax_checkpoint_quarantine")
+
+    def _logged_evals(self, steps: list[int]) -> dict[int, dict[str, Any]]:
+        """`{step: eval metrics}` of those `steps` that metrics.jsonl (beside the checkpoints)
+        records an eval of, rankable by `best_metric` (as the save stored them)."""
+        if not steps:
+            return {}
+        evals = {}
+        for record in read_metrics(os.path.join(os.path.dirname(self.directory), METRICS_FILE)):
+            if record.get("split") == "eval" and record.get("step") in steps:
+                evals[record["step"]] = {k: v for k, v in record.items()
+                                         if k not in ("step", "split")}
+        return {step: metrics for step, metrics in evals.items()
+                if self.best_metric is None or _finite(metrics.get(self.best_metric))}
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""

@@ -133,7 +133,8 @@ class MetricLogger:
                 self._tb.scalar(f"{split}/{name}", value, int(step))
 
     def write_learning_rate(self, step: int, lr: float) -> None:
-        """Logs the learning rate of every step to TensorBoard (metrics.jsonl gets it per log)."""
+        """Logs a step's learning rate to TensorBoard, for the steps between train logs (a
+        train log's `write_scalars` carries it to both files: once per step)."""
         if self.enabled and self._tb is not None:
             self._tb.scalar("train/learning_rate", float(lr), int(step))
 
@@ -297,27 +298,34 @@ class ProgressBar:
     Off a terminal it logs a line through absl every `log_every` steps instead; given the train
     log's `mean_loss` (the loss metrics.jsonl records: the mean since the previous log), that
     line shows it, so the log and the metrics file agree at the same step.
+
+    The ETA divides the steps left by the rate since the first update: that step compiled, so
+    counting from before it made the first ETAs many times too long (evals and saves still
+    count: they are part of the time left). On a terminal, an absl log line first erases the
+    bar (the line would be glued to it), and the next update draws it again below.
     """
 
     def __init__(
         self,
         total_steps: int,
         *,
-        start_step: int = 0,
         stream: TextIO | None = None,
         enabled: bool = True,
         log_every: int = 100,
         width: int = 30,
     ):
         self.total = total_steps
-        self.start = start_step
         self.stream = stream or sys.stderr
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.enabled = enabled
         self.log_every = max(1, log_every)
         self.width = width
-        self._t0 = time.perf_counter()
+        self._first: tuple[int, float] | None = None  # (step, time) of the first update
         self._last_draw = 0.0
+        self._line = ""  # the bar last drawn
+        self._shown = False  # whether the stream's current line shows it
+        if self.tty:
+            logging.get_absl_handler().addFilter(self._clear_for_log)
 
     def update(self, step: int, loss: float, images_per_sec: float | None,
                mean_loss: tuple[float, int] | None = None) -> None:
@@ -327,9 +335,12 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.perf_counter()
-        done = step - self.start
-        rate = done / max(now - self._t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else math.inf
+        if self._first is None:
+            self._first = (step, now)
+        first_step, first_time = self._first
+        rate = (step - first_step) / max(now - first_time, 1e-9)
+        left = self.total - step
+        eta = 0.0 if left <= 0 else left / rate if rate > 0 else math.inf
         loss_text = f"loss {loss:.4f}"
         if mean_loss is not None and not self.tty:
             loss_text = f"mean loss {mean_loss[0]:.4f} over {mean_loss[1]} steps"
@@ -339,21 +350,39 @@ class ProgressBar:
             f"ETA {_format_seconds(eta)}"
         )
         if self.tty:
-            if now - self._last_draw < 0.1 and step < self.total:
+            if now - self._last_draw < 0.1 and step < self.total and self._shown:
                 return
             self._last_draw = now
             filled = int(self.width * step / max(self.total, 1))
-            bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {text}\033[K")
-            self.stream.flush()
+            self._line = f"[{'#' * filled}{'.' * (self.width - filled)}] {text}"
+            self._draw()
         elif step % self.log_every == 0 or step == self.total:
             logging.info(text)
 
-    def close(self) -> None:
-        """Ends the terminal's progress line (nothing to do off a terminal)."""
-        if self.tty:
-            self.stream.write("\n")
+    def _draw(self) -> None:
+        self.stream.write(f"\r{self._line}\033[K")
+        self.stream.flush()
+        self._shown = True
+
+    def _clear_for_log(self, record: Any) -> bool:
+        """absl handler filter: erases the bar before a log line is written; lets it pass."""
+        if self._shown:
+            self.stream.write("\r\033[K")
             self.stream.flush()
+            self._shown = False
+        return True
+
+    def close(self) -> None:
+        """Ends the terminal's progress line, showing the bar last drawn (nothing to do off a
+        terminal)."""
+        if self.tty:
+            logging.get_absl_handler().removeFilter(self._clear_for_log)
+            if self._line:
+                if not self._shown:
+                    self._draw()
+                self.stream.write("\n")
+                self.stream.flush()
+            self._line, self._shown = "", False
 
 
 def _format_seconds(seconds: float) -> str:

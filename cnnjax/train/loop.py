@@ -913,7 +913,6 @@ class _Run:
             _prefetch(batches, parallel.shard_batch), "the input pipeline"))
         bar = opened.enter_context(_closing(ProgressBar(
             total_steps,
-            start_step=start_step,
             enabled=self.is_primary and config.progress_bar,
             log_every=config.log_every_steps,
         ), "the progress bar"))
@@ -956,6 +955,9 @@ class _Run:
                 metrics_eval = self.log_eval(state, done, p_eval, logger) if is_eval else None
                 if metrics_eval is not None:
                     evals.append({"step": done, **metrics_eval})
+                # A resume restarts TensorBoard after this checkpoint's step: events still in
+                # the writer's buffer when the process dies (SIGKILL, OOM) would never be written.
+                logger.flush()
                 self.save(checkpointer, done, state, metrics_eval)
             if stopped:
                 break
@@ -973,7 +975,6 @@ class _Run:
             raise TrainingDivergedError(step, eval_loss, which="eval loss")
         logger.write_scalars(step, "eval", metrics_eval)
         logger.plot(background=True)  # drawn while training goes on
-        logger.flush()
         logging.info("eval at step %d: %s", step,
                      {k: round(v, 4) for k, v in metrics_eval.items()})
         return metrics_eval
@@ -1084,9 +1085,9 @@ class _Run:
         self.steps_finished = step
         self.clock.tick()
         self.window.append(host)
-        logger.write_learning_rate(step, float(host["learning_rate"]))
         images_per_sec = self.clock.images_per_sec()
         if not (step % self.config.log_every_steps == 0 or step == self.config.num_train_steps):
+            logger.write_learning_rate(step, float(host["learning_rate"]))  # log steps: below
             bar.update(step, loss, images_per_sec)
             return
         train = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in host}

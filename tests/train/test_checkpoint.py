@@ -1,5 +1,6 @@
 """Orbax checkpointing: keep the last k plus the best by an eval metric; exact round trip."""
 
+import json
 import re
 import warnings
 
@@ -154,6 +155,53 @@ def test_an_only_checkpoint_with_an_unreadable_metrics_file_promises_no_fallback
     with pytest.warns(RuntimeWarning, match=r"step 4 .* \(its metrics file is unreadable\); "
                                             r"there is no other checkpoint to fall back to \("):
         Checkpointer(str(tmp_path), use_async=False).close()
+
+
+def _metrics_file(tmp_path, step):
+    return tmp_path / "checkpoints" / str(step) / "metrics" / "metrics"
+
+
+def test_an_unreadable_metrics_file_is_rewritten_from_the_eval_in_metrics_jsonl(tmp_path):
+    """The checkpoint's metrics are its eval, which metrics.jsonl holds too: an older best's
+    torn file was moved to quarantine with its intact arrays, while summary.json (from
+    metrics.jsonl) still named it as the best; now the file is rewritten and the best kept."""
+    checkpointer = Checkpointer(str(tmp_path), keep=1, use_async=False)
+    checkpointer.save(2, _state(2), {"top1": 0.9, "loss": 0.25})  # the best
+    checkpointer.save(4, _state(4), {"top1": 0.5, "loss": 0.75})
+    checkpointer.close()
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "split": split, **metrics}) + "\n" for step, split, metrics in
+        [(2, "train", {"loss": 0.5}), (2, "eval", {"top1": 0.9, "loss": 0.25}),
+         (4, "eval", {"top1": 0.5, "loss": 0.75})]))
+    _metrics_file(tmp_path, 2).write_text('{"top1": 0.')
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed = Checkpointer(str(tmp_path), keep=1, use_async=False)
+    assert [str(w.message) for w in caught] == [
+        f"The metrics file of the checkpoint at step 2 in {resumed.directory} is unreadable; it "
+        "is rewritten from that step's eval in metrics.jsonl."]
+    assert json.loads(_metrics_file(tmp_path, 2).read_text()) == {"top1": 0.9, "loss": 0.25}
+    resumed.save(6, _state(6), {"top1": 0.7, "loss": 0.5})
+    assert resumed.all_steps() == [2, 6]  # still ranked as the best, so still kept
+    assert not (tmp_path / "checkpoints_corrupt").exists()
+    resumed.close()
+
+
+def test_an_older_checkpoint_set_aside_for_its_metrics_file_promises_no_fallback(tmp_path):
+    """Without its eval in metrics.jsonl the step goes to quarantine; the warning said "falling
+    back to the checkpoint at step 4" of an older step, though the run resumes from 4 anyway."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2), {"top1": 0.9})
+    checkpointer.save(4, _state(4), {"top1": 0.5})
+    checkpointer.close()
+    _metrics_file(tmp_path, 2).write_text('{"top1": 0.')
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    quarantine = tmp_path / "checkpoints_corrupt"
+    assert [str(w.message) for w in caught] == [
+        f"Checkpoint at step 2 in {resumed.directory} has an unreadable metrics file, and "
+        f"metrics.jsonl no eval of that step to rewrite it from; it is moved to {quarantine}."]
+    assert resumed.all_steps() == [4]
+    resumed.close()
 
 
 def test_step_folders_lists_the_step_named_folders_complete_or_not(tmp_path):

@@ -4,12 +4,16 @@ import io
 import json
 import logging
 import os
+import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from absl import logging as absl_logging
 
+from cnnjax.train import logging as logging_lib
 from cnnjax.train.logging import MetricLogger, ProgressBar, QuietLibraries, read_metrics
 
 
@@ -138,7 +142,64 @@ def test_progress_bar_on_a_terminal_shows_steps_loss_rate_eta():
     assert "step 100/100 | loss 0.1234 | 2,500 img/s | ETA 0:00:00" in text
     bar = ProgressBar(100, stream=stream)  # live: the step's loss, not the train log's mean
     bar.update(100, 0.5, 2500.0, mean_loss=(0.75, 10))
+    bar.close()
     assert "step 100/100 | loss 0.5000 | " in stream.getvalue()
+
+
+@pytest.mark.parametrize("first_step", [1, 501])  # a fresh run; one resumed at step 500
+def test_the_eta_counts_from_the_first_step_done_not_from_its_compilation(monkeypatch, caplog,
+                                                                          first_step):
+    """An invocation's first step compiles: an ETA counted from before it divided the steps left
+    by a rate that included the compilation ('step 8/300 | 3,968 img/s | ETA 0:03:26' with ~5 s
+    left), on the terminal and in the lines logged off one."""
+    now = [100.0]
+    monkeypatch.setattr(logging_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    terminal = _Terminal()
+    bars = [ProgressBar(1000, stream=terminal), ProgressBar(1000, stream=io.StringIO(),
+                                                            log_every=20)]
+    now[0] += 30.0  # the first step compiling
+    with caplog.at_level("INFO", logger="absl"):
+        for step in range(first_step, first_step + 20):  # then 8 steps/s
+            for bar in bars:
+                bar.update(step, 0.5, 1000.0)
+            now[0] += 0.125
+    for bar in bars:
+        bar.close()
+    last = first_step + 19  # 19 steps in 19 * 0.125 s after the first: 8 steps/s
+    eta = logging_lib._format_seconds((1000 - last) / 8)  # 0:02:02, resumed 0:01:00
+    assert f"step {last}/1000 | loss 0.5000 | 1,000 img/s | ETA {eta}\033[K\n" in \
+        terminal.getvalue()
+    assert caplog.records[-1].getMessage() == f"step {last}/1000 | loss 0.5000 | 1,000 img/s | " \
+                                              f"ETA {eta}"
+
+
+def test_a_log_line_on_a_terminal_erases_the_bar_which_is_drawn_again_below(monkeypatch):
+    """absl writes to the terminal the bar is on: each line (an eval's) was glued to the stale
+    bar ('\\r[...] ... ETA 0:00:15I1206 ... eval at step 100'), and close() left an empty line.
+    Now the bar is erased first and drawn again at the next update, and at close."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # absl's stream here (flags not parsed)
+    monkeypatch.setattr(logging.root, "handlers", [absl_logging.get_absl_handler()])
+    bar = ProgressBar(10)
+    bar.update(5, 0.5, 100.0)
+    absl_logging.warning("eval at step 5")
+    bar.update(6, 0.4, 100.0)  # drawn at once, not 0.1 s later: the bar was erased
+    bar.update(10, 0.3, 100.0)
+    absl_logging.warning("eval at step 10")
+    bar.close()
+    absl_logging.warning("after the run")  # the bar is gone: nothing erased before it
+    def drawn(step):
+        return r"\r\[#+\.*\] step " + str(step) + r"/10 [^\r\n]*\x1b\[K"
+
+    def logged(message):
+        return r"W[^\r\n]*\] " + message + r"\n"
+
+    erased = r"\r\x1b\[K"
+    expected = (drawn(5) + erased
+                + r"(WARNING: Logging before flag parsing goes to stderr\.\n)?"  # absl's, once
+                + logged("eval at step 5") + drawn(6) + drawn(10) + erased
+                + logged("eval at step 10") + drawn(10) + r"\n" + logged("after the run"))
+    assert re.fullmatch(expected, terminal.getvalue()), repr(terminal.getvalue())
 
 
 def test_progress_bar_shows_an_unmeasured_rate_as_a_question_mark():

@@ -1,5 +1,6 @@
 """`train_and_evaluate` end to end on synthetic data: outputs, exact resume, divergence, workdir."""
 
+import collections
 import json
 import logging
 import math
@@ -53,15 +54,29 @@ def _final_params(workdir, config):
     return state, step
 
 
-def _tensorboard_scalars(logdir):
+def _tensorboard_events(logdir):
+    """`[(tag, step, value)]` of every scalar event in the run's one event file, in order (a
+    record still cut off at the end of the file, as a running writer leaves it, ends the list)."""
     import tensorflow as tf
 
     (event_file,) = Path(logdir).iterdir()
-    return {
-        (v.tag, e.step): v.simple_value
-        for e in tf.compat.v1.train.summary_iterator(str(event_file))
-        for v in e.summary.value
-    }
+    events = []
+    try:
+        for e in tf.compat.v1.train.summary_iterator(str(event_file)):
+            events.extend((v.tag, e.step, v.simple_value) for v in e.summary.value)
+    except tf.errors.DataLossError:
+        pass
+    return events
+
+
+def _tensorboard_scalars(logdir):
+    """`{(tag, step): value}` of the event file; raises if a (tag, step) was written twice."""
+    events = _tensorboard_events(logdir)
+    scalars = {(tag, step): value for tag, step, value in events}
+    counts = collections.Counter((tag, step) for tag, step, _ in events)
+    twice = sorted(key for key, n in counts.items() if n > 1)
+    assert not twice, f"TensorBoard holds these (tag, step) more than once: {twice}"
+    return scalars
 
 
 def test_run_writes_every_output(tmp_path, monkeypatch):
@@ -109,7 +124,8 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
     assert set(summary["final_train"]) == {"loss", "top1", "top5", "learning_rate",
                                            "images_per_sec"}
     assert summary["outputs"]["plot"] == str(tmp_path / "learning_curves.png")
-    # The learning rate of every step (1..12) reaches TensorBoard: step s used schedule(s - 1),
+    # The learning rate of every step (1..12) reaches TensorBoard, once (at train-log steps too,
+    # whose train record also holds it): step s used schedule(s - 1),
     # here cosine decay from 0.05 over 12 steps (float64 reference). optax computes it in float32,
     # so the error is a few ulps of the peak (0.05 * 1.2e-7 = 6e-9), not of each small value.
     scalars = _tensorboard_scalars(tmp_path / "tensorboard")
@@ -123,6 +139,25 @@ def test_run_writes_every_output(tmp_path, monkeypatch):
     assert json.loads(Path(tmp_path / "config.json").read_text())["model"] == helpers.TINY_MODEL
     # keep_checkpoints=3 of the saves at 4, 6 (eval), 8, 12 (eval+final); best top1 kept too.
     assert 12 in Checkpointer(str(tmp_path), use_async=False).all_steps()
+
+
+def test_tensorboard_holds_every_logged_step_up_to_a_checkpoint_when_it_is_saved(
+        tmp_path, monkeypatch):
+    """A resume restarts TensorBoard after its checkpoint's step, so the events up to it must be
+    on disk when the checkpoint is saved: flushed only at evals, a process killed between a
+    periodic save and the next eval lost them for good (metrics.jsonl kept them)."""
+    on_disk = {}
+    original_save = Checkpointer.save
+
+    def spy_save(self, step, *args, **kwargs):
+        on_disk[step] = sorted(s for tag, s, _ in _tensorboard_events(tmp_path / "tensorboard")
+                               if tag == "train/loss")
+        return original_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", spy_save)
+    loop.train_and_evaluate(helpers.tiny_config(tensorboard=True, eval_every_steps=12),
+                            str(tmp_path))
+    assert on_disk == {4: [2, 4], 8: [2, 4, 6, 8], 12: [2, 4, 6, 8, 10, 12]}
 
 
 def test_the_log_line_off_a_terminal_shows_the_loss_metrics_jsonl_records(tmp_path, caplog):
@@ -699,9 +734,12 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     config.num_train_steps = 8
-    with pytest.warns(RuntimeWarning, match="Checkpoint at step 8 .* could not be restored"):
+    # Its metrics file is rewritten from metrics.jsonl, its garbled metadata sets it aside.
+    with pytest.warns(RuntimeWarning, match="Checkpoint at step 8 .* has a damaged metadata file"
+                                            ".*; resuming from step 4"):
         summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["resumed_from_step"] == 4 and summary["status"] == "completed"
+    assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["8"]
 
 
 def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monkeypatch):
