@@ -321,11 +321,13 @@ def test_a_workdir_from_before_distill_still_resumes(tmp_path, monkeypatch):
     ({"distill.teacher_workdir": "None"}, "distill: teacher_workdir='None' is invalid; the string "
                                           "'None' names no run; use None (not the string) to "
                                           "train without a teacher."),
-    ({"task": "segmentation"}, "distill: teacher_workdir='t' is invalid; distillation trains "
-                               "classifiers only (config.task='classification', not "
-                               "'segmentation'); set distill.teacher_workdir=None."),
-    ({"task": "detection"}, "distill: teacher_workdir='t' is invalid; distillation trains "
-                            "classifiers only (config.task='classification', not 'detection')"),
+    # (each with a model of that task: another task's model is refused first)
+    ({"task": "segmentation", "model": "fcn8s_resnet18"},
+     "distill: teacher_workdir='t' is invalid; distillation trains classifiers only "
+     "(config.task='classification', not 'segmentation'); set distill.teacher_workdir=None."),
+    ({"task": "detection", "model": "yolo_v1_small"},
+     "distill: teacher_workdir='t' is invalid; distillation trains classifiers only "
+     "(config.task='classification', not 'detection')"),
 ])
 def test_bad_settings_are_refused_by_validate_config(overrides, message):
     config = _student("t", **overrides)

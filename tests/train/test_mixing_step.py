@@ -63,7 +63,7 @@ def test_a_run_with_cutmix_learns_and_logs_train_metrics(tmp_path, monkeypatch):
      r"mixing: cutmix_alpha=1e-38 is invalid; expected 0 \(off\) or a finite number >= 1e-37 "
      r"\(a smaller one overflows"),
     ({"mixing.cutmix_alpha": 1.0, "mixing.prob": 1.5}, r"mixing: prob=1.5 is invalid"),
-    ({"mixing.cutmix_alpha": 1.0, "task": "segmentation"},
+    ({"mixing.cutmix_alpha": 1.0, "task": "segmentation", "model": "fcn8s_resnet18"},
      r"mixing: mixup_alpha/cutmix_alpha=\(0.0, 1.0\) is invalid; mixing needs class labels"),
 ])
 def test_bad_mixing_is_named_before_compiling(tmp_path, monkeypatch, overrides, message):
