@@ -139,11 +139,12 @@ def check_zoo_names(names: Iterable[str], owner: str = "zoo_table", field: str =
         raise invalid(owner, field, detectors, "expected classification or segmentation "
                       "models; the detectors are compared in docs/detection.md (a per-layer "
                       "table: python -m cnnjax.analysis.summary --model=<name>)")
-    unknown = [n for n in names if n not in zoo_models()]
+    compared = zoo_models()
+    unknown = [n for n in names if n not in compared]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], zoo_models(), n=3)
+        close = difflib.get_close_matches(unknown[0], compared, n=3)
         hint = f"did you mean {close}? " if close else ""
-        raise invalid(owner, field, unknown, f"{hint}expected names from {zoo_models()}")
+        raise invalid(owner, field, unknown, f"{hint}expected names from {compared}")
     return names
 
 

@@ -482,7 +482,7 @@ def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Fi
     first, last, chance = smooth[0], smooth[-1], curves.initial_loss
     start = first if chance is None else min(first, chance)
     # Both jumps must beat the noise too: a low (or high) first log of a flat noisy run is no jump.
-    noise = t.jump_noise_factor * _log_noise(curves.train_loss)
+    noise = _jump_floor(curves, t)
     above = smooth - first > max(t.spike_min_rise * first, noise)
     rose = first > 0 and bool(above.any()) and last >= (1 - t.min_loss_delta) * start
     settled = (chance is not None and first - chance > max(t.spike_min_rise * chance, noise)
@@ -509,6 +509,12 @@ def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Fi
          "chance_loss": _num(chance)},
         _divergence_advice(curves),
     )
+
+
+def _jump_floor(curves: Curves, t: Thresholds) -> float:
+    """The smallest change of the smoothed train loss a verdict takes for a jump, not noise:
+    `jump_noise_factor` x the logs' noise (`_log_noise`)."""
+    return t.jump_noise_factor * _log_noise(curves.train_loss)
 
 
 def _log_noise(loss: np.ndarray) -> float:
@@ -616,9 +622,8 @@ def _plateaued(curves: Curves, smooth: np.ndarray, t: Thresholds) -> bool:
     if budget[-1] <= 0 or not 0 < half < len(smooth) - 1:
         return False
     early, late = smooth[0] - smooth[half], smooth[half] - smooth[-1]
-    noise = t.jump_noise_factor * _log_noise(curves.train_loss)
-    if early <= max(t.spike_min_rise * smooth[0], noise):  # never really fell: not a plateau
-        return False
+    if early <= max(t.spike_min_rise * smooth[0], _jump_floor(curves, t)):
+        return False  # it never really fell: not a plateau
     # Still falling by more than `tail_loss_drop` over the last quarter (a rate annealing to 0
     # after a high-lr phase at the noise floor, which per unit of lr looks flat): no plateau.
     if _train_tail_drop(curves, smooth, t) > t.tail_loss_drop:
