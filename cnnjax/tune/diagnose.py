@@ -126,7 +126,8 @@ class Thresholds:
     # or a plateau's early fall (no `too_slow`), also exceeds 5x the train loss's log-to-log
     # noise (robust standard deviation): on flat noisy curves (40 logs at ln 10, noise 2.6%) a
     # smoothed log lands 5% above a low first log in ~1 run in 4, 5 sds ~1 in 700; a high
-    # first log made 4% of them (sd 0.06) a "plateau".
+    # first log made 4% of them (sd 0.06) a "plateau". Runs of fewer logs estimate their noise
+    # less surely, and the floor widens by sqrt(39 / log-to-log changes) (`_jump_floor`).
     jump_noise_factor: float = 5.0
     # Two spikes are a pattern; a single one (even spanning consecutive logs) may be one bad batch.
     min_spikes: int = 2
@@ -511,10 +512,18 @@ def _stalled_after_rise(curves: Curves, smooth: np.ndarray, t: Thresholds) -> Fi
     )
 
 
+# `jump_noise_factor` was calibrated on runs of 40 logs (39 log-to-log changes).
+_CALIBRATION_CHANGES = 39
+
+
 def _jump_floor(curves: Curves, t: Thresholds) -> float:
     """The smallest change of the smoothed train loss a verdict takes for a jump, not noise:
-    `jump_noise_factor` x the logs' noise (`_log_noise`)."""
-    return t.jump_noise_factor * _log_noise(curves.train_loss)
+    `jump_noise_factor` x the logs' noise (`_log_noise`), widened by sqrt(39 / changes) below 40
+    logs, as the estimate's spread grows like 1 / sqrt(changes): from 10 logs it comes out under
+    40% of the true noise in 1 run in 17 (1 in 140 from 20 logs, never in 20,000 from 40)."""
+    changes = max(len(curves.train_loss) - 1, 1)
+    widening = max(1.0, math.sqrt(_CALIBRATION_CHANGES / changes))
+    return t.jump_noise_factor * _log_noise(curves.train_loss) * widening
 
 
 def _log_noise(loss: np.ndarray) -> float:

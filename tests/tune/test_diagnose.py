@@ -547,6 +547,35 @@ def test_a_noisy_flat_or_slowly_falling_loss_is_too_slow(drift, sd):
     assert not wrong, wrong[:2]
 
 
+@pytest.mark.parametrize("log_every", [40, 20])
+def test_a_noisy_flat_loss_with_few_logs_is_not_diverged(log_every):
+    """A rate too low, logged 10 or 20 times, at chance ln(10) with noise of sd 0.1 (4%). The
+    noise estimate from so few log-to-log changes came out at a third of the truth often enough
+    that a low first log and a chance high later one read as a rise: 2 (10 logs) and 1 (20 logs)
+    of these 100 runs were diverged (lower the rate), the wrong way."""
+    wrong = []
+    for seed in range(100):
+        noise = np.random.default_rng(seed).normal(0.0, 0.1, STEPS // log_every)
+        loss = {s: CHANCE + noise[s // log_every - 1]
+                for s in range(log_every, STEPS + 1, log_every)}
+        d = dg.diagnose(_ten_classes(train_loss=loss.__getitem__, log_every=log_every,
+                                     **_AT_CHANCE))
+        if "diverged" in d.verdicts:
+            wrong.append((seed, d.format()))
+    assert not wrong, wrong[:2]
+
+
+@pytest.mark.parametrize("rise, killed", [(0.3, True), (0.1, False)])
+def test_a_few_logs_still_show_a_rise_beyond_their_noise(rise, killed):
+    """Ten logs with noise of sd 0.02: a loss lifted 0.3 above its start (15 sds) and left there
+    is a rate that stopped the network learning; a lift of 0.1 (5 sds, within what ten logs
+    cannot tell from their noise) is not read as one."""
+    noise = np.random.default_rng(0).normal(0.0, 0.02, 10)
+    loss = {s: 2.2 + (rise if s > 40 else 0.0) + noise[s // 40 - 1] for s in range(40, 401, 40)}
+    d = dg.diagnose(_ten_classes(train_loss=loss.__getitem__, log_every=40, **_AT_CHANCE))
+    assert ("diverged" in d.verdicts) is killed, d.format()
+
+
 def test_a_loss_that_rose_a_little_is_too_slow_without_saying_it_fell():
     """A flat loss drifting 3% up (under the 5% rise that reads as a rate too high) is still
     too slow, but "fell only -3.0%" said the opposite of what it did."""
