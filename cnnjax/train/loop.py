@@ -670,7 +670,7 @@ class _Run:
         if saved is not None and on_disk is None:
             logging.warning("%s holds checkpoints but no readable %s: the config recorded with "
                             "its newest checkpoint stands in for it.", self.workdir, CONFIG_FILE)
-        elif isinstance(on_disk, dict) and saved is not on_disk:
+        elif saved is not None and isinstance(on_disk, dict) and saved is not on_disk:
             edited = config_lib.incompatible_fields(config_lib.flatten(saved),
                                                     config_lib.flatten(on_disk))
             if edited:

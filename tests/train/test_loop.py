@@ -619,6 +619,28 @@ def test_an_edited_config_json_does_not_override_the_checkpoints_record(tmp_path
         assert restored["optimizer"] == saved["optimizer"]
 
 
+def test_a_config_json_without_checkpoints_is_not_taken_for_an_edit(tmp_path, caplog,
+                                                                     monkeypatch):
+    """A run killed before its first checkpoint leaves config.json and no checkpoint. Its rerun
+    compared config.json with the checkpoints' record, None: every field read as edited, and
+    process 0 wrote `null` over config.json until the run saved its config again."""
+    config = helpers.tiny_config(num_train_steps=2)
+    (tmp_path / "config.json").write_text(json.dumps(json.loads(config.to_json())))
+    writes = []
+    real_write = loop.atomic_write
+
+    def recording_write(path, text, *args, **kwargs):
+        writes.append((path, text))
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "atomic_write", recording_write)
+    with caplog.at_level(logging.WARNING):
+        assert loop.train_and_evaluate(config, str(tmp_path))["status"] == "completed"
+    assert "differs from the config its checkpoints recorded" not in caplog.text
+    assert not [path for path, text in writes
+                if path.endswith("config.json") and text.strip() == "null"]
+
+
 def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
     """`restart` empties the workdir (docs/training.md): the outputs experiments.evaluate,
     .visualize, .robustness and .rcnn_svm wrote from the discarded run's checkpoints go too.
