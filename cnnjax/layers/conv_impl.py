@@ -274,10 +274,12 @@ def _conv_sliced_input_tangent_jvp(static: _StaticConv, primals: tuple, tangents
                                    ) -> tuple[Array, Array]:
     """Tangent: the input's through a stride-1 convolution sliced every `stride` outputs (the
     same numbers as the strided convolution), the kernel's through lax's strided one; a
-    symbolic-zero tangent (an operand not differentiated) adds no convolution."""
+    symbolic-zero tangent (an operand not differentiated) adds no convolution. The primal is
+    this function again, so that a derivative of the rule (d/dx of the kernel gradient) takes
+    the sliced input tangent too: lax's strided convolution there aborted."""
     lhs, rhs = primals
     lhs_dot, rhs_dot = tangents
-    y = static.conv(lhs, rhs)
+    y = _conv_sliced_input_tangent(lhs, rhs, static)
     terms = []
     if not isinstance(lhs_dot, SymbolicZero):
         dn = _spatial_dims(lhs, rhs, dict(static.options)["dimension_numbers"])

@@ -525,8 +525,10 @@ loss = lambda p, xs: jnp.sum(jnp.sin(layer.apply({"params": p}, xs)))
 with conv_impl(impl):
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
     hessian_x = jax.jit(jax.hessian(loss, argnums=1))(params, x)
+    # Reverse over reverse, d/dx of the kernel gradient: lax's strided primal aborted here.
+    mixed = jax.jit(jax.jacrev(lambda xs: jax.grad(loss)(params, xs)["kernel"]))(x)
 np.savez(sys.argv[1], x=x, kernel=params["kernel"], bias=params["bias"],
-         grad_kernel=grads[0]["kernel"], grad_x=grads[1], hessian_x=hessian_x)
+         grad_kernel=grads[0]["kernel"], grad_x=grads[1], hessian_x=hessian_x, mixed=mixed)
 """
 
 
@@ -543,8 +545,9 @@ np.savez(sys.argv[1], x=x, kernel=params["kernel"], bias=params["bias"],
 def test_conv_input_gradient_runs_where_xla_cpu_aborted(tmp_path, geometry):
     """Strided convolutions (and locally connected layers) whose output is shorter than the
     (dilated) kernel along an axis: lax's input gradient aborted the process in XLA:CPU's
-    algebraic simplifier (jax 0.10-0.11). Both gradients and the input Hessian against central
-    differences of the float64 NumPy layer (the Hessian: d2/dx2 of sum(sin(y)))."""
+    algebraic simplifier (jax 0.10-0.11). Both gradients, the input Hessian and the mixed
+    second derivative d/dx of the kernel gradient against the float64 NumPy layer (central
+    differences; the Hessian: d2/dx2 of sum(sin(y)))."""
     import subprocess
     import sys
 
@@ -581,6 +584,19 @@ def test_conv_input_gradient_runs_where_xla_cpu_aborted(tmp_path, geometry):
     jacobian = np.stack(columns, axis=1)
     want_hessian = -(jacobian.T * np.sin(y).ravel()) @ jacobian
     assert_close(got["hessian_x"].reshape(want_hessian.shape), want_hessian)
+    if kind != "local":
+        def grad_kernel(x):  # d sum(sin(y)) / d kernel = sum over windows of win x cos(y)
+            cos_y = np.cos(reference_y(x, kernel))
+            return sum(np.einsum("nabc,nf->abcf", win, cos_y[:, i, j])
+                       for i, j, win in _np_windows(x, geo.kernel, geo.strides, geo.dilation,
+                                                    geo.padding, "zeros"))
+
+        step, want_mixed = 1e-6, np.zeros((*kernel.shape, *x.shape))
+        for i in np.ndindex(x.shape):
+            delta = np.zeros_like(x)
+            delta[i] = step
+            want_mixed[(...,) + i] = (grad_kernel(x + delta) - grad_kernel(x - delta)) / (2 * step)
+        assert_close(got["mixed"], want_mixed)
 
 
 def test_locally_connected_over_patches_has_the_same_parameters_and_values():
