@@ -55,37 +55,42 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
 }
 FILE_FLAGS = ("config", "sweep", "recipe", "transfer")
 
+# Every pattern below is matched whole (`fullmatch`): `re.match` with a trailing `$` also takes
+# a value ending in a newline, which split the `#SBATCH` block where the value was written.
 # SLURM time limits: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S. Numbers are ASCII digits (re.ASCII):
 # `\d` and `int` also take e.g. Arabic-Indic ones, which sbatch refuses.
-_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$", re.ASCII)
+_TIME = re.compile(r"(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)", re.ASCII)
 # sbatch's --mem; 0: all of the node's memory
-_MEM = re.compile(r"^(0|[1-9]\d*)[KMGTkmgt]?$", re.ASCII)
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MEM = re.compile(r"(0|[1-9]\d*)[KMGTkmgt]?", re.ASCII)
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Partition, account and QOS names: sbatch takes them verbatim ('%' is a file-name pattern only
 # in --output/--error), a list of partitions (or QOS) comma-separated. A constraint is node
 # features joined by its operators: & (and), | (or), , (and), * (count), ! (not), [] and ().
 _SLURM_NAME = r"[A-Za-z0-9_.-]+"
 _NAME_CHARS = "letters, digits, '_', '.' and '-'"
 _SCHEDULER_NAMES = {
-    "partition": (re.compile(rf"^{_SLURM_NAME}(,{_SLURM_NAME})*$", re.ASCII),
+    "partition": (re.compile(rf"{_SLURM_NAME}(,{_SLURM_NAME})*", re.ASCII),
                   f"SLURM partition names of {_NAME_CHARS}, comma-separated (e.g. gpu,gpu-long),"),
-    "account": (re.compile(rf"^{_SLURM_NAME}$", re.ASCII),
+    "account": (re.compile(_SLURM_NAME, re.ASCII),
                 f"a SLURM account name of {_NAME_CHARS} (one account),"),
-    "qos": (re.compile(rf"^{_SLURM_NAME}(,{_SLURM_NAME})*$", re.ASCII),
+    "qos": (re.compile(rf"{_SLURM_NAME}(,{_SLURM_NAME})*", re.ASCII),
             f"SLURM QOS names of {_NAME_CHARS}, comma-separated,"),
-    "constraint": (re.compile(r"^[A-Za-z0-9_.:&|,*!\[\]()-]+$", re.ASCII),
+    "constraint": (re.compile(r"[A-Za-z0-9_.:&|,*!\[\]()-]+", re.ASCII),
                    "SLURM node features (letters, digits, '_', '.', '-', ':') joined by its "
                    "operators & | , * ! [ ] ( ) (e.g. a100&ib),"),
 }
-_OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)$",
+_OVERRIDE = re.compile(r"--(?P<flag>[A-Za-z_]\w*)(?P<field>(?:\.[A-Za-z_]\w*)*)=(?P<value>.*)",
                        re.DOTALL)
-_ARRAY_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$", re.ASCII)
+_ARRAY_ITEM = re.compile(r"(\d+)(?:-(\d+))?", re.ASCII)
 #: Config fields whose value is a path: another run's directory (`train.config.DIRECTORY_FIELDS`)
 #: and the tfds data directory (`data.spec.default_data_config`). Spelled out here, since this
 #: module imports no engine code; tests/launch/test_spec.py fails if the configs gain another.
 PATH_FIELDS = ("init_from.workdir", "distill.teacher_workdir", "data.data_dir")
+#: The path fields written into `#SBATCH` lines (`--chdir`, `--output`), so spelt as sbatch reads
+#: them; the config files, venv and python are written only shell-quoted into the script's body.
+DIRECTIVE_PATHS = ("workdir", "submit_dir")
 #: `--signal`'s largest lead time (SLURM stores it in 16 bits).
 MAX_SIGNAL_SECONDS = 65535
 
@@ -217,7 +222,7 @@ def time_limit_seconds(value: Any) -> int:
     """Seconds in a SLURM time limit (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`)."""
     valid = ("expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
              "D-HH:MM:SS (minutes and seconds < 60 after the first field), more than 0")
-    match = _TIME.match(value) if isinstance(value, str) else None
+    match = _TIME.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise invalid(_OWNER, "time", value, valid)
     g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
@@ -254,7 +259,7 @@ def array_indices(value: str, num_trials: int, trials_per_task: int = 1) -> list
                       "tasks at once) pass --max_parallel=N")
     indices: list[int] = []
     for item in value.split(",") if isinstance(value, str) else [None]:
-        match = _ARRAY_ITEM.match(item) if item is not None else None
+        match = _ARRAY_ITEM.fullmatch(item) if item is not None else None
         if match is None:
             raise invalid(_OWNER, "array", value, valid)
         low = int(match.group(1))
@@ -274,7 +279,7 @@ def _check_word(field: str, value: Any, pattern: re.Pattern | None = None,
         return
     ok = isinstance(value, str) and value != "" and not re.search(r"[\s'\"#\\]", value)
     if ok and pattern is not None:
-        ok = pattern.match(value) is not None
+        ok = pattern.fullmatch(value) is not None
     if not ok:
         raise invalid(_OWNER, field, value,
                       f"expected {what} without spaces, quotes, '#' or backslashes")
@@ -286,12 +291,13 @@ def _absolute(path: str, base: str) -> str:
 
 
 def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) -> str:
-    """`value` made absolute against `base`; it may not hold whitespace, '%' (SLURM reads `%`
-    in log paths as a pattern) or '#' (a `#SBATCH` line ends at it) and must exist as
-    `must_exist` ("file"/"dir") if given."""
+    """`value` made absolute against `base`, which must exist as `must_exist` ("file"/"dir") if
+    given. One of `DIRECTIVE_PATHS` may not hold whitespace, quotes, backslashes, '%' (SLURM reads
+    `%` in log paths as a pattern) or '#' (a `#SBATCH` line ends at it); the others are only
+    written shell-quoted into the script body, which carries any character."""
     if not isinstance(value, str) or not value:
         raise invalid(_OWNER, field, value, "expected a path")
-    if re.search(r"[\s%#'\"\\]", value):
+    if field in DIRECTIVE_PATHS and re.search(r"[\s%#'\"\\]", value):
         where = ("; submit_dir is the repository the job runs in (launch.submit's own "
                  "checkout): clone or move it to such a path" if field == "submit_dir" else "")
         raise invalid(_OWNER, field, value,
@@ -315,7 +321,7 @@ def absolute_path_overrides(overrides: Any, base: str) -> Any:
         return overrides
     out = []
     for override in overrides:
-        match = _OVERRIDE.match(override) if isinstance(override, str) else None
+        match = _OVERRIDE.fullmatch(override) if isinstance(override, str) else None
         value = match.group("value") if match else ""
         if (match and value not in ("", "None") and not os.path.isabs(value)
                 and "://" not in value  # a URL (tfds reads gs://...) is no local path
@@ -333,7 +339,7 @@ def check_override(spec_entry: str, override: Any) -> str:
     forms = [f"--{f}.<field>=<value>" for f in entry.file_flags]
     forms += [f"--{f}=<value>" for f in entry.extra_flags]
     valid = f"{spec_entry} accepts {', '.join(forms)} (note the '=')"
-    match = _OVERRIDE.match(override) if isinstance(override, str) else None
+    match = _OVERRIDE.fullmatch(override) if isinstance(override, str) else None
     if match is None or "\0" in override:
         raise invalid(_OWNER, "overrides", override, valid)
     flag, field = match.group("flag"), match.group("field")
@@ -514,11 +520,12 @@ def _check_environment(spec: JobSpec, submit_dir: str) -> tuple[str | None, str]
     if not isinstance(spec.env, tuple):
         raise invalid(_OWNER, "env", spec.env, "expected a tuple of (NAME, value) pairs")
     for pair in spec.env:
-        if (not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str)
-                or not _ENV_NAME.match(pair[0]) or not isinstance(pair[1], str)
-                or "\0" in pair[1]):
-            raise invalid(_OWNER, "env", pair,
-                          "expected NAME=value with NAME of letters, digits and '_'")
+        strings = (isinstance(pair, tuple) and len(pair) == 2
+                   and all(isinstance(part, str) for part in pair))
+        if not strings or not _ENV_NAME.fullmatch(pair[0]) or "\0" in pair[1]:
+            raise invalid(_OWNER, "env", "=".join(pair) if strings else pair,
+                          "expected NAME=value with NAME of letters, digits and '_' (not "
+                          "starting with a digit)")
     if not isinstance(spec.setup, tuple):
         raise invalid(_OWNER, "setup", spec.setup, "expected a tuple of shell lines")
     for line in spec.setup:

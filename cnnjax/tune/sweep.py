@@ -2,7 +2,8 @@
 
 Layout of a sweep directory:
     sweep.json            the space, its trials and the base config (refuses a different sweep)
-    sweep.lock            locked while a driver checks and writes sweep.json (one at a time)
+    sweep.lock            locked while a driver checks and writes sweep.json, or rebuilds the
+                          results (one at a time)
     trials/<trial_id>/    the engine's workdir for that trial (checkpoints, metrics.jsonl,
                           summary.json) plus trial.json (status, reason, wall time)
     results.csv/.json     one row per trial, best first; rewritten atomically after every trial
@@ -14,7 +15,8 @@ Resume is per trial: a trial whose summary.json says completed (or trial.json di
 again, an interrupted one continues from its own checkpoint (the engine resumes exactly), a failed
 one is retried. A trial whose workdir another process holds (`cnnjax.utils.lock`) is skipped, not
 run twice (with `trial_index`, trials asked for by index, it is an error instead). Results are
-always rebuilt from the trial directories, so concurrent array tasks and reruns agree on one table.
+always rebuilt from the trial directories, read and written under sweep.lock, so the last table
+written has seen every trial finished before it: concurrent array tasks and reruns agree on one.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from cnnjax.utils.lock import LOCK_FILE, DirectoryInUseError, directory_lock, wa
 from cnnjax.utils.validation import check_choice, invalid
 
 SWEEP_FILE = "sweep.json"
-SWEEP_LOCK = "sweep.lock"  # held while sweep.json is checked and written
+SWEEP_LOCK = "sweep.lock"  # held while sweep.json is checked and written, and the results rebuilt
 TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 RESULTS_CSV = "results.csv"
@@ -335,7 +337,8 @@ def _prepare_sweep_dir(
     """Creates sweep.json, or checks (`check_sweep_dir`) that the existing one describes the
     same sweep, as one step: two drivers started together on a new sweep_dir each found no
     sweep.json, and the second's overwrote the first's while the first's trials ran. The check
-    and the write run under `<sweep_dir>/sweep.lock` (a blocking flock, held for milliseconds),
+    and the write run under `<sweep_dir>/sweep.lock` (a blocking flock, held for milliseconds
+    here; `write_results` holds it while it rebuilds the table),
     and a new sweep.json is created only where none exists (a hard link: atomic on a file
     system without flock too), so one driver writes it and the other is refused by
     `check_sweep_dir` (or, the same sweep, goes on with it).
@@ -723,16 +726,20 @@ def rank_results(rows: list[dict], mode: str) -> list[dict]:
 
 
 def write_results(sweep_dir: str, space: SearchSpace, metric: str, mode: str) -> list[dict]:
-    """Rebuilds results.csv, results.json and sweep.png from the trial directories (atomic)."""
-    rows = rank_results([trial_result(sweep_dir, t, metric, mode) for t in space.trials], mode)
-    atomic_write(
-        os.path.join(sweep_dir, RESULTS_JSON),
-        json.dumps({"metric": metric, "mode": mode, "fields": space.fields, "trials": rows},
-                   indent=2),
-    )
-    atomic_write(os.path.join(sweep_dir, RESULTS_CSV), _csv(rows, space, metric))
-    if any(r["status"] == "completed" for r in rows):
-        plot_results(rows, space, metric, os.path.join(sweep_dir, PLOT_FILE))
+    """Rebuilds results.csv, results.json and sweep.png from the trial directories (atomic).
+    Reads and writes under `<sweep_dir>/sweep.lock`: unlocked, a task that read while another's
+    trial was running could write after that task's complete table, leaving it 'incomplete'."""
+    with waiting_lock(os.path.join(sweep_dir, SWEEP_LOCK)):
+        rows = rank_results([trial_result(sweep_dir, t, metric, mode) for t in space.trials],
+                            mode)
+        atomic_write(
+            os.path.join(sweep_dir, RESULTS_JSON),
+            json.dumps({"metric": metric, "mode": mode, "fields": space.fields, "trials": rows},
+                       indent=2),
+        )
+        atomic_write(os.path.join(sweep_dir, RESULTS_CSV), _csv(rows, space, metric))
+        if any(r["status"] == "completed" for r in rows):
+            plot_results(rows, space, metric, os.path.join(sweep_dir, PLOT_FILE))
     return rows
 
 

@@ -5,6 +5,7 @@ stand-in `srun`/`scontrol` and a stand-in program instead of Python."""
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -194,6 +195,36 @@ def test_awkward_overrides_reach_the_program_verbatim(tmp_path):
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text().splitlines()
     assert events[0].endswith("job 5_2: started on " + os.uname().nodename + " (restart 0)")
     assert events[1].endswith("job 5_2: finished with exit status 0")
+
+
+def test_config_and_venv_paths_with_spaces_and_quotes_reach_the_job_verbatim(tmp_path):
+    """Config files and the venv are not in #SBATCH lines, so their paths may hold what those
+    cannot: the script quotes them, sources that venv and passes the paths byte for byte."""
+    awkward = tmp_path / "my configs 'q' \"dq\" $HOME `id` %j #1 back\\slash;&*"
+    (awkward / "venv" / "bin").mkdir(parents=True)
+    activated = tmp_path / "activated"
+    (awkward / "venv" / "bin" / "activate").write_text(
+        f'printf "%s" "${{BASH_SOURCE[0]}}" > {activated}\n')
+    shutil.copy(CONFIG, awkward / "c.py")
+    shutil.copy(SWEEP, awkward / "s.py")
+    spec = validate_spec(JobSpec(
+        entry="sweep", workdir=str(tmp_path / "wd"), config=str(awkward / "c.py"),
+        sweep=str(awkward / "s.py"), venv=str(awkward / "venv"),
+        python=str(_stand_in_program(tmp_path)), submit_dir=str(ROOT)), num_trials=4)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render(spec, num_trials=4))
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert all("configs" not in line for line in _directives(script.read_text()))
+    env = path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_ARRAY_JOB_ID": "5",
+                                                         "SLURM_ARRAY_TASK_ID": "1"}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert activated.read_text() == str(awkward / "venv" / "bin" / "activate")
+    args = (tmp_path / "args").read_bytes().decode().split("\0")[:-1]
+    assert args[:4] == ["-m", "experiments.sweep", f"--config={awkward}/c.py",
+                        f"--sweep={awkward}/s.py"]
+    assert args == command(spec)[1:] + ["--trial_index=1"]
 
 
 def _start(script, env, tmp_path):

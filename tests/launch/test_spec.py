@@ -4,6 +4,7 @@ value and what is valid; good specs come back normalized (absolute paths, defaul
 import dataclasses
 import os
 import re
+import shutil
 
 import pytest
 
@@ -205,7 +206,10 @@ BAD = [
     (dict(venv="no_such_venv"), r"venv='no_such_venv' is invalid; no such directory"),
     (dict(venv="experiments"), r"venv='experiments' is invalid; expected a virtual environment"),
     (dict(python="my python"), r"python='my python' is invalid; expected a command without"),
-    (dict(env=(("1X", "a"),)), r"env=\('1X', 'a'\) is invalid; expected NAME=value"),
+    # As typed (--env=1X=a), not as the pair it was split into: env=('1X', 'a')
+    (dict(env=(("1X", "a=b"),)), r"env='1X=a=b' is invalid; expected NAME=value with NAME of "
+                                 r"letters, digits and '_' \(not starting with a digit\)\.$"),
+    (dict(env=("A=1",)), r"env='A=1' is invalid; expected NAME=value"),  # not a pair
     (dict(setup=("module load a\nrm -rf x",)), r"setup=.* is invalid; expected one non-empty "
                                                "shell line"),
     (dict(overrides=["--config.a=1"]), r"overrides=\['--config.a=1'\] is invalid; expected a "
@@ -428,3 +432,59 @@ def test_an_array_throttle_is_pointed_to_max_parallel():
             "(a <= b) of the sweep's 4 trials, 0-3, e.g. '0-3' or '0,3'; for sbatch's '%N' "
             "throttle (at most N tasks at once) pass --max_parallel=N")):
         array_indices("0-3%2", 4)
+
+
+NEWLINE_ENDED = [
+    ("time", "30\n"), ("time", "1-00:00\n"), ("array", "0-3\n"), ("array", "0,1\n"),
+    ("mem", "64G\n"), ("partition", "gpu\n"), ("account", "proj\n"), ("qos", "high\n"),
+    ("constraint", "a100\n"), ("job_name", "job\n"),
+]
+
+
+@pytest.mark.parametrize("field,value", NEWLINE_ENDED, ids=[f for f, _ in NEWLINE_ENDED])
+def test_a_value_ending_in_a_newline_is_refused(field, value):
+    """`$` matches before a trailing newline too: `--array=$'0-3\\n'` and `--time=$'30\\n'` passed
+    every check, and the newline split the #SBATCH block (with --max_parallel, '%2' on a line of
+    its own ended sbatch's reading, dropping --requeue and --signal)."""
+    with pytest.raises(ValueError, match=f"^launch: {field}={re.escape(repr(value))} is invalid"):
+        validate_spec(_sweep(**{field: value}), num_trials=4)
+
+
+def test_an_env_name_ending_in_a_newline_is_refused():
+    """It was written as `export FOO` then a line `='b'`."""
+    with pytest.raises(ValueError, match=re.escape(r"launch: env='FOO\n=b' is invalid")):
+        validate_spec(_train(env=(("FOO\n", "b"),)))
+
+
+AWKWARD_DIR = "my configs 'q' \"dq\" $HOME `id` %j #1 back\\slash;&*"
+
+
+def test_config_and_venv_paths_may_hold_what_directives_cannot(tmp_path):
+    """Only workdir and submit_dir are written into #SBATCH lines; config files, the venv and a
+    python path reach the script shell-quoted (test_slurm.py runs such a script). They were
+    refused "(SLURM directives cannot carry them)"."""
+    awkward = tmp_path / AWKWARD_DIR
+    (awkward / "venv" / "bin").mkdir(parents=True)
+    (awkward / "venv" / "bin" / "activate").write_text("")
+    python = tmp_path / "py%#'\"\\$x;&"  # no whitespace: a python command may hold none
+    python.write_text("")
+    python.chmod(0o755)
+    shutil.copy(CONFIG, awkward / "c.py")
+    shutil.copy(SWEEP, awkward / "s.py")
+    spec = validate_spec(_sweep(config=str(awkward / "c.py"), sweep=str(awkward / "s.py"),
+                                venv=str(awkward / "venv"), python=str(python)), num_trials=4)
+    assert (spec.config, spec.sweep, spec.venv, spec.python) == (
+        str(awkward / "c.py"), str(awkward / "s.py"), str(awkward / "venv"), str(python))
+    with pytest.raises(ValueError, match=r"^launch: config='/no such/c\.py' is invalid; no such "
+                                         r"file \(/no such/c\.py\)\.$"):
+        validate_spec(_train(config="/no such/c.py"))
+
+
+@pytest.mark.parametrize("field", ["workdir", "submit_dir"])
+def test_the_paths_in_sbatch_lines_are_refused_what_directives_cannot_carry(tmp_path, field):
+    (tmp_path / "a b").mkdir()
+    value = str(tmp_path / "a b")
+    with pytest.raises(ValueError, match=f"^launch: {field}={re.escape(repr(value))} is invalid; "
+                                         r"expected a path without whitespace.*\(SLURM "
+                                         r"directives cannot carry them\)"):
+        validate_spec(_train(**{field: value}))

@@ -1117,3 +1117,70 @@ def test_the_sweep_command_exits_1_when_no_trial_completed_but_an_array_task_doe
     task = subprocess.run(command + ["--trial_index=0"], capture_output=True, text=True,
                           env=_env(), cwd=ROOT)
     assert task.returncode == 0, task.stderr[-2000:]
+
+
+def _finished_trial(sweep_dir, trial, top1, status):
+    """`trial`'s folder as the engine and `start_trial` leave it: one eval, trial.json `status`
+    (incomplete: running since now), and a completed summary.json once completed."""
+    workdir = sw.trial_workdir(sweep_dir, trial)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(_eval(6, top1)) + "\n")
+    files.atomic_write(os.path.join(workdir, sw.TRIAL_FILE), json.dumps(
+        {**trial.describe(), "status": status, "wall_time_s": 1.0, "reason": "",
+         "started_at": time.time()}))
+    if status == "completed":
+        files.atomic_write(os.path.join(workdir, sw.SUMMARY_FILE),
+                           json.dumps({"status": "completed", "step": 6}))
+
+
+def test_concurrent_tasks_leave_the_table_of_every_finished_trial(tmp_path, monkeypatch):
+    """Array task A reads the trial folders while task B's trial runs; B's trial finishes and B
+    writes the full table; A's write came last, so results.json showed B's trial incomplete
+    until a manual rebuild. Now the table is read and written under sweep.lock: B waits for A
+    and writes last. A is held after its read until B has written (old) or waits for the
+    lock (new)."""
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.1, 0.2]})
+    a_trial, b_trial = space.trials
+    _finished_trial(sweep_dir, a_trial, 0.5, "completed")
+    _finished_trial(sweep_dir, b_trial, 0.6, "incomplete")
+    a_read, b_progressed = threading.Event(), threading.Event()
+    trial_result, waiting_lock = sw.trial_result, sw.waiting_lock
+
+    def held_trial_result(directory, trial, *args):
+        row = trial_result(directory, trial, *args)
+        if threading.current_thread().name == "a" and trial == b_trial:
+            a_read.set()
+            assert b_progressed.wait(60)
+        return row
+
+    def noted_waiting_lock(path):
+        if threading.current_thread().name == "b":
+            b_progressed.set()  # B is about to wait for the lock A holds
+        return waiting_lock(path)
+
+    def task(name):
+        try:
+            sw.write_results(sweep_dir, space, "top1", "max")
+        finally:
+            if name == "b":
+                b_progressed.set()
+            a_read.set()
+
+    monkeypatch.setattr(sw, "trial_result", held_trial_result)
+    monkeypatch.setattr(sw, "waiting_lock", noted_waiting_lock)
+    a = threading.Thread(target=task, args=("a",), name="a")
+    a.start()
+    assert a_read.wait(60)
+    _finished_trial(sweep_dir, b_trial, 0.6, "completed")  # B's trial ends; B tabulates it
+    b = threading.Thread(target=task, args=("b",), name="b")
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert not a.is_alive() and not b.is_alive()
+    results = _json(os.path.join(sweep_dir, sw.RESULTS_JSON))["trials"]
+    assert {r["trial_id"]: r["status"] for r in results} == {
+        a_trial.trial_id: "completed", b_trial.trial_id: "completed"}
+    assert [r["best"] for r in results] == [0.6, 0.5]
+    assert [r["status"] for r in _csv_rows(sweep_dir)] == ["completed", "completed"]
