@@ -90,7 +90,7 @@ class _DetectionSource(TfdsSource):
 def _open(data_config: Any) -> tuple[Any, _DetectionSource, Any, int]:
     """`(spec, source, transforms, max_boxes)` of a detection data config."""
     config, max_boxes, proposals = split_detection_fields(data_config)
-    spec = resolve(config)
+    spec = resolve(config, preset_crop=False)  # whole image + flip (`flipped_whole_image`)
     source, transforms = pipeline.open_whole_image_source(
         spec, lambda spec: _DetectionSource(spec, proposals))
     return spec, source, transforms, max_boxes

@@ -273,8 +273,10 @@ def _check_image_values(name: str, image_size: int | None, size: tuple[int, int]
                       "int32 tensor sizes")
 
 
-def resolve(data_config: Any) -> Spec:
-    """Fills missing fields from `default_data_config(name)` and validates every field."""
+def resolve(data_config: Any, *, preset_crop: bool = True) -> Spec:
+    """Fills missing fields from `default_data_config(name)` and validates every field.
+    `preset_crop=False` for the dense-target pipelines (detection, segmentation), which never
+    apply the preset's classification crop, so its `image_size` check does not apply."""
     fields = dict(data_config.items()) if hasattr(data_config, "items") else None
     if fields is None:
         raise invalid(_OWNER, "config", data_config, "expected an ml_collections ConfigDict")
@@ -320,8 +322,8 @@ def resolve(data_config: Any) -> Spec:
         _check_image_values(name, image_size, size, cfg, preset, fake_shape)
 
     augment = check_bool(_OWNER, "augment", cfg["augment"])
-    if (augment and preset.train_augmentation == "pad_crop_flip" and size is not None
-            and min(size) <= preset.crop_padding):
+    if (preset_crop and augment and preset.train_augmentation == "pad_crop_flip"
+            and size is not None and min(size) <= preset.crop_padding):
         # A crop of s pixels at a uniform offset in [0, 2p] of an image padded by p overlaps it
         # at 2s - 1 of the 2p + 1 offsets per axis: at all of them only when s > p.
         pad = preset.crop_padding
@@ -492,7 +494,7 @@ def split_segmentation_fields(data_config: Any) -> tuple[Spec, tuple[float, floa
                       "expected a tfds dataset: segmentation needs a `segmentation_mask`, e.g. "
                       "name='shapes' with tfds_name='shapes_segmentation'")
     _check_no_randaugment(fields)
-    spec = resolve(ml_collections.ConfigDict(fields))
+    spec = resolve(ml_collections.ConfigDict(fields), preset_crop=False)  # whole image + flip
     if scale_range is not None and not spec.augment:
         raise invalid(_OWNER, "scale_range", scale_range,
                       "expected None when augment=False (the random scale and crop is a "
@@ -507,7 +509,7 @@ def resolve_for_task(data_config: Any, task: str) -> Spec:
     if task == "segmentation":
         return split_segmentation_fields(data_config)[0]
     if task == "detection":
-        return resolve(split_detection_fields(data_config)[0])
+        return resolve(split_detection_fields(data_config)[0], preset_crop=False)
     return resolve(data_config)
 
 

@@ -69,6 +69,7 @@ from cnnjax.train.step import (
 )
 from cnnjax.utils.files import atomic_write, read_json, write_json
 from cnnjax.utils.lock import directory_lock
+from cnnjax.utils.validation import invalid
 
 INIT_FROM_FILE = "init_from.json"  # where a warm-started run came from (kept across resumes)
 # What experiments.evaluate, .visualize, .robustness and .rcnn_svm measured of the run's
@@ -760,8 +761,21 @@ class _Run:
             raise ValueError(f"data: eval split of {self.data_info.name!r} yielded no examples.")
         metrics = {name: value / count for name, value in totals.items()}
         if confusion is not None:
+            self._check_scored_pixels(confusion)
             metrics |= intersection_over_union(confusion)
         return metrics | {"num_examples": count}
+
+    def _check_scored_pixels(self, confusion: np.ndarray) -> None:
+        """Refuses an eval split none of whose pixels is scored (all `IGNORE_LABEL`, e.g.
+        outlines only), naming the split: its pixel accuracy and mIoU are undefined."""
+        if confusion.sum() > 0:
+            return
+        from cnnjax.data.segmentation import IGNORE_LABEL
+
+        raise invalid("data", "eval_split", self.pipeline.eval_split_name(self.config.data),
+                      f"expected a split of {self.data_info.name!r} with at least one scored "
+                      f"pixel, but every pixel of it is the ignore label (IGNORE_LABEL="
+                      f"{IGNORE_LABEL}: no class), so its pixel accuracy and mIoU are undefined")
 
     def evaluate_detection(self, state: Any, p_predict: Callable) -> dict:
         """mAP over the whole eval split: every device's detections and the ground truth go to

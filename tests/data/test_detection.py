@@ -16,6 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import detection, pipeline
+from cnnjax.data import spec as spec_lib
 from cnnjax.data.builders import shapes as shapes_lib
 from cnnjax.data.transforms import Transforms
 from tests.data.layouts import LAYOUTS, assert_refused_before_opening
@@ -240,6 +241,24 @@ def test_bad_configs(tmp_path, overrides, message):
         next(detection.train_batches(_config(str(tmp_path), **overrides), global_batch_size=8,
                                      num_devices=1, seed=0))
     assert str(err.value).startswith(message)
+
+
+def test_an_image_size_within_the_presets_crop_padding_is_not_refused(tmp_path, monkeypatch):
+    """The shapes preset's classification crop pads 4 pixels per side (an image_size of at most
+    4 is refused for classification); detection never crops (whole image resized, flipped), and
+    used to be refused all the same. (Its models refuse such inputs themselves, by name.)"""
+    class OpenedError(Exception):
+        pass
+
+    def open_whole_image_source(spec, make_source):
+        assert spec.size == (4, 4) and spec.augment
+        raise OpenedError  # resolved: nothing to read in this test
+
+    monkeypatch.setattr(pipeline, "open_whole_image_source", open_whole_image_source)
+    config = _config(str(tmp_path / "never_built"), image_size=4, augment=True)
+    assert spec_lib.resolve_for_task(config, "detection").size == (4, 4)  # check_config's
+    with pytest.raises(OpenedError):
+        detection.get_dataset_info(config)
 
 
 def test_dataset_without_boxes_is_refused(digits_dir):

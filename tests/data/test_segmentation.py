@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data import pipeline, presets, segmentation
-from cnnjax.data.spec import split_segmentation_fields
+from cnnjax.data.spec import resolve_for_task, split_segmentation_fields
 from cnnjax.data.transforms import Transforms
 from tests.data.layouts import LAYOUTS, assert_refused_before_opening
 
@@ -79,6 +79,51 @@ def test_flip_moves_image_and_class_map_together_and_resume_replays(data_dir):
                                               **kwargs))
     for key in ("image", "labels"):
         np.testing.assert_array_equal(flipped[2][key], resumed[key])
+
+
+# The shapes preset's classification crop pads 4 pixels per side, and an image_size of at most 4
+# is refused there (tests/data/test_pipeline.py); segmentation never crops (whole image resized,
+# then flipped), and used to be refused all the same.
+_CROP_REFUSAL = ("data: image_size=4 is invalid; expected more than 4 pixels for 'shapes': its "
+                 "training crop pads 4 pixels per side")
+
+
+def test_an_image_size_within_the_presets_crop_padding_is_not_refused(tmp_path, monkeypatch):
+    class OpenedError(Exception):
+        pass
+
+    def open_whole_image_source(spec, make_source):
+        assert spec.size == (4, 4) and spec.augment
+        raise OpenedError  # resolved: nothing to read in this test
+
+    monkeypatch.setattr(pipeline, "open_whole_image_source", open_whole_image_source)
+    config = _config(str(tmp_path / "never_built"), image_size=4, augment=True)
+    assert resolve_for_task(config, "segmentation").size == (4, 4)  # check_config's resolution
+    with pytest.raises(OpenedError):
+        segmentation.get_dataset_info(config)
+    classification = pipeline.default_data_config("shapes")
+    classification.image_size = 4
+    with pytest.raises(ValueError) as err:
+        resolve_for_task(classification, "classification")
+    assert str(err.value).startswith(_CROP_REFUSAL)
+
+
+@pytest.mark.slow
+def test_tiny_training_images_are_the_whole_image_resized_and_maybe_mirrored(data_dir):
+    """At image_size=4 (within the preset's crop padding) each training example is the eval
+    view of its scene or that view mirrored, class map with it: no crop, no padding."""
+    kwargs = {"global_batch_size": 16, "num_devices": 1, "seed": 3}
+    plain = next(segmentation.train_batches(_config(data_dir, image_size=4, augment=False),
+                                            **kwargs))
+    augmented = next(segmentation.train_batches(_config(data_dir, image_size=4, augment=True),
+                                                **kwargs))
+    assert augmented["image"].shape == (1, 16, 4, 4, 3)
+    for i in range(16):
+        image, labels = plain["image"][0, i], plain["labels"][0, i]
+        if not np.array_equal(image, augmented["image"][0, i]):
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        np.testing.assert_array_equal(image, augmented["image"][0, i])
+        np.testing.assert_array_equal(labels, augmented["labels"][0, i])
 
 
 def test_class_map_flips_along_the_images_width_axis():

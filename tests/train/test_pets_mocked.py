@@ -1,11 +1,15 @@
 """The catalogue segmentation path through the engine, offline: Oxford-IIIT Pet served by
 `tfds.testing.mock_data` (records from tests/data/test_segmentation.py). `fcn_pets.py` passes
 every pre-compilation check, and an FCN trains and evaluates on the mocked trimaps, whose
-outline pixels (`IGNORE_LABEL`) count in no metric."""
+outline pixels (`IGNORE_LABEL`) count in no metric; an eval split of outline only is refused by
+name."""
 
+import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from cnnjax.models.registry import create_model
 from cnnjax.train import loop
 from cnnjax.train.config import check_config
 from experiments.configs import fcn_pets
@@ -52,3 +56,33 @@ def test_an_fcn_trains_and_evaluates_on_mocked_pets(pets_root, tmp_path):
     assert final["num_examples"] == 5 and set(final) >= {"miou", "iou/0", "iou/1"}
     assert "iou/2" not in final  # the outline is ignored, not a third class
     assert 0.0 <= final["pixel_accuracy"] <= 1.0 and np.isfinite(final["loss"])
+
+
+def _outline_only_test_split(self, split, decoders=None, read_config=None, shuffle_files=False):
+    """`_pets_as_dataset` with every trimap pixel of the test split the outline (3, ignored)."""
+    ds = _pets_as_dataset(self, split, decoders, read_config, shuffle_files)
+    if "test" not in str(split):
+        return ds
+    return ds.map(lambda ex: {**ex, "segmentation_mask": tf.zeros_like(ex["segmentation_mask"])
+                              + 3})
+
+
+def test_an_eval_split_without_a_scored_pixel_is_refused_by_name(tmp_path):
+    """No pixel to score: pixel accuracy and mIoU are undefined. This failed naming
+    `intersection_over_union: matrix='all zeros'`; the engine's eval (training's and
+    `experiments.evaluate`'s, both through `evaluate_variables`) now names the split."""
+    root = str(tmp_path / "tfds")
+    _write_metadata(root, "oxford_iiit_pet", {"train": 8, "test": 5})
+    config = fcn_pets.get_config()
+    config.model, config.model_kwargs = "fcn32s_resnet18", {}
+    config.data.data_dir, config.data.image_size = root, 32
+    config.global_batch_size = config.eval_batch_size = 4
+    variables = create_model("fcn32s_resnet18", num_classes=2).init(
+        jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+    with _mock(root, 5, as_dataset_fn=_outline_only_test_split), \
+            pytest.raises(ValueError) as err:
+        loop.evaluate_variables(config, variables)
+    assert str(err.value) == (
+        "data: eval_split='test' is invalid; expected a split of 'oxford_iiit_pet' with at least "
+        "one scored pixel, but every pixel of it is the ignore label (IGNORE_LABEL=255: no "
+        "class), so its pixel accuracy and mIoU are undefined.")
