@@ -588,7 +588,8 @@ def roi_align(
     else:
         raise invalid(owner, "sampling_ratio", sampling_ratio,
                       "adaptive sampling (<= 0) needs concrete boxes to size its sample grid; "
-                      "under jit pass sampling_ratio > 0 or max_sampling_ratio")
+                      "with traced boxes (under jit, grad or vmap) pass sampling_ratio > 0 "
+                      "or max_sampling_ratio")
     return _roi_align(features, boxes, batch_indices, out, scale, grid, adaptive, aligned,
                       counts, samples, host_positions=sample_positions == "torchvision")
 

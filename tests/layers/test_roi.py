@@ -276,6 +276,9 @@ def test_roi_align_under_jit():
     with pytest.raises(ValueError, match=r"^roi_align: sampling_ratio=-1 is invalid; adaptive "
                                          r"sampling \(<= 0\) needs concrete boxes"):
         jax.jit(lambda b: roi_align(feats, b, batch, 2))(boxes)
+    # Boxes traced by grad alone (no jit) are refused alike, and the advice names that case.
+    with pytest.raises(ValueError, match=r"with traced boxes \(under jit, grad or vmap\)"):
+        jax.grad(lambda b: roi_align(feats, b, batch, 2).sum())(boxes)
 
 
 def test_roi_align_gradients():
