@@ -184,6 +184,21 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
     return summary
 
 
+def report_lines(summary: dict, json_path: str) -> list[str]:
+    """What the command prints of `write_visualizations`' summary: the run, its checkpoint and
+    which weights were explained (the weight average said, so --ema is never mistaken for the
+    trained weights), how many shown images are classified correctly, the Grad-CAM layer, every
+    file written (`json_path` too) and the notes."""
+    rows = summary["images"]
+    correct = sum(r["label"] == r["predicted"] for r in rows)
+    weights = ", EMA weights" if summary["weights"] == "ema" else ""
+    return [f"{summary['model']} step {summary['step']} ({summary['checkpoint']} checkpoint"
+            f"{weights}): {correct}/{len(rows)} of the eval images shown are classified "
+            f"correctly; Grad-CAM layer: {summary['grad_cam_layer'] or '-'}",
+            *(f"{key + ':':14s}{path}" for key, path in summary["files"].items()),
+            f"{'summary:':14s}{json_path}", *summary["notes"]]
+
+
 def image_titles(rows: Sequence[dict], classes: Sequence[int], target: str) -> list[str]:
     """attributions.png's titles: true and predicted class as dataset labels (`classes[i]` for
     model class i; `rows` keep the model's indices), the probability, and the explained class
@@ -405,15 +420,7 @@ def main(argv: list[str]) -> None:
         summary = write_visualizations(
             run, out_dir, _NUM_IMAGES.value,
             _METHODS.value, _LAYER.value, _PATCH.value, _STRIDE.value, _TARGET.value)
-    rows = summary["images"]
-    correct = sum(r["label"] == r["predicted"] for r in rows)
-    print(f"{summary['model']} step {summary['step']} ({summary['checkpoint']} checkpoint): "
-          f"{correct}/{len(rows)} of the eval images shown are classified correctly; Grad-CAM "
-          f"layer: {summary['grad_cam_layer'] or '-'}")
-    for key, path in summary["files"].items():
-        print(f"{key + ':':14s}{path}")
-    for note in summary["notes"]:
-        print(note)
+    print("\n".join(report_lines(summary, os.path.join(out_dir, "visualize.json"))))
 
 
 if __name__ == "__main__":

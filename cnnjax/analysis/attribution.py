@@ -142,13 +142,14 @@ def _forward(model: nn.Module, layers: Sequence[str],
     return forward
 
 
-def module_outputs(model: nn.Module, variables: Any,
-                   input_shape: Sequence[int]) -> list[ModuleOutput]:
+def module_outputs(model: nn.Module, variables: Any, input_shape: Sequence[int], *,
+                   arg: str = "input_shape", value: Any = None) -> list[ModuleOutput]:
     """Every module of `model` with its output shape for a batch of one `input_shape` image, in
     the order the calls return (children before their parent; the model itself last), and
     whether it runs inside a lifted transform (its call returns under another trace than the
     model's: its values cannot be read out). Traced abstractly (`jax.eval_shape`): nothing is
-    compiled."""
+    compiled. A model that does not run on such images is refused naming `arg` and `value`
+    (default: `input_shape` itself; a method names the `images` it was given)."""
     shape = _check_shape(input_shape)
     seen: dict[str, list] = {}
     kwargs = eval_call_kwargs(model)
@@ -173,7 +174,7 @@ def module_outputs(model: nn.Module, variables: Any,
     except NONDETERMINISTIC_CALL_ERRORS as err:
         raise nondeterministic_call(_OWNER, model, err) from None
     except Exception as err:  # flax/jax raise many kinds for variables of another shape
-        raise invalid(_OWNER, "input_shape", shape,
+        raise invalid(_OWNER, arg, shape if value is None else value,
                       f"the model with these variables does not run on a {shape} input "
                       f"({type(err).__name__}: {str(err)[:300].rstrip('.')})") from None
     return [ModuleOutput(path, kind, out_shape, calls, lifted)
@@ -265,20 +266,32 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _shape_of(array: np.ndarray) -> str:
+    """How an array argument is named in an error: by its shape."""
+    return f"array of shape {array.shape}"
+
+
 def _check_images(images: Any) -> np.ndarray:
     array = widen_low_precision(np.asarray(images))  # bfloat16 images read as floats
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[0] == 0:
-        raise invalid(_OWNER, "images", f"array of shape {array.shape}",
+        raise invalid(_OWNER, "images", _shape_of(array),
                       "expected preprocessed images [N, H, W, C] (or one [H, W, C])")
     if array.dtype.kind not in "iuf":  # complex would lose its imaginary part unannounced
         raise invalid(_OWNER, "images.dtype", str(array.dtype),
                       "expected real numbers (preprocessed images)")
+    return _as_float32(array, "images")
+
+
+def _as_float32(array: np.ndarray, arg: str) -> np.ndarray:
+    """Real-valued `array` as float32, refused naming `arg` if it holds NaN or inf, or a value
+    beyond float32's range (finite as given, inf once cast): checked before the cast, which would
+    warn and turn it into inf."""
     if not np.all(np.isfinite(array)):
-        raise invalid(_OWNER, "images", "an array with NaN or inf", "expected finite values")
-    if array.size and np.abs(array).max() > _FLOAT32_MAX:  # finite here, inf in float32
-        raise invalid(_OWNER, "images", f"<values up to {np.abs(array).max():.3g} in magnitude>",
+        raise invalid(_OWNER, arg, "an array with NaN or inf", "expected finite values")
+    if array.size and np.abs(array).max() > _FLOAT32_MAX:
+        raise invalid(_OWNER, arg, f"<values up to {np.abs(array).max():.3g} in magnitude>",
                       f"expected finite float32 values (magnitude <= {_FLOAT32_MAX:.3g})")
     return array.astype(np.float32)
 
@@ -333,7 +346,8 @@ class _Batch:
 
     @functools.cached_property
     def outputs(self) -> list[ModuleOutput]:
-        return module_outputs(self.model, self.variables, self.images.shape[1:])
+        return module_outputs(self.model, self.variables, self.images.shape[1:], arg="images",
+                              value=_shape_of(self.images))
 
     @functools.cached_property
     def logits(self) -> np.ndarray:
@@ -379,7 +393,8 @@ def saliency(model: nn.Module, variables: Any, images: Any,
 
 
 def _saliency(batch: _Batch) -> np.ndarray:
-    return np.asarray(_saliency_fn(batch.model)(batch.variables, batch.images, batch.targets))
+    targets = batch.targets  # checked before the (cached) function is built
+    return np.asarray(_saliency_fn(batch.model)(batch.variables, batch.images, targets))
 
 
 def smoothgrad(model: nn.Module, variables: Any, images: Any, targets: Any = None, *,
@@ -438,22 +453,20 @@ def _integrated_gradients(batch: _Batch, baseline: Any = 0.0, steps: int = 32) -
         given = np.asarray(baseline)
         if given.dtype.kind not in "iuf" and given.dtype != jnp.bfloat16:
             raise TypeError
-        baseline = given.astype(np.float32)
     except (TypeError, ValueError):
         raise invalid(_OWNER, "baseline", baseline,
                       "expected a number or an array of numbers (0: the dataset mean)") from None
     try:
-        baselines = np.broadcast_to(baseline, images.shape)
+        baselines = np.broadcast_to(given, images.shape)
     except ValueError:
-        raise invalid(_OWNER, "baseline", f"array of shape {np.shape(baseline)}",
+        raise invalid(_OWNER, "baseline", _shape_of(given),
                       f"expected a value or an array broadcastable to {images.shape}") from None
-    if not np.all(np.isfinite(baselines)):
-        raise invalid(_OWNER, "baseline", "an array with NaN or inf", "expected finite values")
-    baselines = np.ascontiguousarray(baselines)
+    baselines = _as_float32(widen_low_precision(baselines), "baseline")  # copied: contiguous
+    targets = batch.targets  # checked before the (cached) function is built
     gradient = _path_gradient_fn(batch.model)
     total = np.zeros(images.shape, np.float64)
     for k in range(steps):  # their Eq. 3's Riemann sum, at the midpoints of the m intervals
-        total += np.asarray(gradient(batch.variables, images, baselines, batch.targets,
+        total += np.asarray(gradient(batch.variables, images, baselines, targets,
                                      np.float32((k + 0.5) / steps)))
     return ((images - baselines) * total / steps).astype(np.float32)
 
@@ -636,7 +649,8 @@ def activations(model: nn.Module, variables: Any, images: Any,
     images = _check_images(images)
     if isinstance(layers, str):
         layers = (layers,)
-    outputs = module_outputs(model, variables, images.shape[1:])
+    outputs = module_outputs(model, variables, images.shape[1:], arg="images",
+                             value=_shape_of(images))
     _check_layers(outputs, tuple(layers), images.ndim, arg="layers")
     forward = _forward(model, tuple(layers))
     captured = jax.jit(lambda v, x: forward(v, x)[1])(variables, images)
@@ -793,23 +807,35 @@ def guided_backprop(model: nn.Module, variables: Any, images: Any, targets: Any 
 
 def _guided_backprop(batch: _Batch, rule: str = "guided") -> np.ndarray:
     rule = check_choice(_OWNER, "rule", rule, RELU_RULES)
-    images, targets = batch.images, batch.targets
-    forward = _forward(batch.model, ())
-    leaves, tree = jax.tree.flatten(batch.variables)
+    targets = batch.targets  # checked before the function is built or traced
+    return np.asarray(_guided_gradient_fn(batch.model, rule)(batch.variables, batch.images,
+                                                              targets))
 
-    def score(leaves: Any, x: Any, targets: Any) -> Any:
-        return _class_score(forward(jax.tree.unflatten(tree, leaves), x)[0], targets)
 
-    closed = jax.make_jaxpr(score)(leaves, images, targets)
-    _count_relus(closed.jaxpr, batch.model)  # refuses ReLUs it could not rewrite
+@_per_model
+def _guided_gradient_fn(model: nn.Module, rule: str) -> Callable:
+    """d score / d images with every ReLU's backward pass following `rule`: the model traced to a
+    jaxpr and evaluated again with its ReLUs swapped, inside one jitted function, so later
+    batches of the same shape reuse its trace and compilation. A ReLU it cannot rewrite is
+    refused while tracing, before anything compiles."""
+    forward = _forward(model, ())
     relu = _rectifier(rule)
 
-    def rewritten(leaves: Any, x: Any, targets: Any) -> Any:
-        flat = [*leaves, x, targets]
-        return _evaluate(closed.jaxpr, closed.consts, flat, relu)[0]
+    def guided_gradient(variables: Any, images: Any, targets: Any) -> Any:
+        leaves, tree = jax.tree.flatten(variables)
 
-    gradient = jax.jit(jax.grad(rewritten, argnums=1))
-    return np.asarray(gradient(leaves, images, targets))
+        def score(leaves: Any, x: Any, targets: Any) -> Any:
+            return _class_score(forward(jax.tree.unflatten(tree, leaves), x)[0], targets)
+
+        closed = jax.make_jaxpr(score)(leaves, images, targets)
+        _count_relus(closed.jaxpr, model)  # refuses ReLUs it could not rewrite
+
+        def rewritten(x: Any) -> Any:
+            return _evaluate(closed.jaxpr, closed.consts, [*leaves, x, targets], relu)[0]
+
+        return jax.grad(rewritten)(images)
+
+    return jax.jit(guided_gradient)
 
 
 def count_relus(model: nn.Module, variables: Any, images: Any) -> int:

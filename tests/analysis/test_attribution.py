@@ -4,6 +4,7 @@ linear classifier (whose gradient is its weight), Grad-CAM of a global-average-p
 pointing game, plots and every refused input."""
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -806,6 +807,9 @@ from cnnjax.layers import Conv2D
 from cnnjax.layers.conv_impl import conv_impl
 
 class Net(nn.Module):
+    impl: str = "auto"  # a model per implementation: the methods cache a jitted function per
+                        # model, whose trace (made under one conv_impl) another call would replay
+
     @nn.compact
     def __call__(self, images, train=False):
         x = nn.relu(Conv2D(4, 3, padding=1, name="conv1")(images))
@@ -817,8 +821,9 @@ variables = net.init(jax.random.key(0), x)
 maps = {}
 for impl in ("auto", "matmul"):  # "matmul": patches + matmul, no convolution to route
     with conv_impl(impl):
-        maps[f"guided_{impl}"] = attribution.guided_backprop(net, variables, x)
-        maps[f"cam_{impl}"] = attribution.grad_cam(net, variables, x, layer="conv1").maps
+        model = Net(impl)
+        maps[f"guided_{impl}"] = attribution.guided_backprop(model, variables, x)
+        maps[f"cam_{impl}"] = attribution.grad_cam(model, variables, x, layer="conv1").maps
 np.savez(sys.argv[1], **maps)
 """
 
@@ -840,3 +845,85 @@ def test_guided_backprop_and_grad_cam_keep_the_routed_convolutions_gradient(tmp_
         assert np.abs(maps[f"{name}_auto"]).max() > 0
         np.testing.assert_allclose(maps[f"{name}_auto"], maps[f"{name}_matmul"], rtol=1e-4,
                                    atol=1e-6 * np.abs(maps[f"{name}_matmul"]).max())
+
+
+def test_guided_backprop_traces_once_per_model_rule_and_image_shape(monkeypatch):
+    """It built a fresh jitted function on every call, so each call traced and compiled the
+    model again (5.3 s a call on ResNet-20, where saliency takes 0.3 s after its first): a second
+    batch of the same shape, with other targets, now reuses the first one's trace. `_evaluate`,
+    which re-evaluates the traced model with its ReLUs swapped, runs only while tracing.
+    Reference: the hand-written guided gradient of one Dense-ReLU-Dense network."""
+
+    class OwnMLP(nn.Module):  # a class of its own: no other test has traced it
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(CLASSES, name="head")(
+                nn.relu(nn.Dense(6, name="hidden")(x.reshape(x.shape[0], -1))))
+
+    traced = []
+    evaluate = at._evaluate
+    monkeypatch.setattr(at, "_evaluate", lambda *a, **k: traced.append(1) or evaluate(*a, **k))
+    model = OwnMLP()
+    rng = np.random.RandomState(4)
+    first, second = (rng.randn(4, 2, 2, 1).astype(np.float32) for _ in range(2))
+    variables = model.init(jax.random.key(0), first)
+    w1, b1, w2 = (np.asarray(variables["params"][m][k], np.float64)
+                  for m, k in (("hidden", "kernel"), ("hidden", "bias"), ("head", "kernel")))
+
+    def expected(images, targets):
+        hidden = images.reshape(len(images), -1).astype(np.float64) @ w1 + b1
+        incoming = w2[:, targets].T
+        return ((incoming * ((incoming > 0) & (hidden > 0))) @ w1.T).reshape(images.shape)
+
+    def check(images, targets):
+        np.testing.assert_allclose(at.guided_backprop(model, variables, images, targets),
+                                   expected(images, np.array(targets)), rtol=1e-5, atol=1e-7)
+
+    check(first, [0, 1, 2, 1])
+    traces = len(traced)
+    assert traces > 0  # the counter sees the first call's trace
+    check(second, [2, 2, 0, 1])
+    assert len(traced) == traces  # the second batch reused the first one's trace
+    check(first[:3], [0, 1, 2])  # another batch size: traced anew
+    assert len(traced) > traces
+
+
+@pytest.mark.parametrize("method", ["saliency", "occlusion", "integrated_gradients", "grad_cam",
+                                    "explain", "activations"])
+def test_images_the_model_does_not_run_on_are_named_as_images(resnet, method):
+    """Images of another channel count were refused as `input_shape=(16, 16, 1)`, an argument
+    none of these methods takes; `module_outputs`, which takes it, still names it."""
+    model, variables, _ = resnet
+    grey = np.zeros((2, 16, 16, 1), np.float32)
+    args = (["stage1_block1"],) if method == "activations" else ()  # the layers it reads
+    with pytest.raises(ValueError, match=r"^attribution: images='array of shape \(2, 16, 16, "
+                                         r"1\)' is invalid; the model with these variables does "
+                                         r"not run on a \(16, 16, 1\) input \("):
+        getattr(at, method)(model, variables, grey, *args)
+
+
+@pytest.mark.parametrize("baseline", [1e39, -1e39, "pixel"])
+def test_a_baseline_beyond_float32_is_named_by_its_magnitude_without_a_warning(linear, baseline):
+    """A finite float64 baseline beyond float32's range was cast first: NumPy warned of an
+    overflow and the baseline was refused as holding 'NaN or inf'. It is refused as images of
+    such values are, before the cast; NaN is still refused as such, and a bfloat16 baseline is
+    the float32 one of the same values (a linear model's IG is (x - x') W[:, t])."""
+    model, variables, images, kernel, _ = linear
+    if baseline == "pixel":
+        baseline = np.zeros(SHAPE)
+        baseline[3, 4, 1] = 2e39
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"^attribution: baseline='<values up to [12]e\+39 "
+                                             r"in magnitude>' is invalid; expected finite float32 "
+                                             r"values \(magnitude <= 3.4e\+38\)\.$"):
+            at.integrated_gradients(model, variables, images, baseline=baseline)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    with pytest.raises(ValueError, match=r"^attribution: baseline='an array with NaN or inf' is "
+                                         r"invalid; expected finite values\.$"):
+        at.integrated_gradients(model, variables, images, baseline=np.nan)
+    low = np.full(SHAPE, 0.375, jnp.bfloat16)  # exact in bfloat16
+    weight = kernel.T.reshape(CLASSES, *SHAPE)[[1, 1, 1, 1]]
+    np.testing.assert_allclose(at.integrated_gradients(model, variables, images, 1, baseline=low,
+                                                       steps=2),
+                               (images - 0.375) * weight, rtol=1e-5, atol=1e-7)

@@ -10,7 +10,7 @@ import pytest
 
 from cnnjax.train import loop
 from cnnjax.train.trained import load_trained
-from experiments.visualize import image_titles, write_visualizations
+from experiments.visualize import image_titles, report_lines, write_visualizations
 from tests.commands import run_commands
 from tests.train import helpers
 
@@ -21,7 +21,7 @@ _IN_THE_WAY = ["output_dir", "out_dir", "default"]
 
 def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
-    loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path / "run"))
+    loop.train_and_evaluate(helpers.tiny_config(**{"ema.decay": 0.5}), str(tmp_path / "run"))
     run = load_trained(str(tmp_path / "run"))
     out = tmp_path / "vis"
     summary = write_visualizations(run, str(out), num_images=3, patch=4)
@@ -42,6 +42,16 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     assert json.loads((out / "visualize.json").read_text()) == json.loads(json.dumps(summary))
     for name in ("attributions", "filters", "activations"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG
+    # The printed header said nothing of the weights: --ema and not read the same.
+    ema = write_visualizations(load_trained(str(tmp_path / "run"), ema=True),
+                               str(tmp_path / "ema"), num_images=2, methods=["saliency"])
+    assert (summary["weights"], ema["weights"]) == ("trained", "ema")
+    lines = report_lines(summary, str(out / "visualize.json"))
+    assert lines[0].startswith(f"{summary['model']} step {run.step} ({run.how} checkpoint): ")
+    assert lines[1:] == [f"{key + ':':14s}{path}" for key, path in summary["files"].items()] + [
+        f"summary:      {out / 'visualize.json'}"]
+    assert report_lines(ema, "v.json")[0].startswith(
+        f"{ema['model']} step {ema['step']} ({ema['checkpoint']} checkpoint, EMA weights): ")
     with pytest.raises(ValueError, match=r"visualize: num_images=0 is invalid"):
         write_visualizations(run, str(tmp_path / "none"), num_images=0)
     # More than the split holds was cut silently (1,000 -> 359 on digits, a 79,000 px figure).
@@ -125,6 +135,8 @@ def test_the_command_on_a_trained_lenet(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Grad-CAM layer: c3" in result.stdout
+    assert "(best checkpoint): " in result.stdout  # its trained weights, no "EMA weights"
+    assert f"summary:      {workdir / 'visualize' / 'visualize.json'}" in result.stdout.splitlines()
     summary = json.loads((workdir / "visualize" / "visualize.json").read_text())
     assert summary["first_conv"] == "c1" and len(summary["images"]) == 4
     note = "guided_backprop: lenet5 has no ReLU, so it equals the saliency map"  # tanh units
