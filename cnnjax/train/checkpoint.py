@@ -47,7 +47,7 @@ from orbax.checkpoint import checkpoint_managers
 from cnnjax.train.ema import metric_scoring
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
-from cnnjax.utils.files import write_json
+from cnnjax.utils.files import read_json, write_json
 from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 CHECKPOINT_DIR = "checkpoints"
@@ -277,6 +277,9 @@ class Checkpointer:
       best_metric: eval metric name used to also keep the best checkpoint (e.g. 'top1'); None
         keeps only the most recent ones.
       best_mode: 'max' or 'min' — whether a larger or smaller `best_metric` is better.
+      also_best: another eval metric (same mode) whose best checkpoint is kept too: with a
+        weight average, the twin of `best_metric` (`top1` <-> `ema_top1`), so loading either
+        weights' best finds it kept.
       use_async: write in a background thread (training continues meanwhile).
       restore_attempts: tries of a checkpoint read before it counts as corrupt (>= 1; default
         `RESTORE_ATTEMPTS`).
@@ -291,6 +294,7 @@ class Checkpointer:
         keep: int = 3,
         best_metric: str | None = "top1",
         best_mode: str = "max",
+        also_best: str | None = None,
         use_async: bool = True,
         restore_attempts: int | None = None,
         restore_retry_delay_s: float | None = None,
@@ -308,12 +312,23 @@ class Checkpointer:
             "expected a finite number of seconds >= 0", low=0.0, high=math.inf, high_open=True,
             strings=False)
         self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.also_best = also_best if best_metric else None
         self.keep = keep
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
             policies.append(
                 checkpoint_managers.BestN(
                     get_metric_fn=lambda m: float(m[best_metric]),
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        if self.also_best:
+            policies.append(  # a missing or NaN value ranks last: never kept as its best
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: _score_or(m.get(also_best), self._worst),
                     reverse=best_mode == "min",
                     n=1,
                     keep_checkpoints_without_metrics=False,
@@ -410,10 +425,28 @@ class Checkpointer:
         kept = set(steps[-self.keep:])
         if self.best_metric and self._manager.best_step() is not None:
             kept.add(self._manager.best_step())
+        if self.also_best:
+            kept |= self._best_steps_by(self.also_best, steps)
         dropped = [step for step in steps if step not in kept]
         for step in dropped:
             self._manager.delete(step)
         return dropped
+
+    @property
+    def _worst(self) -> float:
+        """The score that ranks last in `best_mode`."""
+        return math.inf if self.best_mode == "min" else -math.inf
+
+    def _best_steps_by(self, metric: str, steps: list[int]) -> set[int]:
+        """The step (a set of at most one) of `steps` whose saved eval scored best by `metric`,
+        read from the checkpoints' metrics files; none if no step has a finite score."""
+        sign = -1.0 if self.best_mode == "min" else 1.0
+        scores = {}
+        for step in steps:
+            saved = read_json(os.path.join(self.directory, str(step), "metrics", "metrics"))
+            if isinstance(saved, dict) and _finite(saved.get(metric)):
+                scores[step] = sign * float(saved[metric])
+        return {max(scores, key=lambda s: (scores[s], s))} if scores else set()
 
     def save(self, step: int, state: Any, metrics: dict | None = None,
              run_info: dict | None = None) -> None:
@@ -680,6 +713,11 @@ def _saved_digests(manager: Any, step: int) -> _SavedDigests:
         return _SavedDigests()
     return _SavedDigests(custom.get(_DIGESTS_KEY), custom.get(_DIGEST_FORMAT_KEY, 1),
                          dict(custom.get(_EMPTY_ARRAYS_KEY) or {}))
+
+
+def _score_or(value: Any, worst: float) -> float:
+    """`value` as a checkpoint's score, `worst` if it is missing or not a finite number."""
+    return float(value) if _finite(value) else worst
 
 
 def _finite(value: Any) -> bool:

@@ -734,6 +734,15 @@ class _Run:
         if kept is not None:  # a complete pass
             self._eval_cache = kept
 
+    def _twin_best_metric(self) -> str | None:
+        """With a weight average, the metric scoring the other weights than `best_metric`'s
+        (`top1` <-> `ema_top1`): the checkpoints keep its best too, which `evaluate --ema`,
+        `init_from.ema` and `distill.ema` (or their raw-weight forms) load."""
+        best = self.config.best_metric
+        if not best or config_lib.ema_rule(self.config) is None:
+            return None
+        return ema_lib.metric_scoring(best, not best.startswith(ema_lib.METRIC_PREFIX))
+
     def evaluate(self, state: Any, p_eval: Callable) -> dict:
         """Metrics over the whole eval split; with a weight average (`config.ema`) also its
         metrics, prefixed `ema_`."""
@@ -818,6 +827,7 @@ class _Run:
                 keep=self.config.keep_checkpoints,
                 best_metric=self.config.best_metric,
                 best_mode=self.config.best_mode,
+                also_best=self._twin_best_metric(),
                 use_async=self.config.async_checkpoints,
             ), "the checkpoints (waiting for the pending save)"))
             _check_same_checkpoints(checkpointer.all_steps(), checkpointer.directory)

@@ -71,6 +71,40 @@ def test_prune_applies_the_keep_policy_orbax_had_not_applied_yet(tmp_path, best_
     after.close()
 
 
+@pytest.mark.parametrize("also_best, kept", [("ema_top1", [1, 3, 5]), (None, [3, 5])])
+def test_the_weight_averages_best_checkpoint_is_kept_too(tmp_path, also_best, kept):
+    """With a weight average, the step where `ema_top1` peaked (1) was deleted when `top1`
+    peaked elsewhere (3), and `evaluate --ema` loaded another step as its "best". `also_best`
+    keeps it; a NaN or missing twin value ranks last. `prune` keeps the same steps."""
+    evals = {1: {"top1": 0.5, "ema_top1": 0.9}, 2: {"top1": 0.6, "ema_top1": 0.5},
+             3: {"top1": 0.7, "ema_top1": 0.4}, 4: {"top1": 0.4, "ema_top1": float("nan")},
+             5: {"top1": 0.3}}
+    checkpointer = Checkpointer(str(tmp_path), keep=1, best_metric="top1", also_best=also_best)
+    for step, metrics in evals.items():
+        checkpointer.save(step, _state(step), metrics)
+    checkpointer.wait()
+    assert checkpointer.all_steps() == kept
+    assert checkpointer.prune() == []
+    checkpointer.close()
+    resumed = Checkpointer(str(tmp_path), keep=1, best_metric="top1", also_best=also_best)
+    resumed.save(6, _state(6), {"top1": 0.2, "ema_top1": 0.3})
+    resumed.wait()
+    assert resumed.all_steps() == [*kept[:-1], 6]
+    resumed.close()
+
+
+def test_prune_keeps_the_weight_averages_best_checkpoint(tmp_path):
+    """`prune` (a run killed before orbax pruned) keeps the `also_best` metric's best step."""
+    before = Checkpointer(str(tmp_path), keep=5, best_metric="top1", also_best="ema_top1")
+    for step, (top1, ema) in {1: (0.5, 0.9), 2: (0.7, 0.4), 3: (0.6, 0.5), 4: (0.3, 0.2)}.items():
+        before.save(step, _state(step), {"top1": top1, "ema_top1": ema})
+    before.close()
+    after = Checkpointer(str(tmp_path), keep=1, best_metric="top1", also_best="ema_top1")
+    assert after.prune() == [3]
+    assert after.all_steps() == [1, 2, 4]
+    after.close()
+
+
 def test_saves_without_metrics_do_not_warn(tmp_path, caplog):
     checkpointer = Checkpointer(str(tmp_path), keep=2, best_metric="top1", use_async=False)
     with caplog.at_level("WARNING"):

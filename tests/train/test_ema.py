@@ -265,3 +265,27 @@ def test_an_unknown_ema_field_is_named_before_anything_is_written(tmp_path, monk
             loop.train_and_evaluate(config, str(tmp_path))
         assert not (tmp_path / "config.json").exists()
     assert set(EMA_DEFAULTS) == set(helpers.tiny_config().ema)  # the schema's fields
+
+
+@pytest.mark.parametrize("best_metric", ["top1", "ema_top1"])
+def test_a_run_keeps_the_best_checkpoint_of_both_weights(tmp_path, monkeypatch, best_metric):
+    """keep_checkpoints=1, evals (scripted here) at every checkpoint: top1 peaks at step 4 and
+    ema_top1 at step 2. Only `best_metric`'s best was kept, so `evaluate --ema` (or without
+    `--ema`) loaded another step as its "best"; both are kept now, with the latest."""
+    helpers.install_fake_pipeline(monkeypatch)
+    scripted = {2: (0.5, 0.9), 4: (0.8, 0.6), 6: (0.7, 0.5), 8: (0.6, 0.4)}
+    evaluate = loop._Run.evaluate
+
+    def scripted_evaluate(self, state, p_eval):
+        metrics = evaluate(self, state, p_eval)
+        step = int(np.asarray(jax.device_get(state.step)).ravel()[0])
+        metrics["top1"], metrics["ema_top1"] = scripted[step]
+        return metrics
+
+    monkeypatch.setattr(loop._Run, "evaluate", scripted_evaluate)
+    config = helpers.tiny_config(**{"ema.decay": 0.5, "best_metric": best_metric,
+                                    "keep_checkpoints": 1, "num_train_steps": 8,
+                                    "eval_every_steps": 2, "checkpoint_every_steps": 2})
+    loop.train_and_evaluate(config, str(tmp_path))
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [2, 4, 8]
