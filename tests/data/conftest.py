@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cnnjax.data import pipeline
 from cnnjax.data.pipeline import default_data_config, get_dataset_info
 
 
@@ -29,3 +30,21 @@ def digits_config(digits_dir: str):
         return config
 
     return make
+
+
+class SourceOpenedError(Exception):
+    """Raised by `whole_image_source_stub` where a dense-target dataset would be read."""
+
+
+@pytest.fixture
+def whole_image_source_stub(monkeypatch: pytest.MonkeyPatch) -> type[SourceOpenedError]:
+    """Stops detection/segmentation data at `pipeline.open_whole_image_source` (asserting the
+    resolved spec is 4x4 with augmentation on) by raising the returned exception: the config
+    was accepted, and nothing is read or built."""
+    def open_whole_image_source(spec, make_source):
+        assert spec.size == (4, 4) and spec.augment
+        raise SourceOpenedError
+
+    monkeypatch.setattr(pipeline, "open_whole_image_source", open_whole_image_source)
+    return SourceOpenedError
+

@@ -243,21 +243,14 @@ def test_bad_configs(tmp_path, overrides, message):
     assert str(err.value).startswith(message)
 
 
-def test_an_image_size_within_the_presets_crop_padding_is_not_refused(tmp_path, monkeypatch):
+def test_an_image_size_within_the_presets_crop_padding_is_not_refused(tmp_path,
+                                                                      whole_image_source_stub):
     """The shapes preset's classification crop pads 4 pixels per side (an image_size of at most
     4 is refused for classification); detection never crops (whole image resized, flipped), and
     used to be refused all the same. (Its models refuse such inputs themselves, by name.)"""
-    class OpenedError(Exception):
-        pass
-
-    def open_whole_image_source(spec, make_source):
-        assert spec.size == (4, 4) and spec.augment
-        raise OpenedError  # resolved: nothing to read in this test
-
-    monkeypatch.setattr(pipeline, "open_whole_image_source", open_whole_image_source)
     config = _config(str(tmp_path / "never_built"), image_size=4, augment=True)
     assert spec_lib.resolve_for_task(config, "detection").size == (4, 4)  # check_config's
-    with pytest.raises(OpenedError):
+    with pytest.raises(whole_image_source_stub):
         detection.get_dataset_info(config)
 
 

@@ -88,18 +88,11 @@ _CROP_REFUSAL = ("data: image_size=4 is invalid; expected more than 4 pixels for
                  "training crop pads 4 pixels per side")
 
 
-def test_an_image_size_within_the_presets_crop_padding_is_not_refused(tmp_path, monkeypatch):
-    class OpenedError(Exception):
-        pass
-
-    def open_whole_image_source(spec, make_source):
-        assert spec.size == (4, 4) and spec.augment
-        raise OpenedError  # resolved: nothing to read in this test
-
-    monkeypatch.setattr(pipeline, "open_whole_image_source", open_whole_image_source)
+def test_an_image_size_within_the_presets_crop_padding_is_not_refused(tmp_path,
+                                                                      whole_image_source_stub):
     config = _config(str(tmp_path / "never_built"), image_size=4, augment=True)
     assert resolve_for_task(config, "segmentation").size == (4, 4)  # check_config's resolution
-    with pytest.raises(OpenedError):
+    with pytest.raises(whole_image_source_stub):
         segmentation.get_dataset_info(config)
     classification = pipeline.default_data_config("shapes")
     classification.image_size = 4
