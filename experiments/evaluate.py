@@ -130,6 +130,9 @@ def _flag_error() -> str | None:
                     "'test'")
     if _N_BINS.value < 1:
         return f"--n_bins={_N_BINS.value} is invalid; expected at least 1 (Guo et al. use 15)"
+    if _OUTPUT.value == "":  # was taken for the default path without a word
+        return ("--output='' is invalid; expected a JSON file path (or leave it out: "
+                "<workdir>/eval/<split>_step<N>.json)")
     if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
         return f"--output={_OUTPUT.value!r} is invalid; expected a JSON file path, not a directory"
     if _OUTPUT.value and _OUTPUT.value.lower().endswith(".png"):  # the plot's own path

@@ -96,7 +96,8 @@ def main(argv: list[str]) -> None:
                                               _BATCH.value))
         record, path = run_robustness(
             _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
-            _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value)
+            _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value,
+            baseline=baseline, baseline_given_as=_BASELINE.value)
         if baseline is not None:
             record["baseline_errors"] = corruption_errors(record, baseline, _BASELINE.value)
             write_json(path, record)

@@ -71,6 +71,10 @@ def main(argv: list[str]) -> None:
     with (exit_on_ctrl_c(lambda: sweep_lib.interruption_message(_SWEEP_DIR.value)),
           one_line_errors()):
         space = space_lib.from_config(sweep_config)
+        # an override of a swept field was replaced by each trial's value without a word
+        sweep_lib.check_overrides_not_swept(
+            flags.FLAGS[_CONFIG.name].override_values, space,
+            f"--{_SWEEP.name}={flags.FLAGS[_SWEEP.name].config_filename}", _CONFIG.name)
         rows = sweep_lib.run_sweep(
             _CONFIG.value,
             space,

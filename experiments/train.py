@@ -27,6 +27,7 @@ from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
     exit_command,
     exit_on_ctrl_c,
+    one_line_errors,
     parse_flags,
     start_command,
 )
@@ -71,12 +72,14 @@ def main(argv: list[str]) -> None:
 
 
 def _start_distributed(workdir: str) -> None:
-    """Checks --distributed_timeout (in every run, naming the flag) and connects the processes
-    of a multi-process job; a refusal is recorded in the workdir and ends the process."""
+    """Checks --distributed_timeout (in every run, naming the flag; a bad value ends the
+    process before anything is written) and connects the processes of a multi-process job; a
+    refusal of the job is recorded in the workdir and ends the process."""
     from cnnjax.train import distributed
 
-    try:
+    with one_line_errors():  # a flag's refusal: no workdir made, no error.startup.log in it
         timeout_s = distributed.check_timeout(_DISTRIBUTED_TIMEOUT.value, "distributed_timeout")
+    try:
         # --distributed / --nodistributed decide; else config.distributed=True forces it; else
         # automatic (a task of an srun step with more than one task)
         requested = (_DISTRIBUTED.value if flags.FLAGS["distributed"].present

@@ -362,7 +362,11 @@ def list_layers_conflict(given: Collection[str]) -> str | None:
 
 
 def _out_dir() -> str:
-    """The output folder, checked up front: `--output_dir`, else `<workdir>/visualize`."""
+    """The output folder, checked up front: `--output_dir`, else `<workdir>/visualize` (an
+    empty `--output_dir=` is refused: it was taken for the default without a word)."""
+    if _OUTPUT_DIR.value == "":
+        raise ValueError("--output_dir='' is invalid; expected a folder path (or leave it out: "
+                         "<workdir>/visualize)")
     if _OUTPUT_DIR.value:  # not among the run's own files, as evaluate's --output
         check_outside_run(_OUTPUT_DIR.value, _WORKDIR.value, "--output_dir", folder=True)
         return check_output_dir(_OUTPUT_DIR.value, "--output_dir")

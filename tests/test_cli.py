@@ -643,3 +643,51 @@ def test_exit_command_leaves_without_a_stuck_thread(monkeypatch, capsys):
         release.set()
         stuck.join()
     assert left == [1] and capsys.readouterr().err.endswith("error: save failed\n")
+
+
+def _config_flags(argv, required=False):
+    """A `--config` config-file flag (and `--workdir`), as an entry point defines them."""
+    values = _config_flag(argv)
+    flags.DEFINE_string("workdir", None, "an ordinary flag", flag_values=values)
+    if required:
+        flags.mark_flag_as_required("config", flag_values=values)
+    return values
+
+
+@pytest.mark.parametrize("required", [False, True])
+@pytest.mark.parametrize(("body", "got"), [("None", "None"), ("5", "an int")])
+@pytest.mark.parametrize("overrides", [(), ("--config.seed=1",)])
+def test_a_config_file_returning_no_config_is_named_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                required, body, got, overrides):
+    """get_config() returning None or an int: ml_collections only logged a warning, and the
+    command failed at the first use (a traceback, or `--sweep is required` for a required flag
+    that was given)."""
+    path = tmp_path / "bad.py"
+    path.write_text(f"def get_config():\n    return {body}\n")
+    argv = ["prog", f"--config={path}", *overrides]
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required))
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    assert caught.value.code == (
+        f"error: --config={str(path)!r} is invalid; its get_config() returned {got} (expected "
+        "an ml_collections.ConfigDict)")
+    assert "did you forget a return statement" not in capsys.readouterr().err  # one line
+
+
+@pytest.mark.parametrize("args", [("--config=",), ("--config", ""),
+                                  ("--config=", "--config.seed=1")])
+def test_an_empty_config_file_path_is_named_in_one_line(monkeypatch, args):
+    """`--config=` reached the user as ml_collections' OSError ("Path to config file is an
+    empty string.") at the first use of the config, naming no flag."""
+    argv = ["prog", *args]
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv))
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    assert caught.value.code == "error: --config='' is invalid; expected a config file path"
+
+
+def test_a_config_file_returning_a_config_passes(monkeypatch):
+    argv = ["prog", "--config=experiments/configs/lenet5_digits.py"]
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required=True))
+    assert cli.parse_flags(argv) == ["prog"]
+    assert cli.not_a_config(cli.flags.FLAGS) is None

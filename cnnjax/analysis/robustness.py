@@ -278,14 +278,21 @@ _COMPARED_DATA = ("dataset", "num_examples")
 
 
 def _check_comparable(record: dict, baseline: Any, given_as: str | None) -> None:
-    """Raises unless `record` is complete and `baseline` is a robustness record of the same
-    images and noise (settings, dataset, corruption parameters) holding each requested cell;
-    `given_as` (default: the baseline's workdir) names the baseline in the errors."""
+    """Raises unless `record` is complete and `baseline` can be compared with it
+    (`check_baseline_covers`)."""
     if not record.get("complete"):
         raise invalid(_OWNER, "record", record.get("workdir", "?"),
                       f"it is incomplete ({record.get('measured_cells', '?')} requested cells "
                       "measured); rerun the same command to measure the rest before comparing "
                       "with a baseline")
+    check_baseline_covers(record, baseline, given_as)
+
+
+def check_baseline_covers(record: dict, baseline: Any, given_as: str | None = None) -> None:
+    """Raises unless `baseline` is a robustness record of the same images and noise as `record`
+    (settings, dataset, corruption parameters) holding each cell `record` requests; `given_as`
+    (default: the baseline's workdir) names the baseline in the errors. Reads only what a
+    record holds before its cells are measured, so `run_robustness` refuses a baseline first."""
     if not isinstance(baseline, dict):
         raise invalid(_OWNER, "baseline", type(baseline), "expected a robustness record (a dict)")
     if (lacking := [k for k in ("cells", "clean_top1") if k not in baseline]):
@@ -456,9 +463,12 @@ def plot(record: dict, path: str) -> str:
 def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,2,3,4,5",
                    split: str | None = None, max_examples: int | None = None, seed: int = 0,
                    source: str = "on_the_fly", step: int | None = None, batch_size: int = 256,
-                   log: Callable[[str], None] = print) -> tuple[dict, str]:
+                   log: Callable[[str], None] = print, baseline: dict | None = None,
+                   baseline_given_as: str | None = None) -> tuple[dict, str]:
     """Measures (or resumes, or reprints) the record of the flags above; returns it and its
-    JSON path."""
+    JSON path. A `baseline` record (named `baseline_given_as` in errors) that
+    `corruption_errors` would refuse (other settings, lacking a requested cell) is refused
+    before anything is measured, where it was refused after every cell."""
     from cnnjax.analysis import corruptions as corruptions_lib
     from cnnjax.utils.lock import directory_lock
 
@@ -488,6 +498,9 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                 # older records: "uint8" (cells corrupted from the unquantized pixels), or none
                 # (the clean top-1 unquantized too); tfds ones before session 48 truncated it
                 "clean": "the run's evaluation" if tfds_set else "uint8, corrupted from it"}
+    if baseline is not None:  # before a cell is measured or an old record moved aside
+        check_baseline_covers(_new_record(run, spec, tfds_set, settings, labels, skipped, table,
+                                          {}, names, levels), baseline, baseline_given_as)
     out_dir, stem = _output_dir(workdir), _file_stem(source, split, seed, max_examples,
                                                      run.step if step is not None else None)
     path = os.path.join(out_dir, stem + ".json")

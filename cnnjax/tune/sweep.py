@@ -29,7 +29,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from absl import logging
@@ -202,6 +202,20 @@ def run_sweep(
     if verbose:
         _print_results(rows, space, metric, sweep_dir)
     return rows
+
+
+def check_overrides_not_swept(overrides: Iterable[str], space: SearchSpace, sweep: str,
+                              flag: str = "config") -> None:
+    """Refuses a command-line override of the base config (`--<flag>.<path>`, each dotted
+    `path` of `overrides`) of a field the sweep sets in every trial, or of a group holding or
+    held by one: each trial's value replaced it without a word. `sweep` names the sweep file
+    as given (`--sweep=<file>`)."""
+    for path in overrides:
+        for field in space.fields:
+            if path == field or field.startswith(f"{path}.") or path.startswith(f"{field}."):
+                which = "that field" if path == field else f"{field}"
+                raise ValueError(f"--{flag}.{path} is invalid; the sweep ({sweep}) sets {which} "
+                                 "in every trial; drop it (or remove it from the sweep)")
 
 
 def _check_selection(space: SearchSpace, trial_index: Any, trial_count: Any,

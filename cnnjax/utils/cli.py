@@ -41,20 +41,22 @@ def parse_flags(argv: list[str],
     value starting with `~` is the home folder (`expand_home`)."""
     argv = expand_home(argv)
     try:
-        args = parse_with_none(flags.FLAGS, argv)
+        with _without_none_config_warning():  # reported below as the flag's error
+            args = parse_with_none(flags.FLAGS, argv)
     except NoneOverrideError as err:
         sys.exit(f"error: {err}")
     except flags.Error as err:
-        message = (config_file_error(err) or group_not_value(argv[1:], err)
+        message = (config_file_error(err) or missing_config_file(flags.FLAGS)
+                   or not_a_config(flags.FLAGS) or group_not_value(argv[1:], err)
                    or absl_flag_error(err, unknown_flag_hint))
         sys.exit(f"error: {message}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
         # A missing file given with overrides fails at the first override, before absl marks
         # the file's flag parsed: name the flag, not ml_collections' "config_config" module.
         message = (missing_config_file(flags.FLAGS, argv[1:])
-                   or describe_flag_error(argv[1:], err))
+                   or not_a_config(flags.FLAGS, argv[1:]) or describe_flag_error(argv[1:], err))
         sys.exit(f"error: {message}")
-    missing = missing_config_file(flags.FLAGS)
+    missing = missing_config_file(flags.FLAGS) or not_a_config(flags.FLAGS)
     if missing:  # ml_collections would only fail at the first use of the flag's value
         sys.exit(f"error: {missing}")
     both = alias_and_original_given(flags.FLAGS)
@@ -353,6 +355,8 @@ def missing_config_file(values: flags.FlagValues, args: Sequence[str] | None = N
             continue
         spec, given = ((_parsed_config_file(flag), flag.present) if args is None
                        else (flag_value(args, name), True))
+        if spec == "" and given:  # ml_collections: "Path to config file is an empty string."
+            return f"--{name}='' is invalid; expected a config file path"
         if not spec or os.path.isfile(spec.split(":", 1)[0]):
             continue
         if given:
@@ -360,6 +364,69 @@ def missing_config_file(values: flags.FlagValues, args: Sequence[str] | None = N
         return (f"--{name} (default {spec!r}) is invalid; no such config file in "
                 f"{os.getcwd()!r} (run from the repository root, or pass --{name}=<file>)")
     return None
+
+
+def not_a_config(values: flags.FlagValues, args: Sequence[str] | None = None) -> str | None:
+    """The error for the first config-file flag given in the parsed `values` whose file's
+    `get_config()` returned no config (None, a number), else None: ml_collections only logs a
+    warning for None, and the command failed at the first use of the value (a traceback, or
+    `--sweep is required` for a required flag that was given). With `args`, each flag's file
+    is loaded from them instead: a parse that failed at an override left the flag unparsed."""
+    from ml_collections import ConfigDict
+    from ml_collections.config_flags import config_flags
+
+    # ml_collections' stand-in for a file it failed to load (private: without it, no check)
+    error_config = getattr(config_flags, "_ErrorConfig", ())
+
+    for name in values:
+        flag = values[name]
+        if not hasattr(type(flag), "config_filename"):  # not an ml_collections flag
+            continue
+        if args is None:
+            if not flag.present:
+                continue
+            spec, value = _parsed_config_file(flag), flag.value
+        else:
+            spec = flag_value(args, name)
+            try:
+                with _without_none_config_warning():
+                    value = None if spec is None else load_flag_config(args, name)
+            except Exception:  # noqa: BLE001 — the file's own error is reported elsewhere
+                continue
+            if spec is None:
+                continue
+        if isinstance(value, ConfigDict | Mapping):
+            continue
+        if isinstance(value, error_config):  # an OSError ml_collections keeps for the first use
+            reason = error_message(object.__getattribute__(value, "_error"))
+            return f"--{name}={spec!r} is invalid; it cannot be loaded ({reason})"
+        kind = type(value).__name__
+        got = "None" if value is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+        return (f"--{name}={spec!r} is invalid; its get_config() returned {got} (expected an "
+                "ml_collections.ConfigDict)")
+    return None
+
+
+class _NoneConfigWarning:
+    """A logging filter dropping ml_collections' warning that a config file's get_config()
+    returned None (`not_a_config` reports that as the flag's one-line error)."""
+
+    @staticmethod
+    def filter(record: Any) -> bool:
+        return "get_config() returned None" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _without_none_config_warning() -> Iterator[None]:
+    """The block without ml_collections' warning that get_config() returned None."""
+    import logging
+
+    logger, dropped = logging.getLogger("absl"), _NoneConfigWarning()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
 
 
 def _parsed_config_file(flag: flags.Flag) -> str | None:

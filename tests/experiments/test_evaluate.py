@@ -313,6 +313,17 @@ print(json.dumps([ignored_flags(*case) for case in cases]))
 """
 
 
+def test_an_empty_output_is_refused_naming_the_flag(tmp_path):
+    """`--output=` was taken for the default path (<workdir>/eval/...) without a word; refused
+    before the run is read, as an empty --workdir is."""
+    result, = run_commands([("experiments.evaluate", f"--workdir={tmp_path}", "--output=")])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --output='' is invalid; expected a JSON file path (or leave it out: "
+        "<workdir>/eval/<split>_step<N>.json)")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(tmp_path):
     """`--plot_images=4` on a classifier (whose plot is the confusion matrix), `--n_bins` on a
     detector or with --nocalibration, --plot_images with --noplot and --allow_same_split

@@ -160,6 +160,36 @@ def test_a_rerun_without_baseline_keeps_the_errors_of_the_same_cells(rgb_run):
     assert "baseline_errors" not in other  # other cells: those errors are not theirs
 
 
+def test_a_baseline_that_cannot_be_compared_is_refused_before_any_cell_is_measured(
+        rgb_run, monkeypatch):
+    """A baseline lacking requested cells, or measured with other settings, was refused by
+    `corruption_errors` only after every cell had been measured."""
+    _, path = R.run_robustness(str(rgb_run), "contrast", "1", log=lambda _: None)
+    with open(path) as f:
+        baseline = json.load(f)
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the baseline was refused")
+
+    monkeypatch.setattr(R, "_measure_clean", measured)
+    monkeypatch.setattr(R, "_measure_cells", measured)
+    with pytest.raises(ValueError, match=r"^robustness: baseline='/b' is invalid; the baseline "
+                                         r"lacks cells contrast severity 2, brightness severity "
+                                         r"1, brightness severity 2;"):
+        R.run_robustness(str(rgb_run), "contrast,brightness", "1,2", log=lambda _: None,
+                         baseline=baseline, baseline_given_as="/b")
+    with pytest.raises(ValueError, match=r"^robustness: baseline='/b' is invalid; it was "
+                                         r"measured with other settings \(seed: 3 here, 0 "
+                                         r"there\)"):
+        R.run_robustness(str(rgb_run), "contrast", "1", seed=3, log=lambda _: None,
+                         baseline=baseline, baseline_given_as="/b")
+    assert not os.path.exists(os.path.join(os.path.dirname(path), "robustness_seed3.json"))
+    # a baseline covering the request passes the check (the record on file: nothing measured)
+    record, _ = R.run_robustness(str(rgb_run), "contrast", "1", log=lambda _: None,
+                                 baseline=baseline)
+    assert R.corruption_errors(record, baseline)["corruption_error"] == {"contrast": 1.0}
+
+
 class _StopError(Exception):
     pass
 

@@ -84,6 +84,11 @@ def refused(tmp_path_factory) -> dict:
     tmp = root / "unknown_field"
     tmp.mkdir()
     commands["unknown_field"] = (tmp, _command(lr_sweep, tmp / "sweep", "--sweep.foo=1"))
+    tmp = root / "swept_override"
+    tmp.mkdir()
+    commands["swept_override"] = (tmp, _command(lr_sweep, tmp / "sweep", *tiny,
+                                                "--config.optimizer.learning_rate=-1",
+                                                "--max_trials=0"))
     tmp = root / "empty_mapping"
     tmp.mkdir()
     empty = tmp / "empty_sweep.py"
@@ -150,6 +155,18 @@ def test_an_unknown_sweep_field_lists_every_field_the_command_line_can_set(refus
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --sweep.foo=1 is invalid; the config has no field 'foo'; sweep has fields "
         "['kind', 'metric', 'mode', 'num_trials', 'parameters', 'seed']")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_an_override_of_a_swept_field_is_refused_before_anything_runs(refused):
+    """`--config.optimizer.learning_rate=-1` on a learning-rate sweep: each trial's value
+    replaced it without a word, and the sweep ran (or tabulated) every trial."""
+    tmp_path, result = refused["swept_override"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --config.optimizer.learning_rate is invalid; the sweep (--sweep="
+        f"{os.path.join(ROOT, 'experiments', 'sweeps', 'lenet5_digits_lr.py')}) sets that field "
+        "in every trial; drop it (or remove it from the sweep)")
     assert not (tmp_path / "sweep").exists()
 
 

@@ -155,6 +155,8 @@ def refused(tmp_path_factory) -> dict:
         (root / case).mkdir()
         commands[case] = (root / case, _command(root / case)[2:])
     commands["bad_config"][1].append("--config.optimizer.name=lamb")
+    commands["bad_timeout"] = (root / "bad_timeout",  # not made: the refusal must not make it
+                               _command(root / "bad_timeout", "--distributed_timeout=-1")[2:])
     (root / "refused_workdir" / "tune.json").write_text("{}")
     for i, (script, args, _) in enumerate(_MISSPELT):
         workdir = root / f"misspelt{i}" / "out"
@@ -176,6 +178,16 @@ def test_bad_config_is_a_one_line_error(refused):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().endswith(f"(details in {tmp_path / 'summary.json'})")
     assert json.loads(Path(tmp_path / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_bad_distributed_timeout_writes_nothing(refused):
+    """A flag's refusal made the workdir to write error.startup.log into it (a multi-process
+    job's refusal is recorded there, and the flag was checked inside that path)."""
+    workdir, result = refused["bad_timeout"]
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: distributed: distributed_timeout=-1.0 is invalid; expected a positive finite "
+        "number.")
+    assert not workdir.exists()
 
 
 def test_a_refused_workdir_is_not_pointed_to_for_details(refused):

@@ -99,6 +99,9 @@ def refused(tmp_path_factory) -> dict:
         (root / case).mkdir()
         commands[case] = (root / case, [f"--workdir={root / case}",
                                         f"--output_dir={root / case / output}"])
+    (root / "empty_output").mkdir()
+    commands["empty_output"] = (root / "empty_output", [f"--workdir={root / 'empty_output'}",
+                                                        "--output_dir="])
     # JAX and the engine, imported once (experiments.visualize imports them only once running)
     results = run_commands([("experiments.visualize", *args) for _, args in commands.values()],
                            timeout=120, preimport=["cnnjax.train.trained"])
@@ -111,6 +114,16 @@ def test_the_command_says_what_is_wrong_in_one_line(refused):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --workdir={str(tmp_path)!r} is invalid")
+
+
+def test_an_empty_output_dir_is_refused_naming_the_flag(refused):
+    """`--output_dir=` was taken for the default folder (<workdir>/visualize) without a word."""
+    tmp_path, result = refused["empty_output"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --output_dir='' is invalid; expected a folder path (or leave it out: "
+        "<workdir>/visualize)")
+    assert not (tmp_path / "visualize").exists()
 
 
 @pytest.mark.slow

@@ -579,8 +579,7 @@ def test_a_bad_distributed_timeout_is_refused_naming_the_flag(tmp_path):
     line = (f"error: distributed: distributed_timeout={float(value)!r} is invalid; expected a "
             "positive finite number.")
     assert result.stderr.strip().splitlines()[-1] == line, result.stderr[-2000:]
-    assert (workdir / "error.startup.log").read_text() == line + "\n"
-    assert not (workdir / "summary.json").exists()
+    assert not workdir.exists()  # a flag refusal writes nothing (stderr holds the line)
 
 
 def test_timeout_message_when_processes_are_missing():

@@ -1184,3 +1184,18 @@ def test_concurrent_tasks_leave_the_table_of_every_finished_trial(tmp_path, monk
         a_trial.trial_id: "completed", b_trial.trial_id: "completed"}
     assert [r["best"] for r in results] == [0.6, 0.5]
     assert [r["status"] for r in _csv_rows(sweep_dir)] == ["completed", "completed"]
+
+
+@pytest.mark.parametrize(("override", "sets"), [
+    ("optimizer.learning_rate", "that field"),
+    ("optimizer", "optimizer.learning_rate"),  # a group holding the swept field
+])
+def test_an_override_of_a_swept_field_is_refused(override, sets):
+    """The trials' values replaced a command line's `--config.<field>` without a word."""
+    space = sp.grid((sp.choice("optimizer.learning_rate", (0.05, 0.01)),))
+    with pytest.raises(ValueError, match=(
+            rf"^--config\.{override} is invalid; the sweep \(--sweep=s\.py\) sets {sets} in "
+            r"every trial; drop it \(or remove it from the sweep\)$")):
+        sw.check_overrides_not_swept({"seed": 1, override: -1}, space, "--sweep=s.py")
+    sw.check_overrides_not_swept({"seed": 1, "optimizer.name": "adam",
+                                  "optimizer.learning_rate_x": 1}, space, "--sweep=s.py")
