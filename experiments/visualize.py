@@ -52,6 +52,8 @@ from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa
 from cnnjax.utils.files import check_output_dir, check_outside_run  # noqa: E402
 from cnnjax.utils.validation import invalid  # noqa: E402
 
+SUMMARY_FILE = "visualize.json"  # what was explained and the files written, in the output folder
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
 _EMA = flags.DEFINE_bool("ema", False, "Use the run's weight average instead of its weights.")
@@ -180,7 +182,7 @@ def write_visualizations(run: Any, out_dir: str, num_images: int = 6,
                "first_conv": filter_path, "methods": list(result.maps), "classes": classes,
                "images": rows,
                "files": files, "notes": notes}
-    write_json(os.path.join(out_dir, "visualize.json"), summary)
+    write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -424,7 +426,7 @@ def main(argv: list[str]) -> None:
         summary = write_visualizations(
             run, out_dir, _NUM_IMAGES.value,
             _METHODS.value, _LAYER.value, _PATCH.value, _STRIDE.value, _TARGET.value)
-    print("\n".join(report_lines(summary, os.path.join(out_dir, "visualize.json"))))
+    print("\n".join(report_lines(summary, os.path.join(out_dir, SUMMARY_FILE))))
 
 
 if __name__ == "__main__":
