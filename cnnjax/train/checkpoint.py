@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging as std_logging
 import math
 import os
 import re
@@ -33,7 +32,6 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -48,6 +46,7 @@ from cnnjax.train.ema import metric_scoring
 from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
 from cnnjax.utils.files import read_json, write_json
+from cnnjax.utils.log_filters import without_absl_lines
 from cnnjax.utils.validation import check_number, check_positive_int, invalid
 
 CHECKPOINT_DIR = "checkpoints"
@@ -235,23 +234,11 @@ def _drop_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
-class _DropMissingMetricsWarning(std_logging.Filter):
-    """Drops orbax's "Requested `tracked_metric`; did not provide metrics." warning."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_missing_metrics_warning() -> Iterator[None]:
-    """Silences that one orbax warning during a save: a checkpoint without eval metrics is
-    expected (periodic saves), and it is simply not a candidate for "best"."""
-    logger, log_filter = std_logging.getLogger("absl"), _DropMissingMetricsWarning()
-    logger.addFilter(log_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(log_filter)
+def _without_missing_metrics_warning() -> contextlib.AbstractContextManager:
+    """Silences orbax's "Requested `tracked_metric`; did not provide metrics." warning during a
+    save: a checkpoint without eval metrics is expected (periodic saves), and it is simply not
+    a candidate for "best"."""
+    return without_absl_lines("did not provide metrics")
 
 
 class CheckpointShapeError(ValueError):

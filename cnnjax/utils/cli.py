@@ -26,6 +26,8 @@ from typing import Any
 
 from absl import flags
 
+from cnnjax.utils.log_filters import without_absl_lines
+
 
 def parse_flags(argv: list[str],
                 unknown_flag_hint: Callable[[str], str] | None = None) -> list[str]:
@@ -407,26 +409,10 @@ def not_a_config(values: flags.FlagValues, args: Sequence[str] | None = None) ->
     return None
 
 
-class _NoneConfigWarning:
-    """A logging filter dropping ml_collections' warning that a config file's get_config()
-    returned None (`not_a_config` reports that as the flag's one-line error)."""
-
-    @staticmethod
-    def filter(record: Any) -> bool:
-        return "get_config() returned None" not in str(record.msg)
-
-
-@contextlib.contextmanager
-def _without_none_config_warning() -> Iterator[None]:
-    """The block without ml_collections' warning that get_config() returned None."""
-    import logging
-
-    logger, dropped = logging.getLogger("absl"), _NoneConfigWarning()
-    logger.addFilter(dropped)
-    try:
-        yield
-    finally:
-        logger.removeFilter(dropped)
+def _without_none_config_warning() -> contextlib.AbstractContextManager:
+    """The block without ml_collections' warning that a config file's get_config() returned
+    None (`not_a_config` reports that as the flag's one-line error)."""
+    return without_absl_lines("get_config() returned None")
 
 
 def _parsed_config_file(flag: flags.Flag) -> str | None:
