@@ -346,7 +346,7 @@ class Checkpointer:
         """
         paths = {}
         for step in step_folders(self.directory):
-            path = os.path.join(self.directory, str(step), "metrics", "metrics")
+            path = self._metrics_path(step)
             if os.path.isfile(path):
                 paths[step] = path
         broken = []
@@ -424,16 +424,19 @@ class Checkpointer:
         """The score that ranks last in `best_mode`."""
         return math.inf if self.best_mode == "min" else -math.inf
 
+    def _metrics_path(self, step: int) -> str:
+        """The eval metrics orbax keeps beside the checkpoint at `step` (JSON)."""
+        return os.path.join(self.directory, str(step), "metrics", "metrics")
+
     def _best_steps_by(self, metric: str, steps: list[int]) -> set[int]:
         """The step (a set of at most one) of `steps` whose saved eval scored best by `metric`,
         read from the checkpoints' metrics files; none if no step has a finite score."""
-        sign = -1.0 if self.best_mode == "min" else 1.0
         scores = {}
         for step in steps:
-            saved = read_json(os.path.join(self.directory, str(step), "metrics", "metrics"))
+            saved = read_json(self._metrics_path(step))
             if isinstance(saved, dict) and _finite(saved.get(metric)):
-                scores[step] = sign * float(saved[metric])
-        return {max(scores, key=lambda s: (scores[s], s))} if scores else set()
+                scores[step] = saved[metric]
+        return {_best_step(scores, self.best_mode)} if scores else set()
 
     def save(self, step: int, state: Any, metrics: dict | None = None,
              run_info: dict | None = None) -> None:
@@ -702,6 +705,13 @@ def _saved_digests(manager: Any, step: int) -> _SavedDigests:
                          dict(custom.get(_EMPTY_ARRAYS_KEY) or {}))
 
 
+def _best_step(scores: dict[int, Any], best_mode: str) -> int:
+    """The step of the best of the finite `scores` (`{step: value}`) in `best_mode`; ties go
+    to the later checkpoint (more training)."""
+    sign = -1.0 if best_mode == "min" else 1.0
+    return max(scores, key=lambda step: (sign * float(scores[step]), step))
+
+
 def _score_or(value: Any, worst: float) -> float:
     """`value` as a checkpoint's score, `worst` if it is missing or not a finite number."""
     return float(value) if _finite(value) else worst
@@ -833,9 +843,7 @@ class SourceCheckpoints:
                 and _finite(r[best_metric])  # a NaN would win `max` by coming first
             }
             if evals:
-                sign = -1.0 if best_mode == "min" else 1.0
-                # Ties go to the later checkpoint (more training).
-                return max(evals, key=lambda s: (sign * float(evals[s]), s)), "best"
+                return _best_step(evals, best_mode), "best"
         return self.steps[-1], "latest"
 
     def shapes(self, step: int, collections: tuple[str, ...]) -> dict[str, Any]:

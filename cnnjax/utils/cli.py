@@ -344,6 +344,13 @@ def _argument_hint(spec: str, err: BaseException) -> str:
             f"and {file}'s get_config() takes none: drop the ':'")
 
 
+def _config_file_flags(values: flags.FlagValues) -> Iterator[tuple[str, flags.Flag]]:
+    """`(name, flag)` of each ml_collections config-file flag among the parsed `values`."""
+    for name in values:
+        if hasattr(type(values[name]), "config_filename"):
+            yield name, values[name]
+
+
 def missing_config_file(values: flags.FlagValues, args: Sequence[str] | None = None
                         ) -> str | None:
     """The error for the first config-file flag (`--config=<file>.py[:arg]`, in either flag
@@ -351,10 +358,7 @@ def missing_config_file(values: flags.FlagValues, args: Sequence[str] | None = N
     not exist, else None. With `args`, each flag's file is read from them instead: a parse that
     failed at an override (`--config=nope.py --config.seed=1`: ml_collections' OSError) left the
     flag unparsed."""
-    for name in values:
-        flag = values[name]
-        if not hasattr(type(flag), "config_filename"):  # not an ml_collections flag
-            continue
+    for name, flag in _config_file_flags(values):
         spec, given = ((_parsed_config_file(flag), flag.present) if args is None
                        else (flag_value(args, name), True))
         if spec == "" and given:  # ml_collections: "Path to config file is an empty string."
@@ -380,22 +384,19 @@ def not_a_config(values: flags.FlagValues, args: Sequence[str] | None = None) ->
     # ml_collections' stand-in for a file it failed to load (private: without it, no check)
     error_config = getattr(config_flags, "_ErrorConfig", ())
 
-    for name in values:
-        flag = values[name]
-        if not hasattr(type(flag), "config_filename"):  # not an ml_collections flag
-            continue
+    for name, flag in _config_file_flags(values):
         if args is None:
             if not flag.present:
                 continue
             spec, value = _parsed_config_file(flag), flag.value
         else:
             spec = flag_value(args, name)
+            if spec is None:
+                continue
             try:
                 with _without_none_config_warning():
-                    value = None if spec is None else load_flag_config(args, name)
+                    value = load_flag_config(args, name)
             except Exception:  # noqa: BLE001 — the file's own error is reported elsewhere
-                continue
-            if spec is None:
                 continue
         if isinstance(value, ConfigDict | Mapping):
             continue
