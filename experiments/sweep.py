@@ -22,6 +22,8 @@ trial running (status interrupted) and exits 130 with one line saying where it s
 
 from __future__ import annotations
 
+import sys
+
 # XLA flags and TF's log level must be set before JAX and TF start; user-set values win.
 from cnnjax.platform import configure_entry_point
 
@@ -34,6 +36,7 @@ from cnnjax.utils.cli import (  # noqa: E402
     define_config_file,
     exit_command,
     exit_on_ctrl_c,
+    none_override_paths,
     one_line_errors,
     parse_flags,
     start_command,
@@ -72,8 +75,10 @@ def main(argv: list[str]) -> None:
           one_line_errors()):
         space = space_lib.from_config(sweep_config)
         # an override of a swept field was replaced by each trial's value without a word
+        overrides = [*flags.FLAGS[_CONFIG.name].override_values,
+                     *none_override_paths(flags.FLAGS, sys.argv, _CONFIG.name)]
         sweep_lib.check_overrides_not_swept(
-            flags.FLAGS[_CONFIG.name].override_values, space,
+            overrides, space,
             f"--{_SWEEP.name}={flags.FLAGS[_SWEEP.name].config_filename}", _CONFIG.name)
         rows = sweep_lib.run_sweep(
             _CONFIG.value,

@@ -239,10 +239,18 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
     check_directory_kind(spec.workdir, spec.entry_point.directory_kind, "workdir")
     if spec.entry == "sweep":
         from cnnjax.tune import space as space_lib
-        from cnnjax.tune.sweep import check_ranking, check_sweep_dir, check_swept_fields_are_read
+        from cnnjax.tune.sweep import (
+            check_overrides_not_swept,
+            check_ranking,
+            check_sweep_dir,
+            check_swept_fields_are_read,
+        )
 
         base, sweep = loaded["config"], loaded["sweep"]
         space = space_lib.from_config(sweep)
+        overridden = [o.partition("=")[0].removeprefix("--config.")
+                      for o in spec.overrides_for("config")]
+        check_overrides_not_swept(overridden, space, f"--sweep={spec.files['sweep']}")
         trials = space_lib.trial_configs(base, space)
         metric, mode = check_ranking(base, trials, sweep.get("metric"), sweep.get("mode"))
         check_sweep_dir(spec.workdir, space, base, metric, mode)  # a rerun of another sweep

@@ -166,6 +166,18 @@ def parse_with_none(values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
     return args
 
 
+def none_override_paths(values: flags.FlagValues, argv: Sequence[str], flag: str) -> list[str]:
+    """The dotted field paths that `argv` sets to None on config flag `flag`
+    (`--<flag>.<path>=None`): `parse_with_none` takes them out of the arguments before
+    ml_collections sees them, so the flag's `override_values` does not list them."""
+    paths = []
+    for i in range(len(argv)):
+        target = _none_override(argv, i, values)
+        if target is not None and target[0] == flag:
+            paths.append(target[1])
+    return paths
+
+
 def _none_override(argv: Sequence[str], i: int,
                    values: flags.FlagValues) -> tuple[str, str] | None:
     """(flag, field path) when `argv[i]` (with `argv[i + 1]` in absl's `--flag value` syntax)

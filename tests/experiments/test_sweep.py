@@ -89,6 +89,11 @@ def refused(tmp_path_factory) -> dict:
     commands["swept_override"] = (tmp, _command(lr_sweep, tmp / "sweep", *tiny,
                                                 "--config.optimizer.learning_rate=-1",
                                                 "--max_trials=0"))
+    tmp = root / "swept_none"
+    tmp.mkdir()
+    sweep = _sweep_file(tmp, "(choice('ema.decay', (0.9, 0.99)),)")
+    commands["swept_none"] = (tmp, _command(sweep, tmp / "sweep", *tiny,
+                                            "--config.ema.decay", "None", "--max_trials=0"))
     tmp = root / "empty_mapping"
     tmp.mkdir()
     empty = tmp / "empty_sweep.py"
@@ -167,6 +172,18 @@ def test_an_override_of_a_swept_field_is_refused_before_anything_runs(refused):
         "error: --config.optimizer.learning_rate is invalid; the sweep (--sweep="
         f"{os.path.join(ROOT, 'experiments', 'sweeps', 'lenet5_digits_lr.py')}) sets that field "
         "in every trial; drop it (or remove it from the sweep)")
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_none_override_of_a_swept_field_is_refused_too(refused):
+    """`--config.ema.decay None` on an `ema.decay` sweep: `parse_with_none` takes a None
+    override out of the arguments before ml_collections lists it, so the check above missed it
+    and each trial's value replaced it without a word."""
+    tmp_path, result = refused["swept_none"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --config.ema.decay is invalid; the sweep (--sweep={tmp_path / 'sweep_config.py'}) "
+        "sets that field in every trial; drop it (or remove it from the sweep)")
     assert not (tmp_path / "sweep").exists()
 
 

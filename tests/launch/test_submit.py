@@ -655,6 +655,30 @@ def test_check_configs_refuses_a_sweep_field_the_base_config_lacks(tmp_path):
             "'values': (1, 2)},)",)}))
 
 
+@pytest.mark.parametrize("field, value", [("optimizer.learning_rate", "0.5"),
+                                          ("ema.decay", "None")])
+def test_an_override_of_a_swept_field_is_refused_before_submitting(tmp_path, field, value):
+    """Each array task refused `--config.<swept field>=...` at start (experiments.sweep's
+    check), so the job was queued to fail; None takes the same check."""
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(
+        "import ml_collections\nfrom cnnjax.tune.space import choice\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.kind, c.seed, c.metric, c.mode = 'grid', 0, 'top1', 'max'\n"
+        f"    c.parameters = (choice('{field}', (0.9, 0.5)),)\n"
+        "    return c\n")
+    spec = JobSpec(entry="sweep", config=_light_config(tmp_path, 32), sweep=str(sweep),
+                   workdir=str(tmp_path / "w"), submit_dir=str(ROOT),
+                   overrides=(f"--config.{field}={value}",))
+    with pytest.raises(ValueError) as caught:
+        check_configs(spec)
+    assert str(caught.value) == (
+        f"launch: the job would fail at start: --config.{field} is invalid; the sweep "
+        f"(--sweep={sweep}) sets that field in every trial; drop it (or remove it from the "
+        "sweep)")
+    assert not (tmp_path / "w").exists()
+
+
 def test_check_configs_refuses_a_workdir_the_entry_point_would_refuse_at_start(tmp_path):
     """Each array task of a sweep queued on a folder of another sweep (an edited sweep file,
     resubmitted) exited at start; so did a train job aimed at a sweep's folder."""
