@@ -2,15 +2,17 @@
 
     python -m experiments.robustness --workdir=workdirs/lenet5_digits [--corruptions=all|a,b]
         [--severities=1,2,3,4,5] [--split=test] [--max_examples=N] [--seed=0]
-        [--source=on_the_fly|tfds] [--step=N] [--eval_batch_size=256] [--baseline=<run>]
+        [--source=on_the_fly|tfds] [--step=N] [--ema] [--eval_batch_size=256]
+        [--baseline=<run>]
 
-Loads the run's best checkpoint (`load_trained`), reads its eval split (or --split) through the
-run's own eval transform up to the pixels before normalization (`Transforms.eval_pixels`, 32x32
-or 224x224, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`: CIFAR-10-C's formulas
-and table at 32, ImageNet-C's at 224), stores the result as uint8 (truncated, as CIFAR-10-C), then
-normalizes it as the run's eval does (`Transforms.normalize`): the model sees what it would see
-on a corrupted copy of the split. Clean top-1 is the uncorrupted pixels stored and normalized the
-same way (for native uint8 data the engine's eval top-1).
+Loads the run's best checkpoint (`load_trained`; with --ema its weight average, for a run trained
+with --config.ema.decay, into files ending `_ema`), reads its eval split (or --split) through the
+run's own eval transform up to the pixels before normalization (`Transforms.eval_pixels`, 32x32 or
+224x224, in [0, 255]), corrupts them (`cnnjax.analysis.corruptions`: CIFAR-10-C's formulas and table
+at 32, ImageNet-C's at 224), stores the result as uint8 (truncated, as CIFAR-10-C), then normalizes
+it as the run's eval does (`Transforms.normalize`): the model sees what it would see on a corrupted
+copy of the split. Clean top-1 is the uncorrupted pixels stored and normalized the same way (for
+native uint8 data the engine's eval top-1).
 
 With --source=tfds each cell is the real benchmark instead, read from tfds (other splits than
 the set's refused):
@@ -41,6 +43,7 @@ Grey runs (`digits`) skip `saturate` under --corruptions=all and refuse it by na
 from __future__ import annotations
 
 import os
+import sys
 
 from cnnjax.platform import configure_entry_point
 
@@ -56,6 +59,7 @@ from cnnjax.analysis.robustness import (  # noqa: E402
     run_robustness,
     table,
 )
+from cnnjax.train.trained import NoWeightAverageError  # noqa: E402
 from cnnjax.utils.cli import one_line_errors, parse_flags, start_command  # noqa: E402
 from cnnjax.utils.files import write_json  # noqa: E402
 
@@ -71,12 +75,15 @@ _SOURCE = flags.DEFINE_enum("source", "on_the_fly", list(SOURCES),
                             "cifar10_corrupted (cifar10 runs) or imagenet2012_corrupted "
                             "(imagenet2012 runs).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the best, else newest).")
+_EMA = flags.DEFINE_bool("ema", False, "Measure the run's weight average (a run trained with "
+                         "--config.ema.decay) instead of its weights.")
 _BATCH = flags.DEFINE_integer("eval_batch_size", 256, "Images per forward pass.")
 flags.DEFINE_alias("batch_size", "eval_batch_size")  # its first name; as experiments.evaluate's
 _BASELINE = flags.DEFINE_string(
     "baseline", None, "Another run's workdir (or its robustness JSON), measured with the same "
     "flags: adds the corruption errors normalized by it (CE, mCE, relative mCE; Hendrycks & "
-    "Dietterich use AlexNet).")
+    "Dietterich use AlexNet). A workdir's record of its trained weights is read, also under "
+    "--ema; pass the JSON file to compare with its weight average's.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -94,10 +101,13 @@ def main(argv: list[str]) -> None:
             _BASELINE.value, record_file_name(_SEVERITIES.value, _SPLIT.value, _MAX_EXAMPLES.value,
                                               _SEED.value, _SOURCE.value, _STEP.value,
                                               _BATCH.value))
-        record, path = run_robustness(
-            _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
-            _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value,
-            baseline=baseline, baseline_given_as=_BASELINE.value)
+        try:
+            record, path = run_robustness(
+                _WORKDIR.value, _CORRUPTIONS.value, _SEVERITIES.value, _SPLIT.value,
+                _MAX_EXAMPLES.value, _SEED.value, _SOURCE.value, _STEP.value, _BATCH.value,
+                baseline=baseline, baseline_given_as=_BASELINE.value, ema=_EMA.value)
+        except NoWeightAverageError as err:
+            sys.exit(f"error: {err.flag_message('--ema')}")
         if baseline is not None:
             record["baseline_errors"] = corruption_errors(record, baseline, _BASELINE.value)
             write_json(path, record)

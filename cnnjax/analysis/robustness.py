@@ -409,12 +409,13 @@ def table(record: dict) -> str:
         mean = record.get("per_corruption_mean_top1", {}).get(name)
         lines.append(f"{name:<18}{row}" + (f"{mean:>8.4f}" if mean is not None else f"{'-':>8}"))
     if record.get("mean_corruption_top1") is None:
-        lines.append(f"clean top-1 {record['clean_top1']:.4f}; incomplete: "
+        lines.append(f"clean top-1{_weights_note(record)} {record['clean_top1']:.4f}; incomplete: "
                      f"{record.get('measured_cells', '?')} requested cells measured (rerun the "
                      "same command to finish; no mean until then)")
     else:
         drop = record.get("relative_drop")  # None: undefined, the clean top-1 being 0
-        lines.append(f"clean top-1 {record['clean_top1']:.4f}; mean corruption top-1 "
+        lines.append(f"clean top-1{_weights_note(record)} {record['clean_top1']:.4f}; mean "
+                     "corruption top-1 "
                      f"{record['mean_corruption_top1']:.4f}; relative drop "
                      + (f"{drop:.4f}" if drop is not None else "n/a (clean top-1 is 0)"))
     errors = record.get("baseline_errors")
@@ -438,6 +439,11 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _weights_note(record: dict) -> str:
+    """" (EMA weights)" for a record of the run's weight average, else ""."""
+    return " (EMA weights)" if (record.get("settings") or {}).get("weights") == "ema" else ""
+
+
 def plot(record: dict, path: str) -> str:
     """Top-1 vs severity, one line per corruption, clean top-1 dashed."""
     import matplotlib
@@ -454,8 +460,8 @@ def plot(record: dict, path: str) -> str:
     ax.axhline(record["clean_top1"], color="black", linestyle="--", label="clean")
     source = record.get("tfds_dataset") or record["source"]
     ax.set(xlabel="severity", ylabel="top-1", xticks=record["severities"], ylim=(0, 1.02),
-           title=f"{record['model']} step {record['step']} on {record['dataset']} "
-                 f"{record['split']} ({source})")
+           title=f"{record['model']} step {record['step']}{_weights_note(record)} on "
+                 f"{record['dataset']} {record['split']} ({source})")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
     return save_figure(fig, path)
 
@@ -464,17 +470,18 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                    split: str | None = None, max_examples: int | None = None, seed: int = 0,
                    source: str = "on_the_fly", step: int | None = None, batch_size: int = 256,
                    log: Callable[[str], None] = print, baseline: dict | None = None,
-                   baseline_given_as: str | None = None) -> tuple[dict, str]:
-    """Measures (or resumes, or reprints) the record of the flags above; returns it and its
-    JSON path. A `baseline` record (named `baseline_given_as` in errors) that
-    `corruption_errors` would refuse (other settings, lacking a requested cell) is refused
+                   baseline_given_as: str | None = None, ema: bool = False) -> tuple[dict, str]:
+    """Measures (or resumes, or reprints) the record of the flags above; returns it and its JSON
+    path. With `ema` the run's weight average is measured (a run with `config.ema.decay` set),
+    in its own file (`..._ema.json`). A `baseline` record (named `baseline_given_as` in errors)
+    that `corruption_errors` would refuse (other settings, lacking a requested cell) is refused
     before anything is measured, where it was refused after every cell."""
     from cnnjax.analysis import corruptions as corruptions_lib
     from cnnjax.utils.lock import directory_lock
 
     levels, max_examples, batch_size, seed = _check_arguments(severities, max_examples,
                                                               batch_size, seed, source)
-    run = _load_classifier(workdir, step)
+    run = _load_classifier(workdir, step, ema)
     tfds_set = corrupted_set(run.config.data.name) if source == "tfds" else None
     config, spec, transforms = _evaluated_config(run, split, tfds_set)
     _check_image_size(workdir, transforms.out_shape, tfds_set)
@@ -498,11 +505,13 @@ def run_robustness(workdir: str, corruptions: str = "all", severities: str = "1,
                 # older records: "uint8" (cells corrupted from the unquantized pixels), or none
                 # (the clean top-1 unquantized too); tfds ones before session 48 truncated it
                 "clean": "the run's evaluation" if tfds_set else "uint8, corrupted from it"}
+    if ema:  # only then: the records of trained weights keep the settings they were written with
+        settings["weights"] = "ema"
     if baseline is not None:  # before a cell is measured or an old record moved aside
         check_baseline_covers(_new_record(run, spec, tfds_set, settings, labels, skipped, table,
                                           {}, names, levels), baseline, baseline_given_as)
     out_dir, stem = _output_dir(workdir), _file_stem(source, split, seed, max_examples,
-                                                     run.step if step is not None else None)
+                                                     run.step if step is not None else None, ema)
     path = os.path.join(out_dir, stem + ".json")
     old = _previous_record(out_dir, stem, settings, log)
     record = _new_record(run, spec, tfds_set, settings, labels, skipped, table,
@@ -544,12 +553,13 @@ def _check_arguments(severities: str, max_examples: int | None, batch_size: int,
     return levels, max_examples, batch_size, seed
 
 
-def _load_classifier(workdir: str, step: int | None) -> TrainedRun:
-    """The run at `workdir` (`load_trained`), refused unless it trained a classifier."""
+def _load_classifier(workdir: str, step: int | None, ema: bool = False) -> TrainedRun:
+    """The run at `workdir` (`load_trained`, its weight average with `ema`), refused unless it
+    trained a classifier."""
     from cnnjax.train.config import config_task
     from cnnjax.train.trained import load_trained
 
-    run = load_trained(workdir, step)
+    run = load_trained(workdir, step, ema=ema)
     task = config_task(run.config)
     if task != "classification":
         raise invalid(_OWNER, "workdir", workdir, f"expected a classifier's run, not a {task} "
@@ -602,22 +612,24 @@ def _output_dir(workdir: str) -> str:
 
 def record_file_name(severities: str = "1,2,3,4,5", split: str | None = None,
                      max_examples: int | None = None, seed: int = 0, source: str = "on_the_fly",
-                     step: int | None = None, batch_size: int = 256) -> str:
+                     step: int | None = None, batch_size: int = 256, ema: bool = False) -> str:
     """The JSON file name under `<workdir>/robustness/` that `run_robustness` with these
     arguments writes: known before any work, so a `--baseline` lacking it is refused first."""
     _, max_examples, _, seed = _check_arguments(severities, max_examples, batch_size, seed,
                                                 source)
-    return _file_stem(source, split, seed, max_examples, step) + ".json"
+    return _file_stem(source, split, seed, max_examples, step, ema) + ".json"
 
 
 def _file_stem(source: str, split: str | None, seed: int, max_examples: int | None,
-               explicit_step: int | None) -> str:
-    """robustness[_tfds][_<settings>]: one file per choice of split, seed, example cap and
-    explicit step, so a quick check never replaces a long measurement. A split with characters
-    a file name leaves out (`test[:50%]`, `test[50%:]`) adds a hash, so slices stay apart."""
+               explicit_step: int | None, ema: bool = False) -> str:
+    """robustness[_tfds][_<settings>]: one file per choice of split, seed, example cap, explicit
+    step and weights (`_ema`), so a quick check never replaces a long measurement. A split with
+    characters a file name leaves out (`test[:50%]`, `test[50%:]`) adds a hash, so slices stay
+    apart."""
     chosen = [f"split-{distinct_name(split, '-')}" if split else "",
               f"seed{seed}" if seed else "", f"max{max_examples}" if max_examples else "",
-              f"step{explicit_step}" if explicit_step is not None else ""]
+              f"step{explicit_step}" if explicit_step is not None else "",
+              "ema" if ema else ""]
     return "_".join(["robustness", *(["tfds"] if source == "tfds" else []),
                      *(part for part in chosen if part)])
 

@@ -29,9 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _train(workdir: str, data) -> str:
-    """LeNet-5 trained 2 steps of 4 images on `data`: a real run of the engine, in seconds."""
+def _train(workdir: str, data, ema_decay: float | None = None) -> str:
+    """LeNet-5 trained 2 steps of 4 images on `data` (keeping a weight average of decay
+    `ema_decay`): a real run of the engine, in seconds."""
     config = default_config()
+    config.ema.decay = ema_decay
     config.model = "lenet5"
     config.data = data
     config.global_batch_size = 4
@@ -51,9 +53,11 @@ def _fake(channels: int):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """RGB and grey runs on the in-memory `fake` set (20 eval images)."""
+    """RGB and grey runs on the in-memory `fake` set (20 eval images), and an RGB one keeping a
+    weight average ("ema")."""
     root = tmp_path_factory.mktemp("runs")
-    return {c: _train(str(root / f"c{c}"), _fake(c)) for c in (3, 1)}
+    return {**{c: _train(str(root / f"c{c}"), _fake(c)) for c in (3, 1)},
+            "ema": _train(str(root / "ema"), _fake(3), ema_decay=0.5)}
 
 
 @pytest.fixture
@@ -62,11 +66,11 @@ def rgb_run(trained, tmp_path):
     return shutil.copytree(trained[3], tmp_path / "rgb")
 
 
-def _expected_top1(workdir, name: str, severity: int, seed: int = 0) -> float:
-    """The run's top-1 on its eval images as the engine's eval pipeline yields them, brought
-    back to 0..255 levels, corrupted, stored as uint8 and normalized again (fake: mean = std =
-    0.5)."""
-    run = load_trained(str(workdir))
+def _expected_top1(workdir, name: str, severity: int, seed: int = 0, ema: bool = False) -> float:
+    """The run's top-1 (its weight average's with `ema`) on its eval images as the engine's eval
+    pipeline yields them, brought back to 0..255 levels, corrupted, stored as uint8 and
+    normalized again (fake: mean = std = 0.5)."""
+    run = load_trained(str(workdir), ema=ema)
     batch = next(eval_examples(run, batch_size=64))
     pixels = np.rint((batch["image"].astype(np.float64) * 0.5 + 0.5) * 255)
     corrupted = C.quantize(C.corrupt(pixels, name, severity, seed)) / 255.0
@@ -104,6 +108,30 @@ def test_cells_are_the_models_top1_on_independently_corrupted_images(rgb_run, mo
     assert lines[0].startswith("clean top-1 ") and lines[-1].startswith("[6/6] pixelate "
                                                                         "severity 5: top-1 ")
     assert "saturate" in R.table(record) and "relative drop" in R.table(record)
+
+
+def test_ema_measures_the_weight_average_in_its_own_file(trained, tmp_path):
+    """With `ema` the cells are the weight average's top-1 (robustness had no way to measure
+    it), written beside the trained weights' record, which stays as it was."""
+    workdir = shutil.copytree(trained["ema"], tmp_path / "ema")
+    trained_record, _ = R.run_robustness(str(workdir), "gaussian_noise,contrast", "5", log=print)
+    record, path = R.run_robustness(str(workdir), "gaussian_noise,contrast", "5", ema=True,
+                                    log=print)
+    assert path == str(workdir / "robustness" / "robustness_ema.json")
+    assert record["settings"]["weights"] == "ema" and "weights" not in trained_record["settings"]
+    averaged, raw = load_trained(str(workdir), ema=True), load_trained(str(workdir))
+    images = next(eval_examples(raw, batch_size=64))["image"]
+    assert not np.allclose(averaged.apply(images), raw.apply(images))  # other weights
+    assert record["clean_top1"] == pytest.approx(evaluate_run(averaged)["top1"], abs=1e-9)
+    for name in ("gaussian_noise", "contrast"):
+        assert record["cells"][name]["5"] == pytest.approx(
+            _expected_top1(workdir, name, 5, ema=True), abs=1e-9)
+    with open(workdir / "robustness" / "robustness.json") as f:
+        assert json.load(f) == trained_record
+    assert "clean top-1 (EMA weights) " in R.table(record)
+    assert "(EMA weights)" not in R.table(trained_record)
+    with pytest.raises(ValueError, match=r"kept no weight average"):
+        R.run_robustness(str(trained[3]), "contrast", "5", ema=True)
 
 
 def test_cells_are_corrupted_from_the_stored_images_the_clean_top1_scores(rgb_run,
@@ -501,6 +529,11 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
     assert split.returncode == 1 and "Traceback" not in split.stderr
     assert split.stderr.strip().splitlines()[-1] == (
         "error: robustness: split='validation' is invalid; 'fake' has splits ['train', 'test'].")
+    no_average = subprocess.run([*command, "--corruptions=contrast", "--ema"], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+    assert no_average.returncode == 1 and no_average.stderr.strip().splitlines()[-1] == (
+        f"error: --ema is invalid; the run in {trained[1]!r} kept no weight average (its "
+        "config.ema.decay is None); drop --ema to use its trained weights.")
 
 
 
