@@ -181,15 +181,15 @@ def run_sweep(
     with StopRequest():
         for trial in selected:
             workdir = trial_workdir(sweep_dir, trial)
-            finished = finished_status(workdir, configs[trial.trial_id])
-            if finished:
-                say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
-                              f"{_fmt(trial.overrides)}: already {finished}, skipped.")
+            if _skip_finished(trial, workdir, configs[trial.trial_id], space, verbose):
                 continue
             if max_trials is not None and started >= max_trials:
                 break
             try:
                 with directory_lock(workdir):  # the engine takes it again (re-entrant)
+                    # again under the lock: another driver may have finished it since
+                    if _skip_finished(trial, workdir, configs[trial.trial_id], space, verbose):
+                        continue
                     started += 1
                     record = _run_and_tabulate(trial, configs[trial.trial_id], workdir, sweep_dir,
                                                space, metric, mode, verbose)
@@ -202,6 +202,16 @@ def run_sweep(
     if verbose:
         _print_results(rows, space, metric, sweep_dir)
     return rows
+
+
+def _skip_finished(trial: Trial, workdir: str, config: Any, space: SearchSpace,
+                   verbose: bool) -> bool:
+    """Whether `trial` is finished (`finished_status`), so this call skips it (saying so)."""
+    finished = finished_status(workdir, config)
+    if finished:
+        say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
+                      f"{_fmt(trial.overrides)}: already {finished}, skipped.")
+    return bool(finished)
 
 
 def check_overrides_not_swept(overrides: Iterable[str], space: SearchSpace, sweep: str,

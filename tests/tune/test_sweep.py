@@ -381,6 +381,31 @@ def test_a_trial_another_process_is_running_is_skipped_not_run_twice(tmp_path, m
     assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
 
 
+def test_a_trial_another_driver_finished_before_the_lock_is_not_entered(tmp_path, monkeypatch):
+    """The finished-check ran before the trial's lock only: a trial another driver finished in
+    between was entered again (its trial.json's `invocations` rose, a max_trials slot spent)."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
+    first = sw.trial_workdir(sweep_dir, space.trials[0])
+    before = helpers.finished_run_files(first)
+    real, seen = sw.finished_status, set()
+
+    def not_yet_the_first_time(workdir, config):  # finished by another driver after this check
+        if workdir not in seen:
+            seen.add(workdir)
+            return None
+        return real(workdir, config)
+
+    monkeypatch.setattr(sw, "finished_status", not_yet_the_first_time)
+    monkeypatch.setattr(sw, "_run_and_tabulate",
+                        lambda *args: pytest.fail("a finished trial was entered"))
+    rows = sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=1, verbose=False)
+    assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
+    assert helpers.finished_run_files(first) == before
+
+
 def test_trial_index_runs_that_trial_alone(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
     sweep_dir = str(tmp_path / "sweep")
