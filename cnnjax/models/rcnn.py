@@ -160,10 +160,11 @@ class _ProposalDetector(nn.Module):
         if proposals is None:
             largest = max(self.proposal_sizes)
             if min(images.shape[1:3]) < largest:
-                raise invalid(owner, "input.shape", tuple(images.shape),
-                              f"expected height and width >= max(proposal_sizes)={largest} for "
-                              "the dense windows (smaller proposal_sizes or larger images), or "
-                              "external proposals")
+                # named as the setting, so the engine's size check names the field to change
+                raise invalid(owner, "proposal_sizes", tuple(self.proposal_sizes),
+                              f"expected sizes <= the images' height and width (input.shape="
+                              f"{tuple(images.shape)}) for the dense windows (smaller "
+                              "proposal_sizes or larger images), or external proposals")
             windows = window_proposals(tuple(images.shape[1:3]), self.proposal_sizes,
                                        self.proposal_stride)
             rois = jnp.broadcast_to(jnp.asarray(windows), (images.shape[0], *windows.shape))

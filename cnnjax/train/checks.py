@@ -217,8 +217,9 @@ def check_external_proposals(model: nn.Module, model_name: str, proposals: Any) 
     so they would be computed and silently ignored."""
     if proposals is not None and not getattr(model, "accepts_proposals", False):
         raise invalid("config", "data.proposals.method", proposals.method,
-                      f"expected None for model {model_name!r}, which makes its own proposals "
-                      "(external proposals feed the R-CNN, SPP-net and Fast R-CNN models)")
+                      f"expected None for model {model_name!r}, which takes no external proposals "
+                      "(an RPN makes its own; YOLO predicts boxes from its grid; external "
+                      "proposals feed the R-CNN, SPP-net and Fast R-CNN models)")
 
 
 def check_training_size(model: nn.Module, input_shape: tuple[int, ...]) -> None:

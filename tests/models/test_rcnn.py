@@ -294,8 +294,8 @@ PROPOSALS = np.array([[[2.0, 2, 22, 22], [3, 3, 23, 23]], [[1, 1, 9, 12], [0, 0,
 
 @pytest.mark.parametrize("cls", [FastRCNN, SPPNet, RCNN])
 @pytest.mark.parametrize("size, proposals, valid, message", [
-    (20, None, None, "input.shape=(2, 20, 20, 3) is invalid; expected height and width >= "
-                     "max(proposal_sizes)=26 for the dense windows"),  # was window_proposals'
+    (20, None, None, "proposal_sizes=(12, 18, 26) is invalid; expected sizes <= the images' "
+                     "height and width (input.shape=(2, 20, 20, 3)) for the dense windows"),
     (64, PROPOSALS, PROPOSALS[..., 2] > 5.0, None),  # a bool mask: fine
     (64, PROPOSALS, np.ones((2, 2)), "proposal_valid.dtype='float64' is invalid; expected a "
                                      "bool array."),  # was cast: 0.5 read as True

@@ -347,6 +347,18 @@ def test_a_model_setting_limited_by_the_input_size_is_named_in_the_hint():
                             "config.model_kwargs.rpn_min_size.")
 
 
+def test_dense_window_sizes_above_the_image_are_named_in_the_hint():
+    """Fast R-CNN's `proposal_sizes` above the image's side: the hint said "a model meant for
+    small images" (the layer's error named `input.shape`, not the setting)."""
+    from cnnjax.models import create_model
+
+    model = create_model("fast_rcnn_small", num_classes=4, proposal_sizes=(100,))
+    with pytest.raises(ValueError) as err:
+        checks.check_input_size(model, "fast_rcnn_small", (64, 64, 3))
+    assert str(err.value).endswith("; use a larger data.image_size or change "
+                                   "config.model_kwargs.proposal_sizes.")
+
+
 class _HostMaskNet(nn.Module):
     """Builds a NumPy mask over the map at trace time, as LeNet-5's subsampling does."""
 

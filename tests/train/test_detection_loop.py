@@ -249,8 +249,9 @@ def test_external_proposals_need_a_model_that_reads_them(tmp_path):
     config.data.proposals.method = "selective_search"
     with pytest.raises(ValueError, match=re.escape(
             "config: data.proposals.method='selective_search' is invalid; expected None for "
-            "model 'yolo_v1_small', which makes its own proposals (external proposals feed the "
-            "R-CNN, SPP-net and Fast R-CNN models).")):
+            "model 'yolo_v1_small', which takes no external proposals (an RPN makes its own; "
+            "YOLO predicts boxes from its grid; external proposals feed the R-CNN, SPP-net and "
+            "Fast R-CNN models).")):
         loop.train_and_evaluate(config, str(tmp_path))
     assert not Path(tmp_path / "checkpoints").exists()
 
