@@ -1004,7 +1004,7 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
     }))
     atomic_write(os.path.join(tune_dir, RECIPE_FILE), json.dumps(record, indent=2))
     atomic_write(os.path.join(tune_dir, report_lib.REPORT_FILE), report_lib.format_report(record))
-    if any(t["status"] == "completed" for r in rounds for t in r["trials"]):
+    if report_lib.has_plot(record):
         report_lib.plot_tune(record, os.path.join(tune_dir, report_lib.PLOT_FILE),
                              recipe.thresholds.ema_weight)
     return record

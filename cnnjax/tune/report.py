@@ -34,6 +34,12 @@ def format_summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+def has_plot(record: dict) -> bool:
+    """Whether tune.png is drawn for `record`: once some trial has completed (before, it has no
+    curve to show)."""
+    return any(t["status"] == "completed" for r in record["rounds"] for t in r["trials"])
+
+
 def format_report(record: dict) -> str:
     """report.md: the outcome, then every round's trials, diagnosis and decision."""
     metric = record["metric"]
@@ -54,7 +60,8 @@ def format_report(record: dict) -> str:
                 "```", ""]
         if record.get("diagnosis"):
             out += ["Diagnosis:", "", *_diagnosis_lines(record["diagnosis"]), ""]
-    out += [f"![learning curves and {metric} against the learning rate]({PLOT_FILE})", ""]
+    if has_plot(record):  # else no tune.png is drawn: the link would be broken
+        out += [f"![learning curves and {metric} against the learning rate]({PLOT_FILE})", ""]
     for r in record["rounds"]:
         out += [f"## Round {r['index']}: {r['action']}", "", r["reason"], "",
                 "Fixed: " + ", ".join(f"`{k}={_cli(v)}`" for k, v in r["fixed"].items()), "",

@@ -764,6 +764,15 @@ def test_a_steady_moderate_gap_below_the_underfit_line_is_underfitting(eval_top1
             "not grow")
 
 
+@pytest.mark.parametrize("train_top1, underfits", [(np.float32(0.9), False), (0.899, True)])
+def test_a_train_top1_on_the_line_in_float32_is_not_underfitting(train_top1, underfits):
+    """288/320 right, logged as float32 0.89999998: read as "train top-1 90.00% (< 90%)"."""
+    d = dg.diagnose(_curves(**_converged(train_loss=_decay(2.3, 0.5, 0.03),
+                                         train_top1=lambda s: float(train_top1),
+                                         eval_top1=_decay(0.1, 0.88, 0.03))))
+    assert ("underfitting" in d.verdicts) is underfits
+
+
 def test_underfitting_with_eval_above_train_says_so():
     """Augmented or mixed train images can put eval top-1 above train's: still underfitting
     (train below 90%), and the message says eval is higher, not "within" a 15-point gap."""

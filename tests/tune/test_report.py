@@ -83,3 +83,12 @@ def test_the_best_trials_overrides_say_what_they_are_relative_to(tmp_path):
     said = text.split("## Best trial", 1)[1].split("```", 1)[0]
     assert "`tune.json`" in said and "`config.json`" in said
     assert "--config.optimizer.learning_rate=0.1" in text
+
+
+def test_the_report_links_tune_png_only_when_it_is_drawn(tmp_path):
+    """A tune interrupted before any trial completed draws no tune.png: report.md linked it."""
+    link = "](tune.png)"
+    assert link in rp.format_report(_record(str(tmp_path)))
+    record = _record(str(tmp_path))
+    record["rounds"][0]["trials"][0]["status"] = "interrupted"
+    assert not rp.has_plot(record) and link not in rp.format_report(record)
