@@ -156,9 +156,10 @@ def theoretical_bounds(
 ) -> tuple[tuple[float, float], ...]:
     """Input coordinates `(first, last)` of the pixel centres in the theoretical field of the
     unit at feature-map `position`, per axis (they may lie outside the input). After a
-    transposed convolution (input dilation) the units' fields are not evenly spaced: `start +
-    position * jump` is their average placement, and one unit's true field can sit 1-2 pixels
-    off these bounds (`receptive_field`'s notes say where)."""
+    transposed convolution or upsampling by s (input dilation) the units' fields are not evenly
+    spaced: `start + position * jump` is their average placement, and one unit's true field can
+    sit up to (s - 1) / 2 pixels off these bounds, the largest s counting (`receptive_field`'s
+    notes say where)."""
     owner = "theoretical_bounds"
     if not isinstance(field, ReceptiveField):
         raise invalid(owner, "field", type(field).__name__,

@@ -731,7 +731,11 @@ def load_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, tu
         return model, EXAMPLES[key][1]
     from cnnjax.models import create_model, model_info
 
-    info = model_info(name)
+    try:
+        info = model_info(name)
+    except ValueError as err:  # create_model's "unknown model name=...": name the flag
+        raise invalid("summary CLI", "--model", name,
+                      str(err).split("; ", 1)[-1]) from None
     return create_model(name, **kwargs), tuple(info.input_shape)
 
 

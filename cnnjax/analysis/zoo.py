@@ -307,7 +307,9 @@ Columns:
 - **Offset** (dense prediction only): input coordinate on which output pixel 0's field is
   centred; output pixel i is centred on input pixel i + offset, so 0 means the score map is
   aligned with the image and -15.5 that it is shifted by 15.5 pixels up and left. With "†" the
-  fused paths are centred differently and the value is the centre of their union.
+  fused paths are centred differently and the value is the centre of their union. After an
+  upsampling by s (the FCNs' bilinear or transposed layers) the placement holds on average over
+  the s phases: one output pixel's field can sit up to (s - 1) / 2 pixels off it (15 in FCN-32s).
 """
 
 

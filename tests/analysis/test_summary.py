@@ -520,6 +520,10 @@ def test_cli_model_loading_errors():
         parse_shape("0,4,3")
     model, shape = load_model("examples.residual_net", num_classes=3)
     assert shape == (16, 16, 3) and model.num_classes == 3
+    # named as the flag, as every other summary CLI error (it read "create_model: unknown ...")
+    with pytest.raises(ValueError, match=r"^summary CLI: --model='resnt18' is invalid; did you "
+                                         r"mean \['resnet18'\]\? valid names: \['alexnet'"):
+        load_model("resnt18")
 
 
 def test_an_input_shape_the_model_cannot_take_names_the_flag():
