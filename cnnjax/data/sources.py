@@ -151,9 +151,7 @@ class TfdsSource(Source):
                 self.builder.info.splits)
             count = int(self.builder.info.splits[self._shard_split(split, shard)].num_examples)
         except (KeyError, ValueError, TypeError, AssertionError) as e:
-            raise invalid(_OWNER, _split_field(self._spec, split), split,
-                          f"{splits_named(self.builder.name, self.builder.info.splits)} "
-                          f"(slices like 'train[:90%]' also work) [{e}]") from None
+            raise self._split_error(split, e) from None
         for part, instruction in relative.items():
             # tfds reads a slice ending at shard 0 ('train[:0shard]') as the whole split.
             if instruction.unit == "shard" and instruction.to == 0:
@@ -170,6 +168,27 @@ class TfdsSource(Source):
                               f"at or before its end, e.g. '{part.splitname}[{part.to}:"
                               f"{part.from_}]'")
         return count
+
+    def _split_error(self, split: str, error: Exception) -> ValueError:
+        """The error for a `split` tfds cannot read: a slice outside a split it has (tfds:
+        "Requested slice [2000:1438] incompatible with 1438 examples") said so, else the splits
+        there are (an unknown name, a bad slice syntax)."""
+        splits = self.builder.info.splits
+        for part in map(str.strip, split.split("+")):
+            name = re.match(r"[^\[]*", part).group(0).strip()
+            if name not in splits or name == part:
+                continue
+            try:
+                tfds.core.ReadInstruction.from_spec(part).to_absolute(splits)
+            except (KeyError, ValueError, TypeError, AssertionError):
+                size = int(splits[name].num_examples)
+                return invalid(_OWNER, _split_field(self._spec, split), split,
+                               f"its slice {part!r} reaches outside {name!r}, which holds "
+                               f"{size} examples; expected example indices within [0, {size}] "
+                               f"(or percentages, e.g. '{name}[:90%]')")
+        return invalid(_OWNER, _split_field(self._spec, split), split,
+                       f"{splits_named(self.builder.name, splits)} (slices like 'train[:90%]' "
+                       f"also work) [{error}]")
 
     def stored_examples(self, split: str, shard: tuple[int, int],
                         with_ids: bool = False) -> tf.data.Dataset:
@@ -332,8 +351,10 @@ class _FakeSource(Source):
 
     def _bounds(self, split: str, shard: tuple[int, int]) -> tuple[int, int]:
         if split not in self._sizes:
+            whole = ", read whole: it takes no slices or '+'" if "[" in split or "+" in split \
+                else ""
             raise invalid(_OWNER, _split_field(self._spec, split), split,
-                          f"'fake' has splits {list(self._sizes)}")
+                          f"'fake' has splits {list(self._sizes)}{whole}")
         n, (index, count) = self._sizes[split], shard
         return index * n // count, (index + 1) * n // count
 

@@ -63,9 +63,10 @@ def default_data_config(name: str = "digits") -> ml_collections.ConfigDict:
     Fields: `name`; `data_dir` (None: tfds's default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets);
     `tfds_name` (None: the preset's, e.g. `imagenette/320px-v2`); `image_size` (None: native size,
     224 for ImageNet-like data); `augment`; `train_split` / `eval_split` (None: the preset's, any
-    tfds split string such as `train[:90%]` works); `cache` / `shuffle_buffer` (None: the
-    preset's, so that changing `name` alone, e.g. `--config.data.name=imagenet2012`, also takes
-    that dataset's; `pipeline`); `classes` (None: every class; else the labels to keep, remapped
+    tfds split string such as `train[:90%]` works; `fake` reads whole splits only); `cache` /
+    `shuffle_buffer` (None: the preset's, so that changing `name` alone, e.g.
+    `--config.data.name=imagenet2012`, also takes that dataset's; `pipeline`); `classes` (None:
+    every class; else the labels to keep, remapped
     to 0..k-1 in the given order); `train_examples_per_class` (None: all; else the first n
     examples of each kept class in the train split, never cut in the eval split);
     `randaugment_layers` / `randaugment_magnitude` (RandAugment ops per training image, 0..10,

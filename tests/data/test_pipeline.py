@@ -121,6 +121,30 @@ def test_reversed_slices_are_refused_by_name(digits_config, field, split, start,
             eval_batches(config, global_batch_size=4, num_devices=1)
 
 
+@pytest.mark.parametrize("split, part, name, size", [
+    ("train[2000:]", "train[2000:]", "train", 1438),
+    ("train[:90%]+test[400:500]", "test[400:500]", "test", 359)])
+def test_a_slice_outside_its_split_says_so(digits_config, split, part, name, size):
+    """It read "'digits' has splits ['train', 'test'] (slices like ... also work)", as if the
+    split's name were unknown, with tfds's reason last in brackets."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"data: train_split={split!r} is invalid; its slice {part!r} reaches outside "
+            f"{name!r}, which holds {size} examples; expected example indices within "
+            f"[0, {size}] (or percentages, e.g. '{name}[:90%]').")):
+        get_dataset_info(digits_config(train_split=split))
+
+
+def test_fake_says_it_takes_whole_splits_only():
+    """'train[:50%]' on `fake` read "'fake' has splits ['train', 'test']", as if 'train' were
+    not one of them."""
+    config = pipeline.default_data_config("fake")
+    config.train_split = "train[:50%]"
+    with pytest.raises(ValueError, match=re.escape(
+            "data: train_split='train[:50%]' is invalid; 'fake' has splits ['train', 'test'], "
+            "read whole: it takes no slices or '+'.")):
+        get_dataset_info(config)
+
+
 def test_tensorflow_gpus_are_hidden_before_a_pipeline_is_built(digits_config, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline.tf.config, "set_visible_devices",
