@@ -132,6 +132,12 @@ def matched_leaves(
         yield path, leaf, src_path, src_flat.get(src_path)
 
 
+def _listed(names: Sequence[str], most: int = 4) -> str:
+    """`names` joined, the first `most` of them and how many more."""
+    shown = ", ".join(map(repr, names[:most]))
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def select_pretrained(
     new_shapes: Mapping[str, Any],
     source_shapes: Mapping[str, Any],
@@ -177,12 +183,16 @@ def select_pretrained(
     # (what is wrong, `outermost_module` of the leaf below `submodule`: the name to exclude, or
     # None for a leaf directly in the model / the submodule, which no exclusion can skip)
     problem: tuple[str, str | None] | None = None
+    differing: set[str] = set()  # every module below `submodule` some mismatch lies in
     for collection in WARM_START_COLLECTIONS:
         chosen = {}
         # With `submodule` the architectures differ on purpose: only its leaves are matched.
         for path, leaf, src_path, src_leaf in matched_leaves(
                 new_shapes.get(collection), source_shapes.get(collection), excluded, submodule):
             name = "/".join((collection, *path))
+            if (src_leaf is None or tuple(src_leaf.shape) != tuple(leaf.shape)) \
+                    and outermost_module(src_path) is not None:
+                differing.add(outermost_module(src_path))
             if src_leaf is None:
                 problem = problem or (
                     f"the new model needs {name} but {source} (model {source_model!r}) has no "
@@ -209,6 +219,14 @@ def select_pretrained(
                 f"do not match ({what}); different architectures cannot be warm-started whole (set "
                 f"init_from.submodule to load the source into one module of the new model)",
             )
+        if submodule is not None and len(differing) > 1:  # not one module to leave fresh
+            raise invalid(
+                "init_from", "workdir", source_workdir,
+                f"its run (model {source_model!r}) does not fit module {submodule!r} of "
+                f"{model!r}: {len(differing)} of the module's parts differ "
+                f"({_listed(sorted(differing))}; first: {what}); expected a run of the "
+                f"architecture {submodule!r} is (init_from.exclude can leave one part fresh, "
+                "not replace the architecture)")
         if top is None and submodule is not None:  # a leaf of the submodule itself
             raise invalid("init_from", "submodule", submodule,
                           f"{what}; expected the top-level module the source's variables fill")

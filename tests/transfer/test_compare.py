@@ -181,10 +181,11 @@ def test_across_architectures_the_source_fills_the_named_submodule(
          "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
          "submodule='neck' is invalid; the new model needs params/neck/bias but the checkpoint "
          "at step 12 of"),
+        # Every part of the module differs: the source's architecture, not one to exclude.
         ({"model_kwargs.features": 6},
-         "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
-         "exclude=('head',) is invalid; params/backbone/bn/bias has shape (4,) in the "
-         "checkpoint at step 12 of"),
+         f"is invalid; its run (model '{helpers.TINY_MODEL}') does not fit module 'backbone' of "
+         f"'{WRAPPED_MODEL}': 2 of the module's parts differ ('bn', 'conv'; first: "
+         "params/backbone/bn/bias has shape (4,) in the checkpoint at step 12 of"),
         # Without the default exclude the source's classifier head would be dropped silently.
         ({"init_from.exclude": ()},
          "transfer: the source run's weights cannot warm-start run 8-finetune-s0: init_from: "
@@ -205,7 +206,9 @@ def test_an_arm_override_that_changes_the_model_is_checked_too(tmp_path, monkeyp
     monkeypatch.setattr(sweep, "train_and_evaluate", pytest.fail)
     with pytest.raises(ValueError, match=re.escape(
             "transfer: the source run's weights cannot warm-start run 8-linear_probe-s0: "
-            "init_from: exclude=('head',) is invalid; params/backbone/bn/bias has shape (4,)")):
+            "init_from: workdir=") + ".*" + re.escape(
+            f"does not fit module 'backbone' of '{WRAPPED_MODEL}': 2 of the module's parts "
+            "differ ('bn', 'conv'; first: params/backbone/bn/bias has shape (4,)")):
         _run(tmp_path, target=_wrapped_target(**{"model_kwargs.features": 4}),
              arm_overrides={"linear_probe": {"model_kwargs.features": 6}})
 
