@@ -54,6 +54,7 @@ def test_skip_drops_a_case_or_one_kind_and_refuses_what_matches_nothing():
         select_cases(cases, ["tiled:grad"])
 
 
+@pytest.mark.slow  # nine benchmark commands, ~30 s on 2 cores: with `make test-all`
 def test_the_command_compares_and_refuses_in_one_line(tmp_path):
     ok, on_cpu, unknown, bad_skip, json_dir, nothing, at_once, one_image, cut = run_commands([
         ("benchmarks.backend_parity", "--allow_cpu", "--nolayers", "--models=lenet5",

@@ -35,6 +35,7 @@ def test_bad_flags_are_one_line_before_any_work(script, args, message):
     assert result.stdout == ""
 
 
+@pytest.mark.slow  # ~20 s of benchmark commands on 2 cores: with `make test-all`
 def test_layer_and_model_arguments_are_one_line_before_any_work(tmp_path):
     """Each was a traceback: profile_step's build of a model that takes no --stem ran outside the
     error handler; conv_transpose and roi_pool checked nothing, some only after timing a first

@@ -133,6 +133,7 @@ def test_counts_that_would_time_nothing_are_refused_before_compiling(flag):
         f"error: {name}={value!r} is invalid; {value} is not a ")
 
 
+@pytest.mark.slow  # a benchmark command importing torch, ~8 s: with `make test-all`
 def test_torch_on_cuda_without_a_gpu_is_refused_before_compiling():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -299,6 +299,10 @@ def tiny_workdir(tmp_path, monkeypatch, request):
     return workdir
 
 
+# the windows case, 15 s, runs with the slow tests: the proposals case exercises the same stage
+@pytest.mark.parametrize("tiny_workdir", [pytest.param(False, id="windows",
+                                                       marks=pytest.mark.slow),
+                                          pytest.param(True, id="proposals")], indirect=True)
 def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, capsys):
     settings = run_lib.Settings(train_images=8, initial_negatives=50, batch_size=4)
     before = sorted(p.name for p in tiny_workdir.rglob("*"))

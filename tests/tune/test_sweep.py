@@ -386,7 +386,7 @@ def test_a_trial_another_driver_finished_before_the_lock_is_not_entered(tmp_path
     between was entered again (its trial.json's `invocations` rose, a max_trials slot spent)."""
     helpers.install_fake_pipeline(monkeypatch)
     sweep_dir = str(tmp_path / "sweep")
-    space = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    space = sp.grid({"optimizer.learning_rate": [0.05]})
     sw.run_sweep(_tiny_base(), space, sweep_dir, verbose=False)
     first = sw.trial_workdir(sweep_dir, space.trials[0])
     before = helpers.finished_run_files(first)
@@ -402,7 +402,7 @@ def test_a_trial_another_driver_finished_before_the_lock_is_not_entered(tmp_path
     monkeypatch.setattr(sw, "_run_and_tabulate",
                         lambda *args: pytest.fail("a finished trial was entered"))
     rows = sw.run_sweep(_tiny_base(), space, sweep_dir, max_trials=1, verbose=False)
-    assert {r["index"]: r["status"] for r in rows} == {0: "completed", 1: "completed"}
+    assert [r["status"] for r in rows] == ["completed"]
     assert helpers.finished_run_files(first) == before
 
 
