@@ -412,6 +412,9 @@ class LocallyConnected2D(nn.Module):
         abort XLA:CPU (`conv_impl.input_gradient_sliced`), the patches come from
         `conv_impl.input_patches` and a 1x1 locally connected layer weighs them."""
         owner = type(self).__name__
+        # a NumPy float64 input as JAX holds it (float32 without x64): flax's ConvLocal probes
+        # its output shape in the input's dtype and failed on the mix with its float32 kernel
+        x = jnp.asarray(x)
         geo = _geometry(owner, self.kernel_size, self.strides, self.padding,
                         self.padding_mode, self.dilation)
         pads, out = geo.resolve(owner, x)

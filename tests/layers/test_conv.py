@@ -304,6 +304,16 @@ def test_locally_connected_matches_numpy(kwargs, pads):
     assert_close(got, _np_local(x, kernel, bias, strides, dilation, pads, mode))
 
 
+def test_locally_connected_takes_a_numpy_float64_input_as_the_other_convolutions_do():
+    """flax's ConvLocal probed its output in float64 and raised lax's dtype-mix TypeError."""
+    x = np.random.default_rng(0).normal(size=(2, 7, 6, 3))  # float64
+    layer = LocallyConnected2D(4, 3, strides=2)
+    variables = layer.init(jax.random.key(0), x)
+    got = layer.apply(variables, x)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, layer.apply(variables, x.astype(np.float32)))
+
+
 def test_locally_connected_default_init_scale():
     """Fan-in is one position's kernel (k·k·C), so the init std is ~1/sqrt(k·k·C)."""
     x = jnp.zeros((1, 6, 6, 8))
