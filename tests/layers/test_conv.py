@@ -307,7 +307,7 @@ def test_locally_connected_matches_numpy(kwargs, pads):
 def test_locally_connected_takes_a_numpy_float64_input_as_the_other_convolutions_do():
     """flax's ConvLocal probed its output in float64 and raised lax's dtype-mix TypeError."""
     x = np.random.default_rng(0).normal(size=(2, 7, 6, 3))  # float64
-    layer = LocallyConnected2D(4, 3, strides=2)
+    layer = LocallyConnected2D(4, 3)  # stride 1: flax's layer (stride 2 goes over patches)
     variables = layer.init(jax.random.key(0), x)
     got = layer.apply(variables, x)
     assert got.dtype == jnp.float32
