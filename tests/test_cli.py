@@ -68,6 +68,18 @@ def test_a_misspelt_model_kwargs_field_lists_the_models_fields():
     assert cli.model_kwargs_hint(["--config=nowhere.py"]) == ""  # only a hint: never raises
 
 
+def test_a_model_kwargs_field_of_the_overriding_model_names_the_files_model():
+    """googlenet's `aux_logits` on a resnet18 config file with --config.model=googlenet was
+    refused while the hint listed it among googlenet's valid fields."""
+    args = ["--config=experiments/configs/fake_data_benchmark.py", "--config.model=googlenet",
+            "--config.model_kwargs.aux_logits=True"]
+    assert cli.describe_flag_error(args, AttributeError(KeyError("'aux_logits'"))) == (
+        "--config.model_kwargs.aux_logits=True is invalid; the config has no field "
+        "'aux_logits'; model 'googlenet' takes it, but the config file declares model_kwargs "
+        "for its own model 'resnet18': write a config file with config.model='googlenet' "
+        "(experiments/README.md, 'Model hyperparameters')")
+
+
 def test_absl_flag_errors_are_one_line():
     values = flags.FlagValues()
     flags.DEFINE_integer("steps", 1, "an int flag", flag_values=values)

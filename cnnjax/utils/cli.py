@@ -472,7 +472,7 @@ def explain_flag_error(args: Sequence[str], err: Exception) -> tuple[str | None,
             message = f"the config has no field {field!r}" + (f"; {suggestion}" if suggestion
                                                              else "")
             if path == f"config.model_kwargs.{field}":
-                message += model_kwargs_hint(args)
+                message += model_kwargs_hint(args, field)
             elif not suggestion:  # nothing close to suggest: list what the group does hold
                 message += missing_field_hint(args, culprit)
     return culprit, message
@@ -579,19 +579,26 @@ def group_not_value(args: Sequence[str], err: flags.Error) -> str:
             f"value: set one of them, e.g. --{group}.{example}={value}")
 
 
-def model_kwargs_hint(args: Sequence[str]) -> str:
+def model_kwargs_hint(args: Sequence[str], field: str | None = None) -> str:
     """`; model '<name>' accepts model_kwargs [...]` for the model `args` configure (the
     `--config=<file>.py[:arg]` file's `model`, or a `--config.model=` override), so a misspelt
-    `--config.model_kwargs.<field>` lists the valid fields; '' when that cannot be worked out."""
+    `--config.model_kwargs.<field>` lists the valid fields; '' when that cannot be worked out.
+    A `field` the overriding model takes but the file's model does not is no typo: the file
+    declared model_kwargs for its own model, and the hint says so."""
     spec, model = flag_value(args, "config"), flag_value(args, "config.model")
     try:
-        if model is None and spec is not None:
-            model = load_config_file(spec).model
+        own = load_config_file(spec).model if spec is not None else None
+        model = model if model is not None else own
         if model is None:
             return ""
         from cnnjax.models import settable_fields  # deferred: imports every architecture
 
-        return f"; model {model!r} accepts model_kwargs {sorted(settable_fields(model))}"
+        fields = sorted(settable_fields(model))
+        if field in fields and own is not None and own != model:
+            return (f"; model {model!r} takes it, but the config file declares model_kwargs "
+                    f"for its own model {own!r}: write a config file with config.model="
+                    f"{model!r} (experiments/README.md, 'Model hyperparameters')")
+        return f"; model {model!r} accepts model_kwargs {fields}"
     except Exception:  # noqa: BLE001 — only a hint: the error stands without it
         return ""
 
