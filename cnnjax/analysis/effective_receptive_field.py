@@ -575,7 +575,7 @@ def _load(model_name: str | None, workdir: str | None, step: int | None,
         raise invalid(owner, "--step", step, "expected it only with --workdir (a --model has "
                       "random weights, no checkpoints)")
     if model_name is not None:
-        model, native = load_model(model_name)
+        model, native = load_model(model_name, owner=owner)
         if shape is not None:
             check_input_shape(model, model_name, shape, input_shape, owner)
         return model, None, shape or tuple(native), f"{model_name} (random init)", None

@@ -715,16 +715,17 @@ def check_input_shape(model: nn.Module, name: str, shape: tuple[int, ...], text:
         raise invalid(owner, "--input_shape", text, f"{name}: {why}") from None
 
 
-def load_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+def load_model(name: str, num_classes: int | None = None,
+               owner: str = "summary CLI") -> tuple[nn.Module, tuple[int, ...]]:
     """Builds a zoo model (`cnnjax.models.create_model`) or, for `examples.<name>`, a reference
     network from `tests/examples.py` (importable from the repository root); returns it with its
-    native input shape."""
+    native input shape. `owner` (the CLI) names the `--model` flag in errors."""
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name.startswith(_EXAMPLES_PREFIX):
         try:
             from tests.examples import EXAMPLES, create_example
         except ImportError:
-            raise invalid("summary CLI", "--model", name, "examples.* networks live in "
+            raise invalid(owner, "--model", name, "examples.* networks live in "
                           "tests/examples.py; run from the repository root") from None
         key = name[len(_EXAMPLES_PREFIX):]
         model = create_example(key, **kwargs)
@@ -734,8 +735,7 @@ def load_model(name: str, num_classes: int | None = None) -> tuple[nn.Module, tu
     try:
         info = model_info(name)
     except ValueError as err:  # create_model's "unknown model name=...": name the flag
-        raise invalid("summary CLI", "--model", name,
-                      str(err).split("; ", 1)[-1]) from None
+        raise invalid(owner, "--model", name, str(err).split("; ", 1)[-1]) from None
     return create_model(name, **kwargs), tuple(info.input_shape)
 
 

@@ -333,6 +333,13 @@ def test_the_cli_names_an_input_shape_the_model_cannot_take(text, why):
         f"effective_receptive_field CLI: --input_shape={text!r} is invalid; {why}")
 
 
+def test_the_cli_names_an_unknown_model_as_its_own_flag():
+    """The shared `load_model` named the summary CLI's flag (or create_model's argument)."""
+    with pytest.raises(ValueError, match=r"^effective_receptive_field CLI: --model='resnt18' is "
+                                         r"invalid; did you mean \['resnet18'\]\?"):
+        erf_module._load("resnt18", None, None, None)
+
+
 def _cli(*args):
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
            "PYTHONPATH": str(ROOT)}

@@ -676,7 +676,8 @@ def test_cli_bad_input_is_one_line(tmp_path):
           *(a.format(file=tmp_path / "file", tmp=tmp_path) for a in args))
          for args in _BAD_INPUTS], env=env)
     expected = {
-        "--model=bogus": "unknown model name='bogus'", "--input_shape=a,b": "'a,b' is invalid",
+        "--model=bogus": "summary CLI: --model='bogus' is invalid; valid names: ['alexnet'",
+        "--input_shape=a,b": "'a,b' is invalid",
         "--csv={file}/x.csv": f"--csv's folder={str(tmp_path / 'file')!r} is invalid; "
                               "expected a directory",
         # the engine's check (training says it of data.image_size), not a Conv2D error
