@@ -45,7 +45,7 @@ import re
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -55,7 +55,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnnjax.models.registry import create_model, model_info
 from cnnjax.utils.files import check_output_dir, write_json
-from cnnjax.utils.validation import invalid
+from cnnjax.utils.validation import invalid, listed
 
 #: Torch keys ending in these are read and dropped, with the reason.
 IGNORED_SUFFIXES: dict[str, str] = {
@@ -336,10 +336,9 @@ def _float32(owner: str, key: str, value: Any) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _list(keys: Sequence[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(repr(k) for k in keys[:limit]) + more
+def _list(keys: Collection[str], limit: int = 8) -> str:
+    """`keys`, sorted, as `listed` names them."""
+    return listed(sorted(keys), limit)
 
 
 def expected_variable_shapes(model_name: str, num_classes: int) -> dict[str, tuple[int, ...]]:

@@ -47,7 +47,7 @@ from cnnjax.train.logging import METRICS_FILE, read_metrics
 from cnnjax.train.state import WARM_START_COLLECTIONS
 from cnnjax.utils.files import read_json, write_json
 from cnnjax.utils.log_filters import without_absl_lines
-from cnnjax.utils.validation import check_number, check_positive_int, invalid
+from cnnjax.utils.validation import check_number, check_positive_int, invalid, listed
 
 CHECKPOINT_DIR = "checkpoints"
 #: How many times a checkpoint read (arrays, or the metrics file orbax reads at start) is tried
@@ -758,9 +758,7 @@ def where_the_runs_are(path: str) -> str:
         dirs.sort()
     if not runs:
         return ""
-    shown = ", ".join(repr(run) for run in sorted(runs)[:5])
-    more = f" and {len(runs) - 5} more" if len(runs) > 5 else ""
-    return f"; it holds runs with checkpoints: {shown}{more}"
+    return f"; it holds runs with checkpoints: {listed(sorted(runs), 5)}"
 
 
 # ------------------------------------------------------------------ another run's checkpoints

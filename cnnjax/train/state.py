@@ -21,7 +21,7 @@ from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnnjax.train.ema import initial_average
-from cnnjax.utils.validation import invalid
+from cnnjax.utils.validation import invalid, listed
 
 #: The variable collections a warm start loads (never the optimizer state or the step).
 WARM_START_COLLECTIONS = ("params", "batch_stats")
@@ -132,12 +132,6 @@ def matched_leaves(
         yield path, leaf, src_path, src_flat.get(src_path)
 
 
-def _listed(names: Sequence[str], most: int = 4) -> str:
-    """`names` joined, the first `most` of them and how many more."""
-    shown = ", ".join(map(repr, names[:most]))
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
 def select_pretrained(
     new_shapes: Mapping[str, Any],
     source_shapes: Mapping[str, Any],
@@ -224,7 +218,7 @@ def select_pretrained(
                 "init_from", "workdir", source_workdir,
                 f"its run (model {source_model!r}) does not fit module {submodule!r} of "
                 f"{model!r}: {len(differing)} of the module's parts differ "
-                f"({_listed(sorted(differing))}; first: {what}); expected a run of the "
+                f"({listed(sorted(differing), 4)}; first: {what}); expected a run of the "
                 f"architecture {submodule!r} is (init_from.exclude can leave one part fresh, "
                 "not replace the architecture)")
         if top is None and submodule is not None:  # a leaf of the submodule itself
@@ -308,15 +302,13 @@ def _unused_summary(unused: Mapping[str, int], limit: int = 6) -> str:
     """'N leaves in M modules[, K variables] ('a', 'b', ... and J more)' for
     `unused_source_modules`."""
     names = list(unused)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    listed = ", ".join(repr(name) for name in names[:limit])
     modules = sum(name.split("/")[0] not in WARM_START_COLLECTIONS for name in names)
     what = ", ".join(
         f"{n} {noun}{'' if n == 1 else 's'}"
         for n, noun in ((modules, "module"), (len(names) - modules, "variable")) if n
     )
     leaves = sum(unused.values())
-    return f"{leaves} {'leaf' if leaves == 1 else 'leaves'} in {what} ({listed}{more})"
+    return f"{leaves} {'leaf' if leaves == 1 else 'leaves'} in {what} ({listed(names, limit)})"
 
 
 def exclude_flag(names: Sequence[str]) -> str:

@@ -27,6 +27,13 @@ def invalid(owner: str, arg: str, value: Any, valid: str) -> ValueError:
     return ValueError(f"{error_prefix(owner, arg)}{value!r} is invalid; {valid}{stop}")
 
 
+def listed(names: Sequence[Any], limit: int) -> str:
+    """The first `limit` of `names` as reprs joined by commas, then "and N more" for the rest:
+    a long list named in an error without flooding it."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(name) for name in names[:limit]) + more
+
+
 def error_prefix(owner: str, arg: str) -> str:
     """How `invalid(owner, arg, ...)`'s message starts, for a command that renames the argument
     to its flag (`cli.one_line_errors(flags_named=)`)."""
