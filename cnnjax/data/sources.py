@@ -175,7 +175,7 @@ class TfdsSource(Source):
         there are (an unknown name, a bad slice syntax)."""
         splits = self.builder.info.splits
         for part in map(str.strip, split.split("+")):
-            name = re.match(r"[^\[]*", part).group(0).strip()
+            name = split_names(part)[0]
             if name not in splits or name == part:
                 continue
             try:
