@@ -556,7 +556,11 @@ def unwritable_output_results(tmp_path_factory) -> dict:
 
     tfds_dir = tmp_path_factory.mktemp("tfds_untouched")
     env = {**os.environ, "PYTHONPATH": ROOT, "TFDS_DATA_DIR": str(tfds_dir)}
-    results = run_commands(UNWRITABLE_OUTPUT_COMMANDS, env=env, preimport=["cnnjax.data.pipeline"])
+    # what the commands import only once running, imported once (JAX, flax and orbax with
+    # cnnjax.tune.sweep: ~1.5 s a child otherwise)
+    results = run_commands(UNWRITABLE_OUTPUT_COMMANDS, env=env,
+                           preimport=["cnnjax.data.pipeline", "cnnjax.tune.sweep",
+                                      "cnnjax.data.proposals"])
     return {**dict(zip(UNWRITABLE_OUTPUT_COMMANDS, results, strict=True)),
             "tfds_data_dir": tfds_dir}
 

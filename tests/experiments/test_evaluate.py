@@ -159,13 +159,35 @@ app.run(evaluate.main)
 """
 
 
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """{case: (workdir, result)} of the commands refused before the run is read (no workdir
+    holds one), run by one interpreter forking a child each (tests/commands.py): one process
+    start, not four. test_an_output_among_the_runs_own_files_... starts the real command."""
+    root = tmp_path_factory.mktemp("refused")
+    commands = {}
+    for given in (False, True):
+        workdir = root / f"in_the_way_{given}"
+        workdir.mkdir()
+        (workdir / "eval").write_text("")
+        args = [f"--output={workdir / 'eval' / 'r.json'}"] if given else []
+        commands[("in_the_way", given)] = (workdir, [f"--workdir={workdir}", *args])
+    for case, args in (("empty_output", ["--output="]),
+                       ("allow_same_split", ["--allow_same_split"])):
+        (root / case).mkdir()
+        commands[case] = (root / case, [f"--workdir={root / case}", *args])
+    # JAX and the engine, imported once (experiments.evaluate imports them only once running)
+    results = run_commands([("experiments.evaluate", *args) for _, args in commands.values()],
+                           preimport=["cnnjax.train.trained"])
+    return {case: (workdir, result)
+            for (case, (workdir, _)), result in zip(commands.items(), results, strict=True)}
+
+
 @pytest.mark.parametrize("given", [False, True])
-def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(tmp_path, given):
+def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(refused, given):
     """Checked before the run is loaded (the workdir holds none), naming the folder's source:
     --output's folder when passed, else the workdir's eval folder."""
-    (tmp_path / "eval").write_text("")
-    args = [f"--output={tmp_path / 'eval' / 'r.json'}"] if given else []
-    result = _command("experiments.evaluate", f"--workdir={tmp_path}", *args)
+    tmp_path, result = refused[("in_the_way", given)]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     label = "--output's folder" if given else "--workdir's eval folder"
     assert result.stderr.strip().splitlines()[-1] == (
@@ -175,7 +197,8 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_refused_before_evaluating(t
 
 def test_an_output_among_the_runs_own_files_is_refused_before_evaluating(tmp_path):
     """--output=<workdir>/config.json replaced the run's training config with eval metrics: it
-    could no longer be evaluated, resumed or warm-started from."""
+    could no longer be evaluated, resumed or warm-started from. (The real `python -m` command,
+    where the other refusals here share one interpreter.)"""
     (tmp_path / "config.json").write_text("{}")
     result = _command("experiments.evaluate", f"--workdir={tmp_path}",
                       f"--output={tmp_path / 'config.json'}")
@@ -202,7 +225,7 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(fak
     drop --ema (not the Python API's ema=False)."""
     workdir = fake_run
     # one interpreter forking a child per command (tests/commands.py): 3 process starts cost
-    # ~12 s more; test_an_output_folder_a_file_is_in_the_way_of... starts the real command
+    # ~12 s more; test_an_output_among_the_runs_own_files_... starts the real command
     bad_split, no_average, bad_flags, no_step, no_devices, no_fit_split = run_commands(
         [("experiments.evaluate", f"--workdir={workdir}", flag)
          for flag in ("--split=validation", "--ema", "--step=0", "--step=5",
@@ -313,10 +336,10 @@ print(json.dumps([ignored_flags(*case) for case in cases]))
 """
 
 
-def test_an_empty_output_is_refused_naming_the_flag(tmp_path):
+def test_an_empty_output_is_refused_naming_the_flag(refused):
     """`--output=` was taken for the default path (<workdir>/eval/...) without a word; refused
     before the run is read, as an empty --workdir is."""
-    result, = run_commands([("experiments.evaluate", f"--workdir={tmp_path}", "--output=")])
+    tmp_path, result = refused["empty_output"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --output='' is invalid; expected a JSON file path (or leave it out: "
@@ -324,7 +347,7 @@ def test_an_empty_output_is_refused_naming_the_flag(tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
-def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(tmp_path):
+def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(refused):
     """`--plot_images=4` on a classifier (whose plot is the confusion matrix), `--n_bins` on a
     detector or with --nocalibration, --plot_images with --noplot and --allow_same_split
     without --temperature_split were accepted and silently ignored."""
@@ -346,7 +369,7 @@ def test_a_flag_the_run_or_the_other_flags_would_ignore_is_refused(tmp_path):
         "the evaluated one); pass --temperature_split or drop it",
         None, None]
     # the command checks the flags' own combinations before it loads anything (no run here)
-    command = _command("experiments.evaluate", f"--workdir={tmp_path}", "--allow_same_split")
+    _, command = refused["allow_same_split"]
     assert command.returncode == 1 and command.stderr.strip().splitlines()[-1] == (
         "error: --allow_same_split is invalid without --temperature_split (it allows that split "
         "to be the evaluated one); pass --temperature_split or drop it")

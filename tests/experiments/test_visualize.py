@@ -21,7 +21,9 @@ _IN_THE_WAY = ["output_dir", "out_dir", "default"]
 
 def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
-    loop.train_and_evaluate(helpers.tiny_config(**{"ema.decay": 0.5}), str(tmp_path / "run"))
+    # one eval and one checkpoint (the maps need a trained run, not a long one)
+    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=6, checkpoint_every_steps=6,
+                                                **{"ema.decay": 0.5}), str(tmp_path / "run"))
     run = load_trained(str(tmp_path / "run"))
     out = tmp_path / "vis"
     summary = write_visualizations(run, str(out), num_images=3, patch=4)
@@ -168,8 +170,14 @@ def test_the_command_on_a_trained_lenet(tmp_path):
         "expected one of the feature-map layers ['c1', 'c3', 'c5'].")
 
 
-def test_the_pointing_game_needs_a_tfds_dataset_with_boxes(tmp_path, monkeypatch):
+def test_the_pointing_game_needs_a_tfds_dataset_with_boxes(monkeypatch):
+    """Its checks read the run's config and eval images, never its weights: a run holding the
+    config a trained run's config.json gives back, without training one first (loading a run
+    is tests/train/test_trained.py's)."""
+    import ml_collections
+
     from cnnjax.data.pipeline import default_data_config
+    from cnnjax.train.trained import TrainedRun
     from experiments.visualize import pointing_game_run
 
     helpers.register_tiny_model(monkeypatch)
@@ -177,17 +185,19 @@ def test_the_pointing_game_needs_a_tfds_dataset_with_boxes(tmp_path, monkeypatch
     config.data = default_data_config("fake")  # the pipeline's own in-memory source
     config.data.update(fake_image_shape=helpers.IMAGE_SHAPE,
                        fake_num_classes=helpers.NUM_CLASSES, fake_num_train=32, fake_num_eval=8)
-    loop.train_and_evaluate(config, str(tmp_path))
+    # as load_trained reads a run's config back: from its config.json
+    config = ml_collections.ConfigDict(json.loads(config.to_json()))
+    run = TrainedRun("w", config, model=None, variables={}, step=2, how="best")
     with pytest.raises(ValueError, match=r"^visualize: pointing_game=True is invalid; dataset "
                                          r"'fake' is not read from tfds, so it has no boxes"):
-        pointing_game_run(load_trained(str(tmp_path)), max_images=4)
+        pointing_game_run(run, max_images=4)
     with pytest.raises(ValueError, match=r"^visualize: max_images=0 is invalid; expected a "
                                          r"positive integer"):
-        pointing_game_run(load_trained(str(tmp_path)), max_images=0)
+        pointing_game_run(run, max_images=0)
     # Before any eval image is read (here the 'fake' refusal would come first otherwise).
     with pytest.raises(ValueError, match=r"^visualize: tolerance=-1.0 is invalid; expected "
                                          r"pixels >= 0"):
-        pointing_game_run(load_trained(str(tmp_path)), tolerance=-1.0)
+        pointing_game_run(run, tolerance=-1.0)
 
 
 def test_a_detector_is_refused_in_one_line():

@@ -29,11 +29,16 @@ def fake_data(monkeypatch):
     helpers.install_fake_pipeline(monkeypatch)
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A finished 12-step run (evals at 6 and 12, checkpoints at 4, 6, 8, 12: last 3 + best)."""
-    loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
-    return tmp_path
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 12-step run (evals at 6 and 12, checkpoints at 4, 6, 8, 12: last 3 + best),
+    trained once for the module: the tests only read it (those that damage a checkpoint damage
+    a copy; `test_the_best_checkpoint_...` checks that evaluating writes nothing there)."""
+    workdir = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        helpers.install_fake_pipeline(monkeypatch)
+        loop.train_and_evaluate(helpers.tiny_config(), str(workdir))
+    return workdir
 
 
 def _evals(workdir):
@@ -277,7 +282,9 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
             # The plot goes to <output stem>.png: an --output of that name would be
             # overwritten by the JSON, so it is refused before anything loads.
             (), ("--output=results/eval.png",), ("--n_bins=0",), ("--eval_batch_size=0",),
-            ("--split= ",), ("--temperature_split=",))])
+            ("--split= ",), ("--temperature_split=",))],
+        # JAX and the engine, imported once (experiments.evaluate imports them only once running)
+        preimport=["cnnjax.train.trained"])
     for result in (no_run, png_output, no_bins, no_batch, no_split, no_fit_split):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     # the flag the user typed, not load_trained's argument
