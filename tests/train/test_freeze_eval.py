@@ -46,20 +46,29 @@ def _state(model, freeze, image_shape, random_statistics=False):
     return state, (tx, freeze == "backbone_eval")
 
 
-def _train(model, state, optimizer, batches, batch_norm_impl="flax"):
-    """The engine's train step (pmap, one device) over `batches`: `(final state, per-step
-    metrics)`."""
+def _trainer(model, optimizer, batch_norm_impl="flax"):
+    """The engine's train step (pmap, one device), compiled once: `train(state, batches)` runs
+    it over `batches` and returns `(final state, per-step metrics)`."""
     tx, backbone_eval = optimizer
     train_step, _ = make_steps(model, tx, optax.constant_schedule(0.5), "data",
                                batch_norm_impl=batch_norm_impl, backbone_eval=backbone_eval)
     parallel = DataParallel("pmap", devices=jax.local_devices()[:1])
     p_train = parallel.wrap_train(train_step)
-    replicated, metrics = parallel.replicate(state), []
-    for batch in batches:
-        replicated, step_metrics = p_train(replicated, parallel.shard_batch(
-            {k: v[None] for k, v in batch.items()}))  # a leading axis of 1 device
-        metrics.append(parallel.metrics_to_host(step_metrics))
-    return parallel.unreplicate(replicated), metrics
+
+    def train(state, batches):
+        replicated, metrics = parallel.replicate(state), []
+        for batch in batches:
+            replicated, step_metrics = p_train(replicated, parallel.shard_batch(
+                {k: v[None] for k, v in batch.items()}))  # a leading axis of 1 device
+            metrics.append(parallel.metrics_to_host(step_metrics))
+        return parallel.unreplicate(replicated), metrics
+
+    return train
+
+
+def _train(model, state, optimizer, batches, batch_norm_impl="flax"):
+    """`_trainer`'s step over `batches` from `state`: `(final state, per-step metrics)`."""
+    return _trainer(model, optimizer, batch_norm_impl)(state, batches)
 
 
 def _eval_loss(model, state, batch):
@@ -93,16 +102,25 @@ def _resnet():
     return create_model("resnet20_cifar", num_classes=3, widths=(4, 4, 8), drop_path_rate=0.3)
 
 
+@pytest.fixture(scope="module")
+def resnet_backbone_eval_start():
+    """The small ResNet, its 'backbone_eval' start state (random running statistics) and
+    optimizer, and two batches: built once for both BatchNorm lowerings (states are immutable)."""
+    model = _resnet()
+    state, optimizer = _state(model, "backbone_eval", RESNET_SHAPE, random_statistics=True)
+    return model, state, optimizer, [_batch(RESNET_SHAPE, 3, seed=s) for s in (0, 1)]
+
+
 @pytest.mark.parametrize("batch_norm_impl", ["flax", "matmul"])
-def test_backbone_eval_trains_the_head_on_the_eval_mode_backbone(batch_norm_impl):
+def test_backbone_eval_trains_the_head_on_the_eval_mode_backbone(batch_norm_impl,
+                                                                  resnet_backbone_eval_start):
     """Two steps: batch statistics and every backbone parameter bitwise unchanged, the head
     trained, and each step's loss that of an eval-mode apply of the step's starting variables.
     With the "matmul" BatchNorm lowering too (an interceptor of its own)."""
-    model = _resnet()
-    state, optimizer = _state(model, "backbone_eval", RESNET_SHAPE, random_statistics=True)
-    batches = [_batch(RESNET_SHAPE, 3, seed=s) for s in (0, 1)]
-    middle, first = _train(model, state, optimizer, batches[:1], batch_norm_impl)
-    final, second = _train(model, middle, optimizer, batches[1:], batch_norm_impl)
+    model, state, optimizer, batches = resnet_backbone_eval_start
+    train = _trainer(model, optimizer, batch_norm_impl)  # one compilation for both steps
+    middle, first = train(state, batches[:1])
+    final, second = train(middle, batches[1:])
 
     assert _bitwise_equal(final.batch_stats, state.batch_stats)
     head_before, backbone_before = _split(state.params)
@@ -137,11 +155,12 @@ def test_backbone_dropout_is_off_only_in_backbone_eval(freeze, same):
     'backbone'."""
     model = create_model("alexnet", num_classes=3, hidden_features=32, dropout_rate=0.5)
     batch = _batch(ALEXNET_SHAPE, 3, size=4)
-    outcomes = []
+    outcomes, train = [], None
     for rng in (0, 1):
         state, optimizer = _state(model, freeze, ALEXNET_SHAPE)
         state = state.replace(rng=jax.random.PRNGKey(100 + rng))  # only the dropout key differs
-        final, metrics = _train(model, state, optimizer, [batch])
+        train = train or _trainer(model, optimizer)  # the same step for both: compiled once
+        final, metrics = train(state, [batch])
         outcomes.append((float(metrics[0]["loss"]), _split(final.params)[0]))
     (loss_a, head_a), (loss_b, head_b) = outcomes
     assert (loss_a == loss_b) is same

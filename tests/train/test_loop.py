@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -188,45 +189,65 @@ def test_learns_the_synthetic_task(tmp_path):
     assert summary["num_classes"] == 4  # synthetic: diagnose reads ln(4) as the initial loss
 
 
-def test_exact_resume_after_crash_in_process(tmp_path, monkeypatch):
-    """A run that dies at step 9 (after the step-8 checkpoint) and is rerun ends bitwise equal."""
-    config = helpers.tiny_config(**{"model_kwargs.dropout_rate": 0.3})
-    reference = tmp_path / "reference"
-    loop.train_and_evaluate(config, str(reference))
+@pytest.fixture(scope="module")
+def crash_and_resume(tmp_path_factory):
+    """One config trained uninterrupted (`reference`) and killed at step 9, after its step-8
+    checkpoint, then rerun (`resumed`), shared by the resume tests below: with dropout (its
+    per-step keys must continue) and train logs every 3 steps (the crash falls between two).
+    `crashed` is the killed run's summary.json, `earlier` the wall time its step-8 checkpoint
+    recorded, both read before the rerun."""
+    import types
 
-    resumed = tmp_path / "resumed"
-    helpers.run_until_crash(config, resumed, monkeypatch)
-    assert json.loads(Path(resumed / "summary.json").read_text())["status"] == "failed"
-    summary = loop.train_and_evaluate(config, str(resumed))
+    config = helpers.tiny_config(log_every_steps=3, **{"model_kwargs.dropout_rate": 0.3})
+    root = tmp_path_factory.mktemp("crash_and_resume")
+    reference, resumed = root / "reference", root / "resumed"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        helpers.install_fake_pipeline(monkeypatch)
+        reference_summary = loop.train_and_evaluate(config, str(reference))
+        helpers.run_until_crash(config, resumed, monkeypatch)
+        crashed = json.loads((resumed / "summary.json").read_text())
+        checkpoints = Checkpointer(str(resumed))
+        try:
+            earlier = checkpoints.run_info(8)[loop.TOTAL_WALL_TIME]
+        finally:
+            checkpoints.close()
+        resumed_summary = loop.train_and_evaluate(config, str(resumed))
+    return types.SimpleNamespace(config=config, reference=reference, resumed=resumed,
+                                 reference_summary=reference_summary, crashed=crashed,
+                                 earlier=earlier, resumed_summary=resumed_summary)
+
+
+def test_exact_resume_after_crash_in_process(crash_and_resume):
+    """A run that dies at step 9 (after the step-8 checkpoint) and is rerun ends bitwise equal."""
+    run = crash_and_resume
+    assert run.crashed["status"] == "failed"
+    summary = run.resumed_summary
     assert summary["resumed_from_step"] == 8 and "device_counts" not in summary
-    a, _ = _final_params(str(reference), config)
-    b, _ = _final_params(str(resumed), config)
+    a, _ = _final_params(str(run.reference), run.config)
+    b, _ = _final_params(str(run.resumed), run.config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     # metrics.jsonl describes one trajectory: no duplicated steps after the resume.
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    lines = (run.resumed / "metrics.jsonl").read_text().splitlines()
     steps = [(r["split"], r["step"]) for r in map(json.loads, lines)]
     assert len(steps) == len(set(steps))
 
 
-def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
+def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(crash_and_resume):
     """Train logs every 3 steps, checkpoints every 4: a run dying after the step-8 checkpoint
     resumes with steps 7-8 still in its train-log window, so the step-9 record averages steps
     7-9 as the uninterrupted run's does (every train record equal but for images/s)."""
-    config = helpers.tiny_config(log_every_steps=3)
-    reference = tmp_path / "reference"
-    loop.train_and_evaluate(config, str(reference))
-    resumed = tmp_path / "resumed"
-    helpers.run_until_crash(config, resumed, monkeypatch)
-    assert loop.train_and_evaluate(config, str(resumed))["resumed_from_step"] == 8
+    run = crash_and_resume
+    assert run.config.log_every_steps == 3 and run.config.checkpoint_every_steps == 4
+    assert run.resumed_summary["resumed_from_step"] == 8
 
     def train_records(workdir):
         return [{k: v for k, v in r.items() if k != "images_per_sec"}
                 for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
                 if r["split"] == "train"]
 
-    expected = train_records(reference)
+    expected = train_records(run.reference)
     assert [r["step"] for r in expected] == [3, 6, 9, 12]
-    assert train_records(resumed) == expected
+    assert train_records(run.resumed) == expected
 
 
 def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monkeypatch,
@@ -434,32 +455,28 @@ def test_images_per_sec_is_reported_only_once_a_step_was_timed(tmp_path, monkeyp
     assert "images_per_sec" not in summary["final_train"]
 
 
-def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeypatch):
+def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeypatch,
+                                                               crash_and_resume):
     """summary.json's `wall_time_s` is the last invocation's; `total_wall_time_s` adds the
     earlier ones' (carried in the checkpoint's run_info). A checkpoint written before the field
     existed still resumes, its earlier time counted as 0."""
-    config = helpers.tiny_config()
-    uninterrupted = loop.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+    run = crash_and_resume
+    uninterrupted = run.reference_summary
     assert uninterrupted["total_wall_time_s"] == uninterrupted["wall_time_s"] > 0
 
-    resumed = tmp_path / "resumed"
-    helpers.run_until_crash(config, resumed, monkeypatch)
-    crashed = json.loads((resumed / "summary.json").read_text())
+    crashed = run.crashed
     assert crashed["status"] == "failed"
     # where it stopped and what a rerun resumes from (a failed summary had neither)
     assert (crashed["step"], crashed["resumes_from_step"]) == (8, 8)
     assert crashed["total_wall_time_s"] == crashed["wall_time_s"] > 0
-    checkpoints = Checkpointer(str(resumed))
-    try:
-        earlier = checkpoints.run_info(8)[loop.TOTAL_WALL_TIME]
-    finally:
-        checkpoints.close()
+    earlier = run.earlier  # run_info(8)[TOTAL_WALL_TIME] of the killed run's checkpoint
     assert 0 < earlier <= crashed["wall_time_s"]
-    summary = loop.train_and_evaluate(config, str(resumed))
+    summary = run.resumed_summary
     assert summary["resumed_from_step"] == 8
     assert summary["total_wall_time_s"] == pytest.approx(earlier + summary["wall_time_s"])
     assert summary["total_wall_time_s"] > summary["wall_time_s"] > 0
 
+    config = helpers.tiny_config()
     old = tmp_path / "old"  # checkpoints without the field (written by an older cnnjax)
     original_save = Checkpointer.save
 
@@ -521,8 +538,27 @@ def test_shard_map_run(tmp_path):
     assert summary["status"] == "completed" and summary["parallel"] == "shard_map"
 
 
-def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
-    first = loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+@pytest.fixture(scope="module")
+def _finished_4_step_run(tmp_path_factory):
+    """The workdir of a finished `tiny_config(num_train_steps=4)` run, trained once for the
+    tests below that start from one; `finished_run` gives each its own copy."""
+    workdir = tmp_path_factory.mktemp("finished_4_step_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        helpers.install_fake_pipeline(monkeypatch)
+        loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(workdir))
+    return workdir
+
+
+@pytest.fixture
+def finished_run(tmp_path, _finished_4_step_run):
+    """`tmp_path` holding a finished `tiny_config(num_train_steps=4)` run (a byte-for-byte copy
+    of one trained once per module, mtimes kept); returns its summary.json."""
+    shutil.copytree(_finished_4_step_run, tmp_path, dirs_exist_ok=True)
+    return json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path, finished_run):
+    first = finished_run
     recorded = (tmp_path / "summary.json").read_bytes()
     changed = helpers.tiny_config(num_train_steps=4, **{"optimizer.name": "adam"})
     with pytest.raises(ValueError) as err:
@@ -543,13 +579,12 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path):
 
 
 def test_a_lost_config_json_is_recovered_from_the_checkpoints_not_replaced_by_the_rerun(
-        tmp_path):
+        tmp_path, finished_run):
     """config.json lost beside the checkpoints: a rerun with another learning rate resumed the
     run under it and wrote its config.json as the run's, with nothing said. The checkpoints
     record the config: the change is refused by name, the same config resumes and config.json
     is the run's again; restart still discards a run of another config."""
-    config = helpers.tiny_config(num_train_steps=4)
-    loop.train_and_evaluate(config, str(tmp_path))
+    config = helpers.tiny_config(num_train_steps=4)  # finished_run's
     saved = json.loads((tmp_path / "config.json").read_text())
     for name in ("config.json", "summary.json"):
         (tmp_path / name).unlink()
@@ -570,11 +605,11 @@ def test_a_lost_config_json_is_recovered_from_the_checkpoints_not_replaced_by_th
     assert loop.train_and_evaluate(changed, str(tmp_path))["resumed_from_step"] == 0
 
 
-def test_an_unreadable_config_json_is_replaced_by_the_checkpoints_record(tmp_path):
+def test_an_unreadable_config_json_is_replaced_by_the_checkpoints_record(tmp_path,
+                                                                         finished_run):
     """A config.json cut short ended every rerun with JSON's bare "Expecting ..." error, naming
     no file; the checkpoints' record of the config now stands in for it, as for a lost one."""
-    config = helpers.tiny_config(num_train_steps=4)
-    loop.train_and_evaluate(config, str(tmp_path))
+    config = helpers.tiny_config(num_train_steps=4)  # finished_run's
     saved = (tmp_path / "config.json").read_text()
     (tmp_path / "config.json").write_text(saved[:len(saved) // 2])
     (tmp_path / "summary.json").unlink()
@@ -585,12 +620,12 @@ def test_an_unreadable_config_json_is_replaced_by_the_checkpoints_record(tmp_pat
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(saved)
 
 
-def test_an_edited_config_json_does_not_override_the_checkpoints_record(tmp_path, caplog):
+def test_an_edited_config_json_does_not_override_the_checkpoints_record(tmp_path, caplog,
+                                                                        finished_run):
     """config.json edited by hand (learning rate 0.05 -> 0.2) after checkpoints trained at
     0.05: the original command was refused with the values backwards, with restart=True it
     deleted the run, and the edited value resumed it silently. The checkpoints' record wins."""
-    config = helpers.tiny_config(num_train_steps=4)
-    loop.train_and_evaluate(config, str(tmp_path))
+    config = helpers.tiny_config(num_train_steps=4)  # finished_run's
     lr = config.optimizer.learning_rate
     saved = json.loads((tmp_path / "config.json").read_text())
     edited = json.loads(json.dumps(saved))
@@ -641,14 +676,14 @@ def test_a_config_json_without_checkpoints_is_not_taken_for_an_edit(tmp_path, ca
                 if path.endswith("config.json") and text.strip() == "null"]
 
 
-def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path):
+def test_restart_also_empties_what_other_commands_measured_of_the_discarded_run(tmp_path,
+                                                                                finished_run):
     """`restart` empties the workdir (docs/training.md): the outputs experiments.evaluate,
     .visualize, .robustness and .rcnn_svm wrote from the discarded run's checkpoints go too.
     They stayed, named by checkpoint step only, so eval/test_step4.json read as the new run's
     step 4, and a robustness rerun of the new run (same settings, same step) reprinted the old
     model's table. The launcher's slurm/ folder (the running job's script and logs) stays, and
     the checkpoints `Checkpointer` quarantined (unreadable) go with the run's own."""
-    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
     outputs = ("eval/test_step4.json", "visualize/visualize.json",
                "robustness/robustness.json", "rcnn_svm/results.json", "slurm/job.sbatch",
                "checkpoints_corrupt/2.1700000000/_CHECKPOINT_METADATA")
@@ -764,10 +799,10 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["8"]
 
 
-def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monkeypatch):
+def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monkeypatch,
+                                                                   finished_run):
     """A rerun that dies in setup (here a dataset gone missing) still raises, but the finished
     run's record stays: sweeps and people read it."""
-    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
     recorded = (tmp_path / "summary.json").read_bytes()
 
     def missing(*args, **kwargs):
@@ -779,10 +814,9 @@ def test_a_failure_before_training_leaves_a_finished_runs_summary(tmp_path, monk
     assert (tmp_path / "summary.json").read_bytes() == recorded
 
 
-def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path):
+def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path, finished_run):
     """A rerun refused before training (here: another learning rate than the checkpoints') used
     to replace an interrupted run's record ("stopped at step N") with its own "failed" one."""
-    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     summary.update(status="interrupted", message="Training stopped by SIGTERM at step 4 ...")
     (tmp_path / "summary.json").write_text(json.dumps(summary))
@@ -798,10 +832,9 @@ def test_a_refused_rerun_leaves_a_stopped_runs_summary(tmp_path):
     assert refused["error"] == "ValueError" and refused["message"] == str(err.value)
 
 
-def test_a_refused_rerun_of_a_killed_run_writes_why_in_the_workdir(tmp_path):
+def test_a_refused_rerun_of_a_killed_run_writes_why_in_the_workdir(tmp_path, finished_run):
     """A run killed without a summary (SIGKILL, out of memory) whose rerun is refused (every
     checkpoint corrupt, another config): the reason went to the terminal only."""
-    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
     (tmp_path / "summary.json").unlink()
     with pytest.raises(ValueError, match="holds checkpoints of an incompatible config") as err:
         loop.train_and_evaluate(

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cnnjax.train import distributed
+from tests.commands import run_commands
 from tests.experiments.test_train import CONFIG, ROOT, _final_params, _leaves
 
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -534,14 +535,24 @@ def test_distributed_without_a_described_job_is_a_clear_error():
     )
 
 
-def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(tmp_path):
+@pytest.fixture(scope="module")
+def refused_flags(tmp_path_factory):
+    """`experiments.train` with `--distributed` (no cluster) and with `--distributed_timeout=0`,
+    one process each, both forked from one interpreter (`run_commands`): `{flag: (workdir,
+    CompletedProcess)}`."""
+    root = tmp_path_factory.mktemp("refused_flags")
+    runs = {"--distributed": root / "distributed", "--distributed_timeout=0": root / "timeout"}
+    results = run_commands(
+        [[*_train_command(workdir)[2:], flag] for flag, workdir in runs.items()],
+        env=_env(1), timeout=120)
+    return {flag: (workdir, result)
+            for (flag, workdir), result in zip(runs.items(), results, strict=True)}
+
+
+def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(refused_flags):
     """`experiments.train --distributed` with no cluster: exit 1, the reason on stderr and in
     `<workdir>/error.startup.log`, before any config is loaded or anything compiled."""
-    workdir = tmp_path / "w"
-    result = subprocess.run(
-        _train_command(workdir) + ["--distributed"], cwd=ROOT, env=_env(1),
-        capture_output=True, text=True, timeout=120,
-    )
+    workdir, result = refused_flags["--distributed"]
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: distributed: could not set up the multi-process JAX job" in result.stderr
     recorded = (workdir / "error.startup.log").read_text()
@@ -566,15 +577,12 @@ def test_a_run_in_an_allocation_of_two_tasks_outside_srun_trains_as_one_process(
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["status"] == "completed"
 
 
-def test_a_bad_distributed_timeout_is_refused_naming_the_flag(tmp_path):
+def test_a_bad_distributed_timeout_is_refused_naming_the_flag(refused_flags):
     """--distributed_timeout=0 (or -5, nan, inf) was ignored by a one-process run, which trained,
     and under SLURM with several tasks refused as 'timeout_s=0', a name the user never gave. It
     is refused in every run, naming the flag, before anything is loaded or compiled."""
-    workdir, value = tmp_path / "w", "0"
-    result = subprocess.run(
-        _train_command(workdir) + [f"--distributed_timeout={value}"], cwd=ROOT, env=_env(1),
-        capture_output=True, text=True, timeout=120,
-    )
+    value = "0"
+    workdir, result = refused_flags[f"--distributed_timeout={value}"]
     assert result.returncode == 1, result.stderr[-2000:]
     line = (f"error: distributed: distributed_timeout={float(value)!r} is invalid; expected a "
             "positive finite number.")

@@ -41,9 +41,17 @@ def _target(**overrides):
     return config
 
 
+def _at_the_end_only(config):
+    """`config` evaluated and checkpointed at its last step only (one eval and one save a run
+    instead of 2 and 4): for runs whose checks need no earlier checkpoint or eval."""
+    config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
+    return config
+
+
 def _run(tmp_path, **kwargs):
     kwargs = {"budgets": (8,), "verbose": False, **kwargs}
-    return compare.run_transfer(_source(), kwargs.pop("target", None) or _target(),
+    return compare.run_transfer(kwargs.pop("source", None) or _source(),
+                                kwargs.pop("target", None) or _target(),
                                 str(tmp_path / "transfer"), **kwargs)
 
 
@@ -60,7 +68,9 @@ def initial_states(monkeypatch):
 
 def test_pretrained_arms_start_from_the_source_weights_and_scratch_does_not(
         tmp_path, initial_states):
-    rows = _run(tmp_path)
+    # The source keeps its checkpoints at 4, 8, 12 (evals at 6, 12): the arms start from the
+    # final one, not an earlier or the best one.
+    rows = _run(tmp_path, target=_at_the_end_only(_target()))
     assert [(r["arm"], r["status"]) for r in rows] == [
         ("scratch", "completed"), ("finetune", "completed"), ("linear_probe", "completed")]
     source_dir = os.path.join(tmp_path, "transfer", "trials", "source")
@@ -143,7 +153,9 @@ def _wrapped_target(**overrides):
 
 def test_across_architectures_the_source_fills_the_named_submodule(
         tmp_path, initial_states, wrapped_model):
-    rows = _run(tmp_path, target=_wrapped_target(), arms=("scratch", "finetune", "linear_probe"))
+    rows = _run(tmp_path, source=_at_the_end_only(_source()),
+                target=_at_the_end_only(_wrapped_target()),
+                arms=("scratch", "finetune", "linear_probe"))
     assert [r["status"] for r in rows] == ["completed"] * 3
     _, scratch, finetune, probe = initial_states
     stored = _stored(os.path.join(tmp_path, "transfer", "trials", "source"), 12)
@@ -338,16 +350,18 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     from cnnjax.train import loop
 
     save, calls = loop.Checkpointer.save, []
+    # The source saves at step 12 only; the arms at 4, 8 and 12 (one eval, at 12).
+    configs = {"source": _at_the_end_only(_source()), "target": _target(eval_every_steps=12)}
 
     def save_then_interrupt(self, step, *args, **kwargs):
         save(self, step, *args, **kwargs)
         calls.append(step)
-        if calls.count(4) == 3:  # the source, scratch, then the fine-tune run save at step 4
+        if calls.count(4) == 2:  # scratch, then the fine-tune run save at step 4
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.Checkpointer, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path)
+        _run(tmp_path, **configs)
     monkeypatch.setattr(loop.Checkpointer, "save", save)
     out = os.path.join(tmp_path, "transfer")
     with open(os.path.join(out, compare.RESULTS_CSV)) as f:
@@ -358,7 +372,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     finished = {name: helpers.finished_run_files(os.path.join(out, "trials", name))
                 for name in ("source", "8-scratch-s0")}
 
-    rows = _run(tmp_path)
+    rows = _run(tmp_path, **configs)
     assert all(r["status"] == "completed" for r in rows)
     files = helpers.finished_run_files
     assert {n: files(os.path.join(out, "trials", n)) for n in finished} == finished
@@ -442,7 +456,7 @@ def test_a_sigterm_between_runs_stops_the_comparison_before_the_next_run_trains(
 
     monkeypatch.setattr(sweep, "train_and_evaluate", source_then_sigterm)
     with helpers.sigterm_fallback() as caught, pytest.raises(TrainingInterrupted):
-        _run(tmp_path)
+        _run(tmp_path, source=_at_the_end_only(_source()))
     assert caught == [] and len(trained) == 1
     first = _json(str(tmp_path / "transfer" / "trials" / "8-scratch-s0" / "trial.json"))
     assert first["status"] == "interrupted" and "SIGTERM" in first["reason"]
@@ -457,7 +471,8 @@ def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):
         return real(config, workdir)
 
     monkeypatch.setattr(sweep, "train_and_evaluate", source_fails)
-    rows = _run(tmp_path)
+    configs = {"source": _at_the_end_only(_source()), "target": _at_the_end_only(_target())}
+    rows = _run(tmp_path, **configs)
     assert [(r["arm"], r["status"]) for r in rows] == [
         ("scratch", "completed"), ("finetune", "failed"), ("linear_probe", "failed")]
     assert rows[1]["reason"] == "not run: the source run failed"
@@ -465,7 +480,7 @@ def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):
     assert results["source"]["status"] == "failed"
     assert results["source"]["reason"] == "RuntimeError: disk full (stand-in)"
     monkeypatch.setattr(sweep, "train_and_evaluate", real)
-    rows = _run(tmp_path)  # the source is retried, then the arms that need it run
+    rows = _run(tmp_path, **configs)  # the source is retried, then the arms that need it run
     assert all(r["status"] == "completed" for r in rows)
 
 
@@ -480,7 +495,7 @@ def test_a_diverged_source_says_to_change_it_not_to_rerun(tmp_path, monkeypatch)
         return real(config, workdir)
 
     monkeypatch.setattr(sweep, "train_and_evaluate", source_diverges)
-    rows = _run(tmp_path)
+    rows = _run(tmp_path, target=_at_the_end_only(_target()))
     assert [(r["arm"], r["status"]) for r in rows] == [
         ("scratch", "completed"), ("finetune", "failed"), ("linear_probe", "failed")]
     source = os.path.join(tmp_path, "transfer", "trials", "source", "summary.json")

@@ -24,16 +24,33 @@ TRANSFERS = sorted(
     if not p.endswith("__init__.py")
 )
 DIGITS = os.path.join(ROOT, "experiments", "transfers", "digits_0to4_to_5to9.py")
+SHAPES = os.path.join(ROOT, "experiments", "transfers", "shapes_to_segmentation.py")
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """`plans(path)`: a transfer file's config and its `TransferPlan`, built once per module
+    (building one checks every run's config: shapes_to_segmentation traces resnet18 and its
+    FCN for each, ~10 s, and two tests read that plan). Tests must not change them."""
+    built = {}
+
+    def plan(path):
+        if path not in built:
+            c = _load(path).get_config()
+            built[path] = c, compare.TransferPlan(
+                c.source, c.target, str(tmp_path_factory.mktemp("transfer")), c.budget_field,
+                c.budgets, c.arms, c.seeds, c.arm_overrides, c.metric)
+        return built[path]
+
+    return plan
 
 
 @pytest.mark.parametrize("path", TRANSFERS, ids=os.path.basename)
-def test_transfer_configs_document_their_command_and_are_valid(path, tmp_path):
+def test_transfer_configs_document_their_command_and_are_valid(path, plans):
     module = _load(path)
     assert "python -m experiments.transfer" in module.__doc__
     assert "Expected" in module.__doc__ or "Measured" in module.__doc__
-    c = module.get_config()
-    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, c.budgets,
-                                c.arms, c.seeds, c.arm_overrides, c.metric)
+    c, plan = plans(path)
     assert len(plan.runs) == len(c.budgets) * len(c.arms) * len(c.seeds)
 
 
@@ -50,13 +67,10 @@ def test_a_file_with_an_arm_override_runs_with_other_arms(tmp_path):
     assert plan.describe()["arm_overrides"] == {"finetune": {"optimizer.learning_rate": 0.005}}
 
 
-def test_segmentation_target_reports_its_classifier_source_by_top1(tmp_path):
+def test_segmentation_target_reports_its_classifier_source_by_top1(plans):
     """shapes_to_segmentation: a resnet18 classifier fills an FCN's trunk; the target runs are
     compared by mIoU, the source (which has no mIoU) is reported by its own top-1."""
-    c = _load(os.path.join(ROOT, "experiments", "transfers",
-                           "shapes_to_segmentation.py")).get_config()
-    plan = compare.TransferPlan(c.source, c.target, str(tmp_path), c.budget_field, c.budgets,
-                                c.arms, c.seeds, c.arm_overrides, c.metric)
+    c, plan = plans(SHAPES)
     assert (c.source.model, c.target.model, c.target.init_from.submodule) == (
         "resnet18", "fcn8s_resnet18", "backbone")
     assert (plan.metric, plan.mode, plan.source_metric) == ("miou", "max", "top1")
