@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -684,9 +685,30 @@ def _without_times(record):
     return record
 
 
-def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
-    trainer = FakeTrainer()
-    record = _tune(tmp_path, monkeypatch, trainer, plots=True)
+@pytest.fixture(scope="module")
+def whole_tune(tmp_path_factory):
+    """One uninterrupted tune of the default recipe (stand-in trainer, tune.png drawn), with
+    the index of each round whose configs `_check_round` checked: the tests of its rounds read
+    it, and the interrupted tunes' reruns must reproduce its record. Returns (record, tune_dir,
+    trainer, checked)."""
+    trainer, checked = FakeTrainer(), []
+    real_check = rc._check_round
+    tmp_path = tmp_path_factory.mktemp("whole_tune")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rc, "_check_round",
+                   lambda base, plan: (checked.append(plan.index), real_check(base, plan)))
+        record = _tune(tmp_path, mp, trainer, plots=True)
+    return record, tmp_path / "tune", trainer, checked
+
+
+def _as_if_in(record, tune_dir, reference_dir):
+    """`record` without its times, and with `reference_dir` in its paths read as `tune_dir`."""
+    text = json.dumps(_without_times(record))
+    return json.loads(text.replace(str(reference_dir), str(tune_dir)))
+
+
+def test_rounds_follow_the_diagnosis_until_converged(whole_tune):
+    record, tune_dir, trainer, _ = whole_tune
     rounds = record["rounds"]
     assert [r["action"] for r in rounds] == ["lr_search", "train_longer", "regularize"]
     assert [r["values"] for r in rounds] == [[0.01, 0.1, 1.0], [0.05, 0.1, 0.2],
@@ -699,7 +721,6 @@ def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
     assert best["value"] == pytest.approx(0.83) and best["round"] == 3
     assert best["overrides"] == {STEPS: 200, LR: 0.1, WD: 0.001}
     assert record["diagnosis"]["primary"] == "converged"
-    tune_dir = tmp_path / "tune"
     assert json.loads((tune_dir / "recipe.json").read_text()) == record
     report = (tune_dir / "report.md").read_text()
     assert "**Status:** converged" in report and "## Round 3: regularize" in report
@@ -723,21 +744,19 @@ def test_rounds_follow_the_diagnosis_until_converged(tmp_path, monkeypatch):
     assert len(black) == 1 and black[0].get_ydata()[-1] == pytest.approx(0.83)
 
 
-def test_each_rounds_configs_are_checked_once_round_1_before_anything_runs(tmp_path,
-                                                                         monkeypatch):
+def test_each_rounds_configs_are_checked_once_round_1_before_anything_runs(whole_tune):
     """`run_tune` checks round 1 before taking the lock; the loop checks each later round before
     it trains, and does not check round 1 again."""
-    checked = []
-    real_check = rc._check_round
-    monkeypatch.setattr(rc, "_check_round",
-                        lambda base, plan: (checked.append(plan.index), real_check(base, plan)))
-    record = _tune(tmp_path, monkeypatch, FakeTrainer())
+    record, _, _, checked = whole_tune
     assert [r["index"] for r in record["rounds"]] == [1, 2, 3]
     assert checked == [1, 2, 3]
 
 
-def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch):
-    reference = _tune(tmp_path, monkeypatch, FakeTrainer(), name="reference")
+def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, monkeypatch,
+                                                                    whole_tune):
+    """Ctrl-C in round 2: the rerun runs only the unfinished trials and ends with the record of
+    a tune never interrupted; a third run trains nothing."""
+    reference, reference_dir, _, _ = whole_tune
     trainer = FakeTrainer(interrupt_at=5)  # round 2's second trial
     with pytest.raises(KeyboardInterrupt):
         _tune(tmp_path, monkeypatch, trainer)
@@ -748,7 +767,7 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, mo
     record = _tune(tmp_path, monkeypatch, trainer)
     assert not set(trainer.calls) & set(done)  # finished trials were not run again
     assert len(trainer.calls) == 5  # the interrupted one, round 2's last and round 3's three
-    strip = lambda r: json.loads(json.dumps(_without_times(r)).replace("/reference/", "/tune/"))  # noqa: E731
+    strip = lambda r: _as_if_in(r, tmp_path / "tune", reference_dir)  # noqa: E731
     assert strip(record) == strip(reference)
     trainer = FakeTrainer()
     assert strip(_tune(tmp_path, monkeypatch, trainer)) == strip(reference)
@@ -800,7 +819,8 @@ def test_the_tunes_total_wall_time_is_never_below_its_trials(tmp_path, monkeypat
 
 
 def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch,
+                                                                               whole_tune):
     """SIGTERM while the tune plans round 2 (no run holds a handler then): the default used to
     kill it with recipe.json still "running" (here a caller's handler took the signal and round
     2 trained). Now round 2's first trial stops before training and recipe.json says
@@ -809,7 +829,7 @@ def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tm
 
     from cnnjax.train.preemption import TrainingInterrupted
 
-    reference = _tune(tmp_path, monkeypatch, FakeTrainer(), name="reference")
+    reference, reference_dir, _, _ = whole_tune
     decide = rc.decide
 
     def decide_then_sigterm(history, *args, **kwargs):
@@ -826,12 +846,29 @@ def test_a_sigterm_between_rounds_stops_the_tune_before_the_next_round_trains(tm
     saved = json.loads((tmp_path / "tune" / "recipe.json").read_text())
     assert saved["status"] == "interrupted" and "SIGTERM" in saved["reason"]
     monkeypatch.setattr(rc, "decide", decide)
-    strip = lambda r: json.loads(json.dumps(_without_times(r)).replace("/reference/", "/tune/"))  # noqa: E731
+    strip = lambda r: _as_if_in(r, tmp_path / "tune", reference_dir)  # noqa: E731
     assert strip(_tune(tmp_path, monkeypatch, FakeTrainer())) == strip(reference)
 
 
-def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
-    _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+    """The tune_dir of a default tune (stand-in trainer) stopped by max_rounds=2; each test
+    that changes or resumes it works on its own copy (`_two_rounds_in`)."""
+    tmp_path = tmp_path_factory.mktemp("two_rounds")
+    with pytest.MonkeyPatch.context() as mp:
+        record = _tune(tmp_path, mp, FakeTrainer(), max_rounds=2)
+    assert record["num_rounds"] == 2
+    return tmp_path / "tune"
+
+
+def _two_rounds_in(tmp_path, two_rounds):
+    """A copy of the `two_rounds` tune as `tmp_path / "tune"` (the rounds' results are read
+    from their own directories wherever they are)."""
+    shutil.copytree(two_rounds, tmp_path / "tune")
+
+
+def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch, two_rounds):
+    _two_rounds_in(tmp_path, two_rounds)
     trainer = FakeTrainer()
     with pytest.raises(ValueError) as err:
         _tune(tmp_path, monkeypatch, trainer, base=_base(global_batch_size=32), max_rounds=2)
@@ -858,8 +895,9 @@ def test_changed_base_config_or_recipe_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_path,
-                                                                             monkeypatch):
-    _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
+                                                                             monkeypatch,
+                                                                             two_rounds):
+    _two_rounds_in(tmp_path, two_rounds)
     path = tmp_path / "tune" / rc.TUNE_FILE
     saved = json.loads(path.read_text())
     assert saved["recipe"].pop("regularizers") == list(rg.DEFAULT_REGULARIZERS)
@@ -876,10 +914,11 @@ def test_a_tune_dir_from_before_regularizers_resumes_with_the_default_knobs(tmp_
     assert trainer.calls == []
 
 
-def test_a_tune_dir_with_the_old_rise_noise_factor_name_resumes(tmp_path, monkeypatch):
+def test_a_tune_dir_with_the_old_rise_noise_factor_name_resumes(tmp_path, monkeypatch,
+                                                                two_rounds):
     """thresholds.jump_noise_factor was rise_noise_factor (12fddea): such a tune.json resumes,
     and a different value under the old name is still a different recipe."""
-    _tune(tmp_path, monkeypatch, FakeTrainer(), max_rounds=2)
+    _two_rounds_in(tmp_path, two_rounds)
     path = tmp_path / "tune" / rc.TUNE_FILE
     saved = json.loads(path.read_text())
     thresholds = saved["recipe"]["thresholds"]
