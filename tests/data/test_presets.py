@@ -374,9 +374,13 @@ def test_imagenette_train_random_resized_crop(tmp_path):
     assert (x_slopes < 0).any() and (x_slopes > 0).any()  # some crops were flipped
 
 
+# The oxford_iiit_pet case runs with the slow tests: its preset has imagenette's augmentation
+# and image spec (random_resized_crop_flip on (None, None, 3) images), so the imagenette case
+# covers the same crop-then-RandAugment path; test_oxford_pet_classifies_37_breeds_with_
+# imagenet_crops still reads oxford_iiit_pet through the eval pipeline.
 @pytest.mark.parametrize("name,tfds_name,eval_split", [
     ("imagenette", "imagenette/320px-v2", "validation"),
-    ("oxford_iiit_pet", "oxford_iiit_pet", "test"),
+    pytest.param("oxford_iiit_pet", "oxford_iiit_pet", "test", marks=pytest.mark.slow),
 ])
 def test_randaugment_after_random_resized_crop(tmp_path, name, tfds_name, eval_split):
     """The crop's runtime-sized slice keeps the static channel count RandAugment needs."""

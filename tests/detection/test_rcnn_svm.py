@@ -342,6 +342,7 @@ def test_stage_end_to_end_and_rerun_reuses_the_cache(tiny_workdir, tmp_path, cap
     assert json.loads((out / "status.json").read_text()) == {"status": "completed"}
     # The run itself is untouched (only the new rcnn_svm/ directory was added).
     assert sorted(p.name for p in tiny_workdir.rglob("*") if "rcnn_svm" not in str(p)) == before
+    _assert_softmax_arm_is_the_engines_eval(tiny_workdir, results["test"]["softmax"])
 
     again = run_lib.run_rcnn_svm(str(tiny_workdir), None, settings)
     assert again["reused"] == {"train_features": True, "test_features": True, "models": True}
@@ -458,6 +459,11 @@ def test_train_features_keep_class_ids_past_127(tiny_workdir, monkeypatch):
         train["overlaps"][gt, train["gt_class"][gt]], 1.0)  # each gt box is its class's positive
 
 
+# The windows case runs with the slow tests: the refusal reads the selected train scenes' gt
+# labels only, which are the same on dense windows and on proposals (the proposals case).
+@pytest.mark.parametrize("tiny_workdir", [pytest.param(False, id="windows",
+                                                       marks=pytest.mark.slow),
+                                          pytest.param(True, id="proposals")], indirect=True)
 def test_a_class_without_train_boxes_names_train_images(tiny_workdir, tmp_path):
     """The first train scene holds class 0 only: class 1's SVM would have no positive. It was
     refused after extraction as `train_class_svms: gt_class='class 1'`, naming no flag."""
@@ -501,15 +507,26 @@ def test_svm_detections_drop_boxes_without_area_after_clipping():
     np.testing.assert_allclose(np.asarray(found.scores[0][kept]), [1.0])
 
 
+def _assert_softmax_arm_is_the_engines_eval(workdir, arm):
+    """`arm`, the stage's softmax-arm metrics on `workdir`, equal the engine's eval of the run."""
+    from cnnjax.train.trained import evaluate_trained
+
+    engine = evaluate_trained(str(workdir))
+    assert engine["num_examples"] == arm["num_examples"] == NUM_EVAL
+    for metric in ("map50", "map"):
+        assert engine[metric] == pytest.approx(arm[metric], abs=1e-6)
+
+
+# The proposals case runs with the slow tests: test_stage_end_to_end_and_rerun_reuses_the_cache
+# [proposals] makes the same comparison on its own stage run (the softmax arm does not depend on
+# train_images, which only selects the SVMs' train scenes).
+@pytest.mark.parametrize("tiny_workdir", [pytest.param(False, id="windows"),
+                                          pytest.param(True, id="proposals",
+                                                       marks=pytest.mark.slow)], indirect=True)
 def test_softmax_arm_is_the_engines_eval(tiny_workdir):
     """The stage's softmax arm (its own feature pass, `detect_from_head` on the cached windows)
     reproduces the engine's eval of the run, on dense windows and on per-scene proposals (which
     the engine's eval must pass to `detect`)."""
-    from cnnjax.train.trained import evaluate_trained
-
     settings = run_lib.Settings(train_images=4, initial_negatives=20, batch_size=4)
     arm = run_lib.run_rcnn_svm(str(tiny_workdir), None, settings)["test"]["softmax"]
-    engine = evaluate_trained(str(tiny_workdir))
-    assert engine["num_examples"] == arm["num_examples"] == NUM_EVAL
-    for metric in ("map50", "map"):
-        assert engine[metric] == pytest.approx(arm[metric], abs=1e-6)
+    _assert_softmax_arm_is_the_engines_eval(tiny_workdir, arm)

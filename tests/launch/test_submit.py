@@ -37,6 +37,17 @@ def _submit(tmp_path, *args, cwd=None):
                           capture_output=True, text=True, timeout=120)
 
 
+def _submit_in_turn(tmp_path, *commands):
+    """`python -m launch.submit <args>` for each of `commands`, one after another from the
+    repository root, in one interpreter forking a child per command (tests/commands.py): the
+    engine's config (JAX, Flax), which the overrides and a resubmission's spec comparison
+    import, is imported once, not 3-5 s a run."""
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    return run_commands([("launch.submit", *args) for args in commands],
+                        env=path_with(bin_dir) | {"PYTHONPATH": str(ROOT)},
+                        preimport=["cnnjax.train.config"])
+
+
 def _train_args(workdir, *extra):
     return ["--entry=train", f"--config={CONFIG}", f"--workdir={workdir}", "--nodes=2",
             "--gpus_per_node=4", "--time=04:00:00", "--partition=gpu", "--nocheck_configs",
@@ -185,21 +196,21 @@ def test_a_different_spec_for_the_workdir_is_refused_unless_forced(tmp_path):
             "--config.restart=True: experiments.train refuses checkpoints of an incompatible "
             "config") in changed.stderr
     assert (workdir / "slurm" / "job.sbatch").read_text() == before
-    forced = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--force", "--",
-                                            "--config.seed=2"))
+    # Forced, then resubmitted with overrides a resumed run accepts (the README's
+    # "--distributed_timeout=600 to change it", the engine's RUNTIME_FIELDS), which were refused
+    # as a different spec too; in one interpreter (the resubmission keeps what --force wrote).
+    forced, neutral = _submit_in_turn(
+        tmp_path, _train_args(workdir, "--time=08:00:00", "--force", "--", "--config.seed=2"),
+        _train_args(workdir, "--time=08:00:00", "--", "--config.seed=2",
+                    "--distributed_timeout=600", "--config.progress_bar=False"))
     assert forced.returncode == 0, forced.stderr
+    assert neutral.returncode == 0, neutral.stderr
     record = json.loads((workdir / "slurm" / "launch.json").read_text())
     assert record["spec"]["time"] == "08:00:00"
     assert record["replaced"][0]["spec"]["time"] == "04:00:00"
-    assert len(record["jobs"]) == 2
+    assert len(record["jobs"]) == 3  # the first job, the forced one and the resubmission
     assert "#SBATCH --time=08:00:00\n" in (workdir / "slurm" / "job.sbatch").read_text()
-    # Overrides a resumed run accepts (the README's "--distributed_timeout=600 to change it",
-    # the engine's RUNTIME_FIELDS) were refused as a different spec too.
-    neutral = _submit(tmp_path, *_train_args(workdir, "--time=08:00:00", "--", "--config.seed=2",
-                                             "--distributed_timeout=600",
-                                             "--config.progress_bar=False"))
-    assert neutral.returncode == 0, neutral.stderr
-    assert json.loads((workdir / "slurm" / "launch.json").read_text())["spec"]["overrides"] == [
+    assert record["spec"]["overrides"] == [
         "--config.seed=2", "--distributed_timeout=600", "--config.progress_bar=False"]
 
 
@@ -209,14 +220,15 @@ def test_a_dry_run_refuses_what_submitting_would_refuse(tmp_path):
     workdir = tmp_path / "run"
     assert _submit(tmp_path, *_train_args(workdir)).returncode == 0
     record = (workdir / "slurm" / "launch.json").read_text()
-    changed = _submit(tmp_path, *_train_args(workdir, "--dry_run", "--", "--config.seed=2"))
+    # dry runs write nothing, so each sees the same record: run in one interpreter
+    changed, forced, rescheduled = _submit_in_turn(
+        tmp_path, _train_args(workdir, "--dry_run", "--", "--config.seed=2"),
+        _train_args(workdir, "--dry_run", "--force", "--", "--config.seed=2"),
+        _train_args(workdir, "--dry_run", "--time=08:00:00"))
     assert changed.returncode == 1 and changed.stdout == ""
     assert (f"error: launch: workdir='{workdir}' is invalid; it holds a job with a different "
             "spec (overrides: [] -> ['--config.seed=2'])") in changed.stderr
-    forced = _submit(tmp_path, *_train_args(workdir, "--dry_run", "--force", "--",
-                                            "--config.seed=2"))
     assert forced.returncode == 0 and forced.stdout.startswith("#!/usr/bin/env bash\n")
-    rescheduled = _submit(tmp_path, *_train_args(workdir, "--dry_run", "--time=08:00:00"))
     assert rescheduled.returncode == 0, rescheduled.stderr
     assert "#SBATCH --time=08:00:00\n" in rescheduled.stdout
     assert (workdir / "slurm" / "launch.json").read_text() == record  # dry runs write nothing
@@ -250,13 +262,14 @@ def test_growing_a_random_sweep_is_pointed_to_force(tmp_path):
     workdir = tmp_path / "sweep"
     args = ["--entry=sweep", f"--config={CONFIG}", f"--sweep={sweep}", f"--workdir={workdir}",
             "--nocheck_configs"]
-    assert _submit(tmp_path, *args).returncode == 0
-    grown = _submit(tmp_path, *args, "--", "--sweep.num_trials=4")
+    first, grown, forced = _submit_in_turn(
+        tmp_path, args, [*args, "--", "--sweep.num_trials=4"],
+        [*args, "--force", "--", "--sweep.num_trials=4"])
+    assert first.returncode == 0, first.stderr
     assert grown.returncode == 1
     assert grown.stderr.strip().endswith(
         "A random sweep grown with a larger --sweep.num_trials (same seed) is one --force "
         "submits: its finished trials stand and only the new ones run).")
-    forced = _submit(tmp_path, *args, "--force", "--", "--sweep.num_trials=4")
     assert forced.returncode == 0, forced.stderr
     assert "#SBATCH --array=0-3\n" in (workdir / "slurm" / "job.sbatch").read_text()
 
