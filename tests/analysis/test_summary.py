@@ -6,8 +6,6 @@ import io
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -379,15 +377,9 @@ def test_csv_into_a_folder_not_yet_made_creates_it(tmp_path):
     assert next(csv.DictReader(path.open()))["name"] == "stem"
 
 
-def test_cli_prints_table_and_writes_csv(tmp_path):
-    out = tmp_path / "tables" / "vgg.csv"  # a folder still to be made, as --csv's check accepts
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "cnnjax.analysis.summary", "--model=examples.vgg_like",
-         "--input_shape=64,64,3", "--num_classes=7", f"--csv={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+def test_cli_prints_table_and_writes_csv(cli_runs):
+    out = cli_runs["tmp"] / "tables" / "vgg.csv"  # a folder still to be made, as --csv accepts
+    proc = cli_runs["table"]
     assert proc.returncode == 0, proc.stderr
     assert "conv3_3" in proc.stdout and "1x64x64x3" in proc.stdout
     assert "receptive field of the output" in proc.stdout
@@ -395,11 +387,7 @@ def test_cli_prints_table_and_writes_csv(tmp_path):
         rows = list(csv.DictReader(f))
     assert rows[-1]["name"] == "head" and rows[-1]["output_shape"] == "1x7"
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "cnnjax.analysis.summary", "--model=examples.vgg_like",
-         "--input_shape=64,x,3"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    bad = cli_runs["not_ints"]
     assert bad.returncode != 0
     assert "summary CLI: --input_shape='64,x,3' is invalid; expected comma-separated" in bad.stderr
 
@@ -665,16 +653,33 @@ _BAD_INPUTS = [
 ]
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
-    # one interpreter forking a child per command (tests/commands.py): 7 process starts took
-    # ~40 s of the cold suite
-    (tmp_path / "file").write_text("")
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict:
+    """The CLI commands of this module, run by one interpreter forking a child per command
+    (tests/commands.py): a table with its CSV ("table"), a shape that is no ints ("not_ints")
+    and `_BAD_INPUTS` in order ("bad_inputs"), with "tmp" the folder they write to. What the
+    command imports only once running (the engine's logging, which brings orbax and optax in,
+    the model registry) is imported once first: ~18 s of process starts and imports (2 cores
+    under load) became ~2.5 s."""
+    tmp = tmp_path_factory.mktemp("summary_cli")
+    (tmp / "file").write_text("")
     env = {**os.environ, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
            "PYTHONPATH": str(ROOT)}
-    procs = run_commands(
-        [("cnnjax.analysis.summary",
-          *(a.format(file=tmp_path / "file", tmp=tmp_path) for a in args))
-         for args in _BAD_INPUTS], env=env)
+    commands = [
+        ("--model=examples.vgg_like", "--input_shape=64,64,3", "--num_classes=7",
+         f"--csv={tmp / 'tables' / 'vgg.csv'}"),
+        ("--model=examples.vgg_like", "--input_shape=64,x,3"),
+        *(tuple(a.format(file=tmp / "file", tmp=tmp) for a in args) for args in _BAD_INPUTS)]
+    table, not_ints, *bad_inputs = run_commands(
+        [("cnnjax.analysis.summary", *args) for args in commands], env=env,
+        preimport=["cnnjax.train.logging", "cnnjax.models", "tests.examples"])
+    return {"tmp": tmp, "table": table, "not_ints": not_ints, "bad_inputs": bad_inputs}
+
+
+def test_cli_bad_input_is_one_line(cli_runs):
+    """Each of `_BAD_INPUTS` ends the command with one `error: ` line naming the flag, before
+    the table prints."""
+    tmp_path, procs = cli_runs["tmp"], cli_runs["bad_inputs"]
     expected = {
         "--model=bogus": "summary CLI: --model='bogus' is invalid; valid names: ['alexnet'",
         "--input_shape=a,b": "'a,b' is invalid",

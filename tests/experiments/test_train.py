@@ -147,8 +147,12 @@ _MISSPELT = [
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory) -> dict:
     """{case: (workdir, result)} of the commands that end with a one-line error before
-    training, run by one interpreter forking a child each (tests/commands.py): 7 process starts
-    importing JAX and the entry points cost ~11 s more of a cold run."""
+    training, and of experiments.train under the stand-in drivers of `_STAND_INS` (case: the
+    stand-in's name), run by one interpreter forking a child each (tests/commands.py). The
+    commands import the engine, tfds (data presets) and the tune recipe only once running
+    (~2.2 s a child): imported once first, the fixture takes ~3 s, where it took 4-5.5 s and
+    the two stand-ins' own processes 3 s each. No command reads data, so TensorFlow (~6 s) is
+    left out."""
     root = tmp_path_factory.mktemp("refused")
     commands = {}
     for case in ("bad_config", "refused_workdir", "in_use"):
@@ -163,8 +167,15 @@ def refused(tmp_path_factory) -> dict:
         workdir.parent.mkdir()
         commands[("misspelt", i)] = (
             workdir, [f"experiments.{script}", *(a.format(tmp=workdir) for a in args)])
+    for name in _STAND_INS:
+        (root / name).mkdir()
+        commands[name] = (root / name, ["tests.experiments.test_train", name,
+                                        *_command(root / name)[2:]])
+    (root / "crash_log_unwritable" / "error.log").mkdir()
     with helpers.locked_by_another_process(root / "in_use") as holder:
-        results = run_commands([command for _, command in commands.values()], env=_env())
+        results = run_commands([command for _, command in commands.values()], env=_env(),
+                               preimport=["cnnjax.train.trained", "cnnjax.data.presets",
+                                          "cnnjax.tune.recipe"])
     refused = {case: (workdir, result)
                for (case, (workdir, _)), result in zip(commands.items(), results, strict=True)}
     refused["in_use_holder_pid"] = holder.pid
@@ -224,6 +235,12 @@ def _fails_keeping_traceback(code: str, workdir: Path, error: str) -> Path:
     with `error: <error>` and its traceback in error.log, whose path it returns."""
     failed = subprocess.run([sys.executable, "-c", code, *_command(workdir)[2:]], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
+    return _kept_traceback(failed, workdir, error)
+
+
+def _kept_traceback(failed: subprocess.CompletedProcess, workdir: Path, error: str) -> Path:
+    """Checks that `failed` (experiments.train into `workdir`) ended with `error: <error>` and
+    its traceback in error.log, whose path it returns."""
     assert failed.returncode == 1
     log = workdir / "error.log"
     assert failed.stderr.strip().splitlines()[-2:] == [f"error: {error}",
@@ -245,16 +262,14 @@ def test_an_unexpected_error_keeps_its_traceback_until_a_rerun_succeeds(tmp_path
     assert "stand-in bug" in (tmp_path / "error.previous.log").read_text()
 
 
-def test_an_unexpected_error_whose_log_cannot_be_written_still_says_why(tmp_path):
+def test_an_unexpected_error_whose_log_cannot_be_written_still_says_why(refused):
     """Writing error.log (a full disk, a read-only workdir; here a folder in its place) raised a
     second OSError over the first, and the message naming the error was lost."""
-    (tmp_path / "error.log").mkdir()
-    failed = subprocess.run([sys.executable, "-c", _CRASH, *_command(tmp_path)[2:]], cwd=ROOT,
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    workdir, failed = refused["crash_log_unwritable"]
     assert failed.returncode == 1
     last = failed.stderr.strip().splitlines()[-2:]
     assert last[0] == "error: RuntimeError: stand-in bug"
-    log = tmp_path / "error.log"
+    log = workdir / "error.log"
     assert last[1].startswith(f"(traceback above: it could not be written to {log}: ")
     assert "RuntimeError: stand-in bug" in failed.stderr.split("error: RuntimeError")[0]
 
@@ -283,23 +298,32 @@ _STUCK = ("def stand_in(config, workdir):\n"
           "    raise RuntimeError('save failed')")
 
 
-def test_a_value_error_after_training_started_keeps_its_traceback(tmp_path):
+def test_a_value_error_after_training_started_keeps_its_traceback(refused):
     """Every ValueError was taken for a refusal of the config: one raised in training (a bad
     record, a library's) left no traceback anywhere. summary.json recording where a rerun
     resumes from tells it apart."""
-    _fails_keeping_traceback(_STAND_IN.format(body=_FAILED_IN_TRAINING), tmp_path,
-                             "ValueError: bad record in the input pipeline")
+    workdir, failed = refused["failed_in_training"]
+    _kept_traceback(failed, workdir, "ValueError: bad record in the input pipeline")
 
 
 def test_a_failure_leaves_without_waiting_for_stuck_background_threads(tmp_path):
     """A checkpoint save that could not create its step folder left orbax's threads waiting
-    300 s for it: the error was printed, then the process hung 5 minutes before exiting."""
+    300 s for it: the error was printed, then the process hung 5 minutes before exiting. (A
+    process of its own: a forked child of `run_commands` ends with `os._exit`, which would not
+    wait for the thread.)"""
     code = _STAND_IN.format(body=_STUCK)
     failed = subprocess.run([sys.executable, "-c", code, *_command(tmp_path)[2:]], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1
     assert "Leaving 1 background thread(s) that did not finish (stuck_saver)." in failed.stderr
     assert failed.stderr.strip().splitlines()[-2] == "error: RuntimeError: save failed"
+
+
+# Stand-in drivers the `refused` fixture runs (`python -m tests.experiments.test_train <name>
+# experiments.train <flags>`, forked by run_commands): each runs experiments.train as the code
+# would through `python -c <code> experiments.train <flags>`
+_STAND_INS = {"crash_log_unwritable": _CRASH,
+              "failed_in_training": _STAND_IN.format(body=_FAILED_IN_TRAINING)}
 
 
 # experiments.train with an exit handler registered before it (so run after its own): what the
@@ -372,3 +396,6 @@ def test_ctrl_c_is_one_line_naming_the_step_and_the_checkpoint_a_rerun_resumes_f
     assert "resume" in summary["message"], summary["message"]
     assert stderr.strip().splitlines()[-1] == f"interrupted: {summary['message']}"
 
+
+if __name__ == "__main__":  # a stand-in driver, for the `refused` fixture (see `_STAND_INS`)
+    exec(_STAND_INS[sys.argv.pop(1)])  # noqa: S102 — argv then reads as `python -c` gives it

@@ -227,114 +227,191 @@ def test_config_and_venv_paths_with_spaces_and_quotes_reach_the_job_verbatim(tmp
     assert args == command(spec)[1:] + ["--trial_index=1"]
 
 
-def _start(script, env, tmp_path):
-    proc = subprocess.Popen(["bash", str(script)], env=env | {"FAKE_WORK": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _usr1_job(restarts):
+    def prepare(tmp_path):
+        _, script = _job(tmp_path, max_requeues=3)
+        env = path_with(stand_in_slurm(tmp_path / "bin")) | {
+            "SLURM_JOB_ID": "99", "SLURM_RESTART_COUNT": str(restarts)}
+        return script, env, signal.SIGUSR1
+    return prepare
+
+
+def _usr1_during_setup(tmp_path):
+    _, script = _job(tmp_path, setup=(f"touch {tmp_path / 'setup.started'}", "sleep 2"))
+    return script, path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "99"}, \
+        signal.SIGUSR1
+
+
+def _term_as_slurm_requeues(when):
+    def prepare(tmp_path):
+        _, script = _job(tmp_path, max_requeues=3)
+        bin_dir = stand_in_slurm(tmp_path / "bin")
+        term = "kill -TERM $PPID" if when != "after" else "(sleep 0.2; kill -TERM $PPID) &"
+        write_executable(bin_dir / "scontrol",
+                         f'#!/usr/bin/env bash\necho "$@" >> {bin_dir}/scontrol.calls\n{term}\n')
+        return script, path_with(bin_dir) | {"SLURM_JOB_ID": "99"}, signal.SIGUSR1
+    return prepare
+
+
+_ARRAY_ENVS = [
+    # SLURM's environment of the array's first task: its job id is the array job id, which
+    # scancel/scontrol read as every task of the array.
+    ({"SLURM_JOB_ID": "36", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "0"}, "36_0"),
+    ({"SLURM_JOB_ID": "38", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "2"}, "36_2"),
+    ({"SLURM_JOB_ID": "38"}, "38"),  # not an array: the job id
+]
+
+
+def _usr1_array_task(array_env):
+    def prepare(tmp_path):
+        entry = "sweep" if "SLURM_ARRAY_JOB_ID" in array_env else "train"
+        _, script = _job(tmp_path, entry)
+        return script, path_with(stand_in_slurm(tmp_path / "bin")) | array_env, signal.SIGUSR1
+    return prepare
+
+
+def _term(tmp_path):
+    _, script = _job(tmp_path)
+    return script, path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "5"}, \
+        signal.SIGTERM
+
+
+def _step_ending_by_itself(status):
+    def prepare(tmp_path):
+        _, script = _job(tmp_path)
+        _program_answering_term(tmp_path, f"echo TERM >> {tmp_path}/program.log; exit {status}")
+        env = path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "6"}
+        return script, env, signal.SIGUSR1
+    return prepare
+
+
+def _failing_requeue(tmp_path):
+    _, script = _job(tmp_path)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    write_executable(bin_dir / "scontrol", "#!/usr/bin/env bash\nexit 1\n")
+    return script, path_with(bin_dir) | {"SLURM_JOB_ID": "5"}, signal.SIGUSR1
+
+
+def _step_ignoring_term(tmp_path):
+    _, script = _job(tmp_path, signal_seconds=2, time="1")
+    _program_answering_term(tmp_path, f"echo TERM ignored >> {tmp_path}/program.log")
+    env = path_with(stand_in_slurm(tmp_path / "bin")) | {"SLURM_JOB_ID": "8"}
+    return script, env, signal.SIGUSR1
+
+
+# The signalled jobs of the tests below, each `prepare(tmp_path) -> (script, env, signal)`: the
+# signal goes to the batch shell once the program started ("during_setup": once its setup did,
+# within the setup's 2 s sleep; it runs first for that reason)
+_SIGNALLED = {
+    "during_setup": _usr1_during_setup,
+    **{f"usr1_restarts{r}": _usr1_job(r) for r in (0, 2, 3)},
+    **{f"term_as_requeued_{w}": _term_as_slurm_requeues(w)
+       for w in ("before scontrol returns", "after")},
+    **{f"array{i}": _usr1_array_task(array_env) for i, (array_env, _) in enumerate(_ARRAY_ENVS)},
+    "term": _term,
+    **{f"ends_by_itself{s}": _step_ending_by_itself(s) for s in (0, 1)},
+    "failed_requeue": _failing_requeue,
+    "ignores_term": _step_ignoring_term,
+}
+
+
+def _started(case: str, tmp_path) -> bool:
+    if case == "during_setup":
+        return (tmp_path / "setup.started").exists()
     log = tmp_path / "program.log"
-    deadline = time.monotonic() + 30
-    while not (log.exists() and "started" in log.read_text()):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    return proc
+    return log.exists() and "started" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> dict:
+    """{case: (tmp_path, returncode, stderr)} of the jobs of `_SIGNALLED`, run side by side:
+    each spends >= 1 s in the script's stop loop (its `sleep 1`), ~17 s one after another."""
+    jobs = {}
+    for case, prepare in _SIGNALLED.items():
+        tmp_path = tmp_path_factory.mktemp(case.replace(" ", "_"))
+        script, env, sig = prepare(tmp_path)
+        if case != "during_setup":
+            env |= {"FAKE_WORK": "1"}
+        proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        jobs[case] = tmp_path, proc, sig
+    for case, (tmp_path, proc, sig) in jobs.items():
+        deadline = time.monotonic() + 30
+        while not _started(case, tmp_path):
+            assert time.monotonic() < deadline and proc.poll() is None, (case,
+                                                                          proc.communicate())
+            time.sleep(0.02)
+        proc.send_signal(sig)
+    ended = {case: (tmp_path, proc.communicate(timeout=30)[1])
+             for case, (tmp_path, proc, _) in jobs.items()}
+    time.sleep(0.3)  # a late TERM (as SLURM requeues), if a shell were still there to log it
+    return {case: (tmp_path, jobs[case][1].returncode, stderr)
+            for case, (tmp_path, stderr) in ended.items()}
 
 
 @pytest.mark.parametrize("restarts,requeued", [(0, True), (2, True), (3, False)])
-def test_usr1_stops_the_step_and_requeues_at_most_max_requeues_times(tmp_path, restarts,
+def test_usr1_stops_the_step_and_requeues_at_most_max_requeues_times(signalled, restarts,
                                                                      requeued):
-    _, script = _job(tmp_path, max_requeues=3)
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    env = path_with(bin_dir) | {"SLURM_JOB_ID": "99", "SLURM_RESTART_COUNT": str(restarts)}
-    proc = _start(script, env, tmp_path)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=30)
+    """USR1 stops the step (TERM) and requeues the job while it was requeued fewer than
+    max_requeues=3 times."""
+    tmp_path, returncode, stderr = signalled[f"usr1_restarts{restarts}"]
+    bin_dir = tmp_path / "bin"
     assert (tmp_path / "program.log").read_text() == "started\nTERM\n"  # the step was stopped
     calls = bin_dir / "scontrol.calls"
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
     assert "USR1: time limit or preemption ahead; stopping the job step" in events
     if requeued:
-        assert proc.returncode == 0, stderr
+        assert returncode == 0, stderr
         assert calls.read_text() == "requeue 99\n"
         assert f"requeued (restart {restarts + 1} of at most 3); the rerun resumes" in events
     else:
-        assert proc.returncode == 1
+        assert returncode == 1
         assert not calls.exists()
         assert ("not requeued: already requeued 3 time(s) (max_requeues=3); resubmit the same "
                 "job to continue from the newest checkpoint") in events
     assert "finished with exit status" not in events
 
 
-def test_usr1_during_the_site_setup_requeues_the_job(tmp_path):
+def test_usr1_during_the_site_setup_requeues_the_job(signalled):
     """The traps were installed after the setup lines: a USR1 during a slow `module load`
     killed the batch shell (exit 138), unrequeued, with nothing in events.log."""
-    started = tmp_path / "setup.started"
-    _, script = _job(tmp_path, setup=(f"touch {started}", "sleep 2"))
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    env = path_with(bin_dir) | {"SLURM_JOB_ID": "99"}
-    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not started.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    assert (bin_dir / "scontrol.calls").read_text() == "requeue 99\n"
+    tmp_path, returncode, stderr = signalled["during_setup"]
+    assert returncode == 0, stderr
+    assert (tmp_path / "bin" / "scontrol.calls").read_text() == "requeue 99\n"
     assert not (tmp_path / "program.log").exists()  # the program never started
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
     assert "USR1: time limit or preemption ahead" in events and "requeued (restart 1" in events
 
 
 @pytest.mark.parametrize("when", ["before scontrol returns", "after"])
-def test_the_term_slurm_sends_as_it_requeues_is_not_a_cancellation(tmp_path, when):
+def test_the_term_slurm_sends_as_it_requeues_is_not_a_cancellation(signalled, when):
     """Real SLURM (slurm-wlm 22.05, launch/local_slurm.sh) TERMs the batch shell as it requeues
     the job, often before `scontrol requeue` returns: events.log ended "TERM (scancel or
     preemption without requeue) ... not requeued" for a job that was requeued."""
-    _, script = _job(tmp_path, max_requeues=3)
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    term = "kill -TERM $PPID" if when != "after" else "(sleep 0.2; kill -TERM $PPID) &"
-    write_executable(bin_dir / "scontrol",
-                     f'#!/usr/bin/env bash\necho "$@" >> {bin_dir}/scontrol.calls\n{term}\n')
-    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "99"}, tmp_path)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=30)
-    time.sleep(0.3)  # the late TERM, if the shell were still there to log it
+    tmp_path, returncode, stderr = signalled[f"term_as_requeued_{when}"]
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
-    assert proc.returncode == 0, stderr
+    assert returncode == 0, stderr
     assert events.count("requeued (restart 1 of at most 3); the rerun resumes") == 1, events
     assert "not requeued" not in events
 
 
-@pytest.mark.parametrize("array_env,ref", [
-    # SLURM's environment of the array's first task: its job id is the array job id, which
-    # scancel/scontrol read as every task of the array.
-    ({"SLURM_JOB_ID": "36", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "0"}, "36_0"),
-    ({"SLURM_JOB_ID": "38", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "2"}, "36_2"),
-    ({"SLURM_JOB_ID": "38"}, "38"),  # not an array: the job id
-])
-def test_usr1_stops_and_requeues_only_this_array_task(tmp_path, array_env, ref):
-    entry = "sweep" if "SLURM_ARRAY_JOB_ID" in array_env else "train"
-    _, script = _job(tmp_path, entry)
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    proc = _start(script, path_with(bin_dir) | array_env, tmp_path)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    assert (bin_dir / "scancel.calls").read_text() == f"--signal=TERM {ref}\n"
-    assert (bin_dir / "scontrol.calls").read_text() == f"requeue {ref}\n"
+@pytest.mark.parametrize("case,ref", [(f"array{i}", ref) for i, (_, ref) in enumerate(_ARRAY_ENVS)],
+                         ids=[ref for _, ref in _ARRAY_ENVS])
+def test_usr1_stops_and_requeues_only_this_array_task(signalled, case, ref):
+    """scancel and scontrol name the array task (`<array job>_<task>`), not the array job."""
+    tmp_path, returncode, stderr = signalled[case]
+    assert returncode == 0, stderr
+    assert (tmp_path / "bin" / "scancel.calls").read_text() == f"--signal=TERM {ref}\n"
+    assert (tmp_path / "bin" / "scontrol.calls").read_text() == f"requeue {ref}\n"
 
 
-def test_term_stops_the_step_without_requeueing(tmp_path):
+def test_term_stops_the_step_without_requeueing(signalled):
     """The script cannot tell a cancellation from a preemption SLURM requeues itself
     (PreemptMode=REQUEUE): events.log said "not requeued" for both."""
-    _, script = _job(tmp_path)
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "5"}, tmp_path)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 143
+    tmp_path, returncode, _ = signalled["term"]
+    assert returncode == 143
     assert (tmp_path / "program.log").read_text() == "started\nTERM\n"
-    assert not (bin_dir / "scontrol.calls").exists()
+    assert not (tmp_path / "bin" / "scontrol.calls").exists()
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
     assert ("job 5: TERM (scancel or preemption): stopping the job step; this script does not "
             "requeue (SLURM does where the job's preemption mode requeues it)\n") in events
@@ -342,32 +419,23 @@ def test_term_stops_the_step_without_requeueing(tmp_path):
 
 
 @pytest.mark.parametrize("status", [0, 1])
-def test_a_step_that_ends_by_itself_during_the_stop_is_not_requeued(tmp_path, status):
+def test_a_step_that_ends_by_itself_during_the_stop_is_not_requeued(signalled, status):
     """A step that finished (0) or failed (1) while USR1 stopped it, rather than stopping on
     the TERM (143), was requeued all the same: a finished run reran, a broken one looped."""
-    _, script = _job(tmp_path)
-    _program_answering_term(tmp_path, f"echo TERM >> {tmp_path}/program.log; exit {status}")
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "6"}, tmp_path)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == status, stderr
+    tmp_path, returncode, stderr = signalled[f"ends_by_itself{status}"]
+    assert returncode == status, stderr
     assert (tmp_path / "program.log").read_text() == "started\nTERM\n"
-    assert not (bin_dir / "scontrol.calls").exists()
+    assert not (tmp_path / "bin" / "scontrol.calls").exists()
     events = (tmp_path / "wd" / "slurm" / "events.log").read_text()
     assert (f"job 6: the job step ended by itself (exit status {status}: finished or failed, "
             "not stopped by the signal); not requeued\n") in events
     assert "requeued (restart" not in events
 
 
-def test_failed_requeue_is_reported(tmp_path):
-    _, script = _job(tmp_path)
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    write_executable(bin_dir / "scontrol", "#!/usr/bin/env bash\nexit 1\n")
-    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "5"}, tmp_path)
-    proc.send_signal(signal.SIGUSR1)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 1
+def test_failed_requeue_is_reported(signalled):
+    """A failing `scontrol requeue` is an error in events.log saying how to resume."""
+    tmp_path, returncode, _ = signalled["failed_requeue"]
+    assert returncode == 1
     assert "scontrol requeue 5 failed; resubmit the same job to resume" in \
         (tmp_path / "wd" / "slurm" / "events.log").read_text()
 
@@ -381,19 +449,14 @@ def test_program_exit_status_is_the_job_status(tmp_path):
     assert "finished with exit status 3" in (tmp_path / "wd" / "slurm" / "events.log").read_text()
 
 
-def test_a_step_that_ignores_term_is_killed_after_the_grace_period(tmp_path):
+def test_a_step_that_ignores_term_is_killed_after_the_grace_period(signalled):
     """A process stuck (e.g. in a collective) must not hold up the requeue past the time limit:
     with signal_seconds=2 the grace is 1 s, then SIGKILL, then the requeue."""
-    _, script = _job(tmp_path, signal_seconds=2, time="1")
-    _program_answering_term(tmp_path, f"echo TERM ignored >> {tmp_path}/program.log")
-    bin_dir = stand_in_slurm(tmp_path / "bin")
-    proc = _start(script, path_with(bin_dir) | {"SLURM_JOB_ID": "8"}, tmp_path)
-    proc.send_signal(signal.SIGUSR1)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    tmp_path, returncode, _ = signalled["ignores_term"]
+    assert returncode == 0
     assert (tmp_path / "program.log").read_text() == "started\nTERM ignored\n"
-    assert (bin_dir / "scontrol.calls").read_text() == "requeue 8\n"
-    assert "STOP_GRACE_SECONDS=1\n" in script.read_text()
+    assert (tmp_path / "bin" / "scontrol.calls").read_text() == "requeue 8\n"
+    assert "STOP_GRACE_SECONDS=1\n" in (tmp_path / "job.sbatch").read_text()
 
 
 def test_site_setup_may_read_unset_variables_but_the_job_body_may_not(tmp_path):
