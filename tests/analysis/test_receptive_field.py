@@ -232,8 +232,8 @@ def _assert_field_holds_support(model, shape, positions):
     result = summary(model, shape)
     field = result.receptive_field
     x = jax.random.uniform(jax.random.key(1), (1, *shape)) + 0.5
-    variables = model.init(jax.random.key(0), x)
-    variables = jax.tree_util.tree_map(lambda a: jnp.abs(a) + 0.1, variables)
+    variables = jax.jit(lambda x: jax.tree_util.tree_map(  # one compilation, not one per op
+        lambda a: jnp.abs(a) + 0.1, model.init(jax.random.key(0), x)))(x)
     fn = lambda x: model.apply(variables, x)
     for pos in positions:
         spans = _support(fn, x, (0, *pos, 0))
@@ -772,8 +772,11 @@ def test_a_dilated_strided_transposed_conv_bounds_the_fields_that_follow_it(
 
     n = 12
     x = jnp.asarray(np.random.default_rng(0).uniform(0.1, 1.0, (1, n, 1, 1)), jnp.float32)
-    variables = jax.tree.map(lambda p: jnp.abs(p) + 0.1, Net().init(jax.random.key(0), x))
-    jacobian = np.asarray(jax.jacrev(lambda x: Net().apply(variables, x)[0, :, 0, 0])(x))
+    # Init and Jacobian each under jit: one compilation each (eagerly, every op of each case's
+    # new convolution shapes compiled on its own, 2-3x slower).
+    variables = jax.jit(lambda x: jax.tree.map(lambda p: jnp.abs(p) + 0.1,
+                                               Net().init(jax.random.key(0), x)))(x)
+    jacobian = np.asarray(jax.jit(jax.jacrev(lambda x: Net().apply(variables, x)[0, :, 0, 0]))(x))
     widest = max(np.ptp(np.flatnonzero(row)) + 1 for row in jacobian.reshape(-1, n) if row.any())
     assert summary(Net(), (n, 1, 1)).receptive_field.size[0] >= widest
 

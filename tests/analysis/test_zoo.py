@@ -194,12 +194,17 @@ def _fake(name: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def lecture_rows():
-    return zoo_table(zoo.LECTURE_MODELS)
+def test_comparison_is_written_around_the_numbers_and_refuses_contradicting_ones():
+    """The lecture's comparison quotes the zoo table's figures, and refuses rows that contradict
+    its prose. One test for both: the eight ImageNet models' table is ~5-15 s (a module fixture
+    ran once per xdist worker)."""
+    lecture_rows = zoo_table(zoo.LECTURE_MODELS)
+    _check_comparison_quotes_the_numbers(lecture_rows)
+    _check_comparison_refuses_contradicting_numbers(lecture_rows)
 
 
-def test_comparison_is_written_around_the_numbers(lecture_rows):
+def _check_comparison_quotes_the_numbers(lecture_rows):
+    """The prose's figures are the rows' (MACs, ratios, the inception bottleneck's cost)."""
     text = render_markdown(lecture_rows)
     section = " ".join(text[text.index("## The lecture's comparison"):].split())  # unwrapped
     by = {r["name"]: r for r in lecture_rows}
@@ -217,7 +222,8 @@ def test_comparison_is_written_around_the_numbers(lecture_rows):
     assert "3.57% top-5 error" in section
 
 
-def test_comparison_refuses_numbers_that_contradict_the_prose(lecture_rows):
+def _check_comparison_refuses_contradicting_numbers(lecture_rows):
+    """A row that makes a sentence false (ResNet-152 above VGG-16's MACs) is refused."""
     rows = [dict(r) for r in lecture_rows]
     resnet152 = next(r for r in rows if r["name"] == "resnet152")
     resnet152["macs"] = 16 * 10**9  # more than VGG-16's 15.47 G, less than VGG-19's
@@ -285,11 +291,9 @@ _BAD_ARGS = [("--models=bogus", "--output={tmp}/z.md"),
              ("--models=lenet5", "--output={tmp}/z.md", "--check")]  # "stale", of no file
 
 
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    """The CLI runs of the tests below, in one interpreter forking a child per command
-    (tests/commands.py; 5 interpreter starts took ~15 s): the folder and each run by name."""
-    tmp = tmp_path_factory.mktemp("zoo_cli")
+def _cli_runs(tmp):
+    """The CLI runs the test below checks, in one interpreter forking a child per command
+    (tests/commands.py; 5 interpreter starts took ~15 s), in folder `tmp`: each run by name."""
     (tmp / "file").write_text("")
     # a stale file for --check: what the generator writes for lenet5, one digit changed
     text = render_markdown(zoo_table(["lenet5"]))
@@ -303,12 +307,22 @@ def cli(tmp_path_factory):
            for i, args in enumerate(_BAD_ARGS)},
         "vgg16": ("cnnjax.analysis.summary", "--model=vgg16", "--input_shape=224,224,3"),
     }
-    return tmp, dict(zip(commands, run_commands(list(commands.values()), env=ENV),
-                         strict=True))
+    return dict(zip(commands, run_commands(list(commands.values()), env=ENV), strict=True))
 
 
-def test_cli_writes_and_checks(cli):
-    tmp, runs = cli
+def test_cli_writes_checks_summarizes_and_refuses_bad_input(tmp_path):
+    """The zoo CLI writes and --checks a page, the summary CLI prints VGG-16 at 224x224, and bad
+    arguments are refused in one line. One test over one `run_commands` call (~5-25 s): as a
+    module fixture of several tests it ran once per xdist worker."""
+    runs = _cli_runs(tmp_path)
+    _check_cli_writes_and_checks(tmp_path, runs)
+    _check_summary_cli_prints_vgg16_at_224(runs["vgg16"])
+    for index in range(len(_BAD_ARGS)):
+        _check_cli_bad_input_is_one_line(tmp_path, runs, index)
+
+
+def _check_cli_writes_and_checks(tmp, runs):
+    """--models=lenet5 writes its row; --check of a stale file fails, naming the command."""
     out = tmp / "models.md"
     assert runs["write"].returncode == 0, runs["write"].stderr
     assert "| `lenet5` | 32×32×1 | 10 | 61,706 |" in out.read_text(encoding="utf-8")
@@ -318,16 +332,8 @@ def test_cli_writes_and_checks(cli):
             f"--output={tmp / 'stale.md'} --models=lenet5`" in runs["check"].stdout)
 
 
-@pytest.mark.slow
-def test_docs_models_md_is_up_to_date():
-    """docs/models.md equals what the generator writes now (all models at native size)."""
-    check = _run("cnnjax.analysis.zoo", "--check")
-    assert check.returncode == 0, check.stdout + check.stderr[-2000:]
-    assert "docs/models.md is up to date" in check.stdout
-
-
-def test_summary_cli_prints_vgg16_at_224(cli):
-    proc = cli[1]["vgg16"]
+def _check_summary_cli_prints_vgg16_at_224(proc):
+    """VGG-16's per-layer table at 224x224: hand-counted parameters, MACs, layers and field."""
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "vgg16 on input (1, 224, 224, 3)"
@@ -346,9 +352,8 @@ def test_summary_cli_prints_vgg16_at_224(cli):
     assert "receptive field of the output: ReceptiveField(size=(404, 404)" in proc.stdout
 
 
-@pytest.mark.parametrize("index", range(len(_BAD_ARGS)))
-def test_cli_bad_input_is_one_line(cli, index):
-    tmp_path, runs = cli
+def _check_cli_bad_input_is_one_line(tmp_path, runs, index):
+    """`_BAD_ARGS[index]` is refused with a one-line error and writes nothing."""
     args, proc = _BAD_ARGS[index], runs[f"bad{index}"]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
@@ -367,3 +372,11 @@ def test_cli_bad_input_is_one_line(cli, index):
         assert line == (f"error: --output's folder={str(tmp_path / 'file')!r} is invalid; "
                         "expected a directory or a path to create, but a file is in the way.")
     assert not (tmp_path / "z.md").exists()
+
+
+@pytest.mark.slow
+def test_docs_models_md_is_up_to_date():
+    """docs/models.md equals what the generator writes now (all models at native size)."""
+    check = _run("cnnjax.analysis.zoo", "--check")
+    assert check.returncode == 0, check.stdout + check.stderr[-2000:]
+    assert "docs/models.md is up to date" in check.stdout

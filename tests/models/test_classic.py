@@ -640,13 +640,26 @@ def test_forward_backward_traces_for_every_model(name):
 # convolutions: XLA's CPU compile of their init and gradient takes ~30 s) and the ImageNet NiN
 # (breadth: nin_cifar runs the same NiN/NiNStage/MLPConv code, max and average pools and
 # dropout, in the default suite). Those run with `-m slow`.
-# Breadth kept to -m slow for CI time: alexnet stays (zfnet is its layout with a 7x7/2 first
-# conv; alexnet_2tower's grouped convolutions are tested in tests/layers), nin_cifar runs NiN.
+# Breadth kept to -m slow for CI time: zfnet is alexnet's layout with a 7x7/2 first conv,
+# alexnet_2tower's grouped convolutions are tested in tests/layers, nin_cifar runs NiN.
+# alexnet too (~12 s, most of it drawing its 61 M parameters; its fc6/fc7 are 58 M of them): the
+# default suite runs its layers, dropout included, forward and backward under jit at this 63x63
+# minimum in tests/train/test_freeze_eval.py::test_backbone_dropout_is_off_only_in_backbone_eval
+# (same convolutions, fc6/fc7 32 wide: dropout on/off by key, a train step), at full width
+# forward under jit in test_torchvision_weights.py::test_logits_match_torchvision[alexnet-224-224]
+# and its full-width gradient traced in test_forward_backward_traces_for_every_model[alexnet].
 _SLOW_AT_MIN_SIZE = ({n for n in CLASSIC if n.startswith("vgg")}
-                     | {"googlenet", "googlenet_bn", "nin", "zfnet", "alexnet_2tower"})
+                     | {"googlenet", "googlenet_bn", "nin", "zfnet", "alexnet_2tower", "alexnet"})
 MIN_SIZE_CASES = [
     pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_AT_MIN_SIZE else n for n in CLASSIC
 ]
+
+
+@jax.jit
+def _finite_leaves_and_norm(grads):
+    """`([all finite?] per leaf, global norm)` of `grads` in one compiled program (eager
+    `jnp.isfinite` / `optax.tree.norm` compiled a kernel per leaf shape: seconds on big nets)."""
+    return [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)], optax.tree.norm(grads)
 
 
 def _check_forward_backward(model, shape, has_dropout: bool, has_bn: bool) -> None:
@@ -659,8 +672,9 @@ def _check_forward_backward(model, shape, has_dropout: bool, has_bn: bool) -> No
     assert logits.shape == (shape[0], model.num_classes) and logits.dtype == jnp.float32
     assert np.isfinite(float(loss))
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    assert float(optax.tree.norm(grads)) > 0
+    finite, norm = _finite_leaves_and_norm(grads)
+    assert len(finite) == len(jax.tree.leaves(grads)) and all(bool(f) for f in finite)
+    assert float(norm) > 0
 
     # Eval mode needs no dropout RNG (tracing would fail if a Dropout were active); train mode
     # draws its dropout masks from the "dropout" stream: same key, same output; new key, new one.
@@ -708,7 +722,7 @@ def test_forward_backward_jit_at_native_size(name):
     loss, logits, grads, _ = jax.jit(functools.partial(_train_apply, model))(variables, x, key(10))
     assert logits.shape == (2, model.num_classes)
     assert np.isfinite(float(loss))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert all(bool(f) for f in _finite_leaves_and_norm(grads)[0])
 
 
 def test_batchnorm_uses_axis_name_for_cross_device_statistics():
@@ -792,6 +806,8 @@ def test_bfloat16_activations_float32_params(name):
 
 # ------------------------------------------------------------------------------------ LeNet-5
 def test_lenet5_overfits_a_tiny_batch():
+    """300 Adam steps on 16 images take the loss from chance to < 0.05 and every image to its
+    label."""
     model = create_model("lenet5")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((16, 32, 32, 1)), jnp.float32)
@@ -942,10 +958,14 @@ def test_inception_module_concatenates_its_branches():
 
 
 def test_googlenet_aux_outputs_only_in_training():
+    """With aux heads, training returns the main and both aux logits (with features too); eval,
+    and training without aux heads, a plain array of logits."""
     model = create_model("googlenet", aux_logits=True, num_classes=5)
     shape = (2, 224, 224, 3)
-    variables = init_shapes(model, shape)
     x = jnp.zeros(shape)
+    # init's own forward pass is `model.apply(variables, x)`'s: eval mode (one trace less).
+    eval_out, variables = jax.eval_shape(lambda: model.init_with_output(RNGS, x))
+    assert eval_out.shape == (2, 5)  # eval: main logits only
     out = jax.eval_shape(
         lambda v: model.apply(v, x, train=True, rngs={"dropout": key(0)}), variables
     )
@@ -956,8 +976,6 @@ def test_googlenet_aux_outputs_only_in_training():
         variables,
     )
     assert isinstance(out, GoogLeNetOutputs) and "pre_logits" in features
-    out = jax.eval_shape(lambda v: model.apply(v, x), variables)
-    assert out.shape == (2, 5)  # eval: main logits only
     # Without aux heads, training returns a plain array.
     plain = create_model("googlenet", num_classes=5)
     out = jax.eval_shape(
@@ -1139,15 +1157,15 @@ def test_googlenet_bn_aux_outputs_only_in_training():
     maps of the smallest input (31x31)."""
     model = create_model("googlenet_bn", aux_logits=True, num_classes=5)
     for shape in ((2, 224, 224, 3), min_shape("googlenet_bn")):
-        variables = init_shapes(model, shape)
         x = jnp.zeros(shape)
+        # init's own forward pass is `model.apply(variables, x)`'s: eval mode (one trace less).
+        out, variables = jax.eval_shape(lambda x=x: model.init_with_output(RNGS, x))
+        assert out.shape == (2, 5)  # eval: main logits only
         out, state = jax.eval_shape(
             lambda v, x=x: model.apply(v, x, train=True, rngs={"dropout": key(0)},
                                        mutable=["batch_stats"]), variables)
         assert isinstance(out, GoogLeNetOutputs) and [o.shape for o in out] == [(2, 5)] * 3
         assert {"aux1", "aux2"} <= set(state["batch_stats"])
-        out = jax.eval_shape(lambda v, x=x: model.apply(v, x), variables)
-        assert out.shape == (2, 5)  # eval: main logits only
 
 
 # ---------------------------------------------------------------------------------------- NiN

@@ -35,8 +35,12 @@ def _parts(train: bool = False):
     return functools.partial(nn.Conv, use_bias=False), batch_norm(train, jnp.float32, None)
 
 
-@pytest.mark.parametrize("name", sorted(COUNTS))
+# densenet161's count is checked in the default suite by test_densenet161_is_the_wide_k48_model,
+# from the one abstract init it needs anyway (a DenseNet-161 trace is ~5 s).
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "densenet161"
+                                  else n for n in sorted(COUNTS)])
 def test_param_count_exact(name):
+    """torchvision's published parameter counts (1000 classes), from an abstract init."""
     variables = jax.eval_shape(
         lambda: create_model(name).init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     )
@@ -50,7 +54,8 @@ def test_registered():
 def test_densenet161_is_the_wide_k48_model():
     """torchvision's DenseNet-161: k=48, a 96-filter stem, blocks (6, 12, 36, 24), bn_size 4,
     compression 0.5 (transitions 384 -> 192, 768 -> 384, 2112 -> 1056; 2208 channels before
-    the head)."""
+    the head). Its parameter count is torchvision's (as test_param_count_exact's: the count does
+    not depend on the input size, global pooling feeds the head)."""
     model = create_model("densenet161")
     assert (model.growth_rate, model.num_init_features, tuple(model.block_sizes)) == (
         48, 96, (6, 12, 36, 24))
@@ -63,6 +68,7 @@ def test_densenet161_is_the_wide_k48_model():
     assert [params[f"transition{i}"]["conv"]["kernel"].shape[-1] for i in (1, 2, 3)] == [
         192, 384, 1056]
     assert params["head"]["kernel"].shape == (2208, 1000)
+    assert sum(x.size for x in jax.tree.leaves(params)) == COUNTS["densenet161"]
 
 
 def test_dense_block_concatenates_inputs_and_new_channels():
@@ -132,10 +138,11 @@ def test_forward_backward_jit_small():
             )
             return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 2])).mean()
 
-        return jax.value_and_grad(loss)(variables["params"])
+        value, grads = jax.value_and_grad(loss)(variables["params"])
+        return value, optax.tree.norm(grads)  # in the program: eager, a kernel per leaf shape
 
-    value, grads = loss_and_grad(x)
-    assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
+    value, grad_norm = loss_and_grad(x)
+    assert np.isfinite(float(value)) and float(grad_norm) > 0
 
 
 def test_conv_init_is_he_fan_in_as_torchvision():
@@ -331,11 +338,21 @@ def test_densenet40_cifar_forward_backward_jit():
     assert float(optax.tree.norm(grads)) > 0
 
 
-@pytest.mark.parametrize("name", ["densenet40_cifar", "densenet_bc100_cifar"])
+# DenseNet-BC-100's case (~10 s: three engine checks of a 100-layer trace) under -m slow: BC
+# changes the dense layers and the transitions' widths, not the spatial path the minimum is about
+# (the stem, the transitions' 2x2/2 pools), which densenet40_cifar's case checks; the default
+# suite still traces densenet_bc100_cifar at 4x4 (test_cifar_parameter_tree_basic_and_bc) and
+# checks its registered minimum (test_cifar_registry_entries).
+@pytest.mark.parametrize("name", ["densenet40_cifar", pytest.param(
+    "densenet_bc100_cifar", marks=pytest.mark.slow)])
 def test_cifar_min_input_size_is_exact(name):
-    """4x4 pools to 2x2 and 1x1 (8x8 features at 32x32); 3x3 would pool to 1x1, then 0x0."""
+    """4x4 pools to 2x2 and 1x1 (8x8 features at 32x32); 3x3 would pool to 1x1, then 0x0. The
+    registry's figure and the model's own (`min_input_size`, from `smallest_input`) agree."""
+    from cnnjax.models.registry import min_input_size
+
     model = create_model(name)
     assert model_info(name).min_input_size == 4
+    assert min_input_size(name, model) == 4
     check_input_size(model, name, (4, 4, 3), 4)
     _, logits, feats = abstract_forward(model, size=4, batch=1)
     assert logits.shape == (1, 10)
@@ -350,9 +367,13 @@ def test_cifar_min_input_size_is_exact(name):
         abstract_forward(model, size=3, batch=1)
 
 
+# densenet40_cifar's case under -m slow: test_cifar_min_input_size_is_exact[densenet40_cifar]
+# makes each of its checks (min_input_size 4, the trace at 4x4 and its failure at 3x3, the engine
+# check at 4x4) on the same model.
 @pytest.mark.parametrize("name, kwargs, smallest", [
     ("densenet121", {}, 29), ("densenet121", {"stem": "cifar"}, 8),
-    ("densenet40_cifar", {}, 4), ("densenet121", {"block_sizes": (2, 2)}, 5),
+    pytest.param("densenet40_cifar", {}, 4, marks=pytest.mark.slow),
+    ("densenet121", {"block_sizes": (2, 2)}, 5),
 ])
 def test_the_minimum_follows_the_stem_and_the_transitions(name, kwargs, smallest):
     """The registry's 29 is the ImageNet stem's: with stem="cifar" DenseNet-121 takes 8x8 and up
@@ -429,11 +450,13 @@ def test_cifar_forward_backward_jit_with_dropout_and_bare_stem():
             labels = jnp.array([0, 2])
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), feats
 
-        return variables, jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        (value, feats), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        # The norm in the program: eager, it compiled a kernel per leaf shape.
+        return variables, ((value, feats), optax.tree.norm(grads))
 
-    variables, ((value, feats), grads) = loss_and_grad(jax.random.key(2))
+    variables, ((value, feats), grad_norm) = loss_and_grad(jax.random.key(2))
     _, ((other, _), _) = loss_and_grad(jax.random.key(3))
-    assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
+    assert np.isfinite(float(value)) and float(grad_norm) > 0
     assert float(value) != float(other)  # dropout masks come from the 'dropout' stream
     # 16 stem channels, + 4 per block, theta = 1.
     assert [feats[f"stage{i}"].shape for i in (1, 2, 3)] == [

@@ -15,6 +15,7 @@ it) and, unless a test says otherwise, without auxiliary heads.
 Bad inputs and the workdir are tested without torch in test_torchvision_weights_inputs.py.
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -76,17 +77,34 @@ def _numpy_state_dict(model):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
+@functools.lru_cache(maxsize=1)  # the latest only: AlexNet's variables alone are 244 MB
+def _reference_run(name, torch_kwargs, height, width, batch):
+    """`(x, torchvision's eval logits on x, its converted variables)` for the random torchvision
+    model `_torchvision_model(name, **dict(torch_kwargs))` on one random NCHW batch. Cached: a
+    test comparing two cnnjax settings against one reference builds, runs and converts it once."""
+    reference = _torchvision_model(name, **dict(torch_kwargs))
+    x = np.random.default_rng(0).normal(size=(batch, 3, height, width)).astype(np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x)).numpy()
+    return x, want, tvw.convert_state_dict(name, _numpy_state_dict(reference))
+
+
+@functools.cache
+def _jitted_eval_apply(name, model_kwargs):
+    """cnnjax's `name` (NUM_CLASSES classes, `dict(model_kwargs)`) applied in eval mode under
+    jit, one compiled function per setting (tests of the same model reuse its compilation)."""
+    model = create_model(name, num_classes=NUM_CLASSES, **dict(model_kwargs))
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
 def max_logit_difference(name, height, width, batch=2, torch_kwargs=None, model_kwargs=None):
     """(max |cnnjax - torchvision| logit, max |torchvision logit|, max |difference between the
     torchvision logits of the first two inputs|) on one random batch; the torchvision builder
     and the cnnjax model get `torch_kwargs` / `model_kwargs`."""
-    reference = _torchvision_model(name, **(torch_kwargs or {}))
-    x = np.random.default_rng(0).normal(size=(batch, 3, height, width)).astype(np.float32)
-    with torch.no_grad():
-        want = reference(torch.from_numpy(x)).numpy()
-    variables = tvw.convert_state_dict(name, _numpy_state_dict(reference))
-    model = create_model(name, num_classes=NUM_CLASSES, **(model_kwargs or {}))
-    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x.transpose(0, 2, 3, 1))
+    x, want, variables = _reference_run(name, tuple(sorted((torch_kwargs or {}).items())),
+                                        height, width, batch)
+    apply = _jitted_eval_apply(name, tuple(sorted((model_kwargs or {}).items())))
+    got = apply(variables, x.transpose(0, 2, 3, 1))
     return (float(np.abs(np.asarray(got) - want).max()), float(np.abs(want).max()),
             float(np.abs(want[0] - want[1]).max()))
 
