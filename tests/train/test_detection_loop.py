@@ -69,8 +69,7 @@ def _info(data_config):
     return helpers.DatasetInfo("boxes", CLASSES, (SIZE, SIZE, 3), NUM_TRAIN, NUM_EVAL)
 
 
-@pytest.fixture(autouse=True)
-def fake_detection_data(monkeypatch):
+def _install_fake_detection_data(monkeypatch):
     import cnnjax.data
 
     module = types.ModuleType("cnnjax.data.detection")
@@ -81,6 +80,11 @@ def fake_detection_data(monkeypatch):
     monkeypatch.setitem(sys.modules, "cnnjax.data.detection", module)
     monkeypatch.setattr(cnnjax.data, "detection", module, raising=False)
     helpers.install_fake_pipeline(monkeypatch)  # classification configs: the synthetic set
+
+
+@pytest.fixture(autouse=True)
+def fake_detection_data(monkeypatch):
+    _install_fake_detection_data(monkeypatch)
 
 
 def _config(**overrides):
@@ -108,8 +112,18 @@ def _config(**overrides):
     return apply_overrides(config, overrides)
 
 
-def test_detection_run_reports_map_and_its_checkpoint_evaluates_to_it(tmp_path):
-    summary = loop.train_and_evaluate(_config(), str(tmp_path))
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory):
+    """One 12-step run of `_config()` (workdir, summary), read by the run checks and as
+    test_exact_resume's uninterrupted reference (one training instead of two: CI time)."""
+    workdir = tmp_path_factory.mktemp("detection_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _install_fake_detection_data(monkeypatch)
+        return workdir, loop.train_and_evaluate(_config(), str(workdir))
+
+
+def test_detection_run_reports_map_and_its_checkpoint_evaluates_to_it(detection_run):
+    tmp_path, summary = detection_run
     assert summary["status"] == "completed" and summary["step"] == 12
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
@@ -145,6 +159,46 @@ def _check_the_trained_detector_evaluates_to_the_map_its_run_logged(tmp_path, su
     assert plot_predictions(run, str(tmp_path / "d.png"), max_images=4) == {
         "plot": str(tmp_path / "d.png")}
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def _final_params(workdir, config):
+    """Host params of the newest checkpoint."""
+    from cnnjax.models import create_model
+    from cnnjax.train.config import model_kwargs
+    from cnnjax.train.optim import build_optimizer
+    from cnnjax.train.state import create_train_state
+
+    model = create_model(config.model, num_classes=CLASSES, axis_name="data",
+                         **model_kwargs(config))
+    template = jax.device_get(create_train_state(model, build_optimizer(config),
+                                                 jax.random.PRNGKey(0), (1, SIZE, SIZE, 3)))
+    checkpointer = Checkpointer(str(workdir), use_async=False)
+    state, _ = checkpointer.restore_latest(jax.tree.map(np.asarray, template))
+    checkpointer.close()
+    return state.params
+
+
+def test_exact_resume(tmp_path, monkeypatch, detection_run):
+    """A run killed at step 9 and rerun ends as the uninterrupted `detection_run` does: same
+    final eval, parameters bitwise, and metrics.jsonl record by record."""
+    config = _config()
+    reference_dir, reference = detection_run
+
+    helpers.run_until_crash(config, tmp_path / "resumed", monkeypatch,
+                            module="cnnjax.data.detection")
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert resumed["resumed_from_step"] == 8
+    assert resumed["final_eval"] == reference["final_eval"]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(reference_dir, config),
+                 _final_params(tmp_path / "resumed", config))
+
+    def records(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "images_per_sec"}
+                for x in lines]
+
+    # the same trajectory, step by step
+    assert records(tmp_path / "resumed") == records(reference_dir)
 
 
 def test_the_eval_ignores_difficult_objects(tmp_path, monkeypatch):
@@ -185,43 +239,6 @@ def test_detection_learns(tmp_path):
                      **{"model_kwargs.hidden_features": 128, "model_kwargs.grid_size": 2})
     summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["final_eval"]["map50"] > 0.5
-
-
-def _final_params(workdir, config):
-    """Host params of the newest checkpoint."""
-    from cnnjax.models import create_model
-    from cnnjax.train.config import model_kwargs
-    from cnnjax.train.optim import build_optimizer
-    from cnnjax.train.state import create_train_state
-
-    model = create_model(config.model, num_classes=CLASSES, axis_name="data",
-                         **model_kwargs(config))
-    template = jax.device_get(create_train_state(model, build_optimizer(config),
-                                                 jax.random.PRNGKey(0), (1, SIZE, SIZE, 3)))
-    checkpointer = Checkpointer(str(workdir), use_async=False)
-    state, _ = checkpointer.restore_latest(jax.tree.map(np.asarray, template))
-    checkpointer.close()
-    return state.params
-
-
-def test_exact_resume(tmp_path, monkeypatch):
-    config = _config()
-    reference = loop.train_and_evaluate(config, str(tmp_path / "reference"))
-
-    helpers.run_until_crash(config, tmp_path / "resumed", monkeypatch,
-                            module="cnnjax.data.detection")
-    resumed = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert resumed["resumed_from_step"] == 8
-    assert resumed["final_eval"] == reference["final_eval"]
-    jax.tree.map(np.testing.assert_array_equal, _final_params(tmp_path / "reference", config),
-                 _final_params(tmp_path / "resumed", config))
-
-    def records(name):
-        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if k != "images_per_sec"}
-                for x in lines]
-
-    assert records("resumed") == records("reference")  # the same trajectory, step by step
 
 
 def test_task_and_model_must_agree(tmp_path):

@@ -45,6 +45,22 @@ def teacher(tmp_path_factory):
         return _train_teacher(tmp_path_factory.mktemp("teacher"), **{"ema.decay": 0.9})
 
 
+@pytest.fixture(scope="module")
+def retrained_teacher(tmp_path_factory):
+    """`teacher` trained again from another seed (other variables, same step 12): copied over a
+    teacher's workdir, it stands for a teacher retrained in place since a student started."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        helpers.install_fake_pipeline(monkeypatch)
+        return _train_teacher(tmp_path_factory.mktemp("retrained_teacher"), seed=1,
+                              **{"ema.decay": 0.9})
+
+
+def _retrain_in_place(workdir, retrained):
+    """`workdir`'s teacher replaced by the retrained one (what retraining it there leaves)."""
+    shutil.rmtree(workdir)
+    shutil.copytree(retrained, workdir)
+
+
 def _student(teacher_workdir, **overrides):
     return helpers.tiny_config(**{"distill.teacher_workdir": teacher_workdir, **overrides})
 
@@ -231,7 +247,8 @@ def test_exact_resume_after_crash_with_distillation(tmp_path, monkeypatch, teach
                  _final_state(str(resumed), config))
 
 
-def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
+def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher,
+                                                 retrained_teacher):
     """The teacher is not in the checkpoint: a resume reads it again, and one retrained in the
     same workdir since (other variables, same step) would break exact resume: refused, naming
     both, before anything compiles."""
@@ -239,8 +256,7 @@ def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
     shutil.copytree(teacher, copy)
     config = _student(copy)
     helpers.run_until_crash(config, tmp_path / "student", monkeypatch, at_step=5)
-    shutil.rmtree(copy)
-    _train_teacher(copy, seed=1, **{"ema.decay": 0.9})
+    _retrain_in_place(copy, retrained_teacher)
     with pytest.raises(ValueError, match=re.escape(
             f"distill: teacher_workdir={copy!r} is invalid; this run started with another "
             f"teacher (workdir={copy!r}, step=12, ema=False, fingerprint ")):
@@ -248,18 +264,17 @@ def test_a_changed_teacher_is_refused_on_resume(tmp_path, monkeypatch, teacher):
     assert Checkpointer(str(tmp_path / "student")).all_steps() == [4]
 
 
-def test_a_finished_students_rerun_needs_no_teacher(tmp_path, monkeypatch):
+def test_a_finished_students_rerun_needs_no_teacher(tmp_path, teacher, retrained_teacher):
     """Rerunning a completed run changes nothing (docs/training.md), but a distilled one read
     and checked its teacher first: one retrained since, or deleted, failed the no-op rerun (a
     requeued job that had finished). Its checkpoints deleted, the run would have to train on,
     and without a teacher that is refused, not done without distillation."""
     copy = str(tmp_path / "teacher")
-    _train_teacher(copy)
+    shutil.copytree(teacher, copy)
     config = _student(copy)
     student = str(tmp_path / "student")
     first = loop.train_and_evaluate(config, student)
-    shutil.rmtree(copy)
-    _train_teacher(copy, seed=1)  # retrained: other variables
+    _retrain_in_place(copy, retrained_teacher)  # retrained: other variables
     assert loop.train_and_evaluate(config, student) == first
     shutil.rmtree(copy)  # gone
     assert loop.train_and_evaluate(config, student) == first

@@ -4,6 +4,8 @@ every pre-compilation check, and an FCN trains and evaluates on the mocked trima
 outline pixels (`IGNORE_LABEL`) count in no metric; an eval split of outline only is refused by
 name."""
 
+from functools import partial
+
 import jax
 import numpy as np
 import pytest
@@ -77,8 +79,10 @@ def test_an_eval_split_without_a_scored_pixel_is_refused_by_name(tmp_path):
     config.model, config.model_kwargs = "fcn32s_resnet18", {}
     config.data.data_dir, config.data.image_size = root, 32
     config.global_batch_size = config.eval_batch_size = 4
-    variables = create_model("fcn32s_resnet18", num_classes=2).init(
-        jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+    model = create_model("fcn32s_resnet18", num_classes=2)
+    # jitted: op by op, ResNet-18's init compiled one program per op
+    variables = jax.jit(partial(model.init, train=False))(
+        jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
     with _mock(root, 5, as_dataset_fn=_outline_only_test_split), \
             pytest.raises(ValueError) as err:
         loop.evaluate_variables(config, variables)
