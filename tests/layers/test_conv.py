@@ -663,7 +663,7 @@ def test_conv_transpose_phases_match_numpy_scatter_and_input_dilated_form(k, s, 
         layer = ConvTranspose2D(8, k, strides=s, dilation=d, padding=p, output_padding=op,
                                 groups=g, dtype=jnp.float64, param_dtype=jnp.float64,
                                 bias_init=nn.initializers.normal(1.0))
-        variables = layer.init(jax.random.key(0), x)
+        variables = jax.jit(layer.init)(jax.random.key(0), x)  # one compile, not one per op
         # A fresh function per form: jit replays a function's cached trace whatever the context.
         got = jax.jit(lambda v, xs: layer.apply(v, xs))(variables, x)
         assert _use_phases(_pair(s), got.shape[1:3], g)
@@ -697,16 +697,19 @@ def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries(cou
                                     padding=pads, output_padding=op, groups=g,
                                     dtype=jnp.float64, param_dtype=jnp.float64)
             x = jnp.asarray(_random(shape, checked, np.float64))
-            try:
-                variables = layer.init(jax.random.key(checked), x)
+            key = jax.random.key(checked)
+            try:  # shapes only: init runs in the compiled program below
+                y_shape, variables = jax.eval_shape(layer.init_with_output, key, x)
             except ValueError:  # cropped to nothing
                 continue
             checked += 1
-            out = jax.eval_shape(layer.apply, variables, x).shape[1:3]
+            out = y_shape.shape[1:3]
             phased += _use_phases(s, out, g)
-            cotangent = jnp.asarray(_random((shape[0], *out, layer.features), 7, np.float64))
+            cotangent = _random((shape[0], *out, layer.features), 7, np.float64)
 
-            def both_forms(v, xs, c=cotangent, m=layer):
+            def both_forms(k, xs, c=cotangent, m=layer):
+                v = m.init(k, xs)  # init in the program: one compile, not one per op
+
                 def value_and_grads():
                     y, vjp = jax.vjp(m.apply, v, xs)
                     return y, vjp(c)
@@ -715,7 +718,7 @@ def test_conv_transpose_phases_match_input_dilated_form_on_random_geometries(cou
                 with xla_convolutions():  # the form is chosen while tracing: one program
                     return per_phase, value_and_grads()
 
-            got, want = jax.jit(both_forms)(variables, x)
+            got, want = jax.jit(both_forms)(key, x)
             with xla_convolutions():
                 dilated = _input_dilated_convs(lambda v, xs, m=layer: m.apply(v, xs), variables, x)
             assert bool(dilated) == (max(s) > 1)  # the reference is the input-dilated form
@@ -797,7 +800,8 @@ def test_bilinear_init_odd_kernel_is_corner_aligned_resize(s):
     x = _random((1, 5, 6, 2), 15)
     layer = ConvTranspose2D(2, 2 * s - 1, strides=s, padding=s - 1, output_padding=s - 1,
                             use_bias=False, kernel_init=bilinear_upsample_init)
-    got = np.asarray(layer.apply(layer.init(jax.random.key(0), x), x))
+    # init and apply in one program: one compile, not one per op
+    got = np.asarray(jax.jit(lambda xs: layer.apply(layer.init(jax.random.key(0), xs), xs))(x))
     assert got.shape == (1, 5 * s, 6 * s, 2)
     size = (4 * s + 1, 5 * s + 1)
     want = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True).numpy()

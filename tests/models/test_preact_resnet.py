@@ -371,10 +371,11 @@ def test_forward_backward_jit_small_bottleneck_network():
             labels = jnp.array([0, 2])
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
 
-        return variables, jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        value_state, grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return variables, (value_state, grads), optax.tree.norm(grads)  # norm in the program
 
-    variables, ((value, state), grads) = loss_and_grad(x)
-    assert np.isfinite(float(value)) and float(optax.tree.norm(grads)) > 0
+    variables, ((value, state), grads), grad_norm = loss_and_grad(x)
+    assert np.isfinite(float(value)) and float(grad_norm) > 0
     assert jax.tree.structure(grads) == jax.tree.structure(variables["params"])
     old, new = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(state["batch_stats"])
     assert len(old) == 2 * (3 * 3 + 1)  # mean and var of 3 BNs in each of 3 blocks, bn_final
@@ -382,9 +383,10 @@ def test_forward_backward_jit_small_bottleneck_network():
 
     half = wide_resnet(10, 1, dtype=jnp.bfloat16)
     x = jnp.ones((1, 8, 8, 3))
-    variables = jax.eval_shape(lambda: half.init(jax.random.key(0), x))
+    # One abstract trace (init's own forward pass gives the outputs), not an init and an apply.
+    (logits, feats), variables = jax.eval_shape(
+        lambda: half.init_with_output(jax.random.key(0), x, return_features=True))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-    logits, feats = jax.eval_shape(lambda v: half.apply(v, x, return_features=True), variables)
     assert feats["stage3"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
 
 

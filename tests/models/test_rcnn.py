@@ -572,16 +572,22 @@ def test_rcnn_batch_norm_statistics_do_not_depend_on_the_device_count():
     rois = np.concatenate([corners, corners + rng.uniform(4, 16, (2, 2, 5, 2))], -1)
     valid = np.zeros((2, 2, 5), bool)
     valid[1, 0, :3] = valid[1, 1, :1] = True  # shard 0: none valid; shard 1: 4 of 10
-    variables = single.init(jax.random.key(0), jnp.asarray(images[0]))
 
-    def stats(model, images, rois, valid):
-        _, state = model.apply(variables, images, rois, True, valid, method="warped_features",
-                               mutable=["batch_stats"])
-        return state["batch_stats"]
+    @jax.jit
+    def both(images, rois, valid):  # init and both runs in one program: one compilation
+        variables = single.init(jax.random.key(0), images[0])
 
-    per_device = jax.vmap(lambda *a: stats(sharded, *a), axis_name="devices")(
-        jnp.asarray(images), jnp.asarray(rois, jnp.float32), jnp.asarray(valid))
-    whole = stats(single, *(jnp.asarray(a.reshape(4, *a.shape[2:])) for a in
-                            (images, rois.astype(np.float32), valid)))
+        def stats(model, images, rois, valid):
+            _, state = model.apply(variables, images, rois, True, valid,
+                                   method="warped_features", mutable=["batch_stats"])
+            return state["batch_stats"]
+
+        per_device = jax.vmap(lambda *a: stats(sharded, *a), axis_name="devices")(
+            images, rois, valid)
+        whole = stats(single, *(a.reshape(4, *a.shape[2:]) for a in (images, rois, valid)))
+        return per_device, whole
+
+    per_device, whole = both(jnp.asarray(images), jnp.asarray(rois, jnp.float32),
+                             jnp.asarray(valid))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6),
                  per_device, whole)
