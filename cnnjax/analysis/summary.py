@@ -730,12 +730,12 @@ def load_model(name: str, num_classes: int | None = None,
         key = name[len(_EXAMPLES_PREFIX):]
         model = create_example(key, **kwargs)
         return model, EXAMPLES[key][1]
-    from cnnjax.models import create_model, model_info
+    from cnnjax.models import UnknownModelError, create_model, model_info
 
     try:
         info = model_info(name)
-    except ValueError as err:  # create_model's "unknown model name=...": name the flag
-        raise invalid(owner, "--model", name, str(err).split("; ", 1)[-1]) from None
+    except UnknownModelError as err:  # the registry's advice under the flag's name
+        raise invalid(owner, "--model", name, err.valid) from None
     return create_model(name, **kwargs), tuple(info.input_shape)
 
 

@@ -174,9 +174,17 @@ def _lookup(name: str) -> ModelInfo:
     if name not in _REGISTRY:
         close = _close_names(name)
         hint = f"did you mean {close}? " if close else ""
-        raise ValueError(f"create_model: unknown model name={name!r}; {hint}"
-                         f"valid names: {sorted(_REGISTRY)}")
+        raise UnknownModelError(name, f"{hint}valid names: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+class UnknownModelError(ValueError):
+    """A model name the registry does not hold; `valid` (close matches, then every name) lets a
+    CLI name its own flag with the same advice."""
+
+    def __init__(self, name: str, valid: str):
+        super().__init__(f"create_model: unknown model name={name!r}; {valid}")
+        self.valid = valid
 
 
 def _close_names(name: str) -> list[str]:

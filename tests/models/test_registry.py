@@ -9,6 +9,7 @@ import pytest
 
 from cnnjax.models import (
     ModelArgumentError,
+    UnknownModelError,
     create_model,
     list_models,
     model_info,
@@ -488,10 +489,11 @@ def test_a_model_called_directly_below_its_smallest_input_says_the_input_is_too_
     ("mobilenet_v2", None),  # nothing like it: no "did you mean"
 ])
 def test_an_unknown_model_name_suggests_only_plausible_names(typo, expected):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UnknownModelError) as err:
         create_model(typo)
     message = str(err.value)
-    assert message.startswith(f"create_model: unknown model name={typo!r}; ")
+    assert message == f"create_model: unknown model name={typo!r}; {err.value.valid}"
+    assert err.value.valid.endswith(f"valid names: {list_models(task=None)}")
     if expected is None:
         assert "did you mean" not in message
     else:
