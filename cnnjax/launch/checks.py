@@ -35,6 +35,7 @@ from cnnjax.utils.cli import (
     config_file_error,
     explain_flag_error,
     find_culprit,
+    override_path,
     parse_with_none,
     repeated_tuple_field,
 )
@@ -248,7 +249,7 @@ def entry_checks(spec: JobSpec, loaded: dict[str, Any]) -> dict[str, Any]:
 
         base, sweep = loaded["config"], loaded["sweep"]
         space = space_lib.from_config(sweep)
-        overridden = [o.partition("=")[0].removeprefix("--config.")
+        overridden = [override_path(o).removeprefix("config.")
                       for o in spec.overrides_for("config")]
         check_overrides_not_swept(overridden, space, f"--sweep={spec.files['sweep']}")
         trials = space_lib.trial_configs(base, space)

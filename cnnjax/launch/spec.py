@@ -204,9 +204,10 @@ def runtime_override(override: Any) -> bool:
     some, such as num_devices, parallel or batch_norm_impl, can change the numbers through the
     device layout or float summation order)."""
     from cnnjax.train.config import RUNTIME_FIELDS  # deferred: imports the model registry
+    from cnnjax.utils.cli import override_path
 
-    name = str(override).partition("=")[0]
-    return name == "--distributed_timeout" or name.removeprefix("--config.") in RUNTIME_FIELDS
+    name = override_path(str(override))
+    return name == "distributed_timeout" or name.removeprefix("config.") in RUNTIME_FIELDS
 
 
 def json_ready(value: Any) -> Any:

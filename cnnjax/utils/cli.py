@@ -464,7 +464,7 @@ def explain_flag_error(args: Sequence[str], err: Exception) -> tuple[str | None,
     culprit = find_culprit(overrides, err)
     message = error_message(err)
     if culprit and isinstance(err, KeyError | AttributeError):
-        path = culprit.lstrip("-").split("=", 1)[0]
+        path = override_path(culprit)
         field = next((f for f in reversed(path.split(".")) if message.startswith(repr(f))),
                      path.rsplit(".", 1)[-1])
         if message.startswith(repr(field)):  # ml_collections' KeyError: the name, a suggestion
@@ -508,7 +508,7 @@ def missing_field_hint(args: Sequence[str], override: str) -> str:
     field on the path exists."""
     from ml_collections import ConfigDict
 
-    flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
+    flag, *path = override_path(override).split(".")
     try:
         node = load_flag_config(args, flag)
     except Exception:  # noqa: BLE001 — only a hint: the error stands without it
@@ -528,7 +528,7 @@ def value_not_group(args: Sequence[str], override: str) -> str:
     integers"); '' when every parent on its path is a group or the file cannot be loaded."""
     from ml_collections import ConfigDict
 
-    flag, *path = override.lstrip("-").split("=", 1)[0].split(".")
+    flag, *path = override_path(override).split(".")
     spec = flag_value(args, flag)
     if spec is None or len(path) < 2:
         return ""
@@ -603,6 +603,11 @@ def model_kwargs_hint(args: Sequence[str], field: str | None = None) -> str:
         return ""
 
 
+def override_path(override: str) -> str:
+    """The dotted field path an override sets: `config.a.b` for `--config.a.b=v`."""
+    return override.lstrip("-").split("=", 1)[0]
+
+
 def flag_value(args: Sequence[str], flag: str) -> str | None:
     """The value `args` give `--flag`, as `--flag=value` or `--flag value` (absl takes both);
     the last one wins, as in absl. None when it is not given."""
@@ -621,7 +626,7 @@ def find_culprit(overrides: Sequence[str], err: Exception) -> str | None:
     message mentions (`names_field`), else None."""
     message = error_message(err)
     for override in overrides:
-        fields = override.lstrip("-").split("=", 1)[0].split(".")[1:]
+        fields = override_path(override).split(".")[1:]
         if any(message.startswith(repr(field)) for field in fields):
             return override
     return next((o for o in overrides if names_field(o, err)), None)
@@ -629,7 +634,7 @@ def find_culprit(overrides: Sequence[str], err: Exception) -> str | None:
 
 def names_field(override: str, err: Exception) -> bool:
     """True when `err`'s message names the field that `override` (`--config.a.b=v`) sets."""
-    name = override.lstrip("-").split("=", 1)[0]
+    name = override_path(override)
     message = error_message(err)
     return (any(part in message for part in (name, name.split(".", 1)[-1], name.rsplit(".")[-1]))
             or any(repr(field) in message for field in name.split(".")[1:]))
