@@ -386,13 +386,14 @@ def test_a_config_file_argument_that_get_config_refuses_is_named_in_one_line():
 
 
 def test_the_command_reports_flag_errors_in_one_line():
-    """`python -m experiments.train` with six bad command lines, run by one interpreter that
-    forks a child per command (tests/commands.py: 6 process starts cost 17 s)."""
+    """`python -m experiments.train` (and sweep) with seven bad command lines, run by one
+    interpreter that forks a child per command (tests/commands.py: 6 process starts cost
+    17 s)."""
     import os
 
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
     lenet = ("--config=experiments/configs/lenet5_digits.py", "--workdir=unused")
-    bad, unknown, bad_value, group, typo, default = run_commands([
+    bad, unknown, bad_value, group, typo, default, no_sweep = run_commands([
         ("experiments.train", "--config=experiments/configs/rcnn_shapes.py:bogus",
          "--workdir=unused"),
         ("experiments.train", "--bogusflag=1"),
@@ -400,6 +401,8 @@ def test_the_command_reports_flag_errors_in_one_line():
         ("experiments.train", *lenet, "--config.optimizer=adam"),
         ("experiments.train", *lenet, "--config.bogus=1"),
         ("experiments.train", "--workdir=unused", "--config.model_kwargs.depth=3"),
+        # an override without its config-file flag: the missing flag, not an unknown flag
+        ("experiments.sweep", lenet[0], "--sweep_dir=unused", "--sweep.seed=1"),
     ], env=env)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "FATAL" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
@@ -426,6 +429,9 @@ def test_the_command_reports_flag_errors_in_one_line():
     assert default.stderr.strip().splitlines()[-1] == (
         "error: --config.model_kwargs.depth=3 is invalid; the config has no field 'depth'; "
         "model 'lenet5' accepts model_kwargs ['activation', 'c3_table', 'subsampling']")
+    assert no_sweep.returncode == 1 and no_sweep.stderr.strip().splitlines()[-1] == (
+        "error: --sweep is required (--sweep.seed sets a field of the file --sweep names: give "
+        "--sweep=<file>.py before it)")
 
 
 @pytest.mark.parametrize("script", [
@@ -707,3 +713,26 @@ def test_a_config_file_returning_a_config_passes(monkeypatch):
     monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required=True))
     assert cli.parse_flags(argv) == ["prog"]
     assert cli.not_a_config(cli.flags.FLAGS) is None
+
+
+@pytest.mark.parametrize(("required", "state"), [(True, "required"), (False, "missing")])
+@pytest.mark.parametrize("override", [("--config.seed=1",), ("--config.seed", "1")])
+def test_an_override_without_its_config_flag_names_the_missing_flag(monkeypatch, required,
+                                                                    state, override):
+    """`experiments.sweep --sweep_dir=d --config.num_train_steps=40` (no --config) was refused
+    as "Unknown command line flag 'config.num_train_steps'", not as the missing --config."""
+    argv = ["prog", "--workdir=w", *override]
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required))
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    assert caught.value.code == (
+        f"error: --config is {state} (--config.seed sets a field of the file --config names: "
+        "give --config=<file>.py before it)")
+
+
+def test_an_unknown_dotted_flag_that_overrides_no_config_flag_stays_unknown(monkeypatch):
+    argv = ["prog", "--workdir=w", "--workdir.x=1", "--bogus.seed=1"]
+    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required=True))
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    assert caught.value.code.startswith("error: Unknown command line flag 'workdir.x'")

@@ -50,6 +50,7 @@ def parse_flags(argv: list[str],
     except flags.Error as err:
         message = (config_file_error(err) or missing_config_file(flags.FLAGS)
                    or not_a_config(flags.FLAGS) or group_not_value(argv[1:], err)
+                   or override_without_its_flag(flags.FLAGS, argv[1:], err)
                    or absl_flag_error(err, unknown_flag_hint))
         sys.exit(f"error: {message}")
     except (KeyError, AttributeError, TypeError, ValueError, OSError) as err:
@@ -272,6 +273,33 @@ def absl_flag_error(err: flags.Error,
     if order is not None:  # ml_collections' FlagOrderError
         return f"{text}: put the overrides after {order.group(1)}=<file>"
     return f"{text} (--helpshort lists the flags)"
+
+
+def override_without_its_flag(values: flags.FlagValues, args: Sequence[str],
+                              err: flags.Error) -> str:
+    """For absl's unknown-flag error on `--config.<field>=...` whose config-file flag `--config`
+    was not given (ml_collections defines a file's override flags only once the file is named):
+    that `--config` is required (or missing), as the command says without the override, not
+    that the override is an unknown flag; '' for any other error."""
+    from ml_collections.config_flags.config_flags import is_config_flag
+
+    if not isinstance(err, flags.UnrecognizedFlagError) or "." not in err.flagname:
+        return ""
+    name = err.flagname.partition(".")[0]
+    if name not in values or not is_config_flag(values[name]):
+        return ""
+    if values[name].present or flag_value(args, name) is not None:
+        return ""  # given: the override names a field its file lacks (reported as absl words it)
+    need = (f"--{err.flagname} sets a field of the file --{name} names: give "
+            f"--{name}=<file>.py before it")
+    state = "required" if _is_required(values[name]) else "missing"
+    return f"--{name} is {state} ({need})"
+
+
+def _is_required(flag: flags.Flag) -> bool:
+    """Whether `flag` was marked required (absl's `mark_flag_as_required` validator)."""
+    return any(str(getattr(v, "message", "")).endswith("must have a value other than None.")
+               for v in flag.validators)
 
 
 _OVERRIDE_FIRST = re.compile(r"^Found \S+ in argv before a value for (--\w+) was specified$")
