@@ -190,7 +190,7 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
         if finished is not None:
             logging.info("%s already holds this test (%s); nothing to do.", workdir,
                          finished["status"])
-            return finished
+            return finished | {"outputs": _outputs(workdir)}  # where they are now (moved?)
         record = {"status": "running", "settings": settings, "overrides": overrides,
                   "model": run_config.model, "dataset": checked.data_info.name,
                   "config": flat, "outputs": _outputs(workdir)}
@@ -220,6 +220,7 @@ def run_lr_range(config: Any, workdir: str, lr_min: float, lr_max: float, steps:
 
 
 def _outputs(workdir: str) -> dict[str, str]:
+    """The test's files in `workdir`, as absolute paths."""
     root = os.path.abspath(workdir)
     return {"record": os.path.join(root, RECORD_FILE), "plot": os.path.join(root, PLOT_FILE)}
 

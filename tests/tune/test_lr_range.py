@@ -5,6 +5,7 @@ and the `experiments.lr_range_test` script as a user runs it."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,6 +221,22 @@ def test_rerun_with_the_same_settings_returns_the_record_untouched(ramp, monkeyp
     again = lr_range.run_lr_range(_config(progress_bar=True), workdir, **SETTINGS)
     assert again == json.loads(json.dumps(record))
     assert os.stat(path).st_mtime_ns == before
+
+
+def test_a_rerun_in_a_copied_workdir_names_the_files_where_they_are_now(ramp, tmp_path,
+                                                                        monkeypatch):
+    """The record keeps the first invocation's absolute paths; the rerun's summary names the
+    copy's (it printed the original's)."""
+    workdir, record = ramp
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    monkeypatch.setattr(lr_range, "_train", lambda *a: pytest.fail("trained again"))
+    again = lr_range.run_lr_range(_config(), copy, **SETTINGS)
+    assert again["outputs"] == {"record": os.path.join(copy, lr_range.RECORD_FILE),
+                                "plot": os.path.join(copy, lr_range.PLOT_FILE)}
+    assert f"Plot:   {os.path.join(copy, lr_range.PLOT_FILE)}" in lr_range.format_summary(again)
+    with open(os.path.join(copy, lr_range.RECORD_FILE)) as f:
+        assert json.load(f)["outputs"] == record["outputs"]  # the file is left as it was
 
 
 @pytest.mark.parametrize("change, detail", [
