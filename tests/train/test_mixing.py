@@ -389,9 +389,9 @@ def test_the_smallest_alpha_mixes_finite_values_and_a_smaller_one_would_not():
     (refused) the draws give NaN lams."""
     worst = np.float32(23 * math.log(2)) / np.float32(mixing.MIN_ALPHA)
     assert np.isfinite(worst) and worst < np.finfo(np.float32).max / 2
-    # jitted: op by op, the Beta draw compiled one program per op
-    beta = jax.jit(lambda key: jax.random.beta(key, 1e-38, 1e-38, (100,)))
-    assert np.isnan(np.asarray(beta(jax.random.PRNGKey(0)))).all()
+    # op by op: jitted, jaxlib 0.11's XLA folds these draws to finite 0s and 1s (0.10's does not)
+    draws = jax.random.beta(jax.random.PRNGKey(0), 1e-38, 1e-38, (100,))
+    assert np.isnan(np.asarray(draws)).all()
     images, labels = _batch()
     for settings in ({"mixup_alpha": mixing.MIN_ALPHA, "cutmix_alpha": 0.0},
                      {"mixup_alpha": 0.0, "cutmix_alpha": mixing.MIN_ALPHA}):
