@@ -63,7 +63,7 @@ from cnnjax.analysis.receptive_field import (
     to_receptive_field,
     with_counts,
 )
-from cnnjax.analysis.trace import Trace, is_prng_key, trace_model
+from cnnjax.analysis.trace import Trace, init_shapes, is_prng_key, trace_model
 from cnnjax.utils.files import make_parent_dir
 from cnnjax.utils.validation import (
     check_float_dtype,
@@ -609,6 +609,39 @@ def check_model(owner: str, model: Any) -> None:
     raise invalid(owner, "model", type(model).__name__, "expected a flax.linen Module")
 
 
+def _trace_failure(owner: str, model: nn.Module, shape: tuple[int, ...], err: Exception,
+                   **init_kwargs: Any) -> Exception:
+    """The error for a trace that failed on `shape` (`err`, the layer's `LayerCallError`): an
+    input_shape ValueError if the model runs on a larger input or on an (H, W, C) image (the size
+    or the rank is at fault); else the model's own error (an AttributeError in its code, a
+    setting no input satisfies), re-raised with its traceback rather than blamed on the input."""
+    from cnnjax.train.checks import larger_input
+
+    cause = err.__cause__
+    others = [larger_input(shape, len(shape) - 1)]
+    if len(shape) != 3:  # the models take [N, H, W, C] images
+        others.append(larger_input((1, 1, shape[-1]), 2))
+    if (cause is not None and not isinstance(cause, MemoryError)  # too large: not retried
+            and not any(_runs(model, other, init_kwargs) for other in others)):
+        return cause
+    # (1, 32, 32, 3) for (32, 32, 3): the batch axis is `batch_size`'s, not input_shape's
+    batch = (f"; input_shape excludes the batch axis (batch_size sets it): did you mean "
+             f"{shape[1:]}?" if len(shape) > 3 and shape[0] == 1 else "")
+    return invalid(owner, "input_shape", shape, f"in {type(model).__name__}, {err}; a larger "
+                   f"input, another rank or other model settings may be needed{batch}")
+
+
+def _runs(model: nn.Module, shape: tuple[int, ...], init_kwargs: dict[str, Any]) -> bool:
+    """Whether `model.init` traces on a `shape` input, as `trace_model` would try it."""
+    from cnnjax.train.checks import LayerCallError
+
+    try:
+        init_shapes(model, shape, **init_kwargs)
+    except LayerCallError:
+        return False
+    return True
+
+
 def summary(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -639,14 +672,12 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
 
     try:
         trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
+        failure = None
     except LayerCallError as err:
-        # (1, 32, 32, 3) for (32, 32, 3): the batch axis is `batch_size`'s, not input_shape's
-        batch = (f"; input_shape excludes the batch axis (batch_size sets it): did you mean "
-                 f"{shape[1:]}?"
-                 if len(shape) > 3 and shape[0] == 1 else "")
-        raise invalid(owner, "input_shape", shape, f"in {type(model).__name__}, {err}; a larger "
-                      f"input, another rank or other model settings may be needed{batch}"
-                      ) from None
+        failure = _trace_failure(owner, model, shape, err, batch_size=batch_size, dtype=dtype,
+                                 **call_kwargs)
+    if failure is not None:  # raised here, out of the handler: no LayerCallError in its chain
+        raise failure
     grouper = _Grouper(trace, len(shape) - 1)
     rows = grouper.run()
     out_info = grouper.info.get(trace.output_ids[0]) if trace.output_ids else None

@@ -451,6 +451,22 @@ def _init_shapes(model: nn.Module, x: Any, rngs: dict[str, Any],
         return jax.eval_shape(lambda x: model.init(rngs, x, **call_kwargs), x)
 
 
+def _streams(user_rngs: Any) -> set[str]:
+    """The PRNG streams a trace feeds: 'params', 'dropout' and those of the caller's `rngs` (a
+    dict by stream, or one key, which flax's apply reads as {'params': key})."""
+    return {"params", "dropout", *(user_rngs if isinstance(user_rngs, dict) else ())}
+
+
+def init_shapes(model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 1,
+                dtype: Any = jnp.float32, **call_kwargs: Any) -> Any:
+    """The variables' shapes of an abstract `model.init` on `[batch_size, *input_shape]`, as
+    `trace_model` makes them (raising its `LayerCallError`): a re-trace at another input tells
+    a size problem from another one."""
+    streams = _streams(call_kwargs.pop("rngs", None))
+    x = jax.ShapeDtypeStruct((batch_size, *input_shape), dtype)
+    return _init_shapes(model, x, dict.fromkeys(streams, jax.random.key(0)), call_kwargs)
+
+
 def trace_model(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -465,12 +481,7 @@ def trace_model(
     Raises `cnnjax.train.checks.LayerCallError` naming the layer where `model.init` fails on
     this input."""
     x = jax.ShapeDtypeStruct((batch_size, *input_shape), dtype)
-    user_rngs = call_kwargs.pop("rngs", None)
-    if user_rngs is None:
-        user_rngs = {}
-    elif not isinstance(user_rngs, dict):  # one key: flax's apply reads it as {'params': key}
-        user_rngs = {"params": user_rngs}
-    streams = {"params", "dropout", *user_rngs}
+    streams = _streams(call_kwargs.pop("rngs", None))
 
     def rngs() -> dict[str, Any]:
         key = jax.random.key(0)

@@ -67,10 +67,11 @@ class LayerWatcher:
     """Flax method interceptor (`nn.intercept_methods`): names the layer where the input gets too
     small or a call fails, as `LayerCallError`; the input-size check and `analysis.summary` use it.
 
-    Errors raised inside a submodule are attributed to the innermost module. When the failing code
-    is not a submodule (a pooling function such as `max_pool2d` called inside a model's own
-    `__call__`), the message also names the last layer that completed and its output shape, i.e.
-    what the failing operation received.
+    Errors raised inside a submodule are attributed to the innermost module, with the shape of
+    the input it was called on. When the failing code runs after a submodule of the failing
+    module completed (a pooling function such as `max_pool2d` called inside a model's own
+    `__call__`), the message names that last layer and its output shape instead, i.e. what the
+    failing operation received.
     """
 
     def __init__(self):
@@ -90,14 +91,20 @@ class LayerWatcher:
             if self.last is not None and self.last[0] != name:
                 detail += f"; the input came from layer {self.last[0]}, shape {self.last[1]}"
             raise LayerCallError(name, detail)
+        before = self.last
         try:
             out = next_fun(*args, **kwargs)
         except LayerCallError:
             raise
         except Exception as err:  # noqa: BLE001 — a shape error inside this layer
-            detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            if self.last is not None and self.last[0] != name:
-                detail += f"; the input it got came from layer {self.last[0]}, shape {self.last[1]}"
+            lines = str(err).splitlines()
+            detail = f"{type(err).__name__}: {lines[0] if lines else ''}"
+            shape = getattr(args[0], "shape", None) if args else None
+            if self.last is not before and self.last is not None:  # a submodule of it ran
+                detail = (f"{detail.removesuffix('.')}; the input it got came from layer "
+                          f"{self.last[0]}, shape {self.last[1]}")
+            elif shape is not None:  # its own code failed on what it was called with
+                detail = f"{detail.removesuffix('.')}; its input has shape {tuple(shape)}"
             raise LayerCallError(name, detail) from err
         shape = _empty_spatial(out)
         if shape is not None:
@@ -136,7 +143,7 @@ def check_input_size(
             model_name, "input resolution", f"{height}x{width}",
             f"too large: layer {err.layer} runs out of memory building it ({err.detail}); use a "
             "smaller data.image_size") from None
-    larger = (max(4 * height, _LARGE_INPUT), max(4 * width, _LARGE_INPUT), *input_shape[2:])
+    larger = larger_input(input_shape, 2)
     if _trace_failure(model, larger) is not None:  # not the size: the model's own settings
         cause = err.__cause__
         raise ValueError(
@@ -171,6 +178,12 @@ def _own_setting(model: nn.Module, cause: BaseException | None) -> str | None:
 
 #: The side of the input a failure is re-traced at to tell a size problem from another one.
 _LARGE_INPUT = 512
+
+
+def larger_input(input_shape: tuple[int, ...], spatial: int) -> tuple[int, ...]:
+    """`input_shape` with its first `spatial` axes at least 4x and `_LARGE_INPUT` long: the input
+    a failure is re-traced at, where a size problem goes away and any other one stays."""
+    return (*(max(4 * d, _LARGE_INPUT) for d in input_shape[:spatial]), *input_shape[spatial:])
 
 
 def _trace_failure(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCallError | None:

@@ -13,11 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cnnjax.analysis.receptive_field import receptive_field
 from cnnjax.analysis.summary import summary
 from cnnjax.layers.conv import Conv2D, ConvTranspose2D, LocallyConnected2D, TiledConv2D
 from cnnjax.layers.pooling import avg_pool2d, global_avg_pool, max_pool2d, spatial_pyramid_pool
 from cnnjax.models import create_model
 from cnnjax.models.fcn import bilinear_transposed_conv
+from cnnjax.utils.validation import INPUT_TOO_SMALL_HINT
 from tests.commands import run_commands
 from tests.examples import (
     EXAMPLES,
@@ -928,3 +930,60 @@ def test_an_input_shape_with_the_batch_axis_is_told_to_drop_it():
     with pytest.raises(ValueError) as err:
         summary(create_model("lenet5"), (2, 32, 32, 1))
     assert "batch axis" not in str(err.value)
+
+
+class _Typo(nn.Module):
+    """A bug in the model's own code (jnp has no relu), whatever the input."""
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.relu(Conv2D(4, 3, padding=1)(x))  # the line the traceback must show
+
+
+class _BadGroups(nn.Module):
+    """A setting no input satisfies: 4 filters in 3 groups."""
+
+    @nn.compact
+    def __call__(self, x):
+        return Conv2D(4, 3, padding=1, groups=3)(x)
+
+
+def test_a_bug_in_the_model_is_its_own_error_not_the_input_shapes():
+    """An AttributeError in the model's code read "summary: input_shape=(8, 8, 3) is invalid;
+    ... a larger input ... may be needed", with no cause and no line. A failure that a larger
+    input does not cure is re-raised as itself, with the traceback to the model's line;
+    receptive_field, on the same path, too."""
+    import traceback
+
+    for fn in (summary, receptive_field):
+        with pytest.raises(AttributeError, match="has no attribute 'relu'") as err:
+            fn(_Typo(), (8, 8, 3))
+        frames = traceback.extract_tb(err.value.__traceback__)
+        assert any(f.filename == __file__ and f.line.startswith("return jnp.relu(")
+                   for f in frames)
+    with pytest.raises(ValueError, match=r"^Conv2D: groups=3 is invalid"):
+        summary(_BadGroups(), (8, 8, 3))
+
+
+class _ConvPoolConv(nn.Module):
+    """A pooling function (no submodule) between two convolutions: 5x5 -> pool 3/2 -> 2x2."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = max_pool2d(Conv2D(8, 3, padding=1, name="c1")(x), 3, 2)
+        return Conv2D(16, 3, name="c2")(x)
+
+
+def test_a_too_small_input_names_the_failing_layers_own_input_in_full():
+    """c2 failed "...; inside a network [cut at 200 characters]; the input it got came from
+    layer c1 (Conv2D), shape (1, 5, 5, 8)": a shape c2 never got (the pool between made it
+    2x2, (5 - 3) // 2 + 1). Its own input's shape is named and the layer's hint kept whole."""
+    with pytest.raises(ValueError) as err:
+        summary(_ConvPoolConv(), (5, 5, 3))
+    message = str(err.value)
+    assert message.startswith("summary: input_shape=(5, 5, 3) is invalid; in _ConvPoolConv, "
+                              "layer c2 (Conv2D) fails (ValueError: Conv2D: kernel_size=(3, 3) "
+                              "is invalid; ")
+    assert message.endswith(f"{INPUT_TOO_SMALL_HINT}; its input has shape (1, 2, 2, 8)); a "
+                            "larger input, another rank or other model settings may be needed.")
+    assert "came from" not in message

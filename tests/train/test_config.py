@@ -7,7 +7,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from cnnjax.layers import BatchNorm
+from cnnjax.layers import BatchNorm, Conv2D, max_pool2d
 from cnnjax.models import registry
 from cnnjax.train import checks, loop
 from cnnjax.train.config import (
@@ -17,6 +17,7 @@ from cnnjax.train.config import (
     eval_batch,
     validate_config,
 )
+from cnnjax.utils.validation import INPUT_TOO_SMALL_HINT
 from tests.train import helpers
 
 
@@ -311,6 +312,31 @@ def test_input_too_small_for_a_pooling_function_names_what_fed_it():
     assert message.startswith("alexnet: input resolution='40x40' is invalid; too small: layer "
                               "AlexNet (AlexNet) fails (ValueError: max_pool2d: kernel_size=3")
     assert "the input it got came from layer conv5 (Conv2D), shape (1, 1, 1, 256)" in message
+
+
+class _ConvPoolConvNet(nn.Module):
+    """Two cnnjax convolutions with a pooling function (no submodule) between: 5x5 -> 2x2."""
+    num_classes: int = 3
+    dtype: object = None
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train=False, return_features=False):
+        x = max_pool2d(Conv2D(8, 3, padding=1, name="c1")(x), 3, 2)
+        return Conv2D(16, 3, name="c2")(x)
+
+
+def test_a_layer_failing_on_its_input_names_that_input_not_the_last_layers():
+    """c2 was said to get its input from c1 at (1, 5, 5, 8), though the pool between made it
+    2x2 ((5 - 3) // 2 + 1), and its own hint was cut at 200 characters: the layer's own input
+    is named, after the whole of its message."""
+    with pytest.raises(ValueError) as err:
+        checks.check_input_size(_ConvPoolConvNet(), "cpc", (5, 5, 1))
+    message = str(err.value)
+    assert message.startswith("cpc: input resolution='5x5' is invalid; too small: layer c2 "
+                              "(Conv2D) fails (ValueError: Conv2D: kernel_size=(3, 3) is invalid")
+    assert f"{INPUT_TOO_SMALL_HINT}; its input has shape (1, 2, 2, 8)); use a larger" in message
+    assert "came from" not in message
 
 
 def test_a_layer_that_fails_at_any_size_is_not_blamed_on_the_input_size():
