@@ -17,7 +17,10 @@ elementwise work, e.g. -1.3% on resnet20_cifar on XLA:CPU). Two departures from 
 casts (`convert_element_type`) cost 0 where XLA charges 1 per element, so a bfloat16 model's total
 equals its float32 one and is 2-60% below XLA's; and adaptive pooling whose bins do not tile the
 map (`jnp.take` gathers, e.g. AlexNet's 6x6 pool of a 13x13 map at 63x63 inputs) matches neither
-XLA figure (XLA's lowering of the gather adds bounds arithmetic), a few 1e-5 of a model's total:
+XLA figure (XLA's lowering of the gather adds bounds arithmetic), a few 1e-5 of a model's total.
+A strided `ConvTranspose2D` is traced in its canonical input-dilated form; on the CPU it runs as
+one convolution per output phase plus the adds interleaving them, so compare its figures with
+XLA's count of a program traced under `cnnjax.layers.conv_impl.xla_convolutions()`:
 - `macs`: dense multiply-accumulates of convolutions and dot products, the figure papers quote:
   `N * prod(out_spatial) * C_out * C_in/groups * prod(kernel)`, taps over padding included.
   Along an axis with input dilation > 1 (a transposed convolution) only the taps on real input
