@@ -833,6 +833,7 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
     decisions: list[Decision] = []
     status, reason = "running", ""
     checked = plan  # `run_tune` checked round 1 before taking the lock
+    running = None  # the round whose sweep is under way, for a record written if it stops
     # SIGTERM between rounds (no run holds a handler then) is kept pending, not the default
     # kill: the next round's first trial stops before training and recipe.json says why.
     with StopRequest():
@@ -843,10 +844,12 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
                 if plan is not checked:
                     _check_round(base_config, plan)
                 say(verbose, f"=== Round {plan.index} ({plan.action}): {plan.reason}")
+                running = plan
                 rows = run_sweep(plan.base_config(base_config), plan.space(),
                                  os.path.join(tune_dir, plan.dirname), recipe.metric, recipe.mode,
                                  verbose=verbose)
                 history.append(RoundResult(plan, sorted(rows, key=lambda r: r["index"])))
+                running = None
                 failed = [r for r in rows if r["status"] not in ("completed", "diverged")]
                 if failed:
                     status = "failed"
@@ -867,10 +870,10 @@ def _run_rounds(base_config: Any, recipe: Recipe, tune_dir: str, plan: RoundPlan
             why = f"{stopped} ({type(err).__name__}: {err}); rerun the command to continue"
             try:
                 _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
-                               (time.time() - started, earlier), diagnose_fn)
+                               (time.time() - started, earlier), diagnose_fn, running)
             except Exception:  # noqa: BLE001 — e.g. the diagnosis itself failed: record without it
                 _write_outputs(tune_dir, recipe, history, decisions, stopped, why,
-                               (time.time() - started, earlier), None)
+                               (time.time() - started, earlier), None, running)
             raise
     record = _write_outputs(tune_dir, recipe, history, decisions, status, reason,
                             (time.time() - started, earlier), diagnose_fn)
@@ -966,10 +969,12 @@ def _listdir(path: str) -> list[str]:
 # -------------------------------------------------------------------------------- outputs
 def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult],
                    decisions: Sequence[Decision], status: str, reason: str,
-                   wall: tuple[float, float], diagnose_fn: DiagnoseFn | None) -> dict:
+                   wall: tuple[float, float], diagnose_fn: DiagnoseFn | None,
+                   running: RoundPlan | None = None) -> dict:
     """Writes recipe.json, report.md and tune.png (atomically) and returns the record; each
     round's best trial is diagnosed with `diagnose_fn` (None: left out). `wall`: this
-    invocation's seconds so far and the earlier invocations' (`_earlier_wall_time`)."""
+    invocation's seconds so far and the earlier invocations' (`_earlier_wall_time`). `running`:
+    the round a stopped tune was in the middle of (its sweep keeps the finished trials)."""
     rounds = []
     for i, result in enumerate(history):
         found = incumbent([result], recipe.mode)
@@ -1001,6 +1006,7 @@ def _write_outputs(tune_dir: str, recipe: Recipe, history: Sequence[RoundResult]
         "best": final,
         "diagnosis": decisions[-1].diagnosis.to_dict() if decisions and final else None,
         "rounds": rounds,
+        "running_round": running.describe() if running is not None else None,
     }))
     atomic_write(os.path.join(tune_dir, RECIPE_FILE), json.dumps(record, indent=2))
     atomic_write(os.path.join(tune_dir, report_lib.REPORT_FILE), report_lib.format_report(record))

@@ -80,6 +80,12 @@ def format_report(record: dict) -> str:
         if r["decision"]:
             d = r["decision"]
             out += [f"**Decision:** {d['action']} — {d['reason']}", ""]
+    running = record.get("running_round")  # absent from records before it was kept
+    if running:
+        out += [f"## Round {running['index']}: {running['action']} (stopped before it finished)",
+                "", running["reason"], "",
+                f"Its sweep `{running['dir']}/` keeps the trials that finished; rerunning the "
+                "command continues it.", ""]
     return "\n".join(out)
 
 

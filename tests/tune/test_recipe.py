@@ -762,6 +762,13 @@ def test_interrupted_tune_resumes_without_rerunning_finished_trials(tmp_path, mo
         _tune(tmp_path, monkeypatch, trainer)
     saved = json.loads((tmp_path / "tune" / "recipe.json").read_text())
     assert saved["status"] == "interrupted" and saved["num_rounds"] == 1
+    # the round it stopped in is recorded and reported (report.md listed round 1 only)
+    second = reference["rounds"][1]
+    assert saved["running_round"] == {k: second[k] for k in saved["running_round"]}
+    assert saved["running_round"]["index"] == 2 and saved["running_round"]["dir"] == "round_2"
+    report = (tmp_path / "tune" / "report.md").read_text()
+    assert (f"## Round 2: {second['action']} (stopped before it finished)\n\n{second['reason']}"
+            "\n\nIts sweep `round_2/` keeps the trials that finished" in report)
     done = trainer.calls[:4]
     trainer = FakeTrainer()
     record = _tune(tmp_path, monkeypatch, trainer)
