@@ -128,10 +128,7 @@ def test_a_tuple_field_given_twice_is_refused_not_joined(monkeypatch):
     values = _config_flag(argv)
     values(argv)
     assert values["config"].value.source.data.classes == (0, 1, 2)  # what ml_collections does
-    monkeypatch.setattr(cli.flags, "FLAGS", _config_flag(argv))
-    with pytest.raises(SystemExit) as caught:
-        cli.parse_flags(argv)
-    assert caught.value.code == (
+    assert _refusal(monkeypatch, argv, _config_flag(argv)) == (
         "error: --config.source.data.classes is invalid given 2 times; ml_collections would "
         "join their values into one tuple, not keep the last as for other fields: give it once, "
         "with every value (e.g. --config.source.data.classes='(1, 2)')")
@@ -599,10 +596,7 @@ def test_a_missing_config_file_given_with_overrides_is_named(args, monkeypatch):
     config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
                                     lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "an ordinary flag", flag_values=values)
-    monkeypatch.setattr(cli.flags, "FLAGS", values)
-    with pytest.raises(SystemExit) as caught:
-        cli.parse_flags(argv)
-    assert caught.value.code == (
+    assert _refusal(monkeypatch, argv, values) == (
         "error: --config='experiments/configs/nope.py' is invalid; no such config file")
 
 
@@ -676,6 +670,14 @@ def _config_flags(argv, required=False):
     return values
 
 
+def _refusal(monkeypatch, argv, values):
+    """The one-line exit message of `cli.parse_flags(argv)` with `values` as absl's flags."""
+    monkeypatch.setattr(cli.flags, "FLAGS", values)
+    with pytest.raises(SystemExit) as caught:
+        cli.parse_flags(argv)
+    return caught.value.code
+
+
 @pytest.mark.parametrize("required", [False, True])
 @pytest.mark.parametrize(("body", "got"), [("None", "None"), ("5", "an int")])
 @pytest.mark.parametrize("overrides", [(), ("--config.seed=1",)])
@@ -687,10 +689,7 @@ def test_a_config_file_returning_no_config_is_named_in_one_line(tmp_path, monkey
     path = tmp_path / "bad.py"
     path.write_text(f"def get_config():\n    return {body}\n")
     argv = ["prog", f"--config={path}", *overrides]
-    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required))
-    with pytest.raises(SystemExit) as caught:
-        cli.parse_flags(argv)
-    assert caught.value.code == (
+    assert _refusal(monkeypatch, argv, _config_flags(argv, required)) == (
         f"error: --config={str(path)!r} is invalid; its get_config() returned {got} (expected "
         "an ml_collections.ConfigDict)")
     assert "did you forget a return statement" not in capsys.readouterr().err  # one line
@@ -702,10 +701,8 @@ def test_an_empty_config_file_path_is_named_in_one_line(monkeypatch, args):
     """`--config=` reached the user as ml_collections' OSError ("Path to config file is an
     empty string.") at the first use of the config, naming no flag."""
     argv = ["prog", *args]
-    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv))
-    with pytest.raises(SystemExit) as caught:
-        cli.parse_flags(argv)
-    assert caught.value.code == "error: --config='' is invalid; expected a config file path"
+    assert (_refusal(monkeypatch, argv, _config_flags(argv))
+            == "error: --config='' is invalid; expected a config file path")
 
 
 def test_a_config_file_returning_a_config_passes(monkeypatch):
@@ -722,17 +719,12 @@ def test_an_override_without_its_config_flag_names_the_missing_flag(monkeypatch,
     """`experiments.sweep --sweep_dir=d --config.num_train_steps=40` (no --config) was refused
     as "Unknown command line flag 'config.num_train_steps'", not as the missing --config."""
     argv = ["prog", "--workdir=w", *override]
-    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required))
-    with pytest.raises(SystemExit) as caught:
-        cli.parse_flags(argv)
-    assert caught.value.code == (
+    assert _refusal(monkeypatch, argv, _config_flags(argv, required)) == (
         f"error: --config is {state} (--config.seed sets a field of the file --config names: "
         "give --config=<file>.py before it)")
 
 
 def test_an_unknown_dotted_flag_that_overrides_no_config_flag_stays_unknown(monkeypatch):
     argv = ["prog", "--workdir=w", "--workdir.x=1", "--bogus.seed=1"]
-    monkeypatch.setattr(cli.flags, "FLAGS", _config_flags(argv, required=True))
-    with pytest.raises(SystemExit) as caught:
-        cli.parse_flags(argv)
-    assert caught.value.code.startswith("error: Unknown command line flag 'workdir.x'")
+    assert _refusal(monkeypatch, argv, _config_flags(argv, required=True)).startswith(
+        "error: Unknown command line flag 'workdir.x'")
