@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 #: Exit status of a process stopped by SIGTERM after saving its checkpoint (128 + SIGTERM).
@@ -115,10 +116,13 @@ def take_pending() -> str | None:
 
 def stop_if_pending() -> None:
     """Raises `TrainingInterrupted` (`started=False`) for a pending signal, taking it: a run
-    about to start stops before it trains."""
+    about to start stops before it trains. Logged as a stop mid-run is: uncaught, it exits 143
+    and prints nothing itself (a sweep stopped this way ended without a word)."""
     name = take_pending()
     if name is not None:
-        raise TrainingInterrupted(0, name, checkpointed=False, started=False)
+        err = TrainingInterrupted(0, name, checkpointed=False, started=False)
+        logging.warning("%s", err)
+        raise err
 
 
 class StopRequest:

@@ -89,7 +89,7 @@ def test_handler_is_installed_only_from_the_main_thread():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_sigterm_no_loop_acted_on_stops_the_next_run_before_it_trains(tmp_path):
+def test_a_sigterm_no_loop_acted_on_stops_the_next_run_before_it_trains(tmp_path, caplog):
     """A SIGTERM caught after a run's last poll stays pending (it used to be dropped with the
     handler, so a sweep's next trial trained on): the next run stops before training, writing
     nothing; once acted on it is gone and a rerun trains."""
@@ -98,10 +98,11 @@ def test_a_sigterm_no_loop_acted_on_stops_the_next_run_before_it_trains(tmp_path
         time.sleep(0.01)  # the Python-level handler runs at the next bytecode
     with preemption.StopRequest() as stop:  # carried into the next request, until acted on
         assert stop.requested == "SIGTERM"
-    with pytest.raises(preemption.TrainingInterrupted) as info:
+    with pytest.raises(preemption.TrainingInterrupted) as info, caplog.at_level("WARNING"):
         loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))
     assert info.value.code == 143 and not info.value.started
     assert "before training" in str(info.value)
+    assert str(info.value) in caplog.text  # said once: uncaught, it exits 143 without a word
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary.json").exists()
     with preemption.StopRequest() as stop:
         assert stop.requested is None
