@@ -274,6 +274,47 @@ def _check_image_values(name: str, image_size: int | None, size: tuple[int, int]
                       "int32 tensor sizes")
 
 
+#: NumPy and tf.data count examples in int64 (a shuffle buffer, a per-class limit): a larger
+#: count passed `resolve` and overflowed mid-run, after the workdir held checkpoints (session 63).
+MAX_INT64 = 2**63 - 1
+#: The `fake` labels reach the model as int32, so more classes could not be labelled.
+MAX_FAKE_CLASSES = 2**31 - 1
+#: The `fake` source draws each split into memory at once (uint8 images, int64 labels): a split
+#: beyond this failed at the draw (MemoryError for 3 PiB) or in NumPy naming no field.
+MAX_FAKE_SPLIT_BYTES = 2**34
+
+
+def _check_count(arg: str, value: Any, high: int, valid: str) -> int:
+    """`value` as an int if it is an integer in [1, high], else a ValueError with `valid`."""
+    if not is_integer(value) or not 0 < value <= high:
+        raise invalid(_OWNER, arg, value, valid)
+    return int(value)
+
+
+def _check_fake_sizes(cfg: dict[str, Any]) -> None:
+    """The `fake` fields describe a dataset `_FakeSource` can draw into memory: one image
+    TensorFlow can count, int32 labels and at most MAX_FAKE_SPLIT_BYTES per split."""
+    shape = cfg["fake_image_shape"]
+    if (not isinstance(shape, tuple | list) or len(shape) != 3
+            or not all(is_integer(v) and v > 0 for v in shape)):
+        raise invalid(_OWNER, "fake_image_shape", shape,
+                      "expected three positive integers (height, width, channels)")
+    if math.prod(shape) > MAX_IMAGE_VALUES:
+        raise invalid(_OWNER, "fake_image_shape", shape,
+                      f"expected at most 2**31 - 1 values per image (it holds {math.prod(shape)}):"
+                      " TensorFlow counts a tensor's values in int32")
+    _check_count("fake_num_classes", cfg["fake_num_classes"], MAX_FAKE_CLASSES,
+                 "expected a positive integer <= 2**31 - 1 (the labels are int32)")
+    per_example = math.prod(shape) + 8  # uint8 pixels and an int64 label
+    most = MAX_FAKE_SPLIT_BYTES // per_example
+    for arg in ("fake_num_train", "fake_num_eval"):
+        _check_count(arg, cfg[arg], most,
+                     f"expected a positive integer <= {most}: the 'fake' dataset draws each "
+                     f"split into memory, {per_example} bytes per example of "
+                     f"fake_image_shape={tuple(shape)!r} (uint8 image, int64 label), up to "
+                     "16 GiB (2**34 bytes)")
+
+
 def resolve(data_config: Any, *, preset_crop: bool = True) -> Spec:
     """Fills missing fields from `default_data_config(name)` and validates every field.
     `preset_crop=False` for the dense-target pipelines (detection, segmentation), which never
@@ -301,23 +342,20 @@ def resolve(data_config: Any, *, preset_crop: bool = True) -> Spec:
         size = None
 
     fake_shape = cfg["fake_image_shape"]
-    if (not isinstance(fake_shape, tuple | list) or len(fake_shape) != 3
-            or not all(is_integer(v) and v > 0 for v in fake_shape)):
-        raise invalid(_OWNER, "fake_image_shape", fake_shape,
-                      "expected three positive integers (height, width, channels)")
-    for arg in ("fake_num_classes", "fake_num_train", "fake_num_eval"):
-        check_positive_int(_OWNER, arg, cfg[arg])
+    _check_fake_sizes(cfg)
     # Unset: the preset's, whichever preset `name` names now (not the config's first one).
     shuffle_buffer = (preset.shuffle_buffer if cfg["shuffle_buffer"] is None
-                      else check_positive_int(_OWNER, "shuffle_buffer", cfg["shuffle_buffer"]))
+                      else _check_count("shuffle_buffer", cfg["shuffle_buffer"], MAX_INT64,
+                                        "expected a positive integer <= 2**63 - 1 (tf.data's "
+                                        "shuffle buffer size is an int64)"))
     cache = preset.cache if cfg["cache"] is None else check_bool(_OWNER, "cache", cfg["cache"])
     if name != "fake":
         _check_fake_fields_unset(name, cfg, defaults)
     per_class = cfg["train_examples_per_class"]
-    if per_class is not None and (not is_integer(per_class) or per_class <= 0):
-        raise invalid(_OWNER, "train_examples_per_class", per_class,
-                      "expected a positive integer (examples kept per class in the train split), "
-                      "or None for all of them")
+    if per_class is not None:
+        _check_count("train_examples_per_class", per_class, MAX_INT64,
+                     "expected a positive integer (examples kept per class in the train split), "
+                     "or None for all of them; at most 2**63 - 1 (counted in int64)")
 
     if size is not None:
         _check_image_values(name, image_size, size, cfg, preset, fake_shape)

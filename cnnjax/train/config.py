@@ -658,12 +658,23 @@ def _check_task_of_known_model(config: Any, task: str) -> None:
         _task_model_info(config, task)
 
 
+def _known_model_info(name: Any) -> Any:
+    """The registry's `ModelInfo` of `name`; an unknown name is refused as the config field
+    `model` (the registry's close matches and names), not as `create_model`'s argument."""
+    from cnnjax.models import UnknownModelError, model_info
+
+    try:
+        return model_info(name)
+    except UnknownModelError as err:
+        raise invalid("config", "model", name, err.valid) from None
+
+
 def _task_model_info(config: Any, task: str) -> Any:
     """The registry's `ModelInfo` of `config.model`, refused when the model is not one of
     `task`'s (a detector in a classification run)."""
-    from cnnjax.models import list_models, model_info
+    from cnnjax.models import list_models
 
-    info = model_info(config.model)  # unknown model -> ValueError listing names
+    info = _known_model_info(config.model)
     if info.task != task:
         raise ValueError(
             f"config: model={config.model!r} is invalid; it is a {info.task} model and "
@@ -766,9 +777,7 @@ def check_model_fields(config: Any) -> None:
     """Refuses an unknown `config.model` or `model_kwargs` it does not take, as `check_config`
     does at start, without the dataset (the registry's class count stands in for the dataset's)
     and without tracing: for a launcher to check before queueing a job."""
-    from cnnjax.models.registry import model_info
-
-    num_classes = config.get("num_classes") or model_info(config.model).num_classes
+    num_classes = config.get("num_classes") or _known_model_info(config.model).num_classes
     _create_model(config, config_task(config), num_classes)
 
 

@@ -234,16 +234,23 @@ class Recipe:
                           f"expected max_steps >= round1_steps={self.round1_steps}")
 
     def _check_grid(self) -> None:
-        """Round 1's grid holds num_lrs distinct rates, and max_trials has room for them."""
-        grid = self.lr_grid()
-        if len(set(grid)) < len(grid):
-            raise invalid(_OWNER, "num_lrs", self.num_lrs,
-                          f"lr_min={self.lr_min!r}..lr_max={self.lr_max!r} holds fewer distinct "
-                          f"rates at 3 significant digits ({_preview(grid)}); widen the range "
-                          "or lower num_lrs")
+        """Round 1's grid holds num_lrs distinct rates, and max_trials has room for them; both
+        bounds that need no grid come first (num_lrs=10**20 failed in np.geomspace naming no
+        field; 2**40 asked for 8 TiB)."""
         if self.max_trials < self.num_lrs:
             raise invalid(_OWNER, "max_trials", self.max_trials,
                           f"expected at least num_lrs={self.num_lrs} (round 1's trials)")
+        span = f"lr_min={self.lr_min!r}..lr_max={self.lr_max!r}"
+        most = _most_distinct_rates(self.lr_min, self.lr_max)
+        if self.num_lrs > most:
+            raise invalid(_OWNER, "num_lrs", self.num_lrs,
+                          f"{span} holds fewer distinct rates at 3 significant digits (at most "
+                          f"{most}); widen the range or lower num_lrs")
+        grid = self.lr_grid()
+        if len(set(grid)) < len(grid):
+            raise invalid(_OWNER, "num_lrs", self.num_lrs,
+                          f"{span} holds fewer distinct rates at 3 significant digits "
+                          f"({_preview(grid)}); widen the range or lower num_lrs")
 
     def _check_judged(self) -> None:
         """Every trial logs and evaluates often enough for the diagnosis (its thresholds)."""
@@ -290,6 +297,13 @@ class Recipe:
             half = math.sqrt(high / low)
             low, high = centre / half, centre * half
         return tuple(round_value(v) for v in np.geomspace(low, high, self.num_lrs))
+
+
+def _most_distinct_rates(low: float, high: float) -> int:
+    """An upper bound on the distinct 3-significant-digit rates in [low, high]: 900 (1.00..9.99
+    times its power of ten) per decade it meets, one more decade for rounding up to the next
+    power; from logarithms, so a ratio like 1e308 / 1e-300 cannot overflow."""
+    return 900 * (math.floor(math.log10(high)) - math.floor(math.log10(low)) + 2)
 
 
 def _regularizer_names(value: Any) -> tuple[str, ...]:

@@ -455,6 +455,62 @@ def test_an_image_size_beyond_tensorflows_int32_sizes_is_refused(name, grey_to_r
     assert resolve(config).size == (largest, largest)
 
 
+_FAKE_SPLIT = ("expected a positive integer <= {most}: the 'fake' dataset draws each split into "
+               "memory, {bytes} bytes per example of fake_image_shape={shape!r} (uint8 image, "
+               "int64 label), up to 16 GiB (2**34 bytes).")
+
+
+@pytest.mark.parametrize("name,fields,refused,message", [
+    # np.minimum(counts, limit) raised OverflowError mid-run (per class limit beyond int64)
+    ("digits", {}, {"train_examples_per_class": 10**20},
+     "expected a positive integer (examples kept per class in the train split), or None for all "
+     "of them; at most 2**63 - 1 (counted in int64)."),
+    # tf.data's shuffle failed after the workdir held config.json and checkpoints
+    ("digits", {}, {"shuffle_buffer": 2**63},
+     "expected a positive integer <= 2**63 - 1 (tf.data's shuffle buffer size is an int64)."),
+    # labels reach the model as int32; 2**40 classes failed RESOURCE_EXHAUSTED after compiling
+    ("fake", {}, {"fake_num_classes": 2**40},
+     "expected a positive integer <= 2**31 - 1 (the labels are int32)."),
+    # "Maximum allowed dimension exceeded" naming no field; 2**40: MemoryError for 3 PiB
+    ("fake", {}, {"fake_num_train": 10**20},
+     _FAKE_SPLIT.format(most=2**34 // 3080, bytes=32 * 32 * 3 + 8, shape=(32, 32, 3))),
+    ("fake", {}, {"fake_num_eval": 2**40},
+     _FAKE_SPLIT.format(most=2**34 // 3080, bytes=32 * 32 * 3 + 8, shape=(32, 32, 3))),
+    ("fake", {"fake_image_shape": (46340, 46340, 1)}, {"fake_num_train": 1024},
+     _FAKE_SPLIT.format(most=8, bytes=46340**2 + 8, shape=(46340, 46340, 1))),
+    ("fake", {}, {"fake_image_shape": (2**16, 2**15, 1)},
+     "expected at most 2**31 - 1 values per image (it holds 2147483648): TensorFlow counts a "
+     "tensor's values in int32."),
+], ids=["per_class_int64", "shuffle_int64", "classes_int32", "train_bytes", "eval_bytes",
+        "train_bytes_of_large_images", "image_int32"])
+def test_counts_beyond_what_the_pipeline_can_hold_are_refused(name, fields, refused, message):
+    """Values beyond what the pipeline counts in (int64, int32 labels) or the in-memory 'fake'
+    set can draw passed `resolve` as positive integers and failed mid-run naming no field; they
+    are refused by name, and the largest value each bound allows still resolves."""
+    (field, value), = refused.items()
+    config = pipeline.default_data_config(name)
+    for key, ok in fields.items():
+        config[key] = ok
+    config[field] = value
+    with pytest.raises(ValueError, match=re.escape(f"data: {field}={value!r} is invalid; "
+                                                   f"{message}")):
+        resolve(config)
+
+
+@pytest.mark.parametrize("name,fields", [
+    ("digits", {"train_examples_per_class": 2**63 - 1, "shuffle_buffer": 2**63 - 1}),
+    ("fake", {"fake_num_classes": 2**31 - 1, "fake_num_train": 2**34 // 3080,
+              "fake_num_eval": 2**34 // 3080}),
+    ("fake", {"fake_image_shape": (46340, 46340, 1), "fake_num_train": 8, "fake_num_eval": 8}),
+])
+def test_counts_at_the_pipelines_bounds_resolve(name, fields):
+    config = pipeline.default_data_config(name)
+    for key, value in fields.items():
+        config[key] = value
+    spec = resolve(config)
+    assert {key: getattr(spec, key) for key in fields} == fields
+
+
 def test_config_type_and_name_errors(digits_dir, tmp_path):
     _expect(r"data: config='digits' is invalid; expected an ml_collections ConfigDict",
             get_dataset_info, "digits")

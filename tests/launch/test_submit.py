@@ -624,7 +624,7 @@ def test_check_configs_refuses_a_dataset_the_pipeline_would_not_know(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (("--config.model=resnet99",), r"create_model: unknown model name='resnet99'; did you mean"),
+    (("--config.model=resnet99",), r"config: model='resnet99' is invalid; did you mean \["),
     # lenet5_digits.py declares LeNet-5's model_kwargs; another model does not take them
     (("--config.model=resnet20_cifar", "--config.model_kwargs.activation=relu"),
      r"config: model_kwargs=\{'activation': 'relu'\} is invalid; model 'resnet20_cifar' does "

@@ -13,6 +13,7 @@ from cnnjax.train import checks, loop
 from cnnjax.train.config import (
     check_batch_divisible,
     check_config,
+    check_model_fields,
     default_config,
     eval_batch,
     validate_config,
@@ -37,7 +38,7 @@ def _raises(config, tmp_path, message):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("model", "resnet9000", "create_model: unknown model name='resnet9000'"),
+        ("model", "resnet9000", "config: model='resnet9000' is invalid; did you mean ['resnet"),
         (
             "optimizer.name",
             "lbfgs",
@@ -117,9 +118,18 @@ def test_bad_config_messages(tmp_path, field, value, message):
     _raises(config, tmp_path, message)
 
 
-def test_unknown_model_lists_names(tmp_path):
-    message = _raises(helpers.tiny_config(model="nope_net"), tmp_path, "unknown model")
-    assert "valid names:" in message or "did you mean" in message
+def test_unknown_model_is_refused_as_the_config_field(tmp_path):
+    """An unknown `config.model` is named as the config field, with the registry's advice
+    (close matches, then every name), not as `create_model: unknown model name=...`; the
+    launcher's `check_model_fields` says the same."""
+    with pytest.raises(registry.UnknownModelError) as unknown:
+        registry.model_info("nope_net")
+    expected = f"config: model='nope_net' is invalid; {unknown.value.valid}."
+    assert "valid names: [" in expected
+    assert _raises(helpers.tiny_config(model="nope_net"), tmp_path, expected) == expected
+    with pytest.raises(ValueError) as err:
+        check_model_fields(helpers.tiny_config(model="nope_net"))
+    assert str(err.value) == expected
 
 
 def test_unknown_dataset_message(tmp_path, monkeypatch):

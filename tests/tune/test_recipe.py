@@ -567,6 +567,13 @@ def test_incumbent_ties_go_to_the_later_round():
                                      "(lr_max=0.1)."),
     ({"num_lrs": 1}, "recipe: num_lrs=1 is invalid; expected an integer >= 2."),
     ({"max_trials": 2}, "recipe: max_trials=2 is invalid; expected at least num_lrs=3"),
+    # checked before the grid is built: np.geomspace of 10**20 rates raised "Maximum allowed
+    # size exceeded" naming no field (2**40: an 8 TiB allocation)
+    ({"num_lrs": 10**20}, "recipe: max_trials=12 is invalid; expected at least "
+                          "num_lrs=100000000000000000000 (round 1's trials)."),
+    ({"num_lrs": 10**20, "max_trials": 10**20},
+     "recipe: num_lrs=100000000000000000000 is invalid; lr_min=0.01..lr_max=1.0 holds fewer "
+     "distinct rates at 3 significant digits (at most 3600); widen the range or lower num_lrs."),
     ({"metric": "acc"}, "recipe: metric='acc' is invalid; expected an eval metric of one of the "
                         "tasks: ['loss', 'top1', 'top5', 'map50', 'map', 'coco_map50', "
                         "'coco_map75', 'map50_voc07', 'pixel_accuracy', 'miou'], one of them "
