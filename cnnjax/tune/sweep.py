@@ -29,7 +29,7 @@ import math
 import os
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from absl import logging
@@ -258,9 +258,9 @@ def _run_and_tabulate(trial: Trial, config: Any, workdir: str, sweep_dir: str,
     say(verbose, f"Trial {trial.index + 1}/{len(space.trials)} {trial.trial_id} "
                   f"{_fmt(trial.overrides)} -> {workdir}")
     record = start_trial(trial, workdir)
-    write_results(sweep_dir, space, metric, mode)  # the table shows it incomplete
-    try:
-        return run_trial(config, workdir, record)
+    try:  # the table first shows it incomplete; a Ctrl-C then is recorded as the trial's too
+        return run_trial(config, workdir, record,
+                         announce=lambda: write_results(sweep_dir, space, metric, mode))
     finally:  # KeyboardInterrupt included: the table shows what has finished so far
         write_results(sweep_dir, space, metric, mode)
 
@@ -616,12 +616,17 @@ def killed_run_time(workdir: str, previous: dict) -> float:
     return newest - started
 
 
-def run_trial(config: Any, workdir: str, record: dict) -> dict:
+def run_trial(config: Any, workdir: str, record: dict,
+              announce: Callable[[], None] | None = None) -> dict:
     """One `train_and_evaluate` call; records its outcome and wall time in trial.json (and
-    drops `started_at`, so the next start does not count this time again) and returns it."""
+    drops `started_at`, so the next start does not count this time again) and returns it.
+    `announce` (a sweep's results table showing the trial started) runs first, inside the
+    recording: a Ctrl-C there left trial.json "incomplete", like a killed trial's."""
     path = os.path.join(workdir, TRIAL_FILE)
     started = time.time()
     try:
+        if announce is not None:
+            announce()
         stop_if_pending()  # a SIGTERM since the last run: stop before this one trains
         train_and_evaluate(config, workdir)
         record["status"] = "completed"

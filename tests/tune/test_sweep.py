@@ -168,6 +168,32 @@ def test_rerun_skips_finished_trials_and_runs_the_rest(tmp_path, monkeypatch):
     assert [files(sw.trial_workdir(sweep_dir, t)) for t in space.trials] == states
 
 
+def test_a_ctrl_c_while_the_table_shows_a_trial_started_records_it_interrupted(tmp_path,
+                                                                               monkeypatch):
+    """The results table is rewritten as a trial starts: a Ctrl-C there left its trial.json
+    "incomplete" with `started_at` (as a SIGKILLed trial's) and the table saying pending."""
+    _tiny_engine(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    space = sp.grid({"optimizer.learning_rate": [0.05]})
+    write = sw.write_results
+
+    def interrupted_once_started(*args, **kwargs):
+        write(*args, **kwargs)
+        if os.path.exists(os.path.join(sw.trial_workdir(sweep_dir, space.trials[0]),
+                                       sw.TRIAL_FILE)):
+            monkeypatch.setattr(sw, "write_results", write)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "write_results", interrupted_once_started)
+    with pytest.raises(KeyboardInterrupt):
+        sw.run_sweep(_quick_base(), space, sweep_dir, verbose=False)
+    trial = _json(os.path.join(sw.trial_workdir(sweep_dir, space.trials[0]), sw.TRIAL_FILE))
+    assert trial["status"] == "interrupted" and "started_at" not in trial
+    assert [row["status"] for row in _csv_rows(sweep_dir)] == ["interrupted"]
+    rows = sw.run_sweep(_quick_base(), space, sweep_dir, verbose=False)
+    assert [r["status"] for r in rows] == ["completed"]
+
+
 def test_interrupted_trial_resumes_from_its_own_checkpoint(tmp_path, monkeypatch):
     """Ctrl-C after the step-4 checkpoint of trial 1: the table says interrupted; the rerun
     skips trial 0 and continues trial 1 from step 4 (the engine's exact resume)."""
