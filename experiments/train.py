@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     if kept:
         logging.info("An earlier invocation's traceback is kept as %s.", kept)
     if index == 0:
-        _print_summary(summary, workdir)
+        _print_summary(summary)
 
 
 def _start_distributed(workdir: str) -> None:
@@ -193,10 +193,9 @@ def _fail(message: str) -> None:
     os._exit(1)
 
 
-def _print_summary(summary: dict, workdir: str) -> None:
-    """The run's results and where its outputs are, in `workdir` (`_outputs_in`)."""
+def _print_summary(summary: dict) -> None:
     final = summary.get("final_eval", {})
-    outputs = _outputs_in(summary["outputs"], workdir)
+    outputs = summary["outputs"]
     rate = summary.get("images_per_sec")  # null: this invocation timed no step
     throughput = "train images/s not measured" if rate is None else f"{rate:,.0f} train images/s"
     start, wall = summary.get("resumed_from_step") or 0, summary["wall_time_s"]
@@ -219,22 +218,6 @@ def _print_summary(summary: dict, workdir: str) -> None:
         f"Metrics:         {outputs['metrics']} (TensorBoard: {outputs['tensorboard']})",
     ]
     print("\n".join(lines), flush=True)
-
-
-def _outputs_in(outputs: dict, workdir: str) -> dict:
-    """`outputs` (summary.json's, absolute paths under its `workdir`) rebased on `workdir`: a
-    finished run's summary.json keeps the paths of the invocation that wrote it, and a rerun of
-    a moved or copied workdir printed those, not its own. A path outside it is kept as is."""
-    recorded, root = outputs.get("workdir"), os.path.abspath(workdir)
-    if not isinstance(recorded, str) or not recorded:
-        return outputs
-    rebased = {}
-    for key, path in outputs.items():
-        if isinstance(path, str) and (path == recorded or path.startswith(
-                recorded.rstrip(os.sep) + os.sep)):
-            path = os.path.normpath(os.path.join(root, os.path.relpath(path, recorded)))
-        rebased[key] = path
-    return rebased
 
 
 if __name__ == "__main__":

@@ -384,6 +384,16 @@ def _window_from_json(record: dict | None) -> list[dict]:
             for w in record.get("steps", [])]
 
 
+def run_outputs(workdir: str) -> dict[str, str]:
+    """A run's output files and folders in `workdir`, as absolute paths (summary.json's
+    `outputs`)."""
+    root = os.path.abspath(workdir)
+    return {"workdir": root, "metrics": os.path.join(root, METRICS_FILE),
+            "plot": os.path.join(root, PLOT_FILE),
+            "checkpoints": os.path.join(root, CHECKPOINT_DIR),
+            "tensorboard": os.path.join(root, TENSORBOARD_DIR)}
+
+
 def _completed_summary(workdir: str) -> dict | None:
     """The workdir's summary.json if it records a completed run, else None."""
     summary = read_json(os.path.join(workdir, SUMMARY_FILE))
@@ -836,7 +846,9 @@ class _Run:
             if finished is not None and finished.get("step") == total_steps:
                 logging.info("%s already completed all %d steps; nothing to do (its "
                              "summary.json is left as it is).", self.workdir, total_steps)
-                return finished
+                # where the files are now: summary.json names the first invocation's workdir,
+                # which a copied or moved run no longer is
+                return finished | {"outputs": run_outputs(self.workdir)}
             if self.teacher is None and distill_lib.distill_settings(self.config) is not None:
                 # Skipped as a completed run's (`setup`), yet steps are left (its final
                 # checkpoint is gone): read and checked now, never trained without.
@@ -1149,11 +1161,5 @@ class _Run:
             "num_devices": self.total_devices,
             "parallel": config.parallel,
             **({"device_counts": self.device_counts} if len(self.device_counts) > 1 else {}),
-            "outputs": {
-                "workdir": os.path.abspath(self.workdir),
-                "metrics": os.path.join(os.path.abspath(self.workdir), METRICS_FILE),
-                "plot": os.path.join(os.path.abspath(self.workdir), PLOT_FILE),
-                "checkpoints": os.path.join(os.path.abspath(self.workdir), CHECKPOINT_DIR),
-                "tensorboard": os.path.join(os.path.abspath(self.workdir), TENSORBOARD_DIR),
-            },
+            "outputs": run_outputs(self.workdir),
         }

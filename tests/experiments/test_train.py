@@ -172,7 +172,6 @@ def refused(tmp_path_factory) -> dict:
         commands[name] = (root / name, ["tests.experiments.test_train", name,
                                         *_command(root / name)[2:]])
     (root / "crash_log_unwritable" / "error.log").mkdir()
-    (root / "finished_elsewhere" / "summary.json").write_text(json.dumps(_FINISHED_ELSEWHERE))
     with helpers.locked_by_another_process(root / "in_use") as holder:
         results = run_commands([command for _, command in commands.values()], env=_env(),
                                preimport=["cnnjax.train.trained", "cnnjax.data.presets",
@@ -294,19 +293,6 @@ _FAILED_IN_TRAINING = (
     "        json.dump({'status': 'failed', 'error': 'ValueError', 'message': message,\n"
     "                   'step': 12, 'resumes_from_step': 10}, f)\n"
     "    raise ValueError(message)")
-_FINISHED = (  # as the loop returns a finished run's summary.json: as it reads it
-    "def stand_in(config, workdir):\n"
-    "    with open(os.path.join(workdir, 'summary.json')) as f:\n"
-    "        return json.load(f)")
-# summary.json of a run that finished in /elsewhere/run and was then moved (absolute outputs)
-_FINISHED_ELSEWHERE = {
-    "status": "completed", "model": "lenet5", "dataset": "digits", "step": 120,
-    "resumed_from_step": 0, "final_eval": {"loss": 0.5, "top1": 0.875, "num_examples": 359},
-    "best": None, "wall_time_s": 3.0, "images_per_sec": None,
-    "outputs": {"workdir": "/elsewhere/run", "metrics": "/elsewhere/run/metrics.jsonl",
-                "plot": "/elsewhere/run/learning_curves.png",
-                "checkpoints": "/elsewhere/run/checkpoints",
-                "tensorboard": "/elsewhere/run/tensorboard"}}
 _STUCK = ("def stand_in(config, workdir):\n"
           "    threading.Thread(target=threading.Event().wait, name='stuck_saver').start()\n"
           "    raise RuntimeError('save failed')")
@@ -318,19 +304,6 @@ def test_a_value_error_after_training_started_keeps_its_traceback(refused):
     resumes from tells it apart."""
     workdir, failed = refused["failed_in_training"]
     _kept_traceback(failed, workdir, "ValueError: bad record in the input pipeline")
-
-
-def test_a_finished_run_moved_elsewhere_prints_its_outputs_where_they_are_now(refused):
-    """Rerunning a finished run's command in a copied or moved workdir printed the paths its
-    summary.json recorded at the first run (the old workdir's), not the current one's."""
-    workdir, result = refused["finished_elsewhere"]
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-3:] == [
-        f"Learning curves: {workdir / 'learning_curves.png'}",
-        f"Checkpoints:     {workdir / 'checkpoints'}",
-        f"Metrics:         {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})"]
-    recorded = json.loads((workdir / "summary.json").read_text())
-    assert recorded == _FINISHED_ELSEWHERE  # summary.json is left as it is
 
 
 def test_a_failure_leaves_without_waiting_for_stuck_background_threads(tmp_path):
@@ -350,8 +323,7 @@ def test_a_failure_leaves_without_waiting_for_stuck_background_threads(tmp_path)
 # experiments.train <flags>`, forked by run_commands): each runs experiments.train as the code
 # would through `python -c <code> experiments.train <flags>`
 _STAND_INS = {"crash_log_unwritable": _CRASH,
-              "failed_in_training": _STAND_IN.format(body=_FAILED_IN_TRAINING),
-              "finished_elsewhere": _STAND_IN.format(body=_FINISHED)}
+              "failed_in_training": _STAND_IN.format(body=_FAILED_IN_TRAINING)}
 
 
 # experiments.train with an exit handler registered before it (so run after its own): what the

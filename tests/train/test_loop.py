@@ -572,7 +572,15 @@ def test_incompatible_workdir_is_refused_and_restart_starts_fresh(tmp_path, fini
     # runtime-only fields may change on resume; a finished run is left as it is
     again = helpers.tiny_config(num_train_steps=4, log_every_steps=1)
     rerun = loop.train_and_evaluate(again, str(tmp_path))  # already complete: nothing to train
-    assert rerun == first and (tmp_path / "summary.json").read_bytes() == recorded
+    assert (tmp_path / "summary.json").read_bytes() == recorded
+    # a copy of a run made elsewhere: its files are named where they are now (they were the
+    # first invocation's, from summary.json, and experiments.train printed those)
+    assert first["outputs"]["workdir"] != str(tmp_path)
+    assert rerun == first | {"outputs": {
+        "workdir": str(tmp_path), "metrics": str(tmp_path / "metrics.jsonl"),
+        "plot": str(tmp_path / "learning_curves.png"),
+        "checkpoints": str(tmp_path / "checkpoints"),
+        "tensorboard": str(tmp_path / "tensorboard")}}
     changed.restart = True
     summary = loop.train_and_evaluate(changed, str(tmp_path))
     assert summary["resumed_from_step"] == 0 and summary["status"] == "completed"
