@@ -284,13 +284,6 @@ MAX_FAKE_CLASSES = 2**31 - 1
 MAX_FAKE_SPLIT_BYTES = 2**34
 
 
-def _check_count(arg: str, value: Any, high: int, valid: str) -> int:
-    """`value` as an int if it is an integer in [1, high], else a ValueError with `valid`."""
-    if not is_integer(value) or not 0 < value <= high:
-        raise invalid(_OWNER, arg, value, valid)
-    return int(value)
-
-
 def _check_fake_sizes(cfg: dict[str, Any]) -> None:
     """The `fake` fields describe a dataset `_FakeSource` can draw into memory: one image
     TensorFlow can count, int32 labels and at most MAX_FAKE_SPLIT_BYTES per split."""
@@ -303,16 +296,17 @@ def _check_fake_sizes(cfg: dict[str, Any]) -> None:
         raise invalid(_OWNER, "fake_image_shape", shape,
                       f"expected at most 2**31 - 1 values per image (it holds {math.prod(shape)}):"
                       " TensorFlow counts a tensor's values in int32")
-    _check_count("fake_num_classes", cfg["fake_num_classes"], MAX_FAKE_CLASSES,
-                 "expected a positive integer <= 2**31 - 1 (the labels are int32)")
+    check_positive_int(_OWNER, "fake_num_classes", cfg["fake_num_classes"],
+                       high=MAX_FAKE_CLASSES,
+                       valid="expected a positive integer <= 2**31 - 1 (the labels are int32)")
     per_example = math.prod(shape) + 8  # uint8 pixels and an int64 label
     most = MAX_FAKE_SPLIT_BYTES // per_example
     for arg in ("fake_num_train", "fake_num_eval"):
-        _check_count(arg, cfg[arg], most,
-                     f"expected a positive integer <= {most}: the 'fake' dataset draws each "
-                     f"split into memory, {per_example} bytes per example of "
-                     f"fake_image_shape={tuple(shape)!r} (uint8 image, int64 label), up to "
-                     "16 GiB (2**34 bytes)")
+        check_positive_int(_OWNER, arg, cfg[arg], high=most,
+                           valid=f"expected a positive integer <= {most}: the 'fake' dataset "
+                           f"draws each split into memory, {per_example} bytes per example of "
+                           f"fake_image_shape={tuple(shape)!r} (uint8 image, int64 label), up "
+                           "to 16 GiB (2**34 bytes)")
 
 
 def resolve(data_config: Any, *, preset_crop: bool = True) -> Spec:
@@ -345,17 +339,19 @@ def resolve(data_config: Any, *, preset_crop: bool = True) -> Spec:
     _check_fake_sizes(cfg)
     # Unset: the preset's, whichever preset `name` names now (not the config's first one).
     shuffle_buffer = (preset.shuffle_buffer if cfg["shuffle_buffer"] is None
-                      else _check_count("shuffle_buffer", cfg["shuffle_buffer"], MAX_INT64,
-                                        "expected a positive integer <= 2**63 - 1 (tf.data's "
-                                        "shuffle buffer size is an int64)"))
+                      else check_positive_int(
+                          _OWNER, "shuffle_buffer", cfg["shuffle_buffer"], high=MAX_INT64,
+                          valid="expected a positive integer <= 2**63 - 1 (tf.data's shuffle "
+                          "buffer size is an int64)"))
     cache = preset.cache if cfg["cache"] is None else check_bool(_OWNER, "cache", cfg["cache"])
     if name != "fake":
         _check_fake_fields_unset(name, cfg, defaults)
     per_class = cfg["train_examples_per_class"]
     if per_class is not None:
-        _check_count("train_examples_per_class", per_class, MAX_INT64,
-                     "expected a positive integer (examples kept per class in the train split), "
-                     "or None for all of them; at most 2**63 - 1 (counted in int64)")
+        check_positive_int(_OWNER, "train_examples_per_class", per_class, high=MAX_INT64,
+                           valid="expected a positive integer (examples kept per class in the "
+                           "train split), or None for all of them; at most 2**63 - 1 (counted "
+                           "in int64)")
 
     if size is not None:
         _check_image_values(name, image_size, size, cfg, preset, fake_shape)

@@ -84,11 +84,12 @@ def check_positive_ints(owner: str, arg: str, value: Any, valid: str) -> tuple[i
     return tuple(int(v) for v in items)
 
 
-def check_positive_int(owner: str, arg: str, value: Any) -> int:
-    """Returns `value` as an int if it is an integer > 0 (a NumPy integer too, not a bool),
-    else raises."""
-    if not is_integer(value) or value <= 0:
-        raise invalid(owner, arg, value, "expected a positive integer")
+def check_positive_int(owner: str, arg: str, value: Any, *, high: int | None = None,
+                       valid: str = "expected a positive integer") -> int:
+    """Returns `value` as an int if it is an integer > 0 (a NumPy integer too, not a bool) and
+    at most `high` when given, else raises with `valid`."""
+    if not is_integer(value) or value <= 0 or (high is not None and value > high):
+        raise invalid(owner, arg, value, valid)
     return int(value)
 
 
