@@ -609,7 +609,7 @@ def check_model(owner: str, model: Any) -> None:
     raise invalid(owner, "model", type(model).__name__, "expected a flax.linen Module")
 
 
-def _trace_failure(owner: str, model: nn.Module, shape: tuple[int, ...], err: Exception,
+def _failed_trace_error(owner: str, model: nn.Module, shape: tuple[int, ...], err: Exception,
                    **init_kwargs: Any) -> Exception:
     """The error for a trace that failed on `shape` (`err`, the layer's `LayerCallError`): an
     input_shape ValueError if the model runs on a larger input or on an (H, W, C) image (the size
@@ -674,8 +674,8 @@ def summarize(owner: str, model: Any, input_shape: Any, /, *, batch_size: Any = 
         trace = trace_model(model, shape, batch_size=batch_size, dtype=dtype, **call_kwargs)
         failure = None
     except LayerCallError as err:
-        failure = _trace_failure(owner, model, shape, err, batch_size=batch_size, dtype=dtype,
-                                 **call_kwargs)
+        failure = _failed_trace_error(owner, model, shape, err, batch_size=batch_size,
+                                      dtype=dtype, **call_kwargs)
     if failure is not None:  # raised here, out of the handler: no LayerCallError in its chain
         raise failure
     grouper = _Grouper(trace, len(shape) - 1)
