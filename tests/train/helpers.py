@@ -222,6 +222,13 @@ def tiny_config(**overrides):
     return apply_overrides(config, overrides)
 
 
+def at_the_end_only(config):
+    """`config` evaluated and checkpointed at its last step only (each eval and save costs more
+    than the tiny model's steps): for runs whose checks need no earlier checkpoint or eval."""
+    config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
+    return config
+
+
 def record_initial_states(monkeypatch) -> list:
     """Patches `DataParallel.replicate` to record (as NumPy) the host state each run hands to the
     devices, i.e. its state at step 0 or at resume; returns the list it appends to."""

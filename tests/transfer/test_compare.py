@@ -41,13 +41,6 @@ def _target(**overrides):
     return config
 
 
-def _at_the_end_only(config):
-    """`config` evaluated and checkpointed at its last step only (one eval and one save a run
-    instead of 2 and 4): for runs whose checks need no earlier checkpoint or eval."""
-    config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
-    return config
-
-
 def _run(tmp_path, **kwargs):
     kwargs = {"budgets": (8,), "verbose": False, **kwargs}
     return compare.run_transfer(kwargs.pop("source", None) or _source(),
@@ -70,7 +63,7 @@ def test_pretrained_arms_start_from_the_source_weights_and_scratch_does_not(
         tmp_path, initial_states):
     # The source keeps its checkpoints at 4, 8, 12 (evals at 6, 12): the arms start from the
     # final one, not an earlier or the best one.
-    rows = _run(tmp_path, target=_at_the_end_only(_target()))
+    rows = _run(tmp_path, target=helpers.at_the_end_only(_target()))
     assert [(r["arm"], r["status"]) for r in rows] == [
         ("scratch", "completed"), ("finetune", "completed"), ("linear_probe", "completed")]
     source_dir = os.path.join(tmp_path, "transfer", "trials", "source")
@@ -153,8 +146,8 @@ def _wrapped_target(**overrides):
 
 def test_across_architectures_the_source_fills_the_named_submodule(
         tmp_path, initial_states, wrapped_model):
-    rows = _run(tmp_path, source=_at_the_end_only(_source()),
-                target=_at_the_end_only(_wrapped_target()),
+    rows = _run(tmp_path, source=helpers.at_the_end_only(_source()),
+                target=helpers.at_the_end_only(_wrapped_target()),
                 arms=("scratch", "finetune", "linear_probe"))
     assert [r["status"] for r in rows] == ["completed"] * 3
     _, scratch, finetune, probe = initial_states
@@ -351,7 +344,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     save, calls = loop.Checkpointer.save, []
     # The source saves at step 12 only; the arms at 4, 8 and 12 (one eval, at 12).
-    configs = {"source": _at_the_end_only(_source()), "target": _target(eval_every_steps=12)}
+    configs = {"source": helpers.at_the_end_only(_source()), "target": _target(eval_every_steps=12)}
 
     def save_then_interrupt(self, step, *args, **kwargs):
         save(self, step, *args, **kwargs)
@@ -456,7 +449,7 @@ def test_a_sigterm_between_runs_stops_the_comparison_before_the_next_run_trains(
 
     monkeypatch.setattr(sweep, "train_and_evaluate", source_then_sigterm)
     with helpers.sigterm_fallback() as caught, pytest.raises(TrainingInterrupted):
-        _run(tmp_path, source=_at_the_end_only(_source()))
+        _run(tmp_path, source=helpers.at_the_end_only(_source()))
     assert caught == [] and len(trained) == 1
     first = _json(str(tmp_path / "transfer" / "trials" / "8-scratch-s0" / "trial.json"))
     assert first["status"] == "interrupted" and "SIGTERM" in first["reason"]
@@ -471,7 +464,8 @@ def test_failed_source_marks_the_pretrained_arms_not_run(tmp_path, monkeypatch):
         return real(config, workdir)
 
     monkeypatch.setattr(sweep, "train_and_evaluate", source_fails)
-    configs = {"source": _at_the_end_only(_source()), "target": _at_the_end_only(_target())}
+    configs = {"source": helpers.at_the_end_only(_source()),
+               "target": helpers.at_the_end_only(_target())}
     rows = _run(tmp_path, **configs)
     assert [(r["arm"], r["status"]) for r in rows] == [
         ("scratch", "completed"), ("finetune", "failed"), ("linear_probe", "failed")]
@@ -495,7 +489,7 @@ def test_a_diverged_source_says_to_change_it_not_to_rerun(tmp_path, monkeypatch)
         return real(config, workdir)
 
     monkeypatch.setattr(sweep, "train_and_evaluate", source_diverges)
-    rows = _run(tmp_path, target=_at_the_end_only(_target()))
+    rows = _run(tmp_path, target=helpers.at_the_end_only(_target()))
     assert [(r["arm"], r["status"]) for r in rows] == [
         ("scratch", "completed"), ("finetune", "failed"), ("linear_probe", "failed")]
     source = os.path.join(tmp_path, "transfer", "trials", "source", "summary.json")

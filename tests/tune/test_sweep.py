@@ -55,9 +55,11 @@ def _tiny_base(**overrides):
 
 
 def _quick_base(**overrides):
-    """`_tiny_base` evaluated and checkpointed at its last step only (each eval and save costs
-    more than the tiny model's steps), for tests that only need trials to run or finish."""
-    return _tiny_base(**{"eval_every_steps": 12, "checkpoint_every_steps": 12, **overrides})
+    """`_tiny_base` evaluated and checkpointed at its last step only, for tests that only need
+    trials to run or finish."""
+    config = sp.apply_overrides(helpers.at_the_end_only(helpers.tiny_config()), overrides)
+    config.lock()
+    return config
 
 
 def _tiny_engine(monkeypatch):
