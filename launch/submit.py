@@ -13,7 +13,9 @@ is safe (the job resumes from the work directory), also with other scheduling se
 (`SCHEDULING_FIELDS`: `--array=1,3` reruns chosen trials, `--time` or `--max_requeues` extend a
 job); a spec that would compute something else in a work directory that already has one is
 refused unless `--force`. `--dry_run` prints the script and writes and submits nothing; it
-refuses what submitting would.
+refuses what submitting would. The directory it runs in goes first on the job's PYTHONPATH
+(`job_import_dir`), as `python -m` put it first on the check's import path: a config file that
+imports your own package from there (`import mypkg.models`) loads in the job as in the check.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -139,17 +142,47 @@ def spec_from_flags(overrides: Sequence[str]) -> JobSpec:
     )
 
 
-def prepare(spec: JobSpec, *, check_configs: bool = True,
-            max_array_size: int | None = None) -> tuple[JobSpec, int | None, str]:
+def job_import_dir(directory: str, repository: str) -> str | None:
+    """The directory to put first on the job's PYTHONPATH: `directory`, where launch.submit runs
+    (`python -m` puts it first on the config check's import path), or None where it is the
+    `repository` the job runs in (its own `python -m` puts that there)."""
+    if os.path.realpath(directory) == os.path.realpath(repository):
+        return None
+    if os.pathsep in directory:
+        raise invalid(_OWNER, "current directory", directory,
+                      f"PYTHONPATH cannot hold a directory whose name has {os.pathsep!r}, and "
+                      "the job needs it there to import what the config check imported from "
+                      "it; run launch.submit from another directory")
+    return directory
+
+
+def job_environment(spec: JobSpec, directory: str | None) -> JobSpec:
+    """`spec` as the script runs it: `directory` (`job_import_dir`) first on the job's PYTHONPATH,
+    whatever else it holds (inherited: sbatch exports the submitting shell's; set by a `--setup`
+    line; given in `--env`). Only the script changes: the spec recorded and compared stays as
+    given, as the submitting shell's environment is not recorded either."""
+    if directory is None:
+        return spec
+    export = f"export PYTHONPATH={shlex.quote(directory)}${{PYTHONPATH:+:$PYTHONPATH}}"
+    env = tuple((name, f"{directory}{os.pathsep}{value}" if value else directory)
+                if name == "PYTHONPATH" else (name, value) for name, value in spec.env)
+    return dataclasses.replace(spec, env=env, setup=(
+        *spec.setup, "# where launch.submit ran, first on the import path as in its config check",
+        export))
+
+
+def prepare(spec: JobSpec, *, check_configs: bool = True, max_array_size: int | None = None,
+            import_dir: str | None = None) -> tuple[JobSpec, int | None, str]:
     """Validates `spec` (and loads its configs if `check_configs`); returns the normalized spec,
     the sweep's trial count (None for other entry points) and the sbatch script.
-    `max_array_size`: the cluster's `MaxArraySize` a sweep's array must fit (None: unchecked)."""
+    `max_array_size`: the cluster's `MaxArraySize` a sweep's array must fit (None: unchecked).
+    `import_dir`: `job_import_dir`, put first on the job's PYTHONPATH (None: nothing added)."""
     num_trials = checks.count_trials(spec) if spec.entry == "sweep" else None
     spec = validate_spec(spec, num_trials)
     checks.check_array_size(spec, num_trials, max_array_size)
     if check_configs:
         checks.check_configs(spec)
-    return spec, num_trials, slurm.render(spec, num_trials)
+    return spec, num_trials, slurm.render(job_environment(spec, import_dir), num_trials)
 
 
 #: JobSpec's defaults as launch.json stores them, for records written before a field existed.
@@ -204,14 +237,16 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def planned_record(spec: JobSpec, num_trials: int | None, *,
-                   force: bool = False) -> dict[str, Any]:
+def planned_record(spec: JobSpec, num_trials: int | None, *, force: bool = False,
+                   import_dir: str | None = None) -> dict[str, Any]:
     """The launch record submitting `spec` writes: ValueError when the work directory's record
     holds a spec that differs in more than `SCHEDULING_FIELDS`, unless `force`: then the old spec
     is kept in the record's `replaced` list. A spec differing only in those (`--array=1,3` to
     rerun two trials of a sweep, a longer `--time`) is the same job queued differently. A record
     without jobs (`sbatch` refused it, or was not found) is replaced freely: nothing ran under
-    it. Reads only, so a dry run refuses what submitting would."""
+    it. Reads only, so a dry run refuses what submitting would. `import_dir` (`job_import_dir`)
+    is recorded beside the spec, not compared: where launch.submit runs may change, since the
+    config check run there loads what the job will import (as for the submitting environment)."""
     record = _read_record(os.path.join(slurm.slurm_dir(spec), RECORD_FILE), spec.workdir)
     new = spec.to_json()
     if record is not None:  # fields added since it was written read as their defaults
@@ -233,15 +268,15 @@ def planned_record(spec: JobSpec, num_trials: int | None, *,
                                          {"spec": record["spec"], "until": _now()}]}
     if record is None:
         record = {"spec": new, "jobs": []}
-    record.update(spec=new, num_trials=num_trials, script=SCRIPT_FILE)
+    record.update(spec=new, num_trials=num_trials, script=SCRIPT_FILE, import_dir=import_dir)
     return record
 
 
-def write_job(spec: JobSpec, num_trials: int | None, script: str, *,
-              force: bool = False) -> tuple[str, dict[str, Any]]:
+def write_job(spec: JobSpec, num_trials: int | None, script: str, *, force: bool = False,
+              import_dir: str | None = None) -> tuple[str, dict[str, Any]]:
     """Writes `<workdir>/slurm/job.sbatch` and the launch record (`planned_record`, whose
     refusal writes nothing); returns (script path, record)."""
-    record = planned_record(spec, num_trials, force=force)
+    record = planned_record(spec, num_trials, force=force, import_dir=import_dir)
     directory = slurm.slurm_dir(spec)
     os.makedirs(directory, exist_ok=True)
     script_path = os.path.join(directory, SCRIPT_FILE)
@@ -277,14 +312,16 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # for a config file importing TensorFlow
     try:
         spec = spec_from_flags(argv[1:])
+        import_dir = job_import_dir(os.getcwd(), spec.submit_dir)
         spec, num_trials, script = prepare(
-            spec, check_configs=_CHECK_CONFIGS.value,
+            spec, check_configs=_CHECK_CONFIGS.value, import_dir=import_dir,
             max_array_size=checks.cluster_max_array_size() if spec.entry == "sweep" else None)
-        if _DRY_RUN.value:
-            planned_record(spec, num_trials, force=_FORCE.value)  # refuses as submitting would
+        if _DRY_RUN.value:  # refuses as submitting would
+            planned_record(spec, num_trials, force=_FORCE.value, import_dir=import_dir)
             print(script, end="")
             return
-        script_path, record = write_job(spec, num_trials, script, force=_FORCE.value)
+        script_path, record = write_job(spec, num_trials, script, force=_FORCE.value,
+                                        import_dir=import_dir)
         job_id = sbatch(script_path, spec, record)
     except (ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")

@@ -13,6 +13,22 @@ RECIPE = str(ROOT / "experiments" / "recipes" / "lenet5_digits.py")
 TRANSFER = str(ROOT / "experiments" / "transfers" / "digits_0to4_to_5to9.py")
 
 
+def own_project(directory: Path, num_train_steps: int = 2) -> Path:
+    """A researcher's project outside the repository: `cfg.py`, a few steps of LeNet-5/digits
+    whose count comes from `mypkg` beside it, a package found only through the current directory
+    (as `python -m` puts it on the import path). Returns `directory`."""
+    (directory / "mypkg").mkdir(parents=True)
+    (directory / "mypkg" / "__init__.py").write_text(f"NUM_TRAIN_STEPS = {num_train_steps}\n")
+    (directory / "cfg.py").write_text(
+        Path(CONFIG).read_text() + "\n\nimport mypkg  # noqa: E402\n\n_base = get_config\n\n\n"
+        "def get_config():  # noqa: F811\n    config = _base()\n"
+        "    config.num_train_steps = mypkg.NUM_TRAIN_STEPS\n"
+        "    config.eval_every_steps = config.checkpoint_every_steps = mypkg.NUM_TRAIN_STEPS\n"
+        "    config.schedule.warmup_steps = 1\n    config.global_batch_size = 16\n"
+        "    config.progress_bar = False\n    return config\n")
+    return directory
+
+
 def write_executable(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

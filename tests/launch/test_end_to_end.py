@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.launch.conftest import CONFIG, ROOT, path_with, stand_in_slurm
+from tests.launch.conftest import CONFIG, ROOT, own_project, path_with, stand_in_slurm
 
 TINY = ["--config.global_batch_size=16", "--config.progress_bar=False",
         "--config.schedule.warmup_steps=1"]
@@ -54,6 +54,29 @@ def test_submitted_script_trains_lenet_for_three_steps(tmp_path):
     assert [e.split(": ", 1)[1] for e in events] == [
         f"started on {os.uname().nodename} (restart 0)", "finished with exit status 0"]
     assert not (bin_dir / "scontrol.calls").exists()
+
+
+@pytest.mark.slow
+def test_a_config_importing_a_package_from_the_submit_directory_trains_in_the_job(tmp_path):
+    """Submitted from a project directory whose config file imports the project's own package
+    (found there, as the check found it), the job, which runs in the repository, trains: it
+    failed at start with `ModuleNotFoundError: No module named 'mypkg'`. The step count is
+    mypkg's, so the job imported that package."""
+    project = own_project(tmp_path / "project", num_train_steps=2)
+    bin_dir = stand_in_slurm(tmp_path / "bin")
+    workdir = tmp_path / "own"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--entry=train", "--config=cfg.py",
+         f"--workdir={workdir}", "--gpus_per_node=0", "--time=30", "--signal_seconds=60"],
+        cwd=project, env=_env(bin_dir) | {"PYTHONPATH": str(ROOT)},  # this checkout's launcher
+        capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    result = subprocess.run(["bash", str(workdir / "slurm" / "job.sbatch")], cwd=tmp_path,
+                            capture_output=True, text=True, env=_env(bin_dir, SLURM_JOB_ID=5),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _summary(workdir)
+    assert (summary["status"], summary["step"]) == ("completed", 2)
 
 
 @pytest.mark.slow

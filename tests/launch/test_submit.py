@@ -24,6 +24,7 @@ from tests.launch.conftest import (
     ROOT,
     SWEEP,
     TRANSFER,
+    own_project,
     path_with,
     stand_in_slurm,
     write_executable,
@@ -86,7 +87,11 @@ def test_submit_writes_the_script_and_record_and_resubmits_safely(tmp_path):
     assert again.returncode == 0, again.stderr
     record = json.loads((workdir / "slurm" / "launch.json").read_text())
     assert [job["job_id"] for job in record["jobs"]] == ["4242", "4242"]
-    assert script.read_text() == first
+    # ... the same script, but for that directory first on the job's import path
+    assert record["import_dir"] == str(tmp_path)
+    added = ("# where launch.submit ran, first on the import path as in its config check\n"
+             f"export PYTHONPATH={tmp_path}${{PYTHONPATH:+:$PYTHONPATH}}\n")
+    assert script.read_text().replace(added, "") == first
 
 
 @pytest.mark.parametrize("python,expected", [("./myenv/bin/python", "{cwd}/myenv/bin/python"),
@@ -123,6 +128,77 @@ def test_path_valued_overrides_are_taken_from_the_current_directory(tmp_path):
     assert f"    --config.init_from.workdir={cwd}/pretrained_run \\\n" in result.stdout
     assert f"    --config.data.data_dir={cwd}/tfds \\\n" in result.stdout
     assert "    --config.seed=1 &\n" in result.stdout
+
+
+_JOB_IMPORTS = ("import os, mypkg; print(os.getcwd()); print(mypkg.__file__); "
+                "print(os.environ['PYTHONPATH'])")
+
+
+@pytest.mark.parametrize("entry,extra,array_task,path_after", [
+    ("train", [], {}, "/inherited"),
+    ("sweep", [f"--sweep={SWEEP}", "--env=PYTHONPATH=/given"],
+     {"SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "2"}, "/given"),
+])
+def test_the_job_imports_from_where_launch_submit_ran_as_its_check_did(tmp_path, entry, extra,
+                                                                        array_task, path_after):
+    """A config file importing the user's package from the current directory passed the check
+    (`python -m` puts that directory on the import path), but the job, run in the repository,
+    failed in the queue: ModuleNotFoundError: No module named 'mypkg'. The script now puts that
+    directory first on the job's PYTHONPATH, ahead of the inherited one or `--env`'s, in an
+    array task too; its job step (a stand-in srun running the job's python) imports it."""
+    project = own_project(tmp_path / "project")
+    workdir = tmp_path / "run"
+    result = _submit(tmp_path, f"--entry={entry}", f"--config={project / 'cfg.py'}", *extra,
+                     f"--workdir={workdir}", "--gpus_per_node=0", cwd=project)
+    assert result.returncode == 0, result.stderr  # the check imported mypkg
+    bin_dir = tmp_path / "bin"
+    write_executable(bin_dir / "srun", (
+        "#!/usr/bin/env bash\n"
+        'while [[ "${1:-}" == --* ]]; do shift; done  # srun options\n'
+        f'"$1" -c "{_JOB_IMPORTS}" > {tmp_path}/job_imports\n'))  # $1: the job's python
+    env = path_with(bin_dir) | {"PYTHONPATH": "/inherited", "SLURM_JOB_ID": "7"} | array_task
+    job = subprocess.run(["bash", str(workdir / "slurm" / "job.sbatch")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    assert (tmp_path / "job_imports").read_text().splitlines() == [
+        str(ROOT), str(project / "mypkg" / "__init__.py"), f"{project}:{path_after}"]
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert (record["spec"]["submit_dir"], record["import_dir"]) == (str(ROOT), str(project))
+
+
+def test_a_resubmission_is_checked_with_the_import_path_its_job_gets(tmp_path):
+    """Where launch.submit runs is recorded, not compared: resubmitted from the repository, the
+    job would not find `mypkg`, and the check says so now; a resubmission the check does not
+    load (`--nocheck_configs`) is the same job, whose script then adds no directory."""
+    project = own_project(tmp_path / "project")
+    workdir = tmp_path / "run"
+    args = ["--entry=train", f"--config={project / 'cfg.py'}", f"--workdir={workdir}",
+            "--gpus_per_node=0"]
+    assert _submit(tmp_path, *args, cwd=project).returncode == 0
+    script = (workdir / "slurm" / "job.sbatch").read_text()
+    assert f"\nexport PYTHONPATH={project}${{PYTHONPATH:+:$PYTHONPATH}}\n" in script
+    refused = _submit(tmp_path, *args)  # from the repository
+    assert refused.returncode == 1
+    assert "No module named 'mypkg'" in refused.stderr
+    assert (workdir / "slurm" / "job.sbatch").read_text() == script
+    unchecked = _submit(tmp_path, *args, "--nocheck_configs")
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "PYTHONPATH" not in (workdir / "slurm" / "job.sbatch").read_text()
+    record = json.loads((workdir / "slurm" / "launch.json").read_text())
+    assert (record["import_dir"], len(record["jobs"])) == (None, 2)
+
+
+def test_a_current_directory_pythonpath_cannot_hold_is_refused(tmp_path):
+    """Its name's ':' would split it into two PYTHONPATH entries, neither of them it."""
+    cwd = tmp_path / "a:b"
+    cwd.mkdir()
+    result = _submit(tmp_path, *_train_args(tmp_path / "run"), cwd=cwd)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: launch: current directory={str(cwd)!r} is invalid; PYTHONPATH cannot hold a "
+        "directory whose name has ':', and the job needs it there to import what the config "
+        "check imported from it; run launch.submit from another directory.")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_record_written_before_a_spec_field_existed_still_resubmits(tmp_path):
