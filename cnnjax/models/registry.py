@@ -1,7 +1,9 @@
 """Model registry: create any cnnjax architecture by name (timm's `create_model`, in JAX style).
 
 Model modules register factory functions with `@register_model(...)`; importing
-`cnnjax.models` imports them all, so `create_model("resnet50", num_classes=10)` works.
+`cnnjax.models` imports them all, so `create_model("resnet50", num_classes=10)` works. A model
+registered by a module of your own is named `"<module>:<name>"` (`"mypkg.models:mynet"`): every
+lookup imports that module first, so a run's config.json names a model any command can reload.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import importlib
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -23,6 +26,8 @@ from cnnjax.utils.validation import (
     check_choice,
     check_float_dtype,
     check_nhwc_nonempty,
+    check_positive_int,
+    checked_input_shape,
     invalid,
 )
 
@@ -57,24 +62,67 @@ def register_model(
     name: str,
     *,
     input_shape: tuple[int, int, int] = (224, 224, 3),
-    min_input_size: int = 32,
+    min_input_size: int | None = None,
     num_classes: int = 1000,
     paper: str = "",
     task: str = "classification",
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering `factory(**kwargs) -> nn.Module` under `name`."""
-
+    """Decorator registering `factory(**kwargs) -> nn.Module` under `name`: a model class (or a
+    function building one) whose fields include `num_classes`, `dtype` and `axis_name`
+    (docs/conventions.md). `min_input_size` defaults to 32, or the native side if smaller.
+    The arguments are checked here, where a bad one is written: `None` as a name broke every
+    later lookup, and a bad shape or size failed only in training."""
+    _check_name(name)
+    shape = checked_input_shape("register_model", input_shape)
+    if len(shape) != 3:
+        raise invalid("register_model", "input_shape", input_shape,
+                      "expected the native (height, width, channels), e.g. (224, 224, 3)")
+    if min_input_size is None:
+        min_input_size = min(32, *shape[:2])
+    smallest = check_positive_int("register_model", "min_input_size", min_input_size,
+                                  high=min(shape[:2]), valid=(
+                                      "expected a positive int, the smallest square input "
+                                      "side the design admits, at most the native input's "
+                                      f"{min(shape[:2])} (input_shape={shape})"))
+    classes = check_positive_int("register_model", "num_classes", num_classes)
+    if not isinstance(paper, str):
+        raise invalid("register_model", "paper", paper, "expected a str (a short citation)")
     check_choice("register_model", "task", task, TASKS)
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if isinstance(factory, nn.Module) or not callable(factory):
+            shown = (_Shown(f"{type(factory).__name__}(...)")  # a module's repr spans lines
+                     if isinstance(factory, nn.Module) else factory)
+            raise invalid("register_model", "factory", shown,
+                          "expected a model class or a function returning a model (decorate "
+                          "the class itself, not an instance)")
         if name in _REGISTRY:
-            raise ValueError(f"register_model: name={name!r} is already registered")
-        _REGISTRY[name] = ModelInfo(
-            name, factory, tuple(input_shape), min_input_size, num_classes, paper, task
-        )
+            raise invalid("register_model", "name", name,
+                          f"it is already registered (by {_REGISTRY[name].factory!r}); pick "
+                          "another name")
+        _REGISTRY[name] = ModelInfo(name, factory, shape, smallest, classes, paper, task)
         return factory
 
     return decorator
+
+
+class _Shown(str):
+    """A value named in an error by this text, unquoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _check_name(name: Any) -> None:
+    """A registry name is a non-empty str without whitespace or ':' (which separates a module
+    from a name in lookups); a class or function is `@register_model` written without a call."""
+    if callable(name):
+        raise invalid("register_model", "name", name,
+                      'expected a name: write @register_model("mynet", ...) with the name '
+                      "(unlike timm, the name is not taken from the function)")
+    if not isinstance(name, str) or not name or ":" in name or re.search(r"\s", name):
+        raise invalid("register_model", "name", name,
+                      'expected a non-empty str without whitespace or ":", e.g. "mynet"')
 
 
 def check_train(module: nn.Module, train: Any, **rates: float) -> bool:
@@ -150,7 +198,7 @@ def _check_first_conv_channels(module: nn.Module, x: Any, first_conv: str) -> No
 def unregister_model(name: str) -> ModelInfo:
     """Removes `name` from the registry and returns its entry (a ValueError if unknown)."""
     info = _lookup(name)
-    del _REGISTRY[name]
+    del _REGISTRY[info.name]
     return info
 
 
@@ -167,15 +215,38 @@ def registered_model(
         _REGISTRY.pop(name, None)
 
 
+#: How an unknown name's error says where a model of your own is found.
+_OWN_MODELS = ('a model your own module registers is named "<module>:<name>" '
+               '(e.g. "mypkg.models:mynet"), which imports that module first')
+
+
 def _lookup(name: str) -> ModelInfo:
+    """The entry of `name`, or of `"<module>:<name>"` after importing `<module>`."""
     if not isinstance(name, str):  # difflib would raise a bare TypeError
         raise ValueError(f"create_model: name={name!r} is invalid; expected a str, one of "
                          f"{sorted(_REGISTRY)}")
-    if name not in _REGISTRY:
-        close = _close_names(name)
+    module, _, key = name.rpartition(":")
+    if module:
+        _import_registering_module(name, module)
+    if key not in _REGISTRY:
+        close = _close_names(key)
         hint = f"did you mean {close}? " if close else ""
-        raise UnknownModelError(name, f"{hint}valid names: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+        where = (f"module {module!r} registers no model {key!r}; " if module else "")
+        raise UnknownModelError(name, f"{where}{hint}valid names: {sorted(_REGISTRY)}; "
+                                      f"{_OWN_MODELS}")
+    return _REGISTRY[key]
+
+
+def _import_registering_module(name: str, module: str) -> None:
+    """Imports `module`, whose `@register_model` calls register the model `name` names; one
+    that cannot be imported here is an `UnknownModelError` saying so (an error inside the
+    module itself is raised as it is, with its traceback)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise UnknownModelError(name, f"its module {module!r} cannot be imported here "
+                                      f"({type(err).__name__}: {err}); install its package "
+                                      "or add its directory to PYTHONPATH") from None
 
 
 class UnknownModelError(ValueError):
@@ -240,15 +311,16 @@ def settable_fields(name: str) -> dict[str, ModelField]:
     """The constructor fields of model `name` that `create_model(name, field=...)` accepts, in
     declaration order: not those its registered name fixes (resnet20_cifar's `depth`), nor
     `ENGINE_MODEL_FIELDS`. Found by building the default model and probing the factory."""
-    factory = _lookup(name).factory
-    module = factory()
+    info = _lookup(name)
+    factory, base = info.factory, {"num_classes": info.num_classes}  # a field without default
+    module = factory(**base)
     fields: dict[str, ModelField] = {}
     for field in dataclasses.fields(module):
         if field.name in ENGINE_MODEL_FIELDS:
             continue
         value = getattr(module, field.name)
         try:
-            factory(**{field.name: value})
+            factory(**base, **{field.name: value})
         except (TypeError, KeyError):  # the factory sets this field itself (e.g. depth=20)
             continue
         fields[field.name] = ModelField(value, field.type)

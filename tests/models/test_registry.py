@@ -2,6 +2,8 @@
 
 import ast
 import re
+import sys
+import textwrap
 
 import flax.linen as nn
 import numpy as np
@@ -13,10 +15,11 @@ from cnnjax.models import (
     create_model,
     list_models,
     model_info,
+    registry,
     settable_fields,
 )
 from cnnjax.models.alexnet import AlexNet
-from cnnjax.models.registry import registered_model
+from cnnjax.models.registry import register_model, registered_model
 from cnnjax.models.resnet import ResNet18
 
 
@@ -493,9 +496,131 @@ def test_an_unknown_model_name_suggests_only_plausible_names(typo, expected):
         create_model(typo)
     message = str(err.value)
     assert message == f"create_model: unknown model name={typo!r}; {err.value.valid}"
-    assert err.value.valid.endswith(f"valid names: {list_models(task=None)}")
+    assert err.value.valid.endswith(
+        f"valid names: {list_models(task=None)}; a model your own module registers is named "
+        '"<module>:<name>" (e.g. "mypkg.models:mynet"), which imports that module first')
     if expected is None:
         assert "did you mean" not in message
     else:
         suggested = re.search(r"did you mean (\[.*?\])\?", message).group(1)
         assert sorted(ast.literal_eval(suggested)) == sorted(expected)
+
+
+@pytest.fixture
+def own_package(tmp_path, monkeypatch):
+    """A package of the user's own, `own_models_pkg`, whose `models` module registers
+    `own_tiny_net` (with a `num_classes` field without default) when imported; it is
+    unregistered and forgotten afterwards."""
+    package = tmp_path / "own_models_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(textwrap.dedent("""
+        import flax.linen as nn
+        from cnnjax.models import register_model
+
+        @register_model("own_tiny_net", input_shape=(8, 8, 1), min_input_size=4, num_classes=3)
+        class OwnTinyNet(nn.Module):
+            num_classes: int
+            width: int = 4
+            dtype: object = None
+            axis_name: object = None
+
+            @nn.compact
+            def __call__(self, x, train=False, return_features=False):
+                x = nn.relu(nn.Conv(self.width, (3, 3))(x)).mean(axis=(1, 2))
+                return nn.Dense(self.num_classes, name="head")(x)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "own_models_pkg.models"
+    registry._REGISTRY.pop("own_tiny_net", None)
+    for module in ("own_models_pkg.models", "own_models_pkg"):
+        sys.modules.pop(module, None)
+
+
+def test_a_model_named_with_its_module_is_found_by_importing_that_module(own_package):
+    assert own_package not in sys.modules
+    model = create_model(f"{own_package}:own_tiny_net", width=2)
+    assert own_package in sys.modules
+    assert (type(model).__name__, model.num_classes, model.width) == ("OwnTinyNet", 3, 2)
+    assert model_info(f"{own_package}:own_tiny_net").input_shape == (8, 8, 1)
+    # Its settable fields are found although num_classes has no default.
+    assert list(settable_fields(f"{own_package}:own_tiny_net")) == ["width"]
+    assert list(settable_fields("own_tiny_net")) == ["width"]  # once imported, by name too
+
+
+def test_a_module_that_cannot_be_imported_is_named_with_the_remedy():
+    with pytest.raises(UnknownModelError, match=re.escape(
+            "create_model: unknown model name='not_a_pkg_xyz.models:mynet'; its module "
+            "'not_a_pkg_xyz.models' cannot be imported here (ModuleNotFoundError: No module "
+            "named 'not_a_pkg_xyz'); install its package or add its directory to PYTHONPATH")):
+        create_model("not_a_pkg_xyz.models:mynet")
+
+
+def test_a_module_that_registers_no_such_model_says_so(own_package):
+    with pytest.raises(UnknownModelError, match=re.escape(
+            f"name='{own_package}:own_tiny_nett'; module '{own_package}' registers no model "
+            "'own_tiny_nett'; did you mean ['own_tiny_net']?")):
+        create_model(f"{own_package}:own_tiny_nett")
+
+
+def test_an_error_inside_the_users_module_is_raised_as_itself(tmp_path, monkeypatch):
+    (tmp_path / "own_broken_module_xyz.py").write_text("raise RuntimeError('my own bug')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="my own bug"):
+        create_model("own_broken_module_xyz:mynet")
+    sys.modules.pop("own_broken_module_xyz", None)
+
+
+class _Net(nn.Module):
+    num_classes: int = 2
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((_Net,), {}, r"register_model: name=<class .*_Net'> is invalid; expected a name: write "
+                  r"@register_model\("),
+    ((None,), {}, r"name=None is invalid; expected a non-empty str without whitespace"),
+    ((5,), {}, r"name=5 is invalid"),
+    (("",), {}, r"name='' is invalid"),
+    (("my net",), {}, r"name='my net' is invalid"),
+    (("pkg:net",), {}, r"name='pkg:net' is invalid; expected .* or \":\""),
+    (("t_net",), {"input_shape": 32}, r"input_shape=32 is invalid; expected a sequence"),
+    (("t_net",), {"input_shape": (32, 32)}, r"input_shape=\(32, 32\) is invalid; expected the "
+                                             r"native \(height, width, channels\)"),
+    (("t_net",), {"min_input_size": -1}, r"min_input_size=-1 is invalid; expected a positive "
+                                          r"int, .* at most the native input's 224"),
+    (("t_net",), {"min_input_size": "8"}, r"min_input_size='8' is invalid"),
+    (("t_net",), {"input_shape": (32, 32, 3), "min_input_size": 64},
+     r"min_input_size=64 is invalid; .* at most the native input's 32"),
+    (("t_net",), {"num_classes": 0}, r"num_classes=0 is invalid; expected a positive integer"),
+    (("t_net",), {"num_classes": 1.5}, r"num_classes=1.5 is invalid"),
+    (("t_net",), {"paper": 5}, r"paper=5 is invalid; expected a str"),
+])
+def test_register_model_refuses_a_bad_argument_where_it_is_written(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        register_model(*args, **kwargs)
+    assert "t_net" not in list_models(task=None)
+
+
+@pytest.mark.parametrize("factory", [None, _Net()])
+def test_register_model_refuses_what_is_not_a_model_factory(factory):
+    with pytest.raises(ValueError, match=r"register_model: factory=(None|_Net\(\.\.\.\)) is "
+                                         r"invalid; expected a model class or a function"):
+        register_model("t_net")(factory)
+    assert "t_net" not in list_models(task=None)
+
+
+def test_the_default_smallest_input_is_32_or_the_native_side_if_smaller():
+    with (registered_model("t_small", _Net, input_shape=(28, 28, 1)) as small,
+          registered_model("t_large", _Net, input_shape=(96, 64, 3)) as large):
+        assert (small.min_input_size, large.min_input_size) == (28, 32)
+
+
+def test_a_taken_name_is_refused_naming_its_owner_and_the_remedy():
+    with pytest.raises(ValueError, match=r"register_model: name='resnet18' is invalid; it is "
+                                         r"already registered \(by .*\); pick another name"):
+        register_model("resnet18")(_Net)
+    assert model_info("resnet18").factory is not _Net
