@@ -34,7 +34,7 @@ from cnnjax.utils.validation import (
 #: Constructor fields the caller (the engine) or flax sets, never offered as hyperparameters.
 ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
 # ... of which `create_model` callers set these (the engine too: from the dataset and config).
-_ENGINE_KEYWORDS = ("num_classes", "dtype", "axis_name")
+ENGINE_KEYWORDS = ("num_classes", "dtype", "axis_name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,9 +253,23 @@ class UnknownModelError(ValueError):
     """A model name the registry does not hold; `valid` (close matches, then every name) lets a
     CLI name its own flag with the same advice."""
 
-    def __init__(self, name: str, valid: str):
-        super().__init__(f"create_model: unknown model name={name!r}; {valid}")
-        self.valid = valid
+    def __init__(self, name: str, valid: str | None = None):
+        # One argument: the whole message, as ml_collections re-raises an error from a config
+        # file (`type(err)(text)`).
+        message = name if valid is None else f"create_model: unknown model name={name!r}; {valid}"
+        super().__init__(message)
+        self.valid = message if valid is None else valid
+
+
+def reloadable_name(name: str) -> str | None:
+    """`"<module>:<name>"` for a plain `name` that a module outside cnnjax registered (a process
+    that imports only cnnjax, such as a command reloading a run, would not find it under that
+    name); None for cnnjax's own models and names that already carry their module."""
+    info = _lookup(name)
+    module = getattr(info.factory, "__module__", None)
+    if ":" in name or not isinstance(module, str) or module.split(".")[0] == "cnnjax":
+        return None
+    return f"{module}:{name}"
 
 
 def _close_names(name: str) -> list[str]:
@@ -353,7 +367,7 @@ def create_model(name: str, /, **overrides) -> nn.Module:
             raise
     # Outside the `except`: there CPython 3.11 turns the probes' duplicate-keyword TypeErrors
     # into KeyErrors.
-    settable = [*sorted(settable_fields(name)), *_ENGINE_KEYWORDS]
+    settable = [*sorted(settable_fields(name)), *ENGINE_KEYWORDS]
     close = difflib.get_close_matches(bad, settable, n=1, cutoff=0.8)  # not param_dtype -> dtype
     hint = f' Did you mean "{close[0]}"?' if close else ""
     raise ModelArgumentError(str(invalid(

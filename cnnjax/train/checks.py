@@ -1,4 +1,5 @@
-"""Pre-compilation checks that need the model: is the input resolution large enough?
+"""Pre-compilation checks that need the model: is the input resolution large enough, and are its
+outputs the task's logits over the dataset's classes (`logits_problem`, from the same trace)?
 
 `check_input_size` traces `model.init` abstractly (`jax.eval_shape`: shapes only, no compilation,
 no FLOPs) while watching every submodule call; the first layer whose output has an empty spatial
@@ -120,12 +121,15 @@ def check_input_size(
     model_name: str,
     input_shape: tuple[int, int, int],
     min_input_size: int | None = None,
-) -> None:
-    """Raises a ValueError naming the layer if `model` cannot run on `input_shape` (H, W, C).
+) -> Any:
+    """Raises a ValueError naming the layer if `model` cannot run on `input_shape` (H, W, C);
+    returns the abstract outputs (`jax.ShapeDtypeStruct` leaves) of its eval-mode call on one
+    such image, for `logits_problem` to check without a second trace.
 
     `min_input_size` (from the model registry) is checked first; then the abstract trace finds the
     layer where the spatial size collapses. A layer that fails on a much larger input too is
-    reported as a settings problem (e.g. `groups` that do not divide its channels), not a size one.
+    reported as a settings problem (e.g. `groups` that do not divide its channels), not a size one;
+    a model whose `__call__` does not take the engine's `train` keyword, as such.
     """
     height, width = input_shape[0], input_shape[1]
     if min_input_size is not None and min(height, width) < min_input_size:
@@ -135,9 +139,10 @@ def check_input_size(
             f"{height}x{width}",
             f"the model needs inputs of at least {min_input_size}x{min_input_size}",
         )
-    err = _trace_failure(model, input_shape)
+    err, outputs = _trace(model, input_shape)
     if err is None:
-        return
+        return outputs
+    _check_call_signature(model, model_name, err)
     if isinstance(err.__cause__, MemoryError):  # the size, but the other way: far too large
         raise invalid(
             model_name, "input resolution", f"{height}x{width}",
@@ -188,14 +193,72 @@ def larger_input(input_shape: tuple[int, ...], spatial: int) -> tuple[int, ...]:
 
 def _trace_failure(model: nn.Module, input_shape: tuple[int, ...]) -> LayerCallError | None:
     """The first layer failure of an abstract `model.init` on one `input_shape` image, if any."""
+    return _trace(model, input_shape)[0]
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[LayerCallError | None, Any]:
+    """`(failure, outputs)` of an abstract `model.init` on one `input_shape` image: the first
+    layer failure and None, or None and the eval-mode call's outputs (abstract arrays)."""
     dummy = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
     try:
         with nn.intercept_methods(LayerWatcher()):
-            jax.eval_shape(lambda x: model.init(rngs, x, train=False), dummy)
+            outputs, _ = jax.eval_shape(
+                lambda x: model.init_with_output(rngs, x, train=False), dummy)
     except LayerCallError as err:
-        return err
-    return None
+        return err, None
+    return None, outputs
+
+
+#: The call signature docs/conventions.md ("Models") asks of every model; the engine calls it.
+CALL_SIGNATURE = "__call__(self, x, train: bool = False, return_features: bool = False)"
+
+
+def _check_call_signature(model: nn.Module, model_name: str, err: LayerCallError) -> None:
+    """A ValueError if the model itself (not one of its layers) refused a keyword the engine
+    passes to every model (`train`, `return_features`): the remedy is its `__call__`'s
+    signature, not its settings."""
+    cause = err.__cause__
+    match = re.search(r"unexpected keyword argument '(train|return_features)'", str(cause))
+    if (isinstance(cause, TypeError) and match is not None
+            and f"{type(model).__name__}.__call__()" in str(cause)):
+        raise ValueError(
+            f"{model_name}: {type(model).__name__}.__call__ does not take the keyword "
+            f"{match.group(1)!r}, which the engine passes to every model; give it the signature "
+            f"{CALL_SIGNATURE} (docs/conventions.md, \"Models\"). {type(cause).__name__}: "
+            f"{cause}") from None
+
+
+def logits_problem(outputs: Any, task: str, input_shape: tuple[int, ...],
+                   num_classes: int) -> str | None:
+    """What is wrong with a model's eval-mode `outputs` on one `input_shape` image (as
+    `check_input_size` returns them) for `task`'s loss, or None: a classifier must return logits
+    `[N, num_classes]`, a dense predictor `[N, H, W, num_classes]` at the input's H, W (the
+    per-pixel cross-entropy compares them with `[N, H, W]` label maps). Detectors train through
+    their own `loss`/`detect` methods: not checked. Else the first train step failed naming the
+    labels, or a model that ignored its `num_classes` trained silently on the wrong class count."""
+    from cnnjax.train.losses import split_auxiliary
+
+    expected = {"classification": (1, num_classes),
+                "segmentation": (1, *input_shape[:2], num_classes)}.get(task)
+    if expected is None:
+        return None
+    logits, _ = split_auxiliary(outputs)
+    shape = getattr(logits, "shape", None)
+    if shape is not None and tuple(shape) == expected:
+        return None
+    what = "logits [N, num_classes]" if task == "classification" else (
+        "per-pixel logits [N, H, W, num_classes] at the input's H, W")
+    got = (f"has shape {tuple(shape)}" if shape is not None else
+           f"is not an array but {jax.tree.map(lambda leaf: tuple(leaf.shape), outputs)}")
+    hint = ""
+    if shape is not None and tuple(shape[:-1]) == expected[:-1]:  # only the class axis differs
+        hint = ("; the model must size its final layer (the submodule `head`) by its "
+                "`num_classes` field, which the engine sets, not by a fixed number")
+    elif task == "classification" and shape is not None and len(shape) == 4:
+        hint = "; a classifier must pool or flatten its spatial axes before the head"
+    return (f"its output (eval mode, one {'x'.join(map(str, input_shape))} image) {got}, "
+            f"where a {task} run needs {what} = {expected}{hint}")
 
 
 def one_value_batch_norm(model: nn.Module, micro_batch: int, devices: int,

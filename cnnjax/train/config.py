@@ -15,11 +15,12 @@ import re
 from typing import Any
 
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
 from cnnjax.layers.batch_norm_impl import BATCH_NORM_IMPLS
 from cnnjax.layers.conv_impl import CONV_IMPLS
-from cnnjax.models.registry import ENGINE_MODEL_FIELDS, TASKS
+from cnnjax.models.registry import ENGINE_KEYWORDS, ENGINE_MODEL_FIELDS, TASKS
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
@@ -591,12 +592,14 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     Fields and values (`validate_config`), model name and task, dataset and `num_classes`,
     `num_devices` and batch divisibility over this host's devices (over several processes, that
     each one's shard of the train split holds its batch), `model_kwargs`, the input
-    resolution (an abstract trace, no compilation) and a detector's own checks of its training
+    resolution and the model's outputs (logits over the dataset's classes, per pixel for
+    segmentation: one abstract trace, no compilation), a detector's own checks of its training
     images (Faster R-CNN's anchors), the learning-rate schedule and optimizer, and
-    `freeze`. Reads the dataset's metadata (cnnjax's offline datasets are generated on first
-    use, as the run would) but builds no input pipeline, initializes no parameter and touches no
-    workdir. Not checked: `init_from.workdir`'s and `distill.teacher_workdir`'s checkpoints (the
-    source or teacher run may not exist yet; `train_and_evaluate` checks them before compiling).
+    `freeze` (the model must have a `head`). Reads the dataset's metadata (cnnjax's offline
+    datasets are generated on first use, as the run would) but builds no input pipeline,
+    initializes no parameter and touches no workdir. Not checked: `init_from.workdir`'s and
+    `distill.teacher_workdir`'s checkpoints (the source or teacher run may not exist yet;
+    `train_and_evaluate` checks them before compiling).
     `schedule` (an optax schedule) replaces `config.schedule`'s in the optimizer it builds, e.g.
     the learning-rate ramp of `cnnjax.tune.lr_range`; None: the config's own.
     `for_training=False` skips the check that the global batch fits in the train split: for
@@ -606,6 +609,8 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     validate_config(config)
     task = config_task(config)
     info = _task_model_info(config, task)
+    if for_training:
+        _warn_if_not_reloadable(config.model)
     check_data_fields(config)
     pipeline = data_pipeline(config)  # heavy (TensorFlow): imported once the config is sane
     data_info = pipeline.get_dataset_info(config.data)
@@ -619,7 +624,7 @@ def check_config(config: Any, schedule: Any = None, *, for_training: bool = True
     devices = _checked_devices(config, pipeline, for_training)
     _check_eval_batch_fits(config, data_info, devices)
     image_shape = tuple(data_info.image_shape)
-    model = _checked_model(config, task, info, image_shape, data_info.num_classes)
+    model = _checked_model(config, task, info, image_shape, data_info)
     if for_training and task != "detection":  # detectors train through `loss`, masked
         _check_batch_statistics(config, model, image_shape, _total_devices(devices))
     schedule, tx, variable_shapes = _checked_optimizer(config, schedule, model, image_shape)
@@ -652,10 +657,27 @@ def _check_task_of_known_model(config: Any, task: str) -> None:
     """A registered model of another task is refused before the task's own fields: a classifier
     under --config.task=detection was told its best_metric='top1' was no detection metric, as if
     that were the fault. An unknown name is left to `check_config` (and its list of names)."""
-    from cnnjax.models import list_models
+    from cnnjax.models import UnknownModelError, model_info
 
-    if config.model in list_models(task=None):
-        _task_model_info(config, task)
+    try:
+        model_info(config.model)
+    except UnknownModelError:
+        return
+    _task_model_info(config, task)
+
+
+def _warn_if_not_reloadable(name: str) -> None:
+    """Warns when the run's model, registered outside cnnjax, is named without its module: it
+    trains, but a command reloading the run (evaluate, visualize, init_from) cannot find it."""
+    from cnnjax.models.registry import reloadable_name
+
+    qualified = reloadable_name(name)
+    if qualified is not None:
+        logging.warning(
+            "config.model=%r is registered by %s, outside cnnjax: commands that reload this "
+            "run import only cnnjax and will not find it; name it config.model=%r so that "
+            "every lookup imports its module (docs/reusing.md, \"Your own model\").",
+            name, qualified.split(":")[0], qualified)
 
 
 def _known_model_info(name: Any) -> Any:
@@ -756,14 +778,21 @@ def _check_batch_statistics(config: Any, model: Any, image_shape: tuple[int, ...
 
 
 def _checked_model(config: Any, task: str, info: Any, image_shape: tuple[int, ...],
-                   num_classes: int) -> Any:
+                   data_info: Any) -> Any:
     """The flax module the run trains, built from `model_kwargs` and traced abstractly on
-    `image_shape` images, so a bad keyword or a too-small input is refused before compiling."""
+    `image_shape` images, so a bad keyword, a too-small input or outputs that are not the task's
+    logits over the dataset's classes (`data_info`) are refused before compiling."""
     from cnnjax.models.registry import min_input_size
     from cnnjax.train import checks
 
-    model = _create_model(config, task, num_classes)
-    checks.check_input_size(model, config.model, image_shape, min_input_size(config.model, model))
+    model = _create_model(config, task, data_info.num_classes)
+    outputs = checks.check_input_size(model, config.model, image_shape,
+                                      min_input_size(config.model, model))
+    problem = checks.logits_problem(outputs, task, image_shape, data_info.num_classes)
+    if problem is not None:
+        raise invalid("config", "model", config.model,
+                      f"{problem} (num_classes={data_info.num_classes}: "
+                      f"{_classes_source(config, data_info)}; docs/conventions.md, \"Models\")")
     if task == "detection":
         from cnnjax.data.spec import proposal_spec
 
@@ -771,6 +800,14 @@ def _checked_model(config: Any, task: str, info: Any, image_shape: tuple[int, ..
                                         proposal_spec(config.data.get("proposals")))
         checks.check_training_size(model, image_shape)
     return model
+
+
+def _classes_source(config: Any, data_info: Any) -> str:
+    """Where the run's class count comes from, for an error: the dataset (and `data.classes`,
+    when it keeps a subset)."""
+    classes = _field(_field(config, "data"), "classes")
+    kept = f", data.classes={tuple(classes)!r}" if classes is not None else ""
+    return f"the classes of dataset {data_info.name!r}{kept}"
 
 
 def check_model_fields(config: Any) -> None:
@@ -796,6 +833,8 @@ def _create_model(config: Any, task: str, num_classes: int) -> Any:
             config.model, num_classes=num_classes, axis_name=AXIS_NAME, dtype=dtype, **kwargs,
         )
     except ModelArgumentError as err:  # a keyword the model does not have, or fixes
+        if err.keyword in ENGINE_KEYWORDS:  # not the user's model_kwargs: the model's fields
+            raise _engine_field_error(config.model, err.keyword, num_classes) from None
         raise ValueError(
             f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
             f"accept them ({err.keyword!r} is unknown, or fixed by the model's name); its "
@@ -807,6 +846,50 @@ def _create_model(config: Any, task: str, num_classes: int) -> Any:
                       f"that returns a dict of feature maps, not the outputs a {task} run "
                       "trains on; it failed in the first train step)")
     return model
+
+
+def _engine_field_error(model: str, keyword: str, num_classes: int) -> ValueError:
+    """The error for a model that refuses `keyword`, one of the fields the engine sets on every
+    model (`ENGINE_KEYWORDS`): the model lacks the field (or its name fixes it), which no
+    `model_kwargs` can mend, so the error names the model, not the user's (maybe empty)
+    `model_kwargs`."""
+    missing = _missing_engine_fields(model, num_classes)
+    lacks = (f"its class lacks the field{'s' if len(missing) > 1 else ''} "
+             f"{' and '.join(map(repr, missing))}" if missing else
+             f"it does not take {keyword!r} (its name fixes it)")
+    return invalid(
+        "config", "model", model,
+        f"{lacks}, which the engine sets on every model; every cnnjax model declares the fields "
+        "num_classes: int, dtype: Any = jnp.float32 and axis_name: str | None = None, and uses "
+        "them (docs/conventions.md, \"Fields every model has\")")
+
+
+def _missing_engine_fields(model: str, num_classes: int) -> list[str]:
+    """The `ENGINE_KEYWORDS` the module registered as `model` does not declare as fields (built
+    with `num_classes` alone, as far as its factory allows; [] when it cannot be built so)."""
+    from cnnjax.models import model_info
+
+    try:
+        module = model_info(model).factory(num_classes=num_classes)
+    except Exception:  # noqa: BLE001 — any factory failure: fall back to the refused keyword
+        return []
+    fields = {field.name for field in dataclasses.fields(module)}
+    return [name for name in ENGINE_KEYWORDS if name not in fields]
+
+
+def _check_freeze_head(config: Any, params: Any) -> None:
+    """`config.freeze` trains only the head modules (`heads.HEAD_MODULES`: the classifier
+    `head`, FCN's score layers); a model without one is refused naming `freeze` and the model's
+    top-level parameters, where `heads.trainable_mask`'s error named neither."""
+    from cnnjax.models.heads import HEAD_MODULES  # deferred: imports the model registry
+
+    if not any(name in params for name in HEAD_MODULES):
+        raise invalid(
+            "config", "freeze", config.freeze,
+            f"it trains only the classifier head, and model {config.model!r} has none: its "
+            f"top-level parameters are {sorted(params)}; the final classifier must be a submodule "
+            f"named 'head' (docs/conventions.md, \"Models\"; FCN's {list(HEAD_MODULES[1:])} "
+            "count too), or set freeze=None")
 
 
 def _checked_optimizer(config: Any, schedule: Any, model: Any, image_shape: tuple[int, ...],
@@ -828,6 +911,7 @@ def _checked_optimizer(config: Any, schedule: Any, model: Any, image_shape: tupl
             lambda r: init_variables(model, r, (1, *image_shape)), jax.random.PRNGKey(0)
         )
     if config.get("freeze") is not None:
+        _check_freeze_head(config, variable_shapes["params"])
         tx = freeze_optimizer(tx, variable_shapes["params"], config.freeze)
     return schedule, tx, variable_shapes
 
