@@ -624,3 +624,12 @@ def test_a_taken_name_is_refused_naming_its_owner_and_the_remedy():
                                          r"already registered \(by .*\); pick another name"):
         register_model("resnet18")(_Net)
     assert model_info("resnet18").factory is not _Net
+
+
+def test_an_unknown_model_error_re_raised_with_its_message_alone_keeps_it():
+    """ml_collections re-raises an error from a config file as `type(err)(text)`: the one
+    argument was taken as the name, and a missing `valid` hid the message behind a TypeError."""
+    with pytest.raises(UnknownModelError) as caught:
+        create_model("lenet6")
+    again = type(caught.value)(str(caught.value))
+    assert str(again) == again.valid == str(caught.value)
