@@ -19,9 +19,11 @@ whole run (`cnnjax.utils.lock`).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import queue
 import shutil
 import threading
@@ -88,6 +90,13 @@ TOTAL_WALL_TIME = "total_wall_time_s"
 #: Checkpoint `run_info` key: the run's config as config.json holds it, so a workdir whose
 #: config.json is lost still refuses a rerun of an incompatible config (and restores the file).
 CONFIG_RECORD = "config"
+#: Checkpoint `run_info` and summary.json key: the software stacks (`software_stack`) the run
+#: trained under, in order, one entry per change (the last one wrote the checkpoint); a resume
+#: under another stack rounds floats differently, so it is warned about (summary.json has the
+#: list while it holds more than one).
+SOFTWARE = "software"
+#: The distributions whose versions `software_stack` records, besides Python's.
+SOFTWARE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 #: The largest eval split (this process's padded batches, bytes) the first eval keeps in host
 #: memory for the later ones (`_Run.eval_batches`): CIFAR-10's test split at 32x32 fits; larger
 #: splits are read again at each eval.
@@ -289,6 +298,27 @@ def _wall_times(run: _Run | None, started: float) -> dict:
     wall = time.time() - started
     earlier = run.earlier_wall_time_s if run is not None else 0.0
     return {"wall_time_s": wall, TOTAL_WALL_TIME: earlier + wall}
+
+
+def software_stack(backend: str) -> dict[str, str]:
+    """The Python and `SOFTWARE_PACKAGES` versions and the JAX `backend` (cpu/gpu/tpu) this
+    process trains with, as JSON strings: a checkpoint keeps them, since another stack may round
+    the same steps differently."""
+    stack = {"python": platform.python_version()}
+    for name in SOFTWARE_PACKAGES:
+        try:
+            stack[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            stack[name] = "none"
+    stack["backend"] = backend
+    return stack
+
+
+def _software_changes(recorded: dict, current: dict) -> list[str]:
+    """One "name old -> new" per entry that `recorded` and `current` both hold and that differs
+    (a key only one of them has, e.g. one an older cnnjax did not record, is no change)."""
+    return [f"{k} {recorded[k]} -> {current[k]}" for k in current
+            if k in recorded and str(recorded[k]) != current[k]]
 
 
 def _earlier_wall_time(run_info: dict) -> float:
@@ -562,6 +592,7 @@ class _Run:
         # the loop dispatches one step ahead of it.
         self.steps_finished: int | None = None
         self.device_counts: list[int] = []  # the device counts this run trained on, in order
+        self.software: list[dict] = []  # the software stacks it trained under, in order
         self.teacher: distill_lib.Teacher | None = None  # config.distill's, loaded by setup
         # config.init_from's (variables, record), read by setup when the run starts fresh
         # (before `restart` empties the workdir), so a refused warm start changes nothing there.
@@ -882,6 +913,7 @@ class _Run:
             host_state, start_step = restored
             resumed_info = checkpointer.run_info(start_step)
             self.warn_if_devices_changed(resumed_info)
+            self.warn_if_software_changed(resumed_info)
             self.earlier_wall_time_s = _earlier_wall_time(resumed_info)
             logging.info(
                 "Resuming from the checkpoint at step %d in %s%s",
@@ -903,6 +935,8 @@ class _Run:
                 "every layer).", config.get("freeze"))
         if not self.device_counts:  # a new run, or a checkpoint written without run_info
             self.device_counts = [self.total_devices]
+        if not self.software:  # a new run, or a checkpoint written before it was recorded
+            self.software = [self.current_software()]
         return host_state, start_step, resumed_info
 
     def warm_start_source(self, checkpointer: Checkpointer) -> tuple[dict, dict] | None:
@@ -1018,10 +1052,12 @@ class _Run:
     def save(self, checkpointer: Checkpointer, step: int, state: Any,
              metrics_eval: dict | None) -> None:
         """Checkpoints `state` at `step` (async when configured) with what a resume needs:
-        the device counts, the train-log window and the wall time so far."""
+        the device counts, the software stacks, the train-log window and the wall time so
+        far."""
         checkpointer.save(step, self.parallel.unreplicate(state), metrics_eval,
                           run_info={"num_devices": self.total_devices,
                                     "device_counts": self.device_counts,
+                                    SOFTWARE: self.software,
                                     "process_count": jax.process_count(),
                                     TRAIN_WINDOW: _window_to_json(self.window),
                                     CONFIG_RECORD: json.loads(config_lib.to_json(self.config)),
@@ -1081,6 +1117,29 @@ class _Run:
                 "the data order continues, but " if same_processes else "")
             counts.append(self.total_devices)
         self.device_counts = counts
+
+    def current_software(self) -> dict[str, str]:
+        """`software_stack` of this process, on the platform of the run's devices."""
+        return software_stack(self.parallel.devices[0].platform)
+
+    def warn_if_software_changed(self, run_info: dict) -> None:
+        """Resuming under another Python, jax, jaxlib, flax, optax or orbax-checkpoint version or
+        JAX backend continues at the same step with the same data, but the compiled steps may
+        round floats differently (jax 0.10.2 -> 0.11.2: parameters ~1e-7 apart after 200 lenet5
+        steps), so the run is no longer bitwise an uninterrupted one. Say so in the log, and keep
+        the stacks the run has trained under (checkpoint `run_info`, summary.json's `software`
+        while there is more than one), as `warn_if_devices_changed` keeps the device counts.
+        A checkpoint without the record (written before it was kept) resumes silently."""
+        stacks = [dict(s) for s in run_info.get(SOFTWARE) or [] if isinstance(s, dict)]
+        current = self.current_software()
+        changes = _software_changes(stacks[-1], current) if stacks else []
+        if changes:
+            logging.warning(
+                "Resuming a checkpoint written under another software stack (%s): the run "
+                "continues, but its result will not be bitwise that of an uninterrupted run "
+                "(float rounding may differ).", ", ".join(changes))
+            stacks.append(current)
+        self.software = stacks
 
     def interrupted(self, step: int, signal_name: str, evals: list[dict],
                     start_step: int) -> NoReturn:
@@ -1161,5 +1220,6 @@ class _Run:
             "num_devices": self.total_devices,
             "parallel": config.parallel,
             **({"device_counts": self.device_counts} if len(self.device_counts) > 1 else {}),
+            **({SOFTWARE: self.software} if len(self.software) > 1 else {}),
             "outputs": run_outputs(self.workdir),
         }

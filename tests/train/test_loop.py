@@ -223,6 +223,7 @@ def test_exact_resume_after_crash_in_process(crash_and_resume):
     assert run.crashed["status"] == "failed"
     summary = run.resumed_summary
     assert summary["resumed_from_step"] == 8 and "device_counts" not in summary
+    assert loop.SOFTWARE not in summary  # one software stack throughout
     a, _ = _final_params(str(run.reference), run.config)
     b, _ = _final_params(str(run.resumed), run.config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -267,9 +268,10 @@ def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monke
             checkpoints.close()
         assert loop.TRAIN_WINDOW in info and info["process_count"] == 1
         assert info[loop.CONFIG_RECORD]["model"] == config.model
+        assert len(info[loop.SOFTWARE]) == 1  # tests/train/test_software_record.py has its own
         return {k: v for k, v in info.items()
                 if k not in (loop.TRAIN_WINDOW, "process_count", loop.TOTAL_WALL_TIME,
-                             loop.CONFIG_RECORD)}
+                             loop.CONFIG_RECORD, loop.SOFTWARE)}
 
     config = helpers.tiny_config()
     pipeline = sys.modules["cnnjax.data.pipeline"]
