@@ -469,8 +469,8 @@ def test_detectors_and_segmenters_are_refused(trained, monkeypatch):
     import cnnjax.train.trained as trained_lib
 
     for task in ("detection", "segmentation"):
-        def load(workdir, step=None, task=task):
-            run = load_trained(workdir, step)
+        def load(workdir, step=None, task=task, **kwargs):
+            run = load_trained(workdir, step, **kwargs)
             config = run.config.copy_and_resolve_references()
             config.task = task
             return dataclasses.replace(run, config=config)
