@@ -15,6 +15,7 @@ import fnmatch
 import functools
 import importlib
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -48,6 +49,7 @@ class ModelInfo:
     num_classes: int  # default number of classes
     paper: str  # short citation
     task: str = "classification"  # or "detection": what the model's outputs are
+    module: str = ""  # the module whose import registered it: "<module>:<name>" lookups import it
 
 
 #: What a registered model does: classifiers return logits; detectors return raw detection outputs
@@ -66,12 +68,16 @@ def register_model(
     num_classes: int = 1000,
     paper: str = "",
     task: str = "classification",
+    module: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering `factory(**kwargs) -> nn.Module` under `name`: a model class (or a
     function building one) whose fields include `num_classes`, `dtype` and `axis_name`
-    (docs/conventions.md). `min_input_size` defaults to 32, or the native side if smaller.
+    (docs/conventions.md). `min_input_size` defaults to 32, or the native side if smaller;
+    `module`, the registering module, to the caller's. Registry names are global: a second
+    registration of a name is refused, unless the same module registers it again (a reload).
     The arguments are checked here, where a bad one is written: `None` as a name broke every
     later lookup, and a bad shape or size failed only in training."""
+    module = _caller_module() if module is None else module
     _check_name(name)
     shape = checked_input_shape("register_model", input_shape)
     if len(shape) != 3:
@@ -96,14 +102,29 @@ def register_model(
             raise invalid("register_model", "factory", shown,
                           "expected a model class or a function returning a model (decorate "
                           "the class itself, not an instance)")
-        if name in _REGISTRY:
+        if name in _REGISTRY and not _reregistered(_REGISTRY[name], module, factory):
             raise invalid("register_model", "name", name,
-                          f"it is already registered (by {_REGISTRY[name].factory!r}); pick "
+                          f"it is already registered (by {_REGISTRY[name].factory!r} of "
+                          f"{_REGISTRY[name].module}); registry names are global: pick "
                           "another name")
-        _REGISTRY[name] = ModelInfo(name, factory, shape, smallest, classes, paper, task)
+        _REGISTRY[name] = ModelInfo(name, factory, shape, smallest, classes, paper, task,
+                                    module)
         return factory
 
     return decorator
+
+
+def _caller_module(depth: int = 2) -> str:
+    """The `__name__` of the module whose code called the function calling this one (`depth`
+    frames up): where a `@register_model` is written."""
+    return str(sys._getframe(depth).f_globals.get("__name__", ""))
+
+
+def _reregistered(info: ModelInfo, module: str, factory: Callable[..., nn.Module]) -> bool:
+    """Whether `factory` registered by `module` is `info`'s registration made again by a reload
+    of its module (`importlib.reload`, a notebook's autoreload): same module, same name."""
+    return bool(module) and info.module == module and (
+        getattr(factory, "__qualname__", None) == getattr(info.factory, "__qualname__", None))
 
 
 class _Shown(str):
@@ -208,7 +229,7 @@ def registered_model(
 ) -> Iterator[ModelInfo]:
     """Registers `factory` under `name` (keywords as for `register_model`) for the `with` block
     only, e.g. a test-only model that must not stay in `list_models()` for later tests."""
-    register_model(name, **info)(factory)
+    register_model(name, **{"module": _caller_module(3), **info})(factory)
     try:
         yield _REGISTRY[name]
     finally:
@@ -221,29 +242,41 @@ _OWN_MODELS = ('a model your own module registers is named "<module>:<name>" '
 
 
 def _lookup(name: str) -> ModelInfo:
-    """The entry of `name`, or of `"<module>:<name>"` after importing `<module>`."""
+    """The entry of `name`, or of `"<module>:<name>"` after importing `<module>`, which must be
+    the module that registered it (or a package above it)."""
     if not isinstance(name, str):  # difflib would raise a bare TypeError
         raise ValueError(f"create_model: name={name!r} is invalid; expected a str, one of "
                          f"{sorted(_REGISTRY)}")
-    module, _, key = name.rpartition(":")
-    if module:
+    qualified = ":" in name
+    module, key = name.split(":", 1) if qualified else ("", name)
+    if qualified:
+        if not module or not key or ":" in key:
+            raise UnknownModelError(name, 'expected "<module>:<name>", a module path and a '
+                                          'registered name joined by one ":", e.g. '
+                                          '"mypkg.models:mynet"')
         _import_registering_module(name, module)
     if key not in _REGISTRY:
         close = _close_names(key)
         hint = f"did you mean {close}? " if close else ""
-        where = (f"module {module!r} registers no model {key!r}; " if module else "")
+        where = (f"module {module!r} registers no model {key!r}; " if qualified else "")
         raise UnknownModelError(name, f"{where}{hint}valid names: {sorted(_REGISTRY)}; "
                                       f"{_OWN_MODELS}")
-    return _REGISTRY[key]
+    info = _REGISTRY[key]
+    if qualified and not (info.module == module or info.module.startswith(module + ".")):
+        raise UnknownModelError(name, f"module {module!r} registers no model {key!r}; "
+                                      f"{info.module} does: name it {reloadable_name(key)!r}")
+    return info
 
 
 def _import_registering_module(name: str, module: str) -> None:
-    """Imports `module`, whose `@register_model` calls register the model `name` names; one
-    that cannot be imported here is an `UnknownModelError` saying so (an error inside the
-    module itself is raised as it is, with its traceback)."""
+    """Imports `module`, whose `@register_model` calls register the model `name` names; a module
+    that is not found here is an `UnknownModelError` saying so. An error inside the module
+    (one of its own imports missing too) is raised as it is, with its traceback."""
     try:
         importlib.import_module(module)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if not (err.name == module or module.startswith(f"{err.name}.")):
+            raise
         raise UnknownModelError(name, f"its module {module!r} cannot be imported here "
                                       f"({type(err).__name__}: {err}); install its package "
                                       "or add its directory to PYTHONPATH") from None
@@ -261,15 +294,13 @@ class UnknownModelError(ValueError):
         self.valid = message if valid is None else valid
 
 
-def reloadable_name(name: str) -> str | None:
-    """`"<module>:<name>"` for a plain `name` that a module outside cnnjax registered (a process
-    that imports only cnnjax, such as a command reloading a run, would not find it under that
-    name); None for cnnjax's own models and names that already carry their module."""
+def reloadable_name(name: str) -> str:
+    """The name of model `name` that any process finds: `"<module>:<name>"` for one a module
+    outside cnnjax registered (a process importing only cnnjax, such as a command reloading a
+    run, would not find its plain name), the plain name for cnnjax's own."""
     info = _lookup(name)
-    module = getattr(info.factory, "__module__", None)
-    if ":" in name or not isinstance(module, str) or module.split(".")[0] == "cnnjax":
-        return None
-    return f"{module}:{name}"
+    own = info.module.split(".")[0] in ("cnnjax", "")  # "": an entry made without register_model
+    return info.name if own else f"{info.module}:{info.name}"
 
 
 def _close_names(name: str) -> list[str]:
@@ -327,7 +358,11 @@ def settable_fields(name: str) -> dict[str, ModelField]:
     `ENGINE_MODEL_FIELDS`. Found by building the default model and probing the factory."""
     info = _lookup(name)
     factory, base = info.factory, {"num_classes": info.num_classes}  # a field without default
-    module = factory(**base)
+    try:
+        module = factory(**base)
+    except TypeError:  # a model lacking the field: `create_model`'s error names it
+        base = {}
+        module = factory()
     fields: dict[str, ModelField] = {}
     for field in dataclasses.fields(module):
         if field.name in ENGINE_MODEL_FIELDS:

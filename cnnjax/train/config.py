@@ -669,15 +669,23 @@ def _check_task_of_known_model(config: Any, task: str) -> None:
 def _warn_if_not_reloadable(name: str) -> None:
     """Warns when the run's model, registered outside cnnjax, is named without its module: it
     trains, but a command reloading the run (evaluate, visualize, init_from) cannot find it."""
-    from cnnjax.models.registry import reloadable_name
+    from cnnjax.models.registry import model_info, reloadable_name
 
-    qualified = reloadable_name(name)
-    if qualified is not None:
+    qualified, module = reloadable_name(name), model_info(name).module
+    if qualified == name:
+        return
+    if module == "__main__":
         logging.warning(
-            "config.model=%r is registered by %s, outside cnnjax: commands that reload this "
-            "run import only cnnjax and will not find it; name it config.model=%r so that "
-            "every lookup imports its module (docs/reusing.md, \"Your own model\").",
-            name, qualified.split(":")[0], qualified)
+            "config.model=%r is registered by the script being run (__main__): commands that "
+            "reload this run cannot import it; register it in a module of an importable package "
+            "and name it config.model='<module>:%s' (docs/reusing.md, \"Your own model\").",
+            name, name)
+        return
+    logging.warning(
+        "config.model=%r is registered by %s, outside cnnjax: commands that reload this "
+        "run import only cnnjax and will not find it; name it config.model=%r so that "
+        "every lookup imports its module (docs/reusing.md, \"Your own model\").",
+        name, module, qualified)
 
 
 def _known_model_info(name: Any) -> Any:
@@ -987,7 +995,7 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
     init_from.ema)
     missing on one side take the value older workdirs implicitly had, and unset
     `PRESET_DATA_FIELDS` their preset's. `DIRECTORY_FIELDS` that name the same existing
-    directory by different paths are equal.
+    directory by different paths are equal, and so are two `model` names of one registry entry.
     """
     names = sorted(set(saved) | set(current))
     legacy = {**flatten(LEGACY_DEFAULTS), **WARM_START_LEGACY_DEFAULTS}
@@ -1001,4 +1009,18 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
         and saved.get(n) != current.get(n)
         and (warm or not n.startswith("init_from."))
         and not (n in DIRECTORY_FIELDS and same_directory(saved.get(n), current.get(n)))
+        and not (n == "model" and _same_model(saved.get(n), current.get(n)))
     ]
+
+
+def _same_model(first: Any, second: Any) -> bool:
+    """Whether two `model` names are one registry entry: "mynet" and "mypkg.models:mynet", so
+    a run trained under the plain name resumes under the name that reloads it."""
+    from cnnjax.models.registry import model_info
+
+    if not (isinstance(first, str) and isinstance(second, str)):
+        return False
+    try:
+        return model_info(first) is model_info(second)
+    except ValueError:  # unknown here: only equal names are the same model
+        return False

@@ -621,7 +621,9 @@ def test_the_default_smallest_input_is_32_or_the_native_side_if_smaller():
 
 def test_a_taken_name_is_refused_naming_its_owner_and_the_remedy():
     with pytest.raises(ValueError, match=r"register_model: name='resnet18' is invalid; it is "
-                                         r"already registered \(by .*\); pick another name"):
+                                         r"already registered \(by .* of "
+                                         r"cnnjax.models.resnet\); registry names are global: "
+                                         r"pick another name"):
         register_model("resnet18")(_Net)
     assert model_info("resnet18").factory is not _Net
 
@@ -633,3 +635,73 @@ def test_an_unknown_model_error_re_raised_with_its_message_alone_keeps_it():
         create_model("lenet6")
     again = type(caught.value)(str(caught.value))
     assert str(again) == again.valid == str(caught.value)
+
+
+@pytest.mark.parametrize("name", [":own_tiny_net", "own_models_pkg.models:", "a:b:own_tiny_net",
+                                  "own_models_pkg.models::own_tiny_net"])
+def test_a_malformed_module_name_is_refused_with_the_form(name):
+    with pytest.raises(UnknownModelError, match=re.escape(
+            f"name={name!r}; expected \"<module>:<name>\", a module path and a registered name "
+            "joined by one \":\"")):
+        create_model(name)
+
+
+def test_the_module_named_must_be_the_one_that_registered_the_model(own_package):
+    create_model(f"{own_package}:own_tiny_net")  # imported and registered
+    assert create_model("own_models_pkg:own_tiny_net").width == 4  # a package above it
+    with pytest.raises(UnknownModelError, match=re.escape(
+            "module 'own_models_pkg.models' registers no model 'lenet5'; cnnjax.models.lenet "
+            "does: name it 'lenet5'")):
+        create_model(f"{own_package}:lenet5")
+    with pytest.raises(UnknownModelError, match=re.escape(
+            "module 'textwrap' registers no model 'own_tiny_net'; own_models_pkg.models does: "
+            "name it 'own_models_pkg.models:own_tiny_net'")):
+        create_model("textwrap:own_tiny_net")
+
+
+def test_reloadable_name_carries_the_module_of_a_model_outside_cnnjax(own_package):
+    create_model(f"{own_package}:own_tiny_net")
+    assert registry.reloadable_name("own_tiny_net") == f"{own_package}:own_tiny_net"
+    assert registry.reloadable_name(f"{own_package}:own_tiny_net") == f"{own_package}:own_tiny_net"
+    assert registry.reloadable_name("resnet18") == "resnet18"
+    with registered_model("t_here", _Net) as info:  # registered by this test module
+        assert info.module == __name__
+        assert registry.reloadable_name("t_here") == f"{__name__}:t_here"
+
+
+def test_a_missing_import_inside_the_users_module_is_raised_as_itself(tmp_path, monkeypatch):
+    (tmp_path / "own_needs_dep_xyz.py").write_text("import some_missing_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="some_missing_dependency_xyz"):
+        create_model("own_needs_dep_xyz:mynet")
+    sys.modules.pop("own_needs_dep_xyz", None)
+
+
+def test_a_reloaded_module_registers_its_models_again_another_module_may_not(own_package):
+    import importlib
+
+    create_model(f"{own_package}:own_tiny_net")
+    importlib.reload(sys.modules[own_package])  # a notebook's autoreload
+    assert model_info("own_tiny_net").factory is sys.modules[own_package].OwnTinyNet
+    with pytest.raises(ValueError, match=r"register_model: name='own_tiny_net' is invalid; it "
+                                         r"is already registered \(by .* of "
+                                         r"own_models_pkg.models\); registry names are global"):
+        register_model("own_tiny_net", input_shape=(8, 8, 1))(_Net)
+
+
+class _NoClasses(nn.Module):
+    """A model without the `num_classes` field every model must have."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return x
+
+
+def test_a_model_lacking_num_classes_is_a_named_error_not_a_type_error():
+    with registered_model("t_noclasses", _NoClasses):
+        assert settable_fields("t_noclasses") == {}
+        with pytest.raises(ModelArgumentError, match=r"num_classes=1000 is invalid; model "
+                                                     r"'t_noclasses' does not take "
+                                                     r"'num_classes'") as caught:
+            create_model("t_noclasses")
+    assert caught.value.keyword == "num_classes"

@@ -240,3 +240,21 @@ def test_a_plain_name_registered_outside_cnnjax_warns_with_the_name_that_reloads
     with caplog.at_level(logging.WARNING):
         config_lib._warn_if_not_reloadable("lenet5")  # cnnjax's own
     assert "outside cnnjax" not in caplog.text
+
+
+def test_a_model_registered_by_the_script_being_run_warns_that_it_cannot_reload(caplog):
+    with (registry.registered_model("script_net", _Pooled, module="__main__", **_INFO),
+          caplog.at_level(logging.WARNING)):
+        config_lib._warn_if_not_reloadable("script_net")
+    assert ("config.model='script_net' is registered by the script being run (__main__): "
+            "commands that reload this run cannot import it; register it in a module of an "
+            "importable package and name it config.model='<module>:script_net'") in caplog.text
+
+
+def test_a_plain_named_run_continues_under_the_name_that_reloads_it(own_package):
+    registry.create_model(own_package)  # imports and registers own_net
+    assert config_lib.incompatible_fields({"model": "own_net"}, {"model": own_package}) == []
+    assert config_lib.incompatible_fields({"model": "own_net"}, {"model": "lenet5"}) == ["model"]
+    assert config_lib.incompatible_fields({"model": "gone_net"}, {"model": "gone_net"}) == []
+    assert config_lib.incompatible_fields({"model": "gone_net"},
+                                          {"model": "x.y:gone_net"}) == ["model"]
