@@ -773,8 +773,8 @@ def test_an_imagenet2012_run_not_at_224_is_refused_for_tfds(trained, monkeypatch
     workdir = trained[3]
     real_load, real_pipeline = load_trained, R.eval_pipeline
 
-    def as_imagenet(workdir, step=None):
-        run = real_load(workdir, step)
+    def as_imagenet(workdir, step=None, **kwargs):
+        run = real_load(workdir, step, **kwargs)
         config = run.config.copy_and_resolve_references()
         config.data.name = "imagenet2012"
         return dataclasses.replace(run, config=config)
