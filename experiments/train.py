@@ -194,6 +194,8 @@ def _fail(message: str) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    """The run's results and where its outputs are (summary's `outputs`: the engine gives a
+    finished run's rerun the paths of the workdir it is in now)."""
     final = summary.get("final_eval", {})
     outputs = summary["outputs"]
     rate = summary.get("images_per_sec")  # null: this invocation timed no step

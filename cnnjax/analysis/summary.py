@@ -610,7 +610,7 @@ def check_model(owner: str, model: Any) -> None:
 
 
 def _failed_trace_error(owner: str, model: nn.Module, shape: tuple[int, ...], err: Exception,
-                   **init_kwargs: Any) -> Exception:
+                        **init_kwargs: Any) -> Exception:
     """The error for a trace that failed on `shape` (`err`, the layer's `LayerCallError`): an
     input_shape ValueError if the model runs on a larger input or on an (H, W, C) image (the size
     or the rank is at fault); else the model's own error (an AttributeError in its code, a
