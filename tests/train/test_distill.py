@@ -194,6 +194,37 @@ def test_no_gradient_reaches_the_teacher():
     assert {"loss", "distill_loss", "total_loss"} <= set(metrics)
 
 
+def test_with_mixing_the_teacher_scores_the_students_mixed_images():
+    """With mixup the teacher scores the mixed images the student trains on, not the batch
+    before mixing: the step's `distill_loss` equals a float64 T^2 KL(p_t || p_s) of the teacher
+    (eval mode) and student (train mode) on the batch mixed with the step's own key
+    (`split(fold_in(fold_in(rng, step), device))[0]`), relative 1e-5."""
+    from cnnjax.train.mixing import Mixing
+
+    model = helpers.TinyNet(axis_name="data")
+    tx, schedule = optax.sgd(0.1), optax.constant_schedule(0.1)
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), (1, *helpers.IMAGE_SHAPE))
+    teacher_variables = helpers.TinyNet().init(jax.random.PRNGKey(1),
+                                               np.zeros((1, *helpers.IMAGE_SHAPE), "f4"))
+    rule, temperature = Mixing(mixup_alpha=0.4), 4.0
+    train_step, _ = make_steps(model, tx, schedule, "data", mixing=rule,
+                               distill=distill.Distillation(temperature=temperature, alpha=0.5),
+                               teacher=helpers.TinyNet())
+    batch = next(helpers.train_batches(None, global_batch_size=16, num_devices=1, seed=0))
+    step = jax.jit(jax.vmap(train_step, in_axes=(None, 0, None), axis_name="data"))
+    _, metrics = step(state, batch, teacher_variables)
+
+    mix_rng = jax.random.split(jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0))[0]
+    images, _, lam = rule(mix_rng, jnp.asarray(batch["image"][0]),
+                          jnp.asarray(batch["label"][0]), helpers.NUM_CLASSES)
+    assert 0.0 < float(lam) < 1.0  # this key mixes
+    student, _ = helpers.TinyNet().apply(state.variables(), images, train=True,
+                                         mutable=["batch_stats"])
+    teacher_logits = helpers.TinyNet().apply(teacher_variables, images, train=False)
+    expected = np.mean(_soft_loss64(np.asarray(student), np.asarray(teacher_logits), temperature))
+    np.testing.assert_allclose(float(metrics["distill_loss"][0]), expected, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ full runs
 def test_alpha_zero_trains_bitwise_like_a_plain_run_and_the_teacher_is_untouched(
         tmp_path, teacher):

@@ -229,6 +229,54 @@ def test_choose_step_best_latest_requested(tmp_path):
     source.close()
 
 
+def test_a_min_mode_source_warm_starts_from_its_lowest_eval_loss(tmp_path):
+    """A source run with best_metric='loss', best_mode='min' warm-starts from its lowest-loss
+    checkpoint: the source config's mode is used, not the default 'max' (the steps of the
+    lowest loss, the highest loss and the newest checkpoint all differ here)."""
+    import ml_collections
+
+    from cnnjax.train.init_from import load_init_from
+
+    _checkpoints(tmp_path, [4, 8, 12])
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model": "m", "best_metric": "loss", "best_mode": "min", "optimizer": {}}))
+    records = [{"split": "eval", "step": step, "loss": loss}
+               for step, loss in ((4, 0.5), (8, 0.2), (12, 0.3))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    expected = min(records, key=lambda r: r["loss"])["step"]
+    config = ml_collections.ConfigDict({
+        "model": "m", "freeze": None, "data": {"grey_to_rgb": False},
+        "init_from": {"workdir": str(tmp_path), "step": None, "exclude": (), "submodule": None,
+                      "ema": False}})
+    shapes = {"params": {"w": jax.ShapeDtypeStruct((2,), np.float32)}, "batch_stats": {}}
+    loaded, record = load_init_from(config, shapes)
+    assert (record["step"], record["checkpoint"]) == (expected, "best")
+    assert np.asarray(loaded["params"]["w"]).tolist() == [expected, expected]
+
+
+def test_warm_start_casts_loaded_leaves_to_the_states_dtypes():
+    """float16 params and bfloat16 BatchNorm statistics (e.g. a half-precision source) warm-start
+    a float32 state as float32 leaves holding the same values: the state's dtypes are kept."""
+    import jax.numpy as jnp
+    import optax
+
+    from cnnjax.train.state import create_train_state, warm_start
+
+    state = create_train_state(helpers.TinyNet(), optax.sgd(0.1), jax.random.PRNGKey(0),
+                               (1, *helpers.IMAGE_SHAPE))
+    source = {"params": jax.tree.map(lambda x: np.asarray(x + 0.5, np.float16), state.params),
+              "batch_stats": jax.tree.map(lambda x: np.asarray(x + 0.5, jnp.bfloat16),
+                                          state.batch_stats)}
+    started = warm_start(state, source)
+    for collection in ("params", "batch_stats"):
+        before = _flat(getattr(state, collection))
+        after = _flat(getattr(started, collection))
+        assert before.keys() == after.keys() == _flat(source[collection]).keys()
+        for path, src in _flat(source[collection]).items():
+            assert after[path].dtype == before[path].dtype == np.float32, path
+            np.testing.assert_array_equal(after[path], np.asarray(src, np.float32), err_msg=path)
+
+
 def test_freeze_backbone_trains_only_the_head(source, tmp_path, initial_states):
     config = _fine_tune_config(
         source, num_train_steps=6, eval_every_steps=6, freeze="backbone",

@@ -96,22 +96,29 @@ def test_train_step_donates_the_state(mode):
     assert not any(x.is_deleted() for x in jax.tree.leaves(batch))  # the batch is not donated
 
 
-@pytest.mark.parametrize("value, finite", [(1e30, 1.0), (np.inf, 0.0), (np.nan, 0.0)])
-def test_params_finite_checks_every_parameter_without_overflowing(value, finite):
+@pytest.mark.parametrize("value, learning_rate, finite", [
+    (1e30, 1.0, 1.0), (np.inf, 1.0, 0.0), (np.nan, 1.0, 0.0),
+    # A finite gradient (-value = 3e38) whose update overflows: np.float32(1) -
+    # np.float32(10) * np.float32(3e38) is -inf. Only the new parameters say so, not the grads.
+    (-3e38, 10.0, 0.0),
+])
+def test_params_finite_checks_every_parameter_without_overflowing(value, learning_rate, finite):
     """`params_finite` is 1 while every updated parameter is finite, however large (a global
-    norm of four 1e30 weights overflows float32, they do not), and 0 once one is not."""
+    norm of four 1e30 weights overflows float32, they do not), and 0 once one is not, even
+    when every gradient is finite (it checks the new parameters, not the gradients)."""
     from cnnjax.train.state import TrainState
     from cnnjax.train.step import PARAMS_FINITE, _apply_gradients
 
     params = {"dense": {"kernel": np.full((2, 2), 1.0, np.float32),
                         "bias": np.zeros(2, np.float32)}}
-    tx = optax.sgd(1.0)
+    tx = optax.sgd(learning_rate)
     state = TrainState(step=np.int32(0), params=params, batch_stats={},
                        opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
     grads = {"dense": {"kernel": np.full((2, 2), -value, np.float32),
                        "bias": np.zeros(2, np.float32)}}
-    apply = jax.vmap(lambda s, g: _apply_gradients(s, g, {}, {}, tx, optax.constant_schedule(1.0),
-                                                    "data"), axis_name="data")
+    schedule = optax.constant_schedule(learning_rate)
+    apply = jax.vmap(lambda s, g: _apply_gradients(s, g, {}, {}, tx, schedule, "data"),
+                     axis_name="data")
     batched = (jax.tree.map(lambda x: x[None], tree) for tree in (state, grads))
     _, metrics = apply(*batched)
     assert float(metrics[PARAMS_FINITE][0]) == finite

@@ -320,6 +320,27 @@ def test_a_proposal_trained_detector_refuses_detect_without_proposals():
         run.apply(np.zeros((1, 64, 64, 3)), method="detect")
 
 
+def test_a_min_mode_run_loads_its_lowest_eval_loss_checkpoint(run_dir, tmp_path):
+    """A run with best_metric='loss', best_mode='min' loads its lowest-loss checkpoint (its
+    config's mode, not the default 'max'; distillation reads its teacher this way). On a copy of
+    the run whose eval records make the lowest-loss, highest-loss and newest steps all differ."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "best_metric": "loss",
+                                                  "best_mode": "min"}))
+    kept = SourceCheckpoints(str(copy)).steps
+    assert len(kept) == 3
+    records = [{"split": "eval", "step": step, "loss": loss}
+               for step, loss in zip(kept, (0.5, 0.2, 0.3), strict=True)]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    expected = min(records, key=lambda r: r["loss"])["step"]
+    run = load_trained(str(copy))
+    assert (run.step, run.how) == (expected, "best")
+
+
 def test_an_unreadable_checkpoint_names_its_step(run_dir, tmp_path):
     import shutil
 
