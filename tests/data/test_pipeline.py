@@ -45,6 +45,13 @@ def _split_keys(digits_dir: str, split: str) -> set[bytes]:
     return {image.tobytes() for image in raw}
 
 
+def _split_in_order(digits_dir: str, split: str) -> tuple[list[bytes], np.ndarray]:
+    """Keys and labels of a split's stored examples, in tfds's stored order."""
+    builder = tfds.builder("digits", data_dir=digits_dir)
+    raw = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    return [image.tobytes() for image in raw["image"]], raw["label"]
+
+
 def test_dataset_info(digits_config):
     info = get_dataset_info(digits_config(image_size=32))
     assert info == pipeline.DatasetInfo("digits", 10, (32, 32, 1), 1438, 359)
@@ -258,6 +265,10 @@ def test_eval_covers_every_example_once_with_padding(digits_config, digits_dir):
     keys = _keys(images[:359])
     assert len(set(keys)) == 359 and set(keys) == _split_keys(digits_dir, "test")
     assert not images[359:].any() and not labels[359:].any()  # padding is zeros
+    # In stored order (device 0's rows of a batch first), as `trained.eval_examples` promises.
+    stored_keys, stored_labels = _split_in_order(digits_dir, "test")
+    assert keys == stored_keys
+    np.testing.assert_array_equal(labels[:359], stored_labels)
 
 
 def test_train_process_shards_are_disjoint(digits_config):

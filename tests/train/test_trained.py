@@ -31,9 +31,10 @@ def fake_data(monkeypatch):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A finished 12-step run (evals at 6 and 12, checkpoints at 4, 6, 8, 12: last 3 + best),
-    trained once for the module: the tests only read it (those that damage a checkpoint damage
-    a copy; `test_the_best_checkpoint_...` checks that evaluating writes nothing there)."""
+    """A finished 12-step run (evals at 6 and 12; checkpoints saved at 4, 6, 8, 12 and kept at
+    6, 8, 12: the last 3, which hold the best), trained once for the module: the tests only read
+    it (those that damage a checkpoint damage a copy; `test_the_best_checkpoint_...` checks that
+    evaluating writes nothing there)."""
     workdir = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as monkeypatch:
         helpers.install_fake_pipeline(monkeypatch)

@@ -757,6 +757,60 @@ def test_gain_over_scratch_is_positive_when_a_loss_falls():
     assert finetune["gain_over_scratch"] == pytest.approx(0.8)
 
 
+def _finals_rows(finals):
+    """summarize's rows, all completed, from `{(budget, num_train, arm): [final per seed]}`."""
+    return [{"budget": budget, "num_train": num_train, "arm": arm, "seed": seed,
+             "status": "completed", "final": final}
+            for (budget, num_train, arm), values in finals.items()
+            for seed, final in enumerate(values)]
+
+
+def test_the_tables_std_is_the_sample_std_over_seeds():
+    """The spread over seeds is the sample std, as the report says. Unequal finals: every run
+    of `test_results_table_plot_and_report` ends at top-1 1.0, where any std is 0."""
+    finals = {(4, 8, "scratch"): [0.6, 0.8, 0.75], (4, 8, "finetune"): [0.9, 0.7]}
+    table = compare.summarize(_finals_rows(finals), "top1")
+    for entry, values in zip(table, finals.values(), strict=True):
+        assert entry["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert entry["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+
+
+def test_each_budgets_gain_is_over_scratch_at_that_budget_seed_by_seed():
+    """Two budgets whose scratch runs score differently: every arm's gain is the mean over
+    seeds of its final minus scratch's final of the same seed at the same budget."""
+    finals = {(4, 8, "scratch"): [0.50, 0.40], (4, 8, "finetune"): [0.70, 0.65],
+              (4, 8, "linear_probe"): [0.55, 0.35],
+              (None, 64, "scratch"): [0.80, 0.90], (None, 64, "finetune"): [0.85, 0.88],
+              (None, 64, "linear_probe"): [0.60, 0.95]}
+    table = compare.summarize(_finals_rows(finals), "top1")
+    assert [(e["budget"], e["arm"]) for e in table] == [(b, a) for b, _, a in finals]
+    for entry in table:
+        mine = finals[(entry["budget"], entry["num_train"], entry["arm"])]
+        scratch = finals[(entry["budget"], entry["num_train"], "scratch")]
+        if entry["arm"] == "scratch":
+            assert entry["gain_over_scratch"] is None
+            continue
+        expected = np.mean([m - s for m, s in zip(mine, scratch, strict=True)])
+        assert entry["paired_seeds"] == 2
+        assert entry["gain_over_scratch"] == pytest.approx(expected, abs=1e-12), entry
+
+
+def test_the_report_names_the_arm_with_the_lowest_loss_as_best():
+    """For a loss (mode min) the best arm at each budget is the one with the lowest mean."""
+    finals = {(4, 8, "scratch"): [1.2, 1.0], (4, 8, "finetune"): [0.4, 0.6],
+              (4, 8, "linear_probe"): [0.7, 0.9],
+              (None, 64, "scratch"): [0.3, 0.2], (None, 64, "finetune"): [0.5, 0.4],
+              (None, 64, "linear_probe"): [0.6, 0.8]}
+    table = compare.summarize(_finals_rows(finals), "loss")
+    source = {"status": "completed", "final": 1.0, "metric": "loss", "steps": 10,
+              "num_train": 64}
+    report = compare.report_markdown(table, source, "loss", compare.DEFAULT_BUDGET_FIELD)
+    best = [line for line in report.splitlines() if line.startswith("- budget")]
+    assert best == [
+        "- budget 4 (8 examples): best arm fine-tune all layers (0.5000)",
+        "- budget None (64 examples): best arm from scratch (0.2500)"]
+
+
 def test_a_misspelt_exclude_of_the_target_is_refused_before_the_source_trains(tmp_path,
                                                                                monkeypatch):
     """The engine refuses an init_from.exclude name no module has when a warm-started arm

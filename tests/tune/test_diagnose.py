@@ -507,6 +507,10 @@ _AT_CHANCE = dict(train_top1=lambda s: 0.1, eval_loss=lambda s: CHANCE, eval_top
     ("rose, then chance", lambda s: 2.63 if s == 20 else CHANCE, True),
     # ... or stays above where it started (worse than chance).
     ("rose, stays up", lambda s: 2.3 if s == 10 else 2.6, True),
+    # A first log below chance (2.0), lifted to 2.6, ending at 2.1: below chance, but above its
+    # start (the lower of the first log and chance), so the rate still undid all its learning.
+    ("rose from below chance, ends above its start",
+     lambda s: 2.0 + 0.6 * min(s, 100) / 100 - 0.5 * min(max(s - 100, 0), 100) / 100, True),
     # The jump fell within the first log (2.9), then the loss settled at chance.
     ("first log above chance", lambda s: 2.9 if s == 10 else CHANCE + 0.005, True),
     # A rate too low: near its start, gently falling, never lifted above it.

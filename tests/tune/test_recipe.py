@@ -164,6 +164,25 @@ def test_still_improving_trains_longer_around_the_best_lr():
                           "checkpoint_every_steps": 40}
 
 
+def test_train_longer_is_capped_at_max_steps():
+    """Twice round 1's 300 steps would be 600: the round trains max_steps=400 instead."""
+    recipe = _recipe(round1_steps=300, max_steps=400)
+    d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")
+    assert d.action == "train_longer" and d.next_round.fixed[STEPS] == 400
+    assert "400 steps (was 300)" in d.reason
+
+
+def test_no_rate_at_or_above_one_that_diverged_is_proposed():
+    """lr 0.5 and 1.0 diverged and 0.25 learns too slowly: raising it (x2, x4) would rerun
+    rates that diverged, so the tune trains longer, at rates below the lowest that diverged."""
+    recipe = _recipe(lr_min=0.25, lr_max=1.0, num_lrs=3)
+    history = [_round1(recipe, [0.9, None, None], ["completed", "diverged", "diverged"])]
+    assert history[0].plan.values == (0.25, 0.5, 1.0)
+    d = _decide(history, recipe, "too_slow")
+    assert d.action == "train_longer" and d.next_round.fixed[STEPS] == 200
+    assert d.next_round.values and max(d.next_round.values) < 0.5  # min of the diverged
+
+
 def test_still_improving_at_max_steps_stops_with_the_budget_spent():
     recipe = _recipe(round1_steps=400)
     d = _decide([_round1(recipe, [0.5, 0.9, 0.3])], recipe, "still_improving")

@@ -11,9 +11,11 @@ import threading
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 
 from cnnjax.train import config as config_lib
+from cnnjax.train.checkpoint import Checkpointer
 from cnnjax.train.logging import read_metrics
 from cnnjax.tune import space as sp
 from cnnjax.tune import sweep as sw
@@ -714,6 +716,20 @@ def test_loss_sweep_ranks_lowest_first():
         ("c", 1), ("d", 2), ("a", 3), ("b", None)]
 
 
+def test_only_completed_trials_are_ranked_whatever_the_others_logged():
+    """A diverged or still-running trial may have logged a better eval than every completed
+    one before it stopped: it is listed after the completed ones, by index, without a rank."""
+    rows = [
+        {"index": 0, "trial_id": "a", "status": "completed", "best": 0.80},
+        {"index": 1, "trial_id": "b", "status": "diverged", "best": 0.95},
+        {"index": 2, "trial_id": "c", "status": "incomplete", "best": 0.90},
+        {"index": 3, "trial_id": "d", "status": "completed", "best": 0.85},
+    ]
+    ranked = sw.rank_results([dict(r, rank=None) for r in rows], "max")
+    assert [(r["trial_id"], r["rank"]) for r in ranked] == [
+        ("d", 1), ("a", 2), ("b", None), ("c", None)]
+
+
 def test_figure_has_a_panel_per_field_log_x_where_values_span_decades():
     space = sp.grid({"optimizer.learning_rate": [0.001, 0.1, 10.0],
                      "model_kwargs.activation": ["tanh", "relu"],
@@ -1071,6 +1087,28 @@ def test_a_running_trials_torn_last_line_is_skipped_as_before(tmp_path):
     row = sw.trial_result(str(tmp_path), trial, "top1", "max")
     assert (row["status"], row["best"], row["best_step"], row["steps"]) == (
         "incomplete", 0.7, 10, 10)
+
+
+@pytest.mark.parametrize("mode, metric, values", [("max", "top1", (0.9, 0.9, 0.5)),
+                                                  ("min", "loss", (0.2, 0.2, 0.5))])
+def test_a_trials_best_step_on_tied_evals_is_the_checkpoint_the_engine_keeps(tmp_path, mode,
+                                                                            metric, values):
+    """Two evals tie for best: the sweep's best_step must name the checkpoint the engine keeps
+    as best (orbax's policy in `Checkpointer`), so that loading the trial's best finds it."""
+    steps = (10, 20, 30)
+    evals = [{**_eval(s, 0.5), metric: v} for s, v in zip(steps, values, strict=True)]
+    trial, _ = _logged_trial(tmp_path / "sweep", [_TRAIN, *evals])
+    row = sw.trial_result(str(tmp_path / "sweep"), trial, metric, mode)
+    # The engine's choice: save a checkpoint per eval, keeping the latest one plus the best.
+    checkpointer = Checkpointer(str(tmp_path / "ckpt"), keep=1, best_metric=metric,
+                                best_mode=mode, use_async=False)
+    for step, value in zip(steps, values, strict=True):
+        checkpointer.save(step, {"w": np.full((2,), step, np.float32)}, {metric: value})
+    checkpointer.wait()
+    kept = checkpointer.all_steps()
+    checkpointer.close()
+    assert len(kept) == 2 and kept[-1] == 30  # the best (one of the tied two) and the latest
+    assert (row["best"], row["best_step"]) == (values[0], kept[0])
 
 
 def test_detection_and_segmentation_records_rank_on_their_metrics(tmp_path):
