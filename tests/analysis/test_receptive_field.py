@@ -442,9 +442,10 @@ def test_receptive_field_names_itself_for_what_summary_refuses(args, kwargs, mes
         receptive_field(VGGLike(), args, **kwargs)
 
 
-def _assert_support_is_field(model, shape, positions):
+def _assert_support_is_field(model, shape, positions, support=_support):
     """Every output in `positions` depends on exactly the input rows/columns of its field
-    (all-ones kernels on positive inputs: no cancellation), and the trace adds no note."""
+    (all-ones kernels on positive inputs: no cancellation), and the trace adds no note.
+    `support(fn, x, index)` gives those rows/columns (`_one_hot_support` through a max pool)."""
     result = summary(model, shape)
     field = result.receptive_field
     assert result.notes == []
@@ -452,7 +453,7 @@ def _assert_support_is_field(model, shape, positions):
     variables = model.init(jax.random.key(0), x)
     fn = lambda x: model.apply(variables, x)
     for i, j in positions:
-        spans = _support(fn, x, (0, i, j, 0))
+        spans = support(fn, x, (0, i, j, 0))
         for (lo, hi), pos, size, jump, start, n in zip(
             spans, (i, j), field.size, field.jump, field.start, shape[:2], strict=True
         ):
@@ -510,6 +511,88 @@ def test_cnnjax_transposed_conv_field_is_max_gradient_support(layer, expected):
         rows = np.nonzero(jac[o, o].sum(axis=1))[0]
         widths.append(rows.max() - rows.min() + 1 if rows.size else 0)
     assert max(widths) == expected
+
+
+def _one_hot_support(fn, x, index):
+    """Rows and columns of the input pixels that, made the image's one non-zero pixel, get a
+    gradient for output `index`: what a max pool reads (at one input its gradient reaches one
+    element per window, so `_support` would miss the rest of the window)."""
+    _, h, w, c = x.shape
+    hot = jnp.eye(h * w, dtype=x.dtype).reshape(h * w, 1, h, w, 1) * jnp.ones(c, x.dtype)
+    grads = jax.jit(jax.vmap(jax.grad(lambda x: fn(x)[index].sum())))(hot)
+    nz = np.nonzero((np.abs(np.asarray(grads)) * np.asarray(hot)).sum(axis=(0, 1, 4)))
+    return (nz[0].min(), nz[0].max()), (nz[1].min(), nz[1].max())
+
+
+class _PaddedPool(nn.Module):
+    """A padded max or average pool (PyTorch's arguments), then a 3x3 all-ones conv."""
+
+    kind: str
+    kernel: int
+    stride: int
+    padding: int
+    ceil_mode: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        from cnnjax.layers.pooling import avg_pool2d, max_pool2d
+
+        pool = max_pool2d if self.kind == "max" else avg_pool2d
+        x = pool(x, self.kernel, self.stride, padding=self.padding, ceil_mode=self.ceil_mode)
+        return nn.Conv(1, (3, 3), padding=1, use_bias=False, kernel_init=ONES)(x)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "ceil_mode", "expected"), [
+    (3, 2, 1, False, ((7, 7), (2, 2), (0, 0))),
+    (2, 2, 1, True, ((6, 6), (2, 2), (-0.5, -0.5))),
+])
+def test_padded_pooling_fields_equal_gradient_support(kind, kernel, stride, padding, ceil_mode,
+                                                      expected):
+    """A pool's padding moves its first window up and left by `padding` pixels: 3x3/2 with
+    padding 1 centres output 0 on pixel 0 (not 1), 2x2/2 on pixels -1 and 0 (-0.5, not 0.5).
+    Reference: the gradient support of outputs at the border and inside (review GC, F10)."""
+    model = _PaddedPool(kind, kernel, stride, padding, ceil_mode)
+    support = _one_hot_support if kind == "max" else _support
+    field = _assert_support_is_field(model, (9, 9, 1), [(0, 0), (1, 1), (2, 3)], support)
+    assert tuple(field) == expected
+
+
+class _StridedSliceConv(nn.Module):
+    """`x[:, ::2, 1::3]` (a strided `lax.slice`), then a 3x3 VALID all-ones conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(1, (3, 3), padding="VALID", use_bias=False,
+                       kernel_init=ONES)(x[:, ::2, 1::3])
+
+
+def test_a_strided_slice_scales_the_jump_and_moves_the_start():
+    """Slice strides 2 and 3 multiply the jump: output (0, 0) reads rows 0, 2, 4 and columns
+    1, 4, 7 (the start index 1 shifts the columns), a 5 x 7 field centred on (2, 4). With the
+    jump left at 1 it was 3 x 3 (review GC, F4)."""
+    field = _assert_support_is_field(_StridedSliceConv(), (13, 13, 1),
+                                     [(0, 0), (1, 1), (4, 1), (2, 0)])
+    assert tuple(field) == ((5, 7), (2, 3), (2, 4))
+
+
+class _FlipConv(nn.Module):
+    """Columns reversed (`lax.rev`), then a 3x3 VALID all-ones conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(1, (3, 3), padding="VALID", use_bias=False,
+                       kernel_init=ONES)(jnp.flip(x, axis=2))
+
+
+def test_a_flipped_axis_starts_at_its_last_pixel():
+    """After a flip, output column 0 reads the last 3 columns (7..9 of 10): centre 8, moving
+    by -1. The flip's own start was one pixel past the image (10, not 9), so the field was
+    centred on 9 (review GC, F5)."""
+    shape = (10, 10, 1)
+    field = _assert_support_is_field(_FlipConv(), shape, [(0, 0), (1, 1), (7, 7), (2, 5)])
+    assert tuple(field) == ((3, 3), (1, -1), (1, 8))
+    assert all(0 <= start < n for start, n in zip(field.start, shape[:2], strict=True))
 
 
 def test_splitting_a_spatial_axis_is_noted_not_silent():

@@ -636,6 +636,42 @@ def test_nms_ties_match_torchvision():
         assert _kept(boxes, scores, iou_threshold) == expected
 
 
+def test_nms_score_threshold_is_strict_as_tensorflow():
+    """A score equal to `score_threshold` is not above it: the box is dropped, as by
+    tf.image.non_max_suppression (review GC, R10)."""
+    boxes = np.array([[0, 0, 1, 1], [5, 5, 6, 6]], np.float32)  # disjoint
+    scores = np.array([0.9, 0.5], np.float32)
+    for floor, kept in [(0.5, [0]), (np.float32(0.5), [0]), (0.4, [0, 1])]:
+        expected = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores, 2, 0.5,
+                                                score_threshold=floor).numpy().tolist()
+        indices, valid = nms(boxes, scores, 0.5, 2, score_threshold=floor)
+        assert np.asarray(indices)[np.asarray(valid)].tolist() == expected == kept, floor
+
+
+# Two boxes whose IoU is exactly 0.5 (1 / 2, exact in float32): at iou_threshold=0.5 it does not
+# exceed the threshold, so both are kept.
+IOU_TIE = (np.array([[0, 0, 2, 1], [0, 0, 1, 1]], np.float32), np.array([0.9, 0.8], np.float32))
+
+
+def test_nms_keeps_a_box_whose_iou_equals_the_threshold_as_tensorflow():
+    """Suppression needs an IoU above `iou_threshold`, not equal to it (review GC, R9)."""
+    boxes, scores = IOU_TIE
+    assert float(box_iou(boxes, boxes)[0, 1]) == 0.5
+    expected = tf.image.non_max_suppression(boxes[:, [1, 0, 3, 2]], scores, 2, 0.5).numpy()
+    assert _kept(boxes, scores, 0.5) == expected.tolist() == [0, 1]
+    assert _kept(boxes, scores, 0.49) == [0]
+
+
+def test_nms_keeps_a_box_whose_iou_equals_the_threshold_as_torchvision():
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    boxes, scores = IOU_TIE
+    for iou_threshold in (0.5, 0.49):
+        expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                       iou_threshold).tolist()
+        assert _kept(boxes, scores, iou_threshold) == expected
+
+
 # ---------------------------------------------------------------- boxes past the map
 
 
