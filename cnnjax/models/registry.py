@@ -36,6 +36,9 @@ from cnnjax.utils.validation import (
 ENGINE_MODEL_FIELDS = frozenset({"num_classes", "dtype", "axis_name", "parent", "name"})
 # ... of which `create_model` callers set these (the engine too: from the dataset and config).
 ENGINE_KEYWORDS = ("num_classes", "dtype", "axis_name")
+#: How every model declares `ENGINE_KEYWORDS`, for errors naming a model that lacks one.
+ENGINE_FIELDS_DOC = ("num_classes: int, dtype: Any = jnp.float32 and axis_name: str | None = "
+                     "None, and uses them (docs/conventions.md, \"Fields every model has\")")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,13 +405,57 @@ def create_model(name: str, /, **overrides) -> nn.Module:
             raise
     # Outside the `except`: there CPython 3.11 turns the probes' duplicate-keyword TypeErrors
     # into KeyErrors.
-    settable = [*sorted(settable_fields(name)), *ENGINE_KEYWORDS]
+    missing = missing_engine_fields(name)
+    if bad in missing:  # the model breaks the convention: no keyword of the caller's can mend it
+        raise ModelArgumentError(str(invalid(
+            "create_model", bad, overrides[bad],
+            f"model {name!r} lacks the {field_list(missing)}, which every model declares: "
+            f"{ENGINE_FIELDS_DOC}"
+        )), bad)
+    settable = [*sorted(settable_fields(name)), *(k for k in ENGINE_KEYWORDS if k not in missing)]
     close = difflib.get_close_matches(bad, settable, n=1, cutoff=0.8)  # not param_dtype -> dtype
     hint = f' Did you mean "{close[0]}"?' if close else ""
     raise ModelArgumentError(str(invalid(
         "create_model", bad, overrides[bad],
         f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); it takes "
         f"{settable}.{hint}")), bad)
+
+
+def missing_engine_fields(name: str) -> list[str]:
+    """The `ENGINE_KEYWORDS` model `name` does not declare as fields, in that order: read from its
+    class where the factory is one (or a partial of one), else from the model its factory builds
+    with default settings ([] when it cannot build one so)."""
+    factory = _lookup(name).factory
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    if isinstance(factory, type) and dataclasses.is_dataclass(factory):
+        declared = {field.name for field in dataclasses.fields(factory)}
+    else:
+        module = _build_with_defaults(name)
+        if module is None:
+            return []
+        declared = {field.name for field in dataclasses.fields(module)}
+    return [key for key in ENGINE_KEYWORDS if key not in declared]
+
+
+def field_list(names: list[str]) -> str:
+    """`names` as an English phrase for an error: "field 'a'", "fields 'a', 'b' and 'c'"."""
+    quoted = [repr(name) for name in names]
+    if len(quoted) == 1:
+        return f"field {quoted[0]}"
+    return f"fields {', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _build_with_defaults(name: str) -> nn.Module | None:
+    """Model `name` built with its registered class count (or, for a factory refusing
+    `num_classes`, with no arguments); None when its factory cannot build it either way."""
+    info = _lookup(name)
+    for kwargs in ({"num_classes": info.num_classes}, {}):
+        try:
+            return info.factory(**kwargs)
+        except TypeError:
+            continue
+    return None
 
 
 def _check_axis_name(model: str, axis_name: object) -> None:

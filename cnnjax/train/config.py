@@ -20,7 +20,14 @@ from ml_collections import config_dict
 
 from cnnjax.layers.batch_norm_impl import BATCH_NORM_IMPLS
 from cnnjax.layers.conv_impl import CONV_IMPLS
-from cnnjax.models.registry import ENGINE_KEYWORDS, ENGINE_MODEL_FIELDS, TASKS
+from cnnjax.models.registry import (
+    ENGINE_FIELDS_DOC,
+    ENGINE_KEYWORDS,
+    ENGINE_MODEL_FIELDS,
+    TASKS,
+    field_list,
+    missing_engine_fields,
+)
 from cnnjax.train import distill as distill_lib
 from cnnjax.train import ema as ema_lib
 from cnnjax.train import mixing as mixing_lib
@@ -842,7 +849,7 @@ def _create_model(config: Any, task: str, num_classes: int) -> Any:
         )
     except ModelArgumentError as err:  # a keyword the model does not have, or fixes
         if err.keyword in ENGINE_KEYWORDS:  # not the user's model_kwargs: the model's fields
-            raise _engine_field_error(config.model, err.keyword, num_classes) from None
+            raise _engine_field_error(config.model, err.keyword) from None
         raise ValueError(
             f"config: model_kwargs={kwargs!r} is invalid; model {config.model!r} does not "
             f"accept them ({err.keyword!r} is unknown, or fixed by the model's name); its "
@@ -856,33 +863,17 @@ def _create_model(config: Any, task: str, num_classes: int) -> Any:
     return model
 
 
-def _engine_field_error(model: str, keyword: str, num_classes: int) -> ValueError:
+def _engine_field_error(model: str, keyword: str) -> ValueError:
     """The error for a model that refuses `keyword`, one of the fields the engine sets on every
     model (`ENGINE_KEYWORDS`): the model lacks the field (or its name fixes it), which no
     `model_kwargs` can mend, so the error names the model, not the user's (maybe empty)
     `model_kwargs`."""
-    missing = _missing_engine_fields(model, num_classes)
-    lacks = (f"its class lacks the field{'s' if len(missing) > 1 else ''} "
-             f"{' and '.join(map(repr, missing))}" if missing else
+    missing = missing_engine_fields(model)
+    lacks = (f"its class lacks the {field_list(missing)}" if missing else
              f"it does not take {keyword!r} (its name fixes it)")
-    return invalid(
-        "config", "model", model,
-        f"{lacks}, which the engine sets on every model; every cnnjax model declares the fields "
-        "num_classes: int, dtype: Any = jnp.float32 and axis_name: str | None = None, and uses "
-        "them (docs/conventions.md, \"Fields every model has\")")
-
-
-def _missing_engine_fields(model: str, num_classes: int) -> list[str]:
-    """The `ENGINE_KEYWORDS` the module registered as `model` does not declare as fields (built
-    with `num_classes` alone, as far as its factory allows; [] when it cannot be built so)."""
-    from cnnjax.models import model_info
-
-    try:
-        module = model_info(model).factory(num_classes=num_classes)
-    except Exception:  # noqa: BLE001 — any factory failure: fall back to the refused keyword
-        return []
-    fields = {field.name for field in dataclasses.fields(module)}
-    return [name for name in ENGINE_KEYWORDS if name not in fields]
+    return invalid("config", "model", model,
+                   f"{lacks}, which the engine sets on every model; every cnnjax model declares "
+                   f"the fields {ENGINE_FIELDS_DOC}")
 
 
 def _check_freeze_head(config: Any, params: Any) -> None:

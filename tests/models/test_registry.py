@@ -1,6 +1,7 @@
 """The model registry: keywords a model does not take are named errors, not TypeErrors."""
 
 import ast
+import functools
 import re
 import sys
 import textwrap
@@ -696,10 +697,54 @@ class _NoClasses(nn.Module):
 
 
 def test_a_model_lacking_num_classes_is_a_named_error_not_a_type_error():
+    """It said the model "does not take 'num_classes' (unknown, or fixed by its name); it takes
+    ['num_classes', 'dtype', 'axis_name']", offering the keyword it refused."""
     with registered_model("t_noclasses", _NoClasses):
         assert settable_fields("t_noclasses") == {}
-        with pytest.raises(ModelArgumentError, match=r"num_classes=1000 is invalid; model "
-                                                     r"'t_noclasses' does not take "
-                                                     r"'num_classes'") as caught:
+        assert registry.missing_engine_fields("t_noclasses") == [
+            "num_classes", "dtype", "axis_name"]
+        with pytest.raises(ModelArgumentError) as caught:
             create_model("t_noclasses")
+    assert str(caught.value) == (
+        "create_model: num_classes=1000 is invalid; model 't_noclasses' lacks the fields "
+        "'num_classes', 'dtype' and 'axis_name', which every model declares: num_classes: int, "
+        "dtype: Any = jnp.float32 and axis_name: str | None = None, and uses them "
+        "(docs/conventions.md, \"Fields every model has\").")
     assert caught.value.keyword == "num_classes"
+
+
+class _NoAxisName(nn.Module):
+    """A model declaring `num_classes` and `dtype` but not `axis_name`."""
+
+    num_classes: int = 10
+    dtype: object = None
+    width: int = 4
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("factory", [
+    _NoAxisName,  # the class itself
+    functools.partial(_NoAxisName, width=8),  # a variant
+    lambda **kwargs: _NoAxisName(**kwargs),  # a function: read from the model it builds
+], ids=["class", "partial", "function"])
+def test_a_missing_engine_field_is_named_by_create_model_as_missing(factory):
+    """The engine passes `axis_name` to every model; a model without the field is named as
+    lacking it, not as refusing an "unknown" keyword that its own list then offered."""
+    with registered_model("t_noaxis", factory):
+        assert registry.missing_engine_fields("t_noaxis") == ["axis_name"]
+        with pytest.raises(ModelArgumentError, match=re.escape(
+                "create_model: axis_name='batch' is invalid; model 't_noaxis' lacks the field "
+                "'axis_name', which every model declares: ")):
+            create_model("t_noaxis", axis_name="batch")
+        with pytest.raises(ModelArgumentError) as unknown:  # a true unknown keyword's list
+            create_model("t_noaxis", depth=3)
+    assert str(unknown.value).endswith("it takes ['width', 'num_classes', 'dtype'].")
+
+
+def test_every_registered_model_declares_the_engine_fields():
+    """The engine sets the three fields on every zoo model."""
+    assert {name: registry.missing_engine_fields(name) for name in list_models(task=None)
+            if registry.missing_engine_fields(name)} == {}
