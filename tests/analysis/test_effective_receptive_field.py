@@ -96,6 +96,25 @@ def test_linear_stack_is_the_n_fold_kernel_convolution(n):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, position", [(1, (1, 5)), (2, (2, 5)), (1, (6, 2))])
+def test_an_off_diagonal_position_is_row_then_column(n, position):
+    """`position=(row, col)` with row != col: the map is the n-fold kernel convolution around
+    (row, col) of the 8 x 8 input (its gradient support: rows row-n .. row+n, columns col-n ..
+    col+n), not around the transposed unit (col, row)."""
+    result = _linear_erf(n, KERNEL, 8, position=position, num_samples=2, batch_size=2)
+    assert result.position == position
+    power = np.ones((1, 1))
+    for _ in range(n):
+        power = _full_conv2d(power, KERNEL)
+    (row, col), expected = position, np.zeros((8, 8))
+    expected[row - n:row + n + 1, col - n:col + n + 1] = power / power.sum()
+    np.testing.assert_allclose(result.map, expected, rtol=1e-6, atol=1e-6)
+    ys, xs = np.mgrid[:8, :8]
+    want = ((expected * ys).sum(), (expected * xs).sum())
+    assert result.centre == pytest.approx(want, abs=1e-6)
+    assert abs(result.centre[0] - row) < 0.5 * n and abs(result.centre[1] - col) < 0.5 * n
+
+
 def test_channel_selects_one_output_channel():
     class TwoChannels(nn.Module):
         @nn.compact

@@ -119,6 +119,24 @@ def test_anchor_grid_centres_on_cells_and_runs_under_jit():
     np.testing.assert_array_equal(centres, np.stack([(cols + 0.5) * 8, (rows + 0.5) * 8], 1))
 
 
+def test_anchors_inside_keeps_boxes_ending_exactly_at_the_edge():
+    """A box whose far side lies on the image edge (or on the edge + border) is inside: in
+    py-faster-rcnn's inclusive pixel indices its last pixel is x2 - 1 = W - 1 < W + border."""
+    boxes = np.array([[0, 0, 16, 16], [-2, -2, 18, 18], [0, 0, 17, 16], [0, 0, 16, 17],
+                      [-3, 0, 16, 16], [-2, -2, 19, 18]], np.float64)  # integer pixel edges
+
+    def reference(border):  # anchor_target_layer's filter on inclusive coordinates
+        inclusive = boxes - np.array([0, 0, 1, 1])
+        return ((inclusive[:, 0] >= -border) & (inclusive[:, 1] >= -border)
+                & (inclusive[:, 2] < 16 + border) & (inclusive[:, 3] < 16 + border))
+
+    np.testing.assert_array_equal(reference(0), [True, False, False, False, False, False])
+    np.testing.assert_array_equal(reference(2), [True, True, True, True, False, False])
+    for border in (0, 2):
+        got = anchors_inside(boxes.astype(np.float32), (16, 16), border=border)
+        np.testing.assert_array_equal(np.asarray(got), reference(border))
+
+
 def test_anchors_inside_matches_reference_filter():
     rng = np.random.default_rng(0)
     height, width, border = 50, 70, 3

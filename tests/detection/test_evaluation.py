@@ -190,6 +190,28 @@ def test_difficult_boxes_are_neither_missed_nor_false_positives():
     assert "ap50/1" not in ev.compute()
 
 
+@pytest.mark.parametrize("difficult_first", [True, False])
+def test_coco_tries_regular_boxes_before_difficult_ones(difficult_first):
+    """A detection overlapping a difficult box more (IoU 9/11 = 0.818) than a regular one
+    (17/23 = 0.739): COCO (pycocotools sorts crowd regions last) matches the regular box at
+    0.50 .. 0.70 (AP 1 each), the ignore region at 0.75 and 0.80 (AP 0: the one box is missed),
+    nothing above (AP 0): map = 5/10, whatever the order of the boxes. The VOC devkit takes the
+    highest IoU, the difficult box: the detection is ignored and the regular box missed."""
+    gt = np.array([[0, 0, 10, 10], [2.5, 0, 12.5, 10]], np.float64)
+    difficult = np.array([True, False])
+    if not difficult_first:
+        gt, difficult = gt[::-1], difficult[::-1]
+    np.testing.assert_allclose(box_iou_np(np.array([[1.0, 0, 11, 10]]), gt)[0],
+                               [9 / 11, 17 / 23] if difficult_first else [17 / 23, 9 / 11])
+    ev = DetectionEvaluator(num_classes=1)
+    ev.add(_detections([[1, 0, 11, 10]], [0.9], [0]), gt[None], np.zeros((1, 2), int),
+           np.ones((1, 2), bool), gt_difficult=difficult[None])
+    out = ev.compute()
+    assert out["coco_map50"] == pytest.approx(1.0, abs=1e-12)
+    assert out["map"] == pytest.approx(0.5, abs=1e-12)
+    assert out["map50"] == 0.0
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_coco_map_with_difficult_boxes_matches_pycocotools_crowd(seed):
     """Difficult boxes against pycocotools' crowd regions; every detection touching one is an

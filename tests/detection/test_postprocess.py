@@ -144,6 +144,30 @@ def test_float64_scores_rank_in_float64_under_x64():
         np.testing.assert_array_equal(np.asarray(above.valid), [True, False])
 
 
+@pytest.mark.parametrize("score_threshold", [0.5, 0.25, 0.0])
+def test_a_score_tied_to_the_threshold_is_dropped_as_tensorflow_drops_it(score_threshold):
+    """Candidates are `score > score_threshold`, strictly: a score exactly at the threshold (here
+    in each of two classes) is dropped, as tf.image.non_max_suppression drops it (run per class,
+    merged by decreasing score)."""
+    tf = pytest.importorskip("tensorflow")
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 10, 10], [20, 20, 30, 30], [40, 0, 50, 10],
+                      [0, 40, 10, 50], [20, 40, 30, 50]], np.float32)
+    scores = np.array([0.9, 0.6, score_threshold, 0.7, score_threshold, 0.8], np.float32)
+    classes = np.array([0, 0, 0, 1, 1, 1])
+    kept = []
+    for c in (0, 1):
+        members = np.flatnonzero(classes == c)
+        chosen = tf.image.non_max_suppression(boxes[members][:, [1, 0, 3, 2]], scores[members],
+                                              len(members), 0.5, score_threshold).numpy()
+        kept += members[chosen].tolist()
+    kept.sort(key=lambda i: (-scores[i], i))
+    assert kept == [0, 5, 3]  # box 1 suppressed by box 0 (IoU 0.9); boxes 2 and 4 tied, dropped
+    got = batched_nms(boxes, scores, classes, 0.5, 6, score_threshold)
+    np.testing.assert_array_equal(np.asarray(got.valid), [True] * 3 + [False] * 3)
+    np.testing.assert_array_equal(np.asarray(got.boxes[:3]), boxes[kept])
+    np.testing.assert_array_equal(np.asarray(got.classes[:3]), classes[kept])
+
+
 def _candidates(seed, m=20):
     """`2 m` boxes: `m` random ones and a jittered copy of each (same class), distinct scores."""
     rng = np.random.default_rng(seed)

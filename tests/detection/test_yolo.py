@@ -19,15 +19,21 @@ def _once(fn, *args, **kwargs):
     return jax.jit(lambda: fn(*args, **kwargs))()
 
 
+def _grid(s):
+    """`(rows, cols)` of a grid size given as `S` or `(S_h, S_w)`."""
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
 def _targets_ref(boxes, labels, valid, image_size, s, c):
     height, width = image_size
-    out = np.zeros((s, s, 5 + c))
+    rows, cols = _grid(s)
+    out = np.zeros((rows, cols, 5 + c))
     for g in range(len(boxes)):
         if not valid[g]:
             continue
         x1, y1, x2, y2 = boxes[g]
-        cx, cy = (x1 + x2) / 2 / width * s, (y1 + y2) / 2 / height * s
-        col, row = min(max(math.floor(cx), 0), s - 1), min(max(math.floor(cy), 0), s - 1)
+        cx, cy = (x1 + x2) / 2 / width * cols, (y1 + y2) / 2 / height * rows
+        col, row = min(max(math.floor(cx), 0), cols - 1), min(max(math.floor(cy), 0), rows - 1)
         if out[row, col, 4]:
             continue  # the first box of a cell wins
         out[row, col, :5] = [cx - col, cy - row, (x2 - x1) / width, (y2 - y1) / height, 1]
@@ -37,22 +43,23 @@ def _targets_ref(boxes, labels, valid, image_size, s, c):
 
 def _loss_ref(pred, targ, b, lambda_coord=5.0, lambda_noobj=0.5, rescore=True):
     """Eq. (3) as loops; the responsible predictor by darknet's detection_layer loop. Returns the
-    five terms and how many object cells fell back to the RMSE rule."""
-    s = targ.shape[0]
+    five terms and how many object cells fell back to the RMSE rule. The grid may be
+    rectangular, `[S_h, S_w]`: x in cells of 1/S_w of the image width, y of 1/S_h of its height."""
+    rows, cols = targ.shape[:2]
     terms = np.zeros(5)
     fallbacks = 0
-    for row in range(s):
-        for col in range(s):
+    for row in range(rows):
+        for col in range(cols):
             t = targ[row, col]
             cell = pred[row, col]
             responsible, best_iou = -1, 0.0
             if t[4]:
-                gx, gy = (col + t[0]) / s, (row + t[1]) / s
+                gx, gy = (col + t[0]) / cols, (row + t[1]) / rows
                 truth = [gx - t[2] / 2, gy - t[3] / 2, gx + t[2] / 2, gy + t[3] / 2]
                 best_rmse = 20.0
                 for j in range(b):
                     x, y, rw, rh = cell[5 * j: 5 * j + 4]
-                    px, py, pw, ph = (col + x) / s, (row + y) / s, rw * rw, rh * rh
+                    px, py, pw, ph = (col + x) / cols, (row + y) / rows, rw * rw, rh * rh
                     iou = iou_ref([px - pw / 2, py - ph / 2, px + pw / 2, py + ph / 2], truth)
                     rmse = math.sqrt((px - gx) ** 2 + (py - gy) ** 2 + (pw - t[2]) ** 2
                                      + (ph - t[3]) ** 2)
@@ -78,6 +85,7 @@ def _loss_ref(pred, targ, b, lambda_coord=5.0, lambda_noobj=0.5, rescore=True):
 
 def _scene(seed, s=4, b=2, c=3, num_gt=7, num_pad=2, image_size=(96, 128)):
     rng = np.random.default_rng(seed)
+    s = _grid(s)
     height, width = image_size
     xy = rng.uniform(0, 1, size=(num_gt, 2)) * [width, height]
     wh = rng.uniform(0.05, 0.6, size=(num_gt, 2)) * [width, height]
@@ -86,10 +94,10 @@ def _scene(seed, s=4, b=2, c=3, num_gt=7, num_pad=2, image_size=(96, 128)):
     labels = np.concatenate([rng.integers(0, c, num_gt), rng.integers(-5, 5, num_pad)])
     valid = np.arange(num_gt + num_pad) < num_gt
     pred = np.concatenate([
-        np.stack([rng.uniform(0, 1, (s, s, b)), rng.uniform(0, 1, (s, s, b)),
-                  rng.uniform(0.05, 0.8, (s, s, b)), rng.uniform(0.05, 0.8, (s, s, b)),
-                  rng.uniform(0, 1, (s, s, b))], -1).reshape(s, s, 5 * b),
-        rng.normal(size=(s, s, c))], -1)
+        np.stack([rng.uniform(0, 1, (*s, b)), rng.uniform(0, 1, (*s, b)),
+                  rng.uniform(0.05, 0.8, (*s, b)), rng.uniform(0.05, 0.8, (*s, b)),
+                  rng.uniform(0, 1, (*s, b))], -1).reshape(*s, 5 * b),
+        rng.normal(size=(*s, c))], -1)
     return boxes, labels, valid, pred
 
 
@@ -156,15 +164,41 @@ def test_loss_hand_case():
         4 * 0.25 * (0.5 ** 2 + 0.2 ** 2), rel=1e-6)
 
 
-@pytest.mark.parametrize("seed, b, rescore, lambdas", [
-    (0, 2, True, (5.0, 0.5)),
-    (1, 2, False, (5.0, 0.5)),
-    (2, 3, True, (2.0, 1.0)),
+def test_loss_hand_case_on_a_rectangular_grid():
+    """A 2 x 4 grid over a 32 x 64 image (cells 16 x 16 px); the gt, the whole image, is centred
+    in cell (1, 2) at offset (0, 0). Predictor 0 there is the gt box exactly (IoU 1, conf 0.5):
+    responsible, object term (0.5 - 1)^2. Predictor 1, a quarter-size box at the cell's centre,
+    overlaps it (IoU 1/16) but less: its conf 0.5 costs lambda_noobj 0.5 * 0.25. Placing the box
+    centres in image units by rows instead of cols gives other IoUs and terms."""
+    targets = yolo_v1_targets(np.array([[0.0, 0.0, 64.0, 32.0]]), np.array([0]),
+                              np.array([True]), (32, 64), (2, 4), 1)
+    expected = np.zeros((2, 4, 6))
+    expected[1, 2] = [0, 0, 1, 1, 1, 1]
+    np.testing.assert_allclose(np.asarray(targets), expected, atol=1e-7)
+    pred = np.zeros((2, 4, 2 * 5 + 1), np.float32)
+    pred[1, 2, :10] = [0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    pred[1, 2, 10] = 1.0
+    terms = _once(yolo_v1_loss_terms, pred, targets, num_boxes=2)
+    np.testing.assert_allclose(np.asarray(terms), [0.0, 0.0, 0.25, 0.5 * 0.25, 0.0], atol=1e-7)
+    ref, _ = _loss_ref(pred.astype(np.float64), np.asarray(targets, np.float64), 2)
+    np.testing.assert_allclose(ref, [0.0, 0.0, 0.25, 0.5 * 0.25, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed, b, rescore, lambdas, grid", [
+    (0, 2, True, (5.0, 0.5), 4),
+    (1, 2, False, (5.0, 0.5), 4),
+    (2, 3, True, (2.0, 1.0), 4),
+    (3, 2, True, (5.0, 0.5), (2, 4)),  # rectangular grids (S_h, S_w), as the docstring allows
+    (4, 2, True, (2.0, 1.0), (3, 5)),
+    (5, 2, False, (5.0, 0.5), (5, 3)),
 ])
-def test_loss_matches_eq3_loop_reference(seed, b, rescore, lambdas):
-    boxes, labels, valid, pred = _scene(seed, b=b)
-    pred[::2, :, 2:5 * b:5] = 0.0  # zero-width boxes in rows 0 and 2: IoU 0, the RMSE rule
-    targets = _targets_ref(boxes, labels, valid, (96, 128), 4, 3)
+def test_loss_matches_eq3_loop_reference(seed, b, rescore, lambdas, grid):
+    boxes, labels, valid, pred = _scene(seed, s=grid, b=b)
+    pred[::2, :, 2:5 * b:5] = 0.0  # zero-width boxes in rows 0, 2, ...: IoU 0, the RMSE rule
+    targets = _targets_ref(boxes, labels, valid, (96, 128), grid, 3)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(np.asarray(yolo_v1_targets(boxes, labels, valid, (96, 128),
+                                                              grid, 3)), targets, atol=1e-12)
     expected, fallbacks = _loss_ref(pred, targets, b, *lambdas, rescore)
     assert targets[..., 4].sum() >= 4 and fallbacks >= 1  # both rules of choice are exercised
     option = "iou" if rescore else "one"

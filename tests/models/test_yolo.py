@@ -90,15 +90,17 @@ def test_loss_is_the_batch_mean_of_eq3(small):
 def _decode_ref(out, size, b, score_threshold, iou, k):
     """Float64 loop over cells, predictors and classes: the paper's decode (sec. 2, "class-specific
     confidence scores for each box" conf * P(c); darknet v1 scores every class of every box),
-    boxes clipped to under 1e-2 px dropped, then per-class NMS."""
-    s = out.shape[0]
+    boxes clipped to under 1e-2 px dropped, then per-class NMS. The grid may be rectangular,
+    `[S_h, S_w]`: x in cells of 1/S_w of the image width, y of 1/S_h of its height."""
+    rows, cols = out.shape[:2]
     h, w = size
     boxes, scores, classes = [], [], []
-    for row in range(s):
-        for col in range(s):
+    for row in range(rows):
+        for col in range(cols):
             for j in range(b):
                 x, y, sw, sh, conf = out[row, col, 5 * j:5 * j + 5]
-                cx, cy, bw, bh = (col + x) / s * w, (row + y) / s * h, sw * sw * w, sh * sh * h
+                cx, cy = (col + x) / cols * w, (row + y) / rows * h
+                bw, bh = sw * sw * w, sh * sh * h
                 corners = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
                 box = [min(max(v, 0), lim) for v, lim in zip(corners, [w, h, w, h], strict=True)]
                 if box[2] - box[0] < 1e-2 or box[3] - box[1] < 1e-2:
@@ -123,10 +125,23 @@ def _assert_decodes_like_ref(out, size, b, score_threshold, iou, k):
     return n
 
 
-def test_decode_matches_float64_loop():
+@pytest.mark.parametrize("grid", [(4, 4), (2, 4), (5, 3)])
+def test_decode_matches_float64_loop(grid):
     rng = np.random.default_rng(0)
-    out = rng.uniform(0, 1, (4, 4, 2 * 5 + 3)).astype(np.float32)
+    out = rng.uniform(0, 1, (*grid, 2 * 5 + 3)).astype(np.float32)
     assert 0 < _assert_decodes_like_ref(out, (48, 64), 2, 0.1, 0.5, 20) <= 20
+
+
+def test_decode_on_a_rectangular_grid_by_hand():
+    """A 2 x 4 output over a 32 x 64 image (cells 16 x 16 px): the predictor of cell (row 1,
+    col 2) at offset (0.5, 0.5), size 0.5^2 of the image, is centred at x = 2.5 / 4 * 64 = 40,
+    y = 1.5 / 2 * 32 = 24, 16 x 8 px: [32, 20, 48, 28]."""
+    out = np.zeros((2, 4, 5 + 1), np.float32)
+    out[1, 2] = [0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+    got = decode_yolo_v1(jnp.asarray(out), (32, 64), 1, 0.1, 0.5, 5)
+    np.testing.assert_array_equal(np.asarray(got.valid), [True] + [False] * 4)
+    np.testing.assert_allclose(np.asarray(got.boxes[0]), [32, 20, 48, 28], atol=1e-5)
+    assert float(got.scores[0]) == pytest.approx(1.0) and int(got.classes[0]) == 0
 
 
 def test_decode_scores_every_class_of_every_predictor():
