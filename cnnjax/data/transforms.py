@@ -148,7 +148,8 @@ def _resize_shorter_center_crop(image: tf.Tensor, size: int, crop_fraction: floa
     return image[top:top + size, left:left + size, :]
 
 
-# torchvision's `RandomResizedCrop` defaults (and Inception's): area and aspect-ratio ranges.
+# torchvision's `RandomResizedCrop` defaults (and Inception's): area and aspect-ratio ranges. The
+# sampling within them is TF's (`_random_resized_crop_box`), whose area distribution differs.
 _CROP_AREA = (0.08, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
 

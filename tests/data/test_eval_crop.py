@@ -5,11 +5,12 @@ before TensorFlow, the order that works).
 
 Geometry is compared exactly: the resized size (torchvision truncates `int(n * long / short)`)
 and the crop's top/left corner (`int(round((side - size) / 2))`, Python's round: ties to even),
-on 200 random sizes, both orientations, squares and sizes whose offset is a tie. Pixels are
-compared with torchvision's tensor path (`antialias=True`, the same triangle filter as TF's
-antialiased bilinear resize) to 2e-6 (float32 rounding; measured <= 1.2e-6, i.e. 3e-4 grey
-levels); a resized side one pixel long, or an offset off by one, is off by >= 9e-4 on the ramp.
-(torchvision's PIL-image path differs from both by PIL's 8-bit output: <= 1 grey level.)
+on 200 random sizes, both orientations, squares, sizes whose offset is a tie and crop sizes whose
+resize `round(size / crop_fraction)` rounds up (32, 299). Pixels are compared with torchvision's
+tensor path (`antialias=True`, the same triangle filter as TF's antialiased bilinear resize) to
+2e-6 (float32 rounding; measured <= 1.2e-6, i.e. 3e-4 grey levels); a resized side one pixel
+long, or an offset off by one, is off by >= 9e-4 on the ramp. (torchvision's PIL-image path
+differs from both by PIL's 8-bit output: <= 1 grey level.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ CROP_FRACTION = 0.875
 PIXEL_CASES = [(320, 427, 224), (427, 320, 224), (375, 500, 224), (500, 333, 224),
                (256, 256, 224), (257, 259, 224), (100, 150, 64), (150, 100, 64), (73, 75, 64),
                (79, 73, 64)]
+# Sizes whose resize rounds up (32 / 0.875 = 36.57 -> 37, 299 / 0.875 = 341.71 -> 342), where a
+# truncating int(size / crop_fraction) resizes one pixel short; both orientations and a square.
+ROUNDED_UP_CASES = [(500, 400, 32), (400, 500, 32), (37, 37, 32), (375, 500, 299),
+                    (500, 375, 299), (342, 342, 299)]
 
 
 def _images(h: int, w: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -42,8 +47,8 @@ def torchvision_reference(tmp_path_factory) -> tuple[list, dict]:
     pytest.importorskip("torchvision")
     rng = np.random.default_rng(0)
     random_sizes = rng.integers(120, 700, (200, 2))
-    cases = PIXEL_CASES + [(int(h), int(w), 224 if min(h, w) >= 256 else 64)
-                           for h, w in random_sizes]
+    cases = PIXEL_CASES + ROUNDED_UP_CASES + [(int(h), int(w), 224 if min(h, w) >= 256 else 64)
+                                              for h, w in random_sizes]
     data = {"cases": np.array(cases), "crop_fraction": np.float64(CROP_FRACTION)}
     images = {}
     for k, (h, w, _) in enumerate(PIXEL_CASES):

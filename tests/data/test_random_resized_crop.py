@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cnnjax.data.transforms import _random_resized_crop
+from cnnjax.data.transforms import _random_resized_crop, _random_resized_crop_box
 
 # (height, width): wide and tall strips where every attempt of torchvision's (and TF's) sampling
 # fails: a crop of >= 8% of the area with aspect ratio <= 4/3 is taller than the image.
@@ -74,3 +74,41 @@ def test_images_in_or_near_the_ratio_range_still_get_random_crops(shape):
                                    tf.constant([seed, 1], tf.int64)).numpy()
         corners.add((round(float(got[0, 0, 0]), 3), round(float(got[0, 0, 1]), 3)))
     assert len(corners) >= 10, corners
+
+
+def _area_and_ratio(heights_widths: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each crop's fraction of a `side` x `side` image's area, and its aspect ratio w / h."""
+    hw = heights_widths.astype(np.float64)
+    return hw[:, 0] * hw[:, 1] / side**2, hw[:, 1] / hw[:, 0]
+
+
+def test_crop_area_and_ratio_ranges_are_torchvisions(tmp_path):
+    """On a 300x300 image over 1000 seeds the crops span 8%-100% of the area at aspect ratio
+    3/4-4/3, as torchvision's `get_params` (scale (0.08, 1), ratio (3/4, 4/3)) on the same seeds:
+    the smallest area is ~0.08 (not e.g. 0.25), the extreme ratios ~3/4 and ~4/3.
+
+    Only the ranges are compared: TF draws the height uniformly, torchvision the area, so the
+    distributions inside them differ (area quantiles by up to ~0.1 of the image).
+    """
+    pytest.importorskip("torchvision")
+    side, n = 300, 1000
+    src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(src, shapes=np.array([(side, side)]), seeds=np.arange(n))
+    from tests.data import torchvision_resized_crop
+
+    torchvision_resized_crop.main(str(src), str(dst))
+    want_area, want_ratio = _area_and_ratio(np.load(dst)["boxes"][0, :, 2:], side)
+
+    @tf.function
+    def crop_sizes(seeds: tf.Tensor) -> tf.Tensor:
+        return tf.map_fn(lambda s: _random_resized_crop_box(tf.constant([side, side, 3]), s)[1][:2],
+                         seeds, fn_output_signature=tf.int32)
+
+    seeds = tf.stack([tf.range(n, dtype=tf.int64), tf.fill([n], tf.constant(7, tf.int64))], 1)
+    area, ratio = _area_and_ratio(crop_sizes(seeds).numpy(), side)
+    # Measured: min area 0.0800 (torchvision 0.0809), max 0.967 (0.977); ratio 0.748-1.333
+    # (0.748-1.333). Over 1000 draws the extremes come within ~0.005 of the bounds.
+    for a, r in ((area, ratio), (want_area, want_ratio)):
+        assert 0.075 <= a.min() < 0.085 and 0.9 < a.max() <= 1.0, (a.min(), a.max())
+        assert 0.74 <= r.min() < 0.765 and 1.31 < r.max() <= 1.345, (r.min(), r.max())
+    assert abs(area.min() - want_area.min()) < 0.005

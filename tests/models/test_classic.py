@@ -957,6 +957,40 @@ def test_inception_module_concatenates_its_branches():
     }
 
 
+def _conv_relu_reference(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray,
+                         pad: int) -> np.ndarray:
+    """float64 stride-1 convolution of `[H, W, C]` `x` with an HWIO `kernel` (square, `pad`
+    zeros each side), then the bias and a ReLU."""
+    k = kernel.shape[0]
+    xp = np.pad(x, ((pad, pad), (pad, pad), (0, 0)))
+    h, w = xp.shape[0] - k + 1, xp.shape[1] - k + 1
+    out = sum(xp[i:i + h, j:j + w] @ kernel[i, j] for i in range(k) for j in range(k))
+    return np.maximum(out + bias, 0.0)
+
+
+def test_inception_module_equals_a_float64_reference():
+    """Branch order 1x1, 3x3, 5x5, pool-proj (Figure 2b); the pool-proj branch is a 3x3/1 max
+    pool (padding 1, -inf) then a 1x1 conv. Distinct widths show a swapped concat order."""
+    module = Inception(4, 3, 5, 2, 6, 7)
+    x = jax.random.normal(key(0), (1, 7, 7, 8))
+    params = jinit(module, x)["params"]
+    got = np.asarray(japply(module, {"params": params}, x))[0]
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    xn = np.asarray(x[0], np.float64)
+
+    def conv(name: str, inp: np.ndarray, pad: int = 0) -> np.ndarray:
+        return _conv_relu_reference(inp, p[name]["kernel"], p[name]["bias"], pad)
+
+    xp = np.pad(xn, ((1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    pooled = np.max([xp[i:i + 7, j:j + 7] for i in range(3) for j in range(3)], axis=0)
+    want = np.concatenate([conv("branch1x1", xn),
+                           conv("branch3x3", conv("branch3x3_reduce", xn), 1),
+                           conv("branch5x5", conv("branch5x5_reduce", xn), 2),
+                           conv("pool_proj", pooled)], axis=-1)
+    assert got.shape == want.shape == (7, 7, 4 + 5 + 6 + 7)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 rounding: ~1e-6
+
+
 def test_googlenet_aux_outputs_only_in_training():
     """With aux heads, training returns the main and both aux logits (with features too); eval,
     and training without aux heads, a plain array of logits."""
@@ -1194,6 +1228,23 @@ def test_nin_logits_are_global_average_of_class_maps():
         maps = np.maximum(maps, 0) if relu_logits else maps
         np.testing.assert_allclose(np.asarray(logits), maps.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
         assert variables["params"]["head"]["kernel"].shape == (1, 1, 8, 4)
+
+
+def test_nin_max_pool_stage_is_a_3x3_stride_2_ceil_mode_max_pool():
+    """A `pool="max"` stage max-pools its MLPConv output 3x3/2 in ceil mode (Caffe's NiN): on an
+    8x8 map the last window hangs over the edge (8 -> 4, floor mode gives 3)."""
+    net = NiN(stages=(NiNStage((4, 4), 3, padding=1, pool="max"),), num_classes=3)
+    x = jax.random.normal(key(0), (1, 8, 8, 2))
+    variables = jinit(net, x)
+    _, features = japply(net, variables, x, return_features=True)
+    block = MLPConv((4, 4), 3, 1, 1)
+    y = np.asarray(japply(block, {"params": variables["params"]["block1"]}, x), np.float64)[0]
+    yp = np.pad(y, ((0, 2), (0, 2), (0, 0)), constant_values=-np.inf)  # ceil mode: 4 windows
+    want = np.array([[yp[2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(0, 1)) for j in range(4)]
+                     for i in range(4)])
+    got = np.asarray(features["block1"][0])
+    assert got.shape == want.shape == (4, 4, 4)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 rounding: ~1e-6
 
 
 # -------------------------------------------------------------------------- errors and inputs

@@ -126,12 +126,31 @@ def test_replace_head_with_the_same_classes_refreshes_every_head_module(name, he
     x = jnp.zeros((1, *model_info(name).input_shape))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
     _, new_vars = replace_head(model, variables, 7, jax.random.key(1), sample_input=x)
-    fresh = {k[1] for k, v in flatten_dict(new_vars).items() if isinstance(v, jax.Array)}
-    assert fresh == head_modules
+    flat = flatten_dict(new_vars)
+    fresh = {k for k, v in flat.items() if isinstance(v, jax.Array)}
+    assert {k[1] for k in fresh} == head_modules
     if name == "googlenet":  # only the auxiliary classifiers' own `head`s, not their convs
-        fresh_aux = {k[2] for k, v in flatten_dict(new_vars).items()
-                     if isinstance(v, jax.Array) and k[1] == "aux1"}
-        assert fresh_aux == {"head"}
+        assert {k[2] for k in fresh if k[1] == "aux1"} == {"head"}
+    # Every leaf of those modules, biases included, is fresh: none kept as a ShapeDtypeStruct.
+    in_head = {k for k in flat if k[1] in head_modules
+               and (k[1] not in ("aux1", "aux2") or k[2] == "head")}
+    assert {k[-1] for k in in_head} >= {"kernel", "bias"}
+    assert fresh == in_head
+
+
+def test_replace_head_with_the_same_classes_overwrites_trained_head_values():
+    """A "trained" LeNet-5 head (every leaf 7) replaced with the same 10 classes: its kernel and
+    bias are both drawn afresh, no element keeps the old value."""
+    model = create_model("lenet5")
+    x = jnp.zeros((1, *model_info("lenet5").input_shape))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = {**variables, "params": {**variables["params"], "head": jax.tree.map(
+        lambda a: jnp.full_like(a, 7.0), variables["params"]["head"])}}
+    _, new_vars = replace_head(model, variables, 10, jax.random.key(1), sample_input=x)
+    head = new_vars["params"]["head"]
+    assert set(head) == {"kernel", "bias"}
+    for name, leaf in head.items():
+        assert not np.any(np.asarray(leaf) == 7.0), name
 
 
 def test_replace_head_errors(resnet20):
