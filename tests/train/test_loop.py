@@ -792,6 +792,10 @@ def test_a_workdir_another_process_trains_in_is_refused_and_left_untouched(tmp_p
     assert summary["status"] == "completed"
 
 
+# The engine's warning for a garbled checkpoint's metrics file (it is rebuilt from metrics.jsonl).
+_METRICS_REWRITTEN = r"metrics file of the checkpoint at step 8 .* is unreadable; it is rewritten"
+
+
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
     config = helpers.tiny_config(num_train_steps=8, checkpoint_every_steps=4, eval_every_steps=8)
     loop.train_and_evaluate(config, str(tmp_path))
@@ -802,8 +806,9 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path):
                 f.write(b"garbage")
     config.num_train_steps = 8
     # Its metrics file is rewritten from metrics.jsonl, its garbled metadata sets it aside.
-    with pytest.warns(RuntimeWarning, match="Checkpoint at step 8 .* has a damaged metadata file"
-                                            ".*; resuming from step 4"):
+    with (pytest.warns(RuntimeWarning, match=_METRICS_REWRITTEN),
+          pytest.warns(RuntimeWarning, match="Checkpoint at step 8 .* has a damaged metadata "
+                                             "file.*; resuming from step 4")):
         summary = loop.train_and_evaluate(config, str(tmp_path))
     assert summary["resumed_from_step"] == 4 and summary["status"] == "completed"
     assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["8"]
@@ -936,7 +941,8 @@ def test_restart_with_checkpoints_that_no_longer_restore_says_to_delete_them(tmp
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     config.restart = True
-    with (pytest.warns(RuntimeWarning, match=r"could not be restored"),
+    with (pytest.warns(RuntimeWarning, match=_METRICS_REWRITTEN),
+          pytest.warns(RuntimeWarning, match=r"could not be restored"),
           pytest.raises(ValueError, match=r"can be read: their files are damaged or missing .* "
                                           r"\(restart=True only empties a "
                                           r"workdir whose run has another config; delete its "
