@@ -359,13 +359,8 @@ def settable_fields(name: str) -> dict[str, ModelField]:
     """The constructor fields of model `name` that `create_model(name, field=...)` accepts, in
     declaration order: not those its registered name fixes (resnet20_cifar's `depth`), nor
     `ENGINE_MODEL_FIELDS`. Found by building the default model and probing the factory."""
-    info = _lookup(name)
-    factory, base = info.factory, {"num_classes": info.num_classes}  # a field without default
-    try:
-        module = factory(**base)
-    except TypeError:  # a model lacking the field: `create_model`'s error names it
-        base = {}
-        module = factory()
+    factory = _lookup(name).factory
+    module, base = _build_with_defaults(name)
     fields: dict[str, ModelField] = {}
     for field in dataclasses.fields(module):
         if field.name in ENGINE_MODEL_FIELDS:
@@ -431,8 +426,9 @@ def missing_engine_fields(name: str) -> list[str]:
     if isinstance(factory, type) and dataclasses.is_dataclass(factory):
         declared = {field.name for field in dataclasses.fields(factory)}
     else:
-        module = _build_with_defaults(name)
-        if module is None:
+        try:
+            module, _ = _build_with_defaults(name)
+        except TypeError:  # not even without arguments: leave the refused keyword to the caller
             return []
         declared = {field.name for field in dataclasses.fields(module)}
     return [key for key in ENGINE_KEYWORDS if key not in declared]
@@ -446,16 +442,16 @@ def field_list(names: list[str]) -> str:
     return f"fields {', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
-def _build_with_defaults(name: str) -> nn.Module | None:
-    """Model `name` built with its registered class count (or, for a factory refusing
-    `num_classes`, with no arguments); None when its factory cannot build it either way."""
+def _build_with_defaults(name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Model `name` built with its registered class count (a field without default), or with no
+    arguments for a factory refusing `num_classes` (a model lacking the field: `create_model`'s
+    error names it), and the keywords it was built with; the factory's TypeError if neither."""
     info = _lookup(name)
-    for kwargs in ({"num_classes": info.num_classes}, {}):
-        try:
-            return info.factory(**kwargs)
-        except TypeError:
-            continue
-    return None
+    base = {"num_classes": info.num_classes}
+    try:
+        return info.factory(**base), base
+    except TypeError:
+        return info.factory(), {}
 
 
 def _check_axis_name(model: str, axis_name: object) -> None:
