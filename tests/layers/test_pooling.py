@@ -18,6 +18,7 @@ from cnnjax.layers.pooling import (
     max_pool2d,
     spatial_pyramid_pool,
 )
+from tests.layers.pool_reference import pool_reference
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -27,44 +28,7 @@ def _random(shape, seed=0):
 
 
 # ---------------------------------------------------------------- float64 NumPy references
-
-
-def _windows_1d(n, k, s, p, ceil_mode):
-    """Window starts (unpadded coordinates) by PyTorch's rule, written as a walk over windows.
-
-    Full windows step from -p while they fit in the padded input; ceil mode adds one partial
-    window if input is left uncovered, unless that window would start in the right padding.
-    """
-    starts, start = [], -p
-    while start + k <= n + p:
-        starts.append(start)
-        start += s
-    if ceil_mode and starts[-1] + k < n + p and start < n:
-        starts.append(start)
-    return starts
-
-
-def _pool_reference(x, kernel, stride, padding, ceil_mode, mode, count_include_pad=True):
-    x = x.astype(np.float64)
-    n, h, w, c = x.shape
-    rows = _windows_1d(h, kernel[0], stride[0], padding[0], ceil_mode)
-    cols = _windows_1d(w, kernel[1], stride[1], padding[1], ceil_mode)
-    out = np.zeros((n, len(rows), len(cols), c))
-    for i, r in enumerate(rows):
-        for j, q in enumerate(cols):
-            r0, r1 = max(r, 0), min(r + kernel[0], h)
-            q0, q1 = max(q, 0), min(q + kernel[1], w)
-            window = x[:, r0:r1, q0:q1]
-            if mode == "max":
-                out[:, i, j] = window.max(axis=(1, 2))
-            else:
-                if count_include_pad:  # Overlap with the padded input [-p, n + p).
-                    dh = min(r + kernel[0], h + padding[0]) - r
-                    dw = min(q + kernel[1], w + padding[1]) - q
-                else:
-                    dh, dw = r1 - r0, q1 - q0
-                out[:, i, j] = window.sum(axis=(1, 2)) / (dh * dw)
-    return out
+# (pooling: tests/layers/pool_reference.py)
 
 
 def _adaptive_reference(x, out_size, mode):
@@ -139,9 +103,9 @@ def test_pooling_matches_numpy_reference(size, kernel, stride, padding, ceil_mod
     got_max, *got_avg = jax.jit(lambda v: [max_pool2d(v, kernel, stride, padding, ceil_mode)] + [
         avg_pool2d(v, kernel, stride, padding, ceil_mode, count_include_pad=include)
         for include in (True, False)])(x)
-    np.testing.assert_allclose(got_max, _pool_reference(x, *args, "max"), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got_max, pool_reference(x, *args, "max"), rtol=RTOL, atol=ATOL)
     for include, got in zip((True, False), got_avg, strict=True):
-        expected = _pool_reference(x, *args, "avg", count_include_pad=include)
+        expected = pool_reference(x, *args, "avg", count_include_pad=include)
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
 
@@ -260,7 +224,7 @@ def test_spatial_pyramid_pool_gradients():
 def test_pooling_jits():
     x = _random((1, 9, 9, 2), seed=10)
     fn = jax.jit(lambda v: avg_pool2d(v, 3, 2, 1, ceil_mode=True, count_include_pad=False))
-    expected = _pool_reference(x, (3, 3), (2, 2), (1, 1), True, "avg", False)
+    expected = pool_reference(x, (3, 3), (2, 2), (1, 1), True, "avg", False)
     np.testing.assert_allclose(fn(x), expected, rtol=RTOL, atol=ATOL)
 
 
@@ -357,7 +321,7 @@ def test_bfloat16_avg_pool_only_rounds_the_output(kernel, stride, padding, ceil_
     # error left is rounding the mean to bfloat16 (PyTorch's bf16 avg_pool2d: 0.39%).
     x, exact = _bf16_positive((2, 14, 14, 16), seed=11)
     got = avg_pool2d(x, kernel, stride, padding, ceil_mode)
-    _assert_bf16_rounding_of(got, _pool_reference(exact, (kernel,) * 2, (stride,) * 2,
+    _assert_bf16_rounding_of(got, pool_reference(exact, (kernel,) * 2, (stride,) * 2,
                                                   (padding,) * 2, ceil_mode, "avg"))
 
 
@@ -378,7 +342,7 @@ def test_float32_and_integer_averages_keep_their_dtypes():
     assert adaptive_avg_pool2d(x, 4).dtype == jnp.float32
     ints = jnp.arange(2 * 4 * 4).reshape(1, 4, 4, 2)
     np.testing.assert_allclose(avg_pool2d(ints, 2),
-                               _pool_reference(np.asarray(ints), (2, 2), (2, 2), (0, 0), False,
+                               pool_reference(np.asarray(ints), (2, 2), (2, 2), (0, 0), False,
                                                "avg"), rtol=RTOL, atol=ATOL)
     # Narrow integers are summed in int32: a uint8 window of 200s wrapped around to 8.
     for dtype, value in ((np.uint8, 200), (np.int8, -100), (np.int16, 30000)):
@@ -408,8 +372,8 @@ def test_boolean_maps_pool_like_their_0_1_values():
         spatial_pyramid_pool(m)))(jnp.asarray(mask))
     assert got.dtype == jnp.bool_
     np.testing.assert_array_equal(
-        got, _pool_reference(ones, (3, 3), (2, 2), (1, 1), True, "max") > 0)
-    np.testing.assert_allclose(averaged, _pool_reference(ones, (3, 3), (2, 2), (1, 1), False,
+        got, pool_reference(ones, (3, 3), (2, 2), (1, 1), True, "max") > 0)
+    np.testing.assert_allclose(averaged, pool_reference(ones, (3, 3), (2, 2), (1, 1), False,
                                                          "avg", False), rtol=RTOL, atol=ATOL)
     for out, (maxed, mean) in zip(outs, adaptive, strict=True):
         assert maxed.dtype == jnp.bool_

@@ -44,6 +44,7 @@ from cnnjax.models.lenet import C3_CONNECTIONS, ConnectionTableConv, LeNet5, sca
 from cnnjax.models.nin import MLPConv, NiN, NiNStage
 from cnnjax.models.vgg import VGG, VGG_C_KERNEL_SIZES, VGG_CONFIGS, VGGFeatures
 from cnnjax.train.checks import check_input_size
+from tests.layers.pool_reference import pool_reference
 
 CLASSIC = [
     "lenet5",
@@ -981,8 +982,7 @@ def test_inception_module_equals_a_float64_reference():
     def conv(name: str, inp: np.ndarray, pad: int = 0) -> np.ndarray:
         return _conv_relu_reference(inp, p[name]["kernel"], p[name]["bias"], pad)
 
-    xp = np.pad(xn, ((1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
-    pooled = np.max([xp[i:i + 7, j:j + 7] for i in range(3) for j in range(3)], axis=0)
+    pooled = pool_reference(xn[None], (3, 3), (1, 1), (1, 1), False, "max")[0]
     want = np.concatenate([conv("branch1x1", xn),
                            conv("branch3x3", conv("branch3x3_reduce", xn), 1),
                            conv("branch5x5", conv("branch5x5_reduce", xn), 2),
@@ -1239,9 +1239,7 @@ def test_nin_max_pool_stage_is_a_3x3_stride_2_ceil_mode_max_pool():
     _, features = japply(net, variables, x, return_features=True)
     block = MLPConv((4, 4), 3, 1, 1)
     y = np.asarray(japply(block, {"params": variables["params"]["block1"]}, x), np.float64)[0]
-    yp = np.pad(y, ((0, 2), (0, 2), (0, 0)), constant_values=-np.inf)  # ceil mode: 4 windows
-    want = np.array([[yp[2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(0, 1)) for j in range(4)]
-                     for i in range(4)])
+    want = pool_reference(y[None], (3, 3), (2, 2), (0, 0), True, "max")[0]  # ceil: 4 windows
     got = np.asarray(features["block1"][0])
     assert got.shape == want.shape == (4, 4, 4)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 rounding: ~1e-6
