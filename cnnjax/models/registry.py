@@ -407,13 +407,19 @@ def create_model(name: str, /, **overrides) -> nn.Module:
             f"model {name!r} lacks the {field_list(missing)}, which every model declares: "
             f"{ENGINE_FIELDS_DOC}"
         )), bad)
-    settable = [*sorted(settable_fields(name)), *(k for k in ENGINE_KEYWORDS if k not in missing)]
+    refused = f"model {name!r} does not take {bad!r} (unknown, or fixed by its name)"
+    try:
+        fields = settable_fields(name)
+    except Exception as probe:  # a factory that needs more than num_classes: no list to offer
+        raise ModelArgumentError(str(invalid(
+            "create_model", bad, overrides[bad],
+            f"{refused}; its settable fields cannot be listed, as building it with only "
+            f"num_classes raised {type(probe).__name__}: {probe}")), bad) from probe
+    settable = [*sorted(fields), *(k for k in ENGINE_KEYWORDS if k not in missing)]
     close = difflib.get_close_matches(bad, settable, n=1, cutoff=0.8)  # not param_dtype -> dtype
     hint = f' Did you mean "{close[0]}"?' if close else ""
     raise ModelArgumentError(str(invalid(
-        "create_model", bad, overrides[bad],
-        f"model {name!r} does not take {bad!r} (unknown, or fixed by its name); it takes "
-        f"{settable}.{hint}")), bad)
+        "create_model", bad, overrides[bad], f"{refused}; it takes {settable}.{hint}")), bad)
 
 
 def missing_engine_fields(name: str) -> list[str]:
@@ -428,7 +434,7 @@ def missing_engine_fields(name: str) -> list[str]:
     else:
         try:
             module, _ = _build_with_defaults(name)
-        except TypeError:  # not even without arguments: leave the refused keyword to the caller
+        except Exception:  # it needs more than num_classes: leave the refused keyword to the caller
             return []
         declared = {field.name for field in dataclasses.fields(module)}
     return [key for key in ENGINE_KEYWORDS if key not in declared]
@@ -445,13 +451,16 @@ def field_list(names: list[str]) -> str:
 def _build_with_defaults(name: str) -> tuple[nn.Module, dict[str, Any]]:
     """Model `name` built with its registered class count (a field without default), or with no
     arguments for a factory refusing `num_classes` (a model lacking the field: `create_model`'s
-    error names it), and the keywords it was built with; the factory's TypeError if neither."""
+    error names it), and the keywords it was built with; the first build's error if neither."""
     info = _lookup(name)
     base = {"num_classes": info.num_classes}
     try:
         return info.factory(**base), base
-    except TypeError:
-        return info.factory(), {}
+    except TypeError as with_classes:
+        try:
+            return info.factory(), {}
+        except TypeError:
+            raise with_classes from None
 
 
 def _check_axis_name(model: str, axis_name: object) -> None:

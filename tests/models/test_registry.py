@@ -748,3 +748,37 @@ def test_every_registered_model_declares_the_engine_fields():
     """The engine sets the three fields on every zoo model."""
     assert {name: registry.missing_engine_fields(name) for name in list_models(task=None)
             if registry.missing_engine_fields(name)} == {}
+
+
+def _needs_a_width(num_classes: int, width: int) -> nn.Module:
+    """A function factory with a required argument besides `num_classes`."""
+    return _NoAxisName(num_classes=num_classes, width=width)
+
+
+def _validates_its_defaults(num_classes: int = 10, width: int = 0) -> nn.Module:
+    """A function factory whose own defaults fail its validation (a ValueError, not a TypeError)."""
+    if width < 1:
+        raise ValueError(f"width={width} is invalid; expected >= 1")
+    return _NoAxisName(num_classes=num_classes, width=width)
+
+
+@pytest.mark.parametrize("factory, probe_error", [
+    (_needs_a_width, "TypeError: _needs_a_width() missing 1 required positional argument: "
+                     "'width'"),
+    (_validates_its_defaults, "ValueError: width=0 is invalid; expected >= 1"),
+], ids=["required-argument", "invalid-defaults"])
+def test_a_misspelled_keyword_is_named_when_the_model_cannot_be_built_with_defaults(
+        factory, probe_error):
+    """The error path probes the model built with defaults to list its fields; a factory that
+    cannot be built so raised the probe's own error, naming neither the misspelled keyword nor
+    the model."""
+    with registered_model("t_needs", factory):
+        assert registry.missing_engine_fields("t_needs") == []
+        assert create_model("t_needs", width=2).width == 2
+        with pytest.raises(ModelArgumentError) as caught:
+            create_model("t_needs", widht=2)
+    assert str(caught.value) == (
+        "create_model: widht=2 is invalid; model 't_needs' does not take 'widht' (unknown, or "
+        f"fixed by its name); its settable fields cannot be listed, as building it with only "
+        f"num_classes raised {probe_error}.")
+    assert caught.value.keyword == "widht"
