@@ -265,8 +265,8 @@ def _jaxpr_cost(jaxpr: Any) -> tuple[int, int]:
 
 
 def _control_flow_cost(prim: str, params: dict[str, Any]) -> tuple[int, int]:
-    """`scan`: body x length; `cond`: the costliest branch; `while`: one body iteration (the trip
-    count is not static)."""
+    """`scan`: body x length; `cond`: the costliest branch; `while`: one body iteration and one
+    test of its condition (the trip count is not static), as XLA's cost analysis counts it."""
     if prim == "scan":
         f, m = _jaxpr_cost(params["jaxpr"])
         return f * params["length"], m * params["length"]

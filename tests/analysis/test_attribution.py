@@ -269,6 +269,18 @@ def test_default_grad_cam_layer_skips_lifted_modules():
     assert at.explain(model, variables, images, methods=("grad_cam",)).layer == "stem"
 
 
+def test_default_grad_cam_layer_skips_a_one_by_one_map():
+    """LeNet-5 on 32x32: C1 28x28, C3 10x10, C5 1x1 (5x5 VALID on S4's 5x5), by hand; C5's
+    single position has no spatial answer, so the default is C3, the last map wider than 1x1."""
+    model = create_model("lenet5", num_classes=10)
+    variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 1), np.float32),
+                           train=False)
+    shapes = {o.path: o.shape for o in at.module_outputs(model, variables, (32, 32, 1))}
+    assert [shapes[p] for p in ("c1", "c3", "c5")] == [(1, 28, 28, 6), (1, 10, 10, 16),
+                                                       (1, 1, 1, 120)]
+    assert at.last_conv_layer(model, variables, (32, 32, 1)) == "c3"
+
+
 def test_explain_checks_the_default_grad_cam_layer_before_any_method(monkeypatch):
     images = np.random.RandomState(0).randn(2, 6, 6, 2).astype(np.float32)
     remat = _TwoBlocks(wrap=nn.remat)
@@ -329,6 +341,28 @@ def test_integrated_gradients_of_a_linear_classifier_are_exact(linear):
     np.testing.assert_allclose(got, (images - baseline) * weight, rtol=1e-5, atol=1e-7)
 
 
+class _SquaredNorm(nn.Module):
+    """logits [sum x^2, 0] (plus 0 x a Dense head, so the model has parameters)."""
+
+    @nn.compact
+    def __call__(self, x):
+        score = (x**2).sum(axis=(1, 2, 3))
+        head = nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+        return jnp.stack([score, jnp.zeros_like(score)], axis=-1) + 0 * head
+
+
+def test_integrated_gradients_take_the_midpoint_of_each_step():
+    """Along the path a * x the gradient of sum x^2 is 2 a x, linear in a, so the midpoint
+    rule is exact at any number of steps: IG = x * mean_k 2 a_k x = x^2 (hand reference; it also
+    sums to score(x) - score(0), completeness). The left end points a = 0, 1/2 of 2 steps give
+    x^2 / 2."""
+    model = _SquaredNorm()
+    images = np.full((1, 2, 2, 1), 2.0, np.float32)
+    variables = model.init(jax.random.key(0), images)
+    got = at.integrated_gradients(model, variables, images, [0], baseline=0.0, steps=2)
+    np.testing.assert_allclose(got, images.astype(np.float64) ** 2, rtol=1e-6)
+
+
 def test_integrated_gradients_are_complete_on_a_resnet(resnet):
     """Completeness (Sundararajan et al. 2017, Prop. 1): the attributions sum to the score
     difference between image and baseline, up to the midpoint rule's error (a random baseline,
@@ -344,13 +378,17 @@ def test_integrated_gradients_are_complete_on_a_resnet(resnet):
     np.testing.assert_allclose(got.reshape(3, -1).sum(axis=1), difference, atol=0.02)
 
 
-@pytest.mark.parametrize(("patch", "stride", "fill"), [(4, 3, 0.0), (5, 5, -1.5), (10, 1, 0.0)])
+@pytest.mark.parametrize(("patch", "stride", "fill"), [(4, 3, 0.0), (5, 5, -1.5), (10, 1, 0.0),
+                                                      (None, None, 0.0)])
 def test_occlusion_matches_a_float64_loop_over_occluder_positions(linear, patch, stride, fill):
     """Every position (the last moved to the border), the probability drop averaged per pixel
-    over the positions covering it; targets default to the predicted classes."""
+    over the positions covering it; targets default to the predicted classes. The defaults
+    (None): a quarter of the smaller side, round(10 / 4) = 2, at half of it, stride 1."""
     model, variables, images, kernel, bias = linear
     got = at.occlusion(model, variables, images, patch=patch, stride=stride, fill=fill,
                        batch_size=7)
+    if patch is None:
+        patch, stride = 2, 1
     x = images.astype(np.float64)
     probs = _softmax(x.reshape(len(x), -1) @ kernel + bias)
     targets = probs.argmax(axis=1)
@@ -503,6 +541,11 @@ def test_pointing_game():
     np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=2), [True, False, True])
     np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=6.3)[1], False)
     np.testing.assert_array_equal(at.pointing_game(maps, boxes, tolerance=6.4)[1], True)
+    # A 2x5 map: its maximum at row 0, column 4 has its centre at (0.5, 4.5), in [0, 4, 1, 5]
+    wide = np.zeros((1, 2, 5))
+    wide[0, 0, 4] = 1.0
+    np.testing.assert_array_equal(at.pointing_game(wide, np.array([[0.0, 4.0, 1.0, 5.0]])),
+                                  [True])
     with pytest.raises(ValueError, match=r"maps='maps holding NaN' is invalid"):
         at.pointing_game(np.full((1, 2, 2), np.nan), np.zeros((1, 4)))
     with pytest.raises(ValueError, match=r"maps='array of shape \(10, 10\)' is invalid; "
@@ -556,6 +599,23 @@ def test_explain_runs_each_method_for_the_same_targets(resnet, tmp_path):
     for path in (at.plot_filters(kernel, str(tmp_path / "f.png")),
                  at.plot_activations(np.ones((4, 4, 20)), str(tmp_path / "act.png"))):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_reduces_each_methods_channels_as_documented(linear):
+    """Integrated gradients: |sum over channels| (signed contributions cancel, as Captum
+    draws it); guided backprop: max over channels of |.|, as saliency. Reference: the linear
+    classifier's float64 IG from 0, x * W[:, t], and its guided gradient, W[:, t] (no ReLU)."""
+    model, variables, images, kernel, _ = linear
+    targets = np.array([0, 1])
+    result = at.explain(model, variables, images[:2], targets,
+                        methods="guided_backprop,integrated_gradients", ig_steps=2)
+    weight = kernel.T.reshape(CLASSES, *SHAPE)[targets]
+    ig = images[:2].astype(np.float64) * weight
+    assert not np.allclose(np.abs(ig.sum(-1)), np.abs(ig).sum(-1))  # the two orders differ
+    np.testing.assert_allclose(result.maps["integrated_gradients"], np.abs(ig.sum(-1)),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.maps["guided_backprop"], np.abs(weight).max(-1),
+                               rtol=1e-6)
 
 
 def test_explain_checks_every_argument_before_any_method_runs(resnet, monkeypatch):
@@ -621,6 +681,9 @@ def test_bad_inputs_are_named(resnet, linear):
     with pytest.raises(ValueError, match=r"layer=None is invalid; the model has no module with "
                                          r"a feature-map output"):
         at.grad_cam(lin_model, lin_vars, lin_images)
+    with pytest.raises(ValueError, match=r"patch=11 is invalid; expected at most the image's "
+                                         r"smaller side, 10"):  # 12x10: not the larger side
+        at.occlusion(lin_model, lin_vars, lin_images, patch=11)
     with pytest.raises(ValueError, match=r"model='Linear' is invalid; expected a model with a "
                                          r"2-D convolution"):
         at.first_layer_filters(lin_model, lin_vars, SHAPE)

@@ -171,6 +171,30 @@ def test_the_fitted_temperature_is_the_minimum_of_a_dense_grid():
     assert cal.negative_log_likelihood(logits, labels, fitted) <= nll.min() + 1e-12
 
 
+def _float64_nll(logits, labels, temperature):
+    """Mean NLL of softmax(logits / T) in plain float64 NumPy (log-sum-exp shifted by the max)."""
+    z = logits / temperature
+    top = z.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+    return float(np.mean(log_z - z[np.arange(len(labels)), labels]))
+
+
+def test_a_constant_row_among_informative_ones_does_not_stop_the_fit():
+    """Only all-constant logits make the NLL independent of T: one constant row (row 0) beside
+    rows that do depend on T must still be fitted. Reference: the argmin of a float64 NumPy NLL
+    over 20,001 log-spaced T in [0.05, 20] (steps of 3e-4 in log T; measured 2.164); the fit is
+    within one step of it (returning 1.0 for any constant row is 0.77 off in log T)."""
+    logits = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    labels = np.array([0, 0, 1, 1])
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 20_001))
+    nll = np.array([_float64_nll(logits, labels, t) for t in grid])
+    best = grid[np.argmin(nll)]
+    assert 0 < np.argmin(nll) < len(grid) - 1  # an interior minimum, not a bound of the grid
+    fitted = cal.fit_temperature(logits, labels)
+    assert abs(np.log(fitted / best)) <= np.log(grid[1] / grid[0])
+    np.testing.assert_allclose(fitted, 2.164, rtol=1e-3)
+
+
 def test_temperature_edge_cases():
     """Constant rows: the NLL does not depend on T (1.0); all correct: no minimum (refused);
     worse than chance: T runs to the top of its range, which the report flags."""
@@ -179,6 +203,11 @@ def test_temperature_edge_cases():
     with pytest.raises(ValueError, match=r"^fit_temperature: labels='4 examples all classified "
                                          r"correctly' is invalid; the NLL then falls as T -> 0"):
         cal.fit_temperature(logits, [0, 1, 2, 0])
+    # A label tied with the top logit counts as correct: the summed NLL of [[1, 1], [2, 0]] with
+    # labels [0, 0], log(1 + e^0) + log(1 + e^(-2 / T)), falls to log 2 as T -> 0 (no minimum).
+    with pytest.raises(ValueError, match=r"^fit_temperature: labels='2 examples all classified "
+                                         r"correctly' is invalid"):
+        cal.fit_temperature(np.array([[1.0, 1.0], [2.0, 0.0]]), [0, 0])
     wrong = [1, 2, 0, 1]
     report = cal.temperature_scaling(logits, wrong, logits, wrong)
     assert report["at_bound"] and report["temperature"] > 0.99 * cal.TEMPERATURE_BOUNDS[1]
@@ -196,6 +225,10 @@ def test_bad_inputs_are_named():
         (lambda: cal.negative_log_likelihood(logits, labels + 3),
          r"^negative_log_likelihood: labels='values in \[3, 5\]' is invalid; expected class "
          r"indices in \[0, 3\) for 3-class logits\.$"),
+        # The class count itself is one past the last class index.
+        (lambda: cal.reliability_bins(np.zeros((1, 3)), [3], n_bins=2),
+         r"^reliability_bins: labels='values in \[3, 3\]' is invalid; expected class indices "
+         r"in \[0, 3\) for 3-class logits\.$"),
         (lambda: cal.brier_score(logits, -labels - 1),
          r"^brier_score: labels='values in \[-3, -1\]' is invalid"),
         # A float label past int64's range wrapped in the cast: the error showed -2**63.

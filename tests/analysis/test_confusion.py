@@ -20,6 +20,14 @@ def test_equals_sklearn_and_per_class_accuracy_is_each_rows_recall():
     assert np.isnan(recall[6])
 
 
+def test_no_examples_give_a_matrix_of_zeros():
+    """An empty split (no labels, no predictions) counts nothing: a [C, C] int64 matrix of
+    zeros (hand reference), not a failure of min() on an empty array."""
+    matrix = confusion_matrix(np.array([], int), np.array([], int), 3)
+    assert matrix.dtype == np.int64
+    np.testing.assert_array_equal(matrix, np.zeros((3, 3), np.int64))
+
+
 def test_bfloat16_class_indices_count_as_their_values():
     import ml_dtypes
 
@@ -154,6 +162,25 @@ def test_plot_labels_the_classes_it_is_given(monkeypatch):
     assert _drawn_ticks(monkeypatch) == (["0", "1", "2"], ["0", "1", "2"])
     assert _drawn_ticks(monkeypatch, class_labels=["5", "6", "7"]) == (["5", "6", "7"],
                                                                        ["5", "6", "7"])
+
+
+def test_plot_normalizes_each_true_class_to_one(monkeypatch, tmp_path):
+    """The heat map shows each row (true class) over its total, as the colour bar says.
+    Reference by hand: [[8, 2], [0, 10]] -> [[8/10, 2/10], [0/10, 10/10]] (over the columns'
+    totals, 8 and 12, it would be [[1, 1/6], [0, 5/6]])."""
+    import matplotlib.axes
+
+    shown = []
+    imshow = matplotlib.axes.Axes.imshow
+
+    def spy(self, data, *args, **kwargs):
+        shown.append(np.array(data, np.float64))
+        return imshow(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    plot_confusion_matrix(np.array([[8, 2], [0, 10]]), str(tmp_path / "c.png"))
+    assert len(shown) == 1
+    np.testing.assert_allclose(shown[0], [[0.8, 0.2], [0.0, 1.0]], rtol=1e-15, atol=0)
 
 
 def test_plot_refuses_class_labels_of_another_length(tmp_path):

@@ -281,6 +281,33 @@ def test_patch_gather_layers_count_only_their_dense_macs():
                                                                          (8, 8, 5))[1]
 
 
+class _DilatedStridedConv(nn.Module):
+    """A raw 2x2 convolution of a 2x-dilated input, padding 1, stride 3 (larger than the
+    dilation, so not every input element meets every tap)."""
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.ones, (2, 2, 1, 1))
+        return jax.lax.conv_general_dilated(x, kernel, (3, 3), ((1, 1), (1, 1)),
+                                            lhs_dilation=(2, 2),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_input_dilated_conv_macs_count_the_taps_that_reach_real_inputs():
+    """Reference by brute force, per axis: the (input i, tap t) pairs that some output o of
+    the layer meets, o * stride + t - pad == i * dilation (4 inputs at 0, 2, 4, 6 of the
+    dilated axis: 3 pairs), squared for the 2 axes: 9 (counting from -pad instead of +pad
+    finds 2 pairs per axis, 4)."""
+    result = summary(_DilatedStridedConv(), (4, 4, 1))
+    (row,) = result.rows
+    m = row.output_shape[1]  # (7 + 2 - 2) // 3 + 1 = 3
+    assert row.output_shape == (1, m, m, 1) == (1, 3, 3, 1)
+    per_axis = sum(1 for i in range(4) for t in range(2)
+                   if any(3 * o + t - 1 == 2 * i for o in range(m)))
+    assert per_axis == 3
+    assert row.macs == result.totals["macs"] == per_axis**2
+
+
 def test_grouped_padded_transposed_conv_macs_by_hand():
     # Each of the 5x5 input elements meets all 3x3 taps, C_in/groups * C_out = 1 * 4 pairs.
     result = summary(ConvTranspose2D(4, 3, strides=2, padding=1, output_padding=1, groups=2),
@@ -568,6 +595,34 @@ def test_sees_through_remat_custom_vjp_checkpoint_and_scan():
     # A scan is opaque to the field analysis: treated (conservatively) as mixing all 8 positions
     # of the conv's 3-wide fields: 3 + (8 - 1) * 1 = 10, with a note.
     assert scan.field.size == (10, 10) and any("'scan'" in n for n in result.notes)
+
+
+class _Loop(nn.Module):
+    """A while loop whose trip count (3) is not static to the cost count."""
+
+    def __call__(self, x):
+        return jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.5 + 1.0),
+                                  (0, x))[1]
+
+
+class _Branches(nn.Module):
+    """A cond between 4 elementwise operations and none."""
+
+    def __call__(self, x):
+        return jax.lax.cond(x.sum() > 0, lambda y: ((y * 2 + 1) * 3) - 1, lambda y: y, x)
+
+
+def test_control_flow_costs_one_while_iteration_and_the_costliest_branch():
+    """Neither the trip count nor the branch taken is static: a while loop counts its body once
+    plus its condition, by hand 1 (counter) + 2 * 32 (multiply, add on 4x4x2) + 1 (compare) =
+    66, also XLA's count before optimisation; a cond its costliest branch, 4 operations * 32 =
+    128, not the identity's 0."""
+    (loop,) = summary(_Loop(), (4, 4, 2)).rows
+    assert loop.type == "while" and loop.flops == 1 + 2 * 32 + 1
+    assert loop.flops == _xla_flops(_Loop(), (4, 4, 2))[1]
+    branches = summary(_Branches(), (4, 4, 2)).rows
+    assert [r.type for r in branches] == ["global_sum_pool", "cond"]
+    assert branches[1].flops == 4 * (4 * 4 * 2)
 
 
 class _FixedFilterBank(nn.Module):
