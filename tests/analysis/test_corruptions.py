@@ -325,6 +325,8 @@ def test_motion_kernel_matches_hand_computed_taps():
     np.testing.assert_array_equal(offsets, [[i, 0] for i in range(13)])
     np.testing.assert_array_equal(C.motion_kernel(6, 1, 90)[1], [[0, i] for i in range(13)])
     assert len(C.motion_kernel(8, 2, 10)[0]) == 17 and len(C.motion_kernel(9, 2.5, 0)[0]) == 19
+    # a fractional radius rounds up (GetOptimalKernelWidth1D): 2 ceil(2.5) + 1 = 7, not 6
+    assert len(C.motion_kernel(2.5, 1, 0)[0]) == 7
     np.testing.assert_array_equal(C.motion_kernel(6, 1, 30)[1].T, [
         [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 10], [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6]])
     np.testing.assert_array_equal(C.motion_kernel(6, 1, -45)[1].T, [
@@ -763,6 +765,15 @@ def test_bfloat16_and_float16_images_are_floats_too():
     expected = C.corrupt(images, "contrast", 3)
     for dtype in (ml_dtypes.bfloat16, np.float16):
         np.testing.assert_array_equal(C.corrupt(images.astype(dtype), "contrast", 3), expected)
+
+
+@pytest.mark.parametrize("name", ["jpeg_compression", "pixelate", "motion_blur"])
+def test_float_images_are_rounded_to_levels_for_the_pil_and_imagemagick_ops(name):
+    """These ops take uint8 levels: float pixels x + 0.7 are rounded to x + 1 first (truncation
+    took x, a level darker), so they give what the op gives on those levels."""
+    x = np.minimum(_images(2), 254).astype(np.float64) + 0.7
+    np.testing.assert_array_equal(C.corrupt(x, name, 3),
+                                  C.corrupt(np.rint(x).astype(np.uint8), name, 3))
 
 
 def test_quantize_truncates_as_cifar10c_was_stored():

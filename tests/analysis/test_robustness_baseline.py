@@ -3,9 +3,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from cnnjax.analysis import corruptions as C
 from cnnjax.analysis import robustness as R
+from cnnjax.analysis.corruptions import VALIDATION_CORRUPTIONS
 
 SETTINGS = {"source": "on_the_fly", "split": "test", "seed": 0, "max_examples": None,
             "step": 40, "clean": "uint8"}
@@ -62,6 +65,20 @@ def test_the_benchmark_mce_leaves_out_the_papers_validation_corruptions():
         "benchmark_corruptions"]  # fog and contrast are both benchmark corruptions
 
 
+def test_the_validation_corruptions_are_the_papers_four():
+    """Hendrycks & Dietterich (Section 3) hold out speckle noise, gaussian blur, spatter and
+    saturate: a record of those four and fog has fog as its only benchmark corruption."""
+    assert VALIDATION_CORRUPTIONS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    names = ["speckle_noise", "gaussian_blur", "spatter", "saturate", "fog"]
+    model = {**_record(0.9, {n: {"1": 0.8, "2": 0.6} for n in names}),
+             "dataset": "cifar10", "num_examples": 10000}
+    base = {**_record(0.8, {n: {"1": 0.6, "2": 0.4} for n in names}),
+            "dataset": "cifar10", "num_examples": 10000}
+    errors = R.corruption_errors(model, base)
+    assert errors["benchmark_corruptions"] == ["fog"]
+    assert errors["benchmark_mce"] == pytest.approx(0.6)  # (0.2 + 0.4) / (0.4 + 0.6)
+
+
 def test_an_error_free_baseline_leaves_that_ratio_undefined():
     perfect = _record(1.0, {"fog": {"1": 1.0, "2": 1.0}, "contrast": {"1": 0.5, "2": 0.3}})
     errors = R.corruption_errors(MODEL, perfect)
@@ -104,6 +121,9 @@ def test_a_relative_ce_whose_baseline_errors_cancel_is_undefined_not_huge():
     ({**BASE, "parameters": {"fog": [[1.5, 2.0]] * 5, "contrast": [0.75] * 5}},
      "fog's parameters: [[0.2, 3.0], [0.5, 3.0], [0.75, 2.5], [1.0, 2.0], [1.5, 1.75]] here, "
      "[[1.5, 2.0], [1.5, 2.0], [1.5, 2.0], [1.5, 2.0], [1.5, 2.0]] there"),
+    # Cells corrupted from other images (the unquantized pixels, in older records).
+    ({**BASE, "settings": {**BASE["settings"], "clean": "uint8, corrupted from it"}},
+     "(clean: 'uint8' here, 'uint8, corrupted from it' there)"),
 ])
 def test_a_baseline_of_other_images_or_cells_is_refused(baseline, message):
     with pytest.raises(ValueError, match=r"^robustness: baseline=") as err:
@@ -160,3 +180,24 @@ def test_the_baseline_is_read_from_a_workdir_or_a_json_file(tmp_path):
     (tmp_path / "bad.json").write_text("[1]")
     with pytest.raises(ValueError, match=r"is not a robustness record"):
         R.read_baseline(str(tmp_path / "bad.json"), "robustness.json")
+
+
+# ------------------------------------------------------------------ a cell, chunk by chunk
+def test_a_cells_top1_counts_every_chunks_images():
+    """3 + 1 images, all classified 0: chunk 1 gets 2 of 3 right, chunk 2 its 1, so the cell is
+    3 / 4 (not the last chunk's count as the denominator)."""
+    chunks = [(np.zeros((3, 1)), np.array([0, 0, 1])), (np.zeros((1, 1)), np.array([0]))]
+    assert R._top1(lambda pixels: np.zeros(len(pixels), int), chunks) == 0.75
+
+
+def test_on_the_fly_chunks_draw_each_images_own_noise(monkeypatch):
+    """Chunks of 2 of 5 stored images: concatenated, they are one `corrupt` call on all 5,
+    stored as uint8 (each chunk's images draw the noise of their index in the split)."""
+    monkeypatch.setattr(R, "_CHUNK", 2)
+    clean = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(5)
+    chunks = list(R._cell_chunks(None, clean, labels, "gaussian_noise", 3, 0, None, None))
+    assert [len(chunk_labels) for _, chunk_labels in chunks] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([pixels for pixels, _ in chunks]),
+                                  C.quantize(C.corrupt(clean, "gaussian_noise", 3, 0)))
+    np.testing.assert_array_equal(np.concatenate([lab for _, lab in chunks]), labels)

@@ -231,6 +231,51 @@ def _check_comparison_refuses_contradicting_numbers(lecture_rows):
                        r"matches the numbers; false: ResNet-152 does fewer MACs than VGG-16\. "
                        r"Update the template in cnnjax/analysis/zoo\.py\.$"):
         render_markdown(rows)
+    # Each other sentence, made false alone by changing one figure of one row.
+    by = {r["name"]: r for r in lecture_rows}
+    alexnet = by["alexnet"]
+    largest = max(r["weight_bytes"] + r["activation_bytes"] for r in lecture_rows)
+    cases = [  # (model, changed figures, the sentence now false)
+        ("googlenet", {"macs": alexnet["macs"] - 1},
+         "AlexNet does the fewest MACs of the ImageNet classifiers"),
+        ("resnet18", {"params": 10 * alexnet["params"]},
+         "AlexNet has the most parameters per MAC of the ImageNet classifiers"),
+        ("alexnet", {"fc_params": alexnet["params"] // 2},
+         "most of AlexNet's parameters are in its FC layers"),
+        ("resnet50", {"macs": 2 * by["vgg19"]["macs"]},
+         "a VGG does the most MACs of the ImageNet classifiers"),
+        ("resnet50", {"activation_bytes": 10 * largest},
+         "a VGG has the largest weights + activations footprint of the ImageNet classifiers"),
+        ("googlenet", {"params": alexnet["params"] + 1},
+         "GoogLeNet has fewer parameters than AlexNet and fewer MACs than VGG-16"),
+    ]
+    for name, changed, sentence in cases:
+        rows = [{**r, **changed} if r["name"] == name else r for r in lecture_rows]
+        with pytest.raises(ValueError) as err:
+            render_markdown(rows)
+        assert str(err.value) == (
+            "render_markdown: the comparison's prose no longer matches the numbers; false: "
+            f"{sentence}. Update the template in cnnjax/analysis/zoo.py."), (name, changed)
+
+
+def test_weight_layers_count_the_layers_that_multiply_not_the_batch_norms():
+    """ResNet-18: conv1, 8 blocks of two 3x3 convs, 3 projection shortcuts (1x1 convs) and the
+    FC layer are 1 + 16 + 3 + 1 = 21 weight layers; its 20 batch norms have parameters but do
+    no multiply-adds, and are not counted."""
+    assert zoo.zoo_row("resnet18")["weight_layers"] == 21
+
+
+def test_sizes_ratios_and_groups_switch_format_at_their_thresholds():
+    """Sizes from 0.1 MiB up are in MiB (below it in KiB); ratios from 10x up are whole; inputs
+    of side <= 64 are small images."""
+    assert zoo._mib(0.5 * zoo.MIB) == "0.5 MiB"
+    assert zoo._mib(0.1 * zoo.MIB) == "0.1 MiB"
+    assert zoo._mib(0.05 * zoo.MIB) == "51.2 KiB"
+    assert zoo._ratio(10, 1) == "10×" and zoo._ratio(99, 10) == "9.9×"
+    assert zoo._group({"output_shape": (1, 10), "input_shape": (64, 64, 3)}) == (
+        "Small-image classifiers")
+    assert zoo._group({"output_shape": (1, 10), "input_shape": (65, 65, 3)}) == (
+        "ImageNet classifiers")
 
 
 @pytest.mark.parametrize(

@@ -62,11 +62,14 @@ def test_lookup_table_ops_equal_pil_exactly(name):
 def test_autocontrast_and_equalize_keep_flat_and_two_level_images_as_pil_does():
     flat = np.full((5, 7, 3), 77, np.uint8)
     two = np.where(np.arange(35).reshape(5, 7, 1) % 3, 10, 240).astype(np.uint8).repeat(3, -1)
-    for x in (flat, two):
+    # 200 pixels at 255 and one at each of 0..55: PIL's step leaves out the top level's count,
+    # (256 - 200) // 255 = 0, so equalize keeps the image (a step of 256 // 255 = 1 remaps it)
+    top_heavy = np.concatenate([np.arange(56), np.full(200, 255)]).astype(np.uint8)
+    for x in (flat, two, top_heavy.reshape(16, 16, 1)):
         np.testing.assert_array_equal(ra.autocontrast(x).numpy(),
-                                      np.asarray(ImageOps.autocontrast(_pil(x))))
+                                      _array(ImageOps.autocontrast(_pil(x)), x.shape[-1]))
         np.testing.assert_array_equal(ra.equalize(x).numpy(),
-                                      np.asarray(ImageOps.equalize(_pil(x))))
+                                      _array(ImageOps.equalize(_pil(x)), x.shape[-1]))
 
 
 ENHANCE = {"color": (ra.color, ImageEnhance.Color),
@@ -90,6 +93,17 @@ def test_enhance_ops_match_pil(op, name):
         want = _array(reference(_pil(x)).enhance(factor), x.shape[-1]).astype(int)
         assert np.abs(got - want).max() <= 1, factor
         assert np.mean(got == want) >= 0.99, factor
+
+
+@pytest.mark.parametrize("x", [np.array([[[0], [1]]], np.uint8),
+                               np.array([[[0, 0, 0], [1, 1, 1]]], np.uint8)])
+def test_contrasts_mean_level_rounds_half_up_as_pil_does(x):
+    """A mean grey of 0.5 is PIL's `int(mean + 0.5)` = 1 (round half to even gave 0): at factor
+    0 the image is that level everywhere."""
+    np.testing.assert_array_equal(
+        ra.contrast(x, 0.0).numpy(),
+        _array(ImageEnhance.Contrast(_pil(x)).enhance(0.0), x.shape[-1]))
+    np.testing.assert_array_equal(ra.contrast(x, 0.0).numpy(), np.ones_like(x))
 
 
 def test_color_of_a_grey_image_is_the_identity_as_in_pil():
@@ -272,6 +286,20 @@ def test_rand_augment_keeps_shape_and_dtype(name):
     assert as_float.dtype == tf.float32
     np.testing.assert_array_equal(as_float.numpy(), out.numpy())  # rounded to levels first
     np.testing.assert_array_equal(ra.rand_augment(x, SEED, 0, 9).numpy(), x)
+
+
+def test_float_images_are_rounded_to_levels_and_kept_as_they_are_without_layers():
+    """100.7 is rounded to level 101 (truncation gave 100); at magnitude 0 every op keeps a flat
+    image, so two layers return 101.0 as float32. With no layers the input comes back as it is,
+    float32 100.7 (not the rounded uint8 levels)."""
+    x = np.full((4, 4, 3), 100.7, np.float32)
+    seed = tf.constant([1, 2], tf.int64)
+    out = ra.rand_augment(x, seed, 2, 0)
+    assert out.dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), np.full((4, 4, 3), 101.0, np.float32))
+    same = ra.rand_augment(x, seed, 0, 0)
+    assert same.dtype == tf.float32
+    np.testing.assert_array_equal(same.numpy(), x)
 
 
 def test_rand_augment_at_magnitude_zero_changes_only_what_autocontrast_or_equalize_do():

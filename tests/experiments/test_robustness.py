@@ -186,6 +186,14 @@ def test_a_rerun_without_baseline_keeps_the_errors_of_the_same_cells(rgb_run):
     assert fewer["baseline_errors"] == errors
     other, _ = R.run_robustness(str(rgb_run), "contrast,brightness", "1", log=lambda _: None)
     assert "baseline_errors" not in other  # other cells: those errors are not theirs
+    # A reprint (every cell on file) of fewer cells than the errors were of drops them too.
+    with open(path, "w") as f:
+        json.dump({**other, "baseline_errors": errors}, f)
+    subset, _ = R.run_robustness(*args, log=lambda _: None)
+    assert subset["requested"]["corruptions"] == ["contrast"]
+    assert "baseline_errors" not in subset
+    with open(path) as f:
+        assert "baseline_errors" not in json.load(f)
 
 
 def test_a_baseline_that_cannot_be_compared_is_refused_before_any_cell_is_measured(
@@ -796,6 +804,43 @@ def test_an_imagenet2012_run_not_at_224_is_refused_for_tfds(trained, monkeypatch
                                          r"source='on_the_fly'\.$"):
         R.run_robustness(workdir, "contrast", "1", split="validation", source="tfds",
                          log=lambda _: None)
+
+
+def test_a_cifar10_run_at_224_reads_cifar10_corrupted_with_cifar_10_cs_table(rgb_run,
+                                                                              monkeypatch):
+    """cifar10_corrupted's images were made with CIFAR-10-C's table, whatever size the run
+    resizes them to: a run on cifar10 whose model sees 224x224 images records CIFAR-10-C's
+    parameters (contrast 0.75 ... 0.15), not ImageNet-C's for its size. The run's own data (fake)
+    is read as if it were cifar10 and its corrupted set, resized to 224; the record is checked
+    before anything is classified."""
+    import cnnjax.train.trained as trained_lib
+
+    real_load, real_pipeline = load_trained, R.eval_pipeline
+
+    def as_cifar10(workdir, step=None, **kwargs):
+        run = real_load(workdir, step, **kwargs)
+        config = run.config.copy_and_resolve_references()
+        config.data.name = "cifar10"
+        return dataclasses.replace(run, config=config)
+
+    def fake_data_at_224(config):
+        config = config.copy_and_resolve_references()
+        config.data.name, config.data.image_size = "fake", 224
+        config.data.tfds_name = None  # a cifar10_corrupted config's, read as the fake set too
+        return real_pipeline(config)
+
+    def stop(record, *args):
+        raise _StopError(record)
+
+    monkeypatch.setattr(trained_lib, "load_trained", as_cifar10)
+    monkeypatch.setattr(R, "eval_pipeline", fake_data_at_224)
+    monkeypatch.setattr(R, "_measure_clean", stop)
+    with pytest.raises(_StopError) as stopped:
+        R.run_robustness(str(rgb_run), "contrast", "1", source="tfds", log=lambda _: None)
+    record = stopped.value.args[0]
+    assert record["tfds_dataset"] == "cifar10_corrupted"
+    assert record["parameters"]["contrast"] == [0.75, 0.5, 0.4, 0.3, 0.15]
+    assert C.PARAMETERS["contrast"] == (0.75, 0.5, 0.4, 0.3, 0.15)
 
 
 def test_a_reprint_of_fewer_cells_writes_the_headline_it_prints(rgb_run, monkeypatch):
