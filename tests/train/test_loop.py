@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,6 +190,68 @@ def test_learns_the_synthetic_task(tmp_path):
     assert summary["num_classes"] == 4  # synthetic: diagnose reads ln(4) as the initial loss
 
 
+def _records(workdir, split):
+    """metrics.jsonl's records of `split` ("train" or "eval"), in order."""
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def nine_step_run(tmp_path_factory):
+    """A 9-step run evaluated every 6 steps and train-logged every 2, so its last step is on
+    neither period (`summary`, `workdir`), and the same run logged at every step (`every_step`:
+    log_every_steps changes no step, so its per-step records are the first run's steps)."""
+    import types
+
+    root = tmp_path_factory.mktemp("nine_step_run")
+    config = helpers.tiny_config(num_train_steps=9, eval_every_steps=6, log_every_steps=2)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        helpers.install_fake_pipeline(monkeypatch)
+        summary = loop.train_and_evaluate(config, str(root / "every_2"))
+        config.log_every_steps = 1
+        loop.train_and_evaluate(config, str(root / "every_step"))
+    return types.SimpleNamespace(summary=summary, workdir=root / "every_2",
+                                 every_step=root / "every_step")
+
+
+def test_the_last_step_is_evaluated_and_train_logged_off_their_periods(nine_step_run):
+    """Evals every 6 and train logs every 2 of 9 steps: step 9 is evaluated and logged too, and
+    summary.json's final_eval, final_train and best come from those records (not from step 6's
+    eval and step 8's train log), with step 9 checkpointed."""
+    run = nine_step_run
+    evals, train = _records(run.workdir, "eval"), _records(run.workdir, "train")
+    assert [r["step"] for r in evals] == [6, 9]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 9]
+    summary = run.summary
+    assert summary["status"] == "completed" and summary["step"] == 9
+    assert summary["final_eval"] == {k: v for k, v in evals[-1].items()
+                                     if k not in ("step", "split")}
+    assert summary["final_train"] == {k: v for k, v in train[-1].items()
+                                      if k not in ("step", "split")}
+    best = max(evals, key=lambda r: (r["top1"], r["step"]))  # ties: the later eval
+    assert summary["best"] == {"metric": "top1", "value": best["top1"], "step": best["step"]}
+    assert "9" in os.listdir(run.workdir / "checkpoints")
+
+
+def test_a_train_record_averages_the_steps_since_the_previous_one(nine_step_run):
+    """Each train record (every 2 steps, and the last step) is the mean of the per-step metrics
+    since the previous record: steps 1-2, 3-4, 5-6, 7-8, then 9 alone; never the steps before
+    it. Reference: the same run's per-step records, averaged in float64; the loop averages in
+    float32, so rtol=1e-6 (a few float32 ulps)."""
+    per_step = {r["step"]: r for r in _records(nine_step_run.every_step, "train")}
+    assert sorted(per_step) == list(range(1, 10))
+    logged = _records(nine_step_run.workdir, "train")
+    previous = 0
+    for record in logged:
+        steps = range(previous + 1, record["step"] + 1)
+        for key in ("loss", "top1", "top5"):
+            expected = np.mean([per_step[s][key] for s in steps], dtype=np.float64)
+            np.testing.assert_allclose(record[key], expected, rtol=1e-6,
+                                       err_msg=f"{key} at step {record['step']}")
+        previous = record["step"]
+    assert previous == 9
+
+
 @pytest.fixture(scope="module")
 def crash_and_resume(tmp_path_factory):
     """One config trained uninterrupted (`reference`) and killed at step 9, after its step-8
@@ -249,6 +312,22 @@ def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(crash_an
     expected = train_records(run.reference)
     assert [r["step"] for r in expected] == [3, 6, 9, 12]
     assert train_records(run.resumed) == expected
+
+
+def test_the_train_log_window_resumes_in_its_saved_dtypes():
+    """A checkpoint's train-log window (run_info JSON: floats) comes back in each metric's
+    saved dtype, so a resumed run averages the arrays an uninterrupted one would (float32
+    metrics came back float64)."""
+    window = [{"loss": np.float32(0.1), "top1": np.float32(0.5), "count": np.float64(1 / 3)},
+              {"loss": np.float32(0.2), "top1": np.float32(0.25), "count": np.float64(2 / 3)}]
+    saved = json.loads(json.dumps(loop._window_to_json(window)))  # as run_info stores it
+    restored = loop._window_from_json(saved)
+    assert len(restored) == len(window)
+    for got, expected in zip(restored, window, strict=True):
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key].dtype == value.dtype and got[key] == value, key
+    assert loop._window_from_json(None) == [] == loop._window_from_json({})
 
 
 def test_a_resume_on_another_device_count_is_recorded_and_warned(tmp_path, monkeypatch,
@@ -341,6 +420,18 @@ def test_divergence_is_reported(tmp_path):
     assert 1 <= summary["step"] <= 30
     assert summary["resumes_from_step"] in (None, 4, 8, 12, 16, 20, 24, 28)
     assert f"Training diverged at step {summary['step']}" in summary["message"]
+
+
+def test_a_loss_equal_to_max_loss_is_not_divergence(tmp_path, nine_step_run):
+    """Divergence is a loss above max_loss (config.py, the error's "above max_loss"): a run
+    whose highest step loss is exactly max_loss completes. max_loss is the highest of the
+    per-step losses the same run recorded before (float32 values, exact in JSON)."""
+    losses = [r["loss"] for r in _records(nine_step_run.every_step, "train")]
+    config = helpers.tiny_config(num_train_steps=9, eval_every_steps=6, log_every_steps=1,
+                                 max_loss=max(losses))
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["status"] == "completed"
+    assert [r["loss"] for r in _records(tmp_path, "train")] == losses  # the same steps, bitwise
 
 
 def test_nan_loss_is_divergence(tmp_path, monkeypatch):
@@ -457,6 +548,64 @@ def test_images_per_sec_is_reported_only_once_a_step_was_timed(tmp_path, monkeyp
     assert "images_per_sec" not in summary["final_train"]
 
 
+class _FakeClock:
+    """Stands in for `loop`'s `time` module: `time()` (wall times) and `perf_counter()`
+    (images/s) read `now`, which only the test advances; the rest is the real module."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def _fake_clock(monkeypatch, seconds_per_step: float = 1.0) -> _FakeClock:
+    """Makes `loop` read a `_FakeClock` that advances `seconds_per_step` as each step's
+    metrics reach the host (before `_Run.record` times and logs the step)."""
+    clock = _FakeClock()
+    record = loop._Run.record
+
+    def timed_record(self, *args):
+        clock.now += seconds_per_step
+        return record(self, *args)
+
+    monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(loop._Run, "record", timed_record)
+    return clock
+
+
+def test_eval_and_save_time_is_not_training_throughput(tmp_path, monkeypatch):
+    """images/s counts training steps only: the clock restarts after each eval and save
+    (`_Throughput.paused`). Every step takes 1 s of a fake clock, every eval and every save
+    100 s, so every record after a timed step, and summary.json, read exactly 16 images/s (the
+    batch); counting step 3's eval and save (200 s) read 16*3/203 at step 4."""
+    clock = _fake_clock(monkeypatch)
+    log_eval, save = loop._Run.log_eval, loop._Run.save
+
+    def slow_eval(self, *args):
+        clock.now += 100.0
+        return log_eval(self, *args)
+
+    def slow_save(self, *args):
+        clock.now += 100.0
+        return save(self, *args)
+
+    monkeypatch.setattr(loop._Run, "log_eval", slow_eval)
+    monkeypatch.setattr(loop._Run, "save", slow_save)
+    config = helpers.tiny_config(eval_every_steps=3)  # evals at 3, 6, 9, 12; saves at 4, 8 too
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert config.global_batch_size == 16
+    rates = {r["step"]: r["images_per_sec"] for r in _records(tmp_path, "train")}
+    assert rates == dict.fromkeys([2, 4, 6, 8, 10, 12], 16.0)
+    assert summary["images_per_sec"] == 16.0
+
+
 def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeypatch,
                                                                crash_and_resume):
     """summary.json's `wall_time_s` is the last invocation's; `total_wall_time_s` adds the
@@ -492,6 +641,31 @@ def test_total_wall_time_sums_the_invocations_of_a_resumed_run(tmp_path, monkeyp
     summary = loop.train_and_evaluate(config, str(old))
     assert summary["resumed_from_step"] == 8
     assert summary["total_wall_time_s"] == summary["wall_time_s"] > 0
+
+
+def test_total_wall_time_carries_every_earlier_invocation(tmp_path, monkeypatch):
+    """Three invocations (killed after the step-4 and the step-8 checkpoints, then finished):
+    each checkpoint's run_info carries the wall time of every invocation before it, not only
+    its own invocation's (the step-8 one dropped the first invocation's). A fake clock in which
+    every step takes 1 s: 4 s per invocation, so 4 s, 8 s and 12 s in all."""
+    _fake_clock(monkeypatch)
+    config = helpers.tiny_config()
+
+    def total_wall_time(step):
+        checkpoints = Checkpointer(str(tmp_path))
+        try:
+            return checkpoints.run_info(step)[loop.TOTAL_WALL_TIME]
+        finally:
+            checkpoints.close()
+
+    helpers.run_until_crash(config, tmp_path, monkeypatch, at_step=5)  # steps 1-4 recorded
+    assert total_wall_time(4) == 4.0
+    helpers.run_until_crash(config, tmp_path, monkeypatch, at_step=9)  # steps 5-8
+    assert total_wall_time(8) == 8.0
+    summary = loop.train_and_evaluate(config, str(tmp_path))  # steps 9-12
+    assert summary["resumed_from_step"] == 8
+    assert (summary["wall_time_s"], summary["total_wall_time_s"]) == (4.0, 12.0)
+    assert total_wall_time(12) == 12.0
 
 
 def test_no_prefetch_thread_outlives_its_run(tmp_path):
@@ -759,11 +933,16 @@ def test_a_rerun_after_the_final_save_prunes_what_orbax_had_not(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["8"]  # the latest, also the best
 
 
-def test_the_throughput_clock_starts_when_the_first_step_is_done(tmp_path, monkeypatch):
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+def test_the_throughput_clock_starts_when_the_first_step_is_done(tmp_path, monkeypatch, resumed):
     """The first step's metrics were read one step late, after the second step's call. On CPU a
     call may run its step before returning, so the clock started after step 2, the last
     interval read ~0 s, and a 6-step detector run reported 60 images/s for 48. The first
-    step's tick now comes before the second step is dispatched."""
+    step's tick now comes before the second step is dispatched, also for the first step of a
+    resumed invocation (step 5 after the step-4 checkpoint), which compiles as step 1 does."""
+    config = helpers.tiny_config(num_train_steps=8 if resumed else 4)
+    if resumed:
+        helpers.run_until_crash(config, tmp_path, monkeypatch, at_step=5)
     events = []
     steps, tick = loop._Run.steps, loop._Throughput.tick
 
@@ -774,7 +953,8 @@ def test_the_throughput_clock_starts_when_the_first_step_is_done(tmp_path, monke
     monkeypatch.setattr(loop._Run, "steps", recorded_steps)
     monkeypatch.setattr(loop._Throughput, "tick", lambda self: (events.append("tick"),
                                                                 tick(self))[1])
-    loop.train_and_evaluate(helpers.tiny_config(num_train_steps=4), str(tmp_path))
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["resumed_from_step"] == (4 if resumed else 0)
     assert events[:3] == ["step", "tick", "step"] and events.count("tick") == 4
 
 

@@ -109,6 +109,34 @@ def test_a_sigterm_no_loop_acted_on_stops_the_next_run_before_it_trains(tmp_path
     assert loop.train_and_evaluate(helpers.tiny_config(), str(tmp_path))["status"] == "completed"
 
 
+def test_a_sigterm_after_the_last_poll_lets_the_run_complete_and_stays_pending(tmp_path,
+                                                                            monkeypatch):
+    """The last poll is after step 11 of 12 (step 12 is checkpointed anyway): a SIGTERM while
+    step 12 runs cannot stop the run, which completes; the signal stays pending for the
+    process's next run (preemption.py), instead of the final step being saved as a stop."""
+    record = loop._Run.record
+
+    def sigterm_at_step_11(self, step, *args):
+        if step == 11:  # recorded after step 12 was dispatched, past the step-11 poll
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record(self, step, *args)
+
+    monkeypatch.setattr(loop._Run, "record", sigterm_at_step_11)
+    try:
+        with helpers.sigterm_fallback() as caught:
+            try:
+                summary = loop.train_and_evaluate(helpers.tiny_config(num_train_steps=12),
+                                                  str(tmp_path))
+            except preemption.TrainingInterrupted as err:  # a KeyboardInterrupt: ends pytest
+                pytest.fail(f"the run stopped after its last poll: {err}")
+    finally:
+        pending = preemption.take_pending()  # acted on here: no later test inherits it
+    assert caught == []  # the run's handler took it
+    assert summary["status"] == "completed" and summary["step"] == 12
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert pending == "SIGTERM"
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # reported, as meant
 def test_a_ctrl_c_python_swallowed_in_a_gc_callback_stops_at_the_next_poll(tmp_path,
                                                                           monkeypatch):
