@@ -544,11 +544,13 @@ class Checkpointer:
                 raise ValueError(
                     f"checkpoint: every checkpoint in {self.directory} (steps {steps}) is "
                     f"corrupt ({digest_failures[0]}); {start_fresh}")
-            if all(_READ_FAILURE.match(reasons[s]) for s in corrupt):
+            # Changed arrays (a failed digest) are damage to the files too, not a code mismatch.
+            if all(_READ_FAILURE.match(reasons[s])
+                   or reasons[s].startswith(CheckpointDigestError.__name__) for s in corrupt):
+                damage = "damaged, missing or corrupt" if digest_failures else "damaged or missing"
                 raise ValueError(
                     f"checkpoint: no checkpoint in {self.directory} (steps {steps}) can be read: "
-                    f"their files are damaged or missing (step {newest}: {first_line}); "
-                    f"{start_fresh}")
+                    f"their files are {damage} (step {newest}: {first_line}); {start_fresh}")
             raise ValueError(
                 f"checkpoint: no checkpoint in {self.directory} (steps {steps}) could be "
                 f"restored into the current state structure (step {newest}: {first_line}); "
@@ -653,8 +655,8 @@ class Checkpointer:
             for step in steps:
                 source = os.path.join(self.directory, str(step))
                 if os.path.isdir(source):
-                    target = os.path.join(self.quarantine, f"{step}.{int(time.time())}")
-                    shutil.move(source, target)
+                    shutil.move(source, _free_path(
+                        os.path.join(self.quarantine, f"{step}.{int(time.time())}")))
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
@@ -723,6 +725,17 @@ def _finite(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+
+def _free_path(path: str) -> str:
+    """`path`, or `path.1`, `path.2`, ... when taken: `shutil.move` onto an existing folder
+    would put the source inside it (a step quarantined twice within one second)."""
+    candidate, count = path, 0
+    while os.path.exists(candidate):
+        count += 1
+        candidate = f"{path}.{count}"
+    return candidate
 
 
 def _is_json(path: str) -> bool:

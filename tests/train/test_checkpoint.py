@@ -1,7 +1,9 @@
 """Orbax checkpointing: keep the last k plus the best by an eval metric; exact round trip."""
 
 import json
+import os
 import re
+import types
 import warnings
 
 import jax
@@ -147,6 +149,33 @@ def test_nothing_restorable_raises_and_keeps_files(tmp_path):
     checkpointer.close()
 
 
+def test_a_template_collection_with_arrays_the_checkpoint_lacks_is_not_filled_from_it(tmp_path,
+                                                                                      waits):
+    """Only an empty field the checkpoint lacks (`ema` when not averaging) comes from the
+    template; a collection holding arrays (a weight average added to the config after the save)
+    is a state mismatch, not arrays to take from the template's initial values."""
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(2, _state(2))
+    checkpointer.close()
+    template = {**_state(0), "ema": {"w": np.full((2, 3), 7.0, np.float32)}}
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
+        resumed.restore_latest(template)
+    assert "could be restored into the current state structure (step 2: " in str(err.value)
+    assert resumed.all_steps() == [2]
+    resumed.close()
+
+
+def test_a_step_older_than_the_newest_is_saved_too(tmp_path):
+    """Orbax silently skips a save whose step is not past its latest unless forced; the caller
+    decides what to save, so every save asked for is written."""
+    checkpointer = Checkpointer(str(tmp_path), best_metric=None, use_async=False)
+    checkpointer.save(4, _state(4))
+    checkpointer.save(2, _state(2))
+    assert checkpointer.all_steps() == [2, 4]
+    checkpointer.close()
+
+
 def test_a_checkpoint_of_other_shapes_is_refused_by_name_not_restored(tmp_path):
     """Orbax restores the stored shape whatever the template's: a model changed under the same
     config would resume with wrong-shaped weights and fail later, in the first step."""
@@ -258,6 +287,18 @@ def test_close_awaits_the_temporary_directory_cleanup_orbax_starts_on_open(tmp_p
     assert manager._cleanup_tmp_directory_future is None  # awaited and cleared
 
 
+def test_an_unfinished_saves_temporary_directory_is_cleaned_up(tmp_path):
+    """A process killed mid-save leaves orbax's temporary directory (never renamed into a step):
+    the next run's checkpointer deletes it, or every preemption would leave one behind."""
+    leftover = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000" / "default"
+    leftover.mkdir(parents=True)
+    (leftover / "x").write_text("partial")
+    checkpointer = Checkpointer(str(tmp_path), use_async=False)
+    checkpointer.save(6, _state(6))
+    checkpointer.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]
+
+
 def test_unreadable_metadata_warns_that_run_info_is_lost(tmp_path):
     """The arrays still restore; the recorded device/process counts and train-log window do
     not, and the run says so instead of silently changing its logs."""
@@ -271,6 +312,25 @@ def test_unreadable_metadata_warns_that_run_info_is_lost(tmp_path):
                                             r"read .* without the device and process counts"):
         assert resumed.run_info(2) == {}
     assert resumed.restore_latest(_state(0))[1] == 2
+    # the only checkpoint: no checked one is newer, so it is not set aside as passed over
+    assert resumed.all_steps() == [2] and not (tmp_path / "checkpoints_corrupt").exists()
+    resumed.close()
+
+
+def test_a_checkpoint_without_a_metadata_file_is_not_damaged_and_restores(tmp_path):
+    """A step without `_CHECKPOINT_METADATA` (written before orbax kept one) has no digests to
+    check, but nothing on disk is damaged: it is the newest and restores; only a metadata file
+    that exists and is not JSON sends a step behind the checked ones."""
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    checkpointer.save(2, _state(2))
+    checkpointer.save(4, _state(4))
+    checkpointer.close()
+    (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").unlink()
+    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    restored, step = resumed.restore_latest(_state(0))
+    assert step == 4
+    np.testing.assert_array_equal(restored["params"]["w"], _state(4)["params"]["w"])
+    assert resumed.all_steps() == [2, 4] and not (tmp_path / "checkpoints_corrupt").exists()
     resumed.close()
 
 
@@ -311,6 +371,36 @@ def test_every_process_drops_a_quarantined_step_only_after_it_is_moved(tmp_path,
     assert events[-3:] == ["move [4]", "barrier cnnjax_checkpoint_restore_quarantine", "reload"]
     resumed.save(4, _state(5))  # the step can be written again
     resumed.close()
+
+
+@pytest.mark.parametrize("times, names", [
+    ((1700000000.0, 1700000001.0), ["4.1700000000", "4.1700000001"]),
+    ((1700000000.0, 1700000000.5), ["4.1700000000", "4.1700000000.1"]),  # within one second
+], ids=["seconds-apart", "same-second"])
+def test_a_step_quarantined_twice_keeps_both_copies(tmp_path, monkeypatch, times, names):
+    """A step saved again after it was set aside, and found unreadable again, is a second
+    quarantined copy beside the first (named by step and time, then a count if that name is
+    taken), not moved inside it."""
+    from cnnjax.train import checkpoint as checkpoint_lib
+
+    clock = iter(times)
+    monkeypatch.setattr(checkpoint_lib, "time", types.SimpleNamespace(
+        time=lambda: next(clock), sleep=lambda seconds: None))
+    checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False, restore_attempts=1)
+    checkpointer.save(2, _state(2))
+    checkpointer.save(4, _state(4))
+    for _ in range(2):
+        checkpointer.close()
+        (tmp_path / "checkpoints" / "4" / "default" / "_METADATA").write_text("")
+        checkpointer = Checkpointer(str(tmp_path), keep=3, use_async=False, restore_attempts=1)
+        with pytest.warns(RuntimeWarning, match="step 4"):
+            assert checkpointer.restore_latest(_state(0))[1] == 2
+        checkpointer.save(4, _state(4))
+    checkpointer.close()
+    quarantine = tmp_path / "checkpoints_corrupt"
+    assert sorted(p.name for p in quarantine.iterdir()) == names
+    assert all(sorted(os.listdir(quarantine / name)) == sorted(os.listdir(
+        tmp_path / "checkpoints" / "4")) for name in names)  # each a whole step folder
 
 
 # ------------------------------------------------------------------ retries before quarantine
@@ -450,13 +540,14 @@ def test_reads_left_running_by_a_failed_restore_print_no_tracebacks(tmp_path, mo
     """A checkpoint missing one file fails its read while tensorstore still reads its other
     arrays; orbax closes its event loop at once, and each late read's callback then raised
     "Event loop is closed" into `sys.unraisablehook`, which printed dozens of bare tracebacks
-    after a fallback that worked. Those are dropped; any other unraisable error still passes."""
+    after a fallback that worked. Those are dropped; any other unraisable error still passes.
+    The hook is replaced after the saves, as in a fresh process that resumes before it saves:
+    the failed read itself installs the filter."""
     import sys
-    import types
 
+    resumed = _two_checkpoints(tmp_path)
     seen: list[BaseException] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-    resumed = _two_checkpoints(tmp_path)
     (tmp_path / "checkpoints" / "4" / "default" / "manifest.ocdbt").unlink()
     with pytest.warns(RuntimeWarning, match="step 4 .* could not be restored"):
         assert resumed.restore_latest(_state(0))[1] == 2
@@ -618,6 +709,27 @@ def test_when_no_checkpoint_can_be_read_the_error_carries_the_read_error(tmp_pat
     assert message.startswith(f"checkpoint: no checkpoint in {resumed.directory} (steps [2, 4]) "
                               "can be read: their files are damaged or missing (step 4: ")
     assert "NOT_FOUND" in message  # tensorstore: the missing manifest
+    resumed.close()
+
+
+def test_changed_arrays_beside_a_damaged_checkpoint_are_reported_as_damage(tmp_path, waits):
+    """Step 4's arrays changed on disk (their digests fail) and step 2's manifest is gone (its
+    read fails): the error blamed "the current state structure" (a code or config change) for
+    what is damage to both checkpoints' files."""
+    _two_checkpoints(tmp_path).close()
+    _replace_arrays(tmp_path, 4, 9)
+    (tmp_path / "checkpoints" / "2" / "default" / "manifest.ocdbt").unlink()
+    resumed = Checkpointer(str(tmp_path), use_async=False)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError) as err:
+        resumed.restore_latest(_state(0))
+    message = str(err.value)
+    assert message.startswith(
+        f"checkpoint: no checkpoint in {resumed.directory} (steps [2, 4]) can be read: their "
+        "files are damaged, missing or corrupt (step 4: CheckpointDigestError: array params/w "
+        "of step 4 differs from the digest saved with it")
+    assert "state structure" not in message
+    assert message.endswith("; to start fresh use a new --workdir or delete the checkpoints.")
+    assert resumed.all_steps() == [2, 4]  # nothing moved when nothing restores
     resumed.close()
 
 
@@ -826,12 +938,14 @@ def test_zero_size_arrays_round_trip(tmp_path, use_async):
 
     checkpointer = Checkpointer(str(tmp_path), use_async=use_async, best_metric=None)
     checkpointer.save(2, _with_empty_arrays(2))
-    checkpointer.save(4, _with_empty_arrays(4))
+    checkpointer.save(4, _with_empty_arrays(4), run_info={"num_devices": 1})
     checkpointer.close()
     resumed = Checkpointer(str(tmp_path), use_async=False, best_metric=None, restore_attempts=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         restored, step = resumed.restore_latest(_with_empty_arrays(0))
+    # the zero-size arrays' shapes are kept beside run_info, not in it
+    assert resumed.run_info(4) == {"num_devices": 1} and resumed.run_info(2) == {}
     resumed.close()
     assert step == 4
     expected = _with_empty_arrays(4)

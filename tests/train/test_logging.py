@@ -45,12 +45,13 @@ def test_an_unreadable_middle_line_is_skipped_with_a_warning_naming_it(tmp_path,
     assert len(warned) == 1 and warned[0][1:] == (str(path), 2)
 
 
-@pytest.mark.parametrize("resume_step,warns", [(40, True), (30, False)])
+@pytest.mark.parametrize("resume_step,warns", [(40, True), (20, True), (30, False)])
 def test_a_file_cut_before_the_resumed_step_warns_that_records_are_lost(tmp_path, monkeypatch,
                                                                         resume_step, warns):
     """metrics.jsonl cut inside the record of step 20, resumed from the checkpoint of step 40:
-    steps 20-40 vanished without a word, as a killed run's last write does. A cut at a record
-    past the checkpoint (here step 40, resumed from 30) is that killed write: no warning."""
+    steps 20-40 vanished without a word, as a killed run's last write does; resumed from step 20
+    itself, that step's record is lost as well. A cut at a record past the checkpoint (here step
+    40, resumed from 30) is that killed write: no warning."""
     from cnnjax.train import logging as logging_lib
 
     warned = []
@@ -209,6 +210,18 @@ def test_progress_bar_shows_an_unmeasured_rate_as_a_question_mark():
     bar.update(1, 0.5, None)
     bar.close()
     assert "step 1/10 | loss 0.5000 | ? img/s | ETA " in stream.getvalue()
+
+
+def test_progress_bar_off_a_terminal_logs_the_final_step_between_log_steps(caplog):
+    """10 steps logged every 4: steps 4 and 8, and the last one (10), though 10 is not a
+    multiple of 4, so a log file ends with where the run ended."""
+    bar = ProgressBar(10, stream=io.StringIO(), log_every=4)
+    with caplog.at_level("INFO", logger="absl"):
+        for step in range(1, 11):
+            bar.update(step, 1.0 / step, 10.0)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "absl"]
+    assert [line.split(" | ")[0] for line in lines] == ["step 4/10", "step 8/10", "step 10/10"]
 
 
 def test_progress_bar_logs_through_absl_off_a_terminal(caplog):
@@ -387,3 +400,54 @@ def test_plot_in_background_reports_a_failed_drawing(tmp_path, monkeypatch):
     logger.plot(background=True)
     with pytest.raises(OSError, match="disk full"):
         logger.close()
+
+
+def test_plot_in_background_draws_the_records_of_its_call_not_later_ones(tmp_path, monkeypatch):
+    """The drawing thread is held before it draws until the caller has logged the next eval:
+    the figure still shows only the evals logged before `plot` (its own copy of the records)."""
+    import threading
+
+    from cnnjax.train import logging as logging_lib
+
+    release = threading.Event()
+    real_draw = MetricLogger._draw
+
+    def held_draw(self, records):
+        release.wait(10)
+        return real_draw(self, records)
+
+    drawn = []  # the val steps of each saved figure
+    monkeypatch.setattr(MetricLogger, "_draw", held_draw)
+    monkeypatch.setattr(logging_lib, "save_figure", lambda fig, path, dpi: drawn.append(
+        list(fig.axes[0].get_lines()[-1].get_xdata())))
+    logger = MetricLogger(str(tmp_path), tensorboard=False)
+    logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
+    logger.plot(background=True)
+    logger.write_scalars(6, "eval", {"loss": 0.3, "top1": 0.9})
+    release.set()
+    logger.close()
+    assert drawn == [[3]]
+    assert [r["step"] for r in logger.records] == [3, 6]
+
+
+def test_a_failed_background_drawing_is_raised_once(tmp_path, monkeypatch):
+    """The next `plot` raises the failed drawing's error; `close` after it does not raise it
+    again (the run would fail at its end for an error already reported)."""
+    from cnnjax.train import logging as logging_lib
+
+    calls = []
+
+    def fails_once(fig, path, dpi):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return path
+
+    monkeypatch.setattr(logging_lib, "save_figure", fails_once)
+    logger = MetricLogger(str(tmp_path), tensorboard=False)
+    logger.write_scalars(3, "eval", {"loss": 0.4, "top1": 0.8})
+    logger.plot(background=True)
+    with pytest.raises(OSError, match="disk full"):
+        logger.plot(background=True)
+    logger.close()
+    assert len(calls) == 1  # the raising plot drew nothing
