@@ -298,13 +298,16 @@ def _check_path(field: str, value: Any, base: str, *, must_exist: str | None) ->
     written shell-quoted into the script body, which carries any character."""
     if not isinstance(value, str) or not value:
         raise invalid(_OWNER, field, value, "expected a path")
-    if field in DIRECTIVE_PATHS and re.search(r"[\s%#'\"\\]", value):
+    path = _absolute(value, base)
+    # the absolute path is what the directive holds: `~`, or a cwd behind "." (submit_dir's
+    # default), may bring in what the value as typed does not
+    if field in DIRECTIVE_PATHS and re.search(r"[\s%#'\"\\]", path):
         where = ("; submit_dir is the repository the job runs in (launch.submit's own "
                  "checkout): clone or move it to such a path" if field == "submit_dir" else "")
+        resolved = f"; {value!r} is {path!r}" if path != value else ""
         raise invalid(_OWNER, field, value,
                       "expected a path without whitespace, quotes, backslashes, '%' or '#' "
-                      f"(SLURM directives cannot carry them){where}")
-    path = _absolute(value, base)
+                      f"(SLURM directives cannot carry them){where}{resolved}")
     if must_exist == "file" and not os.path.isfile(path):
         raise invalid(_OWNER, field, value, f"no such file ({path})")
     if must_exist == "dir" and not os.path.isdir(path):

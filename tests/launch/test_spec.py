@@ -488,3 +488,38 @@ def test_the_paths_in_sbatch_lines_are_refused_what_directives_cannot_carry(tmp_
                                          r"expected a path without whitespace.*\(SLURM "
                                          r"directives cannot carry them\)"):
         validate_spec(_train(**{field: value}))
+
+
+def test_the_default_submit_dir_is_checked_as_the_directory_it_stands_for(tmp_path, monkeypatch):
+    """submit_dir="." (the default) reaches `#SBATCH --chdir` as the current directory: one whose
+    name holds a space or '%' is refused, naming submit_dir. The check ran on "." and let it by."""
+    for name in ("repo", "my repo%x"):
+        (tmp_path / name / ".venv" / "bin").mkdir(parents=True)
+        (tmp_path / name / ".venv" / "bin" / "activate").write_text("")
+        shutil.copy(CONFIG, tmp_path / name / "cfg.py")
+    monkeypatch.chdir(tmp_path / "repo")
+    spec = validate_spec(JobSpec(entry="train", workdir="runs/a", config="cfg.py"))
+    assert (spec.submit_dir, spec.workdir) == (str(tmp_path / "repo"),
+                                               str(tmp_path / "repo" / "runs" / "a"))
+    monkeypatch.chdir(tmp_path / "my repo%x")
+    cwd = str(tmp_path / "my repo%x")
+    with pytest.raises(ValueError, match=r"^launch: submit_dir='\.' is invalid; expected a path "
+                                         r"without whitespace.*\(SLURM directives cannot carry "
+                                         r"them\); submit_dir is the repository .*; '\.' is "
+                                         f"{re.escape(repr(cwd))}\\.$"):
+        validate_spec(JobSpec(entry="train", workdir="runs/a", config="cfg.py"))
+
+
+def test_a_workdir_under_home_is_checked_as_the_path_it_stands_for(tmp_path, monkeypatch):
+    """`~` is expanded before `#SBATCH --chdir/--output` get the workdir: a home directory whose
+    name holds a space is refused, naming workdir. The check ran on "~/x" and let it by."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "h me").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert validate_spec(_train(workdir="~/x")).workdir == str(tmp_path / "home" / "x")
+    monkeypatch.setenv("HOME", str(tmp_path / "h me"))
+    home_x = str(tmp_path / "h me" / "x")
+    with pytest.raises(ValueError, match=r"^launch: workdir='~/x' is invalid; expected a path "
+                                         r"without whitespace.*\(SLURM directives cannot carry "
+                                         f"them\\); '~/x' is {re.escape(repr(home_x))}\\.$"):
+        validate_spec(_train(workdir="~/x"))

@@ -3,6 +3,8 @@ one trial alone (array task), and refusal of a sweep_dir made by a different swe
 
 import contextlib
 import csv
+import errno
+import fcntl
 import importlib.util
 import json
 import os
@@ -352,6 +354,26 @@ def test_a_diverged_trial_is_retried_under_another_max_loss(tmp_path):
     assert sw.finished_status(str(tmp_path), helpers.tiny_config(max_loss=1e30)) is None
 
 
+def test_a_trial_completed_at_another_step_count_is_not_finished(tmp_path):
+    """A summary says "completed" at the step it ran to: a trial whose run stopped at 12 steps is
+    not finished under num_train_steps=24 (it resumes to 24), only under 12."""
+    files.write_json(str(tmp_path / "summary.json"), {"status": "completed", "step": 12})
+    files.write_json(str(tmp_path / sw.TRIAL_FILE), {"status": "completed"})
+    assert sw.finished_status(str(tmp_path), helpers.tiny_config(num_train_steps=12)) == "completed"
+    assert sw.finished_status(str(tmp_path), helpers.tiny_config(num_train_steps=24)) is None
+
+
+def test_a_killed_retry_of_a_diverged_trial_is_not_read_as_diverged(tmp_path):
+    """summary.json still says "diverged" from the run before, but trial.json says a retry (under
+    this very max_loss) started and never recorded its end: the trial runs again, as it is not
+    known to diverge under this setting until a run says so."""
+    files.write_json(str(tmp_path / "summary.json"), {"status": "diverged", "step": 6})
+    files.write_json(str(tmp_path / sw.TRIAL_FILE), {"status": "incomplete",
+                                                     "started_at": time.time()})
+    files.write_json(str(tmp_path / "config.json"), {"max_loss": 1e30})
+    assert sw.finished_status(str(tmp_path), helpers.tiny_config(max_loss=1e30)) is None
+
+
 def test_a_killed_starts_time_is_counted_on_the_next_start(tmp_path, monkeypatch):
     """SIGKILL skips run_trial's bookkeeping: the next start adds the killed start's time, up
     to the newest file it wrote (not the idle time until the rerun), and a start that recorded
@@ -360,8 +382,10 @@ def test_a_killed_starts_time_is_counted_on_the_next_start(tmp_path, monkeypatch
     workdir = str(tmp_path / "trial")
     first = sw.start_trial(trial, workdir)
     assert first["wall_time_s"] == 0.0 and first["invocations"] == 1
-    started = first["started_at"]
-    # the killed start wrote metrics for 30 s, then lay dead 1000 s before the rerun
+    # the killed start wrote metrics for 30 s, then lay dead 1000 s before the rerun (whose lock
+    # file, written now, is not the killed start's last write)
+    started = first["started_at"] - 1000.0
+    files.write_json(os.path.join(workdir, sw.TRIAL_FILE), {**first, "started_at": started})
     metrics = os.path.join(workdir, "metrics.jsonl")
     with open(metrics, "w") as f:
         f.write("{}\n")
@@ -895,6 +919,52 @@ def test_two_sweeps_racing_on_a_fresh_sweep_dir_one_wins_the_other_is_refused(tm
     assert "use a new --sweep_dir" in message
     saved = _json(os.path.join(sweep_dir, sw.SWEEP_FILE))
     assert saved["space"] == spaces[winners[0]].describe()
+
+
+def test_create_new_keeps_a_file_already_there_and_says_so(tmp_path):
+    """`_create_new` writes only where no file is: one already there (another driver's
+    sweep.json) is kept as it was and reported with False, so the caller checks it."""
+    path = str(tmp_path / sw.SWEEP_FILE)
+    with open(path, "w") as f:
+        f.write('{"theirs": 1}')
+    assert sw._create_new(path, '{"ours": 1}') is False
+    with open(path) as f:
+        assert f.read() == '{"theirs": 1}'
+    fresh = str(tmp_path / "new.json")
+    assert sw._create_new(fresh, '{"ours": 1}') is True
+    with open(fresh) as f:
+        assert f.read() == '{"ours": 1}'
+    assert sorted(os.listdir(tmp_path)) == sorted([sw.SWEEP_FILE, "new.json"])  # no temporaries
+
+
+def test_two_sweeps_racing_without_flock_the_second_to_write_is_refused(tmp_path, monkeypatch):
+    """On a file system without flock (the locks run unlocked) driver B's sweep.json lands
+    between driver A's check that there is none and A's write: the hard link then finds B's
+    file, and A checks it (refused: another space) instead of going on with B's sweep.json."""
+    helpers.install_fake_pipeline(monkeypatch)
+    sweep_dir = str(tmp_path / "sweep")
+    a = sp.grid({"optimizer.learning_rate": [0.05, 0.01]})
+    b = sp.grid({"optimizer.learning_rate": [0.05, 0.3]})
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    link = os.link
+
+    def b_writes_first(source, target, *args, **kwargs):
+        if os.path.basename(target) == sw.SWEEP_FILE and not os.path.exists(target):
+            theirs = sw.check_sweep_dir(sweep_dir, b, _tiny_base(), "top1", "max")
+            with open(target, "w") as f:  # B's own, not through this process's temporary (A's)
+                json.dump(theirs, f)
+        return link(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setattr(os, "link", b_writes_first)
+    with pytest.raises(ValueError, match=re.escape(
+            f"sweep: sweep_dir={sweep_dir!r} holds a different search space (parameters["
+            "'optimizer.learning_rate'].values: [0.05, 0.3] -> [0.05, 0.01]); ")):
+        sw.run_sweep(_tiny_base(), a, sweep_dir, max_trials=0, verbose=False)
+    assert _json(os.path.join(sweep_dir, sw.SWEEP_FILE))["space"] == b.describe()
 
 
 def test_a_changed_space_is_refused_naming_only_the_fields_that_differ(tmp_path, monkeypatch):
