@@ -773,26 +773,32 @@ def test_tfds_source_reads_imagenet2012_corrupted_as_stored(tmp_path, monkeypatc
         np.testing.assert_array_equal(cell_labels, stored_labels)
 
 
+def _loaded_as(dataset: str):
+    """`load_trained`, with the loaded run's config naming `dataset` as its data."""
+
+    def load(workdir, step=None, **kwargs):
+        run = load_trained(workdir, step, **kwargs)
+        config = run.config.copy_and_resolve_references()
+        config.data.name = dataset
+        return dataclasses.replace(run, config=config)
+
+    return load
+
+
 def test_an_imagenet2012_run_not_at_224_is_refused_for_tfds(trained, monkeypatch):
     """imagenet2012_corrupted's images are 224x224 crops read as stored: a run on imagenet2012
     whose model sees 32x32 images is refused by name (on the fly it is measured)."""
     import cnnjax.train.trained as trained_lib
 
     workdir = trained[3]
-    real_load, real_pipeline = load_trained, R.eval_pipeline
-
-    def as_imagenet(workdir, step=None, **kwargs):
-        run = real_load(workdir, step, **kwargs)
-        config = run.config.copy_and_resolve_references()
-        config.data.name = "imagenet2012"
-        return dataclasses.replace(run, config=config)
+    real_pipeline = R.eval_pipeline
 
     def fake_data(config):  # the run's own (fake) data, read as if it were ImageNet's
         config = config.copy_and_resolve_references()
         config.data.name = "fake"
         return real_pipeline(config)
 
-    monkeypatch.setattr(trained_lib, "load_trained", as_imagenet)
+    monkeypatch.setattr(trained_lib, "load_trained", _loaded_as("imagenet2012"))
     monkeypatch.setattr(R, "eval_pipeline", fake_data)
     with pytest.raises(ValueError, match=r"robustness: split='test' is invalid; "
                                          r"imagenet2012_corrupted holds ImageNet's validation "
@@ -815,13 +821,7 @@ def test_a_cifar10_run_at_224_reads_cifar10_corrupted_with_cifar_10_cs_table(rgb
     before anything is classified."""
     import cnnjax.train.trained as trained_lib
 
-    real_load, real_pipeline = load_trained, R.eval_pipeline
-
-    def as_cifar10(workdir, step=None, **kwargs):
-        run = real_load(workdir, step, **kwargs)
-        config = run.config.copy_and_resolve_references()
-        config.data.name = "cifar10"
-        return dataclasses.replace(run, config=config)
+    real_pipeline = R.eval_pipeline
 
     def fake_data_at_224(config):
         config = config.copy_and_resolve_references()
@@ -832,7 +832,7 @@ def test_a_cifar10_run_at_224_reads_cifar10_corrupted_with_cifar_10_cs_table(rgb
     def stop(record, *args):
         raise _StopError(record)
 
-    monkeypatch.setattr(trained_lib, "load_trained", as_cifar10)
+    monkeypatch.setattr(trained_lib, "load_trained", _loaded_as("cifar10"))
     monkeypatch.setattr(R, "eval_pipeline", fake_data_at_224)
     monkeypatch.setattr(R, "_measure_clean", stop)
     with pytest.raises(_StopError) as stopped:
