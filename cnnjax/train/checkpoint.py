@@ -727,7 +727,6 @@ def _finite(value: Any) -> bool:
         return False
 
 
-
 def _free_path(path: str) -> str:
     """`path`, or `path.1`, `path.2`, ... when taken: `shutil.move` onto an existing folder
     would put the source inside it (a step quarantined twice within one second)."""

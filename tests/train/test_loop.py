@@ -306,8 +306,7 @@ def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(crash_an
 
     def train_records(workdir):
         return [{k: v for k, v in r.items() if k != "images_per_sec"}
-                for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-                if r["split"] == "train"]
+                for r in _records(workdir, "train")]
 
     expected = train_records(run.reference)
     assert [r["step"] for r in expected] == [3, 6, 9, 12]
@@ -526,9 +525,7 @@ def test_images_per_sec_is_reported_only_once_a_step_was_timed(tmp_path, monkeyp
     config = helpers.tiny_config(log_every_steps=1, num_train_steps=9)
 
     def throughput(workdir):
-        return {r["step"]: r.get("images_per_sec")
-                for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-                if r["split"] == "train"}
+        return {r["step"]: r.get("images_per_sec") for r in _records(workdir, "train")}
 
     fresh = loop.train_and_evaluate(config, str(tmp_path / "fresh"))
     rates = throughput(tmp_path / "fresh")
@@ -1259,12 +1256,9 @@ def test_a_small_eval_split_is_read_once_per_run(tmp_path, monkeypatch):
     loop.train_and_evaluate(config, str(tmp_path / "read"))
     assert len(opened) == 3
 
-    def evals(workdir):
-        lines = (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["split"] == "eval"]
-
-    assert [r["step"] for r in evals("kept")] == [4, 8, 12]
-    assert evals("kept") == evals("read")
+    kept = _records(tmp_path / "kept", "eval")
+    assert [r["step"] for r in kept] == [4, 8, 12]
+    assert kept == _records(tmp_path / "read", "eval")
 
 
 def test_a_slow_close_at_the_end_of_a_run_is_logged_with_its_name(monkeypatch, caplog):
