@@ -92,5 +92,7 @@ def test_split_indices_are_reproducible():
     assert len(split["train"]) == 1438 and len(split["test"]) == 359
     assert not set(split["train"]) & set(split["test"])
     np.testing.assert_array_equal(split["test"], digits_lib.split_indices(labels)["test"])
+    for name in ("train", "test"):  # sorted, as split_indices' docstring promises
+        assert (np.diff(split[name]) > 0).all(), name
     # the names spec.resolve checks split strings against before the dataset is generated
     assert tuple(split) == digits_lib.Digits.SPLIT_NAMES

@@ -1,6 +1,8 @@
 """`data.proposals`: the config's checks and defaults, the on-disk cache, the tf.data join by
 tfds id. (The proposals in real batches are checked in test_detection.py, on shapes_multi.)"""
 
+import dataclasses
+import errno
 import json
 import os
 import re
@@ -152,6 +154,78 @@ def test_an_unreadable_or_foreign_cache_is_recomputed(counted, caplog):
     pl.load_table(builder, "train", spec)
     assert calls == ["train", "train", "test", "train"] and other.keys.size == 2
     assert "it holds the proposals of split 'test'" in caplog.text
+
+
+def test_a_cache_of_another_dataset_or_scale_at_the_same_path_is_stale(counted, caplog):
+    """The path holds neither the dataset's name (a data dir copied between datasets) nor the
+    scale past 10 digits (`.10g`): the record does, and a cache that differs there is
+    recomputed, with a warning naming the field."""
+    calls, builder, spec = counted
+    builder.name, builder.version = "voc", "1.0.0"
+    pl.load_table(builder, "train", spec)
+    builder.name = "shapes_multi"  # voc's cache found at shapes_multi's path
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train"]
+    assert "it was computed with dataset='voc' (now 'shapes_multi')" in caplog.text
+    finer = dataclasses.replace(spec, scale=1.00000000001)
+    assert finer.cache_path(builder, "train") == spec.cache_path(builder, "train")
+    pl.load_table(builder, "train", finer)
+    assert calls == ["train"] * 3
+    assert "it was computed with scale=1.0 (now 1.00000000001)" in caplog.text
+
+
+def test_a_cache_write_that_fails_midway_leaves_no_file(counted, monkeypatch):
+    """The cache is written atomically: a write that fails after some bytes (a full disk, a
+    killed process) leaves nothing at the cache path for a reader to trip on, and the next
+    call computes and writes it."""
+    calls, builder, spec = counted
+
+    def savez(file, **arrays):
+        file.write(b"PK\x03\x04partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pl.np, "savez", savez)
+        with pytest.raises(OSError, match="No space left on device"):
+            pl.load_table(builder, "train", spec)
+    assert os.listdir(os.path.join(builder.data_dir, "proposals")) == []
+    pl.load_table(builder, "train", spec)
+    assert calls == ["train", "train"]
+    assert os.listdir(os.path.join(builder.data_dir, "proposals")) == [
+        os.path.basename(spec.cache_path(builder, "train"))]
+
+
+def test_normalized_divides_y_by_height_and_x_by_width():
+    """Pixel `(x1, y1, x2, y2)` on a 40 (high) x 80 (wide) image, by hand: `[y1/40, x1/80,
+    y2/40, x2/80]`, then zero rows up to `rows`."""
+    boxes = np.array([[0, 0, 10, 20], [8, 4, 80, 40]], np.float32)
+    np.testing.assert_allclose(pl._normalized(boxes, height=40, width=80, rows=3),
+                               [[0, 0, 0.5, 0.125], [0.1, 0.1, 1.0, 1.0], [0, 0, 0, 0]],
+                               rtol=1e-6)
+
+
+def test_compute_table_covers_every_image_of_a_small_non_square_split(monkeypatch):
+    """Selective search (stubbed) runs once per image with the spec's settings, and each
+    image's boxes are normalized by its own height and width; a split of fewer than 10 images
+    (progress chunks of total // 10 = 0) still gets every image."""
+    seen = []
+
+    def search(image, *, strategy, scale, max_boxes):
+        seen.append((image.shape, strategy, scale, max_boxes))
+        return np.array([[0, 0, 10, 20]], np.float32)  # (x1, y1, x2, y2) pixels
+
+    monkeypatch.setattr(pl, "selective_search", search)
+    ids = [f"x-train__{i}".encode() for i in range(5)]
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"image": np.zeros((5, 40, 80, 3), np.uint8), "tfds_id": ids})
+    builder = types.SimpleNamespace(name="x", as_dataset=lambda **kwargs: dataset)
+    spec = pl.ProposalSpec("selective_search", "quality", 2.0, 4)
+    table = pl.compute_table(builder, "train", spec)
+    assert table.keys.tolist() == ids and table.counts.tolist() == [1] * 5
+    assert seen == [((40, 80, 3), "quality", 2.0, 4)] * 5
+    expected = np.zeros((5, 4, 4), np.float32)
+    expected[:, 0] = [0, 0, 20 / 40, 10 / 80]  # [ymin, xmin, ymax, xmax]
+    np.testing.assert_allclose(table.boxes, expected, rtol=1e-6)
 
 
 def test_lookup_joins_by_tfds_id():

@@ -228,6 +228,32 @@ def test_class_map_labels_lookup():
     assert (table[3:] == segmentation.IGNORE_LABEL).all()
 
 
+def test_class_map_labels_at_their_limits_are_accepted():
+    """255 classes (the largest is 254, one below IGNORE_LABEL) and 256 stored values (every
+    uint8) are the limits themselves, not past them: both are accepted and looked up."""
+    classes = tuple(f"c{i}" for i in range(255))
+    table = segmentation.ClassMapLabels(classes=classes, names=classes).lookup()
+    assert table[:255].tolist() == list(range(255))
+    assert table[255] == segmentation.IGNORE_LABEL  # a value past `names`
+    table = segmentation.ClassMapLabels(classes=("bg", "fg"),
+                                        names=("bg",) + ("fg",) * 255).lookup()
+    assert table[0] == 0 and (table[1:] == 1).all() and table[255] == 1
+
+
+def test_metadata_classes_without_a_segmentation_mask_feature_are_refused():
+    """`segmentation_classes` in the metadata is not enough: without a `segmentation_mask`
+    feature, `read` would fail later with a KeyError; the source refuses it by name."""
+    source = types.SimpleNamespace(builder=types.SimpleNamespace(
+        name="x", info=types.SimpleNamespace(metadata={"segmentation_classes": ["bg", "a"]})))
+    spec = types.SimpleNamespace(tfds_name="x")
+    with pytest.raises(ValueError, match=r"^data: tfds_name='x' is invalid; expected a dataset "
+                                         r"with a `segmentation_mask` feature"):
+        segmentation._SegmentationSource._num_classes(source, spec, {"image": None})
+    assert segmentation._SegmentationSource._num_classes(
+        source, spec, {"image": None, "segmentation_mask": None}) == 2
+    assert source.labels == segmentation.ClassMapLabels(("bg", "a"), ("bg", "a"))
+
+
 @pytest.mark.parametrize("classes, names, detail", [
     # 256 classes: class 255 would be IGNORE_LABEL, scored by the steps (label < C) as a class
     (tuple(f"c{i}" for i in range(256)), tuple(f"c{i}" for i in range(256)), "classes"),
@@ -293,6 +319,42 @@ def test_random_scale_crop_moves_image_and_class_map_together(data_dir):
                                               **kwargs))
     for key in ("image", "labels"):
         np.testing.assert_array_equal(double[1][key], resumed[key])
+
+
+def _scale_crops(scale_range, keys, size=64):
+    """`_random_scale_crop` of an all-3 `size` x `size` example (image and labels) per key."""
+    image, labels = tf.fill((size, size, 3), 3.0), tf.fill((size, size), 3)
+    return [tuple(t.numpy() for t in segmentation._random_scale_crop(
+        image, labels, scale_range, tf.constant([k, 7], tf.int64))) for k in keys]
+
+
+def test_random_scale_crop_draws_scales_across_the_whole_range():
+    """Fast (no dataset): with scale_range (0.5, 2.0) a scale s < 1 leaves the scene as the
+    top-left round(64 s) square, the rest IGNORE_LABEL; s >= 1 fills the crop. Over 16 keys
+    the square sides must vary within [32, 64] and some crops must be full (P(s >= 1) = 2/3
+    per key), which a draw stuck at the low end (always 32) would not give."""
+    sides = []
+    for _, labels in _scale_crops((0.5, 2.0), range(16)):
+        kept = labels != segmentation.IGNORE_LABEL
+        side = int(kept[:, 0].sum())
+        expected = np.zeros((64, 64), bool)
+        expected[:side, :side] = True
+        np.testing.assert_array_equal(kept, expected)  # a top-left square
+        assert (labels[kept] == 3).all() and 32 <= side <= 64
+        sides.append(side)
+    assert 64 in sides and len(set(sides)) > 2, sides
+
+
+def test_random_scale_crop_keeps_at_least_one_pixel():
+    """A valid (0 < low) but tiny scale_range: 64 * 0.005 rounds to 0 pixels, floored to 1, so
+    the crop is the scene as one pixel at [0, 0] and padding elsewhere (not an error)."""
+    [(image, labels)] = _scale_crops((0.005, 0.005), [0])
+    assert image.shape == (64, 64, 3) and labels.shape == (64, 64)
+    kept = np.argwhere(labels != segmentation.IGNORE_LABEL)
+    assert kept.tolist() == [[0, 0]] and labels[0, 0] == 3
+    np.testing.assert_allclose(image[0, 0], [3.0] * 3, atol=1e-6)
+    image[0, 0] = 0
+    assert not image.any()  # padded with 0, the normalized mean colour
 
 
 @pytest.mark.parametrize("field, value, message", [
