@@ -101,6 +101,20 @@ def test_absl_flag_errors_are_one_line():
         "flags)")
 
 
+def test_the_unknown_flag_hint_is_added_to_an_unknown_flag_only():
+    """absl's mutual-exclusion error (an IllegalFlagValueError without the `flag --x=v:` text)
+    names no single flag: a hint for it was an AttributeError on `err.flagname`."""
+    values = flags.FlagValues()
+    flags.DEFINE_string("a", None, "", flag_values=values)
+    flags.DEFINE_string("b", None, "", flag_values=values)
+    flags.mark_flags_as_mutual_exclusive(["a", "b"], flag_values=values)
+    with pytest.raises(flags.Error) as caught:
+        values(["prog", "--a=1", "--b=2"])
+    assert cli.absl_flag_error(caught.value, lambda name: f"; hint for {name}") == (
+        "flags a=1, b=2: At most one of (a, b) must have a value other than None. (--helpshort "
+        "lists the flags)")
+
+
 def _parsed_with_none(*args):
     """`cli.parse_with_none` over the digits config, as an entry point parses its flags."""
     argv = ["prog", "--config=experiments/configs/lenet5_digits.py", *args]
@@ -156,6 +170,7 @@ def test_none_unsets_a_field_the_config_declares_none_able():
     (("--config.ema.decay=None", "--config.ema.decay=0.9"), 0.9),  # the last override wins
     (("--config.ema.decay=0.9", "--config.ema.decay=None"), None),
     (("--config.ema.decay=None", "--config.ema.warmup=False"), None),
+    (("-config.ema.decay=0.9", "-config.ema.decay=None"), None),  # absl takes one dash too
 ])
 def test_the_last_override_of_a_field_wins_with_none_too(args, decay):
     assert _parsed_with_none(*args)["config"].value.ema.decay == decay
@@ -168,6 +183,62 @@ def test_none_for_a_field_that_needs_a_value_is_refused_by_name():
         "--config.optimizer.learning_rate='None' is invalid; config.optimizer.learning_rate "
         "cannot be None (it holds a float; a command line can unset only a field the config "
         "declares None-able)")
+
+
+def test_none_in_the_space_syntax_is_the_overrides_value_not_an_argument():
+    """`--config.freeze None`: left in the arguments, the `None` reached `start_command` as a
+    positional argument, which it refuses."""
+    argv = ["prog", "--config=experiments/configs/lenet5_digits.py", "--config.freeze", "None",
+            "--workdir", "w"]
+    values = _config_flags(argv)
+    assert cli.parse_with_none(values, argv) == ["prog"]
+    assert values["config"].value.freeze is None and values.workdir == "w"
+
+
+def test_a_later_field_whose_name_starts_the_same_does_not_cancel_none():
+    """`model` is a string prefix of `model_kwargs`, not a group above it: setting
+    `--config.model` after `--config.model_kwargs.drop_rate=None` leaves the None."""
+    from experiments.configs import wrn28_10_cifar10
+
+    assert wrn28_10_cifar10.get_config().model_kwargs.drop_rate == 0.3  # what None replaces
+    argv = ["prog", "--config=experiments/configs/wrn28_10_cifar10.py",
+            "--config.model_kwargs.drop_rate=None", "--config.model=wrn28_10_cifar"]
+    values = _config_flag(argv)
+    cli.parse_with_none(values, argv)
+    assert values["config"].value.model_kwargs.drop_rate is None
+    assert values["config"].value.model == "wrn28_10_cifar"
+
+
+_DIGITS = "experiments/configs/lenet5_digits.py"
+
+
+def _config_and_sweep_flags(argv):
+    """Two config-file flags, `--config` and `--sweep`, as experiments.sweep defines them."""
+    values = _config_flag(argv)
+    config_flags.DEFINE_config_file("sweep", None, "sweep file", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    return values
+
+
+def test_the_same_field_of_another_config_flag_does_not_cancel_none():
+    argv = ["prog", f"--config={_DIGITS}", f"--sweep={_DIGITS}", "--config.ema.decay=0.9",
+            "--config.ema.decay=None", "--sweep.ema.decay=0.5"]
+    values = _config_and_sweep_flags(argv)
+    cli.parse_with_none(values, argv)
+    assert values["config"].value.ema.decay is None
+    assert values["sweep"].value.ema.decay == 0.5
+
+
+def test_none_override_paths_lists_the_named_flags_fields_only():
+    """experiments.sweep adds them to --config's overrides: a `--sweep.<field>=None` is not
+    one."""
+    argv = ["prog", f"--config={_DIGITS}", f"--sweep={_DIGITS}",
+            "--config.init_from.workdir=None", "--sweep.ema.decay", "None", "--config.seed=1",
+            "--config.ema.warmup=None"]
+    values = _config_and_sweep_flags(argv)
+    assert cli.none_override_paths(values, argv, "config") == [
+        "init_from.workdir", "ema.warmup"]
+    assert cli.none_override_paths(values, argv, "sweep") == ["ema.decay"]
 
 
 def test_a_value_given_to_a_group_of_fields_names_its_fields():
@@ -246,10 +317,13 @@ def test_a_command_ends_by_finalizing_its_garbage_and_freezing_the_rest():
 _STARTED_COMMAND = """
 import atexit, gc
 before = gc.get_freeze_count()
-atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > before, flush=True))
+freezes, freeze = [], gc.freeze
+gc.freeze = lambda: (freezes.append(1), freeze())[-1]
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > before, "times:",
+                              len(freezes), flush=True))
 from cnnjax.utils import cli
 cli.start_command(["prog"])
-cli.start_command(["prog"])  # a second command in one process: still one handler
+cli.start_command(["prog"])  # a second command in one process: still one handler (once)
 print("started", gc.get_freeze_count() - before, flush=True)
 """
 
@@ -263,7 +337,7 @@ def test_a_started_command_ends_its_process_with_end_command():
     result = subprocess.run([sys.executable, "-c", _STARTED_COMMAND], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["started 0", "frozen at exit: True"]
+    assert result.stdout.splitlines() == ["started 0", "frozen at exit: True times: 1"]
 
 
 # Ctrl-C (a SIGINT 0.5 s in) while XLA compiles a ~1-2 s program, inside exit_on_ctrl_c.
@@ -302,6 +376,21 @@ def test_ctrl_c_during_an_xla_compile_exits_130_after_the_exit_handlers():
         assert stderr.splitlines()[-1] == "interrupted: mid-compile"
 
 
+def test_sigterms_training_interrupted_goes_through_exit_on_ctrl_c(monkeypatch, capsys):
+    """TrainingInterrupted is a KeyboardInterrupt too, but also a SystemExit: it leaves with
+    143 (SIGTERM), where a Ctrl-C's KeyboardInterrupt ends the process with 130 and a line."""
+    from cnnjax.train.preemption import TrainingInterrupted
+
+    exits = []
+    monkeypatch.setattr(cli, "exit_after_exit_handlers", exits.append)
+    with pytest.raises(TrainingInterrupted) as caught, cli.exit_on_ctrl_c(lambda: "step 5"):
+        raise TrainingInterrupted(5)
+    assert caught.value.code == 143 and exits == [] and capsys.readouterr().err == ""
+    with cli.exit_on_ctrl_c(lambda: "step 5"):
+        raise KeyboardInterrupt
+    assert exits == [130] and capsys.readouterr().err == "interrupted: step 5\n"
+
+
 def test_a_command_that_loaded_triton_is_not_frozen_as_it_ends():
     """torchvision imports triton, whose nanobind bindings print ~100 lines of "nanobind: leaked
     ..." at exit for each of their objects still alive then, frozen ones included."""
@@ -313,7 +402,7 @@ def test_a_command_that_loaded_triton_is_not_frozen_as_it_ends():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["started 0", "frozen at exit: False"]
+    assert result.stdout.splitlines() == ["started 0", "frozen at exit: False times: 0"]
     assert "leaked" not in result.stderr, result.stderr[-2000:]
 
 
@@ -352,6 +441,21 @@ def test_a_library_argument_set_by_a_given_flag_is_named_by_the_flag():
         with pytest.raises(SystemExit) as exited, cli.one_line_errors(flags_named=named):
             raise ValueError(err)
         assert exited.value.code == f"error: {err}"
+
+
+def test_only_a_value_error_is_renamed_to_the_flag_that_set_the_argument():
+    """A FileNotFoundError from the library keeps its words, given flag or not."""
+    values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "", flag_values=values)
+    values(["prog", "--workdir=x"])
+    named = {"load_trained: workdir=": workdir}
+    text = "load_trained: workdir='x' is invalid; no run there"
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors(flags_named=named):
+        raise FileNotFoundError(text)
+    assert exited.value.code == f"error: {text}"
+    with pytest.raises(SystemExit) as exited, cli.one_line_errors(flags_named=named):
+        raise ValueError(text)
+    assert exited.value.code == "error: --workdir='x' is invalid; no run there"
 
 
 @pytest.mark.parametrize("err, line", [
@@ -533,6 +637,10 @@ def test_the_config_file_given_with_a_space_is_read_for_the_hints():
         "fields; set it with --config.model=<value>")
     assert cli.model_kwargs_hint(args).startswith("; model 'lenet5' accepts model_kwargs [")
     assert cli.flag_value(["--config=a.py", "--config", "b.py"], "config") == "b.py"  # the last
+    # absl stops at a bare `--` (what follows is positional), unless it is a flag's value
+    assert cli.flag_value(["--config=a.py", "--", "--config=b.py"], "config") == "a.py"
+    assert cli.flag_value(["--", "--config", "b.py"], "config") is None
+    assert cli.flag_value(["--config", "--"], "config") == "--"
 
 
 UNWRITABLE_OUTPUT_COMMANDS = [
@@ -632,6 +740,16 @@ def test_a_flag_or_its_alias_alone_is_accepted(args, monkeypatch):
     assert cli.alias_and_original_given(values) == ""
 
 
+def test_a_plain_multi_flag_given_twice_keeps_both_values(monkeypatch):
+    """Only a config's tuple field is refused given twice: `launch.submit --env A=1 --env B=2`
+    repeats its multi flag as its help says."""
+    values = flags.FlagValues()
+    flags.DEFINE_multi_string("env", [], "KEY=VALUE, repeatable", flag_values=values)
+    monkeypatch.setattr(cli.flags, "FLAGS", values)
+    assert cli.parse_flags(["prog", "--env=A=1", "--env", "B=2"]) == ["prog"]
+    assert values.env == ["A=1", "B=2"]
+
+
 def test_exit_command_exits_as_sys_exit_without_stuck_threads():
     from cnnjax.utils import cli
 
@@ -640,9 +758,15 @@ def test_exit_command_exits_as_sys_exit_without_stuck_threads():
     assert exited.value.code == "error: x"
 
 
-def test_exit_command_leaves_without_a_stuck_thread(monkeypatch, capsys):
+@pytest.mark.parametrize(("status", "code", "err"), [
+    ("error: save failed", 1, "error: save failed\n"),  # as sys.exit: a message is status 1
+    (None, 0, ""),
+    (3, 3, ""),
+])
+def test_exit_command_leaves_without_a_stuck_thread(monkeypatch, capsys, status, code, err):
     """A failed checkpoint save left orbax's threads waiting 300 s: sys.exit waited for them
-    (a sweep or a run said why, then hung 5 minutes). The command now ends past them."""
+    (a sweep or a run said why, then hung 5 minutes). The command now ends past them, with
+    the status sys.exit(status) has."""
     import threading
 
     from cnnjax.utils import cli
@@ -654,11 +778,11 @@ def test_exit_command_leaves_without_a_stuck_thread(monkeypatch, capsys):
     stuck = threading.Thread(target=release.wait, name="stuck_saver")
     stuck.start()
     try:
-        cli.exit_command("error: save failed")
+        cli.exit_command(status)
     finally:
         release.set()
         stuck.join()
-    assert left == [1] and capsys.readouterr().err.endswith("error: save failed\n")
+    assert left == [code] and capsys.readouterr().err.endswith(err)
 
 
 def _config_flags(argv, required=False):
@@ -714,17 +838,21 @@ def test_a_config_file_returning_a_config_passes(monkeypatch):
 
 @pytest.mark.parametrize(("required", "state"), [(True, "required"), (False, "missing")])
 @pytest.mark.parametrize("override", [("--config.seed=1",), ("--config.seed", "1")])
+@pytest.mark.parametrize("tail", [(), ("--", f"--config={_DIGITS}")])
 def test_an_override_without_its_config_flag_names_the_missing_flag(monkeypatch, required,
-                                                                    state, override):
+                                                                    state, override, tail):
     """`experiments.sweep --sweep_dir=d --config.num_train_steps=40` (no --config) was refused
-    as "Unknown command line flag 'config.num_train_steps'", not as the missing --config."""
-    argv = ["prog", "--workdir=w", *override]
+    as "Unknown command line flag 'config.num_train_steps'", not as the missing --config. A
+    `--config=` after `--` is a positional argument to absl: the flag is still missing."""
+    argv = ["prog", "--workdir=w", *override, *tail]
     assert _refusal(monkeypatch, argv, _config_flags(argv, required)) == (
         f"error: --config is {state} (--config.seed sets a field of the file --config names: "
         "give --config=<file>.py before it)")
 
 
-def test_an_unknown_dotted_flag_that_overrides_no_config_flag_stays_unknown(monkeypatch):
-    argv = ["prog", "--workdir=w", "--workdir.x=1", "--bogus.seed=1"]
+@pytest.mark.parametrize("value", ["1", "None"])
+def test_an_unknown_dotted_flag_that_overrides_no_config_flag_stays_unknown(monkeypatch, value):
+    """`=None` too: `--workdir.x=None` is no config override for `parse_with_none` to unset."""
+    argv = ["prog", "--workdir=w", f"--workdir.x={value}", f"--bogus.seed={value}"]
     assert _refusal(monkeypatch, argv, _config_flags(argv, required=True)).startswith(
         "error: Unknown command line flag 'workdir.x'")

@@ -23,6 +23,7 @@ from cnnjax.utils.validation import (
     concrete_value,
     given_dtype,
     invalid,
+    listed,
     to_pair,
 )
 
@@ -42,6 +43,8 @@ def test_check_number_can_refuse_numeric_strings():
     """A module field used as-is (`drop_rate > 0`) must be a number, not text float() takes."""
     with pytest.raises(ValueError, match=r"^f: x='0\.25' is invalid; expected ok\.$"):
         check_number("f", "x", "0.25", "expected ok", strings=False)
+    with pytest.raises(ValueError, match=r"^f: x=b'0\.25' is invalid; expected ok\.$"):
+        check_number("f", "x", b"0.25", "expected ok", strings=False)  # float() takes bytes too
     assert check_number("f", "x", 0.25, "expected ok", strings=False) == 0.25
 
 
@@ -81,6 +84,7 @@ def test_check_bool_array_accepts_bool_masks(mask):
     (np.array([1.0, 0.5]), "float64"),  # given dtype, before jnp.asarray narrows it to float32
     ([1, 0], "int64"),
     (jax.numpy.ones(2, jax.numpy.bfloat16), "bfloat16"),
+    (np.array([1, 0], np.uint8), "uint8"),  # an image-style 0/1 mask is not a bool one
 ])
 def test_check_bool_array_refuses_other_dtypes_naming_the_given_one(mask, dtype):
     with pytest.raises(ValueError, match=re.escape(
@@ -210,6 +214,39 @@ def test_layer_arguments_take_numpy_integers():
     np.testing.assert_array_equal(roi_spatial_pyramid_pool(feats, boxes, index, (np.int64(2),)),
                                   roi_spatial_pyramid_pool(feats, boxes, index, (2,)))
 
+@pytest.mark.parametrize(("owner", "depth", "per_unit", "offset", "n"), [
+    ("CifarResNet", 8, 6, 2, 1),       # ResNet-8, the smallest: n = 1 is valid
+    ("CifarResNet", 110, 6, 2, 18),    # (110 - 2) / 6
+    ("cifar_densenet", 40, 3, 4, 12),  # DenseNet-40: (40 - 4) / 3
+    ("cifar_densenet", 100, 6, 4, 16),  # DenseNet-BC-100: (100 - 4) / 6
+])
+def test_check_depth_returns_the_units_per_stage(owner, depth, per_unit, offset, n):
+    assert check_depth(owner, depth, per_unit, offset, "blocks") == n
+
+
+def test_check_depth_refuses_a_depth_below_one_unit():
+    with pytest.raises(ValueError, match=r"^CifarResNet: depth=2 is invalid; expected 6n \+ 2 "
+                                         r"with n >= 1 for basic blocks \(8, 14, 20, \.\.\.\)\.$"):
+        check_depth("CifarResNet", 2, 6, 2, "basic blocks")
+
+
+def test_positive_int_takes_its_upper_bound_itself():
+    """`high` is inclusive ("at most `high`")."""
+    assert check_positive_int("f", "n", 5, high=5) == 5
+    with pytest.raises(ValueError, match=r"^f: n=6 is invalid; expected a positive integer\.$"):
+        check_positive_int("f", "n", 6, high=5)
+
+
+@pytest.mark.parametrize(("names", "limit", "text"), [
+    (["a", "b"], 2, "'a', 'b'"),                   # exactly the limit: no "and 0 more"
+    (["a", "b", "c"], 2, "'a', 'b' and 1 more"),
+    ([1, 2, 3, 4, 5], 3, "1, 2, 3 and 2 more"),
+    ([], 2, ""),
+])
+def test_listed_names_the_first_and_counts_the_rest(names, limit, text):
+    assert listed(names, limit) == text
+
+
 @pytest.mark.parametrize("value", [True, np.True_, 3.0, np.float64(3), "3", None, 0, -1])
 def test_positive_int_refuses_bools_floats_strings_and_non_positive(value):
     with pytest.raises(ValueError, match=r"^nms: max_output_size=.* is invalid; expected a "
@@ -235,11 +272,12 @@ def test_known_fields_name_the_first_unknown_key_and_list_the_valid_ones():
     ("expected a positive int", "expected a positive int."),
     ('the config has no field \'nam\'; Did you mean "name"?', 'Did you mean "name"?'),
     ("expected 1, 2 or 3.", "expected 1, 2 or 3."),
+    ("it must stop!", "it must stop!"),
 ])
 def test_invalid_ends_with_one_stop(valid, ending):
     """A `valid` text that already ends a sentence (a quoted suggestion's `?`) gets no `.` after
     it: the launcher printed `Did you mean "learning_rate" ...?.`."""
     message = str(invalid("launch", "overrides", "--config.x=1", valid))
     assert message == f"launch: overrides='--config.x=1' is invalid; {valid}" + (
-        "" if valid.endswith(("?", ".")) else ".")
+        "" if valid.endswith(("?", ".", "!")) else ".")
     assert message.endswith(ending)

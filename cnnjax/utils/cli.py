@@ -134,8 +134,10 @@ def parse_with_none(values: flags.FlagValues, argv: Sequence[str]) -> list[str]:
     'None' in a str field and an error in a number field, and a field the config file set (a
     warm-start workdir, a weight-average decay) could not be unset from a command line.
 
-    Only a field that can hold None takes it: one the config declares None-able (a
-    `FieldReference(None, field_type=...)`, as cnnjax's configs do) or holds None now. A later
+    Only a field the config declares None-able (a `FieldReference(None, field_type=...)`, as
+    cnnjax's configs do) takes it. A field holding a plain None cannot be overridden at all:
+    ml_collections, which reads every override from its own `sys_argv` (the whole command line),
+    refuses any value for it, None too ("Type <class 'NoneType'> ... not supported"). A later
     override of the same field wins, as for any other value (a tuple field given twice is
     refused by `parse_flags`: ml_collections joins its values). Raises `NoneOverrideError`,
     and absl's flag error for any error a config file raised as it loaded (`config_file_failure`:
@@ -218,6 +220,8 @@ def _set_none(config: Any, flag: str, path: str) -> None:
     field = names[-1]
     # ConfigDict keeps a typed None-able field as a FieldReference (no public accessor).
     declared = holder._fields.get(field)  # noqa: SLF001
+    # (a plain None passes here, but ml_collections has refused it already when, as in every
+    # caller, the flag's `sys_argv` is this `argv`)
     if holder[field] is not None and not isinstance(declared, ml_collections.FieldReference):
         kind = type(holder[field]).__name__
         raise NoneOverrideError(override, (
@@ -638,9 +642,12 @@ def override_path(override: str) -> str:
 
 def flag_value(args: Sequence[str], flag: str) -> str | None:
     """The value `args` give `--flag`, as `--flag=value` or `--flag value` (absl takes both);
-    the last one wins, as in absl. None when it is not given."""
+    the last one wins, as in absl. None when it is not given. A bare `--` ends the flags, as in
+    absl (what follows it is a positional argument)."""
     value = None
     for i, arg in enumerate(args):
+        if arg == "--":
+            break
         if arg.startswith(f"--{flag}="):
             value = arg.split("=", 1)[1]
         elif arg == f"--{flag}" and i + 1 < len(args):

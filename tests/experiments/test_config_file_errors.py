@@ -30,6 +30,9 @@ def _parse_exit(argv, monkeypatch):
     ("from cnnjax.train.config import default_confg\n",
      "ImportError: cannot import name 'default_confg' from 'cnnjax.train.config'"),
     ("def get_config():\n  return 1 / 0\n", "ZeroDivisionError: division by zero (line 2)"),
+    # raised in a helper: the helper's line (the deepest in the file), not get_config()'s call
+    ("def helper():\n  return undefined_name\n\ndef get_config():\n  return helper()\n",
+     "NameError: name 'undefined_name' is not defined (line 2)"),
 ])
 def test_a_config_files_own_error_is_one_line_naming_its_line(source, reason, tmp_path,
                                                               monkeypatch):
@@ -122,9 +125,10 @@ def test_a_home_relative_value_after_equals_is_expanded(monkeypatch, tmp_path):
     """`--workdir=~/runs/x`: the shell leaves `~` after `=`, and train made a folder named `~`."""
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cli.expand_home(["prog", "--workdir=~/runs/x", "--config.init_from.workdir=~",
-                            "--name=a~b", "~/positional"]) == [
+                            "--name=a~b", "~/positional", "name=~/x"]) == [
         "prog", f"--workdir={os.path.join(str(tmp_path), 'runs', 'x')}",
-        f"--config.init_from.workdir={tmp_path}", "--name=a~b", "~/positional"]
+        f"--config.init_from.workdir={tmp_path}", "--name=a~b", "~/positional",
+        "name=~/x"]  # not a flag: a positional argument, left as given
 
 
 def test_parse_flags_expands_home_in_plain_and_config_flags(monkeypatch, tmp_path):
