@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from cnnjax.layers.batch_norm import MaskedBatchNorm
 from cnnjax.layers.batch_norm_impl import (
@@ -225,3 +226,112 @@ def test_auto_context_keeps_flax_off_cpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "custom_vjp_call" not in traced("auto")
     assert "custom_vjp_call" in traced("matmul")
+
+
+def test_two_pass_variance_is_accurate_at_a_large_offset():
+    """fast_variance=False is E[(x - E[x])^2]: at an offset of 1000 it stays within 1e-3 of
+    float64, where E[x^2] - E[x]^2 in float32 is off by ~0.1."""
+    x = 1000.0 + np.random.default_rng(6).standard_normal((8, 4, 4, 3))
+    y, mean, var = batch_norm_train(jnp.asarray(x, jnp.float32), jnp.ones(3), jnp.zeros(3), 1e-5,
+                                    None, None, False)
+    np.testing.assert_allclose(y, (x - x.mean((0, 1, 2))) / np.sqrt(x.var((0, 1, 2)) + 1e-5),
+                               atol=1e-3)
+    np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-3)
+
+
+def test_constant_channel_gives_a_finite_output_and_zero_variance():
+    """E[x^2] - E[x]^2 of a constant 999.9 rounds below zero in float32; clipped at 0 (its
+    float64 value), so rsqrt(var + eps) stays finite."""
+    x = jnp.full((8, 4, 4, 2), 999.9, jnp.float32)
+    y, mean, var = batch_norm_train(x, jnp.asarray([1.5, 0.5]), jnp.asarray([0.25, -1.0]), 1e-5)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_array_equal(var, 0.0)
+    np.testing.assert_allclose(mean, 999.9, rtol=1e-6)
+
+
+def _flax_and_matmul(model, x, variables=None):
+    """`model`'s training-mode outputs and updates under "flax" and "matmul", and the matmul
+    trace's text."""
+    variables = model.init(jax.random.PRNGKey(0), x) if variables is None else variables
+
+    def run(impl):
+        with batch_norm_impl(impl):
+            f = lambda v: model.apply(v, x, mutable=["batch_stats"])
+            return f(variables), str(jax.make_jaxpr(f)(variables))
+
+    return run("flax")[0], *run("matmul")
+
+
+def test_other_feature_axes_keep_flax():
+    """axis=1 normalises over (0, 2, 3): flax's code, not the last-axis matmul path."""
+    x = np.random.default_rng(7).standard_normal((8, 3, 4, 3)) * np.arange(1, 4)[:, None, None]
+    model = nn.BatchNorm(use_running_average=False, axis=1)
+    (y_ref, _), (y, stats), jaxpr = _flax_and_matmul(model, jnp.asarray(x, jnp.float32))
+    assert "custom_vjp_call" not in jaxpr
+    expected = (x - x.mean((0, 2, 3), keepdims=True)) / np.sqrt(
+        x.var((0, 2, 3), keepdims=True) + 1e-5)
+    assert_close(y, expected, 1e-5)
+    assert_close(y, y_ref, 1e-5)
+    assert stats["batch_stats"]["mean"].shape == (3,)
+
+
+def test_bfloat16_computation_dtype_keeps_flax():
+    """dtype=bfloat16 on float32 input: flax's bfloat16 output, not the float32 matmul path."""
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((8, 4, 4, 3)), jnp.float32)
+    model = nn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+    (y_ref, _), (y, _), jaxpr = _flax_and_matmul(model, x)
+    assert "custom_vjp_call" not in jaxpr
+    assert y.dtype == y_ref.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, y_ref)
+
+
+def test_init_inside_the_block_equals_flax_init():
+    """Initialization keeps flax's code: running statistics start at mean 0, var 1 (no update)."""
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((8, 4, 4, 3)) + 5, jnp.float32)
+    model = nn.BatchNorm(use_running_average=False)
+    with batch_norm_impl("matmul"):
+        inside = model.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_array_equal(inside["batch_stats"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(inside["batch_stats"]["var"], np.ones(3))
+    jax.tree.map(np.testing.assert_array_equal, inside, model.init(jax.random.PRNGKey(0), x))
+
+
+def test_missing_running_statistics_are_created_as_flax_creates_them():
+    """Applied without batch_stats, the running var starts at ones: 0.99 + 0.01 * var(x)."""
+    x = np.random.default_rng(10).standard_normal((8, 4, 4, 3))
+    model = nn.BatchNorm(use_running_average=False)
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32))["params"]
+    (_, ref), (_, stats), _ = _flax_and_matmul(model, jnp.asarray(x, jnp.float32),
+                                               {"params": params})
+    np.testing.assert_allclose(stats["batch_stats"]["var"], 0.99 + 0.01 * x.var((0, 1, 2)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(stats["batch_stats"]["mean"], 0.01 * x.mean((0, 1, 2)),
+                               rtol=1e-5, atol=1e-8)
+    assert_trees_close(stats, ref, 1e-6)
+
+
+def test_subclasses_of_batch_norm_keep_flax():
+    """Only nn.BatchNorm, BatchNorm and MaskedBatchNorm themselves: a subclass may differ."""
+
+    class Sub(nn.BatchNorm):
+        pass
+
+    x = jnp.asarray(np.random.default_rng(11).standard_normal((2, 4, 4, 3)), jnp.float32)
+    (y_ref, _), (y, _), jaxpr = _flax_and_matmul(Sub(use_running_average=False), x)
+    assert "custom_vjp_call" not in jaxpr
+    np.testing.assert_array_equal(y, y_ref)
+
+
+def test_channel_sums_use_highest_precision():
+    """Every channel sum is a HIGHEST-precision product: float32-exact on accelerators too."""
+    jaxpr = jax.make_jaxpr(lambda x: batch_norm_train(x, jnp.ones(3), jnp.zeros(3), 1e-5)[0])(
+        jnp.ones((2, 4, 4, 3)))
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    if not dots:  # the forward sits inside the custom_vjp call
+        (call,) = [e for e in jaxpr.jaxpr.eqns if "custom_vjp" in e.primitive.name]
+        inner = call.params["call_jaxpr"]
+        dots = [e for e in getattr(inner, "jaxpr", inner).eqns
+                if e.primitive.name == "dot_general"]
+    assert len(dots) == 4  # two channel sums (mean, mean square) of two products each
+    for dot in dots:
+        assert dot.params["precision"] == (lax.Precision.HIGHEST, lax.Precision.HIGHEST)

@@ -18,8 +18,11 @@ from jax import lax
 from cnnjax.layers.conv import Conv2D
 from cnnjax.layers.conv_impl import (
     AUTO_MAX_OUTPUT_POSITIONS,
+    conv_general_dilated,
     conv_general_dilated_matmul,
     conv_impl,
+    cpu_lowerings_apply,
+    input_gradient_sliced,
     stored_input,
     xla_convolutions,
 )
@@ -151,6 +154,13 @@ def test_unsupported_cases_are_delegated_to_lax():
     ref = lax.conv_general_dilated(x, k, (1, 1), pads, lhs_dilation=(2, 2),
                                    dimension_numbers=NHWC)
     np.testing.assert_array_equal(dilated, ref)
+    xb, kb = random_pair(np.random.default_rng(3), 4, 5, 5, 3, 3, 3, 4)
+    batch_grouped = conv_general_dilated_matmul(xb, kb, (1, 1), "SAME", dimension_numbers=NHWC,
+                                                batch_group_count=2)
+    ref = lax.conv_general_dilated(xb, kb, (1, 1), "SAME", dimension_numbers=NHWC,
+                                   batch_group_count=2)
+    assert batch_grouped.shape == ref.shape == (2, 5, 5, 4)
+    np.testing.assert_array_equal(batch_grouped, ref)
 
 
 @pytest.mark.parametrize(
@@ -405,3 +415,127 @@ def test_a_crop_past_the_input_is_refused_as_lax_refuses_it():
         lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=NHWC)
     with pytest.raises(type(lax_error.value), match="Negative padding"):
         conv_general_dilated_matmul(x, kernel, (1, 1), pads, dimension_numbers=NHWC)
+
+
+def numpy_conv(x, k, strides, pads, dilation):
+    """Float64 NHWC/HWIO convolution as a loop over kernel taps (explicit pads)."""
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
+    kp = np.asarray(k, np.float64)
+    (sh, sw), (dh, dw) = strides, dilation
+    kh, kw = kp.shape[:2]
+    h = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    w = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((xp.shape[0], h, w, kp.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw]
+            out += np.einsum("nhwc,cf->nhwf", window, kp[i, j])
+    return out
+
+
+def test_sliced_input_gradient_with_same_padding_and_dilation_matches_lax():
+    """"SAME" resolved with the dilated window (5 = 2 * (3 - 1) + 1: pads (1, 2)) on the sliced
+    input-gradient path: forward equals the float64 loop, both gradients lax's autodiff."""
+    x, k = random_pair(np.random.default_rng(10), 1, 6, 6, 2, 3, 3, 2)
+    args = ((2, 2), "SAME")
+    kwargs = dict(rhs_dilation=(2, 2), dimension_numbers=NHWC)
+    assert input_gradient_sliced(x, k, *args, **kwargs)  # output 3 < window 5
+    assert_close(conv_general_dilated(x, k, *args, **kwargs),
+                 numpy_conv(x, k, (2, 2), ((1, 2), (1, 2)), (2, 2)))
+
+    def grads(conv):
+        return jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k, *args, **kwargs))),
+                        argnums=(0, 1))(x, k)
+
+    for got, want in zip(grads(conv_general_dilated), grads(lax.conv_general_dilated),
+                         strict=True):
+        assert_close(got, want)
+
+
+def test_default_dimension_numbers_are_lax_nchw_oihw():
+    """dimension_numbers=None means lax's NCHW input / OIHW kernel, not flax's NHWC layout."""
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((2, 3, 3, 3)), jnp.float32)  # C == H == W: no shape error
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 3)) / 5, jnp.float32)
+    got = conv_general_dilated_matmul(x, k, (1, 1), "SAME")
+    expected = numpy_conv(np.transpose(x, (0, 2, 3, 1)), np.transpose(k, (2, 3, 1, 0)), (1, 1),
+                          ((1, 1), (1, 1)), (1, 1)).transpose(0, 3, 1, 2)
+    assert_close(got, expected)
+    assert_close(got, lax.conv_general_dilated(x, k, (1, 1), "SAME"))
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (2, 2)])  # a 2x2 output (matmul), an empty one
+def test_preferred_element_type_is_honoured(hw):
+    """bfloat16 operands with preferred_element_type=float32: lax's dtype, float32 accuracy."""
+    x, k = random_pair(np.random.default_rng(12), 1, *hw, 3, 3, 3, 2)
+    x, k = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    kwargs = dict(dimension_numbers=NHWC, preferred_element_type=jnp.float32)
+    got = conv_general_dilated_matmul(x, k, (1, 1), "VALID", **kwargs)
+    ref = lax.conv_general_dilated(x, k, (1, 1), "VALID", **kwargs)
+    assert (got.shape, got.dtype) == (ref.shape, ref.dtype) == (ref.shape, jnp.float32)
+    if got.size:  # bf16 products are exact in float32: only the float32 sum rounds
+        assert_close(got, numpy_conv(x.astype(jnp.float32), k.astype(jnp.float32), (1, 1),
+                                     ((0, 0), (0, 0)), (1, 1)))
+
+
+def test_subclasses_of_nn_conv_keep_xla_convolutions():
+    """Only nn.Conv itself (and Conv2D) is intercepted: a subclass may compute something else."""
+
+    class Sub(nn.Conv):
+        pass
+
+    layer = Sub(2, (3, 3))
+    x = jnp.ones((1, 2, 2, 1))
+    variables = layer.init(jax.random.key(0), x)
+    with conv_impl("matmul"):
+        assert primitives(lambda v: layer.apply(v, x), variables)["conv_general_dilated"] == 1
+
+
+def test_bound_module_gets_its_convolution_back_after_the_block():
+    """The interceptor sets the frozen field for one call only: a bound module called inside the
+    block runs XLA's convolution again outside it."""
+    layer = nn.Conv(2, (3, 3))
+    x = jnp.asarray(np.random.default_rng(13).standard_normal((1, 2, 2, 1)), jnp.float32)
+    bound = layer.bind(layer.init(jax.random.key(0), x))
+    with conv_impl("matmul"):
+        inside = bound(x)
+    assert bound.conv_general_dilated is None
+    assert primitives(lambda x: bound(x), x)["conv_general_dilated"] == 1
+    assert_close(bound(x), inside)
+
+
+def test_cpu_lowerings_stay_off_other_backends(monkeypatch):
+    """The sliced input gradient is an XLA:CPU workaround: off on a GPU backend."""
+    x, k = jnp.ones((1, 6, 6, 1)), jnp.ones((2, 3, 1, 2))
+    sliced = lambda: input_gradient_sliced(x, k, (2, 2), ((1, 1), (0, 0)),
+                                           dimension_numbers=NHWC)
+    assert cpu_lowerings_apply() and sliced()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not cpu_lowerings_apply()
+    assert not sliced()
+
+
+@pytest.mark.parametrize(("hw", "convs"), [((3, 3), 1), ((2, 3), 1), ((1, 5), 1), ((2, 2), 0),
+                                           ((1, 4), 0)])
+def test_auto_uses_matmul_up_to_four_output_positions(hw, convs):
+    """"auto" (SAME 3x3, so output = input size): 5, 6 and 9 positions keep XLA's convolution,
+    4 positions in either shape take the matmul."""
+    layer = nn.Conv(2, (3, 3))
+    x = jnp.ones((1, *hw, 1))
+    variables = layer.init(jax.random.key(0), x)
+    with conv_impl("auto"):
+        assert primitives(lambda v: layer.apply(v, x), variables)["conv_general_dilated"] == convs
+
+
+def test_matmul_keeps_the_requested_precision():
+    """precision=HIGHEST reaches the matmul: accelerators would otherwise use TF32/bf16 passes."""
+    x, k = random_pair(np.random.default_rng(14), 1, 4, 4, 3, 3, 3, 2)
+    jaxpr = jax.make_jaxpr(lambda x, k: conv_general_dilated_matmul(
+        x, k, (2, 2), "SAME", dimension_numbers=NHWC, precision=lax.Precision.HIGHEST))(x, k)
+    (dot,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dot.params["precision"] == (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
+
+
+def test_stored_input_keeps_the_input_dtype_with_another_kernel_dtype():
+    x = jnp.ones((1, 2, 2, 1), jnp.bfloat16)
+    assert stored_input(x, jnp.ones((1, 1, 1, 1), jnp.float32)).dtype == jnp.bfloat16

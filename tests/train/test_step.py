@@ -39,8 +39,8 @@ def test_matmul_lowering_reaches_the_traced_step_and_matches_xla():
 
 
 @pytest.mark.parametrize(("impl", "backend", "expected"), [
-    ("auto", "cpu", "auto"), ("auto", "gpu", "xla"), ("matmul", "gpu", "matmul"),
-    ("xla", "cpu", "xla"),
+    ("auto", "cpu", "auto"), ("auto", "gpu", "xla"), ("auto", "tpu", "xla"),
+    ("matmul", "gpu", "matmul"), ("xla", "cpu", "xla"),
 ])
 def test_auto_means_xla_off_cpu(impl, backend, expected):
     assert resolve_conv_impl(impl, backend) == expected
