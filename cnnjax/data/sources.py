@@ -318,11 +318,13 @@ def missing_dataset_message(what: str, tfds_name: str, builder: Any, data_dir_se
     `data_dir_setting` is the config field or flag that points elsewhere (`data.data_dir`)."""
     version_dir = str(builder.data_dir)
     root = _data_root(builder)
+    # tfds writes 'mnist:3.0.1' and 'voc/2007' under <dir>/mnist and <dir>/voc.
+    folder = tfds_name.split(":")[0].split("/")[0]
     message = (
         f"{what} is not prepared in the tfds data_dir {root!r}; its files would be in "
         f"{version_dir!r}. cnnjax never downloads data. Prepare it on a machine with internet "
         f"access: `tfds build {tfds_name} --data_dir=<dir>` (or `tfds.builder({tfds_name!r}, "
-        f"data_dir=<dir>).download_and_prepare()`), then copy <dir>/{tfds_name.split('/')[0]} "
+        f"data_dir=<dir>).download_and_prepare()`), then copy <dir>/{folder} "
         f"into {root!r}, or set {data_dir_setting} to the directory holding it."
     )
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):

@@ -196,13 +196,14 @@ def splits_named(tfds_name: str, splits: Any) -> str:
 _LOCAL_SPLITS = {builder.name: builder.SPLIT_NAMES for builder in LOCAL_BUILDERS}
 
 
-def _check_split(arg: str, value: Any, tfds_name: str) -> str | None:
+def _check_split(arg: str, value: Any, tfds_name: str | None) -> str | None:
     """A split string's syntax (tfds's own parser, no I/O) and, for cnnjax's offline datasets,
     its split names, before the dataset is generated on first use (seconds to build)."""
     split = _optional_str(arg, value)
     if split is None:
         return None
-    local = _LOCAL_SPLITS.get(tfds_name)
+    # 'digits:1.0.0' and 'digits:1.*.*' name the same offline dataset as 'digits' (None: fake).
+    local = _LOCAL_SPLITS.get(tfds_name.split(":")[0].split("/")[0] if tfds_name else None)
     has = "" if local is None else f"{splits_named(tfds_name, local)}; "
     try:
         tfds.core.ReadInstruction.from_spec(split)

@@ -5,14 +5,18 @@ relabelling and the per-class budget checked against the stored split read strai
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
+import shutil
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cnnjax.data import pipeline
+from cnnjax.data import pipeline, sources
 from cnnjax.data.pipeline import eval_batches, get_dataset_info, train_batches
 from cnnjax.data.spec import resolve
 from tests.data.test_pipeline import _keys
@@ -70,6 +74,57 @@ def test_split_sizes_and_class_count_follow_the_subset(digits_config, digits_dir
     # A budget alone keeps every class; one above a class's count keeps all of that class.
     whole = get_dataset_info(digits_config(train_examples_per_class=1000))
     assert (whole.num_classes, whole.num_train) == (10, len(train_labels))
+
+
+def test_a_per_class_budget_alone_cuts_every_class(digits_config, digits_dir):
+    """`train_examples_per_class=5` without `classes` keeps the first 5 of each of the 10
+    labels (the test above uses a budget above every class's count, which cuts nothing)."""
+    config = digits_config(train_examples_per_class=5)
+    info = get_dataset_info(config)
+    assert (info.num_classes, info.num_train) == (10, 50)
+    expected = _reference(digits_dir, "train", list(range(10)), per_class=5)
+    assert len(expected) == 50
+    assert sorted(_epoch(config, batch_size=10, steps=5)) == sorted(expected)
+
+
+def _cut_train_split(digits_dir: str, root: str, size: int) -> None:
+    """Copies `digits_dir` to `root` with the train split cut to its first `size` records."""
+    shutil.copytree(digits_dir, root)
+    version_dir = tfds.builder("digits", data_dir=root).data_dir
+    (shard,) = [f for f in os.listdir(version_dir) if f.startswith("digits-train.tfrecord")]
+    path = os.path.join(version_dir, shard)
+    records = list(itertools.islice(tf.data.TFRecordDataset(path).as_numpy_iterator(), size))
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    info_path = os.path.join(version_dir, "dataset_info.json")
+    with open(info_path) as f:
+        info = json.load(f)
+    for split in info["splits"]:
+        if split["name"] == "train":
+            split["shardLengths"] = [str(size)]
+    with open(info_path, "w") as f:
+        json.dump(info, f)
+
+
+def test_class_counts_follow_the_data_dir_not_the_dataset_name(digits_config, digits_dir,
+                                                                tmp_path):
+    """The per-label counts are cached per source; two data dirs of one dataset may hold
+    different data (here a cut-down copy), so the key is the folder read, not the name: the
+    copy's sizes were the first dir's."""
+    other = str(tmp_path / "cut")
+    _cut_train_split(digits_dir, other, 100)
+    classes = (0, 1, 2)
+    _, full_labels = _stored(digits_dir, "train")
+    _, cut_labels = _stored(other, "train")
+    assert len(cut_labels) == 100
+    full = get_dataset_info(digits_config(classes=classes))
+    cut = get_dataset_info(digits_config(classes=classes, data_dir=other))
+    assert full.num_train == int(np.isin(full_labels, classes).sum())
+    assert cut.num_train == int(np.isin(cut_labels, classes).sum()) < full.num_train
+    keys = {sources.open_source(resolve(digits_config(data_dir=d))).storage_key
+            for d in (digits_dir, other)}
+    assert len(keys) == 2
 
 
 def test_every_subset_of_a_split_shares_one_count_of_its_labels(digits_config, monkeypatch):

@@ -924,6 +924,83 @@ def test_a_bad_split_is_refused_before_the_dataset_is_opened(name, field, split,
             config)
 
 
+@pytest.mark.parametrize("field", ["train_split", "eval_split"])
+@pytest.mark.parametrize("name, tfds_name, split, message", [
+    ("digits", "digits:1.0.0", "tset", r"'digits:1.0.0' has splits \['train', 'test'\]"),
+    ("digits", "digits:1.*.*", "validation", r"'digits:1.\*.\*' has splits \['train', 'test'\]"),
+    ("cifar10", "shapes", "validation", r"'shapes' has splits \['train', 'test'\] \(slices"),
+])
+def test_a_bad_split_of_the_dataset_read_is_refused_before_it_is_opened(
+        name, tfds_name, split, message, field, monkeypatch):
+    """The split names are those of the dataset read (`tfds_name`), not of the preset's, and a
+    version in `tfds_name` still names the offline dataset: `digits:1.0.0` with 'tset' was
+    generated first and only then refused by the source."""
+    from cnnjax.data import spec
+
+    monkeypatch.setattr(pipeline.sources, "open_source", None)  # any I/O would fail loudly
+    config = spec.default_data_config(name)
+    config.tfds_name = tfds_name
+    config[field] = split
+    _expect(rf"^data: {field}={re.escape(repr(split))} is invalid; {message}", spec.resolve,
+            config)
+
+
+@pytest.mark.parametrize("field", ["train_split", "eval_split"])
+def test_a_split_of_the_dataset_read_resolves_whatever_the_preset_has(field, monkeypatch):
+    """imagenette has a 'validation' split, digits (the preset) none: read from imagenette, it
+    resolves, without I/O."""
+    from cnnjax.data import spec
+
+    monkeypatch.setattr(pipeline.sources, "open_source", None)
+    config = spec.default_data_config("digits")
+    config.tfds_name = "imagenette/320px-v2"
+    config[field] = "validation"
+    assert getattr(spec.resolve(config), field) == "validation"
+
+
+@pytest.mark.parametrize("field", ["data_dir", "tfds_name", "train_split", "eval_split"])
+def test_an_empty_string_is_refused_by_name(field):
+    """'' is neither a folder nor a dataset nor a split: `tfds_name=''` fell back to the
+    preset's dataset silently, `data_dir=''` reached tfds."""
+    config = pipeline.default_data_config("digits")
+    config[field] = ""
+    _expect(rf"^data: {field}='' is invalid; expected a non-empty string or None", resolve,
+            config)
+
+
+def _fake_config(**fields):
+    config = pipeline.default_data_config("fake")
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def test_fake_shards_partition_a_split_that_does_not_divide_evenly():
+    """10 fake examples over 3 shards are 3 + 3 + 4, in order: no example is dropped."""
+    source = open_source(resolve(_fake_config(fake_num_train=10)))
+    assert [source.num_examples("train", (i, 3)) for i in range(3)] == [3, 3, 4]
+
+    def labels(shard):
+        return np.array([x["label"] for x in source.read("train", shard).as_numpy_iterator()])
+
+    whole = labels((0, 1))
+    assert whole.shape == (10,)
+    np.testing.assert_array_equal(np.concatenate([labels((i, 3)) for i in range(3)]), whole)
+
+
+def test_fake_train_and_eval_splits_differ_and_are_the_same_on_every_open():
+    """Evaluating on the training examples would hide overfitting; each split is seeded by its
+    own index, identically on every open."""
+    def first(split):
+        source = open_source(resolve(_fake_config()))
+        return next(source.read(split, (0, 1)).as_numpy_iterator())["image"]
+
+    train, test = first("train"), first("test")
+    assert not np.array_equal(train, test)
+    np.testing.assert_array_equal(train, first("train"))
+    np.testing.assert_array_equal(test, first("test"))
+
+
 def test_eval_batches_refuse_an_empty_eval_split(digits_config):
     """Called directly (the engine checks get_dataset_info first), eval_batches on an empty
     split yielded no batch and no error (review BF)."""

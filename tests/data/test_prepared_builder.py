@@ -61,3 +61,26 @@ def test_prepared_copy_is_read_whoever_built_it(digits_dir, tmp_path, prepared_a
         _other_process_build(digits_dir, data_dir)()
     builder = _prepared_builder(tfds.builder("digits", data_dir=data_dir), data_dir)
     _assert_reads_prepared_copy(builder, digits_dir)
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_failed_rename_reads_the_other_build_or_raises(digits_dir, tmp_path, monkeypatch,
+                                                         landed):
+    """tfds' final rename fails with FileExistsError when another process's build landed
+    first: its copy is read. With nothing prepared there, the error is ours and is re-raised,
+    not hidden behind an empty builder."""
+    data_dir = str(tmp_path)
+    builder = tfds.builder("digits", data_dir=data_dir)
+    land = _other_process_build(digits_dir, data_dir)
+
+    def rename_fails(*args, **kwargs):
+        if landed:
+            land()
+        raise FileExistsError("rename target exists")
+
+    monkeypatch.setattr(builder, "download_and_prepare", rename_fails)
+    if landed:
+        _assert_reads_prepared_copy(_prepared_builder(builder, data_dir), digits_dir)
+    else:
+        with pytest.raises(FileExistsError, match="rename target exists"):
+            _prepared_builder(builder, data_dir)

@@ -115,6 +115,28 @@ def test_preset_validation_errors():
     with pytest.raises(ValueError, match=r"default_image_size=None is invalid; variable-size "
                                          r"datasets need a default image size"):
         DatasetPreset(**base | {"image_shape": (None, None, 1)})
+    with pytest.raises(ValueError, match=r"default_image_size=None is invalid; variable-size "
+                                         r"datasets need a default image size"):
+        DatasetPreset(**base | {"image_shape": (8, None, 1)})  # a variable width alone too
+
+
+def test_mean_and_std_lengths_are_checked_apart():
+    """`std` of another length than the channels, beside a right `mean`, is refused (the
+    test above breaks both lengths at once)."""
+    base = dict(name="x", tfds_name="x", num_classes=2, image_shape=(8, 8, 1),
+                train_split="train", eval_split="test", mean=(0.5,), std=(0.5,))
+    with pytest.raises(ValueError, match=r"^DatasetPreset\('x'\): mean/std=\(\(0\.5,\), "
+                                         r"\(0\.5, 0\.5\)\) is invalid; expected 1 values each"):
+        DatasetPreset(**base | {"std": (0.5, 0.5)})
+
+
+def test_zero_channels_are_refused_even_with_empty_statistics():
+    """`image_shape=(8, 8, 0)` with `mean=std=()` passes the mean/std length check, so the
+    channel count itself must be refused."""
+    base = dict(name="x", tfds_name="x", num_classes=2, train_split="train", eval_split="test")
+    with pytest.raises(ValueError, match=r"^DatasetPreset\('x'\): image_shape=\(8, 8, 0\) is "
+                                         r"invalid; expected \(height, width, channels\)"):
+        DatasetPreset(**base, image_shape=(8, 8, 0), mean=(), std=())
 
 
 _NAN = float("nan")
@@ -136,6 +158,7 @@ _NAN = float("nan")
     ("std", (-0.2,), r"expected 1 finite numbers > 0"),
     ("mean", (_NAN,), r"expected 1 finite numbers"),
     ("image_shape", (0, 8, 1), r"expected \(height, width, channels\)"),
+    ("image_shape", (8, 0, 1), r"expected \(height, width, channels\)"),
     ("image_shape", (8, 8), r"expected \(height, width, channels\)"),
     ("cache", 1, r"expected True or False"),
 ])
@@ -455,6 +478,20 @@ def test_missing_catalogue_dataset_says_how_to_prepare_it(tmp_path):
     assert "cnnjax never downloads data" in message
     assert "`tfds build cifar10 --data_dir=<dir>`" in message
     assert not os.path.exists(expected_dir)  # nothing was downloaded or generated
+
+
+@pytest.mark.parametrize("name,tfds_name,folder", [("mnist", "mnist:3.0.1", "mnist"),
+                                                    ("cifar10", "cifar10:3.*.*", "cifar10")])
+def test_a_versioned_dataset_says_which_folder_to_copy(tmp_path, name, tfds_name, folder):
+    """tfds writes `mnist:3.0.1` under <dir>/mnist; the hint said to copy <dir>/mnist:3.0.1,
+    a folder `tfds build` never makes."""
+    root = str(tmp_path / "empty")
+    with pytest.raises(DatasetNotPreparedError) as error:
+        get_dataset_info(_config(name, root, tfds_name=tfds_name))
+    message = str(error.value)
+    version = tfds.builder_cls(folder).VERSION
+    assert f"its files would be in {os.path.join(root, folder, str(version))!r}" in message
+    assert f"then copy <dir>/{folder} into {root!r}" in message
 
 
 @pytest.mark.parametrize("name,tfds_name", [("digits", "mnist"), ("shapes", "cifar10"),

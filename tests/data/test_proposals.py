@@ -70,6 +70,27 @@ def test_bad_settings(fields, message):
         pl.proposal_spec(_config(**fields))
 
 
+def test_max_proposals_at_the_limit_is_taken_one_past_it_refused():
+    """The message says "at most 10,000": 10,000 itself is allowed."""
+    spec = pl.proposal_spec(_config(method="selective_search", max_proposals=10_000))
+    assert spec.max_proposals == 10_000
+    with pytest.raises(ValueError, match=re.escape(
+            "data.proposals: max_proposals=10001 is invalid; expected at most 10,000")):
+        pl.proposal_spec(_config(method="selective_search", max_proposals=10_001))
+
+
+def test_cache_files_of_nearby_scales_differ():
+    """Scales that differ within 10 significant digits get their own file: with a coarser
+    name, 1.2's cache would be read (and recomputed, with a warning) for 1.25 on every run."""
+    builder = types.SimpleNamespace(data_dir="/d")
+    base = pl.proposal_spec(_config(method="selective_search"))
+    paths = {scale: dataclasses.replace(base, scale=scale).cache_path(builder, "train")
+             for scale in (1.2, 1.25, 1.0, 1.0000001)}
+    assert paths[1.2] == "/d/proposals/train-selective_search-fast-x1.2-max256.npz"
+    assert len(set(paths.values())) == 4
+    assert paths[1.0000001].endswith("-x1.0000001-max256.npz")
+
+
 def test_nothing_to_prepare_without_a_method(tmp_path):
     config = default_data_config("shapes")
     config.data_dir = str(tmp_path)  # refused before any dataset is opened or built
