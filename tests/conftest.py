@@ -91,3 +91,13 @@ def pytest_sessionfinish(session) -> None:
     A worker that really hangs is still killed by xdist after its own timeout."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pytest_runtest_teardown(item) -> None:
+    """Closes the pyplot figures a test left open (tests inspect the figures cnnjax's
+    `*_figure` functions return, which the library's callers save and close): an xdist worker
+    that ran many of them passed matplotlib's 20-open-figures limit, a RuntimeWarning in the
+    summary. Only where pyplot is already imported, so no test pays for importing it."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
