@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cnnjax.data.builders import LOCAL_BUILDERS  # importing them registers them with tfds
-from cnnjax.data.spec import Spec, split_names, splits_named
+from cnnjax.data.spec import Spec, dataset_name, split_names, splits_named
 from cnnjax.utils.files import check_output_dir
 from cnnjax.utils.validation import invalid
 
@@ -215,7 +215,7 @@ def _open_builder(spec: Spec) -> Any:
     """`tfds.builder(spec.tfds_name)`; a ValueError naming `tfds_name` for a dataset, config or
     version tfds does not have (tfds raised its own ValueError or AssertionError naming no field,
     and listed its whole catalogue, ~9,000 characters, for an unknown dataset)."""
-    name = spec.tfds_name.split(":")[0].split("/")[0]  # without config or version
+    name = dataset_name(spec.tfds_name)
     try:
         return tfds.builder(spec.tfds_name, data_dir=spec.data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -318,13 +318,11 @@ def missing_dataset_message(what: str, tfds_name: str, builder: Any, data_dir_se
     `data_dir_setting` is the config field or flag that points elsewhere (`data.data_dir`)."""
     version_dir = str(builder.data_dir)
     root = _data_root(builder)
-    # tfds writes 'mnist:3.0.1' and 'voc/2007' under <dir>/mnist and <dir>/voc.
-    folder = tfds_name.split(":")[0].split("/")[0]
     message = (
         f"{what} is not prepared in the tfds data_dir {root!r}; its files would be in "
         f"{version_dir!r}. cnnjax never downloads data. Prepare it on a machine with internet "
         f"access: `tfds build {tfds_name} --data_dir=<dir>` (or `tfds.builder({tfds_name!r}, "
-        f"data_dir=<dir>).download_and_prepare()`), then copy <dir>/{folder} "
+        f"data_dir=<dir>).download_and_prepare()`), then copy <dir>/{dataset_name(tfds_name)} "
         f"into {root!r}, or set {data_dir_setting} to the directory holding it."
     )
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):

@@ -192,6 +192,12 @@ def splits_named(tfds_name: str, splits: Any) -> str:
     return f"{tfds_name!r} has splits {list(splits)}"
 
 
+def dataset_name(tfds_name: str) -> str:
+    """The dataset a tfds name reads, without config or version ('voc/2007:5.*.*' -> 'voc'):
+    the folder tfds writes under its data_dir, and the key of cnnjax's offline datasets."""
+    return tfds_name.split(":")[0].split("/")[0]
+
+
 #: The split names of cnnjax's offline datasets, known before they are generated.
 _LOCAL_SPLITS = {builder.name: builder.SPLIT_NAMES for builder in LOCAL_BUILDERS}
 
@@ -203,7 +209,7 @@ def _check_split(arg: str, value: Any, tfds_name: str | None) -> str | None:
     if split is None:
         return None
     # 'digits:1.0.0' and 'digits:1.*.*' name the same offline dataset as 'digits' (None: fake).
-    local = _LOCAL_SPLITS.get(tfds_name.split(":")[0].split("/")[0] if tfds_name else None)
+    local = _LOCAL_SPLITS.get(dataset_name(tfds_name)) if tfds_name else None
     has = "" if local is None else f"{splits_named(tfds_name, local)}; "
     try:
         tfds.core.ReadInstruction.from_spec(split)
