@@ -105,15 +105,27 @@ def test_forward_and_grads_match_lax(hw, kernel, strides, padding, dilation):
                                                  dimension_numbers=NHWC), x, k)
 
 
+def numpy_conv(x, k, strides, pads, dilation):
+    """Float64 NHWC/HWIO convolution as a loop over kernel taps (explicit pads)."""
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
+    kp = np.asarray(k, np.float64)
+    (sh, sw), (dh, dw) = strides, dilation
+    kh, kw = kp.shape[:2]
+    h = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    w = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((xp.shape[0], h, w, kp.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw]
+            out += np.einsum("nhwc,cf->nhwf", window, kp[i, j])
+    return out
+
+
 def test_forward_matches_float64_numpy_loop():
     x, k = random_pair(np.random.default_rng(1), 2, 5, 6, 3, 3, 3, 4)
     y = conv_general_dilated_matmul(x, k, (2, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    kp = np.asarray(k, np.float64)
-    expected = np.zeros((2, 3, 6, 4))
-    for i in range(3):
-        for j in range(3):
-            expected += np.einsum("nhwc,cf->nhwf", xp[:, i:i + 5:2, j:j + 6, :], kp[i, j])
+    expected = numpy_conv(x, k, (2, 1), ((1, 1), (1, 1)), (1, 1))
+    assert expected.shape == (2, 3, 6, 4)
     assert_close(y, expected)
 
 
@@ -415,22 +427,6 @@ def test_a_crop_past_the_input_is_refused_as_lax_refuses_it():
         lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=NHWC)
     with pytest.raises(type(lax_error.value), match="Negative padding"):
         conv_general_dilated_matmul(x, kernel, (1, 1), pads, dimension_numbers=NHWC)
-
-
-def numpy_conv(x, k, strides, pads, dilation):
-    """Float64 NHWC/HWIO convolution as a loop over kernel taps (explicit pads)."""
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
-    kp = np.asarray(k, np.float64)
-    (sh, sw), (dh, dw) = strides, dilation
-    kh, kw = kp.shape[:2]
-    h = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
-    w = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((xp.shape[0], h, w, kp.shape[3]))
-    for i in range(kh):
-        for j in range(kw):
-            window = xp[:, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw]
-            out += np.einsum("nhwc,cf->nhwf", window, kp[i, j])
-    return out
 
 
 def test_sliced_input_gradient_with_same_padding_and_dilation_matches_lax():
