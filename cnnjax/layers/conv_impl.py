@@ -80,16 +80,20 @@ def matmul_supported(lhs: Array, rhs: Array, lhs_dilation: Sequence[int] | None,
 
 
 def _taps_reading_input(size: int, pad_lo: int, k: int, dilation: int, stride: int,
-                        out: int) -> range:
+                        out: int) -> tuple[int, ...]:
     """The kernel taps along one axis whose view holds at least one input element (not only
-    padding), as a range; all `k` taps when those are not contiguous. A tap over padding alone
-    adds only zeros, so dropping it (with its kernel slice) leaves the sums unchanged: on a 1x1
-    map a 3x3 convolution with padding 1 is its centre tap's matmul, 9x less work."""
-    reading = [i for i in range(k)
-               if any(0 <= r * stride + i * dilation - pad_lo < size for r in range(out))]
-    if reading and reading == list(range(reading[0], reading[-1] + 1)):
-        return range(reading[0], reading[-1] + 1)
-    return range(k)
+    padding), in order. A tap over padding alone adds only zeros, so dropping it (with its kernel
+    slice) leaves the sums unchanged, as in lax, even where that kernel slice is not finite: on a
+    1x1 map a 3x3 convolution with padding 1 is its centre tap's matmul, 9x less work."""
+    return tuple(i for i in range(k)
+                 if any(0 <= r * stride + i * dilation - pad_lo < size for r in range(out)))
+
+
+def _kernel_taps(kernel: Array, taps: tuple[int, ...], axis: int) -> Array:
+    """`kernel`'s slices `taps` along `axis`: a slice when they are contiguous, else a gather."""
+    if taps == tuple(range(taps[0], taps[-1] + 1)):
+        return lax.slice_in_dim(kernel, taps[0], taps[-1] + 1, axis=axis)
+    return jnp.take(kernel, jnp.asarray(taps), axis=axis)
 
 
 def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
@@ -110,11 +114,13 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
     (top, bottom), (left, right) = pads
     h_out = (h + top + bottom - d_h * (kh - 1) - 1) // st_h + 1
     w_out = (w + left + right - d_w * (kw - 1) - 1) // st_w + 1
-    if h_out <= 0 or w_out <= 0:  # the window exceeds the padded input: lax's empty output
-        return jnp.zeros((n, max(h_out, 0), max(w_out, 0), features),
-                         preferred_element_type or jnp.result_type(x, kernel))
     rows = _taps_reading_input(h, top, kh, d_h, st_h, h_out)
     cols = _taps_reading_input(w, left, kw, d_w, st_w, w_out)
+    if not rows or not cols:
+        # The window exceeds the padded input (lax's empty output), or every window lies in the
+        # padding (all sums are of zeros).
+        return jnp.zeros((n, max(h_out, 0), max(w_out, 0), features),
+                         preferred_element_type or jnp.result_type(x, kernel))
     # lax.pad also handles negative pads (cropping), as lax.conv_general_dilated does.
     x = lax.pad(x, jnp.zeros((), x.dtype),
                 ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
@@ -125,7 +131,7 @@ def patches_matmul_conv(x: Array, kernel: Array, strides: Sequence[int],
         for i in rows for j in cols
     ]
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-    kernel = kernel[rows.start:rows.stop, cols.start:cols.stop]
+    kernel = _kernel_taps(_kernel_taps(kernel, rows, 0), cols, 1)
     y = lax.dot_general(patches.reshape(n * h_out * w_out, len(views) * c),
                         kernel.reshape(len(views) * c, features), (((1,), (0,)), ((), ())),
                         precision=precision, preferred_element_type=preferred_element_type)

@@ -152,6 +152,42 @@ def test_taps_over_padding_alone_are_skipped(hw, strides, taps):
         assert_close(y, y_ref)
 
 
+def test_non_contiguous_taps_reading_input_are_gathered():
+    """A 5x1 kernel at stride 2 over a 1-row map padded (2, 4) reads input with taps 0 and 2
+    only: the matmul contracts over those two (2C), so a non-finite kernel value in the
+    padding-only taps 1, 3 and 4 stays out of the output (as in XLA's convolution) and those taps
+    get an exact zero gradient."""
+    x, k = random_pair(np.random.default_rng(3), 2, 1, 3, 5, 5, 1, 4)
+    strides, pads = (2, 1), ((2, 4), (0, 0))
+    jaxpr = jax.make_jaxpr(lambda x, k: conv_general_dilated_matmul(
+        x, k, strides, pads, dimension_numbers=NHWC))(x, k)
+    (dot,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dot.invars[0].aval.shape[-1] == 2 * 5
+    gk = jax.grad(lambda k: jnp.sum(jnp.sin(conv_general_dilated_matmul(
+        x, k, strides, pads, dimension_numbers=NHWC))))(k)
+    assert np.all(np.asarray(gk)[[1, 3, 4]] == 0) and np.all(np.asarray(gk)[[0, 2]] != 0)
+    poisoned = k.at[jnp.array([1, 3, 4])].set(jnp.inf)
+    y = conv_general_dilated_matmul(x, poisoned, strides, pads, dimension_numbers=NHWC)
+    y_ref = lax.conv_general_dilated(x, poisoned, strides, pads, dimension_numbers=NHWC)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(y_ref))
+    assert_close(y, numpy_conv(x, k, strides, pads, (1, 1)))
+
+
+def test_windows_over_padding_only_give_zeros():
+    """Stride 2 over a 1x1 map padded by 1 on each side puts every 1x1 window in the padding:
+    the output is all zeros (float64 loop and lax agree), with zero gradients."""
+    x, k = random_pair(np.random.default_rng(4), 2, 1, 1, 3, 1, 1, 4)
+    strides, pads = (2, 2), ((1, 1), (1, 1))
+    y = conv_general_dilated_matmul(x, k, strides, pads, dimension_numbers=NHWC)
+    expected = numpy_conv(x, k, strides, pads, (1, 1))
+    assert y.shape == expected.shape == (2, 2, 2, 4) and y.dtype == jnp.float32
+    assert np.all(np.asarray(y) == 0) and np.all(expected == 0)
+    assert_close(y, lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=NHWC))
+    gx, gk = jax.grad(lambda x, k: jnp.sum(conv_general_dilated_matmul(
+        x, k, strides, pads, dimension_numbers=NHWC)), argnums=(0, 1))(x, k)
+    assert np.all(np.asarray(gx) == 0) and np.all(np.asarray(gk) == 0)
+
+
 def test_unsupported_cases_are_delegated_to_lax():
     """Grouped and transposed (input-dilated) convolutions go to lax unchanged."""
     x, k = random_pair(np.random.default_rng(2), 2, 5, 5, 4, 3, 3, 6)
