@@ -1455,3 +1455,51 @@ def test_input_below_min_size_fails_in_python():
         small = info.min_input_size - 1
         with pytest.raises(ValueError, match="is invalid"):
             init_shapes(create_model(name), (1, small, small, info.input_shape[2]))
+
+
+def _vgg_block_reference(x, params, name, train, stats=None):
+    """Float64 conv3x3 (pad 1) + bias -> BatchNorm (batch statistics in training, else `stats`)
+    -> ReLU, the order of the paper's successors and torchvision's `_bn` VGGs."""
+    kernel = np.asarray(params[f"conv{name}"]["kernel"], np.float64)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    y = sum(np.einsum("nhwc,cf->nhwf", xp[:, i:i + h, j:j + w], kernel[i, j])
+            for i in range(3) for j in range(3)) + np.asarray(params[f"conv{name}"]["bias"])
+    if train:
+        mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+    else:
+        mean, var = (np.asarray(stats[f"bn{name}"][k], np.float64) for k in ("mean", "var"))
+    bn = params[f"bn{name}"]
+    y = (y - mean) / np.sqrt(var + 1e-5) * np.asarray(bn["scale"]) + np.asarray(bn["bias"])
+    return np.maximum(y, 0)
+
+
+def _max_pool_2x2(x):
+    n, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_vgg_bn_block_is_conv_batchnorm_relu_pool_against_float64(train):
+    """Each `_bn` block is conv -> BatchNorm -> ReLU, closed by a 2x2 max pool: checked on a
+    two-block trunk with random BatchNorm scales (some negative, so BN after ReLU differs)
+    and running statistics against a float64 NumPy forward, in training and in eval."""
+    trunk = VGGFeatures(stages=((4, 5), (6,)), batch_norm=True)
+    x = np.random.default_rng(0).standard_normal((3, 6, 6, 2))
+    variables = trunk.init(key(0), jnp.asarray(x, jnp.float32))
+    rng = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map_with_path(  # running variances positive, the rest any
+        lambda path, leaf: jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape) if "var" in str(path)
+                                       else rng.standard_normal(leaf.shape) * 0.5, jnp.float32),
+        variables)
+    params, stats = variables["params"], variables["batch_stats"]
+    out = trunk.apply(variables, jnp.asarray(x, jnp.float32), train=train,
+                      mutable=["batch_stats"] if train else False)
+    out = out[0] if train else out
+    params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    y = _vgg_block_reference(x.astype(np.float32).astype(np.float64), params64, "1_1", train, stats)
+    y = _max_pool_2x2(_vgg_block_reference(y, params64, "1_2", train, stats))
+    np.testing.assert_allclose(out["block1"], y, rtol=1e-4, atol=1e-5)
+    y = _max_pool_2x2(_vgg_block_reference(y, params64, "2_1", train, stats))
+    np.testing.assert_allclose(out["block2"], y, rtol=1e-4, atol=1e-5)
+    assert out["block2"].shape == (3, 1, 1, 6)
