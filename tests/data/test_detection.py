@@ -6,7 +6,9 @@ Building `shapes_multi` (4,500 scenes) takes 10-30 s on 2 cores, so the tests th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import re
 import types
 
@@ -217,6 +219,41 @@ def test_training_drops_unused_boxes_before_taking_max_boxes():
     np.testing.assert_allclose(evaluated["boxes"], pixels([0, 1, 2]), atol=1e-5)
 
 
+def test_proposals_are_mirrored_with_the_image_and_padded_to_the_tables_rows():
+    """Fast (no dataset): `_targets` turns an image's cached proposals into pixels of a 20 x 40
+    output like its boxes, mirrored with the flip (x1' = W - x2, x2' = W - x1), the first
+    `proposal_count` rows valid and the rest of the table's rows zero (float64 reference,
+    atol 1e-5 px)."""
+    height, width = 20, 40
+    norm = np.array([[0.1, 0.25, 0.5, 0.5], [0.0, 0.0, 1.0, 0.75], [0, 0, 0, 0]], np.float32)
+    example = {"bbox": tf.constant(norm[:1]), "classes": tf.constant([1], tf.int64),
+               "proposals": tf.constant(norm), "proposal_count": tf.constant(2, tf.int32)}
+    out = detection._targets(example, (height, width), 2, tf.constant(True), training=True)
+    ymin, xmin, ymax, xmax = norm[:2].T.astype(np.float64)
+    mirrored = np.stack([width - xmax * width, ymin * height, width - xmin * width,
+                         ymax * height], 1)  # [[20, 2, 30, 10], [10, 0, 40, 20]]
+    assert out["proposals"].shape == (3, 4)
+    np.testing.assert_allclose(out["proposals"][:2], mirrored, atol=1e-5)
+    assert not out["proposals"].numpy()[2].any()
+    np.testing.assert_array_equal(out["proposal_valid"], [True, True, False])
+    np.testing.assert_allclose(out["boxes"][0], mirrored[0], atol=1e-5)  # the same flip
+
+
+def test_objects_beyond_max_boxes_are_counted_over_the_whole_pass(caplog):
+    """Fast (no dataset): the eval's warning sums over every batch, and its max_boxes hint is
+    the largest count of the pass, not of the last batch; `num_objects` never reaches the
+    caller. Hand counts for [5, 2] then [3, 0] with max_boxes=2: 3 + 0 + 1 + 0 = 4 objects left
+    out, in 2 images; the hint >= 5."""
+    batches = [{"num_objects": np.array([5, 2]), "x": 0},
+               {"num_objects": np.array([3, 0]), "x": 1}]
+    with caplog.at_level(logging.WARNING):
+        out = list(detection._warn_beyond_max_boxes(iter(batches), 2, "test"))
+    assert out == [{"x": 0}, {"x": 1}]
+    assert ("4 objects in 2 images of eval split 'test' lie beyond data.max_boxes=2"
+            in caplog.text)
+    assert "set data.max_boxes >= 5." in caplog.text
+
+
 @pytest.mark.slow
 def test_resume_replays_the_same_batches(data_dir):
     kwargs = {"global_batch_size": 16, "num_devices": 2, "seed": 5}
@@ -260,6 +297,17 @@ def test_dataset_without_boxes_is_refused(digits_dir):
     with pytest.raises(ValueError, match=r"data: tfds_name='digits' is invalid; expected a "
                                          r"dataset with `objects/bbox`"):
         next(detection.eval_batches(config, global_batch_size=8, num_devices=1))
+
+
+@pytest.mark.parametrize("feature", [{"bbox": object()}, {"label": object()}])
+def test_objects_with_only_one_of_bbox_and_label_are_refused(feature):
+    """Fast (no dataset): `objects` needs both `bbox` and `label` (with `bbox` alone the check
+    let it through to a bare KeyError: 'label'); the same named ValueError as for no boxes."""
+    spec = types.SimpleNamespace(tfds_name="half_boxes")
+    with pytest.raises(ValueError, match=r"^data: tfds_name='half_boxes' is invalid; expected a "
+                                         r"dataset with `objects/bbox` and `objects/label`"):
+        detection._DetectionSource._num_classes(
+            None, spec, {"objects": types.SimpleNamespace(feature=feature)})
 
 
 @pytest.mark.slow
@@ -458,6 +506,7 @@ def test_voc2007_boxes_classes_and_difficult_flags(voc_dir):
                                       example["objects"]["label"][~hard][:n])
         removed += int(hard.sum())
     assert removed > 0 and "box_difficult" not in trained
+    assert batch["labels"].dtype == trained["labels"].dtype == np.int32  # the documented layout
 
 
 def test_boxes_without_area_are_dropped_from_training_targets_only(voc_dir):
@@ -522,6 +571,107 @@ def test_a_cropping_preset_still_resizes_whole_images(voc_dir):
         np.testing.assert_array_equal(cropped_preset[key], voc[key], err_msg=key)
 
 
+def test_dataset_info_is_named_after_the_tfds_name_override(voc_dir):
+    """`get_dataset_info` names the dataset read (`tfds_name`), not the preset lending its
+    normalization (as `shapes_multi` with name='shapes'; that test is slow)."""
+    from tests.data.test_presets import _mock
+
+    config = _voc_config(voc_dir)
+    config.name, config.tfds_name, config.eval_split = "imagenette", "voc/2007", "test"
+    with _mock(voc_dir, 6, as_dataset_fn=_voc_as_dataset):
+        assert detection.get_dataset_info(config).name == "voc/2007"
+        assert detection.get_dataset_info(_voc_config(voc_dir)).name == "voc2007"
+
+
+def test_an_empty_eval_shard_pads_with_a_batch_like_a_real_one(voc_dir):
+    """Over 2 processes, eval split 'test[:1]' leaves process 1 no example: it yields one
+    all-padding batch (built from `empty`), which must have a real batch's keys (VOC's
+    `box_difficult` too), dtypes and shapes, or the hosts' collectives would not line up."""
+    from tests.data.test_presets import _mock
+
+    config = _voc_config(voc_dir, eval_split="test[:1]")
+    kwargs = {"global_batch_size": 2, "num_devices": 1, "process_count": 2}
+    with _mock(voc_dir, 6, as_dataset_fn=_voc_as_dataset):
+        real = next(detection.eval_batches(config, process_index=0, **kwargs))
+        padding = list(detection.eval_batches(config, process_index=1, **kwargs))
+    assert real["mask"].tolist() == [[1.0]]
+    assert len(padding) == 1 and not padding[0]["mask"].any()
+    assert padding[0].keys() == real.keys()
+    for key in real:
+        assert padding[0][key].dtype == real[key].dtype, key
+        assert padding[0][key].shape == real[key].shape, key
+        assert not padding[0][key].any(), key
+
+
+def test_non_square_outputs_scale_x_by_width_and_y_by_height(voc_dir, monkeypatch):
+    """Every other test image is square, so a swapped (H, W) went unseen; a 32 x 48 output (as
+    a fixed non-square native size with image_size=None gives) must put x in [0, 48] and y in
+    [0, 32], in eval and training (float64 reference from the stored boxes, atol 1e-4 px)."""
+    from tests.data.test_presets import _mock
+
+    make = pipeline.make_transforms
+    monkeypatch.setattr(pipeline, "make_transforms", lambda spec, source: dataclasses.replace(
+        make(spec, source), out_shape=(32, 48, 3)))
+    with _mock(voc_dir, 6, as_dataset_fn=_voc_as_dataset):
+        batch = next(detection.eval_batches(_voc_config(voc_dir), global_batch_size=6,
+                                            num_devices=1))
+        trained = next(detection.train_batches(
+            _voc_config(voc_dir, augment=False, shuffle_buffer=1), global_batch_size=8,
+            num_devices=1, seed=0))
+    assert batch["image"].shape == (1, 6, 32, 48, 3)
+    assert trained["image"].shape == (1, 8, 32, 48, 3)
+
+    def pixels(bbox):  # normalized [ymin, xmin, ymax, xmax] -> (x1, y1, x2, y2) of 32 x 48
+        ymin, xmin, ymax, xmax = bbox.T.astype(np.float64)
+        return np.stack([xmin * 48, ymin * 32, xmax * 48, ymax * 32], 1)
+
+    for i, example in enumerate(_voc_examples("test")):
+        n = min(len(example["objects"]["label"]), 6)
+        np.testing.assert_allclose(batch["boxes"][0, i, :n],
+                                   pixels(example["objects"]["bbox"][:n]), atol=1e-4)
+    for i, example in enumerate(_voc_examples("train+validation")):  # shuffle_buffer=1: stored
+        kept = example["objects"]["bbox"][~example["objects"]["is_difficult"]][:6]
+        np.testing.assert_allclose(trained["boxes"][0, i, :len(kept)], pixels(kept), atol=1e-4)
+
+
+def test_eval_reports_the_objects_beyond_max_boxes_before_truncation(voc_dir, caplog):
+    """The fast form of the slow shapes_multi check: the warning counts each image's objects as
+    stored (not cut to max_boxes) and names the eval split, not the train split."""
+    from tests.data.test_presets import _mock
+
+    counts = np.array([len(e["objects"]["label"]) for e in _voc_examples("test")])
+    beyond = np.maximum(counts - 2, 0)
+    assert beyond.sum() > 0
+    with _mock(voc_dir, 6, as_dataset_fn=_voc_as_dataset), caplog.at_level(logging.WARNING):
+        list(detection.eval_batches(_voc_config(voc_dir, max_boxes=2), global_batch_size=6,
+                                    num_devices=1))
+    assert (f"{beyond.sum()} objects in {(beyond > 0).sum()} images of eval split 'test' lie "
+            "beyond data.max_boxes=2") in caplog.text
+    assert f"set data.max_boxes >= {counts.max()}." in caplog.text
+
+
+def test_prepare_proposals_returns_each_splits_own_cache(voc_dir, monkeypatch):
+    """Fast form of the slow shapes_multi check: `{split: cache file}` maps each split to its
+    own table (`ProposalSpec.cache_path`), so the eval does not read the train split's."""
+    from cnnjax.data import proposals
+
+    monkeypatch.setattr(proposals, "load_table", lambda builder, split, spec: None)
+    config = _voc_config(voc_dir, train_split="train", eval_split="test")
+    config.proposals.method = "selective_search"
+    paths = detection.prepare_proposals(config)
+    _, source, _, _ = detection._open(config)
+    assert paths == {split: source.proposals.cache_path(source.builder, split)
+                     for split in ("train", "test")}
+    assert paths["train"] != paths["test"]
+
+
+def test_eval_split_name_of_a_detection_config(voc_dir):
+    """The real function (callers' tests fake it): `data.eval_split` of a config that also
+    carries the detection fields `max_boxes` and `proposals`, else the preset's."""
+    assert detection.eval_split_name(_voc_config(voc_dir)) == "test"
+    assert detection.eval_split_name(_voc_config(voc_dir, eval_split="test[:5]")) == "test[:5]"
+
+
 @pytest.mark.parametrize("split,num,expected", [
     ("train", 6, "train[0:6]"),
     ("train[:90%]", 6, "train[0:6]"),
@@ -536,6 +686,19 @@ def test_the_head_of_a_sliced_or_joined_split_is_one_tfds_can_read(split, num, e
               for name, size in (("train", 100), ("test", 40))}
     assert detection.head_of(split, splits, num) == expected
     tfds.core.ReadInstruction.from_spec(expected)  # parses
+
+
+def test_head_split_reads_the_dataset_splits_and_refuses_a_bad_split(voc_dir):
+    """`head_split` on the mocked VOC's metadata (train 5, validation 3): the head of a joined
+    split by hand, and a bad split refused by name (its `head_of` alone returned '' for a
+    reversed slice and tfds' bare error for an unknown split)."""
+    config = _voc_config(voc_dir)
+    assert detection.head_split(config, "train+validation", 6) == "train[0:5]+validation[0:1]"
+    assert detection.head_split(config, "validation[1:]+test", 4) == "validation[1:3]+test[0:2]"
+    with pytest.raises(ValueError, match=r"^data: split='bogus' is invalid; 'voc' has splits"):
+        detection.head_split(config, "bogus", 3)
+    with pytest.raises(ValueError, match=r"^data: split='train\[4:2\]' is invalid; its slice"):
+        detection.head_split(config, "train[4:2]", 3)
 
 
 def test_voc2007_trainval_shards_without_a_process_batch_are_refused_by_check_train_epoch(

@@ -715,6 +715,30 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
                                 "shard": (0, 1)})]
 
 
+def test_detection_trains_on_this_processs_shard(monkeypatch, tmp_path):
+    """Multi-host detection training reads shard `(process_index, process_count)`: with every
+    host on shard 0 each would train on the same examples (the test above runs 1 process)."""
+    from cnnjax.data import detection
+
+    shards = []
+
+    def spy(spec, source, preprocess, **kwargs):
+        shards.append(kwargs["shard"])
+        raise StopIteration
+
+    monkeypatch.setattr(pipeline, "epoch_dataset", spy)
+    monkeypatch.setattr(detection, "_open", lambda config: (
+        resolve(split_detection_fields(config)[0]), None,
+        Transforms((8, 8, 3), (8, 8), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0),
+        4))
+    config = detection.default_data_config("shapes")
+    config.data_dir = str(tmp_path)
+    with pytest.raises(StopIteration):
+        detection.train_batches(config, global_batch_size=8, num_devices=1, seed=3,
+                                process_index=1, process_count=2)
+    assert shards == [(1, 2)]
+
+
 @pytest.mark.parametrize("field, value, valid", [
     ("train_augmentation", "pad_crop", r"expected one of \['none', 'pad_crop_flip'"),
     ("eval_transform", "resize_centre_crop", r"expected one of \['resize', 'resize_center_crop'"),
