@@ -79,7 +79,8 @@ def main(argv: list[str]) -> None:
                         initial_negatives=_INITIAL_NEGATIVES.value,
                         mining_rounds=_MINING_ROUNDS.value, ridge_lambda=_RIDGE_LAMBDA.value,
                         step=_STEP.value)
-    with one_line_errors():
+    # the output folder's errors name it as the flag, as evaluate's and visualize's do
+    with one_line_errors(flags_named={"output_dir=": _OUTPUT_DIR}):
         results = run_rcnn_svm(_WORKDIR.value, _OUTPUT_DIR.value, settings)
     for arm, label in ARM_LABELS.items():
         m = results["test"][arm]

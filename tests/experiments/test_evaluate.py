@@ -4,6 +4,7 @@ errors, --n_bins) and of the functions it calls are in tests/train/test_trained.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,11 +160,30 @@ app.run(evaluate.main)
 """
 
 
+# (flags, the last line of stderr) in a workdir holding no run: a flag error is printed before
+# the run is read; a valid value (--num_devices=0: every device; --n_bins=1) gets as far as the
+# workdir, whose error it then ends on.
+_NO_RUN = ("error: --workdir='{workdir}' is invalid; expected the --workdir of a training run (no "
+           "readable config.json with a model in it).")
+_BAD_FLAGS = [
+    (["--temperature_split=train", "--nocalibration"],
+     "error: --temperature_split is invalid with --nocalibration; drop one of them"),
+    (["--plot_images=0"], "error: --plot_images=0 is invalid; expected at least 1 (or --noplot)"),
+    (["--num_devices=0"], _NO_RUN),
+    (["--n_bins=1"], _NO_RUN),
+    (["--output={workdir}/res.PNG"],  # the plot's own name, whatever its case
+     "error: --output='{workdir}/res.PNG' is invalid; expected a JSON file path (the plot is "
+     "written beside it, with the suffix .png)"),
+    (["--output={workdir}"],
+     "error: --output='{workdir}' is invalid; expected a JSON file path, not a directory"),
+]
+
+
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory) -> dict:
     """{case: (workdir, result)} of the commands refused before the run is read (no workdir
     holds one), run by one interpreter forking a child each (tests/commands.py): one process
-    start, not four. test_an_output_among_the_runs_own_files_... starts the real command."""
+    start, not eleven. test_an_output_among_the_runs_own_files_... starts the real command."""
     root = tmp_path_factory.mktemp("refused")
     commands = {}
     for given in (False, True):
@@ -176,11 +196,28 @@ def refused(tmp_path_factory) -> dict:
                        ("allow_same_split", ["--allow_same_split"])):
         (root / case).mkdir()
         commands[case] = (root / case, [f"--workdir={root / case}", *args])
+    for i, (args, _) in enumerate(_BAD_FLAGS):
+        workdir = root / f"bad_flag{i}"
+        workdir.mkdir()
+        commands[("bad_flag", i)] = (workdir, [f"--workdir={workdir}",
+                                               *(a.format(workdir=workdir) for a in args)])
     # JAX and the engine, imported once (experiments.evaluate imports them only once running)
     results = run_commands([("experiments.evaluate", *args) for _, args in commands.values()],
                            preimport=["cnnjax.train.trained"])
     return {case: (workdir, result)
             for (case, (workdir, _)), result in zip(commands.items(), results, strict=True)}
+
+
+@pytest.mark.parametrize("case", range(len(_BAD_FLAGS)),
+                         ids=["temperature_split_nocalibration", "plot_images", "num_devices_0",
+                              "n_bins_1", "output_png", "output_dir"])
+def test_a_bad_flag_is_one_line_before_the_run_is_read(refused, case):
+    """Each flag's own check, or none for a valid edge value (the run-less workdir's error
+    then); nothing is written."""
+    workdir, result = refused[("bad_flag", case)]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == _BAD_FLAGS[case][1].format(workdir=workdir)
+    assert result.stdout == "" and os.listdir(workdir) == []
 
 
 @pytest.mark.parametrize("given", [False, True])
@@ -249,8 +286,9 @@ def test_a_split_or_weight_average_the_run_lacks_is_one_line_naming_the_flag(fak
     assert no_step.stderr.strip().splitlines()[-1] == (
         f"error: --step=5 is invalid; {os.path.join(workdir, 'checkpoints')!r} has checkpoints "
         "at steps [2].")
-    assert no_devices.stderr.strip().splitlines()[-1].startswith(
-        "error: --num_devices=4096 is invalid; only ")
+    # whole line: the hint to pass --num_devices is for a run's own count, not the flag's
+    assert re.fullmatch(r"error: --num_devices=4096 is invalid; only \d+ local devices are "
+                        r"available\.", no_devices.stderr.strip().splitlines()[-1])
     assert no_fit_split.stderr.strip().splitlines()[-1] == (
         "error: --temperature_split='validation' is invalid; 'fake' has splits ['train', 'test'].")
 
@@ -384,6 +422,8 @@ with open("res.json", "w") as f:  # as an earlier run from the parent folder wro
     json.dump({"plot": "sub/res.png", "reliability_plot": "sub/elsewhere.png"}, f)
 print(_remove_stale_plots("res", _earlier_plots("res.json"),
                           {"reliability_plot": "res_reliability.png"}))
+# an earlier plot the user has since deleted (res.png, just removed) is skipped, not an error
+print(_remove_stale_plots("res", {"res.png", "res_reliability.png"}, {}))
 """
 
 
@@ -398,6 +438,31 @@ def test_stale_plots_are_matched_by_name_beside_the_json(tmp_path):
                             cwd=tmp_path / "sub", env={**os.environ, "PYTHONPATH": ROOT},
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "['res.png']"
-    assert sorted(os.listdir(tmp_path / "sub")) == ["other.png", "res.json",
-                                                    "res_reliability.png"]
+    assert result.stdout.strip().splitlines() == ["['res.png']", "['res_reliability.png']"]
+    assert sorted(os.listdir(tmp_path / "sub")) == ["other.png", "res.json"]
+
+
+_CALIBRATION_LINE = """
+import json
+from experiments.evaluate import _calibration_line
+
+record = {"n_bins": 15, "ece": 0.0932, "mce": 0.1216, "nll": 0.3311, "brier": 0.1458,
+          "temperature_scaling": {"temperature": 1.5, "split": "train[90%:]",
+                                  "num_fit_examples": 144, "ece": 0.0217, "mce": 0.0875,
+                                  "nll": 0.2904, "brier": 0.1399, "at_bound": False}}
+print(json.dumps(_calibration_line(record)))
+"""
+
+
+def test_the_calibration_line_prints_each_score_under_its_name():
+    """The printed line is all a user reads of the scores (the JSON has the rest): each number
+    follows its own name, before and after temperature scaling (hand-written record, distinct
+    values). In a subprocess: importing the command configures this process's XLA flags."""
+    result = subprocess.run([sys.executable, "-c", _CALIBRATION_LINE], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == (
+        "Calibration (15 bins): ECE 0.0932, MCE 0.1216, NLL 0.3311, Brier 0.1458\n"
+        "After temperature scaling (T=1.5000, fitted on 'train[90%:]', 144 examples): ECE "
+        "0.0217, MCE 0.0875, NLL 0.2904, Brier 0.1399")

@@ -26,6 +26,15 @@ _BAD_FLAGS = [
     (["--svm_c=0"], "error: rcnn_svm: svm_c=0.0 is invalid; expected a positive finite number."),
     (["--positive_iou=1.5"],
      "error: rcnn_svm: positive_iou=1.5 is invalid; expected None or an IoU in [0.3, 1]."),
+    # each flag reaches the stage's Settings (a flag left at its default was refused as the
+    # workdir, never checked)
+    (["--train_images=0"], "error: rcnn_svm: train_images=0 is invalid; expected a positive "
+                           "integer."),
+    (["--initial_negatives=0"], "error: rcnn_svm: initial_negatives=0 is invalid; expected a "
+                                "positive integer."),
+    (["--mining_rounds=0"], "error: rcnn_svm: mining_rounds=0 is invalid; expected a positive "
+                            "integer."),
+    (["--step=0"], "error: rcnn_svm: step=0 is invalid; expected a positive integer."),
     ([], "error: rcnn_svm: workdir='{workdir}' is invalid; expected the --workdir of a "
          "finished R-CNN run."),
 ]
@@ -39,7 +48,7 @@ _MALFORMED = [
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory) -> dict:
     """{case: (tmp_path, result)} of the commands refused in one line, run by one interpreter
-    forking a child each (tests/commands.py): 7 process starts importing JAX cost ~12 s more
+    forking a child each (tests/commands.py): 12 process starts importing JAX cost ~20 s more
     of a cold run. The script imports the engine's trained-run loading (orbax, optax, the
     models) only once running: imported once first, ~0.6 s a child less."""
     root = tmp_path_factory.mktemp("refused")
@@ -53,6 +62,9 @@ def refused(tmp_path_factory) -> dict:
     commands["positional"] = (None, ["--workdir=x", "extra"])
     (root / "no_run").mkdir()
     commands["no_run"] = (root / "no_run", [f"--workdir={root / 'no_run'}"])
+    (root / "output_dir").mkdir()
+    commands["output_dir"] = (root / "output_dir", [f"--workdir={root / 'output_dir'}",
+                                                    f"--output_dir={root / 'output_dir'}"])
     results = run_commands([("experiments.rcnn_svm", *args) for _, args in commands.values()],
                            env=_env(), timeout=120, preimport=["cnnjax.train.trained"])
     return {case: (tmp, result)
@@ -62,7 +74,8 @@ def refused(tmp_path_factory) -> dict:
 # Each refused before the workdir is opened (the script starts no TensorFlow: ~2 s each; the
 # other settings' checks are tested on `Settings.check` in tests/detection/test_rcnn_svm.py).
 @pytest.mark.parametrize("case", range(len(_BAD_FLAGS)),
-                         ids=["svm_c", "positive_iou", "workdir"])
+                         ids=["svm_c", "positive_iou", "train_images", "initial_negatives",
+                              "mining_rounds", "step", "workdir"])
 def test_a_bad_flag_is_a_one_line_error(refused, case):
     tmp_path, result = refused[("bad_flag", case)]
     message = _BAD_FLAGS[case][1]
@@ -97,6 +110,19 @@ def test_a_directory_without_a_run_is_a_one_line_error_and_left_empty(refused):
         f"error: load_trained: workdir={str(tmp_path)!r} is invalid; expected the --workdir of a "
         "training run (no readable config.json with a model in it).")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_dir_among_the_runs_own_files_is_refused_naming_the_flag(refused):
+    """--output_dir=<the workdir> would write results.json among the run's files: refused
+    before the run is read, naming the flag as evaluate's --output does (it read
+    `output_dir='...'`, the library's argument)."""
+    tmp_path, result = refused["output_dir"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --output_dir={str(tmp_path)!r} is invalid; it would write among the run's own "
+        f"files in {str(tmp_path)!r} (its config, summary and checkpoints): use a subfolder or "
+        "another directory.")
+    assert result.stdout == "" and os.listdir(tmp_path) == []
 
 
 # A tiny R-CNN: 8- and 12-px windows every 8 px, warped to 8x8, two small conv stages.
