@@ -242,6 +242,17 @@ def _eval_objects(run: Any, count: int) -> list[dict]:
     return examples
 
 
+def _channel_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two channels' pixels; a flat (constant) channel has none: 1.0
+    when both are flat (the same blank channel, up to scale), else 0.0 (a blank eval image
+    matched any stored one; numpy's NaN was counted as a match)."""
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    flat_a, flat_b = np.ptp(a) == 0, np.ptp(b) == 0
+    if flat_a or flat_b:
+        return 1.0 if flat_a and flat_b else 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def _check_stored_order(images: np.ndarray, labels: np.ndarray, stored: list[dict]) -> None:
     """Raises unless the pipeline's eval `images` and `labels` are the `stored` tfds examples
     (`_eval_objects`'), one for one at their stored size: only then are the stored boxes
@@ -251,8 +262,7 @@ def _check_stored_order(images: np.ndarray, labels: np.ndarray, stored: list[dic
             raise invalid("visualize", "pointing_game", True, f"the run's eval images are "
                           f"{image.shape}, resized from the stored {example['image'].shape}: "
                           "boxes need images at the stored size")
-        same = [np.nan_to_num(np.corrcoef(image[..., c].ravel(),  # nan: a flat channel
-                                          example["image"][..., c].ravel())[0, 1], nan=1.0)
+        same = [_channel_correlation(image[..., c], example["image"][..., c])
                 for c in range(image.shape[-1])]
         if example["label"] != labels[i] or not min(same) > 0.99:  # the pipeline's order
             raise invalid("visualize", "pointing_game", True, f"eval example {i} of the "

@@ -497,6 +497,17 @@ def test_the_command_prints_the_table_and_errors_in_one_line(trained):
                         env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "contrast" in ok.stdout and "clean top-1" in ok.stdout and "Written to" in ok.stdout
+    # The plot is named as the JSON without its suffix (it read robustness*.json.png).
+    written = ok.stdout.splitlines()[-1].removeprefix("Written to ").split(" and ")
+    assert len(written) == 2 and written[0].endswith(".json") and all(map(os.path.isfile, written))
+    assert written[1] == written[0][:-len(".json")] + ".png"
+    assert os.path.dirname(written[0]) == os.path.join(trained[1], "robustness")
+    # What `all` left out on a grey run is printed, not only recorded.
+    every = subprocess.run([*command, "--corruptions=all", "--severities=1", "--max_examples=4"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert every.returncode == 0, every.stderr[-2000:]
+    assert [line for line in every.stdout.splitlines() if line.startswith("skipped ")] == [
+        "skipped saturate: defined for RGB images only; this run's images have 1 channel"]
     # A run against itself as the baseline (its record of the same flags): every CE is 1.
     same = subprocess.run([*command, "--corruptions=contrast", "--severities=5",
                            f"--baseline={trained[1]}"], cwd=ROOT, env=env, capture_output=True,

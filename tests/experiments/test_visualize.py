@@ -1,9 +1,11 @@
 """`experiments.visualize`: the files it writes for a trained run, and one-line errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 _IN_THE_WAY = ["output_dir", "out_dir", "default"]
 
 
-def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypatch):
+def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypatch, capsys):
     helpers.install_fake_pipeline(monkeypatch)
     # one eval and one checkpoint (the maps need a trained run, not a long one)
     loop.train_and_evaluate(helpers.tiny_config(num_train_steps=6, checkpoint_every_steps=6,
@@ -64,6 +66,14 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"^visualize: num_images=65 is invalid; expected at "
                                          r"most 64 \(one figure row per image"):
         write_visualizations(run, str(tmp_path / "none"), num_images=65)
+    # 64 itself is allowed (at most 64): refused only as more than the split's 27.
+    with pytest.raises(ValueError, match=rf"^visualize: num_images=64 is invalid; expected at "
+                                         rf"most the {helpers.NUM_EVAL} examples"):
+        write_visualizations(run, str(tmp_path / "none"), num_images=64)
+    _check_misclassified_images_explain_the_asked_class(run, tmp_path)
+    _check_a_layer_without_grad_cam_is_the_activations(run, tmp_path, monkeypatch)
+    _check_the_command_names_step_and_writes_the_pointing_game(run, tmp_path, monkeypatch,
+                                                               capsys)
     with pytest.raises(ValueError, match=r"attribution: methods=\['lime'\] is invalid"):
         write_visualizations(run, str(tmp_path / "none"), methods=["lime"])
     # Without grad_cam, a bad --layer (the activations') was refused only after every method
@@ -78,6 +88,98 @@ def test_a_trained_run_gets_its_maps_filters_and_activations(tmp_path, monkeypat
     assert not ran and not (tmp_path / "none").exists()
 
 
+def _check_misclassified_images_explain_the_asked_class(run, tmp_path) -> None:
+    """The tiny model gets the first images right, so the predicted and true class agree there:
+    its head negated misclassifies some, where --target=true must explain the label, and the
+    probability shown is the predicted class's (float64 NumPy softmax of the logits, 1e-5)."""
+    from cnnjax.train.trained import eval_examples
+
+    params = dict(run.variables["params"])
+    params["head"] = {k: -np.asarray(v) for k, v in params["head"].items()}
+    wrong = dataclasses.replace(run, variables={**run.variables, "params": params})
+    images, labels = (next(eval_examples(wrong, batch_size=8))[k][:8] for k in ("image", "label"))
+    logits = np.asarray(wrong.apply(images), np.float64)
+    softmax = np.exp(logits - logits.max(-1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    rows = write_visualizations(wrong, str(tmp_path / "wrong"), num_images=8,
+                                methods=["saliency"], target="true")["images"]
+    assert [r["label"] for r in rows] == [r["explained"] for r in rows] == labels.tolist()
+    assert [r["predicted"] for r in rows] == softmax.argmax(-1).tolist()
+    assert any(r["label"] != r["predicted"] for r in rows)  # else the two targets agree
+    np.testing.assert_allclose([r["probability"] for r in rows], softmax.max(-1), rtol=1e-5)
+
+
+def _check_a_layer_without_grad_cam_is_the_activations(run, tmp_path, monkeypatch) -> None:
+    """Without grad_cam, --layer is the activations' alone (Grad-CAM's is None), drawn on eval
+    image 0 as flax's own captured output of that module; the guided-backprop note is given
+    only when guided_backprop ran (a model without ReLUs: count_relus stubbed to 0)."""
+    from cnnjax.analysis import attribution
+    from cnnjax.train.trained import eval_examples
+
+    drawn = []
+    plot = attribution.plot_activations
+    monkeypatch.setattr(attribution, "plot_activations",
+                        lambda activation, *a, **k: drawn.append(activation) or plot(
+                            activation, *a, **k))
+    monkeypatch.setattr(attribution, "count_relus", lambda *a, **k: 0)
+    summary = write_visualizations(run, str(tmp_path / "layer"), num_images=3,
+                                   methods=["saliency"], layer="conv")
+    assert (summary["grad_cam_layer"], summary["activations_layer"]) == (None, "conv")
+    assert summary["notes"] == []  # guided_backprop did not run
+    images = next(eval_examples(run, batch_size=3))["image"][:3]
+    _, state = run.model.apply(run.variables, images, train=False, capture_intermediates=True)
+    conv = np.asarray(state["intermediates"]["conv"]["__call__"][0])
+    assert len(drawn) == 1 and not np.allclose(conv[0], conv[-1])
+    np.testing.assert_allclose(drawn[0], conv[0], rtol=1e-5, atol=1e-6)
+    guided = write_visualizations(run, str(tmp_path / "guided"), num_images=1,
+                                  methods=["guided_backprop"])
+    assert guided["notes"] == [f"guided_backprop: {run.config.model} has no ReLU, so it "
+                               "equals the saliency map"]
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[object, str]:
+    """`experiments.visualize.main` in this process, its flags parsed from `args` (its exit
+    handler and log settings left out): (the SystemExit code, None if none; stdout)."""
+    from absl import flags
+
+    from experiments import visualize
+
+    monkeypatch.setattr(visualize, "start_command", lambda argv: None)
+    flags.FLAGS(["visualize", *args])
+    try:
+        visualize.main(["visualize"])
+        code = None
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    return code, capsys.readouterr().out
+
+
+def _check_the_command_names_step_and_writes_the_pointing_game(run, tmp_path, monkeypatch,
+                                                               capsys) -> None:
+    """load_trained's `step=5` error (no checkpoint 5) reads as the flag the user gave
+    (--step=5); the pointing game writes pointing_game.json alone, never visualize.json (its
+    scores stubbed: they need a dataset with boxes)."""
+    from experiments import visualize
+
+    code, _ = _main(monkeypatch, capsys, f"--workdir={run.workdir}", "--step=5",
+                    f"--output_dir={tmp_path / 'step5'}")
+    assert code == (f"error: --step=5 is invalid; "
+                    f"{os.path.join(run.workdir, 'checkpoints')!r} has checkpoints at steps [6].")
+    scores = {"images": 2, "tolerance_px": 1.0, "grad_cam_layer": "conv",
+              "accuracy": {"saliency": 0.5, "centre": 1.0}}
+    monkeypatch.setattr(visualize, "pointing_game_run", lambda *a: scores)
+    out = tmp_path / "pointing"
+    code, stdout = _main(monkeypatch, capsys, f"--workdir={run.workdir}", "--pointing_game",
+                         f"--output_dir={out}")
+    assert code is None and os.listdir(out) == ["pointing_game.json"]
+    assert json.loads((out / "pointing_game.json").read_text()) == {
+        "workdir": run.workdir, "model": run.config.model, "step": run.step, **scores}
+    assert stdout.splitlines() == [
+        "Pointing game, 2 eval images, tolerance 1.0 px (Grad-CAM layer conv):",
+        f"  {'saliency':22s} 0.500", f"  {'centre':22s} 1.000",
+        f"Written to {out / 'pointing_game.json'}"]
 @pytest.fixture(scope="module")
 def refused(tmp_path_factory) -> dict:
     """{case: (tmp_path, result)} of the commands refused in one line, run by one interpreter
@@ -104,6 +206,14 @@ def refused(tmp_path_factory) -> dict:
     (root / "empty_output").mkdir()
     commands["empty_output"] = (root / "empty_output", [f"--workdir={root / 'empty_output'}",
                                                         "--output_dir="])
+    (root / "layer_without_grad_cam").mkdir()
+    commands["layer_without_grad_cam"] = (root / "layer_without_grad_cam", [
+        f"--workdir={root / 'layer_without_grad_cam'}", "--pointing_game", "--methods=saliency",
+        "--layer=c1"])
+    (root / "list_layers").mkdir()  # --list_layers writes nothing: a file in the way is no matter
+    (root / "list_layers" / "visualize").write_text("")
+    commands["list_layers"] = (root / "list_layers", [f"--workdir={root / 'list_layers'}",
+                                                      "--list_layers"])
     # JAX and the engine, imported once (experiments.visualize imports them only once running)
     results = run_commands([("experiments.visualize", *args) for _, args in commands.values()],
                            timeout=120, preimport=["cnnjax.train.trained"])
@@ -113,6 +223,20 @@ def refused(tmp_path_factory) -> dict:
 
 def test_the_command_says_what_is_wrong_in_one_line(refused):
     tmp_path, result = refused["no_run"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: --workdir={str(tmp_path)!r} is invalid")
+
+
+def test_the_command_reads_layer_and_the_output_folder_only_where_it_uses_them(refused):
+    """`--pointing_game --methods=saliency --layer=c1` is refused before the run loads (the
+    workdir holds none), and --list_layers, which writes nothing, ignores a file where
+    <workdir>/visualize would go: it reaches the missing run."""
+    tmp_path, result = refused["layer_without_grad_cam"]
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        "error: --layer is invalid with --pointing_game without grad_cam in --methods (only "
+        "Grad-CAM reads it there); add grad_cam to --methods or drop --layer")
+    tmp_path, result = refused["list_layers"]
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --workdir={str(tmp_path)!r} is invalid")
@@ -239,6 +363,54 @@ def test_the_pointing_game_refuses_eval_images_that_are_not_the_stored_ones():
             f"visualize: pointing_game=True is invalid; eval example {first_wrong} of the "
             f"pipeline is not the stored example {first_wrong} (a class subset or reordering): "
             "boxes cannot be matched.")
+    # Every channel must match: the stored copy of image 0 with channel 2 alone another image's.
+    other = [dict(stored[0], image=stored[0]["image"].copy())]
+    other[0]["image"][..., 2] = stored[1]["image"][..., 2]
+    # A flat (constant) channel has no correlation: the same only where both are flat. A blank
+    # eval image (numpy's NaN counted as a match) matched any stored image of its label.
+    flat = images[:1].copy()
+    flat[..., 1] = 7.0
+    flat_stored = [dict(stored[0], image=(flat[0] * 0.5).astype(np.uint8))]
+    blank = [dict(stored[0], image=np.full((8, 8, 3), 9, np.uint8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in divide"
+        _check_stored_order(flat, labels[:1], flat_stored)
+        _check_stored_order(np.zeros_like(flat), labels[:1], blank)
+        for given, stored_as in [(images[:1], other), (np.zeros_like(flat), stored[:1]),
+                                 (images[:1], blank), (flat, stored[:1]),
+                                 (images[:1], flat_stored)]:
+            with pytest.raises(ValueError, match=r"eval example 0 of the pipeline is not the "
+                                                 r"stored example 0"):
+                _check_stored_order(given, labels[:1], stored_as)
+
+
+def test_the_pointing_games_centre_baseline_is_the_centre_pixel(monkeypatch):
+    """The centre map peaks at pixel (h // 2, w // 2) (centre (4.5, 3.5) on 8x6 images): a box
+    around it alone is a hit, one in a corner a miss, so the baseline is 1/2 (hand-computed),
+    with the eval images and boxes stubbed (no tfds set) and no method run."""
+    import types
+
+    import ml_collections
+
+    from cnnjax.analysis import attribution
+    from cnnjax.train import trained
+    from experiments import visualize
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 8, 6, 3)).astype(np.float32)
+    labels = np.array([1, 0])
+    boxes = [np.array([[4.2 / 8, 3.2 / 6, 4.8 / 8, 3.8 / 6]]), np.array([[0, 0, 1 / 8, 1 / 6]])]
+    monkeypatch.setattr(trained, "eval_examples",
+                        lambda run, batch_size: iter([{"image": images, "label": labels}]))
+    monkeypatch.setattr(visualize, "_eval_objects", lambda run, count: [
+        {"image": image.astype(np.uint8), "label": int(label), "boxes": box}
+        for image, label, box in zip(images, labels, boxes, strict=True)])
+    monkeypatch.setattr(attribution, "explain",
+                        lambda *a, **k: types.SimpleNamespace(maps={}, layer=None))
+    run = trained.TrainedRun("w", ml_collections.ConfigDict({"task": "classification"}),
+                             model=None, variables={}, step=1, how="best")
+    assert visualize.pointing_game_run(run, tolerance=0.0) == {
+        "images": 2, "tolerance_px": 0.0, "grad_cam_layer": None, "accuracy": {"centre": 0.5}}
 
 
 @pytest.mark.slow
@@ -291,6 +463,18 @@ def test_inputs_are_shown_in_the_colours_the_pipeline_normalized_away():
     rgb = default_data_config("digits")
     rgb.grey_to_rgb = True
     assert _normalization(run_of(rgb), 3) == (grey.mean * 3, grey.std * 3)
+    # As the pipeline normalizes: a 3-channel preset's statistics on grey images fed as RGB.
+    import types
+
+    from cnnjax.data.spec import resolve
+    from cnnjax.data.transforms import make_transforms
+
+    cifar = default_data_config("cifar10")
+    cifar.update(tfds_name="mnist", grey_to_rgb=True)
+    for data in (rgb, cifar):
+        pipeline = make_transforms(resolve(data), types.SimpleNamespace(native_shape=(28, 28, 1)))
+        assert _normalization(run_of(data), 3) == (pipeline.mean, pipeline.std)
+    assert pipeline.mean == get_preset("cifar10").mean
 
 
 def test_an_unknown_method_is_refused_by_its_flag_before_the_checkpoint_loads(refused):
@@ -340,6 +524,19 @@ def test_titles_name_a_class_subsets_dataset_labels():
                                                           "true 6, pred 6 (0.88)"]
     assert image_titles(rows, [5, 6, 7], "true")[0] == "true 5, pred 7 (0.50), maps for 5"
     assert image_titles(rows, [0, 1, 2], "predicted")[0] == "true 0, pred 2 (0.50)"
+
+
+def test_the_header_counts_images_whose_prediction_is_their_label():
+    """With --target=true an image's `explained` class is its label: a misclassified image is
+    still counted as wrong (hand-counted: 1 of 3 right)."""
+    rows = [{"label": 0, "predicted": 1, "explained": 0, "probability": 0.5},
+            {"label": 2, "predicted": 2, "explained": 2, "probability": 0.75},
+            {"label": 3, "predicted": 0, "explained": 3, "probability": 0.5}]
+    summary = {"model": "m", "step": 4, "checkpoint": "best", "weights": "trained",
+               "grad_cam_layer": None, "images": rows, "files": {}, "notes": []}
+    assert report_lines(summary, "v.json") == [
+        "m step 4 (best checkpoint): 1/3 of the eval images shown are classified correctly; "
+        "Grad-CAM layer: -", "summary:      v.json"]
 
 
 def test_flags_the_chosen_mode_would_ignore_are_refused():
