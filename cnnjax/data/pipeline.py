@@ -304,6 +304,9 @@ def epoch_dataset(spec: Spec, source: Source,
     process_batch = global_batch_size // shard[1]
     steps = train_epoch_steps(spec, source, global_batch_size=global_batch_size,
                               process_count=shard[1])
+    if start_step // steps >= 2**62:  # the epochs are an int64 range ending at 2**62
+        raise invalid(_OWNER, "start_step", start_step,
+                      f"expected start_step < 2**62 * {steps} (2**62 epochs of {steps} steps)")
     base = source.for_training().read(spec.train_split, shard)
     decoded = spec.cache
     if decoded:

@@ -191,6 +191,18 @@ def test_flipped_boxes_are_the_numpy_mirror_and_cover_the_flipped_pixels():
         np.testing.assert_array_equal(flip_image == value, inside)
 
 
+def test_no_flip_without_augment_even_with_a_key_that_flips():
+    """Fast (no dataset): with `augment=False`, `flipped_whole_image` returns the eval image
+    (here the pixels / 255, unmirrored) and `flip` False, even for a key that mirrors when
+    augmentation is on."""
+    image = np.arange(60, dtype=np.uint8).reshape(6, 10, 1)
+    _, flipping_key = _flip_keys(types.SimpleNamespace(augment=True))
+    image_out, flip = pipeline.flipped_whole_image(types.SimpleNamespace(augment=False),
+                                                   _IDENTITY, tf.constant(image), flipping_key)
+    assert not bool(flip)
+    np.testing.assert_array_equal(image_out.numpy(), image / np.float32(255))
+
+
 def test_training_drops_unused_boxes_before_taking_max_boxes():
     """Fast (no dataset): training removes difficult and area-less boxes *before* taking the
     first `max_boxes`, so they take no slot from a later object (they used to: objects [ok,

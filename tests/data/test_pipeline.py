@@ -59,6 +59,13 @@ def test_dataset_info(digits_config):
     assert pipeline.steps_per_epoch(info.num_train, 128) == STEPS_PER_EPOCH
 
 
+def test_dataset_info_is_named_after_the_preset_not_the_dataset_read(digits_config):
+    """`DatasetInfo.name` is the preset's (distillation compares teacher and student by it),
+    not `tfds_name`, which may carry a version or a config (imagenette/320px-v2)."""
+    info = get_dataset_info(digits_config(tfds_name="digits:1.0.0"))
+    assert info == pipeline.DatasetInfo("digits", 10, (8, 8, 1), 1438, 359)
+
+
 @pytest.mark.parametrize("args,message", [
     ((1024, 0), "global_batch_size=0 is invalid; expected a positive integer"),  # ZeroDivision
     ((1024, -3), "global_batch_size=-3 is invalid"),  # was -342
@@ -161,6 +168,32 @@ def test_tensorflow_gpus_are_hidden_before_a_pipeline_is_built(digits_config, mo
     assert calls == [([], "GPU"), ([], "GPU")]
 
 
+def test_dense_target_sources_are_opened_with_tensorflow_gpus_hidden(monkeypatch):
+    """Detection and segmentation build their `TfdsSource` themselves, not through
+    `sources.open_source`: `open_whole_image_source` must hide the GPUs before `make_source`
+    runs (no dataset is read: `make_source` stops the call)."""
+    from cnnjax.data import spec as spec_lib
+
+    calls = []
+    monkeypatch.setattr(pipeline.tf.config, "set_visible_devices",
+                        lambda devices, kind: calls.append((list(devices), kind)))
+
+    class OpenedError(Exception):
+        pass
+
+    def make_source(spec):
+        assert calls == [([], "GPU")]
+        raise OpenedError
+
+    for task in ("detection", "segmentation"):
+        calls.clear()
+        config = (spec_lib.detection_data_config if task == "detection"
+                  else spec_lib.segmentation_data_config)("shapes")
+        with pytest.raises(OpenedError):
+            pipeline.open_whole_image_source(spec_lib.resolve_for_task(config, task),
+                                             make_source)
+
+
 def test_late_gpu_hiding_warns_when_tensorflow_already_holds_gpus(monkeypatch, caplog):
     """TF initialized with GPUs visible before the pipeline: visibility is frozen, so warn."""
 
@@ -204,6 +237,14 @@ def test_same_seed_same_batches_other_seed_different(digits_config):
     assert not np.array_equal(a[0]["label"], c[0]["label"])
 
 
+def test_the_top_seed_bit_changes_the_batches(digits_config):
+    """All 63 bits of the seed count: seed 3 + 2**62 is not an alias of seed 3 (the same
+    first 128 labels by chance: about 10**-128)."""
+    low, high = (next(train_batches(digits_config(), global_batch_size=128, num_devices=1,
+                                    seed=seed)) for seed in (3, 3 + 2**62))
+    assert not np.array_equal(low["label"], high["label"])
+
+
 def test_start_step_resumes_exactly(digits_config):
     # Mid-epoch, last step of an epoch (next batch crosses the boundary), first step of an
     # epoch, and a later epoch.
@@ -241,6 +282,19 @@ def test_cache_does_not_change_batches(digits_config):
                                    num_devices=1, seed=1, start_step=20), 3)
     for x, y in zip(cached, streamed, strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cache_holds_the_decoded_split_only_when_asked(digits_config, monkeypatch, cache):
+    """`cache=False` is for splits that do not fit in memory (imagenet2012): the batches are
+    the same either way (above), so count the `Dataset.cache` calls: one with it, none without."""
+    calls = []
+    real_cache = tf.data.Dataset.cache
+    monkeypatch.setattr(tf.data.Dataset, "cache",
+                        lambda self, *args, **kwargs: calls.append(1) or real_cache(self, *args,
+                                                                                    **kwargs))
+    next(train_batches(digits_config(cache=cache), global_batch_size=8, num_devices=1, seed=0))
+    assert len(calls) == int(cache)
 
 
 def test_device_axis_is_a_reshape_of_the_global_batch(digits_config):
@@ -340,6 +394,11 @@ def test_more_processes_than_eval_examples_pad_the_empty_shards(digits_config):
     assert [len(s) for s in shards] == [1, 1, 1, 1]
     assert [float(s[0]["mask"].sum()) for s in shards] == [1.0, 1.0, 0.0, 0.0]
     assert not shards[3][0]["image"].any()
+    # A padding-only batch has the dtypes and shapes of a read one: every process feeds the
+    # same arrays to the same compiled eval step.
+    layouts = [{k: (v.dtype, v.shape) for k, v in s[0].items()} for s in shards]
+    assert layouts == [{"image": (np.float32, (1, 1, 8, 8, 1)), "label": (np.int32, (1, 1)),
+                        "mask": (np.float32, (1, 1))}] * 4
 
 
 def test_fake_dataset(tmp_path):
@@ -609,9 +668,45 @@ def test_layout_errors(digits_config):
             global_batch_size=8, num_devices=1, seed=-1)
     _expect(r"data: start_step=-5 is invalid", train_batches, config, global_batch_size=8,
             num_devices=1, seed=0, start_step=-5)
+    for batches in (train_batches, eval_batches):  # tfds would read shard -1, i.e. shard 1
+        _expect(r"data: process_index=-1 is invalid; expected an integer >= 0", batches, config,
+                global_batch_size=8, num_devices=1, process_index=-1, process_count=2,
+                **({"seed": 0} if batches is train_batches else {}))
+    # 2**63 would be masked to seed 0 (the shuffle seeds are int64).
+    _expect(r"data: seed=9223372036854775808 is invalid; expected 0 <= seed < 2\*\*63",
+            train_batches, config, global_batch_size=8, num_devices=1, seed=2**63)
     _expect(r"data: global_batch_size=2048 is invalid; expected at most the 1438 examples of "
             r"'digits' split 'train' \(an epoch would have no step\)", train_batches, config,
             global_batch_size=2048, num_devices=1, seed=0)
+
+
+def test_layout_is_checked_before_the_source_is_opened(digits_config, monkeypatch):
+    """"All arguments are validated before anything is read": a bad layout is refused by name
+    without opening the source (which may generate a dataset, or fail as not prepared)."""
+    monkeypatch.setattr(pipeline.sources, "open_source", None)  # any I/O would fail loudly
+    config = digits_config()
+    _expect(r"data: global_batch_size=10 is invalid; expected a multiple of num_devices \* "
+            r"process_count = 4 \* 1 = 4", train_batches, config, global_batch_size=10,
+            num_devices=4, seed=0)
+    _expect(r"data: process_index=2 is invalid", eval_batches, config, global_batch_size=8,
+            num_devices=1, process_index=2, process_count=2)
+
+
+def test_a_start_step_past_the_last_epoch_is_refused_by_name(digits_config):
+    """The epochs are `Dataset.range(first_epoch, 2**62)`: a start_step of 2**62 epochs or more
+    yielded no batch at all, and 2**63 epochs TensorFlow's out-of-range error naming no field.
+    The last step before the bound still starts a batch (the last of epoch 2**62 - 1)."""
+    config = digits_config()
+    for epochs in (2**62, 2**63):
+        start_step = epochs * STEPS_PER_EPOCH
+        _expect(rf"^data: start_step={start_step} is invalid; expected start_step < 2\*\*62 \* "
+                rf"{STEPS_PER_EPOCH} \(2\*\*62 epochs of {STEPS_PER_EPOCH} steps\)\.$",
+                train_batches, config, global_batch_size=128, num_devices=1, seed=0,
+                start_step=start_step)
+    last = train_batches(config, global_batch_size=128, num_devices=1, seed=0,
+                         start_step=2**62 * STEPS_PER_EPOCH - 1)
+    assert next(last)["label"].shape == (1, 128)
+    assert next(last, None) is None
 
 
 # ------------------------------------------------------------------ recorded batches (golden)
