@@ -786,9 +786,13 @@ def test_epoch_dataset_hands_preprocess_the_documented_keys(digits_config):
     np.testing.assert_array_equal(fresh[start]["label"], batches(start)[0]["label"])
 
 
-def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path, process_index,
+                                                process_count):
     """One epoch scheme: detection's `train_batches` hands its own `preprocess` to
-    `pipeline.epoch_dataset` instead of repeating the shuffle-and-seed logic."""
+    `pipeline.epoch_dataset` instead of repeating the shuffle-and-seed logic, on this process's
+    shard `(process_index, process_count)` (with every host on shard 0 each would train on the
+    same examples)."""
     from cnnjax.data import detection
 
     seen = []
@@ -805,33 +809,10 @@ def test_detection_trains_through_epoch_dataset(monkeypatch, tmp_path):
     config = detection.default_data_config("shapes")
     config.data_dir = str(tmp_path)
     with pytest.raises(StopIteration):
-        detection.train_batches(config, global_batch_size=8, num_devices=1, seed=3, start_step=2)
+        detection.train_batches(config, global_batch_size=8, num_devices=1, seed=3, start_step=2,
+                                process_index=process_index, process_count=process_count)
     assert seen == [("shapes", {"global_batch_size": 8, "seed": 3, "start_step": 2,
-                                "shard": (0, 1)})]
-
-
-def test_detection_trains_on_this_processs_shard(monkeypatch, tmp_path):
-    """Multi-host detection training reads shard `(process_index, process_count)`: with every
-    host on shard 0 each would train on the same examples (the test above runs 1 process)."""
-    from cnnjax.data import detection
-
-    shards = []
-
-    def spy(spec, source, preprocess, **kwargs):
-        shards.append(kwargs["shard"])
-        raise StopIteration
-
-    monkeypatch.setattr(pipeline, "epoch_dataset", spy)
-    monkeypatch.setattr(detection, "_open", lambda config: (
-        resolve(split_detection_fields(config)[0]), None,
-        Transforms((8, 8, 3), (8, 8), (0.0,) * 3, (1.0,) * 3, "none", "resize", 0, 1.0),
-        4))
-    config = detection.default_data_config("shapes")
-    config.data_dir = str(tmp_path)
-    with pytest.raises(StopIteration):
-        detection.train_batches(config, global_batch_size=8, num_devices=1, seed=3,
-                                process_index=1, process_count=2)
-    assert shards == [(1, 2)]
+                                "shard": (process_index, process_count)})]
 
 
 @pytest.mark.parametrize("field, value, valid", [
