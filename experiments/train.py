@@ -93,7 +93,10 @@ def _start_distributed(workdir: str) -> None:
             logging.warning("SLURM_NTASKS=%d outside an srun job step: training as one process "
                             "(launch with srun for a %d-process JAX job).", tasks, tasks)
     except ValueError as err:
-        _write_startup_error(workdir, str(err), None)
+        try:
+            _write_startup_error(workdir, str(err), None)
+        except OSError as log_err:  # a file in the workdir's place: the refusal still one line
+            sys.exit(f"error: {err}\n(could not record it in {workdir}: {log_err})")
         sys.exit(f"error: {err}")
 
 

@@ -487,14 +487,14 @@ def test_a_config_file_argument_that_get_config_refuses_is_named_in_one_line():
 
 
 def test_the_command_reports_flag_errors_in_one_line():
-    """`python -m experiments.train` (and sweep) with seven bad command lines, run by one
+    """`python -m experiments.train` (and sweep) with eight bad command lines, run by one
     interpreter that forks a child per command (tests/commands.py: 6 process starts cost
     17 s)."""
     import os
 
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
     lenet = ("--config=experiments/configs/lenet5_digits.py", "--workdir=unused")
-    bad, unknown, bad_value, group, typo, default, no_sweep = run_commands([
+    bad, unknown, bad_value, group, typo, default, no_sweep, no_workdir = run_commands([
         ("experiments.train", "--config=experiments/configs/rcnn_shapes.py:bogus",
          "--workdir=unused"),
         ("experiments.train", "--bogusflag=1"),
@@ -504,6 +504,7 @@ def test_the_command_reports_flag_errors_in_one_line():
         ("experiments.train", "--workdir=unused", "--config.model_kwargs.depth=3"),
         # an override without its config-file flag: the missing flag, not an unknown flag
         ("experiments.sweep", lenet[0], "--sweep_dir=unused", "--sweep.seed=1"),
+        ("experiments.train", lenet[0]),  # no --workdir: not a TypeError deep in the engine
     ], env=env)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "FATAL" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
@@ -533,6 +534,8 @@ def test_the_command_reports_flag_errors_in_one_line():
     assert no_sweep.returncode == 1 and no_sweep.stderr.strip().splitlines()[-1] == (
         "error: --sweep is required (--sweep.seed sets a field of the file --sweep names: give "
         "--sweep=<file>.py before it)")
+    assert no_workdir.returncode == 1 and "Traceback" not in no_workdir.stderr
+    assert no_workdir.stderr.strip().splitlines()[-1] == "error: --workdir is required"
 
 
 @pytest.mark.parametrize("script", [

@@ -349,3 +349,72 @@ def test_sbatch_sweep_outside_an_array_job_says_how_to_submit(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "run with sbatch --array=0-N (one task per trial)" in result.stderr
+
+
+# experiments.sweep with `run_sweep` replaced: it prints what the command forwards and returns
+# the rows given as the driver's first argument (`python -m tests.experiments.test_sweep <rows>
+# experiments.sweep <flags>`, forked by run_commands)
+_STAND_IN = ("import json, sys\n"
+             "import cnnjax.tune.sweep as sweep_lib\n"
+             "rows = json.loads(sys.argv.pop(1))\n"
+             "def run_sweep(base, space, sweep_dir, **kwargs):\n"
+             "    print(json.dumps(kwargs, sort_keys=True), flush=True)\n"
+             "    return rows\n"
+             "sweep_lib.run_sweep = run_sweep\n"
+             "sys.argv = sys.argv[1:]\n"
+             "import runpy; runpy.run_module('experiments.sweep', run_name='__main__')")
+_DONE, _FAILED = ({"index": 0, "status": "completed", "trial_id": "t0"},
+                  {"index": 1, "status": "failed", "trial_id": "t1", "reason": "boom"})
+_DIVERGED = [{"index": i, "status": "diverged", "trial_id": f"t{i}"} for i in range(2)]
+_FAILURE = ("error: 1 trial(s) failed: t1: boom (tracebacks in <trial workdir>/error.log; rerun "
+            "the command to retry them)")
+_NO_RESULT = ("error: the sweep has no result: none of its 2 trials completed (2 diverged; each "
+              "one's reason is in results.csv)")
+# (rows run_sweep returns, flags): exit status, last stderr line, kwargs run_sweep received
+_ARRAY = {"trial_index": 0, "trial_count": 1, "max_trials": None}
+_STAND_IN_CASES = {
+    "failed_trial": ([_DONE, _FAILED], [], 1, _FAILURE,
+                     {"trial_index": None, "trial_count": 1, "max_trials": None}),
+    # an array task answers for its own trials only: trial 0's task, trial 1 failed
+    "array_task_0": ([_DONE, _FAILED], ["--trial_index=0"], 0, None, _ARRAY),
+    "array_tasks_0_1": ([_DONE, _FAILED], ["--trial_index=0", "--trial_count=2",
+                                          "--max_trials=0"], 1, _FAILURE,
+                        {"trial_index": 0, "trial_count": 2, "max_trials": 0}),
+    "no_result": (_DIVERGED, [], 1, _NO_RESULT,
+                  {"trial_index": None, "trial_count": 1, "max_trials": None}),
+    # another task's trials may still complete
+    "array_task_no_result": (_DIVERGED, ["--trial_index=0"], 0, None, _ARRAY),
+}
+
+
+@pytest.fixture(scope="module")
+def stand_in_runs(tmp_path_factory):
+    """{case: CompletedProcess} of experiments.sweep under the stand-in `run_sweep`, one
+    interpreter forking a child per case (~3 s)."""
+    root = tmp_path_factory.mktemp("stand_in")
+    sweep = os.path.join(ROOT, "experiments", "sweeps", "lenet5_digits_lr.py")
+    commands = [["tests.experiments.test_sweep", json.dumps(rows),
+                 *_command(sweep, root / case, *extra)[2:]]
+                for case, (rows, extra, *_) in _STAND_IN_CASES.items()]
+    results = run_commands(commands, env=_env(),
+                           preimport=["cnnjax.tune.sweep", "cnnjax.data.presets"])
+    return dict(zip(_STAND_IN_CASES, results, strict=True))
+
+
+@pytest.mark.parametrize("case", _STAND_IN_CASES)
+def test_the_exit_status_answers_for_the_trials_of_this_invocation(stand_in_runs, case):
+    """The flags reach run_sweep; a failed trial (or a sweep with no result) exits 1 naming it,
+    except in an array task whose own trials (index..index+count-1) did not fail."""
+    _, _, status, line, forwarded = _STAND_IN_CASES[case]
+    result = stand_in_runs[case]
+    assert result.returncode == status, result.stderr[-2000:]
+    kwargs = json.loads(result.stdout.splitlines()[-1])
+    assert kwargs == {**forwarded, "metric": "top1", "mode": None}  # as the sweep file sets
+    if line is None:
+        assert "error:" not in result.stderr
+    else:
+        assert result.stderr.strip().splitlines()[-1] == line
+
+
+if __name__ == "__main__":  # a stand-in driver, for `stand_in_runs`
+    exec(_STAND_IN)  # noqa: S102

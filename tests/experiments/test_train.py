@@ -168,10 +168,16 @@ def refused(tmp_path_factory) -> dict:
         commands[("misspelt", i)] = (
             workdir, [f"experiments.{script}", *(a.format(tmp=workdir) for a in args)])
     for name in _STAND_INS:
-        (root / name).mkdir()
+        if name != "crash_in_a_new_workdir":  # that one must make its workdir itself
+            (root / name).mkdir()
         commands[name] = (root / name, ["tests.experiments.test_train", name,
-                                        *_command(root / name)[2:]])
+                                        *_command(root / name)[2:], *_STAND_IN_FLAGS.get(name, [])])
     (root / "crash_log_unwritable" / "error.log").mkdir()
+    (root / "trained" / "error.log").write_text("an earlier run's traceback\n")
+    (root / "crash_again" / "error.log").write_text(
+        "Traceback (most recent call last):\nRuntimeError: an earlier bug\n")
+    (root / "ctrl_c_over_an_old_failure" / "summary.json").write_text(json.dumps(
+        {"status": "failed", "error": "ValueError", "message": "an earlier failure"}))
     with helpers.locked_by_another_process(root / "in_use") as holder:
         results = run_commands([command for _, command in commands.values()], env=_env(),
                                preimport=["cnnjax.train.trained", "cnnjax.data.presets",
@@ -319,11 +325,149 @@ def test_a_failure_leaves_without_waiting_for_stuck_background_threads(tmp_path)
     assert failed.stderr.strip().splitlines()[-2] == "error: RuntimeError: save failed"
 
 
+_REFUSED_IN_A_STOPPED_RUN = (
+    "def stand_in(config, workdir):\n"
+    "    message = 'num_train_steps=9 is invalid; the stopped run trains 120'\n"
+    "    with open(os.path.join(workdir, 'summary.json'), 'w') as f:  # the engine's note\n"
+    "        json.dump({'status': 'interrupted', 'refused': {'message': message}}, f)\n"
+    "    raise ValueError(message)")
+_DATA_NOT_PREPARED = (  # DatasetNotPreparedError is a FileNotFoundError
+    "def stand_in(config, workdir):\n"
+    "    message = 'cifar10 is not prepared in /data'\n"
+    "    with open(os.path.join(workdir, 'summary.json'), 'w') as f:\n"
+    "        json.dump({'status': 'failed', 'error': 'DatasetNotPreparedError',\n"
+    "                   'message': message}, f)\n"
+    "    raise FileNotFoundError(message)")
+_CTRL_C = ("def stand_in(config, workdir):\n"
+           "    raise KeyboardInterrupt")
+# The summary a finished resumed run returns, and `distributed.initialize` as a job whose other
+# process never came (it records the reason through `on_timeout`, then ends the process).
+_TRAINS = ("import cnnjax.train.distributed as distributed\n"
+           "def stand_in(config, workdir):\n"
+           "    return {'model': 'lenet5', 'dataset': 'digits', 'step': 10, 'wall_time_s': 1.0,\n"
+           "            'resumed_from_step': 5, 'total_wall_time_s': 3.0,\n"
+           "            'images_per_sec': 100.0, 'best': None,\n"
+           "            'final_eval': {'loss': 0.5, 'top1': 0.9, 'num_examples': 359.0},\n"
+           "            'outputs': {'plot': 'P.png', 'checkpoints': 'C', 'metrics': 'M.jsonl',\n"
+           "                        'tensorboard': 'TB'}}\n"
+           "def initialize(timeout_s, on_timeout=None):\n"
+           "    print(f'initialize(timeout_s={timeout_s!r})', flush=True)\n"
+           "    on_timeout('stand-in: process 1 never joined', 0)\n"
+           "    sys.exit(distributed.EXIT_STATUS)\n"
+           "distributed.initialize = initialize\n"
+           "for name in [k for k in os.environ if k.startswith('SLURM_')]:\n"
+           "    del os.environ[name]\n"
+           "os.environ.update(%s)")
+# a task of a 2-task srun step: `should_initialize(None)` would connect the processes
+_SRUN_TASK_1 = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+                "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+
+
 # Stand-in drivers the `refused` fixture runs (`python -m tests.experiments.test_train <name>
 # experiments.train <flags>`, forked by run_commands): each runs experiments.train as the code
 # would through `python -c <code> experiments.train <flags>`
 _STAND_INS = {"crash_log_unwritable": _CRASH,
-              "failed_in_training": _STAND_IN.format(body=_FAILED_IN_TRAINING)}
+              "failed_in_training": _STAND_IN.format(body=_FAILED_IN_TRAINING),
+              "refused_in_a_stopped_run": _STAND_IN.format(body=_REFUSED_IN_A_STOPPED_RUN),
+              "data_not_prepared": _STAND_IN.format(body=_DATA_NOT_PREPARED),
+              "crash_in_a_new_workdir": _CRASH,
+              "crash_again": _CRASH,
+              "crash_in_process_1": "import jax\njax.process_index, jax.process_count = (lambda: 1,"
+                                    " lambda: 2)\n" + _CRASH,
+              "ctrl_c_over_an_old_failure": _STAND_IN.format(body=_CTRL_C),
+              "trained": _STAND_IN.format(body=_TRAINS % "{}"),
+              "nodistributed_in_an_srun_step": _STAND_IN.format(body=_TRAINS % _SRUN_TASK_1),
+              "config_distributed": _STAND_IN.format(body=_TRAINS % "{}")}
+_STAND_IN_FLAGS = {"nodistributed_in_an_srun_step": ["--nodistributed"],
+                   "config_distributed": ["--config.distributed=True"]}
+
+
+def test_a_refusal_noted_in_a_stopped_runs_summary_points_to_it(refused):
+    """A refused rerun of a stopped run notes itself as `refused` in its summary.json (the
+    run's own message stays): the error must still point there."""
+    workdir, failed = refused["refused_in_a_stopped_run"]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-2:] == [
+        "error: num_train_steps=9 is invalid; the stopped run trains 120",
+        f"(details in {workdir / 'summary.json'})"]
+
+
+def test_data_not_prepared_is_one_line_pointing_to_the_summary(refused):
+    """DatasetNotPreparedError (a FileNotFoundError) is a refusal the summary records: one line
+    and the summary's path, no traceback kept in error.log."""
+    workdir, failed = refused["data_not_prepared"]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines()[-2:] == [
+        "error: cifar10 is not prepared in /data", f"(details in {workdir / 'summary.json'})"]
+    assert not (workdir / "error.log").exists()
+
+
+@pytest.mark.parametrize("case", ["crash_in_a_new_workdir", "crash_again"])
+def test_an_unexpected_error_keeps_one_traceback_even_in_a_new_workdir(refused, case):
+    """The workdir is made for error.log when the crash came before the engine made it, and a
+    rerun's error.log replaces the earlier one's (one traceback: this run's)."""
+    workdir, failed = refused[case]
+    log = _kept_traceback(failed, workdir, "RuntimeError: stand-in bug")
+    text = log.read_text()
+    assert text.count("Traceback (most recent call last):") == 1 and "earlier bug" not in text
+
+
+def test_an_unexpected_error_in_process_1_keeps_its_own_log(refused):
+    """Each process of a job writes its traceback to its own file: process 1 must not
+    overwrite process 0's error.log."""
+    workdir, failed = refused["crash_in_process_1"]
+    assert failed.returncode == 1
+    log = workdir / "error.process1.log"
+    assert failed.stderr.strip().splitlines()[-2:] == ["error: RuntimeError: stand-in bug",
+                                                       f"(traceback in {log})"]
+    assert "RuntimeError: stand-in bug" in log.read_text()
+    assert not (workdir / "error.log").exists()
+
+
+def test_ctrl_c_does_not_report_an_earlier_failures_message(refused):
+    """summary.json still holding an earlier run's failure (Ctrl-C came before the engine wrote
+    its own) is not where this run stopped: the line says 'Ctrl-C'."""
+    _, stopped = refused["ctrl_c_over_an_old_failure"]
+    assert stopped.returncode == 130
+    assert stopped.stderr.strip().splitlines()[-1] == "interrupted: Ctrl-C"
+
+
+def test_a_finished_run_prints_its_summary_and_retires_an_old_traceback(refused):
+    """A one-process run outside SLURM (summary from a stand-in engine, resumed at step 5):
+    no multi-process start-up nor SLURM warning; the summary lines; an earlier error.log moved
+    to error.previous.log."""
+    workdir, result = refused["trained"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "initialize(" not in result.stdout
+    assert "outside an srun job step" not in result.stderr
+    assert result.stdout.splitlines() == [
+        "Finished lenet5 on digits: steps 5->10 in 1.0 s, 3.0 s with the earlier runs "
+        "(100 train images/s).",
+        "Final eval: loss=0.5000, top1=0.9000",  # num_examples is a count, not a metric
+        "Learning curves: P.png",
+        "Checkpoints:     C",
+        "Metrics:         M.jsonl (TensorBoard: TB)"]
+    assert not (workdir / "error.log").exists()
+    assert (workdir / "error.previous.log").read_text() == "an earlier run's traceback\n"
+
+
+def test_nodistributed_in_an_srun_step_trains_as_one_process(refused):
+    """--nodistributed wins over the automatic start-up of a task of a 2-task srun step."""
+    _, result = refused["nodistributed_in_an_srun_step"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "initialize(" not in result.stdout
+    assert result.stdout.startswith("Finished lenet5 on digits")
+
+
+def test_config_distributed_starts_the_job_with_the_default_timeout(refused):
+    """config.distributed=True (no flag) starts the multi-process job, waiting the documented
+    300 s (launch/README.md); process 0's refusal goes to error.startup.log, unsuffixed."""
+    workdir, result = refused["config_distributed"]
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == ["initialize(timeout_s=300.0)"]
+    assert sorted(os.listdir(workdir)) == ["error.startup.log"]
+    assert (workdir / "error.startup.log").read_text() == (
+        "error: stand-in: process 1 never joined\n")
 
 
 # experiments.train with an exit handler registered before it (so run after its own): what the

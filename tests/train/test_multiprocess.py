@@ -537,16 +537,19 @@ def test_distributed_without_a_described_job_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def refused_flags(tmp_path_factory):
-    """`experiments.train` with `--distributed` (no cluster) and with `--distributed_timeout=0`,
-    one process each, both forked from one interpreter (`run_commands`): `{flag: (workdir,
-    CompletedProcess)}`."""
+    """`experiments.train` with `--distributed` (no cluster; also with a file as --workdir) and
+    with `--distributed_timeout=0`, one process each, all forked from one interpreter
+    (`run_commands`): `{case: (workdir, CompletedProcess)}`."""
     root = tmp_path_factory.mktemp("refused_flags")
-    runs = {"--distributed": root / "distributed", "--distributed_timeout=0": root / "timeout"}
+    (root / "a_file").write_text("")
+    runs = {"--distributed": ("--distributed", root / "distributed"),
+            "--distributed_timeout=0": ("--distributed_timeout=0", root / "timeout"),
+            "workdir_a_file": ("--distributed", root / "a_file")}
     results = run_commands(
-        [[*_train_command(workdir)[2:], flag] for flag, workdir in runs.items()],
+        [[*_train_command(workdir)[2:], flag] for flag, workdir in runs.values()],
         env=_env(1), timeout=120)
-    return {flag: (workdir, result)
-            for (flag, workdir), result in zip(runs.items(), results, strict=True)}
+    return {case: (workdir, result)
+            for (case, (_, workdir)), result in zip(runs.items(), results, strict=True)}
 
 
 def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(refused_flags):
@@ -558,6 +561,17 @@ def test_distributed_flag_without_a_job_is_recorded_in_the_workdir(refused_flags
     recorded = (workdir / "error.startup.log").read_text()
     assert recorded.startswith("error: distributed: could not set up the multi-process JAX job")
     assert "JAX_COORDINATOR_ADDRESS=host:port" in recorded
+
+
+def test_a_refused_start_up_whose_workdir_cannot_be_made_is_still_one_line(refused_flags):
+    """Recording the refusal (a file where the workdir should be) raised FileExistsError inside
+    the handler: a two-exception traceback buried the reason. It stays the error line."""
+    workdir, result = refused_flags["workdir_a_file"]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-2:]
+    assert last[0].startswith("error: distributed: could not set up the multi-process JAX job")
+    assert last[1].startswith(f"(could not record it in {workdir}: [Errno 17] File exists")
+    assert workdir.read_text() == ""
 
 
 def test_a_run_in_an_allocation_of_two_tasks_outside_srun_trains_as_one_process(tmp_path):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from cnnjax.transfer import compare
-from tests.commands import ctrl_c_after_checkpoint
+from tests.commands import ctrl_c_after_checkpoint, run_commands
 from tests.experiments.test_configs import _load
 from tests.experiments.test_train import _env
 
@@ -222,3 +222,61 @@ def test_ctrl_c_inside_a_run_is_one_line_naming_it_and_the_results(tmp_path):
     results = json.loads((out / compare.RESULTS_JSON).read_text())
     assert results["source"]["status"] == "interrupted"
     assert {r["status"] for r in results["runs"]} == {"pending"}
+
+
+# experiments.transfer with `run_transfer` replaced: it prints what the command gives it and
+# returns the rows given as the driver's first argument (`python -m tests.transfer.test_script
+# <rows> experiments.transfer <flags>`, forked by run_commands)
+_STAND_IN = ("import json, sys\n"
+             "import cnnjax.transfer.compare as compare\n"
+             "rows = json.loads(sys.argv.pop(1))\n"
+             "def run_transfer(source, target, transfer_dir, **kwargs):\n"
+             "    print(json.dumps({'source': list(source.data.classes),\n"
+             "                      'target': list(target.data.classes), 'dir': transfer_dir,\n"
+             "                      **{k: kwargs[k] for k in ('budgets', 'arms', 'seeds')}}),\n"
+             "          flush=True)\n"
+             "    return rows\n"
+             "compare.run_transfer = run_transfer\n"
+             "sys.argv = sys.argv[1:]\n"
+             "import runpy; runpy.run_module('experiments.transfer', run_name='__main__')")
+# the rows run_transfer returns: the command's exit status and last stderr line
+_STAND_IN_CASES = {
+    "completed": ([{"status": "completed", "trial_id": "1-scratch-s0"}], 0, None),
+    "failed": ([{"status": "failed", "trial_id": "1-scratch-s0", "reason": "boom"}], 1,
+               "error: 1 run(s) failed: 1-scratch-s0: boom (tracebacks in <run workdir>/"
+               "error.log; rerun the command to retry them)"),
+}
+
+
+@pytest.fixture(scope="module")
+def stand_in_runs(tmp_path_factory):
+    """{case: (transfer_dir, CompletedProcess)} of experiments.transfer on the digits file under
+    the stand-in `run_transfer`, one interpreter forking a child per case (~3 s)."""
+    root = tmp_path_factory.mktemp("stand_in")
+    commands = [["tests.transfer.test_script", json.dumps(rows), "experiments.transfer",
+                 f"--transfer={DIGITS}", f"--transfer_dir={root / case}"]
+                for case, (rows, *_) in _STAND_IN_CASES.items()]
+    results = run_commands(commands, env=_env(),
+                           preimport=["cnnjax.transfer.compare", "cnnjax.data.presets"])
+    return {case: (root / case, result)
+            for case, result in zip(_STAND_IN_CASES, results, strict=True)}
+
+
+@pytest.mark.parametrize("case", _STAND_IN_CASES)
+def test_the_command_forwards_the_file_and_exits_1_on_a_failed_run(stand_in_runs, case):
+    """The file's source (classes 0-4) and target (5-9) reach run_transfer in that order, with
+    its budgets, arms and seeds; a failed run must end the command with status 1 naming it."""
+    transfer_dir, result = stand_in_runs[case]
+    _, status, line = _STAND_IN_CASES[case]
+    assert result.returncode == status, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "source": [0, 1, 2, 3, 4], "target": [5, 6, 7, 8, 9], "dir": str(transfer_dir),
+        "budgets": [1, 5, 50], "arms": ["scratch", "finetune", "linear_probe"], "seeds": [0, 1]}
+    if line is None:
+        assert "error:" not in result.stderr
+    else:
+        assert result.stderr.strip().splitlines()[-1] == line
+
+
+if __name__ == "__main__":  # a stand-in driver, for `stand_in_runs`
+    exec(_STAND_IN)  # noqa: S102

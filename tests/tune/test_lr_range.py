@@ -14,6 +14,7 @@ import pytest
 
 from cnnjax.tune import lr_range
 from cnnjax.tune.diagnose import exponential_smoothing
+from tests.commands import run_commands
 from tests.experiments.test_train import _env
 from tests.train import helpers
 
@@ -564,3 +565,58 @@ def test_a_distilled_config_ramps_the_distilled_objective(fake_engine, ramp, tmp
     plain_first, first = ramp[1]["records"][0], record["records"][0]
     assert first["lr"] == plain_first["lr"] and first["loss"] != plain_first["loss"]
     assert record["status"] in ("completed", "diverged") and len(record["records"]) > 5
+
+
+# experiments.lr_range_test with `run_lr_range` (and `format_summary`) replaced: it prints what
+# the command gives it (`python -m tests.tune.test_lr_range experiments.lr_range_test <flags>`,
+# forked by run_commands)
+_STAND_IN = ("import json, sys\n"
+             "from cnnjax.tune import lr_range\n"
+             "def run_lr_range(config, workdir, **kwargs):\n"
+             "    print(json.dumps({'model': config.model, 'dataset': config.data.name,\n"
+             "                      'workdir': workdir, **kwargs}), flush=True)\n"
+             "    return {'status': 'completed'}\n"
+             "lr_range.run_lr_range = run_lr_range\n"
+             "lr_range.format_summary = lambda record: f'summary of {record}'\n"
+             "sys.argv = sys.argv[1:]\n"
+             "import runpy; runpy.run_module('experiments.lr_range_test', run_name='__main__')")
+# the flags besides --workdir: what run_lr_range must receive (the documented defaults unless set)
+_STAND_IN_CASES = {
+    "defaults": ([], {"lr_min": 1e-5, "lr_max": 10.0, "steps": 100, "divergence_factor": 4.0,
+                      "smoothing": 0.98}),
+    "every_flag": (["--lr_min=0.001", "--lr_max=2", "--steps=7", "--divergence_factor=3",
+                    "--smoothing=0.5"],
+                   {"lr_min": 0.001, "lr_max": 2.0, "steps": 7, "divergence_factor": 3.0,
+                    "smoothing": 0.5}),
+}
+
+
+@pytest.fixture(scope="module")
+def stand_in_runs(tmp_path_factory):
+    """{case: (workdir, CompletedProcess)} of experiments.lr_range_test under the stand-in
+    `run_lr_range`, with no --config (the default one), one interpreter forking a child per
+    case (~3 s)."""
+    root = tmp_path_factory.mktemp("stand_in")
+    commands = [["tests.tune.test_lr_range", "experiments.lr_range_test",
+                 f"--workdir={root / case}", *flags]
+                for case, (flags, _) in _STAND_IN_CASES.items()]
+    results = run_commands(commands, env=_env(),
+                           preimport=["cnnjax.tune.lr_range", "cnnjax.data.presets"])
+    return {case: (root / case, result)
+            for case, result in zip(_STAND_IN_CASES, results, strict=True)}
+
+
+@pytest.mark.parametrize("case", _STAND_IN_CASES)
+def test_script_forwards_its_flags_and_prints_the_summary(stand_in_runs, case):
+    """Each flag (or its default: 1e-5 to 10 over 100 steps, stop at 4x, smoothing 0.98; config
+    LeNet-5 on digits) reaches run_lr_range, and the record's summary is printed."""
+    workdir, result = stand_in_runs[case]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [json.loads(result.stdout.splitlines()[0]), *result.stdout.splitlines()[1:]] == [
+        {"model": "lenet5", "dataset": "digits", "workdir": str(workdir),
+         **_STAND_IN_CASES[case][1]},
+        "summary of {'status': 'completed'}"]
+
+
+if __name__ == "__main__":  # a stand-in driver, for `stand_in_runs`
+    exec(_STAND_IN)  # noqa: S102

@@ -12,7 +12,7 @@ import pytest
 
 from cnnjax.tune import recipe as rc
 from cnnjax.tune.sweep import trial_configs
-from tests.commands import ctrl_c_after_checkpoint
+from tests.commands import ctrl_c_after_checkpoint, run_commands
 from tests.experiments.test_configs import _load
 from tests.experiments.test_sweep import _fake_srun
 from tests.experiments.test_train import _env
@@ -125,3 +125,51 @@ def test_ctrl_c_inside_a_trial_is_one_line_naming_the_round_and_trial(tmp_path):
         f"{{optimizer.learning_rate={trial.overrides['optimizer.learning_rate']:.3g}}}): "
         f"{summary['message']} Results so far: {tune_dir / 'round_1' / 'results.csv'}")
     assert json.loads((tune_dir / rc.RECIPE_FILE).read_text())["status"] == "interrupted"
+
+
+# experiments.tune with `run_tune` replaced: it prints what the command gives it and returns the
+# record given as the driver's first argument (`python -m tests.tune.test_tune_script <record>
+# experiments.tune <flags>`, forked by run_commands)
+_STAND_IN = ("import json, sys\n"
+             "import cnnjax.tune.recipe as recipe_lib\n"
+             "record = json.loads(sys.argv.pop(1))\n"
+             "def run_tune(config, recipe, tune_dir):\n"
+             "    print(config.model, recipe.num_lrs, tune_dir, flush=True)\n"
+             "    return record\n"
+             "recipe_lib.run_tune = run_tune\n"
+             "sys.argv = sys.argv[1:]\n"
+             "import runpy; runpy.run_module('experiments.tune', run_name='__main__')")
+# the tune's status: the command's exit status
+_STATUSES = {"budget_spent": 0, "failed": 1, "no_result": 1}
+
+
+@pytest.fixture(scope="module")
+def stand_in_runs(tmp_path_factory):
+    """{status: (tune_dir, CompletedProcess)} of experiments.tune under a stand-in `run_tune`
+    returning a record of that status, one interpreter forking a child per status (~3 s)."""
+    root = tmp_path_factory.mktemp("stand_in")
+    commands = [["tests.tune.test_tune_script",
+                 json.dumps({"status": status, "reason": f"stand-in {status} reason"}),
+                 *_command(root / status, "--recipe.num_lrs=3")[2:]] for status in _STATUSES]
+    results = run_commands(commands, env=_env(),
+                           preimport=["cnnjax.tune.recipe", "cnnjax.data.presets"])
+    return {status: (root / status, result)
+            for status, result in zip(_STATUSES, results, strict=True)}
+
+
+@pytest.mark.parametrize("status", _STATUSES)
+def test_the_exit_status_and_report_line_follow_the_tunes_record(stand_in_runs, status):
+    """Every tune names its report; a failed tune or one with no result must exit 1 with its
+    reason (a script or SLURM must not read success)."""
+    tune_dir, result = stand_in_runs[status]
+    assert result.returncode == _STATUSES[status], result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"lenet5 3 {tune_dir}",
+                                          f"Report: {tune_dir}/report.md"]
+    if _STATUSES[status]:
+        assert result.stderr.strip().splitlines()[-1] == f"error: stand-in {status} reason"
+    else:
+        assert "error:" not in result.stderr
+
+
+if __name__ == "__main__":  # a stand-in driver, for `stand_in_runs`
+    exec(_STAND_IN)  # noqa: S102
