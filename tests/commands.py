@@ -52,6 +52,17 @@ def run_commands(commands: Sequence[Sequence[str]], env: Mapping[str, str] | Non
         return results
 
 
+def assert_exited(result: subprocess.CompletedProcess, status: int, last_line: str | None
+                  ) -> None:
+    """`result` exited with `status`, its last stderr line being `last_line` (None: no `error:`
+    line at all): how a command's exit is told to a script or SLURM."""
+    assert result.returncode == status, result.stderr[-2000:]
+    if last_line is None:
+        assert "error:" not in result.stderr
+    else:
+        assert result.stderr.strip().splitlines()[-1] == last_line
+
+
 def wait_for_checkpoint(proc: subprocess.Popen, checkpoints: str | os.PathLike, min_step: int,
                         timeout_s: float = 280) -> None:
     """Returns once `checkpoints` holds a step >= `min_step`, `proc` has ended or `timeout_s`
