@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -139,12 +140,16 @@ def _check_a_layer_without_grad_cam_is_the_activations(run, tmp_path, monkeypatc
 
 def _main(monkeypatch, capsys, *args: str) -> tuple[object, str]:
     """`experiments.visualize.main` in this process, its flags parsed from `args` (its exit
-    handler and log settings left out): (the SystemExit code, None if none; stdout)."""
+    handler and log settings left out): (the SystemExit code, None if none; stdout). Parsing
+    absl's flags sets the "absl" logger's level from --verbosity (WARNING), which would hide
+    later tests' INFO records from caplog: it is restored."""
     from absl import flags
 
     from experiments import visualize
 
     monkeypatch.setattr(visualize, "start_command", lambda argv: None)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
     flags.FLAGS(["visualize", *args])
     try:
         visualize.main(["visualize"])
@@ -153,6 +158,7 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[object, str]:
         code = exit_.code
     finally:
         flags.FLAGS.unparse_flags()
+        absl_logger.setLevel(level)
     return code, capsys.readouterr().out
 
 
